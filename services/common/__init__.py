@@ -1,0 +1,1 @@
+"""What every cachemesh service uses: config, server bootstrap, telemetry, auth, prompt model."""

@@ -1,0 +1,109 @@
+"""The canonical prompt: tools → system → messages, as a list of blocks with token counts.
+
+This is the one serialization that prefix-cache bills and the model engine prefills, so the
+two always agree on what a prefix is. Each block's ``digest`` chains the digests before it
+(and ignores ``cache_control``: moving a breakpoint does not change the content), so two
+prompts share a prefix up to block *i* exactly when their digests at *i* are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.tokens import Tokenizer
+
+Section = Literal["tools", "system", "messages"]
+TTL_5M = "5m"
+TTL_1H = "1h"
+
+_ROLE = {pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+
+
+@dataclass(frozen=True)
+class Block:
+    section: Section
+    index: int  # position in the canonical order
+    text: str  # the canonical serialization that is tokenized
+    token_ids: tuple[int, ...]
+    breakpoint: str | None  # "5m" | "1h" when the block carries cache_control
+    digest: str  # hex sha256 chained over every block up to and including this one
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def breakpoint_ttl(has_control: bool, ttl: int) -> str | None:
+    if not has_control:
+        return None
+    return TTL_1H if ttl == pb.CACHE_TTL_1H else TTL_5M
+
+
+def block_text(block: pb.ContentBlock) -> str:
+    kind = block.WhichOneof("kind")
+    if kind == "text":
+        return block.text
+    if kind == "tool_use":
+        use = block.tool_use
+        return f"<tool_use id={use.id} name={use.name}>{use.input_json}</tool_use>"
+    if kind == "tool_result":
+        result = block.tool_result
+        error = " error" if result.is_error else ""
+        return f"<tool_result id={result.tool_use_id}{error}>{result.content}</tool_result>"
+    return ""
+
+
+def _parts(request: pb.CompleteRequest) -> list[tuple[Section, str, str | None]]:
+    parts: list[tuple[Section, str, str | None]] = []
+    for tool in request.tools:
+        text = f"<tool name={tool.name}>\n{tool.description}\n{tool.input_schema_json}\n</tool>\n"
+        parts.append(
+            ("tools", text, breakpoint_ttl(tool.HasField("cache_control"), tool.cache_control.ttl))
+        )
+    for block in request.system:
+        ttl = breakpoint_ttl(block.HasField("cache_control"), block.cache_control.ttl)
+        parts.append(("system", block_text(block) + "\n", ttl))
+    for message in request.messages:
+        role = _ROLE.get(message.role, "unknown")
+        for i, block in enumerate(message.content):
+            header = f"\n\n{role}: " if i == 0 else "\n"
+            ttl = breakpoint_ttl(block.HasField("cache_control"), block.cache_control.ttl)
+            parts.append(("messages", header + block_text(block), ttl))
+    return parts
+
+
+def canonical_blocks(request: pb.CompleteRequest, tokenizer: Tokenizer) -> list[Block]:
+    blocks: list[Block] = []
+    chain = hashlib.sha256(b"cachemesh.prompt.v1").hexdigest()
+    for index, (section, text, ttl) in enumerate(_parts(request)):
+        chain = hashlib.sha256(f"{chain}\x00{section}\x00{text}".encode()).hexdigest()
+        blocks.append(
+            Block(
+                section=section,
+                index=index,
+                text=text,
+                token_ids=tokenizer.encode(text),
+                breakpoint=ttl,
+                digest=chain,
+            )
+        )
+    return blocks
+
+
+def prompt_token_ids(blocks: list[Block]) -> list[int]:
+    ids: list[int] = []
+    for block in blocks:
+        ids.extend(block.token_ids)
+    return ids
+
+
+def last_user_text(request: pb.CompleteRequest) -> str | None:
+    """The text of the last message when it is the user's, else None (a prefill)."""
+    if not request.messages or request.messages[-1].role != pb.ROLE_USER:
+        return None
+    texts = [b.text for b in request.messages[-1].content if b.WhichOneof("kind") == "text"]
+    return "\n".join(texts) if texts else None

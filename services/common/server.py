@@ -1,0 +1,111 @@
+"""Bootstrap shared by every service: grpc.aio server, health, reflection, SIGTERM drain.
+
+A service builds its objects in its own ``serve()`` and hands them here as a ``ServiceSpec``;
+nothing lives in module state. Health reports NOT_SERVING until ``warmup`` has finished (for
+example until the embedding model is loaded) and again as soon as a drain begins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import ConfigError, Env
+
+log = logging.getLogger("cachemesh.server")
+
+MAX_MESSAGE_BYTES_DEFAULT = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str
+    grace_s: float
+    max_message_bytes: int
+
+    @classmethod
+    def from_env(cls, env: Env, prefix: str, default_listen: str) -> ServerSettings:
+        return cls(
+            listen=env.address(f"{prefix}_LISTEN", default_listen),
+            grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
+            max_message_bytes=env.int(
+                "CACHEMESH_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES_DEFAULT, minimum=1024
+            ),
+        )
+
+
+@dataclass
+class ServiceSpec:
+    name: str  # e.g. "semantic-cache", for logs
+    settings: ServerSettings
+    service_names: Sequence[str]  # full proto names, e.g. "cachemesh.v1.SemanticCache"
+    register: Callable[[grpc.aio.Server], None]
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    warmup: Callable[[], Awaitable[None]] | None = None
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> None:
+    """Serves until SIGTERM/SIGINT (or ``stop`` is set), then drains within the grace period."""
+    stop = stop or asyncio.Event()
+    options = [
+        ("grpc.max_receive_message_length", spec.settings.max_message_bytes),
+        ("grpc.max_send_message_length", spec.settings.max_message_bytes),
+    ]
+    server = grpc.aio.server(interceptors=list(spec.interceptors), options=options)
+    spec.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*spec.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *spec.service_names):
+        await health_servicer.set(name, not_serving)
+    port = server.add_insecure_port(spec.settings.listen)
+    if port == 0:
+        raise ConfigError(f"{spec.name}: cannot listen on {spec.settings.listen}")
+    await server.start()
+    log.info("%s listening on %s (NOT_SERVING until ready)", spec.name, spec.settings.listen)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if spec.warmup is not None:
+            warm = asyncio.ensure_future(spec.warmup())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({warm, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not warm.done():
+                warm.cancel()
+            else:
+                stopped.cancel()
+                warm.result()  # a failed warm-up stops the process with its error
+        if not stop.is_set():
+            for name in ("", *spec.service_names):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("%s SERVING", spec.name)
+            await stop.wait()
+        log.info("%s draining (grace %.1fs)", spec.name, spec.settings.grace_s)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(spec.settings.grace_s)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        for hook in spec.on_stop:
+            await hook()
+        log.info("%s stopped", spec.name)
+
+
+def configure_logging(env: Env) -> None:
+    logging.basicConfig(
+        level=env.str("CACHEMESH_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

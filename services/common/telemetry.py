@@ -1,0 +1,65 @@
+"""OpenTelemetry set-up from the standard ``OTEL_*`` variables.
+
+``OTEL_SERVICE_NAME`` names the service (each service passes its own default);
+``OTEL_TRACES_EXPORTER`` is ``otlp`` (OTLP over gRPC to ``OTEL_EXPORTER_OTLP_ENDPOINT``),
+``console`` or ``none``; ``OTEL_SDK_DISABLED=true`` turns tracing off. The exporter reads the
+rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` variables itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+)
+
+from services.common.config import ConfigError, Env
+
+_EXPORTERS = ("otlp", "console", "none")
+
+
+def build_tracer_provider(environ: Mapping[str, str], default_service_name: str) -> TracerProvider:
+    """A provider configured from ``environ``; never installed as a global."""
+    env = Env(environ)
+    service_name = env.str("OTEL_SERVICE_NAME", default_service_name)
+    resource = Resource.create({"service.name": service_name})
+    provider = TracerProvider(resource=resource)
+    if env.bool("OTEL_SDK_DISABLED", False):
+        return provider
+    exporter_name = env.str("OTEL_TRACES_EXPORTER", "otlp").lower()
+    if exporter_name not in _EXPORTERS:
+        raise ConfigError(f"OTEL_TRACES_EXPORTER must be one of {_EXPORTERS}, got {exporter_name!r}")
+    exporter: SpanExporter | None = None
+    if exporter_name == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        endpoint = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", env.str(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"))
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    elif exporter_name == "console":
+        exporter = ConsoleSpanExporter()
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def server_interceptors(provider: TracerProvider) -> list[grpc.aio.ServerInterceptor]:
+    return [aio_server_interceptor(tracer_provider=provider)]
+
+
+def client_interceptors(provider: TracerProvider) -> Sequence[grpc.aio.ClientInterceptor]:
+    return list(aio_client_interceptors(tracer_provider=provider))
+
+
+def current_trace_id() -> str:
+    """The current span's trace id as 32 hex digits, or "" when there is none."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
