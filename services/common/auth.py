@@ -73,7 +73,7 @@ def internal_metadata(token: str) -> tuple[tuple[str, str]]:
     return ((INTERNAL_METADATA_KEY, token),)
 
 
-Handler = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Handler = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]
 
 
 class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -86,7 +86,7 @@ class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Handler, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
         if handler is None or method.startswith(_OPEN_PREFIXES):
@@ -103,7 +103,7 @@ class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
 _DENIED = "missing or wrong internal credential: only the cachemesh router may call this service"
 
 
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _denied(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,

@@ -7,6 +7,7 @@ variable is unset or empty, never when it is falsy.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,16 +20,16 @@ class ConfigError(ValueError):
 class Env:
     """Typed access to one environment mapping (injected, so tests pass a dict)."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
+    def __init__(self, environ: Mapping[builtins.str, builtins.str]) -> None:
         self._environ = environ
 
-    def _raw(self, name: str) -> str | None:
+    def _raw(self, name: builtins.str) -> builtins.str | None:
         value = self._environ.get(name)
         if value is None or value.strip() == "":
             return None
         return value.strip()
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str:
         value = self._raw(name)
         if value is None:
             if default is None:
@@ -36,12 +37,17 @@ class Env:
             return default
         return value
 
-    def optional_str(self, name: str) -> str | None:
+    def optional_str(self, name: builtins.str) -> builtins.str | None:
         return self._raw(name)
 
     def int(
-        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
-    ) -> int:
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         value = self._raw(name)
         if value is None:
             result = default
@@ -55,12 +61,12 @@ class Env:
 
     def float(
         self,
-        name: str,
-        default: float,
+        name: builtins.str,
+        default: builtins.float,
         *,
-        minimum: float | None = None,
-        maximum: float | None = None,
-    ) -> float:
+        minimum: builtins.float | None = None,
+        maximum: builtins.float | None = None,
+    ) -> builtins.float:
         value = self._raw(name)
         if value is None:
             result = default
@@ -74,7 +80,7 @@ class Env:
         _check_range(name, result, minimum, maximum)
         return result
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._raw(name)
         if value is None:
             return default
@@ -85,7 +91,7 @@ class Env:
             return False
         raise ConfigError(f"{name} must be true or false, got {value!r}")
 
-    def address(self, name: str, default: str | None = None) -> str:
+    def address(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str:
         """A ``host:port`` address; the port must be 0-65535."""
         value = self.str(name, default)
         host, sep, port = value.rpartition(":")
@@ -93,12 +99,15 @@ class Env:
             raise ConfigError(f"{name} must be host:port, got {value!r}")
         return value
 
-    def path(self, name: str, default: str | None = None) -> Path:
+    def path(self, name: builtins.str, default: builtins.str | None = None) -> Path:
         return Path(self.str(name, default))
 
 
 def _check_range(
-    name: str, value: float, minimum: float | None, maximum: float | None
+    name: builtins.str,
+    value: builtins.float,
+    minimum: builtins.float | None,
+    maximum: builtins.float | None,
 ) -> None:
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
@@ -106,7 +115,7 @@ def _check_range(
         raise ConfigError(f"{name} must be <= {maximum}, got {value}")
 
 
-def is_loopback(address: str) -> bool:
+def is_loopback(address: builtins.str) -> builtins.bool:
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True

@@ -35,6 +35,10 @@ class ModelSpec(BaseModel):
     prefill_tokens_per_s: float = Field(gt=0)
     decode_tokens_per_s: float = Field(gt=0)
 
+    def baseline_nanos(self, prompt_tokens: int, output_tokens: int) -> int:
+        """The same tokens at this model's base input and output prices, no cache of any kind."""
+        return prompt_tokens * self.input_nanos + output_tokens * self.output_nanos
+
 
 class ModelTable(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -36,13 +36,17 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
         return provider
     exporter_name = env.str("OTEL_TRACES_EXPORTER", "otlp").lower()
     if exporter_name not in _EXPORTERS:
-        raise ConfigError(f"OTEL_TRACES_EXPORTER must be one of {_EXPORTERS}, got {exporter_name!r}")
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER must be one of {_EXPORTERS}, got {exporter_name!r}"
+        )
     exporter: SpanExporter | None = None
     if exporter_name == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        endpoint = env.str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", env.str(
-            "OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"))
+        endpoint = env.str(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+        )
         exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
@@ -52,11 +56,11 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
 
 
 def server_interceptors(provider: TracerProvider) -> list[grpc.aio.ServerInterceptor]:
-    return [aio_server_interceptor(tracer_provider=provider)]
+    return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
 
 
 def client_interceptors(provider: TracerProvider) -> Sequence[grpc.aio.ClientInterceptor]:
-    return list(aio_client_interceptors(tracer_provider=provider))
+    return list(aio_client_interceptors(tracer_provider=provider))  # type: ignore[no-untyped-call]
 
 
 def current_trace_id() -> str:

@@ -1,0 +1,67 @@
+"""The router process: builds every object from the environment, then serves the Gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+
+from cachemesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common.auth import ApiKeys
+from services.common.clock import SystemClock
+from services.common.config import Env
+from services.common.models import model_table_from_env
+from services.common.server import ServiceSpec, configure_logging, run_service
+from services.common.telemetry import (
+    build_tracer_provider,
+    client_interceptors,
+    server_interceptors,
+)
+from services.common.tokens import load_cl100k
+from services.router.backends import connect
+from services.router.idempotency import IdempotencyTable
+from services.router.pipeline import Pipeline
+from services.router.servicer import GatewayServicer
+from services.router.settings import RouterSettings
+
+GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+
+async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
+    env = Env(environ)
+    configure_logging(env)
+    table = model_table_from_env(env)
+    settings = RouterSettings.from_env(env, table)
+    keys = ApiKeys.from_file(settings.api_keys_file)
+    provider = build_tracer_provider(environ, "router")
+    tokenizer = load_cl100k()
+    backends = connect(settings, client_interceptors(provider))
+    pipeline = Pipeline(
+        backends, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
+    )
+    answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
+    servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers)
+
+    async def close() -> None:
+        await pipeline.drain()
+        await backends.close()
+        provider.shutdown()
+
+    await run_service(
+        ServiceSpec(
+            name="router",
+            settings=settings.server,
+            service_names=[GATEWAY],
+            register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(
+                servicer, server
+            ),
+            interceptors=server_interceptors(provider),
+            on_stop=[close],
+        ),
+        stop,
+    )
+
+
+def main() -> None:
+    asyncio.run(serve(os.environ))

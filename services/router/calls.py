@@ -1,0 +1,162 @@
+"""The router's calls to its dependencies, each with its deadline and its way to degrade.
+
+Lookup, Plan and Commit return ``None`` when their service cannot be reached (the request
+goes on, degraded, and the span records why); an ``INVALID_ARGUMENT`` or
+``RESOURCE_EXHAUSTED`` from a dependency is the request's fault and reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from opentelemetry import trace
+
+from services.router.backends import Backends
+from services.router.settings import RouterSettings
+from services.router.validation import RequestError
+
+log = logging.getLogger("cachemesh.router")
+
+_CLIENT_FAULTS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _client_fault(exc: grpc.aio.AioRpcError) -> RequestError | None:
+    if exc.code() in _CLIENT_FAULTS:
+        return RequestError(exc.code(), exc.details() or exc.code().name)
+    return None
+
+
+def _degraded(what: str, exc: grpc.aio.AioRpcError) -> None:
+    log.warning("%s unavailable (%s: %s); degrading", what, exc.code().name, exc.details())
+    trace.get_current_span().add_event(
+        "cachemesh.degraded", {"dependency": what, "grpc.status": exc.code().name}
+    )
+
+
+class Calls:
+    def __init__(self, backends: Backends, settings: RouterSettings) -> None:
+        self._b = backends
+        self._s = settings
+
+    async def lookup(
+        self, tenant: str, request: pb.CompleteRequest
+    ) -> semantic_cache_pb2.LookupResponse | None:
+        try:
+            return await self._b.semantic.Lookup(
+                semantic_cache_pb2.LookupRequest(tenant=tenant, request=request),
+                timeout=self._s.semantic_timeout_s,
+                metadata=self._b.metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if (fault := _client_fault(exc)) is not None:
+                raise fault from exc
+            _degraded("semantic-cache", exc)
+            return None
+
+    async def store(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        answer: semantic_cache_pb2.CachedAnswer,
+    ) -> semantic_cache_pb2.StoreResponse | None:
+        try:
+            return await self._b.semantic.Store(
+                semantic_cache_pb2.StoreRequest(tenant=tenant, request=request, answer=answer),
+                timeout=self._s.semantic_timeout_s,
+                metadata=self._b.metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            _degraded("semantic-cache", exc)
+            return None
+
+    async def plan(
+        self, tenant: str, model: str, request: pb.CompleteRequest, replicas: Sequence[str]
+    ) -> prefix_cache_pb2.PlanResponse | None:
+        try:
+            return await self._b.prefix.Plan(
+                prefix_cache_pb2.PlanRequest(
+                    tenant=tenant, model=model, request=request, replicas=list(replicas)
+                ),
+                timeout=self._s.prefix_timeout_s,
+                metadata=self._b.metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if (fault := _client_fault(exc)) is not None:
+                raise fault from exc
+            _degraded("prefix-cache", exc)
+            return None
+
+    async def commit_warm(
+        self, tenant: str, request: pb.CompleteRequest, model: str, replica: str
+    ) -> prefix_cache_pb2.CommitResponse | None:
+        return await self._commit(
+            prefix_cache_pb2.CommitRequest(
+                tenant=tenant,
+                request_id=request.request_id,
+                phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
+                model=model,
+                request=request,
+                replica=replica,
+            )
+        )
+
+    async def commit_final(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        model: str,
+        replica: str,
+        output_tokens: int,
+        kv_cached_tokens: int,
+        baseline_model: str,
+    ) -> prefix_cache_pb2.CommitResponse | None:
+        return await self._commit(
+            prefix_cache_pb2.CommitRequest(
+                tenant=tenant,
+                request_id=request.request_id,
+                phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
+                model=model,
+                replica=replica,
+                output_tokens=output_tokens,
+                kv_cached_tokens=kv_cached_tokens,
+                baseline_model=baseline_model,
+            )
+        )
+
+    async def _commit(
+        self, commit: prefix_cache_pb2.CommitRequest
+    ) -> prefix_cache_pb2.CommitResponse | None:
+        try:
+            return await self._b.prefix.Commit(
+                commit, timeout=self._s.prefix_timeout_s, metadata=self._b.metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            _degraded("prefix-cache", exc)
+            return None
+
+    async def generate(
+        self, tenant: str, model: str, request: pb.CompleteRequest, replica: str
+    ) -> tuple[
+        grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk],
+        model_pb2.GenerateStart,
+    ]:
+        """Opens the stream and waits for its ``start`` (the prefill is done)."""
+        stream = self._b.replica_stubs[replica].Generate(
+            model_pb2.GenerateRequest(tenant=tenant, model=model, request=request),
+            timeout=self._s.model_timeout_s,
+            metadata=self._b.metadata,
+        )
+        try:
+            first = await stream.read()
+        except grpc.aio.AioRpcError as exc:
+            if (fault := _client_fault(exc)) is not None:
+                raise fault from exc
+            raise
+        if not isinstance(first, model_pb2.GenerateChunk) or first.WhichOneof("part") != "start":
+            stream.cancel()
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"replica {replica} sent no start")
+        return stream, first.start

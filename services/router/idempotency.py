@@ -1,0 +1,74 @@
+"""Answer-once for retries: a request_id seen before gets the first answer back.
+
+The first call with an id runs; concurrent and later calls with the same (tenant, id) await
+its outcome. A failed first call releases the id so a retry runs again (the prefix-cache
+commit is idempotent by id too, so nothing is billed twice). Records live for a TTL read
+from the injected clock and the table is bounded (oldest dropped first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.clock import Clock
+
+
+class IdempotencyConflict(Exception):
+    """The request_id was used before for a different request."""
+
+
+@dataclass
+class _Record:
+    fingerprint: str
+    future: asyncio.Future[pb.CompleteResponse]
+    created_ms: int
+
+
+def fingerprint(request: pb.CompleteRequest) -> str:
+    return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+
+class IdempotencyTable:
+    def __init__(self, clock: Clock, ttl_s: float, max_records: int) -> None:
+        self._clock = clock
+        self._ttl_ms = int(ttl_s * 1000)
+        self._max = max_records
+        self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
+
+    def claim(
+        self, tenant: str, request: pb.CompleteRequest
+    ) -> tuple[bool, asyncio.Future[pb.CompleteResponse]]:
+        """(True, future) when this call must run and resolve the future; (False, f) to await."""
+        self._expire()
+        key = (tenant, request.request_id)
+        mark = fingerprint(request)
+        record = self._records.get(key)
+        if record is not None:
+            if record.fingerprint != mark:
+                raise IdempotencyConflict(
+                    f"request_id: {request.request_id!r} was already used for a different "
+                    "request; use a new request_id for a new request"
+                )
+            return False, record.future
+        future: asyncio.Future[pb.CompleteResponse] = asyncio.get_running_loop().create_future()
+        self._records[key] = _Record(mark, future, self._clock.now_ms())
+        while len(self._records) > self._max:
+            self._records.popitem(last=False)
+        return True, future
+
+    def release(self, tenant: str, request_id: str) -> None:
+        """Forgets a failed first call so that a retry runs again."""
+        self._records.pop((tenant, request_id), None)
+
+    def _expire(self) -> None:
+        cutoff = self._clock.now_ms() - self._ttl_ms
+        while self._records:
+            key, record = next(iter(self._records.items()))
+            if record.created_ms > cutoff or not record.future.done():
+                break
+            del self._records[key]

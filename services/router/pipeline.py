@@ -1,0 +1,294 @@
+"""One request's life in the router: L1 lookup, tier, plan, model call, commits, store.
+
+``Pipeline.run`` yields the Gateway's chunks (``start``, text ``delta``s, ``end``) so that
+``Complete`` and ``StreamComplete`` share one path. A dependency that is down degrades the
+request and never loses it: no semantic cache → the model answers; no prefix-cache → the
+answer is served with ``cost.estimated``; a replica down → the next replica (or, for
+``auto``, the other tier); ``UNAVAILABLE`` only when no layer can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from opentelemetry import trace
+
+from services.common.models import AUTO, ModelSpec, ModelTable
+from services.common.prompt import last_user_text
+from services.common.telemetry import current_trace_id
+from services.common.tokens import Tokenizer
+from services.router import spans
+from services.router.backends import Backends
+from services.router.calls import Calls
+from services.router.settings import RouterSettings
+from services.router.tiering import choose_tier
+from services.router.validation import RequestError
+
+log = logging.getLogger("cachemesh.router")
+
+_NO_READ = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_REFRESH)
+_NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
+
+
+@dataclass
+class _Attempt:
+    model: ModelSpec
+    tier_reason: str
+    replica: str
+    stream: grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk]
+    start: model_pb2.GenerateStart
+    chat_span: trace.Span
+
+
+class Pipeline:
+    def __init__(
+        self,
+        backends: Backends,
+        table: ModelTable,
+        tokenizer: Tokenizer,
+        tracer: trace.Tracer,
+        settings: RouterSettings,
+    ) -> None:
+        self._calls = Calls(backends, settings)
+        self._backends = backends
+        self._table = table
+        self._tokenizer = tokenizer
+        self._tracer = tracer
+        self._background: set[asyncio.Task[object]] = set()
+
+    async def run(
+        self, tenant: str, request: pb.CompleteRequest
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        root = trace.get_current_span()
+        spans.request_attributes(root, tenant, request)
+        head = pb.CompleteResponse(request_id=request.request_id, trace_id=current_trace_id())
+        baseline = self._baseline_model(request)
+
+        lookup = await self._lookup(tenant, request)
+        if lookup is not None and lookup.hit:
+            end = await self._serve_hit(tenant, request, lookup, baseline, head)
+            spans.outcome_attributes(root, end)
+            start = pb.CompleteResponse()
+            start.CopyFrom(end)
+            start.ClearField("content")
+            start.ClearField("usage")
+            start.ClearField("cost")
+            start.stop_reason = ""
+            yield pb.CompleteChunk(start=start)
+            for block in end.content:
+                yield pb.CompleteChunk(delta=block)
+            yield pb.CompleteChunk(end=end)
+            return
+
+        attempt = await self._open(tenant, request)
+        root.set_attribute("cachemesh.replica", attempt.replica)
+        root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
+        warm = await self._calls.commit_warm(tenant, request, attempt.model.id, attempt.replica)
+        head.model = attempt.model.id
+        head.tier = attempt.model.tier
+        head.served_by = (
+            pb.LAYER_PREFIX_CACHE
+            if warm is not None and warm.usage.cache_read_input_tokens > 0
+            else pb.LAYER_MODEL
+        )
+        yield pb.CompleteChunk(start=head)
+
+        pieces: list[str] = []
+        finished = False
+        try:
+            end_chunk: model_pb2.GenerateEnd | None = None
+            async for chunk in attempt.stream:
+                part = chunk.WhichOneof("part")
+                if part == "text":
+                    pieces.append(chunk.text)
+                    yield pb.CompleteChunk(delta=pb.ContentBlock(text=chunk.text))
+                elif part == "end":
+                    end_chunk = chunk.end
+            if end_chunk is None:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model ended without an answer")
+            end = await self._finish(
+                tenant, request, attempt, warm, end_chunk, "".join(pieces), baseline, head
+            )
+            finished = True
+            spans.outcome_attributes(root, end)
+            yield pb.CompleteChunk(end=end)
+        except grpc.aio.AioRpcError as exc:
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"model replica {attempt.replica} failed mid-answer ({exc.code().name}); retry "
+                "with the same request_id",
+            ) from exc
+        finally:
+            attempt.chat_span.end()
+            if not finished and warm is not None:
+                # Cancelled or failed after the first token: bill what the provider would bill
+                # (the prompt and the tokens produced so far), never store.
+                self._bill_partial(tenant, request, attempt, "".join(pieces), baseline)
+
+    def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
+        spec = (
+            self._table.for_tier("large")
+            if request.model == AUTO
+            else self._table.get(request.model)
+        )
+        assert spec is not None  # validated before
+        return spec
+
+    async def _lookup(
+        self, tenant: str, request: pb.CompleteRequest
+    ) -> semantic_cache_pb2.LookupResponse | None:
+        if request.cache.semantic in _NO_READ or last_user_text(request) is None:
+            return None
+        return await self._calls.lookup(tenant, request)
+
+    async def _serve_hit(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        lookup: semantic_cache_pb2.LookupResponse,
+        baseline: ModelSpec,
+        head: pb.CompleteResponse,
+    ) -> pb.CompleteResponse:
+        answer = lookup.answer
+        plan = await self._calls.plan(tenant, baseline.id, request, ())
+        prompt_tokens = plan.prompt_tokens if plan is not None else 0
+        baseline_nanos = baseline.baseline_nanos(prompt_tokens, answer.output_tokens)
+        end = pb.CompleteResponse()
+        end.CopyFrom(head)
+        end.content.extend(answer.content)
+        end.served_by = pb.LAYER_SEMANTIC_CACHE
+        end.model = answer.model
+        end.tier = answer.tier
+        end.stop_reason = answer.stop_reason
+        end.usage.CopyFrom(pb.Usage(input_tokens=prompt_tokens, output_tokens=answer.output_tokens))
+        end.cost.CopyFrom(
+            pb.Cost(
+                cost_nanos=0,
+                baseline_nanos=baseline_nanos,
+                saved_nanos=baseline_nanos,
+                estimated=plan is None,
+            )
+        )
+        end.semantic.CopyFrom(lookup.match)
+        return end
+
+    async def _open(self, tenant: str, request: pb.CompleteRequest) -> _Attempt:
+        """Starts the model call on the first replica that answers (prefill done)."""
+        if request.model == AUTO:
+            choice = choose_tier(request)
+            first = self._table.for_tier(choice.tier)
+            other = self._table.for_tier("small" if choice.tier == "large" else "large")
+            options = [(first, choice.reason), (other, f"fallback: {first.id} unavailable")]
+        else:
+            spec = self._table.get(request.model)
+            assert spec is not None
+            options = [(spec, "requested")]
+        failures: list[str] = []
+        for spec, reason in options:
+            replicas = self._backends.replicas(spec.id)
+            plan = await self._calls.plan(tenant, spec.id, request, replicas)
+            order = (
+                [c.replica for c in plan.candidates]
+                if plan is not None and plan.candidates
+                else self._backends.rotate(spec.id, replicas)
+            )
+            for replica in order:
+                chat_span = spans.start_chat_span(self._tracer, spec.id, replica)
+                try:
+                    with trace.use_span(chat_span, end_on_exit=False):
+                        stream, start = await self._calls.generate(
+                            tenant, spec.id, request, replica
+                        )
+                except RequestError:
+                    chat_span.end()
+                    raise
+                except grpc.aio.AioRpcError as exc:
+                    spans.record_failure(chat_span, exc)
+                    chat_span.end()
+                    failures.append(f"{spec.id}@{replica}: {exc.code().name}")
+                    continue
+                return _Attempt(spec, reason, replica, stream, start, chat_span)
+        raise RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            "no model replica could serve the request (" + "; ".join(failures) + "); retry later",
+        )
+
+    async def _finish(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: _Attempt,
+        warm: prefix_cache_pb2.CommitResponse | None,
+        end_chunk: model_pb2.GenerateEnd,
+        text: str,
+        baseline: ModelSpec,
+        head: pb.CompleteResponse,
+    ) -> pb.CompleteResponse:
+        content = [pb.ContentBlock(text=text)]
+        store = None
+        if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
+            answer = semantic_cache_pb2.CachedAnswer(
+                content=content,
+                model=attempt.model.id,
+                tier=attempt.model.tier,
+                stop_reason=end_chunk.stop_reason,
+                output_tokens=end_chunk.output_tokens,
+            )
+            store = self._calls.store(tenant, request, answer)
+        final_call = self._calls.commit_final(
+            tenant,
+            request,
+            attempt.model.id,
+            attempt.replica,
+            end_chunk.output_tokens,
+            attempt.start.kv_cached_tokens,
+            baseline.id,
+        )
+        final, _ = await asyncio.gather(final_call, store or asyncio.sleep(0))
+        end = pb.CompleteResponse()
+        end.CopyFrom(head)
+        end.content.extend(content)
+        end.stop_reason = end_chunk.stop_reason
+        if final is not None:
+            end.usage.CopyFrom(final.usage)
+            end.cost.CopyFrom(final.cost)
+        else:
+            end.usage.CopyFrom(warm.usage if warm is not None else pb.Usage())
+            end.usage.output_tokens = end_chunk.output_tokens
+            end.usage.kv_cached_tokens = attempt.start.kv_cached_tokens
+            end.cost.estimated = True
+        spans.end_chat_span(attempt.chat_span, request, end)
+        return end
+
+    def _bill_partial(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: _Attempt,
+        text: str,
+        baseline: ModelSpec,
+    ) -> None:
+        output_tokens = self._tokenizer.count(text) if text else 0
+        task: asyncio.Task[object] = asyncio.ensure_future(
+            self._calls.commit_final(
+                tenant,
+                request,
+                attempt.model.id,
+                attempt.replica,
+                output_tokens,
+                attempt.start.kv_cached_tokens,
+                baseline.id,
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

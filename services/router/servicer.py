@@ -1,0 +1,147 @@
+"""The public ``cachemesh.v1.Gateway``: auth, validation, answer-once, then the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+
+from services.common.auth import ApiKeys, bearer_token
+from services.common.models import ModelTable
+from services.router.idempotency import IdempotencyConflict, IdempotencyTable
+from services.router.pipeline import Pipeline
+from services.router.validation import RequestError, validate_request
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_UNAUTHENTICATED = (
+    "send 'authorization: Bearer <key>' metadata with an API key issued for your tenant"
+)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(
+        self,
+        keys: ApiKeys,
+        table: ModelTable,
+        deployed: set[str],
+        pipeline: Pipeline,
+        answers: IdempotencyTable,
+    ) -> None:
+        self._keys = keys
+        self._table = table
+        self._deployed = deployed
+        self._pipeline = pipeline
+        self._answers = answers
+
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        tenant = await self._admit(request, context)
+        try:
+            return await self._answer_once(tenant, request)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+            raise  # unreachable: abort raises
+
+    async def StreamComplete(
+        self, request: pb.CompleteRequest, context: Context
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        tenant = await self._admit(request, context)
+        try:
+            claimed, future = self._answers.claim(tenant, request)
+            if not claimed:
+                for chunk in _replay(await asyncio.shield(future)):
+                    yield chunk
+                return
+            end: pb.CompleteResponse | None = None
+            try:
+                async for chunk in self._pipeline.run(tenant, request):
+                    if chunk.WhichOneof("part") == "end":
+                        end = chunk.end
+                    yield chunk
+            finally:
+                _settle(self._answers, tenant, request, future, end)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        except IdempotencyConflict as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _admit(self, request: pb.CompleteRequest, context: Context) -> str:
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
+        tenant = self._keys.tenant_for(token or "")
+        if tenant is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED
+            )
+        try:
+            validate_request(request, self._table, self._deployed)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        assert tenant is not None
+        return tenant
+
+    async def _answer_once(self, tenant: str, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        try:
+            claimed, future = self._answers.claim(tenant, request)
+        except IdempotencyConflict as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if not claimed:
+            return await asyncio.shield(future)
+        end: pb.CompleteResponse | None = None
+        try:
+            async for chunk in self._pipeline.run(tenant, request):
+                if chunk.WhichOneof("part") == "end":
+                    end = chunk.end
+        finally:
+            _settle(self._answers, tenant, request, future, end)
+        if end is None:
+            raise RequestError(grpc.StatusCode.INTERNAL, "the request ended without an answer")
+        return end
+
+
+def _settle(
+    answers: IdempotencyTable,
+    tenant: str,
+    request: pb.CompleteRequest,
+    future: asyncio.Future[pb.CompleteResponse],
+    end: pb.CompleteResponse | None,
+) -> None:
+    """Resolves the answer-once record: the answer, or release the id for a retry."""
+    if future.done():
+        return
+    if end is not None:
+        future.set_result(end)
+        return
+    answers.release(tenant, request.request_id)
+    future.set_exception(
+        RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the first call with request_id {request.request_id!r} failed; retry it",
+        )
+    )
+    future.exception()  # mark retrieved: a failure with no waiter is not an error
+
+
+def _replay(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
+    start = pb.CompleteResponse(
+        served_by=end.served_by,
+        model=end.model,
+        tier=end.tier,
+        trace_id=end.trace_id,
+        request_id=end.request_id,
+    )
+    if end.HasField("semantic"):
+        start.semantic.CopyFrom(end.semantic)
+    return [
+        pb.CompleteChunk(start=start),
+        *(pb.CompleteChunk(delta=block) for block in end.content),
+        pb.CompleteChunk(end=end),
+    ]

@@ -1,0 +1,62 @@
+"""The router's configuration, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from services.common.config import ConfigError, Env
+from services.common.models import ModelTable
+from services.common.server import ServerSettings
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    server: ServerSettings
+    semantic_cache_addr: str
+    prefix_cache_addr: str
+    replicas: dict[str, tuple[str, ...]]  # model id -> replica addresses
+    api_keys_file: Path
+    internal_token: str
+    semantic_timeout_s: float
+    prefix_timeout_s: float
+    model_timeout_s: float
+    idempotency_ttl_s: float
+    idempotency_max: int
+
+    @classmethod
+    def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
+        server = ServerSettings.from_env(env, "ROUTER", DEFAULT_LISTEN)
+        max_request = env.int("ROUTER_MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
+        return cls(
+            server=replace(server, max_message_bytes=max_request),
+            semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
+            prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
+            replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),
+            api_keys_file=env.path("CACHEMESH_API_KEYS_FILE"),
+            internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
+            semantic_timeout_s=env.float("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
+            prefix_timeout_s=env.float("ROUTER_PREFIX_TIMEOUT_S", 2.0, minimum=0.001),
+            model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
+            idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
+            idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
+        )
+
+
+def parse_replicas(value: str, table: ModelTable) -> dict[str, tuple[str, ...]]:
+    """``sim-small=host:port,sim-large=host:port,...``; a model listed twice has two replicas."""
+    replicas: dict[str, list[str]] = {}
+    for item in value.split(","):
+        model, sep, address = item.strip().partition("=")
+        if not sep or not model or not address:
+            raise ConfigError(f"MODEL_REPLICAS: expected model=host:port, got {item.strip()!r}")
+        if table.get(model) is None:
+            raise ConfigError(f"MODEL_REPLICAS: model {model!r} is not in the model table")
+        Env({"MODEL_REPLICAS": address}).address("MODEL_REPLICAS")
+        replicas.setdefault(model, []).append(address)
+    for tier, model in table.auto.items():
+        if model not in replicas:
+            raise ConfigError(f"MODEL_REPLICAS: no replica for {model!r}, the auto {tier} tier")
+    return {model: tuple(addresses) for model, addresses in replicas.items()}

@@ -1,0 +1,55 @@
+"""What the router writes on spans: the root span's outcome and the GenAI model-call span."""
+
+from __future__ import annotations
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+from opentelemetry import trace
+
+
+def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteRequest) -> None:
+    span.set_attribute("cachemesh.tenant", tenant)
+    span.set_attribute("cachemesh.request_id", request.request_id)
+    span.set_attribute("cachemesh.requested_model", request.model)
+
+
+def outcome_attributes(span: trace.Span, response: pb.CompleteResponse) -> None:
+    span.set_attribute("cachemesh.served_by", pb.Layer.Name(response.served_by))
+    span.set_attribute("cachemesh.model", response.model)
+    span.set_attribute("cachemesh.tier", response.tier)
+    span.set_attribute("cachemesh.cost_nanos", response.cost.cost_nanos)
+    span.set_attribute("cachemesh.baseline_nanos", response.cost.baseline_nanos)
+    span.set_attribute("cachemesh.saved_nanos", response.cost.saved_nanos)
+    span.set_attribute("cachemesh.cost_estimated", response.cost.estimated)
+    if response.served_by == pb.LAYER_SEMANTIC_CACHE:
+        span.set_attribute("cachemesh.similarity", response.semantic.similarity)
+        span.set_attribute("cachemesh.semantic_exact", response.semantic.exact)
+
+
+def start_chat_span(tracer: trace.Tracer, model: str, replica: str) -> trace.Span:
+    """The model call, named and attributed by the OpenTelemetry GenAI conventions."""
+    span = tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT)
+    span.set_attribute("gen_ai.operation.name", "chat")
+    span.set_attribute("gen_ai.provider.name", "cachemesh.simulated")
+    span.set_attribute("gen_ai.request.model", model)
+    span.set_attribute("cachemesh.replica", replica)
+    return span
+
+
+def end_chat_span(span: trace.Span, request: pb.CompleteRequest, end: pb.CompleteResponse) -> None:
+    usage = end.usage
+    span.set_attribute("gen_ai.request.max_tokens", request.max_tokens)
+    span.set_attribute("gen_ai.response.model", end.model)
+    span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
+    span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
+    span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
+    span.set_attribute("gen_ai.usage.cache_read.input_tokens", usage.cache_read_input_tokens)
+    span.set_attribute(
+        "gen_ai.usage.cache_creation.input_tokens", usage.cache_creation_input_tokens
+    )
+    span.set_attribute("cachemesh.kv_cached_tokens", usage.kv_cached_tokens)
+
+
+def record_failure(span: trace.Span, exc: grpc.aio.AioRpcError) -> None:
+    span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code().name))
+    span.set_attribute("error.type", exc.code().name)

@@ -1,0 +1,143 @@
+"""Validation of a Gateway request before any layer sees it.
+
+Every rule raises ``RequestError`` with the gRPC status and a message that names the field, so
+a client can fix the request. Validation reads the request only: it changes no state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.models import AUTO, ModelTable
+
+MAX_BREAKPOINTS = 4
+MAX_ID_CHARS = 128
+
+
+class RequestError(Exception):
+    """A request the gateway refuses; carries the status code to return."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
+    _validate_model(request, table, deployed)
+    _validate_messages(request)
+    _validate_breakpoints(request)
+    _validate_sampling(request)
+
+
+def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
+    if request.model != AUTO and (
+        table.get(request.model) is None or request.model not in deployed
+    ):
+        known = ", ".join(sorted(deployed | {AUTO}))
+        raise _invalid(f"model: unknown model id {request.model!r}; use one of: {known}")
+    if request.max_tokens <= 0:
+        raise _invalid(f"max_tokens: must be > 0, got {request.max_tokens}")
+    if request.model == AUTO:
+        limit = min(spec.max_output_tokens for spec in (table.for_tier(t) for t in table.auto))
+    else:
+        spec = table.get(request.model)
+        assert spec is not None
+        limit = spec.max_output_tokens
+    if request.max_tokens > limit:
+        raise _invalid(
+            f"max_tokens: {request.max_tokens} is above the limit of {request.model} ({limit})"
+        )
+    if len(request.request_id) > MAX_ID_CHARS:
+        raise _invalid(f"request_id: at most {MAX_ID_CHARS} characters")
+    if len(request.cache.namespace) > MAX_ID_CHARS:
+        raise _invalid(f"cache.namespace: at most {MAX_ID_CHARS} characters")
+
+
+def _validate_block(block: pb.ContentBlock, where: str, tool_use_ids: set[str]) -> None:
+    kind = block.WhichOneof("kind")
+    if kind is None:
+        raise _invalid(f"{where}: a content block needs text, tool_use or tool_result")
+    if kind == "text" and not block.text.strip():
+        raise _invalid(f"{where}.text: text blocks must not be empty")
+    if kind == "tool_use":
+        if not block.tool_use.id or not block.tool_use.name:
+            raise _invalid(f"{where}.tool_use: id and name are required")
+        tool_use_ids.add(block.tool_use.id)
+    if kind == "tool_result" and block.tool_result.tool_use_id not in tool_use_ids:
+        raise _invalid(
+            f"{where}.tool_result.tool_use_id: {block.tool_result.tool_use_id!r} matches no "
+            "earlier tool_use block"
+        )
+
+
+def _validate_messages(request: pb.CompleteRequest) -> None:
+    if not request.messages:
+        raise _invalid("messages: at least one message is required")
+    if request.messages[0].role != pb.ROLE_USER:
+        raise _invalid("messages[0].role: the first message must be the user's (ROLE_USER)")
+    for i, block in enumerate(request.system):
+        if block.WhichOneof("kind") != "text":
+            raise _invalid(f"system[{i}]: system blocks must be text")
+        _validate_block(block, f"system[{i}]", set())
+    for i, tool in enumerate(request.tools):
+        if not tool.name:
+            raise _invalid(f"tools[{i}].name: a tool needs a name")
+    tool_use_ids: set[str] = set()
+    for i, message in enumerate(request.messages):
+        if message.role not in (pb.ROLE_USER, pb.ROLE_ASSISTANT):
+            raise _invalid(f"messages[{i}].role: must be ROLE_USER or ROLE_ASSISTANT")
+        if not message.content:
+            raise _invalid(f"messages[{i}].content: a message needs at least one block")
+        for j, block in enumerate(message.content):
+            _validate_block(block, f"messages[{i}].content[{j}]", tool_use_ids)
+
+
+def _breakpoints(request: pb.CompleteRequest) -> list[tuple[str, int]]:
+    marks: list[tuple[str, int]] = []
+    for i, tool in enumerate(request.tools):
+        if tool.HasField("cache_control"):
+            marks.append((f"tools[{i}]", tool.cache_control.ttl))
+    for i, block in enumerate(request.system):
+        if block.HasField("cache_control"):
+            marks.append((f"system[{i}]", block.cache_control.ttl))
+    for i, message in enumerate(request.messages):
+        for j, block in enumerate(message.content):
+            if block.HasField("cache_control"):
+                marks.append((f"messages[{i}].content[{j}]", block.cache_control.ttl))
+    return marks
+
+
+def _validate_breakpoints(request: pb.CompleteRequest) -> None:
+    marks = _breakpoints(request)
+    if len(marks) > MAX_BREAKPOINTS:
+        raise _invalid(
+            f"cache_control: at most {MAX_BREAKPOINTS} breakpoints per request, got {len(marks)} "
+            f"({', '.join(where for where, _ in marks)})"
+        )
+    seen_5m = False
+    for where, ttl in marks:
+        if ttl == pb.CACHE_TTL_1H and seen_5m:
+            raise _invalid(
+                f"{where}.cache_control.ttl: a 1-hour breakpoint must come before every "
+                "5-minute one"
+            )
+        seen_5m = seen_5m or ttl != pb.CACHE_TTL_1H
+
+
+def _validate_sampling(request: pb.CompleteRequest) -> None:
+    if request.HasField("temperature"):
+        t = request.temperature
+        if not math.isfinite(t) or not 0.0 <= t <= 1.0:
+            raise _invalid(f"temperature: must be within [0, 1], got {t}")
+    if request.cache.HasField("threshold"):
+        th = request.cache.threshold
+        if not math.isfinite(th) or not 0.0 <= th <= 1.0:
+            raise _invalid(f"cache.threshold: cosine similarity must be within [0, 1], got {th}")
