@@ -1,0 +1,138 @@
+"""The typed clients: ``Client`` (blocking) and ``AsyncClient`` (asyncio)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+
+import grpc
+
+from cachemesh._errors import from_rpc_error
+from cachemesh._requests import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _metadata(api_key: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+class Client:
+    """A blocking client of the Gateway. ``channel`` may be injected (tests, TLS)."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str,
+        timeout_s: float = 120.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._metadata = _metadata(api_key)
+        self._timeout_s = timeout_s
+
+    def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        try:
+            response: pb.CompleteResponse = self._stub.Complete(
+                request, metadata=self._metadata, timeout=self._timeout_s
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return response
+
+    def stream(self, request: pb.CompleteRequest) -> Iterator[pb.CompleteChunk]:
+        try:
+            yield from self._stub.StreamComplete(
+                request, metadata=self._metadata, timeout=self._timeout_s
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    def ask(
+        self,
+        question: str,
+        *,
+        model: str = "auto",
+        max_tokens: int = 512,
+        system: str | None = None,
+        namespace: str = "",
+    ) -> pb.CompleteResponse:
+        """One user question; build a request with :func:`cachemesh.build_request` for more."""
+        request = build_request(
+            question, model=model, max_tokens=max_tokens, system=system, namespace=namespace
+        )
+        return self.complete(request)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """An asyncio client of the Gateway."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str,
+        timeout_s: float = 120.0,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._metadata = _metadata(api_key)
+        self._timeout_s = timeout_s
+
+    async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        try:
+            response: pb.CompleteResponse = await self._stub.Complete(
+                request, metadata=self._metadata, timeout=self._timeout_s
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return response
+
+    async def stream(self, request: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
+        call = self._stub.StreamComplete(request, metadata=self._metadata, timeout=self._timeout_s)
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    async def ask(
+        self,
+        question: str,
+        *,
+        model: str = "auto",
+        max_tokens: int = 512,
+        system: str | None = None,
+        namespace: str = "",
+    ) -> pb.CompleteResponse:
+        request = build_request(
+            question, model=model, max_tokens=max_tokens, system=system, namespace=namespace
+        )
+        return await self.complete(request)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,45 @@
+"""One exception tree for everything the Gateway refuses."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CachemeshError(Exception):
+    """A call to the Gateway failed; ``code`` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class AuthenticationError(CachemeshError):
+    """No API key, or one the Gateway does not know (UNAUTHENTICATED)."""
+
+
+class InvalidRequestError(CachemeshError):
+    """The request is malformed; the message names the field (INVALID_ARGUMENT)."""
+
+
+class RateLimitError(CachemeshError):
+    """A size or rate limit was hit (RESOURCE_EXHAUSTED)."""
+
+
+class UnavailableError(CachemeshError):
+    """No layer could serve the request (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> CachemeshError:
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    return _BY_CODE.get(code, CachemeshError)(code, details)

@@ -1,0 +1,99 @@
+"""``cachemesh ask "..."``: one question through the Gateway, with where it was served from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from cachemesh._client import DEFAULT_TARGET, Client
+from cachemesh._errors import CachemeshError
+from cachemesh._requests import answer_text, build_request
+from cachemesh.v1 import gateway_pb2 as pb
+
+NANOS_PER_DOLLAR = 1_000_000_000
+
+
+def dollars(nanos: int) -> str:
+    return f"${nanos / NANOS_PER_DOLLAR:,.6f}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cachemesh", description=__doc__)
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET),
+        help="the Gateway's host:port (env CACHEMESH_TARGET)",
+    )
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("CACHEMESH_API_KEY"),
+        help="API key (env CACHEMESH_API_KEY; `make keys` writes demo keys to .run/)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    ask = commands.add_parser("ask", help="ask one question")
+    ask.add_argument("question")
+    ask.add_argument("--model", default="auto", help='a model id or "auto" (default)')
+    ask.add_argument("--max-tokens", type=int, default=512)
+    ask.add_argument("--system", default=None, help="a system prompt")
+    ask.add_argument("--namespace", default="", help="semantic-cache namespace")
+    ask.add_argument("--request-id", default="", help="idempotency key")
+    ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    return parser
+
+
+def _report(response: pb.CompleteResponse) -> str:
+    lines = [
+        answer_text(response),
+        "",
+        f"served_by: {pb.Layer.Name(response.served_by)}"
+        + (
+            f" (similarity {response.semantic.similarity:.3f}"
+            f"{', exact' if response.semantic.exact else ''})"
+            if response.served_by == pb.LAYER_SEMANTIC_CACHE
+            else ""
+        ),
+        f"model:     {response.model} ({response.tier} tier), stop: {response.stop_reason}",
+        f"tokens:    input {response.usage.input_tokens}, cache read "
+        f"{response.usage.cache_read_input_tokens}, cache write "
+        f"{response.usage.cache_creation_input_tokens}, output {response.usage.output_tokens}",
+        f"cost:      {dollars(response.cost.cost_nanos)} (baseline "
+        f"{dollars(response.cost.baseline_nanos)}, saved {dollars(response.cost.saved_nanos)}"
+        f"{', estimated' if response.cost.estimated else ''})",
+        f"trace_id:  {response.trace_id}",
+        f"request:   {response.request_id}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.key:
+        print("cachemesh: no API key: pass --key or set CACHEMESH_API_KEY", file=sys.stderr)
+        return 2
+    request = build_request(
+        args.question,
+        model=args.model,
+        max_tokens=args.max_tokens,
+        system=args.system,
+        namespace=args.namespace,
+        request_id=args.request_id,
+    )
+    try:
+        with Client(args.target, api_key=args.key) as client:
+            response = client.complete(request)
+    except CachemeshError as error:
+        print(f"cachemesh: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(response), indent=2))
+    else:
+        print(_report(response))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
