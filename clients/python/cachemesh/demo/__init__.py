@@ -1,0 +1,1 @@
+"""``python -m cachemesh.demo``: a short realistic workload through a running stack."""

@@ -1,0 +1,82 @@
+"""Drives the demo workload and prints what each layer served and what it cost."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from cachemesh._client import DEFAULT_TARGET, Client
+from cachemesh._errors import CachemeshError
+from cachemesh._requests import answer_text, assistant_message, build_request, user_message
+from cachemesh.demo import workload
+from cachemesh.demo.table import LayerTable
+from cachemesh.v1 import gateway_pb2 as pb
+
+
+def _require(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        sys.exit(f"demo: {name} is not set (run `make keys`, then source .run/demo-keys.env)")
+    return value
+
+
+def _agent(client: Client, table: LayerTable) -> None:
+    print("\n== agent conversation (sim-large, long system prompt + 8 tools, cache_control)")
+    history: list[pb.Message] = []
+    for turn, text in enumerate(workload.AGENT_TURNS, start=1):
+        request = pb.CompleteRequest(
+            model=workload.AGENT_MODEL,
+            max_tokens=400,
+            tools=workload.TOOLS,
+            system=workload.agent_system(),
+            messages=[*history, user_message(text, cache=True)],
+        )
+        response = client.complete(request)
+        table.add(response)
+        print(f"  turn {turn}: {table.describe(response)}")
+        history += [user_message(text), assistant_message(answer_text(response))]
+
+
+def _faq(clients: dict[str, Client], table: LayerTable) -> None:
+    print("\n== FAQ bot (auto tier; exact repeats, paraphrases, a second tenant)")
+    for tenant, question in workload.FAQ:
+        request = build_request(question, system=workload.FAQ_SYSTEM, max_tokens=200)
+        response = clients[tenant].complete(request)
+        table.add(response)
+        print(f"  [{tenant}] {question!r:58} {table.describe(response)}")
+
+
+def _unrelated(client: Client, table: LayerTable) -> None:
+    print("\n== unrelated questions (auto tier)")
+    for question in workload.UNRELATED:
+        response = client.complete(build_request(question, max_tokens=300))
+        table.add(response)
+        print(f"  {question[:58]!r:60} {table.describe(response)}")
+
+
+def main() -> int:
+    target = os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET)
+    clients = {
+        "a": Client(target, api_key=_require("CACHEMESH_KEY_A")),
+        "b": Client(target, api_key=_require("CACHEMESH_KEY_B")),
+    }
+    table = LayerTable()
+    started = time.monotonic()
+    try:
+        _agent(clients["a"], table)
+        _faq(clients, table)
+        _unrelated(clients["a"], table)
+    except CachemeshError as error:
+        print(f"demo: the gateway refused a request: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for client in clients.values():
+            client.close()
+    print(f"\n{table.requests} requests in {time.monotonic() - started:.1f} s\n")
+    print(table.render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
