@@ -1,0 +1,65 @@
+"""Answer-once by request_id: the first call runs, the others get its answer."""
+
+from __future__ import annotations
+
+import pytest
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.clock import ManualClock
+from services.router.idempotency import IdempotencyConflict, IdempotencyTable
+
+
+def _req(request_id: str, text: str = "hi") -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="auto",
+        max_tokens=10,
+        request_id=request_id,
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+    )
+
+
+async def test_second_claim_waits_for_the_first_answer() -> None:
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=10)
+    first, future = table.claim("t", _req("r1"))
+    second, same = table.claim("t", _req("r1"))
+    assert first and not second and same is future
+    future.set_result(pb.CompleteResponse(request_id="r1", model="sim-small"))
+    assert (await same).model == "sim-small"
+
+
+async def test_ids_are_scoped_by_tenant() -> None:
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=10)
+    assert table.claim("a", _req("r1"))[0]
+    assert table.claim("b", _req("r1"))[0]
+
+
+async def test_same_id_for_a_different_request_is_refused() -> None:
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=10)
+    table.claim("t", _req("r1", "hello"))
+    with pytest.raises(IdempotencyConflict, match="request_id"):
+        table.claim("t", _req("r1", "something else"))
+
+
+async def test_release_lets_a_retry_run() -> None:
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=10)
+    table.claim("t", _req("r1"))
+    table.release("t", "r1")
+    assert table.claim("t", _req("r1"))[0]
+
+
+async def test_records_expire_after_the_ttl() -> None:
+    clock = ManualClock()
+    table = IdempotencyTable(clock, ttl_s=60, max_records=10)
+    _, future = table.claim("t", _req("r1"))
+    future.set_result(pb.CompleteResponse())
+    clock.advance(s=59)
+    assert not table.claim("t", _req("r1"))[0]
+    clock.advance(s=2)
+    assert table.claim("t", _req("r1"))[0]
+
+
+async def test_table_is_bounded() -> None:
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=2)
+    for i in range(3):
+        table.claim("t", _req(f"r{i}"))
+    assert table.claim("t", _req("r0"))[0]  # the oldest was dropped

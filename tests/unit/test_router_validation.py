@@ -1,0 +1,145 @@
+"""The Gateway's bad-input rules: each names the field and the right status."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.models import load_model_table
+from services.router.validation import RequestError, validate_request
+
+TABLE = load_model_table()
+DEPLOYED = {"sim-small", "sim-large"}
+
+
+def _request(**fields: object) -> pb.CompleteRequest:
+    request = pb.CompleteRequest(
+        model="sim-small",
+        max_tokens=100,
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="hello")])],
+    )
+    for name, value in fields.items():
+        if isinstance(value, list):
+            del getattr(request, name)[:]
+            getattr(request, name).extend(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def _error(request: pb.CompleteRequest) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        validate_request(request, TABLE, DEPLOYED)
+    return info.value
+
+
+def _text(text: str, cache: bool = False, ttl: int = 0) -> pb.ContentBlock:
+    block = pb.ContentBlock(text=text)
+    if cache:
+        block.cache_control.ttl = ttl  # type: ignore[assignment]
+        block.cache_control.SetInParent()
+    return block
+
+
+def test_a_valid_request_passes() -> None:
+    validate_request(_request(), TABLE, DEPLOYED)
+    validate_request(_request(model="auto"), TABLE, DEPLOYED)
+
+
+def test_no_messages() -> None:
+    error = _error(_request(messages=[]))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message.startswith("messages:")
+
+
+def test_first_message_must_be_the_users() -> None:
+    request = _request(messages=[pb.Message(role=pb.ROLE_ASSISTANT, content=[_text("hi")])])
+    assert "messages[0].role" in _error(request).message
+
+
+def test_assistant_last_is_a_prefill_and_allowed() -> None:
+    request = _request(
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content=[_text("Say hi")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[_text("Hi")]),
+        ]
+    )
+    validate_request(request, TABLE, DEPLOYED)
+
+
+def test_empty_text_block() -> None:
+    request = _request(messages=[pb.Message(role=pb.ROLE_USER, content=[_text("  ")])])
+    assert "messages[0].content[0].text" in _error(request).message
+
+
+def test_tool_result_without_earlier_tool_use() -> None:
+    result = pb.ContentBlock(tool_result=pb.ToolResult(tool_use_id="toolu_1", content="42"))
+    request = _request(messages=[pb.Message(role=pb.ROLE_USER, content=[result])])
+    assert "tool_use_id" in _error(request).message
+
+
+def test_tool_result_after_its_tool_use_passes() -> None:
+    use = pb.ContentBlock(tool_use=pb.ToolUse(id="toolu_1", name="calc", input_json="{}"))
+    result = pb.ContentBlock(tool_result=pb.ToolResult(tool_use_id="toolu_1", content="42"))
+    request = _request(
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content=[_text("compute")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[use]),
+            pb.Message(role=pb.ROLE_USER, content=[result]),
+        ]
+    )
+    validate_request(request, TABLE, DEPLOYED)
+
+
+@pytest.mark.parametrize("max_tokens", [0, -1, 64001])
+def test_max_tokens_out_of_range(max_tokens: int) -> None:
+    assert _error(_request(max_tokens=max_tokens)).message.startswith("max_tokens:")
+
+
+def test_unknown_model() -> None:
+    error = _error(_request(model="gpt-17"))
+    assert error.message.startswith("model:") and "sim-small" in error.message
+
+
+def test_a_model_of_the_table_that_is_not_deployed_is_unknown() -> None:
+    with pytest.raises(RequestError):
+        validate_request(_request(model="sim-large"), TABLE, {"sim-small"})
+
+
+def test_more_than_four_breakpoints() -> None:
+    system = [_text(f"part {i}", cache=True) for i in range(5)]
+    error = _error(_request(system=system))
+    assert error.message.startswith("cache_control:") and "got 5" in error.message
+
+
+def test_four_breakpoints_pass() -> None:
+    validate_request(
+        _request(system=[_text(f"p{i}", cache=True) for i in range(4)]), TABLE, DEPLOYED
+    )
+
+
+def test_one_hour_breakpoint_after_five_minute_one() -> None:
+    system = [
+        _text("a", cache=True, ttl=pb.CACHE_TTL_5M),
+        _text("b", cache=True, ttl=pb.CACHE_TTL_1H),
+    ]
+    assert "system[1].cache_control.ttl" in _error(_request(system=system)).message
+
+
+@pytest.mark.parametrize("threshold", [-0.01, 1.01, float("nan")])
+def test_threshold_outside_unit_interval(threshold: float) -> None:
+    request = _request()
+    request.cache.threshold = threshold
+    assert _error(request).message.startswith("cache.threshold:")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_threshold_bounds_are_valid(threshold: float) -> None:
+    request = _request()
+    request.cache.threshold = threshold
+    validate_request(request, TABLE, DEPLOYED)
+
+
+def test_temperature_outside_range() -> None:
+    assert _error(_request(temperature=1.5)).message.startswith("temperature:")
