@@ -1,0 +1,100 @@
+"""Which prefixes are warm: entries keyed by (scope, prefix digest) with an absolute expiry.
+
+A scope isolates caches: ``(tenant, model)`` for the provider's prompt cache, and
+``(tenant, model, replica)`` for the approximate view of a replica's KV cache. Expiry is
+``expires_at_ms`` computed from the caller's clock and stored with the entry (a Redis store
+would use key expiry only to collect garbage).
+
+The protocol is shaped for an atomic remote implementation: ``settle`` is one round trip that
+finds the longest warm probe, refreshes it, and writes the new entries (a Redis Lua script over
+``KEYS = probes + writes``), so two concurrent commits never read a half-written state.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.prefix_cache.rules import Probe, Write
+
+Scope = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WarmEntry:
+    digest: str
+    tokens: int
+    ttl_ms: int
+    expires_at_ms: int
+
+
+class WarmStore(Protocol):
+    async def longest(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:
+        """The longest unexpired entry among ``probes``. No side effects."""
+        ...
+
+    async def settle(
+        self, scope: Scope, probes: Sequence[Probe], writes: Sequence[Write], now_ms: int
+    ) -> WarmEntry | None:
+        """Atomically: find the longest unexpired probe (as ``longest``), refresh it to
+        ``now_ms`` + its ttl, then create or refresh every write. Returns the hit as found
+        before any change (None when nothing was warm)."""
+        ...
+
+
+class InMemoryWarmStore:
+    """The single-process default: bounded, least-recently-touched evicted first, expired
+    entries purged lazily as writes pass."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self._max = max_entries
+        self._entries: OrderedDict[tuple[Scope, str], WarmEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def longest(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:
+        return self._find(scope, probes, now_ms)
+
+    async def settle(
+        self, scope: Scope, probes: Sequence[Probe], writes: Sequence[Write], now_ms: int
+    ) -> WarmEntry | None:
+        hit = self._find(scope, probes, now_ms)
+        if hit is not None:
+            self._put(scope, hit.digest, hit.tokens, hit.ttl_ms, now_ms + hit.ttl_ms)
+        for write in writes:
+            ttl_ms, expires = write.ttl_ms, now_ms + write.ttl_ms
+            old = self._live(scope, write.digest, now_ms)
+            if old is not None:  # refreshing never shortens a longer-lived entry
+                ttl_ms, expires = max(ttl_ms, old.ttl_ms), max(expires, old.expires_at_ms)
+            self._put(scope, write.digest, write.tokens, ttl_ms, expires)
+        self._purge(now_ms)
+        return hit
+
+    def _live(self, scope: Scope, digest: str, now_ms: int) -> WarmEntry | None:
+        entry = self._entries.get((scope, digest))
+        return entry if entry is not None and entry.expires_at_ms > now_ms else None
+
+    def _find(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:
+        best: WarmEntry | None = None
+        for probe in probes:
+            entry = self._live(scope, probe.digest, now_ms)
+            if entry is not None and (best is None or entry.tokens > best.tokens):
+                best = entry
+        return best
+
+    def _put(self, scope: Scope, digest: str, tokens: int, ttl_ms: int, expires: int) -> None:
+        key = (scope, digest)
+        self._entries[key] = WarmEntry(digest, tokens, ttl_ms, expires)
+        self._entries.move_to_end(key)
+
+    def _purge(self, now_ms: int) -> None:
+        while self._entries:
+            key, entry = next(iter(self._entries.items()))
+            if len(self._entries) <= self._max and entry.expires_at_ms > now_ms:
+                break
+            del self._entries[key]
