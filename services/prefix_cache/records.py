@@ -1,0 +1,68 @@
+"""Commit records by (tenant, request_id), kept for a TTL so WARM and FINAL are idempotent."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from services.prefix_cache.pricing import Charge
+from services.prefix_cache.rules import Split
+
+
+@dataclass(frozen=True)
+class Final:
+    output_tokens: int
+    kv_cached_tokens: int
+    baseline_model: str
+    charge: Charge
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    model: str
+    replica: str
+    split: Split
+    expires_at_ms: int
+    final: Final | None = None
+
+
+class CommitRecords:
+    """In memory, bounded: records expire ``ttl_ms`` after their last commit, and beyond
+    ``max_records`` the least recently committed go first."""
+
+    def __init__(self, ttl_ms: int, max_records: int = 1_000_000) -> None:
+        if ttl_ms < 0 or max_records < 1:
+            raise ValueError("ttl_ms must be >= 0 and max_records >= 1")
+        self._ttl_ms = ttl_ms
+        self._max = max_records
+        self._records: OrderedDict[tuple[str, str], CommitRecord] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, tenant: str, request_id: str, now_ms: int) -> CommitRecord | None:
+        record = self._records.get((tenant, request_id))
+        return record if record is not None and record.expires_at_ms > now_ms else None
+
+    def put_warm(
+        self, tenant: str, request_id: str, model: str, replica: str, split: Split, now_ms: int
+    ) -> CommitRecord:
+        record = CommitRecord(model, replica, split, now_ms + self._ttl_ms)
+        self._store((tenant, request_id), record, now_ms)
+        return record
+
+    def put_final(
+        self, tenant: str, request_id: str, record: CommitRecord, final: Final, now_ms: int
+    ) -> CommitRecord:
+        done = replace(record, final=final, expires_at_ms=now_ms + self._ttl_ms)
+        self._store((tenant, request_id), done, now_ms)
+        return done
+
+    def _store(self, key: tuple[str, str], record: CommitRecord, now_ms: int) -> None:
+        self._records[key] = record
+        self._records.move_to_end(key)
+        while self._records:
+            oldest_key, oldest = next(iter(self._records.items()))
+            if len(self._records) <= self._max and oldest.expires_at_ms > now_ms:
+                break
+            del self._records[oldest_key]
