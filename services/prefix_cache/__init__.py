@@ -1,0 +1,1 @@
+"""prefix-cache: L2 prompt-prefix accounting (tokens, caching rules, prices) and L3 ranking."""

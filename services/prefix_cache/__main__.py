@@ -1,0 +1,3 @@
+from services.prefix_cache.app import main
+
+main()

@@ -1,0 +1,71 @@
+"""The prefix-cache process: builds every object from the environment, then serves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+
+from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
+
+from services.common.auth import InternalAuthInterceptor
+from services.common.clock import SystemClock
+from services.common.config import Env
+from services.common.models import model_table_from_env
+from services.common.server import ServiceSpec, configure_logging, run_service
+from services.common.telemetry import build_tracer_provider, server_interceptors
+from services.common.tokens import load_cl100k
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.servicer import PrefixCacheServicer
+from services.prefix_cache.settings import PrefixCacheSettings
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
+
+PREFIX_CACHE = prefix_cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"].full_name
+
+
+async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
+    env = Env(environ)
+    configure_logging(env)
+    settings = PrefixCacheSettings.from_env(env)
+    table = model_table_from_env(env)
+    auth = InternalAuthInterceptor(settings.internal_token)
+    provider = build_tracer_provider(environ, "prefix-cache")
+    tokenizer = TokenizerSlot()
+    core = PrefixCacheCore(
+        table=table,
+        tokenizer=tokenizer,
+        cache=InMemoryWarmStore(settings.max_warm_entries),
+        replicas=InMemoryWarmStore(settings.max_warm_entries),
+        records=CommitRecords(settings.record_ttl_s * 1000, settings.max_records),
+        totals=TotalsLedger(),
+        clock=SystemClock(),
+        lookback=settings.lookback_blocks,
+    )
+    servicer = PrefixCacheServicer(core)
+
+    async def warmup() -> None:
+        tokenizer.set(await asyncio.to_thread(load_cl100k))
+
+    async def close() -> None:
+        provider.shutdown()
+
+    await run_service(
+        ServiceSpec(
+            name="prefix-cache",
+            settings=settings.server,
+            service_names=[PREFIX_CACHE],
+            register=lambda server: prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(
+                servicer, server
+            ),
+            interceptors=[*server_interceptors(provider), auth],
+            warmup=warmup,
+            on_stop=[close],
+        ),
+        stop,
+    )
+
+
+def main() -> None:
+    asyncio.run(serve(os.environ))

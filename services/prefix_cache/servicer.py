@@ -1,0 +1,140 @@
+"""cachemesh.v1.PrefixCache over gRPC: messages in and out, errors to status codes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import prefix_cache_pb2_grpc
+
+from services.prefix_cache.core import (
+    BadRequest,
+    FinalResult,
+    NotReady,
+    NoWarmCommit,
+    PrefixCacheCore,
+)
+from services.prefix_cache.rules import RuleViolation, Split
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (RuleViolation, grpc.StatusCode.INVALID_ARGUMENT),
+    (NoWarmCommit, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
+    def __init__(self, core: PrefixCacheCore) -> None:
+        self._core = core
+
+    async def Plan(self, request: pc.PlanRequest, context: Context) -> pc.PlanResponse:
+        result = await _call(
+            context,
+            lambda: self._core.plan(
+                request.tenant,
+                request.model,
+                request.request if request.HasField("request") else None,
+                list(request.replicas),
+            ),
+        )
+        return pc.PlanResponse(
+            usage=usage_of(result.split),
+            prompt_tokens=result.split.prompt_tokens,
+            candidates=[
+                pc.ReplicaCandidate(replica=c.replica, warm_prefix_tokens=c.warm_prefix_tokens)
+                for c in result.candidates
+            ],
+        )
+
+    async def Commit(self, request: pc.CommitRequest, context: Context) -> pc.CommitResponse:
+        if request.phase == pc.COMMIT_PHASE_WARM:
+            split = await _call(
+                context,
+                lambda: self._core.warm(
+                    request.tenant,
+                    request.request_id,
+                    request.model,
+                    request.request if request.HasField("request") else None,
+                    request.replica,
+                ),
+            )
+            return pc.CommitResponse(usage=usage_of(split))
+        if request.phase == pc.COMMIT_PHASE_FINAL:
+            final = await _call(
+                context,
+                lambda: self._core.final(
+                    request.tenant,
+                    request.request_id,
+                    request.model,
+                    request.output_tokens,
+                    request.kv_cached_tokens,
+                    request.baseline_model,
+                ),
+            )
+            return final_response(final)
+        await _abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "phase must be COMMIT_PHASE_WARM (first token) or COMMIT_PHASE_FINAL (answer ended)",
+        )
+
+    async def Totals(self, request: pc.TotalsRequest, context: Context) -> pc.TotalsResponse:
+        async def totals() -> pc.TotalsResponse:
+            t = self._core.totals(request.tenant)
+            return pc.TotalsResponse(
+                requests=t.requests,
+                usage=pb.Usage(
+                    input_tokens=t.input_tokens,
+                    cache_creation_input_tokens=t.cache_creation_input_tokens,
+                    cache_read_input_tokens=t.cache_read_input_tokens,
+                    output_tokens=t.output_tokens,
+                    kv_cached_tokens=t.kv_cached_tokens,
+                ),
+                cost_nanos=t.cost_nanos,
+                baseline_nanos=t.baseline_nanos,
+            )
+
+        return await _call(context, totals)
+
+
+def usage_of(split: Split, output_tokens: int = 0, kv_cached_tokens: int = 0) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=split.input_tokens,
+        cache_creation_input_tokens=split.creation_tokens,
+        cache_read_input_tokens=split.read_tokens,
+        output_tokens=output_tokens,
+        kv_cached_tokens=kv_cached_tokens,
+    )
+
+
+def final_response(final: FinalResult) -> pc.CommitResponse:
+    return pc.CommitResponse(
+        usage=usage_of(final.split, final.output_tokens, final.kv_cached_tokens),
+        cost=pb.Cost(
+            cost_nanos=final.charge.cost_nanos,
+            baseline_nanos=final.charge.baseline_nanos,
+            saved_nanos=final.charge.saved_nanos,
+        ),
+    )
+
+
+async def _call(context: Context, work: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await work()
+    except Exception as exc:
+        for kind, code in _CODES:
+            if isinstance(exc, kind):
+                await _abort(context, code, str(exc))
+        raise
+
+
+async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover

@@ -1,0 +1,31 @@
+"""prefix-cache configuration, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import Env
+from services.common.server import ServerSettings
+
+DEFAULT_LISTEN = "127.0.0.1:50053"
+
+
+@dataclass(frozen=True)
+class PrefixCacheSettings:
+    server: ServerSettings
+    internal_token: str
+    lookback_blocks: int
+    record_ttl_s: int
+    max_warm_entries: int
+    max_records: int
+
+    @classmethod
+    def from_env(cls, env: Env) -> PrefixCacheSettings:
+        return cls(
+            server=ServerSettings.from_env(env, "PREFIX_CACHE", DEFAULT_LISTEN),
+            internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
+            lookback_blocks=env.int("PREFIX_CACHE_LOOKBACK_BLOCKS", 20, minimum=0),
+            record_ttl_s=env.int("PREFIX_CACHE_RECORD_TTL_S", 86400, minimum=0),
+            max_warm_entries=env.int("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
+            max_records=env.int("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
+        )
