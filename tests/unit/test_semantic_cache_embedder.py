@@ -1,0 +1,85 @@
+"""The real embedder: all-MiniLM-L6-v2 int8 on onnxruntime, files checked by sha256."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.semantic_cache.embedder import (
+    DIM,
+    MODEL_SHA256,
+    EmbedderLoadError,
+    MiniLMEmbedder,
+    default_model_path,
+    default_tokenizer_path,
+    load_minilm_embedder,
+)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> MiniLMEmbedder:
+    return load_minilm_embedder()
+
+
+def cosine(embedder: MiniLMEmbedder, first: str, second: str) -> float:
+    a, b = embedder.embed([first, second])
+    return float(a @ b)
+
+
+def test_rows_are_normalised_float32_of_384(embedder: MiniLMEmbedder) -> None:
+    vectors = embedder.embed(["hello", "a somewhat longer sentence about passwords"])
+    assert vectors.shape == (2, DIM) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.embed([]).shape == (0, DIM)
+    assert embedder.dim == DIM
+    assert embedder.version == f"all-MiniLM-L6-v2-onnx-int8@{MODEL_SHA256[:12]}"
+
+
+def test_a_paraphrase_is_close_and_an_unrelated_question_is_far(
+    embedder: MiniLMEmbedder,
+) -> None:
+    question = "How do I reset my password?"
+    paraphrase = cosine(embedder, question, "I forgot my password, how can I change it?")
+    unrelated = cosine(embedder, question, "What is the capital of France?")
+    assert paraphrase >= 0.88
+    assert unrelated < 0.5
+    assert cosine(embedder, question, question) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_padding_in_a_batch_does_not_change_a_vector(embedder: MiniLMEmbedder) -> None:
+    short = "Reset password"
+    alone = embedder.embed([short])[0]
+    batched = embedder.embed([short, "a much longer sentence " * 20])[0]
+    assert float(alone @ batched) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_long_text_is_truncated_not_rejected(embedder: MiniLMEmbedder) -> None:
+    assert embedder.embed(["word " * 2000]).shape == (1, DIM)
+
+
+def corrupt_copy(source: Path, target: Path) -> Path:
+    shutil.copyfile(source, target)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_a_corrupted_model_file_is_refused(tmp_path: Path) -> None:
+    bad = corrupt_copy(default_model_path(), tmp_path / "model.onnx")
+    with pytest.raises(EmbedderLoadError, match="sha256"):
+        load_minilm_embedder(model_path=bad)
+
+
+def test_a_corrupted_tokenizer_is_refused(tmp_path: Path) -> None:
+    bad = corrupt_copy(default_tokenizer_path(), tmp_path / "tokenizer.json")
+    with pytest.raises(EmbedderLoadError, match=r"tokenizer\.json"):
+        load_minilm_embedder(tokenizer_path=bad)
+
+
+def test_a_missing_model_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EmbedderLoadError, match="not found"):
+        load_minilm_embedder(model_path=tmp_path / "absent.onnx")
