@@ -1,0 +1,225 @@
+"""The L1 cache logic: check, store, drop (a small explicit API, RedisVL-style).
+
+Entries live in one FAISS index per (tenant, scope). An entry's TTL is an absolute age (reads
+never extend it); capacity is total and evicts the least recently used entry. Every mutation
+happens in a synchronous section after the awaited embedding, so no two coroutines interleave
+inside one: what a store acknowledges is visible to the next check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections import OrderedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from services.common.clock import Clock
+from services.semantic_cache.embedder import Embedder
+from services.semantic_cache.index import ScopeIndex
+from services.semantic_cache.query import Query
+from services.semantic_cache.records import (
+    END_TURN,
+    Answer,
+    CheckResult,
+    Entry,
+    InvalidQuery,
+    StoreResult,
+)
+
+ScopeKey = tuple[str, str]  # (tenant, scope)
+
+
+def _clamp(similarity: float) -> float:
+    return min(1.0, max(0.0, similarity))
+
+
+class SemanticCache:
+    def __init__(
+        self,
+        embedder: Embedder,
+        clock: Clock,
+        *,
+        threshold: float = 0.88,
+        ttl_s: float = 86_400.0,
+        max_entries: int = 100_000,
+        top_k: int = 8,
+    ) -> None:
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"threshold must be within [0, 1], got {threshold}")
+        if not (math.isfinite(ttl_s) and ttl_s > 0):
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        if max_entries < 1 or top_k < 1:
+            raise ValueError("max_entries and top_k must be >= 1")
+        self._embedder = embedder
+        self._clock = clock
+        self._threshold = threshold
+        self._ttl_ms = round(ttl_s * 1000)
+        self._max_entries = max_entries
+        self._top_k = top_k
+        self._entries: dict[int, Entry] = {}  # FAISS id -> entry
+        self._lru: OrderedDict[int, None] = OrderedDict()  # least recently used first
+        self._by_age: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._scopes: dict[ScopeKey, ScopeIndex] = {}
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def check(self, query: Query) -> CheckResult:
+        """The best servable entry of the query's scope with similarity >= the threshold."""
+        _require_tenant(query)
+        threshold = self._threshold_for(query)
+        if query.mode in ("bypass", "refresh"):
+            return CheckResult(None, skip_reason=f"semantic mode {query.mode} skips the read")
+        text = query.text
+        if text is None or not query.normalised:
+            return CheckResult(None, skip_reason=_NO_USER_TEXT)
+        now = self._clock.now_ms()
+        self._purge_expired(now)
+        index = self._scopes.get((query.tenant, query.scope))
+        if index is None:
+            return CheckResult(None)
+        vid = index.exact.get(query.normalised)
+        if vid is not None and self._servable(self._entries[vid], query, now):
+            return self._hit(vid, 1.0, exact=True, best=1.0)
+        vector = await self._embed(text)
+        # From here to the return nothing awaits: the index cannot change under us.
+        now = self._clock.now_ms()
+        self._purge_expired(now)
+        index = self._scopes.get((query.tenant, query.scope))
+        if index is None:
+            return CheckResult(None)
+        candidates = [(v, _clamp(s)) for v, s in index.search(vector, self._top_k)]
+        best = max((s for _, s in candidates), default=0.0)
+        for vid, similarity in candidates:
+            if similarity < threshold:
+                break
+            if self._servable(self._entries[vid], query, now):
+                return self._hit(vid, similarity, exact=False, best=best)
+        return CheckResult(None, best_similarity=best)
+
+    async def store(self, query: Query, answer: Answer) -> StoreResult:
+        """Stores a cacheable answer, replacing the entry of the same normalised query."""
+        _require_tenant(query)
+        reason = _store_skip_reason(query, answer)
+        if reason or query.text is None:
+            return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
+        vector = await self._embed(query.text)
+        # From here to the return nothing awaits.
+        now = self._clock.now_ms()
+        self._purge_expired(now)
+        key = (query.tenant, query.scope)
+        old = self._scopes[key].exact.get(query.normalised) if key in self._scopes else None
+        if old is not None:
+            self._remove(old)
+        index = self._scopes.get(key)
+        if index is None:
+            index = self._scopes[key] = ScopeIndex(self._embedder.dim, query.namespace)
+        entry = Entry(
+            entry_id=uuid.uuid4().hex,
+            tenant=query.tenant,
+            scope=query.scope,
+            namespace=query.namespace,
+            query=query.normalised,
+            answer=answer,
+            created_at_ms=now,
+            embedder_version=self._embedder.version,
+        )
+        vid = self._next_id
+        self._next_id += 1
+        index.add(vid, vector, entry.query)
+        self._entries[vid] = entry
+        self._lru[vid] = None
+        self._by_age[vid] = None
+        while len(self._entries) > self._max_entries:
+            self._remove(next(iter(self._lru)))
+        return StoreResult(True, entry_id=entry.entry_id)
+
+    def drop(self, tenant: str, namespace: str | None = None) -> int:
+        """Removes the tenant's entries (of one namespace, or all when None); returns the count."""
+        if not tenant:
+            raise InvalidQuery("tenant", "is required")
+        keys = [
+            key
+            for key, index in self._scopes.items()
+            if key[0] == tenant and (namespace is None or index.namespace == namespace)
+        ]
+        dropped = 0
+        for key in keys:
+            for vid in self._scopes.pop(key).ids:
+                self._forget(vid)
+                dropped += 1
+        return dropped
+
+    def _threshold_for(self, query: Query) -> float:
+        if query.threshold is None:
+            return self._threshold
+        if not (math.isfinite(query.threshold) and 0.0 <= query.threshold <= 1.0):
+            raise InvalidQuery(
+                "cache.threshold", f"must be a number within [0, 1], got {query.threshold}"
+            )
+        return query.threshold
+
+    def _servable(self, entry: Entry, query: Query, now: int) -> bool:
+        answer = entry.answer
+        return (
+            now < entry.created_at_ms + self._ttl_ms
+            and answer.stop_reason == END_TURN
+            and answer.output_tokens <= query.max_tokens
+            and not answer.has_tool_use
+            and entry.embedder_version == self._embedder.version
+        )
+
+    def _hit(self, vid: int, similarity: float, *, exact: bool, best: float) -> CheckResult:
+        self._lru.move_to_end(vid)
+        return CheckResult(
+            self._entries[vid], similarity=similarity, exact=exact, best_similarity=best
+        )
+
+    async def _embed(self, text: str) -> npt.NDArray[np.float32]:
+        vectors = await asyncio.to_thread(self._embedder.embed, [text])
+        row: npt.NDArray[np.float32] = vectors[0]
+        return row
+
+    def _purge_expired(self, now: int) -> None:
+        while self._by_age:
+            vid = next(iter(self._by_age))
+            if self._entries[vid].created_at_ms + self._ttl_ms > now:
+                return
+            self._remove(vid)
+
+    def _remove(self, vid: int) -> None:
+        entry = self._forget(vid)
+        key = (entry.tenant, entry.scope)
+        index = self._scopes[key]
+        index.remove(vid, entry.query)
+        if not len(index):
+            del self._scopes[key]
+
+    def _forget(self, vid: int) -> Entry:
+        self._lru.pop(vid, None)
+        self._by_age.pop(vid, None)
+        return self._entries.pop(vid)
+
+
+_NO_USER_TEXT = "the last message is not a user turn with text (a prefill, or no text)"
+
+
+def _require_tenant(query: Query) -> None:
+    if not query.tenant:
+        raise InvalidQuery("tenant", "is required")
+
+
+def _store_skip_reason(query: Query, answer: Answer) -> str:
+    if query.mode in ("no_store", "bypass"):
+        return f"semantic mode {query.mode} never stores"
+    if query.text is None or not query.normalised:
+        return _NO_USER_TEXT
+    if answer.stop_reason != END_TURN:
+        return f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored"
+    if answer.has_tool_use:
+        return "the answer holds a tool call"
+    return ""

@@ -1,0 +1,100 @@
+"""From a ``CompleteRequest`` to the cache's view of it: the scope, the query text, the mode.
+
+DESIGN.md, "What a cache hit may serve": an answer is served only within one scope, the
+sha256 of a canonical serialisation of the tenant, the namespace, the requested model string
+(``auto`` included), the tools and system prompt, the conversation before the last user turn
+(and the non-text blocks of that turn), and the temperature (unset = 1.0). ``cache_control``
+markers, ``max_tokens`` and ``request_id`` are not part of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.prompt import last_user_text
+
+Mode = Literal["use", "refresh", "no_store", "bypass"]
+SCOPE_VERSION = "cachemesh.semantic.scope.v1"
+
+_MODES: dict[int, Mode] = {
+    pb.SEMANTIC_MODE_UNSPECIFIED: "use",
+    pb.SEMANTIC_MODE_USE: "use",
+    pb.SEMANTIC_MODE_REFRESH: "refresh",
+    pb.SEMANTIC_MODE_NO_STORE: "no_store",
+    pb.SEMANTIC_MODE_BYPASS: "bypass",
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    """What the cache needs from one request (``text`` is None for a prefill or no text)."""
+
+    tenant: str
+    namespace: str
+    scope: str
+    text: str | None
+    mode: Mode
+    threshold: float | None  # None = the configured threshold
+    max_tokens: int
+
+    @property
+    def normalised(self) -> str:
+        return normalise(self.text or "")
+
+
+def normalise(text: str) -> str:
+    """The exact-match key: stripped, whitespace collapsed, casefolded."""
+    return " ".join(text.split()).casefold()
+
+
+def query_from_request(tenant: str, request: pb.CompleteRequest) -> Query:
+    cache = request.cache
+    return Query(
+        tenant=tenant,
+        namespace=cache.namespace,
+        scope=scope_of(tenant, request),
+        text=last_user_text(request),
+        mode=_MODES.get(cache.semantic, "use"),
+        threshold=cache.threshold if cache.HasField("threshold") else None,
+        max_tokens=request.max_tokens,
+    )
+
+
+def scope_of(tenant: str, request: pb.CompleteRequest) -> str:
+    history = list(request.messages)
+    last: list[object] = []
+    if history and history[-1].role == pb.ROLE_USER:
+        turn = history.pop()
+        last = [_block(b) for b in turn.content if b.WhichOneof("kind") != "text"]
+    fields = {
+        "v": SCOPE_VERSION,
+        "tenant": tenant,
+        "namespace": request.cache.namespace,
+        "model": request.model,
+        "temperature": (request.temperature if request.HasField("temperature") else 1.0) + 0.0,
+        "tools": [[t.name, t.description, t.input_schema_json] for t in request.tools],
+        "system": [_block(b) for b in request.system],
+        "history": [[int(m.role), [_block(b) for b in m.content]] for m in history],
+        "last_turn_other_blocks": last,
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _block(block: pb.ContentBlock) -> list[object]:
+    """One content block without its ``cache_control``."""
+    kind = block.WhichOneof("kind")
+    if kind == "text":
+        return ["text", block.text]
+    if kind == "tool_use":
+        use = block.tool_use
+        return ["tool_use", use.id, use.name, use.input_json]
+    if kind == "tool_result":
+        result = block.tool_result
+        return ["tool_result", result.tool_use_id, result.content, result.is_error]
+    return ["empty"]

@@ -1,0 +1,57 @@
+"""The cache's records: answers, entries and the results of check and store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+END_TURN = "end_turn"
+
+
+class InvalidQuery(ValueError):
+    """A request field is out of range; ``field`` names it as the client spells it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A model answer as the cache keeps it; ``payload`` is opaque to the cache."""
+
+    payload: bytes  # the serialized cachemesh.v1.CachedAnswer
+    stop_reason: str
+    output_tokens: int
+    has_tool_use: bool
+
+
+@dataclass(frozen=True)
+class Entry:
+    entry_id: str  # uuid4 hex
+    tenant: str
+    scope: str
+    namespace: str
+    query: str  # the normalised last user turn
+    answer: Answer
+    created_at_ms: int
+    embedder_version: str
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    entry: Entry | None  # the served entry, on a hit
+    similarity: float = 0.0  # of the served entry, clamped to [0, 1]
+    exact: bool = False
+    best_similarity: float = 0.0  # best candidate seen, hit or not
+    skip_reason: str = ""  # why no lookup was done, when none was
+
+    @property
+    def hit(self) -> bool:
+        return self.entry is not None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    stored: bool
+    entry_id: str = ""
+    skip_reason: str = ""

@@ -1,0 +1,72 @@
+"""Shared by the semantic-cache tests: a deterministic fake embedder and request builders."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.semantic_cache.embedder import Vectors, l2_normalise
+
+
+class FakeEmbedder:
+    """Bag of words hashed into ``dim`` buckets: shared words make texts similar."""
+
+    def __init__(self, dim: int = 64, version: str = "fake@1") -> None:
+        self.version = version
+        self.dim = dim
+        self.calls = 0
+
+    def embed(self, texts: list[str]) -> Vectors:
+        self.calls += 1
+        rows = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in zip(rows, texts, strict=True):
+            for word in text.casefold().split():
+                bucket = int.from_bytes(hashlib.sha256(word.strip("?.,!").encode()).digest()[:4])
+                row[bucket % self.dim] += 1.0
+        return l2_normalise(rows)
+
+
+def text(value: str, *, cache: bool = False) -> pb.ContentBlock:
+    block = pb.ContentBlock(text=value)
+    if cache:
+        block.cache_control.SetInParent()
+    return block
+
+
+def user(value: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, content=[text(value)])
+
+
+def assistant(value: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_ASSISTANT, content=[text(value)])
+
+
+def make_request(
+    question: str = "how do i reset my password",
+    *,
+    model: str = "sim-small",
+    system: str = "You are a support bot.",
+    history: tuple[pb.Message, ...] = (),
+    temperature: float | None = None,
+    namespace: str = "",
+    mode: pb.SemanticMode.ValueType = pb.SEMANTIC_MODE_UNSPECIFIED,
+    threshold: float | None = None,
+    max_tokens: int = 1024,
+    tools: tuple[pb.Tool, ...] = (),
+    cache_system: bool = False,
+) -> pb.CompleteRequest:
+    request = pb.CompleteRequest(
+        model=model,
+        system=[text(system, cache=cache_system)],
+        messages=[*history, user(question)],
+        max_tokens=max_tokens,
+        tools=list(tools),
+        cache=pb.CacheOptions(semantic=mode, namespace=namespace),
+    )
+    if temperature is not None:
+        request.temperature = temperature
+    if threshold is not None:
+        request.cache.threshold = threshold
+    return request

@@ -1,0 +1,133 @@
+"""SemanticCache: TTL, LRU capacity, what may be stored and served, replacement, drop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cachemesh.v1 import gateway_pb2 as pb
+from semantic_cache_support import FakeEmbedder, make_request
+
+from services.common.clock import ManualClock
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.query import Query, query_from_request
+from services.semantic_cache.records import Answer
+
+TTL_S = 60.0
+
+
+def answer(
+    payload: bytes = b"a",
+    *,
+    stop_reason: str = "end_turn",
+    output_tokens: int = 40,
+    has_tool_use: bool = False,
+) -> Answer:
+    return Answer(payload, stop_reason, output_tokens, has_tool_use)
+
+
+def q(question: str, tenant: str = "a", **kwargs: Any) -> Query:
+    return query_from_request(tenant, make_request(question, **kwargs))
+
+
+def new_cache(max_entries: int = 100) -> tuple[SemanticCache, ManualClock, FakeEmbedder]:
+    clock, embedder = ManualClock(), FakeEmbedder()
+    cache = SemanticCache(embedder, clock, threshold=0.8, ttl_s=TTL_S, max_entries=max_entries)
+    return cache, clock, embedder
+
+
+async def test_ttl_is_an_absolute_age_that_reads_do_not_extend() -> None:
+    cache, clock, _ = new_cache()
+    assert (await cache.store(q("reset my password"), answer())).stored
+    clock.advance(s=TTL_S - 1)
+    assert (await cache.check(q("reset my password"))).hit
+    assert (await cache.check(q("reset my password please"))).hit
+    clock.advance(s=1)  # exactly TTL old: stale, however recently it was read
+    assert not (await cache.check(q("reset my password"))).hit
+    assert not (await cache.check(q("reset my password please"))).hit
+    assert len(cache) == 0  # purged, not only hidden
+
+
+async def test_expired_entries_are_purged_on_store() -> None:
+    cache, clock, _ = new_cache()
+    await cache.store(q("first question"), answer())
+    clock.advance(s=TTL_S)
+    await cache.store(q("second question", tenant="b"), answer())
+    assert len(cache) == 1
+
+
+async def test_capacity_evicts_the_least_recently_used_entry() -> None:
+    cache, _, _ = new_cache(max_entries=2)
+    await cache.store(q("alpha question"), answer(b"alpha"))
+    await cache.store(q("beta question", tenant="b"), answer(b"beta"))
+    assert (await cache.check(q("alpha question"))).hit  # alpha is now the most recent
+    await cache.store(q("gamma question"), answer(b"gamma"))
+    assert len(cache) == 2
+    assert not (await cache.check(q("beta question", tenant="b"))).hit
+    assert (await cache.check(q("alpha question"))).hit
+    assert (await cache.check(q("gamma question"))).hit
+
+
+async def test_an_answer_longer_than_max_tokens_is_not_served() -> None:
+    cache, _, _ = new_cache()
+    await cache.store(q("reset my password"), answer(output_tokens=50))
+    assert not (await cache.check(q("reset my password", max_tokens=49))).hit
+    assert not (await cache.check(q("reset my password please", max_tokens=49))).hit
+    assert (await cache.check(q("reset my password", max_tokens=50))).hit
+
+
+async def test_tool_calls_and_truncated_answers_are_not_stored() -> None:
+    cache, _, embedder = new_cache()
+    tool = await cache.store(q("weather in paris"), answer(has_tool_use=True))
+    assert not tool.stored and "tool call" in tool.skip_reason
+    cut = await cache.store(q("weather in paris"), answer(stop_reason="max_tokens"))
+    assert not cut.stored and "end_turn" in cut.skip_reason
+    assert len(cache) == 0 and embedder.calls == 0
+
+
+async def test_entries_of_another_embedder_version_are_never_served() -> None:
+    cache, _, embedder = new_cache()
+    await cache.store(q("reset my password"), answer())
+    embedder.version = "fake@2"
+    assert not (await cache.check(q("reset my password"))).hit
+    assert not (await cache.check(q("reset my password please"))).hit
+
+
+async def test_a_store_of_the_same_query_replaces_the_entry() -> None:
+    cache, clock, _ = new_cache()
+    first = await cache.store(q("reset my password"), answer(b"old"))
+    clock.advance(s=TTL_S - 1)
+    refresh = q("  Reset my PASSWORD ", mode=pb.SEMANTIC_MODE_REFRESH)
+    assert not (await cache.check(refresh)).hit  # REFRESH skips the read ...
+    second = await cache.store(refresh, answer(b"new"))  # ... and stores over the old
+    assert second.stored and second.entry_id != first.entry_id
+    assert len(cache) == 1
+    clock.advance(s=2)  # the old one would have expired by now; the new one is fresh
+    result = await cache.check(q("reset my password"))
+    assert result.entry is not None
+    assert result.entry.answer.payload == b"new" and result.entry.entry_id == second.entry_id
+
+
+async def test_concurrent_stores_are_all_visible_and_never_duplicate() -> None:
+    cache, _, _ = new_cache()
+    questions = [f"question number {i}" for i in range(5)]
+    await asyncio.gather(*(cache.store(q(text), answer()) for text in questions * 2))
+    assert len(cache) == 5
+    results = await asyncio.gather(*(cache.check(q(text)) for text in questions))
+    assert all(r.hit and r.exact for r in results)
+
+
+async def test_drop_removes_one_tenant_only() -> None:
+    cache, _, _ = new_cache()
+    for tenant in ("a", "b"):
+        await cache.store(q("reset my password", tenant=tenant), answer())
+        await cache.store(q("reset my password", tenant=tenant, namespace="docs"), answer())
+        await cache.store(q("opening hours", tenant=tenant, namespace="docs"), answer())
+    assert cache.drop("a", "docs") == 2
+    assert (await cache.check(q("reset my password", tenant="a"))).hit
+    assert not (await cache.check(q("opening hours", tenant="a", namespace="docs"))).hit
+    assert cache.drop("a") == 1
+    assert cache.drop("a") == 0
+    assert len(cache) == 3
+    assert (await cache.check(q("opening hours", tenant="b", namespace="docs"))).hit
+    assert cache.drop("nobody") == 0

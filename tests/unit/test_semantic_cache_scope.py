@@ -1,0 +1,154 @@
+"""SemanticCache: what a hit may serve (scope), the exact path, skips and thresholds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from cachemesh.v1 import gateway_pb2 as pb
+from semantic_cache_support import FakeEmbedder, assistant, make_request, user
+
+from services.common.clock import ManualClock
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.query import normalise, query_from_request, scope_of
+from services.semantic_cache.records import Answer, InvalidQuery
+
+ANSWER = Answer(payload=b"answer", stop_reason="end_turn", output_tokens=40, has_tool_use=False)
+QUESTION = "how do i reset my password"
+
+
+def new_cache(threshold: float = 0.8) -> tuple[SemanticCache, FakeEmbedder]:
+    embedder = FakeEmbedder()
+    return SemanticCache(embedder, ManualClock(), threshold=threshold), embedder
+
+
+async def put(cache: SemanticCache, request: pb.CompleteRequest, tenant: str = "a") -> None:
+    result = await cache.store(query_from_request(tenant, request), ANSWER)
+    assert result.stored, result.skip_reason
+
+
+async def test_exact_hit_is_served_without_embedding() -> None:
+    cache, embedder = new_cache()
+    await put(cache, make_request(QUESTION))
+    calls = embedder.calls
+    result = await cache.check(
+        query_from_request("a", make_request("  How do I   RESET my password "))
+    )
+    assert result.hit and result.exact
+    assert result.similarity == 1.0 and result.best_similarity == 1.0
+    assert result.entry is not None and result.entry.answer == ANSWER
+    assert embedder.calls == calls
+
+
+async def test_paraphrase_above_threshold_hits_and_reports_similarity() -> None:
+    cache, _ = new_cache(threshold=0.8)
+    await put(cache, make_request(QUESTION))
+    result = await cache.check(query_from_request("a", make_request(QUESTION + " please")))
+    assert result.hit and not result.exact
+    assert 0.8 <= result.similarity < 1.0
+    assert result.best_similarity == result.similarity
+    far = await cache.check(query_from_request("a", make_request("what are your opening hours")))
+    assert not far.hit and far.skip_reason == ""
+    assert 0.0 <= far.best_similarity < 0.8
+
+
+OTHER_SCOPES = {
+    "tenant": ("b", make_request()),
+    "namespace": ("a", make_request(namespace="docs")),
+    "system prompt": ("a", make_request(system="You are a pirate.")),
+    "model": ("a", make_request(model="auto")),
+    "temperature": ("a", make_request(temperature=0.0)),
+    "earlier turns": ("a", make_request(history=(user("hi"), assistant("hello")))),
+    "tools": ("a", make_request(tools=(pb.Tool(name="search"),))),
+}
+
+
+@pytest.mark.parametrize("what", sorted(OTHER_SCOPES))
+async def test_an_entry_is_never_served_across_scopes(what: str) -> None:
+    cache, _ = new_cache()
+    await put(cache, make_request(QUESTION))
+    tenant, request = OTHER_SCOPES[what]
+    result = await cache.check(query_from_request(tenant, request))
+    assert not result.hit
+    # and the original scope still hits: the miss is about scope, not the entry
+    assert (await cache.check(query_from_request("a", make_request(QUESTION)))).hit
+
+
+async def test_scope_ignores_cache_control_max_tokens_request_id_and_default_temperature() -> None:
+    cache, _ = new_cache()
+    await put(cache, make_request(QUESTION, cache_system=True, max_tokens=100))
+    request = make_request(QUESTION, temperature=1.0, max_tokens=900)
+    request.request_id = "retry-1"
+    assert (await cache.check(query_from_request("a", request))).hit
+
+
+def test_scope_is_a_deterministic_sha256() -> None:
+    first = scope_of("a", make_request(QUESTION))
+    assert first == scope_of("a", make_request("another question entirely"))
+    assert len(first) == 64 and int(first, 16) >= 0
+    assert first != scope_of("a", make_request(QUESTION, temperature=0.7))
+    assert normalise("  Hello \n\t WORLD ") == "hello world"
+
+
+async def test_prefill_and_textless_turns_are_skipped() -> None:
+    cache, embedder = new_cache()
+    prefill = make_request(QUESTION)
+    prefill.messages.append(assistant("Sure, "))
+    result = await cache.check(query_from_request("a", prefill))
+    assert not result.hit and "not a user turn" in result.skip_reason
+    blank = make_request("   ")
+    assert (await cache.check(query_from_request("a", blank))).skip_reason
+    assert not (await cache.store(query_from_request("a", prefill), ANSWER)).stored
+    assert embedder.calls == 0
+
+
+@pytest.mark.parametrize("mode", [pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_REFRESH])
+async def test_bypass_and_refresh_skip_the_read(mode: pb.SemanticMode.ValueType) -> None:
+    cache, _ = new_cache()
+    await put(cache, make_request(QUESTION))
+    result = await cache.check(query_from_request("a", make_request(QUESTION, mode=mode)))
+    assert not result.hit and "skips the read" in result.skip_reason
+
+
+async def test_no_store_reads_but_never_stores() -> None:
+    cache, _ = new_cache()
+    await put(cache, make_request(QUESTION))
+    no_store = make_request(QUESTION, mode=pb.SEMANTIC_MODE_NO_STORE)
+    assert (await cache.check(query_from_request("a", no_store))).hit
+    other = make_request("a new question", mode=pb.SEMANTIC_MODE_NO_STORE)
+    result = await cache.store(query_from_request("a", other), ANSWER)
+    assert not result.stored and "never stores" in result.skip_reason
+    assert len(cache) == 1
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.01, math.nan, math.inf])
+async def test_a_threshold_outside_0_1_is_invalid_and_names_the_field(bad: float) -> None:
+    cache, _ = new_cache()
+    with pytest.raises(InvalidQuery) as caught:
+        await cache.check(query_from_request("a", make_request(QUESTION, threshold=bad)))
+    assert caught.value.field == "cache.threshold"
+
+
+async def test_the_request_threshold_overrides_the_configured_one() -> None:
+    cache, _ = new_cache(threshold=0.8)
+    await put(cache, make_request(QUESTION))
+    close = QUESTION + " please"
+    assert not (await cache.check(query_from_request("a", make_request(close, threshold=0.99)))).hit
+    middling = "how do i change my email"  # 4 of 6 words shared: cosine 0.67
+    assert not (await cache.check(query_from_request("a", make_request(middling)))).hit
+    loose = make_request(middling, threshold=0.5)
+    assert (await cache.check(query_from_request("a", loose))).hit
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan])
+def test_the_configured_threshold_is_validated(bad: float) -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        SemanticCache(FakeEmbedder(), ManualClock(), threshold=bad)
+
+
+async def test_an_empty_tenant_is_invalid() -> None:
+    cache, _ = new_cache()
+    with pytest.raises(InvalidQuery):
+        await cache.check(query_from_request("", make_request(QUESTION)))
+    with pytest.raises(InvalidQuery):
+        cache.drop("")
