@@ -73,7 +73,7 @@ def internal_metadata(token: str) -> tuple[tuple[str, str]]:
     return ((INTERNAL_METADATA_KEY, token),)
 
 
-Handler = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]]
+Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 
 
 class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
