@@ -6,12 +6,12 @@ import asyncio
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
-from semantic_cache_support import FakeEmbedder, make_request
 
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer
+from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 
 TTL_S = 60.0
 

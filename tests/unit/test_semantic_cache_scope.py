@@ -6,12 +6,12 @@ import math
 
 import pytest
 from cachemesh.v1 import gateway_pb2 as pb
-from semantic_cache_support import FakeEmbedder, assistant, make_request, user
 
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import normalise, query_from_request, scope_of
 from services.semantic_cache.records import Answer, InvalidQuery
+from tests.unit.semantic_cache_support import FakeEmbedder, assistant, make_request, user
 
 ANSWER = Answer(payload=b"answer", stop_reason="end_turn", output_tokens=40, has_tool_use=False)
 QUESTION = "how do i reset my password"

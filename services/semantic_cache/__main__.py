@@ -1,0 +1,3 @@
+from services.semantic_cache.app import main
+
+main()

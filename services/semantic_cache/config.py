@@ -1,0 +1,29 @@
+"""The semantic cache's settings from ``SEMANTIC_CACHE_*`` variables (fail fast, naming them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, Env
+
+
+@dataclass(frozen=True)
+class SemanticCacheConfig:
+    threshold: float  # cosine similarity in [0, 1]
+    ttl_s: float  # absolute age after which an entry is never served
+    max_entries: int  # total capacity; LRU eviction beyond it
+    faiss_threads: int
+    ort_threads: int
+
+    @classmethod
+    def from_env(cls, env: Env) -> SemanticCacheConfig:
+        ttl_s = env.float("SEMANTIC_CACHE_TTL_S", 86_400.0)
+        if ttl_s <= 0:
+            raise ConfigError(f"SEMANTIC_CACHE_TTL_S must be > 0 seconds, got {ttl_s}")
+        return cls(
+            threshold=env.float("SEMANTIC_CACHE_THRESHOLD", 0.88, minimum=0.0, maximum=1.0),
+            ttl_s=ttl_s,
+            max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
+            faiss_threads=env.int("SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1),
+            ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1),
+        )

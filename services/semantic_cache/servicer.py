@@ -1,0 +1,97 @@
+"""gRPC ``cachemesh.v1.SemanticCache``: translates protos to cache records and errors to codes."""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
+
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.query import query_from_request
+from services.semantic_cache.records import Answer, InvalidQuery
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class SemanticCacheService(sc_grpc.SemanticCacheServicer):
+    """Serves a ``SemanticCache``; UNAVAILABLE until one is attached (after the warm-up)."""
+
+    def __init__(self, cache: SemanticCache | None = None) -> None:
+        self._cache = cache
+
+    def attach(self, cache: SemanticCache) -> None:
+        self._cache = cache
+
+    async def Lookup(self, request: sc.LookupRequest, context: Context) -> sc.LookupResponse:
+        cache = await self._ready(context)
+        await _require_tenant(request.tenant, context)
+        try:
+            result = await cache.check(query_from_request(request.tenant, request.request))
+        except InvalidQuery as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        response = sc.LookupResponse(
+            hit=result.hit, best_similarity=result.best_similarity, skip_reason=result.skip_reason
+        )
+        if result.entry is not None:
+            response.match.CopyFrom(
+                pb.SemanticMatch(
+                    similarity=result.similarity,
+                    entry_id=result.entry.entry_id,
+                    exact=result.exact,
+                )
+            )
+            response.answer.ParseFromString(result.entry.answer.payload)
+        return response
+
+    async def Store(self, request: sc.StoreRequest, context: Context) -> sc.StoreResponse:
+        cache = await self._ready(context)
+        await _require_tenant(request.tenant, context)
+        answer = request.answer
+        if answer.output_tokens < 0:
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "answer.output_tokens must be >= 0"
+            )
+        record = Answer(
+            payload=answer.SerializeToString(deterministic=True),
+            stop_reason=answer.stop_reason,
+            output_tokens=answer.output_tokens,
+            has_tool_use=any(b.WhichOneof("kind") == "tool_use" for b in answer.content),
+        )
+        try:
+            result = await cache.store(query_from_request(request.tenant, request.request), record)
+        except InvalidQuery as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return sc.StoreResponse(
+            stored=result.stored, entry_id=result.entry_id, skip_reason=result.skip_reason
+        )
+
+    async def Drop(self, request: sc.DropRequest, context: Context) -> sc.DropResponse:
+        cache = await self._ready(context)
+        await _require_tenant(request.tenant, context)
+        return sc.DropResponse(dropped=cache.drop(request.tenant, request.namespace or None))
+
+    async def _ready(self, context: Context) -> SemanticCache:
+        if self._cache is None:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "semantic-cache is still loading its embedding model; retry shortly",
+            )
+        return self._cache
+
+
+async def _require_tenant(tenant: str, context: Context) -> None:
+    if not tenant:
+        await _abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "tenant is required: the router must pass the caller's tenant",
+        )
+
+
+async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover

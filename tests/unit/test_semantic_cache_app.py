@@ -1,0 +1,99 @@
+"""The semantic-cache process: configuration fails fast; health turns SERVING after warm-up."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
+from grpc_health.v1 import health_pb2
+
+from services.common.auth import internal_metadata
+from services.common.config import ConfigError, Env
+from services.semantic_cache.app import SERVICE_NAME, serve
+from services.semantic_cache.config import SemanticCacheConfig
+from tests.unit.semantic_cache_support import make_request
+
+TOKEN = "test-internal-token-0123456789"
+
+
+def test_defaults() -> None:
+    config = SemanticCacheConfig.from_env(Env({}))
+    assert config == SemanticCacheConfig(0.88, 86_400.0, 100_000, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SEMANTIC_CACHE_THRESHOLD", "1.2"),
+        ("SEMANTIC_CACHE_THRESHOLD", "-0.1"),
+        ("SEMANTIC_CACHE_THRESHOLD", "nan"),
+        ("SEMANTIC_CACHE_TTL_S", "0"),
+        ("SEMANTIC_CACHE_MAX_ENTRIES", "0"),
+        ("SEMANTIC_CACHE_FAISS_THREADS", "0"),
+        ("SEMANTIC_CACHE_ORT_THREADS", "two"),
+    ],
+)
+def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        SemanticCacheConfig.from_env(Env({name: value}))
+
+
+async def test_the_internal_token_is_required() -> None:
+    with pytest.raises(ConfigError, match="CACHEMESH_INTERNAL_TOKEN"):
+        await serve({"OTEL_SDK_DISABLED": "true"})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_serves_after_loading_the_model() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    environ = {
+        "SEMANTIC_CACHE_LISTEN": address,
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "OTEL_TRACES_EXPORTER": "none",
+        "CACHEMESH_GRACE_S": "0",
+    }
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(environ, stop))
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            check = channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            serving = health_pb2.HealthCheckResponse.SERVING
+            status: int = health_pb2.HealthCheckResponse.UNKNOWN
+            for _ in range(300):
+                try:
+                    reply = await check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+                    status = reply.status
+                except grpc.aio.AioRpcError:
+                    pass
+                if status == serving or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert status == serving
+            stub = sc_grpc.SemanticCacheStub(channel)
+            auth = internal_metadata(TOKEN)
+            request = make_request("How do I reset my password?")
+            answer = sc.CachedAnswer(stop_reason="end_turn", output_tokens=5)
+            store = sc.StoreRequest(tenant="a", request=request, answer=answer)
+            assert (await stub.Store(store, metadata=auth)).stored
+            paraphrase = make_request("I forgot my password, how can I change it?")
+            found = await stub.Lookup(
+                sc.LookupRequest(tenant="a", request=paraphrase), metadata=auth
+            )
+            assert found.hit and not found.match.exact and found.match.similarity >= 0.88
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)

@@ -1,0 +1,117 @@
+"""The gRPC servicer on a loopback port, behind the internal-credential interceptor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable
+
+import grpc
+import pytest
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
+
+from services.common.auth import InternalAuthInterceptor, internal_metadata
+from services.common.clock import ManualClock
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.servicer import SemanticCacheService
+from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+
+TOKEN = "test-internal-token-0123456789"
+AUTH = internal_metadata(TOKEN)
+ANSWER = sc.CachedAnswer(
+    content=[pb.ContentBlock(text="Open Settings, then Security.")],
+    model="sim-small",
+    tier="small",
+    stop_reason="end_turn",
+    output_tokens=12,
+)
+
+
+async def start(service: SemanticCacheService) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(interceptors=[InternalAuthInterceptor(TOKEN)])
+    sc_grpc.add_SemanticCacheServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[sc_grpc.SemanticCacheAsyncStub]:
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
+    server, port = await start(SemanticCacheService(cache))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield sc_grpc.SemanticCacheStub(channel)
+    await server.stop(None)
+
+
+async def test_a_call_without_the_credential_is_unauthenticated(
+    stub: sc_grpc.SemanticCacheAsyncStub,
+) -> None:
+    lookup = stub.Lookup(sc.LookupRequest(tenant="a", request=make_request()))
+    assert "credential" in await expect(grpc.StatusCode.UNAUTHENTICATED, lookup)
+
+
+async def expect(code: grpc.StatusCode, call: Awaitable[object]) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code
+    return caught.value.details() or ""
+
+
+async def test_an_empty_tenant_is_invalid(stub: sc_grpc.SemanticCacheAsyncStub) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    lookup = stub.Lookup(sc.LookupRequest(request=make_request()), metadata=AUTH)
+    assert "tenant" in await expect(invalid, lookup)
+    store = stub.Store(sc.StoreRequest(request=make_request(), answer=ANSWER), metadata=AUTH)
+    assert "tenant" in await expect(invalid, store)
+    assert "tenant" in await expect(invalid, stub.Drop(sc.DropRequest(), metadata=AUTH))
+
+
+async def test_a_bad_threshold_names_the_field(stub: sc_grpc.SemanticCacheAsyncStub) -> None:
+    request = sc.LookupRequest(tenant="a", request=make_request(threshold=2.0))
+    lookup = stub.Lookup(request, metadata=AUTH)
+    assert "cache.threshold" in await expect(grpc.StatusCode.INVALID_ARGUMENT, lookup)
+
+
+async def test_store_then_lookup_hits_and_drop_clears(
+    stub: sc_grpc.SemanticCacheAsyncStub,
+) -> None:
+    store = sc.StoreRequest(tenant="a", request=make_request("Reset my password"), answer=ANSWER)
+    stored = await stub.Store(store, metadata=AUTH)
+    assert stored.stored and len(stored.entry_id) == 32
+    lookup = sc.LookupRequest(tenant="a", request=make_request("reset  my PASSWORD"))
+    found = await stub.Lookup(lookup, metadata=AUTH)
+    assert found.hit and found.match.exact and found.match.similarity == 1.0
+    assert found.match.entry_id == stored.entry_id and found.best_similarity == 1.0
+    assert found.answer == ANSWER
+    other = await stub.Lookup(sc.LookupRequest(tenant="b", request=lookup.request), metadata=AUTH)
+    assert not other.hit
+    dropped = await stub.Drop(sc.DropRequest(tenant="a"), metadata=AUTH)
+    assert dropped.dropped == 1
+    assert not (await stub.Lookup(lookup, metadata=AUTH)).hit
+
+
+async def test_uncacheable_answers_report_why(stub: sc_grpc.SemanticCacheAsyncStub) -> None:
+    tool = sc.CachedAnswer(
+        content=[pb.ContentBlock(tool_use=pb.ToolUse(id="t1", name="search"))],
+        stop_reason="end_turn",
+    )
+    result = await stub.Store(
+        sc.StoreRequest(tenant="a", request=make_request(), answer=tool), metadata=AUTH
+    )
+    assert not result.stored and "tool call" in result.skip_reason
+    prefill = make_request()
+    prefill.messages.append(pb.Message(role=pb.ROLE_ASSISTANT, content=[pb.ContentBlock(text="")]))
+    skipped = await stub.Lookup(sc.LookupRequest(tenant="a", request=prefill), metadata=AUTH)
+    assert not skipped.hit and skipped.skip_reason
+
+
+async def test_before_the_model_is_loaded_calls_are_unavailable() -> None:
+    server, port = await start(SemanticCacheService())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sc_grpc.SemanticCacheStub(channel)
+            drop = stub.Drop(sc.DropRequest(tenant="a"), metadata=AUTH)
+            assert "loading" in await expect(grpc.StatusCode.UNAVAILABLE, drop)
+    finally:
+        await server.stop(None)
