@@ -1,0 +1,82 @@
+"""A replica's KV prefix cache, modelled on vLLM's automatic prefix caching.
+
+The prompt's token ids are cut into blocks of ``BLOCK_SIZE`` tokens; only full blocks are
+cached. Each block's hash chains its parent's hash, so a block is reusable only when every
+token before it matches too, and the chain starts from a root salted by tenant and model, so
+two tenants (or two models) never share a block even for the same text. Eviction is LRU with
+a capacity in blocks. Touching a prompt's blocks marks them tail-first, as vLLM frees them, so
+under pressure the tail of a prefix is evicted before its head (a head without its tail stays
+useful; a tail without its head never matches again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+
+BLOCK_SIZE = 16
+_ROOT = b"cachemesh.kv.v1"
+
+
+def block_hashes(tenant: str, model: str, token_ids: Sequence[int]) -> list[bytes]:
+    """The chained hash of every full block of ``token_ids``; a partial tail block is left out."""
+    parent = hashlib.sha256(
+        b"\x00".join((_ROOT, tenant.encode("utf-8"), model.encode("utf-8")))
+    ).digest()
+    hashes: list[bytes] = []
+    for start in range(0, len(token_ids) - BLOCK_SIZE + 1, BLOCK_SIZE):
+        block = token_ids[start : start + BLOCK_SIZE]
+        parent = hashlib.sha256(parent + struct.pack(f"<{BLOCK_SIZE}I", *block)).digest()
+        hashes.append(parent)
+    return hashes
+
+
+def reusable_blocks(prompt_tokens: int) -> int:
+    """How many leading blocks a prompt may reuse: the last token is always computed (vLLM)."""
+    return max(prompt_tokens - 1, 0) // BLOCK_SIZE
+
+
+class KvBlockCache:
+    """Chained block hashes in LRU order; not thread-safe (use it from the event loop)."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks <= 0:
+            raise ValueError(f"capacity_blocks must be > 0, got {capacity_blocks}")
+        self._capacity = capacity_blocks
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+        self.evictions = 0
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, block_hash: object) -> bool:
+        return block_hash in self._blocks
+
+    def lookup(self, hashes: Sequence[bytes]) -> int:
+        """The number of leading blocks already cached. Reads only: the LRU order is unchanged."""
+        matched = 0
+        for block_hash in hashes:
+            if block_hash not in self._blocks:
+                break
+            matched += 1
+        return matched
+
+    def cached_tokens(self, hashes: Sequence[bytes], prompt_tokens: int) -> int:
+        """Prompt tokens this replica can skip in prefill (never the whole prompt)."""
+        return self.lookup(hashes[: reusable_blocks(prompt_tokens)]) * BLOCK_SIZE
+
+    def insert(self, hashes: Sequence[bytes]) -> None:
+        """Adds or touches every block of a prefilled prompt, then evicts down to capacity."""
+        for block_hash in reversed(hashes):
+            self._blocks[block_hash] = None
+            self._blocks.move_to_end(block_hash, last=True)
+        # Newest is last; the head of this prompt was touched last, so the tail goes first.
+        while len(self._blocks) > self._capacity:
+            self._blocks.popitem(last=False)
+            self.evictions += 1
