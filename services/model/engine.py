@@ -1,0 +1,163 @@
+"""The simulated engine: validation, prefill against the KV cache, paced decode.
+
+Nothing here knows about gRPC servicers. ``prepare`` validates a request and computes
+everything that is a pure function of it (tokens, block hashes, the answer) without touching
+state, so it can run in a worker thread. ``run`` then owns the replica's time: it sleeps the
+prefill of the tokens the KV cache does not hold, records the prompt's blocks, and yields the
+answer in deltas of a few tokens, sleeping the decode time of each. Every sleep goes through
+the injected ``sleep`` and is scaled by ``time_scale`` (0 = no waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import grpc
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.models import ModelSpec
+from services.common.prompt import canonical_blocks, prompt_token_ids
+from services.common.tokens import Tokenizer
+from services.model.kv_cache import KvBlockCache, block_hashes
+from services.model.text import Answer, answer_seed, compose_answer
+
+Sleep = Callable[[float], Awaitable[None]]
+DEFAULT_DELTA_TOKENS = 4
+
+
+class RequestError(Exception):
+    """A request the engine refuses; ``code`` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Started:
+    replica: str
+    prompt_tokens: int
+    kv_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    output_tokens: int
+    stop_reason: str
+
+
+Event = Started | Delta | Finished
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request and everything derived from it; holds no engine state."""
+
+    tenant: str
+    spec: ModelSpec
+    prompt_tokens: int
+    block_hashes: tuple[bytes, ...]
+    answer: Answer
+
+
+def prefill_seconds(spec: ModelSpec, uncached_tokens: int, time_scale: float) -> float:
+    return uncached_tokens / spec.prefill_tokens_per_s * time_scale
+
+
+def decode_seconds(spec: ModelSpec, output_tokens: int, time_scale: float) -> float:
+    return output_tokens / spec.decode_tokens_per_s * time_scale
+
+
+class SimEngine:
+    """One simulated replica serving ``models`` with one shared KV block cache."""
+
+    def __init__(
+        self,
+        *,
+        models: Mapping[str, ModelSpec],
+        replica_id: str,
+        tokenizer: Tokenizer,
+        kv_cache: KvBlockCache,
+        time_scale: float,
+        sleep: Sleep = asyncio.sleep,
+        delta_tokens: int = DEFAULT_DELTA_TOKENS,
+    ) -> None:
+        if not models:
+            raise ValueError("a replica must serve at least one model")
+        if time_scale < 0:
+            raise ValueError(f"time_scale must be >= 0, got {time_scale}")
+        if delta_tokens <= 0:
+            raise ValueError(f"delta_tokens must be > 0, got {delta_tokens}")
+        self._models = dict(models)
+        self.replica_id = replica_id
+        self._tokenizer = tokenizer
+        self._kv = kv_cache
+        self._time_scale = time_scale
+        self._sleep = sleep
+        self._delta_tokens = delta_tokens
+
+    @property
+    def serves(self) -> tuple[str, ...]:
+        return tuple(self._models)
+
+    def prepare(self, tenant: str, model: str, request: pb.CompleteRequest) -> Prepared:
+        """Validates and derives; raises ``RequestError`` and changes nothing."""
+        if not tenant:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "tenant is required")
+        spec = self._models.get(model)
+        if spec is None:
+            served = ", ".join(self._models)
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model {model!r} is not served by replica {self.replica_id}; it serves: {served}",
+            )
+        if not 0 < request.max_tokens <= spec.max_output_tokens:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_tokens must be between 1 and {spec.max_output_tokens} for {model}, "
+                f"got {request.max_tokens}",
+            )
+        blocks = canonical_blocks(request, self._tokenizer)
+        token_ids = prompt_token_ids(blocks)
+        if not token_ids:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request.messages is empty: the prompt has no tokens to answer",
+            )
+        if len(token_ids) > spec.context_window_tokens:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the prompt has {len(token_ids)} tokens, over {model}'s context window of "
+                f"{spec.context_window_tokens}; shorten the messages, system or tools",
+            )
+        temperature = request.temperature if request.HasField("temperature") else 1.0
+        seed = answer_seed(model, blocks, temperature)
+        return Prepared(
+            tenant=tenant,
+            spec=spec,
+            prompt_tokens=len(token_ids),
+            block_hashes=tuple(block_hashes(tenant, model, token_ids)),
+            answer=compose_answer(model, seed, request.max_tokens, self._tokenizer),
+        )
+
+    async def run(self, prepared: Prepared) -> AsyncGenerator[Event, None]:
+        """Prefill, then the answer in deltas; a cancelled caller stops it at any sleep."""
+        spec = prepared.spec
+        cached = self._kv.cached_tokens(prepared.block_hashes, prepared.prompt_tokens)
+        await self._sleep(prefill_seconds(spec, prepared.prompt_tokens - cached, self._time_scale))
+        self._kv.insert(prepared.block_hashes)
+        yield Started(self.replica_id, prepared.prompt_tokens, cached)
+        ids = prepared.answer.token_ids
+        for start in range(0, len(ids), self._delta_tokens):
+            group = ids[start : start + self._delta_tokens]
+            await self._sleep(decode_seconds(spec, len(group), self._time_scale))
+            yield Delta(self._tokenizer.decode(list(group)))
+        yield Finished(prepared.answer.tokens, prepared.answer.stop_reason)

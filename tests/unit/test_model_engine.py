@@ -1,0 +1,220 @@
+"""SimEngine: validation codes, latency through the sleep seam, KV reuse, the stream's shape."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from cachemesh.v1 import gateway_pb2 as pb
+
+from services.common.models import ModelSpec, load_model_table
+from services.common.prompt import canonical_blocks, prompt_token_ids
+from services.common.tokens import Tokenizer, load_cl100k
+from services.model.engine import (
+    Delta,
+    Event,
+    Finished,
+    RequestError,
+    SimEngine,
+    Started,
+    decode_seconds,
+    prefill_seconds,
+)
+from services.model.kv_cache import BLOCK_SIZE, KvBlockCache
+
+LONG_SYSTEM = "You are a support agent for a cache company. " * 60
+
+
+class RecordingSleep:
+    """The sleep seam: records each requested duration and returns at once."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+@pytest.fixture
+def sleep() -> RecordingSleep:
+    return RecordingSleep()
+
+
+def _models() -> dict[str, ModelSpec]:
+    table = load_model_table()
+    return {"sim-small": table.models["sim-small"], "sim-large": table.models["sim-large"]}
+
+
+def _engine(
+    tokenizer: Tokenizer, sleep: RecordingSleep, *, scale: float = 1.0, capacity: int = 1000
+) -> SimEngine:
+    return SimEngine(
+        models=_models(),
+        replica_id="replica-1",
+        tokenizer=tokenizer,
+        kv_cache=KvBlockCache(capacity),
+        time_scale=scale,
+        sleep=sleep,
+    )
+
+
+def _request(question: str, max_tokens: int = 1000) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-large",
+        system=[pb.ContentBlock(text=LONG_SYSTEM)],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=max_tokens,
+    )
+
+
+async def _run(engine: SimEngine, request: pb.CompleteRequest, tenant: str = "t") -> list[Event]:
+    prepared = engine.prepare(tenant, "sim-large", request)
+    return [event async for event in engine.run(prepared)]
+
+
+async def test_stream_is_start_deltas_end_and_deltas_make_the_answer(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    engine = _engine(tokenizer, sleep)
+    events = await _run(engine, _request("How do I clear the cache?"))
+    start, *deltas, end = events
+    assert isinstance(start, Started) and isinstance(end, Finished)
+    assert start.replica == "replica-1"
+    assert all(isinstance(delta, Delta) for delta in deltas)
+    text = "".join(delta.text for delta in deltas if isinstance(delta, Delta))
+    assert text.startswith("[simulated sim-large answer]")
+    assert end.output_tokens == tokenizer.count(text)
+    assert end.stop_reason == "end_turn"
+    assert all(1 <= tokenizer.count(d.text) <= 4 for d in deltas if isinstance(d, Delta))
+    assert len(deltas) == -(-end.output_tokens // 4)
+
+
+async def test_latency_follows_uncached_prefill_and_decode(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    spec = _models()["sim-large"]
+    engine = _engine(tokenizer, sleep)
+    first = await _run(engine, _request("How do I clear the cache?"))
+    start, end = first[0], first[-1]
+    assert isinstance(start, Started) and isinstance(end, Finished)
+    assert start.kv_cached_tokens == 0
+    assert sleep.calls[0] == pytest.approx(start.prompt_tokens / spec.prefill_tokens_per_s)
+    assert sum(sleep.calls[1:]) == pytest.approx(end.output_tokens / spec.decode_tokens_per_s)
+    first_prefill = sleep.calls[0]
+
+    sleep.calls.clear()
+    second = await _run(engine, _request("How do I clear the cache?"))
+    again = second[0]
+    assert isinstance(again, Started)
+    assert again.kv_cached_tokens == (start.prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+    uncached = start.prompt_tokens - again.kv_cached_tokens
+    assert 1 <= uncached <= BLOCK_SIZE
+    assert sleep.calls[0] == pytest.approx(uncached / spec.prefill_tokens_per_s)
+    assert sleep.calls[0] < first_prefill / 50
+    assert second[1:] == first[1:]  # same prompt, same answer
+
+
+async def test_shared_prefix_is_reused_only_by_the_same_tenant(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    engine = _engine(tokenizer, sleep)
+    await _run(engine, _request("First question?"), tenant="a")
+    other_question = await _run(engine, _request("A different question?"), tenant="a")
+    other_tenant = await _run(engine, _request("First question?"), tenant="b")
+    shared, isolated = other_question[0], other_tenant[0]
+    assert isinstance(shared, Started) and isinstance(isolated, Started)
+    first_ids = prompt_token_ids(canonical_blocks(_request("First question?"), tokenizer))
+    other_ids = prompt_token_ids(canonical_blocks(_request("A different question?"), tokenizer))
+    common = next(i for i, (x, y) in enumerate(zip(first_ids, other_ids, strict=False)) if x != y)
+    assert common > 500  # the long system prompt
+    assert shared.kv_cached_tokens == common // BLOCK_SIZE * BLOCK_SIZE
+    assert isolated.kv_cached_tokens == 0
+
+
+def test_latency_arithmetic_scales() -> None:
+    spec = _models()["sim-small"]
+    assert prefill_seconds(spec, 12000, 1.0) == pytest.approx(1.0)
+    assert prefill_seconds(spec, 12000, 0.5) == pytest.approx(0.5)
+    assert decode_seconds(spec, 180, 2.0) == pytest.approx(2.0)
+    assert decode_seconds(spec, 180, 0.0) == 0.0
+
+
+async def test_time_scale_zero_asks_for_no_waiting(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    await _run(_engine(tokenizer, sleep, scale=0.0), _request("Anything?"))
+    assert sleep.calls and all(seconds == 0.0 for seconds in sleep.calls)
+
+
+async def test_max_tokens_cut(tokenizer: Tokenizer, sleep: RecordingSleep) -> None:
+    events = await _run(_engine(tokenizer, sleep), _request("How do I clear the cache?", 7))
+    end = events[-1]
+    text = "".join(e.text for e in events if isinstance(e, Delta))
+    assert isinstance(end, Finished)
+    assert (end.output_tokens, end.stop_reason) == (7, "max_tokens")
+    assert tokenizer.count(text) == 7
+
+
+@pytest.mark.parametrize(
+    ("tenant", "model", "max_tokens", "code", "names"),
+    [
+        ("", "sim-large", 100, grpc.StatusCode.INVALID_ARGUMENT, "tenant"),
+        ("t", "gpt-9", 100, grpc.StatusCode.INVALID_ARGUMENT, "sim-small, sim-large"),
+        ("t", "sim-large", 0, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ("t", "sim-large", -5, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ("t", "sim-large", 64001, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ],
+)
+def test_bad_input_is_refused(
+    tokenizer: Tokenizer,
+    sleep: RecordingSleep,
+    tenant: str,
+    model: str,
+    max_tokens: int,
+    code: grpc.StatusCode,
+    names: str,
+) -> None:
+    with pytest.raises(RequestError) as caught:
+        _engine(tokenizer, sleep).prepare(tenant, model, _request("Hi?", max_tokens))
+    assert caught.value.code == code
+    assert names in caught.value.message
+    if model == "gpt-9":
+        assert "model 'gpt-9'" in caught.value.message
+
+
+def test_prompt_over_the_context_window_is_resource_exhausted(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    small_window = _models()["sim-large"].model_copy(update={"context_window_tokens": 100})
+    engine = SimEngine(
+        models={"sim-large": small_window},
+        replica_id="r",
+        tokenizer=tokenizer,
+        kv_cache=KvBlockCache(10),
+        time_scale=1.0,
+        sleep=sleep,
+    )
+    with pytest.raises(RequestError) as caught:
+        engine.prepare("t", "sim-large", _request("Hi?"))
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "context window of 100" in caught.value.message
+
+
+def test_empty_prompt_is_invalid(tokenizer: Tokenizer, sleep: RecordingSleep) -> None:
+    with pytest.raises(RequestError, match="messages"):
+        _engine(tokenizer, sleep).prepare("t", "sim-large", pb.CompleteRequest(max_tokens=10))
+
+
+async def test_a_stopped_stream_does_not_sleep_on(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    engine = _engine(tokenizer, sleep)
+    stream = engine.run(engine.prepare("t", "sim-large", _request("Long answer please?")))
+    assert isinstance(await anext(stream), Started)
+    assert isinstance(await anext(stream), Delta)
+    await stream.aclose()  # what a cancelled caller does to the generator
+    assert len(sleep.calls) == 2  # prefill and one delta, nothing after
