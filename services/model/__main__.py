@@ -1,0 +1,3 @@
+from services.model.app import main
+
+main()

@@ -1,0 +1,115 @@
+"""The model replica's configuration and its process wiring (serve on loopback, then stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import grpc
+import pytest
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, model_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.auth import internal_metadata
+from services.common.config import ConfigError
+from services.model.app import serve
+from services.model.config import ModelSettings
+
+TOKEN = "internal-token-for-tests-0123456789"
+
+
+def test_defaults() -> None:
+    settings = ModelSettings.from_env({"CACHEMESH_INTERNAL_TOKEN": TOKEN})
+    assert settings.server.listen == "127.0.0.1:50054"
+    assert settings.replica_id == "127.0.0.1:50054"
+    assert list(settings.models) == ["sim-small", "sim-large"]
+    assert settings.time_scale == 1.0
+    assert settings.kv_capacity_blocks == 65536
+
+
+def test_overrides() -> None:
+    settings = ModelSettings.from_env(
+        {
+            "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+            "MODEL_LISTEN": "127.0.0.1:6000",
+            "MODEL_IDS": " sim-large ",
+            "MODEL_REPLICA_ID": "large-0",
+            "SIM_TIME_SCALE": "0",
+            "MODEL_KV_CAPACITY_BLOCKS": "8",
+        }
+    )
+    assert (settings.replica_id, list(settings.models)) == ("large-0", ["sim-large"])
+    assert (settings.time_scale, settings.kv_capacity_blocks) == (0.0, 8)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ({"CACHEMESH_INTERNAL_TOKEN": ""}, "CACHEMESH_INTERNAL_TOKEN"),
+        ({"MODEL_IDS": "sim-small,gpt-9"}, "MODEL_IDS"),
+        ({"MODEL_IDS": "sim-small,,sim-large"}, "MODEL_IDS"),
+        ({"SIM_TIME_SCALE": "-1"}, "SIM_TIME_SCALE"),
+        ({"SIM_TIME_SCALE": "fast"}, "SIM_TIME_SCALE"),
+        ({"MODEL_KV_CAPACITY_BLOCKS": "0"}, "MODEL_KV_CAPACITY_BLOCKS"),
+        ({"MODEL_LISTEN": "nowhere"}, "MODEL_LISTEN"),
+        ({"CACHEMESH_MODELS_FILE": "/no/such/models.toml"}, "/no/such/models.toml"),
+    ],
+)
+def test_bad_configuration_fails_fast_naming_the_variable(
+    overrides: dict[str, str], names: str
+) -> None:
+    with pytest.raises(ConfigError, match=names):
+        ModelSettings.from_env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, **overrides})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _wait_serving(channel: grpc.aio.Channel) -> None:
+    health: Any = health_pb2_grpc.HealthStub(channel)  # grpc_health ships no stub types
+    for _ in range(200):
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the model replica never became SERVING")
+
+
+async def test_serve_answers_then_stops() -> None:
+    address = f"127.0.0.1:{_free_port()}"
+    environ = {
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "MODEL_LISTEN": address,
+        "MODEL_IDS": "sim-small",
+        "SIM_TIME_SCALE": "0",
+        "OTEL_TRACES_EXPORTER": "none",
+        "CACHEMESH_GRACE_S": "0",
+    }
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(environ, stop))
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await _wait_serving(channel)
+            request = pb.CompleteRequest(
+                messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Hi")])],
+                max_tokens=200,
+            )
+            call = model_pb2_grpc.ModelStub(channel).Generate(
+                model_pb2.GenerateRequest(tenant="t", model="sim-small", request=request),
+                metadata=internal_metadata(TOKEN),
+            )
+            chunks = [chunk async for chunk in call]
+        assert chunks[0].start.replica == address
+        assert chunks[-1].end.stop_reason == "end_turn"
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, timeout=10)
