@@ -7,7 +7,6 @@ import os
 from collections.abc import Mapping
 
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
-
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
 from services.common.config import Env

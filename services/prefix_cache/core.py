@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.common.clock import Clock
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import Block, canonical_blocks

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.common.prompt import block_text
 from services.prefix_cache.rules import Site
 

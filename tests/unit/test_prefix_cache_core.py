@@ -1,0 +1,243 @@
+"""Plan, WARM, FINAL and Totals on real prompts (cl100k counts computed here, never guessed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.models import load_model_table
+from services.common.prompt import canonical_blocks
+from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.rules import RuleViolation, Split
+from services.prefix_cache.totals import TenantTotals, TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
+
+TABLE = load_model_table()
+LARGE = TABLE.models["sim-large"]
+SYSTEM = " ".join(f"Rule {i}: answer briefly and cite the policy section." for i in range(120))
+CC = pb.CacheControl()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+@dataclass
+class Rig:
+    core: PrefixCacheCore
+    clock: ManualClock
+    cache: InMemoryWarmStore
+    tokenizer: Tokenizer
+
+    def tokens(self, request: pb.CompleteRequest, upto: int | None = None) -> int:
+        blocks = canonical_blocks(request, self.tokenizer)
+        return sum(b.tokens for b in blocks[: len(blocks) if upto is None else upto])
+
+
+@pytest.fixture
+def rig(tokenizer: Tokenizer) -> Rig:
+    clock, cache = ManualClock(), InMemoryWarmStore()
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=cache,
+        replicas=InMemoryWarmStore(),
+        records=CommitRecords(ttl_ms=3_600_000),
+        totals=TotalsLedger(),
+        clock=clock,
+        lookback=20,
+    )
+    return Rig(core, clock, cache, tokenizer)
+
+
+def ask(question: str, tool_text: str = "Search the policy base.") -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-large",
+        tools=[pb.Tool(name="search", description=tool_text, input_schema_json="{}")],
+        system=[pb.ContentBlock(text=SYSTEM, cache_control=CC)],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=100,
+    )
+
+
+def split(input_: int = 0, w5: int = 0, w1: int = 0, read: int = 0) -> Split:
+    return Split(input_tokens=input_, write_5m_tokens=w5, write_1h_tokens=w1, read_tokens=read)
+
+
+async def test_first_turn_writes_then_the_same_prefix_is_read(rig: Rig) -> None:
+    first, second = ask("What is rule 7?"), ask("And rule 8?")
+    cached = rig.tokens(first, upto=2)  # tools + system, up to the breakpoint
+    assert cached >= LARGE.min_cacheable_tokens
+    got = await rig.core.warm("a", "r1", "sim-large", first, "")
+    assert got == split(input_=rig.tokens(first) - cached, w5=cached)
+    got = await rig.core.warm("a", "r2", "sim-large", second, "")
+    assert got == split(input_=rig.tokens(second) - cached, read=cached)
+
+
+async def test_changing_the_tools_invalidates_everything_after_them(rig: Rig) -> None:
+    await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    changed = ask("Q?", tool_text="Search the policy base and the FAQ.")
+    got = await rig.core.warm("a", "r2", "sim-large", changed, "")
+    assert got.read_tokens == 0 and got.write_5m_tokens == rig.tokens(changed, upto=2)
+
+
+async def test_tenants_never_read_each_others_prefixes(rig: Rig) -> None:
+    await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    assert (await rig.core.plan("b", "sim-large", ask("Q?"), [])).split.read_tokens == 0
+    assert (await rig.core.warm("b", "r1", "sim-large", ask("Q?"), "")).read_tokens == 0
+
+
+async def test_models_never_read_each_others_prefixes(rig: Rig) -> None:
+    await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    assert (await rig.core.plan("a", "sim-small", ask("Q?"), [])).split.read_tokens == 0
+
+
+async def test_plan_predicts_without_refreshing_or_writing(rig: Rig) -> None:
+    request = ask("Q?")
+    cached = rig.tokens(request, upto=2)
+    for _ in range(2):  # Plan twice: still a write, nothing became warm
+        plan = await rig.core.plan("a", "sim-large", request, [])
+        assert plan.split == split(input_=rig.tokens(request) - cached, w5=cached)
+    assert len(rig.cache) == 0
+    await rig.core.warm("a", "r1", "sim-large", request, "")
+    rig.clock.advance(s=200)
+    assert (await rig.core.plan("a", "sim-large", request, [])).split.read_tokens == cached
+    rig.clock.advance(s=150)  # 350 s after the write: Plan did not refresh it
+    assert (await rig.core.plan("a", "sim-large", request, [])).split.read_tokens == 0
+
+
+async def test_plan_ranks_replicas_by_warm_prefix_ties_keep_order(rig: Rig) -> None:
+    first = ask("What is rule 7?")
+    await rig.core.warm("a", "r1", "sim-large", first, "replica-2")
+    plan = await rig.core.plan("a", "sim-large", first, ["replica-1", "replica-2", "replica-3"])
+    assert [(c.replica, c.warm_prefix_tokens) for c in plan.candidates] == [
+        ("replica-2", rig.tokens(first)),
+        ("replica-1", 0),
+        ("replica-3", 0),
+    ]
+    other = ask("Something else entirely?")  # shares tools + system only
+    plan = await rig.core.plan("a", "sim-large", other, ["replica-1", "replica-2"])
+    assert plan.candidates[0].warm_prefix_tokens == rig.tokens(other, upto=2)
+    plan = await rig.core.plan("b", "sim-large", first, ["replica-1", "replica-2"])
+    assert [c.warm_prefix_tokens for c in plan.candidates] == [0, 0]
+
+
+async def test_repeated_warm_returns_the_recorded_split_and_changes_nothing(rig: Rig) -> None:
+    first = await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    other = ask("Q?", tool_text="A different tool set.")
+    again = await rig.core.warm("a", "r1", "sim-large", other, "replica-9")
+    assert again == first
+    assert (await rig.core.plan("a", "sim-large", other, [])).split.read_tokens == 0
+    plan = await rig.core.plan("a", "sim-large", other, ["replica-9"])
+    assert plan.candidates[0].warm_prefix_tokens == 0
+
+
+async def test_final_bills_once_and_a_repeat_returns_the_same_cost(rig: Rig) -> None:
+    request = ask("Q?")
+    warm = await rig.core.warm("a", "r1", "sim-large", request, "")
+    final = await rig.core.final("a", "r1", "sim-large", 40, 16, "")
+    expected = (
+        warm.input_tokens * 3000 + warm.write_5m_tokens * 3750 + 40 * 15000
+    )  # sim-large prices
+    assert final.charge.cost_nanos == expected
+    assert final.charge.baseline_nanos == rig.tokens(request) * 3000 + 40 * 15000
+    assert final.charge.saved_nanos < 0  # a write turn
+    assert (final.output_tokens, final.kv_cached_tokens) == (40, 16)
+    repeat = await rig.core.final("a", "r1", "sim-large", 999, 0, "sim-small")
+    assert repeat == final
+    assert rig.core.totals("a") == TenantTotals(
+        requests=1,
+        input_tokens=warm.input_tokens,
+        cache_creation_input_tokens=warm.write_5m_tokens,
+        output_tokens=40,
+        kv_cached_tokens=16,
+        cost_nanos=expected,
+        baseline_nanos=final.charge.baseline_nanos,
+    )
+    assert rig.core.totals("b") == TenantTotals()
+
+
+async def test_final_baseline_model_prices_the_baseline(rig: Rig) -> None:
+    request = ask("Q?")
+    request.model = "auto"
+    await rig.core.warm("a", "r1", "sim-small", request, "")
+    final = await rig.core.final("a", "r1", "sim-small", 10, 0, "sim-large")
+    assert final.charge.baseline_nanos == rig.tokens(request) * 3000 + 10 * 15000
+
+
+async def test_final_without_warm_is_a_failed_precondition(rig: Rig) -> None:
+    with pytest.raises(NoWarmCommit, match="commit phase WARM"):
+        await rig.core.final("a", "never", "sim-large", 1, 0, "")
+    await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    with pytest.raises(NoWarmCommit):  # the WARM is the other tenant's
+        await rig.core.final("b", "r1", "sim-large", 1, 0, "")
+
+
+async def test_commit_records_expire_after_their_ttl(rig: Rig) -> None:
+    await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    rig.clock.advance(s=3600)
+    with pytest.raises(NoWarmCommit):
+        await rig.core.final("a", "r1", "sim-large", 1, 0, "")
+
+
+def test_commit_records_are_bounded() -> None:
+    records = CommitRecords(ttl_ms=1000, max_records=2)
+    for rid in ("r1", "r2", "r3"):
+        records.put_warm("a", rid, "sim-large", "", split(input_=1), 0)
+    assert len(records) == 2 and records.get("a", "r1", 0) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"output_tokens": -1}, "output_tokens"),
+        ({"kv_cached_tokens": -5}, "kv_cached_tokens"),
+        ({"baseline_model": "gpt-9"}, "baseline_model"),
+        ({"model": "sim-small"}, "model"),
+        ({"request_id": ""}, "request_id"),
+        ({"tenant": ""}, "tenant"),
+    ],
+)
+async def test_bad_final_changes_nothing(rig: Rig, kwargs: dict[str, object], field: str) -> None:
+    await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    args: dict[str, object] = {
+        "tenant": "a",
+        "request_id": "r1",
+        "model": "sim-large",
+        "output_tokens": 5,
+        "kv_cached_tokens": 0,
+        "baseline_model": "",
+    }
+    with pytest.raises(BadRequest, match=field):
+        await rig.core.final(**{**args, **kwargs})  # type: ignore[arg-type]
+    assert rig.core.totals("a") == TenantTotals()
+    assert (await rig.core.final("a", "r1", "sim-large", 5, 0, "")).output_tokens == 5
+
+
+async def test_bad_warm_changes_nothing(rig: Rig) -> None:
+    too_many = ask("Q?")
+    too_many.messages[0].content.extend(
+        pb.ContentBlock(text=f"p{i}", cache_control=CC) for i in range(4)
+    )
+    with pytest.raises(RuleViolation, match="at most 4"):
+        await rig.core.warm("a", "r1", "sim-large", too_many, "replica-1")
+    with pytest.raises(BadRequest, match=r"model 'auto'.*resolve"):
+        await rig.core.warm("a", "r1", "auto", ask("Q?"), "replica-1")
+    with pytest.raises(BadRequest, match="request is required"):
+        await rig.core.warm("a", "r1", "sim-large", None, "replica-1")
+    assert len(rig.cache) == 0
+    with pytest.raises(NoWarmCommit):
+        await rig.core.final("a", "r1", "sim-large", 1, 0, "")
+
+
+async def test_empty_text_breakpoint_names_the_field(rig: Rig) -> None:
+    request = ask("Q?")
+    request.messages[0].content.append(pb.ContentBlock(text="", cache_control=CC))
+    with pytest.raises(RuleViolation, match=r"request\.messages\[0\]\.content\[1\]"):
+        await rig.core.plan("a", "sim-large", request, [])

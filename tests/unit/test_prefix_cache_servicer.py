@@ -1,0 +1,203 @@
+"""The gRPC surface on loopback, behind the internal-credential interceptor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import prefix_cache_pb2_grpc
+from services.common.auth import InternalAuthInterceptor, internal_metadata
+from services.common.clock import ManualClock
+from services.common.config import ConfigError
+from services.common.models import load_model_table
+from services.common.prompt import canonical_blocks
+from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.app import serve
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.servicer import PrefixCacheServicer
+from services.prefix_cache.settings import PrefixCacheSettings
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
+
+TOKEN = "test-internal-token-0123456789"
+AUTH = internal_metadata(TOKEN)
+SYSTEM = " ".join(f"Policy {i}: refunds within thirty days need a receipt." for i in range(100))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+@dataclass
+class Served:
+    stub: prefix_cache_pb2_grpc.PrefixCacheAsyncStub
+    slot: TokenizerSlot
+
+
+@pytest.fixture
+async def served(tokenizer: Tokenizer) -> AsyncIterator[Served]:
+    slot = TokenizerSlot(tokenizer)
+    core = PrefixCacheCore(
+        table=load_model_table(),
+        tokenizer=slot,
+        cache=InMemoryWarmStore(),
+        replicas=InMemoryWarmStore(),
+        records=CommitRecords(ttl_ms=86_400_000),
+        totals=TotalsLedger(),
+        clock=ManualClock(),
+        lookback=20,
+    )
+    server = grpc.aio.server(interceptors=[InternalAuthInterceptor(TOKEN)])
+    prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(PrefixCacheServicer(core), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Served(prefix_cache_pb2_grpc.PrefixCacheStub(channel), slot)
+    await server.stop(None)
+
+
+def request() -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-small",
+        system=[pb.ContentBlock(text=SYSTEM, cache_control=pb.CacheControl())],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Refund?")])],
+    )
+
+
+def warm(request_id: str, tenant: str = "acme") -> pc.CommitRequest:
+    return pc.CommitRequest(
+        tenant=tenant,
+        request_id=request_id,
+        phase=pc.COMMIT_PHASE_WARM,
+        model="sim-small",
+        request=request(),
+        replica="replica-1",
+    )
+
+
+def final(request_id: str, output_tokens: int = 30) -> pc.CommitRequest:
+    return pc.CommitRequest(
+        tenant="acme",
+        request_id=request_id,
+        phase=pc.COMMIT_PHASE_FINAL,
+        output_tokens=output_tokens,
+        kv_cached_tokens=0,
+    )
+
+
+async def test_calls_without_the_internal_credential_are_unauthenticated(served: Served) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Totals(pc.TotalsRequest(tenant="acme"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_warm_final_totals_round_trip(served: Served, tokenizer: Tokenizer) -> None:
+    blocks = canonical_blocks(request(), tokenizer)
+    cached, total = blocks[0].tokens, sum(b.tokens for b in blocks)
+    plan = await served.stub.Plan(
+        pc.PlanRequest(tenant="acme", model="sim-small", request=request(), replicas=["x", "y"]),
+        metadata=AUTH,
+    )
+    assert plan.prompt_tokens == total
+    assert plan.usage == pb.Usage(input_tokens=total - cached, cache_creation_input_tokens=cached)
+    assert [c.replica for c in plan.candidates] == ["x", "y"]
+
+    first = await served.stub.Commit(warm("r1"), metadata=AUTH)
+    assert first.usage.cache_creation_input_tokens == cached
+    second = await served.stub.Commit(warm("r2"), metadata=AUTH)
+    assert second.usage.cache_read_input_tokens == cached
+    done = await served.stub.Commit(final("r2"), metadata=AUTH)
+    cost = (total - cached) * 1000 + cached * 100 + 30 * 5000  # sim-small prices
+    assert done.cost == pb.Cost(
+        cost_nanos=cost,
+        baseline_nanos=total * 1000 + 150_000,
+        saved_nanos=total * 1000 + 150_000 - cost,
+    )
+    assert done.usage.output_tokens == 30 and done.usage.cache_read_input_tokens == cached
+    assert await served.stub.Commit(final("r2", output_tokens=99), metadata=AUTH) == done
+
+    totals = await served.stub.Totals(pc.TotalsRequest(tenant="acme"), metadata=AUTH)
+    assert (totals.requests, totals.cost_nanos, totals.usage.output_tokens) == (1, cost, 30)
+    ranked = await served.stub.Plan(
+        pc.PlanRequest(
+            tenant="acme", model="sim-small", request=request(), replicas=["x", "replica-1"]
+        ),
+        metadata=AUTH,
+    )
+    assert ranked.candidates[0] == pc.ReplicaCandidate(
+        replica="replica-1", warm_prefix_tokens=total
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "words"),
+    [
+        (
+            pc.PlanRequest(tenant="acme", model="nope", request=request()),
+            "INVALID_ARGUMENT",
+            "model",
+        ),
+        (pc.PlanRequest(model="sim-small", request=request()), "INVALID_ARGUMENT", "tenant"),
+        (pc.CommitRequest(tenant="acme", request_id="r"), "INVALID_ARGUMENT", "phase"),
+        (final("never"), "FAILED_PRECONDITION", "WARM"),
+        (warm(""), "INVALID_ARGUMENT", "request_id"),
+        (pc.TotalsRequest(), "INVALID_ARGUMENT", "tenant"),
+    ],
+)
+async def test_errors_map_to_status_codes_naming_the_field(
+    served: Served, call: object, code: str, words: str
+) -> None:
+    method = {
+        pc.PlanRequest: served.stub.Plan,
+        pc.CommitRequest: served.stub.Commit,
+        pc.TotalsRequest: served.stub.Totals,
+    }[type(call)]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await method(call, metadata=AUTH)  # type: ignore[operator]
+    assert err.value.code() == getattr(grpc.StatusCode, code)
+    assert words in (err.value.details() or "")
+
+
+async def test_unavailable_until_the_tokenizer_is_loaded(served: Served) -> None:
+    served.slot._tokenizer = None  # as before warm-up finished
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Commit(warm("r1"), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_settings_defaults_and_fail_fast_naming_the_variable() -> None:
+    from services.common.config import Env
+
+    settings = PrefixCacheSettings.from_env(Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN}))
+    assert settings.server.listen == "127.0.0.1:50053"
+    assert (settings.lookback_blocks, settings.record_ttl_s) == (20, 86400)
+    zero = Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_LOOKBACK_BLOCKS": "0"})
+    assert PrefixCacheSettings.from_env(zero).lookback_blocks == 0
+    with pytest.raises(ConfigError, match="PREFIX_CACHE_LOOKBACK_BLOCKS"):
+        PrefixCacheSettings.from_env(
+            Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_LOOKBACK_BLOCKS": "-1"})
+        )
+
+
+async def test_serve_requires_the_internal_token() -> None:
+    with pytest.raises(ConfigError, match="CACHEMESH_INTERNAL_TOKEN"):
+        await serve({"OTEL_SDK_DISABLED": "true"})
+
+
+async def test_serve_starts_and_stops() -> None:
+    stop = asyncio.Event()
+    stop.set()
+    environ = {
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "PREFIX_CACHE_LISTEN": "127.0.0.1:0",
+        "OTEL_SDK_DISABLED": "true",
+    }
+    await asyncio.wait_for(serve(environ, stop), timeout=30)
