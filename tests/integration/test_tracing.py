@@ -1,0 +1,89 @@
+"""Telemetry as a contract: one request, one trace, spans from every service it touched."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from cachemesh import Client, build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from tests.integration.harness import RunningStack
+from tests.integration.otlp_sink import Span
+
+pytestmark = pytest.mark.integration
+
+_SERVICES = {"router", "semantic-cache", "prefix-cache", "model"}
+
+
+def _wait_for_spans(stack: RunningStack, trace_id: str, services: set[str]) -> list[Span]:
+    deadline = time.monotonic() + 20
+    while True:
+        spans = stack.sink.spans_of(trace_id)
+        if services <= {s.service for s in spans} or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.2)
+
+
+def _server_span(spans: list[Span], service: str, method: str) -> Span:
+    matches = [s for s in spans if s.service == service and s.name.endswith(method)]
+    assert matches, f"no {service} span for {method}: {[(s.service, s.name) for s in spans]}"
+    return matches[0]
+
+
+def test_one_request_is_one_trace_across_every_service(
+    client_a: Client, stack: RunningStack
+) -> None:
+    response = client_a.complete(
+        build_request(
+            f"Which seats have extra legroom? {uuid.uuid4().hex[:8]}", namespace=uuid.uuid4().hex
+        )
+    )
+    assert len(response.trace_id) == 32
+    spans = _wait_for_spans(stack, response.trace_id, _SERVICES)
+    assert {s.service for s in spans} == _SERVICES
+    by_id = {s.span_id: s for s in spans}
+
+    roots = [s for s in spans if not s.parent_span_id]
+    assert len(roots) == 1 and roots[0].service == "router"
+    root = roots[0]
+    assert root.attributes["cachemesh.served_by"] == pb.Layer.Name(response.served_by)
+    assert root.attributes["cachemesh.tier"] == response.tier
+    assert root.attributes["cachemesh.cost_nanos"] == response.cost.cost_nanos
+    assert root.attributes["cachemesh.baseline_nanos"] == response.cost.baseline_nanos
+
+    for service, method in (
+        ("semantic-cache", "SemanticCache/Lookup"),
+        ("semantic-cache", "SemanticCache/Store"),
+        ("prefix-cache", "PrefixCache/Plan"),
+        ("prefix-cache", "PrefixCache/Commit"),
+        ("model", "Model/Generate"),
+    ):
+        server = _server_span(spans, service, method)
+        parent = by_id[server.parent_span_id]
+        assert parent.service == "router", (service, method)  # the edge router → service
+
+    chat = [s for s in spans if s.service == "router" and s.name.startswith("chat ")]
+    assert len(chat) == 1
+    attributes = chat[0].attributes
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.request.model"] == response.model
+    assert attributes["gen_ai.usage.input_tokens"] == response.usage.input_tokens
+    assert attributes["gen_ai.usage.output_tokens"] == response.usage.output_tokens
+    assert "gen_ai.usage.cache_read.input_tokens" in attributes
+    assert "gen_ai.usage.cache_creation.input_tokens" in attributes
+
+
+def test_a_semantic_hit_carries_its_similarity_on_the_root_span(
+    client_a: Client, stack: RunningStack
+) -> None:
+    ns = uuid.uuid4().hex
+    client_a.complete(build_request("How can I reach customer support?", namespace=ns))
+    hit = client_a.complete(build_request("How do I contact customer support?", namespace=ns))
+    assert hit.served_by == pb.LAYER_SEMANTIC_CACHE
+    spans = _wait_for_spans(stack, hit.trace_id, {"router", "semantic-cache"})
+    root = next(s for s in spans if not s.parent_span_id)
+    assert root.attributes["cachemesh.served_by"] == "LAYER_SEMANTIC_CACHE"
+    assert root.attributes["cachemesh.similarity"] == pytest.approx(hit.semantic.similarity)
+    assert not any(s.service == "model" for s in spans)  # no model call at all
