@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 import faiss
 import grpc
-from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 
+from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
 from services.common.config import Env

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
@@ -49,7 +52,7 @@ def l2_normalise(rows: npt.NDArray[np.floating]) -> Vectors:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2: mean-pooled with the attention mask, then L2-normalised."""
 
-    def __init__(self, session: object, tokenizer: object, version: str) -> None:
+    def __init__(self, session: Any, tokenizer: Tokenizer, version: str) -> None:
         self._session = session
         self._tokenizer = tokenizer
         self._version = version
@@ -65,11 +68,11 @@ class MiniLMEmbedder:
     def embed(self, texts: list[str]) -> Vectors:
         if not texts:
             return np.zeros((0, DIM), dtype=np.float32)
-        encodings = self._tokenizer.encode_batch(texts)  # type: ignore[attr-defined]
+        encodings = self._tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        (hidden,) = self._session.run(["last_hidden_state"], feeds)  # type: ignore[attr-defined]
+        (hidden,) = self._session.run(["last_hidden_state"], feeds)
         weights = mask[:, :, None].astype(np.float32)
         pooled = (np.asarray(hidden, dtype=np.float32) * weights).sum(axis=1)
         pooled /= np.maximum(weights.sum(axis=1), 1e-9)

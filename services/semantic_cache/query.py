@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.common.prompt import last_user_text
 
 Mode = Literal["use", "refresh", "no_store", "bypass"]

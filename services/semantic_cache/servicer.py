@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 import grpc
+
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
-
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import query_from_request
 from services.semantic_cache.records import Answer, InvalidQuery

@@ -7,10 +7,10 @@ import socket
 
 import grpc
 import pytest
-from cachemesh.v1 import semantic_cache_pb2 as sc
-from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from grpc_health.v1 import health_pb2
 
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
 from services.common.config import ConfigError, Env
 from services.semantic_cache.app import SERVICE_NAME, serve

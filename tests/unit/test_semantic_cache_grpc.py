@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import pytest
+
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
-
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache

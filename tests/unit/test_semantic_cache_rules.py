@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import Query, query_from_request

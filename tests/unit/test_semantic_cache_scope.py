@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from cachemesh.v1 import gateway_pb2 as pb
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import normalise, query_from_request, scope_of
