@@ -259,10 +259,22 @@ class Pipeline:
             end.usage.CopyFrom(final.usage)
             end.cost.CopyFrom(final.cost)
         else:
-            end.usage.CopyFrom(warm.usage if warm is not None else pb.Usage())
+            # prefix-cache unreachable: the engine's prompt count at the base prices, no cache
+            # discount claimed, marked estimated (reconciled by nobody: it was not accounted).
+            if warm is not None:
+                end.usage.CopyFrom(warm.usage)
+            else:
+                end.usage.input_tokens = attempt.start.prompt_tokens
             end.usage.output_tokens = end_chunk.output_tokens
             end.usage.kv_cached_tokens = attempt.start.kv_cached_tokens
-            end.cost.estimated = True
+            prompt = attempt.start.prompt_tokens
+            cost = attempt.model.baseline_nanos(prompt, end_chunk.output_tokens)
+            base = baseline.baseline_nanos(prompt, end_chunk.output_tokens)
+            end.cost.CopyFrom(
+                pb.Cost(
+                    cost_nanos=cost, baseline_nanos=base, saved_nanos=base - cost, estimated=True
+                )
+            )
         spans.end_chat_span(attempt.chat_span, request, end)
         return end
 
