@@ -74,7 +74,12 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.prefix_cache",
         listen_var="PREFIX_CACHE_LISTEN",
         default_port=50053,
-        own_env_keys=("PREFIX_CACHE_LOOKBACK_BLOCKS",),
+        own_env_keys=(
+            "PREFIX_CACHE_LOOKBACK_BLOCKS",
+            "PREFIX_CACHE_RECORD_TTL_S",
+            "PREFIX_CACHE_MAX_WARM_ENTRIES",
+            "PREFIX_CACHE_MAX_RECORDS",
+        ),
     ),
     ServiceDef(
         name="model",

@@ -1,0 +1,129 @@
+"""services.stack: .env parsing, each process's environment, addresses, free ports."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from services.stack.envfile import EnvFileError, dial_address, merge_env, parse_env_text
+from services.stack.keys import ensure_keys
+from services.stack.ports import free_port_overrides, relocate
+from services.stack.runner import Stack
+from services.stack.table import SERVICES, service
+
+DOTENV = """\
+# comment
+ROUTER_LISTEN=127.0.0.1:50051
+SEMANTIC_CACHE_LISTEN=127.0.0.1:50052
+PREFIX_CACHE_LISTEN=127.0.0.1:50053
+MODEL_LISTEN=127.0.0.1:50054
+
+SEMANTIC_CACHE_ADDR=127.0.0.1:50052
+PREFIX_CACHE_ADDR=127.0.0.1:50053
+MODEL_REPLICAS=sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50054
+SIM_TIME_SCALE=1.0
+CACHEMESH_LOG_LEVEL="INFO"
+CACHEMESH_GRACE_S=0
+"""
+
+
+def test_parses_comments_blanks_quotes_and_zero() -> None:
+    values = parse_env_text(DOTENV)
+    assert values["CACHEMESH_LOG_LEVEL"] == "INFO"
+    assert values["CACHEMESH_GRACE_S"] == "0"
+    assert values["MODEL_REPLICAS"] == "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50054"
+    assert "# comment" not in values and len(values) == 10
+
+
+def test_a_malformed_line_names_the_file_and_line() -> None:
+    with pytest.raises(EnvFileError, match=r"\.env:2: expected KEY=VALUE"):
+        parse_env_text("A=1\nnot a setting\n", ".env")
+    with pytest.raises(EnvFileError, match=":1:"):
+        parse_env_text("1BAD=x\n")
+
+
+def test_later_layers_win() -> None:
+    merged = merge_env(
+        {"A": "dotenv", "B": "dotenv", "C": "dotenv", "D": "dotenv"},
+        {"B": "environ", "C": "environ", "D": "environ"},
+        {"C": "injected", "D": "injected"},
+        {"D": "override"},
+    )
+    assert merged == {"A": "dotenv", "B": "environ", "C": "injected", "D": "override"}
+
+
+def _stack(tmp_path: Path, overrides: dict[str, str], environ: dict[str, str]) -> Stack:
+    (tmp_path / ".env").write_text(DOTENV)
+    return Stack(tmp_path, tmp_path / "run", overrides, environ=environ, out=io.StringIO())
+
+
+def test_process_environment_layers_dotenv_environ_secrets_overrides(tmp_path: Path) -> None:
+    stack = _stack(
+        tmp_path,
+        overrides={"SIM_TIME_SCALE": "0.05", "OTEL_TRACES_EXPORTER": "otlp"},
+        environ={
+            "SIM_TIME_SCALE": "2",
+            "CACHEMESH_LOG_LEVEL": "DEBUG",
+            "PATH": "/bin",
+            "OTEL_SERVICE_NAME": "from-shell",
+            "CACHEMESH_INTERNAL_TOKEN": "stale",
+        },
+    )
+    keys = ensure_keys(tmp_path / "run")
+    env = stack.environment(service("model"), keys)
+    assert env["SIM_TIME_SCALE"] == "0.05"  # explicit override beats the shell and .env
+    assert env["CACHEMESH_LOG_LEVEL"] == "DEBUG"  # the shell beats .env
+    assert env["PATH"] == "/bin"
+    assert env["MODEL_LISTEN"] == "127.0.0.1:50054"  # .env fills the rest
+    assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+    assert env["CACHEMESH_INTERNAL_TOKEN"] == keys.internal_token  # this run dir's secret
+    assert env["CACHEMESH_API_KEYS_FILE"] == str(tmp_path / "run" / "api-keys")
+    assert env["OTEL_SERVICE_NAME"] == "model"  # per service, always
+    assert stack.environment(service("router"), keys)["OTEL_SERVICE_NAME"] == "router"
+
+
+def test_addresses_follow_the_listen_settings(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, {"ROUTER_LISTEN": "0.0.0.0:6000"}, environ={})
+    assert stack.addresses == {
+        "semantic-cache": "127.0.0.1:50052",
+        "prefix-cache": "127.0.0.1:50053",
+        "model": "127.0.0.1:50054",
+        "router": "127.0.0.1:6000",
+    }
+    assert dial_address("[::]:7") == "[::1]:7"
+    assert dial_address("10.0.0.2:7") == "10.0.0.2:7"
+
+
+def test_free_ports_keep_the_stack_wired(tmp_path: Path) -> None:
+    stack = Stack.on_free_ports(
+        _stack(tmp_path, {}, {}).root, tmp_path / "run", {"SIM_TIME_SCALE": "0"}, environ={}
+    )
+    settings = stack.settings()
+    ports = {s.name: settings[s.listen_var] for s in SERVICES}
+    assert len(set(ports.values())) == 4
+    assert all(p.startswith("127.0.0.1:") and p != "127.0.0.1:50051" for p in ports.values())
+    assert settings["SEMANTIC_CACHE_ADDR"] == ports["semantic-cache"]
+    assert settings["PREFIX_CACHE_ADDR"] == ports["prefix-cache"]
+    model = ports["model"]
+    assert settings["MODEL_REPLICAS"] == f"sim-small={model},sim-large={model}"
+    assert settings["SIM_TIME_SCALE"] == "0"
+    assert stack.router_address == ports["router"]
+
+
+def test_relocate_leaves_external_replicas_alone() -> None:
+    settings = parse_env_text(DOTENV) | {
+        "MODEL_REPLICAS": "sim-small=127.0.0.1:50054,sim-large=gpu-box:9000"
+    }
+    moved = relocate(settings, {"model": "0.0.0.0:50054"}, {"model": "model:50054"})
+    assert moved == {
+        "MODEL_LISTEN": "0.0.0.0:50054",
+        "MODEL_REPLICAS": "sim-small=model:50054,sim-large=gpu-box:9000",
+    }
+    assert set(free_port_overrides(settings)) == {
+        *(s.listen_var for s in SERVICES),
+        "SEMANTIC_CACHE_ADDR",
+        "PREFIX_CACHE_ADDR",
+        "MODEL_REPLICAS",
+    }

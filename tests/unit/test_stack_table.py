@@ -1,0 +1,81 @@
+"""The service table is the truth: every variable a service's code reads is listed in it."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from services.stack.envfile import read_env_file
+from services.stack.table import COMMON_ENV_KEYS, SERVICES, ServiceDef, stop_order
+
+ROOT = Path(__file__).resolve().parents[2]
+_ENV_READERS = {"str", "optional_str", "int", "float", "bool", "address", "path", "get"}
+_NAME = re.compile(r"^[A-Z][A-Z0-9_]{2,}$")
+
+
+def _env_names_read(package: Path) -> set[str]:
+    """Variable names passed to Env readers (and ``<PREFIX>_LISTEN`` of from_env) in a package."""
+    names: set[str] = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            literals = [
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            ]
+            if node.func.attr in _ENV_READERS and literals and _NAME.match(literals[0]):
+                names.add(literals[0])
+            if node.func.attr == "from_env" and literals and _NAME.match(literals[0]):
+                names.add(f"{literals[0]}_LISTEN")
+    return names
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
+def test_every_variable_the_service_reads_is_in_the_table(spec: ServiceDef) -> None:
+    package = ROOT / "services" / spec.package
+    if not (package / "app.py").is_file():
+        pytest.fail(f"services/{spec.package}/app.py is missing: the stack cannot run {spec.name}")
+    unlisted = _env_names_read(package) - set(spec.env_keys)
+    assert not unlisted, (
+        f"add {sorted(unlisted)} to {spec.name}'s env keys in services/stack/table.py"
+    )
+
+
+def test_every_common_variable_is_in_the_table() -> None:
+    unlisted = _env_names_read(ROOT / "services" / "common") - set(COMMON_ENV_KEYS)
+    assert not unlisted, f"add {sorted(unlisted)} to COMMON_ENV_KEYS in services/stack/table.py"
+
+
+def test_every_dotenv_setting_is_read_by_some_service() -> None:
+    read = {key for s in SERVICES for key in s.env_keys}
+    orphans = set(read_env_file(ROOT / ".env")) - read
+    assert not orphans, f".env sets {sorted(orphans)} but no service in the table reads them"
+
+
+def test_each_service_has_its_own_listen_port_in_dotenv() -> None:
+    dotenv = read_env_file(ROOT / ".env")
+    ports = {s.name: dotenv[s.listen_var].rpartition(":")[2] for s in SERVICES}
+    assert len(set(ports.values())) == len(SERVICES)
+    assert all(ports[s.name] == str(s.default_port) for s in SERVICES)
+
+
+def test_the_router_stops_before_the_services_it_calls() -> None:
+    waves = [[s.name for s in wave] for wave in stop_order()]
+    assert waves[0] == ["router"]
+    assert sorted(waves[1]) == ["model", "prefix-cache", "semantic-cache"]
+    assert len(waves) == 2
+
+
+def test_names_modules_and_commands_are_consistent() -> None:
+    assert len({s.name for s in SERVICES}) == len(SERVICES)
+    for s in SERVICES:
+        assert s.module == f"services.{s.package}"
+        assert s.package == s.name.replace("-", "_")
+        assert s.command == ("python", "-m", s.module)
+        assert s.otel_service_name == s.name
+        assert all(peer in {x.name for x in SERVICES} for peer in s.peers.values())
