@@ -1,0 +1,165 @@
+"""docker-compose.yml runs what ``make up`` runs: same services, commands and settings.
+
+``docker-compose config`` (the Debian package; ``make test-deps`` installs it) validates and
+resolves the file; the result is compared with the stack runner's table. A missing
+docker-compose fails the test: the compose file is never left unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.stack.envfile import port_of, read_env_file
+from services.stack.keys import StackKeys, ensure_keys
+from services.stack.ports import relocate
+from services.stack.runner import Stack
+from services.stack.table import SERVICES, ServiceDef
+
+ROOT = Path(__file__).resolve().parents[2]
+JAEGER_OTLP = "http://jaeger:4317"
+
+
+class Resolved:
+    def __init__(self, config: dict[str, Any], work: Path, keys: StackKeys) -> None:
+        self.config, self.work, self.keys = config, work, keys
+        self.dotenv = read_env_file(work / ".env")
+
+    def service(self, name: str) -> dict[str, Any]:
+        services: dict[str, dict[str, Any]] = self.config["services"]
+        return services[name]
+
+    def port(self, spec: ServiceDef) -> int:
+        return port_of(self.dotenv[spec.listen_var])
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail(
+            "docker-compose is not installed, so docker-compose.yml cannot be validated: "
+            "run `make test-deps` (apt-get install docker-compose)"
+        )
+    work = tmp_path_factory.mktemp("compose")  # a copy, so this install's .run/ is untouched
+    shutil.copy(ROOT / "docker-compose.yml", work)
+    shutil.copy(ROOT / ".env", work)
+    keys = ensure_keys(work / ".run")
+    result = subprocess.run(
+        [exe, "--project-directory", str(work), "-f", str(work / "docker-compose.yml"), "config"],
+        cwd=work,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    yield Resolved(yaml.safe_load(result.stdout), work, keys)
+
+
+def test_same_services_as_the_stack_plus_jaeger(resolved: Resolved) -> None:
+    assert set(resolved.config["services"]) == {s.name for s in SERVICES} | {"jaeger"}
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
+def test_command_and_build_match_the_runner(resolved: Resolved, spec: ServiceDef) -> None:
+    svc = resolved.service(spec.name)
+    assert svc["command"] == list(spec.command)
+    dockerfile = f"services/{spec.package}/Dockerfile"
+    assert svc["build"] == {"context": str(resolved.work), "dockerfile": dockerfile}
+    assert (ROOT / dockerfile).is_file(), f"{dockerfile} is missing"
+    cmd_lines = [ln for ln in (ROOT / dockerfile).read_text().splitlines() if ln.startswith("CMD")]
+    assert [json.loads(ln.removeprefix("CMD").strip()) for ln in cmd_lines] == [list(spec.command)]
+
+
+def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]:
+    dial = {s.name: f"{s.name}:{resolved.port(s)}" for s in SERVICES}
+    moved = relocate(resolved.dotenv, {spec.name: f"0.0.0.0:{resolved.port(spec)}"}, dial)
+    overrides = {k: v for k, v in moved.items() if k in spec.env_keys}
+    overrides |= {
+        "OTEL_SERVICE_NAME": spec.otel_service_name,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": JAEGER_OTLP,
+    }
+    return overrides
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
+def test_environment_is_the_local_one_but_for_container_overrides(
+    resolved: Resolved, spec: ServiceDef
+) -> None:
+    local = Stack(resolved.work, resolved.work / ".run", environ={}).environment(
+        spec, resolved.keys
+    )
+    expected = {key: local[key] for key in spec.env_keys if key in local}
+    expected |= _container_overrides(resolved, spec)
+    env = resolved.service(spec.name)["environment"]
+    if "CACHEMESH_API_KEYS_FILE" in expected:
+        expected["CACHEMESH_API_KEYS_FILE"] = env.get("CACHEMESH_API_KEYS_FILE")
+        _assert_is_the_mounted_key_file(resolved, spec, env.get("CACHEMESH_API_KEYS_FILE"))
+    assert {key: env.get(key) for key in expected} == expected
+    assert env["CACHEMESH_INTERNAL_TOKEN"] == resolved.keys.internal_token
+
+
+def _assert_is_the_mounted_key_file(resolved: Resolved, spec: ServiceDef, path: object) -> None:
+    mounts = {
+        f"/run/secrets/{s['target']}": resolved.config["secrets"][s["source"]]["file"]
+        for s in resolved.service(spec.name).get("secrets", [])
+    }
+    assert mounts.get(str(path)) == str(resolved.keys.api_keys_file)
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
+def test_healthcheck_probes_grpc_health_on_the_service_port(
+    resolved: Resolved, spec: ServiceDef
+) -> None:
+    test = resolved.service(spec.name)["healthcheck"]["test"]
+    probe = ["python", "-m", "services.stack", "probe", f"127.0.0.1:{resolved.port(spec)}"]
+    assert test == ["CMD", *probe]
+
+
+@pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
+def test_depends_on_healthy_peers(resolved: Resolved, spec: ServiceDef) -> None:
+    depends = resolved.service(spec.name)["depends_on"]
+    expected = {peer: {"condition": "service_healthy"} for peer in spec.peers.values()}
+    assert {k: v for k, v in depends.items() if k != "jaeger"} == expected
+    assert depends["jaeger"] == {"condition": "service_started"}
+
+
+def test_only_the_router_is_published_where_dotenv_says(resolved: Resolved) -> None:
+    for spec in SERVICES:
+        if spec.name != "router":
+            assert not resolved.service(spec.name).get("ports"), f"{spec.name} is published"
+    router = next(s for s in SERVICES if s.name == "router")
+    listen = resolved.dotenv[router.listen_var]
+    assert resolved.service("router")["ports"] == [f"{listen}:{resolved.port(router)}/tcp"]
+
+
+def test_jaeger_takes_otlp_inside_and_shows_its_ui_on_loopback(resolved: Resolved) -> None:
+    jaeger = resolved.service("jaeger")
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert {"4317", "16686"} <= set(jaeger["expose"])
+    assert jaeger["ports"] == ["127.0.0.1:16686:16686/tcp"]
+
+
+def test_semantic_cache_state_lives_in_a_named_volume(resolved: Resolved) -> None:
+    svc = resolved.service("semantic-cache")
+    data_dir = svc["environment"]["SEMANTIC_CACHE_DATA_DIR"]
+    volumes = [v.split(":") for v in svc["volumes"]]
+    assert [v[:2] for v in volumes] == [["semantic-cache-data", data_dir]]
+    assert "semantic-cache-data" in resolved.config["volumes"]
+
+
+def test_images_never_contain_local_secrets() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ".run/" in ignored and ".venv/" in ignored
