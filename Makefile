@@ -59,5 +59,9 @@ fmt: setup ## format the code
 test: setup test-deps lint ## lint, then every test (unit, integration on real processes)
 	$(BIN)/pytest -q
 
-bench: setup ## benchmarks; results go to bench-results/
-	$(BIN)/python -m cachemesh.loadtest --out bench-results/loadtest.json
+bench: setup ## load test on a fresh local stack; results in bench-results/loadtest.json
+	$(BIN)/python -m services.stack up
+	set -a; source .run/demo-keys.env; set +a; \
+	  $(BIN)/python -m cachemesh.loadtest --requests 200 --concurrency 8 \
+	    --out bench-results/loadtest.json; status=$$?; \
+	  $(BIN)/python -m services.stack down; exit $$status

@@ -1,0 +1,1 @@
+"""The load-test harness: drives a running Gateway and writes what it measured as JSON."""
