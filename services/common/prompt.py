@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.common.tokens import Tokenizer
 
 Section = Literal["tools", "system", "messages"]

@@ -8,7 +8,6 @@ import os
 from collections.abc import Mapping
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
-
 from services.common.auth import InternalAuthInterceptor
 from services.common.config import Env
 from services.common.server import ServiceSpec, configure_logging, run_service

@@ -15,8 +15,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
-from cachemesh.v1 import gateway_pb2 as pb
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from cachemesh.v1 import model_pb2, model_pb2_grpc
 from opentelemetry import trace
 
+from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.model.engine import Delta, Event, Finished, RequestError, SimEngine, Started
 
 log = logging.getLogger("cachemesh.model")

@@ -7,7 +7,6 @@ import os
 from collections.abc import Mapping
 
 from cachemesh.v1 import gateway_pb2, gateway_pb2_grpc
-
 from services.common.auth import ApiKeys
 from services.common.clock import SystemClock
 from services.common.config import Env

@@ -7,8 +7,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from cachemesh.v1 import model_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
 
+from cachemesh.v1 import model_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
 from services.common.auth import internal_metadata
 from services.router.settings import RouterSettings
 

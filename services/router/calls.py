@@ -11,10 +11,10 @@ import logging
 from collections.abc import Sequence
 
 import grpc
-from cachemesh.v1 import gateway_pb2 as pb
-from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from opentelemetry import trace
 
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.router.backends import Backends
 from services.router.settings import RouterSettings
 from services.router.validation import RequestError

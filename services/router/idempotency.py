@@ -14,7 +14,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.common.clock import Clock
 
 

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from cachemesh.v1 import gateway_pb2 as pb
-from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from opentelemetry import trace
 
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import last_user_text
 from services.common.telemetry import current_trace_id

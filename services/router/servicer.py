@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-
 from services.common.auth import ApiKeys, bearer_token
 from services.common.models import ModelTable
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from cachemesh.v1 import gateway_pb2 as pb
 from opentelemetry import trace
+
+from cachemesh.v1 import gateway_pb2 as pb
 
 
 def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteRequest) -> None:

@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.common.models import Tier
 from services.common.prompt import block_text, last_user_text
 

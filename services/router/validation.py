@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import grpc
-from cachemesh.v1 import gateway_pb2 as pb
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import AUTO, ModelTable
 
 MAX_BREAKPOINTS = 4

@@ -8,10 +8,10 @@ from typing import Any
 
 import grpc
 import pytest
-from cachemesh.v1 import gateway_pb2 as pb
-from cachemesh.v1 import model_pb2, model_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import internal_metadata
 from services.common.config import ConfigError
 from services.model.app import serve

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from cachemesh.v1 import gateway_pb2 as pb
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelSpec, load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from cachemesh.v1 import gateway_pb2 as pb
-from cachemesh.v1 import model_pb2, model_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.models import load_model_table
 from services.common.telemetry import server_interceptors

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from cachemesh.v1 import gateway_pb2 as pb
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
 from services.model.text import (

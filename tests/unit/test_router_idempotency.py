@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from cachemesh.v1 import gateway_pb2 as pb
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cachemesh.v1 import gateway_pb2 as pb
-
 from services.router.tiering import choose_tier
 
 

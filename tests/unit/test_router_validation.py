@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from cachemesh.v1 import gateway_pb2 as pb
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
 from services.router.validation import RequestError, validate_request
 
