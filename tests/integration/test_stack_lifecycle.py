@@ -1,0 +1,69 @@
+"""The stack runner on real processes: up, refuse a second up, down, and the failure paths."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from services.stack.health import SERVING, UNREACHABLE, probe
+from services.stack.runner import Stack, StackError
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+FAST = {"SIM_TIME_SCALE": "0", "CACHEMESH_GRACE_S": "1", "OTEL_TRACES_EXPORTER": "none"}
+
+
+def _stack(run_dir: Path, **overrides: str) -> Stack:
+    return Stack.on_free_ports(ROOT, run_dir, {**FAST, **overrides}, out=io.StringIO())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_refuse_status_down(tmp_path: Path) -> None:
+    stack = _stack(tmp_path / "run")
+    keys = stack.start(timeout_s=180)
+    try:
+        assert keys.created and keys.api_keys_file.is_file()
+        pids = {r.service.name: r.pid for r in stack.running()}
+        assert set(pids) == {"router", "semantic-cache", "prefix-cache", "model"}
+        assert {name: health for name, (_, health) in stack.status().items()} == dict.fromkeys(
+            pids, SERVING
+        )
+        assert all((tmp_path / "run" / "logs" / f"{name}.log").is_file() for name in pids)
+        with pytest.raises(StackError, match="already running"):
+            Stack(ROOT, tmp_path / "run", stack.settings(), out=io.StringIO()).start()
+    finally:
+        stopped = stack.stop()
+    assert sorted(stopped) == sorted(pids)
+    assert not any(_alive(pid) for pid in pids.values())
+    assert probe(stack.router_address, 0.5) == UNREACHABLE
+    assert not list((tmp_path / "run" / "pids").iterdir())
+    assert Stack(ROOT, tmp_path / "run", out=io.StringIO()).stop() == []  # idempotent
+
+
+def test_a_service_that_dies_stops_the_stack_and_shows_its_log(tmp_path: Path) -> None:
+    stack = _stack(tmp_path / "run", MODEL_REPLICAS="not-a-replica-list")
+    with pytest.raises(StackError) as failure:
+        stack.start(timeout_s=180)
+    message = str(failure.value)
+    assert "router exited with code 1 before it was SERVING" in message
+    assert "MODEL_REPLICAS" in message  # the tail of router.log names the bad variable
+    assert stack.running() == []
+    assert all(health == UNREACHABLE for _, health in stack.status().values())
+
+
+def test_a_timeout_stops_everything(tmp_path: Path) -> None:
+    stack = _stack(tmp_path / "run")
+    with pytest.raises(StackError, match=r"not SERVING after 0s"):
+        stack.start(timeout_s=0.01)
+    assert stack.running() == []
+    assert not list((tmp_path / "run" / "pids").iterdir())
