@@ -57,13 +57,12 @@ class LayerTable:
     @staticmethod
     def describe(response: pb.CompleteResponse) -> str:
         layer = pb.Layer.Name(response.served_by).removeprefix("LAYER_")
-        extra = ""
         if response.served_by == pb.LAYER_SEMANTIC_CACHE:
             kind = "exact" if response.semantic.exact else "paraphrase"
-            extra = f" {kind} sim={response.semantic.similarity:.3f}"
+            layer += f" {kind} {response.semantic.similarity:.3f}"
         usage = response.usage
         return (
-            f"{layer:15}{extra:22} {response.model:9} read={usage.cache_read_input_tokens:<5} "
+            f"{layer:32} {response.model:9} read={usage.cache_read_input_tokens:<5} "
             f"write={usage.cache_creation_input_tokens:<5} cost={_usd(response.cost.cost_nanos)}"
         )
 
