@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.errors import RequestError
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer
@@ -25,15 +26,6 @@ from services.model.text import Answer, answer_seed, compose_answer
 
 Sleep = Callable[[float], Awaitable[None]]
 DEFAULT_DELTA_TOKENS = 4
-
-
-class RequestError(Exception):
-    """A request the engine refuses; ``code`` is the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import grpc
 from opentelemetry import trace
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
-from services.model.engine import Delta, Event, Finished, RequestError, SimEngine, Started
+from services.common.errors import RequestError
+from services.model.engine import Delta, Event, Finished, SimEngine, Started
 
 log = logging.getLogger("cachemesh.model")
 

@@ -15,9 +15,9 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from services.common.errors import RequestError
 from services.router.backends import Backends
 from services.router.settings import RouterSettings
-from services.router.validation import RequestError
 
 log = logging.getLogger("cachemesh.router")
 

@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from services.common.errors import RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import last_user_text
 from services.common.telemetry import current_trace_id
@@ -28,7 +29,6 @@ from services.router.backends import Backends
 from services.router.calls import Calls
 from services.router.settings import RouterSettings
 from services.router.tiering import choose_tier
-from services.router.validation import RequestError
 
 log = logging.getLogger("cachemesh.router")
 

@@ -12,10 +12,11 @@ import grpc
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import ApiKeys, bearer_token
+from services.common.errors import RequestError
 from services.common.models import ModelTable
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable
 from services.router.pipeline import Pipeline
-from services.router.validation import RequestError, validate_request
+from services.router.validation import validate_request
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -11,19 +11,11 @@ import math
 import grpc
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.errors import RequestError
 from services.common.models import AUTO, ModelTable
 
 MAX_BREAKPOINTS = 4
 MAX_ID_CHARS = 128
-
-
-class RequestError(Exception):
-    """A request the gateway refuses; carries the status code to return."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _invalid(message: str) -> RequestError:

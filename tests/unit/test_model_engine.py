@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.errors import RequestError
 from services.common.models import ModelSpec, load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
@@ -13,7 +14,6 @@ from services.model.engine import (
     Delta,
     Event,
     Finished,
-    RequestError,
     SimEngine,
     Started,
     decode_seconds,

@@ -6,8 +6,9 @@ import grpc
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.errors import RequestError
 from services.common.models import load_model_table
-from services.router.validation import RequestError, validate_request
+from services.router.validation import validate_request
 
 TABLE = load_model_table()
 DEPLOYED = {"sim-small", "sim-large"}
