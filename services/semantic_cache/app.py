@@ -12,13 +12,15 @@ import grpc
 from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.config import Env
+from services.common.config import ConfigError, Env
 from services.common.server import ServerSettings, ServiceSpec, configure_logging, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.semantic_cache.cache import SemanticCache
-from services.semantic_cache.config import SemanticCacheConfig
+from services.semantic_cache.config import DATA_DIR, SemanticCacheConfig
 from services.semantic_cache.embedder import load_minilm_embedder
+from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
+from services.semantic_cache.snapshotter import Snapshotter
 
 NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -31,6 +33,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     settings = ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN)
     auth = InternalAuthInterceptor(env.str("CACHEMESH_INTERNAL_TOKEN"))
     config = SemanticCacheConfig.from_env(env)
+    clock = SystemClock()
+    snapshotter = _snapshotter(config, clock)
     provider = build_tracer_provider(environ, NAME)
     faiss.omp_set_num_threads(config.faiss_threads)
     servicer = SemanticCacheService()
@@ -38,18 +42,23 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
         await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
-        servicer.attach(
-            SemanticCache(
-                embedder,
-                SystemClock(),
-                threshold=config.threshold,
-                ttl_s=config.ttl_s,
-                max_entries=config.max_entries,
-            )
+        cache = SemanticCache(
+            embedder,
+            clock,
+            threshold=config.threshold,
+            ttl_s=config.ttl_s,
+            max_entries=config.max_entries,
         )
+        if snapshotter is not None:
+            await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
+        servicer.attach(cache)
 
     async def shutdown_tracing() -> None:
         await asyncio.to_thread(provider.shutdown)
+
+    async def save_snapshot() -> None:
+        if snapshotter is not None:
+            await snapshotter.stop()  # the server has drained: nothing changes any more
 
     def register(server: grpc.aio.Server) -> None:
         semantic_cache_pb2_grpc.add_SemanticCacheServicer_to_server(servicer, server)
@@ -61,9 +70,22 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         register=register,
         interceptors=[*server_interceptors(provider), auth],
         warmup=warmup,
-        on_stop=[shutdown_tracing],
+        on_stop=[shutdown_tracing, save_snapshot],  # a failed last save is the exit error
     )
     await run_service(spec, stop)
+
+
+def _snapshotter(config: SemanticCacheConfig, clock: SystemClock) -> Snapshotter | None:
+    if config.data_dir is None:
+        return None
+    store = SnapshotStore(config.data_dir)
+    try:
+        store.prepare()
+    except OSError as exc:
+        raise ConfigError(
+            f"{DATA_DIR}={config.data_dir}: cannot create or write the directory ({exc})"
+        ) from exc
+    return Snapshotter(store, clock, config.snapshot_s)
 
 
 def main() -> None:

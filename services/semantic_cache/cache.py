@@ -23,9 +23,11 @@ from services.semantic_cache.query import Query
 from services.semantic_cache.records import (
     END_TURN,
     Answer,
+    CacheContents,
     CheckResult,
     Entry,
     InvalidQuery,
+    RestoreReport,
     StoreResult,
 )
 
@@ -64,9 +66,19 @@ class SemanticCache:
         self._by_age: OrderedDict[int, None] = OrderedDict()  # oldest first
         self._scopes: dict[ScopeKey, ScopeIndex] = {}
         self._next_id = 0
+        self._changes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def embedder_version(self) -> str:
+        return self._embedder.version
+
+    @property
+    def changes(self) -> int:
+        """Grows on every change a snapshot would show (store, removal, a hit's recency)."""
+        return self._changes
 
     async def check(self, query: Query) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold."""
@@ -134,9 +146,73 @@ class SemanticCache:
         self._entries[vid] = entry
         self._lru[vid] = None
         self._by_age[vid] = None
-        while len(self._entries) > self._max_entries:
-            self._remove(next(iter(self._lru)))
+        self._changes += 1
+        self._evict_over_capacity()
         return StoreResult(True, entry_id=entry.entry_id)
+
+    def export_entries(self) -> CacheContents:
+        """A copy of every unexpired entry with its vector, least recently used first.
+
+        Synchronous, so it is consistent: take it on the event loop, write it elsewhere.
+        """
+        self._purge_expired(self._clock.now_ms())
+        dim = self._embedder.dim
+        parts = [index.export() for index in self._scopes.values()]
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+        position = {vid: i for i, vid in enumerate(ids.tolist())}
+        order = np.fromiter((position[vid] for vid in self._lru), np.int64, len(self._lru))
+        entries = tuple(self._entries[vid] for vid in self._lru)
+        return CacheContents(self._embedder.version, dim, entries, rows[order])
+
+    def restore(self, contents: CacheContents) -> RestoreReport:
+        """Loads exported entries into this empty cache, keeping their ids and LRU order.
+
+        Skips the entries already expired by the clock and those of another embedder version.
+        A malformed export (wrong dimension, a query twice in a scope) changes nothing.
+        """
+        if self._entries:
+            raise ValueError("restore needs an empty cache")
+        now, version = self._clock.now_ms(), self._embedder.version
+        expired = other = 0
+        groups: dict[ScopeKey, list[int]] = {}  # rows of contents, per scope, in LRU order
+        for row, entry in enumerate(contents.entries):
+            if entry.embedder_version != version:
+                other += 1
+            elif entry.created_at_ms + self._ttl_ms <= now:
+                expired += 1
+            else:
+                groups.setdefault((entry.tenant, entry.scope), []).append(row)
+        if groups and contents.dim != self._embedder.dim:
+            raise ValueError(
+                f"vectors have {contents.dim} dimensions, the embedder {self._embedder.dim}"
+            )
+        for (tenant, _), rows in groups.items():
+            if len({contents.entries[r].query for r in rows}) != len(rows):
+                raise ValueError(f"tenant {tenant!r}: a scope holds the same query twice")
+        vid_of = {
+            row: self._next_id + i
+            for i, row in enumerate(sorted(r for g in groups.values() for r in g))
+        }
+        self._next_id += len(vid_of)
+        for row, vid in vid_of.items():
+            self._entries[vid] = contents.entries[row]
+            self._lru[vid] = None
+        for vid in sorted(vid_of.values(), key=lambda v: self._entries[v].created_at_ms):
+            self._by_age[vid] = None
+        for key, rows in groups.items():
+            index = self._scopes[key] = ScopeIndex(
+                self._embedder.dim, contents.entries[rows[0]].namespace
+            )
+            index.add_many(
+                [vid_of[r] for r in rows],
+                contents.vectors[rows],
+                [contents.entries[r].query for r in rows],
+            )
+        self._changes += 1
+        self._evict_over_capacity()
+        evicted = len(vid_of) - len(self._entries)
+        return RestoreReport(len(self._entries), expired, other, evicted)
 
     def drop(self, tenant: str, namespace: str | None = None) -> int:
         """Removes the tenant's entries (of one namespace, or all when None); returns the count."""
@@ -175,6 +251,7 @@ class SemanticCache:
 
     def _hit(self, vid: int, similarity: float, *, exact: bool, best: float) -> CheckResult:
         self._lru.move_to_end(vid)
+        self._changes += 1
         return CheckResult(
             self._entries[vid], similarity=similarity, exact=exact, best_similarity=best
         )
@@ -191,6 +268,10 @@ class SemanticCache:
                 return
             self._remove(vid)
 
+    def _evict_over_capacity(self) -> None:
+        while len(self._entries) > self._max_entries:
+            self._remove(next(iter(self._lru)))
+
     def _remove(self, vid: int) -> None:
         entry = self._forget(vid)
         key = (entry.tenant, entry.scope)
@@ -200,6 +281,7 @@ class SemanticCache:
             del self._scopes[key]
 
     def _forget(self, vid: int) -> Entry:
+        self._changes += 1
         self._lru.pop(vid, None)
         self._by_age.pop(vid, None)
         return self._entries.pop(vid)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.common.config import ConfigError, Env
+
+DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,8 @@ class SemanticCacheConfig:
     max_entries: int  # total capacity; LRU eviction beyond it
     faiss_threads: int
     ort_threads: int
+    data_dir: Path | None = None  # where snapshots go; None = no persistence
+    snapshot_s: float = 60.0  # period of background snapshots; 0 = only at shutdown
 
     @classmethod
     def from_env(cls, env: Env) -> SemanticCacheConfig:
@@ -26,4 +31,6 @@ class SemanticCacheConfig:
             max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
             faiss_threads=env.int("SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1),
             ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1),
+            data_dir=Path(data_dir) if (data_dir := env.optional_str(DATA_DIR)) else None,
+            snapshot_s=env.float("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
         )

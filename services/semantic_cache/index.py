@@ -26,6 +26,20 @@ class ScopeIndex:
         self.ids.add(vid)
         self.exact[key] = vid
 
+    def add_many(self, vids: list[int], vectors: npt.NDArray[np.float32], keys: list[str]) -> None:
+        """Adds rows in bulk (a restore); ``keys[i]`` is the exact-match key of ``vids[i]``."""
+        rows = np.ascontiguousarray(vectors.reshape(len(vids), self._dim), dtype=np.float32)
+        self._index.add_with_ids(rows, np.array(vids, dtype=np.int64))
+        self.ids.update(vids)
+        self.exact.update(zip(keys, vids, strict=True))
+
+    def export(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """A copy of (ids, vectors): row i of the vectors is the one of ids[i]."""
+        ids: npt.NDArray[np.int64] = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        total = int(self._index.ntotal)
+        vectors = np.asarray(self._index.index.reconstruct_n(0, total), dtype=np.float32)
+        return ids, vectors.reshape(total, self._dim)
+
     def remove(self, vid: int, key: str) -> None:
         self._index.remove_ids(faiss.IDSelectorBatch(np.array([vid], dtype=np.int64)))
         self.ids.discard(vid)

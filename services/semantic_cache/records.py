@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 END_TURN = "end_turn"
 
 
@@ -55,3 +58,28 @@ class StoreResult:
     stored: bool
     entry_id: str = ""
     skip_reason: str = ""
+
+
+@dataclass(frozen=True)
+class CacheContents:
+    """Every entry with its vector, least recently used first (``export_entries``/``restore``)."""
+
+    embedder_version: str  # of the cache that exported them
+    dim: int
+    entries: tuple[Entry, ...]
+    vectors: npt.NDArray[np.float32]  # (len(entries), dim); row i is entries[i]'s vector
+
+    def __post_init__(self) -> None:
+        if self.vectors.dtype != np.float32 or self.vectors.shape != (len(self.entries), self.dim):
+            raise ValueError(
+                f"vectors must be float32 of shape ({len(self.entries)}, {self.dim}), "
+                f"got {self.vectors.dtype} {self.vectors.shape}"
+            )
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    restored: int  # now in the cache
+    expired: int = 0  # skipped: older than the TTL by the cache's clock
+    other_embedder: int = 0  # skipped: made by another embedder version
+    evicted: int = 0  # loaded, then evicted: the capacity is smaller than the snapshot

@@ -67,6 +67,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "SEMANTIC_CACHE_FAISS_THREADS",
             "SEMANTIC_CACHE_ORT_THREADS",
             "SEMANTIC_CACHE_DATA_DIR",
+            "SEMANTIC_CACHE_SNAPSHOT_S",
         ),
     ),
     ServiceDef(

@@ -1,0 +1,103 @@
+"""When the semantic cache is saved: loaded in the warm-up, saved periodically and at stop.
+
+The copy of the cache is taken synchronously on the event loop (so it is consistent) and
+written in a worker thread. Saves never overlap, and ``stop`` lets a save in progress finish
+before the final one, so the newest copy is always the one left on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.common.clock import Clock
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.persistence import SnapshotError, SnapshotStore
+from services.semantic_cache.records import RestoreReport
+
+log = logging.getLogger("cachemesh.semantic_cache.persistence")
+
+
+class Snapshotter:
+    """Keeps one cache's snapshot in a ``SnapshotStore``; ``period_s`` 0 = only at stop."""
+
+    def __init__(self, store: SnapshotStore, clock: Clock, period_s: float) -> None:
+        if period_s < 0:
+            raise ValueError(f"period_s must be >= 0, got {period_s}")
+        self._store = store
+        self._clock = clock
+        self._period_s = period_s
+        self._cache: SemanticCache | None = None
+        self._saved_changes: int | None = None  # the cache's ``changes`` at the last save
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, cache: SemanticCache) -> RestoreReport | None:
+        """Restores the snapshot (if any) into ``cache``, then starts the periodic saves."""
+        snapshot = await asyncio.to_thread(self._store.load)
+        report = None
+        if snapshot is None:
+            log.info("no snapshot at %s: starting empty", self._store.path)
+        else:
+            try:
+                report = cache.restore(snapshot.contents)
+            except ValueError as exc:
+                raise SnapshotError(self._store.path, f"cannot be restored: {exc}") from exc
+            log.info(
+                "restored %d entries from %s (skipped %d expired; evicted %d over capacity)",
+                report.restored,
+                self._store.path,
+                report.expired,
+                report.evicted,
+            )
+            if report.other_embedder:
+                log.warning(
+                    "skipped %d entries of embedder %s (this one is %s): they are dropped",
+                    report.other_embedder,
+                    snapshot.contents.embedder_version,
+                    cache.embedder_version,
+                )
+            if report.restored == len(snapshot.contents.entries):
+                self._saved_changes = cache.changes  # the file already says exactly this
+        self._cache = cache
+        if self._period_s > 0:
+            self._task = asyncio.create_task(self._periodic(), name="semantic-cache-snapshots")
+        return report
+
+    async def save(self) -> bool:
+        """Saves the cache now unless nothing changed since the last save; True if written."""
+        async with self._lock:
+            cache = self._cache
+            if cache is None or cache.changes == self._saved_changes:
+                return False
+            contents = cache.export_entries()  # synchronous: a consistent copy
+            changes = cache.changes
+            size = await asyncio.to_thread(self._store.save, contents, self._clock.now_ms())
+            self._saved_changes = changes
+            log.info(
+                "saved %d entries (%d bytes) to %s", len(contents.entries), size, self._store.path
+            )
+            return True
+
+    async def stop(self) -> None:
+        """Ends the periodic saves (a save in progress finishes), then saves a last time."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        if self._cache is not None:
+            try:
+                await self.save()
+            except Exception:
+                log.exception("the final snapshot to %s failed", self._store.path)
+                raise
+
+    async def _periodic(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._period_s)
+            except TimeoutError:
+                try:
+                    await self.save()
+                except Exception:  # a full disk must not stop the service: retried next period
+                    log.exception("a periodic snapshot to %s failed", self._store.path)
