@@ -87,7 +87,10 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
                 warm.cancel()
             else:
                 stopped.cancel()
-                warm.result()  # a failed warm-up stops the process with its error
+                if warm.exception() is not None:
+                    # a failed warm-up stops the process with its error, server closed first
+                    await server.stop(0)
+                    warm.result()
         if not stop.is_set():
             for name in ("", *spec.service_names):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,54 @@
+"""The shared bootstrap: health follows readiness, a failed warm-up closes the server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.server import ServerSettings, ServiceSpec, run_service
+from services.stack.health import UNREACHABLE, probe
+from tests.integration.harness import free_port
+
+
+def _spec(port: int, warmup: asyncio.Event | None, fail: bool = False) -> ServiceSpec:
+    async def warm() -> None:
+        if warmup is not None:
+            await warmup.wait()
+        if fail:
+            raise RuntimeError("model file is corrupt")
+
+    return ServiceSpec(
+        name="test",
+        settings=ServerSettings(f"127.0.0.1:{port}", grace_s=0.5, max_message_bytes=1 << 20),
+        service_names=["test.v1.Nothing"],
+        register=lambda server: None,
+        warmup=warm,
+    )
+
+
+async def _status(port: int) -> str:
+    return await asyncio.to_thread(probe, f"127.0.0.1:{port}", 2.0)
+
+
+async def test_not_serving_until_warm_then_serving_then_stops() -> None:
+    port, ready, stop = free_port(), asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_service(_spec(port, ready), stop))
+    while await _status(port) == UNREACHABLE:
+        await asyncio.sleep(0.05)
+    assert await _status(port) == "NOT_SERVING"
+    ready.set()
+    for _ in range(50):
+        if await _status(port) == "SERVING":
+            break
+        await asyncio.sleep(0.05)
+    assert await _status(port) == "SERVING"
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_a_failed_warmup_raises_and_leaves_no_server_listening() -> None:
+    port = free_port()
+    with pytest.raises(RuntimeError, match="corrupt"):
+        await asyncio.wait_for(run_service(_spec(port, None, fail=True)), 10)
+    assert await _status(port) == UNREACHABLE
