@@ -31,18 +31,23 @@ async def _status(port: int) -> str:
     return await asyncio.to_thread(probe, f"127.0.0.1:{port}", 2.0)
 
 
+async def _settle(port: int, wanted: str) -> str:
+    """The status once it is ``wanted`` (or whatever it is after 5 s)."""
+    status = UNREACHABLE
+    for _ in range(100):
+        status = await _status(port)
+        if status == wanted:
+            break
+        await asyncio.sleep(0.05)
+    return status
+
+
 async def test_not_serving_until_warm_then_serving_then_stops() -> None:
     port, ready, stop = free_port(), asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_service(_spec(port, ready), stop))
-    while await _status(port) == UNREACHABLE:
-        await asyncio.sleep(0.05)
-    assert await _status(port) == "NOT_SERVING"
+    assert await _settle(port, "NOT_SERVING") == "NOT_SERVING"
     ready.set()
-    for _ in range(50):
-        if await _status(port) == "SERVING":
-            break
-        await asyncio.sleep(0.05)
-    assert await _status(port) == "SERVING"
+    assert await _settle(port, "SERVING") == "SERVING"
     stop.set()
     await asyncio.wait_for(task, 10)
 
