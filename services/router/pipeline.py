@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -64,7 +64,7 @@ class Pipeline:
 
     async def run(
         self, tenant: str, request: pb.CompleteRequest
-    ) -> AsyncIterator[pb.CompleteChunk]:
+    ) -> AsyncGenerator[pb.CompleteChunk, None]:
         root = trace.get_current_span()
         spans.request_attributes(root, tenant, request)
         head = pb.CompleteResponse(request_id=request.request_id, trace_id=current_trace_id())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -60,10 +61,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 return
             end: pb.CompleteResponse | None = None
             try:
-                async for chunk in self._pipeline.run(tenant, request):
-                    if chunk.WhichOneof("part") == "end":
-                        end = chunk.end
-                    yield chunk
+                async with aclosing(self._pipeline.run(tenant, request)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.WhichOneof("part") == "end":
+                            end = chunk.end
+                        yield chunk
             finally:
                 _settle(self._answers, tenant, request, future, end)
         except RequestError as exc:
@@ -98,9 +100,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return await asyncio.shield(future)
         end: pb.CompleteResponse | None = None
         try:
-            async for chunk in self._pipeline.run(tenant, request):
-                if chunk.WhichOneof("part") == "end":
-                    end = chunk.end
+            async with aclosing(self._pipeline.run(tenant, request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.WhichOneof("part") == "end":
+                        end = chunk.end
         finally:
             _settle(self._answers, tenant, request, future, end)
         if end is None:

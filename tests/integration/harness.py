@@ -31,14 +31,21 @@ class RunningStack:
         return grpc.insecure_channel(self.addresses[service])
 
     def totals(self, tenant: str) -> prefix_cache_pb2.TotalsResponse:
-        with self.internal_channel("prefix-cache") as channel:
-            stub = prefix_cache_pb2_grpc.PrefixCacheStub(channel)
-            response: prefix_cache_pb2.TotalsResponse = stub.Totals(
-                prefix_cache_pb2.TotalsRequest(tenant=tenant),
-                metadata=(("x-cachemesh-internal", self.internal_token),),
-                timeout=10,
-            )
-            return response
+        return prefix_totals(self.addresses["prefix-cache"], self.internal_token, tenant)
+
+
+def prefix_totals(
+    address: str, internal_token: str, tenant: str
+) -> prefix_cache_pb2.TotalsResponse:
+    """The tenant's billed totals, asked of prefix-cache with the internal credential."""
+    with grpc.insecure_channel(address) as channel:
+        stub = prefix_cache_pb2_grpc.PrefixCacheStub(channel)
+        response: prefix_cache_pb2.TotalsResponse = stub.Totals(
+            prefix_cache_pb2.TotalsRequest(tenant=tenant),
+            metadata=(("x-cachemesh-internal", internal_token),),
+            timeout=10,
+        )
+        return response
 
 
 def stack_overrides(ports: dict[str, int], sink: OtlpSink) -> dict[str, str]:

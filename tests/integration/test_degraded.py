@@ -1,4 +1,4 @@
-"""A dependency that is down degrades the request, never loses it (its own stack)."""
+"""Failure paths on a stack of their own: a cancelled stream, dependencies that go down."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from cachemesh import Client, UnavailableError, build_request
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
 from services.stack.envfile import read_env_file
 from services.stack.runner import Stack
-from tests.integration.harness import free_port, stack_overrides
+from tests.integration.harness import free_port, prefix_totals, stack_overrides
 from tests.integration.otlp_sink import OtlpSink
 
 pytestmark = pytest.mark.integration
@@ -27,7 +29,9 @@ def degraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
     sink.start()
     run_dir = tmp_path_factory.mktemp("run-degraded")
     ports = {name: free_port() for name in ("router", "semantic-cache", "prefix-cache", "model")}
-    runner = Stack(ROOT, run_dir, stack_overrides(ports, sink))
+    # the simulator at its real speed, so a stream can be cancelled while it decodes
+    overrides = {**stack_overrides(ports, sink), "SIM_TIME_SCALE": "1.0"}
+    runner = Stack(ROOT, run_dir, overrides)
     runner.start(timeout_s=240)
     key = read_env_file(run_dir / "demo-keys.env")["CACHEMESH_KEY_A"]
     try:
@@ -47,6 +51,40 @@ def _kill(runner: Stack, *names: str) -> None:
     while any(v.exit_code() is None for v in victims) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(v.exit_code() is not None for v in victims)
+
+
+def test_a_cancelled_stream_is_billed_for_what_was_produced_and_never_stored(
+    degraded: tuple[Stack, Client],
+) -> None:
+    runner, client = degraded
+    prefix = runner.addresses["prefix-cache"]
+    token = runner.keys().internal_token
+    before = prefix_totals(prefix, token, "tenant-a")
+    request = build_request("Tell me about the history of aviation.", namespace="cancel")
+    with grpc.insecure_channel(runner.router_address) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).StreamComplete(
+            request, metadata=(("authorization", f"Bearer {_key(runner)}"),), timeout=60
+        )
+        chunks = iter(call)
+        assert next(chunks).WhichOneof("part") == "start"
+        assert next(chunks).WhichOneof("part") == "delta"
+        call.cancel()
+    after = before
+    for _ in range(100):
+        after = prefix_totals(prefix, token, "tenant-a")
+        if after.requests > before.requests:
+            break
+        time.sleep(0.1)
+    assert after.requests == before.requests + 1  # billed once, for the prompt ...
+    produced = after.usage.output_tokens - before.usage.output_tokens
+    full = client.complete(build_request("Tell me about the history of aviation.", namespace="x"))
+    assert 0 < produced < full.usage.output_tokens  # ... and the tokens streamed so far
+    again = client.complete(request)
+    assert again.served_by == pb.LAYER_MODEL  # the cancelled answer was never stored
+
+
+def _key(runner: Stack) -> str:
+    return runner.keys().key_for("tenant-a")
 
 
 def test_without_the_caches_the_model_answers_with_an_estimated_cost(
