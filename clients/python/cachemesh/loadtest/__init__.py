@@ -1,1 +1,2 @@
-"""The load-test harness: drives a running Gateway and writes what it measured as JSON."""
+"""The load-test harness: workloads, closed and open loops over one or several processes,
+latency percentiles per layer, cost per layer, a JSON report (SCHEMA.md) and an HTML chart."""

@@ -1,0 +1,136 @@
+"""``cachemesh-load`` (= ``python -m cachemesh.loadtest``): bounded load on a running Gateway.
+
+Closed loop (``--concurrency`` requests in flight) or open loop (``--rate`` requests a second,
+Poisson arrivals); every run stops after ``--requests`` requests or ``--duration`` seconds,
+whichever comes first, after an unrecorded ``--warmup``. Loopback targets only, unless
+``--allow-non-loopback``. Writes a JSON report (SCHEMA.md), optionally an HTML chart and the
+JSONL request log the offline estimator replays (``python -m services.estimator``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from cachemesh._client import DEFAULT_TARGET
+from cachemesh.loadtest import chart, report
+from cachemesh.loadtest.load import NotLoopback, check_target, draw, run_load
+from cachemesh.loadtest.reqlog import LogRecord, write_log
+from cachemesh.loadtest.runner import LoadShape
+from cachemesh.loadtest.stats import summarise
+from cachemesh.loadtest.workloads import DEFAULT_MIX, NAMES, DataMissing, WorkloadSpec, build
+from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B
+
+MAX_REQUESTS = 1_000_000
+MAX_DURATION_S = 3600.0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cachemesh-load", description=__doc__)
+    p.add_argument("--target", default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET))
+    p.add_argument("--allow-non-loopback", action="store_true", help="permit a remote target")
+    p.add_argument("--workload", choices=NAMES, default="synthetic")
+    p.add_argument("--mix", default=DEFAULT_MIX, help="weights for --workload mix")
+    p.add_argument("--repeat-rate", type=float, default=0.3, help="faq: exact repeats")
+    p.add_argument("--paraphrase-rate", type=float, default=0.3, help="faq: paraphrases")
+    data = os.environ.get("CACHEMESH_DATA_DIR", "../shared/data")
+    p.add_argument("--data-dir", type=Path, default=Path(data))
+    p.add_argument("--namespace", default=None, help="cache namespace (default: a fresh one)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--mode", choices=("closed", "open"), default="closed")
+    p.add_argument("--concurrency", type=int, default=8, help="closed loop: in flight")
+    p.add_argument("--rate", type=float, default=20.0, help="open loop: mean requests/s")
+    p.add_argument("--requests", type=int, default=200, help="measured requests (upper bound)")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds (upper bound)")
+    p.add_argument("--warmup", type=int, default=0, help="unrecorded requests sent first")
+    p.add_argument("--processes", type=int, default=1, help="client processes")
+    p.add_argument("--stream", action="store_true", help="StreamComplete (records TTFT)")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
+    p.add_argument("--out", type=Path, required=True, help="the JSON report")
+    p.add_argument("--chart", type=Path, default=None, help="an HTML chart of the run")
+    p.add_argument("--log-out", type=Path, default=None, help="the requests as a JSONL log")
+    p.add_argument("--stack-config", type=Path, default=Path(".env"),
+                   help="env file the stack was started with (recorded in the report)")  # fmt: skip
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    check_target(args.target, args.allow_non_loopback)
+    if not 1 <= args.requests <= MAX_REQUESTS:
+        raise ValueError(f"--requests must be within 1..{MAX_REQUESTS}")
+    if not 0 < args.duration <= MAX_DURATION_S:
+        raise ValueError(f"--duration must be within (0, {MAX_DURATION_S:.0f}] seconds")
+    if args.concurrency < 1 or args.processes < 1 or args.warmup < 0:
+        raise ValueError("--concurrency and --processes must be >= 1, --warmup >= 0")
+    if args.mode == "open" and not args.rate > 0:
+        raise ValueError("--rate must be > 0 for --mode open")
+
+
+def stack_config(path: Path) -> dict[str, str]:
+    """The stack's settings as the env file says, overridden by this environment."""
+    if not path.is_file():
+        return {}
+    config: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#"):
+            config[key] = os.environ.get(key, value)
+    return config
+
+
+def keys_from_env() -> dict[str, str]:
+    keys = {}
+    if key := os.environ.get("CACHEMESH_API_KEY") or os.environ.get("CACHEMESH_KEY_A"):
+        keys[TENANT_A] = key
+    if key := os.environ.get("CACHEMESH_KEY_B"):
+        keys[TENANT_B] = key
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        _check(args)
+        keys = keys_from_env()
+        if TENANT_A not in keys:
+            raise ValueError("set CACHEMESH_API_KEY (or source .run/demo-keys.env)")
+        namespace = args.namespace if args.namespace is not None else f"load-{time.time_ns()}"
+        spec = WorkloadSpec(args.workload, args.seed, namespace, args.data_dir, args.mix,
+                            args.repeat_rate, args.paraphrase_rate)  # fmt: skip
+        workload = build(spec)
+        warmup, plan = draw(workload, args.warmup), draw(workload, args.requests)
+        missing = {i.tenant for i in [*warmup, *plan]} - set(keys)
+        if missing:
+            raise ValueError(f"the workload sends as {sorted(missing)}: set CACHEMESH_KEY_B")
+    except (ValueError, NotLoopback, DataMissing) as exc:
+        print(f"cachemesh-load: {exc}", file=sys.stderr)
+        return 2
+    shape = LoadShape(args.mode, args.concurrency, args.rate, args.duration, args.stream,
+                      args.timeout, args.seed)  # fmt: skip
+    samples = run_load(args.target, keys, warmup, plan, shape, args.processes, args.workload)
+    results = summarise(samples, workload.labels())
+    run = {
+        "target": args.target, "mode": args.mode, "concurrency": args.concurrency,
+        "rate_rps": args.rate if args.mode == "open" else None, "requests_limit": args.requests,
+        "duration_limit_s": args.duration, "warmup_requests": args.warmup,
+        "processes": args.processes, "stream": args.stream, "seed": args.seed,
+        "namespace": namespace, "timeout_s": args.timeout,
+    }  # fmt: skip
+    params = {"name": args.workload, **workload.params()}
+    doc = report.document(run=run, workload=params, stack=stack_config(args.stack_config),
+                          results=results)  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.chart:
+        args.chart.write_text(chart.render_html(f"cachemesh load: {args.workload}",
+                                                [(args.workload, results)]))  # fmt: skip
+    if args.log_out:
+        with args.log_out.open("w", encoding="utf-8") as out:
+            write_log(out, (LogRecord(i * 1000.0, item) for i, item in enumerate([*warmup, *plan])))
+    print(report.table(results))
+    print(f"report: {args.out}" + (f"; chart: {args.chart}" if args.chart else ""))
+    return 0 if not results["errors"] else 1

@@ -1,0 +1,76 @@
+"""One bounded load run: the warm-up, then the measured plan, in one or several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import replace
+
+from cachemesh.loadtest.progress import Progress
+from cachemesh.loadtest.runner import LoadShape, run_plan, run_processes
+from cachemesh.loadtest.samples import Sample
+from cachemesh.loadtest.workloads import Item, Workload
+
+
+class NotLoopback(ValueError):
+    """The target is not a loopback address and the caller did not allow it."""
+
+
+def check_target(target: str, allow_remote: bool) -> None:
+    """Refuses a non-loopback target unless ``allow_remote`` (``--allow-non-loopback``)."""
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    host = host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_remote:
+        raise NotLoopback(
+            f"--target {target}: the load test only targets loopback (127.0.0.0/8, ::1, "
+            "localhost); pass --allow-non-loopback to load a stack you own elsewhere"
+        )
+
+
+def draw(workload: Workload, count: int) -> list[Item]:
+    return [workload.next_item() for _ in range(count)]
+
+
+def run_load(
+    target: str,
+    keys: dict[str, str],
+    warmup: Sequence[Item],
+    plan: Sequence[Item],
+    shape: LoadShape,
+    processes: int = 1,
+    label: str = "load",
+) -> list[Sample]:
+    """Warm-up samples (marked) followed by the measured ones."""
+    samples: list[Sample] = []
+    if warmup:
+        bar = Progress(f"{label} warm-up", len(warmup))
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            bar(done)
+
+        closed = replace(shape, mode="closed")
+        samples += asyncio.run(run_plan(target, keys, warmup, closed, warmup=True, tick=tick))
+        bar.close()
+    bar = Progress(label, len(plan))
+    if processes <= 1:
+        count = 0
+
+        def step() -> None:
+            nonlocal count
+            count += 1
+            bar(count)
+
+        samples += asyncio.run(run_plan(target, keys, plan, shape, seed=shape.seed, tick=step))
+    else:
+        samples += run_processes(target, keys, plan, shape, processes, bar)
+    bar.close()
+    return samples

@@ -1,0 +1,90 @@
+"""The report: one JSON document (schema in SCHEMA.md) and its terminal table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+SCHEMA = "cachemesh.loadtest.v1"
+
+
+def document(
+    *, run: Mapping[str, Any], workload: Mapping[str, Any], stack: Mapping[str, str],
+    results: Mapping[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "schema": SCHEMA,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "run": dict(run),
+        "workload": dict(workload),
+        "stack": dict(stack),
+        "results": dict(results),
+    }
+
+
+def _usd(nanos: int) -> str:
+    return f"${nanos / 1e9:,.4f}"
+
+
+def table(results: Mapping[str, Any]) -> str:
+    """The terminal view of one run's ``results``."""
+    lines = [
+        f"requests {results['requests']}  completed {results['completed']}  "
+        f"errors {results['errors'] or 'none'}  wall {results['wall_s']} s  "
+        f"{results['throughput_rps']} req/s",
+        "",
+        f"{'latency (ms)':16}{'n':>7}{'p50':>9}{'p90':>9}{'p95':>9}{'p99':>9}{'max':>9}",
+    ]
+    latency = results["latency_ms"]
+    for name, row in [("all", latency["all"]), *latency["by_layer"].items()]:
+        lines.append(
+            f"{name:16}{row['n']:>7}{row['p50']:>9.1f}{row['p90']:>9.1f}{row['p95']:>9.1f}"
+            f"{row['p99']:>9.1f}{row['max']:>9.1f}"
+        )
+    if results.get("ttft_ms"):
+        row = results["ttft_ms"]["all"]
+        lines.append(f"{'TTFT (stream)':16}{row['n']:>7}{row['p50']:>9.1f}{row['p90']:>9.1f}"
+                     f"{row['p95']:>9.1f}{row['p99']:>9.1f}{row['max']:>9.1f}")  # fmt: skip
+    cost = results["cost"]
+    lines += [
+        "",
+        f"{'layer':16}{'requests':>9}{'hit rate':>10}{'cost':>13}{'baseline':>13}{'saved':>13}",
+    ]
+    rates = results["hit_rate"]
+    for layer, row in cost["by_layer"].items():
+        lines.append(
+            f"{layer:16}{row['requests']:>9}{rates.get(layer, 0.0):>10.1%}"
+            f"{_usd(row['cost_nanos']):>13}{_usd(row['baseline_nanos']):>13}"
+            f"{_usd(row['saved_nanos']):>13}"
+        )
+    lines.append(
+        f"{'total':16}{results['completed']:>9}{'':>10}{_usd(cost['cost_nanos']):>13}"
+        f"{_usd(cost['baseline_nanos']):>13}{_usd(cost['saved_nanos']):>13}"
+        f"  ({cost['saved_fraction']:.1%} saved)"
+    )
+    tokens = results["tokens"]
+    lines.append(
+        f"prefix cache: {tokens['cache_read']} tokens read, {tokens['cache_write']} written; "
+        f"L1 exact {rates['semantic_cache_exact']:.1%}, paraphrase "
+        f"{rates['semantic_cache_paraphrase']:.1%}; KV reused {tokens['kv_cached']} tokens"
+    )
+    labels = results.get("labels")
+    if labels:
+        lines.append(
+            f"labelled L1 hits: {labels['l1_hits_judged']} judged, {labels['correct']} correct, "
+            f"{labels['wrong']} wrong ({labels['wrong_labelled']} on labelled negative pairs); "
+            f"saved excluding wrong hits {_usd(labels['saved_nanos_excluding_wrong'])}"
+        )
+    if cost["estimated"]:
+        lines.append(f"({cost['estimated']} costs estimated: prefix-cache was unreachable)")
+    return "\n".join(lines)

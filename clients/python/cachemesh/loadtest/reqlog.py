@@ -1,0 +1,71 @@
+"""The JSONL request log: one request a line, the input of the offline savings estimator.
+
+Each line is a JSON object (documented in SCHEMA.md, "Request log"):
+
+    {"t_ms": 0, "tenant": "tenant-a", "kind": "faq", "question": "...",
+     "request": {... a cachemesh.v1.CompleteRequest in protobuf's JSON mapping ...}}
+
+``t_ms`` is the arrival time in milliseconds from the start of the log (non-decreasing);
+``tenant`` is any string that tells tenants apart; ``kind`` and ``question`` are optional
+(``question`` is the asked text of a labelled request). ``request`` uses the field names of
+gateway.proto in lowerCamelCase, e.g. ``{"model": "auto", "maxTokens": 200, "messages": [{"role":
+"ROLE_USER", "content": [{"text": "How do I reset my password?"}]}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from google.protobuf import json_format
+
+from cachemesh.loadtest.workloads import Item
+from cachemesh.v1 import gateway_pb2 as pb
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    t_ms: float
+    item: Item
+
+
+class LogError(ValueError):
+    """A line of the request log is malformed; the message names the line and the field."""
+
+
+def write_log(out: TextIO, records: Iterable[LogRecord]) -> None:
+    for record in records:
+        line = {
+            "t_ms": record.t_ms,
+            "tenant": record.item.tenant,
+            "kind": record.item.kind,
+            "question": record.item.question,
+            "request": json_format.MessageToDict(record.item.request),
+        }
+        out.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_log(path: Path) -> Iterator[LogRecord]:
+    last = float("-inf")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+                request = json_format.ParseDict(row["request"], pb.CompleteRequest())
+            except (json.JSONDecodeError, KeyError, json_format.ParseError) as exc:
+                raise LogError(f"{where}: not a request log line ({exc})") from exc
+            t_ms = row.get("t_ms", last if last > float("-inf") else 0.0)
+            tenant = row.get("tenant")
+            if not isinstance(t_ms, int | float) or t_ms < last:
+                raise LogError(f"{where}: t_ms must be a number >= the previous line's")
+            if not isinstance(tenant, str) or not tenant:
+                raise LogError(f"{where}: tenant must be a non-empty string")
+            last = float(t_ms)
+            item = Item(str(row.get("kind", "log")), tenant, request, str(row.get("question", "")))
+            yield LogRecord(float(t_ms), item)

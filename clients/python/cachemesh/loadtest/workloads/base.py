@@ -1,0 +1,76 @@
+"""What a workload is: an endless, seeded source of Gateway requests with their metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cachemesh.v1 import gateway_pb2 as pb
+
+TENANT_A = "tenant-a"
+TENANT_B = "tenant-b"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request to send. ``question`` is set for labelled workloads (the asked text)."""
+
+    kind: str  # the workload that made it: agent | tools | faq | unrelated | synthetic
+    tenant: str  # tenant-a | tenant-b (which demo key sends it)
+    request: pb.CompleteRequest
+    question: str = ""
+
+
+class Workload(Protocol):
+    name: str
+
+    def params(self) -> dict[str, object]:
+        """Every parameter that shapes the requests (recorded in the report)."""
+        ...
+
+    def next_item(self) -> Item:
+        """The next request; workloads never run out (they cycle or draw anew)."""
+        ...
+
+    def labels(self) -> dict[frozenset[str], int]:
+        """Labelled pairs of normalised questions (1 = same meaning, 0 = not); may be empty."""
+        ...
+
+
+class DataMissing(FileNotFoundError):
+    """A data-backed workload cannot find its file under the data directory."""
+
+
+def data_file(data_dir: Path, relative: str) -> Path:
+    path = data_dir / relative
+    if not path.is_file():
+        raise DataMissing(
+            f"{path} not found: pass --data-dir (the shared data folder, ../shared/data from the "
+            "repository root), or use the synthetic workload, which needs no data"
+        )
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, object]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def normalise(text: str) -> str:
+    """The same key as the semantic cache's exact match: whitespace collapsed, casefolded."""
+    return " ".join(text.split()).casefold()
+
+
+def user(text: str, *, cache: bool = False) -> pb.Message:
+    block = pb.ContentBlock(text=text)
+    if cache:
+        block.cache_control.SetInParent()
+    return pb.Message(role=pb.ROLE_USER, content=[block])
+
+
+def tool_from_schema(name: str, description: str, parameters: object) -> pb.Tool:
+    return pb.Tool(
+        name=name, description=description, input_schema_json=json.dumps(parameters, sort_keys=True)
+    )

@@ -1,0 +1,136 @@
+"""tau-bench airline conversations replayed turn by turn, with their system prompt and tools.
+
+Each trajectory (``agent/tau_bench/airline_gpt-4o_trajectories.jsonl``) becomes one request per
+assistant turn: the system prompt and the 14 tools (a breakpoint after each, as an agent caching
+its prefix would mark them), and the conversation so far with a breakpoint on its last block.
+The recorded assistant turns (text and tool calls) and tool results form the history, so each
+request is what the agent sent at that point of the real conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from cachemesh.loadtest.workloads.base import (
+    TENANT_A,
+    Item,
+    data_file,
+    read_jsonl,
+    tool_from_schema,
+)
+from cachemesh.v1 import gateway_pb2 as pb
+
+TRAJECTORIES = "agent/tau_bench/airline_gpt-4o_trajectories.jsonl"
+TOOLS = "agent/tau_bench/airline_tools.json"
+
+
+def load_tools(path: Path) -> list[pb.Tool]:
+    tools = []
+    for entry in json.loads(path.read_text()):
+        fn = entry["function"]
+        tools.append(tool_from_schema(fn["name"], fn.get("description", ""), fn["parameters"]))
+    tools[-1].cache_control.SetInParent()
+    return tools
+
+
+def _text(value: object) -> str:
+    return value.strip() if isinstance(value, str) and value.strip() not in ("", "None") else ""
+
+
+def _messages(raw: list[dict[str, object]]) -> list[pb.Message]:
+    """tau-bench (OpenAI-style) messages to Gateway messages; consecutive tool results merge."""
+    out: list[pb.Message] = []
+    for message in raw:
+        role = message["role"]
+        if role == "user":
+            text = _text(message.get("content")) or "(no text)"
+            out.append(pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)]))
+        elif role == "assistant":
+            blocks = [pb.ContentBlock(text=t) for t in [_text(message.get("content"))] if t]
+            for call in message.get("tool_calls") or []:  # type: ignore[attr-defined]
+                fn = call["function"]
+                use = pb.ToolUse(id=call["id"], name=fn["name"], input_json=fn["arguments"])
+                blocks.append(pb.ContentBlock(tool_use=use))
+            out.append(
+                pb.Message(role=pb.ROLE_ASSISTANT, content=blocks or [pb.ContentBlock(text="OK.")])
+            )
+        elif role == "tool":
+            result = pb.ToolResult(
+                tool_use_id=str(message["tool_call_id"]), content=str(message.get("content", ""))
+            )
+            block = pb.ContentBlock(tool_result=result)
+            if out and out[-1].role == pb.ROLE_USER and out[-1].content[-1].HasField("tool_result"):
+                out[-1].content.append(block)
+            else:
+                out.append(pb.Message(role=pb.ROLE_USER, content=[block]))
+    return out
+
+
+def conversation_requests(
+    row: dict[str, object], tools: list[pb.Tool], model: str, max_tokens: int, namespace: str
+) -> list[pb.CompleteRequest]:
+    raw: list[dict[str, object]] = row["messages"]  # type: ignore[assignment]
+    system = pb.ContentBlock(text=str(raw[0]["content"]))
+    system.cache_control.SetInParent()
+    messages = _messages(raw[1:])
+    requests = []
+    for k in range(1, len(messages)):
+        if messages[k].role != pb.ROLE_ASSISTANT or messages[k - 1].role != pb.ROLE_USER:
+            continue
+        history = [pb.Message() for _ in range(k)]
+        for copy, original in zip(history, messages[:k], strict=True):
+            copy.CopyFrom(original)
+        history[-1].content[-1].cache_control.SetInParent()
+        requests.append(
+            pb.CompleteRequest(
+                model=model,
+                max_tokens=max_tokens,
+                tools=tools,
+                system=[system],
+                messages=history,
+                cache=pb.CacheOptions(namespace=namespace),
+            )
+        )
+    return requests
+
+
+class TauAgent:
+    """Conversations in a seeded order, each replayed turn by turn, then the next."""
+
+    name = "agent"
+
+    def __init__(
+        self, data_dir: Path, seed: int, namespace: str, model: str = "sim-large",
+        max_tokens: int = 512,
+    ) -> None:  # fmt: skip
+        self._rows = read_jsonl(data_file(data_dir, TRAJECTORIES))
+        self._tools = load_tools(data_file(data_dir, TOOLS))
+        random.Random(seed).shuffle(self._rows)
+        self._seed, self._namespace, self._model, self._max_tokens = (
+            seed,
+            namespace,
+            model,
+            max_tokens,
+        )
+        self._conversation = 0
+        self._pending: list[pb.CompleteRequest] = []
+
+    def params(self) -> dict[str, object]:
+        return {
+            "seed": self._seed, "source": TRAJECTORIES, "conversations": len(self._rows),
+            "model": self._model, "max_tokens": self._max_tokens,
+        }  # fmt: skip
+
+    def labels(self) -> dict[frozenset[str], int]:
+        return {}
+
+    def next_item(self) -> Item:
+        while not self._pending:
+            row = self._rows[self._conversation % len(self._rows)]
+            self._conversation += 1
+            self._pending = conversation_requests(
+                row, self._tools, self._model, self._max_tokens, self._namespace
+            )
+        return Item(self.name, TENANT_A, self._pending.pop(0))
