@@ -43,10 +43,13 @@ demo: setup ## start the stack, drive a realistic workload, print the per-layer 
 	  $(BIN)/python -m cachemesh.demo; status=$$?; \
 	  $(BIN)/python -m services.stack down; exit $$status
 
-test-deps: ## install the system tools the tests use (docker-compose, to validate the compose file)
+test-deps: ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)
 	@command -v docker-compose >/dev/null || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) \
 	  >/dev/null || { echo "cannot install docker-compose (apt-get)"; exit 1; }; }
+	@command -v redis-server >/dev/null || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+	  >/dev/null || { echo "cannot install redis-server (apt-get)"; exit 1; }; }
 
 lint: setup ## ruff and mypy --strict
 	$(BIN)/ruff check services clients tests

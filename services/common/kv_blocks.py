@@ -1,4 +1,7 @@
-"""A replica's KV prefix cache, modelled on vLLM's automatic prefix caching.
+"""A KV prefix cache of chained block hashes, modelled on vLLM's automatic prefix caching.
+
+The model replica holds the truth with it; prefix-cache keeps an approximate view of each
+replica with the same hashes (so both agree on what a block is).
 
 The prompt's token ids are cut into blocks of ``BLOCK_SIZE`` tokens; only full blocks are
 cached. Each block's hash chains its parent's hash, so a block is reusable only when every

@@ -15,25 +15,93 @@ AUTO = "auto"
 Tier = Literal["small", "large"]
 
 
+Provider = Literal["simulated", "anthropic", "openai", "self_hosted"]
+Rules = Literal["anthropic", "openai", "self_hosted"]
+# Fields each rule set needs in its row, and fields it must not have (a price it never bills).
+_RULE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "anthropic": (
+        (
+            "cache_write_5m_nanos",
+            "cache_write_1h_nanos",
+            "cache_read_nanos",
+            "min_cacheable_tokens",
+        ),
+        ("cache_increment_tokens", "idle_retention_s", "kv_block_tokens"),
+    ),
+    "openai": (
+        ("cache_read_nanos", "min_cacheable_tokens", "cache_increment_tokens", "idle_retention_s"),
+        ("cache_write_5m_nanos", "cache_write_1h_nanos", "kv_block_tokens"),
+    ),
+    "self_hosted": (
+        ("cache_read_nanos", "kv_block_tokens"),
+        ("cache_write_5m_nanos", "cache_write_1h_nanos", "cache_increment_tokens"),
+    ),
+}
+KV_BLOCK_TOKENS = 16  # the simulated engine's and vLLM's default block size
+
+
 class ModelSpec(BaseModel):
+    """One row of the table. ``rules`` picks the caching rule set; each rule set requires its
+    own fields (and forbids the prices it never bills), checked when the table loads."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
     tier: Tier
-    provider: Literal["simulated"]
-    rules: Literal["anthropic"]
-    priced_like: str
+    provider: Provider
+    rules: Rules
+    priced_like: str = ""
     source: str = Field(min_length=1)
     input_nanos: int = Field(ge=0)
     output_nanos: int = Field(ge=0)
-    cache_write_5m_nanos: int = Field(ge=0)
-    cache_write_1h_nanos: int = Field(ge=0)
-    cache_read_nanos: int = Field(ge=0)
-    min_cacheable_tokens: int = Field(ge=0)
+    cache_write_5m_nanos: int = Field(default=0, ge=0)
+    cache_write_1h_nanos: int = Field(default=0, ge=0)
+    cache_read_nanos: int = Field(default=0, ge=0)
+    min_cacheable_tokens: int = Field(default=0, ge=0)
+    cache_increment_tokens: int = Field(default=0, ge=0)  # openai: hits in these increments
+    idle_retention_s: int = Field(default=0, ge=0)  # openai: an unused prefix lives this long
+    kv_block_tokens: int = Field(default=0, ge=0)  # self_hosted: full blocks only
     context_window_tokens: int = Field(gt=0)
     max_output_tokens: int = Field(gt=0)
-    prefill_tokens_per_s: float = Field(gt=0)
-    decode_tokens_per_s: float = Field(gt=0)
+    prefill_tokens_per_s: float | None = Field(default=None, gt=0)  # simulated engines only
+    decode_tokens_per_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _fields_of_the_rule_set(self) -> ModelSpec:
+        required, forbidden = _RULE_FIELDS[self.rules]
+        given = self.model_fields_set
+        missing = [name for name in required if name not in given]
+        if missing:
+            raise ValueError(f"models.{self.id}: rules {self.rules!r} need {', '.join(missing)}")
+        extra = [name for name in forbidden if name in given]
+        if extra:
+            raise ValueError(
+                f"models.{self.id}: rules {self.rules!r} do not use {', '.join(extra)}"
+            )
+        if self.rules == "openai" and self.cache_increment_tokens <= 0:
+            raise ValueError(f"models.{self.id}: cache_increment_tokens must be > 0")
+        if self.rules == "self_hosted" and self.kv_block_tokens != KV_BLOCK_TOKENS:
+            raise ValueError(f"models.{self.id}: kv_block_tokens must be {KV_BLOCK_TOKENS}")
+        if self.provider == "simulated" and (
+            self.prefill_tokens_per_s is None or self.decode_tokens_per_s is None
+        ):
+            raise ValueError(
+                f"models.{self.id}: a simulated model needs prefill_tokens_per_s and "
+                "decode_tokens_per_s"
+            )
+        return self
+
+    @property
+    def prefill_rate(self) -> float:
+        if self.prefill_tokens_per_s is None:
+            raise ValueError(f"{self.id} is not simulated: it has no prefill speed")
+        return self.prefill_tokens_per_s
+
+    @property
+    def decode_rate(self) -> float:
+        if self.decode_tokens_per_s is None:
+            raise ValueError(f"{self.id} is not simulated: it has no decode speed")
+        return self.decode_tokens_per_s
 
     def baseline_nanos(self, prompt_tokens: int, output_tokens: int) -> int:
         """The same tokens at this model's base input and output prices, no cache of any kind."""

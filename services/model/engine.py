@@ -61,11 +61,11 @@ class Prepared:
 
 
 def prefill_seconds(spec: ModelSpec, uncached_tokens: int, time_scale: float) -> float:
-    return uncached_tokens / spec.prefill_tokens_per_s * time_scale
+    return uncached_tokens / spec.prefill_rate * time_scale
 
 
 def decode_seconds(spec: ModelSpec, output_tokens: int, time_scale: float) -> float:
-    return output_tokens / spec.decode_tokens_per_s * time_scale
+    return output_tokens / spec.decode_rate * time_scale
 
 
 class SimEngine:

@@ -6,20 +6,25 @@ import asyncio
 import os
 from collections.abc import Mapping
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.config import Env
+from services.common.config import ConfigError, Env
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, configure_logging, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.redis_store import RedisWarmStore
+from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.totals import TotalsLedger
-from services.prefix_cache.warm import InMemoryWarmStore
+from services.prefix_cache.warm import InMemoryWarmStore, WarmStore
 
 PREFIX_CACHE = prefix_cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"].full_name
 
@@ -32,11 +37,16 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     auth = InternalAuthInterceptor(settings.internal_token)
     provider = build_tracer_provider(environ, "prefix-cache")
     tokenizer = TokenizerSlot()
+    redis: Redis | None = None
+    cache: WarmStore = InMemoryWarmStore(settings.max_warm_entries)
+    if settings.redis_url is not None:
+        redis = Redis.from_url(settings.redis_url)
+        cache = shared = RedisWarmStore(redis)
     core = PrefixCacheCore(
         table=table,
         tokenizer=tokenizer,
-        cache=InMemoryWarmStore(settings.max_warm_entries),
-        replicas=InMemoryWarmStore(settings.max_warm_entries),
+        cache=cache,
+        views=ReplicaViews(settings.replica_capacity_blocks),
         records=CommitRecords(settings.record_ttl_s * 1000, settings.max_records),
         totals=TotalsLedger(),
         clock=SystemClock(),
@@ -45,9 +55,18 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     servicer = PrefixCacheServicer(core)
 
     async def warmup() -> None:
+        if redis is not None:  # fail at start-up, never fall back silently
+            try:
+                await shared.ping()
+            except RedisError as exc:
+                raise ConfigError(
+                    f"PREFIX_CACHE_REDIS_URL: cannot reach Redis at {settings.redis_url} ({exc})"
+                ) from exc
         tokenizer.set(await asyncio.to_thread(load_cl100k))
 
     async def close() -> None:
+        if redis is not None:
+            await redis.aclose()
         provider.shutdown()
 
     await run_service(

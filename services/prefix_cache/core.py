@@ -12,19 +12,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
 from services.common.models import AUTO, ModelSpec, ModelTable
-from services.common.prompt import Block, canonical_blocks
+from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer
-from services.prefix_cache.pricing import Charge, charge
+from services.prefix_cache.auto_rules import plan_for, scope_for
+from services.prefix_cache.pricing import charge
+from services.prefix_cache.reconcile import reported_usage
 from services.prefix_cache.records import CommitRecords, Final
-from services.prefix_cache.rules import Probe, PromptPlan, Split, Write, plan_prompt, settle
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.rules import PromptPlan, Split, settle
 from services.prefix_cache.sites import sites_of
 from services.prefix_cache.totals import TenantTotals, TotalsLedger
 from services.prefix_cache.warm import WarmStore
-
-# How long a replica is assumed to keep a prefix in KV cache after it last served it.
-REPLICA_TTL_MS = 300_000
 
 
 class BadRequest(ValueError):
@@ -67,17 +68,10 @@ class PlanResult:
 
 
 @dataclass(frozen=True)
-class FinalResult:
-    split: Split
-    output_tokens: int
-    kv_cached_tokens: int
-    charge: Charge
-
-
-@dataclass(frozen=True)
 class _Prompt:
-    blocks: list[Block]
     plan: PromptPlan
+    scope: tuple[str, ...]
+    kv_hashes: list[bytes]  # the replica's block hashes of the prompt (L3)
 
 
 class PrefixCacheCore:
@@ -87,7 +81,7 @@ class PrefixCacheCore:
         table: ModelTable,
         tokenizer: TokenizerSlot,
         cache: WarmStore,
-        replicas: WarmStore,
+        views: ReplicaViews,
         records: CommitRecords,
         totals: TotalsLedger,
         clock: Clock,
@@ -96,7 +90,7 @@ class PrefixCacheCore:
         self._table = table
         self._tokenizer = tokenizer
         self._cache = cache
-        self._replicas = replicas
+        self._views = views
         self._records = records
         self._totals = totals
         self._clock = clock
@@ -108,17 +102,16 @@ class PrefixCacheCore:
     ) -> PlanResult:
         _require(tenant, "tenant")
         spec = self._spec(model, "model")
-        prompt = await self._prompt(request, spec)
-        now = self._clock.now_ms()
-        hit = await self._cache.longest((tenant, spec.id), prompt.plan.probes, now)
-        split = settle(prompt.plan, hit.tokens if hit else 0)
-        boundaries = _boundaries(prompt.blocks)
-        candidates = []
-        for replica in replicas:
-            warm = await self._replicas.longest((tenant, spec.id, replica), boundaries, now)
-            candidates.append(Candidate(replica, warm.tokens if warm else 0))
+        prompt = await self._prompt(tenant, request, spec)
+        total = prompt.plan.prompt_tokens
+        candidates = [Candidate(r, self._views.match(r, prompt.kv_hashes, total)) for r in replicas]
         candidates.sort(key=lambda c: -c.warm_prefix_tokens)  # stable: ties keep input order
-        return PlanResult(split, tuple(candidates))
+        if spec.rules == "self_hosted":  # the replica's KV cache is the cache
+            read = candidates[0].warm_prefix_tokens if candidates else 0
+        else:
+            hit = await self._cache.longest(prompt.scope, prompt.plan.probes, self._clock.now_ms())
+            read = hit.tokens if hit else 0
+        return PlanResult(settle(prompt.plan, read), tuple(candidates))
 
     async def warm(
         self,
@@ -127,25 +120,32 @@ class PrefixCacheCore:
         model: str,
         request: pb.CompleteRequest | None,
         replica: str,
+        kv_cached_tokens: int = 0,
     ) -> Split:
+        """The first token arrived from ``replica``, which reported ``kv_cached_tokens``."""
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         spec = self._spec(model, "model")
         if (done := self._records.get(tenant, request_id, self._clock.now_ms())) is not None:
             return done.split
-        prompt = await self._prompt(request, spec)
+        prompt = await self._prompt(tenant, request, spec)
+        plan = prompt.plan
+        if not 0 <= kv_cached_tokens < max(plan.prompt_tokens, 1):
+            raise BadRequest(
+                f"kv_cached_tokens must be within [0, {plan.prompt_tokens}) for this prompt of "
+                f"{plan.prompt_tokens} tokens, got {kv_cached_tokens}"
+            )
         async with self._commit_lock:
             now = self._clock.now_ms()
             if (done := self._records.get(tenant, request_id, now)) is not None:
                 return done.split  # a concurrent retry committed first
-            plan = prompt.plan
-            hit = await self._cache.settle((tenant, spec.id), plan.probes, plan.writes, now)
-            split = settle(plan, hit.tokens if hit else 0)
+            if spec.rules == "self_hosted":  # the engine's report is the truth
+                split = settle(plan, kv_cached_tokens if replica else 0)
+            else:
+                hit = await self._cache.settle(prompt.scope, plan.probes, plan.writes, now)
+                split = settle(plan, hit.tokens if hit else 0)
             if replica:
-                marks = [
-                    Write(p.digest, p.tokens, REPLICA_TTL_MS) for p in _boundaries(prompt.blocks)
-                ]
-                await self._replicas.settle((tenant, spec.id, replica), (), marks, now)
+                self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, kv_cached_tokens)
             self._records.put_warm(tenant, request_id, spec.id, replica, split, now)
             return split
 
@@ -157,7 +157,8 @@ class PrefixCacheCore:
         output_tokens: int,
         kv_cached_tokens: int,
         baseline_model: str,
-    ) -> FinalResult:
+        provider_usage: pc.ProviderUsage | None = None,
+    ) -> Final:
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         if output_tokens < 0:
@@ -179,14 +180,42 @@ class PrefixCacheCore:
                     f"request_id {request_id!r}; send the same model or leave it empty"
                 )
             if record.final is not None:
-                return _final_result(record.split, record.final)
+                return record.final
             spec = self._table.get(record.model)
             assert spec is not None  # checked at WARM against the same table
-            money = charge(record.split, output_tokens, spec, baseline_spec or spec)
-            final = Final(output_tokens, kv_cached_tokens, (baseline_spec or spec).id, money)
-            self._totals.add(tenant, record.split, output_tokens, kv_cached_tokens, money)
+            base = baseline_spec or spec
+            estimate = charge(record.split, output_tokens, spec, base)
+            final = Final(
+                output_tokens,
+                kv_cached_tokens,
+                base.id,
+                estimate,
+                record.split,
+                record.split,
+                estimate,
+                reconciled=False,
+            )
+            if provider_usage is not None:
+                reported = reported_usage(provider_usage, spec)
+                if output_tokens and output_tokens != reported.output_tokens:
+                    raise BadRequest(
+                        f"output_tokens ({output_tokens}) differs from the provider's reported "
+                        f"output ({reported.output_tokens}); send 0 or the same count"
+                    )
+                billed = charge(reported.split, reported.output_tokens, spec, base)
+                final = Final(
+                    reported.output_tokens,
+                    kv_cached_tokens,
+                    base.id,
+                    billed,
+                    reported.split,
+                    record.split,
+                    charge(record.split, reported.output_tokens, spec, base),
+                    reconciled=True,
+                )
+            self._totals.add(tenant, final)
             self._records.put_final(tenant, request_id, record, final, now)
-            return _final_result(record.split, final)
+            return final
 
     def totals(self, tenant: str) -> TenantTotals:
         _require(tenant, "tenant")
@@ -202,26 +231,19 @@ class PrefixCacheCore:
             )
         return spec
 
-    async def _prompt(self, request: pb.CompleteRequest | None, spec: ModelSpec) -> _Prompt:
+    async def _prompt(
+        self, tenant: str, request: pb.CompleteRequest | None, spec: ModelSpec
+    ) -> _Prompt:
         if request is None:
             raise BadRequest("request is required: send the CompleteRequest being served")
         tokenizer = self._tokenizer.get()
         blocks = await asyncio.to_thread(canonical_blocks, request, tokenizer)
-        return _Prompt(blocks, plan_prompt(blocks, sites_of(request), spec, self._lookback))
+        plan = await asyncio.to_thread(plan_for, blocks, sites_of(request), spec, self._lookback)
+        ids = prompt_token_ids(blocks)
+        hashes = await asyncio.to_thread(ReplicaViews.hashes, tenant, spec.id, ids)
+        return _Prompt(plan, scope_for(spec, tenant, request), hashes)
 
 
 def _require(value: str, field: str) -> None:
     if not value:
         raise BadRequest(f"{field} is required and must not be empty")
-
-
-def _boundaries(blocks: Sequence[Block]) -> list[Probe]:
-    probes, total = [], 0
-    for block in blocks:
-        total += block.tokens
-        probes.append(Probe(block.digest, total))
-    return probes
-
-
-def _final_result(split: Split, final: Final) -> FinalResult:
-    return FinalResult(split, final.output_tokens, final.kv_cached_tokens, final.charge)

@@ -11,10 +11,17 @@ from services.prefix_cache.rules import Split
 
 @dataclass(frozen=True)
 class Final:
+    """What FINAL billed: ``split``/``charge`` are the provider's report when there was one
+    (``reconciled``), else the estimate; the estimate is always kept beside it."""
+
     output_tokens: int
     kv_cached_tokens: int
     baseline_model: str
     charge: Charge
+    split: Split
+    estimate: Split
+    estimate_charge: Charge
+    reconciled: bool
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,9 @@ class PromptPlan:
     writes: tuple[Write, ...]  # one per cacheable breakpoint, in prompt order
     cached_end: int  # tokens up to the last cacheable breakpoint (0 if none)
     end_1h: int  # tokens up to the last cacheable 1-hour breakpoint (0 if none)
+    # "anthropic" bills writes by position; "openai" and "self_hosted" bill reads only, and
+    # cached_end is then the longest prefix a read may cover.
+    kind: str = "anthropic"
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ def plan_prompt(
 def settle(plan: PromptPlan, read_tokens: int) -> Split:
     """The split once the store has found the longest warm prefix (0 = none)."""
     read = min(max(read_tokens, 0), plan.cached_end)
+    if plan.kind != "anthropic":  # no write premium: the rest is plain input
+        return Split(plan.prompt_tokens - read, 0, 0, read)
     write_1h = max(plan.end_1h - read, 0)
     write_5m = plan.cached_end - read - write_1h
     return Split(

@@ -6,17 +6,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
-from services.prefix_cache.core import (
-    BadRequest,
-    FinalResult,
-    NotReady,
-    NoWarmCommit,
-    PrefixCacheCore,
-)
+from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PrefixCacheCore
+from services.prefix_cache.reconcile import BadUsage
+from services.prefix_cache.records import Final
 from services.prefix_cache.rules import RuleViolation, Split
 
 T = TypeVar("T")
@@ -25,6 +22,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (RuleViolation, grpc.StatusCode.INVALID_ARGUMENT),
+    (BadUsage, grpc.StatusCode.INVALID_ARGUMENT),
     (NoWarmCommit, grpc.StatusCode.FAILED_PRECONDITION),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )
@@ -63,6 +61,7 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
                     request.model,
                     request.request if request.HasField("request") else None,
                     request.replica,
+                    request.kv_cached_tokens,
                 ),
             )
             return pc.CommitResponse(usage=usage_of(split))
@@ -76,9 +75,16 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
                     request.output_tokens,
                     request.kv_cached_tokens,
                     request.baseline_model,
+                    request.provider_usage if request.HasField("provider_usage") else None,
                 ),
             )
-            return final_response(final)
+            response = final_response(final)
+            span = trace.get_current_span()
+            span.set_attribute("cachemesh.reconciled", response.reconciled)
+            if response.reconciled:
+                span.set_attribute("cachemesh.drift.prompt_tokens", response.drift.prompt_tokens)
+                span.set_attribute("cachemesh.drift.cost_nanos", response.drift.cost_nanos)
+            return response
         await _abort(
             context,
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -99,6 +105,15 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
                 ),
                 cost_nanos=t.cost_nanos,
                 baseline_nanos=t.baseline_nanos,
+                reconciled_requests=t.reconciled_requests,
+                drift=pc.UsageDrift(
+                    prompt_tokens=t.drift_prompt_tokens,
+                    input_tokens=t.drift_input_tokens,
+                    cache_creation_input_tokens=t.drift_cache_creation_tokens,
+                    cache_read_input_tokens=t.drift_cache_read_tokens,
+                    cost_nanos=t.drift_cost_nanos,
+                ),
+                drift_abs_prompt_tokens=t.drift_abs_prompt_tokens,
             )
 
         return await _call(context, totals)
@@ -114,15 +129,29 @@ def usage_of(split: Split, output_tokens: int = 0, kv_cached_tokens: int = 0) ->
     )
 
 
-def final_response(final: FinalResult) -> pc.CommitResponse:
-    return pc.CommitResponse(
-        usage=usage_of(final.split, final.output_tokens, final.kv_cached_tokens),
+def final_response(final: Final) -> pc.CommitResponse:
+    billed, est = final.split, final.estimate
+    response = pc.CommitResponse(
+        usage=usage_of(billed, final.output_tokens, final.kv_cached_tokens),
         cost=pb.Cost(
             cost_nanos=final.charge.cost_nanos,
             baseline_nanos=final.charge.baseline_nanos,
             saved_nanos=final.charge.saved_nanos,
         ),
+        estimated_usage=usage_of(est, final.output_tokens, final.kv_cached_tokens),
+        reconciled=final.reconciled,
     )
+    if final.reconciled:
+        response.drift.CopyFrom(
+            pc.UsageDrift(
+                prompt_tokens=billed.prompt_tokens - est.prompt_tokens,
+                input_tokens=billed.input_tokens - est.input_tokens,
+                cache_creation_input_tokens=billed.creation_tokens - est.creation_tokens,
+                cache_read_input_tokens=billed.read_tokens - est.read_tokens,
+                cost_nanos=final.charge.cost_nanos - final.estimate_charge.cost_nanos,
+            )
+        )
+    return response
 
 
 async def _call(context: Context, work: Callable[[], Awaitable[T]]) -> T:

@@ -18,6 +18,8 @@ class PrefixCacheSettings:
     record_ttl_s: int
     max_warm_entries: int
     max_records: int
+    redis_url: str | None  # set = warm prefixes shared in Redis; unset = in this process
+    replica_capacity_blocks: int  # the KV capacity assumed per model replica (L3 view)
 
     @classmethod
     def from_env(cls, env: Env) -> PrefixCacheSettings:
@@ -28,4 +30,8 @@ class PrefixCacheSettings:
             record_ttl_s=env.int("PREFIX_CACHE_RECORD_TTL_S", 86400, minimum=0),
             max_warm_entries=env.int("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
             max_records=env.int("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
+            redis_url=env.optional_str("PREFIX_CACHE_REDIS_URL"),
+            replica_capacity_blocks=env.int(
+                "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS", 65536, minimum=1
+            ),
         )

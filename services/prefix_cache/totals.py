@@ -1,11 +1,14 @@
-"""Running totals per tenant: requests, usage and money, each FINAL commit counted once."""
+"""Running totals per tenant: requests, usage and money, each FINAL commit counted once.
+
+Usage and cost are the billed figures (the provider's report where one reconciled the
+estimate); the drift sums reported minus estimated over the reconciled requests.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from services.prefix_cache.pricing import Charge
-from services.prefix_cache.rules import Split
+from services.prefix_cache.records import Final
 
 
 @dataclass(frozen=True)
@@ -18,27 +21,52 @@ class TenantTotals:
     kv_cached_tokens: int = 0
     cost_nanos: int = 0
     baseline_nanos: int = 0
+    reconciled_requests: int = 0
+    drift_prompt_tokens: int = 0
+    drift_input_tokens: int = 0
+    drift_cache_creation_tokens: int = 0
+    drift_cache_read_tokens: int = 0
+    drift_cost_nanos: int = 0
+    drift_abs_prompt_tokens: int = 0
 
 
 class TotalsLedger:
     def __init__(self) -> None:
         self._by_tenant: dict[str, TenantTotals] = {}
 
-    def add(
-        self, tenant: str, split: Split, output_tokens: int, kv_cached_tokens: int, charge: Charge
-    ) -> None:
+    def add(self, tenant: str, final: Final) -> None:
         old = self._by_tenant.get(tenant, TenantTotals())
-        self._by_tenant[tenant] = replace(
+        split, est = final.split, final.estimate
+        new = replace(
             old,
             requests=old.requests + 1,
             input_tokens=old.input_tokens + split.input_tokens,
             cache_creation_input_tokens=old.cache_creation_input_tokens + split.creation_tokens,
             cache_read_input_tokens=old.cache_read_input_tokens + split.read_tokens,
-            output_tokens=old.output_tokens + output_tokens,
-            kv_cached_tokens=old.kv_cached_tokens + kv_cached_tokens,
-            cost_nanos=old.cost_nanos + charge.cost_nanos,
-            baseline_nanos=old.baseline_nanos + charge.baseline_nanos,
+            output_tokens=old.output_tokens + final.output_tokens,
+            kv_cached_tokens=old.kv_cached_tokens + final.kv_cached_tokens,
+            cost_nanos=old.cost_nanos + final.charge.cost_nanos,
+            baseline_nanos=old.baseline_nanos + final.charge.baseline_nanos,
         )
+        if final.reconciled:
+            drift_prompt = split.prompt_tokens - est.prompt_tokens
+            new = replace(
+                new,
+                reconciled_requests=old.reconciled_requests + 1,
+                drift_prompt_tokens=old.drift_prompt_tokens + drift_prompt,
+                drift_input_tokens=old.drift_input_tokens + split.input_tokens - est.input_tokens,
+                drift_cache_creation_tokens=old.drift_cache_creation_tokens
+                + split.creation_tokens
+                - est.creation_tokens,
+                drift_cache_read_tokens=old.drift_cache_read_tokens
+                + split.read_tokens
+                - est.read_tokens,
+                drift_cost_nanos=old.drift_cost_nanos
+                + final.charge.cost_nanos
+                - final.estimate_charge.cost_nanos,
+                drift_abs_prompt_tokens=old.drift_abs_prompt_tokens + abs(drift_prompt),
+            )
+        self._by_tenant[tenant] = new
 
     def get(self, tenant: str) -> TenantTotals:
         return self._by_tenant.get(tenant, TenantTotals())

@@ -31,6 +31,10 @@ class WarmEntry:
 
 
 class WarmStore(Protocol):
+    async def count(self) -> int:
+        """Entries held, live or not yet collected (stats and tests)."""
+        ...
+
     async def longest(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:
         """The longest unexpired entry among ``probes``. No side effects."""
         ...
@@ -55,6 +59,10 @@ class InMemoryWarmStore:
         self._entries: OrderedDict[tuple[Scope, str], WarmEntry] = OrderedDict()
 
     def __len__(self) -> int:
+        return len(self._entries)
+
+    async def count(self) -> int:
+        """Entries held, live or not yet purged (for tests and stats)."""
         return len(self._entries)
 
     async def longest(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:

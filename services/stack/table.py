@@ -80,6 +80,8 @@ SERVICES: tuple[ServiceDef, ...] = (
             "PREFIX_CACHE_RECORD_TTL_S",
             "PREFIX_CACHE_MAX_WARM_ENTRIES",
             "PREFIX_CACHE_MAX_RECORDS",
+            "PREFIX_CACHE_REDIS_URL",
+            "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS",
         ),
     ),
     ServiceDef(

@@ -102,8 +102,8 @@ async def test_latency_follows_uncached_prefill_and_decode(
     start, end = first[0], first[-1]
     assert isinstance(start, Started) and isinstance(end, Finished)
     assert start.kv_cached_tokens == 0
-    assert sleep.calls[0] == pytest.approx(start.prompt_tokens / spec.prefill_tokens_per_s)
-    assert sum(sleep.calls[1:]) == pytest.approx(end.output_tokens / spec.decode_tokens_per_s)
+    assert sleep.calls[0] == pytest.approx(start.prompt_tokens / spec.prefill_rate)
+    assert sum(sleep.calls[1:]) == pytest.approx(end.output_tokens / spec.decode_rate)
     first_prefill = sleep.calls[0]
 
     sleep.calls.clear()
@@ -113,7 +113,7 @@ async def test_latency_follows_uncached_prefill_and_decode(
     assert again.kv_cached_tokens == (start.prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
     uncached = start.prompt_tokens - again.kv_cached_tokens
     assert 1 <= uncached <= BLOCK_SIZE
-    assert sleep.calls[0] == pytest.approx(uncached / spec.prefill_tokens_per_s)
+    assert sleep.calls[0] == pytest.approx(uncached / spec.prefill_rate)
     assert sleep.calls[0] < first_prefill / 50
     assert second[1:] == first[1:]  # same prompt, same answer
 

@@ -21,6 +21,7 @@ from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.app import serve
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.totals import TotalsLedger
@@ -49,7 +50,7 @@ async def served(tokenizer: Tokenizer) -> AsyncIterator[Served]:
         table=load_model_table(),
         tokenizer=slot,
         cache=InMemoryWarmStore(),
-        replicas=InMemoryWarmStore(),
+        views=ReplicaViews(65536),
         records=CommitRecords(ttl_ms=86_400_000),
         totals=TotalsLedger(),
         clock=ManualClock(),
@@ -132,8 +133,8 @@ async def test_warm_final_totals_round_trip(served: Served, tokenizer: Tokenizer
         ),
         metadata=AUTH,
     )
-    assert ranked.candidates[0] == pc.ReplicaCandidate(
-        replica="replica-1", warm_prefix_tokens=total
+    assert ranked.candidates[0] == pc.ReplicaCandidate(  # full blocks of 16, never the last token
+        replica="replica-1", warm_prefix_tokens=(total - 1) // 16 * 16
     )
 
 

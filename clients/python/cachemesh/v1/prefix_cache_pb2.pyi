@@ -141,6 +141,7 @@ class CommitRequest(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     KV_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     BASELINE_MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_USAGE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -149,12 +150,18 @@ class CommitRequest(_message.Message):
     output_tokens: _builtins.int
     """FINAL"""
     kv_cached_tokens: _builtins.int
-    """FINAL: what the engine reported"""
+    """WARM and FINAL: what the engine reported (GenerateStart)"""
     baseline_model: _builtins.str
     """priced for baseline_nanos; empty = model"""
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
         """required for WARM"""
+
+    @_builtins.property
+    def provider_usage(self) -> Global___ProviderUsage:
+        """FINAL: the usage the real provider reported, in its own shape; it reconciles the estimate
+        (totals use it; the estimate is kept and the drift is reported). Unset = simulated engine.
+        """
 
     def __init__(
         self,
@@ -168,14 +175,184 @@ class CommitRequest(_message.Message):
         output_tokens: _builtins.int = ...,
         kv_cached_tokens: _builtins.int = ...,
         baseline_model: _builtins.str = ...,
+        provider_usage: Global___ProviderUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommitRequest: _TypeAlias = CommitRequest  # noqa: Y015
+
+@_typing.final
+class ProviderUsage(_message.Message):
+    """The provider's usage object as its API returns it (field names as in the JSON)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANTHROPIC_FIELD_NUMBER: _builtins.int
+    OPENAI_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def anthropic(self) -> Global___AnthropicUsage: ...
+    @_builtins.property
+    def openai(self) -> Global___OpenAIUsage: ...
+    def __init__(
+        self,
+        *,
+        anthropic: Global___AnthropicUsage | None = ...,
+        openai: Global___OpenAIUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anthropic", b"anthropic", "openai", b"openai", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anthropic", b"anthropic", "openai", b"openai", "report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_report: _TypeAlias = _typing.Literal["anthropic", "openai"]  # noqa: Y015
+    _WhichOneofArgType_report: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_report) -> _WhichOneofReturnType_report | None: ...
+
+Global___ProviderUsage: _TypeAlias = ProviderUsage  # noqa: Y015
+
+@_typing.final
+class AnthropicUsage(_message.Message):
+    """Anthropic Messages API `usage`: input_tokens excludes the cache tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_FIELD_NUMBER: _builtins.int
+    input_tokens: _builtins.int
+    cache_creation_input_tokens: _builtins.int
+    cache_read_input_tokens: _builtins.int
+    output_tokens: _builtins.int
+    @_builtins.property
+    def cache_creation(self) -> Global___AnthropicCacheCreation:
+        """the split of cache_creation_input_tokens by TTL"""
+
+    def __init__(
+        self,
+        *,
+        input_tokens: _builtins.int = ...,
+        cache_creation_input_tokens: _builtins.int = ...,
+        cache_read_input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cache_creation: Global___AnthropicCacheCreation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation", "cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnthropicUsage: _TypeAlias = AnthropicUsage  # noqa: Y015
+
+@_typing.final
+class AnthropicCacheCreation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPHEMERAL_5M_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    EPHEMERAL_1H_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ephemeral_5m_input_tokens: _builtins.int
+    ephemeral_1h_input_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        ephemeral_5m_input_tokens: _builtins.int = ...,
+        ephemeral_1h_input_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ephemeral_1h_input_tokens", b"ephemeral_1h_input_tokens", "ephemeral_5m_input_tokens", b"ephemeral_5m_input_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnthropicCacheCreation: _TypeAlias = AnthropicCacheCreation  # noqa: Y015
+
+@_typing.final
+class OpenAIUsage(_message.Message):
+    """OpenAI Chat Completions `usage`: prompt_tokens includes the cached tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_DETAILS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    total_tokens: _builtins.int
+    @_builtins.property
+    def prompt_tokens_details(self) -> Global___OpenAIPromptTokensDetails: ...
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        total_tokens: _builtins.int = ...,
+        prompt_tokens_details: Global___OpenAIPromptTokensDetails | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prompt_tokens_details", b"prompt_tokens_details"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "prompt_tokens_details", b"prompt_tokens_details", "total_tokens", b"total_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenAIUsage: _TypeAlias = OpenAIUsage  # noqa: Y015
+
+@_typing.final
+class OpenAIPromptTokensDetails(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    cached_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        cached_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenAIPromptTokensDetails: _TypeAlias = OpenAIPromptTokensDetails  # noqa: Y015
+
+@_typing.final
+class UsageDrift(_message.Message):
+    """Reported minus estimated, per part of the prompt and in money."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_NANOS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    input_tokens: _builtins.int
+    cache_creation_input_tokens: _builtins.int
+    cache_read_input_tokens: _builtins.int
+    cost_nanos: _builtins.int
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        cache_creation_input_tokens: _builtins.int = ...,
+        cache_read_input_tokens: _builtins.int = ...,
+        cost_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "cost_nanos", b"cost_nanos", "input_tokens", b"input_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageDrift: _TypeAlias = UsageDrift  # noqa: Y015
 
 @_typing.final
 class CommitResponse(_message.Message):
@@ -183,21 +360,39 @@ class CommitResponse(_message.Message):
 
     USAGE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    ESTIMATED_USAGE_FIELD_NUMBER: _builtins.int
+    RECONCILED_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
+    reconciled: _builtins.bool
+    """FINAL: a provider report was applied"""
     @_builtins.property
-    def usage(self) -> _gateway_pb2.Usage: ...
+    def usage(self) -> _gateway_pb2.Usage:
+        """what is billed: the provider's report when there is one, else the estimate"""
+
     @_builtins.property
     def cost(self) -> _gateway_pb2.Cost:
         """set on FINAL"""
+
+    @_builtins.property
+    def estimated_usage(self) -> _gateway_pb2.Usage:
+        """FINAL: prefix-cache's own estimate"""
+
+    @_builtins.property
+    def drift(self) -> Global___UsageDrift:
+        """FINAL with a report: reported minus estimated"""
 
     def __init__(
         self,
         *,
         usage: _gateway_pb2.Usage | None = ...,
         cost: _gateway_pb2.Cost | None = ...,
+        estimated_usage: _gateway_pb2.Usage | None = ...,
+        reconciled: _builtins.bool = ...,
+        drift: Global___UsageDrift | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "drift", b"drift", "estimated_usage", b"estimated_usage", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "drift", b"drift", "estimated_usage", b"estimated_usage", "reconciled", b"reconciled", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,11 +425,24 @@ class TotalsResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     COST_NANOS_FIELD_NUMBER: _builtins.int
     BASELINE_NANOS_FIELD_NUMBER: _builtins.int
+    RECONCILED_REQUESTS_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
+    DRIFT_ABS_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     cost_nanos: _builtins.int
     baseline_nanos: _builtins.int
+    reconciled_requests: _builtins.int
+    """requests billed from a provider's report"""
+    drift_abs_prompt_tokens: _builtins.int
+    """summed |reported - estimated| prompt tokens"""
     @_builtins.property
-    def usage(self) -> _gateway_pb2.Usage: ...
+    def usage(self) -> _gateway_pb2.Usage:
+        """reported figures where a provider reported, else the estimates"""
+
+    @_builtins.property
+    def drift(self) -> Global___UsageDrift:
+        """summed reported minus estimated over those requests"""
+
     def __init__(
         self,
         *,
@@ -242,10 +450,13 @@ class TotalsResponse(_message.Message):
         usage: _gateway_pb2.Usage | None = ...,
         cost_nanos: _builtins.int = ...,
         baseline_nanos: _builtins.int = ...,
+        reconciled_requests: _builtins.int = ...,
+        drift: Global___UsageDrift | None = ...,
+        drift_abs_prompt_tokens: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drift", b"drift", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_nanos", b"baseline_nanos", "cost_nanos", b"cost_nanos", "requests", b"requests", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_nanos", b"baseline_nanos", "cost_nanos", b"cost_nanos", "drift", b"drift", "drift_abs_prompt_tokens", b"drift_abs_prompt_tokens", "reconciled_requests", b"reconciled_requests", "requests", b"requests", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,121 @@
+"""The warm-prefix store in Redis, shared by several prefix-cache replicas.
+
+Each entry is a hash ``{tokens, ttl_ms, expires_at_ms}`` under
+``<prefix>:{<scope hash>}:<digest>`` (the braces keep one scope's keys in one cluster slot, so a
+script may touch them all). ``expires_at_ms`` is computed from the caller's ``now_ms`` (the
+injected clock), so the same tests drive this store and the in-memory one; Redis's own key
+expiry (``PEXPIRE``, the entry's TTL plus a slack) only collects garbage and never decides
+whether an entry is warm.
+
+``settle`` is one Lua script, so reading the longest live probe, refreshing it and writing the
+new entries happen atomically with respect to every other replica's commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from services.prefix_cache.rules import Probe, Write
+from services.prefix_cache.warm import Scope, WarmEntry
+
+GC_SLACK_MS = 60_000
+
+# KEYS: the probes' keys, then the writes' keys. ARGV: now_ms, number of probes, GC slack, then
+# per write: tokens, ttl_ms. Returns {} or {index of the hit among the probes, tokens, ttl_ms,
+# expires_at_ms as found}.
+_SETTLE = """
+local now = tonumber(ARGV[1])
+local probes = tonumber(ARGV[2])
+local slack = tonumber(ARGV[3])
+local best, best_tokens, best_ttl, best_exp = 0, -1, 0, 0
+for i = 1, probes do
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms')
+  if v[1] and tonumber(v[3]) > now and tonumber(v[1]) > best_tokens then
+    best, best_tokens, best_ttl, best_exp = i, tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+  end
+end
+if best > 0 then
+  redis.call('HSET', KEYS[best], 'expires_at_ms', now + best_ttl)
+  redis.call('PEXPIRE', KEYS[best], best_ttl + slack)
+end
+for j = 1, #KEYS - probes do
+  local key = KEYS[probes + j]
+  local tokens = tonumber(ARGV[2 + 2 * j])
+  local ttl = tonumber(ARGV[3 + 2 * j])
+  local expires = now + ttl
+  local old = redis.call('HMGET', key, 'ttl_ms', 'expires_at_ms')
+  if old[2] and tonumber(old[2]) > now then
+    ttl = math.max(ttl, tonumber(old[1]))
+    expires = math.max(expires, tonumber(old[2]))
+  end
+  redis.call('HSET', key, 'tokens', tokens, 'ttl_ms', ttl, 'expires_at_ms', expires)
+  redis.call('PEXPIRE', key, expires - now + slack)
+end
+if best == 0 then return {} end
+return {best, best_tokens, best_ttl, best_exp}
+"""
+
+# The longest live probe, read only: same KEYS and first ARGV as _SETTLE.
+_LONGEST = """
+local now = tonumber(ARGV[1])
+local best, best_tokens, best_ttl, best_exp = 0, -1, 0, 0
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms')
+  if v[1] and tonumber(v[3]) > now and tonumber(v[1]) > best_tokens then
+    best, best_tokens, best_ttl, best_exp = i, tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+  end
+end
+if best == 0 then return {} end
+return {best, best_tokens, best_ttl, best_exp}
+"""
+
+
+class RedisWarmStore:
+    def __init__(self, client: Redis, prefix: str = "cachemesh:warm") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._settle = client.register_script(_SETTLE)
+        self._longest = client.register_script(_LONGEST)
+
+    def key(self, scope: Scope, digest: str) -> str:
+        scope_hash = hashlib.sha256("\x00".join(scope).encode()).hexdigest()[:32]
+        return f"{self._prefix}:{{{scope_hash}}}:{digest}"
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def count(self) -> int:
+        """Entries held under this store's prefix, live or not yet collected."""
+        return len([key async for key in self._client.scan_iter(match=f"{self._prefix}:*")])
+
+    async def longest(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:
+        if not probes:
+            return None
+        keys = [self.key(scope, p.digest) for p in probes]
+        found = await self._longest(keys=keys, args=[now_ms])
+        return _entry(found, probes)
+
+    async def settle(
+        self, scope: Scope, probes: Sequence[Probe], writes: Sequence[Write], now_ms: int
+    ) -> WarmEntry | None:
+        if not probes and not writes:
+            return None
+        keys = [self.key(scope, p.digest) for p in probes]
+        keys += [self.key(scope, w.digest) for w in writes]
+        args: list[int] = [now_ms, len(probes), GC_SLACK_MS]
+        for write in writes:
+            args += [write.tokens, write.ttl_ms]
+        found = await self._settle(keys=keys, args=args)
+        return _entry(found, probes)
+
+
+def _entry(found: Any, probes: Sequence[Probe]) -> WarmEntry | None:
+    values = [int(v) for v in cast(list[Any], found)]
+    if not values:
+        return None
+    index, tokens, ttl_ms, expires = values
+    return WarmEntry(probes[index - 1].digest, tokens, ttl_ms, expires)
