@@ -91,7 +91,12 @@ class Calls:
             return None
 
     async def commit_warm(
-        self, tenant: str, request: pb.CompleteRequest, model: str, replica: str
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        model: str,
+        replica: str,
+        kv_cached_tokens: int,
     ) -> prefix_cache_pb2.CommitResponse | None:
         return await self._commit(
             prefix_cache_pb2.CommitRequest(
@@ -101,6 +106,7 @@ class Calls:
                 model=model,
                 request=request,
                 replica=replica,
+                kv_cached_tokens=kv_cached_tokens,
             )
         )
 

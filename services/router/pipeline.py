@@ -26,6 +26,7 @@ from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer
 from services.router import spans
 from services.router.backends import Backends
+from services.router.balance import LoadTracker, Route, choose
 from services.router.calls import Calls
 from services.router.settings import RouterSettings
 from services.router.tiering import choose_tier
@@ -44,6 +45,7 @@ class _Attempt:
     stream: grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk]
     start: model_pb2.GenerateStart
     chat_span: trace.Span
+    route: Route
 
 
 class Pipeline:
@@ -61,6 +63,8 @@ class Pipeline:
         self._tokenizer = tokenizer
         self._tracer = tracer
         self._background: set[asyncio.Task[object]] = set()
+        self._balance = settings.balance
+        self.loads = LoadTracker()
 
     async def run(
         self, tenant: str, request: pb.CompleteRequest
@@ -87,9 +91,16 @@ class Pipeline:
             return
 
         attempt = await self._open(tenant, request)
-        root.set_attribute("cachemesh.replica", attempt.replica)
+        spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
-        warm = await self._calls.commit_warm(tenant, request, attempt.model.id, attempt.replica)
+        try:
+            warm = await self._calls.commit_warm(
+                tenant, request, attempt.model.id, attempt.replica, attempt.start.kv_cached_tokens
+            )
+        except BaseException:
+            self.loads.release(attempt.replica)
+            attempt.chat_span.end()
+            raise
         head.model = attempt.model.id
         head.tier = attempt.model.tier
         head.served_by = (
@@ -125,6 +136,7 @@ class Pipeline:
                 "with the same request_id",
             ) from exc
         finally:
+            self.loads.release(attempt.replica)
             attempt.chat_span.end()
             if not finished and warm is not None:
                 # Cancelled or failed after the first token: bill what the provider would bill
@@ -192,28 +204,42 @@ class Pipeline:
         failures: list[str] = []
         for spec, reason in options:
             replicas = self._backends.replicas(spec.id)
+            if not replicas:
+                continue
             plan = await self._calls.plan(tenant, spec.id, request, replicas)
-            order = (
-                [c.replica for c in plan.candidates]
+            candidates = (
+                [(c.replica, c.warm_prefix_tokens) for c in plan.candidates]
                 if plan is not None and plan.candidates
-                else self._backends.rotate(spec.id, replicas)
+                else [(r, 0) for r in self._backends.rotate(spec.id, replicas)]
             )
-            for replica in order:
+            prompt_tokens = plan.prompt_tokens if plan is not None else 0
+            route = choose(candidates, self.loads.snapshot(), prompt_tokens, self._balance)
+            for replica in route.order:
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica)
+                self.loads.acquire(replica)
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
                         stream, start = await self._calls.generate(
                             tenant, spec.id, request, replica
                         )
                 except RequestError:
+                    self.loads.release(replica)
                     chat_span.end()
                     raise
                 except grpc.aio.AioRpcError as exc:
+                    self.loads.release(replica)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     failures.append(f"{spec.id}@{replica}: {exc.code().name}")
                     continue
-                return _Attempt(spec, reason, replica, stream, start, chat_span)
+                except BaseException:
+                    self.loads.release(replica)
+                    chat_span.end()
+                    raise
+                if replica != route.order[0]:
+                    route = Route(route.order, dict(candidates)[replica], "fallback", 0)
+                spans.route_attributes(chat_span, replica, route, start)
+                return _Attempt(spec, reason, replica, stream, start, chat_span, route)
         raise RequestError(
             grpc.StatusCode.UNAVAILABLE,
             "no model replica could serve the request (" + "; ".join(failures) + "); retry later",

@@ -8,6 +8,7 @@ from pathlib import Path
 from services.common.config import ConfigError, Env
 from services.common.models import ModelTable
 from services.common.server import ServerSettings
+from services.router.balance import BalancePolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -25,6 +26,7 @@ class RouterSettings:
     model_timeout_s: float
     idempotency_ttl_s: float
     idempotency_max: int
+    balance: BalancePolicy
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -42,6 +44,11 @@ class RouterSettings:
             model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
             idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
+            balance=BalancePolicy(
+                abs_threshold=env.int("ROUTER_BALANCE_ABS_THRESHOLD", 64, minimum=0),
+                rel_threshold=env.float("ROUTER_BALANCE_REL_THRESHOLD", 1.5, minimum=1.0),
+                cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
+            ),
         )
 
 

@@ -6,6 +6,8 @@ import grpc
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.router.balance import Route
 
 
 def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteRequest) -> None:
@@ -54,3 +56,14 @@ def end_chat_span(span: trace.Span, request: pb.CompleteRequest, end: pb.Complet
 def record_failure(span: trace.Span, exc: grpc.aio.AioRpcError) -> None:
     span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code().name))
     span.set_attribute("error.type", exc.code().name)
+
+
+def route_attributes(
+    span: trace.Span, replica: str, route: Route, start: model_pb2.GenerateStart
+) -> None:
+    """L3: the chosen replica, why, its predicted warm prefix and what it really reused."""
+    span.set_attribute("cachemesh.replica", replica)
+    span.set_attribute("cachemesh.route_reason", route.reason)
+    span.set_attribute("cachemesh.kv_match_tokens", route.match_tokens)
+    span.set_attribute("cachemesh.replica_load", route.load)
+    span.set_attribute("cachemesh.kv_cached_tokens", start.kv_cached_tokens)

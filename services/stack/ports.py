@@ -35,9 +35,11 @@ def relocate(
     for service in SERVICES:
         if service.name in listen:
             overrides[service.listen_var] = listen[service.name]
-        for key, peer in service.peers.items():
-            if peer in dial and key in settings:
-                overrides[key] = _replace_address(settings[key], old[peer], dial[peer])
+        for key, peers in service.peers.items():
+            for peer in peers:
+                if peer in dial and key in settings:
+                    value = overrides.get(key, settings[key])
+                    overrides[key] = _replace_address(value, old[peer], dial[peer])
     return overrides
 
 

@@ -75,7 +75,8 @@ class Stack:
         return merge_env(self._dotenv, self._environ, {}, self._overrides)
 
     def environment(self, service: ServiceDef, keys: StackKeys) -> dict[str, str]:
-        env = merge_env(self._dotenv, self._environ, keys.env(), self._overrides)
+        merged = merge_env(self._dotenv, self._environ, keys.env(), self._overrides)
+        env = service.process_env(merged)
         env["OTEL_SERVICE_NAME"] = service.otel_service_name
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env

@@ -34,12 +34,27 @@ class ServiceDef:
     listen_var: str  # the env variable holding its listen address
     default_port: int
     own_env_keys: tuple[str, ...]
-    # env variable -> the service whose address it holds (MODEL_REPLICAS holds several)
-    peers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # env variable -> the services whose addresses it holds (MODEL_REPLICAS holds several)
+    peers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # A second replica of a service runs the same module with its own settings: process
+    # variable -> the stack variable it is read from (MODEL_LISTEN <- MODEL_2_LISTEN).
+    renames: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def package(self) -> str:
         return self.module.rpartition(".")[2]
+
+    @property
+    def peer_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for names in self.peers.values() for name in names))
+
+    def process_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """``env`` with each renamed variable taken from its stack variable (when set)."""
+        moved = dict(env)
+        for target, source in self.renames.items():
+            if source in env:
+                moved[target] = env[source]
+        return moved
 
     @property
     def otel_service_name(self) -> str:
@@ -47,7 +62,8 @@ class ServiceDef:
 
     @property
     def env_keys(self) -> tuple[str, ...]:
-        return (self.listen_var, *self.own_env_keys, *COMMON_ENV_KEYS)
+        keys = (self.listen_var, *self.own_env_keys, *self.renames, *self.renames.values())
+        return tuple(dict.fromkeys((*keys, *COMMON_ENV_KEYS)))
 
     @property
     def command(self) -> tuple[str, ...]:
@@ -62,6 +78,8 @@ SERVICES: tuple[ServiceDef, ...] = (
         default_port=50052,
         own_env_keys=(
             "SEMANTIC_CACHE_THRESHOLD",
+            "SEMANTIC_CACHE_VERIFIER_MIN_P",
+            "SEMANTIC_CACHE_AMBIGUITY_MARGIN",
             "SEMANTIC_CACHE_TTL_S",
             "SEMANTIC_CACHE_MAX_ENTRIES",
             "SEMANTIC_CACHE_FAISS_THREADS",
@@ -96,6 +114,20 @@ SERVICES: tuple[ServiceDef, ...] = (
             "MODEL_KV_CAPACITY_BLOCKS",
         ),
     ),
+    # L3: a second replica of the large model, so KV-aware routing has a choice.
+    ServiceDef(
+        name="model-2",
+        module="services.model",
+        listen_var="MODEL_2_LISTEN",
+        default_port=50055,
+        own_env_keys=(
+            "MODEL_IDS",
+            "MODEL_REPLICA_ID",
+            "SIM_TIME_SCALE",
+            "MODEL_KV_CAPACITY_BLOCKS",
+        ),
+        renames=MappingProxyType({"MODEL_LISTEN": "MODEL_2_LISTEN", "MODEL_IDS": "MODEL_2_IDS"}),
+    ),
     ServiceDef(
         name="router",
         module="services.router",
@@ -112,12 +144,15 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_MODEL_TIMEOUT_S",
             "ROUTER_IDEMPOTENCY_TTL_S",
             "ROUTER_IDEMPOTENCY_MAX",
+            "ROUTER_BALANCE_ABS_THRESHOLD",
+            "ROUTER_BALANCE_REL_THRESHOLD",
+            "ROUTER_CACHE_THRESHOLD",
         ),
         peers=MappingProxyType(
             {
-                "SEMANTIC_CACHE_ADDR": "semantic-cache",
-                "PREFIX_CACHE_ADDR": "prefix-cache",
-                "MODEL_REPLICAS": "model",
+                "SEMANTIC_CACHE_ADDR": ("semantic-cache",),
+                "PREFIX_CACHE_ADDR": ("prefix-cache",),
+                "MODEL_REPLICAS": ("model", "model-2"),
             }
         ),
     ),
@@ -136,7 +171,7 @@ def stop_order() -> list[list[ServiceDef]]:
     remaining = list(SERVICES)
     waves: list[list[ServiceDef]] = []
     while remaining:
-        called = {peer for s in remaining for peer in s.peers.values()}
+        called = {peer for s in remaining for peer in s.peer_names}
         wave = [s for s in remaining if s.name not in called] or remaining
         waves.append(wave)
         remaining = [s for s in remaining if s not in wave]

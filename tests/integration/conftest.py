@@ -1,4 +1,4 @@
-"""One real stack for the integration tests: four processes on free loopback ports.
+"""One real stack for the integration tests: five processes on free loopback ports.
 
 It is started by the same runner as ``make up`` (``services.stack``), in a temporary run dir
 with its own keys, the simulator's sleeps scaled down, and traces exported over OTLP/gRPC to
@@ -26,7 +26,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     sink = OtlpSink()
     sink.start()
     run_dir = tmp_path_factory.mktemp("run")
-    ports = {name: free_port() for name in ("router", "semantic-cache", "prefix-cache", "model")}
+    names = ("router", "semantic-cache", "prefix-cache", "model", "model-2")
+    ports = {name: free_port() for name in names}
     runner = Stack(ROOT, run_dir, stack_overrides(ports, sink))
     runner.start(timeout_s=240)
     try:

@@ -55,9 +55,12 @@ def stack_overrides(ports: dict[str, int], sink: OtlpSink) -> dict[str, str]:
         "SEMANTIC_CACHE_LISTEN": at["semantic-cache"],
         "PREFIX_CACHE_LISTEN": at["prefix-cache"],
         "MODEL_LISTEN": at["model"],
+        "MODEL_2_LISTEN": at["model-2"],
         "SEMANTIC_CACHE_ADDR": at["semantic-cache"],
         "PREFIX_CACHE_ADDR": at["prefix-cache"],
-        "MODEL_REPLICAS": f"sim-small={at['model']},sim-large={at['model']}",
+        "MODEL_REPLICAS": (
+            f"sim-small={at['model']},sim-large={at['model']},sim-large={at['model-2']}"
+        ),
         "SIM_TIME_SCALE": "0.02",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,

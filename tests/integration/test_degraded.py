@@ -28,7 +28,8 @@ def degraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
     sink = OtlpSink()
     sink.start()
     run_dir = tmp_path_factory.mktemp("run-degraded")
-    ports = {name: free_port() for name in ("router", "semantic-cache", "prefix-cache", "model")}
+    names = ("router", "semantic-cache", "prefix-cache", "model", "model-2")
+    ports = {name: free_port() for name in names}
     # the simulator at its real speed, so a stream can be cancelled while it decodes
     overrides = {**stack_overrides(ports, sink), "SIM_TIME_SCALE": "1.0"}
     runner = Stack(ROOT, run_dir, overrides)

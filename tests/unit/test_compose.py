@@ -85,6 +85,7 @@ def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]
     dial = {s.name: f"{s.name}:{resolved.port(s)}" for s in SERVICES}
     moved = relocate(resolved.dotenv, {spec.name: f"0.0.0.0:{resolved.port(spec)}"}, dial)
     overrides = {k: v for k, v in moved.items() if k in spec.env_keys}
+    overrides = {k: v for k, v in spec.process_env(overrides).items() if k in spec.env_keys}
     overrides |= {
         "OTEL_SERVICE_NAME": spec.otel_service_name,
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -130,7 +131,7 @@ def test_healthcheck_probes_grpc_health_on_the_service_port(
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
 def test_depends_on_healthy_peers(resolved: Resolved, spec: ServiceDef) -> None:
     depends = resolved.service(spec.name)["depends_on"]
-    expected = {peer: {"condition": "service_healthy"} for peer in spec.peers.values()}
+    expected = {peer: {"condition": "service_healthy"} for peer in spec.peer_names}
     assert {k: v for k, v in depends.items() if k != "jaeger"} == expected
     assert depends["jaeger"] == {"condition": "service_started"}
 

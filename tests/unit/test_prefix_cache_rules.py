@@ -1,6 +1,7 @@
 """The accounting rules, hand-computed on blocks built directly (exact token counts).
 
-Each test names the documented rule it checks; the rules are those of
+Each test names the documented rule it checks, and runs against both warm stores (in memory and
+a real Redis server: the ``warm_store`` fixture); the rules are those of
 https://docs.claude.com/en/docs/build-with-claude/prompt-caching (breakpoints, minimum cacheable
 length, ~20-block lookback, 5m/1h lifetimes refreshed on read, 1h entries before 5m entries,
 billing by position) as DESIGN.md asks prefix-cache to apply them.
@@ -23,7 +24,7 @@ from services.prefix_cache.rules import (
     plan_prompt,
     settle,
 )
-from services.prefix_cache.warm import InMemoryWarmStore, Scope
+from services.prefix_cache.warm import InMemoryWarmStore, Scope, WarmStore
 
 LARGE = load_model_table().models["sim-large"]
 SCOPE: Scope = ("tenant-a", "sim-large")
@@ -45,7 +46,7 @@ def sites(blocks: Sequence[Block]) -> list[Site]:
 
 
 async def turn(
-    store: InMemoryWarmStore,
+    store: WarmStore,
     blocks: Sequence[Block],
     now_ms: int,
     *,
@@ -63,28 +64,34 @@ def split(input_: int = 0, w5: int = 0, w1: int = 0, read: int = 0) -> Split:
     return Split(input_tokens=input_, write_5m_tokens=w5, write_1h_tokens=w1, read_tokens=read)
 
 
-async def test_prefix_below_minimum_cacheable_length_is_neither_written_nor_read() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_prefix_below_minimum_cacheable_length_is_neither_written_nor_read(
+    warm_store: WarmStore,
+) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("sys", 1000, "5m"), ("q", 50, None)])  # 1000 < 1024 minimum
     assert await turn(store, blocks, clock.now_ms()) == split(input_=1050)
     assert await turn(store, blocks, clock.now_ms()) == split(input_=1050)
-    assert len(store) == 0
+    assert await store.count() == 0
 
 
-async def test_short_first_breakpoint_is_skipped_but_a_later_long_one_caches() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_short_first_breakpoint_is_skipped_but_a_later_long_one_caches(
+    warm_store: WarmStore,
+) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("a", 500, "5m"), ("b", 1000, "5m"), ("q", 40, None)])
     assert await turn(store, blocks, clock.now_ms()) == split(input_=40, w5=1500)
 
 
-async def test_first_turn_writes_the_prefix_up_to_the_last_breakpoint() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_first_turn_writes_the_prefix_up_to_the_last_breakpoint(
+    warm_store: WarmStore,
+) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("tools", 800, "5m"), ("sys", 1200, "5m"), ("q", 30, None)])
     assert await turn(store, blocks, clock.now_ms()) == split(input_=30, w5=2000)
 
 
-async def test_second_turn_with_identical_prefix_reads_it() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_second_turn_with_identical_prefix_reads_it(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     first = make([("sys", 2000, "5m"), ("q1", 30, None)])
     second = make([("sys", 2000, "5m"), ("q2", 45, None)])
     await turn(store, first, clock.now_ms())
@@ -92,8 +99,10 @@ async def test_second_turn_with_identical_prefix_reads_it() -> None:
     assert await turn(store, second, clock.now_ms()) == split(input_=45, read=2000)
 
 
-async def test_growing_conversation_reads_the_old_prefix_and_writes_only_the_new_part() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_growing_conversation_reads_the_old_prefix_and_writes_only_the_new_part(
+    warm_store: WarmStore,
+) -> None:
+    store, clock = warm_store, ManualClock()
     await turn(store, make([("sys", 2000, "5m"), ("u1", 100, None)]), clock.now_ms())
     grown = make([("sys", 2000, "5m"), ("u1", 100, None), ("a1", 200, None), ("u2", 50, "5m")])
     assert await turn(store, grown, clock.now_ms()) == split(read=2000, w5=350)
@@ -103,38 +112,40 @@ def _history(n: int, breakpoint_at: int) -> list[Block]:
     return make([(f"m{i}", 100, "5m" if i == breakpoint_at else None) for i in range(n)])
 
 
-async def test_lookback_finds_an_earlier_entry_within_20_blocks() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_lookback_finds_an_earlier_entry_within_20_blocks(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     await turn(store, _history(11, breakpoint_at=10), clock.now_ms())  # entry at block 10
     # The breakpoint moved to block 30: blocks 30..10 are probed, block 10 is 20 back.
     got = await turn(store, _history(31, breakpoint_at=30), clock.now_ms())
     assert got == split(read=1100, w5=2000)
 
 
-async def test_lookback_does_not_reach_beyond_20_blocks() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_lookback_does_not_reach_beyond_20_blocks(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     await turn(store, _history(11, breakpoint_at=10), clock.now_ms())
     got = await turn(store, _history(32, breakpoint_at=31), clock.now_ms())  # 21 back
     assert got == split(w5=3200)
 
 
-async def test_lookback_is_configurable_and_zero_checks_only_the_breakpoint() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_lookback_is_configurable_and_zero_checks_only_the_breakpoint(
+    warm_store: WarmStore,
+) -> None:
+    store, clock = warm_store, ManualClock()
     await turn(store, _history(11, breakpoint_at=10), clock.now_ms())
     got = await turn(store, _history(12, breakpoint_at=11), clock.now_ms(), lookback=0)
     assert got == split(w5=1200)
 
 
-async def test_5m_entry_expires_after_300_seconds_without_reads() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_5m_entry_expires_after_300_seconds_without_reads(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("sys", 2000, "5m"), ("q", 10, None)])
     await turn(store, blocks, clock.now_ms())
     clock.advance(s=300)
     assert await turn(store, blocks, clock.now_ms()) == split(input_=10, w5=2000)
 
 
-async def test_reading_a_5m_entry_refreshes_its_lifetime() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_reading_a_5m_entry_refreshes_its_lifetime(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("sys", 2000, "5m"), ("q", 10, None)])
     await turn(store, blocks, clock.now_ms())
     for _ in range(3):  # 897 s after the write, never 300 s without a read
@@ -142,10 +153,10 @@ async def test_reading_a_5m_entry_refreshes_its_lifetime() -> None:
         assert await turn(store, blocks, clock.now_ms()) == split(input_=10, read=2000)
 
 
-async def test_a_read_alone_refreshes_the_entry_it_read() -> None:
+async def test_a_read_alone_refreshes_the_entry_it_read(warm_store: WarmStore) -> None:
     """Each turn moves the breakpoint to a new last block, so the old entry is never rewritten:
     only the cache hit itself ("Cache Hits & Refreshes") keeps it alive."""
-    store, clock = InMemoryWarmStore(), ManualClock()
+    store, clock = warm_store, ManualClock()
     await turn(store, make([("sys", 2000, "5m")]), clock.now_ms())
     for n in range(3):
         clock.advance(s=299)
@@ -153,8 +164,8 @@ async def test_a_read_alone_refreshes_the_entry_it_read() -> None:
         assert await turn(store, blocks, clock.now_ms()) == split(read=2000, w5=50)
 
 
-async def test_1h_entry_outlives_5_minutes_and_expires_after_an_hour() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_1h_entry_outlives_5_minutes_and_expires_after_an_hour(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("sys", 2000, "1h"), ("q", 10, None)])
     assert await turn(store, blocks, clock.now_ms()) == split(input_=10, w1=2000)
     clock.advance(s=3599)
@@ -163,8 +174,8 @@ async def test_1h_entry_outlives_5_minutes_and_expires_after_an_hour() -> None:
     assert await turn(store, blocks, clock.now_ms()) == split(input_=10, w1=2000)
 
 
-async def test_mixed_1h_and_5m_writes_are_billed_by_position() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_mixed_1h_and_5m_writes_are_billed_by_position(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("tools", 1100, "1h"), ("sys", 500, "5m"), ("q", 300, None)])
     assert await turn(store, blocks, clock.now_ms()) == split(input_=300, w1=1100, w5=500)
     clock.advance(s=600)  # the 5m entry expired, the 1h one is warm: read, then 5m write
@@ -197,16 +208,16 @@ def test_1h_entries_before_5m_entries_and_exactly_4_breakpoints_are_accepted() -
     assert plan.cached_end == plan.prompt_tokens == 1130
 
 
-async def test_caches_are_isolated_per_tenant() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_caches_are_isolated_per_tenant(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     blocks = make([("sys", 2000, "5m"), ("q", 10, None)])
     await turn(store, blocks, clock.now_ms(), scope=("tenant-a", "sim-large"))
     got = await turn(store, blocks, clock.now_ms(), scope=("tenant-b", "sim-large"))
     assert got == split(input_=10, w5=2000)
 
 
-async def test_caches_are_isolated_per_model() -> None:
-    store, clock = InMemoryWarmStore(), ManualClock()
+async def test_caches_are_isolated_per_model(warm_store: WarmStore) -> None:
+    store, clock = warm_store, ManualClock()
     small = load_model_table().models["sim-small"]
     blocks = make([("sys", 2000, "5m"), ("q", 10, None)])
     await turn(store, blocks, clock.now_ms(), scope=("tenant-a", "sim-large"))

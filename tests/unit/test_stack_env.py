@@ -19,10 +19,12 @@ ROUTER_LISTEN=127.0.0.1:50051
 SEMANTIC_CACHE_LISTEN=127.0.0.1:50052
 PREFIX_CACHE_LISTEN=127.0.0.1:50053
 MODEL_LISTEN=127.0.0.1:50054
+MODEL_2_LISTEN=127.0.0.1:50055
+MODEL_2_IDS=sim-large
 
 SEMANTIC_CACHE_ADDR=127.0.0.1:50052
 PREFIX_CACHE_ADDR=127.0.0.1:50053
-MODEL_REPLICAS=sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50054
+MODEL_REPLICAS=sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50054,sim-large=127.0.0.1:50055
 SIM_TIME_SCALE=1.0
 CACHEMESH_LOG_LEVEL="INFO"
 CACHEMESH_GRACE_S=0
@@ -33,8 +35,9 @@ def test_parses_comments_blanks_quotes_and_zero() -> None:
     values = parse_env_text(DOTENV)
     assert values["CACHEMESH_LOG_LEVEL"] == "INFO"
     assert values["CACHEMESH_GRACE_S"] == "0"
-    assert values["MODEL_REPLICAS"] == "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50054"
-    assert "# comment" not in values and len(values) == 10
+    replicas = "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50054,sim-large=127.0.0.1:50055"
+    assert values["MODEL_REPLICAS"] == replicas
+    assert "# comment" not in values and len(values) == 12
 
 
 def test_a_malformed_line_names_the_file_and_line() -> None:
@@ -90,6 +93,7 @@ def test_addresses_follow_the_listen_settings(tmp_path: Path) -> None:
         "semantic-cache": "127.0.0.1:50052",
         "prefix-cache": "127.0.0.1:50053",
         "model": "127.0.0.1:50054",
+        "model-2": "127.0.0.1:50055",
         "router": "127.0.0.1:6000",
     }
     assert dial_address("[::]:7") == "[::1]:7"
@@ -102,12 +106,14 @@ def test_free_ports_keep_the_stack_wired(tmp_path: Path) -> None:
     )
     settings = stack.settings()
     ports = {s.name: settings[s.listen_var] for s in SERVICES}
-    assert len(set(ports.values())) == 4
+    assert len(set(ports.values())) == len(SERVICES) == 5
     assert all(p.startswith("127.0.0.1:") and p != "127.0.0.1:50051" for p in ports.values())
     assert settings["SEMANTIC_CACHE_ADDR"] == ports["semantic-cache"]
     assert settings["PREFIX_CACHE_ADDR"] == ports["prefix-cache"]
-    model = ports["model"]
-    assert settings["MODEL_REPLICAS"] == f"sim-small={model},sim-large={model}"
+    model, model_2 = ports["model"], ports["model-2"]
+    assert settings["MODEL_REPLICAS"] == f"sim-small={model},sim-large={model},sim-large={model_2}"
+    env = stack.environment(service("model-2"), stack.keys())  # the second replica's own port
+    assert (env["MODEL_LISTEN"], env["MODEL_IDS"]) == (model_2, "sim-large")
     assert settings["SIM_TIME_SCALE"] == "0"
     assert stack.router_address == ports["router"]
 

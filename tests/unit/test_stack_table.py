@@ -67,7 +67,7 @@ def test_each_service_has_its_own_listen_port_in_dotenv() -> None:
 def test_the_router_stops_before_the_services_it_calls() -> None:
     waves = [[s.name for s in wave] for wave in stop_order()]
     assert waves[0] == ["router"]
-    assert sorted(waves[1]) == ["model", "prefix-cache", "semantic-cache"]
+    assert sorted(waves[1]) == ["model", "model-2", "prefix-cache", "semantic-cache"]
     assert len(waves) == 2
 
 
@@ -75,7 +75,12 @@ def test_names_modules_and_commands_are_consistent() -> None:
     assert len({s.name for s in SERVICES}) == len(SERVICES)
     for s in SERVICES:
         assert s.module == f"services.{s.package}"
-        assert s.package == s.name.replace("-", "_")
+        # a second replica (model-2) runs its first replica's module, reading renamed settings
+        base = s.name.rpartition("-")[0] if s.renames else s.name
+        assert s.package == base.replace("-", "_")
+        assert all(
+            target in s.env_keys and source in s.env_keys for target, source in s.renames.items()
+        )
         assert s.command == ("python", "-m", s.module)
         assert s.otel_service_name == s.name
-        assert all(peer in {x.name for x in SERVICES} for peer in s.peers.values())
+        assert all(peer in {x.name for x in SERVICES} for peer in s.peer_names)
