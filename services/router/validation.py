@@ -6,6 +6,7 @@ a client can fix the request. Validation reads the request only: it changes no s
 
 from __future__ import annotations
 
+import json
 import math
 
 import grpc
@@ -53,21 +54,65 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
         raise _invalid(f"cache.namespace: at most {MAX_ID_CHARS} characters")
 
 
-def _validate_block(block: pb.ContentBlock, where: str, tool_use_ids: set[str]) -> None:
+def _json_object(text: str, where: str) -> None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise _invalid(f"{where}: must be a JSON object, got invalid JSON") from None
+    if not isinstance(value, dict):
+        raise _invalid(f"{where}: must be a JSON object, got {type(value).__name__}")
+
+
+class _ToolTurns:
+    """The tool_use ids seen so far, and which of them already have their result."""
+
+    def __init__(self) -> None:
+        self.uses: set[str] = set()
+        self.answered: set[str] = set()
+
+
+def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolTurns) -> None:
     kind = block.WhichOneof("kind")
     if kind is None:
         raise _invalid(f"{where}: a content block needs text, tool_use or tool_result")
     if kind == "text" and not block.text.strip():
         raise _invalid(f"{where}.text: text blocks must not be empty")
     if kind == "tool_use":
-        if not block.tool_use.id or not block.tool_use.name:
+        use = block.tool_use
+        if role != pb.ROLE_ASSISTANT:
+            raise _invalid(f"{where}.tool_use: only assistant messages may hold tool_use blocks")
+        if not use.id or not use.name:
             raise _invalid(f"{where}.tool_use: id and name are required")
-        tool_use_ids.add(block.tool_use.id)
-    if kind == "tool_result" and block.tool_result.tool_use_id not in tool_use_ids:
-        raise _invalid(
-            f"{where}.tool_result.tool_use_id: {block.tool_result.tool_use_id!r} matches no "
-            "earlier tool_use block"
-        )
+        if use.id in turns.uses:
+            raise _invalid(f"{where}.tool_use.id: {use.id!r} is used twice")
+        if use.input_json:
+            _json_object(use.input_json, f"{where}.tool_use.input_json")
+        turns.uses.add(use.id)
+    if kind == "tool_result":
+        result_id = block.tool_result.tool_use_id
+        if role != pb.ROLE_USER:
+            raise _invalid(f"{where}.tool_result: only user messages may hold tool_result blocks")
+        if result_id not in turns.uses:
+            raise _invalid(
+                f"{where}.tool_result.tool_use_id: {result_id!r} matches no earlier tool_use block"
+            )
+        if result_id in turns.answered:
+            raise _invalid(
+                f"{where}.tool_result.tool_use_id: {result_id!r} already has a tool_result"
+            )
+        turns.answered.add(result_id)
+
+
+def _validate_tools(request: pb.CompleteRequest) -> None:
+    names: set[str] = set()
+    for i, tool in enumerate(request.tools):
+        if not tool.name:
+            raise _invalid(f"tools[{i}].name: a tool needs a name")
+        if tool.name in names:
+            raise _invalid(f"tools[{i}].name: {tool.name!r} is declared twice")
+        names.add(tool.name)
+        if tool.input_schema_json:
+            _json_object(tool.input_schema_json, f"tools[{i}].input_schema_json")
 
 
 def _validate_messages(request: pb.CompleteRequest) -> None:
@@ -78,18 +123,16 @@ def _validate_messages(request: pb.CompleteRequest) -> None:
     for i, block in enumerate(request.system):
         if block.WhichOneof("kind") != "text":
             raise _invalid(f"system[{i}]: system blocks must be text")
-        _validate_block(block, f"system[{i}]", set())
-    for i, tool in enumerate(request.tools):
-        if not tool.name:
-            raise _invalid(f"tools[{i}].name: a tool needs a name")
-    tool_use_ids: set[str] = set()
+        _validate_block(block, f"system[{i}]", pb.ROLE_UNSPECIFIED, _ToolTurns())
+    _validate_tools(request)
+    turns = _ToolTurns()
     for i, message in enumerate(request.messages):
         if message.role not in (pb.ROLE_USER, pb.ROLE_ASSISTANT):
             raise _invalid(f"messages[{i}].role: must be ROLE_USER or ROLE_ASSISTANT")
         if not message.content:
             raise _invalid(f"messages[{i}].content: a message needs at least one block")
         for j, block in enumerate(message.content):
-            _validate_block(block, f"messages[{i}].content[{j}]", tool_use_ids)
+            _validate_block(block, f"messages[{i}].content[{j}]", message.role, turns)
 
 
 def _breakpoints(request: pb.CompleteRequest) -> list[tuple[str, int]]:
@@ -125,6 +168,11 @@ def _validate_breakpoints(request: pb.CompleteRequest) -> None:
 
 
 def _validate_sampling(request: pb.CompleteRequest) -> None:
+    if request.cache.semantic not in pb.SemanticMode.values():
+        raise _invalid(
+            f"cache.semantic: unknown mode {request.cache.semantic}; use one of "
+            + ", ".join(pb.SemanticMode.keys())
+        )
     if request.HasField("temperature"):
         t = request.temperature
         if not math.isfinite(t) or not 0.0 <= t <= 1.0:

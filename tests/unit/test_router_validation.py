@@ -144,3 +144,52 @@ def test_threshold_bounds_are_valid(threshold: float) -> None:
 
 def test_temperature_outside_range() -> None:
     assert _error(_request(temperature=1.5)).message.startswith("temperature:")
+
+
+def _use(id_: str = "toolu_1", name: str = "calc", input_json: str = "{}") -> pb.ContentBlock:
+    return pb.ContentBlock(tool_use=pb.ToolUse(id=id_, name=name, input_json=input_json))
+
+
+def _result(id_: str = "toolu_1") -> pb.ContentBlock:
+    return pb.ContentBlock(tool_result=pb.ToolResult(tool_use_id=id_, content="42"))
+
+
+def _turns(*blocks: tuple[pb.Role.ValueType, pb.ContentBlock]) -> pb.CompleteRequest:
+    messages = [pb.Message(role=pb.ROLE_USER, content=[_text("compute")])]
+    messages += [pb.Message(role=role, content=[block]) for role, block in blocks]
+    return _request(messages=messages)
+
+
+def test_tool_use_only_in_assistant_messages() -> None:
+    request = _turns((pb.ROLE_USER, _use()))
+    assert "only assistant messages" in _error(request).message
+
+
+def test_tool_result_only_in_user_messages() -> None:
+    request = _turns((pb.ROLE_ASSISTANT, _use()), (pb.ROLE_ASSISTANT, _result()))
+    assert "only user messages" in _error(request).message
+
+
+def test_a_tool_use_answered_twice() -> None:
+    request = _turns(
+        (pb.ROLE_ASSISTANT, _use()), (pb.ROLE_USER, _result()), (pb.ROLE_USER, _result())
+    )
+    assert "already has a tool_result" in _error(request).message
+
+
+def test_tool_use_input_must_be_a_json_object() -> None:
+    request = _turns((pb.ROLE_ASSISTANT, _use(input_json="{not json")))
+    assert "tool_use.input_json" in _error(request).message
+
+
+def test_tool_schema_must_be_a_json_object_and_names_unique() -> None:
+    bad_schema = _request(tools=[pb.Tool(name="a", input_schema_json="[1]")])
+    assert "tools[0].input_schema_json" in _error(bad_schema).message
+    twice = _request(tools=[pb.Tool(name="a"), pb.Tool(name="a")])
+    assert "tools[1].name" in _error(twice).message
+
+
+def test_unknown_semantic_mode() -> None:
+    request = _request()
+    request.cache.semantic = 99  # type: ignore[assignment]
+    assert _error(request).message.startswith("cache.semantic:")
