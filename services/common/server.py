@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -105,6 +108,15 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
         for hook in spec.on_stop:
             await hook()
         log.info("%s stopped", spec.name)
+
+
+def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]]) -> None:
+    """A service's ``main``: serve until stopped; a bad configuration is one line and exit 2."""
+    try:
+        asyncio.run(serve(os.environ))
+    except ConfigError as exc:
+        print(f"{name}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def configure_logging(env: Env) -> None:

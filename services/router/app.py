@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 
 from cachemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -11,7 +10,7 @@ from services.common.auth import ApiKeys
 from services.common.clock import SystemClock
 from services.common.config import Env
 from services.common.models import model_table_from_env
-from services.common.server import ServiceSpec, configure_logging, run_service
+from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import (
     build_tracer_provider,
     client_interceptors,
@@ -63,4 +62,4 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
 
 
 def main() -> None:
-    asyncio.run(serve(os.environ))
+    run_main("router", serve)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +59,18 @@ async def test_a_failed_warmup_raises_and_leaves_no_server_listening() -> None:
     with pytest.raises(RuntimeError, match="corrupt"):
         await asyncio.wait_for(run_service(_spec(port, None, fail=True)), 10)
     assert await _status(port) == UNREACHABLE
+
+
+def test_a_bad_configuration_is_one_line_naming_the_variable_and_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.router"],
+        env={"PATH": "/usr/bin:/bin", "MODEL_REPLICAS": "not-a-pair"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "router: configuration error: MODEL_REPLICAS: expected model=host:port, got 'not-a-pair'"
+    ]
