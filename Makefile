@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down demo test test-deps lint fmt bench
+.PHONY: help setup proto keys up down demo test test-deps lint fmt bench eval-cache calibrate-cache
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,13 @@ fmt: setup ## format the code
 
 test: setup test-deps lint ## lint, then every test (unit, integration on real processes)
 	$(BIN)/pytest -q
+
+eval-cache: setup ## semantic-cache eval harness (../shared/data); bench-results/semantic-cache-eval.json
+	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation eval
+
+calibrate-cache: setup ## refit the verifier, calibrate to precision 0.99, write the shipped default
+	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation fit
+	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation calibrate --write
 
 bench: setup ## load test on a fresh local stack; results in bench-results/loadtest.json
 	$(BIN)/python -m services.stack up

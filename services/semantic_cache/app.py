@@ -18,9 +18,11 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.config import DATA_DIR, SemanticCacheConfig
 from services.semantic_cache.embedder import load_minilm_embedder
+from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.snapshotter import Snapshotter
+from services.semantic_cache.verifier import Verifier, VerifierWeights
 
 NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -32,7 +34,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     configure_logging(env)
     settings = ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN)
     auth = InternalAuthInterceptor(env.str("CACHEMESH_INTERNAL_TOKEN"))
-    config = SemanticCacheConfig.from_env(env)
+    config = SemanticCacheConfig.from_env(env, OperatingPoint.load())
+    verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)
     clock = SystemClock()
     snapshotter = _snapshotter(config, clock)
     provider = build_tracer_provider(environ, NAME)
@@ -48,6 +51,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             threshold=config.threshold,
             ttl_s=config.ttl_s,
             max_entries=config.max_entries,
+            verifier=verifier,
+            margin=config.ambiguity_margin,
         )
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here

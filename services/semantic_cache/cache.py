@@ -19,6 +19,7 @@ import numpy.typing as npt
 from services.common.clock import Clock
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import ScopeIndex
+from services.semantic_cache.matching import choose
 from services.semantic_cache.query import Query
 from services.semantic_cache.records import (
     END_TURN,
@@ -30,6 +31,7 @@ from services.semantic_cache.records import (
     RestoreReport,
     StoreResult,
 )
+from services.semantic_cache.verifier import Verifier
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
 
@@ -48,6 +50,8 @@ class SemanticCache:
         ttl_s: float = 86_400.0,
         max_entries: int = 100_000,
         top_k: int = 8,
+        verifier: Verifier | None = None,
+        margin: float = 0.0,
     ) -> None:
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be within [0, 1], got {threshold}")
@@ -55,6 +59,10 @@ class SemanticCache:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         if max_entries < 1 or top_k < 1:
             raise ValueError("max_entries and top_k must be >= 1")
+        if not (math.isfinite(margin) and 0.0 <= margin <= 1.0):
+            raise ValueError(f"margin must be within [0, 1], got {margin}")
+        self._verifier = verifier
+        self._margin = margin
         self._embedder = embedder
         self._clock = clock
         self._threshold = threshold
@@ -106,12 +114,18 @@ class SemanticCache:
             return CheckResult(None)
         candidates = [(v, _clamp(s)) for v, s in index.search(vector, self._top_k)]
         best = max((s for _, s in candidates), default=0.0)
-        for vid, similarity in candidates:
-            if similarity < threshold:
-                break
-            if self._servable(self._entries[vid], query, now):
-                return self._hit(vid, similarity, exact=False, best=best)
-        return CheckResult(None, best_similarity=best)
+        choice = choose(
+            candidates,
+            self._entries.__getitem__,
+            lambda entry: self._servable(entry, query, now),
+            query.normalised,
+            threshold,
+            self._verifier,
+            self._margin,
+        )
+        if choice.vid is not None:
+            return self._hit(choice.vid, choice.similarity, exact=False, best=best)
+        return CheckResult(None, best_similarity=best, refusal=choice.reason)
 
     async def store(self, query: Query, answer: Answer) -> StoreResult:
         """Stores a cacheable answer, replacing the entry of the same normalised query."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import ConfigError, Env
+from services.semantic_cache.operating_point import OperatingPoint
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 
@@ -13,6 +14,8 @@ DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 @dataclass(frozen=True)
 class SemanticCacheConfig:
     threshold: float  # cosine similarity in [0, 1]
+    verifier_min_p: float  # the verifier's minimum probability of the same meaning
+    ambiguity_margin: float  # two answers within it of each other: serve neither (0 = off)
     ttl_s: float  # absolute age after which an entry is never served
     max_entries: int  # total capacity; LRU eviction beyond it
     faiss_threads: int
@@ -21,12 +24,21 @@ class SemanticCacheConfig:
     snapshot_s: float = 60.0  # period of background snapshots; 0 = only at shutdown
 
     @classmethod
-    def from_env(cls, env: Env) -> SemanticCacheConfig:
+    def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheConfig:
+        """``shipped`` (the calibrated operating point) gives the defaults of the first three."""
         ttl_s = env.float("SEMANTIC_CACHE_TTL_S", 86_400.0)
         if ttl_s <= 0:
             raise ConfigError(f"SEMANTIC_CACHE_TTL_S must be > 0 seconds, got {ttl_s}")
         return cls(
-            threshold=env.float("SEMANTIC_CACHE_THRESHOLD", 0.88, minimum=0.0, maximum=1.0),
+            threshold=env.float(
+                "SEMANTIC_CACHE_THRESHOLD", shipped.threshold, minimum=0.0, maximum=1.0
+            ),
+            verifier_min_p=env.float(
+                "SEMANTIC_CACHE_VERIFIER_MIN_P", shipped.min_probability, minimum=0.0, maximum=1.0
+            ),
+            ambiguity_margin=env.float(
+                "SEMANTIC_CACHE_AMBIGUITY_MARGIN", shipped.margin, minimum=0.0, maximum=1.0
+            ),
             ttl_s=ttl_s,
             max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
             faiss_threads=env.int("SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1),

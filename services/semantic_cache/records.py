@@ -47,6 +47,7 @@ class CheckResult:
     exact: bool = False
     best_similarity: float = 0.0  # best candidate seen, hit or not
     skip_reason: str = ""  # why no lookup was done, when none was
+    refusal: str = ""  # why candidates above the threshold were not served (verifier, ambiguity)
 
     @property
     def hit(self) -> bool:

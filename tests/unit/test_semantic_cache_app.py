@@ -15,14 +15,23 @@ from services.common.auth import internal_metadata
 from services.common.config import ConfigError, Env
 from services.semantic_cache.app import SERVICE_NAME, serve
 from services.semantic_cache.config import SemanticCacheConfig
+from services.semantic_cache.operating_point import OperatingPoint
 from tests.unit.semantic_cache_support import make_request
 
 TOKEN = "test-internal-token-0123456789"
 
 
-def test_defaults() -> None:
-    config = SemanticCacheConfig.from_env(Env({}))
-    assert config == SemanticCacheConfig(0.88, 86_400.0, 100_000, 1, 1)
+SHIPPED = OperatingPoint(0.87, 0.3, 0.02)
+
+
+def test_defaults_come_from_the_shipped_operating_point() -> None:
+    config = SemanticCacheConfig.from_env(Env({}), SHIPPED)
+    assert config == SemanticCacheConfig(0.87, 0.3, 0.02, 86_400.0, 100_000, 1, 1)
+
+
+def test_the_shipped_operating_point_file_loads() -> None:
+    point = OperatingPoint.load()
+    assert 0.0 < point.threshold < 1.0 and 0.0 <= point.min_probability <= 1.0
 
 
 @pytest.mark.parametrize(
@@ -31,6 +40,8 @@ def test_defaults() -> None:
         ("SEMANTIC_CACHE_THRESHOLD", "1.2"),
         ("SEMANTIC_CACHE_THRESHOLD", "-0.1"),
         ("SEMANTIC_CACHE_THRESHOLD", "nan"),
+        ("SEMANTIC_CACHE_VERIFIER_MIN_P", "1.5"),
+        ("SEMANTIC_CACHE_AMBIGUITY_MARGIN", "-0.01"),
         ("SEMANTIC_CACHE_TTL_S", "0"),
         ("SEMANTIC_CACHE_MAX_ENTRIES", "0"),
         ("SEMANTIC_CACHE_FAISS_THREADS", "0"),
@@ -39,7 +50,7 @@ def test_defaults() -> None:
 )
 def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
-        SemanticCacheConfig.from_env(Env({name: value}))
+        SemanticCacheConfig.from_env(Env({name: value}), SHIPPED)
 
 
 async def test_the_internal_token_is_required() -> None:

@@ -19,11 +19,13 @@ from services.common.auth import internal_metadata
 from services.common.config import ConfigError, Env
 from services.semantic_cache.app import SERVICE_NAME, serve
 from services.semantic_cache.config import SemanticCacheConfig
+from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SNAPSHOT_NAME
 from tests.unit.semantic_cache_support import make_request
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-internal-token-0123456789"
+SHIPPED = OperatingPoint(0.88, 0.0, 0.0)
 QUESTION = "How do I export my invoices as PDF?"
 
 
@@ -121,10 +123,11 @@ async def test_an_unusable_data_dir_fails_fast_naming_the_variable(tmp_path: Pat
 @pytest.mark.parametrize("value", ["-1", "soon"])
 def test_a_bad_snapshot_period_names_its_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="SEMANTIC_CACHE_SNAPSHOT_S"):
-        SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_SNAPSHOT_S": value}))
+        SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_SNAPSHOT_S": value}), SHIPPED)
 
 
 def test_persistence_is_off_unless_a_data_dir_is_set() -> None:
-    assert SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": " "})).data_dir is None
-    config = SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": "/x"}))
+    blank = SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": " "}), SHIPPED)
+    assert blank.data_dir is None
+    config = SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": "/x"}), SHIPPED)
     assert (str(config.data_dir), config.snapshot_s) == ("/x", 60.0)

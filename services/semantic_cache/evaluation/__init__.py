@@ -1,0 +1,1 @@
+"""Offline evaluation, calibration and benchmarks of the semantic cache (make eval-cache)."""
