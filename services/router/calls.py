@@ -164,5 +164,5 @@ class Calls:
             raise
         if not isinstance(first, model_pb2.GenerateChunk) or first.WhichOneof("part") != "start":
             stream.cancel()
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"replica {replica} sent no start")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"a {model} replica sent no start")
         return stream, first.start

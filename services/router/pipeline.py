@@ -98,6 +98,7 @@ class Pipeline:
                 tenant, request, attempt.model.id, attempt.replica, attempt.start.kv_cached_tokens
             )
         except BaseException:
+            attempt.stream.cancel()
             self.loads.release(attempt.replica)
             attempt.chat_span.end()
             raise
@@ -108,11 +109,10 @@ class Pipeline:
             if warm is not None and warm.usage.cache_read_input_tokens > 0
             else pb.LAYER_MODEL
         )
-        yield pb.CompleteChunk(start=head)
-
         pieces: list[str] = []
         finished = False
         try:
+            yield pb.CompleteChunk(start=head)
             end_chunk: model_pb2.GenerateEnd | None = None
             async for chunk in attempt.stream:
                 part = chunk.WhichOneof("part")
@@ -130,12 +130,15 @@ class Pipeline:
             spans.outcome_attributes(root, end)
             yield pb.CompleteChunk(end=end)
         except grpc.aio.AioRpcError as exc:
+            log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code().name)
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"model replica {attempt.replica} failed mid-answer ({exc.code().name}); retry "
+                f"the {attempt.model.id} model failed mid-answer ({exc.code().name}); retry "
                 "with the same request_id",
             ) from exc
         finally:
+            if not finished:
+                attempt.stream.cancel()
             self.loads.release(attempt.replica)
             attempt.chat_span.end()
             if not finished and warm is not None:
@@ -230,7 +233,8 @@ class Pipeline:
                     self.loads.release(replica)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
-                    failures.append(f"{spec.id}@{replica}: {exc.code().name}")
+                    log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code().name)
+                    failures.append(f"{spec.id}: {exc.code().name}")
                     continue
                 except BaseException:
                     self.loads.release(replica)
@@ -242,7 +246,9 @@ class Pipeline:
                 return _Attempt(spec, reason, replica, stream, start, chat_span, route)
         raise RequestError(
             grpc.StatusCode.UNAVAILABLE,
-            "no model replica could serve the request (" + "; ".join(failures) + "); retry later",
+            "no model replica could serve the request ("
+            + "; ".join(dict.fromkeys(failures))
+            + "); retry later",
         )
 
     async def _finish(

@@ -101,6 +101,10 @@ def test_without_the_caches_the_model_answers_with_an_estimated_cost(
     again = client.complete(build_request("How do I reset my password?"))
     assert again.served_by == pb.LAYER_MODEL  # nothing to serve it from: still answered
 
-    _kill(runner, "model")
-    with pytest.raises(UnavailableError, match="no model replica"):
+    _kill(runner, "model")  # sim-small's only replica, and one of sim-large's two
+    survivor = client.complete(build_request("How do I reset my password, please?"))
+    assert survivor.model == "sim-large"  # the other tier, on its second replica (model-2)
+    _kill(runner, "model-2")
+    with pytest.raises(UnavailableError, match="no model replica") as info:
         client.complete(build_request("How do I reset my password?"))
+    assert "127.0.0.1" not in info.value.message  # internal addresses stay in the logs
