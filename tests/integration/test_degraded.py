@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +83,39 @@ def test_a_cancelled_stream_is_billed_for_what_was_produced_and_never_stored(
     assert 0 < produced < full.usage.output_tokens  # ... and the tokens streamed so far
     again = client.complete(request)
     assert again.served_by == pb.LAYER_MODEL  # the cancelled answer was never stored
+
+
+def test_a_retry_after_a_cancelled_call_is_a_new_call_billed_for_itself(
+    degraded: tuple[Stack, Client],
+) -> None:
+    runner, client = degraded
+    prefix, token = runner.addresses["prefix-cache"], runner.keys().internal_token
+    request = build_request(
+        "Describe the airline's baggage policy in detail.",
+        namespace="cancel-retry",
+        request_id=uuid.uuid4().hex,
+    )
+    before = prefix_totals(prefix, token, "tenant-a")
+    with grpc.insecure_channel(runner.router_address) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).StreamComplete(
+            request, metadata=(("authorization", f"Bearer {_key(runner)}"),), timeout=60
+        )
+        chunks = iter(call)
+        next(chunks), next(chunks)  # start, first delta
+        call.cancel()
+    retry = client.complete(request)
+    assert retry.stop_reason == "end_turn"
+    after = prefix_totals(prefix, token, "tenant-a")
+    for _ in range(100):  # the cancelled call's bill lands in the background
+        if after.requests >= before.requests + 2:
+            break
+        time.sleep(0.1)
+        after = prefix_totals(prefix, token, "tenant-a")
+    assert after.requests == before.requests + 2  # the cancelled call and the retry
+    billed_output = after.usage.output_tokens - before.usage.output_tokens
+    assert billed_output > retry.usage.output_tokens  # the retry's own, plus the partial
+    assert retry.usage.output_tokens > 5  # usage describes the retry's own answer
+    assert client.complete(request) == retry  # and from now on it is answered once
 
 
 def _key(runner: Stack) -> str:

@@ -34,7 +34,7 @@ def test_up_refuse_status_down(tmp_path: Path) -> None:
     try:
         assert keys.created and keys.api_keys_file.is_file()
         pids = {r.service.name: r.pid for r in stack.running()}
-        assert set(pids) == {"router", "semantic-cache", "prefix-cache", "model"}
+        assert set(pids) == {"router", "semantic-cache", "prefix-cache", "model", "model-2"}
         assert {name: health for name, (_, health) in stack.status().items()} == dict.fromkeys(
             pids, SERVING
         )
