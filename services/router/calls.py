@@ -94,6 +94,7 @@ class Calls:
         self,
         tenant: str,
         request: pb.CompleteRequest,
+        commit_id: str,
         model: str,
         replica: str,
         kv_cached_tokens: int,
@@ -101,7 +102,7 @@ class Calls:
         return await self._commit(
             prefix_cache_pb2.CommitRequest(
                 tenant=tenant,
-                request_id=request.request_id,
+                request_id=commit_id,
                 phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
                 model=model,
                 request=request,
@@ -114,6 +115,7 @@ class Calls:
         self,
         tenant: str,
         request: pb.CompleteRequest,
+        commit_id: str,
         model: str,
         replica: str,
         output_tokens: int,
@@ -123,7 +125,7 @@ class Calls:
         return await self._commit(
             prefix_cache_pb2.CommitRequest(
                 tenant=tenant,
-                request_id=request.request_id,
+                request_id=commit_id,
                 phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
                 model=model,
                 replica=replica,

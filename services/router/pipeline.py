@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
@@ -46,6 +47,12 @@ class _Attempt:
     start: model_pb2.GenerateStart
     chat_span: trace.Span
     route: Route
+    # Each model call is billed under its own id: a retry after a cancelled or failed call is
+    # a new provider call, while retries of the same Commit stay idempotent.
+    attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def commit_key(self, request_id: str) -> str:
+        return f"{request_id}#{self.attempt_id}"
 
 
 class Pipeline:
@@ -95,7 +102,12 @@ class Pipeline:
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
         try:
             warm = await self._calls.commit_warm(
-                tenant, request, attempt.model.id, attempt.replica, attempt.start.kv_cached_tokens
+                tenant,
+                request,
+                attempt.commit_key(request.request_id),
+                attempt.model.id,
+                attempt.replica,
+                attempt.start.kv_cached_tokens,
             )
         except BaseException:
             attempt.stream.cancel()
@@ -276,6 +288,7 @@ class Pipeline:
         final_call = self._calls.commit_final(
             tenant,
             request,
+            attempt.commit_key(request.request_id),
             attempt.model.id,
             attempt.replica,
             end_chunk.output_tokens,
@@ -323,6 +336,7 @@ class Pipeline:
             self._calls.commit_final(
                 tenant,
                 request,
+                attempt.commit_key(request.request_id),
                 attempt.model.id,
                 attempt.replica,
                 output_tokens,
