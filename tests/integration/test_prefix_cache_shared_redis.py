@@ -1,0 +1,116 @@
+"""Two prefix-cache processes share one real Redis: a prefix made warm through one is read
+through the other (PREFIX_CACHE_REDIS_URL), with the same split both would compute."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import prefix_cache_pb2_grpc
+from services.stack.health import SERVING, probe
+from tests.integration.harness import free_port
+from tests.redis_server import redis_server
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "shared-redis-test-token-0123456789"
+AUTH = (("x-cachemesh-internal", TOKEN),)
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    work = tmp_path_factory.mktemp("shared-redis")
+    with redis_server(work) as url:
+        addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "services.prefix_cache"],
+                cwd=ROOT,
+                env={
+                    "PATH": "/usr/bin:/bin",
+                    "PREFIX_CACHE_LISTEN": address,
+                    "PREFIX_CACHE_REDIS_URL": url,
+                    "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+                    "OTEL_TRACES_EXPORTER": "none",
+                },
+                stdout=(work / f"pc-{i}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+            for i, address in enumerate(addresses)
+        ]
+        try:
+            deadline = time.monotonic() + 120
+            while not all(probe(a, 1.0) == SERVING for a in addresses):
+                assert all(p.poll() is None for p in procs), "a prefix-cache process died"
+                assert time.monotonic() < deadline, "prefix-cache not SERVING in 120 s"
+                time.sleep(0.2)
+            yield addresses
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=20)
+
+
+def _request(question: str) -> pb.CompleteRequest:
+    system = " ".join(f"Rule {i}: answer from the policy." for i in range(200))
+    return pb.CompleteRequest(
+        model="sim-large",
+        system=[pb.ContentBlock(text=system, cache_control=pb.CacheControl())],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=20,
+    )
+
+
+def test_a_prefix_warmed_through_one_replica_is_read_through_the_other(
+    replicas: list[str],
+) -> None:
+    one, other = (grpc.insecure_channel(a) for a in replicas)
+    with one, other:
+        first = prefix_cache_pb2_grpc.PrefixCacheStub(one)
+        second = prefix_cache_pb2_grpc.PrefixCacheStub(other)
+        warm = first.Commit(
+            pc.CommitRequest(
+                tenant="t",
+                request_id="r1",
+                phase=pc.COMMIT_PHASE_WARM,
+                model="sim-large",
+                request=_request("Rule 3?"),
+            ),
+            metadata=AUTH,
+            timeout=30,
+        )
+        written = warm.usage.cache_creation_input_tokens
+        assert written > 1024 and warm.usage.cache_read_input_tokens == 0
+        plan = second.Plan(
+            pc.PlanRequest(tenant="t", model="sim-large", request=_request("Rule 4?")),
+            metadata=AUTH,
+            timeout=30,
+        )
+        assert plan.usage.cache_read_input_tokens == written
+        read = second.Commit(
+            pc.CommitRequest(
+                tenant="t",
+                request_id="r2",
+                phase=pc.COMMIT_PHASE_WARM,
+                model="sim-large",
+                request=_request("Rule 4?"),
+            ),
+            metadata=AUTH,
+            timeout=30,
+        )
+        assert read.usage.cache_read_input_tokens == written
+        isolated = first.Plan(
+            pc.PlanRequest(tenant="u", model="sim-large", request=_request("Rule 4?")),
+            metadata=AUTH,
+            timeout=30,
+        )
+        assert isolated.usage.cache_read_input_tokens == 0  # another tenant
