@@ -18,6 +18,7 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.config import DATA_DIR, SemanticCacheConfig
 from services.semantic_cache.embedder import load_minilm_embedder
+from services.semantic_cache.leases import Leases
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
@@ -40,7 +41,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     snapshotter = _snapshotter(config, clock)
     provider = build_tracer_provider(environ, NAME)
     faiss.omp_set_num_threads(config.faiss_threads)
-    servicer = SemanticCacheService()
+    servicer = SemanticCacheService(lease_wait_s=config.lease_wait_s)
+    leases = Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None
 
     async def warmup() -> None:
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
@@ -53,6 +55,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             max_entries=config.max_entries,
             verifier=verifier,
             margin=config.ambiguity_margin,
+            policy=config.policy,
+            leases=leases,
         )
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here

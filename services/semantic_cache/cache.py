@@ -9,6 +9,8 @@ inside one: what a store acknowledges is visible to the next check.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import heapq
 import math
 import uuid
 from collections import OrderedDict
@@ -19,7 +21,9 @@ import numpy.typing as npt
 from services.common.clock import Clock
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import ScopeIndex
+from services.semantic_cache.leases import Leases, wait
 from services.semantic_cache.matching import choose
+from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
 from services.semantic_cache.records import (
     END_TURN,
@@ -52,11 +56,16 @@ class SemanticCache:
         top_k: int = 8,
         verifier: Verifier | None = None,
         margin: float = 0.0,
+        policy: NamespacePolicy | None = None,
+        leases: Leases | None = None,
     ) -> None:
+        """``policy`` (per-namespace TTLs and store rules) wins over ``ttl_s`` when given."""
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be within [0, 1], got {threshold}")
         if not (math.isfinite(ttl_s) and ttl_s > 0):
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        self._policy = policy if policy is not None else NamespacePolicy(ttl_s=ttl_s)
+        self._leases = leases
         if max_entries < 1 or top_k < 1:
             raise ValueError("max_entries and top_k must be >= 1")
         if not (math.isfinite(margin) and 0.0 <= margin <= 1.0):
@@ -66,12 +75,12 @@ class SemanticCache:
         self._embedder = embedder
         self._clock = clock
         self._threshold = threshold
-        self._ttl_ms = round(ttl_s * 1000)
         self._max_entries = max_entries
         self._top_k = top_k
         self._entries: dict[int, Entry] = {}  # FAISS id -> entry
         self._lru: OrderedDict[int, None] = OrderedDict()  # least recently used first
-        self._by_age: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._expiry: list[tuple[int, int]] = []  # heap of (expires_at_ms, id); may be stale
+        self._by_entry_id: dict[str, int] = {}
         self._scopes: dict[ScopeKey, ScopeIndex] = {}
         self._next_id = 0
         self._changes = 0
@@ -88,8 +97,29 @@ class SemanticCache:
         """Grows on every change a snapshot would show (store, removal, a hit's recency)."""
         return self._changes
 
-    async def check(self, query: Query) -> CheckResult:
-        """The best servable entry of the query's scope with similarity >= the threshold."""
+    async def check(self, query: Query, wait_s: float = 0.0) -> CheckResult:
+        """The best servable entry of the query's scope with similarity >= the threshold.
+
+        With leases, a miss takes the lease of its (tenant, scope, query) when none is held
+        (``CheckResult.leader``: the caller makes the model call and stores the answer); when
+        one is held, the check waits up to ``wait_s`` seconds for it to end, then looks again.
+        """
+        result = await self._check(query)
+        if result.hit or result.skip_reason or self._leases is None:
+            return result
+        key = (query.tenant, query.scope, query.normalised)
+        event = self._leases.held(key)
+        if event is not None and await wait(event, wait_s):
+            result = await self._check(query)
+            if result.hit:
+                return dataclasses.replace(result, waited=True)
+            event = self._leases.held(key)
+        if event is None and query.mode == "use":
+            self._leases.take(key)
+            return dataclasses.replace(result, leader=True)
+        return result
+
+    async def _check(self, query: Query) -> CheckResult:
         _require_tenant(query)
         threshold = self._threshold_for(query)
         if query.mode in ("bypass", "refresh"):
@@ -128,9 +158,19 @@ class SemanticCache:
         return CheckResult(None, best_similarity=best, refusal=choice.reason)
 
     async def store(self, query: Query, answer: Answer) -> StoreResult:
-        """Stores a cacheable answer, replacing the entry of the same normalised query."""
+        """Stores a cacheable answer, replacing the entry of the same normalised query.
+
+        Stored or not, it ends the lease of the query's key: its waiters look again.
+        """
         _require_tenant(query)
-        reason = _store_skip_reason(query, answer)
+        try:
+            return await self._store(query, answer)
+        finally:
+            if self._leases is not None and query.tenant:
+                self._leases.end((query.tenant, query.scope, query.normalised))
+
+    async def _store(self, query: Query, answer: Answer) -> StoreResult:
+        reason = _store_skip_reason(query, answer, self._policy)
         if reason or query.text is None:
             return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
         vector = await self._embed(query.text)
@@ -157,9 +197,7 @@ class SemanticCache:
         vid = self._next_id
         self._next_id += 1
         index.add(vid, vector, entry.query)
-        self._entries[vid] = entry
-        self._lru[vid] = None
-        self._by_age[vid] = None
+        self._add(vid, entry)
         self._changes += 1
         self._evict_over_capacity()
         return StoreResult(True, entry_id=entry.entry_id)
@@ -193,7 +231,7 @@ class SemanticCache:
         for row, entry in enumerate(contents.entries):
             if entry.embedder_version != version:
                 other += 1
-            elif entry.created_at_ms + self._ttl_ms <= now:
+            elif self._expires_at(entry) <= now:
                 expired += 1
             else:
                 groups.setdefault((entry.tenant, entry.scope), []).append(row)
@@ -210,10 +248,7 @@ class SemanticCache:
         }
         self._next_id += len(vid_of)
         for row, vid in vid_of.items():
-            self._entries[vid] = contents.entries[row]
-            self._lru[vid] = None
-        for vid in sorted(vid_of.values(), key=lambda v: self._entries[v].created_at_ms):
-            self._by_age[vid] = None
+            self._add(vid, contents.entries[row])
         for key, rows in groups.items():
             index = self._scopes[key] = ScopeIndex(
                 self._embedder.dim, contents.entries[rows[0]].namespace
@@ -244,6 +279,16 @@ class SemanticCache:
                 dropped += 1
         return dropped
 
+    def drop_entry(self, tenant: str, entry_id: str) -> int:
+        """Removes one entry of the tenant (1), or nothing when it is not theirs or gone (0)."""
+        if not tenant:
+            raise InvalidQuery("tenant", "is required")
+        vid = self._by_entry_id.get(entry_id)
+        if vid is None or self._entries[vid].tenant != tenant:
+            return 0
+        self._remove(vid)
+        return 1
+
     def _threshold_for(self, query: Query) -> float:
         if query.threshold is None:
             return self._threshold
@@ -256,12 +301,21 @@ class SemanticCache:
     def _servable(self, entry: Entry, query: Query, now: int) -> bool:
         answer = entry.answer
         return (
-            now < entry.created_at_ms + self._ttl_ms
+            now < self._expires_at(entry)
             and answer.stop_reason == END_TURN
             and answer.output_tokens <= query.max_tokens
-            and not answer.has_tool_use
+            and (not answer.has_tool_use or self._policy.allows_tool_use(entry.namespace))
             and entry.embedder_version == self._embedder.version
         )
+
+    def _expires_at(self, entry: Entry) -> int:
+        return entry.created_at_ms + self._policy.ttl_ms(entry.namespace)
+
+    def _add(self, vid: int, entry: Entry) -> None:
+        self._entries[vid] = entry
+        self._lru[vid] = None
+        self._by_entry_id[entry.entry_id] = vid
+        heapq.heappush(self._expiry, (self._expires_at(entry), vid))
 
     def _hit(self, vid: int, similarity: float, *, exact: bool, best: float) -> CheckResult:
         self._lru.move_to_end(vid)
@@ -276,11 +330,13 @@ class SemanticCache:
         return row
 
     def _purge_expired(self, now: int) -> None:
-        while self._by_age:
-            vid = next(iter(self._by_age))
-            if self._entries[vid].created_at_ms + self._ttl_ms > now:
-                return
-            self._remove(vid)
+        while self._expiry and self._expiry[0][0] <= now:
+            _, vid = heapq.heappop(self._expiry)
+            if vid in self._entries:  # ids are never reused: a stale item's id is gone
+                self._remove(vid)
+        if len(self._expiry) > 2 * len(self._entries) + 64:  # drop the stale items
+            self._expiry = [(self._expires_at(e), v) for v, e in self._entries.items()]
+            heapq.heapify(self._expiry)
 
     def _evict_over_capacity(self) -> None:
         while len(self._entries) > self._max_entries:
@@ -297,8 +353,9 @@ class SemanticCache:
     def _forget(self, vid: int) -> Entry:
         self._changes += 1
         self._lru.pop(vid, None)
-        self._by_age.pop(vid, None)
-        return self._entries.pop(vid)
+        entry = self._entries.pop(vid)
+        self._by_entry_id.pop(entry.entry_id, None)
+        return entry
 
 
 _NO_USER_TEXT = "the last message is not a user turn with text (a prefill, or no text)"
@@ -309,13 +366,17 @@ def _require_tenant(query: Query) -> None:
         raise InvalidQuery("tenant", "is required")
 
 
-def _store_skip_reason(query: Query, answer: Answer) -> str:
+def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) -> str:
     if query.mode in ("no_store", "bypass"):
         return f"semantic mode {query.mode} never stores"
     if query.text is None or not query.normalised:
         return _NO_USER_TEXT
     if answer.stop_reason != END_TURN:
         return f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored"
-    if answer.has_tool_use:
-        return "the answer holds a tool call"
+    if answer.has_tool_use and not policy.allows_tool_use(query.namespace):
+        return f"the answer holds a tool call (namespace {query.namespace!r} does not allow it)"
+    if query.temperature > policy.max_temperature:
+        return (
+            f"temperature {query.temperature} is above the cacheable limit {policy.max_temperature}"
+        )
     return ""

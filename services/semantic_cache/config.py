@@ -7,6 +7,7 @@ from pathlib import Path
 
 from services.common.config import ConfigError, Env
 from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.policy import NamespacePolicy
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 
@@ -22,6 +23,9 @@ class SemanticCacheConfig:
     ort_threads: int
     data_dir: Path | None = None  # where snapshots go; None = no persistence
     snapshot_s: float = 60.0  # period of background snapshots; 0 = only at shutdown
+    policy: NamespacePolicy | None = None  # None = ttl_s for every namespace, default rules
+    lease_s: float = 30.0  # single flight: a lease ends at this age if no Store ended it
+    lease_wait_s: float = 10.0  # the most a lookup waits on another's lease; 0 = no leases
 
     @classmethod
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheConfig:
@@ -45,4 +49,14 @@ class SemanticCacheConfig:
             ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1),
             data_dir=Path(data_dir) if (data_dir := env.optional_str(DATA_DIR)) else None,
             snapshot_s=env.float("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
+            policy=NamespacePolicy.from_env(env, ttl_s),
+            lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
+            lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 10.0, minimum=0.0),
         )
+
+
+def _positive(env: Env, name: str, default: float) -> float:
+    value = env.float(name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0 seconds, got {value}")
+    return value

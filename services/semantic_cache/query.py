@@ -40,6 +40,7 @@ class Query:
     mode: Mode
     threshold: float | None  # None = the configured threshold
     max_tokens: int
+    temperature: float = 1.0  # unset = 1.0
 
     @property
     def normalised(self) -> str:
@@ -61,6 +62,7 @@ def query_from_request(tenant: str, request: pb.CompleteRequest) -> Query:
         mode=_MODES.get(cache.semantic, "use"),
         threshold=cache.threshold if cache.HasField("threshold") else None,
         max_tokens=request.max_tokens,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
     )
 
 

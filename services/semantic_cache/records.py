@@ -48,6 +48,8 @@ class CheckResult:
     best_similarity: float = 0.0  # best candidate seen, hit or not
     skip_reason: str = ""  # why no lookup was done, when none was
     refusal: str = ""  # why candidates above the threshold were not served (verifier, ambiguity)
+    leader: bool = False  # a miss that took the lease: this caller calls the model and stores
+    waited: bool = False  # a hit served after waiting for an identical in-flight miss
 
     @property
     def hit(self) -> bool:

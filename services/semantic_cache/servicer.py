@@ -19,8 +19,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class SemanticCacheService(sc_grpc.SemanticCacheServicer):
     """Serves a ``SemanticCache``; UNAVAILABLE until one is attached (after the warm-up)."""
 
-    def __init__(self, cache: SemanticCache | None = None) -> None:
+    def __init__(self, cache: SemanticCache | None = None, lease_wait_s: float = 0.0) -> None:
         self._cache = cache
+        self._lease_wait_s = lease_wait_s  # the most a lookup waits on another's lease
 
     def attach(self, cache: SemanticCache) -> None:
         self._cache = cache
@@ -29,11 +30,18 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
         cache = await self._ready(context)
         await _require_tenant(request.tenant, context)
         try:
-            result = await cache.check(query_from_request(request.tenant, request.request))
+            result = await cache.check(
+                query_from_request(request.tenant, request.request), self._wait_budget(context)
+            )
         except InvalidQuery as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         response = sc.LookupResponse(
-            hit=result.hit, best_similarity=result.best_similarity, skip_reason=result.skip_reason
+            hit=result.hit,
+            best_similarity=result.best_similarity,
+            skip_reason=result.skip_reason,
+            leader=result.leader,
+            waited=result.waited,
+            refusal=result.refusal,
         )
         if result.entry is not None:
             response.match.CopyFrom(
@@ -71,7 +79,18 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
     async def Drop(self, request: sc.DropRequest, context: Context) -> sc.DropResponse:
         cache = await self._ready(context)
         await _require_tenant(request.tenant, context)
+        if request.entry_id:
+            return sc.DropResponse(dropped=cache.drop_entry(request.tenant, request.entry_id))
         return sc.DropResponse(dropped=cache.drop(request.tenant, request.namespace or None))
+
+    def _wait_budget(self, context: Context) -> float:
+        """The lease wait: the configured limit, within the caller's deadline less 100 ms."""
+        if self._lease_wait_s <= 0:
+            return 0.0
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._lease_wait_s
+        return max(0.0, min(self._lease_wait_s, remaining - 0.1))
 
     async def _ready(self, context: Context) -> SemanticCache:
         if self._cache is None:

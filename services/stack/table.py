@@ -86,6 +86,11 @@ SERVICES: tuple[ServiceDef, ...] = (
             "SEMANTIC_CACHE_ORT_THREADS",
             "SEMANTIC_CACHE_DATA_DIR",
             "SEMANTIC_CACHE_SNAPSHOT_S",
+            "SEMANTIC_CACHE_NAMESPACE_TTL_S",
+            "SEMANTIC_CACHE_TOOL_USE_NAMESPACES",
+            "SEMANTIC_CACHE_MAX_TEMPERATURE",
+            "SEMANTIC_CACHE_LEASE_S",
+            "SEMANTIC_CACHE_LEASE_WAIT_S",
         ),
     ),
     ServiceDef(

@@ -16,6 +16,7 @@ from services.common.config import ConfigError, Env
 from services.semantic_cache.app import SERVICE_NAME, serve
 from services.semantic_cache.config import SemanticCacheConfig
 from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.policy import NamespacePolicy
 from tests.unit.semantic_cache_support import make_request
 
 TOKEN = "test-internal-token-0123456789"
@@ -26,7 +27,9 @@ SHIPPED = OperatingPoint(0.87, 0.3, 0.02)
 
 def test_defaults_come_from_the_shipped_operating_point() -> None:
     config = SemanticCacheConfig.from_env(Env({}), SHIPPED)
-    assert config == SemanticCacheConfig(0.87, 0.3, 0.02, 86_400.0, 100_000, 1, 1)
+    assert config == SemanticCacheConfig(
+        0.87, 0.3, 0.02, 86_400.0, 100_000, 1, 1, policy=NamespacePolicy(), lease_s=30.0
+    )
 
 
 def test_the_shipped_operating_point_file_loads() -> None:
@@ -42,6 +45,9 @@ def test_the_shipped_operating_point_file_loads() -> None:
         ("SEMANTIC_CACHE_THRESHOLD", "nan"),
         ("SEMANTIC_CACHE_VERIFIER_MIN_P", "1.5"),
         ("SEMANTIC_CACHE_AMBIGUITY_MARGIN", "-0.01"),
+        ("SEMANTIC_CACHE_LEASE_S", "0"),
+        ("SEMANTIC_CACHE_LEASE_WAIT_S", "-1"),
+        ("SEMANTIC_CACHE_MAX_TEMPERATURE", "-0.5"),
         ("SEMANTIC_CACHE_TTL_S", "0"),
         ("SEMANTIC_CACHE_MAX_ENTRIES", "0"),
         ("SEMANTIC_CACHE_FAISS_THREADS", "0"),

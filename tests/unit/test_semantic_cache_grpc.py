@@ -115,3 +115,44 @@ async def test_before_the_model_is_loaded_calls_are_unavailable() -> None:
             assert "loading" in await expect(grpc.StatusCode.UNAVAILABLE, drop)
     finally:
         await server.stop(None)
+
+
+async def test_drop_by_entry_removes_only_that_entry_of_that_tenant(
+    stub: sc_grpc.SemanticCacheAsyncStub,
+) -> None:
+    requests = [make_request("Reset my password"), make_request("Cancel my plan")]
+    ids = [
+        (
+            await stub.Store(sc.StoreRequest(tenant="a", request=r, answer=ANSWER), metadata=AUTH)
+        ).entry_id
+        for r in requests
+    ]
+    theirs = sc.DropRequest(tenant="b", entry_id=ids[0])
+    assert (await stub.Drop(theirs, metadata=AUTH)).dropped == 0
+    mine = sc.DropRequest(tenant="a", entry_id=ids[0], namespace="ignored")
+    assert (await stub.Drop(mine, metadata=AUTH)).dropped == 1
+    first, second = [
+        await stub.Lookup(sc.LookupRequest(tenant="a", request=r), metadata=AUTH) for r in requests
+    ]
+    assert not first.hit and second.hit and second.match.entry_id == ids[1]
+
+
+async def test_a_lookup_waits_on_an_identical_miss_within_its_deadline() -> None:
+    from services.semantic_cache.leases import Leases
+
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0))
+    lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = sc_grpc.SemanticCacheStub(channel)
+        leader = await stub.Lookup(lookup, metadata=AUTH)
+        assert leader.leader and not leader.hit
+        short = await stub.Lookup(lookup, metadata=AUTH, timeout=0.3)  # waits <= 0.2 s
+        assert not short.hit and not short.leader
+        waiter = stub.Lookup(lookup, metadata=AUTH, timeout=20.0)
+        store = sc.StoreRequest(tenant="a", request=lookup.request, answer=ANSWER)
+        stored = await stub.Store(store, metadata=AUTH)
+        shared = await waiter
+        assert shared.hit and shared.match.entry_id == stored.entry_id
+    await server.stop(None)

@@ -53,11 +53,22 @@ class LookupResponse(_message.Message):
     ANSWER_FIELD_NUMBER: _builtins.int
     BEST_SIMILARITY_FIELD_NUMBER: _builtins.int
     SKIP_REASON_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    WAITED_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     hit: _builtins.bool
     best_similarity: _builtins.float
     """best candidate seen, hit or not (for tracing)"""
     skip_reason: _builtins.str
     """why no lookup was done, when none was"""
+    leader: _builtins.bool
+    """Single flight: this miss holds the lease of its (tenant, scope, query); the caller makes
+    the model call and its Store (stored or not) ends the lease.
+    """
+    waited: _builtins.bool
+    """a hit served after waiting on another's lease"""
+    refusal: _builtins.str
+    """why candidates above the threshold were refused"""
     @_builtins.property
     def match(self) -> _gateway_pb2.SemanticMatch:
         """set when hit"""
@@ -74,10 +85,13 @@ class LookupResponse(_message.Message):
         answer: Global___CachedAnswer | None = ...,
         best_similarity: _builtins.float = ...,
         skip_reason: _builtins.str = ...,
+        leader: _builtins.bool = ...,
+        waited: _builtins.bool = ...,
+        refusal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "match", b"match"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "hit", b"hit", "match", b"match", "skip_reason", b"skip_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "hit", b"hit", "leader", b"leader", "match", b"match", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,18 +188,22 @@ class DropRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     namespace: _builtins.str
-    """empty = every namespace of the tenant"""
+    """empty = every namespace of the tenant (ignored with entry_id)"""
+    entry_id: _builtins.str
+    """set = only this entry (SemanticMatch.entry_id), if it is the tenant's"""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         namespace: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "namespace", b"namespace", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

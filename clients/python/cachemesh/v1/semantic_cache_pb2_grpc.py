@@ -69,7 +69,7 @@ class SemanticCacheServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Drop(self, request, context):
-        """Drops entries of one tenant (all, or one namespace).
+        """Invalidates entries of one tenant: one entry, one namespace, or all of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

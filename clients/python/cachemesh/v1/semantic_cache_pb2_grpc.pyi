@@ -36,7 +36,7 @@ class SemanticCacheStub:
     Store: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.StoreRequest, _semantic_cache_pb2.StoreResponse]
     """Stores an answer; acknowledged once the entry is visible to the next Lookup."""
     Drop: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.DropRequest, _semantic_cache_pb2.DropResponse]
-    """Drops entries of one tenant (all, or one namespace)."""
+    """Invalidates entries of one tenant: one entry, one namespace, or all of them."""
 
 @_typing.type_check_only
 class SemanticCacheAsyncStub(SemanticCacheStub):
@@ -46,7 +46,7 @@ class SemanticCacheAsyncStub(SemanticCacheStub):
     Store: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.StoreRequest, _semantic_cache_pb2.StoreResponse]  # type: ignore[assignment]
     """Stores an answer; acknowledged once the entry is visible to the next Lookup."""
     Drop: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.DropRequest, _semantic_cache_pb2.DropResponse]  # type: ignore[assignment]
-    """Drops entries of one tenant (all, or one namespace)."""
+    """Invalidates entries of one tenant: one entry, one namespace, or all of them."""
 
 class SemanticCacheServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -71,6 +71,6 @@ class SemanticCacheServicer(metaclass=_abc_1.ABCMeta):
         request: _semantic_cache_pb2.DropRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_semantic_cache_pb2.DropResponse, _abc.Awaitable[_semantic_cache_pb2.DropResponse]]:
-        """Drops entries of one tenant (all, or one namespace)."""
+        """Invalidates entries of one tenant: one entry, one namespace, or all of them."""
 
 def add_SemanticCacheServicer_to_server(servicer: SemanticCacheServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,68 @@
+"""Single flight for concurrent identical misses: a lookup lease per (tenant, scope, query).
+
+The model call is made by the router, but identical requests of one scope all reach the same
+semantic-cache shard (DESIGN.md shards it by tenant and scope), whichever router replica
+sends them; so the shard is where they can meet. The first lookup that misses takes the
+lease for its key and its caller makes the model call; an identical lookup arriving while
+the lease is held waits, up to its own budget, for the Store that fulfils the lease (then it
+is served that entry) or for the lease to end (released: a Store that did not store, or the
+lease's age limit, which frees the key when the holder failed without a Store). A waiter
+whose budget runs out gets a miss and calls the model itself: a lease never loses a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from services.common.clock import Clock
+
+LeaseKey = tuple[str, str, str]  # (tenant, scope, normalised query)
+
+
+@dataclass
+class _Lease:
+    expires_at_ms: int
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Leases:
+    def __init__(self, clock: Clock, hold_s: float) -> None:
+        if hold_s <= 0:
+            raise ValueError(f"hold_s must be > 0, got {hold_s}")
+        self._clock = clock
+        self._hold_ms = round(hold_s * 1000)
+        self._held: dict[LeaseKey, _Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def held(self, key: LeaseKey) -> asyncio.Event | None:
+        """The event of a live lease on ``key`` (an expired one is ended here)."""
+        lease = self._held.get(key)
+        if lease is None:
+            return None
+        if self._clock.now_ms() >= lease.expires_at_ms:
+            self.end(key)
+            return None
+        return lease.done
+
+    def take(self, key: LeaseKey) -> None:
+        self._held[key] = _Lease(self._clock.now_ms() + self._hold_ms)
+
+    def end(self, key: LeaseKey) -> None:
+        """Fulfilled (stored) or released: wakes every waiter."""
+        lease = self._held.pop(key, None)
+        if lease is not None:
+            lease.done.set()
+
+
+async def wait(event: asyncio.Event, budget_s: float) -> bool:
+    """True when the lease ended within the budget."""
+    if budget_s <= 0:
+        return False
+    try:
+        await asyncio.wait_for(event.wait(), budget_s)
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,67 @@
+"""What may be stored and for how long, per namespace.
+
+- ``ttl_s``: the default absolute age of an entry; ``namespace_ttl_s`` overrides it for named
+  namespaces (``SEMANTIC_CACHE_NAMESPACE_TTL_S=faq=604800,news=600``). An entry's expiry is
+  fixed when it is stored (reads never extend it).
+- ``max_temperature``: answers sampled above it are never stored (unset temperature = 1.0).
+- ``tool_use_namespaces``: the only namespaces whose answers holding a tool call are stored
+  and served (``SEMANTIC_CACHE_TOOL_USE_NAMESPACES=agent-readonly``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.common.config import ConfigError, Env
+
+NAMESPACE_TTL = "SEMANTIC_CACHE_NAMESPACE_TTL_S"
+TOOL_USE_NAMESPACES = "SEMANTIC_CACHE_TOOL_USE_NAMESPACES"
+MAX_TEMPERATURE = "SEMANTIC_CACHE_MAX_TEMPERATURE"
+
+
+@dataclass(frozen=True)
+class NamespacePolicy:
+    ttl_s: float = 86_400.0
+    namespace_ttl_s: Mapping[str, float] = field(default_factory=dict)
+    max_temperature: float = 1.0
+    tool_use_namespaces: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for name, ttl in {"": self.ttl_s, **self.namespace_ttl_s}.items():
+            if not (math.isfinite(ttl) and ttl > 0):
+                raise ValueError(f"ttl_s of namespace {name!r} must be > 0, got {ttl}")
+        if not (math.isfinite(self.max_temperature) and self.max_temperature >= 0):
+            raise ValueError(f"max_temperature must be >= 0, got {self.max_temperature}")
+
+    def ttl_ms(self, namespace: str) -> int:
+        return round(self.namespace_ttl_s.get(namespace, self.ttl_s) * 1000)
+
+    def allows_tool_use(self, namespace: str) -> bool:
+        return namespace in self.tool_use_namespaces
+
+    @classmethod
+    def from_env(cls, env: Env, ttl_s: float) -> NamespacePolicy:
+        overrides: dict[str, float] = {}
+        for item in _items(env.optional_str(NAMESPACE_TTL)):
+            name, sep, value = item.partition("=")
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not sep or not name.strip() or not (math.isfinite(seconds) and seconds > 0):
+                raise ConfigError(
+                    f"{NAMESPACE_TTL}: {item!r} must be namespace=seconds with seconds > 0"
+                )
+            overrides[name.strip()] = seconds
+        return cls(
+            ttl_s=ttl_s,
+            namespace_ttl_s=overrides,
+            max_temperature=env.float(MAX_TEMPERATURE, 1.0, minimum=0.0),
+            tool_use_namespaces=frozenset(_items(env.optional_str(TOOL_USE_NAMESPACES))),
+        )
+
+
+def _items(raw: str | None) -> list[str]:
+    return [item.strip() for item in (raw or "").split(",") if item.strip()]

@@ -1,0 +1,145 @@
+"""Lifecycle: TTL per namespace, store rules per namespace, invalidation, single flight."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.common.clock import ManualClock
+from services.common.config import ConfigError, Env
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.leases import Leases
+from services.semantic_cache.policy import NamespacePolicy
+from tests.unit.semantic_cache_support import FakeEmbedder
+from tests.unit.test_semantic_cache_rules import answer, q
+
+POLICY = NamespacePolicy(
+    ttl_s=100.0,
+    namespace_ttl_s={"news": 10.0},
+    tool_use_namespaces=frozenset({"agent"}),
+)
+
+
+def new_cache(
+    hold_s: float = 30.0, policy: NamespacePolicy = POLICY
+) -> tuple[SemanticCache, ManualClock]:
+    clock = ManualClock()
+    leases = Leases(clock, hold_s)
+    return SemanticCache(FakeEmbedder(), clock, threshold=0.8, policy=policy, leases=leases), clock
+
+
+async def test_each_namespace_has_its_own_ttl_fixed_at_store() -> None:
+    cache, clock = new_cache()
+    await cache.store(q("latest headlines today", namespace="news"), answer())
+    await cache.store(q("how do i reset my password"), answer())
+    clock.advance(s=9.999)
+    assert (await cache.check(q("latest headlines today", namespace="news"))).hit
+    clock.advance(s=0.001)
+    assert not (await cache.check(q("latest headlines today", namespace="news"))).hit
+    clock.advance(s=89.999)
+    assert (await cache.check(q("how do i reset my password"))).hit
+    clock.advance(s=0.001)
+    assert not (await cache.check(q("how do i reset my password"))).hit
+    assert len(cache) == 0
+
+
+async def test_tool_calls_are_stored_and_served_only_where_the_namespace_allows() -> None:
+    cache, _ = new_cache()
+    refused = await cache.store(q("book the flight", namespace="faq"), answer(has_tool_use=True))
+    assert not refused.stored and "does not allow" in refused.skip_reason
+    kept = await cache.store(q("book the flight", namespace="agent"), answer(has_tool_use=True))
+    assert kept.stored
+    assert (await cache.check(q("book the flight", namespace="agent"))).hit
+
+
+@pytest.mark.parametrize(("temperature", "stored"), [(0.0, True), (0.7, True), (0.71, False)])
+async def test_answers_sampled_above_the_cacheable_temperature_are_never_stored(
+    temperature: float, stored: bool
+) -> None:
+    cache, _ = new_cache(policy=NamespacePolicy(max_temperature=0.7))
+    result = await cache.store(q("write me a poem", temperature=temperature), answer())
+    assert result.stored is stored
+    assert stored or "cacheable limit" in result.skip_reason
+    unset = await cache.store(q("write me a haiku"), answer())  # unset temperature = 1.0
+    assert not unset.stored
+
+
+async def test_invalidate_one_entry_only_for_its_tenant() -> None:
+    cache, _ = new_cache()
+    kept = await cache.store(q("how do i reset my password"), answer())
+    other = await cache.store(q("how do i cancel my plan"), answer())
+    assert cache.drop_entry("b", kept.entry_id) == 0  # not tenant b's entry
+    assert cache.drop_entry("a", "no-such-entry") == 0
+    assert cache.drop_entry("a", kept.entry_id) == 1
+    assert cache.drop_entry("a", kept.entry_id) == 0
+    assert not (await cache.check(q("how do i reset my password"))).hit
+    served = (await cache.check(q("how do i cancel my plan"))).entry
+    assert served is not None and served.entry_id == other.entry_id
+
+
+async def test_concurrent_identical_misses_share_one_model_call() -> None:
+    cache, _ = new_cache()
+    leader = await cache.check(q("how do i reset my password"), wait_s=5.0)
+    assert leader.leader and not leader.hit
+    waiters = [
+        asyncio.create_task(cache.check(q("how do i reset my password"), wait_s=5.0))
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0)  # the waiters are now blocked on the lease
+    assert not any(task.done() for task in waiters)
+    await cache.store(q("how do i reset my password"), answer(b"the answer"))
+    results = await asyncio.gather(*waiters)
+    assert all(r.hit and r.waited and not r.leader for r in results)
+    assert {r.entry.answer.payload for r in results if r.entry} == {b"the answer"}
+
+
+async def test_a_store_that_does_not_store_hands_the_lease_to_one_waiter() -> None:
+    cache, _ = new_cache()
+    assert (await cache.check(q("summarise this page"), wait_s=5.0)).leader
+    waiter = asyncio.create_task(cache.check(q("summarise this page"), wait_s=5.0))
+    await asyncio.sleep(0)
+    truncated = await cache.store(q("summarise this page"), answer(stop_reason="max_tokens"))
+    assert not truncated.stored
+    result = await waiter
+    assert not result.hit and result.leader  # it now makes the call itself
+
+
+async def test_a_waiter_out_of_budget_misses_and_an_abandoned_lease_expires() -> None:
+    cache, clock = new_cache(hold_s=30.0)
+    assert (await cache.check(q("how do i reset my password"), wait_s=1.0)).leader
+    impatient = await cache.check(q("how do i reset my password"), wait_s=0.0)
+    assert not impatient.hit and not impatient.leader
+    clock.advance(s=30.0)  # the leader died without a Store
+    assert (await cache.check(q("how do i reset my password"), wait_s=0.0)).leader
+
+
+async def test_no_store_and_other_scopes_never_take_or_share_a_lease() -> None:
+    from cachemesh.v1 import gateway_pb2 as pb
+
+    cache, _ = new_cache()
+    peek = await cache.check(q("how do i reset my password", mode=pb.SEMANTIC_MODE_NO_STORE))
+    assert not peek.leader
+    assert (await cache.check(q("how do i reset my password"), wait_s=0.0)).leader
+    assert (await cache.check(q("how do i reset my password", tenant="b"), wait_s=0.0)).leader
+    assert (await cache.check(q("how do i reset my password", model="x"), wait_s=0.0)).leader
+
+
+def test_policy_from_env_names_the_variable() -> None:
+    policy = NamespacePolicy.from_env(
+        Env(
+            {
+                "SEMANTIC_CACHE_NAMESPACE_TTL_S": "news=600, faq=0.5",
+                "SEMANTIC_CACHE_TOOL_USE_NAMESPACES": "agent,ops",
+                "SEMANTIC_CACHE_MAX_TEMPERATURE": "0",
+            }
+        ),
+        86_400.0,
+    )
+    assert policy.ttl_ms("news") == 600_000 and policy.ttl_ms("faq") == 500
+    assert policy.ttl_ms("other") == 86_400_000
+    assert policy.allows_tool_use("ops") and not policy.allows_tool_use("faq")
+    assert policy.max_temperature == 0.0
+    for bad in ("news", "news=0", "=5", "news=abc"):
+        with pytest.raises(ConfigError, match="SEMANTIC_CACHE_NAMESPACE_TTL_S"):
+            NamespacePolicy.from_env(Env({"SEMANTIC_CACHE_NAMESPACE_TTL_S": bad}), 1.0)
