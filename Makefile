@@ -69,11 +69,10 @@ calibrate-cache: setup ## refit the verifier, calibrate to precision 0.99, write
 	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation fit
 	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation calibrate --write
 
-bench: setup ## load test on a fresh local stack; results in bench-results/loadtest.json
+bench: setup ## the standard load-test set on the local stack: results/bench-<date>.json + .html
 	$(BIN)/python -m services.stack up
 	set -a; source .run/demo-keys.env; set +a; \
-	  $(BIN)/python -m cachemesh.loadtest --requests 200 --concurrency 8 \
-	    --out bench-results/loadtest.json; status=$$?; \
+	  $(BIN)/python -m services.bench; status=$$?; \
 	  $(BIN)/python -m services.stack down; exit $$status
 
 bench-prefix: setup ## offline replays (tau-bench, Mooncake) through L2/L3 accounting; bench-results/prefix.json

@@ -40,6 +40,8 @@ _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> CachemeshError:
-    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    # grpc.aio's AioRpcError carries code() and details() but is not a grpc.Call
+    call = isinstance(error, grpc.Call | grpc.aio.AioRpcError)
+    code = error.code() if call else grpc.StatusCode.UNKNOWN
+    details = (error.details() if call else None) or str(error)
     return _BY_CODE.get(code, CachemeshError)(code, details)

@@ -4,6 +4,7 @@ layer and cost per layer against the baseline, one pair of charts per run."""
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,8 +61,14 @@ def run_charts(label: str, results: Mapping[str, Any]) -> str:
     return f"<section><h2>{html.escape(label)}</h2>{lat}<br>{cost}</section>"
 
 
-def render_html(title: str, runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+def render_html(
+    title: str, runs: Sequence[tuple[str, Mapping[str, Any]]], summary: object = None
+) -> str:
+    """``summary`` (any JSON-able value, e.g. the bench's ratios) is shown above the charts."""
     body = "".join(run_charts(label, results) for label, results in runs)
+    if summary is not None:
+        text = html.escape(json.dumps(summary, indent=1))
+        body = f"<h2>summary</h2><pre style='font-size:11px'>{text}</pre>{body}"
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "</head><body style='font-family:sans-serif'>"

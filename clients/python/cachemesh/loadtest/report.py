@@ -36,12 +36,20 @@ def _usd(nanos: int) -> str:
     return f"${nanos / 1e9:,.4f}"
 
 
-def table(results: Mapping[str, Any]) -> str:
-    """The terminal view of one run's ``results``."""
+def table(results: Mapping[str, Any], *, latency: bool = True) -> str:
+    """The terminal view of one run's ``results`` (``latency=False``: the estimator's)."""
     lines = [
         f"requests {results['requests']}  completed {results['completed']}  "
-        f"errors {results['errors'] or 'none'}  wall {results['wall_s']} s  "
-        f"{results['throughput_rps']} req/s",
+        f"errors {results['errors'] or 'none'}"
+    ]
+    if latency:
+        lines += _latency_lines(results)
+    return "\n".join(lines + _cost_lines(results))
+
+
+def _latency_lines(results: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"wall {results['wall_s']} s  {results['throughput_rps']} req/s",
         "",
         f"{'latency (ms)':16}{'n':>7}{'p50':>9}{'p90':>9}{'p95':>9}{'p99':>9}{'max':>9}",
     ]
@@ -55,8 +63,12 @@ def table(results: Mapping[str, Any]) -> str:
         row = results["ttft_ms"]["all"]
         lines.append(f"{'TTFT (stream)':16}{row['n']:>7}{row['p50']:>9.1f}{row['p90']:>9.1f}"
                      f"{row['p95']:>9.1f}{row['p99']:>9.1f}{row['max']:>9.1f}")  # fmt: skip
+    return lines
+
+
+def _cost_lines(results: Mapping[str, Any]) -> list[str]:
     cost = results["cost"]
-    lines += [
+    lines = [
         "",
         f"{'layer':16}{'requests':>9}{'hit rate':>10}{'cost':>13}{'baseline':>13}{'saved':>13}",
     ]
@@ -87,4 +99,4 @@ def table(results: Mapping[str, Any]) -> str:
         )
     if cost["estimated"]:
         lines.append(f"({cost['estimated']} costs estimated: prefix-cache was unreachable)")
-    return "\n".join(lines)
+    return lines

@@ -42,6 +42,7 @@ def _text(value: object) -> str:
 def _messages(raw: list[dict[str, object]]) -> list[pb.Message]:
     """tau-bench (OpenAI-style) messages to Gateway messages; consecutive tool results merge."""
     out: list[pb.Message] = []
+    latest: dict[str, str] = {}  # recorded call id -> the unique id given to its last use
     for message in raw:
         role = message["role"]
         if role == "user":
@@ -51,14 +52,18 @@ def _messages(raw: list[dict[str, object]]) -> list[pb.Message]:
             blocks = [pb.ContentBlock(text=t) for t in [_text(message.get("content"))] if t]
             for call in message.get("tool_calls") or []:  # type: ignore[attr-defined]
                 fn = call["function"]
-                use = pb.ToolUse(id=call["id"], name=fn["name"], input_json=fn["arguments"])
+                # a recorded id can repeat within a conversation; ids must be unique
+                unique = call["id"] if call["id"] not in latest else f"{call['id']}-{len(out)}"
+                latest[call["id"]] = unique
+                use = pb.ToolUse(id=unique, name=fn["name"], input_json=fn["arguments"])
                 blocks.append(pb.ContentBlock(tool_use=use))
             out.append(
                 pb.Message(role=pb.ROLE_ASSISTANT, content=blocks or [pb.ContentBlock(text="OK.")])
             )
         elif role == "tool":
             result = pb.ToolResult(
-                tool_use_id=str(message["tool_call_id"]), content=str(message.get("content", ""))
+                tool_use_id=latest.get(str(message["tool_call_id"]), str(message["tool_call_id"])),
+                content=str(message.get("content", "")),
             )
             block = pb.ContentBlock(tool_result=result)
             if out and out[-1].role == pb.ROLE_USER and out[-1].content[-1].HasField("tool_result"):

@@ -1,0 +1,3 @@
+from services.bench.run import main
+
+main()

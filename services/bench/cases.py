@@ -1,0 +1,79 @@
+"""The bench's request sets: exact hits, semantic hits, misses, and the mixed workload."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from cachemesh.loadtest.workloads import Item, WorkloadSpec, build, normalise
+from cachemesh.loadtest.workloads.base import TENANT_A, data_file
+from cachemesh.loadtest.workloads.faq import PAIRS, faq_request, load_pairs
+from services.semantic_cache.embedder import Embedder
+
+POOL = 50  # distinct questions stored in the warm-up of (a) and (b)
+
+
+def first_questions(data_dir: Path, count: int) -> list[str]:
+    return [a for a, _, _ in load_pairs(data_file(data_dir, PAIRS))[:count]]
+
+
+def _cycle(items: list[Item], count: int) -> list[Item]:
+    return list(itertools.islice(itertools.cycle(items), count))
+
+
+def exact_hits(data_dir: Path, namespace: str, count: int) -> tuple[list[Item], list[Item]]:
+    """(warm-up, plan): the warm-up stores POOL questions, the plan asks them again."""
+    seen: dict[str, str] = {}
+    for a, _, _ in load_pairs(data_file(data_dir, PAIRS)):
+        seen.setdefault(normalise(a), a)
+        if len(seen) == POOL:
+            break
+    items = [Item("exact", TENANT_A, faq_request(q, namespace), q) for q in seen.values()]
+    return items, _cycle(items, count)
+
+
+def paraphrase_pairs(data_dir: Path, embedder: Embedder, above: float) -> list[tuple[str, str]]:
+    """POOL labelled-duplicate pairs whose cosine similarity is at least ``above``."""
+    pairs = [
+        (a, b)
+        for a, b, label in load_pairs(data_file(data_dir, PAIRS))[:4000]
+        if label == 1 and normalise(a) != normalise(b)
+    ]
+    chosen: list[tuple[str, str]] = []
+    firsts: set[str] = set()
+    for start in range(0, len(pairs), 256):
+        chunk = pairs[start : start + 256]
+        a = embedder.embed([p[0] for p in chunk])
+        b = embedder.embed([p[1] for p in chunk])
+        similarity = np.sum(a * b, axis=1)
+        for pair, s in zip(chunk, similarity, strict=True):
+            if s >= above and normalise(pair[0]) not in firsts:
+                chosen.append(pair)
+                firsts.add(normalise(pair[0]))
+        if len(chosen) >= POOL:
+            return chosen[:POOL]
+    return chosen
+
+
+def semantic_hits(
+    pairs: list[tuple[str, str]], namespace: str, count: int
+) -> tuple[list[Item], list[Item]]:
+    """(warm-up, plan): the warm-up stores one side of each pair, the plan asks the other."""
+    warm = [Item("semantic", TENANT_A, faq_request(a, namespace), a) for a, _ in pairs]
+    asks = [Item("semantic", TENANT_A, faq_request(b, namespace), b) for _, b in pairs]
+    return warm, _cycle(asks, count)
+
+
+def misses(data_dir: Path, namespace: str, count: int, seed: int) -> list[Item]:
+    workload = build(WorkloadSpec("unrelated", seed, namespace, data_dir))
+    return [workload.next_item() for _ in range(count)]
+
+
+def mixed(
+    data_dir: Path, namespace: str, count: int, seed: int
+) -> tuple[list[Item], dict[str, object], dict[frozenset[str], int]]:
+    workload = build(WorkloadSpec("mix", seed, namespace, data_dir))
+    items = [workload.next_item() for _ in range(count)]
+    return items, {"name": "mix", **workload.params()}, workload.labels()

@@ -1,0 +1,1 @@
+"""The offline savings estimator: a request log replayed through the stack's own logic."""

@@ -1,0 +1,3 @@
+from services.estimator.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""The offline estimator: the stack's own logic in one process, on a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+
+from cachemesh.loadtest.reqlog import LogError, LogRecord, read_log, write_log
+from cachemesh.loadtest.workloads import Item
+from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B, user
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.estimator.offline import OfflineStack
+from services.estimator.replay import WhatIf, replay
+from services.stack.runner import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ask(text: str, tenant: str = TENANT_A, **kw: object) -> Item:
+    request = pb.CompleteRequest(model="auto", max_tokens=200, messages=[user(text)], **kw)  # type: ignore[arg-type]
+    return Item("t", tenant, request)
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict[str, str]:
+    return Stack(ROOT, environ={}).settings()
+
+
+def _replay(settings: dict[str, str], records: list[LogRecord], **over: str) -> list[str]:
+    stack = OfflineStack({**settings, **over}, ManualClock())
+    return [s.layer if s.ok else s.code for s in asyncio.run(replay(stack, records))]
+
+
+def test_a_repeat_is_served_by_l1_for_its_tenant_only(settings: dict[str, str]) -> None:
+    q = "How do I reset my password?"
+    records = [LogRecord(0, _ask(q)), LogRecord(1000, _ask(q)), LogRecord(2000, _ask(q, TENANT_B))]
+    assert _replay(settings, records) == ["model", "semantic_cache", "model"]
+
+
+def test_l1_ttl_is_judged_on_the_virtual_clock(settings: dict[str, str]) -> None:
+    q = "How do I reset my password?"
+    records = [LogRecord(0, _ask(q)), LogRecord(59_000, _ask(q)), LogRecord(3_600_000, _ask(q))]
+    layers = _replay(settings, records, SEMANTIC_CACHE_TTL_S="60")
+    assert layers == ["model", "semantic_cache", "model"]
+
+
+def test_a_bad_request_is_counted_by_its_status(settings: dict[str, str]) -> None:
+    bad = Item("t", TENANT_A, pb.CompleteRequest(model="auto", max_tokens=0, messages=[user("x")]))
+    assert _replay(settings, [LogRecord(0, bad)]) == ["INVALID_ARGUMENT"]
+
+
+def test_what_if_rewrites_the_logged_requests() -> None:
+    request = pb.CompleteRequest(model="sim-large", messages=[user("hi", cache=True)])
+    request.tools.add(name="t").cache_control.SetInParent()
+    changed = WhatIf(l1=False, l2_ttl="1h", routing="auto").apply(request)
+    assert changed.model == "auto" and changed.cache.semantic == pb.SEMANTIC_MODE_BYPASS
+    assert changed.tools[0].cache_control.ttl == pb.CACHE_TTL_1H
+    assert changed.messages[0].content[0].cache_control.ttl == pb.CACHE_TTL_1H
+    assert request.model == "sim-large"  # the log itself is left alone
+
+
+def test_the_request_log_round_trips_and_names_a_bad_line(tmp_path: Path) -> None:
+    records = [LogRecord(0.0, _ask("a")), LogRecord(5.0, _ask("b", TENANT_B))]
+    buffer = io.StringIO()
+    write_log(buffer, records)
+    path = tmp_path / "log.jsonl"
+    path.write_text(buffer.getvalue() + '{"t_ms": 1, "tenant": "x", "request": {"nope": 1}}\n')
+    read = read_log(path)
+    assert [r.item.request for r in (next(read), next(read))] == [r.item.request for r in records]
+    with pytest.raises(LogError, match=r"log\.jsonl:3"):
+        next(read)

@@ -1,0 +1,140 @@
+"""The runner against a small in-process Gateway: loops, bounds, streaming, errors, processes."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from cachemesh.loadtest.load import NotLoopback, check_target, run_load
+from cachemesh.loadtest.runner import LoadShape, run_plan
+from cachemesh.loadtest.workloads import Item
+from cachemesh.loadtest.workloads.base import TENANT_A, user
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class FakeGateway(gateway_pb2_grpc.GatewayServicer):
+    """Answers from L1 unless the question says ``fail`` (UNAVAILABLE) or ``slow`` (0.3 s)."""
+
+    def __init__(self) -> None:
+        self.in_flight = self.most_in_flight = 0
+
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        text = request.messages[-1].content[0].text
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.3 if text == "slow" else 0.01)
+        finally:
+            self.in_flight -= 1
+        if text == "fail":
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details("down")
+            return pb.CompleteResponse()
+        return pb.CompleteResponse(
+            served_by=pb.LAYER_SEMANTIC_CACHE,
+            content=[pb.ContentBlock(text="answer")],
+            cost=pb.Cost(cost_nanos=0, baseline_nanos=100, saved_nanos=100),
+        )
+
+    async def StreamComplete(
+        self, request: pb.CompleteRequest, context: Context
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        yield pb.CompleteChunk(start=pb.CompleteResponse(served_by=pb.LAYER_MODEL))
+        await asyncio.sleep(0.05)
+        yield pb.CompleteChunk(delta=pb.ContentBlock(text="hi"))
+        await asyncio.sleep(0.05)
+        yield pb.CompleteChunk(end=pb.CompleteResponse(cost=pb.Cost(cost_nanos=7)))
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[str, FakeGateway]]:
+    """The fake Gateway on its own event loop in a thread (the runner owns this thread's)."""
+    fake = FakeGateway()
+    ready: queue.Queue[tuple[int, asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        stop = asyncio.Event()
+        ready.put((port, asyncio.get_running_loop(), stop))
+        await stop.wait()
+        await server.stop(0)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    port, loop, stop = ready.get(timeout=10)
+    yield f"127.0.0.1:{port}", fake
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(5)
+
+
+def _items(*texts: str) -> list[Item]:
+    return [Item("t", TENANT_A, pb.CompleteRequest(messages=[user(t)])) for t in texts]
+
+
+KEYS = {TENANT_A: "key"}
+
+
+def test_closed_loop_keeps_n_in_flight_and_counts_errors(gateway: tuple[str, FakeGateway]) -> None:
+    target, fake = gateway
+    shape = LoadShape("closed", 4, 0.0, duration_s=30, stream=False)
+    samples = asyncio.run(run_plan(target, KEYS, _items(*["q"] * 30, "fail", "fail"), shape))
+    assert len(samples) == 32, [s.code for s in samples]
+    assert sum(s.code == "UNAVAILABLE" for s in samples) == 2
+    assert fake.most_in_flight == 4
+    assert {s.layer for s in samples if s.ok} == {"semantic_cache"}
+
+
+def test_every_run_stops_at_its_deadline(gateway: tuple[str, FakeGateway]) -> None:
+    target, _ = gateway
+    shape = LoadShape("closed", 1, 0.0, duration_s=0.5, stream=False)
+    samples = asyncio.run(run_plan(target, KEYS, _items(*["slow"] * 100), shape))
+    assert 1 <= len(samples) <= 3
+
+
+def test_open_loop_sends_at_the_rate_not_the_answers_pace(gateway: tuple[str, FakeGateway]) -> None:
+    target, fake = gateway
+    shape = LoadShape("open", 1, rate_rps=40.0, duration_s=1.5, stream=False, seed=1)
+    samples = asyncio.run(run_plan(target, KEYS, _items(*["slow"] * 500), shape, seed=1))
+    # ~40/s for 1.5 s, each taking 0.3 s: many in flight at once, none past the deadline
+    assert 25 <= len(samples) <= 60
+    assert fake.most_in_flight >= 5
+
+
+def test_streaming_records_the_time_to_the_first_token(gateway: tuple[str, FakeGateway]) -> None:
+    target, _ = gateway
+    shape = LoadShape("closed", 2, 0.0, duration_s=30, stream=True)
+    samples = asyncio.run(run_plan(target, KEYS, _items("a", "b"), shape))
+    for sample in samples:
+        assert sample.layer == "model" and sample.cost_nanos == 7
+        assert sample.ttft_s is not None and 0.04 < sample.ttft_s < sample.latency_s
+
+
+def test_several_processes_share_the_plan_and_warm_up_is_marked(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    target, _ = gateway
+    shape = LoadShape("closed", 4, 0.0, duration_s=60, stream=False)
+    samples = run_load(target, KEYS, _items("w", "w"), _items(*["q"] * 20), shape, processes=2)
+    assert sum(s.warmup for s in samples) == 2
+    assert sum(not s.warmup and s.ok for s in samples) == 20
+
+
+def test_only_loopback_targets_unless_allowed() -> None:
+    for target in ("127.0.0.1:50051", "localhost:1", "[::1]:50051", "127.9.9.9:5"):
+        check_target(target, allow_remote=False)
+    for target in ("10.0.0.1:50051", "example.com:443", "[2001:db8::1]:5"):
+        with pytest.raises(NotLoopback):
+            check_target(target, allow_remote=False)
+        check_target(target, allow_remote=True)

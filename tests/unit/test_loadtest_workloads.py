@@ -1,0 +1,81 @@
+"""The workloads build requests the Gateway accepts, with the shapes they promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cachemesh.loadtest.workloads import NAMES, WorkloadSpec, build, normalise
+from cachemesh.loadtest.workloads.mix import parse_weights
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.models import load_model_table
+from services.router.validation import validate_request
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+TABLE = load_model_table()
+
+
+def _spec(name: str, **kw: object) -> WorkloadSpec:
+    return WorkloadSpec(name, 3, "ns", DATA, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_request_passes_the_gateways_validation(name: str) -> None:
+    workload = build(_spec(name))
+    for _ in range(300):
+        item = workload.next_item()
+        validate_request(item.request, TABLE, set(TABLE.models))
+        assert item.request.cache.namespace.startswith("ns")
+
+
+def test_the_same_spec_gives_the_same_requests() -> None:
+    one, two = build(_spec("mix")), build(_spec("mix"))
+    assert [one.next_item().request for _ in range(50)] == [
+        two.next_item().request for _ in range(50)
+    ]
+
+
+def test_agent_replays_turn_by_turn_with_a_cached_prefix() -> None:
+    workload = build(_spec("agent"))
+    first = [workload.next_item().request for _ in range(3)]
+    assert len(first[0].tools) == 14 and first[0].tools[-1].HasField("cache_control")
+    assert first[0].system[0].HasField("cache_control")
+    # each turn extends the previous one's conversation
+    assert len(first[1].messages) > len(first[0].messages)
+    assert first[1].messages[0].content[0].text == first[0].messages[0].content[0].text
+    for request in first:
+        assert request.messages[-1].role == pb.ROLE_USER
+        assert request.messages[-1].content[-1].HasField("cache_control")
+
+
+def test_faq_repeats_and_paraphrases_at_the_configured_rates() -> None:
+    workload = build(_spec("faq", repeat_rate=0.4, paraphrase_rate=0.2))
+    asked: set[str] = set()
+    repeats = 0
+    n = 2000
+    for _ in range(n):
+        item = workload.next_item()
+        key = normalise(item.question)
+        repeats += key in asked
+        asked.add(key)
+    assert 0.35 < repeats / n < 0.45
+    labels = workload.labels()
+    assert set(labels.values()) == {0, 1} and len(labels) > 10_000
+
+
+def test_unrelated_prompts_do_not_repeat() -> None:
+    workload = build(_spec("unrelated"))
+    texts = [workload.next_item().request.messages[-1].content[0].text for _ in range(500)]
+    assert len(set(texts)) == len(texts)
+
+
+def test_mix_weights_are_parsed_and_checked() -> None:
+    assert parse_weights("agent=1,faq=3") == {"agent": 1.0, "faq": 3.0}
+    for bad in ("agent", "agent=-1", "agent=0", "=2"):
+        with pytest.raises(ValueError):
+            parse_weights(bad)
+    with pytest.raises(ValueError, match="unknown"):
+        build(_spec("mix", mix="agent=1,nope=1"))
+    workload = build(_spec("mix", mix="faq=1,unrelated=0"))
+    assert {workload.next_item().kind for _ in range(50)} == {"faq"}
