@@ -121,8 +121,15 @@ class PrefixCacheCore:
         request: pb.CompleteRequest | None,
         replica: str,
         kv_cached_tokens: int = 0,
+        max_read_tokens: int | None = None,
     ) -> Split:
-        """The first token arrived from ``replica``, which reported ``kv_cached_tokens``."""
+        """The first token arrived from ``replica``, which reported ``kv_cached_tokens``.
+
+        ``max_read_tokens`` is the read predicted when the request arrived: prefixes warmed
+        after that (by a concurrent request) are not read, as the provider looked up on arrival.
+        """
+        if max_read_tokens is not None and max_read_tokens < 0:
+            raise BadRequest(f"max_read_tokens must be >= 0, got {max_read_tokens}")
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         spec = self._spec(model, "model")
@@ -142,7 +149,10 @@ class PrefixCacheCore:
             if spec.rules == "self_hosted":  # the engine's report is the truth
                 split = settle(plan, kv_cached_tokens if replica else 0)
             else:
-                hit = await self._cache.settle(prompt.scope, plan.probes, plan.writes, now)
+                probes = plan.probes
+                if max_read_tokens is not None:
+                    probes = tuple(p for p in probes if p.tokens <= max_read_tokens)
+                hit = await self._cache.settle(prompt.scope, probes, plan.writes, now)
                 split = settle(plan, hit.tokens if hit else 0)
             if replica:
                 self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, kv_cached_tokens)

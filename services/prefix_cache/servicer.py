@@ -62,6 +62,7 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
                     request.request if request.HasField("request") else None,
                     request.replica,
                     request.kv_cached_tokens,
+                    request.max_read_tokens if request.HasField("max_read_tokens") else None,
                 ),
             )
             return pc.CommitResponse(usage=usage_of(split))

@@ -98,18 +98,20 @@ class Calls:
         model: str,
         replica: str,
         kv_cached_tokens: int,
+        max_read_tokens: int | None,
     ) -> prefix_cache_pb2.CommitResponse | None:
-        return await self._commit(
-            prefix_cache_pb2.CommitRequest(
-                tenant=tenant,
-                request_id=commit_id,
-                phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
-                model=model,
-                request=request,
-                replica=replica,
-                kv_cached_tokens=kv_cached_tokens,
-            )
+        commit = prefix_cache_pb2.CommitRequest(
+            tenant=tenant,
+            request_id=commit_id,
+            phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
+            model=model,
+            request=request,
+            replica=replica,
+            kv_cached_tokens=kv_cached_tokens,
         )
+        if max_read_tokens is not None:
+            commit.max_read_tokens = max_read_tokens
+        return await self._commit(commit)
 
     async def commit_final(
         self,

@@ -47,6 +47,7 @@ class _Attempt:
     start: model_pb2.GenerateStart
     chat_span: trace.Span
     route: Route
+    planned_read: int | None  # the cache read Plan predicted on arrival (None: no Plan)
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -108,6 +109,7 @@ class Pipeline:
                 attempt.model.id,
                 attempt.replica,
                 attempt.start.kv_cached_tokens,
+                attempt.planned_read,
             )
         except BaseException:
             attempt.stream.cancel()
@@ -255,7 +257,10 @@ class Pipeline:
                 if replica != route.order[0]:
                     route = Route(route.order, dict(candidates)[replica], "fallback", 0)
                 spans.route_attributes(chat_span, replica, route, start)
-                return _Attempt(spec, reason, replica, stream, start, chat_span, route)
+                planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
+                return _Attempt(
+                    spec, reason, replica, stream, start, chat_span, route, planned_read
+                )
         raise RequestError(
             grpc.StatusCode.UNAVAILABLE,
             "no model replica could serve the request ("

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -131,3 +132,17 @@ def test_max_tokens_answers_are_not_served_to_requests_that_allow_more(client_a:
     client_a.complete(build_request("What time is check-in?", max_tokens=5, namespace=ns))
     again = client_a.complete(build_request("What time is check-in?", max_tokens=500, namespace=ns))
     assert again.served_by == pb.LAYER_MODEL
+
+
+def test_concurrent_cold_requests_both_write_and_neither_reads(client_a: Client) -> None:
+    marker = _ns()
+    requests = [
+        agent_request(marker, ["Please look up reservation ZFA04Y."]),
+        agent_request(marker, ["Please look up reservation QWE123."]),
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        responses = list(pool.map(client_a.complete, requests))
+    for response in responses:  # both arrived before either prefix was warm
+        assert response.usage.cache_read_input_tokens == 0
+        assert response.usage.cache_creation_input_tokens > 1024
+        assert response.served_by == pb.LAYER_MODEL

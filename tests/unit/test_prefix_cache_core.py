@@ -88,6 +88,23 @@ async def test_first_turn_writes_then_the_same_prefix_is_read(rig: Rig) -> None:
     assert got == split(input_=rig.tokens(second) - cached, read=cached)
 
 
+async def test_a_prefix_warmed_after_a_request_arrived_is_not_read_by_it(rig: Rig) -> None:
+    """Anthropic: "a cache entry only becomes available after the first response begins" and
+    the cache is looked up when the request is processed, so two concurrent cold requests both
+    write; the later one's first token must not turn into a read."""
+    first, second = ask("What is rule 7?"), ask("And rule 8?")
+    cached = rig.tokens(first, upto=2)
+    arrival = await rig.core.plan("a", "sim-large", second, [])  # both arrive cold
+    assert arrival.split.read_tokens == 0
+    await rig.core.warm("a", "r1", "sim-large", first, "")  # the other one's first token
+    got = await rig.core.warm(
+        "a", "r2", "sim-large", second, "", max_read_tokens=arrival.split.read_tokens
+    )
+    assert got == split(input_=rig.tokens(second) - cached, w5=cached)
+    later = await rig.core.warm("a", "r3", "sim-large", ask("Rule 9?"), "", max_read_tokens=cached)
+    assert later.read_tokens == cached  # a request that arrived after the warm-up reads it
+
+
 async def test_changing_the_tools_invalidates_everything_after_them(rig: Rig) -> None:
     await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
     changed = ask("Q?", tool_text="Search the policy base and the FAQ.")

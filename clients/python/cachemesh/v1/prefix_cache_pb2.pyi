@@ -142,6 +142,7 @@ class CommitRequest(_message.Message):
     KV_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     BASELINE_MODEL_FIELD_NUMBER: _builtins.int
     PROVIDER_USAGE_FIELD_NUMBER: _builtins.int
+    MAX_READ_TOKENS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -153,6 +154,11 @@ class CommitRequest(_message.Message):
     """WARM and FINAL: what the engine reported (GenerateStart)"""
     baseline_model: _builtins.str
     """priced for baseline_nanos; empty = model"""
+    max_read_tokens: _builtins.int
+    """WARM: the cache read the Plan predicted when the request arrived. The provider looks its
+    cache up on arrival, so a prefix that became warm later (a concurrent request's first
+    token) is not read by this one. Unset = no Plan was made (prefix-cache was unreachable).
+    """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
         """required for WARM"""
@@ -176,12 +182,15 @@ class CommitRequest(_message.Message):
         kv_cached_tokens: _builtins.int = ...,
         baseline_model: _builtins.str = ...,
         provider_usage: Global___ProviderUsage | None = ...,
+        max_read_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "max_read_tokens", b"max_read_tokens", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_read_tokens: _TypeAlias = _typing.Literal["max_read_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_read_tokens: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_read_tokens) -> _WhichOneofReturnType__max_read_tokens | None: ...
 
 Global___CommitRequest: _TypeAlias = CommitRequest  # noqa: Y015
 
