@@ -16,7 +16,14 @@ import grpc
 
 
 class LocalContext:
-    """The part of ``grpc.aio.ServicerContext`` the servicers use."""
+    """The part of ``grpc.aio.ServicerContext`` the servicers use. The deadline is the
+    caller's ``timeout``, whole: nothing in-process spends wall-clock time on the wire."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self._timeout = timeout
+
+    def time_remaining(self) -> float | None:
+        return self._timeout
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
@@ -32,8 +39,8 @@ class LocalUnary:
     def __init__(self, method: Callable[[Any, Any], Awaitable[Any]]) -> None:
         self._method = method
 
-    async def __call__(self, request: Any, **_: Any) -> Any:
-        return await self._method(request, LocalContext())
+    async def __call__(self, request: Any, timeout: float | None = None, **_: Any) -> Any:  # noqa: ASYNC109 (a stub: grpc.aio's signature)
+        return await self._method(request, LocalContext(timeout))
 
 
 class LocalStream:
@@ -65,8 +72,8 @@ class LocalStreamMethod:
     def __init__(self, method: Callable[[Any, Any], AsyncIterator[Any]]) -> None:
         self._method = method
 
-    def __call__(self, request: Any, **_: Any) -> LocalStream:
-        return LocalStream(self._method(request, LocalContext()))
+    def __call__(self, request: Any, timeout: float | None = None, **_: Any) -> LocalStream:
+        return LocalStream(self._method(request, LocalContext(timeout)))
 
 
 class SemanticStub:

@@ -43,6 +43,7 @@ from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.config import SemanticCacheConfig
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.leases import Leases
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.verifier import Verifier, VerifierWeights
@@ -91,11 +92,15 @@ class OfflineStack:
         verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)
         faiss.omp_set_num_threads(config.faiss_threads)
         model = embedder or load_minilm_embedder(threads=config.ort_threads)
+        leases = Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None
         cache = SemanticCache(
             model, clock, threshold=config.threshold, ttl_s=config.ttl_s,
             max_entries=config.max_entries, verifier=verifier, margin=config.ambiguity_margin,
+            policy=config.policy, leases=leases,
         )  # fmt: skip
-        return SemanticCacheService(cache)
+        servicer = SemanticCacheService(lease_wait_s=config.lease_wait_s)
+        servicer.attach(cache)
+        return servicer
 
     def _prefix(self, env: Env, clock: ManualClock, tokenizer: Tokenizer) -> Any:
         settings = PrefixCacheSettings.from_env(env)
