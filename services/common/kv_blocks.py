@@ -45,8 +45,8 @@ class KvBlockCache:
     """Chained block hashes in LRU order; not thread-safe (use it from the event loop)."""
 
     def __init__(self, capacity_blocks: int) -> None:
-        if capacity_blocks <= 0:
-            raise ValueError(f"capacity_blocks must be > 0, got {capacity_blocks}")
+        if capacity_blocks < 0:  # 0 is valid: an engine with no prefix cache
+            raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
         self._capacity = capacity_blocks
         self._blocks: OrderedDict[bytes, None] = OrderedDict()
         self.evictions = 0

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Mapping
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.config import Env
-from services.common.server import ServiceSpec, configure_logging, run_service
+from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.model.config import ModelSettings
@@ -68,4 +67,4 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
 
 
 def main() -> None:
-    asyncio.run(serve(os.environ))
+    run_main("model", serve)

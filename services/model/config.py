@@ -34,7 +34,7 @@ class ModelSettings:
             models=_served_models(env),
             time_scale=env.float("SIM_TIME_SCALE", 1.0, minimum=0.0),
             kv_capacity_blocks=env.int(
-                "MODEL_KV_CAPACITY_BLOCKS", DEFAULT_KV_CAPACITY_BLOCKS, minimum=1
+                "MODEL_KV_CAPACITY_BLOCKS", DEFAULT_KV_CAPACITY_BLOCKS, minimum=0
             ),
         )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 
 from redis.asyncio import Redis
@@ -14,7 +13,7 @@ from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
 from services.common.config import ConfigError, Env
 from services.common.models import model_table_from_env
-from services.common.server import ServiceSpec, configure_logging, run_service
+from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
@@ -86,4 +85,4 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
 
 
 def main() -> None:
-    asyncio.run(serve(os.environ))
+    run_main("prefix-cache", serve)

@@ -52,7 +52,7 @@ def test_overrides() -> None:
         ({"MODEL_IDS": "sim-small,,sim-large"}, "MODEL_IDS"),
         ({"SIM_TIME_SCALE": "-1"}, "SIM_TIME_SCALE"),
         ({"SIM_TIME_SCALE": "fast"}, "SIM_TIME_SCALE"),
-        ({"MODEL_KV_CAPACITY_BLOCKS": "0"}, "MODEL_KV_CAPACITY_BLOCKS"),
+        ({"MODEL_KV_CAPACITY_BLOCKS": "-1"}, "MODEL_KV_CAPACITY_BLOCKS"),
         ({"MODEL_LISTEN": "nowhere"}, "MODEL_LISTEN"),
         ({"CACHEMESH_MODELS_FILE": "/no/such/models.toml"}, "/no/such/models.toml"),
     ],

@@ -113,6 +113,13 @@ def test_reusable_blocks(prompt_tokens: int, blocks: int) -> None:
     assert reusable_blocks(prompt_tokens) == blocks
 
 
-def test_capacity_must_be_positive() -> None:
+def test_capacity_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="capacity_blocks"):
-        KvBlockCache(0)
+        KvBlockCache(-1)
+
+
+def test_zero_capacity_is_an_engine_without_a_prefix_cache() -> None:
+    cache = KvBlockCache(0)
+    hashes = block_hashes("t", "sim-large", list(range(BLOCK_SIZE * 4)))
+    cache.insert(hashes)
+    assert len(cache) == 0 and cache.cached_tokens(hashes, BLOCK_SIZE * 4) == 0
