@@ -24,6 +24,7 @@ from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.verifier import Verifier, VerifierWeights
+from services.semantic_cache.wal import WriteAheadLog
 
 NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -41,7 +42,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     snapshotter = _snapshotter(config, clock)
     provider = build_tracer_provider(environ, NAME)
     faiss.omp_set_num_threads(config.faiss_threads)
-    servicer = SemanticCacheService(lease_wait_s=config.lease_wait_s)
+    stop = stop if stop is not None else asyncio.Event()  # set when the drain begins
+    servicer = SemanticCacheService(lease_wait_s=config.lease_wait_s, draining=stop)
     leases = Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None
 
     async def warmup() -> None:
@@ -94,7 +96,7 @@ def _snapshotter(config: SemanticCacheConfig, clock: SystemClock) -> Snapshotter
         raise ConfigError(
             f"{DATA_DIR}={config.data_dir}: cannot create or write the directory ({exc})"
         ) from exc
-    return Snapshotter(store, clock, config.snapshot_s)
+    return Snapshotter(store, clock, config.snapshot_s, WriteAheadLog(config.data_dir / "wal"))
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from services.common.clock import Clock
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import ScopeIndex
+from services.semantic_cache.journal import Journal
 from services.semantic_cache.leases import Leases, wait
 from services.semantic_cache.matching import choose
 from services.semantic_cache.policy import NamespacePolicy
@@ -66,6 +67,7 @@ class SemanticCache:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self._policy = policy if policy is not None else NamespacePolicy(ttl_s=ttl_s)
         self._leases = leases
+        self._journal: Journal | None = None
         if max_entries < 1 or top_k < 1:
             raise ValueError("max_entries and top_k must be >= 1")
         if not (math.isfinite(margin) and 0.0 <= margin <= 1.0):
@@ -87,6 +89,10 @@ class SemanticCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def dim(self) -> int:
+        return self._embedder.dim
 
     @property
     def embedder_version(self) -> str:
@@ -174,16 +180,9 @@ class SemanticCache:
         if reason or query.text is None:
             return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
         vector = await self._embed(query.text)
-        # From here to the return nothing awaits.
+        # From here to the sync nothing awaits: the log's order is the order of the changes.
         now = self._clock.now_ms()
         self._purge_expired(now)
-        key = (query.tenant, query.scope)
-        old = self._scopes[key].exact.get(query.normalised) if key in self._scopes else None
-        if old is not None:
-            self._remove(old)
-        index = self._scopes.get(key)
-        if index is None:
-            index = self._scopes[key] = ScopeIndex(self._embedder.dim, query.namespace)
         entry = Entry(
             entry_id=uuid.uuid4().hex,
             tenant=query.tenant,
@@ -194,13 +193,45 @@ class SemanticCache:
             created_at_ms=now,
             embedder_version=self._embedder.version,
         )
+        self._insert(entry, vector)
+        if self._journal is not None:
+            self._journal.log_store(entry, vector)
+            await self._journal.sync()  # durable before it is acknowledged
+        return StoreResult(True, entry_id=entry.entry_id)
+
+    def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool:
+        """Re-applies a logged store (replay after a restart); False if expired or stale."""
+        if entry.embedder_version != self._embedder.version:
+            return False
+        now = self._clock.now_ms()
+        self._purge_expired(now)
+        if self._expires_at(entry) <= now:
+            return False
+        self._insert(entry, vector)
+        return True
+
+    def attach_journal(self, journal: Journal) -> None:
+        """From now on every change is logged (after the replay, which must not be)."""
+        self._journal = journal
+
+    async def sync_journal(self) -> None:
+        if self._journal is not None:
+            await self._journal.sync()
+
+    def _insert(self, entry: Entry, vector: npt.NDArray[np.float32]) -> None:
+        key = (entry.tenant, entry.scope)
+        old = self._scopes[key].exact.get(entry.query) if key in self._scopes else None
+        if old is not None:
+            self._remove(old)
+        index = self._scopes.get(key)
+        if index is None:
+            index = self._scopes[key] = ScopeIndex(self._embedder.dim, entry.namespace)
         vid = self._next_id
         self._next_id += 1
         index.add(vid, vector, entry.query)
         self._add(vid, entry)
         self._changes += 1
         self._evict_over_capacity()
-        return StoreResult(True, entry_id=entry.entry_id)
 
     def export_entries(self) -> CacheContents:
         """A copy of every unexpired entry with its vector, least recently used first.
@@ -277,6 +308,8 @@ class SemanticCache:
             for vid in self._scopes.pop(key).ids:
                 self._forget(vid)
                 dropped += 1
+        if dropped and self._journal is not None:
+            self._journal.log_drop(tenant, namespace)  # durable at the caller's sync_journal
         return dropped
 
     def drop_entry(self, tenant: str, entry_id: str) -> int:
@@ -287,6 +320,8 @@ class SemanticCache:
         if vid is None or self._entries[vid].tenant != tenant:
             return 0
         self._remove(vid)
+        if self._journal is not None:
+            self._journal.log_drop_entry(tenant, entry_id)
         return 1
 
     def _threshold_for(self, query: Query) -> float:

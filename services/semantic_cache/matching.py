@@ -1,10 +1,12 @@
 """Which near neighbour, if any, a lookup may serve.
 
-Candidates come best first. One is acceptable when its cosine reaches the threshold, it is
-servable (unexpired, complete, same embedder...) and the verifier does not refuse it. The
-best acceptable one is served, unless the lookup is ambiguous: a second acceptable candidate
-holding another answer within ``margin`` of its cosine (two different cached answers fit the
-question about equally well, so neither is served). ``margin`` 0 turns that check off.
+Candidates come best first; those not servable (expired, truncated, another embedder...) are
+passed over. Only the nearest servable one may be served: it needs a cosine at the threshold
+and the verifier's consent; when the verifier refuses it, the lookup is a miss (a refusal
+never promotes a runner-up, which would be a worse match). It is not served either when the
+lookup is ambiguous: another servable candidate that the verifier accepts, holding another
+answer, within ``margin`` of its cosine (two different cached answers fit the question about
+equally well). ``margin`` 0 turns that check off.
 """
 
 from __future__ import annotations
@@ -32,29 +34,25 @@ def choose(
     verifier: Verifier | None,
     margin: float,
 ) -> Choice:
-    accepted: list[tuple[int, float, Entry]] = []
-    refused = 0
+    nearest: tuple[int, float, Entry] | None = None
     for vid, similarity in candidates:
-        if similarity < threshold or (accepted and similarity < accepted[0][1] - margin):
+        if similarity < threshold:
             break
         entry = entries(vid)
         if not servable(entry):
             continue
-        if verifier is not None and not verifier.accepts(entry.query, query, similarity):
-            refused += 1
+        accepted = verifier is None or verifier.accepts(entry.query, query, similarity)
+        if nearest is None:
+            if not accepted:
+                return Choice(None, reason="the verifier refused the nearest candidate")
+            nearest = (vid, similarity, entry)
+            if margin <= 0:
+                break
             continue
-        accepted.append((vid, similarity, entry))
-        if margin <= 0:
+        if similarity < nearest[1] - margin:
             break
-    if not accepted:
-        reason = f"the verifier refused {refused} candidate(s)" if refused else ""
-        return Choice(None, reason=reason)
-    vid, similarity, entry = accepted[0]
-    rivals = [
-        other
-        for _, s, other in accepted[1:]
-        if s >= similarity - margin and other.answer.payload != entry.answer.payload
-    ]
-    if rivals:
-        return Choice(None, reason="ambiguous: two cached answers fit about equally well")
-    return Choice(vid, similarity)
+        if accepted and entry.answer.payload != nearest[2].answer.payload:
+            return Choice(None, reason="ambiguous: two cached answers fit about equally well")
+    if nearest is None:
+        return Choice(None)
+    return Choice(nearest[0], nearest[1])

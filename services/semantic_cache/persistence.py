@@ -28,7 +28,8 @@ import numpy as np
 from services.semantic_cache.records import Answer, CacheContents, Entry
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: wal_seq and header_sha256 (the header is checksummed too)
+_READABLE_VERSIONS = (1, 2)
 SNAPSHOT_NAME = "semantic-cache.snapshot"
 _TMP_PREFIX = f".{SNAPSHOT_NAME}."
 _TMP_SUFFIX = ".tmp"
@@ -47,6 +48,7 @@ class SnapshotError(RuntimeError):
 class Snapshot:
     created_at_ms: int
     contents: CacheContents
+    wal_seq: int = 0  # the last write-ahead-log record it contains (0 = none)
 
 
 class SnapshotStore:
@@ -75,9 +77,9 @@ class SnapshotStore:
             raise SnapshotError(self.path, f"cannot be read ({exc})") from exc
         return decode(data, self.path)
 
-    def save(self, contents: CacheContents, created_at_ms: int) -> int:
+    def save(self, contents: CacheContents, created_at_ms: int, wal_seq: int = 0) -> int:
         """Replaces the snapshot atomically; returns its size in bytes."""
-        parts = encode(contents, created_at_ms)
+        parts = encode(contents, created_at_ms, wal_seq)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -93,13 +95,15 @@ class SnapshotStore:
         return sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts)
 
 
-def encode(contents: CacheContents, created_at_ms: int) -> list[bytes | memoryview]:
+def encode(
+    contents: CacheContents, created_at_ms: int, wal_seq: int = 0
+) -> list[bytes | memoryview]:
     """The file as parts (header line, then the payload), without copying the vectors."""
     rows = np.ascontiguousarray(contents.vectors, dtype="<f4")
     npy_header = io.BytesIO()
     np.lib.format.write_array_header_1_0(npy_header, np.lib.format.header_data_from_array_1_0(rows))
     entries = "".join(
-        json.dumps(_entry_json(e), separators=(",", ":")) + "\n" for e in contents.entries
+        json.dumps(entry_json(e), separators=(",", ":")) + "\n" for e in contents.entries
     ).encode()
     payload: list[bytes | memoryview] = [
         npy_header.getvalue(),
@@ -117,10 +121,12 @@ def encode(contents: CacheContents, created_at_ms: int) -> list[bytes | memoryvi
         "dim": contents.dim,
         "count": len(contents.entries),
         "created_at_ms": created_at_ms,
+        "wal_seq": wal_seq,
         "vectors_bytes": vectors_bytes,
         "entries_bytes": len(entries),
         "sha256": digest.hexdigest(),
     }
+    header["header_sha256"] = _header_digest(header)
     line = json.dumps(header, separators=(",", ":")).encode() + b"\n"
     return [line, *payload]
 
@@ -148,31 +154,41 @@ def decode(data: bytes, path: Path) -> Snapshot:
         lines = payload[header["vectors_bytes"] :].decode().splitlines()
         if len(lines) != count:
             raise ValueError(f"{len(lines)} entries, the header says {count}")
-        entries = tuple(_entry(json.loads(line)) for line in lines)
+        entries = tuple(entry_from_json(json.loads(line)) for line in lines)
         contents = CacheContents(
             header["embedder_version"], dim, entries, vectors.astype(np.float32, copy=False)
         )
     except (ValueError, KeyError, TypeError, EOFError, OSError, binascii.Error) as exc:
         raise SnapshotError(path, f"unreadable: {exc}") from exc
-    return Snapshot(header["created_at_ms"], contents)
+    return Snapshot(header["created_at_ms"], contents, header.get("wal_seq", 0))
 
 
 def _header(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
-    if raw.get("version") != FORMAT_VERSION:
+    if raw.get("version") not in _READABLE_VERSIONS:
         raise ValueError(
-            f"format version {raw.get('version')!r}, this build reads {FORMAT_VERSION}"
+            f"format version {raw.get('version')!r}, this build reads {_READABLE_VERSIONS}"
         )
+    if raw["version"] >= 2 and raw.get("header_sha256") != _header_digest(raw):
+        raise ValueError("header sha256 mismatch: the header was altered or damaged")
     for name in ("dim", "count", "created_at_ms", "vectors_bytes", "entries_bytes"):
         if _int(raw, name) < 0:
             raise ValueError(f"header field {name} is negative")
+    if "wal_seq" in raw and _int(raw, "wal_seq") < 0:  # absent in snapshots before the log
+        raise ValueError("header field wal_seq is negative")
     _str(raw, "embedder_version")
     _str(raw, "sha256")
     return raw
 
 
-def _entry_json(entry: Entry) -> dict[str, Any]:
+def _header_digest(header: dict[str, Any]) -> str:
+    fields = {k: v for k, v in header.items() if k != "header_sha256"}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
     answer = entry.answer
     return {
         "entry_id": entry.entry_id,
@@ -189,7 +205,7 @@ def _entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
-def _entry(raw: Any) -> Entry:
+def entry_from_json(raw: Any) -> Entry:
     if not isinstance(raw, dict):
         raise ValueError("an entry line is not a JSON object")
     has_tool_use = raw.get("has_tool_use")

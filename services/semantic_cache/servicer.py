@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, NoReturn
 
 import grpc
@@ -19,9 +20,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class SemanticCacheService(sc_grpc.SemanticCacheServicer):
     """Serves a ``SemanticCache``; UNAVAILABLE until one is attached (after the warm-up)."""
 
-    def __init__(self, cache: SemanticCache | None = None, lease_wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        cache: SemanticCache | None = None,
+        lease_wait_s: float = 0.0,
+        draining: asyncio.Event | None = None,
+    ) -> None:
         self._cache = cache
         self._lease_wait_s = lease_wait_s  # the most a lookup waits on another's lease
+        self._draining = draining  # once set, writes are refused (UNAVAILABLE)
 
     def attach(self, cache: SemanticCache) -> None:
         self._cache = cache
@@ -56,6 +63,7 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
 
     async def Store(self, request: sc.StoreRequest, context: Context) -> sc.StoreResponse:
         cache = await self._ready(context)
+        await self._refuse_if_draining(context)
         await _require_tenant(request.tenant, context)
         answer = request.answer
         if answer.output_tokens < 0:
@@ -78,10 +86,22 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
 
     async def Drop(self, request: sc.DropRequest, context: Context) -> sc.DropResponse:
         cache = await self._ready(context)
+        await self._refuse_if_draining(context)
         await _require_tenant(request.tenant, context)
         if request.entry_id:
-            return sc.DropResponse(dropped=cache.drop_entry(request.tenant, request.entry_id))
-        return sc.DropResponse(dropped=cache.drop(request.tenant, request.namespace or None))
+            dropped = cache.drop_entry(request.tenant, request.entry_id)
+        else:
+            dropped = cache.drop(request.tenant, request.namespace or None)
+        await cache.sync_journal()  # durable before it is acknowledged
+        return sc.DropResponse(dropped=dropped)
+
+    async def _refuse_if_draining(self, context: Context) -> None:
+        if self._draining is not None and self._draining.is_set():
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "semantic-cache is draining for shutdown: writes are refused; retry elsewhere",
+            )
 
     def _wait_budget(self, context: Context) -> float:
         """The lease wait: the configured limit, within the caller's deadline less 100 ms."""

@@ -3,6 +3,11 @@
 The copy of the cache is taken synchronously on the event loop (so it is consistent) and
 written in a worker thread. Saves never overlap, and ``stop`` lets a save in progress finish
 before the final one, so the newest copy is always the one left on disk.
+
+With a write-ahead log, the warm-up restores the snapshot and then replays the log records it
+does not contain; every change after that is logged and synced before it is acknowledged.
+Each save rotates the log together with the copy and then deletes the segments the new
+snapshot covers, so a crash at any point leaves a snapshot plus the records after it.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import logging
 
 from services.common.clock import Clock
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.journal import WalJournal, replay
 from services.semantic_cache.persistence import SnapshotError, SnapshotStore
-from services.semantic_cache.records import RestoreReport
+from services.semantic_cache.records import CacheContents, RestoreReport
+from services.semantic_cache.wal import WriteAheadLog
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
 
@@ -21,10 +28,17 @@ log = logging.getLogger("cachemesh.semantic_cache.persistence")
 class Snapshotter:
     """Keeps one cache's snapshot in a ``SnapshotStore``; ``period_s`` 0 = only at stop."""
 
-    def __init__(self, store: SnapshotStore, clock: Clock, period_s: float) -> None:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        clock: Clock,
+        period_s: float,
+        wal: WriteAheadLog | None = None,
+    ) -> None:
         if period_s < 0:
             raise ValueError(f"period_s must be >= 0, got {period_s}")
         self._store = store
+        self._wal = wal
         self._clock = clock
         self._period_s = period_s
         self._cache: SemanticCache | None = None
@@ -60,6 +74,14 @@ class Snapshotter:
                 )
             if report.restored == len(snapshot.contents.entries):
                 self._saved_changes = cache.changes  # the file already says exactly this
+        if self._wal is not None:
+            records = await asyncio.to_thread(self._wal.open)
+            after = snapshot.wal_seq if snapshot is not None else 0
+            applied = replay(cache, records, after, cache.dim)
+            if applied:
+                self._saved_changes = None
+                log.info("replayed %d write-ahead-log records after the snapshot", applied)
+            cache.attach_journal(WalJournal(self._wal))
         self._cache = cache
         if self._period_s > 0:
             self._task = asyncio.create_task(self._periodic(), name="semantic-cache-snapshots")
@@ -71,9 +93,21 @@ class Snapshotter:
             cache = self._cache
             if cache is None or cache.changes == self._saved_changes:
                 return False
-            contents = cache.export_entries()  # synchronous: a consistent copy
-            changes = cache.changes
-            size = await asyncio.to_thread(self._store.save, contents, self._clock.now_ms())
+
+            def copy() -> tuple[CacheContents, int]:  # synchronous: a consistent copy
+                contents = cache.export_entries()
+                return contents, cache.changes
+
+            wal_seq = 0
+            if self._wal is None:
+                contents, changes = copy()
+            else:
+                (contents, changes), wal_seq = await self._wal.rotate(copy)
+            size = await asyncio.to_thread(
+                self._store.save, contents, self._clock.now_ms(), wal_seq
+            )
+            if self._wal is not None:
+                await asyncio.to_thread(self._wal.drop_through, wal_seq)
             self._saved_changes = changes
             log.info(
                 "saved %d entries (%d bytes) to %s", len(contents.entries), size, self._store.path
@@ -91,6 +125,9 @@ class Snapshotter:
             except Exception:
                 log.exception("the final snapshot to %s failed", self._store.path)
                 raise
+            finally:
+                if self._wal is not None:
+                    self._wal.close()
 
     async def _periodic(self) -> None:
         while not self._stopping.is_set():

@@ -9,7 +9,8 @@ length); its weights are fitted offline (``python -m services.semantic_cache.eva
 on PAWS and GPTCache's mock data only, and shipped as JSON with their provenance
 (``verifier_weights.json``). A candidate is served when no cross-check vetoes it (``VETOES``) and
 the model's probability that the two questions mean the same is at least the configured
-``min_probability``.
+``min_probability``; ``min_probability`` 0 turns the whole step off (vetoes included), which
+is the plain-embedding baseline of the harness.
 """
 
 from __future__ import annotations

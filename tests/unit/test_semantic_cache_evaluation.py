@@ -115,7 +115,7 @@ def test_calibration_reaches_the_target_or_says_what_is_reachable() -> None:
             "change password": [1.0, 0.1, 0.0],
         }
     )
-    sets = {"f": pairwise(pairs * 20, vectors, accept_all)}
+    sets = {"f": pairwise(pairs * 200, vectors, accept_all)}
     found = calibrate(sets, 0.99, lambda point: True)
     assert found.point is not None and found.outcomes["f"].precision == 1.0
     assert 0.894 < found.point.threshold <= 0.99  # between the negative and the positive

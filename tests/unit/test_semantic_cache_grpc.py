@@ -156,3 +156,25 @@ async def test_a_lookup_waits_on_an_identical_miss_within_its_deadline() -> None
         shared = await waiter
         assert shared.hit and shared.match.entry_id == stored.entry_id
     await server.stop(None)
+
+
+async def test_once_the_drain_has_begun_writes_are_unavailable_and_reads_served() -> None:
+    import asyncio
+
+    draining = asyncio.Event()
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
+    server, port = await start(SemanticCacheService(cache, draining=draining))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = sc_grpc.SemanticCacheStub(channel)
+        store = sc.StoreRequest(
+            tenant="a", request=make_request("Reset my password"), answer=ANSWER
+        )
+        assert (await stub.Store(store, metadata=AUTH)).stored
+        draining.set()
+        refused = stub.Store(store, metadata=AUTH)
+        assert "draining" in await expect(grpc.StatusCode.UNAVAILABLE, refused)
+        drop = stub.Drop(sc.DropRequest(tenant="a"), metadata=AUTH)
+        assert "draining" in await expect(grpc.StatusCode.UNAVAILABLE, drop)
+        lookup = sc.LookupRequest(tenant="a", request=store.request)
+        assert (await stub.Lookup(lookup, metadata=AUTH)).hit
+    await server.stop(None)

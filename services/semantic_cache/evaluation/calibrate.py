@@ -1,10 +1,10 @@
 """Operating points: a cosine threshold t and the verifier's minimum probability v.
 
 ``calibrate`` picks, on fit halves, the point of highest recall whose precision reaches the
-target on every file (pairwise for files with negatives, retrieval for all-positive files)
-and that serves every ``MUST_SERVE`` probe and refuses every ``MUST_REFUSE`` probe (cases
-the issue names). ``frontier`` says what precision is reachable at what recall when the
-target is not.
+target on every file, even counting one more wrong hit than measured, (pairwise for files with
+negatives, retrieval for all-positive files) and that serves every ``MUST_SERVE`` probe and
+refuses every ``MUST_REFUSE`` probe (cases the issue names). ``frontier`` says what precision is
+reachable at what recall when the target is not.
 """
 
 from __future__ import annotations
@@ -127,4 +127,5 @@ def _grid(probabilities: Sequence[float], margins: Sequence[float]) -> list[Poin
 
 
 def _meets(o: Outcome, target: float) -> bool:
-    return o.hits >= MIN_HITS and (o.precision or 0.0) >= target
+    """The target holds even if one more of the hits had been wrong (a margin for a sample)."""
+    return o.hits >= MIN_HITS and (o.right - 1) / o.hits >= target

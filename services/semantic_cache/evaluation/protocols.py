@@ -1,18 +1,20 @@
 """The two protocols of the harness, over precomputed cosines and verifier probabilities.
 
-Pairwise: would the cache serve the first question's answer to the second? A pair is a hit
-when the normalised texts are equal, or when cosine >= t and the verifier's probability >= v;
-a hit is right when the pair is labelled a paraphrase.
+Pairwise: would the cache serve the first question's answer to the second? A pair is a hit when
+the normalised texts are equal, or when cosine >= t and the verifier's probability >= v; a hit
+is right when the pair is labelled a paraphrase.
 
-Retrieval (GPTCache's protocol on its mock data): every distinct first question is stored in
-one cache and every second question looks it up, the cache walking its top-k candidates best
-first as ``SemanticCache.check`` does. A hit is right when the served entry's text equals the
-query, or equals the pair's own first question and the pair is a positive; any other hit is
-wrong. Recall is right hits over positive pairs.
+Retrieval (GPTCache's protocol on its mock data): every distinct first question is stored in one
+cache and every second question looks it up, only the nearest candidate may be served (as
+``SemanticCache.check`` does: the verifier refuses, it never promotes a runner-up). A hit is
+right when the served entry's text equals the query, or equals the pair's own first question and
+the pair is a positive; any other hit is wrong. Recall is right hits over the queries that have
+a right answer in the cache (positive pairs, and queries identical to a stored question).
 
-``v = 0`` is the plain-embedding baseline (the verifier accepts everything). ``margin`` > 0
-refuses an ambiguous lookup: a second servable candidate (another entry, so another answer)
-within ``margin`` of the first one's cosine.
+``v = 0`` turns the verification off (its vetoes too, as ``Verifier`` does): the plain-embedding
+baseline. ``margin`` > 0 refuses an ambiguous lookup: a
+second acceptable candidate (another entry, so another answer) within ``margin`` of the nearest
+one's cosine.
 """
 
 from __future__ import annotations
@@ -72,21 +74,19 @@ class Candidates:
     ) -> None:
         self.cos, self.prob, self.right, self.label = cos, prob, right, label
         self.exact, self.exact_right = exact, exact_right  # an exact-match entry exists; right?
+        # the recall's denominator: queries with a right answer in the cache (a positive pair,
+        # or, in retrieval, an entry identical to the query)
+        self.answerable = int((label | (exact & exact_right)).sum())
 
     def outcome(self, t: float, v: float, margin: float = 0.0) -> Outcome:
         ok = (self.cos >= t) & (self.prob >= v)
-        served = ok.any(axis=1)
-        first = ok.argmax(axis=1)
-        rows = np.arange(len(first))
+        served = ok[:, 0].copy()  # only the nearest candidate is ever served
         if margin > 0 and ok.shape[1] > 1:
-            others = ok.copy()
-            others[rows, first] = False
-            runner_up = np.where(others, self.cos, -1.0).max(axis=1)
-            served &= runner_up < self.cos[rows, first] - margin
-        right_served = self.right[rows, first] & served
+            runner_up = np.where(ok[:, 1:], self.cos[:, 1:], -1.0).max(axis=1)
+            served &= runner_up < self.cos[:, 0] - margin
         hits = self.exact | served
-        right = np.where(self.exact, self.exact_right, right_served)
-        return Outcome(int(hits.sum()), int(right.sum()), int(self.label.sum()))
+        right = np.where(self.exact, self.exact_right, self.right[:, 0] & served)
+        return Outcome(int(hits.sum()), int(right.sum()), self.answerable)
 
 
 def pairwise(pairs: Sequence[Pair], table: VectorTable, probability: ProbabilityFn) -> Candidates:

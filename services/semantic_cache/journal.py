@@ -1,0 +1,93 @@
+"""The cache's changes as write-ahead-log records, and their replay after a restart.
+
+``WalJournal`` is what ``SemanticCache`` calls in the synchronous section of each change
+(``log_store``, ``log_drop``, ``log_drop_entry``), so the log's order is the order of the
+changes; ``sync`` is awaited before the change is acknowledged. ``replay`` applies the
+records a snapshot does not contain, in order.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from services.semantic_cache.persistence import entry_from_json, entry_json
+from services.semantic_cache.records import Entry
+from services.semantic_cache.wal import WalError, WriteAheadLog
+
+
+class Journal(Protocol):
+    def log_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> None: ...
+
+    def log_drop(self, tenant: str, namespace: str | None) -> None: ...
+
+    def log_drop_entry(self, tenant: str, entry_id: str) -> None: ...
+
+    async def sync(self) -> None: ...
+
+
+class Replayable(Protocol):
+    """What replay needs from the cache (``SemanticCache`` has it)."""
+
+    def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool: ...
+
+    def drop(self, tenant: str, namespace: str | None = None) -> int: ...
+
+    def drop_entry(self, tenant: str, entry_id: str) -> int: ...
+
+
+class WalJournal:
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self.wal = wal
+
+    def log_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> None:
+        row = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+        self.wal.append(
+            {"op": "store", "entry": entry_json(entry), "vector": base64.b64encode(row).decode()}
+        )
+
+    def log_drop(self, tenant: str, namespace: str | None) -> None:
+        self.wal.append({"op": "drop", "tenant": tenant, "namespace": namespace})
+
+    def log_drop_entry(self, tenant: str, entry_id: str) -> None:
+        self.wal.append({"op": "drop_entry", "tenant": tenant, "entry_id": entry_id})
+
+    async def sync(self) -> None:
+        await self.wal.sync()
+
+
+def replay(cache: Replayable, records: Iterable[dict[str, Any]], after_seq: int, dim: int) -> int:
+    """Applies the records with seq > ``after_seq``; returns how many were applied."""
+    applied = 0
+    for record in records:
+        if record["seq"] <= after_seq:
+            continue
+        try:
+            _apply(cache, record, dim)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WalError(f"write-ahead-log record {record['seq']} is malformed: {exc}") from exc
+        applied += 1
+    return applied
+
+
+def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> None:
+    op = record["op"]
+    if op == "store":
+        raw = base64.b64decode(record["vector"], validate=True)
+        vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        if vector.shape != (dim,):
+            raise ValueError(f"vector of {vector.size} values, the embedder has {dim}")
+        cache.apply_store(entry_from_json(record["entry"]), vector)
+    elif op == "drop":
+        namespace = record["namespace"]
+        if namespace is not None and not isinstance(namespace, str):
+            raise TypeError("namespace is not a string")
+        cache.drop(str(record["tenant"]), namespace)
+    elif op == "drop_entry":
+        cache.drop_entry(str(record["tenant"]), str(record["entry_id"]))
+    else:
+        raise ValueError(f"unknown op {op!r}")

@@ -1,0 +1,174 @@
+"""kill -9 during writes: nothing acknowledged is lost, nothing corrupt is served.
+
+A real semantic-cache process persists to a data directory (write-ahead log plus snapshots
+taken every 0.2 s, so rotations happen during the writes). Many Stores run concurrently;
+the process is killed with SIGKILL while they are in flight. A new process on the same
+directory must serve every acknowledged entry, exactly (same entry id, same answer), and an
+entry that was in flight and not acknowledged is either absent or correct, never another's.
+Then a drain: once SIGTERM has begun it, a write is refused (never acknowledged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
+from services.common.auth import internal_metadata
+from tests.integration.harness import free_port
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "crash-test-internal-token-0123456789"
+AUTH = internal_metadata(TOKEN)
+WRITERS = 8
+
+
+def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "SEMANTIC_CACHE_LISTEN": f"127.0.0.1:{port}",
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "OTEL_TRACES_EXPORTER": "none",
+        "CACHEMESH_GRACE_S": "5",
+        "SEMANTIC_CACHE_DATA_DIR": str(data_dir),
+        "SEMANTIC_CACHE_SNAPSHOT_S": "0.2",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.semantic_cache"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes]) -> None:
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    for _ in range(2400):
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        try:
+            reply = await check(health_pb2.HealthCheckRequest(service="cachemesh.v1.SemanticCache"))
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("semantic-cache not SERVING within 120 s")
+
+
+def request(i: int) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-small",
+        max_tokens=100,
+        system=[pb.ContentBlock(text="You are a support bot.")],
+        messages=[
+            pb.Message(
+                role=pb.ROLE_USER,
+                content=[pb.ContentBlock(text=f"What is the status of ticket number {i}?")],
+            )
+        ],
+    )
+
+
+def answer(i: int) -> sc.CachedAnswer:
+    return sc.CachedAnswer(
+        content=[pb.ContentBlock(text=f"Ticket {i} is resolved.")],
+        model="sim-small",
+        stop_reason="end_turn",
+        output_tokens=6,
+    )
+
+
+async def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    acknowledged: dict[int, str] = {}
+    enough = asyncio.Event()  # 300 acknowledged: time to kill
+    in_flight: list[int] = []
+    process = start(data_dir, port)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await serving(channel, process)
+            stub = sc_grpc.SemanticCacheStub(channel)
+
+            async def writer(w: int) -> None:
+                i = w
+                while True:
+                    store = sc.StoreRequest(tenant="t", request=request(i), answer=answer(i))
+                    try:
+                        reply = await stub.Store(store, metadata=AUTH, timeout=10)
+                    except grpc.aio.AioRpcError:
+                        in_flight.append(i)  # the process died under this call: not acknowledged
+                        return
+                    assert reply.stored
+                    acknowledged[i] = reply.entry_id
+                    if len(acknowledged) >= 300:
+                        enough.set()
+                    i += WRITERS
+
+            writers = [asyncio.create_task(writer(w)) for w in range(WRITERS)]
+            await asyncio.wait_for(enough.wait(), timeout=120)
+            process.send_signal(signal.SIGKILL)  # in the middle of the writes
+            await asyncio.gather(*writers)
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert len(in_flight) == WRITERS  # every writer had a call in flight when it died
+    assert (data_dir / "semantic-cache.snapshot").is_file()  # snapshots rotated the log
+
+    restarted = start(data_dir, port)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await serving(channel, restarted)
+            stub = sc_grpc.SemanticCacheStub(channel)
+            last = max(acknowledged) + WRITERS
+            lost, corrupt = [], []
+            for i in range(last + 1):
+                lookup = sc.LookupRequest(tenant="t", request=request(i))
+                found = await stub.Lookup(lookup, metadata=AUTH)
+                if i in acknowledged and not (
+                    found.hit and found.match.exact and found.match.entry_id == acknowledged[i]
+                ):
+                    lost.append(i)
+                if found.hit and found.match.exact and found.answer != answer(i):
+                    corrupt.append(i)
+            assert lost == [] and corrupt == []
+            # a drain has begun: writes are refused, never half-done
+            restarted.send_signal(signal.SIGTERM)
+            refused = None
+            for _ in range(200):
+                try:
+                    await stub.Store(
+                        sc.StoreRequest(tenant="t", request=request(-1), answer=answer(-1)),
+                        metadata=AUTH,
+                        timeout=5,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc
+                    break
+                await asyncio.sleep(0.01)
+            # UNAVAILABLE from the servicer once the drain has begun; CANCELLED from gRPC itself
+            # for a call that arrives after the server has stopped taking calls
+            assert refused is not None
+            assert refused.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert restarted.wait(timeout=60) == 0
+    finally:
+        if restarted.poll() is None:
+            restarted.kill()
+            restarted.wait(timeout=30)

@@ -1,0 +1,113 @@
+"""The write-ahead log: framing, torn tails, damage, rotation, and replay into a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.common.clock import ManualClock
+from services.semantic_cache.persistence import SnapshotStore
+from services.semantic_cache.snapshotter import Snapshotter
+from services.semantic_cache.wal import WalError, WriteAheadLog
+from tests.unit.test_semantic_cache_persistence import new_cache, q
+from tests.unit.test_semantic_cache_rules import answer
+
+
+async def test_records_come_back_in_order_after_a_reopen(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    assert wal.open() == []
+    assert [wal.append({"op": "x", "n": i}) for i in range(3)] == [1, 2, 3]
+    await wal.sync()
+    wal.close()
+    again = WriteAheadLog(tmp_path)
+    assert [(r["seq"], r["n"]) for r in again.open()] == [(1, 0), (2, 1), (3, 2)]
+    assert again.append({"op": "x"}) == 4
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 20])
+async def test_a_torn_tail_is_cut_off_and_the_rest_kept(tmp_path: Path, cut: int) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    wal.append({"op": "x", "n": 1})
+    wal.append({"op": "x", "n": 2, "pad": "y" * 30})
+    await wal.sync()
+    wal.close()
+    (segment,) = wal.segments()
+    segment.write_bytes(segment.read_bytes()[:-cut])  # a crash in the middle of the append
+    again = WriteAheadLog(tmp_path)
+    assert [r["n"] for r in again.open()] == [1]
+    assert again.append({"op": "x", "n": 3}) == 2  # the torn record's number is reused
+
+
+async def test_damage_before_the_tail_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    for i in range(3):
+        wal.append({"op": "x", "n": i})
+    await wal.sync()
+    wal.close()
+    (segment,) = wal.segments()
+    data = bytearray(segment.read_bytes())
+    data[12] ^= 0x01  # inside the first record's body
+    segment.write_bytes(bytes(data))
+    with pytest.raises(WalError, match=str(segment)):
+        WriteAheadLog(tmp_path).open()
+
+
+async def test_rotation_hands_over_exactly_the_copied_records(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    wal.append({"op": "x"})
+    wal.append({"op": "x"})
+    copied, last = await wal.rotate(lambda: "copy")
+    assert (copied, last) == ("copy", 2)
+    wal.append({"op": "x"})
+    await wal.sync()
+    assert len(wal.segments()) == 2
+    assert wal.drop_through(last) == 1
+    wal.close()
+    assert [r["seq"] for r in WriteAheadLog(tmp_path).open()] == [3]
+
+
+async def test_acknowledged_changes_survive_without_any_snapshot(tmp_path: Path) -> None:
+    """A crash before the first snapshot: the log alone brings back stores and drops."""
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(cache)
+    kept = await cache.store(q("how do i reset my password"), answer(b"reset"))
+    gone = await cache.store(q("how do i delete my account"), answer(b"delete"))
+    await cache.store(q("what is the refund policy", "b"), answer(b"refund"))
+    assert cache.drop_entry("a", gone.entry_id) == 1
+    assert cache.drop("b") == 1
+    await cache.sync_journal()
+    # no stop(), no snapshot: the process is gone
+    revived = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
+    assert len(revived) == 1
+    hit = await revived.check(q("how do i reset my password"))
+    assert hit.entry is not None and hit.entry.entry_id == kept.entry_id
+    assert hit.entry.answer.payload == b"reset"
+    assert [e.entry_id for e in revived.export_entries().entries] == [kept.entry_id]
+
+
+async def test_a_snapshot_plus_the_records_after_it(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshotter.open(cache)
+    await cache.store(q("how do i reset my password"), answer(b"one"))
+    assert await snapshotter.save()
+    await cache.store(q("how do i delete my account"), answer(b"two"))
+    await cache.store(q("how do i reset my password"), answer(b"one, revised"))
+    revived = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
+    assert len(revived) == 2
+    hit = await revived.check(q("how do i reset my password"))
+    assert hit.entry is not None and hit.entry.answer.payload == b"one, revised"
+    exported = revived.export_entries()
+    assert exported.vectors.shape == (2, revived.dim)
+    assert np.allclose(np.linalg.norm(exported.vectors, axis=1), 1.0, atol=1e-5)
