@@ -30,6 +30,7 @@ from services.model.engine import SimEngine
 from services.model.kv_cache import KvBlockCache
 from services.model.servicer import ModelService
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.servicer import PrefixCacheServicer
@@ -109,8 +110,9 @@ class OfflineStack:
             tokenizer=TokenizerSlot(tokenizer),
             cache=InMemoryWarmStore(settings.max_warm_entries),
             views=ReplicaViews(settings.replica_capacity_blocks),
-            records=CommitRecords(settings.record_ttl_s * 1000, settings.max_records),
-            totals=TotalsLedger(),
+            ledger=InMemoryLedger(
+                CommitRecords(settings.record_ttl_s * 1000, settings.max_records), TotalsLedger()
+            ),
             clock=clock,
             lookback=settings.lookback_blocks,
         )

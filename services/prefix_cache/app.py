@@ -17,7 +17,9 @@ from services.common.server import ServiceSpec, configure_logging, run_main, run
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
 from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.servicer import PrefixCacheServicer
@@ -37,17 +39,21 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     provider = build_tracer_provider(environ, "prefix-cache")
     tokenizer = TokenizerSlot()
     redis: Redis | None = None
+    record_ttl_ms = settings.record_ttl_s * 1000
     cache: WarmStore = InMemoryWarmStore(settings.max_warm_entries)
-    if settings.redis_url is not None:
+    ledger: CommitLedger = InMemoryLedger(
+        CommitRecords(record_ttl_ms, settings.max_records), TotalsLedger()
+    )
+    if settings.redis_url is not None:  # warm prefixes, commit records and totals all shared
         redis = Redis.from_url(settings.redis_url)
         cache = shared = RedisWarmStore(redis)
+        ledger = RedisCommitLedger(redis, record_ttl_ms)
     core = PrefixCacheCore(
         table=table,
         tokenizer=tokenizer,
         cache=cache,
         views=ReplicaViews(settings.replica_capacity_blocks),
-        records=CommitRecords(settings.record_ttl_s * 1000, settings.max_records),
-        totals=TotalsLedger(),
+        ledger=ledger,
         clock=SystemClock(),
         lookback=settings.lookback_blocks,
     )

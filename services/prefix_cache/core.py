@@ -18,13 +18,14 @@ from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer
 from services.prefix_cache.auto_rules import plan_for, scope_for
+from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.pricing import charge
 from services.prefix_cache.reconcile import reported_usage
-from services.prefix_cache.records import CommitRecords, Final
+from services.prefix_cache.records import Final
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import PromptPlan, Split, settle
 from services.prefix_cache.sites import sites_of
-from services.prefix_cache.totals import TenantTotals, TotalsLedger
+from services.prefix_cache.totals import TenantTotals
 from services.prefix_cache.warm import WarmStore
 
 
@@ -82,8 +83,7 @@ class PrefixCacheCore:
         tokenizer: TokenizerSlot,
         cache: WarmStore,
         views: ReplicaViews,
-        records: CommitRecords,
-        totals: TotalsLedger,
+        ledger: CommitLedger,
         clock: Clock,
         lookback: int,
     ) -> None:
@@ -91,8 +91,7 @@ class PrefixCacheCore:
         self._tokenizer = tokenizer
         self._cache = cache
         self._views = views
-        self._records = records
-        self._totals = totals
+        self._ledger = ledger
         self._clock = clock
         self._lookback = lookback
         self._commit_lock = asyncio.Lock()
@@ -133,7 +132,7 @@ class PrefixCacheCore:
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         spec = self._spec(model, "model")
-        if (done := self._records.get(tenant, request_id, self._clock.now_ms())) is not None:
+        if (done := await self._ledger.get(tenant, request_id, self._clock.now_ms())) is not None:
             return done.split
         prompt = await self._prompt(tenant, request, spec)
         plan = prompt.plan
@@ -144,7 +143,7 @@ class PrefixCacheCore:
             )
         async with self._commit_lock:
             now = self._clock.now_ms()
-            if (done := self._records.get(tenant, request_id, now)) is not None:
+            if (done := await self._ledger.get(tenant, request_id, now)) is not None:
                 return done.split  # a concurrent retry committed first
             if spec.rules == "self_hosted":  # the engine's report is the truth
                 split = settle(plan, kv_cached_tokens if replica else 0)
@@ -156,8 +155,10 @@ class PrefixCacheCore:
                 split = settle(plan, hit.tokens if hit else 0)
             if replica:
                 self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, kv_cached_tokens)
-            self._records.put_warm(tenant, request_id, spec.id, replica, split, now)
-            return split
+            # another prefix-cache replica may have recorded this request id meanwhile: its
+            # record stands (the warm-state refresh made here only repeats the same writes)
+            stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)
+            return stood.split
 
     async def final(
         self,
@@ -178,12 +179,9 @@ class PrefixCacheCore:
         baseline_spec = self._spec(baseline_model, "baseline_model") if baseline_model else None
         async with self._commit_lock:
             now = self._clock.now_ms()
-            record = self._records.get(tenant, request_id, now)
+            record = await self._ledger.get(tenant, request_id, now)
             if record is None:
-                raise NoWarmCommit(
-                    f"no WARM commit for request_id {request_id!r} of this tenant (never made, "
-                    "or expired): commit phase WARM with the request before FINAL"
-                )
+                raise _no_warm(request_id)
             if model and model != record.model:
                 raise BadRequest(
                     f"model {model!r} differs from {record.model!r} of the WARM commit for "
@@ -223,13 +221,16 @@ class PrefixCacheCore:
                     charge(record.split, reported.output_tokens, spec, base),
                     reconciled=True,
                 )
-            self._totals.add(tenant, final)
-            self._records.put_final(tenant, request_id, record, final, now)
-            return final
+            # one atomic step: the first FINAL for the request id (of any replica) is billed
+            # and totalled; a racing one gets that FINAL back
+            stood = await self._ledger.put_final(tenant, request_id, final, now)
+            if stood is None:  # the record was collected between the two steps
+                raise _no_warm(request_id)
+            return stood
 
-    def totals(self, tenant: str) -> TenantTotals:
+    async def totals(self, tenant: str) -> TenantTotals:
         _require(tenant, "tenant")
-        return self._totals.get(tenant)
+        return await self._ledger.totals(tenant)
 
     def _spec(self, model_id: str, field: str) -> ModelSpec:
         spec = self._table.get(model_id)
@@ -257,3 +258,10 @@ class PrefixCacheCore:
 def _require(value: str, field: str) -> None:
     if not value:
         raise BadRequest(f"{field} is required and must not be empty")
+
+
+def _no_warm(request_id: str) -> NoWarmCommit:
+    return NoWarmCommit(
+        f"no WARM commit for request_id {request_id!r} of this tenant (never made, or "
+        "expired): commit phase WARM with the request before FINAL"
+    )

@@ -94,7 +94,7 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
 
     async def Totals(self, request: pc.TotalsRequest, context: Context) -> pc.TotalsResponse:
         async def totals() -> pc.TotalsResponse:
-            t = self._core.totals(request.tenant)
+            t = await self._core.totals(request.tenant)
             return pc.TotalsResponse(
                 requests=t.requests,
                 usage=pb.Usage(

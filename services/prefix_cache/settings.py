@@ -18,7 +18,7 @@ class PrefixCacheSettings:
     record_ttl_s: int
     max_warm_entries: int
     max_records: int
-    redis_url: str | None  # set = warm prefixes shared in Redis; unset = in this process
+    redis_url: str | None  # set = warm prefixes, records, totals in Redis; unset = in process
     replica_capacity_blocks: int  # the KV capacity assumed per model replica (L3 view)
 
     @classmethod

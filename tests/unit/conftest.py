@@ -1,15 +1,25 @@
-"""Fixtures shared by the unit tests: the warm-prefix stores, in memory and in a real Redis."""
+"""Fixtures shared by the unit tests: the prefix-cache stores, in memory and in a real Redis.
+
+``backend`` is parametrized once, and the warm store and the commit ledger of a test both come
+from it, so every test using either runs twice: all in memory, then all in one real Redis.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from redis.asyncio import Redis
 
+from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
+from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
+from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore, WarmStore
 from tests.redis_server import redis_server
+
+LedgerFactory = Callable[[int], CommitLedger]  # record TTL in ms -> a ledger
 
 
 @pytest.fixture(scope="session")
@@ -19,14 +29,37 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def warm_store(request: pytest.FixtureRequest) -> AsyncIterator[WarmStore]:
-    """Each store in turn: every test using it runs against both."""
-    if request.param == "memory":
-        yield InMemoryWarmStore()
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def redis_client(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Redis | None]:
+    """A client of the real server, emptied first; None for the in-memory backend."""
+    if backend == "memory":
+        yield None
         return
     client = Redis.from_url(request.getfixturevalue("redis_url"))
     await client.flushdb()
     try:
-        yield RedisWarmStore(client)
+        yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def warm_store(redis_client: Redis | None) -> WarmStore:
+    """Each store in turn: every test using it runs against both."""
+    return InMemoryWarmStore() if redis_client is None else RedisWarmStore(redis_client)
+
+
+@pytest.fixture
+def make_ledger(redis_client: Redis | None) -> LedgerFactory:
+    """Builds the backend's commit ledger (records + totals) with a record TTL in ms."""
+
+    def build(ttl_ms: int) -> CommitLedger:
+        if redis_client is None:
+            return InMemoryLedger(CommitRecords(ttl_ms), TotalsLedger())
+        return RedisCommitLedger(redis_client, ttl_ms)
+
+    return build

@@ -16,8 +16,9 @@ from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore
 from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import RuleViolation, Split
-from services.prefix_cache.totals import TenantTotals, TotalsLedger
+from services.prefix_cache.totals import TenantTotals
 from services.prefix_cache.warm import WarmStore
+from tests.unit.conftest import LedgerFactory
 
 TABLE = load_model_table()
 LARGE = TABLE.models["sim-large"]
@@ -49,15 +50,14 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tokenizer: Tokenizer, warm_store: WarmStore) -> Rig:
+def rig(tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory) -> Rig:
     clock, cache = ManualClock(), warm_store
     core = PrefixCacheCore(
         table=TABLE,
         tokenizer=TokenizerSlot(tokenizer),
         cache=cache,
         views=ReplicaViews(65536),
-        records=CommitRecords(ttl_ms=3_600_000),
-        totals=TotalsLedger(),
+        ledger=make_ledger(3_600_000),
         clock=clock,
         lookback=20,
     )
@@ -180,7 +180,7 @@ async def test_final_bills_once_and_a_repeat_returns_the_same_cost(rig: Rig) -> 
     assert (final.output_tokens, final.kv_cached_tokens) == (40, 16)
     repeat = await rig.core.final("a", "r1", "sim-large", 999, 0, "sim-small")
     assert repeat == final
-    assert rig.core.totals("a") == TenantTotals(
+    assert await rig.core.totals("a") == TenantTotals(
         requests=1,
         input_tokens=warm.input_tokens,
         cache_creation_input_tokens=warm.write_5m_tokens,
@@ -189,7 +189,7 @@ async def test_final_bills_once_and_a_repeat_returns_the_same_cost(rig: Rig) -> 
         cost_nanos=expected,
         baseline_nanos=final.charge.baseline_nanos,
     )
-    assert rig.core.totals("b") == TenantTotals()
+    assert await rig.core.totals("b") == TenantTotals()
 
 
 async def test_final_baseline_model_prices_the_baseline(rig: Rig) -> None:
@@ -245,7 +245,7 @@ async def test_bad_final_changes_nothing(rig: Rig, kwargs: dict[str, object], fi
     }
     with pytest.raises(BadRequest, match=field):
         await rig.core.final(**{**args, **kwargs})  # type: ignore[arg-type]
-    assert rig.core.totals("a") == TenantTotals()
+    assert await rig.core.totals("a") == TenantTotals()
     assert (await rig.core.final("a", "r1", "sim-large", 5, 0, "")).output_tokens == 5
 
 

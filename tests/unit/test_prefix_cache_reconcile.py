@@ -16,11 +16,11 @@ from services.common.models import load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.reconcile import BadUsage, reported_usage
-from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import Split
-from services.prefix_cache.totals import TenantTotals, TotalsLedger
+from services.prefix_cache.totals import TenantTotals
 from services.prefix_cache.warm import WarmStore
+from tests.unit.conftest import LedgerFactory
 
 TABLE = load_model_table()
 USAGE = Path(__file__).parent / "data" / "usage"
@@ -116,14 +116,13 @@ def tokenizer() -> Tokenizer:
     return load_cl100k()
 
 
-def _core(tokenizer: Tokenizer, store: WarmStore) -> PrefixCacheCore:
+def _core(tokenizer: Tokenizer, store: WarmStore, make_ledger: LedgerFactory) -> PrefixCacheCore:
     return PrefixCacheCore(
         table=TABLE,
         tokenizer=TokenizerSlot(tokenizer),
         cache=store,
         views=ReplicaViews(1024),
-        records=CommitRecords(ttl_ms=3_600_000),
-        totals=TotalsLedger(),
+        ledger=make_ledger(3_600_000),
         clock=ManualClock(),
         lookback=20,
     )
@@ -140,9 +139,9 @@ def _request() -> pb.CompleteRequest:
 
 
 async def test_totals_use_the_report_keep_the_estimate_and_count_the_drift(
-    tokenizer: Tokenizer, warm_store: WarmStore
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
 ) -> None:
-    core = _core(tokenizer, warm_store)
+    core = _core(tokenizer, warm_store, make_ledger)
     estimate = await core.warm("a", "r1", "sim-large", _request(), "")
     report = anthropic("anthropic_read_and_1h_write.json")
     final = await core.final("a", "r1", "sim-large", 0, 0, "", report)
@@ -150,7 +149,7 @@ async def test_totals_use_the_report_keep_the_estimate_and_count_the_drift(
     assert final.reconciled and final.split == reported and final.estimate == estimate
     # sim-large prices: 50 x 3000 + 48 x 3750 + 200 x 6000 + 1800 x 300 + 503 x 15000
     assert final.charge.cost_nanos == 150_000 + 180_000 + 1_200_000 + 540_000 + 7_545_000
-    totals = core.totals("a")
+    totals = await core.totals("a")
     assert (totals.input_tokens, totals.cache_read_input_tokens, totals.output_tokens) == (
         50,
         1800,
@@ -164,13 +163,15 @@ async def test_totals_use_the_report_keep_the_estimate_and_count_the_drift(
     assert await core.final("a", "r1", "sim-large", 0, 0, "", report) == final  # idempotent
 
 
-async def test_a_bad_report_records_nothing(tokenizer: Tokenizer, warm_store: WarmStore) -> None:
-    core = _core(tokenizer, warm_store)
+async def test_a_bad_report_records_nothing(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    core = _core(tokenizer, warm_store, make_ledger)
     await core.warm("a", "r1", "sim-large", _request(), "")
     with pytest.raises(BadUsage):
         await core.final("a", "r1", "sim-large", 0, 0, "", _bad_anthropic(input_tokens=-5))
     with pytest.raises(BadRequest, match="output_tokens"):
         await core.final("a", "r1", "sim-large", 7, 0, "", anthropic("anthropic_write_5m.json"))
-    assert core.totals("a") == TenantTotals()
+    assert await core.totals("a") == TenantTotals()
     final = await core.final("a", "r1", "sim-large", 0, 0, "", anthropic("anthropic_write_5m.json"))
-    assert final.reconciled and core.totals("a").requests == 1
+    assert final.reconciled and (await core.totals("a")).requests == 1

@@ -20,12 +20,11 @@ from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.app import serve
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
-from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
-from services.prefix_cache.totals import TotalsLedger
-from services.prefix_cache.warm import InMemoryWarmStore
+from services.prefix_cache.warm import WarmStore
+from tests.unit.conftest import LedgerFactory
 
 TOKEN = "test-internal-token-0123456789"
 AUTH = internal_metadata(TOKEN)
@@ -44,15 +43,16 @@ class Served:
 
 
 @pytest.fixture
-async def served(tokenizer: Tokenizer) -> AsyncIterator[Served]:
+async def served(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> AsyncIterator[Served]:
     slot = TokenizerSlot(tokenizer)
     core = PrefixCacheCore(
         table=load_model_table(),
         tokenizer=slot,
-        cache=InMemoryWarmStore(),
+        cache=warm_store,
         views=ReplicaViews(65536),
-        records=CommitRecords(ttl_ms=86_400_000),
-        totals=TotalsLedger(),
+        ledger=make_ledger(86_400_000),
         clock=ManualClock(),
         lookback=20,
     )

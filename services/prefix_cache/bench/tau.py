@@ -21,6 +21,7 @@ from services.common.clock import ManualClock
 from services.common.models import ModelSpec, ModelTable
 from services.common.tokens import Tokenizer
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.pricing import cost_nanos
 from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
@@ -122,8 +123,7 @@ async def replay(
         tokenizer=TokenizerSlot(tokenizer),
         cache=InMemoryWarmStore(),
         views=ReplicaViews(1),
-        records=CommitRecords(ttl_ms=86_400_000),
-        totals=TotalsLedger(),
+        ledger=InMemoryLedger(CommitRecords(ttl_ms=86_400_000), TotalsLedger()),
         clock=clock,
         lookback=20,
     )

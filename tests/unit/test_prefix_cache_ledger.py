@@ -1,0 +1,170 @@
+"""Commit records and totals shared by prefix-cache replicas: two cores on one ledger (the same
+in-memory object, or two Redis clients of one real server) behave as one service. Every test
+runs on both backends; time is the injected ManualClock, never a sleep."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from redis.asyncio import Redis
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.models import load_model_table
+from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.core import NoWarmCommit, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import CommitLedger
+from services.prefix_cache.redis_ledger import RedisCommitLedger
+from services.prefix_cache.redis_store import RedisWarmStore
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.totals import TenantTotals
+from services.prefix_cache.warm import WarmStore
+from tests.unit.conftest import LedgerFactory
+
+TABLE = load_model_table()
+TTL_MS = 600_000
+SYSTEM = " ".join(f"Clause {i}: refunds need the booking code." for i in range(150))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+@dataclass
+class Pair:
+    one: PrefixCacheCore
+    other: PrefixCacheCore
+    clock: ManualClock
+    ledger: CommitLedger
+
+
+def _core(
+    tokenizer: Tokenizer, cache: WarmStore, ledger: CommitLedger, clock: ManualClock
+) -> PrefixCacheCore:
+    return PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=cache,
+        views=ReplicaViews(65536),
+        ledger=ledger,
+        clock=clock,
+        lookback=20,
+    )
+
+
+@pytest.fixture
+async def pair(
+    tokenizer: Tokenizer,
+    warm_store: WarmStore,
+    make_ledger: LedgerFactory,
+    redis_client: Redis | None,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Pair]:
+    """Two prefix-cache cores (replicas) on one shared state and one virtual clock."""
+    clock, ledger = ManualClock(), make_ledger(TTL_MS)
+    if redis_client is None:  # in memory, "shared" is the same objects
+        one, other = (_core(tokenizer, warm_store, ledger, clock) for _ in range(2))
+        yield Pair(one, other, clock, ledger)
+        return
+    second = Redis.from_url(request.getfixturevalue("redis_url"))  # its own connection
+    try:
+        other = _core(tokenizer, RedisWarmStore(second), RedisCommitLedger(second, TTL_MS), clock)
+        yield Pair(_core(tokenizer, warm_store, ledger, clock), other, clock, ledger)
+    finally:
+        await second.aclose()
+
+
+def ask(question: str) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-large",
+        system=[pb.ContentBlock(text=SYSTEM, cache_control=pb.CacheControl())],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=50,
+    )
+
+
+async def test_warm_on_one_replica_final_on_the_other_bills_once(pair: Pair) -> None:
+    warm = await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    final = await pair.other.final("a", "r1", "sim-large", 30, 0, "")
+    assert final.split == warm
+    # sim-large (priced like Claude Sonnet 4.5): input 3000, 5-minute write 3750, output 15000
+    expected = warm.input_tokens * 3000 + warm.write_5m_tokens * 3750 + 30 * 15000
+    assert final.charge.cost_nanos == expected
+    assert await pair.one.final("a", "r1", "sim-large", 30, 0, "") == final  # a retry elsewhere
+    totals = TenantTotals(
+        requests=1,
+        input_tokens=warm.input_tokens,
+        cache_creation_input_tokens=warm.write_5m_tokens,
+        output_tokens=30,
+        cost_nanos=expected,
+        baseline_nanos=final.charge.baseline_nanos,
+    )
+    assert await pair.one.totals("a") == totals == await pair.other.totals("a")
+    assert await pair.other.totals("b") == TenantTotals()
+
+
+async def test_a_repeated_warm_on_the_other_replica_returns_the_recorded_split(
+    pair: Pair,
+) -> None:
+    first = await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    again = await pair.other.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    assert again == first and first.write_5m_tokens > 0  # not turned into a read
+
+
+async def test_racing_finals_on_one_request_id_add_to_the_totals_exactly_once(
+    pair: Pair,
+) -> None:
+    """Idempotency by request id: every replica's FINAL returns the one bill that stands."""
+    for i in range(5):
+        await pair.one.warm("a", f"r{i}", "sim-large", ask(f"Refund {i}?"), "")
+        cores = (pair.one, pair.other, pair.one, pair.other)
+        finals = await asyncio.gather(
+            *(core.final("a", f"r{i}", "sim-large", 10 + k, 0, "") for k, core in enumerate(cores))
+        )
+        assert all(f == finals[0] for f in finals)
+    totals = await pair.other.totals("a")
+    assert totals.requests == 5
+    assert totals == await pair.one.totals("a")
+
+
+async def test_racing_warms_on_one_request_id_record_one_split(pair: Pair) -> None:
+    splits = await asyncio.gather(
+        pair.one.warm("a", "r1", "sim-large", ask("Refund?"), ""),
+        pair.other.warm("a", "r1", "sim-large", ask("Refund?"), ""),
+    )
+    record = await pair.ledger.get("a", "r1", pair.clock.now_ms())
+    assert record is not None and splits[0] == splits[1] == record.split
+
+
+async def test_records_expire_on_the_injected_clock_not_on_redis_key_expiry(
+    pair: Pair, redis_client: Redis | None
+) -> None:
+    await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    pair.clock.advance(ms=TTL_MS - 1)
+    assert await pair.ledger.get("a", "r1", pair.clock.now_ms()) is not None
+    pair.clock.advance(ms=1)  # the record's expires_at_ms
+    with pytest.raises(NoWarmCommit):
+        await pair.other.final("a", "r1", "sim-large", 1, 0, "")
+    if redis_client is not None:  # the key is still there: key expiry only collects garbage
+        assert isinstance(pair.ledger, RedisCommitLedger)
+        assert await redis_client.exists(pair.ledger.record_key("a", "r1")) == 1
+    assert await pair.one.totals("a") == TenantTotals()
+    again = await pair.other.warm("a", "r1", "sim-large", ask("Refund?"), "")  # a new record
+    assert again.write_5m_tokens > 0 and again.read_tokens == 0  # the 5-minute prefix expired
+    assert (await pair.one.final("a", "r1", "sim-large", 1, 0, "")).split == again
+    assert (await pair.other.totals("a")).requests == 1
+
+
+async def test_a_final_refreshes_the_record_so_a_late_retry_still_gets_its_bill(
+    pair: Pair,
+) -> None:
+    await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    pair.clock.advance(ms=TTL_MS - 1)
+    final = await pair.other.final("a", "r1", "sim-large", 5, 0, "")
+    pair.clock.advance(ms=TTL_MS - 1)  # 2 TTLs after WARM, 1 TTL - 1 ms after FINAL
+    assert await pair.one.final("a", "r1", "sim-large", 5, 0, "") == final
+    assert (await pair.one.totals("a")).requests == 1
