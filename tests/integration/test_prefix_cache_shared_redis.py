@@ -1,5 +1,6 @@
 """Two prefix-cache processes share one real Redis: a prefix made warm through one is read
-through the other (PREFIX_CACHE_REDIS_URL), with the same split both would compute."""
+through the other (PREFIX_CACHE_REDIS_URL), with the same split both would compute; a WARM
+through one and the FINAL through the other bill once, and both report the same totals."""
 
 from __future__ import annotations
 
@@ -114,3 +115,76 @@ def test_a_prefix_warmed_through_one_replica_is_read_through_the_other(
             timeout=30,
         )
         assert isolated.usage.cache_read_input_tokens == 0  # another tenant
+
+
+def _commit(
+    stub: prefix_cache_pb2_grpc.PrefixCacheStub, request: pc.CommitRequest
+) -> pc.CommitResponse:
+    response: pc.CommitResponse = stub.Commit(request, metadata=AUTH, timeout=30)
+    return response
+
+
+def _warm(request_id: str, question: str) -> pc.CommitRequest:
+    return pc.CommitRequest(
+        tenant="w",
+        request_id=request_id,
+        phase=pc.COMMIT_PHASE_WARM,
+        model="sim-large",
+        request=_request(question),
+    )
+
+
+def _final(
+    request_id: str, output_tokens: int = 0, report: pc.ProviderUsage | None = None
+) -> pc.CommitRequest:
+    return pc.CommitRequest(
+        tenant="w",
+        request_id=request_id,
+        phase=pc.COMMIT_PHASE_FINAL,
+        output_tokens=output_tokens,
+        provider_usage=report,
+    )
+
+
+def _totals(stub: prefix_cache_pb2_grpc.PrefixCacheStub, tenant: str) -> pc.TotalsResponse:
+    response: pc.TotalsResponse = stub.Totals(
+        pc.TotalsRequest(tenant=tenant), metadata=AUTH, timeout=30
+    )
+    return response
+
+
+def test_warm_through_one_replica_final_through_the_other_totals_agree(
+    replicas: list[str],
+) -> None:
+    one, other = (grpc.insecure_channel(a) for a in replicas)
+    with one, other:
+        first = prefix_cache_pb2_grpc.PrefixCacheStub(one)
+        second = prefix_cache_pb2_grpc.PrefixCacheStub(other)
+        warm = _commit(first, _warm("r1", "Rule 5?"))
+        final = _commit(second, _final("r1", output_tokens=40))
+        assert final.usage.input_tokens == warm.usage.input_tokens
+        assert final.usage.cache_creation_input_tokens == warm.usage.cache_creation_input_tokens
+        # sim-large prices: input 3000, 5-minute write 3750, output 15000 nanos per token
+        usage = warm.usage
+        cost = usage.input_tokens * 3000 + usage.cache_creation_input_tokens * 3750 + 40 * 15000
+        assert final.cost.cost_nanos == cost
+        # the retry reaches the first replica: the same bill, not a second one
+        assert _commit(first, _final("r1", output_tokens=40)) == final
+        # a reconciled request, WARM and FINAL again on different replicas
+        _commit(second, _warm("r2", "Rule 6?"))
+        read = usage.cache_creation_input_tokens
+        report = pc.ProviderUsage(
+            anthropic=pc.AnthropicUsage(
+                input_tokens=50, cache_read_input_tokens=read, output_tokens=7
+            )
+        )
+        reconciled = _commit(first, _final("r2", report=report))
+        assert reconciled.reconciled
+        totals = _totals(first, "w")
+        assert totals == _totals(second, "w")
+        assert totals.requests == 2 and totals.reconciled_requests == 1
+        assert totals.cost_nanos == cost + reconciled.cost.cost_nanos
+        assert totals.usage.output_tokens == 47
+        assert totals.usage.cache_read_input_tokens == read
+        assert totals.drift.prompt_tokens == reconciled.drift.prompt_tokens
+        assert totals.drift.cost_nanos == reconciled.drift.cost_nanos
