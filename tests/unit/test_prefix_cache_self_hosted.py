@@ -1,0 +1,132 @@
+"""A self-hosted model billed end to end through PrefixCacheCore (Plan, WARM with the engine's
+``kv_cached_tokens``, FINAL, Totals), on both backends.
+
+The documented rule (vLLM automatic prefix caching,
+https://docs.vllm.ai/en/latest/design/prefix_caching.html): the replica's KV cache is the
+cache; a prefix is reused in full blocks of 16 and the prompt's last token is always computed.
+The replica's report is the truth of the read. Prices of ``llama-3-1-8b-vllm`` in the table:
+input 100 and output 100 nanos per token, a KV-reused token 0 (it skips prefill); there is no
+write premium. Token counts are cl100k's, computed here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.models import load_model_table
+from services.common.prompt import canonical_blocks, prompt_token_ids
+from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.rules import Split
+from services.prefix_cache.totals import TenantTotals
+from services.prefix_cache.warm import WarmStore
+from tests.unit.conftest import LedgerFactory
+
+TABLE = load_model_table()
+MODEL = "llama-3-1-8b-vllm"
+SYSTEM = " ".join(f"Step {i}: check the order status before answering." for i in range(60))
+INPUT_NANOS, OUTPUT_NANOS, KV_READ_NANOS = 100, 100, 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+def ask(question: str) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model=MODEL,
+        system=[pb.ContentBlock(text=SYSTEM)],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=64,
+    )
+
+
+def test_the_table_row_is_self_hosted_with_the_prices_used_here() -> None:
+    spec = TABLE.models[MODEL]
+    assert spec.rules == "self_hosted" and spec.kv_block_tokens == 16
+    assert (spec.input_nanos, spec.output_nanos, spec.cache_read_nanos) == (
+        INPUT_NANOS,
+        OUTPUT_NANOS,
+        KV_READ_NANOS,
+    )
+
+
+async def test_a_self_hosted_model_billed_end_to_end(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=ReplicaViews(65536),
+        ledger=make_ledger(3_600_000),
+        clock=ManualClock(),
+        lookback=20,
+    )
+    first, second = ask("Where is order 1?"), ask("Where is order 2?")
+    ids1 = prompt_token_ids(canonical_blocks(first, tokenizer))
+    ids2 = prompt_token_ids(canonical_blocks(second, tokenizer))
+    p1, p2 = len(ids1), len(ids2)
+    common = next(i for i, (x, y) in enumerate(zip(ids1, ids2, strict=False)) if x != y)
+    assert common > 16 * 20  # the system prompt is shared: many full blocks
+
+    # turn 1: cold replica, the engine reports 0 reused tokens
+    assert await core.warm("t", "r1", MODEL, first, "replica-a", kv_cached_tokens=0) == Split(
+        p1, 0, 0, 0
+    )
+    one = await core.final("t", "r1", MODEL, 40, 0, "")
+    assert one.charge.cost_nanos == p1 * 100 + 40 * 100
+    assert one.charge.baseline_nanos == p1 * 100 + 40 * 100 and one.charge.saved_nanos == 0
+
+    # turn 2: Plan ranks replica-a first with the shared full blocks (16 tokens each)
+    reusable = common // 16 * 16
+    plan = await core.plan("t", MODEL, second, ["replica-b", "replica-a"])
+    assert [(c.replica, c.warm_prefix_tokens) for c in plan.candidates] == [
+        ("replica-a", reusable),
+        ("replica-b", 0),
+    ]
+    assert plan.split == Split(p2 - reusable, 0, 0, reusable)
+    # the engine's report is the truth: it reused 16 tokens fewer than predicted
+    engine = reusable - 16
+    warm = await core.warm("t", "r2", MODEL, second, "replica-a", kv_cached_tokens=engine)
+    assert warm == Split(p2 - engine, 0, 0, engine)  # no write premium: the rest is input
+    two = await core.final("t", "r2", MODEL, 25, engine, "")
+    assert two.charge.cost_nanos == (p2 - engine) * 100 + engine * 0 + 25 * 100
+    assert two.charge.baseline_nanos == p2 * 100 + 25 * 100
+    assert two.charge.saved_nanos == engine * 100
+    assert two.kv_cached_tokens == engine  # Usage.kv_cached_tokens of the response
+
+    assert await core.totals("t") == TenantTotals(
+        requests=2,
+        input_tokens=p1 + p2 - engine,
+        cache_read_input_tokens=engine,
+        output_tokens=65,
+        kv_cached_tokens=engine,
+        cost_nanos=(p1 + p2 - engine) * 100 + 65 * 100,
+        baseline_nanos=(p1 + p2) * 100 + 65 * 100,
+    )
+
+
+async def test_a_self_hosted_report_beyond_the_prompt_is_refused_and_records_nothing(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=ReplicaViews(65536),
+        ledger=make_ledger(3_600_000),
+        clock=ManualClock(),
+        lookback=20,
+    )
+    request = ask("Where is order 3?")
+    prompt = len(prompt_token_ids(canonical_blocks(request, tokenizer)))
+    with pytest.raises(BadRequest, match="kv_cached_tokens"):  # the last token is computed
+        await core.warm("t", "r1", MODEL, request, "replica-a", kv_cached_tokens=prompt)
+    assert await core.totals("t") == TenantTotals()
+    plan = await core.plan("t", MODEL, request, ["replica-a"])
+    assert plan.candidates[0].warm_prefix_tokens == 0  # the view was not touched
