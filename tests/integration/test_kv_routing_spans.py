@@ -1,0 +1,80 @@
+"""L3 on the spans: the router's root and model-call spans name the chosen sim-large replica
+(``cachemesh.replica``), the predicted warm prefix it was chosen for
+(``cachemesh.kv_match_tokens``), the reason, and what the replica really reused
+(``cachemesh.kv_cached_tokens``), as exported over OTLP to the test's receiver."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from cachemesh import Client
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
+from services.common.prompt import canonical_blocks, prompt_token_ids
+from services.common.tokens import load_cl100k
+from tests.integration.harness import RunningStack
+from tests.integration.otlp_sink import Span
+
+pytestmark = pytest.mark.integration
+
+
+def _request(system: str, question: str) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-large",
+        max_tokens=16,
+        system=[pb.ContentBlock(text=system)],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        cache=pb.CacheOptions(semantic=pb.SEMANTIC_MODE_BYPASS),  # always a model call
+    )
+
+
+def _route_spans(stack: RunningStack, trace_id: str) -> tuple[Span, Span]:
+    """The router's root span and its model-call span (``chat <model>``), once exported."""
+    deadline = time.monotonic() + 20
+    while True:
+        spans = [s for s in stack.sink.spans_of(trace_id) if s.service == "router"]
+        roots = [s for s in spans if not s.parent_span_id]
+        chats = [s for s in spans if s.name.startswith("chat ")]
+        if roots and chats:
+            return roots[0], chats[0]
+        assert time.monotonic() < deadline, f"router spans not exported: {spans}"
+        time.sleep(0.2)
+
+
+def test_the_spans_show_the_chosen_replica_and_its_match_length(
+    client_a: Client, stack: RunningStack
+) -> None:
+    tag = uuid.uuid4().hex  # first in the prompt: no replica has any of its blocks yet
+    system = f"Session {tag}. " + " ".join(
+        f"Policy {i}: a checked bag over 23 kg costs a fee." for i in range(80)
+    )
+    first, second = _request(system, "What does bag 1 cost?"), _request(system, "And bag 2?")
+    sim_large = {stack.addresses["model"], stack.addresses["model-2"]}
+
+    one = client_a.complete(first)
+    root, chat = _route_spans(stack, one.trace_id)
+    chosen = chat.attributes["cachemesh.replica"]
+    assert chosen in sim_large and root.attributes["cachemesh.replica"] == chosen
+    assert chat.attributes["cachemesh.kv_match_tokens"] == 0  # a prefix never seen
+    assert chat.attributes["cachemesh.route_reason"] == "least_loaded"
+    assert chat.attributes["cachemesh.kv_cached_tokens"] == one.usage.kv_cached_tokens == 0
+
+    # the second turn shares the system prompt: full blocks of 16, never the last token (vLLM)
+    tokenizer = load_cl100k()
+    ids1 = prompt_token_ids(canonical_blocks(first, tokenizer))
+    ids2 = prompt_token_ids(canonical_blocks(second, tokenizer))
+    common = next(i for i, (a, b) in enumerate(zip(ids1, ids2, strict=False)) if a != b)
+    match = min(common // BLOCK_SIZE, reusable_blocks(len(ids2))) * BLOCK_SIZE
+    assert match > 0.3 * len(ids2)  # above SGLang's cache_threshold: affinity applies
+
+    two = client_a.complete(second)
+    root, chat = _route_spans(stack, two.trace_id)
+    for span in (root, chat):
+        assert span.attributes["cachemesh.replica"] == chosen  # back to the warm replica
+        assert span.attributes["cachemesh.kv_match_tokens"] == match
+        assert span.attributes["cachemesh.route_reason"] == "cache_affinity"
+    # the replica's own report agrees with prefix-cache's view (one prefix-cache: exact)
+    assert chat.attributes["cachemesh.kv_cached_tokens"] == two.usage.kv_cached_tokens == match
