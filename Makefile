@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache
+.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ test: setup test-deps lint ## lint, then every test (unit, integration on real p
 
 eval-cache: setup ## semantic-cache eval harness (../shared/data); bench-results/semantic-cache-eval.json
 	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation eval
+
+bench-cache: setup ## semantic-cache scale: index latency/recall at 10k-1M, embedder rates; bench-results/semantic-cache-bench.json
+	nice -n 10 $(BIN)/python -m services.semantic_cache.bench
 
 calibrate-cache: setup ## refit the verifier, calibrate to precision 0.99, write the shipped default
 	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation fit

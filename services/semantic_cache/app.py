@@ -15,9 +15,11 @@ from services.common.clock import SystemClock
 from services.common.config import ConfigError, Env
 from services.common.server import ServerSettings, ServiceSpec, configure_logging, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
+from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.config import DATA_DIR, SemanticCacheConfig
 from services.semantic_cache.embedder import load_minilm_embedder
+from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.leases import Leases
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SnapshotStore
@@ -59,6 +61,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             margin=config.ambiguity_margin,
             policy=config.policy,
             leases=leases,
+            batcher=MicroBatcher(embedder, max_batch=config.embed_max_batch),
+            ann=(
+                AnnSettings(config.ann_min_entries, config.ann_nprobe)
+                if config.ann_min_entries > 0
+                else None
+            ),
         )
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here

@@ -19,8 +19,9 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.clock import Clock
+from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.embedder import Embedder
-from services.semantic_cache.index import ScopeIndex
+from services.semantic_cache.index import AnnSettings, ScopeIndex
 from services.semantic_cache.journal import Journal
 from services.semantic_cache.leases import Leases, wait
 from services.semantic_cache.matching import choose
@@ -59,6 +60,8 @@ class SemanticCache:
         margin: float = 0.0,
         policy: NamespacePolicy | None = None,
         leases: Leases | None = None,
+        batcher: MicroBatcher | None = None,
+        ann: AnnSettings | None = None,
     ) -> None:
         """``policy`` (per-namespace TTLs and store rules) wins over ``ttl_s`` when given."""
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
@@ -68,6 +71,8 @@ class SemanticCache:
         self._policy = policy if policy is not None else NamespacePolicy(ttl_s=ttl_s)
         self._leases = leases
         self._journal: Journal | None = None
+        self._batcher = batcher  # None = one embedding call per text
+        self._ann = ann  # None = every scope stays exact (flat)
         if max_entries < 1 or top_k < 1:
             raise ValueError("max_entries and top_k must be >= 1")
         if not (math.isfinite(margin) and 0.0 <= margin <= 1.0):
@@ -225,7 +230,7 @@ class SemanticCache:
             self._remove(old)
         index = self._scopes.get(key)
         if index is None:
-            index = self._scopes[key] = ScopeIndex(self._embedder.dim, entry.namespace)
+            index = self._scopes[key] = ScopeIndex(self._embedder.dim, entry.namespace, self._ann)
         vid = self._next_id
         self._next_id += 1
         index.add(vid, vector, entry.query)
@@ -282,7 +287,7 @@ class SemanticCache:
             self._add(vid, contents.entries[row])
         for key, rows in groups.items():
             index = self._scopes[key] = ScopeIndex(
-                self._embedder.dim, contents.entries[rows[0]].namespace
+                self._embedder.dim, contents.entries[rows[0]].namespace, self._ann
             )
             index.add_many(
                 [vid_of[r] for r in rows],
@@ -360,6 +365,8 @@ class SemanticCache:
         )
 
     async def _embed(self, text: str) -> npt.NDArray[np.float32]:
+        if self._batcher is not None:
+            return await self._batcher.embed_one(text)
         vectors = await asyncio.to_thread(self._embedder.embed, [text])
         row: npt.NDArray[np.float32] = vectors[0]
         return row

@@ -26,6 +26,9 @@ class SemanticCacheConfig:
     policy: NamespacePolicy | None = None  # None = ttl_s for every namespace, default rules
     lease_s: float = 30.0  # single flight: a lease ends at this age if no Store ended it
     lease_wait_s: float = 10.0  # the most a lookup waits on another's lease; 0 = no leases
+    embed_max_batch: int = 32  # micro-batching: the most texts in one embedding call
+    ann_min_entries: int = 20_000  # a scope this large is rebuilt as IVF; 0 = always exact
+    ann_nprobe: int = 16  # IVF lists searched per lookup
 
     @classmethod
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheConfig:
@@ -52,6 +55,9 @@ class SemanticCacheConfig:
             policy=NamespacePolicy.from_env(env, ttl_s),
             lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
             lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 10.0, minimum=0.0),
+            embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
+            ann_min_entries=env.int("SEMANTIC_CACHE_ANN_MIN_ENTRIES", 20_000, minimum=0),
+            ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1),
         )
 
 

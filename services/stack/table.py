@@ -91,6 +91,9 @@ SERVICES: tuple[ServiceDef, ...] = (
             "SEMANTIC_CACHE_MAX_TEMPERATURE",
             "SEMANTIC_CACHE_LEASE_S",
             "SEMANTIC_CACHE_LEASE_WAIT_S",
+            "SEMANTIC_CACHE_EMBED_MAX_BATCH",
+            "SEMANTIC_CACHE_ANN_MIN_ENTRIES",
+            "SEMANTIC_CACHE_ANN_NPROBE",
         ),
     ),
     ServiceDef(

@@ -1,0 +1,1 @@
+"""``make bench-cache``: index scale, near-duplicate recall, embedder throughput (to JSON)."""

@@ -1,0 +1,179 @@
+"""``python -m services.semantic_cache.bench`` (make bench-cache): writes one JSON file.
+
+Measures, on real embeddings (Quora questions from ``../shared/data``, embedded once and kept
+under ``.cache/``; never shipped), grown by perturbation to 10k, 100k and 1M rows: lookup
+latency p50/p99 and one-thread throughput per index, near-duplicate recall@1 against exact
+search, build time, index bytes per entry; and the embedder's throughput one text per call,
+in batches, and through the micro-batcher with many concurrent callers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from services.semantic_cache.batcher import MicroBatcher
+from services.semantic_cache.bench.indexes import (
+    Candidate,
+    build,
+    index_bytes,
+    search_one_by_one,
+    summary,
+)
+from services.semantic_cache.bench.vectors import grow, near_duplicates
+from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.evaluation.datasets import load_pairs
+from services.semantic_cache.evaluation.vectors import embed_cached
+
+SIZES = (10_000, 100_000, 1_000_000)
+NLIST = {10_000: 128, 100_000: 512, 1_000_000: 2048}
+NPROBES = (4, 16, 32)
+HNSW = {"M": 32, "efConstruction": 80, "efSearch": 64}
+HNSW_MAX = 100_000  # building it at 1M takes minutes on one core: measured below it only
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.semantic_cache.bench")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/paraphrase/qqp_dev.csv"))
+    parser.add_argument("--base", type=int, default=20_000, help="distinct questions embedded")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/semantic-eval"))
+    parser.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-bench.json"))
+    args = parser.parse_args(argv)
+    faiss.omp_set_num_threads(1)
+    started = time.monotonic()
+    embedder = load_minilm_embedder(threads=1)
+    texts = _questions(args.data, args.base)
+    base = embed_cached(embedder, texts, args.cache_dir).of(texts)
+    report: dict[str, Any] = {
+        "embedder": embedder.version,
+        "base_questions": len(texts),
+        "faiss_threads": 1,
+        "embedder_throughput": _embedder_rates(embedder, texts[:512]),
+        "sizes": {},
+    }
+    print(json.dumps(report["embedder_throughput"]), file=sys.stderr)
+    for n in args.sizes:
+        report["sizes"][str(n)] = _size(
+            base, n, args.queries if n < 1_000_000 else args.queries // 2
+        )
+        print(json.dumps({n: report["sizes"][str(n)]["summary"]}), file=sys.stderr)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    _print_tables(report)
+    print(f"written to {args.out} in {report['seconds']} s")
+    return 0
+
+
+def _questions(path: Path, count: int) -> list[str]:
+    pairs = load_pairs(path).pairs
+    distinct = {t for p in pairs for t in (p.first, p.second)}
+    ranked = sorted(distinct, key=lambda t: hashlib.sha256(t.encode()).digest())
+    return ranked[:count]
+
+
+def _embedder_rates(embedder: Embedder, texts: list[str]) -> dict[str, float]:
+    embedder.embed(texts[:8])
+    started = time.perf_counter()
+    single = texts[:128]
+    for text in single:
+        embedder.embed([text])
+    one = len(single) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for i in range(0, len(texts), 32):
+        embedder.embed(texts[i : i + 32])
+    batched = len(texts) / (time.perf_counter() - started)
+
+    async def concurrent() -> tuple[float, int]:
+        batcher = MicroBatcher(embedder, max_batch=32)
+        began = time.perf_counter()
+        await asyncio.gather(*(batcher.embed_one(t) for t in texts))
+        return len(texts) / (time.perf_counter() - began), batcher.batches
+
+    micro, calls = asyncio.run(concurrent())
+    return {
+        "texts_per_s_one_per_call": round(one, 1),
+        "texts_per_s_batches_of_32": round(batched, 1),
+        "texts_per_s_micro_batched_512_concurrent": round(micro, 1),
+        "micro_batched_calls": calls,
+    }
+
+
+def _size(base: np.ndarray, n: int, queries: int) -> dict[str, Any]:
+    corpus = grow(base, n, seed=n)
+    probes = near_duplicates(corpus, queries, seed=n + 1)
+    flat, flat_s = build(Candidate("flat", {}), corpus)
+    truth, latencies = search_one_by_one(flat, probes)
+    rows: list[dict[str, Any]] = [
+        {
+            "index": "flat",
+            "build_s": round(flat_s, 2),
+            "recall_at_1": 1.0,
+            "index_bytes_per_entry": round(index_bytes(flat) / n, 1),
+            **summary(latencies),
+        }
+    ]
+    del flat
+    ivf, ivf_s = build(Candidate("ivf", {"nlist": NLIST[n], "nprobe": NPROBES[0]}), corpus)
+    for nprobe in NPROBES:
+        ivf.nprobe = nprobe
+        top, latencies = search_one_by_one(ivf, probes)
+        rows.append(
+            {
+                "index": f"ivf nlist={NLIST[n]} nprobe={nprobe}",
+                "build_s": round(ivf_s, 2),
+                "recall_at_1": round(float((top == truth).mean()), 4),
+                "index_bytes_per_entry": round(index_bytes(ivf) / n, 1),
+                **summary(latencies),
+            }
+        )
+    del ivf
+    if n <= HNSW_MAX:
+        hnsw, hnsw_s = build(Candidate("hnsw", HNSW), corpus)
+        top, latencies = search_one_by_one(hnsw, probes)
+        rows.append(
+            {
+                "index": "hnsw M=32 efC=80 efS=64",
+                "build_s": round(hnsw_s, 2),
+                "recall_at_1": round(float((top == truth).mean()), 4),
+                "index_bytes_per_entry": round(index_bytes(hnsw) / n, 1),
+                **summary(latencies),
+            }
+        )
+    return {
+        "queries": queries,
+        "rows": rows,
+        "summary": [(r["index"], r["p50_ms"], r["p99_ms"], r["recall_at_1"]) for r in rows],
+    }
+
+
+def _print_tables(report: dict[str, Any]) -> None:
+    print(
+        "| entries | index | p50 ms | p99 ms | qps (1 thread) | recall@1 vs flat | build s |",
+        end="",
+    )
+    print(" bytes/entry |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, section in report["sizes"].items():
+        for r in section["rows"]:
+            print(
+                f"| {n} | {r['index']} | {r['p50_ms']} | {r['p99_ms']} | "
+                f"{r['throughput_qps_one_thread']} | {r['recall_at_1']} | {r['build_s']} | "
+                f"{r['index_bytes_per_entry']} |"
+            )
+    print(json.dumps(report["embedder_throughput"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

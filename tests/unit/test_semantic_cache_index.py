@@ -1,0 +1,66 @@
+"""A scope's index: exact, then rebuilt as IVF in the background when it grows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.common.clock import ManualClock
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.embedder import l2_normalise
+from services.semantic_cache.index import AnnSettings, ScopeIndex
+from tests.unit.semantic_cache_support import FakeEmbedder
+from tests.unit.test_semantic_cache_rules import answer, q
+
+DIM = 32
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return l2_normalise(np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32))
+
+
+def test_a_growing_scope_becomes_ivf_and_keeps_every_change_made_meanwhile() -> None:
+    index = ScopeIndex(DIM, "", AnnSettings(min_entries=500, nprobe=64))
+    data = rows(900)
+    index.add_many(list(range(500)), data[:500], [f"q{i}" for i in range(500)])
+    assert index.kind == "flat"  # the rebuild runs in the background
+    for i in range(500, 900):  # changes while it may still be running
+        index.add(i, data[i], f"q{i}")
+    for i in range(0, 900, 3):
+        index.remove(i, f"q{i}")
+    index.wait_for_rebuild()
+    assert index.kind == "ivf"
+    kept = [i for i in range(900) if i % 3]
+    assert index.ids == set(kept)
+    for i in (1, 502, 898):
+        assert index.search(data[i], 1)[0][0] == i
+    assert all(index.search(data[i], 1)[0][0] != i for i in (0, 501, 897))  # removed
+    ids, vectors = index.export()
+    assert sorted(ids.tolist()) == kept
+    assert np.allclose(vectors[ids.tolist().index(502)], data[502], atol=1e-6)
+    index.remove(1, "q1")  # removal works on the IVF itself (no tombstones)
+    assert 1 not in {v for v, _ in index.search(data[1], 5)}
+
+
+def test_small_scopes_and_no_settings_stay_exact() -> None:
+    index = ScopeIndex(DIM, "", None)
+    index.add_many(list(range(100)), rows(100), [f"q{i}" for i in range(100)])
+    index.wait_for_rebuild()
+    assert index.kind == "flat"
+
+
+async def test_the_cache_serves_from_an_ivf_scope() -> None:
+    cache = SemanticCache(
+        FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=AnnSettings(min_entries=40)
+    )
+    for i in range(60):
+        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    (scope,) = cache._scopes.values()
+    scope.wait_for_rebuild()
+    assert scope.kind == "ivf"
+    assert (await cache.check(q("question about topic 12 and thing 84"))).hit
+    assert len(cache.export_entries().entries) == 60
+
+
+def test_nlist_grows_with_the_square_root() -> None:
+    ann = AnnSettings()
+    assert [ann.nlist(n) for n in (20_000, 50_000, 1_000_000)] == [512, 1024, 4096]
