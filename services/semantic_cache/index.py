@@ -7,6 +7,8 @@ search takes tens, with near-duplicate recall@1 close to 1, and it supports remo
 table maps ids to places), so no tombstones are needed. The rebuild (training and adding)
 runs in a background thread on a copy; searches keep using the exact index meanwhile, and
 the adds and removals made in between are replayed on the new index before it is swapped in.
+An IVF scope that grows ``GROWTH`` times past the size it was trained for is rebuilt the same
+way with more lists (``AnnSettings.nlist``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 Rows = npt.NDArray[np.float32]
+GROWTH = 8  # an IVF scope is rebuilt with more lists when it has grown this many times
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ScopeIndex:
         self._ann = ann
         self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._approximate = False
+        self._trained_for = 0  # entries the IVF was trained for (0 = exact)
         self._rebuild: Future[Any] | None = None
         self._pending: list[tuple[str, int, Rows | None]] = []  # ops made during a rebuild
 
@@ -119,10 +123,10 @@ class ScopeIndex:
 
     def _maybe_start_rebuild(self) -> None:
         ann = self._ann
-        if ann is None or self._approximate or self._rebuild is not None:
+        if ann is None or self._rebuild is not None or len(self.ids) < ann.min_entries:
             return
-        if len(self.ids) < ann.min_entries:
-            return
+        if self._approximate and len(self.ids) < GROWTH * self._trained_for:
+            return  # retrained (more lists) each time the scope has grown GROWTH times
         ids, vectors = self.export()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scope-index-rebuild")
         self._rebuild = pool.submit(_build_ivf, ids, vectors, ann)
@@ -138,6 +142,7 @@ class ScopeIndex:
             else:
                 self._remove_from(built, True, vid)
         self._index, self._approximate = built, True
+        self._trained_for = int(built.ntotal) - sum(1 for op in self._pending if op[0] == "add")
         self._rebuild, self._pending = None, []
 
 
@@ -146,7 +151,8 @@ def _build_ivf(ids: npt.NDArray[np.int64], vectors: Rows, ann: AnnSettings) -> A
     nlist = ann.nlist(len(ids))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(0)
-    sample = vectors[rng.choice(len(vectors), min(len(vectors), 40 * nlist), replace=False)]
+    size = min(len(vectors), 40 * nlist, 100_000)
+    sample = vectors[rng.choice(len(vectors), size, replace=False)]
     index.cp.niter = 10
     index.train(sample)
     index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]

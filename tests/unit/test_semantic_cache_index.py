@@ -64,3 +64,15 @@ async def test_the_cache_serves_from_an_ivf_scope() -> None:
 def test_nlist_grows_with_the_square_root() -> None:
     ann = AnnSettings()
     assert [ann.nlist(n) for n in (20_000, 50_000, 1_000_000)] == [512, 1024, 4096]
+
+
+def test_an_ivf_scope_is_retrained_with_more_lists_as_it_grows() -> None:
+    index = ScopeIndex(DIM, "", AnnSettings(min_entries=200, nprobe=1024))
+    data = rows(200 * 9, seed=3)
+    index.add_many(list(range(200)), data[:200], [f"q{i}" for i in range(200)])
+    index.wait_for_rebuild()
+    first = index._index.nlist
+    index.add_many(list(range(200, 1800)), data[200:], [f"q{i}" for i in range(200, 1800)])
+    index.wait_for_rebuild()
+    assert index.kind == "ivf" and index._index.nlist > first
+    assert index.search(data[1700], 1)[0][0] == 1700 and len(index) == 1800

@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,10 @@ from services.semantic_cache.bench.vectors import grow, near_duplicates
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.evaluation.datasets import load_pairs
 from services.semantic_cache.evaluation.vectors import embed_cached
+from services.semantic_cache.index import AnnSettings
 
 SIZES = (10_000, 100_000, 1_000_000)
-NLIST = {10_000: 128, 100_000: 512, 1_000_000: 2048}
+ANN = AnnSettings()  # the service's rule: nlist ~ 4 sqrt(n), a power of two
 NPROBES = (4, 16, 32)
 HNSW = {"M": 32, "efConstruction": 80, "efSearch": 64}
 HNSW_MAX = 100_000  # building it at 1M takes minutes on one core: measured below it only
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_questions": len(texts),
         "faiss_threads": 1,
         "embedder_throughput": _embedder_rates(embedder, texts[:512]),
+        "cache_python_bytes_per_entry": _python_bytes_per_entry(base),
         "sizes": {},
     }
     print(json.dumps(report["embedder_throughput"]), file=sys.stderr)
@@ -110,6 +113,43 @@ def _embedder_rates(embedder: Embedder, texts: list[str]) -> dict[str, float]:
     }
 
 
+def _python_bytes_per_entry(base: np.ndarray, n: int = 20_000) -> float:
+    """What a SemanticCache keeps per entry besides the index and the answer payload."""
+    from services.common.clock import ManualClock
+    from services.semantic_cache.cache import SemanticCache
+    from services.semantic_cache.records import Answer, CacheContents, Entry
+
+    class Fixed:
+        version, dim = "bench@1", base.shape[1]
+
+        def embed(self, texts: list[str]) -> np.ndarray:
+            raise AssertionError("restore does not embed")
+
+    clock = ManualClock()
+    answer = Answer(b"x" * 200, "end_turn", 50, False)  # a typical short answer payload
+    entries = tuple(
+        Entry(
+            f"{i:032x}",
+            "tenant",
+            "scope",
+            "",
+            f"question number {i} about a topic",
+            answer,
+            clock.now_ms(),
+            "bench@1",
+        )
+        for i in range(n)
+    )
+    contents = CacheContents("bench@1", base.shape[1], entries, grow(base, n, seed=7))
+    tracemalloc.start()
+    cache = SemanticCache(Fixed(), clock, max_entries=n)
+    before = tracemalloc.get_traced_memory()[0]
+    cache.restore(contents)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return round((after - before) / n, 1)
+
+
 def _size(base: np.ndarray, n: int, queries: int) -> dict[str, Any]:
     corpus = grow(base, n, seed=n)
     probes = near_duplicates(corpus, queries, seed=n + 1)
@@ -125,13 +165,13 @@ def _size(base: np.ndarray, n: int, queries: int) -> dict[str, Any]:
         }
     ]
     del flat
-    ivf, ivf_s = build(Candidate("ivf", {"nlist": NLIST[n], "nprobe": NPROBES[0]}), corpus)
+    ivf, ivf_s = build(Candidate("ivf", {"nlist": ANN.nlist(n), "nprobe": NPROBES[0]}), corpus)
     for nprobe in NPROBES:
         ivf.nprobe = nprobe
         top, latencies = search_one_by_one(ivf, probes)
         rows.append(
             {
-                "index": f"ivf nlist={NLIST[n]} nprobe={nprobe}",
+                "index": f"ivf nlist={ANN.nlist(n)} nprobe={nprobe}",
                 "build_s": round(ivf_s, 2),
                 "recall_at_1": round(float((top == truth).mean()), 4),
                 "index_bytes_per_entry": round(index_bytes(ivf) / n, 1),

@@ -30,11 +30,8 @@ def build(candidate: Candidate, corpus: F32) -> tuple[Any, float]:
     elif candidate.name == "ivf":
         nlist = candidate.params["nlist"]
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = corpus[
-            np.random.default_rng(0).choice(
-                len(corpus), min(len(corpus), 40 * nlist), replace=False
-            )
-        ]
+        size = min(len(corpus), 40 * nlist, 100_000)  # as index.py trains it
+        sample = corpus[np.random.default_rng(0).choice(len(corpus), size, replace=False)]
         index.cp.niter = 10
         index.train(sample)
         # remove_ids and reconstruct by id

@@ -3,7 +3,8 @@
 Row i of a corpus of n rows is base question ``i mod b`` plus Gaussian noise of norm about
 ``spread`` (cosine ~0.8 to its base), renormalised, so rows are distinct points clustered the
 way real questions are. Queries are near-duplicates of stored rows (noise norm ``near``,
-cosine ~0.97): what a paraphrase lookup looks like in vector space.
+cosine ~0.89, a paraphrase at the serving threshold): what a lookup looks like in vector
+space.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def grow(base: F32, n: int, seed: int, spread: float = 0.75, chunk: int = 100_00
     return out
 
 
-def near_duplicates(corpus: F32, count: int, seed: int, near: float = 0.25) -> F32:
+def near_duplicates(corpus: F32, count: int, seed: int, near: float = 0.5) -> F32:
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(corpus), size=count, replace=False)
     dim = corpus.shape[1]

@@ -1,0 +1,229 @@
+"""The entries of the L1 cache and their indexes: the state under ``SemanticCache``.
+
+Entries live in one FAISS index per (tenant, scope). An entry's expiry is fixed when it is
+stored (its namespace's TTL, an absolute age: reads never extend it); capacity is total and
+evicts the least recently used entry. Everything here is synchronous: the cache calls it in
+the sections between its awaits, so no two coroutines interleave inside one change. Changes
+are written to the journal (the write-ahead log) in that same order when one is attached.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from services.common.clock import Clock
+from services.semantic_cache.embedder import Embedder
+from services.semantic_cache.index import AnnSettings, ScopeIndex
+from services.semantic_cache.journal import Journal
+from services.semantic_cache.policy import NamespacePolicy
+from services.semantic_cache.records import CacheContents, Entry, InvalidQuery, RestoreReport
+
+ScopeKey = tuple[str, str]  # (tenant, scope)
+
+
+class EntryStore:
+    def __init__(
+        self,
+        embedder: Embedder,
+        clock: Clock,
+        max_entries: int,
+        policy: NamespacePolicy,
+        ann: AnnSettings | None,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self._embedder = embedder
+        self._clock = clock
+        self._max_entries = max_entries
+        self._policy = policy
+        self._ann = ann  # None = every scope stays exact (flat)
+        self._journal: Journal | None = None
+        self._entries: dict[int, Entry] = {}  # FAISS id -> entry
+        self._lru: OrderedDict[int, None] = OrderedDict()  # least recently used first
+        self._expiry: list[tuple[int, int]] = []  # heap of (expires_at_ms, id); may be stale
+        self._by_entry_id: dict[str, int] = {}
+        self._scopes: dict[ScopeKey, ScopeIndex] = {}
+        self._next_id = 0
+        self._changes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def dim(self) -> int:
+        return self._embedder.dim
+
+    @property
+    def embedder_version(self) -> str:
+        return self._embedder.version
+
+    @property
+    def changes(self) -> int:
+        """Grows on every change a snapshot would show (store, removal, a hit's recency)."""
+        return self._changes
+
+    def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool:
+        """Re-applies a logged store (replay after a restart); False if expired or stale."""
+        if entry.embedder_version != self._embedder.version:
+            return False
+        now = self._clock.now_ms()
+        self._purge_expired(now)
+        if self._expires_at(entry) <= now:
+            return False
+        self._insert(entry, vector)
+        return True
+
+    def attach_journal(self, journal: Journal) -> None:
+        """From now on every change is logged (after the replay, which must not be)."""
+        self._journal = journal
+
+    async def sync_journal(self) -> None:
+        if self._journal is not None:
+            await self._journal.sync()
+
+    def _insert(self, entry: Entry, vector: npt.NDArray[np.float32]) -> None:
+        key = (entry.tenant, entry.scope)
+        old = self._scopes[key].exact.get(entry.query) if key in self._scopes else None
+        if old is not None:
+            self._remove(old)
+        index = self._scopes.get(key)
+        if index is None:
+            index = self._scopes[key] = ScopeIndex(self._embedder.dim, entry.namespace, self._ann)
+        vid = self._next_id
+        self._next_id += 1
+        index.add(vid, vector, entry.query)
+        self._add(vid, entry)
+        self._changes += 1
+        self._evict_over_capacity()
+
+    def export_entries(self) -> CacheContents:
+        """A copy of every unexpired entry with its vector, least recently used first.
+
+        Synchronous, so it is consistent: take it on the event loop, write it elsewhere.
+        """
+        self._purge_expired(self._clock.now_ms())
+        dim = self._embedder.dim
+        parts = [index.export() for index in self._scopes.values()]
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+        position = {vid: i for i, vid in enumerate(ids.tolist())}
+        order = np.fromiter((position[vid] for vid in self._lru), np.int64, len(self._lru))
+        entries = tuple(self._entries[vid] for vid in self._lru)
+        return CacheContents(self._embedder.version, dim, entries, rows[order])
+
+    def restore(self, contents: CacheContents) -> RestoreReport:
+        """Loads exported entries into this empty cache, keeping their ids and LRU order.
+
+        Skips the entries already expired by the clock and those of another embedder version.
+        A malformed export (wrong dimension, a query twice in a scope) changes nothing.
+        """
+        if self._entries:
+            raise ValueError("restore needs an empty cache")
+        now, version = self._clock.now_ms(), self._embedder.version
+        expired = other = 0
+        groups: dict[ScopeKey, list[int]] = {}  # rows of contents, per scope, in LRU order
+        for row, entry in enumerate(contents.entries):
+            if entry.embedder_version != version:
+                other += 1
+            elif self._expires_at(entry) <= now:
+                expired += 1
+            else:
+                groups.setdefault((entry.tenant, entry.scope), []).append(row)
+        if groups and contents.dim != self._embedder.dim:
+            raise ValueError(
+                f"vectors have {contents.dim} dimensions, the embedder {self._embedder.dim}"
+            )
+        for (tenant, _), rows in groups.items():
+            if len({contents.entries[r].query for r in rows}) != len(rows):
+                raise ValueError(f"tenant {tenant!r}: a scope holds the same query twice")
+        vid_of = {
+            row: self._next_id + i
+            for i, row in enumerate(sorted(r for g in groups.values() for r in g))
+        }
+        self._next_id += len(vid_of)
+        for row, vid in vid_of.items():
+            self._add(vid, contents.entries[row])
+        for key, rows in groups.items():
+            index = self._scopes[key] = ScopeIndex(
+                self._embedder.dim, contents.entries[rows[0]].namespace, self._ann
+            )
+            index.add_many(
+                [vid_of[r] for r in rows],
+                contents.vectors[rows],
+                [contents.entries[r].query for r in rows],
+            )
+        self._changes += 1
+        self._evict_over_capacity()
+        evicted = len(vid_of) - len(self._entries)
+        return RestoreReport(len(self._entries), expired, other, evicted)
+
+    def drop(self, tenant: str, namespace: str | None = None) -> int:
+        """Removes the tenant's entries (of one namespace, or all when None); returns the count."""
+        if not tenant:
+            raise InvalidQuery("tenant", "is required")
+        keys = [
+            key
+            for key, index in self._scopes.items()
+            if key[0] == tenant and (namespace is None or index.namespace == namespace)
+        ]
+        dropped = 0
+        for key in keys:
+            for vid in self._scopes.pop(key).ids:
+                self._forget(vid)
+                dropped += 1
+        if dropped and self._journal is not None:
+            self._journal.log_drop(tenant, namespace)  # durable at the caller's sync_journal
+        return dropped
+
+    def drop_entry(self, tenant: str, entry_id: str) -> int:
+        """Removes one entry of the tenant (1), or nothing when it is not theirs or gone (0)."""
+        if not tenant:
+            raise InvalidQuery("tenant", "is required")
+        vid = self._by_entry_id.get(entry_id)
+        if vid is None or self._entries[vid].tenant != tenant:
+            return 0
+        self._remove(vid)
+        if self._journal is not None:
+            self._journal.log_drop_entry(tenant, entry_id)
+        return 1
+
+    def _expires_at(self, entry: Entry) -> int:
+        return entry.created_at_ms + self._policy.ttl_ms(entry.namespace)
+
+    def _add(self, vid: int, entry: Entry) -> None:
+        self._entries[vid] = entry
+        self._lru[vid] = None
+        self._by_entry_id[entry.entry_id] = vid
+        heapq.heappush(self._expiry, (self._expires_at(entry), vid))
+
+    def _purge_expired(self, now: int) -> None:
+        while self._expiry and self._expiry[0][0] <= now:
+            _, vid = heapq.heappop(self._expiry)
+            if vid in self._entries:  # ids are never reused: a stale item's id is gone
+                self._remove(vid)
+        if len(self._expiry) > 2 * len(self._entries) + 64:  # drop the stale items
+            self._expiry = [(self._expires_at(e), v) for v, e in self._entries.items()]
+            heapq.heapify(self._expiry)
+
+    def _evict_over_capacity(self) -> None:
+        while len(self._entries) > self._max_entries:
+            self._remove(next(iter(self._lru)))
+
+    def _remove(self, vid: int) -> None:
+        entry = self._forget(vid)
+        key = (entry.tenant, entry.scope)
+        index = self._scopes[key]
+        index.remove(vid, entry.query)
+        if not len(index):
+            del self._scopes[key]
+
+    def _forget(self, vid: int) -> Entry:
+        self._changes += 1
+        self._lru.pop(vid, None)
+        entry = self._entries.pop(vid)
+        self._by_entry_id.pop(entry.entry_id, None)
+        return entry
