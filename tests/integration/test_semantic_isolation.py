@@ -107,3 +107,17 @@ def test_no_entry_is_served_across_any_part_of_the_scope(
         again = client_a.complete(base(question, ns))
         assert again.served_by == pb.LAYER_SEMANTIC_CACHE, question
         assert again.semantic.exact == (question == QUESTION)
+
+
+def test_concurrent_identical_misses_share_one_model_call(client_a: Client) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ns = uuid.uuid4().hex[:12]
+    request = build_request("What is the baggage allowance on a domestic flight?", namespace=ns)
+    request.max_tokens = 60
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(client_a.complete, [request] * 4))
+    layers = sorted(r.served_by for r in responses)
+    assert layers.count(pb.LAYER_SEMANTIC_CACHE) == 3, layers  # one model call, shared
+    texts = {"".join(b.text for b in r.content) for r in responses}
+    assert len(texts) == 1  # the same answer for all four
