@@ -17,13 +17,24 @@ pytestmark = pytest.mark.integration
 _SERVICES = {"router", "semantic-cache", "prefix-cache", "model"}
 
 
+def _complete(spans: list[Span], services: set[str]) -> bool:
+    """Every service has reported, the root is in, and every parent named is present."""
+    ids = {s.span_id for s in spans}
+    return (
+        services <= {s.service for s in spans}
+        and any(not s.parent_span_id for s in spans)
+        and all(not s.parent_span_id or s.parent_span_id in ids for s in spans)
+    )
+
+
 def _wait_for_spans(stack: RunningStack, trace_id: str, services: set[str]) -> list[Span]:
+    """The trace's spans once complete (exporters batch, so spans arrive in any order)."""
     deadline = time.monotonic() + 20
-    while True:
-        spans = stack.sink.spans_of(trace_id)
-        if services <= {s.service for s in spans} or time.monotonic() > deadline:
-            return spans
+    spans = stack.sink.spans_of(trace_id)
+    while not _complete(spans, services) and time.monotonic() < deadline:
         time.sleep(0.2)
+        spans = stack.sink.spans_of(trace_id)
+    return spans
 
 
 def _server_span(spans: list[Span], service: str, method: str) -> Span:
