@@ -8,7 +8,8 @@ goes on, degraded, and the span records why); an ``INVALID_ARGUMENT`` or
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -20,6 +21,8 @@ from services.router.backends import Backends
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
+
+T = TypeVar("T")
 
 _CLIENT_FAULTS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -37,6 +40,18 @@ def _degraded(what: str, exc: grpc.aio.AioRpcError) -> None:
     )
 
 
+async def _degrading(what: str, call: Awaitable[T], *, client_faults: bool = True) -> T | None:
+    """The call's reply, or None when ``what`` cannot serve it (the request goes on degraded);
+    with ``client_faults`` a refusal that is the request's fault reaches the client."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        if client_faults and (fault := _client_fault(exc)) is not None:
+            raise fault from exc
+        _degraded(what, exc)
+        return None
+
+
 class Calls:
     def __init__(self, backends: Backends, settings: RouterSettings) -> None:
         self._b = backends
@@ -45,17 +60,14 @@ class Calls:
     async def lookup(
         self, tenant: str, request: pb.CompleteRequest
     ) -> semantic_cache_pb2.LookupResponse | None:
-        try:
-            return await self._b.semantic.Lookup(
+        return await _degrading(
+            "semantic-cache",
+            self._b.semantic.Lookup(
                 semantic_cache_pb2.LookupRequest(tenant=tenant, request=request),
                 timeout=self._s.semantic_timeout_s,
                 metadata=self._b.metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if (fault := _client_fault(exc)) is not None:
-                raise fault from exc
-            _degraded("semantic-cache", exc)
-            return None
+            ),
+        )
 
     async def store(
         self,
@@ -63,32 +75,29 @@ class Calls:
         request: pb.CompleteRequest,
         answer: semantic_cache_pb2.CachedAnswer,
     ) -> semantic_cache_pb2.StoreResponse | None:
-        try:
-            return await self._b.semantic.Store(
+        return await _degrading(
+            "semantic-cache",
+            self._b.semantic.Store(
                 semantic_cache_pb2.StoreRequest(tenant=tenant, request=request, answer=answer),
                 timeout=self._s.semantic_timeout_s,
                 metadata=self._b.metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            _degraded("semantic-cache", exc)
-            return None
+            ),
+            client_faults=False,  # the answer was served: a refused store only loses a hit
+        )
 
     async def plan(
         self, tenant: str, model: str, request: pb.CompleteRequest, replicas: Sequence[str]
     ) -> prefix_cache_pb2.PlanResponse | None:
-        try:
-            return await self._b.prefix.Plan(
+        return await _degrading(
+            "prefix-cache",
+            self._b.prefix.Plan(
                 prefix_cache_pb2.PlanRequest(
                     tenant=tenant, model=model, request=request, replicas=list(replicas)
                 ),
                 timeout=self._s.prefix_timeout_s,
                 metadata=self._b.metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if (fault := _client_fault(exc)) is not None:
-                raise fault from exc
-            _degraded("prefix-cache", exc)
-            return None
+            ),
+        )
 
     async def commit_warm(
         self,
@@ -140,13 +149,10 @@ class Calls:
     async def _commit(
         self, commit: prefix_cache_pb2.CommitRequest
     ) -> prefix_cache_pb2.CommitResponse | None:
-        try:
-            return await self._b.prefix.Commit(
-                commit, timeout=self._s.prefix_timeout_s, metadata=self._b.metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            _degraded("prefix-cache", exc)
-            return None
+        call = self._b.prefix.Commit(
+            commit, timeout=self._s.prefix_timeout_s, metadata=self._b.metadata
+        )
+        return await _degrading("prefix-cache", call, client_faults=False)
 
     async def generate(
         self, tenant: str, model: str, request: pb.CompleteRequest, replica: str

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -44,34 +44,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         tenant = await self._admit(request, context)
         try:
-            return await self._answer_once(tenant, request)
+            async with aclosing(self._answered(tenant, request)) as chunks:
+                async for chunk in chunks:
+                    if chunk.WhichOneof("part") == "end":
+                        return chunk.end
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
-            raise  # unreachable: abort raises
+        await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
+        raise AssertionError("unreachable: abort raises")
 
     async def StreamComplete(
         self, request: pb.CompleteRequest, context: Context
     ) -> AsyncIterator[pb.CompleteChunk]:
         tenant = await self._admit(request, context)
         try:
-            claimed, future = self._answers.claim(tenant, request)
-            if not claimed:
-                for chunk in _replay(await asyncio.shield(future)):
+            async with aclosing(self._answered(tenant, request)) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                return
-            end: pb.CompleteResponse | None = None
-            try:
-                async with aclosing(self._pipeline.run(tenant, request)) as chunks:
-                    async for chunk in chunks:
-                        if chunk.WhichOneof("part") == "end":
-                            end = chunk.end
-                        yield chunk
-            finally:
-                _settle(self._answers, tenant, request, future, end)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
-        except IdempotencyConflict as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def _admit(self, request: pb.CompleteRequest, context: Context) -> str:
         token = bearer_token(context.invocation_metadata())
@@ -91,24 +82,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         assert tenant is not None
         return tenant
 
-    async def _answer_once(self, tenant: str, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    async def _answered(
+        self, tenant: str, request: pb.CompleteRequest
+    ) -> AsyncGenerator[pb.CompleteChunk, None]:
+        """The request's chunks, once per request_id: a retry replays the first answer."""
         try:
             claimed, future = self._answers.claim(tenant, request)
         except IdempotencyConflict as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
-            return await asyncio.shield(future)
+            for chunk in _replay(await asyncio.shield(future)):
+                yield chunk
+            return
         end: pb.CompleteResponse | None = None
         try:
             async with aclosing(self._pipeline.run(tenant, request)) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         end = chunk.end
+                    yield chunk
         finally:
             _settle(self._answers, tenant, request, future, end)
-        if end is None:
-            raise RequestError(grpc.StatusCode.INTERNAL, "the request ended without an answer")
-        return end
 
 
 def _settle(
