@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import math
 import uuid
+from collections import OrderedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +37,8 @@ from services.semantic_cache.records import (
     StoreResult,
 )
 from services.semantic_cache.verifier import Verifier
+
+_RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors
 
 
 def _clamp(similarity: float) -> float:
@@ -76,6 +79,8 @@ class SemanticCache(EntryStore):
         self._margin = margin
         self._leases = leases
         self._batcher = batcher  # None = one embedding call per text
+        # A miss's Store follows its Lookup: the vector of a recent text is embedded once.
+        self._recent: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
 
     async def check(self, query: Query, wait_s: float = 0.0) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold.
@@ -200,10 +205,16 @@ class SemanticCache(EntryStore):
         )
 
     async def _embed(self, text: str) -> npt.NDArray[np.float32]:
+        if (known := self._recent.get(text)) is not None:
+            self._recent.move_to_end(text)
+            return known
         if self._batcher is not None:
-            return await self._batcher.embed_one(text)
-        vectors = await asyncio.to_thread(self._embedder.embed, [text])
-        row: npt.NDArray[np.float32] = vectors[0]
+            row = await self._batcher.embed_one(text)
+        else:
+            row = (await asyncio.to_thread(self._embedder.embed, [text]))[0]
+        self._recent[text] = row
+        while len(self._recent) > _RECENT_VECTORS:
+            self._recent.popitem(last=False)
         return row
 
 

@@ -130,3 +130,13 @@ async def test_drop_removes_one_tenant_only() -> None:
     assert len(cache) == 3
     assert (await cache.check(q("opening hours", tenant="b", namespace="docs"))).hit
     assert cache.drop("nobody") == 0
+
+
+async def test_a_miss_then_its_store_embed_the_question_once() -> None:
+    cache, _, embedder = new_cache()
+    await cache.store(q("How do I reset my password?"), answer())
+    calls = embedder.calls
+    assert not (await cache.check(q("What is the capital of France?"))).hit
+    assert embedder.calls == calls + 1
+    await cache.store(q("What is the capital of France?"), answer())
+    assert embedder.calls == calls + 1  # the Lookup's vector, not a second embedding
