@@ -40,7 +40,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         stack.start(args.timeout)
         print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
-        print(f"demo keys: {run_dir / 'demo-keys.env'}; logs: {run_dir / 'logs'}; stop: make down")
+        stop = (
+            "make down"
+            if args.run_dir is None
+            else f"python -m services.stack --run-dir {run_dir} down"
+        )
+        print(f"demo keys: {run_dir / 'demo-keys.env'}; logs: {run_dir / 'logs'}; stop: {stop}")
         return 0
     if args.command == "down":
         if not stack.stop(args.grace):
