@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from services.semantic_cache.records import Answer, CacheContents, Entry
+from services.semantic_cache.wal import fsync_directory
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
 FORMAT_VERSION = 2  # 2: wal_seq and header_sha256 (the header is checksummed too)
@@ -91,7 +92,7 @@ class SnapshotStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         return sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts)
 
 
@@ -241,11 +242,3 @@ def _int(raw: dict[str, Any], name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"field {name} is not an integer")
     return value
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

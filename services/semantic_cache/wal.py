@@ -119,7 +119,7 @@ class WriteAheadLog:
                 path.unlink()
                 dropped += 1
         if dropped:
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         return dropped
 
     def close(self) -> None:
@@ -132,7 +132,7 @@ class WriteAheadLog:
     def _start_segment(self) -> None:
         path = self.directory / f"{self._next_seq:020d}{_SUFFIX}"
         self._out = path.open("ab")
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
 
 def _read(path: Path, *, last: bool) -> list[dict[str, Any]]:
@@ -174,7 +174,8 @@ def _has_valid_record_after(data: bytes, offset: int) -> bool:
     return any(_record(data, i)[0] is not None for i in range(offset + 1, len(data) - _FRAME.size))
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Makes a rename or a new file in ``directory`` durable (the entry itself is data)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
