@@ -63,16 +63,8 @@ class Pipeline:
         if lookup is not None and lookup.hit:
             end = await self._serve_hit(tenant, request, lookup, baseline, head)
             spans.outcome_attributes(root, end)
-            start = pb.CompleteResponse()
-            start.CopyFrom(end)
-            start.ClearField("content")
-            start.ClearField("usage")
-            start.ClearField("cost")
-            start.stop_reason = ""
-            yield pb.CompleteChunk(start=start)
-            for block in end.content:
-                yield pb.CompleteChunk(delta=block)
-            yield pb.CompleteChunk(end=end)
+            for served in chunks_of(end):
+                yield served
             return
 
         attempt = await self._dispatch.open(tenant, request)
@@ -271,3 +263,21 @@ class Pipeline:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
+    """A finished answer as the Gateway streams it: start, one delta a block, end."""
+    start = pb.CompleteResponse(
+        served_by=end.served_by,
+        model=end.model,
+        tier=end.tier,
+        trace_id=end.trace_id,
+        request_id=end.request_id,
+    )
+    if end.HasField("semantic"):
+        start.semantic.CopyFrom(end.semantic)
+    return [
+        pb.CompleteChunk(start=start),
+        *(pb.CompleteChunk(delta=block) for block in end.content),
+        pb.CompleteChunk(end=end),
+    ]

@@ -16,7 +16,7 @@ from services.common.auth import ApiKeys, bearer_token
 from services.common.errors import RequestError
 from services.common.models import ModelTable
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable
-from services.router.pipeline import Pipeline
+from services.router.pipeline import Pipeline, chunks_of
 from services.router.validation import validate_request
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -91,7 +91,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except IdempotencyConflict as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
-            for chunk in _replay(await asyncio.shield(future)):
+            for chunk in chunks_of(await asyncio.shield(future)):
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
@@ -126,20 +126,3 @@ def _settle(
         )
     )
     future.exception()  # mark retrieved: a failure with no waiter is not an error
-
-
-def _replay(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
-    start = pb.CompleteResponse(
-        served_by=end.served_by,
-        model=end.model,
-        tier=end.tier,
-        trace_id=end.trace_id,
-        request_id=end.request_id,
-    )
-    if end.HasField("semantic"):
-        start.semantic.CopyFrom(end.semantic)
-    return [
-        pb.CompleteChunk(start=start),
-        *(pb.CompleteChunk(delta=block) for block in end.content),
-        pb.CompleteChunk(end=end),
-    ]
