@@ -1,16 +1,16 @@
 """The verification step: does a near neighbour really ask the same question?
 
-Sentence embeddings confuse questions that share their words but not their meaning: "convert
-USD to EUR" and "convert EUR to USD" (cosine 0.99), a negation, a changed number or name.
-Candidates that are not exact matches are checked here, on the two texts, before they are
-served. The check is a logistic regression over cross-features of the two questions (the
-cosine, word and bigram overlap, word order among the shared words, numbers, negation,
-length); its weights are fitted offline (``python -m services.semantic_cache.evaluation fit``)
-on PAWS and GPTCache's mock data only, and shipped as JSON with their provenance
-(``verifier_weights.json``). A candidate is served when no cross-check vetoes it (``VETOES``) and
-the model's probability that the two questions mean the same is at least the configured
-``min_probability``; ``min_probability`` 0 turns the whole step off (vetoes included), which
-is the plain-embedding baseline of the harness.
+Sentence embeddings confuse questions that share their words but not their meaning: "convert USD
+to EUR" and "convert EUR to USD" (cosine 0.99), a negation, a changed number or name. Candidates
+that are not exact matches are checked here, on the two texts, before they are served. The check
+is a logistic regression over cross-features of the two questions (the cosine, word and bigram
+overlap, word order among the shared words, numbers, negation, length, how much of each side's
+content words the other covers); its weights are fitted offline (``python -m
+services.semantic_cache.evaluation fit``) on PAWS and GPTCache's mock data only, and shipped as
+JSON with their provenance (``verifier_weights.json``). A candidate is served when no cross-
+check vetoes it (``VETOES``) and the model's probability that the two questions mean the same is
+at least the configured ``min_probability``; ``min_probability`` 0 turns the whole step off
+(vetoes included), which is the plain-embedding baseline of the harness.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 WEIGHTS_PATH = Path(__file__).with_name("verifier_weights.json")
-FEATURE_VERSION = "cachemesh.verifier.features.v2"
+FEATURE_VERSION = "cachemesh.verifier.features.v3"
 
 _WORD = re.compile(r"[^\W_]+(?:[.,][0-9]+)*", re.UNICODE)
 _NUMBER = re.compile(r"^[0-9]+(?:[.,][0-9]+)*$")
@@ -59,6 +59,13 @@ FEATURES = (
     "number_one_side",
     "negation_mismatch",
     "length_ratio",
+    "query_coverage",
+    "entry_coverage",
+    "min_coverage",
+    "unmatched_content",
+    "same_bag",
+    "same_bag_x_bigram",
+    "same_bag_x_discordance",
 )
 # Cross-checks that refuse outright, whatever the model says: the same content words in
 # another order ("USD to EUR" / "EUR to USD"), different numbers, a number on one side only,
@@ -102,6 +109,10 @@ def features(first: str, second: str, cosine: float) -> npt.NDArray[np.float64]:
     nb = {w for w in b if _NUMBER.match(w)}
     content_a, content_b = set(ca), set(cb)
     discord = _discordance(ca, cb)
+    query_cov = len(content_b & content_a) / len(content_b) if content_b else 1.0
+    entry_cov = len(content_a & content_b) / len(content_a) if content_a else 1.0
+    same_bag = float(content_a == content_b)
+    bigrams = _jaccard(_ngrams(a, 2), _ngrams(b, 2))
     values = (
         cosine,
         cosine * cosine,
@@ -115,6 +126,13 @@ def features(first: str, second: str, cosine: float) -> npt.NDArray[np.float64]:
         float(bool(na) != bool(nb)),
         float(any(w in _NEGATIONS for w in a) != any(w in _NEGATIONS for w in b)),
         min(len(a), len(b)) / max(len(a), len(b), 1),
+        query_cov,
+        entry_cov,
+        min(query_cov, entry_cov),
+        float(min(len(content_a ^ content_b), 6)) / 6.0,
+        same_bag,
+        same_bag * bigrams,
+        same_bag * discord,
     )
     return np.array(values, dtype=np.float64)
 

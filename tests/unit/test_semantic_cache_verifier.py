@@ -9,6 +9,7 @@ import pytest
 
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.verifier import (
     FEATURES,
     Verifier,
@@ -20,7 +21,10 @@ from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_semantic_cache_rules import answer, q
 
 
-def shipped(min_probability: float = 0.4) -> Verifier:
+def shipped(min_probability: float | None = None) -> Verifier:
+    """The shipped weights at the shipped setting (or at ``min_probability``)."""
+    if min_probability is None:
+        min_probability = OperatingPoint.load().min_probability
     return Verifier(VerifierWeights.load(), min_probability)
 
 
@@ -115,3 +119,13 @@ async def test_a_refused_nearest_candidate_never_promotes_a_runner_up() -> None:
     await cache.store(q("how do I convert USD to EUR quickly"), answer(b"usd->eur fast"))
     result = await cache.check(q("how do I convert USD to EUR"))
     assert not result.hit and "nearest" in result.refusal
+
+
+def test_coverage_features_see_a_content_word_changed_on_one_side() -> None:
+    first, second = "drivers licence in canada", "drivers licence in australia"
+    assert feature(first, second, "query_coverage") == pytest.approx(2 / 3)
+    assert feature(first, second, "entry_coverage") == pytest.approx(2 / 3)
+    assert feature(first, second, "unmatched_content") == pytest.approx(2 / 6)
+    assert feature(first, second, "same_bag") == 0.0
+    assert feature("eur to usd", "usd to eur", "same_bag") == 1.0
+    assert feature("what is rust", "rust", "min_coverage") == 1.0  # stopwords do not count
