@@ -8,6 +8,7 @@ used, and a mismatch is an error (never a silent fallback). Nothing is downloade
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,6 +27,7 @@ MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
 GROUP = 4  # texts of similar length run together (see MiniLMEmbedder.embed)
 
 Vectors = npt.NDArray[np.float32]
+Ints = npt.NDArray[np.int64]
 
 
 class Embedder(Protocol):
@@ -73,8 +75,29 @@ class MiniLMEmbedder:
         sorted by token count and run ``GROUP`` at a time (then put back in order).
         """
         out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for rows, hidden, mask in self._runs(texts):
+            weights = mask[:, :, None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1)
+            pooled /= np.maximum(weights.sum(axis=1), 1e-9)
+            out[rows] = l2_normalise(pooled)
+        return out
+
+    def token_states(self, texts: list[str]) -> list[Vectors]:
+        """Per text, its tokens' L2-normalised last hidden states ([CLS] and [SEP] left out).
+
+        For analysis (``python -m services.semantic_cache.evaluation align``), not for serving.
+        """
+        out: list[Vectors] = [np.zeros((0, DIM), dtype=np.float32)] * len(texts)
+        for rows, hidden, mask in self._runs(texts):
+            for k, i in enumerate(rows):
+                n = int(mask[k].sum())
+                out[i] = l2_normalise(hidden[k, 1 : max(n - 1, 1)])
+        return out
+
+    def _runs(self, texts: list[str]) -> Iterator[tuple[list[int], Vectors, Ints]]:
+        """(rows of ``texts``, last hidden states, attention mask) per group of similar length."""
         if not texts:
-            return out
+            return
         encodings = self._tokenizer.encode_batch(texts)
         order = sorted(range(len(texts)), key=lambda i: sum(encodings[i].attention_mask))
         for start in range(0, len(order), GROUP):
@@ -84,11 +107,7 @@ class MiniLMEmbedder:
             mask = np.array([encodings[i].attention_mask[:width] for i in rows], dtype=np.int64)
             feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
             (hidden,) = self._session.run(["last_hidden_state"], feeds)
-            weights = mask[:, :, None].astype(np.float32)
-            pooled = (np.asarray(hidden, dtype=np.float32) * weights).sum(axis=1)
-            pooled /= np.maximum(weights.sum(axis=1), 1e-9)
-            out[rows] = l2_normalise(pooled)
-        return out
+            yield rows, np.asarray(hidden, dtype=np.float32), mask
 
 
 def sha256_of(path: Path) -> str:

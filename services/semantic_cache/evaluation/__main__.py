@@ -1,4 +1,4 @@
-"""``python -m services.semantic_cache.evaluation {fit,calibrate,eval}`` (see make eval-cache)."""
+"""``python -m services.semantic_cache.evaluation {fit,calibrate,eval,align}`` (make eval-cache)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="the harness: every file, both protocols, to JSON")
     ev.add_argument("--files", nargs="+", default=list(DEV_FILES))
     ev.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-eval.json"))
+    al = sub.add_parser("align", help="token alignment against the pooled cosine (report half)")
+    al.add_argument("--file", default="qqp_dev.csv")
+    al.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-align.json"))
     args = parser.parse_args(argv)
     session = Session(args.data, args.cache_dir)
     if args.command == "fit":
@@ -45,11 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "calibrate":
         return _calibrate(session, args)
+    if args.command == "align":
+        return _write(session.align(args.file), args.out)
     report = session.evaluate(args.files)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(json.dumps(report["summary"], indent=1))
-    print(f"written to {args.out}")
+    return _write(report, args.out, report["summary"])
+
+
+def _write(report: dict[str, object], out: Path, shown: object = None) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(report if shown is None else shown, indent=1))
+    print(f"written to {out}")
     return 0
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.embedder import MiniLMEmbedder, load_minilm_embedder
+from services.semantic_cache.evaluation.align import compare
 from services.semantic_cache.evaluation.calibrate import (
     MUST_REFUSE,
     MUST_SERVE,
@@ -33,11 +34,11 @@ from services.semantic_cache.verifier import WEIGHTS_PATH, Verifier, VerifierWei
 class Session:
     def __init__(self, data_dir: Path, cache_dir: Path) -> None:
         self._data_dir, self._cache_dir = data_dir, cache_dir
-        self._embedder: Embedder | None = None
+        self._embedder: MiniLMEmbedder | None = None
         self._files: dict[str, tuple[PairsFile, VectorTable]] = {}
 
     @property
-    def embedder(self) -> Embedder:
+    def embedder(self) -> MiniLMEmbedder:
         if self._embedder is None:
             self._embedder = load_minilm_embedder(threads=1)
         return self._embedder
@@ -54,6 +55,15 @@ class Session:
         weights = fit([d for d, _ in loaded], [t for _, t in loaded])
         WEIGHTS_PATH.write_text(weights.to_json(), encoding="utf-8")
         return WEIGHTS_PATH
+
+    def align(self, name: str) -> dict[str, object]:
+        """The token-alignment check on the file's report half (``align.py``)."""
+        data, table = self.load(name)
+        return {
+            "file": data.name,
+            "half": "report",
+            **compare(self.embedder, data.half("report"), table),
+        }
 
     def candidates(self, name: str, half: Half, verifier: Verifier) -> Candidates:
         data, table = self.load(name)
