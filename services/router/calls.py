@@ -60,11 +60,24 @@ class Calls:
     async def lookup(
         self, tenant: str, request: pb.CompleteRequest
     ) -> semantic_cache_pb2.LookupResponse | None:
+        """L1's answer; when an identical request's model call is in flight (``pending``) and
+        outlasted the lookup's deadline, one more lookup waits for it, up to
+        ``semantic_lease_wait_s``, so concurrent identical misses share one model call."""
+        first = await self._lookup(tenant, request, self._s.semantic_timeout_s)
+        if first is None or not first.pending or self._s.semantic_lease_wait_s <= 0:
+            return first
+        trace.get_current_span().add_event("cachemesh.semantic.await_lease")
+        second = await self._lookup(tenant, request, self._s.semantic_lease_wait_s)
+        return first if second is None else second
+
+    async def _lookup(
+        self, tenant: str, request: pb.CompleteRequest, deadline_s: float
+    ) -> semantic_cache_pb2.LookupResponse | None:
         return await _degrading(
             "semantic-cache",
             self._b.semantic.Lookup(
                 semantic_cache_pb2.LookupRequest(tenant=tenant, request=request),
-                timeout=self._s.semantic_timeout_s,
+                timeout=deadline_s,
                 metadata=self._b.metadata,
             ),
         )

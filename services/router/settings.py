@@ -22,6 +22,7 @@ class RouterSettings:
     api_keys_file: Path
     internal_token: str
     semantic_timeout_s: float
+    semantic_lease_wait_s: float  # the longest a lookup waits for an identical in-flight call
     prefix_timeout_s: float
     model_timeout_s: float
     idempotency_ttl_s: float
@@ -40,6 +41,7 @@ class RouterSettings:
             api_keys_file=env.path("CACHEMESH_API_KEYS_FILE"),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
             semantic_timeout_s=env.float("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
+            semantic_lease_wait_s=env.float("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
             prefix_timeout_s=env.float("ROUTER_PREFIX_TIMEOUT_S", 2.0, minimum=0.001),
             model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
             idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),

@@ -104,6 +104,12 @@ class SemanticCache(EntryStore):
             return dataclasses.replace(result, leader=True)
         return result
 
+    def lease_pending(self, query: Query) -> bool:
+        """An identical request of the query's scope holds the lease (its model call is on)."""
+        if self._leases is None or not query.tenant or query.text is None:
+            return False
+        return self._leases.held((query.tenant, query.scope, query.normalised)) is not None
+
     async def _check(self, query: Query) -> CheckResult:
         _require_tenant(query)
         threshold = self._threshold_for(query)

@@ -25,7 +25,7 @@ class SemanticCacheConfig:
     snapshot_s: float = 60.0  # period of background snapshots; 0 = only at shutdown
     policy: NamespacePolicy | None = None  # None = ttl_s for every namespace, default rules
     lease_s: float = 30.0  # single flight: a lease ends at this age if no Store ended it
-    lease_wait_s: float = 10.0  # the most a lookup waits on another's lease; 0 = no leases
+    lease_wait_s: float = 30.0  # the most a lookup waits on another's lease; 0 = no leases
     embed_max_batch: int = 32  # micro-batching: the most texts in one embedding call
     ann_min_entries: int = 20_000  # a scope this large is rebuilt as IVF; 0 = always exact
     ann_nprobe: int = 16  # IVF lists searched per lookup
@@ -54,7 +54,7 @@ class SemanticCacheConfig:
             snapshot_s=env.float("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
             policy=NamespacePolicy.from_env(env, ttl_s),
             lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
-            lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 10.0, minimum=0.0),
+            lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
             embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
             ann_min_entries=env.int("SEMANTIC_CACHE_ANN_MIN_ENTRIES", 20_000, minimum=0),
             ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1),

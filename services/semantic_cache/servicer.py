@@ -37,12 +37,13 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
         cache = await self._ready(context)
         await _require_tenant(request.tenant, context)
         try:
-            result = await cache.check(
-                query_from_request(request.tenant, request.request), self._wait_budget(context)
-            )
+            query = query_from_request(request.tenant, request.request)
+            result = await cache.check(query, self._wait_budget(context))
         except InvalidQuery as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        pending = not (result.hit or result.leader or result.skip_reason)
         response = sc.LookupResponse(
+            pending=pending and cache.lease_pending(query),
             hit=result.hit,
             best_similarity=result.best_similarity,
             skip_reason=result.skip_reason,

@@ -150,11 +150,16 @@ async def test_a_lookup_waits_on_an_identical_miss_within_its_deadline() -> None
         assert leader.leader and not leader.hit
         short = await stub.Lookup(lookup, metadata=AUTH, timeout=0.3)  # waits <= 0.2 s
         assert not short.hit and not short.leader
+        assert short.pending  # the leader's call is still on: worth looking up again
+        assert not leader.pending
         waiter = stub.Lookup(lookup, metadata=AUTH, timeout=20.0)
         store = sc.StoreRequest(tenant="a", request=lookup.request, answer=ANSWER)
         stored = await stub.Store(store, metadata=AUTH)
         shared = await waiter
         assert shared.hit and shared.match.entry_id == stored.entry_id
+        assert shared.waited and not shared.pending
+        other = sc.LookupRequest(tenant="a", request=make_request("Another question"))
+        assert not (await stub.Lookup(other, metadata=AUTH)).pending  # it leads, none pends
     await server.stop(None)
 
 

@@ -56,6 +56,7 @@ class LookupResponse(_message.Message):
     LEADER_FIELD_NUMBER: _builtins.int
     WAITED_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     hit: _builtins.bool
     best_similarity: _builtins.float
     """best candidate seen, hit or not (for tracing)"""
@@ -69,6 +70,11 @@ class LookupResponse(_message.Message):
     """a hit served after waiting on another's lease"""
     refusal: _builtins.str
     """why candidates above the threshold were refused"""
+    pending: _builtins.bool
+    """A miss while an identical request of the scope holds the lease (its model call is in
+    flight) and this call's wait ended first: the caller may look up again with a longer
+    deadline to be served that answer instead of calling the model itself.
+    """
     @_builtins.property
     def match(self) -> _gateway_pb2.SemanticMatch:
         """set when hit"""
@@ -88,10 +94,11 @@ class LookupResponse(_message.Message):
         leader: _builtins.bool = ...,
         waited: _builtins.bool = ...,
         refusal: _builtins.str = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "match", b"match"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "hit", b"hit", "leader", b"leader", "match", b"match", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "hit", b"hit", "leader", b"leader", "match", b"match", "pending", b"pending", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
