@@ -35,6 +35,18 @@ class AnnSettings:
         """About 4 sqrt(n) lists, a power of two, trained on 40 rows per list at most."""
         return max(16, 1 << round(math.log2(4 * math.sqrt(n))))
 
+    def trained_for(self, n: int) -> int | None:
+        """The size a scope grown one entry at a time to ``n`` was last built as IVF at
+        (``min_entries``, then each ``GROWTH`` times more); None while it is still exact."""
+        if self.min_entries <= 0:
+            return n
+        if n < self.min_entries:
+            return None
+        size = self.min_entries
+        while size * GROWTH <= n:
+            size *= GROWTH
+        return size
+
 
 class ScopeIndex:
     """The entries of one (tenant, scope): FAISS ids, vectors and the exact-match keys."""

@@ -76,3 +76,33 @@ def test_an_ivf_scope_is_retrained_with_more_lists_as_it_grows() -> None:
     index.wait_for_rebuild()
     assert index.kind == "ivf" and index._index.nlist > first
     assert index.search(data[1700], 1)[0][0] == 1700 and len(index) == 1800
+
+
+def test_trained_for_follows_the_rebuild_schedule() -> None:
+    ann = AnnSettings()
+    sizes = (10_000, 20_000, 159_999, 160_000, 1_000_000, 1_280_000)
+    assert [ann.trained_for(n) for n in sizes] == [
+        None,
+        20_000,
+        20_000,
+        160_000,
+        160_000,
+        1_280_000,
+    ]
+    assert ann.nlist(160_000) == 2048  # what a scope grown to 1M holds (the bench measures it)
+    assert AnnSettings(min_entries=0).trained_for(5) == 5
+
+
+def test_a_scope_grown_past_growth_times_holds_the_lists_trained_for_says() -> None:
+    ann = AnnSettings(min_entries=200, nprobe=1024)
+    index = ScopeIndex(DIM, "", ann)
+    data = rows(200 * 9, seed=5)
+    for start in range(0, 1800, 200):  # grows in steps, as a live scope does
+        index.add_many(
+            list(range(start, start + 200)),
+            data[start : start + 200],
+            [f"q{i}" for i in range(start, start + 200)],
+        )
+        index.wait_for_rebuild()
+    trained = ann.trained_for(1800)
+    assert trained == 1600 and index._index.nlist == ann.nlist(trained)

@@ -150,6 +150,22 @@ def _python_bytes_per_entry(base: np.ndarray, n: int = 20_000) -> float:
     return round((after - before) / n, 1)
 
 
+def _as_grown(
+    corpus: np.ndarray, probes: np.ndarray, truth: np.ndarray, nlist: int, trained: int
+) -> dict[str, Any]:
+    """The index a scope that grew to this size holds: lists trained at ``trained`` entries."""
+    nprobe = ANN.nprobe
+    ivf, ivf_s = build(Candidate("ivf", {"nlist": nlist, "nprobe": nprobe}), corpus)
+    top, latencies = search_one_by_one(ivf, probes)
+    return {
+        "index": f"ivf nlist={nlist} nprobe={nprobe} (as grown: last rebuilt at {trained})",
+        "build_s": round(ivf_s, 2),
+        "recall_at_1": round(float((top == truth).mean()), 4),
+        "index_bytes_per_entry": round(index_bytes(ivf) / len(corpus), 1),
+        **summary(latencies),
+    }
+
+
 def _size(base: np.ndarray, n: int, queries: int) -> dict[str, Any]:
     corpus = grow(base, n, seed=n)
     probes = near_duplicates(corpus, queries, seed=n + 1)
@@ -179,6 +195,9 @@ def _size(base: np.ndarray, n: int, queries: int) -> dict[str, Any]:
             }
         )
     del ivf
+    trained = ANN.trained_for(n)
+    if trained is not None and ANN.nlist(trained) != ANN.nlist(n):
+        rows.append(_as_grown(corpus, probes, truth, ANN.nlist(trained), trained))
     if n <= HNSW_MAX:
         hnsw, hnsw_s = build(Candidate("hnsw", HNSW), corpus)
         top, latencies = search_one_by_one(hnsw, probes)
