@@ -177,6 +177,7 @@ class SemanticCache(EntryStore):
             answer=answer,
             created_at_ms=now,
             embedder_version=self._embedder.version,
+            expires_at_ms=now + self._policy.ttl_ms(query.namespace),  # fixed from now on
         )
         self._insert(entry, vector)
         if self._journal is not None:

@@ -1,14 +1,16 @@
 """The entries of the L1 cache and their indexes: the state under ``SemanticCache``.
 
 Entries live in one FAISS index per (tenant, scope). An entry's expiry is fixed when it is
-stored (its namespace's TTL, an absolute age: reads never extend it); capacity is total and
-evicts the least recently used entry. Everything here is synchronous: the cache calls it in
-the sections between its awaits, so no two coroutines interleave inside one change. Changes
-are written to the journal (the write-ahead log) in that same order when one is attached.
+stored (``Entry.expires_at_ms``: created_at + its namespace's TTL at that moment, an absolute
+age that reads never extend and a later TTL change never moves); capacity is total and evicts
+the least recently used entry. Everything here is synchronous: the cache calls it in the
+sections between its awaits, so no two coroutines interleave inside one change. Changes are
+written to the journal (the write-ahead log) in that same order when one is attached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections import OrderedDict
 
@@ -192,9 +194,21 @@ class EntryStore:
         return 1
 
     def _expires_at(self, entry: Entry) -> int:
+        """The entry's fixed expiry; for one that has none yet, created_at + its namespace's
+        TTL now. That is how a new store's expiry is fixed, and the migration of entries read
+        from a snapshot (format < 3) or a log record written before entries carried one."""
+        if entry.expires_at_ms is not None:
+            return entry.expires_at_ms
         return entry.created_at_ms + self._policy.ttl_ms(entry.namespace)
 
+    def _stamped(self, entry: Entry) -> Entry:
+        """The entry with its expiry fixed (itself when it already is)."""
+        if entry.expires_at_ms is not None:
+            return entry
+        return dataclasses.replace(entry, expires_at_ms=self._expires_at(entry))
+
     def _add(self, vid: int, entry: Entry) -> None:
+        entry = self._stamped(entry)
         self._entries[vid] = entry
         self._lru[vid] = None
         self._by_entry_id[entry.entry_id] = vid

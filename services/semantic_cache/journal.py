@@ -4,6 +4,11 @@
 (``log_store``, ``log_drop``, ``log_drop_entry``), so the log's order is the order of the
 changes; ``sync`` is awaited before the change is acknowledged. ``replay`` applies the
 records a snapshot does not contain, in order.
+
+A store record's entry carries its fixed ``expires_at_ms``. Store records have no version
+number: one written before entries carried it lacks the field and is replayed with
+created_at + its namespace's TTL at replay (``EntryStore._expires_at``, the migration); a
+field that is present but not an integer after created_at makes the record malformed.
 """
 
 from __future__ import annotations

@@ -4,10 +4,13 @@ Layout of ``<data dir>/semantic-cache.snapshot``: one line of JSON (the header: 
 version, embedder version, dimension, count, created_at_ms, the byte lengths of the two
 payload parts and the sha256 of the payload), then the payload: the vectors as a NumPy
 ``.npy`` of float32 rows (loaded with ``allow_pickle=False``) followed by one JSON line per
-entry, least recently used first. A snapshot is written to a temporary file in the same
-directory, fsynced and renamed over the old one (then the directory is fsynced), so a crash
-leaves either the old snapshot or the new one. Reading never falls back: a file that is
-present but unreadable, truncated or altered raises ``SnapshotError`` naming it.
+entry, least recently used first. Since format 3 each entry carries its ``expires_at_ms``
+(fixed at store); formats 1 and 2 are still read, their entries without it (the cache then
+migrates them: created_at + the namespace's TTL when they are restored). A snapshot is
+written to a temporary file in the same directory, fsynced and renamed over the old one (then
+the directory is fsynced), so a crash leaves either the old snapshot or the new one. Reading
+never falls back: a file that is present but unreadable, truncated or altered raises
+``SnapshotError`` naming it.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from services.semantic_cache.records import Answer, CacheContents, Entry
 from services.semantic_cache.wal import fsync_directory
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
-FORMAT_VERSION = 2  # 2: wal_seq and header_sha256 (the header is checksummed too)
-_READABLE_VERSIONS = (1, 2)
+# 2: wal_seq and header_sha256 (the header is checksummed too); 3: entries' expires_at_ms
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+_EXPIRY_VERSION = 3  # from this version on, every entry must carry its expires_at_ms
 SNAPSHOT_NAME = "semantic-cache.snapshot"
 _TMP_PREFIX = f".{SNAPSHOT_NAME}."
 _TMP_SUFFIX = ".tmp"
@@ -155,7 +160,10 @@ def decode(data: bytes, path: Path) -> Snapshot:
         lines = payload[header["vectors_bytes"] :].decode().splitlines()
         if len(lines) != count:
             raise ValueError(f"{len(lines)} entries, the header says {count}")
-        entries = tuple(entry_from_json(json.loads(line)) for line in lines)
+        with_expiry = header["version"] >= _EXPIRY_VERSION
+        entries = tuple(
+            entry_from_json(json.loads(line), require_expiry=with_expiry) for line in lines
+        )
         contents = CacheContents(
             header["embedder_version"], dim, entries, vectors.astype(np.float32, copy=False)
         )
@@ -190,6 +198,8 @@ def _header_digest(header: dict[str, Any]) -> str:
 
 
 def entry_json(entry: Entry) -> dict[str, Any]:
+    if entry.expires_at_ms is None:
+        raise ValueError(f"entry {entry.entry_id}: persisted before its expiry was fixed")
     answer = entry.answer
     return {
         "entry_id": entry.entry_id,
@@ -198,6 +208,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "namespace": entry.namespace,
         "query": entry.query,
         "created_at_ms": entry.created_at_ms,
+        "expires_at_ms": entry.expires_at_ms,
         "embedder_version": entry.embedder_version,
         "payload": base64.b64encode(answer.payload).decode("ascii"),
         "stop_reason": answer.stop_reason,
@@ -206,7 +217,9 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
-def entry_from_json(raw: Any) -> Entry:
+def entry_from_json(raw: Any, *, require_expiry: bool = False) -> Entry:
+    """An entry; without ``require_expiry`` one lacking ``expires_at_ms`` (written before
+    entries carried it) comes back with None, for the cache to migrate."""
     if not isinstance(raw, dict):
         raise ValueError("an entry line is not a JSON object")
     has_tool_use = raw.get("has_tool_use")
@@ -227,7 +240,17 @@ def entry_from_json(raw: Any) -> Entry:
         answer=answer,
         created_at_ms=_int(raw, "created_at_ms"),
         embedder_version=_str(raw, "embedder_version"),
+        expires_at_ms=_expiry(raw, require_expiry),
     )
+
+
+def _expiry(raw: dict[str, Any], required: bool) -> int | None:
+    if "expires_at_ms" not in raw and not required:
+        return None
+    expires = _int(raw, "expires_at_ms")
+    if expires <= _int(raw, "created_at_ms"):
+        raise ValueError("entry field expires_at_ms is not after created_at_ms")
+    return expires
 
 
 def _str(raw: dict[str, Any], name: str) -> str:

@@ -38,6 +38,10 @@ class Entry:
     answer: Answer
     created_at_ms: int
     embedder_version: str
+    # Fixed when the entry is stored: created_at_ms + its namespace's TTL at that moment, so a
+    # later TTL change never moves it. None only before the store fixes it (``EntryStore``)
+    # or in a record written before entries carried it (migrated on load, see persistence.py).
+    expires_at_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,6 @@ class CacheContents:
 @dataclass(frozen=True)
 class RestoreReport:
     restored: int  # now in the cache
-    expired: int = 0  # skipped: older than the TTL by the cache's clock
+    expired: int = 0  # skipped: past their expiry by the cache's clock
     other_embedder: int = 0  # skipped: made by another embedder version
     evicted: int = 0  # loaded, then evicted: the capacity is smaller than the snapshot

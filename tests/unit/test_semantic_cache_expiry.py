@@ -1,0 +1,195 @@
+"""An entry's expiry is fixed at store and kept by the log and the snapshots.
+
+A namespace's TTL changed in the config and a restart must not move the expiry of entries
+already stored; records written before entries carried ``expires_at_ms`` (log records, snapshot
+formats 1 and 2) still load, with created_at + the namespace's TTL at that start.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.common.clock import ManualClock
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.persistence import SnapshotError, SnapshotStore, encode, entry_json
+from services.semantic_cache.policy import NamespacePolicy
+from services.semantic_cache.query import Query
+from services.semantic_cache.records import CacheContents
+from services.semantic_cache.snapshotter import Snapshotter
+from services.semantic_cache.wal import WalError, WriteAheadLog
+from tests.unit.semantic_cache_support import FakeEmbedder
+from tests.unit.test_semantic_cache_persistence import q
+from tests.unit.test_semantic_cache_rules import answer
+
+NEWS = "news"
+QUESTION = "latest headlines today"
+
+
+def new_cache(clock: ManualClock, news_ttl_s: float) -> SemanticCache:
+    policy = NamespacePolicy(ttl_s=3_600.0, namespace_ttl_s={NEWS: news_ttl_s})
+    return SemanticCache(FakeEmbedder(), clock, threshold=0.5, policy=policy)
+
+
+def news(question: str = QUESTION) -> Query:
+    return q(question, namespace=NEWS)
+
+
+async def restarted(tmp_path: Path, clock: ManualClock, news_ttl_s: float) -> SemanticCache:
+    """A new process on the same data directory, configured with ``news_ttl_s``."""
+    cache = new_cache(clock, news_ttl_s)
+    wal = WriteAheadLog(tmp_path / "wal")
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, wal).open(cache)
+    return cache
+
+
+@pytest.mark.parametrize("via", ["write-ahead log", "snapshot"])
+@pytest.mark.parametrize(("stored_ttl_s", "new_ttl_s"), [(60.0, 10.0), (10.0, 60.0)])
+async def test_a_ttl_changed_in_the_config_does_not_move_a_stored_entry(
+    tmp_path: Path, via: str, stored_ttl_s: float, new_ttl_s: float
+) -> None:
+    clock = ManualClock()
+    cache = new_cache(clock, stored_ttl_s)
+    snapshotter = Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshotter.open(cache)
+    stored = await cache.store(news(), answer(b"headlines"))
+    created = clock.now_ms()
+    if via == "snapshot":
+        await snapshotter.stop()  # saves the snapshot; the log after it is empty
+    else:
+        await cache.sync_journal()  # acknowledged, then the process is gone: no snapshot
+    assert (tmp_path / "semantic-cache.snapshot").exists() == (via == "snapshot")
+
+    revived = await restarted(tmp_path, clock, new_ttl_s)
+    (entry,) = revived.export_entries().entries
+    assert entry.entry_id == stored.entry_id
+    assert entry.expires_at_ms == created + round(stored_ttl_s * 1000)
+    clock.advance(s=stored_ttl_s - 0.001)
+    assert (await revived.check(news())).hit  # past new_ttl_s when that is shorter
+    clock.advance(ms=1)
+    assert not (await revived.check(news())).hit  # stored_ttl_s old, however long new_ttl_s is
+    assert len(revived) == 0
+
+
+async def test_entries_stored_after_the_change_get_the_new_ttl(tmp_path: Path) -> None:
+    clock = ManualClock()
+    cache = new_cache(clock, 60.0)
+    snapshotter = Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshotter.open(cache)
+    await cache.store(news(), answer(b"old"))
+    await snapshotter.stop()
+    revived = await restarted(tmp_path, clock, 10.0)
+    await revived.store(news("weather forecast tomorrow"), answer(b"new"))
+    await revived.sync_journal()
+    again = await restarted(tmp_path, clock, 10.0)  # the log carries the new entry's expiry
+    expiries = {e.answer.payload: e.expires_at_ms for e in again.export_entries().entries}
+    assert expiries == {b"old": clock.now_ms() + 60_000, b"new": clock.now_ms() + 10_000}
+
+
+async def stored_contents(clock: ManualClock) -> CacheContents:
+    """One news entry and one default-namespace entry, as the current format writes them."""
+    cache = new_cache(clock, 60.0)
+    await cache.store(news(), answer(b"headlines"))
+    await cache.store(q("how do i reset my password"), answer(b"reset"))
+    return cache.export_entries()
+
+
+def without_expiry(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != "expires_at_ms"}
+
+
+async def test_a_log_record_without_expires_at_loads_with_created_at_plus_the_ttl(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    contents = await stored_contents(clock)
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.open()
+    for entry, row in zip(contents.entries, contents.vectors, strict=True):
+        vector = base64.b64encode(row.astype("<f4").tobytes()).decode()
+        wal.append({"op": "store", "entry": without_expiry(entry_json(entry)), "vector": vector})
+    wal.close()
+    created = clock.now_ms()
+    clock.advance(s=5)
+    revived = await restarted(tmp_path, clock, 10.0)  # the TTL at this start migrates them
+    expiries = {e.namespace: e.expires_at_ms for e in revived.export_entries().entries}
+    assert expiries == {NEWS: created + 10_000, "": created + 3_600_000}
+    clock.advance(s=4.999)
+    assert (await revived.check(news())).hit
+    clock.advance(ms=1)
+    assert not (await revived.check(news())).hit
+
+
+def snapshot_bytes(contents: CacheContents, version: int, *, expiry: bool = False) -> bytes:
+    """A snapshot file as format ``version`` lays it out, its entries without expires_at_ms."""
+    line, npy, rows, entries = encode(contents, 0)
+    lines = [json.loads(raw) for raw in bytes(entries).splitlines()]
+    body = "".join(
+        json.dumps(e if expiry else without_expiry(e), separators=(",", ":")) + "\n" for e in lines
+    ).encode()
+    payload = bytes(npy) + bytes(rows) + body
+    header = json.loads(bytes(line))
+    del header["header_sha256"]
+    header.update(version=version, entries_bytes=len(body))
+    header["sha256"] = hashlib.sha256(payload).hexdigest()
+    if version == 1:
+        del header["wal_seq"]  # format 1 predates the log and the header's own checksum
+    else:
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"))
+        header["header_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(header).encode() + b"\n" + payload
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_an_old_format_snapshot_loads_with_created_at_plus_the_ttl(
+    tmp_path: Path, version: int
+) -> None:
+    clock = ManualClock()
+    contents = await stored_contents(clock)
+    store = SnapshotStore(tmp_path)
+    store.path.write_bytes(snapshot_bytes(contents, version))
+    created = clock.now_ms()
+    revived = new_cache(clock, 10.0)
+    report = await Snapshotter(store, clock, 0).open(revived)
+    assert report is not None and report.restored == 2
+    exported = revived.export_entries()
+    assert {e.namespace: e.expires_at_ms for e in exported.entries} == {
+        NEWS: created + 10_000,
+        "": created + 3_600_000,
+    }
+    assert np.array_equal(exported.vectors, contents.vectors)
+    clock.advance(s=10)
+    assert not (await revived.check(news())).hit
+
+
+async def test_a_current_snapshot_without_expires_at_or_an_unknown_version_fails_loudly(
+    tmp_path: Path,
+) -> None:
+    contents = await stored_contents(ManualClock())
+    store = SnapshotStore(tmp_path)
+    store.path.write_bytes(snapshot_bytes(contents, 3))
+    with pytest.raises(SnapshotError, match="expires_at_ms"):
+        store.load()
+    store.path.write_bytes(snapshot_bytes(contents, 4, expiry=True))
+    with pytest.raises(SnapshotError, match="format version 4"):
+        store.load()
+
+
+@pytest.mark.parametrize("bad", ["soon", None, 0])
+async def test_a_log_record_with_a_bad_expires_at_is_malformed(tmp_path: Path, bad: Any) -> None:
+    clock = ManualClock()
+    contents = await stored_contents(clock)
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.open()
+    row = base64.b64encode(contents.vectors[0].astype("<f4").tobytes()).decode()
+    entry = {**entry_json(contents.entries[0]), "expires_at_ms": bad}
+    wal.append({"op": "store", "entry": entry, "vector": row})
+    wal.close()
+    with pytest.raises(WalError, match=r"record 1 is malformed.*expires_at_ms"):
+        await restarted(tmp_path, clock, 10.0)
