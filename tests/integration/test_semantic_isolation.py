@@ -3,13 +3,14 @@
 One request is answered and stored; then the same question, word for word (the strongest
 temptation: the exact-match path) and as a paraphrase, is sent with exactly one part of the
 scope changed: tenant, namespace, system prompt (even by one character), tool set (order, a
-description), earlier turns (one word, or none), model, sampling (temperature). None may be
-served from the semantic cache. The unchanged request, sent last, is served (so the probes
-could have hit).
+description, a parameter schema, one more tool, none), earlier turns (one word, or none),
+model, sampling (temperature). None may be served from the semantic cache. The unchanged
+request, sent last, is served (so the probes could have hit).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 
@@ -55,6 +56,16 @@ def redescribe_tool(request: pb.CompleteRequest) -> None:
     request.tools[0].description += " "
 
 
+def reschema_tool(request: pb.CompleteRequest) -> None:
+    schema = json.loads(request.tools[0].input_schema_json)
+    schema["properties"]["verbose"] = {"type": "boolean"}
+    request.tools[0].input_schema_json = json.dumps(schema)
+
+
+def add_tool(request: pb.CompleteRequest) -> None:
+    request.tools.add().CopyFrom(workload.TOOLS[len(TOOLS)])
+
+
 def drop_tools(request: pb.CompleteRequest) -> None:
     del request.tools[:]
 
@@ -67,6 +78,8 @@ PROBES: list[Probe] = [
     ("no system prompt", {"system": None}, None),
     ("tool order", {}, reorder_tools),
     ("a tool's description", {}, redescribe_tool),
+    ("a tool's parameter schema", {}, reschema_tool),
+    ("one more tool", {}, add_tool),
     ("no tools", {}, drop_tools),
     ("earlier turns", {"history": ()}, None),
     (

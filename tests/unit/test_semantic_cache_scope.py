@@ -121,6 +121,20 @@ async def test_no_store_reads_but_never_stores() -> None:
     assert len(cache) == 1
 
 
+async def test_bypass_never_stores_nor_replaces_an_entry() -> None:
+    cache, _ = new_cache()
+    await put(cache, make_request(QUESTION))
+    for question in ("a new question", QUESTION):
+        bypass = make_request(question, mode=pb.SEMANTIC_MODE_BYPASS)
+        other = Answer(b"bypassed", "end_turn", 40, False)
+        result = await cache.store(query_from_request("a", bypass), other)
+        assert not result.stored and "never stores" in result.skip_reason
+    assert len(cache) == 1
+    assert not (await cache.check(query_from_request("a", make_request("a new question")))).hit
+    kept = await cache.check(query_from_request("a", make_request(QUESTION)))
+    assert kept.entry is not None and kept.entry.answer.payload == ANSWER.payload
+
+
 @pytest.mark.parametrize("bad", [-0.01, 1.01, math.nan, math.inf])
 async def test_a_threshold_outside_0_1_is_invalid_and_names_the_field(bad: float) -> None:
     cache, _ = new_cache()
