@@ -3,6 +3,14 @@
 A service builds its objects in its own ``serve()`` and hands them here as a ``ServiceSpec``;
 nothing lives in module state. Health reports NOT_SERVING until ``warmup`` has finished (for
 example until the embedding model is loaded) and again as soon as a drain begins.
+
+A drain (SIGTERM, SIGINT or ``stop``) has two phases, both within ``CACHEMESH_GRACE_S``:
+
+1. Refusal window (``refusal_s``, at most the grace): ``stop`` is set (a servicer that shares
+   it, like semantic-cache's, refuses writes with UNAVAILABLE and a message saying so), health
+   says NOT_SERVING, and the server still takes calls. A call racing the signal thus reaches the
+   servicer and gets its answer, instead of being cut off by gRPC with CANCELLED.
+2. ``server.stop`` with the rest of the grace: no new calls, in-flight calls may finish.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ from services.common.config import ConfigError, Env
 log = logging.getLogger("cachemesh.server")
 
 MAX_MESSAGE_BYTES_DEFAULT = 4 * 1024 * 1024
+# The first part of the grace period during which a draining server still takes calls (to
+# refuse them with a reason). Not a setting of its own: it is bounded by CACHEMESH_GRACE_S, so
+# CACHEMESH_GRACE_S=0 stops at once and a drain never outlasts the grace period.
+DRAIN_REFUSAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,11 @@ class ServerSettings:
     listen: str
     grace_s: float
     max_message_bytes: int
+    refusal_s: float = DRAIN_REFUSAL_S  # the refusal window, capped at grace_s
+
+    @property
+    def refusal_window_s(self) -> float:
+        return max(0.0, min(self.refusal_s, self.grace_s))
 
     @classmethod
     def from_env(cls, env: Env, prefix: str, default_listen: str) -> ServerSettings:
@@ -99,15 +116,33 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("%s SERVING", spec.name)
             await stop.wait()
-        log.info("%s draining (grace %.1fs)", spec.name, spec.settings.grace_s)
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(spec.settings.grace_s)
+        await _drain(spec, server, health_servicer)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         for hook in spec.on_stop:
             await hook()
         log.info("%s stopped", spec.name)
+
+
+async def _drain(
+    spec: ServiceSpec, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer
+) -> None:
+    """``stop`` is set (writes are refused): NOT_SERVING, the refusal window, then stop."""
+    settings = spec.settings
+    window = settings.refusal_window_s
+    log.info(
+        "%s draining: NOT_SERVING, still answering (refusing writes) for %.1fs, grace %.1fs",
+        spec.name,
+        window,
+        settings.grace_s,
+    )
+    await health_servicer.enter_graceful_shutdown()
+    if window > 0:
+        # Still taking calls: one that raced the signal reaches the servicer and is refused
+        # with UNAVAILABLE (and why) rather than CANCELLED by a server that has stopped.
+        await asyncio.sleep(window)
+    await server.stop(max(0.0, settings.grace_s - window))  # in-flight calls may finish
 
 
 def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]]) -> None:

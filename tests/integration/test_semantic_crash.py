@@ -4,8 +4,10 @@ A real semantic-cache process persists to a data directory (write-ahead log plus
 taken every 0.2 s, so rotations happen during the writes). Many Stores run concurrently;
 the process is killed with SIGKILL while they are in flight. A new process on the same
 directory must serve every acknowledged entry, exactly (same entry id, same answer), and an
-entry that was in flight and not acknowledged is either absent or correct, never another's.
-Then a drain: once SIGTERM has begun it, a write is refused (never acknowledged).
+entry that was in flight and not acknowledged is either absent or correct, never another's;
+every answer it serves, exact or paraphrase hit, is byte for byte one of those writes'.
+Then a drain: once SIGTERM has begun it, a write is refused with UNAVAILABLE (never
+acknowledged, never CANCELLED).
 """
 
 from __future__ import annotations
@@ -72,17 +74,15 @@ async def serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes]) -
     raise AssertionError("semantic-cache not SERVING within 120 s")
 
 
-def request(i: int) -> pb.CompleteRequest:
+def request(i: int, reworded: bool = False) -> pb.CompleteRequest:
+    text = f"What is the status of ticket number {i}?"
+    if reworded:  # a paraphrase: a hit on it is not exact
+        text = f"Could you tell me the current status of ticket number {i}, please?"
     return pb.CompleteRequest(
         model="sim-small",
         max_tokens=100,
         system=[pb.ContentBlock(text="You are a support bot.")],
-        messages=[
-            pb.Message(
-                role=pb.ROLE_USER,
-                content=[pb.ContentBlock(text=f"What is the status of ticket number {i}?")],
-            )
-        ],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
     )
 
 
@@ -137,19 +137,9 @@ async def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path) -
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await serving(channel, restarted)
             stub = sc_grpc.SemanticCacheStub(channel)
-            last = max(acknowledged) + WRITERS
-            lost, corrupt = [], []
-            for i in range(last + 1):
-                lookup = sc.LookupRequest(tenant="t", request=request(i))
-                found = await stub.Lookup(lookup, metadata=AUTH)
-                if i in acknowledged and not (
-                    found.hit and found.match.exact and found.match.entry_id == acknowledged[i]
-                ):
-                    lost.append(i)
-                if found.hit and found.match.exact and found.answer != answer(i):
-                    corrupt.append(i)
-            assert lost == [] and corrupt == []
-            # a drain has begun: writes are refused, never half-done
+            served = await check_served(stub, acknowledged, in_flight)
+            assert served["paraphrase"] > 0  # the rewordings did reach the paraphrase path
+            # a drain has begun: writes are refused (UNAVAILABLE, saying why), never half-done
             restarted.send_signal(signal.SIGTERM)
             refused = None
             for _ in range(200):
@@ -162,13 +152,63 @@ async def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path) -
                 except grpc.aio.AioRpcError as exc:
                     refused = exc
                     break
-                await asyncio.sleep(0.01)
-            # UNAVAILABLE from the servicer once the drain has begun; CANCELLED from gRPC itself
-            # for a call that arrives after the server has stopped taking calls
+                await asyncio.sleep(0.01)  # this Store ran before the signal was handled
             assert refused is not None
-            assert refused.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused
+            assert "draining" in (refused.details() or "")  # the servicer's reason
+            with pytest.raises(grpc.aio.AioRpcError) as dropped:
+                await stub.Drop(sc.DropRequest(tenant="t"), metadata=AUTH, timeout=5)
+            assert dropped.value.code() == grpc.StatusCode.UNAVAILABLE, dropped.value
+            assert "draining" in (dropped.value.details() or "")
         assert restarted.wait(timeout=60) == 0
     finally:
         if restarted.poll() is None:
             restarted.kill()
             restarted.wait(timeout=30)
+
+
+async def check_served(
+    stub: sc_grpc.SemanticCacheAsyncStub, acknowledged: dict[int, str], in_flight: list[int]
+) -> dict[str, int]:
+    """Asks for every ticket, worded as stored and reworded; returns the hits by kind.
+
+    Every acknowledged write is an exact hit with its entry id. Every answer served, exact or
+    paraphrase, is byte for byte the answer of the write its entry id belongs to: an
+    acknowledged one, or one in flight at the kill (its id unknown, so known by its answer, and
+    then the same for every lookup serving that id). An exact hit is the asked ticket's write.
+    """
+    writes = {entry_id: i for i, entry_id in acknowledged.items()}  # entry id -> its write
+    assert len(writes) == len(acknowledged)  # one entry id per acknowledged write
+    entry_ids = dict(acknowledged)  # write -> its entry id, in-flight ones once first served
+    unacknowledged = {payload(answer(i)): i for i in in_flight}
+    lost: list[int] = []
+    corrupt: list[tuple[int, str, str]] = []
+    kinds = {"exact": 0, "paraphrase": 0}
+    for i in range(max([*acknowledged, *in_flight]) + 1):
+        for reworded in (False, True):
+            asked = sc.LookupRequest(tenant="t", request=request(i, reworded))
+            found = await stub.Lookup(asked, metadata=AUTH)
+            exact = found.hit and found.match.exact
+            entry_id, served = found.match.entry_id, payload(found.answer)
+            if i in acknowledged and not reworded and not (exact and entry_id == acknowledged[i]):
+                lost.append(i)
+            if not found.hit:
+                continue
+            kinds["exact" if exact else "paraphrase"] += 1
+            write = writes.get(entry_id, unacknowledged.get(served))
+            if write is None:
+                corrupt.append((i, entry_id, "neither acknowledged nor in flight"))
+            elif served != payload(answer(write)):
+                corrupt.append((i, entry_id, f"not the answer of write {write}"))
+            elif entry_ids.setdefault(write, entry_id) != entry_id:
+                corrupt.append((i, entry_id, f"write {write} is {entry_ids[write]}"))
+            elif exact and (reworded or write != i):
+                corrupt.append((i, entry_id, f"an exact hit on write {write}"))
+            else:
+                writes[entry_id] = write  # an in-flight write's id: its answer from now on
+    assert lost == [] and corrupt == []
+    return kinds
+
+
+def payload(message: sc.CachedAnswer) -> bytes:
+    return message.SerializeToString(deterministic=True)

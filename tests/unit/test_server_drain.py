@@ -1,0 +1,116 @@
+"""The drain of the shared bootstrap: a write racing SIGTERM is refused, never cut off.
+
+Once ``stop`` is set the server keeps taking calls for the refusal window (NOT_SERVING), so a
+servicer that shares ``stop`` answers a new write with UNAVAILABLE and its reason rather than
+gRPC cancelling the call; a call already in flight still finishes within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.config import Env
+from services.common.server import DRAIN_REFUSAL_S, ServerSettings, ServiceSpec, run_service
+from tests.integration.harness import free_port
+
+SERVICE = "test.v1.Writes"
+REFUSED = "test is draining for shutdown: writes are refused; retry elsewhere"
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Writes:
+    """A write that is refused once ``draining`` is set; ``b"slow"`` waits for ``release``."""
+
+    def __init__(self, draining: asyncio.Event) -> None:
+        self.draining = draining
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def write(self, request: bytes, context: Context) -> bytes:
+        if self.draining.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
+        if request == b"slow":
+            self.started.set()
+            await self.release.wait()
+        return b"ok:" + request
+
+    def register(self, server: grpc.aio.Server) -> None:
+        handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(
+            self.write
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Write": handler}),)
+        )
+
+
+def _spec(port: int, writes: Writes, grace_s: float, refusal_s: float) -> ServiceSpec:
+    return ServiceSpec(
+        name="test",
+        settings=ServerSettings(
+            f"127.0.0.1:{port}", grace_s=grace_s, max_message_bytes=1 << 20, refusal_s=refusal_s
+        ),
+        service_names=[SERVICE],
+        register=writes.register,
+    )
+
+
+async def _health(channel: grpc.aio.Channel) -> str:
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # grpc_health ships no stub types
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def _serving(channel: grpc.aio.Channel) -> None:
+    for _ in range(200):
+        try:
+            if await _health(channel) == "SERVING":
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.025)
+    raise AssertionError("the test server never became SERVING")
+
+
+async def test_a_write_after_the_drain_began_is_refused_with_the_reason() -> None:
+    port, stop = free_port(), asyncio.Event()
+    writes = Writes(stop)
+    # a long window, so the calls below land in it however slow the machine; it ends the test
+    task = asyncio.create_task(run_service(_spec(port, writes, grace_s=30, refusal_s=2), stop))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await _serving(channel)
+        write: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            f"/{SERVICE}/Write"
+        )
+        in_flight = asyncio.ensure_future(write(b"slow", timeout=30))
+        await writes.started.wait()
+
+        stop.set()  # what SIGTERM does
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await write(b"new", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details() == REFUSED  # the servicer's reason, not the transport's
+        assert await _health(channel) == "NOT_SERVING"
+
+        writes.release.set()
+        assert await in_flight == b"ok:slow"  # the call in flight when the drain began finishes
+    await asyncio.wait_for(task, 30)
+
+
+async def test_no_grace_means_no_window_and_an_immediate_stop() -> None:
+    port, stop = free_port(), asyncio.Event()
+    task = asyncio.create_task(run_service(_spec(port, Writes(stop), 0, DRAIN_REFUSAL_S), stop))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await _serving(channel)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize(("grace", "window"), [("0", 0.0), ("0.25", 0.25), ("10", DRAIN_REFUSAL_S)])
+def test_the_refusal_window_is_within_the_grace_period(grace: str, window: float) -> None:
+    settings = ServerSettings.from_env(Env({"CACHEMESH_GRACE_S": grace}), "TEST", "127.0.0.1:1")
+    assert settings.refusal_window_s == window
