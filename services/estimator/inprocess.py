@@ -80,6 +80,7 @@ class SemanticStub:
     def __init__(self, servicer: Any) -> None:
         self.Lookup = LocalUnary(servicer.Lookup)
         self.Store = LocalUnary(servicer.Store)
+        self.Release = LocalUnary(servicer.Release)
 
 
 class PrefixStub:

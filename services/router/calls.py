@@ -70,6 +70,18 @@ class Calls:
         second = await self._lookup(tenant, request, self._s.semantic_lease_wait_s)
         return first if second is None else second
 
+    async def release(self, tenant: str, request: pb.CompleteRequest) -> None:
+        """Ends the lease this request's Lookup took (its model call ended without a Store)."""
+        await _degrading(
+            "semantic-cache",
+            self._b.semantic.Release(
+                semantic_cache_pb2.ReleaseRequest(tenant=tenant, request=request),
+                timeout=self._s.semantic_timeout_s,
+                metadata=self._b.metadata,
+            ),
+            client_faults=False,  # the request has ended already: nothing to tell its client
+        )
+
     async def _lookup(
         self, tenant: str, request: pb.CompleteRequest, deadline_s: float
     ) -> semantic_cache_pb2.LookupResponse | None:

@@ -10,8 +10,9 @@ answer is served with ``cost.estimated``; a replica down → the next replica (o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 
 import grpc
 from opentelemetry import trace
@@ -67,6 +68,26 @@ class Pipeline:
                 yield served
             return
 
+        answered = False
+        try:
+            async with contextlib.aclosing(self._from_model(tenant, request, baseline, head)) as it:
+                async for chunk in it:
+                    answered = chunk.WhichOneof("part") == "end"  # after its Store
+                    yield chunk
+        finally:
+            if lookup is not None and lookup.leader and not answered:
+                # Cancelled or failed before its Store: free the identical requests waiting
+                # on this one's lease now, not at the lease's age limit.
+                self._in_background(self._calls.release(tenant, request))
+
+    async def _from_model(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        baseline: ModelSpec,
+        head: pb.CompleteResponse,
+    ) -> AsyncGenerator[pb.CompleteChunk, None]:
+        root = trace.get_current_span()
         attempt = await self._dispatch.open(tenant, request)
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
@@ -245,7 +266,7 @@ class Pipeline:
         baseline: ModelSpec,
     ) -> None:
         output_tokens = self._tokenizer.count(text) if text else 0
-        task: asyncio.Task[object] = asyncio.ensure_future(
+        self._in_background(
             self._calls.commit_final(
                 tenant,
                 request,
@@ -257,6 +278,10 @@ class Pipeline:
                 baseline.id,
             )
         )
+
+    def _in_background(self, call: Awaitable[object]) -> None:
+        """Runs ``call`` past the request's end (``drain`` awaits it at shutdown)."""
+        task: asyncio.Task[object] = asyncio.ensure_future(call)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -104,6 +104,15 @@ class SemanticCache(EntryStore):
             return dataclasses.replace(result, leader=True)
         return result
 
+    def release(self, query: Query) -> bool:
+        """Ends the query's lease (its leader's model call ended without a Store): True when
+        one was held. Its waiters wake and look again; one of them leads the next call."""
+        if not self.lease_pending(query):
+            return False
+        assert self._leases is not None
+        self._leases.end((query.tenant, query.scope, query.normalised))
+        return True
+
     def lease_pending(self, query: Query) -> bool:
         """An identical request of the query's scope holds the lease (its model call is on)."""
         if self._leases is None or not query.tenant or query.text is None:

@@ -96,6 +96,15 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
         await cache.sync_journal()  # durable before it is acknowledged
         return sc.DropResponse(dropped=dropped)
 
+    async def Release(self, request: sc.ReleaseRequest, context: Context) -> sc.ReleaseResponse:
+        cache = await self._ready(context)
+        await _require_tenant(request.tenant, context)
+        try:
+            query = query_from_request(request.tenant, request.request)
+        except InvalidQuery as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return sc.ReleaseResponse(released=cache.release(query))
+
     async def _refuse_if_draining(self, context: Context) -> None:
         if self._draining is not None and self._draining.is_set():
             await _abort(

@@ -183,3 +183,27 @@ async def test_once_the_drain_has_begun_writes_are_unavailable_and_reads_served(
         lookup = sc.LookupRequest(tenant="a", request=store.request)
         assert (await stub.Lookup(lookup, metadata=AUTH)).hit
     await server.stop(None)
+
+
+async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
+    from services.semantic_cache.leases import Leases
+
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0))
+    lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
+    release = sc.ReleaseRequest(tenant="a", request=lookup.request)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = sc_grpc.SemanticCacheStub(channel)
+        assert (await stub.Lookup(lookup, metadata=AUTH)).leader
+        waiter = stub.Lookup(lookup, metadata=AUTH, timeout=20.0)
+        other = sc.ReleaseRequest(tenant="b", request=lookup.request)
+        assert not (await stub.Release(other, metadata=AUTH)).released  # not b's lease
+        assert (await stub.Release(release, metadata=AUTH)).released
+        woken = await waiter  # at once, not after 20 s: it leads the next call
+        assert woken.leader and not woken.hit
+        assert (await stub.Release(release, metadata=AUTH)).released  # now the waiter's
+        assert not (await stub.Release(release, metadata=AUTH)).released  # none held
+        bad = stub.Release(sc.ReleaseRequest(request=lookup.request), metadata=AUTH)
+        assert "tenant" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
+    await server.stop(None)

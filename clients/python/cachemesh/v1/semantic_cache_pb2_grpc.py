@@ -49,6 +49,11 @@ class SemanticCacheStub:
                 request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.DropRequest.SerializeToString,
                 response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.DropResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/cachemesh.v1.SemanticCache/Release',
+                request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class SemanticCacheServicer:
@@ -75,6 +80,15 @@ class SemanticCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
+        or failed), so identical requests waiting on it look again at once instead of waiting out
+        the lease's age limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SemanticCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +106,11 @@ def add_SemanticCacheServicer_to_server(servicer, server):
                     servicer.Drop,
                     request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.DropRequest.FromString,
                     response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.DropResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +194,33 @@ class SemanticCache:
             '/cachemesh.v1.SemanticCache/Drop',
             cachemesh_dot_v1_dot_semantic__cache__pb2.DropRequest.SerializeToString,
             cachemesh_dot_v1_dot_semantic__cache__pb2.DropResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.SemanticCache/Release',
+            cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.SerializeToString,
+            cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,11 @@ class SemanticCacheStub:
     """Stores an answer; acknowledged once the entry is visible to the next Lookup."""
     Drop: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.DropRequest, _semantic_cache_pb2.DropResponse]
     """Invalidates entries of one tenant: one entry, one namespace, or all of them."""
+    Release: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.ReleaseRequest, _semantic_cache_pb2.ReleaseResponse]
+    """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
+    or failed), so identical requests waiting on it look again at once instead of waiting out
+    the lease's age limit.
+    """
 
 @_typing.type_check_only
 class SemanticCacheAsyncStub(SemanticCacheStub):
@@ -47,6 +52,11 @@ class SemanticCacheAsyncStub(SemanticCacheStub):
     """Stores an answer; acknowledged once the entry is visible to the next Lookup."""
     Drop: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.DropRequest, _semantic_cache_pb2.DropResponse]  # type: ignore[assignment]
     """Invalidates entries of one tenant: one entry, one namespace, or all of them."""
+    Release: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.ReleaseRequest, _semantic_cache_pb2.ReleaseResponse]  # type: ignore[assignment]
+    """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
+    or failed), so identical requests waiting on it look again at once instead of waiting out
+    the lease's age limit.
+    """
 
 class SemanticCacheServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -72,5 +82,16 @@ class SemanticCacheServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_semantic_cache_pb2.DropResponse, _abc.Awaitable[_semantic_cache_pb2.DropResponse]]:
         """Invalidates entries of one tenant: one entry, one namespace, or all of them."""
+
+    @_abc_1.abstractmethod
+    def Release(
+        self,
+        request: _semantic_cache_pb2.ReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_semantic_cache_pb2.ReleaseResponse, _abc.Awaitable[_semantic_cache_pb2.ReleaseResponse]]:
+        """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
+        or failed), so identical requests waiting on it look again at once instead of waiting out
+        the lease's age limit.
+        """
 
 def add_SemanticCacheServicer_to_server(servicer: SemanticCacheServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
