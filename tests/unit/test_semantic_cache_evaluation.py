@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,24 @@ def test_write_env_replaces_the_keys_and_keeps_every_other_line(tmp_path: Path) 
 def test_point_outcome_uses_all_three_settings() -> None:
     c = pairwise([Pair("reset password", "change password", True)], VECTORS, accept_all)
     assert Point(0.9, 0.0).outcome(c).hits == 1 and Point(0.9, 1.01).outcome(c).hits == 0
+
+
+def test_the_report_has_a_curve_with_and_without_the_verifier() -> None:
+    from services.semantic_cache.evaluation.report import CURVE, protocol_report
+
+    pairs = [
+        Pair("usd to eur", "eur to usd", False),
+        Pair("reset password", "change password", True),
+    ]
+
+    def refuse_usd(firsts: Sequence[str], seconds: Sequence[str], cos: F64) -> F64:
+        return np.array([0.0 if "usd" in f else 1.0 for f in firsts])
+
+    c = pairwise(pairs, VECTORS, refuse_usd)
+    report = protocol_report(c, c, Point(0.8, 0.5))
+    plain, verified = report["baseline_curve"], report["verified_curve"]
+    assert isinstance(plain, list) and isinstance(verified, list)
+    assert [row["threshold"] for row in verified] == list(CURVE)
+    at_090 = CURVE.index(0.90)
+    assert plain[at_090]["wrong"] == 1 and verified[at_090]["wrong"] == 0
+    assert verified[at_090]["verifier_min_probability"] == 0.5

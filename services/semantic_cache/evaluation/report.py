@@ -47,6 +47,15 @@ def protocol_report(fit: Candidates, report: Candidates, shipped: Point) -> dict
             comparisons.append(_comparison(f"fit-half recall >= {floor}", point, report))
     return {
         "baseline_curve": [{"threshold": t, **report.outcome(t, 0.0).as_dict()} for t in CURVE],
+        # the same thresholds with the verification step at its shipped setting
+        "verified_curve": [
+            {
+                "threshold": t,
+                **Point(t, shipped.min_probability, shipped.margin).as_dict(),
+                **Point(t, shipped.min_probability, shipped.margin).outcome(report).as_dict(),
+            }
+            for t in CURVE
+        ],
         "shipped": {**shipped.as_dict(), **at_shipped.as_dict()},
         "baseline_at_shipped_threshold": baseline_same_t.as_dict(),
         "baseline_at_equal_recall": baseline_eq.as_dict(),
