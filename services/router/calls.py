@@ -70,12 +70,15 @@ class Calls:
         second = await self._lookup(tenant, request, self._s.semantic_lease_wait_s)
         return first if second is None else second
 
-    async def release(self, tenant: str, request: pb.CompleteRequest) -> None:
-        """Ends the lease this request's Lookup took (its model call ended without a Store)."""
+    async def release(self, tenant: str, request: pb.CompleteRequest, lease_id: str) -> None:
+        """Ends the lease this request's Lookup took (its model call ended without a Store);
+        a lease another request has taken since (after this one's expired) is kept."""
         await _degrading(
             "semantic-cache",
             self._b.semantic.Release(
-                semantic_cache_pb2.ReleaseRequest(tenant=tenant, request=request),
+                semantic_cache_pb2.ReleaseRequest(
+                    tenant=tenant, request=request, lease_id=lease_id
+                ),
                 timeout=self._s.semantic_timeout_s,
                 metadata=self._b.metadata,
             ),

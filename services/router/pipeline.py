@@ -78,7 +78,7 @@ class Pipeline:
             if lookup is not None and lookup.leader and not answered:
                 # Cancelled or failed before its Store: free the identical requests waiting
                 # on this one's lease now, not at the lease's age limit.
-                self._in_background(self._calls.release(tenant, request))
+                self._in_background(self._calls.release(tenant, request, lookup.lease_id))
 
     async def _from_model(
         self,

@@ -82,15 +82,20 @@ class SemanticCache(EntryStore):
         # A miss's Store follows its Lookup: the vector of a recent text is embedded once.
         self._recent: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
 
-    async def check(self, query: Query, wait_s: float = 0.0) -> CheckResult:
+    async def check(self, query: Query, wait_s: float = 0.0, *, lead: bool = True) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold.
 
         With leases, a miss takes the lease of its (tenant, scope, query) when none is held
         (``CheckResult.leader``: the caller makes the model call and stores the answer); when
         one is held, the check waits up to ``wait_s`` seconds for it to end, then looks again.
+        No lease is taken or waited for when ``lead`` is false (a draining cache) or when the
+        query's answer could never be stored (its temperature is above the cacheable limit):
+        nobody would be served by waiting.
         """
         result = await self._check(query)
         if result.hit or result.skip_reason or self._leases is None:
+            return result
+        if not lead or query.temperature > self._policy.max_temperature:
             return result
         key = (query.tenant, query.scope, query.normalised)
         event = self._leases.held(key)
@@ -100,18 +105,17 @@ class SemanticCache(EntryStore):
                 return dataclasses.replace(result, waited=True)
             event = self._leases.held(key)
         if event is None and query.mode == "use":
-            self._leases.take(key)
-            return dataclasses.replace(result, leader=True)
+            lease_id = self._leases.take(key)
+            return dataclasses.replace(result, leader=True, lease_id=lease_id)
         return result
 
-    def release(self, query: Query) -> bool:
-        """Ends the query's lease (its leader's model call ended without a Store): True when
-        one was held. Its waiters wake and look again; one of them leads the next call."""
-        if not self.lease_pending(query):
+    def release(self, query: Query, lease_id: str | None = None) -> bool:
+        """Ends the query's lease (its leader's model call ended without a Store), only the
+        one named by ``lease_id`` when given: True when it was held. Its waiters wake and look
+        again; one of them leads the next call."""
+        if self._leases is None or not query.tenant or query.text is None:
             return False
-        assert self._leases is not None
-        self._leases.end((query.tenant, query.scope, query.normalised))
-        return True
+        return self._leases.end((query.tenant, query.scope, query.normalised), lease_id)
 
     def lease_pending(self, query: Query) -> bool:
         """An identical request of the query's scope holds the lease (its model call is on)."""

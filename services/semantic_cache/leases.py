@@ -13,6 +13,7 @@ whose budget runs out gets a miss and calls the model itself: a lease never lose
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 
 from services.common.clock import Clock
@@ -23,6 +24,7 @@ LeaseKey = tuple[str, str, str]  # (tenant, scope, normalised query)
 @dataclass
 class _Lease:
     expires_at_ms: int
+    lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -47,14 +49,21 @@ class Leases:
             return None
         return lease.done
 
-    def take(self, key: LeaseKey) -> None:
-        self._held[key] = _Lease(self._clock.now_ms() + self._hold_ms)
+    def take(self, key: LeaseKey) -> str:
+        """Takes the lease of ``key``; returns its id (what ``end`` may be given)."""
+        lease = _Lease(self._clock.now_ms() + self._hold_ms)
+        self._held[key] = lease
+        return lease.lease_id
 
-    def end(self, key: LeaseKey) -> None:
-        """Fulfilled (stored) or released: wakes every waiter."""
-        lease = self._held.pop(key, None)
-        if lease is not None:
-            lease.done.set()
+    def end(self, key: LeaseKey, lease_id: str | None = None) -> bool:
+        """Fulfilled (stored) or released: wakes every waiter. With ``lease_id``, only that
+        lease is ended (not one another request has taken since). True when one ended."""
+        lease = self._held.get(key)
+        if lease is None or (lease_id is not None and lease.lease_id != lease_id):
+            return False
+        del self._held[key]
+        lease.done.set()
+        return True
 
 
 async def wait(event: asyncio.Event, budget_s: float) -> bool:

@@ -53,6 +53,7 @@ class CheckResult:
     skip_reason: str = ""  # why no lookup was done, when none was
     refusal: str = ""  # why candidates above the threshold were not served (verifier, ambiguity)
     leader: bool = False  # a miss that took the lease: this caller calls the model and stores
+    lease_id: str = ""  # the lease taken, when leader (``Release`` names it)
     waited: bool = False  # a hit served after waiting for an identical in-flight miss
 
     @property

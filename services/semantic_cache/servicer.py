@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, NoReturn
 
 import grpc
@@ -36,18 +37,22 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
     async def Lookup(self, request: sc.LookupRequest, context: Context) -> sc.LookupResponse:
         cache = await self._ready(context)
         await _require_tenant(request.tenant, context)
+        draining = self._is_draining()
         try:
             query = query_from_request(request.tenant, request.request)
-            result = await cache.check(query, self._wait_budget(context))
+            # a draining cache refuses Stores, so it leads no model call and makes none wait
+            wait_s = 0.0 if draining else self._wait_budget(context)
+            result = await cache.check(query, wait_s, lead=not draining)
         except InvalidQuery as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        pending = not (result.hit or result.leader or result.skip_reason)
+        pending = not (draining or result.hit or result.leader or result.skip_reason)
         response = sc.LookupResponse(
             pending=pending and cache.lease_pending(query),
             hit=result.hit,
             best_similarity=result.best_similarity,
             skip_reason=result.skip_reason,
             leader=result.leader,
+            lease_id=result.lease_id,
             waited=result.waited,
             refusal=result.refusal,
         )
@@ -64,8 +69,11 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
 
     async def Store(self, request: sc.StoreRequest, context: Context) -> sc.StoreResponse:
         cache = await self._ready(context)
-        await self._refuse_if_draining(context)
         await _require_tenant(request.tenant, context)
+        if self._is_draining():
+            with contextlib.suppress(InvalidQuery):  # a refused Store still ends its lease
+                cache.release(query_from_request(request.tenant, request.request))
+        await self._refuse_if_draining(context)
         answer = request.answer
         if answer.output_tokens < 0:
             await _abort(
@@ -103,10 +111,13 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
             query = query_from_request(request.tenant, request.request)
         except InvalidQuery as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return sc.ReleaseResponse(released=cache.release(query))
+        return sc.ReleaseResponse(released=cache.release(query, request.lease_id or None))
+
+    def _is_draining(self) -> bool:
+        return self._draining is not None and self._draining.is_set()
 
     async def _refuse_if_draining(self, context: Context) -> None:
-        if self._draining is not None and self._draining.is_set():
+        if self._is_draining():
             await _abort(
                 context,
                 grpc.StatusCode.UNAVAILABLE,

@@ -13,6 +13,7 @@ from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.query import query_from_request
 from services.semantic_cache.servicer import SemanticCacheService
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 
@@ -192,18 +193,48 @@ async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
     cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
     server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0))
     lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
-    release = sc.ReleaseRequest(tenant="a", request=lookup.request)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = sc_grpc.SemanticCacheStub(channel)
+        leader = await stub.Lookup(lookup, metadata=AUTH)
+        assert leader.leader and leader.lease_id
+        waiter = stub.Lookup(lookup, metadata=AUTH, timeout=20.0)
+
+        def release(tenant: str, lease_id: str) -> sc.ReleaseRequest:
+            return sc.ReleaseRequest(tenant=tenant, request=lookup.request, lease_id=lease_id)
+
+        other = release("b", leader.lease_id)
+        assert not (await stub.Release(other, metadata=AUTH)).released  # not b's lease
+        assert not (await stub.Release(release("a", "stale"), metadata=AUTH)).released
+        assert (await stub.Release(release("a", leader.lease_id), metadata=AUTH)).released
+        woken = await waiter  # at once, not after 20 s: it leads the next call
+        assert woken.leader and not woken.hit and woken.lease_id != leader.lease_id
+        # the first leader's late Release again: the lease is the waiter's now, and is kept
+        assert not (await stub.Release(release("a", leader.lease_id), metadata=AUTH)).released
+        assert (await stub.Release(release("a", woken.lease_id), metadata=AUTH)).released
+        bad = stub.Release(sc.ReleaseRequest(request=lookup.request), metadata=AUTH)
+        assert "tenant" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
+    await server.stop(None)
+
+
+async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease() -> None:
+    import asyncio
+
+    from services.semantic_cache.leases import Leases
+
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    draining = asyncio.Event()
+    server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0, draining=draining))
+    lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = sc_grpc.SemanticCacheStub(channel)
         assert (await stub.Lookup(lookup, metadata=AUTH)).leader
-        waiter = stub.Lookup(lookup, metadata=AUTH, timeout=20.0)
-        other = sc.ReleaseRequest(tenant="b", request=lookup.request)
-        assert not (await stub.Release(other, metadata=AUTH)).released  # not b's lease
-        assert (await stub.Release(release, metadata=AUTH)).released
-        woken = await waiter  # at once, not after 20 s: it leads the next call
-        assert woken.leader and not woken.hit
-        assert (await stub.Release(release, metadata=AUTH)).released  # now the waiter's
-        assert not (await stub.Release(release, metadata=AUTH)).released  # none held
-        bad = stub.Release(sc.ReleaseRequest(request=lookup.request), metadata=AUTH)
-        assert "tenant" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        draining.set()
+        during = await stub.Lookup(lookup, metadata=AUTH, timeout=20.0)  # no wait
+        assert not (during.leader or during.pending or during.hit)
+        fresh = sc.LookupRequest(tenant="a", request=make_request("Another question"))
+        assert not (await stub.Lookup(fresh, metadata=AUTH)).leader
+        store = sc.StoreRequest(tenant="a", request=lookup.request, answer=ANSWER)
+        await expect(grpc.StatusCode.UNAVAILABLE, stub.Store(store, metadata=AUTH))
+        assert not cache.lease_pending(query_from_request("a", lookup.request))
     await server.stop(None)

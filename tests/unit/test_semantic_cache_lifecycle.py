@@ -143,3 +143,24 @@ def test_policy_from_env_names_the_variable() -> None:
     for bad in ("news", "news=0", "=5", "news=abc"):
         with pytest.raises(ConfigError, match="SEMANTIC_CACHE_NAMESPACE_TTL_S"):
             NamespacePolicy.from_env(Env({"SEMANTIC_CACHE_NAMESPACE_TTL_S": bad}), 1.0)
+
+
+async def test_a_query_whose_answer_could_never_be_stored_takes_no_lease() -> None:
+    cache, _ = new_cache(policy=NamespacePolicy(max_temperature=0.7))
+    hot = q("how do i reset my password", temperature=0.9)
+    assert not (await cache.check(hot)).leader  # its Store would store nothing
+    assert not cache.lease_pending(hot)
+    assert (await cache.check(q("how do i reset my password", temperature=0.7))).leader
+
+
+async def test_a_release_names_its_lease_and_keeps_a_newer_one() -> None:
+    cache, clock = new_cache(hold_s=1.0)
+    query = q("how do i reset my password")
+    first = await cache.check(query)
+    assert first.leader and first.lease_id
+    clock.advance(s=1.0)  # the first leader's lease has expired: the next lookup leads
+    second = await cache.check(query)
+    assert second.leader and second.lease_id != first.lease_id
+    assert not cache.release(query, first.lease_id)  # the late Release of the first leader
+    assert cache.lease_pending(query)
+    assert cache.release(query, second.lease_id) and not cache.lease_pending(query)

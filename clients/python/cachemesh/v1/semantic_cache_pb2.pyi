@@ -57,6 +57,7 @@ class LookupResponse(_message.Message):
     WAITED_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     hit: _builtins.bool
     best_similarity: _builtins.float
     """best candidate seen, hit or not (for tracing)"""
@@ -75,6 +76,8 @@ class LookupResponse(_message.Message):
     flight) and this call's wait ended first: the caller may look up again with a longer
     deadline to be served that answer instead of calling the model itself.
     """
+    lease_id: _builtins.str
+    """set with leader: what Release must name"""
     @_builtins.property
     def match(self) -> _gateway_pb2.SemanticMatch:
         """set when hit"""
@@ -95,10 +98,11 @@ class LookupResponse(_message.Message):
         waited: _builtins.bool = ...,
         refusal: _builtins.str = ...,
         pending: _builtins.bool = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "match", b"match"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "hit", b"hit", "leader", b"leader", "match", b"match", "pending", b"pending", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "hit", b"hit", "leader", b"leader", "lease_id", b"lease_id", "match", b"match", "pending", b"pending", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -241,7 +245,10 @@ class ReleaseRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    lease_id: _builtins.str
+    """that Lookup's lease_id: a lease taken since by another is kept"""
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
         """the request whose Lookup said leader"""
@@ -251,10 +258,11 @@ class ReleaseRequest(_message.Message):
         *,
         tenant: _builtins.str = ...,
         request: _gateway_pb2.CompleteRequest | None = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
