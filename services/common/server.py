@@ -6,9 +6,10 @@ example until the embedding model is loaded) and again as soon as a drain begins
 
 A drain (SIGTERM, SIGINT or ``stop``) has two phases, both within ``CACHEMESH_GRACE_S``:
 
-1. Refusal window (``refusal_s``, at most the grace): ``stop`` is set (a servicer that shares
-   it, like semantic-cache's, refuses writes with UNAVAILABLE and a message saying so), health
-   says NOT_SERVING, and the server still takes calls. A call racing the signal thus reaches the
+1. Refusal window (``refusal_s``, at most the grace; 0 unless the service asks for it):
+   ``stop`` is set (a servicer that shares it, like semantic-cache's, refuses writes with
+   UNAVAILABLE and a message saying so), health says NOT_SERVING, and the server still takes
+   calls. A call racing the signal thus reaches the
    servicer and gets its answer, instead of being cut off by gRPC with CANCELLED.
 2. ``server.stop`` with the rest of the grace: no new calls, in-flight calls may finish.
 """
@@ -34,8 +35,10 @@ log = logging.getLogger("cachemesh.server")
 
 MAX_MESSAGE_BYTES_DEFAULT = 4 * 1024 * 1024
 # The first part of the grace period during which a draining server still takes calls (to
-# refuse them with a reason). Not a setting of its own: it is bounded by CACHEMESH_GRACE_S, so
-# CACHEMESH_GRACE_S=0 stops at once and a drain never outlasts the grace period.
+# refuse them with a reason), for a service whose servicer refuses writes while draining
+# (semantic-cache); the others stop taking calls at once. Not a setting of its own: it is
+# bounded by CACHEMESH_GRACE_S, so CACHEMESH_GRACE_S=0 stops at once and a drain never
+# outlasts the grace period.
 DRAIN_REFUSAL_S = 1.0
 
 
@@ -44,7 +47,7 @@ class ServerSettings:
     listen: str
     grace_s: float
     max_message_bytes: int
-    refusal_s: float = DRAIN_REFUSAL_S  # the refusal window, capped at grace_s
+    refusal_s: float = 0.0  # the refusal window, capped at grace_s (DRAIN_REFUSAL_S to refuse)
 
     @property
     def refusal_window_s(self) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 
 import faiss
 import grpc
@@ -13,7 +14,13 @@ from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
 from services.common.config import ConfigError, Env
-from services.common.server import ServerSettings, ServiceSpec, configure_logging, run_service
+from services.common.server import (
+    DRAIN_REFUSAL_S,
+    ServerSettings,
+    ServiceSpec,
+    configure_logging,
+    run_service,
+)
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.cache import SemanticCache
@@ -36,7 +43,10 @@ SERVICE_NAME = semantic_cache_pb2.DESCRIPTOR.services_by_name["SemanticCache"].f
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     env = Env(environ)
     configure_logging(env)
-    settings = ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN)
+    # writes racing a SIGTERM reach the servicer and are refused with UNAVAILABLE (the reason)
+    settings = replace(
+        ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN), refusal_s=DRAIN_REFUSAL_S
+    )
     auth = InternalAuthInterceptor(env.str("CACHEMESH_INTERNAL_TOKEN"))
     config = SemanticCacheConfig.from_env(env, OperatingPoint.load())
     verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)

@@ -248,8 +248,8 @@ def _expiry(raw: dict[str, Any], required: bool) -> int | None:
     if "expires_at_ms" not in raw and not required:
         return None
     expires = _int(raw, "expires_at_ms")
-    if expires <= _int(raw, "created_at_ms"):
-        raise ValueError("entry field expires_at_ms is not after created_at_ms")
+    if expires < _int(raw, "created_at_ms"):  # equal: a TTL of 0 (expired at once)
+        raise ValueError("entry field expires_at_ms is before created_at_ms")
     return expires
 
 

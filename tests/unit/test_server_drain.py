@@ -8,6 +8,7 @@ gRPC cancelling the call; a call already in flight still finishes within the gra
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -103,7 +104,9 @@ async def test_a_write_after_the_drain_began_is_refused_with_the_reason() -> Non
 
 async def test_no_grace_means_no_window_and_an_immediate_stop() -> None:
     port, stop = free_port(), asyncio.Event()
-    task = asyncio.create_task(run_service(_spec(port, Writes(stop), 0, DRAIN_REFUSAL_S), stop))
+    # a 30 s window asked for, no grace: the window must not outlast the grace (0), so the
+    # stop comes long before the 10 s this waits (a window ignoring the grace would time out)
+    task = asyncio.create_task(run_service(_spec(port, Writes(stop), 0, 30.0), stop))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         await _serving(channel)
     stop.set()
@@ -113,4 +116,6 @@ async def test_no_grace_means_no_window_and_an_immediate_stop() -> None:
 @pytest.mark.parametrize(("grace", "window"), [("0", 0.0), ("0.25", 0.25), ("10", DRAIN_REFUSAL_S)])
 def test_the_refusal_window_is_within_the_grace_period(grace: str, window: float) -> None:
     settings = ServerSettings.from_env(Env({"CACHEMESH_GRACE_S": grace}), "TEST", "127.0.0.1:1")
-    assert settings.refusal_window_s == window
+    assert settings.refusal_window_s == 0.0  # opt-in: a service that refuses nothing stops
+    asked = replace(settings, refusal_s=DRAIN_REFUSAL_S)
+    assert asked.refusal_window_s == window
