@@ -193,3 +193,15 @@ async def test_a_log_record_with_a_bad_expires_at_is_malformed(tmp_path: Path, b
     wal.close()
     with pytest.raises(WalError, match=r"record 1 is malformed.*expires_at_ms"):
         await restarted(tmp_path, clock, 10.0)
+
+
+def test_a_zero_ttl_entry_round_trips_and_one_expiring_before_creation_is_malformed() -> None:
+    from services.semantic_cache.persistence import entry_from_json, entry_json
+    from services.semantic_cache.records import Answer, Entry
+
+    answer = Answer(b"a", "end_turn", 1, False)
+    entry = Entry("e1", "t", "s", "", "q", answer, 1000, "emb@1", expires_at_ms=1000)  # TTL 0
+    assert entry_from_json(entry_json(entry), require_expiry=True) == entry
+    broken = entry_json(entry) | {"expires_at_ms": 999}
+    with pytest.raises(ValueError, match="expires_at_ms"):
+        entry_from_json(broken, require_expiry=True)
