@@ -70,6 +70,11 @@ class ScopeIndex:
     def kind(self) -> str:
         return "ivf" if self._approximate else "flat"
 
+    @property
+    def faiss_index(self) -> Any:
+        """The FAISS index searched now (for measurements)."""
+        return self._index
+
     def add(self, vid: int, vector: Rows, key: str) -> None:
         self._adopt_rebuild()
         row = np.ascontiguousarray(vector.reshape(1, self._dim), dtype=np.float32)
