@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.casefold().replace("n't", "nt").replace("'", ""))
 
 
-def _jaccard(a: set[object], b: set[object]) -> float:
+def _jaccard(a: AbstractSet[object], b: AbstractSet[object]) -> float:
     union = a | b
     return len(a & b) / len(union) if union else 1.0
 
@@ -109,19 +110,20 @@ def features(first: str, second: str, cosine: float) -> npt.NDArray[np.float64]:
     nb = {w for w in b if _NUMBER.match(w)}
     content_a, content_b = set(ca), set(cb)
     discord = _discordance(ca, cb)
-    query_cov = len(content_b & content_a) / len(content_b) if content_b else 1.0
-    entry_cov = len(content_a & content_b) / len(content_a) if content_a else 1.0
+    shared = len(content_a & content_b)
+    query_cov = shared / len(content_b) if content_b else 1.0
+    entry_cov = shared / len(content_a) if content_a else 1.0
     same_bag = float(content_a == content_b)
     bigrams = _jaccard(_ngrams(a, 2), _ngrams(b, 2))
     values = (
         cosine,
         cosine * cosine,
         _jaccard(set(a), set(b)),
-        _jaccard(set(content_a), set(content_b)),
-        _jaccard(_ngrams(a, 2), _ngrams(b, 2)),
+        _jaccard(content_a, content_b),
+        bigrams,
         _jaccard(_ngrams(a, 3), _ngrams(b, 3)),
         discord,
-        float(content_a == content_b and discord > 0),
+        float(bool(same_bag) and discord > 0),
         float(bool(na) and bool(nb) and na != nb),
         float(bool(na) != bool(nb)),
         float(any(w in _NEGATIONS for w in a) != any(w in _NEGATIONS for w in b)),
