@@ -24,7 +24,7 @@ from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import EntryStore
 from services.semantic_cache.index import AnnSettings
-from services.semantic_cache.leases import Leases, wait
+from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import choose
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
@@ -97,7 +97,7 @@ class SemanticCache(EntryStore):
             return result
         if not lead or query.temperature > self._policy.max_temperature:
             return result
-        key = (query.tenant, query.scope, query.normalised)
+        key = (query.tenant, query.scope, query.normalised)  # _check has required the text
         event = self._leases.held(key)
         if event is not None and await wait(event, wait_s):
             result = await self._check(query)
@@ -107,21 +107,24 @@ class SemanticCache(EntryStore):
         if event is None and query.mode == "use":
             lease_id = self._leases.take(key)
             return dataclasses.replace(result, leader=True, lease_id=lease_id)
-        return result
+        return dataclasses.replace(result, pending=event is not None)
 
     def release(self, query: Query, lease_id: str | None = None) -> bool:
         """Ends the query's lease (its leader's model call ended without a Store), only the
         one named by ``lease_id`` when given: True when it was held. Its waiters wake and look
         again; one of them leads the next call."""
-        if self._leases is None or not query.tenant or query.text is None:
-            return False
-        return self._leases.end((query.tenant, query.scope, query.normalised), lease_id)
+        key = self._lease_key(query)
+        return key is not None and self._leases is not None and self._leases.end(key, lease_id)
 
     def lease_pending(self, query: Query) -> bool:
         """An identical request of the query's scope holds the lease (its model call is on)."""
+        key = self._lease_key(query)
+        return key is not None and self._leases is not None and self._leases.held(key) is not None
+
+    def _lease_key(self, query: Query) -> LeaseKey | None:
         if self._leases is None or not query.tenant or query.text is None:
-            return False
-        return self._leases.held((query.tenant, query.scope, query.normalised)) is not None
+            return None
+        return (query.tenant, query.scope, query.normalised)
 
     async def _check(self, query: Query) -> CheckResult:
         _require_tenant(query)
@@ -170,8 +173,7 @@ class SemanticCache(EntryStore):
         try:
             return await self._store(query, answer)
         finally:
-            if self._leases is not None and query.tenant:
-                self._leases.end((query.tenant, query.scope, query.normalised))
+            self.release(query)
 
     async def _store(self, query: Query, answer: Answer) -> StoreResult:
         reason = _store_skip_reason(query, answer, self._policy)

@@ -54,6 +54,7 @@ class CheckResult:
     refusal: str = ""  # why candidates above the threshold were not served (verifier, ambiguity)
     leader: bool = False  # a miss that took the lease: this caller calls the model and stores
     lease_id: str = ""  # the lease taken, when leader (``Release`` names it)
+    pending: bool = False  # a miss while an identical request still holds the lease
     waited: bool = False  # a hit served after waiting for an identical in-flight miss
 
     @property

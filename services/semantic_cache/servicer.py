@@ -45,9 +45,8 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
             result = await cache.check(query, wait_s, lead=not draining)
         except InvalidQuery as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        pending = not (draining or result.hit or result.leader or result.skip_reason)
         response = sc.LookupResponse(
-            pending=pending and cache.lease_pending(query),
+            pending=result.pending,
             hit=result.hit,
             best_similarity=result.best_similarity,
             skip_reason=result.skip_reason,
