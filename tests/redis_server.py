@@ -12,11 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from services.stack.ports import free_port
 
 
 def _answers(port: int) -> bool:
@@ -36,7 +32,7 @@ def redis_server(work_dir: Path, timeout_s: float = 20.0) -> Iterator[str]:
         raise RuntimeError(
             "redis-server is not installed: run `make test-deps` (apt-get install redis-server)"
         )
-    port = _free_port()
+    port = free_port()
     log = (work_dir / "redis.log").open("wb")
     proc = subprocess.Popen(
         [

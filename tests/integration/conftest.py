@@ -8,41 +8,27 @@ a receiver in this test process.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cachemesh import Client
 from services.stack.envfile import read_env_file
-from services.stack.runner import Stack
-from tests.integration.harness import RunningStack, free_port, stack_overrides
-from tests.integration.otlp_sink import OtlpSink
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.harness import RunningStack, started_stack
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    sink = OtlpSink()
-    sink.start()
     run_dir = tmp_path_factory.mktemp("run")
-    names = ("router", "semantic-cache", "prefix-cache", "model", "model-2")
-    ports = {name: free_port() for name in names}
-    runner = Stack(ROOT, run_dir, stack_overrides(ports, sink))
-    runner.start(timeout_s=240)
-    try:
+    with started_stack(run_dir) as (runner, sink):
         demo = read_env_file(run_dir / "demo-keys.env")
         yield RunningStack(
-            target=f"127.0.0.1:{ports['router']}",
-            addresses={name: f"127.0.0.1:{port}" for name, port in ports.items()},
+            target=runner.router_address,
+            addresses=runner.addresses,
             keys={"tenant-a": demo["CACHEMESH_KEY_A"], "tenant-b": demo["CACHEMESH_KEY_B"]},
             internal_token=(run_dir / "internal-token").read_text().strip(),
             sink=sink,
             stack=runner,
         )
-    finally:
-        runner.stop()
-        sink.stop()
 
 
 @pytest.fixture

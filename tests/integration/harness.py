@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -11,11 +13,25 @@ from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.stack.runner import Stack
 from tests.integration.otlp_sink import OtlpSink
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+
+@contextmanager
+def started_stack(
+    run_dir: Path, extra: Mapping[str, str] | None = None
+) -> Iterator[tuple[Stack, OtlpSink]]:
+    """A whole stack on free loopback ports (``Stack.on_free_ports``), exporting traces to a
+    sink in this process, with ``extra`` settings over the tests' own; stopped (and the sink
+    with it) on the way out."""
+    sink = OtlpSink()
+    sink.start()
+    runner = Stack.on_free_ports(ROOT, run_dir, {**test_settings(sink), **(extra or {})})
+    try:
+        runner.start(timeout_s=240)
+        yield runner, sink
+    finally:
+        runner.stop()
+        sink.stop()
 
 
 @dataclass
@@ -48,19 +64,10 @@ def prefix_totals(
         return response
 
 
-def stack_overrides(ports: dict[str, int], sink: OtlpSink) -> dict[str, str]:
-    at = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+def test_settings(sink: OtlpSink) -> dict[str, str]:
+    """What the integration tests change besides the ports: the simulator's sleeps, traces to
+    ``sink``, a short grace period."""
     return {
-        "ROUTER_LISTEN": at["router"],
-        "SEMANTIC_CACHE_LISTEN": at["semantic-cache"],
-        "PREFIX_CACHE_LISTEN": at["prefix-cache"],
-        "MODEL_LISTEN": at["model"],
-        "MODEL_2_LISTEN": at["model-2"],
-        "SEMANTIC_CACHE_ADDR": at["semantic-cache"],
-        "PREFIX_CACHE_ADDR": at["prefix-cache"],
-        "MODEL_REPLICAS": (
-            f"sim-small={at['model']},sim-large={at['model']},sim-large={at['model-2']}"
-        ),
         "SIM_TIME_SCALE": "0.02",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,

@@ -6,7 +6,6 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,32 +15,19 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.stack.envfile import read_env_file
 from services.stack.runner import Stack
-from tests.integration.harness import free_port, prefix_totals, stack_overrides
-from tests.integration.otlp_sink import OtlpSink
+from tests.integration.harness import prefix_totals, started_stack
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def degraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Client]]:
-    sink = OtlpSink()
-    sink.start()
     run_dir = tmp_path_factory.mktemp("run-degraded")
-    names = ("router", "semantic-cache", "prefix-cache", "model", "model-2")
-    ports = {name: free_port() for name in names}
     # the simulator at its real speed, so a stream can be cancelled while it decodes
-    overrides = {**stack_overrides(ports, sink), "SIM_TIME_SCALE": "1.0"}
-    runner = Stack(ROOT, run_dir, overrides)
-    runner.start(timeout_s=240)
-    key = read_env_file(run_dir / "demo-keys.env")["CACHEMESH_KEY_A"]
-    try:
-        with Client(f"127.0.0.1:{ports['router']}", api_key=key, timeout_s=60) as client:
+    with started_stack(run_dir, {"SIM_TIME_SCALE": "1.0"}) as (runner, _):
+        key = read_env_file(run_dir / "demo-keys.env")["CACHEMESH_KEY_A"]
+        with Client(runner.router_address, api_key=key, timeout_s=60) as client:
             yield runner, client
-    finally:
-        runner.stop()
-        sink.stop()
 
 
 def _kill(runner: Stack, *names: str) -> None:

@@ -27,7 +27,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
-from tests.integration.harness import free_port
+from services.stack.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,37 +19,23 @@ from cachemesh import Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.stack.envfile import read_env_file
-from services.stack.runner import Stack
-from tests.integration.harness import free_port, stack_overrides
-from tests.integration.otlp_sink import OtlpSink
+from tests.integration.harness import started_stack
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(address, tenant-a's key) of the router."""
-    sink = OtlpSink()
-    sink.start()
     run_dir = tmp_path_factory.mktemp("run-single-flight")
-    names = ("router", "semantic-cache", "prefix-cache", "model", "model-2")
-    ports = {name: free_port() for name in names}
     overrides = {
-        **stack_overrides(ports, sink),
         "SIM_TIME_SCALE": "1.0",
         "ROUTER_SEMANTIC_TIMEOUT_S": "0.25",
         "ROUTER_SEMANTIC_LEASE_WAIT_S": "30",
     }
-    runner = Stack(ROOT, run_dir, overrides)
-    runner.start(timeout_s=240)
-    key = read_env_file(run_dir / "demo-keys.env")["CACHEMESH_KEY_A"]
-    try:
-        yield f"127.0.0.1:{ports['router']}", key
-    finally:
-        runner.stop()
-        sink.stop()
+    with started_stack(run_dir, overrides) as (runner, _):
+        key = read_env_file(run_dir / "demo-keys.env")["CACHEMESH_KEY_A"]
+        yield runner.router_address, key
 
 
 @pytest.fixture

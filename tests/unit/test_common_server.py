@@ -10,7 +10,7 @@ import pytest
 
 from services.common.server import ServerSettings, ServiceSpec, run_service
 from services.stack.health import UNREACHABLE, probe
-from tests.integration.harness import free_port
+from services.stack.ports import free_port
 
 
 def _spec(port: int, warmup: asyncio.Event | None, fail: bool = False) -> ServiceSpec:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import grpc
@@ -16,6 +15,7 @@ from services.common.auth import internal_metadata
 from services.common.config import ConfigError
 from services.model.app import serve
 from services.model.config import ModelSettings
+from services.stack.ports import free_port
 
 TOKEN = "internal-token-for-tests-0123456789"
 
@@ -64,13 +64,6 @@ def test_bad_configuration_fails_fast_naming_the_variable(
         ModelSettings.from_env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, **overrides})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _wait_serving(channel: grpc.aio.Channel) -> None:
     health: Any = health_pb2_grpc.HealthStub(channel)  # grpc_health ships no stub types
     for _ in range(200):
@@ -85,7 +78,7 @@ async def _wait_serving(channel: grpc.aio.Channel) -> None:
 
 
 async def test_serve_answers_then_stops() -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     environ = {
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "MODEL_LISTEN": address,
