@@ -152,6 +152,19 @@ def _python_bytes_per_entry(base: np.ndarray, n: int = 20_000) -> float:
     return round((after - before) / n, 1)
 
 
+def _row(
+    name: str, index: Any, build_s: float, top: np.ndarray, truth: np.ndarray, lat: list[float]
+) -> dict[str, Any]:
+    """One measured index: its latencies, recall@1 against flat search, build time, size."""
+    return {
+        "index": name,
+        "build_s": round(build_s, 2),
+        "recall_at_1": round(float((top == truth).mean()), 4),
+        "index_bytes_per_entry": round(index_bytes(index) / index.ntotal, 1),
+        **summary(lat),
+    }
+
+
 def _service_index(corpus: np.ndarray, probes: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
     """The cache's own ``ScopeIndex``, grown 10k rows at a time as stores grow it (flat up to
     ``min_entries``, then IVF, retrained in the background as it grows): what a lookup costs
@@ -172,29 +185,8 @@ def _service_index(corpus: np.ndarray, probes: np.ndarray, truth: np.ndarray) ->
         top[i] = found[0][0] if found else -1
     nlist = getattr(index.faiss_index, "nlist", None)
     kind = index.kind if nlist is None else f"{index.kind} nlist={nlist} nprobe={ANN.nprobe}"
-    return {
-        "index": f"cache ScopeIndex, grown ({kind})",
-        "build_s": round(grown_s, 2),
-        "recall_at_1": round(float((top == truth).mean()), 4),
-        "index_bytes_per_entry": round(index_bytes(index.faiss_index) / len(corpus), 1),
-        **summary(latencies),
-    }
-
-
-def _as_grown(
-    corpus: np.ndarray, probes: np.ndarray, truth: np.ndarray, nlist: int, trained: int
-) -> dict[str, Any]:
-    """The index a scope that grew to this size holds: lists trained at ``trained`` entries."""
-    nprobe = ANN.nprobe
-    ivf, ivf_s = build(Candidate("ivf", {"nlist": nlist, "nprobe": nprobe}), corpus)
-    top, latencies = search_one_by_one(ivf, probes)
-    return {
-        "index": f"ivf nlist={nlist} nprobe={nprobe} (as grown: last rebuilt at {trained})",
-        "build_s": round(ivf_s, 2),
-        "recall_at_1": round(float((top == truth).mean()), 4),
-        "index_bytes_per_entry": round(index_bytes(ivf) / len(corpus), 1),
-        **summary(latencies),
-    }
+    name = f"cache ScopeIndex, grown ({kind})"
+    return _row(name, index.faiss_index, grown_s, top, truth, latencies)
 
 
 def _size(base: np.ndarray, n: int, queries: int) -> dict[str, Any]:
@@ -202,46 +194,29 @@ def _size(base: np.ndarray, n: int, queries: int) -> dict[str, Any]:
     probes = near_duplicates(corpus, queries, seed=n + 1)
     flat, flat_s = build(Candidate("flat", {}), corpus)
     truth, latencies = search_one_by_one(flat, probes)
-    rows: list[dict[str, Any]] = [
-        {
-            "index": "flat",
-            "build_s": round(flat_s, 2),
-            "recall_at_1": 1.0,
-            "index_bytes_per_entry": round(index_bytes(flat) / n, 1),
-            **summary(latencies),
-        }
-    ]
+    rows = [_row("flat", flat, flat_s, truth, truth, latencies)]
     del flat
-    ivf, ivf_s = build(Candidate("ivf", {"nlist": ANN.nlist(n), "nprobe": NPROBES[0]}), corpus)
+    nlist = ANN.nlist(n)
+    ivf, ivf_s = build(Candidate("ivf", {"nlist": nlist, "nprobe": NPROBES[0]}), corpus)
     for nprobe in NPROBES:
         ivf.nprobe = nprobe
         top, latencies = search_one_by_one(ivf, probes)
-        rows.append(
-            {
-                "index": f"ivf nlist={ANN.nlist(n)} nprobe={nprobe}",
-                "build_s": round(ivf_s, 2),
-                "recall_at_1": round(float((top == truth).mean()), 4),
-                "index_bytes_per_entry": round(index_bytes(ivf) / n, 1),
-                **summary(latencies),
-            }
-        )
+        rows.append(_row(f"ivf nlist={nlist} nprobe={nprobe}", ivf, ivf_s, top, truth, latencies))
     del ivf
     rows.append(_service_index(corpus, probes, truth))
     trained = ANN.trained_for(n)
-    if trained is not None and ANN.nlist(trained) != ANN.nlist(n):
-        rows.append(_as_grown(corpus, probes, truth, ANN.nlist(trained), trained))
+    if trained is not None and ANN.nlist(trained) != nlist:
+        # the index a scope that grew to this size holds: lists trained at ``trained`` entries
+        grown = {"nlist": ANN.nlist(trained), "nprobe": ANN.nprobe}
+        ivf, ivf_s = build(Candidate("ivf", grown), corpus)
+        top, latencies = search_one_by_one(ivf, probes)
+        name = f"ivf nlist={grown['nlist']} nprobe={grown['nprobe']} (as grown: last rebuilt"
+        rows.append(_row(f"{name} at {trained})", ivf, ivf_s, top, truth, latencies))
+        del ivf
     if n <= HNSW_MAX:
         hnsw, hnsw_s = build(Candidate("hnsw", HNSW), corpus)
         top, latencies = search_one_by_one(hnsw, probes)
-        rows.append(
-            {
-                "index": "hnsw M=32 efC=80 efS=64",
-                "build_s": round(hnsw_s, 2),
-                "recall_at_1": round(float((top == truth).mean()), 4),
-                "index_bytes_per_entry": round(index_bytes(hnsw) / n, 1),
-                **summary(latencies),
-            }
-        )
+        rows.append(_row("hnsw M=32 efC=80 efS=64", hnsw, hnsw_s, top, truth, latencies))
     return {
         "queries": queries,
         "rows": rows,
