@@ -41,6 +41,7 @@ def protocol_report(fit: Candidates, report: Candidates, shipped: Point) -> dict
     baseline_same_t = report.outcome(shipped.threshold, 0.0)
     baseline_eq = baseline_at_recall(report, at_shipped.recall)
     comparisons = [_comparison("shipped", shipped, report)]
+    verified = [Point(t, shipped.min_probability, shipped.margin) for t in CURVE]
     for floor in RECALL_FLOORS:
         point = best_at_recall(fit, floor, PROBABILITIES[1:])
         if point is not None:
@@ -48,14 +49,7 @@ def protocol_report(fit: Candidates, report: Candidates, shipped: Point) -> dict
     return {
         "baseline_curve": [{"threshold": t, **report.outcome(t, 0.0).as_dict()} for t in CURVE],
         # the same thresholds with the verification step at its shipped setting
-        "verified_curve": [
-            {
-                "threshold": t,
-                **Point(t, shipped.min_probability, shipped.margin).as_dict(),
-                **Point(t, shipped.min_probability, shipped.margin).outcome(report).as_dict(),
-            }
-            for t in CURVE
-        ],
+        "verified_curve": [{**p.as_dict(), **p.outcome(report).as_dict()} for p in verified],
         "shipped": {**shipped.as_dict(), **at_shipped.as_dict()},
         "baseline_at_shipped_threshold": baseline_same_t.as_dict(),
         "baseline_at_equal_recall": baseline_eq.as_dict(),
