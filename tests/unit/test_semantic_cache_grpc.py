@@ -13,6 +13,7 @@ from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.leases import Leases
 from services.semantic_cache.query import query_from_request
 from services.semantic_cache.servicer import SemanticCacheService
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
@@ -26,6 +27,12 @@ ANSWER = sc.CachedAnswer(
     stop_reason="end_turn",
     output_tokens=12,
 )
+
+
+def leased_cache() -> SemanticCache:
+    """A cache with single-flight leases (30 s) on a clock that never moves by itself."""
+    clock = ManualClock()
+    return SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
 
 
 async def start(service: SemanticCacheService) -> tuple[grpc.aio.Server, int]:
@@ -139,10 +146,7 @@ async def test_drop_by_entry_removes_only_that_entry_of_that_tenant(
 
 
 async def test_a_lookup_waits_on_an_identical_miss_within_its_deadline() -> None:
-    from services.semantic_cache.leases import Leases
-
-    clock = ManualClock()
-    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    cache = leased_cache()
     server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0))
     lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -187,10 +191,7 @@ async def test_once_the_drain_has_begun_writes_are_unavailable_and_reads_served(
 
 
 async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
-    from services.semantic_cache.leases import Leases
-
-    clock = ManualClock()
-    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    cache = leased_cache()
     server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0))
     lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -219,10 +220,7 @@ async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
 async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease() -> None:
     import asyncio
 
-    from services.semantic_cache.leases import Leases
-
-    clock = ManualClock()
-    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    cache = leased_cache()
     draining = asyncio.Event()
     server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0, draining=draining))
     lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
