@@ -93,6 +93,15 @@ def canonical_blocks(request: pb.CompleteRequest, tokenizer: Tokenizer) -> list[
     return blocks
 
 
+def prompt_tokens(request: pb.CompleteRequest, tokenizer: Tokenizer) -> int:
+    """The canonical prompt's token count, without building its blocks or their digests.
+
+    Equal to ``sum(b.tokens for b in canonical_blocks(request, tokenizer))``: what an L1 hit
+    needs for its baseline price, so a hit costs no PrefixCache.Plan call.
+    """
+    return sum(tokenizer.count(text) for _, text, _ in _parts(request))
+
+
 def prompt_token_ids(blocks: list[Block]) -> list[int]:
     ids: list[int] = []
     for block in blocks:

@@ -18,6 +18,7 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
+from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
@@ -48,14 +49,18 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         redis = Redis.from_url(settings.redis_url)
         cache = shared = RedisWarmStore(redis)
         ledger = RedisCommitLedger(redis, record_ttl_ms)
+    clock = SystemClock()
     core = PrefixCacheCore(
         table=table,
         tokenizer=tokenizer,
         cache=cache,
         views=ReplicaViews(settings.replica_capacity_blocks),
         ledger=ledger,
-        clock=SystemClock(),
+        clock=clock,
         lookback=settings.lookback_blocks,
+        plans=PlanMemo(
+            clock, ttl_ms=settings.plan_ttl_s * 1000, max_blocks=settings.plan_memo_blocks
+        ),
     )
     servicer = PrefixCacheServicer(core)
 

@@ -1,8 +1,8 @@
 """Plan, Commit and Totals without gRPC: validation, the stores and the pure rules wired up.
 
 Errors are exceptions the servicer maps to status codes: ``BadRequest`` and ``RuleViolation``
-→ INVALID_ARGUMENT, ``NoWarmCommit`` → FAILED_PRECONDITION, ``NotReady`` → UNAVAILABLE. Every
-check runs before any state changes, so bad input changes nothing.
+→ INVALID_ARGUMENT, ``NoWarmCommit`` and ``PlanGone`` → FAILED_PRECONDITION, ``NotReady`` →
+UNAVAILABLE. Every check runs before any state changes, so bad input changes nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer
 from services.prefix_cache.auto_rules import plan_for, scope_for
 from services.prefix_cache.ledger import CommitLedger
+from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.pricing import charge
 from services.prefix_cache.reconcile import reported_usage
 from services.prefix_cache.records import Final
@@ -35,6 +36,11 @@ class BadRequest(ValueError):
 
 class NoWarmCommit(LookupError):
     """FAILED_PRECONDITION: FINAL without an earlier WARM for the request id."""
+
+
+class PlanGone(LookupError):
+    """FAILED_PRECONDITION: a WARM commit named a plan this process no longer holds and sent
+    no request; send the request with it."""
 
 
 class NotReady(RuntimeError):
@@ -66,13 +72,20 @@ class Candidate:
 class PlanResult:
     split: Split
     candidates: tuple[Candidate, ...]
+    plan_id: str = ""  # names the computed prompt for the WARM commit ("" = not kept)
 
 
 @dataclass(frozen=True)
-class _Prompt:
+class Prompt:
+    """One request's prompt as prefix-cache sees it, computed once per request."""
+
     plan: PromptPlan
     scope: tuple[str, ...]
     kv_hashes: list[bytes]  # the replica's block hashes of the prompt (L3)
+
+    @property
+    def weight(self) -> int:
+        return len(self.kv_hashes)
 
 
 class PrefixCacheCore:
@@ -86,6 +99,7 @@ class PrefixCacheCore:
         ledger: CommitLedger,
         clock: Clock,
         lookback: int,
+        plans: PlanMemo[Prompt] | None = None,
     ) -> None:
         self._table = table
         self._tokenizer = tokenizer
@@ -94,6 +108,7 @@ class PrefixCacheCore:
         self._ledger = ledger
         self._clock = clock
         self._lookback = lookback
+        self._plans = plans if plans is not None else PlanMemo(clock, ttl_ms=0, max_blocks=0)
         self._commit_lock = asyncio.Lock()
 
     async def plan(
@@ -110,7 +125,8 @@ class PrefixCacheCore:
         else:
             hit = await self._cache.longest(prompt.scope, prompt.plan.probes, self._clock.now_ms())
             read = hit.tokens if hit else 0
-        return PlanResult(settle(prompt.plan, read), tuple(candidates))
+        plan_id = self._plans.put(tenant, spec.id, prompt)
+        return PlanResult(settle(prompt.plan, read), tuple(candidates), plan_id)
 
     async def warm(
         self,
@@ -121,11 +137,14 @@ class PrefixCacheCore:
         replica: str,
         kv_cached_tokens: int = 0,
         max_read_tokens: int | None = None,
+        plan_id: str = "",
     ) -> Split:
         """The first token arrived from ``replica``, which reported ``kv_cached_tokens``.
 
         ``max_read_tokens`` is the read predicted when the request arrived: prefixes warmed
         after that (by a concurrent request) are not read, as the provider looked up on arrival.
+        ``plan_id`` names the Plan of this request: its prompt is reused, not computed again
+        (``request`` may then be None; if the plan is gone, ``PlanGone`` asks for it).
         """
         if max_read_tokens is not None and max_read_tokens < 0:
             raise BadRequest(f"max_read_tokens must be >= 0, got {max_read_tokens}")
@@ -134,7 +153,14 @@ class PrefixCacheCore:
         spec = self._spec(model, "model")
         if (done := await self._ledger.get(tenant, request_id, self._clock.now_ms())) is not None:
             return done.split
-        prompt = await self._prompt(tenant, request, spec)
+        prompt = self._plans.take(plan_id, tenant, spec.id) if plan_id else None
+        if prompt is None:
+            if request is None and plan_id:
+                raise PlanGone(
+                    f"plan_id {plan_id!r} is not held by this prefix-cache (expired, or made by "
+                    "another process): send the request with the WARM commit"
+                )
+            prompt = await self._prompt(tenant, request, spec)
         plan = prompt.plan
         if not 0 <= kv_cached_tokens < max(plan.prompt_tokens, 1):
             raise BadRequest(
@@ -244,15 +270,20 @@ class PrefixCacheCore:
 
     async def _prompt(
         self, tenant: str, request: pb.CompleteRequest | None, spec: ModelSpec
-    ) -> _Prompt:
+    ) -> Prompt:
         if request is None:
             raise BadRequest("request is required: send the CompleteRequest being served")
         tokenizer = self._tokenizer.get()
-        blocks = await asyncio.to_thread(canonical_blocks, request, tokenizer)
-        plan = await asyncio.to_thread(plan_for, blocks, sites_of(request), spec, self._lookback)
-        ids = prompt_token_ids(blocks)
-        hashes = await asyncio.to_thread(ReplicaViews.hashes, tenant, spec.id, ids)
-        return _Prompt(plan, scope_for(spec, tenant, request), hashes)
+        # one worker-thread hop for the whole computation (each hop costs a thread handoff)
+        return await asyncio.to_thread(self._compute, tenant, request, spec, tokenizer)
+
+    def _compute(
+        self, tenant: str, request: pb.CompleteRequest, spec: ModelSpec, tokenizer: Tokenizer
+    ) -> Prompt:
+        blocks = canonical_blocks(request, tokenizer)
+        plan = plan_for(blocks, sites_of(request), spec, self._lookback)
+        hashes = ReplicaViews.hashes(tenant, spec.id, prompt_token_ids(blocks))
+        return Prompt(plan, scope_for(spec, tenant, request), hashes)
 
 
 def _require(value: str, field: str) -> None:

@@ -11,7 +11,13 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
-from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PrefixCacheCore
+from services.prefix_cache.core import (
+    BadRequest,
+    NotReady,
+    NoWarmCommit,
+    PlanGone,
+    PrefixCacheCore,
+)
 from services.prefix_cache.reconcile import BadUsage
 from services.prefix_cache.records import Final
 from services.prefix_cache.rules import RuleViolation, Split
@@ -24,6 +30,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (RuleViolation, grpc.StatusCode.INVALID_ARGUMENT),
     (BadUsage, grpc.StatusCode.INVALID_ARGUMENT),
     (NoWarmCommit, grpc.StatusCode.FAILED_PRECONDITION),
+    (PlanGone, grpc.StatusCode.FAILED_PRECONDITION),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -43,6 +50,7 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
             ),
         )
         return pc.PlanResponse(
+            plan_id=result.plan_id,
             usage=usage_of(result.split),
             prompt_tokens=result.split.prompt_tokens,
             candidates=[
@@ -63,6 +71,7 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
                     request.replica,
                     request.kv_cached_tokens,
                     request.max_read_tokens if request.HasField("max_read_tokens") else None,
+                    request.plan_id,
                 ),
             )
             return pc.CommitResponse(usage=usage_of(split))

@@ -20,6 +20,8 @@ class PrefixCacheSettings:
     max_records: int
     redis_url: str | None  # set = warm prefixes, records, totals in Redis; unset = in process
     replica_capacity_blocks: int  # the KV capacity assumed per model replica (L3 view)
+    plan_ttl_s: int  # how long a Plan's computed prompt waits for its WARM commit (0 = off)
+    plan_memo_blocks: int  # the most KV block hashes the kept plans hold in all
 
     @classmethod
     def from_env(cls, env: Env) -> PrefixCacheSettings:
@@ -34,4 +36,6 @@ class PrefixCacheSettings:
             replica_capacity_blocks=env.int(
                 "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS", 65536, minimum=1
             ),
+            plan_ttl_s=env.int("PREFIX_CACHE_PLAN_TTL_S", 600, minimum=0),
+            plan_memo_blocks=env.int("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000, minimum=0),
         )

@@ -136,18 +136,32 @@ class Calls:
         replica: str,
         kv_cached_tokens: int,
         max_read_tokens: int | None,
+        plan_id: str = "",
     ) -> prefix_cache_pb2.CommitResponse | None:
+        """WARM; with the ``plan_id`` of this request's Plan the request is not sent again
+        (prefix-cache reuses the prompt it computed), unless that process no longer holds it."""
         commit = prefix_cache_pb2.CommitRequest(
             tenant=tenant,
             request_id=commit_id,
             phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
             model=model,
-            request=request,
             replica=replica,
             kv_cached_tokens=kv_cached_tokens,
+            plan_id=plan_id,
         )
         if max_read_tokens is not None:
             commit.max_read_tokens = max_read_tokens
+        if plan_id:
+            try:
+                return await self._b.prefix.Commit(
+                    commit, timeout=self._s.prefix_timeout_s, metadata=self._b.metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    _degraded("prefix-cache", exc)
+                    return None
+                # the plan is gone (expired, or another prefix-cache process made it)
+        commit.request.CopyFrom(request)
         return await self._commit(commit)
 
     async def commit_final(

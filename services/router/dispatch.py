@@ -39,6 +39,7 @@ class Attempt:
     chat_span: trace.Span
     route: Route
     planned_read: int | None  # the cache read Plan predicted on arrival (None: no Plan)
+    plan_id: str  # names the prompt Plan computed, for the WARM commit ("" = none)
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -114,7 +115,10 @@ class Dispatcher:
                     route = Route(route.order, dict(candidates)[replica], "fallback", 0)
                 spans.route_attributes(chat_span, replica, route, start)
                 planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
-                return Attempt(spec, reason, replica, stream, start, chat_span, route, planned_read)
+                plan_id = plan.plan_id if plan is not None else ""
+                return Attempt(
+                    spec, reason, replica, stream, start, chat_span, route, planned_read, plan_id
+                )
         raise RequestError(
             grpc.StatusCode.UNAVAILABLE,
             "no model replica could serve the request ("

@@ -21,7 +21,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
-from services.common.prompt import last_user_text
+from services.common.prompt import last_user_text, prompt_tokens
 from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer
 from services.router import spans
@@ -100,6 +100,7 @@ class Pipeline:
                 attempt.replica,
                 attempt.start.kv_cached_tokens,
                 attempt.planned_read,
+                attempt.plan_id,
             )
         except BaseException:
             attempt.stream.cancel()
@@ -175,9 +176,9 @@ class Pipeline:
         head: pb.CompleteResponse,
     ) -> pb.CompleteResponse:
         answer = lookup.answer
-        plan = await self._calls.plan(tenant, baseline.id, request, ())
-        prompt_tokens = plan.prompt_tokens if plan is not None else 0
-        baseline_nanos = baseline.baseline_nanos(prompt_tokens, answer.output_tokens)
+        # counted here (the tokenizer caches each block's text): a hit makes no Plan call
+        prompt = prompt_tokens(request, self._tokenizer)
+        baseline_nanos = baseline.baseline_nanos(prompt, answer.output_tokens)
         end = pb.CompleteResponse()
         end.CopyFrom(head)
         end.content.extend(answer.content)
@@ -185,14 +186,9 @@ class Pipeline:
         end.model = answer.model
         end.tier = answer.tier
         end.stop_reason = answer.stop_reason
-        end.usage.CopyFrom(pb.Usage(input_tokens=prompt_tokens, output_tokens=answer.output_tokens))
+        end.usage.CopyFrom(pb.Usage(input_tokens=prompt, output_tokens=answer.output_tokens))
         end.cost.CopyFrom(
-            pb.Cost(
-                cost_nanos=0,
-                baseline_nanos=baseline_nanos,
-                saved_nanos=baseline_nanos,
-                estimated=plan is None,
-            )
+            pb.Cost(cost_nanos=0, baseline_nanos=baseline_nanos, saved_nanos=baseline_nanos)
         )
         end.semantic.CopyFrom(lookup.match)
         return end

@@ -108,6 +108,8 @@ SERVICES: tuple[ServiceDef, ...] = (
             "PREFIX_CACHE_MAX_RECORDS",
             "PREFIX_CACHE_REDIS_URL",
             "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS",
+            "PREFIX_CACHE_PLAN_TTL_S",
+            "PREFIX_CACHE_PLAN_MEMO_BLOCKS",
         ),
     ),
     ServiceDef(

@@ -30,7 +30,15 @@ def test_same_question_twice_is_an_exact_semantic_hit(client_a: Client) -> None:
     assert answer_text(second) == answer_text(first)
     assert second.cost.cost_nanos == 0
     assert second.cost.saved_nanos == second.cost.baseline_nanos > 0
-    assert second.usage.input_tokens > 0 and second.usage.output_tokens == first.usage.output_tokens
+    assert second.usage.output_tokens == first.usage.output_tokens
+    # the hit counts the same prompt the miss was billed for (no Plan call behind it)
+    prompt = (
+        first.usage.input_tokens
+        + first.usage.cache_creation_input_tokens
+        + first.usage.cache_read_input_tokens
+    )
+    assert second.usage.input_tokens == prompt > 0
+    assert not second.cost.estimated
 
 
 def test_paraphrase_is_served_with_its_similarity(client_a: Client) -> None:

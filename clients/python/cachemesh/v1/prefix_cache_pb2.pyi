@@ -104,7 +104,12 @@ class PlanResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    plan_id: _builtins.str
+    """Names this request's prompt as Plan computed it (canonical form, token counts, block
+    hashes), kept briefly so the WARM commit reuses it; empty when not kept.
+    """
     @_builtins.property
     def usage(self) -> _gateway_pb2.Usage:
         """predicted split of the prompt (output_tokens = 0)"""
@@ -119,10 +124,11 @@ class PlanResponse(_message.Message):
         usage: _gateway_pb2.Usage | None = ...,
         prompt_tokens: _builtins.int = ...,
         candidates: _abc.Iterable[Global___ReplicaCandidate] | None = ...,
+        plan_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "prompt_tokens", b"prompt_tokens", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "plan_id", b"plan_id", "prompt_tokens", b"prompt_tokens", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,6 +149,7 @@ class CommitRequest(_message.Message):
     BASELINE_MODEL_FIELD_NUMBER: _builtins.int
     PROVIDER_USAGE_FIELD_NUMBER: _builtins.int
     MAX_READ_TOKENS_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -158,6 +165,10 @@ class CommitRequest(_message.Message):
     """WARM: the cache read the Plan predicted when the request arrived. The provider looks its
     cache up on arrival, so a prefix that became warm later (a concurrent request's first
     token) is not read by this one. Unset = no Plan was made (prefix-cache was unreachable).
+    """
+    plan_id: _builtins.str
+    """WARM: the Plan of this request; its prompt is reused and `request` may be left out.
+    A plan this process no longer holds, with no request, gets FAILED_PRECONDITION.
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -183,10 +194,11 @@ class CommitRequest(_message.Message):
         baseline_model: _builtins.str = ...,
         provider_usage: Global___ProviderUsage | None = ...,
         max_read_tokens: _builtins.int | None = ...,
+        plan_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "max_read_tokens", b"max_read_tokens", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_read_tokens: _TypeAlias = _typing.Literal["max_read_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_read_tokens: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens"]  # noqa: Y015

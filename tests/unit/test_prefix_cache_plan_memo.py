@@ -1,0 +1,137 @@
+"""A Plan's prompt reused by its WARM commit: computed once, owned by one tenant and model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.models import ModelSpec, load_model_table
+from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.core import PlanGone, PrefixCacheCore, Prompt, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.plan_memo import PlanMemo
+from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
+
+SYSTEM = " ".join(f"Rule {i}: answer briefly and cite the policy section." for i in range(120))
+
+
+@dataclass(frozen=True)
+class Weighted:
+    weight: int
+
+
+def test_a_plan_is_taken_once_by_its_own_tenant_and_model() -> None:
+    memo: PlanMemo[Weighted] = PlanMemo(ManualClock(), ttl_ms=1000, max_blocks=100)
+    plan_id = memo.put("a", "m", Weighted(3))
+    assert plan_id and memo.blocks == 3
+    assert memo.take(plan_id, "b", "m") is None  # another tenant
+    assert memo.take(plan_id, "a", "other") is None  # another model
+    assert memo.take(plan_id, "a", "m") == Weighted(3)
+    assert memo.take(plan_id, "a", "m") is None  # once
+    assert len(memo) == 0 and memo.blocks == 0
+
+
+def test_plans_expire_by_the_clock() -> None:
+    clock = ManualClock()
+    memo: PlanMemo[Weighted] = PlanMemo(clock, ttl_ms=1000, max_blocks=100)
+    old = memo.put("a", "m", Weighted(1))
+    clock.advance(ms=1000)
+    assert memo.take(old, "a", "m") is None
+    kept = memo.put("a", "m", Weighted(1))
+    clock.advance(ms=999)
+    assert memo.take(kept, "a", "m") == Weighted(1)
+
+
+def test_the_oldest_plans_go_first_past_the_block_budget() -> None:
+    memo: PlanMemo[Weighted] = PlanMemo(ManualClock(), ttl_ms=1000, max_blocks=10)
+    first = memo.put("a", "m", Weighted(6))
+    second = memo.put("a", "m", Weighted(4))
+    third = memo.put("a", "m", Weighted(5))  # 15 > 10: the first goes
+    assert memo.blocks == 9
+    assert memo.take(first, "a", "m") is None
+    assert memo.take(second, "a", "m") == Weighted(4)
+    assert memo.take(third, "a", "m") == Weighted(5)
+    assert memo.put("a", "m", Weighted(11)) == ""  # larger than the whole budget: not kept
+
+
+def test_a_zero_ttl_keeps_nothing() -> None:
+    memo: PlanMemo[Weighted] = PlanMemo(ManualClock(), ttl_ms=0, max_blocks=10)
+    assert memo.put("a", "m", Weighted(1)) == ""
+    assert len(memo) == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+class CountingCore(PrefixCacheCore):
+    computed = 0
+
+    def _compute(
+        self, tenant: str, request: pb.CompleteRequest, spec: ModelSpec, tokenizer: Tokenizer
+    ) -> Prompt:
+        type(self).computed += 1
+        return super()._compute(tenant, request, spec, tokenizer)
+
+
+def _core(tokenizer: Tokenizer, clock: ManualClock) -> CountingCore:
+    CountingCore.computed = 0
+    return CountingCore(
+        table=load_model_table(),
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=InMemoryWarmStore(1000),
+        views=ReplicaViews(65536),
+        ledger=InMemoryLedger(CommitRecords(3_600_000, 1000), TotalsLedger()),
+        clock=clock,
+        lookback=20,
+        plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=100_000),
+    )
+
+
+def _request() -> pb.CompleteRequest:
+    system = pb.ContentBlock(text=SYSTEM, cache_control=pb.CacheControl())
+    return pb.CompleteRequest(
+        model="sim-large",
+        max_tokens=100,
+        system=[system],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Hello?")])],
+    )
+
+
+async def test_warm_by_plan_id_computes_the_prompt_once_and_bills_the_same(
+    tokenizer: Tokenizer,
+) -> None:
+    clock = ManualClock()
+    by_plan = _core(tokenizer, clock)
+    plan = await by_plan.plan("t", "sim-large", _request(), ["r1"])
+    assert plan.plan_id
+    split = await by_plan.warm("t", "req-1", "sim-large", None, "r1", 0, None, plan.plan_id)
+    assert CountingCore.computed == 1  # Plan computed it; WARM reused it
+
+    by_request = _core(tokenizer, clock)
+    expected = await by_request.warm("t", "req-1", "sim-large", _request(), "r1", 0, None)
+    assert split == expected
+    assert split.creation_tokens > 1024
+
+
+async def test_a_gone_plan_without_the_request_is_refused_and_changes_nothing(
+    tokenizer: Tokenizer,
+) -> None:
+    clock = ManualClock()
+    core = _core(tokenizer, clock)
+    plan = await core.plan("t", "sim-large", _request(), ["r1"])
+    clock.advance(ms=60_000)
+    with pytest.raises(PlanGone, match="send the request"):
+        await core.warm("t", "req-1", "sim-large", None, "r1", 0, None, plan.plan_id)
+    with pytest.raises(PlanGone):  # another tenant cannot use it either
+        await core.warm("u", "req-2", "sim-large", None, "r1", 0, None, "nonexistent")
+    # with the request it goes through, as if there had been no plan
+    split = await core.warm("t", "req-1", "sim-large", _request(), "r1", 0, None, plan.plan_id)
+    assert split.creation_tokens > 1024

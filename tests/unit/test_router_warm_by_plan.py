@@ -1,0 +1,93 @@
+"""The router's WARM commit names the Plan and sends the request only when the plan is gone."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import grpc
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.config import Env
+from services.common.models import model_table_from_env
+from services.router.backends import Backends
+from services.router.calls import Calls
+from services.router.settings import RouterSettings
+
+WARM = pc.CommitResponse(usage=pb.Usage(cache_read_input_tokens=2048))
+
+
+class ScriptedCommit:
+    def __init__(self, *replies: pc.CommitResponse | grpc.StatusCode) -> None:
+        self._replies = list(replies)
+        self.sent: list[pc.CommitRequest] = []
+
+    async def Commit(
+        self,
+        request: pc.CommitRequest,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the gRPC stub's own signature
+        metadata: object,
+    ) -> pc.CommitResponse:
+        sent = pc.CommitRequest()
+        sent.CopyFrom(request)
+        self.sent.append(sent)
+        reply = self._replies.pop(0)
+        if isinstance(reply, grpc.StatusCode):
+            raise grpc.aio.AioRpcError(reply, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+        return reply
+
+
+def calls(stub: ScriptedCommit) -> Calls:
+    env = Env(
+        {
+            "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
+            "CACHEMESH_API_KEYS_FILE": "/dev/null",
+            "CACHEMESH_INTERNAL_TOKEN": "t",
+        }
+    )
+    settings = RouterSettings.from_env(env, model_table_from_env(env))
+    backends = Backends(
+        semantic=cast(Any, None), prefix=cast(Any, stub), models={}, replica_stubs={}, metadata=()
+    )
+    return Calls(backends, settings)
+
+
+REQUEST = pb.CompleteRequest(
+    model="sim-large",
+    messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Hello?")])],
+)
+
+
+async def _warm(stub: ScriptedCommit, plan_id: str) -> pc.CommitResponse | None:
+    return await calls(stub).commit_warm(
+        "tenant-a", REQUEST, "r#1", "sim-large", "replica-1", 16, 2048, plan_id
+    )
+
+
+async def test_a_held_plan_is_committed_without_the_request() -> None:
+    stub = ScriptedCommit(WARM)
+    assert await _warm(stub, "p1") == WARM
+    [sent] = stub.sent
+    assert sent.plan_id == "p1" and not sent.HasField("request")
+    assert sent.max_read_tokens == 2048 and sent.kv_cached_tokens == 16
+
+
+async def test_a_gone_plan_is_committed_again_with_the_request() -> None:
+    stub = ScriptedCommit(grpc.StatusCode.FAILED_PRECONDITION, WARM)
+    assert await _warm(stub, "p1") == WARM
+    first, second = stub.sent
+    assert not first.HasField("request")
+    assert second.request == REQUEST and second.request_id == "r#1"
+
+
+async def test_without_a_plan_the_request_is_sent() -> None:
+    stub = ScriptedCommit(WARM)
+    assert await _warm(stub, "") == WARM
+    assert stub.sent[0].request == REQUEST
+
+
+async def test_prefix_cache_down_degrades_without_a_second_try() -> None:
+    stub = ScriptedCommit(grpc.StatusCode.UNAVAILABLE)
+    assert await _warm(stub, "p1") is None
+    assert len(stub.sent) == 1
