@@ -148,8 +148,14 @@ class SimEngine:
         self._kv.insert(prepared.block_hashes)
         yield Started(self.replica_id, prepared.prompt_tokens, cached)
         ids = prepared.answer.token_ids
-        for start in range(0, len(ids), self._delta_tokens):
-            group = ids[start : start + self._delta_tokens]
-            await self._sleep(decode_seconds(spec, len(group), self._time_scale))
-            yield Delta(self._tokenizer.decode(list(group)))
+        if self._time_scale == 0:
+            # no decode time: every token is ready at once, so they go out as one delta (a
+            # delta per few tokens would only add stream messages that carry no time)
+            if ids:
+                yield Delta(self._tokenizer.decode(list(ids)))
+        else:
+            for start in range(0, len(ids), self._delta_tokens):
+                group = ids[start : start + self._delta_tokens]
+                await self._sleep(decode_seconds(spec, len(group), self._time_scale))
+                yield Delta(self._tokenizer.decode(list(group)))
         yield Finished(prepared.answer.tokens, prepared.answer.stop_reason)

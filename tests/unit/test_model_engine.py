@@ -93,6 +93,18 @@ async def test_stream_is_start_deltas_end_and_deltas_make_the_answer(
     assert len(deltas) == -(-end.output_tokens // 4)
 
 
+async def test_at_zero_time_the_answer_is_one_delta_and_the_same_text(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    question = _request("How do I clear the cache?")
+    paced = await _run(_engine(tokenizer, sleep), question)
+    instant = await _run(_engine(tokenizer, sleep, scale=0.0), question)
+    start, delta, end = instant
+    assert isinstance(start, Started) and isinstance(delta, Delta) and isinstance(end, Finished)
+    assert delta.text == "".join(e.text for e in paced if isinstance(e, Delta))
+    assert end == paced[-1]
+
+
 async def test_latency_follows_uncached_prefill_and_decode(
     tokenizer: Tokenizer, sleep: RecordingSleep
 ) -> None:
