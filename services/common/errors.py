@@ -1,14 +1,39 @@
-"""The one error a service raises for a request it refuses: a gRPC status and a message."""
+"""The one error a service core raises for a request it refuses: a status code and a message.
+
+``Code`` names the canonical status codes (google.rpc.Code, the names gRPC uses too) without
+importing gRPC, so the cores stay free of the transport; each servicer maps a ``Code`` to its
+``grpc.StatusCode`` (``services.common.status``).
+"""
 
 from __future__ import annotations
 
-import grpc
+import enum
+
+
+class Code(enum.Enum):
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 class RequestError(Exception):
     """A request refused with ``code``; ``message`` names the field and what to do."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -14,10 +14,8 @@ import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-import grpc
-
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer
@@ -103,17 +101,17 @@ class SimEngine:
     def prepare(self, tenant: str, model: str, request: pb.CompleteRequest) -> Prepared:
         """Validates and derives; raises ``RequestError`` and changes nothing."""
         if not tenant:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "tenant is required")
+            raise RequestError(Code.INVALID_ARGUMENT, "tenant is required")
         spec = self._models.get(model)
         if spec is None:
             served = ", ".join(self._models)
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Code.INVALID_ARGUMENT,
                 f"model {model!r} is not served by replica {self.replica_id}; it serves: {served}",
             )
         if not 0 < request.max_tokens <= spec.max_output_tokens:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Code.INVALID_ARGUMENT,
                 f"max_tokens must be between 1 and {spec.max_output_tokens} for {model}, "
                 f"got {request.max_tokens}",
             )
@@ -121,12 +119,12 @@ class SimEngine:
         token_ids = prompt_token_ids(blocks)
         if not token_ids:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Code.INVALID_ARGUMENT,
                 "request.messages is empty: the prompt has no tokens to answer",
             )
         if len(token_ids) > spec.context_window_tokens:
             raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Code.RESOURCE_EXHAUSTED,
                 f"the prompt has {len(token_ids)} tokens, over {model}'s context window of "
                 f"{spec.context_window_tokens}; shorten the messages, system or tools",
             )

@@ -12,6 +12,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.errors import RequestError
+from services.common.status import grpc_code
 from services.model.engine import Delta, Event, Finished, SimEngine, Started
 
 log = logging.getLogger("cachemesh.model")
@@ -48,7 +49,7 @@ class ModelService(model_pb2_grpc.ModelServicer):
                 engine.prepare, request.tenant, request.model, request.request
             )
         except RequestError as error:
-            await context.abort(error.code, error.message)
+            await context.abort(grpc_code(error.code), error.message)
             return
         span.set_attribute("gen_ai.usage.input_tokens", prepared.prompt_tokens)
         try:

@@ -16,7 +16,8 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
+from services.common.status import code_of
 from services.router.backends import Backends
 from services.router.settings import RouterSettings
 
@@ -29,7 +30,7 @@ _CLIENT_FAULTS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXH
 
 def _client_fault(exc: grpc.aio.AioRpcError) -> RequestError | None:
     if exc.code() in _CLIENT_FAULTS:
-        return RequestError(exc.code(), exc.details() or exc.code().name)
+        return RequestError(code_of(exc.code()), exc.details() or exc.code().name)
     return None
 
 
@@ -216,5 +217,5 @@ class Calls:
             raise
         if not isinstance(first, model_pb2.GenerateChunk) or first.WhichOneof("part") != "start":
             stream.cancel()
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"a {model} replica sent no start")
+            raise RequestError(Code.UNAVAILABLE, f"a {model} replica sent no start")
         return stream, first.start

@@ -16,7 +16,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.router import spans
 from services.router.backends import Backends
@@ -120,7 +120,7 @@ class Dispatcher:
                     spec, reason, replica, stream, start, chat_span, route, planned_read, plan_id
                 )
         raise RequestError(
-            grpc.StatusCode.UNAVAILABLE,
+            Code.UNAVAILABLE,
             "no model replica could serve the request ("
             + "; ".join(dict.fromkeys(failures))
             + "); retry later",

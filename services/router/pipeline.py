@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import last_user_text, prompt_tokens
 from services.common.telemetry import current_trace_id
@@ -127,7 +127,7 @@ class Pipeline:
                 elif part == "end":
                     end_chunk = chunk.end
             if end_chunk is None:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model ended without an answer")
+                raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             end = await self._finish(
                 tenant, request, attempt, warm, end_chunk, "".join(pieces), baseline, head
             )
@@ -137,7 +137,7 @@ class Pipeline:
         except grpc.aio.AioRpcError as exc:
             log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code().name)
             raise RequestError(
-                grpc.StatusCode.UNAVAILABLE,
+                Code.UNAVAILABLE,
                 f"the {attempt.model.id} model failed mid-answer ({exc.code().name}); retry "
                 "with the same request_id",
             ) from exc

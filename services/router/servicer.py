@@ -13,8 +13,9 @@ import grpc
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import ApiKeys, bearer_token
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
+from services.common.status import grpc_code
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.validation import validate_request
@@ -49,7 +50,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     if chunk.WhichOneof("part") == "end":
                         return chunk.end
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_code(exc.code), exc.message)
         await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
         raise AssertionError("unreachable: abort raises")
 
@@ -62,7 +63,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for chunk in chunks:
                     yield chunk
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_code(exc.code), exc.message)
 
     async def _admit(self, request: pb.CompleteRequest, context: Context) -> str:
         token = bearer_token(context.invocation_metadata())
@@ -76,7 +77,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             validate_request(request, self._table, self._deployed)
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(grpc_code(exc.code), exc.message)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         assert tenant is not None
@@ -89,7 +90,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             claimed, future = self._answers.claim(tenant, request)
         except IdempotencyConflict as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
             for chunk in chunks_of(await asyncio.shield(future)):
                 yield chunk
@@ -121,7 +122,7 @@ def _settle(
     answers.release(tenant, request.request_id)
     future.set_exception(
         RequestError(
-            grpc.StatusCode.UNAVAILABLE,
+            Code.UNAVAILABLE,
             f"the first call with request_id {request.request_id!r} failed; retry it",
         )
     )

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 
-import grpc
-
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelTable
 
 MAX_BREAKPOINTS = 4
@@ -20,7 +18,7 @@ MAX_ID_CHARS = 128
 
 
 def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+    return RequestError(Code.INVALID_ARGUMENT, message)
 
 
 def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec, load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
@@ -174,11 +173,11 @@ async def test_max_tokens_cut(tokenizer: Tokenizer, sleep: RecordingSleep) -> No
 @pytest.mark.parametrize(
     ("tenant", "model", "max_tokens", "code", "names"),
     [
-        ("", "sim-large", 100, grpc.StatusCode.INVALID_ARGUMENT, "tenant"),
-        ("t", "gpt-9", 100, grpc.StatusCode.INVALID_ARGUMENT, "sim-small, sim-large"),
-        ("t", "sim-large", 0, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-        ("t", "sim-large", -5, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-        ("t", "sim-large", 64001, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        ("", "sim-large", 100, Code.INVALID_ARGUMENT, "tenant"),
+        ("t", "gpt-9", 100, Code.INVALID_ARGUMENT, "sim-small, sim-large"),
+        ("t", "sim-large", 0, Code.INVALID_ARGUMENT, "max_tokens"),
+        ("t", "sim-large", -5, Code.INVALID_ARGUMENT, "max_tokens"),
+        ("t", "sim-large", 64001, Code.INVALID_ARGUMENT, "max_tokens"),
     ],
 )
 def test_bad_input_is_refused(
@@ -187,7 +186,7 @@ def test_bad_input_is_refused(
     tenant: str,
     model: str,
     max_tokens: int,
-    code: grpc.StatusCode,
+    code: Code,
     names: str,
 ) -> None:
     with pytest.raises(RequestError) as caught:
@@ -212,7 +211,7 @@ def test_prompt_over_the_context_window_is_resource_exhausted(
     )
     with pytest.raises(RequestError) as caught:
         engine.prepare("t", "sim-large", _request("Hi?"))
-    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.code == Code.RESOURCE_EXHAUSTED
     assert "context window of 100" in caught.value.message
 
 

@@ -3,11 +3,10 @@ breakpoints the other rejects too, naming the same field (both say INVALID_ARGUM
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
@@ -58,7 +57,7 @@ def test_both_reject_the_same_bad_breakpoints(
 ) -> None:
     with pytest.raises(RequestError) as router_error:
         validate_request(request_, TABLE, set(TABLE.models))
-    assert router_error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert router_error.value.code == Code.INVALID_ARGUMENT
     with pytest.raises(RuleViolation) as rule_error:
         plan_for(canonical_blocks(request_, tokenizer), sites_of(request_), TABLE.models[model], 20)
     assert field in router_error.value.message and field in str(rule_error.value)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.errors import RequestError
+from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
 from services.router.validation import validate_request
 
@@ -50,7 +49,7 @@ def test_a_valid_request_passes() -> None:
 
 def test_no_messages() -> None:
     error = _error(_request(messages=[]))
-    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code == Code.INVALID_ARGUMENT
     assert error.message.startswith("messages:")
 
 

@@ -3,17 +3,39 @@
 >>> from cachemesh import Client
 >>> with Client("127.0.0.1:50051", api_key="cm_...") as client:
 ...     answer = client.ask("How do I reset my password?")
+
+The names below load on first use, so importing the generated messages (``cachemesh.v1``)
+alone does not import gRPC: the services' cores use the messages without the transport.
 """
 
-from cachemesh._client import AsyncClient, Client
-from cachemesh._errors import (
-    AuthenticationError,
-    CachemeshError,
-    InvalidRequestError,
-    RateLimitError,
-    UnavailableError,
-)
-from cachemesh._requests import answer_text, build_request, user_message
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cachemesh._client import AsyncClient, Client
+    from cachemesh._errors import (
+        AuthenticationError,
+        CachemeshError,
+        InvalidRequestError,
+        RateLimitError,
+        UnavailableError,
+    )
+    from cachemesh._requests import answer_text, build_request, user_message
+
+_HOMES = {
+    "AsyncClient": "cachemesh._client",
+    "Client": "cachemesh._client",
+    "AuthenticationError": "cachemesh._errors",
+    "CachemeshError": "cachemesh._errors",
+    "InvalidRequestError": "cachemesh._errors",
+    "RateLimitError": "cachemesh._errors",
+    "UnavailableError": "cachemesh._errors",
+    "answer_text": "cachemesh._requests",
+    "build_request": "cachemesh._requests",
+    "user_message": "cachemesh._requests",
+}
 
 __all__ = [
     "AsyncClient",
@@ -27,3 +49,16 @@ __all__ = [
     "build_request",
     "user_message",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'cachemesh' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
