@@ -12,10 +12,11 @@ from services.common.config import Env
 from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
+from services.model.api import ModelApi
 from services.model.config import ModelSettings
-from services.model.engine import SimEngine
 from services.model.kv_cache import KvBlockCache
 from services.model.servicer import ModelService
+from services.model.wiring import build_engine
 
 log = logging.getLogger("cachemesh.model")
 SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["Model"].full_name
@@ -31,15 +32,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
 
     async def warmup() -> None:
         tokenizer = await asyncio.to_thread(load_cl100k)
-        service.attach(
-            SimEngine(
-                models=settings.models,
-                replica_id=settings.replica_id,
-                tokenizer=tokenizer,
-                kv_cache=kv_cache,
-                time_scale=settings.time_scale,
-            )
-        )
+        service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache)))
 
     async def shutdown_tracing() -> None:
         provider.shutdown()

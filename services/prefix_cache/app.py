@@ -16,17 +16,11 @@ from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
-from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
-from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
-from services.prefix_cache.plan_memo import PlanMemo
-from services.prefix_cache.records import CommitRecords
-from services.prefix_cache.redis_ledger import RedisCommitLedger
-from services.prefix_cache.redis_store import RedisWarmStore
-from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.api import PrefixCacheApi
+from services.prefix_cache.core import TokenizerSlot
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
-from services.prefix_cache.totals import TotalsLedger
-from services.prefix_cache.warm import InMemoryWarmStore, WarmStore
+from services.prefix_cache.wiring import build_core
 
 PREFIX_CACHE = prefix_cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"].full_name
 
@@ -39,35 +33,14 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     auth = InternalAuthInterceptor(settings.internal_token)
     provider = build_tracer_provider(environ, "prefix-cache")
     tokenizer = TokenizerSlot()
-    redis: Redis | None = None
-    record_ttl_ms = settings.record_ttl_s * 1000
-    cache: WarmStore = InMemoryWarmStore(settings.max_warm_entries)
-    ledger: CommitLedger = InMemoryLedger(
-        CommitRecords(record_ttl_ms, settings.max_records), TotalsLedger()
-    )
-    if settings.redis_url is not None:  # warm prefixes, commit records and totals all shared
-        redis = Redis.from_url(settings.redis_url)
-        cache = shared = RedisWarmStore(redis)
-        ledger = RedisCommitLedger(redis, record_ttl_ms)
-    clock = SystemClock()
-    core = PrefixCacheCore(
-        table=table,
-        tokenizer=tokenizer,
-        cache=cache,
-        views=ReplicaViews(settings.replica_capacity_blocks),
-        ledger=ledger,
-        clock=clock,
-        lookback=settings.lookback_blocks,
-        plans=PlanMemo(
-            clock, ttl_ms=settings.plan_ttl_s * 1000, max_blocks=settings.plan_memo_blocks
-        ),
-    )
-    servicer = PrefixCacheServicer(core)
+    redis = Redis.from_url(settings.redis_url) if settings.redis_url is not None else None
+    core = build_core(settings, table, tokenizer, SystemClock(), redis)
+    servicer = PrefixCacheServicer(PrefixCacheApi(core))
 
     async def warmup() -> None:
         if redis is not None:  # fail at start-up, never fall back silently
             try:
-                await shared.ping()
+                await redis.ping()
             except RedisError as exc:
                 raise ConfigError(
                     f"PREFIX_CACHE_REDIS_URL: cannot reach Redis at {settings.redis_url} ({exc})"

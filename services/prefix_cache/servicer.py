@@ -1,177 +1,41 @@
-"""cachemesh.v1.PrefixCache over gRPC: messages in and out, errors to status codes."""
+"""gRPC ``cachemesh.v1.PrefixCache``: the API's messages over the wire, its errors as codes."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from opentelemetry import trace
 
-from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
-from services.prefix_cache.core import (
-    BadRequest,
-    NotReady,
-    NoWarmCommit,
-    PlanGone,
-    PrefixCacheCore,
-)
-from services.prefix_cache.reconcile import BadUsage
-from services.prefix_cache.records import Final
-from services.prefix_cache.rules import RuleViolation, Split
+from services.common.errors import RequestError
+from services.common.status import grpc_code
+from services.prefix_cache.api import PrefixCacheApi
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
-_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (RuleViolation, grpc.StatusCode.INVALID_ARGUMENT),
-    (BadUsage, grpc.StatusCode.INVALID_ARGUMENT),
-    (NoWarmCommit, grpc.StatusCode.FAILED_PRECONDITION),
-    (PlanGone, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotReady, grpc.StatusCode.UNAVAILABLE),
-)
-
 
 class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
-    def __init__(self, core: PrefixCacheCore) -> None:
-        self._core = core
+    def __init__(self, api: PrefixCacheApi) -> None:
+        self._api = api
 
     async def Plan(self, request: pc.PlanRequest, context: Context) -> pc.PlanResponse:
-        result = await _call(
-            context,
-            lambda: self._core.plan(
-                request.tenant,
-                request.model,
-                request.request if request.HasField("request") else None,
-                list(request.replicas),
-            ),
-        )
-        return pc.PlanResponse(
-            plan_id=result.plan_id,
-            usage=usage_of(result.split),
-            prompt_tokens=result.split.prompt_tokens,
-            candidates=[
-                pc.ReplicaCandidate(replica=c.replica, warm_prefix_tokens=c.warm_prefix_tokens)
-                for c in result.candidates
-            ],
-        )
+        return await _answer(context, self._api.plan(request))
 
     async def Commit(self, request: pc.CommitRequest, context: Context) -> pc.CommitResponse:
-        if request.phase == pc.COMMIT_PHASE_WARM:
-            split = await _call(
-                context,
-                lambda: self._core.warm(
-                    request.tenant,
-                    request.request_id,
-                    request.model,
-                    request.request if request.HasField("request") else None,
-                    request.replica,
-                    request.kv_cached_tokens,
-                    request.max_read_tokens if request.HasField("max_read_tokens") else None,
-                    request.plan_id,
-                ),
-            )
-            return pc.CommitResponse(usage=usage_of(split))
-        if request.phase == pc.COMMIT_PHASE_FINAL:
-            final = await _call(
-                context,
-                lambda: self._core.final(
-                    request.tenant,
-                    request.request_id,
-                    request.model,
-                    request.output_tokens,
-                    request.kv_cached_tokens,
-                    request.baseline_model,
-                    request.provider_usage if request.HasField("provider_usage") else None,
-                ),
-            )
-            response = final_response(final)
-            span = trace.get_current_span()
-            span.set_attribute("cachemesh.reconciled", response.reconciled)
-            if response.reconciled:
-                span.set_attribute("cachemesh.drift.prompt_tokens", response.drift.prompt_tokens)
-                span.set_attribute("cachemesh.drift.cost_nanos", response.drift.cost_nanos)
-            return response
-        await _abort(
-            context,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "phase must be COMMIT_PHASE_WARM (first token) or COMMIT_PHASE_FINAL (answer ended)",
-        )
+        return await _answer(context, self._api.commit(request))
 
     async def Totals(self, request: pc.TotalsRequest, context: Context) -> pc.TotalsResponse:
-        async def totals() -> pc.TotalsResponse:
-            t = await self._core.totals(request.tenant)
-            return pc.TotalsResponse(
-                requests=t.requests,
-                usage=pb.Usage(
-                    input_tokens=t.input_tokens,
-                    cache_creation_input_tokens=t.cache_creation_input_tokens,
-                    cache_read_input_tokens=t.cache_read_input_tokens,
-                    output_tokens=t.output_tokens,
-                    kv_cached_tokens=t.kv_cached_tokens,
-                ),
-                cost_nanos=t.cost_nanos,
-                baseline_nanos=t.baseline_nanos,
-                reconciled_requests=t.reconciled_requests,
-                drift=pc.UsageDrift(
-                    prompt_tokens=t.drift_prompt_tokens,
-                    input_tokens=t.drift_input_tokens,
-                    cache_creation_input_tokens=t.drift_cache_creation_tokens,
-                    cache_read_input_tokens=t.drift_cache_read_tokens,
-                    cost_nanos=t.drift_cost_nanos,
-                ),
-                drift_abs_prompt_tokens=t.drift_abs_prompt_tokens,
-            )
-
-        return await _call(context, totals)
+        return await _answer(context, self._api.totals(request))
 
 
-def usage_of(split: Split, output_tokens: int = 0, kv_cached_tokens: int = 0) -> pb.Usage:
-    return pb.Usage(
-        input_tokens=split.input_tokens,
-        cache_creation_input_tokens=split.creation_tokens,
-        cache_read_input_tokens=split.read_tokens,
-        output_tokens=output_tokens,
-        kv_cached_tokens=kv_cached_tokens,
-    )
-
-
-def final_response(final: Final) -> pc.CommitResponse:
-    billed, est = final.split, final.estimate
-    response = pc.CommitResponse(
-        usage=usage_of(billed, final.output_tokens, final.kv_cached_tokens),
-        cost=pb.Cost(
-            cost_nanos=final.charge.cost_nanos,
-            baseline_nanos=final.charge.baseline_nanos,
-            saved_nanos=final.charge.saved_nanos,
-        ),
-        estimated_usage=usage_of(est, final.output_tokens, final.kv_cached_tokens),
-        reconciled=final.reconciled,
-    )
-    if final.reconciled:
-        response.drift.CopyFrom(
-            pc.UsageDrift(
-                prompt_tokens=billed.prompt_tokens - est.prompt_tokens,
-                input_tokens=billed.input_tokens - est.input_tokens,
-                cache_creation_input_tokens=billed.creation_tokens - est.creation_tokens,
-                cache_read_input_tokens=billed.read_tokens - est.read_tokens,
-                cost_nanos=final.charge.cost_nanos - final.estimate_charge.cost_nanos,
-            )
-        )
-    return response
-
-
-async def _call(context: Context, work: Callable[[], Awaitable[T]]) -> T:
+async def _answer(context: Context, call: Awaitable[T]) -> T:
     try:
-        return await work()
-    except Exception as exc:
-        for kind, code in _CODES:
-            if isinstance(exc, kind):
-                await _abort(context, code, str(exc))
-        raise
+        return await call
+    except RequestError as exc:
+        await _abort(context, grpc_code(exc.code), exc.message)
 
 
 async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:

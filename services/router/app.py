@@ -17,7 +17,7 @@ from services.common.telemetry import (
     server_interceptors,
 )
 from services.common.tokens import load_cl100k
-from services.router.backends import connect
+from services.router.grpc_ports import connect
 from services.router.idempotency import IdempotencyTable
 from services.router.pipeline import Pipeline
 from services.router.servicer import GatewayServicer
@@ -34,16 +34,16 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     keys = ApiKeys.from_file(settings.api_keys_file)
     provider = build_tracer_provider(environ, "router")
     tokenizer = load_cl100k()
-    backends = connect(settings, client_interceptors(provider))
+    connected = connect(settings, client_interceptors(provider))
     pipeline = Pipeline(
-        backends, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
+        connected.ports, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers)
 
     async def close() -> None:
         await pipeline.drain()
-        await backends.close()
+        await connected.close()
         provider.shutdown()
 
     await run_service(

@@ -11,33 +11,31 @@ import logging
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
-import grpc
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import Code, RequestError
-from services.common.status import code_of
-from services.router.backends import Backends
+from services.router.ports import CallFailed, ModelStream, Ports
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
 
 T = TypeVar("T")
 
-_CLIENT_FAULTS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_CLIENT_FAULTS = (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED)
 
 
-def _client_fault(exc: grpc.aio.AioRpcError) -> RequestError | None:
-    if exc.code() in _CLIENT_FAULTS:
-        return RequestError(code_of(exc.code()), exc.details() or exc.code().name)
+def _client_fault(exc: CallFailed) -> RequestError | None:
+    if exc.code in _CLIENT_FAULTS:
+        return RequestError(exc.code, exc.details)
     return None
 
 
-def _degraded(what: str, exc: grpc.aio.AioRpcError) -> None:
-    log.warning("%s unavailable (%s: %s); degrading", what, exc.code().name, exc.details())
+def _degraded(what: str, exc: CallFailed) -> None:
+    log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
     trace.get_current_span().add_event(
-        "cachemesh.degraded", {"dependency": what, "grpc.status": exc.code().name}
+        "cachemesh.degraded", {"dependency": what, "grpc.status": exc.code.name}
     )
 
 
@@ -46,7 +44,7 @@ async def _degrading(what: str, call: Awaitable[T], *, client_faults: bool = Tru
     with ``client_faults`` a refusal that is the request's fault reaches the client."""
     try:
         return await call
-    except grpc.aio.AioRpcError as exc:
+    except CallFailed as exc:
         if client_faults and (fault := _client_fault(exc)) is not None:
             raise fault from exc
         _degraded(what, exc)
@@ -54,8 +52,8 @@ async def _degrading(what: str, call: Awaitable[T], *, client_faults: bool = Tru
 
 
 class Calls:
-    def __init__(self, backends: Backends, settings: RouterSettings) -> None:
-        self._b = backends
+    def __init__(self, ports: Ports, settings: RouterSettings) -> None:
+        self._p = ports
         self._s = settings
 
     async def lookup(
@@ -76,12 +74,11 @@ class Calls:
         a lease another request has taken since (after this one's expired) is kept."""
         await _degrading(
             "semantic-cache",
-            self._b.semantic.Release(
+            self._p.semantic.release(
                 semantic_cache_pb2.ReleaseRequest(
                     tenant=tenant, request=request, lease_id=lease_id
                 ),
-                timeout=self._s.semantic_timeout_s,
-                metadata=self._b.metadata,
+                self._s.semantic_timeout_s,
             ),
             client_faults=False,  # the request has ended already: nothing to tell its client
         )
@@ -91,10 +88,8 @@ class Calls:
     ) -> semantic_cache_pb2.LookupResponse | None:
         return await _degrading(
             "semantic-cache",
-            self._b.semantic.Lookup(
-                semantic_cache_pb2.LookupRequest(tenant=tenant, request=request),
-                timeout=deadline_s,
-                metadata=self._b.metadata,
+            self._p.semantic.lookup(
+                semantic_cache_pb2.LookupRequest(tenant=tenant, request=request), deadline_s
             ),
         )
 
@@ -106,10 +101,9 @@ class Calls:
     ) -> semantic_cache_pb2.StoreResponse | None:
         return await _degrading(
             "semantic-cache",
-            self._b.semantic.Store(
+            self._p.semantic.store(
                 semantic_cache_pb2.StoreRequest(tenant=tenant, request=request, answer=answer),
-                timeout=self._s.semantic_timeout_s,
-                metadata=self._b.metadata,
+                self._s.semantic_timeout_s,
             ),
             client_faults=False,  # the answer was served: a refused store only loses a hit
         )
@@ -119,12 +113,11 @@ class Calls:
     ) -> prefix_cache_pb2.PlanResponse | None:
         return await _degrading(
             "prefix-cache",
-            self._b.prefix.Plan(
+            self._p.prefix.plan(
                 prefix_cache_pb2.PlanRequest(
                     tenant=tenant, model=model, request=request, replicas=list(replicas)
                 ),
-                timeout=self._s.prefix_timeout_s,
-                metadata=self._b.metadata,
+                self._s.prefix_timeout_s,
             ),
         )
 
@@ -154,11 +147,9 @@ class Calls:
             commit.max_read_tokens = max_read_tokens
         if plan_id:
             try:
-                return await self._b.prefix.Commit(
-                    commit, timeout=self._s.prefix_timeout_s, metadata=self._b.metadata
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                return await self._p.prefix.commit(commit, self._s.prefix_timeout_s)
+            except CallFailed as exc:
+                if exc.code != Code.FAILED_PRECONDITION:
                     _degraded("prefix-cache", exc)
                     return None
                 # the plan is gone (expired, or another prefix-cache process made it)
@@ -192,30 +183,29 @@ class Calls:
     async def _commit(
         self, commit: prefix_cache_pb2.CommitRequest
     ) -> prefix_cache_pb2.CommitResponse | None:
-        call = self._b.prefix.Commit(
-            commit, timeout=self._s.prefix_timeout_s, metadata=self._b.metadata
-        )
+        call = self._p.prefix.commit(commit, self._s.prefix_timeout_s)
         return await _degrading("prefix-cache", call, client_faults=False)
 
     async def generate(
         self, tenant: str, model: str, request: pb.CompleteRequest, replica: str
-    ) -> tuple[
-        grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk],
-        model_pb2.GenerateStart,
-    ]:
-        """Opens the stream and waits for its ``start`` (the prefill is done)."""
-        stream = self._b.replica_stubs[replica].Generate(
+    ) -> tuple[ModelStream, model_pb2.GenerateStart]:
+        """Opens the stream and waits for its ``start`` (the prefill is done); a replica
+        that fails raises ``CallFailed``, a request it refuses ``RequestError``."""
+        stream = self._p.model.generate(
+            replica,
             model_pb2.GenerateRequest(tenant=tenant, model=model, request=request),
-            timeout=self._s.model_timeout_s,
-            metadata=self._b.metadata,
+            self._s.model_timeout_s,
         )
         try:
             first = await stream.read()
-        except grpc.aio.AioRpcError as exc:
+        except CallFailed as exc:
             if (fault := _client_fault(exc)) is not None:
                 raise fault from exc
             raise
-        if not isinstance(first, model_pb2.GenerateChunk) or first.WhichOneof("part") != "start":
+        except BaseException:
+            stream.cancel()
+            raise
+        if first is None or first.WhichOneof("part") != "start":
             stream.cancel()
             raise RequestError(Code.UNAVAILABLE, f"a {model} replica sent no start")
         return stream, first.start

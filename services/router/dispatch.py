@@ -11,7 +11,6 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-import grpc
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -19,9 +18,9 @@ from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.router import spans
-from services.router.backends import Backends
 from services.router.balance import BalancePolicy, LoadTracker, Route, choose
 from services.router.calls import Calls
+from services.router.ports import CallFailed, ModelStream, Ports
 from services.router.tiering import choose_tier
 
 log = logging.getLogger("cachemesh.router")
@@ -34,7 +33,7 @@ class Attempt:
     model: ModelSpec
     tier_reason: str
     replica: str
-    stream: grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk]
+    stream: ModelStream
     start: model_pb2.GenerateStart
     chat_span: trace.Span
     route: Route
@@ -52,13 +51,13 @@ class Dispatcher:
     def __init__(
         self,
         calls: Calls,
-        backends: Backends,
+        ports: Ports,
         table: ModelTable,
         tracer: trace.Tracer,
         balance: BalancePolicy,
     ) -> None:
         self._calls = calls
-        self._backends = backends
+        self._ports = ports
         self._table = table
         self._tracer = tracer
         self._balance = balance
@@ -77,14 +76,14 @@ class Dispatcher:
             options = [(spec, "requested")]
         failures: list[str] = []
         for spec, reason in options:
-            replicas = self._backends.replicas(spec.id)
+            replicas = self._ports.replicas(spec.id)
             if not replicas:
                 continue
             plan = await self._calls.plan(tenant, spec.id, request, replicas)
             candidates = (
                 [(c.replica, c.warm_prefix_tokens) for c in plan.candidates]
                 if plan is not None and plan.candidates
-                else [(r, 0) for r in self._backends.rotate(spec.id, replicas)]
+                else [(r, 0) for r in self._ports.rotate(spec.id, replicas)]
             )
             prompt_tokens = plan.prompt_tokens if plan is not None else 0
             route = choose(candidates, self.loads.snapshot(), prompt_tokens, self._balance)
@@ -100,12 +99,12 @@ class Dispatcher:
                     self.loads.release(replica)
                     chat_span.end()
                     raise
-                except grpc.aio.AioRpcError as exc:
+                except CallFailed as exc:
                     self.loads.release(replica)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
-                    log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code().name)
-                    failures.append(f"{spec.id}: {exc.code().name}")
+                    log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
+                    failures.append(f"{spec.id}: {exc.code.name}")
                     continue
                 except BaseException:
                     self.loads.release(replica)

@@ -14,7 +14,6 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable
 
-import grpc
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -25,9 +24,9 @@ from services.common.prompt import last_user_text, prompt_tokens
 from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer
 from services.router import spans
-from services.router.backends import Backends
 from services.router.calls import Calls
 from services.router.dispatch import Attempt, Dispatcher
+from services.router.ports import CallFailed, Ports
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
@@ -39,16 +38,16 @@ _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
 class Pipeline:
     def __init__(
         self,
-        backends: Backends,
+        ports: Ports,
         table: ModelTable,
         tokenizer: Tokenizer,
         tracer: trace.Tracer,
         settings: RouterSettings,
     ) -> None:
-        self._calls = Calls(backends, settings)
+        self._calls = Calls(ports, settings)
         self._table = table
         self._tokenizer = tokenizer
-        self._dispatch = Dispatcher(self._calls, backends, table, tracer, settings.balance)
+        self._dispatch = Dispatcher(self._calls, ports, table, tracer, settings.balance)
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
 
@@ -119,7 +118,7 @@ class Pipeline:
         try:
             yield pb.CompleteChunk(start=head)
             end_chunk: model_pb2.GenerateEnd | None = None
-            async for chunk in attempt.stream:
+            while (chunk := await attempt.stream.read()) is not None:
                 part = chunk.WhichOneof("part")
                 if part == "text":
                     pieces.append(chunk.text)
@@ -134,11 +133,11 @@ class Pipeline:
             finished = True
             spans.outcome_attributes(root, end)
             yield pb.CompleteChunk(end=end)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code().name)
+        except CallFailed as exc:
+            log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
             raise RequestError(
                 Code.UNAVAILABLE,
-                f"the {attempt.model.id} model failed mid-answer ({exc.code().name}); retry "
+                f"the {attempt.model.id} model failed mid-answer ({exc.code.name}); retry "
                 "with the same request_id",
             ) from exc
         finally:

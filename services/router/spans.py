@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.router.balance import Route
+from services.router.ports import CallFailed
 
 
 def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteRequest) -> None:
@@ -53,9 +53,9 @@ def end_chat_span(span: trace.Span, request: pb.CompleteRequest, end: pb.Complet
     span.set_attribute("cachemesh.kv_cached_tokens", usage.kv_cached_tokens)
 
 
-def record_failure(span: trace.Span, exc: grpc.aio.AioRpcError) -> None:
-    span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code().name))
-    span.set_attribute("error.type", exc.code().name)
+def record_failure(span: trace.Span, exc: CallFailed) -> None:
+    span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code.name))
+    span.set_attribute("error.type", exc.code.name)
 
 
 def route_attributes(

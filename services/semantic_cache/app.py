@@ -22,18 +22,14 @@ from services.common.server import (
     run_service,
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors
-from services.semantic_cache.batcher import MicroBatcher
-from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.config import DATA_DIR, SemanticCacheConfig
 from services.semantic_cache.embedder import load_minilm_embedder
-from services.semantic_cache.index import AnnSettings
-from services.semantic_cache.leases import Leases
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.snapshotter import Snapshotter
-from services.semantic_cache.verifier import Verifier, VerifierWeights
 from services.semantic_cache.wal import WriteAheadLog
+from services.semantic_cache.wiring import build_api, build_cache
 
 NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -49,38 +45,20 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     auth = InternalAuthInterceptor(env.str("CACHEMESH_INTERNAL_TOKEN"))
     config = SemanticCacheConfig.from_env(env, OperatingPoint.load())
-    verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)
     clock = SystemClock()
     snapshotter = _snapshotter(config, clock)
     provider = build_tracer_provider(environ, NAME)
     faiss.omp_set_num_threads(config.faiss_threads)
     stop = stop if stop is not None else asyncio.Event()  # set when the drain begins
-    servicer = SemanticCacheService(lease_wait_s=config.lease_wait_s, draining=stop)
-    leases = Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None
+    servicer = SemanticCacheService()
 
     async def warmup() -> None:
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
         await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
-        cache = SemanticCache(
-            embedder,
-            clock,
-            threshold=config.threshold,
-            ttl_s=config.ttl_s,
-            max_entries=config.max_entries,
-            verifier=verifier,
-            margin=config.ambiguity_margin,
-            policy=config.policy,
-            leases=leases,
-            batcher=MicroBatcher(embedder, max_batch=config.embed_max_batch),
-            ann=(
-                AnnSettings(config.ann_min_entries, config.ann_nprobe)
-                if config.ann_min_entries > 0
-                else None
-            ),
-        )
+        cache = build_cache(config, embedder, clock)
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
-        servicer.attach(cache)
+        servicer.attach(build_api(config, cache, draining=stop))
 
     async def shutdown_tracing() -> None:
         await asyncio.to_thread(provider.shutdown)

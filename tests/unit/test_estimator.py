@@ -16,8 +16,10 @@ from services.common.clock import ManualClock
 from services.estimator.offline import OfflineStack
 from services.estimator.replay import WhatIf, replay
 from services.stack.runner import Stack
+from tests.unit.semantic_cache_support import FakeEmbedder
 
 ROOT = Path(__file__).resolve().parents[2]
+NS = pb.CacheOptions(namespace="ivf-switch")
 
 
 def _ask(text: str, tenant: str = TENANT_A, **kw: object) -> Item:
@@ -73,3 +75,21 @@ def test_the_request_log_round_trips_and_names_a_bad_line(tmp_path: Path) -> Non
     assert [r.item.request for r in (next(read), next(read))] == [r.item.request for r in records]
     with pytest.raises(LogError, match=r"log\.jsonl:3"):
         next(read)
+
+
+def test_a_scope_over_the_ivf_size_switches_index_offline_as_it_does_live(
+    settings: dict[str, str],
+) -> None:
+    """The estimator builds the cache through the service's own wiring (build_cache), so a
+    scope that grows past SEMANTIC_CACHE_ANN_MIN_ENTRIES is rebuilt as IVF here too."""
+    over = {**settings, "SEMANTIC_CACHE_ANN_MIN_ENTRIES": "40"}
+    stack = OfflineStack(over, ManualClock(), embedder=FakeEmbedder())
+    records = [
+        LogRecord(i * 10, _ask(f"question about topic {i} and thing {i * 7}", cache=NS))
+        for i in range(60)
+    ]
+    layers = [s.layer for s in asyncio.run(replay(stack, records))]
+    assert layers == ["model"] * 60
+    (scope,) = stack.semantic_cache._scopes.values()
+    scope.wait_for_rebuild()
+    assert scope.kind == "ivf" and len(scope) == 60

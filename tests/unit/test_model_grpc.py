@@ -18,6 +18,7 @@ from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.models import load_model_table
 from services.common.telemetry import server_interceptors
 from services.common.tokens import Tokenizer, load_cl100k
+from services.model.api import ModelApi
 from services.model.engine import SimEngine
 from services.model.kv_cache import KvBlockCache
 from services.model.servicer import ModelService
@@ -72,7 +73,7 @@ async def harness(tokenizer: Tokenizer) -> AsyncIterator[Harness]:
         time_scale=1.0,
         sleep=sleep,
     )
-    service = ModelService("replica-a", engine)
+    service = ModelService("replica-a", ModelApi(engine))
     server = grpc.aio.server(
         interceptors=[*server_interceptors(provider), InternalAuthInterceptor(TOKEN)]
     )
@@ -163,7 +164,7 @@ async def test_bad_input_codes_over_the_wire(
 
 
 async def test_unavailable_until_the_engine_is_attached(harness: Harness) -> None:
-    harness.service._engine = None
+    harness.service._api = None
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _chunks(harness, _generate())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

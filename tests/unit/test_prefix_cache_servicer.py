@@ -18,6 +18,7 @@ from services.common.config import ConfigError
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.app import serve
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.replica_view import ReplicaViews
@@ -57,7 +58,9 @@ async def served(
         lookback=20,
     )
     server = grpc.aio.server(interceptors=[InternalAuthInterceptor(TOKEN)])
-    prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(PrefixCacheServicer(core), server)
+    prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(
+        PrefixCacheServicer(PrefixCacheApi(core)), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import grpc
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.config import Env
+from services.common.errors import Code
 from services.common.models import model_table_from_env
-from services.router.backends import Backends
 from services.router.calls import Calls
+from services.router.ports import CallFailed, Ports
 from services.router.settings import RouterSettings
 
 REPLICAS = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
@@ -21,21 +21,15 @@ REPLICAS = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
 class ScriptedLookup:
     """Answers Lookup from a script, recording each call's deadline."""
 
-    def __init__(self, *replies: sc.LookupResponse | grpc.StatusCode) -> None:
+    def __init__(self, *replies: sc.LookupResponse | Code) -> None:
         self._replies = list(replies)
         self.timeouts: list[float] = []
 
-    async def Lookup(
-        self,
-        request: sc.LookupRequest,
-        *,
-        timeout: float,  # noqa: ASYNC109 - the gRPC stub's own signature
-        metadata: object,
-    ) -> sc.LookupResponse:
-        self.timeouts.append(timeout)
+    async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
+        self.timeouts.append(deadline_s)
         reply = self._replies.pop(0)
-        if isinstance(reply, grpc.StatusCode):
-            raise grpc.aio.AioRpcError(reply, grpc.aio.Metadata(), grpc.aio.Metadata(), "late")
+        if isinstance(reply, Code):
+            raise CallFailed(reply, "late")
         return reply
 
 
@@ -50,10 +44,10 @@ def calls(stub: ScriptedLookup, lease_wait_s: str) -> Calls:
         }
     )
     settings = RouterSettings.from_env(env, model_table_from_env(env))
-    backends = Backends(
-        semantic=cast(Any, stub), prefix=cast(Any, None), models={}, replica_stubs={}, metadata=()
+    ports = Ports(
+        semantic=cast(Any, stub), prefix=cast(Any, None), model=cast(Any, None), models={}
     )
-    return Calls(backends, settings)
+    return Calls(ports, settings)
 
 
 HIT = sc.LookupResponse(hit=True, waited=True)
@@ -83,6 +77,6 @@ async def test_lease_wait_zero_never_waits_longer() -> None:
 
 
 async def test_a_second_lookup_that_fails_degrades_to_the_first_miss() -> None:
-    stub = ScriptedLookup(PENDING, grpc.StatusCode.DEADLINE_EXCEEDED)
+    stub = ScriptedLookup(PENDING, Code.DEADLINE_EXCEEDED)
     assert await calls(stub, "30").lookup("tenant-a", pb.CompleteRequest()) == PENDING
     assert stub.timeouts == [2.0, 30.0]

@@ -4,37 +4,30 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import grpc
-
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.config import Env
+from services.common.errors import Code
 from services.common.models import model_table_from_env
-from services.router.backends import Backends
 from services.router.calls import Calls
+from services.router.ports import CallFailed, Ports
 from services.router.settings import RouterSettings
 
 WARM = pc.CommitResponse(usage=pb.Usage(cache_read_input_tokens=2048))
 
 
 class ScriptedCommit:
-    def __init__(self, *replies: pc.CommitResponse | grpc.StatusCode) -> None:
+    def __init__(self, *replies: pc.CommitResponse | Code) -> None:
         self._replies = list(replies)
         self.sent: list[pc.CommitRequest] = []
 
-    async def Commit(
-        self,
-        request: pc.CommitRequest,
-        *,
-        timeout: float,  # noqa: ASYNC109 - the gRPC stub's own signature
-        metadata: object,
-    ) -> pc.CommitResponse:
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         sent = pc.CommitRequest()
         sent.CopyFrom(request)
         self.sent.append(sent)
         reply = self._replies.pop(0)
-        if isinstance(reply, grpc.StatusCode):
-            raise grpc.aio.AioRpcError(reply, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+        if isinstance(reply, Code):
+            raise CallFailed(reply, "gone")
         return reply
 
 
@@ -47,10 +40,10 @@ def calls(stub: ScriptedCommit) -> Calls:
         }
     )
     settings = RouterSettings.from_env(env, model_table_from_env(env))
-    backends = Backends(
-        semantic=cast(Any, None), prefix=cast(Any, stub), models={}, replica_stubs={}, metadata=()
+    ports = Ports(
+        semantic=cast(Any, None), prefix=cast(Any, stub), model=cast(Any, None), models={}
     )
-    return Calls(backends, settings)
+    return Calls(ports, settings)
 
 
 REQUEST = pb.CompleteRequest(
@@ -74,7 +67,7 @@ async def test_a_held_plan_is_committed_without_the_request() -> None:
 
 
 async def test_a_gone_plan_is_committed_again_with_the_request() -> None:
-    stub = ScriptedCommit(grpc.StatusCode.FAILED_PRECONDITION, WARM)
+    stub = ScriptedCommit(Code.FAILED_PRECONDITION, WARM)
     assert await _warm(stub, "p1") == WARM
     first, second = stub.sent
     assert not first.HasField("request")
@@ -88,6 +81,6 @@ async def test_without_a_plan_the_request_is_sent() -> None:
 
 
 async def test_prefix_cache_down_degrades_without_a_second_try() -> None:
-    stub = ScriptedCommit(grpc.StatusCode.UNAVAILABLE)
+    stub = ScriptedCommit(Code.UNAVAILABLE)
     assert await _warm(stub, "p1") is None
     assert len(stub.sent) == 1

@@ -12,6 +12,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
+from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import Leases
 from services.semantic_cache.query import query_from_request
@@ -46,7 +47,7 @@ async def start(service: SemanticCacheService) -> tuple[grpc.aio.Server, int]:
 @pytest.fixture
 async def stub() -> AsyncIterator[sc_grpc.SemanticCacheAsyncStub]:
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
-    server, port = await start(SemanticCacheService(cache))
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache)))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield sc_grpc.SemanticCacheStub(channel)
     await server.stop(None)
@@ -147,7 +148,7 @@ async def test_drop_by_entry_removes_only_that_entry_of_that_tenant(
 
 async def test_a_lookup_waits_on_an_identical_miss_within_its_deadline() -> None:
     cache = leased_cache()
-    server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0))
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
     lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = sc_grpc.SemanticCacheStub(channel)
@@ -173,7 +174,7 @@ async def test_once_the_drain_has_begun_writes_are_unavailable_and_reads_served(
 
     draining = asyncio.Event()
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
-    server, port = await start(SemanticCacheService(cache, draining=draining))
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, draining=draining)))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = sc_grpc.SemanticCacheStub(channel)
         store = sc.StoreRequest(
@@ -192,7 +193,7 @@ async def test_once_the_drain_has_begun_writes_are_unavailable_and_reads_served(
 
 async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
     cache = leased_cache()
-    server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0))
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
     lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = sc_grpc.SemanticCacheStub(channel)
@@ -222,7 +223,9 @@ async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease
 
     cache = leased_cache()
     draining = asyncio.Event()
-    server, port = await start(SemanticCacheService(cache, lease_wait_s=30.0, draining=draining))
+    server, port = await start(
+        SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0, draining=draining))
+    )
     lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = sc_grpc.SemanticCacheStub(channel)

@@ -1,0 +1,76 @@
+"""``cachemesh.v1.Model.Generate`` without the transport: a request in, its chunks out.
+
+The servicer (gRPC) and the offline estimator both call this; a refused request raises
+``RequestError`` (before the first chunk), which only the servicer turns into a gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator
+
+from opentelemetry import trace
+
+from cachemesh.v1 import model_pb2
+from services.model.engine import Delta, Event, Finished, SimEngine, Started
+
+log = logging.getLogger("cachemesh.model")
+
+
+class ModelApi:
+    def __init__(self, engine: SimEngine, *, offload: bool = True) -> None:
+        """``offload``: prepare (tokenize, hash, compose) in a worker thread, off the loop."""
+        self._engine = engine
+        self._offload = offload
+
+    @property
+    def replica_id(self) -> str:
+        return self._engine.replica_id
+
+    async def generate(
+        self, request: model_pb2.GenerateRequest
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.operation.name", "chat")
+        span.set_attribute("gen_ai.request.model", request.model)
+        span.set_attribute("cachemesh.replica", self._engine.replica_id)
+        engine = self._engine
+        if self._offload:
+            prepared = await asyncio.to_thread(
+                engine.prepare, request.tenant, request.model, request.request
+            )
+        else:
+            prepared = engine.prepare(request.tenant, request.model, request.request)
+        span.set_attribute("gen_ai.usage.input_tokens", prepared.prompt_tokens)
+        try:
+            async for event in engine.run(prepared):
+                _annotate(span, event)
+                yield _chunk(event)
+        except asyncio.CancelledError:
+            log.debug("Generate cancelled by the caller (tenant %s)", request.tenant)
+            raise
+
+
+def _annotate(span: trace.Span, event: Event) -> None:
+    if isinstance(event, Started):
+        span.set_attribute("cachemesh.kv_cached_tokens", event.kv_cached_tokens)
+    elif isinstance(event, Finished):
+        span.set_attribute("gen_ai.usage.output_tokens", event.output_tokens)
+        span.set_attribute("gen_ai.response.finish_reasons", [event.stop_reason])
+
+
+def _chunk(event: Event) -> model_pb2.GenerateChunk:
+    if isinstance(event, Started):
+        return model_pb2.GenerateChunk(
+            start=model_pb2.GenerateStart(
+                replica=event.replica,
+                prompt_tokens=event.prompt_tokens,
+                kv_cached_tokens=event.kv_cached_tokens,
+            )
+        )
+    if isinstance(event, Delta):
+        return model_pb2.GenerateChunk(text=event.text)
+    return model_pb2.GenerateChunk(
+        end=model_pb2.GenerateEnd(output_tokens=event.output_tokens, stop_reason=event.stop_reason)
+    )

@@ -1,0 +1,27 @@
+"""Builds a model replica's engine from its settings: the one wiring both ``serve()`` and the
+offline estimator use (the estimator skips the sleeps, which only shape latency)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.tokens import Tokenizer
+from services.model.config import ModelSettings
+from services.model.engine import SimEngine, Sleep
+from services.model.kv_cache import KvBlockCache
+
+
+def build_engine(
+    settings: ModelSettings,
+    tokenizer: Tokenizer,
+    kv_cache: KvBlockCache | None = None,
+    sleep: Sleep = asyncio.sleep,
+) -> SimEngine:
+    return SimEngine(
+        models=settings.models,
+        replica_id=settings.replica_id,
+        tokenizer=tokenizer,
+        kv_cache=kv_cache or KvBlockCache(settings.kv_capacity_blocks),
+        time_scale=settings.time_scale,
+        sleep=sleep,
+    )

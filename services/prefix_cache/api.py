@@ -1,0 +1,164 @@
+"""``cachemesh.v1.PrefixCache`` without the transport: messages in, messages out.
+
+The servicer (gRPC) and the offline estimator both call this; the core's errors become
+``RequestError`` with their status code here, and a gRPC status only in the servicer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from opentelemetry import trace
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code, RequestError
+from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PlanGone, PrefixCacheCore
+from services.prefix_cache.reconcile import BadUsage
+from services.prefix_cache.records import Final
+from services.prefix_cache.rules import RuleViolation, Split
+
+T = TypeVar("T")
+
+_CODES: tuple[tuple[type[Exception], Code], ...] = (
+    (BadRequest, Code.INVALID_ARGUMENT),
+    (RuleViolation, Code.INVALID_ARGUMENT),
+    (BadUsage, Code.INVALID_ARGUMENT),
+    (NoWarmCommit, Code.FAILED_PRECONDITION),
+    (PlanGone, Code.FAILED_PRECONDITION),
+    (NotReady, Code.UNAVAILABLE),
+)
+
+
+class PrefixCacheApi:
+    def __init__(self, core: PrefixCacheCore) -> None:
+        self._core = core
+
+    async def plan(self, request: pc.PlanRequest) -> pc.PlanResponse:
+        result = await _refused(
+            self._core.plan(
+                request.tenant,
+                request.model,
+                request.request if request.HasField("request") else None,
+                list(request.replicas),
+            )
+        )
+        return pc.PlanResponse(
+            plan_id=result.plan_id,
+            usage=usage_of(result.split),
+            prompt_tokens=result.split.prompt_tokens,
+            candidates=[
+                pc.ReplicaCandidate(replica=c.replica, warm_prefix_tokens=c.warm_prefix_tokens)
+                for c in result.candidates
+            ],
+        )
+
+    async def commit(self, request: pc.CommitRequest) -> pc.CommitResponse:
+        if request.phase == pc.COMMIT_PHASE_WARM:
+            split = await _refused(
+                self._core.warm(
+                    request.tenant,
+                    request.request_id,
+                    request.model,
+                    request.request if request.HasField("request") else None,
+                    request.replica,
+                    request.kv_cached_tokens,
+                    request.max_read_tokens if request.HasField("max_read_tokens") else None,
+                    request.plan_id,
+                )
+            )
+            return pc.CommitResponse(usage=usage_of(split))
+        if request.phase == pc.COMMIT_PHASE_FINAL:
+            final = await _refused(
+                self._core.final(
+                    request.tenant,
+                    request.request_id,
+                    request.model,
+                    request.output_tokens,
+                    request.kv_cached_tokens,
+                    request.baseline_model,
+                    request.provider_usage if request.HasField("provider_usage") else None,
+                )
+            )
+            response = final_response(final)
+            span = trace.get_current_span()
+            span.set_attribute("cachemesh.reconciled", response.reconciled)
+            if response.reconciled:
+                span.set_attribute("cachemesh.drift.prompt_tokens", response.drift.prompt_tokens)
+                span.set_attribute("cachemesh.drift.cost_nanos", response.drift.cost_nanos)
+            return response
+        raise RequestError(
+            Code.INVALID_ARGUMENT,
+            "phase must be COMMIT_PHASE_WARM (first token) or COMMIT_PHASE_FINAL (answer ended)",
+        )
+
+    async def totals(self, request: pc.TotalsRequest) -> pc.TotalsResponse:
+        t = await _refused(self._core.totals(request.tenant))
+        return pc.TotalsResponse(
+            requests=t.requests,
+            usage=pb.Usage(
+                input_tokens=t.input_tokens,
+                cache_creation_input_tokens=t.cache_creation_input_tokens,
+                cache_read_input_tokens=t.cache_read_input_tokens,
+                output_tokens=t.output_tokens,
+                kv_cached_tokens=t.kv_cached_tokens,
+            ),
+            cost_nanos=t.cost_nanos,
+            baseline_nanos=t.baseline_nanos,
+            reconciled_requests=t.reconciled_requests,
+            drift=pc.UsageDrift(
+                prompt_tokens=t.drift_prompt_tokens,
+                input_tokens=t.drift_input_tokens,
+                cache_creation_input_tokens=t.drift_cache_creation_tokens,
+                cache_read_input_tokens=t.drift_cache_read_tokens,
+                cost_nanos=t.drift_cost_nanos,
+            ),
+            drift_abs_prompt_tokens=t.drift_abs_prompt_tokens,
+        )
+
+
+def usage_of(split: Split, output_tokens: int = 0, kv_cached_tokens: int = 0) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=split.input_tokens,
+        cache_creation_input_tokens=split.creation_tokens,
+        cache_read_input_tokens=split.read_tokens,
+        output_tokens=output_tokens,
+        kv_cached_tokens=kv_cached_tokens,
+    )
+
+
+def final_response(final: Final) -> pc.CommitResponse:
+    billed, est = final.split, final.estimate
+    response = pc.CommitResponse(
+        usage=usage_of(billed, final.output_tokens, final.kv_cached_tokens),
+        cost=pb.Cost(
+            cost_nanos=final.charge.cost_nanos,
+            baseline_nanos=final.charge.baseline_nanos,
+            saved_nanos=final.charge.saved_nanos,
+        ),
+        estimated_usage=usage_of(est, final.output_tokens, final.kv_cached_tokens),
+        reconciled=final.reconciled,
+    )
+    if final.reconciled:
+        response.drift.CopyFrom(
+            pc.UsageDrift(
+                prompt_tokens=billed.prompt_tokens - est.prompt_tokens,
+                input_tokens=billed.input_tokens - est.input_tokens,
+                cache_creation_input_tokens=billed.creation_tokens - est.creation_tokens,
+                cache_read_input_tokens=billed.read_tokens - est.read_tokens,
+                cost_nanos=final.charge.cost_nanos - final.estimate_charge.cost_nanos,
+            )
+        )
+    return response
+
+
+async def _refused(work: Awaitable[T]) -> T:
+    """The core's answer; its errors as ``RequestError`` with their status code."""
+    try:
+        return await work
+    except Exception as exc:
+        for kind, code in _CODES:
+            if isinstance(exc, kind):
+                raise RequestError(code, str(exc)) from exc
+        raise

@@ -1,0 +1,80 @@
+"""What the router's pipeline needs of its dependencies: small protocols, no transport.
+
+The pipeline calls the semantic cache, prefix-cache and the model replicas through these;
+``services.router.grpc_ports`` implements them over gRPC for the live router, and
+``services.estimator.local_ports`` over the services' own cores in one process. Messages are
+the contracts' protobuf types; a call that fails raises ``CallFailed`` with its status code.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.errors import Code
+
+
+class CallFailed(Exception):
+    """A dependency refused or could not serve a call; ``code`` says how."""
+
+    def __init__(self, code: Code, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class SemanticPort(Protocol):
+    async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse: ...
+
+    async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse: ...
+
+    async def release(
+        self, request: sc.ReleaseRequest, deadline_s: float
+    ) -> sc.ReleaseResponse: ...
+
+
+class PrefixPort(Protocol):
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse: ...
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse: ...
+
+
+class ModelStream(Protocol):
+    """One model call in progress: its chunks in order, ``None`` once it has ended."""
+
+    async def read(self) -> model_pb2.GenerateChunk | None: ...
+
+    def cancel(self) -> None: ...
+
+
+class ModelPort(Protocol):
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> ModelStream: ...
+
+
+@dataclass
+class Ports:
+    """The router's dependencies, and which replicas serve each model."""
+
+    semantic: SemanticPort
+    prefix: PrefixPort
+    model: ModelPort
+    models: Mapping[str, tuple[str, ...]]  # model id -> replica ids (addresses, live)
+    _rotation: dict[str, Iterator[int]] = field(default_factory=dict)
+
+    def replicas(self, model: str) -> tuple[str, ...]:
+        return self.models.get(model, ())
+
+    def rotate(self, model: str, replicas: Sequence[str]) -> list[str]:
+        """The replicas in round-robin order (used when prefix-cache cannot rank them)."""
+        if not replicas:
+            return []
+        counter = self._rotation.setdefault(model, itertools.count())
+        start = next(counter) % len(replicas)
+        return [*replicas[start:], *replicas[:start]]

@@ -1,0 +1,42 @@
+"""Builds the semantic cache from its settings: the one wiring both ``serve()`` and the
+offline estimator use, so the two cannot drift (leases, micro-batching, the IVF switch)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.common.clock import Clock
+from services.semantic_cache.api import SemanticCacheApi
+from services.semantic_cache.batcher import MicroBatcher
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.config import SemanticCacheConfig
+from services.semantic_cache.embedder import Embedder
+from services.semantic_cache.index import AnnSettings
+from services.semantic_cache.leases import Leases
+from services.semantic_cache.verifier import Verifier, VerifierWeights
+
+
+def build_cache(config: SemanticCacheConfig, embedder: Embedder, clock: Clock) -> SemanticCache:
+    return SemanticCache(
+        embedder,
+        clock,
+        threshold=config.threshold,
+        ttl_s=config.ttl_s,
+        max_entries=config.max_entries,
+        verifier=Verifier(VerifierWeights.load(), config.verifier_min_p),
+        margin=config.ambiguity_margin,
+        policy=config.policy,
+        leases=Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None,
+        batcher=MicroBatcher(embedder, max_batch=config.embed_max_batch),
+        ann=(
+            AnnSettings(config.ann_min_entries, config.ann_nprobe)
+            if config.ann_min_entries > 0
+            else None
+        ),
+    )
+
+
+def build_api(
+    config: SemanticCacheConfig, cache: SemanticCache, draining: asyncio.Event | None = None
+) -> SemanticCacheApi:
+    return SemanticCacheApi(cache, lease_wait_s=config.lease_wait_s, draining=draining)
