@@ -20,7 +20,8 @@ log = logging.getLogger("cachemesh.model")
 
 class ModelApi:
     def __init__(self, engine: SimEngine, *, offload: bool = True) -> None:
-        """``offload``: prepare (tokenize, hash, compose) in a worker thread, off the loop."""
+        """``offload``: a prompt the engine must tokenize itself is prepared in a worker
+        thread, off the loop (with Plan's facts there is nothing heavy left to do)."""
         self._engine = engine
         self._offload = offload
 
@@ -36,12 +37,13 @@ class ModelApi:
         span.set_attribute("gen_ai.request.model", request.model)
         span.set_attribute("cachemesh.replica", self._engine.replica_id)
         engine = self._engine
-        if self._offload:
+        facts = request.prompt if request.HasField("prompt") else None
+        if self._offload and facts is None:  # tokenizing the prompt is worth a thread hop
             prepared = await asyncio.to_thread(
                 engine.prepare, request.tenant, request.model, request.request
             )
         else:
-            prepared = engine.prepare(request.tenant, request.model, request.request)
+            prepared = engine.prepare(request.tenant, request.model, request.request, facts)
         span.set_attribute("gen_ai.usage.input_tokens", prepared.prompt_tokens)
         try:
             async for event in engine.run(prepared):

@@ -15,12 +15,13 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer
-from services.model.kv_cache import KvBlockCache, block_hashes
-from services.model.text import Answer, answer_seed, compose_answer
+from services.model.kv_cache import BLOCK_SIZE, KvBlockCache, block_hashes
+from services.model.text import Answer, compose_answer, seed_of
 
 Sleep = Callable[[float], Awaitable[None]]
 DEFAULT_DELTA_TOKENS = 4
@@ -98,8 +99,19 @@ class SimEngine:
     def serves(self) -> tuple[str, ...]:
         return tuple(self._models)
 
-    def prepare(self, tenant: str, model: str, request: pb.CompleteRequest) -> Prepared:
-        """Validates and derives; raises ``RequestError`` and changes nothing."""
+    def prepare(
+        self,
+        tenant: str,
+        model: str,
+        request: pb.CompleteRequest,
+        facts: PromptFacts | None = None,
+    ) -> Prepared:
+        """Validates and derives; raises ``RequestError`` and changes nothing.
+
+        ``facts``: the prompt's token count, KV blocks and digest as prefix-cache's Plan
+        computed them (the same canonical form, tokenizer and hashes as here), so the prompt
+        is not tokenized again; without them the engine computes them from ``request``.
+        """
         if not tenant:
             raise RequestError(Code.INVALID_ARGUMENT, "tenant is required")
         spec = self._models.get(model)
@@ -115,26 +127,32 @@ class SimEngine:
                 f"max_tokens must be between 1 and {spec.max_output_tokens} for {model}, "
                 f"got {request.max_tokens}",
             )
-        blocks = canonical_blocks(request, self._tokenizer)
-        token_ids = prompt_token_ids(blocks)
-        if not token_ids:
+        if facts is not None:
+            prompt_tokens, hashes, digest = _from_facts(facts)
+        else:
+            blocks = canonical_blocks(request, self._tokenizer)
+            token_ids = prompt_token_ids(blocks)
+            prompt_tokens = len(token_ids)
+            hashes = tuple(block_hashes(tenant, model, token_ids))
+            digest = blocks[-1].digest if blocks else ""
+        if not prompt_tokens:
             raise RequestError(
                 Code.INVALID_ARGUMENT,
                 "request.messages is empty: the prompt has no tokens to answer",
             )
-        if len(token_ids) > spec.context_window_tokens:
+        if prompt_tokens > spec.context_window_tokens:
             raise RequestError(
                 Code.RESOURCE_EXHAUSTED,
-                f"the prompt has {len(token_ids)} tokens, over {model}'s context window of "
+                f"the prompt has {prompt_tokens} tokens, over {model}'s context window of "
                 f"{spec.context_window_tokens}; shorten the messages, system or tools",
             )
         temperature = request.temperature if request.HasField("temperature") else 1.0
-        seed = answer_seed(model, blocks, temperature)
+        seed = seed_of(model, digest, temperature)
         return Prepared(
             tenant=tenant,
             spec=spec,
-            prompt_tokens=len(token_ids),
-            block_hashes=tuple(block_hashes(tenant, model, token_ids)),
+            prompt_tokens=prompt_tokens,
+            block_hashes=hashes,
             answer=compose_answer(model, seed, request.max_tokens, self._tokenizer),
         )
 
@@ -157,3 +175,20 @@ class SimEngine:
                 await self._sleep(decode_seconds(spec, len(group), self._time_scale))
                 yield Delta(self._tokenizer.decode(list(group)))
         yield Finished(prepared.answer.tokens, prepared.answer.stop_reason)
+
+
+_HASH_BYTES = 32
+
+
+def _from_facts(facts: PromptFacts) -> tuple[int, tuple[bytes, ...], str]:
+    raw = facts.kv_block_hashes
+    blocks = facts.prompt_tokens // BLOCK_SIZE if facts.prompt_tokens > 0 else 0
+    if facts.prompt_tokens < 0 or len(raw) != blocks * _HASH_BYTES or not facts.digest:
+        raise RequestError(
+            Code.INVALID_ARGUMENT,
+            f"prompt facts are inconsistent: {facts.prompt_tokens} tokens need {blocks} block "
+            f"hashes of {_HASH_BYTES} bytes and a digest, got {len(raw)} bytes; send them as "
+            "prefix-cache's Plan returned them, or leave them out",
+        )
+    hashes = tuple(raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES))
+    return facts.prompt_tokens, hashes, facts.digest

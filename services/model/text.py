@@ -70,7 +70,10 @@ def marker(model: str) -> str:
 
 def answer_seed(model: str, blocks: Sequence[Block], temperature: float) -> bytes:
     """sha256 over the model, the canonical prompt (its chained digest) and the temperature."""
-    prompt_digest = blocks[-1].digest if blocks else ""
+    return seed_of(model, blocks[-1].digest if blocks else "", temperature)
+
+
+def seed_of(model: str, prompt_digest: str, temperature: float) -> bytes:
     material = f"{model}\x00{prompt_digest}\x00{temperature!r}"
     return hashlib.sha256(material.encode("utf-8")).digest()
 

@@ -13,6 +13,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PlanGone, PrefixCacheCore
 from services.prefix_cache.reconcile import BadUsage
@@ -44,8 +45,14 @@ class PrefixCacheApi:
                 list(request.replicas),
             )
         )
+        prompt = result.prompt
         return pc.PlanResponse(
             plan_id=result.plan_id,
+            prompt=PromptFacts(
+                prompt_tokens=prompt.plan.prompt_tokens,
+                kv_block_hashes=b"".join(prompt.kv_hashes),
+                digest=prompt.digest,
+            ),
             usage=usage_of(result.split),
             prompt_tokens=result.split.prompt_tokens,
             candidates=[

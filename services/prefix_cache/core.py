@@ -69,23 +69,25 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class PlanResult:
-    split: Split
-    candidates: tuple[Candidate, ...]
-    plan_id: str = ""  # names the computed prompt for the WARM commit ("" = not kept)
-
-
-@dataclass(frozen=True)
 class Prompt:
     """One request's prompt as prefix-cache sees it, computed once per request."""
 
     plan: PromptPlan
     scope: tuple[str, ...]
     kv_hashes: list[bytes]  # the replica's block hashes of the prompt (L3)
+    digest: str = ""  # the canonical prompt's chained digest (its last block's)
 
     @property
     def weight(self) -> int:
         return len(self.kv_hashes)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    split: Split
+    candidates: tuple[Candidate, ...]
+    prompt: Prompt
+    plan_id: str = ""  # names the computed prompt for the WARM commit ("" = not kept)
 
 
 class PrefixCacheCore:
@@ -126,7 +128,7 @@ class PrefixCacheCore:
             hit = await self._cache.longest(prompt.scope, prompt.plan.probes, self._clock.now_ms())
             read = hit.tokens if hit else 0
         plan_id = self._plans.put(tenant, spec.id, prompt)
-        return PlanResult(settle(prompt.plan, read), tuple(candidates), plan_id)
+        return PlanResult(settle(prompt.plan, read), tuple(candidates), prompt, plan_id)
 
     async def warm(
         self,
@@ -283,7 +285,8 @@ class PrefixCacheCore:
         blocks = canonical_blocks(request, tokenizer)
         plan = plan_for(blocks, sites_of(request), spec, self._lookback)
         hashes = ReplicaViews.hashes(tenant, spec.id, prompt_token_ids(blocks))
-        return Prompt(plan, scope_for(spec, tenant, request), hashes)
+        digest = blocks[-1].digest if blocks else ""
+        return Prompt(plan, scope_for(spec, tenant, request), hashes, digest)
 
 
 def _require(value: str, field: str) -> None:

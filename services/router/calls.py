@@ -15,6 +15,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.router.ports import CallFailed, ModelStream, Ports
 from services.router.settings import RouterSettings
@@ -187,15 +188,20 @@ class Calls:
         return await _degrading("prefix-cache", call, client_faults=False)
 
     async def generate(
-        self, tenant: str, model: str, request: pb.CompleteRequest, replica: str
+        self,
+        tenant: str,
+        model: str,
+        request: pb.CompleteRequest,
+        replica: str,
+        facts: PromptFacts | None = None,
     ) -> tuple[ModelStream, model_pb2.GenerateStart]:
         """Opens the stream and waits for its ``start`` (the prefill is done); a replica
-        that fails raises ``CallFailed``, a request it refuses ``RequestError``."""
-        stream = self._p.model.generate(
-            replica,
-            model_pb2.GenerateRequest(tenant=tenant, model=model, request=request),
-            self._s.model_timeout_s,
-        )
+        that fails raises ``CallFailed``, a request it refuses ``RequestError``. ``facts``
+        (from Plan) spare the engine tokenizing the prompt again."""
+        call = model_pb2.GenerateRequest(tenant=tenant, model=model, request=request)
+        if facts is not None:
+            call.prompt.CopyFrom(facts)
+        stream = self._p.model.generate(replica, call, self._s.model_timeout_s)
         try:
             first = await stream.read()
         except CallFailed as exc:

@@ -87,13 +87,14 @@ class Dispatcher:
             )
             prompt_tokens = plan.prompt_tokens if plan is not None else 0
             route = choose(candidates, self.loads.snapshot(), prompt_tokens, self._balance)
+            facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
             for replica in route.order:
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica)
                 self.loads.acquire(replica)
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
                         stream, start = await self._calls.generate(
-                            tenant, spec.id, request, replica
+                            tenant, spec.id, request, replica, facts
                         )
                 except RequestError:
                     self.loads.release(replica)

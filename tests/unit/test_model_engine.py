@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1.prompt_pb2 import PromptFacts
+from services.common.clock import ManualClock
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec, load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
@@ -19,6 +22,13 @@ from services.model.engine import (
     prefill_seconds,
 )
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache
+from services.prefix_cache.api import PrefixCacheApi
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.records import CommitRecords
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
 
 LONG_SYSTEM = "You are a support agent for a cache company. " * 60
 
@@ -229,3 +239,36 @@ async def test_a_stopped_stream_does_not_sleep_on(
     assert isinstance(await anext(stream), Delta)
     await stream.aclose()  # what a cancelled caller does to the generator
     assert len(sleep.calls) == 2  # prefill and one delta, nothing after
+
+
+async def test_plans_prompt_facts_prepare_what_the_engine_would_compute(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    """The facts prefix-cache's Plan returns (one tokenization per request) are exactly what
+    the engine derives itself: same token count, KV blocks and answer."""
+    table = load_model_table()
+    core = PrefixCacheCore(
+        table=table,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=InMemoryWarmStore(100),
+        views=ReplicaViews(1000),
+        ledger=InMemoryLedger(CommitRecords(60_000, 100), TotalsLedger()),
+        clock=ManualClock(),
+        lookback=20,
+    )
+    request = _request("How do I clear the cache?")
+    plan = await PrefixCacheApi(core).plan(
+        pc.PlanRequest(tenant="t", model="sim-large", request=request, replicas=["r"])
+    )
+    engine = _engine(tokenizer, sleep)
+    own = engine.prepare("t", "sim-large", request)
+    given = engine.prepare("t", "sim-large", request, plan.prompt)
+    assert given == own
+    assert plan.prompt.prompt_tokens == own.prompt_tokens > BLOCK_SIZE
+
+
+def test_inconsistent_prompt_facts_are_refused(tokenizer: Tokenizer, sleep: RecordingSleep) -> None:
+    facts = PromptFacts(prompt_tokens=40, kv_block_hashes=b"\x00" * 32, digest="ab")
+    with pytest.raises(RequestError, match="2 block hashes") as caught:
+        _engine(tokenizer, sleep).prepare("t", "sim-large", _request("Hi?"), facts)
+    assert caught.value.code == Code.INVALID_ARGUMENT

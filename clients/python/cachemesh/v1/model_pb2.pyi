@@ -4,6 +4,7 @@ isort:skip_file
 Internal: a model replica. The embedded default is the simulated engine (sim-small, sim-large)."""
 
 from cachemesh.v1 import gateway_pb2 as _gateway_pb2
+from cachemesh.v1 import prompt_pb2 as _prompt_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 import builtins as _builtins
@@ -24,21 +25,29 @@ class GenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     model: _builtins.str
     """the resolved model id"""
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest: ...
+    @_builtins.property
+    def prompt(self) -> _prompt_pb2.PromptFacts:
+        """The prompt as prefix-cache's Plan computed it; the engine then does not tokenize it again
+        (unset: the engine computes it from the request).
+        """
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         model: _builtins.str = ...,
         request: _gateway_pb2.CompleteRequest | None = ...,
+        prompt: _prompt_pb2.PromptFacts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt", b"prompt", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

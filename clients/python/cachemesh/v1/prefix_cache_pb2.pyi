@@ -4,6 +4,7 @@ isort:skip_file
 Internal: L2 prompt-prefix accounting and L3 replica ranking."""
 
 from cachemesh.v1 import gateway_pb2 as _gateway_pb2
+from cachemesh.v1 import prompt_pb2 as _prompt_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -105,6 +106,7 @@ class PlanResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     plan_id: _builtins.str
     """Names this request's prompt as Plan computed it (canonical form, token counts, block
@@ -118,6 +120,10 @@ class PlanResponse(_message.Message):
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaCandidate]:
         """best first"""
 
+    @_builtins.property
+    def prompt(self) -> _prompt_pb2.PromptFacts:
+        """The prompt's token count, KV blocks and digest, for the model call (Generate.prompt)."""
+
     def __init__(
         self,
         *,
@@ -125,10 +131,11 @@ class PlanResponse(_message.Message):
         prompt_tokens: _builtins.int = ...,
         candidates: _abc.Iterable[Global___ReplicaCandidate] | None = ...,
         plan_id: _builtins.str = ...,
+        prompt: _prompt_pb2.PromptFacts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "plan_id", b"plan_id", "prompt_tokens", b"prompt_tokens", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "plan_id", b"plan_id", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
