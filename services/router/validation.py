@@ -6,6 +6,7 @@ a client can fix the request. Validation reads the request only: it changes no s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -53,12 +54,20 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
 
 
 def _json_object(text: str, where: str) -> None:
+    problem = _json_object_problem(text)
+    if problem is not None:
+        raise _invalid(f"{where}: must be a JSON object, got {problem}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_object_problem(text: str) -> str | None:
+    """What keeps ``text`` from being a JSON object, or None. Cached: an agent sends the same
+    tool schemas with every request, and parsing them again each time found nothing new."""
     try:
         value = json.loads(text)
-    except ValueError:
-        raise _invalid(f"{where}: must be a JSON object, got invalid JSON") from None
-    if not isinstance(value, dict):
-        raise _invalid(f"{where}: must be a JSON object, got {type(value).__name__}")
+    except (ValueError, RecursionError):
+        return "invalid JSON"
+    return None if isinstance(value, dict) else type(value).__name__
 
 
 class _ToolTurns:

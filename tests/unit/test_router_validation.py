@@ -192,3 +192,16 @@ def test_unknown_semantic_mode() -> None:
     request = _request()
     request.cache.semantic = 99  # type: ignore[assignment]
     assert _error(request).message.startswith("cache.semantic:")
+
+
+def test_a_deeply_nested_schema_is_invalid_not_an_internal_error() -> None:
+    tool = pb.Tool(name="deep", input_schema_json="[" * 100_000)
+    error = _error(_request(tools=[tool]))
+    assert error.code == Code.INVALID_ARGUMENT
+    assert error.message == "tools[0].input_schema_json: must be a JSON object, got invalid JSON"
+
+
+def test_a_schema_judged_once_is_judged_the_same_again() -> None:
+    for _ in range(2):  # the second answer comes from the cache of parsed schemas
+        error = _error(_request(tools=[pb.Tool(name="t", input_schema_json="[1]")]))
+        assert error.message == "tools[0].input_schema_json: must be a JSON object, got list"
