@@ -1,7 +1,7 @@
-"""The whole stack in one process on a virtual clock: the router's own pipeline over its ports,
-answered by the semantic-cache, prefix-cache and model APIs (``local_ports``), each built by
-the same wiring function its ``serve()`` uses, from the settings the stack reads (``.env`` and
-overrides).
+"""The whole stack in one process on a virtual clock: the router's own pipeline over its
+dependency protocols, answered by the semantic-cache, prefix-cache and model APIs
+(``local_adapters``), each built by the same wiring function its ``serve()`` uses, from the
+settings the stack reads (``.env`` and overrides).
 
 Differences from the live stack, all without effect on what is served or billed: no sockets or
 processes; one ``ManualClock`` shared by every service and moved to each request's arrival time;
@@ -23,7 +23,7 @@ from services.common.config import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable, model_table_from_env
 from services.common.tokens import Tokenizer, load_cl100k
-from services.estimator.local_ports import LocalModels, LocalPrefix, LocalSemantic
+from services.estimator.local_adapters import LocalModels, LocalPrefix, LocalSemantic
 from services.model.api import ModelApi
 from services.model.config import ModelSettings
 from services.model.wiring import build_engine
@@ -32,7 +32,7 @@ from services.prefix_cache.core import TokenizerSlot
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.router.pipeline import Pipeline
-from services.router.ports import CallFailed, Ports
+from services.router.protocols import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
@@ -76,13 +76,13 @@ class OfflineStack:
         prefix = build_core(
             PrefixCacheSettings.from_env(env), self.table, TokenizerSlot(tokens), clock
         )
-        ports = Ports(
+        dependencies = Dependencies(
             semantic=LocalSemantic(build_api(semantic, self.semantic_cache)),
             prefix=LocalPrefix(PrefixCacheApi(prefix)),
             model=LocalModels(self._replicas(settings, tokens)),
             models=dict(self.router.replicas),
         )
-        self._pipeline = Pipeline(ports, self.table, tokens, trace.NoOpTracer(), self.router)
+        self._pipeline = Pipeline(dependencies, self.table, tokens, trace.NoOpTracer(), self.router)
 
     @staticmethod
     def _semantic(

@@ -17,7 +17,7 @@ from services.common.telemetry import (
     server_interceptors,
 )
 from services.common.tokens import load_cl100k
-from services.router.grpc_ports import connect
+from services.router.grpc_adapters import connect
 from services.router.idempotency import IdempotencyTable
 from services.router.pipeline import Pipeline
 from services.router.servicer import GatewayServicer
@@ -36,7 +36,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     tokenizer = load_cl100k()
     connected = connect(settings, client_interceptors(provider))
     pipeline = Pipeline(
-        connected.ports, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
+        connected.dependencies, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers)

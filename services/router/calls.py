@@ -17,7 +17,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
-from services.router.ports import CallFailed, ModelStream, Ports
+from services.router.protocols import CallFailed, Dependencies, ModelStream
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
@@ -53,8 +53,8 @@ async def _degrading(what: str, call: Awaitable[T], *, client_faults: bool = Tru
 
 
 class Calls:
-    def __init__(self, ports: Ports, settings: RouterSettings) -> None:
-        self._p = ports
+    def __init__(self, dependencies: Dependencies, settings: RouterSettings) -> None:
+        self._d = dependencies
         self._s = settings
 
     async def lookup(
@@ -75,7 +75,7 @@ class Calls:
         a lease another request has taken since (after this one's expired) is kept."""
         await _degrading(
             "semantic-cache",
-            self._p.semantic.release(
+            self._d.semantic.release(
                 semantic_cache_pb2.ReleaseRequest(
                     tenant=tenant, request=request, lease_id=lease_id
                 ),
@@ -89,7 +89,7 @@ class Calls:
     ) -> semantic_cache_pb2.LookupResponse | None:
         return await _degrading(
             "semantic-cache",
-            self._p.semantic.lookup(
+            self._d.semantic.lookup(
                 semantic_cache_pb2.LookupRequest(tenant=tenant, request=request), deadline_s
             ),
         )
@@ -102,7 +102,7 @@ class Calls:
     ) -> semantic_cache_pb2.StoreResponse | None:
         return await _degrading(
             "semantic-cache",
-            self._p.semantic.store(
+            self._d.semantic.store(
                 semantic_cache_pb2.StoreRequest(tenant=tenant, request=request, answer=answer),
                 self._s.semantic_timeout_s,
             ),
@@ -114,7 +114,7 @@ class Calls:
     ) -> prefix_cache_pb2.PlanResponse | None:
         return await _degrading(
             "prefix-cache",
-            self._p.prefix.plan(
+            self._d.prefix.plan(
                 prefix_cache_pb2.PlanRequest(
                     tenant=tenant, model=model, request=request, replicas=list(replicas)
                 ),
@@ -148,7 +148,7 @@ class Calls:
             commit.max_read_tokens = max_read_tokens
         if plan_id:
             try:
-                return await self._p.prefix.commit(commit, self._s.prefix_timeout_s)
+                return await self._d.prefix.commit(commit, self._s.prefix_timeout_s)
             except CallFailed as exc:
                 if exc.code != Code.FAILED_PRECONDITION:
                     _degraded("prefix-cache", exc)
@@ -184,7 +184,7 @@ class Calls:
     async def _commit(
         self, commit: prefix_cache_pb2.CommitRequest
     ) -> prefix_cache_pb2.CommitResponse | None:
-        call = self._p.prefix.commit(commit, self._s.prefix_timeout_s)
+        call = self._d.prefix.commit(commit, self._s.prefix_timeout_s)
         return await _degrading("prefix-cache", call, client_faults=False)
 
     async def generate(
@@ -201,7 +201,7 @@ class Calls:
         call = model_pb2.GenerateRequest(tenant=tenant, model=model, request=request)
         if facts is not None:
             call.prompt.CopyFrom(facts)
-        stream = self._p.model.generate(replica, call, self._s.model_timeout_s)
+        stream = self._d.model.generate(replica, call, self._s.model_timeout_s)
         try:
             first = await stream.read()
         except CallFailed as exc:

@@ -20,7 +20,7 @@ from services.common.models import AUTO, ModelSpec, ModelTable
 from services.router import spans
 from services.router.balance import BalancePolicy, LoadTracker, Route, choose
 from services.router.calls import Calls
-from services.router.ports import CallFailed, ModelStream, Ports
+from services.router.protocols import CallFailed, Dependencies, ModelStream
 from services.router.tiering import choose_tier
 
 log = logging.getLogger("cachemesh.router")
@@ -51,13 +51,13 @@ class Dispatcher:
     def __init__(
         self,
         calls: Calls,
-        ports: Ports,
+        dependencies: Dependencies,
         table: ModelTable,
         tracer: trace.Tracer,
         balance: BalancePolicy,
     ) -> None:
         self._calls = calls
-        self._ports = ports
+        self._deps = dependencies
         self._table = table
         self._tracer = tracer
         self._balance = balance
@@ -76,14 +76,14 @@ class Dispatcher:
             options = [(spec, "requested")]
         failures: list[str] = []
         for spec, reason in options:
-            replicas = self._ports.replicas(spec.id)
+            replicas = self._deps.replicas(spec.id)
             if not replicas:
                 continue
             plan = await self._calls.plan(tenant, spec.id, request, replicas)
             candidates = (
                 [(c.replica, c.warm_prefix_tokens) for c in plan.candidates]
                 if plan is not None and plan.candidates
-                else [(r, 0) for r in self._ports.rotate(spec.id, replicas)]
+                else [(r, 0) for r in self._deps.rotate(spec.id, replicas)]
             )
             prompt_tokens = plan.prompt_tokens if plan is not None else 0
             route = choose(candidates, self.loads.snapshot(), prompt_tokens, self._balance)

@@ -26,7 +26,7 @@ from services.common.tokens import Tokenizer
 from services.router import spans
 from services.router.calls import Calls
 from services.router.dispatch import Attempt, Dispatcher
-from services.router.ports import CallFailed, Ports
+from services.router.protocols import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
@@ -38,16 +38,16 @@ _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
 class Pipeline:
     def __init__(
         self,
-        ports: Ports,
+        dependencies: Dependencies,
         table: ModelTable,
         tokenizer: Tokenizer,
         tracer: trace.Tracer,
         settings: RouterSettings,
     ) -> None:
-        self._calls = Calls(ports, settings)
+        self._calls = Calls(dependencies, settings)
         self._table = table
         self._tokenizer = tokenizer
-        self._dispatch = Dispatcher(self._calls, ports, table, tracer, settings.balance)
+        self._dispatch = Dispatcher(self._calls, dependencies, table, tracer, settings.balance)
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
 

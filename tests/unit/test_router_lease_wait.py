@@ -12,7 +12,7 @@ from services.common.config import Env
 from services.common.errors import Code
 from services.common.models import model_table_from_env
 from services.router.calls import Calls
-from services.router.ports import CallFailed, Ports
+from services.router.protocols import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 REPLICAS = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
@@ -44,10 +44,10 @@ def calls(stub: ScriptedLookup, lease_wait_s: str) -> Calls:
         }
     )
     settings = RouterSettings.from_env(env, model_table_from_env(env))
-    ports = Ports(
+    dependencies = Dependencies(
         semantic=cast(Any, stub), prefix=cast(Any, None), model=cast(Any, None), models={}
     )
-    return Calls(ports, settings)
+    return Calls(dependencies, settings)
 
 
 HIT = sc.LookupResponse(hit=True, waited=True)

@@ -10,7 +10,7 @@ from services.common.config import Env
 from services.common.errors import Code
 from services.common.models import model_table_from_env
 from services.router.calls import Calls
-from services.router.ports import CallFailed, Ports
+from services.router.protocols import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 WARM = pc.CommitResponse(usage=pb.Usage(cache_read_input_tokens=2048))
@@ -40,10 +40,10 @@ def calls(stub: ScriptedCommit) -> Calls:
         }
     )
     settings = RouterSettings.from_env(env, model_table_from_env(env))
-    ports = Ports(
+    dependencies = Dependencies(
         semantic=cast(Any, None), prefix=cast(Any, stub), model=cast(Any, None), models={}
     )
-    return Calls(ports, settings)
+    return Calls(dependencies, settings)
 
 
 REQUEST = pb.CompleteRequest(

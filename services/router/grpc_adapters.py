@@ -1,4 +1,4 @@
-"""The router's ports over gRPC: traced channels carrying the internal credential.
+"""The router's dependencies over gRPC: traced channels carrying the internal credential.
 
 The only place the router's pipeline meets the transport: a failed call's
 ``grpc.aio.AioRpcError`` becomes ``CallFailed`` with the same status code.
@@ -17,7 +17,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import internal_metadata
 from services.common.status import code_of
-from services.router.ports import CallFailed, Ports
+from services.router.protocols import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 T = TypeVar("T")
@@ -96,7 +96,7 @@ class GrpcModels:
 
 @dataclass
 class Connected:
-    ports: Ports
+    dependencies: Dependencies
     channels: list[grpc.aio.Channel]
 
     async def close(self) -> None:
@@ -122,7 +122,7 @@ def connect(
         return channels[address]
 
     metadata = internal_metadata(settings.internal_token)
-    ports = Ports(
+    dependencies = Dependencies(
         semantic=GrpcSemantic(
             semantic_cache_pb2_grpc.SemanticCacheStub(channel(settings.semantic_cache_addr)),
             metadata,
@@ -140,4 +140,4 @@ def connect(
         ),
         models=dict(settings.replicas),
     )
-    return Connected(ports, list(channels.values()))
+    return Connected(dependencies, list(channels.values()))

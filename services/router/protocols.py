@@ -1,8 +1,8 @@
 """What the router's pipeline needs of its dependencies: small protocols, no transport.
 
 The pipeline calls the semantic cache, prefix-cache and the model replicas through these;
-``services.router.grpc_ports`` implements them over gRPC for the live router, and
-``services.estimator.local_ports`` over the services' own cores in one process. Messages are
+``services.router.grpc_adapters`` implements them over gRPC for the live router, and
+``services.estimator.local_adapters`` over the services' own cores in one process. Messages are
 the contracts' protobuf types; a call that fails raises ``CallFailed`` with its status code.
 """
 
@@ -59,7 +59,7 @@ class ModelPort(Protocol):
 
 
 @dataclass
-class Ports:
+class Dependencies:
     """The router's dependencies, and which replicas serve each model."""
 
     semantic: SemanticPort

@@ -1,4 +1,4 @@
-"""The router's ports answered in this process by the services' own APIs (no sockets).
+"""The router's dependencies answered in this process by the services' own APIs (no sockets).
 
 Each adapter calls the service's transport-free API directly and turns its ``RequestError``
 into the ``CallFailed`` a gRPC call would raise; deadlines are the caller's, whole (nothing in
@@ -17,7 +17,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import RequestError
 from services.model.api import ModelApi
 from services.prefix_cache.api import PrefixCacheApi
-from services.router.ports import CallFailed
+from services.router.protocols import CallFailed
 from services.semantic_cache.api import SemanticCacheApi
 
 T = TypeVar("T")
