@@ -16,7 +16,7 @@ from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import load_cl100k
 from tests.integration.harness import RunningStack
-from tests.integration.otlp_sink import Span
+from services.stack.otlp_sink import Span
 
 pytestmark = pytest.mark.integration
 

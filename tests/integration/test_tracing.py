@@ -10,7 +10,7 @@ import pytest
 from cachemesh import Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from tests.integration.harness import RunningStack
-from tests.integration.otlp_sink import Span
+from services.stack.otlp_sink import Span
 
 pytestmark = pytest.mark.integration
 
