@@ -25,7 +25,8 @@ from cachemesh.loadtest.runner import LoadShape
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.workloads import Item
 from services.bench import cases
-from services.bench.echo import echo_reference
+from services.bench.chain import two_hop
+from services.bench.echo import chain_reference
 from services.bench.embedder_ref import embedder_reference
 from services.bench.ratios import case_ratios
 from services.common.config import Env
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     embedder = load_minilm_embedder(threads=config.ort_threads)
     sentences = cases.first_questions(args.data_dir, 256)
     references = {
-        "echo_two_hops": echo_reference(LEVELS, args.requests * 3, payload_bytes=600),
+        "echo_two_hops": chain_reference(two_hop(600), LEVELS, args.requests * 3)["levels"],
         "embedder": embedder_reference(embedder, sentences, batch=32),
     }
     pairs = cases.paraphrase_pairs(args.data_dir, embedder, min(1.0, config.threshold + 0.04))
