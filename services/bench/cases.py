@@ -86,11 +86,11 @@ def agent_misses(data_dir: Path, namespace: str, count: int, seed: int) -> list[
     raise ValueError(f"{count} agent turns ending in the user's text not found in the data")
 
 
-def agent_params(data_dir: Path, seed: int) -> dict[str, object]:
-    return {
-        **TauAgent(data_dir, seed, "", model="auto").params(),
-        "turns": "those ending in the user's text", "namespace": "one per request",
-    }  # fmt: skip
+def agent_params(data_dir: Path) -> dict[str, object]:
+    params = TauAgent(data_dir, 0, "", model="auto").params()
+    del params["seed"]
+    return {**params, "seed": "the level (in flight)", "turns": "those ending in the user's text",
+            "namespace": "one per request"}  # fmt: skip
 
 
 def misses(data_dir: Path, namespace: str, count: int, seed: int) -> list[Item]:

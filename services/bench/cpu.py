@@ -44,13 +44,6 @@ class CpuProbe:
         return {name: cpu_ticks(self.read(pid)) for name, pid in self.pids.items()}
 
 
-    def around(self, run: Callable[[], int]) -> dict[str, Any]:
-        """Runs ``run`` (it returns how many requests were answered) between two samples."""
-        before = self.sample()
-        answered = run()
-        return per_request(before, self.sample(), answered, self.ticks_per_s)
-
-
 def per_request(
     before: Mapping[str, int], after: Mapping[str, int], requests: int, ticks_per_s: int
 ) -> dict[str, Any]:
@@ -65,7 +58,6 @@ def per_request(
         "resolution_ms": round(1000 / ticks_per_s, 3),
         "seconds": {name: round(s, 3) for name, s in seconds.items()},
         "ms_per_request": {
-            name: round(s * 1000 / requests, 3) if requests else None
-            for name, s in seconds.items()
+            name: round(s * 1000 / requests, 3) if requests else None for name, s in seconds.items()
         },
     }

@@ -48,9 +48,7 @@ def _leaf_handler(calls: list[Call]) -> grpc.GenericRpcHandler:
     for call in calls:
         reply = b"y" * call.reply_bytes
         methods[call.method] = (
-            grpc.unary_stream_rpc_method_handler(
-                _stream(reply, call.replies), _identity, _identity
-            )
+            grpc.unary_stream_rpc_method_handler(_stream(reply, call.replies), _identity, _identity)
             if call.replies > 1
             else grpc.unary_unary_rpc_method_handler(_unary(reply), _identity, _identity)
         )

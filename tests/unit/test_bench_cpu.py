@@ -30,7 +30,8 @@ def test_ms_per_request_of_each_service_over_a_run() -> None:
         return _stat(pid, "python3 -m services.x", value, 10)
 
     probe = CpuProbe({"router": 11, "model": 12}, read, ticks_per_s=100)
-    out = probe.around(lambda: 400)
+    before = probe.sample()
+    out = per_request(before, probe.sample(), 400, probe.ticks_per_s)
     assert out["requests"] == 400
     assert out["seconds"] == {"router": 2.0, "model": 0.2, "total": 2.2}
     assert out["ms_per_request"] == {"router": 5.0, "model": 0.5, "total": 5.5}
