@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     names = setting_names(read_env_file(ROOT / ".env"))
     doc = output.document(
         run={"target": args.target, "levels": list(LEVELS), "requests_per_level": args.requests,
+             "hit_requests_per_level": args.requests * runs.HIT_FACTOR,
+             "traced_runs_per_level": runs.REPEATS,
              "mixed_requests": args.mixed_requests, "paraphrase_pairs": len(pairs),
              "namespace": run, "elapsed_s": round(time.monotonic() - started, 1)},
         workload={"mixed": outcome.mixed_params, AGENT: cases.agent_params(args.data_dir),

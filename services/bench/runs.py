@@ -3,9 +3,11 @@
 On the bench's own stacks (``own_stacks``): (d) on a stack with the simulator's timings from
 ``.env``; then two stacks whose simulated model answers at once (``SIM_TIME_SCALE=0``), one
 exporting no traces and one exporting every span to a real OTLP receiver. (a) exact hits and
-(c) agent misses run on both, level by level, alternating which goes first (off/on, on/off,
-off/on) so drift in the machine's other load falls on both; (b) and (c2) run on the untraced
-one. Against a running stack (``against_target``) only (a), (b) and (d) run: the others need a
+(c) agent misses run on both twice per level, in the order A B B A (A = off at 1 and 32 in
+flight, on at 8), and each stack's two runs are pooled: a drift of the machine's other load
+(other people's benchmarks) then falls on both sides alike. (b) and (c2) run on the untraced
+stack. Hits are fast, so (a) and (b) send ``HIT_FACTOR`` times the requests of a miss case.
+Against a running stack (``against_target``) only (a), (b) and (d) run: the others need a
 stack the bench configures itself.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.bench import cases
-from services.bench.measure import measure
+from services.bench.measure import Run, combine, measure, run_point
 from services.bench.sink_process import SinkProcess
 from services.bench.stacks import SIM_ZERO, TRACES_OFF, BenchStack, Target, bench_stack, traces_to
 
@@ -26,6 +28,8 @@ EXACT, SEMANTIC, AGENT, UNRELATED, MIXED = (
     "d_mixed",
 )  # fmt: skip
 OFF, ON = "zero", "zero-traced"
+HIT_FACTOR = 3
+REPEATS = 2  # runs of (a) and (c) per stack and level, interleaved A B B A
 
 
 @dataclass(frozen=True)
@@ -48,21 +52,38 @@ class Outcome:
     mixed_params: dict[str, object] = field(default_factory=dict)
 
 
-def _exact(plan: Plan, target: Target, level: int) -> dict[str, Any]:
-    namespace = f"{plan.run}-exact-{level}-{target.name}"
-    warm, items = cases.exact_hits(plan.data_dir, namespace, plan.requests)
-    return measure(target, warm, items, level, f"(a) exact x{level} {target.name}")
+def _exact(plan: Plan, target: Target, level: int, repeat: int = 0) -> Run:
+    namespace = f"{plan.run}-exact-{level}-{target.name}-{repeat}"
+    warm, items = cases.exact_hits(plan.data_dir, namespace, plan.requests * HIT_FACTOR)
+    return run_point(target, warm, items, level, f"(a) exact x{level} {target.name}")
 
 
 def _semantic(plan: Plan, target: Target, level: int) -> dict[str, Any]:
-    warm, items = cases.semantic_hits(plan.pairs, f"{plan.run}-semantic-{level}", plan.requests)
+    namespace = f"{plan.run}-semantic-{level}"
+    warm, items = cases.semantic_hits(plan.pairs, namespace, plan.requests * HIT_FACTOR)
     return measure(target, warm, items, level, f"(b) semantic x{level} {target.name}")
 
 
-def _agent(plan: Plan, target: Target, level: int) -> dict[str, Any]:
-    namespace = f"{plan.run}-agent-{level}-{target.name}"
-    items = cases.agent_misses(plan.data_dir, namespace, plan.requests, seed=level)
-    return measure(target, [], items, level, f"(c) agent miss x{level} {target.name}")
+def _agent(plan: Plan, target: Target, level: int, repeat: int) -> Run:
+    """The same requests on both stacks for the same repeat (new ones for the next)."""
+    namespace = f"{plan.run}-agent-{level}-{target.name}-{repeat}"
+    items = cases.agent_misses(plan.data_dir, namespace, plan.requests, seed=level + 100 * repeat)
+    return run_point(target, [], items, level, f"(c) agent miss x{level} {target.name}")
+
+
+def _interleaved(
+    plan: Plan, first: Target, second: Target, level: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """case -> stack -> its pooled row: (a) then (c), each run A B B A."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for case, one in ((EXACT, _exact), (AGENT, _agent)):
+        runs: dict[str, list[Run]] = {first.name: [], second.name: []}
+        for repeat in range(REPEATS):
+            pair = (first, second) if repeat % 2 == 0 else (second, first)
+            for target in pair:
+                runs[target.name].append(one(plan, target, level, repeat))
+        out[case] = {t.name: combine(t, level, runs[t.name]) for t in (first, second)}
+    return out
 
 
 def _unrelated(plan: Plan, target: Target, level: int) -> dict[str, Any]:
@@ -101,11 +122,10 @@ def own_stacks(plan: Plan) -> Outcome:
                 AGENT: {OFF: [], ON: []},
             }
             for i, level in enumerate(plan.levels):
-                order = (off, on) if i % 2 == 0 else (on, off)
-                for target in order:
-                    rows[EXACT][target.name].append(_exact(plan, target, level))
-                for target in order:
-                    rows[AGENT][target.name].append(_agent(plan, target, level))
+                first, second = (off, on) if i % 2 == 0 else (on, off)
+                for case, by_stack in _interleaved(plan, first, second, level).items():
+                    for name, row in by_stack.items():
+                        rows[case][name].append(row)
             out.cases[EXACT], out.cases[AGENT] = rows[EXACT][OFF], rows[AGENT][OFF]
             out.cases[SEMANTIC] = [_semantic(plan, off, level) for level in plan.levels]
             out.cases[UNRELATED] = [_unrelated(plan, off, level) for level in plan.levels]
@@ -114,7 +134,7 @@ def own_stacks(plan: Plan) -> Outcome:
     traced = rows[EXACT][ON] + rows[AGENT][ON]
     out.tracing = {
         "off_stack": OFF, "on_stack": ON, "exporter": "otlp (gRPC)",
-        "order": "per level, alternately off then on and on then off",
+        "order": f"{REPEATS} runs a stack per level and case, A B B A, A = off, on, off by level",
         "receiver": {
             "spans_received": sum(spans.values()), "by_service": spans,
             "requests_sent": sum(r["requests"] + r["warmup_requests"] for r in traced),
@@ -126,7 +146,7 @@ def own_stacks(plan: Plan) -> Outcome:
 
 def against_target(plan: Plan, target: Target) -> Outcome:
     out = Outcome()
-    out.cases[EXACT] = [_exact(plan, target, level) for level in plan.levels]
+    out.cases[EXACT] = [combine(target, n, [_exact(plan, target, n)]) for n in plan.levels]
     out.cases[SEMANTIC] = [_semantic(plan, target, level) for level in plan.levels]
     _mixed(plan, target, out)
     skipped = f"--target {target.address}: needs a stack the bench starts itself"
