@@ -3,12 +3,12 @@
 On the bench's own stacks (``own_stacks``): (d) on a stack with the simulator's timings from
 ``.env``; then two stacks whose simulated model answers at once (``SIM_TIME_SCALE=0``), one
 exporting no traces and one exporting every span to a real OTLP receiver. (a) exact hits and
-(c) agent misses run on both twice per level, in the order A B B A (A = off at 1 and 32 in
-flight, on at 8), and each stack's two runs are pooled: a drift of the machine's other load
-(other people's benchmarks) then falls on both sides alike. (b) and (c2) run on the untraced
-stack. Hits are fast, so (a) and (b) send ``HIT_FACTOR`` times the requests of a miss case.
-Against a running stack (``against_target``) only (a), (b) and (d) run: the others need a
-stack the bench configures itself.
+(c) agent misses run on both ``REPEATS`` times per level, in the order A B B A (A =
+off at 1 and 32 in flight, on at 8), and each stack's runs are pooled: a drift of the
+machine's other load (other people's benchmarks) then falls on both sides alike. (b) and
+(c2) run on the untraced stack. Hits are fast, so (a) and (b) send ``HIT_FACTOR`` times the
+requests of a miss case. Against a running stack (``against_target``) only (a), (b) and (d)
+run: the others need a stack the bench configures itself.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def own_stacks(plan: Plan) -> Outcome:
     traced = rows[EXACT][ON] + rows[AGENT][ON]
     out.tracing = {
         "off_stack": OFF, "on_stack": ON, "exporter": "otlp (gRPC)",
-        "order": f"{REPEATS} runs a stack per level and case, A B B A, A = off, on, off by level",
+        "order": f"{REPEATS} runs a stack per level and case, A B B A; A = off at 1 and 32 in "
+        "flight, on at 8",
         "receiver": {
             "spans_received": sum(spans.values()), "by_service": spans,
             "requests_sent": sum(r["requests"] + r["warmup_requests"] for r in traced),
