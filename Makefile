@@ -72,11 +72,8 @@ calibrate-cache: setup ## refit the verifier, calibrate to precision 0.99, write
 	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation fit
 	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation calibrate --write
 
-bench: setup ## the standard load-test set on the local stack: results/bench-<date>.json + .html
-	$(BIN)/python -m services.stack up
-	set -a; source .run/demo-keys.env; set +a; \
-	  $(BIN)/python -m services.bench; status=$$?; \
-	  $(BIN)/python -m services.stack down; exit $$status
+bench: setup ## the standard load-test set on stacks of its own (free ports): results/bench-<date>.json + .html
+	$(BIN)/python -m services.bench
 
 bench-prefix: setup ## offline replays (tau-bench, Mooncake) through L2/L3 accounting; bench-results/prefix.json
 	$(BIN)/python -m services.prefix_cache.bench --out bench-results/prefix.json

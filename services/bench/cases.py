@@ -10,9 +10,13 @@ import numpy as np
 from cachemesh.loadtest.workloads import Item, WorkloadSpec, build, normalise
 from cachemesh.loadtest.workloads.base import TENANT_A, data_file
 from cachemesh.loadtest.workloads.faq import PAIRS, faq_request, load_pairs
+from cachemesh.loadtest.workloads.tau import TauAgent
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.prompt import last_user_text
 from services.semantic_cache.embedder import Embedder
 
 POOL = 50  # distinct questions stored in the warm-up of (a) and (b)
+MAX_DRAWS_PER_MISS = 50  # agent turns drawn per one that ends in the user's text, at most
 
 
 def first_questions(data_dir: Path, count: int) -> list[str]:
@@ -66,9 +70,45 @@ def semantic_hits(
     return warm, _cycle(asks, count)
 
 
+def agent_misses(data_dir: Path, namespace: str, count: int, seed: int) -> list[Item]:
+    """(c): tau-bench airline agent requests (system prompt, 14 tools, the conversation so
+    far), model ``auto`` so the router chooses the tier. Only turns that end in the user's text
+    are kept: for those the router looks L1 up and stores the answer (a turn ending in tool
+    results skips L1), so each request goes through every layer."""
+    workload = TauAgent(data_dir, seed, namespace, model="auto")
+    items: list[Item] = []
+    for _ in range(count * MAX_DRAWS_PER_MISS):
+        item = workload.next_item()
+        if last_user_text(item.request) is not None:
+            items.append(item)
+            if len(items) == count:
+                return own_namespaces(items, namespace)
+    raise ValueError(f"{count} agent turns ending in the user's text not found in the data")
+
+
+def agent_params(data_dir: Path) -> dict[str, object]:
+    params = TauAgent(data_dir, 0, "", model="auto").params()
+    del params["seed"]
+    return {**params, "seed": "the level (in flight)", "turns": "those ending in the user's text",
+            "namespace": "one per request"}  # fmt: skip
+
+
 def misses(data_dir: Path, namespace: str, count: int, seed: int) -> list[Item]:
+    """(c2): single-turn MMLU/GSM8K prompts (the ``unrelated`` workload), model ``auto``."""
     workload = build(WorkloadSpec("unrelated", seed, namespace, data_dir))
-    return [workload.next_item() for _ in range(count)]
+    return own_namespaces([workload.next_item() for _ in range(count)], namespace)
+
+
+def own_namespaces(items: list[Item], namespace: str) -> list[Item]:
+    """Each request in a cache namespace of its own: an L1 miss even when the data repeats a
+    question (L2 and L3 ignore namespaces, so shared prefixes stay shared)."""
+    out = []
+    for i, item in enumerate(items):
+        request = pb.CompleteRequest()
+        request.CopyFrom(item.request)
+        request.cache.namespace = f"{namespace}/{i}"
+        out.append(Item(item.kind, item.tenant, request, item.question))
+    return out
 
 
 def mixed(

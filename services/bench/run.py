@@ -1,126 +1,142 @@
-"""``python -m services.bench``: runs the standard set and writes the JSON and the chart.
+"""``python -m services.bench`` (``make bench``): the standard set, its references and ratios.
 
-(a) exact L1 hits, (b) semantic L1 hits, each at 1, 8 and 32 in flight against the stack at
-``CACHEMESH_TARGET`` (``make bench`` starts it); (c) the miss path (L1 miss, plan, model,
-commits, store) at 1, 8 and 32 in flight on a second stack this command starts with
-``SIM_TIME_SCALE=0`` and stops afterwards; (d) the mixed workload's savings. References
-measured in the same run: a bare two-hop gRPC echo and the embedder alone; each figure is
-reported with its ratio to its reference (schema: clients/python/SCHEMA.md, "Bench report").
+It starts its own stacks on free loopback ports (never the ports of a ``make up`` stack) and
+stops them: (a) exact L1 hits, (b) semantic L1 hits, (c) misses of tau-bench agent requests
+and (c2) of single-turn MMLU/GSM8K prompts, the simulated model answering at once
+(``SIM_TIME_SCALE=0``), each at 1, 8 and 32 in flight; (a) and (c) again with every span
+exported to a real OTLP receiver; the CPU each service spends per request; (d) the mixed
+workload's savings. References measured in the same run: a two-hop gRPC echo, an echo chain
+of a miss's shape for each miss case, the embedder alone. ``--target`` measures (a), (b) and
+(d) on a stack already running instead. Schema: clients/python/SCHEMA.md, "Bench report".
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from cachemesh.loadtest import chart, report
 from cachemesh.loadtest.cli import keys_from_env
-from cachemesh.loadtest.load import check_target, run_load
-from cachemesh.loadtest.runner import LoadShape
-from cachemesh.loadtest.stats import summarise
-from cachemesh.loadtest.workloads import Item
-from services.bench import cases
-from services.bench.echo import echo_reference
+from cachemesh.loadtest.load import check_target
+from services.bench import cases, output, runs, table
+from services.bench.chain import miss_chain, two_hop
+from services.bench.echo import chain_reference
 from services.bench.embedder_ref import embedder_reference
 from services.bench.ratios import case_ratios
+from services.bench.redact import own_settings, setting_names
+from services.bench.runs import AGENT, MIXED, UNRELATED, Outcome, Plan
+from services.bench.stacks import Target
 from services.common.config import Env
 from services.semantic_cache.config import SemanticCacheConfig
-from services.semantic_cache.embedder import load_minilm_embedder
+from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.operating_point import OperatingPoint
 from services.stack.envfile import read_env_file
 from services.stack.runner import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 LEVELS = (1, 8, 32)
+TWO_HOP_PAYLOAD_BYTES = 600
 
 
-def _measure(
-    target: str, keys: dict[str, str], warm: list[Item], plan: list[Item], level: int, label: str,
-    labels: dict[frozenset[str], int] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    shape = LoadShape("closed", level, 0.0, duration_s=180.0, stream=False, timeout_s=60.0)
-    samples = run_load(target, keys, warm, plan, shape, 1, label)
-    return {"concurrency": level, **summarise(samples, labels or {})}
-
-
-def _zero_stack_cases(args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
-    """(c) on a second stack whose simulated model answers without waiting."""
-    run_dir = ROOT / ".run" / "bench-zero"
-    stack = Stack.on_free_ports(ROOT, run_dir, {"SIM_TIME_SCALE": "0"})
-    stack.start()
-    try:
-        demo = read_env_file(run_dir / "demo-keys.env")
-        keys = {"tenant-a": demo["CACHEMESH_KEY_A"]}
-        out = []
-        for level in LEVELS:
-            plan = cases.misses(args.data_dir, f"{run}-miss-{level}", args.requests, level)
-            out.append(_measure(stack.router_address, keys, [], plan, level, f"(c) miss x{level}"))
-        return out
-    finally:
-        stack.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m services.bench", description=__doc__)
-    p.add_argument("--target", default=os.environ.get("CACHEMESH_TARGET", "127.0.0.1:50051"))
+    p.add_argument("--target", default=None,
+                   help="a running stack's router (loopback): only (a), (b), (d) run on it; "
+                        "keys from CACHEMESH_KEY_A/B")  # fmt: skip
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--requests", type=int, default=300, help="per case and level")
     p.add_argument("--mixed-requests", type=int, default=400)
     p.add_argument("--out-dir", type=Path, default=ROOT / "results")
-    args = p.parse_args(argv)
+    return p
+
+
+def _references(plan: Plan, embedder: Embedder) -> dict[str, Any]:
+    agent = cases.agent_misses(plan.data_dir, "shape", plan.requests, seed=1)
+    unrelated = cases.misses(plan.data_dir, "shape", plan.requests, seed=1)
+    chains = {
+        "agent": miss_chain("agent", [i.request for i in agent]),
+        "unrelated": miss_chain("unrelated", [i.request for i in unrelated]),
+    }
+    return {
+        "echo_two_hops": chain_reference(
+            two_hop(TWO_HOP_PAYLOAD_BYTES), plan.levels, plan.requests * 3
+        ),
+        "echo_miss_chain": {
+            name: chain_reference(chain, plan.levels, plan.requests)
+            for name, chain in chains.items()
+        },
+        "embedder": embedder_reference(
+            embedder, cases.first_questions(plan.data_dir, 256), batch=32
+        ),
+    }
+
+
+def _charts(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    charts: list[tuple[str, dict[str, Any]]] = []
+    for case, title in table.TITLES.items():
+        rows = results["cases"][case]
+        if isinstance(rows, list):
+            charts += [(f"{title}, {r['concurrency']} in flight", r) for r in rows]
+    for case, rows in results["tracing"].get("on", {}).items():
+        title = table.TITLES[case]
+        charts += [(f"{title}, traced, {r['concurrency']} in flight", r) for r in rows]
+    charts.append(("(d) mixed workload, 8 in flight", results["cases"][MIXED]))
+    return charts
+
+
+def _outcome(args: argparse.Namespace, plan: Plan) -> Outcome:
+    if args.target is None:
+        return runs.own_stacks(plan)
     check_target(args.target, allow_remote=False)
     keys = keys_from_env()
     if "tenant-a" not in keys:
-        sys.exit("bench: set CACHEMESH_KEY_A (source .run/demo-keys.env)")
-    settings = Stack(ROOT).settings()
-    run = f"bench-{time.time_ns()}"
-    started = time.monotonic()
+        sys.exit("bench --target: set CACHEMESH_KEY_A (source that stack's demo-keys.env)")
+    outcome = runs.against_target(plan, Target(args.target, keys, None, "target"))
+    outcome.secrets += keys.values()
+    return outcome
 
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    sys.exit(128 + signum)  # unwinds through the stacks' finally blocks, which stop them
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.requests < 1 or args.mixed_requests < 1:
+        sys.exit("bench: --requests and --mixed-requests must be >= 1")
+    signal.signal(signal.SIGTERM, _stop)
+    started = time.monotonic()
+    settings = Stack(ROOT).settings()
     config = SemanticCacheConfig.from_env(Env(settings), OperatingPoint.load())
     embedder = load_minilm_embedder(threads=config.ort_threads)
-    sentences = cases.first_questions(args.data_dir, 256)
-    references = {
-        "echo_two_hops": echo_reference(LEVELS, args.requests * 3, payload_bytes=600),
-        "embedder": embedder_reference(embedder, sentences, batch=32),
-    }
     pairs = cases.paraphrase_pairs(args.data_dir, embedder, min(1.0, config.threshold + 0.04))
-    exact, semantic = [], []
-    for level in LEVELS:
-        warm, plan = cases.exact_hits(args.data_dir, f"{run}-exact-{level}", args.requests)
-        exact.append(_measure(args.target, keys, warm, plan, level, f"(a) exact x{level}"))
-        warm, plan = cases.semantic_hits(pairs, f"{run}-semantic-{level}", args.requests)
-        semantic.append(_measure(args.target, keys, warm, plan, level, f"(b) semantic x{level}"))
-    items, params, labels = cases.mixed(args.data_dir, f"{run}-mixed", args.mixed_requests, 7)
-    mixed = _measure(args.target, keys, [], items, 8, "(d) mixed x8", labels)
-    miss = _zero_stack_cases(args, run)
+    run = f"bench-{time.time_ns()}"
+    plan = Plan(ROOT, args.data_dir, run, LEVELS, args.requests, args.mixed_requests, pairs)
+    references = _references(plan, embedder)
+    outcome = _outcome(args, plan)
 
-    doc = report.document(
+    results = {"references": references, "cases": outcome.cases, "tracing": outcome.tracing}
+    ratios = case_ratios(results)
+    names = setting_names(read_env_file(ROOT / ".env"))
+    doc = output.document(
         run={"target": args.target, "levels": list(LEVELS), "requests_per_level": args.requests,
+             "hit_requests_per_level": args.requests * runs.HIT_FACTOR,
+             "traced_runs_per_level": runs.REPEATS,
              "mixed_requests": args.mixed_requests, "paraphrase_pairs": len(pairs),
              "namespace": run, "elapsed_s": round(time.monotonic() - started, 1)},
-        workload={"mixed": params},
-        stack=settings,
-        results={"references": references, "cases": {
-            "a_exact_hit": exact, "b_semantic_hit": semantic, "c_miss_path_sim_zero": miss,
-            "d_mixed": mixed}},
+        workload={"mixed": outcome.mixed_params, AGENT: cases.agent_params(args.data_dir),
+                  UNRELATED: {"name": "unrelated", "seed": "the level (in flight)",
+                       "namespace": "one per request"}},
+        stack=own_settings(settings, names, outcome.secrets),
+        stacks={name: own_settings(overrides, names, outcome.secrets)
+                for name, overrides in outcome.stacks.items()},
+        results=results,
+        ratios=ratios,
     )  # fmt: skip
-    doc["schema"] = "cachemesh.bench.v1"
-    doc["ratios"] = case_ratios(doc["results"])
-    day = time.strftime("%Y-%m-%d")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"bench-{day}.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    runs = [(f"(a) exact hits, {r['concurrency']} in flight", r) for r in exact]
-    runs += [(f"(b) semantic hits, {r['concurrency']} in flight", r) for r in semantic]
-    runs += [(f"(c) miss path (SIM_TIME_SCALE=0), {r['concurrency']} in flight", r) for r in miss]
-    runs += [("(d) mixed workload, 8 in flight", mixed)]
-    page = chart.render_html(f"cachemesh bench {day}", runs, doc["ratios"])
-    (args.out_dir / f"bench-{day}.html").write_text(page)
-    print(report.table(mixed))
-    print(json.dumps(doc["ratios"], indent=2))
+    out = output.write(doc, _charts(results), args.out_dir, time.strftime("%Y-%m-%d"))
+    print(table.render(references, ratios))
     print(f"bench: {out} and {out.with_suffix('.html')} ({doc['run']['elapsed_s']} s)")

@@ -9,8 +9,8 @@ import pytest
 
 from cachemesh import Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
+from services.stack.otlp_sink import Span
 from tests.integration.harness import RunningStack
-from tests.integration.otlp_sink import Span
 
 pytestmark = pytest.mark.integration
 

@@ -37,6 +37,27 @@ def draw(workload: Workload, count: int) -> list[Item]:
     return [workload.next_item() for _ in range(count)]
 
 
+def warm_up(
+    target: str, keys: dict[str, str], warmup: Sequence[Item], shape: LoadShape, label: str
+) -> list[Sample]:
+    """The unrecorded requests sent before a run, closed loop at the shape's concurrency;
+    their samples are marked (they still teach which answer came from which question)."""
+    if not warmup:
+        return []
+    bar = Progress(f"{label} warm-up", len(warmup))
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        bar(done)
+
+    closed = replace(shape, mode="closed")
+    samples = asyncio.run(run_plan(target, keys, warmup, closed, warmup=True, tick=tick))
+    bar.close()
+    return samples
+
+
 def run_load(
     target: str,
     keys: dict[str, str],
@@ -47,19 +68,7 @@ def run_load(
     label: str = "load",
 ) -> list[Sample]:
     """Warm-up samples (marked) followed by the measured ones."""
-    samples: list[Sample] = []
-    if warmup:
-        bar = Progress(f"{label} warm-up", len(warmup))
-        done = 0
-
-        def tick() -> None:
-            nonlocal done
-            done += 1
-            bar(done)
-
-        closed = replace(shape, mode="closed")
-        samples += asyncio.run(run_plan(target, keys, warmup, closed, warmup=True, tick=tick))
-        bar.close()
+    samples = warm_up(target, keys, warmup, shape, label)
     bar = Progress(label, len(plan))
     if processes <= 1:
         count = 0

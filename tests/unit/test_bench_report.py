@@ -1,0 +1,67 @@
+"""No secret reaches a bench report: only cachemesh's settings, with keys and tokens masked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.bench import output
+from services.bench.redact import MASK, own_settings, setting_names
+from services.stack.envfile import read_env_file
+from services.stack.runner import Stack
+
+FAKE = {
+    "CACHEMESH_KEY_A": "cm_fakeKeyOfTenantA0000000000000000000000",
+    "CACHEMESH_KEY_B": "cm_fakeKeyOfTenantB0000000000000000000000",
+    "CACHEMESH_API_KEY": "cm_fakeClientKey00000000000000000000000",
+    "CACHEMESH_INTERNAL_TOKEN": "fake-internal-token-0000000000",
+    "AWS_SECRET_ACCESS_KEY": "fakeAwsSecret000000000000",
+    "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer fakeBearer0000000",
+    "PREFIX_CACHE_REDIS_URL": "redis://bench:fakeRedisPassword000@127.0.0.1:6379/0",
+}
+SECRETS = [
+    "cm_fake",
+    "fake-internal-token",
+    "fakeAwsSecret",
+    "fakeBearer",
+    "fakeRedisPassword",
+    "fakeDotenvToken",
+    "fakeStackKey",
+]
+
+
+def _root(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / ".env").write_text(
+        "SEMANTIC_CACHE_THRESHOLD=0.85\nSIM_TIME_SCALE=1.0\nVENDOR_API_TOKEN=fakeDotenvToken000\n"
+    )
+    return root
+
+
+def test_a_written_report_holds_no_secret_of_the_environment(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    environ = {**FAKE, "HOME": "/home/someone", "SEMANTIC_CACHE_THRESHOLD": "0.9"}
+    stack = Stack(root, tmp_path / "run", {"SIM_TIME_SCALE": "0"}, environ=environ)
+    names = setting_names(read_env_file(root / ".env"))
+    stack_keys = ["fakeStackKey000000000"]
+    settings = own_settings(stack.settings(), names, stack_keys)
+    overrides = own_settings({"SIM_TIME_SCALE": "0", "MODEL_REPLICAS": "x=fakeStackKey000000000"},
+                             names, stack_keys)  # fmt: skip
+    doc = output.document(
+        run={"levels": [1]}, workload={}, stack=settings, stacks={"zero": overrides},
+        results={"cases": {}}, ratios={},
+    )  # fmt: skip
+    written = output.write(doc, [], tmp_path / "results", "2025-01-01")
+
+    for path in (written, written.with_suffix(".html")):
+        text = path.read_text()
+        leaked = [s for s in SECRETS if s in text]
+        assert not leaked, f"{path.name} holds {leaked}"
+        assert "HOME" not in text and "AWS_SECRET_ACCESS_KEY" not in text
+    assert settings["SEMANTIC_CACHE_THRESHOLD"] == "0.9"  # the environment's value wins
+    assert settings["SIM_TIME_SCALE"] == "0"
+    assert settings["CACHEMESH_INTERNAL_TOKEN"] == MASK
+    assert settings["VENDOR_API_TOKEN"] == MASK
+    assert settings["PREFIX_CACHE_REDIS_URL"] == f"redis://{MASK}@127.0.0.1:6379/0"
+    assert "CACHEMESH_KEY_A" not in settings and "OTEL_EXPORTER_OTLP_HEADERS" not in settings
+    assert overrides == {"MODEL_REPLICAS": f"x={MASK}", "SIM_TIME_SCALE": "0"}
