@@ -32,6 +32,7 @@ from services.common.config import Env
 from services.semantic_cache.config import SemanticCacheConfig
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.verifier import Verifier, VerifierWeights
 from services.stack.envfile import read_env_file
 from services.stack.runner import Stack
 
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         "echo_two_hops": echo_reference(LEVELS, args.requests * 3, payload_bytes=600),
         "embedder": embedder_reference(embedder, sentences, batch=32),
     }
-    pairs = cases.paraphrase_pairs(args.data_dir, embedder, min(1.0, config.threshold + 0.04))
+    verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)  # as the service's
+    above = min(1.0, config.threshold + 0.04)
+    pairs = cases.paraphrase_pairs(args.data_dir, embedder, above, verifier)
     exact, semantic = [], []
     for level in LEVELS:
         warm, plan = cases.exact_hits(args.data_dir, f"{run}-exact-{level}", args.requests)
