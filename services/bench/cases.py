@@ -14,6 +14,7 @@ from cachemesh.loadtest.workloads.tau import TauAgent
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.prompt import last_user_text
 from services.semantic_cache.embedder import Embedder
+from services.semantic_cache.verifier import Verifier
 
 POOL = 50  # distinct questions stored in the warm-up of (a) and (b)
 MAX_DRAWS_PER_MISS = 50  # agent turns drawn per one that ends in the user's text, at most
@@ -38,8 +39,16 @@ def exact_hits(data_dir: Path, namespace: str, count: int) -> tuple[list[Item], 
     return items, _cycle(items, count)
 
 
-def paraphrase_pairs(data_dir: Path, embedder: Embedder, above: float) -> list[tuple[str, str]]:
-    """POOL labelled-duplicate pairs whose cosine similarity is at least ``above``."""
+def paraphrase_pairs(
+    data_dir: Path, embedder: Embedder, above: float, verifier: Verifier
+) -> list[tuple[str, str]]:
+    """POOL labelled-duplicate pairs the cache serves: cosine similarity at least ``above``
+    and the verifier's consent at the cache's setting (``verifier.accepts(stored, asked)``).
+
+    A pair the verifier refuses (a veto: words reordered, a negation or a number on one side)
+    is a miss: the model answers it (about 0.5 s at SIM_TIME_SCALE=1) and identical asks
+    wait on its lease, so it would be the p99 of a case that measures hits.
+    """
     pairs = [
         (a, b)
         for a, b, label in load_pairs(data_file(data_dir, PAIRS))[:4000]
@@ -53,9 +62,10 @@ def paraphrase_pairs(data_dir: Path, embedder: Embedder, above: float) -> list[t
         b = embedder.embed([p[1] for p in chunk])
         similarity = np.sum(a * b, axis=1)
         for pair, s in zip(chunk, similarity, strict=True):
-            if s >= above and normalise(pair[0]) not in firsts:
+            stored, asked = normalise(pair[0]), normalise(pair[1])
+            if s >= above and stored not in firsts and verifier.accepts(stored, asked, float(s)):
                 chosen.append(pair)
-                firsts.add(normalise(pair[0]))
+                firsts.add(stored)
         if len(chosen) >= POOL:
             return chosen[:POOL]
     return chosen

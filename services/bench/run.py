@@ -34,6 +34,7 @@ from services.common.config import Env
 from services.semantic_cache.config import SemanticCacheConfig
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.verifier import Verifier, VerifierWeights
 from services.stack.envfile import read_env_file
 from services.stack.runner import Stack
 
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = Stack(ROOT).settings()
     config = SemanticCacheConfig.from_env(Env(settings), OperatingPoint.load())
     embedder = load_minilm_embedder(threads=config.ort_threads)
-    pairs = cases.paraphrase_pairs(args.data_dir, embedder, min(1.0, config.threshold + 0.04))
+    verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)  # as the service's
+    above = min(1.0, config.threshold + 0.04)
+    pairs = cases.paraphrase_pairs(args.data_dir, embedder, above, verifier)
     run = f"bench-{time.time_ns()}"
     plan = Plan(ROOT, args.data_dir, run, LEVELS, args.requests, args.mixed_requests, pairs)
     references = _references(plan, embedder)

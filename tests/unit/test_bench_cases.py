@@ -1,13 +1,29 @@
-"""The bench's miss cases: agent-shaped requests through every layer, each a sure L1 miss."""
+"""The bench's cases: the miss cases (agent-shaped requests through every layer, each a sure
+L1 miss), and the semantic-hit case (b), which holds only pairs the cache serves.
+
+Issue 9: pairs were chosen by cosine alone, so the pool held pairs the verifier refuses (words
+reordered, a negation or a number on one side). Each was a miss answered by the model, and
+the identical asks after it waited on its lease: they were the case's p99 (~0.5 s against a
+p50 of a few ms), a stall that was not on the hit path at all.
+"""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+from cachemesh.loadtest.workloads.faq import PAIRS, faq_request
 from services.bench import cases
+from services.bench.cases import paraphrase_pairs, semantic_hits
+from services.common.clock import ManualClock
 from services.common.models import load_model_table
 from services.common.prompt import last_user_text
 from services.router.validation import validate_request
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.query import Query, query_from_request
+from services.semantic_cache.verifier import Verifier, VerifierWeights
+from tests.unit.semantic_cache_support import FakeEmbedder
+from tests.unit.test_semantic_cache_rules import answer
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 TABLE = load_model_table()
@@ -36,3 +52,70 @@ def test_unrelated_misses_get_their_own_namespaces_too() -> None:
     items = cases.misses(DATA, "run-c2", 30, seed=1)
     assert [i.request.cache.namespace for i in items] == [f"run-c2/{i}" for i in range(30)]
     assert all(i.request.model == "auto" and not i.request.tools for i in items)
+
+
+THRESHOLD = 0.8  # FakeEmbedder's cosines: the two paraphrases below are at 0.83 and 1.0
+MIN_P = 0.15
+SERVED = [
+    ("How do I reset my password?", "How can I reset my password?"),
+    ("How do I learn to cook rice well?", "How do I learn to cook good rice?"),
+]
+# Labelled duplicates at a higher cosine (0.91-0.96) that a verifier veto refuses.
+REFUSED = [
+    (
+        "Where can I get a database of family offices in the U.S.?",
+        "Where can I get a database of U.S. family offices?",
+    ),  # the same words reordered
+    (
+        "How do I know when a girl is interested in me?",
+        "How do I know when a girl is not interested in me?",
+    ),  # a negation on one side
+    ("What are the best laptops to buy?", "What are the 3 best laptops to buy?"),  # a number
+]
+
+
+def _data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / PAIRS
+    path.parent.mkdir(parents=True)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["text_a", "text_b", "label"])
+        out.writerow(["How do I bake bread?", "How do I fix a bike?", "0"])  # not a duplicate
+        for a, b in [*REFUSED[:2], SERVED[0], REFUSED[2], SERVED[1]]:
+            out.writerow([a, b, "1"])
+    return tmp_path
+
+
+def _verifier(min_p: float = MIN_P) -> Verifier:
+    return Verifier(VerifierWeights.load(), min_p)
+
+
+def test_only_the_pairs_the_verifier_accepts_are_chosen(tmp_path: Path) -> None:
+    chosen = paraphrase_pairs(_data_dir(tmp_path), FakeEmbedder(), THRESHOLD, _verifier())
+    assert chosen == SERVED
+
+
+def test_by_cosine_alone_the_refused_pairs_would_be_chosen(tmp_path: Path) -> None:
+    """The check above has teeth: min probability 0 turns the verifier off (vetoes too)."""
+    chosen = paraphrase_pairs(_data_dir(tmp_path), FakeEmbedder(), THRESHOLD, _verifier(0.0))
+    assert set(REFUSED) <= set(chosen)
+
+
+async def test_every_ask_of_the_case_is_a_hit_of_a_cache_at_that_setting(tmp_path: Path) -> None:
+    embedder, verifier = FakeEmbedder(), _verifier()
+    pairs = paraphrase_pairs(_data_dir(tmp_path), embedder, THRESHOLD, verifier)
+    warm, plan = semantic_hits(pairs, "bench", 6)
+    cache = SemanticCache(embedder, ManualClock(), threshold=THRESHOLD, verifier=verifier)
+    for item in warm:
+        stored = await cache.store(query_from_request(item.tenant, item.request), answer())
+        assert stored.stored
+    for item in plan:
+        result = await cache.check(query_from_request(item.tenant, item.request))
+        assert result.hit and not result.exact, item.question
+    for a, b in REFUSED:  # while each refused pair is a miss, answered by the model
+        assert (await cache.store(_query(a), answer())).stored
+        assert not (await cache.check(_query(b))).hit
+
+
+def _query(question: str) -> Query:
+    return query_from_request("tenant-a", faq_request(question, "bench"))
