@@ -68,6 +68,15 @@ class EntryStore:
         """Grows on every change a snapshot would show (store, removal, a hit's recency)."""
         return self._changes
 
+    def wait_for_indexes(self) -> None:
+        """Blocks until every scope's background index build is swapped in (benchmarks)."""
+        for index in self._scopes.values():
+            index.wait_for_rebuild()
+
+    def index_kinds(self) -> set[str]:
+        """The kinds of index the scopes hold now ("flat", "ivf")."""
+        return {index.kind for index in self._scopes.values()}
+
     def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool:
         """Re-applies a logged store (replay after a restart); False if expired or stale."""
         if entry.embedder_version != self._embedder.version:
