@@ -73,7 +73,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             leases=leases,
             batcher=MicroBatcher(embedder, max_batch=config.embed_max_batch),
             ann=(
-                AnnSettings(config.ann_min_entries, config.ann_nprobe)
+                AnnSettings(config.ann_min_entries, config.ann_nprobe, config.faiss_threads)
                 if config.ann_min_entries > 0
                 else None
             ),
