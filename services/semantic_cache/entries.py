@@ -138,17 +138,22 @@ class EntryStore:
     def export_entries(self) -> CacheContents:
         """A copy of every unexpired entry with its vector, least recently used first.
 
-        Synchronous, so it is consistent: take it on the event loop, write it elsewhere.
+        Synchronous, so it is consistent: take it on the event loop, write it elsewhere. The
+        vectors are copied once, each scope's a slice at a time into their LRU rows.
         """
         self._purge_expired(self._clock.now_ms())
-        dim = self._embedder.dim
-        parts = [index.export() for index in self._scopes.values()]
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
-        position = {vid: i for i, vid in enumerate(ids.tolist())}
-        order = np.fromiter((position[vid] for vid in self._lru), np.int64, len(self._lru))
+        lru = np.fromiter(self._lru, np.int64, len(self._lru))
+        by_id = np.argsort(lru)  # rows of ``lru`` in id order
+        sorted_ids = lru[by_id]
+        rows = np.empty((len(lru), self._embedder.dim), dtype=np.float32)
+        for index in self._scopes.values():
+            for ids, vectors in index.slices():
+                found = np.searchsorted(sorted_ids, ids)
+                if not np.array_equal(sorted_ids[np.minimum(found, len(lru) - 1)], ids):
+                    raise RuntimeError("a scope's index holds ids the cache does not")
+                rows[by_id[found]] = vectors
         entries = tuple(self._entries[vid] for vid in self._lru)
-        return CacheContents(self._embedder.version, dim, entries, rows[order])
+        return CacheContents(self._embedder.version, self._embedder.dim, entries, rows)
 
     def restore(self, contents: Contents) -> RestoreReport:
         """Loads exported entries into this empty cache, keeping their ids and LRU order.
