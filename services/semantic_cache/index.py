@@ -71,6 +71,11 @@ class ScopeIndex:
         return "ivf" if self._approximate else "flat"
 
     @property
+    def trained_for(self) -> int:
+        """The rows its IVF was built from (0 while exact)."""
+        return self._trained_for
+
+    @property
     def faiss_index(self) -> Any:
         """The FAISS index searched now (for measurements)."""
         return self._index
