@@ -40,7 +40,7 @@ class ScopeIndex:
         self._ann = ann
         self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._approximate = False
-        self._trained_for = 0  # entries the IVF was trained for (0 = exact)
+        self._trained_for = 0  # rows the IVF was built from (0 = exact)
         self._rebuild: Rebuild | None = None
 
     @classmethod
@@ -157,5 +157,4 @@ class ScopeIndex:
         if rebuild is None or not rebuild.done():
             return
         self._index, self._approximate = rebuild.adopt(), True
-        self._trained_for = int(self._index.ntotal) - rebuild.added_rows
-        self._rebuild = None
+        self._trained_for, self._rebuild = rebuild.size, None

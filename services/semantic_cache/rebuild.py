@@ -4,8 +4,10 @@
 slices that the worker frees as it adds them (so the rebuild holds the scope's vectors about
 twice, not three times). The changes made to the scope meanwhile are recorded in order; the
 worker replays them on the new index itself, in batches (one FAISS call per run of adds), and
-hands the index over only when fewer than ``CATCH_UP`` are left, so the swap, which runs on
-the lookup path, replays at most a few instead of every store made during the build.
+hands the index over only when the changes left hold fewer than ``CATCH_UP`` rows, so the
+swap, which runs on the lookup path, replays a few rows instead of every store made during
+the build. (A scope that keeps growing as fast as the worker replays keeps the old index
+until it slows down; a live scope grows by one embedded store at a time.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from services.semantic_cache.ann import (
     train_ivf,
 )
 
-CATCH_UP = 256  # the worker hands over once fewer recorded changes than this are left
+CATCH_UP = 256  # the worker hands over once the changes left hold fewer rows than this
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,6 @@ class Rebuild:
 
     def __init__(self, slices: list[tuple[Ids, Rows]], ann: AnnSettings) -> None:
         self.size = sum(len(ids) for ids, _ in slices)  # rows it is built from
-        self.added_rows = 0  # rows added to the scope since the copy
         self._lock = threading.Lock()
         self._changes: list[_Change] = []
         self._replayed = 0  # changes the worker has applied
@@ -54,7 +55,6 @@ class Rebuild:
         """Records rows added to the scope (``rows`` must not change afterwards)."""
         with self._lock:
             self._changes.append(_Change(True, vids, rows))
-        self.added_rows += len(vids)
 
     def removed(self, vid: int) -> None:
         with self._lock:
@@ -84,7 +84,7 @@ class Rebuild:
         while True:
             with self._lock:
                 pending = self._changes[self._replayed :]
-                if len(pending) < CATCH_UP:
+                if sum(len(change.vids) for change in pending) < CATCH_UP:
                     return index  # the few left are applied by ``adopt``
             _apply(index, pending)
             with self._lock:

@@ -125,7 +125,7 @@ def test_a_scope_answers_during_and_after_a_retrain_that_replays_the_changes_mad
 
     monkeypatch.setattr(rebuild, "train_ivf", held)
     index = ScopeIndex(DIM, "", AnnSettings(min_entries=300, nprobe=1024))
-    data = rows(1000, seed=7)
+    data = rows(1400, seed=7)
     index.add_many(list(range(300)), data[:300], [f"q{i}" for i in range(300)])
     assert index.kind == "flat" and index._rebuild is not None  # crossed: the build waits
     for i in range(300, 1000):  # stores (one at a time) and removals during the build
@@ -133,17 +133,50 @@ def test_a_scope_answers_during_and_after_a_retrain_that_replays_the_changes_mad
         if i % 5 == 0:
             index.remove(i - 250, f"q{i - 250}")
         assert index.search(data[i], 1)[0][0] == i  # answered meanwhile, by the exact index
+    for start in range(1000, 1400, 100):  # and a few bulk adds: few changes, many rows
+        vids = list(range(start, start + 100))
+        index.add_many(vids, data[vids], [f"q{i}" for i in vids])
     gate.set()
-    index._rebuild.wait()
-    # the worker replayed the changes itself, in batches; the swap is left fewer than CATCH_UP
-    assert len(index._rebuild._changes) - index._rebuild._replayed < rebuild.CATCH_UP
+    building = index._rebuild
+    building.wait()
+    # the worker replayed the changes itself, in batches: the swap is left fewer rows than
+    # CATCH_UP (here none: nothing changed after it began replaying)
+    left = building._changes[building._replayed :]
+    assert sum(len(change.vids) for change in left) < rebuild.CATCH_UP
     index.wait_for_rebuild()
     removed = {i - 250 for i in range(300, 1000) if i % 5 == 0}
-    assert index.kind == "ivf" and index.ids == set(range(1000)) - removed
-    assert int(index.faiss_index.ntotal) == 1000 - len(removed)
-    for i in range(1000):
+    assert index.kind == "ivf" and index.ids == set(range(1400)) - removed
+    assert int(index.faiss_index.ntotal) == 1400 - len(removed)
+    assert index.trained_for == 300  # the rows it was built from
+    for i in range(1400):
         found = index.search(data[i], 1)[0][0]
         assert (found == i) == (i not in removed)
+
+
+def test_a_rebuild_hands_over_only_once_few_rows_are_left_to_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = threading.Event()
+
+    def held(sample: np.ndarray, nlist: int, ann: AnnSettings) -> object:
+        assert gate.wait(30)
+        return train_ivf(sample, nlist, ann)
+
+    monkeypatch.setattr(rebuild, "train_ivf", held)
+    index = ScopeIndex(DIM, "", AnnSettings(min_entries=300, nprobe=1024))
+    data = rows(1100, seed=9)
+    index.add_many(list(range(300)), data[:300], [f"q{i}" for i in range(300)])
+    for start in range(300, 1100, 200):  # four changes, 800 rows
+        vids = list(range(start, start + 200))
+        index.add_many(vids, data[vids], [f"q{i}" for i in vids])
+    building = index._rebuild
+    assert building is not None
+    gate.set()
+    building.wait()
+    assert building._replayed == 4  # replayed by the worker, not left to the lookup path
+    index.wait_for_rebuild()
+    assert index.kind == "ivf" and int(index.faiss_index.ntotal) == 1100
+    assert all(index.search(data[i], 1)[0][0] == i for i in range(0, 1100, 7))
 
 
 def test_a_build_uses_the_configured_faiss_threads_in_its_own_thread() -> None:
