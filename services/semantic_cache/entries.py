@@ -187,18 +187,20 @@ class EntryStore:
         vid_at = np.full(len(contents.entries), -1, dtype=np.int64)  # row -> id (-1: skipped)
         vid_at[kept] = np.arange(self._next_id, self._next_id + len(kept), dtype=np.int64)
         self._next_id += len(kept)
-        for row, vid in zip(kept.tolist(), vid_at[kept].tolist(), strict=True):
-            self._add(vid, contents.entries[row])
-        self._fill_indexes(contents, groups, vid_at)
+        vids = vid_at.tolist()  # one int object per id, shared by the maps and the index
+        for row in kept.tolist():
+            self._add(vids[row], contents.entries[row])
+        self._fill_indexes(contents, groups, vids)
         self._changes += 1
         self._evict_over_capacity()
         evicted = len(kept) - len(self._entries)
         return RestoreReport(len(self._entries), expired, other, evicted)
 
     def _fill_indexes(
-        self, contents: Contents, groups: dict[ScopeKey, list[int]], vid_at: Ids
+        self, contents: Contents, groups: dict[ScopeKey, list[int]], vids: list[int]
     ) -> None:
-        """Each scope's index, sized for its rows, then the rows streamed into them in order."""
+        """Each scope's index, sized for its rows, then the rows streamed into them in order
+        (``vids[row]``: the id of that row of ``contents``, -1 when it is skipped)."""
         dim, entries = self._embedder.dim, contents.entries
         scope_at = np.full(len(entries), -1, dtype=np.int64)  # row -> scope number
         indexes: list[ScopeIndex] = []
@@ -224,9 +226,10 @@ class EntryStore:
                 number = int(numbers[local[0]])
                 if number < 0:
                     continue
-                vids = vid_at[start + local].tolist()
-                keys = [entries[start + i].query for i in local.tolist()]
-                indexes[number].add_many(vids, chunk[local], keys)
+                at = (start + local).tolist()
+                indexes[number].add_many(
+                    [vids[r] for r in at], chunk[local], [entries[r].query for r in at]
+                )
             del chunk
 
     def drop(self, tenant: str, namespace: str | None = None) -> int:
