@@ -18,13 +18,37 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.clock import Clock
+from services.semantic_cache.ann import Ids, Rows
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings, ScopeIndex
 from services.semantic_cache.journal import Journal
 from services.semantic_cache.policy import NamespacePolicy
-from services.semantic_cache.records import CacheContents, Entry, InvalidQuery, RestoreReport
+from services.semantic_cache.records import (
+    CacheContents,
+    Contents,
+    Entry,
+    InvalidQuery,
+    RestoreReport,
+)
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
+RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors)
+
+
+def take_rows(contents: Contents, rows: Ids, dim: int) -> Rows:
+    """The vectors of these rows of ``contents``, in this order, read a chunk at a time."""
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    order = np.argsort(rows, kind="stable")
+    wanted = rows[order]
+    done = 0
+    while done < len(wanted):
+        start = int(wanted[done])
+        stop = start + RESTORE_CHUNK
+        upto = int(np.searchsorted(wanted, stop))
+        chunk = contents.rows(start, min(stop, int(wanted[upto - 1]) + 1))
+        out[order[done:upto]] = chunk[wanted[done:upto] - start]
+        done = upto
+    return out
 
 
 class EntryStore:
@@ -68,6 +92,15 @@ class EntryStore:
         """Grows on every change a snapshot would show (store, removal, a hit's recency)."""
         return self._changes
 
+    def wait_for_indexes(self) -> None:
+        """Blocks until every scope's background index build is swapped in (benchmarks)."""
+        for index in self._scopes.values():
+            index.wait_for_rebuild()
+
+    def index_kinds(self) -> set[str]:
+        """The kinds of index the scopes hold now ("flat", "ivf")."""
+        return {index.kind for index in self._scopes.values()}
+
     def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool:
         """Re-applies a logged store (replay after a restart); False if expired or stale."""
         if entry.embedder_version != self._embedder.version:
@@ -105,23 +138,31 @@ class EntryStore:
     def export_entries(self) -> CacheContents:
         """A copy of every unexpired entry with its vector, least recently used first.
 
-        Synchronous, so it is consistent: take it on the event loop, write it elsewhere.
+        Synchronous, so it is consistent: take it on the event loop, write it elsewhere. The
+        vectors are copied once, each scope's a slice at a time into their LRU rows.
         """
         self._purge_expired(self._clock.now_ms())
-        dim = self._embedder.dim
-        parts = [index.export() for index in self._scopes.values()]
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        rows = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, dim), np.float32)
-        position = {vid: i for i, vid in enumerate(ids.tolist())}
-        order = np.fromiter((position[vid] for vid in self._lru), np.int64, len(self._lru))
+        lru = np.fromiter(self._lru, np.int64, len(self._lru))
+        by_id = np.argsort(lru)  # rows of ``lru`` in id order
+        sorted_ids = lru[by_id]
+        rows = np.empty((len(lru), self._embedder.dim), dtype=np.float32)
+        for index in self._scopes.values():
+            for ids, vectors in index.slices():
+                found = np.searchsorted(sorted_ids, ids)
+                if not np.array_equal(sorted_ids[np.minimum(found, len(lru) - 1)], ids):
+                    raise RuntimeError("a scope's index holds ids the cache does not")
+                rows[by_id[found]] = vectors
         entries = tuple(self._entries[vid] for vid in self._lru)
-        return CacheContents(self._embedder.version, dim, entries, rows[order])
+        return CacheContents(self._embedder.version, self._embedder.dim, entries, rows)
 
-    def restore(self, contents: CacheContents) -> RestoreReport:
+    def restore(self, contents: Contents) -> RestoreReport:
         """Loads exported entries into this empty cache, keeping their ids and LRU order.
 
         Skips the entries already expired by the clock and those of another embedder version.
-        A malformed export (wrong dimension, a query twice in a scope) changes nothing.
+        A malformed export (wrong dimension, a query twice in a scope) changes nothing. The
+        vectors are read ``RESTORE_CHUNK`` rows at a time straight into each scope's final
+        index (``ScopeIndex.sized``): a large scope is an IVF trained on a sample first, so
+        no exact index is built to be thrown away and no second copy of the vectors is held.
         """
         if self._entries:
             raise ValueError("restore needs an empty cache")
@@ -142,26 +183,54 @@ class EntryStore:
         for (tenant, _), rows in groups.items():
             if len({contents.entries[r].query for r in rows}) != len(rows):
                 raise ValueError(f"tenant {tenant!r}: a scope holds the same query twice")
-        vid_of = {
-            row: self._next_id + i
-            for i, row in enumerate(sorted(r for g in groups.values() for r in g))
-        }
-        self._next_id += len(vid_of)
-        for row, vid in vid_of.items():
-            self._add(vid, contents.entries[row])
-        for key, rows in groups.items():
-            index = self._scopes[key] = ScopeIndex(
-                self._embedder.dim, contents.entries[rows[0]].namespace, self._ann
-            )
-            index.add_many(
-                [vid_of[r] for r in rows],
-                contents.vectors[rows],
-                [contents.entries[r].query for r in rows],
-            )
+        kept = np.array(sorted(r for g in groups.values() for r in g), dtype=np.int64)
+        vid_at = np.full(len(contents.entries), -1, dtype=np.int64)  # row -> id (-1: skipped)
+        vid_at[kept] = np.arange(self._next_id, self._next_id + len(kept), dtype=np.int64)
+        self._next_id += len(kept)
+        vids = vid_at.tolist()  # one int object per id, shared by the maps and the index
+        for row in kept.tolist():
+            self._add(vids[row], contents.entries[row])
+        self._fill_indexes(contents, groups, vids)
         self._changes += 1
         self._evict_over_capacity()
-        evicted = len(vid_of) - len(self._entries)
+        evicted = len(kept) - len(self._entries)
         return RestoreReport(len(self._entries), expired, other, evicted)
+
+    def _fill_indexes(
+        self, contents: Contents, groups: dict[ScopeKey, list[int]], vids: list[int]
+    ) -> None:
+        """Each scope's index, sized for its rows, then the rows streamed into them in order
+        (``vids[row]``: the id of that row of ``contents``, -1 when it is skipped)."""
+        dim, entries = self._embedder.dim, contents.entries
+        scope_at = np.full(len(entries), -1, dtype=np.int64)  # row -> scope number
+        indexes: list[ScopeIndex] = []
+        for number, (key, rows) in enumerate(groups.items()):
+            where = np.array(rows, dtype=np.int64)
+            scope_at[where] = number
+
+            def sample(positions: Ids, where: Ids = where) -> Rows:
+                return take_rows(contents, where[positions], dim)
+
+            namespace = entries[rows[0]].namespace
+            index = ScopeIndex.sized(dim, namespace, self._ann, len(rows), sample)
+            self._scopes[key] = index
+            indexes.append(index)
+        for start in range(0, len(entries), RESTORE_CHUNK):
+            numbers = scope_at[start : start + RESTORE_CHUNK]
+            if not (numbers >= 0).any():
+                continue
+            chunk = contents.rows(start, start + len(numbers))
+            order = np.argsort(numbers, kind="stable")  # by scope, LRU order within each
+            cuts = np.flatnonzero(np.diff(numbers[order])) + 1
+            for local in np.split(order, cuts):
+                number = int(numbers[local[0]])
+                if number < 0:
+                    continue
+                at = (start + local).tolist()
+                indexes[number].add_many(
+                    [vids[r] for r in at], chunk[local], [entries[r].query for r in at]
+                )
+            del chunk
 
     def drop(self, tenant: str, namespace: str | None = None) -> int:
         """Removes the tenant's entries (of one namespace, or all when None); returns the count."""

@@ -10,7 +10,9 @@ migrates them: created_at + the namespace's TTL when they are restored). A snaps
 written to a temporary file in the same directory, fsynced and renamed over the old one (then
 the directory is fsynced), so a crash leaves either the old snapshot or the new one. Reading
 never falls back: a file that is present but unreadable, truncated or altered raises
-``SnapshotError`` naming it.
+``SnapshotError`` naming it. Reading streams (``SnapshotStore.open``): the payload's sha256
+and the entry lines are read a chunk and a line at a time, and the vectors are left in the
+file for the restore to read a slice of rows at a time, so a restore holds them only once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from services.semantic_cache.records import Answer, CacheContents, Entry
 from services.semantic_cache.wal import fsync_directory
@@ -40,6 +43,7 @@ SNAPSHOT_NAME = "semantic-cache.snapshot"
 _TMP_PREFIX = f".{SNAPSHOT_NAME}."
 _TMP_SUFFIX = ".tmp"
 _MAX_HEADER_BYTES = 64 * 1024
+_READ_CHUNK = 8 << 20  # bytes read at once to check the sha256
 
 
 class SnapshotError(RuntimeError):
@@ -74,14 +78,30 @@ class SnapshotStore:
             stale.unlink(missing_ok=True)
 
     def load(self) -> Snapshot | None:
-        """The snapshot, or None when there is none yet."""
+        """The snapshot with its vectors in memory, or None when there is none yet."""
+        opened = self.open()
+        if opened is None:
+            return None
+        with opened:
+            contents = CacheContents(
+                opened.embedder_version, opened.dim, opened.entries, opened.rows(0, opened.count)
+            )
+            return Snapshot(opened.created_at_ms, contents, opened.wal_seq)
+
+    def open(self) -> SnapshotFile | None:
+        """The snapshot checked (header, sha256, vector layout) and its entries parsed, its
+        vectors left in the file to be read when asked; None when there is none yet."""
         try:
-            data = self.path.read_bytes()
+            file = self.path.open("rb")
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise SnapshotError(self.path, f"cannot be read ({exc})") from exc
-        return decode(data, self.path)
+        try:
+            return SnapshotFile(file, self.path)
+        except BaseException:
+            file.close()
+            raise
 
     def save(self, contents: CacheContents, created_at_ms: int, wal_seq: int = 0) -> int:
         """Replaces the snapshot atomically; returns its size in bytes."""
@@ -137,39 +157,100 @@ def encode(
     return [line, *payload]
 
 
-def decode(data: bytes, path: Path) -> Snapshot:
-    end = data.find(b"\n", 0, _MAX_HEADER_BYTES)
-    if end < 0:
-        raise SnapshotError(path, "no header line (not a snapshot, or truncated)")
-    try:
-        header = _header(json.loads(data[:end]))
-        payload = data[end + 1 :]
-        expected = header["vectors_bytes"] + header["entries_bytes"]
-        if len(payload) != expected:
-            raise ValueError(
-                f"truncated or padded: {len(payload)} payload bytes, expected {expected}"
+class SnapshotFile:
+    """An open snapshot file, checked and its entries parsed; the vectors stay in the file.
+
+    Opening reads the file twice, a chunk at a time: the whole payload for its sha256, then
+    the entry lines one by one. ``rows`` reads vectors when asked, into a new array, so a
+    restore streams them into the index without holding the file's copy as well.
+    """
+
+    def __init__(self, file: io.BufferedReader, path: Path) -> None:
+        self._file, self._path = file, path
+        try:
+            line = file.readline(_MAX_HEADER_BYTES)
+            if not line.endswith(b"\n"):
+                raise SnapshotError(path, "no header line (not a snapshot, or truncated)")
+            header = _header(json.loads(line))
+            start = len(line)
+            payload = os.fstat(file.fileno()).st_size - start
+            expected = header["vectors_bytes"] + header["entries_bytes"]
+            if payload != expected:
+                raise ValueError(
+                    f"truncated or padded: {payload} payload bytes, expected {expected}"
+                )
+            if _sha256(file, start, payload) != header["sha256"]:
+                raise ValueError("sha256 mismatch: the file was altered or damaged")
+            self.count, self.dim = header["count"], header["dim"]
+            self._rows_at = _vectors_offset(file, start, self.count, self.dim)
+            if self._rows_at + 4 * self.count * self.dim != start + header["vectors_bytes"]:
+                raise ValueError("the vectors do not fill their part of the payload")
+            file.seek(start + header["vectors_bytes"])
+            with_expiry = header["version"] >= _EXPIRY_VERSION
+            self.entries = tuple(
+                entry_from_json(json.loads(line.decode()), require_expiry=with_expiry)
+                for line in file
             )
-        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-            raise ValueError("sha256 mismatch: the file was altered or damaged")
-        count, dim = header["count"], header["dim"]
-        vectors = np.load(io.BytesIO(payload[: header["vectors_bytes"]]), allow_pickle=False)
-        if vectors.dtype != np.dtype("<f4") or vectors.shape != (count, dim):
-            raise ValueError(
-                f"vectors are {vectors.dtype} {vectors.shape}, not float32 ({count}, {dim})"
-            )
-        lines = payload[header["vectors_bytes"] :].decode().splitlines()
-        if len(lines) != count:
-            raise ValueError(f"{len(lines)} entries, the header says {count}")
-        with_expiry = header["version"] >= _EXPIRY_VERSION
-        entries = tuple(
-            entry_from_json(json.loads(line), require_expiry=with_expiry) for line in lines
-        )
-        contents = CacheContents(
-            header["embedder_version"], dim, entries, vectors.astype(np.float32, copy=False)
-        )
-    except (ValueError, KeyError, TypeError, EOFError, OSError, binascii.Error) as exc:
-        raise SnapshotError(path, f"unreadable: {exc}") from exc
-    return Snapshot(header["created_at_ms"], contents, header.get("wal_seq", 0))
+            if len(self.entries) != self.count:
+                raise ValueError(f"{len(self.entries)} entries, the header says {self.count}")
+        except (ValueError, KeyError, TypeError, EOFError, OSError, binascii.Error) as exc:
+            raise SnapshotError(path, f"unreadable: {exc}") from exc
+        self.created_at_ms: int = header["created_at_ms"]
+        self.wal_seq: int = header.get("wal_seq", 0)
+        self.embedder_version: str = header["embedder_version"]
+
+    def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
+        """The vectors of entries[start:stop] (a new array)."""
+        stop = max(start, min(stop, self.count))
+        out = np.empty((stop - start, self.dim), dtype="<f4")
+        view = out.reshape(-1).view(np.uint8).data
+        offset, done = self._rows_at + 4 * self.dim * start, 0
+        try:
+            while done < len(view):
+                got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                if got == 0:
+                    raise SnapshotError(self._path, "truncated while reading its vectors")
+                done += got
+        except OSError as exc:
+            raise SnapshotError(self._path, f"cannot be read ({exc})") from exc
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SnapshotFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sha256(file: io.BufferedReader, start: int, size: int) -> str:
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(_READ_CHUNK))
+    file.seek(start)
+    while size > 0:
+        got = file.readinto(buffer[: min(size, _READ_CHUNK)])
+        if not got:
+            raise EOFError("the file ended before its payload did")
+        digest.update(buffer[:got])
+        size -= got
+    return digest.hexdigest()
+
+
+def _vectors_offset(file: io.BufferedReader, start: int, count: int, dim: int) -> int:
+    """Where the float32 rows begin, after checking the ``.npy`` header at ``start``."""
+    file.seek(start)
+    version = np.lib.format.read_magic(file)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+    else:
+        raise ValueError(f".npy format {version} is not read")
+    if dtype != np.dtype("<f4") or shape != (count, dim) or fortran:
+        raise ValueError(f"vectors are {dtype} {shape}, not float32 ({count}, {dim})")
+    return file.tell()
 
 
 def _header(raw: Any) -> dict[str, Any]:

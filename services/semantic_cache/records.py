@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -69,6 +70,24 @@ class StoreResult:
     skip_reason: str = ""
 
 
+class Contents(Protocol):
+    """What ``restore`` reads: the entries, least recently used first, and their vectors a
+    slice of rows at a time (held in memory, or read from a snapshot file when asked)."""
+
+    @property
+    def embedder_version(self) -> str: ...  # of the cache that exported them
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def entries(self) -> tuple[Entry, ...]: ...
+
+    def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
+        """The vectors of entries[start:stop], as a (stop - start, dim) float32 array."""
+        ...
+
+
 @dataclass(frozen=True)
 class CacheContents:
     """Every entry with its vector, least recently used first (``export_entries``/``restore``)."""
@@ -84,6 +103,9 @@ class CacheContents:
                 f"vectors must be float32 of shape ({len(self.entries)}, {self.dim}), "
                 f"got {self.vectors.dtype} {self.vectors.shape}"
             )
+
+    def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
+        return self.vectors[start:stop]
 
 
 @dataclass(frozen=True)

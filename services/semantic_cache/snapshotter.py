@@ -48,36 +48,15 @@ class Snapshotter:
         self._task: asyncio.Task[None] | None = None
 
     async def open(self, cache: SemanticCache) -> RestoreReport | None:
-        """Restores the snapshot (if any) into ``cache``, then starts the periodic saves."""
-        snapshot = await asyncio.to_thread(self._store.load)
-        report = None
-        if snapshot is None:
-            log.info("no snapshot at %s: starting empty", self._store.path)
-        else:
-            try:
-                report = cache.restore(snapshot.contents)
-            except ValueError as exc:
-                raise SnapshotError(self._store.path, f"cannot be restored: {exc}") from exc
-            log.info(
-                "restored %d entries from %s (skipped %d expired; evicted %d over capacity)",
-                report.restored,
-                self._store.path,
-                report.expired,
-                report.evicted,
-            )
-            if report.other_embedder:
-                log.warning(
-                    "skipped %d entries of embedder %s (this one is %s): they are dropped",
-                    report.other_embedder,
-                    snapshot.contents.embedder_version,
-                    cache.embedder_version,
-                )
-            if report.restored == len(snapshot.contents.entries):
-                self._saved_changes = cache.changes  # the file already says exactly this
+        """Restores the snapshot (if any) into ``cache``, then starts the periodic saves.
+
+        The restore runs in a worker thread (nothing else uses the cache yet), so the event
+        loop keeps answering health checks (NOT_SERVING) meanwhile.
+        """
+        report, wal_seq = await asyncio.to_thread(self._restore, cache)
         if self._wal is not None:
             records = await asyncio.to_thread(self._wal.open)
-            after = snapshot.wal_seq if snapshot is not None else 0
-            applied = replay(cache, records, after, cache.dim)
+            applied = replay(cache, records, wal_seq, cache.dim)
             if applied:
                 self._saved_changes = None
                 log.info("replayed %d write-ahead-log records after the snapshot", applied)
@@ -86,6 +65,35 @@ class Snapshotter:
         if self._period_s > 0:
             self._task = asyncio.create_task(self._periodic(), name="semantic-cache-snapshots")
         return report
+
+    def _restore(self, cache: SemanticCache) -> tuple[RestoreReport | None, int]:
+        """The restore's report and the last log record the snapshot holds (0 = none)."""
+        snapshot = self._store.open()
+        if snapshot is None:
+            log.info("no snapshot at %s: starting empty", self._store.path)
+            return None, 0
+        with snapshot:
+            try:
+                report = cache.restore(snapshot)
+            except ValueError as exc:
+                raise SnapshotError(self._store.path, f"cannot be restored: {exc}") from exc
+        log.info(
+            "restored %d entries from %s (skipped %d expired; evicted %d over capacity)",
+            report.restored,
+            self._store.path,
+            report.expired,
+            report.evicted,
+        )
+        if report.other_embedder:
+            log.warning(
+                "skipped %d entries of embedder %s (this one is %s): they are dropped",
+                report.other_embedder,
+                snapshot.embedder_version,
+                cache.embedder_version,
+            )
+        if report.restored == snapshot.count:
+            self._saved_changes = cache.changes  # the file already says exactly this
+        return report, snapshot.wal_seq
 
     async def save(self) -> bool:
         """Saves the cache now unless nothing changed since the last save; True if written."""

@@ -29,7 +29,7 @@ def build_cache(config: SemanticCacheConfig, embedder: Embedder, clock: Clock) -
         leases=Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None,
         batcher=MicroBatcher(embedder, max_batch=config.embed_max_batch),
         ann=(
-            AnnSettings(config.ann_min_entries, config.ann_nprobe)
+            AnnSettings(config.ann_min_entries, config.ann_nprobe, config.faiss_threads)
             if config.ann_min_entries > 0
             else None
         ),

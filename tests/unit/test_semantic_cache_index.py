@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
+import faiss
 import numpy as np
+import pytest
 
 from services.common.clock import ManualClock
+from services.semantic_cache import rebuild
+from services.semantic_cache.ann import train_ivf
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.embedder import l2_normalise
 from services.semantic_cache.index import AnnSettings, ScopeIndex
@@ -106,3 +112,108 @@ def test_a_scope_grown_past_growth_times_holds_the_lists_trained_for_says() -> N
         index.wait_for_rebuild()
     trained = ann.trained_for(1800)
     assert trained == 1600 and index._index.nlist == ann.nlist(trained)
+
+
+def test_a_scope_answers_during_and_after_a_retrain_that_replays_the_changes_made_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = threading.Event()
+
+    def held(sample: np.ndarray, nlist: int, ann: AnnSettings) -> object:
+        assert gate.wait(30)
+        return train_ivf(sample, nlist, ann)
+
+    monkeypatch.setattr(rebuild, "train_ivf", held)
+    index = ScopeIndex(DIM, "", AnnSettings(min_entries=300, nprobe=1024))
+    data = rows(1400, seed=7)
+    index.add_many(list(range(300)), data[:300], [f"q{i}" for i in range(300)])
+    assert index.kind == "flat" and index._rebuild is not None  # crossed: the build waits
+    for i in range(300, 1000):  # stores (one at a time) and removals during the build
+        index.add(i, data[i], f"q{i}")
+        if i % 5 == 0:
+            index.remove(i - 250, f"q{i - 250}")
+        assert index.search(data[i], 1)[0][0] == i  # answered meanwhile, by the exact index
+    for start in range(1000, 1400, 100):  # and a few bulk adds: few changes, many rows
+        vids = list(range(start, start + 100))
+        index.add_many(vids, data[vids], [f"q{i}" for i in vids])
+    gate.set()
+    building = index._rebuild
+    building.wait()
+    # the worker replayed the changes itself, in batches: the swap is left fewer rows than
+    # CATCH_UP (here none: nothing changed after it began replaying)
+    left = building._changes[building._replayed :]
+    assert sum(len(change.vids) for change in left) < rebuild.CATCH_UP
+    index.wait_for_rebuild()
+    removed = {i - 250 for i in range(300, 1000) if i % 5 == 0}
+    assert index.kind == "ivf" and index.ids == set(range(1400)) - removed
+    assert int(index.faiss_index.ntotal) == 1400 - len(removed)
+    assert index.trained_for == 300  # the rows it was built from
+    for i in range(1400):
+        found = index.search(data[i], 1)[0][0]
+        assert (found == i) == (i not in removed)
+
+
+def test_a_rebuild_hands_over_only_once_few_rows_are_left_to_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = threading.Event()
+
+    def held(sample: np.ndarray, nlist: int, ann: AnnSettings) -> object:
+        assert gate.wait(30)
+        return train_ivf(sample, nlist, ann)
+
+    monkeypatch.setattr(rebuild, "train_ivf", held)
+    index = ScopeIndex(DIM, "", AnnSettings(min_entries=300, nprobe=1024))
+    data = rows(1100, seed=9)
+    index.add_many(list(range(300)), data[:300], [f"q{i}" for i in range(300)])
+    for start in range(300, 1100, 200):  # four changes, 800 rows
+        vids = list(range(start, start + 200))
+        index.add_many(vids, data[vids], [f"q{i}" for i in vids])
+    building = index._rebuild
+    assert building is not None
+    gate.set()
+    building.wait()
+    assert building._replayed == 4  # replayed by the worker, not left to the lookup path
+    index.wait_for_rebuild()
+    assert index.kind == "ivf" and int(index.faiss_index.ntotal) == 1100
+    assert all(index.search(data[i], 1)[0][0] == i for i in range(0, 1100, 7))
+
+
+def test_a_build_uses_the_configured_faiss_threads_in_its_own_thread() -> None:
+    seen: list[int] = []
+
+    def build() -> None:
+        train_ivf(rows(200), 16, AnnSettings(threads=1))
+        seen.append(faiss.omp_get_max_threads())
+
+    worker = threading.Thread(target=build)
+    worker.start()
+    worker.join()
+    assert seen == [1]
+
+
+def test_a_sized_scope_is_the_index_a_rebuild_of_the_same_rows_makes() -> None:
+    ann = AnnSettings(min_entries=500, nprobe=8)
+    data = rows(2000, seed=11)
+    grown = ScopeIndex(DIM, "", ann)
+    grown.add_many(list(range(2000)), data, [f"q{i}" for i in range(2000)])
+    grown.wait_for_rebuild()
+    asked: list[np.ndarray] = []
+
+    def sample(positions: np.ndarray) -> np.ndarray:
+        asked.append(positions)
+        chosen: np.ndarray = data[positions]
+        return chosen
+
+    sized = ScopeIndex.sized(DIM, "", ann, 2000, sample)
+    assert sized.kind == "ivf" and sized._rebuild is None and len(sized) == 0
+    for start in range(0, 2000, 300):  # streamed in slices, as a restore does
+        vids = list(range(start, min(start + 300, 2000)))
+        sized.add_many(vids, data[vids], [f"q{i}" for i in vids])
+    assert sized._rebuild is None and sized.faiss_index.nlist == grown.faiss_index.nlist
+    assert len(asked) == 1 and len(asked[0]) == min(2000, 40 * ann.nlist(2000))
+    probes = l2_normalise(data[:200] + 0.05 * rows(200, seed=12))
+    for row in probes:
+        assert sized.search(row, 5) == grown.search(row, 5)
+    small = ScopeIndex.sized(DIM, "", ann, 499, sample)
+    assert small.kind == "flat" and len(asked) == 1  # below min_entries: exact, no sample

@@ -60,6 +60,24 @@ def search_one_by_one(index: Any, queries: F32) -> tuple[npt.NDArray[np.int64], 
     return top, latencies
 
 
+def row(
+    name: str,
+    index: Any,
+    build_s: float,
+    top: npt.NDArray[np.int64],
+    truth: npt.NDArray[np.int64],
+    latencies: list[float],
+) -> dict[str, Any]:
+    """One measured index: its latencies, recall@1 against flat search, build time, size."""
+    return {
+        "index": name,
+        "build_s": round(build_s, 2),
+        "recall_at_1": round(float((top == truth).mean()), 4),
+        "index_bytes_per_entry": round(index_bytes(index) / index.ntotal, 1),
+        **summary(latencies),
+    }
+
+
 def index_bytes(index: Any) -> int:
     return int(faiss.serialize_index(index).size)
 
