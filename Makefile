@@ -29,19 +29,19 @@ proto: setup ## generate the Python stubs and .pyi files from protos/ into the c
 	  --grpc_python_out=$(PROTO_OUT) --mypy_grpc_out=quiet:$(PROTO_OUT) $(PROTOS)
 
 keys: setup ## generate this install's demo keys once (.run/demo-keys.env)
-	$(BIN)/python -m services.stack keys
+	$(BIN)/python -m services.tools.stack keys
 
 up: setup ## start every service on loopback; returns once all are SERVING
-	$(BIN)/python -m services.stack up
+	$(BIN)/python -m services.tools.stack up
 
 down: ## stop the local stack
-	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.stack down; fi
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.tools.stack down; fi
 
 demo: setup ## start the stack, drive a realistic workload, print the per-layer table, stop
-	$(BIN)/python -m services.stack up
+	$(BIN)/python -m services.tools.stack up
 	set -a; source .run/demo-keys.env; set +a; \
 	  $(BIN)/python -m cachemesh.demo; status=$$?; \
-	  $(BIN)/python -m services.stack down; exit $$status
+	  $(BIN)/python -m services.tools.stack down; exit $$status
 
 test-deps: ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)
 	@command -v docker-compose >/dev/null || { \
@@ -63,17 +63,17 @@ test: setup test-deps lint ## lint, then every test (unit, integration on real p
 	$(BIN)/pytest -q
 
 eval-cache: setup ## semantic-cache eval harness (../shared/data); bench-results/semantic-cache-eval.json
-	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation eval
+	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache eval
 
 bench-cache: setup ## semantic-cache scale: index latency/recall at 10k-1M, embedder rates; bench-results/semantic-cache-bench.json
-	nice -n 10 $(BIN)/python -m services.semantic_cache.bench
+	nice -n 10 $(BIN)/python -m services.tools.bench.semantic_cache
 
 calibrate-cache: setup ## refit the verifier, calibrate to precision 0.99, write the shipped default
-	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation fit
-	nice -n 10 $(BIN)/python -m services.semantic_cache.evaluation calibrate --write
+	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache fit
+	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache calibrate --write
 
 bench: setup ## the standard load-test set on stacks of its own (free ports): results/bench-<date>.json + .html
-	$(BIN)/python -m services.bench
+	$(BIN)/python -m services.tools.bench.gateway
 
 bench-prefix: setup ## offline replays (tau-bench, Mooncake) through L2/L3 accounting; bench-results/prefix.json
-	$(BIN)/python -m services.prefix_cache.bench --out bench-results/prefix.json
+	$(BIN)/python -m services.tools.bench.prefix_cache --out bench-results/prefix.json

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.stack.ports import free_port
+from services.tools.stack.ports import free_port
 
 
 def _answers(port: int) -> bool:

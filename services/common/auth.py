@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from services.common.config import ConfigError
+from services.common.env import ConfigError
 
 INTERNAL_METADATA_KEY = "x-cachemesh-internal"
 _KEY_PREFIX = "cm_"

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 
 AUTO = "auto"
 Tier = Literal["small", "large"]

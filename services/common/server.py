@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 
 log = logging.getLogger("cachemesh.server")
 

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 
 _EXPORTERS = ("otlp", "console", "none")
 

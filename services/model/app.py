@@ -8,14 +8,14 @@ from collections.abc import Mapping
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
-from services.common.config import Env
+from services.common.env import Env
 from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.model.api import ModelApi
-from services.model.config import ModelSettings
 from services.model.kv_cache import KvBlockCache
 from services.model.servicer import ModelService
+from services.model.settings import ModelSettings
 from services.model.wiring import build_engine
 
 log = logging.getLogger("cachemesh.model")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from services.common.tokens import Tokenizer
-from services.model.config import ModelSettings
 from services.model.engine import SimEngine, Sleep
 from services.model.kv_cache import KvBlockCache
+from services.model.settings import ModelSettings
 
 
 def build_engine(

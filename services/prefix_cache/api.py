@@ -15,9 +15,9 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
+from services.prefix_cache.commit_records import Final
 from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PlanGone, PrefixCacheCore
 from services.prefix_cache.reconcile import BadUsage
-from services.prefix_cache.records import Final
 from services.prefix_cache.rules import RuleViolation, Split
 
 T = TypeVar("T")

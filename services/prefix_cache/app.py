@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors

@@ -18,11 +18,11 @@ from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer
 from services.prefix_cache.auto_rules import plan_for, scope_for
+from services.prefix_cache.commit_records import Final
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.pricing import charge
 from services.prefix_cache.reconcile import reported_usage
-from services.prefix_cache.records import Final
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import PromptPlan, Split, settle
 from services.prefix_cache.sites import sites_of

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from services.prefix_cache.records import CommitRecord, CommitRecords, Final
+from services.prefix_cache.commit_records import CommitRecord, CommitRecords, Final
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, TotalsLedger
 

@@ -23,8 +23,8 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
+from services.prefix_cache.commit_records import CommitRecord, Final
 from services.prefix_cache.pricing import Charge
-from services.prefix_cache.records import CommitRecord, Final
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, increments
 

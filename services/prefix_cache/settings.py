@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import Env
+from services.common.env import Env
 from services.common.server import ServerSettings
 
 DEFAULT_LISTEN = "127.0.0.1:50053"

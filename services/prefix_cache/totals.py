@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from services.prefix_cache.records import Final
+from services.prefix_cache.commit_records import Final
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from redis.asyncio import Redis
 
 from services.common.clock import Clock
 from services.common.models import ModelTable
+from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PrefixCacheCore, Prompt, TokenizerSlot
 from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
 from services.prefix_cache.plan_memo import PlanMemo
-from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.replica_view import ReplicaViews

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from cachemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.auth import ApiKeys
 from services.common.clock import SystemClock
-from services.common.config import Env
+from services.common.env import Env
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import (

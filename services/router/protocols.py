@@ -2,8 +2,9 @@
 
 The pipeline calls the semantic cache, prefix-cache and the model replicas through these;
 ``services.router.grpc_adapters`` implements them over gRPC for the live router, and
-``services.estimator.local_adapters`` over the services' own cores in one process. Messages are
-the contracts' protobuf types; a call that fails raises ``CallFailed`` with its status code.
+``services.tools.estimator.local_adapters`` over the services' own cores in one process.
+Messages are the contracts' protobuf types; a call that fails raises ``CallFailed`` with its
+status code.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 from services.common.models import ModelTable
 from services.common.server import ServerSettings
 from services.router.balance import BalancePolicy

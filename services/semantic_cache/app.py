@@ -13,7 +13,7 @@ import grpc
 from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 from services.common.server import (
     DRAIN_REFUSAL_S,
     ServerSettings,
@@ -22,11 +22,11 @@ from services.common.server import (
     run_service,
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors
-from services.semantic_cache.config import DATA_DIR, SemanticCacheConfig
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
+from services.semantic_cache.settings import DATA_DIR, SemanticCacheSettings
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WriteAheadLog
 from services.semantic_cache.wiring import build_api, build_cache
@@ -44,7 +44,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN), refusal_s=DRAIN_REFUSAL_S
     )
     auth = InternalAuthInterceptor(env.str("CACHEMESH_INTERNAL_TOKEN"))
-    config = SemanticCacheConfig.from_env(env, OperatingPoint.load())
+    config = SemanticCacheSettings.from_env(env, OperatingPoint.load())
     clock = SystemClock()
     snapshotter = _snapshotter(config, clock)
     provider = build_tracer_provider(environ, NAME)
@@ -82,7 +82,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     await run_service(spec, stop)
 
 
-def _snapshotter(config: SemanticCacheConfig, clock: SystemClock) -> Snapshotter | None:
+def _snapshotter(config: SemanticCacheSettings, clock: SystemClock) -> Snapshotter | None:
     if config.data_dir is None:
         return None
     store = SnapshotStore(config.data_dir)

@@ -85,7 +85,8 @@ class MiniLMEmbedder:
     def token_states(self, texts: list[str]) -> list[Vectors]:
         """Per text, its tokens' L2-normalised last hidden states ([CLS] and [SEP] left out).
 
-        For analysis (``python -m services.semantic_cache.evaluation align``), not for serving.
+        For analysis (``python -m services.tools.evaluation.semantic_cache align``), not for
+        serving.
         """
         out: list[Vectors] = [np.zeros((0, DIM), dtype=np.float32)] * len(texts)
         for rows, hidden, mask in self._runs(texts):

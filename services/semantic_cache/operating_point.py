@@ -1,6 +1,6 @@
 """The shipped operating point (threshold and verifier setting), written by calibration.
 
-``operating_point.json`` holds what ``python -m services.semantic_cache.evaluation calibrate
+``operating_point.json`` holds what ``python -m services.tools.evaluation.semantic_cache calibrate
 --write`` chose and the figures it measured; the configuration's defaults come from it.
 """
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 
 NAMESPACE_TTL = "SEMANTIC_CACHE_NAMESPACE_TTL_S"
 TOOL_USE_NAMESPACES = "SEMANTIC_CACHE_TOOL_USE_NAMESPACES"

@@ -6,11 +6,11 @@ that are not exact matches are checked here, on the two texts, before they are s
 is a logistic regression over cross-features of the two questions (the cosine, word and bigram
 overlap, word order among the shared words, numbers, negation, length, how much of each side's
 content words the other covers); its weights are fitted offline (``python -m
-services.semantic_cache.evaluation fit``) on PAWS and GPTCache's mock data only, and shipped as
-JSON with their provenance (``verifier_weights.json``). A candidate is served when no cross-
-check vetoes it (``VETOES``) and the model's probability that the two questions mean the same is
-at least the configured ``min_probability``; ``min_probability`` 0 turns the whole step off
-(vetoes included), which is the plain-embedding baseline of the harness.
+services.tools.evaluation.semantic_cache fit``) on PAWS and GPTCache's mock data only, and
+shipped as JSON with their provenance (``verifier_weights.json``). A candidate is served when
+no cross-check vetoes it (``VETOES``) and the model's probability that the two questions mean
+the same is at least the configured ``min_probability``; ``min_probability`` 0 turns the whole
+step off (vetoes included), which is the plain-embedding baseline of the harness.
 """
 
 from __future__ import annotations

@@ -9,14 +9,14 @@ from services.common.clock import Clock
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.cache import SemanticCache
-from services.semantic_cache.config import SemanticCacheConfig
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.leases import Leases
+from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 
 
-def build_cache(config: SemanticCacheConfig, embedder: Embedder, clock: Clock) -> SemanticCache:
+def build_cache(config: SemanticCacheSettings, embedder: Embedder, clock: Clock) -> SemanticCache:
     return SemanticCache(
         embedder,
         clock,
@@ -37,6 +37,6 @@ def build_cache(config: SemanticCacheConfig, embedder: Embedder, clock: Clock) -
 
 
 def build_api(
-    config: SemanticCacheConfig, cache: SemanticCache, draining: asyncio.Event | None = None
+    config: SemanticCacheSettings, cache: SemanticCache, draining: asyncio.Event | None = None
 ) -> SemanticCacheApi:
     return SemanticCacheApi(cache, lease_wait_s=config.lease_wait_s, draining=draining)

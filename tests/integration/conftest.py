@@ -1,6 +1,6 @@
 """One real stack for the integration tests: five processes on free loopback ports.
 
-It is started by the same runner as ``make up`` (``services.stack``), in a temporary run dir
+It is started by the same runner as ``make up`` (``services.tools.stack``), in a temporary run dir
 with its own keys, the simulator's sleeps scaled down, and traces exported over OTLP/gRPC to
 a receiver in this test process.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from cachemesh import Client
-from services.stack.envfile import read_env_file
+from cachemesh.envfile import read_env_file
 from tests.integration.harness import RunningStack, started_stack
 
 

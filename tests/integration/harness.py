@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
-from services.stack.otlp_sink import OtlpSink
-from services.stack.runner import Stack
+from services.tools.stack.lifecycle import Stack
+from services.tools.stack.otlp_sink import OtlpSink
 
 ROOT = Path(__file__).resolve().parents[2]
 

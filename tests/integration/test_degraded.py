@@ -11,10 +11,10 @@ import grpc
 import pytest
 
 from cachemesh import Client, UnavailableError, build_request
+from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.stack.envfile import read_env_file
-from services.stack.runner import Stack
+from services.tools.stack.lifecycle import Stack
 from tests.integration.harness import prefix_totals, started_stack
 
 pytestmark = pytest.mark.integration

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from cachemesh import Client
+from cachemesh.envfile import read_env_file
 from cachemesh.loadtest.reqlog import LogRecord
 from cachemesh.loadtest.samples import LAYERS
 from cachemesh.loadtest.workloads import WorkloadSpec, build
 from services.common.clock import ManualClock
-from services.estimator.offline import OfflineStack
-from services.estimator.replay import replay
-from services.stack.envfile import read_env_file
-from services.stack.runner import Stack
+from services.tools.estimator.offline import OfflineStack
+from services.tools.estimator.replay import replay
+from services.tools.stack.lifecycle import Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"

@@ -16,7 +16,7 @@ from cachemesh import (
 )
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
-from services.stack.health import SERVING, probe
+from services.tools.stack.health import SERVING, probe
 from tests.integration.harness import RunningStack
 
 pytestmark = pytest.mark.integration

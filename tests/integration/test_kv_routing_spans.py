@@ -15,7 +15,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import load_cl100k
-from services.stack.otlp_sink import Span
+from services.tools.stack.otlp_sink import Span
 from tests.integration.harness import RunningStack
 
 pytestmark = pytest.mark.integration

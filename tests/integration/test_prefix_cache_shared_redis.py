@@ -16,8 +16,8 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
-from services.stack.health import SERVING, probe
-from services.stack.ports import free_port
+from services.tools.stack.health import SERVING, probe
+from services.tools.stack.ports import free_port
 from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.integration

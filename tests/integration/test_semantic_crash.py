@@ -27,7 +27,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
-from services.stack.ports import free_port
+from services.tools.stack.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ import grpc
 import pytest
 
 from cachemesh import Client, build_request
+from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.stack.envfile import read_env_file
 from tests.integration.harness import started_stack
 
 pytestmark = pytest.mark.integration

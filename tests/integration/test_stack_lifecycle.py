@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.health import SERVING, UNREACHABLE, probe
-from services.stack.runner import Stack, StackError
+from services.tools.stack.health import SERVING, UNREACHABLE, probe
+from services.tools.stack.lifecycle import Stack, StackError
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import pytest
 
 from cachemesh import Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
-from services.stack.otlp_sink import Span
+from services.tools.stack.otlp_sink import Span
 from tests.integration.harness import RunningStack
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 from redis.asyncio import Redis
 
+from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
-from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.totals import TotalsLedger

@@ -13,8 +13,6 @@ import csv
 from pathlib import Path
 
 from cachemesh.loadtest.workloads.faq import PAIRS, faq_request
-from services.bench import cases
-from services.bench.cases import paraphrase_pairs, semantic_hits
 from services.common.clock import ManualClock
 from services.common.models import load_model_table
 from services.common.prompt import last_user_text
@@ -22,6 +20,8 @@ from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.verifier import Verifier, VerifierWeights
+from services.tools.bench.gateway import cases
+from services.tools.bench.gateway.cases import paraphrase_pairs, semantic_hits
 from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_semantic_cache_rules import answer
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.bench.chain import median_request, miss_chain, two_hop
-from services.bench.echo import chain_reference
+from services.tools.bench.gateway.chain import median_request, miss_chain, two_hop
+from services.tools.bench.gateway.echo import chain_reference
 
 
 def _request(text: str) -> pb.CompleteRequest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.bench.cpu import CpuProbe, cpu_ticks, per_request
+from services.tools.bench.gateway.cpu import CpuProbe, cpu_ticks, per_request
 
 
 def _stat(pid: int, comm: str, utime: int, stime: int) -> str:

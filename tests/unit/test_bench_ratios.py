@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.bench import table
-from services.bench.ratios import case_ratios
-from services.bench.runs import AGENT, EXACT, MIXED, SEMANTIC, UNRELATED
+from services.tools.bench.gateway import summary
+from services.tools.bench.gateway.ratios import case_ratios
+from services.tools.bench.gateway.runs import AGENT, EXACT, MIXED, SEMANTIC, UNRELATED
 
 LEVELS = (1, 8, 32)
 
@@ -120,16 +120,16 @@ def test_sections_skipped_against_a_running_stack_are_said_to_be() -> None:
     results["cases"][AGENT] = results["cases"][UNRELATED] = results["tracing"] = skipped
     ratios = case_ratios(results)
     assert ratios[AGENT] == ratios[UNRELATED] == ratios["tracing"] == skipped
-    text = table.render(results["references"], ratios)
+    text = summary.render(results["references"], ratios)
     assert text.count("skipped: --target") == 3
 
 
 def test_the_table_shows_every_case_level_reference_and_the_cpu_per_service() -> None:
     results = _results()
-    text = table.render(results["references"], case_ratios(results))
-    for title in table.TITLES.values():
+    text = summary.render(results["references"], case_ratios(results))
+    for title in summary.TITLES.values():
         assert sum(line.startswith(title) for line in text.splitlines()) == 3 + (
-            3 if title in (table.TITLES[EXACT], table.TITLES[AGENT]) else 0
+            3 if title in (summary.TITLES[EXACT], summary.TITLES[AGENT]) else 0
         )
     assert "echo miss chain, agent" in text and "echo miss chain, unrelated" in text
     assert "spans received 5,500 (5.0 a request" in text

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.bench import output
-from services.bench.redact import MASK, own_settings, setting_names
-from services.stack.envfile import read_env_file
-from services.stack.runner import Stack
+from cachemesh.envfile import read_env_file
+from services.tools.bench.gateway import output
+from services.tools.bench.gateway.redact import MASK, own_settings, setting_names
+from services.tools.stack.lifecycle import Stack
 
 FAKE = {
     "CACHEMESH_KEY_A": "cm_fakeKeyOfTenantA0000000000000000000000",

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from services.common.server import ServerSettings, ServiceSpec, run_service
-from services.stack.health import UNREACHABLE, probe
-from services.stack.ports import free_port
+from services.tools.stack.health import UNREACHABLE, probe
+from services.tools.stack.ports import free_port
 
 
 def _spec(port: int, warmup: asyncio.Event | None, fail: bool = False) -> ServiceSpec:

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
-from services.stack.envfile import port_of, read_env_file
-from services.stack.keys import StackKeys, ensure_keys
-from services.stack.ports import relocate
-from services.stack.runner import Stack
-from services.stack.table import SERVICES, ServiceDef
+from cachemesh.envfile import read_env_file
+from services.tools.stack.environment import port_of
+from services.tools.stack.keys import StackKeys, ensure_keys
+from services.tools.stack.lifecycle import Stack
+from services.tools.stack.ports import relocate
+from services.tools.stack.service_table import SERVICES, ServiceDef
 
 ROOT = Path(__file__).resolve().parents[2]
 JAEGER_OTLP = "http://jaeger:4317"
@@ -124,7 +125,7 @@ def test_healthcheck_probes_grpc_health_on_the_service_port(
     resolved: Resolved, spec: ServiceDef
 ) -> None:
     test = resolved.service(spec.name)["healthcheck"]["test"]
-    probe = ["python", "-m", "services.stack", "probe", f"127.0.0.1:{resolved.port(spec)}"]
+    probe = ["python", "-m", "services.tools.stack", "probe", f"127.0.0.1:{resolved.port(spec)}"]
     assert test == ["CMD", *probe]
 
 

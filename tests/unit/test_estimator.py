@@ -13,9 +13,9 @@ from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B, user
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
-from services.estimator.offline import OfflineStack
-from services.estimator.replay import WhatIf, replay
-from services.stack.runner import Stack
+from services.tools.estimator.offline import OfflineStack
+from services.tools.estimator.replay import WhatIf, replay
+from services.tools.stack.lifecycle import Stack
 from tests.unit.semantic_cache_support import FakeEmbedder
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import internal_metadata
-from services.common.config import ConfigError
+from services.common.env import ConfigError
 from services.model.app import serve
-from services.model.config import ModelSettings
-from services.stack.ports import free_port
+from services.model.settings import ModelSettings
+from services.tools.stack.ports import free_port
 
 TOKEN = "internal-token-for-tests-0123456789"
 

@@ -23,9 +23,9 @@ from services.model.engine import (
 )
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache
 from services.prefix_cache.api import PrefixCacheApi
+from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
-from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore

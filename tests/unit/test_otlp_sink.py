@@ -11,7 +11,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from services.stack.otlp_sink import OtlpSink
+from services.tools.stack.otlp_sink import OtlpSink
 
 
 def _export(endpoint: str, service: str, spans: int) -> None:

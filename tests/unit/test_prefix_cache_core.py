@@ -12,8 +12,8 @@ from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
-from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import RuleViolation, Split
 from services.prefix_cache.totals import TenantTotals

@@ -10,10 +10,10 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.models import ModelSpec, load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PlanGone, PrefixCacheCore, Prompt, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.plan_memo import PlanMemo
-from services.prefix_cache.records import CommitRecords
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore

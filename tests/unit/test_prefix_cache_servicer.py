@@ -14,7 +14,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
-from services.common.config import ConfigError
+from services.common.env import ConfigError
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
@@ -178,7 +178,7 @@ async def test_unavailable_until_the_tokenizer_is_loaded(served: Served) -> None
 
 
 def test_settings_defaults_and_fail_fast_naming_the_variable() -> None:
-    from services.common.config import Env
+    from services.common.env import Env
 
     settings = PrefixCacheSettings.from_env(Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN}))
     assert settings.server.listen == "127.0.0.1:50053"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import ConfigError
+from services.common.env import ConfigError
 from services.common.models import load_model_table
 
 TABLE = load_model_table()

@@ -8,7 +8,7 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.config import Env
+from services.common.env import Env
 from services.common.errors import Code
 from services.common.models import model_table_from_env
 from services.router.calls import Calls

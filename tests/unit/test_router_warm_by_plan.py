@@ -6,7 +6,7 @@ from typing import Any, cast
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
-from services.common.config import Env
+from services.common.env import Env
 from services.common.errors import Code
 from services.common.models import model_table_from_env
 from services.router.calls import Calls

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from services.semantic_cache.embedder import Vectors, l2_normalise
-from services.semantic_cache.evaluation.align import alignment_f1, precision_at_recall
+from services.tools.evaluation.semantic_cache.align import alignment_f1, precision_at_recall
 
 
 def unit(*rows: list[float]) -> Vectors:

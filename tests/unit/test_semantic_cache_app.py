@@ -12,11 +12,11 @@ from grpc_health.v1 import health_pb2
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 from services.semantic_cache.app import SERVICE_NAME, serve
-from services.semantic_cache.config import SemanticCacheConfig
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.policy import NamespacePolicy
+from services.semantic_cache.settings import SemanticCacheSettings
 from tests.unit.semantic_cache_support import make_request
 
 TOKEN = "test-internal-token-0123456789"
@@ -26,8 +26,8 @@ SHIPPED = OperatingPoint(0.87, 0.3, 0.02)
 
 
 def test_defaults_come_from_the_shipped_operating_point() -> None:
-    config = SemanticCacheConfig.from_env(Env({}), SHIPPED)
-    assert config == SemanticCacheConfig(
+    config = SemanticCacheSettings.from_env(Env({}), SHIPPED)
+    assert config == SemanticCacheSettings(
         0.87, 0.3, 0.02, 86_400.0, 100_000, 1, 1, policy=NamespacePolicy(), lease_s=30.0
     )
 
@@ -58,7 +58,7 @@ def test_the_shipped_operating_point_file_loads() -> None:
 )
 def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
-        SemanticCacheConfig.from_env(Env({name: value}), SHIPPED)
+        SemanticCacheSettings.from_env(Env({name: value}), SHIPPED)
 
 
 async def test_the_internal_token_is_required() -> None:

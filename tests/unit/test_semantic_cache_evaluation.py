@@ -8,12 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.semantic_cache.evaluation.calibrate import Point, baseline_at_recall, calibrate
-from services.semantic_cache.evaluation.datasets import DatasetError, Pair, half_of, load_pairs
-from services.semantic_cache.evaluation.envfile import write_env
-from services.semantic_cache.evaluation.protocols import F64, pairwise, retrieval
-from services.semantic_cache.evaluation.vectors import VectorTable
 from services.semantic_cache.operating_point import OperatingPoint
+from services.tools.evaluation.semantic_cache.calibrate import Point, baseline_at_recall, calibrate
+from services.tools.evaluation.semantic_cache.datasets import (
+    DatasetError,
+    Pair,
+    half_of,
+    load_pairs,
+)
+from services.tools.evaluation.semantic_cache.operating_point_env import write_env
+from services.tools.evaluation.semantic_cache.protocols import F64, pairwise, retrieval
+from services.tools.evaluation.semantic_cache.vectors import VectorTable
 
 
 def test_the_three_layouts(tmp_path: Path) -> None:
@@ -143,7 +148,7 @@ def test_point_outcome_uses_all_three_settings() -> None:
 
 
 def test_the_report_has_a_curve_with_and_without_the_verifier() -> None:
-    from services.semantic_cache.evaluation.report import CURVE, protocol_report
+    from services.tools.evaluation.semantic_cache.report import CURVE, protocol_report
 
     pairs = [
         Pair("usd to eur", "eur to usd", False),

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.common.clock import ManualClock
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import Leases
 from services.semantic_cache.policy import NamespacePolicy

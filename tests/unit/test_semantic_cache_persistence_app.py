@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
-from services.common.config import ConfigError, Env
+from services.common.env import ConfigError, Env
 from services.semantic_cache.app import SERVICE_NAME, serve
-from services.semantic_cache.config import SemanticCacheConfig
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SNAPSHOT_NAME
+from services.semantic_cache.settings import SemanticCacheSettings
 from tests.unit.semantic_cache_support import make_request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,11 +123,11 @@ async def test_an_unusable_data_dir_fails_fast_naming_the_variable(tmp_path: Pat
 @pytest.mark.parametrize("value", ["-1", "soon"])
 def test_a_bad_snapshot_period_names_its_variable(value: str) -> None:
     with pytest.raises(ConfigError, match="SEMANTIC_CACHE_SNAPSHOT_S"):
-        SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_SNAPSHOT_S": value}), SHIPPED)
+        SemanticCacheSettings.from_env(Env({"SEMANTIC_CACHE_SNAPSHOT_S": value}), SHIPPED)
 
 
 def test_persistence_is_off_unless_a_data_dir_is_set() -> None:
-    blank = SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": " "}), SHIPPED)
+    blank = SemanticCacheSettings.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": " "}), SHIPPED)
     assert blank.data_dir is None
-    config = SemanticCacheConfig.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": "/x"}), SHIPPED)
+    config = SemanticCacheSettings.from_env(Env({"SEMANTIC_CACHE_DATA_DIR": "/x"}), SHIPPED)
     assert (str(config.data_dir), config.snapshot_s) == ("/x", 60.0)

@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import Env
+from services.common.env import Env
 from services.common.server import DRAIN_REFUSAL_S, ServerSettings, ServiceSpec, run_service
-from services.stack.ports import free_port
+from services.tools.stack.ports import free_port
 
 SERVICE = "test.v1.Writes"
 REFUSED = "test is draining for shutdown: writes are refused; retry elsewhere"

@@ -1,4 +1,4 @@
-"""services.stack: .env parsing, each process's environment, addresses, free ports."""
+"""services.tools.stack: .env parsing, each process's environment, addresses, free ports."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.envfile import EnvFileError, dial_address, merge_env, parse_env_text
-from services.stack.keys import ensure_keys
-from services.stack.ports import free_port_overrides, relocate
-from services.stack.runner import Stack
-from services.stack.table import SERVICES, service
+from cachemesh.envfile import EnvFileError, parse_env_text, set_values
+from services.tools.stack.environment import dial_address, merge_env
+from services.tools.stack.keys import ensure_keys
+from services.tools.stack.lifecycle import Stack
+from services.tools.stack.ports import free_port_overrides, relocate
+from services.tools.stack.service_table import SERVICES, service
 
 DOTENV = """\
 # comment
@@ -133,3 +134,10 @@ def test_relocate_leaves_external_replicas_alone() -> None:
         "PREFIX_CACHE_ADDR",
         "MODEL_REPLICAS",
     }
+
+
+def test_set_values_replaces_keeps_and_places_after_the_previous_key() -> None:
+    text = "# settings\nA=1\nB=2\n"
+    out = set_values(text, [("A", "x"), ("C", "3"), ("D", r"a\b")])
+    assert out == "# settings\nA=x\nC=3\nD=a\\b\nB=2\n"
+    assert parse_env_text(out) == {"A": "x", "B": "2", "C": "3", "D": "a\\b"}

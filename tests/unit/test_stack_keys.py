@@ -1,13 +1,13 @@
-"""services.stack.keys: this install's secrets, generated once, hashed, private."""
+"""services.tools.stack.keys: this install's secrets, generated once, hashed, private."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
+from cachemesh.envfile import read_env_file
 from services.common.auth import ApiKeys, hash_key
-from services.stack.envfile import read_env_file
-from services.stack.keys import ensure_keys
+from services.tools.stack.keys import ensure_keys
 
 
 def _mode(path: Path) -> int:

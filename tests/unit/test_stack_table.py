@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.envfile import read_env_file
-from services.stack.table import COMMON_ENV_KEYS, SERVICES, ServiceDef, stop_order
+from cachemesh.envfile import read_env_file
+from services.tools.stack.service_table import COMMON_ENV_KEYS, SERVICES, ServiceDef, stop_order
 
 ROOT = Path(__file__).resolve().parents[2]
 _ENV_READERS = {"str", "optional_str", "int", "float", "bool", "address", "path", "get"}
@@ -42,13 +42,15 @@ def test_every_variable_the_service_reads_is_in_the_table(spec: ServiceDef) -> N
         pytest.fail(f"services/{spec.package}/app.py is missing: the stack cannot run {spec.name}")
     unlisted = _env_names_read(package) - set(spec.env_keys)
     assert not unlisted, (
-        f"add {sorted(unlisted)} to {spec.name}'s env keys in services/stack/table.py"
+        f"add {sorted(unlisted)} to {spec.name}'s env keys in services/tools/stack/service_table.py"
     )
 
 
 def test_every_common_variable_is_in_the_table() -> None:
     unlisted = _env_names_read(ROOT / "services" / "common") - set(COMMON_ENV_KEYS)
-    assert not unlisted, f"add {sorted(unlisted)} to COMMON_ENV_KEYS in services/stack/table.py"
+    assert not unlisted, (
+        f"add {sorted(unlisted)} to COMMON_ENV_KEYS in services/tools/stack/service_table.py"
+    )
 
 
 def test_every_dotenv_setting_is_read_by_some_service() -> None:

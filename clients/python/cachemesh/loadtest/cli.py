@@ -4,7 +4,7 @@ Closed loop (``--concurrency`` requests in flight) or open loop (``--rate`` requ
 Poisson arrivals); every run stops after ``--requests`` requests or ``--duration`` seconds,
 whichever comes first, after an unrecorded ``--warmup``. Loopback targets only, unless
 ``--allow-non-loopback``. Writes a JSON report (SCHEMA.md), optionally an HTML chart and the
-JSONL request log the offline estimator replays (``python -m services.estimator``).
+JSONL request log the offline estimator replays (``python -m services.tools.estimator``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from cachemesh._client import DEFAULT_TARGET
+from cachemesh.envfile import read_env_file
 from cachemesh.loadtest import chart, report
 from cachemesh.loadtest.load import NotLoopback, check_target, draw, run_load
 from cachemesh.loadtest.reqlog import LogRecord, write_log
@@ -74,12 +75,7 @@ def stack_config(path: Path) -> dict[str, str]:
     """The stack's settings as the env file says, overridden by this environment."""
     if not path.is_file():
         return {}
-    config: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and not key.startswith("#"):
-            config[key] = os.environ.get(key, value)
-    return config
+    return {key: os.environ.get(key, value) for key, value in read_env_file(path).items()}
 
 
 def keys_from_env() -> dict[str, str]:

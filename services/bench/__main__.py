@@ -1,3 +1,0 @@
-from services.bench.run import main
-
-main()

@@ -1,3 +1,0 @@
-from services.estimator.cli import main
-
-main()

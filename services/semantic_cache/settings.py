@@ -1,0 +1,68 @@
+"""The semantic cache's settings from ``SEMANTIC_CACHE_*`` variables (fail fast, naming them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.env import ConfigError, Env
+from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.policy import NamespacePolicy
+
+DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class SemanticCacheSettings:
+    threshold: float  # cosine similarity in [0, 1]
+    verifier_min_p: float  # the verifier's minimum probability of the same meaning
+    ambiguity_margin: float  # two answers within it of each other: serve neither (0 = off)
+    ttl_s: float  # absolute age after which an entry is never served
+    max_entries: int  # total capacity; LRU eviction beyond it
+    faiss_threads: int
+    ort_threads: int
+    data_dir: Path | None = None  # where snapshots go; None = no persistence
+    snapshot_s: float = 60.0  # period of background snapshots; 0 = only at shutdown
+    policy: NamespacePolicy | None = None  # None = ttl_s for every namespace, default rules
+    lease_s: float = 30.0  # single flight: a lease ends at this age if no Store ended it
+    lease_wait_s: float = 30.0  # the most a lookup waits on another's lease; 0 = no leases
+    embed_max_batch: int = 32  # micro-batching: the most texts in one embedding call
+    ann_min_entries: int = 20_000  # a scope this large is rebuilt as IVF; 0 = always exact
+    ann_nprobe: int = 16  # IVF lists searched per lookup
+
+    @classmethod
+    def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheSettings:
+        """``shipped`` (the calibrated operating point) gives the defaults of the first three."""
+        ttl_s = env.float("SEMANTIC_CACHE_TTL_S", 86_400.0)
+        if ttl_s <= 0:
+            raise ConfigError(f"SEMANTIC_CACHE_TTL_S must be > 0 seconds, got {ttl_s}")
+        return cls(
+            threshold=env.float(
+                "SEMANTIC_CACHE_THRESHOLD", shipped.threshold, minimum=0.0, maximum=1.0
+            ),
+            verifier_min_p=env.float(
+                "SEMANTIC_CACHE_VERIFIER_MIN_P", shipped.min_probability, minimum=0.0, maximum=1.0
+            ),
+            ambiguity_margin=env.float(
+                "SEMANTIC_CACHE_AMBIGUITY_MARGIN", shipped.margin, minimum=0.0, maximum=1.0
+            ),
+            ttl_s=ttl_s,
+            max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
+            faiss_threads=env.int("SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1),
+            ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1),
+            data_dir=Path(data_dir) if (data_dir := env.optional_str(DATA_DIR)) else None,
+            snapshot_s=env.float("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
+            policy=NamespacePolicy.from_env(env, ttl_s),
+            lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
+            lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
+            embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
+            ann_min_entries=env.int("SEMANTIC_CACHE_ANN_MIN_ENTRIES", 20_000, minimum=0),
+            ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1),
+        )
+
+
+def _positive(env: Env, name: str, default: float) -> float:
+    value = env.float(name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0 seconds, got {value}")
+    return value

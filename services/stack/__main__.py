@@ -1,3 +1,0 @@
-from services.stack.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from services.tools.bench.gateway.run import main
+
+main()

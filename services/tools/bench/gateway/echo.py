@@ -1,0 +1,169 @@
+"""References: bare gRPC echo chains on loopback (``chain.Chain``), measured like a case.
+
+Each service of a chain is its own process with one ``grpc.aio`` server answering every call
+with a fixed reply of the chain's size; the front process (the router's place) makes the
+chain's calls for each client call. Payloads are raw bytes (no protobuf work), so a chain is
+the floor its shape of gRPC calls costs on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from cachemesh.loadtest.stats import latency_summary
+from services.tools.bench.gateway.chain import Call, Chain
+
+SERVICE = "cachemesh.bench.Echo"
+FRONT = "Front"
+_WARMUP_CALLS = 20
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _unary(reply: bytes) -> Callable[[bytes, Any], Awaitable[bytes]]:
+    async def answer(request: bytes, context: Any) -> bytes:
+        return reply
+
+    return answer
+
+
+def _stream(reply: bytes, count: int) -> Callable[[bytes, Any], AsyncIterator[bytes]]:
+    async def answer(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for _ in range(count):
+            yield reply
+
+    return answer
+
+
+def _leaf_handler(calls: list[Call]) -> grpc.GenericRpcHandler:
+    methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for call in calls:
+        reply = b"y" * call.reply_bytes
+        methods[call.method] = (
+            grpc.unary_stream_rpc_method_handler(_stream(reply, call.replies), _identity, _identity)
+            if call.replies > 1
+            else grpc.unary_unary_rpc_method_handler(_unary(reply), _identity, _identity)
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+class _Front:
+    """The router's place: for each client call, the chain's calls, then the reply."""
+
+    def __init__(self, chain: Chain, addresses: dict[str, str]) -> None:
+        self._chain = chain
+        self._reply = b"z" * chain.reply_bytes
+        self._channels = {s: grpc.aio.insecure_channel(a) for s, a in addresses.items()}
+        self._payloads = {c.method: b"x" * c.request_bytes for c in chain.calls()}
+
+    async def answer(self, request: bytes, context: Any) -> bytes:
+        for step in self._chain.steps:
+            if len(step) == 1:
+                await self._call(step[0])
+            else:
+                await asyncio.gather(*(self._call(c) for c in step))
+        return self._reply
+
+    async def _call(self, call: Call) -> None:
+        channel = self._channels[call.service]
+        path = f"/{SERVICE}/{call.method}"
+        payload = self._payloads[call.method]
+        if call.replies == 1 and not call.during:
+            await channel.unary_unary(path, _identity, _identity)(payload)
+            return
+        stream = channel.unary_stream(path, _identity, _identity)(payload)
+        await stream.read()
+        for inner in call.during:
+            await self._call(inner)
+        while await stream.read() is not grpc.aio.EOF:
+            pass
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.unary_unary_rpc_method_handler(self.answer, _identity, _identity)
+        return grpc.method_handlers_generic_handler(SERVICE, {FRONT: method})
+
+
+async def _serve(
+    chain: Chain, service: str | None, addresses: dict[str, str], ports: mp.Queue[int],
+    stop: Any,
+) -> None:  # fmt: skip
+    """One process of the chain: ``service``'s leaf, or the front when ``service`` is None."""
+    server = grpc.aio.server()
+    if service is None:
+        server.add_generic_rpc_handlers((_Front(chain, addresses).handler(),))
+    else:
+        server.add_generic_rpc_handlers(
+            (_leaf_handler([c for c in chain.calls() if c.service == service]),)
+        )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    ports.put(port)
+    await asyncio.to_thread(stop.wait)  # the parent's multiprocessing Event
+    await server.stop(0)
+
+
+def _process(
+    chain: Chain, service: str | None, addresses: dict[str, str], ports: mp.Queue[int],
+    stop: Any,
+) -> None:  # fmt: skip
+    asyncio.run(_serve(chain, service, addresses, ports, stop))
+
+
+async def _load(target: str, chain: Chain, requests: int, concurrency: int) -> dict[str, Any]:
+    payload = b"x" * chain.request_bytes
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/{SERVICE}/{FRONT}", _identity, _identity)
+        for _ in range(_WARMUP_CALLS):  # warm the connections along the chain
+            await call(payload)
+        latencies: list[float] = []
+        todo = iter(range(requests))
+
+        async def worker() -> None:
+            for _ in todo:
+                started = time.perf_counter()
+                await call(payload)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "throughput_rps": round(len(latencies) / wall, 1),
+        "latency_ms": latency_summary(latencies),
+    }
+
+
+def chain_reference(chain: Chain, levels: tuple[int, ...], requests: int) -> dict[str, Any]:
+    """``chain`` measured at each level of in-flight calls, ``requests`` calls a level."""
+    ctx = mp.get_context("spawn")
+    ports: mp.Queue[int] = ctx.Queue()
+    started: list[tuple[Any, Any]] = []  # (process, its stop event), callees first
+    addresses: dict[str, str] = {}
+    try:
+        for service in [*chain.services(), None]:
+            stop = ctx.Event()
+            process = ctx.Process(
+                target=_process, args=(chain, service, dict(addresses), ports, stop), daemon=True
+            )
+            process.start()
+            started.append((process, stop))
+            address = f"127.0.0.1:{ports.get(timeout=60)}"
+            if service is not None:
+                addresses[service] = address
+        rows = [asyncio.run(_load(address, chain, requests, level)) for level in levels]
+        return {"chain": chain.describe(), "requests_per_level": requests, "levels": rows}
+    finally:
+        for process, stop in reversed(started):  # the front before the services it calls
+            stop.set()
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()

@@ -1,0 +1,146 @@
+"""``python -m services.tools.bench.gateway`` (``make bench``): the standard set, its references
+and ratios.
+
+It starts its own stacks on free loopback ports (never the ports of a ``make up`` stack) and
+stops them: (a) exact L1 hits, (b) semantic L1 hits, (c) misses of tau-bench agent requests
+and (c2) of single-turn MMLU/GSM8K prompts, the simulated model answering at once
+(``SIM_TIME_SCALE=0``), each at 1, 8 and 32 in flight; (a) and (c) again with every span
+exported to a real OTLP receiver; the CPU each service spends per request; (d) the mixed
+workload's savings. References measured in the same run: a two-hop gRPC echo, an echo chain
+of a miss's shape for each miss case, the embedder alone. ``--target`` measures (a), (b) and
+(d) on a stack already running instead. Schema: clients/python/SCHEMA.md, "Bench report".
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cachemesh.envfile import read_env_file
+from cachemesh.loadtest.cli import keys_from_env
+from cachemesh.loadtest.load import check_target
+from services.common.env import Env
+from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.settings import SemanticCacheSettings
+from services.semantic_cache.verifier import Verifier, VerifierWeights
+from services.tools.bench.gateway import cases, output, runs, summary
+from services.tools.bench.gateway.chain import miss_chain, two_hop
+from services.tools.bench.gateway.echo import chain_reference
+from services.tools.bench.gateway.embedder_ref import embedder_reference
+from services.tools.bench.gateway.ratios import case_ratios
+from services.tools.bench.gateway.redact import own_settings, setting_names
+from services.tools.bench.gateway.runs import AGENT, MIXED, UNRELATED, Outcome, Plan
+from services.tools.bench.gateway.stacks import Target
+from services.tools.stack.lifecycle import Stack
+
+ROOT = Path(__file__).resolve().parents[4]
+LEVELS = (1, 8, 32)
+TWO_HOP_PAYLOAD_BYTES = 600
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.tools.bench.gateway", description=__doc__)
+    p.add_argument("--target", default=None,
+                   help="a running stack's router (loopback): only (a), (b), (d) run on it; "
+                        "keys from CACHEMESH_KEY_A/B")  # fmt: skip
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--requests", type=int, default=300, help="per case and level")
+    p.add_argument("--mixed-requests", type=int, default=400)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "results")
+    return p
+
+
+def _references(plan: Plan, embedder: Embedder) -> dict[str, Any]:
+    agent = cases.agent_misses(plan.data_dir, "shape", plan.requests, seed=1)
+    unrelated = cases.misses(plan.data_dir, "shape", plan.requests, seed=1)
+    chains = {
+        "agent": miss_chain("agent", [i.request for i in agent]),
+        "unrelated": miss_chain("unrelated", [i.request for i in unrelated]),
+    }
+    return {
+        "echo_two_hops": chain_reference(
+            two_hop(TWO_HOP_PAYLOAD_BYTES), plan.levels, plan.requests * 3
+        ),
+        "echo_miss_chain": {
+            name: chain_reference(chain, plan.levels, plan.requests)
+            for name, chain in chains.items()
+        },
+        "embedder": embedder_reference(
+            embedder, cases.first_questions(plan.data_dir, 256), batch=32
+        ),
+    }
+
+
+def _charts(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    charts: list[tuple[str, dict[str, Any]]] = []
+    for case, title in summary.TITLES.items():
+        rows = results["cases"][case]
+        if isinstance(rows, list):
+            charts += [(f"{title}, {r['concurrency']} in flight", r) for r in rows]
+    for case, rows in results["tracing"].get("on", {}).items():
+        title = summary.TITLES[case]
+        charts += [(f"{title}, traced, {r['concurrency']} in flight", r) for r in rows]
+    charts.append(("(d) mixed workload, 8 in flight", results["cases"][MIXED]))
+    return charts
+
+
+def _outcome(args: argparse.Namespace, plan: Plan) -> Outcome:
+    if args.target is None:
+        return runs.own_stacks(plan)
+    check_target(args.target, allow_remote=False)
+    keys = keys_from_env()
+    if "tenant-a" not in keys:
+        sys.exit("bench --target: set CACHEMESH_KEY_A (source that stack's demo-keys.env)")
+    outcome = runs.against_target(plan, Target(args.target, keys, None, "target"))
+    outcome.secrets += keys.values()
+    return outcome
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    sys.exit(128 + signum)  # unwinds through the stacks' finally blocks, which stop them
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.requests < 1 or args.mixed_requests < 1:
+        sys.exit("bench: --requests and --mixed-requests must be >= 1")
+    signal.signal(signal.SIGTERM, _stop)
+    started = time.monotonic()
+    settings = Stack(ROOT).settings()
+    config = SemanticCacheSettings.from_env(Env(settings), OperatingPoint.load())
+    embedder = load_minilm_embedder(threads=config.ort_threads)
+    verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)  # as the service's
+    above = min(1.0, config.threshold + 0.04)
+    pairs = cases.paraphrase_pairs(args.data_dir, embedder, above, verifier)
+    run = f"bench-{time.time_ns()}"
+    plan = Plan(ROOT, args.data_dir, run, LEVELS, args.requests, args.mixed_requests, pairs)
+    references = _references(plan, embedder)
+    outcome = _outcome(args, plan)
+
+    results = {"references": references, "cases": outcome.cases, "tracing": outcome.tracing}
+    ratios = case_ratios(results)
+    names = setting_names(read_env_file(ROOT / ".env"))
+    doc = output.document(
+        run={"target": args.target, "levels": list(LEVELS), "requests_per_level": args.requests,
+             "hit_requests_per_level": args.requests * runs.HIT_FACTOR,
+             "traced_runs_per_level": runs.REPEATS,
+             "mixed_requests": args.mixed_requests, "paraphrase_pairs": len(pairs),
+             "namespace": run, "elapsed_s": round(time.monotonic() - started, 1)},
+        workload={"mixed": outcome.mixed_params, AGENT: cases.agent_params(args.data_dir),
+                  UNRELATED: {"name": "unrelated", "seed": "the level (in flight)",
+                       "namespace": "one per request"}},
+        stack=own_settings(settings, names, outcome.secrets),
+        stacks={name: own_settings(overrides, names, outcome.secrets)
+                for name, overrides in outcome.stacks.items()},
+        results=results,
+        ratios=ratios,
+    )  # fmt: skip
+    out = output.write(doc, _charts(results), args.out_dir, time.strftime("%Y-%m-%d"))
+    print(summary.render(references, ratios))
+    print(f"bench: {out} and {out.with_suffix('.html')} ({doc['run']['elapsed_s']} s)")

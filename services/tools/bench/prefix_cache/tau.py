@@ -1,0 +1,161 @@
+"""tau-bench airline conversations replayed through PrefixCacheCore on a virtual clock.
+
+Every assistant turn of a conversation is one request: the 14 airline tools, the airline system
+prompt and the conversation so far, in order. Conversations start ``start_gap_s`` apart and
+interleave; within one, the next request follows ``model_s`` after a tool result, or
+``model_s`` plus an exponential think time (mean ``think_mean_s``, seeded) after a user turn,
+so some pauses outlast a 5-minute cache entry. Anthropic breakpoints: the system prompt and the
+last block of the prompt (the usual agent layout); OpenAI caches automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.models import ModelSpec, ModelTable
+from services.common.tokens import Tokenizer
+from services.prefix_cache.commit_records import CommitRecords
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.pricing import cost_nanos
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.rules import Split
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
+
+START_GAP_S, MODEL_S, THINK_MEAN_S, SEED = 30.0, 4.0, 60.0, 7
+
+
+@dataclass(frozen=True)
+class Turn:
+    at_ms: int
+    conversation: int
+    messages: tuple[pb.Message, ...]
+    output_text: str
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or value == "None" else str(value)
+
+
+def _message(raw: dict[str, Any]) -> pb.Message:
+    role = raw["role"]
+    if role == "tool":
+        result = pb.ToolResult(
+            tool_use_id=raw.get("tool_call_id", ""), content=_text(raw["content"])
+        )
+        return pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(tool_result=result)])
+    blocks = [pb.ContentBlock(text=_text(raw.get("content")))] if _text(raw.get("content")) else []
+    for call in raw.get("tool_calls") or []:
+        use = pb.ToolUse(
+            id=call["id"], name=call["function"]["name"], input_json=call["function"]["arguments"]
+        )
+        blocks.append(pb.ContentBlock(tool_use=use))
+    if not blocks:
+        blocks = [pb.ContentBlock(text="(no content)")]
+    return pb.Message(
+        role=pb.ROLE_ASSISTANT if role == "assistant" else pb.ROLE_USER, content=blocks
+    )
+
+
+def load_turns(data: Path, limit: int) -> tuple[list[pb.Tool], str, list[Turn]]:
+    tools = [
+        pb.Tool(
+            name=t["function"]["name"],
+            description=t["function"]["description"],
+            input_schema_json=json.dumps(t["function"]["parameters"], sort_keys=True),
+        )
+        for t in json.loads((data / "airline_tools.json").read_text())
+    ]
+    system = (data / "airline_system_prompt_wiki.md").read_text()
+    rng = random.Random(SEED)
+    turns: list[Turn] = []
+    lines = (data / "airline_gpt-4o_trajectories.jsonl").read_text().splitlines()[:limit]
+    for c, line in enumerate(lines):
+        raw = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
+        t = c * START_GAP_S
+        history: list[pb.Message] = []
+        for k, message in enumerate(raw):
+            if message["role"] == "assistant" and history:
+                previous = raw[k - 1]["role"]
+                t += MODEL_S + (rng.expovariate(1 / THINK_MEAN_S) if previous == "user" else 0)
+                out = _message(message)
+                text = "".join(b.text or b.tool_use.input_json for b in out.content)
+                turns.append(Turn(int(t * 1000), c, tuple(history), text))
+            history.append(_message(message))
+    turns.sort(key=lambda turn: (turn.at_ms, turn.conversation))
+    return tools, system, turns
+
+
+def request_of(
+    tools: list[pb.Tool], system: str, turn: Turn, ttl: pb.CacheTtl.ValueType
+) -> pb.CompleteRequest:
+    control = pb.CacheControl(ttl=ttl)
+    request = pb.CompleteRequest(
+        tools=tools,
+        system=[pb.ContentBlock(text=system, cache_control=control)],
+        messages=list(turn.messages),
+        max_tokens=1024,
+    )
+    request.messages[-1].content[-1].cache_control.CopyFrom(control)
+    return request
+
+
+async def replay(
+    table: ModelTable,
+    tokenizer: Tokenizer,
+    spec: ModelSpec,
+    ttl: pb.CacheTtl.ValueType,
+    data: Path,
+    limit: int,
+    also_priced: tuple[ModelSpec, ...] = (),
+) -> dict[str, Any]:
+    tools, system, turns = load_turns(data, limit)
+    clock = ManualClock(start_ms=0)
+    core = PrefixCacheCore(
+        table=table,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=InMemoryWarmStore(),
+        views=ReplicaViews(1),
+        ledger=InMemoryLedger(CommitRecords(ttl_ms=86_400_000), TotalsLedger()),
+        clock=clock,
+        lookback=20,
+    )
+    sums = Split(0, 0, 0, 0)
+    for i, turn in enumerate(turns):
+        clock.advance(ms=turn.at_ms - clock.now_ms())
+        split = await core.warm("tau", f"r{i}", spec.id, request_of(tools, system, turn, ttl), "")
+        await core.final("tau", f"r{i}", spec.id, tokenizer.count(turn.output_text), 0, "")
+        sums = Split(
+            sums.input_tokens + split.input_tokens,
+            sums.write_5m_tokens + split.write_5m_tokens,
+            sums.write_1h_tokens + split.write_1h_tokens,
+            sums.read_tokens + split.read_tokens,
+        )
+    result: dict[str, Any] = {
+        "model": spec.id,
+        "rules": spec.rules,
+        "requests": len(turns),
+        "conversations": len({t.conversation for t in turns}),
+        "prompt_tokens": sums.prompt_tokens,
+        "read_tokens": sums.read_tokens,
+        "write_5m_tokens": sums.write_5m_tokens,
+        "write_1h_tokens": sums.write_1h_tokens,
+        "hit_rate_tokens": round(sums.read_tokens / max(sums.prompt_tokens, 1), 4),
+        "input_cost": {},
+    }
+    for priced in (spec, *also_priced):
+        cost = cost_nanos(sums, 0, priced)
+        baseline = sums.prompt_tokens * priced.input_nanos
+        result["input_cost"][priced.id] = {
+            "cost_usd": round(cost / 1e9, 4),
+            "no_cache_usd": round(baseline / 1e9, 4),
+            "saving": round(1 - cost / baseline, 4),
+        }
+    return result

@@ -1,0 +1,3 @@
+from services.tools.estimator.cli import main
+
+main()

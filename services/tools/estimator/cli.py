@@ -1,0 +1,105 @@
+"""``python -m services.tools.estimator``: what would cachemesh save on this traffic?
+
+Replays a JSONL request log (format: clients/python/SCHEMA.md, "Request log") or one of the
+load test's workloads through the stack's own logic in one process, on a virtual clock (no
+servers, no sleeps), and prints what each layer would serve and save. What-ifs: ``--threshold``
+(L1), ``--l1-ttl``, ``--no-l1``, ``--l2-ttl 1h`` (every breakpoint), ``--routing auto`` (the
+router picks the tier), ``--set KEY=VALUE`` (any stack setting, as in .env).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from cachemesh.loadtest import report
+from cachemesh.loadtest.reqlog import LogError, LogRecord, read_log
+from cachemesh.loadtest.stats import summarise
+from cachemesh.loadtest.workloads import DEFAULT_MIX, NAMES, DataMissing, WorkloadSpec, build
+from services.common.clock import ManualClock
+from services.common.env import ConfigError
+from services.tools.estimator.offline import OfflineStack
+from services.tools.estimator.replay import WhatIf, replay
+from services.tools.stack.lifecycle import Stack
+
+ROOT = Path(__file__).resolve().parents[3]
+SCHEMA = "cachemesh.estimate.v1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.tools.estimator", description=__doc__)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--log", type=Path, help="a JSONL request log")
+    source.add_argument("--workload", choices=NAMES, help="a load-test workload instead")
+    p.add_argument("--requests", type=int, default=500, help="workload: how many requests")
+    p.add_argument("--interval-ms", type=float, default=1000.0, help="workload: arrival gap")
+    p.add_argument("--mix", default=DEFAULT_MIX)
+    p.add_argument("--repeat-rate", type=float, default=0.3)
+    p.add_argument("--paraphrase-rate", type=float, default=0.3)
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--threshold", type=float, help="L1 similarity threshold")
+    p.add_argument("--l1-ttl", type=float, help="L1 entry TTL in seconds")
+    p.add_argument("--no-l1", action="store_true", help="bypass the semantic cache")
+    p.add_argument("--l2-ttl", choices=("logged", "5m", "1h"), default="logged")
+    p.add_argument("--routing", choices=("logged", "auto"), default="logged")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, help="write the JSON estimate here")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        out[key] = value
+    if args.threshold is not None:
+        out["SEMANTIC_CACHE_THRESHOLD"] = str(args.threshold)
+    if args.l1_ttl is not None:
+        out["SEMANTIC_CACHE_TTL_S"] = str(args.l1_ttl)
+    return out
+
+
+def _records(
+    args: argparse.Namespace,
+) -> tuple[list[LogRecord], dict[str, object], dict[frozenset[str], int]]:
+    if args.log is not None:
+        return list(read_log(args.log)), {"log": str(args.log)}, {}
+    spec = WorkloadSpec(args.workload, args.seed, "estimate", args.data_dir, args.mix,
+                        args.repeat_rate, args.paraphrase_rate)  # fmt: skip
+    workload = build(spec)
+    records = [LogRecord(i * args.interval_ms, workload.next_item()) for i in range(args.requests)]
+    source = {"workload": {"name": args.workload, **workload.params()}, "requests": args.requests,
+              "interval_ms": args.interval_ms}  # fmt: skip
+    return records, source, workload.labels()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    what_if = WhatIf(l1=not args.no_l1, l2_ttl=args.l2_ttl, routing=args.routing)
+    try:
+        settings = Stack(ROOT, env_overrides=_overrides(args)).settings()
+        records, source, labels = _records(args)
+        stack = OfflineStack(settings, ManualClock())
+    except (ValueError, ConfigError, LogError, DataMissing, OSError) as exc:
+        sys.exit(f"estimator: {exc}")
+    samples = asyncio.run(replay(stack, records, what_if))
+    results = summarise(samples, labels, wall_s=0.0)
+    for key in ("latency_ms", "ttft_ms", "wall_s", "throughput_rps"):
+        results.pop(key)
+    doc = {
+        "schema": SCHEMA,
+        "source": source,
+        "what_if": {"l1": what_if.l1, "l2_ttl": what_if.l2_ttl, "routing": what_if.routing},
+        "stack": {k: v for k, v in settings.items() if not k.startswith(("OTEL_", "CACHEMESH_"))},
+        "results": results,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(report.table(results, latency=False))

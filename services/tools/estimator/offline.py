@@ -1,0 +1,129 @@
+"""The whole stack in one process on a virtual clock: the router's own pipeline over its
+dependency protocols, answered by the semantic-cache, prefix-cache and model APIs
+(``local_adapters``), each built by the same wiring function its ``serve()`` uses, from the
+settings the stack reads (``.env`` and overrides).
+
+Differences from the live stack, all without effect on what is served or billed: no sockets or
+processes; one ``ManualClock`` shared by every service and moved to each request's arrival time;
+the simulator's sleeps are skipped (``SIM_TIME_SCALE`` only shapes latency); prefix-cache keeps
+its warm prefixes in memory even when ``PREFIX_CACHE_REDIS_URL`` is set; no tracing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import faiss
+from opentelemetry import trace
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.env import ConfigError, Env
+from services.common.errors import Code, RequestError
+from services.common.models import ModelTable, model_table_from_env
+from services.common.tokens import Tokenizer, load_cl100k
+from services.model.api import ModelApi
+from services.model.settings import ModelSettings
+from services.model.wiring import build_engine
+from services.prefix_cache.api import PrefixCacheApi
+from services.prefix_cache.core import TokenizerSlot
+from services.prefix_cache.settings import PrefixCacheSettings
+from services.prefix_cache.wiring import build_core
+from services.router.pipeline import Pipeline
+from services.router.protocols import CallFailed, Dependencies
+from services.router.settings import RouterSettings
+from services.router.validation import validate_request
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.settings import SemanticCacheSettings
+from services.semantic_cache.wiring import build_api, build_cache
+from services.tools.estimator.local_adapters import LocalModels, LocalPrefix, LocalSemantic
+from services.tools.stack.environment import dial_address
+from services.tools.stack.service_table import SERVICES
+
+# Secrets the settings require; nothing authenticates in-process.
+_OFFLINE = {"CACHEMESH_INTERNAL_TOKEN": "offline", "CACHEMESH_API_KEYS_FILE": "/dev/null"}
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    response: pb.CompleteResponse | None
+    code: str  # OK or the status name
+
+
+class OfflineStack:
+    def __init__(
+        self,
+        settings: Mapping[str, str],
+        clock: ManualClock,
+        *,
+        embedder: Embedder | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        env = Env({**_OFFLINE, **settings})
+        self.clock = clock
+        self.table: ModelTable = model_table_from_env(env)
+        self.router = RouterSettings.from_env(env, self.table)
+        tokens = tokenizer or load_cl100k()
+        semantic = SemanticCacheSettings.from_env(env, OperatingPoint.load())
+        self.semantic_cache = self._semantic(semantic, clock, embedder)
+        prefix = build_core(
+            PrefixCacheSettings.from_env(env), self.table, TokenizerSlot(tokens), clock
+        )
+        dependencies = Dependencies(
+            semantic=LocalSemantic(build_api(semantic, self.semantic_cache)),
+            prefix=LocalPrefix(PrefixCacheApi(prefix)),
+            model=LocalModels(self._replicas(settings, tokens)),
+            models=dict(self.router.replicas),
+        )
+        self._pipeline = Pipeline(dependencies, self.table, tokens, trace.NoOpTracer(), self.router)
+
+    @staticmethod
+    def _semantic(
+        config: SemanticCacheSettings, clock: ManualClock, embedder: Embedder | None
+    ) -> SemanticCache:
+        faiss.omp_set_num_threads(config.faiss_threads)
+        model = embedder or load_minilm_embedder(threads=config.ort_threads)
+        return build_cache(config, model, clock)
+
+    def _replicas(self, settings: Mapping[str, str], tokenizer: Tokenizer) -> dict[str, ModelApi]:
+        """One engine for each model process of the stack table, with that process's own
+        settings, under the address the router dials; every replica the router names."""
+        apis: dict[str, ModelApi] = {}
+        for service in SERVICES:
+            if service.package != "model":
+                continue
+            env = service.process_env({**_OFFLINE, **settings})
+            address = dial_address(env.get("MODEL_LISTEN") or f"127.0.0.1:{service.default_port}")
+            config = replace(ModelSettings.from_env(env), time_scale=0.0)
+            engine = build_engine(config, tokenizer, sleep=_no_sleep)
+            apis[address] = ModelApi(engine, offload=False)
+        named = {a for addresses in self.router.replicas.values() for a in addresses}
+        if named - set(apis):
+            raise ConfigError(
+                f"MODEL_REPLICAS names {sorted(named - set(apis))}, which no model process of "
+                "the stack table listens on; the estimator can only replay the stack's replicas"
+            )
+        return apis
+
+    async def complete(self, tenant: str, request: pb.CompleteRequest) -> Outcome:
+        """One request as the Gateway's ``Complete`` would answer it."""
+        try:
+            validate_request(request, self.table, set(self.router.replicas))
+            end: pb.CompleteResponse | None = None
+            async for chunk in self._pipeline.run(tenant, request):
+                if chunk.WhichOneof("part") == "end":
+                    end = chunk.end
+        except RequestError as exc:
+            return Outcome(None, exc.code.name)
+        except CallFailed as exc:
+            return Outcome(None, exc.code.name)
+        if end is None:
+            return Outcome(None, Code.INTERNAL.name)
+        return Outcome(end, "OK")

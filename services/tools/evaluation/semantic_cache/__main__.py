@@ -1,0 +1,106 @@
+"""``python -m services.tools.evaluation.semantic_cache {fit,calibrate,eval,align}``.
+
+``make eval-cache``, ``make calibrate-cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from services.semantic_cache.operating_point import OPERATING_POINT_PATH, OperatingPoint
+from services.tools.evaluation.semantic_cache.operating_point_env import write_env
+from services.tools.evaluation.semantic_cache.session import Session
+
+DATA = Path("../shared/data/paraphrase")
+DEV_FILES = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv", "qqp_dev.csv")
+FIT_FILES = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.tools.evaluation.semantic_cache")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/semantic-eval"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit the verifier on fit halves of PAWS and the mock data")
+    fit.add_argument("--files", nargs="+", default=list(FIT_FILES))
+    cal = sub.add_parser("calibrate", help="pick the operating point reaching --target")
+    cal.add_argument("--files", nargs="+", default=["gptcache_mock_data.csv"])
+    cal.add_argument("--target", type=float, default=0.99)
+    cal.add_argument(
+        "--min-threshold",
+        type=float,
+        default=0.85,
+        help="lowest cosine threshold considered (below it the verifier alone would guard)",
+    )
+    cal.add_argument("--write", action="store_true", help="write it as the shipped default")
+    cal.add_argument("--env", type=Path, default=Path(".env"))
+    ev = sub.add_parser("eval", help="the harness: every file, both protocols, to JSON")
+    ev.add_argument("--files", nargs="+", default=list(DEV_FILES))
+    ev.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-eval.json"))
+    al = sub.add_parser("align", help="token alignment against the pooled cosine (report half)")
+    al.add_argument("--file", default="qqp_dev.csv")
+    al.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-align.json"))
+    args = parser.parse_args(argv)
+    session = Session(args.data, args.cache_dir)
+    if args.command == "fit":
+        path = session.fit_verifier(args.files)
+        print(f"verifier weights written to {path}")
+        return 0
+    if args.command == "calibrate":
+        return _calibrate(session, args)
+    if args.command == "align":
+        return _write(session.align(args.file), args.out)
+    report = session.evaluate(args.files)
+    return _write(report, args.out, report["summary"])
+
+
+def _write(report: dict[str, object], out: Path, shown: object = None) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(report if shown is None else shown, indent=1))
+    print(f"written to {out}")
+    return 0
+
+
+def _calibrate(session: Session, args: argparse.Namespace) -> int:
+    files, target = list(args.files), float(args.target)
+    result, baseline = session.calibrate(files, target, args.min_threshold)
+    if baseline.point is None:
+        print(f"plain embedding: precision {target} unreachable on {files}")
+    else:
+        recall = {k: round(o.recall, 4) for k, o in baseline.outcomes.items()}
+        print(f"plain embedding: {baseline.point.as_dict()} reaches it at recall {recall}")
+    if result.point is None:
+        print(f"precision {target} is unreachable on the fit halves of {files}; reachable:")
+        for row in result.reachable:
+            print(f"  {row}")
+        return 1
+    recall = {k: round(o.recall, 4) for k, o in result.outcomes.items()}
+    precision = {k: round(o.precision or 0.0, 4) for k, o in result.outcomes.items()}
+    print(f"operating point {result.point.as_dict()}: fit-half precision {precision}")
+    print(f"recall it costs (fit halves): {recall}")
+    if args.write:
+        point = OperatingPoint(
+            result.point.threshold,
+            result.point.min_probability,
+            result.point.margin,
+            {
+                "target_precision": target,
+                "files": files,
+                "fit_recall": recall,
+                "fit_precision": precision,
+                "min_threshold": args.min_threshold,
+                "command": "python -m services.tools.evaluation.semantic_cache calibrate --write",
+            },
+        )
+        OPERATING_POINT_PATH.write_text(point.to_json(), encoding="utf-8")
+        write_env(args.env, point)
+        print(f"written to {OPERATING_POINT_PATH} and {args.env}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

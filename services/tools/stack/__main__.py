@@ -1,0 +1,3 @@
+from services.tools.stack.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""``python -m services.tools.stack keys|up|down|status|probe``.
+
+Used by the Makefile and compose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cachemesh.envfile import EnvFileError
+from services.tools.stack.health import SERVING, probe
+from services.tools.stack.keys import describe, ensure_keys
+from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
+
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        sys.exit(_run(args))
+    except (StackError, EnvFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "probe":
+        status = probe(args.address, args.timeout)
+        print(status)
+        return 0 if status == SERVING else 1
+    root: Path = args.root
+    run_dir: Path = args.run_dir or root / ".run"
+    if args.command == "keys":
+        print(describe(ensure_keys(run_dir)))
+        return 0
+    stack = Stack(root, run_dir)
+    if args.command == "up":
+        stack.start(args.timeout)
+        print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
+        stop = (
+            "make down"
+            if args.run_dir is None
+            else f"python -m services.tools.stack --run-dir {run_dir} down"
+        )
+        print(f"demo keys: {run_dir / 'demo-keys.env'}; logs: {run_dir / 'logs'}; stop: {stop}")
+        return 0
+    if args.command == "down":
+        if not stack.stop(args.grace):
+            print(f"no stack running from {run_dir}")
+        else:
+            print("stack stopped")
+        return 0
+    healthy = True
+    for name, (pid, health) in stack.status().items():
+        print(f"{name:<15} {stack.addresses[name]:<22} pid {pid or '-':<8} {health}")
+        healthy = healthy and health == SERVING
+    return 0 if healthy else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.tools.stack", description=__doc__)
+    parser.add_argument("--root", type=Path, default=_REPO_ROOT, help="repository root (.env)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: <root>/.run")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("keys", help="generate this install's secrets once, print the demo keys")
+    up = commands.add_parser("up", help="start every service, return once all are SERVING")
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("CACHEMESH_UP_TIMEOUT_S") or DEFAULT_START_TIMEOUT_S),
+        help="seconds to wait for SERVING (env CACHEMESH_UP_TIMEOUT_S; default %(default)s)",
+    )
+    down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
+    down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
+    commands.add_parser("status", help="health of every service")
+    check = commands.add_parser("probe", help="exit 0 if the gRPC server at ADDRESS is SERVING")
+    check.add_argument("address")
+    check.add_argument("--timeout", type=float, default=2.0)
+    return parser

@@ -1,0 +1,59 @@
+"""Moving the stack to other addresses: free loopback ports (tests) or container names (compose).
+
+``relocate`` rewrites every setting that holds a service's address (its listen variable and
+its callers' peer variables, MODEL_REPLICAS included) so the stack stays wired together.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+
+from services.tools.stack.environment import dial_address
+from services.tools.stack.service_table import SERVICES
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def relocate(
+    settings: Mapping[str, str], listen: Mapping[str, str], dial: Mapping[str, str]
+) -> dict[str, str]:
+    """Overrides moving each named service to a new ``listen`` address, reached at ``dial``.
+
+    Peer variables that pointed at the service's old address now point at its ``dial``
+    address; peers that pointed elsewhere (an external replica) are left alone.
+    """
+    overrides: dict[str, str] = {}
+    old = {
+        s.name: dial_address(settings.get(s.listen_var) or f"127.0.0.1:{s.default_port}")
+        for s in SERVICES
+    }
+    for service in SERVICES:
+        if service.name in listen:
+            overrides[service.listen_var] = listen[service.name]
+        for key, peers in service.peers.items():
+            for peer in peers:
+                if peer in dial and key in settings:
+                    value = overrides.get(key, settings[key])
+                    overrides[key] = _replace_address(value, old[peer], dial[peer])
+    return overrides
+
+
+def free_port_overrides(settings: Mapping[str, str], host: str = "127.0.0.1") -> dict[str, str]:
+    """Overrides putting every service on a free port of ``host`` (for tests)."""
+    addresses = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
+    return relocate(settings, addresses, addresses)
+
+
+def _replace_address(value: str, old: str, new: str) -> str:
+    items = []
+    for item in value.split(","):
+        label, sep, address = item.strip().rpartition("=")
+        if address == old:
+            address = new
+        items.append(f"{label}{sep}{address}")
+    return ",".join(items)

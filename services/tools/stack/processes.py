@@ -1,0 +1,100 @@
+"""The stack's processes: spawn in their own session, pid files, signals, liveness."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.tools.stack.service_table import ServiceDef
+
+
+@dataclass
+class Running:
+    """One service process; ``popen`` is set only in the process that started it."""
+
+    service: ServiceDef
+    pid: int
+    popen: subprocess.Popen[bytes] | None = None
+
+    def exit_code(self) -> int | None:
+        """The exit code once the process has ended (-1 if it was not our child), else None."""
+        if self.popen is not None:
+            return self.popen.poll()
+        return None if is_alive(self.pid, self.service.module) else -1
+
+    def signal(self, signum: int) -> None:
+        if self.exit_code() is not None:
+            return
+        try:
+            if os.getpgid(self.pid) == self.pid:  # its own session: reach its children too
+                os.killpg(self.pid, signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def spawn(service: ServiceDef, env: Mapping[str, str], cwd: Path, log_path: Path) -> Running:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:  # one run per log: its tail is this run's
+        popen = subprocess.Popen(
+            [sys.executable, "-m", service.module],
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Running(service=service, pid=popen.pid, popen=popen)
+
+
+def is_alive(pid: int, module: str) -> bool:
+    """True if ``pid`` runs and (where /proc tells) is ``python -m <module>``, not a reused pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process: a reused pid, not ours
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True
+    try:
+        if proc.joinpath("stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            return False
+        argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return False
+    return module.encode() in argv
+
+
+def write_pid(path: Path, pid: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{pid}\n")
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        content = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(content[-lines:])
+
+
+def terminate_all(running: list[Running], signum: int = signal.SIGTERM) -> None:
+    for item in running:
+        item.signal(signum)

@@ -1,0 +1,189 @@
+"""The one declarative table of the stack's services.
+
+``python -m services.tools.stack up`` starts exactly these processes, and the compose test checks
+that docker-compose.yml runs the same modules with the same settings. A service's ``env_keys``
+are every variable it reads (required or optional); the stack passes them from ``.env``, the
+caller's environment and the secrets under ``.run/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+# Read by every service through services.common (server, telemetry, models, auth).
+COMMON_ENV_KEYS: tuple[str, ...] = (
+    "CACHEMESH_INTERNAL_TOKEN",
+    "CACHEMESH_GRACE_S",
+    "CACHEMESH_LOG_LEVEL",
+    "CACHEMESH_MAX_MESSAGE_BYTES",
+    "CACHEMESH_MODELS_FILE",
+    "OTEL_SERVICE_NAME",
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+)
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    name: str  # the compose service name and the name in logs, pid files and OTel
+    module: str  # run as ``python -m <module>``
+    listen_var: str  # the env variable holding its listen address
+    default_port: int
+    own_env_keys: tuple[str, ...]
+    # env variable -> the services whose addresses it holds (MODEL_REPLICAS holds several)
+    peers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # A second replica of a service runs the same module with its own settings: process
+    # variable -> the stack variable it is read from (MODEL_LISTEN <- MODEL_2_LISTEN).
+    renames: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def package(self) -> str:
+        return self.module.rpartition(".")[2]
+
+    @property
+    def peer_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for names in self.peers.values() for name in names))
+
+    def process_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """``env`` with each renamed variable taken from its stack variable (when set)."""
+        moved = dict(env)
+        for target, source in self.renames.items():
+            if source in env:
+                moved[target] = env[source]
+        return moved
+
+    @property
+    def otel_service_name(self) -> str:
+        return self.name
+
+    @property
+    def env_keys(self) -> tuple[str, ...]:
+        keys = (self.listen_var, *self.own_env_keys, *self.renames, *self.renames.values())
+        return tuple(dict.fromkeys((*keys, *COMMON_ENV_KEYS)))
+
+    @property
+    def command(self) -> tuple[str, ...]:
+        return ("python", "-m", self.module)
+
+
+SERVICES: tuple[ServiceDef, ...] = (
+    ServiceDef(
+        name="semantic-cache",
+        module="services.semantic_cache",
+        listen_var="SEMANTIC_CACHE_LISTEN",
+        default_port=50052,
+        own_env_keys=(
+            "SEMANTIC_CACHE_THRESHOLD",
+            "SEMANTIC_CACHE_VERIFIER_MIN_P",
+            "SEMANTIC_CACHE_AMBIGUITY_MARGIN",
+            "SEMANTIC_CACHE_TTL_S",
+            "SEMANTIC_CACHE_MAX_ENTRIES",
+            "SEMANTIC_CACHE_FAISS_THREADS",
+            "SEMANTIC_CACHE_ORT_THREADS",
+            "SEMANTIC_CACHE_DATA_DIR",
+            "SEMANTIC_CACHE_SNAPSHOT_S",
+            "SEMANTIC_CACHE_NAMESPACE_TTL_S",
+            "SEMANTIC_CACHE_TOOL_USE_NAMESPACES",
+            "SEMANTIC_CACHE_MAX_TEMPERATURE",
+            "SEMANTIC_CACHE_LEASE_S",
+            "SEMANTIC_CACHE_LEASE_WAIT_S",
+            "SEMANTIC_CACHE_EMBED_MAX_BATCH",
+            "SEMANTIC_CACHE_ANN_MIN_ENTRIES",
+            "SEMANTIC_CACHE_ANN_NPROBE",
+        ),
+    ),
+    ServiceDef(
+        name="prefix-cache",
+        module="services.prefix_cache",
+        listen_var="PREFIX_CACHE_LISTEN",
+        default_port=50053,
+        own_env_keys=(
+            "PREFIX_CACHE_LOOKBACK_BLOCKS",
+            "PREFIX_CACHE_RECORD_TTL_S",
+            "PREFIX_CACHE_MAX_WARM_ENTRIES",
+            "PREFIX_CACHE_MAX_RECORDS",
+            "PREFIX_CACHE_REDIS_URL",
+            "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS",
+            "PREFIX_CACHE_PLAN_TTL_S",
+            "PREFIX_CACHE_PLAN_MEMO_BLOCKS",
+        ),
+    ),
+    ServiceDef(
+        name="model",
+        module="services.model",
+        listen_var="MODEL_LISTEN",
+        default_port=50054,
+        own_env_keys=(
+            "MODEL_IDS",
+            "MODEL_REPLICA_ID",
+            "SIM_TIME_SCALE",
+            "MODEL_KV_CAPACITY_BLOCKS",
+        ),
+    ),
+    # L3: a second replica of the large model, so KV-aware routing has a choice.
+    ServiceDef(
+        name="model-2",
+        module="services.model",
+        listen_var="MODEL_2_LISTEN",
+        default_port=50055,
+        own_env_keys=(
+            "MODEL_IDS",
+            "MODEL_REPLICA_ID",
+            "SIM_TIME_SCALE",
+            "MODEL_KV_CAPACITY_BLOCKS",
+        ),
+        renames=MappingProxyType({"MODEL_LISTEN": "MODEL_2_LISTEN", "MODEL_IDS": "MODEL_2_IDS"}),
+    ),
+    ServiceDef(
+        name="router",
+        module="services.router",
+        listen_var="ROUTER_LISTEN",
+        default_port=50051,
+        own_env_keys=(
+            "SEMANTIC_CACHE_ADDR",
+            "PREFIX_CACHE_ADDR",
+            "MODEL_REPLICAS",
+            "CACHEMESH_API_KEYS_FILE",
+            "ROUTER_MAX_REQUEST_BYTES",
+            "ROUTER_SEMANTIC_TIMEOUT_S",
+            "ROUTER_SEMANTIC_LEASE_WAIT_S",
+            "ROUTER_PREFIX_TIMEOUT_S",
+            "ROUTER_MODEL_TIMEOUT_S",
+            "ROUTER_IDEMPOTENCY_TTL_S",
+            "ROUTER_IDEMPOTENCY_MAX",
+            "ROUTER_BALANCE_ABS_THRESHOLD",
+            "ROUTER_BALANCE_REL_THRESHOLD",
+            "ROUTER_CACHE_THRESHOLD",
+        ),
+        peers=MappingProxyType(
+            {
+                "SEMANTIC_CACHE_ADDR": ("semantic-cache",),
+                "PREFIX_CACHE_ADDR": ("prefix-cache",),
+                "MODEL_REPLICAS": ("model", "model-2"),
+            }
+        ),
+    ),
+)
+
+
+def service(name: str) -> ServiceDef:
+    for candidate in SERVICES:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no service {name!r} in the stack (known: {[s.name for s in SERVICES]})")
+
+
+def stop_order() -> list[list[ServiceDef]]:
+    """Waves of services to stop: a service stops before the peers it calls."""
+    remaining = list(SERVICES)
+    waves: list[list[ServiceDef]] = []
+    while remaining:
+        called = {peer for s in remaining for peer in s.peer_names}
+        wave = [s for s in remaining if s.name not in called] or remaining
+        waves.append(wave)
+        remaining = [s for s in remaining if s not in wave]
+    return waves
