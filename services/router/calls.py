@@ -17,7 +17,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
-from services.router.protocols import CallFailed, Dependencies, ModelStream
+from services.router.dependencies import CallFailed, Dependencies, ModelStream
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")

@@ -20,7 +20,7 @@ from services.common.models import AUTO, ModelSpec, ModelTable
 from services.router import spans
 from services.router.balance import BalancePolicy, LoadTracker, Route, choose
 from services.router.calls import Calls
-from services.router.protocols import CallFailed, Dependencies, ModelStream
+from services.router.dependencies import CallFailed, Dependencies, ModelStream
 from services.router.tiering import choose_tier
 
 log = logging.getLogger("cachemesh.router")

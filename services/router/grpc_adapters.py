@@ -17,7 +17,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import internal_metadata
 from services.common.status import code_of
-from services.router.protocols import CallFailed, Dependencies
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 T = TypeVar("T")

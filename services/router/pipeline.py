@@ -25,8 +25,8 @@ from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer
 from services.router import spans
 from services.router.calls import Calls
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
-from services.router.protocols import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")

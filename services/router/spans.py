@@ -7,7 +7,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.router.balance import Route
-from services.router.protocols import CallFailed
+from services.router.dependencies import CallFailed
 
 
 def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteRequest) -> None:

@@ -12,7 +12,7 @@ from services.common.env import Env
 from services.common.errors import Code
 from services.common.models import model_table_from_env
 from services.router.calls import Calls
-from services.router.protocols import CallFailed, Dependencies
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 REPLICAS = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"

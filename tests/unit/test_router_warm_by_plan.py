@@ -10,7 +10,7 @@ from services.common.env import Env
 from services.common.errors import Code
 from services.common.models import model_table_from_env
 from services.router.calls import Calls
-from services.router.protocols import CallFailed, Dependencies
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 WARM = pc.CommitResponse(usage=pb.Usage(cache_read_input_tokens=2048))

@@ -17,7 +17,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import RequestError
 from services.model.api import ModelApi
 from services.prefix_cache.api import PrefixCacheApi
-from services.router.protocols import CallFailed
+from services.router.dependencies import CallFailed
 from services.semantic_cache.api import SemanticCacheApi
 
 T = TypeVar("T")

@@ -30,8 +30,8 @@ from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import TokenizerSlot
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
-from services.router.protocols import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
