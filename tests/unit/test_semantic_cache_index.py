@@ -114,9 +114,9 @@ def test_a_scope_grown_past_growth_times_holds_the_lists_trained_for_says() -> N
     assert trained == 1600 and index._index.nlist == ann.nlist(trained)
 
 
-def test_a_scope_answers_during_and_after_a_retrain_that_replays_the_changes_made_meanwhile(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def held_training(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """IVF training in a rebuild waits until the returned event is set."""
     gate = threading.Event()
 
     def held(sample: np.ndarray, nlist: int, ann: AnnSettings) -> object:
@@ -124,6 +124,13 @@ def test_a_scope_answers_during_and_after_a_retrain_that_replays_the_changes_mad
         return train_ivf(sample, nlist, ann)
 
     monkeypatch.setattr(rebuild, "train_ivf", held)
+    return gate
+
+
+def test_a_scope_answers_during_and_after_a_retrain_that_replays_the_changes_made_meanwhile(
+    held_training: threading.Event,
+) -> None:
+    gate = held_training
     index = ScopeIndex(DIM, "", AnnSettings(min_entries=300, nprobe=1024))
     data = rows(1400, seed=7)
     index.add_many(list(range(300)), data[:300], [f"q{i}" for i in range(300)])
@@ -154,15 +161,9 @@ def test_a_scope_answers_during_and_after_a_retrain_that_replays_the_changes_mad
 
 
 def test_a_rebuild_hands_over_only_once_few_rows_are_left_to_replay(
-    monkeypatch: pytest.MonkeyPatch,
+    held_training: threading.Event,
 ) -> None:
-    gate = threading.Event()
-
-    def held(sample: np.ndarray, nlist: int, ann: AnnSettings) -> object:
-        assert gate.wait(30)
-        return train_ivf(sample, nlist, ann)
-
-    monkeypatch.setattr(rebuild, "train_ivf", held)
+    gate = held_training
     index = ScopeIndex(DIM, "", AnnSettings(min_entries=300, nprobe=1024))
     data = rows(1100, seed=9)
     index.add_many(list(range(300)), data[:300], [f"q{i}" for i in range(300)])
