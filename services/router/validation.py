@@ -22,6 +22,17 @@ def _invalid(message: str) -> RequestError:
     return RequestError(Code.INVALID_ARGUMENT, message)
 
 
+SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
+
+
+def _shown(value: str) -> str:
+    """``value`` as an error message may repeat it: quoted, and cut when long (a caller's
+    900 KB model id is not echoed back, nor written into the log)."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
+
+
 def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
     _validate_model(request, table, deployed)
     _validate_messages(request)
@@ -34,7 +45,7 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
         table.get(request.model) is None or request.model not in deployed
     ):
         known = ", ".join(sorted(deployed | {AUTO}))
-        raise _invalid(f"model: unknown model id {request.model!r}; use one of: {known}")
+        raise _invalid(f"model: unknown model id {_shown(request.model)}; use one of: {known}")
     if request.max_tokens <= 0:
         raise _invalid(f"max_tokens: must be > 0, got {request.max_tokens}")
     if request.model == AUTO:
@@ -91,7 +102,7 @@ def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolT
         if not use.id or not use.name:
             raise _invalid(f"{where}.tool_use: id and name are required")
         if use.id in turns.uses:
-            raise _invalid(f"{where}.tool_use.id: {use.id!r} is used twice")
+            raise _invalid(f"{where}.tool_use.id: {_shown(use.id)} is used twice")
         if use.input_json:
             _json_object(use.input_json, f"{where}.tool_use.input_json")
         turns.uses.add(use.id)
@@ -101,11 +112,12 @@ def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolT
             raise _invalid(f"{where}.tool_result: only user messages may hold tool_result blocks")
         if result_id not in turns.uses:
             raise _invalid(
-                f"{where}.tool_result.tool_use_id: {result_id!r} matches no earlier tool_use block"
+                f"{where}.tool_result.tool_use_id: {_shown(result_id)} matches no earlier "
+                "tool_use block"
             )
         if result_id in turns.answered:
             raise _invalid(
-                f"{where}.tool_result.tool_use_id: {result_id!r} already has a tool_result"
+                f"{where}.tool_result.tool_use_id: {_shown(result_id)} already has a tool_result"
             )
         turns.answered.add(result_id)
 
@@ -116,7 +128,7 @@ def _validate_tools(request: pb.CompleteRequest) -> None:
         if not tool.name:
             raise _invalid(f"tools[{i}].name: a tool needs a name")
         if tool.name in names:
-            raise _invalid(f"tools[{i}].name: {tool.name!r} is declared twice")
+            raise _invalid(f"tools[{i}].name: {_shown(tool.name)} is declared twice")
         names.add(tool.name)
         if tool.input_schema_json:
             _json_object(tool.input_schema_json, f"tools[{i}].input_schema_json")
@@ -164,6 +176,12 @@ def _validate_breakpoints(request: pb.CompleteRequest) -> None:
             f"cache_control: at most {MAX_BREAKPOINTS} breakpoints per request, got {len(marks)} "
             f"({', '.join(where for where, _ in marks)})"
         )
+    for where, ttl in marks:
+        if ttl not in pb.CacheTtl.values():
+            raise _invalid(
+                f"{where}.cache_control.ttl: unknown value {ttl}; use one of "
+                + ", ".join(pb.CacheTtl.keys())
+            )
     seen_5m = False
     for where, ttl in marks:
         if ttl == pb.CACHE_TTL_1H and seen_5m:

@@ -205,3 +205,19 @@ def test_a_schema_judged_once_is_judged_the_same_again() -> None:
     for _ in range(2):  # the second answer comes from the cache of parsed schemas
         error = _error(_request(tools=[pb.Tool(name="t", input_schema_json="[1]")]))
         assert error.message == "tools[0].input_schema_json: must be a JSON object, got list"
+
+
+def test_a_huge_model_id_is_not_echoed_back() -> None:
+    error = _error(_request(model="m" * 900_000))
+    assert error.code == Code.INVALID_ARGUMENT
+    assert error.message.startswith(
+        "model: unknown model id '" + "m" * 64 + "'... (900,000 characters)"
+    )
+    assert len(error.message) < 300
+
+
+def test_an_unknown_cache_ttl_is_refused_naming_the_field() -> None:
+    block = _text("hi", cache=True, ttl=7)
+    error = _error(_request(messages=[pb.Message(role=pb.ROLE_USER, content=[block])]))
+    assert error.code == Code.INVALID_ARGUMENT
+    assert error.message.startswith("messages[0].content[0].cache_control.ttl: unknown value 7")
