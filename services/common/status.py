@@ -1,10 +1,16 @@
-"""``Code`` (the cores' status codes) to and from ``grpc.StatusCode``, for the servicers."""
+"""``Code`` (the cores' status codes) to and from ``grpc.StatusCode``, and the servicers' way
+to answer an API call or abort it with its status."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+
 import grpc
 
-from services.common.errors import Code
+from services.common.errors import Code, RequestError
+
+T = TypeVar("T")
 
 
 def grpc_code(code: Code) -> grpc.StatusCode:
@@ -13,3 +19,18 @@ def grpc_code(code: Code) -> grpc.StatusCode:
 
 def code_of(status: grpc.StatusCode) -> Code:
     return Code[status.name]
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+async def answered(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
+    """The API call's reply; a ``RequestError`` it raises becomes the call's gRPC status."""
+    try:
+        return await call
+    except RequestError as exc:
+        await abort(context, grpc_code(exc.code), exc.message)

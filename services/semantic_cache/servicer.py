@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import grpc
 
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
-from services.common.errors import RequestError
-from services.common.status import grpc_code
+from services.common.status import abort, answered
 from services.semantic_cache.api import SemanticCacheApi
 
 Context = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
 
 
 class SemanticCacheService(sc_grpc.SemanticCacheServicer):
@@ -28,37 +25,25 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
 
     async def Lookup(self, request: sc.LookupRequest, context: Context) -> sc.LookupResponse:
         api = await self._ready(context)
-        return await _answer(context, api.lookup(request, context.time_remaining()))
+        return await answered(context, api.lookup(request, context.time_remaining()))
 
     async def Store(self, request: sc.StoreRequest, context: Context) -> sc.StoreResponse:
         api = await self._ready(context)
-        return await _answer(context, api.store(request))
+        return await answered(context, api.store(request))
 
     async def Drop(self, request: sc.DropRequest, context: Context) -> sc.DropResponse:
         api = await self._ready(context)
-        return await _answer(context, api.drop(request))
+        return await answered(context, api.drop(request))
 
     async def Release(self, request: sc.ReleaseRequest, context: Context) -> sc.ReleaseResponse:
         api = await self._ready(context)
-        return await _answer(context, api.release(request))
+        return await answered(context, api.release(request))
 
     async def _ready(self, context: Context) -> SemanticCacheApi:
         if self._api is None:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.UNAVAILABLE,
                 "semantic-cache is still loading its embedding model; retry shortly",
             )
         return self._api
-
-
-async def _answer(context: Context, call: Awaitable[T]) -> T:
-    try:
-        return await call
-    except RequestError as exc:
-        await _abort(context, grpc_code(exc.code), exc.message)
-
-
-async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover
