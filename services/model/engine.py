@@ -190,5 +190,5 @@ def _from_facts(facts: PromptFacts) -> tuple[int, tuple[bytes, ...], str]:
             f"hashes of {_HASH_BYTES} bytes and a digest, got {len(raw)} bytes; send them as "
             "prefix-cache's Plan returned them, or leave them out",
         )
-    hashes = tuple(raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES))
+    hashes = tuple([raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)])
     return facts.prompt_tokens, hashes, facts.digest
