@@ -102,6 +102,11 @@ def prompt_tokens(request: pb.CompleteRequest, tokenizer: Tokenizer) -> int:
     return sum(tokenizer.count(text) for _, text, _ in _parts(request))
 
 
+def prompt_digest(blocks: list[Block]) -> str:
+    """The whole canonical prompt's chained digest (its last block's; "" for no blocks)."""
+    return blocks[-1].digest if blocks else ""
+
+
 def prompt_token_ids(blocks: list[Block]) -> list[int]:
     ids: list[int] = []
     for block in blocks:

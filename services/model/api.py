@@ -25,10 +25,6 @@ class ModelApi:
         self._engine = engine
         self._offload = offload
 
-    @property
-    def replica_id(self) -> str:
-        return self._engine.replica_id
-
     async def generate(
         self, request: model_pb2.GenerateRequest
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:

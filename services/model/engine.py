@@ -18,7 +18,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
-from services.common.prompt import canonical_blocks, prompt_token_ids
+from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache, block_hashes
 from services.model.text import Answer, compose_answer, seed_of
@@ -134,7 +134,7 @@ class SimEngine:
             token_ids = prompt_token_ids(blocks)
             prompt_tokens = len(token_ids)
             hashes = tuple(block_hashes(tenant, model, token_ids))
-            digest = blocks[-1].digest if blocks else ""
+            digest = prompt_digest(blocks)
         if not prompt_tokens:
             raise RequestError(
                 Code.INVALID_ARGUMENT,

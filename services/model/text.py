@@ -10,10 +10,9 @@ Its natural length (20-120 tokens) comes from the same seed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from services.common.prompt import Block
 from services.common.tokens import Tokenizer
 
 MIN_ANSWER_TOKENS = 20
@@ -68,12 +67,8 @@ def marker(model: str) -> str:
     return f"[simulated {model} answer]"
 
 
-def answer_seed(model: str, blocks: Sequence[Block], temperature: float) -> bytes:
-    """sha256 over the model, the canonical prompt (its chained digest) and the temperature."""
-    return seed_of(model, blocks[-1].digest if blocks else "", temperature)
-
-
 def seed_of(model: str, prompt_digest: str, temperature: float) -> bytes:
+    """sha256 over the model, the canonical prompt (its chained digest) and the temperature."""
     material = f"{model}\x00{prompt_digest}\x00{temperature!r}"
     return hashlib.sha256(material.encode("utf-8")).digest()
 

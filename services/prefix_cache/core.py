@@ -15,7 +15,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
 from services.common.models import AUTO, ModelSpec, ModelTable
-from services.common.prompt import canonical_blocks, prompt_token_ids
+from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer
 from services.prefix_cache.auto_rules import plan_for, scope_for
 from services.prefix_cache.commit_records import Final
@@ -285,8 +285,7 @@ class PrefixCacheCore:
         blocks = canonical_blocks(request, tokenizer)
         plan = plan_for(blocks, sites_of(request), spec, self._lookback)
         hashes = ReplicaViews.hashes(tenant, spec.id, prompt_token_ids(blocks))
-        digest = blocks[-1].digest if blocks else ""
-        return Prompt(plan, scope_for(spec, tenant, request), hashes, digest)
+        return Prompt(plan, scope_for(spec, tenant, request), hashes, prompt_digest(blocks))
 
 
 def _require(value: str, field: str) -> None:

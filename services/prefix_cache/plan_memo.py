@@ -18,14 +18,14 @@ from typing import Generic, Protocol, TypeVar
 from services.common.clock import Clock
 
 
-class Sized(Protocol):
+class Weighted(Protocol):
     @property
     def weight(self) -> int:
         """What an entry costs against ``max_blocks`` (at least 1)."""
         ...
 
 
-P = TypeVar("P", bound=Sized)
+P = TypeVar("P", bound=Weighted)
 
 
 @dataclass(frozen=True)

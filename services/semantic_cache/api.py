@@ -39,10 +39,6 @@ class SemanticCacheApi:
         self._lease_wait_s = lease_wait_s  # the most a lookup waits on another's lease
         self._draining = draining  # once set, writes are refused (UNAVAILABLE)
 
-    @property
-    def cache(self) -> SemanticCache:
-        return self._cache
-
     async def lookup(
         self, request: sc.LookupRequest, remaining_s: float | None
     ) -> sc.LookupResponse:

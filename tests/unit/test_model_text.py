@@ -7,15 +7,15 @@ import hashlib
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.prompt import canonical_blocks
+from services.common.prompt import canonical_blocks, prompt_digest
 from services.common.tokens import Tokenizer, load_cl100k
 from services.model.text import (
     MAX_ANSWER_TOKENS,
     MIN_ANSWER_TOKENS,
-    answer_seed,
     compose_answer,
     marker,
     natural_length,
+    seed_of,
 )
 
 
@@ -38,7 +38,7 @@ def _request(question: str, temperature: float | None = None) -> pb.CompleteRequ
 
 def _seed(tokenizer: Tokenizer, request: pb.CompleteRequest, model: str = "sim-large") -> bytes:
     temperature = request.temperature if request.HasField("temperature") else 1.0
-    return answer_seed(model, canonical_blocks(request, tokenizer), temperature)
+    return seed_of(model, prompt_digest(canonical_blocks(request, tokenizer)), temperature)
 
 
 def _seeds(count: int) -> list[bytes]:

@@ -8,7 +8,7 @@ around the value. Anything else is an error naming the file and line.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -43,6 +43,11 @@ def read_env_file(path: Path) -> dict[str, str]:
     return parse_env_text(text, str(path))
 
 
+def _literal(line: str) -> Callable[[re.Match[str]], str]:
+    """A replacement that is ``line`` as written (no backslash or group escapes)."""
+    return lambda _: line
+
+
 def set_values(text: str, values: Sequence[tuple[str, str]]) -> str:
     """``text`` with each key's line replaced by ``KEY=value``; a missing key goes after the
     line of the key before it in ``values`` (or at the end). Every other line is kept."""
@@ -54,7 +59,7 @@ def set_values(text: str, values: Sequence[tuple[str, str]]) -> str:
         pattern = re.compile(rf"^{key}=.*$", re.MULTILINE)
         after = re.compile(rf"^{previous}=.*$", re.MULTILINE).search(text) if previous else None
         if pattern.search(text):
-            text = pattern.sub(line.replace("\\", "\\\\"), text)
+            text = pattern.sub(_literal(line), text)
         elif after is not None:
             text = f"{text[: after.end()]}\n{line}{text[after.end() :]}"
         else:

@@ -1,7 +1,8 @@
 """CPU time per request of each service process, from ``/proc/<pid>/stat`` (utime + stime).
 
-A ``CpuProbe`` reads every service's counters; ``per_request`` turns two readings around a
-run into seconds per service and milliseconds per request. The reader of the stat text and
+A ``CpuProbe`` reads every service's counters; ``ticks_between`` turns two readings around
+a run into the ticks each service spent, ``per_request`` those into seconds per service and
+milliseconds per request. The reader of the stat text and
 the clock-tick rate are injected, so the arithmetic is tested on fake ``/proc`` text.
 """
 
@@ -44,14 +45,17 @@ class CpuProbe:
         return {name: cpu_ticks(self.read(pid)) for name, pid in self.pids.items()}
 
 
-def per_request(
-    before: Mapping[str, int], after: Mapping[str, int], requests: int, ticks_per_s: int
-) -> dict[str, Any]:
-    """CPU seconds each service spent between two samples, and milliseconds per request
-    (``total``: all services together); ``requests`` is how many were answered."""
+def ticks_between(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    """The ticks each service spent between two samples of the same services."""
     if before.keys() != after.keys():
         raise ValueError(f"samples of different services: {sorted(before)} / {sorted(after)}")
-    seconds = {name: (after[name] - before[name]) / ticks_per_s for name in before}
+    return {name: after[name] - before[name] for name in before}
+
+
+def per_request(spent: Mapping[str, int], requests: int, ticks_per_s: int) -> dict[str, Any]:
+    """CPU seconds each service spent (``spent``, in ticks), and milliseconds per request
+    (``total``: all services together); ``requests`` is how many were answered."""
+    seconds = {name: ticks / ticks_per_s for name, ticks in spent.items()}
     seconds["total"] = sum(seconds.values())
     return {
         "requests": requests,

@@ -17,7 +17,7 @@ from cachemesh.loadtest.runner import LoadShape
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.workloads import Item
-from services.tools.bench.gateway.cpu import per_request
+from services.tools.bench.gateway.cpu import per_request, ticks_between
 from services.tools.bench.gateway.stacks import Target
 
 DURATION_S = 180.0  # a bound on each measured run, never reached on a working stack
@@ -47,9 +47,7 @@ def run_point(
     before = target.cpu.sample() if target.cpu else None
     measured = run_load(target.address, target.keys, [], plan, shape, 1, label)
     after = target.cpu.sample() if target.cpu else None
-    ticks = None
-    if before is not None and after is not None:
-        ticks = {name: after[name] - before[name] for name in before}
+    ticks = ticks_between(before, after) if before is not None and after is not None else None
     return Run(samples + measured, _wall(measured), len(warm), ticks)
 
 
@@ -70,8 +68,7 @@ def combine(
     ticks = [run.cpu_ticks for run in runs]
     if target.cpu is not None and all(t is not None for t in ticks):
         spent = {name: sum(t[name] for t in ticks if t is not None) for name in target.cpu.pids}
-        zero = dict.fromkeys(spent, 0)
-        row["cpu"] = per_request(zero, spent, row["completed"], target.cpu.ticks_per_s)
+        row["cpu"] = per_request(spent, row["completed"], target.cpu.ticks_per_s)
     return row
 
 
