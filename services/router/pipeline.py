@@ -71,7 +71,7 @@ class Pipeline:
         try:
             async with contextlib.aclosing(self._from_model(tenant, request, baseline, head)) as it:
                 async for chunk in it:
-                    answered = chunk.WhichOneof("part") == "end"  # after its Store
+                    answered = chunk.WhichOneof("part") == "end"  # its Store is on
                     yield chunk
         finally:
             if lookup is not None and lookup.leader and not answered:
@@ -204,7 +204,6 @@ class Pipeline:
         head: pb.CompleteResponse,
     ) -> pb.CompleteResponse:
         content = [pb.ContentBlock(text=text)]
-        store = None
         if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
             answer = semantic_cache_pb2.CachedAnswer(
                 content=content,
@@ -213,8 +212,11 @@ class Pipeline:
                 stop_reason=end_chunk.stop_reason,
                 output_tokens=end_chunk.output_tokens,
             )
-            store = self._calls.store(tenant, request, answer)
-        final_call = self._calls.commit_final(
+            # The answer does not wait for its Store (half a miss's latency: the embedding).
+            # An identical request arriving meanwhile waits on this one's lease, which the
+            # Store ends, and is served the stored answer; shutdown drains the Store.
+            self._in_background(self._calls.store(tenant, request, answer))
+        final = await self._calls.commit_final(
             tenant,
             request,
             attempt.commit_key(request.request_id),
@@ -224,7 +226,6 @@ class Pipeline:
             attempt.start.kv_cached_tokens,
             baseline.id,
         )
-        final, _ = await asyncio.gather(final_call, store or asyncio.sleep(0))
         end = pb.CompleteResponse()
         end.CopyFrom(head)
         end.content.extend(content)

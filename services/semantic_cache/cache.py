@@ -24,6 +24,7 @@ from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import EntryStore
 from services.semantic_cache.index import AnnSettings
+from services.semantic_cache.inflight import StoresInFlight
 from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import choose
 from services.semantic_cache.policy import NamespacePolicy
@@ -39,6 +40,8 @@ from services.semantic_cache.records import (
 from services.semantic_cache.verifier import Verifier
 
 _RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors
+# The longest a check waits for its scope's Stores in flight (an embedding and a log sync).
+_STORE_WAIT_S = 1.0
 
 
 def _clamp(similarity: float) -> float:
@@ -81,6 +84,7 @@ class SemanticCache(EntryStore):
         self._batcher = batcher  # None = one embedding call per text
         # A miss's Store follows its Lookup: the vector of a recent text is embedded once.
         self._recent: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
+        self._storing = StoresInFlight()
 
     async def check(self, query: Query, wait_s: float = 0.0, *, lead: bool = True) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold.
@@ -134,6 +138,7 @@ class SemanticCache(EntryStore):
         text = query.text
         if text is None or not query.normalised:
             return CheckResult(None, skip_reason=_NO_USER_TEXT)
+        await self._storing.settled((query.tenant, query.scope), _STORE_WAIT_S)
         now = self._clock.now_ms()
         self._purge_expired(now)
         index = self._scopes.get((query.tenant, query.scope))
@@ -171,7 +176,8 @@ class SemanticCache(EntryStore):
         """
         _require_tenant(query)
         try:
-            return await self._store(query, answer)
+            with self._storing.storing((query.tenant, query.scope)):
+                return await self._store(query, answer)
         finally:
             self.release(query)
 

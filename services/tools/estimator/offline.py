@@ -120,6 +120,9 @@ class OfflineStack:
             async for chunk in self._pipeline.run(tenant, request):
                 if chunk.WhichOneof("part") == "end":
                     end = chunk.end
+            # Live, a request's Store reaches semantic-cache before the next request's Lookup
+            # (which waits for it); replayed in one process, the next request waits for it here.
+            await self._pipeline.drain()
         except RequestError as exc:
             return Outcome(None, exc.code.name)
         except CallFailed as exc:
