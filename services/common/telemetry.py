@@ -8,11 +8,10 @@ rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` variables itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -22,6 +21,7 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from services.common.env import ConfigError, Env
+from services.common.rpc_tracing import ServerTracing
 
 _EXPORTERS = ("otlp", "console", "none")
 
@@ -56,11 +56,8 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
 
 
 def server_interceptors(provider: TracerProvider) -> list[grpc.aio.ServerInterceptor]:
-    return [aio_server_interceptor(tracer_provider=provider)]  # type: ignore[no-untyped-call]
-
-
-def client_interceptors(provider: TracerProvider) -> Sequence[grpc.aio.ClientInterceptor]:
-    return list(aio_client_interceptors(tracer_provider=provider))  # type: ignore[no-untyped-call]
+    """A SERVER span for each call received (the router's CLIENT spans: ``grpc_adapters``)."""
+    return [ServerTracing(provider.get_tracer("cachemesh.grpc"))]
 
 
 def current_trace_id() -> str:

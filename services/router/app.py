@@ -11,11 +11,7 @@ from services.common.clock import SystemClock
 from services.common.env import Env
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, configure_logging, run_main, run_service
-from services.common.telemetry import (
-    build_tracer_provider,
-    client_interceptors,
-    server_interceptors,
-)
+from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.router.grpc_adapters import connect
 from services.router.idempotency import IdempotencyTable
@@ -34,7 +30,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     keys = ApiKeys.from_file(settings.api_keys_file)
     provider = build_tracer_provider(environ, "router")
     tokenizer = load_cl100k()
-    connected = connect(settings, client_interceptors(provider))
+    connected = connect(settings, provider.get_tracer("cachemesh.grpc"))
     pipeline = Pipeline(
         connected.dependencies, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
     )

@@ -1,97 +1,150 @@
-"""The router's dependencies over gRPC: traced channels carrying the internal credential.
+"""The router's dependencies over gRPC: traced calls carrying the internal credential.
 
 The only place the router's pipeline meets the transport: a failed call's
-``grpc.aio.AioRpcError`` becomes ``CallFailed`` with the same status code.
+``grpc.aio.AioRpcError`` becomes ``CallFailed`` with the same status code. Each call has its
+CLIENT span (``services.common.rpc_tracing``), the parent of the callee's SERVER span.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from opentelemetry import trace
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import internal_metadata
+from services.common.rpc_tracing import ClientSpans, end_call_span
 from services.common.status import code_of
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 T = TypeVar("T")
-Metadata = tuple[tuple[str, str], ...]
+
+
+def _method(descriptor: Any, service: str, name: str) -> str:
+    """The full method name gRPC calls it by: ``/package.Service/Method``."""
+    return f"/{descriptor.services_by_name[service].full_name}/{name}"
+
+
+_LOOKUP = _method(sc.DESCRIPTOR, "SemanticCache", "Lookup")
+_STORE = _method(sc.DESCRIPTOR, "SemanticCache", "Store")
+_RELEASE = _method(sc.DESCRIPTOR, "SemanticCache", "Release")
+_PLAN = _method(pc.DESCRIPTOR, "PrefixCache", "Plan")
+_COMMIT = _method(pc.DESCRIPTOR, "PrefixCache", "Commit")
+_GENERATE = _method(model_pb2.DESCRIPTOR, "Model", "Generate")
 
 
 def failed(exc: grpc.aio.AioRpcError) -> CallFailed:
     return CallFailed(code_of(exc.code()), exc.details() or exc.code().name)
 
 
-async def _call(reply: Awaitable[T]) -> T:
+async def _unary(
+    spans: ClientSpans, method: str, invoke: Callable[..., Any], request: Any, deadline_s: float
+) -> Any:
+    span, metadata = spans.start(method)
     try:
-        return await reply
+        reply = await invoke(request, timeout=deadline_s, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
+        end_call_span(span, exc.code(), exc.details() or "")
         raise failed(exc) from exc
+    except BaseException:
+        end_call_span(span, grpc.StatusCode.CANCELLED)
+        raise
+    end_call_span(span, grpc.StatusCode.OK)
+    return reply
 
 
 @dataclass
 class GrpcSemantic:
     stub: semantic_cache_pb2_grpc.SemanticCacheAsyncStub
-    metadata: Metadata
+    spans: ClientSpans
 
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
-        return await _call(self.stub.Lookup(request, timeout=deadline_s, metadata=self.metadata))
+        reply: sc.LookupResponse = await _unary(
+            self.spans, _LOOKUP, self.stub.Lookup, request, deadline_s
+        )
+        return reply
 
     async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
-        return await _call(self.stub.Store(request, timeout=deadline_s, metadata=self.metadata))
+        reply: sc.StoreResponse = await _unary(
+            self.spans, _STORE, self.stub.Store, request, deadline_s
+        )
+        return reply
 
     async def release(self, request: sc.ReleaseRequest, deadline_s: float) -> sc.ReleaseResponse:
-        return await _call(self.stub.Release(request, timeout=deadline_s, metadata=self.metadata))
+        reply: sc.ReleaseResponse = await _unary(
+            self.spans, _RELEASE, self.stub.Release, request, deadline_s
+        )
+        return reply
 
 
 @dataclass
 class GrpcPrefix:
     stub: prefix_cache_pb2_grpc.PrefixCacheAsyncStub
-    metadata: Metadata
+    spans: ClientSpans
 
     async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
-        return await _call(self.stub.Plan(request, timeout=deadline_s, metadata=self.metadata))
+        reply: pc.PlanResponse = await _unary(
+            self.spans, _PLAN, self.stub.Plan, request, deadline_s
+        )
+        return reply
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
-        return await _call(self.stub.Commit(request, timeout=deadline_s, metadata=self.metadata))
+        reply: pc.CommitResponse = await _unary(
+            self.spans, _COMMIT, self.stub.Commit, request, deadline_s
+        )
+        return reply
 
 
 class GrpcModelStream:
+    """A Generate call and its span, which ends with the stream (its end, failure or cancel)."""
+
     def __init__(
-        self, call: grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk]
+        self,
+        call: grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk],
+        span: trace.Span,
     ) -> None:
         self._call = call
+        self._span: trace.Span | None = span
 
     async def read(self) -> model_pb2.GenerateChunk | None:
         try:
             chunk = await self._call.read()
         except grpc.aio.AioRpcError as exc:
+            self._end(exc.code(), exc.details() or "")
             raise failed(exc) from exc
         if chunk is grpc.aio.EOF:
+            self._end(grpc.StatusCode.OK)
             return None
         assert isinstance(chunk, model_pb2.GenerateChunk)
         return chunk
 
     def cancel(self) -> None:
         self._call.cancel()
+        self._end(grpc.StatusCode.CANCELLED)
+
+    def _end(self, code: grpc.StatusCode, details: str = "") -> None:
+        if self._span is not None:
+            end_call_span(self._span, code, details)
+            self._span = None
 
 
 @dataclass
 class GrpcModels:
     stubs: dict[str, model_pb2_grpc.ModelAsyncStub]  # replica address -> stub
-    metadata: Metadata
+    spans: ClientSpans
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
     ) -> GrpcModelStream:
-        call = self.stubs[replica].Generate(request, timeout=deadline_s, metadata=self.metadata)
-        return GrpcModelStream(call)
+        span, metadata = self.spans.start(_GENERATE)
+        call = self.stubs[replica].Generate(request, timeout=deadline_s, metadata=metadata)
+        return GrpcModelStream(call, span)
 
 
 @dataclass
@@ -104,16 +157,13 @@ class Connected:
             await channel.close()
 
 
-def connect(
-    settings: RouterSettings, interceptors: Sequence[grpc.aio.ClientInterceptor]
-) -> Connected:
+def connect(settings: RouterSettings, tracer: trace.Tracer) -> Connected:
     channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(address: str) -> grpc.aio.Channel:
         if address not in channels:
             channels[address] = grpc.aio.insecure_channel(
                 address,
-                interceptors=list(interceptors),
                 options=[
                     ("grpc.max_send_message_length", 8 * 1024 * 1024),
                     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -121,14 +171,14 @@ def connect(
             )
         return channels[address]
 
-    metadata = internal_metadata(settings.internal_token)
+    spans = ClientSpans(tracer, internal_metadata(settings.internal_token))
     dependencies = Dependencies(
         semantic=GrpcSemantic(
             semantic_cache_pb2_grpc.SemanticCacheStub(channel(settings.semantic_cache_addr)),
-            metadata,
+            spans,
         ),
         prefix=GrpcPrefix(
-            prefix_cache_pb2_grpc.PrefixCacheStub(channel(settings.prefix_cache_addr)), metadata
+            prefix_cache_pb2_grpc.PrefixCacheStub(channel(settings.prefix_cache_addr)), spans
         ),
         model=GrpcModels(
             {
@@ -136,7 +186,7 @@ def connect(
                 for addresses in settings.replicas.values()
                 for address in addresses
             },
-            metadata,
+            spans,
         ),
         models=dict(settings.replicas),
     )

@@ -1,0 +1,149 @@
+"""One span per gRPC call: a SERVER span where a call is received, a CLIENT span where one is made.
+
+Written for cost: opentelemetry-instrumentation-grpc's aio interceptors parse the peer, copy
+the metadata twice, wrap the servicer context, and on the client side put every call through
+grpc's interceptor machinery (a task and two awaits more per call); under ``make bench``
+they were the largest single item of the router's and the caches' CPU. These spans keep what
+a trace needs and the semantic conventions name: the full method as the span name, the kind,
+``rpc.system`` / ``rpc.service`` / ``rpc.method`` / ``rpc.grpc.status_code``, an error status
+with the call's details, and the W3C context in the call's metadata through the configured
+propagator (``OTEL_PROPAGATORS``, tracecontext and baggage by default).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.types import AttributeValue
+
+Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+Metadata = tuple[tuple[str, str], ...]
+
+_STATUS = "rpc.grpc.status_code"
+_UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes are not requests
+
+
+def method_attributes(method: str) -> dict[str, AttributeValue]:
+    """``rpc.*`` attributes of a full method name (``/package.Service/Method``)."""
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def end_call_span(span: trace.Span, code: grpc.StatusCode, details: str = "") -> None:
+    """Records the call's status on its span and ends it."""
+    span.set_attribute(_STATUS, code.value[0])
+    if code is not grpc.StatusCode.OK:
+        description = f"{code.name}: {details}" if details else code.name
+        span.set_status(Status(StatusCode.ERROR, description))
+    span.end()
+
+
+class ServerTracing(grpc.aio.ServerInterceptor):
+    """A SERVER span around each call, child of the caller's span when the call carries one."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+        self._attributes: dict[str, dict[str, AttributeValue]] = {}
+
+    async def intercept_service(
+        self, continuation: Handler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        method = details.method or ""
+        if handler is None or method.startswith(_UNTRACED):
+            return handler
+        carrier = {key: value for key, value in details.invocation_metadata or ()}
+        parent = propagate.extract(carrier)
+        attributes = self._attributes.get(method)
+        if attributes is None:
+            attributes = self._attributes.setdefault(method, method_attributes(method))
+
+        def start() -> tuple[trace.Span, object]:
+            span = self._tracer.start_span(
+                method, parent, SpanKind.SERVER, attributes, record_exception=False
+            )
+            return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _traced_unary(handler.unary_unary, start),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                _traced_stream(handler.unary_stream, start),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # no such method in this project: served untraced rather than refused
+
+
+def _ended(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], error: bool) -> None:
+    code = context.code()
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK
+    details = context.details()
+    end_call_span(span, code, details.decode() if isinstance(details, bytes) else details or "")
+
+
+def _traced_unary(
+    behavior: Callable[..., Awaitable[Any]],
+    start: Callable[[], tuple[trace.Span, object]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        span, token = start()
+        error = True
+        try:
+            reply = await behavior(request, context)
+            error = False
+            return reply
+        finally:
+            otel_context.detach(token)  # type: ignore[arg-type]
+            _ended(span, context, error)
+
+    return unary
+
+
+def _traced_stream(
+    behavior: Callable[..., AsyncIterator[Any]],
+    start: Callable[[], tuple[trace.Span, object]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        span, token = start()
+        error = True
+        try:
+            async for item in behavior(request, context):
+                yield item
+            error = False
+        finally:
+            otel_context.detach(token)  # type: ignore[arg-type]
+            _ended(span, context, error)
+
+    return stream
+
+
+class ClientSpans:
+    """Starts the CLIENT span of a call the process makes, and the metadata that carries it."""
+
+    def __init__(self, tracer: trace.Tracer, metadata: Metadata = ()) -> None:
+        self._tracer = tracer
+        self._metadata = metadata  # sent with every call (the internal credential)
+        self._attributes: dict[str, Mapping[str, AttributeValue]] = {}
+
+    def start(self, method: str) -> tuple[trace.Span, Metadata]:
+        attributes = self._attributes.get(method)
+        if attributes is None:
+            attributes = self._attributes.setdefault(method, method_attributes(method))
+        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, trace.set_span_in_context(span))
+        return span, self._metadata + tuple(carrier.items())
