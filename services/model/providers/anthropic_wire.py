@@ -140,7 +140,12 @@ class AnthropicAdapter:
         timeout_s: float,
     ) -> AsyncIterator[model_pb2.GenerateChunk]:
         params = messages_params(spec, request)
-        events = await self._client.messages.create(**params, stream=True, timeout=timeout_s)
+        # This SDK's create() has no `temperature` (Claude 5 models refuse sampling
+        # parameters); the API still takes it for the models that do, so it goes in the body.
+        extra = {"temperature": params.pop("temperature")} if "temperature" in params else None
+        events = await self._client.messages.create(
+            **params, stream=True, timeout=timeout_s, extra_body=extra
+        )
         usage = pc.AnthropicUsage()
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
         stop_reason = "end_turn"

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 import time
+import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol
 
@@ -130,7 +131,7 @@ class ProviderApi:
                 ) from None
             except Exception as exc:  # an SDK error: classify; CancelledError passes
                 failure = classify(exc)
-                message = self._redactor.clean(failure.message)
+                message = self._redactor.message(failure.message)
                 if progress.started:
                     log.warning(
                         "%s stream of %s broke mid-answer (%s %s): %s",
@@ -142,9 +143,19 @@ class ProviderApi:
                     )
                     yield self._interrupted(progress, f"{failure.error_type}: {message}")
                     return
+                if failure.kind == Kind.FATAL and not isinstance(exc, RequestError):
+                    log.error(
+                        "%s call of %s failed unexpectedly: %s",
+                        self._adapter.backend,
+                        spec.id,
+                        self._redactor.clean(traceback.format_exc()),
+                    )
                 wait = self._retry_wait(failure, tries, deadline)
                 if wait is None:
-                    raise await self._refusal(failure, message, tries) from None
+                    refusal = await self._refusal(failure, message, tries)
+                    if failure.kind != Kind.AUTH:  # that one has its own log line
+                        log.warning("%s: %s", spec.id, refusal.message)
+                    raise refusal from None
                 span.add_event(
                     "cachemesh.provider.retry",
                     {

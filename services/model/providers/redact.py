@@ -23,7 +23,11 @@ class Redactor:
             text = text.replace(secret, REDACTED)
             if len(secret) >= 12:  # a key shown by its head or tail
                 text = text.replace(secret[:8], REDACTED).replace(secret[-6:], REDACTED)
-        text = _KEY_SHAPED.sub(REDACTED, text)
+        return _KEY_SHAPED.sub(REDACTED, text)
+
+    def message(self, text: str) -> str:
+        """``clean``, and cut to a length an error message may have."""
+        text = self.clean(text)
         if len(text) > MAX_MESSAGE_CHARS:
             text = text[:MAX_MESSAGE_CHARS] + "..."
         return text
