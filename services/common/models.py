@@ -170,7 +170,21 @@ def model_table_from_env(env: Env) -> ModelTable:
     override = env.optional_str("CACHEMESH_MODELS_FILE")
     table = load_model_table(Path(override) if override else None)
     prices = env.optional_str("CACHEMESH_PRICES")
-    return with_prices(table, prices) if prices else table
+    if prices:
+        table = with_prices(table, prices)
+    small = env.optional_str("CACHEMESH_AUTO_SMALL")
+    large = env.optional_str("CACHEMESH_AUTO_LARGE")
+    if small or large:
+        auto: dict[Tier, str] = dict(table.auto)
+        if small:
+            auto["small"] = small
+        if large:
+            auto["large"] = large
+        try:
+            table = ModelTable(models=table.models, auto=auto)
+        except ValidationError as exc:
+            raise ConfigError(f"CACHEMESH_AUTO_SMALL / CACHEMESH_AUTO_LARGE: {exc}") from exc
+    return table
 
 
 _PRICE_FIELDS = ("input_nanos", "output_nanos", "cache_read_nanos")

@@ -105,7 +105,7 @@ class Dispatcher:
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
-                    failures.append(f"{spec.id}: {exc.code.name} ({exc.details[:200]})")
+                    failures.append(f"{spec.id}: {exc.code.name}")
                     continue
                 except BaseException:
                     self.loads.release(replica)
