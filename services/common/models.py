@@ -52,6 +52,13 @@ class ModelSpec(BaseModel):
     rules: Rules
     priced_like: str = ""
     source: str = Field(min_length=1)
+    # The provider's own model id (what an adapter sends as `model`); "" = this row's id. An
+    # OpenAI-compatible engine's replica may rename it (MODEL_UPSTREAM_IDS).
+    upstream_id: str = ""
+    # OpenAI Chat Completions: the output limit's parameter. OpenAI's current models take
+    # max_completion_tokens (reasoning models refuse max_tokens); most compatible engines
+    # take max_tokens.
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     input_nanos: int = Field(ge=0)
     output_nanos: int = Field(ge=0)
     cache_write_5m_nanos: int = Field(default=0, ge=0)
@@ -90,6 +97,10 @@ class ModelSpec(BaseModel):
                 "decode_tokens_per_s"
             )
         return self
+
+    @property
+    def upstream(self) -> str:
+        return self.upstream_id or self.id
 
     @property
     def prefill_rate(self) -> float:
@@ -154,6 +165,52 @@ def load_model_table(path: Path | None = None) -> ModelTable:
 
 
 def model_table_from_env(env: Env) -> ModelTable:
-    """``CACHEMESH_MODELS_FILE`` names another table; unset = the packaged one."""
+    """``CACHEMESH_MODELS_FILE`` names another table; unset = the packaged one.
+    ``CACHEMESH_PRICES`` then sets prices of rows (see ``with_prices``)."""
     override = env.optional_str("CACHEMESH_MODELS_FILE")
-    return load_model_table(Path(override) if override else None)
+    table = load_model_table(Path(override) if override else None)
+    prices = env.optional_str("CACHEMESH_PRICES")
+    if prices:
+        table = with_prices(table, prices)
+    small = env.optional_str("CACHEMESH_AUTO_SMALL")
+    large = env.optional_str("CACHEMESH_AUTO_LARGE")
+    if small or large:
+        auto: dict[Tier, str] = dict(table.auto)
+        if small:
+            auto["small"] = small
+        if large:
+            auto["large"] = large
+        try:
+            table = ModelTable(models=table.models, auto=auto)
+        except ValidationError as exc:
+            raise ConfigError(f"CACHEMESH_AUTO_SMALL / CACHEMESH_AUTO_LARGE: {exc}") from exc
+    return table
+
+
+_PRICE_FIELDS = ("input_nanos", "output_nanos", "cache_read_nanos")
+
+
+def with_prices(table: ModelTable, value: str) -> ModelTable:
+    """``model=input/output[/cache_read],...`` in nano-dollars a token: the operator's own
+    prices (a self-hosted engine has no published price). Every service reads the same
+    variable, so the router, prefix-cache and the replicas bill alike."""
+    models = dict(table.models)
+    for item in value.split(","):
+        model_id, sep, figures = item.strip().partition("=")
+        parts = figures.split("/")
+        if not sep or not 2 <= len(parts) <= 3 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(
+                "CACHEMESH_PRICES: expected model=input/output[/cache_read] in whole nano-dollars "
+                f"a token (e.g. local-small=100/100/0), got {item.strip()[:64]!r}"
+            )
+        spec = models.get(model_id)
+        if spec is None:
+            raise ConfigError(f"CACHEMESH_PRICES: {model_id[:64]!r} is not in the model table")
+        update = {name: int(p) for name, p in zip(_PRICE_FIELDS, parts, strict=False)}
+        try:
+            models[model_id] = ModelSpec.model_validate(
+                {**spec.model_dump(exclude_unset=True), **update, "id": model_id}
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"CACHEMESH_PRICES: {model_id}: {exc}") from exc
+    return ModelTable(models=models, auto=table.auto)

@@ -64,6 +64,41 @@ class ServerSettings:
         )
 
 
+class HealthSwitch:
+    """Lets a running service report NOT_SERVING (and SERVING again) for a reason of its own,
+    such as a provider refusing its credentials. Bound by ``run_service``; a drain wins."""
+
+    def __init__(self) -> None:
+        self._servicer: health.aio.HealthServicer | None = None
+        self._names: tuple[str, ...] = ()
+        self._ready = False
+        self.serving = True  # what the service wants, once warm
+
+    def _bind(self, servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
+        self._servicer = servicer
+        self._names = ("", *names)
+
+    async def _warm(self) -> None:
+        self._ready = True
+        await self._apply()
+
+    async def set(self, serving: bool) -> None:
+        self.serving = serving
+        if self._ready:
+            await self._apply()
+
+    async def _apply(self) -> None:
+        if self._servicer is None:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._names:
+            await self._servicer.set(name, status)
+
+
 @dataclass
 class ServiceSpec:
     name: str  # e.g. "semantic-cache", for logs
@@ -73,6 +108,7 @@ class ServiceSpec:
     interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
     warmup: Callable[[], Awaitable[None]] | None = None
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    health: HealthSwitch | None = None  # the service's own say on its health, after warm-up
 
 
 async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> None:
@@ -115,8 +151,12 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
                     await server.stop(0)
                     warm.result()
         if not stop.is_set():
-            for name in ("", *spec.service_names):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            if spec.health is not None:
+                spec.health._bind(health_servicer, spec.service_names)
+                await spec.health._warm()
+            else:
+                for name in ("", *spec.service_names):
+                    await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("%s SERVING", spec.name)
             await stop.wait()
         await _drain(spec, server, health_servicer)

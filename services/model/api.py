@@ -26,8 +26,9 @@ class ModelApi:
         self._offload = offload
 
     async def generate(
-        self, request: model_pb2.GenerateRequest
+        self, request: model_pb2.GenerateRequest, time_remaining_s: float | None = None
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        """``time_remaining_s``: the call's deadline (the caller's gRPC deadline ends it)."""
         span = trace.get_current_span()
         span.set_attribute("gen_ai.operation.name", "chat")
         span.set_attribute("gen_ai.request.model", request.model)
@@ -65,6 +66,7 @@ def _chunk(event: Event) -> model_pb2.GenerateChunk:
                 replica=event.replica,
                 prompt_tokens=event.prompt_tokens,
                 kv_cached_tokens=event.kv_cached_tokens,
+                backend="simulated",
             )
         )
     if isinstance(event, Delta):

@@ -1,4 +1,5 @@
-"""Entry point of the simulated model replica (cachemesh.v1.Model)."""
+"""Entry point of a model replica (cachemesh.v1.Model): the simulated engine, or a provider
+adapter (MODEL_BACKEND=anthropic | openai)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ from collections.abc import Mapping
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.env import Env
-from services.common.server import ServiceSpec, configure_logging, run_main, run_service
+from services.common.server import (
+    HealthSwitch,
+    ServiceSpec,
+    configure_logging,
+    run_main,
+    run_service,
+)
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.model.api import ModelApi
 from services.model.kv_cache import KvBlockCache
+from services.model.providers.api import ProviderApi
+from services.model.providers.wiring import build_provider_api
 from services.model.servicer import ModelService
 from services.model.settings import ModelSettings
 from services.model.wiring import build_engine
@@ -29,22 +38,40 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     auth = InternalAuthInterceptor(settings.internal_token)
     service = ModelService(settings.replica_id)
     kv_cache = KvBlockCache(settings.kv_capacity_blocks)
+    health = HealthSwitch()
+    apis: list[ProviderApi] = []
 
     async def warmup() -> None:
         tokenizer = await asyncio.to_thread(load_cl100k)
-        service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache)))
+        if settings.provider is None:
+            service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache)))
+        else:
+            apis.append(build_provider_api(settings, tokenizer, health.set))
+            service.attach(apis[0])
 
     async def shutdown_tracing() -> None:
+        for api in apis:
+            await api.close()
         provider.shutdown()
 
-    log.info(
-        "SIMULATED model engine (not a real LLM): replica %s serves %s; "
-        "SIM_TIME_SCALE=%s, KV cache %d blocks of 16 tokens",
-        settings.replica_id,
-        ", ".join(settings.models),
-        settings.time_scale,
-        settings.kv_capacity_blocks,
-    )
+    if settings.provider is None:
+        log.info(
+            "SIMULATED model engine (not a real LLM): replica %s serves %s; "
+            "SIM_TIME_SCALE=%s, KV cache %d blocks of 16 tokens",
+            settings.replica_id,
+            ", ".join(settings.models),
+            settings.time_scale,
+            settings.kv_capacity_blocks,
+        )
+    else:
+        log.info(
+            "%s adapter: replica %s serves %s through %s (key %s)",
+            settings.backend,
+            settings.replica_id,
+            ", ".join(f"{m}={s.upstream}" for m, s in settings.models.items()),
+            settings.provider.base_url,
+            "set" if settings.provider.api_key is not None else "none",
+        )
     await run_service(
         ServiceSpec(
             name="model",
@@ -54,6 +81,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             interceptors=[*server_interceptors(provider), auth],
             warmup=warmup,
             on_stop=[shutdown_tracing],
+            health=health,
         ),
         stop,
     )

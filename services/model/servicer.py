@@ -1,26 +1,32 @@
-"""The gRPC face of the simulated engine: cachemesh.v1.Model.Generate (server streaming)."""
+"""The gRPC face of a model replica (the simulated engine or a provider adapter):
+cachemesh.v1.Model.Generate (server streaming)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.errors import RequestError
 from services.common.status import grpc_code
-from services.model.api import ModelApi
+
+
+class GenerateApi(Protocol):
+    def generate(
+        self, request: model_pb2.GenerateRequest, time_remaining_s: float | None = None
+    ) -> AsyncIterator[model_pb2.GenerateChunk]: ...
 
 
 class ModelService(model_pb2_grpc.ModelServicer):
     """Answers UNAVAILABLE until ``attach`` hands it the API (after the tokenizer loads)."""
 
-    def __init__(self, replica_id: str, api: ModelApi | None = None) -> None:
+    def __init__(self, replica_id: str, api: GenerateApi | None = None) -> None:
         self._replica_id = replica_id
         self._api = api
 
-    def attach(self, api: ModelApi) -> None:
+    def attach(self, api: GenerateApi) -> None:
         self._api = api
 
     async def Generate(
@@ -35,7 +41,7 @@ class ModelService(model_pb2_grpc.ModelServicer):
             )
             return
         try:
-            async for chunk in self._api.generate(request):
+            async for chunk in self._api.generate(request, context.time_remaining()):
                 yield chunk
         except RequestError as error:
             await context.abort(grpc_code(error.code), error.message)

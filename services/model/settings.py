@@ -8,10 +8,17 @@ from dataclasses import dataclass
 from services.common.env import ConfigError, Env
 from services.common.models import ModelSpec, model_table_from_env
 from services.common.server import ServerSettings
+from services.model.providers.config import Backend, ProviderSettings
 
 DEFAULT_LISTEN = "127.0.0.1:50054"
 DEFAULT_MODEL_IDS = "sim-small,sim-large"
 DEFAULT_KV_CAPACITY_BLOCKS = 65536
+# MODEL_BACKEND -> the table's providers it may serve
+BACKENDS: dict[str, tuple[str, ...]] = {
+    "simulated": ("simulated",),
+    "anthropic": ("anthropic",),
+    "openai": ("openai", "self_hosted"),
+}
 
 
 @dataclass(frozen=True)
@@ -22,16 +29,28 @@ class ModelSettings:
     models: Mapping[str, ModelSpec]
     time_scale: float
     kv_capacity_blocks: int
+    backend: str = "simulated"
+    provider: ProviderSettings | None = None  # set for a provider backend
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ModelSettings:
         env = Env(environ)
         server = ServerSettings.from_env(env, "MODEL", DEFAULT_LISTEN)
+        backend = env.str("MODEL_BACKEND", "simulated")
+        if backend not in BACKENDS:
+            raise ConfigError(
+                f"MODEL_BACKEND must be one of {', '.join(BACKENDS)}, got {backend[:64]!r}"
+            )
+        provider: ProviderSettings | None = None
+        if backend != "simulated":
+            provider = ProviderSettings.from_env(env, _backend(backend))
         return cls(
             server=server,
             replica_id=env.str("MODEL_REPLICA_ID", server.listen),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
-            models=_served_models(env),
+            models=_served_models(env, backend),
+            backend=backend,
+            provider=provider,
             time_scale=env.float("SIM_TIME_SCALE", 1.0, minimum=0.0),
             kv_capacity_blocks=env.int(
                 "MODEL_KV_CAPACITY_BLOCKS", DEFAULT_KV_CAPACITY_BLOCKS, minimum=0
@@ -39,7 +58,11 @@ class ModelSettings:
         )
 
 
-def _served_models(env: Env) -> dict[str, ModelSpec]:
+def _backend(name: str) -> Backend:
+    return "anthropic" if name == "anthropic" else "openai"
+
+
+def _served_models(env: Env, backend: str) -> dict[str, ModelSpec]:
     table = model_table_from_env(env)
     ids = [part.strip() for part in env.str("MODEL_IDS", DEFAULT_MODEL_IDS).split(",")]
     if not all(ids):
@@ -50,10 +73,11 @@ def _served_models(env: Env) -> dict[str, ModelSpec]:
         if spec is None:
             known = ", ".join(table.models)
             raise ConfigError(f"MODEL_IDS: {model_id!r} is not in the model table (known: {known})")
-        if spec.provider != "simulated":
+        if spec.provider not in BACKENDS[backend]:
             raise ConfigError(
-                f"MODEL_IDS: {model_id!r} has provider {spec.provider!r}; "
-                "this replica only simulates provider 'simulated' models"
+                f"MODEL_IDS: {model_id!r} has provider {spec.provider!r}; MODEL_BACKEND="
+                f"{backend} serves provider {' or '.join(repr(p) for p in BACKENDS[backend])} "
+                "models"
             )
         models[model_id] = spec
     return models

@@ -6,7 +6,8 @@ tokens, ``cache_creation_input_tokens`` is split by TTL in ``cache_creation.ephe
 OpenAI's ``prompt_tokens`` *includes* ``prompt_tokens_details.cached_tokens``
 (https://platform.openai.com/docs/guides/prompt-caching), so input = prompt - cached: each
 token is counted once. A report that is negative, inconsistent or of the other provider's
-shape is ``BadUsage`` (INVALID_ARGUMENT) and nothing is recorded.
+shape is ``BadUsage`` (INVALID_ARGUMENT) and nothing is recorded. A self-hosted engine speaks
+the OpenAI-compatible API, so its report has OpenAI's shape (``cached_tokens`` = its KV reuse).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from services.common.models import ModelSpec
 from services.prefix_cache.rules import Split
 
 FIELD = "provider_usage"
+# The shape of usage each rule set's provider reports.
+_SHAPE = {"anthropic": "anthropic", "openai": "openai", "self_hosted": "openai"}
 
 
 class BadUsage(ValueError):
@@ -40,10 +43,10 @@ def reported_usage(usage: pc.ProviderUsage, spec: ModelSpec) -> Reported:
     kind = usage.WhichOneof("report")
     if kind is None:
         raise BadUsage(f"{FIELD}: set anthropic or openai (the provider's usage object)")
-    if spec.rules != kind:
+    if _SHAPE[spec.rules] != kind:
         raise BadUsage(
             f"{FIELD}.{kind}: {spec.id} is billed under {spec.rules!r} rules; send the usage "
-            f"in that provider's shape"
+            f"in the {_SHAPE[spec.rules]} shape"
         )
     if kind == "anthropic":
         return _anthropic(usage.anthropic)

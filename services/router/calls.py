@@ -167,19 +167,23 @@ class Calls:
         output_tokens: int,
         kv_cached_tokens: int,
         baseline_model: str,
+        provider_usage: prefix_cache_pb2.ProviderUsage | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
-        return await self._commit(
-            prefix_cache_pb2.CommitRequest(
-                tenant=tenant,
-                request_id=commit_id,
-                phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
-                model=model,
-                replica=replica,
-                output_tokens=output_tokens,
-                kv_cached_tokens=kv_cached_tokens,
-                baseline_model=baseline_model,
-            )
+        """FINAL; a real provider's ``provider_usage`` is the bill (it reconciles the
+        estimate)."""
+        commit = prefix_cache_pb2.CommitRequest(
+            tenant=tenant,
+            request_id=commit_id,
+            phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
+            model=model,
+            replica=replica,
+            output_tokens=output_tokens,
+            kv_cached_tokens=kv_cached_tokens,
+            baseline_model=baseline_model,
         )
+        if provider_usage is not None:
+            commit.provider_usage.CopyFrom(provider_usage)
+        return await self._commit(commit)
 
     async def _commit(
         self, commit: prefix_cache_pb2.CommitRequest

@@ -89,7 +89,7 @@ class Dispatcher:
             route = choose(candidates, self.loads.snapshot(), prompt_tokens, self._balance)
             facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
             for replica in route.order:
-                chat_span = spans.start_chat_span(self._tracer, spec.id, replica)
+                chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
                 self.loads.acquire(replica)
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable
 
 from opentelemetry import trace
@@ -24,6 +25,7 @@ from services.common.prompt import last_user_text, prompt_tokens
 from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer
 from services.router import spans
+from services.router.answer import Answer
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
@@ -50,6 +52,7 @@ class Pipeline:
         self._dispatch = Dispatcher(self._calls, dependencies, table, tracer, settings.balance)
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
+        self._clock = time.monotonic
 
     async def run(
         self, tenant: str, request: pb.CompleteRequest
@@ -87,6 +90,7 @@ class Pipeline:
         head: pb.CompleteResponse,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         root = trace.get_current_span()
+        began = self._clock()
         attempt = await self._dispatch.open(tenant, request)
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
@@ -113,22 +117,32 @@ class Pipeline:
             if warm is not None and warm.usage.cache_read_input_tokens > 0
             else pb.LAYER_MODEL
         )
-        pieces: list[str] = []
+        answer = Answer()
         finished = False
         try:
             yield pb.CompleteChunk(start=head)
             end_chunk: model_pb2.GenerateEnd | None = None
             while (chunk := await attempt.stream.read()) is not None:
                 part = chunk.WhichOneof("part")
-                if part == "text":
-                    pieces.append(chunk.text)
-                    yield pb.CompleteChunk(delta=pb.ContentBlock(text=chunk.text))
+                if part == "text" or part == "block":
+                    delta = answer.add(chunk)
+                    if answer.first:
+                        spans.first_token(root, attempt.chat_span, self._clock() - began)
+                    yield pb.CompleteChunk(delta=delta)
                 elif part == "end":
                     end_chunk = chunk.end
             if end_chunk is None:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
+            if end_chunk.interrupted:
+                answer.partial_usage = end_chunk.provider_usage
+                raise RequestError(
+                    Code.UNAVAILABLE,
+                    f"the {attempt.model.id} provider's answer broke off after "
+                    f"{end_chunk.output_tokens} tokens ({end_chunk.error}); billed for what "
+                    "was produced, not cached; retry with a new request_id",
+                )
             end = await self._finish(
-                tenant, request, attempt, warm, end_chunk, "".join(pieces), baseline, head
+                tenant, request, attempt, warm, end_chunk, answer.content(), baseline, head
             )
             finished = True
             spans.outcome_attributes(root, end)
@@ -148,7 +162,7 @@ class Pipeline:
             if not finished and warm is not None:
                 # Cancelled or failed after the first token: bill what the provider would bill
                 # (the prompt and the tokens produced so far), never store.
-                self._bill_partial(tenant, request, attempt, "".join(pieces), baseline)
+                self._bill_partial(tenant, request, attempt, answer, baseline)
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
         spec = (
@@ -199,11 +213,10 @@ class Pipeline:
         attempt: Attempt,
         warm: prefix_cache_pb2.CommitResponse | None,
         end_chunk: model_pb2.GenerateEnd,
-        text: str,
+        content: list[pb.ContentBlock],
         baseline: ModelSpec,
         head: pb.CompleteResponse,
     ) -> pb.CompleteResponse:
-        content = [pb.ContentBlock(text=text)]
         if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
             answer = semantic_cache_pb2.CachedAnswer(
                 content=content,
@@ -225,7 +238,10 @@ class Pipeline:
             end_chunk.output_tokens,
             attempt.start.kv_cached_tokens,
             baseline.id,
+            end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None,
         )
+        if final is not None:
+            spans.reconciled(trace.get_current_span(), final)
         end = pb.CompleteResponse()
         end.CopyFrom(head)
         end.content.extend(content)
@@ -233,6 +249,12 @@ class Pipeline:
         if final is not None:
             end.usage.CopyFrom(final.usage)
             end.cost.CopyFrom(final.cost)
+            if final.reconciled:  # the provider's report decides what its cache served
+                end.served_by = (
+                    pb.LAYER_PREFIX_CACHE
+                    if final.usage.cache_read_input_tokens > 0
+                    else pb.LAYER_MODEL
+                )
         else:
             # prefix-cache unreachable: the engine's prompt count at the base prices, no cache
             # discount claimed, marked estimated (reconciled by nobody: it was not accounted).
@@ -258,10 +280,14 @@ class Pipeline:
         tenant: str,
         request: pb.CompleteRequest,
         attempt: Attempt,
-        text: str,
+        answer: Answer,
         baseline: ModelSpec,
     ) -> None:
+        usage = answer.partial_usage
+        text = answer.text()
         output_tokens = self._tokenizer.count(text) if text else 0
+        if usage is not None and usage.WhichOneof("report") == "anthropic":
+            output_tokens = usage.anthropic.output_tokens
         self._in_background(
             self._calls.commit_final(
                 tenant,
@@ -272,6 +298,7 @@ class Pipeline:
                 output_tokens,
                 attempt.start.kv_cached_tokens,
                 baseline.id,
+                usage if usage is not None and usage.WhichOneof("report") else None,
             )
         )
 

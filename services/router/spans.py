@@ -6,6 +6,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.router.balance import Route
 from services.router.dependencies import CallFailed
 
@@ -29,11 +30,22 @@ def outcome_attributes(span: trace.Span, response: pb.CompleteResponse) -> None:
         span.set_attribute("cachemesh.semantic_exact", response.semantic.exact)
 
 
-def start_chat_span(tracer: trace.Tracer, model: str, replica: str) -> trace.Span:
+# the table's provider -> gen_ai.provider.name (OpenTelemetry GenAI conventions)
+PROVIDER_NAMES = {
+    "simulated": "cachemesh.simulated",
+    "anthropic": "anthropic",
+    "openai": "openai",
+    "self_hosted": "cachemesh.self_hosted",
+}
+
+
+def start_chat_span(
+    tracer: trace.Tracer, model: str, replica: str, provider: str = "simulated"
+) -> trace.Span:
     """The model call, named and attributed by the OpenTelemetry GenAI conventions."""
     span = tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT)
     span.set_attribute("gen_ai.operation.name", "chat")
-    span.set_attribute("gen_ai.provider.name", "cachemesh.simulated")
+    span.set_attribute("gen_ai.provider.name", PROVIDER_NAMES.get(provider, provider))
     span.set_attribute("gen_ai.request.model", model)
     span.set_attribute("cachemesh.replica", replica)
     return span
@@ -63,7 +75,31 @@ def route_attributes(
 ) -> None:
     """L3: the chosen replica, why, its predicted warm prefix and what it really reused."""
     span.set_attribute("cachemesh.replica", replica)
+    span.set_attribute("cachemesh.backend", start.backend or "simulated")
     span.set_attribute("cachemesh.route_reason", route.reason)
     span.set_attribute("cachemesh.kv_match_tokens", route.match_tokens)
     span.set_attribute("cachemesh.replica_load", route.load)
     span.set_attribute("cachemesh.kv_cached_tokens", start.kv_cached_tokens)
+
+
+def first_token(root: trace.Span, chat: trace.Span, seconds: float) -> None:
+    """Time to first token: from the request's arrival at the pipeline to the first content
+    the model sent (after the L1 lookup, the plan and the provider's prefill)."""
+    root.set_attribute("cachemesh.ttft_ms", round(seconds * 1000, 3))
+    chat.set_attribute("gen_ai.server.time_to_first_token", seconds)
+
+
+def reconciled(span: trace.Span, final: pc.CommitResponse) -> None:
+    """Whether the provider's usage was the bill, and its drift from prefix-cache's estimate."""
+    span.set_attribute("cachemesh.usage_reported", final.reconciled)
+    if final.reconciled:
+        span.set_attribute("cachemesh.drift.prompt_tokens", final.drift.prompt_tokens)
+        span.set_attribute("cachemesh.drift.input_tokens", final.drift.input_tokens)
+        span.set_attribute(
+            "cachemesh.drift.cache_read_input_tokens", final.drift.cache_read_input_tokens
+        )
+        span.set_attribute(
+            "cachemesh.drift.cache_creation_input_tokens",
+            final.drift.cache_creation_input_tokens,
+        )
+        span.set_attribute("cachemesh.drift.cost_nanos", final.drift.cost_nanos)

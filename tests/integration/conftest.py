@@ -14,6 +14,7 @@ import pytest
 from cachemesh import Client
 from cachemesh.envfile import read_env_file
 from tests.integration.harness import RunningStack, started_stack
+from tests.integration.provider_stack import ProviderStack, provider_stack
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,10 @@ def client_a(stack: RunningStack) -> Iterator[Client]:
 def client_b(stack: RunningStack) -> Iterator[Client]:
     with Client(stack.target, api_key=stack.keys["tenant-b"]) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def providers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProviderStack]:
+    """A second stack, whose replicas include provider adapters (see provider_stack)."""
+    with provider_stack(tmp_path_factory.mktemp("providers")) as running:
+        yield running

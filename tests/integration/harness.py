@@ -18,14 +18,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextmanager
 def started_stack(
-    run_dir: Path, extra: Mapping[str, str] | None = None
+    run_dir: Path,
+    extra: Mapping[str, str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    sink: OtlpSink | None = None,
 ) -> Iterator[tuple[Stack, OtlpSink]]:
     """A whole stack on free loopback ports (``Stack.on_free_ports``), exporting traces to a
     sink in this process, with ``extra`` settings over the tests' own; stopped (and the sink
-    with it) on the way out."""
-    sink = OtlpSink()
+    with it) on the way out. ``environ`` stands for the caller's environment (a setting there
+    is still moved to the free ports, as MODEL_REPLICAS with replicas of its own)."""
+    sink = sink or OtlpSink()
     sink.start()
-    runner = Stack.on_free_ports(ROOT, run_dir, {**test_settings(sink), **(extra or {})})
+    runner = Stack.on_free_ports(
+        ROOT, run_dir, {**test_settings(sink), **(extra or {})}, environ=environ
+    )
     try:
         runner.start(timeout_s=240)
         yield runner, sink

@@ -19,7 +19,7 @@ _NAME = re.compile(r"^[A-Z][A-Z0-9_]{2,}$")
 def _env_names_read(package: Path) -> set[str]:
     """Variable names passed to Env readers (and ``<PREFIX>_LISTEN`` of from_env) in a package."""
     names: set[str] = set()
-    for path in package.glob("*.py"):
+    for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue

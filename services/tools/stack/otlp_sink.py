@@ -97,6 +97,10 @@ class OtlpSink:
         with self._receiver.lock:
             return [s for s in self._receiver.spans if s.trace_id == trace_id]
 
+    def all_spans(self) -> list[Span]:
+        with self._receiver.lock:
+            return list(self._receiver.spans)
+
     def counts(self) -> dict[str, int]:
         """Service name -> spans received from it so far."""
         with self._receiver.lock:

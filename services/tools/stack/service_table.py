@@ -19,11 +19,35 @@ COMMON_ENV_KEYS: tuple[str, ...] = (
     "CACHEMESH_LOG_LEVEL",
     "CACHEMESH_MAX_MESSAGE_BYTES",
     "CACHEMESH_MODELS_FILE",
+    "CACHEMESH_PRICES",
+    "CACHEMESH_AUTO_SMALL",
+    "CACHEMESH_AUTO_LARGE",
     "OTEL_SERVICE_NAME",
     "OTEL_SDK_DISABLED",
     "OTEL_TRACES_EXPORTER",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+)
+
+
+# A model replica's settings: the simulator's, and a provider adapter's (MODEL_BACKEND).
+MODEL_ENV_KEYS: tuple[str, ...] = (
+    "MODEL_IDS",
+    "MODEL_REPLICA_ID",
+    "SIM_TIME_SCALE",
+    "MODEL_KV_CAPACITY_BLOCKS",
+    "MODEL_BACKEND",
+    "MODEL_UPSTREAM_IDS",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_API_KEY_FILE",
+    "OPENAI_BASE_URL",
+    "OPENAI_API_KEY",
+    "OPENAI_API_KEY_FILE",
+    "PROVIDER_MAX_RETRIES",
+    "PROVIDER_BACKOFF_S",
+    "PROVIDER_BACKOFF_MAX_S",
+    "PROVIDER_AUTH_RECHECK_S",
 )
 
 
@@ -117,12 +141,7 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.model",
         listen_var="MODEL_LISTEN",
         default_port=50054,
-        own_env_keys=(
-            "MODEL_IDS",
-            "MODEL_REPLICA_ID",
-            "SIM_TIME_SCALE",
-            "MODEL_KV_CAPACITY_BLOCKS",
-        ),
+        own_env_keys=MODEL_ENV_KEYS,
     ),
     # L3: a second replica of the large model, so KV-aware routing has a choice.
     ServiceDef(
@@ -130,12 +149,7 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.model",
         listen_var="MODEL_2_LISTEN",
         default_port=50055,
-        own_env_keys=(
-            "MODEL_IDS",
-            "MODEL_REPLICA_ID",
-            "SIM_TIME_SCALE",
-            "MODEL_KV_CAPACITY_BLOCKS",
-        ),
+        own_env_keys=MODEL_ENV_KEYS,
         renames=MappingProxyType({"MODEL_LISTEN": "MODEL_2_LISTEN", "MODEL_IDS": "MODEL_2_IDS"}),
     ),
     ServiceDef(

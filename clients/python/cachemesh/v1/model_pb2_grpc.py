@@ -46,6 +46,7 @@ class ModelServicer:
 
     def Generate(self, request, context):
         """Streams `start` (after prefill), text deltas, then `end`.
+        An adapter sends `start` at the provider's first token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

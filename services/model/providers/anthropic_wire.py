@@ -1,0 +1,188 @@
+"""The Anthropic Messages API through the official ``anthropic`` SDK (async, streaming).
+
+``messages_params`` maps a Gateway request to the Messages API's body one to one (system
+blocks, tools and content blocks keep their ``cache_control`` breakpoints, 5-minute or 1-hour;
+``tool_use`` / ``tool_result`` blocks as they are); ``AnthropicAdapter.stream`` reads the SSE
+stream (message_start, content_block_start / delta / stop, message_delta, message_stop; the
+SDK skips pings and raises on an ``error`` event) and turns it into the Model contract's
+chunks: ``start`` at the first content block, text deltas as they arrive, a ``tool_use``
+block once its input JSON is complete, and ``end`` with the reported usage.
+https://docs.claude.com/en/api/messages-streaming
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.models import ModelSpec
+from services.model.providers.progress import Progress, tool_use_chunk
+
+# Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
+STOP_REASONS = {
+    "end_turn": "end_turn",
+    "stop_sequence": "end_turn",
+    "pause_turn": "end_turn",
+    "max_tokens": "max_tokens",
+    "model_context_window_exceeded": "max_tokens",
+    "tool_use": "tool_use",
+    "refusal": "refusal",
+}
+_TTL = {pb.CACHE_TTL_5M: "5m", pb.CACHE_TTL_1H: "1h"}
+
+
+def cache_control(block: pb.ContentBlock | pb.Tool) -> dict[str, str] | None:
+    if not block.HasField("cache_control"):
+        return None
+    control = {"type": "ephemeral"}
+    if (ttl := _TTL.get(block.cache_control.ttl)) is not None:
+        control["ttl"] = ttl
+    return control
+
+
+def _block(block: pb.ContentBlock) -> dict[str, Any]:
+    kind = block.WhichOneof("kind")
+    out: dict[str, Any]
+    if kind == "tool_use":
+        use = block.tool_use
+        out = {
+            "type": "tool_use",
+            "id": use.id,
+            "name": use.name,
+            "input": json.loads(use.input_json or "{}"),
+        }
+    elif kind == "tool_result":
+        result = block.tool_result
+        out = {"type": "tool_result", "tool_use_id": result.tool_use_id, "content": result.content}
+        if result.is_error:
+            out["is_error"] = True
+    else:
+        out = {"type": "text", "text": block.text}
+    if (control := cache_control(block)) is not None:
+        out["cache_control"] = control
+    return out
+
+
+def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
+    """The Messages API body (less ``stream``, which the adapter adds)."""
+    params: dict[str, Any] = {"model": spec.upstream, "max_tokens": request.max_tokens}
+    if request.system:
+        params["system"] = [_block(block) for block in request.system]
+    if request.tools:
+        tools = []
+        for tool in request.tools:
+            entry: dict[str, Any] = {"name": tool.name}
+            if tool.description:
+                entry["description"] = tool.description
+            entry["input_schema"] = json.loads(tool.input_schema_json or '{"type": "object"}')
+            if (control := cache_control(tool)) is not None:
+                entry["cache_control"] = control
+            tools.append(entry)
+        params["tools"] = tools
+    params["messages"] = [
+        {
+            "role": "assistant" if message.role == pb.ROLE_ASSISTANT else "user",
+            "content": [_block(block) for block in message.content],
+        }
+        for message in request.messages
+    ]
+    if request.HasField("temperature"):
+        params["temperature"] = request.temperature
+    return params
+
+
+def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> None:
+    """Folds a usage object of the stream into ``target``: message_start's, then
+    message_delta's (cumulative counts; a field it leaves null keeps its value)."""
+    if usage is None:
+        return
+    for name in (
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "output_tokens",
+    ):
+        value = getattr(usage, name, None)
+        if value is not None:
+            setattr(target, name, int(value))
+    creation = getattr(usage, "cache_creation", None)
+    if creation is not None:
+        for name in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"):
+            value = getattr(creation, name, None)
+            if value is not None:
+                setattr(target.cache_creation, name, int(value))
+
+
+def prompt_of(usage: pc.AnthropicUsage) -> int:
+    return usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+
+
+class AnthropicAdapter:
+    backend = "anthropic"
+
+    def __init__(self, client: anthropic.AsyncAnthropic) -> None:
+        self._client = client
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def stream(
+        self,
+        spec: ModelSpec,
+        request: pb.CompleteRequest,
+        progress: Progress,
+        timeout_s: float,
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        params = messages_params(spec, request)
+        # This SDK's create() has no `temperature` (Claude 5 models refuse sampling
+        # parameters); the API still takes it for the models that do, so it goes in the body.
+        extra = {"temperature": params.pop("temperature")} if "temperature" in params else None
+        events = await self._client.messages.create(
+            **params, stream=True, timeout=timeout_s, extra_body=extra
+        )
+        usage = pc.AnthropicUsage()
+        tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
+        stop_reason = "end_turn"
+        async with events:
+            async for event in events:
+                kind = event.type
+                if kind == "message_start":
+                    _merge_usage(usage, event.message.usage)
+                    progress.usage = pc.ProviderUsage(anthropic=usage)
+                elif kind == "content_block_start":
+                    if not progress.started:
+                        yield progress.start(prompt_of(usage) or None)
+                    block = event.content_block
+                    if block.type == "tool_use":
+                        tools[event.index] = [block.id, block.name, []]
+                    elif block.type == "text" and block.text:
+                        yield progress.text(block.text)
+                elif kind == "content_block_delta":
+                    delta = event.delta
+                    if delta.type == "text_delta" and delta.text:
+                        yield progress.text(delta.text)
+                    elif delta.type == "input_json_delta" and event.index in tools:
+                        tools[event.index][2].append(delta.partial_json)
+                elif kind == "content_block_stop" and event.index in tools:
+                    call_id, name, pieces = tools.pop(event.index)
+                    yield tool_use_chunk(call_id, name, "".join(pieces))
+                elif kind == "message_delta":
+                    _merge_usage(usage, event.usage)
+                    reason = event.delta.stop_reason
+                    if reason:
+                        stop_reason = STOP_REASONS.get(reason, reason)
+        if not progress.started:
+            yield progress.start(prompt_of(usage) or None)
+        yield model_pb2.GenerateChunk(
+            end=model_pb2.GenerateEnd(
+                output_tokens=usage.output_tokens,
+                stop_reason=stop_reason,
+                provider_usage=pc.ProviderUsage(anthropic=usage),
+            )
+        )

@@ -1,0 +1,302 @@
+"""``Model.Generate`` for a provider replica: the adapter's stream, with retries before the
+first token, the deadline, the credentials' health, and what an interrupted answer bills.
+
+- Before the first token, a 429 / 529 / overloaded / 5xx / lost connection is retried up to
+  ``max_retries`` times, waiting what ``retry-after`` asks (else exponential backoff with
+  jitter) when that wait ends before the deadline; otherwise the call fails UNAVAILABLE at
+  once so the router hands the request to the next replica or tier.
+- A 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed).
+- A 401 / 403 means our credentials: the replica reports NOT_SERVING on its health, says so in
+  one log line, refuses calls (UNAVAILABLE, so the router uses another replica) and lets one
+  call through again after ``auth_recheck_s``.
+- After the first token nothing is retried: a stream that breaks (an error event, a cut
+  connection, the deadline) ends with ``end.interrupted`` carrying what was produced, so the
+  router bills it and never stores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import traceback
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Protocol
+
+from opentelemetry import trace
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.errors import Code, RequestError
+from services.common.models import ModelSpec
+from services.common.tokens import Tokenizer
+from services.model.providers.config import ProviderSettings
+from services.model.providers.failures import Failure, Kind, classify
+from services.model.providers.progress import Progress
+from services.model.providers.redact import Redactor
+
+log = logging.getLogger("cachemesh.model")
+Sleep = Callable[[float], Awaitable[None]]
+HealthSetter = Callable[[bool], Awaitable[None]]
+_DEADLINE_MARGIN_S = 0.05  # a retry must be able to start this long before the deadline
+
+
+class Adapter(Protocol):
+    backend: str
+
+    def stream(
+        self, spec: ModelSpec, request: pb.CompleteRequest, progress: Progress, timeout_s: float
+    ) -> AsyncIterator[model_pb2.GenerateChunk]: ...
+
+    async def close(self) -> None: ...
+
+
+class ProviderApi:
+    def __init__(
+        self,
+        *,
+        adapter: Adapter,
+        models: Mapping[str, ModelSpec],
+        replica_id: str,
+        settings: ProviderSettings,
+        tokenizer: Tokenizer,
+        set_health: HealthSetter,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._adapter = adapter
+        self._models = {
+            model_id: spec.model_copy(update={"upstream_id": settings.upstream_ids[model_id]})
+            if model_id in settings.upstream_ids
+            else spec
+            for model_id, spec in models.items()
+        }
+        self._replica = replica_id
+        self._s = settings
+        self._tokenizer = tokenizer
+        self._set_health = set_health
+        self._clock = clock
+        self._sleep = sleep
+        key = settings.api_key.reveal() if settings.api_key is not None else ""
+        self._redactor = Redactor([key])
+        self._auth_failed_at: float | None = None
+
+    @property
+    def redactor(self) -> Redactor:
+        return self._redactor
+
+    async def close(self) -> None:
+        await self._adapter.close()
+
+    async def generate(
+        self, request: model_pb2.GenerateRequest, time_remaining_s: float | None = None
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        spec = self._spec(request)
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.operation.name", "chat")
+        span.set_attribute("gen_ai.provider.name", self._adapter.backend)
+        span.set_attribute("gen_ai.request.model", spec.upstream)
+        span.set_attribute("cachemesh.replica", self._replica)
+        self._refuse_while_unauthorised()
+        budget = time_remaining_s if time_remaining_s is not None else 300.0
+        deadline = self._clock() + budget
+        tries = 0
+        while True:
+            tries += 1
+            progress = Progress(
+                self._replica,
+                self._adapter.backend,
+                request.prompt.prompt_tokens if request.HasField("prompt") else 0,
+            )
+            try:
+                remaining = deadline - self._clock()
+                async with asyncio.timeout(max(0.0, remaining)):
+                    async for chunk in self._adapter.stream(
+                        spec, request.request, progress, max(0.001, remaining)
+                    ):
+                        yield self._annotated(span, chunk, progress)
+                await self._healthy()
+                return
+            except TimeoutError:
+                if progress.started:
+                    yield self._interrupted(
+                        progress, f"no answer within the deadline ({budget:.1f}s)"
+                    )
+                    return
+                raise RequestError(
+                    Code.DEADLINE_EXCEEDED,
+                    f"{self._adapter.backend} did not answer within the deadline "
+                    f"({budget:.1f}s, {tries} tries)",
+                ) from None
+            except Exception as exc:  # an SDK error: classify; CancelledError passes
+                failure = classify(exc)
+                message = self._redactor.message(failure.message)
+                if progress.started:
+                    log.warning(
+                        "%s stream of %s broke mid-answer (%s %s): %s",
+                        self._adapter.backend,
+                        spec.id,
+                        failure.status,
+                        failure.error_type,
+                        message,
+                    )
+                    yield self._interrupted(progress, f"{failure.error_type}: {message}")
+                    return
+                if failure.kind == Kind.FATAL and not isinstance(exc, RequestError):
+                    log.error(
+                        "%s call of %s failed unexpectedly: %s",
+                        self._adapter.backend,
+                        spec.id,
+                        self._redactor.clean(traceback.format_exc()),
+                    )
+                wait = self._retry_wait(failure, tries, deadline)
+                if wait is None:
+                    refusal = await self._refusal(failure, message, tries)
+                    if failure.kind != Kind.AUTH:  # that one has its own log line
+                        log.warning("%s: %s", spec.id, refusal.message)
+                    raise refusal from None
+                span.add_event(
+                    "cachemesh.provider.retry",
+                    {
+                        "http.status": failure.status,
+                        "error.type": failure.error_type,
+                        "wait_s": wait,
+                    },
+                )
+                log.info(
+                    "%s answered %s %s; retry %d in %.2fs",
+                    self._adapter.backend,
+                    failure.status,
+                    failure.error_type,
+                    tries,
+                    wait,
+                )
+                await self._sleep(wait)
+
+    def _spec(self, request: model_pb2.GenerateRequest) -> ModelSpec:
+        if not request.tenant:
+            raise RequestError(Code.INVALID_ARGUMENT, "tenant is required")
+        spec = self._models.get(request.model)
+        if spec is None:
+            served = ", ".join(self._models)
+            raise RequestError(
+                Code.INVALID_ARGUMENT,
+                f"model {request.model[:64]!r} is not served by replica {self._replica}; "
+                f"it serves: {served}",
+            )
+        if not 0 < request.request.max_tokens <= spec.max_output_tokens:
+            raise RequestError(
+                Code.INVALID_ARGUMENT,
+                f"max_tokens must be between 1 and {spec.max_output_tokens} for {spec.id}, "
+                f"got {request.request.max_tokens}",
+            )
+        if not request.request.messages:
+            raise RequestError(Code.INVALID_ARGUMENT, "request.messages is empty")
+        return spec
+
+    def _annotated(
+        self, span: trace.Span, chunk: model_pb2.GenerateChunk, progress: Progress
+    ) -> model_pb2.GenerateChunk:
+        if chunk.WhichOneof("part") == "end":
+            end = chunk.end
+            if not end.HasField("provider_usage"):
+                # the engine reported no usage (no stream_options support): count the text
+                end.output_tokens = self._tokenizer.count("".join(progress.pieces))
+            span.set_attribute("gen_ai.usage.output_tokens", end.output_tokens)
+            span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
+            span.set_attribute("cachemesh.provider_reported", end.HasField("provider_usage"))
+            if end.reasoning_tokens:
+                span.set_attribute("gen_ai.usage.reasoning_tokens", end.reasoning_tokens)
+        elif chunk.WhichOneof("part") == "start":
+            span.set_attribute("gen_ai.usage.input_tokens", chunk.start.prompt_tokens)
+        return chunk
+
+    def _interrupted(self, progress: Progress, error: str) -> model_pb2.GenerateChunk:
+        """What was produced before the break: the text's cl100k count, and the provider's
+        usage so far (Anthropic reports the prompt's split at message_start) with that
+        output count in it."""
+        produced = self._tokenizer.count("".join(progress.pieces))
+        end = model_pb2.GenerateEnd(
+            output_tokens=produced, stop_reason="interrupted", interrupted=True, error=error
+        )
+        if progress.usage is not None:
+            end.provider_usage.CopyFrom(progress.usage)
+            kind = end.provider_usage.WhichOneof("report")
+            if kind == "anthropic":
+                end.provider_usage.anthropic.output_tokens = produced
+            elif kind == "openai":  # a final usage chunk came, then the stream broke
+                end.output_tokens = end.provider_usage.openai.completion_tokens
+        return model_pb2.GenerateChunk(end=end)
+
+    def _retry_wait(self, failure: Failure, tries: int, deadline: float) -> float | None:
+        if failure.kind != Kind.RETRY or tries > self._s.max_retries:
+            return None
+        if failure.retry_after_s is not None:
+            wait = failure.retry_after_s
+        else:
+            wait = min(self._s.backoff_max_s, self._s.backoff_s * 2 ** (tries - 1))
+            wait *= 0.5 + random.random() / 2  # jitter: concurrent retries spread out
+        if self._clock() + wait >= deadline - _DEADLINE_MARGIN_S:
+            return None  # the wait would outlast the deadline: hand over now
+        return wait
+
+    async def _refusal(self, failure: Failure, message: str, tries: int) -> RequestError:
+        backend = self._adapter.backend
+        if failure.kind == Kind.CLIENT:
+            return RequestError(
+                Code.INVALID_ARGUMENT,
+                f"{backend} refused the request ({failure.status}): {message}",
+            )
+        if failure.kind == Kind.AUTH:
+            await self._unauthorised(failure, message)
+            return RequestError(
+                Code.UNAVAILABLE,
+                f"replica {self._replica}: {backend} refused this replica's credentials "
+                f"({failure.status}); another replica may serve",
+            )
+        after = f"after {tries} tries" if tries > 1 else "no retry fits the deadline"
+        if failure.kind == Kind.RETRY and tries <= self._s.max_retries:
+            after = "its retry-after outlasts the deadline"
+        return RequestError(
+            Code.UNAVAILABLE,
+            f"{backend} could not serve ({failure.status} {failure.error_type}: {message}); "
+            f"{after}",
+        )
+
+    def _refuse_while_unauthorised(self) -> None:
+        failed = self._auth_failed_at
+        if failed is None or self._clock() - failed >= self._s.auth_recheck_s:
+            return  # never failed, or time to try the credentials again
+        raise RequestError(
+            Code.UNAVAILABLE,
+            f"replica {self._replica}: {self._adapter.backend} refused this replica's "
+            "credentials; it is NOT_SERVING until they are fixed",
+        )
+
+    async def _unauthorised(self, failure: Failure, message: str) -> None:
+        first = self._auth_failed_at is None
+        self._auth_failed_at = self._clock()
+        if first:
+            await self._set_health(False)
+            log.error(
+                "%s refused the credentials of replica %s (%s %s: %s): NOT_SERVING; fix the "
+                "API key (%s_API_KEY or %s_API_KEY_FILE) and restart the replica",
+                self._adapter.backend,
+                self._replica,
+                failure.status,
+                failure.error_type,
+                message,
+                self._adapter.backend.upper(),
+                self._adapter.backend.upper(),
+            )
+
+    async def _healthy(self) -> None:
+        if self._auth_failed_at is not None:
+            self._auth_failed_at = None
+            await self._set_health(True)
+            log.info(
+                "%s accepts the credentials of replica %s again: SERVING",
+                self._adapter.backend,
+                self._replica,
+            )

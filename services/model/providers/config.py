@@ -1,0 +1,108 @@
+"""A provider replica's settings, read and checked once at start-up.
+
+The API key comes from ``<P>_API_KEY`` or from the file named by ``<P>_API_KEY_FILE`` (a
+mounted secret), never both; it is held in ``Secret`` whose repr hides it, and no message
+here ever repeats it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from services.common.env import ConfigError, Env
+
+Backend = Literal["anthropic", "openai"]
+DEFAULT_BASE_URLS: dict[Backend, str] = {
+    "anthropic": "https://api.anthropic.com",
+    "openai": "https://api.openai.com/v1",
+}
+_PREFIX: dict[Backend, str] = {"anthropic": "ANTHROPIC", "openai": "OPENAI"}
+
+
+class Secret:
+    """A credential: ``reveal()`` hands it to the SDK; ``str``/``repr`` never show it."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('[redacted]')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    backend: Backend
+    base_url: str
+    api_key: Secret | None  # None: an OpenAI-compatible engine that takes no key
+    max_retries: int  # retries of a 429 / 529 / 5xx / overloaded before the first token
+    backoff_s: float  # the first retry's wait without retry-after; doubles, with jitter
+    backoff_max_s: float
+    auth_recheck_s: float  # after a 401/403, refuse at once for this long, then try again
+    upstream_ids: Mapping[str, str]  # table id -> the provider's model id (MODEL_UPSTREAM_IDS)
+
+    @classmethod
+    def from_env(cls, env: Env, backend: Backend) -> ProviderSettings:
+        prefix = _PREFIX[backend]
+        default_url = DEFAULT_BASE_URLS[backend]
+        base_url = env.str(f"{prefix}_BASE_URL", default_url).rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{prefix}_BASE_URL must be an http:// or https:// URL, got {base_url[:64]!r}"
+            )
+        key = read_api_key(env, prefix)
+        if key is None and (backend == "anthropic" or base_url == default_url):
+            raise ConfigError(
+                f"{prefix}_API_KEY or {prefix}_API_KEY_FILE is required for {base_url} "
+                "(a file holding the key is safer: it stays out of the process environment)"
+            )
+        return cls(
+            backend=backend,
+            base_url=base_url,
+            api_key=key,
+            max_retries=env.int("PROVIDER_MAX_RETRIES", 2, minimum=0, maximum=10),
+            backoff_s=env.float("PROVIDER_BACKOFF_S", 0.5, minimum=0.0),
+            backoff_max_s=env.float("PROVIDER_BACKOFF_MAX_S", 8.0, minimum=0.0),
+            auth_recheck_s=env.float("PROVIDER_AUTH_RECHECK_S", 60.0, minimum=0.0),
+            upstream_ids=parse_upstream_ids(env.str("MODEL_UPSTREAM_IDS", "")),
+        )
+
+
+def read_api_key(env: Env, prefix: str) -> Secret | None:
+    direct = env.optional_str(f"{prefix}_API_KEY")
+    path = env.optional_str(f"{prefix}_API_KEY_FILE")
+    if direct and path:
+        raise ConfigError(f"set {prefix}_API_KEY or {prefix}_API_KEY_FILE, not both")
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{prefix}_API_KEY_FILE: cannot read {path[:200]!r} ({exc.strerror})"
+            ) from None
+        if not value:
+            raise ConfigError(f"{prefix}_API_KEY_FILE: {path[:200]!r} is empty")
+        if any(c.isspace() for c in value):
+            raise ConfigError(
+                f"{prefix}_API_KEY_FILE: {path[:200]!r} must hold one key on one line"
+            )
+        return Secret(value)
+    return Secret(direct) if direct else None
+
+
+def parse_upstream_ids(value: str) -> dict[str, str]:
+    """``local-small=SmolLM2-135M-Instruct,...``: the engine's names for the table's models."""
+    ids: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        model, sep, upstream = item.partition("=")
+        if not sep or not model.strip() or not upstream.strip():
+            raise ConfigError(f"MODEL_UPSTREAM_IDS: expected model=upstream-id, got {item[:64]!r}")
+        ids[model.strip()] = upstream.strip()
+    return ids

@@ -1,0 +1,98 @@
+"""What a provider's refusal means for the request: retry, the caller's fault, our
+credentials, or give up. Both official SDKs raise ``APIStatusError`` (status code, body,
+response headers), ``APITimeoutError`` and ``APIConnectionError``; an error event inside a
+stream (Anthropic's ``event: error``, an OpenAI chunk carrying ``error``) is an
+``APIStatusError`` too, whose body names the error type.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anthropic
+import openai
+
+
+class Kind(enum.Enum):
+    RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
+    CLIENT = "client"  # 400 / 404 / 413 / 422: the request is wrong; INVALID_ARGUMENT
+    AUTH = "auth"  # 401 / 403: our credentials; the replica reports NOT_SERVING
+    FATAL = "fatal"  # anything else: no retry, the next replica
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: Kind
+    status: int  # HTTP status, 0 when there was none (connection, timeout)
+    error_type: str  # the provider's error type, or the exception's name
+    message: str  # the provider's message (not yet redacted)
+    retry_after_s: float | None
+
+
+_RETRY_TYPES = {"overloaded_error", "rate_limit_error", "api_error", "server_error", "timeout"}
+_CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error"}
+_AUTH_TYPES = {"authentication_error", "permission_error", "invalid_api_key"}
+_STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
+_TRANSPORT_ERRORS = (
+    anthropic.APIConnectionError,
+    openai.APIConnectionError,
+)
+
+
+def classify(exc: Exception) -> Failure:
+    if isinstance(exc, _STATUS_ERRORS):
+        status = int(exc.status_code)
+        error_type, message = _error_of(exc.body, str(exc))
+        kind = _kind(status, error_type)
+        return Failure(kind, status, error_type, message, _retry_after(exc.response.headers))
+    if isinstance(exc, _TRANSPORT_ERRORS):  # includes the SDKs' APITimeoutError
+        return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
+    if isinstance(exc, (anthropic.APIError, openai.APIError)):  # an error chunk in a stream
+        error_type, message = _error_of(exc.body, str(exc))
+        return Failure(_kind(0, error_type), 0, error_type, message, None)
+    return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
+
+
+def _kind(status: int, error_type: str) -> Kind:
+    if error_type in _AUTH_TYPES or status in (401, 403):
+        return Kind.AUTH
+    if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
+        return Kind.RETRY
+    if error_type in _CLIENT_TYPES or status in (400, 404, 413, 422):
+        return Kind.CLIENT
+    return Kind.FATAL
+
+
+def _error_of(body: object, fallback: str) -> tuple[str, str]:
+    """The provider's error type and message from its error body: Anthropic's
+    ``{"type": "error", "error": {"type", "message"}}``, OpenAI's
+    ``{"error": {"message", "type", "code"}}`` (the SDK may hand over the inner object)."""
+    inner: Any = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(inner, dict):
+        error_type = str(inner.get("type") or inner.get("code") or "error")
+        message = str(inner.get("message") or fallback)
+        return error_type, message
+    if isinstance(body, str) and body:
+        return "error", body
+    return "error", fallback
+
+
+def _retry_after(headers: Any) -> float | None:
+    """``retry-after-ms``, else ``retry-after`` in seconds or as an HTTP date."""
+    try:
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, AttributeError):
+        return None

@@ -1,0 +1,177 @@
+"""OpenAI Chat Completions through the official ``openai`` SDK: OpenAI itself, or any
+OpenAI-compatible engine (vLLM, SGLang, Ollama, llama.cpp's llama-server, TGI) by base URL.
+
+``chat_params`` maps a Gateway request to the Chat Completions body: the system blocks become
+one system message, tools become functions, an assistant's ``tool_use`` blocks its
+``tool_calls``, a user's ``tool_result`` blocks ``tool`` messages (placed right after the
+assistant turn that called them, as the API requires); ``prompt_cache_key`` is passed
+through, the output limit goes in the model's own parameter (``max_completion_tokens`` for
+OpenAI's current models), and ``stream_options.include_usage`` asks for the usage chunk
+that ends the stream before ``[DONE]``. Cache breakpoints have no meaning here (OpenAI caches
+automatically) and are not sent.
+https://platform.openai.com/docs/api-reference/chat/create
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.models import ModelSpec
+from services.model.providers.progress import Progress, tool_use_chunk
+
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def _texts(blocks: list[pb.ContentBlock]) -> str:
+    return "\n\n".join(block.text for block in blocks if block.WhichOneof("kind") == "text")
+
+
+def _messages(request: pb.CompleteRequest) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if request.system:
+        messages.append({"role": "system", "content": _texts(list(request.system))})
+    for message in request.messages:
+        blocks = list(message.content)
+        if message.role == pb.ROLE_ASSISTANT:
+            calls = [
+                {
+                    "id": block.tool_use.id,
+                    "type": "function",
+                    "function": {
+                        "name": block.tool_use.name,
+                        "arguments": block.tool_use.input_json or "{}",
+                    },
+                }
+                for block in blocks
+                if block.WhichOneof("kind") == "tool_use"
+            ]
+            entry: dict[str, Any] = {"role": "assistant", "content": _texts(blocks) or None}
+            if calls:
+                entry["tool_calls"] = calls
+            messages.append(entry)
+            continue
+        for block in blocks:
+            if block.WhichOneof("kind") == "tool_result":
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": block.tool_result.tool_use_id,
+                        "content": block.tool_result.content,
+                    }
+                )
+        if text := _texts(blocks):
+            messages.append({"role": "user", "content": text})
+    return messages
+
+
+def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
+    """The Chat Completions body (less ``stream`` and ``stream_options``)."""
+    params: dict[str, Any] = {"model": spec.upstream, "messages": _messages(request)}
+    if request.tools:
+        params["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    **({"description": tool.description} if tool.description else {}),
+                    "parameters": json.loads(tool.input_schema_json or '{"type": "object"}'),
+                },
+            }
+            for tool in request.tools
+        ]
+    params[spec.max_tokens_param] = request.max_tokens
+    if request.HasField("temperature"):
+        params["temperature"] = request.temperature
+    if request.cache.prompt_cache_key:
+        params["prompt_cache_key"] = request.cache.prompt_cache_key
+    return params
+
+
+def _usage(usage: Any) -> tuple[pc.OpenAIUsage, int]:
+    prompt_details = getattr(usage, "prompt_tokens_details", None)
+    completion_details = getattr(usage, "completion_tokens_details", None)
+    reasoning = int(getattr(completion_details, "reasoning_tokens", None) or 0)
+    report = pc.OpenAIUsage(
+        prompt_tokens=int(usage.prompt_tokens or 0),
+        completion_tokens=int(usage.completion_tokens or 0),
+        total_tokens=int(usage.total_tokens or 0),
+        prompt_tokens_details=pc.OpenAIPromptTokensDetails(
+            cached_tokens=int(getattr(prompt_details, "cached_tokens", None) or 0)
+        ),
+        completion_tokens_details=pc.OpenAICompletionTokensDetails(reasoning_tokens=reasoning),
+    )
+    return report, reasoning
+
+
+class OpenAIAdapter:
+    backend = "openai"
+
+    def __init__(self, client: openai.AsyncOpenAI) -> None:
+        self._client = client
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def stream(
+        self,
+        spec: ModelSpec,
+        request: pb.CompleteRequest,
+        progress: Progress,
+        timeout_s: float,
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        params = chat_params(spec, request)
+        chunks = await self._client.chat.completions.create(
+            **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
+        )
+        calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
+        stop_reason = "end_turn"
+        report: pc.OpenAIUsage | None = None
+        reasoning = 0
+        async with chunks:
+            async for chunk in chunks:
+                if chunk.usage is not None:
+                    report, reasoning = _usage(chunk.usage)
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta is not None and delta.content:
+                        if not progress.started:
+                            yield progress.start()
+                        yield progress.text(delta.content)
+                    for call in (delta.tool_calls if delta is not None else None) or []:
+                        if not progress.started:
+                            yield progress.start()
+                        entry = calls.setdefault(call.index, ["", "", []])
+                        if call.id:
+                            entry[0] = call.id
+                        if call.function is not None:
+                            if call.function.name:
+                                entry[1] = call.function.name
+                            if call.function.arguments:
+                                entry[2].append(call.function.arguments)
+                    if choice.finish_reason:
+                        reason = choice.finish_reason
+                        stop_reason = STOP_REASONS.get(reason, reason)
+        if not progress.started:
+            yield progress.start()
+        for index in sorted(calls):
+            call_id, name, pieces = calls[index]
+            yield tool_use_chunk(call_id or f"call_{index}", name, "".join(pieces))
+        end = model_pb2.GenerateEnd(stop_reason=stop_reason, reasoning_tokens=reasoning)
+        if report is not None:
+            end.output_tokens = report.completion_tokens
+            end.provider_usage.openai.CopyFrom(report)
+            progress.usage = end.provider_usage
+        yield model_pb2.GenerateChunk(end=end)

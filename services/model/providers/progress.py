@@ -1,0 +1,52 @@
+"""One provider call's progress, shared by an adapter and the driver: whether the first token
+has gone out, the text so far and the usage the provider has reported so far (what an
+interrupted answer is billed for)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+
+
+@dataclass
+class Progress:
+    replica: str
+    backend: str
+    estimated_prompt_tokens: int  # Plan's count, until the provider reports its own
+    started: bool = False
+    pieces: list[str] = field(default_factory=list)
+    usage: pc.ProviderUsage | None = None
+
+    def start(self, prompt_tokens: int | None = None) -> model_pb2.GenerateChunk:
+        self.started = True
+        return model_pb2.GenerateChunk(
+            start=model_pb2.GenerateStart(
+                replica=self.replica,
+                prompt_tokens=self.estimated_prompt_tokens
+                if prompt_tokens is None
+                else prompt_tokens,
+                kv_cached_tokens=0,  # a provider reports its cache reuse at the end
+                backend=self.backend,
+            )
+        )
+
+    def text(self, text: str) -> model_pb2.GenerateChunk:
+        self.pieces.append(text)
+        return model_pb2.GenerateChunk(text=text)
+
+
+def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.GenerateChunk:
+    """A finished tool call as a ``tool_use`` block; its input is the JSON the model wrote
+    (an empty input is ``{}``)."""
+    raw = arguments.strip() or "{}"
+    try:
+        json.loads(raw)
+    except ValueError:
+        raw = json.dumps({"_unparsed_arguments": raw})  # kept, visibly, never dropped
+    return model_pb2.GenerateChunk(
+        block=pb.ContentBlock(tool_use=pb.ToolUse(id=call_id, name=name, input_json=raw))
+    )

@@ -1,0 +1,44 @@
+"""A model's answer as it streams in: the Gateway's deltas and the content blocks they add up
+to (consecutive text is one text block; a ``tool_use`` is a block of its own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+
+
+@dataclass
+class Answer:
+    blocks: list[pb.ContentBlock] = field(default_factory=list)
+    first: bool = False  # the last ``add`` was the answer's first content
+    # what an interrupted provider stream reported for the part produced (None: nothing)
+    partial_usage: pc.ProviderUsage | None = None
+    _texts: list[list[str]] = field(default_factory=list)  # the pieces of each text block
+
+    def add(self, chunk: model_pb2.GenerateChunk) -> pb.ContentBlock:
+        """Records a ``text`` or ``block`` chunk; returns the Gateway delta for it."""
+        self.first = not self.blocks
+        if chunk.WhichOneof("part") == "text":
+            if not self.blocks or self.blocks[-1].WhichOneof("kind") != "text":
+                self.blocks.append(pb.ContentBlock(text=""))
+                self._texts.append([])
+            self._texts[-1].append(chunk.text)
+            return pb.ContentBlock(text=chunk.text)
+        self.blocks.append(chunk.block)
+        return chunk.block
+
+    def content(self) -> list[pb.ContentBlock]:
+        texts = iter(self._texts)
+        out = []
+        for block in self.blocks:
+            if block.WhichOneof("kind") == "text":
+                out.append(pb.ContentBlock(text="".join(next(texts))))
+            else:
+                out.append(block)
+        return out or [pb.ContentBlock(text="")]
+
+    def text(self) -> str:
+        return "".join(piece for pieces in self._texts for piece in pieces)

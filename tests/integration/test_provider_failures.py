@@ -1,0 +1,212 @@
+"""Point 5 of issue 10 on real processes: retries that honour retry-after within the deadline,
+the hand-over to the next replica, a 400's message, revoked credentials (NOT_SERVING, the
+other replica serves, one log line), a stream broken midway (billed, never stored), and a
+provider that hangs (cut at the deadline)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+
+from cachemesh import CachemeshError, Client
+from cachemesh.v1 import gateway_pb2 as pb
+from services.tools.stack.health import probe
+from tests.integration.provider_stack import MODEL_TIMEOUT_S, ProviderStack, ask, router_spans
+from tests.providers import anthropic_wire, openai_wire
+from tests.providers.wire_server import Reply
+
+
+def _client(providers: ProviderStack, tenant: str = "tenant-a") -> Client:
+    return Client(providers.stack.target, api_key=providers.stack.keys[tenant])
+
+
+def _refused(
+    providers: ProviderStack, client: Client, request: pb.CompleteRequest
+) -> CachemeshError:
+    with pytest.raises(CachemeshError) as caught:
+        client.complete(request)
+    providers.errors.append(str(caught.value))
+    return caught.value
+
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_429_is_retried_after_its_retry_after_on_the_same_replica(
+    providers: ProviderStack,
+) -> None:
+    server = providers.server
+    server.script(
+        "anthropic",
+        anthropic_wire.error(
+            429,
+            "rate_limit_error",
+            "Number of request tokens has exceeded your rate limit.",
+            {"retry-after": "1"},
+        ),
+    )
+    question = f"Rate limited question {uuid.uuid4().hex[:8]}"
+    with _client(providers) as client:
+        answer = client.complete(ask("claude-sonnet-4-5", question))
+    calls = [s for s in server.seen_by("anthropic") if question in str(s.body)]
+    assert [c.status for c in calls] == [429, 200]
+    assert calls[0].key == calls[1].key  # the same replica retried
+    assert calls[1].at - calls[0].at >= 1.0  # it waited what retry-after asked
+    assert answer.content[0].text == "Paris is the capital of France."
+
+
+def test_529_overloaded_and_500_are_retried_with_backoff(providers: ProviderStack) -> None:
+    server = providers.server
+    server.script(
+        "anthropic",
+        Reply(status=529, body=anthropic_wire.overloaded_body()),
+        anthropic_wire.error(500, "api_error", "Internal server error"),
+    )
+    question = f"Overloaded question {uuid.uuid4().hex[:8]}"
+    with _client(providers) as client:
+        answer = client.complete(ask("claude-sonnet-4-5", question))
+    calls = [s for s in server.seen_by("anthropic") if question in str(s.body)]
+    assert [c.status for c in calls] == [529, 500, 200]
+    assert answer.stop_reason == "end_turn"
+    _, chats = router_spans(providers.stack, answer.trace_id)
+    assert len(chats) == 1  # retried inside the replica: one model call for the router
+
+
+def test_a_retry_after_beyond_the_deadline_goes_to_the_next_replica(
+    providers: ProviderStack,
+) -> None:
+    server = providers.server
+    server.script(
+        "openai",
+        openai_wire.error(
+            429,
+            "requests",
+            "Rate limit reached for gpt-4.1 in organization org-x on requests per min (RPM).",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "600"},
+        ),
+    )
+    question = f"Far retry-after {uuid.uuid4().hex[:8]}"
+    with _client(providers) as client:
+        answer = client.complete(ask("gpt-4-1", question))
+    calls = [s for s in server.seen_by("openai") if question in str(s.body)]
+    assert [c.status for c in calls] == [429, 200]
+    assert calls[0].key != calls[1].key  # handed to the other gpt-4-1 replica at once
+    assert calls[1].at - calls[0].at < MODEL_TIMEOUT_S
+    root, chats = router_spans(providers.stack, answer.trace_id)
+    assert [c.attributes.get("error.type") for c in chats].count("UNAVAILABLE") == 1
+    assert root.attributes["cachemesh.route_reason"] == "fallback"
+
+
+def test_a_400_is_invalid_argument_with_the_providers_message(providers: ProviderStack) -> None:
+    providers.server.script(
+        "openai",
+        openai_wire.error(
+            400,
+            "invalid_request_error",
+            "Invalid parameter: messages with role 'tool' must be a response to a "
+            "preceeding message with 'tool_calls'.",
+        ),
+    )
+    with _client(providers) as client:
+        error = _refused(providers, client, ask("gpt-4o-mini", f"Bad turn {uuid.uuid4().hex[:8]}"))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be a response to a preceeding message with 'tool_calls'" in str(error)
+
+
+def test_revoked_credentials_turn_the_replica_not_serving_and_the_other_serves(
+    providers: ProviderStack,
+) -> None:
+    bad = providers.replicas["anthropic-bad"]
+    with _client(providers) as client:
+        answers = [
+            client.complete(ask("claude-haiku-4-5", f"Haiku question {n} {uuid.uuid4().hex[:6]}"))
+            for n in range(3)
+        ]
+    assert all(a.content[0].text == "Paris is the capital of France." for a in answers)
+    rejected = [
+        s for s in providers.server.seen_by("anthropic") if s.key == providers.keys["anthropic-bad"]
+    ]
+    assert len(rejected) == 1  # after its 401 the replica refuses at once, without calling
+    assert probe(bad) == "NOT_SERVING"
+    log = (providers.log_dir / "anthropic-bad.log").read_text()
+    lines = [line for line in log.splitlines() if "refused the credentials" in line]
+    assert len(lines) == 1 and "NOT_SERVING" in lines[0] and "ANTHROPIC_API_KEY" in lines[0]
+
+
+def test_a_stream_broken_midway_is_billed_and_never_stored(providers: ProviderStack) -> None:
+    server = providers.server
+    question = f"Broken stream question {uuid.uuid4().hex[:8]}"
+    server.script(
+        "anthropic",
+        Reply(
+            events=anthropic_wire.stream(
+                "claude-sonnet-4-5",
+                ["Paris", " is the", " capital", " of France."],
+                anthropic_wire.Usage(input_tokens=25, output_tokens=9),
+                error_after=2,
+            )
+        ),
+    )
+    request = ask("claude-sonnet-4-5", question)
+    request.cache.semantic = pb.SEMANTIC_MODE_USE
+    before = providers.stack.totals("tenant-b")
+    with _client(providers, "tenant-b") as client:
+        with pytest.raises(CachemeshError) as caught:
+            list(client.stream(request))
+        providers.errors.append(str(caught.value))
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "broke off" in str(caught.value) and "overloaded_error" in str(caught.value)
+        deadline = time.monotonic() + 10
+        while (after := providers.stack.totals("tenant-b")).requests == before.requests:
+            assert time.monotonic() < deadline, "the broken answer was never billed"
+            time.sleep(0.1)
+        # billed: the prompt as the provider reported it at message_start, and the
+        # tokens produced before the break ("Paris is the" = 3 cl100k tokens)
+        assert after.usage.input_tokens - before.usage.input_tokens == 25
+        assert after.usage.output_tokens - before.usage.output_tokens == 3
+        assert after.cost_nanos - before.cost_nanos == 25 * 3000 + 3 * 15000
+        # never stored: the same question reaches the provider again
+        again = client.complete(request)
+    assert again.served_by != pb.LAYER_SEMANTIC_CACHE
+    assert len([s for s in server.seen_by("anthropic") if question in str(s.body)]) == 2
+
+
+def test_an_openai_stream_cut_without_done_is_billed_and_not_stored(
+    providers: ProviderStack,
+) -> None:
+    question = f"Cut stream question {uuid.uuid4().hex[:8]}"
+    providers.server.script(
+        "openai",
+        Reply(
+            events=openai_wire.stream(
+                "gpt-4o-mini", ["Paris ", "is the ", "capital."], None, cut_after=2
+            ),
+            cut=True,
+        ),
+    )
+    request = ask("gpt-4o-mini", question)
+    request.cache.semantic = pb.SEMANTIC_MODE_USE
+    with _client(providers) as client:
+        with pytest.raises(CachemeshError) as caught:
+            client.complete(request)
+        providers.errors.append(str(caught.value))
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        again = client.complete(request)
+    assert again.served_by == pb.LAYER_MODEL  # not an L1 hit of the broken answer
+
+
+def test_a_provider_that_hangs_is_cut_at_the_deadline(providers: ProviderStack) -> None:
+    providers.server.script("anthropic", Reply(hang=True))
+    started = time.monotonic()
+    with _client(providers) as client:
+        error = _refused(
+            providers, client, ask("claude-sonnet-4-5", f"Hang {uuid.uuid4().hex[:6]}")
+        )
+    elapsed = time.monotonic() - started
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert "DEADLINE_EXCEEDED" in str(error)
+    assert elapsed < MODEL_TIMEOUT_S + 3  # one replica, one deadline, not a hang

@@ -1,0 +1,178 @@
+"""The Anthropic Messages API's wire format, as https://docs.claude.com/en/api/messages-streaming
+and https://docs.claude.com/en/api/errors show it: the SSE event sequence (message_start with
+the usage of the prompt, content_block_start / ping / content_block_delta / content_block_stop,
+message_delta with the stop reason and output usage, message_stop), error events and bodies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.providers.wire_server import Event, Reply, dumps
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    cache_creation_5m: int = 0
+    cache_creation_1h: int = 0
+    cache_read_input_tokens: int = 0
+    output_tokens: int = 0
+
+    def start(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_5m + self.cache_creation_1h,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": self.cache_creation_5m,
+                "ephemeral_1h_input_tokens": self.cache_creation_1h,
+            },
+            "output_tokens": 1,
+            "service_tier": "standard",
+        }
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    json_pieces: list[str] = field(default_factory=list)
+
+
+def stream(
+    model: str,
+    texts: list[str],
+    usage: Usage,
+    *,
+    stop_reason: str = "end_turn",
+    tool: ToolCall | None = None,
+    error_after: int | None = None,
+) -> list[Event]:
+    """The events of one streamed message; ``error_after`` ends it with an ``error`` event
+    (overloaded) after that many text deltas."""
+    events: list[Event] = [
+        (
+            "message_start",
+            dumps(
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_01LoopbackTest",
+                        "type": "message",
+                        "role": "assistant",
+                        "content": [],
+                        "model": model,
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": usage.start(),
+                    },
+                }
+            ),
+        ),
+        (
+            "content_block_start",
+            dumps(
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                }
+            ),
+        ),
+        ("ping", dumps({"type": "ping"})),
+    ]
+    for n, text in enumerate(texts):
+        if error_after is not None and n == error_after:
+            events.append(("error", dumps(overloaded_body())))
+            return events
+        events.append(
+            (
+                "content_block_delta",
+                dumps(
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": text},
+                    }
+                ),
+            )
+        )
+    events.append(("content_block_stop", dumps({"type": "content_block_stop", "index": 0})))
+    if tool is not None:
+        events.append(
+            (
+                "content_block_start",
+                dumps(
+                    {
+                        "type": "content_block_start",
+                        "index": 1,
+                        "content_block": {
+                            "type": "tool_use",
+                            "id": tool.id,
+                            "name": tool.name,
+                            "input": {},
+                        },
+                    }
+                ),
+            )
+        )
+        for piece in tool.json_pieces:
+            events.append(
+                (
+                    "content_block_delta",
+                    dumps(
+                        {
+                            "type": "content_block_delta",
+                            "index": 1,
+                            "delta": {"type": "input_json_delta", "partial_json": piece},
+                        }
+                    ),
+                )
+            )
+        events.append(("content_block_stop", dumps({"type": "content_block_stop", "index": 1})))
+    events += [
+        (
+            "message_delta",
+            dumps(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": usage.output_tokens},
+                }
+            ),
+        ),
+        ("message_stop", dumps({"type": "message_stop"})),
+    ]
+    return events
+
+
+def error_body(kind: str, message: str) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "error": {"type": kind, "message": message},
+        "request_id": "req_loopback",
+    }
+
+
+def overloaded_body() -> dict[str, Any]:
+    return {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+def error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status=status, body=error_body(kind, message), headers=headers or {})
+
+
+def default(body: dict[str, Any]) -> Reply:
+    """A short answer, its usage counted roughly from the request (4 characters a token)."""
+    size = len(dumps(body.get("messages", []))) + len(dumps(body.get("system", [])))
+    return Reply(
+        events=stream(
+            str(body.get("model")),
+            ["Paris is ", "the capital ", "of France."],
+            Usage(input_tokens=max(1, size // 4), output_tokens=7),
+        )
+    )
+
+
+REJECTED = error(401, "authentication_error", "invalid x-api-key")

@@ -1,0 +1,128 @@
+"""Provider settings and table overrides, validated at start-up; the request bodies each
+adapter builds; a key never in a message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.env import ConfigError, Env
+from services.common.models import load_model_table, model_table_from_env
+from services.model.providers.config import ProviderSettings
+from services.model.providers.failures import Kind, _kind
+from services.model.providers.openai_wire import chat_params
+from services.model.providers.redact import Redactor
+from services.model.settings import ModelSettings
+
+TABLE = load_model_table()
+KEY = "sk-ant-api03-secretsecretsecret-XYZ123"
+
+
+def test_the_key_comes_from_a_file_and_is_never_shown(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_text(KEY + "\n")
+    settings = ProviderSettings.from_env(Env({"ANTHROPIC_API_KEY_FILE": str(path)}), "anthropic")
+    assert settings.api_key is not None and settings.api_key.reveal() == KEY
+    assert KEY not in repr(settings) and KEY not in str(settings.api_key)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, "ANTHROPIC_API_KEY"),  # Anthropic always needs a key
+        ({"ANTHROPIC_API_KEY": "a", "ANTHROPIC_API_KEY_FILE": "/x"}, "not both"),
+        ({"ANTHROPIC_API_KEY_FILE": "/nonexistent/key"}, "ANTHROPIC_API_KEY_FILE"),
+        ({"ANTHROPIC_API_KEY": "a", "ANTHROPIC_BASE_URL": "ftp://x"}, "ANTHROPIC_BASE_URL"),
+        ({"ANTHROPIC_API_KEY": "a", "PROVIDER_MAX_RETRIES": "-1"}, "PROVIDER_MAX_RETRIES"),
+    ],
+)
+def test_bad_provider_settings_fail_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        ProviderSettings.from_env(Env(env), "anthropic")
+
+
+def test_a_local_engine_needs_no_key_but_openai_does() -> None:
+    local = ProviderSettings.from_env(
+        Env({"OPENAI_BASE_URL": "http://127.0.0.1:8080/v1"}), "openai"
+    )
+    assert local.api_key is None
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        ProviderSettings.from_env(Env({}), "openai")
+
+
+def test_a_replica_serves_only_its_backends_models() -> None:
+    base = {"CACHEMESH_INTERNAL_TOKEN": "t" * 20, "ANTHROPIC_API_KEY": "k"}
+    with pytest.raises(ConfigError, match="MODEL_BACKEND=anthropic serves"):
+        ModelSettings.from_env({**base, "MODEL_BACKEND": "anthropic", "MODEL_IDS": "gpt-4o"})
+    with pytest.raises(ConfigError, match="MODEL_BACKEND"):
+        ModelSettings.from_env({**base, "MODEL_BACKEND": "bedrock"})
+    ok = ModelSettings.from_env(
+        {**base, "MODEL_BACKEND": "anthropic", "MODEL_IDS": "claude-haiku-4-5"}
+    )
+    assert ok.provider is not None and ok.provider.base_url == "https://api.anthropic.com"
+
+
+def test_prices_and_auto_tiers_from_the_environment() -> None:
+    table = model_table_from_env(
+        Env({"CACHEMESH_PRICES": "local-small=7/9/1", "CACHEMESH_AUTO_SMALL": "local-small"})
+    )
+    spec = table.models["local-small"]
+    assert (spec.input_nanos, spec.output_nanos, spec.cache_read_nanos) == (7, 9, 1)
+    assert table.auto["small"] == "local-small"
+    with pytest.raises(ConfigError, match="CACHEMESH_AUTO"):
+        model_table_from_env(Env({"CACHEMESH_AUTO_SMALL": "claude-sonnet-4-5"}))  # a large model
+    with pytest.raises(ConfigError, match="CACHEMESH_PRICES"):
+        model_table_from_env(Env({"CACHEMESH_PRICES": "local-small=1"}))
+
+
+def test_every_real_row_names_its_upstream_model_and_source() -> None:
+    for spec in TABLE.models.values():
+        if spec.provider in ("anthropic", "openai"):
+            assert spec.upstream_id and "https://" in spec.source, spec.id
+        if spec.provider == "openai":
+            assert spec.max_tokens_param == "max_completion_tokens", spec.id
+
+
+def test_openai_body_for_a_local_engine_uses_max_tokens_and_no_cache_key() -> None:
+    spec = TABLE.models["local-small"].model_copy(update={"upstream_id": "SmolLM2-135M-Instruct"})
+    request = pb.CompleteRequest(
+        model="local-small",
+        max_tokens=32,
+        system=[pb.ContentBlock(text="Be brief.", cache_control=pb.CacheControl())],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Hi")])],
+    )
+    assert chat_params(spec, request) == {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+        ],
+        "max_tokens": 32,
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "kind"),
+    [
+        (429, "rate_limit_error", Kind.RETRY),
+        (529, "overloaded_error", Kind.RETRY),
+        (0, "overloaded_error", Kind.RETRY),  # an error event mid-stream
+        (503, "error", Kind.RETRY),
+        (400, "invalid_request_error", Kind.CLIENT),
+        (401, "invalid_request_error", Kind.AUTH),  # OpenAI's 401 body says invalid_request
+        (403, "permission_error", Kind.AUTH),
+    ],
+)
+def test_failures_are_classified(status: int, error_type: str, kind: Kind) -> None:
+    assert _kind(status, error_type) == kind
+
+
+def test_a_key_echoed_whole_or_masked_is_redacted() -> None:
+    redactor = Redactor([KEY])
+    for echo in (KEY, KEY[:8] + "****" + KEY[-4:], "sk-proj-abc*****wxyz"):
+        cleaned = redactor.clean(f"Incorrect API key provided: {echo}.")
+        assert KEY not in cleaned and KEY[:8] not in cleaned and "abc*****" not in cleaned
+    assert json.dumps(redactor.message("x" * 2000)).count("x") == 500
