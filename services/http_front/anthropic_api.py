@@ -9,13 +9,15 @@ extended thinking) are refused with a 400 that says so, never dropped silently.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.http_front.errors import invalid
 from services.http_front.fields import Obj, json_text, shown
 
-VERSIONS = ("2023-06-01", "2023-01-01")
+# anthropic-version: a dated API version; the SDKs send newer ones than the first (2023-01-01)
+VERSION = re.compile(r"^20\d\d-[01]\d-[0-3]\d$")
 _TOP = (
     "model", "messages", "max_tokens", "system", "tools", "temperature", "stream", "metadata",
     "stop_sequences", "top_p", "top_k", "tool_choice", "thinking", "service_tier",
@@ -83,7 +85,7 @@ def _unsupported(top: Obj) -> None:
     top.text("service_tier")
 
 
-def _cache_control(obj: Obj) -> pb.CacheControl | None:
+def cache_control(obj: Obj) -> pb.CacheControl | None:
     control = obj.obj("cache_control")
     if control is None:
         return None
@@ -121,7 +123,7 @@ def _block(raw: object, path: str) -> pb.ContentBlock:
             f"{obj.at('type')}: {shown(kind)} blocks are not supported by cachemesh; "
             "use text, tool_use or tool_result"
         )
-    control = _cache_control(obj)
+    control = cache_control(obj)
     if control is not None:
         block.cache_control.CopyFrom(control)
     return block
@@ -168,7 +170,7 @@ def _tool(raw: object, path: str) -> pb.Tool:
         description=obj.text("description") or "",
         input_schema_json=json_text(obj.raw("input_schema"), obj.at("input_schema")),
     )
-    control = _cache_control(obj)
+    control = cache_control(obj)
     if control is not None:
         tool.cache_control.CopyFrom(control)
     return tool

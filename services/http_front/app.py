@@ -16,7 +16,7 @@ from aiohttp import web
 from services.common.auth import ApiKeys
 from services.common.env import ConfigError, Env
 from services.common.server import configure_logging, run_main
-from services.common.telemetry import build_tracer_provider, client_interceptors
+from services.common.telemetry import build_tracer_provider
 from services.http_front.gateway import Gateway
 from services.http_front.handlers import Front
 from services.http_front.limits import InFlight
@@ -42,9 +42,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     settings = HttpFrontSettings.from_env(environ)
     keys = ApiKeys.from_file(settings.api_keys_file)
     provider = build_tracer_provider(environ, "http-front")
-    gateway = Gateway(
-        settings.gateway_addr, client_interceptors(provider), settings.gateway_timeout_s
-    )
+    gateway = Gateway(settings.gateway_addr, settings.gateway_timeout_s)
     front = Front(
         settings,
         keys,

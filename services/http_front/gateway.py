@@ -1,10 +1,15 @@
 """The front's client of ``cachemesh.v1.Gateway``: the caller's own key passed through as
-``authorization: Bearer`` metadata, gRPC failures turned into ``ApiError``s."""
+``authorization: Bearer`` metadata with the front's span as ``traceparent`` (the router's
+server span joins the caller's trace), gRPC failures turned into ``ApiError``s.
+
+The trace context is put in the metadata here rather than by OpenTelemetry's gRPC client
+interceptor: py-spy showed the interceptor at about a tenth of the front's CPU on an exact
+hit, for a client span that would only repeat the front's server span."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -27,18 +32,23 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
     return from_gateway(code_of(error.code()), error.details() or "", retry_after)
 
 
+def _metadata(key: str, traceparent: str) -> tuple[tuple[str, str], ...]:
+    auth = ("authorization", f"Bearer {key}")
+    return (auth, ("traceparent", traceparent)) if traceparent else (auth,)
+
+
 class Gateway:
-    def __init__(
-        self, address: str, interceptors: Sequence[grpc.aio.ClientInterceptor], timeout_s: float
-    ) -> None:
-        self._channel = grpc.aio.insecure_channel(address, interceptors=list(interceptors))
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s
 
-    async def complete(self, request: pb.CompleteRequest, key: str) -> pb.CompleteResponse:
+    async def complete(
+        self, request: pb.CompleteRequest, key: str, traceparent: str
+    ) -> pb.CompleteResponse:
         call = self._stub.Complete(
-            request, metadata=(("authorization", f"Bearer {key}"),), timeout=self._timeout_s
+            request, metadata=_metadata(key, traceparent), timeout=self._timeout_s
         )
         try:
             response: pb.CompleteResponse = await call
@@ -50,10 +60,10 @@ class Gateway:
         return response
 
     async def stream(
-        self, request: pb.CompleteRequest, key: str
+        self, request: pb.CompleteRequest, key: str, traceparent: str
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         call = self._stub.StreamComplete(
-            request, metadata=(("authorization", f"Bearer {key}"),), timeout=self._timeout_s
+            request, metadata=_metadata(key, traceparent), timeout=self._timeout_s
         )
         try:
             async for chunk in call:

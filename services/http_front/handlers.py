@@ -90,7 +90,7 @@ class Front:
         self,
         api: Api,
         request: web.Request,
-        answer: Callable[[web.Request, str, str], Awaitable[web.StreamResponse]],
+        answer: Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         """One request in a server span that joins the caller's trace (``traceparent``)."""
         parent = _PROPAGATOR.extract(carrier=request.headers)
@@ -101,7 +101,7 @@ class Front:
             traceparent = _traceparent(span)
             try:
                 tenant, key = self._admit(api, request)
-                response = await answer(request, tenant, key)
+                response = await answer(request, tenant, key, traceparent)
             except ApiError as error:
                 span.set_attribute("error.type", error.kind)
                 response = self._error(api, error, traceparent)
@@ -128,10 +128,10 @@ class Front:
             version = request.headers.get("anthropic-version")
             if version is None:
                 raise invalid("anthropic-version: header is required (e.g. 2023-06-01)")
-            if version not in anthropic_api.VERSIONS:
+            if not anthropic_api.VERSION.match(version):
                 raise invalid(
-                    f"anthropic-version: {version[:32]!r} is not a valid version; use one of "
-                    + ", ".join(anthropic_api.VERSIONS)
+                    f"anthropic-version: {version[:32]!r} is not a valid version (a date such "
+                    "as 2023-06-01)"
                 )
         return tenant, key
 
@@ -146,19 +146,21 @@ class Front:
         return parse_body(raw)
 
     # --- Anthropic ----------------------------------------------------------------------------
-    async def _messages(self, request: web.Request, tenant: str, key: str) -> web.StreamResponse:
+    async def _messages(
+        self, request: web.Request, tenant: str, key: str, traceparent: str
+    ) -> web.StreamResponse:
         gw, stream = anthropic_api.parse_request(await self._body(request))
         facts.cache_options(request.headers, gw)
         with self._in_flight.slot(tenant):
             if not stream:
-                end = await self._gateway.complete(gw, key)
-                headers = facts.end_headers(end, _traceparent(trace.get_current_span()))
+                end = await self._gateway.complete(gw, key, traceparent)
+                headers = facts.end_headers(end, traceparent)
                 headers["request-id"] = end.request_id
                 return _json(anthropic_api.response(end), headers=headers)
             events = anthropic_api.EventStream()
-            async with aclosing(self._gateway.stream(gw, key)) as chunks:
+            async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
                 start = await _first(chunks)
-                response = await self._open_stream(request, start, "request-id")
+                response = await self._open_stream(request, start, "request-id", traceparent)
                 for name, body in events.start(start.start):
                     await response.write(sse.event(name, body))
                 try:
@@ -173,7 +175,9 @@ class Front:
             return response
 
     # --- OpenAI -------------------------------------------------------------------------------
-    async def _chat(self, request: web.Request, tenant: str, key: str) -> web.StreamResponse:
+    async def _chat(
+        self, request: web.Request, tenant: str, key: str, traceparent: str
+    ) -> web.StreamResponse:
         body = await self._body(request)
         model = body.get("model")
         default = self._settings.default_max_tokens.get(
@@ -184,14 +188,14 @@ class Front:
         created = int(self._clock())
         with self._in_flight.slot(tenant):
             if not stream:
-                end = await self._gateway.complete(gw, key)
-                headers = facts.end_headers(end, _traceparent(trace.get_current_span()))
+                end = await self._gateway.complete(gw, key, traceparent)
+                headers = facts.end_headers(end, traceparent)
                 headers["x-request-id"] = end.request_id
                 return _json(openai_api.response(end, created), headers=headers)
             chunker = openai_api.ChunkStream(created, include_usage)
-            async with aclosing(self._gateway.stream(gw, key)) as chunks:
+            async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
                 start = await _first(chunks)
-                response = await self._open_stream(request, start, "x-request-id")
+                response = await self._open_stream(request, start, "x-request-id", traceparent)
                 for item in chunker.start(start.start):
                     await response.write(sse.data(item))
                 try:
@@ -208,9 +212,9 @@ class Front:
             return response
 
     async def _open_stream(
-        self, request: web.Request, start: pb.CompleteChunk, id_header: str
+        self, request: web.Request, start: pb.CompleteChunk, id_header: str, traceparent: str
     ) -> web.StreamResponse:
-        headers = facts.start_headers(start.start, _traceparent(trace.get_current_span()))
+        headers = facts.start_headers(start.start, traceparent)
         headers[id_header] = start.start.request_id
         headers["cache-control"] = "no-cache"
         response = web.StreamResponse(headers=headers)
@@ -219,7 +223,9 @@ class Front:
         return response
 
     # --- models -------------------------------------------------------------------------------
-    async def _models(self, request: web.Request, tenant: str, key: str) -> web.StreamResponse:
+    async def _models(
+        self, request: web.Request, tenant: str, key: str, traceparent: str
+    ) -> web.StreamResponse:
         wanted = request.match_info.get("model")
         api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
         models = self._settings.models

@@ -2,10 +2,13 @@
 
 system and developer messages become the Gateway's system blocks; an assistant message's
 ``tool_calls`` become tool_use blocks and ``tool`` messages tool_result blocks of a user turn.
-OpenAI caches prompt prefixes by itself, so a request carries no breakpoints: what the
-Gateway bills as a cache read (``prompt_tokens_details.cached_tokens``) follows the
-requested model's rules. Fields the Gateway cannot honour (n > 1, stop, logprobs, a forced
-tool choice, structured output, images) are refused with a 400, never dropped silently.
+OpenAI caches prompt prefixes by itself, so a plain request carries no breakpoints and what
+the Gateway bills follows the requested model's rules; for models billed under Anthropic's
+rules (the simulated ones) a text part may carry ``cache_control`` (as the LiteLLM and
+OpenRouter proxies accept it), which marks a breakpoint there, and the cache read shows in
+``prompt_tokens_details.cached_tokens``. Fields the Gateway cannot honour (n > 1, stop,
+logprobs, a forced tool choice, structured output, images) are refused with a 400, never
+dropped silently.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.http_front.anthropic_api import cache_control
 from services.http_front.errors import invalid
 from services.http_front.fields import Obj, json_text, shown
 
@@ -111,16 +115,16 @@ def _tool(raw: object, path: str) -> pb.Tool:
     )
 
 
-def _text_of(obj: Obj, *, required: bool = True) -> str:
-    """A message's content: a string or an array of text parts."""
+def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
+    """A message's content: a string, or an array of text parts (each may carry a
+    ``cache_control`` breakpoint)."""
     content = obj.raw("content")
     if isinstance(content, str):
-        return content
+        return [pb.ContentBlock(text=content)]
     if content is None and not required:
-        return ""
-    parts = obj.array("content", required=True) or []
-    texts = []
-    for i, raw in enumerate(parts):
+        return []
+    blocks = []
+    for i, raw in enumerate(obj.array("content", required=True) or []):
         part = Obj(raw, f"{obj.at('content')}[{i}]")
         kind = part.text("type", required=True)
         if kind != "text":
@@ -128,9 +132,17 @@ def _text_of(obj: Obj, *, required: bool = True) -> str:
                 f"{part.at('type')}: {shown(kind)} parts are not supported by cachemesh; use text",
                 part.at("type"),
             )
-        part.only(("type", "text"))
-        texts.append(part.text("text", required=True) or "")
-    return "".join(texts)
+        part.only(("type", "text", "cache_control"))
+        block = pb.ContentBlock(text=part.text("text", required=True) or "")
+        control = cache_control(part)
+        if control is not None:
+            block.cache_control.CopyFrom(control)
+        blocks.append(block)
+    return blocks
+
+
+def _text_of(obj: Obj) -> str:
+    return "".join(b.text for b in _blocks_of(obj))
 
 
 def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
@@ -140,10 +152,10 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
         role = obj.text("role", required=True)
         if role in ("system", "developer"):
             obj.only(("role", "content", "name"))
-            request.system.append(pb.ContentBlock(text=_text_of(obj)))
+            request.system.extend(_blocks_of(obj))
         elif role == "user":
             obj.only(("role", "content", "name"))
-            _turn(request, pb.ROLE_USER).content.append(pb.ContentBlock(text=_text_of(obj)))
+            _turn(request, pb.ROLE_USER).content.extend(_blocks_of(obj))
         elif role == "assistant":
             obj.only(("role", "content", "name", "tool_calls", "refusal"))
             _assistant(obj, _turn(request, pb.ROLE_ASSISTANT))
@@ -172,9 +184,7 @@ def _turn(request: pb.CompleteRequest, role: int) -> pb.Message:
 
 
 def _assistant(obj: Obj, message: pb.Message) -> None:
-    text = _text_of(obj, required=False)
-    if text:
-        message.content.append(pb.ContentBlock(text=text))
+    message.content.extend(b for b in _blocks_of(obj, required=False) if b.text)
     for j, raw in enumerate(obj.array("tool_calls") or []):
         call = Obj(raw, f"{obj.at('tool_calls')}[{j}]")
         call.only(("id", "type", "function"))
