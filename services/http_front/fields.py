@@ -81,46 +81,38 @@ class Obj:
             f"{self.at(name)}: expected {expected}, got {_type_name(value)}", self.at(name)
         )
 
-    def text(self, name: str, *, required: bool = False) -> str | None:
+    def _typed(self, name: str, required: bool, kind: type, expected: str) -> Any:
+        """The field's value when it has ``kind`` (a bool is no number here), None when it is
+        absent and not required; else a 400 naming the field and the type it needs."""
         value = self._required(name) if required else self.value.get(name)
         if value is None and not required:
             return None
-        if not isinstance(value, str):
-            raise self._wrong(name, "a string", value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise self._wrong(name, expected, value)
+        return value
+
+    def text(self, name: str, *, required: bool = False) -> str | None:
+        value: str | None = self._typed(name, required, str, "a string")
         return value
 
     def integer(self, name: str, *, required: bool = False) -> int | None:
-        value = self._required(name) if required else self.value.get(name)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._wrong(name, "an integer", value)
+        value: int | None = self._typed(name, required, int, "an integer")
         return value
 
     def number(self, name: str) -> float | None:
-        value = self.value.get(name)
+        value = self._typed(name, False, int | float, "a number")  # type: ignore[arg-type]
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._wrong(name, "a number", value)
         if not math.isfinite(value):
             raise invalid(f"{self.at(name)}: must be a finite number", self.at(name))
         return float(value)
 
     def flag(self, name: str) -> bool | None:
-        value = self.value.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, bool):
-            raise self._wrong(name, "a boolean", value)
+        value: bool | None = self._typed(name, False, bool, "a boolean")
         return value
 
     def array(self, name: str, *, required: bool = False) -> list[Any] | None:
-        value = self._required(name) if required else self.value.get(name)
-        if value is None and not required:
-            return None
-        if not isinstance(value, list):
-            raise self._wrong(name, "an array", value)
+        value: list[Any] | None = self._typed(name, required, list, "an array")
         return value
 
     def obj(self, name: str, *, required: bool = False) -> Obj | None:

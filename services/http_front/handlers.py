@@ -28,7 +28,10 @@ _NO_KEY = {
     "anthropic": "no API key: send it in the x-api-key header",
     "openai": "no API key: send 'Authorization: Bearer <key>'",
 }
-_UNKNOWN_KEY = "invalid x-api-key", "Incorrect API key provided"
+_UNKNOWN_KEY = {
+    "anthropic": "invalid x-api-key: no tenant has this key",
+    "openai": "Incorrect API key provided: no tenant has this key",
+}
 
 
 def _traceparent(span: trace.Span) -> str:
@@ -105,6 +108,11 @@ class Front:
             except ApiError as error:
                 span.set_attribute("error.type", error.kind)
                 response = self._error(api, error, traceparent)
+            except Exception as exc:  # a bug here: the caller still gets its API's error shape
+                log.exception("http-front failed on %s", name)
+                span.record_exception(exc)
+                failed = ApiError("api", "the HTTP front failed on this request; see its log")
+                response = self._error(api, failed, traceparent)
             span.set_attribute("http.response.status_code", response.status)
             return response
 
@@ -123,7 +131,7 @@ class Front:
             raise ApiError("authentication", _NO_KEY[api])
         tenant = self._keys.tenant_for(key)
         if tenant is None:
-            raise ApiError("authentication", _UNKNOWN_KEY[0 if api == "anthropic" else 1])
+            raise ApiError("authentication", _UNKNOWN_KEY[api])
         if api == "anthropic" and request.method == "POST":
             version = request.headers.get("anthropic-version")
             if version is None:

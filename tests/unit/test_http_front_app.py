@@ -101,6 +101,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
 class Front:
     base: str
     gateway: FakeGateway
+    stop: asyncio.Event  # SIGTERM's effect
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
             except aiohttp.ClientError:
                 await asyncio.sleep(0.02)
     try:
-        yield Front(base, fake)
+        yield Front(base, fake, stop)
     finally:
         stop.set()
         await task
@@ -330,3 +331,17 @@ async def test_readiness_follows_the_gateway(front: Front) -> None:
         assert reply.status == 503  # the fake serves no grpc.health.v1: not ready
     async with aiohttp.ClientSession() as session, session.get(f"{front.base}/healthz") as reply:
         assert reply.status == 200
+
+
+async def test_a_drain_lets_the_request_in_flight_finish_and_takes_no_new_one(front: Front) -> None:
+    front.gateway.hold = asyncio.Event()
+    first = asyncio.ensure_future(
+        _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    )
+    await asyncio.wait_for(front.gateway.arrived.wait(), 5)
+    front.stop.set()
+    await asyncio.sleep(0.2)
+    with pytest.raises(anthropic.APIConnectionError):
+        await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    front.gateway.hold.set()
+    assert (await first).stop_reason == "tool_use"
