@@ -16,7 +16,8 @@ from cachemesh import (
 )
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
-from services.tools.stack.health import SERVING, probe
+from services.tools.stack.health import SERVING, probe_as
+from services.tools.stack.service_table import SERVICES
 from tests.integration.harness import RunningStack
 
 pytestmark = pytest.mark.integration
@@ -126,5 +127,5 @@ def test_retry_id_reused_for_another_request_is_refused(client_a: Client) -> Non
 
 
 def test_every_service_reports_serving(stack: RunningStack) -> None:
-    for name, address in stack.addresses.items():
-        assert probe(address, 10) == SERVING, name
+    for spec in SERVICES:
+        assert probe_as(spec.protocol, stack.addresses[spec.name], 10) == SERVING, spec.name

@@ -34,7 +34,14 @@ def test_up_refuse_status_down(tmp_path: Path) -> None:
     try:
         assert keys.created and keys.api_keys_file.is_file()
         pids = {r.service.name: r.pid for r in stack.running()}
-        assert set(pids) == {"router", "semantic-cache", "prefix-cache", "model", "model-2"}
+        assert set(pids) == {
+            "router",
+            "semantic-cache",
+            "prefix-cache",
+            "model",
+            "model-2",
+            "http-front",
+        }
         assert {name: health for name, (_, health) in stack.status().items()} == dict.fromkeys(
             pids, SERVING
         )

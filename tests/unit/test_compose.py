@@ -121,11 +121,13 @@ def _assert_is_the_mounted_key_file(resolved: Resolved, spec: ServiceDef, path: 
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
-def test_healthcheck_probes_grpc_health_on_the_service_port(
+def test_healthcheck_probes_health_on_the_service_port(
     resolved: Resolved, spec: ServiceDef
 ) -> None:
     test = resolved.service(spec.name)["healthcheck"]["test"]
     probe = ["python", "-m", "services.tools.stack", "probe", f"127.0.0.1:{resolved.port(spec)}"]
+    if spec.protocol == "http":
+        probe.append("--http")  # GET /readyz
     assert test == ["CMD", *probe]
 
 
@@ -137,13 +139,16 @@ def test_depends_on_healthy_peers(resolved: Resolved, spec: ServiceDef) -> None:
     assert depends["jaeger"] == {"condition": "service_started"}
 
 
-def test_only_the_router_is_published_where_dotenv_says(resolved: Resolved) -> None:
+FRONT_DOORS = ("router", "http-front")  # the Gateway (gRPC) and the HTTP APIs over it
+
+
+def test_only_the_front_doors_are_published_where_dotenv_says(resolved: Resolved) -> None:
     for spec in SERVICES:
-        if spec.name != "router":
+        if spec.name not in FRONT_DOORS:
             assert not resolved.service(spec.name).get("ports"), f"{spec.name} is published"
-    router = next(s for s in SERVICES if s.name == "router")
-    listen = resolved.dotenv[router.listen_var]
-    assert resolved.service("router")["ports"] == [f"{listen}:{resolved.port(router)}/tcp"]
+    for door in (s for s in SERVICES if s.name in FRONT_DOORS):
+        listen = resolved.dotenv[door.listen_var]
+        assert resolved.service(door.name)["ports"] == [f"{listen}:{resolved.port(door)}/tcp"]
 
 
 def test_jaeger_takes_otlp_inside_and_shows_its_ui_on_loopback(resolved: Resolved) -> None:

@@ -22,6 +22,8 @@ PREFIX_CACHE_LISTEN=127.0.0.1:50053
 MODEL_LISTEN=127.0.0.1:50054
 MODEL_2_LISTEN=127.0.0.1:50055
 MODEL_2_IDS=sim-large
+HTTP_FRONT_LISTEN=127.0.0.1:8088
+HTTP_FRONT_GATEWAY_ADDR=127.0.0.1:50051
 
 SEMANTIC_CACHE_ADDR=127.0.0.1:50052
 PREFIX_CACHE_ADDR=127.0.0.1:50053
@@ -38,7 +40,7 @@ def test_parses_comments_blanks_quotes_and_zero() -> None:
     assert values["CACHEMESH_GRACE_S"] == "0"
     replicas = "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50054,sim-large=127.0.0.1:50055"
     assert values["MODEL_REPLICAS"] == replicas
-    assert "# comment" not in values and len(values) == 12
+    assert "# comment" not in values and len(values) == 14
 
 
 def test_a_malformed_line_names_the_file_and_line() -> None:
@@ -96,6 +98,7 @@ def test_addresses_follow_the_listen_settings(tmp_path: Path) -> None:
         "model": "127.0.0.1:50054",
         "model-2": "127.0.0.1:50055",
         "router": "127.0.0.1:6000",
+        "http-front": "127.0.0.1:8088",
     }
     assert dial_address("[::]:7") == "[::1]:7"
     assert dial_address("10.0.0.2:7") == "10.0.0.2:7"
@@ -107,7 +110,7 @@ def test_free_ports_keep_the_stack_wired(tmp_path: Path) -> None:
     )
     settings = stack.settings()
     ports = {s.name: settings[s.listen_var] for s in SERVICES}
-    assert len(set(ports.values())) == len(SERVICES) == 5
+    assert len(set(ports.values())) == len(SERVICES) == 6
     assert all(p.startswith("127.0.0.1:") and p != "127.0.0.1:50051" for p in ports.values())
     assert settings["SEMANTIC_CACHE_ADDR"] == ports["semantic-cache"]
     assert settings["PREFIX_CACHE_ADDR"] == ports["prefix-cache"]
@@ -117,6 +120,7 @@ def test_free_ports_keep_the_stack_wired(tmp_path: Path) -> None:
     assert (env["MODEL_LISTEN"], env["MODEL_IDS"]) == (model_2, "sim-large")
     assert settings["SIM_TIME_SCALE"] == "0"
     assert stack.router_address == ports["router"]
+    assert settings["HTTP_FRONT_GATEWAY_ADDR"] == ports["router"]  # the front finds the router
 
 
 def test_relocate_leaves_external_replicas_alone() -> None:
@@ -133,6 +137,7 @@ def test_relocate_leaves_external_replicas_alone() -> None:
         "SEMANTIC_CACHE_ADDR",
         "PREFIX_CACHE_ADDR",
         "MODEL_REPLICAS",
+        "HTTP_FRONT_GATEWAY_ADDR",
     }
 
 

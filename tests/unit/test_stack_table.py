@@ -66,11 +66,12 @@ def test_each_service_has_its_own_listen_port_in_dotenv() -> None:
     assert all(ports[s.name] == str(s.default_port) for s in SERVICES)
 
 
-def test_the_router_stops_before_the_services_it_calls() -> None:
+def test_each_caller_stops_before_the_services_it_calls() -> None:
     waves = [[s.name for s in wave] for wave in stop_order()]
-    assert waves[0] == ["router"]
-    assert sorted(waves[1]) == ["model", "model-2", "prefix-cache", "semantic-cache"]
-    assert len(waves) == 2
+    assert waves[0] == ["http-front"]
+    assert waves[1] == ["router"]
+    assert sorted(waves[2]) == ["model", "model-2", "prefix-cache", "semantic-cache"]
+    assert len(waves) == 3
 
 
 def test_names_modules_and_commands_are_consistent() -> None:

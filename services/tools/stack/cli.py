@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from cachemesh.envfile import EnvFileError
-from services.tools.stack.health import SERVING, probe
+from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.keys import describe, ensure_keys
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "probe":
-        status = probe(args.address, args.timeout)
+        status = probe_as("http" if args.http else "grpc", args.address, args.timeout)
         print(status)
         return 0 if status == SERVING else 1
     root: Path = args.root
@@ -43,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         stack.start(args.timeout)
         print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
+        print(f"HTTP front (Anthropic and OpenAI APIs): http://{stack.addresses['http-front']}")
         stop = (
             "make down"
             if args.run_dir is None
@@ -79,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
     commands.add_parser("status", help="health of every service")
-    check = commands.add_parser("probe", help="exit 0 if the gRPC server at ADDRESS is SERVING")
+    check = commands.add_parser(
+        "probe", help="exit 0 if the gRPC server (--http: the HTTP front) at ADDRESS is SERVING"
+    )
     check.add_argument("address")
+    check.add_argument("--http", action="store_true", help="GET /readyz instead of gRPC health")
     check.add_argument("--timeout", type=float, default=2.0)
     return parser

@@ -1,7 +1,9 @@
-"""gRPC health checks (grpc.health.v1, the overall service "") of the stack's processes."""
+"""Health checks of the stack's processes: grpc.health.v1 (the overall service "") for the gRPC
+services, ``GET /readyz`` for the HTTP front."""
 
 from __future__ import annotations
 
+import http.client
 from typing import Any
 
 import grpc
@@ -20,3 +22,21 @@ def probe(address: str, timeout_s: float = 1.0) -> str:
         except grpc.RpcError:
             return UNREACHABLE
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def probe_http(address: str, timeout_s: float = 1.0) -> str:
+    """SERVING when ``GET /readyz`` at ``address`` answers 200, NOT_SERVING on another status."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+    try:
+        connection.request("GET", "/readyz")
+        status = connection.getresponse().status
+    except OSError:
+        return UNREACHABLE
+    finally:
+        connection.close()
+    return SERVING if status == 200 else "NOT_SERVING"
+
+
+def probe_as(protocol: str, address: str, timeout_s: float = 1.0) -> str:
+    return probe_http(address, timeout_s) if protocol == "http" else probe(address, timeout_s)

@@ -20,7 +20,7 @@ from typing import NoReturn, TextIO
 from cachemesh.envfile import read_env_file
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
-from services.tools.stack.health import SERVING, UNREACHABLE, probe
+from services.tools.stack.health import SERVING, UNREACHABLE, probe_as
 from services.tools.stack.keys import StackKeys, describe, ensure_keys
 from services.tools.stack.ports import free_port_overrides
 from services.tools.stack.processes import Running
@@ -171,7 +171,10 @@ class Stack:
     def status(self) -> dict[str, tuple[int | None, str]]:
         """Service name -> (pid if running, health status at its address)."""
         pids = {r.service.name: r.pid for r in self.running()}
-        return {name: (pids.get(name), probe(addr)) for name, addr in self.addresses.items()}
+        return {
+            s.name: (pids.get(s.name), probe_as(s.protocol, self.addresses[s.name]))
+            for s in SERVICES
+        }
 
     def __enter__(self) -> Stack:
         return self
@@ -198,7 +201,7 @@ class Stack:
                 if code is not None:
                     self._fail([item], f"{name} exited with code {code} before it was SERVING")
                 remaining = max(0.05, min(1.0, deadline - time.monotonic()))
-                states[name] = probe(addresses[name], remaining)
+                states[name] = probe_as(item.service.protocol, addresses[name], remaining)
                 if states[name] == SERVING:
                     elapsed = time.monotonic() - start
                     self._say(f"  {name:<15} SERVING on {addresses[name]} ({elapsed:.1f}s)")

@@ -63,6 +63,8 @@ class ServiceDef:
     # A second replica of a service runs the same module with its own settings: process
     # variable -> the stack variable it is read from (MODEL_LISTEN <- MODEL_2_LISTEN).
     renames: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # "grpc": health is grpc.health.v1 on the listen address; "http": GET /readyz answers 200
+    protocol: str = "grpc"
 
     @property
     def package(self) -> str:
@@ -180,6 +182,24 @@ SERVICES: tuple[ServiceDef, ...] = (
                 "MODEL_REPLICAS": ("model", "model-2"),
             }
         ),
+    ),
+    # The Anthropic and OpenAI HTTP APIs in front of the Gateway (a client of the router).
+    ServiceDef(
+        name="http-front",
+        module="services.http_front",
+        listen_var="HTTP_FRONT_LISTEN",
+        default_port=8088,
+        own_env_keys=(
+            "HTTP_FRONT_GATEWAY_ADDR",
+            "HTTP_FRONT_MAX_BODY_BYTES",
+            "HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY",
+            "HTTP_FRONT_PING_S",
+            "HTTP_FRONT_GATEWAY_TIMEOUT_S",
+            "CACHEMESH_API_KEYS_FILE",
+            "MODEL_REPLICAS",
+        ),
+        peers=MappingProxyType({"HTTP_FRONT_GATEWAY_ADDR": ("router",)}),
+        protocol="http",
     ),
 )
 

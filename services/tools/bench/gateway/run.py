@@ -29,7 +29,7 @@ from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.verifier import Verifier, VerifierWeights
-from services.tools.bench.gateway import cases, output, runs, summary
+from services.tools.bench.gateway import cases, http_path, output, runs, summary
 from services.tools.bench.gateway.chain import miss_chain, two_hop
 from services.tools.bench.gateway.echo import chain_reference
 from services.tools.bench.gateway.embedder_ref import embedder_reference
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = Plan(ROOT, args.data_dir, run, LEVELS, args.requests, args.mixed_requests, pairs)
     references = _references(plan, embedder)
     outcome = _outcome(args, plan)
+    if args.target is None:  # (e) the HTTP front beside the gRPC path, on a stack of its own
+        outcome.cases[http_path.CASE] = http_path.compare(plan)
 
     results = {"references": references, "cases": outcome.cases, "tracing": outcome.tracing}
     ratios = case_ratios(results)
@@ -143,4 +145,5 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     out = output.write(doc, _charts(results), args.out_dir, time.strftime("%Y-%m-%d"))
     print(summary.render(references, ratios))
+    print(http_path.render(outcome.cases.get(http_path.CASE)))
     print(f"bench: {out} and {out.with_suffix('.html')} ({doc['run']['elapsed_s']} s)")

@@ -1,0 +1,1 @@
+"""The HTTP front: the Anthropic Messages and OpenAI Chat Completions APIs over the Gateway."""

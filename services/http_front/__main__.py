@@ -1,0 +1,3 @@
+from services.http_front.app import main
+
+main()

@@ -1,0 +1,305 @@
+"""The Anthropic Messages API (``POST /v1/messages``) to and from the Gateway's messages.
+
+The Gateway's contract follows the Messages API one to one, so a request maps field by field:
+content blocks (text, tool_use, tool_result) with their ``cache_control`` breakpoints, system
+blocks, tools. Fields the Gateway cannot honour (images, stop sequences, a forced tool choice,
+extended thinking) are refused with a 400 that says so, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.http_front.errors import invalid
+from services.http_front.fields import Obj, json_text, shown
+
+# anthropic-version: a dated API version; the SDKs send newer ones than the first (2023-01-01)
+VERSION = re.compile(r"^20\d\d-[01]\d-[0-3]\d$")
+_TOP = (
+    "model", "messages", "max_tokens", "system", "tools", "temperature", "stream", "metadata",
+    "stop_sequences", "top_p", "top_k", "tool_choice", "thinking", "service_tier",
+)  # fmt: skip
+_TTL = {"5m": pb.CACHE_TTL_5M, "1h": pb.CACHE_TTL_1H}
+_ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_STOP = {"end_turn", "max_tokens", "tool_use", "stop_sequence"}
+
+
+def parse_request(body: dict[str, Any]) -> tuple[pb.CompleteRequest, bool]:
+    """The Gateway request for a Messages body, and whether it asks for a stream."""
+    top = Obj(body, "")
+    top.only(_TOP)
+    request = pb.CompleteRequest(model=top.text("model", required=True) or "")
+    max_tokens = top.integer("max_tokens", required=True)
+    request.max_tokens = _int32(max_tokens or 0, "max_tokens")
+    temperature = top.number("temperature")
+    if temperature is not None:
+        request.temperature = temperature
+    _unsupported(top)
+    system = top.raw("system")
+    if isinstance(system, str):
+        if system:
+            request.system.append(pb.ContentBlock(text=system))
+    elif system is not None:
+        blocks = top.array("system") or []
+        for i, raw in enumerate(blocks):
+            block = _block(raw, f"system.{i}")
+            if block.WhichOneof("kind") != "text":
+                raise invalid(f"system.{i}.type: system blocks must be text", f"system.{i}")
+            request.system.append(block)
+    for i, raw in enumerate(top.array("tools") or []):
+        request.tools.append(_tool(raw, f"tools.{i}"))
+    for i, raw in enumerate(top.array("messages", required=True) or []):
+        request.messages.append(_message(raw, f"messages.{i}"))
+    return request, bool(top.flag("stream"))
+
+
+def _int32(value: int, where: str) -> int:
+    if not -(2**31) <= value < 2**31:
+        raise invalid(f"{where}: {value} is out of range", where)
+    return value
+
+
+def _unsupported(top: Obj) -> None:
+    stops = top.array("stop_sequences")
+    if stops:
+        raise invalid("stop_sequences: not supported by cachemesh (answers end by themselves)")
+    for name in ("top_p", "top_k"):
+        if top.has(name):
+            top.number(name)  # accepted and type-checked; the backends sample their own way
+    choice = top.obj("tool_choice")
+    if choice is not None and choice.text("type") not in ("auto", None):
+        raise invalid(
+            f"tool_choice.type: {shown(choice.raw('type'))} is not supported by cachemesh; "
+            "only 'auto'"
+        )
+    thinking = top.obj("thinking")
+    if thinking is not None and thinking.text("type") not in ("disabled", None):
+        raise invalid("thinking: extended thinking is not supported by cachemesh")
+    metadata = top.obj("metadata")
+    if metadata is not None:
+        metadata.only(("user_id",))
+        metadata.text("user_id")
+    top.text("service_tier")
+
+
+def cache_control(obj: Obj) -> pb.CacheControl | None:
+    control = obj.obj("cache_control")
+    if control is None:
+        return None
+    control.only(("type", "ttl"))
+    kind = control.text("type", required=True)
+    if kind != "ephemeral":
+        raise invalid(f"{control.at('type')}: must be 'ephemeral', got {shown(kind)}")
+    ttl = control.text("ttl")
+    if ttl is None:
+        return pb.CacheControl()
+    if ttl not in _TTL:
+        raise invalid(f"{control.at('ttl')}: must be '5m' or '1h', got {shown(ttl)}")
+    return pb.CacheControl(ttl=_TTL[ttl])
+
+
+def _block(raw: object, path: str) -> pb.ContentBlock:
+    obj = Obj(raw, path)
+    kind = obj.text("type", required=True)
+    block = pb.ContentBlock()
+    if kind == "text":
+        obj.only(("type", "text", "cache_control", "citations"))
+        block.text = obj.text("text", required=True) or ""
+    elif kind == "tool_use":
+        obj.only(("type", "id", "name", "input", "cache_control"))
+        block.tool_use.id = obj.text("id", required=True) or ""
+        block.tool_use.name = obj.text("name", required=True) or ""
+        block.tool_use.input_json = json_text(obj.raw("input"), obj.at("input"))
+    elif kind == "tool_result":
+        obj.only(("type", "tool_use_id", "content", "is_error", "cache_control"))
+        block.tool_result.tool_use_id = obj.text("tool_use_id", required=True) or ""
+        block.tool_result.content = _result_text(obj)
+        block.tool_result.is_error = bool(obj.flag("is_error"))
+    else:
+        raise invalid(
+            f"{obj.at('type')}: {shown(kind)} blocks are not supported by cachemesh; "
+            "use text, tool_use or tool_result"
+        )
+    control = cache_control(obj)
+    if control is not None:
+        block.cache_control.CopyFrom(control)
+    return block
+
+
+def _result_text(obj: Obj) -> str:
+    content = obj.raw("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = obj.array("content") or []
+    texts = []
+    for i, raw in enumerate(parts):
+        part = _block(raw, f"{obj.at('content')}.{i}")
+        if part.WhichOneof("kind") != "text":
+            raise invalid(f"{obj.at('content')}.{i}: a tool result holds text blocks")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _message(raw: object, path: str) -> pb.Message:
+    obj = Obj(raw, path)
+    obj.only(("role", "content"))
+    role = obj.text("role", required=True)
+    if role not in _ROLES:
+        raise invalid(f"{obj.at('role')}: must be 'user' or 'assistant', got {shown(role)}")
+    message = pb.Message(role=_ROLES[role])
+    content = obj.raw("content")
+    if isinstance(content, str):
+        message.content.append(pb.ContentBlock(text=content))
+        return message
+    for i, part in enumerate(obj.array("content", required=True) or []):
+        message.content.append(_block(part, f"{obj.at('content')}.{i}"))
+    return message
+
+
+def _tool(raw: object, path: str) -> pb.Tool:
+    obj = Obj(raw, path)
+    obj.only(("name", "description", "input_schema", "cache_control", "type"))
+    kind = obj.text("type")
+    if kind not in (None, "custom"):
+        raise invalid(f"{obj.at('type')}: server tools ({shown(kind)}) are not supported")
+    tool = pb.Tool(
+        name=obj.text("name", required=True) or "",
+        description=obj.text("description") or "",
+        input_schema_json=json_text(obj.raw("input_schema"), obj.at("input_schema")),
+    )
+    control = cache_control(obj)
+    if control is not None:
+        tool.cache_control.CopyFrom(control)
+    return tool
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def message_id(request_id: str) -> str:
+    return f"msg_{request_id}"
+
+
+def usage(u: pb.Usage) -> dict[str, int]:
+    return {
+        "input_tokens": u.input_tokens,
+        "cache_creation_input_tokens": u.cache_creation_input_tokens,
+        "cache_read_input_tokens": u.cache_read_input_tokens,
+        "output_tokens": u.output_tokens,
+    }
+
+
+def content_block(block: pb.ContentBlock) -> dict[str, Any]:
+    kind = block.WhichOneof("kind")
+    if kind == "tool_use":
+        use = block.tool_use
+        return {
+            "type": "tool_use",
+            "id": use.id,
+            "name": use.name,
+            "input": json.loads(use.input_json) if use.input_json else {},
+        }
+    return {"type": "text", "text": block.text}
+
+
+def stop_reason(value: str) -> str:
+    return value if value in _STOP else "end_turn"
+
+
+def response(end: pb.CompleteResponse) -> dict[str, Any]:
+    return {
+        "id": message_id(end.request_id),
+        "type": "message",
+        "role": "assistant",
+        "model": end.model,
+        "content": [content_block(block) for block in end.content],
+        "stop_reason": stop_reason(end.stop_reason),
+        "stop_sequence": None,
+        "usage": usage(end.usage),
+    }
+
+
+Event = tuple[str, dict[str, Any]]
+
+
+class EventStream:
+    """The Gateway's chunks as Messages streaming events, in Anthropic's order: message_start,
+    (content_block_start, content_block_delta..., content_block_stop) per block, message_delta
+    with the usage, message_stop."""
+
+    def __init__(self) -> None:
+        self._index = -1
+        self._open: str | None = None  # the kind of the block open at _index
+
+    def start(self, start: pb.CompleteResponse) -> list[Event]:
+        message: dict[str, Any] = {
+            "id": message_id(start.request_id),
+            "type": "message",
+            "role": "assistant",
+            "model": start.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage(start.usage),
+        }
+        return [("message_start", {"type": "message_start", "message": message})]
+
+    def delta(self, block: pb.ContentBlock) -> list[Event]:
+        kind = block.WhichOneof("kind")
+        events: list[Event] = []
+        if kind == "text":
+            if self._open != "text":
+                events += self._close()
+                events.append(self._begin("text", {"type": "text", "text": ""}))
+            events.append(self._delta({"type": "text_delta", "text": block.text}))
+        elif kind == "tool_use":
+            events += self._close()
+            use = block.tool_use
+            head = {"type": "tool_use", "id": use.id, "name": use.name, "input": {}}
+            events.append(self._begin("tool_use", head))
+            events.append(self._delta({"type": "input_json_delta", "partial_json": use.input_json}))
+            events += self._close()
+        return events
+
+    def end(self, end: pb.CompleteResponse, facts: dict[str, object]) -> list[Event]:
+        events = self._close()
+        delta = {"stop_reason": stop_reason(end.stop_reason), "stop_sequence": None}
+        events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": delta,
+                    "usage": usage(end.usage),
+                    "cachemesh": facts,
+                },
+            )
+        )
+        events.append(("message_stop", {"type": "message_stop"}))
+        return events
+
+    def _begin(self, kind: str, head: dict[str, Any]) -> Event:
+        self._index += 1
+        self._open = kind
+        return (
+            "content_block_start",
+            {"type": "content_block_start", "index": self._index, "content_block": head},
+        )
+
+    def _delta(self, delta: dict[str, Any]) -> Event:
+        return (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": self._index, "delta": delta},
+        )
+
+    def _close(self) -> list[Event]:
+        if self._open is None:
+            return []
+        self._open = None
+        return [("content_block_stop", {"type": "content_block_stop", "index": self._index})]
+
+
+PING: Event = ("ping", {"type": "ping"})

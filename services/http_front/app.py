@@ -1,0 +1,87 @@
+"""The HTTP front process: builds every object from the environment, then serves HTTP.
+
+SIGTERM drains: readiness turns 503 at once, the listener closes, requests in flight (streams
+included) may finish within ``CACHEMESH_GRACE_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from services.common.auth import ApiKeys
+from services.common.env import ConfigError, Env
+from services.common.server import configure_logging, run_main
+from services.common.telemetry import build_tracer_provider
+from services.http_front.gateway import Gateway
+from services.http_front.handlers import Front
+from services.http_front.limits import InFlight
+from services.http_front.settings import HttpFrontSettings
+
+log = logging.getLogger("cachemesh.http_front")
+
+
+def build_app(front: Front, max_body_bytes: int) -> web.Application:
+    # aiohttp refuses a larger body itself on read; the front turns that into each API's 413
+    app = web.Application(client_max_size=max_body_bytes)
+    app.router.add_post("/v1/messages", front.messages)
+    app.router.add_post("/v1/chat/completions", front.chat_completions)
+    app.router.add_get("/v1/models", front.models)
+    app.router.add_get("/v1/models/{model}", front.models)
+    app.router.add_get("/healthz", front.healthz)
+    app.router.add_get("/readyz", front.readyz)
+    return app
+
+
+async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
+    configure_logging(Env(environ))
+    settings = HttpFrontSettings.from_env(environ)
+    keys = ApiKeys.from_file(settings.api_keys_file)
+    provider = build_tracer_provider(environ, "http-front")
+    gateway = Gateway(settings.gateway_addr, settings.gateway_timeout_s)
+    front = Front(
+        settings,
+        keys,
+        gateway,
+        InFlight(settings.max_in_flight_per_key),
+        provider.get_tracer("cachemesh.http_front"),
+    )
+    runner = web.AppRunner(
+        build_app(front, settings.max_body_bytes),
+        handle_signals=False,
+        access_log=None,
+        handler_cancellation=True,  # a caller that disconnects cancels its Gateway call
+        shutdown_timeout=settings.grace_s,
+    )
+    await runner.setup()
+    host, _, port = settings.listen.rpartition(":")
+    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"HTTP_FRONT_LISTEN={settings.listen}: cannot listen ({exc})") from None
+    log.info("http-front listening on %s, Gateway at %s", settings.listen, settings.gateway_addr)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        front.draining = True
+        log.info("http-front draining: grace %.1fs", settings.grace_s)
+        await runner.cleanup()  # stops listening, waits for requests in flight
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await gateway.close()
+        provider.shutdown()
+        log.info("http-front stopped")
+
+
+def main() -> None:
+    run_main("http-front", serve)

@@ -1,0 +1,131 @@
+"""Errors as each HTTP API shapes them, and the Gateway's status codes mapped to them.
+
+``ApiError`` is what the front raises for a request it refuses, before or after the Gateway:
+an HTTP status, a kind (``invalid_request``, ``authentication``, ...), a message a person can
+act on, and for 429 the seconds to wait. Each API renders it in its own JSON error shape
+(``anthropic_body`` / ``openai_body``) with the status code its SDK maps to its own exception
+class (400 BadRequestError, 401 AuthenticationError, 413, 429 RateLimitError, 529/503
+overloaded, 500).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from services.common.errors import Code
+
+Api = Literal["anthropic", "openai"]
+Kind = Literal[
+    "invalid_request",
+    "authentication",
+    "permission",
+    "not_found",
+    "request_too_large",
+    "rate_limit",
+    "overloaded",
+    "timeout",
+    "api",
+]
+
+_ANTHROPIC_TYPE: dict[Kind, str] = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "permission": "permission_error",
+    "not_found": "not_found_error",
+    "request_too_large": "request_too_large",
+    "rate_limit": "rate_limit_error",
+    "overloaded": "overloaded_error",
+    "timeout": "timeout_error",
+    "api": "api_error",
+}
+# OpenAI's error types: invalid_request_error for the caller's mistakes (401 included, with
+# code invalid_api_key), and the server's own for the rest.
+_OPENAI_TYPE: dict[Kind, tuple[str, str | None]] = {
+    "invalid_request": ("invalid_request_error", None),
+    "authentication": ("invalid_request_error", "invalid_api_key"),
+    "permission": ("invalid_request_error", "permission_denied"),
+    "not_found": ("invalid_request_error", "model_not_found"),
+    "request_too_large": ("invalid_request_error", "request_too_large"),
+    "rate_limit": ("rate_limit_exceeded", "rate_limit_exceeded"),
+    "overloaded": ("server_error", "overloaded"),
+    "timeout": ("server_error", "timeout"),
+    "api": ("server_error", None),
+}
+_STATUS: dict[Kind, int] = {
+    "invalid_request": 400,
+    "authentication": 401,
+    "permission": 403,
+    "not_found": 404,
+    "request_too_large": 413,
+    "rate_limit": 429,
+    "overloaded": 529,  # Anthropic's overloaded; OpenAI's is 503 (status_for)
+    "timeout": 504,
+    "api": 500,
+}
+
+
+@dataclass
+class ApiError(Exception):
+    kind: Kind
+    message: str
+    retry_after_s: int | None = None  # 429: whole seconds to wait before a retry
+    param: str | None = None  # OpenAI's ``param``: the request field at fault
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def status_for(self, api: Api) -> int:
+        if self.kind == "overloaded" and api == "openai":
+            return 503
+        return _STATUS[self.kind]
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(self.retry_after_s)}
+
+    def body_for(self, api: Api, request_id: str) -> dict[str, Any]:
+        if api == "anthropic":
+            return {
+                "type": "error",
+                "error": {"type": _ANTHROPIC_TYPE[self.kind], "message": self.message},
+                "request_id": request_id,
+            }
+        kind, code = _OPENAI_TYPE[self.kind]
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError("invalid_request", message, param=param)
+
+
+# The model engine's message for a prompt over the context window (a 400 in both APIs, not
+# the 413 of a request over the size limit).
+_CONTEXT_WINDOW = "context window"
+RATE_LIMIT_RETRY_AFTER_S = 1
+
+
+def from_gateway(code: Code, message: str, retry_after_s: int | None = None) -> ApiError:
+    """The Gateway's status as the HTTP APIs report it."""
+    if code is Code.INVALID_ARGUMENT or code is Code.OUT_OF_RANGE:
+        return ApiError("invalid_request", message)
+    if code is Code.FAILED_PRECONDITION:
+        return ApiError("invalid_request", message)
+    if code is Code.UNAUTHENTICATED:
+        return ApiError("authentication", message)
+    if code is Code.PERMISSION_DENIED:
+        return ApiError("permission", message)
+    if code is Code.NOT_FOUND:
+        return ApiError("not_found", message)
+    if code is Code.RESOURCE_EXHAUSTED:
+        if retry_after_s is not None:
+            return ApiError("rate_limit", message, retry_after_s=retry_after_s)
+        if _CONTEXT_WINDOW in message:
+            return ApiError("invalid_request", message)
+        return ApiError("request_too_large", message)
+    if code is Code.UNAVAILABLE:
+        return ApiError("overloaded", message)
+    if code is Code.DEADLINE_EXCEEDED:
+        return ApiError("timeout", message)
+    return ApiError("api", f"the Gateway failed ({code.name}): {message}")

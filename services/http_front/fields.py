@@ -1,0 +1,129 @@
+"""Strict reading of a JSON request body: each wrong type or unknown field is an ``ApiError``
+that names the field by its path (``messages.1.content.0.text``), as the real APIs do."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from services.http_front.errors import ApiError, invalid
+
+SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
+
+
+def shown(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)[: SHOWN_CHARS + 1]
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}..."
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        value = json.loads(raw)
+    except UnicodeDecodeError:
+        raise invalid("the request body is not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        raise invalid(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise invalid(f"the request body must be a JSON object, got {_type_name(value)}")
+    return value
+
+
+class Obj:
+    """One JSON object of the request at ``path``, read field by field."""
+
+    def __init__(self, value: object, path: str) -> None:
+        if not isinstance(value, dict):
+            raise invalid(f"{path or 'body'}: expected an object, got {_type_name(value)}", path)
+        self.value: dict[str, Any] = value
+        self.path = path
+
+    def at(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def only(self, allowed: Iterable[str]) -> None:
+        """Unknown fields are refused, as the APIs refuse them."""
+        known = set(allowed)
+        for name in self.value:
+            if name not in known:
+                raise invalid(f"{self.at(name)}: Extra inputs are not permitted", self.at(name))
+
+    def has(self, name: str) -> bool:
+        return self.value.get(name) is not None
+
+    def raw(self, name: str) -> Any:
+        return self.value.get(name)
+
+    def _required(self, name: str) -> Any:
+        if name not in self.value:
+            raise invalid(f"{self.at(name)}: Field required", self.at(name))
+        return self.value[name]
+
+    def _wrong(self, name: str, expected: str, value: object) -> ApiError:
+        return invalid(
+            f"{self.at(name)}: expected {expected}, got {_type_name(value)}", self.at(name)
+        )
+
+    def _typed(self, name: str, required: bool, kind: type, expected: str) -> Any:
+        """The field's value when it has ``kind`` (a bool is no number here), None when it is
+        absent and not required; else a 400 naming the field and the type it needs."""
+        value = self._required(name) if required else self.value.get(name)
+        if value is None and not required:
+            return None
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise self._wrong(name, expected, value)
+        return value
+
+    def text(self, name: str, *, required: bool = False) -> str | None:
+        value: str | None = self._typed(name, required, str, "a string")
+        return value
+
+    def integer(self, name: str, *, required: bool = False) -> int | None:
+        value: int | None = self._typed(name, required, int, "an integer")
+        return value
+
+    def number(self, name: str) -> float | None:
+        value = self._typed(name, False, int | float, "a number")  # type: ignore[arg-type]
+        if value is None:
+            return None
+        if not math.isfinite(value):
+            raise invalid(f"{self.at(name)}: must be a finite number", self.at(name))
+        return float(value)
+
+    def flag(self, name: str) -> bool | None:
+        value: bool | None = self._typed(name, False, bool, "a boolean")
+        return value
+
+    def array(self, name: str, *, required: bool = False) -> list[Any] | None:
+        value: list[Any] | None = self._typed(name, required, list, "an array")
+        return value
+
+    def obj(self, name: str, *, required: bool = False) -> Obj | None:
+        value = self._required(name) if required else self.value.get(name)
+        if value is None and not required:
+            return None
+        return Obj(value, self.at(name))
+
+
+def json_text(value: object, where: str) -> str:
+    """A JSON value (a tool's input or schema) as the Gateway's JSON text field."""
+    if not isinstance(value, dict):
+        raise invalid(f"{where}: expected an object, got {_type_name(value)}", where)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

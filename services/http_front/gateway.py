@@ -1,0 +1,86 @@
+"""The front's client of ``cachemesh.v1.Gateway``: the caller's own key passed through as
+``authorization: Bearer`` metadata with the front's span as ``traceparent`` (the router's
+server span joins the caller's trace), gRPC failures turned into ``ApiError``s.
+
+The trace context is put in the metadata here rather than by OpenTelemetry's gRPC client
+interceptor: py-spy showed the interceptor at about a tenth of the front's CPU on an exact
+hit, for a client span that would only repeat the front's server span."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+from services.common.status import code_of
+from services.http_front.errors import ApiError, from_gateway
+
+RETRY_AFTER = "retry-after"
+
+
+def api_error(error: grpc.aio.AioRpcError) -> ApiError:
+    retry_after: int | None = None
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER:
+            text = value.decode() if isinstance(value, bytes) else value
+            retry_after = int(text) if text.isdigit() else 1
+    return from_gateway(code_of(error.code()), error.details() or "", retry_after)
+
+
+def _metadata(key: str, traceparent: str) -> tuple[tuple[str, str], ...]:
+    auth = ("authorization", f"Bearer {key}")
+    return (auth, ("traceparent", traceparent)) if traceparent else (auth,)
+
+
+class Gateway:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._health: Any = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def complete(
+        self, request: pb.CompleteRequest, key: str, traceparent: str
+    ) -> pb.CompleteResponse:
+        call = self._stub.Complete(
+            request, metadata=_metadata(key, traceparent), timeout=self._timeout_s
+        )
+        try:
+            response: pb.CompleteResponse = await call
+        except grpc.aio.AioRpcError as error:
+            raise api_error(error) from None
+        except asyncio.CancelledError:
+            call.cancel()  # the HTTP caller went away: so does the Gateway call
+            raise
+        return response
+
+    async def stream(
+        self, request: pb.CompleteRequest, key: str, traceparent: str
+    ) -> AsyncGenerator[pb.CompleteChunk, None]:
+        call = self._stub.StreamComplete(
+            request, metadata=_metadata(key, traceparent), timeout=self._timeout_s
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as error:
+            raise api_error(error) from None
+        finally:
+            call.cancel()  # a no-op once the call has ended; else the caller went away
+
+    async def serving(self, timeout_s: float = 1.0) -> bool:
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self._channel.close()

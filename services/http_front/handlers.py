@@ -1,0 +1,314 @@
+"""The HTTP routes: parse, admit, call the Gateway, answer in the caller's API shape."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.auth import ApiKeys
+from services.http_front import anthropic_api, facts, openai_api, sse
+from services.http_front.errors import Api, ApiError, invalid
+from services.http_front.fields import parse_body
+from services.http_front.gateway import Gateway
+from services.http_front.limits import InFlight
+from services.http_front.settings import HttpFrontSettings
+
+log = logging.getLogger("cachemesh.http_front")
+_PROPAGATOR = TraceContextTextMapPropagator()
+_NO_KEY = {
+    "anthropic": "no API key: send it in the x-api-key header",
+    "openai": "no API key: send 'Authorization: Bearer <key>'",
+}
+_UNKNOWN_KEY = {
+    "anthropic": "invalid x-api-key: no tenant has this key",
+    "openai": "Incorrect API key provided: no tenant has this key",
+}
+
+
+def _traceparent(span: trace.Span) -> str:
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return ""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=sse.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+class Front:
+    def __init__(
+        self,
+        settings: HttpFrontSettings,
+        keys: ApiKeys,
+        gateway: Gateway,
+        in_flight: InFlight,
+        tracer: trace.Tracer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._keys = keys
+        self._gateway = gateway
+        self._in_flight = in_flight
+        self._tracer = tracer
+        self._clock = clock
+        self.draining = False
+
+    # --- routes -------------------------------------------------------------------------------
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve("anthropic", request, self._messages)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve("openai", request, self._chat)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
+        return await self._serve(api, request, self._models)
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return _json({"status": "draining"}, 503)
+        if not await self._gateway.serving():
+            return _json(
+                {"status": "gateway not serving", "gateway": self._settings.gateway_addr}, 503
+            )
+        return _json({"status": "ready"})
+
+    # --- the common path ----------------------------------------------------------------------
+    async def _serve(
+        self,
+        api: Api,
+        request: web.Request,
+        answer: Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """One request in a server span that joins the caller's trace (``traceparent``)."""
+        parent = _PROPAGATOR.extract(carrier=request.headers)
+        name = f"{request.method} {request.path}"
+        with self._tracer.start_as_current_span(name, parent, trace.SpanKind.SERVER) as span:
+            span.set_attribute("http.request.method", request.method)
+            span.set_attribute("url.path", request.path)
+            traceparent = _traceparent(span)
+            try:
+                tenant, key = self._admit(api, request)
+                response = await answer(request, tenant, key, traceparent)
+            except ApiError as error:
+                span.set_attribute("error.type", error.kind)
+                response = self._error(api, error, traceparent)
+            except Exception as exc:  # a bug here: the caller still gets its API's error shape
+                log.exception("http-front failed on %s", name)
+                span.record_exception(exc)
+                failed = ApiError("api", "the HTTP front failed on this request; see its log")
+                response = self._error(api, failed, traceparent)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    def _error(self, api: Api, error: ApiError, traceparent: str) -> web.Response:
+        request_id = uuid.uuid4().hex
+        headers = {**error.headers(), "x-cachemesh-request-id": request_id}
+        if traceparent:
+            headers["traceparent"] = traceparent
+        headers["request-id" if api == "anthropic" else "x-request-id"] = request_id
+        return _json(error.body_for(api, request_id), error.status_for(api), headers)
+
+    def _admit(self, api: Api, request: web.Request) -> tuple[str, str]:
+        """The caller's tenant and key; the Gateway checks the same key again."""
+        key = _key(api, request)
+        if key is None:
+            raise ApiError("authentication", _NO_KEY[api])
+        tenant = self._keys.tenant_for(key)
+        if tenant is None:
+            raise ApiError("authentication", _UNKNOWN_KEY[api])
+        if api == "anthropic" and request.method == "POST":
+            version = request.headers.get("anthropic-version")
+            if version is None:
+                raise invalid("anthropic-version: header is required (e.g. 2023-06-01)")
+            if not anthropic_api.VERSION.match(version):
+                raise invalid(
+                    f"anthropic-version: {version[:32]!r} is not a valid version (a date such "
+                    "as 2023-06-01)"
+                )
+        return tenant, key
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(request.content_length, limit)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(None, limit) from None
+        return parse_body(raw)
+
+    # --- Anthropic ----------------------------------------------------------------------------
+    async def _messages(
+        self, request: web.Request, tenant: str, key: str, traceparent: str
+    ) -> web.StreamResponse:
+        gw, stream = anthropic_api.parse_request(await self._body(request))
+        facts.cache_options(request.headers, gw)
+        with self._in_flight.slot(tenant):
+            if not stream:
+                end = await self._gateway.complete(gw, key, traceparent)
+                headers = facts.end_headers(end, traceparent)
+                headers["request-id"] = end.request_id
+                return _json(anthropic_api.response(end), headers=headers)
+            events = anthropic_api.EventStream()
+            async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
+                start = await _first(chunks)
+                response = await self._open_stream(request, start, "request-id", traceparent)
+                for name, body in events.start(start.start):
+                    await response.write(sse.event(name, body))
+                try:
+                    async for chunk in sse.paced(chunks, self._settings.ping_s):
+                        for name, body in _anthropic_events(events, chunk):
+                            await response.write(sse.event(name, body))
+                except ApiError as error:
+                    await response.write(
+                        sse.event("error", error.body_for("anthropic", start.start.request_id))
+                    )
+            await response.write_eof()
+            return response
+
+    # --- OpenAI -------------------------------------------------------------------------------
+    async def _chat(
+        self, request: web.Request, tenant: str, key: str, traceparent: str
+    ) -> web.StreamResponse:
+        body = await self._body(request)
+        model = body.get("model")
+        default = self._settings.default_max_tokens.get(
+            model if isinstance(model, str) else "", 1024
+        )
+        gw, stream, include_usage = openai_api.parse_request(body, default)
+        facts.cache_options(request.headers, gw)
+        created = int(self._clock())
+        with self._in_flight.slot(tenant):
+            if not stream:
+                end = await self._gateway.complete(gw, key, traceparent)
+                headers = facts.end_headers(end, traceparent)
+                headers["x-request-id"] = end.request_id
+                return _json(openai_api.response(end, created), headers=headers)
+            chunker = openai_api.ChunkStream(created, include_usage)
+            async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
+                start = await _first(chunks)
+                response = await self._open_stream(request, start, "x-request-id", traceparent)
+                for item in chunker.start(start.start):
+                    await response.write(sse.data(item))
+                try:
+                    async for chunk in sse.paced(chunks, self._settings.ping_s):
+                        if chunk is None:
+                            await response.write(sse.COMMENT_PING)
+                            continue
+                        for item in _openai_chunks(chunker, chunk):
+                            await response.write(sse.data(item))
+                except ApiError as error:
+                    await response.write(sse.data(error.body_for("openai", start.start.request_id)))
+            await response.write(sse.DONE)
+            await response.write_eof()
+            return response
+
+    async def _open_stream(
+        self, request: web.Request, start: pb.CompleteChunk, id_header: str, traceparent: str
+    ) -> web.StreamResponse:
+        headers = facts.start_headers(start.start, traceparent)
+        headers[id_header] = start.start.request_id
+        headers["cache-control"] = "no-cache"
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "text/event-stream"
+        await response.prepare(request)
+        return response
+
+    # --- models -------------------------------------------------------------------------------
+    async def _models(
+        self, request: web.Request, tenant: str, key: str, traceparent: str
+    ) -> web.StreamResponse:
+        wanted = request.match_info.get("model")
+        api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
+        models = self._settings.models
+        if wanted is not None:
+            if wanted not in models:
+                raise ApiError(
+                    "not_found", f"model: {wanted[:64]!r} not found; use one of {', '.join(models)}"
+                )
+            models = (wanted,)
+        if api == "anthropic":
+            rows = [
+                {"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
+                for m in models
+            ]
+            if wanted is not None:
+                return _json(rows[0])
+            return _json(
+                {
+                    "data": rows,
+                    "has_more": False,
+                    "first_id": rows[0]["id"],
+                    "last_id": rows[-1]["id"],
+                }
+            )
+        items = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "cachemesh"} for m in models
+        ]
+        if wanted is not None:
+            return _json(items[0])
+        return _json({"object": "list", "data": items})
+
+
+def _key(api: Api, request: web.Request) -> str | None:
+    if api == "anthropic":
+        key = request.headers.get("x-api-key")
+        if key:
+            return key.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def _too_large(size: int | None, limit: int) -> ApiError:
+    got = f" ({size:,} bytes)" if size is not None else ""
+    return ApiError("request_too_large", f"request body too large{got}: at most {limit:,} bytes")
+
+
+async def _first(chunks: AsyncIterator[pb.CompleteChunk]) -> pb.CompleteChunk:
+    """The stream's ``start``: a refusal comes before it, with its own HTTP status."""
+    first = await anext(chunks, None)
+    if first is None or first.WhichOneof("part") != "start":
+        raise ApiError("api", "the Gateway's stream did not begin with its start")
+    return first
+
+
+def _anthropic_events(
+    events: anthropic_api.EventStream, chunk: pb.CompleteChunk | None
+) -> list[anthropic_api.Event]:
+    if chunk is None:
+        return [anthropic_api.PING]
+    part = chunk.WhichOneof("part")
+    if part == "delta":
+        return events.delta(chunk.delta)
+    if part == "end":
+        return events.end(chunk.end, facts.stream_facts(chunk.end))
+    return []
+
+
+def _openai_chunks(
+    chunker: openai_api.ChunkStream, chunk: pb.CompleteChunk
+) -> list[dict[str, Any]]:
+    part = chunk.WhichOneof("part")
+    if part == "delta":
+        return chunker.delta(chunk.delta)
+    if part == "end":
+        return chunker.end(chunk.end, facts.stream_facts(chunk.end))
+    return []

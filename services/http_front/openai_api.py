@@ -1,0 +1,321 @@
+"""The OpenAI Chat Completions API (``POST /v1/chat/completions``) to and from the Gateway.
+
+system and developer messages become the Gateway's system blocks; an assistant message's
+``tool_calls`` become tool_use blocks and ``tool`` messages tool_result blocks of a user turn.
+OpenAI caches prompt prefixes by itself, so a plain request carries no breakpoints and what
+the Gateway bills follows the requested model's rules; for models billed under Anthropic's
+rules (the simulated ones) a text part may carry ``cache_control`` (as the LiteLLM and
+OpenRouter proxies accept it), which marks a breakpoint there, and the cache read shows in
+``prompt_tokens_details.cached_tokens``. Fields the Gateway cannot honour (n > 1, stop,
+logprobs, a forced tool choice, structured output, images) are refused with a 400, never
+dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.http_front.anthropic_api import cache_control
+from services.http_front.errors import invalid
+from services.http_front.fields import Obj, json_text, shown
+
+_TOP = (
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream",
+    "stream_options", "tools", "tool_choice", "parallel_tool_calls", "n", "stop", "user",
+    "seed", "top_p", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs",
+    "logit_bias", "response_format", "metadata", "store", "service_tier", "prompt_cache_key",
+    "reasoning_effort", "safety_identifier",
+)  # fmt: skip
+_FINISH = {"end_turn": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+
+
+def parse_request(
+    body: dict[str, Any], default_max_tokens: int
+) -> tuple[pb.CompleteRequest, bool, bool]:
+    """The Gateway request, whether to stream, and whether the stream ends with the usage."""
+    top = Obj(body, "")
+    top.only(_TOP)
+    request = pb.CompleteRequest(model=top.text("model", required=True) or "")
+    limit = top.integer("max_completion_tokens")
+    if limit is None:
+        limit = top.integer("max_tokens")
+    limit = default_max_tokens if limit is None else limit
+    if not -(2**31) <= limit < 2**31:
+        raise invalid(f"max_tokens: {limit} is out of range", "max_tokens")
+    request.max_tokens = limit
+    temperature = top.number("temperature")
+    if temperature is not None:
+        request.temperature = temperature
+    _unsupported(top)
+    key = top.text("prompt_cache_key")
+    if key:
+        request.cache.prompt_cache_key = key
+    for i, raw in enumerate(top.array("tools") or []):
+        request.tools.append(_tool(raw, f"tools[{i}]"))
+    _messages(top.array("messages", required=True) or [], request)
+    stream = bool(top.flag("stream"))
+    options = top.obj("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise invalid("stream_options: only allowed when stream is true", "stream_options")
+        options.only(("include_usage", "include_obfuscation"))
+        include_usage = bool(options.flag("include_usage"))
+        options.flag("include_obfuscation")
+    return request, stream, include_usage
+
+
+def _unsupported(top: Obj) -> None:
+    n = top.integer("n")
+    if n not in (None, 1):
+        raise invalid("n: cachemesh answers one choice per request (n=1)", "n")
+    if top.raw("stop") not in (None, [], ""):
+        raise invalid("stop: not supported by cachemesh (answers end by themselves)", "stop")
+    if top.flag("logprobs"):
+        raise invalid("logprobs: not supported by cachemesh", "logprobs")
+    choice = top.raw("tool_choice")
+    if choice not in (None, "auto"):
+        raise invalid(
+            f"tool_choice: {shown(choice)} is not supported by cachemesh; only 'auto'",
+            "tool_choice",
+        )
+    fmt = top.obj("response_format")
+    if fmt is not None and fmt.text("type") != "text":
+        raise invalid(
+            "response_format: structured output is not supported by cachemesh", "response_format"
+        )
+    for name in ("top_p", "frequency_penalty", "presence_penalty"):
+        top.number(name)  # accepted and type-checked; the backends sample their own way
+    for name in ("user", "service_tier", "reasoning_effort", "safety_identifier"):
+        top.text(name)
+    for name in ("parallel_tool_calls", "store"):
+        top.flag(name)
+    top.integer("seed")
+
+
+def _tool(raw: object, path: str) -> pb.Tool:
+    obj = Obj(raw, path)
+    obj.only(("type", "function"))
+    if obj.text("type", required=True) != "function":
+        raise invalid(f"{obj.at('type')}: only 'function' tools are supported", obj.at("type"))
+    fn = obj.obj("function", required=True)
+    assert fn is not None
+    fn.only(("name", "description", "parameters", "strict"))
+    fn.flag("strict")
+    parameters = fn.raw("parameters")
+    return pb.Tool(
+        name=fn.text("name", required=True) or "",
+        description=fn.text("description") or "",
+        input_schema_json=json_text(
+            {"type": "object", "properties": {}} if parameters is None else parameters,
+            fn.at("parameters"),
+        ),
+    )
+
+
+def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
+    """A message's content: a string, or an array of text parts (each may carry a
+    ``cache_control`` breakpoint)."""
+    content = obj.raw("content")
+    if isinstance(content, str):
+        return [pb.ContentBlock(text=content)]
+    if content is None and not required:
+        return []
+    blocks = []
+    for i, raw in enumerate(obj.array("content", required=True) or []):
+        part = Obj(raw, f"{obj.at('content')}[{i}]")
+        kind = part.text("type", required=True)
+        if kind != "text":
+            raise invalid(
+                f"{part.at('type')}: {shown(kind)} parts are not supported by cachemesh; use text",
+                part.at("type"),
+            )
+        part.only(("type", "text", "cache_control"))
+        block = pb.ContentBlock(text=part.text("text", required=True) or "")
+        control = cache_control(part)
+        if control is not None:
+            block.cache_control.CopyFrom(control)
+        blocks.append(block)
+    return blocks
+
+
+def _text_of(obj: Obj) -> str:
+    return "".join(b.text for b in _blocks_of(obj))
+
+
+def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
+    for i, raw in enumerate(raw_messages):
+        path = f"messages[{i}]"
+        obj = Obj(raw, path)
+        role = obj.text("role", required=True)
+        if role in ("system", "developer"):
+            obj.only(("role", "content", "name"))
+            request.system.extend(_blocks_of(obj))
+        elif role == "user":
+            obj.only(("role", "content", "name"))
+            _turn(request, pb.ROLE_USER).content.extend(_blocks_of(obj))
+        elif role == "assistant":
+            obj.only(("role", "content", "name", "tool_calls", "refusal"))
+            _assistant(obj, _turn(request, pb.ROLE_ASSISTANT))
+        elif role == "tool":
+            obj.only(("role", "content", "tool_call_id"))
+            result = pb.ToolResult(
+                tool_use_id=obj.text("tool_call_id", required=True) or "", content=_text_of(obj)
+            )
+            _turn(request, pb.ROLE_USER).content.append(pb.ContentBlock(tool_result=result))
+        else:
+            raise invalid(
+                f"{obj.at('role')}: must be system, developer, user, assistant or tool, "
+                f"got {shown(role)}",
+                obj.at("role"),
+            )
+
+
+def _turn(request: pb.CompleteRequest, role: int) -> pb.Message:
+    """The message a block of ``role`` joins: the last one when it has that role (a user turn
+    after tool results is one Gateway turn), else a new one."""
+    if request.messages and request.messages[-1].role == role:
+        return request.messages[-1]
+    message: pb.Message = request.messages.add()
+    message.role = role  # type: ignore[assignment]
+    return message
+
+
+def _assistant(obj: Obj, message: pb.Message) -> None:
+    message.content.extend(b for b in _blocks_of(obj, required=False) if b.text)
+    for j, raw in enumerate(obj.array("tool_calls") or []):
+        call = Obj(raw, f"{obj.at('tool_calls')}[{j}]")
+        call.only(("id", "type", "function"))
+        fn = call.obj("function", required=True)
+        assert fn is not None
+        fn.only(("name", "arguments"))
+        arguments = fn.text("arguments", required=True) or ""
+        try:
+            value = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise invalid(f"{fn.at('arguments')}: not valid JSON", fn.at("arguments")) from None
+        use = pb.ToolUse(
+            id=call.text("id", required=True) or "",
+            name=fn.text("name", required=True) or "",
+            input_json=json_text(value, fn.at("arguments")),
+        )
+        message.content.append(pb.ContentBlock(tool_use=use))
+    if not message.content:
+        raise invalid(f"{obj.at('content')}: an assistant message needs content or tool_calls")
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def completion_id(request_id: str) -> str:
+    return f"chatcmpl-{request_id}"
+
+
+def usage(u: pb.Usage) -> dict[str, Any]:
+    prompt = u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": prompt + u.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cache_read_input_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def finish_reason(stop: str) -> str:
+    return _FINISH.get(stop, "stop")
+
+
+def _tool_call(use: pb.ToolUse) -> dict[str, Any]:
+    return {
+        "id": use.id,
+        "type": "function",
+        "function": {"name": use.name, "arguments": use.input_json or "{}"},
+    }
+
+
+def response(end: pb.CompleteResponse, created: int) -> dict[str, Any]:
+    text = "".join(b.text for b in end.content if b.WhichOneof("kind") == "text")
+    calls = [_tool_call(b.tool_use) for b in end.content if b.WhichOneof("kind") == "tool_use"]
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text if text or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": completion_id(end.request_id),
+        "object": "chat.completion",
+        "created": created,
+        "model": end.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason(end.stop_reason),
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(end.usage),
+        "system_fingerprint": None,
+    }
+
+
+class ChunkStream:
+    """The Gateway's chunks as ``chat.completion.chunk`` objects: the role first, the content
+    and tool-call deltas, the finish reason, and (``include_usage``) a last chunk holding only
+    the usage. The caller ends the stream with ``data: [DONE]``."""
+
+    def __init__(self, created: int, include_usage: bool) -> None:
+        self._created = created
+        self._include_usage = include_usage
+        self._id = ""
+        self._model = ""
+        self._calls = 0
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def start(self, start: pb.CompleteResponse) -> list[dict[str, Any]]:
+        self._id = completion_id(start.request_id)
+        self._model = start.model
+        return [self._chunk({"role": "assistant", "content": "", "refusal": None})]
+
+    def delta(self, block: pb.ContentBlock) -> list[dict[str, Any]]:
+        kind = block.WhichOneof("kind")
+        if kind == "text":
+            return [self._chunk({"content": block.text})]
+        if kind == "tool_use":
+            call = {"index": self._calls, **_tool_call(block.tool_use)}
+            self._calls += 1
+            return [self._chunk({"tool_calls": [call]})]
+        return []
+
+    def end(self, end: pb.CompleteResponse, facts: dict[str, object]) -> list[dict[str, Any]]:
+        last = self._chunk({}, finish_reason(end.stop_reason))
+        last["cachemesh"] = facts
+        chunks = [last]
+        if self._include_usage:
+            tail = self._chunk({})
+            tail["choices"] = []
+            tail["usage"] = usage(end.usage)
+            chunks.append(tail)
+        return chunks

@@ -1,0 +1,56 @@
+"""The HTTP front's settings, read from the environment once at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.env import Env
+from services.common.models import AUTO, ModelTable, model_table_from_env
+from services.router.settings import parse_replicas
+
+DEFAULT_LISTEN = "127.0.0.1:8088"
+
+
+@dataclass(frozen=True)
+class HttpFrontSettings:
+    listen: str
+    gateway_addr: str
+    api_keys_file: Path
+    max_body_bytes: int  # a larger body is refused with 413 before it is read
+    max_in_flight_per_key: int  # one more concurrent request of a key gets 429
+    ping_s: float  # a stream with nothing to send for this long sends a ping
+    gateway_timeout_s: float
+    grace_s: float
+    models: tuple[str, ...]  # what /v1/models lists: "auto" and the deployed models
+    default_max_tokens: dict[
+        str, int
+    ]  # model -> its output limit (OpenAI's max_tokens is optional)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> HttpFrontSettings:
+        env = Env(environ)
+        table = model_table_from_env(env)
+        deployed = parse_replicas(env.str("MODEL_REPLICAS"), table)
+        models = (AUTO, *sorted(deployed))
+        return cls(
+            listen=env.address("HTTP_FRONT_LISTEN", DEFAULT_LISTEN),
+            gateway_addr=env.address("HTTP_FRONT_GATEWAY_ADDR", "127.0.0.1:50051"),
+            api_keys_file=env.path("CACHEMESH_API_KEYS_FILE"),
+            max_body_bytes=env.int("HTTP_FRONT_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+            max_in_flight_per_key=env.int("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", 64, minimum=1),
+            ping_s=env.float("HTTP_FRONT_PING_S", 10.0, minimum=0.01),
+            gateway_timeout_s=env.float("HTTP_FRONT_GATEWAY_TIMEOUT_S", 600.0, minimum=0.001),
+            grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
+            models=models,
+            default_max_tokens={m: _output_limit(table, m) for m in models},
+        )
+
+
+def _output_limit(table: ModelTable, model: str) -> int:
+    if model == AUTO:
+        return min(table.for_tier(tier).max_output_tokens for tier in table.auto)
+    spec = table.get(model)
+    assert spec is not None  # parse_replicas checked every deployed model
+    return spec.max_output_tokens

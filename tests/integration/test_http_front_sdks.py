@@ -1,0 +1,343 @@
+"""The HTTP front on the running stack, driven by the official ``anthropic`` and ``openai``
+SDKs unchanged but for ``base_url`` and the key: sync and async, streaming and not."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+import urllib3
+
+from cachemesh.demo import workload
+from tests.integration.harness import RunningStack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def base(stack: RunningStack) -> str:
+    return f"http://{stack.addresses['http-front']}"
+
+
+@pytest.fixture
+def key(stack: RunningStack) -> str:
+    return stack.keys["tenant-a"]
+
+
+def _unique(text: str) -> str:
+    return f"{text} (case {uuid.uuid4().hex[:8]})"
+
+
+def _tools_anthropic() -> list[Any]:
+    return [
+        {
+            "name": tool.name,
+            "description": tool.description,
+            "input_schema": json.loads(tool.input_schema_json),
+        }
+        for tool in workload.TOOLS
+    ]
+
+
+def _system(marker: str) -> str:
+    return f"Session {marker}.\n\n{workload.SYSTEM_PROMPT}"  # over 1,024 tokens
+
+
+# --- Anthropic ---------------------------------------------------------------------------------
+
+
+def test_anthropic_same_question_twice_is_an_l1_hit(base: str, key: str) -> None:
+    client = anthropic.Anthropic(base_url=base, api_key=key)
+    question = _unique("How do I rotate my API keys?")
+    first = client.messages.with_raw_response.create(
+        model="sim-small", max_tokens=200, messages=[{"role": "user", "content": question}]
+    )
+    second = client.messages.with_raw_response.create(
+        model="sim-small", max_tokens=200, messages=[{"role": "user", "content": question}]
+    )
+    assert first.headers["x-cachemesh-served-by"] == "model"
+    assert second.headers["x-cachemesh-served-by"] == "semantic-cache"
+    assert second.headers["x-cachemesh-similarity"] == "1.0000"
+    assert int(second.headers["x-cachemesh-cost-nanos"]) == 0
+    assert int(second.headers["x-cachemesh-saved-nanos"]) > 0
+    one, two = first.parse(), second.parse()
+    assert isinstance(one, anthropic.types.Message)
+    assert one.content[0].type == "text" and two.content[0].type == "text"
+    assert two.content[0].text == one.content[0].text
+    assert two.usage.output_tokens == one.usage.output_tokens > 0
+
+
+async def test_anthropic_agent_second_turn_reads_the_prefix_cache_streaming(
+    base: str, key: str
+) -> None:
+    client = anthropic.AsyncAnthropic(base_url=base, api_key=key)
+    system: list[Any] = [
+        {"type": "text", "text": _system(uuid.uuid4().hex), "cache_control": {"type": "ephemeral"}}
+    ]
+    turns: list[Any] = [{"role": "user", "content": "I need to change my flight to Boston."}]
+    async with client.messages.stream(
+        model="sim-large", max_tokens=200, system=system, tools=_tools_anthropic(), messages=turns
+    ) as stream:
+        first = await stream.get_final_message()
+    assert (
+        first.usage.cache_creation_input_tokens and first.usage.cache_creation_input_tokens > 1024
+    )
+    assert not first.usage.cache_read_input_tokens
+    text = "".join(b.text for b in first.content if b.type == "text")
+    turns += [
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "Make it the morning flight, please."},
+    ]
+    async with client.messages.stream(
+        model="sim-large", max_tokens=200, system=system, tools=_tools_anthropic(), messages=turns
+    ) as stream:
+        second = await stream.get_final_message()
+        facts = stream.response.headers
+    assert second.usage.cache_read_input_tokens
+    assert second.usage.cache_read_input_tokens >= first.usage.cache_creation_input_tokens
+    assert facts["x-cachemesh-served-by"] == "prefix-cache"
+
+
+def test_anthropic_stream_events_come_in_anthropics_order(base: str, key: str) -> None:
+    client = anthropic.Anthropic(base_url=base, api_key=key)
+    with client.messages.create(
+        model="sim-small",
+        max_tokens=100,
+        stream=True,
+        messages=[{"role": "user", "content": _unique("Tell me about caching")}],
+    ) as events:
+        kinds = [event.type for event in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(kinds[2:-3]) == {"content_block_delta"}
+
+
+def test_anthropic_tool_use_and_tool_result_round_trip(base: str, key: str) -> None:
+    client = anthropic.Anthropic(base_url=base, api_key=key)
+    reply = client.messages.create(
+        model="sim-large",
+        max_tokens=200,
+        tools=_tools_anthropic(),
+        messages=[
+            {"role": "user", "content": _unique("What is the status of booking ABC123?")},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me look that up."},
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_01",
+                        "name": workload.TOOLS[0].name,
+                        "input": {"reservation_id": "ABC123"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_01",
+                        "content": [{"type": "text", "text": '{"status": "confirmed"}'}],
+                    }
+                ],
+            },
+        ],
+    )
+    assert reply.stop_reason == "end_turn"
+    assert reply.content and reply.content[0].type == "text"
+
+
+def test_anthropic_errors_are_the_sdks_own_exceptions(base: str, key: str) -> None:
+    question: list[Any] = [{"role": "user", "content": "hello"}]
+    with pytest.raises(anthropic.AuthenticationError) as auth:
+        anthropic.Anthropic(base_url=base, api_key="cm_not-a-key").messages.create(
+            model="sim-small", max_tokens=10, messages=question
+        )
+    assert auth.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    client = anthropic.Anthropic(base_url=base, api_key=key)
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(model="no-such-model", max_tokens=10, messages=question)
+    assert "model" in bad.value.message
+    with pytest.raises(anthropic.BadRequestError) as extra:
+        client.messages.create(
+            model="sim-small", max_tokens=10, messages=question, extra_body={"colour": "red"}
+        )
+    assert "colour" in extra.value.message
+    with pytest.raises(anthropic.APIStatusError) as large:
+        client.messages.create(
+            model="sim-small",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "x" * 1_100_000}],
+        )
+    assert large.value.status_code == 413
+
+
+# --- OpenAI ------------------------------------------------------------------------------------
+
+
+def test_openai_same_question_twice_is_an_l1_hit(base: str, key: str) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
+    question = _unique("What are your support hours?")
+    asks = [{"role": "user", "content": question}]
+    first = client.chat.completions.with_raw_response.create(model="sim-small", messages=asks)  # type: ignore[arg-type]
+    second = client.chat.completions.with_raw_response.create(model="sim-small", messages=asks)  # type: ignore[arg-type]
+    assert first.headers["x-cachemesh-served-by"] == "model"
+    assert second.headers["x-cachemesh-served-by"] == "semantic-cache"
+    one, two = first.parse(), second.parse()
+    assert two.choices[0].message.content == one.choices[0].message.content
+    assert one.choices[0].finish_reason == "stop"
+    assert one.usage is not None and one.usage.completion_tokens > 0
+
+
+async def test_openai_agent_streaming_with_usage_reads_the_prefix_cache(
+    base: str, key: str
+) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key)
+    system = {
+        "role": "system",
+        "content": [
+            {
+                "type": "text",
+                "text": _system(uuid.uuid4().hex),
+                "cache_control": {"type": "ephemeral"},
+            }
+        ],
+    }
+    turns: list[Any] = [system, {"role": "user", "content": "Cancel my reservation please."}]
+    usages = []
+    for follow_up in ("Yes, the one to Denver.", None):
+        stream = await client.chat.completions.create(
+            model="sim-large", messages=turns, stream=True, stream_options={"include_usage": True}
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert text and usage is not None
+        usages.append(usage)
+        if follow_up:
+            turns += [
+                {"role": "assistant", "content": text},
+                {"role": "user", "content": follow_up},
+            ]
+    first, second = usages
+    assert first.prompt_tokens_details is not None and second.prompt_tokens_details is not None
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert (
+        second.prompt_tokens_details.cached_tokens
+        and second.prompt_tokens_details.cached_tokens > 1024
+    )
+    assert second.prompt_tokens > second.prompt_tokens_details.cached_tokens
+
+
+def test_openai_tool_calls_round_trip(base: str, key: str) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": json.loads(tool.input_schema_json),
+            },
+        }
+        for tool in workload.TOOLS
+    ]
+    reply = client.chat.completions.create(
+        model="sim-large",
+        tools=tools,
+        messages=[
+            {"role": "user", "content": _unique("Where is booking XYZ?")},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {
+                            "name": workload.TOOLS[0].name,
+                            "arguments": '{"reservation_id": "XYZ"}',
+                        },
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "boarding"}'},
+        ],
+    )
+    assert reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+
+
+async def test_openai_errors_are_the_sdks_own_exceptions(base: str, key: str) -> None:
+    asks: list[Any] = [{"role": "user", "content": "hello"}]
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="cm_wrong").chat.completions.create(
+            model="sim-small", messages=asks
+        )
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.chat.completions.create(model="sim-small", messages=asks, n=2)
+    assert "n" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as wrong:
+        await client.chat.completions.create(model="sim-small", messages="hello")  # type: ignore[arg-type]
+    assert "messages" in wrong.value.message
+
+
+# --- plain HTTP: models, health, traces -------------------------------------------------------
+
+
+def test_models_in_each_apis_shape(base: str, key: str) -> None:
+    listed = anthropic.Anthropic(base_url=base, api_key=key).models.list()
+    assert {m.id for m in listed.data} >= {"auto", "sim-small", "sim-large"}
+    models = openai.OpenAI(base_url=f"{base}/v1", api_key=key).models.list()
+    assert {m.id for m in models.data} >= {"auto", "sim-small", "sim-large"}
+    assert all(m.object == "model" for m in models.data)
+
+
+def test_health_readiness_and_an_incoming_traceparent_joins_the_trace(
+    base: str, key: str, stack: RunningStack
+) -> None:
+    http = urllib3.PoolManager()
+    assert http.request("GET", f"{base}/healthz").status == 200
+    assert http.request("GET", f"{base}/readyz").status == 200
+    trace_id = uuid.uuid4().hex
+    reply = http.request(
+        "POST",
+        f"{base}/v1/messages",
+        body=json.dumps(
+            {
+                "model": "sim-small",
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": _unique("hi")}],
+            }
+        ),
+        headers={
+            "x-api-key": key,
+            "anthropic-version": "2023-06-01",
+            "content-type": "application/json",
+            "traceparent": f"00-{trace_id}-{'1' * 16}-01",
+            "x-cachemesh-namespace": "traces",
+        },
+    )
+    assert reply.status == 200, reply.data
+    assert reply.headers["x-cachemesh-trace-id"] == trace_id
+    assert reply.headers["traceparent"].startswith(f"00-{trace_id}-")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        spans = stack.sink.spans_of(trace_id)
+        if {"http-front", "router"} <= {s.service for s in spans}:
+            break
+        time.sleep(0.2)
+    front = [s for s in spans if s.service == "http-front"]
+    router = [s for s in spans if s.service == "router" and s.kind == 2]  # SERVER
+    assert front and front[0].parent_span_id == "1" * 16  # the caller's span
+    assert router and router[0].parent_span_id == front[0].span_id

@@ -1,0 +1,347 @@
+"""The HTTP front process (``serve``) in front of a fake Gateway on real gRPC: what the stack's
+simulator never does (tool_use answers, refusals, long waits, a caller that goes away), driven
+by the official SDKs and by plain HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import grpc
+import openai
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+from services.common.auth import hash_key
+from services.http_front.app import serve
+
+KEY = "cm_test-key-of-tenant-a"
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answer(*blocks: pb.ContentBlock, stop: str = "end_turn") -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        content=blocks,
+        served_by=pb.LAYER_MODEL,
+        model="sim-large",
+        tier="large",
+        stop_reason=stop,
+        request_id="req1",
+        trace_id="ab" * 16,
+        usage=pb.Usage(input_tokens=12, output_tokens=4),
+        cost=pb.Cost(cost_nanos=100, baseline_nanos=100),
+    )
+
+
+TOOL_ANSWER = _answer(
+    pb.ContentBlock(text="Checking."),
+    pb.ContentBlock(tool_use=pb.ToolUse(id="toolu_1", name="lookup", input_json='{"id":"X1"}')),
+    stop="tool_use",
+)
+
+
+@dataclass
+class FakeGateway(gateway_pb2_grpc.GatewayServicer):
+    """Answers with ``answer`` (or aborts with ``refuse``); ``hold`` keeps a call waiting."""
+
+    answer: pb.CompleteResponse = field(default_factory=lambda: TOOL_ANSWER)
+    refuse: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
+    pause_s: float = 0.0  # between a stream's start and the rest
+    hold: asyncio.Event | None = None
+    calls: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    metadata: list[tuple[str, str]] = field(default_factory=list)
+
+    async def _begin(self, context: Context) -> None:
+        self.calls += 1
+        self.metadata = [(k, str(v)) for k, v in context.invocation_metadata() or ()]
+        self.arrived.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.refuse is not None:
+            code, message, trailers = self.refuse
+            context.set_trailing_metadata(trailers)
+            await context.abort(code, message)
+
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        await self._begin(context)
+        return self.answer
+
+    async def StreamComplete(
+        self, request: pb.CompleteRequest, context: Context
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        await self._begin(context)
+        head = pb.CompleteResponse(request_id="req1", model="sim-large", served_by=pb.LAYER_MODEL)
+        yield pb.CompleteChunk(start=head)
+        try:
+            await asyncio.sleep(self.pause_s)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        for block in self.answer.content:
+            yield pb.CompleteChunk(delta=block)
+        yield pb.CompleteChunk(end=self.answer)
+
+
+@dataclass
+class Front:
+    base: str
+    gateway: FakeGateway
+    stop: asyncio.Event  # SIGTERM's effect
+
+
+@pytest.fixture
+async def front(tmp_path: Path) -> AsyncIterator[Front]:
+    fake = FakeGateway()
+    server = grpc.aio.server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    gateway_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"tenant-a:{hash_key(KEY)}\n")
+    port = _free_port()
+    env = {
+        "HTTP_FRONT_LISTEN": f"127.0.0.1:{port}",
+        "HTTP_FRONT_GATEWAY_ADDR": f"127.0.0.1:{gateway_port}",
+        "CACHEMESH_API_KEYS_FILE": str(keys),
+        "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
+        "HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY": "1",
+        "HTTP_FRONT_MAX_BODY_BYTES": "4096",
+        "HTTP_FRONT_PING_S": "0.05",
+        "OTEL_TRACES_EXPORTER": "none",
+        "CACHEMESH_GRACE_S": "1",
+    }
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(env, stop))
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"{base}/healthz") as reply:
+                    if reply.status == 200:
+                        break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.02)
+    try:
+        yield Front(base, fake, stop)
+    finally:
+        stop.set()
+        await task
+        await server.stop(0)
+
+
+def _claude(front: Front) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY, max_retries=0)
+
+
+def _gpt(front: Front) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key=KEY, max_retries=0)
+
+
+ASK: list[Any] = [{"role": "user", "content": "Where is X1?"}]
+HI = b'[{"role": "user", "content": "hi"}]}'
+
+
+async def test_a_tool_use_answer_reaches_both_sdks(front: Front) -> None:
+    message = await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert message.stop_reason == "tool_use"
+    use = message.content[1]
+    assert use.type == "tool_use" and use.name == "lookup" and use.input == {"id": "X1"}
+    completion = await _gpt(front).chat.completions.create(model="sim-large", messages=ASK)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "lookup"
+    assert call.function.arguments == '{"id":"X1"}'
+
+
+async def test_a_streamed_tool_use_reaches_both_sdks(front: Front) -> None:
+    async with _claude(front).messages.stream(model="sim-large", max_tokens=50, messages=ASK) as s:
+        message = await s.get_final_message()
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    assert message.content[1].input == {"id": "X1"}  # type: ignore[union-attr]
+    stream = await _gpt(front).chat.completions.create(model="sim-large", messages=ASK, stream=True)
+    calls = [c.choices[0].delta.tool_calls async for c in stream if c.choices]
+    named = [c[0].function.name for c in calls if c and c[0].function]
+    assert named == ["lookup"]
+
+
+async def test_a_second_request_over_the_keys_limit_is_a_rate_limit_error(front: Front) -> None:
+    front.gateway.hold = asyncio.Event()
+    first = asyncio.ensure_future(
+        _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    )
+    await asyncio.wait_for(front.gateway.arrived.wait(), 5)
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert limited.value.response.headers["retry-after"] == "1"
+    with pytest.raises(openai.RateLimitError):
+        await _gpt(front).chat.completions.create(model="sim-large", messages=ASK)
+    front.gateway.hold.set()
+    assert (await first).stop_reason == "tool_use"
+    assert front.gateway.calls == 1
+
+
+_A, _O = anthropic, openai
+_REFUSALS = [
+    (grpc.StatusCode.UNAVAILABLE, "no layer", (), _A.OverloadedError, _O.InternalServerError,
+     (529, 503)),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", (("retry-after", "3"),), _A.RateLimitError,
+     _O.RateLimitError, (429, 429)),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "too big", (), _A.RequestTooLargeError,
+     _O.APIStatusError, (413, 413)),
+    (grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: must be > 0", (), _A.BadRequestError,
+     _O.BadRequestError, (400, 400)),
+    (grpc.StatusCode.UNAUTHENTICATED, "unknown API key", (), _A.AuthenticationError,
+     _O.AuthenticationError, (401, 401)),
+    (grpc.StatusCode.INTERNAL, "boom", (), _A.InternalServerError, _O.InternalServerError,
+     (500, 500)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "trailers", "claude_error", "gpt_error", "status"), _REFUSALS
+)
+async def test_gateway_refusals_are_each_sdks_exceptions(
+    front: Front,
+    code: grpc.StatusCode,
+    message: str,
+    trailers: tuple[tuple[str, str], ...],
+    claude_error: type[anthropic.APIStatusError],
+    gpt_error: type[openai.APIStatusError],
+    status: tuple[int, int],
+) -> None:
+    front.gateway.refuse = (code, message, trailers)
+    with pytest.raises(claude_error) as claude:
+        await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert claude.value.status_code == status[0] and message in claude.value.message
+    with pytest.raises(gpt_error) as gpt:
+        await _gpt(front).chat.completions.create(model="sim-large", messages=ASK, stream=True)
+    assert gpt.value.status_code == status[1] and message in gpt.value.message
+    if trailers:
+        assert claude.value.response.headers["retry-after"] == "3"
+
+
+async def _raw(
+    front: Front, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{front.base}{path}", data=body, headers=headers) as reply,
+    ):
+        return reply.status, await reply.json()
+
+
+CLAUDE_HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "kind"),
+    [
+        ("/v1/messages", b"{not json", CLAUDE_HEADERS, 400, "invalid_request_error"),
+        ("/v1/messages", b'{"model": "m"}', {"anthropic-version": "2023-06-01"}, 401,
+         "authentication_error"),
+        ("/v1/messages", b'{"model": "m"}', {"x-api-key": KEY}, 400, "invalid_request_error"),
+        ("/v1/messages", b'{"model": "' + b"m" * 5000 + b'"}', CLAUDE_HEADERS, 413,
+         "request_too_large"),
+        ("/v1/chat/completions", b"[]", GPT_HEADERS, 400, "invalid_request_error"),
+        ("/v1/chat/completions", b"{}", {"authorization": "Bearer cm_nope"}, 401,
+         "invalid_request_error"),
+        ("/v1/chat/completions", b"{" + b" " * 5000 + b"}", GPT_HEADERS, 413,
+         "invalid_request_error"),
+    ],
+)  # fmt: skip
+async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(
+    front: Front, path: str, body: bytes, headers: dict[str, str], status: int, kind: str
+) -> None:
+    got, reply = await _raw(front, path, body, headers)
+    assert got == status
+    error = reply["error"]
+    assert error["type"] == kind and error["message"]
+    if path == "/v1/messages":
+        assert reply["type"] == "error"
+    assert front.gateway.calls == 0
+
+
+async def test_a_long_wait_in_a_stream_sends_pings(front: Front) -> None:
+    front.gateway.pause_s = 0.3
+    body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{front.base}/v1/messages", data=body, headers=CLAUDE_HEADERS) as reply,
+    ):
+        text = (await reply.read()).decode()
+    events = [
+        line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event:")
+    ]
+    assert events[0] == "message_start" and events[1] == "ping"
+    assert events[-1] == "message_stop" and "content_block_start" in events
+
+
+async def test_a_caller_that_disconnects_mid_stream_cancels_the_gateway_call(front: Front) -> None:
+    front.gateway.pause_s = 30
+    body = (
+        b'{"model": "sim-large", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    )
+    async with aiohttp.ClientSession() as session:
+        reply = await session.post(
+            f"{front.base}/v1/chat/completions", data=body, headers=GPT_HEADERS
+        )
+        first = await reply.content.readline()
+        assert first.startswith(b"data: ")
+        reply.close()  # the caller goes away
+    await asyncio.wait_for(front.gateway.cancelled.wait(), 5)
+
+
+async def test_the_key_and_the_trace_go_to_the_gateway(front: Front) -> None:
+    parent = "00-" + "c" * 32 + "-" + "d" * 16 + "-01"
+    headers = {**CLAUDE_HEADERS, "traceparent": parent}
+    body = (
+        b'{"model": "sim-large", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}'
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{front.base}/v1/messages", data=body, headers=headers) as reply,
+    ):
+        assert reply.status == 200
+        returned = reply.headers["traceparent"]
+    sent = dict(front.gateway.metadata)
+    assert sent["authorization"] == f"Bearer {KEY}"
+    assert sent["traceparent"] == returned and returned.startswith("00-" + "c" * 32)
+
+
+async def test_readiness_follows_the_gateway(front: Front) -> None:
+    async with aiohttp.ClientSession() as session, session.get(f"{front.base}/readyz") as reply:
+        assert reply.status == 503  # the fake serves no grpc.health.v1: not ready
+    async with aiohttp.ClientSession() as session, session.get(f"{front.base}/healthz") as reply:
+        assert reply.status == 200
+
+
+async def test_a_drain_lets_the_request_in_flight_finish_and_takes_no_new_one(front: Front) -> None:
+    front.gateway.hold = asyncio.Event()
+    first = asyncio.ensure_future(
+        _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    )
+    await asyncio.wait_for(front.gateway.arrived.wait(), 5)
+    front.stop.set()
+    await asyncio.sleep(0.2)
+    with pytest.raises(anthropic.APIConnectionError):
+        await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    front.gateway.hold.set()
+    assert (await first).stop_reason == "tool_use"

@@ -1,0 +1,286 @@
+"""The HTTP front's translation between each API's JSON and the Gateway's messages (no I/O)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.errors import Code
+from services.http_front import anthropic_api, openai_api
+from services.http_front.errors import ApiError, from_gateway
+from services.http_front.facts import cache_options
+from services.http_front.fields import parse_body
+
+
+def _anthropic(**fields: Any) -> dict[str, Any]:
+    return {
+        "model": "sim-small",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}],
+        **fields,
+    }
+
+
+def test_anthropic_blocks_tools_and_breakpoints_map_one_to_one() -> None:
+    request, stream = anthropic_api.parse_request(
+        _anthropic(
+            stream=True,
+            temperature=0,
+            system=[
+                {"type": "text", "text": "sys", "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+            ],
+            tools=[
+                {
+                    "name": "get",
+                    "input_schema": {"type": "object"},
+                    "cache_control": {"type": "ephemeral"},
+                }
+            ],
+            messages=[
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t1", "name": "get", "input": {"a": 1}}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t1",
+                            "content": [{"type": "text", "text": "r"}],
+                        }
+                    ],
+                },
+            ],
+        )
+    )
+    assert stream
+    assert request.HasField("temperature") and request.temperature == 0.0
+    assert request.system[0].cache_control.ttl == pb.CACHE_TTL_1H
+    assert request.tools[0].HasField("cache_control")
+    assert request.tools[0].cache_control.ttl == pb.CACHE_TTL_UNSPECIFIED
+    assert json.loads(request.messages[1].content[0].tool_use.input_json) == {"a": 1}
+    assert request.messages[2].content[0].tool_result.content == "r"
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (_anthropic(colour="red"), "colour"),
+        (_anthropic(max_tokens="10"), "max_tokens: expected an integer, got string"),
+        ({"model": "m", "messages": []}, "max_tokens: Field required"),
+        (_anthropic(messages=[{"role": "system", "content": "x"}]), "messages.0.role"),
+        (
+            _anthropic(messages=[{"role": "user", "content": [{"type": "image"}]}]),
+            "messages.0.content.0.type",
+        ),
+        (_anthropic(stop_sequences=["\n"]), "stop_sequences"),
+        (_anthropic(tool_choice={"type": "any"}), "tool_choice"),
+        (
+            _anthropic(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "text",
+                                "text": "x",
+                                "cache_control": {"type": "ephemeral", "ttl": "2h"},
+                            }
+                        ],
+                    }
+                ]
+            ),
+            "messages.0.content.0.cache_control.ttl",
+        ),
+    ],
+)
+def test_anthropic_bad_input_names_the_field(body: dict[str, Any], names: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(body)
+    assert refused.value.kind == "invalid_request"
+    assert names in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [(b"{", "not valid JSON"), (b"[1]", "must be a JSON object, got array"), (b"\xff", "UTF-8")],
+)
+def test_a_body_that_is_not_a_json_object_is_refused(raw: bytes, says: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_body(raw)
+    assert says in refused.value.message
+
+
+def test_openai_roles_tool_calls_and_tool_messages() -> None:
+    request, stream, include_usage = openai_api.parse_request(
+        {
+            "model": "sim-large",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [
+                {"role": "system", "content": "a"},
+                {
+                    "role": "developer",
+                    "content": [
+                        {"type": "text", "text": "b", "cache_control": {"type": "ephemeral"}}
+                    ],
+                },
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"x": 2}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "out"},
+                {"role": "user", "content": "and then?"},
+            ],
+        },
+        default_max_tokens=77,
+    )
+    assert stream and include_usage
+    assert request.max_tokens == 77
+    assert [b.text for b in request.system] == ["a", "b"]
+    assert request.system[1].HasField("cache_control")
+    assert [m.role for m in request.messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_USER]
+    assert request.messages[1].content[0].tool_use.name == "f"
+    result, follow = request.messages[2].content
+    assert result.tool_result.tool_use_id == "c1" and follow.text == "and then?"
+
+
+@pytest.mark.parametrize(
+    ("fields", "names"),
+    [
+        ({"n": 2}, "n:"),
+        ({"stop": ["x"]}, "stop"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"logit": 1}, "logit"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
+def test_openai_bad_input_names_the_field(fields: dict[str, Any], names: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(body, 10)
+    assert names in refused.value.message
+    assert refused.value.body_for("openai", "r")["error"]["type"] == "invalid_request_error"
+
+
+def _end(*blocks: pb.ContentBlock, stop: str = "end_turn") -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        content=blocks,
+        served_by=pb.LAYER_PREFIX_CACHE,
+        model="sim-large",
+        stop_reason=stop,
+        request_id="r1",
+        usage=pb.Usage(
+            input_tokens=5,
+            cache_creation_input_tokens=7,
+            cache_read_input_tokens=11,
+            output_tokens=3,
+        ),
+    )
+
+
+def test_usage_is_each_apis_own() -> None:
+    end = _end(pb.ContentBlock(text="a"))
+    assert anthropic_api.response(end)["usage"] == {
+        "input_tokens": 5,
+        "cache_creation_input_tokens": 7,
+        "cache_read_input_tokens": 11,
+        "output_tokens": 3,
+    }
+    usage = openai_api.response(end, 0)["usage"]
+    assert usage["prompt_tokens"] == 23 and usage["completion_tokens"] == 3
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 11
+
+
+def test_anthropic_stream_events_for_text_then_a_tool_use() -> None:
+    stream = anthropic_api.EventStream()
+    use = pb.ToolUse(id="t", name="f", input_json='{"k":1}')
+    events = [
+        *stream.start(pb.CompleteResponse(request_id="r1", model="m")),
+        *stream.delta(pb.ContentBlock(text="a")),
+        *stream.delta(pb.ContentBlock(text="b")),
+        *stream.delta(pb.ContentBlock(tool_use=use)),
+        *stream.end(_end(stop="tool_use"), {}),
+    ]
+    assert [name for name, _ in events] == [
+        "message_start",
+        "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
+        "content_block_start", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop",
+    ]  # fmt: skip
+    assert [body.get("index") for _, body in events[1:8]] == [0, 0, 0, 0, 1, 1, 1]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_openai_chunks_end_with_the_finish_reason_then_the_usage() -> None:
+    chunks = openai_api.ChunkStream(created=1, include_usage=True)
+    use = pb.ToolUse(id="c", name="f", input_json="{}")
+    out = [
+        *chunks.start(pb.CompleteResponse(request_id="r1", model="m")),
+        *chunks.delta(pb.ContentBlock(tool_use=use)),
+        *chunks.end(_end(stop="tool_use"), {}),
+    ]
+    assert out[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert out[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "f"
+    assert out[2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert out[3]["choices"] == [] and out[3]["usage"]["total_tokens"] == 26
+    assert all(c["usage"] is None for c in out[:3])
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "retry", "anthropic_status", "openai_status"),
+    [
+        (Code.INVALID_ARGUMENT, "model: unknown", None, 400, 400),
+        (Code.UNAUTHENTICATED, "unknown API key", None, 401, 401),
+        (Code.RESOURCE_EXHAUSTED, "request larger than the limit", None, 413, 413),
+        (Code.RESOURCE_EXHAUSTED, "prompt over the context window", None, 400, 400),
+        (Code.RESOURCE_EXHAUSTED, "rate limit", 3, 429, 429),
+        (Code.UNAVAILABLE, "no layer can serve", None, 529, 503),
+        (Code.DEADLINE_EXCEEDED, "slow", None, 504, 504),
+        (Code.INTERNAL, "boom", None, 500, 500),
+    ],
+)
+def test_gateway_status_to_http(
+    code: Code, message: str, retry: int | None, anthropic_status: int, openai_status: int
+) -> None:
+    error = from_gateway(code, message, retry)
+    assert error.status_for("anthropic") == anthropic_status
+    assert error.status_for("openai") == openai_status
+    assert message in error.message
+    assert error.headers() == ({"retry-after": str(retry)} if retry else {})
+
+
+def test_request_headers_choose_the_cache_options() -> None:
+    request = pb.CompleteRequest()
+    cache_options(
+        {
+            "x-cachemesh-semantic": "no-store",
+            "x-cachemesh-namespace": "faq",
+            "x-cachemesh-threshold": "0",
+        },
+        request,
+    )
+    assert request.cache.semantic == pb.SEMANTIC_MODE_NO_STORE
+    assert request.cache.namespace == "faq"
+    assert request.cache.HasField("threshold") and request.cache.threshold == 0.0
+    for bad in ({"x-cachemesh-semantic": "sometimes"}, {"x-cachemesh-threshold": "1.5"}):
+        with pytest.raises(ApiError):
+            cache_options(bad, pb.CompleteRequest())
