@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.env import ConfigError, Env
+from services.common.wire import MalformedRequests
 
 log = logging.getLogger("cachemesh.server")
 
@@ -118,7 +119,9 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
         ("grpc.max_receive_message_length", spec.settings.max_message_bytes),
         ("grpc.max_send_message_length", spec.settings.max_message_bytes),
     ]
-    server = grpc.aio.server(interceptors=list(spec.interceptors), options=options)
+    # malformed requests are refused first: before tracing, authentication or a servicer
+    interceptors = [MalformedRequests(), *spec.interceptors]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     spec.register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

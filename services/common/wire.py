@@ -1,0 +1,108 @@
+"""Malformed messages are the caller's fault: INVALID_ARGUMENT with a short reason, no traceback.
+
+gRPC parses a request before any servicer runs; a parser that raises makes grpc log the
+traceback at ERROR and answer UNKNOWN with the exception's name, for any caller, with or
+without a key (a log flood, and a status that does not tell the caller what is wrong). Every
+handler's parser is wrapped here instead: a message that does not parse (corrupt wire format,
+invalid UTF-8 in a string field, nesting past protobuf's recursion limit) reaches the handler
+as ``Malformed``, which the wrapper refuses before the servicer, or its authentication, sees it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
+
+log = logging.getLogger("cachemesh.wire")
+
+_REASON_CHARS = 120  # the parser's own words, bounded (they never quote the caller's bytes)
+
+
+class Malformed:
+    """A request that did not parse, and why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``parse``, returning ``Malformed`` instead of raising on bytes that are not a message."""
+    if parse is None:
+        return None
+
+    def parsed(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except (DecodeError, RecursionError, ValueError, UnicodeDecodeError) as exc:
+            return Malformed(str(exc)[:_REASON_CHARS] or type(exc).__name__)
+
+    return parsed
+
+
+def refusal(malformed: Malformed) -> str:
+    return (
+        f"malformed request: {malformed.reason}; send a message serialized by the "
+        "cachemesh.v1 protos (the generated stubs or the cachemesh client)"
+    )
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Refuses unparsable requests with INVALID_ARGUMENT (first of a server's interceptors)."""
+
+    async def intercept_service(
+        self, continuation: Handler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _checked_unary(handler.unary_unary),
+                request_deserializer=tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            checked = (
+                _checked_stream(behavior)
+                if inspect.isasyncgenfunction(behavior)
+                else _checked_unary(behavior)  # a stream written with context.write()
+            )
+            return grpc.unary_stream_rpc_method_handler(
+                checked,
+                request_deserializer=tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _checked_unary(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Malformed):
+            log.debug("refused a malformed request: %s", request.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request))
+        return await behavior(request, context)
+
+    return unary
+
+
+def _checked_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    async def stream(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        if isinstance(request, Malformed):
+            log.debug("refused a malformed request: %s", request.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request))
+        async for item in behavior(request, context):
+            yield item
+
+    return stream
