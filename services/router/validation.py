@@ -82,11 +82,14 @@ def _json_object_problem(text: str) -> str | None:
 
 
 class _ToolTurns:
-    """The tool_use ids seen so far, and which of them already have their result."""
+    """The declared tools, the tool_use ids seen so far, which of them already have their
+    result, and those of the last message still waiting for theirs (id -> where)."""
 
-    def __init__(self) -> None:
+    def __init__(self, declared: set[str] | None = None) -> None:
+        self.declared = declared if declared is not None else set()
         self.uses: set[str] = set()
         self.answered: set[str] = set()
+        self.waiting: dict[str, str] = {}
 
 
 def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolTurns) -> None:
@@ -103,9 +106,15 @@ def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolT
             raise _invalid(f"{where}.tool_use: id and name are required")
         if use.id in turns.uses:
             raise _invalid(f"{where}.tool_use.id: {_shown(use.id)} is used twice")
+        if use.name not in turns.declared:
+            raise _invalid(
+                f"{where}.tool_use.name: {_shown(use.name)} is not a declared tool; declare "
+                "it in tools (a model can only call the tools it was given)"
+            )
         if use.input_json:
             _json_object(use.input_json, f"{where}.tool_use.input_json")
         turns.uses.add(use.id)
+        turns.waiting[use.id] = where
     if kind == "tool_result":
         result_id = block.tool_result.tool_use_id
         if role != pb.ROLE_USER:
@@ -122,7 +131,8 @@ def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolT
         turns.answered.add(result_id)
 
 
-def _validate_tools(request: pb.CompleteRequest) -> None:
+def _validate_tools(request: pb.CompleteRequest) -> set[str]:
+    """The declared tools' names."""
     names: set[str] = set()
     for i, tool in enumerate(request.tools):
         if not tool.name:
@@ -132,6 +142,15 @@ def _validate_tools(request: pb.CompleteRequest) -> None:
         names.add(tool.name)
         if tool.input_schema_json:
             _json_object(tool.input_schema_json, f"tools[{i}].input_schema_json")
+    return names
+
+
+def _unanswered(turns: _ToolTurns, next_message: str) -> RequestError:
+    use_id, where = next(iter(turns.waiting.items()))
+    return _invalid(
+        f"{where}.tool_use: {_shown(use_id)} has no tool_result in {next_message}; each "
+        "tool_use needs its tool_result in the user message that follows it"
+    )
 
 
 def _validate_messages(request: pb.CompleteRequest) -> None:
@@ -143,15 +162,21 @@ def _validate_messages(request: pb.CompleteRequest) -> None:
         if block.WhichOneof("kind") != "text":
             raise _invalid(f"system[{i}]: system blocks must be text")
         _validate_block(block, f"system[{i}]", pb.ROLE_UNSPECIFIED, _ToolTurns())
-    _validate_tools(request)
-    turns = _ToolTurns()
+    turns = _ToolTurns(_validate_tools(request))
     for i, message in enumerate(request.messages):
         if message.role not in (pb.ROLE_USER, pb.ROLE_ASSISTANT):
             raise _invalid(f"messages[{i}].role: must be ROLE_USER or ROLE_ASSISTANT")
         if not message.content:
             raise _invalid(f"messages[{i}].content: a message needs at least one block")
+        waiting = dict(turns.waiting)  # the previous message's calls
+        turns.waiting.clear()
         for j, block in enumerate(message.content):
             _validate_block(block, f"messages[{i}].content[{j}]", message.role, turns)
+        if any(use_id not in turns.answered for use_id in waiting):
+            turns.waiting = {k: v for k, v in waiting.items() if k not in turns.answered}
+            raise _unanswered(turns, f"messages[{i}]")
+    if turns.waiting:
+        raise _unanswered(turns, "the request (it ends with the call)")
 
 
 def _breakpoints(request: pb.CompleteRequest) -> list[tuple[str, int]]:

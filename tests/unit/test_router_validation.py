@@ -87,7 +87,8 @@ def test_tool_result_after_its_tool_use_passes() -> None:
             pb.Message(role=pb.ROLE_USER, content=[_text("compute")]),
             pb.Message(role=pb.ROLE_ASSISTANT, content=[use]),
             pb.Message(role=pb.ROLE_USER, content=[result]),
-        ]
+        ],
+        tools=[pb.Tool(name="calc")],
     )
     validate_request(request, TABLE, DEPLOYED)
 
@@ -156,7 +157,26 @@ def _result(id_: str = "toolu_1") -> pb.ContentBlock:
 def _turns(*blocks: tuple[pb.Role.ValueType, pb.ContentBlock]) -> pb.CompleteRequest:
     messages = [pb.Message(role=pb.ROLE_USER, content=[_text("compute")])]
     messages += [pb.Message(role=role, content=[block]) for role, block in blocks]
-    return _request(messages=messages)
+    return _request(messages=messages, tools=[pb.Tool(name="calc")])
+
+
+def test_a_tool_use_of_an_undeclared_tool_is_refused() -> None:
+    request = _turns((pb.ROLE_ASSISTANT, _use(name="rm_rf")), (pb.ROLE_USER, _result()))
+    error = _error(request)
+    assert error.message.startswith("messages[1].content[0].tool_use.name: 'rm_rf' is not")
+
+
+def test_a_tool_use_needs_its_result_in_the_next_user_message() -> None:
+    request = _turns((pb.ROLE_ASSISTANT, _use()), (pb.ROLE_USER, _text("never mind")))
+    error = _error(request)
+    assert error.message.startswith(
+        "messages[1].content[0].tool_use: 'toolu_1' has no tool_result in messages[2]"
+    )
+
+
+def test_a_request_ending_with_a_tool_use_is_refused() -> None:
+    error = _error(_turns((pb.ROLE_ASSISTANT, _use())))
+    assert "has no tool_result in the request (it ends with the call)" in error.message
 
 
 def test_tool_use_only_in_assistant_messages() -> None:
