@@ -1,0 +1,93 @@
+"""No API key and no internal token in any log, error, span or report, after a run that used them.
+
+The session's stack has served every integration test before this one, with tenant keys, the
+internal token between services, refusals of wrong keys and tokens; this test adds its own
+refusals (a key one character off, the internal token presented as an API key, a wrong token at
+an internal service), a load-test report and a bench report written from the stack's real
+settings, then greps all of it for the secrets, whole and in parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from cachemesh import CachemeshError, Client, build_request
+from cachemesh.envfile import read_env_file
+from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
+from services.tools.bench.gateway import output
+from services.tools.bench.gateway.redact import own_settings, setting_names
+from tests.integration.harness import ROOT, RunningStack
+
+pytestmark = pytest.mark.integration
+
+
+def _fragments(secret: str) -> list[str]:
+    """The secret, and a head and a tail long enough to identify it."""
+    return [secret, secret[:12], secret[-10:]]
+
+
+def _refusals(stack: RunningStack) -> list[str]:
+    errors: list[str] = []
+    key = stack.keys["tenant-a"]
+    for presented in (key[:-1] + ("A" if key[-1] != "A" else "B"), stack.internal_token):
+        with Client(stack.target, api_key=presented) as client:
+            with pytest.raises(CachemeshError) as caught:
+                client.complete(build_request("Which secrets leak?"))
+            errors.append(str(caught.value))
+    with grpc.insecure_channel(stack.addresses["semantic-cache"]) as channel:
+        stub = semantic_cache_pb2_grpc.SemanticCacheStub(channel)
+        wrong = stack.internal_token[:-1] + "x"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Lookup(
+                semantic_cache_pb2.LookupRequest(tenant="tenant-a"),
+                metadata=(("x-cachemesh-internal", wrong),),
+                timeout=10,
+            )
+        errors.append(f"{refused.value.code()} {refused.value.details()}")
+    return errors
+
+
+def test_no_secret_in_logs_errors_spans_or_reports(stack: RunningStack) -> None:
+    errors = _refusals(stack)
+    run_dir = stack.stack.run_dir
+    env = {
+        **os.environ,
+        "CACHEMESH_KEY_A": stack.keys["tenant-a"],
+        "CACHEMESH_KEY_B": stack.keys["tenant-b"],
+        "CACHEMESH_INTERNAL_TOKEN": stack.internal_token,
+    }
+    loadtest = run_dir / "secrets-loadtest.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "cachemesh.loadtest", "--target", stack.target,
+         "--workload", "synthetic", "--requests", "6", "--concurrency", "2",
+         "--out", str(loadtest)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    names = setting_names(read_env_file(ROOT / ".env"))
+    settings = own_settings({**stack.stack.settings(), **env}, names, list(stack.keys.values()))
+    doc = output.document(
+        run={"levels": [1]}, workload={}, stack=settings, stacks={}, results={"cases": {}},
+        ratios={},
+    )  # fmt: skip
+    bench = output.write(doc, [], run_dir / "secrets-results", "2026-01-01")
+
+    texts = {path.name: path.read_text(errors="replace") for path in (run_dir / "logs").iterdir()}
+    texts["errors"] = "\n".join(errors) + run.stdout + run.stderr
+    texts["spans"] = json.dumps(
+        [(s.service, s.name, s.attributes) for s in stack.sink.all_spans()], default=str
+    )
+    for report in (loadtest, bench, bench.with_suffix(".html")):
+        texts[report.name] = report.read_text()
+    assert len(errors) == 3 and all(errors) and texts["spans"] != "[]"
+    secrets = {**stack.keys, "internal token": stack.internal_token}
+    for name, secret in secrets.items():
+        for fragment in _fragments(secret):
+            leaks = [where for where, text in texts.items() if fragment in text]
+            assert not leaks, f"{name} ({len(fragment)} characters of it) in {leaks}"
