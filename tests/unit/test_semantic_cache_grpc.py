@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable
 
 import grpc
@@ -159,6 +160,9 @@ async def test_a_lookup_waits_on_an_identical_miss_within_its_deadline() -> None
         assert short.pending  # the leader's call is still on: worth looking up again
         assert not leader.pending
         waiter = stub.Lookup(lookup, metadata=AUTH, timeout=20.0)
+        # the waiter must be waiting on the lease when the Store arrives (a Lookup arriving
+        # after the Store waits for the Store instead, and is served without the lease)
+        await asyncio.sleep(0.5)
         store = sc.StoreRequest(tenant="a", request=lookup.request, answer=ANSWER)
         stored = await stub.Store(store, metadata=AUTH)
         shared = await waiter
@@ -170,8 +174,6 @@ async def test_a_lookup_waits_on_an_identical_miss_within_its_deadline() -> None
 
 
 async def test_once_the_drain_has_begun_writes_are_unavailable_and_reads_served() -> None:
-    import asyncio
-
     draining = asyncio.Event()
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
     server, port = await start(SemanticCacheService(SemanticCacheApi(cache, draining=draining)))
@@ -219,8 +221,6 @@ async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
 
 
 async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease() -> None:
-    import asyncio
-
     cache = leased_cache()
     draining = asyncio.Event()
     server, port = await start(
