@@ -19,14 +19,14 @@ from services.common.clock import ManualClock
 from services.tools.estimator.offline import OfflineStack
 from services.tools.estimator.replay import replay
 from services.tools.stack.lifecycle import Stack
+from tests.public_data import data_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
 pytestmark = pytest.mark.integration
 
 
 def _log() -> list[LogRecord]:
-    spec = WorkloadSpec("mix", 11, "agree", DATA, mix="agent=2,tools=1,faq=3,unrelated=1")
+    spec = WorkloadSpec("mix", 11, "agree", data_dir(), mix="agent=2,tools=1,faq=3,unrelated=1")
     workload, synthetic = build(spec), build(WorkloadSpec("synthetic", 5, "agree-syn"))
     items = [workload.next_item() for _ in range(45)] + [synthetic.next_item() for _ in range(15)]
     return [LogRecord(0.0, item) for item in items]

@@ -22,15 +22,15 @@ from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 from services.tools.bench.gateway import cases
 from services.tools.bench.gateway.cases import paraphrase_pairs, semantic_hits
+from tests.public_data import data_dir
 from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_semantic_cache_rules import answer
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 TABLE = load_model_table()
 
 
 def test_agent_misses_are_auto_tau_turns_ending_in_user_text_each_in_its_namespace() -> None:
-    items = cases.agent_misses(DATA, "run-c", 40, seed=8)
+    items = cases.agent_misses(data_dir(), "run-c", 40, seed=8)
     assert len(items) == 40
     for item in items:
         request = item.request
@@ -43,13 +43,13 @@ def test_agent_misses_are_auto_tau_turns_ending_in_user_text_each_in_its_namespa
 
 
 def test_the_same_seed_gives_the_same_requests_on_both_tracing_stacks() -> None:
-    one = cases.agent_misses(DATA, "ns", 10, seed=1)
-    two = cases.agent_misses(DATA, "ns", 10, seed=1)
+    one = cases.agent_misses(data_dir(), "ns", 10, seed=1)
+    two = cases.agent_misses(data_dir(), "ns", 10, seed=1)
     assert [i.request for i in one] == [i.request for i in two]
 
 
 def test_unrelated_misses_get_their_own_namespaces_too() -> None:
-    items = cases.misses(DATA, "run-c2", 30, seed=1)
+    items = cases.misses(data_dir(), "run-c2", 30, seed=1)
     assert [i.request.cache.namespace for i in items] == [f"run-c2/{i}" for i in range(30)]
     assert all(i.request.model == "auto" and not i.request.tools for i in items)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cachemesh.loadtest.workloads import NAMES, WorkloadSpec, build, normalise
@@ -11,13 +9,13 @@ from cachemesh.loadtest.workloads.mix import parse_weights
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
 from services.router.validation import validate_request
+from tests.public_data import data_dir
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 TABLE = load_model_table()
 
 
 def _spec(name: str, **kw: object) -> WorkloadSpec:
-    return WorkloadSpec(name, 3, "ns", DATA, **kw)  # type: ignore[arg-type]
+    return WorkloadSpec(name, 3, "ns", data_dir(), **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", NAMES)
