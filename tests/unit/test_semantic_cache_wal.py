@@ -111,3 +111,31 @@ async def test_a_snapshot_plus_the_records_after_it(tmp_path: Path) -> None:
     exported = revived.export_entries()
     assert exported.vectors.shape == (2, revived.dim)
     assert np.allclose(np.linalg.norm(exported.vectors, axis=1), 1.0, atol=1e-5)
+
+
+async def test_a_store_is_acknowledged_only_after_its_record_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the fsync a store would be acknowledged from the page cache and lost with the
+    machine; the log's own fsync is checked to cover the store's record before it returns."""
+    import os
+
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(cache)
+    real_fsync = os.fsync
+    synced: list[int] = []  # the log's size on disk at each fsync of it
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    wal_dir = tmp_path / "wal"
+    for question in ("how do i reset my password", "what is the refund policy"):
+        before = len(synced)
+        await cache.store(q(question), answer(b"x"))
+        segment = max(wal_dir.glob("*.log"), key=lambda p: int(p.stem))
+        assert len(synced) > before, "the store was acknowledged without an fsync"
+        assert synced[-1] == segment.stat().st_size > 0, "the fsync did not cover its record"
