@@ -1,0 +1,40 @@
+"""The configuration that ships (.env, which `make up` and compose both read), not only the
+code's defaults: a wrong value there passed every test that built settings from defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cachemesh.envfile import read_env_file
+from services.common.env import Env
+from services.prefix_cache.settings import PrefixCacheSettings
+from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.settings import SemanticCacheSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = read_env_file(ROOT / ".env")
+
+
+def test_the_prefix_lookback_is_anthropics_twenty_blocks() -> None:
+    """Anthropic checks for a cache hit at most 20 blocks before each breakpoint (prompt
+    caching docs); another lookback bills reads the provider would not give."""
+    assert SHIPPED["PREFIX_CACHE_LOOKBACK_BLOCKS"] == "20"
+    env = Env({**SHIPPED, "CACHEMESH_INTERNAL_TOKEN": "t" * 32})  # a secret: not in .env
+    assert PrefixCacheSettings.from_env(env).lookback_blocks == 20
+
+
+def test_the_semantic_operating_point_is_the_calibrated_one() -> None:
+    """.env repeats the operating point `make calibrate-cache` wrote; they must not drift."""
+    shipped = OperatingPoint.load()
+    settings = SemanticCacheSettings.from_env(Env(SHIPPED), shipped)
+    assert settings.threshold == pytest.approx(shipped.threshold)
+    assert settings.verifier_min_p == pytest.approx(shipped.min_probability)
+    assert settings.ambiguity_margin == pytest.approx(shipped.margin)
+
+
+def test_single_flight_and_the_stores_are_on() -> None:
+    settings = SemanticCacheSettings.from_env(Env(SHIPPED), OperatingPoint.load())
+    assert settings.lease_wait_s > 0 and settings.lease_s >= settings.lease_wait_s
+    assert settings.max_entries >= 10_000 and settings.ttl_s >= 3600
