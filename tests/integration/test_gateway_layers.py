@@ -89,8 +89,21 @@ def test_second_turn_reads_the_prefix_cache(client_a: Client) -> None:
     )
     assert second.served_by == pb.LAYER_PREFIX_CACHE
     assert second.usage.cache_read_input_tokens >= first.usage.cache_creation_input_tokens
-    assert 0 < second.cost.cost_nanos < second.cost.baseline_nanos
-    assert second.cost.saved_nanos == second.cost.baseline_nanos - second.cost.cost_nanos
+    # Anthropic's prices per token in nanos, by hand (models.toml cites them): input, 5-minute
+    # write, read, output; the baseline is every prompt token at the input price
+    price = {"sim-small": (1000, 1250, 100, 5000), "sim-large": (3000, 3750, 300, 15000)}
+    for turn in (first, second):
+        inp, write, read, out = price[turn.model]
+        u = turn.usage
+        assert turn.cost.cost_nanos == (
+            u.input_tokens * inp
+            + u.cache_creation_input_tokens * write
+            + u.cache_read_input_tokens * read
+            + u.output_tokens * out
+        )
+        prompt = u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens
+        assert turn.cost.baseline_nanos == prompt * inp + u.output_tokens * out
+    assert second.cost.saved_nanos == second.cost.baseline_nanos - second.cost.cost_nanos > 0
     assert not second.cost.estimated
     assert second.usage.kv_cached_tokens > 0  # the engine reused the prefix too
 
