@@ -43,7 +43,11 @@ def test_a_malformed_file_is_refused(tmp_path: Path, body: str) -> None:
 def test_the_split_is_fixed_and_keeps_a_first_question_in_one_half() -> None:
     pairs = [Pair(f"question {i}", f"other {j}", True) for i in range(200) for j in range(2)]
     halves = [half_of(p) for p in pairs]
-    assert halves == [half_of(p) for p in pairs]
+    # pinned: the same halves in every process and on every machine (a salted hash would
+    # move pairs between fit and report from one run to the next)
+    pinned = "".join("f" if half_of(Pair(f"question {i}", "x", True)) == "fit" else "r"
+                     for i in range(40))  # fmt: skip
+    assert pinned == "rrrffffrrfffrrrfrffrrrffrrrrfrrfrrfffffr"
     assert all(halves[2 * i] == halves[2 * i + 1] for i in range(200))
     assert 60 < halves.count("fit") / 2 < 140
 
