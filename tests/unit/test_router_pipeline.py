@@ -1,0 +1,240 @@
+"""The router's pipeline against fakes of its three ports (no gRPC, no processes).
+
+Each test scripts what L1, prefix-cache and the model replicas answer, and checks what the
+pipeline sends, streams and bills: a hit makes one call, a miss plans, calls the model,
+commits twice and stores (after answering), a dependency that fails degrades the request or
+hands it to the next replica, and a refusal that is the request's fault reaches the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from opentelemetry import trace
+
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.env import Env
+from services.common.errors import Code, RequestError
+from services.common.models import load_model_table
+from services.common.tokens import load_cl100k
+from services.router.dependencies import CallFailed, Dependencies
+from services.router.pipeline import Pipeline
+from services.router.settings import RouterSettings
+
+TABLE = load_model_table()
+TOKENIZER = load_cl100k()
+REPLICAS = {"sim-small": ("small-1",), "sim-large": ("large-1", "large-2")}
+
+
+def _settings() -> RouterSettings:
+    env = Env(
+        {
+            "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:2",
+            "CACHEMESH_API_KEYS_FILE": "/nonexistent",
+            "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+            "ROUTER_SEMANTIC_LEASE_WAIT_S": "0",
+        }
+    )
+    return RouterSettings.from_env(env, TABLE)
+
+
+@dataclass
+class FakeSemantic:
+    reply: sc.LookupResponse | CallFailed = field(default_factory=sc.LookupResponse)
+    lookups: list[sc.LookupRequest] = field(default_factory=list)
+    stores: list[sc.StoreRequest] = field(default_factory=list)
+    releases: list[sc.ReleaseRequest] = field(default_factory=list)
+
+    async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
+        self.lookups.append(request)
+        if isinstance(self.reply, CallFailed):
+            raise self.reply
+        return self.reply
+
+    async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
+        self.stores.append(request)
+        return sc.StoreResponse(stored=True, entry_id="e1")
+
+    async def release(self, request: sc.ReleaseRequest, deadline_s: float) -> sc.ReleaseResponse:
+        self.releases.append(request)
+        return sc.ReleaseResponse(released=True)
+
+
+@dataclass
+class FakePrefix:
+    down: bool = False
+    plans: list[pc.PlanRequest] = field(default_factory=list)
+    commits: list[pc.CommitRequest] = field(default_factory=list)
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        self.plans.append(request)
+        if self.down:
+            raise CallFailed(Code.UNAVAILABLE, "prefix-cache is down")
+        return pc.PlanResponse(
+            prompt_tokens=40,
+            candidates=[pc.ReplicaCandidate(replica=r) for r in request.replicas],
+            plan_id="plan-1",
+        )
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.commits.append(request)
+        if self.down:
+            raise CallFailed(Code.UNAVAILABLE, "prefix-cache is down")
+        usage = pb.Usage(input_tokens=40, output_tokens=request.output_tokens)
+        if request.phase == pc.COMMIT_PHASE_WARM:
+            return pc.CommitResponse(usage=usage)
+        cost = pb.Cost(cost_nanos=123, baseline_nanos=456, saved_nanos=333)
+        return pc.CommitResponse(usage=usage, cost=cost)
+
+
+class FakeStream:
+    def __init__(self, chunks: list[model_pb2.GenerateChunk | CallFailed]) -> None:
+        self._chunks: Iterator[model_pb2.GenerateChunk | CallFailed] = iter(chunks)
+        self.cancelled = False
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        chunk = next(self._chunks, None)
+        if isinstance(chunk, CallFailed):
+            raise chunk
+        return chunk
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _answer(replica: str, text: str = "Hello there.") -> list[model_pb2.GenerateChunk | CallFailed]:
+    return [
+        model_pb2.GenerateChunk(start=model_pb2.GenerateStart(replica=replica, prompt_tokens=40)),
+        model_pb2.GenerateChunk(text=text),
+        model_pb2.GenerateChunk(end=model_pb2.GenerateEnd(output_tokens=3, stop_reason="end_turn")),
+    ]
+
+
+@dataclass
+class FakeModels:
+    failing: set[str] = field(default_factory=set)  # replicas that fail before their start
+    calls: list[tuple[str, model_pb2.GenerateRequest]] = field(default_factory=list)
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        if replica in self.failing:
+            return FakeStream([CallFailed(Code.UNAVAILABLE, "replica died")])
+        return FakeStream(_answer(replica))
+
+
+@dataclass
+class Rig:
+    semantic: FakeSemantic = field(default_factory=FakeSemantic)
+    prefix: FakePrefix = field(default_factory=FakePrefix)
+    models: FakeModels = field(default_factory=FakeModels)
+
+    def pipeline(self) -> Pipeline:
+        deps = Dependencies(self.semantic, self.prefix, self.models, REPLICAS)
+        return Pipeline(deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings())
+
+    async def run(self, request: pb.CompleteRequest) -> list[pb.CompleteChunk]:
+        pipeline = self.pipeline()
+        chunks = [chunk async for chunk in pipeline.run("tenant-a", request)]
+        await pipeline.drain()  # the Stores and releases that run past the answer
+        return chunks
+
+
+def _request(model: str = "sim-large") -> pb.CompleteRequest:
+    return build_request("How do I reset my password?", model=model, request_id="r1")
+
+
+async def test_a_hit_is_one_lookup_and_is_served_free() -> None:
+    rig = Rig()
+    cached = sc.CachedAnswer(
+        content=[pb.ContentBlock(text="Use the reset link.")],
+        model="sim-large",
+        tier="large",
+        stop_reason="end_turn",
+        output_tokens=5,
+    )
+    match = pb.SemanticMatch(similarity=0.93, entry_id="e9")
+    rig.semantic.reply = sc.LookupResponse(hit=True, answer=cached, match=match)
+    chunks = await rig.run(_request())
+    assert [c.WhichOneof("part") for c in chunks] == ["start", "delta", "end"]
+    end = chunks[-1].end
+    assert end.served_by == pb.LAYER_SEMANTIC_CACHE and end.content[0].text == "Use the reset link."
+    prompt = end.usage.input_tokens
+    assert prompt > 0 and end.cost.cost_nanos == 0
+    assert end.cost.baseline_nanos == prompt * 3000 + 5 * 15000  # sim-large's prices, by hand
+    assert end.cost.saved_nanos == end.cost.baseline_nanos
+    assert not rig.prefix.plans and not rig.prefix.commits and not rig.models.calls
+
+
+async def test_a_miss_plans_calls_the_model_commits_twice_and_stores_the_answer() -> None:
+    rig = Rig()
+    rig.semantic.reply = sc.LookupResponse(leader=True, lease_id="lease-1")
+    chunks = await rig.run(_request())
+    assert [c.WhichOneof("part") for c in chunks] == ["start", "delta", "end"]
+    assert chunks[1].delta.text == "Hello there."
+    end = chunks[-1].end
+    assert end.served_by == pb.LAYER_MODEL and end.model == "sim-large"
+    assert (end.cost.cost_nanos, end.cost.baseline_nanos) == (123, 456)  # the FINAL's bill
+    assert not end.cost.estimated
+    assert [p.model for p in rig.prefix.plans] == ["sim-large"]
+    assert [c.phase for c in rig.prefix.commits] == [pc.COMMIT_PHASE_WARM, pc.COMMIT_PHASE_FINAL]
+    warm = rig.prefix.commits[0]
+    assert warm.plan_id == "plan-1" and not warm.HasField("request")  # not sent again
+    assert rig.prefix.commits[1].output_tokens == 3
+    (store,) = rig.semantic.stores
+    assert store.answer.content[0].text == "Hello there." and store.answer.output_tokens == 3
+    assert not rig.semantic.releases  # the Store ends the lease
+
+
+async def test_with_prefix_cache_down_the_answer_is_served_at_an_estimated_cost() -> None:
+    rig = Rig(prefix=FakePrefix(down=True))
+    end = (await rig.run(_request()))[-1].end
+    assert end.served_by == pb.LAYER_MODEL and end.cost.estimated
+    assert end.cost.cost_nanos == 40 * 3000 + 3 * 15000  # the engine's count, base prices
+    assert rig.models.calls  # the model still answered
+
+
+async def test_a_replica_failing_before_its_first_token_hands_over_to_the_next() -> None:
+    rig = Rig(models=FakeModels(failing={"large-1"}))
+    end = (await rig.run(_request()))[-1].end
+    assert end.served_by == pb.LAYER_MODEL
+    assert [replica for replica, _ in rig.models.calls] == ["large-1", "large-2"]
+
+
+async def test_when_every_replica_fails_the_lease_is_released_and_unavailable_raised() -> None:
+    rig = Rig(models=FakeModels(failing={"large-1", "large-2"}))
+    rig.semantic.reply = sc.LookupResponse(leader=True, lease_id="lease-1")
+    pipeline = rig.pipeline()
+    with pytest.raises(RequestError) as caught:
+        _ = [chunk async for chunk in pipeline.run("tenant-a", _request())]
+    await pipeline.drain()
+    assert caught.value.code == Code.UNAVAILABLE
+    assert [r.lease_id for r in rig.semantic.releases] == ["lease-1"]  # waiters freed now
+    assert not rig.semantic.stores
+
+
+async def test_l1_down_degrades_to_the_model_and_l1_refusing_the_request_reaches_the_client() -> (
+    None
+):
+    down = Rig(semantic=FakeSemantic(reply=CallFailed(Code.UNAVAILABLE, "gone")))
+    assert (await down.run(_request()))[-1].end.served_by == pb.LAYER_MODEL
+    refused = Rig(semantic=FakeSemantic(reply=CallFailed(Code.INVALID_ARGUMENT, "bad scope")))
+    with pytest.raises(RequestError) as caught:
+        await refused.run(_request())
+    assert caught.value.code == Code.INVALID_ARGUMENT and "bad scope" in caught.value.message
+    assert not refused.models.calls  # nothing billed for a refused request
+
+
+async def test_no_store_mode_never_stores() -> None:
+    rig = Rig()
+    request = _request()
+    request.cache.semantic = pb.SEMANTIC_MODE_NO_STORE
+    await rig.run(request)
+    assert rig.semantic.lookups and not rig.semantic.stores
