@@ -75,5 +75,6 @@ calibrate-cache: setup ## refit the verifier, calibrate to precision 0.99, write
 bench: setup ## the standard load-test set on stacks of its own (free ports): results/bench-<date>.json + .html
 	$(BIN)/python -m services.tools.bench.gateway
 
-bench-prefix: setup ## offline replays (tau-bench, Mooncake) through L2/L3 accounting; bench-results/prefix.json
-	$(BIN)/python -m services.tools.bench.prefix_cache --out bench-results/prefix.json
+bench-prefix: setup ## offline replays (tau-bench; an arrival trace, TRACE=<file>) through L2/L3; bench-results/prefix.json
+	nice -n 10 $(BIN)/python -m services.tools.bench.prefix_cache --out bench-results/prefix.json \
+	  $(if $(TRACE),--trace "$(TRACE)")

@@ -29,8 +29,10 @@ class BalancePolicy:
 class Route:
     order: tuple[str, ...]  # the chosen replica first, then the fallbacks by warm prefix
     match_tokens: int  # the chosen replica's predicted warm prefix
-    reason: str  # cache_affinity | shortest_queue (imbalanced) | least_loaded (low match)
+    reason: str  # why (policies name theirs: replica_choice.REASONS), or fallback
     load: int  # the chosen replica's in-flight requests before this one
+    predicted_ttft_s: float | None = None  # the TTFT policy's prediction for the chosen one
+    queued_s: float | None = None  # prefill queued ahead of it there (TTFT policy)
 
 
 def is_imbalanced(loads: Sequence[int], policy: BalancePolicy) -> bool:

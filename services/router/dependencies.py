@@ -9,9 +9,8 @@ status code.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from cachemesh.v1 import model_pb2
@@ -67,15 +66,6 @@ class Dependencies:
     prefix: PrefixPort
     model: ModelPort
     models: Mapping[str, tuple[str, ...]]  # model id -> replica ids (addresses, live)
-    _rotation: dict[str, Iterator[int]] = field(default_factory=dict)
 
     def replicas(self, model: str) -> tuple[str, ...]:
         return self.models.get(model, ())
-
-    def rotate(self, model: str, replicas: Sequence[str]) -> list[str]:
-        """The replicas in round-robin order (used when prefix-cache cannot rank them)."""
-        if not replicas:
-            return []
-        counter = self._rotation.setdefault(model, itertools.count())
-        start = next(counter) % len(replicas)
-        return [*replicas[start:], *replicas[:start]]

@@ -1,14 +1,17 @@
 """Which model and replica serve a miss, and the model call up to its first token.
 
-The tier comes from the ``auto`` policy (or the requested model); the replica from
-prefix-cache's ranking under SGLang's load rule; a replica that fails before its first token
-hands the request to the next one, and for ``auto`` to the other tier.
+The tier comes from the ``auto`` policy (or the requested model); the replica from the
+configured replica policy (``replica_choice``: predicted time to first token by default) over
+prefix-cache's view of the replicas and the router's own record of their queues and measured
+rates (``replica_state``); a replica that fails before its first token hands the request to the
+next one, and for ``auto`` to the other tier.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -18,12 +21,15 @@ from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.router import spans
-from services.router.balance import BalancePolicy, LoadTracker, Route, choose
+from services.router.balance import Route
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
+from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
+from services.router.replica_state import ReplicaStates
 from services.router.tiering import choose_tier
 
 log = logging.getLogger("cachemesh.router")
+_HASH_BYTES = 32  # one KV block hash in PromptFacts.kv_block_hashes
 
 
 @dataclass
@@ -54,14 +60,16 @@ class Dispatcher:
         dependencies: Dependencies,
         table: ModelTable,
         tracer: trace.Tracer,
-        balance: BalancePolicy,
+        choice: ChoiceSettings,
+        clock: Callable[[], float],
     ) -> None:
         self._calls = calls
         self._deps = dependencies
         self._table = table
         self._tracer = tracer
-        self._balance = balance
-        self.loads = LoadTracker()
+        self._clock = clock
+        self.loads = ReplicaStates()  # the pipeline releases a call when its answer ends
+        self._chooser = ReplicaChooser(choice, self.loads)
 
     async def open(self, tenant: str, request: pb.CompleteRequest) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done)."""
@@ -80,39 +88,44 @@ class Dispatcher:
             if not replicas:
                 continue
             plan = await self._calls.plan(tenant, spec.id, request, replicas)
-            candidates = (
-                [(c.replica, c.warm_prefix_tokens) for c in plan.candidates]
-                if plan is not None and plan.candidates
-                else [(r, 0) for r in self._deps.rotate(spec.id, replicas)]
-            )
-            prompt_tokens = plan.prompt_tokens if plan is not None else 0
-            route = choose(candidates, self.loads.snapshot(), prompt_tokens, self._balance)
             facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
+            prompt_tokens = plan.prompt_tokens if plan is not None else 0
+            view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
+            raw = facts.kv_block_hashes if facts is not None else b""
+            hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
+            wanted = Request(spec.id, prompt_tokens, hashes, spec.prefill_tokens_per_s)
+            route = self._chooser.choose(wanted, replicas, view, self._clock())
             for replica in route.order:
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
-                self.loads.acquire(replica)
+                match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
+                ticket = self.loads.sent(
+                    replica, prompt_tokens, prompt_tokens - match, hashes, self._clock()
+                )
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
                         stream, start = await self._calls.generate(
                             tenant, spec.id, request, replica, facts
                         )
                 except RequestError:
-                    self.loads.release(replica)
+                    self.loads.failed(replica, ticket)
                     chat_span.end()
                     raise
                 except CallFailed as exc:
-                    self.loads.release(replica)
+                    self.loads.failed(replica, ticket)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
                     failures.append(f"{spec.id}: {exc.code.name}")
                     continue
                 except BaseException:
-                    self.loads.release(replica)
+                    self.loads.failed(replica, ticket)
                     chat_span.end()
                     raise
+                self.loads.started(
+                    replica, ticket, start.prompt_tokens, start.kv_cached_tokens, self._clock()
+                )
                 if replica != route.order[0]:
-                    route = Route(route.order, dict(candidates)[replica], "fallback", 0)
+                    route = Route(route.order, match, "fallback", 0)
                 spans.route_attributes(chat_span, replica, route, start)
                 planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
                 plan_id = plan.plan_id if plan is not None else ""

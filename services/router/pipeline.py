@@ -49,10 +49,12 @@ class Pipeline:
         self._calls = Calls(dependencies, settings)
         self._table = table
         self._tokenizer = tokenizer
-        self._dispatch = Dispatcher(self._calls, dependencies, table, tracer, settings.balance)
+        self._clock = time.monotonic
+        self._dispatch = Dispatcher(
+            self._calls, dependencies, table, tracer, settings.choice, self._clock
+        )
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
-        self._clock = time.monotonic
 
     async def run(
         self, tenant: str, request: pb.CompleteRequest

@@ -9,6 +9,7 @@ from services.common.env import ConfigError, Env
 from services.common.models import ModelTable
 from services.common.server import ServerSettings
 from services.router.balance import BalancePolicy
+from services.router.replica_choice import POLICIES, ChoiceSettings, TtftPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -27,7 +28,7 @@ class RouterSettings:
     model_timeout_s: float
     idempotency_ttl_s: float
     idempotency_max: int
-    balance: BalancePolicy
+    choice: ChoiceSettings  # which replica serves a model call (L3)
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -46,12 +47,29 @@ class RouterSettings:
             model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
             idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
-            balance=BalancePolicy(
-                abs_threshold=env.int("ROUTER_BALANCE_ABS_THRESHOLD", 64, minimum=0),
-                rel_threshold=env.float("ROUTER_BALANCE_REL_THRESHOLD", 1.5, minimum=1.0),
-                cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
-            ),
+            choice=choice_from_env(env),
         )
+
+
+def choice_from_env(env: Env) -> ChoiceSettings:
+    policy = env.str("ROUTER_REPLICA_POLICY", "ttft")
+    if policy not in POLICIES:
+        raise ConfigError(
+            f"ROUTER_REPLICA_POLICY must be one of {', '.join(POLICIES)}, got {policy[:64]!r}"
+        )
+    return ChoiceSettings(
+        policy=policy,
+        sglang=BalancePolicy(
+            abs_threshold=env.int("ROUTER_BALANCE_ABS_THRESHOLD", 64, minimum=0),
+            rel_threshold=env.float("ROUTER_BALANCE_REL_THRESHOLD", 1.5, minimum=1.0),
+            cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
+        ),
+        ttft=TtftPolicy(
+            tie_fraction=env.float("ROUTER_TTFT_TIE_FRACTION", 0.1, minimum=0.0),
+            tie_floor_s=env.float("ROUTER_TTFT_TIE_FLOOR_S", 0.02, minimum=0.0),
+            prior_prefill_tps=env.float("ROUTER_TTFT_PRIOR_PREFILL_TPS", 10_000.0, minimum=1.0),
+        ),
+    )
 
 
 def parse_replicas(value: str, table: ModelTable) -> dict[str, tuple[str, ...]]:

@@ -79,6 +79,10 @@ def route_attributes(
     span.set_attribute("cachemesh.route_reason", route.reason)
     span.set_attribute("cachemesh.kv_match_tokens", route.match_tokens)
     span.set_attribute("cachemesh.replica_load", route.load)
+    if route.predicted_ttft_s is not None:
+        span.set_attribute("cachemesh.predicted_ttft_ms", round(route.predicted_ttft_s * 1000, 3))
+    if route.queued_s is not None:
+        span.set_attribute("cachemesh.replica_queued_ms", round(route.queued_s * 1000, 3))
     span.set_attribute("cachemesh.kv_cached_tokens", start.kv_cached_tokens)
 
 

@@ -59,7 +59,8 @@ def test_the_spans_show_the_chosen_replica_and_its_match_length(
     chosen = chat.attributes["cachemesh.replica"]
     assert chosen in sim_large and root.attributes["cachemesh.replica"] == chosen
     assert chat.attributes["cachemesh.kv_match_tokens"] == 0  # a prefix never seen
-    assert chat.attributes["cachemesh.route_reason"] == "least_loaded"
+    assert chat.attributes["cachemesh.route_reason"] == "ttft_cold"  # the TTFT policy
+    assert chat.attributes["cachemesh.predicted_ttft_ms"] > 0
     assert chat.attributes["cachemesh.kv_cached_tokens"] == one.usage.kv_cached_tokens == 0
 
     # the second turn shares the system prompt: full blocks of 16, never the last token (vLLM)
@@ -68,13 +69,35 @@ def test_the_spans_show_the_chosen_replica_and_its_match_length(
     ids2 = prompt_token_ids(canonical_blocks(second, tokenizer))
     common = next(i for i, (a, b) in enumerate(zip(ids1, ids2, strict=False)) if a != b)
     match = min(common // BLOCK_SIZE, reusable_blocks(len(ids2))) * BLOCK_SIZE
-    assert match > 0.3 * len(ids2)  # above SGLang's cache_threshold: affinity applies
+    assert match > 0.3 * len(ids2)
 
     two = client_a.complete(second)
     root, chat = _route_spans(stack, two.trace_id)
     for span in (root, chat):
         assert span.attributes["cachemesh.replica"] == chosen  # back to the warm replica
         assert span.attributes["cachemesh.kv_match_tokens"] == match
-        assert span.attributes["cachemesh.route_reason"] == "cache_affinity"
+        assert span.attributes["cachemesh.route_reason"] == "ttft_warm"  # warm and fastest
     # the replica's own report agrees with prefix-cache's view (one prefix-cache: exact)
     assert chat.attributes["cachemesh.kv_cached_tokens"] == two.usage.kv_cached_tokens == match
+
+
+def test_two_interleaved_conversations_each_stay_on_the_replica_holding_their_prefix(
+    client_a: Client, stack: RunningStack
+) -> None:
+    tags = [uuid.uuid4().hex, uuid.uuid4().hex]
+    systems = [
+        f"Desk {tag}. " + " ".join(f"Rule {i}: refunds take {i} days." for i in range(60))
+        for tag in tags
+    ]
+    homes: list[str] = []
+    for system in systems:  # the first turns: cold, each where it starts soonest
+        one = client_a.complete(_request(system, "First question?"))
+        homes.append(_route_spans(stack, one.trace_id)[1].attributes["cachemesh.replica"])
+    for turn in ("Second question?", "Third question?"):
+        for system, home in zip(systems, homes, strict=True):
+            reply = client_a.complete(_request(system, turn))
+            _, chat = _route_spans(stack, reply.trace_id)
+            assert chat.attributes["cachemesh.replica"] == home
+            assert chat.attributes["cachemesh.route_reason"] in ("ttft_warm", "affinity_tie")
+            # the engine's own count of reused tokens agrees with the predicted match
+            assert chat.attributes["cachemesh.kv_match_tokens"] == reply.usage.kv_cached_tokens > 0

@@ -4,7 +4,7 @@ longest warm prefix when it covers more than cache_threshold of the prompt; else
 
 from __future__ import annotations
 
-from services.router.balance import BalancePolicy, LoadTracker, choose, is_imbalanced
+from services.router.balance import BalancePolicy, choose, is_imbalanced
 
 SGLANG = BalancePolicy()  # abs 64, rel 1.5, cache 0.3
 
@@ -43,15 +43,3 @@ def test_least_loaded_when_no_replica_holds_enough_of_the_prompt() -> None:
 def test_ties_in_match_go_to_the_less_loaded_replica() -> None:
     route = choose([("a", 900), ("b", 900)], {"a": 2, "b": 1}, 1000, SGLANG)
     assert route.order == ("b", "a") and route.reason == "cache_affinity"
-
-
-def test_the_load_tracker_counts_in_flight_requests() -> None:
-    loads = LoadTracker()
-    loads.acquire("a")
-    loads.acquire("a")
-    loads.acquire("b")
-    loads.release("a")
-    assert loads.snapshot() == {"a": 1, "b": 1}
-    loads.release("b")
-    loads.release("b")  # never negative
-    assert loads.snapshot() == {"a": 1}

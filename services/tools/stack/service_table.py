@@ -174,6 +174,10 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_BALANCE_ABS_THRESHOLD",
             "ROUTER_BALANCE_REL_THRESHOLD",
             "ROUTER_CACHE_THRESHOLD",
+            "ROUTER_REPLICA_POLICY",
+            "ROUTER_TTFT_TIE_FRACTION",
+            "ROUTER_TTFT_TIE_FLOOR_S",
+            "ROUTER_TTFT_PRIOR_PREFILL_TPS",
         ),
         peers=MappingProxyType(
             {

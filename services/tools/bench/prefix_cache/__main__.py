@@ -1,9 +1,10 @@
 """``python -m services.tools.bench.prefix_cache --out bench-results/prefix.json``
 
 Replays ../shared/data through prefix-cache's accounting (tau-bench airline conversations under
-Anthropic 5-minute, Anthropic 1-hour and OpenAI rules) and through KV-aware routing (the
-Mooncake trace, 2 and 4 replicas, cache-aware against round-robin). No servers; a virtual
-clock; one JSON file.
+Anthropic 5-minute, Anthropic 1-hour and OpenAI rules) and an arrival trace through KV-aware
+routing (``--trace``, by default the Mooncake synthetic trace; any file of the same format):
+2, 4 and 8 replicas under round robin, SGLang's rule and the predicted-TTFT policy, with the
+unbounded single-replica hit rate as the ceiling. No servers; a virtual clock; one JSON file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from services.common.tokens import load_cl100k
 from services.tools.bench.prefix_cache import mooncake, tau
 
 DATA = Path("../shared/data")
+REPLICAS = (2, 4, 8)
+POLICIES = ("round_robin", "sglang", "ttft")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,13 +51,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         }
     }
-    rows = mooncake.load_trace(data / "prefix" / "synthetic_trace.jsonl")
-    runs = [
-        mooncake.simulate(rows, n, policy, args.capacity_blocks)
-        for n in (2, 4)
-        for policy in ("cache_aware", "round_robin")
-    ]
+    trace_path = Path(args.trace) if args.trace else data / "prefix" / "synthetic_trace.jsonl"
+    rows = mooncake.load_trace(trace_path)
+    runs = []
+    for n in REPLICAS:
+        for policy in POLICIES:
+            run = mooncake.simulate(rows, n, policy, args.capacity_blocks)
+            print(_row(run), flush=True)
+            runs.append(run)
     results["mooncake_kv_routing"] = {
+        "trace": str(trace_path),
+        "requests": len(rows),
+        "ideal_kv_hit_rate_tokens": mooncake.ideal_hit_rate(rows),
         "kv_capacity_blocks_per_replica": args.capacity_blocks,
         "kv_capacity_tokens_per_replica": args.capacity_blocks * 16,
         "prefill_tokens_per_s": mooncake.PREFILL_TPS,
@@ -64,12 +72,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _row(run: dict[str, Any]) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in run["route_reasons"].items())
+    return (
+        f"{run['replicas']} replicas {run['policy']:>11}: KV hit {run['kv_hit_rate_tokens']:.1%}"
+        f"  TTFT p50 {run['ttft_p50_s']} s p99 {run['ttft_p99_s']} s"
+        f"  busiest {run['busiest_replica_share']:.1%}  ({reasons})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m services.tools.bench.prefix_cache")
     parser.add_argument("--out", default="bench-results/prefix.json")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--capacity-blocks", type=int, default=65536)
+    parser.add_argument("--trace", default="", help="an arrival trace (Mooncake's JSONL format)")
     args = parser.parse_args()
     started = time.monotonic()
     results = asyncio.run(run(args))
@@ -78,6 +96,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    routing = results["mooncake_kv_routing"]
+    print(f"ideal (one unbounded replica): KV hit {routing['ideal_kv_hit_rate_tokens']:.1%}")
+    for each in routing["runs"]:
+        print(_row(each))
     print(f"wrote {out}")
 
 

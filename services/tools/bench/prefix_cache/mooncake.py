@@ -1,14 +1,18 @@
-"""The Mooncake trace replayed through KV-aware routing on a virtual clock.
+"""An arrival trace (Mooncake's format) replayed through KV-aware routing on a virtual clock.
 
 One hash id stands for 512 tokens, i.e. 32 blocks of 16: block j of hash id h gets a key
 chained from its parent's, like the engine's chained block hashes. Each replica's KV cache is
-the engine's ``KvBlockCache`` (LRU, ``capacity_blocks``); prefix-cache's ``ReplicaViews`` ranks
-the replicas and the router's ``choose`` (SGLang's load rule) picks one, with the load being
-the requests in flight on each replica. Round-robin is the baseline.
+the engine's ``KvBlockCache`` (LRU, ``capacity_blocks``); prefix-cache's ``ReplicaViews`` holds
+the router's view of them, and the router's own ``ReplicaChooser`` (the policy under test, with
+its ``ReplicaStates``) picks the replica, fed the same reports a live router gets.
 
-Simulated time: a replica prefills one request at a time, FIFO, at ``prefill_tps`` tokens/s
-for the tokens its cache does not hold; TTFT = queueing + prefill. Decode runs alongside at
-``decode_tps`` tokens/s a request and only decides how long a request stays in flight.
+Simulated replicas: each prefills one request at a time, first come first served, at
+``PREFILL_TPS`` for the tokens its cache holds no prefix of when the prefill begins; the
+prefill's end is the first token (TTFT = queueing + prefill), when the replica reports
+``prompt_tokens`` and ``kv_cached_tokens`` (``ReplicaStates.started``: the router measures the
+replica's rate from these reports, it is not told it) and prefix-cache's view records the
+prompt (the WARM commit). Decode runs alongside at ``DECODE_TPS`` tokens/s a request and only
+decides how long a request stays in flight (SGLang's load).
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache
+from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, reusable_blocks
 from services.prefix_cache.replica_view import ReplicaViews
-from services.router.balance import BalancePolicy, choose
+from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
+from services.router.replica_state import ReplicaStates
 
 HASH_BLOCK_TOKENS = 512
 PREFILL_TPS, DECODE_TPS = 25_000.0, 50.0
+MODEL = "trace"
 
 
 @dataclass(frozen=True)
@@ -38,77 +45,154 @@ class Row:
 
 def load_trace(path: Path) -> list[Row]:
     rows: list[Row] = []
-    for line in path.read_text().splitlines():
-        raw = json.loads(line)
-        full_blocks = raw["input_length"] // BLOCK_SIZE
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            at_ms, length, output = raw["timestamp"], raw["input_length"], raw["output_length"]
+            hash_ids = raw["hash_ids"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object with timestamp, input_length, "
+                f"output_length and hash_ids ({exc})"
+            ) from exc
+        full_blocks = length // BLOCK_SIZE
         keys: list[bytes] = []
         parent = b"mooncake"
-        for h in raw["hash_ids"]:
+        for h in hash_ids:
             for j in range(HASH_BLOCK_TOKENS // BLOCK_SIZE):
                 if len(keys) == full_blocks:
                     break
                 parent = hashlib.blake2b(parent + f"{h}/{j}".encode(), digest_size=16).digest()
                 keys.append(parent)
-        rows.append(
-            Row(raw["timestamp"] / 1000, raw["input_length"], raw["output_length"], tuple(keys))
-        )
+        rows.append(Row(at_ms / 1000, length, output, tuple(keys)))
+    rows.sort(key=lambda r: r.at_s)  # stable: equal timestamps keep the file's order
     return rows
 
 
+def ideal_hit_rate(rows: list[Row]) -> float:
+    """Input tokens an unbounded single replica would reuse: the ceiling of any policy."""
+    seen: set[bytes] = set()
+    hit = total = 0
+    for row in rows:
+        matched = 0
+        for key in row.keys[: reusable_blocks(row.input_tokens)]:
+            if key not in seen:
+                break
+            matched += 1
+        hit += matched * BLOCK_SIZE
+        total += row.input_tokens
+        seen.update(row.keys)
+    return round(hit / max(total, 1), 4)
+
+
 def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@dataclass
+class _Job:
+    row: Row
+    ticket: int
+    predicted_match: int
+
+
+@dataclass
+class _Replica:
+    truth: KvBlockCache
+    queue: deque[_Job] = field(default_factory=deque)
+    free_at: float = 0.0  # when the prefill in progress (or the last one) ends
+
+
+@dataclass
+class _Tally:
+    ttfts: list[float] = field(default_factory=list)
+    view_errors: list[float] = field(default_factory=list)  # |view - engine| at each report
+    route_errors: list[float] = field(default_factory=list)  # |routed match - engine|
+    hit_tokens: int = 0
+    input_tokens: int = 0
+
+
+class _Sim:
+    def __init__(self, names: list[str], policy: str, capacity_blocks: int) -> None:
+        self.replicas = {n: _Replica(KvBlockCache(capacity_blocks)) for n in names}
+        self.views = ReplicaViews(capacity_blocks)
+        self.states = ReplicaStates()
+        self.chooser = ReplicaChooser(ChoiceSettings(policy=policy), self.states)
+        self.decoding: list[tuple[float, str]] = []  # (decode end, replica)
+        self.tally = _Tally()
+        self.served = dict.fromkeys(names, 0)
+        self.reasons: dict[str, int] = {}
+
+    def advance(self, now: float) -> None:
+        """Every prefill that ends by ``now``: its first token, reports and view record."""
+        for name, replica in self.replicas.items():
+            while replica.queue:
+                job = replica.queue[0]
+                begin = max(job.row.at_s, replica.free_at)
+                row = job.row
+                cached = replica.truth.cached_tokens(row.keys, row.input_tokens)
+                end = begin + (row.input_tokens - cached) / PREFILL_TPS
+                if end > now:
+                    break
+                replica.queue.popleft()
+                replica.free_at = end
+                replica.truth.insert(row.keys)
+                self.states.started(name, job.ticket, row.input_tokens, cached, end)
+                predicted = self.views.record(name, row.keys, row.input_tokens, cached)
+                tally = self.tally
+                tally.view_errors.append(abs(predicted - cached))
+                tally.route_errors.append(abs(job.predicted_match - cached))
+                tally.ttfts.append(end - row.at_s)
+                tally.hit_tokens += cached
+                tally.input_tokens += row.input_tokens
+                heapq.heappush(self.decoding, (end + row.output_tokens / DECODE_TPS, name))
+        while self.decoding and self.decoding[0][0] <= now:
+            self.states.release(heapq.heappop(self.decoding)[1])
+
+    def arrive(self, row: Row) -> None:
+        self.advance(row.at_s)
+        names = list(self.replicas)
+        request = Request(MODEL, row.input_tokens, row.keys, None)
+        view = {n: self.views.match(n, row.keys, row.input_tokens) for n in names}
+        route = self.chooser.choose(request, names, view, row.at_s)
+        chosen = route.order[0]
+        uncached = row.input_tokens - route.match_tokens
+        ticket = self.states.sent(chosen, row.input_tokens, uncached, row.keys, row.at_s)
+        self.replicas[chosen].queue.append(_Job(row, ticket, route.match_tokens))
+        self.served[chosen] += 1
+        self.reasons[route.reason] = self.reasons.get(route.reason, 0) + 1
+
+
 def simulate(rows: list[Row], replicas: int, policy: str, capacity_blocks: int) -> dict[str, Any]:
     names = [f"replica-{i}" for i in range(replicas)]
-    truth = {name: KvBlockCache(capacity_blocks) for name in names}
-    views = ReplicaViews(capacity_blocks)
-    balance = BalancePolicy()
-    free_at = dict.fromkeys(names, 0.0)
-    inflight: dict[str, list[float]] = {name: [] for name in names}
-    served = dict.fromkeys(names, 0)
-    reasons: dict[str, int] = {}
-    ttfts: list[float] = []
-    hit_tokens = input_tokens = 0
-    for i, row in enumerate(rows):
-        now = row.at_s
-        for heap in inflight.values():
-            while heap and heap[0] <= now:
-                heapq.heappop(heap)
-        if policy == "round_robin":
-            chosen = names[i % replicas]
-        else:
-            ranked = sorted(
-                ((n, views.match(n, row.keys, row.input_tokens)) for n in names),
-                key=lambda c: -c[1],
-            )
-            loads = {n: len(h) for n, h in inflight.items()}
-            route = choose(ranked, loads, row.input_tokens, balance)
-            chosen = route.order[0]
-            reasons[route.reason] = reasons.get(route.reason, 0) + 1
-        cached = truth[chosen].cached_tokens(row.keys, row.input_tokens)
-        truth[chosen].insert(row.keys)
-        views.record(chosen, row.keys, row.input_tokens, cached)
-        start = max(now, free_at[chosen])
-        free_at[chosen] = start + (row.input_tokens - cached) / PREFILL_TPS
-        ttfts.append(free_at[chosen] - now)
-        heapq.heappush(inflight[chosen], free_at[chosen] + row.output_tokens / DECODE_TPS)
-        served[chosen] += 1
-        hit_tokens += cached
-        input_tokens += row.input_tokens
-    result: dict[str, Any] = {
+    sim = _Sim(names, policy, capacity_blocks)
+    for row in rows:
+        sim.arrive(row)
+    sim.advance(float("inf"))
+    tally, served, reasons = sim.tally, sim.served, sim.reasons
+    return {
         "replicas": replicas,
         "policy": policy,
         "requests": len(rows),
-        "kv_hit_rate_tokens": round(hit_tokens / max(input_tokens, 1), 4),
-        "ttft_p50_s": round(_percentile(ttfts, 0.50), 3),
-        "ttft_p99_s": round(_percentile(ttfts, 0.99), 3),
-        "busiest_replica_share": round(max(served.values()) / len(rows), 4),
+        "kv_hit_rate_tokens": round(tally.hit_tokens / max(tally.input_tokens, 1), 4),
+        "ttft_p50_s": round(_percentile(tally.ttfts, 0.50), 3),
+        "ttft_p99_s": round(_percentile(tally.ttfts, 0.99), 3),
+        "busiest_replica_share": round(max(served.values()) / max(len(rows), 1), 4),
         "requests_per_replica": served,
+        "route_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "measured_prefill_tps": {
+            n: round(sim.states.rate(n, 0.0).prefill_tokens_per_s, 1) for n in names
+        },
+        "view_error_tokens": _errors(tally.view_errors),
+        "routed_match_error_tokens": _errors(tally.route_errors),
     }
-    if reasons:
-        result["route_reasons"] = reasons
-    if policy != "round_robin":
-        result["view_abs_error_tokens"] = views.stats.abs_error_tokens
-    return result
+
+
+def _errors(values: list[float]) -> dict[str, float]:
+    mean = sum(values) / len(values) if values else 0.0
+    return {"mean": round(mean, 1), "p99": _percentile(values, 0.99), "max": max(values or [0])}

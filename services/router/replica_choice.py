@@ -1,0 +1,153 @@
+"""Which replica serves a model call (L3): the configured policy over the replicas' warm
+prefixes and queues. The router's dispatcher and ``make bench-prefix``'s replay both call it.
+
+``ttft`` (the default): each replica's time to first token for this request is predicted as
+the prefill queued ahead of it there plus the prefill of the prompt minus that replica's warm
+prefix, both at the replica's measured prefill rate (``replica_state``), and the smallest wins.
+Among the replicas within a near-tie of the fastest (``tie_fraction`` of its prediction, at
+least ``tie_floor_s``), the one holding the longest prefix wins, so a prefix stays where it is
+while that costs little. A hot prefix is not pinned to one replica: once its replica's queue
+costs more than prefilling the prefix elsewhere, the request goes elsewhere and the prefix is
+replicated there (``replicate_prefix``).
+
+``sglang``: SGLang's cache-aware rule (``balance.choose``); ``round_robin``: the replicas in
+turn, ignoring caches. Both stay for comparison (``ROUTER_REPLICA_POLICY``).
+
+A replica's warm prefix is the longer of prefix-cache's view and the prompts queued there not
+yet prefilled (they will be by the time this request runs), for every policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from services.router.balance import BalancePolicy, Route, choose
+from services.router.replica_state import ReplicaStates
+
+POLICIES = ("ttft", "sglang", "round_robin")
+# every reason a route may carry, by policy (``fallback``: the chosen replica failed first)
+REASONS = {
+    "ttft": ("ttft_warm", "ttft_cold", "affinity_tie", "replicate_prefix"),
+    "sglang": ("cache_affinity", "shortest_queue", "least_loaded"),
+    "round_robin": ("round_robin",),
+}
+
+
+@dataclass(frozen=True)
+class TtftPolicy:
+    tie_fraction: float = 0.1  # a near-tie: within 10% of the fastest prediction ...
+    tie_floor_s: float = 0.02  # ... or 20 ms, whichever is larger
+    # the prefill rate assumed for a replica that has not reported yet, when the model table
+    # gives none (provider models)
+    prior_prefill_tps: float = 10_000.0
+
+
+@dataclass(frozen=True)
+class ChoiceSettings:
+    policy: str = "ttft"
+    sglang: BalancePolicy = field(default_factory=BalancePolicy)
+    ttft: TtftPolicy = field(default_factory=TtftPolicy)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the chooser knows of the request: its prompt's size and KV block hashes."""
+
+    model: str
+    prompt_tokens: int
+    hashes: Sequence[bytes]
+    prior_prefill_tps: float | None  # the model table's rate (None: not simulated)
+
+
+class ReplicaChooser:
+    def __init__(self, settings: ChoiceSettings, states: ReplicaStates) -> None:
+        self._settings = settings
+        self.states = states
+        self._turn: dict[str, int] = {}
+
+    @property
+    def policy(self) -> str:
+        return self._settings.policy
+
+    def prior(self, request: Request) -> float:
+        prior = request.prior_prefill_tps
+        return prior if prior is not None and prior > 0 else self._settings.ttft.prior_prefill_tps
+
+    def choose(
+        self,
+        request: Request,
+        replicas: Sequence[str],
+        view_match: Mapping[str, int],
+        now: float,
+    ) -> Route:
+        """``replicas`` in configured order (never empty); ``view_match``: prefix-cache's
+        predicted warm prefix per replica (absent = 0)."""
+        if not replicas:
+            raise ValueError("no replica to choose from")
+        match = {
+            r: max(
+                view_match.get(r, 0),
+                self.states.pending_match(r, request.hashes, request.prompt_tokens),
+            )
+            for r in replicas
+        }
+        # the replicas in turn: round robin's order, and the others' order among exact ties
+        turn = self._turn.get(request.model, 0)
+        self._turn[request.model] = turn + 1
+        start = turn % len(replicas)
+        replicas = (*replicas[start:], *replicas[:start])
+        if self._settings.policy == "round_robin":
+            first = replicas[0]
+            return Route(replicas, match[first], "round_robin", self.states.loads().get(first, 0))
+        if self._settings.policy == "sglang":
+            ranked = sorted(replicas, key=lambda r: -match[r])  # stable: ties keep the turn
+            return choose(
+                [(r, match[r]) for r in ranked],
+                self.states.loads(),
+                request.prompt_tokens,
+                self._settings.sglang,
+            )
+        return self._ttft(request, replicas, match, now)
+
+    def _ttft(
+        self, request: Request, replicas: Sequence[str], match: Mapping[str, int], now: float
+    ) -> Route:
+        prior, policy = self.prior(request), self._settings.ttft
+        queued: dict[str, float] = {}
+        ttft: dict[str, float] = {}
+        for r in replicas:
+            rate = self.states.rate(r, prior).prefill_tokens_per_s
+            queued[r] = self.states.queued_s(r, rate, now)
+            ttft[r] = queued[r] + max(request.prompt_tokens - match[r], 0) / rate
+        fastest = min(replicas, key=lambda r: ttft[r])
+        near = ttft[fastest] + max(policy.tie_floor_s, policy.tie_fraction * ttft[fastest])
+        loads = self.states.loads()
+        # the longest prefix among the near-ties; then the fewest requests in flight, which
+        # spreads cold prompts (and the evictions they cause) instead of filling one cache
+        chosen = max(
+            (r for r in replicas if ttft[r] <= near),
+            key=lambda r: (match[r], -loads.get(r, 0), -ttft[r]),
+        )
+        longest = max(match.values())
+        if longest == 0:
+            reason = "ttft_cold"
+        elif match[chosen] < longest:
+            reason = "replicate_prefix"
+        elif chosen != fastest:
+            reason = "affinity_tie"
+        else:
+            reason = "ttft_warm"
+        rest = sorted((r for r in replicas if r != chosen), key=lambda r: ttft[r])
+        return Route(
+            (chosen, *rest),
+            match[chosen],
+            reason,
+            loads.get(chosen, 0),
+            predicted_ttft_s=ttft[chosen],
+            queued_s=queued[chosen],
+        )

@@ -1,0 +1,172 @@
+"""What the router knows about each model replica's queue and speed, from the replicas' own
+reports.
+
+For every request it sends, the router records the prefill it expects the replica to do (the
+prompt minus the predicted warm prefix) until the replica's first report (``GenerateStart``,
+which comes when its prefill is done). From those reports it measures each replica's prefill
+rate: a replica serves its prefills one at a time in arrival order (continuous-batching engines
+schedule prefill first-come first-served), so a request's prefill began when it was sent or when
+the previous request's first report came, whichever is later, and its measured duration covers
+``prompt_tokens - kv_cached_tokens`` (the replica's own count). The rate is a ratio of
+exponentially weighted sums (tokens over seconds), so a slow or fast spell moves it within a
+few requests; until a replica has reported, the model table's rate (or a configured prior)
+stands in.
+
+The prefill queued ahead of a new request is the predicted prefill of the requests still
+waiting for their first report, less what the one in progress has already done. Their prompts'
+blocks count as held by the replica for the next request (it runs after them, so it finds them
+there), which prefix-cache's view only learns at their WARM commit.
+
+One event loop owns it: no lock. Times come from the caller's clock (seconds).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
+
+# a report of fewer prefilled tokens than this is mostly fixed overhead: no rate sample
+MIN_SAMPLE_TOKENS = 256
+RATE_WEIGHT = 0.2  # the newest sample's weight in the rate's weighted sums
+
+
+@dataclass
+class _Pending:
+    uncached_tokens: int
+    prompt_tokens: int
+    hashes: Sequence[bytes]
+    sent_at: float
+
+
+@dataclass
+class _Replica:
+    inflight: int = 0
+    pending: OrderedDict[int, _Pending] = field(default_factory=OrderedDict)
+    pending_tokens: int = 0  # predicted prefill of the requests waiting for their first report
+    pending_prompt_tokens: int = 0  # their prompts' tokens (the KV blocks they will touch)
+    pending_blocks: Counter[bytes] = field(default_factory=Counter)
+    last_start_at: float = float("-inf")
+    tokens_avg: float = 0.0  # weighted sums of prefilled tokens and their seconds
+    seconds_avg: float = 0.0
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaRate:
+    prefill_tokens_per_s: float
+    samples: int  # 0: the prior
+
+
+class ReplicaStates:
+    def __init__(self) -> None:
+        self._replicas: dict[str, _Replica] = {}
+        self._tickets = 0
+
+    def _get(self, replica: str) -> _Replica:
+        state = self._replicas.get(replica)
+        if state is None:
+            state = self._replicas[replica] = _Replica()
+        return state
+
+    # -- the request's life on a replica -----------------------------------------------------
+
+    def sent(
+        self,
+        replica: str,
+        prompt_tokens: int,
+        uncached_tokens: int,
+        hashes: Sequence[bytes],
+        now: float,
+    ) -> int:
+        """The request went to ``replica`` expecting ``uncached_tokens`` of prefill; returns
+        its ticket for ``started``/``failed``."""
+        state = self._get(replica)
+        self._tickets += 1
+        state.inflight += 1
+        uncached = min(max(uncached_tokens, 0), max(prompt_tokens, 0))
+        state.pending[self._tickets] = _Pending(uncached, max(prompt_tokens, 0), hashes, now)
+        state.pending_tokens += uncached
+        state.pending_prompt_tokens += max(prompt_tokens, 0)
+        state.pending_blocks.update(hashes)
+        return self._tickets
+
+    def started(
+        self, replica: str, ticket: int, prompt_tokens: int, kv_cached_tokens: int, now: float
+    ) -> None:
+        """The replica's first report: its prefill is done; it reused ``kv_cached_tokens``."""
+        state = self._get(replica)
+        pending = self._forget(state, ticket)
+        if pending is None:
+            return
+        began = max(pending.sent_at, state.last_start_at)
+        state.last_start_at = max(state.last_start_at, now)
+        prefilled, seconds = prompt_tokens - kv_cached_tokens, now - began
+        if prefilled >= MIN_SAMPLE_TOKENS and seconds > 0:
+            if state.samples == 0:
+                state.tokens_avg, state.seconds_avg = float(prefilled), seconds
+            else:
+                state.tokens_avg += RATE_WEIGHT * (prefilled - state.tokens_avg)
+                state.seconds_avg += RATE_WEIGHT * (seconds - state.seconds_avg)
+            state.samples += 1
+
+    def failed(self, replica: str, ticket: int) -> None:
+        """The call ended before its first report (the replica failed or the caller left)."""
+        state = self._get(replica)
+        if self._forget(state, ticket) is not None:
+            self.release(replica)
+
+    def release(self, replica: str) -> None:
+        """The call is over (its answer ended); never below zero."""
+        state = self._replicas.get(replica)
+        if state is not None and state.inflight > 0:
+            state.inflight -= 1
+
+    @staticmethod
+    def _forget(state: _Replica, ticket: int) -> _Pending | None:
+        pending = state.pending.pop(ticket, None)
+        if pending is not None:
+            state.pending_tokens -= pending.uncached_tokens
+            state.pending_prompt_tokens -= pending.prompt_tokens
+            state.pending_blocks.subtract(pending.hashes)
+            for block in pending.hashes:
+                if state.pending_blocks[block] <= 0:
+                    del state.pending_blocks[block]
+        return pending
+
+    # -- what the policies read ---------------------------------------------------------------
+
+    def loads(self) -> dict[str, int]:
+        """Requests in flight per replica (SGLang's load)."""
+        return {name: s.inflight for name, s in self._replicas.items() if s.inflight}
+
+    def rate(self, replica: str, prior_tokens_per_s: float) -> ReplicaRate:
+        state = self._replicas.get(replica)
+        if state is None or state.samples == 0 or state.seconds_avg <= 0:
+            return ReplicaRate(prior_tokens_per_s, 0)
+        return ReplicaRate(state.tokens_avg / state.seconds_avg, state.samples)
+
+    def queued_s(self, replica: str, tokens_per_s: float, now: float) -> float:
+        """Seconds of prefill ahead of a request sent now."""
+        state = self._replicas.get(replica)
+        if state is None or not state.pending:
+            return 0.0
+        head = next(iter(state.pending.values()))
+        head_s = head.uncached_tokens / tokens_per_s
+        done_s = max(now - max(head.sent_at, state.last_start_at), 0.0)
+        rest_s = (state.pending_tokens - head.uncached_tokens) / tokens_per_s
+        return max(head_s - done_s, 0.0) + rest_s
+
+    def pending_match(self, replica: str, hashes: Sequence[bytes], prompt_tokens: int) -> int:
+        """Leading tokens of the prompt that requests queued there will have prefilled."""
+        state = self._replicas.get(replica)
+        if state is None or not state.pending_blocks:
+            return 0
+        matched = 0
+        for block in hashes[: reusable_blocks(prompt_tokens)]:
+            if block not in state.pending_blocks:
+                break
+            matched += 1
+        return matched * BLOCK_SIZE
