@@ -1,0 +1,48 @@
+"""make bench-prefix's trace replay on a hand-made trace: the ideal, the keys outside tools
+read, the replica's reuse as the engine computes it, and a clear error for a bad line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from services.tools.bench.prefix_cache import mooncake
+
+
+def _trace(tmp_path: Path, rows: list[dict[str, object]]) -> Path:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_replay_reports_hits_ttft_reasons_and_the_view_error(tmp_path: Path) -> None:
+    # two requests sharing their first 512-token block, a second apart, then a cold one
+    rows = mooncake.load_trace(
+        _trace(
+            tmp_path,
+            [
+                {"timestamp": 0, "input_length": 1024, "output_length": 10, "hash_ids": [1, 2]},
+                {"timestamp": 1000, "input_length": 1024, "output_length": 10, "hash_ids": [1, 3]},
+                {"timestamp": 1000, "input_length": 600, "output_length": 5, "hash_ids": [9, 8]},
+            ],
+        )
+    )
+    assert mooncake.ideal_hit_rate(rows) == round(512 / (1024 + 1024 + 600), 4)
+    run = mooncake.simulate(rows, 2, "ttft", capacity_blocks=1000)
+    assert {"replicas", "policy", "kv_hit_rate_tokens", "ttft_p50_s", "ttft_p99_s"} <= set(run)
+    assert run["kv_hit_rate_tokens"] == mooncake.ideal_hit_rate(rows)  # the warm one went home
+    assert run["route_reasons"] == {"ttft_cold": 2, "ttft_warm": 1}
+    assert run["view_error_tokens"]["max"] == 0  # one router, one view: exact
+    # the first prefill: 1,024 tokens at 25,000/s
+    assert min(run["requests_per_replica"].values()) == 1
+    assert run["ttft_p50_s"] == pytest.approx(round(1024 / mooncake.PREFILL_TPS, 3), abs=0.02)
+    robin = mooncake.simulate(rows, 2, "round_robin", capacity_blocks=1000)
+    assert robin["kv_hit_rate_tokens"] == 0  # the second request went to the other replica
+
+
+def test_a_bad_line_names_the_file_and_line(tmp_path: Path) -> None:
+    path = _trace(tmp_path, [{"timestamp": 0, "input_length": 16}])
+    with pytest.raises(ValueError, match=r"trace.jsonl:1: expected a JSON object"):
+        mooncake.load_trace(path)
