@@ -8,7 +8,9 @@ from pathlib import Path
 from services.common.env import ConfigError, Env
 from services.common.models import ModelTable
 from services.common.server import ServerSettings
+from services.common.tls import ServerTls
 from services.router.balance import BalancePolicy
+from services.router.limit_settings import LimitSettings
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -28,13 +30,16 @@ class RouterSettings:
     idempotency_ttl_s: float
     idempotency_max: int
     balance: BalancePolicy
+    limits: LimitSettings
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
         server = ServerSettings.from_env(env, "ROUTER", DEFAULT_LISTEN)
         max_request = env.int("ROUTER_MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
         return cls(
-            server=replace(server, max_message_bytes=max_request),
+            server=replace(
+                server, max_message_bytes=max_request, tls=ServerTls.from_env(env, "ROUTER")
+            ),
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
             replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),
@@ -51,6 +56,7 @@ class RouterSettings:
                 rel_threshold=env.float("ROUTER_BALANCE_REL_THRESHOLD", 1.5, minimum=1.0),
                 cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
             ),
+            limits=LimitSettings.from_env(env),
         )
 
 
