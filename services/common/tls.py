@@ -75,7 +75,7 @@ class ServerTls:
     client_ca: bytes | None
 
     @classmethod
-    def from_env(cls, env: Env, prefix: str) -> ServerTls | None:
+    def read(cls, env: Env, prefix: str) -> ServerTls | None:
         """None when neither file is set (plaintext)."""
         ca_var = f"{prefix}_TLS_CLIENT_CA_FILE"
         ca = env.optional_str(ca_var)
@@ -128,7 +128,7 @@ class ClientTls:
     private_key: bytes | None
 
     @classmethod
-    def from_env(cls, env: Env, prefix: str) -> ClientTls | None:
+    def read(cls, env: Env, prefix: str) -> ClientTls | None:
         """None when none of the files is set (plaintext)."""
         ca_var = f"{prefix}_TLS_CA_FILE"
         ca = env.optional_str(ca_var)

@@ -38,7 +38,7 @@ class RouterSettings:
         max_request = env.int("ROUTER_MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
         return cls(
             server=replace(
-                server, max_message_bytes=max_request, tls=ServerTls.from_env(env, "ROUTER")
+                server, max_message_bytes=max_request, tls=ServerTls.read(env, "ROUTER")
             ),
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
