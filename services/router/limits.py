@@ -250,7 +250,10 @@ def used_tokens(end: pb.CompleteResponse) -> int:
 
 
 def _dollars(nanos: int) -> str:
-    return f"${nanos / NANOS_PER_DOLLAR:,.2f}"
+    """Exact: cents when whole, else down to the nano-dollar ($0.00015)."""
+    whole, part = divmod(nanos, NANOS_PER_DOLLAR)
+    fraction = f"{part:09d}".rstrip("0").ljust(2, "0")
+    return f"${whole:,}.{fraction}"
 
 
 def _seconds(ms: int) -> str:

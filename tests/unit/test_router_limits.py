@@ -152,7 +152,7 @@ async def test_daily_budget_refuses_until_midnight_utc_then_renews(store: LimitS
     denial = await _denied(limiter)
     assert denial.limit == DAY_BUDGET
     assert denial.retry_after_ms == TO_MIDNIGHT_MS
-    assert "daily budget of $0.00" in denial.message
+    assert "daily budget of $0.000001 is spent" in denial.message
     await _admitted(limiter, tenant="other")
     clock.advance(ms=TO_MIDNIGHT_MS)
     await _admitted(limiter)
