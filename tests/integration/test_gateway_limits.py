@@ -210,7 +210,11 @@ def _post_messages(address: str, key: str) -> tuple[int, dict[str, str], dict[st
     request = urllib.request.Request(
         f"http://{address}/v1/messages",
         data=json.dumps(body).encode(),
-        headers={"x-api-key": key, "content-type": "application/json"},
+        headers={
+            "x-api-key": key,
+            "anthropic-version": "2023-06-01",
+            "content-type": "application/json",
+        },
         method="POST",
     )
     try:

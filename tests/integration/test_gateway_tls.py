@@ -152,7 +152,7 @@ def test_the_cli_takes_a_ca_file_and_a_client_certificate(
     assert done.returncode == 0, done.stderr
     assert "served_by: LAYER_" in done.stdout
     without = subprocess.run(
-        command[:5] + command[9:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        command[:7] + command[11:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )  # the CA file only: the router asks for a client certificate
     assert without.returncode == 1 and "UNAVAILABLE" in without.stderr
 
@@ -169,7 +169,11 @@ def _https(address: str, pki: Pki, client: Issued | None, key: str) -> tuple[int
     request = urllib.request.Request(
         f"https://{address}/v1/messages",
         data=json.dumps(body).encode(),
-        headers={"x-api-key": key, "content-type": "application/json"},
+        headers={
+            "x-api-key": key,
+            "anthropic-version": "2023-06-01",
+            "content-type": "application/json",
+        },
         method="POST",
     )
     try:
