@@ -30,8 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.env import ConfigError, Env
-from services.common.wire import MalformedRequests
 from services.common.tls import ServerTls
+from services.common.wire import MalformedRequests
 
 log = logging.getLogger("cachemesh.server")
 
