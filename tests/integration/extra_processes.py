@@ -4,12 +4,17 @@ Each is started with the router's own environment as the stack gives it, then ov
 
 from __future__ import annotations
 
+import json
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from services.tools.stack.ports import free_port
 from services.tools.stack.service_table import service
@@ -57,3 +62,26 @@ def process(
 
 def loopback() -> str:
     return f"127.0.0.1:{free_port()}"
+
+
+def post_message(
+    url: str, key: str, text: str, context: ssl.SSLContext | None = None
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """POST one short sim-small question to ``url``/v1/messages (Anthropic's API): the status,
+    headers and JSON body, for an error status too."""
+    body = {"model": "sim-small", "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
+    request = urllib.request.Request(
+        f"{url}/v1/messages",
+        data=json.dumps(body).encode(),
+        headers={
+            "x-api-key": key,
+            "anthropic-version": "2023-06-01",
+            "content-type": "application/json",
+        },
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as reply:
+            return reply.status, dict(reply.headers), json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())

@@ -11,11 +11,8 @@ caches and replicas), each tenant with a key of its own.
 from __future__ import annotations
 
 import calendar
-import json
 import math
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +29,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key, new_api_key
 from services.tools.stack.health import SERVING, probe, probe_http
-from tests.integration.extra_processes import loopback, process, service_env
+from tests.integration.extra_processes import loopback, post_message, process, service_env
 from tests.integration.harness import RunningStack
 from tests.redis_server import redis_server
 
@@ -193,32 +190,9 @@ def test_daily_budget_refuses_once_the_bill_reaches_it_until_midnight_utc(
         )
         ready = lambda: probe_http(front) == SERVING  # noqa: E731
         with process("services.http_front", env, work / "front.log", ready):
-            status, headers, body = _post_messages(front, key)
+            status, headers, body = post_message(f"http://{front}", key, "Over budget?")
         assert status == 429
         assert body["error"]["type"] == "rate_limit_error"
         assert "daily budget" in body["error"]["message"]
         wait = int(headers["retry-after"])
         assert abs(wait - (midnight - time.time())) < 6
-
-
-def _post_messages(address: str, key: str) -> tuple[int, dict[str, str], dict[str, Any]]:
-    body = {
-        "model": "sim-small",
-        "max_tokens": 8,
-        "messages": [{"role": "user", "content": "Over budget?"}],
-    }
-    request = urllib.request.Request(
-        f"http://{address}/v1/messages",
-        data=json.dumps(body).encode(),
-        headers={
-            "x-api-key": key,
-            "anthropic-version": "2023-06-01",
-            "content-type": "application/json",
-        },
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, dict(reply.headers), json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), json.loads(error.read())

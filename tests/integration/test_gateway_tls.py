@@ -7,7 +7,6 @@ A client without a certificate, with one from another CA, or in plaintext gets n
 from __future__ import annotations
 
 import http.client
-import json
 import ssl
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cachemesh import Client, Tls, UnavailableError, build_request
 from tests.certs import Authority, Issued
-from tests.integration.extra_processes import loopback, process, service_env
+from tests.integration.extra_processes import loopback, post_message, process, service_env
 from tests.integration.harness import ROOT, RunningStack
 
 pytestmark = pytest.mark.integration
@@ -161,26 +160,8 @@ def _https(address: str, pki: Pki, client: Issued | None, key: str) -> tuple[int
     context = ssl.create_default_context(cafile=str(pki.ca))
     if client is not None:
         context.load_cert_chain(str(client.cert), str(client.key))
-    body = {
-        "model": "sim-small",
-        "max_tokens": 8,
-        "messages": [{"role": "user", "content": "Hello over HTTPS?"}],
-    }
-    request = urllib.request.Request(
-        f"https://{address}/v1/messages",
-        data=json.dumps(body).encode(),
-        headers={
-            "x-api-key": key,
-            "anthropic-version": "2023-06-01",
-            "content-type": "application/json",
-        },
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30, context=context) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    status, _, body = post_message(f"https://{address}", key, "Hello over HTTPS?", context)
+    return status, body
 
 
 def _ready(address: str, pki: Pki) -> bool:
