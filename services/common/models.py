@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.common.env import ConfigError, Env
+from services.common.output_caps import with_output_caps
 
 AUTO = "auto"
 Tier = Literal["small", "large"]
@@ -166,7 +167,8 @@ def load_model_table(path: Path | None = None) -> ModelTable:
 
 def model_table_from_env(env: Env) -> ModelTable:
     """``CACHEMESH_MODELS_FILE`` names another table; unset = the packaged one.
-    ``CACHEMESH_PRICES`` then sets prices of rows (see ``with_prices``)."""
+    ``CACHEMESH_PRICES`` then sets prices of rows (see ``with_prices``), and
+    ``CACHEMESH_MAX_OUTPUT_TOKENS`` caps ``max_tokens`` (``services.common.output_caps``)."""
     override = env.optional_str("CACHEMESH_MODELS_FILE")
     table = load_model_table(Path(override) if override else None)
     prices = env.optional_str("CACHEMESH_PRICES")
@@ -184,6 +186,9 @@ def model_table_from_env(env: Env) -> ModelTable:
             table = ModelTable(models=table.models, auto=auto)
         except ValidationError as exc:
             raise ConfigError(f"CACHEMESH_AUTO_SMALL / CACHEMESH_AUTO_LARGE: {exc}") from exc
+    caps = env.optional_str("CACHEMESH_MAX_OUTPUT_TOKENS")
+    if caps:
+        table = with_output_caps(table, caps)
     return table
 
 

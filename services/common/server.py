@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.env import ConfigError, Env
+from services.common.tls import ServerTls
 from services.common.wire import MalformedRequests
 
 log = logging.getLogger("cachemesh.server")
@@ -49,6 +50,7 @@ class ServerSettings:
     grace_s: float
     max_message_bytes: int
     refusal_s: float = 0.0  # the refusal window, capped at grace_s (DRAIN_REFUSAL_S to refuse)
+    tls: ServerTls | None = None  # None = plaintext (the internal services on loopback)
 
     @property
     def refusal_window_s(self) -> float:
@@ -131,11 +133,20 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *spec.service_names):
         await health_servicer.set(name, not_serving)
-    port = server.add_insecure_port(spec.settings.listen)
+    tls = spec.settings.tls
+    if tls is not None:
+        port = server.add_secure_port(spec.settings.listen, tls.grpc_credentials())
+    else:
+        port = server.add_insecure_port(spec.settings.listen)
     if port == 0:
         raise ConfigError(f"{spec.name}: cannot listen on {spec.settings.listen}")
     await server.start()
-    log.info("%s listening on %s (NOT_SERVING until ready)", spec.name, spec.settings.listen)
+    log.info(
+        "%s listening on %s (%s; NOT_SERVING until ready)",
+        spec.name,
+        spec.settings.listen,
+        "plaintext" if tls is None else tls.describe(),
+    )
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -42,7 +42,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     settings = HttpFrontSettings.from_env(environ)
     keys = ApiKeys.from_file(settings.api_keys_file)
     provider = build_tracer_provider(environ, "http-front")
-    gateway = Gateway(settings.gateway_addr, settings.gateway_timeout_s)
+    gateway = Gateway(settings.gateway_addr, settings.gateway_timeout_s, settings.gateway_tls)
     front = Front(
         settings,
         keys,
@@ -59,13 +59,20 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     await runner.setup()
     host, _, port = settings.listen.rpartition(":")
-    site = web.TCPSite(runner, host.strip("[]"), int(port))
+    ssl_context = settings.tls.ssl_context() if settings.tls is not None else None
+    site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"HTTP_FRONT_LISTEN={settings.listen}: cannot listen ({exc})") from None
-    log.info("http-front listening on %s, Gateway at %s", settings.listen, settings.gateway_addr)
+    log.info(
+        "http-front listening on %s (%s), Gateway at %s (%s)",
+        settings.listen,
+        "plaintext" if settings.tls is None else settings.tls.describe(),
+        settings.gateway_addr,
+        "plaintext" if settings.gateway_tls is None else "TLS",
+    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -9,26 +9,37 @@ hit, for a client span that would only repeat the front's server span."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cachemesh.retry_info import retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.status import code_of
+from services.common.tls import ClientTls
 from services.http_front.errors import ApiError, from_gateway
 
 RETRY_AFTER = "retry-after"
 
 
 def api_error(error: grpc.aio.AioRpcError) -> ApiError:
+    """The Gateway's refusal as the HTTP APIs report it; the wait of a rate limit or budget is
+    the RetryInfo delay in the status details (rounded up to whole seconds), else its
+    ``retry-after`` trailer."""
+    trailers = error.trailing_metadata() or ()
     retry_after: int | None = None
-    for key, value in error.trailing_metadata() or ():
-        if key == RETRY_AFTER:
-            text = value.decode() if isinstance(value, bytes) else value
-            retry_after = int(text) if text.isdigit() else 1
+    delay = retry_delay_s(trailers)
+    if delay is not None:
+        retry_after = max(1, math.ceil(delay))
+    else:
+        for key, value in trailers:
+            if key == RETRY_AFTER:
+                text = value.decode() if isinstance(value, bytes) else value
+                retry_after = int(text) if text.isdigit() else 1
     return from_gateway(code_of(error.code()), error.details() or "", retry_after)
 
 
@@ -38,8 +49,12 @@ def _metadata(key: str, traceparent: str) -> tuple[tuple[str, str], ...]:
 
 
 class Gateway:
-    def __init__(self, address: str, timeout_s: float) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, timeout_s: float, tls: ClientTls | None = None) -> None:
+        self._channel = (
+            grpc.aio.insecure_channel(address)
+            if tls is None
+            else grpc.aio.secure_channel(address, tls.grpc_credentials())
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from services.common.env import Env
 from services.common.models import AUTO, ModelTable, model_table_from_env
+from services.common.tls import ClientTls, ServerTls
 from services.router.settings import parse_replicas
 
 DEFAULT_LISTEN = "127.0.0.1:8088"
@@ -27,6 +28,8 @@ class HttpFrontSettings:
     default_max_tokens: dict[
         str, int
     ]  # model -> its output limit (OpenAI's max_tokens is optional)
+    tls: ServerTls | None = None  # HTTP_FRONT_TLS_*: HTTPS, optionally client certificates
+    gateway_tls: ClientTls | None = None  # HTTP_FRONT_GATEWAY_TLS_*: how it dials the Gateway
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> HttpFrontSettings:
@@ -45,6 +48,8 @@ class HttpFrontSettings:
             grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
             models=models,
             default_max_tokens={m: _output_limit(table, m) for m in models},
+            tls=ServerTls.read(env, "HTTP_FRONT"),
+            gateway_tls=ClientTls.read(env, "HTTP_FRONT_GATEWAY"),
         )
 
 

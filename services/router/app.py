@@ -15,6 +15,7 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.router.grpc_adapters import connect
 from services.router.idempotency import IdempotencyTable
+from services.router.limit_wiring import build_limiter
 from services.router.pipeline import Pipeline
 from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
@@ -35,10 +36,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         connected.dependencies, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
-    servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers)
+    limiter = await build_limiter(settings.limits, SystemClock())
+    servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers, limiter)
 
     async def close() -> None:
         await pipeline.drain()
+        await limiter.close()
         await connected.close()
         provider.shutdown()
 

@@ -15,8 +15,10 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import ApiKeys, bearer_token
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
+from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable
+from services.router.limits import Denial, Limiter, Ticket
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.validation import validate_request
 
@@ -35,17 +37,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         deployed: set[str],
         pipeline: Pipeline,
         answers: IdempotencyTable,
+        limiter: Limiter,
     ) -> None:
         self._keys = keys
         self._table = table
         self._deployed = deployed
         self._pipeline = pipeline
         self._answers = answers
+        self._limiter = limiter
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
-        tenant = await self._admit(request, context)
+        ticket = await self._admit(request, context)
         try:
-            async with aclosing(self._answered(tenant, request)) as chunks:
+            async with aclosing(self._answered(ticket, request)) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         return chunk.end
@@ -57,15 +61,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def StreamComplete(
         self, request: pb.CompleteRequest, context: Context
     ) -> AsyncIterator[pb.CompleteChunk]:
-        tenant = await self._admit(request, context)
+        ticket = await self._admit(request, context)
         try:
-            async with aclosing(self._answered(tenant, request)) as chunks:
+            async with aclosing(self._answered(ticket, request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except RequestError as exc:
             await context.abort(grpc_code(exc.code), exc.message)
 
-    async def _admit(self, request: pb.CompleteRequest, context: Context) -> str:
+    async def _admit(self, request: pb.CompleteRequest, context: Context) -> Ticket:
         token = bearer_token(context.invocation_metadata())
         if token is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
@@ -81,17 +85,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         assert tenant is not None
-        return tenant
+        admitted = await self._limiter.admit(tenant, request)
+        if isinstance(admitted, Denial):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                admitted.message,
+                trailing_metadata=retry_trailers(
+                    Code.RESOURCE_EXHAUSTED,
+                    admitted.message,
+                    admitted.retry_after_ms,
+                    f"tenant:{tenant}",
+                    admitted.limit,
+                ),
+            )
+            raise AssertionError("unreachable: abort raises")
+        return admitted
 
     async def _answered(
-        self, tenant: str, request: pb.CompleteRequest
+        self, ticket: Ticket, request: pb.CompleteRequest
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The request's chunks, once per request_id: a retry replays the first answer."""
+        tenant = ticket.tenant
         try:
             claimed, future = self._answers.claim(tenant, request)
         except IdempotencyConflict as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
+            self._limiter.replayed(ticket)
             for chunk in chunks_of(await asyncio.shield(future)):
                 yield chunk
             return
@@ -104,6 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     yield chunk
         finally:
             _settle(self._answers, tenant, request, future, end)
+            self._limiter.settle(ticket, end)
 
 
 def _settle(

@@ -8,7 +8,9 @@ from pathlib import Path
 from services.common.env import ConfigError, Env
 from services.common.models import ModelTable
 from services.common.server import ServerSettings
+from services.common.tls import ServerTls
 from services.router.balance import BalancePolicy
+from services.router.limit_settings import LimitSettings
 from services.router.replica_choice import POLICIES, ChoiceSettings, TtftPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -29,13 +31,16 @@ class RouterSettings:
     idempotency_ttl_s: float
     idempotency_max: int
     choice: ChoiceSettings  # which replica serves a model call (L3)
+    limits: LimitSettings
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
         server = ServerSettings.from_env(env, "ROUTER", DEFAULT_LISTEN)
         max_request = env.int("ROUTER_MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
         return cls(
-            server=replace(server, max_message_bytes=max_request),
+            server=replace(
+                server, max_message_bytes=max_request, tls=ServerTls.read(env, "ROUTER")
+            ),
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
             replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),
@@ -48,6 +53,7 @@ class RouterSettings:
             idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
             choice=choice_from_env(env),
+            limits=LimitSettings.from_env(env),
         )
 
 

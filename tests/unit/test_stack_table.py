@@ -14,6 +14,11 @@ from services.tools.stack.service_table import COMMON_ENV_KEYS, SERVICES, Servic
 ROOT = Path(__file__).resolve().parents[2]
 _ENV_READERS = {"str", "optional_str", "int", "float", "bool", "address", "path", "get"}
 _NAME = re.compile(r"^[A-Z][A-Z0-9_]{2,}$")
+# services.common.tls: ServerTls.read(env, "P") / ClientTls.read(env, "P") read P_TLS_*
+_TLS_READS = {
+    "ServerTls": ("_TLS_CERT_FILE", "_TLS_KEY_FILE", "_TLS_CLIENT_CA_FILE"),
+    "ClientTls": ("_TLS_CA_FILE", "_TLS_CERT_FILE", "_TLS_KEY_FILE"),
+}
 
 
 def _env_names_read(package: Path) -> set[str]:
@@ -32,6 +37,9 @@ def _env_names_read(package: Path) -> set[str]:
                 names.add(literals[0])
             if node.func.attr == "from_env" and literals and _NAME.match(literals[0]):
                 names.add(f"{literals[0]}_LISTEN")
+            owner = node.func.value
+            if node.func.attr == "read" and isinstance(owner, ast.Name) and literals:
+                names.update(literals[0] + suffix for suffix in _TLS_READS.get(owner.id, ()))
     return names
 
 

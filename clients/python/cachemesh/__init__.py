@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         UnavailableError,
     )
     from cachemesh._requests import answer_text, build_request, user_message
+    from cachemesh._tls import Tls
 
 _HOMES = {
     "AsyncClient": "cachemesh._client",
@@ -31,6 +32,7 @@ _HOMES = {
     "CachemeshError": "cachemesh._errors",
     "InvalidRequestError": "cachemesh._errors",
     "RateLimitError": "cachemesh._errors",
+    "Tls": "cachemesh._tls",
     "UnavailableError": "cachemesh._errors",
     "answer_text": "cachemesh._requests",
     "build_request": "cachemesh._requests",
@@ -44,6 +46,7 @@ __all__ = [
     "Client",
     "InvalidRequestError",
     "RateLimitError",
+    "Tls",
     "UnavailableError",
     "answer_text",
     "build_request",

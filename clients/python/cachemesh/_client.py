@@ -9,6 +9,7 @@ import grpc
 
 from cachemesh._errors import from_rpc_error
 from cachemesh._requests import build_request
+from cachemesh._tls import Tls, aio_channel, sync_channel
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
@@ -20,7 +21,8 @@ def _metadata(api_key: str) -> tuple[tuple[str, str]]:
 
 
 class Client:
-    """A blocking client of the Gateway. ``channel`` may be injected (tests, TLS)."""
+    """A blocking client of the Gateway; ``tls`` for a Gateway serving TLS (``Tls(ca_file=...)``).
+    ``channel`` may be injected (tests)."""
 
     def __init__(
         self,
@@ -29,8 +31,9 @@ class Client:
         api_key: str,
         timeout_s: float = 120.0,
         channel: grpc.Channel | None = None,
+        tls: Tls | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel = channel or sync_channel(target, tls)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s
@@ -80,7 +83,7 @@ class Client:
 
 
 class AsyncClient:
-    """An asyncio client of the Gateway."""
+    """An asyncio client of the Gateway; ``tls`` as for ``Client``."""
 
     def __init__(
         self,
@@ -89,8 +92,9 @@ class AsyncClient:
         api_key: str,
         timeout_s: float = 120.0,
         channel: grpc.aio.Channel | None = None,
+        tls: Tls | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._channel = channel or aio_channel(target, tls)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from cachemesh.retry_info import retry_delay_s
+
 
 class CachemeshError(Exception):
     """A call to the Gateway failed; ``code`` is the gRPC status."""
@@ -23,7 +25,10 @@ class InvalidRequestError(CachemeshError):
 
 
 class RateLimitError(CachemeshError):
-    """A size or rate limit was hit (RESOURCE_EXHAUSTED)."""
+    """A size or rate limit, or a budget, was hit (RESOURCE_EXHAUSTED); ``retry_after_s`` is
+    the wait the Gateway asked for (google.rpc.RetryInfo), None when it named none."""
+
+    retry_after_s: float | None = None
 
 
 class UnavailableError(CachemeshError):
@@ -44,4 +49,7 @@ def from_rpc_error(error: grpc.RpcError) -> CachemeshError:
     call = isinstance(error, grpc.Call | grpc.aio.AioRpcError)
     code = error.code() if call else grpc.StatusCode.UNKNOWN
     details = (error.details() if call else None) or str(error)
-    return _BY_CODE.get(code, CachemeshError)(code, details)
+    result = _BY_CODE.get(code, CachemeshError)(code, details)
+    if isinstance(result, RateLimitError) and call:
+        result.retry_after_s = retry_delay_s(error.trailing_metadata())
+    return result

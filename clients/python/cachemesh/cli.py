@@ -10,6 +10,7 @@ import sys
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, build_request
+from cachemesh._tls import Tls
 from cachemesh.v1 import gateway_pb2 as pb
 
 NANOS_PER_DOLLAR = 1_000_000_000
@@ -30,6 +31,27 @@ def _parser() -> argparse.ArgumentParser:
         "--key",
         default=os.environ.get("CACHEMESH_API_KEY"),
         help="API key (env CACHEMESH_API_KEY; `make keys` writes demo keys to .run/)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        default=os.environ.get("CACHEMESH_CA_FILE"),
+        help="TLS: the CA that signed the Gateway's certificate, PEM (env CACHEMESH_CA_FILE)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=os.environ.get("CACHEMESH_TLS", "").lower() in ("1", "true", "yes"),
+        help="TLS with the system's CA roots (implied by --ca-file; env CACHEMESH_TLS)",
+    )
+    parser.add_argument(
+        "--cert-file",
+        default=os.environ.get("CACHEMESH_CERT_FILE"),
+        help="mutual TLS: this client's certificate, PEM (env CACHEMESH_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--key-file",
+        default=os.environ.get("CACHEMESH_KEY_FILE"),
+        help="mutual TLS: this client's private key, PEM (env CACHEMESH_KEY_FILE)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     ask = commands.add_parser("ask", help="ask one question")
@@ -80,12 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         namespace=args.namespace,
         request_id=args.request_id,
     )
+    if (args.cert_file is None) != (args.key_file is None):
+        print("cachemesh: a client certificate needs --cert-file and --key-file", file=sys.stderr)
+        return 2
+    tls = None
+    if args.tls or args.ca_file or args.cert_file:
+        tls = Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
     try:
-        with Client(args.target, api_key=args.key) as client:
+        with Client(args.target, api_key=args.key, tls=tls) as client:
             response = client.complete(request)
     except CachemeshError as error:
         print(f"cachemesh: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:  # an unreadable TLS file
+        print(f"cachemesh: {error}", file=sys.stderr)
+        return 2
     if args.json:
         from google.protobuf.json_format import MessageToDict
 

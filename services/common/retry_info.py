@@ -1,0 +1,38 @@
+"""A refusal's ``google.rpc.Status`` with ``RetryInfo`` (and the limit as a ``QuotaFailure``),
+sent in the ``grpc-status-details-bin`` trailer, plus ``retry-after`` in whole seconds for
+clients that read no status details. ``cachemesh.retry_info`` reads it back."""
+
+from __future__ import annotations
+
+import math
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from cachemesh.retry_info import STATUS_DETAILS_KEY
+from services.common.errors import Code
+
+RETRY_AFTER_KEY = "retry-after"
+
+
+def retry_trailers(
+    code: Code, message: str, retry_after_ms: int, subject: str, description: str
+) -> tuple[tuple[str, str | bytes], ...]:
+    delay = duration_pb2.Duration(
+        seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000
+    )
+    retry = any_pb2.Any()
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    quota = any_pb2.Any()
+    quota.Pack(
+        error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+            ]
+        )
+    )
+    status = status_pb2.Status(code=code.value, message=message, details=[retry, quota])
+    return (
+        (STATUS_DETAILS_KEY, status.SerializeToString()),
+        (RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after_ms / 1000)))),
+    )

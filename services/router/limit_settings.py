@@ -1,0 +1,63 @@
+"""The Gateway's per-tenant limits, read from the environment once at start-up.
+
+Each limit applies to every tenant, each tenant with its own count; unset = no such limit.
+Rates are at least 1 (to refuse a tenant, remove its key); a budget of 0 refuses every request
+that would be billed in the period.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from services.common.env import ConfigError, Env
+from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
+
+REQUESTS_PER_MIN = "ROUTER_LIMIT_REQUESTS_PER_MIN"
+TOKENS_PER_MIN = "ROUTER_LIMIT_TOKENS_PER_MIN"
+BUDGET_DAY = "ROUTER_BUDGET_USD_PER_DAY"
+BUDGET_MONTH = "ROUTER_BUDGET_USD_PER_MONTH"
+REDIS_URL = "ROUTER_LIMITS_REDIS_URL"
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    policy: LimitPolicy
+    redis_url: str | None  # set = shared by every router through Redis; unset = this process
+
+    @classmethod
+    def from_env(cls, env: Env) -> LimitSettings:
+        return cls(
+            policy=LimitPolicy(
+                requests_per_min=_rate(env, REQUESTS_PER_MIN),
+                tokens_per_min=_rate(env, TOKENS_PER_MIN),
+                day_budget_nanos=_dollars(env, BUDGET_DAY),
+                month_budget_nanos=_dollars(env, BUDGET_MONTH),
+            ),
+            redis_url=env.optional_str(REDIS_URL),
+        )
+
+
+def _rate(env: Env, name: str) -> int | None:
+    if env.optional_str(name) is None:
+        return None
+    return env.int(name, 0, minimum=1)
+
+
+def _dollars(env: Env, name: str) -> int | None:
+    """US dollars (e.g. ``25`` or ``0.50``) as whole nano-dollars."""
+    value = env.optional_str(name)
+    if value is None:
+        return None
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise ConfigError(
+            f"{name} must be an amount in US dollars (e.g. 25.00), got {value!r}"
+        ) from None
+    if not amount.is_finite() or amount < 0:
+        raise ConfigError(f"{name} must be a finite amount >= 0 US dollars, got {value!r}")
+    nanos = amount * NANOS_PER_DOLLAR
+    if nanos != nanos.to_integral_value():
+        raise ConfigError(f"{name}: at most 9 decimal places (nano-dollars), got {value!r}")
+    return int(nanos)

@@ -1,0 +1,44 @@
+"""Builds the Gateway's ``Limiter`` from its settings: the state in Redis when
+ROUTER_LIMITS_REDIS_URL is set (checked at start-up: an unreachable Redis stops the router
+rather than leaving each router to count alone), else in this process."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.common.clock import Clock
+from services.common.env import ConfigError
+from services.router.limit_settings import REDIS_URL, LimitSettings
+from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
+from services.router.redis_limits import RedisLimitStore
+
+
+async def build_limiter(settings: LimitSettings, clock: Clock) -> Limiter:
+    store: LimitStore
+    if settings.redis_url is None:
+        store = MemoryLimitStore()
+    else:
+        try:
+            redis = Redis.from_url(settings.redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"{REDIS_URL}: {exc}") from None
+        shared = RedisLimitStore(redis)
+        try:
+            await shared.ping()
+        except RedisError as exc:
+            await shared.close()
+            raise ConfigError(
+                f"{REDIS_URL}: cannot reach Redis at {_redacted(settings.redis_url)} ({exc})"
+            ) from None
+        store = shared
+    return Limiter(store, UniformPolicies(settings.policy), clock)
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password (redis://user:secret@host -> redis://user:***@host)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"

@@ -1,0 +1,366 @@
+"""Per-tenant limits at the Gateway: request rate, token rate, dollar budgets a day and a month.
+
+A grpc-free core. ``Limiter.admit`` runs before a request reaches the pipeline; a tenant over
+one of its limits is refused with a ``Denial`` (what was exceeded, and how long to wait), which
+the servicer turns into ``RESOURCE_EXHAUSTED`` with ``google.rpc.RetryInfo``.
+
+- Request rate: a bucket of ``requests_per_min`` requests, refilled continuously; each request
+  takes one.
+- Token rate: a bucket of ``tokens_per_min`` tokens. A request is admitted while the bucket is
+  not empty and reserves its ``max_tokens`` (the bucket may go below zero: later requests wait
+  for the refill); when it ends the reservation is replaced by what it used: input tokens,
+  cache writes and output tokens that reached a model (cache reads are not counted, as
+  Anthropic's cache-aware limits do not; a semantic-cache hit counts as a request, no tokens).
+  A request that fails or is cut keeps its reservation.
+- Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
+  below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
+  estimate the router serves when prefix-cache is down). A request in flight may take the
+  bill past the budget; the next one is refused until the period ends.
+
+The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
+(``services.router.redis_limits``) so that every router of a deployment shares it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import logging
+import math
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry import trace
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import Clock
+
+log = logging.getLogger("cachemesh.router.limits")
+
+NANOS_PER_DOLLAR = 1_000_000_000
+MS_PER_MIN = 60_000
+
+
+@dataclass(frozen=True)
+class LimitPolicy:
+    """One tenant's limits; ``None`` = no such limit."""
+
+    requests_per_min: int | None = None
+    tokens_per_min: int | None = None
+    day_budget_nanos: int | None = None
+    month_budget_nanos: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.requests_per_min,
+                self.tokens_per_min,
+                self.day_budget_nanos,
+                self.month_budget_nanos,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Periods:
+    """The budget periods containing ``now``: their ids and when each ends (UTC)."""
+
+    day: str  # "2026-05-03"
+    month: str  # "2026-05"
+    day_end_ms: int
+    month_end_ms: int
+
+    @classmethod
+    def at(cls, now_ms: int) -> Periods:
+        t = time.gmtime(now_ms // 1000)
+        day_start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) * 1000
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        return cls(
+            day=f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}",
+            month=f"{t.tm_year:04d}-{t.tm_mon:02d}",
+            day_end_ms=day_start + 86_400_000,
+            month_end_ms=calendar.timegm((year, month, 1, 0, 0, 0)) * 1000,
+        )
+
+
+# What ``LimitStore.admit`` found over its limit (None: admitted).
+DAY_BUDGET = "day_budget"
+MONTH_BUDGET = "month_budget"
+REQUESTS = "requests"
+TOKENS = "tokens"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The store's verdict: which limit, and the wait in ms (a bucket's refill time)."""
+
+    limit: str
+    wait_ms: int
+
+
+class LimitStore(Protocol):
+    async def admit(
+        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        """Atomically: refuses when a limit is reached, else takes one request and reserves
+        ``reserve_tokens``."""
+        ...
+
+    async def settle(
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        refund_tokens: int,
+        cost_nanos: int,
+        now_ms: int,
+        periods: Periods,
+    ) -> None:
+        """Gives back ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the
+        day's and the month's bill."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def bucket_level(level: float, at_ms: int, capacity: int, now_ms: int) -> float:
+    """A bucket's level at ``now_ms``: refilled at ``capacity`` a minute, never above it."""
+    refill = max(0, now_ms - at_ms) * capacity / MS_PER_MIN
+    return min(float(capacity), level + refill)
+
+
+def refill_wait_ms(level: float, need: float, capacity: int) -> int:
+    """The ms until a bucket at ``level`` holds ``need``."""
+    return max(1, math.ceil((need - level) * MS_PER_MIN / capacity))
+
+
+@dataclass
+class _Bucket:
+    level: float
+    at_ms: int
+
+
+class MemoryLimitStore:
+    """The limits' state in this process (one router; ``ROUTER_LIMITS_REDIS_URL`` unset)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._spent: dict[tuple[str, str], int] = {}  # (tenant, period id) -> nanos
+
+    def _level(self, tenant: str, kind: str, capacity: int, now_ms: int) -> float:
+        bucket = self._buckets.get((tenant, kind))
+        if bucket is None:
+            return float(capacity)
+        return bucket_level(bucket.level, bucket.at_ms, capacity, now_ms)
+
+    async def admit(
+        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        day = self._spent.get((tenant, periods.day), 0)
+        if policy.day_budget_nanos is not None and day >= policy.day_budget_nanos:
+            return Refusal(DAY_BUDGET, periods.day_end_ms - now_ms)
+        month = self._spent.get((tenant, periods.month), 0)
+        if policy.month_budget_nanos is not None and month >= policy.month_budget_nanos:
+            return Refusal(MONTH_BUDGET, periods.month_end_ms - now_ms)
+        requests = tokens = 0.0
+        if policy.requests_per_min is not None:
+            requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
+            if requests < 1:
+                return Refusal(REQUESTS, refill_wait_ms(requests, 1, policy.requests_per_min))
+        if policy.tokens_per_min is not None:
+            tokens = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
+            if tokens < 1:
+                return Refusal(TOKENS, refill_wait_ms(tokens, 1, policy.tokens_per_min))
+        if policy.requests_per_min is not None:
+            self._buckets[(tenant, REQUESTS)] = _Bucket(requests - 1, now_ms)
+        if policy.tokens_per_min is not None:
+            self._buckets[(tenant, TOKENS)] = _Bucket(tokens - reserve_tokens, now_ms)
+        return None
+
+    async def settle(
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        refund_tokens: int,
+        cost_nanos: int,
+        now_ms: int,
+        periods: Periods,
+    ) -> None:
+        if policy.tokens_per_min is not None and refund_tokens:
+            level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
+            refunded = min(float(policy.tokens_per_min), level + refund_tokens)
+            self._buckets[(tenant, TOKENS)] = _Bucket(refunded, now_ms)
+        if cost_nanos:
+            for period in (periods.day, periods.month):
+                key = (tenant, period)
+                self._spent[key] = self._spent.get(key, 0) + cost_nanos
+            self._forget_old(periods)
+
+    def _forget_old(self, periods: Periods) -> None:
+        current = {periods.day, periods.month}
+        for key in [k for k in self._spent if k[1] not in current]:
+            del self._spent[key]
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Denial:
+    """A request refused by a limit: the message for the caller, the wait, what was hit."""
+
+    limit: str
+    message: str
+    retry_after_ms: int
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request's reservation, settled when it ends."""
+
+    tenant: str
+    policy: LimitPolicy
+    reserved_tokens: int
+
+
+class Policies(Protocol):
+    def for_tenant(self, tenant: str) -> LimitPolicy: ...
+
+
+@dataclass(frozen=True)
+class UniformPolicies:
+    """The same limits for every tenant."""
+
+    policy: LimitPolicy
+
+    def for_tenant(self, tenant: str) -> LimitPolicy:
+        return self.policy
+
+
+def used_tokens(end: pb.CompleteResponse) -> int:
+    """The tokens an answer counts against the token rate: what reached a model, cache reads
+    excepted; a semantic-cache hit reached none."""
+    if end.served_by == pb.LAYER_SEMANTIC_CACHE:
+        return 0
+    u = end.usage
+    return u.input_tokens + u.cache_creation_input_tokens + u.output_tokens
+
+
+def _dollars(nanos: int) -> str:
+    """Exact: cents when whole, else down to the nano-dollar ($0.00015)."""
+    whole, part = divmod(nanos, NANOS_PER_DOLLAR)
+    fraction = f"{part:09d}".rstrip("0").ljust(2, "0")
+    return f"${whole:,}.{fraction}"
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:.1f} s" if ms < 120_000 else f"{ms / 3_600_000:.1f} h"
+
+
+class Limiter:
+    """Admits or refuses a tenant's request; settles its tokens and cost when it ends.
+
+    A store that fails (Redis down) does not stop the Gateway: the request is admitted, and
+    the failure logged and recorded on the request's span (``cachemesh.degraded``)."""
+
+    def __init__(self, store: LimitStore, policies: Policies, clock: Clock) -> None:
+        self._store = store
+        self._policies = policies
+        self._clock = clock
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:
+        policy = self._policies.for_tenant(tenant)
+        reserve = request.max_tokens if policy.tokens_per_min is not None else 0
+        ticket = Ticket(tenant, policy, reserve)
+        if not policy.active:
+            return ticket
+        now = self._clock.now_ms()
+        try:
+            refusal = await self._store.admit(tenant, policy, reserve, now, Periods.at(now))
+        except Exception as exc:  # the store's own failure, never the request's
+            _degraded("admit", exc)
+            return ticket
+        if refusal is None:
+            return ticket
+        return Denial(refusal.limit, _message(refusal, policy), refusal.wait_ms)
+
+    def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
+        """Counts what an answered request used (``end``); a request with no answer keeps its
+        reservation. Runs past the request (``drain`` awaits it)."""
+        if not ticket.policy.active or end is None:
+            return
+        refund = ticket.reserved_tokens - used_tokens(end) if ticket.policy.tokens_per_min else 0
+        cost = end.cost.cost_nanos
+        if refund == 0 and cost == 0:
+            return
+        now = self._clock.now_ms()
+        self._in_background(
+            self._store.settle(ticket.tenant, ticket.policy, refund, cost, now, Periods.at(now))
+        )
+
+    def replayed(self, ticket: Ticket) -> None:
+        """A retry answered from the first call's answer used nothing: its reservation back."""
+        if ticket.reserved_tokens and ticket.policy.active:
+            now = self._clock.now_ms()
+            self._in_background(
+                self._store.settle(
+                    ticket.tenant, ticket.policy, ticket.reserved_tokens, 0, now, Periods.at(now)
+                )
+            )
+
+    def _in_background(self, call: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await call
+            except Exception as exc:
+                _degraded("settle", exc)
+
+        task = asyncio.ensure_future(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self._store.close()
+
+
+def _degraded(what: str, exc: Exception) -> None:
+    log.warning(
+        "limits store failed on %s (%s: %s); request admitted", what, type(exc).__name__, exc
+    )
+    trace.get_current_span().add_event(
+        "cachemesh.degraded", {"dependency": "limits", "error": type(exc).__name__}
+    )
+
+
+def _message(refusal: Refusal, policy: LimitPolicy) -> str:
+    wait = _seconds(refusal.wait_ms)
+    if refusal.limit == REQUESTS:
+        return (
+            f"rate limit: this tenant may send {policy.requests_per_min} requests a minute; "
+            f"retry in {wait}"
+        )
+    if refusal.limit == TOKENS:
+        return (
+            f"rate limit: this tenant may use {policy.tokens_per_min} tokens a minute (a "
+            f"request reserves its max_tokens until it ends); retry in {wait}, or lower max_tokens"
+        )
+    if refusal.limit == DAY_BUDGET:
+        assert policy.day_budget_nanos is not None
+        return (
+            f"budget: this tenant's daily budget of {_dollars(policy.day_budget_nanos)} is "
+            f"spent; it renews at 00:00 UTC, in {wait}"
+        )
+    assert policy.month_budget_nanos is not None
+    return (
+        f"budget: this tenant's monthly budget of {_dollars(policy.month_budget_nanos)} is "
+        f"spent; it renews on the 1st at 00:00 UTC, in {wait}"
+    )

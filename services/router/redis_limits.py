@@ -1,0 +1,170 @@
+"""The limits' state in Redis, shared by every router of a deployment (ROUTER_LIMITS_REDIS_URL).
+
+Per tenant, under ``<prefix>:{<tenant>}:`` (the braces keep a tenant's keys in one cluster
+slot): ``requests`` and ``tokens`` hashes ``{level, at_ms}`` (a bucket as of ``at_ms``),
+``spent:<day>`` and ``spent:<month>`` (nano-dollars billed in the period). Each operation is one
+Lua script, so checking and taking happen atomically with respect to every other router.
+``now_ms`` comes from the caller's injected clock (as prefix-cache's Redis store does), so the
+same tests drive this store and the in-memory one; Redis's key expiry only collects garbage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from services.router.limits import (
+    DAY_BUDGET,
+    MONTH_BUDGET,
+    REQUESTS,
+    TOKENS,
+    LimitPolicy,
+    Periods,
+    Refusal,
+)
+
+GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
+
+# Shared by both scripts: a bucket's level now (full when absent), refilled at cap a minute.
+_LEVEL = """
+local function level(key, cap, now)
+  local v = redis.call('HMGET', key, 'level', 'at_ms')
+  if not v[1] then return cap end
+  local l = tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * cap / 60000
+  if l > cap then l = cap end
+  return l
+end
+local function keep(key, l, cap, now, slack)
+  redis.call('HSET', key, 'level', tostring(l), 'at_ms', now)
+  redis.call('PEXPIRE', key, math.ceil((cap - l) * 60000 / cap) + slack)
+end
+"""
+
+# KEYS: requests, tokens, spent:day, spent:month. ARGV: now_ms, requests cap, tokens cap, day
+# budget, month budget (-1 = no such limit), tokens to reserve, GC slack. Returns {} (admitted)
+# or {limit index, wait ms}: 1 day budget, 2 month budget, 3 requests, 4 tokens.
+_ADMIT = (
+    _LEVEL
+    + """
+local now = tonumber(ARGV[1])
+local rcap, tcap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local day, month = tonumber(ARGV[4]), tonumber(ARGV[5])
+local reserve, slack = tonumber(ARGV[6]), tonumber(ARGV[7])
+if day >= 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= day then return {1, 0} end
+if month >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= month then return {2, 0} end
+local r, t = 0, 0
+if rcap > 0 then
+  r = level(KEYS[1], rcap, now)
+  if r < 1 then return {3, math.max(1, math.ceil((1 - r) * 60000 / rcap))} end
+end
+if tcap > 0 then
+  t = level(KEYS[2], tcap, now)
+  if t < 1 then return {4, math.max(1, math.ceil((1 - t) * 60000 / tcap))} end
+end
+if rcap > 0 then keep(KEYS[1], r - 1, rcap, now, slack) end
+if tcap > 0 then keep(KEYS[2], t - reserve, tcap, now, slack) end
+return {}
+"""
+)
+
+# KEYS: tokens, spent:day, spent:month. ARGV: now_ms, tokens cap (0 = none), tokens to give
+# back, cost nanos, ms until the day's end, ms until the month's end, GC slack.
+_SETTLE = (
+    _LEVEL
+    + """
+local now, tcap, refund = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cost, slack = tonumber(ARGV[4]), tonumber(ARGV[7])
+if tcap > 0 and refund ~= 0 then
+  keep(KEYS[1], math.min(tcap, level(KEYS[1], tcap, now) + refund), tcap, now, slack)
+end
+if cost ~= 0 then
+  redis.call('INCRBY', KEYS[2], cost)
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]) + slack)
+  redis.call('INCRBY', KEYS[3], cost)
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]) + slack)
+end
+return 0
+"""
+)
+
+_LIMITS = (DAY_BUDGET, MONTH_BUDGET, REQUESTS, TOKENS)
+
+
+def _or_none(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def _cap(value: int | None) -> int:
+    """A bucket's capacity for the script: 0 = no such limit (a rate is at least 1)."""
+    return 0 if value is None else value
+
+
+class RedisLimitStore:
+    def __init__(self, client: Redis, prefix: str = "cachemesh:limits") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._admit = client.register_script(_ADMIT)
+        self._settle = client.register_script(_SETTLE)
+
+    def _key(self, tenant: str, name: str) -> str:
+        return f"{self._prefix}:{{{tenant}}}:{name}"
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def admit(
+        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        keys = [
+            self._key(tenant, REQUESTS),
+            self._key(tenant, TOKENS),
+            self._key(tenant, f"spent:{periods.day}"),
+            self._key(tenant, f"spent:{periods.month}"),
+        ]
+        args = [
+            now_ms,
+            _cap(policy.requests_per_min),
+            _cap(policy.tokens_per_min),
+            _or_none(policy.day_budget_nanos),
+            _or_none(policy.month_budget_nanos),
+            reserve_tokens,
+            GC_SLACK_MS,
+        ]
+        found = [int(v) for v in cast(list[Any], await self._admit(keys=keys, args=args))]
+        if not found:
+            return None
+        limit = _LIMITS[found[0] - 1]
+        if limit == DAY_BUDGET:
+            return Refusal(limit, periods.day_end_ms - now_ms)
+        if limit == MONTH_BUDGET:
+            return Refusal(limit, periods.month_end_ms - now_ms)
+        return Refusal(limit, found[1])
+
+    async def settle(
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        refund_tokens: int,
+        cost_nanos: int,
+        now_ms: int,
+        periods: Periods,
+    ) -> None:
+        keys = [
+            self._key(tenant, TOKENS),
+            self._key(tenant, f"spent:{periods.day}"),
+            self._key(tenant, f"spent:{periods.month}"),
+        ]
+        args = [
+            now_ms,
+            _cap(policy.tokens_per_min),
+            refund_tokens,
+            cost_nanos,
+            periods.day_end_ms - now_ms,
+            periods.month_end_ms - now_ms,
+            GC_SLACK_MS,
+        ]
+        await self._settle(keys=keys, args=args)
+
+    async def close(self) -> None:
+        await self._client.aclose()

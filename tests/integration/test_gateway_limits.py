@@ -1,0 +1,198 @@
+"""Per-tenant limits on real processes: routers of their own beside the session's stack (its
+caches and replicas), each tenant with a key of its own.
+
+- Two routers sharing one real Redis count one tenant's requests together: the 4th of 3 a
+  minute is refused, through either router, with RESOURCE_EXHAUSTED and RetryInfo.
+- A token rate: the second request waits for the tokens the first used (its usage, exactly).
+- A daily budget: refused once the bill prefix-cache computed (its Totals) reaches it, until
+  midnight UTC; the HTTP front answers 429 with retry-after from the RetryInfo.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cachemesh import Client, RateLimitError, build_request
+from cachemesh.retry_info import retry_delay_s
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+from services.common.auth import hash_key, new_api_key
+from services.tools.stack.health import SERVING, probe, probe_http
+from tests.integration.extra_processes import loopback, post_message, process, service_env
+from tests.integration.harness import RunningStack
+from tests.redis_server import redis_server
+
+pytestmark = pytest.mark.integration
+
+TENANTS = ("limits-rate", "limits-other", "limits-tokens", "limits-budget")
+
+
+@dataclass
+class Tenants:
+    keys_file: Path
+    keys: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory: pytest.TempPathFactory) -> Tenants:
+    keys = {tenant: new_api_key() for tenant in TENANTS}
+    path = tmp_path_factory.mktemp("limits-keys") / "api-keys"
+    path.write_text("".join(f"{t}:{hash_key(k)}\n" for t, k in keys.items()))
+    return Tenants(path, keys)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("limits")
+
+
+@contextmanager
+def _router_cm(
+    stack: RunningStack, tenants: Tenants, work: Path, name: str, limits: dict[str, str]
+) -> Iterator[str]:
+    address = loopback()
+    env = service_env(
+        stack,
+        "router",
+        {"ROUTER_LISTEN": address, "CACHEMESH_API_KEYS_FILE": str(tenants.keys_file), **limits},
+    )
+    with process("services.router", env, work / f"{name}.log", lambda: probe(address) == SERVING):
+        yield address
+
+
+def _ask(address: str, key: str, text: str, max_tokens: int = 16) -> pb.CompleteResponse:
+    with Client(address, api_key=key, timeout_s=60) as client:
+        return client.complete(
+            build_request(
+                f"{text} ({uuid.uuid4().hex[:8]})", model="sim-small", max_tokens=max_tokens
+            )
+        )
+
+
+def _refused(address: str, key: str, text: str, max_tokens: int = 16) -> RateLimitError:
+    with pytest.raises(RateLimitError) as caught:
+        _ask(address, key, text, max_tokens)
+    return caught.value
+
+
+def test_two_routers_on_one_redis_share_a_tenants_request_rate(
+    stack: RunningStack, tenants: Tenants, work: Path
+) -> None:
+    limits = {"ROUTER_LIMIT_REQUESTS_PER_MIN": "3"}
+    with redis_server(work) as url:
+        limits["ROUTER_LIMITS_REDIS_URL"] = url
+        with (
+            _router_cm(stack, tenants, work, "rate-1", limits) as one,
+            _router_cm(stack, tenants, work, "rate-2", limits) as two,
+        ):
+            key = tenants.keys["limits-rate"]
+            _ask(one, key, "What is a token bucket?")
+            _ask(two, key, "What is a leaky bucket?")
+            _ask(one, key, "What is GCRA?")
+            for address in (two, one):  # the 4th and 5th, whichever router they reach
+                error = _refused(address, key, "What is a sliding window?")
+                assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "3 requests a minute" in error.message
+                # one request refills every 20 s; the three were sent within this test
+                assert error.retry_after_s is not None and 0 < error.retry_after_s <= 20
+            # another tenant has its own count, on either router
+            _ask(two, tenants.keys["limits-other"], "Is my count my own?")
+            # the wire: RetryInfo in grpc-status-details-bin, and retry-after for plain clients
+            with grpc.insecure_channel(one) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                with pytest.raises(grpc.RpcError) as raw:
+                    stub.Complete(
+                        build_request("And now?", model="sim-small", max_tokens=8),
+                        metadata=(("authorization", f"Bearer {key}"),),
+                        timeout=30,
+                    )
+            trailers: Any = raw.value.trailing_metadata()
+            delay = retry_delay_s(trailers)
+            assert delay is not None and 0 < delay <= 20
+            retry_after = [value for name, value in trailers if name == "retry-after"]
+            assert retry_after == [str(max(1, math.ceil(delay)))]
+
+
+def test_token_rate_waits_for_the_tokens_an_answer_used(
+    stack: RunningStack, tenants: Tenants, work: Path
+) -> None:
+    per_min = 10  # fewer than any one answer uses: the second request always waits
+    with _router_cm(
+        stack, tenants, work, "tokens", {"ROUTER_LIMIT_TOKENS_PER_MIN": str(per_min)}
+    ) as router:
+        key = tenants.keys["limits-tokens"]
+        answer = _ask(router, key, "How are tokens counted?", max_tokens=16)
+        used = (
+            answer.usage.input_tokens
+            + answer.usage.cache_creation_input_tokens
+            + answer.usage.output_tokens
+        )
+        answered_at = time.monotonic()
+        time.sleep(0.5)  # the router settles the answer's tokens just after answering
+        error = _refused(router, key, "And now?", max_tokens=1)
+        elapsed = time.monotonic() - answered_at
+        assert "10 tokens a minute" in error.message
+        # the bucket holds per_min - used (plus what refilled since): the wait until it holds 1
+        expected = (1 - (per_min - used)) * 60 / per_min
+        assert error.retry_after_s is not None
+        assert expected - elapsed - 1 <= error.retry_after_s <= expected + 0.01
+
+
+def test_daily_budget_refuses_once_the_bill_reaches_it_until_midnight_utc(
+    stack: RunningStack, tenants: Tenants, work: Path
+) -> None:
+    budget_nanos = 150_000  # $0.00015: a few short sim-small answers
+    limits = {"ROUTER_BUDGET_USD_PER_DAY": "0.00015"}
+    tenant = "limits-budget"
+    key = tenants.keys[tenant]
+    with _router_cm(stack, tenants, work, "budget", limits) as router:
+        billed = 0
+        answered = 0
+        while billed < budget_nanos:
+            answer = _ask(router, key, "What does this cost?", max_tokens=8)
+            assert answer.cost.cost_nanos > 0 and not answer.cost.estimated
+            billed += answer.cost.cost_nanos
+            answered += 1
+            assert answered <= 20, "the budget was never reached"
+            time.sleep(0.3)  # the router adds the bill just after answering
+        # the bill the budget counted is prefix-cache's own, to the nano-dollar
+        totals = stack.totals(tenant)
+        assert (totals.requests, totals.cost_nanos) == (answered, billed)
+        error = _refused(router, key, "One more?")
+        assert "daily budget of $0.00015 is spent" in error.message and "00:00 UTC" in error.message
+        now = time.time()
+        t = time.gmtime(now)
+        midnight = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86_400
+        assert error.retry_after_s is not None
+        assert abs(error.retry_after_s - (midnight - now)) < 5
+
+        # the HTTP front in front of this router: 429 with retry-after from the RetryInfo
+        front = loopback()
+        env = service_env(
+            stack,
+            "http-front",
+            {
+                "HTTP_FRONT_LISTEN": front,
+                "HTTP_FRONT_GATEWAY_ADDR": router,
+                "CACHEMESH_API_KEYS_FILE": str(tenants.keys_file),
+            },
+        )
+        ready = lambda: probe_http(front) == SERVING  # noqa: E731
+        with process("services.http_front", env, work / "front.log", ready):
+            status, headers, body = post_message(f"http://{front}", key, "Over budget?")
+        assert status == 429
+        assert body["error"]["type"] == "rate_limit_error"
+        assert "daily budget" in body["error"]["message"]
+        wait = int(headers["retry-after"])
+        assert abs(wait - (midnight - time.time())) < 6

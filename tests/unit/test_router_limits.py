@@ -1,0 +1,260 @@
+"""The Gateway's limits (services.router.limits) on both stores: every test using ``store`` runs
+in memory and against a real Redis (tests/unit/conftest.py), with an injected clock. The
+expected waits are worked by hand from the rates (a bucket refills at its capacity a minute)."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from cachemesh.retry_info import retry_delay_s, status_details
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.env import ConfigError, Env
+from services.common.errors import Code
+from services.common.retry_info import retry_trailers
+from services.router.limit_settings import LimitSettings
+from services.router.limits import (
+    DAY_BUDGET,
+    MONTH_BUDGET,
+    REQUESTS,
+    TOKENS,
+    Denial,
+    Limiter,
+    LimitPolicy,
+    LimitStore,
+    MemoryLimitStore,
+    Periods,
+    Ticket,
+    UniformPolicies,
+)
+from services.router.redis_limits import RedisLimitStore
+
+# 2023-11-14 22:13:20 UTC: 1 h 46 min 40 s (6,400,000 ms) before the day ends, 16 days more
+# before the month does.
+START_MS = 1_700_000_000_000
+TO_MIDNIGHT_MS = 6_400_000
+TO_MONTH_END_MS = 16 * 86_400_000 + TO_MIDNIGHT_MS
+
+
+@pytest.fixture
+def store(redis_client: Redis | None) -> LimitStore:
+    return MemoryLimitStore() if redis_client is None else RedisLimitStore(redis_client)
+
+
+def _request(max_tokens: int = 100) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-small",
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="hi")])],
+        max_tokens=max_tokens,
+    )
+
+
+def _answer(
+    input_tokens: int,
+    output_tokens: int,
+    cost_nanos: int,
+    layer: pb.Layer.ValueType = pb.LAYER_MODEL,
+) -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        served_by=layer,
+        usage=pb.Usage(
+            input_tokens=input_tokens,
+            cache_read_input_tokens=5000,  # never counted
+            output_tokens=output_tokens,
+        ),
+        cost=pb.Cost(cost_nanos=cost_nanos),
+    )
+
+
+def _limiter(store: LimitStore, policy: LimitPolicy, clock: ManualClock) -> Limiter:
+    return Limiter(store, UniformPolicies(policy), clock)
+
+
+async def _admitted(limiter: Limiter, tenant: str = "t", max_tokens: int = 100) -> Ticket:
+    ticket = await limiter.admit(tenant, _request(max_tokens))
+    assert isinstance(ticket, Ticket), ticket
+    return ticket
+
+
+async def _denied(limiter: Limiter, tenant: str = "t", max_tokens: int = 100) -> Denial:
+    denial = await limiter.admit(tenant, _request(max_tokens))
+    assert isinstance(denial, Denial), denial
+    return denial
+
+
+async def test_request_rate_refuses_the_fourth_of_three_a_minute_until_one_refills(
+    store: LimitStore,
+) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(requests_per_min=3), clock)
+    for _ in range(3):
+        await _admitted(limiter)
+    denial = await _denied(limiter)
+    assert denial.limit == REQUESTS
+    assert denial.retry_after_ms == 20_000  # one request every 20 s
+    assert "3 requests a minute" in denial.message
+    await _admitted(limiter, tenant="other")  # each tenant has its own count
+    clock.advance(ms=19_999)
+    assert (await _denied(limiter)).retry_after_ms == 1
+    clock.advance(ms=1)
+    await _admitted(limiter)
+    await _denied(limiter)
+
+
+async def test_token_rate_reserves_max_tokens_and_settles_what_was_used(
+    store: LimitStore,
+) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
+    first = await _admitted(limiter, max_tokens=600)  # 1000 -> 400
+    await _admitted(limiter, max_tokens=600)  # 400 -> -200: admitted while not empty
+    denial = await _denied(limiter, max_tokens=1)
+    assert denial.limit == TOKENS
+    assert denial.retry_after_ms == 12_060  # 201 tokens at 1000 a minute
+    # the first used 100 in + 50 out (cache reads not counted): 450 of its 600 come back
+    limiter.settle(first, _answer(100, 50, cost_nanos=0))
+    await limiter.drain()
+    await _admitted(limiter, max_tokens=1)  # -200 + 450 = 250 -> 249
+    # a semantic-cache hit reached no model: its whole reservation comes back
+    hit = await _admitted(limiter, max_tokens=249)  # 249 -> 0
+    await _denied(limiter)
+    limiter.settle(hit, _answer(100, 50, cost_nanos=0, layer=pb.LAYER_SEMANTIC_CACHE))
+    await limiter.drain()
+    await _admitted(limiter, max_tokens=249)
+
+
+async def test_a_request_without_an_answer_keeps_its_reservation(store: LimitStore) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(tokens_per_min=100), clock)
+    ticket = await _admitted(limiter, max_tokens=100)
+    limiter.settle(ticket, None)  # failed or cut: counted as max_tokens
+    await limiter.drain()
+    assert (await _denied(limiter)).retry_after_ms == 600  # 1 token at 100 a minute
+
+
+async def test_a_replayed_answer_gives_its_reservation_back(store: LimitStore) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(tokens_per_min=100), clock)
+    limiter.replayed(await _admitted(limiter, max_tokens=100))
+    await limiter.drain()
+    await _admitted(limiter, max_tokens=100)
+
+
+async def test_daily_budget_refuses_until_midnight_utc_then_renews(store: LimitStore) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(day_budget_nanos=1000), clock)
+    limiter.settle(await _admitted(limiter), _answer(10, 10, cost_nanos=600))
+    await limiter.drain()
+    # 600 < 1000: admitted, and this one takes the bill past the budget
+    limiter.settle(await _admitted(limiter), _answer(10, 10, cost_nanos=600))
+    await limiter.drain()
+    denial = await _denied(limiter)
+    assert denial.limit == DAY_BUDGET
+    assert denial.retry_after_ms == TO_MIDNIGHT_MS
+    assert "daily budget of $0.000001 is spent" in denial.message
+    await _admitted(limiter, tenant="other")
+    clock.advance(ms=TO_MIDNIGHT_MS)
+    await _admitted(limiter)
+
+
+async def test_monthly_budget_refuses_until_the_first_of_the_next_month(
+    store: LimitStore,
+) -> None:
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(day_budget_nanos=5_000, month_budget_nanos=1_000)
+    limiter = _limiter(store, policy, clock)
+    limiter.settle(await _admitted(limiter), _answer(10, 10, cost_nanos=1_000))
+    await limiter.drain()
+    denial = await _denied(limiter)
+    assert denial.limit == MONTH_BUDGET
+    assert denial.retry_after_ms == TO_MONTH_END_MS
+    clock.advance(ms=TO_MIDNIGHT_MS)  # a new day, the same month
+    assert (await _denied(limiter)).limit == MONTH_BUDGET
+    clock.advance(ms=TO_MONTH_END_MS - TO_MIDNIGHT_MS)
+    await _admitted(limiter)
+
+
+async def test_a_zero_budget_refuses_the_first_request(store: LimitStore) -> None:
+    limiter = _limiter(store, LimitPolicy(day_budget_nanos=0), ManualClock(START_MS))
+    assert (await _denied(limiter)).limit == DAY_BUDGET
+
+
+async def test_two_limiters_on_one_store_share_the_counts(store: LimitStore) -> None:
+    """Two routers on one Redis (or one process's store) count one tenant's requests once."""
+    clock = ManualClock(START_MS)
+    one = _limiter(store, LimitPolicy(requests_per_min=2), clock)
+    two = _limiter(store, LimitPolicy(requests_per_min=2), clock)
+    await _admitted(one)
+    await _admitted(two)
+    assert (await _denied(one)).limit == REQUESTS
+    assert (await _denied(two)).limit == REQUESTS
+
+
+class _Broken:
+    async def admit(self, *args: object) -> None:
+        raise ConnectionError("redis went away")
+
+    async def settle(self, *args: object) -> None:
+        raise ConnectionError("redis went away")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_failing_store_admits_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = _limiter(_Broken(), LimitPolicy(requests_per_min=1), ManualClock(START_MS))
+    ticket = await _admitted(limiter)
+    limiter.settle(ticket, _answer(1, 1, cost_nanos=5))
+    await limiter.drain()
+    failures = [r.getMessage() for r in caplog.records if "limits store failed" in r.getMessage()]
+    assert len(failures) == 2 and "redis went away" in failures[0]
+
+
+async def test_no_limit_set_never_calls_the_store() -> None:
+    limiter = _limiter(_Broken(), LimitPolicy(), ManualClock(START_MS))
+    limiter.settle(await _admitted(limiter), _answer(1, 1, cost_nanos=5))
+    await limiter.drain()
+
+
+def test_periods_roll_over_at_the_year_end() -> None:
+    periods = Periods.at(1_704_067_199_000)  # 2023-12-31 23:59:59 UTC
+    assert (periods.day, periods.month) == ("2023-12-31", "2023-12")
+    assert periods.day_end_ms == periods.month_end_ms == 1_704_067_200_000
+
+
+def test_settings_read_dollars_exactly_and_name_a_bad_variable() -> None:
+    settings = LimitSettings.from_env(
+        Env(
+            {
+                "ROUTER_LIMIT_REQUESTS_PER_MIN": "60",
+                "ROUTER_LIMIT_TOKENS_PER_MIN": "100000",
+                "ROUTER_BUDGET_USD_PER_DAY": "0.50",
+                "ROUTER_BUDGET_USD_PER_MONTH": "0",
+            }
+        )
+    )
+    assert settings.policy == LimitPolicy(60, 100_000, 500_000_000, 0)
+    assert settings.redis_url is None
+    assert LimitSettings.from_env(Env({})).policy == LimitPolicy()
+    assert not LimitPolicy().active
+    for name, value in [
+        ("ROUTER_LIMIT_REQUESTS_PER_MIN", "0"),
+        ("ROUTER_LIMIT_TOKENS_PER_MIN", "ten"),
+        ("ROUTER_BUDGET_USD_PER_DAY", "-1"),
+        ("ROUTER_BUDGET_USD_PER_DAY", "0.0000000001"),
+        ("ROUTER_BUDGET_USD_PER_MONTH", "five dollars"),
+        ("ROUTER_BUDGET_USD_PER_MONTH", "Infinity"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            LimitSettings.from_env(Env({name: value}))
+
+
+def test_retry_trailers_carry_retry_info_and_retry_after() -> None:
+    trailers = retry_trailers(Code.RESOURCE_EXHAUSTED, "slow down", 1_500, "tenant:t", TOKENS)
+    assert retry_delay_s(trailers) == 1.5
+    assert ("retry-after", "2") in trailers  # whole seconds, rounded up
+    status = status_details(trailers)
+    assert status is not None and status.code == 8 and status.message == "slow down"
+    assert retry_delay_s([("grpc-status-details-bin", b"\xff\xff")]) is None
+    assert retry_delay_s([]) is None and retry_delay_s(None) is None
