@@ -63,15 +63,11 @@ class Calls:
         """L1's answer; when an identical request's model call is in flight (``pending``) and
         outlasted the lookup's deadline, one more lookup waits for it, up to
         ``semantic_lease_wait_s``, so concurrent identical misses share one model call."""
-        first = await self._lookup(
-            tenant, request, self._s.semantic_timeout_s, want_embedding
-        )
+        first = await self._lookup(tenant, request, self._s.semantic_timeout_s, want_embedding)
         if first is None or not first.pending or self._s.semantic_lease_wait_s <= 0:
             return first
         trace.get_current_span().add_event("cachemesh.semantic.await_lease")
-        second = await self._lookup(
-            tenant, request, self._s.semantic_lease_wait_s, want_embedding
-        )
+        second = await self._lookup(tenant, request, self._s.semantic_lease_wait_s, want_embedding)
         return first if second is None else second
 
     async def release(self, tenant: str, request: pb.CompleteRequest, lease_id: str) -> None:

@@ -1,6 +1,6 @@
 """Which model and replica serve a miss, and the model call up to its first token.
 
-The tier comes from the ``auto`` policy (or the requested model); the replica from
+The tier comes from the learned router (``routing``; or the requested model); the replica from
 prefix-cache's ranking under SGLang's load rule; a replica that fails before its first token
 hands the request to the next one, and for ``auto`` to the other tier.
 """
@@ -21,7 +21,7 @@ from services.router import spans
 from services.router.balance import BalancePolicy, LoadTracker, Route, choose
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
-from services.router.tiering import choose_tier
+from services.router.routing.router import Routed
 
 log = logging.getLogger("cachemesh.router")
 
@@ -63,10 +63,15 @@ class Dispatcher:
         self._balance = balance
         self.loads = LoadTracker()
 
-    async def open(self, tenant: str, request: pb.CompleteRequest) -> Attempt:
-        """Starts the model call on the first replica that answers (prefill done)."""
+    async def open(
+        self, tenant: str, request: pb.CompleteRequest, routed: Routed | None = None
+    ) -> Attempt:
+        """Starts the model call on the first replica that answers (prefill done); an
+        ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made."""
+        plans = routed.plans if routed is not None else {}
         if request.model == AUTO:
-            choice = choose_tier(request)
+            assert routed is not None
+            choice = routed.decision
             first = self._table.for_tier(choice.tier)
             other = self._table.for_tier("small" if choice.tier == "large" else "large")
             options = [(first, choice.reason), (other, f"fallback: {first.id} unavailable")]
@@ -79,7 +84,11 @@ class Dispatcher:
             replicas = self._deps.replicas(spec.id)
             if not replicas:
                 continue
-            plan = await self._calls.plan(tenant, spec.id, request, replicas)
+            plan = (
+                plans[spec.id]
+                if spec.id in plans
+                else await self._calls.plan(tenant, spec.id, request, replicas)
+            )
             candidates = (
                 [(c.replica, c.warm_prefix_tokens) for c in plan.candidates]
                 if plan is not None and plan.candidates

@@ -28,6 +28,8 @@ class RouterSettings:
     idempotency_ttl_s: float
     idempotency_max: int
     balance: BalancePolicy
+    routing_threshold: float | None = None  # None = the router card's calibrated default
+    local_embedder: bool = True  # embed in the router when the semantic cache is unreachable
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -51,6 +53,12 @@ class RouterSettings:
                 rel_threshold=env.float("ROUTER_BALANCE_REL_THRESHOLD", 1.5, minimum=1.0),
                 cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
             ),
+            routing_threshold=(
+                env.float("ROUTER_THRESHOLD", 0.0, minimum=-1.0, maximum=1.0)
+                if env.optional_str("ROUTER_THRESHOLD") is not None
+                else None
+            ),
+            local_embedder=env.bool("ROUTER_LOCAL_EMBEDDER", True),
         )
 
 

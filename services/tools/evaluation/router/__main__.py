@@ -164,7 +164,7 @@ def _eval(session: Session, out: Path) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-    for name, figures in body["routers"].items():  # type: ignore[attr-defined]
+    for name, figures in body["routers"].items():
         at95 = figures["at_95pct_of_large_quality"]
         print(
             f"{name:20s} APGR {figures['apgr']:.3f}  CPT50 {figures['cpt50']:.3f}  "

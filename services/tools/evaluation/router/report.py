@@ -19,9 +19,9 @@ def routed(scores: npt.NDArray[np.float64], share: float) -> npt.NDArray[np.bool
     return to_large
 
 
-def at_share(prompts: Prompts, scores: npt.NDArray[np.float64], c: Curve, share: float) -> dict[
-    str, float
-]:
+def at_share(
+    prompts: Prompts, scores: npt.NDArray[np.float64], c: Curve, share: float
+) -> dict[str, float]:
     quality = c.quality_at(share)
     return {
         "large_share": round(share, 4),
