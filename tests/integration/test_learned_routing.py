@@ -26,7 +26,7 @@ def _ask(
     question: str,
     *,
     threshold: float | None = None,
-    semantic: int = pb.SEMANTIC_MODE_BYPASS,
+    semantic: pb.SemanticMode.ValueType = pb.SEMANTIC_MODE_BYPASS,
     system: str = "",
     history: tuple[pb.Message, ...] = (),
 ) -> pb.CompleteRequest:
@@ -109,9 +109,7 @@ def test_a_conversation_warm_on_the_large_model_stays_there(client_a: Client) ->
     cold = client_a.complete(_ask("And a 30 kg one?", threshold=0.9, system=system()))
     assert cold.tier == "small" and cold.routing.base_threshold == pytest.approx(0.9)
     # ... but the conversation's prefix is warm on the large model: it stays
-    kept = client_a.complete(
-        _ask("And a 30 kg one?", threshold=0.9, system=warm, history=history)
-    )
+    kept = client_a.complete(_ask("And a 30 kg one?", threshold=0.9, system=warm, history=history))
     assert kept.tier == "large", kept.routing.reason
     assert kept.routing.base_threshold == pytest.approx(0.9)
     assert kept.routing.threshold < kept.routing.score
