@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router
+.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -87,3 +87,6 @@ calibrate-router: setup ## the router's default threshold for ROUTER_TARGET (--q
 
 eval-router: setup ## APGR/CPT/cost of the learned router, the rule of thumb and random on the report half; bench-results/router-eval.json
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.router eval
+
+bench-router: setup ## agent/tools/mixed replays offline: dollars of the cost-aware vs the plain learned router vs always-large; bench-results/router-replay.json
+	nice -n 10 $(BIN)/python -m services.tools.bench.router

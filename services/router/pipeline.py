@@ -55,7 +55,9 @@ class Pipeline:
         self._tokenizer = tokenizer
         self._dispatch = Dispatcher(self._calls, dependencies, table, tracer, settings.balance)
         model, threshold, local = router
-        self._router = TierRouter(model, threshold, table, self._calls, dependencies, local)
+        self._router = TierRouter(
+            model, threshold, table, self._calls, dependencies, local, settings.cost_aware
+        )
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
         self._clock = time.monotonic

@@ -30,6 +30,7 @@ class RouterSettings:
     balance: BalancePolicy
     routing_threshold: float | None = None  # None = the router card's calibrated default
     local_embedder: bool = True  # embed in the router when the semantic cache is unreachable
+    cost_aware: bool = True  # weigh both tiers' Plan costs when a prefix may be warm
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -59,6 +60,7 @@ class RouterSettings:
                 else None
             ),
             local_embedder=env.bool("ROUTER_LOCAL_EMBEDDER", True),
+            cost_aware=env.bool("ROUTER_COST_AWARE", True),
         )
 
 

@@ -79,6 +79,7 @@ class TierRouter:
         calls: Calls,
         dependencies: Dependencies,
         local: LocalEmbedder | None,
+        cost_aware: bool = True,
     ) -> None:
         self._model = model
         self._threshold = default_threshold
@@ -86,6 +87,7 @@ class TierRouter:
         self._calls = calls
         self._deps = dependencies
         self._local = local
+        self._cost_aware = cost_aware
 
     async def route(
         self, tenant: str, request: pb.CompleteRequest, lookup: sc.LookupResponse | None
@@ -95,7 +97,7 @@ class TierRouter:
         score = self._model.score(text, vector)
         requested = request.routing.HasField("threshold")
         threshold = request.routing.threshold if requested else self._threshold
-        if not shares_prefix(request):
+        if not (self._cost_aware and shares_prefix(request)):
             return Routed(decide(score, threshold, source, requested=requested))
         small, large = self._table.for_tier("small"), self._table.for_tier("large")
         plans = dict(
