@@ -174,6 +174,9 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_BALANCE_ABS_THRESHOLD",
             "ROUTER_BALANCE_REL_THRESHOLD",
             "ROUTER_CACHE_THRESHOLD",
+            "ROUTER_THRESHOLD",
+            "ROUTER_LOCAL_EMBEDDER",
+            "ROUTER_COST_AWARE",
         ),
         peers=MappingProxyType(
             {
