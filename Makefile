@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache
+.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -78,3 +78,16 @@ bench: setup ## the standard load-test set on stacks of its own (free ports): re
 bench-prefix: setup ## offline replays (tau-bench; an arrival trace, TRACE=<file>) through L2/L3; bench-results/prefix.json
 	nice -n 10 $(BIN)/python -m services.tools.bench.prefix_cache --out bench-results/prefix.json \
 	  $(if $(TRACE),--trace "$(TRACE)")
+
+fit-router: setup ## fit the learned tier router on the fit half of the RouteLLM labels (writes weights + card)
+	nice -n 10 $(BIN)/python -m services.tools.evaluation.router fit
+
+ROUTER_TARGET ?= --quality 0.95
+calibrate-router: setup ## the router's default threshold for ROUTER_TARGET (--quality 0.95 | --share 0.2); prints cost and quality
+	nice -n 10 $(BIN)/python -m services.tools.evaluation.router calibrate $(ROUTER_TARGET) --write
+
+eval-router: setup ## APGR/CPT/cost of the learned router, the rule of thumb and random on the report half; bench-results/router-eval.json
+	nice -n 10 $(BIN)/python -m services.tools.evaluation.router eval
+
+bench-router: setup ## agent/tools/mixed replays offline: dollars of the cost-aware vs the plain learned router vs always-large; bench-results/router-replay.json
+	nice -n 10 $(BIN)/python -m services.tools.bench.router

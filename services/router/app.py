@@ -17,8 +17,11 @@ from services.router.grpc_adapters import connect
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_limiter
 from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from services.router.routing.router import LocalEmbedder
 from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
+from services.semantic_cache.embedder import load_minilm_embedder
 
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
@@ -31,9 +34,22 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     keys = ApiKeys.from_file(settings.api_keys_file)
     provider = build_tracer_provider(environ, "router")
     tokenizer = load_cl100k()
+    card = RouterCard.load()
+    router_model = load_router_model(card=card)  # a weights file the card does not pin: refused
+    threshold = (
+        settings.routing_threshold
+        if settings.routing_threshold is not None
+        else card.default_threshold
+    )
+    local = LocalEmbedder(load_minilm_embedder) if settings.local_embedder else None
     connected = connect(settings, provider.get_tracer("cachemesh.grpc"))
     pipeline = Pipeline(
-        connected.dependencies, table, tokenizer, provider.get_tracer("cachemesh.router"), settings
+        connected.dependencies,
+        table,
+        tokenizer,
+        provider.get_tracer("cachemesh.router"),
+        settings,
+        (router_model, threshold, local),
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     limiter = await build_limiter(settings.limits, SystemClock())

@@ -58,16 +58,16 @@ class Calls:
         self._s = settings
 
     async def lookup(
-        self, tenant: str, request: pb.CompleteRequest
+        self, tenant: str, request: pb.CompleteRequest, *, want_embedding: bool = False
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's answer; when an identical request's model call is in flight (``pending``) and
         outlasted the lookup's deadline, one more lookup waits for it, up to
         ``semantic_lease_wait_s``, so concurrent identical misses share one model call."""
-        first = await self._lookup(tenant, request, self._s.semantic_timeout_s)
+        first = await self._lookup(tenant, request, self._s.semantic_timeout_s, want_embedding)
         if first is None or not first.pending or self._s.semantic_lease_wait_s <= 0:
             return first
         trace.get_current_span().add_event("cachemesh.semantic.await_lease")
-        second = await self._lookup(tenant, request, self._s.semantic_lease_wait_s)
+        second = await self._lookup(tenant, request, self._s.semantic_lease_wait_s, want_embedding)
         return first if second is None else second
 
     async def release(self, tenant: str, request: pb.CompleteRequest, lease_id: str) -> None:
@@ -85,14 +85,16 @@ class Calls:
         )
 
     async def _lookup(
-        self, tenant: str, request: pb.CompleteRequest, deadline_s: float
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        deadline_s: float,
+        want_embedding: bool = False,
     ) -> semantic_cache_pb2.LookupResponse | None:
-        return await _degrading(
-            "semantic-cache",
-            self._d.semantic.lookup(
-                semantic_cache_pb2.LookupRequest(tenant=tenant, request=request), deadline_s
-            ),
+        call = semantic_cache_pb2.LookupRequest(
+            tenant=tenant, request=request, want_embedding=want_embedding
         )
+        return await _degrading("semantic-cache", self._d.semantic.lookup(call, deadline_s))
 
     async def store(
         self,

@@ -1,7 +1,7 @@
 """Which model and replica serve a miss, and the model call up to its first token.
 
-The tier comes from the ``auto`` policy (or the requested model); the replica from the
-configured replica policy (``replica_choice``: predicted time to first token by default) over
+The tier comes from the learned router (``routing``; or the requested model); the replica from
+the configured replica policy (``replica_choice``: predicted time to first token by default) over
 prefix-cache's view of the replicas and the router's own record of their queues and measured
 rates (``replica_state``); a replica that fails before its first token hands the request to the
 next one, and for ``auto`` to the other tier.
@@ -26,7 +26,7 @@ from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_state import ReplicaStates
-from services.router.tiering import choose_tier
+from services.router.routing.router import Routed
 
 log = logging.getLogger("cachemesh.router")
 _HASH_BYTES = 32  # one KV block hash in PromptFacts.kv_block_hashes
@@ -71,10 +71,15 @@ class Dispatcher:
         self.loads = ReplicaStates()  # the pipeline releases a call when its answer ends
         self._chooser = ReplicaChooser(choice, self.loads)
 
-    async def open(self, tenant: str, request: pb.CompleteRequest) -> Attempt:
-        """Starts the model call on the first replica that answers (prefill done)."""
+    async def open(
+        self, tenant: str, request: pb.CompleteRequest, routed: Routed | None = None
+    ) -> Attempt:
+        """Starts the model call on the first replica that answers (prefill done); an
+        ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made."""
+        plans = routed.plans if routed is not None else {}
         if request.model == AUTO:
-            choice = choose_tier(request)
+            assert routed is not None
+            choice = routed.decision
             first = self._table.for_tier(choice.tier)
             other = self._table.for_tier("small" if choice.tier == "large" else "large")
             options = [(first, choice.reason), (other, f"fallback: {first.id} unavailable")]
@@ -87,7 +92,11 @@ class Dispatcher:
             replicas = self._deps.replicas(spec.id)
             if not replicas:
                 continue
-            plan = await self._calls.plan(tenant, spec.id, request, replicas)
+            plan = (
+                plans[spec.id]
+                if spec.id in plans
+                else await self._calls.plan(tenant, spec.id, request, replicas)
+            )
             facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
             prompt_tokens = plan.prompt_tokens if plan is not None else 0
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}

@@ -29,6 +29,8 @@ from services.router.answer import Answer
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
+from services.router.routing.model import RouterModel
+from services.router.routing.router import LocalEmbedder, Routed, TierRouter
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
@@ -45,13 +47,19 @@ class Pipeline:
         tokenizer: Tokenizer,
         tracer: trace.Tracer,
         settings: RouterSettings,
+        router: tuple[RouterModel, float, LocalEmbedder | None],
     ) -> None:
+        """``router``: the learned model, its default threshold, the fallback embedder."""
         self._calls = Calls(dependencies, settings)
         self._table = table
         self._tokenizer = tokenizer
         self._clock = time.monotonic
         self._dispatch = Dispatcher(
             self._calls, dependencies, table, tracer, settings.choice, self._clock
+        )
+        model, threshold, local = router
+        self._router = TierRouter(
+            model, threshold, table, self._calls, dependencies, local, settings.cost_aware
         )
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
@@ -74,7 +82,8 @@ class Pipeline:
 
         answered = False
         try:
-            async with contextlib.aclosing(self._from_model(tenant, request, baseline, head)) as it:
+            model_answer = self._from_model(tenant, request, baseline, head, lookup)
+            async with contextlib.aclosing(model_answer) as it:
                 async for chunk in it:
                     answered = chunk.WhichOneof("part") == "end"  # its Store is on
                     yield chunk
@@ -90,10 +99,15 @@ class Pipeline:
         request: pb.CompleteRequest,
         baseline: ModelSpec,
         head: pb.CompleteResponse,
+        lookup: semantic_cache_pb2.LookupResponse | None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         root = trace.get_current_span()
         began = self._clock()
-        attempt = await self._dispatch.open(tenant, request)
+        routed: Routed | None = None
+        if request.model == AUTO:
+            routed = await self._router.route(tenant, request, lookup)
+            head.routing.CopyFrom(spans.routing(root, routed.decision))
+        attempt = await self._dispatch.open(tenant, request, routed)
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
         try:
@@ -178,9 +192,14 @@ class Pipeline:
     async def _lookup(
         self, tenant: str, request: pb.CompleteRequest
     ) -> semantic_cache_pb2.LookupResponse | None:
-        if request.cache.semantic in _NO_READ or last_user_text(request) is None:
+        """L1's answer; for ``auto`` also the question's embedding (the tier router's input),
+        which the semantic cache returns without a lookup when the request bypasses L1."""
+        if last_user_text(request) is None:
             return None
-        return await self._calls.lookup(tenant, request)
+        auto = request.model == AUTO
+        if request.cache.semantic in _NO_READ and not auto:
+            return None
+        return await self._calls.lookup(tenant, request, want_embedding=auto)
 
     async def _serve_hit(
         self,

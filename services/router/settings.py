@@ -32,6 +32,9 @@ class RouterSettings:
     idempotency_max: int
     choice: ChoiceSettings  # which replica serves a model call (L3)
     limits: LimitSettings
+    routing_threshold: float | None = None  # None = the router card's calibrated default
+    local_embedder: bool = True  # embed in the router when the semantic cache is unreachable
+    cost_aware: bool = True  # weigh both tiers' Plan costs when a prefix may be warm
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -54,6 +57,13 @@ class RouterSettings:
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
             choice=choice_from_env(env),
             limits=LimitSettings.from_env(env),
+            routing_threshold=(
+                env.float("ROUTER_THRESHOLD", 0.0, minimum=-1.0, maximum=1.0)
+                if env.optional_str("ROUTER_THRESHOLD") is not None
+                else None
+            ),
+            local_embedder=env.bool("ROUTER_LOCAL_EMBEDDER", True),
+            cost_aware=env.bool("ROUTER_COST_AWARE", True),
         )
 
 

@@ -9,6 +9,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.router.balance import Route
 from services.router.dependencies import CallFailed
+from services.router.routing.decision import Decision
 
 
 def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteRequest) -> None:
@@ -107,3 +108,19 @@ def reconciled(span: trace.Span, final: pc.CommitResponse) -> None:
             final.drift.cache_creation_input_tokens,
         )
         span.set_attribute("cachemesh.drift.cost_nanos", final.drift.cost_nanos)
+
+
+def routing(span: trace.Span, decision: Decision) -> pb.Routing:
+    """The tier router's score, threshold and reason: on the root span and the response."""
+    span.set_attribute("cachemesh.routing.score", round(decision.score, 6))
+    span.set_attribute("cachemesh.routing.threshold", round(decision.threshold, 6))
+    span.set_attribute("cachemesh.routing.base_threshold", round(decision.base_threshold, 6))
+    span.set_attribute("cachemesh.routing.reason", decision.reason)
+    span.set_attribute("cachemesh.routing.embedding_source", decision.embedding_source)
+    return pb.Routing(
+        score=decision.score,
+        threshold=decision.threshold,
+        reason=decision.reason,
+        embedding_source=decision.embedding_source,
+        base_threshold=decision.base_threshold,
+    )

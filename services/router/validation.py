@@ -62,6 +62,17 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
         raise _invalid(f"request_id: at most {MAX_ID_CHARS} characters")
     if len(request.cache.namespace) > MAX_ID_CHARS:
         raise _invalid(f"cache.namespace: at most {MAX_ID_CHARS} characters")
+    if request.routing.HasField("threshold"):
+        threshold = request.routing.threshold
+        if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
+            raise _invalid(
+                f"routing.threshold: must be a number within [-1, 1] (the router's score is "
+                f"P(large right) - P(small right)), got {threshold}"
+            )
+        if request.model != AUTO:
+            raise _invalid(
+                f'routing.threshold: only model "auto" is routed; {_shown(request.model)} was named'
+            )
 
 
 def _json_object(text: str, where: str) -> None:

@@ -62,6 +62,11 @@ class SemanticCacheApi:
             waited=result.waited,
             refusal=result.refusal,
         )
+        if request.want_embedding and not result.hit and query.text and query.normalised:
+            # the vector the check computed (or, with no check, this one): the Store reuses it
+            vector = await self._cache.embedding(query.text)
+            response.embedding = vector.astype("<f4").tobytes()
+            response.embedder_version = self._cache.embedder_version
         if result.entry is not None:
             response.match.CopyFrom(
                 pb.SemanticMatch(

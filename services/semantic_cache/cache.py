@@ -206,6 +206,10 @@ class SemanticCache(EntryStore):
             await self._journal.sync()  # durable before it is acknowledged
         return StoreResult(True, entry_id=entry.entry_id)
 
+    async def embedding(self, text: str) -> npt.NDArray[np.float32]:
+        """The text's embedding: the one a check or Store of it just computed, else a new one."""
+        return await self._embed(text)
+
     def _threshold_for(self, query: Query) -> float:
         if query.threshold is None:
             return self._threshold

@@ -25,6 +25,7 @@ from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 
 TABLE = load_model_table()
@@ -138,7 +139,8 @@ class Rig:
 
     def pipeline(self) -> Pipeline:
         deps = Dependencies(self.semantic, self.prefix, self.models, REPLICAS)
-        return Pipeline(deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings())
+        router = (load_router_model(), RouterCard.load().default_threshold, None)
+        return Pipeline(deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router)
 
     async def run(self, request: pb.CompleteRequest) -> list[pb.CompleteChunk]:
         pipeline = self.pipeline()

@@ -32,6 +32,7 @@ from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
@@ -82,7 +83,20 @@ class OfflineStack:
             model=LocalModels(self._replicas(settings, tokens)),
             models=dict(self.router.replicas),
         )
-        self._pipeline = Pipeline(dependencies, self.table, tokens, trace.NoOpTracer(), self.router)
+        card = RouterCard.load()
+        threshold = self.router.routing_threshold
+        self._pipeline = Pipeline(
+            dependencies,
+            self.table,
+            tokens,
+            trace.NoOpTracer(),
+            self.router,
+            (
+                load_router_model(card=card),
+                card.default_threshold if threshold is None else threshold,
+                None,
+            ),
+        )
 
     @staticmethod
     def _semantic(

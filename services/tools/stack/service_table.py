@@ -187,6 +187,9 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_TLS_CERT_FILE",
             "ROUTER_TLS_KEY_FILE",
             "ROUTER_TLS_CLIENT_CA_FILE",
+            "ROUTER_THRESHOLD",
+            "ROUTER_LOCAL_EMBEDDER",
+            "ROUTER_COST_AWARE",
         ),
         peers=MappingProxyType(
             {

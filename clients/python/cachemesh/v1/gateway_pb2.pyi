@@ -314,6 +314,7 @@ class CompleteRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     CACHE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """a model id of the price table, or "auto" (the router picks the tier)"""
     max_tokens: _builtins.int
@@ -329,6 +330,8 @@ class CompleteRequest(_message.Message):
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]: ...
     @_builtins.property
     def cache(self) -> Global___CacheOptions: ...
+    @_builtins.property
+    def routing(self) -> Global___RoutingOptions: ...
     def __init__(
         self,
         *,
@@ -340,16 +343,86 @@ class CompleteRequest(_message.Message):
         temperature: _builtins.float | None = ...,
         cache: Global___CacheOptions | None = ...,
         request_id: _builtins.str = ...,
+        routing: Global___RoutingOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "routing", b"routing", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "request_id", b"request_id", "system", b"system", "temperature", b"temperature", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "request_id", b"request_id", "routing", b"routing", "system", b"system", "temperature", b"temperature", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
 
 Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
+
+@_typing.final
+class RoutingOptions(_message.Message):
+    """How the router picks the tier of a `model: "auto"` request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.float
+    """This request's own threshold on Routing.score (within [-1, 1]); unset = the configured one."""
+    def __init__(
+        self,
+        *,
+        threshold: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "threshold", b"threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
+    _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__threshold) -> _WhichOneofReturnType__threshold | None: ...
+
+Global___RoutingOptions: _TypeAlias = RoutingOptions  # noqa: Y015
+
+@_typing.final
+class Routing(_message.Message):
+    """Why the router chose the tier (set when it chose: model "auto" answered by a model)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EMBEDDING_SOURCE_FIELD_NUMBER: _builtins.int
+    BASE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """The learned router's score: the predicted gain in correctness from the large model,
+    P(large right) - P(small right), within [-1, 1]. Higher = the large model is more needed.
+    """
+    threshold: _builtins.float
+    """The threshold the score was held against (the request's own, or the configured one);
+    with the prefix cache's state, the effective threshold (see reason).
+    """
+    reason: _builtins.str
+    embedding_source: _builtins.str
+    """Where the question's embedding came from: semantic_cache.lookup (the L1 lookup's own),
+    semantic_cache.embed (L1 bypassed: the semantic cache embedded it without a lookup),
+    router.local (the semantic cache unreachable: the router's own embedder), or
+    none (shape features only).
+    """
+    base_threshold: _builtins.float
+    """the threshold before the prefix cache's state moved it"""
+    def __init__(
+        self,
+        *,
+        score: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        embedding_source: _builtins.str = ...,
+        base_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_threshold", b"base_threshold", "embedding_source", b"embedding_source", "reason", b"reason", "score", b"score", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Routing: _TypeAlias = Routing  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
@@ -458,6 +531,7 @@ class CompleteResponse(_message.Message):
     SEMANTIC_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
     served_by: Global___Layer.ValueType
     model: _builtins.str
     """the model that produced the answer"""
@@ -477,6 +551,10 @@ class CompleteResponse(_message.Message):
     def semantic(self) -> Global___SemanticMatch:
         """set only when served_by = LAYER_SEMANTIC_CACHE"""
 
+    @_builtins.property
+    def routing(self) -> Global___Routing:
+        """set when the router chose the tier (model "auto")"""
+
     def __init__(
         self,
         *,
@@ -490,10 +568,11 @@ class CompleteResponse(_message.Message):
         semantic: Global___SemanticMatch | None = ...,
         trace_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        routing: Global___Routing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "semantic", b"semantic", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "routing", b"routing", "semantic", b"semantic", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "model", b"model", "request_id", b"request_id", "semantic", b"semantic", "served_by", b"served_by", "stop_reason", b"stop_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "model", b"model", "request_id", b"request_id", "routing", b"routing", "semantic", b"semantic", "served_by", b"served_by", "stop_reason", b"stop_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,13 @@ class LookupRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    WANT_EMBEDDING_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    want_embedding: _builtins.bool
+    """The router's tier choice needs the last user turn's embedding: a miss returns the vector
+    the lookup computed (embedded once, and reused by the Store); with the request's semantic
+    mode BYPASS or REFRESH no lookup is done and only the embedding is returned.
+    """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
         """the semantic cache derives scope and query from it"""
@@ -35,10 +41,11 @@ class LookupRequest(_message.Message):
         *,
         tenant: _builtins.str = ...,
         request: _gateway_pb2.CompleteRequest | None = ...,
+        want_embedding: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -58,6 +65,8 @@ class LookupResponse(_message.Message):
     REFUSAL_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    EMBEDDER_VERSION_FIELD_NUMBER: _builtins.int
     hit: _builtins.bool
     best_similarity: _builtins.float
     """best candidate seen, hit or not (for tracing)"""
@@ -78,6 +87,11 @@ class LookupResponse(_message.Message):
     """
     lease_id: _builtins.str
     """set with leader: what Release must name"""
+    embedding: _builtins.bytes
+    """With want_embedding, on a miss: the last user turn's L2-normalised embedding as
+    little-endian float32, and the embedder's version; empty when there is no user text.
+    """
+    embedder_version: _builtins.str
     @_builtins.property
     def match(self) -> _gateway_pb2.SemanticMatch:
         """set when hit"""
@@ -99,10 +113,12 @@ class LookupResponse(_message.Message):
         refusal: _builtins.str = ...,
         pending: _builtins.bool = ...,
         lease_id: _builtins.str = ...,
+        embedding: _builtins.bytes = ...,
+        embedder_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "match", b"match"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "hit", b"hit", "leader", b"leader", "lease_id", b"lease_id", "match", b"match", "pending", b"pending", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "embedder_version", b"embedder_version", "embedding", b"embedding", "hit", b"hit", "leader", b"leader", "lease_id", b"lease_id", "match", b"match", "pending", b"pending", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

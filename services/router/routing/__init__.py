@@ -1,0 +1,1 @@
+"""The learned tier router: features, the shipped model, the cost-aware tier decision."""

@@ -1,0 +1,154 @@
+"""The ``auto`` request's tier: the question's embedding, the learned score, the tiers' costs.
+
+The embedding is the semantic cache's own: a Lookup made with ``want_embedding`` returns the
+vector it computed (and, with L1 bypassed, the semantic cache embeds without looking up), so
+the question is embedded once. When the semantic cache cannot be reached the router embeds it
+itself (``ROUTER_LOCAL_EMBEDDER``, the same MiniLM model, loaded on first need) or, with that
+off, scores on the shape features alone; ``Routing.embedding_source`` says which.
+
+A request that may share a prefix with earlier ones (a system prompt, tools or earlier turns)
+is planned on both tiers, so the decision weighs what each would cost given the prefix cache's
+state; the chosen tier's Plan is then reused by the dispatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.models import ModelTable
+from services.common.prompt import last_user_text
+from services.router.calls import Calls
+from services.router.dependencies import Dependencies
+from services.router.routing.decision import Decision, TierCost, decide, tier_cost
+from services.router.routing.model import RouterModel, Vector
+from services.semantic_cache.embedder import Embedder
+
+log = logging.getLogger("cachemesh.router")
+
+FROM_LOOKUP = "semantic_cache.lookup"
+FROM_EMBED = "semantic_cache.embed"  # L1 bypassed: embedded without a lookup
+LOCAL = "router.local"
+NONE = "none"
+# The output the cost comparison assumes (tokens): the answer's length is not known before.
+EXPECTED_OUTPUT_TOKENS = 128
+
+
+class LocalEmbedder:
+    """The router's own MiniLM, loaded (in a thread) the first time it is needed."""
+
+    def __init__(self, load: Callable[[], Embedder]) -> None:
+        self._load = load
+        self._embedder: Embedder | None = None
+        self._lock = asyncio.Lock()
+
+    async def embed(self, text: str) -> Vector:
+        async with self._lock:
+            if self._embedder is None:
+                self._embedder = await asyncio.to_thread(self._load)
+        embedder = self._embedder
+        rows: Vector = await asyncio.to_thread(embedder.embed, [text])
+        row: Vector = rows[0]
+        return row
+
+
+@dataclass(frozen=True)
+class Routed:
+    decision: Decision
+    plans: dict[str, pc.PlanResponse | None] = field(default_factory=dict)  # model id -> Plan
+
+
+def shares_prefix(request: pb.CompleteRequest) -> bool:
+    """A prefix the prefix cache may hold: a system prompt, tools or earlier turns."""
+    return bool(request.tools or request.system or len(request.messages) > 1)
+
+
+class TierRouter:
+    def __init__(
+        self,
+        model: RouterModel,
+        default_threshold: float,
+        table: ModelTable,
+        calls: Calls,
+        dependencies: Dependencies,
+        local: LocalEmbedder | None,
+        cost_aware: bool = True,
+    ) -> None:
+        self._model = model
+        self._threshold = default_threshold
+        self._table = table
+        self._calls = calls
+        self._deps = dependencies
+        self._local = local
+        self._cost_aware = cost_aware
+
+    async def route(
+        self, tenant: str, request: pb.CompleteRequest, lookup: sc.LookupResponse | None
+    ) -> Routed:
+        text = last_user_text(request) or ""
+        vector, source = await self._embedding(text, lookup)
+        score = self._model.score(text, vector)
+        requested = request.routing.HasField("threshold")
+        threshold = request.routing.threshold if requested else self._threshold
+        if not (self._cost_aware and shares_prefix(request)):
+            return Routed(decide(score, threshold, source, requested=requested))
+        small, large = self._table.for_tier("small"), self._table.for_tier("large")
+        plans = dict(
+            zip(
+                (small.id, large.id),
+                await asyncio.gather(
+                    self._plan(tenant, small.id, request), self._plan(tenant, large.id, request)
+                ),
+                strict=True,
+            )
+        )
+        output = min(request.max_tokens, EXPECTED_OUTPUT_TOKENS)
+        costs = [self._cost(spec.id, plans[spec.id], output) for spec in (small, large)]
+        return Routed(decide(score, threshold, source, *costs, requested=requested), plans)
+
+    async def _plan(
+        self, tenant: str, model: str, request: pb.CompleteRequest
+    ) -> pc.PlanResponse | None:
+        replicas = self._deps.replicas(model)
+        return await self._calls.plan(tenant, model, request, replicas) if replicas else None
+
+    def _cost(self, model: str, plan: pc.PlanResponse | None, output: int) -> TierCost | None:
+        spec = self._table.get(model)
+        if plan is None or spec is None:
+            return None
+        usage = plan.usage
+        return tier_cost(
+            spec,
+            usage.input_tokens,
+            usage.cache_creation_input_tokens,
+            usage.cache_read_input_tokens,
+            output,
+        )
+
+    async def _embedding(
+        self, text: str, lookup: sc.LookupResponse | None
+    ) -> tuple[Vector | None, str]:
+        if not text:
+            return None, NONE
+        if lookup is not None and lookup.embedding:
+            if lookup.embedder_version != self._model.embedder:
+                log.warning(
+                    "the semantic cache embeds with %s, the router was fitted on %s",
+                    lookup.embedder_version,
+                    self._model.embedder,
+                )
+            else:
+                source = (
+                    FROM_EMBED if lookup.skip_reason.startswith("semantic mode") else (FROM_LOOKUP)
+                )
+                return np.frombuffer(lookup.embedding, dtype="<f4").astype(np.float32), source
+        if self._local is not None:
+            return await self._local.embed(text), LOCAL
+        return None, NONE

@@ -1,0 +1,1 @@
+"""Replays of the agent and mixed workloads through the offline stack, by routing policy."""

@@ -1,0 +1,1 @@
+"""The learned tier router's fit, calibration and evaluation on the RouteLLM labels."""

@@ -1,0 +1,179 @@
+"""``python -m services.tools.evaluation.router {fit,calibrate,eval}``.
+
+``make fit-router`` fits the heads on the fit half and writes the weights and their card;
+``make calibrate-router`` picks the default threshold for a target (a share of large calls or
+a share of the large model's quality) from out-of-fold scores of the fit half and prints the
+cost and quality it expects; ``make eval-router`` writes the report half's figures for the
+learned router, the rule of thumb and random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from services.router.routing.model import CARD_PATH, FORMAT, WEIGHTS_PATH, load_router_model
+from services.tools.evaluation.router.fitting import (
+    FOLDS,
+    L2,
+    fit_model,
+    out_of_fold_scores,
+    scores,
+)
+from services.tools.evaluation.router.labels import DATA, SPLIT_SEED
+from services.tools.evaluation.router.metrics import curve
+from services.tools.evaluation.router.report import at_share, set_facts, summary
+from services.tools.evaluation.router.session import OUTPUT_TOKENS, Session
+
+MEANING = (
+    "P(large model right) - P(small model right) for this question, each a logistic head over "
+    "the last user turn's all-MiniLM-L6-v2 embedding and its shape features; within [-1, 1]; "
+    "higher = the large model is more needed. A request goes to the large tier when "
+    "score >= threshold."
+)
+OOF_PATH = Path(".cache/router-eval/oof-fit-scores.npy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.tools.evaluation.router")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/router-eval"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fit", help="fit the heads on the fit half; write weights and card")
+    cal = sub.add_parser("calibrate", help="the threshold for a target, from out-of-fold scores")
+    target = cal.add_mutually_exclusive_group()
+    target.add_argument("--share", type=float, help="share of calls to the large model, 0-1")
+    target.add_argument("--quality", type=float, help="share of the large model's quality, 0-1")
+    cal.add_argument("--write", action="store_true", help="make it the card's default threshold")
+    ev = sub.add_parser("eval", help="report-half figures to JSON")
+    ev.add_argument("--out", type=Path, default=Path("bench-results/router-eval.json"))
+    args = parser.parse_args(argv)
+    session = Session(args.data, args.cache_dir)
+    if args.command == "fit":
+        return _fit(session)
+    if args.command == "calibrate":
+        return _calibrate(session, args.share, args.quality, args.write)
+    return _eval(session, args.out)
+
+
+def _fit(session: Session) -> int:
+    fit = session.half("fit")
+    model = fit_model(fit.vectors, fit.shapes, fit.weak, fit.strong, session.embedder)
+    text = model.to_json()
+    WEIGHTS_PATH.write_text(text, encoding="utf-8")
+    oof = out_of_fold_scores(
+        fit.texts, fit.vectors, fit.shapes, fit.weak, fit.strong, session.embedder
+    )
+    np.save(OOF_PATH, oof)
+    card = {
+        "format": FORMAT,
+        "weights": WEIGHTS_PATH.name,
+        "weights_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "score": MEANING,
+        "embedder": session.embedder,
+        "fitted_on": {
+            "file": str(session.data),
+            "file_sha256": session.data_sha256(),
+            "half": "fit",
+            "split": f"sha256({SPLIT_SEED!r} + NUL + prompt), even first byte = fit",
+            "prompts": len(fit.rows),
+            "l2": L2,
+        },
+        "fit_half_out_of_fold": {"folds": FOLDS, **set_facts(fit), **summary(fit, oof)},
+        "default_threshold": 0.0,
+        "calibration": {"target": "unset: run make calibrate-router"},
+        "cost_model": f"prompt tokens (cl100k) + {OUTPUT_TOKENS} output tokens, table prices",
+    }
+    CARD_PATH.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    apgr = card["fit_half_out_of_fold"]["apgr"]  # type: ignore[index]
+    print(f"weights written to {WEIGHTS_PATH} ({len(fit.rows)} prompts; out-of-fold APGR {apgr})")
+    print("now pick the threshold: make calibrate-router")
+    return 0
+
+
+def _calibrate(session: Session, share: float | None, quality: float | None, write: bool) -> int:
+    fit = session.half("fit")
+    if not OOF_PATH.is_file():
+        print("no out-of-fold scores: run make fit-router first", file=sys.stderr)
+        return 2
+    oof = np.load(OOF_PATH)
+    c = curve(oof, fit.weak, fit.strong)
+    if share is None and quality is None:
+        quality = 0.95
+    if share is not None and not 0.0 <= share <= 1.0:
+        print("--share must be within [0, 1]", file=sys.stderr)
+        return 2
+    if quality is not None and not 0.0 < quality <= 1.0:
+        print("--quality must be within (0, 1]", file=sys.stderr)
+        return 2
+    if quality is not None:
+        share = c.share_for_quality(quality * c.strong_quality)
+        target = f"{quality:.0%} of the large model's quality"
+    else:
+        target = f"{share:.0%} of calls to the large model"
+    assert share is not None
+    point = at_share(fit, oof, c, share)
+    print(f"target: {target} (out-of-fold scores of the fit half, {len(fit.rows)} prompts)")
+    print(
+        f"threshold {point['threshold']:.4f}: {point['large_share']:.1%} of calls to the large "
+        f"model; expected quality {point['quality']:.4f} = {point['of_large_quality']:.1%} of "
+        f"the large model's ({c.strong_quality:.4f}; small alone {c.weak_quality:.4f}), "
+        f"{point['pgr']:.1%} of the gap; expected cost {point['cost_of_all_large']:.1%} of "
+        f"sending every call to the large model"
+    )
+    if write:
+        card = json.loads(CARD_PATH.read_text(encoding="utf-8"))
+        load_router_model()  # the card must still pin these weights
+        card["default_threshold"] = point["threshold"]
+        card["calibration"] = {"target": target, "expected": point}
+        CARD_PATH.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+        print(f"default threshold written to {CARD_PATH}")
+    return 0
+
+
+def _eval(session: Session, out: Path) -> int:
+    report = session.half("report")
+    model = load_router_model()
+    learned = scores(model, report.texts, report.vectors)
+    shape_only = np.array([model.score(t, None) for t in report.texts])
+    card = json.loads(CARD_PATH.read_text(encoding="utf-8"))
+    threshold = float(card["default_threshold"])
+    to_large = learned >= threshold
+    c = curve(learned, report.weak, report.strong)
+    share = float(to_large.mean())
+    body = {
+        "set": {"file": str(session.data), "half": "report", **set_facts(report)},
+        "cost_model": card["cost_model"],
+        "routers": {
+            "learned": summary(report, learned),
+            "learned_shape_only": summary(report, shape_only),
+            "rule_of_thumb": summary(report, report.rule_scores()),
+            "random": summary(report, np.zeros(len(report.rows))),
+        },
+        "default_threshold": {
+            "threshold": threshold,
+            "calibrated_for": card["calibration"].get("target"),
+            **at_share(report, learned, c, share),
+        },
+        "weights_sha256": card["weights_sha256"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    for name, figures in body["routers"].items():
+        at95 = figures["at_95pct_of_large_quality"]
+        print(
+            f"{name:20s} APGR {figures['apgr']:.3f}  CPT50 {figures['cpt50']:.3f}  "
+            f"CPT80 {figures['cpt80']:.3f}  at 95% quality: {at95['large_share']:.1%} large, "
+            f"cost saved {at95['cost_saved_vs_all_large']:.1%}"
+        )
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The learned router's pieces: metrics, the shipped model, the cost-aware decision, where the
+embedding comes from, and the request's threshold's validation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.errors import RequestError
+from services.common.models import load_model_table
+from services.router.routing.decision import decide, tier_cost
+from services.router.routing.model import (
+    RouterCard,
+    RouterModel,
+    RouterModelError,
+    load_router_model,
+)
+from services.router.routing.router import FROM_EMBED, FROM_LOOKUP, LOCAL, NONE, LocalEmbedder
+from services.router.validation import validate_request
+from services.tools.evaluation.router.metrics import curve, threshold_for_share
+
+TABLE = load_model_table()
+
+
+def test_apgr_of_random_is_half_and_of_an_oracle_more() -> None:
+    rng = np.random.default_rng(0)
+    weak = rng.random(400) < 0.6
+    strong = weak | (rng.random(400) < 0.5)
+    assert curve(np.zeros(400), weak, strong).apgr() == pytest.approx(0.5)  # ties: random
+    oracle = strong.astype(float) - weak.astype(float)
+    c = curve(oracle, weak, strong)
+    assert c.apgr() > 0.85 and c.cpt(1.0) == pytest.approx(oracle.clip(0).mean())
+    assert curve(-oracle, weak, strong).apgr() < 0.5
+
+
+def test_threshold_for_share_sends_that_share() -> None:
+    scores = np.linspace(-1, 1, 101)
+    t = threshold_for_share(scores, 0.2)
+    assert (scores >= t).mean() == pytest.approx(0.2, abs=0.01)
+
+
+def test_the_shipped_weights_load_and_score_within_bounds() -> None:
+    model = load_router_model()
+    vector = np.ones(model.dim, dtype=np.float32) / np.sqrt(model.dim)
+    for score in (model.score("What is 2 + 2?", vector), model.score("Hello", None)):
+        assert -1.0 <= score <= 1.0
+    card = RouterCard.load()
+    assert -1.0 <= card.default_threshold <= 1.0 and card.weights_sha256 == model.sha256
+
+
+def test_weights_the_card_does_not_pin_are_refused(tmp_path: object) -> None:
+    card = dataclasses.replace(RouterCard.load(), weights_sha256="0" * 64)
+    with pytest.raises(RouterModelError, match="sha256"):
+        load_router_model(card=card)
+    with pytest.raises(RouterModelError, match="format"):
+        RouterModel.from_json('{"format": "pickle"}')
+
+
+def _costs(small_read: int, large_read: int, written: int = 0) -> tuple[object, object]:
+    small, large = TABLE.for_tier("small"), TABLE.for_tier("large")
+    prompt = 3000
+    return (
+        tier_cost(small, prompt - small_read - written, written, small_read, 100),
+        tier_cost(large, prompt - large_read - written, written, large_read, 100),
+    )
+
+
+def test_cold_tiers_keep_the_calibrated_threshold() -> None:
+    small, large = _costs(0, 0)
+    decision = decide(0.2, 0.12, LOCAL, small, large)  # type: ignore[arg-type]
+    assert decision.tier == "large" and decision.threshold == pytest.approx(0.12)
+    assert decide(0.05, 0.12, NONE).tier == "small"
+
+
+def test_a_warm_large_tier_keeps_the_conversation() -> None:
+    small, large = _costs(0, 2900)
+    decision = decide(0.05, 0.5, FROM_LOOKUP, small, large)  # type: ignore[arg-type]
+    assert decision.tier == "large" and decision.threshold < 0.05
+    assert "kept on the large tier" in decision.reason and "2900 tokens warm" in decision.reason
+
+
+def test_a_warm_small_tier_needs_a_higher_score_to_leave() -> None:
+    small, large = _costs(2900, 0)
+    stays = decide(0.15, 0.12, FROM_LOOKUP, small, large)  # type: ignore[arg-type]
+    assert stays.tier == "small" and stays.threshold > 0.15  # cold, 0.15 would go large
+    assert "kept on the small tier" in stays.reason
+    assert decide(0.3, -0.1, FROM_LOOKUP, small, large).tier == "large"  # type: ignore[arg-type]
+
+
+class _Fixed:
+    version = "test"
+    dim = 3
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.ones((len(texts), 3), dtype=np.float32)
+
+
+def test_the_embedding_comes_from_the_lookup_or_says_where_else() -> None:
+    from services.router.routing.router import TierRouter
+
+    model = load_router_model()
+    router = TierRouter(model, 0.1, TABLE, None, None, None)  # type: ignore[arg-type]
+    vector = np.zeros(model.dim, dtype="<f4")
+    lookup = sc.LookupResponse(embedding=vector.tobytes(), embedder_version=model.embedder)
+    got, source = asyncio.run(router._embedding("a question", lookup))
+    assert source == FROM_LOOKUP and got is not None and got.shape == (model.dim,)
+    lookup.skip_reason = "semantic mode bypass skips the read"
+    assert asyncio.run(router._embedding("a question", lookup))[1] == FROM_EMBED
+    assert asyncio.run(router._embedding("a question", None)) == (None, NONE)
+    fixed = LocalEmbedder(_Fixed)
+    local = TierRouter(model, 0.1, TABLE, None, None, fixed)  # type: ignore[arg-type]
+    assert asyncio.run(local._embedding("a question", None))[1] == LOCAL
+
+
+@pytest.mark.parametrize(
+    ("model", "threshold"), [("auto", 1.5), ("auto", float("nan")), ("sim-small", 0.2)]
+)
+def test_a_bad_request_threshold_is_refused_naming_the_field(model: str, threshold: float) -> None:
+    request = pb.CompleteRequest(
+        model=model,
+        max_tokens=16,
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="hi")])],
+        routing=pb.RoutingOptions(threshold=threshold),
+    )
+    with pytest.raises(RequestError, match=r"routing\.threshold"):
+        validate_request(request, TABLE, {"sim-small", "sim-large"})
