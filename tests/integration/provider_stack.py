@@ -164,7 +164,15 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
         )
         environ = {**os.environ, "MODEL_REPLICAS": dotenv["MODEL_REPLICAS"] + "," + extra_replicas}
         with started_stack(
-            run_dir, {"ROUTER_MODEL_TIMEOUT_S": str(MODEL_TIMEOUT_S)}, environ=environ, sink=sink
+            run_dir,
+            # round robin: each replica of a model is tried in turn whatever its measured speed
+            # (the failure tests need the revoked replica to be picked)
+            {
+                "ROUTER_MODEL_TIMEOUT_S": str(MODEL_TIMEOUT_S),
+                "ROUTER_REPLICA_POLICY": "round_robin",
+            },
+            environ=environ,
+            sink=sink,
         ) as (runner, sink):
             demo = read_env_file(run_dir / "demo-keys.env")
             yield ProviderStack(
