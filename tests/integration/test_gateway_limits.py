@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import grpc
+import openai
 import pytest
 
 from cachemesh import Client, RateLimitError, build_request
@@ -191,6 +193,18 @@ def test_daily_budget_refuses_once_the_bill_reaches_it_until_midnight_utc(
         ready = lambda: probe_http(front) == SERVING  # noqa: E731
         with process("services.http_front", env, work / "front.log", ready):
             status, headers, body = post_message(f"http://{front}", key, "Over budget?")
+            # the official SDKs raise their own RateLimitError (no retries: the wait is hours)
+            ask = [{"role": "user", "content": "Over budget, SDK?"}]
+            with pytest.raises(anthropic.RateLimitError) as by_anthropic:
+                anthropic.Anthropic(
+                    base_url=f"http://{front}", api_key=key, max_retries=0
+                ).messages.create(model="sim-small", max_tokens=8, messages=ask)  # type: ignore[arg-type]
+            assert "daily budget" in str(by_anthropic.value)
+            with pytest.raises(openai.RateLimitError) as by_openai:
+                openai.OpenAI(
+                    base_url=f"http://{front}/v1", api_key=key, max_retries=0
+                ).chat.completions.create(model="sim-small", max_tokens=8, messages=ask)  # type: ignore[arg-type]
+            assert "daily budget" in str(by_openai.value)
         assert status == 429
         assert body["error"]["type"] == "rate_limit_error"
         assert "daily budget" in body["error"]["message"]
