@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router
+.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -91,3 +91,6 @@ eval-router: setup ## APGR/CPT/cost of the learned router, the rule of thumb and
 
 bench-router: setup ## agent/tools/mixed replays offline: dollars of the cost-aware vs the plain learned router vs always-large; bench-results/router-replay.json
 	nice -n 10 $(BIN)/python -m services.tools.bench.router
+
+bench-speculative: setup ## the simulator's speculative decoding, wall clock against Leviathan et al.; bench-results/speculative.json
+	$(BIN)/python -m services.tools.bench.speculative --out bench-results/speculative.json

@@ -73,6 +73,11 @@ class ModelSpec(BaseModel):
     max_output_tokens: int = Field(gt=0)
     prefill_tokens_per_s: float | None = Field(default=None, gt=0)  # simulated engines only
     decode_tokens_per_s: float | None = Field(default=None, gt=0)
+    # speculative decoding (simulated engines only): a draft model proposes draft_tokens (k)
+    # tokens a step, each kept with probability draft_acceptance_rate (alpha); latency only
+    draft_model: str | None = None
+    draft_tokens: int = Field(default=0, ge=0)
+    draft_acceptance_rate: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _fields_of_the_rule_set(self) -> ModelSpec:
@@ -97,7 +102,19 @@ class ModelSpec(BaseModel):
                 f"models.{self.id}: a simulated model needs prefill_tokens_per_s and "
                 "decode_tokens_per_s"
             )
+        self._check_drafting()
         return self
+
+    def _check_drafting(self) -> None:
+        given = [self.draft_model is not None, self.draft_tokens > 0]
+        given.append(self.draft_acceptance_rate is not None)
+        if any(given) and not all(given):
+            raise ValueError(
+                f"models.{self.id}: speculative decoding needs draft_model, draft_tokens (> 0) "
+                "and draft_acceptance_rate together"
+            )
+        if any(given) and self.provider != "simulated":
+            raise ValueError(f"models.{self.id}: only a simulated model decodes with a draft")
 
     @property
     def upstream(self) -> str:
@@ -143,6 +160,15 @@ class ModelTable(BaseModel):
             spec = self.models.get(model_id)
             if spec is None or spec.tier != tier:
                 raise ValueError(f"auto.{tier} = {model_id!r} is not a {tier}-tier model")
+        for spec in self.models.values():
+            if spec.draft_model is None:
+                continue
+            draft = self.models.get(spec.draft_model)
+            if draft is None or draft.provider != "simulated" or draft.draft_model is not None:
+                raise ValueError(
+                    f"models.{spec.id}: draft_model {spec.draft_model!r} must be a simulated "
+                    "model of this table that has no draft of its own"
+                )
         return self
 
     def get(self, model_id: str) -> ModelSpec | None:

@@ -56,6 +56,7 @@ def _annotate(span: trace.Span, event: Event) -> None:
         span.set_attribute("cachemesh.kv_cached_tokens", event.kv_cached_tokens)
     elif isinstance(event, Finished):
         span.set_attribute("gen_ai.usage.output_tokens", event.output_tokens)
+        span.set_attribute("cachemesh.draft_accepted_tokens", event.draft_accepted_tokens)
         span.set_attribute("gen_ai.response.finish_reasons", [event.stop_reason])
 
 
@@ -72,5 +73,9 @@ def _chunk(event: Event) -> model_pb2.GenerateChunk:
     if isinstance(event, Delta):
         return model_pb2.GenerateChunk(text=event.text)
     return model_pb2.GenerateChunk(
-        end=model_pb2.GenerateEnd(output_tokens=event.output_tokens, stop_reason=event.stop_reason)
+        end=model_pb2.GenerateEnd(
+            output_tokens=event.output_tokens,
+            stop_reason=event.stop_reason,
+            draft_accepted_tokens=event.draft_accepted_tokens,
+        )
     )

@@ -5,7 +5,9 @@ everything that is a pure function of it (tokens, block hashes, the answer) with
 state, so it can run in a worker thread. ``run`` then owns the replica's time: it sleeps the
 prefill of the tokens the KV cache does not hold, records the prompt's blocks, and yields the
 answer in deltas of a few tokens, sleeping the decode time of each. Every sleep goes through
-the injected ``sleep`` and is scaled by ``time_scale`` (0 = no waiting).
+the injected ``sleep`` and is scaled by ``time_scale`` (0 = no waiting). A model with a
+``Drafting`` decodes speculatively (``speculative.py``): a delta a step, each step's time
+that of k draft tokens and one target pass; the answer's tokens are the same either way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache, block_hashes
+from services.model.speculative import Drafting, plan_steps, step_seconds
 from services.model.text import Answer, compose_answer, seed_of
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -43,6 +46,7 @@ class Delta:
 class Finished:
     output_tokens: int
     stop_reason: str
+    draft_accepted_tokens: int = 0  # speculative decoding: draft tokens the model kept
 
 
 Event = Started | Delta | Finished
@@ -57,6 +61,7 @@ class Prepared:
     prompt_tokens: int
     block_hashes: tuple[bytes, ...]
     answer: Answer
+    seed: bytes
 
 
 def prefill_seconds(spec: ModelSpec, uncached_tokens: int, time_scale: float) -> float:
@@ -80,7 +85,9 @@ class SimEngine:
         time_scale: float,
         sleep: Sleep = asyncio.sleep,
         delta_tokens: int = DEFAULT_DELTA_TOKENS,
+        drafting: Mapping[str, Drafting] | None = None,
     ) -> None:
+        """``drafting``: the models (by id) that decode speculatively, and how."""
         if not models:
             raise ValueError("a replica must serve at least one model")
         if time_scale < 0:
@@ -94,6 +101,7 @@ class SimEngine:
         self._time_scale = time_scale
         self._sleep = sleep
         self._delta_tokens = delta_tokens
+        self._drafting = dict(drafting or {})
 
     @property
     def serves(self) -> tuple[str, ...]:
@@ -154,6 +162,7 @@ class SimEngine:
             prompt_tokens=prompt_tokens,
             block_hashes=hashes,
             answer=compose_answer(model, seed, request.max_tokens, self._tokenizer),
+            seed=seed,
         )
 
     async def run(self, prepared: Prepared) -> AsyncGenerator[Event, None]:
@@ -164,17 +173,26 @@ class SimEngine:
         self._kv.insert(prepared.block_hashes)
         yield Started(self.replica_id, prepared.prompt_tokens, cached)
         ids = prepared.answer.token_ids
+        drafting = self._drafting.get(spec.id)
+        steps = plan_steps(prepared.seed, len(ids), drafting) if drafting is not None else None
         if self._time_scale == 0:
             # no decode time: every token is ready at once, so they go out as one delta (a
             # delta per few tokens would only add stream messages that carry no time)
             if ids:
                 yield Delta(self._tokenizer.decode(list(ids)))
+        elif drafting is not None and steps is not None:
+            pause, start = step_seconds(spec, drafting, self._time_scale), 0
+            for step in steps:
+                await self._sleep(pause)
+                yield Delta(self._tokenizer.decode(list(ids[start : start + step.tokens])))
+                start += step.tokens
         else:
             for start in range(0, len(ids), self._delta_tokens):
                 group = ids[start : start + self._delta_tokens]
                 await self._sleep(decode_seconds(spec, len(group), self._time_scale))
                 yield Delta(self._tokenizer.decode(list(group)))
-        yield Finished(prepared.answer.tokens, prepared.answer.stop_reason)
+        accepted = sum(step.accepted for step in steps) if steps is not None else 0
+        yield Finished(prepared.answer.tokens, prepared.answer.stop_reason, accepted)
 
 
 _HASH_BYTES = 32

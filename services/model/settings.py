@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.env import ConfigError, Env
-from services.common.models import ModelSpec, model_table_from_env
+from services.common.models import ModelSpec, ModelTable, model_table_from_env
 from services.common.server import ServerSettings
 from services.model.providers.config import Backend, ProviderSettings
+from services.model.speculative import Drafting, drafting_for
 
 DEFAULT_LISTEN = "127.0.0.1:50054"
 DEFAULT_MODEL_IDS = "sim-small,sim-large"
@@ -31,6 +32,8 @@ class ModelSettings:
     kv_capacity_blocks: int
     backend: str = "simulated"
     provider: ProviderSettings | None = None  # set for a provider backend
+    # SIM_SPECULATIVE: the simulated models that decode with a draft
+    drafting: Mapping[str, Drafting] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ModelSettings:
@@ -44,26 +47,36 @@ class ModelSettings:
         provider: ProviderSettings | None = None
         if backend != "simulated":
             provider = ProviderSettings.from_env(env, _backend(backend))
+        table = model_table_from_env(env)
+        models = _served_models(env, table, backend)
         return cls(
             server=server,
             replica_id=env.str("MODEL_REPLICA_ID", server.listen),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
-            models=_served_models(env, backend),
+            models=models,
             backend=backend,
             provider=provider,
             time_scale=env.float("SIM_TIME_SCALE", 1.0, minimum=0.0),
             kv_capacity_blocks=env.int(
                 "MODEL_KV_CAPACITY_BLOCKS", DEFAULT_KV_CAPACITY_BLOCKS, minimum=0
             ),
+            drafting=_drafting(env, table, models),
         )
+
+
+def _drafting(env: Env, table: ModelTable, models: Mapping[str, ModelSpec]) -> dict[str, Drafting]:
+    """With SIM_SPECULATIVE on, each served model whose row names a draft decodes with it."""
+    if not env.bool("SIM_SPECULATIVE", False):
+        return {}
+    drafting = {model_id: drafting_for(spec, table) for model_id, spec in models.items()}
+    return {model_id: d for model_id, d in drafting.items() if d is not None}
 
 
 def _backend(name: str) -> Backend:
     return "anthropic" if name == "anthropic" else "openai"
 
 
-def _served_models(env: Env, backend: str) -> dict[str, ModelSpec]:
-    table = model_table_from_env(env)
+def _served_models(env: Env, table: ModelTable, backend: str) -> dict[str, ModelSpec]:
     ids = [part.strip() for part in env.str("MODEL_IDS", DEFAULT_MODEL_IDS).split(",")]
     if not all(ids):
         raise ConfigError(f"MODEL_IDS must be comma-separated model ids, got {','.join(ids)!r}")

@@ -24,4 +24,5 @@ def build_engine(
         kv_cache=kv_cache or KvBlockCache(settings.kv_capacity_blocks),
         time_scale=settings.time_scale,
         sleep=sleep,
+        drafting=settings.drafting,
     )

@@ -293,6 +293,7 @@ class Pipeline:
                     cost_nanos=cost, baseline_nanos=base, saved_nanos=base - cost, estimated=True
                 )
             )
+        end.usage.draft_accepted_tokens = end_chunk.draft_accepted_tokens
         spans.end_chat_span(attempt.chat_span, request, end)
         return end
 

@@ -64,6 +64,7 @@ def end_chat_span(span: trace.Span, request: pb.CompleteRequest, end: pb.Complet
         "gen_ai.usage.cache_creation.input_tokens", usage.cache_creation_input_tokens
     )
     span.set_attribute("cachemesh.kv_cached_tokens", usage.kv_cached_tokens)
+    span.set_attribute("cachemesh.draft_accepted_tokens", usage.draft_accepted_tokens)
 
 
 def record_failure(span: trace.Span, exc: CallFailed) -> None:

@@ -72,10 +72,12 @@ def prefix_totals(
 
 
 def test_settings(sink: OtlpSink) -> dict[str, str]:
-    """What the integration tests change besides the ports: the simulator's sleeps, traces to
-    ``sink``, a short grace period."""
+    """What the integration tests change besides the ports: the simulator's sleeps, sim-large
+    decoding speculatively with its draft (latency only), traces to ``sink``, a short grace
+    period."""
     return {
         "SIM_TIME_SCALE": "0.02",
+        "SIM_SPECULATIVE": "true",
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",

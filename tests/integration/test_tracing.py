@@ -98,3 +98,28 @@ def test_a_semantic_hit_carries_its_similarity_on_the_root_span(
     assert root.attributes["cachemesh.served_by"] == "LAYER_SEMANTIC_CACHE"
     assert root.attributes["cachemesh.similarity"] == pytest.approx(hit.semantic.similarity)
     assert not any(s.service == "model" for s in spans)  # no model call at all
+
+
+def test_speculative_decoding_reports_its_kept_draft_tokens(
+    client_a: Client, stack: RunningStack
+) -> None:
+    """sim-large decodes with sim-small as its draft (SIM_SPECULATIVE in the tests' settings):
+    the response and the spans carry the kept draft tokens; the bill is the output tokens."""
+    ns = uuid.uuid4().hex
+    large = client_a.complete(
+        build_request(f"Explain the refund policy {ns[:8]}", model="sim-large", namespace=ns)
+    )
+    small = client_a.complete(
+        build_request(f"Explain the refund policy {ns[8:16]}", model="sim-small", namespace=ns)
+    )
+    assert large.served_by == pb.LAYER_MODEL and small.served_by == pb.LAYER_MODEL
+    assert 0 < large.usage.draft_accepted_tokens < large.usage.output_tokens
+    assert small.usage.draft_accepted_tokens == 0  # sim-small has no draft of its own
+    assert large.cost.cost_nanos == large.cost.baseline_nanos  # no cache: base prices only
+    spans = _wait_for_spans(stack, large.trace_id, _SERVICES - {"semantic-cache"})
+    model = _server_span(spans, "model", "Model/Generate")
+    chat = next(s for s in spans if s.service == "router" and s.name.startswith("chat "))
+    for span in (model, chat):
+        assert span.attributes["cachemesh.draft_accepted_tokens"] == (
+            large.usage.draft_accepted_tokens
+        )

@@ -435,12 +435,15 @@ class Usage(_message.Message):
     CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     KV_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     cache_creation_input_tokens: _builtins.int
     cache_read_input_tokens: _builtins.int
     output_tokens: _builtins.int
     kv_cached_tokens: _builtins.int
     """reused from the engine's KV cache (L3): latency, not the bill"""
+    draft_accepted_tokens: _builtins.int
+    """the engine's speculative decoding: draft tokens it verified and kept (latency, not the bill)"""
     def __init__(
         self,
         *,
@@ -449,10 +452,11 @@ class Usage(_message.Message):
         cache_read_input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         kv_cached_tokens: _builtins.int = ...,
+        draft_accepted_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "input_tokens", b"input_tokens", "kv_cached_tokens", b"kv_cached_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "draft_accepted_tokens", b"draft_accepted_tokens", "input_tokens", b"input_tokens", "kv_cached_tokens", b"kv_cached_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

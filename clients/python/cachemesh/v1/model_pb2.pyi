@@ -97,6 +97,7 @@ class GenerateEnd(_message.Message):
     INTERRUPTED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    DRAFT_ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
     output_tokens: _builtins.int
     stop_reason: _builtins.str
     """end_turn | max_tokens | tool_use (| refusal from a provider)"""
@@ -108,6 +109,8 @@ class GenerateEnd(_message.Message):
     error: _builtins.str
     reasoning_tokens: _builtins.int
     """of output_tokens, what the provider reported as reasoning"""
+    draft_accepted_tokens: _builtins.int
+    """speculative decoding: draft tokens the model verified and kept (latency, not the bill)"""
     @_builtins.property
     def provider_usage(self) -> _prefix_cache_pb2.ProviderUsage:
         """The usage the provider reported (unset for the simulator): the bill, which reconciles
@@ -123,10 +126,11 @@ class GenerateEnd(_message.Message):
         interrupted: _builtins.bool = ...,
         error: _builtins.str = ...,
         reasoning_tokens: _builtins.int = ...,
+        draft_accepted_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provider_usage", b"provider_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "interrupted", b"interrupted", "output_tokens", b"output_tokens", "provider_usage", b"provider_usage", "reasoning_tokens", b"reasoning_tokens", "stop_reason", b"stop_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draft_accepted_tokens", b"draft_accepted_tokens", "error", b"error", "interrupted", b"interrupted", "output_tokens", b"output_tokens", "provider_usage", b"provider_usage", "reasoning_tokens", b"reasoning_tokens", "stop_reason", b"stop_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,3 @@
+from services.tools.engine.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""``python -m services.tools.engine build|paths``: the llama-server engine's one-time build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from services.tools.engine.build import BuildError, ensure_engine
+from services.tools.engine.cache import engine_paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.tools.engine", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build llama-server and unpack the model if missing")
+    build.add_argument("--log", type=Path, default=None, help="append cmake/ninja output here")
+    commands.add_parser("paths", help="print the cached server and model paths (JSON)")
+    args = parser.parse_args(argv)
+    paths = engine_paths(os.environ)
+    if args.command == "paths":
+        print(json.dumps({"server": str(paths.server), "model": str(paths.model),
+                          "ready": paths.ready()}))  # fmt: skip
+        return
+    try:
+        record = ensure_engine(paths, args.log)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(
+        f"llama-server {record['package']} at {paths.server} "
+        f"(built in {record['build_seconds']} s at {record['built_at']}); model {paths.model}"
+    )
