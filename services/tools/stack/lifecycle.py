@@ -70,6 +70,16 @@ class Stack:
         moved = free_port_overrides(plain.settings())
         return cls(root, run_dir, {**moved, **(env_overrides or {})}, environ=environ, out=out)
 
+    def with_overrides(self, extra: Mapping[str, str]) -> Stack:
+        """The same stack with ``extra`` settings over its own overrides."""
+        return Stack(
+            self.root,
+            self.run_dir,
+            {**self._overrides, **extra},
+            environ=self._environ,
+            out=self._out,
+        )
+
     # --- what the processes get -----------------------------------------------------------
     def settings(self) -> dict[str, str]:
         """The merged settings without secrets (the same for every service)."""

@@ -154,7 +154,14 @@ SERVICES: tuple[ServiceDef, ...] = (
         listen_var="MODEL_2_LISTEN",
         default_port=50055,
         own_env_keys=MODEL_ENV_KEYS,
-        renames=MappingProxyType({"MODEL_LISTEN": "MODEL_2_LISTEN", "MODEL_IDS": "MODEL_2_IDS"}),
+        # an OpenAI-compatible engine of its own (up --local-engine: a second llama-server)
+        renames=MappingProxyType(
+            {
+                "MODEL_LISTEN": "MODEL_2_LISTEN",
+                "MODEL_IDS": "MODEL_2_IDS",
+                "OPENAI_BASE_URL": "MODEL_2_OPENAI_BASE_URL",
+            }
+        ),
     ),
     ServiceDef(
         name="router",

@@ -21,12 +21,13 @@ def _require(name: str) -> str:
     return value
 
 
-def _agent(client: Client, table: LayerTable) -> None:
-    print("\n== agent conversation (sim-large, long system prompt + 8 tools, cache_control)")
+def _agent(client: Client, table: LayerTable, model: str | None) -> None:
+    agent_model = model or workload.AGENT_MODEL
+    print(f"\n== agent conversation ({agent_model}, long system prompt + 8 tools, cache_control)")
     history: list[pb.Message] = []
     for turn, text in enumerate(workload.AGENT_TURNS, start=1):
         request = pb.CompleteRequest(
-            model=workload.AGENT_MODEL,
+            model=agent_model,
             max_tokens=400,
             tools=workload.TOOLS,
             system=workload.agent_system(),
@@ -38,19 +39,21 @@ def _agent(client: Client, table: LayerTable) -> None:
         history += [user_message(text), assistant_message(answer_text(response))]
 
 
-def _faq(clients: dict[str, Client], table: LayerTable) -> None:
-    print("\n== FAQ bot (auto tier; exact repeats, paraphrases, a second tenant)")
+def _faq(clients: dict[str, Client], table: LayerTable, model: str | None) -> None:
+    print(f"\n== FAQ bot ({model or 'auto tier'}; exact repeats, paraphrases, a second tenant)")
     for tenant, question in workload.FAQ:
-        request = build_request(question, system=workload.FAQ_SYSTEM, max_tokens=200)
+        request = build_request(
+            question, system=workload.FAQ_SYSTEM, max_tokens=200, model=model or "auto"
+        )
         response = clients[tenant].complete(request)
         table.add(response)
         print(f"  [{tenant}] {question!r:58} {table.describe(response)}")
 
 
-def _unrelated(client: Client, table: LayerTable) -> None:
-    print("\n== unrelated questions (auto tier)")
+def _unrelated(client: Client, table: LayerTable, model: str | None) -> None:
+    print(f"\n== unrelated questions ({model or 'auto tier'})")
     for question in workload.UNRELATED:
-        response = client.complete(build_request(question, max_tokens=300))
+        response = client.complete(build_request(question, max_tokens=300, model=model or "auto"))
         table.add(response)
         print(f"  {question[:58]!r:60} {table.describe(response)}")
 
@@ -61,12 +64,14 @@ def main() -> int:
         "a": Client(target, api_key=_require("CACHEMESH_KEY_A")),
         "b": Client(target, api_key=_require("CACHEMESH_KEY_B")),
     }
+    # CACHEMESH_DEMO_MODEL: one model for every request (make demo-local: local-small)
+    model = os.environ.get("CACHEMESH_DEMO_MODEL") or None
     table = LayerTable()
     started = time.monotonic()
     try:
-        _agent(clients["a"], table)
-        _faq(clients, table)
-        _unrelated(clients["a"], table)
+        _agent(clients["a"], table, model)
+        _faq(clients, table, model)
+        _unrelated(clients["a"], table, model)
     except CachemeshError as error:
         print(f"demo: the gateway refused a request: {error}", file=sys.stderr)
         return 1

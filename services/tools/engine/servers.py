@@ -1,0 +1,222 @@
+"""llama-server replicas as the stack's OpenAI-compatible engines (``up --local-engine``).
+
+Each replica is the cached ``llama-server`` serving SmolLM2-135M-Instruct on a free loopback
+port with one thread (``-t 1``: it shares two cores with the stack), one slot, and its prompt
+cache on (llama-server reuses a prompt's cached prefix and reports it as
+``usage.prompt_tokens_details.cached_tokens``). Logs go to ``<run_dir>/logs/llama-server-N.log``
+and pids to ``<run_dir>/pids/llama-server-N.pid``, so ``down`` stops them with the stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.tools.engine.cache import EnginePaths
+from services.tools.stack.environment import dial_address
+
+UPSTREAM_ID = "SmolLM2-135M-Instruct"  # the alias each replica serves the model under
+LOCAL_MODEL = "local-small"  # the table's self-hosted row the replicas stand behind
+_NAME = "llama-server"
+
+
+class EngineError(RuntimeError):
+    """A llama-server replica could not start (the message says why and where its log is)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    replicas: int = 2
+    threads: int = 1
+    context_tokens: int = 4096
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> EngineOptions:
+        def number(name: str, default: int) -> int:
+            raw = (environ.get(name) or "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit() or int(raw) < 1:
+                raise EngineError(f"{name} must be a whole number >= 1, got {raw[:32]!r}")
+            return int(raw)
+
+        return cls(
+            replicas=number("CACHEMESH_LLAMA_REPLICAS", 2),
+            threads=number("CACHEMESH_LLAMA_THREADS", 1),
+            context_tokens=number("CACHEMESH_LLAMA_CONTEXT", 4096),
+        )
+
+
+@dataclass(frozen=True)
+class Replica:
+    index: int
+    port: int
+    pid: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+class LlamaServers:
+    def __init__(self, paths: EnginePaths, run_dir: Path, options: EngineOptions) -> None:
+        self._paths = paths
+        self._run_dir = run_dir
+        self.options = options
+        self.replicas: list[Replica] = []
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def log_path(self, index: int) -> Path:
+        return self._run_dir / "logs" / f"{_NAME}-{index}.log"
+
+    def _pid_path(self, index: int) -> Path:
+        return self._run_dir / "pids" / f"{_NAME}-{index}.pid"
+
+    def command(self, port: int) -> list[str]:
+        o = self.options
+        return [
+            str(self._paths.server),
+            "--model", str(self._paths.model),
+            "--alias", UPSTREAM_ID,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--threads", str(o.threads),
+            "--threads-batch", str(o.threads),
+            "--ctx-size", str(o.context_tokens),
+            "--parallel", "1",
+        ]  # fmt: skip
+
+    def start(self, ports: list[int], timeout_s: float = 60.0) -> list[Replica]:
+        """Starts one replica a port and returns once each answers ``/health`` with 200."""
+        if not self._paths.ready():
+            raise EngineError(
+                f"no llama-server build or model under {self._paths.root}: run `make engine`"
+            )
+        try:
+            for index, port in enumerate(ports, start=1):
+                log = self.log_path(index)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("wb") as sink:
+                    popen = subprocess.Popen(
+                        self.command(port),
+                        stdin=subprocess.DEVNULL,
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                self._children.append(popen)
+                self._pid_path(index).parent.mkdir(parents=True, exist_ok=True)
+                self._pid_path(index).write_text(f"{popen.pid}\n")
+                self.replicas.append(Replica(index, port, popen.pid))
+            for replica in self.replicas:
+                self._wait_healthy(replica, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return list(self.replicas)
+
+    def _wait_healthy(self, replica: Replica, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{replica.port}/health"
+        while True:
+            if not _alive(replica.pid):
+                raise EngineError(
+                    f"{_NAME} {replica.index} exited before it was healthy; see "
+                    f"{self.log_path(replica.index)}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200 and json.load(response).get("status") == "ok":
+                        return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"{_NAME} {replica.index} not healthy on {url} after {timeout_s:.0f}s; see "
+                    f"{self.log_path(replica.index)}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, grace_s: float = 5.0) -> list[int]:
+        """SIGTERM each replica this run dir records, SIGKILL after the grace; the pids."""
+        pids = [r.pid for r in self.replicas] or self.recorded_pids()
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
+        for child in self._children:
+            child.wait(timeout=5)
+        self._children = []
+        for path in (self._run_dir / "pids").glob(f"{_NAME}-*.pid"):
+            path.unlink(missing_ok=True)
+        self.replicas = []
+        return pids
+
+    def recorded_pids(self) -> list[int]:
+        pids = []
+        for path in sorted((self._run_dir / "pids").glob(f"{_NAME}-*.pid")):
+            text = path.read_text().strip()
+            if text.isdigit() and _is_llama(int(text)):
+                pids.append(int(text))
+        return pids
+
+
+def local_engine_settings(settings: Mapping[str, str], replicas: list[Replica]) -> dict[str, str]:
+    """Stack settings putting the model replicas in front of the llama-server replicas:
+    model -> replica 1, model-2 -> replica 2 (or 1 again when only one runs), both serving
+    ``local-small`` through the OpenAI adapter (MODEL_BACKEND=openai)."""
+    if not replicas:
+        raise EngineError("no llama-server replica to put behind the model processes")
+    first, second = replicas[0], replicas[1 % len(replicas)]
+    model = dial_address(settings.get("MODEL_LISTEN") or "127.0.0.1:50054")
+    model_2 = dial_address(settings.get("MODEL_2_LISTEN") or "127.0.0.1:50055")
+    return {
+        "MODEL_BACKEND": "openai",
+        "MODEL_IDS": LOCAL_MODEL,
+        "MODEL_2_IDS": LOCAL_MODEL,
+        "MODEL_UPSTREAM_IDS": f"{LOCAL_MODEL}={UPSTREAM_ID}",
+        "OPENAI_BASE_URL": first.base_url,
+        "MODEL_2_OPENAI_BASE_URL": second.base_url,
+        "MODEL_REPLICAS": f"{LOCAL_MODEL}={model},{LOCAL_MODEL}={model_2}",
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def _is_llama(pid: int) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return argv0.endswith(_NAME.encode()) and _alive(pid)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(pid) == pid:  # its own session
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)

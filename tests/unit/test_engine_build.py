@@ -1,0 +1,80 @@
+"""The llama-server engine's build tool and stack option, without building anything: the cache's
+place, the sha256 pins refusing a changed file, the options, and the settings that put the model
+processes in front of the replicas."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from services.tools.engine.build import CMAKE_OPTIONS, BuildError, verify
+from services.tools.engine.cache import engine_paths
+from services.tools.engine.pins import LLAMA_CPP_PYTHON, Pin
+from services.tools.engine.servers import (
+    EngineError,
+    EngineOptions,
+    LlamaServers,
+    Replica,
+    local_engine_settings,
+)
+
+
+def test_the_cache_is_outside_the_work_tree_and_keyed_by_version(tmp_path: Path) -> None:
+    home = engine_paths({"XDG_CACHE_HOME": str(tmp_path)})
+    assert home.root == tmp_path / "cachemesh"
+    assert home.server == home.root / f"llama-server-{LLAMA_CPP_PYTHON.version}/bin/llama-server"
+    assert home.model.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert engine_paths({"CACHEMESH_CACHE_DIR": str(tmp_path / "x")}).root == tmp_path / "x"
+    assert engine_paths({}).root == Path.home() / ".cache" / "cachemesh"
+    assert not home.ready()
+
+
+def test_a_file_whose_sha256_differs_from_the_pin_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "pkg.tar.gz"
+    path.write_bytes(b"the pinned bytes")
+    good = Pin("pkg", "1.0", path.name, hashlib.sha256(b"the pinned bytes").hexdigest())
+    verify(path, good)
+    path.write_bytes(b"other bytes")
+    with pytest.raises(BuildError, match="does not match the pinned"):
+        verify(path, good)
+
+
+def test_the_build_downloads_nothing_and_builds_no_tests_examples_or_ui() -> None:
+    options = set(CMAKE_OPTIONS)
+    for off in ("TESTS", "EXAMPLES", "UI", "APP"):
+        assert f"-DLLAMA_BUILD_{off}=OFF" in options
+    assert "-DLLAMA_USE_PREBUILT_UI=OFF" in options  # else cmake fetches the web UI
+    assert "-DLLAMA_BUILD_SERVER=ON" in options
+
+
+def test_options_from_the_environment() -> None:
+    assert EngineOptions.from_env({}) == EngineOptions(replicas=2, threads=1, context_tokens=4096)
+    assert EngineOptions.from_env({"CACHEMESH_LLAMA_THREADS": "2"}).threads == 2
+    with pytest.raises(EngineError, match="CACHEMESH_LLAMA_REPLICAS"):
+        EngineOptions.from_env({"CACHEMESH_LLAMA_REPLICAS": "0"})
+
+
+def test_each_replica_runs_one_thread_on_loopback(tmp_path: Path) -> None:
+    servers = LlamaServers(
+        engine_paths({"CACHEMESH_CACHE_DIR": str(tmp_path)}), tmp_path, EngineOptions()
+    )
+    command = servers.command(8080)
+    assert command[command.index("--threads") + 1] == "1"
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    with pytest.raises(EngineError, match="make engine"):
+        servers.start([8080])  # nothing built in this cache
+
+
+def test_the_model_processes_stand_in_front_of_the_replicas() -> None:
+    replicas = [Replica(1, 9001, 11), Replica(2, 9002, 12)]
+    settings = {"MODEL_LISTEN": "127.0.0.1:7001", "MODEL_2_LISTEN": "0.0.0.0:7002"}
+    env = local_engine_settings(settings, replicas)
+    assert env["MODEL_BACKEND"] == "openai"
+    assert env["OPENAI_BASE_URL"] == "http://127.0.0.1:9001/v1"
+    assert env["MODEL_2_OPENAI_BASE_URL"] == "http://127.0.0.1:9002/v1"
+    assert env["MODEL_REPLICAS"] == "local-small=127.0.0.1:7001,local-small=127.0.0.1:7002"
+    assert env["MODEL_IDS"] == env["MODEL_2_IDS"] == "local-small"
+    one = local_engine_settings(settings, replicas[:1])
+    assert one["MODEL_2_OPENAI_BASE_URL"] == one["OPENAI_BASE_URL"]
