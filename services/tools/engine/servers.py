@@ -93,6 +93,8 @@ class LlamaServers:
             "--threads-batch", str(o.threads),
             "--ctx-size", str(o.context_tokens),
             "--parallel", "1",
+            "--cache-ram", "256",  # MiB of saved prompt states a replica may keep
+            "--no-webui",
         ]  # fmt: skip
 
     def start(self, ports: list[int], timeout_s: float = 60.0) -> list[Replica]:

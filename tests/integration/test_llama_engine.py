@@ -1,0 +1,209 @@
+"""A real engine through the whole stack: two llama.cpp ``llama-server`` replicas (built by
+``make engine``, SmolLM2-135M-Instruct, one thread each) behind the model processes'
+OpenAI-compatible adapter, with the router, both caches and the OTLP receiver as in the other
+integration tests.
+
+- real answers, whole and streamed;
+- the engine's own ``usage.prompt_tokens_details.cached_tokens`` is the bill: a second turn
+  reads its prefix from the replica's KV cache and is billed at the cache-read price;
+- KV-aware routing keeps a conversation on the replica that holds its prefix (the other
+  replica, asked the same second turn directly, has none of it cached);
+- the engine's error body for a prompt over its context comes back as INVALID_ARGUMENT
+  carrying llama-server's message.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import openai
+import pytest
+
+from cachemesh import Client, InvalidRequestError
+from cachemesh.envfile import read_env_file
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.models import load_model_table
+from services.tools.engine.cache import engine_paths
+from services.tools.engine.servers import (
+    UPSTREAM_ID,
+    EngineOptions,
+    LlamaServers,
+    Replica,
+    local_engine_settings,
+)
+from services.tools.stack.lifecycle import Stack
+from services.tools.stack.otlp_sink import OtlpSink, Span
+from services.tools.stack.ports import free_port
+from tests.integration.harness import ROOT, test_settings
+
+pytestmark = pytest.mark.integration
+
+MODEL = "local-small"
+CONTEXT_TOKENS = 2048  # each replica's context: the overflow test's prompt exceeds it
+
+
+@dataclass
+class LlamaStack:
+    client: Client
+    stack: Stack
+    sink: OtlpSink
+    replicas: list[Replica]
+    by_model_address: dict[str, Replica]  # model process address -> the replica behind it
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaStack]:
+    paths = engine_paths(os.environ)
+    assert paths.ready(), f"no llama-server build under {paths.root}: run `make engine` first"
+    run_dir = tmp_path_factory.mktemp("llama-run")
+    engines = LlamaServers(paths, run_dir, EngineOptions(2, 1, CONTEXT_TOKENS))
+    sink = OtlpSink()
+    sink.start()
+    try:
+        replicas = engines.start([free_port(), free_port()])
+        plain = Stack.on_free_ports(ROOT, run_dir, test_settings(sink))
+        stack = plain.with_overrides(local_engine_settings(plain.settings(), replicas))
+        stack.start(timeout_s=240)
+        try:
+            keys = read_env_file(run_dir / "demo-keys.env")
+            addresses = stack.addresses
+            with Client(stack.router_address, api_key=keys["CACHEMESH_KEY_A"]) as client:
+                yield LlamaStack(
+                    client,
+                    stack,
+                    sink,
+                    replicas,
+                    {addresses["model"]: replicas[0], addresses["model-2"]: replicas[1]},
+                )
+        finally:
+            stack.stop()
+    finally:
+        engines.stop()
+        sink.stop()
+
+
+def _request(
+    system: str, turns: list[pb.Message], max_tokens: int = 24, namespace: str = ""
+) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model=MODEL,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        system=[pb.ContentBlock(text=system)] if system else [],
+        messages=turns,
+        cache=pb.CacheOptions(semantic=pb.SEMANTIC_MODE_BYPASS, namespace=namespace),
+    )
+
+
+def _user(text: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])
+
+
+def _assistant(text: str) -> pb.Message:
+    return pb.Message(role=pb.ROLE_ASSISTANT, content=[pb.ContentBlock(text=text)])
+
+
+def _text(response: pb.CompleteResponse) -> str:
+    return "".join(block.text for block in response.content)
+
+
+def _chat_span(llama: LlamaStack, trace_id: str) -> Span:
+    deadline = time.monotonic() + 20
+    while True:
+        spans = [s for s in llama.sink.spans_of(trace_id) if s.service == "router"]
+        chats = [s for s in spans if s.name.startswith("chat ")]
+        if chats:
+            return chats[0]
+        assert time.monotonic() < deadline, f"no router chat span exported for {trace_id}"
+        time.sleep(0.2)
+
+
+def _hand_bill(usage: pb.Usage) -> int:
+    spec = load_model_table().models[MODEL]
+    return (
+        usage.input_tokens * spec.input_nanos
+        + usage.cache_read_input_tokens * spec.cache_read_nanos
+        + usage.output_tokens * spec.output_nanos
+    )
+
+
+def test_real_answers_whole_and_streamed(llama: LlamaStack) -> None:
+    question = _user("What is the capital of France? Answer in one short sentence.")
+    whole = llama.client.complete(_request("", [question]))
+    assert whole.served_by == pb.LAYER_MODEL and whole.model == MODEL
+    assert _text(whole).strip() and not _text(whole).startswith("[simulated")
+    assert whole.usage.output_tokens > 0 and whole.usage.input_tokens > 0
+    assert not whole.cost.estimated and whole.cost.cost_nanos == _hand_bill(whole.usage)
+
+    chunks = list(llama.client.stream(_request("", [_user("Name three colours.")])))
+    kinds = [chunk.WhichOneof("part") for chunk in chunks]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("delta") >= 2
+    streamed = "".join(c.delta.text for c in chunks if c.WhichOneof("part") == "delta")
+    assert streamed.strip() and chunks[-1].end.usage.output_tokens > 0
+
+
+def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_are_the_bill(
+    llama: LlamaStack,
+) -> None:
+    tag = uuid.uuid4().hex
+    system = f"Session {tag}. You answer questions about the Northwind Air baggage policy. " + (
+        " ".join(
+            f"Rule {i}: a checked bag over {20 + i % 9} kg on route {i} costs {30 + i} dollars."
+            for i in range(24)
+        )
+    )
+    first_turn = [_user("How much is an overweight bag on route 3?")]
+    one = llama.client.complete(_request(system, first_turn))
+    chat_one = _chat_span(llama, one.trace_id)
+    replica = chat_one.attributes["cachemesh.replica"]
+    assert replica in llama.by_model_address
+    assert one.usage.cache_read_input_tokens == 0  # a prefix this engine never saw
+
+    second_turn = [*first_turn, _assistant(_text(one)), _user("And on route 7?")]
+    two = llama.client.complete(_request(system, second_turn))
+    chat_two = _chat_span(llama, two.trace_id)
+    assert chat_two.attributes["cachemesh.replica"] == replica  # back to the warm replica
+    assert chat_two.attributes["cachemesh.route_reason"] == "cache_affinity"
+
+    # the engine's own report: most of the second prompt came from the replica's KV cache
+    cached = two.usage.cache_read_input_tokens
+    prompt = two.usage.input_tokens + cached
+    assert cached > 0.5 * prompt, (cached, prompt)
+    assert not two.cost.estimated and two.cost.cost_nanos == _hand_bill(two.usage)
+    print(f"\nllama-server cached_tokens: turn 2 read {cached} of {prompt} prompt tokens")
+
+    # the other replica holds none of this conversation: asked directly, it reports no reuse
+    other = next(r for a, r in llama.by_model_address.items() if a != replica)
+    direct = openai.OpenAI(base_url=other.base_url, api_key="none").chat.completions.create(
+        model=UPSTREAM_ID,
+        max_tokens=1,
+        messages=[
+            {"role": "system", "content": system},
+            {"role": "user", "content": "How much is an overweight bag on route 3?"},
+            {"role": "assistant", "content": _text(one)},
+            {"role": "user", "content": "And on route 7?"},
+        ],
+    )
+    assert direct.usage is not None
+    details = direct.usage.prompt_tokens_details
+    other_cached = (details.cached_tokens or 0) if details is not None else 0
+    assert other_cached < 0.1 * cached, (other_cached, cached)
+
+
+def test_a_prompt_over_the_engines_context_is_refused_with_its_message(
+    llama: LlamaStack,
+) -> None:
+    words = " ".join(f"item{i} costs {i % 97} dollars and ships tomorrow." for i in range(500))
+    with pytest.raises(InvalidRequestError) as info:
+        llama.client.complete(_request("", [_user(f"Summarise: {words}")]))
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context" in info.value.message, info.value.message
+    print(f"\ncontext overflow: {info.value.message[:300]}")
+    # the engines are still serving after the refusal
+    after = llama.client.complete(_request("", [_user("Say hello.")], max_tokens=8))
+    assert _text(after).strip()
