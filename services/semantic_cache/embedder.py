@@ -7,7 +7,6 @@ used, and a mismatch is an error (never a silent fallback). Nothing is downloade
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from services.common.files import sha256_of
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -109,14 +110,6 @@ class MiniLMEmbedder:
             feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
             (hidden,) = self._session.run(["last_hidden_state"], feeds)
             yield rows, np.asarray(hidden, dtype=np.float32), mask
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checked(path: Path, expected: str, what: str) -> Path:

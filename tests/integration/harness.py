@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import grpc
 
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.tools.stack.lifecycle import Stack
-from services.tools.stack.otlp_sink import OtlpSink
+from services.tools.stack.otlp_sink import OtlpSink, Span
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,3 +84,16 @@ def test_settings(sink: OtlpSink) -> dict[str, str]:
         "OTEL_BSP_SCHEDULE_DELAY": "100",
         "CACHEMESH_GRACE_S": "2",
     }
+
+
+def router_spans(sink: OtlpSink, trace_id: str) -> tuple[Span, Span]:
+    """The router's root span and its model-call span (``chat <model>``), once exported."""
+    deadline = time.monotonic() + 20
+    while True:
+        spans = [s for s in sink.spans_of(trace_id) if s.service == "router"]
+        roots = [s for s in spans if not s.parent_span_id]
+        chats = [s for s in spans if s.name.startswith("chat ")]
+        if roots and chats:
+            return roots[0], chats[0]
+        assert time.monotonic() < deadline, f"router spans not exported: {spans}"
+        time.sleep(0.2)

