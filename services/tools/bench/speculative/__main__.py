@@ -80,7 +80,7 @@ async def run(prompts: int, scale: float, fast_c: float) -> dict[str, Any]:
         "time_scale": scale,
         "prompts": prompts,
         "output_tokens": tokens,
-        "plain_decode_tokens_per_s": round(tokens / plain_s / scale, 1),
+        "plain_decode_tokens_per_s": round(tokens * scale / plain_s, 1),
         "series": series,
     }
 
@@ -108,7 +108,7 @@ async def _series(
                 "expected_speedup": round(expected_speedup(alpha, k, c), 3),
                 "expected_tokens_per_step": round(expected_tokens_per_step(alpha, k), 3),
                 "accepted_draft_tokens": accepted,
-                "decode_tokens_per_s": round(tokens / spec_s / scale, 1),
+                "decode_tokens_per_s": round(tokens * scale / spec_s, 1),
             }
         )
     return {"draft_cost_ratio_c": round(c, 4), "cases": rows}
