@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 def _with_local_engines(stack: Stack, engines: LlamaServers) -> Stack:
     """Starts the llama-server replicas on free loopback ports; the stack's model processes
     then serve local-small through them."""
+    if stack.running() or engines.recorded_pids():
+        raise StackError(
+            f"a stack from {stack.run_dir} is already running; stop it first: python -m "
+            f"services.tools.stack --run-dir {stack.run_dir} down (make down for the default .run)"
+        )
     ports = [free_port() for _ in range(engines.options.replicas)]
     replicas = engines.start(ports)
     for replica in replicas:
