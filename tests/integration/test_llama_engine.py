@@ -66,8 +66,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaStack]:
     try:
         replicas = engines.start([free_port(), free_port()])
         plain = Stack.on_free_ports(harness.ROOT, run_dir, harness.test_settings(sink))
-        table = run_dir / "local-models.toml"
-        stack = plain.with_overrides(local_engine_settings(plain.settings(), replicas, table))
+        stack = plain.with_overrides(local_engine_settings(plain.settings(), replicas))
         stack.start(timeout_s=240)
         try:
             keys = read_env_file(run_dir / "demo-keys.env")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.models import load_model_table
+from services.common.env import Env
+from services.common.models import model_table_from_env
 from services.tools.engine.build import CMAKE_OPTIONS, BuildError, verify
 from services.tools.engine.cache import engine_paths
 from services.tools.engine.pins import LLAMA_CPP_PYTHON, Pin
@@ -68,10 +69,10 @@ def test_each_replica_runs_one_thread_on_loopback(tmp_path: Path) -> None:
         servers.start([8080])  # nothing built in this cache
 
 
-def test_the_model_processes_stand_in_front_of_the_replicas(tmp_path: Path) -> None:
+def test_the_model_processes_stand_in_front_of_the_replicas() -> None:
     replicas = [Replica(1, 9001, 11), Replica(2, 9002, 12)]
     settings = {"MODEL_LISTEN": "127.0.0.1:7001", "MODEL_2_LISTEN": "0.0.0.0:7002"}
-    env = local_engine_settings(settings, replicas, tmp_path / "models.toml")
+    env = local_engine_settings(settings, replicas)
     assert env["MODEL_BACKEND"] == "openai"
     assert env["OPENAI_BASE_URL"] == "http://127.0.0.1:9001/v1"
     assert env["MODEL_2_OPENAI_BASE_URL"] == "http://127.0.0.1:9002/v1"
@@ -80,9 +81,8 @@ def test_the_model_processes_stand_in_front_of_the_replicas(tmp_path: Path) -> N
         "local-large=127.0.0.1:7001,local-large=127.0.0.1:7002"
     )
     assert env["MODEL_IDS"] == env["MODEL_2_IDS"] == "local-small,local-large"
-    # the auto tiers move to the local rows; every other row is the packaged table's
-    table = load_model_table(Path(env["CACHEMESH_MODELS_FILE"]))
+    # the auto tiers move to the local rows (the table the services load agrees)
+    table = model_table_from_env(Env(env))
     assert table.auto == {"small": "local-small", "large": "local-large"}
-    assert table.models == load_model_table().models
-    one = local_engine_settings(settings, replicas[:1], tmp_path / "one.toml")
+    one = local_engine_settings(settings, replicas[:1])
     assert one["MODEL_2_OPENAI_BASE_URL"] == one["OPENAI_BASE_URL"]

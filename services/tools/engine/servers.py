@@ -19,10 +19,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from services.common.models import load_model_table
 from services.tools.engine.cache import EnginePaths
 from services.tools.stack.environment import dial_address
 
@@ -179,22 +177,20 @@ class LlamaServers:
         return pids
 
 
-def local_engine_settings(
-    settings: Mapping[str, str], replicas: list[Replica], models_file: Path
-) -> dict[str, str]:
+def local_engine_settings(settings: Mapping[str, str], replicas: list[Replica]) -> dict[str, str]:
     """Stack settings putting the model processes in front of the llama-server replicas:
     model -> replica 1, model-2 -> replica 2 (or 1 again when only one runs), each serving
     local-small and local-large through the OpenAI adapter (MODEL_BACKEND=openai), with the
-    ``auto`` tiers pointing at them (a model table written to ``models_file``)."""
+    ``auto`` tiers pointing at them."""
     if not replicas:
         raise EngineError("no llama-server replica to put behind the model processes")
     first, second = replicas[0], replicas[1 % len(replicas)]
     model = dial_address(settings.get("MODEL_LISTEN") or "127.0.0.1:50054")
     model_2 = dial_address(settings.get("MODEL_2_LISTEN") or "127.0.0.1:50055")
     ids = ",".join(LOCAL_MODELS.values())
-    write_local_table(models_file)
     return {
-        "CACHEMESH_MODELS_FILE": str(models_file),
+        "CACHEMESH_AUTO_SMALL": LOCAL_MODELS["small"],
+        "CACHEMESH_AUTO_LARGE": LOCAL_MODELS["large"],
         "MODEL_BACKEND": "openai",
         "MODEL_IDS": ids,
         "MODEL_2_IDS": ids,
@@ -205,22 +201,6 @@ def local_engine_settings(
             f"{m}={address}" for m in LOCAL_MODELS.values() for address in (model, model_2)
         ),
     }
-
-
-def write_local_table(path: Path) -> None:
-    """The packaged model table with its ``[auto]`` tiers moved to the local rows."""
-    text = resources.files("services.common").joinpath("models.toml").read_text()
-    head, sep, _ = text.rpartition("\n[auto]\n")
-    if not sep:
-        raise EngineError("the packaged models.toml has no [auto] section to point at local rows")
-    tiers = "".join(f'{tier} = "{model}"\n' for tier, model in LOCAL_MODELS.items())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        f"{head}{sep}# make demo-local / up --local-engine: the llama-server rows\n{tiers}"
-    )
-    table = load_model_table(path)
-    if table.auto != LOCAL_MODELS:
-        raise EngineError(f"{path}: auto tiers are {table.auto}, expected {LOCAL_MODELS}")
 
 
 def _alive(pid: int) -> bool:

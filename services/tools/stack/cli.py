@@ -124,5 +124,4 @@ def _with_local_engines(stack: Stack, engines: LlamaServers) -> Stack:
     replicas = engines.start(ports)
     for replica in replicas:
         print(f"  llama-server {replica.index} healthy on {replica.base_url} (pid {replica.pid})")
-    table = stack.run_dir / "local-models.toml"
-    return stack.with_overrides(local_engine_settings(stack.settings(), replicas, table))
+    return stack.with_overrides(local_engine_settings(stack.settings(), replicas))
