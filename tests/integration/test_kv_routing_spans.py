@@ -77,11 +77,11 @@ def test_two_interleaved_conversations_each_stay_on_the_replica_holding_their_pr
     homes: list[str] = []
     for system in systems:  # the first turns: cold, each where it starts soonest
         one = client_a.complete(_request(system, "First question?"))
-        homes.append(_route_spans(stack, one.trace_id)[1].attributes["cachemesh.replica"])
+        homes.append(router_spans(stack.sink, one.trace_id)[1].attributes["cachemesh.replica"])
     for turn in ("Second question?", "Third question?"):
         for system, home in zip(systems, homes, strict=True):
             reply = client_a.complete(_request(system, turn))
-            _, chat = _route_spans(stack, reply.trace_id)
+            _, chat = router_spans(stack.sink, reply.trace_id)
             assert chat.attributes["cachemesh.replica"] == home
             assert chat.attributes["cachemesh.route_reason"] in ("ttft_warm", "affinity_tie")
             # the engine's own count of reused tokens agrees with the predicted match

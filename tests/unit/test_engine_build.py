@@ -72,7 +72,7 @@ def test_each_replica_runs_one_thread_on_loopback(tmp_path: Path) -> None:
 def test_the_model_processes_stand_in_front_of_the_replicas() -> None:
     replicas = [Replica(1, 9001, 11), Replica(2, 9002, 12)]
     settings = {"MODEL_LISTEN": "127.0.0.1:7001", "MODEL_2_LISTEN": "0.0.0.0:7002"}
-    env = local_engine_settings(settings, replicas)
+    env = local_engine_settings(settings, replicas, EngineOptions(threads=2))
     assert env["MODEL_BACKEND"] == "openai"
     assert env["OPENAI_BASE_URL"] == "http://127.0.0.1:9001/v1"
     assert env["MODEL_2_OPENAI_BASE_URL"] == "http://127.0.0.1:9002/v1"
@@ -84,5 +84,6 @@ def test_the_model_processes_stand_in_front_of_the_replicas() -> None:
     # the auto tiers move to the local rows (the table the services load agrees)
     table = model_table_from_env(Env(env))
     assert table.auto == {"small": "local-small", "large": "local-large"}
-    one = local_engine_settings(settings, replicas[:1])
+    assert env["ROUTER_TTFT_PRIOR_PREFILL_TPS"] == "300"  # SmolLM2 on two threads, not 10k/s
+    one = local_engine_settings(settings, replicas[:1], EngineOptions())
     assert one["MODEL_2_OPENAI_BASE_URL"] == one["OPENAI_BASE_URL"]

@@ -27,6 +27,11 @@ from services.tools.stack.environment import dial_address
 UPSTREAM_ID = "SmolLM2-135M-Instruct"  # the alias each replica serves the model under
 # the table's self-hosted rows the replicas stand behind, by tier (both are SmolLM2 here)
 LOCAL_MODELS = {"small": "local-small", "large": "local-large"}
+# What the router's TTFT policy assumes of a replica it has not measured yet: SmolLM2-135M's
+# prefill on one thread here (a 1,200-token prompt in 6.7 s unloaded, 967 in 11.2 s with the
+# machine busy). The router's default (10,000 tokens/s, for hosted providers) would make every
+# unmeasured replica look faster than a warm one and move a conversation off its prefix.
+PRIOR_PREFILL_TPS_PER_THREAD = 150
 _NAME = "llama-server"
 
 
@@ -177,7 +182,9 @@ class LlamaServers:
         return pids
 
 
-def local_engine_settings(settings: Mapping[str, str], replicas: list[Replica]) -> dict[str, str]:
+def local_engine_settings(
+    settings: Mapping[str, str], replicas: list[Replica], options: EngineOptions
+) -> dict[str, str]:
     """Stack settings putting the model processes in front of the llama-server replicas:
     model -> replica 1, model-2 -> replica 2 (or 1 again when only one runs), each serving
     local-small and local-large through the OpenAI adapter (MODEL_BACKEND=openai), with the
@@ -188,7 +195,9 @@ def local_engine_settings(settings: Mapping[str, str], replicas: list[Replica]) 
     model = dial_address(settings.get("MODEL_LISTEN") or "127.0.0.1:50054")
     model_2 = dial_address(settings.get("MODEL_2_LISTEN") or "127.0.0.1:50055")
     ids = ",".join(LOCAL_MODELS.values())
+    threads = options.threads
     return {
+        "ROUTER_TTFT_PRIOR_PREFILL_TPS": str(PRIOR_PREFILL_TPS_PER_THREAD * threads),
         "CACHEMESH_AUTO_SMALL": LOCAL_MODELS["small"],
         "CACHEMESH_AUTO_LARGE": LOCAL_MODELS["large"],
         "MODEL_BACKEND": "openai",

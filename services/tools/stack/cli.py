@@ -124,4 +124,4 @@ def _with_local_engines(stack: Stack, engines: LlamaServers) -> Stack:
     replicas = engines.start(ports)
     for replica in replicas:
         print(f"  llama-server {replica.index} healthy on {replica.base_url} (pid {replica.pid})")
-    return stack.with_overrides(local_engine_settings(stack.settings(), replicas))
+    return stack.with_overrides(local_engine_settings(stack.settings(), replicas, engines.options))
