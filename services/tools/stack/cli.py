@@ -1,4 +1,5 @@
-"""``python -m services.tools.stack keys|up|down|status|probe``.
+"""``python -m services.tools.stack keys|up|down|status|probe`` (and ``supervise``, which ``up``
+starts).
 
 Used by the Makefile and compose.
 """
@@ -14,6 +15,7 @@ from cachemesh.envfile import EnvFileError
 from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.keys import describe, ensure_keys
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
+from services.tools.stack.supervisor import read_state, supervise
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -39,7 +41,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "keys":
         print(describe(ensure_keys(run_dir)))
         return 0
-    stack = Stack(root, run_dir)
+    if args.command == "supervise":
+        supervise(run_dir, sys.stdout, args.exit_with)
+        return 0
+    stack = Stack(root, run_dir, detach=True)
     if args.command == "up":
         stack.start(args.timeout)
         print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
@@ -57,9 +62,14 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print("stack stopped")
         return 0
-    healthy = True
+    supervisor = stack.supervisor_pid()
+    healthy = supervisor is not None
+    print(f"{'supervisor':<15} {'':<22} pid {supervisor or '-':<8} {'' if healthy else 'STOPPED'}")
+    state = read_state(run_dir)
     for name, (pid, health) in stack.status().items():
-        print(f"{name:<15} {stack.addresses[name]:<22} pid {pid or '-':<8} {health}")
+        restarts = state.get(name, {}).get("restarts") or 0
+        print(f"{name:<15} {stack.addresses[name]:<22} pid {pid or '-':<8} {health}", end="")
+        print(f"  ({restarts} restarts)" if restarts else "")
         healthy = healthy and health == SERVING
     return 0 if healthy else 1
 
@@ -80,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
     commands.add_parser("status", help="health of every service")
+    supervisor = commands.add_parser(
+        "supervise", help="(started by up) keep the stack's processes running, restart the dead"
+    )
+    supervisor.add_argument("--exit-with", type=int, default=None, help="stop when PID is gone")
     check = commands.add_parser(
         "probe", help="exit 0 if the gRPC server (--http: the HTTP front) at ADDRESS is SERVING"
     )

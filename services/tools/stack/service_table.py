@@ -190,6 +190,8 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_THRESHOLD",
             "ROUTER_LOCAL_EMBEDDER",
             "ROUTER_COST_AWARE",
+            "ROUTER_DATA_DIR",
+            "ROUTER_OUTBOX_RETRY_S",
         ),
         peers=MappingProxyType(
             {
