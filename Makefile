@@ -37,6 +37,10 @@ up: setup redis-server ## start the stack on loopback under its supervisor (rest
 down: ## stop the local stack
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.tools.stack down; fi
 
+stop: setup ## stop one process and keep it stopped until the next make up: make stop SERVICE=router
+	@test -n "$(SERVICE)" || { echo "usage: make stop SERVICE=<name> (see make status)"; exit 2; }
+	$(BIN)/python -m services.tools.stack stop $(SERVICE)
+
 status: setup ## each process of the local stack: pid, health, restarts
 	$(BIN)/python -m services.tools.stack status
 

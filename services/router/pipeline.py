@@ -42,7 +42,8 @@ _MAX_REPLICA_RETRIES = 2
 
 
 class ReplicaCut(RequestError):
-    """The replica serving the request died mid-answer (UNAVAILABLE)."""
+    """The replica serving the request died, or its provider's stream broke off, mid-answer
+    (UNAVAILABLE). The cut call is billed for what it produced and never stored."""
 
     def __init__(self, replica: str, message: str) -> None:
         super().__init__(Code.UNAVAILABLE, message)
@@ -102,7 +103,8 @@ class Pipeline:
             return
 
         answered = False
-        cut: set[str] = set()  # replicas that died mid-answer on this request
+        cut: set[str] = set()  # replicas cut mid-answer on this request
+        last_cut: ReplicaCut | None = None
         try:
             while True:
                 emitted = False
@@ -120,8 +122,13 @@ class Pipeline:
                     if emitted or len(cut) >= _MAX_REPLICA_RETRIES:
                         raise
                     cut.add(exc.replica)
-                    log.warning("retrying on another replica: %s died mid-answer", exc.replica)
+                    last_cut = exc
+                    log.warning("retrying on another replica: %s cut mid-answer", exc.replica)
                     root.add_event("cachemesh.replica_retry", {"replica": exc.replica})
+                except RequestError as exc:
+                    if last_cut is not None and exc.code == Code.UNAVAILABLE and not emitted:
+                        raise last_cut from exc  # no other replica: the cut is what happened
+                    raise
         finally:
             if lookup is not None and lookup.leader and not answered:
                 # Cancelled or failed before its Store: free the identical requests waiting
@@ -189,11 +196,11 @@ class Pipeline:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
                 answer.partial_usage = end_chunk.provider_usage
-                raise RequestError(
-                    Code.UNAVAILABLE,
+                raise ReplicaCut(
+                    attempt.replica,
                     f"the {attempt.model.id} provider's answer broke off after "
                     f"{end_chunk.output_tokens} tokens ({end_chunk.error}); billed for what "
-                    "was produced, not cached; retry with a new request_id",
+                    "was produced, not cached; retry",
                 )
             end = await self._finish(
                 tenant, request, attempt, warm, end_chunk, answer.content(), baseline, head
@@ -215,9 +222,10 @@ class Pipeline:
                 attempt.stream.cancel()
             self.loads.release(attempt.replica)
             attempt.chat_span.end()
-            if not finished and warm is not None:
-                # Cancelled or failed after the first token: bill what the provider would bill
-                # (the prompt and the tokens produced so far), never store.
+            if not finished:
+                # Cancelled or cut after the prefill: bill what the provider would bill (the
+                # prompt and the tokens produced so far; to the outbox if prefix-cache is
+                # down), never store.
                 self._bill_partial(tenant, request, attempt, answer, baseline)
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:

@@ -30,25 +30,26 @@ RETRY_POLICY = {
 MAX_REQUEST_BYTES = 1 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
 
 
-def service_config(wait_for_ready: bool) -> str:
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": GATEWAY_SERVICE}],
-                    "waitForReady": wait_for_ready,
-                    "retryPolicy": RETRY_POLICY,
-                }
-            ]
-        }
-    )
+def service_config(wait_for_ready: bool, max_attempts: int = MAX_ATTEMPTS) -> str:
+    """``max_attempts`` 1: no retry (the first UNAVAILABLE is the caller's to see)."""
+    if not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise ValueError(f"max_attempts must be 1 to {MAX_ATTEMPTS}, got {max_attempts}")
+    method: dict[str, object] = {
+        "name": [{"service": GATEWAY_SERVICE}],
+        "waitForReady": wait_for_ready,
+    }
+    if max_attempts > 1:
+        method["retryPolicy"] = {**RETRY_POLICY, "maxAttempts": max_attempts}
+    return json.dumps({"methodConfig": [method]})
 
 
-def channel_options(wait_for_ready: bool = True) -> list[tuple[str, int | str]]:
+def channel_options(
+    wait_for_ready: bool = True, max_attempts: int = MAX_ATTEMPTS
+) -> list[tuple[str, int | str]]:
     """Options for a channel to the Gateway (pass them when you make your own, e.g. TLS)."""
     return [
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config(wait_for_ready)),
+        ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+        ("grpc.service_config", service_config(wait_for_ready, max_attempts)),
         # a retry resends the request from this buffer: room for the largest request
         ("grpc.per_rpc_retry_buffer_size", 2 * MAX_REQUEST_BYTES),
         ("grpc.retry_buffer_size", 16 * MAX_REQUEST_BYTES),

@@ -7,7 +7,7 @@ from types import TracebackType
 
 import grpc
 
-from cachemesh._channel import channel_options, with_request_id
+from cachemesh._channel import MAX_ATTEMPTS, channel_options, with_request_id
 from cachemesh._errors import from_rpc_error
 from cachemesh._requests import build_request
 from cachemesh._tls import Tls, aio_channel, sync_channel
@@ -27,8 +27,9 @@ class Client:
     the retries).
 
     Each call gets a ``request_id`` unless it has one, and UNAVAILABLE is retried by gRPC (up
-    to 5 attempts) while nothing has come back; ``wait_for_ready`` (default) lets a call wait,
-    within ``timeout_s``, for a Gateway that is restarting instead of failing at once."""
+    to ``max_attempts``, 5; 1 = no retry) while nothing has come back; ``wait_for_ready``
+    (default) lets a call wait, within ``timeout_s``, for a Gateway that is restarting instead
+    of failing at once."""
 
     def __init__(
         self,
@@ -39,8 +40,11 @@ class Client:
         channel: grpc.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        self._channel = channel or sync_channel(target, tls, channel_options(wait_for_ready))
+        self._channel = channel or sync_channel(
+            target, tls, channel_options(wait_for_ready, max_attempts)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s
@@ -102,8 +106,11 @@ class AsyncClient:
         channel: grpc.aio.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        self._channel = channel or aio_channel(target, tls, channel_options(wait_for_ready))
+        self._channel = channel or aio_channel(
+            target, tls, channel_options(wait_for_ready, max_attempts)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s

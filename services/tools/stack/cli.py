@@ -1,5 +1,5 @@
-"""``python -m services.tools.stack keys|up|down|status|probe`` (and ``supervise``, which ``up``
-starts).
+"""``python -m services.tools.stack keys|up|down|stop NAME|status|probe`` (and ``supervise``,
+which ``up`` starts).
 
 Used by the Makefile and compose.
 """
@@ -62,12 +62,18 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print("stack stopped")
         return 0
+    if args.command == "stop":
+        stack.stop_service(args.name)
+        print(f"{args.name} stopped; the supervisor keeps it stopped until the next up")
+        return 0
     supervisor = stack.supervisor_pid()
     healthy = supervisor is not None
+    held = stack.held()
     print(f"{'supervisor':<15} {'':<22} pid {supervisor or '-':<8} {'' if healthy else 'STOPPED'}")
     state = read_state(run_dir)
     for name, (pid, health) in stack.status().items():
         restarts = state.get(name, {}).get("restarts") or 0
+        health = f"{health} (held: stopped until the next up)" if name in held else health
         print(f"{name:<15} {stack.addresses[name]:<22} pid {pid or '-':<8} {health}", end="")
         print(f"  ({restarts} restarts)" if restarts else "")
         healthy = healthy and health == SERVING
@@ -89,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
+    stop = commands.add_parser(
+        "stop", help="stop one process and keep it stopped until the next up (compose stop)"
+    )
+    stop.add_argument("name", help="a process of the stack (router, model-2, redis, ...)")
     commands.add_parser("status", help="health of every service")
     supervisor = commands.add_parser(
         "supervise", help="(started by up) keep the stack's processes running, restart the dead"

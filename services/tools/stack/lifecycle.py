@@ -29,7 +29,14 @@ from services.tools.stack.ports import free_port_overrides
 from services.tools.stack.processes import Running
 from services.tools.stack.redis_process import REDIS, redis_argv, stack_redis_address
 from services.tools.stack.service_table import SERVICES, ServiceDef, stop_order
-from services.tools.stack.supervisor import PID_NAME, STATE_FILE, Managed, Plan, read_state
+from services.tools.stack.supervisor import (
+    HELD_DIR,
+    PID_NAME,
+    STATE_FILE,
+    Managed,
+    Plan,
+    read_state,
+)
 
 DEFAULT_START_TIMEOUT_S = 120.0
 # Where a service keeps its state unless the settings say otherwise (an empty value: in memory)
@@ -129,6 +136,7 @@ class Stack:
         keys = self.keys()
         if keys.created:
             self._say(describe(keys))
+        self._release_held()
         managed = self.managed()
         running = {r.service.name: r.pid for r in self.running()}
         supervisor = self.supervisor_pid()
@@ -225,6 +233,37 @@ class Stack:
             stop_wave=wave,
             redis_address=(self.redis_address() or "") if service is REDIS else "",
         )
+
+    def stop_service(self, *names: str, timeout_s: float = 60.0) -> None:
+        """Stops these processes and keeps them stopped (the supervisor does not restart
+        them) until the next ``start``, as ``docker compose stop``; returns once they exited."""
+        known = {s.name for s in self.managed()}
+        for name in names:
+            if name not in known:
+                raise StackError(
+                    f"no process named {name!r} in this stack (it has: {', '.join(known)})"
+                )
+        if self.supervisor_pid() is None:
+            raise StackError(f"no supervisor runs the stack in {self.run_dir}: nothing to stop")
+        held = self.run_dir / HELD_DIR
+        held.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (held / name).touch()
+        deadline = time.monotonic() + timeout_s
+        while alive := [r.service.name for r in self.running() if r.service.name in names]:
+            if time.monotonic() > deadline:
+                raise StackError(f"{', '.join(alive)} still running {timeout_s:.0f}s after held")
+            time.sleep(0.05)
+
+    def held(self) -> set[str]:
+        """The processes kept stopped by ``stop_service``."""
+        folder = self.run_dir / HELD_DIR
+        return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def _release_held(self) -> None:
+        for name in self.held():
+            self._say(f"{name} was held stopped: starting it again")
+            (self.run_dir / HELD_DIR / name).unlink(missing_ok=True)
 
     def stop(self, grace_s: float | None = None) -> list[str]:
         """Stops the supervisor, which stops the processes (callers first, SIGKILL after the

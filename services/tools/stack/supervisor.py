@@ -9,7 +9,9 @@ a process that has exited is started again after a backoff (``RESTART_BACKOFF_S`
 up to ``RESTART_BACKOFF_MAX_S``; back to the first step once a run has lasted
 ``STABLE_AFTER_S``), each exit and restart one line in ``logs/supervisor.log``. Its state
 (pids, restarts, last exit codes) is in ``<run_dir>/supervisor-state.json`` for ``up`` and
-``status``. SIGTERM stops the processes (callers before the services they call, SIGKILL after
+``status``. A process named in ``<run_dir>/held/`` (``Stack.stop_service``, ``stop NAME``) is
+stopped and kept stopped, as ``docker compose stop`` does, until ``up`` clears the hold.
+SIGTERM stops the processes (callers before the services they call, SIGKILL after
 the grace), removes their pid files and exits; with ``--exit-with`` it does so also when that
 process (the test run that started it) is gone.
 """
@@ -33,6 +35,7 @@ from services.tools.stack.redis_process import probe_redis
 PLAN_FILE = "supervisor.json"
 STATE_FILE = "supervisor-state.json"
 PID_NAME = "supervisor"
+HELD_DIR = "held"  # an empty file per process the supervisor keeps stopped
 RESTART_BACKOFF_S = 0.5
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 30.0
@@ -100,6 +103,7 @@ class _Slot:
     started_at: float = 0.0
     restart_at: float | None = None
     restarts: int = 0
+    held_since: float | None = None  # when its hold was seen (SIGTERM sent, SIGKILL after grace)
     exits: int = 0
     last_exit: int | None = None
     backoff: Backoff = field(default_factory=Backoff)
@@ -130,8 +134,13 @@ class Supervisor:
                 self._say(f"pid {exit_with} that started the stack is gone: stopping")
                 break
             changed = False
+            held = _held(self._run_dir)
             for slot in self._slots:
-                changed = self._tend(slot) or changed
+                if slot.spec.name in held:
+                    changed = self._hold(slot) or changed
+                else:
+                    changed = self._release(slot) or changed
+                    changed = self._tend(slot) or changed
             if changed:
                 self._save_state()
         self._stop_all()
@@ -144,6 +153,38 @@ class Supervisor:
             self._say(f"{slot.spec.name}: adopted running pid {pid}")
             return
         self._spawn(slot, append=False)
+
+    def _hold(self, slot: _Slot) -> bool:
+        """Stops the process (SIGTERM, SIGKILL after the grace) and does not restart it."""
+        now = time.monotonic()
+        slot.restart_at = None
+        if slot.held_since is None:
+            slot.held_since = now
+            self._say(f"{slot.spec.name}: held (stopped until the next up)")
+            self._signal(slot, signal.SIGTERM)
+            return False
+        if slot.pid is None:
+            return False
+        code = slot.exit_code()
+        if code is None:
+            if now - slot.held_since > self._plan.grace_s:
+                self._signal(slot, signal.SIGKILL)
+            return False
+        slot.last_exit, slot.pid, slot.popen = code, None, None
+        Path(slot.spec.pid_path).unlink(missing_ok=True)
+        self._say(f"{slot.spec.name}: stopped (held) with code {code}")
+        return True
+
+    def _release(self, slot: _Slot) -> bool:
+        """A process whose hold was lifted is started again at once."""
+        if slot.held_since is None:
+            return False
+        slot.held_since = None
+        if slot.pid is None and slot.restart_at is None:
+            slot.restarts += 1
+            self._spawn(slot, append=True)
+            return True
+        return False
 
     def _tend(self, slot: _Slot) -> bool:
         now = time.monotonic()
@@ -249,6 +290,13 @@ def read_state(run_dir: Path) -> dict[str, dict[str, int | None]]:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
     return state
+
+
+def _held(run_dir: Path) -> set[str]:
+    try:
+        return {entry.name for entry in os.scandir(run_dir / HELD_DIR)}
+    except FileNotFoundError:
+        return set()
 
 
 def supervise(run_dir: Path, out: TextIO, exit_with: int | None = None) -> None:
