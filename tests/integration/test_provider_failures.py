@@ -191,21 +191,19 @@ def _billed(providers: ProviderStack, tenant: str, before: int, count: int) -> T
     return after
 
 
+def _script_cut(providers: ProviderStack, model: str) -> None:
+    """The next OpenAI call streams "Paris", " is the" and is cut there (no [DONE])."""
+    stream = openai_wire.stream(model, ["Paris", " is the", " capital."], None, cut_after=2)
+    providers.server.script("openai", Reply(events=stream, cut=True))
+
+
 def test_an_openai_stream_cut_without_done_is_billed_and_not_stored(
     providers: ProviderStack,
 ) -> None:
     """gpt-4o-mini has one replica: nothing can take the cut request over, so a client that
     asked for no retry sees UNAVAILABLE; the cut call is billed and never stored."""
     question = f"Cut stream question {uuid.uuid4().hex[:8]}"
-    providers.server.script(
-        "openai",
-        Reply(
-            events=openai_wire.stream(
-                "gpt-4o-mini", ["Paris", " is the", " capital."], None, cut_after=2
-            ),
-            cut=True,
-        ),
-    )
+    _script_cut(providers, "gpt-4o-mini")
     request = ask("gpt-4o-mini", question)
     request.cache.semantic = pb.SEMANTIC_MODE_USE
     before = providers.stack.totals("tenant-b")
@@ -227,15 +225,7 @@ def test_a_stream_cut_before_anything_reached_the_caller_goes_to_another_replica
     """gpt-4-1 has two replicas: a unary call whose stream broke off is answered by the other
     one (nothing had reached the caller); both calls are billed, the cut one never stored."""
     question = f"Cut and handed over {uuid.uuid4().hex[:8]}"
-    providers.server.script(
-        "openai",
-        Reply(
-            events=openai_wire.stream(
-                "gpt-4-1", ["Paris", " is the", " capital."], None, cut_after=2
-            ),
-            cut=True,
-        ),
-    )
+    _script_cut(providers, "gpt-4-1")
     before = providers.stack.totals("tenant-b")
     with _client(providers, "tenant-b", max_attempts=1) as client:
         answer = client.complete(ask("gpt-4-1", question))
