@@ -149,8 +149,18 @@ def _wait_back(stack: Stack, name: str, old_pid: int, timeout_s: float = 60.0) -
 
 
 def _cost(stack: Stack, token: str) -> tuple[int, int]:
-    totals = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
-    return totals.requests, totals.cost_nanos
+    """The tenant's billed totals; UNAVAILABLE (prefix-cache's first call on a stale Redis
+    connection after Redis came back) is retried, as a client would, for up to 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            totals = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+            continue
+        return totals.requests, totals.cost_nanos
 
 
 def test_every_process_killed_in_turn_under_load(tmp_path: Path) -> None:
