@@ -3,7 +3,6 @@ when the Gateway requires one (mutual TLS)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +35,13 @@ class Tls:
         )
 
 
-Options = Sequence[tuple[str, int | str]]
-
-
-def sync_channel(target: str, tls: Tls | None, options: Options = ()) -> grpc.Channel:
+def sync_channel(target: str, tls: Tls | None) -> grpc.Channel:
     if tls is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, tls.credentials(), options=options)
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, tls.credentials())
 
 
-def aio_channel(target: str, tls: Tls | None, options: Options = ()) -> grpc.aio.Channel:
+def aio_channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=options)
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, tls.credentials())

@@ -55,8 +55,7 @@ def spawn(service: ServiceDef, env: Mapping[str, str], cwd: Path, log_path: Path
 
 
 def is_alive(pid: int, module: str) -> bool:
-    """True if ``pid`` runs and (where /proc tells) its command line holds ``module`` (``python
-    -m <module>``, or ``redis-server``), so a reused pid is not taken for it."""
+    """True if ``pid`` runs and (where /proc tells) is ``python -m <module>``, not a reused pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,8 +71,7 @@ def is_alive(pid: int, module: str) -> bool:
         argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
     except (OSError, IndexError):
         return False
-    marker = module.encode()  # a substring: redis-server rewrites its title in place
-    return any(marker in arg for arg in argv)
+    return module.encode() in argv
 
 
 def write_pid(path: Path, pid: int) -> None:
