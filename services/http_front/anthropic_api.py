@@ -109,7 +109,15 @@ def _block(raw: object, path: str) -> pb.ContentBlock:
         obj.only(("type", "text", "cache_control", "citations"))
         block.text = obj.text("text", required=True) or ""
     elif kind == "tool_use":
-        obj.only(("type", "id", "name", "input", "cache_control"))
+        # `caller` and `toolset_name` are in the API's schema (the SDK echoes them back, null,
+        # when a response's content is sent again); cachemesh serves only direct calls
+        obj.only(("type", "id", "name", "input", "cache_control", "caller", "toolset_name"))
+        for name in ("caller", "toolset_name"):
+            if obj.has(name):
+                raise invalid(
+                    f"{obj.at(name)}: programmatic and MCP toolset calls are not supported by "
+                    "cachemesh; send direct tool calls"
+                )
         block.tool_use.id = obj.text("id", required=True) or ""
         block.tool_use.name = obj.text("name", required=True) or ""
         block.tool_use.input_json = json_text(obj.raw("input"), obj.at("input"))

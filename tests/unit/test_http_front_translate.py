@@ -284,3 +284,27 @@ def test_request_headers_choose_the_cache_options() -> None:
     for bad in ({"x-cachemesh-semantic": "sometimes"}, {"x-cachemesh-threshold": "1.5"}):
         with pytest.raises(ApiError):
             cache_options(bad, pb.CompleteRequest())
+
+
+def _with_tool_use(**extra: Any) -> dict[str, Any]:
+    use = {"type": "tool_use", "id": "toolu_1", "name": "calc", "input": {}, **extra}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "4"}
+    return _anthropic(
+        tools=[{"name": "calc", "input_schema": {"type": "object"}}],
+        messages=[
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": [use]},
+            {"role": "user", "content": [result]},
+        ],
+    )
+
+
+def test_a_tool_use_block_passed_back_as_the_sdk_dumps_it_is_accepted() -> None:
+    request, _ = anthropic_api.parse_request(_with_tool_use(caller=None, toolset_name=None))
+    assert request.messages[1].content[0].tool_use.name == "calc"
+
+
+def test_a_programmatic_tool_call_is_refused_naming_the_field() -> None:
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(_with_tool_use(caller={"type": "code_execution"}))
+    assert "messages.1.content.0.caller" in refused.value.message

@@ -1,0 +1,80 @@
+"""A model's tool call round-trips through the HTTP front on the running stack.
+
+The simulator never answers with a tool call, so here the model is a provider replica whose
+loopback server streams a real Anthropic tool_use; the official SDK, pointed at the HTTP front,
+receives it as its own ToolUseBlock, sends the tool's result back, and gets the final answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import pytest
+
+from tests.integration.provider_stack import ProviderStack
+from tests.providers import anthropic_wire
+from tests.providers.wire_server import Reply
+
+pytestmark = pytest.mark.integration
+
+_TOOLS: list[Any] = [
+    {
+        "name": "get_weather",
+        "description": "The weather at a place.",
+        "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}},
+    }
+]
+
+
+def test_a_tool_call_round_trips_through_the_http_front(providers: ProviderStack) -> None:
+    usage = anthropic_wire.Usage(input_tokens=40, output_tokens=12)
+    call = anthropic_wire.ToolCall("toolu_front01", "get_weather", ['{"location":', ' "Oslo"}'])
+    providers.server.script(
+        "anthropic",
+        Reply(
+            events=anthropic_wire.stream(
+                "claude-sonnet-4-5-20250929", ["Let me check. "], usage,
+                stop_reason="tool_use", tool=call,
+            )
+        ),
+    )  # fmt: skip
+    front = f"http://{providers.stack.addresses['http-front']}"
+    client = anthropic.Anthropic(
+        base_url=front, api_key=providers.stack.keys["tenant-a"], max_retries=0
+    )
+    ask: Any = {"role": "user", "content": "Do I need a coat in Oslo today?"}
+    first = client.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=128,
+        tools=_TOOLS,
+        messages=[ask],
+    )
+    assert first.stop_reason == "tool_use"
+    (use,) = [block for block in first.content if block.type == "tool_use"]
+    assert (use.id, use.name, use.input) == ("toolu_front01", "get_weather", {"location": "Oslo"})
+
+    providers.server.script(
+        "anthropic",
+        Reply(
+            events=anthropic_wire.stream(
+                "claude-sonnet-4-5-20250929", ["Yes, it is 2 degrees."], usage
+            )
+        ),
+    )
+    turns: list[Any] = [
+        ask,
+        {"role": "assistant", "content": [use.model_dump()]},  # the SDK's block, passed back
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "2 C"}],
+        },
+    ]
+    second = client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=128, tools=_TOOLS, messages=turns
+    )
+    assert second.stop_reason == "end_turn"
+    assert "".join(b.text for b in second.content if b.type == "text") == "Yes, it is 2 degrees."
+    sent = providers.server.seen_by("anthropic")[-1].body
+    assert sent["messages"][1]["content"][-1]["type"] == "tool_use"  # the call went back up
+    assert sent["messages"][2]["content"][0]["tool_use_id"] == "toolu_front01"
