@@ -116,8 +116,14 @@ def test_speculative_decoding_reports_its_kept_draft_tokens(
     assert 0 < large.usage.draft_accepted_tokens < large.usage.output_tokens
     assert small.usage.draft_accepted_tokens == 0  # sim-small has no draft of its own
     assert large.cost.cost_nanos == large.cost.baseline_nanos  # no cache: base prices only
-    spans = _wait_for_spans(stack, large.trace_id, _SERVICES - {"semantic-cache"})
-    model = _server_span(spans, "model", "Model/Generate")
+    # sim-large has two replicas (model, model-2): the span is the one that served it
+    spans = _wait_for_spans(stack, large.trace_id, {"router", "prefix-cache"})
+    deadline = time.monotonic() + 20
+    while not any(s.name.endswith("Model/Generate") and s.service != "router" for s in spans):
+        assert time.monotonic() < deadline, [(s.service, s.name) for s in spans]
+        time.sleep(0.2)
+        spans = stack.sink.spans_of(large.trace_id)
+    model = next(s for s in spans if s.name.endswith("Model/Generate") and s.service != "router")
     chat = next(s for s in spans if s.service == "router" and s.name.startswith("chat "))
     for span in (model, chat):
         assert span.attributes["cachemesh.draft_accepted_tokens"] == (
