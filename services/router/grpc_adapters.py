@@ -7,7 +7,7 @@ CLIENT span (``services.common.rpc_tracing``), the parent of the callee's SERVER
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,8 +44,12 @@ def failed(exc: grpc.aio.AioRpcError) -> CallFailed:
 
 
 async def _unary(
-    spans: ClientSpans, method: str, invoke: Callable[..., Any], request: Any, deadline_s: float
-) -> Any:
+    spans: ClientSpans,
+    method: str,
+    invoke: Callable[..., Awaitable[T]],
+    request: object,
+    deadline_s: float,
+) -> T:
     span, metadata = spans.start(method)
     try:
         reply = await invoke(request, timeout=deadline_s, metadata=metadata)
@@ -65,22 +69,13 @@ class GrpcSemantic:
     spans: ClientSpans
 
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
-        reply: sc.LookupResponse = await _unary(
-            self.spans, _LOOKUP, self.stub.Lookup, request, deadline_s
-        )
-        return reply
+        return await _unary(self.spans, _LOOKUP, self.stub.Lookup, request, deadline_s)
 
     async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
-        reply: sc.StoreResponse = await _unary(
-            self.spans, _STORE, self.stub.Store, request, deadline_s
-        )
-        return reply
+        return await _unary(self.spans, _STORE, self.stub.Store, request, deadline_s)
 
     async def release(self, request: sc.ReleaseRequest, deadline_s: float) -> sc.ReleaseResponse:
-        reply: sc.ReleaseResponse = await _unary(
-            self.spans, _RELEASE, self.stub.Release, request, deadline_s
-        )
-        return reply
+        return await _unary(self.spans, _RELEASE, self.stub.Release, request, deadline_s)
 
 
 @dataclass
@@ -89,16 +84,10 @@ class GrpcPrefix:
     spans: ClientSpans
 
     async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
-        reply: pc.PlanResponse = await _unary(
-            self.spans, _PLAN, self.stub.Plan, request, deadline_s
-        )
-        return reply
+        return await _unary(self.spans, _PLAN, self.stub.Plan, request, deadline_s)
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
-        reply: pc.CommitResponse = await _unary(
-            self.spans, _COMMIT, self.stub.Commit, request, deadline_s
-        )
-        return reply
+        return await _unary(self.spans, _COMMIT, self.stub.Commit, request, deadline_s)
 
 
 class GrpcModelStream:

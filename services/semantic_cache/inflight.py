@@ -20,9 +20,6 @@ class StoresInFlight:
     def __init__(self) -> None:
         self._open: dict[ScopeKey, tuple[int, asyncio.Event]] = {}
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     @contextlib.contextmanager
     def storing(self, key: ScopeKey) -> Iterator[None]:
         """Marks a Store of ``key``'s scope in flight for the block's duration."""
@@ -38,14 +35,10 @@ class StoresInFlight:
             else:
                 self._open[key] = (count - 1, done)
 
-    async def settled(self, key: ScopeKey, timeout_s: float) -> bool:
+    async def settled(self, key: ScopeKey, timeout_s: float) -> None:
         """Waits up to ``timeout_s`` seconds for the scope's Stores in flight now to end
-        (later ones are not waited for): True when none is left of them."""
+        (later ones are not waited for); past that the check goes on without them."""
         entry = self._open.get(key)
-        if entry is None:
-            return True
-        try:
-            await asyncio.wait_for(entry[1].wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        if entry is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(entry[1].wait(), timeout_s)
