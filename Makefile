@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down demo test test-deps lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
+.PHONY: help setup proto keys up down stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,13 +31,25 @@ proto: setup ## generate the Python stubs and .pyi files from protos/ into the c
 keys: setup ## generate this install's demo keys once (.run/demo-keys.env)
 	$(BIN)/python -m services.tools.stack keys
 
-up: setup ## start every service on loopback; returns once all are SERVING
+up: setup redis-server ## start the stack on loopback under its supervisor (restarts what dies); returns once all are SERVING; again: brings back what is missing
 	$(BIN)/python -m services.tools.stack up
 
 down: ## stop the local stack
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.tools.stack down; fi
 
-demo: setup ## start the stack, drive a realistic workload, print the per-layer table, stop
+stop: setup ## stop one process and keep it stopped until the next make up: make stop SERVICE=router
+	@test -n "$(SERVICE)" || { echo "usage: make stop SERVICE=<name> (see make status)"; exit 2; }
+	$(BIN)/python -m services.tools.stack stop $(SERVICE)
+
+status: setup ## each process of the local stack: pid, health, restarts
+	$(BIN)/python -m services.tools.stack status
+
+redis-server: ## install Debian's redis-server when missing (the stack's own Redis: prefix-cache's totals)
+	@command -v redis-server >/dev/null || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+	  >/dev/null || { echo "cannot install redis-server (apt-get)"; exit 1; }; }
+
+demo: setup redis-server ## start the stack, drive a realistic workload, print the per-layer table, stop
 	$(BIN)/python -m services.tools.stack up
 	set -a; source .run/demo-keys.env; set +a; \
 	  $(BIN)/python -m cachemesh.demo; status=$$?; \
@@ -59,13 +71,10 @@ demo-local: engine ## the demo against two llama-server replicas (SmolLM2-135M, 
 	  CACHEMESH_DEMO_MODEL=local-small $(BIN)/python -m cachemesh.demo; status=$$?; \
 	  $(BIN)/python -m services.tools.stack down; exit $$status
 
-test-deps: ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)
+test-deps: redis-server ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)
 	@command -v docker-compose >/dev/null || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) \
 	  >/dev/null || { echo "cannot install docker-compose (apt-get)"; exit 1; }; }
-	@command -v redis-server >/dev/null || { \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
-	  >/dev/null || { echo "cannot install redis-server (apt-get)"; exit 1; }; }
 
 lint: setup ## ruff and mypy --strict
 	$(BIN)/ruff check services clients tests

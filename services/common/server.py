@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.channels import server_options
 from services.common.env import ConfigError, Env
 from services.common.tls import ServerTls
 from services.common.wire import MalformedRequests
@@ -120,6 +121,7 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     options = [
         ("grpc.max_receive_message_length", spec.settings.max_message_bytes),
         ("grpc.max_send_message_length", spec.settings.max_message_bytes),
+        *server_options(),
     ]
     # malformed requests are refused first: before tracing, authentication or a servicer
     interceptors = [MalformedRequests(), *spec.interceptors]

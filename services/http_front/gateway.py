@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cachemesh.retry_info import retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
+from services.common.channels import channel_options
 from services.common.status import code_of
 from services.common.tls import ClientTls
 from services.http_front.errors import ApiError, from_gateway
@@ -50,10 +51,11 @@ def _metadata(key: str, traceparent: str) -> tuple[tuple[str, str], ...]:
 
 class Gateway:
     def __init__(self, address: str, timeout_s: float, tls: ClientTls | None = None) -> None:
+        options = channel_options(4 << 20)
         self._channel = (
-            grpc.aio.insecure_channel(address)
+            grpc.aio.insecure_channel(address, options=options)
             if tls is None
-            else grpc.aio.secure_channel(address, tls.grpc_credentials())
+            else grpc.aio.secure_channel(address, tls.grpc_credentials(), options=options)
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)

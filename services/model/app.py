@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
@@ -21,11 +22,12 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.model.api import ModelApi
 from services.model.kv_cache import KvBlockCache
-from services.model.providers.api import ProviderApi
-from services.model.providers.wiring import build_provider_api
 from services.model.servicer import ModelService
 from services.model.settings import ModelSettings
 from services.model.wiring import build_engine
+
+if TYPE_CHECKING:
+    from services.model.providers.api import ProviderApi
 
 log = logging.getLogger("cachemesh.model")
 SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["Model"].full_name
@@ -46,6 +48,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         if settings.provider is None:
             service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache)))
         else:
+            # only a provider replica loads the SDKs (anthropic, openai): importing them took
+            # most of a simulated replica's start (seconds on a busy machine) for nothing
+            from services.model.providers.wiring import build_provider_api
+
             apis.append(build_provider_api(settings, tokenizer, health.set))
             service.attach(apis[0])
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
@@ -164,6 +165,10 @@ async def _refused(work: Awaitable[T]) -> T:
     """The core's answer; its errors as ``RequestError`` with their status code."""
     try:
         return await work
+    except RedisError as exc:  # its store is down (restarting): retryable, no detail leaked
+        raise RequestError(
+            Code.UNAVAILABLE, f"prefix-cache's Redis is unreachable ({type(exc).__name__})"
+        ) from exc
     except Exception as exc:
         for kind, code in _CODES:
             if isinstance(exc, kind):

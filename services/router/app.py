@@ -16,6 +16,7 @@ from services.common.tokens import load_cl100k
 from services.router.grpc_adapters import connect
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_limiter
+from services.router.outbox import BillingOutbox, Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.routing.router import LocalEmbedder
@@ -43,6 +44,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     local = LocalEmbedder(load_minilm_embedder) if settings.local_embedder else None
     connected = connect(settings, provider.get_tracer("cachemesh.grpc"))
+    outbox = BillingOutbox(
+        connected.dependencies.prefix,
+        Journal(settings.data_dir) if settings.data_dir is not None else None,
+        settings.prefix_timeout_s,
+        settings.outbox_retry_s,
+    )
     pipeline = Pipeline(
         connected.dependencies,
         table,
@@ -50,14 +57,24 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         provider.get_tracer("cachemesh.router"),
         settings,
         (router_model, threshold, local),
+        outbox,
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     limiter = await build_limiter(settings.limits, SystemClock())
     servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers, limiter)
 
+    replays: list[asyncio.Task[None]] = []
+
+    async def warmup() -> None:
+        replays.append(asyncio.ensure_future(outbox.run()))
+
     async def close() -> None:
         await pipeline.drain()
         await limiter.close()
+        for task in replays:
+            task.cancel()
+        await asyncio.gather(*replays, return_exceptions=True)
+        await outbox.flush()  # a last try; what is left stays in the journal
         await connected.close()
         provider.shutdown()
 
@@ -70,6 +87,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
                 servicer, server
             ),
             interceptors=server_interceptors(provider),
+            warmup=warmup,
             on_stop=[close],
         ),
         stop,

@@ -106,7 +106,9 @@ class Calls:
             "semantic-cache",
             self._d.semantic.store(
                 semantic_cache_pb2.StoreRequest(tenant=tenant, request=request, answer=answer),
-                self._s.semantic_timeout_s,
+                # not the lookup's deadline: the answer does not wait for its Store, which
+                # waits for L1's write-ahead log to reach the disk (an fsync)
+                self._s.semantic_store_timeout_s,
             ),
             client_faults=False,  # the answer was served: a refused store only loses a hit
         )

@@ -72,10 +72,15 @@ class Dispatcher:
         self._chooser = ReplicaChooser(choice, self.loads)
 
     async def open(
-        self, tenant: str, request: pb.CompleteRequest, routed: Routed | None = None
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        routed: Routed | None = None,
+        exclude: frozenset[str] = frozenset(),
     ) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done); an
-        ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made."""
+        ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made; replicas
+        in ``exclude`` (cut mid-answer on this request) are not tried."""
         plans = routed.plans if routed is not None else {}
         if request.model == AUTO:
             assert routed is not None
@@ -90,7 +95,7 @@ class Dispatcher:
         failures: list[str] = []
         for spec, reason in options:
             replicas = self._deps.replicas(spec.id)
-            if not replicas:
+            if not set(replicas) - exclude:
                 continue
             plan = (
                 plans[spec.id]
@@ -104,7 +109,7 @@ class Dispatcher:
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
             wanted = Request(spec.id, prompt_tokens, hashes, spec.prefill_tokens_per_s)
             route = self._chooser.choose(wanted, replicas, view, self._clock())
-            for replica in route.order:
+            for replica in (r for r in route.order if r not in exclude):
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 ticket = self.loads.sent(

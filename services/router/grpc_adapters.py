@@ -18,6 +18,7 @@ from cachemesh.v1 import model_pb2, model_pb2_grpc, prefix_cache_pb2_grpc, seman
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import internal_metadata
+from services.common.channels import channel_options
 from services.common.rpc_tracing import ClientSpans, end_call_span
 from services.common.status import code_of
 from services.router.dependencies import CallFailed, Dependencies
@@ -151,12 +152,9 @@ def connect(settings: RouterSettings, tracer: trace.Tracer) -> Connected:
 
     def channel(address: str) -> grpc.aio.Channel:
         if address not in channels:
+            # reconnects within a second of a dependency's return, keepalive notices a dead one
             channels[address] = grpc.aio.insecure_channel(
-                address,
-                options=[
-                    ("grpc.max_send_message_length", 8 * 1024 * 1024),
-                    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-                ],
+                address, options=channel_options(8 * 1024 * 1024)
             )
         return channels[address]
 

@@ -3,8 +3,9 @@
 ``Pipeline.run`` yields the Gateway's chunks (``start``, text ``delta``s, ``end``) so that
 ``Complete`` and ``StreamComplete`` share one path. A dependency that is down degrades the
 request and never loses it: no semantic cache → the model answers; no prefix-cache → the
-answer is served with ``cost.estimated``; a replica down → the next replica (or, for
-``auto``, the other tier); ``UNAVAILABLE`` only when no layer can serve.
+answer is served with ``cost.estimated`` and billed later (the outbox); a replica down → the
+next replica (or, for ``auto``, the other tier), also when it dies mid-answer before anything
+reached the caller; ``UNAVAILABLE`` only when no layer can serve.
 """
 
 from __future__ import annotations
@@ -29,11 +30,25 @@ from services.router.answer import Answer
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
+from services.router.outbox import BillingOutbox
 from services.router.routing.model import RouterModel
 from services.router.routing.router import LocalEmbedder, Routed, TierRouter
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
+
+# How many replicas that died mid-answer one request may be handed on from.
+_MAX_REPLICA_RETRIES = 2
+
+
+class ReplicaCut(RequestError):
+    """The replica serving the request died, or its provider's stream broke off, mid-answer
+    (UNAVAILABLE). The cut call is billed for what it produced and never stored."""
+
+    def __init__(self, replica: str, message: str) -> None:
+        super().__init__(Code.UNAVAILABLE, message)
+        self.replica = replica
+
 
 _NO_READ = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_REFRESH)
 _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
@@ -48,8 +63,11 @@ class Pipeline:
         tracer: trace.Tracer,
         settings: RouterSettings,
         router: tuple[RouterModel, float, LocalEmbedder | None],
+        outbox: BillingOutbox | None = None,
     ) -> None:
-        """``router``: the learned model, its default threshold, the fallback embedder."""
+        """``router``: the learned model, its default threshold, the fallback embedder.
+        ``outbox`` keeps the commits prefix-cache did not take, to bill them when it is back
+        (None: such answers stay estimated and unbilled, as in the offline estimator)."""
         self._calls = Calls(dependencies, settings)
         self._table = table
         self._tokenizer = tokenizer
@@ -63,10 +81,14 @@ class Pipeline:
         )
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
+        self._outbox = outbox
 
     async def run(
-        self, tenant: str, request: pb.CompleteRequest
+        self, tenant: str, request: pb.CompleteRequest, *, streamed: bool = True
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
+        """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
+        (``StreamComplete``); else only the end does (``Complete``), so a replica that dies
+        mid-answer can hand the request to another one at any point before the end."""
         root = trace.get_current_span()
         spans.request_attributes(root, tenant, request)
         head = pb.CompleteResponse(request_id=request.request_id, trace_id=current_trace_id())
@@ -81,12 +103,32 @@ class Pipeline:
             return
 
         answered = False
+        cut: set[str] = set()  # replicas cut mid-answer on this request
+        last_cut: ReplicaCut | None = None
         try:
-            model_answer = self._from_model(tenant, request, baseline, head, lookup)
-            async with contextlib.aclosing(model_answer) as it:
-                async for chunk in it:
-                    answered = chunk.WhichOneof("part") == "end"  # its Store is on
-                    yield chunk
+            while True:
+                emitted = False
+                try:
+                    async with contextlib.aclosing(
+                        self._from_model(tenant, request, baseline, head, lookup, frozenset(cut))
+                    ) as it:
+                        async for chunk in it:
+                            answered = chunk.WhichOneof("part") == "end"  # its Store is on
+                            emitted = streamed
+                            yield chunk
+                    break
+                except ReplicaCut as exc:
+                    # nothing of this answer reached the caller: another replica answers it
+                    if emitted or len(cut) >= _MAX_REPLICA_RETRIES:
+                        raise
+                    cut.add(exc.replica)
+                    last_cut = exc
+                    log.warning("retrying on another replica: %s cut mid-answer", exc.replica)
+                    root.add_event("cachemesh.replica_retry", {"replica": exc.replica})
+                except RequestError as exc:
+                    if last_cut is not None and exc.code == Code.UNAVAILABLE and not emitted:
+                        raise last_cut from exc  # no other replica: the cut is what happened
+                    raise
         finally:
             if lookup is not None and lookup.leader and not answered:
                 # Cancelled or failed before its Store: free the identical requests waiting
@@ -100,6 +142,7 @@ class Pipeline:
         baseline: ModelSpec,
         head: pb.CompleteResponse,
         lookup: semantic_cache_pb2.LookupResponse | None,
+        exclude: frozenset[str],
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         root = trace.get_current_span()
         began = self._clock()
@@ -107,7 +150,7 @@ class Pipeline:
         if request.model == AUTO:
             routed = await self._router.route(tenant, request, lookup)
             head.routing.CopyFrom(spans.routing(root, routed.decision))
-        attempt = await self._dispatch.open(tenant, request, routed)
+        attempt = await self._dispatch.open(tenant, request, routed, exclude)
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
         try:
@@ -136,7 +179,8 @@ class Pipeline:
         answer = Answer()
         finished = False
         try:
-            yield pb.CompleteChunk(start=head)
+            # the start goes out with the first token: until then a replica that dies leaves
+            # nothing sent, and the request can go to another replica
             end_chunk: model_pb2.GenerateEnd | None = None
             while (chunk := await attempt.stream.read()) is not None:
                 part = chunk.WhichOneof("part")
@@ -144,6 +188,7 @@ class Pipeline:
                     delta = answer.add(chunk)
                     if answer.first:
                         spans.first_token(root, attempt.chat_span, self._clock() - began)
+                        yield pb.CompleteChunk(start=head)
                     yield pb.CompleteChunk(delta=delta)
                 elif part == "end":
                     end_chunk = chunk.end
@@ -151,22 +196,24 @@ class Pipeline:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
                 answer.partial_usage = end_chunk.provider_usage
-                raise RequestError(
-                    Code.UNAVAILABLE,
+                raise ReplicaCut(
+                    attempt.replica,
                     f"the {attempt.model.id} provider's answer broke off after "
                     f"{end_chunk.output_tokens} tokens ({end_chunk.error}); billed for what "
-                    "was produced, not cached; retry with a new request_id",
+                    "was produced, not cached; retry",
                 )
             end = await self._finish(
                 tenant, request, attempt, warm, end_chunk, answer.content(), baseline, head
             )
             finished = True
             spans.outcome_attributes(root, end)
+            if not answer.blocks:  # no content at all: the start goes with the end
+                yield pb.CompleteChunk(start=head)
             yield pb.CompleteChunk(end=end)
         except CallFailed as exc:
             log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
-            raise RequestError(
-                Code.UNAVAILABLE,
+            raise ReplicaCut(
+                attempt.replica,
                 f"the {attempt.model.id} model failed mid-answer ({exc.code.name}); retry "
                 "with the same request_id",
             ) from exc
@@ -175,9 +222,10 @@ class Pipeline:
                 attempt.stream.cancel()
             self.loads.release(attempt.replica)
             attempt.chat_span.end()
-            if not finished and warm is not None:
-                # Cancelled or failed after the first token: bill what the provider would bill
-                # (the prompt and the tokens produced so far), never store.
+            if not finished:
+                # Cancelled or cut after the prefill: bill what the provider would bill (the
+                # prompt and the tokens produced so far; to the outbox if prefix-cache is
+                # down), never store.
                 self._bill_partial(tenant, request, attempt, answer, baseline)
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
@@ -250,16 +298,14 @@ class Pipeline:
             # An identical request arriving meanwhile waits on this one's lease, which the
             # Store ends, and is served the stored answer; shutdown drains the Store.
             self._in_background(self._calls.store(tenant, request, answer))
-        final = await self._calls.commit_final(
+        final = await self._commit_final(
             tenant,
             request,
-            attempt.commit_key(request.request_id),
-            attempt.model.id,
-            attempt.replica,
+            attempt,
             end_chunk.output_tokens,
-            attempt.start.kv_cached_tokens,
             baseline.id,
             end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None,
+            warm,
         )
         if final is not None:
             spans.reconciled(trace.get_current_span(), final)
@@ -278,7 +324,7 @@ class Pipeline:
                 )
         else:
             # prefix-cache unreachable: the engine's prompt count at the base prices, no cache
-            # discount claimed, marked estimated (reconciled by nobody: it was not accounted).
+            # discount claimed, marked estimated; the outbox bills it when prefix-cache is back.
             if warm is not None:
                 end.usage.CopyFrom(warm.usage)
             else:
@@ -311,18 +357,69 @@ class Pipeline:
         if usage is not None and usage.WhichOneof("report") == "anthropic":
             output_tokens = usage.anthropic.output_tokens
         self._in_background(
-            self._calls.commit_final(
+            self._commit_final(
                 tenant,
                 request,
-                attempt.commit_key(request.request_id),
-                attempt.model.id,
-                attempt.replica,
+                attempt,
                 output_tokens,
-                attempt.start.kv_cached_tokens,
                 baseline.id,
                 usage if usage is not None and usage.WhichOneof("report") else None,
+                None,
             )
         )
+
+    async def _commit_final(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: Attempt,
+        output_tokens: int,
+        baseline_id: str,
+        usage: prefix_cache_pb2.ProviderUsage | None,
+        warm: prefix_cache_pb2.CommitResponse | None,
+    ) -> prefix_cache_pb2.CommitResponse | None:
+        """FINAL; when prefix-cache does not acknowledge it, the outbox keeps the commits
+        (durably, before the answer is sent) and bills them once prefix-cache is back."""
+        key = attempt.commit_key(request.request_id)
+        final = await self._calls.commit_final(
+            tenant,
+            request,
+            key,
+            attempt.model.id,
+            attempt.replica,
+            output_tokens,
+            attempt.start.kv_cached_tokens,
+            baseline_id,
+            usage,
+        )
+        if final is None and self._outbox is not None:
+            # the WARM again, with the request: a no-op if the first one was recorded; else it
+            # records the prompt now, claiming no cache read (none was priced in the answer)
+            replay_warm = prefix_cache_pb2.CommitRequest(
+                tenant=tenant,
+                request_id=key,
+                phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
+                model=attempt.model.id,
+                kv_cached_tokens=attempt.start.kv_cached_tokens,
+                request=request,
+            )
+            if warm is None:
+                replay_warm.max_read_tokens = 0
+            replay_final = prefix_cache_pb2.CommitRequest(
+                tenant=tenant,
+                request_id=key,
+                phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
+                model=attempt.model.id,
+                replica=attempt.replica,
+                output_tokens=output_tokens,
+                kv_cached_tokens=attempt.start.kv_cached_tokens,
+                baseline_model=baseline_id,
+            )
+            if usage is not None:
+                replay_final.provider_usage.CopyFrom(usage)
+            await self._outbox.keep([replay_warm, replay_final])
+            trace.get_current_span().add_event("cachemesh.billing_deferred", {"commit": key})
+        return final
 
     def _in_background(self, call: Awaitable[object]) -> None:
         """Runs ``call`` past the request's end (``drain`` awaits it at shutdown)."""

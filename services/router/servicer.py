@@ -49,7 +49,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         ticket = await self._admit(request, context)
         try:
-            async with aclosing(self._answered(ticket, request)) as chunks:
+            async with aclosing(self._answered(ticket, request, streamed=False)) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         return chunk.end
@@ -102,7 +102,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return admitted
 
     async def _answered(
-        self, ticket: Ticket, request: pb.CompleteRequest
+        self, ticket: Ticket, request: pb.CompleteRequest, *, streamed: bool = True
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The request's chunks, once per request_id: a retry replays the first answer."""
         tenant = ticket.tenant
@@ -117,7 +117,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return
         end: pb.CompleteResponse | None = None
         try:
-            async with aclosing(self._pipeline.run(tenant, request)) as chunks:
+            async with aclosing(self._pipeline.run(tenant, request, streamed=streamed)) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         end = chunk.end

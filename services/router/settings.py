@@ -35,6 +35,10 @@ class RouterSettings:
     routing_threshold: float | None = None  # None = the router card's calibrated default
     local_embedder: bool = True  # embed in the router when the semantic cache is unreachable
     cost_aware: bool = True  # weigh both tiers' Plan costs when a prefix may be warm
+    data_dir: Path | None = None  # the billing outbox's journal; None = in memory only
+    outbox_retry_s: float = 1.0  # seconds between replays of the billing outbox
+    # a Store's deadline: off the answer's path, and it waits for L1's write-ahead log fsync
+    semantic_store_timeout_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -64,6 +68,11 @@ class RouterSettings:
             ),
             local_embedder=env.bool("ROUTER_LOCAL_EMBEDDER", True),
             cost_aware=env.bool("ROUTER_COST_AWARE", True),
+            data_dir=Path(data_dir) if (data_dir := env.optional_str("ROUTER_DATA_DIR")) else None,
+            outbox_retry_s=env.float("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
+            semantic_store_timeout_s=env.float(
+                "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
+            ),
         )
 
 

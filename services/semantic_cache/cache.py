@@ -102,6 +102,8 @@ class SemanticCache(EntryStore):
         if not lead or query.temperature > self._policy.max_temperature:
             return result
         key = (query.tenant, query.scope, query.normalised)  # _check has required the text
+        if query.mode == "use" and (mine := self._leases.take_over(key, query.request_id)):
+            return dataclasses.replace(result, leader=True, lease_id=mine)  # a retry of its own
         event = self._leases.held(key)
         if event is not None and await wait(event, wait_s):
             result = await self._check(query)
@@ -109,7 +111,7 @@ class SemanticCache(EntryStore):
                 return dataclasses.replace(result, waited=True)
             event = self._leases.held(key)
         if event is None and query.mode == "use":
-            lease_id = self._leases.take(key)
+            lease_id = self._leases.take(key, query.request_id)
             return dataclasses.replace(result, leader=True, lease_id=lease_id)
         return dataclasses.replace(result, pending=event is not None)
 

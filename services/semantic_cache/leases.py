@@ -8,6 +8,10 @@ the lease is held waits, up to its own budget, for the Store that fulfils the le
 is served that entry) or for the lease to end (released: a Store that did not store, or the
 lease's age limit, which frees the key when the holder failed without a Store). A waiter
 whose budget runs out gets a miss and calls the model itself: a lease never loses a request.
+
+A lease is owned by the ``request_id`` that took it: a retry of that request (its router died
+mid-call and the client sent it again) takes the lease over and leads, instead of waiting out
+the age limit of its own dead call.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ LeaseKey = tuple[str, str, str]  # (tenant, scope, normalised query)
 @dataclass
 class _Lease:
     expires_at_ms: int
+    owner: str = ""  # the request_id that took it ("" = none)
     lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -49,10 +54,20 @@ class Leases:
             return None
         return lease.done
 
-    def take(self, key: LeaseKey) -> str:
-        """Takes the lease of ``key``; returns its id (what ``end`` may be given)."""
-        lease = _Lease(self._clock.now_ms() + self._hold_ms)
+    def take(self, key: LeaseKey, owner: str = "") -> str:
+        """Takes the lease of ``key`` for the request ``owner``; returns its id (what ``end``
+        may be given)."""
+        lease = _Lease(self._clock.now_ms() + self._hold_ms, owner)
         self._held[key] = lease
+        return lease.lease_id
+
+    def take_over(self, key: LeaseKey, owner: str) -> str | None:
+        """The id of ``key``'s live lease when ``owner`` (not empty) took it, its age limit
+        restarted (a retry of the request leads again); else None."""
+        lease = self._held.get(key)
+        if not owner or lease is None or lease.owner != owner or self.held(key) is None:
+            return None
+        lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
         return lease.lease_id
 
     def end(self, key: LeaseKey, lease_id: str | None = None) -> bool:

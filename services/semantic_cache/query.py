@@ -41,6 +41,9 @@ class Query:
     threshold: float | None  # None = the configured threshold
     max_tokens: int
     temperature: float = 1.0  # unset = 1.0
+    # not part of the scope: names the single-flight lease a miss takes, so that a retry of
+    # the same request (its router died mid-call) leads again instead of waiting on itself
+    request_id: str = ""
 
     @property
     def normalised(self) -> str:
@@ -63,6 +66,7 @@ def query_from_request(tenant: str, request: pb.CompleteRequest) -> Query:
         threshold=cache.threshold if cache.HasField("threshold") else None,
         max_tokens=request.max_tokens,
         temperature=request.temperature if request.HasField("temperature") else 1.0,
+        request_id=request.request_id,
     )
 
 

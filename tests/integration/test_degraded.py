@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,14 +30,10 @@ def degraded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
 
 
 def _kill(runner: Stack, *names: str) -> None:
-    victims = [r for r in runner.running() if r.service.name in names]
-    assert len(victims) == len(names)
-    for victim in victims:
-        victim.signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while any(v.exit_code() is None for v in victims) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(v.exit_code() is not None for v in victims)
+    """Stops the services through the supervisor, which keeps them stopped (held) for the
+    rest of this module instead of restarting them."""
+    runner.stop_service(*names, timeout_s=30)
+    assert not {r.service.name for r in runner.running()} & set(names)
 
 
 def test_a_cancelled_stream_is_billed_for_what_was_produced_and_never_stored(

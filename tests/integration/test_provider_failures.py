@@ -12,15 +12,21 @@ import grpc
 import pytest
 
 from cachemesh import CachemeshError, Client
+from cachemesh._channel import MAX_ATTEMPTS
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1.prefix_cache_pb2 import TotalsResponse
 from services.tools.stack.health import probe
 from tests.integration.provider_stack import MODEL_TIMEOUT_S, ProviderStack, ask, router_spans
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.wire_server import Reply
 
 
-def _client(providers: ProviderStack, tenant: str = "tenant-a") -> Client:
-    return Client(providers.stack.target, api_key=providers.stack.keys[tenant])
+def _client(
+    providers: ProviderStack, tenant: str = "tenant-a", *, max_attempts: int = MAX_ATTEMPTS
+) -> Client:
+    return Client(
+        providers.stack.target, api_key=providers.stack.keys[tenant], max_attempts=max_attempts
+    )
 
 
 def _refused(
@@ -175,34 +181,71 @@ def test_a_stream_broken_midway_is_billed_and_never_stored(providers: ProviderSt
     assert len([s for s in server.seen_by("anthropic") if question in str(s.body)]) == 2
 
 
+def _billed(providers: ProviderStack, tenant: str, before: int, count: int) -> TotalsResponse:
+    """The tenant's totals once ``count`` more requests are billed (bills land in the
+    background)."""
+    deadline = time.monotonic() + 10
+    while (after := providers.stack.totals(tenant)).requests < before + count:
+        assert time.monotonic() < deadline, "the cut answer was never billed"
+        time.sleep(0.1)
+    return after
+
+
+def _script_cut(providers: ProviderStack, model: str) -> None:
+    """The next OpenAI call streams "Paris", " is the" and is cut there (no [DONE])."""
+    stream = openai_wire.stream(model, ["Paris", " is the", " capital."], None, cut_after=2)
+    providers.server.script("openai", Reply(events=stream, cut=True))
+
+
 def test_an_openai_stream_cut_without_done_is_billed_and_not_stored(
     providers: ProviderStack,
 ) -> None:
+    """gpt-4o-mini has one replica: nothing can take the cut request over, so a client that
+    asked for no retry sees UNAVAILABLE; the cut call is billed and never stored."""
     question = f"Cut stream question {uuid.uuid4().hex[:8]}"
-    providers.server.script(
-        "openai",
-        Reply(
-            events=openai_wire.stream(
-                "gpt-4o-mini", ["Paris ", "is the ", "capital."], None, cut_after=2
-            ),
-            cut=True,
-        ),
-    )
+    _script_cut(providers, "gpt-4o-mini")
     request = ask("gpt-4o-mini", question)
     request.cache.semantic = pb.SEMANTIC_MODE_USE
-    with _client(providers) as client:
-        with pytest.raises(CachemeshError) as caught:
-            client.complete(request)
-        providers.errors.append(str(caught.value))
-        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    before = providers.stack.totals("tenant-b")
+    with _client(providers, "tenant-b", max_attempts=1) as client:
+        error = _refused(providers, client, request)
+    assert error.code == grpc.StatusCode.UNAVAILABLE and "broke off" in str(error)
+    after = _billed(providers, "tenant-b", before.requests, 1)
+    assert after.requests == before.requests + 1
+    # the prompt, and "Paris is the" (3 cl100k tokens: OpenAI reports no usage when cut)
+    assert after.usage.output_tokens - before.usage.output_tokens == 3
+    with _client(providers, "tenant-b") as client:
         again = client.complete(request)
     assert again.served_by == pb.LAYER_MODEL  # not an L1 hit of the broken answer
 
 
+def test_a_stream_cut_before_anything_reached_the_caller_goes_to_another_replica(
+    providers: ProviderStack,
+) -> None:
+    """gpt-4-1 has two replicas: a unary call whose stream broke off is answered by the other
+    one (nothing had reached the caller); both calls are billed, the cut one never stored."""
+    question = f"Cut and handed over {uuid.uuid4().hex[:8]}"
+    _script_cut(providers, "gpt-4-1")
+    before = providers.stack.totals("tenant-b")
+    with _client(providers, "tenant-b", max_attempts=1) as client:
+        answer = client.complete(ask("gpt-4-1", question))
+    calls = [s for s in providers.server.seen_by("openai") if question in str(s.body)]
+    assert len(calls) == 2 and calls[0].key != calls[1].key  # the other replica answered
+    assert answer.stop_reason == "end_turn" and answer.content[0].text != "Paris is the"
+    after = _billed(providers, "tenant-b", before.requests, 2)
+    assert after.requests == before.requests + 2  # the cut call and the answer
+    produced = after.usage.output_tokens - before.usage.output_tokens
+    assert produced == answer.usage.output_tokens + 3  # the answer's, and the cut's 3
+    _, chats = router_spans(providers.stack, answer.trace_id)
+    assert len(chats) == 2
+
+
 def test_a_provider_that_hangs_is_cut_at_the_deadline(providers: ProviderStack) -> None:
+    """The router cuts a hung call at its deadline (UNAVAILABLE naming DEADLINE_EXCEEDED); a
+    client that asked for no retry sees that, and the default client's retry is answered."""
     providers.server.script("anthropic", Reply(hang=True))
     started = time.monotonic()
-    with _client(providers) as client:
+    with _client(providers, max_attempts=1) as client:
         error = _refused(
             providers, client, ask("claude-sonnet-4-5", f"Hang {uuid.uuid4().hex[:6]}")
         )
@@ -210,3 +253,11 @@ def test_a_provider_that_hangs_is_cut_at_the_deadline(providers: ProviderStack) 
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert "DEADLINE_EXCEEDED" in str(error)
     assert elapsed < MODEL_TIMEOUT_S + 3  # one replica, one deadline, not a hang
+
+    providers.server.script("anthropic", Reply(hang=True))
+    question = f"Hang then answer {uuid.uuid4().hex[:6]}"
+    with _client(providers) as client:
+        answer = client.complete(ask("claude-sonnet-4-5", question))
+    assert answer.content[0].text == "Paris is the capital of France."
+    calls = [s for s in providers.server.seen_by("anthropic") if question in str(s.body)]
+    assert len(calls) == 2  # the hung call, cut; the client's retry, answered

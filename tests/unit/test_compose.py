@@ -67,8 +67,34 @@ def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
     yield Resolved(yaml.safe_load(result.stdout), work, keys)
 
 
-def test_same_services_as_the_stack_plus_jaeger(resolved: Resolved) -> None:
-    assert set(resolved.config["services"]) == {s.name for s in SERVICES} | {"jaeger"}
+def test_same_services_as_the_stack_plus_redis_and_jaeger(resolved: Resolved) -> None:
+    assert set(resolved.config["services"]) == {s.name for s in SERVICES} | {"redis", "jaeger"}
+
+
+@pytest.mark.parametrize("name", [*(s.name for s in SERVICES), "redis"])
+def test_every_service_restarts_when_it_dies(resolved: Resolved, name: str) -> None:
+    assert resolved.service(name)["restart"] == "unless-stopped"
+
+
+def test_prefix_cache_keeps_its_bills_in_redis_that_fsyncs_every_write(
+    resolved: Resolved,
+) -> None:
+    prefix = resolved.service("prefix-cache")
+    assert prefix["environment"]["PREFIX_CACHE_REDIS_URL"] == "redis://redis:6379/0"
+    assert prefix["depends_on"]["redis"] == {"condition": "service_healthy"}
+    redis = resolved.service("redis")
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"
+    assert [v.split(":")[:2] for v in redis["volumes"]] == [["redis-data", "/data"]]
+    assert not redis.get("ports")  # inside the network only
+
+
+def test_router_keeps_its_billing_outbox_in_a_named_volume(resolved: Resolved) -> None:
+    router = resolved.service("router")
+    data_dir = router["environment"]["ROUTER_DATA_DIR"]
+    assert [v.split(":")[:2] for v in router["volumes"]] == [["router-data", data_dir]]
+    assert "router-data" in resolved.config["volumes"]
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
@@ -87,6 +113,13 @@ def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]
     moved = relocate(resolved.dotenv, {spec.name: f"0.0.0.0:{resolved.port(spec)}"}, dial)
     overrides = {k: v for k, v in moved.items() if k in spec.env_keys}
     overrides = {k: v for k, v in spec.process_env(overrides).items() if k in spec.env_keys}
+    # state on the containers' volumes; prefix-cache's Redis is the compose service
+    container_paths = {
+        "SEMANTIC_CACHE_DATA_DIR": "/var/lib/cachemesh/semantic-cache",
+        "ROUTER_DATA_DIR": "/var/lib/cachemesh/router",
+        "PREFIX_CACHE_REDIS_URL": "redis://redis:6379/0",
+    }
+    overrides |= {k: v for k, v in container_paths.items() if k in spec.env_keys}
     overrides |= {
         "OTEL_SERVICE_NAME": spec.otel_service_name,
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -135,6 +168,8 @@ def test_healthcheck_probes_health_on_the_service_port(
 def test_depends_on_healthy_peers(resolved: Resolved, spec: ServiceDef) -> None:
     depends = resolved.service(spec.name)["depends_on"]
     expected = {peer: {"condition": "service_healthy"} for peer in spec.peer_names}
+    if spec.name == "prefix-cache":
+        expected["redis"] = {"condition": "service_healthy"}
     assert {k: v for k, v in depends.items() if k != "jaeger"} == expected
     assert depends["jaeger"] == {"condition": "service_started"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -164,3 +165,29 @@ async def test_a_release_names_its_lease_and_keeps_a_newer_one() -> None:
     assert not cache.release(query, first.lease_id)  # the late Release of the first leader
     assert cache.lease_pending(query)
     assert cache.release(query, second.lease_id) and not cache.lease_pending(query)
+
+
+async def test_a_retry_of_the_leaders_own_request_leads_again_instead_of_waiting() -> None:
+    """The leader's router died mid-call; the client retried the request (same request_id)
+    through another router: it takes its own lease over at once, while a different request
+    still waits for it and is served the retry's Store."""
+    cache, clock = new_cache(hold_s=30.0)
+    mine = dataclasses.replace(q("how do i reset my password"), request_id="req-1")
+    other = dataclasses.replace(q("how do i reset my password"), request_id="req-2")
+    first = await cache.check(mine, wait_s=5.0)
+    assert first.leader
+    clock.advance(s=20.0)
+    retry = await cache.check(mine, wait_s=5.0)  # would wait otherwise: the lease is live
+    assert retry.leader and retry.lease_id == first.lease_id
+    waiter = asyncio.create_task(cache.check(other, wait_s=5.0))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    clock.advance(s=20.0)  # past the first call's age limit: the take-over restarted it
+    assert cache.lease_pending(other)
+    await cache.store(mine, answer(b"the retry's answer"))
+    served = await waiter
+    assert served.hit and served.entry is not None
+    assert served.entry.answer.payload == b"the retry's answer"
+    unnamed = await cache.check(q("what is the baggage allowance"), wait_s=0.0)
+    assert unnamed.leader  # no request_id: nothing to take over, as before
+    assert not (await cache.check(q("what is the baggage allowance"), wait_s=0.0)).leader

@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cachemesh._channel import channel_options
     from cachemesh._client import AsyncClient, Client
     from cachemesh._errors import (
         AuthenticationError,
@@ -34,6 +35,7 @@ _HOMES = {
     "RateLimitError": "cachemesh._errors",
     "Tls": "cachemesh._tls",
     "UnavailableError": "cachemesh._errors",
+    "channel_options": "cachemesh._channel",
     "answer_text": "cachemesh._requests",
     "build_request": "cachemesh._requests",
     "user_message": "cachemesh._requests",
@@ -50,6 +52,7 @@ __all__ = [
     "UnavailableError",
     "answer_text",
     "build_request",
+    "channel_options",
     "user_message",
 ]
 

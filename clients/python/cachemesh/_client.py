@@ -7,6 +7,7 @@ from types import TracebackType
 
 import grpc
 
+from cachemesh._channel import MAX_ATTEMPTS, channel_options, with_request_id
 from cachemesh._errors import from_rpc_error
 from cachemesh._requests import build_request
 from cachemesh._tls import Tls, aio_channel, sync_channel
@@ -22,7 +23,13 @@ def _metadata(api_key: str) -> tuple[tuple[str, str]]:
 
 class Client:
     """A blocking client of the Gateway; ``tls`` for a Gateway serving TLS (``Tls(ca_file=...)``).
-    ``channel`` may be injected (tests)."""
+    ``channel`` may be injected (tests; make it with ``cachemesh.channel_options()`` to keep
+    the retries).
+
+    Each call gets a ``request_id`` unless it has one, and UNAVAILABLE is retried by gRPC (up
+    to ``max_attempts``, 5; 1 = no retry) while nothing has come back; ``wait_for_ready``
+    (default) lets a call wait, within ``timeout_s``, for a Gateway that is restarting instead
+    of failing at once."""
 
     def __init__(
         self,
@@ -32,8 +39,12 @@ class Client:
         timeout_s: float = 120.0,
         channel: grpc.Channel | None = None,
         tls: Tls | None = None,
+        wait_for_ready: bool = True,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        self._channel = channel or sync_channel(target, tls)
+        self._channel = channel or sync_channel(
+            target, tls, channel_options(wait_for_ready, max_attempts)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s
@@ -41,7 +52,7 @@ class Client:
     def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
         try:
             response: pb.CompleteResponse = self._stub.Complete(
-                request, metadata=self._metadata, timeout=self._timeout_s
+                with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
@@ -50,7 +61,7 @@ class Client:
     def stream(self, request: pb.CompleteRequest) -> Iterator[pb.CompleteChunk]:
         try:
             yield from self._stub.StreamComplete(
-                request, metadata=self._metadata, timeout=self._timeout_s
+                with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
@@ -83,7 +94,8 @@ class Client:
 
 
 class AsyncClient:
-    """An asyncio client of the Gateway; ``tls`` as for ``Client``."""
+    """An asyncio client of the Gateway; ``tls``, request ids, retries and waiting as for
+    ``Client``."""
 
     def __init__(
         self,
@@ -93,8 +105,12 @@ class AsyncClient:
         timeout_s: float = 120.0,
         channel: grpc.aio.Channel | None = None,
         tls: Tls | None = None,
+        wait_for_ready: bool = True,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
-        self._channel = channel or aio_channel(target, tls)
+        self._channel = channel or aio_channel(
+            target, tls, channel_options(wait_for_ready, max_attempts)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s
@@ -102,14 +118,16 @@ class AsyncClient:
     async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
         try:
             response: pb.CompleteResponse = await self._stub.Complete(
-                request, metadata=self._metadata, timeout=self._timeout_s
+                with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return response
 
     async def stream(self, request: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
-        call = self._stub.StreamComplete(request, metadata=self._metadata, timeout=self._timeout_s)
+        call = self._stub.StreamComplete(
+            with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
+        )
         try:
             async for chunk in call:
                 yield chunk

@@ -3,6 +3,7 @@ when the Gateway requires one (mutual TLS)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,16 @@ class Tls:
         )
 
 
-def sync_channel(target: str, tls: Tls | None) -> grpc.Channel:
-    if tls is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, tls.credentials())
+Options = Sequence[tuple[str, int | str]]
 
 
-def aio_channel(target: str, tls: Tls | None) -> grpc.aio.Channel:
+def sync_channel(target: str, tls: Tls | None, options: Options = ()) -> grpc.Channel:
     if tls is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, tls.credentials())
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls.credentials(), options=options)
+
+
+def aio_channel(target: str, tls: Tls | None, options: Options = ()) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=options)

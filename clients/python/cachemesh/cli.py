@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tls or args.ca_file or args.cert_file:
         tls = Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
     try:
-        with Client(args.target, api_key=args.key, tls=tls) as client:
+        # a person at a terminal: a Gateway that is down is said at once, not waited for
+        with Client(args.target, api_key=args.key, tls=tls, wait_for_ready=False) as client:
             response = client.complete(request)
     except CachemeshError as error:
         print(f"cachemesh: {error}", file=sys.stderr)

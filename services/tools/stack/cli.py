@@ -1,4 +1,5 @@
-"""``python -m services.tools.stack keys|up|down|status|probe``.
+"""``python -m services.tools.stack keys|up|down|stop NAME|status|probe`` (and ``supervise``,
+which ``up`` starts).
 
 Used by the Makefile and compose.
 """
@@ -22,6 +23,7 @@ from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.keys import describe, ensure_keys
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
 from services.tools.stack.ports import free_port
+from services.tools.stack.supervisor import read_state, supervise
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -47,7 +49,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "keys":
         print(describe(ensure_keys(run_dir)))
         return 0
-    stack = Stack(root, run_dir)
+    if args.command == "supervise":
+        supervise(run_dir, sys.stdout, args.exit_with)
+        return 0
+    stack = Stack(root, run_dir, detach=True)
     engines = LlamaServers(engine_paths(os.environ), run_dir, EngineOptions.from_env(os.environ))
     if args.command == "up":
         if args.local_engine:
@@ -74,9 +79,20 @@ def _run(args: argparse.Namespace) -> int:
         if engines.stop():
             print("llama-server replicas stopped")
         return 0
-    healthy = True
+    if args.command == "stop":
+        stack.stop_service(args.name)
+        print(f"{args.name} stopped; the supervisor keeps it stopped until the next up")
+        return 0
+    supervisor = stack.supervisor_pid()
+    healthy = supervisor is not None
+    held = stack.held()
+    print(f"{'supervisor':<15} {'':<22} pid {supervisor or '-':<8} {'' if healthy else 'STOPPED'}")
+    state = read_state(run_dir)
     for name, (pid, health) in stack.status().items():
-        print(f"{name:<15} {stack.addresses[name]:<22} pid {pid or '-':<8} {health}")
+        restarts = state.get(name, {}).get("restarts") or 0
+        health = f"{health} (held: stopped until the next up)" if name in held else health
+        print(f"{name:<15} {stack.addresses[name]:<22} pid {pid or '-':<8} {health}", end="")
+        print(f"  ({restarts} restarts)" if restarts else "")
         healthy = healthy and health == SERVING
     return 0 if healthy else 1
 
@@ -102,7 +118,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
+    stop = commands.add_parser(
+        "stop", help="stop one process and keep it stopped until the next up (compose stop)"
+    )
+    stop.add_argument("name", help="a process of the stack (router, model-2, redis, ...)")
     commands.add_parser("status", help="health of every service")
+    supervisor = commands.add_parser(
+        "supervise", help="(started by up) keep the stack's processes running, restart the dead"
+    )
+    supervisor.add_argument("--exit-with", type=int, default=None, help="stop when PID is gone")
     check = commands.add_parser(
         "probe", help="exit 0 if the gRPC server (--http: the HTTP front) at ADDRESS is SERVING"
     )

@@ -1,5 +1,5 @@
 """Health checks of the stack's processes: grpc.health.v1 (the overall service "") for the gRPC
-services, ``GET /readyz`` for the HTTP front."""
+services, ``GET /readyz`` for the HTTP front, PING for the stack's Redis."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.tools.stack.redis_process import probe_redis
 
 SERVING = "SERVING"
 UNREACHABLE = "UNREACHABLE"
@@ -39,4 +41,6 @@ def probe_http(address: str, timeout_s: float = 1.0) -> str:
 
 
 def probe_as(protocol: str, address: str, timeout_s: float = 1.0) -> str:
+    if protocol == "redis":
+        return probe_redis(address, timeout_s)
     return probe_http(address, timeout_s) if protocol == "http" else probe(address, timeout_s)

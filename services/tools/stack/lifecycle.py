@@ -1,8 +1,10 @@
-"""``Stack``: starts the services as local processes, waits until SERVING, stops them.
+"""``Stack``: starts the services as local processes under the supervisor (``supervisor.py``,
+which restarts any that dies), waits until SERVING, stops them.
 
 Each process's environment is ``.env`` overlaid with the caller's environment, then this run
-dir's secrets, then the explicit ``env_overrides``, then its own OTEL_SERVICE_NAME. Logs go to
-``<run_dir>/logs/<service>.log`` and pids to ``<run_dir>/pids/<service>.pid``.
+dir's secrets, then the explicit ``env_overrides``, then its own OTEL_SERVICE_NAME; state
+lives under ``<run_dir>/data/`` unless set (``DATA_DIRS``, and the stack's own Redis). Logs go
+to ``<run_dir>/logs/<service>.log`` and pids to ``<run_dir>/pids/<service>.pid``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -24,9 +27,20 @@ from services.tools.stack.health import SERVING, UNREACHABLE, probe_as
 from services.tools.stack.keys import StackKeys, describe, ensure_keys
 from services.tools.stack.ports import free_port_overrides
 from services.tools.stack.processes import Running
+from services.tools.stack.redis_process import REDIS, redis_argv, stack_redis_address
 from services.tools.stack.service_table import SERVICES, ServiceDef, stop_order
+from services.tools.stack.supervisor import (
+    HELD_DIR,
+    PID_NAME,
+    STATE_FILE,
+    Managed,
+    Plan,
+    read_state,
+)
 
 DEFAULT_START_TIMEOUT_S = 120.0
+# Where a service keeps its state unless the settings say otherwise (an empty value: in memory)
+DATA_DIRS = {"SEMANTIC_CACHE_DATA_DIR": "semantic-cache", "ROUTER_DATA_DIR": "router"}
 _POLL_S = 0.2
 _REPORT_EVERY_S = 5.0
 
@@ -44,14 +58,18 @@ class Stack:
         *,
         environ: Mapping[str, str] | None = None,
         out: TextIO | None = None,
+        detach: bool = False,
     ) -> None:
+        """``detach``: the supervisor outlives this process (``make up``); otherwise it stops
+        the stack when this process is gone (tests, benchmarks)."""
         self.root = root.resolve()
         self.run_dir = (run_dir or self.root / ".run").resolve()
         self._overrides = dict(env_overrides or {})
         self._environ = dict(os.environ if environ is None else environ)
         self._dotenv = read_env_file(self.root / ".env")
         self._out = out or sys.stdout
-        self._started: list[Running] = []
+        self._detach = detach
+        self._supervisor: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def on_free_ports(
@@ -78,6 +96,7 @@ class Stack:
             {**self._overrides, **extra},
             environ=self._environ,
             out=self._out,
+            detach=self._detach,
         )
 
     # --- what the processes get -----------------------------------------------------------
@@ -87,6 +106,8 @@ class Stack:
 
     def environment(self, service: ServiceDef, keys: StackKeys) -> dict[str, str]:
         merged = merge_env(self._dotenv, self._environ, keys.env(), self._overrides)
+        for variable, folder in DATA_DIRS.items():  # durable by default, under the run dir
+            merged.setdefault(variable, str(self.run_dir / "data" / folder))
         env = service.process_env(merged)
         env["OTEL_SERVICE_NAME"] = service.otel_service_name
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -97,8 +118,11 @@ class Stack:
 
     @property
     def addresses(self) -> dict[str, str]:
-        """Service name -> the address a client on this host dials."""
-        return {s.name: dial_address(self.listen(s)) for s in SERVICES}
+        """Process name -> the address a client on this host dials (Redis's when it runs)."""
+        addresses = {s.name: dial_address(self.listen(s)) for s in SERVICES}
+        if (redis := self.redis_address()) is not None:
+            addresses[REDIS.name] = redis
+        return addresses
 
     @property
     def router_address(self) -> str:
@@ -115,40 +139,164 @@ class Stack:
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self, timeout_s: float = DEFAULT_START_TIMEOUT_S) -> StackKeys:
-        """Starts every service and returns once all are SERVING; on failure stops them all."""
-        running = self.running()
-        if running:
-            pids = ", ".join(f"{r.service.name} pid {r.pid}" for r in running)
-            raise StackError(
-                f"a stack from {self.run_dir} is already running ({pids}); "
-                f"stop it first: python -m services.tools.stack --run-dir {self.run_dir} down "
-                "(make down for the default .run)"
-            )
+        """Brings every process up under the supervisor and returns once all are SERVING.
+
+        What already runs is kept (the supervisor adopts it): only the missing processes are
+        started, so ``make up`` brings back one service while the others serve. If a process
+        exits before it is SERVING, or the timeout passes, the whole stack is stopped."""
         keys = self.keys()
         if keys.created:
             self._say(describe(keys))
-        for service in SERVICES:
-            self._check_port_free(service)
-        self._say(f"starting {len(SERVICES)} services (logs in {self.run_dir / 'logs'})")
+        self._release_held()
+        managed = self.managed()
+        running = {r.service.name: r.pid for r in self.running()}
+        supervisor = self.supervisor_pid()
+        if supervisor is None:
+            missing = [m for m in managed if m.name not in running]
+            for item in missing:
+                self._check_port_free(item)
+            kept = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
+            if kept:
+                self._say(f"already running, kept: {kept}")
+            self._say(
+                f"starting {len(missing)} of {len(managed)} processes under the supervisor "
+                f"(logs in {self.run_dir / 'logs'})"
+            )
+            try:
+                self._start_supervisor(keys, managed)
+            except BaseException:
+                self.stop()
+                raise
+        else:
+            self._say(f"the supervisor (pid {supervisor}) already runs this stack")
         try:
-            for service in SERVICES:
-                item = processes.spawn(
-                    service, self.environment(service, keys), self.root, self.log_path(service)
-                )
-                self._started.append(item)
-                processes.write_pid(self._pid_path(service), item.pid)
-            self._wait_serving(timeout_s)
+            self._wait_serving(managed, timeout_s)
         except BaseException:
-            self.stop()
+            if supervisor is None:
+                self.stop()
             raise
         return keys
 
+    def managed(self) -> list[ServiceDef]:
+        """Every process of this stack: the services, and Redis when the stack runs its own."""
+        return [*SERVICES, REDIS] if self.redis_address() else list(SERVICES)
+
+    def redis_address(self) -> str | None:
+        return stack_redis_address(self.settings())
+
+    def supervisor_pid(self) -> int | None:
+        path = self.run_dir / "pids" / f"{PID_NAME}.pid"
+        pid = processes.read_pid(path)
+        if pid is not None and processes.is_alive(pid, "services.tools.stack"):
+            return pid
+        path.unlink(missing_ok=True)
+        return None
+
+    def _start_supervisor(self, keys: StackKeys, managed: list[ServiceDef]) -> None:
+        waves = {s.name: i for i, wave in enumerate(stop_order()) for s in wave}
+        plan = Plan(
+            cwd=str(self.root),
+            grace_s=self._grace_s(),
+            managed=[
+                self._managed_process(s, keys, waves.get(s.name, len(waves))) for s in managed
+            ],
+        )
+        plan.write(self.run_dir)
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "services.tools.stack", "--root", str(self.root)]
+        argv += ["--run-dir", str(self.run_dir), "supervise"]
+        if not self._detach:
+            argv += ["--exit-with", str(os.getpid())]
+        log_path = self.run_dir / "logs" / f"{PID_NAME}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                argv,
+                cwd=self.root,
+                env={**self._environ, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._supervisor = popen
+        processes.write_pid(self.run_dir / "pids" / f"{PID_NAME}.pid", popen.pid)
+
+    def _managed_process(self, service: ServiceDef, keys: StackKeys, wave: int) -> Managed:
+        if service is REDIS:
+            address = self.redis_address()
+            assert address is not None
+            try:
+                argv = redis_argv(address, self.run_dir / "data" / "redis")
+            except FileNotFoundError as exc:
+                raise StackError(str(exc)) from None
+            env = {"PATH": self._environ.get("PATH", "/usr/bin:/bin")}
+        else:
+            argv = [sys.executable, "-m", service.module]
+            env = self.environment(service, keys)
+        return Managed(
+            name=service.name,
+            argv=argv,
+            env=env,
+            log_path=str(self.log_path(service)),
+            pid_path=str(self._pid_path(service)),
+            marker=service.module,
+            stop_wave=wave,
+            redis_address=(self.redis_address() or "") if service is REDIS else "",
+        )
+
+    def stop_service(self, *names: str, timeout_s: float = 60.0) -> None:
+        """Stops these processes and keeps them stopped (the supervisor does not restart
+        them) until the next ``start``, as ``docker compose stop``; returns once they exited."""
+        known = {s.name for s in self.managed()}
+        for name in names:
+            if name not in known:
+                raise StackError(
+                    f"no process named {name!r} in this stack (it has: {', '.join(known)})"
+                )
+        if self.supervisor_pid() is None:
+            raise StackError(f"no supervisor runs the stack in {self.run_dir}: nothing to stop")
+        held = self.run_dir / HELD_DIR
+        held.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (held / name).touch()
+        deadline = time.monotonic() + timeout_s
+        while alive := [r.service.name for r in self.running() if r.service.name in names]:
+            if time.monotonic() > deadline:
+                raise StackError(f"{', '.join(alive)} still running {timeout_s:.0f}s after held")
+            time.sleep(0.05)
+
+    def held(self) -> set[str]:
+        """The processes kept stopped by ``stop_service``."""
+        folder = self.run_dir / HELD_DIR
+        return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def _release_held(self) -> None:
+        for name in self.held():
+            self._say(f"{name} was held stopped: starting it again")
+            (self.run_dir / HELD_DIR / name).unlink(missing_ok=True)
+
     def stop(self, grace_s: float | None = None) -> list[str]:
-        """SIGTERM (callers before the services they call), SIGKILL after the grace."""
-        running = self._started or self.running()
+        """Stops the supervisor, which stops the processes (callers first, SIGKILL after the
+        grace); then whatever still runs without it. Returns the names that were running."""
+        was_running = [r.service.name for r in self.running()]
+        supervisor = self.supervisor_pid()
+        if supervisor is not None:
+            self._say(f"stopping the supervisor (pid {supervisor}) and its processes")
+            os.kill(supervisor, signal.SIGTERM)
+            waves = len(stop_order()) + 1
+            deadline = time.monotonic() + (self._grace_s() + 5.0) * waves
+            while processes.is_alive(supervisor, "services.tools.stack"):
+                if self._supervisor is not None and self._supervisor.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(supervisor, signal.SIGKILL)
+                    break
+                time.sleep(0.05)
+        self._supervisor = None
+        running = self.running()
         grace = self._grace_s() if grace_s is None else grace_s
-        stopped: list[str] = []
-        for wave in stop_order():
+        for wave in [*stop_order(), [REDIS]]:
             members = [r for r in running if r.service in wave]
             for item in members:
                 self._say(f"stopping {item.service.name} (pid {item.pid})")
@@ -158,16 +306,15 @@ class Stack:
                 self._say(f"{item.service.name} still running after {grace:.0f}s: SIGKILL")
                 item.signal(signal.SIGKILL)
             _wait_exit(leftovers, 5.0)
-            stopped += [item.service.name for item in members]
-        for service in SERVICES:
+        for service in [*SERVICES, REDIS]:
             self._pid_path(service).unlink(missing_ok=True)
-        self._started = []
-        return stopped
+        (self.run_dir / "pids" / f"{PID_NAME}.pid").unlink(missing_ok=True)
+        return was_running
 
     def running(self) -> list[Running]:
         """The live processes recorded in the pid files; forgets stale pid files."""
         found: list[Running] = []
-        for service in SERVICES:
+        for service in [*SERVICES, REDIS]:
             path = self._pid_path(service)
             pid = processes.read_pid(path)
             if pid is None:
@@ -179,11 +326,12 @@ class Stack:
         return found
 
     def status(self) -> dict[str, tuple[int | None, str]]:
-        """Service name -> (pid if running, health status at its address)."""
+        """Process name -> (pid if running, health status at its address)."""
         pids = {r.service.name: r.pid for r in self.running()}
+        addresses = self.addresses
         return {
-            s.name: (pids.get(s.name), probe_as(s.protocol, self.addresses[s.name]))
-            for s in SERVICES
+            s.name: (pids.get(s.name), probe_as(s.protocol, addresses[s.name]))
+            for s in self.managed()
         }
 
     def __enter__(self) -> Stack:
@@ -198,20 +346,24 @@ class Stack:
         self.stop()
 
     # --- helpers ----------------------------------------------------------------------------
-    def _wait_serving(self, timeout_s: float) -> None:
+    def _wait_serving(self, managed: list[ServiceDef], timeout_s: float) -> None:
         start = time.monotonic()
         deadline = start + timeout_s
         next_report = start + _REPORT_EVERY_S
-        pending = {item.service.name: item for item in self._started}
+        pending = {s.name: s for s in managed}
+        seen_exits = {name: _exits(read_state(self.run_dir), name) for name in pending}
         states: dict[str, str] = {}
         addresses = self.addresses
         while pending:
-            for name, item in list(pending.items()):
-                code = item.exit_code()
-                if code is not None:
-                    self._fail([item], f"{name} exited with code {code} before it was SERVING")
+            state = read_state(self.run_dir)
+            for name, service in list(pending.items()):
+                if _exits(state, name) > seen_exits[name]:
+                    code = state[name].get("last_exit")
+                    self._fail([service], f"{name} exited with code {code} before it was SERVING")
+                if self._supervisor is not None and self._supervisor.poll() is not None:
+                    self._fail([], "the supervisor exited (see logs/supervisor.log)")
                 remaining = max(0.05, min(1.0, deadline - time.monotonic()))
-                states[name] = probe_as(item.service.protocol, addresses[name], remaining)
+                states[name] = probe_as(service.protocol, addresses[name], remaining)
                 if states[name] == SERVING:
                     elapsed = time.monotonic() - start
                     self._say(f"  {name:<15} SERVING on {addresses[name]} ({elapsed:.1f}s)")
@@ -227,15 +379,15 @@ class Stack:
             if pending:
                 time.sleep(_POLL_S)
 
-    def _fail(self, culprits: list[Running], reason: str) -> NoReturn:
+    def _fail(self, culprits: list[ServiceDef], reason: str) -> NoReturn:
         parts = [reason]
-        for item in culprits:
-            path = self.log_path(item.service)
+        for service in culprits:
+            path = self.log_path(service)
             parts.append(f"--- last lines of {path}:\n{processes.tail(path)}")
         raise StackError("\n".join(parts))
 
     def _check_port_free(self, service: ServiceDef) -> None:
-        listen = self.listen(service)
+        listen = self.redis_address() or "" if service is REDIS else self.listen(service)
         port_of(listen)
         host = listen.rpartition(":")[0].strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -245,7 +397,8 @@ class Stack:
                 sock.bind((host, port_of(listen)))
             except OSError as exc:
                 raise StackError(
-                    f"{service.listen_var}={listen}: cannot listen there ({exc.strerror}); "
+                    f"{service.listen_var}={listen}: {service.name} cannot listen there "
+                    f"({exc.strerror}); "
                     f"another process holds the port: stop it or set {service.listen_var}"
                 ) from None
 
@@ -268,3 +421,7 @@ def _wait_exit(items: list[Running], timeout_s: float) -> list[Running]:
         time.sleep(0.05)
         alive = [item for item in alive if item.exit_code() is None]
     return alive
+
+
+def _exits(state: dict[str, dict[str, int | None]], name: str) -> int:
+    return int(state.get(name, {}).get("exits") or 0)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from services.tools.stack.environment import dial_address
+from services.tools.stack.redis_process import REDIS_URL_VAR, stack_redis_address
 from services.tools.stack.service_table import SERVICES
 
 
@@ -44,9 +46,17 @@ def relocate(
 
 
 def free_port_overrides(settings: Mapping[str, str], host: str = "127.0.0.1") -> dict[str, str]:
-    """Overrides putting every service on a free port of ``host`` (for tests)."""
+    """Overrides putting every service on a free port of ``host`` (for tests), and the
+    stack's own Redis (when it runs one) too."""
     addresses = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
-    return relocate(settings, addresses, addresses)
+    overrides = relocate(settings, addresses, addresses)
+    url = settings.get(REDIS_URL_VAR) or ""
+    if stack_redis_address(settings) is not None:
+        parts = urlsplit(url)
+        user, at, _ = parts.netloc.rpartition("@")
+        netloc = f"{user}{at}{host}:{free_port(host)}"
+        overrides[REDIS_URL_VAR] = urlunsplit(parts._replace(netloc=netloc))
+    return overrides
 
 
 def _replace_address(value: str, old: str, new: str) -> str:

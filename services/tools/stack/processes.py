@@ -55,7 +55,8 @@ def spawn(service: ServiceDef, env: Mapping[str, str], cwd: Path, log_path: Path
 
 
 def is_alive(pid: int, module: str) -> bool:
-    """True if ``pid`` runs and (where /proc tells) is ``python -m <module>``, not a reused pid."""
+    """True if ``pid`` runs and (where /proc tells) its command line holds ``module`` (``python
+    -m <module>``, or ``redis-server``), so a reused pid is not taken for it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,7 +72,8 @@ def is_alive(pid: int, module: str) -> bool:
         argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
     except (OSError, IndexError):
         return False
-    return module.encode() in argv
+    marker = module.encode()  # a substring: redis-server rewrites its title in place
+    return any(marker in arg for arg in argv)
 
 
 def write_pid(path: Path, pid: int) -> None:

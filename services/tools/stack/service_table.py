@@ -176,6 +176,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_MAX_REQUEST_BYTES",
             "ROUTER_SEMANTIC_TIMEOUT_S",
             "ROUTER_SEMANTIC_LEASE_WAIT_S",
+            "ROUTER_SEMANTIC_STORE_TIMEOUT_S",
             "ROUTER_PREFIX_TIMEOUT_S",
             "ROUTER_MODEL_TIMEOUT_S",
             "ROUTER_IDEMPOTENCY_TTL_S",
@@ -198,6 +199,8 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_THRESHOLD",
             "ROUTER_LOCAL_EMBEDDER",
             "ROUTER_COST_AWARE",
+            "ROUTER_DATA_DIR",
+            "ROUTER_OUTBOX_RETRY_S",
         ),
         peers=MappingProxyType(
             {

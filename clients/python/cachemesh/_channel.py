@@ -1,0 +1,71 @@
+"""How the clients reach the Gateway: retries of UNAVAILABLE by gRPC's own retry policy, and
+reconnects quick once the Gateway is back.
+
+gRPC retries a call only while it is uncommitted: before the Gateway has sent anything back
+(a unary ``Complete``: until its answer; ``StreamComplete``: until its first chunk), so a retry
+never repeats part of an answer. Every call carries a ``request_id`` (the client makes one when
+the request has none), and a retry resends the same bytes, so the Gateway answers a retried
+request once and bills it once (its answer-once table, by ``request_id``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from cachemesh.v1 import gateway_pb2 as pb
+
+GATEWAY_SERVICE = "cachemesh.v1.Gateway"
+MAX_ATTEMPTS = 5  # gRPC's ceiling
+# Retries wait a random time up to 0.25, 0.5, 1, 2 s (the attempt's ceiling doubling), and
+# with wait_for_ready each attempt waits for the channel to be ready again (within the call's
+# timeout): a Gateway that restarts within a few seconds answers the retry.
+RETRY_POLICY = {
+    "maxAttempts": MAX_ATTEMPTS,
+    "initialBackoff": "0.25s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+MAX_REQUEST_BYTES = 1 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
+
+
+def service_config(wait_for_ready: bool, max_attempts: int = MAX_ATTEMPTS) -> str:
+    """``max_attempts`` 1: no retry (the first UNAVAILABLE is the caller's to see)."""
+    if not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise ValueError(f"max_attempts must be 1 to {MAX_ATTEMPTS}, got {max_attempts}")
+    method: dict[str, object] = {
+        "name": [{"service": GATEWAY_SERVICE}],
+        "waitForReady": wait_for_ready,
+    }
+    if max_attempts > 1:
+        method["retryPolicy"] = {**RETRY_POLICY, "maxAttempts": max_attempts}
+    return json.dumps({"methodConfig": [method]})
+
+
+def channel_options(
+    wait_for_ready: bool = True, max_attempts: int = MAX_ATTEMPTS
+) -> list[tuple[str, int | str]]:
+    """Options for a channel to the Gateway (pass them when you make your own, e.g. TLS)."""
+    return [
+        ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+        ("grpc.service_config", service_config(wait_for_ready, max_attempts)),
+        # a retry resends the request from this buffer: room for the largest request
+        ("grpc.per_rpc_retry_buffer_size", 2 * MAX_REQUEST_BYTES),
+        ("grpc.retry_buffer_size", 16 * MAX_REQUEST_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+def with_request_id(request: pb.CompleteRequest) -> pb.CompleteRequest:
+    """``request`` itself when it has a ``request_id``, else a copy with a new one."""
+    if request.request_id:
+        return request
+    copy = pb.CompleteRequest()
+    copy.CopyFrom(request)
+    copy.request_id = uuid.uuid4().hex
+    return copy

@@ -1,0 +1,43 @@
+"""Channel and server options that make a dependency's return quick to notice.
+
+gRPC's defaults reconnect after 1 s growing by 1.6x up to 120 s, so a peer that was down for a
+few seconds is tried again only 10-25 s after it is back. Internal channels cap the reconnect
+backoff at ``MAX_RECONNECT_BACKOFF_MS`` and send keepalive pings (also while idle) so that a
+peer that vanished without closing its connection (SIGKILL, a cut network) is noticed within
+``KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS``; servers accept those pings (``server_options``),
+which they would otherwise answer with GOAWAY ``too_many_pings``.
+"""
+
+from __future__ import annotations
+
+INITIAL_RECONNECT_BACKOFF_MS = 100
+MAX_RECONNECT_BACKOFF_MS = 1000
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+# the shortest ping interval a server accepts (below the clients' KEEPALIVE_TIME_MS)
+MIN_PING_INTERVAL_MS = 5_000
+
+Options = list[tuple[str, int | str]]
+
+
+def channel_options(max_message_bytes: int) -> Options:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.min_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options() -> Options:
+    """What a server needs to accept the clients' keepalive pings."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
