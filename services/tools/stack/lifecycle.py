@@ -42,6 +42,7 @@ DEFAULT_START_TIMEOUT_S = 120.0
 # Where a service keeps its state unless the settings say otherwise (an empty value: in memory)
 DATA_DIRS = {"SEMANTIC_CACHE_DATA_DIR": "semantic-cache", "ROUTER_DATA_DIR": "router"}
 _POLL_S = 0.2
+PORT_RELEASE_WAIT_S = 5.0  # how long a just-killed process may take to release its port
 _REPORT_EVERY_S = 5.0
 
 
@@ -391,11 +392,20 @@ class Stack:
         port_of(listen)
         host = listen.rpartition(":")[0].strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # A process killed a moment ago may still hold its port: the kernel drops its memory
+        # (so /proc shows no command line and it no longer counts as running) before it closes
+        # its sockets. Give such a port a short while to be released before refusing.
+        deadline = time.monotonic() + PORT_RELEASE_WAIT_S
+        while True:
             try:
-                sock.bind((host, port_of(listen)))
+                with socket.socket(family, socket.SOCK_STREAM) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((host, port_of(listen)))
+                return
             except OSError as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 raise StackError(
                     f"{service.listen_var}={listen}: {service.name} cannot listen there "
                     f"({exc.strerror}); "
