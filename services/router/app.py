@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 
 from cachemesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -15,7 +16,7 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.router.grpc_adapters import connect
 from services.router.idempotency import IdempotencyTable
-from services.router.limit_wiring import build_limiter
+from services.router.limit_wiring import build_answer_ledger, build_limiter
 from services.router.outbox import BillingOutbox, Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
@@ -24,6 +25,7 @@ from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
 from services.semantic_cache.embedder import load_minilm_embedder
 
+log = logging.getLogger(__name__)
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
@@ -61,7 +63,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     limiter = await build_limiter(settings.limits, SystemClock())
-    servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers, limiter)
+    ledger = await build_answer_ledger(settings.answers_redis_url, settings.idempotency_ttl_s)
+    if ledger is None:
+        log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")
+    servicer = GatewayServicer(
+        keys, table, set(settings.replicas), pipeline, answers, limiter, ledger
+    )
 
     replays: list[asyncio.Task[None]] = []
 
@@ -71,6 +78,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def close() -> None:
         await pipeline.drain()
         await limiter.close()
+        if ledger is not None:
+            await ledger.close()
         for task in replays:
             task.cancel()
         await asyncio.gather(*replays, return_exceptions=True)

@@ -1,6 +1,7 @@
-"""Builds the Gateway's ``Limiter`` from its settings: the state in Redis when
-ROUTER_LIMITS_REDIS_URL is set (checked at start-up: an unreachable Redis stops the router
-rather than leaving each router to count alone), else in this process."""
+"""Builds the Gateway's shared state from its settings: the ``Limiter`` (its counts in Redis
+when ROUTER_LIMITS_REDIS_URL is set, else in this process) and the answer ledger (when
+ROUTER_ANSWERS_REDIS_URL is set). Each Redis is checked at start-up: an unreachable one stops
+the router rather than leaving it to count or remember alone."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from redis.exceptions import RedisError
 
 from services.common.clock import Clock
 from services.common.env import ConfigError
+from services.router.answer_ledger import RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
 from services.router.redis_limits import RedisLimitStore
+
+ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
 
 
 async def build_limiter(settings: LimitSettings, clock: Clock) -> Limiter:
@@ -33,6 +37,25 @@ async def build_limiter(settings: LimitSettings, clock: Clock) -> Limiter:
             ) from None
         store = shared
     return Limiter(store, UniformPolicies(settings.policy), clock)
+
+
+async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedger | None:
+    """The shared answer ledger when ROUTER_ANSWERS_REDIS_URL is set (checked at start-up)."""
+    if url is None:
+        return None
+    try:
+        redis = Redis.from_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{ANSWERS_REDIS_URL}: {exc}") from None
+    ledger = RedisAnswerLedger(redis, ttl_s)
+    try:
+        await ledger.ping()
+    except RedisError as exc:
+        await ledger.close()
+        raise ConfigError(
+            f"{ANSWERS_REDIS_URL}: cannot reach Redis at {_redacted(url)} ({exc})"
+        ) from None
+    return ledger
 
 
 def _redacted(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -17,12 +18,19 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
-from services.router.idempotency import IdempotencyConflict, IdempotencyTable
+from services.router.answer_ledger import AnswerLedger, LedgerUnavailable
+from services.router.idempotency import IdempotencyConflict, IdempotencyTable, fingerprint
 from services.router.limits import Denial, Limiter, Ticket
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.validation import validate_request
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
+
+# A call that is a retry: gRPC's retry policy marks its attempts after the first; a caller's
+# own retry (same request_id) may send ``cachemesh-retry: 1`` to get the same protection.
+RETRY_HEADERS = ("grpc-previous-rpc-attempts", "cachemesh-retry")
+LEDGER_TIMEOUT_S = 0.5  # the longest the answer ledger may hold an answer back
 
 _UNAUTHENTICATED = (
     "send 'authorization: Bearer <key>' metadata with an API key issued for your tenant"
@@ -38,6 +46,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         pipeline: Pipeline,
         answers: IdempotencyTable,
         limiter: Limiter,
+        ledger: AnswerLedger | None = None,
     ) -> None:
         self._keys = keys
         self._table = table
@@ -45,11 +54,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._pipeline = pipeline
         self._answers = answers
         self._limiter = limiter
+        self._ledger = ledger
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         ticket = await self._admit(request, context)
         try:
-            async with aclosing(self._answered(ticket, request, streamed=False)) as chunks:
+            answered = self._answered(ticket, request, _is_retry(context), streamed=False)
+            async with aclosing(answered) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         return chunk.end
@@ -63,7 +74,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[pb.CompleteChunk]:
         ticket = await self._admit(request, context)
         try:
-            async with aclosing(self._answered(ticket, request)) as chunks:
+            async with aclosing(self._answered(ticket, request, _is_retry(context))) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except RequestError as exc:
@@ -102,7 +113,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return admitted
 
     async def _answered(
-        self, ticket: Ticket, request: pb.CompleteRequest, *, streamed: bool = True
+        self,
+        ticket: Ticket,
+        request: pb.CompleteRequest,
+        retried: bool,
+        *,
+        streamed: bool = True,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The request's chunks, once per request_id: a retry replays the first answer."""
         tenant = ticket.tenant
@@ -116,15 +132,72 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
+        recalled: pb.CompleteResponse | None = None
         try:
+            recalled = await self._recall(tenant, request) if retried else None
+            if recalled is not None:
+                end = recalled
+                self._limiter.replayed(ticket)
+                for chunk in chunks_of(recalled):
+                    yield chunk
+                return
             async with aclosing(self._pipeline.run(tenant, request, streamed=streamed)) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         end = chunk.end
+                        await self._record(tenant, request, end)
                     yield chunk
         finally:
             _settle(self._answers, tenant, request, future, end)
-            self._limiter.settle(ticket, end)
+            if recalled is None:
+                self._limiter.settle(ticket, end)
+
+    async def _recall(self, tenant: str, request: pb.CompleteRequest) -> pb.CompleteResponse | None:
+        """The answer another router recorded for this retried request, if any."""
+        if self._ledger is None:
+            return None
+        try:
+            found = await asyncio.wait_for(
+                self._ledger.recall(tenant, request.request_id), LEDGER_TIMEOUT_S
+            )
+        except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
+            log.warning("answer ledger: recall failed (%s); serving the retry anew", _kind(exc))
+            return None
+        if found is None:
+            return None
+        mark, answer = found
+        if mark != fingerprint(request):
+            raise RequestError(
+                Code.INVALID_ARGUMENT,
+                f"request_id: {request.request_id[:64]!r} was already used for a different "
+                "request; use a new request_id for a new request",
+            )
+        return answer
+
+    async def _record(
+        self, tenant: str, request: pb.CompleteRequest, end: pb.CompleteResponse
+    ) -> None:
+        """Records a billed answer before it goes out (only the model's answers are billed)."""
+        if self._ledger is None or end.served_by != pb.LAYER_MODEL:
+            return
+        try:
+            await asyncio.wait_for(
+                self._ledger.record(tenant, request.request_id, fingerprint(request), end),
+                LEDGER_TIMEOUT_S,
+            )
+        except (LedgerUnavailable, TimeoutError) as exc:  # the answer is served all the same
+            log.warning(
+                "answer ledger: record failed (%s); a retry on another router may bill again",
+                _kind(exc),
+            )
+
+
+def _is_retry(context: Context) -> bool:
+    return any(key in RETRY_HEADERS for key, _ in context.invocation_metadata() or ())
+
+
+def _kind(exc: BaseException) -> str:
+    return f"timed out after {LEDGER_TIMEOUT_S} s" if isinstance(exc, TimeoutError) else str(exc)
 
 
 def _settle(

@@ -39,6 +39,8 @@ class RouterSettings:
     outbox_retry_s: float = 1.0  # seconds between replays of the billing outbox
     # a Store's deadline: off the answer's path, and it waits for L1's write-ahead log fsync
     semantic_store_timeout_s: float = 10.0
+    # where billed answers are recorded for retries that reach another router; None = none
+    answers_redis_url: str | None = None
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -73,6 +75,7 @@ class RouterSettings:
             semantic_store_timeout_s=env.float(
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
             ),
+            answers_redis_url=env.optional_str("ROUTER_ANSWERS_REDIS_URL"),
         )
 
 

@@ -118,6 +118,7 @@ def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]
         "SEMANTIC_CACHE_DATA_DIR": "/var/lib/cachemesh/semantic-cache",
         "ROUTER_DATA_DIR": "/var/lib/cachemesh/router",
         "PREFIX_CACHE_REDIS_URL": "redis://redis:6379/0",
+        "ROUTER_ANSWERS_REDIS_URL": "redis://redis:6379/2",
     }
     overrides |= {k: v for k, v in container_paths.items() if k in spec.env_keys}
     overrides |= {
@@ -168,7 +169,7 @@ def test_healthcheck_probes_health_on_the_service_port(
 def test_depends_on_healthy_peers(resolved: Resolved, spec: ServiceDef) -> None:
     depends = resolved.service(spec.name)["depends_on"]
     expected = {peer: {"condition": "service_healthy"} for peer in spec.peer_names}
-    if spec.name == "prefix-cache":
+    if spec.name in ("prefix-cache", "router"):  # commit records; the router's answer ledger
         expected["redis"] = {"condition": "service_healthy"}
     assert {k: v for k, v in depends.items() if k != "jaeger"} == expected
     assert depends["jaeger"] == {"condition": "service_started"}

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from services.tools.stack.environment import dial_address
-from services.tools.stack.redis_process import REDIS_URL_VAR, stack_redis_address
+from services.tools.stack.redis_process import STACK_REDIS_URL_VARS, stack_redis_address
 from services.tools.stack.service_table import SERVICES
 
 
@@ -50,12 +50,15 @@ def free_port_overrides(settings: Mapping[str, str], host: str = "127.0.0.1") ->
     stack's own Redis (when it runs one) too."""
     addresses = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
     overrides = relocate(settings, addresses, addresses)
-    url = settings.get(REDIS_URL_VAR) or ""
-    if stack_redis_address(settings) is not None:
-        parts = urlsplit(url)
-        user, at, _ = parts.netloc.rpartition("@")
-        netloc = f"{user}{at}{host}:{free_port(host)}"
-        overrides[REDIS_URL_VAR] = urlunsplit(parts._replace(netloc=netloc))
+    old_redis = stack_redis_address(settings)
+    if old_redis is not None:
+        new_redis = f"{host}:{free_port(host)}"
+        for var in STACK_REDIS_URL_VARS:  # every URL that names the stack's own Redis moves
+            url = settings.get(var) or ""
+            parts = urlsplit(url)
+            if url and f"{parts.hostname}:{parts.port or 6379}" == old_redis:
+                user, at, _ = parts.netloc.rpartition("@")
+                overrides[var] = urlunsplit(parts._replace(netloc=f"{user}{at}{new_redis}"))
     return overrides
 
 

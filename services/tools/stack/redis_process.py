@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from services.tools.stack.service_table import ServiceDef
 
 REDIS_URL_VAR = "PREFIX_CACHE_REDIS_URL"
+# the other settings that may name the same Redis (moved with it onto free ports)
+STACK_REDIS_URL_VARS = (REDIS_URL_VAR, "ROUTER_ANSWERS_REDIS_URL", "ROUTER_LIMITS_REDIS_URL")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 # Not one of SERVICES (no Python module, no Dockerfile of ours): the supervisor runs it

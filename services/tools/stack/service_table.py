@@ -201,6 +201,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_COST_AWARE",
             "ROUTER_DATA_DIR",
             "ROUTER_OUTBOX_RETRY_S",
+            "ROUTER_ANSWERS_REDIS_URL",
         ),
         peers=MappingProxyType(
             {

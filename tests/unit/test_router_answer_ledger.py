@@ -1,0 +1,166 @@
+"""The answer ledger: a retry (gRPC's ``grpc-previous-rpc-attempts``) that reaches a router which
+did not answer the first attempt gets the recorded answer, with no second model call and no
+second bill; a different request under the same id is refused; a ledger that fails costs only
+the protection. The ledger is a real Redis (tests/redis_server.py); the pipeline is a fake."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import namedtuple
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.auth import ApiKeys, hash_key
+from services.common.clock import SystemClock
+from services.common.models import load_model_table
+from services.router.answer_ledger import RedisAnswerLedger, ledger_key
+from services.router.idempotency import IdempotencyTable
+from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.pipeline import chunks_of
+from services.router.servicer import GatewayServicer
+from tests.redis_server import redis_server
+
+KEY = "k-test-0123456789"
+TABLE = load_model_table()
+
+
+class FakePipeline:
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def run(
+        self, tenant: str, request: pb.CompleteRequest, streamed: bool = True
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        self.runs += 1
+        answer = pb.CompleteResponse(
+            served_by=pb.LAYER_MODEL, model=request.model, request_id=request.request_id
+        )
+        answer.content.add(text=f"answer {self.runs}")
+        for chunk in chunks_of(answer):
+            yield chunk
+
+
+Metadatum = namedtuple("Metadatum", ["key", "value"])  # as grpc.aio hands metadata over
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        items = (("authorization", f"Bearer {KEY}"), *metadata)
+        self._metadata = tuple(Metadatum(k, v) for k, v in items)
+        self.code: grpc.StatusCode | None = None
+        self.message = ""
+
+    def invocation_metadata(self) -> tuple[Metadatum, ...]:
+        return self._metadata
+
+    async def abort(self, code: grpc.StatusCode, message: str, **_: Any) -> None:
+        self.code, self.message = code, message
+        raise Aborted(message)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    with redis_server(tmp_path) as url:
+        yield url
+
+
+def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
+    pipeline = FakePipeline()
+    ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): "tenant-a"}),
+        TABLE,
+        {"sim-small", "sim-large"},
+        pipeline,  # type: ignore[arg-type]
+        IdempotencyTable(SystemClock(), 60, 100),
+        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock()),
+        ledger,
+    )
+    return servicer, pipeline, ledger
+
+
+def _request(text: str = "What is a KV cache?") -> pb.CompleteRequest:
+    return build_request(text, model="sim-small", request_id="req-1")
+
+
+RETRY = ("grpc-previous-rpc-attempts", "1")
+
+
+def test_a_retry_on_another_router_gets_the_recorded_answer(redis_url: str) -> None:
+    async def run() -> None:
+        first, first_pipe, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        answer = await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        again = await second.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
+        assert again == answer and again.content[0].text == "answer 1"
+        assert (first_pipe.runs, second_pipe.runs) == (1, 0)
+        # and the second router now answers it from memory, retry mark or not
+        again = await second.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        assert again == answer and second_pipe.runs == 0
+        # without the retry mark a third router serves it anew (the ledger is read for retries)
+        third, third_pipe, third_ledger = _router(redis_url)
+        fresh = await third.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        assert fresh.content[0].text == "answer 1" and third_pipe.runs == 1
+        for ledger in (first_ledger, second_ledger, third_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_different_request_under_a_recorded_id_is_refused(redis_url: str) -> None:
+    async def run() -> None:
+        first, _, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        context = FakeContext(RETRY)
+        with pytest.raises(Aborted):
+            await second.Complete(_request("Another question"), context)  # type: ignore[arg-type]
+        assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "already used for a different request" in context.message
+        assert second_pipe.runs == 0
+        await first_ledger.close()
+        await second_ledger.close()
+
+    asyncio.run(run())
+
+
+def test_only_the_models_answers_are_recorded_and_keys_hide_the_id(redis_url: str) -> None:
+    async def run() -> None:
+        servicer, _, ledger = _router(redis_url)
+        await servicer.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        client = Redis.from_url(redis_url)
+        keys = [k async for k in client.scan_iter()]
+        assert keys == [ledger_key("tenant-a", "req-1")]
+        assert b"req-1" not in keys[0] and b"tenant-a" not in keys[0]
+        assert 0 < await client.pttl(keys[0]) <= 60_000
+        await client.aclose()
+        await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_ledger_that_is_down_costs_only_the_protection(tmp_path: Path) -> None:
+    async def run() -> None:
+        with redis_server(tmp_path) as url:
+            servicer, _, ledger = _router(url)
+        # the server is gone: the answer still goes out, and a retry is served anew
+        answer = await servicer.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        assert answer.content[0].text == "answer 1"
+        other, other_pipe, other_ledger = _router(url)
+        again = await other.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
+        assert again.content[0].text == "answer 1" and other_pipe.runs == 1
+        await ledger.close()
+        await other_ledger.close()
+
+    asyncio.run(run())
