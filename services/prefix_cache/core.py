@@ -19,6 +19,7 @@ from services.common.prompt import canonical_blocks, prompt_digest, prompt_token
 from services.common.tokens import Tokenizer
 from services.prefix_cache.auto_rules import plan_for, scope_for
 from services.prefix_cache.commit_records import Final
+from services.prefix_cache.keyed_lock import KeyedLock
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.pricing import charge
@@ -111,7 +112,7 @@ class PrefixCacheCore:
         self._clock = clock
         self._lookback = lookback
         self._plans = plans if plans is not None else PlanMemo(clock, ttl_ms=0, max_blocks=0)
-        self._commit_lock = asyncio.Lock()
+        self._commit_locks = KeyedLock()  # per (tenant, request id)
 
     async def plan(
         self, tenant: str, model: str, request: pb.CompleteRequest | None, replicas: Sequence[str]
@@ -169,7 +170,7 @@ class PrefixCacheCore:
                 f"kv_cached_tokens must be within [0, {plan.prompt_tokens}) for this prompt of "
                 f"{plan.prompt_tokens} tokens, got {kv_cached_tokens}"
             )
-        async with self._commit_lock:
+        async with self._commit_locks.hold((tenant, request_id)):
             now = self._clock.now_ms()
             if (done := await self._ledger.get(tenant, request_id, now)) is not None:
                 return done.split  # a concurrent retry committed first
@@ -205,7 +206,7 @@ class PrefixCacheCore:
         if kv_cached_tokens < 0:
             raise BadRequest(f"kv_cached_tokens must be >= 0, got {kv_cached_tokens}")
         baseline_spec = self._spec(baseline_model, "baseline_model") if baseline_model else None
-        async with self._commit_lock:
+        async with self._commit_locks.hold((tenant, request_id)):
             now = self._clock.now_ms()
             record = await self._ledger.get(tenant, request_id, now)
             if record is None:
