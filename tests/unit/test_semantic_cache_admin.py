@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -40,10 +41,10 @@ class Served:
         found: sc.LookupResponse = await self.stub.Lookup(lookup, metadata=AUTH)
         return found.hit
 
-    async def set(self, **fields: object) -> sc.L1Policy:
+    async def set(self, **fields: Any) -> sc.L1Policy:
         policy: sc.L1Policy = await self.stub.SetPolicy(
             sc.SetL1PolicyRequest(**fields),
-            metadata=AUTH,  # type: ignore[arg-type]
+            metadata=AUTH,
         )
         return policy
 
@@ -132,9 +133,9 @@ async def test_a_tenants_default_ttl_applies_to_its_new_entries(served: Served) 
     ],
 )
 async def test_a_bad_policy_change_names_the_field(
-    served: Served, fields: dict[str, object], field: str
+    served: Served, fields: dict[str, Any], field: str
 ) -> None:
-    call = served.stub.SetPolicy(sc.SetL1PolicyRequest(**fields), metadata=AUTH)  # type: ignore[arg-type]
+    call = served.stub.SetPolicy(sc.SetL1PolicyRequest(**fields), metadata=AUTH)
     assert field in await expect(grpc.StatusCode.INVALID_ARGUMENT, call)
 
 
