@@ -8,7 +8,7 @@ second of any change, so keys are created, revoked and rotated without a restart
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -16,7 +16,7 @@ import grpc
 from services.common.env import ConfigError
 from services.common.keyfile import hash_key, new_api_key
 
-__all__ = ["KeyLookup", "hash_key", "new_api_key"]
+__all__ = ["ApiKeys", "KeyLookup", "hash_key", "new_api_key"]
 
 INTERNAL_METADATA_KEY = "x-cachemesh-internal"
 # Methods open without the internal credential: health checks and reflection.
@@ -27,6 +27,17 @@ class KeyLookup(Protocol):
     """Which tenant an API key belongs to (None: no active key is this one)."""
 
     def tenant_for(self, key: str) -> str | None: ...
+
+
+class ApiKeys:
+    """A fixed table of key hashes to tenants (a ``KeyLookup`` for tests and tools; the
+    services read the shared key file through ``KeyStore``, which follows its changes)."""
+
+    def __init__(self, hashes: Mapping[str, str]) -> None:
+        self._tenant_by_hash = dict(hashes)
+
+    def tenant_for(self, key: str) -> str | None:
+        return self._tenant_by_hash.get(hash_key(key))
 
 
 def bearer_token(metadata: Any) -> str | None:
