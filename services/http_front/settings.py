@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from services.common.env import Env
 from services.common.models import AUTO, ModelTable, model_table_from_env
 from services.common.tls import ClientTls, ServerTls
+from services.router.key_settings import KeyStoreSettings
 from services.router.settings import parse_replicas
 
 DEFAULT_LISTEN = "127.0.0.1:8088"
@@ -18,7 +18,7 @@ DEFAULT_LISTEN = "127.0.0.1:8088"
 class HttpFrontSettings:
     listen: str
     gateway_addr: str
-    api_keys_file: Path
+    keys: KeyStoreSettings  # the shared API key file, as the router's
     max_body_bytes: int  # a larger body is refused with 413 before it is read
     max_in_flight_per_key: int  # one more concurrent request of a key gets 429
     ping_s: float  # a stream with nothing to send for this long sends a ping
@@ -40,7 +40,7 @@ class HttpFrontSettings:
         return cls(
             listen=env.address("HTTP_FRONT_LISTEN", DEFAULT_LISTEN),
             gateway_addr=env.address("HTTP_FRONT_GATEWAY_ADDR", "127.0.0.1:50051"),
-            api_keys_file=env.path("CACHEMESH_API_KEYS_FILE"),
+            keys=KeyStoreSettings.from_env(env),
             max_body_bytes=env.int("HTTP_FRONT_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
             max_in_flight_per_key=env.int("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", 64, minimum=1),
             ping_s=env.float("HTTP_FRONT_PING_S", 10.0, minimum=0.01),

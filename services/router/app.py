@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
-from cachemesh.v1 import gateway_pb2, gateway_pb2_grpc
-from services.common.auth import ApiKeys
+import grpc
+
+from cachemesh.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from services.common.auth import internal_metadata
 from services.common.clock import SystemClock
 from services.common.env import Env
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, configure_logging, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
+from services.router.admin import AdminServicer
 from services.router.grpc_adapters import connect
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_answer_ledger, build_limiter
@@ -27,6 +31,7 @@ from services.semantic_cache.embedder import load_minilm_embedder
 
 log = logging.getLogger(__name__)
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
@@ -34,7 +39,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     configure_logging(env)
     table = model_table_from_env(env)
     settings = RouterSettings.from_env(env, table)
-    keys = ApiKeys.from_file(settings.api_keys_file)
+    keys = settings.keys.open(time.monotonic, time.time)
+    if settings.admin is None:
+        log.warning("the Admin API is off: no CACHEMESH_ADMIN_TOKEN_FILE or CACHEMESH_ADMIN_TOKEN")
     provider = build_tracer_provider(environ, "router")
     tokenizer = load_cl100k()
     card = RouterCard.load()
@@ -69,6 +76,18 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     servicer = GatewayServicer(
         keys, table, set(settings.replicas), pipeline, answers, limiter, ledger
     )
+    admin = AdminServicer(
+        settings.admin,
+        keys,
+        connected.semantic,
+        connected.prefix,
+        internal_metadata(settings.internal_token),
+        settings.admin_timeout_s,
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
 
     replays: list[asyncio.Task[None]] = []
 
@@ -91,10 +110,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         ServiceSpec(
             name="router",
             settings=settings.server,
-            service_names=[GATEWAY],
-            register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(
-                servicer, server
-            ),
+            service_names=[GATEWAY, ADMIN],
+            register=register,
             interceptors=server_interceptors(provider),
             warmup=warmup,
             on_stop=[close],

@@ -141,6 +141,9 @@ class GrpcModels:
 class Connected:
     dependencies: Dependencies
     channels: list[grpc.aio.Channel]
+    # the same channels, for the Admin API's calls (Drop, Stats, policy; Totals)
+    semantic: semantic_cache_pb2_grpc.SemanticCacheAsyncStub
+    prefix: prefix_cache_pb2_grpc.PrefixCacheAsyncStub
 
     async def close(self) -> None:
         for channel in self.channels:
@@ -159,14 +162,11 @@ def connect(settings: RouterSettings, tracer: trace.Tracer) -> Connected:
         return channels[address]
 
     spans = ClientSpans(tracer, internal_metadata(settings.internal_token))
+    semantic = semantic_cache_pb2_grpc.SemanticCacheStub(channel(settings.semantic_cache_addr))
+    prefix = prefix_cache_pb2_grpc.PrefixCacheStub(channel(settings.prefix_cache_addr))
     dependencies = Dependencies(
-        semantic=GrpcSemantic(
-            semantic_cache_pb2_grpc.SemanticCacheStub(channel(settings.semantic_cache_addr)),
-            spans,
-        ),
-        prefix=GrpcPrefix(
-            prefix_cache_pb2_grpc.PrefixCacheStub(channel(settings.prefix_cache_addr)), spans
-        ),
+        semantic=GrpcSemantic(semantic, spans),
+        prefix=GrpcPrefix(prefix, spans),
         model=GrpcModels(
             {
                 address: model_pb2_grpc.ModelStub(channel(address))
@@ -177,4 +177,4 @@ def connect(settings: RouterSettings, tracer: trace.Tracer) -> Connected:
         ),
         models=dict(settings.replicas),
     )
-    return Connected(dependencies, list(channels.values()))
+    return Connected(dependencies, list(channels.values()), semantic, prefix)

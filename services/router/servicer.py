@@ -13,7 +13,7 @@ import grpc
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.common.auth import ApiKeys, bearer_token
+from services.common.auth import KeyLookup, bearer_token
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
@@ -40,7 +40,7 @@ _UNAUTHENTICATED = (
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
         self,
-        keys: ApiKeys,
+        keys: KeyLookup,
         table: ModelTable,
         deployed: set[str],
         pipeline: Pipeline,

@@ -9,7 +9,9 @@ from services.common.env import ConfigError, Env
 from services.common.models import ModelTable
 from services.common.server import ServerSettings
 from services.common.tls import ServerTls
+from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.balance import BalancePolicy
+from services.router.key_settings import KeyStoreSettings
 from services.router.limit_settings import LimitSettings
 from services.router.replica_choice import POLICIES, ChoiceSettings, TtftPolicy
 
@@ -22,7 +24,7 @@ class RouterSettings:
     semantic_cache_addr: str
     prefix_cache_addr: str
     replicas: dict[str, tuple[str, ...]]  # model id -> replica addresses
-    api_keys_file: Path
+    keys: KeyStoreSettings  # the shared API key file
     internal_token: str
     semantic_timeout_s: float
     semantic_lease_wait_s: float  # the longest a lookup waits for an identical in-flight call
@@ -41,6 +43,8 @@ class RouterSettings:
     semantic_store_timeout_s: float = 10.0
     # where billed answers are recorded for retries that reach another router; None = none
     answers_redis_url: str | None = None
+    admin: AdminCredential | None = None  # None: the Admin API refuses every call
+    admin_timeout_s: float = 10.0  # an Admin call's deadline on semantic-cache and prefix-cache
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -53,7 +57,7 @@ class RouterSettings:
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
             replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),
-            api_keys_file=env.path("CACHEMESH_API_KEYS_FILE"),
+            keys=KeyStoreSettings.from_env(env),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
             semantic_timeout_s=env.float("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
             semantic_lease_wait_s=env.float("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
@@ -76,6 +80,8 @@ class RouterSettings:
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
             ),
             answers_redis_url=env.optional_str("ROUTER_ANSWERS_REDIS_URL"),
+            admin=admin_credential_from_env(env),
+            admin_timeout_s=env.float("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
         )
 
 

@@ -15,8 +15,11 @@ from services.common.errors import Code, RequestError
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer, InvalidQuery
+from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
+from services.semantic_cache.tenant_stats import TenantCounters
 
 DRAINING = "semantic-cache is draining for shutdown: writes are refused; retry elsewhere"
+L1_OFF = "L1 is off for this tenant (its cache policy: Admin SetPolicy)"
 
 
 def wait_budget(lease_wait_s: float, remaining_s: float | None) -> float:
@@ -34,10 +37,14 @@ class SemanticCacheApi:
         cache: SemanticCache,
         lease_wait_s: float = 0.0,
         draining: asyncio.Event | None = None,
+        policies: TenantPolicies | None = None,
     ) -> None:
+        """``policies``: each tenant's L1 policy (None: in memory, every tenant's L1 on)."""
         self._cache = cache
         self._lease_wait_s = lease_wait_s  # the most a lookup waits on another's lease
         self._draining = draining  # once set, writes are refused (UNAVAILABLE)
+        self._policies = policies if policies is not None else TenantPolicies()
+        self._counts = TenantCounters()
 
     async def lookup(
         self, request: sc.LookupRequest, remaining_s: float | None
@@ -46,6 +53,12 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         draining = self._is_draining()
         query = _query(request.tenant, request.request)
+        if not self._policies.get(request.tenant).l1_enabled:
+            # no read; for the router's tier choice, still the embedding when it is wanted
+            skipped = sc.LookupResponse(skip_reason=L1_OFF)
+            if request.want_embedding:
+                await self._embedding_into(skipped, query)
+            return skipped
         # a draining cache refuses Stores, so it leads no model call and makes none wait
         wait_s = 0.0 if draining else wait_budget(self._lease_wait_s, remaining_s)
         try:
@@ -62,11 +75,11 @@ class SemanticCacheApi:
             waited=result.waited,
             refusal=result.refusal,
         )
-        if request.want_embedding and not result.hit and query.text and query.normalised:
+        if not result.skip_reason:
+            self._counts.looked_up(request.tenant, hit=result.hit, exact=result.exact)
+        if request.want_embedding and not result.hit:
             # the vector the check computed (or, with no check, this one): the Store reuses it
-            vector = await self._cache.embedding(query.text)
-            response.embedding = vector.astype("<f4").tobytes()
-            response.embedder_version = self._cache.embedder_version
+            await self._embedding_into(response, query)
         if result.entry is not None:
             response.match.CopyFrom(
                 pb.SemanticMatch(
@@ -94,10 +107,16 @@ class SemanticCacheApi:
             has_tool_use=any(b.WhichOneof("kind") == "tool_use" for b in answer.content),
         )
         query = _query(request.tenant, request.request)
+        policy = self._policies.get(request.tenant)
+        if not policy.l1_enabled:
+            self._cache.release(query)
+            return sc.StoreResponse(stored=False, skip_reason=L1_OFF)
         try:
-            result = await self._cache.store(query, record)
+            result = await self._cache.store(query, record, policy.default_ttl_s)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if result.stored:
+            self._counts.stored(request.tenant)
         return sc.StoreResponse(
             stored=result.stored, entry_id=result.entry_id, skip_reason=result.skip_reason
         )
@@ -109,7 +128,8 @@ class SemanticCacheApi:
         if request.entry_id:
             dropped = self._cache.drop_entry(request.tenant, request.entry_id)
         else:
-            dropped = self._cache.drop(request.tenant, request.namespace or None)
+            namespace = request.namespace if request.HasField("namespace") else None
+            dropped = self._cache.drop(request.tenant, namespace)
         await self._cache.sync_journal()  # durable before it is acknowledged
         return sc.DropResponse(dropped=dropped)
 
@@ -117,6 +137,71 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         query = _query(request.tenant, request.request)
         return sc.ReleaseResponse(released=self._cache.release(query, request.lease_id or None))
+
+    def stats(self, request: sc.L1StatsRequest) -> sc.L1StatsResponse:
+        sizes = self._cache.tenant_sizes()
+        if request.tenant:
+            tenants = [request.tenant]
+        else:
+            known = set(sizes) | self._counts.tenants() | self._policies.tenants()
+            tenants = sorted(known)
+        response = sc.L1StatsResponse()
+        for tenant in tenants:
+            entries, namespaces = sizes.get(tenant, (0, 0))
+            counts = self._counts.get(tenant)
+            response.tenants.add(
+                tenant=tenant,
+                entries=entries,
+                namespaces=namespaces,
+                lookups=counts.lookups,
+                hits=counts.hits,
+                exact_hits=counts.exact_hits,
+                stores=counts.stores,
+                l1_enabled=self._policies.get(tenant).l1_enabled,
+            )
+        return response
+
+    async def get_policy(self, request: sc.L1PolicyRequest) -> sc.L1Policy:
+        _require_tenant(request.tenant)
+        return self._policy_message(request.tenant)
+
+    async def set_policy(self, request: sc.SetL1PolicyRequest) -> sc.L1Policy:
+        _require_tenant(request.tenant)
+        if self._is_draining():
+            raise RequestError(Code.UNAVAILABLE, DRAINING)
+        change = PolicyChange(
+            l1_enabled=request.l1_enabled if request.HasField("l1_enabled") else None,
+            default_ttl_s=request.default_ttl_s if request.HasField("default_ttl_s") else None,
+            reset_default_ttl=request.reset_default_ttl,
+        )
+        try:
+            await self._policies.set(request.tenant, change)
+        except PolicyError as exc:
+            raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        return self._policy_message(request.tenant)
+
+    def _policy_message(self, tenant: str) -> sc.L1Policy:
+        policy = self._policies.get(tenant)
+        message = sc.L1Policy(
+            tenant=tenant,
+            l1_enabled=policy.l1_enabled,
+            effective_default_ttl_s=(
+                policy.default_ttl_s
+                if policy.default_ttl_s is not None
+                else self._cache.default_ttl_s
+            ),
+        )
+        if policy.default_ttl_s is not None:
+            message.default_ttl_s = policy.default_ttl_s
+        return message
+
+    async def _embedding_into(self, response: sc.LookupResponse, query: Query) -> None:
+        """The last user turn's embedding (none without user text), and the embedder's
+        version."""
+        if query.text and query.normalised:
+            vector = await self._cache.embedding(query.text)
+            response.embedding = vector.astype("<f4").tobytes()
+            response.embedder_version = self._cache.embedder_version
 
     def _is_draining(self) -> bool:
         return self._draining is not None and self._draining.is_set()

@@ -28,6 +28,7 @@ from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.settings import DATA_DIR, SemanticCacheSettings
 from services.semantic_cache.snapshotter import Snapshotter
+from services.semantic_cache.tenant_policy import FILE_NAME, PolicyError, TenantPolicies
 from services.semantic_cache.wal import WriteAheadLog
 from services.semantic_cache.wiring import build_api, build_cache
 
@@ -47,6 +48,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     config = SemanticCacheSettings.from_env(env, OperatingPoint.load())
     clock = SystemClock()
     snapshotter = _snapshotter(config, clock)
+    policies = _policies(config)
     provider = build_tracer_provider(environ, NAME)
     faiss.omp_set_num_threads(config.faiss_threads)
     stop = stop if stop is not None else asyncio.Event()  # set when the drain begins
@@ -58,7 +60,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         cache = build_cache(config, embedder, clock)
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
-        servicer.attach(build_api(config, cache, draining=stop))
+        servicer.attach(build_api(config, cache, draining=stop, policies=policies))
 
     async def shutdown_tracing() -> None:
         await asyncio.to_thread(provider.shutdown)
@@ -93,6 +95,16 @@ def _snapshotter(config: SemanticCacheSettings, clock: SystemClock) -> Snapshott
             f"{DATA_DIR}={config.data_dir}: cannot create or write the directory ({exc})"
         ) from exc
     return Snapshotter(store, clock, config.snapshot_s, WriteAheadLog(config.data_dir / "wal"))
+
+
+def _policies(config: SemanticCacheSettings) -> TenantPolicies:
+    """The tenants' L1 policies: beside the snapshots when there is a data directory."""
+    if config.data_dir is None:
+        return TenantPolicies()
+    try:
+        return TenantPolicies(config.data_dir / FILE_NAME)
+    except PolicyError as exc:
+        raise ConfigError(f"{DATA_DIR}: {exc}") from None
 
 
 def main() -> None:

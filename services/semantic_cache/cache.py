@@ -171,19 +171,25 @@ class SemanticCache(EntryStore):
             return self._hit(choice.vid, choice.similarity, exact=False, best=best)
         return CheckResult(None, best_similarity=best, refusal=choice.reason)
 
-    async def store(self, query: Query, answer: Answer) -> StoreResult:
+    async def store(
+        self, query: Query, answer: Answer, default_ttl_s: float | None = None
+    ) -> StoreResult:
         """Stores a cacheable answer, replacing the entry of the same normalised query.
+        ``default_ttl_s`` (the tenant's policy) replaces ``ttl_s`` in a namespace without a
+        TTL of its own.
 
         Stored or not, it ends the lease of the query's key: its waiters look again.
         """
         _require_tenant(query)
         try:
             with self._storing.storing((query.tenant, query.scope)):
-                return await self._store(query, answer)
+                return await self._store(query, answer, default_ttl_s)
         finally:
             self.release(query)
 
-    async def _store(self, query: Query, answer: Answer) -> StoreResult:
+    async def _store(
+        self, query: Query, answer: Answer, default_ttl_s: float | None
+    ) -> StoreResult:
         reason = _store_skip_reason(query, answer, self._policy)
         if reason or query.text is None:
             return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
@@ -200,7 +206,8 @@ class SemanticCache(EntryStore):
             answer=answer,
             created_at_ms=now,
             embedder_version=self._embedder.version,
-            expires_at_ms=now + self._policy.ttl_ms(query.namespace),  # fixed from now on
+            # fixed from now on
+            expires_at_ms=now + self._policy.ttl_ms(query.namespace, default_ttl_s),
         )
         self._insert(entry, vector)
         if self._journal is not None:

@@ -84,6 +84,11 @@ class EntryStore:
         return self._embedder.dim
 
     @property
+    def default_ttl_s(self) -> float:
+        """An entry's TTL in a namespace without its own, for a tenant without its own."""
+        return self._policy.ttl_s
+
+    @property
     def embedder_version(self) -> str:
         return self._embedder.version
 
@@ -231,6 +236,16 @@ class EntryStore:
                     [vids[r] for r in at], chunk[local], [entries[r].query for r in at]
                 )
             del chunk
+
+    def tenant_sizes(self) -> dict[str, tuple[int, int]]:
+        """Each tenant's unexpired entries and the number of namespaces holding them."""
+        self._purge_expired(self._clock.now_ms())
+        entries: dict[str, int] = {}
+        namespaces: dict[str, set[str]] = {}
+        for (tenant, _), index in self._scopes.items():
+            entries[tenant] = entries.get(tenant, 0) + len(index)
+            namespaces.setdefault(tenant, set()).add(index.namespace)
+        return {tenant: (count, len(namespaces[tenant])) for tenant, count in entries.items()}
 
     def drop(self, tenant: str, namespace: str | None = None) -> int:
         """Removes the tenant's entries (of one namespace, or all when None); returns the count."""

@@ -35,8 +35,10 @@ class NamespacePolicy:
         if not (math.isfinite(self.max_temperature) and self.max_temperature >= 0):
             raise ValueError(f"max_temperature must be >= 0, got {self.max_temperature}")
 
-    def ttl_ms(self, namespace: str) -> int:
-        return round(self.namespace_ttl_s.get(namespace, self.ttl_s) * 1000)
+    def ttl_ms(self, namespace: str, default_s: float | None = None) -> int:
+        """The namespace's own TTL, else ``default_s`` (a tenant's policy), else ``ttl_s``."""
+        fallback = self.ttl_s if default_s is None else default_s
+        return round(self.namespace_ttl_s.get(namespace, fallback) * 1000)
 
     def allows_tool_use(self, namespace: str) -> bool:
         return namespace in self.tool_use_namespaces

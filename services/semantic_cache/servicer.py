@@ -39,6 +39,18 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
         api = await self._ready(context)
         return await answered(context, api.release(request))
 
+    async def Stats(self, request: sc.L1StatsRequest, context: Context) -> sc.L1StatsResponse:
+        api = await self._ready(context)
+        return api.stats(request)
+
+    async def GetPolicy(self, request: sc.L1PolicyRequest, context: Context) -> sc.L1Policy:
+        api = await self._ready(context)
+        return await answered(context, api.get_policy(request))
+
+    async def SetPolicy(self, request: sc.SetL1PolicyRequest, context: Context) -> sc.L1Policy:
+        api = await self._ready(context)
+        return await answered(context, api.set_policy(request))
+
     async def _ready(self, context: Context) -> SemanticCacheApi:
         if self._api is None:
             await abort(

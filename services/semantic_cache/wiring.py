@@ -13,6 +13,7 @@ from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.leases import Leases
 from services.semantic_cache.settings import SemanticCacheSettings
+from services.semantic_cache.tenant_policy import TenantPolicies
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 
 
@@ -37,6 +38,12 @@ def build_cache(config: SemanticCacheSettings, embedder: Embedder, clock: Clock)
 
 
 def build_api(
-    config: SemanticCacheSettings, cache: SemanticCache, draining: asyncio.Event | None = None
+    config: SemanticCacheSettings,
+    cache: SemanticCache,
+    draining: asyncio.Event | None = None,
+    policies: TenantPolicies | None = None,
 ) -> SemanticCacheApi:
-    return SemanticCacheApi(cache, lease_wait_s=config.lease_wait_s, draining=draining)
+    """``policies``: the tenants' L1 policies (None: in memory, as for the offline estimator)."""
+    return SemanticCacheApi(
+        cache, lease_wait_s=config.lease_wait_s, draining=draining, policies=policies
+    )

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
+from services.tools.keys import ensure_keys
 from services.tools.stack import processes
 from services.tools.stack.health import SERVING, probe
-from services.tools.stack.keys import ensure_keys
 from services.tools.stack.otlp_sink import OtlpSink, Span
 from services.tools.stack.ports import free_port
 from services.tools.stack.processes import Running

@@ -1,4 +1,5 @@
-"""No API key and no internal token in any log, error, span or report, after a run that used them.
+"""No API key, internal token or admin token in any log, error, span or report, after a run that
+used them (the Admin API's tests create, rotate and revoke keys on this stack before this one).
 
 The session's stack has served every integration test before this one, with tenant keys, the
 internal token between services, refusals of wrong keys and tokens; this test adds its own
@@ -86,7 +87,8 @@ def test_no_secret_in_logs_errors_spans_or_reports(stack: RunningStack) -> None:
     for report in (loadtest, bench, bench.with_suffix(".html")):
         texts[report.name] = report.read_text()
     assert len(errors) == 3 and all(errors) and texts["spans"] != "[]"
-    secrets = {**stack.keys, "internal token": stack.internal_token}
+    admin_token = (run_dir / "admin-token").read_text().strip()
+    secrets = {**stack.keys, "internal token": stack.internal_token, "admin token": admin_token}
     for name, secret in secrets.items():
         for fragment in _fragments(secret):
             leaks = [where for where, text in texts.items() if fragment in text]

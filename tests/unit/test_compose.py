@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from cachemesh.envfile import read_env_file
+from services.tools.keys import StackKeys, ensure_keys
 from services.tools.stack.environment import port_of
-from services.tools.stack.keys import StackKeys, ensure_keys
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.ports import relocate
 from services.tools.stack.service_table import SERVICES, ServiceDef
@@ -93,7 +93,8 @@ def test_prefix_cache_keeps_its_bills_in_redis_that_fsyncs_every_write(
 def test_router_keeps_its_billing_outbox_in_a_named_volume(resolved: Resolved) -> None:
     router = resolved.service("router")
     data_dir = router["environment"]["ROUTER_DATA_DIR"]
-    assert [v.split(":")[:2] for v in router["volumes"]] == [["router-data", data_dir]]
+    volumes = [v.split(":")[:2] for v in router["volumes"]]
+    assert [v for v in volumes if v[0] == "router-data"] == [["router-data", data_dir]]
     assert "router-data" in resolved.config["volumes"]
 
 
@@ -140,18 +141,39 @@ def test_environment_is_the_local_one_but_for_container_overrides(
     expected |= _container_overrides(resolved, spec)
     env = resolved.service(spec.name)["environment"]
     if "CACHEMESH_API_KEYS_FILE" in expected:
-        expected["CACHEMESH_API_KEYS_FILE"] = env.get("CACHEMESH_API_KEYS_FILE")
-        _assert_is_the_mounted_key_file(resolved, spec, env.get("CACHEMESH_API_KEYS_FILE"))
+        # on the keys volume, created from the mounted key file (tested below)
+        expected["CACHEMESH_API_KEYS_FILE"] = KEY_FILE
+        expected["CACHEMESH_API_KEYS_SEED_FILE"] = env.get("CACHEMESH_API_KEYS_SEED_FILE")
+    if "CACHEMESH_ADMIN_TOKEN_FILE" in expected:
+        # compose gives the token itself, from .run/admin.env (a mounted 0600 file would be
+        # unreadable to the containers' non-root user)
+        del expected["CACHEMESH_ADMIN_TOKEN_FILE"]
+        assert "CACHEMESH_ADMIN_TOKEN_FILE" not in env
+        assert env["CACHEMESH_ADMIN_TOKEN"] == resolved.keys.admin_token
+    else:
+        assert "CACHEMESH_ADMIN_TOKEN" not in env, f"{spec.name} gets the admin token"
     assert {key: env.get(key) for key in expected} == expected
     assert env["CACHEMESH_INTERNAL_TOKEN"] == resolved.keys.internal_token
 
 
-def _assert_is_the_mounted_key_file(resolved: Resolved, spec: ServiceDef, path: object) -> None:
+KEY_FILE = "/var/lib/cachemesh/keys/api-keys"
+
+
+@pytest.mark.parametrize("name", ["router", "http-front"])
+def test_router_and_front_share_the_key_file_seeded_from_the_mounted_one(
+    resolved: Resolved, name: str
+) -> None:
+    svc = resolved.service(name)
+    assert [v.split(":")[:2] for v in svc["volumes"] if v.startswith("keys:")] == [
+        ["keys", "/var/lib/cachemesh/keys"]
+    ]
+    assert "keys" in resolved.config["volumes"]
     mounts = {
         f"/run/secrets/{s['target']}": resolved.config["secrets"][s["source"]]["file"]
-        for s in resolved.service(spec.name).get("secrets", [])
+        for s in svc.get("secrets", [])
     }
-    assert mounts.get(str(path)) == str(resolved.keys.api_keys_file)
+    seed = svc["environment"]["CACHEMESH_API_KEYS_SEED_FILE"]
+    assert mounts.get(seed) == str(resolved.keys.api_keys_file)
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)

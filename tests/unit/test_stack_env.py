@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cachemesh.envfile import EnvFileError, parse_env_text, set_values
+from services.tools.keys import ensure_keys
 from services.tools.stack.environment import dial_address, merge_env
-from services.tools.stack.keys import ensure_keys
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.ports import free_port_overrides, relocate
 from services.tools.stack.service_table import SERVICES, service
@@ -48,6 +48,16 @@ def test_a_malformed_line_names_the_file_and_line() -> None:
         parse_env_text("A=1\nnot a setting\n", ".env")
     with pytest.raises(EnvFileError, match=":1:"):
         parse_env_text("1BAD=x\n")
+
+
+def test_a_shell_export_is_read_and_a_bad_line_is_never_repeated() -> None:
+    assert parse_env_text("export CACHEMESH_KEY_A=cm_x\nB=2\n") == {
+        "CACHEMESH_KEY_A": "cm_x",
+        "B": "2",
+    }
+    with pytest.raises(EnvFileError) as caught:
+        parse_env_text("cm_secret_value_on_a_line_of_its_own\n", "keys.env")
+    assert "keys.env:1" in str(caught.value) and "cm_secret" not in str(caught.value)
 
 
 def test_later_layers_win() -> None:

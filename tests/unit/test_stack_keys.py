@@ -1,13 +1,23 @@
-"""services.tools.stack.keys: this install's secrets, generated once, hashed, private."""
+"""services.tools.keys: this install's secrets, generated once, hashed, private."""
 
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from cachemesh.envfile import read_env_file
-from services.common.auth import ApiKeys, hash_key
-from services.tools.stack.keys import ensure_keys
+from services.common.key_store import KeyStore
+from services.common.keyfile import KeyFile, hash_key
+from services.tools.keys import ensure_keys
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _store(path: Path) -> KeyStore:
+    return KeyStore.open(path, time.monotonic, time.time, 0.0)
 
 
 def _mode(path: Path) -> int:
@@ -19,25 +29,60 @@ def test_generates_two_tenants_keys_in_the_documented_files(tmp_path: Path) -> N
     keys = ensure_keys(run)
     assert keys.created
     demo = read_env_file(run / "demo-keys.env")
-    assert set(demo) == {"CACHEMESH_KEY_A", "CACHEMESH_KEY_B"}
+    assert set(demo) == {"CACHEMESH_KEY_A", "CACHEMESH_KEY_B", "CACHEMESH_ADMIN_TOKEN_FILE"}
+    assert demo.pop("CACHEMESH_ADMIN_TOKEN_FILE") == str(run.resolve() / "admin-token")
     assert demo["CACHEMESH_KEY_A"] == keys.key_for("tenant-a")
     assert demo["CACHEMESH_KEY_B"] == keys.key_for("tenant-b")
     assert demo["CACHEMESH_KEY_A"] != demo["CACHEMESH_KEY_B"]
     assert all(key.startswith("cm_") and len(key) > 40 for key in demo.values())
 
 
+def test_demo_keys_file_exports_the_keys_to_a_sourcing_shell(tmp_path: Path) -> None:
+    keys = ensure_keys(tmp_path)
+    script = f"source {keys.demo_keys_file}; env"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    exported = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    assert exported["CACHEMESH_KEY_A"] == keys.key_for("tenant-a")
+    assert exported["CACHEMESH_KEY_B"] == keys.key_for("tenant-b")
+    assert exported["CACHEMESH_ADMIN_TOKEN_FILE"] == str(keys.admin_token_file)
+
+
 def test_api_keys_file_holds_only_hashes_and_the_router_reads_it(tmp_path: Path) -> None:
     keys = ensure_keys(tmp_path)
     text = keys.api_keys_file.read_text()
-    assert text.splitlines() == [
-        f"tenant-a:{hash_key(keys.key_for('tenant-a'))}",
-        f"tenant-b:{hash_key(keys.key_for('tenant-b'))}",
+    records, _ = KeyFile(keys.api_keys_file).read()
+    assert [(r.tenant, r.sha256, r.name) for r in records] == [
+        ("tenant-a", hash_key(keys.key_for("tenant-a")), "demo"),
+        ("tenant-b", hash_key(keys.key_for("tenant-b")), "demo"),
     ]
-    assert keys.key_for("tenant-a") not in text
-    table = ApiKeys.from_file(keys.api_keys_file)
+    assert keys.key_for("tenant-a") not in text and keys.key_for("tenant-b") not in text
+    table = _store(keys.api_keys_file)
     assert table.tenant_for(keys.key_for("tenant-a")) == "tenant-a"
     assert table.tenant_for(keys.key_for("tenant-b")) == "tenant-b"
     assert table.tenant_for("cm_wrong") is None
+
+
+def test_running_again_keeps_a_revoked_demo_key_revoked(tmp_path: Path) -> None:
+    keys = ensure_keys(tmp_path)
+    store = _store(keys.api_keys_file)
+    demo_a = next(r for r in store.records() if r.tenant == "tenant-a")
+    store.revoke(demo_a.id)
+    ensure_keys(tmp_path)
+    assert _store(keys.api_keys_file).tenant_for(keys.key_for("tenant-a")) is None
+
+
+def test_make_keys_needs_only_the_standard_library(tmp_path: Path) -> None:
+    """``python3 -m services.tools.keys`` with the system's Python, without the venv."""
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").is_file() else sys.executable
+    done = subprocess.run(
+        [python, "-I", "-c", "import sys; sys.path.insert(0, '.'); "
+         "from services.tools.keys import main; main(['--run-dir', sys.argv[1]])",
+         str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "CACHEMESH_KEY_A=cm_" in done.stdout
+    assert (tmp_path / "run" / "api-keys").is_file()
 
 
 def test_internal_token_file_and_compose_env_file_agree(tmp_path: Path) -> None:
@@ -46,9 +91,13 @@ def test_internal_token_file_and_compose_env_file_agree(tmp_path: Path) -> None:
     assert (tmp_path / "internal-token").read_text().strip() == keys.internal_token
     compose_env = read_env_file(tmp_path / "internal.env")
     assert compose_env == {"CACHEMESH_INTERNAL_TOKEN": keys.internal_token}
+    assert len(keys.admin_token) >= 16 and keys.admin_token != keys.internal_token
+    assert (tmp_path / "admin-token").read_text().strip() == keys.admin_token
+    assert read_env_file(tmp_path / "admin.env") == {"CACHEMESH_ADMIN_TOKEN": keys.admin_token}
     assert keys.env() == {
         "CACHEMESH_API_KEYS_FILE": str(tmp_path / "api-keys"),
         "CACHEMESH_INTERNAL_TOKEN": keys.internal_token,
+        "CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "admin-token"),
     }
 
 
@@ -56,9 +105,14 @@ def test_every_secret_is_private(tmp_path: Path) -> None:
     run = tmp_path / ".run"
     ensure_keys(run)
     assert _mode(run) == 0o700
-    for name in ("demo-keys.env", "api-keys", "internal-token", "internal.env"):
+    for name in ("demo-keys.env", "internal-token", "internal.env", "admin-token", "admin.env"):
         assert _mode(run / name) == 0o600, name
+    # hashes only, readable by a container's non-root user (compose mounts it); .run is 0700
+    assert _mode(run / "api-keys") == 0o644
     assert sorted(p.name for p in run.iterdir()) == [
+        ".api-keys.lock",
+        "admin-token",
+        "admin.env",
         "api-keys",
         "demo-keys.env",
         "internal-token",
@@ -73,6 +127,7 @@ def test_running_again_keeps_the_secrets(tmp_path: Path) -> None:
     assert not second.created
     assert second.api_keys == first.api_keys
     assert second.internal_token == first.internal_token
+    assert second.admin_token == first.admin_token
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == contents
 
 
@@ -84,7 +139,7 @@ def test_a_lost_derived_file_is_rebuilt_from_the_kept_secrets(tmp_path: Path) ->
     second = ensure_keys(tmp_path)
     assert not second.created
     assert second.api_keys == first.api_keys
-    assert ApiKeys.from_file(tmp_path / "api-keys").tenant_for(first.key_for("tenant-b"))
+    assert _store(tmp_path / "api-keys").tenant_for(first.key_for("tenant-b"))
     assert read_env_file(tmp_path / "internal.env")["CACHEMESH_INTERNAL_TOKEN"] == (
         first.internal_token
     )

@@ -1,4 +1,5 @@
-"""``cachemesh ask "..."``: one question through the Gateway, with where it was served from."""
+"""``cachemesh ask "..."``: one question through the Gateway, with where it was served from.
+``cachemesh admin ...``: the router's Admin API (keys, stats, purges, cache policy)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, build_request
 from cachemesh._tls import Tls
+from cachemesh.admin_cli import add_parser as add_admin_parser
+from cachemesh.admin_cli import run as run_admin
 from cachemesh.v1 import gateway_pb2 as pb
 
 NANOS_PER_DOLLAR = 1_000_000_000
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--namespace", default="", help="semantic-cache namespace")
     ask.add_argument("--request-id", default="", help="idempotency key")
     ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    add_admin_parser(commands)
     return parser
 
 
@@ -91,6 +95,14 @@ def _report(response: pb.CompleteResponse) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if (args.cert_file is None) != (args.key_file is None):
+        print("cachemesh: a client certificate needs --cert-file and --key-file", file=sys.stderr)
+        return 2
+    tls = None
+    if args.tls or args.ca_file or args.cert_file:
+        tls = Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    if args.command == "admin":
+        return run_admin(args, args.target, tls)
     if not args.key:
         print("cachemesh: no API key: pass --key or set CACHEMESH_API_KEY", file=sys.stderr)
         return 2
@@ -102,12 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         namespace=args.namespace,
         request_id=args.request_id,
     )
-    if (args.cert_file is None) != (args.key_file is None):
-        print("cachemesh: a client certificate needs --cert-file and --key-file", file=sys.stderr)
-        return 2
-    tls = None
-    if args.tls or args.ca_file or args.cert_file:
-        tls = Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
     try:
         # a person at a terminal: a Gateway that is down is said at once, not waited for
         with Client(args.target, api_key=args.key, tls=tls, wait_for_ready=False) as client:

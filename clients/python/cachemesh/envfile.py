@@ -2,7 +2,9 @@
 
 The format is the subset that both the local stack runner and docker compose read the same
 way: ``KEY=VALUE`` lines, ``#`` comments and blank lines, an optional pair of matching quotes
-around the value. Anything else is an error naming the file and line.
+around the value, and an optional ``export`` before the key (``.run/demo-keys.env`` has it, so
+that ``source .run/demo-keys.env`` exports the keys). Anything else is an error naming the
+file and line, never repeating the line (it may hold a secret).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        key = key.strip()
+        key = key.strip().removeprefix("export ").strip()
         if not sep or not _KEY.match(key):
-            raise EnvFileError(f"{source}:{number}: expected KEY=VALUE, got {raw!r}")
+            raise EnvFileError(
+                f"{source}:{number}: expected KEY=VALUE (the line is not shown: it may hold a "
+                "secret)"
+            )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]

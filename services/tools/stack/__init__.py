@@ -8,7 +8,7 @@ Tests use the Python API::
     stack.stop()
 """
 
-from services.tools.stack.keys import StackKeys, ensure_keys
+from services.tools.keys import StackKeys, ensure_keys
 from services.tools.stack.lifecycle import Stack, StackError
 from services.tools.stack.service_table import SERVICES, ServiceDef
 

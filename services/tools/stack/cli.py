@@ -19,8 +19,8 @@ from services.tools.engine.servers import (
     LlamaServers,
     local_engine_settings,
 )
+from services.tools.keys import describe, ensure_keys
 from services.tools.stack.health import SERVING, probe_as
-from services.tools.stack.keys import describe, ensure_keys
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
 from services.tools.stack.ports import free_port
 from services.tools.stack.supervisor import read_state, supervise

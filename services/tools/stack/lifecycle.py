@@ -21,10 +21,10 @@ from types import TracebackType
 from typing import NoReturn, TextIO
 
 from cachemesh.envfile import read_env_file
+from services.tools.keys import StackKeys, describe, ensure_keys
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
 from services.tools.stack.health import SERVING, UNREACHABLE, probe_as
-from services.tools.stack.keys import StackKeys, describe, ensure_keys
 from services.tools.stack.ports import free_port_overrides
 from services.tools.stack.processes import Running
 from services.tools.stack.redis_process import REDIS, redis_argv, stack_redis_address

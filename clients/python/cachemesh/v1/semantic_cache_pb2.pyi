@@ -218,21 +218,25 @@ class DropRequest(_message.Message):
     ENTRY_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     namespace: _builtins.str
-    """empty = every namespace of the tenant (ignored with entry_id)"""
+    """unset = every namespace of the tenant; set = that namespace only ("" is the default
+    namespace); ignored with entry_id
+    """
     entry_id: _builtins.str
     """set = only this entry (SemanticMatch.entry_id), if it is the tenant's"""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
-        namespace: _builtins.str = ...,
+        namespace: _builtins.str | None = ...,
         entry_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_namespace", b"_namespace", "namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id", "namespace", b"namespace", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_namespace", b"_namespace", "entry_id", b"entry_id", "namespace", b"namespace", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__namespace: _TypeAlias = _typing.Literal["namespace"]  # noqa: Y015
+    _WhichOneofArgType__namespace: _TypeAlias = _typing.Literal["_namespace", b"_namespace"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__namespace) -> _WhichOneofReturnType__namespace | None: ...
 
 Global___DropRequest: _TypeAlias = DropRequest  # noqa: Y015
 
@@ -303,3 +307,184 @@ class ReleaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
+
+@_typing.final
+class L1StatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """empty = every tenant with entries, counts or a policy"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___L1StatsRequest: _TypeAlias = L1StatsRequest  # noqa: Y015
+
+@_typing.final
+class L1StatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___L1TenantStats]:
+        """by tenant name"""
+
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[Global___L1TenantStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___L1StatsResponse: _TypeAlias = L1StatsResponse  # noqa: Y015
+
+@_typing.final
+class L1TenantStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NAMESPACES_FIELD_NUMBER: _builtins.int
+    LOOKUPS_FIELD_NUMBER: _builtins.int
+    HITS_FIELD_NUMBER: _builtins.int
+    EXACT_HITS_FIELD_NUMBER: _builtins.int
+    STORES_FIELD_NUMBER: _builtins.int
+    L1_ENABLED_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    entries: _builtins.int
+    """held now (unexpired)"""
+    namespaces: _builtins.int
+    """namespaces holding them"""
+    lookups: _builtins.int
+    """Since this process started: lookups that read the cache (not those it skipped: semantic
+    mode bypass or refresh, no user text, L1 off for the tenant), their hits, the exact ones
+    of those hits, and the answers stored.
+    """
+    hits: _builtins.int
+    exact_hits: _builtins.int
+    stores: _builtins.int
+    l1_enabled: _builtins.bool
+    """the tenant's policy"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        entries: _builtins.int = ...,
+        namespaces: _builtins.int = ...,
+        lookups: _builtins.int = ...,
+        hits: _builtins.int = ...,
+        exact_hits: _builtins.int = ...,
+        stores: _builtins.int = ...,
+        l1_enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "exact_hits", b"exact_hits", "hits", b"hits", "l1_enabled", b"l1_enabled", "lookups", b"lookups", "namespaces", b"namespaces", "stores", b"stores", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___L1TenantStats: _TypeAlias = L1TenantStats  # noqa: Y015
+
+@_typing.final
+class L1PolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___L1PolicyRequest: _TypeAlias = L1PolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetL1PolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    L1_ENABLED_FIELD_NUMBER: _builtins.int
+    DEFAULT_TTL_S_FIELD_NUMBER: _builtins.int
+    RESET_DEFAULT_TTL_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    l1_enabled: _builtins.bool
+    """unset = unchanged"""
+    default_ttl_s: _builtins.float
+    """unset = unchanged; > 0"""
+    reset_default_ttl: _builtins.bool
+    """back to SEMANTIC_CACHE_TTL_S (not with default_ttl_s)"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        l1_enabled: _builtins.bool | None = ...,
+        default_ttl_s: _builtins.float | None = ...,
+        reset_default_ttl: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "_l1_enabled", b"_l1_enabled", "default_ttl_s", b"default_ttl_s", "l1_enabled", b"l1_enabled"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "_l1_enabled", b"_l1_enabled", "default_ttl_s", b"default_ttl_s", "l1_enabled", b"l1_enabled", "reset_default_ttl", b"reset_default_ttl", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__default_ttl_s: _TypeAlias = _typing.Literal["default_ttl_s"]  # noqa: Y015
+    _WhichOneofArgType__default_ttl_s: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s"]  # noqa: Y015
+    _WhichOneofReturnType__l1_enabled: _TypeAlias = _typing.Literal["l1_enabled"]  # noqa: Y015
+    _WhichOneofArgType__l1_enabled: _TypeAlias = _typing.Literal["_l1_enabled", b"_l1_enabled"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_ttl_s) -> _WhichOneofReturnType__default_ttl_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__l1_enabled) -> _WhichOneofReturnType__l1_enabled | None: ...
+
+Global___SetL1PolicyRequest: _TypeAlias = SetL1PolicyRequest  # noqa: Y015
+
+@_typing.final
+class L1Policy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    L1_ENABLED_FIELD_NUMBER: _builtins.int
+    DEFAULT_TTL_S_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_DEFAULT_TTL_S_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    l1_enabled: _builtins.bool
+    """false: Lookup reads nothing and Store stores nothing for the tenant"""
+    default_ttl_s: _builtins.float
+    """The TTL of the tenant's new entries in a namespace without a TTL of its own
+    (SEMANTIC_CACHE_NAMESPACE_TTL_S); unset = SEMANTIC_CACHE_TTL_S.
+    """
+    effective_default_ttl_s: _builtins.float
+    """what applies now"""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        l1_enabled: _builtins.bool = ...,
+        default_ttl_s: _builtins.float | None = ...,
+        effective_default_ttl_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "default_ttl_s", b"default_ttl_s"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "default_ttl_s", b"default_ttl_s", "effective_default_ttl_s", b"effective_default_ttl_s", "l1_enabled", b"l1_enabled", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__default_ttl_s: _TypeAlias = _typing.Literal["default_ttl_s"]  # noqa: Y015
+    _WhichOneofArgType__default_ttl_s: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__default_ttl_s) -> _WhichOneofReturnType__default_ttl_s | None: ...
+
+Global___L1Policy: _TypeAlias = L1Policy  # noqa: Y015

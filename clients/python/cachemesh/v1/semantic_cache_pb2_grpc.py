@@ -54,6 +54,21 @@ class SemanticCacheStub:
                 request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/cachemesh.v1.SemanticCache/Stats',
+                request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1StatsRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1StatsResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/cachemesh.v1.SemanticCache/GetPolicy',
+                request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1PolicyRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1Policy.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/cachemesh.v1.SemanticCache/SetPolicy',
+                request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.SetL1PolicyRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1Policy.FromString,
+                _registered_method=True)
 
 
 class SemanticCacheServicer:
@@ -89,6 +104,28 @@ class SemanticCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Per-tenant L1 figures: entries now, lookups and hits since this process started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """A tenant's L1 policy: whether L1 serves and stores its answers, and its default TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Changes a tenant's L1 policy; durable (with SEMANTIC_CACHE_DATA_DIR) before it is
+        acknowledged, and applied to the next Lookup and Store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SemanticCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +148,21 @@ def add_SemanticCacheServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.FromString,
                     response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1StatsRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1StatsResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1PolicyRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1Policy.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.SetL1PolicyRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1Policy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +273,87 @@ class SemanticCache:
             '/cachemesh.v1.SemanticCache/Release',
             cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.SerializeToString,
             cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.SemanticCache/Stats',
+            cachemesh_dot_v1_dot_semantic__cache__pb2.L1StatsRequest.SerializeToString,
+            cachemesh_dot_v1_dot_semantic__cache__pb2.L1StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.SemanticCache/GetPolicy',
+            cachemesh_dot_v1_dot_semantic__cache__pb2.L1PolicyRequest.SerializeToString,
+            cachemesh_dot_v1_dot_semantic__cache__pb2.L1Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.SemanticCache/SetPolicy',
+            cachemesh_dot_v1_dot_semantic__cache__pb2.SetL1PolicyRequest.SerializeToString,
+            cachemesh_dot_v1_dot_semantic__cache__pb2.L1Policy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,14 @@ class SemanticCacheStub:
     or failed), so identical requests waiting on it look again at once instead of waiting out
     the lease's age limit.
     """
+    Stats: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.L1StatsRequest, _semantic_cache_pb2.L1StatsResponse]
+    """Per-tenant L1 figures: entries now, lookups and hits since this process started."""
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.L1PolicyRequest, _semantic_cache_pb2.L1Policy]
+    """A tenant's L1 policy: whether L1 serves and stores its answers, and its default TTL."""
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.SetL1PolicyRequest, _semantic_cache_pb2.L1Policy]
+    """Changes a tenant's L1 policy; durable (with SEMANTIC_CACHE_DATA_DIR) before it is
+    acknowledged, and applied to the next Lookup and Store.
+    """
 
 @_typing.type_check_only
 class SemanticCacheAsyncStub(SemanticCacheStub):
@@ -56,6 +64,14 @@ class SemanticCacheAsyncStub(SemanticCacheStub):
     """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
     or failed), so identical requests waiting on it look again at once instead of waiting out
     the lease's age limit.
+    """
+    Stats: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.L1StatsRequest, _semantic_cache_pb2.L1StatsResponse]  # type: ignore[assignment]
+    """Per-tenant L1 figures: entries now, lookups and hits since this process started."""
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.L1PolicyRequest, _semantic_cache_pb2.L1Policy]  # type: ignore[assignment]
+    """A tenant's L1 policy: whether L1 serves and stores its answers, and its default TTL."""
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.SetL1PolicyRequest, _semantic_cache_pb2.L1Policy]  # type: ignore[assignment]
+    """Changes a tenant's L1 policy; durable (with SEMANTIC_CACHE_DATA_DIR) before it is
+    acknowledged, and applied to the next Lookup and Store.
     """
 
 class SemanticCacheServicer(metaclass=_abc_1.ABCMeta):
@@ -92,6 +108,32 @@ class SemanticCacheServicer(metaclass=_abc_1.ABCMeta):
         """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
         or failed), so identical requests waiting on it look again at once instead of waiting out
         the lease's age limit.
+        """
+
+    @_abc_1.abstractmethod
+    def Stats(
+        self,
+        request: _semantic_cache_pb2.L1StatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_semantic_cache_pb2.L1StatsResponse, _abc.Awaitable[_semantic_cache_pb2.L1StatsResponse]]:
+        """Per-tenant L1 figures: entries now, lookups and hits since this process started."""
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _semantic_cache_pb2.L1PolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_semantic_cache_pb2.L1Policy, _abc.Awaitable[_semantic_cache_pb2.L1Policy]]:
+        """A tenant's L1 policy: whether L1 serves and stores its answers, and its default TTL."""
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _semantic_cache_pb2.SetL1PolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_semantic_cache_pb2.L1Policy, _abc.Awaitable[_semantic_cache_pb2.L1Policy]]:
+        """Changes a tenant's L1 policy; durable (with SEMANTIC_CACHE_DATA_DIR) before it is
+        acknowledged, and applied to the next Lookup and Store.
         """
 
 def add_SemanticCacheServicer_to_server(servicer: SemanticCacheServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

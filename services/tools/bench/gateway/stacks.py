@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.tools.bench.gateway.cpu import CpuProbe, clock_ticks_per_s, read_proc_stat
-from services.tools.stack.keys import ensure_keys
+from services.tools.keys import ensure_keys
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.service_table import SERVICES
 

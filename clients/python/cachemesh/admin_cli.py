@@ -1,0 +1,225 @@
+"""``cachemesh admin ...``: the router's Admin API from a terminal, in readable tables.
+
+The admin token comes from the file ``CACHEMESH_ADMIN_TOKEN_FILE`` names (``--admin-token-file``;
+``source .run/demo-keys.env`` sets it for the local stack) or from ``CACHEMESH_ADMIN_TOKEN``;
+never from the command line, where other users' ``ps`` would see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cachemesh._errors import CachemeshError
+from cachemesh._tls import Tls
+from cachemesh.admin import AdminClient
+from cachemesh.v1 import admin_pb2 as adm
+
+NANOS_PER_DOLLAR = 1_000_000_000
+
+
+def add_parser(commands: Any) -> None:
+    """Adds ``admin`` and its subcommands to the ``cachemesh`` parser's subcommands."""
+    admin = commands.add_parser("admin", help="the Admin API: keys, stats, purges, policy")
+    admin.add_argument(
+        "--admin-token-file",
+        default=os.environ.get("CACHEMESH_ADMIN_TOKEN_FILE"),
+        help="a file holding the admin token (env CACHEMESH_ADMIN_TOKEN_FILE; or set "
+        "CACHEMESH_ADMIN_TOKEN)",
+    )
+    admin.add_argument("--json", action="store_true", help="print the reply as JSON")
+    what = admin.add_subparsers(dest="admin_command", required=True)
+
+    stats = what.add_parser("stats", help="per-tenant keys, L1 hit rates, cost and saving")
+    stats.add_argument("--tenant", default="", help="one tenant (default: every one)")
+
+    keys = what.add_parser("keys", help="API keys: create, list, rotate, revoke")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="a new key (shown once)")
+    create.add_argument("tenant")
+    create.add_argument("--name", default="", help="a label for people, e.g. 'ci'")
+    listing = key_commands.add_parser("list", help="the keys (never the secrets)")
+    listing.add_argument("--tenant", default="")
+    listing.add_argument("--all", action="store_true", help="revoked keys too")
+    for verb, text in (("rotate", "a new secret for the key (old refused)"), ("revoke", "")):
+        command = key_commands.add_parser(verb, help=text or "refuse the key from now on")
+        command.add_argument("key_id", help="the key's id (see keys list)")
+
+    invalidate = what.add_parser("invalidate", help="drop L1 entries of one tenant")
+    invalidate.add_argument("tenant")
+    target = invalidate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--entry", help="one entry: a response's semantic.entry_id")
+    target.add_argument("--namespace", help="one namespace ('' = the default one)")
+    target.add_argument("--all", action="store_true", help="every L1 entry of the tenant")
+
+    policy = what.add_parser("policy", help="a tenant's cache policy: L1 on/off, default TTL")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    policy_commands.add_parser("get").add_argument("tenant")
+    setting = policy_commands.add_parser("set")
+    setting.add_argument("tenant")
+    setting.add_argument("--l1", choices=("on", "off"), help="L1 serves and stores, or not")
+    ttl = setting.add_mutually_exclusive_group()
+    ttl.add_argument("--default-ttl", type=float, metavar="SECONDS", help="> 0")
+    ttl.add_argument("--reset-default-ttl", action="store_true", help="back to the default")
+
+
+def admin_token(args: argparse.Namespace) -> str:
+    if args.admin_token_file:
+        try:
+            return Path(args.admin_token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the admin token file {args.admin_token_file} ({exc.strerror})"
+            ) from None
+    token = os.environ.get("CACHEMESH_ADMIN_TOKEN", "").strip()
+    if not token:
+        raise ValueError(
+            "no admin token: set CACHEMESH_ADMIN_TOKEN_FILE (`source .run/demo-keys.env` does, "
+            "for the local stack), pass --admin-token-file, or set CACHEMESH_ADMIN_TOKEN"
+        )
+    return token
+
+
+def run(args: argparse.Namespace, target: str, tls: Tls | None) -> int:
+    try:
+        token = admin_token(args)
+        with AdminClient(target, admin_token=token, tls=tls) as client:
+            reply = _call(client, args)
+    except CachemeshError as error:
+        print(f"cachemesh admin: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # no token, an unreadable file
+        print(f"cachemesh admin: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(MessageToDict(reply), indent=2))
+    else:
+        print(_text(args, reply))
+    return 0
+
+
+def _call(client: AdminClient, args: argparse.Namespace) -> Any:
+    command = args.admin_command
+    if command == "stats":
+        return client.stats(args.tenant)
+    if command == "invalidate":
+        dropped = client.invalidate(
+            args.tenant, entry_id=args.entry, namespace=args.namespace, everything=args.all
+        )
+        return adm.InvalidateResponse(dropped=dropped)
+    if command == "keys":
+        verb = args.keys_command
+        if verb == "create":
+            return client.create_key(args.tenant, args.name)
+        if verb == "list":
+            return adm.ListKeysResponse(
+                keys=client.list_keys(args.tenant, include_revoked=args.all)
+            )
+        return (
+            client.rotate_key(args.key_id) if verb == "rotate" else client.revoke_key(args.key_id)
+        )
+    if args.policy_command == "get":
+        return client.policy(args.tenant)
+    return client.set_policy(
+        args.tenant,
+        l1_enabled=None if args.l1 is None else args.l1 == "on",
+        default_ttl_s=args.default_ttl,
+        reset_default_ttl=args.reset_default_ttl,
+    )
+
+
+def _text(args: argparse.Namespace, reply: Any) -> str:
+    if isinstance(reply, adm.GetStatsResponse):
+        return stats_table(reply)
+    if isinstance(reply, adm.InvalidateResponse):
+        return f"dropped {reply.dropped} L1 entries of tenant {args.tenant}"
+    if isinstance(reply, adm.IssuedKey):
+        return (
+            keys_table([reply.key])
+            + f"\n\nAPI key (shown this once, stored nowhere): {reply.api_key}"
+        )
+    if isinstance(reply, adm.ListKeysResponse):
+        return keys_table(list(reply.keys)) if reply.keys else "no keys"
+    if isinstance(reply, adm.ApiKeyInfo):
+        return keys_table([reply])
+    return policy_table(reply)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: int = 1) -> str:
+    """Columns padded to their widest cell; from column ``right`` on, right-aligned (numbers)."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i >= right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def dollars(nanos: int) -> str:
+    return f"${nanos / NANOS_PER_DOLLAR:,.4f}"
+
+
+def stats_table(reply: adm.GetStatsResponse) -> str:
+    headers = ["tenant", "keys", "L1", "entries", "lookups", "hits", "hit rate",
+               "model calls", "cost", "saved"]  # fmt: skip
+    rows = [
+        [
+            t.tenant,
+            str(t.active_keys),
+            "on" if t.l1_enabled else "off",
+            str(t.l1_entries),
+            str(t.l1_lookups),
+            str(t.l1_hits),
+            f"{t.l1_hit_rate:.1%}" if t.l1_lookups else "-",
+            str(t.model_requests),
+            dollars(t.cost_nanos),
+            dollars(t.saved_nanos),
+        ]
+        for t in reply.tenants
+    ]
+    text = table(headers, rows) if rows else "no tenants"
+    notes = ["lookups and hits: since semantic-cache started; cost and saved: model calls"]
+    if reply.unavailable:
+        notes.insert(0, f"NOT ANSWERING: {', '.join(reply.unavailable)} (their figures are 0)")
+    return text + "\n\n" + "\n".join(notes)
+
+
+def _when(stamp: Timestamp, present: bool) -> str:
+    if not present:
+        return "-"
+    return datetime.fromtimestamp(stamp.ToSeconds(), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def keys_table(keys: Sequence[adm.ApiKeyInfo]) -> str:
+    headers = ["id", "tenant", "name", "created", "rotated", "revoked"]
+    rows = [
+        [
+            k.id,
+            k.tenant,
+            k.name or "-",
+            _when(k.created_at, k.HasField("created_at")),
+            _when(k.rotated_at, k.HasField("rotated_at")),
+            _when(k.revoked_at, k.HasField("revoked_at")),
+        ]
+        for k in keys
+    ]
+    return table(headers, rows, right=len(headers))
+
+
+def policy_table(policy: adm.CachePolicy) -> str:
+    own = policy.HasField("default_ttl_s")
+    ttl = f"{policy.effective_default_ttl_s:g} s" + ("" if own else " (semantic-cache's default)")
+    rows = [["L1", "on" if policy.l1_enabled else "off"], ["default TTL", ttl]]
+    return f"tenant {policy.tenant}\n" + table(["setting", "value"], rows, right=2)

@@ -1,0 +1,202 @@
+"""The API keys a router or HTTP front accepts: the shared key file, re-read when it changes.
+
+Why a file and not Redis: the key file is what the router and the HTTP front already read
+(CACHEMESH_API_KEYS_FILE, its ``tenant:sha256hex`` lines still work), checking a key then needs
+no network call and no service that could be down (the stack's Redis is optional, keys are
+not), and a shared volume is all several routers on one host (or compose) need. Each process
+looks at the file's (inode, size, mtime) at most every ``poll_s`` (at most 1 s), on the path of
+a key check, and re-reads it when it changed: a key created, revoked or rotated by any router's
+Admin API is accepted or refused everywhere within ``poll_s``. Writers take the file's lock
+(``keyfile.KeyFile``), so concurrent Admin calls on several routers never lose a change.
+
+A file that turns malformed (a bad hand edit) is logged at ERROR, naming the line, and the
+keys read last stay in force until it is fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.keyfile import (
+    TENANT_PATTERN,
+    KeyFile,
+    KeyFileError,
+    KeyRecord,
+    Signature,
+    hash_key,
+    issue,
+    parse,
+)
+
+log = logging.getLogger("cachemesh.keys")
+
+MAX_NAME = 128
+
+
+class KeyStoreError(ValueError):
+    """A change the store refuses (the message says why, naming the field)."""
+
+
+class UnknownKey(KeyStoreError):
+    """No key has this id."""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    signature: Signature | None
+    records: tuple[KeyRecord, ...]
+    tenant_by_hash: dict[str, str]  # active keys only
+
+
+def _snapshot(records: list[KeyRecord], signature: Signature | None) -> _Snapshot:
+    active = {r.sha256: r.tenant for r in records if r.active}
+    return _Snapshot(signature, tuple(records), active)
+
+
+def check_tenant(tenant: str) -> None:
+    if not TENANT_PATTERN.match(tenant):
+        raise KeyStoreError(
+            f"tenant must be 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter "
+            f"or digit), got {tenant[:80]!r}"
+        )
+
+
+class KeyStore:
+    def __init__(
+        self,
+        keyfile: KeyFile,
+        monotonic: Callable[[], float],
+        wall: Callable[[], float],
+        poll_s: float,
+    ) -> None:
+        """``monotonic`` paces the checks for changes, ``wall`` stamps the records."""
+        if not 0.0 <= poll_s <= 1.0:
+            raise ValueError(f"poll_s must be within [0, 1], got {poll_s}")
+        self._file = keyfile
+        self._monotonic = monotonic
+        self._wall = wall
+        self._poll_s = poll_s
+        records, signature = keyfile.read()  # start-up: a bad file stops the process
+        self._state = _snapshot(records, signature)
+        self._checked = monotonic()
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        monotonic: Callable[[], float],
+        wall: Callable[[], float],
+        poll_s: float,
+        seed: Path | None = None,
+    ) -> KeyStore:
+        """The store of ``path``; when it does not exist and ``seed`` is given, it is created
+        with the seed file's keys (compose: a volume seeded from the mounted secret)."""
+        keyfile = KeyFile(path)
+        if seed is not None and keyfile.signature() is None:
+            seeded = parse(_read(seed), str(seed))
+            keyfile.update(lambda records: records or seeded, create=True)
+        store = cls(keyfile, monotonic, wall, poll_s)
+        if not store._state.records:
+            raise KeyFileError(f"API key file {path} holds no keys")
+        return store
+
+    # --- the Gateway's question -------------------------------------------------------------
+    def tenant_for(self, key: str) -> str | None:
+        """The tenant of an active key, or None (unknown, revoked, replaced by a rotation)."""
+        self._refresh()
+        return self._state.tenant_by_hash.get(hash_key(key))
+
+    # --- the Admin API's --------------------------------------------------------------------
+    def records(self) -> tuple[KeyRecord, ...]:
+        self._refresh()
+        return self._state.records
+
+    def create(self, tenant: str, name: str) -> tuple[KeyRecord, str]:
+        """A new key of ``tenant``: its record and the key itself (shown once, stored nowhere)."""
+        check_tenant(tenant)
+        _check_name(name)
+        record, key = issue(tenant, name, self._wall())
+        self._update(lambda records: [*records, record])
+        return record, key
+
+    def revoke(self, key_id: str) -> KeyRecord:
+        now = self._wall()
+        return self._change(key_id, lambda record: record.revoked(now))
+
+    def rotate(self, key_id: str) -> tuple[KeyRecord, str]:
+        """The key ``key_id`` gets a new secret; the old one is refused from now on."""
+        now = self._wall()
+        issued: list[str] = []
+
+        def rotated(record: KeyRecord) -> KeyRecord:
+            if not record.active:
+                raise KeyStoreError(f"key {key_id} is revoked: create a new key instead")
+            fresh, key = issue(record.tenant, record.name, now)
+            issued.append(key)
+            return KeyRecord(
+                record.id,
+                record.tenant,
+                fresh.sha256,
+                record.name,
+                record.created_at,
+                rotated_at=now,
+            )
+
+        record = self._change(key_id, rotated)
+        return record, issued[-1]
+
+    # --- inside -----------------------------------------------------------------------------
+    def _change(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
+        changed: list[KeyRecord] = []
+
+        def apply(records: list[KeyRecord]) -> list[KeyRecord]:
+            for i, record in enumerate(records):
+                if record.id == key_id:
+                    records[i] = change(record)
+                    changed.append(records[i])
+                    return records
+            raise UnknownKey(f"no API key has the id {key_id[:80]!r} (see ListKeys)")
+
+        self._update(apply)
+        return changed[-1]
+
+    def _update(self, change: Callable[[list[KeyRecord]], list[KeyRecord]]) -> None:
+        records = self._file.update(change)
+        self._state = _snapshot(records, self._file.signature())
+        self._checked = self._monotonic()
+
+    def _refresh(self) -> None:
+        now = self._monotonic()
+        if now - self._checked < self._poll_s:
+            return
+        self._checked = now
+        signature = self._file.signature()
+        if signature == self._state.signature:
+            return
+        if signature is None:
+            log.error("API key file %s is gone: keeping the keys read last", self._file.path)
+            self._state = _Snapshot(None, self._state.records, self._state.tenant_by_hash)
+            return
+        try:
+            records, signature = self._file.read()
+        except KeyFileError as exc:
+            log.error("%s; keeping the keys read last until it is fixed", exc)
+            self._state = _Snapshot(signature, self._state.records, self._state.tenant_by_hash)
+            return
+        self._state = _snapshot(records, signature)
+        log.info("API keys reloaded: %d active", len(self._state.tenant_by_hash))
+
+
+def _check_name(name: str) -> None:
+    if len(name) > MAX_NAME or any(ch in name for ch in "\r\n\t"):
+        raise KeyStoreError(f"name must be one line of at most {MAX_NAME} characters")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the API key seed file {path}: {exc.strerror}") from None

@@ -1,0 +1,224 @@
+"""The API key file (CACHEMESH_API_KEYS_FILE): every tenant's keys, hashed, shared by routers.
+
+Standard library only: ``make keys`` writes it without the virtualenv.
+
+One key a line, as JSON: ``{"id", "tenant", "sha256", "name", "created_at", "rotated_at",
+"revoked_at"}`` (times in Unix seconds, null when not). The file never holds a key, only its
+SHA-256: keys are 256 random bits, so a plain hash is enough to make a stolen file useless.
+The older ``tenant:sha256hex`` lines are still read (as keys with an id derived from the hash);
+``#`` comments and blank lines are skipped.
+
+Writers (the Admin API of any router, ``make keys``) change the file under an exclusive
+``flock`` of ``.<name>.lock`` beside it: read, change, write a new file, fsync it, rename it
+over the old one, fsync the directory. Readers never see half a file (the rename is atomic)
+and need no lock. Each write gives the file an mtime later than the one it replaces, so a
+reader that compares (inode, size, mtime) sees every change even when two land within one
+tick of the file system's clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+KEY_PREFIX = "cm_"
+HEADER = (
+    "# cachemesh API keys: the sha256 of each key, never the key (written by the Admin API"
+    " and make keys)\n"
+)
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FIELDS = ("id", "tenant", "sha256", "name", "created_at", "rotated_at", "revoked_at")
+
+Signature = tuple[int, int, int]  # (inode, size, mtime_ns): changes with every write
+
+
+class KeyFileError(ValueError):
+    """The key file cannot be read, or a line of it is malformed (the message names it)."""
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(6)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    tenant: str
+    sha256: str
+    name: str = ""
+    created_at: float | None = None  # None: read from a ``tenant:sha256hex`` line
+    rotated_at: float | None = None
+    revoked_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def revoked(self, at: float) -> KeyRecord:
+        return self if self.revoked_at is not None else replace(self, revoked_at=at)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+def issue(tenant: str, name: str, now: float) -> tuple[KeyRecord, str]:
+    """A new key for ``tenant``: its record and the key itself (which nothing stores)."""
+    key = new_api_key()
+    return KeyRecord(new_key_id(), tenant, hash_key(key), name, created_at=now), key
+
+
+def parse(text: str, source: str) -> list[KeyRecord]:
+    records: list[KeyRecord] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source}:{number}"
+        records.append(_json_record(line, where) if line.startswith("{") else _legacy(line, where))
+    _check_unique(records, source)
+    return records
+
+
+def render(records: Sequence[KeyRecord]) -> str:
+    return HEADER + "".join(record.to_json() + "\n" for record in records)
+
+
+def _legacy(line: str, where: str) -> KeyRecord:
+    tenant, sep, digest = line.partition(":")
+    digest = digest.strip().lower()
+    if not sep or not tenant.strip() or not _HEX64.match(digest):
+        raise KeyFileError(f"{where}: expected a JSON key record or 'tenant:sha256hex'")
+    return KeyRecord(id=f"file-{digest[:12]}", tenant=tenant.strip(), sha256=digest)
+
+
+def _json_record(line: str, where: str) -> KeyRecord:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise KeyFileError(f"{where}: not JSON ({exc.msg})") from None
+    if not isinstance(value, dict) or set(value) - set(_FIELDS):
+        raise KeyFileError(f"{where}: a key record has exactly the fields {', '.join(_FIELDS)}")
+    texts = {name: value.get(name, "") for name in ("id", "tenant", "sha256", "name")}
+    if not all(isinstance(v, str) for v in texts.values()):
+        raise KeyFileError(f"{where}: id, tenant, sha256 and name must be strings")
+    if not texts["id"] or not texts["tenant"] or not _HEX64.match(texts["sha256"]):
+        raise KeyFileError(f"{where}: a key record needs an id, a tenant and a sha256 (hex)")
+    times: dict[str, float | None] = {}
+    for name in ("created_at", "rotated_at", "revoked_at"):
+        at = value.get(name)
+        if at is not None and (isinstance(at, bool) or not isinstance(at, int | float)):
+            raise KeyFileError(f"{where}: {name} must be Unix seconds or null")
+        times[name] = None if at is None else float(at)
+    return KeyRecord(
+        texts["id"],
+        texts["tenant"],
+        texts["sha256"],
+        texts["name"],
+        times["created_at"],
+        times["rotated_at"],
+        times["revoked_at"],
+    )
+
+
+def _check_unique(records: Sequence[KeyRecord], source: str) -> None:
+    ids = [r.id for r in records]
+    hashes = [r.sha256 for r in records]
+    if len(set(ids)) != len(ids):
+        raise KeyFileError(f"{source}: a key id appears twice")
+    if len(set(hashes)) != len(hashes):
+        raise KeyFileError(f"{source}: the same key (sha256) appears twice")
+
+
+class KeyFile:
+    """The file at ``path``: read it, see that it changed, change it safely."""
+
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
+        """``mode``: of a file this creates (a replaced file keeps its own)."""
+        self.path = path
+        self._mode = mode
+        self._lock_path = path.with_name(f".{path.name}.lock")
+
+    def signature(self) -> Signature | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def read(self) -> tuple[list[KeyRecord], Signature]:
+        """The records and the signature of the file they were read from."""
+        try:
+            with open(self.path, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                text = handle.read().decode("utf-8")
+        except FileNotFoundError:
+            raise KeyFileError(f"API key file {self.path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyFileError(f"cannot read the API key file {self.path}: {exc}") from None
+        return parse(text, str(self.path)), (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def update(
+        self, change: Callable[[list[KeyRecord]], list[KeyRecord]], *, create: bool = False
+    ) -> list[KeyRecord]:
+        """Applies ``change`` to the records under the lock and writes the result; a missing
+        file is an error unless ``create`` (then ``change`` gets no records)."""
+        with self._locked():
+            if create and not self.path.exists():
+                records: list[KeyRecord] = []
+            else:
+                records = self.read()[0]
+            changed = change(list(records))
+            _check_unique(changed, str(self.path))
+            self._write(render(changed))
+            return changed
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write(self, content: str) -> None:
+        old = self.signature()
+        mode = os.stat(self.path).st_mode & 0o777 if old is not None else self._mode
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fchmod(handle.fileno(), mode)
+                os.fsync(handle.fileno())
+            if old is not None:  # later than the file it replaces, however coarse the clock
+                stamp = max(time.time_ns(), old[2] + 1_000)
+                os.utime(tmp, ns=(stamp, stamp))
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

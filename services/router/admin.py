@@ -1,0 +1,233 @@
+"""``cachemesh.v1.Admin`` on the router: keys, stats, invalidation and cache policy.
+
+Every call is checked against the admin credential first (``admin_auth``). Keys are changed in
+the shared key file (``KeyStore``: every router and HTTP front sees a change within a second);
+L1 invalidation, stats and policy are semantic-cache's (its Drop, Stats, GetPolicy and
+SetPolicy, with the internal credential); the billed totals are prefix-cache's (Totals). Each
+change is logged by key id and tenant, never with a key or a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import grpc
+
+from cachemesh.v1 import admin_pb2 as adm
+from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.auth import bearer_token
+from services.common.key_store import KeyStore, KeyStoreError, UnknownKey, check_tenant
+from services.common.keyfile import KeyFileError
+from services.common.status import abort
+from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
+from services.router.admin_messages import key_info, policy_message, tenant_row
+
+log = logging.getLogger("cachemesh.admin")
+Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+
+_OFF = (
+    f"the Admin API is off on this router: start it with {FILE_VAR} (a file holding a token "
+    f"of at least 16 characters) or {TOKEN_VAR}"
+)
+_UNAUTHENTICATED = (
+    "missing or wrong admin credential: send 'authorization: Bearer <admin token>' metadata "
+    f"with the router's admin token ({FILE_VAR}); API keys are not accepted here"
+)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(
+        self,
+        credential: AdminCredential | None,
+        keys: KeyStore,
+        semantic: semantic_cache_pb2_grpc.SemanticCacheAsyncStub,
+        prefix: prefix_cache_pb2_grpc.PrefixCacheAsyncStub,
+        internal: tuple[tuple[str, str], ...],
+        timeout_s: float,
+    ) -> None:
+        """``internal``: the internal credential's metadata, for ``semantic`` and ``prefix``."""
+        self._credential = credential
+        self._keys = keys
+        self._semantic = semantic
+        self._prefix = prefix
+        self._internal = internal
+        self._timeout_s = timeout_s
+
+    # --- stats ------------------------------------------------------------------------------
+    async def GetStats(
+        self, request: adm.GetStatsRequest, context: Context
+    ) -> adm.GetStatsResponse:
+        await self._authorize(context)
+        if request.tenant:
+            await _valid_tenant(context, request.tenant)
+        response = adm.GetStatsResponse()
+        l1: dict[str, sc.L1TenantStats] = {}
+        try:
+            stats = await self._semantic.Stats(
+                sc.L1StatsRequest(tenant=request.tenant), **self._options()
+            )
+            l1 = {row.tenant: row for row in stats.tenants}
+        except grpc.aio.AioRpcError:
+            response.unavailable.append("semantic-cache")
+        records = self._keys.records()
+        tenants = (
+            [request.tenant] if request.tenant else sorted({r.tenant for r in records} | set(l1))
+        )
+        totals = await asyncio.gather(
+            *(self._prefix.Totals(pc.TotalsRequest(tenant=t), **self._options()) for t in tenants),
+            return_exceptions=True,
+        )
+        if any(isinstance(t, BaseException) for t in totals):
+            response.unavailable.append("prefix-cache")
+        for tenant, total in zip(tenants, totals, strict=True):
+            mine = [r for r in records if r.tenant == tenant]
+            response.tenants.append(
+                tenant_row(
+                    tenant,
+                    mine,
+                    l1.get(tenant),
+                    None if isinstance(total, BaseException) else total,
+                )
+            )
+        return response
+
+    # --- invalidation -----------------------------------------------------------------------
+    async def Invalidate(
+        self, request: adm.InvalidateRequest, context: Context
+    ) -> adm.InvalidateResponse:
+        await self._authorize(context)
+        await _valid_tenant(context, request.tenant)
+        target = request.WhichOneof("target")
+        drop = sc.DropRequest(tenant=request.tenant)
+        if target == "entry_id" and request.entry_id:
+            drop.entry_id = request.entry_id
+        elif target == "namespace":
+            drop.namespace = request.namespace
+        elif target == "all" and request.all:
+            pass  # no namespace: every one of the tenant's
+        else:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                'say what to invalidate: entry_id, namespace ("" = the default namespace) '
+                "or all=true (every L1 entry of the tenant)",
+            )
+        dropped = await self._l1(context, self._semantic.Drop(drop, **self._options()))
+        log.info(
+            "admin: invalidated %d L1 entries of tenant %s (%s)",
+            dropped.dropped,
+            request.tenant,
+            target,
+        )
+        return adm.InvalidateResponse(dropped=dropped.dropped)
+
+    # --- keys -------------------------------------------------------------------------------
+    async def CreateKey(self, request: adm.CreateKeyRequest, context: Context) -> adm.IssuedKey:
+        await self._authorize(context)
+        record, key = await self._changed(context, self._keys.create, request.tenant, request.name)
+        log.info("admin: key %s created for tenant %s", record.id, record.tenant)
+        return adm.IssuedKey(key=key_info(record), api_key=key)
+
+    async def ListKeys(
+        self, request: adm.ListKeysRequest, context: Context
+    ) -> adm.ListKeysResponse:
+        await self._authorize(context)
+        chosen = [
+            r
+            for r in self._keys.records()
+            if (not request.tenant or r.tenant == request.tenant)
+            and (request.include_revoked or r.active)
+        ]
+        chosen.sort(key=lambda r: (r.tenant, r.created_at or 0.0, r.id))
+        return adm.ListKeysResponse(keys=[key_info(r) for r in chosen])
+
+    async def RevokeKey(self, request: adm.RevokeKeyRequest, context: Context) -> adm.ApiKeyInfo:
+        await self._authorize(context)
+        record = await self._changed(context, self._keys.revoke, request.id)
+        log.info("admin: key %s of tenant %s revoked", record.id, record.tenant)
+        return key_info(record)
+
+    async def RotateKey(self, request: adm.RotateKeyRequest, context: Context) -> adm.IssuedKey:
+        await self._authorize(context)
+        record, key = await self._changed(context, self._keys.rotate, request.id)
+        log.info("admin: key %s of tenant %s rotated", record.id, record.tenant)
+        return adm.IssuedKey(key=key_info(record), api_key=key)
+
+    # --- policy -----------------------------------------------------------------------------
+    async def GetPolicy(self, request: adm.GetPolicyRequest, context: Context) -> adm.CachePolicy:
+        await self._authorize(context)
+        await _valid_tenant(context, request.tenant)
+        policy = await self._l1(
+            context,
+            self._semantic.GetPolicy(sc.L1PolicyRequest(tenant=request.tenant), **self._options()),
+        )
+        return policy_message(policy)
+
+    async def SetPolicy(self, request: adm.SetPolicyRequest, context: Context) -> adm.CachePolicy:
+        await self._authorize(context)
+        await _valid_tenant(context, request.tenant)
+        change = sc.SetL1PolicyRequest(
+            tenant=request.tenant, reset_default_ttl=request.reset_default_ttl
+        )
+        if request.HasField("l1_enabled"):
+            change.l1_enabled = request.l1_enabled
+        if request.HasField("default_ttl_s"):
+            change.default_ttl_s = request.default_ttl_s
+        policy = await self._l1(context, self._semantic.SetPolicy(change, **self._options()))
+        log.info(
+            "admin: cache policy of tenant %s: L1 %s, default TTL %s",
+            request.tenant,
+            "on" if policy.l1_enabled else "off",
+            f"{policy.default_ttl_s:g} s" if policy.HasField("default_ttl_s") else "the default",
+        )
+        return policy_message(policy)
+
+    # --- inside -----------------------------------------------------------------------------
+    async def _authorize(self, context: Context) -> None:
+        if self._credential is None:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, _OFF)
+        assert self._credential is not None
+        if not self._credential.matches(bearer_token(context.invocation_metadata())):
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+    def _options(self) -> dict[str, Any]:
+        return {"timeout": self._timeout_s, "metadata": self._internal}
+
+    async def _l1(self, context: Context, call: Awaitable[T]) -> T:
+        """semantic-cache's reply; its refusal is this call's, said as semantic-cache's."""
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            details = exc.details() or exc.code().name
+            await abort(context, exc.code(), f"semantic-cache: {details}")
+        raise AssertionError("unreachable: abort raises")
+
+    async def _changed(self, context: Context, change: Any, *args: str) -> Any:
+        """A key change, made off the event loop (it waits for the file's lock and fsyncs)."""
+        try:
+            return await asyncio.to_thread(change, *args)
+        except UnknownKey as exc:
+            await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except KeyStoreError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (KeyFileError, OSError) as exc:
+            log.error("admin: the API key file could not be changed: %s", exc)
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the API key file could not be changed ({exc}); it must be writable by the "
+                "router (CACHEMESH_API_KEYS_FILE)",
+            )
+
+
+async def _valid_tenant(context: Context, tenant: str) -> None:
+    try:
+        check_tenant(tenant)
+    except KeyStoreError as exc:
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

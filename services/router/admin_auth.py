@@ -1,0 +1,53 @@
+"""The Admin API's credential: its own token, never an API key, never logged.
+
+It comes from ``CACHEMESH_ADMIN_TOKEN_FILE`` (a file holding it: a mounted secret, preferred)
+or ``CACHEMESH_ADMIN_TOKEN``, not both, checked at start-up: at least 16 characters on one
+line. Neither set: the Admin API is off (each call is refused saying how to turn it on).
+Callers present it as ``authorization: Bearer <token>``; the comparison is of the two SHA-256
+digests with ``hmac.compare_digest``, so its time tells nothing of the token or its length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from services.common.env import ConfigError, Env
+
+TOKEN_VAR = "CACHEMESH_ADMIN_TOKEN"
+FILE_VAR = "CACHEMESH_ADMIN_TOKEN_FILE"
+MIN_LENGTH = 16
+
+
+class AdminCredential:
+    def __init__(self, token: str) -> None:
+        if len(token) < MIN_LENGTH or any(c.isspace() for c in token):
+            raise ConfigError(
+                f"the admin token ({FILE_VAR} or {TOKEN_VAR}) must be at least {MIN_LENGTH} "
+                "characters with no whitespace"
+            )
+        self._digest = hashlib.sha256(token.encode()).digest()
+
+    def matches(self, presented: str | None) -> bool:
+        offered = hashlib.sha256((presented or "").encode()).digest()
+        return hmac.compare_digest(offered, self._digest) and presented is not None
+
+    def __repr__(self) -> str:
+        return "AdminCredential('[redacted]')"
+
+
+def admin_credential_from_env(env: Env) -> AdminCredential | None:
+    direct = env.optional_str(TOKEN_VAR)
+    path = env.optional_str(FILE_VAR)
+    if direct and path:
+        raise ConfigError(f"set {FILE_VAR} or {TOKEN_VAR}, not both")
+    if path is None:
+        return AdminCredential(direct) if direct else None
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{FILE_VAR}: cannot read {path[:200]!r} ({exc.strerror})") from None
+    if not value:
+        raise ConfigError(f"{FILE_VAR}: {path[:200]!r} is empty")
+    return AdminCredential(value)

@@ -1,0 +1,70 @@
+"""The Admin API's replies, made from the key records and the internal services' answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cachemesh.v1 import admin_pb2 as adm
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.keyfile import KeyRecord
+
+
+def _stamp(at: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(at * 1e9))
+    return stamp
+
+
+def key_info(record: KeyRecord) -> adm.ApiKeyInfo:
+    info = adm.ApiKeyInfo(id=record.id, tenant=record.tenant, name=record.name)
+    if record.created_at is not None:
+        info.created_at.CopyFrom(_stamp(record.created_at))
+    if record.rotated_at is not None:
+        info.rotated_at.CopyFrom(_stamp(record.rotated_at))
+    if record.revoked_at is not None:
+        info.revoked_at.CopyFrom(_stamp(record.revoked_at))
+    return info
+
+
+def tenant_row(
+    tenant: str,
+    records: Sequence[KeyRecord],
+    l1: sc.L1TenantStats | None,
+    totals: pc.TotalsResponse | None,
+) -> adm.TenantStats:
+    """One tenant's figures; ``l1`` or ``totals`` is None when its service did not answer
+    (or, for ``l1``, holds nothing of the tenant: L1 is then on by default)."""
+    row = adm.TenantStats(
+        tenant=tenant,
+        active_keys=sum(1 for r in records if r.active),
+        revoked_keys=sum(1 for r in records if not r.active),
+        l1_enabled=True if l1 is None else l1.l1_enabled,
+    )
+    if l1 is not None:
+        row.l1_entries = l1.entries
+        row.l1_namespaces = l1.namespaces
+        row.l1_lookups = l1.lookups
+        row.l1_hits = l1.hits
+        row.l1_exact_hits = l1.exact_hits
+        row.l1_hit_rate = l1.hits / l1.lookups if l1.lookups else 0.0
+    if totals is not None:
+        row.model_requests = totals.requests
+        row.usage.CopyFrom(totals.usage)
+        row.cost_nanos = totals.cost_nanos
+        row.baseline_nanos = totals.baseline_nanos
+        row.saved_nanos = totals.baseline_nanos - totals.cost_nanos
+    return row
+
+
+def policy_message(policy: sc.L1Policy) -> adm.CachePolicy:
+    message = adm.CachePolicy(
+        tenant=policy.tenant,
+        l1_enabled=policy.l1_enabled,
+        effective_default_ttl_s=policy.effective_default_ttl_s,
+    )
+    if policy.HasField("default_ttl_s"):
+        message.default_ttl_s = policy.default_ttl_s
+    return message

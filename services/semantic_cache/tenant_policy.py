@@ -1,0 +1,120 @@
+"""Each tenant's L1 policy, set through the router's Admin API: is L1 on, and the default TTL
+of the tenant's new entries (in namespaces without a TTL of their own).
+
+semantic-cache owns it, as it owns the entries: every router sees a change at its next call.
+With a data directory the policies are one JSON file there (``tenant-policies.json``), written
+atomically and fsynced before a change is acknowledged, read at start-up; without one they live
+in the process, as the entries do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+FILE_NAME = "tenant-policies.json"
+_VERSION = 1
+
+
+class PolicyError(ValueError):
+    """A refused change (the message names the field) or an unreadable policy file."""
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    l1_enabled: bool = True
+    default_ttl_s: float | None = None  # None: the service's SEMANTIC_CACHE_TTL_S
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    l1_enabled: bool | None = None  # None: unchanged
+    default_ttl_s: float | None = None  # None: unchanged
+    reset_default_ttl: bool = False
+
+    def apply(self, policy: TenantPolicy) -> TenantPolicy:
+        if self.reset_default_ttl and self.default_ttl_s is not None:
+            raise PolicyError("set default_ttl_s or reset_default_ttl, not both")
+        ttl = self.default_ttl_s
+        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+            raise PolicyError(f"default_ttl_s must be a number of seconds > 0, got {ttl}")
+        if self.l1_enabled is not None:
+            policy = replace(policy, l1_enabled=self.l1_enabled)
+        if ttl is not None:
+            policy = replace(policy, default_ttl_s=ttl)
+        if self.reset_default_ttl:
+            policy = replace(policy, default_ttl_s=None)
+        return policy
+
+
+class TenantPolicies:
+    def __init__(self, path: Path | None = None) -> None:
+        """``path``: the JSON file (read now when it exists); None = in memory only."""
+        self._path = path
+        self._by_tenant: dict[str, TenantPolicy] = _read(path) if path is not None else {}
+        self._lock = asyncio.Lock()
+
+    def get(self, tenant: str) -> TenantPolicy:
+        return self._by_tenant.get(tenant, TenantPolicy())
+
+    def tenants(self) -> set[str]:
+        return set(self._by_tenant)
+
+    async def set(self, tenant: str, change: PolicyChange) -> TenantPolicy:
+        """Applies ``change``; durable (with a file) before it returns and takes effect."""
+        async with self._lock:
+            policy = change.apply(self.get(tenant))
+            updated = {**self._by_tenant, tenant: policy}
+            if policy == TenantPolicy():
+                del updated[tenant]  # the defaults need no line
+            if self._path is not None:
+                await asyncio.to_thread(_write, self._path, updated)
+            self._by_tenant = updated
+            return policy
+
+
+def _read(path: Path) -> dict[str, TenantPolicy]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise PolicyError(f"cannot read the tenant policies {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("version") != _VERSION:
+        raise PolicyError(f"{path}: expected {{'version': {_VERSION}, 'tenants': {{...}}}}")
+    policies: dict[str, TenantPolicy] = {}
+    for tenant, value in dict(doc.get("tenants", {})).items():
+        ttl = value.get("default_ttl_s") if isinstance(value, dict) else None
+        enabled = value.get("l1_enabled", True) if isinstance(value, dict) else None
+        valid_ttl = ttl is None or (isinstance(ttl, int | float) and not isinstance(ttl, bool))
+        if not isinstance(enabled, bool) or not valid_ttl:
+            raise PolicyError(f"{path}: tenant {tenant!r}: l1_enabled (bool), default_ttl_s")
+        policies[tenant] = PolicyChange(enabled, None if ttl is None else float(ttl)).apply(
+            TenantPolicy()
+        )
+    return policies
+
+
+def _write(path: Path, policies: dict[str, TenantPolicy]) -> None:
+    doc = {
+        "version": _VERSION,
+        "tenants": {
+            tenant: {"l1_enabled": p.l1_enabled, "default_ttl_s": p.default_ttl_s}
+            for tenant, p in sorted(policies.items())
+        },
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(doc, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,185 @@
+"""This install's secrets, generated once under the run dir (``.run/``, ignored by git).
+
+``make keys`` runs this with the system's ``python3`` (``python3 -m services.tools.keys``): it
+uses the standard library only, so it needs no virtualenv. ``make up`` runs it too.
+
+- ``demo-keys.env``: ``export CACHEMESH_KEY_A=...`` and ``export CACHEMESH_KEY_B=...``, the two
+  demo tenants' API keys in clear, and ``export CACHEMESH_ADMIN_TOKEN_FILE=...`` (where the
+  admin token is): ``source .run/demo-keys.env`` puts them in a shell's environment;
+- ``api-keys``: the key file the router and the HTTP front read (CACHEMESH_API_KEYS_FILE),
+  only hashes (``services.common.keyfile``); the Admin API adds, revokes and rotates keys in
+  it. It is created with the demo keys when missing, and never rewritten after: a key an
+  operator revoked stays revoked;
+- ``internal-token``: the credential between the router and the internal services
+  (CACHEMESH_INTERNAL_TOKEN), and ``internal.env`` holding it for docker compose's env_file;
+- ``admin-token``: the Admin API's credential (CACHEMESH_ADMIN_TOKEN_FILE), and ``admin.env``
+  holding it for docker compose's env_file (the router's only).
+
+Every file is mode 0600 in a 0700 directory, but ``api-keys`` (0644: hashes only, and compose
+mounts it as the seed of the routers' key volume, read by the containers' non-root user).
+Running again keeps the existing secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.keyfile import KeyFile, KeyRecord, hash_key, new_api_key, new_key_id
+
+TENANTS: tuple[tuple[str, str], ...] = (
+    ("tenant-a", "CACHEMESH_KEY_A"),
+    ("tenant-b", "CACHEMESH_KEY_B"),
+)
+DEMO_KEYS_FILE = "demo-keys.env"
+API_KEYS_FILE = "api-keys"
+INTERNAL_TOKEN_FILE = "internal-token"
+INTERNAL_ENV_FILE = "internal.env"
+ADMIN_TOKEN_FILE = "admin-token"
+ADMIN_ENV_FILE = "admin.env"
+_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+@dataclass(frozen=True)
+class StackKeys:
+    run_dir: Path
+    api_keys: dict[str, str]  # tenant -> API key in clear
+    internal_token: str
+    admin_token: str
+    created: bool  # True when this call generated new secrets
+
+    @property
+    def api_keys_file(self) -> Path:
+        return self.run_dir / API_KEYS_FILE
+
+    @property
+    def demo_keys_file(self) -> Path:
+        return self.run_dir / DEMO_KEYS_FILE
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.run_dir / ADMIN_TOKEN_FILE
+
+    def key_for(self, tenant: str) -> str:
+        return self.api_keys[tenant]
+
+    def env(self) -> dict[str, str]:
+        """What the services need: the key file's path and the internal and admin credentials
+        (the admin token by its file, so it stays out of the processes' environment)."""
+        return {
+            "CACHEMESH_API_KEYS_FILE": str(self.api_keys_file),
+            "CACHEMESH_INTERNAL_TOKEN": self.internal_token,
+            "CACHEMESH_ADMIN_TOKEN_FILE": str(self.admin_token_file),
+        }
+
+
+def ensure_keys(run_dir: Path) -> StackKeys:
+    """Loads this run dir's secrets, generating whatever is missing; never replaces a key."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    created = False
+    api_keys = _read_demo_keys(run_dir / DEMO_KEYS_FILE)
+    if api_keys is None:
+        api_keys = {tenant: new_api_key() for tenant, _ in TENANTS}
+        created = True
+    token, new_token = _token(run_dir / INTERNAL_TOKEN_FILE)
+    admin, new_admin = _token(run_dir / ADMIN_TOKEN_FILE)
+    keys = StackKeys(run_dir, api_keys, token, admin, created or new_token or new_admin)
+    _write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
+    _ensure_key_file(keys, new_demo_keys=created)
+    _write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n")
+    _write_secret(run_dir / INTERNAL_ENV_FILE, f"CACHEMESH_INTERNAL_TOKEN={token}\n")
+    _write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n")
+    _write_secret(run_dir / ADMIN_ENV_FILE, f"CACHEMESH_ADMIN_TOKEN={admin}\n")
+    return keys
+
+
+def describe(keys: StackKeys) -> str:
+    """The keys for people: what they are and where they live (the admin token by its file)."""
+    state = "generated" if keys.created else "existing"
+    lines = [f"demo API keys ({state}, in {keys.demo_keys_file}):"]
+    lines += [f"  {var}={keys.api_keys[tenant]}   # {tenant}" for tenant, var in TENANTS]
+    lines.append(f"  admin token: in {keys.admin_token_file} (CACHEMESH_ADMIN_TOKEN_FILE)")
+    lines.append(f"  use: source {keys.demo_keys_file}")
+    return "\n".join(lines)
+
+
+def _demo_env(keys: StackKeys) -> str:
+    lines = [f"export {var}={keys.api_keys[tenant]}\n" for tenant, var in TENANTS]
+    lines.append(f"export CACHEMESH_ADMIN_TOKEN_FILE={keys.admin_token_file}\n")
+    return "".join(lines)
+
+
+def _ensure_key_file(keys: StackKeys, *, new_demo_keys: bool) -> None:
+    """The key file with the demo keys when it is missing; new demo keys added to it."""
+    keyfile = KeyFile(keys.api_keys_file, mode=0o644)
+    if keyfile.signature() is not None and not new_demo_keys:
+        os.chmod(keyfile.path, 0o644)  # an older install wrote it 0600
+        return
+    now = time.time()
+
+    def with_demo_keys(records: list[KeyRecord]) -> list[KeyRecord]:
+        known = {r.sha256 for r in records}
+        for tenant, _ in TENANTS:
+            digest = hash_key(keys.key_for(tenant))
+            if digest not in known:
+                records.append(KeyRecord(new_key_id(), tenant, digest, "demo", created_at=now))
+        return records
+
+    keyfile.update(with_demo_keys, create=True)
+
+
+def _token(path: Path) -> tuple[str, bool]:
+    """The token kept in ``path``, or a new one (True)."""
+    token = path.read_text().strip() if path.is_file() else ""
+    if len(token) >= 16:
+        return token, False
+    return secrets.token_urlsafe(32), True
+
+
+def _read_demo_keys(path: Path) -> dict[str, str] | None:
+    """The demo keys of ``demo-keys.env`` (``export K=V`` lines, or the older ``K=V``)."""
+    if not path.is_file():
+        return None
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        match = _LINE.match(line)
+        if match:
+            values[match.group(1)] = match.group(2).strip().strip("'\"")
+    keys = {tenant: values.get(var, "") for tenant, var in TENANTS}
+    return keys if all(keys.values()) else None
+
+
+def _write_secret(path: Path, content: str) -> None:
+    """Writes ``content`` with mode 0600 from the start, replacing the file atomically."""
+    if path.is_file() and path.read_text() == content:
+        os.chmod(path, 0o600)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m services.tools.keys", description=__doc__)
+    parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="default: .run")
+    args = parser.parse_args(argv)
+    print(describe(ensure_keys(args.run_dir.resolve())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``cachemesh admin``'s tables and where it finds the admin token (the calls themselves run
+against a real router in tests/integration/test_admin_api.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cachemesh.admin_cli import keys_table, policy_table, stats_table, table
+from cachemesh.cli import main
+from cachemesh.v1 import admin_pb2 as adm
+
+
+def test_a_table_pads_columns_and_right_aligns_numbers() -> None:
+    text = table(["tenant", "hits"], [["acme", "7"], ["globex-long", "1234"]])
+    assert text.splitlines() == [
+        "tenant       hits",
+        "-----------  ----",
+        "acme            7",
+        "globex-long  1234",
+    ]
+
+
+def test_stats_show_rates_dollars_and_who_did_not_answer() -> None:
+    reply = adm.GetStatsResponse(
+        tenants=[
+            adm.TenantStats(
+                tenant="acme",
+                active_keys=2,
+                l1_enabled=True,
+                l1_entries=5,
+                l1_lookups=8,
+                l1_hits=2,
+                l1_hit_rate=0.25,
+                model_requests=6,
+                cost_nanos=1_500_000,
+                saved_nanos=4_000_000_000,
+            ),
+            adm.TenantStats(tenant="globex", l1_enabled=False),
+        ],
+        unavailable=["prefix-cache"],
+    )
+    text = stats_table(reply)
+    acme = next(line for line in text.splitlines() if line.startswith("acme"))
+    assert acme.split() == ["acme", "2", "on", "5", "8", "2", "25.0%", "6", "$0.0015", "$4.0000"]
+    globex = next(line for line in text.splitlines() if line.startswith("globex"))
+    assert globex.split()[2] == "off" and globex.split()[6] == "-"  # no lookup: no rate
+    assert "NOT ANSWERING: prefix-cache" in text
+
+
+def test_keys_show_dates_never_secrets() -> None:
+    info = adm.ApiKeyInfo(id="key_0123456789ab", tenant="acme", name="ci")
+    info.created_at.FromSeconds(1_700_000_000)
+    text = keys_table([info])
+    assert "key_0123456789ab" in text and "2023-11-14 22:13:20Z" in text
+    assert text.splitlines()[-1].split()[-2:] == ["-", "-"]  # never rotated, not revoked
+
+
+def test_policy_says_whose_default_ttl_applies() -> None:
+    own = adm.CachePolicy(tenant="acme", l1_enabled=False, effective_default_ttl_s=600)
+    own.default_ttl_s = 600
+    assert "600 s" in policy_table(own) and "off" in policy_table(own)
+    default = adm.CachePolicy(tenant="acme", l1_enabled=True, effective_default_ttl_s=86400)
+    assert "86400 s (semantic-cache's default)" in policy_table(default)
+
+
+def test_no_admin_token_is_an_error_saying_where_to_put_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.delenv("CACHEMESH_ADMIN_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("CACHEMESH_ADMIN_TOKEN", raising=False)
+    assert main(["admin", "stats"]) == 2
+    assert "CACHEMESH_ADMIN_TOKEN_FILE" in capsys.readouterr().err
+    missing = str(tmp_path / "none")
+    assert main(["admin", "--admin-token-file", missing, "stats"]) == 2
+    assert f"cannot read the admin token file {missing}" in capsys.readouterr().err

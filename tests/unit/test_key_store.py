@@ -1,0 +1,177 @@
+"""The shared API key file and the stores that read it: changes seen within the poll period,
+concurrent writers never losing a change, the older ``tenant:sha256hex`` lines still read."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+from services.common.env import ConfigError, Env
+from services.common.key_store import KeyStore, KeyStoreError, UnknownKey
+from services.common.keyfile import KeyFile, KeyFileError, hash_key, new_api_key
+from services.router.key_settings import KeyStoreSettings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _legacy(path: Path, **keys: str) -> None:
+    path.write_text("".join(f"{tenant}:{hash_key(key)}\n" for tenant, key in keys.items()))
+
+
+def _store(path: Path, clock: Clock, poll_s: float = 0.25) -> KeyStore:
+    return KeyStore.open(path, clock, lambda: 1_700_000_000.0, poll_s)
+
+
+def test_the_older_tenant_colon_hash_lines_still_work(tmp_path: Path) -> None:
+    key = new_api_key()
+    _legacy(tmp_path / "keys", acme=key)
+    store = _store(tmp_path / "keys", Clock())
+    assert store.tenant_for(key) == "acme"
+    assert store.tenant_for(key + "x") is None
+    (record,) = store.records()
+    assert record.id == f"file-{hash_key(key)[:12]}" and record.active
+
+
+def test_a_key_created_by_one_store_is_accepted_by_another_within_the_poll(
+    tmp_path: Path,
+) -> None:
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    clock = Clock()
+    writer, reader = _store(tmp_path / "keys", clock), _store(tmp_path / "keys", clock)
+    record, key = writer.create("globex", "ci")
+    assert key.startswith("cm_") and record.tenant == "globex" and record.name == "ci"
+    assert writer.tenant_for(key) == "globex"  # the writer at once
+    assert reader.tenant_for(key) is None  # the reader looked less than poll_s ago
+    clock.now += 0.25
+    assert reader.tenant_for(key) == "globex"
+    assert key not in (tmp_path / "keys").read_text()  # only its hash is stored
+
+
+def test_revoked_and_rotated_keys_are_refused_everywhere(tmp_path: Path) -> None:
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    clock = Clock()
+    writer, reader = _store(tmp_path / "keys", clock), _store(tmp_path / "keys", clock)
+    record, old = writer.create("globex", "")
+    clock.now += 1
+    assert reader.tenant_for(old) == "globex"
+    rotated, new = writer.rotate(record.id)
+    assert rotated.id == record.id and rotated.rotated_at is not None and new != old
+    clock.now += 1
+    assert reader.tenant_for(old) is None and reader.tenant_for(new) == "globex"
+    revoked = writer.revoke(record.id)
+    assert revoked.revoked_at is not None and writer.tenant_for(new) is None
+    clock.now += 1
+    assert reader.tenant_for(new) is None
+    assert [r.id for r in reader.records() if not r.active] == [record.id]  # kept, listed
+    with pytest.raises(KeyStoreError, match="revoked"):
+        writer.rotate(record.id)
+    with pytest.raises(UnknownKey):
+        writer.revoke("key_nosuchkey")
+
+
+def test_concurrent_writers_lose_no_change(tmp_path: Path) -> None:
+    """Eight stores (each its own open file, as eight routers) create keys at once."""
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    stores = [_store(tmp_path / "keys", Clock()) for _ in range(8)]
+    issued: list[str] = []
+
+    def create(store: KeyStore, n: int) -> None:
+        for i in range(10):
+            issued.append(store.create(f"t{n}", f"key {i}")[1])
+
+    threads = [threading.Thread(target=create, args=(s, n)) for n, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    fresh = _store(tmp_path / "keys", Clock())
+    assert len(fresh.records()) == 81
+    assert all(fresh.tenant_for(key) is not None for key in issued)
+
+
+def test_each_write_is_seen_even_within_one_tick_of_the_clock(tmp_path: Path) -> None:
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    keyfile = KeyFile(tmp_path / "keys")
+    seen = {keyfile.signature()}
+    for _ in range(20):
+        keyfile.update(lambda records: records)  # same content, same size
+        seen.add(keyfile.signature())
+    assert len(seen) == 21
+
+
+def test_a_malformed_file_keeps_the_last_keys_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = new_api_key()
+    _legacy(tmp_path / "keys", acme=key)
+    clock = Clock()
+    store = _store(tmp_path / "keys", clock)
+    (tmp_path / "keys").write_text("acme:not-a-hash\n")
+    clock.now += 1
+    with caplog.at_level(logging.ERROR, "cachemesh.keys"):
+        assert store.tenant_for(key) == "acme"
+    assert "keys:1" in caplog.text and "keeping the keys read last" in caplog.text
+
+
+def test_json_records_are_checked_field_by_field(tmp_path: Path) -> None:
+    good = {"id": "key_1", "tenant": "acme", "sha256": hash_key("x")}
+    (tmp_path / "keys").write_text(json.dumps({**good, "created_at": "yesterday"}) + "\n")
+    with pytest.raises(KeyFileError, match="created_at"):
+        KeyFile(tmp_path / "keys").read()
+    (tmp_path / "keys").write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    with pytest.raises(KeyFileError, match="twice"):
+        KeyFile(tmp_path / "keys").read()
+
+
+def test_a_missing_key_file_is_created_from_the_seed(tmp_path: Path) -> None:
+    key = new_api_key()
+    _legacy(tmp_path / "seed", acme=key)
+    store = _store_with_seed(tmp_path / "volume" / "keys", tmp_path / "seed")
+    assert store.tenant_for(key) == "acme"
+    created, _ = store.create("acme", "second")
+    # the seed is read only while the key file does not exist
+    again = _store_with_seed(tmp_path / "volume" / "keys", tmp_path / "seed")
+    assert created.id in {r.id for r in again.records()}
+
+
+def _store_with_seed(path: Path, seed: Path) -> KeyStore:
+    path.parent.mkdir(exist_ok=True)
+    return KeyStore.open(path, Clock(), lambda: 0.0, 0.25, seed)
+
+
+def test_settings_are_validated_at_start_up(tmp_path: Path) -> None:
+    (tmp_path / "keys").write_text("# nothing yet\n")
+    env = Env({"CACHEMESH_API_KEYS_FILE": str(tmp_path / "keys")})
+    with pytest.raises(ConfigError, match=r"holds no keys.*CACHEMESH_API_KEYS_FILE"):
+        KeyStoreSettings.from_env(env).open(Clock(), lambda: 0.0)
+    missing = Env({"CACHEMESH_API_KEYS_FILE": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match="does not exist"):
+        KeyStoreSettings.from_env(missing).open(Clock(), lambda: 0.0)
+    slow = Env({"CACHEMESH_API_KEYS_FILE": "k", "CACHEMESH_API_KEYS_POLL_S": "2"})
+    with pytest.raises(ConfigError, match="CACHEMESH_API_KEYS_POLL_S"):
+        KeyStoreSettings.from_env(slow)
+    zero = Env({"CACHEMESH_API_KEYS_FILE": "k", "CACHEMESH_API_KEYS_POLL_S": "0"})
+    assert KeyStoreSettings.from_env(zero).poll_s == 0.0
+
+
+@pytest.mark.parametrize("tenant", ["", "a b", "-lead", "x" * 65, "semi;colon"])
+def test_a_new_key_needs_a_plain_tenant_name(tmp_path: Path, tenant: str) -> None:
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    with pytest.raises(KeyStoreError, match="tenant must be"):
+        _store(tmp_path / "keys", Clock()).create(tenant, "")
+
+
+def test_a_key_name_is_one_short_line(tmp_path: Path) -> None:
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    with pytest.raises(KeyStoreError, match="name"):
+        _store(tmp_path / "keys", Clock()).create("acme", "two\nlines")

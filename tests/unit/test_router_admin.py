@@ -1,0 +1,231 @@
+"""The router's Admin servicer on loopback: its credential, its refusals, what it asks of
+semantic-cache (a real servicer on a fake embedder) and prefix-cache (its Totals, faked here:
+the unit under test is the Admin API)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cachemesh.v1 import admin_pb2 as adm
+from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.auth import InternalAuthInterceptor, internal_metadata
+from services.common.clock import ManualClock
+from services.common.env import ConfigError, Env
+from services.common.key_store import KeyStore
+from services.common.keyfile import hash_key, new_api_key
+from services.router.admin import AdminServicer
+from services.router.admin_auth import AdminCredential, admin_credential_from_env
+from services.semantic_cache.api import SemanticCacheApi
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.servicer import SemanticCacheService
+from tests.unit.semantic_cache_support import FakeEmbedder
+
+ADMIN_TOKEN = "admin-token-for-the-unit-tests-0123"
+INTERNAL = "internal-token-0123456789abcdef"
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Totals(prefix_cache_pb2_grpc.PrefixCacheServicer):
+    async def Plan(self, request: pc.PlanRequest, context: Context) -> pc.PlanResponse:
+        raise NotImplementedError  # the Admin API never plans
+
+    async def Commit(self, request: pc.CommitRequest, context: Context) -> pc.CommitResponse:
+        raise NotImplementedError  # nor commits
+
+    async def Totals(self, request: pc.TotalsRequest, context: Context) -> pc.TotalsResponse:
+        return pc.TotalsResponse(
+            requests=3,
+            usage=pb.Usage(input_tokens=30, output_tokens=12),
+            cost_nanos=100,
+            baseline_nanos=250,
+        )
+
+
+@dataclass
+class Rig:
+    stub: admin_pb2_grpc.AdminAsyncStub
+    keys: KeyStore
+    key_file: Path
+    demo_key: str
+
+
+async def _rig(
+    tmp_path: Path, credential: AdminCredential | None, semantic_up: bool = True
+) -> AsyncIterator[Rig]:
+    demo_key = new_api_key()
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(f"acme:{hash_key(demo_key)}\n")
+    keys = KeyStore.open(key_file, time.monotonic, time.time, 0.0)
+    internal = grpc.aio.server(interceptors=[InternalAuthInterceptor(INTERNAL)])
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
+    if semantic_up:
+        semantic_cache_pb2_grpc.add_SemanticCacheServicer_to_server(
+            SemanticCacheService(SemanticCacheApi(cache)), internal
+        )
+    prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(Totals(), internal)
+    port = internal.add_insecure_port("127.0.0.1:0")
+    await internal.start()
+    router = grpc.aio.server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        admin = AdminServicer(
+            credential,
+            keys,
+            semantic_cache_pb2_grpc.SemanticCacheStub(channel),
+            prefix_cache_pb2_grpc.PrefixCacheStub(channel),
+            internal_metadata(INTERNAL),
+            5.0,
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, router)
+        router_port = router.add_insecure_port("127.0.0.1:0")
+        await router.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router_port}") as front:
+            yield Rig(admin_pb2_grpc.AdminStub(front), keys, key_file, demo_key)
+        await router.stop(None)
+    await internal.stop(None)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async for one in _rig(tmp_path, AdminCredential(ADMIN_TOKEN)):
+        yield one
+
+
+async def expect(code: grpc.StatusCode, call: Awaitable[object]) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    return caught.value.details() or ""
+
+
+async def test_only_the_admin_token_is_accepted(rig: Rig) -> None:
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    presented = (rig.demo_key, ADMIN_TOKEN + "x", ADMIN_TOKEN[:-1])
+    wrong = [(("authorization", f"Bearer {token}"),) for token in presented]
+    for metadata in ((), *wrong):
+        details = await expect(
+            unauthenticated, rig.stub.ListKeys(adm.ListKeysRequest(), metadata=metadata)
+        )
+        assert "admin token" in details and rig.demo_key not in details
+    listed = await rig.stub.ListKeys(adm.ListKeysRequest(), metadata=ADMIN)
+    assert [k.tenant for k in listed.keys] == ["acme"]
+
+
+async def test_without_a_configured_token_the_admin_api_says_how_to_turn_it_on(
+    tmp_path: Path,
+) -> None:
+    async for off in _rig(tmp_path, None):
+        call = off.stub.ListKeys(adm.ListKeysRequest(), metadata=ADMIN)
+        assert "CACHEMESH_ADMIN_TOKEN_FILE" in await expect(
+            grpc.StatusCode.FAILED_PRECONDITION, call
+        )
+
+
+async def test_keys_are_created_listed_rotated_and_revoked(rig: Rig) -> None:
+    issued = await rig.stub.CreateKey(
+        adm.CreateKeyRequest(tenant="globex", name="ci"), metadata=ADMIN
+    )
+    assert issued.api_key.startswith("cm_") and issued.key.id.startswith("key_")
+    assert issued.key.HasField("created_at") and not issued.key.HasField("revoked_at")
+    assert rig.keys.tenant_for(issued.api_key) == "globex"
+    assert issued.api_key not in rig.key_file.read_text()
+    rotated = await rig.stub.RotateKey(adm.RotateKeyRequest(id=issued.key.id), metadata=ADMIN)
+    assert rotated.key.id == issued.key.id and rotated.key.HasField("rotated_at")
+    assert rig.keys.tenant_for(issued.api_key) is None
+    assert rig.keys.tenant_for(rotated.api_key) == "globex"
+    revoked = await rig.stub.RevokeKey(adm.RevokeKeyRequest(id=issued.key.id), metadata=ADMIN)
+    assert revoked.HasField("revoked_at") and rig.keys.tenant_for(rotated.api_key) is None
+    active = await rig.stub.ListKeys(adm.ListKeysRequest(tenant="globex"), metadata=ADMIN)
+    assert list(active.keys) == []
+    every = await rig.stub.ListKeys(
+        adm.ListKeysRequest(tenant="globex", include_revoked=True), metadata=ADMIN
+    )
+    assert [k.id for k in every.keys] == [issued.key.id]
+
+
+async def test_key_refusals_name_what_is_wrong(rig: Rig) -> None:
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    bad = rig.stub.CreateKey(adm.CreateKeyRequest(tenant="has space"), metadata=ADMIN)
+    assert "tenant" in await expect(invalid, bad)
+    gone = rig.stub.RevokeKey(adm.RevokeKeyRequest(id="key_000000000000"), metadata=ADMIN)
+    assert "key_000000000000" in await expect(missing, gone)
+    rig.key_file.write_text("acme:not-a-hash\n")  # a bad hand edit: nothing is written over it
+    stuck = rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    details = await expect(grpc.StatusCode.FAILED_PRECONDITION, stuck)
+    assert "api-keys:1" in details and "CACHEMESH_API_KEYS_FILE" in details
+    assert rig.key_file.read_text() == "acme:not-a-hash\n"
+
+
+async def test_invalidate_needs_a_target(rig: Rig) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    untargeted = (
+        adm.InvalidateRequest(tenant="acme"),
+        adm.InvalidateRequest(tenant="acme", all=False),
+    )
+    for request in untargeted:
+        assert "all=true" in await expect(invalid, rig.stub.Invalidate(request, metadata=ADMIN))
+    purge = await rig.stub.Invalidate(
+        adm.InvalidateRequest(tenant="acme", all=True), metadata=ADMIN
+    )
+    assert purge.dropped == 0
+    no_tenant = rig.stub.Invalidate(adm.InvalidateRequest(all=True), metadata=ADMIN)
+    assert "tenant" in await expect(invalid, no_tenant)
+
+
+async def test_stats_join_keys_l1_and_the_billed_totals(rig: Rig) -> None:
+    await rig.stub.SetPolicy(adm.SetPolicyRequest(tenant="acme", l1_enabled=False), metadata=ADMIN)
+    stats = await rig.stub.GetStats(adm.GetStatsRequest(), metadata=ADMIN)
+    (row,) = stats.tenants
+    assert (row.tenant, row.active_keys, row.l1_enabled) == ("acme", 1, False)
+    assert (row.model_requests, row.cost_nanos, row.baseline_nanos, row.saved_nanos) == (
+        3,
+        100,
+        250,
+        150,
+    )
+    assert list(stats.unavailable) == []
+
+
+async def test_policy_round_trips_through_semantic_cache(rig: Rig) -> None:
+    set_ = adm.SetPolicyRequest(tenant="acme", default_ttl_s=600.0)
+    policy = await rig.stub.SetPolicy(set_, metadata=ADMIN)
+    assert policy.l1_enabled and policy.default_ttl_s == 600.0
+    got = await rig.stub.GetPolicy(adm.GetPolicyRequest(tenant="acme"), metadata=ADMIN)
+    assert got == policy
+    bad = rig.stub.SetPolicy(adm.SetPolicyRequest(tenant="acme", default_ttl_s=-1), metadata=ADMIN)
+    assert "semantic-cache: default_ttl_s" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
+
+
+async def test_stats_say_which_service_did_not_answer(tmp_path: Path) -> None:
+    async for rig in _rig(tmp_path, AdminCredential(ADMIN_TOKEN), semantic_up=False):
+        stats = await rig.stub.GetStats(adm.GetStatsRequest(), metadata=ADMIN)
+        assert list(stats.unavailable) == ["semantic-cache"]
+        assert [row.tenant for row in stats.tenants] == ["acme"]
+
+
+def test_the_admin_token_is_checked_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not both"):
+        admin_credential_from_env(
+            Env({"CACHEMESH_ADMIN_TOKEN": ADMIN_TOKEN, "CACHEMESH_ADMIN_TOKEN_FILE": "x"})
+        )
+    with pytest.raises(ConfigError, match="at least 16"):
+        admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN": "short"}))
+    with pytest.raises(ConfigError, match="CACHEMESH_ADMIN_TOKEN_FILE: cannot read"):
+        admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "none")}))
+    (tmp_path / "token").write_text(ADMIN_TOKEN + "\n")
+    credential = admin_credential_from_env(
+        Env({"CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "token")})
+    )
+    assert credential is not None and credential.matches(ADMIN_TOKEN)
+    assert not credential.matches(None) and not credential.matches(ADMIN_TOKEN[:-1])
+    assert ADMIN_TOKEN not in repr(credential)
+    assert admin_credential_from_env(Env({})) is None

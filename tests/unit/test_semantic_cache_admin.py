@@ -1,0 +1,158 @@
+"""What the router's Admin API asks of semantic-cache: per-tenant stats, each tenant's L1
+policy (on/off, default TTL; durable in the data directory), drops by namespace."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
+from services.common.clock import ManualClock
+from services.semantic_cache.api import L1_OFF, SemanticCacheApi
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.servicer import SemanticCacheService
+from services.semantic_cache.tenant_policy import PolicyError, TenantPolicies
+from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+from tests.unit.test_semantic_cache_grpc import ANSWER, AUTH, expect, start
+
+TTL_S = 3600.0
+
+
+class Served:
+    def __init__(self, stub: sc_grpc.SemanticCacheAsyncStub, clock: ManualClock) -> None:
+        self.stub, self.clock = stub, clock
+
+    async def store(self, tenant: str, question: str, namespace: str = "") -> sc.StoreResponse:
+        request = make_request(question, namespace=namespace)
+        reply: sc.StoreResponse = await self.stub.Store(
+            sc.StoreRequest(tenant=tenant, request=request, answer=ANSWER), metadata=AUTH
+        )
+        return reply
+
+    async def hit(self, tenant: str, question: str, namespace: str = "") -> bool:
+        request = make_request(question, namespace=namespace)
+        lookup = sc.LookupRequest(tenant=tenant, request=request)
+        found: sc.LookupResponse = await self.stub.Lookup(lookup, metadata=AUTH)
+        return found.hit
+
+    async def set(self, **fields: Any) -> sc.L1Policy:
+        policy: sc.L1Policy = await self.stub.SetPolicy(
+            sc.SetL1PolicyRequest(**fields),
+            metadata=AUTH,
+        )
+        return policy
+
+
+async def _served(policies: TenantPolicies) -> AsyncIterator[Served]:
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, ttl_s=TTL_S)
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, policies=policies)))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Served(sc_grpc.SemanticCacheStub(channel), clock)
+    await server.stop(None)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Served]:
+    async for one in _served(TenantPolicies()):
+        yield one
+
+
+async def test_stats_count_each_tenants_entries_lookups_and_hits(served: Served) -> None:
+    await served.store("a", "reset my password")
+    await served.store("a", "close my account", namespace="billing")
+    await served.store("b", "reset my password")
+    assert await served.hit("a", "reset my password")  # exact
+    assert not await served.hit("a", "what is the weather on mars")
+    stats = await served.stub.Stats(sc.L1StatsRequest(), metadata=AUTH)
+    rows = {row.tenant: row for row in stats.tenants}
+    assert list(rows) == ["a", "b"]
+    a = rows["a"]
+    assert (a.entries, a.namespaces, a.stores) == (2, 2, 2)
+    assert (a.lookups, a.hits, a.exact_hits, a.l1_enabled) == (2, 1, 1, True)
+    assert (rows["b"].entries, rows["b"].lookups) == (1, 0)
+    only_b = await served.stub.Stats(sc.L1StatsRequest(tenant="b"), metadata=AUTH)
+    assert [row.tenant for row in only_b.tenants] == ["b"]
+
+
+async def test_a_drop_of_one_namespace_keeps_the_others(served: Served) -> None:
+    await served.store("a", "reset my password")  # the default namespace ""
+    await served.store("a", "close my account", namespace="billing")
+    default = sc.DropRequest(tenant="a", namespace="")
+    assert (await served.stub.Drop(default, metadata=AUTH)).dropped == 1
+    assert not await served.hit("a", "reset my password")
+    assert await served.hit("a", "close my account", namespace="billing")
+    every = sc.DropRequest(tenant="a")  # no namespace: every one of the tenant's
+    assert (await served.stub.Drop(every, metadata=AUTH)).dropped == 1
+
+
+async def test_l1_off_neither_serves_nor_stores_and_on_again_serves(served: Served) -> None:
+    await served.store("a", "reset my password")
+    policy = await served.set(tenant="a", l1_enabled=False)
+    assert not policy.l1_enabled and policy.effective_default_ttl_s == TTL_S
+    assert not await served.hit("a", "reset my password")
+    refused = await served.store("a", "close my account")
+    assert not refused.stored and refused.skip_reason == L1_OFF
+    assert await served.hit("b", "reset my password") is False  # b never stored it
+    await served.store("b", "reset my password")
+    assert await served.hit("b", "reset my password")  # b's L1 is on
+    lookup = sc.LookupRequest(tenant="a", request=make_request("x y"), want_embedding=True)
+    skipped = await served.stub.Lookup(lookup, metadata=AUTH)
+    assert skipped.skip_reason == L1_OFF and len(skipped.embedding) == 64 * 4  # the tier's input
+    await served.set(tenant="a", l1_enabled=True)
+    assert await served.hit("a", "reset my password")  # the entry was kept, not dropped
+    rows = (await served.stub.Stats(sc.L1StatsRequest(tenant="a"), metadata=AUTH)).tenants
+    assert rows[0].lookups == 1  # the lookups it skipped are not counted
+
+
+async def test_a_tenants_default_ttl_applies_to_its_new_entries(served: Served) -> None:
+    policy = await served.set(tenant="a", default_ttl_s=60.0)
+    assert policy.HasField("default_ttl_s") and policy.effective_default_ttl_s == 60.0
+    await served.store("a", "reset my password")
+    await served.store("b", "reset my password")
+    served.clock.advance(s=61.0)
+    assert not await served.hit("a", "reset my password")  # a's 60 s
+    assert await served.hit("b", "reset my password")  # b's SEMANTIC_CACHE_TTL_S
+    reset = await served.set(tenant="a", reset_default_ttl=True)
+    assert not reset.HasField("default_ttl_s") and reset.effective_default_ttl_s == TTL_S
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"tenant": "a", "default_ttl_s": 0.0}, "default_ttl_s"),
+        ({"tenant": "a", "default_ttl_s": -5.0}, "default_ttl_s"),
+        ({"tenant": "a", "default_ttl_s": 5.0, "reset_default_ttl": True}, "not both"),
+        ({"l1_enabled": False}, "tenant"),
+    ],
+)
+async def test_a_bad_policy_change_names_the_field(
+    served: Served, fields: dict[str, Any], field: str
+) -> None:
+    call = served.stub.SetPolicy(sc.SetL1PolicyRequest(**fields), metadata=AUTH)
+    assert field in await expect(grpc.StatusCode.INVALID_ARGUMENT, call)
+
+
+async def test_policies_survive_a_restart_in_the_data_directory(tmp_path: Path) -> None:
+    path = tmp_path / "tenant-policies.json"
+    async for served in _served(TenantPolicies(path)):
+        await served.set(tenant="a", l1_enabled=False, default_ttl_s=120.0)
+        await served.set(tenant="b", l1_enabled=False)
+        await served.set(tenant="b", l1_enabled=True)  # back to the defaults: no line
+    assert set(json.loads(path.read_text())["tenants"]) == {"a"}
+    again = TenantPolicies(path)
+    assert not again.get("a").l1_enabled and again.get("a").default_ttl_s == 120.0
+    assert again.get("b").l1_enabled
+
+
+def test_a_malformed_policy_file_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "tenant-policies.json"
+    path.write_text('{"version": 1, "tenants": {"a": {"l1_enabled": "no"}}}')
+    with pytest.raises(PolicyError, match=r"tenant-policies\.json"):
+        TenantPolicies(path)
