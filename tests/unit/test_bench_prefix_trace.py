@@ -40,6 +40,11 @@ def test_the_replay_reports_hits_ttft_reasons_and_the_view_error(tmp_path: Path)
     assert run["ttft_p50_s"] == pytest.approx(round(1024 / mooncake.PREFILL_TPS, 3), abs=0.02)
     robin = mooncake.simulate(rows, 2, "round_robin", capacity_blocks=1000)
     assert robin["kv_hit_rate_tokens"] == 0  # the second request went to the other replica
+    # one LRU cache: large enough, the ideal; 40 blocks still hold the shared 512-token head
+    # (a prompt's tail is evicted first); none, nothing
+    assert mooncake.pooled_lru_hit_rate(rows, 1000) == mooncake.ideal_hit_rate(rows)
+    assert mooncake.pooled_lru_hit_rate(rows, 40) == mooncake.ideal_hit_rate(rows)
+    assert mooncake.pooled_lru_hit_rate(rows, 0) == 0
 
 
 def test_a_bad_line_names_the_file_and_line(tmp_path: Path) -> None:

@@ -63,6 +63,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "trace": str(trace_path),
         "requests": len(rows),
         "ideal_kv_hit_rate_tokens": mooncake.ideal_hit_rate(rows),
+        # one LRU cache with all n replicas' memory: the reference for n LRU engines
+        "pooled_lru_kv_hit_rate_tokens": {
+            str(n): mooncake.pooled_lru_hit_rate(rows, n * args.capacity_blocks) for n in REPLICAS
+        },
         "kv_capacity_blocks_per_replica": args.capacity_blocks,
         "kv_capacity_tokens_per_replica": args.capacity_blocks * 16,
         "prefill_tokens_per_s": mooncake.PREFILL_TPS,
@@ -98,6 +102,8 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     routing = results["mooncake_kv_routing"]
     print(f"ideal (one unbounded replica): KV hit {routing['ideal_kv_hit_rate_tokens']:.1%}")
+    for n, rate in routing["pooled_lru_kv_hit_rate_tokens"].items():
+        print(f"one LRU cache with {n} replicas' memory: KV hit {rate:.1%}")
     for each in routing["runs"]:
         print(_row(each))
     print(f"wrote {out}")

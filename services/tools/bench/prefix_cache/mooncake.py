@@ -87,6 +87,20 @@ def ideal_hit_rate(rows: list[Row]) -> float:
     return round(hit / max(total, 1), 4)
 
 
+def pooled_lru_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
+    """Input tokens one LRU cache of ``capacity_blocks`` would reuse, serving every request in
+    arrival order. With ``capacity_blocks`` = n replicas' memory it is the reference for a
+    router over n LRU engines of that size: their memory used as one cache, every prefix kept
+    once. A router can go a little past it (n LRU caches are not one), not far."""
+    cache = KvBlockCache(capacity_blocks)
+    hit = total = 0
+    for row in rows:
+        hit += cache.cached_tokens(row.keys, row.input_tokens)
+        total += row.input_tokens
+        cache.insert(row.keys)
+    return round(hit / max(total, 1), 4)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
