@@ -107,7 +107,7 @@ class Dispatcher:
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
             raw = facts.kv_block_hashes if facts is not None else b""
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
-            wanted = Request(spec.id, prompt_tokens, hashes, spec.prefill_tokens_per_s)
+            wanted = Request(spec.id, prompt_tokens, hashes, spec.prior_prefill_rate)
             route = self._chooser.choose(wanted, replicas, view, self._clock())
             for replica in (r for r in route.order if r not in exclude):
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
