@@ -65,6 +65,8 @@ class ModelSpec(BaseModel):
     cache_write_5m_nanos: int = Field(default=0, ge=0)
     cache_write_1h_nanos: int = Field(default=0, ge=0)
     cache_read_nanos: int = Field(default=0, ge=0)
+    # anthropic / openai: the shortest prefix the provider caches. self_hosted (optional): the
+    # shortest KV reuse reported as served by the prefix cache (default: one KV block)
     min_cacheable_tokens: int = Field(default=0, ge=0)
     cache_increment_tokens: int = Field(default=0, ge=0)  # openai: hits in these increments
     idle_retention_s: int = Field(default=0, ge=0)  # openai: an unused prefix lives this long
@@ -129,6 +131,17 @@ class ModelSpec(BaseModel):
     @property
     def upstream(self) -> str:
         return self.upstream_id or self.id
+
+    @property
+    def min_prefix_hit_tokens(self) -> int:
+        """The smallest cache read that makes a model call served by the prefix cache
+        (``LAYER_PREFIX_CACHE``): the provider's minimum cacheable prefix; for a self-hosted
+        engine at least one full KV block (an engine that reused only the chat template's
+        opening tokens served nothing of the prompt from its cache), or the row's own
+        ``min_cacheable_tokens`` when larger."""
+        if self.rules == "self_hosted":
+            return max(self.kv_block_tokens, self.min_cacheable_tokens, 1)
+        return max(self.min_cacheable_tokens, 1)
 
     @property
     def prior_prefill_rate(self) -> float | None:

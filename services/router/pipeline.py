@@ -171,10 +171,8 @@ class Pipeline:
             raise
         head.model = attempt.model.id
         head.tier = attempt.model.tier
-        head.served_by = (
-            pb.LAYER_PREFIX_CACHE
-            if warm is not None and warm.usage.cache_read_input_tokens > 0
-            else pb.LAYER_MODEL
+        head.served_by = served_by(
+            attempt.model, warm.usage.cache_read_input_tokens if warm is not None else 0
         )
         answer = Answer()
         finished = False
@@ -317,11 +315,7 @@ class Pipeline:
             end.usage.CopyFrom(final.usage)
             end.cost.CopyFrom(final.cost)
             if final.reconciled:  # the provider's report decides what its cache served
-                end.served_by = (
-                    pb.LAYER_PREFIX_CACHE
-                    if final.usage.cache_read_input_tokens > 0
-                    else pb.LAYER_MODEL
-                )
+                end.served_by = served_by(attempt.model, final.usage.cache_read_input_tokens)
         else:
             # prefix-cache unreachable: the engine's prompt count at the base prices, no cache
             # discount claimed, marked estimated; the outbox bills it when prefix-cache is back.
@@ -430,6 +424,15 @@ class Pipeline:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def served_by(spec: ModelSpec, cache_read_tokens: int) -> pb.Layer.ValueType:
+    """A model call is served by the prefix cache only when what it read from cache is a real
+    prefix reuse (``ModelSpec.min_prefix_hit_tokens``): a llama.cpp engine reports the 3 tokens
+    of its chat template's opening as cached on a prompt it never saw, which is no hit."""
+    if cache_read_tokens >= spec.min_prefix_hit_tokens:
+        return pb.LAYER_PREFIX_CACHE
+    return pb.LAYER_MODEL
 
 
 def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:

@@ -30,7 +30,11 @@ from services.router.settings import RouterSettings
 
 TABLE = load_model_table()
 TOKENIZER = load_cl100k()
-REPLICAS = {"sim-small": ("small-1",), "sim-large": ("large-1", "large-2")}
+REPLICAS = {
+    "sim-small": ("small-1",),
+    "sim-large": ("large-1", "large-2"),
+    "local-small": ("local-1",),
+}
 
 
 def _settings() -> RouterSettings:
@@ -72,6 +76,8 @@ class FakePrefix:
     down: bool = False
     plans: list[pc.PlanRequest] = field(default_factory=list)
     commits: list[pc.CommitRequest] = field(default_factory=list)
+    read_tokens: int = 0  # the cache read of the WARM's split (the estimate)
+    reported_read: int | None = None  # the FINAL reconciled with this provider-reported read
 
     async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
         self.plans.append(request)
@@ -87,11 +93,19 @@ class FakePrefix:
         self.commits.append(request)
         if self.down:
             raise CallFailed(Code.UNAVAILABLE, "prefix-cache is down")
-        usage = pb.Usage(input_tokens=40, output_tokens=request.output_tokens)
+        usage = pb.Usage(
+            input_tokens=40 - self.read_tokens,
+            cache_read_input_tokens=self.read_tokens,
+            output_tokens=request.output_tokens,
+        )
         if request.phase == pc.COMMIT_PHASE_WARM:
             return pc.CommitResponse(usage=usage)
         cost = pb.Cost(cost_nanos=123, baseline_nanos=456, saved_nanos=333)
-        return pc.CommitResponse(usage=usage, cost=cost)
+        if self.reported_read is None:
+            return pc.CommitResponse(usage=usage, cost=cost)
+        usage.input_tokens = 40 - self.reported_read
+        usage.cache_read_input_tokens = self.reported_read
+        return pc.CommitResponse(usage=usage, cost=cost, reconciled=True)
 
 
 class FakeStream:
@@ -240,3 +254,42 @@ async def test_no_store_mode_never_stores() -> None:
     request.cache.semantic = pb.SEMANTIC_MODE_NO_STORE
     await rig.run(request)
     assert rig.semantic.lookups and not rig.semantic.stores
+
+
+@pytest.mark.parametrize(
+    ("model", "read", "reported", "layer"),
+    [
+        # a self-hosted engine that reused only its chat template's opening (3 tokens): no hit
+        ("local-small", 0, 3, pb.LAYER_MODEL),
+        ("local-small", 0, 15, pb.LAYER_MODEL),
+        ("local-small", 0, 16, pb.LAYER_PREFIX_CACHE),  # one full KV block
+        ("local-small", 32, 32, pb.LAYER_PREFIX_CACHE),
+        # Anthropic's rules: a read below the model's minimum cacheable prefix is none
+        ("sim-large", 0, None, pb.LAYER_MODEL),
+        ("sim-large", 1_023, None, pb.LAYER_MODEL),
+        ("sim-large", 1_024, None, pb.LAYER_PREFIX_CACHE),
+    ],
+)
+async def test_served_by_the_prefix_cache_only_for_a_real_prefix_reuse(
+    model: str, read: int, reported: int | None, layer: int
+) -> None:
+    rig = Rig(prefix=FakePrefix(read_tokens=read, reported_read=reported))
+    chunks = await rig.run(_request(model))
+    start, end = chunks[0].start, chunks[-1].end
+    assert end.served_by == layer
+    assert end.usage.cache_read_input_tokens == (read if reported is None else reported)
+    if reported is None:  # no report: the start said what the end says
+        assert start.served_by == layer
+
+
+def test_the_minimum_prefix_hit_of_each_rule_set() -> None:
+    models = TABLE.models
+    assert models["local-small"].min_prefix_hit_tokens == 16  # one KV block
+    assert models["claude-sonnet-4-5"].min_prefix_hit_tokens == 1_024
+    assert models["claude-haiku-4-5"].min_prefix_hit_tokens == models[
+        "claude-haiku-4-5"
+    ].min_cacheable_tokens
+    assert models["gpt-4o"].min_prefix_hit_tokens == 1_024
+    row = models["local-large"].model_dump(exclude_unset=True)
+    configured = type(models["local-large"]).model_validate({**row, "min_cacheable_tokens": 256})
+    assert configured.min_prefix_hit_tokens == 256  # a configured minimum above one block
