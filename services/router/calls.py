@@ -136,9 +136,12 @@ class Calls:
         kv_cached_tokens: int,
         max_read_tokens: int | None,
         plan_id: str = "",
+        kv_cached_unreported: bool = False,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """WARM; with the ``plan_id`` of this request's Plan the request is not sent again
-        (prefix-cache reuses the prompt it computed), unless that process no longer holds it."""
+        (prefix-cache reuses the prompt it computed), unless that process no longer holds it.
+        ``kv_cached_unreported``: the replica could not tell its KV reuse at its first token
+        (a provider adapter), so ``kv_cached_tokens`` is no report."""
         commit = prefix_cache_pb2.CommitRequest(
             tenant=tenant,
             request_id=commit_id,
@@ -147,6 +150,7 @@ class Calls:
             replica=replica,
             kv_cached_tokens=kv_cached_tokens,
             plan_id=plan_id,
+            kv_cached_unreported=kv_cached_unreported,
         )
         if max_read_tokens is not None:
             commit.max_read_tokens = max_read_tokens

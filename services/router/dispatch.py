@@ -135,9 +135,8 @@ class Dispatcher:
                     self.loads.failed(replica, ticket)
                     chat_span.end()
                     raise
-                self.loads.started(
-                    replica, ticket, start.prompt_tokens, start.kv_cached_tokens, self._clock()
-                )
+                reused = None if start.kv_cached_unreported else start.kv_cached_tokens
+                self.loads.started(replica, ticket, start.prompt_tokens, reused, self._clock())
                 if replica != route.order[0]:
                     route = Route(route.order, match, "fallback", 0)
                 spans.route_attributes(chat_span, replica, route, start)

@@ -163,6 +163,7 @@ class Pipeline:
                 attempt.start.kv_cached_tokens,
                 attempt.planned_read,
                 attempt.plan_id,
+                attempt.start.kv_cached_unreported,
             )
         except BaseException:
             attempt.stream.cancel()
@@ -395,6 +396,7 @@ class Pipeline:
                 phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
                 model=attempt.model.id,
                 kv_cached_tokens=attempt.start.kv_cached_tokens,
+                kv_cached_unreported=attempt.start.kv_cached_unreported,
                 request=request,
             )
             if warm is None:
