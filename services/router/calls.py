@@ -199,6 +199,13 @@ class Calls:
         call = self._d.prefix.commit(commit, self._s.prefix_timeout_s)
         return await _degrading("prefix-cache", call, client_faults=False)
 
+    def model_timeout_s(self, remaining_s: float | None) -> float:
+        """A model call's deadline: ``ROUTER_MODEL_TIMEOUT_S``, or the time the client's
+        deadline leaves (``remaining_s``) when that is sooner."""
+        if remaining_s is None:
+            return self._s.model_timeout_s
+        return min(self._s.model_timeout_s, remaining_s)
+
     async def generate(
         self,
         tenant: str,
@@ -206,14 +213,21 @@ class Calls:
         request: pb.CompleteRequest,
         replica: str,
         facts: PromptFacts | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[ModelStream, model_pb2.GenerateStart]:
         """Opens the stream and waits for its ``start`` (the prefill is done); a replica
         that fails raises ``CallFailed``, a request it refuses ``RequestError``. ``facts``
-        (from Plan) spare the engine tokenizing the prompt again."""
+        (from Plan) spare the engine tokenizing the prompt again. ``timeout_s``: the call's
+        deadline (``model_timeout_s``); the replica gets it as its gRPC deadline and bounds
+        its own retries by it."""
         call = model_pb2.GenerateRequest(tenant=tenant, model=model, request=request)
         if facts is not None:
             call.prompt.CopyFrom(facts)
-        stream = self._d.model.generate(replica, call, self._s.model_timeout_s)
+        if timeout_s is None:
+            timeout_s = self._s.model_timeout_s
+        span = trace.get_current_span()  # the model call's span
+        span.set_attribute("cachemesh.model_deadline_ms", round(timeout_s * 1000))
+        stream = self._d.model.generate(replica, call, timeout_s)
         try:
             first = await stream.read()
         except CallFailed as exc:

@@ -77,10 +77,14 @@ class Dispatcher:
         request: pb.CompleteRequest,
         routed: Routed | None = None,
         exclude: frozenset[str] = frozenset(),
+        deadline: float | None = None,
     ) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done); an
         ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made; replicas
-        in ``exclude`` (cut mid-answer on this request) are not tried."""
+        in ``exclude`` (cut mid-answer on this request) are not tried. ``deadline`` (on this
+        dispatcher's clock): when the model must have answered by, for the client's deadline;
+        it bounds each call (its replica's retries with it), and once it has passed no other
+        replica is tried (DEADLINE_EXCEEDED)."""
         plans = routed.plans if routed is not None else {}
         if request.model == AUTO:
             assert routed is not None
@@ -110,6 +114,10 @@ class Dispatcher:
             wanted = Request(spec.id, prompt_tokens, hashes, spec.prior_prefill_rate)
             route = self._chooser.choose(wanted, replicas, view, self._clock())
             for replica in (r for r in route.order if r not in exclude):
+                remaining_s = self._remaining_s(deadline)
+                if remaining_s is not None and remaining_s <= 0:
+                    raise _deadline_passed(spec.id, failures)
+                timeout_s = self._calls.model_timeout_s(remaining_s)
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 ticket = self.loads.sent(
@@ -118,7 +126,7 @@ class Dispatcher:
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
                         stream, start = await self._calls.generate(
-                            tenant, spec.id, request, replica, facts
+                            tenant, spec.id, request, replica, facts, timeout_s
                         )
                 except RequestError:
                     self.loads.failed(replica, ticket)
@@ -129,7 +137,12 @@ class Dispatcher:
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
-                    failures.append(f"{spec.id}: {exc.code.name}")
+                    reason = exc.reason
+                    if not reason and exc.code == Code.DEADLINE_EXCEEDED:
+                        reason = f"no answer within {timeout_s:.1f} s"
+                    failures.append(
+                        f"{spec.id}: {exc.code.name}" + (f" ({reason})" if reason else "")
+                    )
                     continue
                 except BaseException:
                     self.loads.failed(replica, ticket)
@@ -145,9 +158,25 @@ class Dispatcher:
                 return Attempt(
                     spec, reason, replica, stream, start, chat_span, route, planned_read, plan_id
                 )
+        remaining_s = self._remaining_s(deadline)
+        if remaining_s is not None and remaining_s <= 0 and failures:
+            raise _deadline_passed("the model", failures)
         raise RequestError(
             Code.UNAVAILABLE,
             "no model replica could serve the request ("
             + "; ".join(dict.fromkeys(failures))
             + "); retry later",
         )
+
+    def _remaining_s(self, deadline: float | None) -> float | None:
+        """The time a model call may take now (None: no client deadline)."""
+        return None if deadline is None else deadline - self._clock()
+
+
+def _deadline_passed(what: str, failures: list[str]) -> RequestError:
+    tried = f" ({'; '.join(dict.fromkeys(failures))})" if failures else ""
+    return RequestError(
+        Code.DEADLINE_EXCEEDED,
+        f"the request's deadline passed before {what} could answer{tried}; retry with a "
+        "longer deadline",
+    )
