@@ -137,12 +137,10 @@ class Dispatcher:
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
-                    reason = exc.reason
-                    if not reason and exc.code == Code.DEADLINE_EXCEEDED:
-                        reason = f"no answer within {timeout_s:.1f} s"
-                    failures.append(
-                        f"{spec.id}: {exc.code.name}" + (f" ({reason})" if reason else "")
-                    )
+                    why = exc.reason
+                    if not why and exc.code == Code.DEADLINE_EXCEEDED:
+                        why = f"no answer within {timeout_s:.1f} s"
+                    failures.append(f"{spec.id}: {exc.code.name}" + (f" ({why})" if why else ""))
                     continue
                 except BaseException:
                     self.loads.failed(replica, ticket)

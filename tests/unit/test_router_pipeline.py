@@ -23,7 +23,9 @@ from services.common.env import Env
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
+from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
+from services.router.dispatch import Dispatcher
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
@@ -371,3 +373,17 @@ async def test_a_replica_that_will_not_wait_hands_over_within_the_deadline() -> 
     assert caught.value.code == Code.UNAVAILABLE
     assert "retry-after (3.0 s) outlasts the request's deadline" in caught.value.message
     assert "large-" not in caught.value.message
+
+
+async def test_a_failed_replicas_reason_does_not_become_the_tier_reason() -> None:
+    failure = CallFailed(Code.UNAVAILABLE, "refused", "anthropic 429 rate_limit_error")
+    models = FakeModels(failing={"large-1"}, failure=failure)
+    rig = Rig(models=models)
+    deps = Dependencies(rig.semantic, rig.prefix, models, REPLICAS)
+    settings = _settings()
+    dispatcher = Dispatcher(
+        Calls(deps, settings), deps, TABLE, trace.NoOpTracer(), settings.choice, rig.clock
+    )
+    attempt = await dispatcher.open("tenant-a", _request(), deadline=rig.clock() + 2.0)
+    assert attempt.replica == "large-2" and attempt.tier_reason == "requested"
+    attempt.stream.cancel()
