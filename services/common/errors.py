@@ -31,9 +31,14 @@ class Code(enum.Enum):
 
 
 class RequestError(Exception):
-    """A request refused with ``code``; ``message`` names the field and what to do."""
+    """A request refused with ``code``; ``message`` names the field and what to do.
 
-    def __init__(self, code: Code, message: str) -> None:
+    ``reason`` (optional) is a short account of the refusal fit to pass on to the caller's own
+    caller: no replica name, address or credential, printable ASCII (a model replica sends it
+    to the router in the ``cachemesh-reason`` trailer, and the router names it to the client)."""
+
+    def __init__(self, code: Code, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = "".join(c for c in reason if " " <= c <= "~")[:200]

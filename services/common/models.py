@@ -65,6 +65,8 @@ class ModelSpec(BaseModel):
     cache_write_5m_nanos: int = Field(default=0, ge=0)
     cache_write_1h_nanos: int = Field(default=0, ge=0)
     cache_read_nanos: int = Field(default=0, ge=0)
+    # anthropic / openai: the shortest prefix the provider caches. self_hosted (optional): the
+    # shortest KV reuse reported as served by the prefix cache (default: one KV block)
     min_cacheable_tokens: int = Field(default=0, ge=0)
     cache_increment_tokens: int = Field(default=0, ge=0)  # openai: hits in these increments
     idle_retention_s: int = Field(default=0, ge=0)  # openai: an unused prefix lives this long
@@ -73,6 +75,11 @@ class ModelSpec(BaseModel):
     max_output_tokens: int = Field(gt=0)
     prefill_tokens_per_s: float | None = Field(default=None, gt=0)  # simulated engines only
     decode_tokens_per_s: float | None = Field(default=None, gt=0)
+    # The prefill rate the router's TTFT replica policy assumes for a replica of this model
+    # until it has measured that replica (a non-simulated row: a self-hosted engine is often
+    # far slower than the hosted providers ROUTER_TTFT_PRIOR_PREFILL_TPS is meant for). Unset:
+    # that global. A simulated row's prior is its prefill_tokens_per_s.
+    prior_prefill_tokens_per_s: float | None = Field(default=None, gt=0)
     # speculative decoding (simulated engines only): a draft model proposes draft_tokens (k)
     # tokens a step, each kept with probability draft_acceptance_rate (alpha); latency only
     draft_model: str | None = None
@@ -102,6 +109,11 @@ class ModelSpec(BaseModel):
                 f"models.{self.id}: a simulated model needs prefill_tokens_per_s and "
                 "decode_tokens_per_s"
             )
+        if self.provider == "simulated" and self.prior_prefill_tokens_per_s is not None:
+            raise ValueError(
+                f"models.{self.id}: a simulated model's prior prefill rate is its "
+                "prefill_tokens_per_s; remove prior_prefill_tokens_per_s"
+            )
         self._check_drafting()
         return self
 
@@ -119,6 +131,25 @@ class ModelSpec(BaseModel):
     @property
     def upstream(self) -> str:
         return self.upstream_id or self.id
+
+    @property
+    def min_prefix_hit_tokens(self) -> int:
+        """The smallest cache read that makes a model call served by the prefix cache
+        (``LAYER_PREFIX_CACHE``): the provider's minimum cacheable prefix; for a self-hosted
+        engine at least one full KV block (an engine that reused only the chat template's
+        opening tokens served nothing of the prompt from its cache), or the row's own
+        ``min_cacheable_tokens`` when larger."""
+        if self.rules == "self_hosted":
+            return max(self.kv_block_tokens, self.min_cacheable_tokens, 1)
+        return max(self.min_cacheable_tokens, 1)
+
+    @property
+    def prior_prefill_rate(self) -> float | None:
+        """The rate a replica is assumed to prefill at until measured (None: the router's
+        global prior)."""
+        if self.prior_prefill_tokens_per_s is not None:
+            return self.prior_prefill_tokens_per_s
+        return self.prefill_tokens_per_s
 
     @property
     def prefill_rate(self) -> float:
@@ -215,7 +246,44 @@ def model_table_from_env(env: Env) -> ModelTable:
     caps = env.optional_str("CACHEMESH_MAX_OUTPUT_TOKENS")
     if caps:
         table = with_output_caps(table, caps)
+    priors = env.optional_str(PRIOR_VARIABLE)
+    if priors:
+        table = with_prior_prefill(table, priors)
     return table
+
+
+PRIOR_VARIABLE = "CACHEMESH_PRIOR_PREFILL_TPS"
+
+
+def with_prior_prefill(table: ModelTable, value: str) -> ModelTable:
+    """``model=tokens_per_s,...``: each row's ``prior_prefill_tokens_per_s`` (the operator
+    knows how fast their engine prefills before the router has measured it)."""
+    models = dict(table.models)
+    for item in value.split(","):
+        model_id, sep, figure = item.strip().partition("=")
+        try:
+            rate = float(figure) if sep else 0.0
+        except ValueError:
+            rate = 0.0
+        if not rate > 0 or rate == float("inf"):
+            raise ConfigError(
+                f"{PRIOR_VARIABLE}: expected model=tokens_per_s with a rate > 0 "
+                f"(e.g. local-small=150), got {item.strip()[:64]!r}"
+            )
+        spec = models.get(model_id)
+        if spec is None:
+            raise ConfigError(f"{PRIOR_VARIABLE}: {model_id[:64]!r} is not in the model table")
+        try:
+            models[model_id] = ModelSpec.model_validate(
+                {
+                    **spec.model_dump(exclude_unset=True),
+                    "prior_prefill_tokens_per_s": rate,
+                    "id": model_id,
+                }
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"{PRIOR_VARIABLE}: {model_id}: {exc}") from exc
+    return ModelTable(models=models, auto=table.auto)
 
 
 _PRICE_FIELDS = ("input_nanos", "output_nanos", "cache_read_nanos")

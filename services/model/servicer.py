@@ -12,6 +12,9 @@ from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.errors import RequestError
 from services.common.status import grpc_code
 
+# the trailer carrying a refusal's short reason (RequestError.reason) to the router
+REASON_KEY = "cachemesh-reason"
+
 
 class GenerateApi(Protocol):
     def generate(
@@ -41,7 +44,10 @@ class ModelService(model_pb2_grpc.ModelServicer):
             )
             return
         try:
+            # the caller's deadline (the router passes the request's own): retries and waits
+            # that would outlast it are not started
             async for chunk in self._api.generate(request, context.time_remaining()):
                 yield chunk
         except RequestError as error:
-            await context.abort(grpc_code(error.code), error.message)
+            trailer = ((REASON_KEY, error.reason),) if error.reason else ()
+            await context.abort(grpc_code(error.code), error.message, trailing_metadata=trailer)

@@ -74,6 +74,7 @@ class PrefixCacheApi:
                     request.kv_cached_tokens,
                     request.max_read_tokens if request.HasField("max_read_tokens") else None,
                     request.plan_id,
+                    kv_cached_unreported=request.kv_cached_unreported,
                 )
             )
             return pc.CommitResponse(usage=usage_of(split))

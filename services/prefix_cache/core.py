@@ -141,8 +141,14 @@ class PrefixCacheCore:
         kv_cached_tokens: int = 0,
         max_read_tokens: int | None = None,
         plan_id: str = "",
+        *,
+        kv_cached_unreported: bool = False,
     ) -> Split:
-        """The first token arrived from ``replica``, which reported ``kv_cached_tokens``.
+        """The first token arrived from ``replica``, which reported ``kv_cached_tokens``
+        (unless ``kv_cached_unreported``: a provider adapter learns its engine's KV reuse
+        only from the usage at the end; a self-hosted row's read is then the one this view of
+        ``replica`` predicts, as llama.cpp's prompt cache and vLLM's / SGLang's automatic
+        prefix caching reuse what the replica holds, and the engine's report reconciles it).
 
         ``max_read_tokens`` is the read predicted when the request arrived: prefixes warmed
         after that (by a concurrent request) are not read, as the provider looked up on arrival.
@@ -174,8 +180,13 @@ class PrefixCacheCore:
             now = self._clock.now_ms()
             if (done := await self._ledger.get(tenant, request_id, now)) is not None:
                 return done.split  # a concurrent retry committed first
-            if spec.rules == "self_hosted":  # the engine's report is the truth
-                split = settle(plan, kv_cached_tokens if replica else 0)
+            # the replica's report of its KV reuse, if it could give one at its first token
+            reported = None if kv_cached_unreported else kv_cached_tokens
+            if spec.rules == "self_hosted":  # the engine's report is the truth ...
+                read = reported
+                if read is None:  # ... or, until it comes, what the replica should hold
+                    read = self._views.match(replica, prompt.kv_hashes, plan.prompt_tokens)
+                split = settle(plan, read if replica else 0)
             else:
                 probes = plan.probes
                 if max_read_tokens is not None:
@@ -183,7 +194,7 @@ class PrefixCacheCore:
                 hit = await self._cache.settle(prompt.scope, probes, plan.writes, now)
                 split = settle(plan, hit.tokens if hit else 0)
             if replica:
-                self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, kv_cached_tokens)
+                self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, reported)
             # another prefix-cache replica may have recorded this request id meanwhile: its
             # record stands (the warm-state refresh made here only repeats the same writes)
             stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)

@@ -136,9 +136,12 @@ class Calls:
         kv_cached_tokens: int,
         max_read_tokens: int | None,
         plan_id: str = "",
+        kv_cached_unreported: bool = False,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """WARM; with the ``plan_id`` of this request's Plan the request is not sent again
-        (prefix-cache reuses the prompt it computed), unless that process no longer holds it."""
+        (prefix-cache reuses the prompt it computed), unless that process no longer holds it.
+        ``kv_cached_unreported``: the replica could not tell its KV reuse at its first token
+        (a provider adapter), so ``kv_cached_tokens`` is no report."""
         commit = prefix_cache_pb2.CommitRequest(
             tenant=tenant,
             request_id=commit_id,
@@ -147,6 +150,7 @@ class Calls:
             replica=replica,
             kv_cached_tokens=kv_cached_tokens,
             plan_id=plan_id,
+            kv_cached_unreported=kv_cached_unreported,
         )
         if max_read_tokens is not None:
             commit.max_read_tokens = max_read_tokens
@@ -195,6 +199,13 @@ class Calls:
         call = self._d.prefix.commit(commit, self._s.prefix_timeout_s)
         return await _degrading("prefix-cache", call, client_faults=False)
 
+    def model_timeout_s(self, remaining_s: float | None) -> float:
+        """A model call's deadline: ``ROUTER_MODEL_TIMEOUT_S``, or the time the client's
+        deadline leaves (``remaining_s``) when that is sooner."""
+        if remaining_s is None:
+            return self._s.model_timeout_s
+        return min(self._s.model_timeout_s, remaining_s)
+
     async def generate(
         self,
         tenant: str,
@@ -202,14 +213,21 @@ class Calls:
         request: pb.CompleteRequest,
         replica: str,
         facts: PromptFacts | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[ModelStream, model_pb2.GenerateStart]:
         """Opens the stream and waits for its ``start`` (the prefill is done); a replica
         that fails raises ``CallFailed``, a request it refuses ``RequestError``. ``facts``
-        (from Plan) spare the engine tokenizing the prompt again."""
+        (from Plan) spare the engine tokenizing the prompt again. ``timeout_s``: the call's
+        deadline (``model_timeout_s``); the replica gets it as its gRPC deadline and bounds
+        its own retries by it."""
         call = model_pb2.GenerateRequest(tenant=tenant, model=model, request=request)
         if facts is not None:
             call.prompt.CopyFrom(facts)
-        stream = self._d.model.generate(replica, call, self._s.model_timeout_s)
+        if timeout_s is None:
+            timeout_s = self._s.model_timeout_s
+        span = trace.get_current_span()  # the model call's span
+        span.set_attribute("cachemesh.model_deadline_ms", round(timeout_s * 1000))
+        stream = self._d.model.generate(replica, call, timeout_s)
         try:
             first = await stream.read()
         except CallFailed as exc:

@@ -20,12 +20,14 @@ from services.common.errors import Code
 
 
 class CallFailed(Exception):
-    """A dependency refused or could not serve a call; ``code`` says how."""
+    """A dependency refused or could not serve a call; ``code`` says how. ``reason``: the
+    callee's own short account, fit for the client (``RequestError.reason``; "" = none)."""
 
-    def __init__(self, code: Code, details: str) -> None:
+    def __init__(self, code: Code, details: str, reason: str = "") -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.reason = reason
 
 
 class SemanticPort(Protocol):

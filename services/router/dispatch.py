@@ -77,10 +77,14 @@ class Dispatcher:
         request: pb.CompleteRequest,
         routed: Routed | None = None,
         exclude: frozenset[str] = frozenset(),
+        deadline: float | None = None,
     ) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done); an
         ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made; replicas
-        in ``exclude`` (cut mid-answer on this request) are not tried."""
+        in ``exclude`` (cut mid-answer on this request) are not tried. ``deadline`` (on this
+        dispatcher's clock): when the model must have answered by, for the client's deadline;
+        it bounds each call (its replica's retries with it), and once it has passed no other
+        replica is tried (DEADLINE_EXCEEDED)."""
         plans = routed.plans if routed is not None else {}
         if request.model == AUTO:
             assert routed is not None
@@ -107,9 +111,13 @@ class Dispatcher:
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
             raw = facts.kv_block_hashes if facts is not None else b""
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
-            wanted = Request(spec.id, prompt_tokens, hashes, spec.prefill_tokens_per_s)
+            wanted = Request(spec.id, prompt_tokens, hashes, spec.prior_prefill_rate)
             route = self._chooser.choose(wanted, replicas, view, self._clock())
             for replica in (r for r in route.order if r not in exclude):
+                remaining_s = self._remaining_s(deadline)
+                if remaining_s is not None and remaining_s <= 0:
+                    raise _deadline_passed(spec.id, failures)
+                timeout_s = self._calls.model_timeout_s(remaining_s)
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 ticket = self.loads.sent(
@@ -118,7 +126,7 @@ class Dispatcher:
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
                         stream, start = await self._calls.generate(
-                            tenant, spec.id, request, replica, facts
+                            tenant, spec.id, request, replica, facts, timeout_s
                         )
                 except RequestError:
                     self.loads.failed(replica, ticket)
@@ -129,15 +137,17 @@ class Dispatcher:
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
-                    failures.append(f"{spec.id}: {exc.code.name}")
+                    why = exc.reason
+                    if not why and exc.code == Code.DEADLINE_EXCEEDED:
+                        why = f"no answer within {timeout_s:.1f} s"
+                    failures.append(f"{spec.id}: {exc.code.name}" + (f" ({why})" if why else ""))
                     continue
                 except BaseException:
                     self.loads.failed(replica, ticket)
                     chat_span.end()
                     raise
-                self.loads.started(
-                    replica, ticket, start.prompt_tokens, start.kv_cached_tokens, self._clock()
-                )
+                reused = None if start.kv_cached_unreported else start.kv_cached_tokens
+                self.loads.started(replica, ticket, start.prompt_tokens, reused, self._clock())
                 if replica != route.order[0]:
                     route = Route(route.order, match, "fallback", 0)
                 spans.route_attributes(chat_span, replica, route, start)
@@ -146,9 +156,25 @@ class Dispatcher:
                 return Attempt(
                     spec, reason, replica, stream, start, chat_span, route, planned_read, plan_id
                 )
+        remaining_s = self._remaining_s(deadline)
+        if remaining_s is not None and remaining_s <= 0 and failures:
+            raise _deadline_passed("the model", failures)
         raise RequestError(
             Code.UNAVAILABLE,
             "no model replica could serve the request ("
             + "; ".join(dict.fromkeys(failures))
             + "); retry later",
         )
+
+    def _remaining_s(self, deadline: float | None) -> float | None:
+        """The time a model call may take now (None: no client deadline)."""
+        return None if deadline is None else deadline - self._clock()
+
+
+def _deadline_passed(what: str, failures: list[str]) -> RequestError:
+    tried = f" ({'; '.join(dict.fromkeys(failures))})" if failures else ""
+    return RequestError(
+        Code.DEADLINE_EXCEEDED,
+        f"the request's deadline passed before {what} could answer{tried}; retry with a "
+        "longer deadline",
+    )

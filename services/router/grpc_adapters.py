@@ -40,8 +40,18 @@ _COMMIT = _method(pc.DESCRIPTOR, "PrefixCache", "Commit")
 _GENERATE = _method(model_pb2.DESCRIPTOR, "Model", "Generate")
 
 
+REASON_KEY = "cachemesh-reason"  # a model replica's short reason (services.model.servicer)
+
+
 def failed(exc: grpc.aio.AioRpcError) -> CallFailed:
-    return CallFailed(code_of(exc.code()), exc.details() or exc.code().name)
+    return CallFailed(code_of(exc.code()), exc.details() or exc.code().name, _reason(exc))
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    for key, value in exc.trailing_metadata() or ():
+        if key == REASON_KEY and isinstance(value, str):
+            return value
+    return ""
 
 
 async def _unary(

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from opentelemetry import trace
 
@@ -39,6 +39,10 @@ log = logging.getLogger("cachemesh.router")
 
 # How many replicas that died mid-answer one request may be handed on from.
 _MAX_REPLICA_RETRIES = 2
+# The model calls end this much before the client's deadline (100 ms, or a tenth of a shorter
+# deadline), so the router can still tell the client why before the client gives up.
+_REPLY_MARGIN_S = 0.1
+_REPLY_MARGIN_FRACTION = 0.1
 
 
 class ReplicaCut(RequestError):
@@ -64,6 +68,7 @@ class Pipeline:
         settings: RouterSettings,
         router: tuple[RouterModel, float, LocalEmbedder | None],
         outbox: BillingOutbox | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``router``: the learned model, its default threshold, the fallback embedder.
         ``outbox`` keeps the commits prefix-cache did not take, to bill them when it is back
@@ -71,7 +76,7 @@ class Pipeline:
         self._calls = Calls(dependencies, settings)
         self._table = table
         self._tokenizer = tokenizer
-        self._clock = time.monotonic
+        self._clock = clock
         self._dispatch = Dispatcher(
             self._calls, dependencies, table, tracer, settings.choice, self._clock
         )
@@ -84,11 +89,22 @@ class Pipeline:
         self._outbox = outbox
 
     async def run(
-        self, tenant: str, request: pb.CompleteRequest, *, streamed: bool = True
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        *,
+        streamed: bool = True,
+        time_remaining_s: float | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``), so a replica that dies
-        mid-answer can hand the request to another one at any point before the end."""
+        mid-answer can hand the request to another one at any point before the end.
+        ``time_remaining_s``: the client's deadline, which bounds every model call of the
+        request (and so the replicas' retries); None: ``ROUTER_MODEL_TIMEOUT_S`` alone."""
+        deadline = None
+        if time_remaining_s is not None:
+            margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
+            deadline = self._clock() + time_remaining_s - margin
         root = trace.get_current_span()
         spans.request_attributes(root, tenant, request)
         head = pb.CompleteResponse(request_id=request.request_id, trace_id=current_trace_id())
@@ -110,7 +126,9 @@ class Pipeline:
                 emitted = False
                 try:
                     async with contextlib.aclosing(
-                        self._from_model(tenant, request, baseline, head, lookup, frozenset(cut))
+                        self._from_model(
+                            tenant, request, baseline, head, lookup, frozenset(cut), deadline
+                        )
                     ) as it:
                         async for chunk in it:
                             answered = chunk.WhichOneof("part") == "end"  # its Store is on
@@ -143,6 +161,7 @@ class Pipeline:
         head: pb.CompleteResponse,
         lookup: semantic_cache_pb2.LookupResponse | None,
         exclude: frozenset[str],
+        deadline: float | None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         root = trace.get_current_span()
         began = self._clock()
@@ -150,7 +169,7 @@ class Pipeline:
         if request.model == AUTO:
             routed = await self._router.route(tenant, request, lookup)
             head.routing.CopyFrom(spans.routing(root, routed.decision))
-        attempt = await self._dispatch.open(tenant, request, routed, exclude)
+        attempt = await self._dispatch.open(tenant, request, routed, exclude, deadline)
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
         try:
@@ -163,6 +182,7 @@ class Pipeline:
                 attempt.start.kv_cached_tokens,
                 attempt.planned_read,
                 attempt.plan_id,
+                attempt.start.kv_cached_unreported,
             )
         except BaseException:
             attempt.stream.cancel()
@@ -171,10 +191,8 @@ class Pipeline:
             raise
         head.model = attempt.model.id
         head.tier = attempt.model.tier
-        head.served_by = (
-            pb.LAYER_PREFIX_CACHE
-            if warm is not None and warm.usage.cache_read_input_tokens > 0
-            else pb.LAYER_MODEL
+        head.served_by = served_by(
+            attempt.model, warm.usage.cache_read_input_tokens if warm is not None else 0
         )
         answer = Answer()
         finished = False
@@ -317,11 +335,7 @@ class Pipeline:
             end.usage.CopyFrom(final.usage)
             end.cost.CopyFrom(final.cost)
             if final.reconciled:  # the provider's report decides what its cache served
-                end.served_by = (
-                    pb.LAYER_PREFIX_CACHE
-                    if final.usage.cache_read_input_tokens > 0
-                    else pb.LAYER_MODEL
-                )
+                end.served_by = served_by(attempt.model, final.usage.cache_read_input_tokens)
         else:
             # prefix-cache unreachable: the engine's prompt count at the base prices, no cache
             # discount claimed, marked estimated; the outbox bills it when prefix-cache is back.
@@ -401,6 +415,7 @@ class Pipeline:
                 phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
                 model=attempt.model.id,
                 kv_cached_tokens=attempt.start.kv_cached_tokens,
+                kv_cached_unreported=attempt.start.kv_cached_unreported,
                 request=request,
             )
             if warm is None:
@@ -430,6 +445,15 @@ class Pipeline:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def served_by(spec: ModelSpec, cache_read_tokens: int) -> pb.Layer.ValueType:
+    """A model call is served by the prefix cache only when what it read from cache is a real
+    prefix reuse (``ModelSpec.min_prefix_hit_tokens``): a llama.cpp engine reports the 3 tokens
+    of its chat template's opening as cached on a prompt it never saw, which is no hit."""
+    if cache_read_tokens >= spec.min_prefix_hit_tokens:
+        return pb.LAYER_PREFIX_CACHE
+    return pb.LAYER_MODEL
 
 
 def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:

@@ -38,8 +38,8 @@ REASONS = {
 class TtftPolicy:
     tie_fraction: float = 0.1  # a near-tie: within 10% of the fastest prediction ...
     tie_floor_s: float = 0.02  # ... or 20 ms, whichever is larger
-    # the prefill rate assumed for a replica that has not reported yet, when the model table
-    # gives none (provider models)
+    # the prefill rate assumed for a replica that has not reported yet, when the model's row
+    # gives none (a simulated row's prefill_tokens_per_s, or prior_prefill_tokens_per_s)
     prior_prefill_tps: float = 10_000.0
 
 
@@ -61,7 +61,7 @@ class Request:
     model: str
     prompt_tokens: int
     hashes: Sequence[bytes]
-    prior_prefill_tps: float | None  # the model table's rate (None: not simulated)
+    prior_prefill_tps: float | None  # the model row's prior rate (None: the global prior)
 
 
 class ReplicaChooser:

@@ -94,16 +94,28 @@ class ReplicaStates:
         return self._tickets
 
     def started(
-        self, replica: str, ticket: int, prompt_tokens: int, kv_cached_tokens: int, now: float
+        self,
+        replica: str,
+        ticket: int,
+        prompt_tokens: int,
+        kv_cached_tokens: int | None,
+        now: float,
     ) -> None:
-        """The replica's first report: its prefill is done; it reused ``kv_cached_tokens``."""
+        """The replica's first report: its prefill is done; it reused ``kv_cached_tokens``
+        (None: it cannot tell before the end, as a provider adapter: the reuse predicted when
+        the request was sent stands in, or a warm replica would seem to prefill its whole
+        prompt in the time it took to prefill the rest, and look that much faster)."""
         state = self._get(replica)
         pending = self._forget(state, ticket)
         if pending is None:
             return
         began = max(pending.sent_at, state.last_start_at)
         state.last_start_at = max(state.last_start_at, now)
-        prefilled, seconds = prompt_tokens - kv_cached_tokens, now - began
+        if kv_cached_tokens is None:
+            prefilled = pending.uncached_tokens
+        else:
+            prefilled = prompt_tokens - kv_cached_tokens
+        seconds = now - began
         if prefilled >= MIN_SAMPLE_TOKENS and seconds > 0:
             if state.samples == 0:
                 state.tokens_avg, state.seconds_avg = float(prefilled), seconds

@@ -59,7 +59,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         ticket = await self._admit(request, context)
         try:
-            answered = self._answered(ticket, request, _is_retry(context), streamed=False)
+            answered = self._answered(
+                ticket, request, _is_retry(context), context.time_remaining(), streamed=False
+            )
             async with aclosing(answered) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
@@ -74,7 +76,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[pb.CompleteChunk]:
         ticket = await self._admit(request, context)
         try:
-            async with aclosing(self._answered(ticket, request, _is_retry(context))) as chunks:
+            answered = self._answered(
+                ticket, request, _is_retry(context), context.time_remaining()
+            )
+            async with aclosing(answered) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except RequestError as exc:
@@ -117,10 +122,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ticket: Ticket,
         request: pb.CompleteRequest,
         retried: bool,
+        time_remaining_s: float | None,
         *,
         streamed: bool = True,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
-        """The request's chunks, once per request_id: a retry replays the first answer."""
+        """The request's chunks, once per request_id: a retry replays the first answer.
+        ``time_remaining_s``: the client's deadline (None: it set none), which bounds the
+        model call."""
         tenant = ticket.tenant
         try:
             claimed, future = self._answers.claim(tenant, request)
@@ -141,7 +149,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 for chunk in chunks_of(recalled):
                     yield chunk
                 return
-            async with aclosing(self._pipeline.run(tenant, request, streamed=streamed)) as chunks:
+            run = self._pipeline.run(
+                tenant, request, streamed=streamed, time_remaining_s=time_remaining_s
+            )
+            async with aclosing(run) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         end = chunk.end

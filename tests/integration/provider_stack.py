@@ -225,6 +225,24 @@ def ask(model: str, question: str, *, max_tokens: int = 64) -> pb.CompleteReques
     )
 
 
+def spans_of_request(stack: RunningStack, request_id: str, service: str) -> list[Span]:
+    """The spans ``service`` exported for the request with this id (found by the router's
+    root span, which names it: a failed call gives the client no trace id), once exported."""
+    deadline = time.monotonic() + 20
+    while True:
+        roots = [
+            s
+            for s in stack.sink.all_spans()
+            if s.service == "router" and s.attributes.get("cachemesh.request_id") == request_id
+        ]
+        if roots:
+            found = [s for s in stack.sink.spans_of(roots[0].trace_id) if s.service == service]
+            if found:
+                return found
+        assert time.monotonic() < deadline, f"no {service} span of request {request_id}"
+        time.sleep(0.1)
+
+
 def router_spans(stack: RunningStack, trace_id: str) -> tuple[Span, list[Span]]:
     """The router's root span and its model-call spans, once exported."""
     deadline = time.monotonic() + 20

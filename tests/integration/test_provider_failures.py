@@ -16,16 +16,29 @@ from cachemesh._channel import MAX_ATTEMPTS
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1.prefix_cache_pb2 import TotalsResponse
 from services.tools.stack.health import probe
-from tests.integration.provider_stack import MODEL_TIMEOUT_S, ProviderStack, ask, router_spans
+from tests.integration.provider_stack import (
+    MODEL_TIMEOUT_S,
+    ProviderStack,
+    ask,
+    router_spans,
+    spans_of_request,
+)
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.wire_server import Reply
 
 
 def _client(
-    providers: ProviderStack, tenant: str = "tenant-a", *, max_attempts: int = MAX_ATTEMPTS
+    providers: ProviderStack,
+    tenant: str = "tenant-a",
+    *,
+    max_attempts: int = MAX_ATTEMPTS,
+    timeout_s: float = 120.0,
 ) -> Client:
     return Client(
-        providers.stack.target, api_key=providers.stack.keys[tenant], max_attempts=max_attempts
+        providers.stack.target,
+        api_key=providers.stack.keys[tenant],
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
     )
 
 
@@ -261,3 +274,109 @@ def test_a_provider_that_hangs_is_cut_at_the_deadline(providers: ProviderStack) 
     assert answer.content[0].text == "Paris is the capital of France."
     calls = [s for s in providers.server.seen_by("anthropic") if question in str(s.body)]
     assert len(calls) == 2  # the hung call, cut; the client's retry, answered
+
+
+# The client's deadline in the tests below: shorter than the router's own ROUTER_MODEL_TIMEOUT_S
+# (MODEL_TIMEOUT_S, 4 s), so that only the client's deadline, carried down to the model replica,
+# can tell the replica how long it has.
+CLIENT_DEADLINE_S = 2.0
+# A retry-after the router's 4 s would let the replica wait for, but the client's 2 s does not
+# (5 s, beyond both, was refused at once before the deadline was carried down too).
+RETRY_AFTER_S = 3
+
+
+def _model_span(providers: ProviderStack, request_id: str, replica: str) -> dict[str, object]:
+    spans = spans_of_request(providers.stack, request_id, replica)
+    (span,) = [s for s in spans if "cachemesh.deadline_ms" in s.attributes]
+    return span.attributes
+
+
+def test_a_retry_after_past_the_clients_deadline_is_not_waited_for(
+    providers: ProviderStack,
+) -> None:
+    """claude-sonnet-4-5 has one replica. Its provider asks for a retry in 3 s; the client
+    gave the request 2 s: the replica does not wait (nor retry), and the client hears at once
+    why (UNAVAILABLE naming the retry-after and the deadline) instead of a bare timeout."""
+    server = providers.server
+    server.script(
+        "anthropic",
+        anthropic_wire.error(
+            429,
+            "rate_limit_error",
+            "Number of request tokens has exceeded your rate limit.",
+            {"retry-after": str(RETRY_AFTER_S)},
+        ),
+    )
+    question = f"Deadline and retry-after {uuid.uuid4().hex[:8]}"
+    request = ask("claude-sonnet-4-5", question)
+    request.request_id = uuid.uuid4().hex
+    started = time.monotonic()
+    with _client(providers, max_attempts=1, timeout_s=CLIENT_DEADLINE_S) as client:
+        error = _refused(providers, client, request)
+    elapsed = time.monotonic() - started
+    assert error.code == grpc.StatusCode.UNAVAILABLE, error
+    assert f"retry-after ({RETRY_AFTER_S:.1f} s) outlasts the request's deadline" in str(error)
+    assert "429 rate_limit_error" in str(error)
+    calls = [s for s in server.seen_by("anthropic") if question in str(s.body)]
+    assert [c.status for c in calls] == [429]  # no second try after a wait
+    # the replica got the client's deadline (less the router's margin), not the router's 4 s,
+    # and never slept for a retry
+    model = _model_span(providers, request.request_id, "anthropic-1")
+    assert 0 < int(str(model["cachemesh.deadline_ms"])) <= CLIENT_DEADLINE_S * 1000
+    assert "cachemesh.provider.retries" not in model
+    assert elapsed < CLIENT_DEADLINE_S + 2  # generous: no retry-after wait in it
+    print(f"\nrefused in {elapsed:.2f} s: {error}")
+
+
+def test_a_retry_after_past_the_clients_deadline_goes_to_the_next_replica_in_time(
+    providers: ProviderStack,
+) -> None:
+    """gpt-4-1 has two replicas: the one whose provider asks for a 3 s wait hands over at
+    once, and the other answers within the client's 2 s."""
+    server = providers.server
+    server.script(
+        "openai",
+        openai_wire.error(
+            429,
+            "requests",
+            "Rate limit reached for gpt-4.1 in organization org-x on requests per min (RPM).",
+            code="rate_limit_exceeded",
+            headers={"retry-after": str(RETRY_AFTER_S)},
+        ),
+    )
+    question = f"Deadline then the other replica {uuid.uuid4().hex[:8]}"
+    with _client(providers, max_attempts=1, timeout_s=CLIENT_DEADLINE_S) as client:
+        answer = client.complete(ask("gpt-4-1", question))
+    calls = [s for s in server.seen_by("openai") if question in str(s.body)]
+    assert [c.status for c in calls] == [429, 200]
+    assert calls[0].key != calls[1].key  # the other replica, not a wait on the first
+    root, chats = router_spans(providers.stack, answer.trace_id)
+    assert root.attributes["cachemesh.route_reason"] == "fallback"
+    deadlines = [int(str(c.attributes["cachemesh.model_deadline_ms"])) for c in chats]
+    assert len(deadlines) == 2 and all(0 < d <= CLIENT_DEADLINE_S * 1000 for d in deadlines)
+    assert deadlines[1] <= deadlines[0]  # the second replica got what was left
+
+
+def test_a_provider_that_hangs_is_cut_at_the_clients_deadline(providers: ProviderStack) -> None:
+    """A client deadline shorter than the router's ROUTER_MODEL_TIMEOUT_S: the replica cuts
+    the hung provider call at the client's deadline (it was told it), and the client gets
+    DEADLINE_EXCEEDED."""
+    providers.server.script("anthropic", Reply(hang=True))
+    question = f"Hang past the client's deadline {uuid.uuid4().hex[:6]}"
+    request = ask("claude-sonnet-4-5", question)
+    request.request_id = uuid.uuid4().hex
+    started = time.monotonic()
+    with _client(providers, max_attempts=1, timeout_s=CLIENT_DEADLINE_S) as client:
+        error = _refused(providers, client, request)
+    elapsed = time.monotonic() - started
+    assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED, error
+    (hung,) = [s for s in providers.server.seen_by("anthropic") if question in str(s.body)]
+    wait_until = time.monotonic() + 10
+    while hung.ended is None:
+        assert time.monotonic() < wait_until, "the hung provider call was never closed"
+        time.sleep(0.05)
+    assert hung.ended - hung.at < MODEL_TIMEOUT_S  # cut at the client's 2 s, not the 4 s
+    model = _model_span(providers, request.request_id, "anthropic-1")
+    assert 0 < int(str(model["cachemesh.deadline_ms"])) <= CLIENT_DEADLINE_S * 1000
+    assert elapsed < MODEL_TIMEOUT_S  # generous
+    print(f"\nhung call cut after {hung.ended - hung.at:.2f} s; the client saw: {error}")

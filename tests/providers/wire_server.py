@@ -44,6 +44,7 @@ class Seen:
     at: float
     key: str
     status: int = 0
+    ended: float | None = None  # a hung request: when the client went away
 
 
 Default = Callable[[dict[str, Any]], Reply]
@@ -124,7 +125,7 @@ class WireServer:
                 self.seen.append(seen)
                 reply = self._pick(api, key, body)
             seen.status = reply.status
-            return await self._answer(request, reply)
+            return await self._answer(request, reply, seen)
 
         return handle
 
@@ -137,9 +138,12 @@ class WireServer:
                 return queue.pop(index)
         return self._defaults[api](body)
 
-    async def _answer(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, reply: Reply, seen: Seen) -> web.StreamResponse:
         if reply.hang:
-            await self._stopping.wait()  # cancelled when the client goes away
+            try:
+                await self._stopping.wait()  # cancelled when the client goes away
+            finally:
+                seen.ended = time.monotonic()
             return web.Response(status=503)
         if reply.status >= 400:
             return web.json_response(reply.body, status=reply.status, headers=reply.headers)

@@ -84,6 +84,9 @@ def test_the_model_processes_stand_in_front_of_the_replicas() -> None:
     # the auto tiers move to the local rows (the table the services load agrees)
     table = model_table_from_env(Env(env))
     assert table.auto == {"small": "local-small", "large": "local-large"}
-    assert env["ROUTER_TTFT_PRIOR_PREFILL_TPS"] == "300"  # SmolLM2 on two threads, not 10k/s
+    # SmolLM2's prefill on two threads, on the local rows (not the router's global 10k/s)
+    assert env["CACHEMESH_PRIOR_PREFILL_TPS"] == "local-small=300,local-large=300"
+    assert "ROUTER_TTFT_PRIOR_PREFILL_TPS" not in env
+    assert table.models["local-small"].prior_prefill_rate == 300.0
     one = local_engine_settings(settings, replicas[:1], EngineOptions())
     assert one["MODEL_2_OPENAI_BASE_URL"] == one["OPENAI_BASE_URL"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
@@ -130,3 +131,54 @@ async def test_a_self_hosted_report_beyond_the_prompt_is_refused_and_records_not
     assert await core.totals("t") == TenantTotals()
     plan = await core.plan("t", MODEL, request, ["replica-a"])
     assert plan.candidates[0].warm_prefix_tokens == 0  # the view was not touched
+
+
+async def test_an_adapter_replicas_read_is_estimated_from_the_view_and_reconciled(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """A self-hosted engine behind the OpenAI adapter (llama-server, vLLM) reports its KV
+    reuse only in the usage at the end: at WARM the estimated read is what the view says the
+    chosen replica holds (not 0), and the engine's ``cached_tokens`` reconciles it at FINAL."""
+    views = ReplicaViews(65536)
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=views,
+        ledger=make_ledger(3_600_000),
+        clock=ManualClock(),
+        lookback=20,
+    )
+    first, second = ask("Where is order 1?"), ask("Where is order 2?")
+    ids1 = prompt_token_ids(canonical_blocks(first, tokenizer))
+    ids2 = prompt_token_ids(canonical_blocks(second, tokenizer))
+    p2 = len(ids2)
+    common = next(i for i, (x, y) in enumerate(zip(ids1, ids2, strict=False)) if x != y)
+    reusable = common // 16 * 16
+
+    cold = await core.warm("t", "r1", MODEL, first, "replica-a", kv_cached_unreported=True)
+    assert cold.read_tokens == 0  # nothing of it on replica-a yet
+    await core.final("t", "r1", MODEL, 0, 0, "", _openai_usage(len(ids1), 0, 40))
+
+    # the next turn on replica-a: the view predicts the shared blocks are read
+    warm = await core.warm("t", "r2", MODEL, second, "replica-a", kv_cached_unreported=True)
+    assert warm == Split(p2 - reusable, 0, 0, reusable)
+    # ... while on replica-b, which never saw the prompt, none would be
+    other = await core.warm("t", "r3", MODEL, second, "replica-b", kv_cached_unreported=True)
+    assert other.read_tokens == 0
+    # the engine reports (its own tokenizer) 8 more cached tokens than the view predicted
+    two = await core.final("t", "r2", MODEL, 0, 0, "", _openai_usage(p2, reusable + 8, 25))
+    assert two.reconciled and two.split.read_tokens == reusable + 8
+    assert two.estimate.read_tokens == reusable  # the drift is 8 tokens, not the whole read
+    assert views.stats.reports == 0  # no report at the first token: nothing scored as 0
+
+
+def _openai_usage(prompt: int, cached: int, completion: int) -> pc.ProviderUsage:
+    return pc.ProviderUsage(
+        openai=pc.OpenAIUsage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached),
+        )
+    )

@@ -36,7 +36,11 @@ class FakePipeline:
         self.runs = 0
 
     async def run(
-        self, tenant: str, request: pb.CompleteRequest, streamed: bool = True
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        streamed: bool = True,
+        time_remaining_s: float | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         self.runs += 1
         answer = pb.CompleteResponse(
@@ -63,6 +67,9 @@ class FakeContext:
 
     def invocation_metadata(self) -> tuple[Metadatum, ...]:
         return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None  # the client set no deadline
 
     async def abort(self, code: grpc.StatusCode, message: str, **_: Any) -> None:
         self.code, self.message = code, message

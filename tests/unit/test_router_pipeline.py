@@ -23,14 +23,20 @@ from services.common.env import Env
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
+from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
+from services.router.dispatch import Dispatcher
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 
 TABLE = load_model_table()
 TOKENIZER = load_cl100k()
-REPLICAS = {"sim-small": ("small-1",), "sim-large": ("large-1", "large-2")}
+REPLICAS = {
+    "sim-small": ("small-1",),
+    "sim-large": ("large-1", "large-2"),
+    "local-small": ("local-1",),
+}
 
 
 def _settings() -> RouterSettings:
@@ -72,6 +78,8 @@ class FakePrefix:
     down: bool = False
     plans: list[pc.PlanRequest] = field(default_factory=list)
     commits: list[pc.CommitRequest] = field(default_factory=list)
+    read_tokens: int = 0  # the cache read of the WARM's split (the estimate)
+    reported_read: int | None = None  # the FINAL reconciled with this provider-reported read
 
     async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
         self.plans.append(request)
@@ -87,11 +95,19 @@ class FakePrefix:
         self.commits.append(request)
         if self.down:
             raise CallFailed(Code.UNAVAILABLE, "prefix-cache is down")
-        usage = pb.Usage(input_tokens=40, output_tokens=request.output_tokens)
+        usage = pb.Usage(
+            input_tokens=40 - self.read_tokens,
+            cache_read_input_tokens=self.read_tokens,
+            output_tokens=request.output_tokens,
+        )
         if request.phase == pc.COMMIT_PHASE_WARM:
             return pc.CommitResponse(usage=usage)
         cost = pb.Cost(cost_nanos=123, baseline_nanos=456, saved_nanos=333)
-        return pc.CommitResponse(usage=usage, cost=cost)
+        if self.reported_read is None:
+            return pc.CommitResponse(usage=usage, cost=cost)
+        usage.input_tokens = 40 - self.reported_read
+        usage.cache_read_input_tokens = self.reported_read
+        return pc.CommitResponse(usage=usage, cost=cost, reconciled=True)
 
 
 class FakeStream:
@@ -118,16 +134,31 @@ def _answer(replica: str, text: str = "Hello there.") -> list[model_pb2.Generate
 
 
 @dataclass
+class FakeClock:
+    now: float = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
 class FakeModels:
     failing: set[str] = field(default_factory=set)  # replicas that fail before their start
     calls: list[tuple[str, model_pb2.GenerateRequest]] = field(default_factory=list)
+    deadlines: list[float] = field(default_factory=list)  # each call's deadline_s
+    failure: CallFailed = field(default_factory=lambda: CallFailed(Code.UNAVAILABLE, "died"))
+    clock: FakeClock | None = None
+    failing_takes_s: float = 0.0  # how long a failing replica takes to fail
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
     ) -> FakeStream:
         self.calls.append((replica, request))
+        self.deadlines.append(deadline_s)
         if replica in self.failing:
-            return FakeStream([CallFailed(Code.UNAVAILABLE, "replica died")])
+            if self.clock is not None:
+                self.clock.now += self.failing_takes_s
+            return FakeStream([self.failure])
         return FakeStream(_answer(replica))
 
 
@@ -136,15 +167,22 @@ class Rig:
     semantic: FakeSemantic = field(default_factory=FakeSemantic)
     prefix: FakePrefix = field(default_factory=FakePrefix)
     models: FakeModels = field(default_factory=FakeModels)
+    clock: FakeClock = field(default_factory=FakeClock)
 
     def pipeline(self) -> Pipeline:
         deps = Dependencies(self.semantic, self.prefix, self.models, REPLICAS)
         router = (load_router_model(), RouterCard.load().default_threshold, None)
-        return Pipeline(deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router)
+        settings = _settings()
+        return Pipeline(
+            deps, TABLE, TOKENIZER, trace.NoOpTracer(), settings, router, clock=self.clock
+        )
 
-    async def run(self, request: pb.CompleteRequest) -> list[pb.CompleteChunk]:
+    async def run(
+        self, request: pb.CompleteRequest, time_remaining_s: float | None = None
+    ) -> list[pb.CompleteChunk]:
         pipeline = self.pipeline()
-        chunks = [chunk async for chunk in pipeline.run("tenant-a", request)]
+        run = pipeline.run("tenant-a", request, time_remaining_s=time_remaining_s)
+        chunks = [chunk async for chunk in run]
         await pipeline.drain()  # the Stores and releases that run past the answer
         return chunks
 
@@ -240,3 +278,112 @@ async def test_no_store_mode_never_stores() -> None:
     request.cache.semantic = pb.SEMANTIC_MODE_NO_STORE
     await rig.run(request)
     assert rig.semantic.lookups and not rig.semantic.stores
+
+
+@pytest.mark.parametrize(
+    ("model", "read", "reported", "layer"),
+    [
+        # a self-hosted engine that reused only its chat template's opening (3 tokens): no hit
+        ("local-small", 0, 3, pb.LAYER_MODEL),
+        ("local-small", 0, 15, pb.LAYER_MODEL),
+        ("local-small", 0, 16, pb.LAYER_PREFIX_CACHE),  # one full KV block
+        ("local-small", 32, 32, pb.LAYER_PREFIX_CACHE),
+        # Anthropic's rules: a read below the model's minimum cacheable prefix is none
+        ("sim-large", 0, None, pb.LAYER_MODEL),
+        ("sim-large", 1_023, None, pb.LAYER_MODEL),
+        ("sim-large", 1_024, None, pb.LAYER_PREFIX_CACHE),
+    ],
+)
+async def test_served_by_the_prefix_cache_only_for_a_real_prefix_reuse(
+    model: str, read: int, reported: int | None, layer: int
+) -> None:
+    rig = Rig(prefix=FakePrefix(read_tokens=read, reported_read=reported))
+    chunks = await rig.run(_request(model))
+    start, end = chunks[0].start, chunks[-1].end
+    assert end.served_by == layer
+    assert end.usage.cache_read_input_tokens == (read if reported is None else reported)
+    if reported is None:  # no report: the start said what the end says
+        assert start.served_by == layer
+
+
+def test_the_minimum_prefix_hit_of_each_rule_set() -> None:
+    models = TABLE.models
+    assert models["local-small"].min_prefix_hit_tokens == 16  # one KV block
+    assert models["claude-sonnet-4-5"].min_prefix_hit_tokens == 1_024
+    assert models["claude-haiku-4-5"].min_prefix_hit_tokens == models[
+        "claude-haiku-4-5"
+    ].min_cacheable_tokens
+    assert models["gpt-4o"].min_prefix_hit_tokens == 1_024
+    row = models["local-large"].model_dump(exclude_unset=True)
+    configured = type(models["local-large"]).model_validate({**row, "min_cacheable_tokens": 256})
+    assert configured.min_prefix_hit_tokens == 256  # a configured minimum above one block
+
+
+async def test_the_clients_deadline_bounds_the_model_call() -> None:
+    """The model call's deadline is the client's time left (less the router's margin to
+    reply), or ROUTER_MODEL_TIMEOUT_S (300 s by default) when that is sooner or none was set."""
+    rig = Rig()
+    await rig.run(_request(), time_remaining_s=2.0)
+    await rig.run(_request(), time_remaining_s=None)
+    await rig.run(_request(), time_remaining_s=10_000.0)
+    assert rig.models.deadlines == [pytest.approx(1.9), 300.0, 300.0]
+
+
+async def test_a_spent_deadline_tries_no_other_replica_and_says_why() -> None:
+    """large-1 gives up at the deadline; large-2 is not tried with no time left, and the
+    client hears DEADLINE_EXCEEDED naming what the replica said."""
+    clock = FakeClock()
+    failure = CallFailed(
+        Code.DEADLINE_EXCEEDED,
+        "anthropic did not answer within the deadline (1.9s, 1 tries)",
+        "no answer within the request's deadline (1.9 s)",
+    )
+    models = FakeModels(failing={"large-1", "large-2"}, failure=failure, clock=clock)
+    models.failing_takes_s = 1.95
+    rig = Rig(models=models, clock=clock)
+    with pytest.raises(RequestError) as caught:
+        await rig.run(_request(), time_remaining_s=2.0)
+    assert caught.value.code == Code.DEADLINE_EXCEEDED
+    assert [replica for replica, _ in models.calls] == ["large-1"]
+    assert "no answer within the request's deadline (1.9 s)" in caught.value.message
+
+
+async def test_a_replica_that_will_not_wait_hands_over_within_the_deadline() -> None:
+    """A replica whose provider asked for a retry-after beyond the deadline fails at once
+    (UNAVAILABLE, naming it): the next replica gets the time that is left."""
+    clock = FakeClock()
+    failure = CallFailed(
+        Code.UNAVAILABLE,
+        "anthropic could not serve (429 rate_limit_error: slow down); its retry-after ...",
+        "anthropic 429 rate_limit_error; its retry-after (3.0 s) outlasts the request's "
+        "deadline (1.9 s left)",
+    )
+    models = FakeModels(failing={"large-1"}, failure=failure, clock=clock)
+    models.failing_takes_s = 0.5
+    rig = Rig(models=models, clock=clock)
+    end = (await rig.run(_request(), time_remaining_s=2.0))[-1].end
+    assert end.stop_reason == "end_turn"
+    assert [replica for replica, _ in models.calls] == ["large-1", "large-2"]
+    assert models.deadlines == [pytest.approx(1.9), pytest.approx(1.4)]  # 1.9 s - 0.5 s
+    # both refusing: UNAVAILABLE naming the reason (no replica address in it)
+    models.failing = {"large-1", "large-2"}
+    models.failing_takes_s = 0.0
+    with pytest.raises(RequestError) as caught:
+        await rig.run(_request(), time_remaining_s=2.0)
+    assert caught.value.code == Code.UNAVAILABLE
+    assert "retry-after (3.0 s) outlasts the request's deadline" in caught.value.message
+    assert "large-" not in caught.value.message
+
+
+async def test_a_failed_replicas_reason_does_not_become_the_tier_reason() -> None:
+    failure = CallFailed(Code.UNAVAILABLE, "refused", "anthropic 429 rate_limit_error")
+    models = FakeModels(failing={"large-1"}, failure=failure)
+    rig = Rig(models=models)
+    deps = Dependencies(rig.semantic, rig.prefix, models, REPLICAS)
+    settings = _settings()
+    dispatcher = Dispatcher(
+        Calls(deps, settings), deps, TABLE, trace.NoOpTracer(), settings.choice, rig.clock
+    )
+    attempt = await dispatcher.open("tenant-a", _request(), deadline=rig.clock() + 2.0)
+    assert attempt.replica == "large-2" and attempt.tier_reason == "requested"
+    attempt.stream.cancel()

@@ -18,6 +18,19 @@ def test_the_rate_is_measured_from_first_reports_not_assumed() -> None:
     assert (rate.prefill_tokens_per_s, rate.samples) == (4_000.0, 1)
 
 
+def test_a_replica_that_reports_no_reuse_at_its_start_is_timed_on_the_predicted_prefill() -> None:
+    """A provider adapter (llama-server behind the OpenAI API) learns the engine's KV reuse
+    only at the end: a warm turn of 1,000 tokens, 800 predicted warm, took 1 s to its first
+    token. It prefilled about 200 tokens in that second, not 1,000."""
+    states = ReplicaStates()
+    ticket = states.sent("r", 1_000, 200, [], now=0.0)
+    states.started("r", ticket, 1_000, None, now=1.0)
+    assert states.rate("r", 9_000.0).samples == 0  # 200 prefilled: under the sample's minimum
+    ticket = states.sent("r", 2_000, 400, [], now=2.0)
+    states.started("r", ticket, 2_000, None, now=4.0)
+    assert states.rate("r", 9_000.0).prefill_tokens_per_s == 200.0  # 400 in 2 s, not 2,000
+
+
 def test_a_queued_request_is_timed_from_the_previous_first_report() -> None:
     """FIFO: the second prefill began when the first one ended, not when it was sent."""
     states = ReplicaStates()

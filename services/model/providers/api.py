@@ -1,10 +1,13 @@
 """``Model.Generate`` for a provider replica: the adapter's stream, with retries before the
 first token, the deadline, the credentials' health, and what an interrupted answer bills.
 
+- The deadline is the call's own (the router passes the request's: the client's deadline,
+  or ``ROUTER_MODEL_TIMEOUT_S`` when that is sooner or the client set none).
 - Before the first token, a 429 / 529 / overloaded / 5xx / lost connection is retried up to
   ``max_retries`` times, waiting what ``retry-after`` asks (else exponential backoff with
   jitter) when that wait ends before the deadline; otherwise the call fails UNAVAILABLE at
-  once so the router hands the request to the next replica or tier.
+  once, naming the wait that did not fit, so the router hands the request to the next
+  replica or tier while there is time left.
 - A 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed).
 - A 401 / 403 means our credentials: the replica reports NOT_SERVING on its health, says so in
   one log line, refuses calls (UNAVAILABLE, so the router uses another replica) and lets one
@@ -40,6 +43,7 @@ log = logging.getLogger("cachemesh.model")
 Sleep = Callable[[float], Awaitable[None]]
 HealthSetter = Callable[[bool], Awaitable[None]]
 _DEADLINE_MARGIN_S = 0.05  # a retry must be able to start this long before the deadline
+_NO_DEADLINE_S = 300.0  # a call that came without a deadline
 
 
 class Adapter(Protocol):
@@ -99,8 +103,9 @@ class ProviderApi:
         span.set_attribute("gen_ai.request.model", spec.upstream)
         span.set_attribute("cachemesh.replica", self._replica)
         self._refuse_while_unauthorised()
-        budget = time_remaining_s if time_remaining_s is not None else 300.0
+        budget = time_remaining_s if time_remaining_s is not None else _NO_DEADLINE_S
         deadline = self._clock() + budget
+        span.set_attribute("cachemesh.deadline_ms", round(budget * 1000))
         tries = 0
         while True:
             tries += 1
@@ -128,6 +133,7 @@ class ProviderApi:
                     Code.DEADLINE_EXCEEDED,
                     f"{self._adapter.backend} did not answer within the deadline "
                     f"({budget:.1f}s, {tries} tries)",
+                    f"no answer within the request's deadline ({budget:.1f} s)",
                 ) from None
             except Exception as exc:  # an SDK error: classify; CancelledError passes
                 failure = classify(exc)
@@ -150,12 +156,13 @@ class ProviderApi:
                         spec.id,
                         self._redactor.clean(traceback.format_exc()),
                     )
-                wait = self._retry_wait(failure, tries, deadline)
+                wait, why = self._retry_wait(failure, tries, deadline)
                 if wait is None:
-                    refusal = await self._refusal(failure, message, tries)
+                    refusal = await self._refusal(failure, message, why)
                     if failure.kind != Kind.AUTH:  # that one has its own log line
                         log.warning("%s: %s", spec.id, refusal.message)
                     raise refusal from None
+                span.set_attribute("cachemesh.provider.retries", tries)
                 span.add_event(
                     "cachemesh.provider.retry",
                     {
@@ -229,19 +236,27 @@ class ProviderApi:
                 end.output_tokens = end.provider_usage.openai.completion_tokens
         return model_pb2.GenerateChunk(end=end)
 
-    def _retry_wait(self, failure: Failure, tries: int, deadline: float) -> float | None:
-        if failure.kind != Kind.RETRY or tries > self._s.max_retries:
-            return None
+    def _retry_wait(
+        self, failure: Failure, tries: int, deadline: float
+    ) -> tuple[float | None, str]:
+        """The wait before the next try, or None and why there is none."""
+        if failure.kind != Kind.RETRY:
+            return None, ""
+        if tries > self._s.max_retries:
+            return None, f"after {tries} tries"
         if failure.retry_after_s is not None:
             wait = failure.retry_after_s
+            what = f"its retry-after ({wait:.1f} s)"
         else:
             wait = min(self._s.backoff_max_s, self._s.backoff_s * 2 ** (tries - 1))
             wait *= 0.5 + random.random() / 2  # jitter: concurrent retries spread out
-        if self._clock() + wait >= deadline - _DEADLINE_MARGIN_S:
-            return None  # the wait would outlast the deadline: hand over now
-        return wait
+            what = f"a retry's backoff ({wait:.2f} s)"
+        left = deadline - self._clock()
+        if wait >= left - _DEADLINE_MARGIN_S:  # the wait would outlast the deadline: hand over
+            return None, f"{what} outlasts the request's deadline ({max(left, 0.0):.1f} s left)"
+        return wait, ""
 
-    async def _refusal(self, failure: Failure, message: str, tries: int) -> RequestError:
+    async def _refusal(self, failure: Failure, message: str, why: str) -> RequestError:
         backend = self._adapter.backend
         if failure.kind == Kind.CLIENT:
             return RequestError(
@@ -254,14 +269,14 @@ class ProviderApi:
                 Code.UNAVAILABLE,
                 f"replica {self._replica}: {backend} refused this replica's credentials "
                 f"({failure.status}); another replica may serve",
+                f"{backend} refused a replica's credentials ({failure.status})",
             )
-        after = f"after {tries} tries" if tries > 1 else "no retry fits the deadline"
-        if failure.kind == Kind.RETRY and tries <= self._s.max_retries:
-            after = "its retry-after outlasts the deadline"
+        status = f"{failure.status} {failure.error_type}" if failure.status else failure.error_type
+        after = f"; {why}" if why else ""
         return RequestError(
             Code.UNAVAILABLE,
-            f"{backend} could not serve ({failure.status} {failure.error_type}: {message}); "
-            f"{after}",
+            f"{backend} could not serve ({status}: {message}){after}",
+            f"{backend} {status}{after}",
         )
 
     def _refuse_while_unauthorised(self) -> None:

@@ -30,6 +30,7 @@ class Progress:
                 if prompt_tokens is None
                 else prompt_tokens,
                 kv_cached_tokens=0,  # a provider reports its cache reuse at the end
+                kv_cached_unreported=True,
                 backend=self.backend,
             )
         )

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.models import PRIOR_VARIABLE
 from services.tools.engine.cache import EnginePaths
 from services.tools.stack.environment import dial_address
 
@@ -29,8 +30,9 @@ UPSTREAM_ID = "SmolLM2-135M-Instruct"  # the alias each replica serves the model
 LOCAL_MODELS = {"small": "local-small", "large": "local-large"}
 # What the router's TTFT policy assumes of a replica it has not measured yet: SmolLM2-135M's
 # prefill on one thread here (a 1,200-token prompt in 6.7 s unloaded, 967 in 11.2 s with the
-# machine busy). The router's default (10,000 tokens/s, for hosted providers) would make every
-# unmeasured replica look faster than a warm one and move a conversation off its prefix.
+# machine busy), set on the local rows (CACHEMESH_PRIOR_PREFILL_TPS). The router's global prior
+# (10,000 tokens/s, for hosted providers) would make every unmeasured replica look faster than a
+# warm one and move a conversation off its prefix.
 PRIOR_PREFILL_TPS_PER_THREAD = 150
 _NAME = "llama-server"
 
@@ -195,9 +197,9 @@ def local_engine_settings(
     model = dial_address(settings.get("MODEL_LISTEN") or "127.0.0.1:50054")
     model_2 = dial_address(settings.get("MODEL_2_LISTEN") or "127.0.0.1:50055")
     ids = ",".join(LOCAL_MODELS.values())
-    threads = options.threads
+    prior = PRIOR_PREFILL_TPS_PER_THREAD * options.threads
     return {
-        "ROUTER_TTFT_PRIOR_PREFILL_TPS": str(PRIOR_PREFILL_TPS_PER_THREAD * threads),
+        PRIOR_VARIABLE: ",".join(f"{m}={prior}" for m in LOCAL_MODELS.values()),
         "CACHEMESH_AUTO_SMALL": LOCAL_MODELS["small"],
         "CACHEMESH_AUTO_LARGE": LOCAL_MODELS["large"],
         "MODEL_BACKEND": "openai",

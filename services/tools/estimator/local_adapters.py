@@ -66,7 +66,7 @@ class LocalModelStream:
         except StopAsyncIteration:
             return None
         except RequestError as exc:
-            raise CallFailed(exc.code, exc.message) from exc
+            raise CallFailed(exc.code, exc.message, exc.reason) from exc
 
     def cancel(self) -> None:
         task = asyncio.ensure_future(self._chunks.aclose())

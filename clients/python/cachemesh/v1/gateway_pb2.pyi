@@ -49,7 +49,9 @@ class _LayerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Layer.ValueType
     LAYER_SEMANTIC_CACHE: _Layer.ValueType  # 1
     """answered from L1, no model call"""
     LAYER_PREFIX_CACHE: _Layer.ValueType  # 2
-    """a model call that read cached prefix tokens"""
+    """a model call that read a cached prefix: at least the model's minimum cacheable prefix
+    (a self-hosted engine: one full KV block)
+    """
     LAYER_MODEL: _Layer.ValueType  # 3
     """a model call at full input price"""
 
@@ -60,7 +62,9 @@ LAYER_UNSPECIFIED: Layer.ValueType  # 0
 LAYER_SEMANTIC_CACHE: Layer.ValueType  # 1
 """answered from L1, no model call"""
 LAYER_PREFIX_CACHE: Layer.ValueType  # 2
-"""a model call that read cached prefix tokens"""
+"""a model call that read a cached prefix: at least the model's minimum cacheable prefix
+(a self-hosted engine: one full KV block)
+"""
 LAYER_MODEL: Layer.ValueType  # 3
 """a model call at full input price"""
 Global___Layer: _TypeAlias = Layer  # noqa: Y015

@@ -65,12 +65,17 @@ class GenerateStart(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     KV_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
     replica: _builtins.str
     prompt_tokens: _builtins.int
     kv_cached_tokens: _builtins.int
     """prompt tokens reused from this replica's KV cache"""
     backend: _builtins.str
     """Who answers: "simulated", "anthropic", "openai" (an adapter names its provider API)."""
+    kv_cached_unreported: _builtins.bool
+    """The replica cannot tell its KV reuse at the first token (a provider adapter: the provider
+    reports its cache reads only in the usage at the end): kv_cached_tokens is 0, not a report.
+    """
     def __init__(
         self,
         *,
@@ -78,10 +83,11 @@ class GenerateStart(_message.Message):
         prompt_tokens: _builtins.int = ...,
         kv_cached_tokens: _builtins.int = ...,
         backend: _builtins.str = ...,
+        kv_cached_unreported: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "kv_cached_tokens", b"kv_cached_tokens", "prompt_tokens", b"prompt_tokens", "replica", b"replica"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "prompt_tokens", b"prompt_tokens", "replica", b"replica"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

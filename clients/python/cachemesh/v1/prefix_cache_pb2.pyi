@@ -157,6 +157,7 @@ class CommitRequest(_message.Message):
     PROVIDER_USAGE_FIELD_NUMBER: _builtins.int
     MAX_READ_TOKENS_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
+    KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -176,6 +177,11 @@ class CommitRequest(_message.Message):
     plan_id: _builtins.str
     """WARM: the Plan of this request; its prompt is reused and `request` may be left out.
     A plan this process no longer holds, with no request, gets FAILED_PRECONDITION.
+    """
+    kv_cached_unreported: _builtins.bool
+    """WARM: kv_cached_tokens is no report (GenerateStart.kv_cached_unreported). For a self-hosted
+    row the estimated read is then what prefix-cache's view of the replica predicts it holds
+    (the engine's own count arrives in provider_usage at FINAL and reconciles it).
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -202,10 +208,11 @@ class CommitRequest(_message.Message):
         provider_usage: Global___ProviderUsage | None = ...,
         max_read_tokens: _builtins.int | None = ...,
         plan_id: _builtins.str = ...,
+        kv_cached_unreported: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "max_read_tokens", b"max_read_tokens", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_read_tokens: _TypeAlias = _typing.Literal["max_read_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_read_tokens: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens"]  # noqa: Y015

@@ -1,0 +1,140 @@
+"""A provider replica's retries live within the call's deadline (the request's, passed down by
+the router): a retry-after that outlasts the time left is not waited for, and the refusal
+names it. The adapter is a fake raising the official SDK's own 429; the clock and the sleep
+are injected."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anthropic
+import httpx2
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.errors import Code, RequestError
+from services.common.models import ModelSpec, load_model_table
+from services.common.tokens import Tokenizer, load_cl100k
+from services.model.providers.api import ProviderApi
+from services.model.providers.config import ProviderSettings, Secret
+from services.model.providers.progress import Progress
+
+MODEL = "claude-sonnet-4-5"
+
+
+def _rate_limited(retry_after: str) -> anthropic.RateLimitError:
+    body = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+    request = httpx2.Request("POST", "http://127.0.0.1:1/v1/messages")
+    response = httpx2.Response(
+        429, headers={"retry-after": retry_after}, json=body, request=request
+    )
+    return anthropic.RateLimitError("slow down", response=response, body=body)
+
+
+@dataclass
+class Clock:
+    now: float = 100.0
+    slept: list[float] = field(default_factory=list)
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@dataclass
+class RateLimitedAdapter:
+    """Answers 429 with ``retry_after`` ``refusals`` times, then a one-word answer."""
+
+    retry_after: str
+    refusals: int
+    backend: str = "anthropic"
+    calls: list[float] = field(default_factory=list)  # each call's timeout_s
+
+    async def stream(
+        self, spec: ModelSpec, request: pb.CompleteRequest, progress: Progress, timeout_s: float
+    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        self.calls.append(timeout_s)
+        if len(self.calls) <= self.refusals:
+            raise _rate_limited(self.retry_after)
+        yield progress.start(12)
+        yield progress.text("Paris.")
+        yield model_pb2.GenerateChunk(end=model_pb2.GenerateEnd(stop_reason="end_turn"))
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+def _api(adapter: RateLimitedAdapter, clock: Clock, tokenizer: Tokenizer) -> ProviderApi:
+    async def set_health(serving: bool) -> None:
+        return None
+
+    settings = ProviderSettings(
+        backend="anthropic",
+        base_url="http://127.0.0.1:1",
+        api_key=Secret("sk-ant-test"),
+        max_retries=2,
+        backoff_s=0.5,
+        backoff_max_s=8.0,
+        auth_recheck_s=60.0,
+        upstream_ids={},
+    )
+    return ProviderApi(
+        adapter=adapter,
+        models={MODEL: load_model_table().models[MODEL]},
+        replica_id="anthropic-1",
+        settings=settings,
+        tokenizer=tokenizer,
+        set_health=set_health,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+
+
+def _generate() -> model_pb2.GenerateRequest:
+    question = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
+    request = pb.CompleteRequest(model=MODEL, max_tokens=16, messages=[question])
+    return model_pb2.GenerateRequest(tenant="t", model=MODEL, request=request)
+
+
+async def _drain(api: ProviderApi, time_remaining_s: float | None) -> list[str]:
+    return [c.WhichOneof("part") or "" async for c in api.generate(_generate(), time_remaining_s)]
+
+
+async def test_a_retry_after_beyond_the_deadline_is_not_waited_for(tokenizer: Tokenizer) -> None:
+    clock = Clock()
+    adapter = RateLimitedAdapter(retry_after="5", refusals=1)
+    with pytest.raises(RequestError) as caught:
+        await _drain(_api(adapter, clock, tokenizer), time_remaining_s=1.0)
+    assert clock.slept == [] and len(adapter.calls) == 1  # no wait, no second try
+    assert caught.value.code == Code.UNAVAILABLE
+    named = "its retry-after (5.0 s) outlasts the request's deadline (1.0 s left)"
+    assert named in caught.value.message and named in caught.value.reason
+    assert "429 rate_limit_error" in caught.value.reason
+    assert "anthropic-1" not in caught.value.reason  # the reason names no replica
+
+
+async def test_a_retry_after_within_the_deadline_is_honoured(tokenizer: Tokenizer) -> None:
+    clock = Clock()
+    adapter = RateLimitedAdapter(retry_after="1", refusals=1)
+    parts = await _drain(_api(adapter, clock, tokenizer), time_remaining_s=10.0)
+    assert parts == ["start", "text", "end"]
+    assert clock.slept == [1.0]
+    # the SDK call's own timeout is what is left of the deadline, try after try
+    assert adapter.calls == [pytest.approx(10.0), pytest.approx(9.0)]
+
+
+async def test_a_call_without_a_deadline_gets_the_default_budget(tokenizer: Tokenizer) -> None:
+    clock = Clock()
+    adapter = RateLimitedAdapter(retry_after="5", refusals=1)
+    parts = await _drain(_api(adapter, clock, tokenizer), time_remaining_s=None)
+    assert parts == ["start", "text", "end"] and clock.slept == [5.0]
