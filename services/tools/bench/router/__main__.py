@@ -37,6 +37,7 @@ COST_AWARE = {"ROUTER_COST_AWARE": "true"}
 # name -> (model, settings over the stack's): each named explicitly, whatever the defaults
 POLICIES: dict[str, tuple[str, dict[str, str]]] = {
     "cost_aware": ("auto", COST_AWARE),
+    "cost_aware_amortized": ("auto", {**COST_AWARE, "ROUTER_WRITE_AMORTIZE_TURNS": "4"}),
     "plain_learned": ("auto", PLAIN),
     "always_large": ("sim-large", {}),
 }
@@ -62,14 +63,16 @@ class Bench:
             if name == "plain_learned":
                 scores = [s.score for s in served if s.score is not None]
             print(workload, name, points[name].row(), flush=True)
-        thresholds = sweep_thresholds(np.array(scores), SWEEP_SHARES)
+        thresholds = (
+            sweep_thresholds(np.array(scores), SWEEP_SHARES) if self.args.sweep != "none" else []
+        )
         plain = [points["plain_learned"], points["always_large"]]
         swept = []
         for t in thresholds:
             over = {**PLAIN, "ROUTER_THRESHOLD": str(t)}
             plain.append(point(f"plain@{t}", t, self.replay(workload, "auto", over), "small"))
             print(workload, "plain sweep", plain[-1].row(), flush=True)
-            if self.args.sweep_cost_aware:
+            if self.args.sweep == "both":
                 over = {**COST_AWARE, "ROUTER_THRESHOLD": str(t)}
                 swept.append(
                     point(f"cost_aware@{t}", t, self.replay(workload, "auto", over), "small")
@@ -120,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("bench-results/router-replay.json"))
     parser.add_argument(
-        "--sweep-cost-aware",
-        action="store_true",
-        help="also sweep the cost-aware router's base threshold (twice the replays)",
+        "--sweep",
+        choices=("plain", "both", "none"),
+        default="plain",
+        help="sweep the plain router's threshold (the frontier), also the cost-aware router's "
+        "base threshold (twice the replays), or neither",
     )
     args = parser.parse_args(argv)
     shared = Shared(load_minilm_embedder(threads=1), load_cl100k())
