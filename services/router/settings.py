@@ -36,7 +36,7 @@ class RouterSettings:
     limits: LimitSettings
     routing_threshold: float | None = None  # None = the router card's calibrated default
     local_embedder: bool = True  # embed in the router when the semantic cache is unreachable
-    cost_aware: bool = True  # weigh the tiers' Plan costs when a prefix may be warm
+    cost_aware: bool = False  # weigh the tiers' Plan costs when a prefix may be warm
     # thresholds of the tiers between small and large; unset ones derive from the largest's
     tier_thresholds: dict[Tier, float] = field(default_factory=dict)
     # cost-aware: later turns a cache write is shared with (0 = priced in full now)
@@ -77,7 +77,7 @@ class RouterSettings:
                 else None
             ),
             local_embedder=env.bool("ROUTER_LOCAL_EMBEDDER", True),
-            cost_aware=env.bool("ROUTER_COST_AWARE", True),
+            cost_aware=env.bool("ROUTER_COST_AWARE", False),
             tier_thresholds=parse_tier_thresholds(env, table),
             write_amortize_turns=env.int("ROUTER_WRITE_AMORTIZE_TURNS", 0, minimum=0),
             data_dir=Path(data_dir) if (data_dir := env.optional_str("ROUTER_DATA_DIR")) else None,

@@ -81,7 +81,7 @@ class TierRouter:
         calls: Calls,
         dependencies: Dependencies,
         local: LocalEmbedder | None,
-        cost_aware: bool = True,
+        cost_aware: bool = False,
         tier_thresholds: Mapping[Tier, float] | None = None,
         amortize_turns: int = 0,
     ) -> None:
