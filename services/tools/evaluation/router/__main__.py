@@ -24,7 +24,6 @@ from services.router.routing.model import (
     CARD_PATH,
     FORMAT,
     WEIGHTS_PATH,
-    RouterCard,
     load_router_model,
 )
 from services.tools.evaluation.router.fitting import (
@@ -77,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fit":
         return _fit(session)
     if args.command == "calibrate":
-        status = _calibrate(session, args.share, args.quality, args.write)
-        if status == 0 and args.tier_share:
-            return _calibrate_tiers(session, args.tier_share)
+        status, threshold = _calibrate(session, args.share, args.quality, args.write)
+        if threshold is not None and args.tier_share:
+            return _calibrate_tiers(session, args.tier_share, threshold)
         return status
     return _eval(session, args.out)
 
@@ -119,21 +118,24 @@ def _fit(session: Session) -> int:
     return 0
 
 
-def _calibrate(session: Session, share: float | None, quality: float | None, write: bool) -> int:
+def _calibrate(
+    session: Session, share: float | None, quality: float | None, write: bool
+) -> tuple[int, float | None]:
+    """The exit status, and the threshold picked (None: refused)."""
     fit = session.half("fit")
     if not OOF_PATH.is_file():
         print("no out-of-fold scores: run make fit-router first", file=sys.stderr)
-        return 2
+        return 2, None
     oof = np.load(OOF_PATH)
     c = curve(oof, fit.weak, fit.strong)
     if share is None and quality is None:
         quality = 0.95
     if share is not None and not 0.0 <= share <= 1.0:
         print("--share must be within [0, 1]", file=sys.stderr)
-        return 2
+        return 2, None
     if quality is not None and not 0.0 < quality <= 1.0:
         print("--quality must be within (0, 1]", file=sys.stderr)
-        return 2
+        return 2, None
     if quality is not None:
         share = c.share_for_quality(quality * c.strong_quality)
         target = f"{quality:.0%} of the large model's quality"
@@ -156,10 +158,10 @@ def _calibrate(session: Session, share: float | None, quality: float | None, wri
         card["calibration"] = {"target": target, "expected": point}
         CARD_PATH.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
         print(f"default threshold written to {CARD_PATH}")
-    return 0
+    return 0, float(point["threshold"])
 
 
-def _calibrate_tiers(session: Session, value: str) -> int:
+def _calibrate_tiers(session: Session, value: str, threshold: float) -> int:
     table = model_table_from_env(Env(os.environ))
     try:
         shares = parse_tier_shares(value, table)
@@ -167,9 +169,8 @@ def _calibrate_tiers(session: Session, value: str) -> int:
         print(exc, file=sys.stderr)
         return 2
     fit = session.half("fit")
-    threshold = RouterCard.load().default_threshold
     result = calibrate_tiers(fit, np.load(OOF_PATH), table, threshold, shares)
-    print(f"tiers {', '.join(table.tiers)}, large from the card's threshold {threshold:.4f}:")
+    print(f"tiers {', '.join(table.tiers)}, large from the threshold above ({threshold:.4f}):")
     print(describe(result))
     return 0
 
