@@ -78,12 +78,15 @@ class Bench:
                     point(f"cost_aware@{t}", t, self.replay(workload, "auto", over), "small")
                 )
                 print(workload, "cost-aware sweep", swept[-1].row(), flush=True)
+        swept_plain = bool(thresholds)  # no sweep: no frontier to read against (n/a)
         against = {
             name: {
                 "cost_usd": p.cost_usd,
                 "expected_loss": p.expected_loss,
-                "plain_cost_at_this_loss": cost_at_loss(plain, p.expected_loss),
-                "plain_loss_at_this_cost": loss_at_cost(plain, p.cost_usd),
+                "plain_cost_at_this_loss": (
+                    cost_at_loss(plain, p.expected_loss) if swept_plain else None
+                ),
+                "plain_loss_at_this_cost": loss_at_cost(plain, p.cost_usd) if swept_plain else None,
             }
             for name, p in points.items()
         }
