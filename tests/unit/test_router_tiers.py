@@ -259,3 +259,10 @@ def test_calibrating_a_middle_tier_for_a_share_of_calls() -> None:
     for bad in ("large=0.2", "medium=1.5", "medium"):
         with pytest.raises(TierShareError, match="--tier-share"):
             parse_tier_shares(bad, THREE)
+
+
+def test_amortized_writes_are_priced_as_shared_with_the_next_turns_reads() -> None:
+    small = TWO.for_tier("small")  # write 1250, read 100 nanos a token
+    assert tier_cost(small, 0, 1000, 0, 0).nanos == 1_250_000
+    assert tier_cost(small, 0, 1000, 0, 0, amortize=4).nanos == 1000 * (1250 + 4 * 100) // 5
+    assert tier_cost(small, 0, 1000, 0, 0, amortize=4).cold_nanos == 1_000_000  # unchanged
