@@ -113,13 +113,13 @@ fit-router: setup ## fit the learned tier router on the fit half of the RouteLLM
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.router fit
 
 ROUTER_TARGET ?= --quality 0.95
-calibrate-router: setup ## the router's default threshold for ROUTER_TARGET (--quality 0.95 | --share 0.2); prints cost and quality
+calibrate-router: setup ## the router's default threshold for ROUTER_TARGET (--quality 0.95 | --share 0.2; add --tier-share medium=0.6 for tiers between); prints cost and quality
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.router calibrate $(ROUTER_TARGET) --write
 
 eval-router: setup ## APGR/CPT/cost of the learned router, the rule of thumb and random on the report half; bench-results/router-eval.json
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.router eval
 
-bench-router: setup ## agent/tools/mixed replays offline: dollars of the cost-aware vs the plain learned router vs always-large; bench-results/router-replay.json
+bench-router: setup ## agent/tools/mixed replays offline: dollars and expected quality loss of the cost-aware vs the plain learned router (swept: its frontier) vs always-large; bench-results/router-replay.json
 	nice -n 10 $(BIN)/python -m services.tools.bench.router
 
 bench-speculative: setup ## the simulator's speculative decoding, wall clock against Leviathan et al.; bench-results/speculative.json

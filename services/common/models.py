@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,12 @@ from services.common.env import ConfigError, Env
 from services.common.output_caps import with_output_caps
 
 AUTO = "auto"
-Tier = Literal["small", "large"]
+# A tier's name. Every table has the two ends, "small" (the cheapest) and "large" (the
+# dearest); a table may name more between them (e.g. "medium"), ordered by their price.
+Tier = str
+SMALLEST: Tier = "small"
+LARGEST: Tier = "large"
+_TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 
 
 Provider = Literal["simulated", "anthropic", "openai", "self_hosted"]
@@ -48,7 +54,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str
-    tier: Tier
+    tier: Tier = Field(pattern=_TIER_NAME)
     provider: Provider
     rules: Rules
     priced_like: str = ""
@@ -191,6 +197,11 @@ class ModelTable(BaseModel):
             spec = self.models.get(model_id)
             if spec is None or spec.tier != tier:
                 raise ValueError(f"auto.{tier} = {model_id!r} is not a {tier}-tier model")
+        ends = [tier for tier in (SMALLEST, LARGEST) if tier not in self.auto]
+        if ends and set(self.auto) - {SMALLEST, LARGEST}:
+            named = " and ".join(ends)
+            raise ValueError(f"auto: a table with tiers between small and large names {named}")
+        self._tiers_ordered_by_price()
         for spec in self.models.values():
             if spec.draft_model is None:
                 continue
@@ -202,11 +213,44 @@ class ModelTable(BaseModel):
                 )
         return self
 
+    def _tiers_ordered_by_price(self) -> None:
+        """A tier between small and large is priced at least as the one before it and at most
+        as the one after, input and output alike (two tiers alone are not checked)."""
+        tiers = self.tiers
+        for cheaper, dearer in itertools.pairwise(tiers):
+            a, b = self.for_tier(cheaper), self.for_tier(dearer)
+            if len(tiers) > 2 and (
+                b.input_nanos < a.input_nanos or b.output_nanos < a.output_nanos
+            ):
+                raise ValueError(
+                    f"auto: tiers are ordered by price, and {dearer} ({b.id}: "
+                    f"{b.input_nanos}/{b.output_nanos} nanos a token in/out) is cheaper than "
+                    f"{cheaper} ({a.id}: {a.input_nanos}/{a.output_nanos})"
+                )
+        middle = tiers[1:-1]
+        for one, two in itertools.pairwise(middle):
+            if _price(self.for_tier(one)) == _price(self.for_tier(two)):
+                raise ValueError(f"auto: tiers {one} and {two} have the same price")
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        """``auto``'s tiers, cheapest first: small, the tiers between by price, large."""
+        middle = sorted(
+            (t for t in self.auto if t not in (SMALLEST, LARGEST)),
+            key=lambda t: (*_price(self.for_tier(t)), t),
+        )
+        ends = [t for t in (SMALLEST, LARGEST) if t in self.auto]
+        return (*ends[:1], *middle, *ends[1:]) if len(ends) == 2 else (*ends, *middle)
+
     def get(self, model_id: str) -> ModelSpec | None:
         return self.models.get(model_id)
 
     def for_tier(self, tier: Tier) -> ModelSpec:
         return self.models[self.auto[tier]]
+
+
+def _price(spec: ModelSpec) -> tuple[int, int]:
+    return (spec.input_nanos, spec.output_nanos)
 
 
 def load_model_table(path: Path | None = None) -> ModelTable:
@@ -231,18 +275,7 @@ def model_table_from_env(env: Env) -> ModelTable:
     prices = env.optional_str("CACHEMESH_PRICES")
     if prices:
         table = with_prices(table, prices)
-    small = env.optional_str("CACHEMESH_AUTO_SMALL")
-    large = env.optional_str("CACHEMESH_AUTO_LARGE")
-    if small or large:
-        auto: dict[Tier, str] = dict(table.auto)
-        if small:
-            auto["small"] = small
-        if large:
-            auto["large"] = large
-        try:
-            table = ModelTable(models=table.models, auto=auto)
-        except ValidationError as exc:
-            raise ConfigError(f"CACHEMESH_AUTO_SMALL / CACHEMESH_AUTO_LARGE: {exc}") from exc
+    table = with_auto_tiers(table, env)
     caps = env.optional_str("CACHEMESH_MAX_OUTPUT_TOKENS")
     if caps:
         table = with_output_caps(table, caps)
@@ -284,6 +317,37 @@ def with_prior_prefill(table: ModelTable, value: str) -> ModelTable:
         except ValidationError as exc:
             raise ConfigError(f"{PRIOR_VARIABLE}: {model_id}: {exc}") from exc
     return ModelTable(models=models, auto=table.auto)
+
+
+_AUTO_VARIABLES = "CACHEMESH_AUTO_TIERS / CACHEMESH_AUTO_SMALL / CACHEMESH_AUTO_LARGE"
+
+
+def with_auto_tiers(table: ModelTable, env: Env) -> ModelTable:
+    """``CACHEMESH_AUTO_TIERS`` (``tier=model,...``, e.g. ``medium=sim-medium``) sets or adds
+    ``auto``'s tiers (a tier other than small and large must be a row's ``tier``);
+    ``CACHEMESH_AUTO_SMALL`` / ``CACHEMESH_AUTO_LARGE`` set the two ends."""
+    auto: dict[Tier, str] = dict(table.auto)
+    tiers = env.optional_str("CACHEMESH_AUTO_TIERS")
+    for item in (tiers or "").split(","):
+        if not item.strip():
+            continue
+        tier, sep, model_id = item.strip().partition("=")
+        if not sep or not tier or not model_id:
+            raise ConfigError(
+                "CACHEMESH_AUTO_TIERS: expected tier=model,... (e.g. medium=sim-medium), got "
+                f"{item.strip()[:64]!r}"
+            )
+        auto[tier.strip()] = model_id.strip()
+    for tier, variable in ((SMALLEST, "CACHEMESH_AUTO_SMALL"), (LARGEST, "CACHEMESH_AUTO_LARGE")):
+        end = env.optional_str(variable)
+        if end:
+            auto[tier] = end
+    if auto == table.auto:
+        return table
+    try:
+        return ModelTable(models=table.models, auto=auto)
+    except ValidationError as exc:
+        raise ConfigError(f"{_AUTO_VARIABLES}: {exc}") from exc
 
 
 _PRICE_FIELDS = ("input_nanos", "output_nanos", "cache_read_nanos")

@@ -4,7 +4,7 @@ The tier comes from the learned router (``routing``; or the requested model); th
 the configured replica policy (``replica_choice``: predicted time to first token by default) over
 prefix-cache's view of the replicas and the router's own record of their queues and measured
 rates (``replica_state``); a replica that fails before its first token hands the request to the
-next one, and for ``auto`` to the other tier.
+next one, and for ``auto`` to the other tiers (nearest in price first).
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ class Attempt:
         return f"{request_id}#{self.attempt_id}"
 
 
+def fallback_tiers(tiers: tuple[str, ...], chosen: str) -> list[str]:
+    """The other tiers, nearest in price first; of two as near, the dearer (no loss of
+    quality) first."""
+    at = tiers.index(chosen)
+    others = [i for i in range(len(tiers)) if i != at]
+    return [tiers[i] for i in sorted(others, key=lambda i: (abs(i - at), -i))]
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -90,8 +98,10 @@ class Dispatcher:
             assert routed is not None
             choice = routed.decision
             first = self._table.for_tier(choice.tier)
-            other = self._table.for_tier("small" if choice.tier == "large" else "large")
-            options = [(first, choice.reason), (other, f"fallback: {first.id} unavailable")]
+            options = [(first, choice.reason)] + [
+                (self._table.for_tier(tier), f"fallback: {first.id} unavailable")
+                for tier in fallback_tiers(self._table.tiers, choice.tier)
+            ]
         else:
             spec = self._table.get(request.model)
             assert spec is not None

@@ -4,7 +4,7 @@
 ``Complete`` and ``StreamComplete`` share one path. A dependency that is down degrades the
 request and never loses it: no semantic cache → the model answers; no prefix-cache → the
 answer is served with ``cost.estimated`` and billed later (the outbox); a replica down → the
-next replica (or, for ``auto``, the other tier), also when it dies mid-answer before anything
+next replica (or, for ``auto``, the other tiers), also when it dies mid-answer before anything
 reached the caller; ``UNAVAILABLE`` only when no layer can serve.
 """
 
@@ -21,7 +21,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import Code, RequestError
-from services.common.models import AUTO, ModelSpec, ModelTable
+from services.common.models import AUTO, LARGEST, ModelSpec, ModelTable
 from services.common.prompt import last_user_text, prompt_tokens
 from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer
@@ -82,7 +82,15 @@ class Pipeline:
         )
         model, threshold, local = router
         self._router = TierRouter(
-            model, threshold, table, self._calls, dependencies, local, settings.cost_aware
+            model,
+            threshold,
+            table,
+            self._calls,
+            dependencies,
+            local,
+            settings.cost_aware,
+            settings.tier_thresholds,
+            settings.write_amortize_turns,
         )
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Task[object]] = set()
@@ -248,7 +256,7 @@ class Pipeline:
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
         spec = (
-            self._table.for_tier("large")
+            self._table.for_tier(LARGEST)
             if request.model == AUTO
             else self._table.get(request.model)
         )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.common.env import ConfigError, Env
-from services.common.models import ModelTable
+from services.common.models import LARGEST, SMALLEST, ModelTable, Tier
 from services.common.server import ServerSettings
 from services.common.tls import ServerTls
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
@@ -36,7 +36,11 @@ class RouterSettings:
     limits: LimitSettings
     routing_threshold: float | None = None  # None = the router card's calibrated default
     local_embedder: bool = True  # embed in the router when the semantic cache is unreachable
-    cost_aware: bool = True  # weigh both tiers' Plan costs when a prefix may be warm
+    cost_aware: bool = False  # weigh the tiers' Plan costs when a prefix may be warm
+    # thresholds of the tiers between small and large; unset ones derive from the largest's
+    tier_thresholds: dict[Tier, float] = field(default_factory=dict)
+    # cost-aware: later turns a cache write is shared with (0 = priced in full now)
+    write_amortize_turns: int = 0
     data_dir: Path | None = None  # the billing outbox's journal; None = in memory only
     outbox_retry_s: float = 1.0  # seconds between replays of the billing outbox
     # a Store's deadline: off the answer's path, and it waits for L1's write-ahead log fsync
@@ -73,7 +77,9 @@ class RouterSettings:
                 else None
             ),
             local_embedder=env.bool("ROUTER_LOCAL_EMBEDDER", True),
-            cost_aware=env.bool("ROUTER_COST_AWARE", True),
+            cost_aware=env.bool("ROUTER_COST_AWARE", False),
+            tier_thresholds=parse_tier_thresholds(env, table),
+            write_amortize_turns=env.int("ROUTER_WRITE_AMORTIZE_TURNS", 0, minimum=0),
             data_dir=Path(data_dir) if (data_dir := env.optional_str("ROUTER_DATA_DIR")) else None,
             outbox_retry_s=env.float("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
             semantic_store_timeout_s=env.float(
@@ -104,6 +110,29 @@ def choice_from_env(env: Env) -> ChoiceSettings:
             prior_prefill_tps=env.float("ROUTER_TTFT_PRIOR_PREFILL_TPS", 10_000.0, minimum=1.0),
         ),
     )
+
+
+def parse_tier_thresholds(env: Env, table: ModelTable) -> dict[Tier, float]:
+    """``ROUTER_TIER_THRESHOLDS``: ``tier=threshold,...`` for tiers between small and large
+    (the largest's is ROUTER_THRESHOLD), each within [-1, 1]."""
+    value = env.optional_str("ROUTER_TIER_THRESHOLDS")
+    middle = [t for t in table.tiers if t not in (SMALLEST, LARGEST)]
+    out: dict[Tier, float] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        tier, sep, figure = item.strip().partition("=")
+        if not sep or tier not in middle or not figure.strip():
+            named = ", ".join(middle) if middle else "none: the table has two tiers"
+            raise ConfigError(
+                f"ROUTER_TIER_THRESHOLDS: expected tier=threshold for a tier between small and "
+                f"large (the table's: {named}; large's is ROUTER_THRESHOLD), got "
+                f"{item.strip()[:64]!r}"
+            )
+        out[tier] = Env({"ROUTER_TIER_THRESHOLDS": figure}).float(
+            "ROUTER_TIER_THRESHOLDS", 0.0, minimum=-1.0, maximum=1.0
+        )
+    return out
 
 
 def parse_replicas(value: str, table: ModelTable) -> dict[str, tuple[str, ...]]:

@@ -1,8 +1,8 @@
 """One real stack for the integration tests: five processes on free loopback ports.
 
 It is started by the same runner as ``make up`` (``services.tools.stack``), in a temporary run dir
-with its own keys, the simulator's sleeps scaled down, and traces exported over OTLP/gRPC to
-a receiver in this test process.
+with its own keys, the simulator's sleeps scaled down, the cost-aware tier rule on, and traces
+exported over OTLP/gRPC to a receiver in this test process.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from tests.integration.provider_stack import ProviderStack, provider_stack
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     run_dir = tmp_path_factory.mktemp("run")
-    with started_stack(run_dir) as (runner, sink):
+    # the cost-aware tier rule (off by default) on: test_learned_routing keeps a conversation
+    # warm on the large model there, with the reason given
+    with started_stack(run_dir, {"ROUTER_COST_AWARE": "true"}) as (runner, sink):
         demo = read_env_file(run_dir / "demo-keys.env")
         yield RunningStack(
             target=runner.router_address,

@@ -1,13 +1,20 @@
-"""The tier decision: the learned score against a threshold moved by what each tier costs now.
+"""The tier decision: the learned score against each tier's threshold, moved by what each tier
+costs now.
+
+Tiers are ordered by price (small, any tiers between, large). Each tier above the smallest has
+a threshold, non-decreasing up the order; the score goes to the dearest tier whose threshold it
+reaches, so each tier owns a band of scores. With two tiers that is one threshold: large when
+score >= threshold.
 
 A threshold ``t`` says: paying the large model's extra price for a cold prompt is worth an
 expected gain in correctness of ``t``. With the prefix cache's state the extra price of this
 request differs: a conversation whose long prefix is warm on the large model and cold on the
 small one may cost less on the large model, and one warm on the small model costs much more to
-move. So the threshold is scaled by (large - small cost now) / (large - small cost cold): a
-conversation stays on the tier that holds its prefix unless the score pays for switching, and
-the reason names the costs. Both cold (a single question, no shared prefix): the threshold is
-the calibrated one. A threshold <= 0 (large whenever it is no worse) is not moved.
+move. With two tiers the threshold is scaled by (large - small cost now) / (large - small cost
+cold): a conversation stays on the tier that holds its prefix unless the score pays for
+switching, and the reason names the costs. Both cold (a single question, no shared prefix): the
+threshold is the calibrated one. A threshold <= 0 (large whenever it is no worse) is not moved.
+More than two tiers: ``bands.py``.
 """
 
 from __future__ import annotations
@@ -37,13 +44,19 @@ class Decision:
     embedding_source: str
 
 
-def tier_cost(spec: ModelSpec, uncached: int, written: int, read: int, output: int) -> TierCost:
+def tier_cost(
+    spec: ModelSpec, uncached: int, written: int, read: int, output: int, amortize: int = 0
+) -> TierCost:
+    """``amortize``: later turns expected to read what this one writes. A written token is
+    then priced as its write shared with those reads, (write + n x read) / (n + 1): the
+    premium is an investment the conversation's next turns on this tier are repaid."""
     write_price = spec.cache_write_5m_nanos if spec.rules == "anthropic" else spec.input_nanos
     prompt = uncached + written + read
+    written_nanos = (written * (write_price + amortize * spec.cache_read_nanos)) // (amortize + 1)
     return TierCost(
         model=spec.id,
         nanos=uncached * spec.input_nanos
-        + written * write_price
+        + written_nanos
         + read * spec.cache_read_nanos
         + output * spec.output_nanos,
         cold_nanos=prompt * spec.input_nanos + output * spec.output_nanos,
@@ -51,7 +64,7 @@ def tier_cost(spec: ModelSpec, uncached: int, written: int, read: int, output: i
     )
 
 
-def _dollars(nanos: int) -> str:
+def dollars(nanos: int) -> str:
     return f"${nanos / 1e9:.6f}"
 
 
@@ -64,7 +77,7 @@ def decide(
     *,
     requested: bool = False,
 ) -> Decision:
-    """``requested``: the threshold is the request's own (``routing.threshold``)."""
+    """Two tiers. ``requested``: the threshold is the request's own (``routing.threshold``)."""
     whose = "the request's threshold" if requested else "threshold"
     if small is None or large is None or threshold <= 0:
         tier: Tier = "large" if score >= threshold else "small"
@@ -86,8 +99,8 @@ def decide(
     tier = "large" if score >= effective else "small"
     verb = ">=" if tier == "large" else "<"
     costs = (
-        f"{large.model} {_dollars(large.nanos)} ({large.warm_tokens} tokens warm) vs "
-        f"{small.model} {_dollars(small.nanos)} ({small.warm_tokens} tokens warm)"
+        f"{large.model} {dollars(large.nanos)} ({large.warm_tokens} tokens warm) vs "
+        f"{small.model} {dollars(small.nanos)} ({small.warm_tokens} tokens warm)"
     )
     if abs(effective - threshold) < 1e-9:
         reason = f"score {score:.3f} {verb} {whose} {threshold:.3f}; {costs}"
@@ -101,7 +114,7 @@ def decide(
             why = f"the score pays for leaving the warm {warm} tier"
         reason = (
             f"{why}: score {score:.3f} {verb} effective threshold {effective:.3f} "
-            f"({whose} {threshold:.3f} x extra cost now {_dollars(extra_now)} / cold "
-            f"{_dollars(extra_cold)}); {costs}"
+            f"({whose} {threshold:.3f} x extra cost now {dollars(extra_now)} / cold "
+            f"{dollars(extra_cold)}); {costs}"
         )
     return Decision(tier, score, effective, threshold, reason, source)

@@ -6,16 +6,17 @@ the question is embedded once. When the semantic cache cannot be reached the rou
 itself (``ROUTER_LOCAL_EMBEDDER``, the same MiniLM model, loaded on first need) or, with that
 off, scores on the shape features alone; ``Routing.embedding_source`` says which.
 
-A request that may share a prefix with earlier ones (a system prompt, tools or earlier turns)
-is planned on both tiers, so the decision weighs what each would cost given the prefix cache's
-state; the chosen tier's Plan is then reused by the dispatch.
+The tiers are the model table's ``auto`` tiers, ordered by price (``bands.py``). A request that
+may share a prefix with earlier ones (a system prompt, tools or earlier turns) is planned on
+every tier, so the decision weighs what each would cost given the prefix cache's state; the
+chosen tier's Plan is then reused by the dispatch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +24,12 @@ import numpy as np
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.models import ModelTable
+from services.common.models import ModelTable, Tier
 from services.common.prompt import last_user_text
 from services.router.calls import Calls
 from services.router.dependencies import Dependencies
-from services.router.routing.decision import Decision, TierCost, decide, tier_cost
+from services.router.routing.bands import bands, decide_bands
+from services.router.routing.decision import Decision, TierCost, tier_cost
 from services.router.routing.model import RouterModel, Vector
 from services.semantic_cache.embedder import Embedder
 
@@ -79,15 +81,22 @@ class TierRouter:
         calls: Calls,
         dependencies: Dependencies,
         local: LocalEmbedder | None,
-        cost_aware: bool = True,
+        cost_aware: bool = False,
+        tier_thresholds: Mapping[Tier, float] | None = None,
+        amortize_turns: int = 0,
     ) -> None:
+        """``tier_thresholds``: the configured thresholds of tiers between small and large
+        (the others are derived from the largest's)."""
         self._model = model
         self._threshold = default_threshold
         self._table = table
+        self._tiers = [table.for_tier(tier) for tier in table.tiers]
         self._calls = calls
         self._deps = dependencies
         self._local = local
         self._cost_aware = cost_aware
+        self._tier_thresholds = dict(tier_thresholds or {})
+        self._amortize = amortize_turns
 
     async def route(
         self, tenant: str, request: pb.CompleteRequest, lookup: sc.LookupResponse | None
@@ -97,21 +106,17 @@ class TierRouter:
         score = self._model.score(text, vector)
         requested = request.routing.HasField("threshold")
         threshold = request.routing.threshold if requested else self._threshold
+        cuts = bands(self._tiers, threshold, self._tier_thresholds, requested=requested)
+        names = [spec.tier for spec in self._tiers]
         if not (self._cost_aware and shares_prefix(request)):
-            return Routed(decide(score, threshold, source, requested=requested))
-        small, large = self._table.for_tier("small"), self._table.for_tier("large")
-        plans = dict(
-            zip(
-                (small.id, large.id),
-                await asyncio.gather(
-                    self._plan(tenant, small.id, request), self._plan(tenant, large.id, request)
-                ),
-                strict=True,
-            )
-        )
+            return Routed(decide_bands(score, names, cuts, source, requested=requested))
+        ids = [spec.id for spec in self._tiers]
+        found = await asyncio.gather(*(self._plan(tenant, model, request) for model in ids))
+        plans = dict(zip(ids, found, strict=True))
         output = min(request.max_tokens, EXPECTED_OUTPUT_TOKENS)
-        costs = [self._cost(spec.id, plans[spec.id], output) for spec in (small, large)]
-        return Routed(decide(score, threshold, source, *costs, requested=requested), plans)
+        costs = [self._cost(model, plans[model], output) for model in ids]
+        decision = decide_bands(score, names, cuts, source, costs, requested=requested)
+        return Routed(decision, plans)
 
     async def _plan(
         self, tenant: str, model: str, request: pb.CompleteRequest
@@ -130,6 +135,7 @@ class TierRouter:
             usage.cache_creation_input_tokens,
             usage.cache_read_input_tokens,
             output,
+            self._amortize,
         )
 
     async def _embedding(

@@ -544,7 +544,7 @@ class CompleteResponse(_message.Message):
     model: _builtins.str
     """the model that produced the answer"""
     tier: _builtins.str
-    """"small" | "large" """
+    """"small" | "large", or a tier between that the model table names"""
     stop_reason: _builtins.str
     """end_turn | max_tokens | tool_use"""
     trace_id: _builtins.str

@@ -1,7 +1,12 @@
-"""``python -m services.tools.bench.router``: dollars of the cost-aware learned router against
-the plain learned router (no prefix-cache weighing) and always-large, on the estimator's agent
+"""``python -m services.tools.bench.router``: the cost-aware learned router against the plain
+learned router (no prefix-cache weighing) and always-large, on the estimator's agent
 (tau-bench), tools (BFCL) and mixed workloads, L1 bypassed (the router alone is measured).
-Writes bench-results/router-replay.json.
+
+Each policy is reported in dollars and in expected quality loss (``frontier``: the sum of the
+learned scores of the requests sent to the small tier). The plain router is also swept over
+thresholds, tracing its cost for each expected loss, so each policy's dollars can be read
+against what the plain router pays for the same expected loss. Writes
+bench-results/router-replay.json.
 """
 
 from __future__ import annotations
@@ -9,43 +14,108 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from dataclasses import replace
 from pathlib import Path
 
-from cachemesh.loadtest.reqlog import LogRecord
-from cachemesh.loadtest.workloads import WorkloadSpec, build
-from cachemesh.v1 import gateway_pb2 as pb
-from services.common.clock import ManualClock
-from services.tools.estimator.offline import OfflineStack
-from services.tools.estimator.replay import WhatIf, replay
+import numpy as np
+
+from services.common.tokens import load_cl100k
+from services.semantic_cache.embedder import load_minilm_embedder
+from services.tools.bench.router.frontier import (
+    Point,
+    Served,
+    cost_at_loss,
+    loss_at_cost,
+    point,
+    sweep_thresholds,
+)
+from services.tools.bench.router.replay import Shared, records, run
 from services.tools.stack.lifecycle import Stack
 
 ROOT = Path(__file__).resolve().parents[4]
-POLICIES = {
-    "cost_aware_learned": ("auto", {}),
-    "plain_learned": ("auto", {"ROUTER_COST_AWARE": "false"}),
+PLAIN = {"ROUTER_COST_AWARE": "false"}
+COST_AWARE = {"ROUTER_COST_AWARE": "true"}
+# name -> (model, settings over the stack's): each named explicitly, whatever the defaults
+POLICIES: dict[str, tuple[str, dict[str, str]]] = {
+    "cost_aware": ("auto", COST_AWARE),
+    "cost_aware_amortized": ("auto", {**COST_AWARE, "ROUTER_WRITE_AMORTIZE_TURNS": "4"}),
+    "plain_learned": ("auto", PLAIN),
     "always_large": ("sim-large", {}),
 }
+SWEEP_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 
 
-def _records(workload: str, requests: int, interval_ms: int, data: Path) -> list[LogRecord]:
-    source = build(WorkloadSpec(workload, 7, "router-replay", data))
-    return [LogRecord(i * interval_ms, source.next_item()) for i in range(requests)]
+class Bench:
+    def __init__(self, args: argparse.Namespace, shared: Shared) -> None:
+        self.args = args
+        self.shared = shared
+
+    def replay(self, workload: str, model: str, over: dict[str, str]) -> list[Served]:
+        settings = Stack(ROOT, env_overrides=over).settings()
+        logged = records(workload, self.args.requests, self.args.interval_ms, self.args.data)
+        return asyncio.run(run(settings, logged, model, self.shared))
+
+    def workload(self, workload: str) -> dict[str, object]:
+        points: dict[str, Point] = {}
+        scores: list[float] = []
+        for name, (model, over) in POLICIES.items():
+            served = self.replay(workload, model, over)
+            points[name] = point(name, None, served, "small")
+            if name == "plain_learned":
+                scores = [s.score for s in served if s.score is not None]
+            print(workload, name, points[name].row(), flush=True)
+        thresholds = (
+            sweep_thresholds(np.array(scores), SWEEP_SHARES) if self.args.sweep != "none" else []
+        )
+        plain = [points["plain_learned"], points["always_large"]]
+        swept = []
+        for t in thresholds:
+            over = {**PLAIN, "ROUTER_THRESHOLD": str(t)}
+            plain.append(point(f"plain@{t}", t, self.replay(workload, "auto", over), "small"))
+            print(workload, "plain sweep", plain[-1].row(), flush=True)
+            if self.args.sweep == "both":
+                over = {**COST_AWARE, "ROUTER_THRESHOLD": str(t)}
+                swept.append(
+                    point(f"cost_aware@{t}", t, self.replay(workload, "auto", over), "small")
+                )
+                print(workload, "cost-aware sweep", swept[-1].row(), flush=True)
+        swept_plain = bool(thresholds)  # no sweep: no frontier to read against (n/a)
+        against = {
+            name: {
+                "cost_usd": p.cost_usd,
+                "expected_loss": p.expected_loss,
+                "plain_cost_at_this_loss": (
+                    cost_at_loss(plain, p.expected_loss) if swept_plain else None
+                ),
+                "plain_loss_at_this_cost": loss_at_cost(plain, p.cost_usd) if swept_plain else None,
+            }
+            for name, p in points.items()
+        }
+        return {
+            "policies": {name: p.row() for name, p in points.items()},
+            "against_plain_frontier": against,
+            "plain_frontier": [p.row() for p in sorted(plain, key=lambda p: p.expected_loss)],
+            "cost_aware_sweep": [p.row() for p in swept],
+        }
 
 
-async def _run(settings: dict[str, str], records: list[LogRecord], model: str) -> dict[str, object]:
-    stack = OfflineStack(settings, ManualClock())
-    for record in records:
-        record.item.request.model = model
-    samples = await replay(stack, records, WhatIf(l1=False))
-    ok = [s for s in samples if s.ok]
-    large = sum(1 for s in ok if s.model == "sim-large")
-    return {
-        "requests": len(samples),
-        "errors": len(samples) - len(ok),
-        "cost_usd": round(sum(s.cost_nanos for s in ok) / 1e9, 4),
-        "large_share": round(large / max(len(ok), 1), 4),
-    }
+def _table(report: dict[str, dict[str, object]]) -> str:
+    lines = [
+        "| workload | policy | cost (USD) | large share | expected loss (per request) "
+        "| plain router's cost at that loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload, body in report.items():
+        policies = body["policies"]
+        against = body["against_plain_frontier"]
+        assert isinstance(policies, dict) and isinstance(against, dict)
+        for name, row in policies.items():
+            at = against[name]["plain_cost_at_this_loss"]
+            lines.append(
+                f"| {workload} | {name} | {row['cost_usd']:.3f} | {row['large_share']:.1%} | "
+                f"{row['expected_loss']:.1f} ({row['loss_per_request']:.4f}) | "
+                f"{'n/a' if at is None else f'{at:.3f}'} |"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,29 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=int, default=2000)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path("bench-results/router-replay.json"))
+    parser.add_argument(
+        "--sweep",
+        choices=("plain", "both", "none"),
+        default="plain",
+        help="sweep the plain router's threshold (the frontier), also the cost-aware router's "
+        "base threshold (twice the replays), or neither",
+    )
     args = parser.parse_args(argv)
-    report: dict[str, object] = {}
-    for workload in args.workloads:
-        rows: dict[str, object] = {}
-        for name, (model, over) in POLICIES.items():
-            settings = Stack(ROOT, env_overrides=over).settings()
-            records = [
-                replace(r, item=replace(r.item, request=_copy(r.item.request)))
-                for r in _records(workload, args.requests, args.interval_ms, args.data)
-            ]
-            rows[name] = asyncio.run(_run(settings, records, model))
-            print(workload, name, rows[name], flush=True)
-        report[workload] = rows
+    shared = Shared(load_minilm_embedder(threads=1), load_cl100k())
+    bench = Bench(args, shared)
+    report = {workload: bench.workload(workload) for workload in args.workloads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(_table(report))
     print(f"written to {args.out}")
     return 0
-
-
-def _copy(request: pb.CompleteRequest) -> pb.CompleteRequest:
-    out = pb.CompleteRequest()
-    out.CopyFrom(request)
-    return out
 
 
 if __name__ == "__main__":

@@ -12,12 +12,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from services.router.routing.model import CARD_PATH, FORMAT, WEIGHTS_PATH, load_router_model
+from services.common.env import Env
+from services.common.models import model_table_from_env
+from services.router.routing.model import (
+    CARD_PATH,
+    FORMAT,
+    WEIGHTS_PATH,
+    load_router_model,
+)
 from services.tools.evaluation.router.fitting import (
     FOLDS,
     L2,
@@ -29,6 +37,12 @@ from services.tools.evaluation.router.labels import DATA, SPLIT_SEED
 from services.tools.evaluation.router.metrics import curve
 from services.tools.evaluation.router.report import at_share, set_facts, summary
 from services.tools.evaluation.router.session import OUTPUT_TOKENS, Session
+from services.tools.evaluation.router.tiers import (
+    TierShareError,
+    calibrate_tiers,
+    describe,
+    parse_tier_shares,
+)
 
 MEANING = (
     "P(large model right) - P(small model right) for this question, each a logistic head over "
@@ -50,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--share", type=float, help="share of calls to the large model, 0-1")
     target.add_argument("--quality", type=float, help="share of the large model's quality, 0-1")
     cal.add_argument("--write", action="store_true", help="make it the card's default threshold")
+    cal.add_argument(
+        "--tier-share",
+        help="tiers between small and large (the configured table): tier=share,... of calls "
+        "sent to that tier or a dearer one; prints ROUTER_TIER_THRESHOLDS",
+    )
     ev = sub.add_parser("eval", help="report-half figures to JSON")
     ev.add_argument("--out", type=Path, default=Path("bench-results/router-eval.json"))
     args = parser.parse_args(argv)
@@ -57,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fit":
         return _fit(session)
     if args.command == "calibrate":
-        return _calibrate(session, args.share, args.quality, args.write)
+        status, threshold = _calibrate(session, args.share, args.quality, args.write)
+        if threshold is not None and args.tier_share:
+            return _calibrate_tiers(session, args.tier_share, threshold)
+        return status
     return _eval(session, args.out)
 
 
@@ -96,21 +118,24 @@ def _fit(session: Session) -> int:
     return 0
 
 
-def _calibrate(session: Session, share: float | None, quality: float | None, write: bool) -> int:
+def _calibrate(
+    session: Session, share: float | None, quality: float | None, write: bool
+) -> tuple[int, float | None]:
+    """The exit status, and the threshold picked (None: refused)."""
     fit = session.half("fit")
     if not OOF_PATH.is_file():
         print("no out-of-fold scores: run make fit-router first", file=sys.stderr)
-        return 2
+        return 2, None
     oof = np.load(OOF_PATH)
     c = curve(oof, fit.weak, fit.strong)
     if share is None and quality is None:
         quality = 0.95
     if share is not None and not 0.0 <= share <= 1.0:
         print("--share must be within [0, 1]", file=sys.stderr)
-        return 2
+        return 2, None
     if quality is not None and not 0.0 < quality <= 1.0:
         print("--quality must be within (0, 1]", file=sys.stderr)
-        return 2
+        return 2, None
     if quality is not None:
         share = c.share_for_quality(quality * c.strong_quality)
         target = f"{quality:.0%} of the large model's quality"
@@ -133,6 +158,20 @@ def _calibrate(session: Session, share: float | None, quality: float | None, wri
         card["calibration"] = {"target": target, "expected": point}
         CARD_PATH.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
         print(f"default threshold written to {CARD_PATH}")
+    return 0, float(point["threshold"])
+
+
+def _calibrate_tiers(session: Session, value: str, threshold: float) -> int:
+    table = model_table_from_env(Env(os.environ))
+    try:
+        shares = parse_tier_shares(value, table)
+    except TierShareError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    fit = session.half("fit")
+    result = calibrate_tiers(fit, np.load(OOF_PATH), table, threshold, shares)
+    print(f"tiers {', '.join(table.tiers)}, large from the threshold above ({threshold:.4f}):")
+    print(describe(result))
     return 0
 
 

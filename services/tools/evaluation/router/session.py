@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.models import ModelTable, load_model_table
+from services.common.models import ModelSpec, ModelTable, load_model_table
 from services.common.tokens import load_cl100k
 from services.router.routing.features import shape_features
 from services.router.tiering import choose_tier
@@ -31,6 +31,14 @@ class Prompts:
     strong: npt.NDArray[np.bool_]
     small_nanos: npt.NDArray[np.float64]  # each prompt's cost on the small model
     large_nanos: npt.NDArray[np.float64]
+    tokens: npt.NDArray[np.float64]  # each prompt's tokens (cl100k)
+
+    def nanos_on(self, spec: ModelSpec) -> npt.NDArray[np.float64]:
+        """Each prompt's cost on ``spec`` (its tokens and OUTPUT_TOKENS at its prices)."""
+        out: npt.NDArray[np.float64] = (
+            self.tokens * spec.input_nanos + OUTPUT_TOKENS * spec.output_nanos
+        )
+        return out
 
     @property
     def texts(self) -> list[str]:
@@ -81,4 +89,5 @@ class Session:
             strong=np.array([r.strong for r in rows]),
             small_nanos=tokens * small.input_nanos + OUTPUT_TOKENS * small.output_nanos,
             large_nanos=tokens * large.input_nanos + OUTPUT_TOKENS * large.output_nanos,
+            tokens=tokens,
         )
