@@ -1,0 +1,119 @@
+"""CPU per exact L1 hit, service by service: what metrics, logs and tracing cost a request.
+
+Starts a stack of its own (free loopback ports, a run dir under ``<root>/.run``, the
+simulator's sleeps at 0, no trace export), asks one question once (a miss that stores it),
+then asks it ``--requests`` more times at ``--concurrency`` in flight (each an exact hit:
+one Lookup), reading every service's utime + stime from ``/proc/<pid>/stat`` around those
+hits; repeats it ``--rounds`` times and writes the per-round figures and their median.
+
+``--root`` runs another checkout's services with this one's runner (for a before/after:
+``git archive main | tar -x -C /tmp/base`` then ``--root /tmp/base``). Timing is written to
+the report, never asserted.
+
+    .venv/bin/python -m services.tools.bench.hit_cpu --out bench-results/hit-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cachemesh import AsyncClient, build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from services.tools.bench.gateway.cpu import (
+    CpuProbe,
+    clock_ticks_per_s,
+    per_request,
+    read_proc_stat,
+    ticks_between,
+)
+from services.tools.stack.keys import ensure_keys
+from services.tools.stack.lifecycle import Stack
+
+QUESTION = "How do I reset my password on the billing portal?"
+
+
+async def _hits(target: str, key: str, requests: int, concurrency: int) -> int:
+    namespace = f"hit-cpu-{time.time_ns()}"  # a fresh one a round: its first ask is a miss
+    request = build_request(QUESTION, model="sim-small", max_tokens=256, namespace=namespace)
+    async with AsyncClient(target, api_key=key) as client:
+        first = await client.complete(request)
+        if first.served_by != pb.LAYER_MODEL:
+            raise RuntimeError(f"the first ask was not a miss: {pb.Layer.Name(first.served_by)}")
+        await asyncio.sleep(0.5)  # its Store lands (the answer does not wait for it)
+        await client.complete(request)  # warm: the first hit
+        left = requests
+
+        async def worker() -> int:
+            nonlocal left
+            served = 0
+            while left > 0:
+                left -= 1
+                response = await client.complete(request)
+                if response.served_by != pb.LAYER_SEMANTIC_CACHE or not response.semantic.exact:
+                    raise RuntimeError("a repeat was not an exact L1 hit")
+                served += 1
+            return served
+
+        return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+
+
+def measure(root: Path, requests: int, concurrency: int, rounds: int) -> dict[str, Any]:
+    run_dir = root / ".run" / "bench-hit-cpu"
+    keys = ensure_keys(run_dir)
+    settings = {"SIM_TIME_SCALE": "0", "OTEL_TRACES_EXPORTER": "none"}
+    stack = Stack.on_free_ports(root, run_dir, settings, out=sys.stderr)
+    stack.start()
+    try:
+        pids = {r.service.name: r.pid for r in stack.running()}
+        probe = CpuProbe(pids, read_proc_stat, clock_ticks_per_s())
+        key = keys.api_keys["tenant-a"]
+        per_round = []
+        for number in range(rounds):
+            before = probe.sample()
+            started = time.monotonic()
+            served = asyncio.run(_hits(stack.router_address, key, requests, concurrency))
+            wall = time.monotonic() - started
+            spent = ticks_between(before, probe.sample())
+            figures = per_request(spent, served + 2, probe.ticks_per_s)
+            figures["requests_per_s"] = round((served + 2) / wall, 1)
+            per_round.append(figures)
+            router = figures["ms_per_request"]["router"]
+            print(f"round {number + 1}: router {router} ms a hit", file=sys.stderr)
+    finally:
+        stack.stop()
+    routers = [r["ms_per_request"]["router"] for r in per_round]
+    return {
+        "root": str(root),
+        "requests": requests,
+        "concurrency": concurrency,
+        "rounds": per_round,
+        "router_ms_per_hit_median": round(statistics.median(routers), 3),
+        "router_ms_per_hit": routers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="the checkout to run")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    report = measure(args.root.resolve(), args.requests, args.concurrency, args.rounds)
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
