@@ -3,6 +3,7 @@ cachemesh.v1.Model.Generate (server streaming)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -11,6 +12,7 @@ import grpc
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.errors import RequestError
 from services.common.status import grpc_code
+from services.model.metrics import ModelMetrics
 
 
 class GenerateApi(Protocol):
@@ -22,9 +24,15 @@ class GenerateApi(Protocol):
 class ModelService(model_pb2_grpc.ModelServicer):
     """Answers UNAVAILABLE until ``attach`` hands it the API (after the tokenizer loads)."""
 
-    def __init__(self, replica_id: str, api: GenerateApi | None = None) -> None:
+    def __init__(
+        self,
+        replica_id: str,
+        api: GenerateApi | None = None,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
         self._replica_id = replica_id
         self._api = api
+        self._metrics = metrics
 
     def attach(self, api: GenerateApi) -> None:
         self._api = api
@@ -40,8 +48,26 @@ class ModelService(model_pb2_grpc.ModelServicer):
                 f"model replica {self._replica_id} is still loading its tokenizer; retry shortly",
             )
             return
+        metrics = self._metrics
+        if metrics is None:
+            try:
+                async for chunk in self._api.generate(request, context.time_remaining()):
+                    yield chunk
+            except RequestError as error:
+                await context.abort(grpc_code(error.code), error.message)
+            return
+        call = metrics.begin(request.model)
+        outcome = "failed"
         try:
             async for chunk in self._api.generate(request, context.time_remaining()):
+                metrics.chunk(call, chunk)
                 yield chunk
+            outcome = "ok"
         except RequestError as error:
+            outcome = "refused"
             await context.abort(grpc_code(error.code), error.message)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.end(call, outcome)

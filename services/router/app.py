@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 
 from cachemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.auth import ApiKeys
 from services.common.clock import SystemClock
 from services.common.env import Env
+from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.models import model_table_from_env
-from services.common.server import ServiceSpec, configure_logging, run_main, run_service
+from services.common.server import ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
-from services.router.grpc_adapters import connect
+from services.router.access_log import RequestLog
+from services.router.grpc_adapters import CallTiming, connect
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_limiter
+from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox, Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
@@ -43,7 +48,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         else card.default_threshold
     )
     local = LocalEmbedder(load_minilm_embedder) if settings.local_embedder else None
-    connected = connect(settings, provider.get_tracer("cachemesh.grpc"))
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(settings.metrics.max_tenants))
+    connected = connect(
+        settings, provider.get_tracer("cachemesh.grpc"), CallTiming(metrics.dependency)
+    )
     outbox = BillingOutbox(
         connected.dependencies.prefix,
         Journal(settings.data_dir) if settings.data_dir is not None else None,
@@ -58,10 +67,14 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings,
         (router_model, threshold, local),
         outbox,
+        metrics,
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     limiter = await build_limiter(settings.limits, SystemClock())
-    servicer = GatewayServicer(keys, table, set(settings.replicas), pipeline, answers, limiter)
+    requests = RequestLog(metrics, table, time.perf_counter)
+    servicer = GatewayServicer(
+        keys, table, set(settings.replicas), pipeline, answers, limiter, requests
+    )
 
     replays: list[asyncio.Task[None]] = []
 
@@ -89,6 +102,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             interceptors=server_interceptors(provider),
             warmup=warmup,
             on_stop=[close],
+            metrics=MetricsEndpoint(settings.metrics, registry),
         ),
         stop,
     )

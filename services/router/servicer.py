@@ -17,6 +17,7 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
+from services.router.access_log import Call, RequestLog
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable
 from services.router.limits import Denial, Limiter, Ticket
 from services.router.pipeline import Pipeline, chunks_of
@@ -38,6 +39,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         pipeline: Pipeline,
         answers: IdempotencyTable,
         limiter: Limiter,
+        log: RequestLog,
     ) -> None:
         self._keys = keys
         self._table = table
@@ -45,31 +47,52 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._pipeline = pipeline
         self._answers = answers
         self._limiter = limiter
+        self._log = log  # the access-log line and the request metrics, when a call ends
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
-        ticket = await self._admit(request, context)
+        call = self._log.begin("Complete")
+        ended = ""
         try:
-            async with aclosing(self._answered(ticket, request, streamed=False)) as chunks:
-                async for chunk in chunks:
-                    if chunk.WhichOneof("part") == "end":
-                        return chunk.end
-        except RequestError as exc:
-            await context.abort(grpc_code(exc.code), exc.message)
-        await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
-        raise AssertionError("unreachable: abort raises")
+            ticket = await self._admit(request, context, call)
+            try:
+                async with aclosing(
+                    self._answered(ticket, request, call, streamed=False)
+                ) as chunks:
+                    async for chunk in chunks:
+                        if chunk.WhichOneof("part") == "end":
+                            ended = "OK"
+                            return chunk.end
+            except RequestError as exc:
+                await context.abort(grpc_code(exc.code), exc.message)
+            await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
+            raise AssertionError("unreachable: abort raises")
+        except asyncio.CancelledError:
+            ended = "CANCELLED"
+            raise
+        finally:
+            self._log.finish(call, request, _status(context, ended))
 
     async def StreamComplete(
         self, request: pb.CompleteRequest, context: Context
     ) -> AsyncIterator[pb.CompleteChunk]:
-        ticket = await self._admit(request, context)
+        call = self._log.begin("StreamComplete")
+        ended = ""
         try:
-            async with aclosing(self._answered(ticket, request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except RequestError as exc:
-            await context.abort(grpc_code(exc.code), exc.message)
+            ticket = await self._admit(request, context, call)
+            try:
+                async with aclosing(self._answered(ticket, request, call)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                ended = "OK"
+            except RequestError as exc:
+                await context.abort(grpc_code(exc.code), exc.message)
+        except (asyncio.CancelledError, GeneratorExit):
+            ended = "CANCELLED"
+            raise
+        finally:
+            self._log.finish(call, request, _status(context, ended))
 
-    async def _admit(self, request: pb.CompleteRequest, context: Context) -> Ticket:
+    async def _admit(self, request: pb.CompleteRequest, context: Context, call: Call) -> Ticket:
         token = bearer_token(context.invocation_metadata())
         if token is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
@@ -78,6 +101,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED
             )
+        call.tenant = tenant or ""
         try:
             validate_request(request, self._table, self._deployed)
         except RequestError as exc:
@@ -102,7 +126,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return admitted
 
     async def _answered(
-        self, ticket: Ticket, request: pb.CompleteRequest, *, streamed: bool = True
+        self, ticket: Ticket, request: pb.CompleteRequest, call: Call, *, streamed: bool = True
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The request's chunks, once per request_id: a retry replays the first answer."""
         tenant = ticket.tenant
@@ -112,7 +136,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
             self._limiter.replayed(ticket)
+            call.replayed = True
             for chunk in chunks_of(await asyncio.shield(future)):
+                if chunk.WhichOneof("part") == "end":
+                    call.end = chunk.end
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
@@ -120,11 +147,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async with aclosing(self._pipeline.run(tenant, request, streamed=streamed)) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
-                        end = chunk.end
+                        end = call.end = chunk.end
                     yield chunk
         finally:
             _settle(self._answers, tenant, request, future, end)
             self._limiter.settle(ticket, end)
+
+
+def _status(context: Context, ended: str) -> str:
+    """The call's gRPC status name: what it aborted with, else how it ended (``ended``: OK or
+    CANCELLED; empty when it raised something else, which gRPC reports as UNKNOWN)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return ended or "UNKNOWN"
 
 
 def _settle(

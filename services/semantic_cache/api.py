@@ -13,6 +13,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer, InvalidQuery
 
@@ -34,8 +35,10 @@ class SemanticCacheApi:
         cache: SemanticCache,
         lease_wait_s: float = 0.0,
         draining: asyncio.Event | None = None,
+        metrics: SemanticCacheMetrics | None = None,
     ) -> None:
         self._cache = cache
+        self._metrics = metrics  # None: the offline estimator
         self._lease_wait_s = lease_wait_s  # the most a lookup waits on another's lease
         self._draining = draining  # once set, writes are refused (UNAVAILABLE)
 
@@ -52,6 +55,8 @@ class SemanticCacheApi:
             result = await self._cache.check(query, wait_s, lead=not draining)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if self._metrics is not None:
+            self._metrics.looked_up(request.tenant, result)
         response = sc.LookupResponse(
             pending=result.pending,
             hit=result.hit,
@@ -98,6 +103,8 @@ class SemanticCacheApi:
             result = await self._cache.store(query, record)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if self._metrics is not None:
+            self._metrics.stored(request.tenant, result.stored)
         return sc.StoreResponse(
             stored=result.stored, entry_id=result.entry_id, skip_reason=result.skip_reason
         )

@@ -41,6 +41,10 @@ class Resolved:
     def port(self, spec: ServiceDef) -> int:
         return port_of(self.dotenv[spec.listen_var])
 
+    def metrics_port(self, spec: ServiceDef) -> int:
+        return port_of(self.dotenv[spec.metrics_var])
+
+
 
 @pytest.fixture(scope="module")
 def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
@@ -68,7 +72,8 @@ def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
 
 
 def test_same_services_as_the_stack_plus_redis_and_jaeger(resolved: Resolved) -> None:
-    assert set(resolved.config["services"]) == {s.name for s in SERVICES} | {"redis", "jaeger"}
+    extra = {"redis", "jaeger"}
+    assert set(resolved.config["services"]) == {s.name for s in SERVICES} | extra
 
 
 @pytest.mark.parametrize("name", [*(s.name for s in SERVICES), "redis"])
@@ -110,7 +115,12 @@ def test_command_and_build_match_the_runner(resolved: Resolved, spec: ServiceDef
 
 def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]:
     dial = {s.name: f"{s.name}:{resolved.port(s)}" for s in SERVICES}
-    moved = relocate(resolved.dotenv, {spec.name: f"0.0.0.0:{resolved.port(spec)}"}, dial)
+    moved = relocate(
+        resolved.dotenv,
+        {spec.name: f"0.0.0.0:{resolved.port(spec)}"},
+        dial,
+        {spec.name: f"0.0.0.0:{resolved.metrics_port(spec)}"},  # scraped from the network
+    )
     overrides = {k: v for k, v in moved.items() if k in spec.env_keys}
     overrides = {k: v for k, v in spec.process_env(overrides).items() if k in spec.env_keys}
     # state on the containers' volumes; prefix-cache's Redis is the compose service
@@ -205,3 +215,4 @@ def test_semantic_cache_state_lives_in_a_named_volume(resolved: Resolved) -> Non
 def test_images_never_contain_local_secrets() -> None:
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ".run/" in ignored and ".venv/" in ignored
+

@@ -22,14 +22,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def relocate(
-    settings: Mapping[str, str], listen: Mapping[str, str], dial: Mapping[str, str]
+    settings: Mapping[str, str],
+    listen: Mapping[str, str],
+    dial: Mapping[str, str],
+    metrics: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Overrides moving each named service to a new ``listen`` address, reached at ``dial``.
+    """Overrides moving each named service to a new ``listen`` address, reached at ``dial``,
+    and (each named in ``metrics``) its GET /metrics to a new address.
 
     Peer variables that pointed at the service's old address now point at its ``dial``
     address; peers that pointed elsewhere (an external replica) are left alone.
     """
     overrides: dict[str, str] = {}
+    for service in SERVICES:
+        if metrics is not None and service.name in metrics:
+            overrides[service.metrics_var] = metrics[service.name]
     old = {
         s.name: dial_address(settings.get(s.listen_var) or f"127.0.0.1:{s.default_port}")
         for s in SERVICES
@@ -46,10 +53,11 @@ def relocate(
 
 
 def free_port_overrides(settings: Mapping[str, str], host: str = "127.0.0.1") -> dict[str, str]:
-    """Overrides putting every service on a free port of ``host`` (for tests), and the
-    stack's own Redis (when it runs one) too."""
+    """Overrides putting every service, and its metrics, on free ports of ``host`` (for tests
+    and benchmarks), and the stack's own Redis (when it runs one) too."""
     addresses = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
-    overrides = relocate(settings, addresses, addresses)
+    metrics = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
+    overrides = relocate(settings, addresses, addresses, metrics)
     url = settings.get(REDIS_URL_VAR) or ""
     if stack_redis_address(settings) is not None:
         parts = urlsplit(url)

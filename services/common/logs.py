@@ -1,0 +1,109 @@
+"""Structured logs: one JSON object a line on stderr, joined to the trace of the request.
+
+Every line carries ``ts`` (UTC, ms), ``level``, ``logger`` and ``msg``; a line written while
+a span is current (inside a request, in every service it reaches) also carries its
+``trace_id`` and ``span_id``, the ids Jaeger shows. A record's ``fields`` (passed as
+``extra={"fields": {...}}``) become keys of the line, as the router's access log does.
+
+``CACHEMESH_LOG_LEVEL`` (DEBUG, INFO, WARNING, ERROR, CRITICAL; default INFO) sets the level
+and ``CACHEMESH_LOG_FORMAT`` (``json``, the default, or ``text`` for a person at a terminal)
+the shape; any other value stops the service naming the variable. At INFO no line holds a
+prompt, an answer or a secret: the services log what happened, to whom (the tenant) and how
+much, never the text.
+
+Written for cost (the access log writes a line per request): the formatter reads the span
+context once, formats the timestamp once a second, and serializes one flat dict with the C
+JSON encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from opentelemetry import trace
+
+from services.common.env import ConfigError, Env
+
+LEVEL_VAR = "CACHEMESH_LOG_LEVEL"
+FORMAT_VAR = "CACHEMESH_LOG_FORMAT"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FORMATS = ("json", "text")
+_TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = record.created
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        line: dict[str, Any] = {
+            "ts": f"{self._stamp}.{int((created - second) * 1000):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            line["trace_id"] = format(context.trace_id, "032x")
+            line["span_id"] = format(context.span_id, "016x")
+        fields = record.__dict__.get("fields")
+        if fields:
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return _encode(line)
+
+
+class TextFormatter(logging.Formatter):
+    """For a person at a terminal: the classic line, a record's ``fields`` as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = record.__dict__.get("fields")
+        if fields:
+            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+        return line
+
+
+def log_settings(env: Env) -> tuple[int, str]:
+    """The level (a ``logging`` constant) and format, validated."""
+    level = env.str("CACHEMESH_LOG_LEVEL", "INFO").upper()
+    if level not in LEVELS:
+        raise ConfigError(f"{LEVEL_VAR} must be one of {', '.join(LEVELS)}, got {level[:32]!r}")
+    shape = env.str("CACHEMESH_LOG_FORMAT", "json").lower()
+    if shape not in FORMATS:
+        raise ConfigError(f"{FORMAT_VAR} must be one of {', '.join(FORMATS)}, got {shape[:32]!r}")
+    return logging.getLevelNamesMapping()[level], shape
+
+
+def configure_logging(env: Env, stream: TextIO | None = None) -> None:
+    """The root logger writes to ``stream`` (stderr) at the configured level and format. A
+    handler this function installed before (a second ``serve`` in one process) is replaced;
+    others (a test's capture) are kept."""
+    level, shape = log_settings(env)
+    handler = _Handler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if shape == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class _Handler(logging.StreamHandler[TextIO]):
+    """The handler ``configure_logging`` installs (so a second call finds and replaces it)."""

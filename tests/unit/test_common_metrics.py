@@ -1,0 +1,78 @@
+"""services.common.metrics: settings, the /metrics endpoint, bounded tenant labels, children."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client import Counter
+
+from services.common.env import ConfigError, Env
+from services.common.metrics import (
+    NONE,
+    OTHER,
+    Children,
+    MetricsEndpoint,
+    MetricsSettings,
+    TenantLabels,
+    new_registry,
+)
+
+
+def test_settings_name_their_variable() -> None:
+    settings = MetricsSettings.from_env(Env({}), "ROUTER", "127.0.0.1:9101")
+    assert (settings.listen, settings.listen_var, settings.max_tenants) == (
+        "127.0.0.1:9101",
+        "ROUTER_METRICS_LISTEN",
+        100,
+    )
+    zero = MetricsSettings.from_env(Env({"CACHEMESH_METRICS_MAX_TENANTS": "0"}), "X", "h:1")
+    assert zero.max_tenants == 0  # 0 is a value: every tenant is "other"
+    with pytest.raises(ConfigError, match="ROUTER_METRICS_LISTEN"):
+        MetricsSettings.from_env(Env({"ROUTER_METRICS_LISTEN": "9101"}), "ROUTER", "h:1")
+    with pytest.raises(ConfigError, match="CACHEMESH_METRICS_MAX_TENANTS"):
+        MetricsSettings.from_env(Env({"CACHEMESH_METRICS_MAX_TENANTS": "many"}), "X", "h:1")
+
+
+def test_tenants_past_the_cap_share_other_and_are_not_remembered() -> None:
+    labels = TenantLabels(2)
+    assert [labels(t) for t in ("a", "b", "c", "a", "d", "b")] == ["a", "b", OTHER, "a", OTHER, "b"]
+    assert labels("") == NONE
+    assert len(labels._kept) == 2
+    assert TenantLabels(0)("a") == OTHER
+
+
+def test_children_are_made_once_per_label_values() -> None:
+    registry = new_registry()
+    counter = Children(Counter("things", "things", ["kind"], registry=registry))
+    assert counter("a") is counter("a")
+    counter("a").inc(2)
+    counter("b").inc()
+    assert registry.get_sample_value("things_total", {"kind": "a"}) == 2.0
+    assert registry.get_sample_value("things_total", {"kind": "b"}) == 1.0
+
+
+def test_the_endpoint_serves_the_exposition_and_process_metrics() -> None:
+    registry = new_registry()
+    Counter("cachemesh_probe", "a probe", registry=registry).inc(3)
+    endpoint = MetricsEndpoint(MetricsSettings("127.0.0.1:0", "X_METRICS_LISTEN", 1), registry)
+    endpoint.start()
+    try:
+        url = f"http://127.0.0.1:{endpoint.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+    finally:
+        endpoint.stop()
+    assert "cachemesh_probe_total 3.0" in text
+    assert "process_cpu_seconds_total" in text
+
+
+def test_a_held_port_stops_the_start_naming_the_variable() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        settings = MetricsSettings(f"127.0.0.1:{port}", "MODEL_METRICS_LISTEN", 1)
+        with pytest.raises(ConfigError, match=f"MODEL_METRICS_LISTEN=127.0.0.1:{port}"):
+            MetricsEndpoint(settings, new_registry()).start()
