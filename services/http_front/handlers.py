@@ -139,6 +139,7 @@ class Front:
                 failed = ApiError("api", "the HTTP front failed on this request; see its log")
                 response = self._error(api, failed, traceparent)
             span.set_attribute("http.response.status_code", response.status)
+            log.debug("%s answered %d", name, response.status)
             return response
 
     def _error(self, api: Api, error: ApiError, traceparent: str) -> web.Response:

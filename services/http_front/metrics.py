@@ -10,36 +10,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
-from services.common.metrics import LATENCY_BUCKETS, Children
+from services.common.metrics import LoopMetrics
 
 
 class HttpFrontMetrics:
     def __init__(self, registry: CollectorRegistry, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self._requests = Children(
-            Counter(
-                "cachemesh_http_front_requests",
-                "HTTP requests answered, by API, route and status",
-                ["api", "route", "status"],
-                registry=registry,
-            )
+        m = LoopMetrics(registry)
+        self._requests = m.counter(
+            "cachemesh_http_front_requests",
+            "HTTP requests answered, by API, route and status",
+            ("api", "route", "status"),
         )
-        self._duration = Children(
-            Histogram(
-                "cachemesh_http_front_request_duration_seconds",
-                "HTTP requests, from arrival to the last byte of the answer",
-                ["api", "route"],
-                buckets=LATENCY_BUCKETS,
-                registry=registry,
-            )
+        self._duration = m.histogram(
+            "cachemesh_http_front_request_duration_seconds",
+            "HTTP requests, from arrival to the last byte of the answer",
+            ("api", "route"),
         )
-        self.in_flight = Gauge(
-            "cachemesh_http_front_requests_in_flight",
-            "HTTP requests in progress",
-            registry=registry,
-        )
+        self.in_flight = m.gauge(
+            "cachemesh_http_front_requests_in_flight", "HTTP requests in progress"
+        )()
 
     def answered(self, api: str, route: str, status: int, began: float) -> None:
         self._requests(api, route, str(status)).inc()

@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import model_pb2
-from services.common.metrics import LATENCY_BUCKETS, Children
+from services.common.metrics import LoopMetrics
 
 TPS_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 
@@ -42,54 +42,34 @@ class ModelMetrics:
     ) -> None:
         self._models = frozenset(models)
         self._clock = clock
-        r = registry
-        self._in_flight = Children(
-            Gauge("cachemesh_model_in_flight", "Generate calls in progress", ["model"], registry=r)
+        m = LoopMetrics(registry)
+        self._in_flight = m.gauge(
+            "cachemesh_model_in_flight", "Generate calls in progress", ("model",)
         )
-        self._generations = Children(
-            Counter(
-                "cachemesh_model_generations",
-                "Generate calls ended: ok, refused, failed, cancelled",
-                ["model", "outcome"],
-                registry=r,
-            )
+        self._generations = m.counter(
+            "cachemesh_model_generations",
+            "Generate calls ended: ok, refused, failed, cancelled",
+            ("model", "outcome"),
         )
-        self._prompt = Children(
-            Counter(
-                "cachemesh_model_prompt_tokens",
-                "Prompt tokens the engine was given",
-                ["model"],
-                registry=r,
-            )
+        self._prompt = m.counter(
+            "cachemesh_model_prompt_tokens", "Prompt tokens the engine was given", ("model",)
         )
-        self._kv = Children(
-            Counter(
-                "cachemesh_model_kv_cached_tokens",
-                "Prompt tokens reused from the engine's KV cache (no prefill)",
-                ["model"],
-                registry=r,
-            )
+        self._kv = m.counter(
+            "cachemesh_model_kv_cached_tokens",
+            "Prompt tokens reused from the engine's KV cache (no prefill)",
+            ("model",),
         )
-        self._output = Children(
-            Counter("cachemesh_model_output_tokens", "Tokens generated", ["model"], registry=r)
+        self._output = m.counter("cachemesh_model_output_tokens", "Tokens generated", ("model",))
+        self._ttft = m.histogram(
+            "cachemesh_model_time_to_first_token_seconds",
+            "From the Generate call to its first content",
+            ("model",),
         )
-        self._ttft = Children(
-            Histogram(
-                "cachemesh_model_time_to_first_token_seconds",
-                "From the Generate call to its first content",
-                ["model"],
-                buckets=LATENCY_BUCKETS,
-                registry=r,
-            )
-        )
-        self._tps = Children(
-            Histogram(
-                "cachemesh_model_decode_tokens_per_second",
-                "Output tokens per second of decode (first to last chunk)",
-                ["model"],
-                buckets=TPS_BUCKETS,
-                registry=r,
-            )
+        self._tps = m.histogram(
+            "cachemesh_model_decode_tokens_per_second",
+            "Output tokens per second of decode (first to last chunk)",
+            ("model",),
+            TPS_BUCKETS,
         )
 
     def begin(self, model: str) -> Generation:

@@ -4,6 +4,7 @@ cachemesh.v1.Model.Generate (server streaming)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -13,6 +14,23 @@ from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.errors import RequestError
 from services.common.status import grpc_code
 from services.model.metrics import ModelMetrics
+
+log = logging.getLogger("cachemesh.model")
+
+
+def _log_chunk(model: str, chunk: model_pb2.GenerateChunk) -> None:
+    part = chunk.WhichOneof("part")
+    if part == "start":
+        start = chunk.start
+        log.debug(
+            "generate %s: %d prompt tokens, %d from the KV cache",
+            model,
+            start.prompt_tokens,
+            start.kv_cached_tokens,
+        )
+    elif part == "end":
+        end = chunk.end
+        log.debug("generated %s: %d output tokens (%s)", model, end.output_tokens, end.stop_reason)
 
 
 class GenerateApi(Protocol):
@@ -61,6 +79,7 @@ class ModelService(model_pb2_grpc.ModelServicer):
         try:
             async for chunk in self._api.generate(request, context.time_remaining()):
                 metrics.chunk(call, chunk)
+                _log_chunk(request.model, chunk)
                 yield chunk
             outcome = "ok"
         except RequestError as error:

@@ -17,9 +17,9 @@ returns the same bill and counts nothing):
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-from services.common.metrics import Children
+from services.common.metrics import LoopMetrics
 from services.prefix_cache.commit_records import Final
 
 WARM_REFRESH_S = 10.0  # how often the warm-prefix gauge counts them (a SCAN with Redis)
@@ -27,60 +27,41 @@ WARM_REFRESH_S = 10.0  # how often the warm-prefix gauge counts them (a SCAN wit
 
 class PrefixCacheMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self._tokens = Children(
-            Counter(
-                "cachemesh_prefix_cache_tokens",
-                "Prompt and output tokens billed: written, read, uncached, output",
-                ["model", "kind"],
-                registry=r,
-            )
+        m = LoopMetrics(registry)
+        self._tokens = m.counter(
+            "cachemesh_prefix_cache_tokens",
+            "Prompt and output tokens billed: written, read, uncached, output",
+            ("model", "kind"),
         )
-        self._bills = Children(
-            Counter(
-                "cachemesh_prefix_cache_bills",
-                "Requests billed (FINAL commits), reconciled with a provider's report or not",
-                ["model", "reconciled"],
-                registry=r,
-            )
+        self._bills = m.counter(
+            "cachemesh_prefix_cache_bills",
+            "Requests billed (FINAL commits), reconciled with a provider's report or not",
+            ("model", "reconciled"),
         )
-        self._cost = Children(
-            Counter(
-                "cachemesh_prefix_cache_cost_nanos",
-                "What the bills charged, in nano-dollars",
-                ["model"],
-                registry=r,
-            )
+        self._cost = m.counter(
+            "cachemesh_prefix_cache_cost_nanos",
+            "What the bills charged, in nano-dollars",
+            ("model",),
         )
-        self._drift_tokens = Children(
-            Counter(
-                "cachemesh_prefix_cache_drift_abs_prompt_tokens",
-                "|reported - estimated| prompt tokens, summed over the reconciled bills",
-                ["model"],
-                registry=r,
-            )
+        self._drift_tokens = m.counter(
+            "cachemesh_prefix_cache_drift_abs_prompt_tokens",
+            "|reported - estimated| prompt tokens, summed over the reconciled bills",
+            ("model",),
         )
-        self._drift_cost = Children(
-            Counter(
-                "cachemesh_prefix_cache_drift_abs_cost_nanos",
-                "|reported - estimated| cost in nano-dollars, summed over the reconciled bills",
-                ["model"],
-                registry=r,
-            )
+        self._drift_cost = m.counter(
+            "cachemesh_prefix_cache_drift_abs_cost_nanos",
+            "|reported - estimated| cost in nano-dollars, summed over the reconciled bills",
+            ("model",),
         )
-        self._plans = Children(
-            Counter(
-                "cachemesh_prefix_cache_plans",
-                "Plans computed (a miss's split and replica candidates)",
-                ["model"],
-                registry=r,
-            )
+        self._plans = m.counter(
+            "cachemesh_prefix_cache_plans",
+            "Plans computed (a miss's split and replica candidates)",
+            ("model",),
         )
-        self.warm_prefixes = Gauge(
+        self.warm_prefixes = m.gauge(
             "cachemesh_prefix_cache_warm_prefixes",
             "Warm prefixes held (expired ones not yet collected included)",
-            registry=r,
-        )
+        )()
 
     def planned(self, model: str) -> None:
         self._plans(model).inc()

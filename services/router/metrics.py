@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.metrics import LATENCY_BUCKETS, Children, TenantLabels
+from services.common.metrics import LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
 from services.router.routing.decision import Decision
 
 LAYERS = {
@@ -64,132 +64,96 @@ _GEN_AI = (
 class _Answered:
     """The children one (tenant, model, tier, layer) writes on every answer."""
 
-    requests: Counter
-    cost: Counter
-    baseline: Counter
-    saved: Gauge
-    input: Counter
-    creation: Counter
-    read: Counter
-    output: Counter
-    duration: Histogram
+    requests: LoopCounter
+    cost: LoopCounter
+    baseline: LoopCounter
+    saved: LoopCounter
+    input: LoopCounter
+    creation: LoopCounter
+    read: LoopCounter
+    output: LoopCounter
+    duration: LoopHistogram
 
 
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry, tenants: TenantLabels) -> None:
         self._tenants = tenants
-        r = registry
-        tenant_layer = ["tenant", "served_by"]
-        self._requests = Counter(
+        m = LoopMetrics(registry)
+        tenant_layer = ("tenant", "served_by")
+        self._requests = m.counter(
             "cachemesh_router_requests",
             "Requests answered, by tenant, answering model, tier and the layer that served",
-            ["tenant", "model", "tier", "served_by"],
-            registry=r,
+            ("tenant", "model", "tier", "served_by"),
         )
-        self._replays = Counter(
+        self._replays = m.counter(
             "cachemesh_router_replays",
             "Retries answered from the answer-once table (not served or billed again)",
-            ["tenant"],
-            registry=r,
+            ("tenant",),
         )
-        self._errors = Children(
-            Counter(
-                "cachemesh_router_errors",
-                "Requests refused or failed, by gRPC status code",
-                ["tenant", "code"],
-                registry=r,
-            )
+        self._errors = m.counter(
+            "cachemesh_router_errors",
+            "Requests refused or failed, by gRPC status code",
+            ("tenant", "code"),
         )
-        self._duration = Histogram(
+        self._duration = m.histogram(
             "cachemesh_router_request_duration_seconds",
             "Whole request, from the Gateway call to its last chunk",
-            ["served_by"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            ("served_by",),
         )
-        self._ttft = Children(
-            Histogram(
-                "cachemesh_router_ttft_seconds",
-                "Time to a model call's first token, from the request's arrival",
-                ["tier"],
-                buckets=LATENCY_BUCKETS,
-                registry=r,
-            )
+        self._ttft = m.histogram(
+            "cachemesh_router_ttft_seconds",
+            "Time to a model call's first token, from the request's arrival",
+            ("tier",),
         )
-        self._dependency = Children(
-            Histogram(
-                "cachemesh_router_dependency_duration_seconds",
-                "Calls to semantic-cache, prefix-cache and the model replicas",
-                ["method", "code"],
-                buckets=LATENCY_BUCKETS,
-                registry=r,
-            )
+        self._dependency = m.histogram(
+            "cachemesh_router_dependency_duration_seconds",
+            "Calls to semantic-cache, prefix-cache and the model replicas",
+            ("method", "code"),
         )
-        self._cost = Counter(
-            "cachemesh_router_cost_nanos",
-            "What the answers cost, in nano-dollars",
-            tenant_layer,
-            registry=r,
+        self._cost = m.counter(
+            "cachemesh_router_cost_nanos", "What the answers cost, in nano-dollars", tenant_layer
         )
-        self._baseline = Counter(
+        self._baseline = m.counter(
             "cachemesh_router_baseline_nanos",
             "What the answers would have cost with no cache of any kind, in nano-dollars",
             tenant_layer,
-            registry=r,
         )
-        self._saved = Gauge(
+        self._saved = m.gauge(
             "cachemesh_router_saved_nanos",
             "Baseline minus cost, in nano-dollars, summed (negative on a cache write's turn)",
             tenant_layer,
-            registry=r,
         )
-        self._tokens = Counter(
+        self._tokens = m.counter(
             "cachemesh_router_tokens",
             "Tokens of the answers' usage by type (input excludes the cache tokens)",
-            ["tenant", "served_by", "type"],
-            registry=r,
+            ("tenant", "served_by", "type"),
         )
-        self._degraded = Children(
-            Counter(
-                "cachemesh_router_degraded",
-                "Dependency calls that failed and degraded the request, by gRPC status",
-                ["dependency", "reason"],
-                registry=r,
-            )
+        self._degraded = m.counter(
+            "cachemesh_router_degraded",
+            "Dependency calls that failed and degraded the request, by gRPC status",
+            ("dependency", "reason"),
         )
-        self._decisions = Children(
-            Counter(
-                "cachemesh_router_decisions",
-                "The tier each model call went to, and why",
-                ["tier", "reason"],
-                registry=r,
-            )
+        self._decisions = m.counter(
+            "cachemesh_router_decisions",
+            "The tier each model call went to, and why",
+            ("tier", "reason"),
         )
-        self.in_flight = Gauge(
-            "cachemesh_router_requests_in_flight", "Gateway calls in progress", registry=r
+        self.in_flight = m.gauge(
+            "cachemesh_router_requests_in_flight", "Gateway calls in progress"
+        )()
+        self._token_usage = m.histogram(
+            "gen_ai_client_token_usage",
+            "GenAI: tokens used by the model calls (OpenTelemetry semantic conventions)",
+            (*_GEN_AI, "gen_ai_token_type"),
+            TOKEN_BUCKETS,
         )
-        self._token_usage = Children(
-            Histogram(
-                "gen_ai_client_token_usage",
-                "GenAI: tokens used by the model calls (OpenTelemetry semantic conventions)",
-                [*_GEN_AI, "gen_ai_token_type"],
-                buckets=TOKEN_BUCKETS,
-                registry=r,
-            )
-        )
-        self._operation = Children(
-            Histogram(
-                "gen_ai_client_operation_duration_seconds",
-                "GenAI: duration of the model calls (OpenTelemetry semantic conventions)",
-                [*_GEN_AI, "error_type"],
-                buckets=DURATION_BUCKETS,
-                registry=r,
-            )
+        self._operation = m.histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI: duration of the model calls (OpenTelemetry semantic conventions)",
+            (*_GEN_AI, "error_type"),
+            DURATION_BUCKETS,
         )
         self._answered: dict[tuple[str, str, str, str], _Answered] = {}
-
-    def tenant(self, tenant: str) -> str:
-        return self._tenants(tenant)
 
     def answered(self, tenant: str, end: pb.CompleteResponse, seconds: float) -> None:
         layer = LAYERS.get(end.served_by, "none")
@@ -198,38 +162,38 @@ class RouterMetrics:
         if bundle is None:
             bundle = self._answered[key] = self._bundle(*key)
         cost, usage = end.cost, end.usage
-        bundle.requests.inc()
-        bundle.cost.inc(cost.cost_nanos)
-        bundle.baseline.inc(cost.baseline_nanos)
-        bundle.saved.inc(cost.saved_nanos)
-        bundle.input.inc(usage.input_tokens)
-        bundle.creation.inc(usage.cache_creation_input_tokens)
-        bundle.read.inc(usage.cache_read_input_tokens)
-        bundle.output.inc(usage.output_tokens)
+        bundle.requests.value += 1
+        bundle.cost.value += cost.cost_nanos
+        bundle.baseline.value += cost.baseline_nanos
+        bundle.saved.value += cost.saved_nanos
+        bundle.input.value += usage.input_tokens
+        bundle.creation.value += usage.cache_creation_input_tokens
+        bundle.read.value += usage.cache_read_input_tokens
+        bundle.output.value += usage.output_tokens
         bundle.duration.observe(seconds)
 
     def _bundle(self, tenant: str, model: str, tier: str, layer: str) -> _Answered:
-        def tokens(kind: str) -> Counter:
-            return self._tokens.labels(tenant, layer, kind)
+        def tokens(kind: str) -> LoopCounter:
+            return self._tokens(tenant, layer, kind)
 
         return _Answered(
-            requests=self._requests.labels(tenant, model, tier, layer),
-            cost=self._cost.labels(tenant, layer),
-            baseline=self._baseline.labels(tenant, layer),
-            saved=self._saved.labels(tenant, layer),
+            requests=self._requests(tenant, model, tier, layer),
+            cost=self._cost(tenant, layer),
+            baseline=self._baseline(tenant, layer),
+            saved=self._saved(tenant, layer),
             input=tokens("input"),
             creation=tokens("cache_creation"),
             read=tokens("cache_read"),
             output=tokens("output"),
-            duration=self._duration.labels(layer),
+            duration=self._duration(layer),
         )
 
     def replayed(self, tenant: str) -> None:
-        self._replays.labels(self._tenants(tenant)).inc()
+        self._replays(self._tenants(tenant)).inc()
 
     def failed(self, tenant: str, code: str, seconds: float) -> None:
         self._errors(self._tenants(tenant), code).inc()
-        self._duration.labels(ERROR_LAYER).observe(seconds)
+        self._duration(ERROR_LAYER).observe(seconds)
 
     def first_token(self, tier: str, seconds: float) -> None:
         self._ttft(tier).observe(seconds)

@@ -104,6 +104,8 @@ class Pipeline:
         baseline = self._baseline_model(request)
 
         lookup = await self._lookup(tenant, request)
+        if lookup is not None:
+            log.debug("L1 lookup: %s", _lookup_result(lookup))
         if lookup is not None and lookup.hit:
             end = await self._serve_hit(tenant, request, lookup, baseline, head)
             spans.outcome_attributes(root, end)
@@ -167,6 +169,15 @@ class Pipeline:
                 attempt.tier_reason, routed.decision if routed is not None else None
             )
             self._metrics.decided(attempt.model.tier, reason)
+        log.debug(
+            "model call: %s on %s (%s tier: %s), %d prompt tokens, %d from its KV cache",
+            attempt.model.id,
+            attempt.replica,
+            attempt.model.tier,
+            "requested" if routed is None else "routed",
+            attempt.start.prompt_tokens,
+            attempt.start.kv_cached_tokens,
+        )
         try:
             warm = await self._calls.commit_warm(
                 tenant,
@@ -458,6 +469,14 @@ class Pipeline:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _lookup_result(lookup: semantic_cache_pb2.LookupResponse) -> str:
+    if lookup.hit:
+        return f"hit ({'exact' if lookup.match.exact else 'paraphrase'})"
+    if lookup.skip_reason:
+        return "skipped"
+    return "pending" if lookup.pending else f"miss (best similarity {lookup.best_similarity:.3f})"
 
 
 def _error_type(exc: BaseException | None) -> str:

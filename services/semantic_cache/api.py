@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -17,6 +18,7 @@ from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer, InvalidQuery
 
+log = logging.getLogger("cachemesh.semantic_cache")
 DRAINING = "semantic-cache is draining for shutdown: writes are refused; retry elsewhere"
 
 
@@ -57,6 +59,12 @@ class SemanticCacheApi:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if self._metrics is not None:
             self._metrics.looked_up(request.tenant, result)
+        log.debug(
+            "lookup for tenant %s: %s, best similarity %.3f",
+            request.tenant,
+            "hit" if result.hit else "skipped" if result.skip_reason else "miss",
+            result.best_similarity,
+        )
         response = sc.LookupResponse(
             pending=result.pending,
             hit=result.hit,
@@ -105,6 +113,9 @@ class SemanticCacheApi:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if self._metrics is not None:
             self._metrics.stored(request.tenant, result.stored)
+        log.debug(
+            "store for tenant %s: %s", request.tenant, "stored" if result.stored else "skipped"
+        )
         return sc.StoreResponse(
             stored=result.stored, entry_id=result.entry_id, skip_reason=result.skip_reason
         )

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from services.common.metrics import LATENCY_BUCKETS, OTHER, Children, TenantLabels
+from services.common.metrics import OTHER, LoopMetrics, TenantLabels
 from services.semantic_cache.records import CheckResult
 from services.semantic_cache.stats import StoreStats
 
@@ -36,77 +36,52 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class SemanticCacheMetrics:
     def __init__(self, registry: CollectorRegistry, tenants: TenantLabels) -> None:
         self._tenants = tenants
-        r = registry
-        self._lookups = Children(
-            Counter(
-                "cachemesh_semantic_cache_lookups",
-                "Lookups, by result: exact, paraphrase (hits), miss, pending, skipped",
-                ["tenant", "result"],
-                registry=r,
-            )
+        m = LoopMetrics(registry)
+        self._lookups = m.counter(
+            "cachemesh_semantic_cache_lookups",
+            "Lookups, by result: exact, paraphrase (hits), miss, pending, skipped",
+            ("tenant", "result"),
         )
-        self._hits = Children(
-            Counter(
-                "cachemesh_semantic_cache_hits",
-                "Lookups answered from the cache, exact or paraphrase",
-                ["tenant", "kind"],
-                registry=r,
-            )
+        self._hits = m.counter(
+            "cachemesh_semantic_cache_hits",
+            "Lookups answered from the cache, exact or paraphrase",
+            ("tenant", "kind"),
         )
-        self._refusals = Children(
-            Counter(
-                "cachemesh_semantic_cache_refusals",
-                "Candidates above the threshold not served: the verifier or an ambiguity",
-                ["reason"],
-                registry=r,
-            )
+        self._refusals = m.counter(
+            "cachemesh_semantic_cache_refusals",
+            "Candidates above the threshold not served: the verifier or an ambiguity",
+            ("reason",),
         )
-        self._stores = Children(
-            Counter(
-                "cachemesh_semantic_cache_stores",
-                "Stores, stored or skipped (not cacheable)",
-                ["tenant", "outcome"],
-                registry=r,
-            )
+        self._stores = m.counter(
+            "cachemesh_semantic_cache_stores",
+            "Stores, stored or skipped (not cacheable)",
+            ("tenant", "outcome"),
         )
-        self._lease_waits = Children(
-            Counter(
-                "cachemesh_semantic_cache_lease_waits",
-                "Lookups that waited for an identical request's model call (single flight)",
-                ["outcome"],
-                registry=r,
-            )
+        self._lease_waits = m.counter(
+            "cachemesh_semantic_cache_lease_waits",
+            "Lookups that waited for an identical request's model call (single flight)",
+            ("outcome",),
         )
-        self.lease_wait = Histogram(
+        self._lease_wait = m.histogram(
             "cachemesh_semantic_cache_lease_wait_seconds",
             "How long a lookup waited on an identical request's lease",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.embed_batch = Histogram(
+        )()
+        self._embed_batch = m.histogram(
             "cachemesh_semantic_cache_embed_batch_size",
             "Texts embedded by one embedder call (micro-batching)",
             buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.embed_duration = Histogram(
-            "cachemesh_semantic_cache_embed_duration_seconds",
-            "One embedder call (a batch)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.wal_fsync = Histogram(
+        )()
+        self._embed_duration = m.histogram(
+            "cachemesh_semantic_cache_embed_duration_seconds", "One embedder call (a batch)"
+        )()
+        self.wal_fsync = m.histogram(
             "cachemesh_semantic_cache_wal_fsync_seconds",
             "One fsync of the write-ahead log (a group commit)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.snapshot = Histogram(
+        )()
+        self.snapshot = m.histogram(
             "cachemesh_semantic_cache_snapshot_seconds",
             "One snapshot save: the copy, the write and the fsyncs",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        )()
 
     def looked_up(self, tenant: str, result: CheckResult) -> None:
         label = self._tenants(tenant)
@@ -126,11 +101,11 @@ class SemanticCacheMetrics:
 
     def lease_waited(self, seconds: float, served: bool) -> None:
         self._lease_waits("served" if served else "not_served").inc()
-        self.lease_wait.observe(seconds)
+        self._lease_wait.observe(seconds)
 
     def embedded(self, texts: int, seconds: float) -> None:
-        self.embed_batch.observe(texts)
-        self.embed_duration.observe(seconds)
+        self._embed_batch.observe(texts)
+        self._embed_duration.observe(seconds)
 
 
 def refusal_reason(refusal: str) -> str:

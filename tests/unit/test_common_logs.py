@@ -18,13 +18,14 @@ from services.common.logs import JsonFormatter, configure_logging, log_settings
 @pytest.fixture
 def root_state() -> Iterator[None]:
     """configure_logging changes the root logger: put its handlers and level back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    root, ours = logging.getLogger(), logging.getLogger("cachemesh")
+    handlers, level, our_level = list(root.handlers), root.level, ours.level
     yield
     for handler in list(root.handlers):
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+    ours.setLevel(our_level)
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -51,6 +52,15 @@ def test_a_line_inside_a_span_carries_its_trace_and_span_ids(root_state: None) -
     )
     assert (inside["tenant"], inside["tokens"]) == ("t", 3)
     assert str(inside["ts"]).endswith("Z") and len(str(inside["ts"])) == 24
+
+
+def test_debug_is_for_cachemesh_lines_only(root_state: None) -> None:
+    out = io.StringIO()
+    configure_logging(Env({"CACHEMESH_LOG_LEVEL": "DEBUG"}), out)
+    logging.getLogger("cachemesh.router").debug("ours")
+    logging.getLogger("httpx").debug("theirs, may show headers")
+    logging.getLogger("httpx").info("theirs at info")
+    assert [line["msg"] for line in _lines(out)] == ["ours", "theirs at info"]
 
 
 def test_the_level_filters_and_a_second_configuration_replaces_the_first(

@@ -6,13 +6,13 @@ import socket
 import urllib.request
 
 import pytest
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from services.common.env import ConfigError, Env
 from services.common.metrics import (
     NONE,
     OTHER,
-    Children,
+    LoopMetrics,
     MetricsEndpoint,
     MetricsSettings,
     TenantLabels,
@@ -43,14 +43,40 @@ def test_tenants_past_the_cap_share_other_and_are_not_remembered() -> None:
     assert TenantLabels(0)("a") == OTHER
 
 
-def test_children_are_made_once_per_label_values() -> None:
+def test_loop_metrics_expose_counters_gauges_and_histograms() -> None:
     registry = new_registry()
-    counter = Children(Counter("things", "things", ["kind"], registry=registry))
-    assert counter("a") is counter("a")
+    metrics = LoopMetrics(registry)
+    counter = metrics.counter("things", "things", ("kind",))
+    assert counter("a") is counter("a")  # made once
     counter("a").inc(2)
     counter("b").inc()
-    assert registry.get_sample_value("things_total", {"kind": "a"}) == 2.0
-    assert registry.get_sample_value("things_total", {"kind": "b"}) == 1.0
+    gauge = metrics.gauge("level", "level")()
+    gauge.inc(5)
+    gauge.dec(2)
+    latency = metrics.histogram("wait_seconds", "waits", ("op",), buckets=(0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 3.0):
+        latency("x").observe(seconds)
+    sample = registry.get_sample_value
+    assert sample("things_total", {"kind": "a"}) == 2.0
+    assert sample("things_total", {"kind": "b"}) == 1.0
+    assert sample("level", {}) == 3.0
+    buckets = [
+        sample("wait_seconds_bucket", {"op": "x", "le": le}) for le in ("0.1", "1.0", "+Inf")
+    ]
+    assert buckets == [2.0, 3.0, 4.0]  # le: at most the bound, cumulative
+    assert sample("wait_seconds_count", {"op": "x"}) == 4.0
+    assert sample("wait_seconds_sum", {"op": "x"}) == 3.65
+    with pytest.raises(ValueError, match="things takes labels"):
+        counter("a", "b")
+
+
+def test_the_exposition_declares_a_family_before_its_first_sample() -> None:
+    registry = CollectorRegistry()
+    LoopMetrics(registry).counter("cachemesh_later", "not yet", ("tenant",))
+    text = generate_latest(registry).decode()
+    assert (
+        "# TYPE cachemesh_later_total counter" in text or "# TYPE cachemesh_later counter" in text
+    )
 
 
 def test_the_endpoint_serves_the_exposition_and_process_metrics() -> None:

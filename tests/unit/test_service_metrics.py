@@ -55,8 +55,8 @@ class Ticks:
 
 @pytest.fixture
 def access_lines() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    root, ours = logging.getLogger(), logging.getLogger("cachemesh")
+    handlers, level, our_level = list(root.handlers), root.level, ours.level
     out = io.StringIO()
     configure_logging(Env({}), out)
     yield out
@@ -64,6 +64,7 @@ def access_lines() -> Iterator[io.StringIO]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+    ours.setLevel(our_level)
 
 
 def _answer(layer: pb.Layer.ValueType, cost: int, baseline: int) -> pb.CompleteResponse:

@@ -6,6 +6,7 @@ its callers' peer variables, MODEL_REPLICAS included) so the stack stays wired t
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +20,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different free ports: all held open until all are chosen (one at a time, the
+    kernel may hand the same port out twice)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def relocate(
@@ -55,14 +68,15 @@ def relocate(
 def free_port_overrides(settings: Mapping[str, str], host: str = "127.0.0.1") -> dict[str, str]:
     """Overrides putting every service, and its metrics, on free ports of ``host`` (for tests
     and benchmarks), and the stack's own Redis (when it runs one) too."""
-    addresses = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
-    metrics = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
+    ports = iter(free_ports(2 * len(SERVICES) + 1, host))
+    addresses = {s.name: f"{host}:{next(ports)}" for s in SERVICES}
+    metrics = {s.name: f"{host}:{next(ports)}" for s in SERVICES}
     overrides = relocate(settings, addresses, addresses, metrics)
     url = settings.get(REDIS_URL_VAR) or ""
     if stack_redis_address(settings) is not None:
         parts = urlsplit(url)
         user, at, _ = parts.netloc.rpartition("@")
-        netloc = f"{user}{at}{host}:{free_port(host)}"
+        netloc = f"{user}{at}{host}:{next(ports)}"
         overrides[REDIS_URL_VAR] = urlunsplit(parts._replace(netloc=netloc))
     return overrides
 
