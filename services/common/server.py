@@ -145,7 +145,7 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     if port == 0:
         raise ConfigError(f"{spec.name}: cannot listen on {spec.settings.listen}")
     if spec.metrics is not None:
-        spec.metrics.start()  # a port already held stops the start-up, naming its variable
+        await spec.metrics.start()  # a port already held stops the start-up, naming it
     await server.start()
     log.info(
         "%s listening on %s (%s; NOT_SERVING until ready), metrics on %s",
@@ -187,7 +187,7 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
         for hook in spec.on_stop:
             await hook()
         if spec.metrics is not None:
-            spec.metrics.stop()
+            await spec.metrics.stop()
         log.info("%s stopped", spec.name)
 
 

@@ -70,7 +70,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=ssl_context)
     try:
         await site.start()
-        endpoint.start()
+        await endpoint.start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"HTTP_FRONT_LISTEN={settings.listen}: cannot listen ({exc})") from None
@@ -99,7 +99,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             loop.remove_signal_handler(signum)
         await gateway.close()
         provider.shutdown()
-        endpoint.stop()
+        await endpoint.stop()
         log.info("http-front stopped")
 
 

@@ -34,7 +34,7 @@ GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     env = Env(environ)
-    configure_logging(env)
+    lines = configure_logging(env)
     table = model_table_from_env(env)
     settings = RouterSettings.from_env(env, table)
     keys = ApiKeys.from_file(settings.api_keys_file)
@@ -71,7 +71,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     limiter = await build_limiter(settings.limits, SystemClock())
-    requests = RequestLog(metrics, table, time.perf_counter)
+    requests = RequestLog(metrics, table, time.perf_counter, lines)
     servicer = GatewayServicer(
         keys, table, set(settings.replicas), pipeline, answers, limiter, requests
     )

@@ -118,8 +118,8 @@ def refusal_reason(refusal: str) -> str:
 
 
 class StoreCollector(Collector):
-    """The cache's sizes and removals, read from its ``StoreStats`` at each scrape (in the
-    scrape's thread: copies of plain dicts and ints, never the cache's own structures)."""
+    """The cache's sizes and removals, read from its ``StoreStats`` at each scrape (on the
+    event loop, as the cache writes them)."""
 
     def __init__(self, stats: StoreStats, max_tenants: int) -> None:
         self._stats = stats
@@ -127,7 +127,7 @@ class StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats
-        entries, sizes = stats.entries.copy(), stats.bytes.copy()
+        entries, sizes = stats.entries, stats.bytes
         kept = set(sorted(entries, key=lambda t: -entries[t])[: self._max_tenants])
         by_label: dict[str, list[int]] = {}
         for tenant, count in entries.items():

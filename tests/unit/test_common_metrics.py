@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 import urllib.request
 
 import pytest
@@ -79,26 +81,32 @@ def test_the_exposition_declares_a_family_before_its_first_sample() -> None:
     )
 
 
-def test_the_endpoint_serves_the_exposition_and_process_metrics() -> None:
+async def test_the_endpoint_serves_the_exposition_and_process_metrics() -> None:
     registry = new_registry()
     Counter("cachemesh_probe", "a probe", registry=registry).inc(3)
     endpoint = MetricsEndpoint(MetricsSettings("127.0.0.1:0", "X_METRICS_LISTEN", 1), registry)
-    endpoint.start()
+    threads = threading.active_count()
+    await endpoint.start()
+    assert endpoint.port > 0
+    assert threading.active_count() == threads  # served on the loop: no thread of its own
     try:
         url = f"http://127.0.0.1:{endpoint.port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
+        reply = await asyncio.to_thread(urllib.request.urlopen, url, timeout=5)
+        with reply:
             text = reply.read().decode()
+            kind = reply.headers["content-type"]
     finally:
-        endpoint.stop()
+        await endpoint.stop()
     assert "cachemesh_probe_total 3.0" in text
     assert "process_cpu_seconds_total" in text
+    assert kind.startswith("text/plain; version=")
 
 
-def test_a_held_port_stops_the_start_naming_the_variable() -> None:
+async def test_a_held_port_stops_the_start_naming_the_variable() -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
         settings = MetricsSettings(f"127.0.0.1:{port}", "MODEL_METRICS_LISTEN", 1)
         with pytest.raises(ConfigError, match=f"MODEL_METRICS_LISTEN=127.0.0.1:{port}"):
-            MetricsEndpoint(settings, new_registry()).start()
+            await MetricsEndpoint(settings, new_registry()).start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -18,7 +18,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.clock import ManualClock
 from services.common.env import Env
-from services.common.logs import configure_logging
+from services.common.logs import JsonLines, configure_logging
 from services.common.metrics import OTHER, TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
@@ -54,12 +54,16 @@ class Ticks:
 
 
 @pytest.fixture
-def access_lines() -> Iterator[io.StringIO]:
+def logs() -> Iterator[Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]]]:
+    """Configures logging into a buffer (the settings given); puts the root logger back."""
     root, ours = logging.getLogger(), logging.getLogger("cachemesh")
     handlers, level, our_level = list(root.handlers), root.level, ours.level
-    out = io.StringIO()
-    configure_logging(Env({}), out)
-    yield out
+
+    def configure(environ: dict[str, str]) -> tuple[io.StringIO, JsonLines | None]:
+        out = io.StringIO()
+        return out, configure_logging(Env(environ), out)
+
+    yield configure
     for handler in list(root.handlers):
         if handler not in handlers:
             root.removeHandler(handler)
@@ -81,11 +85,13 @@ def _answer(layer: pb.Layer.ValueType, cost: int, baseline: int) -> pb.CompleteR
 
 
 def test_router_counts_what_the_responses_say_and_logs_one_line_each(
-    access_lines: io.StringIO,
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],
 ) -> None:
+    access_lines, lines = logs({})
+    assert lines is not None  # JSON: the access log writes its lines itself
     registry = new_registry()
     ticks = Ticks()
-    log = RequestLog(RouterMetrics(registry, TenantLabels(1)), TABLE, ticks)
+    log = RequestLog(RouterMetrics(registry, TenantLabels(1)), TABLE, ticks, lines)
     request = pb.CompleteRequest(model="sim-small", request_id="r-1")
     for tenant, end in (
         ("a", _answer(pb.LAYER_MODEL, 900, 1000)),
@@ -114,9 +120,9 @@ def test_router_counts_what_the_responses_say_and_logs_one_line_each(
     )
     assert value(registry, "cachemesh_router_requests_in_flight") == 0
 
-    lines = [json.loads(line) for line in access_lines.getvalue().splitlines()]
-    assert len(lines) == 4 and {line["logger"] for line in lines} == {"cachemesh.access"}
-    first = lines[0]
+    written = [json.loads(line) for line in access_lines.getvalue().splitlines()]
+    assert len(written) == 4 and {line["logger"] for line in written} == {"cachemesh.access"}
+    first = written[0]
     assert (first["tenant"], first["served_by"], first["status"], first["saved_nanos"]) == (
         "a",
         "model",
@@ -124,11 +130,40 @@ def test_router_counts_what_the_responses_say_and_logs_one_line_each(
         100,
     )
     assert (first["cost_nanos"], first["output_tokens"], first["duration_ms"]) == (900, 7, 250.0)
-    assert lines[2]["tenant"] == "b"  # the log keeps the tenant; only the label is capped
-    assert (lines[3]["status"], lines[3]["requested_model"], lines[3]["tenant"]) == (
+    assert written[2]["tenant"] == "b"  # the log keeps the tenant; only the label is capped
+    assert (written[3]["status"], written[3]["requested_model"], written[3]["tenant"]) == (
         "UNAUTHENTICATED",
         "?",  # not in the table: the caller's free text stays out of the log
         "",
+    )
+
+
+def test_the_access_line_in_text_format_has_the_same_fields(
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],
+) -> None:
+    out, lines = logs({"CACHEMESH_LOG_FORMAT": "text"})
+    assert lines is None
+    log = RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, Ticks(), lines)
+    call = log.begin("StreamComplete")
+    call.tenant, call.end = "a", _answer(pb.LAYER_MODEL, 900, 1000)
+    log.finish(call, pb.CompleteRequest(model="auto", request_id="r-9"), "OK")
+    text = out.getvalue()
+    assert "cachemesh.access: access tenant=a request_id=r-9 method=StreamComplete" in text
+    assert "saved_nanos=100 cost_estimated=False" in text
+
+
+def test_the_access_log_is_off_above_info(
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],
+) -> None:
+    out, lines = logs({"CACHEMESH_LOG_LEVEL": "WARNING"})
+    registry = new_registry()
+    log = RequestLog(RouterMetrics(registry, TenantLabels(1)), TABLE, Ticks(), lines)
+    call = log.begin("Complete")
+    call.tenant, call.end = "a", _answer(pb.LAYER_MODEL, 900, 1000)
+    log.finish(call, pb.CompleteRequest(model="auto"), "OK")
+    assert out.getvalue() == ""
+    assert (
+        value(registry, "cachemesh_router_cost_nanos_total", tenant="a", served_by="model") == 900
     )
 
 

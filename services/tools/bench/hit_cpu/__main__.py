@@ -120,6 +120,12 @@ def measure(
                 router = figures["ms_per_request"]["router"]
                 print(f"round {number + 1} {name}: router {router} ms a hit", file=sys.stderr)
     report: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "stacks": {}}
+    if len(per_round) == 2:  # each round's ratio: the two stacks measured side by side
+        mine, theirs = ([f["ms_per_request"]["router"] for f in r] for r in per_round.values())
+        ratios = [a / b for a, b in zip(mine, theirs, strict=True) if b]
+        report["router_ratio_per_round"] = [round(r, 3) for r in ratios]
+        report["router_ratio_median"] = round(statistics.median(ratios), 3)
+        report["router_ratio_above_1"] = sum(r > 1 for r in ratios)
     for name, measured in per_round.items():
         routers: list[float] = [f["ms_per_request"]["router"] for f in measured]
         report["stacks"][name] = {
@@ -156,6 +162,12 @@ def main() -> None:
     report = measure(roots, args.requests, args.concurrency, args.rounds, {"this": own})
     report["settings"] = own
     text = json.dumps(report, indent=2)
+    if "router_ratio_median" in report:
+        print(
+            f"router CPU per exact hit, this / compared: median {report['router_ratio_median']} "
+            f"over {args.rounds} rounds ({report['router_ratio_above_1']} above 1)",
+            file=sys.stderr,
+        )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
