@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.channels import server_options
 from services.common.env import ConfigError, Env
+from services.common.metrics import MetricsEndpoint
 from services.common.tls import ServerTls
 from services.common.wire import MalformedRequests
 
@@ -113,6 +114,7 @@ class ServiceSpec:
     warmup: Callable[[], Awaitable[None]] | None = None
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     health: HealthSwitch | None = None  # the service's own say on its health, after warm-up
+    metrics: MetricsEndpoint | None = None  # GET /metrics, served while the service runs
 
 
 async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> None:
@@ -142,12 +144,15 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
         port = server.add_insecure_port(spec.settings.listen)
     if port == 0:
         raise ConfigError(f"{spec.name}: cannot listen on {spec.settings.listen}")
+    if spec.metrics is not None:
+        await spec.metrics.start()  # a port already held stops the start-up, naming it
     await server.start()
     log.info(
-        "%s listening on %s (%s; NOT_SERVING until ready)",
+        "%s listening on %s (%s; NOT_SERVING until ready), metrics on %s",
         spec.name,
         spec.settings.listen,
         "plaintext" if tls is None else tls.describe(),
+        spec.metrics.settings.listen if spec.metrics is not None else "(none)",
     )
 
     loop = asyncio.get_running_loop()
@@ -181,6 +186,8 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
             loop.remove_signal_handler(signum)
         for hook in spec.on_stop:
             await hook()
+        if spec.metrics is not None:
+            await spec.metrics.stop()
         log.info("%s stopped", spec.name)
 
 
@@ -211,10 +218,3 @@ def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any,
     except ConfigError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def configure_logging(env: Env) -> None:
-    logging.basicConfig(
-        level=env.str("CACHEMESH_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )

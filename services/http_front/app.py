@@ -15,11 +15,14 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from services.common.env import ConfigError, Env
-from services.common.server import configure_logging, run_main
+from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint, new_registry
+from services.common.server import run_main
 from services.common.telemetry import build_tracer_provider
 from services.http_front.gateway import Gateway
 from services.http_front.handlers import Front
 from services.http_front.limits import InFlight
+from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.settings import HttpFrontSettings
 
 log = logging.getLogger("cachemesh.http_front")
@@ -43,13 +46,16 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     keys = settings.keys.open(time.monotonic, time.time)
     provider = build_tracer_provider(environ, "http-front")
     gateway = Gateway(settings.gateway_addr, settings.gateway_timeout_s, settings.gateway_tls)
+    registry = new_registry()
     front = Front(
         settings,
         keys,
         gateway,
         InFlight(settings.max_in_flight_per_key),
         provider.get_tracer("cachemesh.http_front"),
+        metrics=HttpFrontMetrics(registry, time.perf_counter),
     )
+    endpoint = MetricsEndpoint(settings.metrics, registry)
     runner = web.AppRunner(
         build_app(front, settings.max_body_bytes),
         handle_signals=False,
@@ -63,15 +69,20 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=ssl_context)
     try:
         await site.start()
+        await endpoint.start()
     except OSError as exc:
         await runner.cleanup()
         raise ConfigError(f"HTTP_FRONT_LISTEN={settings.listen}: cannot listen ({exc})") from None
+    except ConfigError:
+        await runner.cleanup()
+        raise
     log.info(
-        "http-front listening on %s (%s), Gateway at %s (%s)",
+        "http-front listening on %s (%s), Gateway at %s (%s), metrics on %s",
         settings.listen,
         "plaintext" if settings.tls is None else settings.tls.describe(),
         settings.gateway_addr,
         "plaintext" if settings.gateway_tls is None else "TLS",
+        settings.metrics.listen,
     )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,6 +98,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             loop.remove_signal_handler(signum)
         await gateway.close()
         provider.shutdown()
+        await endpoint.stop()
         log.info("http-front stopped")
 
 

@@ -20,6 +20,7 @@ from services.http_front.errors import Api, ApiError, invalid
 from services.http_front.fields import parse_body
 from services.http_front.gateway import Gateway
 from services.http_front.limits import InFlight
+from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.settings import HttpFrontSettings
 
 log = logging.getLogger("cachemesh.http_front")
@@ -56,6 +57,7 @@ class Front:
         in_flight: InFlight,
         tracer: trace.Tracer,
         clock: Callable[[], float] = time.time,
+        metrics: HttpFrontMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
@@ -63,6 +65,7 @@ class Front:
         self._in_flight = in_flight
         self._tracer = tracer
         self._clock = clock
+        self._metrics = metrics
         self.draining = False
 
     # --- routes -------------------------------------------------------------------------------
@@ -96,6 +99,28 @@ class Front:
         answer: Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         """One request in a server span that joins the caller's trace (``traceparent``)."""
+        metrics = self._metrics
+        if metrics is None:
+            return await self._traced(api, request, answer)
+        began = metrics.clock()
+        metrics.in_flight.inc()
+        status = 499  # the caller went away (nginx's code: no response was sent)
+        try:
+            response = await self._traced(api, request, answer)
+            status = response.status
+            return response
+        finally:
+            metrics.in_flight.dec()
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unknown"
+            metrics.answered(api, route, status, began)
+
+    async def _traced(
+        self,
+        api: Api,
+        request: web.Request,
+        answer: Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
         parent = _PROPAGATOR.extract(carrier=request.headers)
         name = f"{request.method} {request.path}"
         with self._tracer.start_as_current_span(name, parent, trace.SpanKind.SERVER) as span:
@@ -114,6 +139,7 @@ class Front:
                 failed = ApiError("api", "the HTTP front failed on this request; see its log")
                 response = self._error(api, failed, traceparent)
             span.set_attribute("http.response.status_code", response.status)
+            log.debug("%s answered %d", name, response.status)
             return response
 
     def _error(self, api: Api, error: ApiError, traceparent: str) -> web.Response:

@@ -6,12 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common.env import Env
+from services.common.metrics import MetricsSettings
 from services.common.models import AUTO, ModelTable, model_table_from_env
 from services.common.tls import ClientTls, ServerTls
 from services.router.key_settings import KeyStoreSettings
 from services.router.settings import parse_replicas
 
 DEFAULT_LISTEN = "127.0.0.1:8088"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9106"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class HttpFrontSettings:
     default_max_tokens: dict[
         str, int
     ]  # model -> its output limit (OpenAI's max_tokens is optional)
+    metrics: MetricsSettings
     tls: ServerTls | None = None  # HTTP_FRONT_TLS_*: HTTPS, optionally client certificates
     gateway_tls: ClientTls | None = None  # HTTP_FRONT_GATEWAY_TLS_*: how it dials the Gateway
 
@@ -48,6 +51,7 @@ class HttpFrontSettings:
             grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
             models=models,
             default_max_tokens={m: _output_limit(table, m) for m in models},
+            metrics=MetricsSettings.from_env(env, "HTTP_FRONT", DEFAULT_METRICS_LISTEN),
             tls=ServerTls.read(env, "HTTP_FRONT"),
             gateway_tls=ClientTls.read(env, "HTTP_FRONT_GATEWAY"),
         )

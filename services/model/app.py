@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.env import Env
+from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import (
     HealthSwitch,
     ServiceSpec,
-    configure_logging,
     run_main,
     run_service,
 )
@@ -22,6 +24,7 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.model.api import ModelApi
 from services.model.kv_cache import KvBlockCache
+from services.model.metrics import ModelMetrics
 from services.model.servicer import ModelService
 from services.model.settings import ModelSettings
 from services.model.wiring import build_engine
@@ -38,7 +41,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     settings = ModelSettings.from_env(environ)
     provider = build_tracer_provider(environ, "model")
     auth = InternalAuthInterceptor(settings.internal_token)
-    service = ModelService(settings.replica_id)
+    registry = new_registry()
+    metrics = ModelMetrics(registry, settings.models, time.perf_counter)
+    service = ModelService(settings.replica_id, metrics=metrics)
     kv_cache = KvBlockCache(settings.kv_capacity_blocks)
     health = HealthSwitch()
     apis: list[ProviderApi] = []
@@ -88,6 +93,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             warmup=warmup,
             on_stop=[shutdown_tracing],
             health=health,
+            metrics=MetricsEndpoint(settings.metrics, registry),
         ),
         stop,
     )

@@ -3,6 +3,8 @@ cachemesh.v1.Model.Generate (server streaming)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -11,6 +13,25 @@ import grpc
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.errors import RequestError
 from services.common.status import grpc_code
+from services.model.metrics import ModelMetrics
+
+log = logging.getLogger("cachemesh.model")
+
+
+def _log_chunk(model: str, chunk: model_pb2.GenerateChunk) -> None:
+    part = chunk.WhichOneof("part")
+    if part == "start":
+        start = chunk.start
+        log.debug(
+            "generate %s: %d prompt tokens, %d from the KV cache",
+            model,
+            start.prompt_tokens,
+            start.kv_cached_tokens,
+        )
+    elif part == "end":
+        end = chunk.end
+        log.debug("generated %s: %d output tokens (%s)", model, end.output_tokens, end.stop_reason)
+
 
 # the trailer carrying a refusal's short reason (RequestError.reason) to the router
 REASON_KEY = "cachemesh-reason"
@@ -25,9 +46,15 @@ class GenerateApi(Protocol):
 class ModelService(model_pb2_grpc.ModelServicer):
     """Answers UNAVAILABLE until ``attach`` hands it the API (after the tokenizer loads)."""
 
-    def __init__(self, replica_id: str, api: GenerateApi | None = None) -> None:
+    def __init__(
+        self,
+        replica_id: str,
+        api: GenerateApi | None = None,
+        metrics: ModelMetrics | None = None,
+    ) -> None:
         self._replica_id = replica_id
         self._api = api
+        self._metrics = metrics
 
     def attach(self, api: GenerateApi) -> None:
         self._api = api
@@ -43,11 +70,31 @@ class ModelService(model_pb2_grpc.ModelServicer):
                 f"model replica {self._replica_id} is still loading its tokenizer; retry shortly",
             )
             return
+        metrics = self._metrics
+        if metrics is None:
+            try:
+                async for chunk in self._api.generate(request, context.time_remaining()):
+                    yield chunk
+            except RequestError as error:
+                trailer = ((REASON_KEY, error.reason),) if error.reason else ()
+                await context.abort(grpc_code(error.code), error.message, trailing_metadata=trailer)
+            return
+        call = metrics.begin(request.model)
+        outcome = "failed"
         try:
             # the caller's deadline (the router passes the request's own): retries and waits
             # that would outlast it are not started
             async for chunk in self._api.generate(request, context.time_remaining()):
+                metrics.chunk(call, chunk)
+                _log_chunk(request.model, chunk)
                 yield chunk
+            outcome = "ok"
         except RequestError as error:
+            outcome = "refused"
             trailer = ((REASON_KEY, error.reason),) if error.reason else ()
             await context.abort(grpc_code(error.code), error.message, trailing_metadata=trailer)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.end(call, outcome)

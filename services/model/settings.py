@@ -6,12 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.common.env import ConfigError, Env
+from services.common.metrics import MetricsSettings
 from services.common.models import ModelSpec, ModelTable, model_table_from_env
 from services.common.server import ServerSettings
 from services.model.providers.config import Backend, ProviderSettings
 from services.model.speculative import Drafting, drafting_for
 
 DEFAULT_LISTEN = "127.0.0.1:50054"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9104"  # model-2: MODEL_2_METRICS_LISTEN, renamed by the stack
 DEFAULT_MODEL_IDS = "sim-small,sim-large"
 DEFAULT_KV_CAPACITY_BLOCKS = 65536
 # MODEL_BACKEND -> the table's providers it may serve
@@ -25,6 +27,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class ModelSettings:
     server: ServerSettings
+    metrics: MetricsSettings
     replica_id: str
     internal_token: str
     models: Mapping[str, ModelSpec]
@@ -51,6 +54,7 @@ class ModelSettings:
         models = _served_models(env, table, backend)
         return cls(
             server=server,
+            metrics=MetricsSettings.from_env(env, "MODEL", DEFAULT_METRICS_LISTEN),
             replica_id=env.str("MODEL_REPLICA_ID", server.listen),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
             models=models,

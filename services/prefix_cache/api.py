@@ -6,6 +6,7 @@ The servicer (gRPC) and the offline estimator both call this; the core's errors 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -22,6 +23,7 @@ from services.prefix_cache.reconcile import BadUsage
 from services.prefix_cache.rules import RuleViolation, Split
 
 T = TypeVar("T")
+log = logging.getLogger("cachemesh.prefix_cache")
 
 _CODES: tuple[tuple[type[Exception], Code], ...] = (
     (BadRequest, Code.INVALID_ARGUMENT),
@@ -47,6 +49,13 @@ class PrefixCacheApi:
             )
         )
         prompt = result.prompt
+        log.debug(
+            "plan %s for tenant %s: %d prompt tokens, %d read from the cache",
+            request.model,
+            request.tenant,
+            result.split.prompt_tokens,
+            result.split.read_tokens,
+        )
         return pc.PlanResponse(
             plan_id=result.plan_id,
             prompt=PromptFacts(
@@ -77,6 +86,13 @@ class PrefixCacheApi:
                     kv_cached_unreported=request.kv_cached_unreported,
                 )
             )
+            log.debug(
+                "WARM commit for tenant %s: %d written, %d read, %d uncached",
+                request.tenant,
+                split.creation_tokens,
+                split.read_tokens,
+                split.input_tokens,
+            )
             return pc.CommitResponse(usage=usage_of(split))
         if request.phase == pc.COMMIT_PHASE_FINAL:
             final = await _refused(
@@ -91,6 +107,12 @@ class PrefixCacheApi:
                 )
             )
             response = final_response(final)
+            log.debug(
+                "FINAL commit for tenant %s: %d nanos (reconciled %s)",
+                request.tenant,
+                response.cost.cost_nanos,
+                response.reconciled,
+            )
             span = trace.get_current_span()
             span.set_attribute("cachemesh.reconciled", response.reconciled)
             if response.reconciled:

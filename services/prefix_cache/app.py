@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 
 from redis.asyncio import Redis
@@ -12,16 +13,20 @@ from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env
+from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
-from services.common.server import ServiceSpec, configure_logging, run_main, run_service
+from services.common.server import ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.prefix_cache.api import PrefixCacheApi
-from services.prefix_cache.core import TokenizerSlot
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.metrics import WARM_REFRESH_S, PrefixCacheMetrics
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 
+log = logging.getLogger("cachemesh.prefix_cache")
 PREFIX_CACHE = prefix_cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"].full_name
 
 
@@ -34,8 +39,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     provider = build_tracer_provider(environ, "prefix-cache")
     tokenizer = TokenizerSlot()
     redis = Redis.from_url(settings.redis_url) if settings.redis_url is not None else None
-    core = build_core(settings, table, tokenizer, SystemClock(), redis)
+    registry = new_registry()
+    metrics = PrefixCacheMetrics(registry)
+    core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
     servicer = PrefixCacheServicer(PrefixCacheApi(core))
+    counting: list[asyncio.Task[None]] = []
 
     async def warmup() -> None:
         if redis is not None:  # fail at start-up, never fall back silently
@@ -46,8 +54,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
                     f"PREFIX_CACHE_REDIS_URL: cannot reach Redis at {settings.redis_url} ({exc})"
                 ) from exc
         tokenizer.set(await asyncio.to_thread(load_cl100k))
+        counting.append(asyncio.ensure_future(_count_warm(core, metrics)))
 
     async def close() -> None:
+        for task in counting:
+            task.cancel()
+        await asyncio.gather(*counting, return_exceptions=True)
         if redis is not None:
             await redis.aclose()
         provider.shutdown()
@@ -63,9 +75,20 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             interceptors=[*server_interceptors(provider), auth],
             warmup=warmup,
             on_stop=[close],
+            metrics=MetricsEndpoint(settings.metrics, registry),
         ),
         stop,
     )
+
+
+async def _count_warm(core: PrefixCacheCore, metrics: PrefixCacheMetrics) -> None:
+    """Keeps the warm-prefix gauge current (a count is a SCAN when they live in Redis)."""
+    while True:
+        try:
+            metrics.warm_prefixes.set(await core.warm_prefixes())
+        except RedisError as exc:  # Redis restarting: the gauge keeps its last count
+            log.warning("cannot count the warm prefixes (%s); retrying", type(exc).__name__)
+        await asyncio.sleep(WARM_REFRESH_S)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from services.prefix_cache.auto_rules import plan_for, scope_for
 from services.prefix_cache.commit_records import Final
 from services.prefix_cache.keyed_lock import KeyedLock
 from services.prefix_cache.ledger import CommitLedger
+from services.prefix_cache.metrics import PrefixCacheMetrics
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.pricing import charge
 from services.prefix_cache.reconcile import reported_usage
@@ -103,7 +104,10 @@ class PrefixCacheCore:
         clock: Clock,
         lookback: int,
         plans: PlanMemo[Prompt] | None = None,
+        metrics: PrefixCacheMetrics | None = None,
     ) -> None:
+        """``metrics``: the service's (None: the offline estimator's core)."""
+        self._metrics = metrics
         self._table = table
         self._tokenizer = tokenizer
         self._cache = cache
@@ -129,6 +133,8 @@ class PrefixCacheCore:
             hit = await self._cache.longest(prompt.scope, prompt.plan.probes, self._clock.now_ms())
             read = hit.tokens if hit else 0
         plan_id = self._plans.put(tenant, spec.id, prompt)
+        if self._metrics is not None:
+            self._metrics.planned(spec.id)
         return PlanResult(settle(prompt.plan, read), tuple(candidates), prompt, plan_id)
 
     async def warm(
@@ -266,7 +272,13 @@ class PrefixCacheCore:
             stood = await self._ledger.put_final(tenant, request_id, final, now)
             if stood is None:  # the record was collected between the two steps
                 raise _no_warm(request_id)
+            if self._metrics is not None and stood == final:  # this call billed it
+                self._metrics.billed(record.model, stood)
             return stood
+
+    async def warm_prefixes(self) -> int:
+        """The warm prefixes held (live or not yet collected)."""
+        return await self._cache.count()
 
     async def totals(self, tenant: str) -> TenantTotals:
         _require(tenant, "tenant")

@@ -5,14 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.env import Env
+from services.common.metrics import MetricsSettings
 from services.common.server import ServerSettings
 
 DEFAULT_LISTEN = "127.0.0.1:50053"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9103"
 
 
 @dataclass(frozen=True)
 class PrefixCacheSettings:
     server: ServerSettings
+    metrics: MetricsSettings
     internal_token: str
     lookback_blocks: int
     record_ttl_s: int
@@ -27,6 +30,7 @@ class PrefixCacheSettings:
     def from_env(cls, env: Env) -> PrefixCacheSettings:
         return cls(
             server=ServerSettings.from_env(env, "PREFIX_CACHE", DEFAULT_LISTEN),
+            metrics=MetricsSettings.from_env(env, "PREFIX_CACHE", DEFAULT_METRICS_LISTEN),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
             lookback_blocks=env.int("PREFIX_CACHE_LOOKBACK_BLOCKS", 20, minimum=0),
             record_ttl_s=env.int("PREFIX_CACHE_RECORD_TTL_S", 86400, minimum=0),

@@ -10,6 +10,7 @@ from services.common.models import ModelTable
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PrefixCacheCore, Prompt, TokenizerSlot
 from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
+from services.prefix_cache.metrics import PrefixCacheMetrics
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
@@ -25,8 +26,10 @@ def build_core(
     tokenizer: TokenizerSlot,
     clock: Clock,
     redis: Redis | None = None,
+    metrics: PrefixCacheMetrics | None = None,
 ) -> PrefixCacheCore:
-    """With ``redis``, warm prefixes, commit records and totals are all shared through it."""
+    """With ``redis``, warm prefixes, commit records and totals are all shared through it;
+    ``metrics``: the service's (None: the offline estimator)."""
     record_ttl_ms = settings.record_ttl_s * 1000
     cache: WarmStore = InMemoryWarmStore(settings.max_warm_entries)
     ledger: CommitLedger = InMemoryLedger(
@@ -47,4 +50,5 @@ def build_core(
         clock=clock,
         lookback=settings.lookback_blocks,
         plans=plans,
+        metrics=metrics,
     )

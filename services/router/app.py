@@ -13,14 +13,18 @@ from cachemesh.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grp
 from services.common.auth import internal_metadata
 from services.common.clock import SystemClock
 from services.common.env import Env
+from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.models import model_table_from_env
-from services.common.server import ServiceSpec, configure_logging, run_main, run_service
+from services.common.server import ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
+from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
-from services.router.grpc_adapters import connect
+from services.router.grpc_adapters import CallTiming, connect
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_answer_ledger, build_limiter
+from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox, Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
@@ -36,7 +40,7 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     env = Env(environ)
-    configure_logging(env)
+    lines = configure_logging(env)
     table = model_table_from_env(env)
     settings = RouterSettings.from_env(env, table)
     keys = settings.keys.open(time.monotonic, time.time)
@@ -52,7 +56,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         else card.default_threshold
     )
     local = LocalEmbedder(load_minilm_embedder) if settings.local_embedder else None
-    connected = connect(settings, provider.get_tracer("cachemesh.grpc"))
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(settings.metrics.max_tenants))
+    connected = connect(
+        settings, provider.get_tracer("cachemesh.grpc"), CallTiming(metrics.dependency)
+    )
     outbox = BillingOutbox(
         connected.dependencies.prefix,
         Journal(settings.data_dir) if settings.data_dir is not None else None,
@@ -67,14 +75,16 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings,
         (router_model, threshold, local),
         outbox,
+        metrics=metrics,
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     limiter = await build_limiter(settings.limits, SystemClock())
     ledger = await build_answer_ledger(settings.answers_redis_url, settings.idempotency_ttl_s)
     if ledger is None:
         log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")
+    requests = RequestLog(metrics, table, time.perf_counter, lines)
     servicer = GatewayServicer(
-        keys, table, set(settings.replicas), pipeline, answers, limiter, ledger
+        keys, table, set(settings.replicas), pipeline, answers, limiter, requests, ledger
     )
     admin = AdminServicer(
         settings.admin,
@@ -115,6 +125,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             interceptors=server_interceptors(provider),
             warmup=warmup,
             on_stop=[close],
+            metrics=MetricsEndpoint(settings.metrics, registry),
         ),
         stop,
     )

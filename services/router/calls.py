@@ -8,7 +8,7 @@ goes on, degraded, and the span records why); an ``INVALID_ARGUMENT`` or
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from opentelemetry import trace
@@ -33,29 +33,45 @@ def _client_fault(exc: CallFailed) -> RequestError | None:
     return None
 
 
-def _degraded(what: str, exc: CallFailed) -> None:
-    log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
-    trace.get_current_span().add_event(
-        "cachemesh.degraded", {"dependency": what, "grpc.status": exc.code.name}
-    )
+# a degraded call's dependency ("semantic-cache") and reason (its gRPC status name)
+Degraded = Callable[[str, str], None]
 
 
-async def _degrading(what: str, call: Awaitable[T], *, client_faults: bool = True) -> T | None:
-    """The call's reply, or None when ``what`` cannot serve it (the request goes on degraded);
-    with ``client_faults`` a refusal that is the request's fault reaches the client."""
-    try:
-        return await call
-    except CallFailed as exc:
-        if client_faults and (fault := _client_fault(exc)) is not None:
-            raise fault from exc
-        _degraded(what, exc)
-        return None
+def _uncounted(dependency: str, reason: str) -> None:
+    """The counter of a router built without metrics."""
 
 
 class Calls:
-    def __init__(self, dependencies: Dependencies, settings: RouterSettings) -> None:
+    def __init__(
+        self,
+        dependencies: Dependencies,
+        settings: RouterSettings,
+        counted: Degraded = _uncounted,
+    ) -> None:
         self._d = dependencies
         self._s = settings
+        self._counted = counted
+
+    def _degraded(self, what: str, exc: CallFailed) -> None:
+        log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
+        trace.get_current_span().add_event(
+            "cachemesh.degraded", {"dependency": what, "grpc.status": exc.code.name}
+        )
+        self._counted(what, exc.code.name)
+
+    async def _degrading(
+        self, what: str, call: Awaitable[T], *, client_faults: bool = True
+    ) -> T | None:
+        """The call's reply, or None when ``what`` cannot serve it (the request goes on
+        degraded); with ``client_faults`` a refusal that is the request's fault reaches the
+        client."""
+        try:
+            return await call
+        except CallFailed as exc:
+            if client_faults and (fault := _client_fault(exc)) is not None:
+                raise fault from exc
+            self._degraded(what, exc)
+            return None
 
     async def lookup(
         self, tenant: str, request: pb.CompleteRequest, *, want_embedding: bool = False
@@ -73,7 +89,7 @@ class Calls:
     async def release(self, tenant: str, request: pb.CompleteRequest, lease_id: str) -> None:
         """Ends the lease this request's Lookup took (its model call ended without a Store);
         a lease another request has taken since (after this one's expired) is kept."""
-        await _degrading(
+        await self._degrading(
             "semantic-cache",
             self._d.semantic.release(
                 semantic_cache_pb2.ReleaseRequest(
@@ -94,7 +110,7 @@ class Calls:
         call = semantic_cache_pb2.LookupRequest(
             tenant=tenant, request=request, want_embedding=want_embedding
         )
-        return await _degrading("semantic-cache", self._d.semantic.lookup(call, deadline_s))
+        return await self._degrading("semantic-cache", self._d.semantic.lookup(call, deadline_s))
 
     async def store(
         self,
@@ -102,7 +118,7 @@ class Calls:
         request: pb.CompleteRequest,
         answer: semantic_cache_pb2.CachedAnswer,
     ) -> semantic_cache_pb2.StoreResponse | None:
-        return await _degrading(
+        return await self._degrading(
             "semantic-cache",
             self._d.semantic.store(
                 semantic_cache_pb2.StoreRequest(tenant=tenant, request=request, answer=answer),
@@ -116,7 +132,7 @@ class Calls:
     async def plan(
         self, tenant: str, model: str, request: pb.CompleteRequest, replicas: Sequence[str]
     ) -> prefix_cache_pb2.PlanResponse | None:
-        return await _degrading(
+        return await self._degrading(
             "prefix-cache",
             self._d.prefix.plan(
                 prefix_cache_pb2.PlanRequest(
@@ -159,7 +175,7 @@ class Calls:
                 return await self._d.prefix.commit(commit, self._s.prefix_timeout_s)
             except CallFailed as exc:
                 if exc.code != Code.FAILED_PRECONDITION:
-                    _degraded("prefix-cache", exc)
+                    self._degraded("prefix-cache", exc)
                     return None
                 # the plan is gone (expired, or another prefix-cache process made it)
         commit.request.CopyFrom(request)
@@ -197,7 +213,7 @@ class Calls:
         self, commit: prefix_cache_pb2.CommitRequest
     ) -> prefix_cache_pb2.CommitResponse | None:
         call = self._d.prefix.commit(commit, self._s.prefix_timeout_s)
-        return await _degrading("prefix-cache", call, client_faults=False)
+        return await self._degrading("prefix-cache", call, client_faults=False)
 
     def model_timeout_s(self, remaining_s: float | None) -> float:
         """A model call's deadline: ``ROUTER_MODEL_TIMEOUT_S``, or the time the client's

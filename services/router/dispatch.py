@@ -45,6 +45,7 @@ class Attempt:
     route: Route
     planned_read: int | None  # the cache read Plan predicted on arrival (None: no Plan)
     plan_id: str  # names the prompt Plan computed, for the WARM commit ("" = none)
+    opened_at: float  # when its Generate was called (the clock of the Dispatcher)
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -130,8 +131,9 @@ class Dispatcher:
                 timeout_s = self._calls.model_timeout_s(remaining_s)
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
+                opened_at = self._clock()
                 ticket = self.loads.sent(
-                    replica, prompt_tokens, prompt_tokens - match, hashes, self._clock()
+                    replica, prompt_tokens, prompt_tokens - match, hashes, opened_at
                 )
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
@@ -164,7 +166,16 @@ class Dispatcher:
                 planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
                 plan_id = plan.plan_id if plan is not None else ""
                 return Attempt(
-                    spec, reason, replica, stream, start, chat_span, route, planned_read, plan_id
+                    spec,
+                    reason,
+                    replica,
+                    stream,
+                    start,
+                    chat_span,
+                    route,
+                    planned_read,
+                    plan_id,
+                    opened_at,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:

@@ -7,8 +7,9 @@ CLIENT span (``services.common.rpc_tracing``), the parent of the callee's SERVER
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -25,6 +26,20 @@ from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
 T = TypeVar("T")
+# a dependency call's method ("Lookup"), its gRPC status name and its duration in seconds
+Timer = Callable[[str, str, float], None]
+
+
+def _untimed(method: str, code: str, seconds: float) -> None:
+    """The timer of a router built without metrics."""
+
+
+@dataclass(frozen=True)
+class CallTiming:
+    """Times each dependency call (``timer``: the router's metrics) on ``clock``."""
+
+    timer: Timer = _untimed
+    clock: Callable[[], float] = time.perf_counter
 
 
 def _method(descriptor: Any, service: str, name: str) -> str:
@@ -54,22 +69,33 @@ def _reason(exc: grpc.aio.AioRpcError) -> str:
     return ""
 
 
+def _short(method: str) -> str:
+    return method.rpartition("/")[2]
+
+
 async def _unary(
     spans: ClientSpans,
     method: str,
     invoke: Callable[..., Awaitable[T]],
     request: object,
     deadline_s: float,
+    timing: CallTiming,
 ) -> T:
     span, metadata = spans.start(method)
+    began = timing.clock()
+    code = grpc.StatusCode.CANCELLED
     try:
         reply = await invoke(request, timeout=deadline_s, metadata=metadata)
+        code = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as exc:
-        end_call_span(span, exc.code(), exc.details() or "")
+        code = exc.code()
+        end_call_span(span, code, exc.details() or "")
         raise failed(exc) from exc
     except BaseException:
         end_call_span(span, grpc.StatusCode.CANCELLED)
         raise
+    finally:
+        timing.timer(_short(method), code.name, timing.clock() - began)
     end_call_span(span, grpc.StatusCode.OK)
     return reply
 
@@ -78,39 +104,47 @@ async def _unary(
 class GrpcSemantic:
     stub: semantic_cache_pb2_grpc.SemanticCacheAsyncStub
     spans: ClientSpans
+    timing: CallTiming = field(default_factory=CallTiming)
 
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
-        return await _unary(self.spans, _LOOKUP, self.stub.Lookup, request, deadline_s)
+        return await _unary(self.spans, _LOOKUP, self.stub.Lookup, request, deadline_s, self.timing)
 
     async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
-        return await _unary(self.spans, _STORE, self.stub.Store, request, deadline_s)
+        return await _unary(self.spans, _STORE, self.stub.Store, request, deadline_s, self.timing)
 
     async def release(self, request: sc.ReleaseRequest, deadline_s: float) -> sc.ReleaseResponse:
-        return await _unary(self.spans, _RELEASE, self.stub.Release, request, deadline_s)
+        return await _unary(
+            self.spans, _RELEASE, self.stub.Release, request, deadline_s, self.timing
+        )
 
 
 @dataclass
 class GrpcPrefix:
     stub: prefix_cache_pb2_grpc.PrefixCacheAsyncStub
     spans: ClientSpans
+    timing: CallTiming = field(default_factory=CallTiming)
 
     async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
-        return await _unary(self.spans, _PLAN, self.stub.Plan, request, deadline_s)
+        return await _unary(self.spans, _PLAN, self.stub.Plan, request, deadline_s, self.timing)
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
-        return await _unary(self.spans, _COMMIT, self.stub.Commit, request, deadline_s)
+        return await _unary(self.spans, _COMMIT, self.stub.Commit, request, deadline_s, self.timing)
 
 
 class GrpcModelStream:
-    """A Generate call and its span, which ends with the stream (its end, failure or cancel)."""
+    """A Generate call and its span, which ends with the stream (its end, failure or cancel);
+    its duration, from the call to the stream's end, is timed as ``Generate``."""
 
     def __init__(
         self,
         call: grpc.aio.UnaryStreamCall[model_pb2.GenerateRequest, model_pb2.GenerateChunk],
         span: trace.Span,
+        timing: CallTiming = CallTiming(),
     ) -> None:
         self._call = call
         self._span: trace.Span | None = span
+        self._timing = timing
+        self._began = timing.clock()
 
     async def read(self) -> model_pb2.GenerateChunk | None:
         try:
@@ -132,19 +166,21 @@ class GrpcModelStream:
         if self._span is not None:
             end_call_span(self._span, code, details)
             self._span = None
+            self._timing.timer("Generate", code.name, self._timing.clock() - self._began)
 
 
 @dataclass
 class GrpcModels:
     stubs: dict[str, model_pb2_grpc.ModelAsyncStub]  # replica address -> stub
     spans: ClientSpans
+    timing: CallTiming = field(default_factory=CallTiming)
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
     ) -> GrpcModelStream:
         span, metadata = self.spans.start(_GENERATE)
         call = self.stubs[replica].Generate(request, timeout=deadline_s, metadata=metadata)
-        return GrpcModelStream(call, span)
+        return GrpcModelStream(call, span, self.timing)
 
 
 @dataclass
@@ -160,7 +196,9 @@ class Connected:
             await channel.close()
 
 
-def connect(settings: RouterSettings, tracer: trace.Tracer) -> Connected:
+def connect(
+    settings: RouterSettings, tracer: trace.Tracer, timing: CallTiming = CallTiming()
+) -> Connected:
     channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(address: str) -> grpc.aio.Channel:
@@ -175,8 +213,8 @@ def connect(settings: RouterSettings, tracer: trace.Tracer) -> Connected:
     semantic = semantic_cache_pb2_grpc.SemanticCacheStub(channel(settings.semantic_cache_addr))
     prefix = prefix_cache_pb2_grpc.PrefixCacheStub(channel(settings.prefix_cache_addr))
     dependencies = Dependencies(
-        semantic=GrpcSemantic(semantic, spans),
-        prefix=GrpcPrefix(prefix, spans),
+        semantic=GrpcSemantic(semantic, spans, timing),
+        prefix=GrpcPrefix(prefix, spans, timing),
         model=GrpcModels(
             {
                 address: model_pb2_grpc.ModelStub(channel(address))
@@ -184,6 +222,7 @@ def connect(settings: RouterSettings, tracer: trace.Tracer) -> Connected:
                 for address in addresses
             },
             spans,
+            timing,
         ),
         models=dict(settings.replicas),
     )

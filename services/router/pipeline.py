@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
@@ -30,6 +31,7 @@ from services.router.answer import Answer
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
+from services.router.metrics import RouterMetrics, decision_reason
 from services.router.outbox import BillingOutbox
 from services.router.routing.model import RouterModel
 from services.router.routing.router import LocalEmbedder, Routed, TierRouter
@@ -69,11 +71,18 @@ class Pipeline:
         router: tuple[RouterModel, float, LocalEmbedder | None],
         outbox: BillingOutbox | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         """``router``: the learned model, its default threshold, the fallback embedder.
         ``outbox`` keeps the commits prefix-cache did not take, to bill them when it is back
-        (None: such answers stay estimated and unbilled, as in the offline estimator)."""
-        self._calls = Calls(dependencies, settings)
+        (None: such answers stay estimated and unbilled, as in the offline estimator).
+        ``metrics``: the service's (None: the offline estimator, which counts nothing)."""
+        self._metrics = metrics
+        self._calls = (
+            Calls(dependencies, settings, metrics.degraded)
+            if metrics is not None
+            else Calls(dependencies, settings)
+        )
         self._table = table
         self._tokenizer = tokenizer
         self._clock = clock
@@ -119,6 +128,8 @@ class Pipeline:
         baseline = self._baseline_model(request)
 
         lookup = await self._lookup(tenant, request)
+        if lookup is not None:
+            log.debug("L1 lookup: %s", _lookup_result(lookup))
         if lookup is not None and lookup.hit:
             end = await self._serve_hit(tenant, request, lookup, baseline, head)
             spans.outcome_attributes(root, end)
@@ -180,6 +191,20 @@ class Pipeline:
         attempt = await self._dispatch.open(tenant, request, routed, exclude, deadline)
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
+        if self._metrics is not None:
+            reason = decision_reason(
+                attempt.tier_reason, routed.decision if routed is not None else None
+            )
+            self._metrics.decided(attempt.model.tier, reason)
+        log.debug(
+            "model call: %s on %s (%s tier: %s), %d prompt tokens, %d from its KV cache",
+            attempt.model.id,
+            attempt.replica,
+            attempt.model.tier,
+            "requested" if routed is None else "routed",
+            attempt.start.prompt_tokens,
+            attempt.start.kv_cached_tokens,
+        )
         try:
             warm = await self._calls.commit_warm(
                 tenant,
@@ -204,6 +229,7 @@ class Pipeline:
         )
         answer = Answer()
         finished = False
+        ended: pb.CompleteResponse | None = None
         try:
             # the start goes out with the first token: until then a replica that dies leaves
             # nothing sent, and the request can go to another replica
@@ -213,7 +239,10 @@ class Pipeline:
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
                     if answer.first:
-                        spans.first_token(root, attempt.chat_span, self._clock() - began)
+                        ttft = self._clock() - began
+                        spans.first_token(root, attempt.chat_span, ttft)
+                        if self._metrics is not None:
+                            self._metrics.first_token(attempt.model.tier, ttft)
                         yield pb.CompleteChunk(start=head)
                     yield pb.CompleteChunk(delta=delta)
                 elif part == "end":
@@ -232,6 +261,7 @@ class Pipeline:
                 tenant, request, attempt, warm, end_chunk, answer.content(), baseline, head
             )
             finished = True
+            ended = end
             spans.outcome_attributes(root, end)
             if not answer.blocks:  # no content at all: the start goes with the end
                 yield pb.CompleteChunk(start=head)
@@ -248,6 +278,15 @@ class Pipeline:
                 attempt.stream.cancel()
             self.loads.release(attempt.replica)
             attempt.chat_span.end()
+            if self._metrics is not None:
+                self._metrics.model_call(
+                    spans.PROVIDER_NAMES.get(attempt.model.provider, attempt.model.provider),
+                    attempt.model.id,
+                    attempt.model.id,
+                    ended.usage if ended is not None else None,
+                    self._clock() - attempt.opened_at,
+                    "" if ended is not None else _error_type(sys.exc_info()[1]),
+                )
             if not finished:
                 # Cancelled or cut after the prefill: bill what the provider would bill (the
                 # prompt and the tokens produced so far; to the outbox if prefix-cache is
@@ -462,6 +501,25 @@ def served_by(spec: ModelSpec, cache_read_tokens: int) -> pb.Layer.ValueType:
     if cache_read_tokens >= spec.min_prefix_hit_tokens:
         return pb.LAYER_PREFIX_CACHE
     return pb.LAYER_MODEL
+
+
+def _lookup_result(lookup: semantic_cache_pb2.LookupResponse) -> str:
+    if lookup.hit:
+        return f"hit ({'exact' if lookup.match.exact else 'paraphrase'})"
+    if lookup.skip_reason:
+        return "skipped"
+    return "pending" if lookup.pending else f"miss (best similarity {lookup.best_similarity:.3f})"
+
+
+def _error_type(exc: BaseException | None) -> str:
+    """A failed model call's ``error.type`` (a closed set: a label of the GenAI metrics)."""
+    if isinstance(exc, ReplicaCut):
+        return "replica_cut"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "cancelled"
+    if isinstance(exc, RequestError):
+        return exc.code.name
+    return "_OTHER"  # the conventions' value for an error of no known type
 
 
 def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:

@@ -18,6 +18,7 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
+from services.router.access_log import Call, RequestLog
 from services.router.answer_ledger import AnswerLedger, LedgerUnavailable
 from services.router.idempotency import IdempotencyConflict, IdempotencyTable, fingerprint
 from services.router.limits import Denial, Limiter, Ticket
@@ -46,6 +47,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         pipeline: Pipeline,
         answers: IdempotencyTable,
         limiter: Limiter,
+        log: RequestLog,
         ledger: AnswerLedger | None = None,
     ) -> None:
         self._keys = keys
@@ -54,38 +56,62 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._pipeline = pipeline
         self._answers = answers
         self._limiter = limiter
+        self._log = log  # the access-log line and the request metrics, when a call ends
         self._ledger = ledger
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
-        ticket = await self._admit(request, context)
+        call = self._log.begin("Complete")
+        ended = ""
         try:
-            answered = self._answered(
-                ticket, request, _is_retry(context), context.time_remaining(), streamed=False
-            )
-            async with aclosing(answered) as chunks:
-                async for chunk in chunks:
-                    if chunk.WhichOneof("part") == "end":
-                        return chunk.end
-        except RequestError as exc:
-            await context.abort(grpc_code(exc.code), exc.message)
-        await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
-        raise AssertionError("unreachable: abort raises")
+            ticket = await self._admit(request, context, call)
+            try:
+                answered = self._answered(
+                    ticket,
+                    request,
+                    call,
+                    _is_retry(context),
+                    context.time_remaining(),
+                    streamed=False,
+                )
+                async with aclosing(answered) as chunks:
+                    async for chunk in chunks:
+                        if chunk.WhichOneof("part") == "end":
+                            ended = "OK"
+                            return chunk.end
+            except RequestError as exc:
+                await context.abort(grpc_code(exc.code), exc.message)
+            await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
+            raise AssertionError("unreachable: abort raises")
+        except asyncio.CancelledError:
+            ended = "CANCELLED"
+            raise
+        finally:
+            self._log.finish(call, request, _status(context, ended))
 
     async def StreamComplete(
         self, request: pb.CompleteRequest, context: Context
     ) -> AsyncIterator[pb.CompleteChunk]:
-        ticket = await self._admit(request, context)
+        call = self._log.begin("StreamComplete")
+        ended = ""
         try:
-            answered = self._answered(
-                ticket, request, _is_retry(context), context.time_remaining()
-            )
-            async with aclosing(answered) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except RequestError as exc:
-            await context.abort(grpc_code(exc.code), exc.message)
+            ticket = await self._admit(request, context, call)
+            try:
+                answered = self._answered(
+                    ticket, request, call, _is_retry(context), context.time_remaining()
+                )
+                async with aclosing(answered) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                ended = "OK"
+            except RequestError as exc:
+                await context.abort(grpc_code(exc.code), exc.message)
+        except (asyncio.CancelledError, GeneratorExit):
+            ended = "CANCELLED"
+            raise
+        finally:
+            self._log.finish(call, request, _status(context, ended))
 
-    async def _admit(self, request: pb.CompleteRequest, context: Context) -> Ticket:
+    async def _admit(self, request: pb.CompleteRequest, context: Context, call: Call) -> Ticket:
         token = bearer_token(context.invocation_metadata())
         if token is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
@@ -94,6 +120,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED
             )
+        call.tenant = tenant or ""
         try:
             validate_request(request, self._table, self._deployed)
         except RequestError as exc:
@@ -121,6 +148,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self,
         ticket: Ticket,
         request: pb.CompleteRequest,
+        call: Call,
         retried: bool,
         time_remaining_s: float | None,
         *,
@@ -136,7 +164,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
             self._limiter.replayed(ticket)
+            call.replayed = True
             for chunk in chunks_of(await asyncio.shield(future)):
+                if chunk.WhichOneof("part") == "end":
+                    call.end = chunk.end
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
@@ -144,8 +175,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             recalled = await self._recall(tenant, request) if retried else None
             if recalled is not None:
-                end = recalled
+                end = call.end = recalled
                 self._limiter.replayed(ticket)
+                call.replayed = True
                 for chunk in chunks_of(recalled):
                     yield chunk
                 return
@@ -155,7 +187,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
-                        end = chunk.end
+                        end = call.end = chunk.end
                         await self._record(tenant, request, end)
                     yield chunk
         finally:
@@ -209,6 +241,15 @@ def _is_retry(context: Context) -> bool:
 
 def _kind(exc: BaseException) -> str:
     return f"timed out after {LEDGER_TIMEOUT_S} s" if isinstance(exc, TimeoutError) else str(exc)
+
+
+def _status(context: Context, ended: str) -> str:
+    """The call's gRPC status name: what it aborted with, else how it ended (``ended``: OK or
+    CANCELLED; empty when it raised something else, which gRPC reports as UNKNOWN)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return ended or "UNKNOWN"
 
 
 def _settle(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.common.env import ConfigError, Env
+from services.common.metrics import MetricsSettings
 from services.common.models import LARGEST, SMALLEST, ModelTable, Tier
 from services.common.server import ServerSettings
 from services.common.tls import ServerTls
@@ -16,11 +17,13 @@ from services.router.limit_settings import LimitSettings
 from services.router.replica_choice import POLICIES, ChoiceSettings, TtftPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9101"
 
 
 @dataclass(frozen=True)
 class RouterSettings:
     server: ServerSettings
+    metrics: MetricsSettings
     semantic_cache_addr: str
     prefix_cache_addr: str
     replicas: dict[str, tuple[str, ...]]  # model id -> replica addresses
@@ -58,6 +61,7 @@ class RouterSettings:
             server=replace(
                 server, max_message_bytes=max_request, tls=ServerTls.read(env, "ROUTER")
             ),
+            metrics=MetricsSettings.from_env(env, "ROUTER", DEFAULT_METRICS_LISTEN),
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
             replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),

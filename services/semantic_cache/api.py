@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer, InvalidQuery
 from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
 from services.semantic_cache.tenant_stats import TenantCounters
 
+log = logging.getLogger("cachemesh.semantic_cache")
 DRAINING = "semantic-cache is draining for shutdown: writes are refused; retry elsewhere"
 L1_OFF = "L1 is off for this tenant (its cache policy: Admin SetPolicy)"
 
@@ -38,9 +41,11 @@ class SemanticCacheApi:
         lease_wait_s: float = 0.0,
         draining: asyncio.Event | None = None,
         policies: TenantPolicies | None = None,
+        metrics: SemanticCacheMetrics | None = None,
     ) -> None:
         """``policies``: each tenant's L1 policy (None: in memory, every tenant's L1 on)."""
         self._cache = cache
+        self._metrics = metrics  # None: the offline estimator
         self._lease_wait_s = lease_wait_s  # the most a lookup waits on another's lease
         self._draining = draining  # once set, writes are refused (UNAVAILABLE)
         self._policies = policies if policies is not None else TenantPolicies()
@@ -65,6 +70,14 @@ class SemanticCacheApi:
             result = await self._cache.check(query, wait_s, lead=not draining)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if self._metrics is not None:
+            self._metrics.looked_up(request.tenant, result)
+        log.debug(
+            "lookup for tenant %s: %s, best similarity %.3f",
+            request.tenant,
+            "hit" if result.hit else "skipped" if result.skip_reason else "miss",
+            result.best_similarity,
+        )
         response = sc.LookupResponse(
             pending=result.pending,
             hit=result.hit,
@@ -117,6 +130,11 @@ class SemanticCacheApi:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if result.stored:
             self._counts.stored(request.tenant)
+        if self._metrics is not None:
+            self._metrics.stored(request.tenant, result.stored)
+        log.debug(
+            "store for tenant %s: %s", request.tenant, "stored" if result.stored else "skipped"
+        )
         return sc.StoreResponse(
             stored=result.stored, entry_id=result.entry_id, skip_reason=result.skip_reason
         )

@@ -14,26 +14,30 @@ from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env
+from services.common.logs import configure_logging
+from services.common.metrics import MetricsEndpoint, MetricsSettings, TenantLabels, new_registry
 from services.common.server import (
     DRAIN_REFUSAL_S,
     ServerSettings,
     ServiceSpec,
-    configure_logging,
     run_service,
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.semantic_cache.embedder import load_minilm_embedder
+from services.semantic_cache.metrics import SemanticCacheMetrics, StoreCollector
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.settings import DATA_DIR, SemanticCacheSettings
 from services.semantic_cache.snapshotter import Snapshotter
+from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.tenant_policy import FILE_NAME, PolicyError, TenantPolicies
 from services.semantic_cache.wal import WriteAheadLog
 from services.semantic_cache.wiring import build_api, build_cache
 
 NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9102"
 SERVICE_NAME = semantic_cache_pb2.DESCRIPTOR.services_by_name["SemanticCache"].full_name
 
 
@@ -44,10 +48,15 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     settings = replace(
         ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN), refusal_s=DRAIN_REFUSAL_S
     )
+    metrics_settings = MetricsSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_METRICS_LISTEN)
     auth = InternalAuthInterceptor(env.str("CACHEMESH_INTERNAL_TOKEN"))
     config = SemanticCacheSettings.from_env(env, OperatingPoint.load())
     clock = SystemClock()
-    snapshotter = _snapshotter(config, clock)
+    registry = new_registry()
+    metrics = SemanticCacheMetrics(registry, TenantLabels(metrics_settings.max_tenants))
+    stats = StoreStats()
+    registry.register(StoreCollector(stats, metrics_settings.max_tenants))
+    snapshotter = _snapshotter(config, clock, metrics)
     policies = _policies(config)
     provider = build_tracer_provider(environ, NAME)
     faiss.omp_set_num_threads(config.faiss_threads)
@@ -57,10 +66,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
         await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
-        cache = build_cache(config, embedder, clock)
+        cache = build_cache(config, embedder, clock, stats, metrics)
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
-        servicer.attach(build_api(config, cache, draining=stop, policies=policies))
+        servicer.attach(build_api(config, cache, draining=stop, policies=policies, metrics=metrics))
 
     async def shutdown_tracing() -> None:
         await asyncio.to_thread(provider.shutdown)
@@ -80,11 +89,14 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         interceptors=[*server_interceptors(provider), auth],
         warmup=warmup,
         on_stop=[shutdown_tracing, save_snapshot],  # a failed last save is the exit error
+        metrics=MetricsEndpoint(metrics_settings, registry),
     )
     await run_service(spec, stop)
 
 
-def _snapshotter(config: SemanticCacheSettings, clock: SystemClock) -> Snapshotter | None:
+def _snapshotter(
+    config: SemanticCacheSettings, clock: SystemClock, metrics: SemanticCacheMetrics
+) -> Snapshotter | None:
     if config.data_dir is None:
         return None
     store = SnapshotStore(config.data_dir)
@@ -94,7 +106,8 @@ def _snapshotter(config: SemanticCacheSettings, clock: SystemClock) -> Snapshott
         raise ConfigError(
             f"{DATA_DIR}={config.data_dir}: cannot create or write the directory ({exc})"
         ) from exc
-    return Snapshotter(store, clock, config.snapshot_s, WriteAheadLog(config.data_dir / "wal"))
+    wal = WriteAheadLog(config.data_dir / "wal", on_fsync=metrics.wal_fsync.observe)
+    return Snapshotter(store, clock, config.snapshot_s, wal, on_save=metrics.snapshot.observe)
 
 
 def _policies(config: SemanticCacheSettings) -> TenantPolicies:

@@ -10,6 +10,8 @@ throughput approaches its batched rate. Batches run in a worker thread, never on
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -20,9 +22,20 @@ Row = npt.NDArray[np.float32]
 
 
 class MicroBatcher:
-    def __init__(self, embedder: Embedder, *, max_batch: int = 32, window_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        *,
+        max_batch: int = 32,
+        window_s: float = 0.0,
+        on_batch: Callable[[int, float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """``on_batch(texts, seconds)`` hears of each embedder call (the metrics)."""
         if max_batch < 1 or window_s < 0:
             raise ValueError("max_batch must be >= 1 and window_s >= 0")
+        self._on_batch = on_batch
+        self._clock = clock
         self._embedder = embedder
         self._max_batch = max_batch
         self._window_s = window_s
@@ -56,6 +69,7 @@ class MicroBatcher:
                     self._queue[self._max_batch :],
                 )
                 texts = [text for text, _ in batch]
+                began = self._clock()
                 try:
                     vectors = await asyncio.to_thread(self._embedder.embed, texts)
                 except Exception as exc:  # every waiter of the batch gets the error
@@ -65,6 +79,8 @@ class MicroBatcher:
                     continue
                 finally:
                     self.batches += 1
+                    if self._on_batch is not None:
+                        self._on_batch(len(texts), self._clock() - began)
                 for (_, future), row in zip(batch, vectors, strict=True):
                     if not future.done():
                         future.set_result(row)

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +38,7 @@ from services.semantic_cache.records import (
     InvalidQuery,
     StoreResult,
 )
+from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.verifier import Verifier
 
 _RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors
@@ -64,8 +66,12 @@ class SemanticCache(EntryStore):
         leases: Leases | None = None,
         batcher: MicroBatcher | None = None,
         ann: AnnSettings | None = None,
+        stats: StoreStats | None = None,
+        on_lease_wait: Callable[[float, bool], None] | None = None,
     ) -> None:
-        """``policy`` (per-namespace TTLs and store rules) wins over ``ttl_s`` when given."""
+        """``policy`` (per-namespace TTLs and store rules) wins over ``ttl_s`` when given.
+        ``stats`` counts what is held and removed; ``on_lease_wait(seconds, served)`` hears of
+        each wait on an identical request's lease (both for the metrics)."""
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be within [0, 1], got {threshold}")
         if not (math.isfinite(ttl_s) and ttl_s > 0):
@@ -75,7 +81,8 @@ class SemanticCache(EntryStore):
         if not (math.isfinite(margin) and 0.0 <= margin <= 1.0):
             raise ValueError(f"margin must be within [0, 1], got {margin}")
         policy = policy if policy is not None else NamespacePolicy(ttl_s=ttl_s)
-        super().__init__(embedder, clock, max_entries, policy, ann)
+        super().__init__(embedder, clock, max_entries, policy, ann, stats)
+        self._on_lease_wait = on_lease_wait
         self._threshold = threshold
         self._top_k = top_k
         self._verifier = verifier
@@ -105,11 +112,18 @@ class SemanticCache(EntryStore):
         if query.mode == "use" and (mine := self._leases.take_over(key, query.request_id)):
             return dataclasses.replace(result, leader=True, lease_id=mine)  # a retry of its own
         event = self._leases.held(key)
-        if event is not None and await wait(event, wait_s):
-            result = await self._check(query)
+        if event is not None and wait_s > 0:
+            began = self._clock.now_ms()
+            ended = await wait(event, wait_s)
+            waited_s = (self._clock.now_ms() - began) / 1000
+            if ended:
+                result = await self._check(query)
+            if self._on_lease_wait is not None:
+                self._on_lease_wait(waited_s, result.hit)
             if result.hit:
                 return dataclasses.replace(result, waited=True)
-            event = self._leases.held(key)
+            if ended:
+                event = self._leases.held(key)
         if event is None and query.mode == "use":
             lease_id = self._leases.take(key, query.request_id)
             return dataclasses.replace(result, leader=True, lease_id=lease_id)

@@ -30,6 +30,7 @@ from services.semantic_cache.records import (
     InvalidQuery,
     RestoreReport,
 )
+from services.semantic_cache.stats import StoreStats
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
 RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors)
@@ -59,6 +60,7 @@ class EntryStore:
         max_entries: int,
         policy: NamespacePolicy,
         ann: AnnSettings | None,
+        stats: StoreStats | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
@@ -75,6 +77,7 @@ class EntryStore:
         self._scopes: dict[ScopeKey, ScopeIndex] = {}
         self._next_id = 0
         self._changes = 0
+        self.stats = stats if stats is not None else StoreStats()  # what its metrics read
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -261,6 +264,7 @@ class EntryStore:
             for vid in self._scopes.pop(key).ids:
                 self._forget(vid)
                 dropped += 1
+        self.stats.invalidations += dropped
         if dropped and self._journal is not None:
             self._journal.log_drop(tenant, namespace)  # durable at the caller's sync_journal
         return dropped
@@ -273,6 +277,7 @@ class EntryStore:
         if vid is None or self._entries[vid].tenant != tenant:
             return 0
         self._remove(vid)
+        self.stats.invalidations += 1
         if self._journal is not None:
             self._journal.log_drop_entry(tenant, entry_id)
         return 1
@@ -297,12 +302,14 @@ class EntryStore:
         self._lru[vid] = None
         self._by_entry_id[entry.entry_id] = vid
         heapq.heappush(self._expiry, (self._expires_at(entry), vid))
+        self.stats.added(entry, self._embedder.dim)
 
     def _purge_expired(self, now: int) -> None:
         while self._expiry and self._expiry[0][0] <= now:
             _, vid = heapq.heappop(self._expiry)
             if vid in self._entries:  # ids are never reused: a stale item's id is gone
                 self._remove(vid)
+                self.stats.expirations += 1
         if len(self._expiry) > 2 * len(self._entries) + 64:  # drop the stale items
             self._expiry = [(self._expires_at(e), v) for v, e in self._entries.items()]
             heapq.heapify(self._expiry)
@@ -310,6 +317,7 @@ class EntryStore:
     def _evict_over_capacity(self) -> None:
         while len(self._entries) > self._max_entries:
             self._remove(next(iter(self._lru)))
+            self.stats.evictions += 1
 
     def _remove(self, vid: int) -> None:
         entry = self._forget(vid)
@@ -324,4 +332,5 @@ class EntryStore:
         self._lru.pop(vid, None)
         entry = self._entries.pop(vid)
         self._by_entry_id.pop(entry.entry_id, None)
+        self.stats.removed(entry, self._embedder.dim)
         return entry

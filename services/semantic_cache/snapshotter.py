@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 from services.common.clock import Clock
 from services.semantic_cache.cache import SemanticCache
@@ -34,11 +36,16 @@ class Snapshotter:
         clock: Clock,
         period_s: float,
         wal: WriteAheadLog | None = None,
+        on_save: Callable[[float], None] | None = None,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """``on_save(seconds)`` hears of each snapshot written (the metrics)."""
         if period_s < 0:
             raise ValueError(f"period_s must be >= 0, got {period_s}")
         self._store = store
         self._wal = wal
+        self._on_save = on_save
+        self._timer = timer
         self._clock = clock
         self._period_s = period_s
         self._cache: SemanticCache | None = None
@@ -106,6 +113,7 @@ class Snapshotter:
                 contents = cache.export_entries()
                 return contents, cache.changes
 
+            began = self._timer()
             wal_seq = 0
             if self._wal is None:
                 contents, changes = copy()
@@ -117,6 +125,8 @@ class Snapshotter:
             if self._wal is not None:
                 await asyncio.to_thread(self._wal.drop_through, wal_seq)
             self._saved_changes = changes
+            if self._on_save is not None:
+                self._on_save(self._timer() - began)
             log.info(
                 "saved %d entries (%d bytes) to %s", len(contents.entries), size, self._store.path
             )

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +36,16 @@ class WalError(RuntimeError):
 
 
 class WriteAheadLog:
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        on_fsync: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        """``on_fsync(seconds)`` hears of each group commit's fsync (the metrics)."""
         self.directory = directory
+        self._on_fsync = on_fsync
+        self._clock = clock
         self._out: IO[bytes] | None = None
         self._next_seq = 1
         self._written = 0  # seq of the last record written to the OS
@@ -89,7 +98,10 @@ class WriteAheadLog:
             upto = self._written
             out = self._out
             out.flush()  # on the loop: the buffer must not change under the thread
+            began = self._clock()
             await asyncio.to_thread(os.fsync, out.fileno())
+            if self._on_fsync is not None:
+                self._on_fsync(self._clock() - began)
             self._synced = max(self._synced, upto)
 
     async def rotate(self, copy: Callable[[], T]) -> tuple[T, int]:

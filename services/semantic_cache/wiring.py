@@ -12,12 +12,21 @@ from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.leases import Leases
+from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.settings import SemanticCacheSettings
+from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.tenant_policy import TenantPolicies
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 
 
-def build_cache(config: SemanticCacheSettings, embedder: Embedder, clock: Clock) -> SemanticCache:
+def build_cache(
+    config: SemanticCacheSettings,
+    embedder: Embedder,
+    clock: Clock,
+    stats: StoreStats | None = None,
+    metrics: SemanticCacheMetrics | None = None,
+) -> SemanticCache:
+    """``stats`` and ``metrics``: the service's (None: the offline estimator's cache)."""
     return SemanticCache(
         embedder,
         clock,
@@ -28,12 +37,18 @@ def build_cache(config: SemanticCacheSettings, embedder: Embedder, clock: Clock)
         margin=config.ambiguity_margin,
         policy=config.policy,
         leases=Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None,
-        batcher=MicroBatcher(embedder, max_batch=config.embed_max_batch),
+        batcher=MicroBatcher(
+            embedder,
+            max_batch=config.embed_max_batch,
+            on_batch=metrics.embedded if metrics is not None else None,
+        ),
         ann=(
             AnnSettings(config.ann_min_entries, config.ann_nprobe, config.faiss_threads)
             if config.ann_min_entries > 0
             else None
         ),
+        stats=stats,
+        on_lease_wait=metrics.lease_waited if metrics is not None else None,
     )
 
 
@@ -42,8 +57,13 @@ def build_api(
     cache: SemanticCache,
     draining: asyncio.Event | None = None,
     policies: TenantPolicies | None = None,
+    metrics: SemanticCacheMetrics | None = None,
 ) -> SemanticCacheApi:
     """``policies``: the tenants' L1 policies (None: in memory, as for the offline estimator)."""
     return SemanticCacheApi(
-        cache, lease_wait_s=config.lease_wait_s, draining=draining, policies=policies
+        cache,
+        lease_wait_s=config.lease_wait_s,
+        draining=draining,
+        policies=policies,
+        metrics=metrics,
     )

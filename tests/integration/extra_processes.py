@@ -22,9 +22,13 @@ from tests.integration.harness import ROOT, RunningStack
 
 
 def service_env(stack: RunningStack, name: str, extra: Mapping[str, str]) -> dict[str, str]:
-    """What the stack would start ``name`` with, plus ``extra`` (no traces exported)."""
-    env = stack.stack.environment(service(name), stack.stack.keys())
+    """What the stack would start ``name`` with, plus ``extra`` (no traces exported, its
+    metrics on a free port: the stack's own process of that name holds the stack's)."""
+    spec = service(name)
+    env = stack.stack.environment(spec, stack.stack.keys())
     env["OTEL_TRACES_EXPORTER"] = "none"
+    renamed = {source: target for target, source in spec.renames.items()}
+    env[renamed.get(spec.metrics_var, spec.metrics_var)] = "127.0.0.1:0"
     env.update(extra)
     return env
 

@@ -56,6 +56,7 @@ def _replica(name: str, module_env: dict[str, str], log_dir: Path) -> tuple[Runn
         own_env_keys=MODEL_ENV_KEYS,
     )
     env = {**module_env, "MODEL_LISTEN": address, "MODEL_REPLICA_ID": name}
+    env["MODEL_METRICS_LISTEN"] = "127.0.0.1:0"  # any free port: one each
     env["OTEL_SERVICE_NAME"] = name
     return processes.spawn(service, env, ROOT, log_dir / f"{name}.log"), address
 

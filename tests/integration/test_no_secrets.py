@@ -1,11 +1,13 @@
-"""No API key, internal token or admin token in any log, error, span or report, after a run that
-used them (the Admin API's tests create, rotate and revoke keys on this stack before this one).
+"""No API key, internal token or admin token in any log, error, span, metric or report, after a
+run that used them (the Admin API's tests create, rotate and revoke keys on this stack before
+this one); and no question asked in any log at the default level.
 
 The session's stack has served every integration test before this one, with tenant keys, the
 internal token between services, refusals of wrong keys and tokens; this test adds its own
 refusals (a key one character off, the internal token presented as an API key, a wrong token at
 an internal service), a load-test report and a bench report written from the stack's real
-settings, then greps all of it for the secrets, whole and in parts.
+settings, then greps all of it, and every process's metrics, for the secrets, whole and in
+parts, and the logs for the question it asked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
+import uuid
 
 import grpc
 import pytest
@@ -26,6 +30,7 @@ from services.tools.bench.gateway.redact import own_settings, setting_names
 from tests.integration.harness import ROOT, RunningStack
 
 pytestmark = pytest.mark.integration
+QUESTION = "Which secrets leak?"
 
 
 def _fragments(secret: str) -> list[str]:
@@ -39,7 +44,7 @@ def _refusals(stack: RunningStack) -> list[str]:
     for presented in (key[:-1] + ("A" if key[-1] != "A" else "B"), stack.internal_token):
         with Client(stack.target, api_key=presented) as client:
             with pytest.raises(CachemeshError) as caught:
-                client.complete(build_request("Which secrets leak?"))
+                client.complete(build_request(QUESTION))
             errors.append(str(caught.value))
     with grpc.insecure_channel(stack.addresses["semantic-cache"]) as channel:
         stub = semantic_cache_pb2_grpc.SemanticCacheStub(channel)
@@ -56,6 +61,9 @@ def _refusals(stack: RunningStack) -> list[str]:
 
 def test_no_secret_in_logs_errors_spans_or_reports(stack: RunningStack) -> None:
     errors = _refusals(stack)
+    asked = f"{QUESTION} Asked once, {uuid.uuid4().hex}."
+    with Client(stack.target, api_key=stack.keys["tenant-a"]) as client:
+        assert client.complete(build_request(asked)).trace_id  # through every service
     run_dir = stack.stack.run_dir
     env = {
         **os.environ,
@@ -86,6 +94,11 @@ def test_no_secret_in_logs_errors_spans_or_reports(stack: RunningStack) -> None:
     )
     for report in (loadtest, bench, bench.with_suffix(".html")):
         texts[report.name] = report.read_text()
+    for name, address in stack.stack.metrics_addresses.items():
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            texts[f"metrics of {name}"] = reply.read().decode()
+    logs = [text for where, text in texts.items() if where.endswith(".log")]
+    assert len(logs) >= 6 and not any(asked in text for text in logs)  # INFO: no prompt text
     assert len(errors) == 3 and all(errors) and texts["spans"] != "[]"
     admin_token = (run_dir / "admin-token").read_text().strip()
     secrets = {**stack.keys, "internal token": stack.internal_token, "admin token": admin_token}

@@ -38,6 +38,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
                 env={
                     "PATH": "/usr/bin:/bin",
                     "PREFIX_CACHE_LISTEN": address,
+                    "PREFIX_CACHE_METRICS_LISTEN": "127.0.0.1:0",  # any free port, each
                     "PREFIX_CACHE_REDIS_URL": url,
                     "CACHEMESH_INTERNAL_TOKEN": TOKEN,
                     "OTEL_TRACES_EXPORTER": "none",

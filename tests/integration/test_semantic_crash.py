@@ -41,6 +41,7 @@ def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "SEMANTIC_CACHE_LISTEN": f"127.0.0.1:{port}",
+        "SEMANTIC_CACHE_METRICS_LISTEN": "127.0.0.1:0",  # any free port
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "OTEL_TRACES_EXPORTER": "none",
         "CACHEMESH_GRACE_S": "5",

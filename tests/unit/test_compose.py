@@ -41,6 +41,18 @@ class Resolved:
     def port(self, spec: ServiceDef) -> int:
         return port_of(self.dotenv[spec.listen_var])
 
+    def metrics_port(self, spec: ServiceDef) -> int:
+        return port_of(self.dotenv[spec.metrics_var])
+
+    def mounts(self, name: str) -> dict[str, Path]:
+        """Container path -> the file or folder of this repository mounted there."""
+        found: dict[str, Path] = {}
+        for volume in self.service(name).get("volumes", []):
+            source, _, rest = volume.partition(":")
+            if source.startswith(str(self.work)):
+                found[rest.split(":")[0]] = ROOT / Path(source).relative_to(self.work)
+        return found
+
 
 @pytest.fixture(scope="module")
 def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
@@ -67,8 +79,11 @@ def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
     yield Resolved(yaml.safe_load(result.stdout), work, keys)
 
 
-def test_same_services_as_the_stack_plus_redis_and_jaeger(resolved: Resolved) -> None:
-    assert set(resolved.config["services"]) == {s.name for s in SERVICES} | {"redis", "jaeger"}
+def test_same_services_as_the_stack_plus_redis_jaeger_prometheus_grafana(
+    resolved: Resolved,
+) -> None:
+    extra = {"redis", "jaeger", "prometheus", "grafana"}
+    assert set(resolved.config["services"]) == {s.name for s in SERVICES} | extra
 
 
 @pytest.mark.parametrize("name", [*(s.name for s in SERVICES), "redis"])
@@ -111,7 +126,12 @@ def test_command_and_build_match_the_runner(resolved: Resolved, spec: ServiceDef
 
 def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]:
     dial = {s.name: f"{s.name}:{resolved.port(s)}" for s in SERVICES}
-    moved = relocate(resolved.dotenv, {spec.name: f"0.0.0.0:{resolved.port(spec)}"}, dial)
+    moved = relocate(
+        resolved.dotenv,
+        {spec.name: f"0.0.0.0:{resolved.port(spec)}"},
+        dial,
+        {spec.name: f"0.0.0.0:{resolved.metrics_port(spec)}"},  # scraped from the network
+    )
     overrides = {k: v for k, v in moved.items() if k in spec.env_keys}
     overrides = {k: v for k, v in spec.process_env(overrides).items() if k in spec.env_keys}
     # state on the containers' volumes; prefix-cache's Redis is the compose service
@@ -228,3 +248,65 @@ def test_semantic_cache_state_lives_in_a_named_volume(resolved: Resolved) -> Non
 def test_images_never_contain_local_secrets() -> None:
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ".run/" in ignored and ".venv/" in ignored
+
+
+PROMETHEUS = ROOT / "services" / "observability" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "services" / "observability" / "grafana"
+
+
+def test_prometheus_scrapes_every_service_on_its_metrics_port(resolved: Resolved) -> None:
+    mounts = resolved.mounts("prometheus")
+    assert mounts["/etc/prometheus/prometheus.yml"] == PROMETHEUS
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {s.name for s in SERVICES}
+    for spec in SERVICES:
+        [static] = jobs[spec.name]["static_configs"]
+        assert static["targets"] == [f"{spec.name}:{resolved.metrics_port(spec)}"]
+        env = resolved.service(spec.name)["environment"]
+        assert env[spec.metrics_var] == f"0.0.0.0:{resolved.metrics_port(spec)}"
+    ports = {resolved.metrics_port(s) for s in SERVICES}
+    assert len(ports) == len(SERVICES)  # a port of its own each
+    assert not ports & {resolved.port(s) for s in SERVICES}
+
+
+def test_prometheus_and_grafana_show_their_uis_on_loopback_only(resolved: Resolved) -> None:
+    assert resolved.service("prometheus")["ports"] == ["127.0.0.1:9090:9090/tcp"]
+    assert resolved.service("grafana")["ports"] == ["127.0.0.1:3000:3000/tcp"]
+    for name in ("prometheus", "grafana"):
+        assert resolved.service(name)["restart"] == "unless-stopped"
+        assert any(v.startswith(f"{name}-data:") for v in resolved.service(name)["volumes"])
+        assert f"{name}-data" in resolved.config["volumes"]
+
+
+def test_grafana_is_read_only_with_no_login_to_guess(resolved: Resolved) -> None:
+    env = resolved.service("grafana")["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
+    assert not any("PASSWORD" in key for key in env)
+
+
+def test_grafana_provisions_the_prometheus_datasource_and_the_dashboard(
+    resolved: Resolved,
+) -> None:
+    mounts = resolved.mounts("grafana")
+    assert mounts["/etc/grafana/provisioning"] == GRAFANA / "provisioning"
+    dashboards_dir = next(path for path, src in mounts.items() if src == GRAFANA / "dashboards")
+    sources = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
+    [source] = sources["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    assert "9090" in resolved.service("prometheus")["expose"]
+    providers = yaml.safe_load((GRAFANA / "provisioning/dashboards/cachemesh.yml").read_text())
+    [provider] = providers["providers"]
+    assert provider["options"]["path"] == dashboards_dir
+    home = resolved.service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards_dir + "/")
+    dashboard = json.loads((GRAFANA / "dashboards" / Path(home).name).read_text())
+    uids = {
+        target["datasource"]["uid"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+    assert uids == {source["uid"]}

@@ -116,6 +116,7 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
     port = _free_port()
     env = {
         "HTTP_FRONT_LISTEN": f"127.0.0.1:{port}",
+        "HTTP_FRONT_METRICS_LISTEN": "127.0.0.1:0",  # any free port
         "HTTP_FRONT_GATEWAY_ADDR": f"127.0.0.1:{gateway_port}",
         "CACHEMESH_API_KEYS_FILE": str(keys),
         "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",

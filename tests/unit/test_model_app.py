@@ -54,6 +54,8 @@ def test_overrides() -> None:
         ({"SIM_TIME_SCALE": "fast"}, "SIM_TIME_SCALE"),
         ({"MODEL_KV_CAPACITY_BLOCKS": "-1"}, "MODEL_KV_CAPACITY_BLOCKS"),
         ({"MODEL_LISTEN": "nowhere"}, "MODEL_LISTEN"),
+        ({"MODEL_METRICS_LISTEN": "9104"}, "MODEL_METRICS_LISTEN"),
+        ({"CACHEMESH_METRICS_MAX_TENANTS": "-1"}, "CACHEMESH_METRICS_MAX_TENANTS"),
         ({"CACHEMESH_MODELS_FILE": "/no/such/models.toml"}, "/no/such/models.toml"),
     ],
 )
@@ -82,6 +84,7 @@ async def test_serve_answers_then_stops() -> None:
     environ = {
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "MODEL_LISTEN": address,
+        "MODEL_METRICS_LISTEN": "127.0.0.1:0",  # any free port
         "MODEL_IDS": "sim-small",
         "SIM_TIME_SCALE": "0",
         "OTEL_TRACES_EXPORTER": "none",

@@ -202,6 +202,7 @@ async def test_serve_starts_and_stops() -> None:
     environ = {
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "PREFIX_CACHE_LISTEN": "127.0.0.1:0",
+        "PREFIX_CACHE_METRICS_LISTEN": "127.0.0.1:0",
         "OTEL_SDK_DISABLED": "true",
     }
     await asyncio.wait_for(serve(environ, stop), timeout=30)

@@ -6,6 +6,7 @@ the protection. The ledger is a real Redis (tests/redis_server.py); the pipeline
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import namedtuple
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,11 +20,14 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import SystemClock
+from services.common.metrics import TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.router import servicer as servicer_module
+from services.router.access_log import RequestLog
 from services.router.answer_ledger import RedisAnswerLedger, ledger_key
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.metrics import RouterMetrics
 from services.router.pipeline import chunks_of
 from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
@@ -63,7 +67,7 @@ class FakeContext:
     def __init__(self, *metadata: tuple[str, str]) -> None:
         items = (("authorization", f"Bearer {KEY}"), *metadata)
         self._metadata = tuple(Metadatum(k, v) for k, v in items)
-        self.code: grpc.StatusCode | None = None
+        self.status: grpc.StatusCode | None = None
         self.message = ""
 
     def invocation_metadata(self) -> tuple[Metadatum, ...]:
@@ -73,8 +77,11 @@ class FakeContext:
         return None  # the client set no deadline
 
     async def abort(self, code: grpc.StatusCode, message: str, **_: Any) -> None:
-        self.code, self.message = code, message
+        self.status, self.message = code, message
         raise Aborted(message)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.status
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +107,7 @@ def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]
         pipeline,  # type: ignore[arg-type]
         IdempotencyTable(SystemClock(), 60, 100),
         Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock()),
+        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
         ledger,
     )
     return servicer, pipeline, ledger
@@ -141,7 +149,7 @@ def test_a_different_request_under_a_recorded_id_is_refused(redis_url: str) -> N
         context = FakeContext(RETRY)
         with pytest.raises(Aborted):
             await second.Complete(_request("Another question"), context)  # type: ignore[arg-type]
-        assert context.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert context.status == grpc.StatusCode.INVALID_ARGUMENT
         assert "already used for a different request" in context.message
         assert second_pipe.runs == 0
         await first_ledger.close()

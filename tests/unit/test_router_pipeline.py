@@ -310,9 +310,10 @@ def test_the_minimum_prefix_hit_of_each_rule_set() -> None:
     models = TABLE.models
     assert models["local-small"].min_prefix_hit_tokens == 16  # one KV block
     assert models["claude-sonnet-4-5"].min_prefix_hit_tokens == 1_024
-    assert models["claude-haiku-4-5"].min_prefix_hit_tokens == models[
-        "claude-haiku-4-5"
-    ].min_cacheable_tokens
+    assert (
+        models["claude-haiku-4-5"].min_prefix_hit_tokens
+        == models["claude-haiku-4-5"].min_cacheable_tokens
+    )
     assert models["gpt-4o"].min_prefix_hit_tokens == 1_024
     row = models["local-large"].model_dump(exclude_unset=True)
     configured = type(models["local-large"]).model_validate({**row, "min_cacheable_tokens": 256})

@@ -77,6 +77,7 @@ async def test_serves_after_loading_the_model() -> None:
     address = f"127.0.0.1:{free_port()}"
     environ = {
         "SEMANTIC_CACHE_LISTEN": address,
+        "SEMANTIC_CACHE_METRICS_LISTEN": "127.0.0.1:0",  # any free port
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "OTEL_TRACES_EXPORTER": "none",
         "CACHEMESH_GRACE_S": "0",

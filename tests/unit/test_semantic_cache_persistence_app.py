@@ -35,6 +35,7 @@ def environ(data_dir: Path) -> dict[str, str]:
         port = probe.getsockname()[1]
     return {
         "SEMANTIC_CACHE_LISTEN": f"127.0.0.1:{port}",
+        "SEMANTIC_CACHE_METRICS_LISTEN": "127.0.0.1:0",  # any free port
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "OTEL_TRACES_EXPORTER": "none",
         "CACHEMESH_GRACE_S": "0",

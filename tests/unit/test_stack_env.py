@@ -133,6 +133,20 @@ def test_free_ports_keep_the_stack_wired(tmp_path: Path) -> None:
     assert settings["HTTP_FRONT_GATEWAY_ADDR"] == ports["router"]  # the front finds the router
 
 
+def test_free_ports_give_every_process_its_own_metrics_port(tmp_path: Path) -> None:
+    stack = Stack.on_free_ports(_stack(tmp_path, {}, {}).root, tmp_path / "run", environ={})
+    settings = stack.settings()
+    metrics = stack.metrics_addresses
+    assert set(metrics) == {s.name for s in SERVICES}
+    taken = {settings[s.listen_var] for s in SERVICES} | set(metrics.values())
+    assert len(taken) == 2 * len(SERVICES)  # no two processes, no two ports the same
+    assert not {a.rpartition(":")[2] for a in metrics.values()} & {"9101", "9104", "9105"}
+    model_2 = stack.environment(service("model-2"), stack.keys())  # renamed for the process
+    assert model_2["MODEL_METRICS_LISTEN"] == metrics["model-2"]
+    model = stack.environment(service("model"), stack.keys())
+    assert model["MODEL_METRICS_LISTEN"] == metrics["model"] != metrics["model-2"]
+
+
 def test_relocate_leaves_external_replicas_alone() -> None:
     settings = parse_env_text(DOTENV) | {
         "MODEL_REPLICAS": "sim-small=127.0.0.1:50054,sim-large=gpu-box:9000"
@@ -144,6 +158,7 @@ def test_relocate_leaves_external_replicas_alone() -> None:
     }
     assert set(free_port_overrides(settings)) == {
         *(s.listen_var for s in SERVICES),
+        *(s.metrics_var for s in SERVICES),
         "SEMANTIC_CACHE_ADDR",
         "PREFIX_CACHE_ADDR",
         "MODEL_REPLICAS",

@@ -22,7 +22,8 @@ _TLS_READS = {
 
 
 def _env_names_read(package: Path) -> set[str]:
-    """Variable names passed to Env readers (and ``<PREFIX>_LISTEN`` of from_env) in a package."""
+    """Variable names passed to Env readers (and ``<PREFIX>_LISTEN`` of from_env,
+    ``<PREFIX>_METRICS_LISTEN`` of MetricsSettings.from_env) in a package."""
     names: set[str] = set()
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -35,9 +36,10 @@ def _env_names_read(package: Path) -> set[str]:
             ]
             if node.func.attr in _ENV_READERS and literals and _NAME.match(literals[0]):
                 names.add(literals[0])
-            if node.func.attr == "from_env" and literals and _NAME.match(literals[0]):
-                names.add(f"{literals[0]}_LISTEN")
             owner = node.func.value
+            if node.func.attr == "from_env" and literals and _NAME.match(literals[0]):
+                metrics = isinstance(owner, ast.Name) and owner.id == "MetricsSettings"
+                names.add(f"{literals[0]}_METRICS_LISTEN" if metrics else f"{literals[0]}_LISTEN")
             if node.func.attr == "read" and isinstance(owner, ast.Name) and literals:
                 names.update(literals[0] + suffix for suffix in _TLS_READS.get(owner.id, ()))
     return names
@@ -72,6 +74,19 @@ def test_each_service_has_its_own_listen_port_in_dotenv() -> None:
     ports = {s.name: dotenv[s.listen_var].rpartition(":")[2] for s in SERVICES}
     assert len(set(ports.values())) == len(SERVICES)
     assert all(ports[s.name] == str(s.default_port) for s in SERVICES)
+
+
+def test_each_service_has_its_own_metrics_port_in_dotenv() -> None:
+    dotenv = read_env_file(ROOT / ".env")
+    ports = {s.name: dotenv[s.metrics_var].rpartition(":")[2] for s in SERVICES}
+    assert all(ports[s.name] == str(s.default_metrics_port) for s in SERVICES)
+    listen = {dotenv[s.listen_var].rpartition(":")[2] for s in SERVICES}
+    assert len(set(ports.values()) | listen) == 2 * len(SERVICES)
+
+
+def test_the_metrics_reader_is_seen_by_the_check() -> None:
+    names = _env_names_read(ROOT / "services" / "router")
+    assert {"ROUTER_LISTEN", "ROUTER_METRICS_LISTEN"} <= names
 
 
 def test_each_caller_stops_before_the_services_it_calls() -> None:

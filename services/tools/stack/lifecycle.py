@@ -125,6 +125,16 @@ class Stack:
             addresses[REDIS.name] = redis
         return addresses
 
+    def metrics_listen(self, service: ServiceDef) -> str:
+        return (
+            self.settings().get(service.metrics_var) or f"127.0.0.1:{service.default_metrics_port}"
+        )
+
+    @property
+    def metrics_addresses(self) -> dict[str, str]:
+        """Service name -> where this host reads its ``GET /metrics`` (host:port)."""
+        return {s.name: dial_address(self.metrics_listen(s)) for s in SERVICES if s.metrics_var}
+
     @property
     def router_address(self) -> str:
         return self.addresses["router"]
@@ -389,6 +399,11 @@ class Stack:
 
     def _check_port_free(self, service: ServiceDef) -> None:
         listen = self.redis_address() or "" if service is REDIS else self.listen(service)
+        self._check_free(service, service.listen_var, listen)
+        if service.metrics_var:
+            self._check_free(service, service.metrics_var, self.metrics_listen(service))
+
+    def _check_free(self, service: ServiceDef, variable: str, listen: str) -> None:
         port_of(listen)
         host = listen.rpartition(":")[0].strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -407,9 +422,9 @@ class Stack:
                     time.sleep(0.05)
                     continue
                 raise StackError(
-                    f"{service.listen_var}={listen}: {service.name} cannot listen there "
+                    f"{variable}={listen}: {service.name} cannot listen there "
                     f"({exc.strerror}); "
-                    f"another process holds the port: stop it or set {service.listen_var}"
+                    f"another process holds the port: stop it or set {variable}"
                 ) from None
 
     def _grace_s(self) -> float:

@@ -6,6 +6,7 @@ its callers' peer variables, MODEL_REPLICAS included) so the stack stays wired t
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -21,15 +22,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different free ports: all held open until all are chosen (one at a time, the
+    kernel may hand the same port out twice)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def relocate(
-    settings: Mapping[str, str], listen: Mapping[str, str], dial: Mapping[str, str]
+    settings: Mapping[str, str],
+    listen: Mapping[str, str],
+    dial: Mapping[str, str],
+    metrics: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Overrides moving each named service to a new ``listen`` address, reached at ``dial``.
+    """Overrides moving each named service to a new ``listen`` address, reached at ``dial``,
+    and (each named in ``metrics``) its GET /metrics to a new address.
 
     Peer variables that pointed at the service's old address now point at its ``dial``
     address; peers that pointed elsewhere (an external replica) are left alone.
     """
     overrides: dict[str, str] = {}
+    for service in SERVICES:
+        if metrics is not None and service.name in metrics:
+            overrides[service.metrics_var] = metrics[service.name]
     old = {
         s.name: dial_address(settings.get(s.listen_var) or f"127.0.0.1:{s.default_port}")
         for s in SERVICES
@@ -46,13 +66,15 @@ def relocate(
 
 
 def free_port_overrides(settings: Mapping[str, str], host: str = "127.0.0.1") -> dict[str, str]:
-    """Overrides putting every service on a free port of ``host`` (for tests), and the
-    stack's own Redis (when it runs one) too."""
-    addresses = {s.name: f"{host}:{free_port(host)}" for s in SERVICES}
-    overrides = relocate(settings, addresses, addresses)
+    """Overrides putting every service, and its metrics, on free ports of ``host`` (for tests
+    and benchmarks), and the stack's own Redis (when it runs one) too."""
+    ports = iter(free_ports(2 * len(SERVICES) + 1, host))
+    addresses = {s.name: f"{host}:{next(ports)}" for s in SERVICES}
+    metrics = {s.name: f"{host}:{next(ports)}" for s in SERVICES}
+    overrides = relocate(settings, addresses, addresses, metrics)
     old_redis = stack_redis_address(settings)
     if old_redis is not None:
-        new_redis = f"{host}:{free_port(host)}"
+        new_redis = f"{host}:{next(ports)}"
         for var in STACK_REDIS_URL_VARS:  # every URL that names the stack's own Redis moves
             url = settings.get(var) or ""
             parts = urlsplit(url)

@@ -17,6 +17,8 @@ COMMON_ENV_KEYS: tuple[str, ...] = (
     "CACHEMESH_INTERNAL_TOKEN",
     "CACHEMESH_GRACE_S",
     "CACHEMESH_LOG_LEVEL",
+    "CACHEMESH_LOG_FORMAT",
+    "CACHEMESH_METRICS_MAX_TENANTS",
     "CACHEMESH_MAX_MESSAGE_BYTES",
     "CACHEMESH_MODELS_FILE",
     "CACHEMESH_PRICES",
@@ -62,6 +64,9 @@ class ServiceDef:
     listen_var: str  # the env variable holding its listen address
     default_port: int
     own_env_keys: tuple[str, ...]
+    # the env variable holding its GET /metrics address, a port of its own ("" = none: Redis)
+    metrics_var: str = ""
+    default_metrics_port: int = 0
     # env variable -> the services whose addresses it holds (MODEL_REPLICAS holds several)
     peers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
     # A second replica of a service runs the same module with its own settings: process
@@ -92,7 +97,13 @@ class ServiceDef:
 
     @property
     def env_keys(self) -> tuple[str, ...]:
-        keys = (self.listen_var, *self.own_env_keys, *self.renames, *self.renames.values())
+        keys = (
+            self.listen_var,
+            *((self.metrics_var,) if self.metrics_var else ()),
+            *self.own_env_keys,
+            *self.renames,
+            *self.renames.values(),
+        )
         return tuple(dict.fromkeys((*keys, *COMMON_ENV_KEYS)))
 
     @property
@@ -106,6 +117,8 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.semantic_cache",
         listen_var="SEMANTIC_CACHE_LISTEN",
         default_port=50052,
+        metrics_var="SEMANTIC_CACHE_METRICS_LISTEN",
+        default_metrics_port=9102,
         own_env_keys=(
             "SEMANTIC_CACHE_THRESHOLD",
             "SEMANTIC_CACHE_VERIFIER_MIN_P",
@@ -131,6 +144,8 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.prefix_cache",
         listen_var="PREFIX_CACHE_LISTEN",
         default_port=50053,
+        metrics_var="PREFIX_CACHE_METRICS_LISTEN",
+        default_metrics_port=9103,
         own_env_keys=(
             "PREFIX_CACHE_LOOKBACK_BLOCKS",
             "PREFIX_CACHE_RECORD_TTL_S",
@@ -147,6 +162,8 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.model",
         listen_var="MODEL_LISTEN",
         default_port=50054,
+        metrics_var="MODEL_METRICS_LISTEN",
+        default_metrics_port=9104,
         own_env_keys=MODEL_ENV_KEYS,
     ),
     # L3: a second replica of the large model, so KV-aware routing has a choice.
@@ -155,11 +172,14 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.model",
         listen_var="MODEL_2_LISTEN",
         default_port=50055,
+        metrics_var="MODEL_2_METRICS_LISTEN",
+        default_metrics_port=9105,
         own_env_keys=MODEL_ENV_KEYS,
         # an OpenAI-compatible engine of its own (up --local-engine: a second llama-server)
         renames=MappingProxyType(
             {
                 "MODEL_LISTEN": "MODEL_2_LISTEN",
+                "MODEL_METRICS_LISTEN": "MODEL_2_METRICS_LISTEN",
                 "MODEL_IDS": "MODEL_2_IDS",
                 "OPENAI_BASE_URL": "MODEL_2_OPENAI_BASE_URL",
             }
@@ -170,6 +190,8 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.router",
         listen_var="ROUTER_LISTEN",
         default_port=50051,
+        metrics_var="ROUTER_METRICS_LISTEN",
+        default_metrics_port=9101,
         own_env_keys=(
             "SEMANTIC_CACHE_ADDR",
             "PREFIX_CACHE_ADDR",
@@ -226,6 +248,8 @@ SERVICES: tuple[ServiceDef, ...] = (
         module="services.http_front",
         listen_var="HTTP_FRONT_LISTEN",
         default_port=8088,
+        metrics_var="HTTP_FRONT_METRICS_LISTEN",
+        default_metrics_port=9106,
         own_env_keys=(
             "HTTP_FRONT_GATEWAY_ADDR",
             "HTTP_FRONT_MAX_BODY_BYTES",

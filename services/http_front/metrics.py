@@ -1,0 +1,38 @@
+"""The HTTP front's metrics, by API (``anthropic`` / ``openai``) and route (the route's
+pattern, e.g. ``/v1/models/{model}``: never the path itself):
+
+- ``cachemesh_http_front_requests_total{api,route,status}`` (the HTTP status sent);
+- ``cachemesh_http_front_request_duration_seconds{api,route}`` (a stream: until its end);
+- ``cachemesh_http_front_requests_in_flight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+
+from services.common.metrics import LoopMetrics
+
+
+class HttpFrontMetrics:
+    def __init__(self, registry: CollectorRegistry, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        m = LoopMetrics(registry)
+        self._requests = m.counter(
+            "cachemesh_http_front_requests",
+            "HTTP requests answered, by API, route and status",
+            ("api", "route", "status"),
+        )
+        self._duration = m.histogram(
+            "cachemesh_http_front_request_duration_seconds",
+            "HTTP requests, from arrival to the last byte of the answer",
+            ("api", "route"),
+        )
+        self.in_flight = m.gauge(
+            "cachemesh_http_front_requests_in_flight", "HTTP requests in progress"
+        )()
+
+    def answered(self, api: str, route: str, status: int, began: float) -> None:
+        self._requests(api, route, str(status)).inc()
+        self._duration(api, route).observe(self.clock() - began)

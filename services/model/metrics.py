@@ -1,0 +1,101 @@
+"""A model replica's metrics, read off the Generate stream (the simulator's and a provider
+adapter's alike), labelled by the model served (a model this replica serves, else ``other``):
+
+- ``cachemesh_model_in_flight{model}``: Generate calls in progress;
+- ``cachemesh_model_generations_total{model,outcome}``: ``ok``, ``refused`` (a RequestError:
+  the request's fault or the provider's refusal), ``failed``, ``cancelled``;
+- ``cachemesh_model_prompt_tokens_total{model}`` and
+  ``cachemesh_model_kv_cached_tokens_total{model}``: the prompts and the part the engine's
+  KV cache reused (L3: their ratio is the KV reuse), ``cachemesh_model_output_tokens_total``;
+- ``cachemesh_model_time_to_first_token_seconds{model}`` and
+  ``cachemesh_model_decode_tokens_per_second{model}`` (output tokens over the time from the
+  first to the last chunk, for answers of two tokens or more).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from cachemesh.v1 import model_pb2
+from services.common.metrics import LoopMetrics
+
+TPS_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
+
+
+@dataclass
+class Generation:
+    """One Generate call as the stream shows it."""
+
+    model: str
+    began: float
+    first: float | None = None  # when the first content arrived
+    last: float | None = None  # when the last chunk arrived
+    output_tokens: int = 0
+
+
+class ModelMetrics:
+    def __init__(
+        self, registry: CollectorRegistry, models: Collection[str], clock: Callable[[], float]
+    ) -> None:
+        self._models = frozenset(models)
+        self._clock = clock
+        m = LoopMetrics(registry)
+        self._in_flight = m.gauge(
+            "cachemesh_model_in_flight", "Generate calls in progress", ("model",)
+        )
+        self._generations = m.counter(
+            "cachemesh_model_generations",
+            "Generate calls ended: ok, refused, failed, cancelled",
+            ("model", "outcome"),
+        )
+        self._prompt = m.counter(
+            "cachemesh_model_prompt_tokens", "Prompt tokens the engine was given", ("model",)
+        )
+        self._kv = m.counter(
+            "cachemesh_model_kv_cached_tokens",
+            "Prompt tokens reused from the engine's KV cache (no prefill)",
+            ("model",),
+        )
+        self._output = m.counter("cachemesh_model_output_tokens", "Tokens generated", ("model",))
+        self._ttft = m.histogram(
+            "cachemesh_model_time_to_first_token_seconds",
+            "From the Generate call to its first content",
+            ("model",),
+        )
+        self._tps = m.histogram(
+            "cachemesh_model_decode_tokens_per_second",
+            "Output tokens per second of decode (first to last chunk)",
+            ("model",),
+            TPS_BUCKETS,
+        )
+
+    def begin(self, model: str) -> Generation:
+        label = model if model in self._models else "other"
+        self._in_flight(label).inc()
+        return Generation(label, self._clock())
+
+    def chunk(self, call: Generation, chunk: model_pb2.GenerateChunk) -> None:
+        part = chunk.WhichOneof("part")
+        now = self._clock()
+        call.last = now
+        if part == "start":
+            self._prompt(call.model).inc(chunk.start.prompt_tokens)
+            self._kv(call.model).inc(chunk.start.kv_cached_tokens)
+        elif part == "end":
+            call.output_tokens = chunk.end.output_tokens
+            self._output(call.model).inc(chunk.end.output_tokens)
+        elif call.first is None:
+            call.first = now
+            self._ttft(call.model).observe(now - call.began)
+
+    def end(self, call: Generation, outcome: str) -> None:
+        self._in_flight(call.model).dec()
+        self._generations(call.model, outcome).inc()
+        first, last = call.first, call.last
+        if outcome != "ok" or first is None or last is None or last <= first:
+            return
+        if call.output_tokens >= 2:
+            self._tps(call.model).observe((call.output_tokens - 1) / (last - first))

@@ -1,0 +1,81 @@
+"""prefix-cache's metrics (L2): what the bills hold, by model (a row of the table).
+
+Counted once per billed request, when its FINAL commit is first recorded (a retried FINAL
+returns the same bill and counts nothing):
+
+- ``cachemesh_prefix_cache_tokens_total{model,kind}``: ``written`` (cache writes, 5-minute and
+  1-hour), ``read`` (cache reads), ``uncached`` (input at the base price), ``output``;
+- ``cachemesh_prefix_cache_bills_total{model,reconciled}`` and
+  ``cachemesh_prefix_cache_cost_nanos_total{model}``: the bills and their amount;
+- reconciliation (a provider's reported usage against prefix-cache's estimate):
+  ``cachemesh_prefix_cache_drift_abs_prompt_tokens_total{model}`` and
+  ``cachemesh_prefix_cache_drift_abs_cost_nanos_total{model}``, the absolute differences
+  summed over the reconciled bills (divide by ``bills_total{reconciled="true"}``);
+- ``cachemesh_prefix_cache_plans_total{model}``; ``cachemesh_prefix_cache_warm_prefixes``:
+  the warm prefixes held (in memory or Redis), refreshed every ``WARM_REFRESH_S``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from services.common.metrics import LoopMetrics
+from services.prefix_cache.commit_records import Final
+
+WARM_REFRESH_S = 10.0  # how often the warm-prefix gauge counts them (a SCAN with Redis)
+
+
+class PrefixCacheMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        m = LoopMetrics(registry)
+        self._tokens = m.counter(
+            "cachemesh_prefix_cache_tokens",
+            "Prompt and output tokens billed: written, read, uncached, output",
+            ("model", "kind"),
+        )
+        self._bills = m.counter(
+            "cachemesh_prefix_cache_bills",
+            "Requests billed (FINAL commits), reconciled with a provider's report or not",
+            ("model", "reconciled"),
+        )
+        self._cost = m.counter(
+            "cachemesh_prefix_cache_cost_nanos",
+            "What the bills charged, in nano-dollars",
+            ("model",),
+        )
+        self._drift_tokens = m.counter(
+            "cachemesh_prefix_cache_drift_abs_prompt_tokens",
+            "|reported - estimated| prompt tokens, summed over the reconciled bills",
+            ("model",),
+        )
+        self._drift_cost = m.counter(
+            "cachemesh_prefix_cache_drift_abs_cost_nanos",
+            "|reported - estimated| cost in nano-dollars, summed over the reconciled bills",
+            ("model",),
+        )
+        self._plans = m.counter(
+            "cachemesh_prefix_cache_plans",
+            "Plans computed (a miss's split and replica candidates)",
+            ("model",),
+        )
+        self.warm_prefixes = m.gauge(
+            "cachemesh_prefix_cache_warm_prefixes",
+            "Warm prefixes held (expired ones not yet collected included)",
+        )()
+
+    def planned(self, model: str) -> None:
+        self._plans(model).inc()
+
+    def billed(self, model: str, final: Final) -> None:
+        split = final.split
+        self._tokens(model, "written").inc(split.creation_tokens)
+        self._tokens(model, "read").inc(split.read_tokens)
+        self._tokens(model, "uncached").inc(split.input_tokens)
+        self._tokens(model, "output").inc(final.output_tokens)
+        self._bills(model, "true" if final.reconciled else "false").inc()
+        self._cost(model).inc(final.charge.cost_nanos)
+        if final.reconciled:
+            drift = split.prompt_tokens - final.estimate.prompt_tokens
+            self._drift_tokens(model).inc(abs(drift))
+            cost_drift = final.charge.cost_nanos - final.estimate_charge.cost_nanos
+            self._drift_cost(model).inc(abs(cost_drift))

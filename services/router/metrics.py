@@ -1,0 +1,238 @@
+"""The router's metrics: requests, latency, money, errors, degradations, decisions, GenAI.
+
+Names and labels (every label set bounded: tenants capped by ``TenantLabels``, models from the
+table, tiers, layers, gRPC status names, and reasons from closed sets):
+
+- ``cachemesh_router_requests_total{tenant,model,tier,served_by}``: answered requests (a retry
+  answered from the answer-once table is ``cachemesh_router_replays_total{tenant}`` instead:
+  it is neither served nor billed again);
+- ``cachemesh_router_errors_total{tenant,code}``: refused or failed requests by gRPC status
+  (``tenant="none"`` before a key was recognised);
+- ``cachemesh_router_request_duration_seconds{served_by}`` (``error`` for failures),
+  ``cachemesh_router_ttft_seconds{tier}`` (a model call's first token),
+  ``cachemesh_router_dependency_duration_seconds{method,code}`` (each call to semantic-cache,
+  prefix-cache and the models; Generate until its stream ends);
+- ``cachemesh_router_cost_nanos_total`` and ``cachemesh_router_baseline_nanos_total``
+  ``{tenant,served_by}``: what the answers cost and would have cost with no cache, in
+  nano-dollars, as the responses reported; ``cachemesh_router_saved_nanos{tenant,served_by}``
+  is their difference, a gauge because a turn that pays a cache write saves a negative amount
+  (rate it as baseline minus cost);
+- ``cachemesh_router_tokens_total{tenant,served_by,type}``: the responses' usage (``input``,
+  ``cache_creation``, ``cache_read``, ``output``);
+- ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
+  request (reason: the gRPC status); ``cachemesh_router_decisions_total{tier,reason}``: the
+  tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``,
+  ``fallback``); ``cachemesh_router_requests_in_flight``;
+- OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
+  ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
+  gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
+  cached tokens included, as the conventions define it) and
+  ``gen_ai_client_operation_duration_seconds{...,error_type}``, with the conventions' buckets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.metrics import LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
+from services.router.routing.decision import Decision
+
+LAYERS = {
+    pb.LAYER_UNSPECIFIED: "none",
+    pb.LAYER_SEMANTIC_CACHE: "semantic_cache",
+    pb.LAYER_PREFIX_CACHE: "prefix_cache",
+    pb.LAYER_MODEL: "model",
+}
+ERROR_LAYER = "error"
+# the GenAI semantic conventions' explicit bucket boundaries
+TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67,108,864
+DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)  # fmt: skip
+_GEN_AI = (
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+)
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """The children one (tenant, model, tier, layer) writes on every answer."""
+
+    requests: LoopCounter
+    cost: LoopCounter
+    baseline: LoopCounter
+    saved: LoopCounter
+    input: LoopCounter
+    creation: LoopCounter
+    read: LoopCounter
+    output: LoopCounter
+    duration: LoopHistogram
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry, tenants: TenantLabels) -> None:
+        self._tenants = tenants
+        m = LoopMetrics(registry)
+        tenant_layer = ("tenant", "served_by")
+        self._requests = m.counter(
+            "cachemesh_router_requests",
+            "Requests answered, by tenant, answering model, tier and the layer that served",
+            ("tenant", "model", "tier", "served_by"),
+        )
+        self._replays = m.counter(
+            "cachemesh_router_replays",
+            "Retries answered from the answer-once table (not served or billed again)",
+            ("tenant",),
+        )
+        self._errors = m.counter(
+            "cachemesh_router_errors",
+            "Requests refused or failed, by gRPC status code",
+            ("tenant", "code"),
+        )
+        self._duration = m.histogram(
+            "cachemesh_router_request_duration_seconds",
+            "Whole request, from the Gateway call to its last chunk",
+            ("served_by",),
+        )
+        self._ttft = m.histogram(
+            "cachemesh_router_ttft_seconds",
+            "Time to a model call's first token, from the request's arrival",
+            ("tier",),
+        )
+        self._dependency = m.histogram(
+            "cachemesh_router_dependency_duration_seconds",
+            "Calls to semantic-cache, prefix-cache and the model replicas",
+            ("method", "code"),
+        )
+        self._cost = m.counter(
+            "cachemesh_router_cost_nanos", "What the answers cost, in nano-dollars", tenant_layer
+        )
+        self._baseline = m.counter(
+            "cachemesh_router_baseline_nanos",
+            "What the answers would have cost with no cache of any kind, in nano-dollars",
+            tenant_layer,
+        )
+        self._saved = m.gauge(
+            "cachemesh_router_saved_nanos",
+            "Baseline minus cost, in nano-dollars, summed (negative on a cache write's turn)",
+            tenant_layer,
+        )
+        self._tokens = m.counter(
+            "cachemesh_router_tokens",
+            "Tokens of the answers' usage by type (input excludes the cache tokens)",
+            ("tenant", "served_by", "type"),
+        )
+        self._degraded = m.counter(
+            "cachemesh_router_degraded",
+            "Dependency calls that failed and degraded the request, by gRPC status",
+            ("dependency", "reason"),
+        )
+        self._decisions = m.counter(
+            "cachemesh_router_decisions",
+            "The tier each model call went to, and why",
+            ("tier", "reason"),
+        )
+        self.in_flight = m.gauge(
+            "cachemesh_router_requests_in_flight", "Gateway calls in progress"
+        )()
+        self._token_usage = m.histogram(
+            "gen_ai_client_token_usage",
+            "GenAI: tokens used by the model calls (OpenTelemetry semantic conventions)",
+            (*_GEN_AI, "gen_ai_token_type"),
+            TOKEN_BUCKETS,
+        )
+        self._operation = m.histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "GenAI: duration of the model calls (OpenTelemetry semantic conventions)",
+            (*_GEN_AI, "error_type"),
+            DURATION_BUCKETS,
+        )
+        self._answered: dict[tuple[str, str, str, str], _Answered] = {}
+
+    def answered(self, tenant: str, end: pb.CompleteResponse, seconds: float) -> None:
+        layer = LAYERS.get(end.served_by, "none")
+        key = (self._tenants(tenant), end.model, end.tier, layer)
+        bundle = self._answered.get(key)
+        if bundle is None:
+            bundle = self._answered[key] = self._bundle(*key)
+        cost, usage = end.cost, end.usage
+        bundle.requests.value += 1
+        bundle.cost.value += cost.cost_nanos
+        bundle.baseline.value += cost.baseline_nanos
+        bundle.saved.value += cost.saved_nanos
+        bundle.input.value += usage.input_tokens
+        bundle.creation.value += usage.cache_creation_input_tokens
+        bundle.read.value += usage.cache_read_input_tokens
+        bundle.output.value += usage.output_tokens
+        bundle.duration.observe(seconds)
+
+    def _bundle(self, tenant: str, model: str, tier: str, layer: str) -> _Answered:
+        def tokens(kind: str) -> LoopCounter:
+            return self._tokens(tenant, layer, kind)
+
+        return _Answered(
+            requests=self._requests(tenant, model, tier, layer),
+            cost=self._cost(tenant, layer),
+            baseline=self._baseline(tenant, layer),
+            saved=self._saved(tenant, layer),
+            input=tokens("input"),
+            creation=tokens("cache_creation"),
+            read=tokens("cache_read"),
+            output=tokens("output"),
+            duration=self._duration(layer),
+        )
+
+    def replayed(self, tenant: str) -> None:
+        self._replays(self._tenants(tenant)).inc()
+
+    def failed(self, tenant: str, code: str, seconds: float) -> None:
+        self._errors(self._tenants(tenant), code).inc()
+        self._duration(ERROR_LAYER).observe(seconds)
+
+    def first_token(self, tier: str, seconds: float) -> None:
+        self._ttft(tier).observe(seconds)
+
+    def dependency(self, method: str, code: str, seconds: float) -> None:
+        self._dependency(method, code).observe(seconds)
+
+    def degraded(self, dependency: str, reason: str) -> None:
+        self._degraded(dependency, reason).inc()
+
+    def decided(self, tier: str, reason: str) -> None:
+        self._decisions(tier, reason).inc()
+
+    def model_call(
+        self,
+        provider: str,
+        request_model: str,
+        response_model: str,
+        usage: pb.Usage | None,
+        seconds: float,
+        error_type: str = "",
+    ) -> None:
+        """One model call ended (``usage`` None: it failed, ``error_type`` says how)."""
+        names = ("chat", provider, request_model, response_model)
+        self._operation(*names, error_type).observe(seconds)
+        if usage is not None:
+            prompt = usage.input_tokens + usage.cache_creation_input_tokens
+            prompt += usage.cache_read_input_tokens
+            self._token_usage(*names, "input").observe(prompt)
+            self._token_usage(*names, "output").observe(usage.output_tokens)
+
+
+def decision_reason(tier_reason: str, decision: Decision | None) -> str:
+    """The closed set of ``cachemesh_router_decisions_total``'s reasons (the decision's own
+    reason is free text: on the span and the response, never a label)."""
+    if tier_reason.startswith("fallback"):
+        return "fallback"
+    if decision is None:
+        return "requested"
+    if abs(decision.threshold - decision.base_threshold) > 1e-9:
+        return "cost_aware"
+    return "threshold"

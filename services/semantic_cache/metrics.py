@@ -1,0 +1,165 @@
+"""semantic-cache's metrics (L1).
+
+- ``cachemesh_semantic_cache_lookups_total{tenant,result}``: every Lookup, ``result`` one of
+  ``exact``, ``paraphrase`` (hits), ``miss``, ``pending`` (a miss while an identical request
+  still holds the lease) and ``skipped`` (no read: a bypass, refresh or prefill);
+  ``cachemesh_semantic_cache_hits_total{tenant,kind}`` the hits alone (``exact`` /
+  ``paraphrase``); ``cachemesh_semantic_cache_refusals_total{reason}``: candidates above the
+  threshold not served (``verifier``, ``ambiguous``);
+- ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
+- ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
+  and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
+  (capacity, LRU), ``..._expirations_total`` (TTL) and ``..._invalidations_total`` (Drop), read
+  from the cache at each scrape;
+- ``cachemesh_semantic_cache_lease_waits_total{outcome}`` (``served``: the identical request's
+  answer was served; ``not_served``) and ``..._lease_wait_seconds``;
+- ``cachemesh_semantic_cache_embed_batch_size`` and ``..._embed_duration_seconds`` (each
+  embedder call of the micro-batcher);
+- ``cachemesh_semantic_cache_wal_fsync_seconds`` and ``..._snapshot_seconds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.common.metrics import OTHER, LoopMetrics, TenantLabels
+from services.semantic_cache.records import CheckResult
+from services.semantic_cache.stats import StoreStats
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class SemanticCacheMetrics:
+    def __init__(self, registry: CollectorRegistry, tenants: TenantLabels) -> None:
+        self._tenants = tenants
+        m = LoopMetrics(registry)
+        self._lookups = m.counter(
+            "cachemesh_semantic_cache_lookups",
+            "Lookups, by result: exact, paraphrase (hits), miss, pending, skipped",
+            ("tenant", "result"),
+        )
+        self._hits = m.counter(
+            "cachemesh_semantic_cache_hits",
+            "Lookups answered from the cache, exact or paraphrase",
+            ("tenant", "kind"),
+        )
+        self._refusals = m.counter(
+            "cachemesh_semantic_cache_refusals",
+            "Candidates above the threshold not served: the verifier or an ambiguity",
+            ("reason",),
+        )
+        self._stores = m.counter(
+            "cachemesh_semantic_cache_stores",
+            "Stores, stored or skipped (not cacheable)",
+            ("tenant", "outcome"),
+        )
+        self._lease_waits = m.counter(
+            "cachemesh_semantic_cache_lease_waits",
+            "Lookups that waited for an identical request's model call (single flight)",
+            ("outcome",),
+        )
+        self._lease_wait = m.histogram(
+            "cachemesh_semantic_cache_lease_wait_seconds",
+            "How long a lookup waited on an identical request's lease",
+        )()
+        self._embed_batch = m.histogram(
+            "cachemesh_semantic_cache_embed_batch_size",
+            "Texts embedded by one embedder call (micro-batching)",
+            buckets=BATCH_BUCKETS,
+        )()
+        self._embed_duration = m.histogram(
+            "cachemesh_semantic_cache_embed_duration_seconds", "One embedder call (a batch)"
+        )()
+        self.wal_fsync = m.histogram(
+            "cachemesh_semantic_cache_wal_fsync_seconds",
+            "One fsync of the write-ahead log (a group commit)",
+        )()
+        self.snapshot = m.histogram(
+            "cachemesh_semantic_cache_snapshot_seconds",
+            "One snapshot save: the copy, the write and the fsyncs",
+        )()
+
+    def looked_up(self, tenant: str, result: CheckResult) -> None:
+        label = self._tenants(tenant)
+        if result.hit:
+            kind = "exact" if result.exact else "paraphrase"
+            self._lookups(label, kind).inc()
+            self._hits(label, kind).inc()
+        elif result.skip_reason:
+            self._lookups(label, "skipped").inc()
+        else:
+            self._lookups(label, "pending" if result.pending else "miss").inc()
+        if result.refusal:
+            self._refusals(refusal_reason(result.refusal)).inc()
+
+    def stored(self, tenant: str, stored: bool) -> None:
+        self._stores(self._tenants(tenant), "stored" if stored else "skipped").inc()
+
+    def lease_waited(self, seconds: float, served: bool) -> None:
+        self._lease_waits("served" if served else "not_served").inc()
+        self._lease_wait.observe(seconds)
+
+    def embedded(self, texts: int, seconds: float) -> None:
+        self._embed_batch.observe(texts)
+        self._embed_duration.observe(seconds)
+
+
+def refusal_reason(refusal: str) -> str:
+    """The closed set of refusal labels (the refusal itself is a sentence, on the span)."""
+    if refusal.startswith("the verifier"):
+        return "verifier"
+    if refusal.startswith("ambiguous"):
+        return "ambiguous"
+    return "other"
+
+
+class StoreCollector(Collector):
+    """The cache's sizes and removals, read from its ``StoreStats`` at each scrape (on the
+    event loop, as the cache writes them)."""
+
+    def __init__(self, stats: StoreStats, max_tenants: int) -> None:
+        self._stats = stats
+        self._max_tenants = max_tenants
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        entries, sizes = stats.entries, stats.bytes
+        kept = set(sorted(entries, key=lambda t: -entries[t])[: self._max_tenants])
+        by_label: dict[str, list[int]] = {}
+        for tenant, count in entries.items():
+            label = tenant if tenant in kept else OTHER
+            pair = by_label.setdefault(label, [0, 0])
+            pair[0] += count
+            pair[1] += sizes.get(tenant, 0)
+        held = GaugeMetricFamily(
+            "cachemesh_semantic_cache_entries", "Entries held, by tenant", labels=["tenant"]
+        )
+        size = GaugeMetricFamily(
+            "cachemesh_semantic_cache_bytes",
+            "Bytes held (answers, normalised questions, vectors), by tenant",
+            labels=["tenant"],
+        )
+        for label, (count, nbytes) in sorted(by_label.items()):
+            held.add_metric([label], count)
+            size.add_metric([label], nbytes)
+        yield held
+        yield size
+        yield CounterMetricFamily(
+            "cachemesh_semantic_cache_evictions",
+            "Entries evicted over capacity (least recently used first)",
+            value=stats.evictions,
+        )
+        yield CounterMetricFamily(
+            "cachemesh_semantic_cache_expirations",
+            "Entries removed at their TTL",
+            value=stats.expirations,
+        )
+        yield CounterMetricFamily(
+            "cachemesh_semantic_cache_invalidations",
+            "Entries removed by Drop (an entry, a namespace or a tenant)",
+            value=stats.invalidations,
+        )

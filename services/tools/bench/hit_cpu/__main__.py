@@ -1,0 +1,178 @@
+"""CPU per exact L1 hit, service by service: what metrics, logs and tracing cost a request.
+
+Starts a stack of its own (free loopback ports, a run dir under ``<root>/.run``, the
+simulator's sleeps at 0, no trace export), asks one question once (a miss that stores it),
+then asks it ``--requests`` more times at ``--concurrency`` in flight (each an exact hit:
+one Lookup), reading every service's utime + stime from ``/proc/<pid>/stat`` around those
+hits; repeats it ``--rounds`` times and writes the per-round figures and their median.
+
+``--root`` runs another checkout's services with this one's runner; ``--compare`` starts a
+second checkout's stack beside the first and alternates their rounds (A B B A ...), so a
+load from elsewhere on a shared machine weighs on both alike (a before/after: ``git archive
+main | tar -x -C /tmp/base`` then ``--compare /tmp/base``). Timing is written to the report,
+never asserted.
+
+    .venv/bin/python -m services.tools.bench.hit_cpu --compare /tmp/base --rounds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cachemesh import AsyncClient, build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from services.tools.bench.gateway.cpu import (
+    CpuProbe,
+    clock_ticks_per_s,
+    per_request,
+    read_proc_stat,
+    ticks_between,
+)
+from services.tools.keys import ensure_keys
+from services.tools.stack.lifecycle import Stack
+
+QUESTION = "How do I reset my password on the billing portal?"
+
+
+async def _hits(target: str, key: str, requests: int, concurrency: int) -> int:
+    namespace = f"hit-cpu-{time.time_ns()}"  # a fresh one a round: its first ask is a miss
+    request = build_request(QUESTION, model="sim-small", max_tokens=256, namespace=namespace)
+    async with AsyncClient(target, api_key=key) as client:
+        first = await client.complete(request)
+        if first.served_by != pb.LAYER_MODEL:
+            raise RuntimeError(f"the first ask was not a miss: {pb.Layer.Name(first.served_by)}")
+        await asyncio.sleep(0.5)  # its Store lands (the answer does not wait for it)
+        await client.complete(request)  # warm: the first hit
+        left = requests
+
+        async def worker() -> int:
+            nonlocal left
+            served = 0
+            while left > 0:
+                left -= 1
+                response = await client.complete(request)
+                if response.served_by != pb.LAYER_SEMANTIC_CACHE or not response.semantic.exact:
+                    raise RuntimeError("a repeat was not an exact L1 hit")
+                served += 1
+            return served
+
+        return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+
+
+@contextmanager
+def _stack(root: Path, name: str, extra: dict[str, str]) -> Iterator[tuple[Stack, CpuProbe, str]]:
+    run_dir = root / ".run" / f"bench-hit-cpu-{name}"
+    keys = ensure_keys(run_dir)
+    settings = {"SIM_TIME_SCALE": "0", "OTEL_TRACES_EXPORTER": "none", **extra}
+    stack = Stack.on_free_ports(root, run_dir, settings, out=sys.stderr)
+    stack.start()
+    try:
+        pids = {r.service.name: r.pid for r in stack.running()}
+        probe = CpuProbe(pids, read_proc_stat, clock_ticks_per_s())
+        yield stack, probe, keys.api_keys["tenant-a"]
+    finally:
+        stack.stop()
+
+
+def _round(
+    stack: Stack, probe: CpuProbe, key: str, requests: int, concurrency: int
+) -> dict[str, Any]:
+    before = probe.sample()
+    started = time.monotonic()
+    served = asyncio.run(_hits(stack.router_address, key, requests, concurrency))
+    wall = time.monotonic() - started
+    figures = per_request(ticks_between(before, probe.sample()), served + 2, probe.ticks_per_s)
+    figures["requests_per_s"] = round((served + 2) / wall, 1)
+    return figures
+
+
+def measure(
+    roots: dict[str, Path],
+    requests: int,
+    concurrency: int,
+    rounds: int,
+    settings: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Each root's stack (with its ``settings``), all up at once, measured in alternating
+    rounds (A B B A ...), so that a load on the machine from elsewhere weighs on both alike."""
+    settings = settings or {}
+    with contextlib.ExitStack() as up:
+        stacks = {
+            name: up.enter_context(_stack(root, name, settings.get(name, {})))
+            for name, root in roots.items()
+        }
+        per_round: dict[str, list[dict[str, Any]]] = {name: [] for name in roots}
+        order = list(roots)
+        for number in range(rounds):
+            for name in order if number % 2 == 0 else order[::-1]:
+                figures = _round(*stacks[name], requests, concurrency)
+                per_round[name].append(figures)
+                router = figures["ms_per_request"]["router"]
+                print(f"round {number + 1} {name}: router {router} ms a hit", file=sys.stderr)
+    report: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "stacks": {}}
+    if len(per_round) == 2:  # each round's ratio: the two stacks measured side by side
+        mine, theirs = ([f["ms_per_request"]["router"] for f in r] for r in per_round.values())
+        ratios = [a / b for a, b in zip(mine, theirs, strict=True) if b]
+        report["router_ratio_per_round"] = [round(r, 3) for r in ratios]
+        report["router_ratio_median"] = round(statistics.median(ratios), 3)
+        report["router_ratio_above_1"] = sum(r > 1 for r in ratios)
+    for name, measured in per_round.items():
+        routers: list[float] = [f["ms_per_request"]["router"] for f in measured]
+        report["stacks"][name] = {
+            "root": str(roots[name]),
+            "router_ms_per_hit": routers,
+            "router_ms_per_hit_median": round(statistics.median(routers), 3),
+            "rounds": measured,
+        }
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="the checkout to run")
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="another checkout, measured in turns with it"
+    )
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of this checkout's stack only (e.g. CACHEMESH_LOG_LEVEL=WARNING)",
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    roots = {"this": args.root.resolve()}
+    if args.compare is not None:
+        roots["compared"] = args.compare.resolve()
+    own = dict(item.split("=", 1) for item in args.set)
+    report = measure(roots, args.requests, args.concurrency, args.rounds, {"this": own})
+    report["settings"] = own
+    text = json.dumps(report, indent=2)
+    if "router_ratio_median" in report:
+        print(
+            f"router CPU per exact hit, this / compared: median {report['router_ratio_median']} "
+            f"over {args.rounds} rounds ({report['router_ratio_above_1']} above 1)",
+            file=sys.stderr,
+        )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""services.common.logs: JSON lines joined to the current span, levels from the environment."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common.env import ConfigError, Env
+from services.common.logs import JsonFormatter, configure_logging, log_settings
+
+
+@pytest.fixture
+def root_state() -> Iterator[None]:
+    """configure_logging changes the root logger: put its handlers and level back."""
+    root, ours = logging.getLogger(), logging.getLogger("cachemesh")
+    handlers, level, our_level = list(root.handlers), root.level, ours.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    ours.setLevel(our_level)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_line_inside_a_span_carries_its_trace_and_span_ids(root_state: None) -> None:
+    out = io.StringIO()
+    configure_logging(Env({"CACHEMESH_LOG_LEVEL": "debug"}), out)
+    log = logging.getLogger("cachemesh.test")
+    tracer = TracerProvider().get_tracer("test")
+    log.info("outside")
+    with tracer.start_as_current_span("request") as span:
+        log.debug("inside %s", "a request", extra={"fields": {"tenant": "t", "tokens": 3}})
+        context = span.get_span_context()
+    outside, inside = _lines(out)
+    assert "trace_id" not in outside and outside["msg"] == "outside"
+    assert inside["trace_id"] == format(context.trace_id, "032x")
+    assert inside["span_id"] == format(context.span_id, "016x")
+    assert (inside["msg"], inside["level"], inside["logger"]) == (
+        "inside a request",
+        "DEBUG",
+        "cachemesh.test",
+    )
+    assert (inside["tenant"], inside["tokens"]) == ("t", 3)
+    assert str(inside["ts"]).endswith("Z") and len(str(inside["ts"])) == 24
+
+
+def test_debug_is_for_cachemesh_lines_only(root_state: None) -> None:
+    out = io.StringIO()
+    configure_logging(Env({"CACHEMESH_LOG_LEVEL": "DEBUG"}), out)
+    logging.getLogger("cachemesh.router").debug("ours")
+    logging.getLogger("httpx").debug("theirs, may show headers")
+    logging.getLogger("httpx").info("theirs at info")
+    assert [line["msg"] for line in _lines(out)] == ["ours", "theirs at info"]
+
+
+def test_the_level_filters_and_a_second_configuration_replaces_the_first(
+    root_state: None,
+) -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(Env({}), first)
+    configure_logging(Env({"CACHEMESH_LOG_LEVEL": "WARNING"}), second)
+    logging.getLogger("cachemesh.test").info("dropped")
+    logging.getLogger("cachemesh.test").warning("kept")
+    assert first.getvalue() == ""
+    assert [line["msg"] for line in _lines(second)] == ["kept"]
+
+
+def test_text_format_for_a_terminal(root_state: None) -> None:
+    out = io.StringIO()
+    configure_logging(Env({"CACHEMESH_LOG_FORMAT": "text"}), out)
+    logging.getLogger("cachemesh.test").info("hello", extra={"fields": {"tenant": "t"}})
+    assert out.getvalue().rstrip().endswith("INFO cachemesh.test: hello tenant=t")
+
+
+@pytest.mark.parametrize(
+    ("environ", "name"),
+    [
+        ({"CACHEMESH_LOG_LEVEL": "LOUD"}, "CACHEMESH_LOG_LEVEL"),
+        ({"CACHEMESH_LOG_FORMAT": "xml"}, "CACHEMESH_LOG_FORMAT"),
+    ],
+)
+def test_a_bad_value_names_its_variable(environ: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        log_settings(Env(environ))
+
+
+def test_an_exception_is_one_line_of_json() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), None)
+        record.exc_info = sys.exc_info()
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    assert "ValueError: boom" in json.loads(line)["exc"]
