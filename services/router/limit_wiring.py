@@ -19,23 +19,9 @@ ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
 
 
 async def build_limiter(settings: LimitSettings, clock: Clock) -> Limiter:
-    store: LimitStore
-    if settings.redis_url is None:
-        store = MemoryLimitStore()
-    else:
-        try:
-            redis = Redis.from_url(settings.redis_url)
-        except ValueError as exc:
-            raise ConfigError(f"{REDIS_URL}: {exc}") from None
-        shared = RedisLimitStore(redis)
-        try:
-            await shared.ping()
-        except RedisError as exc:
-            await shared.close()
-            raise ConfigError(
-                f"{REDIS_URL}: cannot reach Redis at {_redacted(settings.redis_url)} ({exc})"
-            ) from None
-        store = shared
+    store: LimitStore = MemoryLimitStore()
+    if settings.redis_url is not None:
+        store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
     return Limiter(store, UniformPolicies(settings.policy), clock)
 
 
@@ -43,19 +29,21 @@ async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedge
     """The shared answer ledger when ROUTER_ANSWERS_REDIS_URL is set (checked at start-up)."""
     if url is None:
         return None
+    return RedisAnswerLedger(await _reachable(ANSWERS_REDIS_URL, url), ttl_s)
+
+
+async def _reachable(var: str, url: str) -> Redis:
+    """A client of the Redis at ``url`` (``var``'s value) that answered a PING."""
     try:
         redis = Redis.from_url(url)
     except ValueError as exc:
-        raise ConfigError(f"{ANSWERS_REDIS_URL}: {exc}") from None
-    ledger = RedisAnswerLedger(redis, ttl_s)
+        raise ConfigError(f"{var}: {exc}") from None
     try:
-        await ledger.ping()
+        await redis.ping()
     except RedisError as exc:
-        await ledger.close()
-        raise ConfigError(
-            f"{ANSWERS_REDIS_URL}: cannot reach Redis at {_redacted(url)} ({exc})"
-        ) from None
-    return ledger
+        await redis.aclose()
+        raise ConfigError(f"{var}: cannot reach Redis at {_redacted(url)} ({exc})") from None
+    return redis
 
 
 def _redacted(url: str) -> str:
