@@ -53,9 +53,6 @@ class RedisAnswerLedger:
         self._redis = redis
         self._ttl_ms = max(1, int(ttl_s * 1000))
 
-    async def ping(self) -> None:
-        await self._redis.ping()
-
     async def recall(self, tenant: str, request_id: str) -> tuple[str, pb.CompleteResponse] | None:
         try:
             raw = await self._redis.get(ledger_key(tenant, request_id))

@@ -110,9 +110,6 @@ class RedisLimitStore:
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._prefix}:{{{tenant}}}:{name}"
 
-    async def ping(self) -> None:
-        await self._client.ping()
-
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
