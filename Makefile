@@ -102,10 +102,11 @@ train-verifier: setup ## train the cross-encoder verifier (CPU torch, in .venv-t
 	  --base-dir "$$($(BIN)/python -c 'from services.semantic_cache.embedder import default_tokenizer_path as p; print(p().parent)')" \
 	  --embedder-onnx "$$($(BIN)/python -c 'from services.semantic_cache.embedder import default_model_path as p; print(p())')"
 
-# Stated targets (fit halves: the mock data's whole fit half by retrieval; the tune slices of
-# PAWS and of the generated near-misses, pairwise); the probes of issue 12 must hold too.
-CACHE_TARGETS ?= --target 0.99 --target-for paws_wiki_dev.tsv=0.80 \
-  --target-for generated_near_misses=0.95 --min-threshold 0.80
+# Stated target precisions, each to hold even with one more wrong hit than measured: 0.985 on
+# the mock data's fit half (retrieval), 0.82 on PAWS's tune slice and 0.90 on the generated
+# near-misses' tune slice (pairwise); the six probes of issue 12 must hold too.
+CACHE_TARGETS ?= --target 0.985 --target-for paws_wiki_dev.tsv=0.82 \
+  --target-for generated_near_misses=0.90 --min-threshold 0.80
 calibrate-cache: setup ## refit the verifier (cosine + cross-encoder logit) on the tune slices, calibrate to CACHE_TARGETS, write the shipped default
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache fit
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache calibrate --write $(CACHE_TARGETS)

@@ -29,7 +29,7 @@ from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.settings import DATA_DIR, SemanticCacheSettings
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WriteAheadLog
-from services.semantic_cache.wiring import build_api, build_cache
+from services.semantic_cache.wiring import build_api, build_cache, build_verifier
 
 NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -55,7 +55,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
         await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
-        cache = build_cache(config, embedder, clock)
+        verifier = await asyncio.to_thread(build_verifier, config)
+        await asyncio.to_thread(verifier.accepts_all, [("warm-up", "warm up", 0.9)])
+        cache = build_cache(config, embedder, clock, verifier)
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
         servicer.attach(build_api(config, cache, draining=stop))

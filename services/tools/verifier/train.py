@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedder-onnx", required=True, help="the project's int8 embedder")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--epochs", type=float, default=1.5)
+    parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-steps", type=int, default=0, help="stop after N steps (trial)")
     parser.add_argument("--limit", type=int, default=0, help="train on N sampled pairs (trial)")
     parser.add_argument("--batch", type=int, default=16)
