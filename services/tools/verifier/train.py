@@ -314,7 +314,9 @@ def train(args: argparse.Namespace) -> int:
         return 0
     from services.tools.verifier.export import export
 
-    exported = export(model, encoder, sources, OUT_DIR, args.max_tokens)
+    out_dir = Path(args.out_dir)
+    committed = _committed_sha256(out_dir)
+    exported = export(model, encoder, sources, out_dir, args.max_tokens)
     meta = {
         "format": "cachemesh.cross_encoder.v1",
         "file": "cross_encoder.onnx",
@@ -347,10 +349,21 @@ def train(args: argparse.Namespace) -> int:
         },
         "auc": {**table, "int8_tune": exported["auc_int8_tune"]},
     }
-    (OUT_DIR / "cross_encoder.json").write_text(json.dumps(meta, indent=1) + "\n", "utf-8")
-    write_card(OUT_DIR / "MODEL_CARD.md", meta)
-    print(f"wrote {OUT_DIR}/cross_encoder.onnx sha256 {exported['sha256']}", flush=True)
+    (out_dir / "cross_encoder.json").write_text(json.dumps(meta, indent=1) + "\n", "utf-8")
+    write_card(out_dir / "MODEL_CARD.md", meta)
+    print(f"wrote {out_dir}/cross_encoder.onnx sha256 {exported['sha256']}", flush=True)
+    if committed is not None:
+        same = "reproduces" if committed == exported["sha256"] else "differs from"
+        print(f"the new graph {same} the one there before (sha256 {committed})", flush=True)
     return 0
+
+
+def _committed_sha256(out_dir: Path) -> str | None:
+    """The sha256 of the graph already in ``out_dir`` (the committed one), if any."""
+    try:
+        return str(json.loads((out_dir / "cross_encoder.json").read_text("utf-8"))["sha256"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def measure(
@@ -407,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-layers", type=int, default=2, help="lowest layers kept as is")
     parser.add_argument("--sample", type=int, default=1000, help="pairs measured per slice")
     parser.add_argument("--from-state", default="", help="export this saved state, no training")
+    parser.add_argument("--out-dir", default=str(OUT_DIR), help="where the graph and card go")
     return train(parser.parse_args(argv))
 
 
