@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
 
-.PHONY: help setup python-check proto keys up down stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
+.PHONY: help setup python-check proto keys up down stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache train-verifier fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -95,12 +95,26 @@ test: setup test-deps engine lint ## lint, then every test (unit, integration on
 eval-cache: setup ## semantic-cache eval harness (../shared/data); bench-results/semantic-cache-eval.json
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache eval
 
-bench-cache: setup ## semantic-cache scale: index latency/recall at 10k-1M, embedder rates; bench-results/semantic-cache-bench.json
+bench-cache: setup ## semantic-cache scale: index latency/recall at 10k-1M, embedder rates, verifier cost per candidate; bench-results/semantic-cache-bench.json
 	nice -n 10 $(BIN)/python -m services.tools.bench.semantic_cache
 
-calibrate-cache: setup ## refit the verifier, calibrate to precision 0.99, write the shipped default
+TRAIN_VENV := .venv-train
+train-verifier: setup ## train the cross-encoder verifier (CPU torch, in .venv-train only); writes services/semantic_cache/verifier_model/ (int8 ONNX, sha256, card)
+	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt \
+	  -r services/tools/verifier/requirements-train.txt
+	nice -n 10 $(TRAIN_VENV)/bin/python -m services.tools.verifier.train \
+	  --base-dir "$$($(BIN)/python -c 'from services.semantic_cache.embedder import default_tokenizer_path as p; print(p().parent)')" \
+	  --embedder-onnx "$$($(BIN)/python -c 'from services.semantic_cache.embedder import default_model_path as p; print(p())')"
+
+# Stated target precisions, each to hold even with one more wrong hit than measured: 0.985 on
+# the mock data's fit half (retrieval), 0.82 on PAWS's tune slice and 0.90 on the generated
+# near-misses' tune slice (pairwise); the six probes of issue 12 must hold too.
+CACHE_TARGETS ?= --target 0.985 --target-for paws_wiki_dev.tsv=0.82 \
+  --target-for generated_near_misses=0.90 --min-threshold 0.80
+calibrate-cache: setup ## refit the verifier (cosine + cross-encoder logit) on the tune slices, calibrate to CACHE_TARGETS, write the shipped default
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache fit
-	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache calibrate --write
+	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache calibrate --write $(CACHE_TARGETS)
 
 bench: setup ## the standard load-test set on stacks of its own (free ports): results/bench-<date>.json + .html
 	$(BIN)/python -m services.tools.bench.gateway

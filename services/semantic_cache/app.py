@@ -33,7 +33,7 @@ from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.tenant_policy import FILE_NAME, PolicyError, TenantPolicies
 from services.semantic_cache.wal import WriteAheadLog
-from services.semantic_cache.wiring import build_api, build_cache
+from services.semantic_cache.wiring import build_api, build_cache, build_verifier
 
 NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -66,7 +66,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
         await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
-        cache = build_cache(config, embedder, clock, stats, metrics)
+        verifier = await asyncio.to_thread(build_verifier, config)
+        await asyncio.to_thread(verifier.accepts_all, [("warm-up", "warm up", 0.9)])
+        cache = build_cache(config, embedder, clock, stats, metrics, verifier)
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
         servicer.attach(build_api(config, cache, draining=stop, policies=policies, metrics=metrics))

@@ -1,7 +1,8 @@
 """The L1 cache logic: check and store (a small explicit API, RedisVL-style).
 
 A check finds the query's scope, takes the exact-match path or embeds the text and lets
-``matching.choose`` decide among the scope's nearest entries (threshold, verifier, ambiguity);
+``matching`` decide among the scope's nearest entries (threshold, verifier, ambiguity; the
+verifier runs in a worker thread, and only an entry still there unchanged afterwards is served);
 a miss may take the query's single-flight lease. A store embeds the text, then inserts the
 entry in a synchronous section (``EntryStore``), so no two coroutines interleave inside one,
 and returns once the change is durable (write-ahead log): what a store acknowledges is visible
@@ -27,7 +28,7 @@ from services.semantic_cache.entries import EntryStore
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.inflight import StoresInFlight
 from services.semantic_cache.leases import LeaseKey, Leases, wait
-from services.semantic_cache.matching import choose
+from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
 from services.semantic_cache.records import (
@@ -164,7 +165,7 @@ class SemanticCache(EntryStore):
         if vid is not None and self._servable(self._entries[vid], query, now):
             return self._hit(vid, 1.0, exact=True, best=1.0)
         vector = await self._embed(text)
-        # From here to the return nothing awaits: the index cannot change under us.
+        # From here to the verification nothing awaits: the index cannot change under us.
         now = self._clock.now_ms()
         self._purge_expired(now)
         index = self._scopes.get((query.tenant, query.scope))
@@ -172,18 +173,33 @@ class SemanticCache(EntryStore):
             return CheckResult(None)
         candidates = [(v, _clamp(s)) for v, s in index.search(vector, self._top_k)]
         best = max((s for _, s in candidates), default=0.0)
-        choice = choose(
+        short = shortlist(
             candidates,
             self._entries.__getitem__,
             lambda entry: self._servable(entry, query, now),
-            query.normalised,
             threshold,
-            self._verifier,
             self._margin,
         )
-        if choice.vid is not None:
-            return self._hit(choice.vid, choice.similarity, exact=False, best=best)
-        return CheckResult(None, best_similarity=best, refusal=choice.reason)
+        choice = decide(short, await self._verify(short, query.normalised))
+        if choice.vid is None:
+            return CheckResult(None, best_similarity=best, refusal=choice.reason)
+        # The verifier may have run in a thread: serve the verified entry only if it is still
+        # there, the same, and servable now.
+        now = self._clock.now_ms()
+        entry = self._entries.get(choice.vid)
+        if entry is not short[0].entry or not self._servable(entry, query, now):
+            refusal = "the nearest candidate changed while it was verified"
+            return CheckResult(None, best_similarity=best, refusal=refusal)
+        return self._hit(choice.vid, choice.similarity, exact=False, best=best)
+
+    async def _verify(self, short: list[Candidate], text: str) -> list[bool]:
+        """The verifier's verdicts; a cross-encoder runs off the event loop."""
+        if self._verifier is None or not short:
+            return [True] * len(short)
+        checks = [(c.entry.query, text, c.similarity) for c in short]
+        if self._verifier.cross_encoder is None:  # features only: microseconds
+            return self._verifier.accepts_all(checks)
+        return await asyncio.to_thread(self._verifier.accepts_all, checks)
 
     async def store(
         self, query: Query, answer: Answer, default_ttl_s: float | None = None

@@ -7,6 +7,11 @@ never promotes a runner-up, which would be a worse match). It is not served eith
 lookup is ambiguous: another servable candidate that the verifier accepts, holding another
 answer, within ``margin`` of its cosine (two different cached answers fit the question about
 equally well). ``margin`` 0 turns that check off.
+
+The work is split in two so the verifier (a cross-encoder: milliseconds) runs off the event
+loop: ``shortlist`` picks what must be verified (the nearest servable candidate and the
+runners-up within the margin holding another answer), the caller verifies them in one batch,
+and ``decide`` applies the verdicts.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.semantic_cache.records import Entry
-from services.semantic_cache.verifier import Verifier
 
 
 @dataclass(frozen=True)
@@ -25,34 +29,47 @@ class Choice:
     reason: str = ""  # why candidates above the threshold were not served
 
 
-def choose(
+@dataclass(frozen=True)
+class Candidate:
+    vid: int
+    similarity: float
+    entry: Entry
+
+
+def shortlist(
     candidates: Sequence[tuple[int, float]],
     entries: Callable[[int], Entry],
     servable: Callable[[Entry], bool],
-    query: str,
     threshold: float,
-    verifier: Verifier | None,
     margin: float,
-) -> Choice:
-    nearest: tuple[int, float, Entry] | None = None
+) -> list[Candidate]:
+    """The nearest servable candidate at the threshold first, then those that could make the
+    lookup ambiguous (within ``margin`` of it, another answer); empty = nothing to verify."""
+    out: list[Candidate] = []
     for vid, similarity in candidates:
         if similarity < threshold:
             break
         entry = entries(vid)
         if not servable(entry):
             continue
-        accepted = verifier is None or verifier.accepts(entry.query, query, similarity)
-        if nearest is None:
-            if not accepted:
-                return Choice(None, reason="the verifier refused the nearest candidate")
-            nearest = (vid, similarity, entry)
+        if not out:
+            out.append(Candidate(vid, similarity, entry))
             if margin <= 0:
                 break
             continue
-        if similarity < nearest[1] - margin:
+        if similarity < out[0].similarity - margin:
             break
-        if accepted and entry.answer.payload != nearest[2].answer.payload:
-            return Choice(None, reason="ambiguous: two cached answers fit about equally well")
-    if nearest is None:
+        if entry.answer.payload != out[0].entry.answer.payload:
+            out.append(Candidate(vid, similarity, entry))
+    return out
+
+
+def decide(short: Sequence[Candidate], accepted: Sequence[bool]) -> Choice:
+    """The verdicts (one per shortlisted candidate, in order) applied."""
+    if not short:
         return Choice(None)
-    return Choice(nearest[0], nearest[1])
+    if not accepted[0]:
+        return Choice(None, reason="the verifier refused the nearest candidate")
+    if any(accepted[1:]):
+        return Choice(None, reason="ambiguous: two cached answers fit about equally well")
+    return Choice(short[0].vid, short[0].similarity)

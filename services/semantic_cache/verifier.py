@@ -3,14 +3,17 @@
 Sentence embeddings confuse questions that share their words but not their meaning: "convert USD
 to EUR" and "convert EUR to USD" (cosine 0.99), a negation, a changed number or name. Candidates
 that are not exact matches are checked here, on the two texts, before they are served. The check
-is a logistic regression over cross-features of the two questions (the cosine, word and bigram
-overlap, word order among the shared words, numbers, negation, length, how much of each side's
-content words the other covers); its weights are fitted offline (``python -m
-services.tools.evaluation.semantic_cache fit``) on PAWS and GPTCache's mock data only, and
-shipped as JSON with their provenance (``verifier_weights.json``). A candidate is served when
-no cross-check vetoes it (``VETOES``) and the model's probability that the two questions mean
-the same is at least the configured ``min_probability``; ``min_probability`` 0 turns the whole
-step off (vetoes included), which is the plain-embedding baseline of the harness.
+is a small logistic regression over features of the pair: the cosine, the logit of the project's
+cross-encoder (``cross_encoder.py``: a network that reads both questions together, so word order,
+negation and numbers are visible to it), and optionally lexical cross-features (word and bigram
+overlap, word order among the shared words, numbers, negation, length, coverage). Which features
+it uses, its weights and which lexical cross-checks veto outright (``VETOES``) are fitted offline
+(``python -m services.tools.evaluation.semantic_cache fit``) on the tune slices of the fit halves
+(PAWS, GPTCache's mock data, the generated near-misses) and shipped as JSON with their provenance
+(``verifier_weights.json``). A candidate is served when no listed cross-check vetoes it and the
+probability that the two questions mean the same is at least the configured
+``min_probability``; ``min_probability`` 0 turns the whole step off (vetoes included), which is
+the plain-embedding baseline of the harness.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from services.semantic_cache.cross_encoder import PairScorer
+
 WEIGHTS_PATH = Path(__file__).with_name("verifier_weights.json")
-FEATURE_VERSION = "cachemesh.verifier.features.v3"
+FEATURE_VERSION = "cachemesh.verifier.features.v4"
 
 _WORD = re.compile(r"[^\W_]+(?:[.,][0-9]+)*", re.UNICODE)
 _NUMBER = re.compile(r"^[0-9]+(?:[.,][0-9]+)*$")
@@ -68,10 +74,14 @@ FEATURES = (
     "same_bag_x_bigram",
     "same_bag_x_discordance",
 )
-# Cross-checks that refuse outright, whatever the model says: the same content words in
-# another order ("USD to EUR" / "EUR to USD"), different numbers, a number on one side only,
-# a negation on one side only.
+CROSS_ENCODER = "cross_encoder_logit"
+CATALOGUE = (*FEATURES, CROSS_ENCODER)  # the columns of ``rows``; the weights pick some
+# Cross-checks that may refuse outright, whatever the model says (the weights list those they
+# apply): the same content words in another order ("USD to EUR" / "EUR to USD"), different
+# numbers, a number on one side only, a negation on one side only.
 VETOES = ("same_words_reordered", "number_conflict", "number_one_side", "negation_mismatch")
+
+F64 = npt.NDArray[np.float64]
 
 
 def words(text: str) -> list[str]:
@@ -139,20 +149,44 @@ def features(first: str, second: str, cosine: float) -> npt.NDArray[np.float64]:
     return np.array(values, dtype=np.float64)
 
 
+def rows(
+    firsts: Sequence[str],
+    seconds: Sequence[str],
+    cosines: Sequence[float],
+    scorer: PairScorer | None,
+) -> F64:
+    """``CATALOGUE`` columns for (cached, new, cosine) triples; the cross-encoder's logit is 0
+    when no scorer is given (weights that use it refuse to run without one)."""
+    n = len(firsts)
+    out = np.zeros((n, len(CATALOGUE)), dtype=np.float64)
+    for i in range(n):
+        out[i, : len(FEATURES)] = features(firsts[i], seconds[i], float(cosines[i]))
+    if scorer is not None and n:
+        out[:, -1] = scorer.logits(list(zip(firsts, seconds, strict=True)))
+    return out
+
+
 @dataclass(frozen=True)
 class VerifierWeights:
-    """A fitted logistic regression over standardised ``FEATURES``."""
+    """A fitted logistic regression over standardised ``features`` (names of ``CATALOGUE``)."""
 
+    features: tuple[str, ...]
+    vetoes: tuple[str, ...]
     mean: tuple[float, ...]
     scale: tuple[float, ...]
     coef: tuple[float, ...]
     intercept: float
     provenance: dict[str, object]
 
+    @property
+    def needs_cross_encoder(self) -> bool:
+        return CROSS_ENCODER in self.features
+
     def to_json(self) -> str:
         body = {
             "feature_version": FEATURE_VERSION,
-            "features": list(FEATURES),
+            "features": list(self.features),
+            "vetoes": list(self.vetoes),
             "mean": list(self.mean),
             "scale": list(self.scale),
             "coef": list(self.coef),
@@ -164,37 +198,73 @@ class VerifierWeights:
     @classmethod
     def load(cls, path: Path = WEIGHTS_PATH) -> VerifierWeights:
         body = json.loads(path.read_text(encoding="utf-8"))
-        if body.get("feature_version") != FEATURE_VERSION or body.get("features") != list(FEATURES):
+        names = tuple(str(x) for x in body.get("features", ()))
+        vetoes = tuple(str(x) for x in body.get("vetoes", ()))
+        if (
+            body.get("feature_version") != FEATURE_VERSION
+            or not set(names) <= set(CATALOGUE)
+            or not set(vetoes) <= set(VETOES)
+        ):
             raise ValueError(f"{path}: fitted for other features; refit the verifier")
-        n = len(FEATURES)
+        n = len(names)
         mean, scale, coef = (tuple(float(x) for x in body[k]) for k in ("mean", "scale", "coef"))
-        if not (len(mean) == len(scale) == len(coef) == n) or min(scale) <= 0:
+        if not n or not (len(mean) == len(scale) == len(coef) == n) or min(scale) <= 0:
             raise ValueError(f"{path}: malformed weights")
-        return cls(mean, scale, coef, float(body["intercept"]), dict(body["provenance"]))
+        return cls(
+            names, vetoes, mean, scale, coef, float(body["intercept"]), dict(body["provenance"])
+        )
 
 
 class Verifier:
-    """Scores (cached question, new question, cosine) with fitted weights."""
+    """Scores (cached question, new question, cosine) with fitted weights (and the
+    cross-encoder when they use it)."""
 
-    def __init__(self, weights: VerifierWeights, min_probability: float) -> None:
+    def __init__(
+        self,
+        weights: VerifierWeights,
+        min_probability: float,
+        cross_encoder: PairScorer | None = None,
+    ) -> None:
         if not (math.isfinite(min_probability) and 0.0 <= min_probability <= 1.0):
             raise ValueError(f"min_probability must be within [0, 1], got {min_probability}")
+        if weights.needs_cross_encoder and cross_encoder is None:
+            raise ValueError("these verifier weights use the cross-encoder: pass one")
         self.min_probability = min_probability
+        self.cross_encoder = cross_encoder if weights.needs_cross_encoder else None
+        self._columns = [CATALOGUE.index(name) for name in weights.features]
         self._mean = np.array(weights.mean)
         self._scale = np.array(weights.scale)
         self._coef = np.array(weights.coef)
         self._intercept = weights.intercept
-        self._vetoes = [FEATURES.index(name) for name in VETOES]
+        self._vetoes = [CATALOGUE.index(name) for name in weights.vetoes]
+
+    def rows(self, firsts: Sequence[str], seconds: Sequence[str], cosines: Sequence[float]) -> F64:
+        return rows(firsts, seconds, cosines, self.cross_encoder)
+
+    def probabilities(self, table: F64) -> F64:
+        """The model's probabilities for ``rows``; 0 where a listed cross-check vetoes."""
+        z = ((table[:, self._columns] - self._mean) / self._scale) @ self._coef + self._intercept
+        vetoed = (table[:, self._vetoes] > 0.5).any(axis=1)
+        out: F64 = np.where(vetoed, 0.0, 1.0 / (1.0 + np.exp(-z)))
+        return out
+
+    def probabilities_of(
+        self, firsts: Sequence[str], seconds: Sequence[str], cosines: Sequence[float]
+    ) -> F64:
+        return self.probabilities(self.rows(firsts, seconds, cosines))
 
     def probability(self, first: str, second: str, cosine: float) -> float:
-        return float(self.probabilities(features(first, second, cosine)[None, :])[0])
-
-    def probabilities(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """The model's probabilities; 0 where a cross-check vetoes."""
-        z = ((rows - self._mean) / self._scale) @ self._coef + self._intercept
-        vetoed = (rows[:, self._vetoes] > 0.5).any(axis=1)
-        out: npt.NDArray[np.float64] = np.where(vetoed, 0.0, 1.0 / (1.0 + np.exp(-z)))
-        return out
+        return float(self.probabilities_of([first], [second], [cosine])[0])
 
     def accepts(self, first: str, second: str, cosine: float) -> bool:
         return self.probability(first, second, cosine) >= self.min_probability
+
+    def accepts_all(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
+        """One verdict per (cached, new, cosine), scored in one batch (blocking: a thread)."""
+        if self.min_probability <= 0.0:  # the step is off: nothing to score
+            return [True] * len(checks)
+        if not checks:
+            return []
+        firsts, seconds, cosines = zip(*checks, strict=True)
+        probabilities = self.probabilities_of(firsts, seconds, cosines)
+        return [bool(p >= self.min_probability) for p in probabilities.tolist()]

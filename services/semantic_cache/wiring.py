@@ -9,6 +9,7 @@ from services.common.clock import Clock
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.cross_encoder import load_cross_encoder
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.leases import Leases
@@ -19,21 +20,30 @@ from services.semantic_cache.tenant_policy import TenantPolicies
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 
 
+def build_verifier(config: SemanticCacheSettings) -> Verifier:
+    """The shipped weights, with the cross-encoder when they use it (blocking: a thread)."""
+    weights = VerifierWeights.load()
+    scorer = load_cross_encoder(threads=config.ort_threads) if weights.needs_cross_encoder else None
+    return Verifier(weights, config.verifier_min_p, scorer)
+
+
 def build_cache(
     config: SemanticCacheSettings,
     embedder: Embedder,
     clock: Clock,
     stats: StoreStats | None = None,
     metrics: SemanticCacheMetrics | None = None,
+    verifier: Verifier | None = None,
 ) -> SemanticCache:
-    """``stats`` and ``metrics``: the service's (None: the offline estimator's cache)."""
+    """``stats`` and ``metrics``: the service's (None: the offline estimator's cache);
+    ``verifier`` None = ``build_verifier(config)`` (loads the cross-encoder here)."""
     return SemanticCache(
         embedder,
         clock,
         threshold=config.threshold,
         ttl_s=config.ttl_s,
         max_entries=config.max_entries,
-        verifier=Verifier(VerifierWeights.load(), config.verifier_min_p),
+        verifier=verifier if verifier is not None else build_verifier(config),
         margin=config.ambiguity_margin,
         policy=config.policy,
         leases=Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None,

@@ -18,6 +18,8 @@ from services.common.models import load_model_table
 from services.common.prompt import last_user_text
 from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.cross_encoder import load_cross_encoder
+from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 from services.tools.bench.gateway import cases
@@ -55,22 +57,17 @@ def test_unrelated_misses_get_their_own_namespaces_too() -> None:
 
 
 THRESHOLD = 0.8  # FakeEmbedder's cosines: the two paraphrases below are at 0.83 and 1.0
-MIN_P = 0.15
+MIN_P = OperatingPoint.load().min_probability  # the shipped setting
 SERVED = [
     ("How do I reset my password?", "How can I reset my password?"),
     ("How do I learn to cook rice well?", "How do I learn to cook good rice?"),
 ]
-# Labelled duplicates at a higher cosine (0.91-0.96) that a verifier veto refuses.
+# Pairs labelled as duplicates in the file, at a high cosine, that the verifier refuses: the
+# arguments of an asymmetric relation swapped, a negation on one side.
 REFUSED = [
-    (
-        "Where can I get a database of family offices in the U.S.?",
-        "Where can I get a database of U.S. family offices?",
-    ),  # the same words reordered
-    (
-        "How do I know when a girl is interested in me?",
-        "How do I know when a girl is not interested in me?",
-    ),  # a negation on one side
-    ("What are the best laptops to buy?", "What are the 3 best laptops to buy?"),  # a number
+    ("How do I convert EUR to USD?", "How do I convert USD to EUR?"),
+    ("Flights from Paris to London", "Flights from London to Paris"),
+    ("Is it safe to take aspirin with ibuprofen?", "Is it safe to take aspirin without ibuprofen?"),
 ]
 
 
@@ -87,7 +84,7 @@ def _data_dir(tmp_path: Path) -> Path:
 
 
 def _verifier(min_p: float = MIN_P) -> Verifier:
-    return Verifier(VerifierWeights.load(), min_p)
+    return Verifier(VerifierWeights.load(), min_p, load_cross_encoder())
 
 
 def test_only_the_pairs_the_verifier_accepts_are_chosen(tmp_path: Path) -> None:

@@ -1,7 +1,12 @@
-"""The verification step: its cross-checks, the shipped weights, and the cache applying it."""
+"""The verification step: its cross-checks, the shipped weights and cross-encoder, and the cache
+applying it."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +14,11 @@ import pytest
 
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.cross_encoder import F32, OnnxCrossEncoder, load_cross_encoder
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.verifier import (
     FEATURES,
+    VETOES,
     Verifier,
     VerifierWeights,
     features,
@@ -21,11 +28,46 @@ from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_semantic_cache_rules import answer, q
 
 
+@cache
+def cross_encoder() -> OnnxCrossEncoder:
+    return load_cross_encoder()
+
+
 def shipped(min_probability: float | None = None) -> Verifier:
-    """The shipped weights at the shipped setting (or at ``min_probability``)."""
+    """The shipped weights (and the shipped cross-encoder) at the shipped setting."""
     if min_probability is None:
         min_probability = OperatingPoint.load().min_probability
-    return Verifier(VerifierWeights.load(), min_probability)
+    return Verifier(VerifierWeights.load(), min_probability, cross_encoder())
+
+
+def lexical(vetoes: Sequence[str] = VETOES) -> Verifier:
+    """Weights on two lexical features that accept everything, but for the listed vetoes."""
+    weights = VerifierWeights(
+        ("cosine", "word_jaccard"), tuple(vetoes), (0.0, 0.0), (1.0, 1.0), (0.0, 0.0), 5.0, {}
+    )
+    return Verifier(weights, 0.5)
+
+
+class LogitScorer:
+    """A fake cross-encoder: a fixed logit per new question; can hold the caller."""
+
+    version = "fake-ce@1"
+
+    def __init__(self, logits: dict[str, float]) -> None:
+        self.table = logits
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+
+    def logits(self, pairs: Sequence[tuple[str, str]]) -> F32:
+        self.entered.set()
+        self.go.wait(10)
+        return np.array([self.table.get(b, -9.0) for _, b in pairs], dtype=np.float32)
+
+
+def by_logit(scorer: LogitScorer) -> Verifier:
+    weights = VerifierWeights(("cross_encoder_logit",), (), (0.0,), (1.0,), (1.0,), 0.0, {})
+    return Verifier(weights, 0.5, scorer)
 
 
 def feature(first: str, second: str, name: str) -> float:
@@ -45,9 +87,12 @@ def test_words_keep_numbers_and_fold_negations() -> None:
         ("is coffee healthy", "is coffee not healthy", "negation_mismatch"),
     ],
 )
-def test_each_cross_check_vetoes_whatever_the_cosine(first: str, second: str, veto: str) -> None:
+def test_each_listed_cross_check_vetoes_whatever_the_cosine(
+    first: str, second: str, veto: str
+) -> None:
     assert feature(first, second, veto) == 1.0
-    assert shipped(0.0).probability(first, second, 0.999) == 0.0
+    assert lexical().probability(first, second, 0.999) == 0.0
+    assert lexical(vetoes=()).probability(first, second, 0.999) > 0.99  # unlisted: no veto
 
 
 def test_a_true_paraphrase_passes_and_a_reworded_one_scores_lower_than_itself() -> None:
@@ -59,6 +104,24 @@ def test_a_true_paraphrase_passes_and_a_reworded_one_scores_lower_than_itself() 
     assert same > paraphrase >= verifier.min_probability
 
 
+@pytest.mark.parametrize(
+    ("cached", "asked"),
+    [
+        ("how do i convert eur to usd?", "how do i convert usd to eur?"),
+        (
+            "is it safe to take aspirin with ibuprofen?",
+            "is it safe to take aspirin without ibuprofen?",
+        ),
+        ("flights from paris to london", "flights from london to paris"),
+        ("what is the capital of france?", "what is the capital of germany?"),
+    ],
+)
+def test_the_shipped_verifier_refuses_near_misses_a_cosine_would_serve(
+    cached: str, asked: str
+) -> None:
+    assert not shipped().accepts(cached, asked, 0.95)
+
+
 def test_weights_fitted_for_other_features_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "w.json"
     path.write_text(VerifierWeights.load().to_json().replace("features.v", "features.old"))
@@ -68,16 +131,26 @@ def test_weights_fitted_for_other_features_are_refused(tmp_path: Path) -> None:
 
 def test_min_probability_must_be_a_probability() -> None:
     with pytest.raises(ValueError, match="min_probability"):
-        Verifier(VerifierWeights.load(), 1.5)
+        Verifier(VerifierWeights.load(), 1.5, cross_encoder())
+
+
+def test_weights_using_the_cross_encoder_refuse_to_run_without_it() -> None:
+    weights = VerifierWeights.load()
+    assert weights.needs_cross_encoder
+    with pytest.raises(ValueError, match="cross-encoder"):
+        Verifier(weights, 0.5)
 
 
 def test_the_weights_carry_their_provenance_and_no_quora_data() -> None:
-    data = VerifierWeights.load().provenance["data"]
-    assert isinstance(data, dict) and set(data) <= {"paws_wiki_dev", "gptcache_mock_data"}
+    weights = VerifierWeights.load()
+    data = weights.provenance["data"]
+    allowed = {"paws_wiki_dev", "gptcache_mock_data", "generated_near_misses"}
+    assert isinstance(data, dict) and set(data) <= allowed
+    assert weights.provenance["cross_encoder"] == cross_encoder().version
 
 
 async def test_the_cache_refuses_a_vetoed_neighbour_and_serves_a_verified_one() -> None:
-    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, verifier=shipped())
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, verifier=lexical())
     assert (await cache.store(q("how do I convert EUR to USD"), answer())).stored
     swapped = await cache.check(q("how do I convert USD to EUR"))
     assert not swapped.hit and swapped.best_similarity > 0.99
@@ -107,14 +180,61 @@ async def test_two_neighbours_with_the_same_answer_are_not_ambiguous() -> None:
 def test_probabilities_are_vectorised_like_single_calls() -> None:
     verifier = shipped()
     pairs = [("a b c", "a b c d", 0.9), ("how to cook rice", "how do i cook rice", 0.93)]
-    rows = np.stack([features(a, b, c) for a, b, c in pairs])
-    batch = verifier.probabilities(rows)
+    firsts, seconds, cosines = zip(*pairs, strict=True)
+    batch = verifier.probabilities_of(firsts, seconds, cosines)
     single = [verifier.probability(a, b, c) for a, b, c in pairs]
-    assert np.allclose(batch, single)
+    assert np.allclose(batch, single, atol=1e-5)
+    assert verifier.accepts_all(pairs) == [p >= verifier.min_probability for p in single]
+
+
+async def test_the_cross_encoder_runs_off_the_event_loop() -> None:
+    scorer = LogitScorer({"reset my password please": 3.0})
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, verifier=by_logit(scorer))
+    await cache.store(q("reset my password"), answer())
+    scorer.go.clear()
+    lookup = asyncio.create_task(cache.check(q("reset my password please")))
+    assert await asyncio.to_thread(scorer.entered.wait, 10)
+    ticks = 0
+    while not lookup.done() and ticks < 5:  # the loop is free while the scorer runs
+        await asyncio.sleep(0)
+        ticks += 1
+    assert ticks == 5 and not lookup.done()
+    scorer.go.set()
+    assert (await lookup).hit
+
+
+async def test_an_entry_dropped_while_it_was_verified_is_not_served() -> None:
+    scorer = LogitScorer({"reset my password please": 3.0})
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, verifier=by_logit(scorer))
+    await cache.store(q("reset my password"), answer())
+    scorer.go.clear()
+    lookup = asyncio.create_task(cache.check(q("reset my password please")))
+    assert await asyncio.to_thread(scorer.entered.wait, 10)
+    assert cache.drop("a") == 1
+    scorer.go.set()
+    result = await lookup
+    assert not result.hit and "changed while it was verified" in result.refusal
+
+
+async def test_runners_up_with_another_answer_are_verified_in_the_same_batch() -> None:
+    scorer = LogitScorer({"reset my password": 3.0})
+    cache = SemanticCache(
+        FakeEmbedder(), ManualClock(), threshold=0.5, verifier=by_logit(scorer), margin=0.3
+    )
+    await cache.store(q("reset my password now"), answer(b"one"))
+    await cache.store(q("reset my password today"), answer(b"two"))
+    result = await cache.check(q("reset my password"))
+    assert not result.hit and result.refusal.startswith("ambiguous")
+    refused = LogitScorer({})  # the nearest refused: a miss, no runner-up promoted
+    cache2 = SemanticCache(
+        FakeEmbedder(), ManualClock(), threshold=0.5, verifier=by_logit(refused), margin=0.3
+    )
+    await cache2.store(q("reset my password now"), answer(b"one"))
+    assert "nearest" in (await cache2.check(q("reset my password"))).refusal
 
 
 async def test_a_refused_nearest_candidate_never_promotes_a_runner_up() -> None:
-    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, verifier=shipped())
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, verifier=lexical())
     await cache.store(q("how do I convert EUR to USD"), answer(b"eur->usd"))
     await cache.store(q("how do I convert USD to EUR quickly"), answer(b"usd->eur fast"))
     result = await cache.check(q("how do I convert USD to EUR"))

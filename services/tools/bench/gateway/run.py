@@ -28,7 +28,7 @@ from services.common.env import Env
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
-from services.semantic_cache.verifier import Verifier, VerifierWeights
+from services.semantic_cache.wiring import build_verifier
 from services.tools.bench.gateway import cases, http_path, output, runs, summary
 from services.tools.bench.gateway.chain import miss_chain, two_hop
 from services.tools.bench.gateway.echo import chain_reference
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Stack(ROOT).settings()
     config = SemanticCacheSettings.from_env(Env(settings), OperatingPoint.load())
     embedder = load_minilm_embedder(threads=config.ort_threads)
-    verifier = Verifier(VerifierWeights.load(), config.verifier_min_p)  # as the service's
+    verifier = build_verifier(config)  # as the service's
     above = min(1.0, config.threshold + 0.04)
     pairs = cases.paraphrase_pairs(args.data_dir, embedder, above, verifier)
     run = f"bench-{time.time_ns()}"

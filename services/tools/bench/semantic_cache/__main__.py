@@ -7,7 +7,9 @@ search, build time, index bytes per entry; the cache's own ScopeIndex as a scope
 each size, side by side with raw FAISS of the same kind and lists (``grown.py``); the
 start-up memory of a fresh process restoring a snapshot of the largest size (``startup.py``);
 and the embedder's throughput one text per call, in batches, and through the micro-batcher
-with many concurrent callers. ``targets`` holds issue 9's two figures at the largest size.
+with many concurrent callers; the verification step's cost per candidate (``verifier.py``:
+the cross-encoder on onnxruntime, one thread). ``targets`` holds issue 9's two figures at the
+largest size. ``--verifier-only`` measures the last alone.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from services.tools.bench.semantic_cache.grown import as_grown
 from services.tools.bench.semantic_cache.indexes import Candidate, build, row, search_one_by_one
 from services.tools.bench.semantic_cache.startup import measure, write_snapshot
 from services.tools.bench.semantic_cache.synthetic_vectors import grow, near_duplicates
+from services.tools.bench.semantic_cache.verifier import measure_verifier
 from services.tools.evaluation.semantic_cache.datasets import load_pairs
 from services.tools.evaluation.semantic_cache.vectors import embed_cached
 
@@ -56,9 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/semantic-eval"))
     parser.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-bench.json"))
+    parser.add_argument(
+        "--verifier-only", action="store_true", help="only the verification step's cost"
+    )
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(1)
     started = time.monotonic()
+    verifier = measure_verifier(args.data.parent)
+    print(json.dumps({"verifier": verifier}), file=sys.stderr)
+    if args.verifier_only:  # beside the full bench's file, not over it
+        out = args.out.with_name("semantic-cache-verifier.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        body = {"verifier": verifier, "seconds": round(time.monotonic() - started, 1)}
+        out.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        print(f"written to {out}")
+        return 0
     embedder = load_minilm_embedder(threads=1)
     texts = _questions(args.data, args.base)
     base = embed_cached(embedder, texts, args.cache_dir).of(texts)
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "faiss_threads": 1,
         "embedder_throughput": _embedder_rates(embedder, texts[:512]),
         "cache_python_bytes_per_entry": _python_bytes_per_entry(base),
+        "verifier": verifier,
         "sizes": {},
     }
     print(json.dumps(report["embedder_throughput"]), file=sys.stderr)

@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 
 from services.semantic_cache.operating_point import OPERATING_POINT_PATH, OperatingPoint
+from services.tools.evaluation.semantic_cache.fit import DEFAULT_FEATURES
 from services.tools.evaluation.semantic_cache.operating_point_env import write_env
 from services.tools.evaluation.semantic_cache.session import Session
+from services.tools.verifier.near_misses import NAME as GENERATED
 
 DATA = Path("../shared/data/paraphrase")
-DEV_FILES = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv", "qqp_dev.csv")
-FIT_FILES = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv")
+DEV_FILES = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv", GENERATED, "qqp_dev.csv")
+FIT_FILES = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv", GENERATED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/semantic-eval"))
     sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="fit the verifier on fit halves of PAWS and the mock data")
+    fit = sub.add_parser("fit", help="fit the verifier on the tune slices of the fit halves")
     fit.add_argument("--files", nargs="+", default=list(FIT_FILES))
+    fit.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES))
+    fit.add_argument("--vetoes", nargs="*", default=[])
     cal = sub.add_parser("calibrate", help="pick the operating point reaching --target")
-    cal.add_argument("--files", nargs="+", default=["gptcache_mock_data.csv"])
-    cal.add_argument("--target", type=float, default=0.99)
+    cal.add_argument("--files", nargs="+", default=list(FIT_FILES))
+    cal.add_argument("--target", type=float, default=0.99, help="precision, every file")
+    cal.add_argument(
+        "--target-for",
+        action="append",
+        default=[],
+        metavar="FILE=PRECISION",
+        help="another precision for one file (files with hard negatives)",
+    )
     cal.add_argument(
         "--min-threshold",
         type=float,
@@ -46,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     session = Session(args.data, args.cache_dir)
     if args.command == "fit":
-        path = session.fit_verifier(args.files)
+        path = session.fit_verifier(args.files, args.features, args.vetoes)
         print(f"verifier weights written to {path}")
         return 0
     if args.command == "calibrate":
@@ -66,7 +77,14 @@ def _write(report: dict[str, object], out: Path, shown: object = None) -> int:
 
 
 def _calibrate(session: Session, args: argparse.Namespace) -> int:
-    files, target = list(args.files), float(args.target)
+    files = list(args.files)
+    target: dict[str, float] = {name: float(args.target) for name in files}
+    for item in args.target_for:
+        name, _, value = item.partition("=")
+        if name not in target or not value:
+            print(f"--target-for {item}: expected FILE=PRECISION with FILE one of {files}")
+            return 2
+        target[name] = float(value)
     result, baseline = session.calibrate(files, target, args.min_threshold)
     if baseline.point is None:
         print(f"plain embedding: precision {target} unreachable on {files}")
@@ -90,6 +108,7 @@ def _calibrate(session: Session, args: argparse.Namespace) -> int:
             {
                 "target_precision": target,
                 "files": files,
+                "parts": {name: session.calibration_part(name) for name in files},
                 "fit_recall": recall,
                 "fit_precision": precision,
                 "min_threshold": args.min_threshold,

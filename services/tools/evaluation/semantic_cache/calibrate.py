@@ -20,8 +20,17 @@ THRESHOLDS = tuple(round(0.70 + 0.005 * i, 3) for i in range(59))  # 0.700 .. 0.
 PROBABILITIES = (0.0, *(round(0.05 + 0.01 * i, 2) for i in range(95)))  # 0 = no verifier
 MARGINS = (0.0, 0.01, 0.02, 0.03, 0.05)
 MIN_HITS = 20  # a precision measured on fewer hits says nothing
-MUST_SERVE = (("I forgot my password, how can I change it?", "How do I reset my password?"),)
-MUST_REFUSE = (("How do I convert EUR to USD?", "How do I convert USD to EUR?"),)
+# (cached question, new question): the probes of issue 12
+MUST_SERVE = (
+    ("I forgot my password, how can I change it?", "How do I reset my password?"),
+    ("How can I lose weight fast?", "What is the quickest way to lose weight?"),
+)
+MUST_REFUSE = (
+    ("How do I convert EUR to USD?", "How do I convert USD to EUR?"),
+    ("Is it safe to take aspirin with ibuprofen?", "Is it safe to take aspirin without ibuprofen?"),
+    ("Flights from Paris to London", "Flights from London to Paris"),
+    ("What is the capital of France?", "What is the capital of Germany?"),
+)
 
 
 @dataclass(frozen=True)
@@ -53,20 +62,22 @@ ProbeCheck = Callable[[Point], bool]
 
 def calibrate(
     fit_sets: dict[str, Candidates],
-    target: float,
+    target: float | dict[str, float],
     probes_ok: ProbeCheck,
     *,
     verifier: bool = True,
     min_threshold: float = 0.0,
 ) -> Calibration:
-    """Highest mean recall meeting the target; ties go to the higher threshold."""
+    """Highest mean recall meeting the target (one for every file, or one per file); ties go
+    to the higher threshold."""
+    targets = target if isinstance(target, dict) else {name: target for name in fit_sets}
     probabilities = PROBABILITIES if verifier else (0.0,)
     best: tuple[float, Point, dict[str, Outcome]] | None = None
     for point in _grid(probabilities, MARGINS if verifier else (0.0,)):
         if point.threshold < min_threshold:
             continue
         outcomes = {name: point.outcome(c) for name, c in fit_sets.items()}
-        if not all(_meets(o, target) for o in outcomes.values()):
+        if not all(_meets(o, targets[name]) for name, o in outcomes.items()):
             continue
         recall = float(np.mean([o.recall for o in outcomes.values()]))
         if (best is None or recall >= best[0]) and probes_ok(point):

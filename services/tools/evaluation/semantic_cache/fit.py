@@ -1,10 +1,15 @@
-"""Fits the verifier's logistic regression on fit halves (PAWS and GPTCache's mock data only).
+"""Fits the verifier's logistic regression on the tune slices of the fit halves.
 
-Training rows: every labelled pair of a file with negatives, and for every file the retrieval
-candidates of its fit half (a second question against the stored first questions, top k with
-cosine >= ``MIN_COSINE``), labelled right or wrong exactly as the retrieval protocol scores
-them, so the model also learns the near neighbours a real cache meets. Each file weighs the
-same in the loss, and within a file each class weighs the same.
+Files: PAWS dev, GPTCache's mock data and the generated near-misses (Quora is evaluation-only).
+Rows come from each file's *tune* slice (``services.tools.verifier.splits``: a quarter of the fit
+half the cross-encoder never trained on, so its logits there are as honest as on new traffic):
+every labelled pair of a file with negatives, and for every file the retrieval candidates of
+that slice (a second question against the slice's stored first questions, top k with cosine >=
+``MIN_COSINE``), labelled right or wrong exactly as the retrieval protocol scores them, so the
+model also learns the near neighbours a real cache meets. Each file weighs the same in the loss,
+and within a file each class weighs the same. ``features`` names the columns used (of
+``CATALOGUE``: the cosine, the cross-encoder's logit, lexical cross-features) and ``vetoes`` the
+cross-checks that refuse outright.
 """
 
 from __future__ import annotations
@@ -16,24 +21,38 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from services.semantic_cache.cross_encoder import PairScorer
 from services.semantic_cache.query import normalise
-from services.semantic_cache.verifier import FEATURES, VerifierWeights, features
-from services.tools.evaluation.semantic_cache.datasets import PairsFile
+from services.semantic_cache.verifier import CATALOGUE, VerifierWeights, rows
+from services.tools.evaluation.semantic_cache.datasets import Pair, PairsFile
 from services.tools.evaluation.semantic_cache.protocols import F64, TOP_K
 from services.tools.evaluation.semantic_cache.vectors import VectorTable
+from services.tools.verifier.near_misses import NAME as GENERATED
+from services.tools.verifier.splits import slice_of
 
 MIN_COSINE = 0.6
-LICENSED_FOR_FITTING = ("paws_wiki_dev", "gptcache_mock_data")  # Quora: evaluation only
+LICENSED_FOR_FITTING = ("paws_wiki_dev", "gptcache_mock_data", GENERATED)  # Quora: evaluation
+DEFAULT_FEATURES = CATALOGUE  # the cosine, the lexical cross-features, the cross-encoder
 
 
-def training_rows(data: PairsFile, table: VectorTable) -> tuple[F64, F64]:
-    pairs = data.half("fit")
-    rows: list[F64] = []
+def tune_slice(data: PairsFile) -> tuple[Pair, ...]:
+    return tuple(p for p in data.pairs if slice_of(p.first) == "tune")
+
+
+def training_rows(
+    data: PairsFile, table: VectorTable, scorer: PairScorer | None
+) -> tuple[F64, F64]:
+    pairs = tune_slice(data)
+    firsts: list[str] = []
+    seconds: list[str] = []
+    cosines: list[float] = []
     labels: list[float] = []
     if not data.all_positive:
         a, b = table.of([p.first for p in pairs]), table.of([p.second for p in pairs])
         for p, cos in zip(pairs, np.einsum("ij,ij->i", a, b).tolist(), strict=True):
-            rows.append(features(normalise(p.first), normalise(p.second), float(cos)))
+            firsts.append(normalise(p.first))
+            seconds.append(normalise(p.second))
+            cosines.append(float(cos))
             labels.append(float(p.label))
     entries = sorted({normalise(p.first): p.first for p in pairs}.items())
     index = faiss.IndexFlatIP(table.vectors.shape[1])
@@ -45,19 +64,30 @@ def training_rows(data: PairsFile, table: VectorTable) -> tuple[F64, F64]:
             entry = entries[j][0] if j >= 0 else ""
             if not entry or score < MIN_COSINE or entry == query:
                 continue
-            rows.append(features(entry, query, float(score)))
+            firsts.append(entry)
+            seconds.append(query)
+            cosines.append(float(score))
             labels.append(float(entry == own and p.label))
-    return np.array(rows), np.array(labels)
+    return rows(firsts, seconds, cosines, scorer), np.array(labels)
 
 
 def fit(
-    files: Sequence[PairsFile], tables: Sequence[VectorTable], *, l2: float = 1e-3
+    files: Sequence[PairsFile],
+    tables: Sequence[VectorTable],
+    scorer: PairScorer | None,
+    *,
+    features: Sequence[str] = DEFAULT_FEATURES,
+    vetoes: Sequence[str] = (),
+    l2: float = 1e-3,
 ) -> VerifierWeights:
     for data in files:
         if data.name not in LICENSED_FOR_FITTING:
             raise ValueError(f"{data.name}: its licence does not allow fitting what ships")
-    parts = [training_rows(d, t) for d, t in zip(files, tables, strict=True)]
-    x = np.concatenate([p[0] for p in parts])
+    if "cross_encoder_logit" in features and scorer is None:
+        raise ValueError("the cross-encoder's logit is a feature: a scorer is needed")
+    columns = [CATALOGUE.index(name) for name in features]
+    parts = [training_rows(d, t, scorer) for d, t in zip(files, tables, strict=True)]
+    x = np.concatenate([p[0] for p in parts])[:, columns]
     y = np.concatenate([p[1] for p in parts])
     weight = np.concatenate([_balanced(p[1]) / len(parts) for p in parts])
     mean, scale = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
@@ -70,13 +100,21 @@ def fit(
     provenance: dict[str, object] = {
         "fitted_by": "python -m services.tools.evaluation.semantic_cache fit",
         "data": counts,
-        "halves": "fit halves only (sha256 of the first question, even first byte)",
+        "halves": "tune slices of the fit halves only (sha256 of the first question: even"
+        " first byte, second byte divisible by 4); the cross-encoder trained on the rest",
         "files_sha256": {d.name: _digest(d) for d in files},
+        "cross_encoder": None if scorer is None else scorer.version,
         "l2": l2,
         "model": "logistic regression on standardised features, class- and file-balanced",
     }
     return VerifierWeights(
-        tuple(mean.tolist()), tuple(scale.tolist()), tuple(coef.tolist()), intercept, provenance
+        tuple(features),
+        tuple(vetoes),
+        tuple(mean.tolist()),
+        tuple(scale.tolist()),
+        tuple(coef.tolist()),
+        intercept,
+        provenance,
     )
 
 
@@ -113,5 +151,5 @@ def _digest(data: PairsFile) -> str:
     return digest.hexdigest()[:16]
 
 
-def weights_path_note(path: Path) -> str:
-    return f"weights written to {path} ({len(FEATURES)} features)"
+def weights_path_note(path: Path, weights: VerifierWeights) -> str:
+    return f"weights written to {path} ({', '.join(weights.features)})"

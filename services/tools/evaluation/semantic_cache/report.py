@@ -6,8 +6,9 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from services.semantic_cache.verifier import Verifier, features
+from services.semantic_cache.verifier import Verifier
 from services.tools.evaluation.semantic_cache.calibrate import (
     PROBABILITIES,
     THRESHOLDS,
@@ -28,8 +29,9 @@ def probability_fn(verifier: Verifier, floor: float = THRESHOLDS[0]) -> Probabil
         out = np.zeros(len(cos))
         rows = [i for i in range(len(cos)) if cos[i] >= floor and firsts[i]]
         if rows:
-            x = np.stack([features(firsts[i], seconds[i], float(cos[i])) for i in rows])
-            out[rows] = verifier.probabilities(x)
+            out[rows] = verifier.probabilities_of(
+                [firsts[i] for i in rows], [seconds[i] for i in rows], [float(cos[i]) for i in rows]
+            )
         return out
 
     return run
@@ -71,8 +73,44 @@ def _comparison(name: str, point: Point, report: Candidates) -> dict[str, object
 
 
 def verifier_latency_us(verifier: Verifier, pairs: Sequence[tuple[str, str]]) -> float:
-    """Mean cost of one verification (features and score) in microseconds."""
+    """Mean cost of verifying one candidate (features, cross-encoder, score) in microseconds,
+    one call per candidate as a lookup makes it."""
     started = time.perf_counter()
     for first, second in pairs:
         verifier.probability(first, second, 0.9)
     return 1e6 * (time.perf_counter() - started) / max(len(pairs), 1)
+
+
+def threshold_at_recall(c: Candidates, recall: float) -> float:
+    """The threshold ``baseline_at_recall`` picks (the plain embedding at equal recall)."""
+    grid = np.round(np.arange(0.5, 1.0, 0.001), 3)
+    chosen = float(grid[0])
+    for t in grid.tolist():
+        if c.outcome(t, 0.0).recall < recall:
+            break
+        chosen = t
+    return chosen
+
+
+def subset(c: Candidates, mask: npt.NDArray[np.bool_]) -> Candidates:
+    return Candidates(
+        c.cos[mask], c.prob[mask], c.right[mask], c.exact[mask], c.exact_right[mask], c.label[mask]
+    )
+
+
+def by_category(
+    report: Candidates, categories: Sequence[str], shipped: Point
+) -> dict[str, dict[str, object]]:
+    """Pairwise, per category of the generated pairs: the shipped setting against the plain
+    embedding at the threshold that gives it the same recall over the whole report half."""
+    plain_t = threshold_at_recall(report, shipped.outcome(report).recall)
+    names = np.array(categories)
+    out: dict[str, dict[str, object]] = {}
+    for name in sorted(set(categories)):
+        part = subset(report, names == name)
+        out[name] = {
+            "pairs": int((names == name).sum()),
+            "verifier": shipped.outcome(part).as_dict(),
+            "plain_embedding": {"threshold": plain_t, **part.outcome(plain_t, 0.0).as_dict()},
+        }
+    return out

@@ -1,0 +1,1 @@
+"""The cross-encoder verifier: its training data generator and its trainer (make train-verifier)."""
