@@ -170,3 +170,28 @@ def test_the_report_has_a_curve_with_and_without_the_verifier() -> None:
     at_090 = CURVE.index(0.90)
     assert plain[at_090]["wrong"] == 1 and verified[at_090]["wrong"] == 0
     assert verified[at_090]["verifier_min_probability"] == 0.5
+
+
+def test_calibrate_takes_one_target_per_file() -> None:
+    vectors = table(
+        {
+            "usd to eur": [1.0, 0.0, 0.0],
+            "reset password": [1.0, 0.0, 0.0],
+            "eur to usd": [1.0, 0.5, 0.0],  # cosine 0.894
+            "change password": [1.0, 0.1, 0.0],  # cosine 0.995
+        }
+    )
+    # 120 of each: a precision of 0.99 holds with one more wrong hit than measured
+    easy = pairwise([Pair("reset password", "change password", True)] * 120, vectors, accept_all)
+    hard = pairwise(
+        [Pair("usd to eur", "eur to usd", False), Pair("reset password", "change password", True)]
+        * 120,
+        vectors,
+        accept_all,
+    )
+    sets = {"easy": easy, "hard": hard}
+    assert calibrate(sets, 0.99, lambda point: True).point is not None  # above the negative
+    loose = calibrate(sets, {"easy": 0.99, "hard": 0.4}, lambda point: point.threshold < 0.85)
+    strict = calibrate(sets, {"easy": 0.99, "hard": 0.99}, lambda point: point.threshold < 0.85)
+    assert loose.point is not None and loose.outcomes["hard"].precision == 0.5
+    assert strict.point is None  # below 0.85 the negative is served: 0.5 < 0.99

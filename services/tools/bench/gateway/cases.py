@@ -45,7 +45,7 @@ def paraphrase_pairs(
     """POOL labelled-duplicate pairs the cache serves: cosine similarity at least ``above``
     and the verifier's consent at the cache's setting (``verifier.accepts(stored, asked)``).
 
-    A pair the verifier refuses (a veto: words reordered, a negation or a number on one side)
+    A pair the verifier refuses (the cross-encoder and the features read it as another question)
     is a miss: the model answers it (about 0.5 s at SIM_TIME_SCALE=1) and identical asks
     wait on its lease, so it would be the p99 of a case that measures hits.
     """
