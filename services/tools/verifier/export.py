@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from services.common.files import sha256_of
+
 if TYPE_CHECKING:
     from services.tools.verifier.bert import CrossEncoder
     from services.tools.verifier.train import Encoder, Row
@@ -26,7 +28,7 @@ def export(
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from services.tools.verifier.train import auc, pad, sha256_of
+    from services.tools.verifier.train import auc, pad
 
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ Runs in ``.venv-train`` (torch, CPU only); the service never imports torch. Step
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from services.common.files import sha256_of
 from services.tools.evaluation.semantic_cache.datasets import load_pairs
 from services.tools.verifier.bert import Bert, CrossEncoder, mean_pool
 from services.tools.verifier.card import write_card
@@ -48,14 +48,6 @@ OUT_DIR = Path("services/semantic_cache/verifier_model")
 STATE = Path(".cache/verifier/state.pt")
 
 Row = tuple[str, str, float]  # first, second, label
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_sources(data_dir: Path) -> dict[str, dict[str, list[Row]]]:
