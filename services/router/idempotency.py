@@ -28,6 +28,13 @@ class _Record:
     created_ms: int
 
 
+def conflict(request_id: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"request_id: {request_id[:64]!r} was already used for a different request; use a new "
+        "request_id for a new request"
+    )
+
+
 def fingerprint(request: pb.CompleteRequest) -> str:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
 
@@ -40,19 +47,17 @@ class IdempotencyTable:
         self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
 
     def claim(
-        self, tenant: str, request: pb.CompleteRequest
+        self, tenant: str, request: pb.CompleteRequest, mark: str | None = None
     ) -> tuple[bool, asyncio.Future[pb.CompleteResponse]]:
-        """(True, future) when this call must run and resolve the future; (False, f) to await."""
+        """(True, future) when this call must run and resolve the future; (False, f) to await.
+        ``mark``: the request's ``fingerprint`` when the caller has it already."""
         self._expire()
         key = (tenant, request.request_id)
-        mark = fingerprint(request)
+        mark = mark if mark is not None else fingerprint(request)
         record = self._records.get(key)
         if record is not None:
             if record.fingerprint != mark:
-                raise IdempotencyConflict(
-                    f"request_id: {request.request_id!r} was already used for a different "
-                    "request; use a new request_id for a new request"
-                )
+                raise conflict(request.request_id)
             return False, record.future
         future: asyncio.Future[pb.CompleteResponse] = asyncio.get_running_loop().create_future()
         self._records[key] = _Record(mark, future, self._clock.now_ms())

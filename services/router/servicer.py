@@ -20,7 +20,12 @@ from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
 from services.router.access_log import Call, RequestLog
 from services.router.answer_ledger import AnswerLedger, LedgerUnavailable
-from services.router.idempotency import IdempotencyConflict, IdempotencyTable, fingerprint
+from services.router.idempotency import (
+    IdempotencyConflict,
+    IdempotencyTable,
+    conflict,
+    fingerprint,
+)
 from services.router.limits import Denial, Limiter, Ticket
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.validation import validate_request
@@ -159,7 +164,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         model call."""
         tenant = ticket.tenant
         try:
-            claimed, future = self._answers.claim(tenant, request)
+            mark = fingerprint(request)  # once: the table and the ledger both key on it
+            claimed, future = self._answers.claim(tenant, request, mark)
         except IdempotencyConflict as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
@@ -173,7 +179,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         end: pb.CompleteResponse | None = None
         recalled: pb.CompleteResponse | None = None
         try:
-            recalled = await self._recall(tenant, request) if retried else None
+            recalled = await self._recall(tenant, request, mark) if retried else None
             if recalled is not None:
                 end = call.end = recalled
                 self._limiter.replayed(ticket)
@@ -188,14 +194,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         end = call.end = chunk.end
-                        await self._record(tenant, request, end)
+                        await self._record(tenant, request, end, mark)
                     yield chunk
         finally:
             _settle(self._answers, tenant, request, future, end)
             if recalled is None:
                 self._limiter.settle(ticket, end)
 
-    async def _recall(self, tenant: str, request: pb.CompleteRequest) -> pb.CompleteResponse | None:
+    async def _recall(
+        self, tenant: str, request: pb.CompleteRequest, mark: str
+    ) -> pb.CompleteResponse | None:
         """The answer another router recorded for this retried request, if any."""
         if self._ledger is None:
             return None
@@ -208,24 +216,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return None
         if found is None:
             return None
-        mark, answer = found
-        if mark != fingerprint(request):
-            raise RequestError(
-                Code.INVALID_ARGUMENT,
-                f"request_id: {request.request_id[:64]!r} was already used for a different "
-                "request; use a new request_id for a new request",
-            )
+        recorded, answer = found
+        if recorded != mark:
+            raise RequestError(Code.INVALID_ARGUMENT, str(conflict(request.request_id)))
         return answer
 
     async def _record(
-        self, tenant: str, request: pb.CompleteRequest, end: pb.CompleteResponse
+        self, tenant: str, request: pb.CompleteRequest, end: pb.CompleteResponse, mark: str
     ) -> None:
         """Records a billed answer before it goes out (only the model's answers are billed)."""
         if self._ledger is None or end.served_by != pb.LAYER_MODEL:
             return
         try:
             await asyncio.wait_for(
-                self._ledger.record(tenant, request.request_id, fingerprint(request), end),
+                self._ledger.record(tenant, request.request_id, mark, end),
                 LEDGER_TIMEOUT_S,
             )
         except (LedgerUnavailable, TimeoutError) as exc:  # the answer is served all the same

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.files import sha256_of
-from services.semantic_cache.embedder import TOKENIZER_SHA256, default_tokenizer_path
+from services.semantic_cache.embedder import TOKENIZER_SHA256, cpu_session, default_tokenizer_path
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -104,7 +104,6 @@ def load_cross_encoder(
     model_dir: Path = MODEL_DIR, tokenizer_path: Path | None = None, *, threads: int = 1
 ) -> OnnxCrossEncoder:
     """Loads and checks the graph and the tokenizer (blocking: call it in a thread)."""
-    import onnxruntime as ort
     from tokenizers import Tokenizer
 
     info = CrossEncoderInfo.load(model_dir)
@@ -114,10 +113,7 @@ def load_cross_encoder(
     tokenizer = Tokenizer.from_file(str(vocab))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=info.max_tokens, strategy="longest_first")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(info.path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(info.path, threads)
     return OnnxCrossEncoder(session, tokenizer, f"cross-encoder@{info.sha256[:12]}")
 
 

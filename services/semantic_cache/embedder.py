@@ -146,7 +146,6 @@ def load_minilm_embedder(
     model_path: Path | None = None, tokenizer_path: Path | None = None, *, threads: int = 1
 ) -> MiniLMEmbedder:
     """Loads and checks the model (blocking: call it in a thread)."""
-    import onnxruntime as ort
     from tokenizers import Tokenizer
 
     model = _checked(model_path or default_model_path(), MODEL_SHA256, "embedding model.onnx")
@@ -154,8 +153,15 @@ def load_minilm_embedder(
     tokenizer = Tokenizer.from_file(str(vocab))
     tokenizer.enable_truncation(max_length=MAX_TOKENS)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
+    session = cpu_session(model, threads)
+    return MiniLMEmbedder(session, tokenizer, f"{MODEL_ID}@{MODEL_SHA256[:12]}")
+
+
+def cpu_session(path: Path, threads: int) -> Any:
+    """An onnxruntime session of ``path`` on the CPU, ``threads`` for each operator."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    return MiniLMEmbedder(session, tokenizer, f"{MODEL_ID}@{MODEL_SHA256[:12]}")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
