@@ -2,7 +2,8 @@
 
 ``OTEL_SERVICE_NAME`` names the service (each service passes its own default);
 ``OTEL_TRACES_EXPORTER`` is ``otlp`` (OTLP over gRPC to ``OTEL_EXPORTER_OTLP_ENDPOINT``),
-``console`` or ``none``; ``OTEL_SDK_DISABLED=true`` turns tracing off. The exporter reads the
+``console`` or ``none``; with ``none`` or ``OTEL_SDK_DISABLED=true`` no span is recorded (the
+trace context still flows: responses and logs carry a trace id). The exporter reads the
 rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` variables itself.
 """
 
@@ -19,6 +20,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from services.common.env import ConfigError, Env
 from services.common.rpc_tracing import ServerTracing
@@ -31,14 +33,17 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
     env = Env(environ)
     service_name = env.str("OTEL_SERVICE_NAME", default_service_name)
     resource = Resource.create({"service.name": service_name})
-    provider = TracerProvider(resource=resource)
-    if env.bool("OTEL_SDK_DISABLED", False):
-        return provider
     exporter_name = env.str("OTEL_TRACES_EXPORTER", "otlp").lower()
     if exporter_name not in _EXPORTERS:
         raise ConfigError(
             f"OTEL_TRACES_EXPORTER must be one of {_EXPORTERS}, got {exporter_name!r}"
         )
+    if env.bool("OTEL_SDK_DISABLED", False) or exporter_name == "none":
+        # Nothing leaves the process: record no span (their cost without a use), but keep
+        # the trace context, so responses and logs still carry a trace id and the calls
+        # still carry it to the next service.
+        return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+    provider = TracerProvider(resource=resource)
     exporter: SpanExporter | None = None
     if exporter_name == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
