@@ -29,6 +29,7 @@ from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, reusable_blocks
 from services.prefix_cache.replica_view import ReplicaViews
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_state import ReplicaStates
+from services.tools.bench.prefix_cache.ceiling import belady_hit_tokens
 
 HASH_BLOCK_TOKENS = 512
 PREFILL_TPS, DECODE_TPS = 25_000.0, 50.0
@@ -99,6 +100,13 @@ def pooled_lru_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
         total += row.input_tokens
         cache.insert(row.keys)
     return round(hit / max(total, 1), 4)
+
+
+def belady_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
+    """Input tokens optimal replacement (``ceiling``) reuses with ``capacity_blocks`` in all:
+    with n replicas' memory, the most any router over n replicas could reach."""
+    hit = belady_hit_tokens([(row.input_tokens, row.keys) for row in rows], capacity_blocks)
+    return round(hit / max(sum(row.input_tokens for row in rows), 1), 4)
 
 
 def _percentile(values: list[float], q: float) -> float:
