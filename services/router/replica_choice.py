@@ -28,7 +28,7 @@ from services.router.replica_state import ReplicaStates
 POLICIES = ("ttft", "sglang", "round_robin")
 # every reason a route may carry, by policy (``fallback``: the chosen replica failed first)
 REASONS = {
-    "ttft": ("ttft_warm", "ttft_cold", "affinity_tie", "replicate_prefix"),
+    "ttft": ("ttft_warm", "ttft_cold", "affinity_tie", "replicate_prefix", "save_work"),
     "sglang": ("cache_affinity", "shortest_queue", "least_loaded"),
     "round_robin": ("round_robin",),
 }
@@ -38,6 +38,12 @@ REASONS = {
 class TtftPolicy:
     tie_fraction: float = 0.1  # a near-tie: within 10% of the fastest prediction ...
     tie_floor_s: float = 0.02  # ... or 20 ms, whichever is larger
+    # the weight of the prefill a choice adds times the requests that will wait behind it
+    # (the shortest queue's length in requests): 0 is the greedy per-request TTFT
+    work_weight: float = 1.0
+    # each replica's KV cache in tokens: a warm prefix counts only if the replica will still
+    # hold it when the request runs (None: no eviction model, every warm prefix counts)
+    kv_capacity_tokens: int | None = None
     # the prefill rate assumed for a replica that has not reported yet, when the model's row
     # gives none (a simulated row's prefill_tokens_per_s, or prior_prefill_tokens_per_s)
     prior_prefill_tps: float = 10_000.0
@@ -112,7 +118,16 @@ class ReplicaChooser:
                 request.prompt_tokens,
                 self._settings.sglang,
             )
+        if self.states.kv_capacity_tokens is not None:
+            match = {r: self._surviving(request, r, view_match.get(r, 0)) for r in replicas}
         return self._ttft(request, replicas, match, now)
+
+    def _surviving(self, request: Request, replica: str, view: int) -> int:
+        """The warm prefix the replica will still hold when this request's prefill begins
+        (``ReplicaStates.surviving_match``): prefix-cache's view, capped by the prompts this
+        router saw it prefill recently enough, or a queued prompt's."""
+        queued, held = self.states.surviving_match(replica, request.hashes, request.prompt_tokens)
+        return max(queued, min(view, held))
 
     def _ttft(
         self, request: Request, replicas: Sequence[str], match: Mapping[str, int], now: float
@@ -120,24 +135,37 @@ class ReplicaChooser:
         prior, policy = self.prior(request), self._settings.ttft
         queued: dict[str, float] = {}
         ttft: dict[str, float] = {}
+        rates: dict[str, float] = {}
         for r in replicas:
-            rate = self.states.rate(r, prior).prefill_tokens_per_s
+            rate = rates[r] = self.states.rate(r, prior).prefill_tokens_per_s
             queued[r] = self.states.queued_s(r, rate, now)
             ttft[r] = queued[r] + max(request.prompt_tokens - match[r], 0) / rate
+        # Prefill added to a replica delays every request queued behind it there until its
+        # queue drains, and the requests that will arrive while the shortest queue drains are
+        # about as many as that queue holds (Little's law): a busy system counts the work a
+        # choice adds that many times over; an idle one (empty shortest queue) not at all.
+        behind = policy.work_weight * min(self.states.queued_requests(r) for r in replicas)
+        cost = {
+            r: ttft[r] + behind * max(request.prompt_tokens - match[r], 0) / rates[r]
+            for r in replicas
+        }
         fastest = min(replicas, key=lambda r: ttft[r])
-        near = ttft[fastest] + max(policy.tie_floor_s, policy.tie_fraction * ttft[fastest])
+        cheapest = min(replicas, key=lambda r: cost[r])
+        near = cost[cheapest] + max(policy.tie_floor_s, policy.tie_fraction * cost[cheapest])
         loads = self.states.loads()
         # the longest prefix among the near-ties; then the fewest requests in flight, which
         # spreads cold prompts (and the evictions they cause) instead of filling one cache
         chosen = max(
-            (r for r in replicas if ttft[r] <= near),
-            key=lambda r: (match[r], -loads.get(r, 0), -ttft[r]),
+            (r for r in replicas if cost[r] <= near),
+            key=lambda r: (match[r], -loads.get(r, 0), -cost[r]),
         )
         longest = max(match.values())
         if longest == 0:
             reason = "ttft_cold"
         elif match[chosen] < longest:
             reason = "replicate_prefix"
+        elif chosen != fastest and ttft[chosen] > near_ttft(ttft[fastest], policy):
+            reason = "save_work"
         elif chosen != fastest:
             reason = "affinity_tie"
         else:
@@ -151,3 +179,8 @@ class ReplicaChooser:
             predicted_ttft_s=ttft[chosen],
             queued_s=queued[chosen],
         )
+
+
+def near_ttft(fastest_s: float, policy: TtftPolicy) -> float:
+    """The largest prediction still a near-tie of ``fastest_s``."""
+    return fastest_s + max(policy.tie_floor_s, policy.tie_fraction * fastest_s)

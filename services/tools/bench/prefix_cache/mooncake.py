@@ -27,7 +27,7 @@ from typing import Any
 
 from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, reusable_blocks
 from services.prefix_cache.replica_view import ReplicaViews
-from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
+from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request, TtftPolicy
 from services.router.replica_state import ReplicaStates
 from services.tools.bench.prefix_cache.ceiling import belady_hit_tokens
 
@@ -143,8 +143,10 @@ class _Sim:
     def __init__(self, names: list[str], policy: str, capacity_blocks: int) -> None:
         self.replicas = {n: _Replica(KvBlockCache(capacity_blocks)) for n in names}
         self.views = ReplicaViews(capacity_blocks)
-        self.states = ReplicaStates()
-        self.chooser = ReplicaChooser(ChoiceSettings(policy=policy), self.states)
+        self.states = ReplicaStates(capacity_blocks * BLOCK_SIZE)
+        # the TTFT policy knows the replicas' KV capacity (its eviction model)
+        ttft = TtftPolicy(kv_capacity_tokens=capacity_blocks * BLOCK_SIZE)
+        self.chooser = ReplicaChooser(ChoiceSettings(policy=policy, ttft=ttft), self.states)
         self.decoding: list[tuple[float, str]] = []  # (decode end, replica)
         self.tally = _Tally()
         self.served = dict.fromkeys(names, 0)
