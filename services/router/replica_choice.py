@@ -3,12 +3,17 @@ prefixes and queues. The router's dispatcher and ``make bench-prefix``'s replay 
 
 ``ttft`` (the default): each replica's time to first token for this request is predicted as
 the prefill queued ahead of it there plus the prefill of the prompt minus that replica's warm
-prefix, both at the replica's measured prefill rate (``replica_state``), and the smallest wins.
-Among the replicas within a near-tie of the fastest (``tie_fraction`` of its prediction, at
-least ``tie_floor_s``), the one holding the longest prefix wins, so a prefix stays where it is
-while that costs little. A hot prefix is not pinned to one replica: once its replica's queue
-costs more than prefilling the prefix elsewhere, the request goes elsewhere and the prefix is
-replicated there (``replicate_prefix``).
+prefix, both at the replica's measured prefill rate (``replica_state``). The choice minimises
+that prediction plus the prefill the choice adds times the requests that will wait behind it
+(``work_weight`` times the replicas' mean queue, in requests): idle replicas make it the
+fastest first token, a backlog makes reuse count (under overload the total prefill decides
+every queue; reason ``save_work`` when that keeps a request off the fastest replica). Within
+a near-tie of the best (``tie_fraction`` of its TTFT, at least ``tie_floor_s``) the longest
+prefix wins. A hot prefix is not pinned to one replica: once its replica's queue costs more
+than prefilling the prefix elsewhere, the request goes elsewhere and the prefix is replicated
+there (``replicate_prefix``). With the replicas' KV capacity (``kv_capacity_tokens``) a warm
+prefix counts only if the replica will still hold it when the request runs
+(``ReplicaStates.surviving_match``: under a deep queue the view's prefixes are evicted first).
 
 ``sglang``: SGLang's cache-aware rule (``balance.choose``); ``round_robin``: the replicas in
 turn, ignoring caches. Both stay for comparison (``ROUTER_REPLICA_POLICY``).
@@ -36,10 +41,10 @@ REASONS = {
 
 @dataclass(frozen=True)
 class TtftPolicy:
-    tie_fraction: float = 0.1  # a near-tie: within 10% of the fastest prediction ...
+    tie_fraction: float = 0.0  # a near-tie: within this fraction of the fastest prediction ...
     tie_floor_s: float = 0.02  # ... or 20 ms, whichever is larger
     # the weight of the prefill a choice adds times the requests that will wait behind it
-    # (the shortest queue's length in requests): 0 is the greedy per-request TTFT
+    # (the replicas' mean queue length in requests): 0 is the greedy per-request TTFT
     work_weight: float = 1.0
     # each replica's KV cache in tokens: a warm prefix counts only if the replica will still
     # hold it when the request runs (None: no eviction model, every warm prefix counts)
@@ -140,18 +145,23 @@ class ReplicaChooser:
             rate = rates[r] = self.states.rate(r, prior).prefill_tokens_per_s
             queued[r] = self.states.queued_s(r, rate, now)
             ttft[r] = queued[r] + max(request.prompt_tokens - match[r], 0) / rate
-        # Prefill added to a replica delays every request queued behind it there until its
-        # queue drains, and the requests that will arrive while the shortest queue drains are
-        # about as many as that queue holds (Little's law): a busy system counts the work a
-        # choice adds that many times over; an idle one (empty shortest queue) not at all.
-        behind = policy.work_weight * min(self.states.queued_requests(r) for r in replicas)
+        # Prefill added to a replica delays the requests that queue behind it; the shortest
+        # queue first takes the new arrivals, so the delay is shared by all replicas (1/n of
+        # the prefill each) over the arrivals until the backlog drains, about n times a
+        # replica's mean queue (Little's law): the prefill counts the mean queue's length over
+        # again (``work_weight``), at the replicas' mean rate; an idle system adds nothing.
+        counts = [self.states.queued_requests(r) for r in replicas]
+        behind = policy.work_weight * sum(counts) / len(counts)
+        shared_rate = sum(rates.values()) / len(rates)  # JSQ spreads the work over them all
         cost = {
-            r: ttft[r] + behind * max(request.prompt_tokens - match[r], 0) / rates[r]
+            r: ttft[r] + behind * max(request.prompt_tokens - match[r], 0) / shared_rate
             for r in replicas
         }
         fastest = min(replicas, key=lambda r: ttft[r])
         cheapest = min(replicas, key=lambda r: cost[r])
-        near = cost[cheapest] + max(policy.tie_floor_s, policy.tie_fraction * cost[cheapest])
+        # a near-tie is measured on the TTFT, not the cost: the work term the replicas share
+        # (every cold prompt's) must not widen it
+        near = cost[cheapest] + max(policy.tie_floor_s, policy.tie_fraction * ttft[cheapest])
         loads = self.states.loads()
         # the longest prefix among the near-ties; then the fewest requests in flight, which
         # spreads cold prompts (and the evictions they cause) instead of filling one cache

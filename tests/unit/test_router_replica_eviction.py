@@ -67,14 +67,14 @@ def test_a_busy_system_counts_the_prefill_a_choice_adds_for_the_requests_behind_
         chooser.states.sent("b", 8_500, 8_500, [], now=0.0)
     route = chooser.choose(Request("m", 10_000, [], RATE), ["a", "b"], {"b": 9_000}, now=0.0)
     # TTFT: a 0.2 + 1.0 = 1.2 s, b 1.7 + 0.1 = 1.8 s; with the two requests that will wait
-    # behind it (the shortest queue's length) a's prefill costs 1.2 + 2 * 1.0 = 3.2 s, b's
+    # behind it (the mean queue's length) a's prefill costs 1.2 + 2 * 1.0 = 3.2 s, b's
     # 1.8 + 2 * 0.1 = 2.0 s: b keeps its prefix; greedy (weight 0) replicates it on a
     assert (route.order[0], route.reason) == (chosen, reason)
 
 
-def test_an_idle_replica_means_no_one_waits_behind_a_choice() -> None:
+def test_a_short_queue_weighs_the_added_prefill_little() -> None:
     chooser = ReplicaChooser(ChoiceSettings(ttft=TtftPolicy(tie_floor_s=0.0)), ReplicaStates())
-    for _ in range(2):
-        chooser.states.sent("b", 8_500, 8_500, [], now=0.0)  # a has nothing queued
+    chooser.states.sent("b", 17_000, 17_000, [], now=0.0)  # 1.7 s on b, nothing on a
     route = chooser.choose(Request("m", 10_000, [], RATE), ["a", "b"], {"b": 9_000}, now=0.0)
+    # half a request queued per replica: a 1.0 + 0.5 * 1.0 = 1.5 s, b 1.8 + 0.5 * 0.1 = 1.85
     assert (route.order[0], route.reason) == ("a", "replicate_prefix")
