@@ -77,7 +77,8 @@ class Dispatcher:
         self._table = table
         self._tracer = tracer
         self._clock = clock
-        self.loads = ReplicaStates()  # the pipeline releases a call when its answer ends
+        # the pipeline releases a call when its answer ends
+        self.loads = ReplicaStates(choice.ttft.kv_capacity_tokens)
         self._chooser = ReplicaChooser(choice, self.loads)
 
     async def open(

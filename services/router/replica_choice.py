@@ -3,12 +3,17 @@ prefixes and queues. The router's dispatcher and ``make bench-prefix``'s replay 
 
 ``ttft`` (the default): each replica's time to first token for this request is predicted as
 the prefill queued ahead of it there plus the prefill of the prompt minus that replica's warm
-prefix, both at the replica's measured prefill rate (``replica_state``), and the smallest wins.
-Among the replicas within a near-tie of the fastest (``tie_fraction`` of its prediction, at
-least ``tie_floor_s``), the one holding the longest prefix wins, so a prefix stays where it is
-while that costs little. A hot prefix is not pinned to one replica: once its replica's queue
-costs more than prefilling the prefix elsewhere, the request goes elsewhere and the prefix is
-replicated there (``replicate_prefix``).
+prefix, both at the replica's measured prefill rate (``replica_state``). The choice minimises
+that prediction plus the prefill the choice adds times the requests that will wait behind it
+(``work_weight`` times the replicas' mean queue, in requests): idle replicas make it the
+fastest first token, a backlog makes reuse count (under overload the total prefill decides
+every queue; reason ``save_work`` when that keeps a request off the fastest replica). Within
+a near-tie of the best (``tie_fraction`` of its TTFT, at least ``tie_floor_s``) the longest
+prefix wins. A hot prefix is not pinned to one replica: once its replica's queue costs more
+than prefilling the prefix elsewhere, the request goes elsewhere and the prefix is replicated
+there (``replicate_prefix``). With the replicas' KV capacity (``kv_capacity_tokens``) a warm
+prefix counts only if the replica will still hold it when the request runs
+(``ReplicaStates.surviving_match``: under a deep queue the view's prefixes are evicted first).
 
 ``sglang``: SGLang's cache-aware rule (``balance.choose``); ``round_robin``: the replicas in
 turn, ignoring caches. Both stay for comparison (``ROUTER_REPLICA_POLICY``).
@@ -28,7 +33,7 @@ from services.router.replica_state import ReplicaStates
 POLICIES = ("ttft", "sglang", "round_robin")
 # every reason a route may carry, by policy (``fallback``: the chosen replica failed first)
 REASONS = {
-    "ttft": ("ttft_warm", "ttft_cold", "affinity_tie", "replicate_prefix"),
+    "ttft": ("ttft_warm", "ttft_cold", "affinity_tie", "replicate_prefix", "save_work"),
     "sglang": ("cache_affinity", "shortest_queue", "least_loaded"),
     "round_robin": ("round_robin",),
 }
@@ -36,8 +41,14 @@ REASONS = {
 
 @dataclass(frozen=True)
 class TtftPolicy:
-    tie_fraction: float = 0.1  # a near-tie: within 10% of the fastest prediction ...
+    tie_fraction: float = 0.0  # a near-tie: within this fraction of the fastest prediction ...
     tie_floor_s: float = 0.02  # ... or 20 ms, whichever is larger
+    # the weight of the prefill a choice adds times the requests that will wait behind it
+    # (the replicas' mean queue length in requests): 0 is the greedy per-request TTFT
+    work_weight: float = 1.0
+    # each replica's KV cache in tokens: a warm prefix counts only if the replica will still
+    # hold it when the request runs (None: no eviction model, every warm prefix counts)
+    kv_capacity_tokens: int | None = None
     # the prefill rate assumed for a replica that has not reported yet, when the model's row
     # gives none (a simulated row's prefill_tokens_per_s, or prior_prefill_tokens_per_s)
     prior_prefill_tps: float = 10_000.0
@@ -112,7 +123,16 @@ class ReplicaChooser:
                 request.prompt_tokens,
                 self._settings.sglang,
             )
+        if self.states.kv_capacity_tokens is not None:
+            match = {r: self._surviving(request, r, view_match.get(r, 0)) for r in replicas}
         return self._ttft(request, replicas, match, now)
+
+    def _surviving(self, request: Request, replica: str, view: int) -> int:
+        """The warm prefix the replica will still hold when this request's prefill begins
+        (``ReplicaStates.surviving_match``): prefix-cache's view, capped by the prompts this
+        router saw it prefill recently enough, or a queued prompt's."""
+        queued, held = self.states.surviving_match(replica, request.hashes, request.prompt_tokens)
+        return max(queued, min(view, held))
 
     def _ttft(
         self, request: Request, replicas: Sequence[str], match: Mapping[str, int], now: float
@@ -120,24 +140,42 @@ class ReplicaChooser:
         prior, policy = self.prior(request), self._settings.ttft
         queued: dict[str, float] = {}
         ttft: dict[str, float] = {}
+        rates: dict[str, float] = {}
         for r in replicas:
-            rate = self.states.rate(r, prior).prefill_tokens_per_s
+            rate = rates[r] = self.states.rate(r, prior).prefill_tokens_per_s
             queued[r] = self.states.queued_s(r, rate, now)
             ttft[r] = queued[r] + max(request.prompt_tokens - match[r], 0) / rate
+        # Prefill added to a replica delays the requests that queue behind it; the shortest
+        # queue first takes the new arrivals, so the delay is shared by all replicas (1/n of
+        # the prefill each) over the arrivals until the backlog drains, about n times a
+        # replica's mean queue (Little's law): the prefill counts the mean queue's length over
+        # again (``work_weight``), at the replicas' mean rate; an idle system adds nothing.
+        counts = [self.states.queued_requests(r) for r in replicas]
+        behind = policy.work_weight * sum(counts) / len(counts)
+        shared_rate = sum(rates.values()) / len(rates)  # JSQ spreads the work over them all
+        cost = {
+            r: ttft[r] + behind * max(request.prompt_tokens - match[r], 0) / shared_rate
+            for r in replicas
+        }
         fastest = min(replicas, key=lambda r: ttft[r])
-        near = ttft[fastest] + max(policy.tie_floor_s, policy.tie_fraction * ttft[fastest])
+        cheapest = min(replicas, key=lambda r: cost[r])
+        # a near-tie is measured on the TTFT, not the cost: the work term the replicas share
+        # (every cold prompt's) must not widen it
+        near = cost[cheapest] + max(policy.tie_floor_s, policy.tie_fraction * ttft[cheapest])
         loads = self.states.loads()
         # the longest prefix among the near-ties; then the fewest requests in flight, which
         # spreads cold prompts (and the evictions they cause) instead of filling one cache
         chosen = max(
-            (r for r in replicas if ttft[r] <= near),
-            key=lambda r: (match[r], -loads.get(r, 0), -ttft[r]),
+            (r for r in replicas if cost[r] <= near),
+            key=lambda r: (match[r], -loads.get(r, 0), -cost[r]),
         )
         longest = max(match.values())
         if longest == 0:
             reason = "ttft_cold"
         elif match[chosen] < longest:
             reason = "replicate_prefix"
+        elif chosen != fastest and ttft[chosen] > near_ttft(ttft[fastest], policy):
+            reason = "save_work"
         elif chosen != fastest:
             reason = "affinity_tie"
         else:
@@ -151,3 +189,8 @@ class ReplicaChooser:
             predicted_ttft_s=ttft[chosen],
             queued_s=queued[chosen],
         )
+
+
+def near_ttft(fastest_s: float, policy: TtftPolicy) -> float:
+    """The largest prediction still a near-tie of ``fastest_s``."""
+    return fastest_s + max(policy.tie_floor_s, policy.tie_fraction * fastest_s)

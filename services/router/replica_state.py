@@ -22,7 +22,7 @@ One event loop owns it: no lock. Times come from the caller's clock (seconds).
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +52,10 @@ class _Replica:
     tokens_avg: float = 0.0  # weighted sums of prefilled tokens and their seconds
     seconds_avg: float = 0.0
     samples: int = 0
+    # with a KV capacity: the prompts prefilled there whose blocks it may still hold, as
+    # (prefilled_tokens after their prefill, their block hashes), oldest first
+    prefilled_tokens: int = 0  # new tokens prefilled (KV blocks written), in all
+    recent: deque[tuple[int, Sequence[bytes]]] = field(default_factory=deque)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,12 @@ class ReplicaRate:
 
 
 class ReplicaStates:
-    def __init__(self) -> None:
+    def __init__(self, kv_capacity_tokens: int | None = None) -> None:
+        """``kv_capacity_tokens``: each replica's KV cache, for ``surviving_match`` (None: no
+        eviction model)."""
+        if kv_capacity_tokens is not None and kv_capacity_tokens < 0:
+            raise ValueError(f"kv_capacity_tokens must be >= 0, got {kv_capacity_tokens}")
+        self._capacity = kv_capacity_tokens
         self._replicas: dict[str, _Replica] = {}
         self._tickets = 0
 
@@ -70,6 +79,10 @@ class ReplicaStates:
         if state is None:
             state = self._replicas[replica] = _Replica()
         return state
+
+    @property
+    def kv_capacity_tokens(self) -> int | None:
+        return self._capacity
 
     # -- the request's life on a replica -----------------------------------------------------
 
@@ -116,6 +129,11 @@ class ReplicaStates:
         else:
             prefilled = prompt_tokens - kv_cached_tokens
         seconds = now - began
+        if self._capacity is not None:
+            state.prefilled_tokens += max(prefilled, 0)
+            state.recent.append((state.prefilled_tokens, pending.hashes))
+            while state.prefilled_tokens - state.recent[0][0] >= self._capacity:
+                state.recent.popleft()  # all its blocks are evicted by now
         if prefilled >= MIN_SAMPLE_TOKENS and seconds > 0:
             if state.samples == 0:
                 state.tokens_avg, state.seconds_avg = float(prefilled), seconds
@@ -154,6 +172,11 @@ class ReplicaStates:
         """Requests in flight per replica (SGLang's load)."""
         return {name: s.inflight for name, s in self._replicas.items() if s.inflight}
 
+    def queued_requests(self, replica: str) -> int:
+        """Requests sent to ``replica`` still waiting for their first report."""
+        state = self._replicas.get(replica)
+        return 0 if state is None else len(state.pending)
+
     def rate(self, replica: str, prior_tokens_per_s: float) -> ReplicaRate:
         state = self._replicas.get(replica)
         if state is None or state.samples == 0 or state.seconds_avg <= 0:
@@ -171,6 +194,40 @@ class ReplicaStates:
         rest_s = (state.pending_tokens - head.uncached_tokens) / tokens_per_s
         return max(head_s - done_s, 0.0) + rest_s
 
+    def queued_prefill_tokens(self, replica: str) -> int:
+        """Predicted prefill (new KV blocks) of the requests queued on ``replica``."""
+        state = self._replicas.get(replica)
+        return 0 if state is None else state.pending_tokens
+
+    def surviving_match(
+        self, replica: str, hashes: Sequence[bytes], prompt_tokens: int
+    ) -> tuple[int, int]:
+        """The leading tokens of the prompt the replica will still hold when this request's
+        prefill begins, by an LRU model of its cache (``kv_capacity_tokens``: it keeps the
+        blocks of the newest that many prefilled tokens): (from prompts queued there, from
+        prompts it has prefilled). A prompt's blocks count while fewer new tokens than the
+        capacity are prefilled after it up to then, the queue ahead included. Without a
+        capacity: (``pending_match``, the whole prompt: nothing is known to be evicted)."""
+        capacity = self._capacity
+        if capacity is None:
+            return self.pending_match(replica, hashes, prompt_tokens), prompt_tokens
+        state = self._replicas.get(replica)
+        if state is None:
+            return 0, 0
+        wanted = hashes[: reusable_blocks(prompt_tokens)]
+        queued, after = 0, 0
+        for pending in reversed(state.pending.values()):  # newest first
+            if after >= capacity:
+                break
+            queued = max(queued, _common(wanted, pending.hashes))
+            after += pending.uncached_tokens
+        held = 0
+        for prefilled_at, prompt in reversed(state.recent):
+            if after + state.prefilled_tokens - prefilled_at >= capacity:
+                break
+            held = max(held, _common(wanted, prompt))
+        return queued * BLOCK_SIZE, held * BLOCK_SIZE
+
     def pending_match(self, replica: str, hashes: Sequence[bytes], prompt_tokens: int) -> int:
         """Leading tokens of the prompt that requests queued there will have prefilled."""
         state = self._replicas.get(replica)
@@ -182,3 +239,13 @@ class ReplicaStates:
                 break
             matched += 1
         return matched * BLOCK_SIZE
+
+
+def _common(mine: Sequence[bytes], theirs: Sequence[bytes]) -> int:
+    """Leading blocks two prompts share (chained hashes: equal from the first on)."""
+    common = 0
+    for a, b in zip(mine, theirs, strict=False):
+        if a != b:
+            break
+        common += 1
+    return common

@@ -109,9 +109,16 @@ def choice_from_env(env: Env) -> ChoiceSettings:
             cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
         ),
         ttft=TtftPolicy(
-            tie_fraction=env.float("ROUTER_TTFT_TIE_FRACTION", 0.1, minimum=0.0),
+            tie_fraction=env.float("ROUTER_TTFT_TIE_FRACTION", 0.0, minimum=0.0),
             tie_floor_s=env.float("ROUTER_TTFT_TIE_FLOOR_S", 0.02, minimum=0.0),
             prior_prefill_tps=env.float("ROUTER_TTFT_PRIOR_PREFILL_TPS", 10_000.0, minimum=1.0),
+            work_weight=env.float("ROUTER_TTFT_WORK_WEIGHT", 1.0, minimum=0.0),
+            # each replica's KV cache (the engines'): unset, no eviction model
+            kv_capacity_tokens=(
+                None
+                if env.optional_str("ROUTER_KV_CAPACITY_TOKENS") is None
+                else env.int("ROUTER_KV_CAPACITY_TOKENS", 0, minimum=1)
+            ),
         ),
     )
 

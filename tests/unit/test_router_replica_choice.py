@@ -42,7 +42,8 @@ def test_a_long_queue_on_the_warm_replica_replicates_the_prefix() -> None:
 
 def test_affinity_breaks_a_near_tie() -> None:
     chooser = ReplicaChooser(
-        ChoiceSettings(ttft=TtftPolicy(tie_fraction=0.1, tie_floor_s=0.0)), ReplicaStates()
+        ChoiceSettings(ttft=TtftPolicy(tie_fraction=0.1, tie_floor_s=0.0, work_weight=0.0)),
+        ReplicaStates(),
     )
     chooser.states.sent("b", 10_500, 10_500, [], now=0.0)  # 1.05 s queued on b
     # a: 1.0 s (nothing warm); b: 1.05 + 0.0 -> within 10% of the fastest: b keeps its prefix

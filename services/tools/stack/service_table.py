@@ -217,6 +217,8 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_TTFT_TIE_FRACTION",
             "ROUTER_TTFT_TIE_FLOOR_S",
             "ROUTER_TTFT_PRIOR_PREFILL_TPS",
+            "ROUTER_TTFT_WORK_WEIGHT",
+            "ROUTER_KV_CAPACITY_TOKENS",
             "ROUTER_LIMIT_REQUESTS_PER_MIN",
             "ROUTER_LIMIT_TOKENS_PER_MIN",
             "ROUTER_BUDGET_USD_PER_DAY",

@@ -4,7 +4,8 @@ Replays ../shared/data through prefix-cache's accounting (tau-bench airline conv
 Anthropic 5-minute, Anthropic 1-hour and OpenAI rules) and an arrival trace through KV-aware
 routing (``--trace``, by default the Mooncake synthetic trace; any file of the same format):
 2, 4 and 8 replicas under round robin, SGLang's rule and the predicted-TTFT policy, with the
-unbounded single-replica hit rate as the ceiling. No servers; a virtual clock; one JSON file.
+unbounded single-replica hit rate as the ceiling, and per replica count the pooled-LRU reference
+and optimal replacement's ceiling (``ceiling``). No servers; a virtual clock; one JSON file.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "pooled_lru_kv_hit_rate_tokens": {
             str(n): mooncake.pooled_lru_hit_rate(rows, n * args.capacity_blocks) for n in REPLICAS
         },
+        # optimal replacement (Belady) with n replicas' memory: what any router could reach
+        "belady_kv_hit_rate_tokens": {
+            str(n): mooncake.belady_hit_rate(rows, n * args.capacity_blocks) for n in REPLICAS
+        },
         "kv_capacity_blocks_per_replica": args.capacity_blocks,
         "kv_capacity_tokens_per_replica": args.capacity_blocks * 16,
         "prefill_tokens_per_s": mooncake.PREFILL_TPS,
@@ -103,7 +108,10 @@ def main() -> None:
     routing = results["mooncake_kv_routing"]
     print(f"ideal (one unbounded replica): KV hit {routing['ideal_kv_hit_rate_tokens']:.1%}")
     for n, rate in routing["pooled_lru_kv_hit_rate_tokens"].items():
-        print(f"one LRU cache with {n} replicas' memory: KV hit {rate:.1%}")
+        print(
+            f"one LRU cache with {n} replicas' memory: KV hit {rate:.1%}"
+            f" (optimal replacement: {routing['belady_kv_hit_rate_tokens'][n]:.1%})"
+        )
     for each in routing["runs"]:
         print(_row(each))
     print(f"wrote {out}")

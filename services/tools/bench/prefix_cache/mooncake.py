@@ -27,8 +27,9 @@ from typing import Any
 
 from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, reusable_blocks
 from services.prefix_cache.replica_view import ReplicaViews
-from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
+from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request, TtftPolicy
 from services.router.replica_state import ReplicaStates
+from services.tools.bench.prefix_cache.ceiling import belady_hit_tokens
 
 HASH_BLOCK_TOKENS = 512
 PREFILL_TPS, DECODE_TPS = 25_000.0, 50.0
@@ -101,6 +102,13 @@ def pooled_lru_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
     return round(hit / max(total, 1), 4)
 
 
+def belady_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
+    """Input tokens optimal replacement (``ceiling``) reuses with ``capacity_blocks`` in all:
+    with n replicas' memory, the most any router over n replicas could reach."""
+    hit = belady_hit_tokens([(row.input_tokens, row.keys) for row in rows], capacity_blocks)
+    return round(hit / max(sum(row.input_tokens for row in rows), 1), 4)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -135,8 +143,10 @@ class _Sim:
     def __init__(self, names: list[str], policy: str, capacity_blocks: int) -> None:
         self.replicas = {n: _Replica(KvBlockCache(capacity_blocks)) for n in names}
         self.views = ReplicaViews(capacity_blocks)
-        self.states = ReplicaStates()
-        self.chooser = ReplicaChooser(ChoiceSettings(policy=policy), self.states)
+        self.states = ReplicaStates(capacity_blocks * BLOCK_SIZE)
+        # the TTFT policy knows the replicas' KV capacity (its eviction model)
+        ttft = TtftPolicy(kv_capacity_tokens=capacity_blocks * BLOCK_SIZE)
+        self.chooser = ReplicaChooser(ChoiceSettings(policy=policy, ttft=ttft), self.states)
         self.decoding: list[tuple[float, str]] = []  # (decode end, replica)
         self.tally = _Tally()
         self.served = dict.fromkeys(names, 0)

@@ -1,0 +1,80 @@
+"""The TTFT policy's eviction model (a warm prefix counts only if the replica will still hold it
+when the request runs) and its weight on the prefill a choice adds for the requests behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request, TtftPolicy
+from services.router.replica_state import ReplicaStates
+
+RATE = 10_000.0
+BLOCKS = [bytes([i]) * 16 for i in range(8)]  # a prompt of 8 blocks (128 tokens) and one more
+OTHER = [bytes([100 + i]) * 16 for i in range(8)]
+
+
+def test_a_prefilled_prompt_stays_warm_until_the_capacity_is_prefilled_after_it() -> None:
+    states = ReplicaStates(kv_capacity_tokens=1_000)
+    ticket = states.sent("r", 129, 129, BLOCKS, now=0.0)
+    states.started("r", ticket, 129, 0, now=1.0)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 128)
+    # 900 new tokens after it: still held (an LRU cache keeps the newest 1,000)
+    ticket = states.sent("r", 900, 900, OTHER, now=1.0)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 128)
+    states.started("r", ticket, 900, 0, now=2.0)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 128)
+    # 200 more queued ahead of the request: by the time it runs, evicted
+    states.sent("r", 200, 200, [], now=2.0)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 0)
+    # without a capacity nothing is known to be evicted
+    assert ReplicaStates().surviving_match("r", BLOCKS, 129) == (0, 129)
+
+
+def test_a_queued_prompt_counts_only_while_less_than_the_capacity_is_queued_after_it() -> None:
+    states = ReplicaStates(kv_capacity_tokens=1_000)
+    states.sent("r", 129, 129, BLOCKS, now=0.0)
+    assert states.surviving_match("r", BLOCKS, 129) == (128, 0)
+    states.sent("r", 1_000, 1_000, OTHER, now=0.0)  # its blocks evict the first prompt's
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 0)
+
+
+def test_the_view_is_capped_by_what_the_replica_still_holds() -> None:
+    states = ReplicaStates(kv_capacity_tokens=1_000)
+    chooser = ReplicaChooser(ChoiceSettings(ttft=TtftPolicy(kv_capacity_tokens=1_000)), states)
+    request = Request("m", 129, BLOCKS, RATE)
+    ticket = states.sent("b", 129, 129, BLOCKS, now=0.0)
+    states.started("b", ticket, 129, 0, now=0.1)
+    route = chooser.choose(request, ["a", "b"], {"b": 128}, now=1.0)
+    assert (route.order[0], route.match_tokens, route.reason) == ("b", 128, "ttft_warm")
+    # b prefilled 1,000 new tokens since: the view still says warm, the model says evicted
+    ticket = states.sent("b", 1_000, 1_000, OTHER, now=1.0)
+    states.started("b", ticket, 1_000, 0, now=1.1)
+    route = chooser.choose(request, ["a", "b"], {"b": 128}, now=2.0)
+    assert (route.match_tokens, route.reason) == (0, "ttft_cold")
+
+
+@pytest.mark.parametrize(
+    ("weight", "chosen", "reason"), [(1.0, "b", "save_work"), (0.0, "a", "replicate_prefix")]
+)
+def test_a_busy_system_counts_the_prefill_a_choice_adds_for_the_requests_behind_it(
+    weight: float, chosen: str, reason: str
+) -> None:
+    chooser = ReplicaChooser(
+        ChoiceSettings(ttft=TtftPolicy(work_weight=weight, tie_floor_s=0.0)), ReplicaStates()
+    )
+    for _ in range(2):  # two requests queued on each: 0.2 s on a, 1.7 s on b
+        chooser.states.sent("a", 1_000, 1_000, [], now=0.0)
+        chooser.states.sent("b", 8_500, 8_500, [], now=0.0)
+    route = chooser.choose(Request("m", 10_000, [], RATE), ["a", "b"], {"b": 9_000}, now=0.0)
+    # TTFT: a 0.2 + 1.0 = 1.2 s, b 1.7 + 0.1 = 1.8 s; with the two requests that will wait
+    # behind it (the mean queue's length) a's prefill costs 1.2 + 2 * 1.0 = 3.2 s, b's
+    # 1.8 + 2 * 0.1 = 2.0 s: b keeps its prefix; greedy (weight 0) replicates it on a
+    assert (route.order[0], route.reason) == (chosen, reason)
+
+
+def test_a_short_queue_weighs_the_added_prefill_little() -> None:
+    chooser = ReplicaChooser(ChoiceSettings(ttft=TtftPolicy(tie_floor_s=0.0)), ReplicaStates())
+    chooser.states.sent("b", 17_000, 17_000, [], now=0.0)  # 1.7 s on b, nothing on a
+    route = chooser.choose(Request("m", 10_000, [], RATE), ["a", "b"], {"b": 9_000}, now=0.0)
+    # half a request queued per replica: a 1.0 + 0.5 * 1.0 = 1.5 s, b 1.8 + 0.5 * 0.1 = 1.85
+    assert (route.order[0], route.reason) == ("a", "replicate_prefix")
