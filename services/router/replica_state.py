@@ -194,11 +194,6 @@ class ReplicaStates:
         rest_s = (state.pending_tokens - head.uncached_tokens) / tokens_per_s
         return max(head_s - done_s, 0.0) + rest_s
 
-    def queued_prefill_tokens(self, replica: str) -> int:
-        """Predicted prefill (new KV blocks) of the requests queued on ``replica``."""
-        state = self._replicas.get(replica)
-        return 0 if state is None else state.pending_tokens
-
     def surviving_match(
         self, replica: str, hashes: Sequence[bytes], prompt_tokens: int
     ) -> tuple[int, int]:
