@@ -46,13 +46,13 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
     provider = TracerProvider(resource=resource)
     exporter: SpanExporter | None = None
     if exporter_name == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from services.common.otlp_wire import WireSpanExporter
 
         endpoint = env.str(
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
         )
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+        exporter = WireSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
