@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
@@ -13,22 +14,33 @@ from services.router.routing.decision import Decision
 
 
 def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteRequest) -> None:
-    span.set_attribute("cachemesh.tenant", tenant)
-    span.set_attribute("cachemesh.request_id", request.request_id)
-    span.set_attribute("cachemesh.requested_model", request.model)
+    if span.is_recording():
+        span.set_attributes(
+            {
+                "cachemesh.tenant": tenant,
+                "cachemesh.request_id": request.request_id,
+                "cachemesh.requested_model": request.model,
+            }
+        )
 
 
 def outcome_attributes(span: trace.Span, response: pb.CompleteResponse) -> None:
-    span.set_attribute("cachemesh.served_by", pb.Layer.Name(response.served_by))
-    span.set_attribute("cachemesh.model", response.model)
-    span.set_attribute("cachemesh.tier", response.tier)
-    span.set_attribute("cachemesh.cost_nanos", response.cost.cost_nanos)
-    span.set_attribute("cachemesh.baseline_nanos", response.cost.baseline_nanos)
-    span.set_attribute("cachemesh.saved_nanos", response.cost.saved_nanos)
-    span.set_attribute("cachemesh.cost_estimated", response.cost.estimated)
+    if not span.is_recording():  # untraced: not even the reads
+        return
+    cost = response.cost
+    attributes: dict[str, AttributeValue] = {
+        "cachemesh.served_by": pb.Layer.Name(response.served_by),
+        "cachemesh.model": response.model,
+        "cachemesh.tier": response.tier,
+        "cachemesh.cost_nanos": cost.cost_nanos,
+        "cachemesh.baseline_nanos": cost.baseline_nanos,
+        "cachemesh.saved_nanos": cost.saved_nanos,
+        "cachemesh.cost_estimated": cost.estimated,
+    }
     if response.served_by == pb.LAYER_SEMANTIC_CACHE:
-        span.set_attribute("cachemesh.similarity", response.semantic.similarity)
-        span.set_attribute("cachemesh.semantic_exact", response.semantic.exact)
+        attributes["cachemesh.similarity"] = response.semantic.similarity
+        attributes["cachemesh.semantic_exact"] = response.semantic.exact
+    span.set_attributes(attributes)  # one call: each set_attribute takes the span's lock
 
 
 # the table's provider -> gen_ai.provider.name (OpenTelemetry GenAI conventions)
@@ -44,27 +56,32 @@ def start_chat_span(
     tracer: trace.Tracer, model: str, replica: str, provider: str = "simulated"
 ) -> trace.Span:
     """The model call, named and attributed by the OpenTelemetry GenAI conventions."""
-    span = tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT)
-    span.set_attribute("gen_ai.operation.name", "chat")
-    span.set_attribute("gen_ai.provider.name", PROVIDER_NAMES.get(provider, provider))
-    span.set_attribute("gen_ai.request.model", model)
-    span.set_attribute("cachemesh.replica", replica)
-    return span
+    attributes: dict[str, AttributeValue] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": PROVIDER_NAMES.get(provider, provider),
+        "gen_ai.request.model": model,
+        "cachemesh.replica": replica,
+    }
+    return tracer.start_span(f"chat {model}", kind=trace.SpanKind.CLIENT, attributes=attributes)
 
 
 def end_chat_span(span: trace.Span, request: pb.CompleteRequest, end: pb.CompleteResponse) -> None:
+    if not span.is_recording():
+        return
     usage = end.usage
-    span.set_attribute("gen_ai.request.max_tokens", request.max_tokens)
-    span.set_attribute("gen_ai.response.model", end.model)
-    span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
-    span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)
-    span.set_attribute("gen_ai.usage.output_tokens", usage.output_tokens)
-    span.set_attribute("gen_ai.usage.cache_read.input_tokens", usage.cache_read_input_tokens)
-    span.set_attribute(
-        "gen_ai.usage.cache_creation.input_tokens", usage.cache_creation_input_tokens
+    span.set_attributes(
+        {
+            "gen_ai.request.max_tokens": request.max_tokens,
+            "gen_ai.response.model": end.model,
+            "gen_ai.response.finish_reasons": [end.stop_reason],
+            "gen_ai.usage.input_tokens": usage.input_tokens,
+            "gen_ai.usage.output_tokens": usage.output_tokens,
+            "gen_ai.usage.cache_read.input_tokens": usage.cache_read_input_tokens,
+            "gen_ai.usage.cache_creation.input_tokens": usage.cache_creation_input_tokens,
+            "cachemesh.kv_cached_tokens": usage.kv_cached_tokens,
+            "cachemesh.draft_accepted_tokens": usage.draft_accepted_tokens,
+        }
     )
-    span.set_attribute("cachemesh.kv_cached_tokens", usage.kv_cached_tokens)
-    span.set_attribute("cachemesh.draft_accepted_tokens", usage.draft_accepted_tokens)
 
 
 def record_failure(span: trace.Span, exc: CallFailed) -> None:
@@ -76,16 +93,21 @@ def route_attributes(
     span: trace.Span, replica: str, route: Route, start: model_pb2.GenerateStart
 ) -> None:
     """L3: the chosen replica, why, its predicted warm prefix and what it really reused."""
-    span.set_attribute("cachemesh.replica", replica)
-    span.set_attribute("cachemesh.backend", start.backend or "simulated")
-    span.set_attribute("cachemesh.route_reason", route.reason)
-    span.set_attribute("cachemesh.kv_match_tokens", route.match_tokens)
-    span.set_attribute("cachemesh.replica_load", route.load)
+    if not span.is_recording():
+        return
+    attributes: dict[str, AttributeValue] = {
+        "cachemesh.replica": replica,
+        "cachemesh.backend": start.backend or "simulated",
+        "cachemesh.route_reason": route.reason,
+        "cachemesh.kv_match_tokens": route.match_tokens,
+        "cachemesh.replica_load": route.load,
+    }
     if route.predicted_ttft_s is not None:
-        span.set_attribute("cachemesh.predicted_ttft_ms", round(route.predicted_ttft_s * 1000, 3))
+        attributes["cachemesh.predicted_ttft_ms"] = round(route.predicted_ttft_s * 1000, 3)
     if route.queued_s is not None:
-        span.set_attribute("cachemesh.replica_queued_ms", round(route.queued_s * 1000, 3))
-    span.set_attribute("cachemesh.kv_cached_tokens", start.kv_cached_tokens)
+        attributes["cachemesh.replica_queued_ms"] = round(route.queued_s * 1000, 3)
+    attributes["cachemesh.kv_cached_tokens"] = start.kv_cached_tokens
+    span.set_attributes(attributes)
 
 
 def first_token(root: trace.Span, chat: trace.Span, seconds: float) -> None:
