@@ -177,17 +177,17 @@ class SpanWire:
         return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
 
     def _resource(self, resource: Any) -> bytes:
-        encoded = self._resources.get(resource)
-        if encoded is None:
-            encoded = _field(0x0A, _encode_resource(resource).SerializeToString())
-            self._resources[resource] = encoded
+        """The ResourceSpans' ``resource`` field (tag 1), encoded once per resource."""
+        if (encoded := self._resources.get(resource)) is None:
+            message = _encode_resource(resource).SerializeToString()
+            encoded = self._resources[resource] = _field(0x0A, message)
         return encoded
 
     def _scope(self, scope: Any) -> bytes:
-        encoded = self._scopes.get(scope)
-        if encoded is None:
-            encoded = _field(0x0A, _encode_instrumentation_scope(scope).SerializeToString())
-            self._scopes[scope] = encoded
+        """The ScopeSpans' ``scope`` field (tag 1; present even for no scope), once per scope."""
+        if (encoded := self._scopes.get(scope)) is None:
+            message = _encode_instrumentation_scope(scope).SerializeToString()
+            encoded = self._scopes[scope] = _field(0x0A, message)
         return encoded
 
 
