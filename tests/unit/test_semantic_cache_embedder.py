@@ -10,12 +10,15 @@ import pytest
 
 from services.semantic_cache.embedder import (
     DIM,
+    GROUP,
     MODEL_SHA256,
+    PAD_BUDGET_TOKENS,
     EmbedderLoadError,
     MiniLMEmbedder,
     default_model_path,
     default_tokenizer_path,
     load_minilm_embedder,
+    runs_of,
 )
 
 
@@ -83,3 +86,22 @@ def test_a_corrupted_tokenizer_is_refused(tmp_path: Path) -> None:
 def test_a_missing_model_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EmbedderLoadError, match="not found"):
         load_minilm_embedder(model_path=tmp_path / "absent.onnx")
+
+
+def test_runs_batch_similar_lengths_and_keep_long_texts_apart() -> None:
+    assert runs_of([25, 26, 24, 27, 25]) == [[2, 0, 4, 1], [3]]  # at most GROUP a run
+    assert runs_of([30, 256, 70, 50]) == [[0], [3], [2], [1]]  # padding costs, alone is cheaper
+    assert runs_of([]) == []
+
+
+def test_every_text_runs_once_within_the_padding_budget() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        lengths = [int(n) for n in rng.integers(3, 257, size=int(rng.integers(1, 40)))]
+        runs = runs_of(lengths)
+        assert sorted(i for run in runs for i in run) == list(range(len(lengths)))
+        for run in runs:
+            assert 1 <= len(run) <= GROUP
+            width = max(lengths[i] for i in run)
+            assert lengths[run[-1]] == width  # the run's width is its last text's
+            assert width * len(run) - sum(lengths[i] for i in run) <= PAD_BUDGET_TOKENS
