@@ -130,9 +130,10 @@ class ReplicaChooser:
     def _surviving(self, request: Request, replica: str, view: int) -> int:
         """The warm prefix the replica will still hold when this request's prefill begins
         (``ReplicaStates.surviving_match``): prefix-cache's view, capped by the prompts this
-        router saw it prefill recently enough, or a queued prompt's."""
+        router saw it prefill recently enough once its record reaches back a whole capacity
+        (before that, as after a restart, the view stands), or a queued prompt's."""
         queued, held = self.states.surviving_match(replica, request.hashes, request.prompt_tokens)
-        return max(queued, min(view, held))
+        return max(queued, view if held is None else min(view, held))
 
     def _ttft(
         self, request: Request, replicas: Sequence[str], match: Mapping[str, int], now: float

@@ -196,19 +196,22 @@ class ReplicaStates:
 
     def surviving_match(
         self, replica: str, hashes: Sequence[bytes], prompt_tokens: int
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int | None]:
         """The leading tokens of the prompt the replica will still hold when this request's
         prefill begins, by an LRU model of its cache (``kv_capacity_tokens``: it keeps the
         blocks of the newest that many prefilled tokens): (from prompts queued there, from
         prompts it has prefilled). A prompt's blocks count while fewer new tokens than the
-        capacity are prefilled after it up to then, the queue ahead included. Without a
+        capacity are prefilled after it up to then, the queue ahead included. The second is
+        None while this router's record does not reach back a whole capacity (it has seen
+        fewer new tokens prefilled there, queue ahead included, since it started): what was
+        prefilled before, as prefix-cache's view names it, may still be held. Without a
         capacity: (``pending_match``, the whole prompt: nothing is known to be evicted)."""
         capacity = self._capacity
         if capacity is None:
             return self.pending_match(replica, hashes, prompt_tokens), prompt_tokens
         state = self._replicas.get(replica)
         if state is None:
-            return 0, 0
+            return 0, None
         wanted = hashes[: reusable_blocks(prompt_tokens)]
         queued, after = 0, 0
         for pending in reversed(state.pending.values()):  # newest first
@@ -216,6 +219,8 @@ class ReplicaStates:
                 break
             queued = max(queued, _common(wanted, pending.hashes))
             after += pending.uncached_tokens
+        if after + state.prefilled_tokens < capacity:
+            return queued * BLOCK_SIZE, None
         held = 0
         for prefilled_at, prompt in reversed(state.recent):
             if after + state.prefilled_tokens - prefilled_at >= capacity:

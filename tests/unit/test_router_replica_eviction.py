@@ -11,10 +11,19 @@ from services.router.replica_state import ReplicaStates
 RATE = 10_000.0
 BLOCKS = [bytes([i]) * 16 for i in range(8)]  # a prompt of 8 blocks (128 tokens) and one more
 OTHER = [bytes([100 + i]) * 16 for i in range(8)]
+FILL = [bytes([200]) * 16]
+
+
+def _seen_a_whole_capacity(states: ReplicaStates, replica: str) -> None:
+    """The router records 1,000 new tokens prefilled on ``replica``: its record reaches back
+    a whole capacity, so what it did not see there is evicted."""
+    ticket = states.sent(replica, 1_000, 1_000, FILL, now=0.0)
+    states.started(replica, ticket, 1_000, 0, now=0.0)
 
 
 def test_a_prefilled_prompt_stays_warm_until_the_capacity_is_prefilled_after_it() -> None:
     states = ReplicaStates(kv_capacity_tokens=1_000)
+    _seen_a_whole_capacity(states, "r")
     ticket = states.sent("r", 129, 129, BLOCKS, now=0.0)
     states.started("r", ticket, 129, 0, now=1.0)
     assert states.surviving_match("r", BLOCKS, 129) == (0, 128)
@@ -32,6 +41,7 @@ def test_a_prefilled_prompt_stays_warm_until_the_capacity_is_prefilled_after_it(
 
 def test_a_queued_prompt_counts_only_while_less_than_the_capacity_is_queued_after_it() -> None:
     states = ReplicaStates(kv_capacity_tokens=1_000)
+    _seen_a_whole_capacity(states, "r")
     states.sent("r", 129, 129, BLOCKS, now=0.0)
     assert states.surviving_match("r", BLOCKS, 129) == (128, 0)
     states.sent("r", 1_000, 1_000, OTHER, now=0.0)  # its blocks evict the first prompt's
@@ -51,6 +61,24 @@ def test_the_view_is_capped_by_what_the_replica_still_holds() -> None:
     states.started("b", ticket, 1_000, 0, now=1.1)
     route = chooser.choose(request, ["a", "b"], {"b": 128}, now=2.0)
     assert (route.match_tokens, route.reason) == (0, "ttft_cold")
+
+
+def test_before_its_record_reaches_back_a_capacity_the_router_trusts_the_view() -> None:
+    """After a restart the router has seen nothing prefilled: the prefixes prefix-cache's view
+    names warm were prefilled before, and count until a whole capacity is prefilled after."""
+    states = ReplicaStates(kv_capacity_tokens=1_000)
+    chooser = ReplicaChooser(ChoiceSettings(ttft=TtftPolicy(kv_capacity_tokens=1_000)), states)
+    request = Request("m", 129, BLOCKS, RATE)
+    assert states.surviving_match("b", BLOCKS, 129) == (0, None)
+    route = chooser.choose(request, ["a", "b"], {"b": 128}, now=0.0)
+    assert (route.order[0], route.match_tokens, route.reason) == ("b", 128, "ttft_warm")
+    ticket = states.sent("b", 600, 600, OTHER, now=0.0)
+    states.started("b", ticket, 600, 0, now=0.1)
+    assert states.surviving_match("b", BLOCKS, 129) == (0, None)  # 600 < 1,000 seen
+    states.sent("b", 400, 400, [], now=0.1)  # with the queue ahead, a whole capacity
+    assert states.surviving_match("b", BLOCKS, 129) == (0, 0)
+    route = chooser.choose(request, ["a", "b"], {"b": 128}, now=0.2)
+    assert route.match_tokens == 0
 
 
 @pytest.mark.parametrize(

@@ -38,3 +38,19 @@ def test_single_flight_and_the_stores_are_on() -> None:
     settings = SemanticCacheSettings.from_env(Env(SHIPPED), OperatingPoint.load())
     assert settings.lease_wait_s > 0 and settings.lease_s >= settings.lease_wait_s
     assert settings.max_entries >= 10_000 and settings.ttl_s >= 3600
+
+
+def test_the_router_models_the_replicas_kv_capacity_as_the_engines_have_it() -> None:
+    """The ttft policy's eviction model is what make bench-prefix measured; at another
+    capacity than the engines' it counts evicted prefixes as warm (or warm ones as gone)."""
+    from services.common.models import model_table_from_env
+    from services.router.settings import RouterSettings
+
+    blocks = int(SHIPPED["MODEL_KV_CAPACITY_BLOCKS"])
+    assert int(SHIPPED["PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS"]) == blocks
+    # the secrets are not in .env: the stack runner hands them over
+    env = Env(
+        {**SHIPPED, "CACHEMESH_INTERNAL_TOKEN": "t" * 32, "CACHEMESH_API_KEYS_FILE": "/dev/null"}
+    )
+    settings = RouterSettings.from_env(env, model_table_from_env(env))
+    assert settings.choice.ttft.kv_capacity_tokens == blocks * 16
