@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TypeVar
 
 from opentelemetry import trace
 
@@ -55,6 +56,9 @@ class ReplicaCut(RequestError):
         super().__init__(Code.UNAVAILABLE, message)
         self.replica = replica
 
+
+T = TypeVar("T")
+CommitReply = prefix_cache_pb2.CommitResponse | None
 
 _NO_READ = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_REFRESH)
 _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
@@ -205,8 +209,12 @@ class Pipeline:
             attempt.start.prompt_tokens,
             attempt.start.kv_cached_tokens,
         )
-        try:
-            warm = await self._calls.commit_warm(
+        # The WARM commit runs beside the answer: it is needed only for the start's served_by
+        # (with the first token) and before the FINAL, so the model's first token (and, for
+        # Complete, its whole decode) hides it. Shielded: once the replica prefilled, the
+        # prompt is billed even if the caller leaves meanwhile (its FINAL follows the WARM).
+        warm_call: asyncio.Future[prefix_cache_pb2.CommitResponse | None] = asyncio.ensure_future(
+            self._calls.commit_warm(
                 tenant,
                 request,
                 attempt.commit_key(request.request_id),
@@ -217,15 +225,6 @@ class Pipeline:
                 attempt.plan_id,
                 attempt.start.kv_cached_unreported,
             )
-        except BaseException:
-            attempt.stream.cancel()
-            self.loads.release(attempt.replica)
-            attempt.chat_span.end()
-            raise
-        head.model = attempt.model.id
-        head.tier = attempt.model.tier
-        head.served_by = served_by(
-            attempt.model, warm.usage.cache_read_input_tokens if warm is not None else 0
         )
         answer = Answer()
         finished = False
@@ -239,6 +238,7 @@ class Pipeline:
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
                     if answer.first:
+                        _headed(head, attempt.model, await asyncio.shield(warm_call))
                         ttft = self._clock() - began
                         spans.first_token(root, attempt.chat_span, ttft)
                         if self._metrics is not None:
@@ -257,6 +257,8 @@ class Pipeline:
                     f"{end_chunk.output_tokens} tokens ({end_chunk.error}); billed for what "
                     "was produced, not cached; retry",
                 )
+            warm = await asyncio.shield(warm_call)
+            _headed(head, attempt.model, warm)
             end = await self._finish(
                 tenant, request, attempt, warm, end_chunk, answer.content(), baseline, head
             )
@@ -291,7 +293,7 @@ class Pipeline:
                 # Cancelled or cut after the prefill: bill what the provider would bill (the
                 # prompt and the tokens produced so far; to the outbox if prefix-cache is
                 # down), never store.
-                self._bill_partial(tenant, request, attempt, answer, baseline)
+                self._bill_partial(tenant, request, attempt, answer, baseline, warm_call)
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
         spec = (
@@ -411,21 +413,21 @@ class Pipeline:
         attempt: Attempt,
         answer: Answer,
         baseline: ModelSpec,
+        warm_call: Awaitable[object],
     ) -> None:
+        """The FINAL of a call that ended early, in the background once its WARM is done."""
         usage = answer.partial_usage
         text = answer.text()
         output_tokens = self._tokenizer.count(text) if text else 0
         if usage is not None and usage.WhichOneof("report") == "anthropic":
             output_tokens = usage.anthropic.output_tokens
+        reported = usage if usage is not None and usage.WhichOneof("report") else None
         self._in_background(
-            self._commit_final(
-                tenant,
-                request,
-                attempt,
-                output_tokens,
-                baseline.id,
-                usage if usage is not None and usage.WhichOneof("report") else None,
-                None,
+            _after(
+                warm_call,
+                lambda: self._commit_final(
+                    tenant, request, attempt, output_tokens, baseline.id, reported, None
+                ),
             )
         )
 
@@ -492,6 +494,21 @@ class Pipeline:
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def _after(first: Awaitable[object], then: Callable[[], Awaitable[T]]) -> T:
+    """``then()`` once ``first`` has ended (whatever its outcome: a failed WARM is degraded
+    already, and the FINAL's outbox replays the WARM when prefix-cache could not take it)."""
+    with contextlib.suppress(Exception):
+        await first
+    return await then()
+
+
+def _headed(head: pb.CompleteResponse, model: ModelSpec, warm: CommitReply) -> None:
+    """The start's model, tier and serving layer, from the WARM commit's cache read."""
+    head.model = model.id
+    head.tier = model.tier
+    head.served_by = served_by(model, warm.usage.cache_read_input_tokens if warm else 0)
 
 
 def served_by(spec: ModelSpec, cache_read_tokens: int) -> pb.Layer.ValueType:

@@ -8,6 +8,7 @@ hands it to the next replica, and a refusal that is the request's fault reaches 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -388,3 +389,72 @@ async def test_a_failed_replicas_reason_does_not_become_the_tier_reason() -> Non
     attempt = await dispatcher.open("tenant-a", _request(), deadline=rig.clock() + 2.0)
     assert attempt.replica == "large-2" and attempt.tier_reason == "requested"
     attempt.stream.cancel()
+
+
+@dataclass
+class SlowWarmPrefix(FakePrefix):
+    """A prefix-cache whose WARM commit waits until the test lets it answer."""
+
+    warm_may_answer: asyncio.Event = field(default_factory=asyncio.Event)
+    events: list[str] = field(default_factory=list)
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        phase = pc.CommitPhase.Name(request.phase)
+        self.events.append(f"{phase} sent")
+        if request.phase == pc.COMMIT_PHASE_WARM:
+            await self.warm_may_answer.wait()
+        reply = await super().commit(request, deadline_s)
+        self.events.append(f"{phase} done")
+        return reply
+
+
+class LoggedStream(FakeStream):
+    def __init__(self, chunks: list[model_pb2.GenerateChunk | CallFailed], log: list[str]) -> None:
+        super().__init__(chunks)
+        self._log = log
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        chunk = await super().read()
+        self._log.append(f"read {chunk.WhichOneof('part') if chunk else 'eof'}")
+        return chunk
+
+
+async def test_the_warm_commit_runs_beside_the_answer_and_the_start_waits_for_it() -> None:
+    prefix = SlowWarmPrefix(read_tokens=1_024)  # sim-large's minimum cacheable prefix
+    rig = Rig(prefix=prefix)
+    rig.models.generate = lambda replica, request, deadline_s: LoggedStream(  # type: ignore[method-assign]
+        _answer(replica), prefix.events
+    )
+    run = rig.pipeline().run("tenant-a", _request())
+    first = asyncio.ensure_future(run.__anext__())
+    await asyncio.sleep(0.01)
+    # the first token was read while the WARM was still out; nothing reached the caller
+    assert "read text" in prefix.events and "COMMIT_PHASE_WARM sent" in prefix.events
+    assert "COMMIT_PHASE_WARM done" not in prefix.events and not first.done()
+    prefix.warm_may_answer.set()
+    start = (await first).start
+    assert start.served_by == pb.LAYER_PREFIX_CACHE  # the WARM's cache read decides it
+    rest = [chunk async for chunk in run]
+    assert rest[-1].end.cost.cost_nanos == 123
+    assert prefix.events.index("COMMIT_PHASE_WARM done") < prefix.events.index(
+        "COMMIT_PHASE_FINAL sent"
+    )
+
+
+async def test_a_caller_leaving_during_the_warm_commit_still_bills_the_prefill() -> None:
+    prefix = SlowWarmPrefix()
+    rig = Rig(prefix=prefix)
+    pipeline = rig.pipeline()
+    run = pipeline.run("tenant-a", _request())
+    first = asyncio.ensure_future(run.__anext__())
+    await asyncio.sleep(0.01)
+    first.cancel()  # the caller leaves while the WARM is out
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert prefix.events == ["COMMIT_PHASE_WARM sent"]  # out, and not cancelled with it
+    prefix.warm_may_answer.set()  # the WARM lands; then the FINAL bills the prompt
+    await pipeline.drain()
+    assert [c.phase for c in prefix.commits] == [pc.COMMIT_PHASE_WARM, pc.COMMIT_PHASE_FINAL]
+    assert prefix.events[-2:] == ["COMMIT_PHASE_FINAL sent", "COMMIT_PHASE_FINAL done"]
+    # billed for the prompt and the tokens the model produced before the caller left
+    assert prefix.commits[1].output_tokens == 3 and not rig.semantic.stores
