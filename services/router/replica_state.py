@@ -22,7 +22,7 @@ One event loop owns it: no lock. Times come from the caller's clock (seconds).
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,10 +52,11 @@ class _Replica:
     tokens_avg: float = 0.0  # weighted sums of prefilled tokens and their seconds
     seconds_avg: float = 0.0
     samples: int = 0
-    # with a KV capacity: the prompts prefilled there whose blocks it may still hold, as
-    # (prefilled_tokens after their prefill, their block hashes), oldest first
+    # with a KV capacity: each block prefilled there that it may still hold, with
+    # prefilled_tokens after the last prefill that used it, least recently used first (an LRU
+    # of at most a capacity's blocks, whatever the traffic)
     prefilled_tokens: int = 0  # new tokens prefilled (KV blocks written), in all
-    recent: deque[tuple[int, Sequence[bytes]]] = field(default_factory=deque)
+    blocks_at: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,12 @@ class ReplicaStates:
         seconds = now - began
         if self._capacity is not None:
             state.prefilled_tokens += max(prefilled, 0)
-            state.recent.append((state.prefilled_tokens, pending.hashes))
-            while state.prefilled_tokens - state.recent[0][0] >= self._capacity:
-                state.recent.popleft()  # all its blocks are evicted by now
+            at, blocks = state.prefilled_tokens, state.blocks_at
+            for block in pending.hashes:
+                blocks[block] = at
+                blocks.move_to_end(block)
+            while blocks and at - next(iter(blocks.values())) >= self._capacity:
+                blocks.popitem(last=False)  # evicted by now
         if prefilled >= MIN_SAMPLE_TOKENS and seconds > 0:
             if state.samples == 0:
                 state.tokens_avg, state.seconds_avg = float(prefilled), seconds
@@ -221,12 +225,21 @@ class ReplicaStates:
             after += pending.uncached_tokens
         if after + state.prefilled_tokens < capacity:
             return queued * BLOCK_SIZE, None
-        held = 0
-        for prefilled_at, prompt in reversed(state.recent):
-            if after + state.prefilled_tokens - prefilled_at >= capacity:
+        # Block hashes are chained: a block held implies the blocks before it were used
+        # with it, at least as recently; so the held prefix ends at the first block gone.
+        held, horizon = 0, capacity - after - state.prefilled_tokens
+        for block in wanted:
+            prefilled_at = state.blocks_at.get(block)
+            if prefilled_at is None or prefilled_at <= -horizon:
                 break
-            held = max(held, _common(wanted, prompt))
+            held += 1
         return queued * BLOCK_SIZE, held * BLOCK_SIZE
+
+    def tracked_blocks(self, replica: str) -> int:
+        """The KV blocks the eviction model remembers on ``replica`` (at most about a
+        capacity's worth, plus the last prompt's)."""
+        state = self._replicas.get(replica)
+        return len(state.blocks_at) if state is not None else 0
 
     def pending_match(self, replica: str, hashes: Sequence[bytes], prompt_tokens: int) -> int:
         """Leading tokens of the prompt that requests queued there will have prefilled."""

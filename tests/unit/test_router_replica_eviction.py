@@ -106,3 +106,17 @@ def test_a_short_queue_weighs_the_added_prefill_little() -> None:
     route = chooser.choose(Request("m", 10_000, [], RATE), ["a", "b"], {"b": 9_000}, now=0.0)
     # half a request queued per replica: a 1.0 + 0.5 * 1.0 = 1.5 s, b 1.8 + 0.5 * 0.1 = 1.85
     assert (route.order[0], route.reason) == ("a", "replicate_prefix")
+
+
+def test_the_model_remembers_at_most_a_capacity_of_blocks_and_answers_by_the_prefix() -> None:
+    """A long-running router: its record stays a capacity's blocks whatever the traffic, and a
+    prompt sharing a long prefix with thousands of earlier ones is answered block by block."""
+    states = ReplicaStates(kv_capacity_tokens=1_600)  # 100 blocks
+    shared = [bytes([1, i]) * 8 for i in range(40)]
+    for n in range(500):
+        own = [n.to_bytes(4, "big") + bytes([2, i]) * 6 for i in range(4)]
+        ticket = states.sent("r", 44 * 16, 4 * 16, shared + own, now=float(n))
+        states.started("r", ticket, 44 * 16, 40 * 16, now=float(n))
+    assert states.tracked_blocks("r") <= 100 + 44
+    asked = [*shared, b"new block".ljust(16, b".")]
+    assert states.surviving_match("r", asked, len(asked) * 16 + 1) == (0, 40 * 16)
