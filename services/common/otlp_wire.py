@@ -151,30 +151,29 @@ class SpanWire:
     def _key_value(self, key: str, value: Any) -> bytes:
         """One attribute as a repeated ``KeyValue`` field of the span (tag 9)."""
         kind = type(value)
-        if kind is str or kind is bool:
-            cached = self._attributes.get((key, kind, value))
-            if cached is not None:
-                return cached
-            if kind is str:
-                any_value = _field(0x0A, value.encode())
-            else:
-                any_value = b"\x10\x01" if value else b"\x10\x00"
-            encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
-            if len(self._attributes) >= _CACHED_MAX:
-                self._attributes.clear()
-            self._attributes[(key, kind, value)] = encoded
-            return encoded
-        if kind is int and _INT64_MIN <= value <= _INT64_MAX:
-            any_value = b"\x18" + _varint(value)
-        elif kind is float:
-            any_value = b"\x21" + _DOUBLE.pack(value)
-        else:  # arrays, bytes, mappings, None, ints past int64: the exporter's own encoding
-            try:
-                return _field(0x4A, _encode_key_value(key, value).SerializeToString())
-            except Exception as error:  # the exporter skips it the same way
-                log.exception("Failed to encode key %s: %s", key, error)
-                return b""
-        return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
+        try:
+            if kind is str or kind is bool:
+                cached = self._attributes.get((key, kind, value))
+                if cached is not None:
+                    return cached
+                if kind is str:
+                    any_value = _field(0x0A, value.encode())
+                else:
+                    any_value = b"\x10\x01" if value else b"\x10\x00"
+                encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
+                if len(self._attributes) >= _CACHED_MAX:
+                    self._attributes.clear()
+                self._attributes[(key, kind, value)] = encoded
+                return encoded
+            if kind is int and _INT64_MIN <= value <= _INT64_MAX:
+                any_value = b"\x18" + _varint(value)
+            elif kind is float:
+                any_value = b"\x21" + _DOUBLE.pack(value)
+            else:  # arrays, bytes, mappings, None, ints past int64
+                return _exporters(key, value)
+            return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
+        except UnicodeEncodeError:  # a lone surrogate: dropped alone, as the exporter does
+            return _exporters(key, value)
 
     def _resource(self, resource: Any) -> bytes:
         """The ResourceSpans' ``resource`` field (tag 1), encoded once per resource."""
@@ -189,6 +188,16 @@ class SpanWire:
             message = _encode_instrumentation_scope(scope).SerializeToString()
             encoded = self._scopes[scope] = _field(0x0A, message)
         return encoded
+
+
+def _exporters(key: str, value: Any) -> bytes:
+    """The attribute by the exporter's own encoder; one it cannot encode is logged and
+    skipped, as the exporter skips it (the rest of the span, and the batch, still go)."""
+    try:
+        return _field(0x4A, _encode_key_value(key, value).SerializeToString())
+    except Exception as error:
+        log.exception("Failed to encode key %s: %s", key, error)
+        return b""
 
 
 def _flags(parent: SpanContext | None) -> int:

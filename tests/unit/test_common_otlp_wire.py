@@ -108,9 +108,11 @@ def test_an_attribute_the_exporter_cannot_encode_is_skipped_as_it_skips_it(
     with provider.get_tracer("t").start_as_current_span("s") as span:
         span.set_attribute("ok", "kept")
         span._attributes["too_big"] = 1 << 64  # type: ignore[attr-defined]  # past int64
+        span.set_attribute("lone_surrogate", "bad \ud800 text")  # not UTF-8 encodable
+        span.set_attribute("bad \udfff key", "kept value")
     spans = memory.get_finished_spans()
     assert SpanWire().encode(spans) == _official(spans)
-    assert "too_big" in caplog.text
+    assert "too_big" in caplog.text and "lone_surrogate" in caplog.text
 
 
 def test_the_exporter_sends_what_the_wire_encodes() -> None:
