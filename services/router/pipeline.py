@@ -118,8 +118,9 @@ class Pipeline:
         time_remaining_s: float | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
-        (``StreamComplete``); else only the end does (``Complete``), so a replica that dies
-        mid-answer can hand the request to another one at any point before the end.
+        (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
+        yielded whole, its start with its end), so a replica that dies mid-answer can hand
+        the request to another one at any point before the end.
         ``time_remaining_s``: the client's deadline, which bounds every model call of the
         request (and so the replicas' retries); None: ``ROUTER_MODEL_TIMEOUT_S`` alone."""
         deadline = None
@@ -150,7 +151,14 @@ class Pipeline:
                 try:
                     async with contextlib.aclosing(
                         self._from_model(
-                            tenant, request, baseline, head, lookup, frozenset(cut), deadline
+                            tenant,
+                            request,
+                            baseline,
+                            head,
+                            lookup,
+                            frozenset(cut),
+                            deadline,
+                            streamed,
                         )
                     ) as it:
                         async for chunk in it:
@@ -185,7 +193,10 @@ class Pipeline:
         lookup: semantic_cache_pb2.LookupResponse | None,
         exclude: frozenset[str],
         deadline: float | None,
+        streamed: bool = True,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
+        """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
+        the end, once the answer is whole."""
         root = trace.get_current_span()
         began = self._clock()
         routed: Routed | None = None
@@ -209,10 +220,11 @@ class Pipeline:
             attempt.start.prompt_tokens,
             attempt.start.kv_cached_tokens,
         )
-        # The WARM commit runs beside the answer: it is needed only for the start's served_by
-        # (with the first token) and before the FINAL, so the model's first token (and, for
-        # Complete, its whole decode) hides it. Shielded: once the replica prefilled, the
-        # prompt is billed even if the caller leaves meanwhile (its FINAL follows the WARM).
+        # The WARM commit runs beside the answer: a streamed answer waits for it at its first
+        # token (the start's served_by), Complete only before the FINAL, so the model's first
+        # token (for Complete, its whole decode) hides it. Shielded: once the replica
+        # prefilled, the prompt is billed even if the caller leaves meanwhile (its FINAL
+        # follows the WARM).
         warm_call: asyncio.Future[prefix_cache_pb2.CommitResponse | None] = asyncio.ensure_future(
             self._calls.commit_warm(
                 tenant,
@@ -238,13 +250,15 @@ class Pipeline:
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
                     if answer.first:
-                        _headed(head, attempt.model, await asyncio.shield(warm_call))
                         ttft = self._clock() - began
                         spans.first_token(root, attempt.chat_span, ttft)
                         if self._metrics is not None:
                             self._metrics.first_token(attempt.model.tier, ttft)
-                        yield pb.CompleteChunk(start=head)
-                    yield pb.CompleteChunk(delta=delta)
+                        if streamed:
+                            _headed(head, attempt.model, await asyncio.shield(warm_call))
+                            yield pb.CompleteChunk(start=head)
+                    if streamed:
+                        yield pb.CompleteChunk(delta=delta)
                 elif part == "end":
                     end_chunk = chunk.end
             if end_chunk is None:
@@ -265,7 +279,7 @@ class Pipeline:
             finished = True
             ended = end
             spans.outcome_attributes(root, end)
-            if not answer.blocks:  # no content at all: the start goes with the end
+            if not answer.blocks or not streamed:  # no start went out: it goes with the end
                 yield pb.CompleteChunk(start=head)
             yield pb.CompleteChunk(end=end)
         except CallFailed as exc:
@@ -413,7 +427,7 @@ class Pipeline:
         attempt: Attempt,
         answer: Answer,
         baseline: ModelSpec,
-        warm_call: Awaitable[object],
+        warm_call: asyncio.Future[CommitReply],
     ) -> None:
         """The FINAL of a call that ended early, in the background once its WARM is done."""
         usage = answer.partial_usage
@@ -496,11 +510,14 @@ class Pipeline:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _after(first: Awaitable[object], then: Callable[[], Awaitable[T]]) -> T:
-    """``then()`` once ``first`` has ended (whatever its outcome: a failed WARM is degraded
-    already, and the FINAL's outbox replays the WARM when prefix-cache could not take it)."""
-    with contextlib.suppress(Exception):
-        await first
+async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitable[T]]) -> T:
+    """``then()`` once ``first`` has ended, whatever its outcome: a WARM prefix-cache could
+    not take is degraded already, and the FINAL's outbox replays the WARM then. Shielded, so
+    cancelling this (a forced shutdown) does not cancel the WARM too."""
+    try:
+        await asyncio.shield(first)
+    except Exception:
+        log.exception("the WARM commit of a call that ended early failed; billing its FINAL")
     return await then()
 
 

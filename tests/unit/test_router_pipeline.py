@@ -458,3 +458,20 @@ async def test_a_caller_leaving_during_the_warm_commit_still_bills_the_prefill()
     assert prefix.events[-2:] == ["COMMIT_PHASE_FINAL sent", "COMMIT_PHASE_FINAL done"]
     # billed for the prompt and the tokens the model produced before the caller left
     assert prefix.commits[1].output_tokens == 3 and not rig.semantic.stores
+
+
+async def test_complete_reads_the_whole_answer_while_the_warm_commit_is_out() -> None:
+    prefix = SlowWarmPrefix(read_tokens=1_024)
+    rig = Rig(prefix=prefix)
+    rig.models.generate = lambda replica, request, deadline_s: LoggedStream(  # type: ignore[method-assign]
+        _answer(replica), prefix.events
+    )
+    run = rig.pipeline().run("tenant-a", _request(), streamed=False)
+    first = asyncio.ensure_future(run.__anext__())
+    await asyncio.sleep(0.01)
+    assert "read eof" in prefix.events and "COMMIT_PHASE_WARM done" not in prefix.events
+    prefix.warm_may_answer.set()
+    chunks = [await first] + [chunk async for chunk in run]
+    assert [c.WhichOneof("part") for c in chunks] == ["start", "end"]
+    assert chunks[0].start.served_by == chunks[1].end.served_by == pb.LAYER_PREFIX_CACHE
+    assert chunks[1].end.content[0].text == "Hello there."
