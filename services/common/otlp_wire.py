@@ -149,31 +149,31 @@ class SpanWire:
         return bytes(out)
 
     def _key_value(self, key: str, value: Any) -> bytes:
-        """One attribute as a repeated ``KeyValue`` field of the span (tag 9)."""
+        """One attribute as a repeated ``KeyValue`` field of the span (tag 9). A string's or
+        boolean's encoding is kept: most of them repeat from span to span."""
         kind = type(value)
+        cacheable = kind is str or kind is bool
+        if cacheable and (cached := self._attributes.get((key, kind, value))) is not None:
+            return cached
         try:
-            if kind is str or kind is bool:
-                cached = self._attributes.get((key, kind, value))
-                if cached is not None:
-                    return cached
-                if kind is str:
-                    any_value = _field(0x0A, value.encode())
-                else:
-                    any_value = b"\x10\x01" if value else b"\x10\x00"
-                encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
-                if len(self._attributes) >= _CACHED_MAX:
-                    self._attributes.clear()
-                self._attributes[(key, kind, value)] = encoded
-                return encoded
-            if kind is int and _INT64_MIN <= value <= _INT64_MAX:
+            if kind is str:
+                any_value = _field(0x0A, value.encode())
+            elif kind is bool:
+                any_value = b"\x10\x01" if value else b"\x10\x00"
+            elif kind is int and _INT64_MIN <= value <= _INT64_MAX:
                 any_value = b"\x18" + _varint(value)
             elif kind is float:
                 any_value = b"\x21" + _DOUBLE.pack(value)
             else:  # arrays, bytes, mappings, None, ints past int64
                 return _exporters(key, value)
-            return _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
+            encoded = _field(0x4A, _field(0x0A, key.encode()) + _field(0x12, any_value))
         except UnicodeEncodeError:  # a lone surrogate: dropped alone, as the exporter does
             return _exporters(key, value)
+        if cacheable:
+            if len(self._attributes) >= _CACHED_MAX:
+                self._attributes.clear()
+            self._attributes[(key, kind, value)] = encoded
+        return encoded
 
     def _resource(self, resource: Any) -> bytes:
         """The ResourceSpans' ``resource`` field (tag 1), encoded once per resource."""

@@ -16,7 +16,6 @@ import logging
 import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TypeVar
 
 from opentelemetry import trace
 
@@ -57,7 +56,6 @@ class ReplicaCut(RequestError):
         self.replica = replica
 
 
-T = TypeVar("T")
 CommitReply = prefix_cache_pb2.CommitResponse | None
 
 _NO_READ = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_REFRESH)
@@ -225,7 +223,7 @@ class Pipeline:
         # token (for Complete, its whole decode) hides it. Shielded: once the replica
         # prefilled, the prompt is billed even if the caller leaves meanwhile (its FINAL
         # follows the WARM).
-        warm_call: asyncio.Future[prefix_cache_pb2.CommitResponse | None] = asyncio.ensure_future(
+        warm_call: asyncio.Future[CommitReply] = asyncio.ensure_future(
             self._calls.commit_warm(
                 tenant,
                 request,
@@ -510,7 +508,7 @@ class Pipeline:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitable[T]]) -> T:
+async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitable[object]]) -> None:
     """``then()`` once ``first`` has ended, whatever its outcome: a WARM prefix-cache could
     not take is degraded already, and the FINAL's outbox replays the WARM then. Shielded, so
     cancelling this (a forced shutdown) does not cancel the WARM too."""
@@ -518,7 +516,7 @@ async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitabl
         await asyncio.shield(first)
     except Exception:
         log.exception("the WARM commit of a call that ended early failed; billing its FINAL")
-    return await then()
+    await then()
 
 
 def _headed(head: pb.CompleteResponse, model: ModelSpec, warm: CommitReply) -> None:

@@ -223,14 +223,16 @@ class ReplicaStates:
                 break
             queued = max(queued, _common(wanted, pending.hashes))
             after += pending.uncached_tokens
-        if after + state.prefilled_tokens < capacity:
+        # a block last used at or before this point is evicted by the time the request runs
+        evicted_up_to = after + state.prefilled_tokens - capacity
+        if evicted_up_to < 0:
             return queued * BLOCK_SIZE, None
         # Block hashes are chained: a block held implies the blocks before it were used
         # with it, at least as recently; so the held prefix ends at the first block gone.
-        held, horizon = 0, capacity - after - state.prefilled_tokens
+        held = 0
         for block in wanted:
             prefilled_at = state.blocks_at.get(block)
-            if prefilled_at is None or prefilled_at <= -horizon:
+            if prefilled_at is None or prefilled_at <= evicted_up_to:
                 break
             held += 1
         return queued * BLOCK_SIZE, held * BLOCK_SIZE

@@ -124,12 +124,8 @@ def runs_of(lengths: list[int]) -> list[list[int]]:
     runs: list[list[int]] = []
     tokens = 0  # the real tokens of the last run
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        n = lengths[i]
-        if (
-            runs
-            and len(runs[-1]) < GROUP
-            and n * (len(runs[-1]) + 1) - (tokens + n) <= (PAD_BUDGET_TOKENS)
-        ):
+        n = lengths[i]  # the longest yet: the run would pad every text before it to n
+        if runs and len(runs[-1]) < GROUP and n * len(runs[-1]) - tokens <= PAD_BUDGET_TOKENS:
             runs[-1].append(i)
             tokens += n
         else:
