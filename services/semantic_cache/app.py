@@ -66,9 +66,13 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
         await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
+        solo = None
+        if config.ort_solo_threads != config.ort_threads:
+            solo = await asyncio.to_thread(embedder.with_threads, config.ort_solo_threads)
+            await asyncio.to_thread(solo.embed, ["warm-up"])
         verifier = await asyncio.to_thread(build_verifier, config)
         await asyncio.to_thread(verifier.accepts_all, [("warm-up", "warm up", 0.9)])
-        cache = build_cache(config, embedder, clock, stats, metrics, verifier)
+        cache = build_cache(config, embedder, clock, stats, metrics, verifier, solo)
         if snapshotter is not None:
             await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
         servicer.attach(build_api(config, cache, draining=stop, policies=policies, metrics=metrics))

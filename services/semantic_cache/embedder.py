@@ -62,10 +62,13 @@ def l2_normalise(rows: npt.NDArray[np.floating]) -> Vectors:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2: mean-pooled with the attention mask, then L2-normalised."""
 
-    def __init__(self, session: Any, tokenizer: Tokenizer, version: str) -> None:
+    def __init__(
+        self, session: Any, tokenizer: Tokenizer, version: str, model_path: Path | None = None
+    ) -> None:
         self._session = session
         self._tokenizer = tokenizer
         self._version = version
+        self._model_path = model_path  # its checked graph, for ``with_threads``
 
     @property
     def version(self) -> str:
@@ -74,6 +77,14 @@ class MiniLMEmbedder:
     @property
     def dim(self) -> int:
         return DIM
+
+    def with_threads(self, threads: int) -> MiniLMEmbedder:
+        """The same model and tokenizer (same version, same vectors) on a session of its own
+        with ``threads`` per operator (blocking: call it in a thread)."""
+        if self._model_path is None:
+            raise EmbedderLoadError("this embedder was not loaded from a file: no second session")
+        session = cpu_session(self._model_path, threads)
+        return MiniLMEmbedder(session, self._tokenizer, self._version, self._model_path)
 
     def embed(self, texts: list[str]) -> Vectors:
         """Rows in the order of ``texts``; runs them in groups of similar length.
@@ -176,14 +187,17 @@ def load_minilm_embedder(
     tokenizer.enable_truncation(max_length=MAX_TOKENS)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch
     session = cpu_session(model, threads)
-    return MiniLMEmbedder(session, tokenizer, f"{MODEL_ID}@{MODEL_SHA256[:12]}")
+    return MiniLMEmbedder(session, tokenizer, f"{MODEL_ID}@{MODEL_SHA256[:12]}", model)
 
 
 def cpu_session(path: Path, threads: int) -> Any:
-    """An onnxruntime session of ``path`` on the CPU, ``threads`` for each operator."""
+    """An onnxruntime session of ``path`` on the CPU, ``threads`` for each operator. Its
+    threads sleep between operators instead of spinning: a spinning thread would take a core
+    from the other services of the machine."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

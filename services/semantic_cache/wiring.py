@@ -34,9 +34,11 @@ def build_cache(
     stats: StoreStats | None = None,
     metrics: SemanticCacheMetrics | None = None,
     verifier: Verifier | None = None,
+    solo: Embedder | None = None,
 ) -> SemanticCache:
     """``stats`` and ``metrics``: the service's (None: the offline estimator's cache);
-    ``verifier`` None = ``build_verifier(config)`` (loads the cross-encoder here)."""
+    ``verifier`` None = ``build_verifier(config)`` (loads the cross-encoder here); ``solo``:
+    the embedder of a text embedded alone (None: ``embedder``)."""
     return SemanticCache(
         embedder,
         clock,
@@ -49,6 +51,7 @@ def build_cache(
         leases=Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None,
         batcher=MicroBatcher(
             embedder,
+            solo=solo,
             max_batch=config.embed_max_batch,
             on_batch=metrics.embedded if metrics is not None else None,
         ),

@@ -54,6 +54,29 @@ async def test_the_cache_embeds_through_the_batcher() -> None:
     assert (await cache.check(q("how do i do thing 3 please"))).hit
 
 
+async def test_a_lone_text_runs_on_the_solo_embedder_and_a_batch_does_not() -> None:
+    main, solo = FakeEmbedder(), FakeEmbedder()
+    batcher = MicroBatcher(main, solo=solo, max_batch=8)
+    row = await batcher.embed_one("alone at last")
+    assert (solo.calls, main.calls, batcher.solo_batches) == (1, 0, 1)
+    assert np.array_equal(row, main.embed(["alone at last"])[0])
+    main.calls = 0
+    # six asked together: all queued before the batch starts, so they run as one
+    await asyncio.gather(*(batcher.embed_one(f"text {i}") for i in range(6)))
+    assert (solo.calls, main.calls, batcher.solo_batches) == (1, 1, 1)
+
+
+async def test_a_queued_single_text_does_not_take_the_solo_embedder() -> None:
+    # max_batch 1: every batch holds one text, but while texts wait behind it, the service
+    # is busy and the batch runs on the main embedder's threads
+    main, solo = FakeEmbedder(), FakeEmbedder()
+    batcher = MicroBatcher(main, solo=solo, max_batch=1)
+    await asyncio.gather(*(batcher.embed_one(f"text {i}") for i in range(4)))
+    assert (solo.calls, main.calls) == (1, 3)  # only the last ran with nothing behind it
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(FakeEmbedder(), max_batch=0)
+    with pytest.raises(ValueError, match="would not compare"):
+        MicroBatcher(FakeEmbedder(), solo=FakeEmbedder(version="fake@2"))

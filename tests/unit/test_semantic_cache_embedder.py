@@ -59,6 +59,15 @@ def test_padding_in_a_batch_does_not_change_a_vector(embedder: MiniLMEmbedder) -
     assert float(alone @ batched) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_second_session_on_more_threads_gives_the_same_vectors(
+    embedder: MiniLMEmbedder,
+) -> None:
+    wide = embedder.with_threads(2)
+    texts = ["How do I reset my password?", "Change my flight to Boston on Friday, please."]
+    assert wide.version == embedder.version
+    assert np.allclose(wide.embed(texts), embedder.embed(texts), atol=1e-5)
+
+
 def test_long_text_is_truncated_not_rejected(embedder: MiniLMEmbedder) -> None:
     assert embedder.embed(["word " * 2000]).shape == (1, DIM)
 
