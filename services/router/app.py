@@ -67,18 +67,19 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.prefix_timeout_s,
         settings.outbox_retry_s,
     )
+    tracer = provider.get_tracer("cachemesh.router")
     pipeline = Pipeline(
         connected.dependencies,
         table,
         tokenizer,
-        provider.get_tracer("cachemesh.router"),
+        tracer,
         settings,
         (router_model, threshold, local),
         outbox,
         metrics=metrics,
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
-    limiter = await build_limiter(settings.limits, SystemClock())
+    limiter = await build_limiter(settings.limits, SystemClock(), tracer)
     ledger = await build_answer_ledger(settings.answers_redis_url, settings.idempotency_ttl_s)
     if ledger is None:
         log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")

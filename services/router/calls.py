@@ -17,6 +17,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
+from services.common.span_events import record_event
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
 from services.router.settings import RouterSettings
 
@@ -47,15 +48,20 @@ class Calls:
         dependencies: Dependencies,
         settings: RouterSettings,
         counted: Degraded = _uncounted,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        """``tracer``: for a call that degrades after its request's span ended (a Store)."""
         self._d = dependencies
         self._s = settings
         self._counted = counted
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
 
     def _degraded(self, what: str, exc: CallFailed) -> None:
         log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
-        trace.get_current_span().add_event(
-            "cachemesh.degraded", {"dependency": what, "grpc.status": exc.code.name}
+        record_event(
+            self._tracer,
+            "cachemesh.degraded",
+            {"dependency": what, "grpc.status": exc.code.name},
         )
         self._counted(what, exc.code.name)
 

@@ -5,6 +5,7 @@ the router rather than leaving it to count or remember alone."""
 
 from __future__ import annotations
 
+from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -18,11 +19,13 @@ from services.router.redis_limits import RedisLimitStore
 ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
 
 
-async def build_limiter(settings: LimitSettings, clock: Clock) -> Limiter:
+async def build_limiter(
+    settings: LimitSettings, clock: Clock, tracer: trace.Tracer | None = None
+) -> Limiter:
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
         store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
-    return Limiter(store, UniformPolicies(settings.policy), clock)
+    return Limiter(store, UniformPolicies(settings.policy), clock, tracer)
 
 
 async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedger | None:

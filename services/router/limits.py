@@ -36,6 +36,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
+from services.common.span_events import record_event
 
 log = logging.getLogger("cachemesh.router.limits")
 
@@ -266,10 +267,18 @@ class Limiter:
     A store that fails (Redis down) does not stop the Gateway: the request is admitted, and
     the failure logged and recorded on the request's span (``cachemesh.degraded``)."""
 
-    def __init__(self, store: LimitStore, policies: Policies, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: LimitStore,
+        policies: Policies,
+        clock: Clock,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        """``tracer``: for a settle that fails after its request's span ended."""
         self._store = store
         self._policies = policies
         self._clock = clock
+        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
         self._background: set[asyncio.Task[None]] = set()
 
     async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:
@@ -282,7 +291,7 @@ class Limiter:
         try:
             refusal = await self._store.admit(tenant, policy, reserve, now, Periods.at(now))
         except Exception as exc:  # the store's own failure, never the request's
-            _degraded("admit", exc)
+            self._degraded("admit", exc)
             return ticket
         if refusal is None:
             return ticket
@@ -317,11 +326,21 @@ class Limiter:
             try:
                 await call
             except Exception as exc:
-                _degraded("settle", exc)
+                self._degraded("settle", exc)
 
         task = asyncio.ensure_future(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _degraded(self, what: str, exc: Exception) -> None:
+        log.warning(
+            "limits store failed on %s (%s: %s); request admitted", what, type(exc).__name__, exc
+        )
+        record_event(
+            self._tracer,
+            "cachemesh.degraded",
+            {"dependency": "limits", "error": type(exc).__name__},
+        )
 
     async def drain(self) -> None:
         if self._background:
@@ -330,15 +349,6 @@ class Limiter:
     async def close(self) -> None:
         await self.drain()
         await self._store.close()
-
-
-def _degraded(what: str, exc: Exception) -> None:
-    log.warning(
-        "limits store failed on %s (%s: %s); request admitted", what, type(exc).__name__, exc
-    )
-    trace.get_current_span().add_event(
-        "cachemesh.degraded", {"dependency": "limits", "error": type(exc).__name__}
-    )
 
 
 def _message(refusal: Refusal, policy: LimitPolicy) -> str:

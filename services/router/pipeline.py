@@ -24,6 +24,7 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, LARGEST, ModelSpec, ModelTable
 from services.common.prompt import last_user_text, prompt_tokens
+from services.common.span_events import record_event
 from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer
 from services.router import spans
@@ -81,10 +82,11 @@ class Pipeline:
         ``metrics``: the service's (None: the offline estimator, which counts nothing)."""
         self._metrics = metrics
         self._calls = (
-            Calls(dependencies, settings, metrics.degraded)
+            Calls(dependencies, settings, metrics.degraded, tracer)
             if metrics is not None
-            else Calls(dependencies, settings)
+            else Calls(dependencies, settings, tracer=tracer)
         )
+        self._tracer = tracer
         self._table = table
         self._tokenizer = tokenizer
         self._clock = clock
@@ -494,7 +496,7 @@ class Pipeline:
             if usage is not None:
                 replay_final.provider_usage.CopyFrom(usage)
             await self._outbox.keep([replay_warm, replay_final])
-            trace.get_current_span().add_event("cachemesh.billing_deferred", {"commit": key})
+            record_event(self._tracer, "cachemesh.billing_deferred", {"commit": key})
         return final
 
     def _in_background(self, call: Awaitable[object]) -> None:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
@@ -475,3 +478,34 @@ async def test_complete_reads_the_whole_answer_while_the_warm_commit_is_out() ->
     assert [c.WhichOneof("part") for c in chunks] == ["start", "end"]
     assert chunks[0].start.served_by == chunks[1].end.served_by == pb.LAYER_PREFIX_CACHE
     assert chunks[1].end.content[0].text == "Hello there."
+
+
+class StoreDown(FakeSemantic):
+    async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
+        self.stores.append(request)
+        raise CallFailed(Code.UNAVAILABLE, "semantic-cache is restarting")
+
+
+async def test_a_store_failing_after_the_answer_is_recorded_in_the_requests_trace() -> None:
+    # The Store runs after the answer: the request's span has ended by then, and an event
+    # added to it would be dropped. It goes on a short span of its own under the request's.
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+    rig = Rig(semantic=StoreDown(reply=sc.LookupResponse(leader=True, lease_id="lease-1")))
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(deps, TABLE, TOKENIZER, tracer, _settings(), router, clock=rig.clock)
+    with tracer.start_as_current_span("Complete") as root:
+        chunks = [c async for c in pipeline.run("tenant-a", _request())]
+    await pipeline.drain()
+    assert chunks[-1].end.served_by == pb.LAYER_MODEL and rig.semantic.stores
+    (late,) = [s for s in exported.get_finished_spans() if s.name == "cachemesh.degraded"]
+    assert late.parent is not None and late.parent.span_id == root.get_span_context().span_id
+    (event,) = late.events
+    assert event.name == "cachemesh.degraded"
+    assert dict(event.attributes or {}) == {
+        "dependency": "semantic-cache",
+        "grpc.status": "UNAVAILABLE",
+    }
