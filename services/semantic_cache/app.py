@@ -67,7 +67,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
         await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
         solo = None
-        if config.ort_solo_threads != config.ort_threads:
+        if config.ort_solo_threads not in (0, config.ort_threads):  # costs a second session
             solo = await asyncio.to_thread(embedder.with_threads, config.ort_solo_threads)
             await asyncio.to_thread(solo.embed, ["warm-up"])
         verifier = await asyncio.to_thread(build_verifier, config)

@@ -29,7 +29,8 @@ class SemanticCacheSettings:
     embed_max_batch: int = 32  # micro-batching: the most texts in one embedding call
     ann_min_entries: int = 20_000  # a scope this large is rebuilt as IVF; 0 = always exact
     ann_nprobe: int = 16  # IVF lists searched per lookup
-    ort_solo_threads: int = 2  # threads per operator for a text embedded alone; 1 = as batches
+    # threads per operator for a text embedded alone, on a second session; 0 = none (as batches)
+    ort_solo_threads: int = 0
 
     @classmethod
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheSettings:
@@ -51,7 +52,7 @@ class SemanticCacheSettings:
             max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
             faiss_threads=env.int("SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1),
             ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1),
-            ort_solo_threads=env.int("SEMANTIC_CACHE_ORT_SOLO_THREADS", 2, minimum=1),
+            ort_solo_threads=env.int("SEMANTIC_CACHE_ORT_SOLO_THREADS", 0, minimum=0),
             data_dir=Path(data_dir) if (data_dir := env.optional_str(DATA_DIR)) else None,
             snapshot_s=env.float("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
             policy=NamespacePolicy.from_env(env, ttl_s),

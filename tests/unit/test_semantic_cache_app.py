@@ -54,7 +54,7 @@ def test_the_shipped_operating_point_file_loads() -> None:
         ("SEMANTIC_CACHE_MAX_ENTRIES", "0"),
         ("SEMANTIC_CACHE_FAISS_THREADS", "0"),
         ("SEMANTIC_CACHE_ORT_THREADS", "two"),
-        ("SEMANTIC_CACHE_ORT_SOLO_THREADS", "0"),
+        ("SEMANTIC_CACHE_ORT_SOLO_THREADS", "-1"),
     ],
 )
 def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
