@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -117,9 +118,18 @@ def _process(
     asyncio.run(_serve(chain, service, addresses, ports, stop))
 
 
-async def _load(target: str, chain: Chain, requests: int, concurrency: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EchoRun:
+    """One run of a chain at one level: each call's latency (seconds) and the run's wall."""
+
+    concurrency: int
+    latencies: list[float]
+    wall_s: float
+
+
+async def _load(address: str, chain: Chain, requests: int, concurrency: int) -> EchoRun:
     payload = b"x" * chain.request_bytes
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(f"/{SERVICE}/{FRONT}", _identity, _identity)
         for _ in range(_WARMUP_CALLS):  # warm the connections along the chain
             await call(payload)
@@ -134,36 +144,81 @@ async def _load(target: str, chain: Chain, requests: int, concurrency: int) -> d
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+        return EchoRun(concurrency, latencies, time.perf_counter() - started)
+
+
+def echo_row(runs: Sequence[EchoRun]) -> dict[str, Any]:
+    """One level's row over ``runs`` of it (their calls pooled, their walls added)."""
+    if not runs or len({r.concurrency for r in runs}) != 1:
+        raise ValueError("echo_row pools one or more runs of the same level")
+    latencies = [x for r in runs for x in r.latencies]
+    wall = sum(r.wall_s for r in runs)
     return {
-        "concurrency": concurrency,
+        "concurrency": runs[0].concurrency,
         "throughput_rps": round(len(latencies) / wall, 1),
         "latency_ms": latency_summary(latencies),
+        "runs": len(runs),
     }
 
 
-def chain_reference(chain: Chain, levels: tuple[int, ...], requests: int) -> dict[str, Any]:
-    """``chain`` measured at each level of in-flight calls, ``requests`` calls a level."""
-    ctx = mp.get_context("spawn")
-    ports: mp.Queue[int] = ctx.Queue()
-    started: list[tuple[Any, Any]] = []  # (process, its stop event), callees first
-    addresses: dict[str, str] = {}
-    try:
-        for service in [*chain.services(), None]:
-            stop = ctx.Event()
-            process = ctx.Process(
-                target=_process, args=(chain, service, dict(addresses), ports, stop), daemon=True
-            )
-            process.start()
-            started.append((process, stop))
-            address = f"127.0.0.1:{ports.get(timeout=60)}"
-            if service is not None:
-                addresses[service] = address
-        rows = [asyncio.run(_load(address, chain, requests, level)) for level in levels]
-        return {"chain": chain.describe(), "requests_per_level": requests, "levels": rows}
-    finally:
-        for process, stop in reversed(started):  # the front before the services it calls
+class RunningChain:
+    """A chain's processes, started on entering and stopped on leaving, so that the bench can
+    measure it between the runs of the case it is the reference of (both then see the
+    machine's speed of that moment; a shared machine drifts by a third within an hour)."""
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self._started: list[tuple[Any, Any]] = []  # (process, its stop event), callees first
+        self._front = ""
+
+    def __enter__(self) -> RunningChain:
+        ctx = mp.get_context("spawn")
+        ports: mp.Queue[int] = ctx.Queue()
+        addresses: dict[str, str] = {}
+        try:
+            for service in [*self.chain.services(), None]:
+                stop = ctx.Event()
+                process = ctx.Process(
+                    target=_process,
+                    args=(self.chain, service, dict(addresses), ports, stop),
+                    daemon=True,
+                )
+                process.start()
+                self._started.append((process, stop))
+                address = f"127.0.0.1:{ports.get(timeout=60)}"
+                if service is not None:
+                    addresses[service] = address
+                else:
+                    self._front = address
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def run(self, level: int, requests: int) -> EchoRun:
+        """``requests`` calls with ``level`` of them in flight."""
+        return asyncio.run(_load(self._front, self.chain, requests, level))
+
+    def _stop(self) -> None:
+        for process, stop in reversed(self._started):  # the front before the services it calls
             stop.set()
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
+        self._started = []
+
+
+def chain_reference(chain: Chain, levels: tuple[int, ...], requests: int) -> dict[str, Any]:
+    """``chain`` measured at each level of in-flight calls, ``requests`` calls a level, before
+    the cases (the references the bench does not interleave with their case)."""
+    with RunningChain(chain) as running:
+        rows = [echo_row([running.run(level, requests)]) for level in levels]
+    return {
+        "chain": chain.describe(),
+        "requests_per_level": requests,
+        "measured": "before the cases",
+        "levels": rows,
+    }

@@ -30,12 +30,12 @@ from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.wiring import build_verifier
 from services.tools.bench.gateway import cases, http_path, output, runs, summary
-from services.tools.bench.gateway.chain import miss_chain, two_hop
+from services.tools.bench.gateway.chain import Chain, miss_chain, two_hop
 from services.tools.bench.gateway.echo import chain_reference
 from services.tools.bench.gateway.embedder_ref import embedder_reference
 from services.tools.bench.gateway.ratios import case_ratios
 from services.tools.bench.gateway.redact import own_settings, setting_names
-from services.tools.bench.gateway.runs import AGENT, MIXED, UNRELATED, Outcome, Plan
+from services.tools.bench.gateway.runs import AGENT, EXACT, MIXED, UNRELATED, Outcome, Plan
 from services.tools.bench.gateway.stacks import Target
 from services.tools.stack.lifecycle import Stack
 
@@ -56,20 +56,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _references(plan: Plan, embedder: Embedder) -> dict[str, Any]:
+def _chains(plan: Plan) -> dict[str, Chain]:
+    """The echo references' shapes: the two hops of a hit, a miss of each miss case."""
     agent = cases.agent_misses(plan.data_dir, "shape", plan.requests, seed=1)
     unrelated = cases.misses(plan.data_dir, "shape", plan.requests, seed=1)
-    chains = {
+    return {
+        "two_hops": two_hop(TWO_HOP_PAYLOAD_BYTES),
         "agent": miss_chain("agent", [i.request for i in agent]),
         "unrelated": miss_chain("unrelated", [i.request for i in unrelated]),
     }
+
+
+def _references(
+    plan: Plan, embedder: Embedder, chains: dict[str, Chain], interleaved: dict[str, Any]
+) -> dict[str, Any]:
+    """Every reference; those in ``interleaved`` (case -> its echo, measured around the
+    case's runs on the bench's own stacks) are taken as measured there, the others now."""
+
+    def echo(case: str, chain: str, requests: int) -> dict[str, Any]:
+        if case in interleaved:
+            return dict(interleaved[case])
+        return chain_reference(chains[chain], plan.levels, requests)
+
     return {
-        "echo_two_hops": chain_reference(
-            two_hop(TWO_HOP_PAYLOAD_BYTES), plan.levels, plan.requests * 3
-        ),
+        "echo_two_hops": echo(EXACT, "two_hops", plan.requests * runs.HIT_FACTOR),
         "echo_miss_chain": {
-            name: chain_reference(chain, plan.levels, plan.requests)
-            for name, chain in chains.items()
+            "agent": echo(AGENT, "agent", plan.requests),
+            "unrelated": echo(UNRELATED, "unrelated", plan.requests),
         },
         "embedder": embedder_reference(
             embedder, cases.first_questions(plan.data_dir, 256), batch=32
@@ -90,9 +103,9 @@ def _charts(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return charts
 
 
-def _outcome(args: argparse.Namespace, plan: Plan) -> Outcome:
+def _outcome(args: argparse.Namespace, plan: Plan, echoes: dict[str, Chain]) -> Outcome:
     if args.target is None:
-        return runs.own_stacks(plan)
+        return runs.own_stacks(plan, echoes)
     check_target(args.target, allow_remote=False)
     keys = keys_from_env()
     if "tenant-a" not in keys:
@@ -120,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     pairs = cases.paraphrase_pairs(args.data_dir, embedder, above, verifier)
     run = f"bench-{time.time_ns()}"
     plan = Plan(ROOT, args.data_dir, run, LEVELS, args.requests, args.mixed_requests, pairs)
-    references = _references(plan, embedder)
-    outcome = _outcome(args, plan)
+    chains = _chains(plan)
+    outcome = _outcome(args, plan, {EXACT: chains["two_hops"], AGENT: chains["agent"]})
+    references = _references(plan, embedder, chains, outcome.references)
     if args.target is None:  # (e) the HTTP front beside the gRPC path, on a stack of its own
         outcome.cases[http_path.CASE] = http_path.compare(plan)
 

@@ -7,18 +7,24 @@ exporting no traces and one exporting every span to a real OTLP receiver. (a) ex
 off at 1 and 32 in flight, on at 8), and each stack's runs are pooled: a drift of the
 machine's other load (other people's benchmarks) then falls on both sides alike. (b) and
 (c2) run on the untraced stack. Hits are fast, so (a) and (b) send ``HIT_FACTOR`` times the
-requests of a miss case. Against a running stack (``against_target``) only (a), (b) and (d)
-run: the others need a stack the bench configures itself.
+requests of a miss case. The echo references of (a) and (c) (the two-hop echo, the agent miss
+chain) run at each level around that level's runs of their case, half before and half after,
+so that a case and its reference see the machine at the same speed. Against a running stack
+(``against_target``) only (a), (b) and (d) run: the others need a stack the bench configures
+itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.tools.bench.gateway import cases
+from services.tools.bench.gateway.chain import Chain
+from services.tools.bench.gateway.echo import EchoRun, RunningChain, echo_row
 from services.tools.bench.gateway.measure import Run, combine, measure, run_point
 from services.tools.bench.gateway.sink_process import SinkProcess
 from services.tools.bench.gateway.stacks import (
@@ -57,6 +63,7 @@ class Outcome:
     stacks: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> its overrides
     secrets: list[str] = field(default_factory=list)
     mixed_params: dict[str, object] = field(default_factory=dict)
+    references: dict[str, Any] = field(default_factory=dict)  # the interleaved echo references
 
 
 def _exact(plan: Plan, target: Target, level: int, repeat: int = 0) -> Run:
@@ -78,19 +85,30 @@ def _agent(plan: Plan, target: Target, level: int, repeat: int) -> Run:
     return run_point(target, [], items, level, f"(c) agent miss x{level} {target.name}")
 
 
+def echo_requests(plan: Plan, case: str) -> int:
+    """The calls of a case's echo reference at one level (as many as a run of the case)."""
+    return plan.requests * HIT_FACTOR if case == EXACT else plan.requests
+
+
 def _interleaved(
-    plan: Plan, first: Target, second: Target, level: int
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """case -> stack -> its pooled row: (a) then (c), each run A B B A."""
+    plan: Plan, first: Target, second: Target, level: int, echoes: Mapping[str, RunningChain]
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """(case -> stack -> its pooled row, case -> its echo's row): (a) then (c), each run
+    A B B A between two halves of its echo reference's calls."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
+    echo_rows: dict[str, dict[str, Any]] = {}
     for case, one in ((EXACT, _exact), (AGENT, _agent)):
+        calls = echo_requests(plan, case)
+        echo: list[EchoRun] = [echoes[case].run(level, calls // 2)]
         runs: dict[str, list[Run]] = {first.name: [], second.name: []}
         for repeat in range(REPEATS):
             pair = (first, second) if repeat % 2 == 0 else (second, first)
             for target in pair:
                 runs[target.name].append(one(plan, target, level, repeat))
+        echo.append(echoes[case].run(level, calls - calls // 2))
         out[case] = {t.name: combine(t, level, runs[t.name]) for t in (first, second)}
-    return out
+        echo_rows[case] = echo_row(echo)
+    return out, echo_rows
 
 
 def _unrelated(plan: Plan, target: Target, level: int) -> dict[str, Any]:
@@ -110,7 +128,8 @@ def _keep(out: Outcome, stack: BenchStack) -> Target:
     return stack.target
 
 
-def own_stacks(plan: Plan) -> Outcome:
+def own_stacks(plan: Plan, echoes: Mapping[str, Chain]) -> Outcome:
+    """``echoes``: the reference chain of (a) (``EXACT``) and of (c) (``AGENT``)."""
     out = Outcome()
     with bench_stack(plan.root, "sim", TRACES_OFF) as sim:
         _mixed(plan, _keep(out, sim), out)
@@ -124,13 +143,19 @@ def own_stacks(plan: Plan) -> Outcome:
             )
             on = _keep(out, running.enter_context(
                 bench_stack(plan.root, ON, {**SIM_ZERO, **traces_to(endpoint)})))  # fmt: skip
+            running_echoes = {
+                case: running.enter_context(RunningChain(chain)) for case, chain in echoes.items()
+            }
             rows: dict[str, dict[str, list[dict[str, Any]]]] = {
                 EXACT: {OFF: [], ON: []},
                 AGENT: {OFF: [], ON: []},
             }
+            echo_levels: dict[str, list[dict[str, Any]]] = {EXACT: [], AGENT: []}
             for i, level in enumerate(plan.levels):
                 first, second = (off, on) if i % 2 == 0 else (on, off)
-                for case, by_stack in _interleaved(plan, first, second, level).items():
+                by_case, echo_rows = _interleaved(plan, first, second, level, running_echoes)
+                for case, by_stack in by_case.items():
+                    echo_levels[case].append(echo_rows[case])
                     for name, row in by_stack.items():
                         rows[case][name].append(row)
             out.cases[EXACT], out.cases[AGENT] = rows[EXACT][OFF], rows[AGENT][OFF]
@@ -138,6 +163,15 @@ def own_stacks(plan: Plan) -> Outcome:
             out.cases[UNRELATED] = [_unrelated(plan, off, level) for level in plan.levels]
     finally:
         spans = sink.stop()  # after the traced stack stopped: its exporters have flushed
+    out.references = {
+        case: {
+            "chain": chain.describe(),
+            "requests_per_level": echo_requests(plan, case),
+            "measured": "around its case at each level: half before, half after its runs",
+            "levels": echo_levels[case],
+        }
+        for case, chain in echoes.items()
+    }
     traced = rows[EXACT][ON] + rows[AGENT][ON]
     out.tracing = {
         "off_stack": OFF, "on_stack": ON, "exporter": "otlp (gRPC)",
