@@ -212,13 +212,13 @@ class RunningChain:
 
 
 def chain_reference(chain: Chain, levels: tuple[int, ...], requests: int) -> dict[str, Any]:
-    """``chain`` measured at each level of in-flight calls, ``requests`` calls a level, before
-    the cases (the references the bench does not interleave with their case)."""
+    """``chain`` measured at each level of in-flight calls, ``requests`` calls a level, on its
+    own (the references the bench does not interleave with their case run after the cases)."""
     with RunningChain(chain) as running:
         rows = [echo_row([running.run(level, requests)]) for level in levels]
     return {
         "chain": chain.describe(),
         "requests_per_level": requests,
-        "measured": "before the cases",
+        "measured": "after the cases",
         "levels": rows,
     }
