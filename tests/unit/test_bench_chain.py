@@ -63,6 +63,7 @@ def test_an_echo_chain_answers_every_call_at_every_level() -> None:
     chain = miss_chain("tiny", [_request("hello")])
     out = chain_reference(chain, (1, 3), requests=7)
     assert out["chain"]["name"] == "tiny" and out["requests_per_level"] == 7
+    assert out["measured"] == "after the cases"
     assert [row["concurrency"] for row in out["levels"]] == [1, 3]
     assert all(row["latency_ms"]["n"] == 7 and row["throughput_rps"] > 0 for row in out["levels"])
 
