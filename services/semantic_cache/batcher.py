@@ -10,6 +10,8 @@ A text that runs alone, nothing queued behind it, goes to ``solo`` when there is
 same model on more threads per operator. Only a lone text's latency is at stake then (the
 service is not busy), and a second thread cuts it by about a third for about a tenth more CPU;
 under load, batches run on ``embedder``'s threads, where more threads would only add overhead.
+The second session costs 93-166 MB, so the service makes one only when
+``SEMANTIC_CACHE_ORT_SOLO_THREADS`` asks for it.
 """
 
 from __future__ import annotations
