@@ -38,19 +38,16 @@ def _client_fault(exc: CallFailed) -> RequestError | None:
 Degraded = Callable[[str, str], None]
 
 
-def _uncounted(dependency: str, reason: str) -> None:
-    """The counter of a router built without metrics."""
-
-
 class Calls:
     def __init__(
         self,
         dependencies: Dependencies,
         settings: RouterSettings,
-        counted: Degraded = _uncounted,
+        counted: Degraded | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
-        """``tracer``: for a call that degrades after its request's span ended (a Store)."""
+        """``counted``: the degradations' metric (None: a router built without metrics);
+        ``tracer``: for a call that degrades after its request's span ended (a Store)."""
         self._d = dependencies
         self._s = settings
         self._counted = counted
@@ -63,7 +60,8 @@ class Calls:
             "cachemesh.degraded",
             {"dependency": what, "grpc.status": exc.code.name},
         )
-        self._counted(what, exc.code.name)
+        if self._counted is not None:
+            self._counted(what, exc.code.name)
 
     async def _degrading(
         self, what: str, call: Awaitable[T], *, client_faults: bool = True

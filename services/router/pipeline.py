@@ -81,11 +81,8 @@ class Pipeline:
         (None: such answers stay estimated and unbilled, as in the offline estimator).
         ``metrics``: the service's (None: the offline estimator, which counts nothing)."""
         self._metrics = metrics
-        self._calls = (
-            Calls(dependencies, settings, metrics.degraded, tracer)
-            if metrics is not None
-            else Calls(dependencies, settings, tracer=tracer)
-        )
+        counted = metrics.degraded if metrics is not None else None
+        self._calls = Calls(dependencies, settings, counted, tracer)
         self._tracer = tracer
         self._table = table
         self._tokenizer = tokenizer

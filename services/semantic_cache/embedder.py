@@ -62,9 +62,7 @@ def l2_normalise(rows: npt.NDArray[np.floating]) -> Vectors:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2: mean-pooled with the attention mask, then L2-normalised."""
 
-    def __init__(
-        self, session: Any, tokenizer: Tokenizer, version: str, model_path: Path | None = None
-    ) -> None:
+    def __init__(self, session: Any, tokenizer: Tokenizer, version: str, model_path: Path) -> None:
         self._session = session
         self._tokenizer = tokenizer
         self._version = version
@@ -81,8 +79,6 @@ class MiniLMEmbedder:
     def with_threads(self, threads: int) -> MiniLMEmbedder:
         """The same model and tokenizer (same version, same vectors) on a session of its own
         with ``threads`` per operator (blocking: call it in a thread)."""
-        if self._model_path is None:
-            raise EmbedderLoadError("this embedder was not loaded from a file: no second session")
         session = cpu_session(self._model_path, threads)
         return MiniLMEmbedder(session, self._tokenizer, self._version, self._model_path)
 

@@ -211,14 +211,22 @@ class RunningChain:
         self._started = []
 
 
+def reference(
+    chain: Chain, requests: int, measured: str, levels: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A reference as the report holds it: the chain, its calls a level, when it was measured
+    and its rows (``echo_row``)."""
+    return {
+        "chain": chain.describe(),
+        "requests_per_level": requests,
+        "measured": measured,
+        "levels": levels,
+    }
+
+
 def chain_reference(chain: Chain, levels: tuple[int, ...], requests: int) -> dict[str, Any]:
     """``chain`` measured at each level of in-flight calls, ``requests`` calls a level, on its
     own (the references the bench does not interleave with their case run after the cases)."""
     with RunningChain(chain) as running:
         rows = [echo_row([running.run(level, requests)]) for level in levels]
-    return {
-        "chain": chain.describe(),
-        "requests_per_level": requests,
-        "measured": "after the cases",
-        "levels": rows,
-    }
+    return reference(chain, requests, "after the cases", rows)

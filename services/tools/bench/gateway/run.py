@@ -57,33 +57,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _chains(plan: Plan) -> dict[str, Chain]:
-    """The echo references' shapes: the two hops of a hit, a miss of each miss case."""
+    """Case -> the shape of its echo reference: the two hops of a hit, a miss of each miss
+    case."""
     agent = cases.agent_misses(plan.data_dir, "shape", plan.requests, seed=1)
     unrelated = cases.misses(plan.data_dir, "shape", plan.requests, seed=1)
     return {
-        "two_hops": two_hop(TWO_HOP_PAYLOAD_BYTES),
-        "agent": miss_chain("agent", [i.request for i in agent]),
-        "unrelated": miss_chain("unrelated", [i.request for i in unrelated]),
+        EXACT: two_hop(TWO_HOP_PAYLOAD_BYTES),
+        AGENT: miss_chain("agent", [i.request for i in agent]),
+        UNRELATED: miss_chain("unrelated", [i.request for i in unrelated]),
     }
 
 
 def _references(
-    plan: Plan, embedder: Embedder, chains: dict[str, Chain], interleaved: dict[str, Any]
+    plan: Plan, embedder: Embedder, chains: dict[str, Chain], interleaved: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
     """Every reference; those in ``interleaved`` (case -> its echo, measured around the
     case's runs on the bench's own stacks) are taken as measured there, the others now."""
 
-    def echo(case: str, chain: str, requests: int) -> dict[str, Any]:
+    def echo(case: str) -> dict[str, Any]:
         if case in interleaved:
-            return dict(interleaved[case])
-        return chain_reference(chains[chain], plan.levels, requests)
+            return interleaved[case]
+        return chain_reference(chains[case], plan.levels, runs.echo_requests(plan, case))
 
     return {
-        "echo_two_hops": echo(EXACT, "two_hops", plan.requests * runs.HIT_FACTOR),
-        "echo_miss_chain": {
-            "agent": echo(AGENT, "agent", plan.requests),
-            "unrelated": echo(UNRELATED, "unrelated", plan.requests),
-        },
+        "echo_two_hops": echo(EXACT),
+        "echo_miss_chain": {"agent": echo(AGENT), "unrelated": echo(UNRELATED)},
         "embedder": embedder_reference(
             embedder, cases.first_questions(plan.data_dir, 256), batch=32
         ),
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     run = f"bench-{time.time_ns()}"
     plan = Plan(ROOT, args.data_dir, run, LEVELS, args.requests, args.mixed_requests, pairs)
     chains = _chains(plan)
-    outcome = _outcome(args, plan, {EXACT: chains["two_hops"], AGENT: chains["agent"]})
+    outcome = _outcome(args, plan, {EXACT: chains[EXACT], AGENT: chains[AGENT]})
     references = _references(plan, embedder, chains, outcome.references)
     if args.target is None:  # (e) the HTTP front beside the gRPC path, on a stack of its own
         outcome.cases[http_path.CASE] = http_path.compare(plan)

@@ -24,7 +24,7 @@ from typing import Any
 
 from services.tools.bench.gateway import cases
 from services.tools.bench.gateway.chain import Chain
-from services.tools.bench.gateway.echo import EchoRun, RunningChain, echo_row
+from services.tools.bench.gateway.echo import EchoRun, RunningChain, echo_row, reference
 from services.tools.bench.gateway.measure import Run, combine, measure, run_point
 from services.tools.bench.gateway.sink_process import SinkProcess
 from services.tools.bench.gateway.stacks import (
@@ -63,7 +63,8 @@ class Outcome:
     stacks: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> its overrides
     secrets: list[str] = field(default_factory=list)
     mixed_params: dict[str, object] = field(default_factory=dict)
-    references: dict[str, Any] = field(default_factory=dict)  # the interleaved echo references
+    # case -> its echo reference, measured around the case (``echo.reference``)
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _exact(plan: Plan, target: Target, level: int, repeat: int = 0) -> Run:
@@ -163,13 +164,9 @@ def own_stacks(plan: Plan, echoes: Mapping[str, Chain]) -> Outcome:
             out.cases[UNRELATED] = [_unrelated(plan, off, level) for level in plan.levels]
     finally:
         spans = sink.stop()  # after the traced stack stopped: its exporters have flushed
+    around = "around its case at each level: half before, half after its runs"
     out.references = {
-        case: {
-            "chain": chain.describe(),
-            "requests_per_level": echo_requests(plan, case),
-            "measured": "around its case at each level: half before, half after its runs",
-            "levels": echo_levels[case],
-        }
+        case: reference(chain, echo_requests(plan, case), around, echo_levels[case])
         for case, chain in echoes.items()
     }
     traced = rows[EXACT][ON] + rows[AGENT][ON]
