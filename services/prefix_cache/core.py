@@ -166,26 +166,27 @@ class PrefixCacheCore:
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         spec = self._spec(model, "model")
-        if (done := await self._ledger.get(tenant, request_id, self._clock.now_ms())) is not None:
-            return done.split
-        prompt = self._plans.take(plan_id, tenant, spec.id) if plan_id else None
-        if prompt is None:
-            if request is None and plan_id:
-                raise PlanGone(
-                    f"plan_id {plan_id!r} is not held by this prefix-cache (expired, or made by "
-                    "another process): send the request with the WARM commit"
-                )
-            prompt = await self._prompt(tenant, request, spec)
-        plan = prompt.plan
-        if not 0 <= kv_cached_tokens < max(plan.prompt_tokens, 1):
-            raise BadRequest(
-                f"kv_cached_tokens must be within [0, {plan.prompt_tokens}) for this prompt of "
-                f"{plan.prompt_tokens} tokens, got {kv_cached_tokens}"
-            )
+        # one ledger read, under the request's lock: a retry (or a concurrent twin) finds the
+        # record before it takes the plan, whose prompt only the first WARM needs
         async with self._commit_locks.hold((tenant, request_id)):
+            done = await self._ledger.get(tenant, request_id, self._clock.now_ms())
+            if done is not None:
+                return done.split
+            prompt = self._plans.take(plan_id, tenant, spec.id) if plan_id else None
+            if prompt is None:
+                if request is None and plan_id:
+                    raise PlanGone(
+                        f"plan_id {plan_id!r} is not held by this prefix-cache (expired, or made "
+                        "by another process): send the request with the WARM commit"
+                    )
+                prompt = await self._prompt(tenant, request, spec)
+            plan = prompt.plan
+            if not 0 <= kv_cached_tokens < max(plan.prompt_tokens, 1):
+                raise BadRequest(
+                    f"kv_cached_tokens must be within [0, {plan.prompt_tokens}) for this prompt "
+                    f"of {plan.prompt_tokens} tokens, got {kv_cached_tokens}"
+                )
             now = self._clock.now_ms()
-            if (done := await self._ledger.get(tenant, request_id, now)) is not None:
-                return done.split  # a concurrent retry committed first
             # the replica's report of its KV reuse, if it could give one at its first token
             reported = None if kv_cached_unreported else kv_cached_tokens
             if spec.rules == "self_hosted":  # the engine's report is the truth ...

@@ -10,7 +10,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.models import ModelSpec, load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
-from services.prefix_cache.commit_records import CommitRecords
+from services.prefix_cache.commit_records import CommitRecord, CommitRecords
 from services.prefix_cache.core import PlanGone, PrefixCacheCore, Prompt, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.plan_memo import PlanMemo
@@ -135,3 +135,35 @@ async def test_a_gone_plan_without_the_request_is_refused_and_changes_nothing(
     # with the request it goes through, as if there had been no plan
     split = await core.warm("t", "req-1", "sim-large", _request(), "r1", 0, None, plan.plan_id)
     assert split.creation_tokens > 1024
+
+
+class CountingLedger(InMemoryLedger):
+    reads = 0
+
+    async def get(self, tenant: str, request_id: str, now_ms: int) -> CommitRecord | None:
+        self.reads += 1
+        return await super().get(tenant, request_id, now_ms)
+
+
+async def test_a_warm_reads_the_ledger_once_and_its_retry_gets_the_same_split(
+    tokenizer: Tokenizer,
+) -> None:
+    clock = ManualClock()
+    ledger = CountingLedger(CommitRecords(3_600_000, 1000), TotalsLedger())
+    core = PrefixCacheCore(
+        table=load_model_table(),
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=InMemoryWarmStore(1000),
+        views=ReplicaViews(65536),
+        ledger=ledger,
+        clock=clock,
+        lookback=20,
+        plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=100_000),
+    )
+    plan = await core.plan("t", "sim-large", _request(), ["r1"])
+    split = await core.warm("t", "req-1", "sim-large", None, "r1", 0, None, plan.plan_id)
+    assert ledger.reads == 1  # one Redis trip before the write, not two
+    # the plan is taken; a retry still gets the committed split, not PlanGone
+    again = await core.warm("t", "req-1", "sim-large", None, "r1", 0, None, plan.plan_id)
+    assert again == split
+    assert ledger.reads == 2
