@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -11,7 +13,13 @@ from services.common.clock import ManualClock
 from services.common.models import ModelSpec, load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import CommitRecord, CommitRecords
-from services.prefix_cache.core import PlanGone, PrefixCacheCore, Prompt, TokenizerSlot
+from services.prefix_cache.core import (
+    INLINE_PROMPT_BYTES,
+    PlanGone,
+    PrefixCacheCore,
+    Prompt,
+    TokenizerSlot,
+)
 from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import ReplicaViews
@@ -73,16 +81,19 @@ def tokenizer() -> Tokenizer:
 
 class CountingCore(PrefixCacheCore):
     computed = 0
+    threads: ClassVar[list[int]] = []
 
     def _compute(
         self, tenant: str, request: pb.CompleteRequest, spec: ModelSpec, tokenizer: Tokenizer
     ) -> Prompt:
         type(self).computed += 1
+        type(self).threads.append(threading.get_ident())
         return super()._compute(tenant, request, spec, tokenizer)
 
 
 def _core(tokenizer: Tokenizer, clock: ManualClock) -> CountingCore:
     CountingCore.computed = 0
+    CountingCore.threads = []
     return CountingCore(
         table=load_model_table(),
         tokenizer=TokenizerSlot(tokenizer),
@@ -167,3 +178,19 @@ async def test_a_warm_reads_the_ledger_once_and_its_retry_gets_the_same_split(
     again = await core.warm("t", "req-1", "sim-large", None, "r1", 0, None, plan.plan_id)
     assert again == split
     assert ledger.reads == 2
+
+
+async def test_a_small_prompt_is_computed_on_the_loop_and_a_large_one_in_a_worker(
+    tokenizer: Tokenizer,
+) -> None:
+    core = _core(tokenizer, ManualClock())
+    small = _request()
+    large = pb.CompleteRequest()
+    large.CopyFrom(small)
+    large.system[0].text = SYSTEM * 8
+    assert small.ByteSize() <= INLINE_PROMPT_BYTES < large.ByteSize()
+    await core.plan("t", "sim-large", small, ["r1"])
+    await core.plan("t", "sim-large", large, ["r1"])
+    loop_thread = threading.get_ident()
+    assert CountingCore.threads[0] == loop_thread  # no handoff for ~1 ms of work
+    assert CountingCore.threads[1] != loop_thread  # a long one never stalls the loop
