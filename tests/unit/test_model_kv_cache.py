@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
 
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache, block_hashes, reusable_blocks
@@ -123,3 +126,18 @@ def test_zero_capacity_is_an_engine_without_a_prefix_cache() -> None:
     hashes = block_hashes("t", "sim-large", list(range(BLOCK_SIZE * 4)))
     cache.insert(hashes)
     assert len(cache) == 0 and cache.cached_tokens(hashes, BLOCK_SIZE * 4) == 0
+
+
+def test_a_block_hash_is_the_documented_chain() -> None:
+    # sha256(parent + the block's ids as little-endian uint32s), from a root salted by tenant
+    # and model: the format prefix-cache and the model replicas both compute
+    ids = [0, 1, 65_535, 65_536, 100_255, 2**32 - 1, *range(26)]  # two full blocks and a tail
+    parent = hashlib.sha256(b"cachemesh.kv.v1\x00tenant-a\x00sim-small").digest()
+    expected = []
+    for start in (0, BLOCK_SIZE):
+        block = ids[start : start + BLOCK_SIZE]
+        parent = hashlib.sha256(parent + struct.pack(f"<{BLOCK_SIZE}I", *block)).digest()
+        expected.append(parent)
+    assert block_hashes("tenant-a", "sim-small", ids) == expected
+    with pytest.raises(OverflowError):
+        block_hashes("t", "m", [-1] * BLOCK_SIZE)  # never a token id: refused, not wrapped
