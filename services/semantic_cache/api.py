@@ -15,7 +15,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.metrics import SemanticCacheMetrics
-from services.semantic_cache.query import Query, query_from_request
+from services.semantic_cache.query import Query, RecentQueries
 from services.semantic_cache.records import Answer, InvalidQuery
 from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
 from services.semantic_cache.tenant_stats import TenantCounters
@@ -50,6 +50,7 @@ class SemanticCacheApi:
         self._draining = draining  # once set, writes are refused (UNAVAILABLE)
         self._policies = policies if policies is not None else TenantPolicies()
         self._counts = TenantCounters()
+        self._queries = RecentQueries()  # a Store reuses its Lookup's query
 
     async def lookup(
         self, request: sc.LookupRequest, remaining_s: float | None
@@ -57,7 +58,7 @@ class SemanticCacheApi:
         """``remaining_s``: what is left of the caller's deadline (None = no deadline)."""
         _require_tenant(request.tenant)
         draining = self._is_draining()
-        query = _query(request.tenant, request.request)
+        query = self._query(request.tenant, request.request)
         if not self._policies.get(request.tenant).l1_enabled:
             # no read; for the router's tier choice, still the embedding when it is wanted
             skipped = sc.LookupResponse(skip_reason=L1_OFF)
@@ -108,7 +109,7 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         if self._is_draining():
             with contextlib.suppress(InvalidQuery):  # a refused Store still ends its lease
-                self._cache.release(query_from_request(request.tenant, request.request))
+                self._cache.release(self._queries.of(request.tenant, request.request))
             raise RequestError(Code.UNAVAILABLE, DRAINING)
         answer = request.answer
         if answer.output_tokens < 0:
@@ -119,7 +120,7 @@ class SemanticCacheApi:
             output_tokens=answer.output_tokens,
             has_tool_use=any(b.WhichOneof("kind") == "tool_use" for b in answer.content),
         )
-        query = _query(request.tenant, request.request)
+        query = self._query(request.tenant, request.request)
         policy = self._policies.get(request.tenant)
         if not policy.l1_enabled:
             self._cache.release(query)
@@ -153,7 +154,7 @@ class SemanticCacheApi:
 
     async def release(self, request: sc.ReleaseRequest) -> sc.ReleaseResponse:
         _require_tenant(request.tenant)
-        query = _query(request.tenant, request.request)
+        query = self._query(request.tenant, request.request)
         return sc.ReleaseResponse(released=self._cache.release(query, request.lease_id or None))
 
     def stats(self, request: sc.L1StatsRequest) -> sc.L1StatsResponse:
@@ -224,12 +225,11 @@ class SemanticCacheApi:
     def _is_draining(self) -> bool:
         return self._draining is not None and self._draining.is_set()
 
-
-def _query(tenant: str, request: pb.CompleteRequest) -> Query:
-    try:
-        return query_from_request(tenant, request)
-    except InvalidQuery as exc:
-        raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+    def _query(self, tenant: str, request: pb.CompleteRequest) -> Query:
+        try:
+            return self._queries.of(tenant, request)
+        except InvalidQuery as exc:
+            raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
 
 def _require_tenant(tenant: str) -> None:

@@ -8,8 +8,14 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
+from services.semantic_cache import query as query_module
 from services.semantic_cache.cache import SemanticCache
-from services.semantic_cache.query import normalise, query_from_request, scope_of
+from services.semantic_cache.query import (
+    RecentQueries,
+    normalise,
+    query_from_request,
+    scope_of,
+)
 from services.semantic_cache.records import Answer, InvalidQuery
 from tests.unit.semantic_cache_support import FakeEmbedder, assistant, make_request, user
 
@@ -168,3 +174,32 @@ async def test_an_empty_tenant_is_invalid() -> None:
         await cache.check(query_from_request("", make_request(QUESTION)))
     with pytest.raises(InvalidQuery):
         cache.drop("")
+
+
+def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    derived: list[str] = []
+    real = query_module.query_from_request
+
+    def counting(tenant: str, request: pb.CompleteRequest) -> query_module.Query:
+        derived.append(tenant)
+        return real(tenant, request)
+
+    monkeypatch.setattr(query_module, "query_from_request", counting)
+    recent = RecentQueries(size=2)
+    request = make_request(QUESTION, system="S" * 20_000)
+    first = recent.of("a", request)
+    assert recent.of("a", make_request(QUESTION, system="S" * 20_000)) is first  # a Store
+    assert derived == ["a"]
+    assert first == real("a", request)
+    other_tenant = recent.of("b", request)
+    assert other_tenant.scope != first.scope  # never another tenant's query
+    changed = make_request(QUESTION, system="S" * 20_000, max_tokens=7)
+    assert recent.of("a", changed).max_tokens == 7  # any changed field is another key
+    assert derived == ["a", "b", "a"] and len(recent) == 2  # the oldest went
+    recent.of("a", request)
+    assert derived == ["a", "b", "a", "a"]
+    with pytest.raises(ValueError, match="size must be >= 0"):
+        RecentQueries(size=-1)
+    assert RecentQueries(size=0).of("a", request) == first  # 0: nothing remembered
