@@ -12,13 +12,14 @@ from opentelemetry import trace
 from opentelemetry.util.types import Attributes
 
 
-def record_event(tracer: trace.Tracer, name: str, attributes: Attributes = None) -> None:
-    """``name`` on the current span, or on a span of its own under it once it has ended.
-    Nothing when the request is not traced (its span was never sampled)."""
+def record_event(tracer: trace.Tracer | None, name: str, attributes: Attributes = None) -> None:
+    """``name`` on the current span, or on a span of its own under it once it has ended
+    (``tracer`` None: dropped then). Nothing when the request is not traced (its span was
+    never sampled)."""
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(name, attributes)
-    elif span.get_span_context().trace_flags.sampled:
+    elif tracer is not None and span.get_span_context().trace_flags.sampled:
         late = tracer.start_span(name)  # the current (ended) span is its parent
         late.add_event(name, attributes)
         late.end()

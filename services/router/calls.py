@@ -51,7 +51,7 @@ class Calls:
         self._d = dependencies
         self._s = settings
         self._counted = counted
-        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
+        self._tracer = tracer
 
     def _degraded(self, what: str, exc: CallFailed) -> None:
         log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)

@@ -278,7 +278,7 @@ class Limiter:
         self._store = store
         self._policies = policies
         self._clock = clock
-        self._tracer = tracer if tracer is not None else trace.NoOpTracer()
+        self._tracer = tracer
         self._background: set[asyncio.Task[None]] = set()
 
     async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:

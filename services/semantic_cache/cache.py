@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import math
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -31,6 +30,7 @@ from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
+from services.semantic_cache.recent import Recent
 from services.semantic_cache.records import (
     END_TURN,
     Answer,
@@ -91,7 +91,7 @@ class SemanticCache(EntryStore):
         self._leases = leases
         self._batcher = batcher  # None = one embedding call per text
         # A miss's Store follows its Lookup: the vector of a recent text is embedded once.
-        self._recent: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
+        self._recent: Recent[str, npt.NDArray[np.float32]] = Recent(_RECENT_VECTORS)
         self._storing = StoresInFlight()
 
     async def check(self, query: Query, wait_s: float = 0.0, *, lead: bool = True) -> CheckResult:
@@ -277,15 +277,12 @@ class SemanticCache(EntryStore):
 
     async def _embed(self, text: str) -> npt.NDArray[np.float32]:
         if (known := self._recent.get(text)) is not None:
-            self._recent.move_to_end(text)
             return known
         if self._batcher is not None:
             row = await self._batcher.embed_one(text)
         else:
             row = (await asyncio.to_thread(self._embedder.embed, [text]))[0]
-        self._recent[text] = row
-        while len(self._recent) > _RECENT_VECTORS:
-            self._recent.popitem(last=False)
+        self._recent.put(text, row)
         return row
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.prompt import last_user_text
+from services.semantic_cache.recent import Recent
 
 Mode = Literal["use", "refresh", "no_store", "bypass"]
 SCOPE_VERSION = "cachemesh.semantic.scope.v1"
@@ -81,24 +81,14 @@ class RecentQueries:
     """
 
     def __init__(self, size: int = 1024) -> None:
-        if size < 0:  # 0 is valid: nothing remembered
-            raise ValueError(f"size must be >= 0, got {size}")
-        self._size = size
-        self._queries: OrderedDict[tuple[str, bytes], Query] = OrderedDict()
+        self._queries: Recent[tuple[str, bytes], Query] = Recent(size)
 
     def of(self, tenant: str, request: pb.CompleteRequest) -> Query:
-        if self._size == 0:
-            return query_from_request(tenant, request)
-        digest = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
-        key = (tenant, digest)
+        key = (tenant, hashlib.sha256(request.SerializeToString(deterministic=True)).digest())
         query = self._queries.get(key)
-        if query is not None:
-            self._queries.move_to_end(key)
-            return query
-        query = query_from_request(tenant, request)
-        self._queries[key] = query
-        if len(self._queries) > self._size:
-            self._queries.popitem(last=False)
+        if query is None:
+            query = query_from_request(tenant, request)
+            self._queries.put(key, query)
         return query
 
     def __len__(self) -> int:
