@@ -31,11 +31,14 @@ from services.prefix_cache.sites import sites_of
 from services.prefix_cache.totals import TenantTotals
 from services.prefix_cache.warm import WarmStore
 
-# A prompt up to this size (the serialized request) is canonicalized, tokenized and hashed on
-# the event loop: at most ~1.4 ms at the ~5M tokens/s measured here, where the worker-thread
-# handoff around it was ~15% of prefix-cache's samples under load. A larger one goes to a
-# worker thread (tiktoken releases the GIL) so that it never stalls the loop for long.
+# A prompt up to this size (the serialized request) and this many parts (tools, system blocks,
+# message blocks) is canonicalized, tokenized and hashed on the event loop: at most ~1.4 ms
+# at the ~5M tokens/s and ~4 us a part measured here, where the worker-thread handoff around
+# it was ~15% of prefix-cache's samples under load (an agent request: 16-74 parts). A larger
+# one goes to a worker thread (tiktoken releases the GIL) so that it never stalls the loop
+# for long: 32 kB of one-character blocks (6,400 parts) takes ~26 ms.
 INLINE_PROMPT_BYTES = 32 * 1024
+INLINE_PROMPT_PARTS = 256
 
 
 class BadRequest(ValueError):
@@ -307,7 +310,7 @@ class PrefixCacheCore:
         if request is None:
             raise BadRequest("request is required: send the CompleteRequest being served")
         tokenizer = self._tokenizer.get()
-        if request.ByteSize() <= INLINE_PROMPT_BYTES:
+        if _small(request):
             return self._compute(tenant, request, spec, tokenizer)
         # one worker-thread hop for the whole computation (tiktoken releases the GIL)
         return await asyncio.to_thread(self._compute, tenant, request, spec, tokenizer)
@@ -319,6 +322,14 @@ class PrefixCacheCore:
         plan = plan_for(blocks, sites_of(request), spec, self._lookback)
         hashes = ReplicaViews.hashes(tenant, spec.id, prompt_token_ids(blocks))
         return Prompt(plan, scope_for(spec, tenant, request), hashes, prompt_digest(blocks))
+
+
+def _small(request: pb.CompleteRequest) -> bool:
+    """Whether the request's prompt is cheap enough to compute on the event loop."""
+    if request.ByteSize() > INLINE_PROMPT_BYTES:
+        return False
+    parts = len(request.tools) + len(request.system)
+    return parts + sum(len(m.content) for m in request.messages) <= INLINE_PROMPT_PARTS
 
 
 def _require(value: str, field: str) -> None:

@@ -15,6 +15,7 @@ from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import CommitRecord, CommitRecords
 from services.prefix_cache.core import (
     INLINE_PROMPT_BYTES,
+    INLINE_PROMPT_PARTS,
     PlanGone,
     PrefixCacheCore,
     Prompt,
@@ -194,3 +195,17 @@ async def test_a_small_prompt_is_computed_on_the_loop_and_a_large_one_in_a_worke
     loop_thread = threading.get_ident()
     assert CountingCore.threads[0] == loop_thread  # no handoff for ~1 ms of work
     assert CountingCore.threads[1] != loop_thread  # a long one never stalls the loop
+
+
+async def test_a_small_request_of_many_tiny_blocks_is_computed_in_a_worker(
+    tokenizer: Tokenizer,
+) -> None:
+    """Its cost is per block (~4 us each), not per byte: 6,400 one-letter blocks fit in 32 kB
+    and would hold the loop ~26 ms; 1,024 of them (~4 ms) are enough to leave it."""
+    core = _core(tokenizer, ManualClock())
+    many = _request()
+    for _ in range(INLINE_PROMPT_PARTS * 4):
+        many.messages[-1].content.add().text = "a"
+    assert many.ByteSize() <= INLINE_PROMPT_BYTES
+    await core.plan("t", "sim-large", many, ["r1"])
+    assert CountingCore.threads[0] != threading.get_ident()
