@@ -218,7 +218,7 @@ class SemanticCacheApi:
         """The last user turn's embedding (none without user text), and the embedder's
         version."""
         if query.text and query.normalised:
-            vector = await self._cache.embedding(query.text)
+            vector = await self._cache.embedding(query.tenant, query.text)
             response.embedding = vector.astype("<f4").tobytes()
             response.embedder_version = self._cache.embedder_version
 

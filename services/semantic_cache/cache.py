@@ -90,8 +90,9 @@ class SemanticCache(EntryStore):
         self._margin = margin
         self._leases = leases
         self._batcher = batcher  # None = one embedding call per text
-        # A miss's Store follows its Lookup: the vector of a recent text is embedded once.
-        self._recent: Recent[str, npt.NDArray[np.float32]] = Recent(_RECENT_VECTORS)
+        # A miss's Store follows its Lookup: the vector of a recent text is embedded once. By
+        # tenant: another tenant's question must not make this one's answer measurably faster.
+        self._recent: Recent[tuple[str, str], npt.NDArray[np.float32]] = Recent(_RECENT_VECTORS)
         self._storing = StoresInFlight()
 
     async def check(self, query: Query, wait_s: float = 0.0, *, lead: bool = True) -> CheckResult:
@@ -164,7 +165,7 @@ class SemanticCache(EntryStore):
         vid = index.exact.get(query.normalised)
         if vid is not None and self._servable(self._entries[vid], query, now):
             return self._hit(vid, 1.0, exact=True, best=1.0)
-        vector = await self._embed(text)
+        vector = await self._embed(query.tenant, text)
         # From here to the verification nothing awaits: the index cannot change under us.
         now = self._clock.now_ms()
         self._purge_expired(now)
@@ -223,7 +224,7 @@ class SemanticCache(EntryStore):
         reason = _store_skip_reason(query, answer, self._policy)
         if reason or query.text is None:
             return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
-        vector = await self._embed(query.text)
+        vector = await self._embed(query.tenant, query.text)
         # From here to the sync nothing awaits: the log's order is the order of the changes.
         now = self._clock.now_ms()
         self._purge_expired(now)
@@ -245,9 +246,10 @@ class SemanticCache(EntryStore):
             await self._journal.sync()  # durable before it is acknowledged
         return StoreResult(True, entry_id=entry.entry_id)
 
-    async def embedding(self, text: str) -> npt.NDArray[np.float32]:
-        """The text's embedding: the one a check or Store of it just computed, else a new one."""
-        return await self._embed(text)
+    async def embedding(self, tenant: str, text: str) -> npt.NDArray[np.float32]:
+        """The text's embedding: the one the tenant's check or Store of it just computed, else a
+        new one."""
+        return await self._embed(tenant, text)
 
     def _threshold_for(self, query: Query) -> float:
         if query.threshold is None:
@@ -275,14 +277,14 @@ class SemanticCache(EntryStore):
             self._entries[vid], similarity=similarity, exact=exact, best_similarity=best
         )
 
-    async def _embed(self, text: str) -> npt.NDArray[np.float32]:
-        if (known := self._recent.get(text)) is not None:
+    async def _embed(self, tenant: str, text: str) -> npt.NDArray[np.float32]:
+        if (known := self._recent.get((tenant, text))) is not None:
             return known
         if self._batcher is not None:
             row = await self._batcher.embed_one(text)
         else:
             row = (await asyncio.to_thread(self._embedder.embed, [text]))[0]
-        self._recent.put(text, row)
+        self._recent.put((tenant, text), row)
         return row
 
 

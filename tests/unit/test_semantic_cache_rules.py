@@ -140,3 +140,15 @@ async def test_a_miss_then_its_store_embed_the_question_once() -> None:
     assert embedder.calls == calls + 1
     await cache.store(q("What is the capital of France?"), answer())
     assert embedder.calls == calls + 1  # the Lookup's vector, not a second embedding
+
+
+async def test_another_tenants_question_is_embedded_again() -> None:
+    """The recent vectors are by tenant: tenant b's Lookup is not made faster (no embedding) by
+    tenant a having just asked the same text, which would tell b what a asked."""
+    cache, _, embedder = new_cache()
+    await cache.store(q("How do I reset my password?"), answer())
+    await cache.store(q("How do I reset my password?", tenant="b"), answer())
+    calls = embedder.calls
+    assert not (await cache.check(q("What is the capital of France?"))).hit
+    assert not (await cache.check(q("What is the capital of France?", tenant="b"))).hit
+    assert embedder.calls == calls + 2

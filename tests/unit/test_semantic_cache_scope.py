@@ -203,3 +203,18 @@ def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
     with pytest.raises(ValueError, match="size must be >= 0"):
         RecentQueries(size=-1)
     assert RecentQueries(size=0).of("a", request) == first  # 0: nothing remembered
+
+
+def test_recent_queries_never_hold_a_large_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    derived: list[str] = []
+    real = query_module.query_from_request
+
+    def counting(tenant: str, request: pb.CompleteRequest) -> query_module.Query:
+        derived.append(tenant)
+        return real(tenant, request)
+
+    monkeypatch.setattr(query_module, "query_from_request", counting)
+    recent = RecentQueries(size=8)
+    large = make_request("x " * query_module.RECENT_QUERY_BYTES)
+    assert recent.of("a", large) == recent.of("a", large) == real("a", large)
+    assert derived == ["a", "a"] and len(recent) == 0  # derived each time, never kept
