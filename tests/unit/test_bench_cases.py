@@ -88,20 +88,21 @@ def _verifier(min_p: float = MIN_P) -> Verifier:
 
 
 def test_only_the_pairs_the_verifier_accepts_are_chosen(tmp_path: Path) -> None:
-    chosen = paraphrase_pairs(_data_dir(tmp_path), FakeEmbedder(), THRESHOLD, _verifier())
+    chosen = paraphrase_pairs(_data_dir(tmp_path), FakeEmbedder(), THRESHOLD, _verifier(), 10)
     assert chosen == SERVED
 
 
 def test_by_cosine_alone_the_refused_pairs_would_be_chosen(tmp_path: Path) -> None:
     """The check above has teeth: min probability 0 turns the verifier off (vetoes too)."""
-    chosen = paraphrase_pairs(_data_dir(tmp_path), FakeEmbedder(), THRESHOLD, _verifier(0.0))
+    chosen = paraphrase_pairs(_data_dir(tmp_path), FakeEmbedder(), THRESHOLD, _verifier(0.0), 10)
     assert set(REFUSED) <= set(chosen)
 
 
 async def test_every_ask_of_the_case_is_a_hit_of_a_cache_at_that_setting(tmp_path: Path) -> None:
     embedder, verifier = FakeEmbedder(), _verifier()
-    pairs = paraphrase_pairs(_data_dir(tmp_path), embedder, THRESHOLD, verifier)
-    warm, plan = semantic_hits(pairs, "bench", 6)
+    pairs = paraphrase_pairs(_data_dir(tmp_path), embedder, THRESHOLD, verifier, 10)
+    warm, plan = semantic_hits(pairs, "bench")
+    assert len({i.question for i in plan}) == len(plan) == len(pairs)  # each asked once
     cache = SemanticCache(embedder, ManualClock(), threshold=THRESHOLD, verifier=verifier)
     for item in warm:
         stored = await cache.store(query_from_request(item.tenant, item.request), answer())

@@ -16,7 +16,7 @@ from services.common.prompt import last_user_text
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.verifier import Verifier
 
-POOL = 50  # distinct questions stored in the warm-up of (a) and (b)
+POOL = 50  # distinct questions stored in the warm-up of (a)
 MAX_DRAWS_PER_MISS = 50  # agent turns drawn per one that ends in the user's text, at most
 
 
@@ -40,22 +40,25 @@ def exact_hits(data_dir: Path, namespace: str, count: int) -> tuple[list[Item], 
 
 
 def paraphrase_pairs(
-    data_dir: Path, embedder: Embedder, above: float, verifier: Verifier
+    data_dir: Path, embedder: Embedder, above: float, verifier: Verifier, count: int
 ) -> list[tuple[str, str]]:
-    """POOL labelled-duplicate pairs the cache serves: cosine similarity at least ``above``
-    and the verifier's consent at the cache's setting (``verifier.accepts(stored, asked)``).
+    """Up to ``count`` labelled-duplicate pairs the cache serves, each side a question no other
+    pair has: cosine similarity at least ``above`` and the verifier's consent at the cache's
+    setting (``verifier.accepts(stored, asked)``).
 
     A pair the verifier refuses (the cross-encoder and the features read it as another question)
     is a miss: the model answers it (about 0.5 s at SIM_TIME_SCALE=1) and identical asks
-    wait on its lease, so it would be the p99 of a case that measures hits.
+    wait on its lease, so it would be the p99 of a case that measures hits. No question is
+    asked twice: the cache keeps its recent vectors, so a repeated ask would skip the embedding
+    a new paraphrase costs.
     """
     pairs = [
         (a, b)
-        for a, b, label in load_pairs(data_file(data_dir, PAIRS))[:4000]
+        for a, b, label in load_pairs(data_file(data_dir, PAIRS))
         if label == 1 and normalise(a) != normalise(b)
     ]
     chosen: list[tuple[str, str]] = []
-    firsts: set[str] = set()
+    seen: set[str] = set()
     for start in range(0, len(pairs), 256):
         chunk = pairs[start : start + 256]
         a = embedder.embed([p[0] for p in chunk])
@@ -63,21 +66,24 @@ def paraphrase_pairs(
         similarity = np.sum(a * b, axis=1)
         for pair, s in zip(chunk, similarity, strict=True):
             stored, asked = normalise(pair[0]), normalise(pair[1])
-            if s >= above and stored not in firsts and verifier.accepts(stored, asked, float(s)):
+            if (
+                s >= above
+                and stored not in seen
+                and asked not in seen
+                and verifier.accepts(stored, asked, float(s))
+            ):
                 chosen.append(pair)
-                firsts.add(stored)
-        if len(chosen) >= POOL:
-            return chosen[:POOL]
+                seen.update((stored, asked))
+        if len(chosen) >= count:
+            return chosen[:count]
     return chosen
 
 
-def semantic_hits(
-    pairs: list[tuple[str, str]], namespace: str, count: int
-) -> tuple[list[Item], list[Item]]:
-    """(warm-up, plan): the warm-up stores one side of each pair, the plan asks the other."""
+def semantic_hits(pairs: list[tuple[str, str]], namespace: str) -> tuple[list[Item], list[Item]]:
+    """(warm-up, plan): the warm-up stores one side of each pair, the plan asks the other once."""
     warm = [Item("semantic", TENANT_A, faq_request(a, namespace), a) for a, _ in pairs]
     asks = [Item("semantic", TENANT_A, faq_request(b, namespace), b) for _, b in pairs]
-    return warm, _cycle(asks, count)
+    return warm, asks
 
 
 def agent_misses(data_dir: Path, namespace: str, count: int, seed: int) -> list[Item]:

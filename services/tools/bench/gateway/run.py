@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     embedder = load_minilm_embedder(threads=config.ort_threads)
     verifier = build_verifier(config)  # as the service's
     above = min(1.0, config.threshold + 0.04)
-    pairs = cases.paraphrase_pairs(args.data_dir, embedder, above, verifier)
+    wanted = args.requests * len(LEVELS)  # (b): each paraphrase asked once in the run
+    pairs = cases.paraphrase_pairs(args.data_dir, embedder, above, verifier, wanted)
+    if len(pairs) < wanted:
+        sys.exit(f"bench: only {len(pairs)} paraphrase pairs the cache serves in the data, "
+                 f"{wanted} wanted for (b); lower --requests")  # fmt: skip
     run = f"bench-{time.time_ns()}"
     plan = Plan(ROOT, args.data_dir, run, LEVELS, args.requests, args.mixed_requests, pairs)
     chains = _chains(plan)
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     doc = output.document(
         run={"target": args.target, "levels": list(LEVELS), "requests_per_level": args.requests,
              "hit_requests_per_level": args.requests * runs.HIT_FACTOR,
+             "semantic_requests_per_level": args.requests,
              "traced_runs_per_level": runs.REPEATS,
              "mixed_requests": args.mixed_requests, "paraphrase_pairs": len(pairs),
              "namespace": run, "elapsed_s": round(time.monotonic() - started, 1)},

@@ -6,8 +6,9 @@ exporting no traces and one exporting every span to a real OTLP receiver. (a) ex
 (c) agent misses run on both ``REPEATS`` times per level, in the order A B B A (A =
 off at 1 and 32 in flight, on at 8), and each stack's runs are pooled: a drift of the
 machine's other load (other people's benchmarks) then falls on both sides alike. (b) and
-(c2) run on the untraced stack. Hits are fast, so (a) and (b) send ``HIT_FACTOR`` times the
-requests of a miss case. The echo references of (a) and (c) (the two-hop echo, the agent miss
+(c2) run on the untraced stack. Exact hits are fast, so (a) sends ``HIT_FACTOR`` times the
+requests of a miss case; (b) asks each of its paraphrases once, ``requests`` a
+level. The echo references of (a) and (c) (the two-hop echo, the agent miss
 chain) run at each level around that level's runs of their case, half before and half after,
 so that a case and its reference see the machine at the same speed. Against a running stack
 (``against_target``) only (a), (b) and (d) run: the others need a stack the bench configures
@@ -74,8 +75,11 @@ def _exact(plan: Plan, target: Target, level: int, repeat: int = 0) -> Run:
 
 
 def _semantic(plan: Plan, target: Target, level: int) -> dict[str, Any]:
+    """Each level asks pairs of its own, each once (``cases.paraphrase_pairs``)."""
     namespace = f"{plan.run}-semantic-{level}"
-    warm, items = cases.semantic_hits(plan.pairs, namespace, plan.requests * HIT_FACTOR)
+    share = len(plan.pairs) // len(plan.levels)
+    start = plan.levels.index(level) * share
+    warm, items = cases.semantic_hits(plan.pairs[start : start + share], namespace)
     return measure(target, warm, items, level, f"(b) semantic x{level} {target.name}")
 
 
