@@ -224,8 +224,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _record(
         self, tenant: str, request: pb.CompleteRequest, end: pb.CompleteResponse, mark: str
     ) -> None:
-        """Records a billed answer before it goes out (only the model's answers are billed)."""
-        if self._ledger is None or end.served_by != pb.LAYER_MODEL:
+        """Records a billed answer before it goes out: every model call's, whether its prompt
+        read the provider's cache (``LAYER_PREFIX_CACHE``) or not; an L1 hit bills nothing."""
+        if self._ledger is None or end.served_by not in _BILLED_LAYERS:
             return
         try:
             await asyncio.wait_for(
@@ -237,6 +238,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "answer ledger: record failed (%s); a retry on another router may bill again",
                 _kind(exc),
             )
+
+
+_BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))
 
 
 def _is_retry(context: Context) -> bool:

@@ -37,8 +37,9 @@ TABLE = load_model_table()
 
 
 class FakePipeline:
-    def __init__(self) -> None:
+    def __init__(self, layer: pb.Layer.ValueType = pb.LAYER_MODEL) -> None:
         self.runs = 0
+        self.layer = layer
 
     async def run(
         self,
@@ -49,7 +50,7 @@ class FakePipeline:
     ) -> AsyncIterator[pb.CompleteChunk]:
         self.runs += 1
         answer = pb.CompleteResponse(
-            served_by=pb.LAYER_MODEL, model=request.model, request_id=request.request_id
+            served_by=self.layer, model=request.model, request_id=request.request_id
         )
         answer.content.add(text=f"answer {self.runs}")
         for chunk in chunks_of(answer):
@@ -137,6 +138,30 @@ def test_a_retry_on_another_router_gets_the_recorded_answer(redis_url: str) -> N
         assert fresh.content[0].text == "answer 1" and third_pipe.runs == 1
         for ledger in (first_ledger, second_ledger, third_ledger):
             await ledger.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("layer", "recorded"),
+    [(pb.LAYER_PREFIX_CACHE, True), (pb.LAYER_SEMANTIC_CACHE, False)],
+)
+def test_every_model_call_is_recorded_an_l1_hit_is_not(
+    redis_url: str, layer: pb.Layer.ValueType, recorded: bool
+) -> None:
+    """A model call whose prompt read the provider's cache is billed like any other: a retry
+    on another router must get it, not call the model (and bill) again."""
+
+    async def run() -> None:
+        first, first_pipe, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        first_pipe.layer = second_pipe.layer = layer
+        await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        again = await second.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
+        assert second_pipe.runs == (0 if recorded else 1)
+        assert again.content[0].text == "answer 1"
+        await first_ledger.close()
+        await second_ledger.close()
 
     asyncio.run(run())
 
