@@ -11,7 +11,10 @@ its journal when it starts again. Without a data directory the outbox is in memo
 with the router; said once at start).
 
 A commit refused for the request's own fault (INVALID_ARGUMENT, FAILED_PRECONDITION: the WARM
-expired) is logged at ERROR with its key and dropped: retrying cannot succeed.
+expired) is logged at ERROR with its key and dropped: retrying cannot succeed. Any other
+refusal (prefix-cache down or overloaded, an internal token rejected during a rotation, an
+internal error) keeps the entry for the next round, logged at WARNING with its status: billing
+is never dropped for a fault that may pass.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from services.router.dependencies import CallFailed, PrefixPort
 log = logging.getLogger("cachemesh.router.outbox")
 
 JOURNAL_NAME = "billing-outbox.jsonl"
-# Worth another try later; any other refusal is final.
-_RETRYABLE = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED, Code.UNKNOWN)
+# The request's own fault: retrying cannot succeed. Any other refusal is worth another try.
+_FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,10 @@ class BillingOutbox:
         self._deadline_s = deadline_s
         self._retry_s = retry_s
         self._pending: dict[str, Entry] = {}
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one flush at a time
+        # The journal's writes with the pending map they describe: a flush that empties the
+        # journal must see an entry whose line was just appended, or it would erase that line.
+        self._journal_lock = asyncio.Lock()
         if journal is not None:
             for entry in journal.load():
                 self._pending[entry.id] = entry
@@ -110,10 +116,13 @@ class BillingOutbox:
     async def keep(self, commits: Sequence[pc.CommitRequest]) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent."""
         entry = Entry(secrets.token_hex(8), tuple(commits))
-        if self._journal is not None:
-            raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
+        if self._journal is None:
+            self._pending[entry.id] = entry
+            return
+        raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
+        async with self._journal_lock:
             await asyncio.to_thread(self._journal.append, {"add": entry.id, "commits": raw})
-        self._pending[entry.id] = entry
+            self._pending[entry.id] = entry
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache cannot take a commit; returns
@@ -123,9 +132,12 @@ class BillingOutbox:
             for entry in list(self._pending.values()):
                 if not await self._send(entry):
                     break
-                self._pending.pop(entry.id, None)
                 settled += 1
-                if self._journal is not None:
+                if self._journal is None:
+                    self._pending.pop(entry.id, None)
+                    continue
+                async with self._journal_lock:
+                    self._pending.pop(entry.id, None)
                     if self._pending:
                         await asyncio.to_thread(self._journal.append, {"done": entry.id})
                     else:
@@ -147,7 +159,15 @@ class BillingOutbox:
             try:
                 await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:
-                if exc.code in _RETRYABLE:
+                if exc.code not in _FINAL:
+                    log.warning(
+                        "billing outbox: prefix-cache did not take the %s commit %s (%s); "
+                        "%d answers kept for the next try",
+                        pc.CommitPhase.Name(commit.phase),
+                        commit.request_id,
+                        exc.code.name,
+                        len(self._pending),
+                    )
                     return False
                 log.error(
                     "billing outbox: prefix-cache refused the %s commit %s (%s: %s); dropped",

@@ -1,9 +1,13 @@
 """The billing outbox against a fake prefix-cache port: kept durably, replayed in order until
-acknowledged, a torn journal line ignored, a final refusal dropped."""
+acknowledged, a torn journal line ignored, a final refusal dropped, any other kept."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
+
+import pytest
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
@@ -68,6 +72,50 @@ async def test_a_final_refusal_is_dropped_not_retried_forever(tmp_path: Path) ->
     await outbox.keep(_commits("a#1"))
     prefix.down, prefix.refuse = False, Code.INVALID_ARGUMENT
     assert await outbox.flush() == 1 and outbox.pending == 0
+
+
+@pytest.mark.parametrize(
+    "code",
+    [Code.UNAUTHENTICATED, Code.PERMISSION_DENIED, Code.INTERNAL, Code.RESOURCE_EXHAUSTED],
+)
+async def test_a_refusal_that_may_pass_keeps_the_entry(tmp_path: Path, code: Code) -> None:
+    """E.g. the internal token rejected during a rotation: billing is kept, not dropped."""
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    prefix.down, prefix.refuse = False, code
+    assert await outbox.flush() == 0 and outbox.pending == 1
+    prefix.refuse = None
+    assert await outbox.flush() == 1 and prefix.sent[-1] == ("a#1", pc.COMMIT_PHASE_FINAL)
+
+
+class SlowJournal(Journal):
+    def append(self, record: dict[str, object]) -> None:
+        super().append(record)  # written and fsynced ...
+        time.sleep(0.05)  # ... and the thread returns a little later (a slow disk)
+
+
+class SlowPrefix(FakePrefix):
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        await asyncio.sleep(0.01)
+        return await super().commit(request, deadline_s)
+
+
+async def test_an_entry_kept_while_the_last_one_settles_stays_in_the_journal(
+    tmp_path: Path,
+) -> None:
+    """The flush that settles the last pending entry empties the journal; an entry whose line
+    was appended meanwhile must survive it (it was fsynced before its answer went out)."""
+    prefix = SlowPrefix()
+    outbox = BillingOutbox(prefix, SlowJournal(tmp_path), 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    prefix.down = False
+    flush = asyncio.ensure_future(outbox.flush())
+    await asyncio.sleep(0.005)
+    await outbox.keep(_commits("b#1"))  # deferred while a#1 is being billed
+    await flush
+    assert outbox.pending == 1
+    assert [e.commits[0].request_id for e in Journal(tmp_path).load()] == ["b#1"]
 
 
 def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_stable_run() -> None:
