@@ -3,7 +3,9 @@
 The first call with an id runs; concurrent and later calls with the same (tenant, id) await
 its outcome. A failed first call releases the id so a retry runs again (the prefix-cache
 commit is idempotent by id too, so nothing is billed twice). Records live for a TTL read
-from the injected clock and the table is bounded (oldest dropped first).
+from the injected clock and the table is bounded: the oldest answered record is dropped first,
+never one whose call still runs (a retry of it must await it, not run the model again; those
+are bounded by the calls in flight).
 """
 
 from __future__ import annotations
@@ -61,13 +63,34 @@ class IdempotencyTable:
             return False, record.future
         future: asyncio.Future[pb.CompleteResponse] = asyncio.get_running_loop().create_future()
         self._records[key] = _Record(mark, future, self._clock.now_ms())
-        while len(self._records) > self._max:
-            self._records.popitem(last=False)
+        self._bound()
         return True, future
 
-    def release(self, tenant: str, request_id: str) -> None:
-        """Forgets a failed first call so that a retry runs again."""
-        self._records.pop((tenant, request_id), None)
+    def release(
+        self, tenant: str, request_id: str, future: asyncio.Future[pb.CompleteResponse]
+    ) -> None:
+        """Forgets a failed first call so that a retry runs again (only its own record: a
+        later call's under the same id is left alone)."""
+        record = self._records.get((tenant, request_id))
+        if record is not None and record.future is future:
+            del self._records[(tenant, request_id)]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _bound(self) -> None:
+        """Drops the oldest answered records beyond the bound."""
+        excess = len(self._records) - self._max
+        if excess <= 0:
+            return
+        done: list[tuple[str, str]] = []
+        for key, record in self._records.items():  # oldest first; stops at the excess
+            if record.future.done():
+                done.append(key)
+                if len(done) == excess:
+                    break
+        for key in done:
+            del self._records[key]
 
     def _expire(self) -> None:
         cutoff = self._clock.now_ms() - self._ttl_ms

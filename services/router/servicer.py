@@ -273,7 +273,7 @@ def _settle(
     if end is not None:
         future.set_result(end)
         return
-    answers.release(tenant, request.request_id)
+    answers.release(tenant, request.request_id, future)
     future.set_exception(
         RequestError(
             Code.UNAVAILABLE,

@@ -42,9 +42,11 @@ async def test_same_id_for_a_different_request_is_refused() -> None:
 
 async def test_release_lets_a_retry_run() -> None:
     table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=10)
-    table.claim("t", _req("r1"))
-    table.release("t", "r1")
+    _, first = table.claim("t", _req("r1"))
+    table.release("t", "r1", first)
     assert table.claim("t", _req("r1"))[0]
+    table.release("t", "r1", first)  # a late release of the first call: not the retry's record
+    assert not table.claim("t", _req("r1"))[0]
 
 
 async def test_records_expire_after_the_ttl() -> None:
@@ -61,5 +63,17 @@ async def test_records_expire_after_the_ttl() -> None:
 async def test_table_is_bounded() -> None:
     table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=2)
     for i in range(3):
-        table.claim("t", _req(f"r{i}"))
+        table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
+    assert len(table) == 2
     assert table.claim("t", _req("r0"))[0]  # the oldest was dropped
+
+
+async def test_a_call_still_running_is_never_dropped_by_the_bound() -> None:
+    """A retry of a running call awaits it: dropping its record would run the model again."""
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=2)
+    _, running = table.claim("t", _req("r0"))
+    for i in (1, 2):
+        table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
+    claimed, same = table.claim("t", _req("r0"))
+    assert not claimed and same is running
+    assert table.claim("t", _req("r1"))[0]  # the oldest answered one went instead
