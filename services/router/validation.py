@@ -75,16 +75,29 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
             )
 
 
+# The largest text whose verdict is remembered: 1,024 of them at the router's 1 MiB request
+# limit would hold ~1 GB of clients' text. A tool schema is a few kB.
+_CACHED_JSON_CHARS = 16 * 1024
+
+
 def _json_object(text: str, where: str) -> None:
-    problem = _json_object_problem(text)
+    if len(text) <= _CACHED_JSON_CHARS:
+        problem = _cached_json_object_problem(text)
+    else:
+        problem = _json_object_problem(text)
     if problem is not None:
         raise _invalid(f"{where}: must be a JSON object, got {problem}")
 
 
 @functools.lru_cache(maxsize=1024)
+def _cached_json_object_problem(text: str) -> str | None:
+    """Cached: an agent sends the same tool schemas with every request, and parsing them again
+    each time found nothing new."""
+    return _json_object_problem(text)
+
+
 def _json_object_problem(text: str) -> str | None:
-    """What keeps ``text`` from being a JSON object, or None. Cached: an agent sends the same
-    tool schemas with every request, and parsing them again each time found nothing new."""
+    """What keeps ``text`` from being a JSON object, or None."""
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):

@@ -241,3 +241,20 @@ def test_an_unknown_cache_ttl_is_refused_naming_the_field() -> None:
     error = _error(_request(messages=[pb.Message(role=pb.ROLE_USER, content=[block])]))
     assert error.code == Code.INVALID_ARGUMENT
     assert error.message.startswith("messages[0].content[0].cache_control.ttl: unknown value 7")
+
+
+def test_a_large_json_text_is_checked_but_never_held_by_the_verdict_cache() -> None:
+    """The cache of JSON verdicts keeps small texts only: large ones would pin clients' text."""
+    from services.router import validation
+
+    cached = validation._cached_json_object_problem
+    cached.cache_clear()
+    big = '{"a": "' + "x" * 40_000 + '"}'
+    validate_request(_request(tools=[pb.Tool(name="t", input_schema_json=big)]), TABLE, DEPLOYED)
+    assert cached.cache_info().currsize == 0
+    small = '{"type": "object"}'
+    validate_request(_request(tools=[pb.Tool(name="t", input_schema_json=small)]), TABLE, DEPLOYED)
+    assert cached.cache_info().currsize == 1
+    bad = "[" * 10 + "x" * 20_000
+    request = _request(tools=[pb.Tool(name="t", input_schema_json=bad)])
+    assert "must be a JSON object, got invalid JSON" in _error(request).message
