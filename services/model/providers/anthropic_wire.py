@@ -22,6 +22,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
+from services.model.providers.failures import StreamCut
 from services.model.providers.progress import Progress, tool_use_chunk
 
 # Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
@@ -148,7 +149,7 @@ class AnthropicAdapter:
         )
         usage = pc.AnthropicUsage()
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
-        stop_reason = "end_turn"
+        stop_reason: str | None = None  # set by the final event; None: the stream was cut
         async with events:
             async for event in events:
                 kind = event.type
@@ -177,6 +178,8 @@ class AnthropicAdapter:
                     reason = event.delta.stop_reason
                     if reason:
                         stop_reason = STOP_REASONS.get(reason, reason)
+        if stop_reason is None:
+            raise StreamCut("the stream ended without its message_delta's stop_reason")
         if not progress.started:
             yield progress.start(prompt_of(usage) or None)
         yield model_pb2.GenerateChunk(

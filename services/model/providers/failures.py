@@ -2,7 +2,10 @@
 credentials, or give up. Both official SDKs raise ``APIStatusError`` (status code, body,
 response headers), ``APITimeoutError`` and ``APIConnectionError``; an error event inside a
 stream (Anthropic's ``event: error``, an OpenAI chunk carrying ``error``) is an
-``APIStatusError`` too, whose body names the error type.
+``APIStatusError`` too, whose body names the error type. The anthropic SDK does not wrap an
+error of its HTTP stack while it reads a stream (the connection lost mid-stream): an
+``httpx2.TransportError`` is a lost connection too. A stream that ends without its final event
+(``StreamCut``) was cut as well, however cleanly its connection closed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anthropic
+import httpx2
 import openai
 
 
@@ -37,9 +41,17 @@ _RETRY_TYPES = {"overloaded_error", "rate_limit_error", "api_error", "server_err
 _CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error"}
 _AUTH_TYPES = {"authentication_error", "permission_error", "invalid_api_key"}
 _STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
+
+
+class StreamCut(Exception):
+    """The provider's stream ended before its final event (no stop or finish reason)."""
+
+
 _TRANSPORT_ERRORS = (
     anthropic.APIConnectionError,
     openai.APIConnectionError,
+    httpx2.TransportError,  # includes its timeouts
+    StreamCut,
 )
 
 

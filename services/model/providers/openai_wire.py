@@ -24,6 +24,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
+from services.model.providers.failures import StreamCut
 from services.model.providers.progress import Progress, tool_use_chunk
 
 STOP_REASONS = {
@@ -137,7 +138,7 @@ class OpenAIAdapter:
             **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
         )
         calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
-        stop_reason = "end_turn"
+        stop_reason: str | None = None  # set by the final event; None: the stream was cut
         report: pc.OpenAIUsage | None = None
         reasoning = 0
         async with chunks:
@@ -164,6 +165,8 @@ class OpenAIAdapter:
                     if choice.finish_reason:
                         reason = choice.finish_reason
                         stop_reason = STOP_REASONS.get(reason, reason)
+        if stop_reason is None:
+            raise StreamCut("the stream ended without a choice's finish_reason")
         if not progress.started:
             yield progress.start()
         for index in sorted(calls):

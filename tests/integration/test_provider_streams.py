@@ -1,0 +1,150 @@
+"""A provider's stream that breaks, read by the real SDK over loopback HTTP: the adapter and its
+driver (``ProviderApi``) in process against the loopback provider server, no stack.
+
+A stream that ends without its final event was cut, however cleanly its connection closed: it
+must never end as an answer (the router would store and serve a truncated one). A connection
+lost before anything reached the caller is retried like any lost connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import anthropic
+import openai
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.errors import Code, RequestError
+from services.common.models import load_model_table
+from services.common.tokens import load_cl100k
+from services.model.providers.anthropic_wire import AnthropicAdapter
+from services.model.providers.api import Adapter, ProviderApi
+from services.model.providers.config import ProviderSettings, Secret
+from services.model.providers.openai_wire import OpenAIAdapter
+from tests.providers import anthropic_wire, openai_wire
+from tests.providers.wire_server import Reply, WireServer
+
+CLAUDE, GPT = "claude-sonnet-4-5", "gpt-4o-mini"
+TABLE = load_model_table()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    wire = WireServer(
+        {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
+        {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected("sk-****")},
+    )
+    wire.start()
+    yield wire
+    wire.stop()
+
+
+def _api(server: WireServer, backend: str) -> ProviderApi:
+    model = CLAUDE if backend == "anthropic" else GPT
+    adapter: Adapter
+    if backend == "anthropic":
+        client = anthropic.AsyncAnthropic(
+            api_key="sk-ant-test", base_url=server.base, max_retries=0, open_telemetry=False
+        )
+        adapter = AnthropicAdapter(client)
+    else:
+        adapter = OpenAIAdapter(
+            openai.AsyncOpenAI(api_key="sk-test", base_url=server.base + "/v1", max_retries=0)
+        )
+    settings = ProviderSettings(
+        backend="anthropic" if backend == "anthropic" else "openai",
+        base_url=server.base,
+        api_key=Secret("sk-test"),
+        max_retries=2,
+        backoff_s=0.01,
+        backoff_max_s=0.02,
+        auth_recheck_s=60,
+        upstream_ids={model: model},
+    )
+
+    async def health(serving: bool) -> None:
+        return None
+
+    return ProviderApi(
+        adapter=adapter,
+        models={model: TABLE.models[model]},
+        replica_id="r1",
+        settings=settings,
+        tokenizer=load_cl100k(),
+        set_health=health,
+    )
+
+
+def _generate(api: ProviderApi, model: str) -> list[model_pb2.GenerateChunk]:
+    question = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital of France?")])
+    request = model_pb2.GenerateRequest(
+        tenant="t",
+        model=model,
+        request=pb.CompleteRequest(model=model, max_tokens=16, messages=[question]),
+    )
+
+    async def run() -> list[model_pb2.GenerateChunk]:
+        return [chunk async for chunk in api.generate(request, 5.0)]
+
+    return asyncio.run(run())
+
+
+def _ends(chunks: list[model_pb2.GenerateChunk]) -> list[model_pb2.GenerateEnd]:
+    return [c.end for c in chunks if c.WhichOneof("part") == "end"]
+
+
+def test_an_anthropic_stream_closed_before_its_stop_event_is_interrupted(
+    server: WireServer,
+) -> None:
+    events = anthropic_wire.stream(
+        CLAUDE, ["Paris", " is the", " capital."], anthropic_wire.Usage(25, output_tokens=9)
+    )
+    text_events = [e for e in events if e[0] not in ("message_delta", "message_stop")]
+    server.script("anthropic", Reply(events=text_events[:-2]))  # a clean close mid-answer
+    (end,) = _ends(_generate(_api(server, "anthropic"), CLAUDE))
+    assert end.interrupted and end.stop_reason == "interrupted"
+    assert "StreamCut" in end.error
+
+
+def test_an_openai_stream_closed_before_its_finish_reason_is_interrupted(
+    server: WireServer,
+) -> None:
+    events = openai_wire.stream(GPT, ["Paris", " is the", " capital."], None, cut_after=2)
+    server.script("openai", Reply(events=events))  # a clean close, no finish_reason, no [DONE]
+    (end,) = _ends(_generate(_api(server, "openai"), GPT))
+    assert end.interrupted and end.stop_reason == "interrupted"
+    assert "StreamCut" in end.error
+
+
+def test_an_anthropic_connection_lost_before_the_first_block_is_retried(
+    server: WireServer,
+) -> None:
+    """The anthropic SDK lets its HTTP stack's read error through unwrapped: still a lost
+    connection, retried while nothing has reached the caller."""
+    usage = anthropic_wire.Usage(25, output_tokens=2)
+    started = anthropic_wire.stream(CLAUDE, ["Paris."], usage)[:1]  # message_start only
+    server.script(
+        "anthropic",
+        Reply(events=started, cut=True),
+        Reply(events=anthropic_wire.stream(CLAUDE, ["Paris."], usage)),
+    )
+    before = len(server.seen_by("anthropic"))
+    chunks = _generate(_api(server, "anthropic"), CLAUDE)
+    (end,) = _ends(chunks)
+    assert end.stop_reason == "end_turn" and not end.interrupted
+    assert len(server.seen_by("anthropic")) == before + 2
+
+
+def test_a_stream_cut_before_anything_reached_the_caller_is_unavailable_after_retries(
+    server: WireServer,
+) -> None:
+    """Nothing produced and every try cut: UNAVAILABLE (the router's next replica), not an
+    empty answer."""
+    usage = anthropic_wire.Usage(25, output_tokens=2)
+    started = anthropic_wire.stream(CLAUDE, ["Paris."], usage)[:1]
+    server.script("anthropic", *(Reply(events=started) for _ in range(3)))
+    with pytest.raises(RequestError) as caught:
+        _generate(_api(server, "anthropic"), CLAUDE)
+    assert caught.value.code == Code.UNAVAILABLE
