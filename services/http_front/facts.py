@@ -38,7 +38,7 @@ def cache_options(headers: Mapping[str, str], into: pb.CompleteRequest) -> None:
         into.cache.semantic = chosen
     namespace = headers.get(NAMESPACE)
     if namespace is not None:
-        into.cache.namespace = namespace.strip()
+        into.cache.namespace = _text(NAMESPACE, namespace).strip()
     threshold = headers.get(THRESHOLD)
     if threshold is not None:
         try:
@@ -52,9 +52,19 @@ def cache_options(headers: Mapping[str, str], into: pb.CompleteRequest) -> None:
         into.cache.threshold = value
     key = headers.get(IDEMPOTENCY)
     if key is not None:
-        if not key.strip() or len(key) > MAX_ID_CHARS:
+        if not _text(IDEMPOTENCY, key).strip() or len(key) > MAX_ID_CHARS:
             raise invalid(f"{IDEMPOTENCY}: 1 to {MAX_ID_CHARS} characters")
         into.request_id = key.strip()
+
+
+def _text(name: str, value: str) -> str:
+    """A header's value, refused unless it is UTF-8 text (the server keeps other bytes as
+    surrogate escapes, which no protobuf string can hold)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{name}: not UTF-8 text; send the value as UTF-8") from None
+    return value
 
 
 def layer_name(layer: int) -> str:

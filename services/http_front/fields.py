@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,6 +34,11 @@ def _type_name(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
+# A UTF-16 surrogate written as a JSON escape: legal JSON, but alone (a string cut in the middle
+# of an emoji) it is no character, and no protobuf string can hold it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
     try:
@@ -41,6 +47,14 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise invalid("the request body is not UTF-8 text") from None
     except (ValueError, RecursionError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw) is not None:
+        try:  # pairs decode to one character; a lone one does not encode
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(
+                "the request body holds a lone UTF-16 surrogate escape (a \\uD800-\\uDFFF "
+                "without its pair, e.g. a string cut in the middle of an emoji): not text"
+            ) from None
     if not isinstance(value, dict):
         raise invalid(f"the request body must be a JSON object, got {_type_name(value)}")
     return value

@@ -293,13 +293,14 @@ class Front:
 
 
 def _key(api: Api, request: web.Request) -> str | None:
+    """The caller's key, or None (a 401): a key is ASCII, anything else is no key of ours."""
     if api == "anthropic":
         key = request.headers.get("x-api-key")
         if key:
-            return key.strip()
+            return key.strip() if key.isascii() else None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
+        return token.strip() if token.isascii() else None
     return None
 
 

@@ -248,6 +248,11 @@ async def _raw(
         return reply.status, await reply.json()
 
 
+# a string cut in the middle of an emoji: legal JSON, no text (was a 500, retried by the SDKs)
+LONE_SURROGATE = (
+    b'{"model": "sim-large", "max_tokens": 5, '
+    b'"messages": [{"role": "user", "content": "smile \\ud83d"}]}'
+)
 CLAUDE_HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
 GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
 
@@ -266,6 +271,8 @@ GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
          "invalid_request_error"),
         ("/v1/chat/completions", b"{" + b" " * 5000 + b"}", GPT_HEADERS, 413,
          "invalid_request_error"),
+        ("/v1/messages", LONE_SURROGATE, CLAUDE_HEADERS, 400, "invalid_request_error"),
+        ("/v1/chat/completions", LONE_SURROGATE, GPT_HEADERS, 400, "invalid_request_error"),
     ],
 )  # fmt: skip
 async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(
@@ -277,6 +284,45 @@ async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(
     assert error["type"] == kind and error["message"]
     if path == "/v1/messages":
         assert reply["type"] == "error"
+    assert front.gateway.calls == 0
+
+
+async def _raw_headers(front: Front, headers: list[tuple[str, bytes]]) -> tuple[int, bytes]:
+    """A POST /v1/messages whose header values are sent as the given bytes (a latin-1 client:
+    Python's http.client encodes header values so)."""
+    body = (
+        b'{"model": "sim-large", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}'
+    )
+    host, port = front.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"anthropic-version: 2023-06-01\r\nConnection: close\r\n"
+    head += b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+    for name, value in headers:
+        head += name.encode() + b": " + value + b"\r\n"
+    writer.write(head + b"\r\n" + body)
+    await writer.drain()
+    reply = await reader.read()
+    writer.close()
+    status = int(reply.split(b" ", 2)[1])
+    return status, reply.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "kind"),
+    [
+        ([("x-api-key", KEY.encode() + b"\xe9")], 401, b"authentication_error"),
+        ([("x-api-key", KEY.encode()), ("x-cachemesh-namespace", b"caf\xe9")], 400,
+         b"x-cachemesh-namespace: not UTF-8 text"),
+        ([("x-api-key", KEY.encode()), ("idempotency-key", b"r\xe9q-1")], 400,
+         b"idempotency-key: not UTF-8 text"),
+    ],
+)  # fmt: skip
+async def test_header_bytes_that_are_not_utf8_are_a_4xx_not_a_500(
+    front: Front, headers: list[tuple[str, bytes]], status: int, kind: bytes
+) -> None:
+    got, body = await _raw_headers(front, headers)
+    assert got == status and kind in body
     assert front.gateway.calls == 0
 
 
