@@ -24,7 +24,16 @@ _TOP = (
 )  # fmt: skip
 _TTL = {"5m": pb.CACHE_TTL_5M, "1h": pb.CACHE_TTL_1H}
 _ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
-_STOP = {"end_turn", "max_tokens", "tool_use", "stop_sequence"}
+# every stop_reason of the Messages API (the SDK's StopReason); an unknown one reads as end_turn
+_STOP = {
+    "end_turn",
+    "max_tokens",
+    "tool_use",
+    "stop_sequence",
+    "pause_turn",
+    "refusal",
+    "model_context_window_exceeded",
+}
 
 
 def parse_request(body: dict[str, Any]) -> tuple[pb.CompleteRequest, bool]:

@@ -28,7 +28,15 @@ _TOP = (
     "logit_bias", "response_format", "metadata", "store", "service_tier", "prompt_cache_key",
     "reasoning_effort", "safety_identifier",
 )  # fmt: skip
-_FINISH = {"end_turn": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+# the Gateway's stop reasons as OpenAI finish reasons (a refusal: the content filter's); any
+# other reads as stop
+_FINISH = {
+    "end_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
 
 
 def parse_request(

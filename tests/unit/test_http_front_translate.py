@@ -308,3 +308,19 @@ def test_a_programmatic_tool_call_is_refused_naming_the_field() -> None:
     with pytest.raises(ApiError) as refused:
         anthropic_api.parse_request(_with_tool_use(caller={"type": "code_execution"}))
     assert "messages.1.content.0.caller" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("stop", "anthropic", "openai"),
+    [
+        ("end_turn", "end_turn", "stop"),
+        ("max_tokens", "max_tokens", "length"),
+        ("tool_use", "tool_use", "tool_calls"),
+        ("refusal", "refusal", "content_filter"),  # an app must see a safety refusal
+    ],
+)
+def test_stop_reasons_reach_each_api_in_its_own_words(
+    stop: str, anthropic: str, openai: str
+) -> None:
+    assert anthropic_api.stop_reason(stop) == anthropic
+    assert openai_api.finish_reason(stop) == openai

@@ -41,13 +41,17 @@ class Progress:
 
 
 def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.GenerateChunk:
-    """A finished tool call as a ``tool_use`` block; its input is the JSON the model wrote
-    (an empty input is ``{}``)."""
+    """A finished tool call as a ``tool_use`` block; its input is the JSON object the model
+    wrote (an empty input is ``{}``). Anything else (not JSON, or JSON but not an object: a
+    tool's input is an object, and a client sending it back would be refused) is kept,
+    visibly, as ``{"_unparsed_arguments": <the text>}``, never dropped."""
     raw = arguments.strip() or "{}"
     try:
-        json.loads(raw)
+        value = json.loads(raw)
     except ValueError:
-        raw = json.dumps({"_unparsed_arguments": raw})  # kept, visibly, never dropped
+        value = None
+    if not isinstance(value, dict):
+        raw = json.dumps({"_unparsed_arguments": raw})
     return model_pb2.GenerateChunk(
         block=pb.ContentBlock(tool_use=pb.ToolUse(id=call_id, name=name, input_json=raw))
     )
