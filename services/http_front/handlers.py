@@ -198,9 +198,12 @@ class Front:
                 for name, body in events.start(start.start):
                     await response.write(sse.event(name, body))
                 try:
-                    async for chunk in sse.paced(chunks, self._settings.ping_s):
-                        for name, body in _anthropic_events(events, chunk):
-                            await response.write(sse.event(name, body))
+                    # the pacer closes first (its pending read cancelled), then the call: a
+                    # write that fails while a read is pending must not close the call under it
+                    async with aclosing(sse.paced(chunks, self._settings.ping_s)) as paced:
+                        async for chunk in paced:
+                            for name, body in _anthropic_events(events, chunk):
+                                await response.write(sse.event(name, body))
                 except ApiError as error:
                     await response.write(
                         sse.event("error", error.body_for("anthropic", start.start.request_id))
@@ -233,12 +236,13 @@ class Front:
                 for item in chunker.start(start.start):
                     await response.write(sse.data(item))
                 try:
-                    async for chunk in sse.paced(chunks, self._settings.ping_s):
-                        if chunk is None:
-                            await response.write(sse.COMMENT_PING)
-                            continue
-                        for item in _openai_chunks(chunker, chunk):
-                            await response.write(sse.data(item))
+                    async with aclosing(sse.paced(chunks, self._settings.ping_s)) as paced:
+                        async for chunk in paced:
+                            if chunk is None:
+                                await response.write(sse.COMMENT_PING)
+                                continue
+                            for item in _openai_chunks(chunker, chunk):
+                                await response.write(sse.data(item))
                 except ApiError as error:
                     await response.write(sse.data(error.body_for("openai", start.start.request_id)))
             await response.write(sse.DONE)

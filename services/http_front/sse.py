@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -27,7 +27,7 @@ DONE = b"data: [DONE]\n\n"
 COMMENT_PING = b": ping\n\n"  # OpenAI's stream has no ping event; SSE comments are ignored
 
 
-async def paced(items: AsyncIterator[T], interval_s: float) -> AsyncIterator[T | None]:
+async def paced(items: AsyncIterator[T], interval_s: float) -> AsyncGenerator[T | None, None]:
     """``items``, with a None whenever ``interval_s`` passes without one (time for a ping).
     The pending read is never cancelled by a ping, only when the consumer stops."""
     pending: asyncio.Future[T] = asyncio.ensure_future(anext(items))
