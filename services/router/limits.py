@@ -311,6 +311,23 @@ class Limiter:
             self._store.settle(ticket.tenant, ticket.policy, refund, cost, now, Periods.at(now))
         )
 
+    def charge(self, ticket: Ticket, usage: pb.Usage, cost_nanos: int) -> None:
+        """Counts a model call billed without an answer (cancelled or cut after its prefill):
+        its cost against the budgets and its tokens against the token rate, on top of the
+        request's settle (which keeps the reservation of a request that got no answer)."""
+        if not ticket.policy.active:
+            return
+        tokens = usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
+        extra = -tokens if ticket.policy.tokens_per_min else 0
+        if extra == 0 and cost_nanos == 0:
+            return
+        now = self._clock.now_ms()
+        self._in_background(
+            self._store.settle(
+                ticket.tenant, ticket.policy, extra, cost_nanos, now, Periods.at(now)
+            )
+        )
+
     def replayed(self, ticket: Ticket) -> None:
         """A retry answered from the first call's answer used nothing: its reservation back."""
         if ticket.reserved_tokens and ticket.policy.active:

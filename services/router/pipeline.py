@@ -58,6 +58,8 @@ class ReplicaCut(RequestError):
 
 
 CommitReply = prefix_cache_pb2.CommitResponse | None
+# what a model call billed without an answer (its usage, its cost in nano-dollars) is told to
+Charge = Callable[[pb.Usage, int], None]
 
 _NO_READ = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_REFRESH)
 _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
@@ -113,13 +115,16 @@ class Pipeline:
         *,
         streamed: bool = True,
         time_remaining_s: float | None = None,
+        charge: Charge | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
         yielded whole, its start with its end), so a replica that dies mid-answer can hand
         the request to another one at any point before the end.
         ``time_remaining_s``: the client's deadline, which bounds every model call of the
-        request (and so the replicas' retries); None: ``ROUTER_MODEL_TIMEOUT_S`` alone."""
+        request (and so the replicas' retries); None: ``ROUTER_MODEL_TIMEOUT_S`` alone.
+        ``charge``: told of each model call this request is billed for without its answer
+        (cancelled or cut after the prefill), for the tenant's limits."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -156,6 +161,7 @@ class Pipeline:
                             frozenset(cut),
                             deadline,
                             streamed,
+                            charge,
                         )
                     ) as it:
                         async for chunk in it:
@@ -191,6 +197,7 @@ class Pipeline:
         exclude: frozenset[str],
         deadline: float | None,
         streamed: bool = True,
+        charge: Charge | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole."""
@@ -304,7 +311,7 @@ class Pipeline:
                 # Cancelled or cut after the prefill: bill what the provider would bill (the
                 # prompt and the tokens produced so far; to the outbox if prefix-cache is
                 # down), never store.
-                self._bill_partial(tenant, request, attempt, answer, baseline, warm_call)
+                self._bill_partial(tenant, request, attempt, answer, baseline, warm_call, charge)
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
         spec = (
@@ -425,22 +432,32 @@ class Pipeline:
         answer: Answer,
         baseline: ModelSpec,
         warm_call: asyncio.Future[CommitReply],
+        charge: Charge | None,
     ) -> None:
-        """The FINAL of a call that ended early, in the background once its WARM is done."""
+        """The FINAL of a call that ended early, in the background once its WARM is done;
+        then ``charge`` is told what it cost (prefix-cache's price, or the estimate at base
+        prices when the FINAL went to the outbox)."""
         usage = answer.partial_usage
         text = answer.text()
         output_tokens = self._tokenizer.count(text) if text else 0
         if usage is not None and usage.WhichOneof("report") == "anthropic":
             output_tokens = usage.anthropic.output_tokens
         reported = usage if usage is not None and usage.WhichOneof("report") else None
-        self._in_background(
-            _after(
-                warm_call,
-                lambda: self._commit_final(
-                    tenant, request, attempt, output_tokens, baseline.id, reported, None
-                ),
+
+        async def bill() -> None:
+            final = await self._commit_final(
+                tenant, request, attempt, output_tokens, baseline.id, reported, None
             )
-        )
+            if charge is None:
+                return
+            if final is not None:
+                charge(final.usage, final.cost.cost_nanos)
+                return
+            prompt = attempt.start.prompt_tokens
+            estimated = pb.Usage(input_tokens=prompt, output_tokens=output_tokens)
+            charge(estimated, attempt.model.baseline_nanos(prompt, output_tokens))
+
+        self._in_background(_after(warm_call, bill))
 
     async def _commit_final(
         self,

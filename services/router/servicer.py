@@ -188,7 +188,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     yield chunk
                 return
             run = self._pipeline.run(
-                tenant, request, streamed=streamed, time_remaining_s=time_remaining_s
+                tenant,
+                request,
+                streamed=streamed,
+                time_remaining_s=time_remaining_s,
+                charge=lambda usage, cost: self._limiter.charge(ticket, usage, cost),
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:

@@ -133,6 +133,24 @@ async def test_a_request_without_an_answer_keeps_its_reservation(store: LimitSto
     assert (await _denied(limiter)).retry_after_ms == 600  # 1 token at 100 a minute
 
 
+async def test_a_call_billed_without_its_answer_counts_its_cost_and_tokens(
+    store: LimitStore,
+) -> None:
+    """A stream the caller left after the prefill is billed (the prompt, the output so far):
+    that cost counts against the budget and those tokens against the rate, besides the
+    request's kept reservation."""
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(tokens_per_min=1000, day_budget_nanos=1000)
+    limiter = _limiter(store, policy, clock)
+    ticket = await _admitted(limiter, max_tokens=1)  # 1000 -> 999
+    limiter.charge(ticket, pb.Usage(input_tokens=950, output_tokens=49), 1000)
+    limiter.settle(ticket, None)  # no answer: the reservation stays
+    await limiter.drain()
+    assert (await _denied(limiter)).limit == DAY_BUDGET  # 1000 of 1000 spent
+    tokens_only = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
+    assert (await _denied(tokens_only)).limit == TOKENS  # 999 - 999 tokens: empty
+
+
 async def test_a_replayed_answer_gives_its_reservation_back(store: LimitStore) -> None:
     clock = ManualClock(START_MS)
     limiter = _limiter(store, LimitPolicy(tokens_per_min=100), clock)

@@ -463,6 +463,27 @@ async def test_a_caller_leaving_during_the_warm_commit_still_bills_the_prefill()
     assert prefix.commits[1].output_tokens == 3 and not rig.semantic.stores
 
 
+async def test_a_call_billed_without_its_answer_is_charged_to_the_tenants_limits() -> None:
+    """What the FINAL of a call the caller left billed reaches ``charge`` (the limiter's):
+    its cost and usage, once prefix-cache has priced it."""
+    prefix = SlowWarmPrefix()
+    rig = Rig(prefix=prefix)
+    pipeline = rig.pipeline()
+    charged: list[tuple[int, int]] = []
+    run = pipeline.run(
+        "tenant-a", _request(), charge=lambda u, cost: charged.append((u.output_tokens, cost))
+    )
+    first = asyncio.ensure_future(run.__anext__())
+    await asyncio.sleep(0.01)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert charged == []  # nothing billed yet: the WARM is out
+    prefix.warm_may_answer.set()
+    await pipeline.drain()
+    assert charged == [(prefix.commits[1].output_tokens, 123)]
+
+
 async def test_complete_reads_the_whole_answer_while_the_warm_commit_is_out() -> None:
     prefix = SlowWarmPrefix(read_tokens=1_024)
     rig = Rig(prefix=prefix)
