@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -25,6 +26,11 @@ from services.http_front.settings import HttpFrontSettings
 
 log = logging.getLogger("cachemesh.http_front")
 _PROPAGATOR = TraceContextTextMapPropagator()
+# on the request, once a stream's head is sent: the stream, its request id, and how it ended
+# when that is not its response's status (an error event at its end; the caller gone)
+_STREAM = web.RequestKey("cachemesh.stream", web.StreamResponse)
+_STREAM_ID = web.RequestKey("cachemesh.stream_id", str)
+_ENDED = web.RequestKey("cachemesh.ended", int)
 _NO_KEY = {
     "anthropic": "no API key: send it in the x-api-key header",
     "openai": "no API key: send 'Authorization: Bearer <key>'",
@@ -107,7 +113,7 @@ class Front:
         status = 499  # the caller went away (nginx's code: no response was sent)
         try:
             response = await self._traced(api, request, answer)
-            status = response.status
+            status = request.get(_ENDED, response.status)
             return response
         finally:
             metrics.in_flight.dec()
@@ -132,15 +138,39 @@ class Front:
                 response = await answer(request, tenant, key, traceparent)
             except ApiError as error:
                 span.set_attribute("error.type", error.kind)
-                response = self._error(api, error, traceparent)
+                response = await self._failed(api, request, error, traceparent)
+            except ConnectionError as exc:
+                if _STREAM not in request:
+                    raise
+                # the caller went away mid-stream (a write failed): nothing to answer
+                log.info("%s: the caller went away mid-stream (%s)", name, type(exc).__name__)
+                span.set_attribute("error.type", "client_gone")
+                request[_ENDED] = 499
+                response = request[_STREAM]
             except Exception as exc:  # a bug here: the caller still gets its API's error shape
                 log.exception("http-front failed on %s", name)
                 span.record_exception(exc)
                 failed = ApiError("api", "the HTTP front failed on this request; see its log")
-                response = self._error(api, failed, traceparent)
+                response = await self._failed(api, request, failed, traceparent)
             span.set_attribute("http.response.status_code", response.status)
             log.debug("%s answered %d", name, response.status)
             return response
+
+    async def _failed(
+        self, api: Api, request: web.Request, error: ApiError, traceparent: str
+    ) -> web.StreamResponse:
+        """The error in the API's shape: a response of its own, or, once a stream's head went
+        out, an error event at the end of that stream (a second response would write a
+        second status line into the body)."""
+        stream: web.StreamResponse | None = request.get(_STREAM)
+        if stream is None:
+            return self._error(api, error, traceparent)
+        request[_ENDED] = error.status_for(api)
+        body = error.body_for(api, request.get(_STREAM_ID, ""))
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the caller may be gone
+            await stream.write(sse.event("error", body) if api == "anthropic" else sse.data(body))
+            await stream.write_eof()
+        return stream
 
     def _error(self, api: Api, error: ApiError, traceparent: str) -> web.Response:
         request_id = uuid.uuid4().hex
@@ -258,6 +288,8 @@ class Front:
         response = web.StreamResponse(headers=headers)
         response.content_type = "text/event-stream"
         await response.prepare(request)
+        request[_STREAM] = response  # from here on, an error ends this stream
+        request[_STREAM_ID] = start.start.request_id
         return response
 
     # --- models -------------------------------------------------------------------------------

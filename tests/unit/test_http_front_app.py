@@ -21,6 +21,7 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
+from services.http_front import handlers
 from services.http_front.app import serve
 
 KEY = "cm_test-key-of-tenant-a"
@@ -181,6 +182,30 @@ async def test_a_streamed_tool_use_reaches_both_sdks(front: Front) -> None:
     calls = [c.choices[0].delta.tool_calls async for c in stream if c.choices]
     named = [c[0].function.name for c in calls if c and c[0].function]
     assert named == ["lookup"]
+
+
+async def test_a_failure_after_a_streams_head_ends_that_stream_with_an_error_event(
+    front: Front, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the stream's head went out, a failure (here a bug in the translation) cannot be a
+    response of its own: each SDK reads an error event in its API's shape instead."""
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("a bug in the translation")
+
+    monkeypatch.setattr(handlers, "_anthropic_events", broken)
+    monkeypatch.setattr(handlers, "_openai_chunks", broken)
+    with pytest.raises(anthropic.APIStatusError) as claude:
+        async with _claude(front).messages.stream(
+            model="sim-large", max_tokens=50, messages=ASK
+        ) as s:
+            await s.get_final_message()
+    assert "the HTTP front failed on this request" in str(claude.value)
+    stream = await _gpt(front).chat.completions.create(model="sim-large", messages=ASK, stream=True)
+    with pytest.raises(openai.APIError) as gpt:
+        _ = [c async for c in stream]
+    assert "the HTTP front failed on this request" in str(gpt.value)
+    assert "a bug in the translation" in caplog.text  # logged with its traceback
 
 
 async def test_a_second_request_over_the_keys_limit_is_a_rate_limit_error(front: Front) -> None:
