@@ -123,3 +123,13 @@ def is_loopback(address: builtins.str) -> builtins.bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def redacted_url(url: builtins.str) -> builtins.str:
+    """The URL without its password, for messages (redis://user:secret@host ->
+    redis://user:***@host)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.env import ConfigError, Env
+from services.common.env import ConfigError, Env, redacted_url
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
@@ -50,8 +50,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             try:
                 await redis.ping()
             except RedisError as exc:
+                where = redacted_url(settings.redis_url or "")  # never its password
                 raise ConfigError(
-                    f"PREFIX_CACHE_REDIS_URL: cannot reach Redis at {settings.redis_url} ({exc})"
+                    f"PREFIX_CACHE_REDIS_URL: cannot reach Redis at {where} ({exc})"
                 ) from exc
         tokenizer.set(await asyncio.to_thread(load_cl100k))
         counting.append(asyncio.ensure_future(_count_warm(core, metrics)))

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.clock import Clock
-from services.common.env import ConfigError
+from services.common.env import ConfigError, redacted_url
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
@@ -45,14 +45,5 @@ async def _reachable(var: str, url: str) -> Redis:
         await redis.ping()
     except RedisError as exc:
         await redis.aclose()
-        raise ConfigError(f"{var}: cannot reach Redis at {_redacted(url)} ({exc})") from None
+        raise ConfigError(f"{var}: cannot reach Redis at {redacted_url(url)} ({exc})") from None
     return redis
-
-
-def _redacted(url: str) -> str:
-    """The URL without a password (redis://user:secret@host -> redis://user:***@host)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
