@@ -39,6 +39,9 @@ from services.prefix_cache.warm import WarmStore
 # for long: 32 kB of one-character blocks (6,400 parts) takes ~26 ms.
 INLINE_PROMPT_BYTES = 32 * 1024
 INLINE_PROMPT_PARTS = 256
+# The most tokens a count may hold (2^31, ~2.1 billion: beyond any context or output), so that
+# every bill fits in int64 nano-dollars; a larger one is refused before anything is written.
+MAX_TOKENS = 1 << 31
 
 
 class BadRequest(ValueError):
@@ -228,10 +231,8 @@ class PrefixCacheCore:
     ) -> Final:
         _require(tenant, "tenant")
         _require(request_id, "request_id")
-        if output_tokens < 0:
-            raise BadRequest(f"output_tokens must be >= 0, got {output_tokens}")
-        if kv_cached_tokens < 0:
-            raise BadRequest(f"kv_cached_tokens must be >= 0, got {kv_cached_tokens}")
+        _count(output_tokens, "output_tokens")
+        _count(kv_cached_tokens, "kv_cached_tokens")
         baseline_spec = self._spec(baseline_model, "baseline_model") if baseline_model else None
         async with self._commit_locks.hold((tenant, request_id)):
             now = self._clock.now_ms()
@@ -261,6 +262,8 @@ class PrefixCacheCore:
             )
             if provider_usage is not None:
                 reported = reported_usage(provider_usage, spec)
+                _count(reported.output_tokens, "provider_usage output tokens")
+                _count(reported.split.prompt_tokens, "provider_usage prompt tokens")
                 if output_tokens and output_tokens != reported.output_tokens:
                     raise BadRequest(
                         f"output_tokens ({output_tokens}) differs from the provider's reported "
@@ -330,6 +333,11 @@ def _small(request: pb.CompleteRequest) -> bool:
         return False
     parts = len(request.tools) + len(request.system)
     return parts + sum(len(m.content) for m in request.messages) <= INLINE_PROMPT_PARTS
+
+
+def _count(value: int, field: str) -> None:
+    if not 0 <= value <= MAX_TOKENS:
+        raise BadRequest(f"{field} must be between 0 and {MAX_TOKENS:,}, got {value}")
 
 
 def _require(value: str, field: str) -> None:

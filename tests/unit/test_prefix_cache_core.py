@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 from services.common.models import load_model_table
@@ -227,12 +228,18 @@ def test_commit_records_are_bounded() -> None:
     [
         ({"output_tokens": -1}, "output_tokens"),
         ({"kv_cached_tokens": -5}, "kv_cached_tokens"),
+        # a bill past int64 nano-dollars: refused before anything is written
+        ({"output_tokens": 10**15}, "output_tokens"),
+        ({"provider_usage": pc.ProviderUsage(anthropic=pc.AnthropicUsage(
+            input_tokens=10**15, output_tokens=5))}, "prompt tokens"),
+        ({"provider_usage": pc.ProviderUsage(anthropic=pc.AnthropicUsage(
+            input_tokens=10, output_tokens=10**15)), "output_tokens": 0}, "output tokens"),
         ({"baseline_model": "gpt-9"}, "baseline_model"),
         ({"model": "sim-small"}, "model"),
         ({"request_id": ""}, "request_id"),
         ({"tenant": ""}, "tenant"),
     ],
-)
+)  # fmt: skip
 async def test_bad_final_changes_nothing(rig: Rig, kwargs: dict[str, object], field: str) -> None:
     await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
     args: dict[str, object] = {
