@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 from importlib import resources
 
 import tiktoken
@@ -32,6 +33,11 @@ CL100K_SPECIAL = {
 }
 
 
+# the encodings kept for reuse: at most this many tokens (~70 MB), no text over 64k characters
+CACHED_TOKENS = 2_000_000
+CACHED_TEXT_CHARS = 64 * 1024
+
+
 class TokenizerError(RuntimeError):
     """The offline vocabulary is missing or does not match its pinned hash."""
 
@@ -39,13 +45,44 @@ class TokenizerError(RuntimeError):
 class Tokenizer:
     """Counts and encodes text; ``name`` says which vocabulary."""
 
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
+    def __init__(
+        self,
+        encoding: tiktoken.Encoding,
+        cached_tokens: int = CACHED_TOKENS,
+        cached_text_chars: int = CACHED_TEXT_CHARS,
+    ) -> None:
         self._encoding = encoding
         self.name = encoding.name
-        self.encode = lru_cache(maxsize=4096)(self._encode)
+        # The encodings of recent texts (the same tools and system prompt come with every
+        # request), least recently used out first, bounded by the tokens they hold (~36 bytes
+        # each) and never a text over ``cached_text_chars``. Shared with worker threads.
+        self._cached: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._cached_tokens = 0
+        self._budget = cached_tokens
+        self._text_limit = cached_text_chars
+        self._lock = threading.Lock()
 
-    def _encode(self, text: str) -> tuple[int, ...]:
-        return tuple(self._encoding.encode(text, disallowed_special=()))
+    def encode(self, text: str) -> tuple[int, ...]:
+        with self._lock:
+            ids = self._cached.get(text)
+            if ids is not None:
+                self._cached.move_to_end(text)
+                return ids
+        ids = tuple(self._encoding.encode(text, disallowed_special=()))
+        if len(text) > self._text_limit or len(ids) > self._budget:
+            return ids
+        with self._lock:
+            if text not in self._cached:
+                self._cached[text] = ids
+                self._cached_tokens += len(ids)
+                while self._cached_tokens > self._budget:
+                    _, dropped = self._cached.popitem(last=False)
+                    self._cached_tokens -= len(dropped)
+        return ids
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached_tokens
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
