@@ -42,7 +42,8 @@ from services.semantic_cache.records import (
 from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.verifier import Verifier
 
-_RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors
+_RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors ...
+_RECENT_TEXT_CHARS = 16 * 1024  # ... and at most 16 MB of the texts that key them
 # The longest a check waits for its scope's Stores in flight (an embedding and a log sync).
 _STORE_WAIT_S = 1.0
 
@@ -278,13 +279,15 @@ class SemanticCache(EntryStore):
         )
 
     async def _embed(self, tenant: str, text: str) -> npt.NDArray[np.float32]:
-        if (known := self._recent.get((tenant, text))) is not None:
+        kept = len(text) <= _RECENT_TEXT_CHARS  # a longer text is embedded each time
+        if kept and (known := self._recent.get((tenant, text))) is not None:
             return known
         if self._batcher is not None:
             row = await self._batcher.embed_one(text)
         else:
             row = (await asyncio.to_thread(self._embedder.embed, [text]))[0]
-        self._recent.put((tenant, text), row)
+        if kept:
+            self._recent.put((tenant, text), row)
         return row
 
 

@@ -152,3 +152,14 @@ async def test_another_tenants_question_is_embedded_again() -> None:
     assert not (await cache.check(q("What is the capital of France?"))).hit
     assert not (await cache.check(q("What is the capital of France?", tenant="b"))).hit
     assert embedder.calls == calls + 2
+
+
+async def test_a_long_question_is_embedded_each_time_never_held() -> None:
+    """The recent vectors are keyed by their texts: a long one would pin its text."""
+    cache, _, embedder = new_cache()
+    long = "Why is the sky blue? " * 1000  # 21 kB
+    await cache.store(q("How do I reset my password?"), answer())
+    calls = embedder.calls
+    assert not (await cache.check(q(long))).hit
+    await cache.store(q(long), answer())
+    assert embedder.calls == calls + 2  # the Store embedded it again
