@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services.common.clock import ManualClock
+from services.semantic_cache import wal as wal_module
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WalError, WriteAheadLog
@@ -69,6 +71,36 @@ async def test_rotation_hands_over_exactly_the_copied_records(tmp_path: Path) ->
     assert wal.drop_through(last) == 1
     wal.close()
     assert [r["seq"] for r in WriteAheadLog(tmp_path).open()] == [3]
+
+
+async def test_rotation_makes_the_old_segment_whole_before_the_new_one_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss between the two would otherwise leave a torn record in a segment that is
+    no longer the last: damage, and a service that will not start."""
+    events: list[str] = []
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    wal.append({"op": "x"})
+    real_fsync, real_start = wal_module.os.fsync, wal._start_segment
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        real_fsync(fd)
+
+    def start() -> None:
+        events.append("new segment")
+        real_start()
+
+    monkeypatch.setattr(wal_module.os, "fsync", fsync)
+    monkeypatch.setattr(wal, "_start_segment", start)
+    await wal.rotate(lambda: "copy")
+    first = wal_module.WriteAheadLog(tmp_path).segments()[0].name
+    assert events.index("new segment") > max(
+        i for i, e in enumerate(events) if e == f"fsync {first}"
+    )
+    assert events[-1] != f"fsync {first}"
+    wal.close()
 
 
 async def test_acknowledged_changes_survive_without_any_snapshot(tmp_path: Path) -> None:
