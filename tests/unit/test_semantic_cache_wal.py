@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from services.common.clock import ManualClock
-from services.semantic_cache import wal as wal_module
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WalError, WriteAheadLog
@@ -82,7 +81,7 @@ async def test_rotation_makes_the_old_segment_whole_before_the_new_one_exists(
     wal = WriteAheadLog(tmp_path)
     wal.open()
     wal.append({"op": "x"})
-    real_fsync, real_start = wal_module.os.fsync, wal._start_segment
+    real_fsync, real_start = os.fsync, wal._start_segment
 
     def fsync(fd: int) -> None:
         events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
@@ -92,10 +91,10 @@ async def test_rotation_makes_the_old_segment_whole_before_the_new_one_exists(
         events.append("new segment")
         real_start()
 
-    monkeypatch.setattr(wal_module.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(wal, "_start_segment", start)
     await wal.rotate(lambda: "copy")
-    first = wal_module.WriteAheadLog(tmp_path).segments()[0].name
+    first = WriteAheadLog(tmp_path).segments()[0].name
     assert events.index("new segment") > max(
         i for i, e in enumerate(events) if e == f"fsync {first}"
     )
