@@ -110,12 +110,17 @@ class EntryStore:
         return {index.kind for index in self._scopes.values()}
 
     def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool:
-        """Re-applies a logged store (replay after a restart); False if expired or stale."""
-        if entry.embedder_version != self._embedder.version:
-            return False
+        """Re-applies a logged store (replay after a restart); False if expired or stale.
+        Either way the older answer it replaced stays replaced: an expired store must not
+        bring back what it superseded."""
         now = self._clock.now_ms()
         self._purge_expired(now)
-        if self._expires_at(entry) <= now:
+        if entry.embedder_version != self._embedder.version or self._expires_at(entry) <= now:
+            key = (entry.tenant, entry.scope)
+            index = self._scopes.get(key)
+            old = index.exact.get(entry.query) if index is not None else None
+            if old is not None:
+                self._remove(old)
             return False
         self._insert(entry, vector)
         return True
@@ -265,7 +270,9 @@ class EntryStore:
                 self._forget(vid)
                 dropped += 1
         self.stats.invalidations += dropped
-        if dropped and self._journal is not None:
+        if self._journal is not None:
+            # logged even when nothing was found here: a replay may hold entries this process
+            # had evicted (evictions are not logged), and the purge must remove them too
             self._journal.log_drop(tenant, namespace)  # durable at the caller's sync_journal
         return dropped
 
@@ -274,12 +281,12 @@ class EntryStore:
         if not tenant:
             raise InvalidQuery("tenant", "is required")
         vid = self._by_entry_id.get(entry_id)
+        if self._journal is not None:  # logged whatever is found here (``drop``)
+            self._journal.log_drop_entry(tenant, entry_id)
         if vid is None or self._entries[vid].tenant != tenant:
             return 0
         self._remove(vid)
         self.stats.invalidations += 1
-        if self._journal is not None:
-            self._journal.log_drop_entry(tenant, entry_id)
         return 1
 
     def _expires_at(self, entry: Entry) -> int:

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
+from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WalError, WriteAheadLog
@@ -170,3 +172,51 @@ async def test_a_store_is_acknowledged_only_after_its_record_is_fsynced(
         segment = max(wal_dir.glob("*.log"), key=lambda p: int(p.stem))
         assert len(synced) > before, "the store was acknowledged without an fsync"
         assert synced[-1] == segment.stat().st_size > 0, "the fsync did not cover its record"
+
+
+async def _crash_and_replay(
+    tmp_path: Path, clock: ManualClock, max_entries: int = 100
+) -> SemanticCache:
+    revived = new_cache(clock, max_entries=max_entries)
+    store = SnapshotStore(tmp_path)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
+    return revived
+
+
+async def test_a_replayed_store_that_expired_still_leaves_the_answer_it_replaced_out(
+    tmp_path: Path,
+) -> None:
+    """E1 (1 day), then a refresh of the same question with a 60 s TTL (E2); the process dies
+    and comes back after E2 expired: E1 must not be served again."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        cache
+    )
+    question = "what is the refund window"
+    await cache.store(q(question), answer(b"OLD: 90 days"), default_ttl_s=86_400)
+    clock.advance(s=10)
+    refresh = q(question, mode=pb.SEMANTIC_MODE_REFRESH)
+    await cache.store(refresh, answer(b"NEW: 30 days"), default_ttl_s=60)
+    clock.advance(s=120)
+    assert not (await cache.check(q(question))).hit  # live: the new one expired, nothing
+    revived = await _crash_and_replay(tmp_path, clock)
+    assert not (await revived.check(q(question))).hit
+
+
+async def test_a_purge_that_found_nothing_is_logged_for_the_replay(tmp_path: Path) -> None:
+    """Evictions are not logged, so a replay may hold an entry this process had evicted; the
+    tenant's later purge must remove it there too."""
+    clock = ManualClock()
+    cache = new_cache(clock, max_entries=2)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        cache
+    )
+    await cache.store(q("how do i reset my password"), answer(b"A"))
+    await cache.store(q("what is the secret discount code", "b"), answer(b"B-secret"))
+    assert (await cache.check(q("how do i reset my password"))).hit  # B is now the oldest
+    await cache.store(q("how do i delete my account"), answer(b"C"))  # evicts B
+    assert cache.drop("b") == 0
+    await cache.sync_journal()
+    revived = await _crash_and_replay(tmp_path, clock, max_entries=2)
+    assert not (await revived.check(q("what is the secret discount code", "b"))).hit
