@@ -21,6 +21,14 @@ TOOL_USE_NAMESPACES = "SEMANTIC_CACHE_TOOL_USE_NAMESPACES"
 MAX_TEMPERATURE = "SEMANTIC_CACHE_MAX_TEMPERATURE"
 
 
+MAX_TTL_S = 10 * 365 * 86_400.0  # ten years: a TTL beyond any use, well within int64 ms
+
+
+def valid_ttl(ttl_s: float) -> bool:
+    """A TTL in seconds: finite, > 0, at most ``MAX_TTL_S``."""
+    return math.isfinite(ttl_s) and 0 < ttl_s <= MAX_TTL_S
+
+
 @dataclass(frozen=True)
 class NamespacePolicy:
     ttl_s: float = 86_400.0
@@ -30,8 +38,11 @@ class NamespacePolicy:
 
     def __post_init__(self) -> None:
         for name, ttl in {"": self.ttl_s, **self.namespace_ttl_s}.items():
-            if not (math.isfinite(ttl) and ttl > 0):
-                raise ValueError(f"ttl_s of namespace {name!r} must be > 0, got {ttl}")
+            if not valid_ttl(ttl):
+                raise ValueError(
+                    f"ttl_s of namespace {name!r} must be > 0 and at most {MAX_TTL_S:.0f} "
+                    f"seconds (10 years), got {ttl}"
+                )
         if not (math.isfinite(self.max_temperature) and self.max_temperature >= 0):
             raise ValueError(f"max_temperature must be >= 0, got {self.max_temperature}")
 
@@ -52,9 +63,10 @@ class NamespacePolicy:
                 seconds = float(value)
             except ValueError:
                 seconds = math.nan
-            if not sep or not name.strip() or not (math.isfinite(seconds) and seconds > 0):
+            if not sep or not name.strip() or not valid_ttl(seconds):
                 raise ConfigError(
-                    f"{NAMESPACE_TTL}: {item!r} must be namespace=seconds with seconds > 0"
+                    f"{NAMESPACE_TTL}: {item!r} must be namespace=seconds with seconds > 0 "
+                    f"and at most {MAX_TTL_S:.0f} (10 years)"
                 )
             overrides[name.strip()] = seconds
         return cls(

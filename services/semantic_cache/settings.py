@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.common.env import ConfigError, Env
 from services.semantic_cache.operating_point import OperatingPoint
-from services.semantic_cache.policy import NamespacePolicy
+from services.semantic_cache.policy import MAX_TTL_S, NamespacePolicy, valid_ttl
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 
@@ -36,8 +36,11 @@ class SemanticCacheSettings:
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheSettings:
         """``shipped`` (the calibrated operating point) gives the defaults of the first three."""
         ttl_s = env.float("SEMANTIC_CACHE_TTL_S", 86_400.0)
-        if ttl_s <= 0:
-            raise ConfigError(f"SEMANTIC_CACHE_TTL_S must be > 0 seconds, got {ttl_s}")
+        if not valid_ttl(ttl_s):
+            raise ConfigError(
+                f"SEMANTIC_CACHE_TTL_S must be > 0 and at most {MAX_TTL_S:.0f} seconds "
+                f"(10 years), got {ttl_s}"
+            )
         return cls(
             threshold=env.float(
                 "SEMANTIC_CACHE_THRESHOLD", shipped.threshold, minimum=0.0, maximum=1.0

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from services.semantic_cache.policy import MAX_TTL_S, valid_ttl
 
 FILE_NAME = "tenant-policies.json"
 _VERSION = 1
@@ -40,8 +41,11 @@ class PolicyChange:
         if self.reset_default_ttl and self.default_ttl_s is not None:
             raise PolicyError("set default_ttl_s or reset_default_ttl, not both")
         ttl = self.default_ttl_s
-        if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
-            raise PolicyError(f"default_ttl_s must be a number of seconds > 0, got {ttl}")
+        if ttl is not None and not valid_ttl(ttl):
+            raise PolicyError(
+                f"default_ttl_s must be a number of seconds > 0 and at most {MAX_TTL_S:.0f} "
+                f"(10 years), got {ttl}"
+            )
         if self.l1_enabled is not None:
             policy = replace(policy, l1_enabled=self.l1_enabled)
         if ttl is not None:

@@ -128,6 +128,7 @@ async def test_a_tenants_default_ttl_applies_to_its_new_entries(served: Served) 
     [
         ({"tenant": "a", "default_ttl_s": 0.0}, "default_ttl_s"),
         ({"tenant": "a", "default_ttl_s": -5.0}, "default_ttl_s"),
+        ({"tenant": "a", "default_ttl_s": 1e306}, "at most"),  # every Store would fail
         ({"tenant": "a", "default_ttl_s": 5.0, "reset_default_ttl": True}, "not both"),
         ({"l1_enabled": False}, "tenant"),
     ],
