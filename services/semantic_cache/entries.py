@@ -327,10 +327,11 @@ class EntryStore:
             self.stats.evictions += 1
 
     def _remove(self, vid: int) -> None:
-        entry = self._forget(vid)
+        entry = self._entries[vid]
         key = (entry.tenant, entry.scope)
         index = self._scopes[key]
-        index.remove(vid, entry.query)
+        index.remove(vid, entry.query)  # first: if it fails, the entry and its id stay paired
+        self._forget(vid)
         if not len(index):
             del self._scopes[key]
 

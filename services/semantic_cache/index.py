@@ -15,6 +15,7 @@ to be rebuilt, no copy of its vectors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +26,8 @@ from services.semantic_cache.ann import GROWTH as GROWTH
 from services.semantic_cache.ann import AnnSettings as AnnSettings
 from services.semantic_cache.ann import Ids, Rows, remove_ids, sample_positions, train_ivf
 from services.semantic_cache.rebuild import Rebuild
+
+log = logging.getLogger(__name__)
 
 SLICE = 65_536  # rows per slice of a copy (a rebuild frees each once it has added it)
 
@@ -41,6 +44,7 @@ class ScopeIndex:
         self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._approximate = False
         self._trained_for = 0  # rows the IVF was built from (0 = exact)
+        self._failed_at = 0  # rows at the last failed rebuild (0 = none): next try at GROWTH x
         self._rebuild: Rebuild | None = None
 
     @classmethod
@@ -150,11 +154,25 @@ class ScopeIndex:
             return
         if self._approximate and len(self.ids) < GROWTH * self._trained_for:
             return  # retrained (more lists) each time the scope has grown GROWTH times
+        if len(self.ids) < GROWTH * self._failed_at:
+            return  # the last try failed: not again on every add
         self._rebuild = Rebuild(list(self.slices()), ann)
 
     def _adopt_rebuild(self) -> None:
         rebuild = self._rebuild
         if rebuild is None or not rebuild.done():
             return
-        self._index, self._approximate = rebuild.adopt(), True
-        self._trained_for, self._rebuild = rebuild.size, None
+        self._rebuild = None
+        try:
+            index = rebuild.adopt()
+        except Exception:  # the build failed: the scope keeps serving from its current index
+            log.exception(
+                "semantic-cache: the IVF rebuild of a scope of %d entries failed; it stays on "
+                "its current index and tries again at %d entries",
+                rebuild.size,
+                GROWTH * rebuild.size,
+            )
+            self._failed_at = rebuild.size
+            return
+        self._index, self._approximate = index, True
+        self._trained_for = rebuild.size

@@ -62,9 +62,20 @@ class SemanticCacheSettings:
             lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
             lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
             embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
-            ann_min_entries=env.int("SEMANTIC_CACHE_ANN_MIN_ENTRIES", 20_000, minimum=0),
+            ann_min_entries=_ann_min_entries(env),
             ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1),
         )
+
+
+def _ann_min_entries(env: Env) -> int:
+    """0 (always exact) or at least 16: an IVF trains a point for each of its >= 16 lists."""
+    value = env.int("SEMANTIC_CACHE_ANN_MIN_ENTRIES", 20_000, minimum=0)
+    if 0 < value < 16:
+        raise ConfigError(
+            f"SEMANTIC_CACHE_ANN_MIN_ENTRIES must be 0 (always exact) or at least 16 (an IVF "
+            f"needs a training point for each of its >= 16 lists), got {value}"
+        )
+    return value
 
 
 def _positive(env: Env, name: str, default: float) -> float:

@@ -55,6 +55,9 @@ def test_the_shipped_operating_point_file_loads() -> None:
         ("SEMANTIC_CACHE_FAISS_THREADS", "0"),
         ("SEMANTIC_CACHE_ORT_THREADS", "two"),
         ("SEMANTIC_CACHE_ORT_SOLO_THREADS", "-1"),
+        ("SEMANTIC_CACHE_ANN_MIN_ENTRIES", "8"),  # fewer points than an IVF's 16 lists
+        ("SEMANTIC_CACHE_TTL_S", "1e306"),  # would overflow every Store's expiry
+        ("SEMANTIC_CACHE_NAMESPACE_TTL_S", "docs=1e306"),
     ],
 )
 def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:

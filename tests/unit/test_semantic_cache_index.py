@@ -67,6 +67,33 @@ async def test_the_cache_serves_from_an_ivf_scope() -> None:
     assert len(cache.export_entries().entries) == 60
 
 
+async def test_a_failed_rebuild_leaves_the_scope_serving_from_its_exact_index(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build that fails (out of memory, say) is logged; lookups, stores and snapshots of
+    the scope go on from its current index, and it is not retried on every add."""
+    calls: list[int] = []
+
+    def failing(rows: object, nlist: int, ann: AnnSettings) -> object:
+        calls.append(nlist)
+        raise MemoryError("no memory for the IVF")
+
+    monkeypatch.setattr(rebuild, "train_ivf", failing)
+    cache = SemanticCache(
+        FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=AnnSettings(min_entries=40)
+    )
+    for i in range(40):
+        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    (scope,) = cache._scopes.values()
+    scope.wait_for_rebuild()
+    assert scope.kind == "flat" and "IVF rebuild of a scope of 40 entries failed" in caplog.text
+    assert (await cache.check(q("question about topic 12 and thing 84"))).hit
+    for i in range(40, 60):  # not retried below GROWTH times the failed size
+        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    assert len(calls) == 1
+    assert len(cache.export_entries().entries) == 60
+
+
 def test_nlist_grows_with_the_square_root() -> None:
     ann = AnnSettings()
     assert [ann.nlist(n) for n in (20_000, 50_000, 1_000_000)] == [512, 1024, 4096]
