@@ -44,6 +44,7 @@ from services.semantic_cache.verifier import Verifier
 
 _RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors ...
 _RECENT_TEXT_CHARS = 16 * 1024  # ... and at most 16 MB of the texts that key them
+_MISSES_KEPT = 4096  # lookups that missed, for their Stores (a model call's worth of traffic)
 # The longest a check waits for its scope's Stores in flight (an embedding and a log sync).
 _STORE_WAIT_S = 1.0
 
@@ -94,6 +95,9 @@ class SemanticCache(EntryStore):
         # A miss's Store follows its Lookup: the vector of a recent text is embedded once. By
         # tenant: another tenant's question must not make this one's answer measurably faster.
         self._recent: Recent[tuple[str, str], npt.NDArray[np.float32]] = Recent(_RECENT_VECTORS)
+        # The tenant's purge count when a request's lookup missed, by (tenant, request_id): its
+        # Store is refused if the tenant purged its entries since (the answer predates it).
+        self._missed_at: Recent[tuple[str, str], int] = Recent(_MISSES_KEPT)
         self._storing = StoresInFlight()
 
     async def check(self, query: Query, wait_s: float = 0.0, *, lead: bool = True) -> CheckResult:
@@ -107,6 +111,8 @@ class SemanticCache(EntryStore):
         nobody would be served by waiting.
         """
         result = await self._check(query)
+        if not result.hit and query.request_id:
+            self._missed_at.put((query.tenant, query.request_id), self.purges(query.tenant))
         if result.hit or result.skip_reason or self._leases is None:
             return result
         if not lead or query.temperature > self._policy.max_temperature:
@@ -227,6 +233,9 @@ class SemanticCache(EntryStore):
             return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
         vector = await self._embed(query.tenant, query.text)
         # From here to the sync nothing awaits: the log's order is the order of the changes.
+        missed_at = self._missed_at.get((query.tenant, query.request_id))
+        if missed_at is not None and missed_at != self.purges(query.tenant):
+            return StoreResult(False, skip_reason=_PURGED_SINCE)
         now = self._clock.now_ms()
         self._purge_expired(now)
         entry = Entry(
@@ -292,6 +301,7 @@ class SemanticCache(EntryStore):
 
 
 _NO_USER_TEXT = "the last message is not a user turn with text (a prefill, or no text)"
+_PURGED_SINCE = "the tenant's entries were invalidated after this request's lookup"
 
 
 def _require_tenant(query: Query) -> None:

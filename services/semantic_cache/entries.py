@@ -77,6 +77,7 @@ class EntryStore:
         self._scopes: dict[ScopeKey, ScopeIndex] = {}
         self._next_id = 0
         self._changes = 0
+        self._purges: dict[str, int] = {}  # tenant -> purges so far (``drop``)
         self.stats = stats if stats is not None else StoreStats()  # what its metrics read
 
     def __len__(self) -> int:
@@ -264,6 +265,7 @@ class EntryStore:
             for key, index in self._scopes.items()
             if key[0] == tenant and (namespace is None or index.namespace == namespace)
         ]
+        self._purges[tenant] = self._purges.get(tenant, 0) + 1  # a Store looked up before: not
         dropped = 0
         for key in keys:
             for vid in self._scopes.pop(key).ids:
@@ -288,6 +290,10 @@ class EntryStore:
         self._remove(vid)
         self.stats.invalidations += 1
         return 1
+
+    def purges(self, tenant: str) -> int:
+        """How many times the tenant's entries were purged (``drop``) in this process."""
+        return self._purges.get(tenant, 0)
 
     def _expires_at(self, entry: Entry) -> int:
         """The entry's fixed expiry; for one that has none yet, created_at + its namespace's

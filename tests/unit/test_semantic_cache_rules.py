@@ -163,3 +163,27 @@ async def test_a_long_question_is_embedded_each_time_never_held() -> None:
     assert not (await cache.check(q(long))).hit
     await cache.store(q(long), answer())
     assert embedder.calls == calls + 2  # the Store embedded it again
+
+
+def _with_id(question: str, request_id: str, tenant: str = "a") -> Query:
+    request = make_request(question)
+    request.request_id = request_id
+    return query_from_request(tenant, request)
+
+
+async def test_an_answer_looked_up_before_a_purge_is_not_stored_after_it() -> None:
+    """Lookup misses, the tenant invalidates its cache (say, a policy changed), then the
+    leader's Store arrives with the answer made before: it must not come back."""
+    cache, _, _ = new_cache()
+    await cache.store(q("What is the refund window?"), answer())  # the scope exists
+    asked = _with_id("How long do refunds take?", "req-1")
+    assert not (await cache.check(asked)).hit
+    cache.drop("a")
+    stored = await cache.store(asked, answer())
+    assert not stored.stored and "invalidated after this request's lookup" in stored.skip_reason
+    assert not (await cache.check(q("How long do refunds take?"))).hit
+    # another tenant's purge changes nothing for this one; a lookup after the purge stores
+    other = _with_id("How long do refunds take?", "req-2")
+    assert not (await cache.check(other)).hit
+    cache.drop("b")
+    assert (await cache.store(other, answer())).stored
