@@ -164,8 +164,8 @@ class KeyStore:
         return changed[-1]
 
     def _update(self, change: Callable[[list[KeyRecord]], list[KeyRecord]]) -> None:
-        records = self._file.update(change)
-        self._state = _snapshot(records, self._file.signature())
+        records, signature = self._file.update(change)
+        self._state = _snapshot(records, signature)
         self._checked = self._monotonic()
 
     def _refresh(self) -> None:

@@ -177,9 +177,11 @@ class KeyFile:
 
     def update(
         self, change: Callable[[list[KeyRecord]], list[KeyRecord]], *, create: bool = False
-    ) -> list[KeyRecord]:
+    ) -> tuple[list[KeyRecord], Signature | None]:
         """Applies ``change`` to the records under the lock and writes the result; a missing
-        file is an error unless ``create`` (then ``change`` gets no records)."""
+        file is an error unless ``create`` (then ``change`` gets no records). Returns the
+        records written and the file's signature taken under the same lock: one taken after
+        it could be another process's next change, whose records this one never read."""
         with self._locked():
             if create and not self.path.exists():
                 records: list[KeyRecord] = []
@@ -188,7 +190,7 @@ class KeyFile:
             changed = change(list(records))
             _check_unique(changed, str(self.path))
             self._write(render(changed))
-            return changed
+            return changed, self.signature()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -175,3 +176,29 @@ def test_a_key_name_is_one_short_line(tmp_path: Path) -> None:
     _legacy(tmp_path / "keys", acme=new_api_key())
     with pytest.raises(KeyStoreError, match="name"):
         _store(tmp_path / "keys", Clock()).create("acme", "two\nlines")
+
+
+def test_a_revocation_by_another_router_right_after_this_ones_write_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Router B revokes a key between router A's write and A's look at the file: A must not
+    take B's file for its own (it would never reload it and accept the revoked key)."""
+    victim = new_api_key()
+    _legacy(tmp_path / "keys", acme=victim)
+    clock = Clock()
+    a, b = _store(tmp_path / "keys", clock), _store(tmp_path / "keys", clock)
+    (record,) = a.records()
+    real_update = KeyFile.update
+
+    def then_b_revokes(self: KeyFile, *args: Any, **kwargs: Any) -> Any:
+        written = real_update(self, *args, **kwargs)
+        if self is a._file:
+            monkeypatch.setattr(KeyFile, "update", real_update)
+            b.revoke(record.id)  # right after A's lock is released
+        return written
+
+    monkeypatch.setattr(KeyFile, "update", then_b_revokes)
+    a.create("beta", "new")
+    assert b.tenant_for(victim) is None
+    clock.now += 1.0  # past poll_s
+    assert a.tenant_for(victim) is None
