@@ -51,6 +51,9 @@ class WriteAheadLog:
         self._written = 0  # seq of the last record written to the OS
         self._synced = 0  # seq of the last record made durable
         self._sync_lock = asyncio.Lock()
+        # Why an fsync failed, if one did: the kernel may have dropped those pages and a later
+        # fsync would still succeed, so nothing is acknowledged as durable from then on.
+        self._failed: str | None = None
 
     @property
     def last_seq(self) -> int:
@@ -93,13 +96,18 @@ class WriteAheadLog:
         """Returns once every record appended before the call is on disk."""
         target = self._written
         async with self._sync_lock:
+            self._check_failed()
             if self._synced >= target or self._out is None:
                 return
             upto = self._written
             out = self._out
             out.flush()  # on the loop: the buffer must not change under the thread
             began = self._clock()
-            await asyncio.to_thread(os.fsync, out.fileno())
+            try:
+                await asyncio.to_thread(os.fsync, out.fileno())
+            except OSError as exc:
+                self._failed = f"{type(exc).__name__}: {exc}"
+                self._check_failed()
             if self._on_fsync is not None:
                 self._on_fsync(self._clock() - began)
             self._synced = max(self._synced, upto)
@@ -112,20 +120,33 @@ class WriteAheadLog:
         """
         async with self._sync_lock:
             assert self._out is not None, "open() first"
+            self._check_failed()
             out = self._out
             out.flush()
-            await asyncio.to_thread(os.fsync, out.fileno())  # the bulk, off the loop
-            taken = copy()
-            last = self.last_seq
-            # What was appended during that fsync, on the loop (a few records: ~0.2 ms), so
-            # that the old segment is whole on disk before the new one exists: a torn record
-            # can only ever be the last segment's tail, which a reopen cuts off.
-            out.flush()
-            os.fsync(out.fileno())
+            try:
+                await asyncio.to_thread(os.fsync, out.fileno())  # the bulk, off the loop
+                taken = copy()
+                last = self.last_seq
+                # What was appended during that fsync, on the loop (a few records: ~0.2 ms),
+                # so that the old segment is whole on disk before the new one exists: a torn
+                # record can only ever be the last segment's tail, which a reopen cuts off.
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                self._failed = f"{type(exc).__name__}: {exc}"
+                self._check_failed()
             self._start_segment()
             out.close()
             self._synced = max(self._synced, last)
             return taken, last
+
+    def _check_failed(self) -> None:
+        if self._failed is not None:
+            raise WalError(
+                f"{self.directory}: an fsync of the write-ahead log failed ({self._failed}); "
+                "no change is acknowledged as durable until semantic-cache restarts and "
+                "replays its log (check the disk)"
+            )
 
     def drop_through(self, seq: int) -> int:
         """Deletes the segments whose records all have seq <= ``seq``; returns how many."""

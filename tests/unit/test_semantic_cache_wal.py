@@ -220,3 +220,31 @@ async def test_a_purge_that_found_nothing_is_logged_for_the_replay(tmp_path: Pat
     await cache.sync_journal()
     revived = await _crash_and_replay(tmp_path, clock, max_entries=2)
     assert not (await revived.check(q("what is the secret discount code", "b"))).hit
+
+
+async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync may have lost its pages while a later one succeeds: from the first
+    failure on, every sync fails, naming the cause, until a restart replays the log."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    real_fsync = os.fsync
+    failures = iter([OSError(5, "Input/output error")])
+
+    def fsync(fd: int) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    wal.append({"op": "x"})
+    with pytest.raises(WalError, match="fsync of the write-ahead log failed"):
+        await wal.sync()
+    wal.append({"op": "x"})
+    with pytest.raises(WalError, match="Input/output error"):
+        await wal.sync()  # the disk answers again: still not durable, said so
+    with pytest.raises(WalError):
+        await wal.rotate(lambda: "copy")
+    wal.close()
