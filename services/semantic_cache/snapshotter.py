@@ -62,7 +62,7 @@ class Snapshotter:
         """
         report, wal_seq = await asyncio.to_thread(self._restore, cache)
         if self._wal is not None:
-            records = await asyncio.to_thread(self._wal.open)
+            records = await asyncio.to_thread(self._wal.open, wal_seq)
             applied = replay(cache, records, wal_seq, cache.dim)
             if applied:
                 self._saved_changes = None

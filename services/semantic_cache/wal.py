@@ -59,8 +59,10 @@ class WriteAheadLog:
     def last_seq(self) -> int:
         return self._next_seq - 1
 
-    def open(self) -> list[dict[str, Any]]:
-        """Reads every record (cutting a torn tail), then opens a new segment for appends."""
+    def open(self, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Reads every record (cutting a torn tail), then opens a new segment for appends,
+        numbered after ``after_seq`` at least (the last record a snapshot holds: were the log
+        lost, new records numbered below it would be skipped by the next replay)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         segments = self.segments()
         records: list[dict[str, Any]] = []
@@ -75,6 +77,7 @@ class WriteAheadLog:
             self._next_seq = records[-1]["seq"] + 1
         elif segments:
             self._next_seq = int(segments[-1].stem)
+        self._next_seq = max(self._next_seq, after_seq + 1)
         self._written = self._synced = self.last_seq
         self._start_segment()
         return records

@@ -248,3 +248,26 @@ async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
     with pytest.raises(WalError):
         await wal.rotate(lambda: "copy")
     wal.close()
+
+
+async def test_a_lost_log_is_numbered_on_after_the_snapshot(tmp_path: Path) -> None:
+    """The log directory lost (a volume not mounted, say) while the snapshot holds records up
+    to n: new records must be numbered after n, or the next replay skips them."""
+    import shutil
+
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshotter.open(cache)
+    for i in range(3):
+        await cache.store(q(f"question number {i}"), answer(b"old"))
+    assert await snapshotter.save()
+    shutil.rmtree(tmp_path / "wal")
+    after = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(after)
+    await after.store(q("a question after the loss"), answer(b"new"))
+    revived = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
+    hit = await revived.check(q("a question after the loss"))
+    assert hit.entry is not None and hit.entry.answer.payload == b"new"
