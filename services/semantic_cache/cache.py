@@ -44,6 +44,9 @@ from services.semantic_cache.verifier import Verifier
 
 _RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors ...
 _RECENT_TEXT_CHARS = 16 * 1024  # ... and at most 16 MB of the texts that key them
+# The longest question (normalised last user turn) stored: the embedding reads 256 tokens
+# (~1k characters), and an entry keeps the whole text (100k entries of 1 MiB would be 100 GB).
+MAX_STORED_QUESTION_CHARS = 16 * 1024
 _MISSES_KEPT = 4096  # lookups that missed, for their Stores (a model call's worth of traffic)
 # The longest a check waits for its scope's Stores in flight (an embedding and a log sync).
 _STORE_WAIT_S = 1.0
@@ -314,6 +317,11 @@ def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) ->
         return f"semantic mode {query.mode} never stores"
     if query.text is None or not query.normalised:
         return _NO_USER_TEXT
+    if len(query.normalised) > MAX_STORED_QUESTION_CHARS:
+        return (
+            f"the question is longer than {MAX_STORED_QUESTION_CHARS:,} characters: its "
+            "meaning is read from its first 256 tokens only, and its entry would hold it all"
+        )
     if answer.stop_reason != END_TURN:
         return f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored"
     if answer.has_tool_use and not policy.allows_tool_use(query.namespace):

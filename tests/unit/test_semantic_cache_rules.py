@@ -161,8 +161,8 @@ async def test_a_long_question_is_embedded_each_time_never_held() -> None:
     await cache.store(q("How do I reset my password?"), answer())
     calls = embedder.calls
     assert not (await cache.check(q(long))).hit
-    await cache.store(q(long), answer())
-    assert embedder.calls == calls + 2  # the Store embedded it again
+    assert not (await cache.check(q(long))).hit
+    assert embedder.calls == calls + 2  # the second lookup embedded it again
 
 
 def _with_id(question: str, request_id: str, tenant: str = "a") -> Query:
@@ -187,3 +187,11 @@ async def test_an_answer_looked_up_before_a_purge_is_not_stored_after_it() -> No
     assert not (await cache.check(other)).hit
     cache.drop("b")
     assert (await cache.store(other, answer())).stored
+
+
+async def test_a_question_over_the_stored_length_is_not_stored() -> None:
+    cache, _, _ = new_cache()
+    long = "Why is the sky blue? " * 1000  # 21k characters
+    stored = await cache.store(q(long), answer())
+    assert not stored.stored and "longer than 16,384 characters" in stored.skip_reason
+    assert len(cache) == 0
