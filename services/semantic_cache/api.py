@@ -197,6 +197,8 @@ class SemanticCacheApi:
             await self._policies.set(request.tenant, change)
         except PolicyError as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if change.l1_enabled is False:  # a Store already on its way stores nothing either
+            self._cache.stop_pending_stores(request.tenant)
         return self._policy_message(request.tenant)
 
     def _policy_message(self, tenant: str) -> sc.L1Policy:

@@ -304,7 +304,9 @@ class SemanticCache(EntryStore):
 
 
 _NO_USER_TEXT = "the last message is not a user turn with text (a prefill, or no text)"
-_PURGED_SINCE = "the tenant's entries were invalidated after this request's lookup"
+_PURGED_SINCE = (
+    "the tenant's entries were invalidated (or its L1 turned off) after this request's lookup"
+)
 
 
 def _require_tenant(query: Query) -> None:

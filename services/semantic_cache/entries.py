@@ -291,6 +291,11 @@ class EntryStore:
         self.stats.invalidations += 1
         return 1
 
+    def stop_pending_stores(self, tenant: str) -> None:
+        """The Stores of the tenant's lookups made so far will store nothing (as after a
+        purge), its entries left as they are: L1 turned off while model calls were on."""
+        self._purges[tenant] = self._purges.get(tenant, 0) + 1
+
     def purges(self, tenant: str) -> int:
         """How many times the tenant's entries were purged (``drop``) in this process."""
         return self._purges.get(tenant, 0)

@@ -111,6 +111,22 @@ async def test_l1_off_neither_serves_nor_stores_and_on_again_serves(served: Serv
     assert rows[0].lookups == 1  # the lookups it skipped are not counted
 
 
+async def test_l1_turned_off_during_a_model_call_stores_nothing_of_it(served: Served) -> None:
+    """Lookup misses, the tenant's L1 goes off (and on again) while the model answers: the
+    answer made meanwhile is not stored."""
+    await served.store("a", "reset my password")  # the scope exists
+    request = make_request("close my account")
+    request.request_id = "req-7"
+    lookup = sc.LookupRequest(tenant="a", request=request)
+    assert not (await served.stub.Lookup(lookup, metadata=AUTH)).hit
+    await served.set(tenant="a", l1_enabled=False)
+    await served.set(tenant="a", l1_enabled=True)
+    stored = await served.stub.Store(
+        sc.StoreRequest(tenant="a", request=request, answer=ANSWER), metadata=AUTH
+    )
+    assert not stored.stored and "L1 turned off" in stored.skip_reason
+
+
 async def test_a_tenants_default_ttl_applies_to_its_new_entries(served: Served) -> None:
     policy = await served.set(tenant="a", default_ttl_s=60.0)
     assert policy.HasField("default_ttl_s") and policy.effective_default_ttl_s == 60.0
