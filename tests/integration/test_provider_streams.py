@@ -95,25 +95,22 @@ def _ends(chunks: list[model_pb2.GenerateChunk]) -> list[model_pb2.GenerateEnd]:
     return [c.end for c in chunks if c.WhichOneof("part") == "end"]
 
 
-def test_an_anthropic_stream_closed_before_its_stop_event_is_interrupted(
-    server: WireServer,
-) -> None:
-    events = anthropic_wire.stream(
-        CLAUDE, ["Paris", " is the", " capital."], anthropic_wire.Usage(25, output_tokens=9)
-    )
-    text_events = [e for e in events if e[0] not in ("message_delta", "message_stop")]
-    server.script("anthropic", Reply(events=text_events[:-2]))  # a clean close mid-answer
-    (end,) = _ends(_generate(_api(server, "anthropic"), CLAUDE))
-    assert end.interrupted and end.stop_reason == "interrupted"
-    assert "StreamCut" in end.error
+def _closed_mid_answer(backend: str) -> Reply:
+    """A stream closed cleanly after two pieces of text: no stop event, no finish_reason."""
+    texts = ["Paris", " is the", " capital."]
+    if backend == "anthropic":
+        events = anthropic_wire.stream(CLAUDE, texts, anthropic_wire.Usage(25, output_tokens=9))
+        text_events = [e for e in events if e[0] not in ("message_delta", "message_stop")]
+        return Reply(events=text_events[:-2])
+    return Reply(events=openai_wire.stream(GPT, texts, None, cut_after=2))
 
 
-def test_an_openai_stream_closed_before_its_finish_reason_is_interrupted(
-    server: WireServer,
+@pytest.mark.parametrize(("backend", "model"), [("anthropic", CLAUDE), ("openai", GPT)])
+def test_a_stream_closed_before_its_final_event_is_interrupted(
+    server: WireServer, backend: str, model: str
 ) -> None:
-    events = openai_wire.stream(GPT, ["Paris", " is the", " capital."], None, cut_after=2)
-    server.script("openai", Reply(events=events))  # a clean close, no finish_reason, no [DONE]
-    (end,) = _ends(_generate(_api(server, "openai"), GPT))
+    server.script(backend, _closed_mid_answer(backend))
+    (end,) = _ends(_generate(_api(server, backend), model))
     assert end.interrupted and end.stop_reason == "interrupted"
     assert "StreamCut" in end.error
 

@@ -54,14 +54,21 @@ def test_small_scopes_and_no_settings_stay_exact() -> None:
     assert index.kind == "flat"
 
 
-async def test_the_cache_serves_from_an_ivf_scope() -> None:
-    cache = SemanticCache(
-        FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=AnnSettings(min_entries=40)
-    )
-    for i in range(60):
+async def _grown(count: int, cache: SemanticCache | None = None) -> SemanticCache:
+    """A cache whose one scope holds ``count`` questions (IVF from 40 entries)."""
+    if cache is None:
+        ann = AnnSettings(min_entries=40)
+        cache = SemanticCache(FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=ann)
+    for i in range(len(cache), count):
         await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
     (scope,) = cache._scopes.values()
     scope.wait_for_rebuild()
+    return cache
+
+
+async def test_the_cache_serves_from_an_ivf_scope() -> None:
+    cache = await _grown(60)
+    (scope,) = cache._scopes.values()
     assert scope.kind == "ivf"
     assert (await cache.check(q("question about topic 12 and thing 84"))).hit
     assert len(cache.export_entries().entries) == 60
@@ -79,17 +86,11 @@ async def test_a_failed_rebuild_leaves_the_scope_serving_from_its_exact_index(
         raise MemoryError("no memory for the IVF")
 
     monkeypatch.setattr(rebuild, "train_ivf", failing)
-    cache = SemanticCache(
-        FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=AnnSettings(min_entries=40)
-    )
-    for i in range(40):
-        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    cache = await _grown(40)
     (scope,) = cache._scopes.values()
-    scope.wait_for_rebuild()
     assert scope.kind == "flat" and "IVF rebuild of a scope of 40 entries failed" in caplog.text
     assert (await cache.check(q("question about topic 12 and thing 84"))).hit
-    for i in range(40, 60):  # not retried below GROWTH times the failed size
-        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    await _grown(60, cache)  # not retried below GROWTH times the failed size
     assert len(calls) == 1
     assert len(cache.export_entries().entries) == 60
 

@@ -176,17 +176,24 @@ async def test_an_empty_tenant_is_invalid() -> None:
         cache.drop("")
 
 
-def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    derived: list[str] = []
+@pytest.fixture
+def derived(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tenants ``query_from_request`` derived a query for, in order."""
+    tenants: list[str] = []
     real = query_module.query_from_request
 
     def counting(tenant: str, request: pb.CompleteRequest) -> query_module.Query:
-        derived.append(tenant)
+        tenants.append(tenant)
         return real(tenant, request)
 
     monkeypatch.setattr(query_module, "query_from_request", counting)
+    return tenants
+
+
+def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
+    derived: list[str],
+) -> None:
+    real = query_from_request
     recent = RecentQueries(size=2)
     request = make_request(QUESTION, system="S" * 20_000)
     first = recent.of("a", request)
@@ -205,16 +212,8 @@ def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
     assert RecentQueries(size=0).of("a", request) == first  # 0: nothing remembered
 
 
-def test_recent_queries_never_hold_a_large_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    derived: list[str] = []
-    real = query_module.query_from_request
-
-    def counting(tenant: str, request: pb.CompleteRequest) -> query_module.Query:
-        derived.append(tenant)
-        return real(tenant, request)
-
-    monkeypatch.setattr(query_module, "query_from_request", counting)
+def test_recent_queries_never_hold_a_large_request(derived: list[str]) -> None:
     recent = RecentQueries(size=8)
     large = make_request("x " * query_module.RECENT_QUERY_BYTES)
-    assert recent.of("a", large) == recent.of("a", large) == real("a", large)
+    assert recent.of("a", large) == recent.of("a", large) == query_from_request("a", large)
     assert derived == ["a", "a"] and len(recent) == 0  # derived each time, never kept
