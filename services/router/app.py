@@ -66,7 +66,6 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         Journal(settings.data_dir) if settings.data_dir is not None else None,
         settings.prefix_timeout_s,
         settings.outbox_retry_s,
-        settings.outbox_max_pending,
     )
     tracer = provider.get_tracer("cachemesh.router")
     pipeline = Pipeline(

@@ -87,20 +87,12 @@ class Journal:
 
 class BillingOutbox:
     def __init__(
-        self,
-        prefix: PrefixPort,
-        journal: Journal | None,
-        deadline_s: float,
-        retry_s: float,
-        max_pending: int = 10_000,
+        self, prefix: PrefixPort, journal: Journal | None, deadline_s: float, retry_s: float
     ) -> None:
-        """``max_pending``: the answers waiting to be billed at which ``full`` (the router
-        then calls no model until prefix-cache has taken some: each entry holds a request)."""
         self._prefix = prefix
         self._journal = journal
         self._deadline_s = deadline_s
         self._retry_s = retry_s
-        self._max_pending = max_pending
         self._pending: dict[str, Entry] = {}
         self._lock = asyncio.Lock()  # one flush at a time
         # The journal's writes with the pending map they describe: a flush that empties the
@@ -120,10 +112,6 @@ class BillingOutbox:
     @property
     def pending(self) -> int:
         return len(self._pending)
-
-    @property
-    def full(self) -> bool:
-        return len(self._pending) >= self._max_pending
 
     async def keep(self, commits: Sequence[pc.CommitRequest]) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent."""

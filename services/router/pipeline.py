@@ -201,15 +201,6 @@ class Pipeline:
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole."""
-        if self._outbox is not None and self._outbox.full:
-            # prefix-cache has been down long enough to fill the billing backlog: a model call
-            # now could not be billed durably, and each waiting answer holds its request
-            raise RequestError(
-                Code.UNAVAILABLE,
-                f"billing backlog full: {self._outbox.pending} answers served while "
-                "prefix-cache was unreachable wait to be billed (ROUTER_OUTBOX_MAX_PENDING); "
-                "model calls resume once it takes them, L1 hits are still served; retry later",
-            )
         root = trace.get_current_span()
         began = self._clock()
         routed: Routed | None = None

@@ -46,8 +46,6 @@ class RouterSettings:
     write_amortize_turns: int = 0
     data_dir: Path | None = None  # the billing outbox's journal; None = in memory only
     outbox_retry_s: float = 1.0  # seconds between replays of the billing outbox
-    # answers waiting to be billed at which model calls stop (prefix-cache down that long)
-    outbox_max_pending: int = 10_000
     # a Store's deadline: off the answer's path, and it waits for L1's write-ahead log fsync
     semantic_store_timeout_s: float = 10.0
     # where billed answers are recorded for retries that reach another router; None = none
@@ -88,7 +86,6 @@ class RouterSettings:
             write_amortize_turns=env.int("ROUTER_WRITE_AMORTIZE_TURNS", 0, minimum=0),
             data_dir=Path(data_dir) if (data_dir := env.optional_str("ROUTER_DATA_DIR")) else None,
             outbox_retry_s=env.float("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
-            outbox_max_pending=env.int("ROUTER_OUTBOX_MAX_PENDING", 10_000, minimum=1),
             semantic_store_timeout_s=env.float(
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
             ),

@@ -30,7 +30,6 @@ from services.common.tokens import load_cl100k
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Dispatcher
-from services.router.outbox import BillingOutbox
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
@@ -216,34 +215,6 @@ async def test_a_hit_is_one_lookup_and_is_served_free() -> None:
     assert end.cost.baseline_nanos == prompt * 3000 + 5 * 15000  # sim-large's prices, by hand
     assert end.cost.saved_nanos == end.cost.baseline_nanos
     assert not rig.prefix.plans and not rig.prefix.commits and not rig.models.calls
-
-
-async def test_a_full_billing_backlog_stops_model_calls_not_l1_hits() -> None:
-    """prefix-cache down long enough to fill the outbox: no model call it could not bill (each
-    waiting answer holds its request in memory); an L1 hit, which bills nothing, is served."""
-    rig = Rig()
-    outbox = BillingOutbox(rig.prefix, None, 1.0, 1.0, max_pending=1)
-    await outbox.keep([pc.CommitRequest(tenant="t", request_id="r#1")])
-    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
-    router = (load_router_model(), RouterCard.load().default_threshold, None)
-    pipeline = Pipeline(
-        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, outbox, rig.clock
-    )
-    rig.semantic.reply = sc.LookupResponse(leader=True, lease_id="lease-1")
-    with pytest.raises(RequestError) as refused:
-        _ = [c async for c in pipeline.run("tenant-a", _request())]
-    assert (
-        refused.value.code == Code.UNAVAILABLE and "billing backlog full" in refused.value.message
-    )
-    assert not rig.models.calls and not rig.prefix.plans
-    cached = sc.CachedAnswer(
-        content=[pb.ContentBlock(text="Use the reset link.")], model="sim-large",
-        tier="large", stop_reason="end_turn", output_tokens=5,
-    )  # fmt: skip
-    rig.semantic.reply = sc.LookupResponse(hit=True, answer=cached)
-    chunks = [c async for c in pipeline.run("tenant-a", _request())]
-    assert chunks[-1].end.served_by == pb.LAYER_SEMANTIC_CACHE
-    await pipeline.drain()
 
 
 async def test_a_miss_plans_calls_the_model_commits_twice_and_stores_the_answer() -> None:

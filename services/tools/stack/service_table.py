@@ -235,7 +235,6 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_WRITE_AMORTIZE_TURNS",
             "ROUTER_DATA_DIR",
             "ROUTER_OUTBOX_RETRY_S",
-            "ROUTER_OUTBOX_MAX_PENDING",
             "ROUTER_ANSWERS_REDIS_URL",
         ),
         peers=MappingProxyType(
