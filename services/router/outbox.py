@@ -38,6 +38,9 @@ log = logging.getLogger("cachemesh.router.outbox")
 JOURNAL_NAME = "billing-outbox.jsonl"
 # The request's own fault: retrying cannot succeed. Any other refusal is worth another try.
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
+# prefix-cache down or not answering: the round stops (no point sending the rest now)
+_UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
+_SETTLED, _KEPT, _UNREACHABLE = "settled", "kept", "unreachable"
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,17 @@ class BillingOutbox:
             self._pending[entry.id] = entry
 
     async def flush(self) -> int:
-        """Sends what is pending, in order, until prefix-cache cannot take a commit; returns
-        how many entries were settled."""
+        """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
+        refuses otherwise stays for the next round and the next entries are sent (one entry
+        must not hold all billing back). Returns how many entries were settled."""
         settled = 0
         async with self._lock:
             for entry in list(self._pending.values()):
-                if not await self._send(entry):
+                outcome = await self._send(entry)
+                if outcome == _UNREACHABLE:
                     break
+                if outcome == _KEPT:
+                    continue
                 settled += 1
                 if self._journal is None:
                     self._pending.pop(entry.id, None)
@@ -153,12 +160,15 @@ class BillingOutbox:
                 await self.flush()
             await asyncio.sleep(self._retry_s)
 
-    async def _send(self, entry: Entry) -> bool:
-        """True once every commit is acknowledged (or refused for good)."""
+    async def _send(self, entry: Entry) -> str:
+        """``_SETTLED`` once every commit is acknowledged (or refused for good); ``_KEPT`` when
+        one is refused for now; ``_UNREACHABLE`` when prefix-cache cannot be reached."""
         for commit in entry.commits:
             try:
                 await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:
+                if exc.code in _UNREACHABLE_CODES:
+                    return _UNREACHABLE
                 if exc.code not in _FINAL:
                     log.warning(
                         "billing outbox: prefix-cache did not take the %s commit %s (%s); "
@@ -168,7 +178,7 @@ class BillingOutbox:
                         exc.code.name,
                         len(self._pending),
                     )
-                    return False
+                    return _KEPT
                 log.error(
                     "billing outbox: prefix-cache refused the %s commit %s (%s: %s); dropped",
                     pc.CommitPhase.Name(commit.phase),
@@ -176,5 +186,5 @@ class BillingOutbox:
                     exc.code.name,
                     exc.details,
                 )
-                return True
-        return True
+                return _SETTLED
+        return _SETTLED

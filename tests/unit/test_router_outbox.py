@@ -89,6 +89,24 @@ async def test_a_refusal_that_may_pass_keeps_the_entry(tmp_path: Path, code: Cod
     assert await outbox.flush() == 1 and prefix.sent[-1] == ("a#1", pc.COMMIT_PHASE_FINAL)
 
 
+async def test_an_entry_refused_for_now_does_not_hold_back_the_ones_after_it(
+    tmp_path: Path,
+) -> None:
+    class OneBad(FakePrefix):
+        async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+            if request.request_id == "a#1":
+                raise CallFailed(Code.INTERNAL, "a bug on this one")
+            return await super().commit(request, deadline_s)
+
+    prefix = OneBad()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    await outbox.keep(_commits("b#1"))
+    prefix.down = False
+    assert await outbox.flush() == 1 and outbox.pending == 1  # b billed, a kept
+    assert [rid for rid, _ in prefix.sent] == ["b#1", "b#1"]
+
+
 class SlowJournal(Journal):
     def append(self, record: dict[str, object]) -> None:
         super().append(record)  # written and fsynced ...
