@@ -123,6 +123,7 @@ class Snapshotter:
                 self._store.save, contents, self._clock.now_ms(), wal_seq
             )
             if self._wal is not None:
+                self._wal.superseded(wal_seq)
                 await asyncio.to_thread(self._wal.drop_through, wal_seq)
             self._saved_changes = changes
             if self._on_save is not None:

@@ -51,9 +51,11 @@ class WriteAheadLog:
         self._written = 0  # seq of the last record written to the OS
         self._synced = 0  # seq of the last record made durable
         self._sync_lock = asyncio.Lock()
-        # Why an fsync failed, if one did: the kernel may have dropped those pages and a later
-        # fsync would still succeed, so nothing is acknowledged as durable from then on.
+        # Why an fsync failed, if one did, and the last record it was to make durable: the
+        # kernel may have dropped those pages and a later fsync would still succeed, so nothing
+        # is acknowledged as durable until a snapshot holds those records (``superseded``).
         self._failed: str | None = None
+        self._failed_seq = 0
 
     @property
     def last_seq(self) -> int:
@@ -109,7 +111,7 @@ class WriteAheadLog:
             try:
                 await asyncio.to_thread(os.fsync, out.fileno())
             except OSError as exc:
-                self._failed = f"{type(exc).__name__}: {exc}"
+                self._fail(exc, upto)
                 self._check_failed()
             if self._on_fsync is not None:
                 self._on_fsync(self._clock() - began)
@@ -123,32 +125,49 @@ class WriteAheadLog:
         """
         async with self._sync_lock:
             assert self._out is not None, "open() first"
-            self._check_failed()
             out = self._out
-            out.flush()
-            try:
-                await asyncio.to_thread(os.fsync, out.fileno())  # the bulk, off the loop
-                taken = copy()
-                last = self.last_seq
-                # What was appended during that fsync, on the loop (a few records: ~0.2 ms),
-                # so that the old segment is whole on disk before the new one exists: a torn
-                # record can only ever be the last segment's tail, which a reopen cuts off.
+            # The old segment whole on disk before the new one exists (a torn record can then
+            # only be the last segment's tail, which a reopen cuts off): fsync off the loop
+            # until nothing was appended meanwhile (a few tries), the rest on the loop.
+            synced = -1
+            for _ in range(3):
+                synced = self._written
                 out.flush()
-                os.fsync(out.fileno())
-            except OSError as exc:
-                self._failed = f"{type(exc).__name__}: {exc}"
-                self._check_failed()
+                try:
+                    await asyncio.to_thread(os.fsync, out.fileno())
+                except OSError as exc:  # the copy is from memory: the snapshot holds it all
+                    self._fail(exc, synced)
+                if self._written == synced:
+                    break
+            taken = copy()
+            last = self.last_seq
+            if self._written != synced:
+                out.flush()
+                try:
+                    os.fsync(out.fileno())
+                except OSError as exc:
+                    self._fail(exc, last)
             self._start_segment()
             out.close()
             self._synced = max(self._synced, last)
             return taken, last
 
+    def superseded(self, seq: int) -> None:
+        """A snapshot now holds every record up to ``seq``: a failed fsync of those no longer
+        matters, and the log acknowledges again."""
+        if self._failed is not None and self._failed_seq <= seq:
+            self._failed = None
+
+    def _fail(self, exc: OSError, seq: int) -> None:
+        self._failed = f"{type(exc).__name__}: {exc}"
+        self._failed_seq = max(self._failed_seq, seq)
+
     def _check_failed(self) -> None:
         if self._failed is not None:
             raise WalError(
                 f"{self.directory}: an fsync of the write-ahead log failed ({self._failed}); "
-                "no change is acknowledged as durable until semantic-cache restarts and "
-                "replays its log (check the disk)"
+                "no change is acknowledged as durable until the next snapshot holds them "
+                "(check the disk)"
             )
 
     def drop_through(self, seq: int) -> int:

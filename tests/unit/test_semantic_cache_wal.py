@@ -226,7 +226,7 @@ async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failed fsync may have lost its pages while a later one succeeds: from the first
-    failure on, every sync fails, naming the cause, until a restart replays the log."""
+    failure on, every sync fails, naming the cause, until a snapshot holds those records."""
     wal = WriteAheadLog(tmp_path)
     wal.open()
     real_fsync = os.fsync
@@ -245,8 +245,11 @@ async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
     wal.append({"op": "x"})
     with pytest.raises(WalError, match="Input/output error"):
         await wal.sync()  # the disk answers again: still not durable, said so
-    with pytest.raises(WalError):
-        await wal.rotate(lambda: "copy")
+    copied, last = await wal.rotate(lambda: "copy")  # a snapshot's copy is from memory
+    assert copied == "copy" and last == 2
+    wal.superseded(last)  # that snapshot saved: every failed record is in it
+    wal.append({"op": "x"})
+    await wal.sync()
     wal.close()
 
 
@@ -271,3 +274,30 @@ async def test_a_lost_log_is_numbered_on_after_the_snapshot(tmp_path: Path) -> N
     await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
     hit = await revived.check(q("a question after the loss"))
     assert hit.entry is not None and hit.entry.answer.payload == b"new"
+
+
+async def test_a_snapshot_after_a_failed_fsync_saves_and_stores_are_durable_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshotter.open(cache)
+    real_fsync = os.fsync
+    failures = iter([OSError(5, "Input/output error")])
+
+    def fsync(fd: int) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(WalError):
+        await cache.store(q("how do i reset my password"), answer(b"one"))
+    assert await snapshotter.save()  # the snapshot holds it, from memory
+    assert (await cache.store(q("how do i delete my account"), answer(b"two"))).stored
+    revived = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
+    assert len(revived) == 2
