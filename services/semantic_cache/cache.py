@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import math
 import uuid
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.verifier import Verifier
 
 _RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors ...
-_RECENT_TEXT_CHARS = 16 * 1024  # ... and at most 16 MB of the texts that key them
+_RECENT_TEXT_CHARS = 16 * 1024  # ... at most 16 MB of texts key them (a longer one: its hash)
 # The longest question (normalised last user turn) stored: the embedding reads 256 tokens
 # (~1k characters), and an entry keeps the whole text (100k entries of 1 MiB would be 100 GB).
 MAX_STORED_QUESTION_CHARS = 16 * 1024
@@ -119,6 +120,8 @@ class SemanticCache(EntryStore):
         if result.hit or result.skip_reason or self._leases is None:
             return result
         if not lead or query.temperature > self._policy.max_temperature:
+            return result
+        if len(query.normalised) > MAX_STORED_QUESTION_CHARS:  # never stored: nobody to wait
             return result
         key = (query.tenant, query.scope, query.normalised)  # _check has required the text
         if query.mode == "use" and (mine := self._leases.take_over(key, query.request_id)):
@@ -291,16 +294,22 @@ class SemanticCache(EntryStore):
         )
 
     async def _embed(self, tenant: str, text: str) -> npt.NDArray[np.float32]:
-        kept = len(text) <= _RECENT_TEXT_CHARS  # a longer text is embedded each time
-        if kept and (known := self._recent.get((tenant, text))) is not None:
+        key = (tenant, _recent_key(text))
+        if (known := self._recent.get(key)) is not None:
             return known
         if self._batcher is not None:
             row = await self._batcher.embed_one(text)
         else:
             row = (await asyncio.to_thread(self._embedder.embed, [text]))[0]
-        if kept:
-            self._recent.put((tenant, text), row)
+        self._recent.put(key, row)
         return row
+
+
+def _recent_key(text: str) -> str:
+    """The text itself, or its sha256 when long: the memo never holds a long text."""
+    if len(text) <= _RECENT_TEXT_CHARS:
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _NO_USER_TEXT = "the last message is not a user turn with text (a prefill, or no text)"

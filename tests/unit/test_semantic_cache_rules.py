@@ -8,6 +8,7 @@ from typing import Any
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.leases import Leases
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
@@ -154,15 +155,30 @@ async def test_another_tenants_question_is_embedded_again() -> None:
     assert embedder.calls == calls + 2
 
 
-async def test_a_long_question_is_embedded_each_time_never_held() -> None:
-    """The recent vectors are keyed by their texts: a long one would pin its text."""
+async def test_a_long_question_is_embedded_once_and_its_text_never_held() -> None:
+    """The recent vectors are keyed by their texts, a long one by its hash (it would pin its
+    text): its second lookup (``auto``'s embedding, a pending lookup) reuses the vector."""
     cache, _, embedder = new_cache()
     long = "Why is the sky blue? " * 1000  # 21 kB
     await cache.store(q("How do I reset my password?"), answer())
     calls = embedder.calls
     assert not (await cache.check(q(long))).hit
     assert not (await cache.check(q(long))).hit
-    assert embedder.calls == calls + 2  # the second lookup embedded it again
+    assert embedder.calls == calls + 1
+    assert all(len(text) <= 16 * 1024 for _, text in cache._recent._values)
+
+
+async def test_a_question_that_is_never_stored_takes_no_lease() -> None:
+    """Nobody would be served by waiting for its leader's Store: an identical request calls
+    the model at once instead of waiting out the first one's call."""
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    await cache.store(q("How do I reset my password?"), answer())
+    long = "Why is the sky blue? " * 1000
+    first = await cache.check(q(long), wait_s=5.0)
+    assert not first.leader
+    second = await asyncio.wait_for(cache.check(q(long), wait_s=5.0), 1.0)
+    assert not second.pending and not second.hit
 
 
 def _with_id(question: str, request_id: str, tenant: str = "a") -> Query:
