@@ -33,9 +33,10 @@ CL100K_SPECIAL = {
 }
 
 
-# the encodings kept for reuse: at most this many tokens (~70 MB), no text over 64k characters
+# the encodings kept for reuse: at most this many tokens (~36 B each) plus ENTRY_COST a text
+# (its overhead): ~70-100 MB; a text of more than an eighth of it is encoded each time
 CACHED_TOKENS = 2_000_000
-CACHED_TEXT_CHARS = 64 * 1024
+ENTRY_COST = 8
 
 
 class TokenizerError(RuntimeError):
@@ -45,21 +46,15 @@ class TokenizerError(RuntimeError):
 class Tokenizer:
     """Counts and encodes text; ``name`` says which vocabulary."""
 
-    def __init__(
-        self,
-        encoding: tiktoken.Encoding,
-        cached_tokens: int = CACHED_TOKENS,
-        cached_text_chars: int = CACHED_TEXT_CHARS,
-    ) -> None:
+    def __init__(self, encoding: tiktoken.Encoding, cached_tokens: int = CACHED_TOKENS) -> None:
         self._encoding = encoding
         self.name = encoding.name
         # The encodings of recent texts (the same tools and system prompt come with every
-        # request), least recently used out first, bounded by the tokens they hold (~36 bytes
-        # each) and never a text over ``cached_text_chars``. Shared with worker threads.
+        # request, and a document's blocks with every question on it), least recently used out
+        # first, bounded by the tokens they hold. Shared with worker threads.
         self._cached: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._cached_tokens = 0
         self._budget = cached_tokens
-        self._text_limit = cached_text_chars
         self._lock = threading.Lock()
 
     def encode(self, text: str) -> tuple[int, ...]:
@@ -69,15 +64,16 @@ class Tokenizer:
                 self._cached.move_to_end(text)
                 return ids
         ids = tuple(self._encoding.encode(text, disallowed_special=()))
-        if len(text) > self._text_limit or len(ids) > self._budget:
+        cost = len(ids) + ENTRY_COST
+        if cost > self._budget // 8:
             return ids
         with self._lock:
             if text not in self._cached:
                 self._cached[text] = ids
-                self._cached_tokens += len(ids)
+                self._cached_tokens += cost
                 while self._cached_tokens > self._budget:
                     _, dropped = self._cached.popitem(last=False)
-                    self._cached_tokens -= len(dropped)
+                    self._cached_tokens -= len(dropped) + ENTRY_COST
         return ids
 
     @property
