@@ -20,9 +20,9 @@ from services.semantic_cache.recent import Recent
 
 Mode = Literal["use", "refresh", "no_store", "bypass"]
 SCOPE_VERSION = "cachemesh.semantic.scope.v1"
-# A request above this size is not remembered by ``RecentQueries``: its query holds the last
-# user turn's text, and 1,024 requests at the router's 1 MiB limit would hold ~1 GB. Deriving
-# its query again costs ~0.2 ms a 19 kB, small beside embedding such a request.
+# A query whose question (the last user turn's text, which it holds) is longer than this is
+# not remembered by ``RecentQueries``: 1,024 of them at the router's 1 MiB request limit
+# would hold ~1 GB. A large request with a short question (a document) is remembered.
 RECENT_QUERY_BYTES = 64 * 1024
 
 _MODES: dict[int, Mode] = {
@@ -81,7 +81,7 @@ class RecentQueries:
     A miss's Store (or Release) carries the request its Lookup carried: deriving the scope
     again cost ~0.2 ms for an agent's 19 kB request, where serializing and hashing it costs
     ~0.02. The same bytes are the same request, so the same query; a different tenant or
-    any changed field is another key. A request over ``RECENT_QUERY_BYTES`` is derived each
+    any changed field is another key. A question over ``RECENT_QUERY_BYTES`` is derived each
     time. Not thread-safe: the event loop's.
     """
 
@@ -89,13 +89,12 @@ class RecentQueries:
         self._queries: Recent[tuple[str, bytes], Query] = Recent(size)
 
     def of(self, tenant: str, request: pb.CompleteRequest) -> Query:
-        if request.ByteSize() > RECENT_QUERY_BYTES:
-            return query_from_request(tenant, request)  # never held: its text may be large
         key = (tenant, hashlib.sha256(request.SerializeToString(deterministic=True)).digest())
         query = self._queries.get(key)
         if query is None:
             query = query_from_request(tenant, request)
-            self._queries.put(key, query)
+            if len(query.text or "") <= RECENT_QUERY_BYTES:  # never a large question held
+                self._queries.put(key, query)
         return query
 
     def __len__(self) -> int:

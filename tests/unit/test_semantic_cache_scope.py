@@ -212,8 +212,12 @@ def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
     assert RecentQueries(size=0).of("a", request) == first  # 0: nothing remembered
 
 
-def test_recent_queries_never_hold_a_large_request(derived: list[str]) -> None:
+def test_recent_queries_never_hold_a_large_question(derived: list[str]) -> None:
     recent = RecentQueries(size=8)
     large = make_request("x " * query_module.RECENT_QUERY_BYTES)
     assert recent.of("a", large) == recent.of("a", large) == query_from_request("a", large)
     assert derived == ["a", "a"] and len(recent) == 0  # derived each time, never kept
+    document = make_request(QUESTION, system="D" * 200_000)  # a large request, short question
+    recent.of("a", document)
+    recent.of("a", document)
+    assert derived == ["a", "a", "a"] and len(recent) == 1
