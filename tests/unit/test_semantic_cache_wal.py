@@ -222,13 +222,8 @@ async def test_a_purge_that_found_nothing_is_logged_for_the_replay(tmp_path: Pat
     assert not (await revived.check(q("what is the secret discount code", "b"))).hit
 
 
-async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A failed fsync may have lost its pages while a later one succeeds: from the first
-    failure on, every sync fails, naming the cause, until a snapshot holds those records."""
-    wal = WriteAheadLog(tmp_path)
-    wal.open()
+def _fail_one_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next fsync fails with EIO (a disk error); the ones after it succeed."""
     real_fsync = os.fsync
     failures = iter([OSError(5, "Input/output error")])
 
@@ -239,6 +234,16 @@ async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync may have lost its pages while a later one succeeds: from the first
+    failure on, every sync fails, naming the cause, until a snapshot holds those records."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    _fail_one_fsync(monkeypatch)
     wal.append({"op": "x"})
     with pytest.raises(WalError, match="fsync of the write-ahead log failed"):
         await wal.sync()
@@ -284,16 +289,7 @@ async def test_a_snapshot_after_a_failed_fsync_saves_and_stores_are_durable_agai
     cache = new_cache(clock)
     snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal"))
     await snapshotter.open(cache)
-    real_fsync = os.fsync
-    failures = iter([OSError(5, "Input/output error")])
-
-    def fsync(fd: int) -> None:
-        failure = next(failures, None)
-        if failure is not None:
-            raise failure
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    _fail_one_fsync(monkeypatch)
     with pytest.raises(WalError):
         await cache.store(q("how do i reset my password"), answer(b"one"))
     assert await snapshotter.save()  # the snapshot holds it, from memory
