@@ -26,11 +26,12 @@ from services.http_front.settings import HttpFrontSettings
 
 log = logging.getLogger("cachemesh.http_front")
 _PROPAGATOR = TraceContextTextMapPropagator()
-# on the request, once a stream's head is sent: the stream, its request id, and how it ended
-# when that is not its response's status (an error event at its end; the caller gone)
+# on the request, once a stream's head is sent: the stream, and how it ended when that is not
+# its response's status (an error event at its end; the caller gone)
 _STREAM = web.RequestKey("cachemesh.stream", web.StreamResponse)
-_STREAM_ID = web.RequestKey("cachemesh.stream_id", str)
 _ENDED = web.RequestKey("cachemesh.ended", int)
+# the header each API names its request id in
+_ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 _NO_KEY = {
     "anthropic": "no API key: send it in the x-api-key header",
     "openai": "no API key: send 'Authorization: Bearer <key>'",
@@ -166,7 +167,7 @@ class Front:
         if stream is None:
             return self._error(api, error, traceparent)
         request[_ENDED] = error.status_for(api)
-        body = error.body_for(api, request.get(_STREAM_ID, ""))
+        body = error.body_for(api, stream.headers.get(_ID_HEADER[api], ""))
         with contextlib.suppress(ConnectionError, RuntimeError):  # the caller may be gone
             await stream.write(sse.event("error", body) if api == "anthropic" else sse.data(body))
             await stream.write_eof()
@@ -177,7 +178,7 @@ class Front:
         headers = {**error.headers(), "x-cachemesh-request-id": request_id}
         if traceparent:
             headers["traceparent"] = traceparent
-        headers["request-id" if api == "anthropic" else "x-request-id"] = request_id
+        headers[_ID_HEADER[api]] = request_id
         return _json(error.body_for(api, request_id), error.status_for(api), headers)
 
     def _admit(self, api: Api, request: web.Request) -> tuple[str, str]:
@@ -219,12 +220,12 @@ class Front:
             if not stream:
                 end = await self._gateway.complete(gw, key, traceparent)
                 headers = facts.end_headers(end, traceparent)
-                headers["request-id"] = end.request_id
+                headers[_ID_HEADER["anthropic"]] = end.request_id
                 return _json(anthropic_api.response(end), headers=headers)
             events = anthropic_api.EventStream()
             async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
                 start = await _first(chunks)
-                response = await self._open_stream(request, start, "request-id", traceparent)
+                response = await self._open_stream(request, start, "anthropic", traceparent)
                 for name, body in events.start(start.start):
                     await response.write(sse.event(name, body))
                 try:
@@ -257,12 +258,12 @@ class Front:
             if not stream:
                 end = await self._gateway.complete(gw, key, traceparent)
                 headers = facts.end_headers(end, traceparent)
-                headers["x-request-id"] = end.request_id
+                headers[_ID_HEADER["openai"]] = end.request_id
                 return _json(openai_api.response(end, created), headers=headers)
             chunker = openai_api.ChunkStream(created, include_usage)
             async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
                 start = await _first(chunks)
-                response = await self._open_stream(request, start, "x-request-id", traceparent)
+                response = await self._open_stream(request, start, "openai", traceparent)
                 for item in chunker.start(start.start):
                     await response.write(sse.data(item))
                 try:
@@ -280,16 +281,15 @@ class Front:
             return response
 
     async def _open_stream(
-        self, request: web.Request, start: pb.CompleteChunk, id_header: str, traceparent: str
+        self, request: web.Request, start: pb.CompleteChunk, api: Api, traceparent: str
     ) -> web.StreamResponse:
         headers = facts.start_headers(start.start, traceparent)
-        headers[id_header] = start.start.request_id
+        headers[_ID_HEADER[api]] = start.start.request_id
         headers["cache-control"] = "no-cache"
         response = web.StreamResponse(headers=headers)
         response.content_type = "text/event-stream"
         await response.prepare(request)
         request[_STREAM] = response  # from here on, an error ends this stream
-        request[_STREAM_ID] = start.start.request_id
         return response
 
     # --- models -------------------------------------------------------------------------------

@@ -246,7 +246,11 @@ def used_tokens(end: pb.CompleteResponse) -> int:
     excepted; a semantic-cache hit reached none."""
     if end.served_by == pb.LAYER_SEMANTIC_CACHE:
         return 0
-    u = end.usage
+    return _model_tokens(end.usage)
+
+
+def _model_tokens(u: pb.Usage) -> int:
+    """What reached a model: input, cache writes and output (cache reads are not counted)."""
     return u.input_tokens + u.cache_creation_input_tokens + u.output_tokens
 
 
@@ -303,13 +307,7 @@ class Limiter:
         if not ticket.policy.active or end is None:
             return
         refund = ticket.reserved_tokens - used_tokens(end) if ticket.policy.tokens_per_min else 0
-        cost = end.cost.cost_nanos
-        if refund == 0 and cost == 0:
-            return
-        now = self._clock.now_ms()
-        self._in_background(
-            self._store.settle(ticket.tenant, ticket.policy, refund, cost, now, Periods.at(now))
-        )
+        self._count(ticket, refund, end.cost.cost_nanos)
 
     def charge(self, ticket: Ticket, usage: pb.Usage, cost_nanos: int) -> None:
         """Counts a model call billed without an answer (cancelled or cut after its prefill):
@@ -317,26 +315,25 @@ class Limiter:
         request's settle (which keeps the reservation of a request that got no answer)."""
         if not ticket.policy.active:
             return
-        tokens = usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
-        extra = -tokens if ticket.policy.tokens_per_min else 0
-        if extra == 0 and cost_nanos == 0:
+        extra = -_model_tokens(usage) if ticket.policy.tokens_per_min else 0
+        self._count(ticket, extra, cost_nanos)
+
+    def replayed(self, ticket: Ticket) -> None:
+        """A retry answered from the first call's answer used nothing: its reservation back."""
+        if ticket.policy.active:
+            self._count(ticket, ticket.reserved_tokens, 0)
+
+    def _count(self, ticket: Ticket, refund: int, cost_nanos: int) -> None:
+        """Tokens back to the rate (negative: taken) and a cost to the budgets, in the
+        background (``drain`` awaits it); nothing when both are 0."""
+        if refund == 0 and cost_nanos == 0:
             return
         now = self._clock.now_ms()
         self._in_background(
             self._store.settle(
-                ticket.tenant, ticket.policy, extra, cost_nanos, now, Periods.at(now)
+                ticket.tenant, ticket.policy, refund, cost_nanos, now, Periods.at(now)
             )
         )
-
-    def replayed(self, ticket: Ticket) -> None:
-        """A retry answered from the first call's answer used nothing: its reservation back."""
-        if ticket.reserved_tokens and ticket.policy.active:
-            now = self._clock.now_ms()
-            self._in_background(
-                self._store.settle(
-                    ticket.tenant, ticket.policy, ticket.reserved_tokens, 0, now, Periods.at(now)
-                )
-            )
 
     def _in_background(self, call: Awaitable[None]) -> None:
         async def guarded() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import json
 import logging
 import os
@@ -40,7 +41,14 @@ JOURNAL_NAME = "billing-outbox.jsonl"
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
-_SETTLED, _KEPT, _UNREACHABLE = "settled", "kept", "unreachable"
+
+
+class _Sent(enum.Enum):
+    """What became of an entry sent to prefix-cache."""
+
+    SETTLED = "settled"  # every commit acknowledged, or refused for good
+    KEPT = "kept"  # refused for now: sent again next round
+    UNREACHABLE = "unreachable"  # prefix-cache down: the round stops
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,9 @@ class BillingOutbox:
         async with self._lock:
             for entry in list(self._pending.values()):
                 outcome = await self._send(entry)
-                if outcome == _UNREACHABLE:
+                if outcome is _Sent.UNREACHABLE:
                     break
-                if outcome == _KEPT:
+                if outcome is _Sent.KEPT:
                     continue
                 settled += 1
                 if self._journal is None:
@@ -160,15 +168,13 @@ class BillingOutbox:
                 await self.flush()
             await asyncio.sleep(self._retry_s)
 
-    async def _send(self, entry: Entry) -> str:
-        """``_SETTLED`` once every commit is acknowledged (or refused for good); ``_KEPT`` when
-        one is refused for now; ``_UNREACHABLE`` when prefix-cache cannot be reached."""
+    async def _send(self, entry: Entry) -> _Sent:
         for commit in entry.commits:
             try:
                 await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:
                 if exc.code in _UNREACHABLE_CODES:
-                    return _UNREACHABLE
+                    return _Sent.UNREACHABLE
                 if exc.code not in _FINAL:
                     log.warning(
                         "billing outbox: prefix-cache did not take the %s commit %s (%s); "
@@ -178,7 +184,7 @@ class BillingOutbox:
                         exc.code.name,
                         len(self._pending),
                     )
-                    return _KEPT
+                    return _Sent.KEPT
                 log.error(
                     "billing outbox: prefix-cache refused the %s commit %s (%s: %s); dropped",
                     pc.CommitPhase.Name(commit.phase),
@@ -186,5 +192,5 @@ class BillingOutbox:
                     exc.code.name,
                     exc.details,
                 )
-                return _SETTLED
-        return _SETTLED
+                return _Sent.SETTLED
+        return _Sent.SETTLED

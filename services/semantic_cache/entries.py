@@ -265,7 +265,7 @@ class EntryStore:
             for key, index in self._scopes.items()
             if key[0] == tenant and (namespace is None or index.namespace == namespace)
         ]
-        self._purges[tenant] = self._purges.get(tenant, 0) + 1  # a Store looked up before: not
+        self.stop_pending_stores(tenant)  # an answer looked up before the purge is not stored
         dropped = 0
         for key in keys:
             for vid in self._scopes.pop(key).ids:
@@ -297,7 +297,8 @@ class EntryStore:
         self._purges[tenant] = self._purges.get(tenant, 0) + 1
 
     def purges(self, tenant: str) -> int:
-        """How many times the tenant's entries were purged (``drop``) in this process."""
+        """How many times, in this process, the tenant's entries were purged (``drop``) or its
+        pending Stores stopped (``stop_pending_stores``)."""
         return self._purges.get(tenant, 0)
 
     def _expires_at(self, entry: Entry) -> int:
