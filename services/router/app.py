@@ -25,7 +25,8 @@ from services.router.grpc_adapters import CallTiming, connect
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_answer_ledger, build_limiter
 from services.router.metrics import RouterMetrics
-from services.router.outbox import BillingOutbox, Journal
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.routing.router import LocalEmbedder

@@ -7,8 +7,10 @@ one) and the FINAL — are appended to the journal (``<ROUTER_DATA_DIR>/billing-
 fsynced) before the answer goes out, and replayed in order every ``ROUTER_OUTBOX_RETRY_S``
 until prefix-cache acknowledges them. Both commits are idempotent by their key (the request id
 and the attempt), so a replay that raced an earlier one bills once. A router that dies replays
-its journal when it starts again. Without a data directory the outbox is in memory only (lost
-with the router; said once at start).
+its journal when it starts again. The commits wait on disk, not in memory (the journal keeps
+only the ids of its entries: ``outbox_journal.py``), and the answers kept together share one
+fsync. Without a data directory the outbox is in memory only (lost with the router, and as
+large as the outage; said once at start).
 
 A commit refused for the request's own fault (INVALID_ARGUMENT, FAILED_PRECONDITION: the WARM
 expired) is logged at ERROR with its key and dropped: retrying cannot succeed. Any other
@@ -20,23 +22,24 @@ is never dropped for a fault that may pass.
 from __future__ import annotations
 
 import asyncio
-import base64
 import enum
-import json
 import logging
-import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, PrefixPort
+from services.router.outbox_journal import (
+    Journal,
+    JournalError,
+    JournalThread,
+    UnreadableEntry,
+)
 
 log = logging.getLogger("cachemesh.router.outbox")
 
-JOURNAL_NAME = "billing-outbox.jsonl"
 # The request's own fault: retrying cannot succeed. Any other refusal is worth another try.
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
@@ -51,67 +54,19 @@ class _Sent(enum.Enum):
     UNREACHABLE = "unreachable"  # prefix-cache down: the round stops
 
 
-@dataclass(frozen=True)
-class Entry:
-    id: str
-    commits: tuple[pc.CommitRequest, ...]
-
-
-class Journal:
-    """Append-only lines ``{"add": id, "commits": [base64...]}`` and ``{"done": id}``; a torn
-    last line (a crash mid-write) is ignored; emptied once nothing is pending."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / JOURNAL_NAME
-
-    def load(self) -> list[Entry]:
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        pending: dict[str, Entry] = {}
-        for line in lines:
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # torn by a crash mid-append: its answer was never sent
-            if "add" in item:
-                commits = tuple(
-                    pc.CommitRequest.FromString(base64.b64decode(raw)) for raw in item["commits"]
-                )
-                pending[item["add"]] = Entry(item["add"], commits)
-            else:
-                pending.pop(item.get("done", ""), None)
-        return list(pending.values())
-
-    def append(self, record: dict[str, object]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def clear(self) -> None:
-        with self.path.open("w") as handle:
-            os.fsync(handle.fileno())
-
-
 class BillingOutbox:
     def __init__(
         self, prefix: PrefixPort, journal: Journal | None, deadline_s: float, retry_s: float
     ) -> None:
         self._prefix = prefix
-        self._journal = journal
+        self._journal = JournalThread(journal) if journal is not None else None
         self._deadline_s = deadline_s
         self._retry_s = retry_s
-        self._pending: dict[str, Entry] = {}
+        # the pending entries in order: their commits when in memory only, else None (on disk)
+        self._pending: dict[str, tuple[pc.CommitRequest, ...] | None] = {}
         self._lock = asyncio.Lock()  # one flush at a time
-        # The journal's writes with the pending map they describe: a flush that empties the
-        # journal must see an entry whose line was just appended, or it would erase that line.
-        self._journal_lock = asyncio.Lock()
         if journal is not None:
-            for entry in journal.load():
-                self._pending[entry.id] = entry
+            self._pending = dict.fromkeys(journal.load())
             if self._pending:
                 log.info("billing outbox: %d answers to bill from the journal", len(self._pending))
         else:
@@ -126,40 +81,56 @@ class BillingOutbox:
 
     async def keep(self, commits: Sequence[pc.CommitRequest]) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent."""
-        entry = Entry(secrets.token_hex(8), tuple(commits))
+        entry_id = secrets.token_hex(8)
         if self._journal is None:
-            self._pending[entry.id] = entry
+            self._pending[entry_id] = tuple(commits)
             return
-        raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
-        async with self._journal_lock:
-            await asyncio.to_thread(self._journal.append, {"add": entry.id, "commits": raw})
-            self._pending[entry.id] = entry
+        add = partial(self._journal.journal.add, entry_id, commits)
+        try:
+            await self._journal.call(add, durable=True)
+        except JournalError:
+            # written but not known durable: the answer is not sent, yet its model call is
+            # billed if this router lives (the same commit key: billed once however it ends)
+            self._pending[entry_id] = None
+            raise
+        self._pending[entry_id] = None
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
         refuses otherwise stays for the next round and the next entries are sent (one entry
         must not hold all billing back). Returns how many entries were settled."""
         settled = 0
+        done_lines: list[asyncio.Future[None]] = []
         async with self._lock:
-            for entry in list(self._pending.values()):
-                outcome = await self._send(entry)
+            for entry_id in list(self._pending):
+                try:
+                    commits = await self._commits(entry_id)
+                except UnreadableEntry as exc:
+                    log.error("billing outbox: %s; dropped", exc)
+                    commits = ()
+                outcome = await self._send(commits)
                 if outcome is _Sent.UNREACHABLE:
                     break
                 if outcome is _Sent.KEPT:
                     continue
                 settled += 1
-                if self._journal is None:
-                    self._pending.pop(entry.id, None)
-                    continue
-                async with self._journal_lock:
-                    self._pending.pop(entry.id, None)
-                    if self._pending:
-                        await asyncio.to_thread(self._journal.append, {"done": entry.id})
-                    else:
-                        await asyncio.to_thread(self._journal.clear)
+                self._pending.pop(entry_id, None)
+                if self._journal is not None:  # its line need not be durable: a replay bills once
+                    done_lines.append(
+                        self._journal.submit(partial(self._journal.journal.done, entry_id))
+                    )
+            for failed in await asyncio.gather(*done_lines, return_exceptions=True):
+                if failed is not None:
+                    log.warning("billing outbox: journal write failed: %s", failed)
         if settled:
             log.info("billing outbox: billed %d answers, %d pending", settled, self.pending)
         return settled
+
+    async def _commits(self, entry_id: str) -> Sequence[pc.CommitRequest]:
+        kept = self._pending[entry_id]
+        if kept is not None or self._journal is None:
+            return kept or ()
+        return await self._journal.call(partial(self._journal.journal.read, entry_id))
 
     async def run(self) -> None:
         """Replays every ``retry_s`` (cancelled at shutdown, after a last ``flush``)."""
@@ -168,8 +139,8 @@ class BillingOutbox:
                 await self.flush()
             await asyncio.sleep(self._retry_s)
 
-    async def _send(self, entry: Entry) -> _Sent:
-        for commit in entry.commits:
+    async def _send(self, commits: Sequence[pc.CommitRequest]) -> _Sent:
+        for commit in commits:
             try:
                 await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:

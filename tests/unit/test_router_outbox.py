@@ -1,18 +1,24 @@
 """The billing outbox against a fake prefix-cache port: kept durably, replayed in order until
-acknowledged, a torn journal line ignored, a final refusal dropped, any other kept."""
+acknowledged, a torn journal line ignored, a final refusal dropped, any other kept; its
+entries on disk (not in memory), concurrent keeps sharing an fsync, a failed fsync sticky, the
+journal rewritten when settled lines outweigh pending ones."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as cm
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed
-from services.router.outbox import JOURNAL_NAME, BillingOutbox, Journal
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError
 from services.tools.stack.supervisor import Backoff
 
 
@@ -108,8 +114,8 @@ async def test_an_entry_refused_for_now_does_not_hold_back_the_ones_after_it(
 
 
 class SlowJournal(Journal):
-    def append(self, record: dict[str, object]) -> None:
-        super().append(record)  # written and fsynced ...
+    def add(self, entry_id: str, commits: Sequence[pc.CommitRequest]) -> None:
+        super().add(entry_id, commits)  # written ...
         time.sleep(0.05)  # ... and the thread returns a little later (a slow disk)
 
 
@@ -117,6 +123,15 @@ class SlowPrefix(FakePrefix):
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         await asyncio.sleep(0.01)
         return await super().commit(request, deadline_s)
+
+
+def _kept(directory: Path) -> list[str]:
+    """The request ids of the entries a router starting now would bill, in order."""
+    journal = Journal(directory)
+    try:
+        return [journal.read(entry_id)[0].request_id for entry_id in journal.load()]
+    finally:
+        journal.close()
 
 
 async def test_an_entry_kept_while_the_last_one_settles_stays_in_the_journal(
@@ -133,7 +148,129 @@ async def test_an_entry_kept_while_the_last_one_settles_stays_in_the_journal(
     await outbox.keep(_commits("b#1"))  # deferred while a#1 is being billed
     await flush
     assert outbox.pending == 1
-    assert [e.commits[0].request_id for e in Journal(tmp_path).load()] == ["b#1"]
+    assert _kept(tmp_path) == ["b#1"]
+
+
+async def test_an_entry_kept_after_a_torn_line_survives_the_next_restart(tmp_path: Path) -> None:
+    """A line appended after a torn one must not be glued to it (both would be unreadable)."""
+    await BillingOutbox(FakePrefix(), Journal(tmp_path), 1.0, 0.01).keep(_commits("a#1"))
+    with (tmp_path / JOURNAL_NAME).open("a") as handle:
+        handle.write('{"add": "x", "commits": ["AAA')  # the crash came mid-append
+    restarted = BillingOutbox(FakePrefix(), Journal(tmp_path), 1.0, 0.01)
+    await restarted.keep(_commits("b#1"))
+    assert _kept(tmp_path) == ["a#1", "b#1"]
+
+
+def _large_commits(key: str, size: int) -> list[pc.CommitRequest]:
+    request = cm.CompleteRequest(request_id=key)
+    request.messages.add(role=cm.ROLE_USER).content.add(text="x" * size)
+    return [pc.CommitRequest(tenant="t", request_id=key, request=request)]
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (the requests' protobuf objects are not Python
+    allocations: tracemalloc does not see them)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_kept_entries_wait_on_disk_not_in_memory(tmp_path: Path) -> None:
+    """An outage of prefix-cache costs disk: 200 answers of 100 kB prompts (20 MB of commits,
+    held in memory they grew it by 20.6 MB) add little to the router's memory, and are billed
+    whole when it is back."""
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    await outbox.keep(_large_commits("warm-up#1", 100_000))
+    before = _resident_bytes()
+    for i in range(200):
+        await outbox.keep(_large_commits(f"r{i}#1", 100_000))
+    grown = _resident_bytes() - before
+    assert outbox.pending == 201 and grown < 6_000_000, grown
+    prefix.down = False
+    got: list[int] = []
+
+    async def commit(request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        got.append(len(request.request.messages[0].content[0].text))
+        return pc.CommitResponse()
+
+    prefix.commit = commit  # type: ignore[method-assign]
+    assert await outbox.flush() == 201 and got == [100_000] * 201
+
+
+async def test_concurrent_keeps_share_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During an outage every answer waits for its entry's fsync: answers kept together share
+    one, so a slow disk does not serialize the gateway."""
+    outbox = BillingOutbox(FakePrefix(), Journal(tmp_path), 1.0, 0.01)
+    fsyncs = 0
+    real_fsync = os.fsync
+
+    def counted(fd: int) -> None:
+        nonlocal fsyncs
+        fsyncs += 1
+        time.sleep(0.01)  # a slow disk
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    await asyncio.gather(*(outbox.keep(_commits(f"r{i}#1")) for i in range(50)))
+    assert outbox.pending == 50 and fsyncs <= 5, fsyncs
+    assert len(_kept(tmp_path)) == 50
+
+
+async def test_a_failed_fsync_is_sticky_until_nothing_is_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the kernel may have dropped the pages: a later fsync that succeeds
+    proves nothing, so no keep is acknowledged until every pending entry is billed (the entry
+    whose keep failed among them: its model call was made)."""
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    real_fsync = os.fsync
+    failing = [True]
+
+    def fsync(fd: int) -> None:
+        if failing.pop() if failing else False:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(JournalError, match="Input/output error"):
+        await outbox.keep(_commits("b#1"))
+    with pytest.raises(JournalError, match="earlier fsync"):
+        await outbox.keep(_commits("c#1"))  # the disk works again: not trusted yet
+    assert outbox.pending == 3
+    prefix.down = False
+    assert await outbox.flush() == 3
+    assert [rid for rid, _ in prefix.sent[::2]] == ["a#1", "b#1", "c#1"]
+    await outbox.keep(_commits("d#1"))  # the emptied journal was fsynced: trusted again
+    assert _kept(tmp_path) == ["d#1"]
+
+
+async def test_the_journal_is_rewritten_once_settled_lines_outweigh_pending_ones(
+    tmp_path: Path,
+) -> None:
+    """An entry refused for days keeps the journal from emptying: it is rewritten with only
+    the pending lines instead of growing with every answer kept since."""
+
+    class RefusesA(FakePrefix):
+        async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+            if request.request_id == "a#1":
+                raise CallFailed(Code.INTERNAL, "a bug on this one")
+            return await super().commit(request, deadline_s)
+
+    prefix = RefusesA()
+    prefix.down = False
+    outbox = BillingOutbox(prefix, Journal(tmp_path, compact_bytes=4096), 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    for i in range(200):
+        await outbox.keep(_commits(f"r{i}#1"))
+        await outbox.flush()
+    assert outbox.pending == 1
+    await outbox.keep(_commits("z#1"))
+    assert (tmp_path / JOURNAL_NAME).stat().st_size < 3 * 4096
+    assert _kept(tmp_path) == ["a#1", "z#1"]
 
 
 def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_stable_run() -> None:

@@ -1,0 +1,257 @@
+"""The billing outbox's journal: its entries on disk, only their ids and places in memory.
+
+The file holds lines ``{"add": id, "commits": [base64...]}`` and ``{"done": id}``. An entry's
+commits (each carrying its whole request) are read back from the file when they are sent, so
+an outage of prefix-cache costs disk, not the router's memory. The file is emptied once
+nothing is pending, and rewritten with only the pending lines once its settled lines outweigh
+them (``COMPACT_BYTES``), so an entry that stays pending for days does not pin every line
+written after it.
+
+``Journal`` is confined to one thread (``JournalThread`` runs it): it writes without fsync and
+``sync`` makes a batch of writes durable with one fsync, so concurrent answers share it. A
+failed fsync is sticky: the kernel may have dropped the unwritten pages, so no later write is
+acknowledged until nothing is pending and the emptied file has been fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from cachemesh.v1 import prefix_cache_pb2 as pc
+
+log = logging.getLogger("cachemesh.router.outbox")
+
+JOURNAL_NAME = "billing-outbox.jsonl"
+# Rewrite the file once it holds this many bytes of settled lines, and more than its live ones.
+COMPACT_BYTES = 64 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+class JournalError(OSError):
+    """A write was made but is not known durable (an fsync failed: see the message)."""
+
+
+class UnreadableEntry(ValueError):
+    """An entry's line on disk does not decode (the disk or an outside write changed it)."""
+
+
+@dataclass(frozen=True)
+class _Line:
+    offset: int
+    length: int
+
+
+class Journal:
+    """The journal file of ``directory``. Not thread-safe: one thread at a time."""
+
+    def __init__(self, directory: Path, compact_bytes: int = COMPACT_BYTES) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / JOURNAL_NAME
+        self._compact_bytes = compact_bytes
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lines: dict[str, _Line] = {}  # the pending entries, in the order they came
+        self._size = 0
+        self._live_bytes = 0
+        self._dirty = False
+        self._failed: OSError | None = None
+        self._compact_failed_at = -1  # the size a failed rewrite was tried at: wait to grow
+
+    def load(self) -> list[str]:
+        """The pending entries' ids, oldest first. A torn last line (a crash mid-append: its
+        answer was never sent) is cut off, so the next line starts on a line of its own."""
+        data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
+        self._lines.clear()
+        offset = 0
+        for raw in data[:end].splitlines(keepends=True):
+            try:
+                item = json.loads(raw)
+            except json.JSONDecodeError:
+                item = {}
+            if isinstance(item, dict) and isinstance(item.get("add"), str):
+                self._lines[item["add"]] = _Line(offset, len(raw))
+            elif isinstance(item, dict) and isinstance(item.get("done"), str):
+                self._lines.pop(item["done"], None)
+            else:
+                log.error("billing outbox: line at byte %d of %s is unreadable", offset, self.path)
+            offset += len(raw)
+        self._size = end
+        self._live_bytes = sum(line.length for line in self._lines.values())
+        return list(self._lines)
+
+    def add(self, entry_id: str, commits: Sequence[pc.CommitRequest]) -> None:
+        raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
+        line = self._write({"add": entry_id, "commits": raw})
+        self._lines[entry_id] = line
+        self._live_bytes += line.length
+
+    def done(self, entry_id: str) -> None:
+        line = self._lines.pop(entry_id, None)
+        if line is not None:
+            self._live_bytes -= line.length
+            if self._lines:  # else ``sync`` empties the file
+                self._write({"done": entry_id})
+
+    def read(self, entry_id: str) -> tuple[pc.CommitRequest, ...]:
+        line = self._lines[entry_id]
+        raw = os.pread(self._fd, line.length, line.offset)
+        try:
+            item = json.loads(raw)
+            if item.get("add") != entry_id:
+                raise ValueError(f"the line holds {item.get('add')!r}")
+            return tuple(pc.CommitRequest.FromString(base64.b64decode(c)) for c in item["commits"])
+        except Exception as exc:  # any decoding fault means the same
+            raise UnreadableEntry(
+                f"entry {entry_id} at byte {line.offset} of {self.path} does not decode: {exc}"
+            ) from exc
+
+    def sync(self) -> None:
+        """Makes every write so far durable (one fsync), emptying or compacting the file first
+        when it is due. Raises ``JournalError`` if they may not be."""
+        if not self._lines and self._size:
+            os.ftruncate(self._fd, 0)
+            self._size, self._live_bytes, self._dirty = 0, 0, True
+        elif self._due_for_compaction():
+            try:
+                self._compact()
+            except OSError as exc:  # the file as it is still holds every pending entry
+                self._compact_failed_at = self._size
+                log.error("billing outbox: rewriting %s failed: %s", self.path, exc)
+        if self._dirty:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._failed = exc
+                raise JournalError(f"fsync of {self.path} failed: {exc}") from exc
+            self._dirty = False
+            if not self._size:
+                self._failed = None  # nothing pending, and the empty file is durable
+        if self._failed is not None:
+            raise JournalError(
+                f"an earlier fsync of {self.path} failed ({self._failed}): no write is durable "
+                "until every pending entry is billed"
+            ) from self._failed
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def _due_for_compaction(self) -> bool:
+        settled = self._size - self._live_bytes
+        if settled <= max(self._compact_bytes, self._live_bytes):
+            return False
+        return self._compact_failed_at < 0 or self._size >= 2 * self._compact_failed_at
+
+    def _write(self, record: dict[str, object]) -> _Line:
+        data = (json.dumps(record) + "\n").encode()
+        os.pwrite(self._fd, data, self._size)  # after the last line, even if one is torn
+        line = _Line(self._size, len(data))
+        self._size += len(data)
+        self._dirty = True
+        return line
+
+    def _compact(self) -> None:
+        """Rewrites the file with only the pending lines: a new file, fsynced, renamed over."""
+        fresh = self.path.with_suffix(".compacting")
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        lines: dict[str, _Line] = {}
+        size = 0
+        try:
+            for entry_id, line in self._lines.items():
+                os.pwrite(fd, os.pread(self._fd, line.length, line.offset), size)
+                lines[entry_id] = _Line(size, line.length)
+                size += line.length
+            os.fsync(fd)
+            os.replace(fresh, self.path)
+        except BaseException:
+            os.close(fd)
+            fresh.unlink(missing_ok=True)
+            raise
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        os.close(self._fd)
+        self._fd, self._lines, self._size = fd, lines, size
+        self._compact_failed_at = -1
+        log.info("billing outbox: journal rewritten with its %d pending entries", len(lines))
+
+
+@dataclass
+class _Call:
+    run: Callable[[], object]
+    durable: bool
+    done: asyncio.Future[Any]
+
+
+class JournalThread:
+    """Runs a journal's calls on one worker thread, in the order they were made; the calls
+    queued while a batch runs form the next batch, whose writes share one ``sync``."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._queue: list[_Call] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    def submit(self, run: Callable[[], T], *, durable: bool = False) -> asyncio.Future[T]:
+        """Queues ``run``; the future is its result. ``durable``: set only once its batch is
+        fsynced (else the sync's failure is raised); otherwise the durability of its writes is
+        not waited for (a settled entry's "done" line: a replay bills an entry once anyway)."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Call(run, durable, done))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._run())
+        return done
+
+    async def call(self, run: Callable[[], T], *, durable: bool = False) -> T:
+        """``submit``, awaited; a caller that leaves does not take back its write."""
+        return await asyncio.shield(self.submit(run, durable=durable))
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                outcomes = await asyncio.to_thread(self._batch, batch)
+            except BaseException as exc:  # cancelled (the loop's end) or no thread to run on
+                for call in batch:
+                    if not call.done.done():
+                        call.done.set_exception(JournalError(f"journal call not made: {exc!r}"))
+                raise
+            for call, (ok, value) in zip(batch, outcomes, strict=True):
+                if call.done.done():
+                    continue
+                if ok:
+                    call.done.set_result(value)
+                else:
+                    call.done.set_exception(cast(BaseException, value))
+
+    def _batch(self, batch: list[_Call]) -> list[tuple[bool, object]]:
+        outcomes: list[tuple[bool, object]] = []
+        for call in batch:
+            try:
+                outcomes.append((True, call.run()))
+            except Exception as exc:  # handed to its caller
+                outcomes.append((False, exc))
+        try:
+            self.journal.sync()
+        except OSError as exc:
+            # no write of this batch is known durable: the calls that needed it and ran fail
+            # with a JournalError (what they wrote stays in the journal's pending entries)
+            failure = exc if isinstance(exc, JournalError) else JournalError(str(exc))
+            return [
+                (False, failure) if call.durable and ok else (ok, value)
+                for call, (ok, value) in zip(batch, outcomes, strict=True)
+            ]
+        return outcomes
