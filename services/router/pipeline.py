@@ -34,6 +34,7 @@ from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
 from services.router.metrics import RouterMetrics, decision_reason
 from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import JournalError
 from services.router.routing.model import RouterModel
 from services.router.routing.router import LocalEmbedder, Routed, TierRouter
 from services.router.settings import RouterSettings
@@ -509,7 +510,16 @@ class Pipeline:
             )
             if usage is not None:
                 replay_final.provider_usage.CopyFrom(usage)
-            await self._outbox.keep([replay_warm, replay_final])
+            try:
+                await self._outbox.keep([replay_warm, replay_final])
+            except JournalError as exc:
+                log.error("billing outbox: %s; the answer to %s is refused", exc, key)
+                raise RequestError(
+                    Code.UNAVAILABLE,
+                    "prefix-cache did not take this answer's bill and the router's billing "
+                    "outbox cannot keep it durably (a disk fault on this router, in its log); "
+                    "retry with the same request_id",
+                ) from exc
             record_event(self._tracer, "cachemesh.billing_deferred", {"commit": key})
         return final
 

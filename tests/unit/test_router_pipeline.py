@@ -9,8 +9,10 @@ hands it to the next replica, and a refusal that is the request's fault reaches 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -30,6 +32,8 @@ from services.common.tokens import load_cl100k
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Dispatcher
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
@@ -173,12 +177,21 @@ class Rig:
     models: FakeModels = field(default_factory=FakeModels)
     clock: FakeClock = field(default_factory=FakeClock)
 
+    outbox: BillingOutbox | None = None
+
     def pipeline(self) -> Pipeline:
         deps = Dependencies(self.semantic, self.prefix, self.models, REPLICAS)
         router = (load_router_model(), RouterCard.load().default_threshold, None)
         settings = _settings()
         return Pipeline(
-            deps, TABLE, TOKENIZER, trace.NoOpTracer(), settings, router, clock=self.clock
+            deps,
+            TABLE,
+            TOKENIZER,
+            trace.NoOpTracer(),
+            settings,
+            router,
+            clock=self.clock,
+            outbox=self.outbox,
         )
 
     async def run(
@@ -243,6 +256,27 @@ async def test_with_prefix_cache_down_the_answer_is_served_at_an_estimated_cost(
     assert end.served_by == pb.LAYER_MODEL and end.cost.estimated
     assert end.cost.cost_nanos == 40 * 3000 + 3 * 15000  # the engine's count, base prices
     assert rig.models.calls  # the model still answered
+
+
+async def test_an_outbox_that_cannot_write_durably_refuses_the_answer_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prefix-cache down and the journal's fsync failing: the answer is not sent unbilled; the
+    client gets UNAVAILABLE saying why (not gRPC's bare UNKNOWN), and the call stays in
+    the outbox to be billed once prefix-cache is back."""
+
+    def fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    outbox = BillingOutbox(FakePrefix(down=True), Journal(tmp_path), 1.0, 0.01)
+    rig = Rig(prefix=FakePrefix(down=True), outbox=outbox)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(RequestError) as caught:
+        await rig.run(_request())
+    assert caught.value.code == Code.UNAVAILABLE
+    assert "billing outbox cannot keep it durably" in caught.value.message
+    assert str(tmp_path) not in caught.value.message  # the router's paths stay in its log
+    assert outbox.pending >= 1
 
 
 async def test_a_replica_failing_before_its_first_token_hands_over_to_the_next() -> None:
