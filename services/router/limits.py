@@ -11,7 +11,9 @@ the servicer turns into ``RESOURCE_EXHAUSTED`` with ``google.rpc.RetryInfo``.
   for the refill); when it ends the reservation is replaced by what it used: input tokens,
   cache writes and output tokens that reached a model (cache reads are not counted, as
   Anthropic's cache-aware limits do not; a semantic-cache hit counts as a request, no tokens).
-  A request that fails or is cut keeps its reservation.
+  A request that fails or is cut keeps its reservation, unless its call was billed without
+  an answer (the caller left, or the replica was cut, after the prefill): the billed tokens
+  replace it.
 - Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
   below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
   estimate the router serves when prefix-cache is down). A request in flight may take the
@@ -218,13 +220,21 @@ class Denial:
     retry_after_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ticket:
     """An admitted request's reservation, settled when it ends."""
 
     tenant: str
     policy: LimitPolicy
     reserved_tokens: int
+    # its reservation replaced by what was counted (an answer, or a call billed without one)
+    replaced: bool = False
+
+    def replace_reservation(self) -> int:
+        """The reserved tokens to give back now: all of them the first time, then none."""
+        back = 0 if self.replaced else self.reserved_tokens
+        self.replaced = True
+        return back
 
 
 class Policies(Protocol):
@@ -306,22 +316,25 @@ class Limiter:
         reservation. Runs past the request (``drain`` awaits it)."""
         if not ticket.policy.active or end is None:
             return
-        refund = ticket.reserved_tokens - used_tokens(end) if ticket.policy.tokens_per_min else 0
+        back = ticket.replace_reservation()
+        refund = back - used_tokens(end) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, end.cost.cost_nanos)
 
     def charge(self, ticket: Ticket, usage: pb.Usage, cost_nanos: int) -> None:
         """Counts a model call billed without an answer (cancelled or cut after its prefill):
-        its cost against the budgets and its tokens against the token rate, on top of the
-        request's settle (which keeps the reservation of a request that got no answer)."""
+        its cost against the budgets, and its tokens against the token rate in place of the
+        request's reservation (the first such count replaces it; an answer that comes later,
+        from another replica, adds its own tokens). In whichever order they come."""
         if not ticket.policy.active:
             return
-        extra = -_model_tokens(usage) if ticket.policy.tokens_per_min else 0
-        self._count(ticket, extra, cost_nanos)
+        back = ticket.replace_reservation()
+        refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
+        self._count(ticket, refund, cost_nanos)
 
     def replayed(self, ticket: Ticket) -> None:
         """A retry answered from the first call's answer used nothing: its reservation back."""
         if ticket.policy.active:
-            self._count(ticket, ticket.reserved_tokens, 0)
+            self._count(ticket, ticket.replace_reservation(), 0)
 
     def _count(self, ticket: Ticket, refund: int, cost_nanos: int) -> None:
         """Tokens back to the rate (negative: taken) and a cost to the budgets, in the

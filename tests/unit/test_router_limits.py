@@ -137,18 +137,54 @@ async def test_a_call_billed_without_its_answer_counts_its_cost_and_tokens(
     store: LimitStore,
 ) -> None:
     """A stream the caller left after the prefill is billed (the prompt, the output so far):
-    that cost counts against the budget and those tokens against the rate, besides the
-    request's kept reservation."""
+    that cost counts against the budget and those tokens against the rate."""
     clock = ManualClock(START_MS)
     policy = LimitPolicy(tokens_per_min=1000, day_budget_nanos=1000)
     limiter = _limiter(store, policy, clock)
     ticket = await _admitted(limiter, max_tokens=1)  # 1000 -> 999
-    limiter.charge(ticket, pb.Usage(input_tokens=950, output_tokens=49), 1000)
-    limiter.settle(ticket, None)  # no answer: the reservation stays
+    limiter.charge(ticket, pb.Usage(input_tokens=950, output_tokens=50), 1000)  # 999 + 1 - 1000
+    limiter.settle(ticket, None)  # no answer
     await limiter.drain()
     assert (await _denied(limiter)).limit == DAY_BUDGET  # 1000 of 1000 spent
     tokens_only = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
-    assert (await _denied(tokens_only)).limit == TOKENS  # 999 - 999 tokens: empty
+    assert (await _denied(tokens_only)).limit == TOKENS  # empty
+
+
+async def test_a_cancelled_call_counts_its_billed_tokens_not_its_reservation_too(
+    store: LimitStore,
+) -> None:
+    """A stream the caller stopped is counted at what it was billed, not at its max_tokens on
+    top of that (a chat client's stop button must not throttle its tenant twice over)."""
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
+    ticket = await _admitted(limiter, max_tokens=900)  # 1000 -> 100
+    limiter.settle(ticket, None)  # cancelled: the reservation stays until the bill comes
+    limiter.charge(ticket, pb.Usage(input_tokens=100, output_tokens=50), 0)
+    await limiter.drain()
+    await _admitted(limiter, max_tokens=850)  # 1000 - 150 = 850 left (both: -50, refused)
+    assert (await _denied(limiter)).limit == TOKENS
+
+
+@pytest.mark.parametrize("answer_first", [False, True])
+async def test_a_call_cut_then_answered_elsewhere_counts_both_calls_once(
+    store: LimitStore, answer_first: bool
+) -> None:
+    """Cut on one replica after its prefill (billed), answered by another: both calls count,
+    the reservation is given back once, whichever is counted first."""
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
+    ticket = await _admitted(limiter, max_tokens=900)  # 1000 -> 100
+    cut = pb.Usage(input_tokens=100, output_tokens=50)
+    answered = _answer(100, 50, cost_nanos=0)
+    if answer_first:
+        limiter.settle(ticket, answered)
+        limiter.charge(ticket, cut, 0)
+    else:
+        limiter.charge(ticket, cut, 0)
+        limiter.settle(ticket, answered)
+    await limiter.drain()
+    await _admitted(limiter, max_tokens=700)  # 1000 - 150 - 150 = 700 left
+    assert (await _denied(limiter)).limit == TOKENS
 
 
 async def test_a_replayed_answer_gives_its_reservation_back(store: LimitStore) -> None:
