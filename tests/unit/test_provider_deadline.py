@@ -5,7 +5,9 @@ are injected."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import anthropic
@@ -56,8 +58,12 @@ class RateLimitedAdapter:
     calls: list[float] = field(default_factory=list)  # each call's timeout_s
 
     async def stream(
-        self, spec: ModelSpec, request: pb.CompleteRequest, progress: Progress, timeout_s: float
-    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+        self,
+        spec: ModelSpec,
+        request: pb.CompleteRequest,
+        progress: Progress,
+        timeout_s: float,
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
         self.calls.append(timeout_s)
         if len(self.calls) <= self.refusals:
             raise _rate_limited(self.retry_after)
@@ -138,3 +144,56 @@ async def test_a_call_without_a_deadline_gets_the_default_budget(tokenizer: Toke
     adapter = RateLimitedAdapter(retry_after="5", refusals=1)
     parts = await _drain(_api(adapter, clock, tokenizer), time_remaining_s=None)
     assert parts == ["start", "text", "end"] and clock.slept == [5.0]
+
+
+@dataclass
+class TwoPartAdapter:
+    """Starts at once, then takes ``pause_s`` before its last part."""
+
+    pause_s: float = 0.0
+    backend: str = "anthropic"
+    closed: bool = False
+
+    async def stream(
+        self, spec: ModelSpec, request: pb.CompleteRequest, progress: Progress, timeout_s: float
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        try:
+            yield progress.start(12)
+            await asyncio.sleep(self.pause_s)
+            yield progress.text("Paris.")
+            yield model_pb2.GenerateChunk(end=model_pb2.GenerateEnd(stop_reason="end_turn"))
+        finally:
+            self.closed = True
+
+    async def close(self) -> None:
+        return None
+
+
+def _real_time_api(adapter: TwoPartAdapter, tokenizer: Tokenizer) -> ProviderApi:
+    api = _api(adapter, Clock(), tokenizer)  # type: ignore[arg-type]
+    api._clock = time.monotonic  # the deadline on the loop's own time, as in the service
+    return api
+
+
+async def test_a_deadline_passing_while_the_consumer_writes_ends_the_answer_not_the_task(
+    tokenizer: Tokenizer,
+) -> None:
+    """The deadline bounds the waits for the provider. One that passes while the caller is
+    busy with a chunk (writing it to a slow client) must not cancel the caller's task: the
+    answer ends, interrupted, at the caller's next read."""
+    adapter = TwoPartAdapter()
+    parts: list[model_pb2.GenerateChunk] = []
+    async for chunk in _real_time_api(adapter, tokenizer).generate(_generate(), 0.05):
+        parts.append(chunk)
+        await asyncio.sleep(0.2)  # a slow client: past the deadline
+    assert [c.WhichOneof("part") for c in parts] == ["start", "end"]
+    assert parts[-1].end.interrupted and "deadline" in parts[-1].end.error
+    assert adapter.closed
+
+
+async def test_a_provider_slower_than_the_deadline_is_interrupted(tokenizer: Tokenizer) -> None:
+    adapter = TwoPartAdapter(pause_s=5.0)
+    began = time.monotonic()
+    parts = await _drain(_real_time_api(adapter, tokenizer), time_remaining_s=0.1)
+    assert parts == ["start", "end"] and time.monotonic() - began < 4.0
+    assert adapter.closed

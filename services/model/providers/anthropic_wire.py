@@ -13,7 +13,7 @@ https://docs.claude.com/en/api/messages-streaming
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anthropic
@@ -139,7 +139,7 @@ class AnthropicAdapter:
         request: pb.CompleteRequest,
         progress: Progress,
         timeout_s: float,
-    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
         params = messages_params(spec, request)
         # This SDK's create() has no `temperature` (Claude 5 models refuse sampling
         # parameters); the API still takes it for the models that do, so it goes in the body.

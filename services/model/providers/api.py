@@ -20,11 +20,12 @@ first token, the deadline, the credentials' health, and what an interrupted answ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Protocol
 
 from opentelemetry import trace
@@ -50,8 +51,12 @@ class Adapter(Protocol):
     backend: str
 
     def stream(
-        self, spec: ModelSpec, request: pb.CompleteRequest, progress: Progress, timeout_s: float
-    ) -> AsyncIterator[model_pb2.GenerateChunk]: ...
+        self,
+        spec: ModelSpec,
+        request: pb.CompleteRequest,
+        progress: Progress,
+        timeout_s: float,
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]: ...
 
     async def close(self) -> None: ...
 
@@ -116,10 +121,14 @@ class ProviderApi:
             )
             try:
                 remaining = deadline - self._clock()
-                async with asyncio.timeout(max(0.0, remaining)):
-                    async for chunk in self._adapter.stream(
-                        spec, request.request, progress, max(0.001, remaining)
-                    ):
+                stream = self._adapter.stream(
+                    spec, request.request, progress, max(0.001, remaining)
+                )
+                async with contextlib.aclosing(stream):
+                    # The deadline bounds each wait for the adapter, never a yield: a timeout
+                    # around a yield fires in the consumer's task (e.g. while it writes to a
+                    # slow client), as a CancelledError the adapter never sees.
+                    while (chunk := await _next(stream, deadline - self._clock())) is not None:
                         yield self._annotated(span, chunk, progress)
                 await self._healthy()
                 return
@@ -315,3 +324,11 @@ class ProviderApi:
                 self._adapter.backend,
                 self._replica,
             )
+
+
+async def _next(
+    stream: AsyncGenerator[model_pb2.GenerateChunk, None], remaining_s: float
+) -> model_pb2.GenerateChunk | None:
+    """The stream's next chunk (None at its end), or TimeoutError after ``remaining_s``."""
+    async with asyncio.timeout(max(0.0, remaining_s)):
+        return await anext(stream, None)

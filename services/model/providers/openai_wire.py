@@ -15,7 +15,7 @@ https://platform.openai.com/docs/api-reference/chat/create
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import openai
@@ -132,7 +132,7 @@ class OpenAIAdapter:
         request: pb.CompleteRequest,
         progress: Progress,
         timeout_s: float,
-    ) -> AsyncIterator[model_pb2.GenerateChunk]:
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
         params = chat_params(spec, request)
         chunks = await self._client.chat.completions.create(
             **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
