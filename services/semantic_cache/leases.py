@@ -56,8 +56,12 @@ class Leases:
 
     def take(self, key: LeaseKey, owner: str = "") -> str:
         """Takes the lease of ``key`` for the request ``owner``; returns its id (what ``end``
-        may be given)."""
-        lease = _Lease(self._clock.now_ms() + self._hold_ms, owner)
+        may be given). Leases past their age limit are ended first, oldest first: a holder
+        that died without a Store (and whose key nobody asks again) holds no memory for long."""
+        now = self._clock.now_ms()
+        self._end_expired(now)
+        self.end(key)  # an expired lease of this key: its place in the age order goes too
+        lease = _Lease(now + self._hold_ms, owner)
         self._held[key] = lease
         return lease.lease_id
 
@@ -68,6 +72,7 @@ class Leases:
         if not owner or lease is None or lease.owner != owner or self.held(key) is None:
             return None
         lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
+        self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return lease.lease_id
 
     def end(self, key: LeaseKey, lease_id: str | None = None) -> bool:
@@ -79,6 +84,15 @@ class Leases:
         del self._held[key]
         lease.done.set()
         return True
+
+    def _end_expired(self, now_ms: int) -> None:
+        """``_held`` is in the order of expiry (every lease lives ``hold_ms`` from its take or
+        take-over, and a take-over moves it to the end)."""
+        while self._held:
+            key, lease = next(iter(self._held.items()))
+            if now_ms < lease.expires_at_ms:
+                return
+            self.end(key)
 
 
 async def wait(event: asyncio.Event, budget_s: float) -> bool:

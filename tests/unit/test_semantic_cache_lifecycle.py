@@ -115,6 +115,27 @@ async def test_a_waiter_out_of_budget_misses_and_an_abandoned_lease_expires() ->
     assert (await cache.check(q("how do i reset my password"), wait_s=0.0)).leader
 
 
+def test_abandoned_leases_of_keys_nobody_asks_again_are_ended_as_new_ones_are_taken() -> None:
+    """Routers that died (or whose release was lost) leave leases behind, each holding its
+    question: they end at their age limit even if their keys never come back."""
+    clock = ManualClock()
+    leases = Leases(clock, hold_s=30.0)
+    for i in range(1_000):
+        leases.take(("t", "scope", f"question {i}"), owner=f"r{i}")
+    clock.advance(s=15.0)
+    assert leases.take_over(("t", "scope", "question 0"), "r0")  # a retry: 30 s from now
+    clock.advance(s=15.0)
+    leases.take(("t", "scope", "a new question"))
+    assert len(leases) == 2  # the retried one and the new one
+    clock.advance(s=30.0)  # both expired
+    leases.take(("t", "scope", "question 0"))  # a new lease of an expired key
+    leases.take(("t", "scope", "another"))
+    assert len(leases) == 2
+    clock.advance(s=30.0)
+    leases.take(("t", "scope", "last"))
+    assert len(leases) == 1
+
+
 async def test_no_store_and_other_scopes_never_take_or_share_a_lease() -> None:
     from cachemesh.v1 import gateway_pb2 as pb
 
