@@ -31,12 +31,7 @@ from functools import partial
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, PrefixPort
-from services.router.outbox_journal import (
-    Journal,
-    JournalError,
-    JournalThread,
-    UnreadableEntry,
-)
+from services.router.outbox_journal import Journal, JournalThread, UnreadableEntry
 
 log = logging.getLogger("cachemesh.router.outbox")
 
@@ -59,16 +54,15 @@ class BillingOutbox:
         self, prefix: PrefixPort, journal: Journal | None, deadline_s: float, retry_s: float
     ) -> None:
         self._prefix = prefix
+        # with a journal, the journal is the one record of what is pending
         self._journal = JournalThread(journal) if journal is not None else None
+        self._memory: dict[str, tuple[pc.CommitRequest, ...]] = {}  # without one
         self._deadline_s = deadline_s
         self._retry_s = retry_s
-        # the pending entries in order: their commits when in memory only, else None (on disk)
-        self._pending: dict[str, tuple[pc.CommitRequest, ...] | None] = {}
         self._lock = asyncio.Lock()  # one flush at a time
         if journal is not None:
-            self._pending = dict.fromkeys(journal.load())
-            if self._pending:
-                log.info("billing outbox: %d answers to bill from the journal", len(self._pending))
+            if loaded := len(journal.load()):
+                log.info("billing outbox: %d answers to bill from the journal", loaded)
         else:
             log.warning(
                 "billing outbox in memory only (ROUTER_DATA_DIR unset): answers served while "
@@ -77,23 +71,20 @@ class BillingOutbox:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        if self._journal is not None:
+            return self._journal.journal.pending_count
+        return len(self._memory)
 
     async def keep(self, commits: Sequence[pc.CommitRequest]) -> None:
-        """Records the commits durably (fsync) before the answer they bill is sent."""
+        """Records the commits durably (fsync) before the answer they bill is sent. Raises
+        ``JournalError`` when they are not known durable (they may still be billed: an
+        entry written to the journal is, whatever becomes of this call)."""
         entry_id = secrets.token_hex(8)
         if self._journal is None:
-            self._pending[entry_id] = tuple(commits)
+            self._memory[entry_id] = tuple(commits)
             return
-        add = partial(self._journal.journal.add, entry_id, commits)
-        try:
-            await self._journal.call(add, durable=True)
-        except JournalError:
-            # written but not known durable: the answer is not sent, yet its model call is
-            # billed if this router lives (the same commit key: billed once however it ends)
-            self._pending[entry_id] = None
-            raise
-        self._pending[entry_id] = None
+        add = partial(self._journal.journal.add, entry_id, tuple(commits))
+        await self._journal.call(add, durable=True)
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
@@ -102,7 +93,7 @@ class BillingOutbox:
         settled = 0
         done_lines: list[asyncio.Future[None]] = []
         async with self._lock:
-            for entry_id in list(self._pending):
+            for entry_id in await self._pending_ids():
                 try:
                     commits = await self._commits(entry_id)
                 except UnreadableEntry as exc:
@@ -114,8 +105,9 @@ class BillingOutbox:
                 if outcome is _Sent.KEPT:
                     continue
                 settled += 1
-                self._pending.pop(entry_id, None)
-                if self._journal is not None:  # its line need not be durable: a replay bills once
+                if self._journal is None:
+                    self._memory.pop(entry_id, None)
+                else:  # its line need not be durable: a replay bills once
                     done_lines.append(
                         self._journal.submit(partial(self._journal.journal.done, entry_id))
                     )
@@ -126,18 +118,26 @@ class BillingOutbox:
             log.info("billing outbox: billed %d answers, %d pending", settled, self.pending)
         return settled
 
-    async def _commits(self, entry_id: str) -> Sequence[pc.CommitRequest]:
-        kept = self._pending[entry_id]
-        if kept is not None or self._journal is None:
-            return kept or ()
-        return await self._journal.call(partial(self._journal.journal.read, entry_id))
-
     async def run(self) -> None:
-        """Replays every ``retry_s`` (cancelled at shutdown, after a last ``flush``)."""
+        """Replays every ``retry_s`` (cancelled at shutdown, after a last ``flush``). A round
+        that fails (the journal's disk) is logged and the next one tries again."""
         while True:
-            if self._pending:
-                await self.flush()
+            if self.pending:
+                try:
+                    await self.flush()
+                except Exception:
+                    log.exception("billing outbox: a replay round failed; retrying")
             await asyncio.sleep(self._retry_s)
+
+    async def _pending_ids(self) -> list[str]:
+        if self._journal is None:
+            return list(self._memory)
+        return await self._journal.call(self._journal.journal.pending)
+
+    async def _commits(self, entry_id: str) -> Sequence[pc.CommitRequest]:
+        if self._journal is None:
+            return self._memory[entry_id]
+        return await self._journal.call(partial(self._journal.journal.read, entry_id))
 
     async def _send(self, commits: Sequence[pc.CommitRequest]) -> _Sent:
         for commit in commits:
@@ -153,7 +153,7 @@ class BillingOutbox:
                         pc.CommitPhase.Name(commit.phase),
                         commit.request_id,
                         exc.code.name,
-                        len(self._pending),
+                        self.pending,
                     )
                     return _Sent.KEPT
                 log.error(

@@ -8,9 +8,11 @@ them (``COMPACT_BYTES``), so an entry that stays pending for days does not pin e
 written after it.
 
 ``Journal`` is confined to one thread (``JournalThread`` runs it): it writes without fsync and
-``sync`` makes a batch of writes durable with one fsync, so concurrent answers share it. A
-failed fsync is sticky: the kernel may have dropped the unwritten pages, so no later write is
-acknowledged until nothing is pending and the emptied file has been fsynced.
+``sync`` makes a batch of writes durable with one fsync, so concurrent answers share it. The
+journal is the one record of what is pending: an entry written is billed, whatever became of
+the call that wrote it. A failed fsync is sticky: the kernel may have dropped the unwritten
+pages, so no later write is acknowledged until a fresh file holding every pending entry (or
+an empty one) has been fsynced.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ T = TypeVar("T")
 
 
 class JournalError(OSError):
-    """A write was made but is not known durable (an fsync failed: see the message)."""
+    """The journal could not take a write durably. ``written``: the entry is in the journal
+    all the same (only its durability failed), so it will be billed if the router lives."""
+
+    def __init__(self, message: str, *, written: bool) -> None:
+        super().__init__(message)
+        self.written = written
 
 
 class UnreadableEntry(ValueError):
@@ -101,8 +108,15 @@ class Journal:
         line = self._lines.pop(entry_id, None)
         if line is not None:
             self._live_bytes -= line.length
-            if self._lines:  # else ``sync`` empties the file
-                self._write({"done": entry_id})
+            self._write({"done": entry_id})  # ``sync`` empties the file if nothing is pending
+
+    def pending(self) -> list[str]:
+        """The pending entries' ids, oldest first."""
+        return list(self._lines)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._lines)
 
     def read(self, entry_id: str) -> tuple[pc.CommitRequest, ...]:
         line = self._lines[entry_id]
@@ -123,25 +137,23 @@ class Journal:
         if not self._lines and self._size:
             os.ftruncate(self._fd, 0)
             self._size, self._live_bytes, self._dirty = 0, 0, True
-        elif self._due_for_compaction():
-            try:
-                self._compact()
-            except OSError as exc:  # the file as it is still holds every pending entry
-                self._compact_failed_at = self._size
-                log.error("billing outbox: rewriting %s failed: %s", self.path, exc)
+        elif self._lines and (self._failed is not None or self._due_for_compaction()):
+            # a fresh file, fsynced, is also how a failed fsync is put behind
+            self._compact()
         if self._dirty:
             try:
                 os.fsync(self._fd)
             except OSError as exc:
                 self._failed = exc
-                raise JournalError(f"fsync of {self.path} failed: {exc}") from exc
+                raise JournalError(f"fsync of {self.path} failed: {exc}", written=True) from exc
             self._dirty = False
             if not self._size:
                 self._failed = None  # nothing pending, and the empty file is durable
         if self._failed is not None:
             raise JournalError(
                 f"an earlier fsync of {self.path} failed ({self._failed}): no write is durable "
-                "until every pending entry is billed"
+                "until a rewrite of the journal succeeds or every pending entry is billed",
+                written=True,
             ) from self._failed
 
     def close(self) -> None:
@@ -149,44 +161,79 @@ class Journal:
 
     def _due_for_compaction(self) -> bool:
         settled = self._size - self._live_bytes
-        if settled <= max(self._compact_bytes, self._live_bytes):
-            return False
-        return self._compact_failed_at < 0 or self._size >= 2 * self._compact_failed_at
+        return settled > max(self._compact_bytes, self._live_bytes)
 
     def _write(self, record: dict[str, object]) -> _Line:
         data = (json.dumps(record) + "\n").encode()
-        os.pwrite(self._fd, data, self._size)  # after the last line, even if one is torn
+        try:
+            _write_all(self._fd, data, self._size)  # after the last line, even if one is torn
+        except OSError:
+            os.ftruncate(self._fd, self._size)  # no half line for the next one to follow
+            raise
         line = _Line(self._size, len(data))
         self._size += len(data)
         self._dirty = True
         return line
 
     def _compact(self) -> None:
-        """Rewrites the file with only the pending lines: a new file, fsynced, renamed over."""
+        """Rewrites the file with only the pending lines: a new file, fsynced, renamed over,
+        the directory fsynced. A failure before the rename leaves the old file in use (tried
+        again once the file has doubled); after it, the new file is in use and a failed
+        directory fsync is a failed fsync (sticky)."""
+        if self._compact_failed_at >= 0 and self._size < 2 * self._compact_failed_at:
+            return
         fresh = self.path.with_suffix(".compacting")
-        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         lines: dict[str, _Line] = {}
         size = 0
         try:
-            for entry_id, line in self._lines.items():
-                os.pwrite(fd, os.pread(self._fd, line.length, line.offset), size)
-                lines[entry_id] = _Line(size, line.length)
-                size += line.length
-            os.fsync(fd)
-            os.replace(fresh, self.path)
-        except BaseException:
-            os.close(fd)
-            fresh.unlink(missing_ok=True)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for entry_id, line in self._lines.items():
+                    _write_all(fd, os.pread(self._fd, line.length, line.offset), size)
+                    lines[entry_id] = _Line(size, line.length)
+                    size += line.length
+                os.fsync(fd)
+                os.replace(fresh, self.path)
+            except BaseException:
+                os.close(fd)
+                fresh.unlink(missing_ok=True)
+                raise
+        except OSError as exc:  # the old file still holds every pending entry
+            self._compact_failed_at = self._size
+            log.error("billing outbox: rewriting %s failed: %s", self.path, exc)
+            return
         os.close(self._fd)
         self._fd, self._lines, self._size = fd, lines, size
+        self._live_bytes, self._dirty = size, False
         self._compact_failed_at = -1
+        try:
+            _fsync_directory(self.path.parent)
+        except OSError as exc:
+            self._failed = exc
+            raise JournalError(
+                f"fsync of {self.path.parent} after rewriting the journal failed: {exc}",
+                written=True,
+            ) from exc
+        self._failed = None  # every pending entry is in a file fsynced since
         log.info("billing outbox: journal rewritten with its %d pending entries", len(lines))
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """``pwrite`` until every byte is written (a short write is not an error to the OS)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"pwrite wrote {written} bytes")
+        view, offset = view[written:], offset + written
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -224,11 +271,16 @@ class JournalThread:
             batch, self._queue = self._queue, []
             try:
                 outcomes = await asyncio.to_thread(self._batch, batch)
-            except BaseException as exc:  # cancelled (the loop's end) or no thread to run on
-                for call in batch:
-                    if not call.done.done():
-                        call.done.set_exception(JournalError(f"journal call not made: {exc!r}"))
+            except asyncio.CancelledError:  # the loop is ending: nothing queued will run
+                for call in [*batch, *self._queue]:
+                    _fail(call, JournalError("the journal stopped (shutdown)", written=False))
+                self._queue.clear()
                 raise
+            except Exception as exc:  # no thread to run on: this batch fails, the next tries
+                log.error("billing outbox: journal batch not run: %r", exc)
+                outcomes = [
+                    (False, JournalError(f"journal call not run: {exc!r}", written=False))
+                ] * len(batch)
             for call, (ok, value) in zip(batch, outcomes, strict=True):
                 if call.done.done():
                     continue
@@ -242,6 +294,8 @@ class JournalThread:
         for call in batch:
             try:
                 outcomes.append((True, call.run()))
+            except OSError as exc:  # the disk's fault: nothing of this call was kept
+                outcomes.append((False, JournalError(str(exc), written=False)))
             except Exception as exc:  # handed to its caller
                 outcomes.append((False, exc))
         try:
@@ -249,9 +303,14 @@ class JournalThread:
         except OSError as exc:
             # no write of this batch is known durable: the calls that needed it and ran fail
             # with a JournalError (what they wrote stays in the journal's pending entries)
-            failure = exc if isinstance(exc, JournalError) else JournalError(str(exc))
+            failure = exc if isinstance(exc, JournalError) else JournalError(str(exc), written=True)
             return [
                 (False, failure) if call.durable and ok else (ok, value)
                 for call, (ok, value) in zip(batch, outcomes, strict=True)
             ]
         return outcomes
+
+
+def _fail(call: _Call, exc: BaseException) -> None:
+    if not call.done.done():
+        call.done.set_exception(exc)

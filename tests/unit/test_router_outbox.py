@@ -6,9 +6,12 @@ journal rewritten when settled lines outweigh pending ones."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed
 from services.router.outbox import BillingOutbox
-from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError
+from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError, JournalThread
 from services.tools.stack.supervisor import Backoff
 
 
@@ -218,34 +221,153 @@ async def test_concurrent_keeps_share_an_fsync(
     assert len(_kept(tmp_path)) == 50
 
 
-async def test_a_failed_fsync_is_sticky_until_nothing_is_pending(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _failing_fsync(
+    monkeypatch: pytest.MonkeyPatch, times: int, on_directories: bool = False
 ) -> None:
-    """After a failed fsync the kernel may have dropped the pages: a later fsync that succeeds
-    proves nothing, so no keep is acknowledged until every pending entry is billed (the entry
-    whose keep failed among them: its model call was made)."""
-    prefix = FakePrefix()
-    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
-    await outbox.keep(_commits("a#1"))
+    """The next ``times`` fsyncs (of directories only, if ``on_directories``) fail with EIO."""
     real_fsync = os.fsync
-    failing = [True]
+    left = [times]
 
     def fsync(fd: int) -> None:
-        if failing.pop() if failing else False:
-            raise OSError(5, "Input/output error")
+        if left[0] and (not on_directories or stat.S_ISDIR(os.fstat(fd).st_mode)):
+            left[0] -= 1
+            raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(JournalError, match="Input/output error"):
+
+
+async def test_after_a_failed_fsync_nothing_is_acknowledged_until_a_fresh_file_is_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the kernel may have dropped the pages: a later fsync of the same
+    file that succeeds proves nothing. The next write rewrites the journal into a fresh file
+    (fsynced, renamed, its directory fsynced) before it is acknowledged; while that fails too,
+    keeps are refused. The entry whose keep failed is billed all the same (its model call was
+    made)."""
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    _failing_fsync(monkeypatch, 1)
+    with pytest.raises(JournalError, match="Input/output error") as caught:
         await outbox.keep(_commits("b#1"))
-    with pytest.raises(JournalError, match="earlier fsync"):
-        await outbox.keep(_commits("c#1"))  # the disk works again: not trusted yet
-    assert outbox.pending == 3
+    assert caught.value.written
+    _failing_fsync(monkeypatch, 1, on_directories=True)  # the rewrite's last step fails
+    with pytest.raises(JournalError, match="after rewriting the journal"):
+        await outbox.keep(_commits("c#1"))
+    await outbox.keep(_commits("d#1"))  # rewritten again, every fsync through: acknowledged
+    assert _kept(tmp_path) == ["a#1", "b#1", "c#1", "d#1"]
     prefix.down = False
-    assert await outbox.flush() == 3
-    assert [rid for rid, _ in prefix.sent[::2]] == ["a#1", "b#1", "c#1"]
-    await outbox.keep(_commits("d#1"))  # the emptied journal was fsynced: trusted again
-    assert _kept(tmp_path) == ["d#1"]
+    assert await outbox.flush() == 4 and outbox.pending == 0
+    assert (tmp_path / JOURNAL_NAME).stat().st_size == 0
+
+
+async def test_a_short_write_is_finished_not_acknowledged_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OS may write part of a buffer (a full disk, a file size limit): the rest is
+    written, never a half line acknowledged."""
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    real_pwrite = os.pwrite
+    short = [True]
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if short and short.pop():
+            return real_pwrite(fd, data[: len(data) // 2], offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    await outbox.keep(_commits("a#1"))
+    await outbox.keep(_commits("b#1"))
+    assert _kept(tmp_path) == ["a#1", "b#1"]
+
+
+async def test_a_full_disk_refuses_the_keep_and_leaves_no_half_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    real_pwrite = os.pwrite
+    full = [True]
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if full and full.pop():
+            real_pwrite(fd, data[:10], offset)  # some of it landed, then the disk was full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(JournalError, match="No space left") as caught:
+        await outbox.keep(_commits("b#1"))
+    assert not caught.value.written
+    await outbox.keep(_commits("c#1"))
+    assert _kept(tmp_path) == ["a#1", "c#1"]
+
+
+async def test_an_entry_whose_caller_left_during_its_write_is_billed(tmp_path: Path) -> None:
+    """The client hung up while its answer's commits were being written: they are in the
+    journal, and so billed (its model call was made), and the journal empties after."""
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, SlowJournal(tmp_path), 1.0, 0.01)
+    task = asyncio.ensure_future(outbox.keep(_commits("a#1")))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)  # the write goes on
+    prefix.down = False
+    assert await outbox.flush() == 1 and prefix.sent[-1] == ("a#1", pc.COMMIT_PHASE_FINAL)
+    assert (tmp_path / JOURNAL_NAME).stat().st_size == 0
+
+
+async def test_a_batch_that_cannot_start_fails_its_calls_not_the_queue_nor_the_replays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread to run a batch on (thread exhaustion): its calls fail, the calls queued
+    behind it still run, and the replay loop lives on."""
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    real = asyncio.to_thread
+    fail = [True]
+
+    async def to_thread(run: Callable[..., object], *args: object) -> object:
+        await asyncio.sleep(0.01)  # the batch in flight ...
+        if fail and fail.pop():
+            raise RuntimeError("can't start new thread")  # ... fails to run
+        return await real(run, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    first = asyncio.ensure_future(outbox.keep(_commits("a#1")))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(outbox.keep(_commits("b#1")))  # queued behind it
+    with pytest.raises(JournalError, match="can't start new thread"):
+        await asyncio.wait_for(first, 2)
+    await asyncio.wait_for(second, 2)
+    prefix.down = False
+    runner = asyncio.ensure_future(outbox.run())
+    await asyncio.sleep(0.2)
+    assert not runner.done() and prefix.sent == [
+        ("b#1", pc.COMMIT_PHASE_WARM),
+        ("b#1", pc.COMMIT_PHASE_FINAL),
+    ]
+    runner.cancel()
+
+
+async def test_a_settled_entry_stays_settled_when_a_keep_shares_its_batch(tmp_path: Path) -> None:
+    """The last pending entry settled and a new one kept in the same batch: the settled one's
+    line must say so (a restart would bill it again after the commit records expire)."""
+    journal = Journal(tmp_path)
+    thread = JournalThread(journal)
+    await thread.call(partial(journal.add, "A", _commits("a#1")), durable=True)
+    slow = thread.submit(partial(time.sleep, 0.05))  # a batch in flight: the next two queue
+    await asyncio.sleep(0.01)
+    settled = thread.submit(partial(journal.done, "A"))
+    kept = thread.submit(partial(journal.add, "B", _commits("b#1")), durable=True)
+    await asyncio.gather(slow, settled, kept)
+    journal.close()
+    assert _kept(tmp_path) == ["b#1"]
 
 
 async def test_the_journal_is_rewritten_once_settled_lines_outweigh_pending_ones(
