@@ -26,17 +26,22 @@ from services.router.limits import (
 
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
 
-# Shared by both scripts: a bucket's level now (full when absent), refilled at cap a minute.
+# Shared by both scripts: a bucket's level now (full when absent), refilled at cap a minute,
+# and the time it is kept at. That time never goes back: routers' clocks differ a little, and a
+# bucket stamped by a clock behind the last one would be refilled for the same interval again
+# by the next router ahead (two routers 100 ms apart let a 600/min tenant through twice over).
+# A clock behind the stamp refills nothing; the bucket's time is the latest clock seen.
 _LEVEL = """
 local function level(key, cap, now)
   local v = redis.call('HMGET', key, 'level', 'at_ms')
-  if not v[1] then return cap end
-  local l = tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * cap / 60000
+  if not v[1] then return cap, now end
+  local at = tonumber(v[2])
+  local l = tonumber(v[1]) + math.max(0, now - at) * cap / 60000
   if l > cap then l = cap end
-  return l
+  return l, math.max(at, now)
 end
-local function keep(key, l, cap, now, slack)
-  redis.call('HSET', key, 'level', tostring(l), 'at_ms', now)
+local function keep(key, l, at, cap, slack)
+  redis.call('HSET', key, 'level', tostring(l), 'at_ms', at)
   redis.call('PEXPIRE', key, math.ceil((cap - l) * 60000 / cap) + slack)
 end
 """
@@ -53,17 +58,17 @@ local day, month = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserve, slack = tonumber(ARGV[6]), tonumber(ARGV[7])
 if day >= 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= day then return {1, 0} end
 if month >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= month then return {2, 0} end
-local r, t = 0, 0
+local r, t, rat, tat = 0, 0, now, now
 if rcap > 0 then
-  r = level(KEYS[1], rcap, now)
+  r, rat = level(KEYS[1], rcap, now)
   if r < 1 then return {3, math.max(1, math.ceil((1 - r) * 60000 / rcap))} end
 end
 if tcap > 0 then
-  t = level(KEYS[2], tcap, now)
+  t, tat = level(KEYS[2], tcap, now)
   if t < 1 then return {4, math.max(1, math.ceil((1 - t) * 60000 / tcap))} end
 end
-if rcap > 0 then keep(KEYS[1], r - 1, rcap, now, slack) end
-if tcap > 0 then keep(KEYS[2], t - reserve, tcap, now, slack) end
+if rcap > 0 then keep(KEYS[1], r - 1, rat, rcap, slack) end
+if tcap > 0 then keep(KEYS[2], t - reserve, tat, tcap, slack) end
 return {}
 """
 )
@@ -76,7 +81,8 @@ _SETTLE = (
 local now, tcap, refund = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cost, slack = tonumber(ARGV[4]), tonumber(ARGV[7])
 if tcap > 0 and refund ~= 0 then
-  keep(KEYS[1], math.min(tcap, level(KEYS[1], tcap, now) + refund), tcap, now, slack)
+  local t, at = level(KEYS[1], tcap, now)
+  keep(KEYS[1], math.min(tcap, t + refund), at, tcap, slack)
 end
 if cost ~= 0 then
   redis.call('INCRBY', KEYS[2], cost)

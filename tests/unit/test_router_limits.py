@@ -312,3 +312,42 @@ def test_retry_trailers_carry_retry_info_and_retry_after() -> None:
     assert status is not None and status.code == 8 and status.message == "slow down"
     assert retry_delay_s([("grpc-status-details-bin", b"\xff\xff")]) is None
     assert retry_delay_s([]) is None and retry_delay_s(None) is None
+
+
+async def test_routers_whose_clocks_differ_do_not_refill_a_shared_bucket_twice(
+    redis_url: str,
+) -> None:
+    """Two routers on one Redis, their clocks 100 ms apart and not moving: a tenant allowed
+    600 requests a minute gets at most its burst of 600 (each router stamping the bucket with
+    its own clock refilled it by the skew on every alternation), and over a minute of 20 ms
+    steps with 10 ms of skew at most its burst and a minute's refill."""
+    policy = LimitPolicy(requests_per_min=600)
+    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    try:
+        await clients[0].flushdb()
+        ahead, behind = ManualClock(START_MS + 100), ManualClock(START_MS)
+        routers = [
+            _limiter(RedisLimitStore(clients[0]), policy, behind),
+            _limiter(RedisLimitStore(clients[1]), policy, ahead),
+        ]
+        admitted = 0
+        for i in range(1_500):
+            ticket = await routers[i % 2].admit("t", _request(1))
+            admitted += isinstance(ticket, Ticket)
+        assert admitted <= 601, admitted
+        await clients[0].flushdb()
+        ahead, behind = ManualClock(START_MS + 10), ManualClock(START_MS)
+        routers = [
+            _limiter(RedisLimitStore(clients[0]), policy, behind),
+            _limiter(RedisLimitStore(clients[1]), policy, ahead),
+        ]
+        admitted = 0
+        for i in range(3_000):
+            ticket = await routers[i % 2].admit("t", _request(1))
+            admitted += isinstance(ticket, Ticket)
+            ahead.advance(ms=20)
+            behind.advance(ms=20)
+        assert admitted <= 600 + 600 + 1, admitted  # 60 s: the burst and a minute's refill
+    finally:
+        for client in clients:
+            await client.aclose()
