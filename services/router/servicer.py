@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import grpc
@@ -68,10 +69,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         call = self._log.begin("Complete")
         ended = ""
         try:
-            ticket = await self._admit(request, context, call)
+            tenant = await self._accept(request, context, call)
             try:
                 answered = self._answered(
-                    ticket,
+                    tenant,
                     request,
                     call,
                     _is_retry(context),
@@ -85,6 +86,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             return chunk.end
             except RequestError as exc:
                 await context.abort(grpc_code(exc.code), exc.message)
+            except _Denied as exc:
+                await _refuse(context, tenant, exc.denial)
             await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
             raise AssertionError("unreachable: abort raises")
         except asyncio.CancelledError:
@@ -99,10 +102,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         call = self._log.begin("StreamComplete")
         ended = ""
         try:
-            ticket = await self._admit(request, context, call)
+            tenant = await self._accept(request, context, call)
             try:
                 answered = self._answered(
-                    ticket, request, call, _is_retry(context), context.time_remaining()
+                    tenant, request, call, _is_retry(context), context.time_remaining()
                 )
                 async with aclosing(answered) as chunks:
                     async for chunk in chunks:
@@ -110,13 +113,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ended = "OK"
             except RequestError as exc:
                 await context.abort(grpc_code(exc.code), exc.message)
+            except _Denied as exc:
+                await _refuse(context, tenant, exc.denial)
         except (asyncio.CancelledError, GeneratorExit):
             ended = "CANCELLED"
             raise
         finally:
             self._log.finish(call, request, _status(context, ended))
 
-    async def _admit(self, request: pb.CompleteRequest, context: Context, call: Call) -> Ticket:
+    async def _accept(self, request: pb.CompleteRequest, context: Context, call: Call) -> str:
+        """The caller's tenant, once its key and its request are valid (the limits come later:
+        a retry of an answered request is served its answer whatever they say now)."""
         token = bearer_token(context.invocation_metadata())
         if token is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
@@ -133,25 +140,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         assert tenant is not None
-        admitted = await self._limiter.admit(tenant, request)
-        if isinstance(admitted, Denial):
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                admitted.message,
-                trailing_metadata=retry_trailers(
-                    Code.RESOURCE_EXHAUSTED,
-                    admitted.message,
-                    admitted.retry_after_ms,
-                    f"tenant:{tenant}",
-                    admitted.limit,
-                ),
-            )
-            raise AssertionError("unreachable: abort raises")
-        return admitted
+        return tenant
 
     async def _answered(
         self,
-        ticket: Ticket,
+        tenant: str,
         request: pb.CompleteRequest,
         call: Call,
         retried: bool,
@@ -159,17 +152,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         *,
         streamed: bool = True,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
-        """The request's chunks, once per request_id: a retry replays the first answer.
-        ``time_remaining_s``: the client's deadline (None: it set none), which bounds the
-        model call."""
-        tenant = ticket.tenant
+        """The request's chunks, once per request_id: a retry replays the first answer (not
+        subject to the limits: it uses nothing, and the caller was billed for it); a new
+        request is admitted by the limits first (``_Denied``). ``time_remaining_s``: the
+        client's deadline (None: it set none), which bounds the model call."""
         try:
             mark = fingerprint(request)  # once: the table and the ledger both key on it
             claimed, future = self._answers.claim(tenant, request, mark)
         except IdempotencyConflict as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
-            self._limiter.replayed(ticket)
             call.replayed = True
             for chunk in chunks_of(await asyncio.shield(future)):
                 if chunk.WhichOneof("part") == "end":
@@ -177,22 +169,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
-        recalled: pb.CompleteResponse | None = None
+        ticket: Ticket | None = None
         try:
             recalled = await self._recall(tenant, request, mark) if retried else None
             if recalled is not None:
                 end = call.end = recalled
-                self._limiter.replayed(ticket)
                 call.replayed = True
                 for chunk in chunks_of(recalled):
                     yield chunk
                 return
+            admitted = await self._limiter.admit(tenant, request)
+            if isinstance(admitted, Denial):
+                raise _Denied(admitted)
+            ticket = admitted
             run = self._pipeline.run(
                 tenant,
                 request,
                 streamed=streamed,
                 time_remaining_s=time_remaining_s,
-                charge=lambda usage, cost: self._limiter.charge(ticket, usage, cost),
+                charge=partial(self._limiter.charge, ticket),
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
@@ -202,7 +197,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     yield chunk
         finally:
             _settle(self._answers, tenant, request, future, end)
-            if recalled is None:
+            if ticket is not None:
                 self._limiter.settle(ticket, end)
 
     async def _recall(
@@ -245,6 +240,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))
+
+
+class _Denied(Exception):
+    """A new request the tenant's limits refuse."""
+
+    def __init__(self, denial: Denial) -> None:
+        super().__init__(denial.message)
+        self.denial = denial
+
+
+async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        denial.message,
+        trailing_metadata=retry_trailers(
+            Code.RESOURCE_EXHAUSTED,
+            denial.message,
+            denial.retry_after_ms,
+            f"tenant:{tenant}",
+            denial.limit,
+        ),
+    )
 
 
 def _is_retry(context: Context) -> bool:

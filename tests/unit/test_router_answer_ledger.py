@@ -99,7 +99,9 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
+def _router(
+    url: str, limits: Limiter | None = None
+) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
     pipeline = FakePipeline()
     ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
     servicer = GatewayServicer(
@@ -108,7 +110,7 @@ def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]
         {"sim-small", "sim-large"},
         pipeline,  # type: ignore[arg-type]
         IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock()),
+        limits or Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock()),
         RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
         ledger,
     )
@@ -138,6 +140,36 @@ def test_a_retry_on_another_router_gets_the_recorded_answer(redis_url: str) -> N
         fresh = await third.Complete(_request(), FakeContext())  # type: ignore[arg-type]
         assert fresh.content[0].text == "answer 1" and third_pipe.runs == 1
         for ledger in (first_ledger, second_ledger, third_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_retry_of_an_answered_request_is_served_whatever_the_limits_say_now(
+    redis_url: str,
+) -> None:
+    """The first answer took the tenant's one request a minute: its retry (the response was
+    lost) is still served that answer, on the same router or another one, and takes nothing
+    from the limits; a new request is refused."""
+
+    async def run() -> None:
+        store = MemoryLimitStore()  # shared, as routers share it in Redis
+        limits = [
+            Limiter(store, UniformPolicies(LimitPolicy(requests_per_min=1)), SystemClock())
+            for _ in range(2)
+        ]
+        first, first_pipe, first_ledger = _router(redis_url, limits[0])
+        second, second_pipe, second_ledger = _router(redis_url, limits[1])
+        answer = await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        again = await first.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
+        elsewhere = await second.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
+        assert again == answer == elsewhere and (first_pipe.runs, second_pipe.runs) == (1, 0)
+        refused = FakeContext()
+        other = build_request("Another question", model="sim-small", request_id="req-2")
+        with pytest.raises(Aborted, match="rate limit"):
+            await second.Complete(other, refused)  # type: ignore[arg-type]
+        assert refused.status == grpc.StatusCode.RESOURCE_EXHAUSTED and second_pipe.runs == 0
+        for ledger in (first_ledger, second_ledger):
             await ledger.close()
 
     asyncio.run(run())

@@ -187,14 +187,6 @@ async def test_a_call_cut_then_answered_elsewhere_counts_both_calls_once(
     assert (await _denied(limiter)).limit == TOKENS
 
 
-async def test_a_replayed_answer_gives_its_reservation_back(store: LimitStore) -> None:
-    clock = ManualClock(START_MS)
-    limiter = _limiter(store, LimitPolicy(tokens_per_min=100), clock)
-    limiter.replayed(await _admitted(limiter, max_tokens=100))
-    await limiter.drain()
-    await _admitted(limiter, max_tokens=100)
-
-
 async def test_daily_budget_refuses_until_midnight_utc_then_renews(store: LimitStore) -> None:
     clock = ManualClock(START_MS)
     limiter = _limiter(store, LimitPolicy(day_budget_nanos=1000), clock)
