@@ -11,19 +11,21 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from services.common.env import ConfigError, Env
-from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
+from services.router.limits import DEFAULT_TIMEOUT_S, NANOS_PER_DOLLAR, LimitPolicy
 
 REQUESTS_PER_MIN = "ROUTER_LIMIT_REQUESTS_PER_MIN"
 TOKENS_PER_MIN = "ROUTER_LIMIT_TOKENS_PER_MIN"
 BUDGET_DAY = "ROUTER_BUDGET_USD_PER_DAY"
 BUDGET_MONTH = "ROUTER_BUDGET_USD_PER_MONTH"
 REDIS_URL = "ROUTER_LIMITS_REDIS_URL"
+TIMEOUT_S = "ROUTER_LIMITS_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
 class LimitSettings:
     policy: LimitPolicy
     redis_url: str | None  # set = shared by every router through Redis; unset = this process
+    timeout_s: float = DEFAULT_TIMEOUT_S  # a store's answer waited for before it counts as failed
 
     @classmethod
     def from_env(cls, env: Env) -> LimitSettings:
@@ -35,6 +37,7 @@ class LimitSettings:
                 month_budget_nanos=_dollars(env, BUDGET_MONTH),
             ),
             redis_url=env.optional_str(REDIS_URL),
+            timeout_s=env.float(TIMEOUT_S, DEFAULT_TIMEOUT_S, minimum=0.001),
         )
 
 

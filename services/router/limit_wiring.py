@@ -25,7 +25,7 @@ async def build_limiter(
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
         store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
-    return Limiter(store, UniformPolicies(settings.policy), clock, tracer)
+    return Limiter(store, UniformPolicies(settings.policy), clock, tracer, settings.timeout_s)
 
 
 async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedger | None:

@@ -105,6 +105,9 @@ class Refusal:
     wait_ms: int
 
 
+DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
+
+
 class LimitStore(Protocol):
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
@@ -287,12 +290,16 @@ class Limiter:
         policies: Policies,
         clock: Clock,
         tracer: trace.Tracer | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        """``tracer``: for a settle that fails after its request's span ended."""
+        """``tracer``: for a settle that fails after its request's span ended. ``timeout_s``:
+        how long a store's answer is waited for before it counts as failed (a Redis that
+        hangs would otherwise hold every request for its client's socket timeout)."""
         self._store = store
         self._policies = policies
         self._clock = clock
         self._tracer = tracer
+        self._timeout_s = timeout_s
         self._background: set[asyncio.Task[None]] = set()
 
     async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:
@@ -303,8 +310,9 @@ class Limiter:
             return ticket
         now = self._clock.now_ms()
         try:
-            refusal = await self._store.admit(tenant, policy, reserve, now, Periods.at(now))
-        except Exception as exc:  # the store's own failure, never the request's
+            async with asyncio.timeout(self._timeout_s):
+                refusal = await self._store.admit(tenant, policy, reserve, now, Periods.at(now))
+        except Exception as exc:  # the store's own failure (or silence), never the request's
             self._degraded("admit", exc)
             return ticket
         if refusal is None:
@@ -346,7 +354,8 @@ class Limiter:
     def _in_background(self, call: Awaitable[None]) -> None:
         async def guarded() -> None:
             try:
-                await call
+                async with asyncio.timeout(self._timeout_s):
+                    await call
             except Exception as exc:
                 self._degraded("settle", exc)
 
@@ -355,6 +364,8 @@ class Limiter:
         task.add_done_callback(self._background.discard)
 
     def _degraded(self, what: str, exc: Exception) -> None:
+        if isinstance(exc, TimeoutError):
+            exc = TimeoutError(f"no answer within {self._timeout_s} s")
         log.warning(
             "limits store failed on %s (%s: %s); request admitted", what, type(exc).__name__, exc
         )

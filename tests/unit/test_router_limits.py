@@ -4,6 +4,8 @@ expected waits are worked by hand from the rates (a bucket refills at its capaci
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from redis.asyncio import Redis
 
@@ -25,6 +27,7 @@ from services.router.limits import (
     LimitStore,
     MemoryLimitStore,
     Periods,
+    Refusal,
     Ticket,
     UniformPolicies,
 )
@@ -281,7 +284,8 @@ def test_settings_read_dollars_exactly_and_name_a_bad_variable() -> None:
         )
     )
     assert settings.policy == LimitPolicy(60, 100_000, 500_000_000, 0)
-    assert settings.redis_url is None
+    assert settings.redis_url is None and settings.timeout_s == 0.5
+    assert LimitSettings.from_env(Env({"ROUTER_LIMITS_TIMEOUT_S": "0.2"})).timeout_s == 0.2
     assert LimitSettings.from_env(Env({})).policy == LimitPolicy()
     assert not LimitPolicy().active
     for name, value in [
@@ -291,6 +295,7 @@ def test_settings_read_dollars_exactly_and_name_a_bad_variable() -> None:
         ("ROUTER_BUDGET_USD_PER_DAY", "0.0000000001"),
         ("ROUTER_BUDGET_USD_PER_MONTH", "five dollars"),
         ("ROUTER_BUDGET_USD_PER_MONTH", "Infinity"),
+        ("ROUTER_LIMITS_TIMEOUT_S", "0"),
     ]:
         with pytest.raises(ConfigError, match=name):
             LimitSettings.from_env(Env({name: value}))
@@ -343,3 +348,40 @@ async def test_routers_whose_clocks_differ_do_not_refill_a_shared_bucket_twice(
     finally:
         for client in clients:
             await client.aclose()
+
+
+class HangingStore(MemoryLimitStore):
+    """A Redis that accepted the connection and never answers."""
+
+    async def admit(
+        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def settle(
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        refund_tokens: int,
+        cost_nanos: int,
+        now_ms: int,
+        periods: Periods,
+    ) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_store_that_hangs_admits_within_the_timeout() -> None:
+    """The documented degradation (the request admitted) within ``timeout_s``, not after the
+    Redis client's socket timeout (5 s by default) on every request."""
+    limiter = Limiter(
+        HangingStore(),
+        UniformPolicies(LimitPolicy(requests_per_min=1)),
+        ManualClock(START_MS),
+        timeout_s=0.05,
+    )
+    async with asyncio.timeout(2.0):
+        ticket = await limiter.admit("t", _request())
+        assert isinstance(ticket, Ticket)
+        limiter.settle(ticket, _answer(1, 1, cost_nanos=1))
+        await limiter.drain()  # the settle gave up too
