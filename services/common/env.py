@@ -11,6 +11,7 @@ import builtins
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 
 class ConfigError(ValueError):
@@ -126,10 +127,19 @@ def is_loopback(address: builtins.str) -> builtins.bool:
 
 
 def redacted_url(url: builtins.str) -> builtins.str:
-    """The URL without its password, for messages (redis://user:secret@host ->
-    redis://user:***@host)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    """The URL without its secrets, for messages: the password of its user part
+    (redis://user:secret@host -> redis://user:***@host) and the value of every query parameter
+    (redis-py also takes ``?password=``; any other may be a token), and nothing of a URL that
+    does not parse."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            creds, host = netloc.rsplit("@", 1)
+            user = creds.split(":", 1)[0]
+            netloc = f"{user}:***@{host}" if ":" in creds else f"{user}@{host}"
+        names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    except ValueError:
+        return "(a URL that does not parse)"
+    query = "&".join(f"{name}=***" for name in names)
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")

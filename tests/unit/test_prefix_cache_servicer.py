@@ -14,7 +14,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
-from services.common.env import ConfigError
+from services.common.env import ConfigError, redacted_url
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
@@ -220,3 +220,19 @@ async def test_an_unreachable_redis_is_named_without_its_password() -> None:
         await asyncio.wait_for(serve(environ, asyncio.Event()), timeout=30)
     assert "S3cretPassw0rd" not in str(caught.value)
     assert "redis://default:***@127.0.0.1:1/0" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:1/0?password=S3cret&db=0", "redis://127.0.0.1:1/0?password=***&db=***"),
+        ("redis://:S3cret@127.0.0.1:1", "redis://:***@127.0.0.1:1"),
+        ("rediss://user:S3cret@host:6380/2", "rediss://user:***@host:6380/2"),
+        ("redis://user@host", "redis://user@host"),
+        ("unix:///run/redis.sock?password=S3cret", "unix:///run/redis.sock?password=***"),
+        ("redis://[::1:S3cret", "(a URL that does not parse)"),
+    ],
+)
+def test_a_url_is_shown_without_any_of_its_secrets(url: str, shown: str) -> None:
+    """redis-py takes the password in the user part or as ``?password=``; neither is shown."""
+    assert redacted_url(url) == shown
