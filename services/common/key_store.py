@@ -22,8 +22,10 @@ from pathlib import Path
 
 from services.common.keyfile import (
     TENANT_PATTERN,
+    TENANT_RULE,
     KeyFile,
     KeyFileError,
+    KeyFileUnreadable,
     KeyRecord,
     Signature,
     hash_key,
@@ -58,10 +60,7 @@ def _snapshot(records: list[KeyRecord], signature: Signature | None) -> _Snapsho
 
 def check_tenant(tenant: str) -> None:
     if not TENANT_PATTERN.match(tenant):
-        raise KeyStoreError(
-            f"tenant must be 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter "
-            f"or digit), got {tenant[:80]!r}"
-        )
+        raise KeyStoreError(f"tenant must be {TENANT_RULE}, got {tenant[:80]!r}")
 
 
 class KeyStore:
@@ -182,6 +181,9 @@ class KeyStore:
             return
         try:
             records, signature = self._file.read()
+        except KeyFileUnreadable as exc:  # it may pass: read it again at the next poll
+            log.error("%s; keeping the keys read last, reading again", exc)
+            return
         except KeyFileError as exc:
             log.error("%s; keeping the keys read last until it is fixed", exc)
             self._state = _Snapshot(signature, self._state.records, self._state.tenant_by_hash)
@@ -191,8 +193,10 @@ class KeyStore:
 
 
 def _check_name(name: str) -> None:
-    if len(name) > MAX_NAME or any(ch in name for ch in "\r\n\t"):
-        raise KeyStoreError(f"name must be one line of at most {MAX_NAME} characters")
+    if len(name) > MAX_NAME or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
+        raise KeyStoreError(
+            f"name must be one line of at most {MAX_NAME} characters, without control characters"
+        )
 
 
 def _read(path: Path) -> str:

@@ -35,8 +35,10 @@ HEADER = (
     "# cachemesh API keys: the sha256 of each key, never the key (written by the Admin API"
     " and make keys)\n"
 )
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $: "$" also matches before a final newline ("acme\n" would be another tenant)
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+TENANT_RULE = "1 to 64 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _FIELDS = ("id", "tenant", "sha256", "name", "created_at", "rotated_at", "revoked_at")
 
 Signature = tuple[int, int, int]  # (inode, size, mtime_ns): changes with every write
@@ -44,6 +46,10 @@ Signature = tuple[int, int, int]  # (inode, size, mtime_ns): changes with every 
 
 class KeyFileError(ValueError):
     """The key file cannot be read, or a line of it is malformed (the message names it)."""
+
+
+class KeyFileUnreadable(KeyFileError):
+    """The file could not be read (an I/O error: it may pass), as opposed to malformed."""
 
 
 def new_api_key() -> str:
@@ -106,7 +112,14 @@ def _legacy(line: str, where: str) -> KeyRecord:
     digest = digest.strip().lower()
     if not sep or not tenant.strip() or not _HEX64.match(digest):
         raise KeyFileError(f"{where}: expected a JSON key record or 'tenant:sha256hex'")
-    return KeyRecord(id=f"file-{digest[:12]}", tenant=tenant.strip(), sha256=digest)
+    return KeyRecord(id=f"file-{digest[:12]}", tenant=_tenant(tenant.strip(), where), sha256=digest)
+
+
+def _tenant(tenant: str, where: str) -> str:
+    """A tenant the Admin API can name (purge, stats, policy) and Redis keys can hold."""
+    if not TENANT_PATTERN.match(tenant):
+        raise KeyFileError(f"{where}: tenant must be {TENANT_RULE}, got {tenant[:80]!r}")
+    return tenant
 
 
 def _json_record(line: str, where: str) -> KeyRecord:
@@ -129,7 +142,7 @@ def _json_record(line: str, where: str) -> KeyRecord:
         times[name] = None if at is None else float(at)
     return KeyRecord(
         texts["id"],
-        texts["tenant"],
+        _tenant(texts["tenant"], where),
         texts["sha256"],
         texts["name"],
         times["created_at"],
@@ -171,8 +184,10 @@ class KeyFile:
                 text = handle.read().decode("utf-8")
         except FileNotFoundError:
             raise KeyFileError(f"API key file {self.path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeyFileError(f"cannot read the API key file {self.path}: {exc}") from None
+        except OSError as exc:
+            raise KeyFileUnreadable(f"cannot read the API key file {self.path}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise KeyFileError(f"the API key file {self.path} is not UTF-8: {exc}") from None
         return parse(text, str(self.path)), (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def update(

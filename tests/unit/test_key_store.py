@@ -165,7 +165,7 @@ def test_settings_are_validated_at_start_up(tmp_path: Path) -> None:
     assert KeyStoreSettings.from_env(zero).poll_s == 0.0
 
 
-@pytest.mark.parametrize("tenant", ["", "a b", "-lead", "x" * 65, "semi;colon"])
+@pytest.mark.parametrize("tenant", ["", "a b", "-lead", "x" * 65, "semi;colon", "acme\n"])
 def test_a_new_key_needs_a_plain_tenant_name(tmp_path: Path, tenant: str) -> None:
     _legacy(tmp_path / "keys", acme=new_api_key())
     with pytest.raises(KeyStoreError, match="tenant must be"):
@@ -174,8 +174,53 @@ def test_a_new_key_needs_a_plain_tenant_name(tmp_path: Path, tenant: str) -> Non
 
 def test_a_key_name_is_one_short_line(tmp_path: Path) -> None:
     _legacy(tmp_path / "keys", acme=new_api_key())
-    with pytest.raises(KeyStoreError, match="name"):
-        _store(tmp_path / "keys", Clock()).create("acme", "two\nlines")
+    for name in ("two\nlines", "\x1b[2J clears a terminal", "\x9b too"):
+        with pytest.raises(KeyStoreError, match="name"):
+            _store(tmp_path / "keys", Clock()).create("acme", name)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "user@example.com:" + hash_key("x"),
+        json.dumps({"id": "key_1", "tenant": "acme\n", "sha256": hash_key("x")}),
+        json.dumps({"id": "key_1", "tenant": "a}b", "sha256": hash_key("x")}),
+    ],
+)
+def test_a_tenant_the_admin_api_could_not_name_is_refused_in_the_file(
+    tmp_path: Path, line: str
+) -> None:
+    """The Admin API names tenants by the same rule (purge, stats, policy): a key file tenant
+    outside it could be served but never purged; the router refuses to start, naming the line."""
+    (tmp_path / "keys").write_text("# keys\n" + line + "\n")
+    with pytest.raises(KeyFileError, match="keys:2: tenant must be"):
+        KeyFile(tmp_path / "keys").read()
+
+
+def test_a_file_that_could_not_be_read_is_read_again_at_the_next_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that failed for a passing reason (out of file descriptors) must not mark that
+    version of the file as read: a revocation in it would be missed until the next change."""
+    key = new_api_key()
+    _legacy(tmp_path / "keys", acme=key)
+    clock = Clock()
+    writer, reader = _store(tmp_path / "keys", clock), _store(tmp_path / "keys", clock)
+    (record,) = writer.records()
+    writer.revoke(record.id)
+    real_open = open
+    failing = [True]
+
+    def open_once(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if failing and failing.pop():
+            raise OSError(24, "Too many open files")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_once)
+    clock.now += 1
+    assert reader.tenant_for(key) == "acme"  # the file could not be read: the last keys stand
+    clock.now += 1
+    assert reader.tenant_for(key) is None  # read again: revoked
 
 
 def test_a_revocation_by_another_router_right_after_this_ones_write_is_seen(
