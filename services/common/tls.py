@@ -47,10 +47,25 @@ def _pair(env: Env, prefix: str) -> tuple[str, str] | None:
     return cert, key
 
 
+class _Encrypted(Exception):
+    """OpenSSL asked for the key's pass phrase."""
+
+
+def _no_pass_phrase() -> str:
+    raise _Encrypted
+
+
 def _check_pair(prefix: str, cert: str, key: str) -> None:
-    """Loads the pair as OpenSSL will, so a key that does not match fails here."""
+    """Loads the pair as OpenSSL will, so a key that does not match fails here. An encrypted
+    key is refused (never a pass phrase prompt on the terminal: gRPC cannot use one)."""
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, _no_pass_phrase)
+    except _Encrypted:
+        raise ConfigError(
+            f"{prefix}_TLS_KEY_FILE={key}: the private key is encrypted; give it unencrypted "
+            "(PEM, e.g. `openssl pkey -in key.pem -out plain.pem`) on a file only this "
+            "service can read"
+        ) from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"{prefix}_TLS_CERT_FILE / {prefix}_TLS_KEY_FILE: not a certificate and its "

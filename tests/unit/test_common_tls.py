@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from services.common.env import ConfigError, Env
 from services.common.tls import ClientTls, ServerTls
@@ -78,3 +79,23 @@ def test_bad_tls_settings_fail_at_start_up_naming_the_variable(
         ClientTls.read(Env({"G_TLS_KEY_FILE": str(client.key)}), "G")
     assert ServerTls.read(Env({}), "ROUTER") is None
     assert ClientTls.read(Env({}), "G") is None
+
+
+def test_an_encrypted_key_is_refused_naming_it_not_prompted_for(
+    pki: tuple[Path, Issued, Issued], tmp_path: Path
+) -> None:
+    """OpenSSL would prompt for the pass phrase on a terminal (start-up hangs), or fail with
+    'Invalid argument' without one: the message says the key is encrypted and what to do."""
+    _, server, _ = pki
+    key = serialization.load_pem_private_key(server.key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pass phrase"),
+        )
+    )
+    env = Env({"ROUTER_TLS_CERT_FILE": str(server.cert), "ROUTER_TLS_KEY_FILE": str(encrypted)})
+    with pytest.raises(ConfigError, match=r"ROUTER_TLS_KEY_FILE.*private key is encrypted"):
+        ServerTls.read(env, "ROUTER")
