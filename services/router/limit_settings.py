@@ -2,7 +2,8 @@
 
 Each limit applies to every tenant, each tenant with its own count; unset = no such limit.
 Rates are at least 1 (to refuse a tenant, remove its key); a budget of 0 refuses every request
-that would be billed in the period.
+of the period (a request is admitted while the period's bill is below the budget, before it is
+known whether L1 will answer it for free).
 """
 
 from __future__ import annotations
