@@ -35,6 +35,8 @@ _OFF = (
     f"the Admin API is off on this router: start it with {FILE_VAR} (a file holding a token "
     f"of at least 16 characters) or {TOKEN_VAR}"
 )
+# semantic-cache refusing these is about the router's internal credential, not the caller's
+_OURS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 _UNAUTHENTICATED = (
     "missing or wrong admin credential: send 'authorization: Bearer <admin token>' metadata "
     f"with the router's admin token ({FILE_VAR}); API keys are not accepted here"
@@ -205,7 +207,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return await call
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or exc.code().name
-            await abort(context, exc.code(), f"semantic-cache: {details}")
+            code = exc.code()
+            if code in _OURS:  # the router's own credential refused, not the caller's token
+                log.error("semantic-cache refused this router's internal credential: %s", details)
+                await abort(
+                    context,
+                    grpc.StatusCode.INTERNAL,
+                    "semantic-cache refused this router's internal credential "
+                    "(CACHEMESH_INTERNAL_TOKEN differs between them?); the operator must fix it",
+                )
+            await abort(context, code, f"semantic-cache: {details}")
         raise AssertionError("unreachable: abort raises")
 
     async def _changed(self, context: Context, change: Any, *args: str) -> Any:

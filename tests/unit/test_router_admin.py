@@ -60,7 +60,10 @@ class Rig:
 
 
 async def _rig(
-    tmp_path: Path, credential: AdminCredential | None, semantic_up: bool = True
+    tmp_path: Path,
+    credential: AdminCredential | None,
+    semantic_up: bool = True,
+    router_internal: str = INTERNAL,
 ) -> AsyncIterator[Rig]:
     demo_key = new_api_key()
     key_file = tmp_path / "api-keys"
@@ -82,7 +85,7 @@ async def _rig(
             keys,
             semantic_cache_pb2_grpc.SemanticCacheStub(channel),
             prefix_cache_pb2_grpc.PrefixCacheStub(channel),
-            internal_metadata(INTERNAL),
+            internal_metadata(router_internal),
             5.0,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(admin, router)
@@ -210,6 +213,18 @@ async def test_stats_say_which_service_did_not_answer(tmp_path: Path) -> None:
         stats = await rig.stub.GetStats(adm.GetStatsRequest(), metadata=ADMIN)
         assert list(stats.unavailable) == ["semantic-cache"]
         assert [row.tenant for row in stats.tenants] == ["acme"]
+
+
+async def test_the_routers_internal_credential_refused_is_not_the_callers_fault(
+    tmp_path: Path,
+) -> None:
+    """semantic-cache refusing the router's internal token is an operator's fault: the caller,
+    whose admin token is right, is not told UNAUTHENTICATED (it would look for its own)."""
+    wrong = "another-internal-token-0123456789"
+    async for rig in _rig(tmp_path, AdminCredential(ADMIN_TOKEN), router_internal=wrong):
+        purge = rig.stub.Invalidate(adm.InvalidateRequest(tenant="acme", all=True), metadata=ADMIN)
+        details = await expect(grpc.StatusCode.INTERNAL, purge)
+        assert "internal credential" in details and wrong not in details
 
 
 def test_the_admin_token_is_checked_at_start_up(tmp_path: Path) -> None:
