@@ -8,7 +8,7 @@ from types import TracebackType
 import grpc
 
 from cachemesh._channel import MAX_ATTEMPTS, channel_options, with_request_id
-from cachemesh._errors import from_rpc_error
+from cachemesh._errors import from_rpc_error, incomplete
 from cachemesh._requests import build_request
 from cachemesh._tls import Tls, aio_channel, sync_channel
 from cachemesh.v1 import gateway_pb2 as pb
@@ -26,7 +26,8 @@ class Client:
     ``channel`` may be injected (tests; make it with ``cachemesh.channel_options()`` to keep
     the retries).
 
-    Each call gets a ``request_id`` unless it has one, and UNAVAILABLE is retried by gRPC (up
+    Each call gets a ``request_id`` unless it has one (an error carries it: retry with it and
+    the Gateway answers and bills the request once), and UNAVAILABLE is retried by gRPC (up
     to ``max_attempts``, 5; 1 = no retry) while nothing has come back; ``wait_for_ready``
     (default) lets a call wait, within ``timeout_s``, for a Gateway that is restarting instead
     of failing at once."""
@@ -50,21 +51,30 @@ class Client:
         self._timeout_s = timeout_s
 
     def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        sent = with_request_id(request)
         try:
             response: pb.CompleteResponse = self._stub.Complete(
-                with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
+                sent, metadata=self._metadata, timeout=self._timeout_s
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            raise from_rpc_error(error, sent.request_id) from error
         return response
 
     def stream(self, request: pb.CompleteRequest) -> Iterator[pb.CompleteChunk]:
+        """The answer's chunks, the last one its ``end``; a stream that stops before it raises
+        ``UnavailableError`` (never an incomplete answer taken for a whole one)."""
+        sent = with_request_id(request)
+        ended = False
         try:
-            yield from self._stub.StreamComplete(
-                with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
-            )
+            for chunk in self._stub.StreamComplete(
+                sent, metadata=self._metadata, timeout=self._timeout_s
+            ):
+                ended = chunk.WhichOneof("part") == "end"
+                yield chunk
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            raise from_rpc_error(error, sent.request_id) from error
+        if not ended:
+            raise incomplete(sent.request_id)
 
     def ask(
         self,
@@ -116,23 +126,28 @@ class AsyncClient:
         self._timeout_s = timeout_s
 
     async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        sent = with_request_id(request)
         try:
             response: pb.CompleteResponse = await self._stub.Complete(
-                with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
+                sent, metadata=self._metadata, timeout=self._timeout_s
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            raise from_rpc_error(error, sent.request_id) from error
         return response
 
     async def stream(self, request: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
-        call = self._stub.StreamComplete(
-            with_request_id(request), metadata=self._metadata, timeout=self._timeout_s
-        )
+        """As ``Client.stream``."""
+        sent = with_request_id(request)
+        call = self._stub.StreamComplete(sent, metadata=self._metadata, timeout=self._timeout_s)
+        ended = False
         try:
             async for chunk in call:
+                ended = chunk.WhichOneof("part") == "end"
                 yield chunk
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            raise from_rpc_error(error, sent.request_id) from error
+        if not ended:
+            raise incomplete(sent.request_id)
 
     async def ask(
         self,

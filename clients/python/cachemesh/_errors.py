@@ -8,12 +8,20 @@ from cachemesh.retry_info import retry_delay_s
 
 
 class CachemeshError(Exception):
-    """A call to the Gateway failed; ``code`` is the gRPC status."""
+    """A call to the Gateway failed; ``code`` is the gRPC status. ``request_id`` is the id the
+    call was sent with (the client makes one when the request has none): to retry a call
+    whose answer may have been made (and billed) without reaching you, send the request again
+    with that id, and the Gateway answers it once."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.request_id = request_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # picklable (a process pool hands its workers' errors back so)
+        return (type(self), (self.code, self.message, self.request_id), self.__dict__)
 
 
 class AuthenticationError(CachemeshError):
@@ -44,12 +52,22 @@ _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> CachemeshError:
+def from_rpc_error(error: grpc.RpcError, request_id: str = "") -> CachemeshError:
     # grpc.aio's AioRpcError carries code() and details() but is not a grpc.Call
     call = isinstance(error, grpc.Call | grpc.aio.AioRpcError)
     code = error.code() if call else grpc.StatusCode.UNKNOWN
     details = (error.details() if call else None) or str(error)
-    result = _BY_CODE.get(code, CachemeshError)(code, details)
+    result = _BY_CODE.get(code, CachemeshError)(code, details, request_id)
     if isinstance(result, RateLimitError) and call:
         result.retry_after_s = retry_delay_s(error.trailing_metadata())
     return result
+
+
+def incomplete(request_id: str) -> UnavailableError:
+    """A stream that ended without its ``end`` chunk (a proxy closed it early)."""
+    return UnavailableError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the stream ended without its end chunk: the answer is incomplete; retry with the same "
+        "request_id",
+        request_id,
+    )

@@ -1,0 +1,107 @@
+"""The Python client against a fake Gateway (a real gRPC server in this process): its errors
+carry the request id to retry with, cross a process boundary, and a stream that stops before
+its end is an error, never an answer taken for whole."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from cachemesh import AsyncClient, Client, RateLimitError, UnavailableError, build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+
+
+class FakeGateway(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.slow_first = threading.Event()  # set: the first Complete outlasts the deadline
+        self.end_stream = True
+
+    def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        self.ids.append(request.request_id)
+        if self.slow_first.is_set() and len(self.ids) == 1:
+            time.sleep(1.0)  # answered (and billed) after the client gave up
+        return pb.CompleteResponse(request_id=request.request_id, stop_reason="end_turn")
+
+    def StreamComplete(
+        self, request: pb.CompleteRequest, context: Any
+    ) -> Iterator[pb.CompleteChunk]:
+        self.ids.append(request.request_id)
+        yield pb.CompleteChunk(start=pb.CompleteResponse(model="sim-small"))
+        yield pb.CompleteChunk(delta=pb.ContentBlock(text="the first half"))
+        if self.end_stream:
+            yield pb.CompleteChunk(end=pb.CompleteResponse(stop_reason="end_turn"))
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[FakeGateway, str]]:
+    fake = FakeGateway()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_an_error_names_the_request_id_to_retry_with(gateway: tuple[FakeGateway, str]) -> None:
+    """The client gave up (its deadline) while the Gateway answered: a retry with the id the
+    error names is the same request to the Gateway (answered and billed once)."""
+    fake, target = gateway
+    fake.slow_first.set()
+    request = build_request("What is a KV cache?")
+    with Client(target, api_key="k", timeout_s=0.3) as client:
+        with pytest.raises(UnavailableError) as caught:
+            client.complete(request)
+        assert caught.value.request_id and caught.value.request_id == fake.ids[0]
+        request.request_id = caught.value.request_id
+        client.complete(request)
+    assert fake.ids == [fake.ids[0]] * 2
+
+
+def test_a_stream_that_stops_before_its_end_is_an_error(
+    gateway: tuple[FakeGateway, str],
+) -> None:
+    fake, target = gateway
+    fake.end_stream = False
+    with Client(target, api_key="k") as client:
+        chunks: list[pb.CompleteChunk] = []
+        with pytest.raises(UnavailableError, match="without its end chunk") as caught:
+            chunks.extend(client.stream(build_request("hi")))
+        assert [c.WhichOneof("part") for c in chunks] == ["start", "delta"]
+        assert caught.value.request_id == fake.ids[-1]
+
+    async def streamed() -> None:
+        async with AsyncClient(target, api_key="k") as client:
+            with pytest.raises(UnavailableError, match="without its end chunk"):
+                async for _ in client.stream(build_request("hi")):
+                    pass
+
+    asyncio.run(streamed())
+    fake.end_stream = True
+    with Client(target, api_key="k") as client:
+        assert [c.WhichOneof("part") for c in client.stream(build_request("hi"))][-1] == "end"
+
+
+def test_errors_cross_a_process_boundary_whole() -> None:
+    """A process pool hands a worker's exception back pickled: the typed error, its id and
+    its retry-after survive (they broke the pool before)."""
+    error = RateLimitError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", "req-1")
+    error.retry_after_s = 3.0
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is RateLimitError and str(back) == str(error)
+    assert (back.code, back.message, back.request_id, back.retry_after_s) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "slow down",
+        "req-1",
+        3.0,
+    )
