@@ -21,7 +21,7 @@ def build_engine(
         models=settings.models,
         replica_id=settings.replica_id,
         tokenizer=tokenizer,
-        kv_cache=kv_cache or KvBlockCache(settings.kv_capacity_blocks),
+        kv_cache=kv_cache if kv_cache is not None else KvBlockCache(settings.kv_capacity_blocks),
         time_scale=settings.time_scale,
         sleep=sleep,
         drafting=settings.drafting,

@@ -13,8 +13,11 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import internal_metadata
 from services.common.env import ConfigError
+from services.common.tokens import load_cl100k
 from services.model.app import serve
+from services.model.kv_cache import KvBlockCache
 from services.model.settings import ModelSettings
+from services.model.wiring import build_engine
 from services.tools.stack.ports import free_port
 
 TOKEN = "internal-token-for-tests-0123456789"
@@ -109,3 +112,20 @@ async def test_serve_answers_then_stops() -> None:
     finally:
         stop.set()
         await asyncio.wait_for(server, timeout=10)
+
+
+def test_the_engine_keeps_the_kv_cache_it_is_given() -> None:
+    """An empty cache is falsy (it has a length): ``kv_cache or ...`` made another one, so the
+    cache the service held was never the engine's."""
+    settings = ModelSettings.from_env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "SIM_TIME_SCALE": "0"})
+    given = KvBlockCache(settings.kv_capacity_blocks)
+    engine = build_engine(settings, load_cl100k(), given)
+    request = pb.CompleteRequest(max_tokens=4)
+    request.messages.add(role=pb.ROLE_USER).content.add(text="word " * 40)
+
+    async def prefill() -> None:
+        async for _ in engine.run(engine.prepare("t", "sim-small", request)):
+            pass
+
+    asyncio.run(prefill())
+    assert len(given) > 0  # the prompt's blocks went into the cache given
