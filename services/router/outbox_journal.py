@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.files import fsync_directory
 
 log = logging.getLogger("cachemesh.router.outbox")
 
@@ -207,7 +208,7 @@ class Journal:
         self._live_bytes, self._dirty = size, False
         self._compact_failed_at = -1
         try:
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
         except OSError as exc:
             self._failed = exc
             raise JournalError(
@@ -226,14 +227,6 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         if written <= 0:
             raise OSError(f"pwrite wrote {written} bytes")
         view, offset = view[written:], offset + written
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from services.common.files import fsync_directory
 from services.semantic_cache.records import Answer, CacheContents, Entry
-from services.semantic_cache.wal import fsync_directory
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
 # 2: wal_seq and header_sha256 (the header is checksummed too); 3: entries' expires_at_ms

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from services.common.files import fsync_directory
+
 _FRAME = struct.Struct(">II")  # length, crc32
 _MAX_RECORD = 64 << 20
 _SUFFIX = ".log"
@@ -232,12 +234,3 @@ def _record(data: bytes, offset: int) -> tuple[dict[str, Any] | None, int]:
 def _has_valid_record_after(data: bytes, offset: int) -> bool:
     """A whole record later in the file means damage in the middle, not a torn tail."""
     return any(_record(data, i)[0] is not None for i in range(offset + 1, len(data) - _FRAME.size))
-
-
-def fsync_directory(directory: Path) -> None:
-    """Makes a rename or a new file in ``directory`` durable (the entry itself is data)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
