@@ -48,6 +48,19 @@ class IdempotencyTable:
         self._max = max_records
         self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
 
+    def find(
+        self, tenant: str, request: pb.CompleteRequest, mark: str
+    ) -> asyncio.Future[pb.CompleteResponse] | None:
+        """The future of the first call with this request's id (its answer, or its end), or
+        None; nothing is added. Raises ``IdempotencyConflict`` for another request's id."""
+        self._expire()
+        record = self._records.get((tenant, request.request_id))
+        if record is None:
+            return None
+        if record.fingerprint != mark:
+            raise conflict(request.request_id)
+        return record.future
+
     def claim(
         self, tenant: str, request: pb.CompleteRequest, mark: str | None = None
     ) -> tuple[bool, asyncio.Future[pb.CompleteResponse]]:

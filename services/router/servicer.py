@@ -154,34 +154,47 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The request's chunks, once per request_id: a retry replays the first answer (not
         subject to the limits: it uses nothing, and the caller was billed for it); a new
-        request is admitted by the limits first (``_Denied``). ``time_remaining_s``: the
-        client's deadline (None: it set none), which bounds the model call."""
+        request is admitted by the limits (``_Denied``) before it takes a place in the
+        answer-once table, so a refused one never pushes another's answer out of it.
+        ``time_remaining_s``: the client's deadline (None: it set none), which bounds the
+        model call."""
         try:
             mark = fingerprint(request)  # once: the table and the ledger both key on it
-            claimed, future = self._answers.claim(tenant, request, mark)
+            first = self._answers.find(tenant, request, mark)
         except IdempotencyConflict as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if not claimed:
-            call.replayed = True
-            for chunk in chunks_of(await asyncio.shield(future)):
-                if chunk.WhichOneof("part") == "end":
-                    call.end = chunk.end
+        if first is not None:
+            async for chunk in _replay(call, first):
+                yield chunk
+            return
+        recalled = await self._recall(tenant, request, mark) if retried else None
+        ticket: Ticket | None = None
+        if recalled is None:
+            admitted = await self._limiter.admit(tenant, request)
+            if isinstance(admitted, Denial):
+                raise _Denied(admitted)
+            ticket = admitted
+        try:
+            claimed, future = self._answers.claim(tenant, request, mark)
+        except IdempotencyConflict as exc:  # another request took the id meanwhile
+            if ticket is not None:
+                self._limiter.replayed(ticket)
+            raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if not claimed:  # a duplicate claimed it meanwhile: its answer is this one's
+            if ticket is not None:
+                self._limiter.replayed(ticket)
+            async for chunk in _replay(call, future):
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
-        ticket: Ticket | None = None
         try:
-            recalled = await self._recall(tenant, request, mark) if retried else None
             if recalled is not None:
                 end = call.end = recalled
                 call.replayed = True
                 for chunk in chunks_of(recalled):
                     yield chunk
                 return
-            admitted = await self._limiter.admit(tenant, request)
-            if isinstance(admitted, Denial):
-                raise _Denied(admitted)
-            ticket = admitted
+            assert ticket is not None
             run = self._pipeline.run(
                 tenant,
                 request,
@@ -240,6 +253,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))
+
+
+async def _replay(
+    call: Call, first: asyncio.Future[pb.CompleteResponse]
+) -> AsyncGenerator[pb.CompleteChunk, None]:
+    """The answer of the first call with this request_id, once it has one."""
+    call.replayed = True
+    for chunk in chunks_of(await asyncio.shield(first)):
+        if chunk.WhichOneof("part") == "end":
+            call.end = chunk.end
+        yield chunk
 
 
 class _Denied(Exception):

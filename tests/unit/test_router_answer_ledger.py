@@ -175,6 +175,69 @@ def test_a_retry_of_an_answered_request_is_served_whatever_the_limits_say_now(
     asyncio.run(run())
 
 
+def test_refused_requests_take_no_place_in_the_answer_once_table() -> None:
+    """A tenant over its limit sends on: its refusals must not push another tenant's answer
+    out of the (bounded) table, whose retry would then run and bill again."""
+
+    async def run() -> None:
+        rate = UniformPolicies(LimitPolicy(requests_per_min=2))
+        servicer, pipeline = _servicer(Limiter(MemoryLimitStore(), rate, SystemClock()), 2)
+        first = build_request("First", model="sim-small", request_id="first")
+        await servicer.Complete(first, FakeContext())  # type: ignore[arg-type]
+        second = build_request("Second", model="sim-small", request_id="second")
+        await servicer.Complete(second, FakeContext())  # type: ignore[arg-type]
+        for i in range(20):
+            refused = FakeContext()
+            more = build_request(f"More {i}", model="sim-small", request_id=f"more-{i}")
+            with pytest.raises(Aborted):
+                await servicer.Complete(more, refused)  # type: ignore[arg-type]
+            assert refused.status == grpc.StatusCode.RESOURCE_EXHAUSTED
+        again = await servicer.Complete(first, FakeContext())  # type: ignore[arg-type]
+        assert again.content[0].text == "answer 1" and pipeline.runs == 2
+
+    asyncio.run(run())
+
+
+def test_a_duplicate_of_a_refused_request_is_refused_the_same_way() -> None:
+    """Two identical requests at once, the tenant over its limit: both get RESOURCE_EXHAUSTED
+    with its retry-after (not UNAVAILABLE 'the first call failed', retried at once)."""
+
+    class SlowStore(MemoryLimitStore):
+        async def admit(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.05)
+            return await super().admit(*args, **kwargs)
+
+    async def run() -> None:
+        rate = UniformPolicies(LimitPolicy(requests_per_min=1))
+        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock()))
+        spent = build_request("Spent", model="sim-small", request_id="spent")
+        await servicer.Complete(spent, FakeContext())  # type: ignore[arg-type]
+        contexts = (FakeContext(), FakeContext())
+        request = build_request("Twice", model="sim-small", request_id="twice")
+        calls = [servicer.Complete(request, c) for c in contexts]  # type: ignore[arg-type]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(o, Aborted) for o in outcomes)
+        assert [c.status for c in contexts] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        assert pipeline.runs == 1
+
+    asyncio.run(run())
+
+
+def _servicer(limits: Limiter, max_records: int = 100) -> tuple[GatewayServicer, FakePipeline]:
+    """A router without an answer ledger."""
+    pipeline = FakePipeline()
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): "tenant-a"}),
+        TABLE,
+        {"sim-small", "sim-large"},
+        pipeline,  # type: ignore[arg-type]
+        IdempotencyTable(SystemClock(), 3600, max_records),
+        limits,
+        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
+    )
+    return servicer, pipeline
+
+
 @pytest.mark.parametrize(
     ("layer", "recorded"),
     [(pb.LAYER_PREFIX_CACHE, True), (pb.LAYER_SEMANTIC_CACHE, False)],
