@@ -4,7 +4,10 @@ Per tenant, under ``<prefix>:{<tenant>}:`` (the braces keep a tenant's keys in o
 slot): ``requests`` and ``tokens`` hashes ``{level, at_ms}`` (a bucket as of ``at_ms``),
 ``spent:<day>`` and ``spent:<month>`` (nano-dollars billed in the period). Each operation is one
 Lua script, so checking and taking happen atomically with respect to every other router.
-``now_ms`` comes from the caller's injected clock (as prefix-cache's Redis store does), so the
+A bucket's time is Redis's own clock (``TIME``), shared by every router: routers' clocks
+differ, and a bucket stamped by each router's own clock is refilled twice over by skew (a clock
+behind) or frozen for everyone (a clock ahead). Tests inject the time instead
+(``server_time=False``: ``now_ms`` from the caller's clock, as the in-memory store), so the
 same tests drive this store and the in-memory one; Redis's key expiry only collects garbage.
 """
 
@@ -26,12 +29,15 @@ from services.router.limits import (
 
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
 
-# Shared by both scripts: a bucket's level now (full when absent), refilled at cap a minute,
-# and the time it is kept at. That time never goes back: routers' clocks differ a little, and a
-# bucket stamped by a clock behind the last one would be refilled for the same interval again
-# by the next router ahead (two routers 100 ms apart let a 600/min tenant through twice over).
-# A clock behind the stamp refills nothing; the bucket's time is the latest clock seen.
+# Shared by both scripts: the time (ARGV[1], or Redis's clock when it is -1); a bucket's level
+# then (full when absent), refilled at cap a minute, and the time it is kept at, which never
+# goes back (a Redis that fails over to a replica whose clock is behind refills nothing twice).
 _LEVEL = """
+local function clock(given)
+  if given >= 0 then return given end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function level(key, cap, now)
   local v = redis.call('HMGET', key, 'level', 'at_ms')
   if not v[1] then return cap, now end
@@ -52,7 +58,7 @@ end
 _ADMIT = (
     _LEVEL
     + """
-local now = tonumber(ARGV[1])
+local now = clock(tonumber(ARGV[1]))
 local rcap, tcap = tonumber(ARGV[2]), tonumber(ARGV[3])
 local day, month = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserve, slack = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -78,7 +84,7 @@ return {}
 _SETTLE = (
     _LEVEL
     + """
-local now, tcap, refund = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, tcap, refund = clock(tonumber(ARGV[1])), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cost, slack = tonumber(ARGV[4]), tonumber(ARGV[7])
 if tcap > 0 and refund ~= 0 then
   local t, at = level(KEYS[1], tcap, now)
@@ -107,9 +113,14 @@ def _cap(value: int | None) -> int:
 
 
 class RedisLimitStore:
-    def __init__(self, client: Redis, prefix: str = "cachemesh:limits") -> None:
+    def __init__(
+        self, client: Redis, prefix: str = "cachemesh:limits", *, server_time: bool = True
+    ) -> None:
+        """``server_time``: the buckets' time is Redis's clock (every router's); False: the
+        caller's ``now_ms`` (tests, with an injected clock)."""
         self._client = client
         self._prefix = prefix
+        self._server_time = server_time
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
 
@@ -126,7 +137,7 @@ class RedisLimitStore:
             self._key(tenant, f"spent:{periods.month}"),
         ]
         args = [
-            now_ms,
+            -1 if self._server_time else now_ms,
             _cap(policy.requests_per_min),
             _cap(policy.tokens_per_min),
             _or_none(policy.day_budget_nanos),
@@ -159,7 +170,7 @@ class RedisLimitStore:
             self._key(tenant, f"spent:{periods.month}"),
         ]
         args = [
-            now_ms,
+            -1 if self._server_time else now_ms,
             _cap(policy.tokens_per_min),
             refund_tokens,
             cost_nanos,
