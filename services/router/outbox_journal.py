@@ -21,7 +21,9 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ log = logging.getLogger("cachemesh.router.outbox")
 JOURNAL_NAME = "billing-outbox.jsonl"
 # Rewrite the file once it holds this many bytes of settled lines, and more than its live ones.
 COMPACT_BYTES = 64 * 1024 * 1024
+REWRITE_RETRY_S = 1.0  # after a failed rewrite, the next is tried this much later
 
 T = TypeVar("T")
 
@@ -61,7 +64,12 @@ class _Line:
 class Journal:
     """The journal file of ``directory``. Not thread-safe: one thread at a time."""
 
-    def __init__(self, directory: Path, compact_bytes: int = COMPACT_BYTES) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        compact_bytes: int = COMPACT_BYTES,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / JOURNAL_NAME
         self._compact_bytes = compact_bytes
@@ -71,7 +79,8 @@ class Journal:
         self._live_bytes = 0
         self._dirty = False
         self._failed: OSError | None = None
-        self._compact_failed_at = -1  # the size a failed rewrite was tried at: wait to grow
+        self._monotonic = monotonic
+        self._retry_rewrite_at = -math.inf  # after a failed rewrite: when to try again
 
     def load(self) -> list[str]:
         """The pending entries' ids, oldest first. A torn last line (a crash mid-append: its
@@ -138,6 +147,7 @@ class Journal:
         if not self._lines and self._size:
             os.ftruncate(self._fd, 0)
             self._size, self._live_bytes, self._dirty = 0, 0, True
+            self._retry_rewrite_at = -math.inf
         elif self._lines and (self._failed is not None or self._due_for_compaction()):
             # a fresh file, fsynced, is also how a failed fsync is put behind
             self._compact()
@@ -179,9 +189,9 @@ class Journal:
     def _compact(self) -> None:
         """Rewrites the file with only the pending lines: a new file, fsynced, renamed over,
         the directory fsynced. A failure before the rename leaves the old file in use (tried
-        again once the file has doubled); after it, the new file is in use and a failed
+        again ``REWRITE_RETRY_S`` later); after it, the new file is in use and a failed
         directory fsync is a failed fsync (sticky)."""
-        if self._compact_failed_at >= 0 and self._size < 2 * self._compact_failed_at:
+        if self._monotonic() < self._retry_rewrite_at:
             return
         fresh = self.path.with_suffix(".compacting")
         lines: dict[str, _Line] = {}
@@ -200,13 +210,15 @@ class Journal:
                 fresh.unlink(missing_ok=True)
                 raise
         except OSError as exc:  # the old file still holds every pending entry
-            self._compact_failed_at = self._size
+            # again in a second: soon enough to put a failed fsync behind once the disk is
+            # back, not a rewrite of the whole journal at every write while it is not
+            self._retry_rewrite_at = self._monotonic() + REWRITE_RETRY_S
             log.error("billing outbox: rewriting %s failed: %s", self.path, exc)
             return
         os.close(self._fd)
         self._fd, self._lines, self._size = fd, lines, size
         self._live_bytes, self._dirty = size, False
-        self._compact_failed_at = -1
+        self._retry_rewrite_at = -math.inf
         try:
             fsync_directory(self.path.parent)
         except OSError as exc:

@@ -399,3 +399,37 @@ def test_restart_backoff_doubles_to_its_cap_and_resets_after_a_stable_run() -> N
     backoff = Backoff(first_s=0.5, max_s=4.0, stable_after_s=30.0)
     assert [backoff.after_exit(1.0) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
     assert backoff.after_exit(31.0) == 0.5
+
+
+async def test_a_failed_rewrite_is_tried_again_a_second_later_and_forgotten_once_emptied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync every write tries to rewrite the journal; a rewrite that fails
+    too (here: its file cannot be made) is tried again a second later, not at every write nor
+    only once the file has doubled, and an emptied journal forgets it: a failed fsync in a
+    later outage is put behind at the next write."""
+    now = [0.0]
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path, monotonic=lambda: now[0]), 1.0, 0.01)
+    for i in range(5):
+        await outbox.keep(_commits(f"a{i}#1"))
+    blocker = tmp_path / "billing-outbox.compacting"
+    blocker.mkdir()  # the rewrite cannot create its file
+    _failing_fsync(monkeypatch, 1)
+    for key in ("b#1", "c#1"):
+        with pytest.raises(JournalError):
+            await outbox.keep(_commits(key))
+    blocker.rmdir()  # the fault passes
+    with pytest.raises(JournalError, match="earlier fsync"):
+        await outbox.keep(_commits("d#1"))  # within the second: not tried again yet
+    now[0] += 1.0
+    await outbox.keep(_commits("e#1"))  # rewritten, fsynced: acknowledged
+    prefix.down = False
+    assert await outbox.flush() == 9 and outbox.pending == 0
+    prefix.down = True  # a later outage
+    await outbox.keep(_commits("f#1"))
+    _failing_fsync(monkeypatch, 1)
+    with pytest.raises(JournalError):
+        await outbox.keep(_commits("g#1"))
+    await outbox.keep(_commits("h#1"))  # the next write rewrites the journal at once
+    assert _kept(tmp_path) == ["f#1", "g#1", "h#1"]
