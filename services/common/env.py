@@ -11,7 +11,7 @@ import builtins
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -127,19 +127,28 @@ def is_loopback(address: builtins.str) -> builtins.bool:
 
 
 def redacted_url(url: builtins.str) -> builtins.str:
-    """The URL without its secrets, for messages: the password of its user part
-    (redis://user:secret@host -> redis://user:***@host) and the value of every query parameter
-    (redis-py also takes ``?password=``; any other may be a token), and nothing of a URL that
-    does not parse."""
+    """A Redis URL as redis-py reads it, without its secrets, for messages: its scheme, user,
+    host, port and database (or socket path), never its password (in the user part, whatever
+    characters it holds, or as ``?password=``) nor any other query value."""
+    from redis.connection import parse_url  # only the services that use Redis call this
+
+    scheme = url.partition("://")[0]
     try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            creds, host = netloc.rsplit("@", 1)
-            user = creds.split(":", 1)[0]
-            netloc = f"{user}:***@{host}" if ":" in creds else f"{user}@{host}"
-        names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
-    except ValueError:
-        return "(a URL that does not parse)"
-    query = "&".join(f"{name}=***" for name in names)
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+        parts: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:  # its message may quote part of the password
+        return f"(a {scheme or 'URL'} URL redis-py cannot read; not shown)"
+    user = parts.get("username") or ""
+    shown = f"{user}:***@" if parts.get("password") else (f"{user}@" if user else "")
+    if "path" in parts:
+        return f"{scheme}://{shown}{parts['path']}"
+    host = parts.get("host") or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}{host}:{parts.get('port', 6379)}/{parts.get('db', 0)}"
+
+
+def redis_url_error(name: builtins.str, url: builtins.str) -> ConfigError:
+    """``name``'s value is not a URL redis-py can read (the value is not shown)."""
+    return ConfigError(
+        f"{name}: not a Redis URL redis-py can read ({redacted_url(url)}): expected "
+        "redis://[user:password@]host[:port][/db], rediss://... or unix:///path"
+    )

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.env import ConfigError, Env, redacted_url
+from services.common.env import ConfigError, Env, redacted_url, redis_url_error
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
@@ -38,7 +38,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     auth = InternalAuthInterceptor(settings.internal_token)
     provider = build_tracer_provider(environ, "prefix-cache")
     tokenizer = TokenizerSlot()
-    redis = Redis.from_url(settings.redis_url) if settings.redis_url is not None else None
+    redis = _redis(settings.redis_url) if settings.redis_url is not None else None
     registry = new_registry()
     metrics = PrefixCacheMetrics(registry)
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
@@ -94,3 +94,10 @@ async def _count_warm(core: PrefixCacheCore, metrics: PrefixCacheMetrics) -> Non
 
 def main() -> None:
     run_main("prefix-cache", serve)
+
+
+def _redis(url: str) -> Redis:
+    try:
+        return Redis.from_url(url)
+    except ValueError:  # its message may quote part of the password
+        raise redis_url_error("PREFIX_CACHE_REDIS_URL", url) from None

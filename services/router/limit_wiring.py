@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.clock import Clock
-from services.common.env import ConfigError, redacted_url
+from services.common.env import ConfigError, redacted_url, redis_url_error
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
@@ -39,8 +39,8 @@ async def _reachable(var: str, url: str) -> Redis:
     """A client of the Redis at ``url`` (``var``'s value) that answered a PING."""
     try:
         redis = Redis.from_url(url)
-    except ValueError as exc:
-        raise ConfigError(f"{var}: {exc}") from None
+    except ValueError:
+        raise redis_url_error(var, url) from None
     try:
         await redis.ping()
     except RedisError as exc:

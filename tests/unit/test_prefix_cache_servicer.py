@@ -225,14 +225,29 @@ async def test_an_unreachable_redis_is_named_without_its_password() -> None:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("redis://127.0.0.1:1/0?password=S3cret&db=0", "redis://127.0.0.1:1/0?password=***&db=***"),
-        ("redis://:S3cret@127.0.0.1:1", "redis://:***@127.0.0.1:1"),
+        ("redis://127.0.0.1:1/0?password=S3cret&db=0", "redis://:***@127.0.0.1:1/0"),
+        ("redis://:S3cret@127.0.0.1:1", "redis://:***@127.0.0.1:1/0"),
         ("rediss://user:S3cret@host:6380/2", "rediss://user:***@host:6380/2"),
-        ("redis://user@host", "redis://user@host"),
-        ("unix:///run/redis.sock?password=S3cret", "unix:///run/redis.sock?password=***"),
-        ("redis://[::1:S3cret", "(a URL that does not parse)"),
+        ("redis://user@host", "redis://user@host:6379/0"),
+        ("unix:///run/redis.sock?password=S3cret", "unix://:***@/run/redis.sock"),
+        ("redis://127.0.0.1:1/0?password=Ab@S3cret", "redis://:***@127.0.0.1:1/0"),
+        ("redis://:12/S3cret@127.0.0.1:1/0", "redis://localhost:12/0"),  # as redis-py reads it
+        ("redis://u:S3cret?b#c@host/0", "(a redis URL redis-py cannot read; not shown)"),
+        ("redis://[::1]:6379/1", "redis://[::1]:6379/1"),
     ],
 )
-def test_a_url_is_shown_without_any_of_its_secrets(url: str, shown: str) -> None:
-    """redis-py takes the password in the user part or as ``?password=``; neither is shown."""
+def test_a_url_is_shown_as_redis_reads_it_without_its_secrets(url: str, shown: str) -> None:
+    """redis-py takes the password in the user part (any characters) or as ``?password=``;
+    neither is shown, nor a parse error's message (it may quote the password)."""
     assert redacted_url(url) == shown
+
+
+def test_a_url_redis_cannot_read_is_refused_without_its_value() -> None:
+    environ = {
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "PREFIX_CACHE_REDIS_URL": "redis://u:S3cret?b@host/0",
+        "OTEL_SDK_DISABLED": "true",
+    }
+    with pytest.raises(ConfigError, match="PREFIX_CACHE_REDIS_URL: not a Redis URL") as caught:
+        asyncio.run(asyncio.wait_for(serve(environ, asyncio.Event()), timeout=30))
+    assert "S3cret" not in str(caught.value)
