@@ -17,13 +17,22 @@ import time
 from pathlib import Path
 
 from cachemesh._client import DEFAULT_TARGET
-from cachemesh.envfile import read_env_file
+from cachemesh.envfile import EnvFileError, read_env_file
 from cachemesh.loadtest import chart, report
 from cachemesh.loadtest.load import NotLoopback, check_target, draw, run_load
+from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
 from cachemesh.loadtest.runner import LoadShape
+from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.stats import summarise
-from cachemesh.loadtest.workloads import DEFAULT_MIX, NAMES, DataMissing, WorkloadSpec, build
+from cachemesh.loadtest.workloads import (
+    DEFAULT_MIX,
+    NAMES,
+    DataMissing,
+    Item,
+    WorkloadSpec,
+    build,
+)
 from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B
 
 MAX_REQUESTS = 1_000_000
@@ -67,15 +76,30 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--duration must be within (0, {MAX_DURATION_S:.0f}] seconds")
     if args.concurrency < 1 or args.processes < 1 or args.warmup < 0:
         raise ValueError("--concurrency and --processes must be >= 1, --warmup >= 0")
+    if args.mode == "closed" and args.processes > args.concurrency:
+        raise ValueError("--processes must be <= --concurrency (each keeps one in flight)")
     if args.mode == "open" and not args.rate > 0:
         raise ValueError("--rate must be > 0 for --mode open")
+    if not args.timeout > 0:
+        raise ValueError("--timeout must be > 0 seconds")
+    for path in (args.out, args.chart, args.log_out):  # before the run, not after it
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def stack_config(path: Path) -> dict[str, str]:
-    """The stack's settings as the env file says, overridden by this environment."""
+    """The stack's settings as the env file says, overridden by this environment, with
+    secrets masked (an API key, a provider key, a Redis password)."""
     if not path.is_file():
         return {}
-    return {key: os.environ.get(key, value) for key, value in read_env_file(path).items()}
+    try:
+        values = read_env_file(path)
+    except EnvFileError as exc:
+        raise ValueError(f"--stack-config: {exc}") from None
+    return {key: mask(key, os.environ.get(key, value)) for key, value in values.items()}
 
 
 def keys_from_env() -> dict[str, str]:
@@ -102,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = {i.tenant for i in [*warmup, *plan]} - set(keys)
         if missing:
             raise ValueError(f"the workload sends as {sorted(missing)}: set CACHEMESH_KEY_B")
+        stack = stack_config(args.stack_config)
     except (ValueError, NotLoopback, DataMissing) as exc:
         print(f"cachemesh-load: {exc}", file=sys.stderr)
         return 2
@@ -117,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "namespace": namespace, "timeout_s": args.timeout,
     }  # fmt: skip
     params = {"name": args.workload, **workload.params()}
-    doc = report.document(run=run, workload=params, stack=stack_config(args.stack_config),
-                          results=results)  # fmt: skip
+    doc = report.document(run=run, workload=params, stack=stack, results=results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     if args.chart:
@@ -126,7 +150,27 @@ def main(argv: list[str] | None = None) -> int:
                                                 [(args.workload, results)]))  # fmt: skip
     if args.log_out:
         with args.log_out.open("w", encoding="utf-8") as out:
-            write_log(out, (LogRecord(i * 1000.0, item) for i, item in enumerate([*warmup, *plan])))
+            write_log(out, sent_log(samples, warmup, plan))
     print(report.table(results))
     print(f"report: {args.out}" + (f"; chart: {args.chart}" if args.chart else ""))
-    return 0 if not results["errors"] else 1
+    if not results["completed"]:
+        print(
+            f"cachemesh-load: no request completed: is a Gateway running at {args.target}? "
+            "(make up)",
+            file=sys.stderr,
+        )
+    return 0 if results["completed"] and not results["errors"] else 1
+
+
+def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> list[LogRecord]:
+    """The requests that were sent, warm-up first, each at the time it was sent (ms from the
+    first), as the offline estimator replays them."""
+    sent = sorted((s for s in samples if s.index >= 0), key=lambda s: (not s.warmup, s.started_s))
+    if not sent:
+        return []
+    start = sent[0].started_s
+    records, last = [], 0.0
+    for s in sent:
+        last = max(last, (s.started_s - start) * 1000.0)  # non-decreasing, as the log requires
+        records.append(LogRecord(round(last, 3), (warmup if s.warmup else plan)[s.index]))
+    return records

@@ -3,7 +3,8 @@
 ``run_plan`` runs in one process; ``run_processes`` splits the plan over several spawned
 processes (each with its own event loop and channel, so the client is not the bottleneck) and
 merges their samples. Every run stops at the end of its plan or at its deadline, whichever
-comes first; requests still in flight at the deadline are cancelled and not counted.
+comes first; requests still in flight at the deadline are cancelled and counted as errors
+(``CUT_AT_DEADLINE``, their latency the time they had run): a slow tail is never dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 
 Mode = Literal["closed", "open"]
 MAX_OPEN_IN_FLIGHT = 2048  # an open loop that falls this far behind stops adding requests
+CUT = "CUT_AT_DEADLINE"  # the error code of a request still running at the run's deadline
 
 
 @dataclass(frozen=True)
@@ -40,16 +42,27 @@ class LoadShape:
 
 
 async def _send(
-    clients: dict[str, AsyncClient], item: Item, stream: bool, due: float, warmup: bool
-) -> Sample:
+    clients: dict[str, AsyncClient], item: Item, stream: bool, due: float, warmup: bool,
+    index: int, samples: list[Sample],
+) -> None:  # fmt: skip
+    """Sends ``item`` and appends its sample to ``samples``: its answer, its error (any
+    exception of the client, named by its gRPC status or its type), or, cancelled at the
+    run's deadline, ``CUT_AT_DEADLINE``."""
     client = clients[item.tenant]
     started = time.perf_counter()
     wall = time.time() - (started - due if due else 0.0)
     origin = due or started
+
+    def failed(code: str) -> Sample:
+        latency = time.perf_counter() - origin
+        return from_error(item, code, wall, latency, warmup=warmup, index=index)
+
     try:
         if not stream:
             response = await client.complete(item.request)
-            return from_response(item, response, wall, time.perf_counter() - origin, warmup=warmup)
+            latency = time.perf_counter() - origin
+            samples.append(from_response(item, response, wall, latency, warmup=warmup, index=index))
+            return
         ttft: float | None = None
         head, end = pb.CompleteResponse(), None
         async for chunk in client.stream(item.request):
@@ -61,26 +74,32 @@ async def _send(
             elif part == "end":
                 end = chunk.end
         if end is None:
-            return from_error(item, "NO_END", wall, time.perf_counter() - origin, warmup=warmup)
+            samples.append(failed("NO_END"))
+            return
         end.served_by = head.served_by or end.served_by
         latency = time.perf_counter() - origin
-        return from_response(item, end, wall, latency, ttft, warmup=warmup)
+        samples.append(from_response(item, end, wall, latency, ttft, warmup=warmup, index=index))
     except CachemeshError as error:
-        return from_error(item, error.code.name, wall, time.perf_counter() - origin, warmup=warmup)
+        samples.append(failed(error.code.name))
+    except asyncio.CancelledError:
+        samples.append(failed(CUT))
+        raise
+    except Exception as error:  # the client's own fault (e.g. a key grpc refuses to send)
+        samples.append(failed(type(error).__name__))
 
 
 async def _closed(
     clients: dict[str, AsyncClient], plan: Sequence[Item], shape: LoadShape, deadline: float,
-    warmup: bool, tick: Callable[[], None],
+    warmup: bool, tick: Callable[[], None], first: int, stride: int,
 ) -> list[Sample]:  # fmt: skip
     samples: list[Sample] = []
-    queue = iter(plan)
+    queue = enumerate(plan)
 
     async def worker() -> None:
-        for item in queue:
+        for index, item in queue:
             if time.perf_counter() >= deadline:
                 return
-            samples.append(await _send(clients, item, shape.stream, 0.0, warmup))
+            await _send(clients, item, shape.stream, 0.0, warmup, first + index * stride, samples)
             tick()
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, shape.concurrency))]
@@ -90,25 +109,25 @@ async def _closed(
 
 async def _open(
     clients: dict[str, AsyncClient], plan: Sequence[Item], shape: LoadShape, deadline: float,
-    seed: int, tick: Callable[[], None],
+    seed: int, tick: Callable[[], None], first: int, stride: int,
 ) -> list[Sample]:  # fmt: skip
     samples: list[Sample] = []
     rng = random.Random(seed)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(item: Item, due: float) -> None:
-        samples.append(await _send(clients, item, shape.stream, due, False))
+    async def one(index: int, item: Item, due: float) -> None:
+        await _send(clients, item, shape.stream, due, False, first + index * stride, samples)
         tick()
 
     due = time.perf_counter()
-    for item in plan:
+    for index, item in enumerate(plan):
         due += rng.expovariate(shape.rate_rps)
         if due >= deadline:
             break
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         if len(tasks) >= MAX_OPEN_IN_FLIGHT:
             break
-        task = asyncio.create_task(one(item, due))
+        task = asyncio.create_task(one(index, item, due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await _bounded(list(tasks), deadline)
@@ -127,16 +146,19 @@ async def _bounded(tasks: list[asyncio.Task[None]], deadline: float) -> None:
 async def run_plan(
     target: str, keys: dict[str, str], plan: Sequence[Item], shape: LoadShape, *,
     warmup: bool = False, seed: int = 0, tick: Callable[[], None] = lambda: None,
+    first: int = 0, stride: int = 1,
 ) -> list[Sample]:  # fmt: skip
-    """Runs ``plan`` in this process and returns its samples (warm-up ones marked)."""
+    """Runs ``plan`` in this process and returns its samples (warm-up ones marked). ``plan``
+    is every ``stride``-th item of the whole plan from ``first`` (a sample's ``index`` is its
+    place in the whole plan)."""
     clients = {
         t: AsyncClient(target, api_key=k, timeout_s=shape.timeout_s) for t, k in keys.items()
     }
     try:
         deadline = time.perf_counter() + shape.duration_s
         if shape.mode == "open" and not warmup:
-            return await _open(clients, plan, shape, deadline, seed, tick)
-        return await _closed(clients, plan, shape, deadline, warmup, tick)
+            return await _open(clients, plan, shape, deadline, seed, tick, first, stride)
+        return await _closed(clients, plan, shape, deadline, warmup, tick, first, stride)
     finally:
         for client in clients.values():
             await client.close()
@@ -144,37 +166,36 @@ async def run_plan(
 
 def _child(
     target: str, keys: dict[str, str], plan: list[Item], shape: LoadShape, seed: int,
-    counter: Synchronized[int], out: mp.Queue[list[Sample]],
+    counter: Synchronized[int], out: mp.Queue[list[Sample]], first: int, stride: int,
 ) -> None:  # fmt: skip
     def tick() -> None:
         with counter.get_lock():
             counter.value += 1
 
-    out.put(asyncio.run(run_plan(target, keys, plan, shape, seed=seed, tick=tick)))
+    run = run_plan(target, keys, plan, shape, seed=seed, tick=tick, first=first, stride=stride)
+    out.put(asyncio.run(run))
 
 
 def run_processes(
     target: str, keys: dict[str, str], plan: Sequence[Item], shape: LoadShape, processes: int,
     progress: Callable[[int], None],
 ) -> list[Sample]:  # fmt: skip
-    """Splits the plan round-robin over ``processes``; concurrency and rate are split too."""
+    """Splits the plan round-robin over ``processes``; concurrency and rate are split too,
+    exactly (the first ``concurrency % processes`` processes keep one more request in flight;
+    a closed loop needs ``processes <= concurrency``)."""
+    if shape.mode == "closed" and processes > shape.concurrency:
+        raise ValueError(f"{processes} processes cannot share {shape.concurrency} in flight")
     ctx = mp.get_context("spawn")
     counter: Synchronized[int] = ctx.Value("i", 0)
     out: mp.Queue[list[Sample]] = ctx.Queue()
-    share = replace(
-        shape,
-        concurrency=max(1, -(-shape.concurrency // processes)),
-        rate_rps=shape.rate_rps / processes,
-        duration_s=shape.duration_s,
-    )
-    children = [
-        ctx.Process(
-            target=_child,
-            args=(target, keys, list(plan[p::processes]), share, shape.seed + p, counter, out),
-            daemon=True,
-        )
-        for p in range(processes)
-    ]
+    whole, extra = divmod(shape.concurrency, processes)
+    rate = shape.rate_rps / processes
+    children = []
+    for p in range(processes):
+        share = replace(shape, concurrency=whole + (p < extra), rate_rps=rate)
+        part = list(plan[p::processes])
+        args = (target, keys, part, share, shape.seed + p, counter, out, p, processes)
+        children.append(ctx.Process(target=_child, args=args, daemon=True))
     for child in children:
         child.start()
     results: list[Sample] = []

@@ -39,6 +39,7 @@ class Sample:
     question: str = ""  # normalised asked text (labelled workloads only)
     answer_digest: str = ""  # of the answer text (labelled workloads only)
     warmup: bool = False
+    index: int = -1  # the request's place in its plan (the warm-up's or the measured one)
 
     @property
     def ok(self) -> bool:
@@ -57,6 +58,7 @@ def from_response(
     ttft_s: float | None = None,
     *,
     warmup: bool = False,
+    index: int = -1,
 ) -> Sample:
     usage, cost = response.usage, response.cost
     labelled = bool(item.question)
@@ -81,10 +83,17 @@ def from_response(
         question=normalise(item.question) if labelled else "",
         answer_digest=answer_digest(response) if labelled else "",
         warmup=warmup,
+        index=index,
     )
 
 
 def from_error(
-    item: Item, code: str, started_s: float, latency_s: float, *, warmup: bool = False
+    item: Item,
+    code: str,
+    started_s: float,
+    latency_s: float,
+    *,
+    warmup: bool = False,
+    index: int = -1,
 ) -> Sample:
-    return Sample(item.kind, ERROR, code, started_s, latency_s, None, warmup=warmup)
+    return Sample(item.kind, ERROR, code, started_s, latency_s, None, warmup=warmup, index=index)

@@ -9,14 +9,12 @@ of the ``secrets`` given (the stack's own keys).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 
+from cachemesh.loadtest.redact import MASK, mask
 from services.tools.stack.service_table import SERVICES
 
-MASK = "***"
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+__all__ = ["MASK", "mask", "own_settings", "setting_names"]
 
 
 def setting_names(dotenv_names: Iterable[str]) -> frozenset[str]:
@@ -30,12 +28,3 @@ def own_settings(
     """``settings`` restricted to ``names``, sorted, with secrets masked."""
     known = [s for s in secrets if s]
     return {name: mask(name, settings[name], known) for name in sorted(names & settings.keys())}
-
-
-def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
-    if _SECRET_NAME.search(name):
-        return MASK if value else ""
-    value = _URL_USERINFO.sub(rf"\g<scheme>{MASK}@", value)
-    for secret in secrets:
-        value = value.replace(secret, MASK)
-    return value

@@ -1,0 +1,87 @@
+"""``cachemesh-load``'s command line: bad input refused before the run (not after it), secrets
+of the stack's env file masked in the report, an empty run an error, the request log what was
+sent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cachemesh.loadtest import cli
+from cachemesh.loadtest.samples import Sample
+from cachemesh.loadtest.workloads import Item
+from cachemesh.loadtest.workloads.base import TENANT_A, user
+from cachemesh.v1 import gateway_pb2 as pb
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
+    monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
+
+
+def _run(tmp_path: Path, *extra: str) -> int:
+    args = ["--target", "127.0.0.1:1", "--out", str(tmp_path / "r.json"), "--requests", "2"]
+    return cli.main([*args, "--stack-config", str(tmp_path / "none.env"), *extra])
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (("--timeout", "0"), "--timeout must be > 0"),
+        (("--concurrency", "1", "--processes", "4"), "--processes must be <= --concurrency"),
+        (("--chart", "/proc/no/such/x.html"), "cannot write /proc/no/such/x.html"),
+    ],
+)
+def test_bad_input_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], said: str
+) -> None:
+    assert _run(tmp_path, *extra) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_a_malformed_stack_config_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.env").write_text("A=1\nexport ONLY_A_NAME\n")
+    args = ["--target", "127.0.0.1:1", "--out", str(tmp_path / "r.json")]
+    assert cli.main([*args, "--stack-config", str(tmp_path / "bad.env")]) == 2
+    assert "--stack-config" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_the_stack_config_in_the_report_has_its_secrets_masked(tmp_path: Path) -> None:
+    env = tmp_path / "stack.env"
+    env.write_text(
+        "ANTHROPIC_API_KEY=sk-ant-SECRET\n"
+        "PREFIX_CACHE_REDIS_URL=redis://:hunter2@10.0.0.5:6379/0\n"
+        "ROUTER_LIMITS_REDIS_URL=redis://10.0.0.5/1?password=hunter3\n"
+        "SIM_TIME_SCALE=0\n"
+    )
+    config = cli.stack_config(env)
+    assert config["SIM_TIME_SCALE"] == "0" and config["ANTHROPIC_API_KEY"] == "***"
+    assert "hunter" not in json.dumps(config) and "SECRET" not in json.dumps(config)
+
+
+def test_a_run_where_nothing_completed_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No Gateway at the target: every request cut at the run's end, exit 1, and said."""
+    assert _run(tmp_path, "--duration", "0.5") == 1
+    assert "no request completed" in capsys.readouterr().err
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert results["completed"] == 0 and results["errors"]
+
+
+def test_the_request_log_holds_what_was_sent_when_it_was_sent() -> None:
+    warmup = [Item("w", TENANT_A, pb.CompleteRequest(messages=[user("warm")]))]
+    plan = [Item("q", TENANT_A, pb.CompleteRequest(messages=[user(f"q{i}")])) for i in range(3)]
+
+    def sample(index: int, at: float, warm: bool = False) -> Sample:
+        return Sample("q", "model", "OK", at, 0.1, None, warmup=warm, index=index)
+
+    samples = [sample(0, 100.0, warm=True), sample(2, 101.5), sample(0, 100.5)]  # q1 never sent
+    log = cli.sent_log(samples, warmup, plan)
+    assert [(r.t_ms, r.item.kind) for r in log] == [(0.0, "w"), (500.0, "q"), (1500.0, "q")]
+    assert [r.item.request.messages[0].content[0].text for r in log] == ["warm", "q0", "q2"]
