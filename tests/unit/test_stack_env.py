@@ -171,3 +171,46 @@ def test_set_values_replaces_keeps_and_places_after_the_previous_key() -> None:
     out = set_values(text, [("A", "x"), ("C", "3"), ("D", r"a\b")])
     assert out == "# settings\nA=x\nC=3\nD=a\\b\nB=2\n"
     assert parse_env_text(out) == {"A": "x", "B": "2", "C": "3", "D": "a\\b"}
+
+
+def test_down_stops_the_stack_whatever_became_of_its_env_file(tmp_path: Path) -> None:
+    """A .env broken after ``make up`` (a bad edit) must not keep ``make down`` from stopping
+    the stack: it needs only the pid files, and a default grace."""
+    import subprocess
+    import sys
+
+    from services.tools.stack.cli import main
+
+    (tmp_path / ".env").write_text("A=1\nexport ONLY_A_NAME\n")
+    run_dir = tmp_path / ".run"
+    (run_dir / "pids").mkdir(parents=True)
+    router = service("router")
+    # a process whose command line names the router's module, as the pid check requires
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)", router.module]
+    sleeper = subprocess.Popen(sleep)
+    try:
+        pid_file = run_dir / "pids" / f"{router.name}.pid"
+        pid_file.write_text(f"{sleeper.pid}\n")
+        with pytest.raises(SystemExit) as exit_:
+            main(["--root", str(tmp_path), "--run-dir", str(run_dir), "down", "--grace", "5"])
+        assert exit_.value.code == 0
+        assert sleeper.wait(timeout=10) is not None and not pid_file.exists()
+    finally:
+        sleeper.kill()
+
+
+def test_a_bad_up_timeout_is_named_and_stops_only_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.tools.stack.cli import main
+
+    monkeypatch.setenv("CACHEMESH_UP_TIMEOUT_S", "2m")
+    (tmp_path / ".env").write_text("A=1\n")
+    args = ["--root", str(tmp_path), "--run-dir", str(tmp_path / ".run")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "down"])
+    assert exit_.value.code == 0  # down does not read it
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "up"])
+    assert exit_.value.code == 1
+    assert "CACHEMESH_UP_TIMEOUT_S: expected seconds, got '2m'" in capsys.readouterr().err

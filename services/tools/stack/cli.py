@@ -55,10 +55,11 @@ def _run(args: argparse.Namespace) -> int:
     stack = Stack(root, run_dir, detach=True)
     engines = LlamaServers(engine_paths(os.environ), run_dir, EngineOptions.from_env(os.environ))
     if args.command == "up":
+        timeout_s = args.timeout if args.timeout is not None else _up_timeout_from_env()
         if args.local_engine:
             stack = _with_local_engines(stack, engines)
         try:
-            stack.start(args.timeout)
+            stack.start(timeout_s)
         except BaseException:
             engines.stop()
             raise
@@ -97,6 +98,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    return value
+
+
+def _up_timeout_from_env() -> float:
+    """``CACHEMESH_UP_TIMEOUT_S``, read only by ``up`` (a bad one must not stop ``down``)."""
+    text = os.environ.get("CACHEMESH_UP_TIMEOUT_S", "")
+    if not text:
+        return DEFAULT_START_TIMEOUT_S
+    try:
+        return _seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise StackError(f"CACHEMESH_UP_TIMEOUT_S: {exc}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.tools.stack", description=__doc__)
     parser.add_argument("--root", type=Path, default=_REPO_ROOT, help="repository root (.env)")
@@ -106,9 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start every service, return once all are SERVING")
     up.add_argument(
         "--timeout",
-        type=float,
-        default=float(os.environ.get("CACHEMESH_UP_TIMEOUT_S") or DEFAULT_START_TIMEOUT_S),
-        help="seconds to wait for SERVING (env CACHEMESH_UP_TIMEOUT_S; default %(default)s)",
+        type=_seconds,
+        default=None,
+        help=f"seconds to wait for SERVING (env CACHEMESH_UP_TIMEOUT_S; default "
+        f"{DEFAULT_START_TIMEOUT_S:g})",
     )
     up.add_argument(
         "--local-engine",

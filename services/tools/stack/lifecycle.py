@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn, TextIO
 
-from cachemesh.envfile import read_env_file
+from cachemesh.envfile import EnvFileError, read_env_file
 from services.tools.keys import StackKeys, describe, ensure_keys
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
@@ -67,7 +67,7 @@ class Stack:
         self.run_dir = (run_dir or self.root / ".run").resolve()
         self._overrides = dict(env_overrides or {})
         self._environ = dict(os.environ if environ is None else environ)
-        self._dotenv = read_env_file(self.root / ".env")
+        self._dotenv_read: dict[str, str] | None = None  # read when first needed (not by down)
         self._out = out or sys.stdout
         self._detach = detach
         self._supervisor: subprocess.Popen[bytes] | None = None
@@ -99,6 +99,12 @@ class Stack:
             out=self._out,
             detach=self._detach,
         )
+
+    @property
+    def _dotenv(self) -> dict[str, str]:
+        if self._dotenv_read is None:
+            self._dotenv_read = read_env_file(self.root / ".env")
+        return self._dotenv_read
 
     # --- what the processes get -----------------------------------------------------------
     def settings(self) -> dict[str, str]:
@@ -430,6 +436,9 @@ class Stack:
     def _grace_s(self) -> float:
         try:
             service_grace = float(self.settings().get("CACHEMESH_GRACE_S") or 10.0)
+        except EnvFileError as exc:  # a stack must stop whatever became of its .env
+            self._say(f"{exc}; stopping with the default grace")
+            service_grace = 10.0
         except ValueError:
             service_grace = 10.0
         return max(15.0, service_grace + 5.0)
