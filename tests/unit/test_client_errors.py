@@ -105,3 +105,18 @@ def test_errors_cross_a_process_boundary_whole() -> None:
         "req-1",
         3.0,
     )
+
+
+def test_the_demo_without_a_gateway_fails_at_once_saying_where(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It waited out its 120 s timeout for a Gateway that was not running, then said only
+    DEADLINE_EXCEEDED."""
+    from cachemesh.demo.__main__ import main
+
+    monkeypatch.setenv("CACHEMESH_TARGET", "127.0.0.1:1")
+    monkeypatch.setenv("CACHEMESH_KEY_A", "a")
+    monkeypatch.setenv("CACHEMESH_KEY_B", "b")
+    assert main() == 1
+    err = capsys.readouterr().err
+    assert "the gateway at 127.0.0.1:1" in err and "UNAVAILABLE" in err and "make up" in err

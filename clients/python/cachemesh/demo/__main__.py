@@ -60,9 +60,10 @@ def _unrelated(client: Client, table: LayerTable, model: str | None) -> None:
 
 def main() -> int:
     target = os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET)
+    # a Gateway that is not there fails the first request at once, not after its timeout
     clients = {
-        "a": Client(target, api_key=_require("CACHEMESH_KEY_A")),
-        "b": Client(target, api_key=_require("CACHEMESH_KEY_B")),
+        "a": Client(target, api_key=_require("CACHEMESH_KEY_A"), wait_for_ready=False),
+        "b": Client(target, api_key=_require("CACHEMESH_KEY_B"), wait_for_ready=False),
     }
     # CACHEMESH_DEMO_MODEL: one model for every request (make demo-local: local-small)
     model = os.environ.get("CACHEMESH_DEMO_MODEL") or None
@@ -73,7 +74,9 @@ def main() -> int:
         _faq(clients, table, model)
         _unrelated(clients["a"], table, model)
     except CachemeshError as error:
-        print(f"demo: the gateway refused a request: {error}", file=sys.stderr)
+        print(f"demo: the gateway at {target} refused a request: {error}", file=sys.stderr)
+        if error.code.name == "UNAVAILABLE":
+            print("demo: is the stack running? (make up, or make demo)", file=sys.stderr)
         return 1
     finally:
         for client in clients.values():
