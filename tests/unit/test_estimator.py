@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -63,6 +64,36 @@ def test_what_if_rewrites_the_logged_requests() -> None:
     assert changed.tools[0].cache_control.ttl == pb.CACHE_TTL_1H
     assert changed.messages[0].content[0].cache_control.ttl == pb.CACHE_TTL_1H
     assert request.model == "sim-large"  # the log itself is left alone
+
+
+def test_routing_auto_saves_against_the_logged_models_baseline(settings: dict[str, str]) -> None:
+    """Traffic logged for the small model, routed by auto to that same model: no saving (the
+    baseline of auto is the largest tier's price, which made it 66.7% 'saved')."""
+    asked = ["What is 2+2?", "Say hello.", "Spell cat.", "What colour is the sky?"]
+    small = [
+        pb.CompleteRequest(model="sim-small", max_tokens=50, messages=[user(q)]) for q in asked
+    ]
+    records = [LogRecord(i * 1000, Item("t", TENANT_A, r)) for i, r in enumerate(small)]
+    routings: tuple[Literal["logged", "auto"], ...] = ("logged", "auto")
+    for routing in routings:
+        stack = OfflineStack(settings, ManualClock())
+        for sample in asyncio.run(replay(stack, records, WhatIf(l1=False, routing=routing))):
+            if sample.model == "sim-small":
+                assert sample.baseline_nanos == sample.cost_nanos  # nothing cached, no saving
+
+
+def test_the_estimators_report_holds_no_secret_of_the_shell(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.tools.estimator.cli import main
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-REALSECRET123")
+    monkeypatch.setenv("PREFIX_CACHE_REDIS_URL", "redis://user:hunter2@127.0.0.1:1/0")
+    monkeypatch.setenv("SOMETHING_ELSE", "shell-only")
+    out = tmp_path / "est.json"
+    main(["--workload", "synthetic", "--requests", "2", "--out", str(out)])
+    text = out.read_text()
+    assert "REALSECRET" not in text and "hunter2" not in text and "shell-only" not in text
 
 
 def test_the_request_log_round_trips_and_names_a_bad_line(tmp_path: Path) -> None:

@@ -15,12 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+from cachemesh.envfile import read_env_file
 from cachemesh.loadtest import report
 from cachemesh.loadtest.reqlog import LogError, LogRecord, read_log
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.workloads import DEFAULT_MIX, NAMES, DataMissing, WorkloadSpec, build
 from services.common.clock import ManualClock
 from services.common.env import ConfigError
+from services.tools.bench.gateway.redact import own_settings, setting_names
 from services.tools.estimator.offline import OfflineStack
 from services.tools.estimator.replay import WhatIf, replay
 from services.tools.stack.lifecycle import Stack
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         "schema": SCHEMA,
         "source": source,
         "what_if": {"l1": what_if.l1, "l2_ttl": what_if.l2_ttl, "routing": what_if.routing},
-        "stack": {k: v for k, v in settings.items() if not k.startswith(("OTEL_", "CACHEMESH_"))},
+        # cachemesh's own settings only (not the shell's environment), secrets masked
+        "stack": own_settings(settings, setting_names(read_env_file(ROOT / ".env"))),
         "results": results,
     }
     if args.out:

@@ -9,6 +9,7 @@ from typing import Literal
 from cachemesh.loadtest.reqlog import LogRecord
 from cachemesh.loadtest.samples import Sample, from_error, from_response
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.models import ModelSpec
 from services.tools.estimator.offline import OfflineStack
 
 TtlChoice = Literal["logged", "5m", "1h"]
@@ -60,6 +61,20 @@ async def replay(
         at = record.t_ms / 1000
         if outcome.response is None:
             samples.append(from_error(record.item, outcome.code, at, 0.0))
-        else:
-            samples.append(from_response(record.item, outcome.response, at, 0.0))
+            continue
+        logged = stack.table.get(record.item.request.model)
+        if request.model != record.item.request.model and logged is not None:
+            _priced_against(outcome.response, logged)
+        samples.append(from_response(record.item, outcome.response, at, 0.0))
     return samples
+
+
+def _priced_against(response: pb.CompleteResponse, logged: ModelSpec) -> None:
+    """The what-if's saving measured against the logged request's own model: ``auto`` prices
+    its baseline at the largest tier, which would count the routing's choice of a smaller
+    model as a saving even when the logged traffic asked for that model already."""
+    usage = response.usage
+    prompt = usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+    baseline = logged.baseline_nanos(prompt, usage.output_tokens)
+    response.cost.baseline_nanos = baseline
+    response.cost.saved_nanos = baseline - response.cost.cost_nanos

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import aiohttp
 import grpc
 
+from cachemesh.loadtest.stats import percentile
 from cachemesh.loadtest.workloads.base import data_file
 from cachemesh.loadtest.workloads.faq import PAIRS, faq_request, load_pairs
 from cachemesh.v1 import gateway_pb2 as pb
@@ -152,11 +152,9 @@ def _summary(target: Target, points: Sequence[Point]) -> dict[str, Any]:
         "errors": sum(p.errors for p in points),
         "wrong_layer": sum(p.wrong_layer for p in points),
         "throughput_rps": round(len(latencies) / wall, 1) if wall else 0.0,
-        "latency_ms": {
-            "p50": round(1000 * statistics.median(latencies), 2) if latencies else None,
-            "p99": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2)
-            if latencies
-            else None,
+        "latency_ms": {  # nearest rank, as every other latency of the reports
+            "p50": round(1000 * percentile(latencies, 0.50), 2) if latencies else None,
+            "p99": round(1000 * percentile(latencies, 0.99), 2) if latencies else None,
         },
     }
     ticks = [p.cpu_ticks for p in points]

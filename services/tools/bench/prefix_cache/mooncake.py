@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachemesh.loadtest.stats import percentile
 from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, reusable_blocks
 from services.prefix_cache.replica_view import ReplicaViews
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request, TtftPolicy
@@ -107,13 +108,6 @@ def belady_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
     with n replicas' memory, the most any router over n replicas could reach."""
     hit = belady_hit_tokens([(row.input_tokens, row.keys) for row in rows], capacity_blocks)
     return round(hit / max(sum(row.input_tokens for row in rows), 1), 4)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclass
@@ -204,8 +198,8 @@ def simulate(rows: list[Row], replicas: int, policy: str, capacity_blocks: int) 
         "policy": policy,
         "requests": len(rows),
         "kv_hit_rate_tokens": round(tally.hit_tokens / max(tally.input_tokens, 1), 4),
-        "ttft_p50_s": round(_percentile(tally.ttfts, 0.50), 3),
-        "ttft_p99_s": round(_percentile(tally.ttfts, 0.99), 3),
+        "ttft_p50_s": round(percentile(tally.ttfts, 0.50), 3),
+        "ttft_p99_s": round(percentile(tally.ttfts, 0.99), 3),
         "busiest_replica_share": round(max(served.values()) / max(len(rows), 1), 4),
         "requests_per_replica": served,
         "route_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
@@ -219,4 +213,4 @@ def simulate(rows: list[Row], replicas: int, policy: str, capacity_blocks: int) 
 
 def _errors(values: list[float]) -> dict[str, float]:
     mean = sum(values) / len(values) if values else 0.0
-    return {"mean": round(mean, 1), "p99": _percentile(values, 0.99), "max": max(values or [0])}
+    return {"mean": round(mean, 1), "p99": percentile(values, 0.99), "max": max(values or [0])}
