@@ -3,9 +3,9 @@
 The first call with an id runs; concurrent and later calls with the same (tenant, id) await
 its outcome. A failed first call releases the id so a retry runs again (the prefix-cache
 commit is idempotent by id too, so nothing is billed twice). Records live for a TTL read
-from the injected clock and the table is bounded: the oldest answered record is dropped first,
-never one whose call still runs (a retry of it must await it, not run the model again; those
-are bounded by the calls in flight).
+from the injected clock and the table is bounded as answers are kept: the oldest answered
+record is dropped first, never one whose call still runs (a retry of it must await it, not
+run the model again; those are bounded by the calls in flight).
 """
 
 from __future__ import annotations
@@ -48,19 +48,6 @@ class IdempotencyTable:
         self._max = max_records
         self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
 
-    def find(
-        self, tenant: str, request: pb.CompleteRequest, mark: str
-    ) -> asyncio.Future[pb.CompleteResponse] | None:
-        """The future of the first call with this request's id (its answer, or its end), or
-        None; nothing is added. Raises ``IdempotencyConflict`` for another request's id."""
-        self._expire()
-        record = self._records.get((tenant, request.request_id))
-        if record is None:
-            return None
-        if record.fingerprint != mark:
-            raise conflict(request.request_id)
-        return record.future
-
     def claim(
         self, tenant: str, request: pb.CompleteRequest, mark: str | None = None
     ) -> tuple[bool, asyncio.Future[pb.CompleteResponse]]:
@@ -76,7 +63,6 @@ class IdempotencyTable:
             return False, record.future
         future: asyncio.Future[pb.CompleteResponse] = asyncio.get_running_loop().create_future()
         self._records[key] = _Record(mark, future, self._clock.now_ms())
-        self._bound()
         return True, future
 
     def release(
@@ -91,8 +77,9 @@ class IdempotencyTable:
     def __len__(self) -> int:
         return len(self._records)
 
-    def _bound(self) -> None:
-        """Drops the oldest answered records beyond the bound."""
+    def bound(self) -> None:
+        """Drops the oldest answered records beyond the bound; called as an answer is kept
+        (a claim that is then refused or fails must not push an answer out)."""
         excess = len(self._records) - self._max
         if excess <= 0:
             return

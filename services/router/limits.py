@@ -339,12 +339,6 @@ class Limiter:
         refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, cost_nanos)
 
-    def replayed(self, ticket: Ticket) -> None:
-        """An admitted request answered by a duplicate's call used nothing: its tokens back
-        (its request stays counted)."""
-        if ticket.policy.active:
-            self._count(ticket, ticket.replace_reservation(), 0)
-
     def _count(self, ticket: Ticket, refund: int, cost_nanos: int) -> None:
         """Tokens back to the rate (negative: taken) and a cost to the budgets, in the
         background (``drain`` awaits it); nothing when both are 0."""

@@ -152,49 +152,41 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         *,
         streamed: bool = True,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
-        """The request's chunks, once per request_id: a retry replays the first answer (not
-        subject to the limits: it uses nothing, and the caller was billed for it); a new
-        request is admitted by the limits (``_Denied``) before it takes a place in the
-        answer-once table, so a refused one never pushes another's answer out of it.
-        ``time_remaining_s``: the client's deadline (None: it set none), which bounds the
-        model call."""
+        """The request's chunks, once per request_id: a retry or a concurrent duplicate
+        replays the first call's answer (not subject to the limits: it uses nothing, and the
+        caller was billed for it); a new request is admitted by the limits (``_Denied``, which
+        its waiting duplicates get too). A refused request's place in the answer-once table
+        is given back, and the table is bounded only as answers are kept, so refusals never
+        push another request's answer out of it. ``time_remaining_s``: the client's deadline
+        (None: it set none), which bounds the model call."""
         try:
             mark = fingerprint(request)  # once: the table and the ledger both key on it
-            first = self._answers.find(tenant, request, mark)
+            claimed, future = self._answers.claim(tenant, request, mark)
         except IdempotencyConflict as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if first is not None:
-            async for chunk in _replay(call, first):
-                yield chunk
-            return
-        recalled = await self._recall(tenant, request, mark) if retried else None
-        ticket: Ticket | None = None
-        if recalled is None:
-            admitted = await self._limiter.admit(tenant, request)
-            if isinstance(admitted, Denial):
-                raise _Denied(admitted)
-            ticket = admitted
-        try:
-            claimed, future = self._answers.claim(tenant, request, mark)
-        except IdempotencyConflict as exc:  # another request took the id meanwhile
-            if ticket is not None:
-                self._limiter.replayed(ticket)
-            raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if not claimed:  # a duplicate claimed it meanwhile: its answer is this one's
-            if ticket is not None:
-                self._limiter.replayed(ticket)
-            async for chunk in _replay(call, future):
+        if not claimed:
+            call.replayed = True
+            for chunk in chunks_of(await asyncio.shield(future)):
+                if chunk.WhichOneof("part") == "end":
+                    call.end = chunk.end
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
+        ticket: Ticket | None = None
+        denied: _Denied | None = None
         try:
+            recalled = await self._recall(tenant, request, mark) if retried else None
             if recalled is not None:
                 end = call.end = recalled
                 call.replayed = True
                 for chunk in chunks_of(recalled):
                     yield chunk
                 return
-            assert ticket is not None
+            admitted = await self._limiter.admit(tenant, request)
+            if isinstance(admitted, Denial):
+                denied = _Denied(admitted)
+                raise denied
+            ticket = admitted
             run = self._pipeline.run(
                 tenant,
                 request,
@@ -209,7 +201,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         await self._record(tenant, request, end, mark)
                     yield chunk
         finally:
-            _settle(self._answers, tenant, request, future, end)
+            _settle(self._answers, tenant, request, future, end, denied)
             if ticket is not None:
                 self._limiter.settle(ticket, end)
 
@@ -253,17 +245,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))
-
-
-async def _replay(
-    call: Call, first: asyncio.Future[pb.CompleteResponse]
-) -> AsyncGenerator[pb.CompleteChunk, None]:
-    """The answer of the first call with this request_id, once it has one."""
-    call.replayed = True
-    for chunk in chunks_of(await asyncio.shield(first)):
-        if chunk.WhichOneof("part") == "end":
-            call.end = chunk.end
-        yield chunk
 
 
 class _Denied(Exception):
@@ -311,18 +292,19 @@ def _settle(
     request: pb.CompleteRequest,
     future: asyncio.Future[pb.CompleteResponse],
     end: pb.CompleteResponse | None,
+    denied: _Denied | None = None,
 ) -> None:
-    """Resolves the answer-once record: the answer, or release the id for a retry."""
+    """Resolves the answer-once record: the answer (kept, the table bounded), or the id
+    released for a retry, its waiting duplicates told why (the limits' refusal, or retry)."""
     if future.done():
         return
     if end is not None:
         future.set_result(end)
+        answers.bound()
         return
     answers.release(tenant, request.request_id, future)
-    future.set_exception(
-        RequestError(
-            Code.UNAVAILABLE,
-            f"the first call with request_id {request.request_id!r} failed; retry it",
-        )
+    failure: Exception = denied or RequestError(
+        Code.UNAVAILABLE, f"the first call with request_id {request.request_id!r} failed; retry it"
     )
+    future.set_exception(failure)
     future.exception()  # mark retrieved: a failure with no waiter is not an error

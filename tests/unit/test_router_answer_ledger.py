@@ -223,6 +223,36 @@ def test_a_duplicate_of_a_refused_request_is_refused_the_same_way() -> None:
     asyncio.run(run())
 
 
+def test_concurrent_duplicates_are_one_request_served_one_answer() -> None:
+    """Two identical calls at once (a client's retry racing its first attempt): one admission,
+    one model call, both answered, even when the limit allows one request a minute; and the
+    pair takes one request of the rate, not two."""
+
+    class SlowStore(MemoryLimitStore):
+        async def admit(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.05)
+            return await super().admit(*args, **kwargs)
+
+    async def run(per_minute: int) -> GatewayServicer:
+        rate = UniformPolicies(LimitPolicy(requests_per_min=per_minute))
+        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock()))
+        request = build_request("Once", model="sim-small", request_id="once")
+        contexts = (FakeContext(), FakeContext(RETRY))
+        calls = [servicer.Complete(request, c) for c in contexts]  # type: ignore[arg-type]
+        answers = await asyncio.gather(*calls)
+        assert answers[0] == answers[1] and pipeline.runs == 1
+        return servicer
+
+    asyncio.run(run(1))
+
+    async def then_another() -> None:
+        servicer = await run(2)
+        other = build_request("Other", model="sim-small", request_id="other")
+        await servicer.Complete(other, FakeContext())  # type: ignore[arg-type]
+
+    asyncio.run(then_another())
+
+
 def _servicer(limits: Limiter, max_records: int = 100) -> tuple[GatewayServicer, FakePipeline]:
     """A router without an answer ledger."""
     pipeline = FakePipeline()
