@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
-from cachemesh.loadtest.runner import CUT, LoadShape, run_plan
+from cachemesh.loadtest.runner import LoadShape, run_plan
+from cachemesh.loadtest.samples import CUT
 from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb

@@ -214,3 +214,11 @@ def test_a_bad_up_timeout_is_named_and_stops_only_up(
         main([*args, "up"])
     assert exit_.value.code == 1
     assert "CACHEMESH_UP_TIMEOUT_S: expected seconds, got '2m'" in capsys.readouterr().err
+
+
+def test_an_env_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    from cachemesh.envfile import read_env_file
+
+    (tmp_path / ".env").write_bytes("A=caf\xe9\n".encode("latin-1"))
+    with pytest.raises(EnvFileError, match=r"\.env is not UTF-8"):
+        read_env_file(tmp_path / ".env")

@@ -42,9 +42,11 @@ def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
 
 def read_env_file(path: Path) -> dict[str, str]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise EnvFileError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise EnvFileError(f"{path} is not UTF-8 (byte {exc.start}): save it as UTF-8") from None
     return parse_env_text(text, str(path))
 
 

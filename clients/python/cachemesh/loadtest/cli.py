@@ -86,6 +86,10 @@ def _check(args: argparse.Namespace) -> None:
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                existed = path.exists()
+                path.open("a").close()  # writable? (an existing file is left as it is)
+                if not existed:
+                    path.unlink()
             except OSError as exc:
                 raise ValueError(f"cannot write {path}: {exc.strerror}") from None
 

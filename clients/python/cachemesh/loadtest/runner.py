@@ -21,13 +21,12 @@ from typing import Literal
 
 from cachemesh._client import AsyncClient
 from cachemesh._errors import CachemeshError
-from cachemesh.loadtest.samples import Sample, from_error, from_response
+from cachemesh.loadtest.samples import CUT, Sample, from_error, from_response
 from cachemesh.loadtest.workloads import Item
 from cachemesh.v1 import gateway_pb2 as pb
 
 Mode = Literal["closed", "open"]
 MAX_OPEN_IN_FLIGHT = 2048  # an open loop that falls this far behind stops adding requests
-CUT = "CUT_AT_DEADLINE"  # the error code of a request still running at the run's deadline
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ LAYERS = {
     pb.LAYER_MODEL: "model",
 }
 ERROR = "error"
+CUT = "CUT_AT_DEADLINE"  # the code of a request still running at the run's deadline
 
 
 @dataclass(frozen=True)

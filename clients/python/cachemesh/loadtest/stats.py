@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cachemesh.loadtest.samples import ERROR, Sample
+from cachemesh.loadtest.samples import CUT, ERROR, Sample
 
 LAYER_ORDER = ("semantic_cache", "prefix_cache", "model")
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
@@ -71,6 +71,11 @@ def summarise(
         "wall_s": round(wall_s, 3),
         "throughput_rps": round(len(ok) / wall_s, 2) if wall_s > 0 else 0.0,
         "latency_ms": _by_layer(ok, "latency_s"),
+        # still running when the run's deadline cut them: the time each had run, a lower
+        # bound of its latency (the completed ones' percentiles above leave them out)
+        "cut_at_deadline_ms": latency_summary([s.latency_s for s in measured if s.code == CUT])
+        if any(s.code == CUT for s in measured)
+        else None,
         "ttft_ms": _by_layer(ok, "ttft_s") if streamed else None,
         "served_by": {layer: served[layer] for layer in _layers(served)},
         "hit_rate": _hit_rates(ok),
