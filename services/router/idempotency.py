@@ -47,6 +47,7 @@ class IdempotencyTable:
         self._ttl_ms = int(ttl_s * 1000)
         self._max = max_records
         self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
+        self._answered = 0  # records whose answer was kept (``kept``); the bound counts these
 
     def claim(
         self, tenant: str, request: pb.CompleteRequest, mark: str | None = None
@@ -77,10 +78,12 @@ class IdempotencyTable:
     def __len__(self) -> int:
         return len(self._records)
 
-    def bound(self) -> None:
-        """Drops the oldest answered records beyond the bound; called as an answer is kept
-        (a claim that is then refused or fails must not push an answer out)."""
-        excess = len(self._records) - self._max
+    def kept(self) -> None:
+        """An answer was kept (its future resolved): the answered records are bounded. Calls
+        still running never count (nor are dropped), so refused or failing calls, however
+        many, never push an answer out."""
+        self._answered += 1
+        excess = self._answered - self._max
         if excess <= 0:
             return
         done: list[tuple[str, str]] = []
@@ -91,6 +94,7 @@ class IdempotencyTable:
                     break
         for key in done:
             del self._records[key]
+        self._answered -= len(done)
 
     def _expire(self) -> None:
         cutoff = self._clock.now_ms() - self._ttl_ms
@@ -99,3 +103,4 @@ class IdempotencyTable:
             if record.created_ms > cutoff or not record.future.done():
                 break
             del self._records[key]
+            self._answered -= 1

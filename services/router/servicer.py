@@ -173,7 +173,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return
         end: pb.CompleteResponse | None = None
         ticket: Ticket | None = None
-        denied: _Denied | None = None
+        failure: Exception | None = None  # the first call's refusal, for its duplicates
         try:
             recalled = await self._recall(tenant, request, mark) if retried else None
             if recalled is not None:
@@ -184,8 +184,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 return
             admitted = await self._limiter.admit(tenant, request)
             if isinstance(admitted, Denial):
-                denied = _Denied(admitted)
-                raise denied
+                raise _Denied(admitted)
             ticket = admitted
             run = self._pipeline.run(
                 tenant,
@@ -200,8 +199,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         end = call.end = chunk.end
                         await self._record(tenant, request, end, mark)
                     yield chunk
+        except (_Denied, RequestError) as exc:
+            failure = exc
+            raise
         finally:
-            _settle(self._answers, tenant, request, future, end, denied)
+            _settle(self._answers, tenant, request, future, end, failure)
             if ticket is not None:
                 self._limiter.settle(ticket, end)
 
@@ -292,19 +294,23 @@ def _settle(
     request: pb.CompleteRequest,
     future: asyncio.Future[pb.CompleteResponse],
     end: pb.CompleteResponse | None,
-    denied: _Denied | None = None,
+    failure: Exception | None = None,
 ) -> None:
     """Resolves the answer-once record: the answer (kept, the table bounded), or the id
-    released for a retry, its waiting duplicates told why (the limits' refusal, or retry)."""
+    released for a retry, its waiting duplicates told why: the first call's own refusal (the
+    limits', an invalid or conflicting request), else to retry."""
     if future.done():
         return
     if end is not None:
         future.set_result(end)
-        answers.bound()
+        answers.kept()
         return
     answers.release(tenant, request.request_id, future)
-    failure: Exception = denied or RequestError(
-        Code.UNAVAILABLE, f"the first call with request_id {request.request_id!r} failed; retry it"
+    future.set_exception(
+        failure
+        or RequestError(
+            Code.UNAVAILABLE,
+            f"the first call with request_id {request.request_id!r} failed; retry it",
+        )
     )
-    future.set_exception(failure)
     future.exception()  # mark retrieved: a failure with no waiter is not an error

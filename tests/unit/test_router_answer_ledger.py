@@ -253,6 +253,76 @@ def test_concurrent_duplicates_are_one_request_served_one_answer() -> None:
     asyncio.run(then_another())
 
 
+def test_refusals_in_flight_never_push_an_answer_out() -> None:
+    """A tenant over its limit with refusals still waiting on the limits (a Redis round trip)
+    while another tenant's answer is kept: the table's bound counts answers only."""
+    key_b = "k-test-b-0123456789"
+
+    class SlowForA(MemoryLimitStore):
+        async def admit(self, tenant: str, *args: Any, **kwargs: Any) -> Any:
+            if tenant == "tenant-a":
+                await asyncio.sleep(0.2)
+            return await super().admit(tenant, *args, **kwargs)
+
+    async def run() -> None:
+        pipeline = FakePipeline()
+        servicer = GatewayServicer(
+            ApiKeys({hash_key(KEY): "tenant-a", hash_key(key_b): "tenant-b"}),
+            TABLE,
+            {"sim-small", "sim-large"},
+            pipeline,  # type: ignore[arg-type]
+            IdempotencyTable(SystemClock(), 3600, 5),
+            Limiter(SlowForA(), UniformPolicies(LimitPolicy(requests_per_min=3)), SystemClock()),
+            RequestLog(RouterMetrics(new_registry(), TenantLabels(4)), TABLE, time.perf_counter),
+        )
+
+        def as_b() -> FakeContext:
+            context = FakeContext()
+            context._metadata = (Metadatum("authorization", f"Bearer {key_b}"),)
+            return context
+
+        b1 = build_request("B one", model="sim-small", request_id="b1")
+        first = await servicer.Complete(b1, as_b())  # type: ignore[arg-type]
+        for i in range(3):  # tenant A spends its 3 requests a minute
+            spent = build_request(f"A {i}", model="sim-small", request_id=f"a{i}")
+            await servicer.Complete(spent, FakeContext())  # type: ignore[arg-type]
+
+        async def refused(i: int) -> None:
+            more = build_request(f"More {i}", model="sim-small", request_id=f"more-{i}")
+            with pytest.raises(Aborted):
+                await servicer.Complete(more, FakeContext())  # type: ignore[arg-type]
+
+        flood = [asyncio.ensure_future(refused(i)) for i in range(10)]
+        await asyncio.sleep(0.05)  # the refusals wait on the limits, holding their places
+        b2 = build_request("B two", model="sim-small", request_id="b2")
+        await servicer.Complete(b2, as_b())  # type: ignore[arg-type]
+        await asyncio.gather(*flood)
+        runs = pipeline.runs
+        again = await servicer.Complete(b1, as_b())  # type: ignore[arg-type]
+        assert again == first and pipeline.runs == runs
+
+    asyncio.run(run())
+
+
+def test_a_duplicate_of_a_conflicting_retry_gets_the_conflict(redis_url: str) -> None:
+    """Two identical retries whose id the ledger holds for another request: both are told
+    INVALID_ARGUMENT (the waiting one was told UNAVAILABLE 'retry it', and retried in vain)."""
+
+    async def run() -> None:
+        first, _, first_ledger = _router(redis_url)
+        second, _, second_ledger = _router(redis_url)
+        await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        other = _request("A different question")
+        contexts = (FakeContext(RETRY), FakeContext(RETRY))
+        calls = [second.Complete(other, c) for c in contexts]  # type: ignore[arg-type]
+        await asyncio.gather(*calls, return_exceptions=True)
+        assert [c.status for c in contexts] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
 def _servicer(limits: Limiter, max_records: int = 100) -> tuple[GatewayServicer, FakePipeline]:
     """A router without an answer ledger."""
     pipeline = FakePipeline()

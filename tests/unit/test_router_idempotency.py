@@ -64,7 +64,7 @@ async def test_table_is_bounded() -> None:
     table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=2)
     for i in range(3):
         table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
-        table.bound()  # as an answer is kept
+        table.kept()  # as the servicer does when it keeps an answer
     assert len(table) == 2
     assert table.claim("t", _req("r0"))[0]  # the oldest was dropped
 
@@ -73,9 +73,10 @@ async def test_a_call_still_running_is_never_dropped_by_the_bound() -> None:
     """A retry of a running call awaits it: dropping its record would run the model again."""
     table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=2)
     _, running = table.claim("t", _req("r0"))
-    for i in (1, 2):
+    for i in (1, 2, 3):  # two answers fit: the third pushes the oldest answer out
         table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
-        table.bound()
+        table.kept()
     claimed, same = table.claim("t", _req("r0"))
     assert not claimed and same is running
     assert table.claim("t", _req("r1"))[0]  # the oldest answered one went instead
+    assert not table.claim("t", _req("r2"))[0]  # running calls do not count against the bound
