@@ -4,9 +4,11 @@ Per tenant, under ``<prefix>:{<tenant>}:`` (the braces keep a tenant's keys in o
 slot): ``requests`` and ``tokens`` hashes ``{level, at_ms}`` (a bucket as of ``at_ms``),
 ``spent:<day>`` and ``spent:<month>`` (nano-dollars billed in the period). Each operation is one
 Lua script, so checking and taking happen atomically with respect to every other router.
-A bucket's time is Redis's own clock (``TIME``), shared by every router: routers' clocks
-differ, and a bucket stamped by each router's own clock is refilled twice over by skew (a clock
-behind) or frozen for everyone (a clock ahead). Tests inject the time instead
+A bucket's time, and the day and month a budget counts in (read with ``TIME`` before the
+script when a budget is set), is Redis's own clock, shared by every router: routers' clocks
+differ, and a bucket stamped by each router's own clock is refilled twice over by skew (a
+clock behind) or frozen for everyone (a clock ahead), and around midnight UTC each router
+would count in a day of its own. Tests inject the time instead
 (``server_time=False``: ``now_ms`` from the caller's clock, as the in-memory store), so the
 same tests drive this store and the in-memory one; Redis's key expiry only collects garbage.
 """
@@ -127,9 +129,23 @@ class RedisLimitStore:
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._prefix}:{{{tenant}}}:{name}"
 
+    async def _clock(
+        self, policy: LimitPolicy, now_ms: int, periods: Periods
+    ) -> tuple[int, Periods]:
+        """The time and budget periods to count in: Redis's when it keeps the time and a
+        budget is set (routers whose clocks differ around midnight UTC must count in the same
+        day), else the caller's."""
+        budgets = policy.day_budget_nanos is not None or policy.month_budget_nanos is not None
+        if not (self._server_time and budgets):
+            return now_ms, periods
+        seconds, micros = await self._client.time()
+        server_ms = int(seconds) * 1000 + int(micros) // 1000
+        return server_ms, Periods.at(server_ms)
+
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
+        now_ms, periods = await self._clock(policy, now_ms, periods)
         keys = [
             self._key(tenant, REQUESTS),
             self._key(tenant, TOKENS),
@@ -164,6 +180,8 @@ class RedisLimitStore:
         now_ms: int,
         periods: Periods,
     ) -> None:
+        if cost_nanos:
+            now_ms, periods = await self._clock(policy, now_ms, periods)
         keys = [
             self._key(tenant, TOKENS),
             self._key(tenant, f"spent:{periods.day}"),

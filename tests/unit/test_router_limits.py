@@ -366,3 +366,26 @@ async def test_a_store_that_hangs_admits_within_the_timeout() -> None:
         assert isinstance(ticket, Ticket)
         limiter.settle(ticket, _answer(1, 1, cost_nanos=1))
         await limiter.drain()  # the settle gave up too
+
+
+async def test_routers_on_either_side_of_midnight_count_one_days_budget(redis_url: str) -> None:
+    """Two routers on one Redis, their clocks five minutes before and after midnight UTC: the
+    budget spent through one is spent for the other (each counted in its own day before)."""
+    midnight = Periods.at(START_MS).day_end_ms
+    policy = LimitPolicy(day_budget_nanos=1000)
+    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    clocks = [ManualClock(midnight - 300_000), ManualClock(midnight + 300_000)]
+    try:
+        await clients[0].flushdb()
+        behind, ahead = (
+            _limiter(RedisLimitStore(c), policy, k) for c, k in zip(clients, clocks, strict=True)
+        )
+        ticket = await behind.admit("t", _request(1))
+        assert isinstance(ticket, Ticket)
+        behind.settle(ticket, _answer(10, 10, cost_nanos=1000))  # the day's budget, spent
+        await behind.drain()
+        assert isinstance(await behind.admit("t", _request(1)), Denial)
+        assert isinstance(await ahead.admit("t", _request(1)), Denial)
+    finally:
+        for client in clients:
+            await client.aclose()
