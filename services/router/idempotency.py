@@ -97,10 +97,15 @@ class IdempotencyTable:
         self._answered -= len(done)
 
     def _expire(self) -> None:
+        """Drops the answered records past their TTL (oldest first); a call still running is
+        stepped over, not waited for (it would keep every later answer alive)."""
         cutoff = self._clock.now_ms() - self._ttl_ms
-        while self._records:
-            key, record = next(iter(self._records.items()))
-            if record.created_ms > cutoff or not record.future.done():
+        expired: list[tuple[str, str]] = []
+        for key, record in self._records.items():
+            if record.created_ms > cutoff:
                 break
+            if record.future.done():
+                expired.append(key)
+        for key in expired:
             del self._records[key]
-            self._answered -= 1
+        self._answered -= len(expired)

@@ -166,7 +166,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if not claimed:
             call.replayed = True
-            for chunk in chunks_of(await asyncio.shield(future)):
+            try:
+                first = await asyncio.shield(future)
+            except (_Denied, RequestError) as exc:
+                raise _own_copy(exc) from None  # not the first call's instance and frames
+            for chunk in chunks_of(first):
                 if chunk.WhichOneof("part") == "end":
                     call.end = chunk.end
                 yield chunk
@@ -200,7 +204,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         await self._record(tenant, request, end, mark)
                     yield chunk
         except (_Denied, RequestError) as exc:
-            failure = exc
+            if isinstance(exc, _Denied) or exc.code in _THE_REQUESTS_OWN:
+                failure = _own_copy(exc)  # without this call's frames
             raise
         finally:
             _settle(self._answers, tenant, request, future, end, failure)
@@ -247,6 +252,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))
+
+
+# A first call's refusals its identical duplicates would meet too (anything else, e.g. its own
+# deadline passing, tells them only to retry).
+_THE_REQUESTS_OWN = frozenset(
+    (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION)
+)
+
+
+def _own_copy(exc: Exception) -> Exception:
+    """A fresh instance of a refusal, for another task to raise."""
+    if isinstance(exc, _Denied):
+        return _Denied(exc.denial)
+    if isinstance(exc, RequestError):
+        return RequestError(exc.code, exc.message, exc.reason)
+    return exc
 
 
 class _Denied(Exception):

@@ -20,6 +20,7 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import SystemClock
+from services.common.errors import Code, RequestError
 from services.common.metrics import TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.router import servicer as servicer_module
@@ -319,6 +320,53 @@ def test_a_duplicate_of_a_conflicting_retry_gets_the_conflict(redis_url: str) ->
         assert [c.status for c in contexts] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
         for ledger in (first_ledger, second_ledger):
             await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_duplicate_is_not_told_the_first_calls_deadline_passed() -> None:
+    """The first call's own deadline passing is not the duplicate's refusal (it set none): it
+    is told to retry; a refusal of the request itself reaches it as a fresh error of its own."""
+
+    class Deadlined(FakeContext):
+        def __init__(self, remaining_s: float | None) -> None:
+            super().__init__()
+            self.remaining_s = remaining_s
+
+        def time_remaining(self) -> float | None:
+            return self.remaining_s
+
+    class DeadlinePipeline(FakePipeline):
+        async def run(
+            self, tenant: str, request: pb.CompleteRequest, *args: Any, **kwargs: Any
+        ) -> AsyncIterator[pb.CompleteChunk]:
+            self.runs += 1
+            await asyncio.sleep(0.05)
+            if kwargs.get("time_remaining_s") is not None:
+                raise RequestError(Code.DEADLINE_EXCEEDED, "the request's deadline passed")
+            if request.model == "sim-large":
+                raise RequestError(Code.INVALID_ARGUMENT, "the prompt is over the window")
+            for chunk in chunks_of(pb.CompleteResponse(request_id=request.request_id)):
+                yield chunk
+
+    async def run() -> None:
+        servicer, _ = _servicer(
+            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock())
+        )
+        servicer._pipeline = DeadlinePipeline()  # type: ignore[assignment]
+        request = build_request("Once", model="sim-small", request_id="dl")
+        short, patient = Deadlined(0.01), Deadlined(None)
+        first = asyncio.ensure_future(servicer.Complete(request, short))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        duplicate = servicer.Complete(request, patient)  # type: ignore[arg-type]
+        await asyncio.gather(first, duplicate, return_exceptions=True)
+        assert short.status == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert patient.status == grpc.StatusCode.UNAVAILABLE and "retry it" in patient.message
+        bad = build_request("Too long", model="sim-large", request_id="bad")
+        contexts = (Deadlined(None), Deadlined(None))
+        calls = [servicer.Complete(bad, c) for c in contexts]  # type: ignore[arg-type]
+        await asyncio.gather(*calls, return_exceptions=True)
+        assert [c.status for c in contexts] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
 
     asyncio.run(run())
 

@@ -80,3 +80,17 @@ async def test_a_call_still_running_is_never_dropped_by_the_bound() -> None:
     assert not claimed and same is running
     assert table.claim("t", _req("r1"))[0]  # the oldest answered one went instead
     assert not table.claim("t", _req("r2"))[0]  # running calls do not count against the bound
+
+
+async def test_a_call_still_running_does_not_keep_expired_answers_alive() -> None:
+    """The expiry stepped no further than the oldest running call: an hour-long stream kept
+    every later answer past its TTL (replayed an hour on, a new request under its id refused)."""
+    clock = ManualClock()
+    table = IdempotencyTable(clock, ttl_s=60, max_records=1000)
+    table.claim("t", _req("long"))  # a long stream, still running
+    for i in range(3):
+        table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
+        table.kept()
+    clock.advance(s=3600)
+    assert table.claim("t", _req("r0"))[0]  # expired: a new call
+    assert not table.claim("t", _req("long"))[0]  # the running one is still awaited
