@@ -104,6 +104,9 @@ class Front:
     base: str
     gateway: FakeGateway
     stop: asyncio.Event  # SIGTERM's effect
+    # the SDK clients a test made: closed with it (left to the GC, an SDK client closes itself
+    # on whichever loop then runs, and a later test logs the closed loop's error)
+    clients: list[anthropic.AsyncAnthropic | openai.AsyncOpenAI] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -140,7 +143,10 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
             except aiohttp.ClientError:
                 await asyncio.sleep(0.02)
     try:
-        yield Front(base, fake, stop)
+        made = Front(base, fake, stop)
+        yield made
+        for client in made.clients:
+            await client.close()
     finally:
         stop.set()
         await task
@@ -148,11 +154,15 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
 
 
 def _claude(front: Front) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY, max_retries=0)
+    client = anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY, max_retries=0)
+    front.clients.append(client)
+    return client
 
 
 def _gpt(front: Front) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key=KEY, max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key=KEY, max_retries=0)
+    front.clients.append(client)
+    return client
 
 
 ASK: list[Any] = [{"role": "user", "content": "Where is X1?"}]
