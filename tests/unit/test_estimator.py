@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -80,6 +80,23 @@ def test_routing_auto_saves_against_the_logged_models_baseline(settings: dict[st
         for sample in asyncio.run(replay(stack, records, WhatIf(l1=False, routing=routing))):
             if sample.model == "sim-small":
                 assert sample.baseline_nanos == sample.cost_nanos  # nothing cached, no saving
+
+
+def test_the_estimator_runs_each_request_as_the_gateways_complete(
+    settings: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Complete, not StreamComplete: a replica cut at any point hands the request over."""
+    stack = OfflineStack(settings, ManualClock())
+    seen: list[object] = []
+    run = stack._pipeline.run
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("streamed", True))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(stack._pipeline, "run", spy)
+    asyncio.run(replay(stack, [LogRecord(0, _ask("How do I reset my password?"))]))
+    assert seen == [False]
 
 
 def test_the_estimators_report_holds_no_secret_of_the_shell(

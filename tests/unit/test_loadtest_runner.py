@@ -156,3 +156,19 @@ def test_only_loopback_targets_unless_allowed() -> None:
         with pytest.raises(NotLoopback):
             check_target(target, allow_remote=False)
         check_target(target, allow_remote=True)
+
+
+def test_an_open_loop_that_falls_behind_says_so(
+    gateway: tuple[str, FakeGateway],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It stopped sending without a word: the report looked like a whole run at the rate."""
+    from cachemesh.loadtest import runner
+
+    target, _ = gateway
+    monkeypatch.setattr(runner, "MAX_OPEN_IN_FLIGHT", 3)
+    shape = LoadShape("open", 1, rate_rps=200.0, duration_s=2.0, stream=False, seed=1)
+    samples = asyncio.run(run_plan(target, KEYS, _items(*["slow"] * 50), shape, seed=1))
+    assert len(samples) < 50
+    assert "requests behind" in caplog.text and "are not sent" in caplog.text

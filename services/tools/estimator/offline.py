@@ -131,7 +131,7 @@ class OfflineStack:
         try:
             validate_request(request, self.table, set(self.router.replicas))
             end: pb.CompleteResponse | None = None
-            async for chunk in self._pipeline.run(tenant, request):
+            async for chunk in self._pipeline.run(tenant, request, streamed=False):  # as Complete
                 if chunk.WhichOneof("part") == "end":
                     end = chunk.end
             # Live, a request's Store reaches semantic-cache before the next request's Lookup

@@ -10,6 +10,7 @@ comes first; requests still in flight at the deadline are cancelled and counted 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing as mp
 import queue
 import random
@@ -27,6 +28,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 
 Mode = Literal["closed", "open"]
 MAX_OPEN_IN_FLIGHT = 2048  # an open loop that falls this far behind stops adding requests
+log = logging.getLogger("cachemesh.loadtest")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,11 @@ async def _open(
             break
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         if len(tasks) >= MAX_OPEN_IN_FLIGHT:
+            log.warning(
+                "the open loop is %d requests behind (the Gateway answers slower than %.1f/s): "
+                "the last %d of the plan are not sent, and the report counts what was",
+                MAX_OPEN_IN_FLIGHT, shape.rate_rps, len(plan) - index,
+            )  # fmt: skip
             break
         task = asyncio.create_task(one(index, item, due))
         tasks.add(task)
