@@ -131,21 +131,24 @@ class RedisLimitStore:
 
     async def _clock(
         self, policy: LimitPolicy, now_ms: int, periods: Periods
-    ) -> tuple[int, Periods]:
-        """The time and budget periods to count in: Redis's when it keeps the time and a
-        budget is set (routers whose clocks differ around midnight UTC must count in the same
-        day), else the caller's."""
+    ) -> tuple[int, Periods, int]:
+        """The time and budget periods to count in, and the time for the script (-1: it
+        reads Redis's): Redis's when it keeps the time and a budget is set (routers whose
+        clocks differ around midnight UTC must count in the same day; the script then gets
+        the time read here, one reading for both), else the caller's."""
+        if not self._server_time:
+            return now_ms, periods, now_ms
         budgets = policy.day_budget_nanos is not None or policy.month_budget_nanos is not None
-        if not (self._server_time and budgets):
-            return now_ms, periods
+        if not budgets:
+            return now_ms, periods, -1
         seconds, micros = await self._client.time()
         server_ms = int(seconds) * 1000 + int(micros) // 1000
-        return server_ms, Periods.at(server_ms)
+        return server_ms, Periods.at(server_ms), server_ms
 
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
-        now_ms, periods = await self._clock(policy, now_ms, periods)
+        now_ms, periods, script_ms = await self._clock(policy, now_ms, periods)
         keys = [
             self._key(tenant, REQUESTS),
             self._key(tenant, TOKENS),
@@ -153,7 +156,7 @@ class RedisLimitStore:
             self._key(tenant, f"spent:{periods.month}"),
         ]
         args = [
-            -1 if self._server_time else now_ms,
+            script_ms,
             _cap(policy.requests_per_min),
             _cap(policy.tokens_per_min),
             _or_none(policy.day_budget_nanos),
@@ -180,15 +183,16 @@ class RedisLimitStore:
         now_ms: int,
         periods: Periods,
     ) -> None:
+        script_ms = -1 if self._server_time else now_ms
         if cost_nanos:
-            now_ms, periods = await self._clock(policy, now_ms, periods)
+            now_ms, periods, script_ms = await self._clock(policy, now_ms, periods)
         keys = [
             self._key(tenant, TOKENS),
             self._key(tenant, f"spent:{periods.day}"),
             self._key(tenant, f"spent:{periods.month}"),
         ]
         args = [
-            -1 if self._server_time else now_ms,
+            script_ms,
             _cap(policy.tokens_per_min),
             refund_tokens,
             cost_nanos,

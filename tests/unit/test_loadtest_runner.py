@@ -169,6 +169,8 @@ def test_an_open_loop_that_falls_behind_says_so(
     target, _ = gateway
     monkeypatch.setattr(runner, "MAX_OPEN_IN_FLIGHT", 3)
     shape = LoadShape("open", 1, rate_rps=200.0, duration_s=2.0, stream=False, seed=1)
-    samples = asyncio.run(run_plan(target, KEYS, _items(*["slow"] * 50), shape, seed=1))
-    assert len(samples) < 50
-    assert "requests behind" in caplog.text and "are not sent" in caplog.text
+    samples = asyncio.run(run_plan(target, KEYS, _items(*["slow"] * 5_000), shape, seed=1))
+    assert len(samples) < 400
+    assert "requests in flight" in caplog.text and "are not sent" in caplog.text
+    said = int(caplog.text.split("about ")[1].split(" more")[0])
+    assert 0 < said <= 200 * 2.0  # what was due before the deadline, not the whole plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing as mp
 import queue
 import random
@@ -127,10 +128,12 @@ async def _open(
             break
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         if len(tasks) >= MAX_OPEN_IN_FLIGHT:
+            due_still = min(len(plan) - index, math.ceil(shape.rate_rps * (deadline - due)))
             log.warning(
-                "the open loop is %d requests behind (the Gateway answers slower than %.1f/s): "
-                "the last %d of the plan are not sent, and the report counts what was",
-                MAX_OPEN_IN_FLIGHT, shape.rate_rps, len(plan) - index,
+                "the open loop has %d requests in flight (the Gateway answers slower than "
+                "%.1f/s): about %d more that were due before the deadline are not sent, and "
+                "the report counts only what was",
+                MAX_OPEN_IN_FLIGHT, shape.rate_rps, due_still,
             )  # fmt: skip
             break
         task = asyncio.create_task(one(index, item, due))
