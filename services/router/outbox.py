@@ -49,42 +49,86 @@ class _Sent(enum.Enum):
     UNREACHABLE = "unreachable"  # prefix-cache down: the round stops
 
 
+class _InMemory:
+    """The pending entries without a data directory: lost with the router."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[pc.CommitRequest, ...]] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    async def add(self, entry_id: str, commits: tuple[pc.CommitRequest, ...]) -> None:
+        self._entries[entry_id] = commits
+
+    async def ids(self) -> list[str]:
+        return list(self._entries)
+
+    async def read(self, entry_id: str) -> Sequence[pc.CommitRequest]:
+        return self._entries[entry_id]
+
+    def done(self, entry_id: str) -> asyncio.Future[None]:
+        self._entries.pop(entry_id, None)
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        settled.set_result(None)
+        return settled
+
+
+class _OnDisk:
+    """The pending entries in the journal, the one record of them, run on its thread."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._thread = JournalThread(journal)
+        self._journal = journal
+
+    @property
+    def count(self) -> int:
+        return self._journal.pending_count
+
+    async def add(self, entry_id: str, commits: tuple[pc.CommitRequest, ...]) -> None:
+        await self._thread.call(partial(self._journal.add, entry_id, commits), durable=True)
+
+    async def ids(self) -> list[str]:
+        return await self._thread.call(self._journal.pending)
+
+    async def read(self, entry_id: str) -> Sequence[pc.CommitRequest]:
+        return await self._thread.call(partial(self._journal.read, entry_id))
+
+    def done(self, entry_id: str) -> asyncio.Future[None]:
+        """Its line need not be durable (a replay bills once): not awaited one by one."""
+        return self._thread.submit(partial(self._journal.done, entry_id))
+
+
 class BillingOutbox:
     def __init__(
         self, prefix: PrefixPort, journal: Journal | None, deadline_s: float, retry_s: float
     ) -> None:
         self._prefix = prefix
-        # with a journal, the journal is the one record of what is pending
-        self._journal = JournalThread(journal) if journal is not None else None
-        self._memory: dict[str, tuple[pc.CommitRequest, ...]] = {}  # without one
         self._deadline_s = deadline_s
         self._retry_s = retry_s
         self._lock = asyncio.Lock()  # one flush at a time
+        self._entries: _InMemory | _OnDisk
         if journal is not None:
             if loaded := len(journal.load()):
                 log.info("billing outbox: %d answers to bill from the journal", loaded)
+            self._entries = _OnDisk(journal)
         else:
             log.warning(
                 "billing outbox in memory only (ROUTER_DATA_DIR unset): answers served while "
                 "prefix-cache is down are lost from billing if the router dies before it is back"
             )
+            self._entries = _InMemory()
 
     @property
     def pending(self) -> int:
-        if self._journal is not None:
-            return self._journal.journal.pending_count
-        return len(self._memory)
+        return self._entries.count
 
     async def keep(self, commits: Sequence[pc.CommitRequest]) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
         entry written to the journal is, whatever becomes of this call)."""
-        entry_id = secrets.token_hex(8)
-        if self._journal is None:
-            self._memory[entry_id] = tuple(commits)
-            return
-        add = partial(self._journal.journal.add, entry_id, tuple(commits))
-        await self._journal.call(add, durable=True)
+        await self._entries.add(secrets.token_hex(8), tuple(commits))
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
@@ -93,9 +137,9 @@ class BillingOutbox:
         settled = 0
         done_lines: list[asyncio.Future[None]] = []
         async with self._lock:
-            for entry_id in await self._pending_ids():
+            for entry_id in await self._entries.ids():
                 try:
-                    commits = await self._commits(entry_id)
+                    commits = await self._entries.read(entry_id)
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
                     commits = ()
@@ -105,12 +149,7 @@ class BillingOutbox:
                 if outcome is _Sent.KEPT:
                     continue
                 settled += 1
-                if self._journal is None:
-                    self._memory.pop(entry_id, None)
-                else:  # its line need not be durable: a replay bills once
-                    done_lines.append(
-                        self._journal.submit(partial(self._journal.journal.done, entry_id))
-                    )
+                done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:
                     log.warning("billing outbox: journal write failed: %s", failed)
@@ -128,16 +167,6 @@ class BillingOutbox:
                 except Exception:
                     log.exception("billing outbox: a replay round failed; retrying")
             await asyncio.sleep(self._retry_s)
-
-    async def _pending_ids(self) -> list[str]:
-        if self._journal is None:
-            return list(self._memory)
-        return await self._journal.call(self._journal.journal.pending)
-
-    async def _commits(self, entry_id: str) -> Sequence[pc.CommitRequest]:
-        if self._journal is None:
-            return self._memory[entry_id]
-        return await self._journal.call(partial(self._journal.journal.read, entry_id))
 
     async def _send(self, commits: Sequence[pc.CommitRequest]) -> _Sent:
         for commit in commits:

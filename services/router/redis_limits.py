@@ -129,17 +129,14 @@ class RedisLimitStore:
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._prefix}:{{{tenant}}}:{name}"
 
-    async def _clock(
-        self, policy: LimitPolicy, now_ms: int, periods: Periods
-    ) -> tuple[int, Periods, int]:
+    async def _clock(self, spends: bool, now_ms: int, periods: Periods) -> tuple[int, Periods, int]:
         """The time and budget periods to count in, and the time for the script (-1: it
-        reads Redis's): Redis's when it keeps the time and a budget is set (routers whose
-        clocks differ around midnight UTC must count in the same day; the script then gets
-        the time read here, one reading for both), else the caller's."""
+        reads Redis's). Redis's when it keeps the time and the call counts spend against a
+        budget (routers whose clocks differ around midnight UTC must count in the same day;
+        the script then gets the time read here, one reading for both), else the caller's."""
         if not self._server_time:
             return now_ms, periods, now_ms
-        budgets = policy.day_budget_nanos is not None or policy.month_budget_nanos is not None
-        if not budgets:
+        if not spends:
             return now_ms, periods, -1
         seconds, micros = await self._client.time()
         server_ms = int(seconds) * 1000 + int(micros) // 1000
@@ -148,7 +145,8 @@ class RedisLimitStore:
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
-        now_ms, periods, script_ms = await self._clock(policy, now_ms, periods)
+        budgeted = policy.day_budget_nanos is not None or policy.month_budget_nanos is not None
+        now_ms, periods, script_ms = await self._clock(budgeted, now_ms, periods)
         keys = [
             self._key(tenant, REQUESTS),
             self._key(tenant, TOKENS),
@@ -183,9 +181,7 @@ class RedisLimitStore:
         now_ms: int,
         periods: Periods,
     ) -> None:
-        script_ms = -1 if self._server_time else now_ms
-        if cost_nanos:
-            now_ms, periods, script_ms = await self._clock(policy, now_ms, periods)
+        now_ms, periods, script_ms = await self._clock(cost_nanos != 0, now_ms, periods)
         keys = [
             self._key(tenant, TOKENS),
             self._key(tenant, f"spent:{periods.day}"),

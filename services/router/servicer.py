@@ -261,13 +261,11 @@ _THE_REQUESTS_OWN = frozenset(
 )
 
 
-def _own_copy(exc: Exception) -> Exception:
+def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
     """A fresh instance of a refusal, for another task to raise."""
     if isinstance(exc, _Denied):
         return _Denied(exc.denial)
-    if isinstance(exc, RequestError):
-        return RequestError(exc.code, exc.message, exc.reason)
-    return exc
+    return RequestError(exc.code, exc.message, exc.reason)
 
 
 class _Denied(Exception):
