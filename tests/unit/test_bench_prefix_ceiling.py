@@ -42,3 +42,27 @@ def test_the_ceiling_bounds_lru_and_reaches_the_ideal_when_memory_is_unbounded()
             rows, capacity
         )
     assert mooncake.belady_hit_rate(rows, 1000) == mooncake.ideal_hit_rate(rows)
+
+
+def test_admitting_only_reused_blocks_keeps_them_through_one_off_prompts() -> None:
+    # A, then two one-off prompts, then A again: LRU in two blocks lets the one-offs push A
+    # out; admitting only blocks used again keeps A, and Belady does no better here
+    requests = _one_block("A", "X", "Y", "A")
+    rows = _rows(requests)
+    assert mooncake.pooled_lru_hit_rate(rows, 2) == 0
+    assert mooncake.admitting_lru_hit_rate(rows, 1) == round(16 / (4 * 17), 4)
+    assert belady_hit_tokens(requests, 1) == 16
+    # nothing is used again: nothing is admitted, nothing hits
+    assert mooncake.admitting_lru_hit_rate(_rows(_one_block("A", "B", "C")), 2) == 0
+
+
+def test_admitting_lru_lies_between_lru_and_the_ideal() -> None:
+    rows = [
+        mooncake.Row(float(i), 17 + 16 * (i % 3), 1, tuple(f"{k}".encode() for k in keys))
+        for i, keys in enumerate([[1, 2], [3], [1, 2, 4], [5, 6], [3], [1], [5, 6, 7]])
+    ]
+    for capacity in (1, 2, 3, 4):
+        admitting = mooncake.admitting_lru_hit_rate(rows, capacity)
+        assert mooncake.pooled_lru_hit_rate(rows, capacity) <= admitting
+        assert admitting <= mooncake.belady_hit_rate(rows, capacity)
+    assert mooncake.admitting_lru_hit_rate(rows, 1000) == mooncake.ideal_hit_rate(rows)

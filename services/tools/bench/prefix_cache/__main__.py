@@ -68,6 +68,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "pooled_lru_kv_hit_rate_tokens": {
             str(n): mooncake.pooled_lru_hit_rate(rows, n * args.capacity_blocks) for n in REPLICAS
         },
+        # that LRU cache admitting only the blocks used again (the future known): what
+        # admission control in the engines would add; routing cannot decide admission
+        "admitting_lru_kv_hit_rate_tokens": {
+            str(n): mooncake.admitting_lru_hit_rate(rows, n * args.capacity_blocks)
+            for n in REPLICAS
+        },
         # optimal replacement (Belady) with n replicas' memory: what any router could reach
         "belady_kv_hit_rate_tokens": {
             str(n): mooncake.belady_hit_rate(rows, n * args.capacity_blocks) for n in REPLICAS
@@ -108,9 +114,11 @@ def main() -> None:
     routing = results["mooncake_kv_routing"]
     print(f"ideal (one unbounded replica): KV hit {routing['ideal_kv_hit_rate_tokens']:.1%}")
     for n, rate in routing["pooled_lru_kv_hit_rate_tokens"].items():
+        admitting = routing["admitting_lru_kv_hit_rate_tokens"][n]
         print(
             f"one LRU cache with {n} replicas' memory: KV hit {rate:.1%}"
-            f" (optimal replacement: {routing['belady_kv_hit_rate_tokens'][n]:.1%})"
+            f" (admitting only blocks used again: {admitting:.1%};"
+            f" optimal replacement: {routing['belady_kv_hit_rate_tokens'][n]:.1%})"
         )
     for each in routing["runs"]:
         print(_row(each))

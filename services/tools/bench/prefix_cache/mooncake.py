@@ -103,6 +103,26 @@ def pooled_lru_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
     return round(hit / max(total, 1), 4)
 
 
+def admitting_lru_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
+    """Input tokens one LRU cache of ``capacity_blocks`` would reuse if it admitted only the
+    blocks some later request uses again (knowing the future). Engines admit every block they
+    prefill; the gap between this and ``pooled_lru_hit_rate`` is what one-off prompts cost by
+    pushing reusable prefixes out, which no choice of replica can avoid."""
+    last_use: dict[bytes, int] = {}
+    for i, row in enumerate(rows):
+        for key in row.keys:
+            last_use[key] = i
+    cache = KvBlockCache(capacity_blocks)
+    hit = total = 0
+    for i, row in enumerate(rows):
+        hit += cache.cached_tokens(row.keys, row.input_tokens)
+        total += row.input_tokens
+        # chained keys: a block used again means its whole prefix is used again
+        kept = sum(1 for key in row.keys if last_use[key] > i)
+        cache.insert(row.keys[:kept])
+    return round(hit / max(total, 1), 4)
+
+
 def belady_hit_rate(rows: list[Row], capacity_blocks: int) -> float:
     """Input tokens optimal replacement (``ceiling``) reuses with ``capacity_blocks`` in all:
     with n replicas' memory, the most any router over n replicas could reach."""
