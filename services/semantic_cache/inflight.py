@@ -17,28 +17,36 @@ ScopeKey = tuple[str, str]  # (tenant, scope)
 
 
 class StoresInFlight:
+    """Each Store in flight has an event of its own: a check waits for those open when it
+    starts, never for Stores that begin while it waits (in a busy scope they overlap without
+    end, and one shared event would hold every check for its whole timeout)."""
+
     def __init__(self) -> None:
-        self._open: dict[ScopeKey, tuple[int, asyncio.Event]] = {}
+        self._open: dict[ScopeKey, set[asyncio.Event]] = {}
 
     @contextlib.contextmanager
     def storing(self, key: ScopeKey) -> Iterator[None]:
         """Marks a Store of ``key``'s scope in flight for the block's duration."""
-        count, done = self._open.get(key, (0, asyncio.Event()))
-        self._open[key] = (count + 1, done)
+        done = asyncio.Event()
+        self._open.setdefault(key, set()).add(done)
         try:
             yield
         finally:
-            count, done = self._open[key]
-            if count == 1:
+            events = self._open[key]
+            events.discard(done)
+            if not events:
                 del self._open[key]
-                done.set()
-            else:
-                self._open[key] = (count - 1, done)
+            done.set()
 
     async def settled(self, key: ScopeKey, timeout_s: float) -> None:
         """Waits up to ``timeout_s`` seconds for the scope's Stores in flight now to end
         (later ones are not waited for); past that the check goes on without them."""
-        entry = self._open.get(key)
-        if entry is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(entry[1].wait(), timeout_s)
+        events = self._open.get(key)
+        if not events:
+            return
+        waits = [asyncio.ensure_future(event.wait()) for event in events]
+        try:
+            await asyncio.wait(waits, timeout=timeout_s)
+        finally:
+            for wait in waits:
+                wait.cancel()
