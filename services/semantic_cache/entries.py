@@ -78,6 +78,7 @@ class EntryStore:
         self._next_id = 0
         self._changes = 0
         self._purges: dict[str, int] = {}  # tenant -> purges so far (``drop``)
+        self._purged_at_ms: dict[str, int] = {}  # tenant -> when the last one was
         self.stats = stats if stats is not None else StoreStats()  # what its metrics read
 
     def __len__(self) -> int:
@@ -295,6 +296,13 @@ class EntryStore:
         """The Stores of the tenant's lookups made so far will store nothing (as after a
         purge), its entries left as they are: L1 turned off while model calls were on."""
         self._purges[tenant] = self._purges.get(tenant, 0) + 1
+        self._purged_at_ms[tenant] = self._clock.now_ms()
+
+    def purged_since(self, tenant: str, since_ms: int) -> bool:
+        """Whether, in this process, the tenant's entries were purged or its pending Stores
+        stopped at or after ``since_ms``."""
+        at = self._purged_at_ms.get(tenant)
+        return at is not None and at >= since_ms
 
     def purges(self, tenant: str) -> int:
         """How many times, in this process, the tenant's entries were purged (``drop``) or its

@@ -7,7 +7,7 @@ from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
-from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.cache import _MISSES_KEPT, _PURGE_GUARD_MS, SemanticCache
 from services.semantic_cache.leases import Leases
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer
@@ -203,6 +203,24 @@ async def test_an_answer_looked_up_before_a_purge_is_not_stored_after_it() -> No
     assert not (await cache.check(other)).hit
     cache.drop("b")
     assert (await cache.store(other, answer())).stored
+
+
+async def test_another_tenants_traffic_does_not_undo_a_purge() -> None:
+    """The record of a lookup is one of the last 4,096 misses, of every tenant: once another
+    tenant's misses push it out, a Store of an answer looked up before the purge must still
+    be refused (not taken as a Store with nothing known against it)."""
+    cache, clock, _ = new_cache()
+    await cache.store(q("What is the refund window?"), answer())
+    asked = _with_id("How long do refunds take?", "req-1")
+    assert not (await cache.check(asked)).hit  # the model call starts
+    for i in range(_MISSES_KEPT):  # another tenant's ordinary misses meanwhile
+        await cache.check(_with_id("hello there", f"n{i}", tenant="b"))
+    cache.drop("a")  # the refund policy changed
+    stored = await cache.store(asked, answer())
+    assert not stored.stored and "after this request's lookup" in stored.skip_reason
+    # a Store with no lookup on record, long after the purge, is stored again
+    clock.advance(ms=_PURGE_GUARD_MS + 1)
+    assert (await cache.store(_with_id("How long do refunds take?", "req-9"), answer())).stored
 
 
 async def test_a_question_over_the_stored_length_is_not_stored() -> None:
