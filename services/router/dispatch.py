@@ -46,6 +46,7 @@ class Attempt:
     planned_read: int | None  # the cache read Plan predicted on arrival (None: no Plan)
     plan_id: str  # names the prompt Plan computed, for the WARM commit ("" = none)
     opened_at: float  # when its Generate was called (the clock of the Dispatcher)
+    timeout_s: float  # the call's deadline, from ``opened_at`` (``Calls.model_timeout_s``)
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -177,6 +178,7 @@ class Dispatcher:
                     planned_read,
                     plan_id,
                     opened_at,
+                    timeout_s,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:

@@ -49,6 +49,24 @@ _REPLY_MARGIN_S = 0.1
 _REPLY_MARGIN_FRACTION = 0.1
 
 
+# An answer that broke off this close to its call's deadline was cut by the deadline (the
+# replica's provider adapter ends it there), not by the replica.
+_DEADLINE_SLACK_S = 0.25
+
+
+def _answer_outlasted(attempt: Attempt, output_tokens: int | None) -> RequestError:
+    """A model call still answering at its deadline: another replica would take as long, so
+    it is not retried (it is billed for what it produced, never stored)."""
+    produced = f" after {output_tokens} tokens" if output_tokens is not None else ""
+    return RequestError(
+        Code.DEADLINE_EXCEEDED,
+        f"the {attempt.model.id} answer was still running at its deadline "
+        f"({attempt.timeout_s:.1f} s: the request's deadline or ROUTER_MODEL_TIMEOUT_S, the "
+        f"sooner) and was cut{produced}; billed for what was produced, not cached. Allow a "
+        "longer deadline or a smaller max_tokens",
+    )
+
+
 class ReplicaCut(RequestError):
     """The replica serving the request died, or its provider's stream broke off, mid-answer
     (UNAVAILABLE). The cut call is billed for what it produced and never stored."""
@@ -270,6 +288,8 @@ class Pipeline:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
                 answer.partial_usage = end_chunk.provider_usage
+                if self._clock() >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
+                    raise _answer_outlasted(attempt, end_chunk.output_tokens)
                 raise ReplicaCut(
                     attempt.replica,
                     f"the {attempt.model.id} provider's answer broke off after "
@@ -289,6 +309,8 @@ class Pipeline:
             yield pb.CompleteChunk(end=end)
         except CallFailed as exc:
             log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
+            if exc.code == Code.DEADLINE_EXCEEDED:
+                raise _answer_outlasted(attempt, None) from exc
             raise ReplicaCut(
                 attempt.replica,
                 f"the {attempt.model.id} model failed mid-answer ({exc.code.name}); retry "

@@ -1,0 +1,81 @@
+"""An answer still running at its model call's deadline is not handed to another replica:
+that replica would run into the same deadline, and each attempt is billed."""
+
+from __future__ import annotations
+
+import pytest
+
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code, RequestError
+from services.router.dependencies import CallFailed
+from tests.unit.test_router_pipeline import FakeClock, FakeModels, FakeStream, Rig, _request
+
+
+class LongAnswers(FakeModels):
+    """Each replica streams healthily until ``ends_at`` of its deadline (1.0: at it), then
+    ends with ``ending``: the gRPC deadline's failure or the provider's interrupted end."""
+
+    def __init__(self, clock: FakeClock, ending: str, ends_at: float = 1.0) -> None:
+        super().__init__(clock=clock)
+        self.ending, self.ends_at = ending, ends_at
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        self.deadlines.append(deadline_s)
+        assert self.clock is not None
+        self.clock.now += deadline_s * self.ends_at
+        last: model_pb2.GenerateChunk | CallFailed = (
+            CallFailed(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            if self.ending == "grpc"
+            else model_pb2.GenerateChunk(
+                end=model_pb2.GenerateEnd(
+                    output_tokens=2000,
+                    stop_reason="interrupted",
+                    interrupted=True,
+                    error="no answer within the deadline (299.9s)",
+                )
+            )
+        )
+        return FakeStream(
+            [
+                model_pb2.GenerateChunk(
+                    start=model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
+                ),
+                model_pb2.GenerateChunk(text="word " * 2000),
+                last,
+            ]
+        )
+
+
+async def _run(rig: Rig) -> RequestError:
+    pipeline = rig.pipeline()
+    with pytest.raises(RequestError) as caught:
+        # through the HTTP front: 600 s for the request, 300 s (ROUTER_MODEL_TIMEOUT_S) a call
+        _ = [c async for c in pipeline.run("t", _request(), streamed=False, time_remaining_s=600)]
+    await pipeline.drain()
+    return caught.value
+
+
+@pytest.mark.parametrize("ending", ["grpc", "provider"])
+async def test_an_answer_cut_by_its_deadline_is_not_run_again(ending: str) -> None:
+    clock = FakeClock()
+    models = LongAnswers(clock, ending)
+    rig = Rig(models=models, clock=clock)
+    error = await _run(rig)
+    assert [replica for replica, _ in models.calls] == ["large-1"]
+    assert error.code == Code.DEADLINE_EXCEEDED
+    assert "ROUTER_MODEL_TIMEOUT_S" in error.message and "max_tokens" in error.message
+    finals = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert len(finals) == 1 and finals[0].output_tokens > 0  # billed once, for what it made
+
+
+async def test_an_answer_broken_off_well_before_its_deadline_goes_to_another_replica() -> None:
+    clock = FakeClock()
+    models = LongAnswers(clock, "provider", ends_at=0.1)
+    rig = Rig(models=models, clock=clock)
+    error = await _run(rig)  # every replica breaks off: the cut is what the client hears
+    assert len(models.calls) > 1
+    assert error.code == Code.UNAVAILABLE
