@@ -42,3 +42,11 @@ class Answer:
 
     def text(self) -> str:
         return "".join(piece for pieces in self._texts for piece in pieces)
+
+    def tool_text(self) -> str:
+        """The finished tool calls' names and input JSON: output tokens, like the text."""
+        return "".join(
+            block.tool_use.name + block.tool_use.input_json
+            for block in self.blocks
+            if block.WhichOneof("kind") == "tool_use"
+        )

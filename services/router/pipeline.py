@@ -461,8 +461,9 @@ class Pipeline:
         then ``charge`` is told what it cost (prefix-cache's price, or the estimate at base
         prices when the FINAL went to the outbox)."""
         usage = answer.partial_usage
-        text = answer.text()
-        output_tokens = self._tokenizer.count(text) if text else 0
+        output_tokens = sum(
+            self._tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text
+        )
         if usage is not None and usage.WhichOneof("report") == "anthropic":
             output_tokens = usage.anthropic.output_tokens
         reported = usage if usage is not None and usage.WhichOneof("report") else None

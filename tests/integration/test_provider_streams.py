@@ -32,6 +32,11 @@ TABLE = load_model_table()
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[WireServer]:
+    """The providers on loopback (Anthropic and OpenAI wire formats), for this module."""
+    yield from loopback_providers()
+
+
+def loopback_providers() -> Iterator[WireServer]:
     wire = WireServer(
         {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
         {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected("sk-****")},

@@ -217,8 +217,9 @@ class ProviderApi:
         if chunk.WhichOneof("part") == "end":
             end = chunk.end
             if not end.HasField("provider_usage"):
-                # the engine reported no usage (no stream_options support): count the text
-                end.output_tokens = self._tokenizer.count("".join(progress.pieces))
+                # the engine reported no usage (no stream_options support): count what it
+                # wrote, text and tool calls
+                end.output_tokens = self._produced_tokens(progress)
             span.set_attribute("gen_ai.usage.output_tokens", end.output_tokens)
             span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
             span.set_attribute("cachemesh.provider_reported", end.HasField("provider_usage"))
@@ -228,11 +229,17 @@ class ProviderApi:
             span.set_attribute("gen_ai.usage.input_tokens", chunk.start.prompt_tokens)
         return chunk
 
+    def _produced_tokens(self, progress: Progress) -> int:
+        """The cl100k count of what the model wrote: its text and its tool calls (a tool
+        call's arguments are output tokens the provider bills, finished or cut)."""
+        text, tools = progress.produced()
+        return self._tokenizer.count(text) + (self._tokenizer.count(tools) if tools else 0)
+
     def _interrupted(self, progress: Progress, error: str) -> model_pb2.GenerateChunk:
-        """What was produced before the break: the text's cl100k count, and the provider's
-        usage so far (Anthropic reports the prompt's split at message_start) with that
-        output count in it."""
-        produced = self._tokenizer.count("".join(progress.pieces))
+        """What was produced before the break: its cl100k count (text and tool calls), and
+        the provider's usage so far (Anthropic reports the prompt's split at message_start)
+        with that output count in it."""
+        produced = self._produced_tokens(progress)
         end = model_pb2.GenerateEnd(
             output_tokens=produced, stop_reason="interrupted", interrupted=True, error=error
         )

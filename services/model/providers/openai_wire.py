@@ -160,8 +160,10 @@ class OpenAIAdapter:
                         if call.function is not None:
                             if call.function.name:
                                 entry[1] = call.function.name
+                                progress.tool_piece(call.function.name)
                             if call.function.arguments:
                                 entry[2].append(call.function.arguments)
+                                progress.tool_piece(call.function.arguments)
                     if choice.finish_reason:
                         reason = choice.finish_reason
                         stop_reason = STOP_REASONS.get(reason, reason)

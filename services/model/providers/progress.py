@@ -19,6 +19,8 @@ class Progress:
     estimated_prompt_tokens: int  # Plan's count, until the provider reports its own
     started: bool = False
     pieces: list[str] = field(default_factory=list)
+    # tool calls' names and argument JSON as streamed, finished or not: output tokens too
+    tool_pieces: list[str] = field(default_factory=list)
     usage: pc.ProviderUsage | None = None
 
     def start(self, prompt_tokens: int | None = None) -> model_pb2.GenerateChunk:
@@ -38,6 +40,15 @@ class Progress:
     def text(self, text: str) -> model_pb2.GenerateChunk:
         self.pieces.append(text)
         return model_pb2.GenerateChunk(text=text)
+
+    def tool_piece(self, piece: str) -> None:
+        """A tool call's name or a piece of its arguments, as the provider streams it."""
+        if piece:
+            self.tool_pieces.append(piece)
+
+    def produced(self) -> tuple[str, str]:
+        """What the model wrote so far: its text, and its tool calls' names and arguments."""
+        return "".join(self.pieces), "".join(self.tool_pieces)
 
 
 def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.GenerateChunk:

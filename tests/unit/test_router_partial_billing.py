@@ -1,0 +1,61 @@
+"""A call the client leaves is billed for what the model wrote: its text and its finished
+tool calls (a tool call's arguments are output tokens the provider bills)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.tokens import load_cl100k
+from services.router.dependencies import CallFailed
+from tests.unit.test_router_pipeline import FakeModels, FakeStream, Rig, _request
+
+ARGUMENTS = json.dumps({"path": "report.md", "content": "Quarterly revenue grew. " * 300})
+
+
+class Held(FakeStream):
+    """Its chunks, then a wait: the rest of the answer is still being written."""
+
+    def __init__(self, chunks: list[model_pb2.GenerateChunk | CallFailed]) -> None:
+        super().__init__(chunks)
+        self.rest = asyncio.Event()
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        chunk = await super().read()
+        if chunk is None:
+            await self.rest.wait()
+        return chunk
+
+
+class ToolModels(FakeModels):
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        use = pb.ToolUse(id="toolu_01", name="write_file", input_json=ARGUMENTS)
+        chunks: list[model_pb2.GenerateChunk | CallFailed] = [
+            model_pb2.GenerateChunk(
+                start=model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
+            ),
+            model_pb2.GenerateChunk(text="I'll write it."),
+            model_pb2.GenerateChunk(block=pb.ContentBlock(tool_use=use)),
+        ]
+        return Held(chunks)
+
+
+async def test_a_call_left_after_a_tool_call_bills_the_tool_calls_tokens() -> None:
+    rig = Rig(models=ToolModels())
+    pipeline = rig.pipeline()
+    async with contextlib.aclosing(pipeline.run("tenant-a", _request())) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta" and chunk.delta.HasField("tool_use"):
+                break  # the client leaves once it has the tool call
+    await pipeline.drain()
+    (final,) = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    tokenizer = load_cl100k()
+    wrote = tokenizer.count("I'll write it.") + tokenizer.count("write_file" + ARGUMENTS)
+    assert final.output_tokens == wrote
