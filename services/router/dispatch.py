@@ -110,6 +110,7 @@ class Dispatcher:
             assert spec is not None
             options = [(spec, "requested")]
         failures: list[str] = []
+        too_long: list[str] = []  # auto's tiers whose context window the prompt is over
         for spec, reason in options:
             replicas = self._deps.replicas(spec.id)
             if not set(replicas) - exclude:
@@ -121,6 +122,15 @@ class Dispatcher:
             )
             facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
             prompt_tokens = plan.prompt_tokens if plan is not None else 0
+            if request.model == AUTO and prompt_tokens > spec.context_window_tokens:
+                # the replica would refuse it: a tier that can hold it answers instead
+                too_long.append(
+                    f"{spec.id}: the prompt's {prompt_tokens} tokens are over its context "
+                    f"window of {spec.context_window_tokens}"
+                )
+                continue
+            if too_long and reason.startswith("fallback"):
+                reason = f"fallback: the prompt is over the context window of {options[0][0].id}"
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
             raw = facts.kv_block_hashes if facts is not None else b""
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
@@ -183,10 +193,16 @@ class Dispatcher:
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:
             raise _deadline_passed("the model", failures)
+        if too_long and not failures:
+            raise RequestError(
+                Code.RESOURCE_EXHAUSTED,
+                "no tier of auto can hold the prompt (" + "; ".join(too_long) + "); shorten "
+                "the messages, system or tools",
+            )
         raise RequestError(
             Code.UNAVAILABLE,
             "no model replica could serve the request ("
-            + "; ".join(dict.fromkeys(failures))
+            + "; ".join(dict.fromkeys(failures + too_long))
             + "); retry later",
         )
 

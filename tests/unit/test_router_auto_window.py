@@ -1,0 +1,88 @@
+"""``auto`` never sends a prompt to a tier whose context window cannot hold it: a tier that can
+answers instead, and when none can the client is told so (not to retry)."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import trace
+
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code, RequestError
+from services.common.models import ModelTable, load_model_table
+from services.common.prompt import prompt_tokens
+from services.common.tokens import load_cl100k
+from services.model.api import ModelApi
+from services.model.engine import SimEngine
+from services.model.kv_cache import KvBlockCache
+from services.router.dependencies import Dependencies
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from services.tools.estimator.local_adapters import LocalModels
+from tests.unit.test_router_pipeline import FakePrefix, FakeSemantic, _settings
+
+BASE = load_model_table()
+TOKENIZER = load_cl100k()
+REPLICAS = {"sim-small": ("small-1",), "sim-large": ("large-1",)}
+# a document in the system prompt, a short question: the tier score reads the question
+DOCUMENT = "The warranty covers parts and labour for two years. " * 1000  # ~11k tokens
+
+
+class CountingPrefix(FakePrefix):
+    """Plan counts the prompt, as prefix-cache does."""
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        planned = await super().plan(request, deadline_s)
+        planned.prompt_tokens = prompt_tokens(request.request, TOKENIZER)
+        return planned
+
+
+def _table(small_window: int, large_window: int) -> ModelTable:
+    """Like local-small (8k) / local-large (32k): tiers with windows of their own."""
+    models = dict(BASE.models)
+    for model, window in (("sim-small", small_window), ("sim-large", large_window)):
+        models[model] = models[model].model_copy(update={"context_window_tokens": window})
+    return ModelTable(models=models, auto=dict(BASE.auto))
+
+
+def _pipeline(table: ModelTable) -> tuple[Pipeline, LocalModels]:
+    def engine(replica: str, model: str) -> ModelApi:
+        sim = SimEngine(
+            models={model: table.models[model]},
+            replica_id=replica,
+            tokenizer=TOKENIZER,
+            kv_cache=KvBlockCache(100_000),
+            time_scale=0,
+        )
+        return ModelApi(sim, offload=False)
+
+    models = LocalModels(
+        {"small-1": engine("small-1", "sim-small"), "large-1": engine("large-1", "sim-large")}
+    )
+    deps = Dependencies(FakeSemantic(), CountingPrefix(), models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    return Pipeline(deps, table, TOKENIZER, trace.NoOpTracer(), _settings(), router), models
+
+
+def _ask() -> pb.CompleteRequest:
+    return build_request(
+        "Does the warranty cover labour?", model="auto", request_id="r1", system=DOCUMENT
+    )
+
+
+async def test_auto_answers_from_a_tier_that_can_hold_the_prompt() -> None:
+    pipeline, _ = _pipeline(_table(8192, 32768))
+    chunks = [c async for c in pipeline.run("tenant-a", _ask(), streamed=False)]
+    await pipeline.drain()
+    assert chunks[-1].end.model == "sim-large"
+
+
+async def test_no_tier_that_can_hold_the_prompt_is_a_clear_refusal() -> None:
+    pipeline, _ = _pipeline(_table(8192, 8192))
+    with pytest.raises(RequestError) as caught:
+        _ = [c async for c in pipeline.run("tenant-a", _ask(), streamed=False)]
+    await pipeline.drain()
+    assert caught.value.code == Code.RESOURCE_EXHAUSTED
+    assert "no tier of auto can hold the prompt" in caught.value.message
+    assert "sim-small" in caught.value.message and "sim-large" in caught.value.message
