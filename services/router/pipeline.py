@@ -569,10 +569,16 @@ async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitabl
 
 
 def _headed(head: pb.CompleteResponse, model: ModelSpec, warm: CommitReply) -> None:
-    """The start's model, tier and serving layer, from the WARM commit's cache read."""
+    """The start's model, tier and serving layer, and the prompt's split as the WARM commit
+    priced it (the end's usage is the bill: a provider's report may still correct it). Clients
+    read a prompt's input tokens at the start, as Anthropic's message_start gives them."""
     head.model = model.id
     head.tier = model.tier
     head.served_by = served_by(model, warm.usage.cache_read_input_tokens if warm else 0)
+    if warm is not None:
+        head.usage.input_tokens = warm.usage.input_tokens
+        head.usage.cache_creation_input_tokens = warm.usage.cache_creation_input_tokens
+        head.usage.cache_read_input_tokens = warm.usage.cache_read_input_tokens
 
 
 def served_by(spec: ModelSpec, cache_read_tokens: int) -> pb.Layer.ValueType:

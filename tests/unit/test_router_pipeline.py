@@ -471,6 +471,9 @@ async def test_the_warm_commit_runs_beside_the_answer_and_the_start_waits_for_it
     prefix.warm_may_answer.set()
     start = (await first).start
     assert start.served_by == pb.LAYER_PREFIX_CACHE  # the WARM's cache read decides it
+    # the prompt's split as the WARM priced it (Anthropic clients read it at message_start)
+    assert (start.usage.input_tokens, start.usage.cache_read_input_tokens) == (40 - 1_024, 1_024)
+    assert start.usage.output_tokens == 0
     rest = [chunk async for chunk in run]
     assert rest[-1].end.cost.cost_nanos == 123
     assert prefix.events.index("COMMIT_PHASE_WARM done") < prefix.events.index(

@@ -595,7 +595,9 @@ class CompleteChunk(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___CompleteResponse:
-        """served_by, model, tier, trace_id, request_id"""
+        """served_by, model, tier, trace_id, request_id; from a model, the prompt's usage (input and
+        cache tokens as priced at its first token; the end's usage is the bill)
+        """
 
     @_builtins.property
     def delta(self) -> Global___ContentBlock: ...
