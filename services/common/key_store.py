@@ -172,7 +172,16 @@ class KeyStore:
         if now - self._checked < self._poll_s:
             return
         self._checked = now
-        signature = self._file.signature()
+        try:
+            signature = self._file.signature()
+        except OSError as exc:  # EACCES, ESTALE on a shared volume: it may pass
+            log.error(
+                "API key file %s cannot be checked (%s); keeping the keys read last, checking "
+                "again",
+                self._file.path,
+                exc.strerror or type(exc).__name__,
+            )
+            return
         if signature == self._state.signature:
             return
         if signature is None:

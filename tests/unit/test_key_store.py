@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,33 @@ def test_a_revocation_by_another_router_right_after_this_ones_write_is_seen(
     assert b.tenant_for(victim) is None
     clock.now += 1.0  # past poll_s
     assert a.tenant_for(victim) is None
+
+
+def test_a_file_that_cannot_be_checked_keeps_the_last_keys_and_is_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EACCES after a volume's permissions changed, ESTALE on the NFS volume routers share:
+    the keys read last stay in force (every tenant was locked out, the path in an UNKNOWN)."""
+    key = new_api_key()
+    path = tmp_path / "keys"
+    _legacy(path, acme=key)
+    clock = Clock()
+    writer, reader = _store(path, clock), _store(path, clock)
+    real_stat = os.stat
+    failing = [True]
+
+    def stat(target: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(target) == os.fspath(path) and failing:
+            raise OSError(116, "Stale file handle", str(path))
+        return real_stat(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    (record,) = writer.records()
+    failing.pop()
+    writer.revoke(record.id)
+    failing.append(True)
+    clock.now += 1
+    assert reader.tenant_for(key) == "acme"  # cannot be checked: the last keys stand
+    failing.pop()
+    clock.now += 1
+    assert reader.tenant_for(key) is None  # checked again: revoked
