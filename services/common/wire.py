@@ -6,6 +6,8 @@ without a key (a log flood, and a status that does not tell the caller what is w
 handler's parser is wrapped here instead: a message that does not parse (corrupt wire format,
 invalid UTF-8 in a string field, nesting past protobuf's recursion limit) reaches the handler
 as ``Malformed``, which the wrapper refuses before the servicer, or its authentication, sees it.
+The same wrapper is the last resort for an exception no servicer mapped to a status: INTERNAL
+with the exception's type, never grpc's UNKNOWN with its text.
 """
 
 from __future__ import annotations
@@ -90,7 +92,12 @@ def _checked_unary(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]
         if isinstance(request, Malformed):
             log.debug("refused a malformed request: %s", request.reason)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request))
-        return await behavior(request, context)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the last resort: INTERNAL, never UNKNOWN
+            await _internal(context, exc)
 
     return unary
 
@@ -102,7 +109,23 @@ def _checked_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator
         if isinstance(request, Malformed):
             log.debug("refused a malformed request: %s", request.reason)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request))
-        async for item in behavior(request, context):
-            yield item
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the last resort: INTERNAL, never UNKNOWN
+            await _internal(context, exc)
 
     return stream
+
+
+async def _internal(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+    """An exception no servicer mapped: grpc would answer UNKNOWN with its text (a file path, a
+    host), so the caller gets INTERNAL and its type only; the service's log has the rest."""
+    log.error("unexpected %s in a request's handling", type(exc).__name__, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error ({type(exc).__name__}); the service logged it: retry, or report it "
+        "with the request id",
+    )

@@ -1,0 +1,91 @@
+"""An exception no servicer mapped reaches the caller as INTERNAL with its type only: grpc's
+own answer is UNKNOWN with the exception's text (a file path, a host)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from services.common.wire import MalformedRequests
+
+SECRET_PATH = "/srv/secret-volume/api-keys"
+
+
+async def _unary(request: bytes, context: Any) -> bytes:
+    raise PermissionError(13, "Permission denied", SECRET_PATH)
+
+
+async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    yield b"first"
+    raise PermissionError(13, "Permission denied", SECRET_PATH)
+
+
+async def _refusing(request: bytes, context: Any) -> bytes:
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours")
+    return b""
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    server = grpc.aio.server(interceptors=[MalformedRequests()])
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(
+            _unary, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "Stream": grpc.unary_stream_rpc_method_handler(
+            _stream, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "Refusing": grpc.unary_unary_rpc_method_handler(
+            _refusing, request_deserializer=bytes, response_serializer=bytes
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as opened:
+        yield opened
+    await server.stop(None)
+
+
+def _call(channel: grpc.aio.Channel, method: str) -> Any:
+    return channel.unary_unary(
+        f"/t.S/{method}", request_serializer=bytes, response_deserializer=bytes
+    )
+
+
+async def test_an_unmapped_exception_is_internal_without_its_text(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "cachemesh.wire")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _call(channel, "Unary")(b"x")
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    details = caught.value.details() or ""
+    assert "PermissionError" in details and SECRET_PATH not in details
+    assert any(record.exc_info for record in caplog.records)  # the service's log has it all
+
+
+async def test_a_stream_that_fails_midway_is_internal_after_what_it_sent(
+    channel: grpc.aio.Channel,
+) -> None:
+    call = channel.unary_stream(
+        "/t.S/Stream", request_serializer=bytes, response_deserializer=bytes
+    )
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for item in call(b"x"):
+            got.append(item)
+    assert got == [b"first"]
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert SECRET_PATH not in (caught.value.details() or "")
+
+
+async def test_a_servicers_own_status_passes_unchanged(channel: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _call(channel, "Refusing")(b"x")
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.details() == "not yours"
