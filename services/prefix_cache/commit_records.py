@@ -8,6 +8,12 @@ from dataclasses import dataclass, replace
 from services.prefix_cache.pricing import Charge
 from services.prefix_cache.rules import Split
 
+# The shortest record TTL: a record must outlive the longest answer (WARM at its first token,
+# FINAL at its end) and the router's billing outbox replaying both after a prefix-cache outage;
+# a shorter one (0 expired every record as it was written) makes FINAL find no WARM commit, so
+# the answer is never billed. An hour: beyond any answer and any short outage.
+MIN_RECORD_TTL_MS = 3_600_000
+
 
 @dataclass(frozen=True)
 class Final:
@@ -38,8 +44,9 @@ class CommitRecords:
     ``max_records`` the least recently committed go first."""
 
     def __init__(self, ttl_ms: int, max_records: int = 1_000_000) -> None:
-        if ttl_ms < 0 or max_records < 1:
-            raise ValueError("ttl_ms must be >= 0 and max_records >= 1")
+        check_record_ttl(ttl_ms)
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
         self._ttl_ms = ttl_ms
         self._max = max_records
         self._records: OrderedDict[tuple[str, str], CommitRecord] = OrderedDict()
@@ -73,3 +80,12 @@ class CommitRecords:
             if len(self._records) <= self._max and oldest.expires_at_ms > now_ms:
                 break
             del self._records[oldest_key]
+
+
+def check_record_ttl(ttl_ms: int) -> None:
+    """Refuses a record TTL under ``MIN_RECORD_TTL_MS`` (see there)."""
+    if ttl_ms < MIN_RECORD_TTL_MS:
+        raise ValueError(
+            f"the commit record TTL must be >= {MIN_RECORD_TTL_MS} ms (an hour), got {ttl_ms} ms: "
+            "a shorter one expires records before their answer's FINAL, which is then never billed"
+        )

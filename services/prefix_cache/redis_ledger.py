@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from services.prefix_cache.commit_records import CommitRecord, Final
+from services.prefix_cache.commit_records import CommitRecord, Final, check_record_ttl
 from services.prefix_cache.pricing import Charge
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, increments
@@ -62,8 +62,7 @@ return {'won', ARGV[2]}
 
 class RedisCommitLedger:
     def __init__(self, client: Redis, ttl_ms: int, prefix: str = "cachemesh:commit") -> None:
-        if ttl_ms < 0:
-            raise ValueError("ttl_ms must be >= 0")
+        check_record_ttl(ttl_ms)
         self._client = client
         self._ttl_ms = ttl_ms
         self._prefix = prefix

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.env import Env
+from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.server import ServerSettings
+from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS
+
+MIN_RECORD_TTL_S = MIN_RECORD_TTL_MS // 1000
 
 DEFAULT_LISTEN = "127.0.0.1:50053"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9103"
@@ -33,7 +36,7 @@ class PrefixCacheSettings:
             metrics=MetricsSettings.from_env(env, "PREFIX_CACHE", DEFAULT_METRICS_LISTEN),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
             lookback_blocks=env.int("PREFIX_CACHE_LOOKBACK_BLOCKS", 20, minimum=0),
-            record_ttl_s=env.int("PREFIX_CACHE_RECORD_TTL_S", 86400, minimum=0),
+            record_ttl_s=_record_ttl_s(env),
             max_warm_entries=env.int("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
             max_records=env.int("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
             redis_url=env.optional_str("PREFIX_CACHE_REDIS_URL"),
@@ -43,3 +46,14 @@ class PrefixCacheSettings:
             plan_ttl_s=env.int("PREFIX_CACHE_PLAN_TTL_S", 600, minimum=0),
             plan_memo_blocks=env.int("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000, minimum=0),
         )
+
+
+def _record_ttl_s(env: Env) -> int:
+    ttl_s = env.int("PREFIX_CACHE_RECORD_TTL_S", 86400)
+    if ttl_s < MIN_RECORD_TTL_S:
+        raise ConfigError(
+            f"PREFIX_CACHE_RECORD_TTL_S must be >= {MIN_RECORD_TTL_S} (an hour), got {ttl_s}: "
+            "a commit record must outlive the longest answer and the router's billing outbox "
+            "replays, or the answer's FINAL finds no WARM commit and is never billed"
+        )
+    return ttl_s

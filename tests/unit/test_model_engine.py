@@ -243,7 +243,7 @@ async def test_plans_prompt_facts_prepare_what_the_engine_would_compute(
         tokenizer=TokenizerSlot(tokenizer),
         cache=InMemoryWarmStore(100),
         views=ReplicaViews(1000),
-        ledger=InMemoryLedger(CommitRecords(60_000, 100), TotalsLedger()),
+        ledger=InMemoryLedger(CommitRecords(3_600_000, 100), TotalsLedger()),
         clock=ManualClock(),
         lookback=20,
     )

@@ -13,7 +13,7 @@ from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
-from services.prefix_cache.commit_records import CommitRecords
+from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS, CommitRecords
 from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import RuleViolation, Split
@@ -217,7 +217,7 @@ async def test_commit_records_expire_after_their_ttl(rig: Rig) -> None:
 
 
 def test_commit_records_are_bounded() -> None:
-    records = CommitRecords(ttl_ms=1000, max_records=2)
+    records = CommitRecords(ttl_ms=MIN_RECORD_TTL_MS, max_records=2)
     for rid in ("r1", "r2", "r3"):
         records.put_warm("a", rid, "sim-large", "", split(input_=1), 0)
     assert len(records) == 2 and records.get("a", "r1", 0) is None

@@ -15,6 +15,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.models import load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS
 from services.prefix_cache.core import NoWarmCommit, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.redis_ledger import RedisCommitLedger
@@ -25,7 +26,7 @@ from services.prefix_cache.warm import WarmStore
 from tests.unit.conftest import LedgerFactory
 
 TABLE = load_model_table()
-TTL_MS = 600_000
+TTL_MS = MIN_RECORD_TTL_MS  # the shortest allowed
 SYSTEM = " ".join(f"Clause {i}: refunds need the booking code." for i in range(150))
 
 
@@ -168,3 +169,11 @@ async def test_a_final_refreshes_the_record_so_a_late_retry_still_gets_its_bill(
     pair.clock.advance(ms=TTL_MS - 1)  # 2 TTLs after WARM, 1 TTL - 1 ms after FINAL
     assert await pair.one.final("a", "r1", "sim-large", 5, 0, "") == final
     assert (await pair.one.totals("a")).requests == 1
+
+
+@pytest.mark.parametrize("ttl_ms", [0, MIN_RECORD_TTL_MS - 1])
+def test_a_record_ttl_under_an_hour_is_refused(make_ledger: LedgerFactory, ttl_ms: int) -> None:
+    """A TTL of 0 expired every WARM record as it was written: every FINAL then failed with
+    "no WARM commit", the router's replays too, and nothing was ever billed."""
+    with pytest.raises(ValueError, match=f">= {MIN_RECORD_TTL_MS} ms"):
+        make_ledger(ttl_ms)

@@ -14,7 +14,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
-from services.common.env import ConfigError, redacted_url
+from services.common.env import ConfigError, Env, redacted_url
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
@@ -178,8 +178,6 @@ async def test_unavailable_until_the_tokenizer_is_loaded(served: Served) -> None
 
 
 def test_settings_defaults_and_fail_fast_naming_the_variable() -> None:
-    from services.common.env import Env
-
     settings = PrefixCacheSettings.from_env(Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN}))
     assert settings.server.listen == "127.0.0.1:50053"
     assert (settings.lookback_blocks, settings.record_ttl_s) == (20, 86400)
@@ -189,6 +187,20 @@ def test_settings_defaults_and_fail_fast_naming_the_variable() -> None:
         PrefixCacheSettings.from_env(
             Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_LOOKBACK_BLOCKS": "-1"})
         )
+
+
+@pytest.mark.parametrize("ttl_s", ["0", "3599"])
+def test_a_record_ttl_under_an_hour_is_refused_naming_the_variable_and_the_floor(
+    ttl_s: str,
+) -> None:
+    """0 was accepted and expired every WARM record as it was written: no answer was billed."""
+    env = Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_RECORD_TTL_S": ttl_s})
+    with pytest.raises(
+        ConfigError, match=rf"PREFIX_CACHE_RECORD_TTL_S must be >= 3600.*got {ttl_s}"
+    ):
+        PrefixCacheSettings.from_env(env)
+    hour = Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_RECORD_TTL_S": "3600"})
+    assert PrefixCacheSettings.from_env(hour).record_ttl_s == 3600
 
 
 async def test_serve_requires_the_internal_token() -> None:
