@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 
 from redis.asyncio import Redis
@@ -14,7 +13,7 @@ from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env, redacted_url, redis_url_error
 from services.common.logs import configure_logging
-from services.common.metrics import MetricsEndpoint, new_registry
+from services.common.metrics import LoopCounter, MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
@@ -26,7 +25,6 @@ from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 
-log = logging.getLogger("cachemesh.prefix_cache")
 PREFIX_CACHE = prefix_cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"].full_name
 
 
@@ -40,7 +38,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     tokenizer = TokenizerSlot()
     redis = _redis(settings.redis_url) if settings.redis_url is not None else None
     registry = new_registry()
-    metrics = PrefixCacheMetrics(registry)
+    metrics = PrefixCacheMetrics(registry, warm_gauge=redis is None)  # no SCAN of Redis
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
     servicer = PrefixCacheServicer(PrefixCacheApi(core))
     counting: list[asyncio.Task[None]] = []
@@ -55,7 +53,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
                     f"PREFIX_CACHE_REDIS_URL: cannot reach Redis at {where} ({exc})"
                 ) from exc
         tokenizer.set(await asyncio.to_thread(load_cl100k))
-        counting.append(asyncio.ensure_future(_count_warm(core, metrics)))
+        if metrics.warm_prefixes is not None:
+            counting.append(asyncio.ensure_future(_count_warm(core, metrics.warm_prefixes)))
 
     async def close() -> None:
         for task in counting:
@@ -82,13 +81,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
 
 
-async def _count_warm(core: PrefixCacheCore, metrics: PrefixCacheMetrics) -> None:
-    """Keeps the warm-prefix gauge current (a count is a SCAN when they live in Redis)."""
+async def _count_warm(core: PrefixCacheCore, gauge: LoopCounter) -> None:
+    """Keeps the warm-prefix gauge current: in memory only, where a count is O(1) (with Redis
+    it would be a SCAN of the keyspace, so the gauge is not exported at all)."""
     while True:
-        try:
-            metrics.warm_prefixes.set(await core.warm_prefixes())
-        except RedisError as exc:  # Redis restarting: the gauge keeps its last count
-            log.warning("cannot count the warm prefixes (%s); retrying", type(exc).__name__)
+        gauge.set(await core.warm_prefixes())
         await asyncio.sleep(WARM_REFRESH_S)
 
 

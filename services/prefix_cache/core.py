@@ -290,7 +290,8 @@ class PrefixCacheCore:
             return stood
 
     async def warm_prefixes(self) -> int:
-        """The warm prefixes held (live or not yet collected)."""
+        """The warm prefixes held (live or not yet collected). The service asks only of the
+        in-memory store (O(1)); of the Redis store it is a keyspace SCAN, for tests."""
         return await self._cache.count()
 
     async def totals(self, tenant: str) -> TenantTotals:

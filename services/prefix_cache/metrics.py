@@ -12,21 +12,25 @@ returns the same bill and counts nothing):
   ``cachemesh_prefix_cache_drift_abs_cost_nanos_total{model}``, the absolute differences
   summed over the reconciled bills (divide by ``bills_total{reconciled="true"}``);
 - ``cachemesh_prefix_cache_plans_total{model}``; ``cachemesh_prefix_cache_warm_prefixes``:
-  the warm prefixes held (in memory or Redis), refreshed every ``WARM_REFRESH_S``.
+  the warm prefixes held in memory, refreshed every ``WARM_REFRESH_S``. With the Redis store
+  the gauge is absent: counting keys there is a SCAN of the keyspace (seconds of this
+  process's CPU at 300k keys, on every refresh); Redis's own ``INFO keyspace`` gives the count
+  when its database is dedicated to the warm prefixes.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from services.common.metrics import LoopMetrics
+from services.common.metrics import LoopCounter, LoopMetrics
 from services.prefix_cache.commit_records import Final
 
-WARM_REFRESH_S = 10.0  # how often the warm-prefix gauge counts them (a SCAN with Redis)
+WARM_REFRESH_S = 10.0  # how often the warm-prefix gauge counts them (in memory: O(1))
 
 
 class PrefixCacheMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, warm_gauge: bool = True) -> None:
+        """``warm_gauge``: export the warm-prefix gauge (False with the Redis store)."""
         m = LoopMetrics(registry)
         self._tokens = m.counter(
             "cachemesh_prefix_cache_tokens",
@@ -58,10 +62,12 @@ class PrefixCacheMetrics:
             "Plans computed (a miss's split and replica candidates)",
             ("model",),
         )
-        self.warm_prefixes = m.gauge(
-            "cachemesh_prefix_cache_warm_prefixes",
-            "Warm prefixes held (expired ones not yet collected included)",
-        )()
+        self.warm_prefixes: LoopCounter | None = None
+        if warm_gauge:
+            self.warm_prefixes = m.gauge(
+                "cachemesh_prefix_cache_warm_prefixes",
+                "Warm prefixes held in memory (expired ones not yet collected included)",
+            )()
 
     def planned(self, model: str) -> None:
         self._plans(model).inc()

@@ -32,7 +32,7 @@ class WarmEntry:
 
 class WarmStore(Protocol):
     async def count(self) -> int:
-        """Entries held, live or not yet collected (stats and tests)."""
+        """Entries held, live or not yet collected (the in-memory gauge, and tests)."""
         ...
 
     async def longest(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:
