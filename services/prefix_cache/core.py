@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
@@ -29,7 +29,7 @@ from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import PromptPlan, Split, settle
 from services.prefix_cache.sites import sites_of
 from services.prefix_cache.totals import TenantTotals
-from services.prefix_cache.warm import WarmStore
+from services.prefix_cache.warm import WarmStore, read_time
 
 # A prompt up to this size (the serialized request) and this many parts (tools, system blocks,
 # message blocks) is canonicalized, tokenized and hashed on the event loop: at most ~1.4 ms
@@ -90,6 +90,9 @@ class Prompt:
     scope: tuple[str, ...]
     kv_hashes: list[bytes]  # the replica's block hashes of the prompt (L3)
     digest: str = ""  # the canonical prompt's chained digest (its last block's)
+    # when its Plan ran: the request's arrival, when the provider looked its cache up (None:
+    # computed by the WARM itself, as no Plan of this process holds it)
+    planned_at_ms: int | None = None
 
     @property
     def weight(self) -> int:
@@ -139,12 +142,13 @@ class PrefixCacheCore:
         total = prompt.plan.prompt_tokens
         candidates = [Candidate(r, self._views.match(r, prompt.kv_hashes, total)) for r in replicas]
         candidates.sort(key=lambda c: -c.warm_prefix_tokens)  # stable: ties keep input order
+        now = self._clock.now_ms()  # the request's arrival: the provider looks up its cache
         if spec.rules == "self_hosted":  # the replica's KV cache is the cache
             read = candidates[0].warm_prefix_tokens if candidates else 0
         else:
-            hit = await self._cache.longest(prompt.scope, prompt.plan.probes, self._clock.now_ms())
+            hit = await self._cache.longest(prompt.scope, prompt.plan.probes, now)
             read = hit.tokens if hit else 0
-        plan_id = self._plans.put(tenant, spec.id, prompt)
+        plan_id = self._plans.put(tenant, spec.id, replace(prompt, planned_at_ms=now))
         if self._metrics is not None:
             self._metrics.planned(spec.id)
         return PlanResult(settle(prompt.plan, read), tuple(candidates), prompt, plan_id)
@@ -169,7 +173,9 @@ class PrefixCacheCore:
         prefix caching reuse what the replica holds, and the engine's report reconciles it).
 
         ``max_read_tokens`` is the read predicted when the request arrived: prefixes warmed
-        after that (by a concurrent request) are not read, as the provider looked up on arrival.
+        after that (by a concurrent request) are not read, as the provider looked up on arrival;
+        with the Plan held here, prefixes are judged live at its time (``read_time``), so one
+        that expired since is still the read it was; refresh and writes happen now.
         ``plan_id`` names the Plan of this request: its prompt is reused, not computed again
         (``request`` may then be None; if the plan is gone, ``PlanGone`` asks for it).
         """
@@ -210,7 +216,9 @@ class PrefixCacheCore:
                 probes = plan.probes
                 if max_read_tokens is not None:
                     probes = tuple(p for p in probes if p.tokens <= max_read_tokens)
-                hit = await self._cache.settle(prompt.scope, probes, plan.writes, now)
+                # the probes as the provider found them on arrival; refresh and writes now
+                read_at = read_time(prompt.planned_at_ms, now)
+                hit = await self._cache.settle(prompt.scope, probes, plan.writes, now, read_at)
                 split = settle(plan, hit.tokens if hit else 0)
             if replica:
                 self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, reported)

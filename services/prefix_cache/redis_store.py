@@ -4,8 +4,8 @@ Each entry is a hash ``{tokens, ttl_ms, expires_at_ms}`` under
 ``<prefix>:{<scope hash>}:<digest>`` (the braces keep one scope's keys in one cluster slot, so a
 script may touch them all). ``expires_at_ms`` is computed from the caller's ``now_ms`` (the
 injected clock), so the same tests drive this store and the in-memory one; Redis's own key
-expiry (``PEXPIRE``, the entry's TTL plus a slack) only collects garbage and never decides
-whether an entry is warm.
+expiry (``PEXPIRE``, the entry's TTL plus ``READ_GRACE_MS``) only collects garbage and never
+decides whether an entry is warm.
 
 ``settle`` is one Lua script, so reading the longest live probe, refreshing it and writing the
 new entries happen atomically with respect to every other replica's commits.
@@ -20,21 +20,22 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from services.prefix_cache.rules import Probe, Write
-from services.prefix_cache.warm import Scope, WarmEntry
+from services.prefix_cache.warm import READ_GRACE_MS, Scope, WarmEntry
 
-GC_SLACK_MS = 60_000
+GC_SLACK_MS = READ_GRACE_MS  # an expired entry stays readable by a request that came earlier
 
-# KEYS: the probes' keys, then the writes' keys. ARGV: now_ms, number of probes, GC slack, then
-# per write: tokens, ttl_ms. Returns {} or {index of the hit among the probes, tokens, ttl_ms,
-# expires_at_ms as found}.
+# KEYS: the probes' keys, then the writes' keys. ARGV: now_ms, number of probes, GC slack,
+# read_at_ms (probes are judged live then), then per write: tokens, ttl_ms. Returns {} or
+# {index of the hit among the probes, tokens, ttl_ms, expires_at_ms as found}.
 _SETTLE = """
 local now = tonumber(ARGV[1])
 local probes = tonumber(ARGV[2])
 local slack = tonumber(ARGV[3])
+local read_at = tonumber(ARGV[4])
 local best, best_tokens, best_ttl, best_exp = 0, -1, 0, 0
 for i = 1, probes do
   local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms')
-  if v[1] and tonumber(v[3]) > now and tonumber(v[1]) > best_tokens then
+  if v[1] and tonumber(v[3]) > read_at and tonumber(v[1]) > best_tokens then
     best, best_tokens, best_ttl, best_exp = i, tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
   end
 end
@@ -44,8 +45,8 @@ if best > 0 then
 end
 for j = 1, #KEYS - probes do
   local key = KEYS[probes + j]
-  local tokens = tonumber(ARGV[2 + 2 * j])
-  local ttl = tonumber(ARGV[3 + 2 * j])
+  local tokens = tonumber(ARGV[3 + 2 * j])
+  local ttl = tonumber(ARGV[4 + 2 * j])
   local expires = now + ttl
   local old = redis.call('HMGET', key, 'ttl_ms', 'expires_at_ms')
   if old[2] and tonumber(old[2]) > now then
@@ -101,13 +102,19 @@ class RedisWarmStore:
         return _entry(found, probes)
 
     async def settle(
-        self, scope: Scope, probes: Sequence[Probe], writes: Sequence[Write], now_ms: int
+        self,
+        scope: Scope,
+        probes: Sequence[Probe],
+        writes: Sequence[Write],
+        now_ms: int,
+        read_at_ms: int | None = None,
     ) -> WarmEntry | None:
         if not probes and not writes:
             return None
         keys = [self.key(scope, p.digest) for p in probes]
         keys += [self.key(scope, w.digest) for w in writes]
-        args: list[int] = [now_ms, len(probes), GC_SLACK_MS]
+        read_at = now_ms if read_at_ms is None else read_at_ms
+        args: list[int] = [now_ms, len(probes), GC_SLACK_MS, read_at]
         for write in writes:
             args += [write.tokens, write.ttl_ms]
         found = await self._settle(keys=keys, args=args)

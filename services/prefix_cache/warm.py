@@ -8,6 +8,12 @@ would use key expiry only to collect garbage).
 The protocol is shaped for an atomic remote implementation: ``settle`` is one round trip that
 finds the longest warm probe, refreshes it, and writes the new entries (a Redis Lua script over
 ``KEYS = probes + writes``), so two concurrent commits never read a half-written state.
+
+The provider looks its cache up when the request arrives, not at its first token: ``settle``
+judges the probes live at ``read_at_ms`` (the Plan's time) while it refreshes and writes at
+``now_ms``. An expired entry is therefore kept ``READ_GRACE_MS`` longer (in memory before it is
+purged, in Redis before key expiry collects it), and the read is judged no earlier than that
+before ``now_ms`` (``read_time``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ from typing import Protocol
 from services.prefix_cache.rules import Probe, Write
 
 Scope = tuple[str, ...]
+
+# How long after its expiry an entry is still held, so that a request which arrived while it was
+# live reads it at its first token up to this much later (prefill and queueing are seconds).
+READ_GRACE_MS = 60_000
+
+
+def read_time(arrived_ms: int | None, now_ms: int) -> int:
+    """When a WARM's probes are judged live: at the request's arrival (its Plan), within
+    ``READ_GRACE_MS`` before ``now_ms``; at ``now_ms`` when the arrival is unknown."""
+    if arrived_ms is None:
+        return now_ms
+    return max(min(arrived_ms, now_ms), now_ms - READ_GRACE_MS)
 
 
 @dataclass(frozen=True)
@@ -40,17 +58,23 @@ class WarmStore(Protocol):
         ...
 
     async def settle(
-        self, scope: Scope, probes: Sequence[Probe], writes: Sequence[Write], now_ms: int
+        self,
+        scope: Scope,
+        probes: Sequence[Probe],
+        writes: Sequence[Write],
+        now_ms: int,
+        read_at_ms: int | None = None,
     ) -> WarmEntry | None:
-        """Atomically: find the longest unexpired probe (as ``longest``), refresh it to
-        ``now_ms`` + its ttl, then create or refresh every write. Returns the hit as found
-        before any change (None when nothing was warm)."""
+        """Atomically: find the longest probe unexpired at ``read_at_ms`` (the request's
+        arrival, ``read_time``; None = ``now_ms``), refresh it to ``now_ms`` + its ttl, then
+        create or refresh every write. Returns the hit as found before any change (None when
+        nothing was warm)."""
         ...
 
 
 class InMemoryWarmStore:
-    """The single-process default: bounded, least-recently-touched evicted first, expired
-    entries purged lazily as writes pass."""
+    """The single-process default: bounded, least-recently-touched evicted first, entries
+    expired for ``READ_GRACE_MS`` purged lazily as writes pass."""
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         if max_entries < 1:
@@ -69,9 +93,14 @@ class InMemoryWarmStore:
         return self._find(scope, probes, now_ms)
 
     async def settle(
-        self, scope: Scope, probes: Sequence[Probe], writes: Sequence[Write], now_ms: int
+        self,
+        scope: Scope,
+        probes: Sequence[Probe],
+        writes: Sequence[Write],
+        now_ms: int,
+        read_at_ms: int | None = None,
     ) -> WarmEntry | None:
-        hit = self._find(scope, probes, now_ms)
+        hit = self._find(scope, probes, now_ms if read_at_ms is None else read_at_ms)
         if hit is not None:
             self._put(scope, hit.digest, hit.tokens, hit.ttl_ms, now_ms + hit.ttl_ms)
         for write in writes:
@@ -103,6 +132,7 @@ class InMemoryWarmStore:
     def _purge(self, now_ms: int) -> None:
         while self._entries:
             key, entry = next(iter(self._entries.items()))
-            if len(self._entries) <= self._max and entry.expires_at_ms > now_ms:
+            held = entry.expires_at_ms + READ_GRACE_MS > now_ms  # a late first token reads it
+            if len(self._entries) <= self._max and held:
                 break
             del self._entries[key]

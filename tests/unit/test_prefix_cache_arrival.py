@@ -1,0 +1,121 @@
+"""The provider looks its cache up when the request arrives (its Plan), not at its first token
+(its WARM): a prefix live on arrival is a read even if its entry runs out before the first token,
+on both backends. Time is the injected ManualClock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.models import load_model_table
+from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.core import PrefixCacheCore, Prompt, TokenizerSlot
+from services.prefix_cache.plan_memo import PlanMemo
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.warm import READ_GRACE_MS, WarmStore
+from tests.unit.conftest import LedgerFactory
+
+SYSTEM = " ".join(f"Rule {i}: answer briefly and cite the policy section." for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+@dataclass
+class Rig:
+    core: PrefixCacheCore
+    clock: ManualClock
+
+
+@pytest.fixture
+def rig(tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory) -> Rig:
+    clock = ManualClock()
+    plans: PlanMemo[Prompt] = PlanMemo(clock, ttl_ms=600_000, max_blocks=1_000_000)
+    core = PrefixCacheCore(
+        table=load_model_table(),
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=ReplicaViews(65536),
+        ledger=make_ledger(86_400_000),
+        clock=clock,
+        lookback=20,
+        plans=plans,
+    )
+    return Rig(core, clock)
+
+
+def ask(question: str, system: str = SYSTEM) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-large",
+        system=[pb.ContentBlock(text=system, cache_control=pb.CacheControl())],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=50,
+    )
+
+
+async def _turn_warmed_then_arriving(rig: Rig) -> tuple[int, str]:
+    """A 5-minute prefix written, then a turn arriving 1 s before it runs out: its Plan
+    predicts the read. Returns the prefix's tokens and the Plan's id."""
+    cached = (await rig.core.warm("t", "r1", "sim-large", ask("Rule 1?"), "")).write_5m_tokens
+    assert cached > 0
+    rig.clock.advance(ms=299_000)
+    arrival = await rig.core.plan("t", "sim-large", ask("Rule 2?"), [])
+    assert arrival.split.read_tokens == cached and arrival.plan_id
+    return cached, arrival.plan_id
+
+
+async def test_a_prefix_live_on_arrival_is_read_though_it_expires_before_the_first_token(
+    rig: Rig,
+) -> None:
+    """It was billed as a 1.25x write instead of a 0.1x read: the WARM judged it at now."""
+    cached, plan_id = await _turn_warmed_then_arriving(rig)
+    rig.clock.advance(ms=2_000)  # the first token, 1 s after the entry's expiry
+    got = await rig.core.warm(
+        "t", "r2", "sim-large", None, "", max_read_tokens=cached, plan_id=plan_id
+    )
+    assert got.read_tokens == cached and got.creation_tokens == 0
+    # the read refreshed the entry at the first token: live 5 minutes from then
+    rig.clock.advance(ms=299_000)
+    again = await rig.core.plan("t", "sim-large", ask("Rule 3?"), [])
+    assert again.split.read_tokens == cached
+
+
+async def test_another_commit_meanwhile_does_not_drop_the_entry_read_on_arrival(
+    rig: Rig,
+) -> None:
+    """The in-memory store purged entries expired at now as any commit passed, so it (and not
+    Redis) lost the prefix a request had found on arrival: both keep it ``READ_GRACE_MS``."""
+    cached, plan_id = await _turn_warmed_then_arriving(rig)
+    rig.clock.advance(ms=2_000)
+    other = ask("Q?", system="Another tenant's long policy. " * 400)
+    await rig.core.warm("u", "r9", "sim-large", other, "")  # purges what is expired by now
+    got = await rig.core.warm(
+        "t", "r2", "sim-large", None, "", max_read_tokens=cached, plan_id=plan_id
+    )
+    assert got.read_tokens == cached
+
+
+async def test_an_arrival_is_judged_at_most_the_read_grace_before_the_first_token(
+    rig: Rig,
+) -> None:
+    """The lookback is bounded by what the stores keep after expiry (identical on both)."""
+    cached, plan_id = await _turn_warmed_then_arriving(rig)
+    rig.clock.advance(ms=1_000 + READ_GRACE_MS)  # expired READ_GRACE_MS ago at the first token
+    got = await rig.core.warm(
+        "t", "r2", "sim-large", None, "", max_read_tokens=cached, plan_id=plan_id
+    )
+    assert got.read_tokens == 0 and got.write_5m_tokens == cached
+
+
+async def test_without_its_plan_a_warm_judges_at_its_own_time(rig: Rig) -> None:
+    """A WARM whose Plan this process does not hold (another prefix-cache made it, or no Plan)
+    cannot know the arrival: the probes are judged at the first token, as before."""
+    cached, _ = await _turn_warmed_then_arriving(rig)
+    rig.clock.advance(ms=2_000)
+    got = await rig.core.warm("t", "r2", "sim-large", ask("Rule 2?"), "", max_read_tokens=cached)
+    assert got.read_tokens == 0 and got.write_5m_tokens == cached
