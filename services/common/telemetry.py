@@ -3,12 +3,17 @@
 ``OTEL_SERVICE_NAME`` names the service (each service passes its own default);
 ``OTEL_TRACES_EXPORTER`` is ``otlp`` (OTLP over gRPC to ``OTEL_EXPORTER_OTLP_ENDPOINT``),
 ``console`` or ``none``; with ``none`` or ``OTEL_SDK_DISABLED=true`` no span is recorded (the
-trace context still flows: responses and logs carry a trace id). The exporter reads the
-rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` variables itself.
+trace context still flows: responses and logs carry a trace id). OTLP is gRPC only
+(``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` other than ``grpc`` is refused); plaintext or TLS
+follows ``OTEL_EXPORTER_OTLP_(TRACES_)INSECURE`` for an endpoint without a scheme. A
+``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` names the service when ``OTEL_SERVICE_NAME``
+does not. The exporter reads the rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*``
+variables itself.
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 
 import grpc
@@ -31,7 +36,9 @@ _EXPORTERS = ("otlp", "console", "none")
 def build_tracer_provider(environ: Mapping[str, str], default_service_name: str) -> TracerProvider:
     """A provider configured from ``environ``; never installed as a global."""
     env = Env(environ)
-    service_name = env.str("OTEL_SERVICE_NAME", default_service_name)
+    service_name = env.str(
+        "OTEL_SERVICE_NAME", _resource_attribute(environ, "service.name") or default_service_name
+    )
     resource = Resource.create({"service.name": service_name})
     exporter_name = env.str("OTEL_TRACES_EXPORTER", "otlp").lower()
     if exporter_name not in _EXPORTERS:
@@ -48,16 +55,47 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
     if exporter_name == "otlp":
         from services.common.otlp_wire import WireSpanExporter
 
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = environ.get(name)
+            if protocol is not None:
+                if protocol.strip().lower() != "grpc":
+                    raise ConfigError(
+                        f"{name} must be grpc (cachemesh exports OTLP over gRPC, port 4317 "
+                        f"by default), got {protocol.strip()[:40]!r}"
+                    )
+                break
         endpoint = env.str(
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
         )
-        exporter = WireSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+        exporter = WireSpanExporter(endpoint=endpoint, insecure=_insecure(env, endpoint))
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def _insecure(env: Env, endpoint: str) -> bool:
+    """Plaintext or TLS, as the OTLP exporter decides it: https is TLS; otherwise
+    ``OTEL_EXPORTER_OTLP_(TRACES_)INSECURE`` when set; otherwise plaintext for http only (an
+    endpoint without a scheme, ``collector:4317``, is TLS unless told it is insecure)."""
+    scheme = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
+    if scheme == "https":
+        return False
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"):
+        if env.optional_str(name) is not None:
+            return env.bool(name, False)
+    return scheme == "http"
+
+
+def _resource_attribute(environ: Mapping[str, str], key: str) -> str | None:
+    """``key`` in ``OTEL_RESOURCE_ATTRIBUTES`` (``k=v,k2=v2``, values percent-encoded)."""
+    for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        name, sep, value = pair.partition("=")
+        if sep and name.strip() == key and value.strip():
+            return urllib.parse.unquote(value.strip())
+    return None
 
 
 def server_interceptors(provider: TracerProvider) -> list[grpc.aio.ServerInterceptor]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from opentelemetry.trace import format_trace_id
 
-from services.common.env import ConfigError
-from services.common.telemetry import build_tracer_provider
+from services.common.env import ConfigError, Env
+from services.common.telemetry import _insecure, build_tracer_provider
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,48 @@ def test_with_an_exporter_every_span_is_recorded() -> None:
 def test_an_unknown_exporter_is_refused_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER must be one of"):
         build_tracer_provider({"OTEL_TRACES_EXPORTER": "zipkin"}, "router")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "environ", "insecure"),
+    [
+        ("http://collector:4317", {}, True),
+        ("https://collector:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "true"}, False),
+        # the usual scheme-less endpoint of a plaintext collector, told it is insecure: the
+        # variable was ignored and every span went out as TLS to a plaintext port, lost
+        ("collector:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "true"}, True),
+        ("collector:4317", {"OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true"}, True),
+        ("collector:4317", {}, False),
+        ("http://collector:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "false"}, False),
+    ],
+)
+def test_plaintext_or_tls_is_what_the_otlp_variables_say(
+    endpoint: str, environ: dict[str, str], insecure: bool
+) -> None:
+    assert _insecure(Env(environ), endpoint) is insecure
+
+
+def test_an_insecure_flag_that_is_not_a_boolean_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_INSECURE must be true or false"):
+        _insecure(Env({"OTEL_EXPORTER_OTLP_INSECURE": "maybe"}), "collector:4317")
+
+
+@pytest.mark.parametrize(
+    "name", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
+)
+def test_an_otlp_protocol_other_than_grpc_is_refused_naming_the_variable(name: str) -> None:
+    # http/protobuf was ignored: gRPC went to the collector's HTTP port, every span lost
+    with pytest.raises(ConfigError, match=f"{name} must be grpc"):
+        build_tracer_provider({name: "http/protobuf"}, "router")
+
+
+def test_the_service_name_of_the_resource_attributes_is_kept() -> None:
+    attributes = {
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,service.name=router-eu-1"
+    }
+    named = build_tracer_provider({**attributes, "OTEL_TRACES_EXPORTER": "none"}, "router")
+    assert named.resource.attributes["service.name"] == "router-eu-1"
+    both = {**attributes, "OTEL_SERVICE_NAME": "router-a", "OTEL_TRACES_EXPORTER": "none"}
+    assert build_tracer_provider(both, "router").resource.attributes["service.name"] == "router-a"
+    plain = build_tracer_provider({"OTEL_TRACES_EXPORTER": "none"}, "router")
+    assert plain.resource.attributes["service.name"] == "router"
