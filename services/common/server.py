@@ -53,6 +53,7 @@ class ServerSettings:
     max_message_bytes: int
     refusal_s: float = 0.0  # the refusal window, capped at grace_s (DRAIN_REFUSAL_S to refuse)
     tls: ServerTls | None = None  # None = plaintext (the internal services on loopback)
+    listen_name: str = "the listen address"  # the variable ``listen`` came from, for errors
 
     @property
     def refusal_window_s(self) -> float:
@@ -64,8 +65,12 @@ class ServerSettings:
             listen=env.address(f"{prefix}_LISTEN", default_listen),
             grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
             max_message_bytes=env.int(
-                "CACHEMESH_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES_DEFAULT, minimum=1024
+                "CACHEMESH_MAX_MESSAGE_BYTES",
+                MAX_MESSAGE_BYTES_DEFAULT,
+                minimum=1024,
+                maximum=2**31 - 1,  # gRPC's limit is a C int
             ),
+            listen_name=f"{prefix}_LISTEN",
         )
 
 
@@ -138,12 +143,18 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     for name in ("", *spec.service_names):
         await health_servicer.set(name, not_serving)
     tls = spec.settings.tls
-    if tls is not None:
-        port = server.add_secure_port(spec.settings.listen, tls.grpc_credentials())
-    else:
-        port = server.add_insecure_port(spec.settings.listen)
+    try:
+        if tls is not None:
+            port = server.add_secure_port(spec.settings.listen, tls.grpc_credentials())
+        else:
+            port = server.add_insecure_port(spec.settings.listen)
+    except RuntimeError:  # grpcio raises on a port in use (older releases returned 0)
+        port = 0
     if port == 0:
-        raise ConfigError(f"{spec.name}: cannot listen on {spec.settings.listen}")
+        raise ConfigError(
+            f"{spec.settings.listen_name}={spec.settings.listen}: {spec.name} cannot listen "
+            "there (the port is in use, or the address is not this machine's)"
+        )
     if spec.metrics is not None:
         await spec.metrics.start()  # a port already held stops the start-up, naming it
     await server.start()

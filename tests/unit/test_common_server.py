@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from services.common.env import ConfigError, Env
 from services.common.server import ServerSettings, ServiceSpec, run_service
 from services.tools.stack.health import UNREACHABLE, probe
 from services.tools.stack.ports import free_port
@@ -74,3 +77,24 @@ def test_a_bad_configuration_is_one_line_naming_the_variable_and_exit_2() -> Non
     assert result.stderr.strip().splitlines() == [
         "router: configuration error: MODEL_REPLICAS: expected model=host:port, got 'not-a-pair'"
     ]
+
+
+async def test_a_port_in_use_is_a_configuration_error_naming_the_variable() -> None:
+    # grpcio raises RuntimeError where it once returned 0: a traceback, the variable unnamed
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        spec = _spec(port, None)
+        named = dataclasses.replace(spec.settings, listen_name="ROUTER_LISTEN")
+        with pytest.raises(ConfigError, match=f"ROUTER_LISTEN=127.0.0.1:{port}: test cannot"):
+            await run_service(dataclasses.replace(spec, settings=named), asyncio.Event())
+
+
+def test_a_message_size_over_grpcs_limit_is_refused_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="CACHEMESH_MAX_MESSAGE_BYTES"):
+        ServerSettings.from_env(
+            Env({"CACHEMESH_MAX_MESSAGE_BYTES": str(2**32)}), "ROUTER", "127.0.0.1:0"
+        )
+    settings = ServerSettings.from_env(Env({}), "ROUTER", "127.0.0.1:0")
+    assert settings.listen_name == "ROUTER_LISTEN"
