@@ -12,6 +12,7 @@ propagator (``OTEL_PROPAGATORS``, tracecontext and baggage by default).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -85,10 +86,18 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         return handler  # no such method in this project: served untraced rather than refused
 
 
-def _ended(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], error: bool) -> None:
+def _ended(
+    span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], outcome: grpc.StatusCode
+) -> None:
+    """``outcome``: the status when the servicer set none (OK; CANCELLED when the caller left;
+    INTERNAL for an exception, as ``wire``'s last resort answers it)."""
     code = context.code()
     if not isinstance(code, grpc.StatusCode):
-        code = grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK
+        code = outcome
+    if code is grpc.StatusCode.CANCELLED:  # the caller's choice: no error on the server's span
+        span.set_attribute(_STATUS, code.value[0])
+        span.end()
+        return
     details = context.details()
     end_call_span(span, code, details.decode() if isinstance(details, bytes) else details or "")
 
@@ -99,14 +108,17 @@ def _traced_unary(
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         span, token = start()
-        error = True
+        outcome = grpc.StatusCode.INTERNAL
         try:
             reply = await behavior(request, context)
-            error = False
+            outcome = grpc.StatusCode.OK
             return reply
+        except asyncio.CancelledError:
+            outcome = grpc.StatusCode.CANCELLED  # the caller left: not a server error
+            raise
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
-            _ended(span, context, error)
+            _ended(span, context, outcome)
 
     return unary
 
@@ -119,14 +131,17 @@ def _traced_stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         span, token = start()
-        error = True
+        outcome = grpc.StatusCode.INTERNAL
         try:
             async for item in behavior(request, context):
                 yield item
-            error = False
+            outcome = grpc.StatusCode.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = grpc.StatusCode.CANCELLED  # the caller left: not a server error
+            raise
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
-            _ended(span, context, error)
+            _ended(span, context, outcome)
 
     return stream
 

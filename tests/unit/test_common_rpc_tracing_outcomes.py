@@ -1,0 +1,97 @@
+"""A server span's status when the servicer set none: a caller that left is CANCELLED (no
+error), an exception is INTERNAL (what the caller is answered), never UNKNOWN."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from services.common.rpc_tracing import ServerTracing
+from services.common.wire import MalformedRequests
+
+
+async def _endless(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    n = 0
+    while True:
+        n += 1
+        yield b"%d" % n
+        await asyncio.sleep(0.01)
+
+
+async def _broken(request: bytes, context: Any) -> bytes:
+    raise KeyError("boom")
+
+
+async def _spans(exporter: InMemorySpanExporter, n: int) -> list[ReadableSpan]:
+    for _ in range(500):  # the server ends its span after the client saw the call end
+        if len(exporter.get_finished_spans()) >= n:
+            break
+        await asyncio.sleep(0.01)
+    return list(exporter.get_finished_spans())
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    server = grpc.aio.server(
+        interceptors=[MalformedRequests(), ServerTracing(provider.get_tracer("t"))]
+    )
+    handlers = {
+        "Endless": grpc.unary_stream_rpc_method_handler(
+            _endless, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "Broken": grpc.unary_unary_rpc_method_handler(
+            _broken, request_deserializer=bytes, response_serializer=bytes
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel, exporter
+    await server.stop(None)
+
+
+async def test_a_stream_the_caller_cancels_is_cancelled_not_an_error(
+    served: tuple[grpc.aio.Channel, InMemorySpanExporter],
+) -> None:
+    channel, exporter = served
+    call = channel.unary_stream(
+        "/t.S/Endless", request_serializer=bytes, response_deserializer=bytes
+    )(b"x")
+    seen = 0
+    async for _ in call:
+        seen += 1
+        if seen == 3:
+            call.cancel()
+            break
+    (span,) = await _spans(exporter, 1)
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert span.status.status_code is not StatusCode.ERROR
+
+
+async def test_an_exception_is_internal_on_the_span_as_for_the_caller(
+    served: tuple[grpc.aio.Channel, InMemorySpanExporter],
+) -> None:
+    channel, exporter = served
+    broken = channel.unary_unary(
+        "/t.S/Broken", request_serializer=bytes, response_deserializer=bytes
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await broken(b"x")
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    (span,) = await _spans(exporter, 1)
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
+    assert span.status.status_code is StatusCode.ERROR
