@@ -195,11 +195,26 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        for hook in spec.on_stop:
-            await hook()
-        if spec.metrics is not None:
-            await spec.metrics.stop()
+        try:
+            await run_every(spec.on_stop, f"{spec.name} stop")
+        finally:
+            if spec.metrics is not None:
+                await spec.metrics.stop()
         log.info("%s stopped", spec.name)
+
+
+async def run_every(steps: Sequence[Callable[[], Awaitable[object]]], what: str) -> None:
+    """Runs every step, in order, even after one failed (a later one may be what keeps data:
+    a last flush, a last save); each failure is logged, the first is raised at the end."""
+    first: Exception | None = None
+    for step in steps:
+        try:
+            await step()
+        except Exception as exc:
+            log.error("%s: %s failed: %s", what, getattr(step, "__name__", step), exc, exc_info=exc)
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 async def _drain(

@@ -16,7 +16,7 @@ from services.common.env import Env
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.models import model_table_from_env
-from services.common.server import ServiceSpec, run_main, run_service
+from services.common.server import ServiceSpec, run_every, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_cl100k
 from services.router.access_log import RequestLog
@@ -106,17 +106,33 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         replays.append(asyncio.ensure_future(outbox.run()))
 
-    async def close() -> None:
-        await pipeline.drain()
-        await limiter.close()
-        if ledger is not None:
-            await ledger.close()
+    async def stop_replays() -> None:
         for task in replays:
             task.cancel()
         await asyncio.gather(*replays, return_exceptions=True)
-        await outbox.flush()  # a last try; what is left stays in the journal
-        await connected.close()
+
+    async def close_ledger() -> None:
+        if ledger is not None:
+            await ledger.close()
+
+    async def shutdown_tracing() -> None:
         provider.shutdown()
+
+    async def close() -> None:
+        # every step runs even when one fails: the outbox's last flush must not be skipped
+        # because a Redis connection failed to close
+        await run_every(
+            [
+                pipeline.drain,
+                limiter.close,
+                close_ledger,
+                stop_replays,
+                outbox.flush,  # a last try; what is left stays in the journal
+                connected.close,
+                shutdown_tracing,
+            ],
+            "router stop",
+        )
 
     await run_service(
         ServiceSpec(

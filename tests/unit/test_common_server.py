@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from services.common.env import ConfigError, Env
-from services.common.server import ServerSettings, ServiceSpec, run_service
+from services.common.server import ServerSettings, ServiceSpec, run_every, run_service
 from services.tools.stack.health import UNREACHABLE, probe
 from services.tools.stack.ports import free_port
 
@@ -98,3 +98,24 @@ def test_a_message_size_over_grpcs_limit_is_refused_naming_the_variable() -> Non
         )
     settings = ServerSettings.from_env(Env({}), "ROUTER", "127.0.0.1:0")
     assert settings.listen_name == "ROUTER_LISTEN"
+
+
+async def test_every_stop_step_runs_though_one_failed_and_the_first_failure_is_raised() -> None:
+    # the router's shutdown: a Redis connection that fails to close must not skip the
+    # billing outbox's last flush
+    ran: list[str] = []
+
+    async def close_redis() -> None:
+        ran.append("redis")
+        raise ConnectionError("Connection reset by peer")
+
+    async def flush_outbox() -> None:
+        ran.append("outbox")
+
+    async def save() -> None:
+        ran.append("save")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ConnectionError):
+        await run_every([close_redis, flush_outbox, save], "router stop")
+    assert ran == ["redis", "outbox", "save"]
