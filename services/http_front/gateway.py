@@ -25,6 +25,9 @@ from services.common.tls import ClientTls
 from services.http_front.errors import ApiError, from_gateway
 
 RETRY_AFTER = "retry-after"
+# The router reads its answer ledger (another router's answers) only for calls so marked; a
+# first call so marked is served as usual, after that one read.
+RETRY_MARK = ("cachemesh-retry", "1")
 
 
 def api_error(error: grpc.aio.AioRpcError) -> ApiError:
@@ -44,9 +47,19 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
     return from_gateway(code_of(error.code()), error.details() or "", retry_after)
 
 
-def _metadata(key: str, traceparent: str) -> tuple[tuple[str, str], ...]:
-    auth = ("authorization", f"Bearer {key}")
-    return (auth, ("traceparent", traceparent)) if traceparent else (auth,)
+def _metadata(
+    request: pb.CompleteRequest, key: str, traceparent: str
+) -> tuple[tuple[str, str], ...]:
+    """The caller's key, the trace and, for a request the caller gave an id (its
+    ``Idempotency-Key``), the retry mark: the front cannot tell a first call from a retry that
+    reached it from another front or after a router restart, and only a marked call is
+    answered from the answer another router recorded for that id (billed once)."""
+    metadata = [("authorization", f"Bearer {key}")]
+    if traceparent:
+        metadata.append(("traceparent", traceparent))
+    if request.request_id:
+        metadata.append(RETRY_MARK)
+    return tuple(metadata)
 
 
 class Gateway:
@@ -65,7 +78,7 @@ class Gateway:
         self, request: pb.CompleteRequest, key: str, traceparent: str
     ) -> pb.CompleteResponse:
         call = self._stub.Complete(
-            request, metadata=_metadata(key, traceparent), timeout=self._timeout_s
+            request, metadata=_metadata(request, key, traceparent), timeout=self._timeout_s
         )
         try:
             response: pb.CompleteResponse = await call
@@ -80,7 +93,7 @@ class Gateway:
         self, request: pb.CompleteRequest, key: str, traceparent: str
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         call = self._stub.StreamComplete(
-            request, metadata=_metadata(key, traceparent), timeout=self._timeout_s
+            request, metadata=_metadata(request, key, traceparent), timeout=self._timeout_s
         )
         try:
             async for chunk in call:

@@ -5,6 +5,7 @@ by the official SDKs and by plain HTTP."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -100,28 +101,35 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
 
 
 @dataclass
-class Front:
+class Served:
     base: str
-    gateway: FakeGateway
     stop: asyncio.Event  # SIGTERM's effect
+    metrics: str  # the front's GET /metrics
+
+
+@dataclass
+class Front(Served):
+    gateway: FakeGateway = field(default_factory=FakeGateway)
     # the SDK clients a test made: closed with it (left to the GC, an SDK client closes itself
     # on whichever loop then runs, and a later test logs the closed loop's error)
     clients: list[anthropic.AsyncAnthropic | openai.AsyncOpenAI] = field(default_factory=list)
 
 
-@pytest.fixture
-async def front(tmp_path: Path) -> AsyncIterator[Front]:
-    fake = FakeGateway()
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, gateway: gateway_pb2_grpc.GatewayServicer, **env_over: str
+) -> AsyncIterator[Served]:
+    """The front process in front of ``gateway`` on real gRPC; ``env_over`` overrides its env."""
     server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)
     gateway_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     keys = tmp_path / "api-keys"
     keys.write_text(f"tenant-a:{hash_key(KEY)}\n")
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     env = {
         "HTTP_FRONT_LISTEN": f"127.0.0.1:{port}",
-        "HTTP_FRONT_METRICS_LISTEN": "127.0.0.1:0",  # any free port
+        "HTTP_FRONT_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
         "HTTP_FRONT_GATEWAY_ADDR": f"127.0.0.1:{gateway_port}",
         "CACHEMESH_API_KEYS_FILE": str(keys),
         "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
@@ -130,6 +138,7 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
         "HTTP_FRONT_PING_S": "0.05",
         "OTEL_TRACES_EXPORTER": "none",
         "CACHEMESH_GRACE_S": "1",
+        **env_over,
     }
     stop = asyncio.Event()
     task = asyncio.ensure_future(serve(env, stop))
@@ -143,14 +152,21 @@ async def front(tmp_path: Path) -> AsyncIterator[Front]:
             except aiohttp.ClientError:
                 await asyncio.sleep(0.02)
     try:
-        made = Front(base, fake, stop)
-        yield made
-        for client in made.clients:
-            await client.close()
+        yield Served(base, stop, f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         stop.set()
         await task
         await server.stop(0)
+
+
+@pytest.fixture
+async def front(tmp_path: Path) -> AsyncIterator[Front]:
+    fake = FakeGateway()
+    async with serving(tmp_path, fake) as served:
+        made = Front(served.base, served.stop, served.metrics, fake)
+        yield made
+        for client in made.clients:
+            await client.close()
 
 
 def _claude(front: Front) -> anthropic.AsyncAnthropic:
@@ -413,6 +429,24 @@ async def test_the_key_and_the_trace_go_to_the_gateway(front: Front) -> None:
     sent = dict(front.gateway.metadata)
     assert sent["authorization"] == f"Bearer {KEY}"
     assert sent["traceparent"] == returned and returned.startswith("00-" + "c" * 32)
+
+
+async def test_only_a_request_with_an_idempotency_key_is_marked_as_a_possible_retry(
+    front: Front,
+) -> None:
+    """The router reads the ledger for calls marked ``cachemesh-retry`` (a first call so marked
+    is served as usual, at the cost of one ledger read); a request without a key has a fresh
+    id each time, which no ledger can hold, so it goes unmarked."""
+    claude = _claude(front)
+    await claude.messages.create(model="sim-large", max_tokens=5, messages=ASK)
+    assert "cachemesh-retry" not in dict(front.gateway.metadata)
+    await claude.messages.create(
+        model="sim-large",
+        max_tokens=5,
+        messages=ASK,
+        extra_headers={"Idempotency-Key": "order-42"},
+    )
+    assert dict(front.gateway.metadata)["cachemesh-retry"] == "1"
 
 
 async def test_readiness_follows_the_gateway(front: Front) -> None:

@@ -1,0 +1,92 @@
+"""``Idempotency-Key`` through the HTTP front: a caller's retry that reaches another router (a
+second front replica behind the load balancer, or the router restarted) is answered from the
+routers' shared answer ledger, not run and billed again. Two real Gateway servicers share a
+real Redis ledger (tests/redis_server.py), each behind its own front; the pipeline is a fake."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+from redis.asyncio import Redis
+
+from services.common.auth import ApiKeys, hash_key
+from services.common.clock import SystemClock
+from services.common.metrics import TenantLabels, new_registry
+from services.router import servicer as servicer_module
+from services.router.access_log import RequestLog
+from services.router.answer_ledger import RedisAnswerLedger
+from services.router.idempotency import IdempotencyTable
+from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.metrics import RouterMetrics
+from services.router.servicer import GatewayServicer
+from tests.redis_server import redis_server
+from tests.unit.test_http_front_app import KEY, serving
+from tests.unit.test_router_answer_ledger import TABLE, FakePipeline
+
+ASK: list[Any] = [{"role": "user", "content": "What is a KV cache?"}]
+
+
+@pytest.fixture
+def ledger_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    # a loaded machine may take longer than the router's 0.5 s to answer the ledger: these
+    # tests check what the ledger does, not how fast
+    monkeypatch.setattr(servicer_module, "LEDGER_TIMEOUT_S", 10.0)
+    with redis_server(tmp_path) as url:
+        yield url
+
+
+def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
+    """A router that knows the front's key, its answer ledger in the Redis at ``url``."""
+    pipeline = FakePipeline()
+    ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): "tenant-a"}),
+        TABLE,
+        {"sim-small", "sim-large"},
+        pipeline,  # type: ignore[arg-type]
+        IdempotencyTable(SystemClock(), 60, 100),
+        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock()),
+        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
+        ledger,
+    )
+    return servicer, pipeline, ledger
+
+
+async def test_a_retry_through_another_front_and_router_is_answered_once(
+    tmp_path: Path, ledger_url: str
+) -> None:
+    first, first_pipe, first_ledger = _router(ledger_url)
+    second, second_pipe, second_ledger = _router(ledger_url)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with (
+        serving(tmp_path / "a", first) as one,
+        serving(tmp_path / "b", second) as two,
+    ):
+        clients = [
+            anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY, max_retries=0)
+            for served in (one, two)
+        ]
+        answers = [
+            await client.messages.create(
+                model="sim-small",
+                max_tokens=50,
+                messages=ASK,
+                extra_headers={"Idempotency-Key": "order-42"},
+            )
+            for client in clients
+        ]
+        for client in clients:
+            await client.close()
+    await first_ledger.close()
+    await second_ledger.close()
+    assert (first_pipe.runs, second_pipe.runs) == (1, 0)  # one model call, one bill
+    assert [a.content[0].type == "text" and a.content[0].text for a in answers] == [
+        "answer 1",
+        "answer 1",
+    ]
