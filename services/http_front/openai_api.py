@@ -28,6 +28,12 @@ _TOP = (
     "logit_bias", "response_format", "metadata", "store", "service_tier", "prompt_cache_key",
     "reasoning_effort", "safety_identifier",
 )  # fmt: skip
+# an assistant message as the caller wrote it, or as the SDK returned it in an answer (an
+# application appends ``completion.choices[0].message`` to its history and sends it back)
+_ASSISTANT = (
+    "role", "content", "name", "tool_calls", "refusal", "annotations", "audio", "function_call",
+    "parsed",
+)  # fmt: skip
 # the Gateway's stop reasons as OpenAI finish reasons (a refusal: the content filter's); any
 # other reads as stop
 _FINISH = {
@@ -165,7 +171,7 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
             obj.only(("role", "content", "name"))
             _turn(request, pb.ROLE_USER).content.extend(_blocks_of(obj))
         elif role == "assistant":
-            obj.only(("role", "content", "name", "tool_calls", "refusal"))
+            obj.only(_ASSISTANT)
             _assistant(obj, _turn(request, pb.ROLE_ASSISTANT))
         elif role == "tool":
             obj.only(("role", "content", "tool_call_id"))
@@ -191,14 +197,37 @@ def _turn(request: pb.CompleteRequest, role: int) -> pb.Message:
     return message
 
 
+def _answer_only_fields(obj: Obj) -> None:
+    """The fields of an answer's message that an application sends back with it: ``refusal``,
+    ``annotations`` (citations of the content) and the SDK's ``parsed`` (its parse of the
+    content) say nothing the content does not, and are ignored; an ``audio`` answer or a
+    deprecated ``function_call`` would be lost, and is refused."""
+    obj.text("refusal")
+    obj.array("annotations")
+    if obj.has("audio"):
+        raise invalid(
+            f"{obj.at('audio')}: audio answers are not supported by cachemesh; send the "
+            "answer's transcript as content",
+            obj.at("audio"),
+        )
+    if obj.has("function_call"):
+        raise invalid(
+            f"{obj.at('function_call')}: the deprecated function_call is not supported by "
+            "cachemesh; use tool_calls",
+            obj.at("function_call"),
+        )
+
+
 def _assistant(obj: Obj, message: pb.Message) -> None:
+    _answer_only_fields(obj)
     message.content.extend(b for b in _blocks_of(obj, required=False) if b.text)
     for j, raw in enumerate(obj.array("tool_calls") or []):
         call = Obj(raw, f"{obj.at('tool_calls')}[{j}]")
-        call.only(("id", "type", "function"))
+        call.only(("id", "type", "function", "index"))  # index: a streamed call's, ignored
+        call.integer("index")
         fn = call.obj("function", required=True)
         assert fn is not None
-        fn.only(("name", "arguments"))
+        fn.only(("name", "arguments", "parsed_arguments"))  # the SDK's parse of arguments
         arguments = fn.text("arguments", required=True) or ""
         try:
             value = json.loads(arguments) if arguments.strip() else {}

@@ -210,6 +210,20 @@ async def test_a_streamed_tool_use_reaches_both_sdks(front: Front) -> None:
     assert named == ["lookup"]
 
 
+async def test_the_openai_tool_loop_sends_the_stream_helpers_message_back(front: Front) -> None:
+    """``messages.append(completion.choices[0].message)``: the message the SDK's stream helper
+    returns carries fields of an answer (parsed, the calls' index and parsed_arguments)."""
+    gpt = _gpt(front)
+    tools: list[Any] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    async with gpt.chat.completions.stream(model="sim-large", messages=ASK, tools=tools) as s:
+        done = await s.get_final_completion()
+    message = done.choices[0].message
+    assert message.tool_calls is not None
+    history = [*ASK, message, {"role": "tool", "tool_call_id": "toolu_1", "content": "Paris"}]
+    again = await gpt.chat.completions.create(model="sim-large", messages=history, tools=tools)
+    assert again.choices[0].finish_reason == "tool_calls" and front.gateway.calls == 2
+
+
 async def test_a_failure_after_a_streams_head_ends_that_stream_with_an_error_event(
     front: Front, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -324,3 +324,66 @@ def test_stop_reasons_reach_each_api_in_its_own_words(
 ) -> None:
     assert anthropic_api.stop_reason(stop) == anthropic
     assert openai_api.finish_reason(stop) == openai
+
+
+def _history(assistant: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": "sim-large",
+        "messages": [
+            {"role": "user", "content": "q"},
+            assistant,
+            {"role": "tool", "tool_call_id": "c1", "content": "out"},
+        ],
+    }
+
+
+# an answer's message as the SDK hands it back when an application appends it to its history
+# (``messages.append(completion.choices[0].message)``); the stream helper's adds parsed and the
+# calls' index and parsed_arguments, OpenAI's own answers annotations
+_ECHOED = {
+    "role": "assistant",
+    "content": None,
+    "refusal": None,
+    "annotations": [],
+    "audio": None,
+    "function_call": None,
+    "parsed": None,
+    "tool_calls": [
+        {
+            "index": 0,
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "f", "arguments": '{"x": 2}', "parsed_arguments": {"x": 2}},
+        }
+    ],
+}
+
+
+def test_an_answers_message_sent_back_as_the_sdk_returned_it_is_the_same_turn() -> None:
+    plain = {k: v for k, v in _ECHOED.items() if k in ("role", "content", "tool_calls")}
+    plain["tool_calls"] = [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 2}'}}
+    ]
+    echoed, _, _ = openai_api.parse_request(_history(_ECHOED), 10)
+    written, _, _ = openai_api.parse_request(_history(plain), 10)
+    assert echoed == written
+    assert echoed.messages[1].content[0].tool_use.input_json == '{"x":2}'
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"audio": {"id": "audio_1"}}, "messages[1].audio: audio answers are not supported"),
+        (
+            {"function_call": {"name": "f", "arguments": "{}"}},
+            "messages[1].function_call: the deprecated function_call is not supported",
+        ),
+        ({"annotations": "none"}, "messages[1].annotations: expected an array"),
+    ],
+)
+def test_answer_fields_cachemesh_cannot_honour_are_refused_naming_them(
+    fields: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(_history({**_ECHOED, **fields}), 10)
+    assert refused.value.kind == "invalid_request" and says in refused.value.message
