@@ -21,6 +21,7 @@ from services.common.server import run_main
 from services.common.telemetry import build_tracer_provider
 from services.http_front.gateway import Gateway
 from services.http_front.handlers import Front
+from services.http_front.http_server import Runner
 from services.http_front.limits import InFlight
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.settings import HttpFrontSettings
@@ -56,7 +57,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics=HttpFrontMetrics(registry, time.perf_counter),
     )
     endpoint = MetricsEndpoint(settings.metrics, registry)
-    runner = web.AppRunner(
+    runner = Runner(
         build_app(front, settings.max_body_bytes),
         handle_signals=False,
         access_log=None,
