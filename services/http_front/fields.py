@@ -36,25 +36,33 @@ def _type_name(value: object) -> str:
 
 # A UTF-16 surrogate written as a JSON escape: legal JSON, but alone (a string cut in the middle
 # of an emoji) it is no character, and no protobuf string can hold it.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = (
+    "holds a lone UTF-16 surrogate escape (a \\uD800-\\uDFFF without its pair, e.g. a string "
+    "cut in the middle of an emoji): not text"
+)
+_NOT_UTF8 = "the request body is not UTF-8 text: send the JSON encoded as UTF-8"
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    """The body as a JSON object, or a 400 that says what is wrong with it. The body must be
+    UTF-8 (a UTF-8 byte order mark is skipped), as the providers' APIs require: ``json.loads``
+    would read UTF-16 and UTF-32 too, which no caller of these APIs means to send."""
     try:
-        value = json.loads(raw)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise invalid("the request body is not UTF-8 text") from None
+        raise invalid(_NOT_UTF8) from None
+    if "\0" in text:  # no JSON text holds a raw NUL; UTF-16 and UTF-32 text does
+        raise invalid(f"{_NOT_UTF8} (it holds NUL bytes, as UTF-16 and UTF-32 do)")
+    try:
+        value = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(raw) is not None:
+    if _SURROGATE_ESCAPE.search(text) is not None:
         try:  # pairs decode to one character; a lone one does not encode
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise invalid(
-                "the request body holds a lone UTF-16 surrogate escape (a \\uD800-\\uDFFF "
-                "without its pair, e.g. a string cut in the middle of an emoji): not text"
-            ) from None
+            raise invalid(f"the request body {LONE_SURROGATE}") from None
     if not isinstance(value, dict):
         raise invalid(f"the request body must be a JSON object, got {_type_name(value)}")
     return value
@@ -140,4 +148,9 @@ def json_text(value: object, where: str) -> str:
     """A JSON value (a tool's input or schema) as the Gateway's JSON text field."""
     if not isinstance(value, dict):
         raise invalid(f"{where}: expected an object, got {_type_name(value)}", where)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:  # a value decoded from a JSON string of the body (tool-call arguments) may hold one
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{where}: {LONE_SURROGATE}", where) from None
+    return text

@@ -233,6 +233,10 @@ def _assistant(obj: Obj, message: pb.Message) -> None:
             value = json.loads(arguments) if arguments.strip() else {}
         except ValueError:
             raise invalid(f"{fn.at('arguments')}: not valid JSON", fn.at("arguments")) from None
+        except RecursionError:
+            raise invalid(
+                f"{fn.at('arguments')}: nested too deeply to read as JSON", fn.at("arguments")
+            ) from None
         use = pb.ToolUse(
             id=call.text("id", required=True) or "",
             name=fn.text("name", required=True) or "",

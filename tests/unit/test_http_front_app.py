@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -319,6 +320,26 @@ LONE_SURROGATE = (
     b'{"model": "sim-large", "max_tokens": 5, '
     b'"messages": [{"role": "user", "content": "smile \\ud83d"}]}'
 )
+# tool-call arguments nested deeper than Python's JSON reader goes (was a 500)
+DEEP_ARGUMENTS = json.dumps(
+    {
+        "model": "sim-large",
+        "messages": [
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": "[" * 1000 + "]" * 1000},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        ],
+    }
+).encode()
 CLAUDE_HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
 GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
 
@@ -339,6 +360,9 @@ GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
          "invalid_request_error"),
         ("/v1/messages", LONE_SURROGATE, CLAUDE_HEADERS, 400, "invalid_request_error"),
         ("/v1/chat/completions", LONE_SURROGATE, GPT_HEADERS, 400, "invalid_request_error"),
+        ("/v1/messages", LONE_SURROGATE.decode().encode("utf-16"), CLAUDE_HEADERS, 400,
+         "invalid_request_error"),
+        ("/v1/chat/completions", DEEP_ARGUMENTS, GPT_HEADERS, 400, "invalid_request_error"),
     ],
 )  # fmt: skip
 async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(

@@ -387,3 +387,45 @@ def test_answer_fields_cachemesh_cannot_honour_are_refused_naming_them(
     with pytest.raises(ApiError) as refused:
         openai_api.parse_request(_history({**_ECHOED, **fields}), 10)
     assert refused.value.kind == "invalid_request" and says in refused.value.message
+
+
+_LONE = '{"model": "m", "messages": [{"role": "user", "content": "smile \\ud83d"}]}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (_LONE.encode("utf-16"), "not UTF-8"),  # json.loads would read these as JSON
+        (_LONE.encode("utf-16-le"), "not UTF-8"),
+        (_LONE.encode("utf-32"), "not UTF-8"),
+        (_LONE.encode("utf-32-be"), "not UTF-8"),
+        (_LONE.encode(), "lone UTF-16 surrogate"),
+    ],
+)
+def test_a_body_that_is_not_utf8_text_is_refused(raw: bytes, says: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_body(raw)
+    assert refused.value.kind == "invalid_request" and says in refused.value.message
+
+
+def test_a_body_with_a_utf8_byte_order_mark_is_still_read() -> None:
+    assert parse_body(b"\xef\xbb\xbf" + _LONE.replace("\\ud83d", "hi").encode()) == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "smile hi"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "messages[1].tool_calls[0].function.arguments: nested"),
+        ('{"text": "smile \\ud83d"}', "messages[1].tool_calls[0].function.arguments: holds a lone"),
+    ],
+)
+def test_tool_call_arguments_the_gateway_cannot_hold_are_refused_naming_them(
+    arguments: str, says: str
+) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(_history({"role": "assistant", "tool_calls": [call]}), 10)
+    assert refused.value.kind == "invalid_request" and says in refused.value.message
