@@ -236,6 +236,7 @@ class Front:
                             for name, body in _anthropic_events(events, chunk):
                                 await response.write(sse.event(name, body))
                 except ApiError as error:
+                    _ended_by(request, "anthropic", error)
                     await response.write(
                         sse.event("error", error.body_for("anthropic", start.start.request_id))
                     )
@@ -275,6 +276,7 @@ class Front:
                             for item in _openai_chunks(chunker, chunk):
                                 await response.write(sse.data(item))
                 except ApiError as error:
+                    _ended_by(request, "openai", error)
                     await response.write(sse.data(error.body_for("openai", start.start.request_id)))
             await response.write(sse.DONE)
             await response.write_eof()
@@ -338,6 +340,13 @@ def _key(api: Api, request: web.Request) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip() if token.isascii() else None
     return None
+
+
+def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
+    """A stream whose head went out ends in ``error``'s event: its metrics count the error's
+    status, not the 200 of its head, and the server span carries the error's kind."""
+    request[_ENDED] = error.status_for(api)
+    trace.get_current_span().set_attribute("error.type", error.kind)
 
 
 def _too_large(size: int | None, limit: int) -> ApiError:

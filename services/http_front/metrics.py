@@ -1,7 +1,9 @@
 """The HTTP front's metrics, by API (``anthropic`` / ``openai``) and route (the route's
 pattern, e.g. ``/v1/models/{model}``: never the path itself):
 
-- ``cachemesh_http_front_requests_total{api,route,status}`` (the HTTP status sent);
+- ``cachemesh_http_front_requests_total{api,route,status}`` (the HTTP status sent; for a
+  stream that ends in an error event, that error's status, e.g. 529 for a replica lost
+  mid-answer; 499 for a caller gone);
 - ``cachemesh_http_front_request_duration_seconds{api,route}`` (a stream: until its end);
 - ``cachemesh_http_front_requests_in_flight``.
 """

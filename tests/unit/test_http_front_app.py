@@ -69,6 +69,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     metadata: list[tuple[str, str]] = field(default_factory=list)
+    cut: str = ""  # a stream cut after its first block, UNAVAILABLE with this message
 
     async def _begin(self, context: Context) -> None:
         self.calls += 1
@@ -98,6 +99,8 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             raise
         for block in self.answer.content:
             yield pb.CompleteChunk(delta=block)
+            if self.cut:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, self.cut)
         yield pb.CompleteChunk(end=self.answer)
 
 

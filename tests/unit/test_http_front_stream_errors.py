@@ -1,0 +1,56 @@
+"""A stream that fails after its head went out (the model replica dies mid-answer) ends with an
+error event, and is counted and traced with that error, not as the 200 its head said."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.http_front import app
+from tests.unit.test_http_front_app import ASK, KEY, FakeGateway, serving
+
+
+async def test_a_stream_cut_by_the_gateway_is_counted_and_traced_with_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    cut = "the model replica went away"
+    async with serving(tmp_path, FakeGateway(cut=cut)) as front:
+        claude = anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY, max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as claude_error:
+            async with claude.messages.stream(
+                model="sim-large", max_tokens=50, messages=ASK
+            ) as stream:
+                await stream.get_final_message()
+        await claude.close()
+        gpt = openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key=KEY, max_retries=0)
+        chunks = await gpt.chat.completions.create(model="sim-large", messages=ASK, stream=True)
+        with pytest.raises(openai.APIError) as gpt_error:
+            _ = [chunk async for chunk in chunks]
+        await gpt.close()
+        async with aiohttp.ClientSession() as session, session.get(front.metrics) as reply:
+            metrics = await reply.text()
+    assert cut in str(claude_error.value) and cut in str(gpt_error.value)
+    counted = [
+        line.split("{", 1)[1]
+        for line in metrics.splitlines()
+        if line.startswith("cachemesh_http_front_requests_total{")
+    ]
+    # each API's status for UNAVAILABLE: Anthropic's overloaded 529, OpenAI's 503
+    assert sorted(counted) == [
+        'api="anthropic",route="/v1/messages",status="529"} 1.0',
+        'api="openai",route="/v1/chat/completions",status="503"} 1.0',
+    ]
+    served: list[Any] = [s for s in spans.get_finished_spans() if s.name.startswith("POST")]
+    assert [s.attributes.get("error.type") for s in served] == ["overloaded", "overloaded"]
