@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -126,10 +127,44 @@ def is_loopback(address: builtins.str) -> builtins.bool:
         return False
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
 def redacted_url(url: builtins.str) -> builtins.str:
-    """A Redis URL as redis-py reads it, without its secrets, for messages: its scheme, user,
-    host, port and database (or socket path), never its password (in the user part, whatever
-    characters it holds, or as ``?password=``) nor any other query value."""
+    """A URL without its secrets, for logs and messages. A Redis URL (``redis://``,
+    ``rediss://``, ``unix://``) is shown as redis-py reads it; any other (an HTTP base URL) as
+    ``scheme://host[:port]/path``. Neither ever shows a password (in the user part, whatever
+    characters it holds, or as ``?password=``) nor any query value."""
+    scheme = url.partition("://")[0]
+    if scheme.lower() in _REDIS_SCHEMES:
+        return _redacted_redis_url(url)
+    return _redacted_http_url(url)
+
+
+def _redacted_http_url(url: builtins.str) -> builtins.str:
+    """``scheme://[user:***@]host[:port]/path``: the user part hidden (a lone user name is
+    often the token itself, so it becomes ``***@``), no query nor fragment; a URL that does
+    not parse is not shown (the parser's message may quote the password)."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        return "(not a scheme://host URL; not shown)"
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return f"(a {scheme} URL that does not parse; not shown)"
+    shown = ""
+    if parts.username is not None or parts.password is not None:
+        shown = f"{parts.username}:***@" if parts.password is not None else "***@"
+    host = f"[{host}]" if ":" in host else host
+    where = f"{host}:{port}" if port is not None else host
+    path = parts.path if "@" not in parts.path else "/***"  # a password holding '/' leaks here
+    return f"{scheme}://{shown}{where}{path}"
+
+
+def _redacted_redis_url(url: builtins.str) -> builtins.str:
+    """A Redis URL as redis-py reads it: its scheme, user, host, port and database (or socket
+    path), never its password nor any other query value."""
     from redis.connection import parse_url  # only the services that use Redis call this
 
     scheme = url.partition("://")[0]

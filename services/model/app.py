@@ -80,7 +80,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             settings.backend,
             settings.replica_id,
             ", ".join(f"{m}={s.upstream}" for m, s in settings.models.items()),
-            settings.provider.base_url,
+            settings.provider.shown_url,  # never its password
             "set" if settings.provider.api_key is not None else "none",
         )
     await run_service(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -129,3 +130,32 @@ def test_the_engine_keeps_the_kv_cache_it_is_given() -> None:
 
     asyncio.run(prefill())
     assert len(given) > 0  # the prompt's blocks went into the cache given
+
+
+async def test_the_start_up_line_never_shows_the_base_urls_password() -> None:
+    """``OPENAI_BASE_URL=http://user:password@host/v1`` (an engine behind basic auth) was
+    logged whole at start-up."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("cachemesh.model")
+    logger.addHandler(handler)
+    stop = asyncio.Event()
+    stop.set()  # start, log, stop at once
+    environ = {
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "MODEL_BACKEND": "openai",
+        "MODEL_IDS": "local-small",
+        "OPENAI_BASE_URL": "http://vllm:S3cretPassw0rd@127.0.0.1:9/v1?token=Q",
+        "MODEL_LISTEN": f"127.0.0.1:{free_port()}",
+        "MODEL_METRICS_LISTEN": "127.0.0.1:0",
+        "OTEL_TRACES_EXPORTER": "none",
+        "CACHEMESH_GRACE_S": "0",
+    }
+    try:
+        await asyncio.wait_for(serve(environ, stop), timeout=30)
+    finally:
+        logger.removeHandler(handler)
+    said = "\n".join(lines)
+    assert "http://vllm:***@127.0.0.1:9/v1" in said, said
+    assert "S3cretPassw0rd" not in said and "token=Q" not in said

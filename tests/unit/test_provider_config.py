@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.env import ConfigError, Env
+from services.common.env import ConfigError, Env, redacted_url
 from services.common.models import load_model_table, model_table_from_env
 from services.model.providers.config import ProviderSettings
 from services.model.providers.failures import Kind, _kind
@@ -126,3 +126,40 @@ def test_a_key_echoed_whole_or_masked_is_redacted() -> None:
         cleaned = redactor.clean(f"Incorrect API key provided: {echo}.")
         assert KEY not in cleaned and KEY[:8] not in cleaned and "abc*****" not in cleaned
     assert json.dumps(redactor.message("x" * 2000)).count("x") == 500
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://vllm:S3cret@127.0.0.1:8000/v1", "http://vllm:***@127.0.0.1:8000/v1"),
+        ("https://S3cret@engine.example/v1", "https://***@engine.example/v1"),  # a token as user
+        ("https://api.openai.com/v1?key=S3cret#S3cret", "https://api.openai.com/v1"),
+        ("http://u:S3cret@[::1]:8080/v1", "http://u:***@[::1]:8080/v1"),
+        ("http://u:12/S3cret@host/v1", "http://u:12/***"),  # a '/' in the password
+        ("http://u:S3cret?b@host/v1", "(a http URL that does not parse; not shown)"),
+        ("u:S3cret@host/v1", "(not a scheme://host URL; not shown)"),
+    ],
+)
+def test_a_base_url_is_shown_without_its_credentials(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"ANTHROPIC_BASE_URL": "https://u:S3cret@proxy.example"}, "ANTHROPIC_API_KEY"),
+        ({"ANTHROPIC_API_KEY": "a", "ANTHROPIC_BASE_URL": "ftp://u:S3cret@x"}, "BASE_URL"),
+    ],
+)
+def test_a_config_error_never_shows_the_base_urls_password(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named) as caught:
+        ProviderSettings.from_env(Env(env), "anthropic")
+    assert "S3cret" not in str(caught.value) and "u:***@" in str(caught.value)
+
+
+def test_the_base_urls_password_is_redacted_from_provider_messages() -> None:
+    settings = ProviderSettings.from_env(
+        Env({"OPENAI_BASE_URL": "http://vllm:S3cretPassw0rd@127.0.0.1:9/v1"}), "openai"
+    )
+    cleaned = Redactor(settings.secrets()).clean("cannot reach vllm:S3cretPassw0rd@127.0.0.1")
+    assert "S3cretPassw0rd" not in cleaned

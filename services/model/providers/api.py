@@ -87,8 +87,7 @@ class ProviderApi:
         self._set_health = set_health
         self._clock = clock
         self._sleep = sleep
-        key = settings.api_key.reveal() if settings.api_key is not None else ""
-        self._redactor = Redactor([key])
+        self._redactor = Redactor(settings.secrets())
         self._auth_failed_at: float | None = None
 
     @property

@@ -2,7 +2,8 @@
 
 The API key comes from ``<P>_API_KEY`` or from the file named by ``<P>_API_KEY_FILE`` (a
 mounted secret), never both; it is held in ``Secret`` whose repr hides it, and no message
-here ever repeats it.
+here ever repeats it. The base URL may carry credentials too (``http://user:password@host/v1``,
+an engine behind basic auth): messages and logs show it through ``redacted_url``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from services.common.env import ConfigError, Env
+from services.common.env import ConfigError, Env, redacted_url
 
 Backend = Literal["anthropic", "openai"]
 DEFAULT_BASE_URLS: dict[Backend, str] = {
@@ -53,14 +55,13 @@ class ProviderSettings:
         prefix = _PREFIX[backend]
         default_url = DEFAULT_BASE_URLS[backend]
         base_url = env.str(f"{prefix}_BASE_URL", default_url).rstrip("/")
+        shown = redacted_url(base_url)[:80]  # never its password
         if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"{prefix}_BASE_URL must be an http:// or https:// URL, got {base_url[:64]!r}"
-            )
+            raise ConfigError(f"{prefix}_BASE_URL must be an http:// or https:// URL, got {shown}")
         key = read_api_key(env, prefix)
         if key is None and (backend == "anthropic" or base_url == default_url):
             raise ConfigError(
-                f"{prefix}_API_KEY or {prefix}_API_KEY_FILE is required for {base_url} "
+                f"{prefix}_API_KEY or {prefix}_API_KEY_FILE is required for {shown} "
                 "(a file holding the key is safer: it stays out of the process environment)"
             )
         return cls(
@@ -73,6 +74,20 @@ class ProviderSettings:
             auth_recheck_s=env.float("PROVIDER_AUTH_RECHECK_S", 60.0, minimum=0.0),
             upstream_ids=parse_upstream_ids(env.str("MODEL_UPSTREAM_IDS", "")),
         )
+
+    @property
+    def shown_url(self) -> str:
+        """The base URL for logs and messages: no password, no query."""
+        return redacted_url(self.base_url)
+
+    def secrets(self) -> list[str]:
+        """What no message may repeat: the key, and a password in the base URL."""
+        key = self.api_key.reveal() if self.api_key is not None else ""
+        try:
+            password = urlsplit(self.base_url).password or ""
+        except ValueError:
+            password = ""
+        return [s for s in (key, password) if s]
 
 
 def read_api_key(env: Env, prefix: str) -> Secret | None:
