@@ -114,6 +114,10 @@ def test_openai_body_for_a_local_engine_uses_max_tokens_and_no_cache_key() -> No
         (400, "invalid_request_error", Kind.CLIENT),
         (401, "invalid_request_error", Kind.AUTH),  # OpenAI's 401 body says invalid_request
         (403, "permission_error", Kind.AUTH),
+        (401, "error", Kind.AUTH),  # a proxy's 401 without a typed body
+        (0, "authentication_error", Kind.AUTH),  # an error event mid-stream
+        (403, "invalid_request_error", Kind.CLIENT),  # OpenAI: no access to one model
+        (403, "error", Kind.CLIENT),
     ],
 )
 def test_failures_are_classified(status: int, error_type: str, kind: Kind) -> None:

@@ -8,10 +8,13 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   jitter) when that wait ends before the deadline; otherwise the call fails UNAVAILABLE at
   once, naming the wait that did not fit, so the router hands the request to the next
   replica or tier while there is time left.
-- A 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed).
-- A 401 / 403 means our credentials: the replica reports NOT_SERVING on its health, says so in
-  one log line, refuses calls (UNAVAILABLE, so the router uses another replica) and lets one
-  call through again after ``auth_recheck_s``.
+- A 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
+  so is a 403 that concerns one model (OpenAI's ``model_not_found``: the key may not use it),
+  which the router hands to the client rather than to every replica.
+- A 401, or an error typed as our credentials' (``failures._AUTH_TYPES``), means our key: the
+  replica reports NOT_SERVING on its health, says so in one log line, refuses calls
+  (UNAVAILABLE, so the router uses another replica) and lets one call through again after
+  ``auth_recheck_s``.
 - After the first token nothing is retried: a stream that breaks (an error event, a cut
   connection, the deadline) ends with ``end.interrupted`` carrying what was produced, so the
   router bills it and never stores it.

@@ -6,6 +6,12 @@ stream (Anthropic's ``event: error``, an OpenAI chunk carrying ``error``) is an
 error of its HTTP stack while it reads a stream (the connection lost mid-stream): an
 ``httpx2.TransportError`` is a lost connection too. A stream that ends without its final event
 (``StreamCut``) was cut as well, however cleanly its connection closed.
+
+Only a 401 or an error whose type (or OpenAI ``code``) names our credentials
+(``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Any other
+403 concerns this request, not the key: OpenAI answers 403 ``invalid_request_error`` /
+``model_not_found`` ("Project ... does not have access to model ...") when a key may not use one
+model, and the key still serves every other.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ import openai
 
 class Kind(enum.Enum):
     RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
-    CLIENT = "client"  # 400 / 404 / 413 / 422: the request is wrong; INVALID_ARGUMENT
-    AUTH = "auth"  # 401 / 403: our credentials; the replica reports NOT_SERVING
+    CLIENT = "client"  # 400 / 403 / 404 / 413 / 422: the request is wrong; INVALID_ARGUMENT
+    AUTH = "auth"  # 401, or an auth error type: our credentials; the replica is NOT_SERVING
     FATAL = "fatal"  # anything else: no retry, the next replica
 
 
@@ -59,22 +65,22 @@ def classify(exc: Exception) -> Failure:
     if isinstance(exc, _STATUS_ERRORS):
         status = int(exc.status_code)
         error_type, message = _error_of(exc.body, str(exc))
-        kind = _kind(status, error_type)
+        kind = _kind(status, error_type, _code_of(exc.body))
         return Failure(kind, status, error_type, message, _retry_after(exc.response.headers))
     if isinstance(exc, _TRANSPORT_ERRORS):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
     if isinstance(exc, (anthropic.APIError, openai.APIError)):  # an error chunk in a stream
         error_type, message = _error_of(exc.body, str(exc))
-        return Failure(_kind(0, error_type), 0, error_type, message, None)
+        return Failure(_kind(0, error_type, _code_of(exc.body)), 0, error_type, message, None)
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
 
-def _kind(status: int, error_type: str) -> Kind:
-    if error_type in _AUTH_TYPES or status in (401, 403):
+def _kind(status: int, error_type: str, code: str = "") -> Kind:
+    if error_type in _AUTH_TYPES or code in _AUTH_TYPES or status == 401:
         return Kind.AUTH
     if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
         return Kind.RETRY
-    if error_type in _CLIENT_TYPES or status in (400, 404, 413, 422):
+    if error_type in _CLIENT_TYPES or status in (400, 403, 404, 413, 422):
         return Kind.CLIENT
     return Kind.FATAL
 
@@ -91,6 +97,12 @@ def _error_of(body: object, fallback: str) -> tuple[str, str]:
     if isinstance(body, str) and body:
         return "error", body
     return "error", fallback
+
+
+def _code_of(body: object) -> str:
+    """OpenAI's ``error.code`` (``invalid_api_key``, ``model_not_found``), else empty."""
+    inner: Any = body.get("error", body) if isinstance(body, dict) else None
+    return str(inner.get("code") or "") if isinstance(inner, dict) else ""
 
 
 def _retry_after(headers: Any) -> float | None:

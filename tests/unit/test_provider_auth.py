@@ -1,0 +1,153 @@
+"""A provider's 401 (or an error typed as our credentials') takes the replica NOT_SERVING; a
+403 that concerns one model (OpenAI: ``invalid_request_error`` / ``model_not_found``, "Project
+... does not have access to model ...") is that request's refusal, and every other model the
+key may use keeps being served. The adapter is a fake raising the official SDK's own errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+import httpx2
+import openai
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.errors import Code, RequestError
+from services.common.models import ModelSpec, load_model_table
+from services.common.tokens import Tokenizer, load_cl100k
+from services.model.providers.api import ProviderApi
+from services.model.providers.config import ProviderSettings, Secret
+from services.model.providers.progress import Progress
+
+KEY = "sk-proj-test-0123456789abcdef"
+FORBIDDEN_MODEL = "gpt-5"
+ALLOWED_MODEL = "gpt-4-1-mini"
+
+
+def _status_error(status: int, error: dict[str, str]) -> openai.APIStatusError:
+    body = {"error": {"param": None, **error}}
+    request = httpx2.Request("POST", "https://api.openai.com/v1/chat/completions")
+    response = httpx2.Response(status, json=body, request=request)
+    cls = openai.AuthenticationError if status == 401 else openai.PermissionDeniedError
+    return cls(str(error["message"]), response=response, body=body)
+
+
+NO_ACCESS = {
+    "message": f"Project `proj_abc` does not have access to model `{FORBIDDEN_MODEL}`",
+    "type": "invalid_request_error",
+    "code": "model_not_found",
+}
+BAD_KEY = {
+    "message": f"Incorrect API key provided: {KEY[:8]}****cdef.",
+    "type": "invalid_request_error",
+    "code": "invalid_api_key",
+}
+
+
+@dataclass
+class RefusingAdapter:
+    """Raises ``refusal`` for ``FORBIDDEN_MODEL`` (every model when ``all_models``)."""
+
+    refusal: openai.APIStatusError
+    all_models: bool = False
+    backend: str = "openai"
+    calls: list[str] = field(default_factory=list)
+
+    async def stream(
+        self,
+        spec: ModelSpec,
+        request: pb.CompleteRequest,
+        progress: Progress,
+        timeout_s: float,
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        self.calls.append(spec.id)
+        if self.all_models or spec.id == FORBIDDEN_MODEL:
+            raise self.refusal
+        yield progress.start(10)
+        yield progress.text("Hello.")
+        yield model_pb2.GenerateChunk(end=model_pb2.GenerateEnd(stop_reason="end_turn"))
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+def _api(adapter: RefusingAdapter, tokenizer: Tokenizer, health: list[bool]) -> ProviderApi:
+    async def set_health(serving: bool) -> None:
+        health.append(serving)
+
+    table = load_model_table()
+    settings = ProviderSettings(
+        backend="openai",
+        base_url="https://api.openai.com/v1",
+        api_key=Secret(KEY),
+        max_retries=2,
+        backoff_s=0.0,
+        backoff_max_s=0.0,
+        auth_recheck_s=60.0,
+        upstream_ids={},
+    )
+    return ProviderApi(
+        adapter=adapter,
+        models={m: table.models[m] for m in (FORBIDDEN_MODEL, ALLOWED_MODEL)},
+        replica_id="r1",
+        settings=settings,
+        tokenizer=tokenizer,
+        set_health=set_health,
+        clock=lambda: 100.0,
+    )
+
+
+def _request(model: str) -> model_pb2.GenerateRequest:
+    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Hi")])
+    request = pb.CompleteRequest(model=model, max_tokens=50, messages=[message])
+    return model_pb2.GenerateRequest(tenant="t", model=model, request=request)
+
+
+async def _stop_reason(api: ProviderApi, model: str) -> str:
+    chunks = [chunk async for chunk in api.generate(_request(model), 10.0)]
+    return chunks[-1].end.stop_reason
+
+
+async def test_a_403_for_one_model_refuses_that_request_and_keeps_the_replica_serving(
+    tokenizer: Tokenizer,
+) -> None:
+    health: list[bool] = []
+    adapter = RefusingAdapter(_status_error(403, NO_ACCESS))
+    api = _api(adapter, tokenizer, health)
+    with pytest.raises(RequestError) as refused:
+        await _stop_reason(api, FORBIDDEN_MODEL)
+    assert refused.value.code == Code.INVALID_ARGUMENT  # the client's answer, not a retry
+    assert "does not have access to model" in refused.value.message
+    assert "403" in refused.value.message
+    assert await _stop_reason(api, ALLOWED_MODEL) == "end_turn"
+    assert health == []  # never NOT_SERVING
+    assert adapter.calls == [FORBIDDEN_MODEL, ALLOWED_MODEL]  # the 403 is not retried
+
+
+async def test_a_refused_key_takes_the_replica_out_for_every_model(tokenizer: Tokenizer) -> None:
+    health: list[bool] = []
+    adapter = RefusingAdapter(_status_error(401, BAD_KEY), all_models=True)
+    api = _api(adapter, tokenizer, health)
+    with pytest.raises(RequestError) as refused:
+        await _stop_reason(api, ALLOWED_MODEL)
+    assert refused.value.code == Code.UNAVAILABLE and KEY[:8] not in refused.value.message
+    with pytest.raises(RequestError, match="NOT_SERVING"):
+        await _stop_reason(api, FORBIDDEN_MODEL)  # refused at once, without calling
+    assert health == [False] and adapter.calls == [ALLOWED_MODEL]
+
+
+async def test_a_403_typed_as_a_permission_error_is_our_credentials(tokenizer: Tokenizer) -> None:
+    """Anthropic's ``permission_error`` (the key may not use the API) is the key's fault."""
+    health: list[bool] = []
+    refusal = _status_error(403, {"message": "not allowed", "type": "permission_error"})
+    api = _api(RefusingAdapter(refusal, all_models=True), tokenizer, health)
+    with pytest.raises(RequestError) as refused:
+        await _stop_reason(api, ALLOWED_MODEL)
+    assert refused.value.code == Code.UNAVAILABLE and health == [False]
