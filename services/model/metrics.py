@@ -6,7 +6,12 @@ adapter's alike), labelled by the model served (a model this replica serves, els
   the request's fault or the provider's refusal), ``failed``, ``cancelled``;
 - ``cachemesh_model_prompt_tokens_total{model}`` and
   ``cachemesh_model_kv_cached_tokens_total{model}``: the prompts and the part the engine's
-  KV cache reused (L3: their ratio is the KV reuse), ``cachemesh_model_output_tokens_total``;
+  KV cache reused (L3: their ratio is the KV reuse), ``cachemesh_model_output_tokens_total``.
+  A provider adapter's ``start`` cannot tell them (``kv_cached_unreported``: its prompt count
+  is Plan's estimate, its KV reuse 0); they are counted at its ``end`` from the reported usage
+  (OpenAI's or the engine's ``prompt_tokens`` and ``prompt_tokens_details.cached_tokens``,
+  Anthropic's input + cache writes + ``cache_read_input_tokens`` and the reads), else, when
+  nothing was reported (no usage, no end), the start's estimate with no reuse;
 - ``cachemesh_model_time_to_first_token_seconds{model}`` and
   ``cachemesh_model_decode_tokens_per_second{model}`` (output tokens over the time from the
   first to the last chunk, for answers of two tokens or more).
@@ -34,6 +39,9 @@ class Generation:
     first: float | None = None  # when the first content arrived
     last: float | None = None  # when the last chunk arrived
     output_tokens: int = 0
+    # a start that could not report its prompt: its estimate, counted at the end unless the
+    # end reports the provider's figures
+    unreported_prompt: int | None = None
 
 
 class ModelMetrics:
@@ -82,20 +90,46 @@ class ModelMetrics:
         now = self._clock()
         call.last = now
         if part == "start":
-            self._prompt(call.model).inc(chunk.start.prompt_tokens)
-            self._kv(call.model).inc(chunk.start.kv_cached_tokens)
+            if chunk.start.kv_cached_unreported:
+                call.unreported_prompt = chunk.start.prompt_tokens
+            else:
+                self._prompt(call.model).inc(chunk.start.prompt_tokens)
+                self._kv(call.model).inc(chunk.start.kv_cached_tokens)
         elif part == "end":
             call.output_tokens = chunk.end.output_tokens
             self._output(call.model).inc(chunk.end.output_tokens)
+            if call.unreported_prompt is not None:
+                reported = _reported_prompt(chunk.end)
+                if reported is not None:
+                    call.unreported_prompt = None
+                    self._prompt(call.model).inc(reported[0])
+                    self._kv(call.model).inc(reported[1])
         elif call.first is None:
             call.first = now
             self._ttft(call.model).observe(now - call.began)
 
     def end(self, call: Generation, outcome: str) -> None:
         self._in_flight(call.model).dec()
+        if call.unreported_prompt is not None:  # nothing reported: the estimate, no reuse
+            self._prompt(call.model).inc(call.unreported_prompt)
+            self._kv(call.model).inc(0)  # the series exists, as for a start that reports
+            call.unreported_prompt = None
         self._generations(call.model, outcome).inc()
         first, last = call.first, call.last
         if outcome != "ok" or first is None or last is None or last <= first:
             return
         if call.output_tokens >= 2:
             self._tps(call.model).observe((call.output_tokens - 1) / (last - first))
+
+
+def _reported_prompt(end: model_pb2.GenerateEnd) -> tuple[int, int] | None:
+    """The prompt tokens and the KV-reused part of them the provider reported, if it did."""
+    usage = end.provider_usage
+    kind = usage.WhichOneof("report") if end.HasField("provider_usage") else None
+    if kind == "openai":  # prompt_tokens include the cached ones
+        return usage.openai.prompt_tokens, usage.openai.prompt_tokens_details.cached_tokens
+    if kind == "anthropic":
+        a = usage.anthropic
+        read = a.cache_read_input_tokens
+        return a.input_tokens + a.cache_creation_input_tokens + read, read
+    return None
