@@ -54,6 +54,15 @@ _REPLY_MARGIN_FRACTION = 0.1
 _DEADLINE_SLACK_S = 0.25
 
 
+def _kv_cached(attempt: Attempt, usage: prefix_cache_pb2.ProviderUsage | None) -> int:
+    """The call's KV reuse: its start's, or, when the start could not tell it (a provider
+    adapter), a self-hosted engine's reported ``prompt_tokens_details.cached_tokens``."""
+    engine = attempt.start.kv_cached_unreported and attempt.model.provider == "self_hosted"
+    if engine and usage is not None and usage.WhichOneof("report") == "openai":
+        return usage.openai.prompt_tokens_details.cached_tokens
+    return attempt.start.kv_cached_tokens
+
+
 def _answer_outlasted(attempt: Attempt, output_tokens: int | None) -> RequestError:
     """A model call still answering at its deadline: another replica would take as long, so
     it is not retried (it is billed for what it produced, never stored)."""
@@ -434,7 +443,9 @@ class Pipeline:
             else:
                 end.usage.input_tokens = attempt.start.prompt_tokens
             end.usage.output_tokens = end_chunk.output_tokens
-            end.usage.kv_cached_tokens = attempt.start.kv_cached_tokens
+            end.usage.kv_cached_tokens = _kv_cached(
+                attempt, end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None
+            )
             prompt = attempt.start.prompt_tokens
             cost = attempt.model.baseline_nanos(prompt, end_chunk.output_tokens)
             base = baseline.baseline_nanos(prompt, end_chunk.output_tokens)
@@ -503,7 +514,7 @@ class Pipeline:
             attempt.model.id,
             attempt.replica,
             output_tokens,
-            attempt.start.kv_cached_tokens,
+            _kv_cached(attempt, usage),
             baseline_id,
             usage,
         )
@@ -528,7 +539,7 @@ class Pipeline:
                 model=attempt.model.id,
                 replica=attempt.replica,
                 output_tokens=output_tokens,
-                kv_cached_tokens=attempt.start.kv_cached_tokens,
+                kv_cached_tokens=_kv_cached(attempt, usage),
                 baseline_model=baseline_id,
             )
             if usage is not None:

@@ -1,0 +1,67 @@
+"""A self-hosted engine behind a provider adapter (llama-server, vLLM) reports its KV reuse
+only at the end (``prompt_tokens_details.cached_tokens``; its start is
+``kv_cached_unreported``): that figure is the FINAL commit's ``kv_cached_tokens`` and the
+Gateway's ``usage.kv_cached_tokens``, also when prefix-cache is down."""
+
+from __future__ import annotations
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from tests.unit.test_router_pipeline import FakeModels, FakePrefix, FakeStream, Rig, _request
+
+PROMPT, CACHED = 1203, 1195  # what llama-server reported on a repeated prefix
+
+
+class EngineReplicas(FakeModels):
+    """Each replica answers as a provider adapter: a start that cannot tell its KV reuse,
+    an end with the engine's OpenAI-shaped usage."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        start = model_pb2.GenerateStart(
+            replica=replica, prompt_tokens=40, kv_cached_unreported=True, backend="openai"
+        )
+        end = model_pb2.GenerateEnd(output_tokens=3, stop_reason="end_turn")
+        end.provider_usage.openai.CopyFrom(
+            pc.OpenAIUsage(
+                prompt_tokens=PROMPT,
+                completion_tokens=3,
+                total_tokens=PROMPT + 3,
+                prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=CACHED),
+            )
+        )
+        return FakeStream(
+            [
+                model_pb2.GenerateChunk(start=start),
+                model_pb2.GenerateChunk(text="Thirty-three dollars."),
+                model_pb2.GenerateChunk(end=end),
+            ]
+        )
+
+
+class EchoingPrefix(FakePrefix):
+    """prefix-cache's FINAL answers the commit's ``kv_cached_tokens`` in its usage."""
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        reply = await super().commit(request, deadline_s)
+        if request.phase == pc.COMMIT_PHASE_FINAL:
+            reply.usage.kv_cached_tokens = request.kv_cached_tokens
+        return reply
+
+
+async def test_the_engines_reported_kv_reuse_is_committed_and_reaches_the_usage() -> None:
+    rig = Rig(prefix=EchoingPrefix(reported_read=CACHED), models=EngineReplicas())
+    end = (await rig.run(_request("local-small")))[-1].end
+    final = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert [c.kv_cached_tokens for c in final] == [CACHED]
+    assert end.usage.kv_cached_tokens == CACHED
+    assert end.served_by == pb.LAYER_PREFIX_CACHE
+
+
+async def test_with_prefix_cache_down_the_usage_still_has_the_engines_kv_reuse() -> None:
+    rig = Rig(prefix=FakePrefix(down=True), models=EngineReplicas())
+    end = (await rig.run(_request("local-small")))[-1].end
+    assert end.cost.estimated and end.usage.kv_cached_tokens == CACHED
