@@ -57,10 +57,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         timeout_s = args.timeout if args.timeout is not None else _up_timeout_from_env()
         if args.local_engine:
-            stack = _with_local_engines(stack, engines)
+            _refuse_a_running_stack(stack, engines)
+        # reads .env: a bad one stops up here, before any engine starts
+        settings = stack.settings() if args.local_engine else {}
         try:
+            if args.local_engine:
+                stack = _with_local_engines(stack, engines, settings)
             stack.start(timeout_s)
-        except BaseException:
+        except BaseException:  # whatever failed, no llama-server of this up is left running
             engines.stop()
             raise
         print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
@@ -159,16 +163,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_local_engines(stack: Stack, engines: LlamaServers) -> Stack:
-    """Starts the llama-server replicas on free loopback ports; the stack's model processes
-    then serve local-small through them."""
+def _refuse_a_running_stack(stack: Stack, engines: LlamaServers) -> None:
+    """``up --local-engine`` starts its own engines: not beside a stack (or engines) that runs
+    from the same run dir (checked before anything starts, so a refusal stops nothing)."""
     if stack.running() or engines.recorded_pids():
         raise StackError(
             f"a stack from {stack.run_dir} is already running; stop it first: python -m "
             f"services.tools.stack --run-dir {stack.run_dir} down (make down for the default .run)"
         )
+
+
+def _with_local_engines(stack: Stack, engines: LlamaServers, settings: dict[str, str]) -> Stack:
+    """Starts the llama-server replicas on free loopback ports; the stack's model processes
+    then serve local-small through them. ``settings``: the stack's, read before (.env)."""
     ports = [free_port() for _ in range(engines.options.replicas)]
     replicas = engines.start(ports)
     for replica in replicas:
         print(f"  llama-server {replica.index} healthy on {replica.base_url} (pid {replica.pid})")
-    return stack.with_overrides(local_engine_settings(stack.settings(), replicas, engines.options))
+    return stack.with_overrides(local_engine_settings(settings, replicas, engines.options))
