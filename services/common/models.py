@@ -353,10 +353,32 @@ def with_auto_tiers(table: ModelTable, env: Env) -> ModelTable:
 _PRICE_FIELDS = ("input_nanos", "output_nanos", "cache_read_nanos")
 
 
+# Prices the providers set as multiples of the input price (Anthropic's writes: 1.25x for 5
+# minutes, 2x for an hour; a read when not given: the row's own discount).
+_INPUT_MULTIPLES = ("cache_write_5m_nanos", "cache_write_1h_nanos", "cache_read_nanos")
+
+
+def _priced_from_input(spec: ModelSpec, update: dict[str, int]) -> dict[str, int]:
+    """The row's prices tied to its input price, kept at the row's own ratio to the new input
+    price: a new input price with the old write prices billed a cache write below the
+    uncached price. The prices the variable gives are kept as given."""
+    new_input = update["input_nanos"]
+    if spec.input_nanos == 0 or new_input == spec.input_nanos:
+        return {}
+    scaled: dict[str, int] = {}
+    for name in _INPUT_MULTIPLES:
+        old = getattr(spec, name)
+        if name not in update and name in spec.model_fields_set and old:
+            scaled[name] = (old * new_input + spec.input_nanos // 2) // spec.input_nanos
+    return scaled
+
+
 def with_prices(table: ModelTable, value: str) -> ModelTable:
     """``model=input/output[/cache_read],...`` in nano-dollars a token: the operator's own
-    prices (a self-hosted engine has no published price). Every service reads the same
-    variable, so the router, prefix-cache and the replicas bill alike."""
+    prices (a self-hosted engine has no published price, a contract has its own). The cache
+    write prices, and the read when not given, keep their ratio to the input price. Every
+    service reads the same variable, so the router, prefix-cache and the replicas bill
+    alike."""
     models = dict(table.models)
     for item in value.split(","):
         model_id, sep, figures = item.strip().partition("=")
@@ -370,6 +392,7 @@ def with_prices(table: ModelTable, value: str) -> ModelTable:
         if spec is None:
             raise ConfigError(f"CACHEMESH_PRICES: {model_id[:64]!r} is not in the model table")
         update = {name: int(p) for name, p in zip(_PRICE_FIELDS, parts, strict=False)}
+        update |= _priced_from_input(spec, update)
         try:
             models[model_id] = ModelSpec.model_validate(
                 {**spec.model_dump(exclude_unset=True), **update, "id": model_id}

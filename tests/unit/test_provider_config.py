@@ -78,6 +78,22 @@ def test_prices_and_auto_tiers_from_the_environment() -> None:
         model_table_from_env(Env({"CACHEMESH_PRICES": "local-small=1"}))
 
 
+def test_own_prices_keep_the_cache_prices_ratio_to_the_input_price() -> None:
+    # a contract price for Sonnet: the 5-minute write stayed at 3750 for an input of 6000, so
+    # every cache write was billed below the uncached price (and shown as a saving)
+    table = model_table_from_env(Env({"CACHEMESH_PRICES": "claude-sonnet-4-5=6000/22500/600"}))
+    spec = table.models["claude-sonnet-4-5"]
+    assert (spec.cache_write_5m_nanos, spec.cache_write_1h_nanos) == (7500, 12000)  # 1.25x, 2x
+    assert spec.cache_read_nanos == 600  # given: kept as given
+    read_scaled = model_table_from_env(Env({"CACHEMESH_PRICES": "claude-sonnet-4-5=6000/22500"}))
+    assert read_scaled.models["claude-sonnet-4-5"].cache_read_nanos == 600  # 0.1x, as the row
+    openai = model_table_from_env(Env({"CACHEMESH_PRICES": "gpt-4o-mini=300/1200"}))
+    base = TABLE.models["gpt-4o-mini"]
+    assert openai.models["gpt-4o-mini"].cache_read_nanos == round(
+        base.cache_read_nanos * 300 / base.input_nanos
+    )
+
+
 def test_every_real_row_names_its_upstream_model_and_source() -> None:
     for spec in TABLE.models.values():
         if spec.provider in ("anthropic", "openai"):
