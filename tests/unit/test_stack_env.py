@@ -222,3 +222,23 @@ def test_an_env_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     (tmp_path / ".env").write_bytes("A=caf\xe9\n".encode("latin-1"))
     with pytest.raises(EnvFileError, match=r"\.env is not UTF-8"):
         read_env_file(tmp_path / ".env")
+
+
+def test_up_on_a_running_stack_names_the_settings_it_would_ignore(tmp_path: Path) -> None:
+    # `MODEL_BACKEND=openai ... make up` on a running simulator stack adopted it and said
+    # "stack is up": every new setting ignored without a word
+    from services.tools.stack.supervisor import Plan
+
+    first = _stack(tmp_path, {}, {"PATH": "/bin"})
+    keys = ensure_keys(tmp_path / "run")
+    managed = first.managed()
+    Plan(str(tmp_path), 1.0, [first._managed_process(s, keys, 0) for s in managed]).write(
+        tmp_path / "run"
+    )
+    same = _stack(tmp_path, {}, {"PATH": "/usr/bin", "OLDPWD": "/elsewhere"})  # shell noise
+    assert same.changed_settings(keys, managed) == []
+    secret_url = "http://user:S3cret@127.0.0.1:8000/v1"
+    other = _stack(tmp_path, {}, {"MODEL_BACKEND": "openai", "OPENAI_BASE_URL": secret_url})
+    changed = other.changed_settings(keys, managed)
+    assert any(c.startswith("model: ") and "MODEL_BACKEND" in c for c in changed)
+    assert "S3cret" not in "; ".join(changed)  # names only, never values

@@ -185,6 +185,13 @@ class Stack:
                 self.stop()
                 raise
         else:
+            changed = self.changed_settings(keys, managed)
+            if changed:
+                raise StackError(
+                    "the running stack was started with other settings ("
+                    + "; ".join(changed)
+                    + "): run `make down`, then `make up` to start it with these"
+                )
             self._say(f"the supervisor (pid {supervisor}) already runs this stack")
         try:
             self._wait_serving(managed, timeout_s)
@@ -193,6 +200,30 @@ class Stack:
                 self.stop()
             raise
         return keys
+
+    def changed_settings(self, keys: StackKeys, managed: list[ServiceDef]) -> list[str]:
+        """What the running stack's processes were started with that these settings change:
+        ``process: VARIABLE, ...`` (names only, never values: they may be secrets). Adopting
+        the running stack would silently ignore them (a new MODEL_BACKEND served by the
+        simulator)."""
+        try:
+            running = {m.name: m.env for m in Plan.read(self.run_dir).managed}
+        except (OSError, ValueError, KeyError, TypeError):
+            return []  # no readable plan: nothing to compare, the processes are adopted
+        changed: list[str] = []
+        for service in managed:
+            had = running.get(service.name)
+            if had is None:
+                changed.append(f"{service.name}: not part of it")
+                continue
+            wanted = self._managed_process(service, keys, 0).env
+            # the variables the process reads (its table), not the rest of the shell's
+            read = set(service.env_keys) if service is not REDIS else set()
+            read |= set(DATA_DIRS)
+            names = sorted(name for name in read if wanted.get(name) != had.get(name))
+            if names:
+                changed.append(f"{service.name}: {', '.join(names)}")
+        return changed
 
     def managed(self) -> list[ServiceDef]:
         """Every process of this stack: the services, and Redis when the stack runs its own."""
