@@ -14,6 +14,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import RequestError
 from services.common.models import load_model_table
 from services.router.routing.decision import decide, tier_cost
+from services.router.routing.features import _CHOICE, SHAPE_FEATURES, shape_features
 from services.router.routing.model import (
     RouterCard,
     RouterModel,
@@ -129,3 +130,13 @@ def test_a_bad_request_threshold_is_refused_naming_the_field(model: str, thresho
     )
     with pytest.raises(RequestError, match=r"routing\.threshold"):
         validate_request(request, TABLE, {"sim-small", "sim-large"})
+
+
+def test_a_choices_indent_never_spans_lines() -> None:
+    """`^\\s*` let the lettered-choice pattern start at every blank line and scan the whole run
+    of whitespace after it: 10k newlines in a prompt held the router's event loop 8 s (1 MiB:
+    days), for every tenant. The count of choices is unchanged."""
+    assert _CHOICE.match("\n  b) yes") is None  # the indent of a line, not the lines before
+    assert _CHOICE.match("  b) yes") is not None
+    text = "Pick one:\n\n\n A) red\n\tB) blue\n(c) green\nD. none" + "\n" * 50_000 + "end"
+    assert shape_features(text)[SHAPE_FEATURES.index("lettered_choices")] == 0.4
