@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from services.router.routing.model import (
 )
 from services.router.routing.router import FROM_EMBED, FROM_LOOKUP, LOCAL, NONE, LocalEmbedder
 from services.router.validation import validate_request
+from services.semantic_cache.embedder import MiniLMEmbedder, load_minilm_embedder
 from services.tools.evaluation.router.metrics import curve, threshold_for_share
 
 TABLE = load_model_table()
@@ -60,6 +62,76 @@ def test_weights_the_card_does_not_pin_are_refused(tmp_path: object) -> None:
         load_router_model(card=card)
     with pytest.raises(RouterModelError, match="format"):
         RouterModel.from_json('{"format": "pickle"}')
+
+
+# (English, Chinese) of one question: the Chinese has no spaces, so mean_word_chars counted the
+# whole sentence as one word, 23-72 standard deviations out, and every one went small.
+PAIRS = [
+    (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+        "in May. How many clips did Natalia sell altogether in April and May?",
+        "娜塔莉亚四月份把发夹卖给了她的48个朋友，五月份卖出的发夹数量是四月份的一半。"  # noqa: RUF001
+        "娜塔莉亚四月和五月一共卖了多少个发夹？",  # noqa: RUF001
+    ),
+    (
+        "A train travels 120 km in 1.5 hours, then 200 km in 2.5 hours. What is its average "
+        "speed for the whole journey in km per hour?",
+        "一列火车1.5小时行驶120公里，然后2.5小时行驶200公里。"  # noqa: RUF001
+        "整个旅程的平均速度是每小时多少公里？",  # noqa: RUF001
+    ),
+    (
+        "Prove that the square root of 2 is irrational, and explain each step of the argument.",
+        "证明2的平方根是无理数，并解释论证的每一步。",  # noqa: RUF001
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> MiniLMEmbedder:
+    return load_minilm_embedder()
+
+
+@pytest.mark.parametrize(("english", "chinese"), PAIRS)
+def test_the_tier_of_unspaced_text_does_not_hang_on_spaces(
+    embedder: MiniLMEmbedder, english: str, chinese: str
+) -> None:
+    """The same Chinese with a space between characters (the embedding hardly moves: BERT's
+    tokenizer splits CJK characters anyway) goes to the tier the unspaced one goes to."""
+    model, threshold = load_router_model(), RouterCard.load().default_threshold
+    spaced = " ".join(chinese)
+    en, zh, sp = embedder.embed([english, chinese, spaced])
+    unspaced = model.score(chinese, zh)
+    tiers = [unspaced >= threshold, model.score(spaced, sp) >= threshold]
+    assert tiers[0] == tiers[1], f"unspaced large={tiers[0]}, spaced large={tiers[1]}"
+    assert unspaced > 0.05 and model.score(english, en) > 0.05  # both heads not saturated
+
+
+def test_shape_features_beyond_the_fit_range_are_clipped_to_it() -> None:
+    model = load_router_model()
+    word = SHAPE_FEATURES.index("mean_word_chars")
+    raw = (shape_features("x" * 400)[word] - model.shape_mean[word]) / model.shape_scale[word]
+    assert raw > model.shape_high[word] + 10  # one 400-char word: far beyond any fitted prompt
+    shape = model.standardised("x" * 400)
+    assert shape[word] == model.shape_high[word]
+    assert np.all((model.shape_low <= shape) & (shape <= model.shape_high))
+    expected = model.large_shape.probability(shape) - model.small_shape.probability(shape)
+    assert model.score("x" * 400, None) == pytest.approx(expected)
+    # what the fit tool writes: the fit half's range, so its prompts are never clipped
+    from services.tools.evaluation.router.fitting import shape_bounds
+
+    x = np.random.default_rng(0).normal(size=(50, len(SHAPE_FEATURES))).astype(np.float32)
+    low, high = shape_bounds((x - x.mean(axis=0)) / x.std(axis=0))
+    assert np.all(low < 0) and np.all(high > 0) and low.shape == (len(SHAPE_FEATURES),)
+
+
+def test_weights_without_shape_bounds_are_refused() -> None:
+    body = json.loads(load_router_model().to_json())
+    del body["shape_bounds"]
+    with pytest.raises(RouterModelError, match=r"shape_bounds.*make fit-router"):
+        RouterModel.from_json(json.dumps(body))
+    body["shape_bounds"] = {"low": [1.0] * len(SHAPE_FEATURES), "high": [0.0] * 8}
+    with pytest.raises(RouterModelError, match="low <= high"):
+        RouterModel.from_json(json.dumps(body))
 
 
 def _costs(small_read: int, large_read: int, written: int = 0) -> tuple[object, object]:

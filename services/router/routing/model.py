@@ -7,6 +7,11 @@ A weights file whose sha256 differs from the card's is refused at start-up.
 The score is the predicted gain in correctness from the large model: P(large right) -
 P(small right), each head a logistic regression, within [-1, 1]; higher = the large model is
 more needed. Without an embedding (none could be had) the shape-only heads score instead.
+
+Each standardised shape feature is clipped to the range it took on the fit half
+(``shape_bounds``): text unlike the fitted prompts (Chinese or Thai without spaces, a URL, a
+long code token) would otherwise put a feature tens of standard deviations out, saturate both
+heads and send the request small whatever it asks. Weights without the bounds are refused.
 """
 
 from __future__ import annotations
@@ -53,14 +58,22 @@ class RouterModel:
     dim: int
     shape_mean: Floats
     shape_scale: Floats
+    shape_low: Floats  # each standardised shape feature's least and greatest on the fit half
+    shape_high: Floats
     large: Head  # over [embedding, standardised shape]
     small: Head
     large_shape: Head  # over the standardised shape alone
     small_shape: Head
     sha256: str
 
-    def score(self, text: str, embedding: Vector | None) -> float:
+    def standardised(self, text: str) -> Floats:
+        """The text's shape features, standardised and clipped to the fit half's range."""
         shape = (shape_features(text).astype(np.float64) - self.shape_mean) / self.shape_scale
+        out: Floats = np.clip(shape, self.shape_low, self.shape_high)
+        return out
+
+    def score(self, text: str, embedding: Vector | None) -> float:
+        shape = self.standardised(text)
         if embedding is None:
             return self.large_shape.probability(shape) - self.small_shape.probability(shape)
         if embedding.shape != (self.dim,):
@@ -79,6 +92,10 @@ class RouterModel:
             "shape_features": list(SHAPE_FEATURES),
             "shape_mean": [float(v) for v in self.shape_mean],
             "shape_scale": [float(v) for v in self.shape_scale],
+            "shape_bounds": {
+                "low": [float(v) for v in self.shape_low],
+                "high": [float(v) for v in self.shape_high],
+            },
             "heads": {
                 "large": head(self.large),
                 "small": head(self.small),
@@ -109,11 +126,23 @@ class RouterModel:
             scale = np.asarray(body["shape_scale"], dtype=np.float64)
             if scale.shape != (n,) or np.any(scale <= 0):
                 raise RouterModelError("shape_scale must hold one positive number a feature")
+            if "shape_bounds" not in body:
+                raise RouterModelError(
+                    "the weights have no shape_bounds (an unclipped shape feature sends "
+                    "unspaced text small): refit with `make fit-router`"
+                )
+            low = np.asarray(body["shape_bounds"]["low"], dtype=np.float64)
+            high = np.asarray(body["shape_bounds"]["high"], dtype=np.float64)
+            finite = bool(np.all(np.isfinite(low)) and np.all(np.isfinite(high)))
+            if low.shape != (n,) or high.shape != (n,) or not finite or np.any(low > high):
+                raise RouterModelError("shape_bounds must hold a finite low <= high a feature")
             return cls(
                 embedder=str(body["embedder"]),
                 dim=dim,
                 shape_mean=np.asarray(body["shape_mean"], dtype=np.float64),
                 shape_scale=scale,
+                shape_low=low,
+                shape_high=high,
                 large=head("large", dim + n),
                 small=head("small", dim + n),
                 large_shape=head("large_shape", n),

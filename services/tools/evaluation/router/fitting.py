@@ -39,6 +39,14 @@ def fit_head(x: Floats, y: Bools, l2: float = L2, iterations: int = 25) -> Head:
     return Head(beta[:-1].copy(), float(beta[-1]))
 
 
+def shape_bounds(shape: Floats) -> tuple[Floats, Floats]:
+    """Each standardised shape feature's least and greatest over the fit half: the range the
+    model clips a request's features to (the heads never saw beyond it)."""
+    low: Floats = shape.min(axis=0).astype(np.float64)
+    high: Floats = shape.max(axis=0).astype(np.float64)
+    return low, high
+
+
 def fit_model(
     vectors: npt.NDArray[np.float32],
     shapes: npt.NDArray[np.float32],
@@ -51,12 +59,15 @@ def fit_model(
     scale = shapes.std(axis=0).astype(np.float64)
     scale[scale <= 1e-9] = 1.0
     shape = (shapes - mean) / scale
+    low, high = shape_bounds(shape)
     x = np.hstack([vectors.astype(np.float64), shape])
     return RouterModel(
         embedder=embedder,
         dim=vectors.shape[1],
         shape_mean=mean,
         shape_scale=scale,
+        shape_low=low,
+        shape_high=high,
         large=fit_head(x, strong, l2),
         small=fit_head(x, weak, l2),
         large_shape=fit_head(shape, strong, l2),
