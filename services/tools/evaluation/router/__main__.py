@@ -35,7 +35,12 @@ from services.tools.evaluation.router.fitting import (
 )
 from services.tools.evaluation.router.labels import DATA, SPLIT_SEED
 from services.tools.evaluation.router.metrics import curve
-from services.tools.evaluation.router.report import at_share, set_facts, summary
+from services.tools.evaluation.router.report import (
+    at_share,
+    at_threshold,
+    set_facts,
+    summary,
+)
 from services.tools.evaluation.router.session import OUTPUT_TOKENS, Session
 from services.tools.evaluation.router.tiers import (
     TierShareError,
@@ -182,9 +187,6 @@ def _eval(session: Session, out: Path) -> int:
     shape_only = np.array([model.score(t, None) for t in report.texts])
     card = json.loads(CARD_PATH.read_text(encoding="utf-8"))
     threshold = float(card["default_threshold"])
-    to_large = learned >= threshold
-    c = curve(learned, report.weak, report.strong)
-    share = float(to_large.mean())
     body = {
         "set": {"file": str(session.data), "half": "report", **set_facts(report)},
         "cost_model": card["cost_model"],
@@ -194,11 +196,9 @@ def _eval(session: Session, out: Path) -> int:
             "rule_of_thumb": summary(report, report.rule_scores()),
             "random": summary(report, np.zeros(len(report.rows))),
         },
-        "default_threshold": {
-            "threshold": threshold,
-            "calibrated_for": card["calibration"].get("target"),
-            **at_share(report, learned, c, share),
-        },
+        "default_threshold": at_threshold(
+            report, learned, threshold, card["calibration"].get("target")
+        ),
         "weights_sha256": card["weights_sha256"],
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,19 @@ from services.tools.evaluation.router.session import Prompts
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def routed(scores: npt.NDArray[np.float64], share: float) -> npt.NDArray[np.bool_]:
-    """The prompts a router sends to the large model at ``share`` (ties broken by order)."""
+def routed(scores: npt.NDArray[np.float64], share: float) -> npt.NDArray[np.float64]:
+    """How much of each prompt a router sends to the large model at ``share``: 1 or 0, and for
+    the group of tied scores that straddles the cut the same fraction of each, as the quality
+    curve shares ties (a router of few distinct scores is priced as a random pick among its
+    ties, not by the file's order: it is sorted by source and subject)."""
     k = round(share * len(scores))
-    to_large = np.zeros(len(scores), dtype=bool)
-    to_large[np.argsort(-scores, kind="stable")[:k]] = True
+    order = np.argsort(-scores, kind="stable")
+    to_large = np.zeros(len(scores))
+    to_large[order[:k]] = 1.0
+    if 0 < k < len(scores) and scores[order[k - 1]] == scores[order[k]]:
+        tied = scores == scores[order[k]]
+        above = int(np.count_nonzero(scores > scores[order[k]]))
+        to_large[tied] = (k - above) / int(np.count_nonzero(tied))
     return to_large
 
 
@@ -31,6 +39,15 @@ def at_share(
         "pgr": round((quality - c.weak_quality) / (c.strong_quality - c.weak_quality), 4),
         "cost_of_all_large": round(prompts.cost_share(routed(scores, share)), 4),
     }
+
+
+def at_threshold(
+    prompts: Prompts, scores: npt.NDArray[np.float64], threshold: float, target: object
+) -> dict[str, object]:
+    """The figures of routing at ``threshold`` (score >= threshold → large), which they name."""
+    c = curve(scores, prompts.weak, prompts.strong)
+    share = float((scores >= threshold).mean())
+    return {**at_share(prompts, scores, c, share), "threshold": threshold, "calibrated_for": target}
 
 
 def summary(prompts: Prompts, scores: npt.NDArray[np.float64]) -> dict[str, object]:

@@ -44,9 +44,11 @@ class Prompts:
     def texts(self) -> list[str]:
         return [r.prompt for r in self.rows]
 
-    def cost_share(self, to_large: npt.NDArray[np.bool_]) -> float:
-        """The routed set's cost over sending every prompt to the large model."""
-        cost = np.where(to_large, self.large_nanos, self.small_nanos).sum()
+    def cost_share(self, to_large: npt.NDArray[np.float64] | npt.NDArray[np.bool_]) -> float:
+        """The routed set's cost over sending every prompt to the large model; ``to_large`` is
+        how much of each prompt goes large (0 to 1: a share of a tie group)."""
+        large = np.asarray(to_large, dtype=np.float64)
+        cost = (large * self.large_nanos + (1.0 - large) * self.small_nanos).sum()
         return float(cost / self.large_nanos.sum())
 
     def rule_scores(self) -> npt.NDArray[np.float64]:
