@@ -210,14 +210,13 @@ class SemanticCache(EntryStore):
             return CheckResult(None, best_similarity=best, refusal=refusal)
         return self._hit(choice.vid, choice.similarity, exact=False, best=best)
 
-    async def _verify(self, short: list[Candidate], text: str) -> list[bool]:
-        """The verifier's verdicts; a cross-encoder runs off the event loop."""
+    async def _verify(self, short: list[Candidate], text: str) -> list[str]:
+        """The verifier's verdicts (why each is refused, "" = accepted), off the event loop:
+        it tokenises both texts and may run the cross-encoder."""
         if self._verifier is None or not short:
-            return [True] * len(short)
+            return [""] * len(short)
         checks = [(c.entry.query, text, c.similarity) for c in short]
-        if self._verifier.cross_encoder is None:  # features only: microseconds
-            return self._verifier.accepts_all(checks)
-        return await asyncio.to_thread(self._verifier.accepts_all, checks)
+        return await asyncio.to_thread(self._verifier.verdicts, checks)
 
     async def store(
         self, query: Query, answer: Answer, default_ttl_s: float | None = None

@@ -141,7 +141,7 @@ def runs_of(lengths: list[int]) -> list[list[int]]:
     return runs
 
 
-def _checked(path: Path, expected: str, what: str) -> Path:
+def checked_file(path: Path, expected: str, what: str) -> Path:
     if not path.is_file():
         raise EmbedderLoadError(f"{what} not found at {path}: reinstall its package")
     actual = sha256_of(path)
@@ -177,8 +177,10 @@ def load_minilm_embedder(
     """Loads and checks the model (blocking: call it in a thread)."""
     from tokenizers import Tokenizer
 
-    model = _checked(model_path or default_model_path(), MODEL_SHA256, "embedding model.onnx")
-    vocab = _checked(tokenizer_path or default_tokenizer_path(), TOKENIZER_SHA256, "tokenizer.json")
+    model = checked_file(model_path or default_model_path(), MODEL_SHA256, "embedding model.onnx")
+    vocab = checked_file(
+        tokenizer_path or default_tokenizer_path(), TOKENIZER_SHA256, "tokenizer.json"
+    )
     tokenizer = Tokenizer.from_file(str(vocab))
     tokenizer.enable_truncation(max_length=MAX_TOKENS)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch

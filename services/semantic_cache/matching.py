@@ -64,12 +64,13 @@ def shortlist(
     return out
 
 
-def decide(short: Sequence[Candidate], accepted: Sequence[bool]) -> Choice:
-    """The verdicts (one per shortlisted candidate, in order) applied."""
+def decide(short: Sequence[Candidate], refusals: Sequence[str]) -> Choice:
+    """The verdicts (one per shortlisted candidate, in order: why it is refused, "" =
+    accepted) applied."""
     if not short:
         return Choice(None)
-    if not accepted[0]:
-        return Choice(None, reason="the verifier refused the nearest candidate")
-    if any(accepted[1:]):
+    if refusals[0]:
+        return Choice(None, reason=refusals[0])
+    if any(not refusal for refusal in refusals[1:]):
         return Choice(None, reason="ambiguous: two cached answers fit about equally well")
     return Choice(short[0].vid, short[0].similarity)

@@ -5,7 +5,8 @@
   still holds the lease) and ``skipped`` (no read: a bypass, refresh or prefill);
   ``cachemesh_semantic_cache_hits_total{tenant,kind}`` the hits alone (``exact`` /
   ``paraphrase``); ``cachemesh_semantic_cache_refusals_total{reason}``: candidates above the
-  threshold not served (``verifier``, ``ambiguous``);
+  threshold not served (``verifier``, ``ambiguous``, ``unreadable``: the questions differ in
+  characters the models read as ``[UNK]``);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -49,7 +50,7 @@ class SemanticCacheMetrics:
         )
         self._refusals = m.counter(
             "cachemesh_semantic_cache_refusals",
-            "Candidates above the threshold not served: the verifier or an ambiguity",
+            "Candidates above the threshold not served: the verifier, an ambiguity, [UNK] text",
             ("reason",),
         )
         self._stores = m.counter(
@@ -112,8 +113,9 @@ def refusal_reason(refusal: str) -> str:
     """The closed set of refusal labels (the refusal itself is a sentence, on the span)."""
     if refusal.startswith("the verifier"):
         return "verifier"
-    if refusal.startswith("ambiguous"):
-        return "ambiguous"
+    for label in ("ambiguous", "unreadable"):
+        if refusal.startswith(label + ":"):
+            return label
     return "other"
 
 

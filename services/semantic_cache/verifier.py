@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.semantic_cache.cross_encoder import PairScorer
+from services.semantic_cache.reading import Reader, shipped_reader
 
 WEIGHTS_PATH = Path(__file__).with_name("verifier_weights.json")
 FEATURE_VERSION = "cachemesh.verifier.features.v4"
@@ -80,6 +81,7 @@ CATALOGUE = (*FEATURES, CROSS_ENCODER)  # the columns of ``rows``; the weights p
 # apply): the same content words in another order ("USD to EUR" / "EUR to USD"), different
 # numbers, a number on one side only, a negation on one side only.
 VETOES = ("same_words_reordered", "number_conflict", "number_one_side", "negation_mismatch")
+REFUSED = "the verifier refused the nearest candidate"  # its probability is below the minimum
 
 F64 = npt.NDArray[np.float64]
 
@@ -217,13 +219,15 @@ class VerifierWeights:
 
 class Verifier:
     """Scores (cached question, new question, cosine) with fitted weights (and the
-    cross-encoder when they use it)."""
+    cross-encoder when they use it), after ``reader``'s check that the models can read what
+    tells the two apart (``reading.py``; default: the shipped tokenizer's)."""
 
     def __init__(
         self,
         weights: VerifierWeights,
         min_probability: float,
         cross_encoder: PairScorer | None = None,
+        reader: Reader | None = None,
     ) -> None:
         if not (math.isfinite(min_probability) and 0.0 <= min_probability <= 1.0):
             raise ValueError(f"min_probability must be within [0, 1], got {min_probability}")
@@ -231,6 +235,7 @@ class Verifier:
             raise ValueError("these verifier weights use the cross-encoder: pass one")
         self.min_probability = min_probability
         self.cross_encoder = cross_encoder if weights.needs_cross_encoder else None
+        self.reader = reader if reader is not None else shipped_reader()
         self._columns = [CATALOGUE.index(name) for name in weights.features]
         self._mean = np.array(weights.mean)
         self._scale = np.array(weights.scale)
@@ -251,20 +256,45 @@ class Verifier:
     def probabilities_of(
         self, firsts: Sequence[str], seconds: Sequence[str], cosines: Sequence[float]
     ) -> F64:
-        return self.probabilities(self.rows(firsts, seconds, cosines))
+        """The probabilities of the pairs; 0 for a pair the reader refuses (never scored)."""
+        return self._assess(firsts, seconds, cosines)[0]
 
     def probability(self, first: str, second: str, cosine: float) -> float:
         return float(self.probabilities_of([first], [second], [cosine])[0])
 
     def accepts(self, first: str, second: str, cosine: float) -> bool:
-        return self.probability(first, second, cosine) >= self.min_probability
+        return self.accepts_all([(first, second, cosine)])[0]
 
     def accepts_all(self, checks: Sequence[tuple[str, str, float]]) -> list[bool]:
         """One verdict per (cached, new, cosine), scored in one batch (blocking: a thread)."""
-        if self.min_probability <= 0.0:  # the step is off: nothing to score
-            return [True] * len(checks)
+        return [not refusal for refusal in self.verdicts(checks)]
+
+    def verdicts(self, checks: Sequence[tuple[str, str, float]]) -> list[str]:
+        """Per (cached, new, cosine), why it is refused ("" = accepted), scored in one batch
+        (blocking: a thread). With ``min_probability`` 0 the step is off: nothing is scored,
+        but the reader's refusals still hold (no cosine can see past them)."""
         if not checks:
             return []
         firsts, seconds, cosines = zip(*checks, strict=True)
-        probabilities = self.probabilities_of(firsts, seconds, cosines)
-        return [bool(p >= self.min_probability) for p in probabilities.tolist()]
+        if self.min_probability <= 0.0:
+            return [self.reader.refusal(a, b) for a, b in zip(firsts, seconds, strict=True)]
+        probabilities, refusals = self._assess(firsts, seconds, cosines)
+        return [
+            refusal or ("" if p >= self.min_probability else REFUSED)
+            for p, refusal in zip(probabilities.tolist(), refusals, strict=True)
+        ]
+
+    def _assess(
+        self, firsts: Sequence[str], seconds: Sequence[str], cosines: Sequence[float]
+    ) -> tuple[F64, list[str]]:
+        """The probabilities of the pairs the reader lets through (0 for the others), and the
+        reader's refusals."""
+        refusals = [self.reader.refusal(a, b) for a, b in zip(firsts, seconds, strict=True)]
+        out = np.zeros(len(refusals), dtype=np.float64)
+        kept = [i for i, refusal in enumerate(refusals) if not refusal]
+        if kept:
+            table = self.rows(
+                [firsts[i] for i in kept], [seconds[i] for i in kept], [cosines[i] for i in kept]
+            )
+            out[kept] = self.probabilities(table)
+        return out, refusals
