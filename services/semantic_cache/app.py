@@ -70,7 +70,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         if config.ort_solo_threads not in (0, config.ort_threads):  # costs a second session
             solo = await asyncio.to_thread(embedder.with_threads, config.ort_solo_threads)
             await asyncio.to_thread(solo.embed, ["warm-up"])
-        verifier = await asyncio.to_thread(build_verifier, config)
+        verifier = await asyncio.to_thread(build_verifier, config, embedder)
         await asyncio.to_thread(verifier.accepts_all, [("warm-up", "warm up", 0.9)])
         cache = build_cache(config, embedder, clock, stats, metrics, verifier, solo)
         if snapshotter is not None:

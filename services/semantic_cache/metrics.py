@@ -6,7 +6,8 @@
   ``cachemesh_semantic_cache_hits_total{tenant,kind}`` the hits alone (``exact`` /
   ``paraphrase``); ``cachemesh_semantic_cache_refusals_total{reason}``: candidates above the
   threshold not served (``verifier``, ``ambiguous``, ``unreadable``: the questions differ in
-  characters the models read as ``[UNK]``);
+  characters the models read as ``[UNK]``, ``too_long``: the verifier cannot read in full where
+  they differ);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -50,7 +51,7 @@ class SemanticCacheMetrics:
         )
         self._refusals = m.counter(
             "cachemesh_semantic_cache_refusals",
-            "Candidates above the threshold not served: the verifier, an ambiguity, [UNK] text",
+            "Candidates above the threshold not served: verifier, ambiguous, unreadable, too_long",
             ("reason",),
         )
         self._stores = m.counter(
@@ -113,10 +114,17 @@ def refusal_reason(refusal: str) -> str:
     """The closed set of refusal labels (the refusal itself is a sentence, on the span)."""
     if refusal.startswith("the verifier"):
         return "verifier"
-    for label in ("ambiguous", "unreadable"):
-        if refusal.startswith(label + ":"):
+    for prefix, label in _REFUSAL_LABELS:
+        if refusal.startswith(prefix):
             return label
     return "other"
+
+
+_REFUSAL_LABELS = (
+    ("ambiguous:", "ambiguous"),
+    ("unreadable:", "unreadable"),  # reading.UNREADABLE
+    ("too long:", "too_long"),  # reading.TOO_LONG
+)
 
 
 class StoreCollector(Collector):

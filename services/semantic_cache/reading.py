@@ -3,21 +3,37 @@
 DESIGN.md, "What a cache hit may serve": a wrong answer is worse than a miss, so a candidate is
 refused when the embedding and the verifier cannot see what tells the two questions apart.
 
-The embedder and the cross-encoder share one tokenizer (bert-base-uncased's vocabulary). What it
-lacks (most CJK, all Thai, emoji) it reads as ``[UNK]``: "如何删除我的账户" (delete my account)
-and "如何创建我的账户" (create my account) are the same tokens to both models, cosine 1.0, and the
-cross-encoder accepts them (p 0.93-0.996); so are "👍" and "👎". ``Reader.unknown`` gives the
-substrings a text's ``[UNK]`` tokens stand for (from the tokenizer's offsets): a candidate is
-served only when the two questions' are the same, in order.
+- **[UNK]**: the embedder and the cross-encoder share one tokenizer (bert-base-uncased's
+  vocabulary). What it lacks (most CJK, all Thai, emoji) it reads as ``[UNK]``: "如何删除我的账户"
+  (delete my account) and "如何创建我的账户" (create my account) are the same tokens to both
+  models, cosine 1.0, and the cross-encoder accepted them (p 0.93-0.996); so were "👍" and "👎".
+  ``Reader.unknown`` gives the substrings a text's ``[UNK]`` tokens stand for (the tokenizer's
+  offsets): a candidate is served only when the two questions' are the same, in order.
+- **A shared opening**: the cross-encoder reads at most ``pair_tokens`` (64) of the pair,
+  truncated longest first, and the embedding the first 256 tokens of a question; two questions
+  after the same preamble, context or document ("... I pay monthly by card. How do I enable
+  2FA?" / "... disable 2FA?") were read as their shared part only, and served. So the verifier
+  reads them without the leading sentences they share word for word (``differing``), and a
+  pair it still could not read in full is refused; as is a question longer than the embedding
+  reads whose differing part the verifier cannot read in full. A pair that shares no leading
+  sentence is read exactly as before (the verifier's calibration still holds).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.semantic_cache.embedder import TOKENIZER_SHA256, checked_file, default_tokenizer_path
+from services.semantic_cache.cross_encoder import CrossEncoderInfo
+from services.semantic_cache.embedder import (
+    MAX_TOKENS,
+    TOKENIZER_SHA256,
+    checked_file,
+    default_tokenizer_path,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -26,14 +42,53 @@ UNREADABLE = (
     "unreadable: the questions differ in characters the models read as [UNK] (outside their"
     " vocabulary: most CJK, Thai, emoji)"
 )
+TOO_LONG = "too long: the verifier cannot read in full where the two questions differ"
+# A sentence ends at ., ! or ? followed by whitespace and more text.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+# The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
+# code point): a text of at most (MAX_TOKENS - 2) // 3 characters is never truncated.
+_MAX_TOKENS_A_CHAR = 3
+# A word the tokenizer reads as pieces is at most 100 characters (WordPiece's
+# max_input_chars_per_word; a longer one is one [UNK]): a pair of more characters than this
+# many a token, plus a space, cannot be read in full.
+_MAX_CHARS_A_TOKEN = 101
+
+
+def differing(first: str, second: str) -> tuple[str, str]:
+    """The two texts from their first differing sentence on: the leading sentences they share
+    word for word are dropped (each text keeps at least its last sentence). Texts whose first
+    sentences differ come back as they are (the same objects)."""
+    start_a = start_b = 0
+    for end_a, end_b in zip(
+        _SENTENCE_END.finditer(first), _SENTENCE_END.finditer(second), strict=False
+    ):
+        if first[start_a : end_a.start()] != second[start_b : end_b.start()]:
+            break
+        start_a, start_b = end_a.end(), end_b.end()
+    if start_a == 0:
+        return first, second
+    return first[start_a:], second[start_b:]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the verifier reads of a pair, or why it cannot (``refusal``)."""
+
+    first: str
+    second: str
+    dropped: bool  # shared leading sentences were dropped: the cosine must be these two's
+    refusal: str = ""
 
 
 class Reader:
-    """The shared tokenizer, untruncated and unpadded (thread-safe: it is only read)."""
+    """The shared tokenizer, untruncated and unpadded (thread-safe: it is only read), and how
+    much of a text or a pair each model reads."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, pair_tokens: int, embed_tokens: int = MAX_TOKENS):
         self._tokenizer = tokenizer
         self._unk = tokenizer.token_to_id("[UNK]")
+        self.pair_tokens = pair_tokens  # the cross-encoder's, [CLS] and both [SEP] included
+        self.embed_tokens = embed_tokens  # the embedder's, [CLS] and [SEP] included
 
     def unknown(self, text: str) -> tuple[str, ...]:
         """The substrings of ``text`` the tokenizer reads as ``[UNK]``, in order."""
@@ -44,15 +99,39 @@ class Reader:
             if token == self._unk
         )
 
-    def refusal(self, first: str, second: str) -> str:
-        """Why the models cannot tell the two apart ("" = nothing found)."""
-        if self.unknown(first) != self.unknown(second):
-            return UNREADABLE
-        return ""
+    def pair_fits(self, first: str, second: str) -> bool:
+        """The cross-encoder reads the pair whole: ``[CLS] first [SEP] second [SEP]`` holds at
+        most ``pair_tokens`` tokens (nothing would be truncated)."""
+        if len(first) + len(second) > self.pair_tokens * _MAX_CHARS_A_TOKEN:
+            return False
+        return len(self._tokenizer.encode(first, second).ids) <= self.pair_tokens
+
+    def truncated(self, text: str) -> bool:
+        """The embedding reads only part of ``text`` (more than ``embed_tokens`` tokens)."""
+        if len(text) * _MAX_TOKENS_A_CHAR <= self.embed_tokens - 2:
+            return False
+        return len(self._tokenizer.encode(text).ids) > self.embed_tokens
+
+    def read(self, first: str, second: str, *, cross_encoder: bool, scored: bool) -> Reading:
+        """What the verifier reads of (cached, new): their differing parts, unless it cannot
+        read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
+        or they differ in ``[UNK]`` text."""
+        a, b = differing(first, second)
+        dropped = len(a) < len(first)  # a is a suffix of first
+        if cross_encoder and scored:
+            if not self.pair_fits(a, b):
+                return Reading(a, b, dropped, TOO_LONG)
+        elif (self.truncated(first) or self.truncated(second)) and (
+            not scored or self.truncated(a) or self.truncated(b)
+        ):
+            return Reading(a, b, dropped, TOO_LONG)
+        if self.unknown(a) != self.unknown(b):
+            return Reading(a, b, dropped, UNREADABLE)
+        return Reading(a, b, dropped)
 
 
 def load_reader(tokenizer_path: Path | None = None) -> Reader:
-    """The pinned tokenizer (sha256-checked), read as the models read it."""
+    """The pinned tokenizer (sha256-checked), with the shipped cross-encoder's pair length."""
     from tokenizers import Tokenizer
 
     path = checked_file(
@@ -61,7 +140,7 @@ def load_reader(tokenizer_path: Path | None = None) -> Reader:
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return Reader(tokenizer)
+    return Reader(tokenizer, CrossEncoderInfo.load().max_tokens)
 
 
 @cache

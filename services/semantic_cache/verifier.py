@@ -30,7 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from services.semantic_cache.cross_encoder import PairScorer
-from services.semantic_cache.reading import Reader, shipped_reader
+from services.semantic_cache.embedder import Embedder
+from services.semantic_cache.reading import Reader, Reading, shipped_reader
 
 WEIGHTS_PATH = Path(__file__).with_name("verifier_weights.json")
 FEATURE_VERSION = "cachemesh.verifier.features.v4"
@@ -82,6 +83,8 @@ CATALOGUE = (*FEATURES, CROSS_ENCODER)  # the columns of ``rows``; the weights p
 # numbers, a number on one side only, a negation on one side only.
 VETOES = ("same_words_reordered", "number_conflict", "number_one_side", "negation_mismatch")
 REFUSED = "the verifier refused the nearest candidate"  # its probability is below the minimum
+# A pair whose shared leading sentences were dropped, with no embedder to compare what is left.
+NO_EMBEDDER = "the verifier has no embedder to compare the parts that differ"
 
 F64 = npt.NDArray[np.float64]
 
@@ -219,8 +222,9 @@ class VerifierWeights:
 
 class Verifier:
     """Scores (cached question, new question, cosine) with fitted weights (and the
-    cross-encoder when they use it), after ``reader``'s check that the models can read what
-    tells the two apart (``reading.py``; default: the shipped tokenizer's)."""
+    cross-encoder when they use it) on what ``reader`` (``reading.py``; default: the shipped
+    tokenizer's) says it can read of the two: the parts that differ, once the leading sentences
+    they share are dropped, with those parts' own cosine (``embedder``)."""
 
     def __init__(
         self,
@@ -228,7 +232,10 @@ class Verifier:
         min_probability: float,
         cross_encoder: PairScorer | None = None,
         reader: Reader | None = None,
+        embedder: Embedder | None = None,
     ) -> None:
+        """Without ``embedder``, a pair sharing leading sentences is refused (nothing can give
+        the cosine of the parts that differ)."""
         if not (math.isfinite(min_probability) and 0.0 <= min_probability <= 1.0):
             raise ValueError(f"min_probability must be within [0, 1], got {min_probability}")
         if weights.needs_cross_encoder and cross_encoder is None:
@@ -236,6 +243,7 @@ class Verifier:
         self.min_probability = min_probability
         self.cross_encoder = cross_encoder if weights.needs_cross_encoder else None
         self.reader = reader if reader is not None else shipped_reader()
+        self._embedder = embedder
         self._columns = [CATALOGUE.index(name) for name in weights.features]
         self._mean = np.array(weights.mean)
         self._scale = np.array(weights.scale)
@@ -277,24 +285,46 @@ class Verifier:
             return []
         firsts, seconds, cosines = zip(*checks, strict=True)
         if self.min_probability <= 0.0:
-            return [self.reader.refusal(a, b) for a, b in zip(firsts, seconds, strict=True)]
+            return [r.refusal for r in self._read(firsts, seconds, scored=False)]
         probabilities, refusals = self._assess(firsts, seconds, cosines)
         return [
             refusal or ("" if p >= self.min_probability else REFUSED)
             for p, refusal in zip(probabilities.tolist(), refusals, strict=True)
         ]
 
+    def _read(
+        self, firsts: Sequence[str], seconds: Sequence[str], *, scored: bool
+    ) -> list[Reading]:
+        ce = self.cross_encoder is not None
+        return [
+            self.reader.read(a, b, cross_encoder=ce, scored=scored)
+            for a, b in zip(firsts, seconds, strict=True)
+        ]
+
     def _assess(
         self, firsts: Sequence[str], seconds: Sequence[str], cosines: Sequence[float]
     ) -> tuple[F64, list[str]]:
-        """The probabilities of the pairs the reader lets through (0 for the others), and the
-        reader's refusals."""
-        refusals = [self.reader.refusal(a, b) for a, b in zip(firsts, seconds, strict=True)]
+        """The probabilities of what the reader lets through (0 for the rest), and why the
+        rest was refused. A pair sharing no leading sentence is scored exactly as given."""
+        readings = self._read(firsts, seconds, scored=True)
+        refusals = [r.refusal for r in readings]
+        cos = [float(c) for c in cosines]
+        dropped = [i for i, r in enumerate(readings) if r.dropped and not r.refusal]
+        if dropped and self._embedder is None:
+            for i in dropped:
+                refusals[i] = NO_EMBEDDER
+        elif dropped and self._embedder is not None:
+            texts = [t for i in dropped for t in (readings[i].first, readings[i].second)]
+            vectors = self._embedder.embed(texts)
+            for k, i in enumerate(dropped):
+                cos[i] = min(1.0, max(0.0, float(vectors[2 * k] @ vectors[2 * k + 1])))
         out = np.zeros(len(refusals), dtype=np.float64)
         kept = [i for i, refusal in enumerate(refusals) if not refusal]
         if kept:
             table = self.rows(
-                [firsts[i] for i in kept], [seconds[i] for i in kept], [cosines[i] for i in kept]
+                [readings[i].first for i in kept],
+                [readings[i].second for i in kept],
+                [cos[i] for i in kept],
             )
             out[kept] = self.probabilities(table)
         return out, refusals

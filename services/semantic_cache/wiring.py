@@ -20,11 +20,13 @@ from services.semantic_cache.tenant_policy import TenantPolicies
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 
 
-def build_verifier(config: SemanticCacheSettings) -> Verifier:
-    """The shipped weights, with the cross-encoder when they use it (blocking: a thread)."""
+def build_verifier(config: SemanticCacheSettings, embedder: Embedder | None = None) -> Verifier:
+    """The shipped weights, with the cross-encoder when they use it (blocking: a thread);
+    ``embedder`` compares the parts of two questions that differ after a shared opening
+    (without it such a pair is refused)."""
     weights = VerifierWeights.load()
     scorer = load_cross_encoder(threads=config.ort_threads) if weights.needs_cross_encoder else None
-    return Verifier(weights, config.verifier_min_p, scorer)
+    return Verifier(weights, config.verifier_min_p, scorer, embedder=embedder)
 
 
 def build_cache(
@@ -37,15 +39,15 @@ def build_cache(
     solo: Embedder | None = None,
 ) -> SemanticCache:
     """``stats`` and ``metrics``: the service's (None: the offline estimator's cache);
-    ``verifier`` None = ``build_verifier(config)`` (loads the cross-encoder here); ``solo``:
-    the embedder of a text embedded alone (None: ``embedder``)."""
+    ``verifier`` None = ``build_verifier(config, embedder)`` (loads the cross-encoder here);
+    ``solo``: the embedder of a text embedded alone (None: ``embedder``)."""
     return SemanticCache(
         embedder,
         clock,
         threshold=config.threshold,
         ttl_s=config.ttl_s,
         max_entries=config.max_entries,
-        verifier=verifier if verifier is not None else build_verifier(config),
+        verifier=verifier if verifier is not None else build_verifier(config, embedder),
         margin=config.ambiguity_margin,
         policy=config.policy,
         leases=Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None,

@@ -78,3 +78,76 @@ async def test_the_guard_holds_with_the_verification_step_off() -> None:
     await cache.store(q("What does 👍 mean in a chat?"), answer())
     assert (await cache.check(q("What does 👍 mean in chat?"))).hit  # the step is off
     assert not (await cache.check(q("What does 👎 mean in a chat?"))).hit
+
+
+# --- a shared opening: the verifier reads where the questions differ, or refuses
+PREAMBLE = "Hi, I opened my account last year with my work email and I pay monthly by card. "
+CONTEXT = (
+    "I am using your billing API from a Python service that runs in Kubernetes behind an nginx "
+    "ingress, and we have a nightly job that exports all invoices of the previous day to our "
+    "data warehouse. The job authenticates with a service account and has been working fine "
+    "for months. "
+)  # ~64 tokens: the cross-encoder (64 tokens a pair) read none of the question
+DOCUMENT = "Our refund policy. " + " ".join(
+    f"Clause {i}: customers may request a refund within thirty days of purchase if the "
+    "product is unused and in its original packaging."
+    for i in range(12)
+)  # over 256 tokens: the embedding read none of the question either (cosine 1.0)
+NEAR_MISSES = [
+    ("How do I enable two-factor authentication?", "How do I disable two-factor authentication?"),
+    ("Convert my balance from USD to EUR.", "Convert my balance from EUR to USD."),
+    ("Summarise this in French.", "Summarise this in German."),
+]
+
+
+@cache
+def reading_verifier() -> Verifier:
+    return build_verifier(CONFIG, embedder())
+
+
+@pytest.mark.parametrize("opening", [PREAMBLE, CONTEXT, DOCUMENT + "\n\n"])
+@pytest.mark.parametrize(("stored", "asked"), NEAR_MISSES)
+async def test_a_shared_opening_does_not_hide_where_two_questions_differ(
+    opening: str, stored: str, asked: str
+) -> None:
+    cache = shipped_cache(reading_verifier())
+    assert (await cache.store(q(opening + stored), answer())).stored
+    result = await cache.check(q(opening + asked))
+    assert not result.hit, f"served {stored!r} to {asked!r} (similarity {result.similarity:.3f})"
+    assert result.best_similarity >= CONFIG.threshold and result.refusal
+
+
+@pytest.mark.parametrize("opening", [PREAMBLE, CONTEXT, DOCUMENT + "\n\n"])
+async def test_a_paraphrase_after_a_shared_opening_is_still_served(opening: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q(opening + "How do I reset my password?"), answer())
+    assert (await cache.check(q(opening + "I forgot my password, how can I change it?"))).hit
+
+
+async def test_a_pair_the_verifier_cannot_read_in_full_is_refused() -> None:
+    # one long sentence each (no shared sentence to drop): over the cross-encoder's 64 tokens
+    context = CONTEXT.replace(".", ",").rstrip(", ")
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q(context + " so how do I enable webhooks for failed payments?"), answer())
+    result = await cache.check(q(context + " so how do I disable webhooks for failed payments?"))
+    assert not result.hit and refusal_reason(result.refusal) == "too_long", result.refusal
+
+
+async def test_a_truncated_question_is_never_served_on_its_cosine_alone() -> None:
+    off = Verifier(VerifierWeights.load(), 0.0, verifier().cross_encoder)  # the step is off
+    cache = shipped_cache(off)
+    await cache.store(q(DOCUMENT + " Summarise this in French."), answer())
+    result = await cache.check(q(DOCUMENT + " Summarise this in German."))
+    assert result.best_similarity > 0.99  # the embedding never reaches the question
+    assert not result.hit and refusal_reason(result.refusal) == "too_long", result.refusal
+    await cache.store(q("How do I reset my password?"), answer())
+    assert (await cache.check(q("how can I reset my password"))).hit  # short: as before
+
+
+def test_only_whole_leading_sentences_shared_word_for_word_are_dropped() -> None:
+    from services.semantic_cache.reading import differing
+
+    assert differing("a b. c d. how?", "a b. c d. why?") == ("how?", "why?")
+    assert differing("a b. c d. how?", "a b. c e. how?") == ("c d. how?", "c e. how?")
+    assert differing("same. text", "same. text") == ("text", "text")  # the last one is kept
+    assert differing("one. two", "one.") == ("one. two", "one.")  # nothing after: not a shared end

@@ -249,3 +249,27 @@ def test_coverage_features_see_a_content_word_changed_on_one_side() -> None:
     assert feature(first, second, "same_bag") == 0.0
     assert feature("eur to usd", "usd to eur", "same_bag") == 1.0
     assert feature("what is rust", "rust", "min_coverage") == 1.0  # stopwords do not count
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("how do i enable 2fa?", "how do i disable 2fa?"),
+        ("hi, i pay by card. how do i enable 2fa?", "hello, i pay by card. how do i enable 2fa?"),
+        ("i pay by card, how do i enable 2fa?", "i pay by card, how do i disable 2fa?"),
+        ("i pay by card. how do i enable 2fa?", "i pay by card! how do i enable 2fa?"),
+        ("the same sentence.", "the same sentence."),
+        ("eur to usd. thanks", "eur to usd"),
+    ],
+)
+def test_a_pair_sharing_no_leading_sentence_is_scored_exactly_as_before(
+    first: str, second: str
+) -> None:
+    """The calibration holds: the shared-opening step changes nothing for such pairs."""
+    from services.semantic_cache.reading import differing
+    from services.semantic_cache.verifier import rows
+
+    assert differing(first, second) == (first, second)
+    verifier = shipped()
+    before = verifier.probabilities(rows([first], [second], [0.91], verifier.cross_encoder))
+    assert verifier.probability(first, second, 0.91) == float(before[0])

@@ -83,10 +83,12 @@ class Session:
         return self._scorer
 
     def verifier(self, min_probability: float, weights: VerifierWeights | None = None) -> Verifier:
-        """The shipped (or given) weights, the cross-encoder's logits from the disk cache."""
+        """The shipped (or given) weights, the cross-encoder's logits from the disk cache, the
+        embedder for the parts of two questions that differ after a shared opening (as the
+        service's)."""
         weights = weights if weights is not None else VerifierWeights.load()
         scorer = self.scorer if weights.needs_cross_encoder else None
-        return Verifier(weights, min_probability, scorer)
+        return Verifier(weights, min_probability, scorer, embedder=self.embedder)
 
     def load(self, name: str) -> tuple[PairsFile, VectorTable]:
         if name not in self._files:
