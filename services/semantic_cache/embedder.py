@@ -7,6 +7,7 @@ used, and a mismatch is an error (never a silent fallback). Nothing is downloade
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,18 @@ GROUP = 4  # at most this many texts of similar length run together (MiniLMEmbed
 # and 41.0), so batching saves only the fixed part: in fours regardless of padding, MMLU
 # prompts cost 62 ms a text against 36 alone.
 PAD_BUDGET_TOKENS = 8
+# The most characters of a text the tokenizer is given (``embedding_input``): it reads only
+# MAX_TOKENS - 2 tokens ([CLS] and [SEP] aside) but tokenised the whole text first (1 MB: 2.7 s
+# in the one batch loop every tenant's lookup waits on). The bound: tokenisation is word by
+# word (whitespace ends a word; the normaliser works a character at a time), and a word of at
+# most 100 characters is at least one token (WordPiece's max_input_chars_per_word); so in a
+# text whose whitespace runs are collapsed to one space, the first MAX_TOKENS - 2 tokens lie in
+# the first MAX_TOKENS - 2 words, within this many characters, as long as those words are at
+# most 100 characters and not made only of what the tokenizer drops (control characters,
+# lone accents). A text with longer words is embedded from fewer of its tokens, and is
+# reported as cut (``Reader.truncated``): it gets no non-exact hit on the embedding alone.
+EMBED_CHARS = (MAX_TOKENS - 2) * 101
+_WORD = re.compile(r"[^ \t\n\r]+")  # the whitespace the tokenizer also splits on
 
 Vectors = npt.NDArray[np.float32]
 Ints = npt.NDArray[np.int64]
@@ -114,7 +127,7 @@ class MiniLMEmbedder:
         """(rows of ``texts``, last hidden states, attention mask) per group of similar length."""
         if not texts:
             return
-        encodings = self._tokenizer.encode_batch(texts)
+        encodings = self._tokenizer.encode_batch([embedding_input(text)[0] for text in texts])
         lengths = [sum(encoding.attention_mask) for encoding in encodings]
         for rows in runs_of(lengths):
             width = lengths[rows[-1]]
@@ -123,6 +136,26 @@ class MiniLMEmbedder:
             feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
             (hidden,) = self._session.run(["last_hidden_state"], feeds)
             yield rows, np.asarray(hidden, dtype=np.float32), mask
+
+
+def embedding_input(text: str) -> tuple[str, bool]:
+    """What the embedder tokenises of ``text`` (at most ``EMBED_CHARS`` characters: whitespace
+    runs collapsed, cut at a space), and whether any of ``text`` was left out. A text within the
+    bound is given whole; cut or not, the tokens the model reads are the same (see
+    ``EMBED_CHARS``)."""
+    if len(text) <= EMBED_CHARS:
+        return text, False
+    words: list[str] = []
+    size = -1  # the words joined by single spaces
+    for match in _WORD.finditer(text):
+        word = match.group()
+        if size + 1 + len(word) > EMBED_CHARS:
+            if not words:  # a first word longer than the bound: cut inside it
+                words.append(word[:EMBED_CHARS])
+            return " ".join(words), True
+        words.append(word)
+        size += 1 + len(word)
+    return " ".join(words), False  # only whitespace was collapsed
 
 
 def runs_of(lengths: list[int]) -> list[list[int]]:

@@ -33,6 +33,7 @@ from services.semantic_cache.embedder import (
     TOKENIZER_SHA256,
     checked_file,
     default_tokenizer_path,
+    embedding_input,
 )
 
 if TYPE_CHECKING:
@@ -107,10 +108,12 @@ class Reader:
         return len(self._tokenizer.encode(first, second).ids) <= self.pair_tokens
 
     def truncated(self, text: str) -> bool:
-        """The embedding reads only part of ``text`` (more than ``embed_tokens`` tokens)."""
+        """The embedding reads only part of ``text`` (more than ``embed_tokens`` tokens, or
+        more than the embedder tokenises: ``embedding_input``)."""
         if len(text) * _MAX_TOKENS_A_CHAR <= self.embed_tokens - 2:
             return False
-        return len(self._tokenizer.encode(text).ids) > self.embed_tokens
+        given, left_out = embedding_input(text)
+        return left_out or len(self._tokenizer.encode(given).ids) > self.embed_tokens
 
     def read(self, first: str, second: str, *, cross_encoder: bool, scored: bool) -> Reading:
         """What the verifier reads of (cached, new): their differing parts, unless it cannot

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -104,17 +105,36 @@ def _ngrams(tokens: list[str], n: int) -> set[object]:
 
 
 def _discordance(a: list[str], b: list[str]) -> float:
-    """Share of pairs of words (each once in both texts) whose order differs."""
-    once = [w for w in a if a.count(w) == 1 and b.count(w) == 1]
-    if len(once) < 2:
+    """Share of pairs of words (each once in both texts) whose order differs.
+
+    Counted in O(n log n) (the words counted once, the discordant pairs as the inversions of
+    their positions in ``b``, with a Fenwick tree): two 16 kB questions took 2.5 s of a
+    worker's CPU when each word was counted by scanning the list and every pair compared.
+    """
+    count_a, count_b = Counter(a), Counter(b)
+    pos_b = {w: i for i, w in enumerate(b) if count_b[w] == 1}
+    order = [pos_b[w] for w in a if count_a[w] == 1 and w in pos_b]
+    n = len(order)
+    if n < 2:
         return 0.0
-    pos_b = {w: b.index(w) for w in once}
-    pairs = discordant = 0
-    for i in range(len(once)):
-        for j in range(i + 1, len(once)):
-            pairs += 1
-            discordant += pos_b[once[i]] > pos_b[once[j]]
-    return discordant / pairs
+    return _inversions(order, len(b)) / (n * (n - 1) // 2)
+
+
+def _inversions(values: list[int], bound: int) -> int:
+    """Pairs i < j with values[i] > values[j], for distinct values in range(bound)."""
+    tree = [0] * (bound + 1)  # tree[k]: how many values seen so far fall in its range
+    inversions = 0
+    for seen, value in enumerate(values):
+        k, not_above = value + 1, 0
+        while k > 0:
+            not_above += tree[k]
+            k -= k & -k
+        inversions += seen - not_above  # values seen so far that are greater
+        k = value + 1
+        while k <= bound:
+            tree[k] += 1
+            k += k & -k
+    return inversions
 
 
 def features(first: str, second: str, cosine: float) -> npt.NDArray[np.float64]:

@@ -114,3 +114,60 @@ def test_every_text_runs_once_within_the_padding_budget() -> None:
             width = max(lengths[i] for i in run)
             assert lengths[run[-1]] == width  # the run's width is its last text's
             assert width * len(run) - sum(lengths[i] for i in run) <= PAD_BUDGET_TOKENS
+
+
+class RecordingTokenizer:
+    """Passes through to the real tokenizer, keeping the texts it was given."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.texts: list[str] = []
+
+    def encode_batch(self, texts: list[str]) -> object:
+        self.texts.extend(texts)
+        return self.tokenizer.encode_batch(texts)  # type: ignore[attr-defined]
+
+
+def test_a_huge_question_is_cut_before_it_is_tokenised(
+    embedder: MiniLMEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One 1 MB question took 2.7 s to tokenise in the batch loop every lookup waits on."""
+    recording = RecordingTokenizer(embedder._tokenizer)
+    monkeypatch.setattr(embedder, "_tokenizer", recording)
+    huge = "please read this: " + "lorem ipsum dolor sit amet " * 38_000  # ~1 MB
+    embedder.embed(["how do i reset my password", huge])
+    assert max(len(text) for text in recording.texts) <= 26 * 1024  # EMBED_CHARS: 25,654
+    assert "how do i reset my password" in recording.texts  # a short text is given whole
+
+
+def uncut(embedder: MiniLMEmbedder, monkeypatch: pytest.MonkeyPatch, text: str) -> np.ndarray:
+    """The embedding of ``text`` tokenised whole (as before the cut), truncated to 256 tokens."""
+    from services.semantic_cache import embedder as module
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "embedding_input", lambda whole: (whole, False))
+        row: np.ndarray = embedder.embed([text])[0]
+        return row
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Read this carefully before you answer. " * 40 + " and more words" * 7_000,
+        "Read this carefully. " * 80 + "\n\n" + " " * 100_000 + "the question after the spaces",
+        "Read this carefully. " * 80 + "x" * 100_000,  # a word longer than the bound
+        "\n".join("    " * 40 + "x = i" for _ in range(300)),  # indented code: 49 kB, 900 tokens
+        "如何删除我的账户" * 5_000 + " 😀" * 1000,  # every character a token
+    ],
+)
+def test_the_cut_keeps_every_token_the_model_reads(
+    embedder: MiniLMEmbedder, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    from services.semantic_cache.embedder import EMBED_CHARS, embedding_input
+
+    given, _ = embedding_input(text)
+    assert len(given) <= EMBED_CHARS < len(text)
+    cut = embedder.embed([text])[0]
+    np.testing.assert_allclose(cut, embedder.embed([given])[0], atol=1e-6)
+    np.testing.assert_allclose(cut, uncut(embedder, monkeypatch, text), atol=1e-5)
+    assert embedding_input("short question") == ("short question", False)

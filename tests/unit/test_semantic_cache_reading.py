@@ -151,3 +151,13 @@ def test_only_whole_leading_sentences_shared_word_for_word_are_dropped() -> None
     assert differing("a b. c d. how?", "a b. c e. how?") == ("c d. how?", "c e. how?")
     assert differing("same. text", "same. text") == ("text", "text")  # the last one is kept
     assert differing("one. two", "one.") == ("one. two", "one.")  # nothing after: not a shared end
+
+
+def test_a_question_is_truncated_when_the_embedding_reads_part_of_it() -> None:
+    from services.semantic_cache.reading import shipped_reader
+
+    reader = shipped_reader()
+    assert not reader.truncated("how do i reset my password?")
+    assert not reader.truncated("如何删除我的账户" * 10)  # 80 characters: at most 240 tokens
+    assert reader.truncated(DOCUMENT) and reader.truncated("word " * 300)
+    assert reader.truncated("word " + "x" * 1_000_000)  # cut before tokenising: left out

@@ -273,3 +273,44 @@ def test_a_pair_sharing_no_leading_sentence_is_scored_exactly_as_before(
     verifier = shipped()
     before = verifier.probabilities(rows([first], [second], [0.91], verifier.cross_encoder))
     assert verifier.probability(first, second, 0.91) == float(before[0])
+
+
+class CountedWord(str):
+    """A word that counts how often it is hashed or compared (a quadratic scan shows)."""
+
+    calls = 0
+
+    def __hash__(self) -> int:
+        CountedWord.calls += 1
+        return str.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        CountedWord.calls += 1
+        return str.__eq__(self, other)
+
+
+def slow_discordance(a: list[str], b: list[str]) -> float:
+    """The former quadratic definition, as the reference."""
+    once = [w for w in a if a.count(w) == 1 and b.count(w) == 1]
+    if len(once) < 2:
+        return 0.0
+    pos_b = {w: b.index(w) for w in once}
+    pairs = [(pos_b[x], pos_b[y]) for i, x in enumerate(once) for y in once[i + 1 :]]
+    return sum(p > q for p, q in pairs) / len(pairs)
+
+
+def test_order_discordance_is_the_same_figure_in_n_log_n() -> None:
+    from services.semantic_cache.verifier import _discordance
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        vocab = [f"w{i}" for i in range(int(rng.integers(1, 12)))]
+        a = [str(rng.choice(vocab)) for _ in range(int(rng.integers(0, 14)))]
+        b = [str(rng.choice(vocab)) for _ in range(int(rng.integers(0, 14)))]
+        assert _discordance(a, b) == slow_discordance(a, b), (a, b)
+    n = 3_000  # two ~20 kB questions of distinct words
+    a = [CountedWord(f"w{i}") for i in range(n)]
+    b = [CountedWord(w) for w in rng.permutation(a).tolist()]
+    CountedWord.calls = 0
+    value = _discordance(a, b)
+    assert 0.4 < value < 0.6 and CountedWord.calls <= 20 * n  # scanning: over n * n
