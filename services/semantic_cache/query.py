@@ -56,8 +56,10 @@ class Query:
 
 
 def normalise(text: str) -> str:
-    """The exact-match key: stripped, whitespace collapsed, casefolded."""
-    return " ".join(text.split()).casefold()
+    """The exact-match key: stripped, whitespace collapsed, lowercased. Not casefolded:
+    casefold() maps "ß" to "ss", and "Maße" (measurements) would be "Masse" (mass), an exact
+    hit served with no verifier."""
+    return " ".join(text.split()).lower()
 
 
 def query_from_request(tenant: str, request: pb.CompleteRequest) -> Query:

@@ -221,3 +221,15 @@ def test_recent_queries_never_hold_a_large_question(derived: list[str]) -> None:
     recent.of("a", document)
     recent.of("a", document)
     assert derived == ["a", "a", "a"] and len(recent) == 1
+
+
+async def test_the_exact_key_folds_case_but_keeps_sharp_s() -> None:
+    """casefold() made "Maße" (measurements) the exact key of "Masse" (mass): served as an
+    exact hit, no verifier asked."""
+    assert normalise("MASSE") == normalise("Masse") == "masse"  # case folding is intended
+    cache, _ = new_cache()
+    await put(cache, make_request("Was bedeutet das Wort Maße?"))
+    asked = await cache.check(query_from_request("a", make_request("Was bedeutet das Wort Masse?")))
+    assert not asked.exact
+    same = await cache.check(query_from_request("a", make_request("WAS BEDEUTET DAS WORT MAßE?")))
+    assert same.exact
