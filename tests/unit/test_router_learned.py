@@ -212,3 +212,38 @@ def test_a_choices_indent_never_spans_lines() -> None:
     assert _CHOICE.match("  b) yes") is not None
     text = "Pick one:\n\n\n A) red\n\tB) blue\n(c) green\nD. none" + "\n" * 50_000 + "end"
     assert shape_features(text)[SHAPE_FEATURES.index("lettered_choices")] == 0.4
+
+
+def test_a_long_question_is_scored_off_the_event_loop() -> None:
+    """Its shape features are Python loops over the text (1 MB: ~0.25 s): on the event loop
+    they would hold every tenant's calls; a short one stays inline (no thread hop)."""
+    import threading
+
+    from services.router.routing.router import _SCORE_INLINE_CHARS, TierRouter
+
+    model = load_router_model()
+    scored_on: list[int] = []
+
+    class Recording:
+        def score(self, text: str, embedding: object) -> float:
+            scored_on.append(threading.get_ident())
+            return model.score(text, None)
+
+    router = TierRouter(Recording(), 0.1, TABLE, None, None, None)  # type: ignore[arg-type]
+
+    def ask(text: str) -> None:
+        request = pb.CompleteRequest(
+            model="auto",
+            max_tokens=16,
+            messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+        )
+
+        async def run() -> int:
+            await router.route("tenant-a", request, None)
+            return threading.get_ident()
+
+        loop_thread = asyncio.run(run())
+        assert (scored_on[-1] == loop_thread) is (len(text) <= _SCORE_INLINE_CHARS)
+
+    ask("What is 2 + 2?")
+    ask("Summarise this log: " + "line of a log, 12 errors\n" * 2000)

@@ -42,6 +42,10 @@ NONE = "none"
 # The output the cost comparison assumes (tokens): the answer's length is not known before.
 EXPECTED_OUTPUT_TOKENS = 128
 
+# A last user turn longer than this is scored in a worker thread, off the event loop that
+# serves every tenant's calls (its shape features are Python loops over its characters).
+_SCORE_INLINE_CHARS = 32 * 1024
+
 
 class LocalEmbedder:
     """The router's own MiniLM, loaded (in a thread) the first time it is needed."""
@@ -103,7 +107,10 @@ class TierRouter:
     ) -> Routed:
         text = last_user_text(request) or ""
         vector, source = await self._embedding(text, lookup)
-        score = self._model.score(text, vector)
+        if len(text) > _SCORE_INLINE_CHARS:  # its shape features: ~0.25 s for 1 MB of text
+            score = await asyncio.to_thread(self._model.score, text, vector)
+        else:
+            score = self._model.score(text, vector)
         requested = request.routing.HasField("threshold")
         threshold = request.routing.threshold if requested else self._threshold
         cuts = bands(self._tiers, threshold, self._tier_thresholds, requested=requested)
