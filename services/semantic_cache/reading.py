@@ -40,7 +40,7 @@ from services.semantic_cache.embedder import (
 )
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    from tokenizers import Encoding, Tokenizer
 
 UNREADABLE = (
     "unreadable: the questions differ in characters the models read as [UNK] (outside their"
@@ -52,18 +52,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 # The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
 # code point): a text of at most (MAX_TOKENS - 2) // 3 characters is never truncated.
 _MAX_TOKENS_A_CHAR = 3
-# A word the tokenizer reads as pieces is at most 100 characters (WordPiece's
-# max_input_chars_per_word; a longer one is one [UNK]): a pair of more characters than this
-# many a token, plus a space, cannot be read in full.
-_MAX_CHARS_A_TOKEN = 101
-
-
-def _common_prefix(first: str, second: str) -> str:
-    limit = min(len(first), len(second))
-    n = 0
-    while n < limit and first[n] == second[n]:
-        n += 1
-    return first[:n]
 
 
 def _longest_first(tokens_a: int, tokens_b: int, budget: int) -> tuple[int, int]:
@@ -116,12 +104,7 @@ class Reader:
 
     def unknown(self, text: str) -> tuple[str, ...]:
         """The substrings of ``text`` the tokenizer reads as ``[UNK]``, in order."""
-        encoding = self._tokenizer.encode(text, add_special_tokens=False)
-        return tuple(
-            text[start:end]
-            for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
-            if token == self._unk
-        )
+        return self._unknown(text, self._encode(text))
 
     def sees_the_difference(self, first: str, second: str) -> bool:
         """The cross-encoder reads, of each text, more than the opening the two share: it reads
@@ -129,27 +112,33 @@ class Reader:
         long texts that differ only after a long common opening ("<long context> so how do I
         enable X?" / "... disable X?") are read as their identical openings. A long pair that
         differs early (most paraphrases) is read as before: its calibration holds."""
-        shared = len(_common_prefix(first, second))
+        return self._sees(first, second, self._encode(first), self._encode(second))
+
+    def _encode(self, text: str) -> Encoding:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def _unknown(self, text: str, encoding: Encoding) -> tuple[str, ...]:
+        return tuple(
+            text[start:end]
+            for token, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+            if token == self._unk
+        )
+
+    def _sees(self, first: str, second: str, first_enc: Encoding, second_enc: Encoding) -> bool:
+        shared = next(
+            (i for i, (x, y) in enumerate(zip(first, second, strict=False)) if x != y),
+            min(len(first), len(second)),
+        )  # the characters of the opening both share
         if shared == 0:
             return True
-        budget = self.pair_tokens - 3
-        ends_a = self._token_ends(first, budget)
-        ends_b = self._token_ends(second, budget)
-        keep_a, keep_b = _longest_first(len(ends_a), len(ends_b), budget)
+        ends_a = [end for _, end in first_enc.offsets]
+        ends_b = [end for _, end in second_enc.offsets]
+        keep_a, keep_b = _longest_first(len(ends_a), len(ends_b), self.pair_tokens - 3)
         # each text is read in full, or past the opening both share
         return all(
             keep == len(ends) or (keep and ends[keep - 1] > shared)
             for keep, ends in ((keep_a, ends_a), (keep_b, ends_b))
         )
-
-    def _token_ends(self, text: str, budget: int) -> list[int]:
-        """Each token's end offset; of a text cut at what ``budget`` tokens can cover."""
-        cut = text[: budget * _MAX_CHARS_A_TOKEN]
-        encoding = self._tokenizer.encode(cut, add_special_tokens=False)
-        ends = [end for _, end in encoding.offsets]
-        if len(cut) < len(text):  # more tokens than the budget: the count only has to exceed it
-            ends.append(len(text))
-        return ends
 
     def truncated(self, text: str) -> bool:
         """The embedding reads only part of ``text`` (more than ``embed_tokens`` tokens, or
@@ -165,14 +154,15 @@ class Reader:
         or they differ in ``[UNK]`` text."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
+        a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
         if cross_encoder and scored:
-            if not self.sees_the_difference(a, b):
+            if not self._sees(a, b, a_enc, b_enc):
                 return Reading(a, b, dropped, TOO_LONG)
         elif (self.truncated(first) or self.truncated(second)) and (
             not scored or self.truncated(a) or self.truncated(b)
         ):
             return Reading(a, b, dropped, TOO_LONG)
-        if self.unknown(a) != self.unknown(b):
+        if self._unknown(a, a_enc) != self._unknown(b, b_enc):
             return Reading(a, b, dropped, UNREADABLE)
         return Reading(a, b, dropped)
 
