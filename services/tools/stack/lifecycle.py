@@ -216,10 +216,11 @@ class Stack:
             if had is None:
                 changed.append(f"{service.name}: not part of it")
                 continue
-            wanted = self._managed_process(service, keys, 0).env
+            if service is REDIS:  # started with PATH only: its address is the others' setting
+                continue
+            wanted = self.environment(service, keys)
             # the variables the process reads (its table), not the rest of the shell's
-            read = set(service.env_keys) if service is not REDIS else set()
-            read |= set(DATA_DIRS)
+            read = {*service.env_keys, *DATA_DIRS}
             names = sorted(name for name in read if wanted.get(name) != had.get(name))
             if names:
                 changed.append(f"{service.name}: {', '.join(names)}")
