@@ -53,7 +53,11 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         await asyncio.sleep(0.05)
         yield pb.CompleteChunk(delta=pb.ContentBlock(text="hi"))
         await asyncio.sleep(0.05)
-        yield pb.CompleteChunk(end=pb.CompleteResponse(cost=pb.Cost(cost_nanos=7)))
+        end = pb.CompleteResponse(cost=pb.Cost(cost_nanos=7))
+        if request.messages[-1].content[0].text == "reconciled":
+            # an engine that reports its KV reuse only at the end: the start's layer was a guess
+            end.served_by = pb.LAYER_PREFIX_CACHE
+        yield pb.CompleteChunk(end=end)
 
 
 @pytest.fixture
@@ -136,6 +140,20 @@ def test_streaming_records_the_time_to_the_first_token(gateway: tuple[str, FakeG
     for sample in samples:
         assert sample.layer == "model" and sample.cost_nanos == 7
         assert sample.ttft_s is not None and 0.04 < sample.ttft_s < sample.latency_s
+
+
+def test_a_stream_is_counted_under_its_ends_layer(gateway: tuple[str, FakeGateway]) -> None:
+    """The start chunk's layer is provisional (an engine's KV reuse, a provider's cache read,
+    arrive with the end); the end's is the one the bill and the per-layer report use. An end
+    without one (an older Gateway) keeps the start's."""
+    target, _ = gateway
+    shape = LoadShape("closed", 2, 0.0, duration_s=30, stream=True)
+    items = [
+        Item(t, TENANT_A, pb.CompleteRequest(messages=[user(t)])) for t in ("reconciled", "plain")
+    ]
+    samples = asyncio.run(run_plan(target, KEYS, items, shape))
+    layers = {sample.kind: sample.layer for sample in samples}
+    assert layers == {"reconciled": "prefix_cache", "plain": "model"}
 
 
 def test_several_processes_share_the_plan_and_warm_up_is_marked(

@@ -78,7 +78,7 @@ async def _send(
         if end is None:
             samples.append(failed("NO_END"))
             return
-        end.served_by = head.served_by or end.served_by
+        end.served_by = end.served_by or head.served_by  # the start's layer is a guess
         latency = time.perf_counter() - origin
         samples.append(from_response(item, end, wall, latency, ttft, warmup=warmup, index=index))
     except CachemeshError as error:
