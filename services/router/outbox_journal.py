@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -38,6 +38,7 @@ JOURNAL_NAME = "billing-outbox.jsonl"
 # Rewrite the file once it holds this many bytes of settled lines, and more than its live ones.
 COMPACT_BYTES = 64 * 1024 * 1024
 REWRITE_RETRY_S = 1.0  # after a failed rewrite, the next is tried this much later
+READ_BYTES = 16 * 1024 * 1024  # the journal is loaded this much at a time
 
 T = TypeVar("T")
 
@@ -84,29 +85,51 @@ class Journal:
 
     def load(self) -> list[str]:
         """The pending entries' ids, oldest first. A torn last line (a crash mid-append: its
-        answer was never sent) is cut off, so the next line starts on a line of its own."""
-        data = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
+        answer was never sent) is cut off, so the next line starts on a line of its own; only
+        bytes after the file's last newline are (a read may return fewer bytes than asked:
+        Linux caps one at 2 GiB, so the file is read in chunks until its whole size is in)."""
+        size = os.fstat(self._fd).st_size
+        self._lines.clear()
+        end = 0  # where the last whole line read ends
+        for raw in self._whole_lines(size):
+            self._take(raw, end)
+            end += len(raw)
+        if end < size:
             os.ftruncate(self._fd, end)
             os.fsync(self._fd)
-        self._lines.clear()
-        offset = 0
-        for raw in data[:end].splitlines(keepends=True):
-            try:
-                item = json.loads(raw)
-            except json.JSONDecodeError:
-                item = {}
-            if isinstance(item, dict) and isinstance(item.get("add"), str):
-                self._lines[item["add"]] = _Line(offset, len(raw))
-            elif isinstance(item, dict) and isinstance(item.get("done"), str):
-                self._lines.pop(item["done"], None)
-            else:
-                log.error("billing outbox: line at byte %d of %s is unreadable", offset, self.path)
-            offset += len(raw)
         self._size = end
         self._live_bytes = sum(line.length for line in self._lines.values())
         return list(self._lines)
+
+    def _whole_lines(self, size: int) -> Iterator[bytes]:
+        """The file's lines up to its last newline (each with its newline), read ``READ_BYTES``
+        at a time: the whole journal is never in memory at once."""
+        buffer = bytearray()
+        read = 0
+        while read < size:
+            chunk = os.pread(self._fd, min(READ_BYTES, size - read), read)
+            if not chunk:  # shorter than its size said: what was read is all there is
+                break
+            read += len(chunk)
+            start = len(buffer)
+            buffer += chunk
+            cut = buffer.rfind(b"\n", start) + 1
+            if cut:
+                yield from bytes(buffer[:cut]).splitlines(keepends=True)
+                del buffer[:cut]
+
+    def _take(self, raw: bytes, offset: int) -> None:
+        """One line of the file, at ``offset``: an entry added, or settled."""
+        try:
+            item = json.loads(raw)
+        except json.JSONDecodeError:
+            item = {}
+        if isinstance(item, dict) and isinstance(item.get("add"), str):
+            self._lines[item["add"]] = _Line(offset, len(raw))
+        elif isinstance(item, dict) and isinstance(item.get("done"), str):
+            self._lines.pop(item["done"], None)
+        else:
+            log.error("billing outbox: line at byte %d of %s is unreadable", offset, self.path)
 
     def add(self, entry_id: str, commits: Sequence[pc.CommitRequest]) -> None:
         raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
@@ -130,7 +153,7 @@ class Journal:
 
     def read(self, entry_id: str) -> tuple[pc.CommitRequest, ...]:
         line = self._lines[entry_id]
-        raw = os.pread(self._fd, line.length, line.offset)
+        raw = _read_all(self._fd, line.length, line.offset)
         try:
             item = json.loads(raw)
             if item.get("add") != entry_id:
@@ -200,7 +223,7 @@ class Journal:
             fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 for entry_id, line in self._lines.items():
-                    _write_all(fd, os.pread(self._fd, line.length, line.offset), size)
+                    _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
                     lines[entry_id] = _Line(size, line.length)
                     size += line.length
                 os.fsync(fd)
@@ -239,6 +262,18 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         if written <= 0:
             raise OSError(f"pwrite wrote {written} bytes")
         view, offset = view[written:], offset + written
+
+
+def _read_all(fd: int, length: int, offset: int) -> bytes:
+    """``pread`` until ``length`` bytes are in (or the file ends): a read may return fewer."""
+    parts: list[bytes] = []
+    while length > 0:
+        part = os.pread(fd, length, offset)
+        if not part:
+            break
+        parts.append(part)
+        length, offset = length - len(part), offset + len(part)
+    return b"".join(parts)
 
 
 @dataclass
