@@ -44,6 +44,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     lines = configure_logging(env)
     table = model_table_from_env(env)
     settings = RouterSettings.from_env(env, table)
+    # first: a data directory another router holds stops this one before anything loads
+    # (held until the process exits)
+    journal = Journal(settings.data_dir) if settings.data_dir is not None else None
     keys = settings.keys.open(time.monotonic, time.time)
     if settings.admin is None:
         log.warning("the Admin API is off: no CACHEMESH_ADMIN_TOKEN_FILE or CACHEMESH_ADMIN_TOKEN")
@@ -64,7 +67,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     outbox = BillingOutbox(
         connected.dependencies.prefix,
-        Journal(settings.data_dir) if settings.data_dir is not None else None,
+        journal,
         settings.prefix_timeout_s,
         settings.outbox_retry_s,
     )

@@ -10,15 +10,19 @@ written after it.
 ``Journal`` is confined to one thread (``JournalThread`` runs it): it writes without fsync and
 ``sync`` makes a batch of writes durable with one fsync, so concurrent answers share it. The
 journal is the one record of what is pending: an entry written is billed, whatever became of
-the call that wrote it. A failed fsync is sticky: the kernel may have dropped the unwritten
-pages, so no later write is acknowledged until a fresh file holding every pending entry (or
-an empty one) has been fsynced.
+the call that wrote it. One router at a time: a ``Journal`` holds an exclusive ``flock`` of
+``.billing-outbox.lock`` beside the file until it is closed (two writing one file at their own
+idea of its end would overwrite each other's entries), and one that finds it held is a
+``ConfigError`` naming ``ROUTER_DATA_DIR``. A failed fsync is sticky: the kernel may have
+dropped the unwritten pages, so no later write is acknowledged until a fresh file holding every
+pending entry (or an empty one) has been fsynced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import logging
 import math
@@ -30,11 +34,13 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.env import ConfigError
 from services.common.files import fsync_directory
 
 log = logging.getLogger("cachemesh.router.outbox")
 
 JOURNAL_NAME = "billing-outbox.jsonl"
+LOCK_NAME = ".billing-outbox.lock"  # held by the one router using the directory
 # Rewrite the file once it holds this many bytes of settled lines, and more than its live ones.
 COMPACT_BYTES = 64 * 1024 * 1024
 REWRITE_RETRY_S = 1.0  # after a failed rewrite, the next is tried this much later
@@ -74,7 +80,12 @@ class Journal:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / JOURNAL_NAME
         self._compact_bytes = compact_bytes
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = _lock(directory / LOCK_NAME)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._lines: dict[str, _Line] = {}  # the pending entries, in the order they came
         self._size = 0
         self._live_bytes = 0
@@ -191,7 +202,9 @@ class Journal:
             ) from self._failed
 
     def close(self) -> None:
+        """Closes the file and lets another router use the directory."""
         os.close(self._fd)
+        os.close(self._lock_fd)  # releases the lock
 
     def _due_for_compaction(self) -> bool:
         settled = self._size - self._live_bytes
@@ -262,6 +275,24 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         if written <= 0:
             raise OSError(f"pwrite wrote {written} bytes")
         view, offset = view[written:], offset + written
+
+
+def _lock(path: Path) -> int:
+    """An open descriptor of ``path`` holding its exclusive ``flock``; a ``ConfigError`` if
+    another process (or another ``Journal`` of this one) holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"ROUTER_DATA_DIR: another router is using {str(path.parent)[:200]!r} (it holds "
+            f"{path.name}); give each router a data directory of its own, or stop the other"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _read_all(fd: int, length: int, offset: int) -> bytes:

@@ -23,10 +23,12 @@ from tests.integration.harness import ROOT, RunningStack
 
 def service_env(stack: RunningStack, name: str, extra: Mapping[str, str]) -> dict[str, str]:
     """What the stack would start ``name`` with, plus ``extra`` (no traces exported, its
-    metrics on a free port: the stack's own process of that name holds the stack's)."""
+    metrics on a free port and, a router, its billing outbox in memory: the stack's own
+    process of that name holds the stack's port and data directory)."""
     spec = service(name)
     env = stack.stack.environment(spec, stack.stack.keys())
     env["OTEL_TRACES_EXPORTER"] = "none"
+    env.pop("ROUTER_DATA_DIR", None)  # one router per data directory
     renamed = {source: target for target, source in spec.renames.items()}
     env[renamed.get(spec.metrics_var, spec.metrics_var)] = "127.0.0.1:0"
     env.update(extra)

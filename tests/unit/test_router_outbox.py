@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -52,26 +54,30 @@ def _commits(key: str) -> list[pc.CommitRequest]:
 
 async def test_kept_until_prefix_cache_is_back_then_billed_in_order(tmp_path: Path) -> None:
     prefix = FakePrefix()
-    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    first = Journal(tmp_path)
+    outbox = BillingOutbox(prefix, first, 1.0, 0.01)
     await outbox.keep(_commits("a#1"))
     await outbox.keep(_commits("b#1"))
     assert await outbox.flush() == 0 and outbox.pending == 2
-    # a router that died now replays its journal when it starts again
-    again = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    first.close()  # a router that died now replays its journal when it starts again
+    journal = Journal(tmp_path)
+    again = BillingOutbox(prefix, journal, 1.0, 0.01)
     assert again.pending == 2
     prefix.down = False
     assert await again.flush() == 2 and again.pending == 0
     warm, final = pc.COMMIT_PHASE_WARM, pc.COMMIT_PHASE_FINAL
     assert prefix.sent == [("a#1", warm), ("a#1", final), ("b#1", warm), ("b#1", final)]
     assert (tmp_path / JOURNAL_NAME).read_text() == ""  # emptied once nothing is pending
+    journal.close()
     assert BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01).pending == 0
 
 
 async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
-    outbox = BillingOutbox(FakePrefix(), Journal(tmp_path), 1.0, 0.01)
-    await outbox.keep(_commits("a#1"))
+    journal = Journal(tmp_path)
+    await BillingOutbox(FakePrefix(), journal, 1.0, 0.01).keep(_commits("a#1"))
     with (tmp_path / JOURNAL_NAME).open("a") as handle:
         handle.write('{"add": "x", "commits": ["AAA')  # the crash came mid-append
+    journal.close()
     assert BillingOutbox(FakePrefix(), Journal(tmp_path), 1.0, 0.01).pending == 1
 
 
@@ -129,12 +135,15 @@ class SlowPrefix(FakePrefix):
 
 
 def _kept(directory: Path) -> list[str]:
-    """The request ids of the entries a router starting now would bill, in order."""
-    journal = Journal(directory)
-    try:
-        return [journal.read(entry_id)[0].request_id for entry_id in journal.load()]
-    finally:
-        journal.close()
+    """The request ids of the entries a router starting now would bill, in order (read from
+    a copy of the journal: the router of ``directory`` may still hold it)."""
+    with tempfile.TemporaryDirectory() as copy:
+        shutil.copyfile(directory / JOURNAL_NAME, Path(copy) / JOURNAL_NAME)
+        journal = Journal(Path(copy))
+        try:
+            return [journal.read(entry_id)[0].request_id for entry_id in journal.load()]
+        finally:
+            journal.close()
 
 
 async def test_an_entry_kept_while_the_last_one_settles_stays_in_the_journal(
@@ -156,9 +165,11 @@ async def test_an_entry_kept_while_the_last_one_settles_stays_in_the_journal(
 
 async def test_an_entry_kept_after_a_torn_line_survives_the_next_restart(tmp_path: Path) -> None:
     """A line appended after a torn one must not be glued to it (both would be unreadable)."""
-    await BillingOutbox(FakePrefix(), Journal(tmp_path), 1.0, 0.01).keep(_commits("a#1"))
+    journal = Journal(tmp_path)
+    await BillingOutbox(FakePrefix(), journal, 1.0, 0.01).keep(_commits("a#1"))
     with (tmp_path / JOURNAL_NAME).open("a") as handle:
         handle.write('{"add": "x", "commits": ["AAA')  # the crash came mid-append
+    journal.close()
     restarted = BillingOutbox(FakePrefix(), Journal(tmp_path), 1.0, 0.01)
     await restarted.keep(_commits("b#1"))
     assert _kept(tmp_path) == ["a#1", "b#1"]

@@ -1,4 +1,5 @@
-"""The billing outbox's journal on its own: loaded whole whatever size each read returns."""
+"""The billing outbox's journal on its own: loaded whole whatever size each read returns, and
+held by one router at a time."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.env import ConfigError
 from services.router.outbox_journal import JOURNAL_NAME, Journal
 
 
@@ -44,4 +46,24 @@ def test_short_reads_lose_no_acknowledged_entry(
     assert pending == [f"e{i}" for i in range(40) if i != 3]
     assert [again.read(entry)[0].request_id for entry in pending] == keys[:3] + keys[4:]
     assert path.stat().st_size == whole  # the torn line cut, nothing before it
+    again.close()
+
+
+def test_a_second_journal_on_the_directory_is_refused_until_the_first_is_closed(
+    tmp_path: Path,
+) -> None:
+    """Two routers on one ROUTER_DATA_DIR would each append at their own idea of the file's
+    end, overwriting each other's acknowledged entries: the second is refused at start-up,
+    naming the variable; once the first is closed (its process ended) the directory is free."""
+    first = Journal(tmp_path)
+    first.load()
+    first.add("a", _commit("a#1"))
+    first.sync()
+    with pytest.raises(ConfigError, match="ROUTER_DATA_DIR: another router is using"):
+        Journal(tmp_path)
+    first.add("b", _commit("b#1"))  # the first goes on, its entries whole
+    first.sync()
+    first.close()
+    again = Journal(tmp_path)
+    assert [again.read(entry)[0].request_id for entry in again.load()] == ["a#1", "b#1"]
     again.close()
