@@ -281,8 +281,9 @@ def _seconds(ms: int) -> str:
 class Limiter:
     """Admits or refuses a tenant's request; settles its tokens and cost when it ends.
 
-    A store that fails (Redis down) does not stop the Gateway: the request is admitted, and
-    the failure logged and recorded on the request's span (``cachemesh.degraded``)."""
+    A store that fails (Redis down) does not stop the Gateway: the request is admitted with
+    nothing reserved (its end takes the tokens it used, gives none back), and the failure
+    logged and recorded on the request's span (``cachemesh.degraded``)."""
 
     def __init__(
         self,
@@ -314,7 +315,10 @@ class Limiter:
                 refusal = await self._store.admit(tenant, policy, reserve, now, Periods.at(now))
         except Exception as exc:  # the store's own failure (or silence), never the request's
             self._degraded("admit", exc)
-            return ticket
+            # nothing known reserved, so nothing to give back: the request's end takes what it
+            # used. A timeout is ambiguous (the store may have reserved after all); then the
+            # reservation stays taken too, erring against the tenant, not erasing its debt.
+            return Ticket(tenant, policy, 0)
         if refusal is None:
             return ticket
         return Denial(refusal.limit, _message(refusal, policy), refusal.wait_ms)

@@ -263,6 +263,62 @@ async def test_a_failing_store_admits_and_logs(caplog: pytest.LogCaptureFixture)
     assert len(failures) == 2 and "redis went away" in failures[0]
 
 
+class _Switch:
+    """A store that can go down (Redis unreachable) and come back."""
+
+    def __init__(self, store: LimitStore) -> None:
+        self.store = store
+        self.down = False
+
+    async def admit(
+        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        if self.down:
+            raise ConnectionError("redis went away")
+        return await self.store.admit(tenant, policy, reserve_tokens, now_ms, periods)
+
+    async def settle(
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        refund_tokens: int,
+        cost_nanos: int,
+        now_ms: int,
+        periods: Periods,
+    ) -> None:
+        if self.down:
+            raise ConnectionError("redis went away")
+        await self.store.settle(tenant, policy, refund_tokens, cost_nanos, now_ms, periods)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+@pytest.mark.parametrize("answered", [True, False])
+async def test_a_request_admitted_while_the_store_was_down_gives_nothing_back(
+    store: LimitStore, answered: bool
+) -> None:
+    """Admitted while Redis was down, nothing was reserved: when the request ends (Redis back)
+    what it used is taken and nothing given back. Giving back its max_tokens, never taken,
+    erased the tenant's debt (-4000 became -100, not -4100). Answered, or billed without its
+    answer: the same."""
+    clock = ManualClock(START_MS)
+    switch = _Switch(store)
+    limiter = _limiter(switch, LimitPolicy(tokens_per_min=1000), clock)
+    ticket = await _admitted(limiter, max_tokens=5000)  # 1000 -> -4000
+    limiter.settle(ticket, _answer(4000, 1000, cost_nanos=0))  # used all 5000: -4000
+    await limiter.drain()
+    switch.down = True
+    degraded = await _admitted(limiter, max_tokens=4000)  # admitted, nothing reserved
+    switch.down = False
+    if answered:
+        limiter.settle(degraded, _answer(60, 40, cost_nanos=0))
+    else:
+        limiter.charge(degraded, pb.Usage(input_tokens=60, output_tokens=40), 0)
+    await limiter.drain()
+    assert (await _denied(limiter)).retry_after_ms == 246_060  # -4100: 4101 tokens at 1000/min
+
+
 async def test_no_limit_set_never_calls_the_store() -> None:
     limiter = _limiter(_Broken(), LimitPolicy(), ManualClock(START_MS))
     limiter.settle(await _admitted(limiter), _answer(1, 1, cost_nanos=5))
