@@ -275,7 +275,12 @@ def _dollars(nanos: int) -> str:
 
 
 def _seconds(ms: int) -> str:
-    return f"{ms / 1000:.1f} s" if ms < 120_000 else f"{ms / 3_600_000:.1f} h"
+    """A wait as people read it: seconds under 2 min, minutes under 2 h, else hours."""
+    if ms < 120_000:
+        return f"{ms / 1000:.1f} s"
+    if ms < 7_200_000:
+        return f"{ms / 60_000:.1f} min"
+    return f"{ms / 3_600_000:.1f} h"
 
 
 class Limiter:

@@ -319,6 +319,22 @@ async def test_a_request_admitted_while_the_store_was_down_gives_nothing_back(
     assert (await _denied(limiter)).retry_after_ms == 246_060  # -4100: 4101 tokens at 1000/min
 
 
+async def test_a_wait_reads_in_seconds_then_minutes_then_hours(store: LimitStore) -> None:
+    """Under 2 min in seconds, under 2 h in minutes, else in hours (150 s read "0.0 h")."""
+    clock = ManualClock(START_MS)
+    tokens = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
+    await _admitted(tokens, max_tokens=3500)  # 1000 -> -2500: 2501 tokens, 150.06 s
+    assert "retry in 2.5 min" in (await _denied(tokens)).message
+    clock.advance(ms=150_060 - 90_000)
+    assert "retry in 90.0 s" in (await _denied(tokens)).message
+    midnight = Periods.at(START_MS).day_end_ms
+    day = ManualClock(midnight - 7_200_000)
+    budget = _limiter(store, LimitPolicy(day_budget_nanos=0), day)
+    assert "it renews at 00:00 UTC, in 2.0 h" in (await _denied(budget)).message
+    day.advance(ms=60_000)
+    assert "it renews at 00:00 UTC, in 119.0 min" in (await _denied(budget)).message
+
+
 async def test_no_limit_set_never_calls_the_store() -> None:
     limiter = _limiter(_Broken(), LimitPolicy(), ManualClock(START_MS))
     limiter.settle(await _admitted(limiter), _answer(1, 1, cost_nanos=5))
