@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+def _check(args: argparse.Namespace) -> None:
+    if args.workload is None:
+        return
+    if args.requests < 1:
+        raise ValueError(f"--requests must be >= 1, got {args.requests}")
+    if not (math.isfinite(args.interval_ms) and args.interval_ms >= 0):
+        raise ValueError(f"--interval-ms must be a finite number >= 0, got {args.interval_ms}")
+
+
 def _records(
     args: argparse.Namespace,
 ) -> tuple[list[LogRecord], dict[str, object], dict[frozenset[str], int]]:
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     what_if = WhatIf(l1=not args.no_l1, l2_ttl=args.l2_ttl, routing=args.routing)
     try:
+        _check(args)
         settings = Stack(ROOT, env_overrides=_overrides(args)).settings()
         records, source, labels = _records(args)
         stack = OfflineStack(settings, ManualClock())

@@ -15,6 +15,7 @@ gateway.proto in lowerCamelCase, e.g. ``{"model": "auto", "maxTokens": 200, "mes
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,15 +58,25 @@ def read_log(path: Path) -> Iterator[LogRecord]:
             where = f"{path}:{number}"
             try:
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise LogError(f"{where}: not a request log line (a JSON object a line)")
+                if not isinstance(row.get("request"), dict):
+                    raise LogError(f"{where}: request must be a JSON object (a CompleteRequest)")
                 request = json_format.ParseDict(row["request"], pb.CompleteRequest())
-            except (json.JSONDecodeError, KeyError, json_format.ParseError) as exc:
+            except (json.JSONDecodeError, json_format.ParseError, TypeError) as exc:
                 raise LogError(f"{where}: not a request log line ({exc})") from exc
             t_ms = row.get("t_ms", last if last > float("-inf") else 0.0)
             tenant = row.get("tenant")
-            if not isinstance(t_ms, int | float) or t_ms < last:
-                raise LogError(f"{where}: t_ms must be a number >= the previous line's")
+            if not _finite(t_ms) or t_ms < last:
+                raise LogError(f"{where}: t_ms must be a finite number >= the previous line's")
             if not isinstance(tenant, str) or not tenant:
                 raise LogError(f"{where}: tenant must be a non-empty string")
             last = float(t_ms)
             item = Item(str(row.get("kind", "log")), tenant, request, str(row.get("question", "")))
             yield LogRecord(float(t_ms), item)
+
+
+def _finite(value: object) -> bool:
+    """A JSON number that is finite (``NaN`` and ``1e999`` parse, as nan and inf; a bool is
+    not a number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

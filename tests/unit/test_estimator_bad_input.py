@@ -1,0 +1,42 @@
+"""Bad input to the offline estimator is refused with ``estimator: ...`` naming the line or the
+flag, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.tools.estimator.cli import main
+
+REQ = '{"model":"auto","maxTokens":10,"messages":[{"role":"ROLE_USER","content":[{"text":"hi"}]}]}'
+BAD_LINES = {
+    "nan_t_ms": '{"t_ms": NaN, "tenant": "a", "request": ' + REQ + "}",
+    "infinite_t_ms": '{"t_ms": 1e999, "tenant": "a", "request": ' + REQ + "}",
+    "bool_t_ms": '{"t_ms": true, "tenant": "a", "request": ' + REQ + "}",
+    "not_an_object": "[1, 2]",
+    "a_string": '"hello"',
+    "request_null": '{"t_ms": 0, "tenant": "a", "request": null}',
+    "request_a_string": '{"t_ms": 0, "tenant": "a", "request": "hello"}',
+    "no_request": '{"t_ms": 0, "tenant": "a"}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_LINES))
+def test_a_malformed_log_line_is_named_not_a_traceback(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text(f'{{"t_ms": 0, "tenant": "a", "request": {REQ}}}\n{BAD_LINES[name]}\n')
+    with pytest.raises(SystemExit) as exited:
+        main(["--log", str(path)])
+    assert str(exited.value.code).startswith(f"estimator: {path}:2: ")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--interval-ms", "nan"), ("--interval-ms", "inf"), ("--interval-ms", "-1"),
+     ("--requests", "0"), ("--requests", "-3")],
+)  # fmt: skip
+def test_a_bad_workload_flag_is_named(flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--workload", "synthetic", flag, value])
+    assert str(exited.value.code).startswith(f"estimator: {flag} must be")
