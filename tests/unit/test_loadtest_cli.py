@@ -88,6 +88,15 @@ def test_the_request_log_holds_what_was_sent_when_it_was_sent() -> None:
     log = cli.sent_log(samples, warmup, plan)
     assert [(r.t_ms, r.item.kind) for r in log] == [(0.0, "w"), (500.0, "q"), (1500.0, "q")]
     assert [r.item.request.messages[0].content[0].text for r in log] == ["warm", "q0", "q2"]
+    # each with how long it ran (the estimator replays overlapping requests concurrently)
+    assert [r.latency_ms for r in log] == [100.0, 100.0, 100.0]
+    assert [r.ttft_ms for r in log] == [None, None, None]
+
+
+def test_the_request_log_holds_a_streamed_requests_first_token() -> None:
+    plan = [Item("q", TENANT_A, pb.CompleteRequest(messages=[user("q")]))]
+    log = cli.sent_log([Sample("q", "model", "OK", 5.0, 2.5, 0.25, index=0)], [], plan)
+    assert [(r.t_ms, r.latency_ms, r.ttft_ms) for r in log] == [(0.0, 2500.0, 250.0)]
 
 
 def test_requests_cut_at_the_deadline_have_their_own_latency_figures() -> None:

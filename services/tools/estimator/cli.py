@@ -2,7 +2,9 @@
 
 Replays a JSONL request log (format: clients/python/SCHEMA.md, "Request log") or one of the
 load test's workloads through the stack's own logic in one process, on a virtual clock (no
-servers, no sleeps), and prints what each layer would serve and save. What-ifs: ``--threshold``
+servers, no sleeps), and prints what each layer would serve and save. Requests that overlapped
+in the log (``latency_ms``) are served concurrently, each answer ending at its logged end; a
+log without ends is replayed one request at a time (a warning says so). What-ifs: ``--threshold``
 (L1), ``--l1-ttl``, ``--no-l1``, ``--l2-ttl 1h`` (every breakpoint), ``--routing auto`` (the
 router picks the tier), ``--set KEY=VALUE`` (any stack setting, as in .env).
 """
@@ -25,7 +27,7 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError
 from services.tools.bench.gateway.redact import own_settings, setting_names
 from services.tools.estimator.offline import OfflineStack
-from services.tools.estimator.replay import WhatIf, replay
+from services.tools.estimator.replay import WhatIf, log_timing, replay
 from services.tools.stack.lifecycle import Stack
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -81,7 +83,8 @@ def _records(
     args: argparse.Namespace,
 ) -> tuple[list[LogRecord], dict[str, object], dict[frozenset[str], int]]:
     if args.log is not None:
-        return list(read_log(args.log)), {"log": str(args.log)}, {}
+        records = list(read_log(args.log))
+        return records, {"log": str(args.log), "timing": log_timing(records)}, {}
     spec = WorkloadSpec(args.workload, args.seed, "estimate", args.data_dir, args.mix,
                         args.repeat_rate, args.paraphrase_rate)  # fmt: skip
     workload = build(spec)
@@ -101,6 +104,15 @@ def main(argv: list[str] | None = None) -> None:
         stack = OfflineStack(settings, ManualClock())
     except (ValueError, ConfigError, LogError, DataMissing, OSError) as exc:
         sys.exit(f"estimator: {exc}")
+    timing = source.get("timing")
+    if isinstance(timing, dict) and timing["without_end"]:
+        print(
+            f"estimator: {timing['without_end']} of {timing['records']} records have no "
+            "latency_ms (a log written before cachemesh-load logged it): each is replayed as "
+            "if its answer took no time, so requests that overlapped live are estimated as "
+            "sequential (optimistic: a prompt's prefix and L1 entry ready for the next one)",
+            file=sys.stderr,
+        )
     samples = asyncio.run(replay(stack, records, what_if))
     results = summarise(samples, labels, wall_s=0.0)
     for key in ("latency_ms", "ttft_ms", "wall_s", "throughput_rps"):

@@ -3,10 +3,26 @@ dependency protocols, answered by the semantic-cache, prefix-cache and model API
 (``local_adapters``), each built by the same wiring function its ``serve()`` uses, from the
 settings the stack reads (``.env`` and overrides).
 
-Differences from the live stack, all without effect on what is served or billed: no sockets or
-processes; one ``ManualClock`` shared by every service and moved to each request's arrival time;
-the simulator's sleeps are skipped (``SIM_TIME_SCALE`` only shapes latency); prefix-cache keeps
-its warm prefixes in memory even when ``PREFIX_CACHE_REDIS_URL`` is set; no tracing.
+Differences from the live stack: no sockets or processes; one ``ManualClock`` shared by every
+service (and the router's replica choice), moved by the replay (``replay.py``) to each
+request's arrival and to each logged first token and end; the simulator answers at once (its
+sleeps are skipped; ``SIM_TIME_SCALE`` only shapes latency) and the offline model adapter holds
+its answer until the logged times, so requests that overlapped live overlap here, and a lease
+wait runs on the virtual clock; prefix-cache keeps its warm prefixes in memory even when
+``PREFIX_CACHE_REDIS_URL`` is set; no tracing.
+
+What these change in what is served or billed: nothing for a log of one request at a time. For
+overlapping requests, the times a request's WARM commit (its prefix becomes readable) and its
+Store (its L1 entry) happen are estimated: the first token is the logged one (a streamed run)
+or the logged end less the answer's decode time at the replica's ``SIM_TIME_SCALE`` (the
+README's 80-request mix log at 8 in flight: the same ``served_by`` counts as live, cost 1.8%
+above it); the Store is at the logged end; a lookup waiting on an identical request's lease
+waits on the virtual clock, up to the same budgets as live; a request that reaches the model
+only in a what-if (an L1 hit live, so no logged model time) ends at its logged end all the same;
+the simulator's KV cache takes a prompt's blocks at its arrival, not at its first token (a
+``self_hosted`` model's reuse can then be read by a request arriving during that prefill); a
+log without ends (older logs, ``--workload``) is replayed one request at a time, as if each
+answer took no time.
 """
 
 from __future__ import annotations
@@ -77,10 +93,11 @@ class OfflineStack:
         prefix = build_core(
             PrefixCacheSettings.from_env(env), self.table, TokenizerSlot(tokens), clock
         )
+        apis, scales = self._replicas(settings, tokens)
         dependencies = Dependencies(
-            semantic=LocalSemantic(build_api(semantic, self.semantic_cache)),
+            semantic=LocalSemantic(build_api(semantic, self.semantic_cache), semantic.lease_wait_s),
             prefix=LocalPrefix(PrefixCacheApi(prefix)),
-            model=LocalModels(self._replicas(settings, tokens)),
+            model=LocalModels(apis, self.table, scales),
             models=dict(self.router.replicas),
         )
         card = RouterCard.load()
@@ -96,6 +113,7 @@ class OfflineStack:
                 card.default_threshold if threshold is None else threshold,
                 None,
             ),
+            clock=lambda: clock.now_ms() / 1000,  # the replica choice's, on the virtual clock
         )
 
     @staticmethod
@@ -106,16 +124,22 @@ class OfflineStack:
         model = embedder or load_minilm_embedder(threads=config.ort_threads)
         return build_cache(config, model, clock)
 
-    def _replicas(self, settings: Mapping[str, str], tokenizer: Tokenizer) -> dict[str, ModelApi]:
+    def _replicas(
+        self, settings: Mapping[str, str], tokenizer: Tokenizer
+    ) -> tuple[dict[str, ModelApi], dict[str, float]]:
         """One engine for each model process of the stack table, with that process's own
-        settings, under the address the router dials; every replica the router names."""
+        settings, under the address the router dials; every replica the router names. Also
+        each replica's ``SIM_TIME_SCALE`` (its engine here answers at once)."""
         apis: dict[str, ModelApi] = {}
+        scales: dict[str, float] = {}
         for service in SERVICES:
             if service.package != "model":
                 continue
             env = service.process_env({**_OFFLINE, **settings})
             address = dial_address(env.get("MODEL_LISTEN") or f"127.0.0.1:{service.default_port}")
-            config = replace(ModelSettings.from_env(env), time_scale=0.0)
+            config = ModelSettings.from_env(env)
+            scales[address] = config.time_scale
+            config = replace(config, time_scale=0.0)
             engine = build_engine(config, tokenizer, sleep=_no_sleep)
             apis[address] = ModelApi(engine, offload=False)
         named = {a for addresses in self.router.replicas.values() for a in addresses}
@@ -124,7 +148,7 @@ class OfflineStack:
                 f"MODEL_REPLICAS names {sorted(named - set(apis))}, which no model process of "
                 "the stack table listens on; the estimator can only replay the stack's replicas"
             )
-        return apis
+        return apis, scales
 
     async def complete(self, tenant: str, request: pb.CompleteRequest) -> Outcome:
         """One request as the Gateway's ``Complete`` would answer it."""

@@ -1,9 +1,12 @@
-"""Replays log records one at a time through an ``OfflineStack`` on its virtual clock."""
+"""Replays log records through an ``OfflineStack`` on its virtual clock, each from its arrival:
+records that overlapped in the log (one arrived before an earlier one's logged end) are served
+concurrently, each model answer ending at its logged end (``timeline.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 from cachemesh.loadtest.reqlog import LogRecord
@@ -11,6 +14,7 @@ from cachemesh.loadtest.samples import Sample, from_error, from_response
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelSpec
 from services.tools.estimator.offline import OfflineStack
+from services.tools.estimator.timeline import CURRENT, Timeline, VirtualTime
 
 TtlChoice = Literal["logged", "5m", "1h"]
 
@@ -48,25 +52,52 @@ class WhatIf:
 async def replay(
     stack: OfflineStack, records: Iterable[LogRecord], what_if: WhatIf = WhatIf()
 ) -> list[Sample]:
-    """Moves the clock to each record's ``t_ms`` (relative to the clock's start), then serves it."""
+    """Serves each record from its ``t_ms`` (relative to the clock's start); its model answer
+    ends at ``t_ms + latency_ms``, its first token at ``t_ms + ttft_ms`` when logged (else at
+    the simulator's prefill share of that time). A record without ``latency_ms`` ends as it
+    starts. A record that reaches the model in a what-if but was not a model answer live (an
+    L1 hit then) has no logged model time: its answer ends at its logged end all the same."""
+    logged = list(records)
+    time = VirtualTime(stack.clock)
     start = stack.clock.now_ms()
-    samples: list[Sample] = []
-    for i, record in enumerate(records):
-        target = start + round(record.t_ms)
-        stack.clock.advance(ms=max(0, target - stack.clock.now_ms()))
-        request = what_if.apply(record.item.request)
-        if not request.request_id:
-            request.request_id = f"replay-{i}"
-        outcome = await stack.complete(record.item.tenant, request)
-        at = record.t_ms / 1000
-        if outcome.response is None:
-            samples.append(from_error(record.item, outcome.code, at, 0.0))
-            continue
-        logged = stack.table.get(record.item.request.model)
-        if request.model != record.item.request.model and logged is not None:
-            _priced_against(outcome.response, logged)
-        samples.append(from_response(record.item, outcome.response, at, 0.0))
-    return samples
+    samples: list[Sample | None] = [None] * len(logged)
+
+    async def serve(i: int, record: LogRecord) -> None:
+        at = start + round(record.t_ms)
+        end = at + round(record.latency_ms) if record.latency_ms is not None else at
+        first = at + round(record.ttft_ms) if record.ttft_ms is not None else None
+        CURRENT.set(Timeline(time, at, end, first))
+        samples[i] = await _serve(stack, i, record, what_if)
+
+    arrivals = [(start + round(r.t_ms), partial(serve, i, r)) for i, r in enumerate(logged)]
+    await time.run(arrivals)
+    return [s for s in samples if s is not None]
+
+
+async def _serve(stack: OfflineStack, i: int, record: LogRecord, what_if: WhatIf) -> Sample:
+    request = what_if.apply(record.item.request)
+    if not request.request_id:
+        request.request_id = f"replay-{i}"
+    outcome = await stack.complete(record.item.tenant, request)
+    at = record.t_ms / 1000
+    if outcome.response is None:
+        return from_error(record.item, outcome.code, at, 0.0)
+    logged = stack.table.get(record.item.request.model)
+    if request.model != record.item.request.model and logged is not None:
+        _priced_against(outcome.response, logged)
+    return from_response(record.item, outcome.response, at, 0.0)
+
+
+def log_timing(records: Sequence[LogRecord]) -> dict[str, int]:
+    """How many records have no logged end (replayed as taking no time), and how many arrived
+    before an earlier record's logged end (replayed concurrently with it)."""
+    without_end = sum(1 for r in records if r.latency_ms is None)
+    overlapping, latest_end = 0, float("-inf")
+    for record in records:
+        overlapping += record.t_ms < latest_end
+        end = record.t_ms + (0.0 if record.latency_ms is None else record.latency_ms)
+        latest_end = max(latest_end, end)
+    return {"records": len(records), "without_end": without_end, "overlapping": overlapping}
 
 
 def _priced_against(response: pb.CompleteResponse, logged: ModelSpec) -> None:

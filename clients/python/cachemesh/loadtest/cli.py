@@ -168,13 +168,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> list[LogRecord]:
     """The requests that were sent, warm-up first, each at the time it was sent (ms from the
-    first), as the offline estimator replays them."""
+    first) with how long after that it ended (and its first token, streamed), as the offline
+    estimator replays them: requests that overlapped are replayed concurrently."""
     sent = sorted((s for s in samples if s.index >= 0), key=lambda s: (not s.warmup, s.started_s))
     if not sent:
         return []
     start = sent[0].started_s
     records, last = [], 0.0
     for s in sent:
-        last = max(last, (s.started_s - start) * 1000.0)  # non-decreasing, as the log requires
-        records.append(LogRecord(round(last, 3), (warmup if s.warmup else plan)[s.index]))
+        began = (s.started_s - start) * 1000.0
+        last = max(last, began)  # non-decreasing, as the log requires
+        t_ms = round(last, 3)
+        latency = round(max(0.0, began + s.latency_s * 1000.0 - t_ms), 3)
+        ttft = None
+        if s.ttft_s is not None:
+            ttft = min(latency, round(max(0.0, began + s.ttft_s * 1000.0 - t_ms), 3))
+        item = (warmup if s.warmup else plan)[s.index]
+        records.append(LogRecord(t_ms, item, latency, ttft))
     return records

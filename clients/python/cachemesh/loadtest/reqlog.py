@@ -6,6 +6,8 @@ Each line is a JSON object (documented in SCHEMA.md, "Request log"):
      "request": {... a cachemesh.v1.CompleteRequest in protobuf's JSON mapping ...}}
 
 ``t_ms`` is the arrival time in milliseconds from the start of the log (non-decreasing);
+``latency_ms`` (optional) how long after ``t_ms`` its answer ended, ``ttft_ms`` (optional, a
+streamed run) its first token: the estimator serves requests that overlapped concurrently;
 ``tenant`` is any string that tells tenants apart; ``kind`` and ``question`` are optional
 (``question`` is the asked text of a labelled request). ``request`` uses the field names of
 gateway.proto in lowerCamelCase, e.g. ``{"model": "auto", "maxTokens": 200, "messages": [{"role":
@@ -31,6 +33,8 @@ from cachemesh.v1 import gateway_pb2 as pb
 class LogRecord:
     t_ms: float
     item: Item
+    latency_ms: float | None = None  # until its answer ended (None: not logged)
+    ttft_ms: float | None = None  # until its first token (None: not logged)
 
 
 class LogError(ValueError):
@@ -46,6 +50,10 @@ def write_log(out: TextIO, records: Iterable[LogRecord]) -> None:
             "question": record.item.question,
             "request": json_format.MessageToDict(record.item.request),
         }
+        if record.latency_ms is not None:
+            line["latency_ms"] = record.latency_ms
+        if record.ttft_ms is not None:
+            line["ttft_ms"] = record.ttft_ms
         out.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
 
 
@@ -71,9 +79,20 @@ def read_log(path: Path) -> Iterator[LogRecord]:
                 raise LogError(f"{where}: t_ms must be a finite number >= the previous line's")
             if not isinstance(tenant, str) or not tenant:
                 raise LogError(f"{where}: tenant must be a non-empty string")
+            latency, ttft = row.get("latency_ms"), row.get("ttft_ms")
+            for name, value in (("latency_ms", latency), ("ttft_ms", ttft)):
+                if value is not None and not (_finite(value) and value >= 0):
+                    raise LogError(f"{where}: {name} must be a finite number >= 0 when given")
+            if ttft is not None and (latency is None or ttft > latency):
+                raise LogError(f"{where}: ttft_ms needs a latency_ms and must be <= it")
             last = float(t_ms)
             item = Item(str(row.get("kind", "log")), tenant, request, str(row.get("question", "")))
-            yield LogRecord(float(t_ms), item)
+            yield LogRecord(
+                float(t_ms),
+                item,
+                None if latency is None else float(latency),
+                None if ttft is None else float(ttft),
+            )
 
 
 def _finite(value: object) -> bool:

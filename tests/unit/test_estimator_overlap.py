@@ -1,0 +1,137 @@
+"""The offline estimator replays requests that overlapped in the log concurrently, on its
+virtual clock: a prompt's prefix is readable only from its request's first token, its L1 entry
+only from its answer's end, as live."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from cachemesh.loadtest.reqlog import LogError, LogRecord, read_log, write_log
+from cachemesh.loadtest.samples import Sample
+from cachemesh.loadtest.workloads import Item
+from cachemesh.loadtest.workloads.base import TENANT_A, user
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.tools.estimator.offline import OfflineStack
+from services.tools.estimator.replay import WhatIf, replay
+from services.tools.stack.lifecycle import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+# a system prompt over sim-large's 1,024-token minimum cacheable prefix, marked for caching
+SYSTEM = " ".join(f"Rule {i}: answer politely and cite the policy section {i}." for i in range(160))
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict[str, str]:
+    return Stack(ROOT, environ={}).settings()
+
+
+def _agent(question: str) -> Item:
+    system = pb.ContentBlock(text=SYSTEM)
+    system.cache_control.SetInParent()
+    request = pb.CompleteRequest(
+        model="sim-large", max_tokens=200, system=[system], messages=[user(question)]
+    )
+    return Item("agent", TENANT_A, request)
+
+
+def _run(settings: dict[str, str], records: list[LogRecord]) -> list[Sample]:
+    return asyncio.run(replay(OfflineStack(settings, ManualClock()), records, WhatIf()))
+
+
+def _bill(samples: list[Sample]) -> list[tuple[str, bool, bool]]:
+    """(served_by, wrote the prefix, read the prefix) of each request."""
+    return [(s.layer, s.cache_write_tokens > 0, s.cache_read_tokens > 0) for s in samples]
+
+
+def test_two_overlapping_requests_both_write_the_prefix(settings: dict[str, str]) -> None:
+    """The second arrives before the first's first token: the provider had not cached the
+    prefix yet when it looked it up, so both pay the write (the sequential replay had the
+    second read it)."""
+    records = [
+        LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=5000.0),
+        LogRecord(100.0, _agent("Can I change my address?"), latency_ms=5000.0),
+    ]
+    assert _bill(_run(settings, records)) == [("model", True, False), ("model", True, False)]
+
+
+def test_the_same_requests_one_after_the_other_write_then_read(settings: dict[str, str]) -> None:
+    records = [
+        LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=1000.0),
+        LogRecord(2000.0, _agent("Can I change my address?"), latency_ms=1000.0),
+    ]
+    bill = _bill(_run(settings, records))
+    assert bill == [("model", True, False), ("prefix_cache", False, True)]
+
+
+def test_a_request_after_the_first_token_reads_what_it_wrote(settings: dict[str, str]) -> None:
+    """Streamed logs give the first token: the prefix is cached from there, not the end."""
+    records = [
+        LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=5000.0, ttft_ms=200.0),
+        LogRecord(1000.0, _agent("Can I change my address?"), latency_ms=5000.0),
+    ]
+    bill = _bill(_run(settings, records))
+    assert bill == [("model", True, False), ("prefix_cache", False, True)]
+
+
+def test_an_identical_question_in_flight_waits_for_its_answer(settings: dict[str, str]) -> None:
+    """L1's single flight on the virtual clock: the twin waits on the first one's lease and is
+    served its answer once stored (at the first one's logged end); a twin whose wait would
+    outlast its lease waits (two lookups of up to SEMANTIC_CACHE_LEASE_WAIT_S) calls the model
+    itself, as live."""
+    q = "How do I reset my password?"
+    ask = Item("faq", TENANT_A, pb.CompleteRequest(model="auto", max_tokens=200,
+                                                   messages=[user(q)]))  # fmt: skip
+    waited = [LogRecord(0.0, ask, latency_ms=3000.0), LogRecord(10.0, ask, latency_ms=3000.0)]
+    assert [s.layer for s in _run(settings, waited)] == ["model", "semantic_cache"]
+    over = {**settings, "SEMANTIC_CACHE_LEASE_WAIT_S": "1"}
+    assert [s.layer for s in _run(over, waited)] == ["model", "model"]
+
+
+def test_the_log_timing_counts_records_without_an_end_and_overlaps() -> None:
+    from services.tools.estimator.replay import log_timing
+
+    item = _agent("x")
+    records = [
+        LogRecord(0.0, item, latency_ms=500.0),
+        LogRecord(100.0, item, latency_ms=100.0),  # starts before the first ended
+        LogRecord(600.0, item),  # after both: no end logged
+        LogRecord(600.0, item, latency_ms=0.0),  # same start as the one before, which took none
+    ]
+    assert log_timing(records) == {"records": 4, "without_end": 1, "overlapping": 1}
+
+
+def test_the_estimate_reports_a_log_without_ends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older log (no latency_ms) still replays, as one request at a time, and says so."""
+    from services.tools.estimator.cli import main
+
+    path, out = tmp_path / "old.jsonl", tmp_path / "est.json"
+    with path.open("w") as handle:
+        write_log(handle, [LogRecord(0.0, _agent("a")), LogRecord(5.0, _agent("b"))])
+    main(["--log", str(path), "--out", str(out)])
+    timing = json.loads(out.read_text())["source"]["timing"]
+    assert timing == {"records": 2, "without_end": 2, "overlapping": 0}
+    assert "2 of 2 records have no latency_ms" in capsys.readouterr().err
+
+
+def test_the_logged_times_round_trip_and_bad_ones_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    records = [LogRecord(0.0, _agent("a"), 900.5, 120.0), LogRecord(5.0, _agent("b"))]
+    with path.open("w") as handle:
+        write_log(handle, records)
+    assert [(r.t_ms, r.latency_ms, r.ttft_ms) for r in read_log(path)] == [
+        (0.0, 900.5, 120.0),
+        (5.0, None, None),
+    ]
+    line = '{"t_ms": 0, "tenant": "a", "request": {"model": "auto"}, %s}\n'
+    for bad in ('"latency_ms": NaN', '"latency_ms": -1', '"latency_ms": true',
+                '"ttft_ms": 5', '"latency_ms": 4, "ttft_ms": 5'):  # fmt: skip
+        path.write_text(line.replace("%s", bad))
+        with pytest.raises(LogError, match=r"log\.jsonl:1: (latency_ms|ttft_ms)"):
+            list(read_log(path))
