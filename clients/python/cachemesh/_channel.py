@@ -6,6 +6,11 @@ gRPC retries a call only while it is uncommitted: before the Gateway has sent an
 never repeats part of an answer. Every call carries a ``request_id`` (the client makes one when
 the request has none), and a retry resends the same bytes, so the Gateway answers a retried
 request once and bills it once (its answer-once table, by ``request_id``).
+
+A request that comes with its own ``request_id`` may be the caller's own retry (the id an error
+named), which can reach another router or a restarted one: such a call carries the retry mark
+(``cachemesh-retry: 1``), so the router looks the id up in the answer ledger the routers share
+(one Redis read; an id it has never seen is served as a first call) and answers it from there.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 MAX_REQUEST_BYTES = 1 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
+RETRY_MARK = ("cachemesh-retry", "1")  # the router's RETRY_HEADERS: read the answer ledger
 
 
 def service_config(wait_for_ready: bool, max_attempts: int = MAX_ATTEMPTS) -> str:
@@ -69,3 +75,11 @@ def with_request_id(request: pb.CompleteRequest) -> pb.CompleteRequest:
     copy.CopyFrom(request)
     copy.request_id = uuid.uuid4().hex
     return copy
+
+
+def call_metadata(
+    base: tuple[tuple[str, str], ...], request: pb.CompleteRequest
+) -> tuple[tuple[str, str], ...]:
+    """``base`` plus the retry mark when the caller gave ``request`` its ``request_id`` (it may
+    be a retry of an answered call); an id the client makes is new, never marked."""
+    return (*base, RETRY_MARK) if request.request_id else base

@@ -7,7 +7,7 @@ from types import TracebackType
 
 import grpc
 
-from cachemesh._channel import MAX_ATTEMPTS, channel_options, with_request_id
+from cachemesh._channel import MAX_ATTEMPTS, call_metadata, channel_options, with_request_id
 from cachemesh._errors import from_rpc_error, incomplete
 from cachemesh._requests import build_request
 from cachemesh._tls import Tls, aio_channel, sync_channel
@@ -17,7 +17,7 @@ from cachemesh.v1 import gateway_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _metadata(api_key: str) -> tuple[tuple[str, str]]:
+def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
@@ -27,10 +27,11 @@ class Client:
     the retries).
 
     Each call gets a ``request_id`` unless it has one (an error carries it: retry with it and
-    the Gateway answers and bills the request once), and UNAVAILABLE is retried by gRPC (up
-    to ``max_attempts``, 5; 1 = no retry) while nothing has come back; ``wait_for_ready``
-    (default) lets a call wait, within ``timeout_s``, for a Gateway that is restarting instead
-    of failing at once."""
+    the Gateway answers and bills the request once, on any router sharing the answer ledger: a
+    call with the caller's own id is marked as a possible retry), and UNAVAILABLE is retried by
+    gRPC (up to ``max_attempts``, 5; 1 = no retry) while nothing has come back;
+    ``wait_for_ready`` (default) lets a call wait, within ``timeout_s``, for a Gateway that is
+    restarting instead of failing at once."""
 
     def __init__(
         self,
@@ -52,9 +53,10 @@ class Client:
 
     def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
         sent = with_request_id(request)
+        metadata = call_metadata(self._metadata, request)
         try:
             response: pb.CompleteResponse = self._stub.Complete(
-                sent, metadata=self._metadata, timeout=self._timeout_s
+                sent, metadata=metadata, timeout=self._timeout_s
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error, sent.request_id) from error
@@ -64,10 +66,11 @@ class Client:
         """The answer's chunks, the last one its ``end``; a stream that stops before it raises
         ``UnavailableError`` (never an incomplete answer taken for a whole one)."""
         sent = with_request_id(request)
+        metadata = call_metadata(self._metadata, request)
         ended = False
         try:
             for chunk in self._stub.StreamComplete(
-                sent, metadata=self._metadata, timeout=self._timeout_s
+                sent, metadata=metadata, timeout=self._timeout_s
             ):
                 ended = chunk.WhichOneof("part") == "end"
                 yield chunk
@@ -127,9 +130,10 @@ class AsyncClient:
 
     async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
         sent = with_request_id(request)
+        metadata = call_metadata(self._metadata, request)
         try:
             response: pb.CompleteResponse = await self._stub.Complete(
-                sent, metadata=self._metadata, timeout=self._timeout_s
+                sent, metadata=metadata, timeout=self._timeout_s
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error, sent.request_id) from error
@@ -138,7 +142,8 @@ class AsyncClient:
     async def stream(self, request: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
         """As ``Client.stream``."""
         sent = with_request_id(request)
-        call = self._stub.StreamComplete(sent, metadata=self._metadata, timeout=self._timeout_s)
+        metadata = call_metadata(self._metadata, request)
+        call = self._stub.StreamComplete(sent, metadata=metadata, timeout=self._timeout_s)
         ended = False
         try:
             async for chunk in call:

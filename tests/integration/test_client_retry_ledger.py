@@ -1,0 +1,130 @@
+"""The Python client's own retries on real processes: two routers beside the session's stack
+(its caches and replicas) sharing one real Redis answer ledger, as N routers behind a balancer.
+
+A caller that resends a request with the ``request_id`` its error named (the documented
+recovery) may reach the other router: the client marks a call with the caller's own id as a
+possible retry, so that router answers it from the ledger, billed once, for ``Client`` and
+``AsyncClient``, ``complete`` and ``stream``. The first call, marked too (the client cannot
+tell it from a retry), is served normally: its id is in no ledger yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+
+from cachemesh import AsyncClient, Client, build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.auth import hash_key, new_api_key
+from services.tools.stack.health import SERVING, probe
+from tests.integration.extra_processes import loopback, process, service_env
+from tests.integration.harness import RunningStack
+from tests.redis_server import redis_server
+
+pytestmark = pytest.mark.integration
+
+TENANT = "client-retry"
+
+
+@pytest.fixture(scope="module")
+def key_and_routers(
+    stack: RunningStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, str]]:
+    """A tenant's key and two routers on one answer ledger (their own key file: this tenant's
+    bill is this module's alone)."""
+    work = tmp_path_factory.mktemp("client-retry")
+    key = new_api_key()
+    keys_file = work / "api-keys"
+    keys_file.write_text(f"{TENANT}:{hash_key(key)}\n")
+    with redis_server(work) as url:
+        one, two = loopback(), loopback()
+        with (
+            _router(stack, work, "one", one, keys_file, url),
+            _router(stack, work, "two", two, keys_file, url),
+        ):
+            yield key, one, two
+
+
+def _router(
+    stack: RunningStack, work: Path, name: str, address: str, keys_file: Path, ledger: str
+) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    env = service_env(
+        stack,
+        "router",
+        {
+            "ROUTER_LISTEN": address,
+            "CACHEMESH_API_KEYS_FILE": str(keys_file),
+            "ROUTER_ANSWERS_REDIS_URL": ledger,
+        },
+    )
+    return process("services.router", env, work / f"{name}.log", lambda: probe(address) == SERVING)
+
+
+def _request() -> pb.CompleteRequest:
+    """A caller's request with its own id; L1 bypassed, so only the ledger can spare a call."""
+    return build_request(
+        f"Why do retries need idempotency keys? ({uuid.uuid4().hex[:8]})",
+        model="sim-small",
+        max_tokens=16,
+        semantic=pb.SEMANTIC_MODE_BYPASS,
+        request_id=uuid.uuid4().hex,
+    )
+
+
+def _last(chunks: list[pb.CompleteChunk]) -> pb.CompleteResponse:
+    assert chunks[-1].WhichOneof("part") == "end"
+    return chunks[-1].end
+
+
+def _sync_complete(target: str, key: str, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    with Client(target, api_key=key, timeout_s=60) as client:
+        return client.complete(request)
+
+
+def _sync_stream(target: str, key: str, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    with Client(target, api_key=key, timeout_s=60) as client:
+        return _last(list(client.stream(request)))
+
+
+def _aio_complete(target: str, key: str, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    async def call() -> pb.CompleteResponse:
+        async with AsyncClient(target, api_key=key, timeout_s=60) as client:
+            return await client.complete(request)
+
+    return asyncio.run(call())
+
+
+def _aio_stream(target: str, key: str, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    async def call() -> pb.CompleteResponse:
+        async with AsyncClient(target, api_key=key, timeout_s=60) as client:
+            return _last([chunk async for chunk in client.stream(request)])
+
+    return asyncio.run(call())
+
+
+Call = Callable[[str, str, pb.CompleteRequest], pb.CompleteResponse]
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [_sync_complete, _sync_stream, _aio_complete, _aio_stream],
+    ids=["sync-complete", "sync-stream", "aio-complete", "aio-stream"],
+)
+def test_a_callers_retry_on_another_router_is_answered_and_billed_once(
+    stack: RunningStack, key_and_routers: tuple[str, str, str], retry: Call
+) -> None:
+    key, one, two = key_and_routers
+    request = _request()
+    before = stack.totals(TENANT).requests
+    first = _sync_complete(one, key, request)  # answered and billed; say its reply was lost
+    assert first.served_by in (pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE) and first.content
+    assert stack.totals(TENANT).requests == before + 1
+    again = retry(two, key, request)  # the caller's retry with the same request_id
+    assert stack.totals(TENANT).requests == before + 1, "the retry was billed a second time"
+    assert again.trace_id == first.trace_id and again.content == first.content
