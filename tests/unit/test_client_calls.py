@@ -1,9 +1,11 @@
 """What the Python client sends, against a fake Gateway (a real gRPC server in this process):
-the retry mark on a call with the caller's own request id (never on an id the client made)."""
+the retry mark on a call with the caller's own request id (never on an id the client made); a
+stream the caller stops reading is cancelled (the Gateway stops generating and billing)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -15,10 +17,13 @@ from cachemesh import AsyncClient, Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
+LONG = 4000  # max_tokens of an answer the fake keeps generating
+
 
 class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     def __init__(self) -> None:
         self.metadata: list[dict[str, str]] = []  # each call's, in order
+        self.stream_ended = threading.Event()  # a StreamComplete RPC has terminated
 
     def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
         self.metadata.append(dict(context.invocation_metadata()))
@@ -28,7 +33,12 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         self, request: pb.CompleteRequest, context: Any
     ) -> Iterator[pb.CompleteChunk]:
         self.metadata.append(dict(context.invocation_metadata()))
+        context.add_callback(self.stream_ended.set)
         yield pb.CompleteChunk(start=pb.CompleteResponse(model="sim-small"))
+        if request.max_tokens == LONG:  # still generating until the RPC ends
+            yield pb.CompleteChunk(delta=pb.ContentBlock(text="the first token"))
+            self.stream_ended.wait(timeout=60)
+            return
         yield pb.CompleteChunk(end=pb.CompleteResponse(stop_reason="end_turn"))
 
 
@@ -75,3 +85,31 @@ def test_a_call_whose_request_id_the_client_made_is_not_marked(
     _every_call(target, build_request("hi"))
     assert len(fake.metadata) == 4
     assert all("cachemesh-retry" not in m for m in fake.metadata)
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_stream_the_caller_stops_reading_is_cancelled(
+    gateway: tuple[FakeGateway, str], kind: str
+) -> None:
+    """A caller that breaks out of ``stream`` (its client and channel still open, as in a
+    long-lived app) ends the RPC, so the Gateway stops the model call and bills only what it
+    produced, not the answer to ``max_tokens``."""
+    fake, target = gateway
+    request = build_request("Write a long essay.", max_tokens=LONG)
+    if kind == "sync":
+        with Client(target, api_key="k") as client:
+            for chunk in client.stream(request):
+                if chunk.WhichOneof("part") == "delta":
+                    break  # the caller has what it wants
+            ended = fake.stream_ended.wait(timeout=10)
+    else:
+
+        async def aio() -> bool:
+            async with AsyncClient(target, api_key="k") as client:
+                async for chunk in client.stream(request):
+                    if chunk.WhichOneof("part") == "delta":
+                        break
+                return await asyncio.to_thread(fake.stream_ended.wait, 10)
+
+        ended = asyncio.run(aio())
+    assert ended, "the Gateway is still generating for a caller that stopped reading"

@@ -64,7 +64,8 @@ class Client:
 
     def stream(self, request: pb.CompleteRequest) -> Iterator[pb.CompleteChunk]:
         """The answer's chunks, the last one its ``end``; a stream that stops before it raises
-        ``UnavailableError`` (never an incomplete answer taken for a whole one)."""
+        ``UnavailableError`` (never an incomplete answer taken for a whole one). Stopping
+        reading (``break``, ``close()``) cancels the call: the Gateway stops generating."""
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         ended = False
@@ -140,7 +141,9 @@ class AsyncClient:
         return response
 
     async def stream(self, request: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
-        """As ``Client.stream``."""
+        """As ``Client.stream``; stopping reading cancels the call when the generator is
+        closed: at once with ``contextlib.aclosing`` or ``aclose()``, soon after a ``break``
+        (when the event loop finalises it)."""
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         call = self._stub.StreamComplete(sent, metadata=metadata, timeout=self._timeout_s)
@@ -151,6 +154,10 @@ class AsyncClient:
                 yield chunk
         except grpc.RpcError as error:
             raise from_rpc_error(error, sent.request_id) from error
+        finally:
+            # a caller that stopped reading (break, aclose): end the RPC, so the Gateway stops
+            # the model call and bills what it produced (no-op once the stream has ended)
+            call.cancel()
         if not ended:
             raise incomplete(sent.request_id)
 
