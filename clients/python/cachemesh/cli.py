@@ -23,6 +23,37 @@ def dollars(nanos: int) -> str:
     return f"${nanos / NANOS_PER_DOLLAR:,.6f}"
 
 
+def env_bool(name: str) -> bool:
+    """A true/false variable read as the services read theirs: unset or empty is false; any
+    other value than 1/0, true/false, yes/no, on/off is an error naming the variable."""
+    value = os.environ.get(name, "").strip()
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be true or false (1/0, yes/no, on/off), got {value!r}")
+
+
+def _tls(args: argparse.Namespace) -> Tls | None:
+    """TLS when asked for in any way: --tls (or CACHEMESH_TLS) or a file given; a file setting
+    that is present but empty is an error (never a silent fall back to plaintext)."""
+    asked = env_bool("CACHEMESH_TLS") or args.tls  # checked even with --tls
+    for flag, variable, value in (
+        ("--ca-file", "CACHEMESH_CA_FILE", args.ca_file),
+        ("--cert-file", "CACHEMESH_CERT_FILE", args.cert_file),
+        ("--key-file", "CACHEMESH_KEY_FILE", args.key_file),
+    ):
+        if value is not None and not value.strip():
+            raise ValueError(
+                f"{flag} (env {variable}) is empty: give the PEM file's path, or unset {variable}"
+            )
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ValueError("a client certificate needs --cert-file and --key-file")
+    if asked or args.ca_file is not None or args.cert_file is not None:
+        return Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cachemesh", description=__doc__)
     parser.add_argument(
@@ -43,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tls",
         action="store_true",
-        default=os.environ.get("CACHEMESH_TLS", "").lower() in ("1", "true", "yes"),
-        help="TLS with the system's CA roots (implied by --ca-file; env CACHEMESH_TLS)",
+        help="TLS with the system's CA roots (implied by --ca-file; env CACHEMESH_TLS: "
+        "1/0, true/false, yes/no, on/off)",
     )
     parser.add_argument(
         "--cert-file",
@@ -95,12 +126,11 @@ def _report(response: pb.CompleteResponse) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if (args.cert_file is None) != (args.key_file is None):
-        print("cachemesh: a client certificate needs --cert-file and --key-file", file=sys.stderr)
+    try:
+        tls = _tls(args)
+    except ValueError as error:
+        print(f"cachemesh: {error}", file=sys.stderr)
         return 2
-    tls = None
-    if args.tls or args.ca_file or args.cert_file:
-        tls = Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
     if args.command == "admin":
         return run_admin(args, args.target, tls)
     if not args.key:

@@ -1,0 +1,120 @@
+"""``cachemesh ask``'s TLS settings against a fake plaintext Gateway (a real gRPC server in
+this process): a setting that asks for TLS never sends the API key in cleartext, and a value
+the CLI cannot read is an error naming the variable, never plaintext."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from cachemesh import cli
+from cachemesh.cli import main
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
+
+SETTINGS = ("CACHEMESH_TLS", "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE")
+KEY = "cm_live_not_for_cleartext"
+
+
+class PlaintextGateway(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self) -> None:
+        self.keys: list[str] = []  # the authorization each call carried
+
+    def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        self.keys += [v for k, v in context.invocation_metadata() if k == "authorization"]
+        return pb.CompleteResponse(stop_reason="end_turn")
+
+    def StreamComplete(
+        self, request: pb.CompleteRequest, context: Any
+    ) -> Iterator[pb.CompleteChunk]:
+        raise NotImplementedError("the CLI does not stream")
+
+
+@pytest.fixture
+def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PlaintextGateway, str]]:
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    fake = PlaintextGateway()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def _ask(target: str) -> int:
+    return main(["--target", target, "--key", KEY, "ask", "hi"])
+
+
+def test_the_plaintext_gateway_gets_the_key_when_tls_is_off(
+    gateway: tuple[PlaintextGateway, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fake sees what a plaintext Gateway would (so the tests below can fail)."""
+    fake, target = gateway
+    monkeypatch.setenv("CACHEMESH_TLS", "off")
+    assert _ask(target) == 0
+    assert fake.keys == [f"Bearer {KEY}"]
+
+
+def test_cachemesh_tls_on_means_tls(
+    gateway: tuple[PlaintextGateway, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``on``, which every service reads as true, is TLS: the handshake with a plaintext
+    Gateway fails and the key is never sent."""
+    fake, target = gateway
+    monkeypatch.setenv("CACHEMESH_TLS", "on")
+    assert _ask(target) == 1
+    assert fake.keys == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("CACHEMESH_TLS", "y", "CACHEMESH_TLS must be true or false"),
+        ("CACHEMESH_TLS", "enabled", "CACHEMESH_TLS must be true or false"),
+        ("CACHEMESH_CA_FILE", "", "--ca-file (env CACHEMESH_CA_FILE) is empty"),
+        ("CACHEMESH_CA_FILE", " ", "--ca-file (env CACHEMESH_CA_FILE) is empty"),
+    ],
+)
+def test_a_tls_setting_the_cli_cannot_read_is_an_error_naming_it(
+    gateway: tuple[PlaintextGateway, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    value: str,
+    said: str,
+) -> None:
+    fake, target = gateway
+    monkeypatch.setenv(name, value)
+    assert _ask(target) == 2
+    assert said in capsys.readouterr().err
+    assert fake.keys == []
+
+
+def test_an_empty_ca_file_flag_is_an_error_too(
+    gateway: tuple[PlaintextGateway, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake, target = gateway
+    assert main(["--target", target, "--key", KEY, "--ca-file", "", "ask", "hi"]) == 2
+    assert "--ca-file (env CACHEMESH_CA_FILE) is empty" in capsys.readouterr().err
+    assert fake.keys == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        *((v, True) for v in ("1", "true", "TRUE", "yes", "on", " On ")),
+        *((v, False) for v in ("", " ", "0", "false", "no", "off", "OFF")),
+    ],
+)
+def test_cachemesh_tls_reads_what_the_services_read(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    """services/common/env.py's ``Env.bool``: unset or empty is the default (false here)."""
+    monkeypatch.setenv("CACHEMESH_TLS", value)
+    assert cli.env_bool("CACHEMESH_TLS") is expected
