@@ -43,6 +43,17 @@ def test_bad_input_is_refused_before_the_run(
     assert said in capsys.readouterr().err
 
 
+def test_a_key_grpc_cannot_send_is_refused_before_the_run_naming_its_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
+    monkeypatch.setenv("CACHEMESH_KEY_B", "cm_live_\x1bsecret")
+    assert _run(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "CACHEMESH_KEY_B must be printable ASCII" in err and "secret" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_a_malformed_stack_config_is_refused_before_the_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+from cachemesh import AsyncClient
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
 from cachemesh.loadtest.runner import LoadShape, run_plan
 from cachemesh.loadtest.samples import CUT
@@ -115,13 +116,20 @@ def test_every_run_stops_at_its_deadline_and_counts_what_it_cut(
     assert sorted(s.index for s in samples) == list(range(len(samples)))
 
 
-def test_a_client_fault_outside_grpc_is_counted_not_lost(gateway: tuple[str, FakeGateway]) -> None:
-    """A key grpc refuses to send (a CRLF env file's trailing carriage return) raised outside
-    the client's error tree: the worker died and its requests vanished from the report."""
+def test_a_client_fault_outside_grpc_is_counted_not_lost(
+    gateway: tuple[str, FakeGateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the client's outside its error tree (grpc's ExecuteBatchError was one, for a
+    key it refused to send) killed the worker and its requests vanished from the report."""
     target, _ = gateway
+
+    async def fault(self: AsyncClient, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        raise RuntimeError("a fault of the client's own")
+
+    monkeypatch.setattr(AsyncClient, "complete", fault)
     shape = LoadShape("closed", 2, 0.0, duration_s=30, stream=False)
-    samples = asyncio.run(run_plan(target, {TENANT_A: "key\r"}, _items("a", "b", "c"), shape))
-    assert len(samples) == 3 and not any(s.ok for s in samples)
+    samples = asyncio.run(run_plan(target, KEYS, _items("a", "b", "c"), shape))
+    assert len(samples) == 3 and {s.code for s in samples} == {"RuntimeError"}
 
 
 def test_open_loop_sends_at_the_rate_not_the_answers_pace(gateway: tuple[str, FakeGateway]) -> None:

@@ -7,6 +7,7 @@ from types import TracebackType
 
 import grpc
 
+from cachemesh._auth import bearer_metadata
 from cachemesh._channel import MAX_ATTEMPTS, call_metadata, channel_options, with_request_id
 from cachemesh._errors import from_rpc_error, incomplete
 from cachemesh._requests import build_request
@@ -15,10 +16,6 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-
-
-def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {api_key}"),)
 
 
 class Client:
@@ -31,7 +28,8 @@ class Client:
     call with the caller's own id is marked as a possible retry), and UNAVAILABLE is retried by
     gRPC (up to ``max_attempts``, 5; 1 = no retry) while nothing has come back;
     ``wait_for_ready`` (default) lets a call wait, within ``timeout_s``, for a Gateway that is
-    restarting instead of failing at once."""
+    restarting instead of failing at once. ``api_key`` is sent without surrounding whitespace;
+    one gRPC cannot send (a space, a control or non-ASCII character) is a ValueError."""
 
     def __init__(
         self,
@@ -44,11 +42,11 @@ class Client:
         wait_for_ready: bool = True,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
+        self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
         self._channel = channel or sync_channel(
             target, tls, channel_options(wait_for_ready, max_attempts)
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
-        self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s
 
     def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
@@ -122,11 +120,11 @@ class AsyncClient:
         wait_for_ready: bool = True,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
+        self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
         self._channel = channel or aio_channel(
             target, tls, channel_options(wait_for_ready, max_attempts)
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
-        self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s
 
     async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:

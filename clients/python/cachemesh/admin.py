@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import grpc
 
+from cachemesh._auth import bearer_metadata
 from cachemesh._errors import from_rpc_error
 from cachemesh._tls import Tls, sync_channel
 from cachemesh.v1 import admin_pb2 as adm
@@ -34,11 +35,11 @@ class AdminClient:
         tls: Tls | None = None,
         timeout_s: float = 30.0,
     ) -> None:
-        if not admin_token:
+        if not admin_token.strip():
             raise ValueError("an admin token is required (the router's CACHEMESH_ADMIN_TOKEN_FILE)")
+        self._metadata = bearer_metadata(admin_token, "admin_token")  # before the channel
         self._channel = sync_channel(target, tls)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {admin_token}"),)
         self._timeout_s = timeout_s
 
     def stats(self, tenant: str = "") -> adm.GetStatsResponse:

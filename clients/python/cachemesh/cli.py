@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except CachemeshError as error:
         print(f"cachemesh: {error}", file=sys.stderr)
         return 1
-    except ValueError as error:  # an unreadable TLS file
+    except ValueError as error:  # an unreadable TLS file, a key gRPC cannot send
         print(f"cachemesh: {error}", file=sys.stderr)
         return 2
     if args.json:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from cachemesh._auth import bearer_metadata
 from cachemesh._client import DEFAULT_TARGET
 from cachemesh.envfile import EnvFileError, read_env_file
 from cachemesh.loadtest import chart, report
@@ -106,12 +107,19 @@ def stack_config(path: Path) -> dict[str, str]:
     return {key: mask(key, os.environ.get(key, value)) for key, value in values.items()}
 
 
+KEY_VARIABLES = {TENANT_A: ("CACHEMESH_API_KEY", "CACHEMESH_KEY_A"), TENANT_B: ("CACHEMESH_KEY_B",)}
+
+
 def keys_from_env() -> dict[str, str]:
+    """Each tenant's key, from the first of its variables set; a key gRPC cannot send is a
+    ValueError naming its variable (before the run, not one error per request)."""
     keys = {}
-    if key := os.environ.get("CACHEMESH_API_KEY") or os.environ.get("CACHEMESH_KEY_A"):
-        keys[TENANT_A] = key
-    if key := os.environ.get("CACHEMESH_KEY_B"):
-        keys[TENANT_B] = key
+    for tenant, variables in KEY_VARIABLES.items():
+        for variable in variables:
+            if key := os.environ.get(variable):
+                bearer_metadata(key, variable)
+                keys[tenant] = key
+                break
     return keys
 
 
