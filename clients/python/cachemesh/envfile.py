@@ -1,10 +1,12 @@
 """``.env`` files as cachemesh reads and writes them: the one parser of the project.
 
 The format is the subset that both the local stack runner and docker compose read the same
-way: ``KEY=VALUE`` lines, ``#`` comments and blank lines, an optional pair of matching quotes
-around the value, and an optional ``export`` before the key (``.run/demo-keys.env`` has it, so
-that ``source .run/demo-keys.env`` exports the keys). Anything else is an error naming the
-file and line, never repeating the line (it may hold a secret).
+way: ``KEY=VALUE`` lines, ``#`` comments on lines of their own and blank lines, an optional
+pair of matching quotes around the whole value, and an optional ``export`` before the key
+(``.run/demo-keys.env`` has it, so that ``source .run/demo-keys.env`` exports the keys).
+Anything else is an error naming the file and line, never repeating the line (it may hold a
+secret): among them a comment after a value (``A=1 # one``, ``B="x" # why``), which compose
+drops and a plain reader keeps, and a quote left open.
 """
 
 from __future__ import annotations
@@ -33,11 +35,32 @@ def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
                 f"{source}:{number}: expected KEY=VALUE (the line is not shown: it may hold a "
                 "secret)"
             )
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key] = value
+        values[key] = _value(value.strip(), f"{source}:{number}")
     return values
+
+
+_COMMENT = re.compile(r"\s#")  # where docker compose starts a comment in an unquoted value
+
+
+def _value(value: str, where: str) -> str:
+    """The value of a line (``where`` = file:line), quotes removed; EnvFileError for one that
+    docker compose reads otherwise."""
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end == -1:
+            raise EnvFileError(f"{where}: the value's opening {value[0]} is not closed on its line")
+        if end != len(value) - 1:
+            raise EnvFileError(
+                f"{where}: text after the value's closing {value[0]} (docker compose drops a "
+                "comment there): put the comment on a line of its own"
+            )
+        return value[1:end]
+    if _COMMENT.search(value):
+        raise EnvFileError(
+            f"{where}: a space and # in an unquoted value start a comment for docker compose: "
+            "put the comment on a line of its own, or quote the value if the # belongs to it"
+        )
+    return value
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -55,6 +78,13 @@ def _literal(line: str) -> Callable[[re.Match[str]], str]:
     return lambda _: line
 
 
+def _reads_back(line: str) -> dict[str, str] | None:
+    try:
+        return parse_env_text(line)
+    except EnvFileError:
+        return None
+
+
 def set_values(text: str, values: Sequence[tuple[str, str]]) -> str:
     """``text`` with each key's line replaced by ``KEY=value``; a missing key goes after the
     line of the key before it in ``values`` (or at the end). Every other line is kept."""
@@ -63,6 +93,11 @@ def set_values(text: str, values: Sequence[tuple[str, str]]) -> str:
         if not _KEY.match(key):
             raise EnvFileError(f"not a variable name: {key!r}")
         line = f"{key}={value}"
+        if _reads_back(line) != {key: value}:
+            raise EnvFileError(
+                f"{key}: the value would not read back as written (a space and #, quotes, "
+                "surrounding spaces)"
+            )
         pattern = re.compile(rf"^{key}=.*$", re.MULTILINE)
         after = re.compile(rf"^{previous}=.*$", re.MULTILINE).search(text) if previous else None
         if pattern.search(text):
