@@ -58,7 +58,9 @@ def _pipeline(table: ModelTable) -> tuple[Pipeline, LocalModels]:
         return ModelApi(sim, offload=False)
 
     models = LocalModels(
-        {"small-1": engine("small-1", "sim-small"), "large-1": engine("large-1", "sim-large")}
+        {"small-1": engine("small-1", "sim-small"), "large-1": engine("large-1", "sim-large")},
+        table,
+        {},
     )
     deps = Dependencies(FakeSemantic(), CountingPrefix(), models, REPLICAS)
     router = (load_router_model(), RouterCard.load().default_threshold, None)
