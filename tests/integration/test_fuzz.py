@@ -121,7 +121,7 @@ def _rss_mb(pid: int) -> float:
 
 def _pids(stack: RunningStack) -> dict[str, int]:
     pid_dir = stack.stack.run_dir / "pids"
-    return {p.stem: int(p.read_text()) for p in pid_dir.glob("*.pid")}
+    return {p.stem: int(p.read_text().split()[0]) for p in pid_dir.glob("*.pid")}  # pid start
 
 
 def test_fuzzed_requests_get_actionable_statuses_and_the_stack_stays_whole(

@@ -179,6 +179,7 @@ def test_down_stops_the_stack_whatever_became_of_its_env_file(tmp_path: Path) ->
     import subprocess
     import sys
 
+    from services.tools.stack import processes
     from services.tools.stack.cli import main
 
     (tmp_path / ".env").write_text("A=1\nexport ONLY_A_NAME\n")
@@ -190,7 +191,7 @@ def test_down_stops_the_stack_whatever_became_of_its_env_file(tmp_path: Path) ->
     sleeper = subprocess.Popen(sleep)
     try:
         pid_file = run_dir / "pids" / f"{router.name}.pid"
-        pid_file.write_text(f"{sleeper.pid}\n")
+        processes.write_pid(pid_file, sleeper.pid)
         with pytest.raises(SystemExit) as exit_:
             main(["--root", str(tmp_path), "--run-dir", str(run_dir), "down", "--grace", "5"])
         assert exit_.value.code == 0

@@ -238,7 +238,7 @@ class Stack:
         pid = processes.read_pid(path)
         if pid is not None and processes.is_alive(pid, "services.tools.stack"):
             return pid
-        path.unlink(missing_ok=True)
+        self._forget_pid_file(path, PID_NAME, "services.tools.stack")
         return None
 
     def _start_supervisor(self, keys: StackKeys, managed: list[ServiceDef]) -> None:
@@ -361,18 +361,29 @@ class Stack:
         return was_running
 
     def running(self) -> list[Running]:
-        """The live processes recorded in the pid files; forgets stale pid files."""
+        """The live processes recorded in the pid files; forgets stale pid files (a pid that
+        now names another process is never signalled nor adopted)."""
         found: list[Running] = []
         for service in [*SERVICES, REDIS]:
             path = self._pid_path(service)
             pid = processes.read_pid(path)
-            if pid is None:
-                continue
-            if processes.is_alive(pid, service.module):
+            if pid is not None and processes.is_alive(pid, service.module):
                 found.append(Running(service=service, pid=pid))
-            else:
-                path.unlink(missing_ok=True)
+                continue
+            self._forget_pid_file(path, service.name, service.module)
         return found
+
+    def _forget_pid_file(self, path: Path, name: str, marker: str) -> None:
+        """Removes a stale pid file; says so when an older runner's file (no start time) names
+        a live process that may be this stack's, which is then neither stopped nor adopted."""
+        legacy = processes.legacy_pid(path)
+        if legacy is not None and processes.is_alive(legacy, marker):
+            self._say(
+                f"{path} records pid {legacy} without its start time (an older runner's file): "
+                f"that pid may be another program's now, so it is neither stopped nor adopted; "
+                f"if it is this stack's {name}, stop it yourself (kill {legacy})"
+            )
+        path.unlink(missing_ok=True)
 
     def status(self) -> dict[str, tuple[int | None, str]]:
         """Process name -> (pid if running, health status at its address)."""

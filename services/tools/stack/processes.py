@@ -76,17 +76,52 @@ def is_alive(pid: int, module: str) -> bool:
     return any(marker in arg for arg in argv)
 
 
+def start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, field 22 of /proc/<pid>/stat): with the pid
+    it names one process, never a later one that reused the pid. None where /proc does not tell
+    (not Linux, or the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def write_pid(path: Path, pid: int) -> None:
+    """``<pid> <start time>`` (the pid alone where /proc does not tell the start time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{pid}\n")
+    started = start_time(pid)
+    path.write_text(f"{pid}\n" if started is None else f"{pid} {started}\n")
 
 
 def read_pid(path: Path) -> int | None:
+    """The pid ``path`` records if that process still runs: None when the file is missing or
+    malformed, when the pid now names a process started at another time (the pid was reused
+    after a crash or a reboot), or when the file records no start time on a system whose
+    /proc tells it (an older runner's file: its pid may be anybody's now; ``legacy_pid``)."""
+    fields = _fields(path)
+    if fields is None:
+        return None
+    pid = int(fields[0])
+    started = start_time(pid)
+    if len(fields) == 1:
+        return pid if started is None and not Path("/proc/self/stat").is_file() else None
+    return pid if started == fields[1] else None
+
+
+def legacy_pid(path: Path) -> int | None:
+    """The pid of a file that records no start time (written by an older runner), else None."""
+    fields = _fields(path)
+    return int(fields[0]) if fields is not None and len(fields) == 1 else None
+
+
+def _fields(path: Path) -> list[str] | None:
     try:
-        text = path.read_text().strip()
+        fields = path.read_text().split()
     except FileNotFoundError:
         return None
-    return int(text) if text.isdigit() else None
+    if not 1 <= len(fields) <= 2 or not all(f.isdigit() for f in fields):
+        return None
+    return fields
 
 
 def tail(path: Path, lines: int = 40) -> str:

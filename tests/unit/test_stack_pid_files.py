@@ -1,0 +1,91 @@
+"""Pid files name one process (pid and start time): a stale file whose pid was reused after a
+crash or a reboot, even by a program whose command line looks like the stack's (the host's own
+redis-server), is never stopped by ``down`` nor adopted by ``up``."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.tools.stack import processes
+from services.tools.stack.lifecycle import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def other_redis(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Somebody else's process whose command line says redis-server, in a session of its own."""
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    exe = tmp_path / "bin" / "redis-server"
+    exe.parent.mkdir()
+    shutil.copy(sleep, exe)
+    process = subprocess.Popen([str(exe), "600"], start_new_session=True)
+    while not processes.is_alive(process.pid, "redis-server"):  # until it has exec'd
+        assert process.poll() is None
+        time.sleep(0.01)
+    yield process
+    process.kill()
+    process.wait()
+
+
+def _redis_pid_file(run_dir: Path) -> Path:
+    path = run_dir / "pids" / "redis.pid"
+    path.parent.mkdir(parents=True)
+    return path
+
+
+def test_a_pid_file_records_the_start_time_and_names_that_process_only(
+    tmp_path: Path, other_redis: subprocess.Popen[bytes]
+) -> None:
+    path = tmp_path / "redis.pid"
+    processes.write_pid(path, other_redis.pid)
+    started = processes.start_time(other_redis.pid)
+    assert started is not None and path.read_text() == f"{other_redis.pid} {started}\n"
+    assert processes.read_pid(path) == other_redis.pid
+    path.write_text(f"{other_redis.pid} {int(started) + 1}\n")  # the pid, reused since
+    assert processes.read_pid(path) is None
+
+
+def test_down_leaves_a_process_whose_pid_was_reused_running(
+    tmp_path: Path, other_redis: subprocess.Popen[bytes]
+) -> None:
+    path = _redis_pid_file(tmp_path / "run")
+    started = processes.start_time(other_redis.pid)
+    assert started is not None
+    path.write_text(f"{other_redis.pid} {int(started) + 1}\n")
+    stack = Stack(ROOT, tmp_path / "run", out=io.StringIO())
+    assert stack.running() == []
+    assert stack.stop(grace_s=0.1) == []
+    assert other_redis.poll() is None
+    assert not path.exists()
+
+
+def test_down_leaves_the_process_of_an_older_pid_file_running_and_says_so(
+    tmp_path: Path, other_redis: subprocess.Popen[bytes]
+) -> None:
+    path = _redis_pid_file(tmp_path / "run")
+    path.write_text(f"{other_redis.pid}\n")  # no start time: written by an older runner
+    out = io.StringIO()
+    stack = Stack(ROOT, tmp_path / "run", out=out)
+    assert stack.stop(grace_s=0.1) == []
+    assert other_redis.poll() is None, "down stopped a process it cannot tell is the stack's"
+    assert f"records pid {other_redis.pid} without its start time" in out.getvalue()
+    assert not path.exists()
+
+
+def test_down_stops_the_process_its_pid_file_names(
+    tmp_path: Path, other_redis: subprocess.Popen[bytes]
+) -> None:
+    processes.write_pid(_redis_pid_file(tmp_path / "run"), other_redis.pid)
+    stack = Stack(ROOT, tmp_path / "run", out=io.StringIO())
+    assert [r.pid for r in stack.running()] == [other_redis.pid]
+    assert stack.stop(grace_s=5.0) == ["redis"]
+    assert other_redis.wait(10) != 0
