@@ -95,3 +95,29 @@ def test_a_timeout_stops_everything(tmp_path: Path) -> None:
         stack.start(timeout_s=0.01)
     assert stack.running() == []
     assert not list((tmp_path / "run" / "pids").iterdir())
+
+
+def test_up_after_the_supervisor_died_refuses_settings_the_running_processes_lack(
+    tmp_path: Path,
+) -> None:
+    # The supervisor killed (OOM, kill -9) left the processes running: `up` with a new daily
+    # budget adopted them, said the stack was up, and the budget was never applied.
+    stack = _stack(tmp_path / "run")
+    stack.start(timeout_s=180)
+    try:
+        supervisor = stack.supervisor_pid()
+        assert supervisor is not None
+        os.kill(supervisor, signal.SIGKILL)
+        while _alive(supervisor) and stack.supervisor_pid() is not None:
+            time.sleep(0.05)
+        pids = {r.service.name: r.pid for r in stack.running()}
+        budget = {**stack.settings(), "ROUTER_BUDGET_USD_PER_DAY": "0"}
+        changed = Stack(ROOT, tmp_path / "run", budget, out=io.StringIO())
+        with pytest.raises(StackError) as refused:
+            changed.start(timeout_s=180)
+        assert "router: ROUTER_BUDGET_USD_PER_DAY" in str(refused.value)
+        assert "make down" in str(refused.value)
+        assert {r.service.name: r.pid for r in stack.running()} == pids  # nothing touched
+        assert stack.supervisor_pid() is None
+    finally:
+        stack.stop()

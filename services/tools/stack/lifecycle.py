@@ -170,6 +170,13 @@ class Stack:
         supervisor = self.supervisor_pid()
         if supervisor is None:
             missing = [m for m in managed if m.name not in running]
+            # what a dead supervisor (OOM, kill -9) left running is adopted as it is: only if
+            # it was started with these settings
+            adopted = [m for m in managed if m.name in running]
+            _refuse_changed(
+                self.changed_settings(keys, adopted),
+                "processes left running by a supervisor that died were started",
+            )
             for item in missing:
                 self._check_port_free(item)
             kept = ", ".join(f"{name} (pid {pid})" for name, pid in running.items())
@@ -185,13 +192,7 @@ class Stack:
                 self.stop()
                 raise
         else:
-            changed = self.changed_settings(keys, managed)
-            if changed:
-                raise StackError(
-                    "the running stack was started with other settings ("
-                    + "; ".join(changed)
-                    + "): run `make down`, then `make up` to start it with these"
-                )
+            _refuse_changed(self.changed_settings(keys, managed), "the running stack was started")
             self._say(f"the supervisor (pid {supervisor}) already runs this stack")
         try:
             self._wait_serving(managed, timeout_s)
@@ -488,6 +489,14 @@ class Stack:
 
     def _say(self, message: str) -> None:
         print(message, file=self._out, flush=True)
+
+
+def _refuse_changed(changed: list[str], what: str) -> None:
+    if changed:
+        raise StackError(
+            f"{what} with other settings ({'; '.join(changed)}): run `make down`, then "
+            "`make up` to start the stack with these"
+        )
 
 
 def _wait_exit(items: list[Running], timeout_s: float) -> list[Running]:
