@@ -7,7 +7,8 @@ session of its own. The supervisor adopts a process whose pid file names a live 
 up`` brings back only what is missing while the rest runs), spawns the others, and polls:
 a process that has exited is started again after a backoff (``RESTART_BACKOFF_S``, doubling
 up to ``RESTART_BACKOFF_MAX_S``; back to the first step once a run has lasted
-``STABLE_AFTER_S``), each exit and restart one line in ``logs/supervisor.log``. Its state
+``STABLE_AFTER_S``; a process that cannot be started at all is tried again the same way),
+each exit and restart one line in ``logs/supervisor.log``. Its state
 (pids, restarts, last exit codes) is in ``<run_dir>/supervisor-state.json`` for ``up`` and
 ``status``. A process named in ``<run_dir>/held/`` (``Stack.stop_service``, ``stop NAME``) is
 stopped and kept stopped, as ``docker compose stop`` does, until ``up`` clears the hold.
@@ -211,6 +212,27 @@ class Supervisor:
         return True
 
     def _spawn(self, slot: _Slot, *, append: bool) -> None:
+        """Starts the process; one that cannot be started (its executable missing during a
+        rebuild, fork failing for memory, its log's disk full) is tried again after the
+        backoff, as if it had exited at once: supervision goes on."""
+        spec = slot.spec
+        try:
+            popen = self._popen(slot, append=append)
+        except (OSError, subprocess.SubprocessError) as exc:
+            delay = slot.backoff.after_exit(0.0)
+            slot.restart_at = time.monotonic() + delay
+            self._say(f"{spec.name}: could not start ({exc}); next try in {delay:.1f}s")
+            return
+        slot.pid, slot.popen, slot.started_at = popen.pid, popen, time.monotonic()
+        verb = "restarted" if append else "started"
+        try:
+            processes.write_pid(Path(spec.pid_path), popen.pid)
+        except OSError as exc:  # it runs and is supervised; only a new supervisor misses it
+            self._say(f"{spec.name}: {verb} pid {popen.pid}; its pid file not written ({exc})")
+            return
+        self._say(f"{spec.name}: {verb} pid {popen.pid}")
+
+    def _popen(self, slot: _Slot, *, append: bool) -> subprocess.Popen[bytes]:
         spec = slot.spec
         log_path = Path(spec.log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +240,7 @@ class Supervisor:
             if append:
                 log.write(f"\n--- restarted by the supervisor (#{slot.restarts}) ---\n".encode())
                 log.flush()
-            popen = subprocess.Popen(
+            return subprocess.Popen(
                 spec.argv,
                 cwd=self._plan.cwd,
                 env=spec.env,
@@ -227,10 +249,6 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        slot.pid, slot.popen, slot.started_at = popen.pid, popen, time.monotonic()
-        processes.write_pid(Path(spec.pid_path), popen.pid)
-        verb = "restarted" if append else "started"
-        self._say(f"{spec.name}: {verb} pid {popen.pid}")
 
     # --- the whole stack ----------------------------------------------------------------
     def _stop_all(self) -> None:
@@ -275,12 +293,18 @@ class Supervisor:
         }
         path = self._run_dir / STATE_FILE
         tmp = path.with_name(f".{STATE_FILE}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk: up and status read older counts, nothing worse
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            self._say(f"could not save the state in {path} ({exc}); supervising on")
 
     def _say(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{stamp} supervisor: {message}", file=self._out, flush=True)
+        with contextlib.suppress(OSError):  # a log on a full disk must not end supervision
+            print(f"{stamp} supervisor: {message}", file=self._out, flush=True)
 
 
 def read_state(run_dir: Path) -> dict[str, dict[str, int | None]]:
