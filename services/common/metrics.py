@@ -3,7 +3,9 @@
 Each service builds one ``CollectorRegistry`` in its ``serve()`` (never the library's global
 one), declares its instruments on it (``services/<name>/metrics.py``) and serves it at
 ``GET /metrics`` on ``<PREFIX>_METRICS_LISTEN`` (its own port, from ``.env``), on its own
-event loop (aiohttp). Label sets stay bounded: tenants beyond
+event loop (aiohttp), with ``GET /readyz`` (200 while the service is ready: a gRPC service's
+overall health is SERVING) in plaintext whatever the service port speaks, for health checks
+such as compose's that hold no TLS client credentials. Label sets stay bounded: tenants beyond
 ``CACHEMESH_METRICS_MAX_TENANTS`` share the value ``other``; models, tiers, layers, status
 codes and reasons come from closed sets; no request id and no free text is ever a label.
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -79,15 +81,25 @@ class MetricsEndpoint:
     served by aiohttp on the service's loop, the scrape costs only while it runs.
     """
 
-    def __init__(self, settings: MetricsSettings, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: MetricsSettings,
+        registry: CollectorRegistry,
+        ready: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        """``ready``: what ``GET /readyz`` answers (``run_service`` binds a gRPC service's
+        health when none is given); without it there is no ``/readyz``."""
         self.settings = settings
         self.registry = registry
+        self.ready = ready
         self._runner: web.AppRunner | None = None
         self.port = 0  # the port bound, once started (the one asked, or a free one for 0)
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
+        if self.ready is not None:
+            app.router.add_get("/readyz", self._readyz)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, _, port = self.settings.listen.rpartition(":")
@@ -106,6 +118,12 @@ class MetricsEndpoint:
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = self.ready is not None and await self.ready()
+        return web.Response(
+            text="SERVING\n" if ready else "NOT_SERVING\n", status=200 if ready else 503
         )
 
     async def stop(self) -> None:

@@ -109,6 +109,28 @@ class HealthSwitch:
             await self._servicer.set(name, status)
 
 
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1, whose overall status (service "") the metrics port's ``GET /readyz``
+    answers too: in plaintext, for a health check without the TLS port's credentials."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._serving = False
+        self._draining = False
+
+    async def set(self, service: str, status: int) -> None:
+        await super().set(service, status)
+        if service == "" and not self._draining:
+            self._serving = status == health_pb2.HealthCheckResponse.SERVING
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._draining, self._serving = True, False
+        await super().enter_graceful_shutdown()
+
+    async def serving(self) -> bool:
+        return self._serving
+
+
 @dataclass
 class ServiceSpec:
     name: str  # e.g. "semantic-cache", for logs
@@ -134,7 +156,7 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     interceptors = [MalformedRequests(), *spec.interceptors]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     spec.register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*spec.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
@@ -156,6 +178,8 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
             "there (the port is in use, or the address is not this machine's)"
         )
     if spec.metrics is not None:
+        if spec.metrics.ready is None:  # GET /readyz in plaintext, whatever the port speaks
+            spec.metrics.ready = health_servicer.serving
         await spec.metrics.start()  # a port already held stops the start-up, naming it
     await server.start()
     log.info(

@@ -56,7 +56,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         provider.get_tracer("cachemesh.http_front"),
         metrics=HttpFrontMetrics(registry, time.perf_counter),
     )
-    endpoint = MetricsEndpoint(settings.metrics, registry)
+    endpoint = MetricsEndpoint(settings.metrics, registry, ready=front.ready)
     runner = Runner(
         build_app(front, settings.max_body_bytes),
         handle_signals=False,

@@ -89,6 +89,10 @@ class Front:
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return _json({"status": "ok"})
 
+    async def ready(self) -> bool:
+        """What the metrics port's ``GET /readyz`` answers (plaintext, whatever this port is)."""
+        return not self.draining and await self._gateway.serving()
+
     async def readyz(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
             return _json({"status": "draining"}, 503)

@@ -110,3 +110,37 @@ async def test_a_held_port_stops_the_start_naming_the_variable() -> None:
         settings = MetricsSettings(f"127.0.0.1:{port}", "MODEL_METRICS_LISTEN", 1)
         with pytest.raises(ConfigError, match=f"MODEL_METRICS_LISTEN=127.0.0.1:{port}"):
             await MetricsEndpoint(settings, new_registry()).start()
+
+
+async def test_readyz_answers_what_ready_says_and_is_absent_without_it() -> None:
+    import urllib.error
+
+    answer = {"ready": False}
+
+    async def ready() -> bool:
+        return answer["ready"]
+
+    settings = MetricsSettings("127.0.0.1:0", "X_METRICS_LISTEN", 1)
+
+    async def get(endpoint: MetricsEndpoint) -> int:
+        url = f"http://127.0.0.1:{endpoint.port}/readyz"
+        try:
+            with await asyncio.to_thread(urllib.request.urlopen, url, timeout=5) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    endpoint = MetricsEndpoint(settings, new_registry(), ready=ready)
+    await endpoint.start()
+    try:
+        assert await get(endpoint) == 503
+        answer["ready"] = True
+        assert await get(endpoint) == 200
+    finally:
+        await endpoint.stop()
+    bare = MetricsEndpoint(settings, new_registry())
+    await bare.start()
+    try:
+        assert await get(bare) == 404
+    finally:
+        await bare.stop()

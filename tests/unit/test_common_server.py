@@ -119,3 +119,36 @@ async def test_every_stop_step_runs_though_one_failed_and_the_first_failure_is_r
     with pytest.raises(ConnectionError):
         await run_every([close_redis, flush_outbox, save], "router stop")
     assert ran == ["redis", "outbox", "save"]
+
+
+async def test_the_metrics_port_answers_readyz_as_the_health_does() -> None:
+    # plaintext whatever the service port speaks: compose's health check of a TLS Gateway
+    from services.common.metrics import MetricsEndpoint, MetricsSettings, new_registry
+    from services.tools.stack.health import probe_http
+
+    port, metrics_port, ready, stop = free_port(), free_port(), asyncio.Event(), asyncio.Event()
+    endpoint = MetricsEndpoint(
+        MetricsSettings(f"127.0.0.1:{metrics_port}", "X_METRICS_LISTEN", 1), new_registry()
+    )
+    settings = ServerSettings(
+        f"127.0.0.1:{port}", grace_s=5.0, max_message_bytes=1 << 20, refusal_s=2.0
+    )
+    spec = dataclasses.replace(_spec(port, ready), settings=settings, metrics=endpoint)
+    task = asyncio.create_task(run_service(spec, stop))
+
+    async def readyz(wanted: str) -> str:
+        status = UNREACHABLE
+        for _ in range(100):
+            status = await asyncio.to_thread(probe_http, f"127.0.0.1:{metrics_port}", 2.0)
+            if status == wanted:
+                break
+            await asyncio.sleep(0.05)
+        return status
+
+    assert await readyz("NOT_SERVING") == "NOT_SERVING"  # warming up
+    ready.set()
+    assert await _settle(port, "SERVING") == "SERVING"
+    assert await readyz("SERVING") == "SERVING"
+    stop.set()
+    assert await readyz("NOT_SERVING") == "NOT_SERVING"  # draining (the refusal window)
+    await asyncio.wait_for(task, 10)

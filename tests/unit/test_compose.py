@@ -197,14 +197,15 @@ def test_router_and_front_share_the_key_file_seeded_from_the_mounted_one(
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)
-def test_healthcheck_probes_health_on_the_service_port(
+def test_healthcheck_probes_readiness_on_the_plaintext_metrics_port(
     resolved: Resolved, spec: ServiceDef
 ) -> None:
+    # not the service port: with ROUTER_TLS_* (or HTTP_FRONT_TLS_*) it speaks TLS only, a
+    # plaintext probe there says UNREACHABLE and what depends on the service never starts
     test = resolved.service(spec.name)["healthcheck"]["test"]
-    probe = ["python", "-m", "services.tools.stack", "probe", f"127.0.0.1:{resolved.port(spec)}"]
-    if spec.protocol == "http":
-        probe.append("--http")  # GET /readyz
-    assert test == ["CMD", *probe]
+    port = port_of(resolved.service(spec.name)["environment"][spec.metrics_var])
+    probe = ["python", "-m", "services.tools.stack", "probe", f"127.0.0.1:{port}", "--http"]
+    assert test == ["CMD", *probe]  # GET /readyz
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)

@@ -155,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     supervisor.add_argument("--exit-with", type=int, default=None, help="stop when PID is gone")
     check = commands.add_parser(
-        "probe", help="exit 0 if the gRPC server (--http: the HTTP front) at ADDRESS is SERVING"
+        "probe",
+        help="exit 0 if the gRPC server (--http: GET /readyz of the HTTP front, or of any "
+        "service's metrics port) at ADDRESS is SERVING",
     )
     check.add_argument("address")
     check.add_argument("--http", action="store_true", help="GET /readyz instead of gRPC health")
