@@ -56,7 +56,7 @@ redis-server: ## install Debian's redis-server when missing (the stack's own Red
 
 demo: setup redis-server ## start the stack, drive a realistic workload, print the per-layer table, stop
 	$(BIN)/python -m services.tools.stack up
-	set -a; source .run/demo-keys.env; set +a; \
+	set -a; [ ! -f .run/demo-keys.env ] || source .run/demo-keys.env; set +a; \
 	  $(BIN)/python -m cachemesh.demo; status=$$?; \
 	  $(BIN)/python -m services.tools.stack down; exit $$status
 
@@ -72,7 +72,7 @@ engine: setup engine-deps ## build llama-server (PyPI llama-cpp-python sdist) an
 
 demo-local: engine ## the demo against two llama-server replicas (SmolLM2-135M, one thread each) instead of the simulator
 	$(BIN)/python -m services.tools.stack up --local-engine
-	set -a; source .run/demo-keys.env; set +a; \
+	set -a; [ ! -f .run/demo-keys.env ] || source .run/demo-keys.env; set +a; \
 	  CACHEMESH_DEMO_MODEL=local-small $(BIN)/python -m cachemesh.demo; status=$$?; \
 	  $(BIN)/python -m services.tools.stack down; exit $$status
 

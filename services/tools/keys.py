@@ -5,7 +5,10 @@ uses the standard library only, so it needs no virtualenv. ``make up`` runs it t
 
 - ``demo-keys.env``: ``export CACHEMESH_KEY_A=...`` and ``export CACHEMESH_KEY_B=...``, the two
   demo tenants' API keys in clear, and ``export CACHEMESH_ADMIN_TOKEN_FILE=...`` (where the
-  admin token is): ``source .run/demo-keys.env`` puts them in a shell's environment;
+  admin token is): ``source .run/demo-keys.env`` puts them in a shell's environment. Demo keys
+  are minted on a fresh install only (no ``api-keys`` yet): once the key file exists, a
+  missing ``demo-keys.env`` (an operator who revoked the demo keys and deleted it) stays
+  missing, and the demo keys are reported unavailable, with how to issue keys instead;
 - ``api-keys``: the key file the router and the HTTP front read (CACHEMESH_API_KEYS_FILE),
   only hashes (``services.common.keyfile``); the Admin API adds, revokes and rotates keys in
   it. It is created with the demo keys when missing, and never rewritten after: a key an
@@ -49,7 +52,7 @@ _LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 @dataclass(frozen=True)
 class StackKeys:
     run_dir: Path
-    api_keys: dict[str, str]  # tenant -> API key in clear
+    api_keys: dict[str, str]  # tenant -> API key in clear; empty when the demo keys are gone
     internal_token: str
     admin_token: str
     created: bool  # True when this call generated new secrets
@@ -66,7 +69,13 @@ class StackKeys:
     def admin_token_file(self) -> Path:
         return self.run_dir / ADMIN_TOKEN_FILE
 
+    @property
+    def has_demo_keys(self) -> bool:
+        return bool(self.api_keys)
+
     def key_for(self, tenant: str) -> str:
+        if tenant not in self.api_keys:
+            raise KeyError(f"no demo key for {tenant!r}: {unavailable(self)}")
         return self.api_keys[tenant]
 
     def env(self) -> dict[str, str]:
@@ -86,13 +95,17 @@ def ensure_keys(run_dir: Path) -> StackKeys:
     created = False
     api_keys = _read_demo_keys(run_dir / DEMO_KEYS_FILE)
     if api_keys is None:
-        api_keys = {tenant: new_api_key() for tenant, _ in TENANTS}
-        created = True
+        # a fresh install only: into a live key file, new demo keys would bring back the demo
+        # tenants an operator retired (revoked their keys, deleted the clear-text file)
+        fresh = KeyFile(run_dir / API_KEYS_FILE).signature() is None
+        api_keys = {tenant: new_api_key() for tenant, _ in TENANTS} if fresh else {}
+        created = fresh
     token, new_token = _token(run_dir / INTERNAL_TOKEN_FILE)
     admin, new_admin = _token(run_dir / ADMIN_TOKEN_FILE)
     keys = StackKeys(run_dir, api_keys, token, admin, created or new_token or new_admin)
-    _write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
-    _ensure_key_file(keys, new_demo_keys=created)
+    if keys.has_demo_keys:
+        _write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
+    _ensure_key_file(keys)
     _write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n")
     _write_secret(run_dir / INTERNAL_ENV_FILE, f"CACHEMESH_INTERNAL_TOKEN={token}\n")
     _write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n")
@@ -102,6 +115,8 @@ def ensure_keys(run_dir: Path) -> StackKeys:
 
 def describe(keys: StackKeys) -> str:
     """The keys for people: what they are and where they live (the admin token by its file)."""
+    if not keys.has_demo_keys:
+        return f"demo API keys: {unavailable(keys)}"
     state = "generated" if keys.created else "existing"
     lines = [f"demo API keys ({state}, in {keys.demo_keys_file}):"]
     lines += [f"  {var}={keys.api_keys[tenant]}   # {tenant}" for tenant, var in TENANTS]
@@ -110,16 +125,28 @@ def describe(keys: StackKeys) -> str:
     return "\n".join(lines)
 
 
+def unavailable(keys: StackKeys) -> str:
+    """Why there are no demo keys, and how to get keys instead."""
+    return (
+        f"unavailable ({keys.demo_keys_file} is gone and {keys.api_keys_file} exists: demo keys "
+        "are minted on a fresh install only, so revoked ones stay revoked). Issue keys with the "
+        f"Admin API: CACHEMESH_ADMIN_TOKEN_FILE={keys.admin_token_file} .venv/bin/cachemesh "
+        "admin keys create tenant-a (prints the key once); make demo reads CACHEMESH_KEY_A "
+        "and CACHEMESH_KEY_B from the environment"
+    )
+
+
 def _demo_env(keys: StackKeys) -> str:
     lines = [f"export {var}={keys.api_keys[tenant]}\n" for tenant, var in TENANTS]
     lines.append(f"export CACHEMESH_ADMIN_TOKEN_FILE={keys.admin_token_file}\n")
     return "".join(lines)
 
 
-def _ensure_key_file(keys: StackKeys, *, new_demo_keys: bool) -> None:
-    """The key file with the demo keys when it is missing; new demo keys added to it."""
+def _ensure_key_file(keys: StackKeys) -> None:
+    """The key file with the demo keys when it is missing (a fresh install, or a lost key file
+    rebuilt from ``demo-keys.env``); an existing one is never rewritten."""
     keyfile = KeyFile(keys.api_keys_file, mode=0o644)
-    if keyfile.signature() is not None and not new_demo_keys:
+    if keyfile.signature() is not None:
         os.chmod(keyfile.path, 0o644)  # an older install wrote it 0600
         return
     now = time.time()

@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cachemesh.envfile import read_env_file
 from services.common.key_store import KeyStore
 from services.common.keyfile import KeyFile, hash_key
-from services.tools.keys import ensure_keys
+from services.tools.keys import ensure_keys, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +71,49 @@ def test_running_again_keeps_a_revoked_demo_key_revoked(tmp_path: Path) -> None:
     store.revoke(demo_a.id)
     ensure_keys(tmp_path)
     assert _store(keys.api_keys_file).tenant_for(keys.key_for("tenant-a")) is None
+
+
+def test_revoked_and_removed_demo_keys_are_not_minted_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An operator retires the demo tenants (revokes their keys) and deletes the clear-text
+    # file: the next make up / make keys minted two new working keys, added them to the live
+    # key file and printed them.
+    keys = ensure_keys(tmp_path)
+    store = _store(keys.api_keys_file)
+    for record in store.records():
+        store.revoke(record.id)
+    keys.demo_keys_file.unlink()
+    key_file = keys.api_keys_file.read_text()
+    again = ensure_keys(tmp_path)
+    assert [r.tenant for r in _store(keys.api_keys_file).records() if r.active] == []
+    assert keys.api_keys_file.read_text() == key_file
+    assert not again.created and not again.has_demo_keys
+    assert not again.demo_keys_file.exists()
+    assert again.internal_token == keys.internal_token
+    assert main(["--run-dir", str(tmp_path)]) == 0  # make keys: says so, mints nothing
+    said = capsys.readouterr().out
+    assert "demo API keys: unavailable" in said and "cachemesh admin keys create" in said
+    assert "cm_" not in said
+    with pytest.raises(KeyError, match="unavailable"):
+        again.key_for("tenant-a")
+
+
+def test_a_fresh_install_mints_the_demo_keys_once(tmp_path: Path) -> None:
+    first = ensure_keys(tmp_path)
+    assert first.created and first.has_demo_keys
+    assert ensure_keys(tmp_path).api_keys == first.api_keys
+
+
+def test_the_demo_without_keys_says_how_to_get_some(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{ROOT / 'clients' / 'python'}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cachemesh.demo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "CACHEMESH_KEY_A is not set" in done.stderr
+    assert "cachemesh admin keys create" in done.stderr
 
 
 def test_make_keys_needs_only_the_standard_library(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             if args.local_engine:
                 stack = _with_local_engines(stack, engines, settings)
-            stack.start(timeout_s)
+            keys = stack.start(timeout_s)
         except BaseException:  # whatever failed, no llama-server of this up is left running
             engines.stop()
             raise
@@ -74,7 +74,8 @@ def _run(args: argparse.Namespace) -> int:
             if args.run_dir is None
             else f"python -m services.tools.stack --run-dir {run_dir} down"
         )
-        print(f"demo keys: {run_dir / 'demo-keys.env'}; logs: {run_dir / 'logs'}; stop: {stop}")
+        demo = keys.demo_keys_file if keys.has_demo_keys else "unavailable (see above)"
+        print(f"demo keys: {demo}; logs: {run_dir / 'logs'}; stop: {stop}")
         return 0
     if args.command == "down":
         if not stack.stop(args.grace):

@@ -162,7 +162,7 @@ class Stack:
         started, so ``make up`` brings back one service while the others serve. If a process
         exits before it is SERVING, or the timeout passes, the whole stack is stopped."""
         keys = self.keys()
-        if keys.created:
+        if keys.created or not keys.has_demo_keys:
             self._say(describe(keys))
         self._release_held()
         managed = self.managed()

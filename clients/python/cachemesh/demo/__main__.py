@@ -17,7 +17,11 @@ from cachemesh.v1 import gateway_pb2 as pb
 def _require(name: str) -> str:
     value = os.environ.get(name)
     if not value:
-        sys.exit(f"demo: {name} is not set (run `make keys`, then source .run/demo-keys.env)")
+        sys.exit(
+            f"demo: {name} is not set: run `make keys`, then source .run/demo-keys.env (if it "
+            f"says the demo keys are unavailable, set {name} to a key from `cachemesh admin "
+            "keys create`)"
+        )
     return value
 
 
