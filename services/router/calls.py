@@ -8,6 +8,7 @@ goes on, degraded, and the span records why); an ``INVALID_ARGUMENT`` or
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -26,6 +27,10 @@ log = logging.getLogger("cachemesh.router")
 T = TypeVar("T")
 
 _CLIENT_FAULTS = (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED)
+# The second Lookup (waiting on an identical request's model call) takes at most this share of
+# what the request's deadline leaves: the rest is kept for the request's own model call, should
+# that call's answer not come (its router died, or its model is as slow as the deadline).
+_LEASE_WAIT_SHARE = 0.5
 
 
 def _client_fault(exc: CallFailed) -> RequestError | None:
@@ -45,13 +50,16 @@ class Calls:
         settings: RouterSettings,
         counted: Degraded | None = None,
         tracer: trace.Tracer | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``counted``: the degradations' metric (None: a router built without metrics);
-        ``tracer``: for a call that degrades after its request's span ended (a Store)."""
+        ``tracer``: for a call that degrades after its request's span ended (a Store);
+        ``clock``: seconds, the clock of the requests' deadlines."""
         self._d = dependencies
         self._s = settings
         self._counted = counted
         self._tracer = tracer
+        self._clock = clock
 
     def _degraded(self, what: str, exc: CallFailed) -> None:
         log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
@@ -78,17 +86,35 @@ class Calls:
             return None
 
     async def lookup(
-        self, tenant: str, request: pb.CompleteRequest, *, want_embedding: bool = False
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        *,
+        want_embedding: bool = False,
+        deadline: float | None = None,
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's answer; when an identical request's model call is in flight (``pending``) and
-        outlasted the lookup's deadline, one more lookup waits for it, up to
-        ``semantic_lease_wait_s``, so concurrent identical misses share one model call."""
+        outlasted the lookup's deadline, one more lookup waits for it (``lease_wait_s``), so
+        concurrent identical misses share one model call. ``deadline``: when the request's
+        model call must end, on ``clock`` (None: the client set no deadline)."""
         first = await self._lookup(tenant, request, self._s.semantic_timeout_s, want_embedding)
-        if first is None or not first.pending or self._s.semantic_lease_wait_s <= 0:
+        if first is None or not first.pending:
             return first
+        wait_s = self.lease_wait_s(deadline)
+        if wait_s <= 0:
+            return first  # no time to wait: the request calls the model itself
         trace.get_current_span().add_event("cachemesh.semantic.await_lease")
-        second = await self._lookup(tenant, request, self._s.semantic_lease_wait_s, want_embedding)
+        second = await self._lookup(tenant, request, wait_s, want_embedding)
         return first if second is None else second
+
+    def lease_wait_s(self, deadline: float | None) -> float:
+        """The second Lookup's deadline: ``ROUTER_SEMANTIC_LEASE_WAIT_S``, and at most half of
+        what ``deadline`` leaves now, so that a wait that ends without the answer still leaves
+        the request's own model call the other half (<= 0: no wait)."""
+        wait_s = self._s.semantic_lease_wait_s
+        if deadline is None or wait_s <= 0:
+            return wait_s
+        return min(wait_s, (deadline - self._clock()) * _LEASE_WAIT_SHARE)
 
     async def release(self, tenant: str, request: pb.CompleteRequest, lease_id: str) -> None:
         """Ends the lease this request's Lookup took (its model call ended without a Store);

@@ -112,7 +112,7 @@ class Pipeline:
         ``metrics``: the service's (None: the offline estimator, which counts nothing)."""
         self._metrics = metrics
         counted = metrics.degraded if metrics is not None else None
-        self._calls = Calls(dependencies, settings, counted, tracer)
+        self._calls = Calls(dependencies, settings, counted, tracer, clock)
         self._tracer = tracer
         self._table = table
         self._tokenizer = tokenizer
@@ -162,7 +162,7 @@ class Pipeline:
         head = pb.CompleteResponse(request_id=request.request_id, trace_id=current_trace_id())
         baseline = self._baseline_model(request)
 
-        lookup = await self._lookup(tenant, request)
+        lookup = await self._lookup(tenant, request, deadline)
         if lookup is not None:
             log.debug("L1 lookup: %s", _lookup_result(lookup))
         if lookup is not None and lookup.hit:
@@ -355,16 +355,17 @@ class Pipeline:
         return spec
 
     async def _lookup(
-        self, tenant: str, request: pb.CompleteRequest
+        self, tenant: str, request: pb.CompleteRequest, deadline: float | None
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's answer; for ``auto`` also the question's embedding (the tier router's input),
-        which the semantic cache returns without a lookup when the request bypasses L1."""
+        which the semantic cache returns without a lookup when the request bypasses L1.
+        ``deadline`` (the model calls') bounds a wait on an identical request's model call."""
         if last_user_text(request) is None:
             return None
         auto = request.model == AUTO
         if request.cache.semantic in _NO_READ and not auto:
             return None
-        return await self._calls.lookup(tenant, request, want_embedding=auto)
+        return await self._calls.lookup(tenant, request, want_embedding=auto, deadline=deadline)
 
     async def _serve_hit(
         self,

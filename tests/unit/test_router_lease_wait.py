@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 import pytest
+from opentelemetry import trace
 
+from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.env import Env
@@ -13,7 +15,10 @@ from services.common.errors import Code
 from services.common.models import model_table_from_env
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
+from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeClock, FakeModels, FakePrefix
 
 REPLICAS = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
 
@@ -21,19 +26,28 @@ REPLICAS = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
 class ScriptedLookup:
     """Answers Lookup from a script, recording each call's deadline."""
 
-    def __init__(self, *replies: sc.LookupResponse | Code) -> None:
+    def __init__(
+        self, *replies: sc.LookupResponse | Code, clock: FakeClock | None = None, takes_s: float = 0
+    ) -> None:
         self._replies = list(replies)
         self.timeouts: list[float] = []
+        self._clock = clock  # moved on by ``takes_s`` at each call
+        self._takes_s = takes_s
 
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
         self.timeouts.append(deadline_s)
+        if self._clock is not None:
+            self._clock.now += self._takes_s
         reply = self._replies.pop(0)
         if isinstance(reply, Code):
             raise CallFailed(reply, "late")
         return reply
 
+    async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
+        return sc.StoreResponse(stored=True)
 
-def calls(stub: ScriptedLookup, lease_wait_s: str) -> Calls:
+
+def settings(lease_wait_s: str) -> RouterSettings:
     env = Env(
         {
             "MODEL_REPLICAS": REPLICAS,
@@ -43,11 +57,14 @@ def calls(stub: ScriptedLookup, lease_wait_s: str) -> Calls:
             "ROUTER_SEMANTIC_LEASE_WAIT_S": lease_wait_s,
         }
     )
-    settings = RouterSettings.from_env(env, model_table_from_env(env))
+    return RouterSettings.from_env(env, model_table_from_env(env))
+
+
+def calls(stub: ScriptedLookup, lease_wait_s: str, clock: FakeClock | None = None) -> Calls:
     dependencies = Dependencies(
         semantic=cast(Any, stub), prefix=cast(Any, None), model=cast(Any, None), models={}
     )
-    return Calls(dependencies, settings)
+    return Calls(dependencies, settings(lease_wait_s), clock=clock or FakeClock())
 
 
 HIT = sc.LookupResponse(hit=True, waited=True)
@@ -80,3 +97,57 @@ async def test_a_second_lookup_that_fails_degrades_to_the_first_miss() -> None:
     stub = ScriptedLookup(PENDING, Code.DEADLINE_EXCEEDED)
     assert await calls(stub, "30").lookup("tenant-a", pb.CompleteRequest()) == PENDING
     assert stub.timeouts == [2.0, 30.0]
+
+
+@pytest.mark.parametrize(
+    ("lease_wait_s", "deadline", "second"),
+    [
+        ("30", 1_011.0, 5.0),  # 10 s left after the first lookup: half of it
+        ("3", 1_011.0, 3.0),  # the setting when it is sooner
+        ("30", None, 30.0),  # no client deadline: the setting
+    ],
+)
+async def test_the_second_lookup_waits_at_most_half_of_what_the_deadline_leaves(
+    lease_wait_s: str, deadline: float | None, second: float
+) -> None:
+    clock = FakeClock(now=1_000.0)
+    stub = ScriptedLookup(PENDING, HIT, clock=clock, takes_s=1.0)  # the first lookup: 1 s
+    reply = await calls(stub, lease_wait_s, clock).lookup(
+        "tenant-a", pb.CompleteRequest(), deadline=deadline
+    )
+    assert reply is not None and reply.hit
+    assert stub.timeouts == [2.0, second]
+
+
+async def test_no_second_lookup_once_the_deadline_has_passed() -> None:
+    clock = FakeClock(now=1_000.0)
+    stub = ScriptedLookup(PENDING, clock=clock, takes_s=2.0)  # the deadline passes meanwhile
+    reply = await calls(stub, "30", clock).lookup(
+        "tenant-a", pb.CompleteRequest(), deadline=1_001.5
+    )
+    assert reply == PENDING  # the request calls the model itself
+    assert stub.timeouts == [2.0]
+
+
+async def test_a_request_waits_on_its_twin_within_its_own_deadline_then_calls_the_model() -> None:
+    """A 3 s client deadline, an identical request's model call still on (its router may have
+    died): the wait takes half of what the deadline leaves, then the model answers this one."""
+    clock = FakeClock(now=1_000.0)
+    stub = ScriptedLookup(PENDING, PENDING)
+    models = FakeModels()
+    dependencies = Dependencies(
+        semantic=cast(Any, stub),
+        prefix=cast(Any, FakePrefix()),
+        model=cast(Any, models),
+        models={"sim-large": ("large-1",)},
+    )
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        dependencies, TABLE, TOKENIZER, trace.NoOpTracer(), settings("30"), router, clock=clock
+    )
+    request = build_request("How do I reset my password?", model="sim-large", request_id="r1")
+    chunks = [c async for c in pipeline.run("tenant-a", request, time_remaining_s=3.0)]
+    await pipeline.drain()
+    assert chunks[-1].end.served_by == pb.LAYER_MODEL and len(models.calls) == 1
+    # the model calls' deadline is 3 s less the 100 ms reply margin: the wait takes half
+    assert stub.timeouts == [2.0, pytest.approx(1.45)]
