@@ -89,7 +89,6 @@ CommitReply = prefix_cache_pb2.CommitResponse | None
 # what a model call billed without an answer (its usage, its cost in nano-dollars) is told to
 Charge = Callable[[pb.Usage, int], None]
 
-_NO_READ = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_REFRESH)
 _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
 
 
@@ -359,11 +358,13 @@ class Pipeline:
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's answer; for ``auto`` also the question's embedding (the tier router's input),
         which the semantic cache returns without a lookup when the request bypasses L1.
-        ``deadline`` (the model calls') bounds a wait on an identical request's model call."""
+        ``deadline`` (the model calls') bounds a wait on an identical request's model call.
+        A REFRESH is looked up too: L1 reads nothing for it (no embedding, no wait) but notes
+        its miss, which its Store needs to replace the entry after a purge of the tenant."""
         if last_user_text(request) is None:
             return None
         auto = request.model == AUTO
-        if request.cache.semantic in _NO_READ and not auto:
+        if request.cache.semantic == pb.SEMANTIC_MODE_BYPASS and not auto:
             return None
         return await self._calls.lookup(tenant, request, want_embedding=auto, deadline=deadline)
 
