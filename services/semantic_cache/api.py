@@ -25,13 +25,8 @@ DRAINING = "semantic-cache is draining for shutdown: writes are refused; retry e
 L1_OFF = "L1 is off for this tenant (its cache policy: Admin SetPolicy)"
 
 
-def wait_budget(lease_wait_s: float, remaining_s: float | None) -> float:
-    """The lease wait: the configured limit, within the caller's deadline less 100 ms."""
-    if lease_wait_s <= 0:
-        return 0.0
-    if remaining_s is None:
-        return lease_wait_s
-    return max(0.0, min(lease_wait_s, remaining_s - 0.1))
+# A lookup ends this long before its caller's deadline, so its reply (pending) still arrives.
+_REPLY_MARGIN_S = 0.1
 
 
 class SemanticCacheApi:
@@ -66,9 +61,11 @@ class SemanticCacheApi:
                 await self._embedding_into(skipped, query)
             return skipped
         # a draining cache refuses Stores, so it leads no model call and makes none wait
-        wait_s = 0.0 if draining else wait_budget(self._lease_wait_s, remaining_s)
+        wait_s = 0.0 if draining else max(0.0, self._lease_wait_s)
+        # the whole check (its wait for the scope's Stores, then the lease wait) ends in time
+        within_s = None if remaining_s is None else max(0.0, remaining_s - _REPLY_MARGIN_S)
         try:
-            result = await self._cache.check(query, wait_s, lead=not draining)
+            result = await self._cache.check(query, wait_s, lead=not draining, within_s=within_s)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if self._metrics is not None:

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hashlib
 import math
+import time
 import uuid
 from collections.abc import Callable
 
@@ -79,10 +80,13 @@ class SemanticCache(EntryStore):
         ann: AnnSettings | None = None,
         stats: StoreStats | None = None,
         on_lease_wait: Callable[[float, bool], None] | None = None,
+        deadline_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``policy`` (per-namespace TTLs and store rules) wins over ``ttl_s`` when given.
         ``stats`` counts what is held and removed; ``on_lease_wait(seconds, served)`` hears of
-        each wait on an identical request's lease (both for the metrics)."""
+        each wait on an identical request's lease (both for the metrics). ``deadline_clock``:
+        seconds, monotonic, for the callers' deadlines (a step of the wall clock must not
+        stretch a wait past one)."""
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be within [0, 1], got {threshold}")
         if not (math.isfinite(ttl_s) and ttl_s > 0):
@@ -94,6 +98,7 @@ class SemanticCache(EntryStore):
         policy = policy if policy is not None else NamespacePolicy(ttl_s=ttl_s)
         super().__init__(embedder, clock, max_entries, policy, ann, stats)
         self._on_lease_wait = on_lease_wait
+        self._deadline_clock = deadline_clock
         self._threshold = threshold
         self._top_k = top_k
         self._verifier = verifier
@@ -108,7 +113,14 @@ class SemanticCache(EntryStore):
         self._missed_at: Recent[tuple[str, str], int] = Recent(_MISSES_KEPT)
         self._storing = StoresInFlight()
 
-    async def check(self, query: Query, wait_s: float = 0.0, *, lead: bool = True) -> CheckResult:
+    async def check(
+        self,
+        query: Query,
+        wait_s: float = 0.0,
+        *,
+        lead: bool = True,
+        within_s: float | None = None,
+    ) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold.
 
         With leases, a miss takes the lease of its (tenant, scope, query) when none is held
@@ -117,8 +129,13 @@ class SemanticCache(EntryStore):
         No lease is taken or waited for when ``lead`` is false (a draining cache) or when the
         query's answer could never be stored (its temperature is above the cacheable limit):
         nobody would be served by waiting.
+
+        ``within_s`` (None: no limit): the caller's time from now (its deadline less a margin);
+        it bounds the wait for the scope's Stores in flight and the lease wait, so a check
+        that spent time before its lease wait waits that much less.
         """
-        result = await self._check(query)
+        deadline = None if within_s is None else self._deadline_clock() + within_s
+        result = await self._check(query, deadline)
         if not result.hit and query.request_id:
             self._missed_at.put((query.tenant, query.request_id), self.purges(query.tenant))
         if result.hit or result.skip_reason or self._leases is None:
@@ -131,12 +148,13 @@ class SemanticCache(EntryStore):
         if query.mode == "use" and (mine := self._leases.take_over(key, query.request_id)):
             return dataclasses.replace(result, leader=True, lease_id=mine)  # a retry of its own
         event = self._leases.held(key)
+        wait_s = min(wait_s, self._left_s(deadline))
         if event is not None and wait_s > 0:
             began = self._clock.now_ms()
             ended = await wait(event, wait_s)
             waited_s = (self._clock.now_ms() - began) / 1000
             if ended:
-                result = await self._check(query)
+                result = await self._check(query, deadline)
             if self._on_lease_wait is not None:
                 self._on_lease_wait(waited_s, result.hit)
             if result.hit:
@@ -165,7 +183,13 @@ class SemanticCache(EntryStore):
             return None
         return (query.tenant, query.scope, query.normalised)
 
-    async def _check(self, query: Query) -> CheckResult:
+    def _left_s(self, deadline: float | None) -> float:
+        """Seconds to ``deadline`` (on ``deadline_clock``; None: no deadline, no limit)."""
+        if deadline is None:
+            return math.inf
+        return max(0.0, deadline - self._deadline_clock())
+
+    async def _check(self, query: Query, deadline: float | None = None) -> CheckResult:
         _require_tenant(query)
         threshold = self._threshold_for(query)
         if query.mode in ("bypass", "refresh"):
@@ -173,7 +197,8 @@ class SemanticCache(EntryStore):
         text = query.text
         if text is None or not query.normalised:
             return CheckResult(None, skip_reason=_NO_USER_TEXT)
-        await self._storing.settled((query.tenant, query.scope), _STORE_WAIT_S)
+        settle_s = min(_STORE_WAIT_S, self._left_s(deadline))
+        await self._storing.settled((query.tenant, query.scope), settle_s)
         now = self._clock.now_ms()
         self._purge_expired(now)
         index = self._scopes.get((query.tenant, query.scope))

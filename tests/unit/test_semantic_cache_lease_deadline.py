@@ -1,0 +1,132 @@
+"""A Lookup waiting on an identical request's lease ends within its caller's deadline.
+
+What a lookup spends before its lease wait (the wait for its scope's Stores in flight, an
+embedding) comes out of that wait, so the router gets ``pending`` in time instead of
+DEADLINE_EXCEEDED (which it counts as L1 degraded, then calls the model a second time). The
+deadlines' clock is a fake; what each wait was given is recorded, never timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.clock import ManualClock
+from services.semantic_cache import cache as cache_module
+from services.semantic_cache.api import SemanticCacheApi
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.embedder import Vectors
+from services.semantic_cache.inflight import ScopeKey, StoresInFlight
+from services.semantic_cache.leases import Leases
+from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+
+ANSWER = sc.CachedAnswer(
+    content=[pb.ContentBlock(text="x")], model="sim-small", stop_reason="end_turn", output_tokens=3
+)
+
+
+@dataclass
+class FakeClock:
+    """The deadlines' clock (seconds): it moves only when a test moves it."""
+
+    now: float = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class HeldEmbedder(FakeEmbedder):
+    """Embeds a text holding "slow" once ``go`` is set, taking 0.8 s of the clock (a busy
+    embedding queue)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.go = threading.Event()
+        self._clock = clock
+
+    def embed(self, texts: list[str]) -> Vectors:
+        if any("slow" in text for text in texts):
+            self.go.wait(timeout=10)  # a safety net only: the test sets it
+            self._clock.now += 0.8
+        return super().embed(texts)
+
+
+@pytest.fixture
+def lease_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Each lease wait's budget; the wait itself times out at once."""
+    budgets: list[float] = []
+
+    async def timed_out(event: asyncio.Event, budget_s: float) -> bool:
+        budgets.append(budget_s)
+        return False
+
+    monkeypatch.setattr(cache_module, "wait", timed_out)
+    return budgets
+
+
+def lookup(question: str) -> sc.LookupRequest:
+    return sc.LookupRequest(tenant="a", request=make_request(question))
+
+
+async def test_the_lease_wait_gets_what_the_wait_for_stores_left_of_the_deadline(
+    lease_waits: list[float],
+) -> None:
+    clock, deadlines = ManualClock(), FakeClock()
+    embedder = HeldEmbedder(deadlines)
+    leases = Leases(clock, 30.0)
+    cache = SemanticCache(embedder, clock, threshold=0.8, leases=leases, deadline_clock=deadlines)
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    assert (await api.lookup(lookup("Reset my password"), 2.0)).leader
+    # another question of the same scope is being stored (its embedding is queued)
+    other = sc.StoreRequest(tenant="a", request=make_request("slow other question"), answer=ANSWER)
+    storing = asyncio.ensure_future(api.store(other))
+    await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(api.lookup(lookup("Reset my password"), 2.0))
+    await asyncio.sleep(0)  # the waiter waits for the scope's Store now
+    embedder.go.set()
+    reply = await waiter
+    assert (await storing).stored
+    assert reply.pending and not reply.leader
+    # 2 s less the 100 ms reply margin, less the 0.8 s the Store took
+    assert lease_waits == [pytest.approx(1.1)]
+
+
+async def test_the_wait_for_stores_in_flight_ends_at_the_deadline(
+    lease_waits: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock, deadlines = ManualClock(), FakeClock()
+    settles: list[float] = []
+
+    async def slow_store(self: StoresInFlight, key: ScopeKey, timeout_s: float) -> None:
+        settles.append(timeout_s)  # a Store in flight that outlasts the wait
+        deadlines.now += timeout_s
+
+    monkeypatch.setattr(StoresInFlight, "settled", slow_store)
+    leases = Leases(clock, 30.0)
+    cache = SemanticCache(
+        FakeEmbedder(), clock, threshold=0.8, leases=leases, deadline_clock=deadlines
+    )
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    assert (await api.lookup(lookup("Reset my password"), 2.0)).leader
+    settles.clear()
+    reply = await api.lookup(lookup("Reset my password"), 0.5)
+    assert reply.pending
+    assert settles == [pytest.approx(0.4)]  # 0.5 s less the reply margin, not a whole second
+    assert lease_waits == []  # nothing left to wait on the lease
+
+
+async def test_without_a_deadline_the_lease_wait_is_the_setting(lease_waits: list[float]) -> None:
+    clock = ManualClock()
+    leases = Leases(clock, 30.0)
+    cache = SemanticCache(
+        FakeEmbedder(), clock, threshold=0.8, leases=leases, deadline_clock=FakeClock()
+    )
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    assert (await api.lookup(lookup("Reset my password"), None)).leader
+    assert (await api.lookup(lookup("Reset my password"), None)).pending
+    assert lease_waits == [30.0]
