@@ -151,7 +151,7 @@ class SemanticCache(EntryStore):
         wait_s = min(wait_s, self._left_s(deadline))
         if event is not None and wait_s > 0:
             began = self._clock.now_ms()
-            ended = await wait(event, wait_s)
+            ended = await _wait_lease(self._leases, key, event, wait_s)
             waited_s = (self._clock.now_ms() - began) / 1000
             if ended:
                 result = await self._check(query, deadline)
@@ -159,8 +159,7 @@ class SemanticCache(EntryStore):
                 self._on_lease_wait(waited_s, result.hit)
             if result.hit:
                 return dataclasses.replace(result, waited=True)
-            if ended:
-                event = self._leases.held(key)
+            event = self._leases.held(key)  # one past its age limit ends here: this one leads
         if event is None and query.mode == "use":
             lease_id = self._leases.take(key, query.request_id)
             return dataclasses.replace(result, leader=True, lease_id=lease_id)
@@ -334,6 +333,20 @@ class SemanticCache(EntryStore):
             row = (await asyncio.to_thread(self._embedder.embed, [text]))[0]
         self._recent.put(key, row)
         return row
+
+
+async def _wait_lease(leases: Leases, key: LeaseKey, event: asyncio.Event, budget_s: float) -> bool:
+    """Waits up to ``budget_s`` for the lease's ``event``, never past the lease's age limit: a
+    holder that died (no Store, no Release) ends nothing, so the waiter looks at its age itself
+    (``held`` ends it then). A lease still held then (its request was retried and took it over)
+    is waited for again within the budget. True when the lease ended (stored or released)."""
+    while True:
+        step_s = min(budget_s, leases.life_s(key))
+        if await wait(event, step_s) or event.is_set():
+            return True
+        budget_s -= step_s
+        if budget_s <= 0 or leases.held(key) is not event:
+            return False
 
 
 def _recent_key(text: str) -> str:

@@ -6,8 +6,9 @@ sends them; so the shard is where they can meet. The first lookup that misses ta
 lease for its key and its caller makes the model call; an identical lookup arriving while
 the lease is held waits, up to its own budget, for the Store that fulfils the lease (then it
 is served that entry) or for the lease to end (released: a Store that did not store, or the
-lease's age limit, which frees the key when the holder failed without a Store). A waiter
-whose budget runs out gets a miss and calls the model itself: a lease never loses a request.
+lease's age limit, which frees the key when the holder failed without a Store: a waiter
+waits no longer than that, then leads). A waiter whose budget runs out gets a miss and calls
+the model itself: a lease never loses a request.
 
 A lease is owned by the ``request_id`` that took it: a retry of that request (its router died
 mid-call and the client sent it again) takes the lease over and leads, instead of waiting out
@@ -53,6 +54,13 @@ class Leases:
             self.end(key)
             return None
         return lease.done
+
+    def life_s(self, key: LeaseKey) -> float:
+        """Seconds until the lease of ``key`` reaches its age limit (0: none is held)."""
+        lease = self._held.get(key)
+        if lease is None:
+            return 0.0
+        return max(0.0, (lease.expires_at_ms - self._clock.now_ms()) / 1000)
 
     def take(self, key: LeaseKey, owner: str = "") -> str:
         """Takes the lease of ``key`` for the request ``owner``; returns its id (what ``end``
