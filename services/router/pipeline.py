@@ -424,7 +424,6 @@ class Pipeline:
             end_chunk.output_tokens,
             baseline.id,
             end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None,
-            warm,
         )
         if final is not None:
             spans.reconciled(trace.get_current_span(), final)
@@ -483,7 +482,7 @@ class Pipeline:
 
         async def bill() -> None:
             final = await self._commit_final(
-                tenant, request, attempt, output_tokens, baseline.id, reported, None
+                tenant, request, attempt, output_tokens, baseline.id, reported
             )
             if charge is None:
                 return
@@ -504,7 +503,6 @@ class Pipeline:
         output_tokens: int,
         baseline_id: str,
         usage: prefix_cache_pb2.ProviderUsage | None,
-        warm: prefix_cache_pb2.CommitResponse | None,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """FINAL; when prefix-cache does not acknowledge it, the outbox keeps the commits
         (durably, before the answer is sent) and bills them once prefix-cache is back."""
@@ -522,7 +520,10 @@ class Pipeline:
         )
         if final is None and self._outbox is not None:
             # the WARM again, with the request: a no-op if the first one was recorded; else it
-            # records the prompt now, claiming no cache read (none was priced in the answer)
+            # records the prompt now with the read the call's Plan predicted on arrival, as
+            # the WARM did (the provider looked its cache up then): a prefix that was warm is
+            # billed as the read it was, never as a write (1.25x / 2x where the read is 0.1x).
+            # The answer's estimate claimed no discount, so a read bills at most that estimate.
             replay_warm = prefix_cache_pb2.CommitRequest(
                 tenant=tenant,
                 request_id=key,
@@ -532,8 +533,8 @@ class Pipeline:
                 kv_cached_unreported=attempt.start.kv_cached_unreported,
                 request=request,
             )
-            if warm is None:
-                replay_warm.max_read_tokens = 0
+            if attempt.planned_read is not None:
+                replay_warm.max_read_tokens = attempt.planned_read
             replay_final = prefix_cache_pb2.CommitRequest(
                 tenant=tenant,
                 request_id=key,
