@@ -18,6 +18,7 @@ before ``now_ms`` (``read_time``).
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,15 +73,26 @@ class WarmStore(Protocol):
         ...
 
 
+Key = tuple[Scope, str]
+
+
 class InMemoryWarmStore:
-    """The single-process default: bounded, least-recently-touched evicted first, entries
-    expired for ``READ_GRACE_MS`` purged lazily as writes pass."""
+    """The single-process default: entries expired for ``READ_GRACE_MS`` are purged by time as
+    writes pass, whatever their place in the recency order (a live 1-hour entry touched long
+    ago does not hold back the expired 5-minute ones touched after it); then, over
+    ``max_entries`` live ones, the least recently touched is evicted first.
+
+    Expiry is a min-heap of ``(expires_at_ms, key)``, one item per key, pushed when the key is
+    created: a refresh (which only moves the expiry later) pushes nothing; the item, popped at
+    its time, is pushed again at the entry's later expiry. Items of keys evicted for the bound
+    are dropped as they surface, and the heap is rebuilt once it holds over twice the entries."""
 
     def __init__(self, max_entries: int = 1_000_000) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self._max = max_entries
-        self._entries: OrderedDict[tuple[Scope, str], WarmEntry] = OrderedDict()
+        self._entries: OrderedDict[Key, WarmEntry] = OrderedDict()
+        self._expiry: list[tuple[int, Key]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -126,13 +138,27 @@ class InMemoryWarmStore:
 
     def _put(self, scope: Scope, digest: str, tokens: int, ttl_ms: int, expires: int) -> None:
         key = (scope, digest)
+        old = self._entries.get(key)
         self._entries[key] = WarmEntry(digest, tokens, ttl_ms, expires)
         self._entries.move_to_end(key)
+        if old is None or expires < old.expires_at_ms:  # earlier only if the clock went back
+            heapq.heappush(self._expiry, (expires, key))
 
     def _purge(self, now_ms: int) -> None:
-        while self._entries:
-            key, entry = next(iter(self._entries.items()))
-            held = entry.expires_at_ms + READ_GRACE_MS > now_ms  # a late first token reads it
-            if len(self._entries) <= self._max and held:
-                break
-            del self._entries[key]
+        # by time first: every entry past its expiry and the grace (a late first token reads
+        # it) goes, wherever it is in the recency order
+        while self._expiry and self._expiry[0][0] + READ_GRACE_MS <= now_ms:
+            _, key = heapq.heappop(self._expiry)
+            entry = self._entries.get(key)
+            if entry is None:  # evicted for the bound, or a second item of a key
+                continue
+            if entry.expires_at_ms + READ_GRACE_MS <= now_ms:
+                del self._entries[key]
+            else:  # refreshed since: due at its new expiry
+                heapq.heappush(self._expiry, (entry.expires_at_ms, key))
+        # then the bound, on live entries: the least recently touched first
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        if len(self._expiry) > 2 * len(self._entries) + 64:
+            self._expiry = [(e.expires_at_ms, k) for k, e in self._entries.items()]
+            heapq.heapify(self._expiry)
