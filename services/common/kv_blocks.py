@@ -54,7 +54,9 @@ class KvBlockCache:
         if capacity_blocks < 0:  # 0 is valid: an engine with no prefix cache
             raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
         self._capacity = capacity_blocks
-        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+        # each block's last touch, counted up: the LRU order, as numbers one can compare later
+        self._blocks: OrderedDict[bytes, int] = OrderedDict()
+        self._touches = 0
         self.evictions = 0
 
     @property
@@ -80,10 +82,31 @@ class KvBlockCache:
         """Prompt tokens this replica can skip in prefill (never the whole prompt)."""
         return self.lookup(hashes[: reusable_blocks(prompt_tokens)]) * BLOCK_SIZE
 
+    def touched(self, hashes: Sequence[bytes]) -> list[int]:
+        """When each leading cached block was last touched (as ``lookup`` matches them): along a
+        chain they decrease, as every touch of a block touches its parents after it."""
+        stamps = []
+        for block_hash in hashes:
+            stamp = self._blocks.get(block_hash)
+            if stamp is None:
+                break
+            stamps.append(stamp)
+        return stamps
+
+    def evict_touched_by(self, stamp: int) -> int:
+        """Evicts every block last touched at or before ``stamp`` (``touched``): what an LRU
+        cache that lost a block touched then lost with it. Returns how many went."""
+        evicted = 0
+        while self._blocks and next(iter(self._blocks.values())) <= stamp:
+            self._blocks.popitem(last=False)
+            evicted += 1
+        return evicted
+
     def insert(self, hashes: Sequence[bytes]) -> None:
         """Adds or touches every block of a prefilled prompt, then evicts down to capacity."""
         for block_hash in reversed(hashes):
-            self._blocks[block_hash] = None
+            self._touches += 1
+            self._blocks[block_hash] = self._touches
             self._blocks.move_to_end(block_hash, last=True)
         # Newest is last; the head of this prompt was touched last, so the tail goes first.
         while len(self._blocks) > self._capacity:

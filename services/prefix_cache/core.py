@@ -221,7 +221,11 @@ class PrefixCacheCore:
                 hit = await self._cache.settle(prompt.scope, probes, plan.writes, now, read_at)
                 split = settle(plan, hit.tokens if hit else 0)
             if replica:
-                self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, reported)
+                # an engine that reports at the end only: its FINAL scores this prediction
+                awaiting = (tenant, request_id) if spec.rules == "self_hosted" else None
+                self._views.record(
+                    replica, prompt.kv_hashes, plan.prompt_tokens, reported, awaiting
+                )
             # another prefix-cache replica may have recorded this request id meanwhile: its
             # record stands (the warm-state refresh made here only repeats the same writes)
             stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)
@@ -293,6 +297,11 @@ class PrefixCacheCore:
             stood = await self._ledger.put_final(tenant, request_id, final, now)
             if stood is None:  # the record was collected between the two steps
                 raise _no_warm(request_id)
+            if record.replica and spec.rules == "self_hosted":
+                # the engine's reconciled reuse scores the view's prediction at the WARM, and
+                # corrects the view when the replica held less (a restart, unseen traffic)
+                read = stood.split.read_tokens if stood.reconciled else None
+                self._views.report((tenant, request_id), read)
             if self._metrics is not None and stood == final:  # this call billed it
                 self._metrics.billed(record.model, stood)
             return stood

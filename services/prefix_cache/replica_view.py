@@ -9,16 +9,30 @@ them all either way). The hashes and the LRU policy
 are the engine's own (``services.common.kv_blocks``), with the same capacity in blocks, so
 when every request goes through one prefix-cache the view is exact.
 
+A self-hosted engine behind a provider adapter (llama-server, vLLM) tells its reuse only at
+the end: its WARM leaves a note (the touch of each block predicted), and the FINAL's report
+is scored then. A report below the prediction corrects the view: the engine had lost the first
+block it did not reuse (a restart, or eviction by traffic the view did not see), and an LRU
+engine lost every block touched no later than that one with it, so the view evicts those (the
+prompt's own blocks, touched again by its prefill, stay). A report of 0 against a prediction
+thus clears what the view held for that replica up to that prefix's last touch.
+
 The view lives in this process: with several prefix-cache replicas each keeps its own
 (approximate, by design); the shared state in Redis is the provider prompt cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from array import array
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-from services.common.kv_blocks import KvBlockCache, block_hashes
+from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, block_hashes, reusable_blocks
+
+# The most predicted blocks the notes awaiting a FINAL hold in all (8 bytes each: 8 MB); past
+# it the oldest notes go, and their FINALs are not scored.
+AWAITED_BLOCKS = 1 << 20
 
 
 @dataclass
@@ -27,6 +41,17 @@ class ViewStats:
     predicted_tokens: int = 0
     reported_tokens: int = 0
     abs_error_tokens: int = 0
+    corrections: int = 0  # reports below the prediction that evicted blocks
+    corrected_blocks: int = 0  # blocks those evicted
+
+
+@dataclass(frozen=True)
+class _Awaited:
+    """A WARM whose engine reports its reuse only at the end."""
+
+    replica: str
+    predicted_tokens: int
+    stamps: array[int]  # the predicted blocks' last touches before this prefill, head first
 
 
 class ReplicaViews:
@@ -35,6 +60,8 @@ class ReplicaViews:
             raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks}")
         self._capacity = capacity_blocks
         self._views: dict[str, KvBlockCache] = {}
+        self._awaited: OrderedDict[Hashable, _Awaited] = OrderedDict()
+        self._awaited_blocks = 0
         self.stats = ViewStats()
 
     def _view(self, replica: str) -> KvBlockCache:
@@ -58,15 +85,49 @@ class ReplicaViews:
         hashes: Sequence[bytes],
         prompt_tokens: int,
         reported_tokens: int | None,
+        awaiting: Hashable | None = None,
     ) -> int:
         """The replica prefilled this prompt: its blocks are now cached there. A report of the
-        tokens it reused is scored against the prediction. Returns the predicted match."""
+        tokens it reused is scored against the prediction; without one, ``awaiting`` (the
+        request's key) keeps a note for ``report`` at its FINAL. Returns the predicted match."""
         view = self._view(replica)
         predicted = view.cached_tokens(hashes, prompt_tokens)
         if reported_tokens is not None:
-            self.stats.reports += 1
-            self.stats.predicted_tokens += predicted
-            self.stats.reported_tokens += reported_tokens
-            self.stats.abs_error_tokens += abs(predicted - reported_tokens)
+            self._score(predicted, reported_tokens)
+        elif awaiting is not None and awaiting not in self._awaited:
+            stamps = view.touched(hashes[: reusable_blocks(prompt_tokens)])
+            self._await(awaiting, _Awaited(replica, predicted, array("q", stamps)))
         view.insert(hashes)
         return predicted
+
+    def report(self, awaiting: Hashable, reported_tokens: int | None) -> None:
+        """The FINAL of the WARM noted under ``awaiting``, with the tokens its engine reused
+        (None: no report, the note is dropped). Scored; below the prediction, the view loses
+        the first block the engine did not reuse and every block touched no later."""
+        note = self._awaited.pop(awaiting, None)
+        if note is None:  # not noted here (another process, or dropped), or reported already
+            return
+        self._awaited_blocks -= max(len(note.stamps), 1)
+        if reported_tokens is None:
+            return
+        self._score(note.predicted_tokens, reported_tokens)
+        lost = reported_tokens // BLOCK_SIZE  # the first block not reused whole
+        view = self._views.get(note.replica)
+        if view is not None and lost < len(note.stamps):
+            evicted = view.evict_touched_by(note.stamps[lost])
+            self.stats.corrections += 1
+            self.stats.corrected_blocks += evicted
+
+    def _score(self, predicted: int, reported: int) -> None:
+        self.stats.reports += 1
+        self.stats.predicted_tokens += predicted
+        self.stats.reported_tokens += reported
+        self.stats.abs_error_tokens += abs(predicted - reported)
+
+    def _await(self, key: Hashable, note: _Awaited) -> None:
+        weight = max(len(note.stamps), 1)
+        while self._awaited and self._awaited_blocks + weight > AWAITED_BLOCKS:
+            _, dropped = self._awaited.popitem(last=False)
+            self._awaited_blocks -= max(len(dropped.stamps), 1)
+        self._awaited[key] = note
+        self._awaited_blocks += weight

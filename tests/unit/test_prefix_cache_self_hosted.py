@@ -170,7 +170,9 @@ async def test_an_adapter_replicas_read_is_estimated_from_the_view_and_reconcile
     two = await core.final("t", "r2", MODEL, 0, 0, "", _openai_usage(p2, reusable + 8, 25))
     assert two.reconciled and two.split.read_tokens == reusable + 8
     assert two.estimate.read_tokens == reusable  # the drift is 8 tokens, not the whole read
-    assert views.stats.reports == 0  # no report at the first token: nothing scored as 0
+    # scored at FINAL with the engine's report (r1 and r2; r3 has none yet), never as a 0 at
+    # the first token, which told nothing
+    assert views.stats.reports == 2 and views.stats.abs_error_tokens == 8
 
 
 def _openai_usage(prompt: int, cached: int, completion: int) -> pc.ProviderUsage:

@@ -1,0 +1,127 @@
+"""A self-hosted engine behind a provider adapter (llama-server, vLLM) reports its KV reuse only
+at the end: the FINAL gives that report to prefix-cache's view of the replica, which scores
+its prediction and, when the engine held less (a restart, traffic the view never saw), evicts
+what an LRU engine lost with it, so Plan stops ranking a cold replica warm."""
+
+from __future__ import annotations
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import ManualClock
+from services.common.models import load_model_table
+from services.common.prompt import canonical_blocks, prompt_token_ids
+from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.commit_records import CommitRecords
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.rules import Split
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
+
+MODEL = "llama-3-1-8b-vllm"  # self_hosted rules
+AGENT = " ".join(f"Step {i}: check the order status before answering." for i in range(60))
+FAQ = " ".join(f"Topic {i}: opening hours, returns and shipping." for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+def _ask(system: str, question: str) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model=MODEL,
+        system=[pb.ContentBlock(text=system)],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=64,
+    )
+
+
+class Rig:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.views = ReplicaViews(65536)
+        self.core = PrefixCacheCore(
+            table=load_model_table(),
+            tokenizer=TokenizerSlot(tokenizer),
+            cache=InMemoryWarmStore(),
+            views=self.views,
+            ledger=InMemoryLedger(CommitRecords(3_600_000), TotalsLedger()),
+            clock=ManualClock(),
+            lookback=20,
+        )
+
+    async def turn(
+        self, rid: str, system: str, question: str, replica: str, cached: int | None
+    ) -> Split:
+        """A call whose engine tells its reuse at the end only (``cached``; None: no usage,
+        as a call cancelled before its end); returns what the WARM estimated."""
+        request = _ask(system, question)
+        warm = await self.core.warm("t", rid, MODEL, request, replica, kv_cached_unreported=True)
+        usage = None
+        if cached is not None:
+            n = len(prompt_token_ids(canonical_blocks(request, self.tokenizer)))
+            report = pc.OpenAIUsage(
+                prompt_tokens=n,
+                completion_tokens=10,
+                total_tokens=n + 10,
+                prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached),
+            )
+            usage = pc.ProviderUsage(openai=report)
+        await self.core.final("t", rid, MODEL, 0 if usage else 10, 0, "", usage)
+        return warm
+
+    async def warmth(self, system: str, question: str) -> dict[str, int]:
+        plan = await self.core.plan("t", MODEL, _ask(system, question), ["a", "b"])
+        return {c.replica: c.warm_prefix_tokens for c in plan.candidates}
+
+
+async def test_a_restarted_engines_report_of_zero_clears_the_prefix_it_lost(
+    tokenizer: Tokenizer,
+) -> None:
+    rig = Rig(tokenizer)
+    await rig.turn("a1", AGENT, "Order 1?", "a", 0)
+    await rig.turn("a2", AGENT, "Order 1?", "b", 0)
+    await rig.turn("f1", FAQ, "Hours?", "a", 0)  # touched after the agent's prefix
+    # replica a's engine restarts; its next FAQ call reused nothing
+    estimated = await rig.turn("f2", FAQ, "Returns?", "a", 0)
+    assert estimated.read_tokens > 0  # the view predicted the FAQ prefix
+    assert rig.views.stats.reports == 4 and rig.views.stats.corrections == 1
+    assert rig.views.stats.abs_error_tokens == estimated.read_tokens
+    warmth = await rig.warmth(AGENT, "Order 2?")
+    assert warmth["a"] == 0 and warmth["b"] > 0  # a lost the agent's prefix too (LRU)
+    assert (await rig.warmth(FAQ, "Hours?"))["a"] > 0  # what f2 prefilled since is held
+
+
+async def test_a_partial_reuse_evicts_what_was_touched_before_the_lost_block_only(
+    tokenizer: Tokenizer,
+) -> None:
+    rig = Rig(tokenizer)
+    await rig.turn("a1", AGENT, "Order 1, the long question about my refund?", "a", 0)
+    await rig.turn("f1", FAQ, "Hours?", "a", 0)  # touched after the agent's prompt
+    before = (await rig.warmth(AGENT, "Order 1, the long question about my refund?"))["a"]
+    # the engine evicted the tail of the agent's prompt (the view's head 20 blocks reused)
+    estimated = await rig.turn("a2", AGENT, "Order 2?", "a", 320)
+    assert estimated.read_tokens > 320 and rig.views.stats.corrections == 1
+    after = (await rig.warmth(AGENT, "Order 1, the long question about my refund?"))["a"]
+    assert after < before  # the first turn's own tail (touched before the lost block) went
+    assert after >= estimated.read_tokens  # the shared system prompt, prefilled again, stays
+    assert (await rig.warmth(FAQ, "Hours?"))["a"] > 0  # touched later: kept
+
+
+async def test_a_report_at_or_above_the_prediction_is_scored_and_evicts_nothing(
+    tokenizer: Tokenizer,
+) -> None:
+    rig = Rig(tokenizer)
+    await rig.turn("a1", AGENT, "Order 1?", "a", 0)
+    estimated = await rig.turn("a2", AGENT, "Order 2?", "a", None)  # cancelled: no report
+    assert rig.views.stats.reports == 1  # only a1's
+    held = (await rig.warmth(AGENT, "Order 3?"))["a"]
+    assert estimated.read_tokens == held > 0
+    await rig.turn("a3", AGENT, "Order 3?", "a", held + 5)
+    assert rig.views.stats.reports == 2 and rig.views.stats.corrections == 0
+    assert rig.views.stats.abs_error_tokens == 5
+    assert (await rig.warmth(AGENT, "Order 3?"))["a"] == held
