@@ -42,6 +42,12 @@ INLINE_PROMPT_PARTS = 256
 # The most tokens a count may hold (2^31, ~2.1 billion: beyond any context or output), so that
 # every bill fits in int64 nano-dollars; a larger one is refused before anything is written.
 MAX_TOKENS = 1 << 31
+# What a kept Prompt costs in the plan memo's budget (PREFIX_CACHE_PLAN_MEMO_BLOCKS), in units
+# of one KV block hash (~75 bytes with its list slot), measured with tracemalloc: a Prompt with
+# no block is ~800 bytes (the plan, scope, digest and the memo's entry), and each read probe
+# or write (a dataclass with its 64-character digest) ~160-185 bytes.
+PLAN_OVERHEAD_BLOCKS = 11
+PROBE_BLOCKS = 3
 
 
 class BadRequest(ValueError):
@@ -96,7 +102,10 @@ class Prompt:
 
     @property
     def weight(self) -> int:
-        return len(self.kv_hashes)
+        """Its memory in KV block hashes' worth (the plan memo's budget): a fixed overhead
+        plus its hashes, probes and writes, so that short prompts are not nearly free."""
+        probes = len(self.plan.probes) + len(self.plan.writes)
+        return PLAN_OVERHEAD_BLOCKS + len(self.kv_hashes) + PROBE_BLOCKS * probes
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 A miss's prompt is canonicalized, tokenized and block-hashed once, at Plan; the WARM commit
 that follows (after the model's prefill) names the plan instead of sending the whole request
 again. Entries belong to one tenant and model, live at most ``ttl_ms`` by the injected clock,
-are taken once, and the memo holds at most ``max_blocks`` KV block hashes in all (the oldest
-plans go first). A plan that is gone (expired, evicted, taken, or made by another
+are taken once, and the memo holds at most ``max_blocks`` in all of their ``weight`` (a KV
+block hash's worth of memory, a fixed overhead a plan included: ``core.Prompt.weight``; the
+oldest plans go first). A plan that is gone (expired, evicted, taken, or made by another
 prefix-cache process) is simply unknown: the caller then sends the request itself.
 """
 

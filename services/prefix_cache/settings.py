@@ -27,7 +27,7 @@ class PrefixCacheSettings:
     redis_url: str | None  # set = warm prefixes, records, totals in Redis; unset = in process
     replica_capacity_blocks: int  # the KV capacity assumed per model replica (L3 view)
     plan_ttl_s: int  # how long a Plan's computed prompt waits for its WARM commit (0 = off)
-    plan_memo_blocks: int  # the most KV block hashes the kept plans hold in all
+    plan_memo_blocks: int  # the kept plans' budget, in KV block hashes' worth (core.Prompt.weight)
 
     @classmethod
     def from_env(cls, env: Env) -> PrefixCacheSettings:

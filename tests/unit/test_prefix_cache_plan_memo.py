@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import tracemalloc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -209,3 +211,57 @@ async def test_a_small_request_of_many_tiny_blocks_is_computed_in_a_worker(
     assert many.ByteSize() <= INLINE_PROMPT_BYTES
     await core.plan("t", "sim-large", many, ["r1"])
     assert CountingCore.threads[0] != threading.get_ident()
+
+
+def _asked(text: str, cached: bool) -> pb.CompleteRequest:
+    control = pb.CacheControl() if cached else None
+    blocks = [pb.ContentBlock(text=part, cache_control=control) for part in (text, "Why?")]
+    return pb.CompleteRequest(
+        model="sim-large", max_tokens=50, messages=[pb.Message(role=pb.ROLE_USER, content=blocks)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "cached"),
+    [
+        ("Opening hours on day {i}?", False),  # short: no KV block, no probe
+        ("{i} " + " ".join(f"word{j}" for j in range(2000)), False),  # blocks, no probe
+        ("{i} " + " ".join(f"word{j}" for j in range(2000)), True),  # blocks, probes, writes
+    ],
+    ids=["short", "long", "long_with_breakpoints"],
+)
+async def test_the_memos_budget_bounds_its_memory_at_the_documented_bytes_a_block(
+    tokenizer: Tokenizer, text: str, cached: bool
+) -> None:
+    """README: PREFIX_CACHE_PLAN_MEMO_BLOCKS at about 80 bytes each at most. Plans whose WARM
+    never comes (a flood of short unique prompts) must not hold ~1.3 kB a block charged."""
+    clock = ManualClock()
+    memo: PlanMemo[Prompt] = PlanMemo(clock, ttl_ms=60_000, max_blocks=10**9)  # to weigh
+    core = PrefixCacheCore(
+        table=load_model_table(),
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=InMemoryWarmStore(1000),
+        views=ReplicaViews(65536),
+        ledger=InMemoryLedger(CommitRecords(3_600_000, 1000), TotalsLedger()),
+        clock=clock,
+        lookback=20,
+        plans=memo,
+    )
+    n = 300
+    requests = [_asked(text.format(i=i), cached) for i in range(n)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for request in requests:
+            await core.plan("t", "sim-large", request, ["r1"])
+        charged = memo.blocks
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+        clock.advance(ms=60_000)  # every plan expires; the next put collects them
+        await core.plan("t", "sim-large", requests[0], ["r1"])
+        gc.collect()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(memo) == 1
+    assert freed / charged <= 80, f"{freed / n:.0f} bytes a plan, {charged / n:.0f} blocks charged"
