@@ -26,7 +26,18 @@ L1_OFF = "L1 is off for this tenant (its cache policy: Admin SetPolicy)"
 
 
 # A lookup ends this long before its caller's deadline, so its reply (pending) still arrives.
-_REPLY_MARGIN_S = 0.1
+REPLY_MARGIN_S = 0.1
+
+
+def lease_wait_budget_s(lease_wait_s: float, remaining_s: float | None) -> float:
+    """The most a lookup waits on an identical request's lease: the configured limit, within
+    the caller's deadline less ``REPLY_MARGIN_S`` (None: no deadline). What the check spends
+    first (waiting for the scope's Stores, embedding) comes out of it too (``within_s``)."""
+    if lease_wait_s <= 0:
+        return 0.0
+    if remaining_s is None:
+        return lease_wait_s
+    return max(0.0, min(lease_wait_s, remaining_s - REPLY_MARGIN_S))
 
 
 class SemanticCacheApi:
@@ -63,7 +74,7 @@ class SemanticCacheApi:
         # a draining cache refuses Stores, so it leads no model call and makes none wait
         wait_s = 0.0 if draining else max(0.0, self._lease_wait_s)
         # the whole check (its wait for the scope's Stores, then the lease wait) ends in time
-        within_s = None if remaining_s is None else max(0.0, remaining_s - _REPLY_MARGIN_S)
+        within_s = None if remaining_s is None else max(0.0, remaining_s - REPLY_MARGIN_S)
         try:
             result = await self._cache.check(query, wait_s, lead=not draining, within_s=within_s)
         except InvalidQuery as exc:

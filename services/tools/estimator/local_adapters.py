@@ -23,7 +23,7 @@ from services.common.models import ModelSpec, ModelTable
 from services.model.api import ModelApi
 from services.prefix_cache.api import PrefixCacheApi
 from services.router.dependencies import CallFailed
-from services.semantic_cache.api import SemanticCacheApi, wait_budget
+from services.semantic_cache.api import SemanticCacheApi, lease_wait_budget_s
 from services.tools.estimator.timeline import CURRENT, Timeline
 
 T = TypeVar("T")
@@ -49,7 +49,7 @@ class LocalSemantic:
         # look is told no time is left (so it never waits), and looks again at each event
         # of the replay until the lease has ended or the budget has passed.
         time = timeline.time
-        give_up = time.now_ms() + round(wait_budget(self._lease_wait_s, deadline_s) * 1000)
+        give_up = time.now_ms() + round(lease_wait_budget_s(self._lease_wait_s, deadline_s) * 1000)
         while True:
             response = await _local(self._api.lookup(request, 0.0))
             if not response.pending or time.now_ms() >= give_up:
