@@ -142,9 +142,10 @@ def redacted_url(url: builtins.str) -> builtins.str:
 
 
 def _redacted_http_url(url: builtins.str) -> builtins.str:
-    """``scheme://[user:***@]host[:port]/path``: the user part hidden (a lone user name is
-    often the token itself, so it becomes ``***@``), no query nor fragment; a URL that does
-    not parse is not shown (the parser's message may quote the password)."""
+    """``scheme://[user:***@]host[:port]/path``: the user part hidden (a user name without a
+    password, ``token@`` or ``token:@``, is often the token itself, so it becomes ``***@``), no
+    query nor fragment; a URL that does not parse is not shown (the parser's message may quote
+    the password)."""
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
         return "(not a scheme://host URL; not shown)"
@@ -155,7 +156,7 @@ def _redacted_http_url(url: builtins.str) -> builtins.str:
         return f"(a {scheme} URL that does not parse; not shown)"
     shown = ""
     if parts.username is not None or parts.password is not None:
-        shown = f"{parts.username}:***@" if parts.password is not None else "***@"
+        shown = f"{parts.username}:***@" if parts.password else "***@"
     host = f"[{host}]" if ":" in host else host
     where = f"{host}:{port}" if port is not None else host
     path = parts.path if "@" not in parts.path else "/***"  # a password holding '/' leaks here

@@ -153,6 +153,7 @@ def test_a_key_echoed_whole_or_masked_is_redacted() -> None:
     [
         ("http://vllm:S3cret@127.0.0.1:8000/v1", "http://vllm:***@127.0.0.1:8000/v1"),
         ("https://S3cret@engine.example/v1", "https://***@engine.example/v1"),  # a token as user
+        ("https://S3cret:@engine.example/v1", "https://***@engine.example/v1"),  # empty password
         ("https://api.openai.com/v1?key=S3cret#S3cret", "https://api.openai.com/v1"),
         ("http://u:S3cret@[::1]:8080/v1", "http://u:***@[::1]:8080/v1"),
         ("http://u:12/S3cret@host/v1", "http://u:12/***"),  # a '/' in the password
@@ -183,3 +184,19 @@ def test_the_base_urls_password_is_redacted_from_provider_messages() -> None:
     )
     cleaned = Redactor(settings.secrets()).clean("cannot reach vllm:S3cretPassw0rd@127.0.0.1")
     assert "S3cretPassw0rd" not in cleaned
+
+
+@pytest.mark.parametrize(
+    ("credentials", "secrets"),
+    [
+        ("vllm:S3cret%40Passw0rd@", ["S3cret%40Passw0rd", "S3cret@Passw0rd"]),  # as sent, decoded
+        ("tok-S3cretToken@", ["tok-S3cretToken"]),  # a token as the lone user name
+        ("tok-S3cretToken:@", ["tok-S3cretToken"]),  # ... with an empty password
+    ],
+)
+def test_the_base_urls_credential_is_a_secret(credentials: str, secrets: list[str]) -> None:
+    env = Env({"OPENAI_BASE_URL": f"http://{credentials}127.0.0.1:9/v1", "OPENAI_API_KEY": KEY})
+    settings = ProviderSettings.from_env(env, "openai")
+    assert settings.secrets() == [KEY, *secrets]
+    cleaned = Redactor(settings.secrets()).clean(f"cannot reach {credentials}127.0.0.1")
+    assert all(secret not in cleaned for secret in secrets)

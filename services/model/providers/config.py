@@ -3,7 +3,8 @@
 The API key comes from ``<P>_API_KEY`` or from the file named by ``<P>_API_KEY_FILE`` (a
 mounted secret), never both; it is held in ``Secret`` whose repr hides it, and no message
 here ever repeats it. The base URL may carry credentials too (``http://user:password@host/v1``,
-an engine behind basic auth): messages and logs show it through ``redacted_url``.
+an engine behind basic auth, or ``http://token@host/v1``): messages and logs show it through
+``redacted_url``, and the HTTP stack's loggers never print it whole (``wiring``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from services.common.env import ConfigError, Env, redacted_url
 
@@ -81,13 +82,17 @@ class ProviderSettings:
         return redacted_url(self.base_url)
 
     def secrets(self) -> list[str]:
-        """What no message may repeat: the key, and a password in the base URL."""
+        """What no message may repeat: the key, and the base URL's credential: its password,
+        or a user name without one (``http://token@host``: the token itself), as written and
+        percent-decoded."""
         key = self.api_key.reveal() if self.api_key is not None else ""
         try:
-            password = urlsplit(self.base_url).password or ""
+            parts = urlsplit(self.base_url)
+            credential = parts.password or parts.username or ""
         except ValueError:
-            password = ""
-        return [s for s in (key, password) if s]
+            credential = ""
+        found = [key, credential, unquote(credential)]
+        return [s for n, s in enumerate(found) if s and s not in found[:n]]
 
 
 def read_api_key(env: Env, prefix: str) -> Secret | None:

@@ -13,6 +13,7 @@ from services.model.providers.anthropic_wire import AnthropicAdapter
 from services.model.providers.api import Adapter, HealthSetter, ProviderApi
 from services.model.providers.config import ProviderSettings
 from services.model.providers.openai_wire import OpenAIAdapter
+from services.model.providers.redact import UrlFilter
 from services.model.settings import ModelSettings
 
 # an engine that takes no key still gets one from the SDK's point of view (it requires one)
@@ -20,6 +21,10 @@ NO_KEY = "no-key"
 # the SDKs and their HTTP stack log at DEBUG what a person does not need (request options):
 # kept at INFO or above whatever CACHEMESH_LOG_LEVEL says
 _QUIET_LOGGERS = ("anthropic", "openai", "httpx", "httpx2", "httpcore", "httpcore2")
+# httpx2 logs every request at INFO with its whole URL ("HTTP Request: POST
+# http://user:password@host/v1/chat/completions ..."): kept at WARNING (the router's access
+# log tells the requests), and a URL any of these loggers writes never shows its credentials
+_URL_LOGGERS = ("httpx", "httpx2")
 
 
 def build_adapter(provider: ProviderSettings) -> Adapter:
@@ -39,9 +44,7 @@ def build_provider_api(
     provider = settings.provider
     if provider is None:
         raise ValueError(f"MODEL_BACKEND={settings.backend} has no provider settings")
-    for name in _QUIET_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.INFO))
+    quiet_library_logs()
     return ProviderApi(
         adapter=build_adapter(provider),
         models=settings.models,
@@ -50,3 +53,14 @@ def build_provider_api(
         tokenizer=tokenizer,
         set_health=set_health,
     )
+
+
+def quiet_library_logs() -> None:
+    """The SDKs' and HTTP stack's loggers: no DEBUG, no request URL at INFO, and no URL with
+    its credentials at any level (once per logger, however many replicas a process builds)."""
+    for name in _QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        floor = logging.WARNING if name in _URL_LOGGERS else logging.INFO
+        logger.setLevel(max(logger.getEffectiveLevel(), floor))
+        if not any(isinstance(f, UrlFilter) for f in logger.filters):
+            logger.addFilter(UrlFilter())
