@@ -253,6 +253,30 @@ def test_a_stream_cut_before_anything_reached_the_caller_goes_to_another_replica
     assert len(chats) == 2
 
 
+def test_an_openai_stream_cut_after_its_usage_is_answered_once_as_reported(
+    providers: ProviderStack,
+) -> None:
+    """gpt-4-1 has two replicas: a stream whose finish_reason and usage chunk came, and whose
+    connection was lost before [DONE], is the answer, billed as the provider reported it
+    (its cache read credited), never rerun on the other replica (paid twice)."""
+    question = f"Cut after its usage {uuid.uuid4().hex[:8]}"
+    events = openai_wire.stream(
+        "gpt-4.1-2025-04-14", ["Paris is ", "the capital."], openai_wire.usage(2006, 1920, 7)
+    )
+    assert events[-1] == (None, "[DONE]")
+    providers.server.script("openai", Reply(events=events[:-1], cut=True))
+    before = providers.stack.totals("tenant-b")
+    with _client(providers, "tenant-b", max_attempts=1) as client:
+        answer = client.complete(ask("gpt-4-1", question))
+    calls = [s for s in providers.server.seen_by("openai") if question in str(s.body)]
+    assert len(calls) == 1  # answered by the call that was cut after its end
+    assert answer.stop_reason == "end_turn" and answer.content[0].text == "Paris is the capital."
+    assert answer.usage == pb.Usage(input_tokens=86, cache_read_input_tokens=1920, output_tokens=7)
+    after = _billed(providers, "tenant-b", before.requests, 1)
+    assert after.requests == before.requests + 1
+    assert after.usage.cache_read_input_tokens - before.usage.cache_read_input_tokens == 1920
+
+
 def test_a_provider_that_hangs_is_cut_at_the_deadline(providers: ProviderStack) -> None:
     """The router cuts a hung call at its deadline (UNAVAILABLE naming DEADLINE_EXCEEDED); a
     client that asked for no retry sees that, and the default client's retry is answered."""

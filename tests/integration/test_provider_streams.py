@@ -150,3 +150,51 @@ def test_a_stream_cut_before_anything_reached_the_caller_is_unavailable_after_re
     with pytest.raises(RequestError) as caught:
         _generate(_api(server, "anthropic"), CLAUDE)
     assert caught.value.code == Code.UNAVAILABLE
+
+
+def _cut_after_final_event(backend: str) -> Reply:
+    """The whole answer and its usage, then the connection lost: OpenAI's finish_reason and
+    include_usage chunks came (1500 prompt tokens, 1024 of them cached, 7 out) but not
+    [DONE]; Anthropic's message_delta (stop_reason, 7 out) came but not message_stop."""
+    texts = ["Paris is ", "the capital."]
+    if backend == "anthropic":
+        usage = anthropic_wire.Usage(input_tokens=20, cache_read_input_tokens=4000, output_tokens=7)
+        events = anthropic_wire.stream(CLAUDE, texts, usage)
+        assert events[-1][0] == "message_stop"
+    else:
+        events = openai_wire.stream(GPT, texts, openai_wire.usage(1500, 1024, 7))
+        assert events[-1] == (None, "[DONE]")
+    return Reply(events=events[:-1], cut=True)
+
+
+@pytest.mark.parametrize(("backend", "model"), [("anthropic", CLAUDE), ("openai", GPT)])
+def test_a_connection_lost_after_the_final_event_is_an_answer_billed_as_reported(
+    server: WireServer, backend: str, model: str
+) -> None:
+    """Not interrupted (the router would rerun it on another replica: the tenant would pay
+    the provider twice), and billed by the provider's report, its cache reads credited."""
+    server.script(backend, _cut_after_final_event(backend))
+    before = len(server.seen_by(backend))
+    chunks = _generate(_api(server, backend), model)
+    (end,) = _ends(chunks)
+    assert not end.interrupted and end.stop_reason == "end_turn", end
+    assert "".join(c.text for c in chunks if c.WhichOneof("part") == "text") == (
+        "Paris is the capital."
+    )
+    assert end.output_tokens == 7
+    if backend == "anthropic":
+        assert end.provider_usage.anthropic.cache_read_input_tokens == 4000
+    else:
+        assert end.provider_usage.openai.prompt_tokens_details.cached_tokens == 1024
+    assert len(server.seen_by(backend)) == before + 1  # not retried
+
+
+def test_an_openai_connection_lost_before_the_usage_chunk_is_interrupted(
+    server: WireServer,
+) -> None:
+    """finish_reason came but the usage chunk it asked for did not: the bill is not whole,
+    the stream is broken as before (billed by the count of what was produced)."""
+    events = openai_wire.stream(GPT, ["Paris."], openai_wire.usage(1500, 1024, 2))
+    server.script("openai", Reply(events=events[:-2], cut=True))  # usage and [DONE] lost
+    (end,) = _ends(_generate(_api(server, "openai"), GPT))
+    assert end.interrupted and not end.HasField("provider_usage")

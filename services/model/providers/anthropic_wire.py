@@ -22,7 +22,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
-from services.model.providers.failures import StreamCut
+from services.model.providers.failures import CONNECTION_LOST, StreamCut, lost_after_end
 from services.model.providers.progress import Progress, tool_use_chunk
 
 # Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
@@ -150,36 +150,42 @@ class AnthropicAdapter:
         usage = pc.AnthropicUsage()
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
         stop_reason: str | None = None  # set by the final event; None: the stream was cut
-        async with events:
-            async for event in events:
-                kind = event.type
-                if kind == "message_start":
-                    _merge_usage(usage, event.message.usage)
-                    progress.usage = pc.ProviderUsage(anthropic=usage)
-                elif kind == "content_block_start":
-                    if not progress.started:
-                        yield progress.start(prompt_of(usage) or None)
-                    block = event.content_block
-                    if block.type == "tool_use":
-                        tools[event.index] = [block.id, block.name, []]
-                        progress.tool_piece(block.name)
-                    elif block.type == "text" and block.text:
-                        yield progress.text(block.text)
-                elif kind == "content_block_delta":
-                    delta = event.delta
-                    if delta.type == "text_delta" and delta.text:
-                        yield progress.text(delta.text)
-                    elif delta.type == "input_json_delta" and event.index in tools:
-                        tools[event.index][2].append(delta.partial_json)
-                        progress.tool_piece(delta.partial_json)
-                elif kind == "content_block_stop" and event.index in tools:
-                    call_id, name, pieces = tools.pop(event.index)
-                    yield tool_use_chunk(call_id, name, "".join(pieces))
-                elif kind == "message_delta":
-                    _merge_usage(usage, event.usage)
-                    reason = event.delta.stop_reason
-                    if reason:
-                        stop_reason = STOP_REASONS.get(reason, reason)
+        try:
+            async with events:
+                async for event in events:
+                    kind = event.type
+                    if kind == "message_start":
+                        _merge_usage(usage, event.message.usage)
+                        progress.usage = pc.ProviderUsage(anthropic=usage)
+                    elif kind == "content_block_start":
+                        if not progress.started:
+                            yield progress.start(prompt_of(usage) or None)
+                        block = event.content_block
+                        if block.type == "tool_use":
+                            tools[event.index] = [block.id, block.name, []]
+                            progress.tool_piece(block.name)
+                        elif block.type == "text" and block.text:
+                            yield progress.text(block.text)
+                    elif kind == "content_block_delta":
+                        delta = event.delta
+                        if delta.type == "text_delta" and delta.text:
+                            yield progress.text(delta.text)
+                        elif delta.type == "input_json_delta" and event.index in tools:
+                            tools[event.index][2].append(delta.partial_json)
+                            progress.tool_piece(delta.partial_json)
+                    elif kind == "content_block_stop" and event.index in tools:
+                        call_id, name, pieces = tools.pop(event.index)
+                        yield tool_use_chunk(call_id, name, "".join(pieces))
+                    elif kind == "message_delta":
+                        _merge_usage(usage, event.usage)
+                        reason = event.delta.stop_reason
+                        if reason:
+                            stop_reason = STOP_REASONS.get(reason, reason)
+        except CONNECTION_LOST as exc:
+            if stop_reason is None:
+                raise  # cut before message_delta: a broken stream
+            # only message_stop was lost: message_delta brought the answer's end and its usage
+            lost_after_end(self.backend, spec.id, exc)
         if stop_reason is None:
             raise StreamCut("the stream ended without its message_delta's stop_reason")
         if not progress.started:

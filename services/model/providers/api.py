@@ -17,7 +17,9 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   ``auth_recheck_s``.
 - After the first token nothing is retried: a stream that breaks (an error event, a cut
   connection, the deadline) ends with ``end.interrupted`` carrying what was produced, so the
-  router bills it and never stores it.
+  router bills it and never stores it. A connection lost after the final event (OpenAI's
+  finish_reason and usage chunk, Anthropic's message_delta, came; only ``[DONE]`` /
+  ``message_stop`` did not) is no break: the adapter ends the answer as the provider reported it.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ class ProviderApi:
             kind = end.provider_usage.WhichOneof("report")
             if kind == "anthropic":
                 end.provider_usage.anthropic.output_tokens = produced
-            elif kind == "openai":  # a final usage chunk came, then the stream broke
+            elif kind == "openai":  # a usage chunk came before the finish_reason, then the break
                 end.output_tokens = end.provider_usage.openai.completion_tokens
         return model_pb2.GenerateChunk(end=end)
 

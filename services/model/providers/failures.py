@@ -5,7 +5,9 @@ stream (Anthropic's ``event: error``, an OpenAI chunk carrying ``error``) is an
 ``APIStatusError`` too, whose body names the error type. The anthropic SDK does not wrap an
 error of its HTTP stack while it reads a stream (the connection lost mid-stream): an
 ``httpx2.TransportError`` is a lost connection too. A stream that ends without its final event
-(``StreamCut``) was cut as well, however cleanly its connection closed.
+(``StreamCut``) was cut as well, however cleanly its connection closed. A connection lost after
+the final event (only ``[DONE]`` / ``message_stop`` missing) is no failure: the adapters end
+such a stream as answered (``lost_after_end``).
 
 Only a 401 or an error whose type (or OpenAI ``code``) names our credentials
 (``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Any other
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -53,12 +56,26 @@ class StreamCut(Exception):
     """The provider's stream ended before its final event (no stop or finish reason)."""
 
 
-_TRANSPORT_ERRORS = (
+# the connection lost (or timed out) while a stream is read, as each SDK raises it
+CONNECTION_LOST = (
     anthropic.APIConnectionError,
     openai.APIConnectionError,
     httpx2.TransportError,  # includes its timeouts
-    StreamCut,
 )
+_TRANSPORT_ERRORS = (*CONNECTION_LOST, StreamCut)
+log = logging.getLogger("cachemesh.model")
+
+
+def lost_after_end(backend: str, model: str, exc: Exception) -> None:
+    """The connection was lost after the stream's final event (the end and the usage came,
+    only the end marker did not): the answer ends as answered; one line says so."""
+    log.info(
+        "%s stream of %s lost its connection after its final event (%s): answered, billed as "
+        "reported",
+        backend,
+        model,
+        type(exc).__name__,
+    )
 
 
 def classify(exc: Exception) -> Failure:

@@ -24,7 +24,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
-from services.model.providers.failures import StreamCut
+from services.model.providers.failures import CONNECTION_LOST, StreamCut, lost_after_end
 from services.model.providers.progress import Progress, tool_use_chunk
 
 STOP_REASONS = {
@@ -141,32 +141,39 @@ class OpenAIAdapter:
         stop_reason: str | None = None  # set by the final event; None: the stream was cut
         report: pc.OpenAIUsage | None = None
         reasoning = 0
-        async with chunks:
-            async for chunk in chunks:
-                if chunk.usage is not None:
-                    report, reasoning = _usage(chunk.usage)
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    if delta is not None and delta.content:
-                        if not progress.started:
-                            yield progress.start()
-                        yield progress.text(delta.content)
-                    for call in (delta.tool_calls if delta is not None else None) or []:
-                        if not progress.started:
-                            yield progress.start()
-                        entry = calls.setdefault(call.index, ["", "", []])
-                        if call.id:
-                            entry[0] = call.id
-                        if call.function is not None:
-                            if call.function.name:
-                                entry[1] = call.function.name
-                                progress.tool_piece(call.function.name)
-                            if call.function.arguments:
-                                entry[2].append(call.function.arguments)
-                                progress.tool_piece(call.function.arguments)
-                    if choice.finish_reason:
-                        reason = choice.finish_reason
-                        stop_reason = STOP_REASONS.get(reason, reason)
+        try:
+            async with chunks:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        report, reasoning = _usage(chunk.usage)
+                        progress.usage = pc.ProviderUsage(openai=report)  # kept as it comes
+                    for choice in chunk.choices:
+                        delta = choice.delta
+                        if delta is not None and delta.content:
+                            if not progress.started:
+                                yield progress.start()
+                            yield progress.text(delta.content)
+                        for call in (delta.tool_calls if delta is not None else None) or []:
+                            if not progress.started:
+                                yield progress.start()
+                            entry = calls.setdefault(call.index, ["", "", []])
+                            if call.id:
+                                entry[0] = call.id
+                            if call.function is not None:
+                                if call.function.name:
+                                    entry[1] = call.function.name
+                                    progress.tool_piece(call.function.name)
+                                if call.function.arguments:
+                                    entry[2].append(call.function.arguments)
+                                    progress.tool_piece(call.function.arguments)
+                        if choice.finish_reason:
+                            reason = choice.finish_reason
+                            stop_reason = STOP_REASONS.get(reason, reason)
+        except CONNECTION_LOST as exc:
+            if stop_reason is None or report is None:
+                raise  # cut before the answer and its usage were whole: a broken stream
+            # only [DONE] was lost: the answer and its bill are whole
+            lost_after_end(self.backend, spec.id, exc)
         if stop_reason is None:
             raise StreamCut("the stream ended without a choice's finish_reason")
         if not progress.started:
@@ -178,5 +185,4 @@ class OpenAIAdapter:
         if report is not None:
             end.output_tokens = report.completion_tokens
             end.provider_usage.openai.CopyFrom(report)
-            progress.usage = end.provider_usage
         yield model_pb2.GenerateChunk(end=end)
