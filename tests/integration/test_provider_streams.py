@@ -1,5 +1,5 @@
-"""A provider's stream that breaks, read by the real SDK over loopback HTTP: the adapter and its
-driver (``ProviderApi``) in process against the loopback provider server, no stack.
+"""A provider's stream that breaks, or ends, read by the real SDK over loopback HTTP: the adapter
+and its driver (``ProviderApi``) in process against the loopback provider server, no stack.
 
 A stream that ends without its final event was cut, however cleanly its connection closed: it
 must never end as an answer (the router would store and serve a truncated one). A connection
@@ -198,3 +198,32 @@ def test_an_openai_connection_lost_before_the_usage_chunk_is_interrupted(
     server.script("openai", Reply(events=events[:-2], cut=True))  # usage and [DONE] lost
     (end,) = _ends(_generate(_api(server, "openai"), GPT))
     assert end.interrupted and not end.HasField("provider_usage")
+
+
+@pytest.mark.parametrize("finish", ["eos_token", "eos", "end", "a_reason_no_one_documents"])
+def test_an_engines_own_finish_reason_is_end_turn(server: WireServer, finish: str) -> None:
+    """OpenAI-compatible engines' own reasons (TGI before 2.2.1 "eos_token", Together "eos")
+    end the turn in the contract's words (end_turn | max_tokens | tool_use): an answer L1
+    may store."""
+    events = openai_wire.stream(GPT, ["Paris."], openai_wire.usage(30, 0, 2), finish=finish)
+    server.script("openai", Reply(events=events))
+    (end,) = _ends(_generate(_api(server, "openai"), GPT))
+    assert end.stop_reason == "end_turn" and not end.interrupted
+
+
+def test_a_tool_call_finished_as_stop_is_tool_use(server: WireServer) -> None:
+    """gpt-4o (streaming) and Ollama end a turn that called a tool with finish_reason "stop":
+    an agent loop runs the tool when stop_reason is tool_use."""
+    events = openai_wire.stream(
+        GPT,
+        [],
+        openai_wire.usage(30, 0, 9),
+        finish="stop",
+        tool=("call_1", "get_weather", ['{"city":', '"Paris"}']),
+    )
+    server.script("openai", Reply(events=events))
+    chunks = _generate(_api(server, "openai"), GPT)
+    blocks = [c.block.tool_use for c in chunks if c.WhichOneof("part") == "block"]
+    (end,) = _ends(chunks)
+    assert [(b.name, b.input_json) for b in blocks] == [("get_weather", '{"city":"Paris"}')]
+    assert end.stop_reason == "tool_use"

@@ -23,7 +23,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
 from services.model.providers.failures import CONNECTION_LOST, StreamCut, lost_after_end
-from services.model.providers.progress import Progress, tool_use_chunk
+from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 
 # Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
 STOP_REASONS = {
@@ -180,7 +180,7 @@ class AnthropicAdapter:
                         _merge_usage(usage, event.usage)
                         reason = event.delta.stop_reason
                         if reason:
-                            stop_reason = STOP_REASONS.get(reason, reason)
+                            stop_reason = contract_stop_reason("anthropic", reason, STOP_REASONS)
         except CONNECTION_LOST as exc:
             if stop_reason is None:
                 raise  # cut before message_delta: a broken stream

@@ -25,15 +25,30 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
 from services.model.providers.failures import CONNECTION_LOST, StreamCut, lost_after_end
-from services.model.providers.progress import Progress, tool_use_chunk
+from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 
+# finish reasons in the Gateway's words: OpenAI's, and OpenAI-compatible engines' own (TGI
+# before 2.2.1 "eos_token", Together "eos", others "end", "stop_sequence"); see stop_reason_of
 STOP_REASONS = {
     "stop": "end_turn",
+    "eos_token": "end_turn",
+    "eos": "end_turn",
+    "end": "end_turn",
+    "stop_sequence": "end_turn",
     "length": "max_tokens",
     "tool_calls": "tool_use",
     "function_call": "tool_use",
     "content_filter": "refusal",
 }
+
+
+def stop_reason_of(finish_reason: str, called_tools: bool) -> str:
+    """The Gateway's stop reason for a choice's ``finish_reason``. A turn that called tools is
+    ``tool_use`` however it finished (gpt-4o streaming and Ollama say ``stop``), unless it hit
+    the output limit (``max_tokens``: a call may be cut) or a content filter (``refusal``);
+    an unknown reason is ``end_turn`` (``contract_stop_reason``)."""
+    mapped = contract_stop_reason("openai", finish_reason, STOP_REASONS)
+    return "tool_use" if called_tools and mapped == "end_turn" else mapped
 
 
 def _texts(blocks: list[pb.ContentBlock]) -> str:
@@ -138,7 +153,7 @@ class OpenAIAdapter:
             **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
         )
         calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
-        stop_reason: str | None = None  # set by the final event; None: the stream was cut
+        finish: str | None = None  # set by the final event; None: the stream was cut
         report: pc.OpenAIUsage | None = None
         reasoning = 0
         try:
@@ -167,20 +182,20 @@ class OpenAIAdapter:
                                     entry[2].append(call.function.arguments)
                                     progress.tool_piece(call.function.arguments)
                         if choice.finish_reason:
-                            reason = choice.finish_reason
-                            stop_reason = STOP_REASONS.get(reason, reason)
+                            finish = choice.finish_reason
         except CONNECTION_LOST as exc:
-            if stop_reason is None or report is None:
+            if finish is None or report is None:
                 raise  # cut before the answer and its usage were whole: a broken stream
             # only [DONE] was lost: the answer and its bill are whole
             lost_after_end(self.backend, spec.id, exc)
-        if stop_reason is None:
+        if finish is None:
             raise StreamCut("the stream ended without a choice's finish_reason")
         if not progress.started:
             yield progress.start()
         for index in sorted(calls):
             call_id, name, pieces = calls[index]
             yield tool_use_chunk(call_id or f"call_{index}", name, "".join(pieces))
+        stop_reason = stop_reason_of(finish, bool(calls))
         end = model_pb2.GenerateEnd(stop_reason=stop_reason, reasoning_tokens=reasoning)
         if report is not None:
             end.output_tokens = report.completion_tokens

@@ -1,15 +1,21 @@
 """One provider call's progress, shared by an adapter and the driver: whether the first token
 has gone out, the text so far and the usage the provider has reported so far (what an
-interrupted answer is billed for)."""
+interrupted answer is billed for); and the helpers both adapters end a call with."""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+
+log = logging.getLogger("cachemesh.model")
+MAX_UNKNOWN_LOGGED = 32  # distinct unknown stop reasons logged per process, then no more
+_unknown_logged: set[tuple[str, str]] = set()
 
 
 @dataclass
@@ -66,3 +72,25 @@ def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.Generat
     return model_pb2.GenerateChunk(
         block=pb.ContentBlock(tool_use=pb.ToolUse(id=call_id, name=name, input_json=raw))
     )
+
+
+def contract_stop_reason(
+    backend: str,
+    reason: str,
+    known: Mapping[str, str],
+    logged: set[tuple[str, str]] = _unknown_logged,
+) -> str:
+    """A provider's stop reason in the contract's words (``known``); one it does not know
+    (an engine's own, a new one) ends the turn like ``end_turn``, and is logged once per
+    value (at most ``MAX_UNKNOWN_LOGGED`` of them: an engine cannot flood the log)."""
+    mapped = known.get(reason)
+    if mapped is not None:
+        return mapped
+    if (backend, reason) not in logged and len(logged) < MAX_UNKNOWN_LOGGED:
+        logged.add((backend, reason))
+        log.warning(
+            "%s answered with the unknown stop reason %r: passed on as end_turn (logged once)",
+            backend,
+            reason[:64],
+        )
+    return "end_turn"
