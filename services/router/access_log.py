@@ -4,22 +4,28 @@ The line (logger ``cachemesh.access``, INFO) is JSON like every line (``services
 and carries the request's trace id; its fields: tenant, request_id, method, the model asked
 and the one that answered, tier, served_by, status (the gRPC code), the four token counts,
 cost, baseline and saved in nano-dollars, whether the cost is an estimate, and the duration.
+A model call billed without its answer (the caller cancelled, or its replica was cut before
+another answered) is on the line as ``unanswered_cost_nanos``; a call that ended with no answer
+carries those calls' bills as its usage and cost. Such a line is written once the bills are
+known (prefix-cache's FINAL, or the outbox's estimate), after the call's end.
 Never the prompt, the answer or the key. A requested model the table does not know is written
 as ``?`` (it is the caller's free text).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _escape
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.logs import JsonLines
 from services.common.models import AUTO, ModelTable
 from services.router.metrics import LAYERS, RouterMetrics
+from services.router.pipeline import Bill, Bills
 
 access = logging.getLogger("cachemesh.access")
 
@@ -33,6 +39,7 @@ class Call:
     tenant: str = ""
     end: pb.CompleteResponse | None = None
     replayed: bool = False
+    bills: Bills = field(default_factory=list)  # its model calls billed without an answer
 
 
 class RequestLog:
@@ -66,6 +73,14 @@ class RequestLog:
             self._metrics.answered(call.tenant, end, seconds)
         if not access.isEnabledFor(logging.INFO):
             return
+        if all(bill.done() for bill in call.bills):
+            self._write(call, request, code, seconds)
+            return
+        waited = asyncio.gather(*call.bills, return_exceptions=True)
+        waited.add_done_callback(lambda _: self._write(call, request, code, seconds))
+
+    def _write(self, call: Call, request: pb.CompleteRequest, code: str, seconds: float) -> None:
+        end = call.end
         asked = request.model
         if asked != AUTO and self._table.get(asked) is None:
             asked = "?"
@@ -74,20 +89,54 @@ class RequestLog:
             f'"method":"{call.method}","requested_model":{_escape(asked)},"status":"{code}",'
             f'"duration_ms":{round(seconds * 1000, 3)!r}'
         )
+        billed = _billed(call.bills)
+        if billed is not None:
+            members += f',"unanswered_cost_nanos":{billed.cost.cost_nanos}'
+        if end is None and billed is not None:
+            usage, cost = billed.usage, billed.cost
+            members += _money(usage, cost)
         if end is not None:
             usage, cost = end.usage, end.cost
             members += (
                 f',"model":{_escape(end.model)},"tier":{_escape(end.tier)},'
                 f'"served_by":"{LAYERS.get(end.served_by, "none")}",'
-                f'"replayed":{"true" if call.replayed else "false"},'
-                f'"input_tokens":{usage.input_tokens},'
-                f'"cache_creation_input_tokens":{usage.cache_creation_input_tokens},'
-                f'"cache_read_input_tokens":{usage.cache_read_input_tokens},'
-                f'"output_tokens":{usage.output_tokens},"cost_nanos":{cost.cost_nanos},'
-                f'"baseline_nanos":{cost.baseline_nanos},"saved_nanos":{cost.saved_nanos},'
-                f'"cost_estimated":{"true" if cost.estimated else "false"}'
-            )
+                f'"replayed":{"true" if call.replayed else "false"}'
+            ) + _money(usage, cost)
         if self._lines is not None:
             self._lines.write(access.name, "access", members)
         else:  # the text format: the same fields, through the logging module
             access.info("access", extra={"fields": json.loads("{" + members[1:] + "}")})
+
+
+def _money(usage: pb.Usage, cost: pb.Cost) -> str:
+    return (
+        f',"input_tokens":{usage.input_tokens},'
+        f'"cache_creation_input_tokens":{usage.cache_creation_input_tokens},'
+        f'"cache_read_input_tokens":{usage.cache_read_input_tokens},'
+        f'"output_tokens":{usage.output_tokens},"cost_nanos":{cost.cost_nanos},'
+        f'"baseline_nanos":{cost.baseline_nanos},"saved_nanos":{cost.saved_nanos},'
+        f'"cost_estimated":{"true" if cost.estimated else "false"}'
+    )
+
+
+def _billed(bills: Bills) -> Bill | None:
+    """The sum of the bills that came (one that failed or was cancelled is not known)."""
+    known = [
+        bill.result()
+        for bill in bills
+        if bill.done() and not bill.cancelled() and bill.exception() is None
+    ]
+    came = [bill for bill in known if bill is not None]
+    if not came:
+        return None
+    usage, cost = pb.Usage(), pb.Cost()
+    for bill in came:
+        usage.input_tokens += bill.usage.input_tokens
+        usage.cache_creation_input_tokens += bill.usage.cache_creation_input_tokens
+        usage.cache_read_input_tokens += bill.usage.cache_read_input_tokens
+        usage.output_tokens += bill.usage.output_tokens
+        cost.cost_nanos += bill.cost.cost_nanos
+        cost.baseline_nanos += bill.cost.baseline_nanos
+        cost.saved_nanos += bill.cost.saved_nanos
+        cost.estimated |= bill.cost.estimated
+    return Bill(usage, cost)

@@ -16,9 +16,12 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``{tenant,served_by}``: what the answers cost and would have cost with no cache, in
   nano-dollars, as the responses reported; ``cachemesh_router_saved_nanos{tenant,served_by}``
   is their difference, a gauge because a turn that pays a cache write saves a negative amount
-  (rate it as baseline minus cost);
+  (rate it as baseline minus cost). ``served_by="unanswered"``: model calls billed without an
+  answer (the caller cancelled, or the replica was cut, also before another one answered), as
+  prefix-cache billed them (or the estimate at base prices when the bill went to the outbox);
+  they are in no ``requests_total``;
 - ``cachemesh_router_tokens_total{tenant,served_by,type}``: the responses' usage (``input``,
-  ``cache_creation``, ``cache_read``, ``output``);
+  ``cache_creation``, ``cache_read``, ``output``), and the unanswered calls' bills';
 - ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
   request (reason: the gRPC status); ``cachemesh_router_decisions_total{tier,reason}``: the
   tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``,
@@ -47,6 +50,8 @@ LAYERS = {
     pb.LAYER_MODEL: "model",
 }
 ERROR_LAYER = "error"
+# the money of model calls billed without an answer (cancelled, or cut before a retry)
+UNANSWERED = "unanswered"
 # the GenAI semantic conventions' explicit bucket boundaries
 TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67,108,864
 DURATION_BUCKETS = (
@@ -187,6 +192,20 @@ class RouterMetrics:
             output=tokens("output"),
             duration=self._duration(layer),
         )
+
+    def unanswered(self, tenant: str, usage: pb.Usage, cost: pb.Cost) -> None:
+        """A model call billed without an answer: its money and tokens, no request."""
+        labels = (self._tenants(tenant), UNANSWERED)
+        self._cost(*labels).inc(cost.cost_nanos)
+        self._baseline(*labels).inc(cost.baseline_nanos)
+        self._saved(*labels).inc(cost.saved_nanos)
+        for kind, count in (
+            ("input", usage.input_tokens),
+            ("cache_creation", usage.cache_creation_input_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+            ("output", usage.output_tokens),
+        ):
+            self._tokens(*labels, kind).inc(count)
 
     def replayed(self, tenant: str) -> None:
         self._replays(self._tenants(tenant)).inc()

@@ -16,6 +16,8 @@ import logging
 import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 
@@ -88,6 +90,20 @@ class ReplicaCut(RequestError):
 CommitReply = prefix_cache_pb2.CommitResponse | None
 # what a model call billed without an answer (its usage, its cost in nano-dollars) is told to
 Charge = Callable[[pb.Usage, int], None]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Bill:
+    """What a model call that ended without its answer (cancelled, or cut before a retry) was
+    billed: prefix-cache's FINAL, or the estimate at base prices when it went to the outbox."""
+
+    usage: pb.Usage
+    cost: pb.Cost
+
+
+# a request's bills of such calls, each known once its FINAL is (None: it could not be kept)
+Bills = list[asyncio.Future[Bill | None]]
 
 _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
 
@@ -132,7 +148,7 @@ class Pipeline:
             settings.write_amortize_turns,
         )
         self.loads = self._dispatch.loads
-        self._background: set[asyncio.Task[object]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._outbox = outbox
 
     async def run(
@@ -143,6 +159,7 @@ class Pipeline:
         streamed: bool = True,
         time_remaining_s: float | None = None,
         charge: Charge | None = None,
+        bills: Bills | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
@@ -151,7 +168,8 @@ class Pipeline:
         ``time_remaining_s``: the client's deadline, which bounds every model call of the
         request (and so the replicas' retries); None: ``ROUTER_MODEL_TIMEOUT_S`` alone.
         ``charge``: told of each model call this request is billed for without its answer
-        (cancelled or cut after the prefill), for the tenant's limits."""
+        (cancelled or cut after the prefill), for the tenant's limits; ``bills`` gets the
+        pending bill of each such call (the access log's line waits for them)."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -189,6 +207,7 @@ class Pipeline:
                             deadline,
                             streamed,
                             charge,
+                            bills,
                         )
                     ) as it:
                         async for chunk in it:
@@ -225,6 +244,7 @@ class Pipeline:
         deadline: float | None,
         streamed: bool = True,
         charge: Charge | None = None,
+        bills: Bills | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole."""
@@ -342,7 +362,11 @@ class Pipeline:
                 # Cancelled or cut after the prefill: bill what the provider would bill (the
                 # prompt and the tokens produced so far; to the outbox if prefix-cache is
                 # down), never store.
-                self._bill_partial(tenant, request, attempt, answer, baseline, warm_call, charge)
+                billed = self._bill_partial(
+                    tenant, request, attempt, answer, baseline, warm_call, charge
+                )
+                if bills is not None:
+                    bills.append(billed)
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
         spec = (
@@ -468,10 +492,11 @@ class Pipeline:
         baseline: ModelSpec,
         warm_call: asyncio.Future[CommitReply],
         charge: Charge | None,
-    ) -> None:
+    ) -> asyncio.Future[Bill | None]:
         """The FINAL of a call that ended early, in the background once its WARM is done;
-        then ``charge`` is told what it cost (prefix-cache's price, or the estimate at base
-        prices when the FINAL went to the outbox)."""
+        then the money metrics count it (``served_by="unanswered"``) and ``charge`` is told
+        what it cost (prefix-cache's price, or the estimate at base prices when the FINAL went
+        to the outbox). Returns the bill to come."""
         usage = answer.partial_usage
         output_tokens = sum(
             self._tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text
@@ -480,20 +505,32 @@ class Pipeline:
             output_tokens = usage.anthropic.output_tokens
         reported = usage if usage is not None and usage.WhichOneof("report") else None
 
-        async def bill() -> None:
+        async def bill() -> Bill | None:
             final = await self._commit_final(
                 tenant, request, attempt, output_tokens, baseline.id, reported
             )
-            if charge is None:
-                return
             if final is not None:
-                charge(final.usage, final.cost.cost_nanos)
-                return
-            prompt = attempt.start.prompt_tokens
-            estimated = pb.Usage(input_tokens=prompt, output_tokens=output_tokens)
-            charge(estimated, attempt.model.baseline_nanos(prompt, output_tokens))
+                billed = Bill(final.usage, final.cost)
+            else:
+                prompt = attempt.start.prompt_tokens
+                cost = attempt.model.baseline_nanos(prompt, output_tokens)
+                base = baseline.baseline_nanos(prompt, output_tokens)
+                billed = Bill(
+                    pb.Usage(input_tokens=prompt, output_tokens=output_tokens),
+                    pb.Cost(
+                        cost_nanos=cost,
+                        baseline_nanos=base,
+                        saved_nanos=base - cost,
+                        estimated=True,
+                    ),
+                )
+            if self._metrics is not None:
+                self._metrics.unanswered(tenant, billed.usage, billed.cost)
+            if charge is not None:
+                charge(billed.usage, billed.cost.cost_nanos)
+            return billed
 
-        self._in_background(_after(warm_call, bill))
+        return self._in_background(_after(warm_call, bill))
 
     async def _commit_final(
         self,
@@ -560,18 +597,19 @@ class Pipeline:
             record_event(self._tracer, "cachemesh.billing_deferred", {"commit": key})
         return final
 
-    def _in_background(self, call: Awaitable[object]) -> None:
+    def _in_background(self, call: Awaitable[_T]) -> asyncio.Future[_T]:
         """Runs ``call`` past the request's end (``drain`` awaits it at shutdown)."""
-        task: asyncio.Task[object] = asyncio.ensure_future(call)
+        task = asyncio.ensure_future(call)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
-async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitable[object]]) -> None:
+async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitable[_T]]) -> _T:
     """``then()`` once ``first`` has ended, whatever its outcome: a WARM prefix-cache could
     not take is degraded already, and the FINAL's outbox replays the WARM then. Shielded, so
     cancelling this (a forced shutdown) does not cancel the WARM too."""
@@ -579,7 +617,7 @@ async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitabl
         await asyncio.shield(first)
     except Exception:
         log.exception("the WARM commit of a call that ended early failed; billing its FINAL")
-    await then()
+    return await then()
 
 
 def _headed(head: pb.CompleteResponse, model: ModelSpec, warm: CommitReply) -> None:

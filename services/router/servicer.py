@@ -196,6 +196,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 streamed=streamed,
                 time_remaining_s=time_remaining_s,
                 charge=partial(self._limiter.charge, ticket),
+                bills=call.bills,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:

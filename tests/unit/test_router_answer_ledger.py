@@ -29,7 +29,7 @@ from services.router.answer_ledger import RedisAnswerLedger, ledger_key
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import Charge, chunks_of
+from services.router.pipeline import Bills, Charge, chunks_of
 from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
 
@@ -49,6 +49,7 @@ class FakePipeline:
         streamed: bool = True,
         time_remaining_s: float | None = None,
         charge: Charge | None = None,
+        bills: Bills | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         self.runs += 1
         answer = pb.CompleteResponse(

@@ -1,0 +1,146 @@
+"""Model calls billed without an answer reach the money metrics and the access log.
+
+A call the caller cancels after the prefill, or one whose replica is cut before another
+replica answers, is billed by prefix-cache (its FINAL); the router's cost, baseline, saved and
+token counters count it under ``served_by="unanswered"`` (no request is counted), and the
+cancelled call's access-log line carries the bill once it is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import Callable
+
+from opentelemetry import trace
+
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code
+from services.common.logs import JsonLines
+from services.common.metrics import TenantLabels, new_registry
+from services.router.access_log import RequestLog
+from services.router.dependencies import CallFailed, Dependencies
+from services.router.metrics import RouterMetrics
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_partial_billing import Held
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    FakeModels,
+    FakeStream,
+    Rig,
+    _answer,
+    _request,
+    _settings,
+)
+from tests.unit.test_service_metrics import logs, value  # noqa: F401 (a fixture)
+
+UNANSWERED = {"tenant": "tenant-a", "served_by": "unanswered"}
+
+
+def _pipeline(rig: Rig, metrics: RouterMetrics) -> Pipeline:
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    return Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=rig.clock,
+        metrics=metrics,
+    )  # fmt: skip
+
+
+class HeldModels(FakeModels):
+    """Each call writes a few words, then keeps writing (until the caller leaves)."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        return Held(_answer(replica)[:2])
+
+
+class CutFirst(FakeModels):
+    """The first replica called dies mid-answer; the next one answers."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        if len(self.calls) == 1:
+            died = CallFailed(Code.UNAVAILABLE, "replica died")
+            return FakeStream([*_answer(replica)[:2], died])
+        return FakeStream(_answer(replica))
+
+
+async def test_a_cancelled_calls_bill_reaches_the_money_counters_and_its_access_line(
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
+) -> None:
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    out, lines = logs({})
+    log = RequestLog(metrics, TABLE, lambda: 0.0, lines)
+    rig = Rig(models=HeldModels())
+    pipeline = _pipeline(rig, metrics)
+    call = log.begin("StreamComplete")
+    call.tenant = "tenant-a"
+    request = _request()
+    async with contextlib.aclosing(pipeline.run("tenant-a", request, bills=call.bills)) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the caller leaves after the first words
+    log.finish(call, request, "CANCELLED")
+    await pipeline.drain()
+    await asyncio.sleep(0)  # the line's callback
+    (final,) = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert value(registry, "cachemesh_router_cost_nanos_total", **UNANSWERED) == 123
+    assert value(registry, "cachemesh_router_baseline_nanos_total", **UNANSWERED) == 456
+    assert value(registry, "cachemesh_router_saved_nanos", **UNANSWERED) == 333
+    output = value(registry, "cachemesh_router_tokens_total", type="output", **UNANSWERED)
+    assert output == final.output_tokens > 0
+    assert value(registry, "cachemesh_router_requests_total", served_by="unanswered") == 0
+    (line,) = [json.loads(text) for text in out.getvalue().splitlines() if '"access"' in text]
+    assert line["status"] == "CANCELLED"
+    assert (line["cost_nanos"], line["baseline_nanos"], line["unanswered_cost_nanos"]) == (
+        123,
+        456,
+        123,
+    )
+    assert line["output_tokens"] == final.output_tokens
+
+
+async def test_a_cut_attempt_before_a_retry_is_counted_beside_the_answer() -> None:
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    rig = Rig(models=CutFirst())
+    pipeline = _pipeline(rig, metrics)
+    chunks = [c async for c in pipeline.run("tenant-a", _request(), streamed=False)]
+    await pipeline.drain()
+    assert chunks[-1].end.cost.cost_nanos == 123  # the answer's own bill
+    finals = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert len(finals) == 2  # prefix-cache billed both calls
+    assert value(registry, "cachemesh_router_cost_nanos_total", **UNANSWERED) == 123
+    assert value(registry, "cachemesh_router_baseline_nanos_total", **UNANSWERED) == 456
+
+
+async def test_an_unbilled_estimate_is_counted_when_prefix_cache_is_down() -> None:
+    """No outbox (the offline case) and prefix-cache down: the estimate at base prices."""
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    rig = Rig(models=HeldModels())
+    rig.prefix.down = True
+    pipeline = _pipeline(rig, metrics)
+    async with contextlib.aclosing(pipeline.run("tenant-a", _request())) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                break
+    await pipeline.drain()
+    spec = TABLE.get("sim-large")
+    assert spec is not None
+    output = value(registry, "cachemesh_router_tokens_total", type="output", **UNANSWERED)
+    expected = spec.baseline_nanos(40, int(output))
+    assert expected > 0
+    assert value(registry, "cachemesh_router_cost_nanos_total", **UNANSWERED) == expected
+    assert value(registry, "cachemesh_router_saved_nanos", **UNANSWERED) == 0
