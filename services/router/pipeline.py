@@ -348,6 +348,9 @@ class Pipeline:
             if not finished:
                 attempt.stream.cancel()
             self.loads.release(attempt.replica)
+            error_type = "" if ended is not None else _error_type(sys.exc_info()[1])
+            if error_type:
+                spans.chat_failed(attempt.chat_span, error_type)
             attempt.chat_span.end()
             if self._metrics is not None:
                 self._metrics.model_call(
@@ -356,7 +359,7 @@ class Pipeline:
                     attempt.model.id,
                     ended.usage if ended is not None else None,
                     self._clock() - attempt.opened_at,
-                    "" if ended is not None else _error_type(sys.exc_info()[1]),
+                    error_type,
                 )
             if not finished:
                 # Cancelled or cut after the prefill: bill what the provider would bill (the

@@ -84,6 +84,15 @@ def end_chat_span(span: trace.Span, request: pb.CompleteRequest, end: pb.Complet
     )
 
 
+def chat_failed(span: trace.Span, error_type: str) -> None:
+    """A model call that ended without its answer (cut, outlasted, failed): ERROR with its
+    ``error.type`` (the GenAI metrics' label). A caller's cancel is no error: not marked."""
+    if error_type == "cancelled" or not span.is_recording():
+        return
+    span.set_status(trace.Status(trace.StatusCode.ERROR, error_type))
+    span.set_attribute("error.type", error_type)
+
+
 def record_failure(span: trace.Span, exc: CallFailed) -> None:
     span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code.name))
     span.set_attribute("error.type", exc.code.name)

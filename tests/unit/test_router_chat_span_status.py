@@ -1,0 +1,60 @@
+"""The ``chat <model>`` span of a model call says how it ended: a call cut mid-answer (its
+replica died before another one answered) is an ERROR with its ``error.type``; a call the
+caller cancelled stays UNSET, as ``rpc_tracing`` leaves a caller's cancel."""
+
+from __future__ import annotations
+
+import contextlib
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from services.router.dependencies import Dependencies
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_pipeline import REPLICAS, TABLE, TOKENIZER, Rig, _request, _settings
+from tests.unit.test_router_unanswered_money import CutFirst, HeldModels
+
+
+def _traced(rig: Rig) -> tuple[Pipeline, InMemorySpanExporter]:
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    tracer = provider.get_tracer("test")
+    pipeline = Pipeline(deps, TABLE, TOKENIZER, tracer, _settings(), router, clock=rig.clock)
+    return pipeline, exported
+
+
+def _chats(exported: InMemorySpanExporter) -> list[ReadableSpan]:
+    return [s for s in exported.get_finished_spans() if s.name.startswith("chat ")]
+
+
+async def test_a_cut_attempts_chat_span_is_an_error_and_the_retry_is_not() -> None:
+    rig = Rig(models=CutFirst())
+    pipeline, exported = _traced(rig)
+    chunks = [c async for c in pipeline.run("tenant-a", _request(), streamed=False)]
+    await pipeline.drain()
+    assert chunks[-1].WhichOneof("part") == "end"
+    cut, answered = _chats(exported)
+    assert cut.status.status_code == StatusCode.ERROR
+    assert cut.attributes is not None and cut.attributes["error.type"] == "replica_cut"
+    assert answered.status.status_code == StatusCode.UNSET
+    assert answered.attributes is not None and "error.type" not in answered.attributes
+    assert answered.attributes["gen_ai.usage.output_tokens"] == 3
+
+
+async def test_a_cancelled_calls_chat_span_stays_unset() -> None:
+    rig = Rig(models=HeldModels())
+    pipeline, exported = _traced(rig)
+    async with contextlib.aclosing(pipeline.run("tenant-a", _request())) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the caller leaves
+    await pipeline.drain()
+    (chat,) = _chats(exported)
+    assert chat.status.status_code == StatusCode.UNSET
+    assert chat.attributes is not None and "error.type" not in chat.attributes
