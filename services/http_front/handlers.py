@@ -122,9 +122,7 @@ class Front:
             return response
         finally:
             metrics.in_flight.dec()
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unknown"
-            metrics.answered(api, route, status, began)
+            metrics.answered(api, _route(request), status, began)
 
     async def _traced(
         self,
@@ -133,9 +131,11 @@ class Front:
         answer: Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         parent = _PROPAGATOR.extract(carrier=request.headers)
-        name = f"{request.method} {request.path}"
+        route = _route(request)
+        name = f"{request.method} {route}"  # the route's pattern: a bounded set of names
         with self._tracer.start_as_current_span(name, parent, trace.SpanKind.SERVER) as span:
             span.set_attribute("http.request.method", request.method)
+            span.set_attribute("http.route", route)
             span.set_attribute("url.path", request.path)
             traceparent = _traceparent(span)
             try:
@@ -388,3 +388,10 @@ def _openai_chunks(
     if part == "end":
         return chunker.end(chunk.end, facts.stream_facts(chunk.end))
     return []
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's pattern (``/v1/models/{model}``), never the path itself (a caller's
+    free text); ``unknown`` when no route matched."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unknown"
