@@ -65,13 +65,14 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     connected = connect(
         settings, provider.get_tracer("cachemesh.grpc"), CallTiming(metrics.dependency)
     )
+    tracer = provider.get_tracer("cachemesh.router")
     outbox = BillingOutbox(
         connected.dependencies.prefix,
         journal,
         settings.prefix_timeout_s,
         settings.outbox_retry_s,
+        tracer,
     )
-    tracer = provider.get_tracer("cachemesh.router")
     pipeline = Pipeline(
         connected.dependencies,
         table,

@@ -17,6 +17,11 @@ expired) is logged at ERROR with its key and dropped: retrying cannot succeed. A
 refusal (prefix-cache down or overloaded, an internal token rejected during a rotation, an
 internal error) keeps the entry for the next round, logged at WARNING with its status: billing
 is never dropped for a fault that may pass.
+
+Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
+with it: an entry from before it was kept has none); a replay sends an entry's commits under
+one span, ``cachemesh.billing_replay``, a child of that request's span, so the Commit calls
+join the request's trace even after a restart (an entry with no context is a root span).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import logging
 import secrets
 from collections.abc import Sequence
 from functools import partial
+
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
@@ -39,6 +47,10 @@ log = logging.getLogger("cachemesh.router.outbox")
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
+# the trace context only (traceparent, tracestate): never the caller's baggage, on disk
+_PROPAGATOR = TraceContextTextMapPropagator()
+# an entry: its commits and the trace carrier of the request they bill
+_Entry = tuple[tuple[pc.CommitRequest, ...], dict[str, str]]
 
 
 class _Sent(enum.Enum):
@@ -53,19 +65,21 @@ class _InMemory:
     """The pending entries without a data directory: lost with the router."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[pc.CommitRequest, ...]] = {}
+        self._entries: dict[str, _Entry] = {}
 
     @property
     def count(self) -> int:
         return len(self._entries)
 
-    async def add(self, entry_id: str, commits: tuple[pc.CommitRequest, ...]) -> None:
-        self._entries[entry_id] = commits
+    async def add(
+        self, entry_id: str, commits: tuple[pc.CommitRequest, ...], carrier: dict[str, str]
+    ) -> None:
+        self._entries[entry_id] = (commits, carrier)
 
     async def ids(self) -> list[str]:
         return list(self._entries)
 
-    async def read(self, entry_id: str) -> Sequence[pc.CommitRequest]:
+    async def read(self, entry_id: str) -> _Entry:
         return self._entries[entry_id]
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
@@ -86,14 +100,17 @@ class _OnDisk:
     def count(self) -> int:
         return self._journal.pending_count
 
-    async def add(self, entry_id: str, commits: tuple[pc.CommitRequest, ...]) -> None:
-        await self._thread.call(partial(self._journal.add, entry_id, commits), durable=True)
+    async def add(
+        self, entry_id: str, commits: tuple[pc.CommitRequest, ...], carrier: dict[str, str]
+    ) -> None:
+        added = partial(self._journal.add, entry_id, commits, carrier)
+        await self._thread.call(added, durable=True)
 
     async def ids(self) -> list[str]:
         return await self._thread.call(self._journal.pending)
 
-    async def read(self, entry_id: str) -> Sequence[pc.CommitRequest]:
-        return await self._thread.call(partial(self._journal.read, entry_id))
+    async def read(self, entry_id: str) -> _Entry:
+        return await self._thread.call(partial(self._journal.read_traced, entry_id))
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
         """Its line need not be durable (a replay bills once): not awaited one by one."""
@@ -102,9 +119,16 @@ class _OnDisk:
 
 class BillingOutbox:
     def __init__(
-        self, prefix: PrefixPort, journal: Journal | None, deadline_s: float, retry_s: float
+        self,
+        prefix: PrefixPort,
+        journal: Journal | None,
+        deadline_s: float,
+        retry_s: float,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        """``tracer``: the replays' spans (None: the global provider's)."""
         self._prefix = prefix
+        self._tracer = tracer if tracer is not None else trace.get_tracer("cachemesh.router")
         self._deadline_s = deadline_s
         self._retry_s = retry_s
         self._lock = asyncio.Lock()  # one flush at a time
@@ -128,7 +152,9 @@ class BillingOutbox:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
         entry written to the journal is, whatever becomes of this call)."""
-        await self._entries.add(secrets.token_hex(8), tuple(commits))
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)  # the current request's span
+        await self._entries.add(secrets.token_hex(8), tuple(commits), carrier)
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
@@ -139,11 +165,11 @@ class BillingOutbox:
         async with self._lock:
             for entry_id in await self._entries.ids():
                 try:
-                    commits = await self._entries.read(entry_id)
+                    commits, carrier = await self._entries.read(entry_id)
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
-                    commits = ()
-                outcome = await self._send(commits)
+                    commits, carrier = (), {}
+                outcome = await self._replay(commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
                     break
                 if outcome is _Sent.KEPT:
@@ -167,6 +193,20 @@ class BillingOutbox:
                 except Exception:
                     log.exception("billing outbox: a replay round failed; retrying")
             await asyncio.sleep(self._retry_s)
+
+    async def _replay(self, commits: Sequence[pc.CommitRequest], carrier: dict[str, str]) -> _Sent:
+        """One entry's commits under a span in the trace of the request they bill."""
+        if not commits:
+            return _Sent.SETTLED
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        with self._tracer.start_as_current_span(
+            "cachemesh.billing_replay",
+            parent,
+            attributes={"cachemesh.commit": commits[0].request_id},
+        ) as span:
+            outcome = await self._send(commits)
+            span.set_attribute("cachemesh.outcome", outcome.value)
+            return outcome
 
     async def _send(self, commits: Sequence[pc.CommitRequest]) -> _Sent:
         for commit in commits:

@@ -1,6 +1,8 @@
 """The billing outbox's journal: its entries on disk, only their ids and places in memory.
 
-The file holds lines ``{"add": id, "commits": [base64...]}`` and ``{"done": id}``. An entry's
+The file holds lines ``{"add": id, "commits": [base64...], "trace": {...}}`` and
+``{"done": id}`` (``trace``: the W3C ``traceparent`` carrier of the request the commits bill,
+so their replay joins its trace; absent in lines written before it was kept). An entry's
 commits (each carrying its whole request) are read back from the file when they are sent, so
 an outage of prefix-cache costs disk, not the router's memory. The file is emptied once
 nothing is pending, and rewritten with only the pending lines once its settled lines outweigh
@@ -28,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -142,9 +144,18 @@ class Journal:
         else:
             log.error("billing outbox: line at byte %d of %s is unreadable", offset, self.path)
 
-    def add(self, entry_id: str, commits: Sequence[pc.CommitRequest]) -> None:
+    def add(
+        self,
+        entry_id: str,
+        commits: Sequence[pc.CommitRequest],
+        carrier: Mapping[str, str] | None = None,
+    ) -> None:
+        """``carrier``: the request's trace context (``traceparent``), for the replay's span."""
         raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
-        line = self._write({"add": entry_id, "commits": raw})
+        record: dict[str, object] = {"add": entry_id, "commits": raw}
+        if carrier:
+            record["trace"] = dict(carrier)
+        line = self._write(record)
         self._lines[entry_id] = line
         self._live_bytes += line.length
 
@@ -163,17 +174,30 @@ class Journal:
         return len(self._lines)
 
     def read(self, entry_id: str) -> tuple[pc.CommitRequest, ...]:
+        return self.read_traced(entry_id)[0]
+
+    def read_traced(self, entry_id: str) -> tuple[tuple[pc.CommitRequest, ...], dict[str, str]]:
+        """The entry's commits and its trace carrier (empty: none was kept, or it is not a
+        map of strings; the commits are billed all the same)."""
         line = self._lines[entry_id]
         raw = _read_all(self._fd, line.length, line.offset)
         try:
             item = json.loads(raw)
             if item.get("add") != entry_id:
                 raise ValueError(f"the line holds {item.get('add')!r}")
-            return tuple(pc.CommitRequest.FromString(base64.b64decode(c)) for c in item["commits"])
+            commits = tuple(
+                pc.CommitRequest.FromString(base64.b64decode(c)) for c in item["commits"]
+            )
         except Exception as exc:  # any decoding fault means the same
             raise UnreadableEntry(
                 f"entry {entry_id} at byte {line.offset} of {self.path} does not decode: {exc}"
             ) from exc
+        carrier = item.get("trace")
+        if not isinstance(carrier, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in carrier.items()
+        ):
+            carrier = {}
+        return commits, carrier
 
     def sync(self) -> None:
         """Makes every write so far durable (one fsync), emptying or compacting the file first

@@ -12,7 +12,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -123,8 +123,13 @@ async def test_an_entry_refused_for_now_does_not_hold_back_the_ones_after_it(
 
 
 class SlowJournal(Journal):
-    def add(self, entry_id: str, commits: Sequence[pc.CommitRequest]) -> None:
-        super().add(entry_id, commits)  # written ...
+    def add(
+        self,
+        entry_id: str,
+        commits: Sequence[pc.CommitRequest],
+        carrier: Mapping[str, str] | None = None,
+    ) -> None:
+        super().add(entry_id, commits, carrier)  # written ...
         time.sleep(0.05)  # ... and the thread returns a little later (a slow disk)
 
 

@@ -1,0 +1,94 @@
+"""A replayed bill joins the trace of the request it bills: the outbox keeps each entry's trace
+context (in the journal, so also across a restart) and sends its commits under one
+``cachemesh.billing_replay`` span, a child of the request's span. An entry journalled before
+the context was kept still loads and is billed, under a root span."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import JOURNAL_NAME, Journal
+from tests.unit.test_router_outbox import FakePrefix, _commits
+
+
+class TracedPrefix(FakePrefix):
+    """Notes the span each commit was sent under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.under: list[trace.SpanContext] = []
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.under.append(trace.get_current_span().get_span_context())
+        return await super().commit(request, deadline_s)
+
+
+def _tracing() -> tuple[trace.Tracer, InMemorySpanExporter]:
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    return provider.get_tracer("test"), exported
+
+
+def _replays(exported: InMemorySpanExporter) -> list[ReadableSpan]:
+    return [s for s in exported.get_finished_spans() if s.name == "cachemesh.billing_replay"]
+
+
+async def test_a_bill_replayed_after_a_restart_is_in_the_requests_trace(tmp_path: Path) -> None:
+    tracer, exported = _tracing()
+    prefix = TracedPrefix()
+    first = Journal(tmp_path)
+    outbox = BillingOutbox(prefix, first, 1.0, 0.01, tracer)
+    with tracer.start_as_current_span("Complete") as request:
+        await outbox.keep(_commits("a#1"))
+    first.close()  # the router dies; the next one replays its journal
+    journal = Journal(tmp_path)
+    again = BillingOutbox(prefix, journal, 1.0, 0.01, tracer)
+    prefix.down = False
+    assert await again.flush() == 1
+    journal.close()
+    (replay,) = _replays(exported)
+    asked = request.get_span_context()
+    assert replay.parent is not None and replay.parent.span_id == asked.span_id
+    assert replay.context is not None and replay.context.trace_id == asked.trace_id
+    assert replay.attributes is not None and replay.attributes["cachemesh.outcome"] == "settled"
+    # both commits went out under the replay's span (their client spans are its children)
+    assert [c.span_id for c in prefix.under[-2:]] == [replay.context.span_id] * 2
+
+
+async def test_an_in_memory_outbox_replays_in_the_requests_trace_too() -> None:
+    tracer, exported = _tracing()
+    prefix = TracedPrefix()
+    outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer)
+    with tracer.start_as_current_span("Complete") as request:
+        await outbox.keep(_commits("a#1"))
+    prefix.down = False
+    assert await outbox.flush() == 1
+    (replay,) = _replays(exported)
+    assert replay.parent is not None
+    assert replay.parent.span_id == request.get_span_context().span_id
+
+
+async def test_an_entry_journalled_without_a_trace_context_is_billed_under_a_root_span(
+    tmp_path: Path,
+) -> None:
+    raw = [base64.b64encode(c.SerializeToString()).decode() for c in _commits("old#1")]
+    (tmp_path / JOURNAL_NAME).write_text(json.dumps({"add": "e1", "commits": raw}) + "\n")
+    tracer, exported = _tracing()
+    prefix = TracedPrefix()
+    prefix.down = False
+    journal = Journal(tmp_path)
+    assert await BillingOutbox(prefix, journal, 1.0, 0.01, tracer).flush() == 1
+    journal.close()
+    assert [key for key, _ in prefix.sent] == ["old#1", "old#1"]
+    (replay,) = _replays(exported)
+    assert replay.parent is None
