@@ -9,6 +9,7 @@ next one, and for ``auto`` to the other tiers (nearest in price first).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
+from services.common.prompt import prompt_tokens as count_prompt_tokens
+from services.common.tokens import Tokenizer
 from services.router import spans
 from services.router.balance import Route
 from services.router.calls import Calls
@@ -72,8 +75,12 @@ class Dispatcher:
         tracer: trace.Tracer,
         choice: ChoiceSettings,
         clock: Callable[[], float],
+        tokenizer: Tokenizer,
     ) -> None:
+        """``tokenizer``: counts the prompt for ``auto``'s context-window check when
+        prefix-cache made no Plan (it is down)."""
         self._calls = calls
+        self._tokenizer = tokenizer
         self._deps = dependencies
         self._table = table
         self._tracer = tracer
@@ -111,6 +118,7 @@ class Dispatcher:
             options = [(spec, "requested")]
         failures: list[str] = []
         too_long: list[str] = []  # auto's tiers whose context window the prompt is over
+        counted: int | None = None  # the router's own count of the prompt (no Plan)
         for spec, reason in options:
             replicas = self._deps.replicas(spec.id)
             if not set(replicas) - exclude:
@@ -122,10 +130,19 @@ class Dispatcher:
             )
             facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
             prompt_tokens = plan.prompt_tokens if plan is not None else 0
-            if request.model == AUTO and prompt_tokens > spec.context_window_tokens:
+            window_tokens = prompt_tokens
+            if request.model == AUTO and plan is None:
+                # prefix-cache is down: without a count the replica of a tier too small
+                # would refuse the prompt (RESOURCE_EXHAUSTED, the request's fault) and
+                # end the request that another tier could hold. Counted once, off the loop
+                # (~0.7 us a token not cached by the tokenizer).
+                if counted is None:
+                    counted = await asyncio.to_thread(count_prompt_tokens, request, self._tokenizer)
+                window_tokens = counted
+            if request.model == AUTO and window_tokens > spec.context_window_tokens:
                 # the replica would refuse it: a tier that can hold it answers instead
                 too_long.append(
-                    f"{spec.id}: the prompt's {prompt_tokens} tokens are over its context "
+                    f"{spec.id}: the prompt's {window_tokens} tokens are over its context "
                     f"window of {spec.context_window_tokens}"
                 )
                 continue

@@ -133,7 +133,7 @@ class Pipeline:
         self._tokenizer = tokenizer
         self._clock = clock
         self._dispatch = Dispatcher(
-            self._calls, dependencies, table, tracer, settings.choice, self._clock
+            self._calls, dependencies, table, tracer, settings.choice, self._clock, tokenizer
         )
         model, threshold, local = router
         self._router = TierRouter(

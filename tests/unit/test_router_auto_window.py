@@ -88,3 +88,30 @@ async def test_no_tier_that_can_hold_the_prompt_is_a_clear_refusal() -> None:
     assert caught.value.code == Code.RESOURCE_EXHAUSTED
     assert "no tier of auto can hold the prompt" in caught.value.message
     assert "sim-small" in caught.value.message and "sim-large" in caught.value.message
+
+
+def _prefix_down_pipeline(table: ModelTable) -> Pipeline:
+    """The real simulated engines behind the replicas; prefix-cache down (no Plan)."""
+    _, models = _pipeline(table)
+    deps = Dependencies(FakeSemantic(), FakePrefix(down=True), models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    return Pipeline(deps, table, TOKENIZER, trace.NoOpTracer(), _settings(), router)
+
+
+async def test_prefix_cache_down_still_sends_the_prompt_to_a_tier_that_can_hold_it() -> None:
+    """Without a Plan the router counts the prompt itself: the small tier's replica would
+    refuse it (RESOURCE_EXHAUSTED) and the request would be lost, not degraded."""
+    pipeline = _prefix_down_pipeline(_table(8192, 32768))
+    chunks = [c async for c in pipeline.run("tenant-a", _ask(), streamed=False)]
+    await pipeline.drain()
+    assert chunks[-1].end.model == "sim-large"
+
+
+async def test_prefix_cache_down_and_no_tier_can_hold_the_prompt_is_a_clear_refusal() -> None:
+    pipeline = _prefix_down_pipeline(_table(8192, 8192))
+    with pytest.raises(RequestError) as caught:
+        _ = [c async for c in pipeline.run("tenant-a", _ask(), streamed=False)]
+    await pipeline.drain()
+    assert caught.value.code == Code.RESOURCE_EXHAUSTED
+    assert "no tier of auto can hold the prompt" in caught.value.message
+    assert "sim-small" in caught.value.message and "sim-large" in caught.value.message

@@ -421,7 +421,13 @@ async def test_a_failed_replicas_reason_does_not_become_the_tier_reason() -> Non
     deps = Dependencies(rig.semantic, rig.prefix, models, REPLICAS)
     settings = _settings()
     dispatcher = Dispatcher(
-        Calls(deps, settings), deps, TABLE, trace.NoOpTracer(), settings.choice, rig.clock
+        Calls(deps, settings),
+        deps,
+        TABLE,
+        trace.NoOpTracer(),
+        settings.choice,
+        rig.clock,
+        TOKENIZER,
     )
     attempt = await dispatcher.open("tenant-a", _request(), deadline=rig.clock() + 2.0)
     assert attempt.replica == "large-2" and attempt.tier_reason == "requested"
