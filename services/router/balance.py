@@ -33,6 +33,8 @@ class Route:
     load: int  # the chosen replica's in-flight requests before this one
     predicted_ttft_s: float | None = None  # the TTFT policy's prediction for the chosen one
     queued_s: float | None = None  # prefill queued ahead of it there (TTFT policy)
+    ejected: tuple[str, ...] = ()  # replicas left out for their failures (replica_health)
+    probe: bool = False  # the call is the chosen replica's probe after its cool-off
 
 
 def is_imbalanced(loads: Sequence[int], policy: BalancePolicy) -> bool:

@@ -26,7 +26,7 @@ log = logging.getLogger("cachemesh.router")
 
 T = TypeVar("T")
 
-_CLIENT_FAULTS = (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED)
+CLIENT_FAULTS = (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED)
 # The second Lookup (waiting on an identical request's model call) takes at most this share of
 # what the request's deadline leaves: the rest is kept for the request's own model call, should
 # that call's answer not come (its router died, or its model is as slow as the deadline).
@@ -34,7 +34,7 @@ _LEASE_WAIT_SHARE = 0.5
 
 
 def _client_fault(exc: CallFailed) -> RequestError | None:
-    if exc.code in _CLIENT_FAULTS:
+    if exc.code in CLIENT_FAULTS:
         return RequestError(exc.code, exc.details)
     return None
 

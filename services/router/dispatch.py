@@ -4,7 +4,8 @@ The tier comes from the learned router (``routing``; or the requested model); th
 the configured replica policy (``replica_choice``: predicted time to first token by default) over
 prefix-cache's view of the replicas and the router's own record of their queues and measured
 rates (``replica_state``); a replica that fails before its first token hands the request to the
-next one, and for ``auto`` to the other tiers (nearest in price first).
+next one, and for ``auto`` to the other tiers (nearest in price first). A replica whose calls
+keep failing is left out for a cool-off (``replica_health``), unless all are.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
@@ -25,9 +26,10 @@ from services.common.prompt import prompt_tokens as count_prompt_tokens
 from services.common.tokens import Tokenizer
 from services.router import spans
 from services.router.balance import Route
-from services.router.calls import Calls
+from services.router.calls import CLIENT_FAULTS, Calls
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
+from services.router.replica_health import ReplicaHealth
 from services.router.replica_state import ReplicaStates
 from services.router.routing.router import Routed
 
@@ -50,6 +52,7 @@ class Attempt:
     plan_id: str  # names the prompt Plan computed, for the WARM commit ("" = none)
     opened_at: float  # when its Generate was called (the clock of the Dispatcher)
     timeout_s: float  # the call's deadline, from ``opened_at`` (``Calls.model_timeout_s``)
+    probe: bool = False  # the replica's probe after its cool-off, until its first token
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -76,9 +79,12 @@ class Dispatcher:
         choice: ChoiceSettings,
         clock: Callable[[], float],
         tokenizer: Tokenizer,
+        ejected: Callable[[str], None] | None = None,
     ) -> None:
         """``tokenizer``: counts the prompt for ``auto``'s context-window check when
-        prefix-cache made no Plan (it is down)."""
+        prefix-cache made no Plan (it is down); ``ejected``: the ejections' metric, by model
+        (None: a router built without metrics)."""
+        self._ejected = ejected
         self._calls = calls
         self._tokenizer = tokenizer
         self._deps = dependencies
@@ -88,6 +94,7 @@ class Dispatcher:
         # the pipeline releases a call when its answer ends
         self.loads = ReplicaStates(choice.ttft.kv_capacity_tokens)
         self._chooser = ReplicaChooser(choice, self.loads)
+        self.health = ReplicaHealth(choice.ejection)
 
     async def open(
         self,
@@ -152,8 +159,14 @@ class Dispatcher:
             raw = facts.kv_block_hashes if facts is not None else b""
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
             wanted = Request(spec.id, prompt_tokens, hashes, spec.prior_prefill_rate)
-            route = self._chooser.choose(wanted, replicas, view, self._clock())
-            for replica in (r for r in route.order if r not in exclude):
+            # the ejected replicas only when all are (then the choice is among them), else
+            # after the others, as a last resort
+            now = self._clock()
+            usable, ejected = self.health.split([r for r in replicas if r not in exclude], now)
+            route = self._chooser.choose(wanted, usable or ejected, view, now)
+            if usable and ejected:
+                route = replace(route, ejected=tuple(ejected))
+            for replica in (*route.order, *(ejected if usable else ())):
                 remaining_s = self._remaining_s(deadline)
                 if remaining_s is not None and remaining_s <= 0:
                     raise _deadline_passed(spec.id, failures)
@@ -161,6 +174,8 @@ class Dispatcher:
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 opened_at = self._clock()
+                needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
+                probe = self.health.sending(replica, opened_at)
                 ticket = self.loads.sent(
                     replica, prompt_tokens, prompt_tokens - match, hashes, opened_at
                 )
@@ -169,12 +184,22 @@ class Dispatcher:
                         stream, start = await self._calls.generate(
                             tenant, spec.id, request, replica, facts, timeout_s
                         )
-                except RequestError:
+                except RequestError as exc:
                     self.loads.failed(replica, ticket)
+                    if exc.code in CLIENT_FAULTS:
+                        self.health.released(replica, probe)  # its refusal is the request's
+                    else:
+                        self.replica_failed(spec.id, replica, probe)
                     chat_span.end()
                     raise
                 except CallFailed as exc:
                     self.loads.failed(replica, ticket)
+                    # out of its own time: it had the time it was predicted to need (a
+                    # deadline shorter than that is the client's, not the replica's fault)
+                    if exc.code != Code.DEADLINE_EXCEEDED or timeout_s >= needs_s:
+                        self.replica_failed(spec.id, replica, probe)
+                    else:
+                        self.health.released(replica, probe)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
@@ -185,12 +210,14 @@ class Dispatcher:
                     continue
                 except BaseException:
                     self.loads.failed(replica, ticket)
+                    self.health.released(replica, probe)  # the caller left: no verdict
                     chat_span.end()
                     raise
                 reused = None if start.kv_cached_unreported else start.kv_cached_tokens
                 self.loads.started(replica, ticket, start.prompt_tokens, reused, self._clock())
                 if replica != route.order[0]:
-                    route = Route(route.order, match, "fallback", 0)
+                    route = Route(route.order, match, "fallback", 0, ejected=route.ejected)
+                route = replace(route, probe=probe)
                 spans.route_attributes(chat_span, replica, route, start)
                 planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
                 plan_id = plan.plan_id if plan is not None else ""
@@ -206,6 +233,7 @@ class Dispatcher:
                     plan_id,
                     opened_at,
                     timeout_s,
+                    probe,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:
@@ -222,6 +250,30 @@ class Dispatcher:
             + "; ".join(dict.fromkeys(failures + too_long))
             + "); retry later",
         )
+
+    def replica_failed(self, model: str, replica: str, probe: bool) -> None:
+        """The replica failed a call of this request (before its first token, or cut
+        mid-answer): counted towards its ejection, which the request's span records."""
+        ejection = self.health.failed(replica, self._clock(), probe)
+        if ejection is None:
+            return
+        log.warning(
+            "replica %s of %s ejected for %.1f s after %d failures in a row",
+            replica,
+            model,
+            ejection.cool_off_s,
+            ejection.failures,
+        )
+        trace.get_current_span().add_event(
+            "cachemesh.replica_ejected",
+            {
+                "cachemesh.replica": replica,
+                "cachemesh.replica_failures": ejection.failures,
+                "cachemesh.eject_s": ejection.cool_off_s,
+            },
+        )
+        if self._ejected is not None:
+            self._ejected(model)
 
     def _remaining_s(self, deadline: float | None) -> float | None:
         """The time a model call may take now (None: no client deadline)."""

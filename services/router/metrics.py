@@ -26,6 +26,8 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   request (reason: the gRPC status); ``cachemesh_router_decisions_total{tier,reason}``: the
   tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``,
   ``fallback``); ``cachemesh_router_requests_in_flight``;
+  ``cachemesh_router_replica_ejections_total{model}``: replicas left out for a cool-off after
+  failing calls in a row (``replica_health``; a re-ejection after a failed probe counts too);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -143,6 +145,11 @@ class RouterMetrics:
             "The tier each model call went to, and why",
             ("tier", "reason"),
         )
+        self._ejections = m.counter(
+            "cachemesh_router_replica_ejections",
+            "Model replicas ejected for a cool-off after consecutive failures, by model",
+            ("model",),
+        )
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -222,6 +229,9 @@ class RouterMetrics:
 
     def degraded(self, dependency: str, reason: str) -> None:
         self._degraded(dependency, reason).inc()
+
+    def ejected(self, model: str) -> None:
+        self._ejections(model).inc()
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

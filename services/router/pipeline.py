@@ -133,7 +133,14 @@ class Pipeline:
         self._tokenizer = tokenizer
         self._clock = clock
         self._dispatch = Dispatcher(
-            self._calls, dependencies, table, tracer, settings.choice, self._clock, tokenizer
+            self._calls,
+            dependencies,
+            table,
+            tracer,
+            settings.choice,
+            self._clock,
+            tokenizer,
+            metrics.ejected if metrics is not None else None,
         )
         model, threshold, local = router
         self._router = TierRouter(
@@ -301,6 +308,8 @@ class Pipeline:
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
                     if answer.first:
+                        self._dispatch.health.succeeded(attempt.replica)  # it serves
+                        attempt.probe = False
                         ttft = self._clock() - began
                         spans.first_token(root, attempt.chat_span, ttft)
                         if self._metrics is not None:
@@ -348,9 +357,11 @@ class Pipeline:
             if not finished:
                 attempt.stream.cancel()
             self.loads.release(attempt.replica)
-            error_type = "" if ended is not None else _error_type(sys.exc_info()[1])
+            error = sys.exc_info()[1]
+            error_type = "" if ended is not None else _error_type(error)
             if error_type:
                 spans.chat_failed(attempt.chat_span, error_type)
+            self._judged(attempt, finished, error)
             attempt.chat_span.end()
             if self._metrics is not None:
                 self._metrics.model_call(
@@ -370,6 +381,18 @@ class Pipeline:
                 )
                 if bills is not None:
                     bills.append(billed)
+
+    def _judged(self, attempt: Attempt, finished: bool, error: BaseException | None) -> None:
+        """The call's verdict on its replica's health (``replica_health``): a cut counts
+        against it; a whole answer (without content: its first token did not say so) brings
+        it back; a caller that left, or an answer that outlasted its deadline, says nothing."""
+        health = self._dispatch.health
+        if isinstance(error, ReplicaCut):
+            self._dispatch.replica_failed(attempt.model.id, attempt.replica, attempt.probe)
+        elif finished:
+            health.succeeded(attempt.replica)
+        else:
+            health.released(attempt.replica, attempt.probe)
 
     def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
         spec = (

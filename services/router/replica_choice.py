@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.router.balance import BalancePolicy, Route, choose
+from services.router.replica_health import EjectionPolicy
 from services.router.replica_state import ReplicaStates
 
 POLICIES = ("ttft", "sglang", "round_robin")
@@ -59,6 +60,8 @@ class ChoiceSettings:
     policy: str = "ttft"
     sglang: BalancePolicy = field(default_factory=BalancePolicy)
     ttft: TtftPolicy = field(default_factory=TtftPolicy)
+    # which replicas the dispatcher leaves out after consecutive failures (replica_health)
+    ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -126,6 +129,13 @@ class ReplicaChooser:
         if self.states.kv_capacity_tokens is not None:
             match = {r: self._surviving(request, r, view_match.get(r, 0)) for r in replicas}
         return self._ttft(request, replicas, match, now)
+
+    def predicted_ttft_s(self, request: Request, replica: str, match: int, now: float) -> float:
+        """The TTFT policy's prediction for ``replica`` with a warm prefix of ``match``: the
+        prefill queued there plus the prompt's uncached prefill, at its measured rate."""
+        rate = self.states.rate(replica, self.prior(request)).prefill_tokens_per_s
+        queued = self.states.queued_s(replica, rate, now)
+        return queued + max(request.prompt_tokens - match, 0) / rate
 
     def _surviving(self, request: Request, replica: str, view: int) -> int:
         """The warm prefix the replica will still hold when this request's prefill begins

@@ -31,6 +31,10 @@ from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 # a report of fewer prefilled tokens than this is mostly fixed overhead: no rate sample
 MIN_SAMPLE_TOKENS = 256
 RATE_WEIGHT = 0.2  # the newest sample's weight in the rate's weighted sums
+# a request still waiting for its first report this long after its prefill began (its
+# predicted prefill times STALL_FACTOR, plus STALL_FLOOR_S) is stalled: see ``queued_s``
+STALL_FACTOR = 2.0
+STALL_FLOOR_S = 1.0
 
 
 @dataclass
@@ -193,7 +197,8 @@ class ReplicaStates:
         return ReplicaRate(state.tokens_avg / state.seconds_avg, state.samples)
 
     def queued_s(self, replica: str, tokens_per_s: float, now: float) -> float:
-        """Seconds of prefill ahead of a request sent now."""
+        """Seconds of prefill ahead of a request sent now (a stalled head counts as busy
+        for as long again as it has overrun its predicted prefill)."""
         state = self._replicas.get(replica)
         if state is None or not state.pending:
             return 0.0
@@ -201,7 +206,11 @@ class ReplicaStates:
         head_s = head.uncached_tokens / tokens_per_s
         done_s = max(now - max(head.sent_at, state.last_start_at), 0.0)
         rest_s = (state.pending_tokens - head.uncached_tokens) / tokens_per_s
-        return max(head_s - done_s, 0.0) + rest_s
+        # A head far past its predicted prefill is a stall (a hung replica), not done: it
+        # occupies the replica for as long again as it has overrun that, so the longer a
+        # replica keeps a request without a first report the less it is chosen.
+        overrun_s = done_s - (STALL_FACTOR * head_s + STALL_FLOOR_S)
+        return max(head_s - done_s, overrun_s, 0.0) + rest_s
 
     def surviving_match(
         self, replica: str, hashes: Sequence[bytes], prompt_tokens: int

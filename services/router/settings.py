@@ -15,6 +15,7 @@ from services.router.balance import BalancePolicy
 from services.router.key_settings import KeyStoreSettings
 from services.router.limit_settings import LimitSettings
 from services.router.replica_choice import POLICIES, ChoiceSettings, TtftPolicy
+from services.router.replica_health import EjectionPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9101"
@@ -120,6 +121,22 @@ def choice_from_env(env: Env) -> ChoiceSettings:
                 else env.int("ROUTER_KV_CAPACITY_TOKENS", 0, minimum=1)
             ),
         ),
+        ejection=ejection_from_env(env),
+    )
+
+
+def ejection_from_env(env: Env) -> EjectionPolicy:
+    base_s = env.float("ROUTER_EJECT_BASE_S", 5.0, minimum=0.001)
+    max_s = env.float("ROUTER_EJECT_MAX_S", 300.0, minimum=0.001)
+    if max_s < base_s:
+        raise ConfigError(
+            f"ROUTER_EJECT_MAX_S ({max_s:g}) must be at least ROUTER_EJECT_BASE_S ({base_s:g}): "
+            "the cool-off starts at the base and doubles up to the max"
+        )
+    return EjectionPolicy(
+        after_failures=env.int("ROUTER_EJECT_AFTER_FAILURES", 3, minimum=0),
+        base_s=base_s,
+        max_s=max_s,
     )
 
 

@@ -115,6 +115,10 @@ def route_attributes(
         attributes["cachemesh.predicted_ttft_ms"] = round(route.predicted_ttft_s * 1000, 3)
     if route.queued_s is not None:
         attributes["cachemesh.replica_queued_ms"] = round(route.queued_s * 1000, 3)
+    if route.ejected:  # left out of the choice for their failures (replica_health)
+        attributes["cachemesh.replicas_ejected"] = list(route.ejected)
+    if route.probe:
+        attributes["cachemesh.replica_probe"] = True
     attributes["cachemesh.kv_cached_tokens"] = start.kv_cached_tokens
     span.set_attributes(attributes)
 

@@ -84,3 +84,13 @@ def test_in_flight_counts_and_failures() -> None:
     states.release("r")
     states.release("r")  # never below zero
     assert states.loads() == {}
+
+
+def test_a_request_far_past_its_predicted_prefill_is_a_stall_not_done() -> None:
+    """A hung replica must not look idle: its head, waiting for its first report well past
+    twice its predicted prefill plus 1 s, occupies it for as long again as it overran that."""
+    states = ReplicaStates()
+    states.sent("r", 1_000, 1_000, [], now=0.0)  # 1 s at 1,000 tokens/s
+    assert states.queued_s("r", 1_000.0, now=3.0) == 0.0  # 2 x 1 s + 1 s: not yet
+    assert states.queued_s("r", 1_000.0, now=13.0) == pytest.approx(10.0)
+    assert states.queued_s("r", 1_000.0, now=103.0) == pytest.approx(100.0)

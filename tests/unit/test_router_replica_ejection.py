@@ -1,0 +1,190 @@
+"""Through the router's request path: a replica whose calls keep failing (or hang) is ejected
+(it stops taking requests, their time and their deadlines); after the cool-off one probe
+brings it back; when all are ejected they still serve; a request's own fault
+(INVALID_ARGUMENT, RESOURCE_EXHAUSTED) or a deadline shorter than its prefill counts for
+nothing. The clock is injected: no test sleeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from opentelemetry import trace
+
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code, RequestError
+from services.router.dependencies import CallFailed, Dependencies
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
+
+REPLICAS = {"sim-small": ("small-1",), "sim-large": ("large-1", "large-2")}
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class WarmOnLargeOne:
+    """prefix-cache's view: large-1 holds the prompt's prefix, so the chooser prefers it."""
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        return pc.PlanResponse(
+            prompt_tokens=2000,
+            candidates=[
+                pc.ReplicaCandidate(replica="large-1", warm_prefix_tokens=1984),
+                pc.ReplicaCandidate(replica="large-2", warm_prefix_tokens=0),
+            ],
+            plan_id="p",
+        )
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        return pc.CommitResponse(
+            usage=pb.Usage(input_tokens=2000, output_tokens=request.output_tokens)
+        )
+
+
+class Stream:
+    def __init__(self, chunks: list[model_pb2.GenerateChunk | CallFailed]) -> None:
+        self._chunks = iter(chunks)
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        chunk = next(self._chunks, None)
+        if isinstance(chunk, CallFailed):
+            raise chunk
+        return chunk
+
+    def cancel(self) -> None:
+        pass
+
+
+@dataclass
+class Models:
+    clock: Clock
+    failing: dict[str, CallFailed]
+    takes_s: float | None = 1.0  # how long a failing call takes (None: its whole deadline)
+    calls: list[str] = field(default_factory=list)
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> Stream:
+        self.calls.append(replica)
+        failure = self.failing.get(replica)
+        if failure is not None:
+            self.clock.now += deadline_s if self.takes_s is None else self.takes_s
+            return Stream([failure])
+        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
+        end = model_pb2.GenerateEnd(output_tokens=1, stop_reason="end_turn")
+        return Stream(
+            [
+                model_pb2.GenerateChunk(start=start),
+                model_pb2.GenerateChunk(text="ok"),
+                model_pb2.GenerateChunk(end=end),
+            ]
+        )
+
+
+def _pipeline(models: Models) -> Pipeline:
+    deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    return Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=models.clock
+    )
+
+
+async def _ask(pipeline: Pipeline, i: int, remaining_s: float | None = None) -> pb.CompleteResponse:
+    request = build_request(f"question {i}", model="sim-large", request_id=f"r{i}")
+    chunks = [c async for c in pipeline.run("tenant-a", request, time_remaining_s=remaining_s)]
+    return chunks[-1].end
+
+
+UNAVAILABLE = CallFailed(Code.UNAVAILABLE, "anthropic could not serve (529)")
+
+
+async def test_a_failing_replica_is_ejected_after_three_failures() -> None:
+    clock = Clock()
+    models = Models(clock, {"large-1": UNAVAILABLE})
+    pipeline = _pipeline(models)
+    for i in range(20):
+        assert (await _ask(pipeline, i)).content[0].text == "ok"
+    await pipeline.drain()
+    assert models.calls.count("large-1") == 3  # then ejected: 17 requests straight to large-2
+
+
+async def test_a_hung_replica_is_ejected_and_stops_taking_requests_deadlines() -> None:
+    clock = Clock()
+    hung = CallFailed(Code.DEADLINE_EXCEEDED, "deadline")
+    models = Models(clock, {"large-1": hung}, takes_s=None)  # each call waits out its deadline
+    pipeline = _pipeline(models)
+    failed = 0
+    for i in range(20):
+        try:
+            await _ask(pipeline, i, remaining_s=30.0)
+        except RequestError as exc:
+            assert exc.code == Code.DEADLINE_EXCEEDED
+            failed += 1
+    await pipeline.drain()
+    assert failed == 3 and models.calls.count("large-1") == 3
+
+
+async def test_after_the_cool_off_one_probe_and_a_success_brings_it_back() -> None:
+    clock = Clock()
+    models = Models(clock, {"large-1": UNAVAILABLE})
+    pipeline = _pipeline(models)
+    for i in range(3):
+        await _ask(pipeline, i)
+    del models.failing["large-1"]  # its provider is back
+    await _ask(pipeline, 3)
+    assert models.calls[-1] == "large-2"  # still cooling off
+    clock.now += 5.0  # ROUTER_EJECT_BASE_S's default
+    await _ask(pipeline, 4)
+    assert models.calls[-1] == "large-1"  # the probe: served, so back in service
+    await _ask(pipeline, 5)
+    assert models.calls[-1] == "large-1"  # warm: the chooser's pick again
+    await pipeline.drain()
+
+
+async def test_when_every_replica_is_ejected_they_still_serve() -> None:
+    clock = Clock()
+    down = {"large-1": UNAVAILABLE, "large-2": UNAVAILABLE}
+    models = Models(clock, dict(down))
+    pipeline = _pipeline(models)
+    for i in range(3):
+        with pytest.raises(RequestError):
+            await _ask(pipeline, i)
+    assert pipeline._dispatch.health.ejected("large-1", clock())
+    assert pipeline._dispatch.health.ejected("large-2", clock())
+    models.failing.clear()
+    assert (await _ask(pipeline, 3)).content[0].text == "ok"  # not refused for the ejection
+    await pipeline.drain()
+
+
+@pytest.mark.parametrize("code", [Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED])
+async def test_a_requests_own_fault_does_not_count_against_the_replica(code: Code) -> None:
+    clock = Clock()
+    models = Models(clock, {"large-1": CallFailed(code, "the prompt is over the window")})
+    pipeline = _pipeline(models)
+    for i in range(5):
+        with pytest.raises(RequestError):
+            await _ask(pipeline, i)
+    await pipeline.drain()
+    assert models.calls == ["large-1"] * 5  # still the chooser's pick: never ejected
+    assert not pipeline._dispatch.health.ejected("large-1", clock())
+
+
+async def test_a_deadline_shorter_than_the_prefill_is_not_the_replicas_fault() -> None:
+    clock = Clock()
+    hung = CallFailed(Code.DEADLINE_EXCEEDED, "deadline")
+    models = Models(clock, {"large-1": hung, "large-2": hung}, takes_s=None)
+    pipeline = _pipeline(models)
+    for i in range(5):  # 1 ms: less than any replica's predicted prefill of 16+ tokens
+        with pytest.raises(RequestError):
+            await _ask(pipeline, i, remaining_s=0.001)
+    await pipeline.drain()
+    assert not pipeline._dispatch.health.ejected("large-1", clock())
