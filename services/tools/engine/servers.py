@@ -24,6 +24,7 @@ from pathlib import Path
 from services.common.models import PRIOR_VARIABLE
 from services.tools.engine.cache import EnginePaths
 from services.tools.stack.environment import dial_address
+from services.tools.stack.processes import proc_stat
 
 UPSTREAM_ID = "SmolLM2-135M-Instruct"  # the alias each replica serves the model under
 # the table's self-hosted rows the replicas stand behind, by tier (both are SmolLM2 here)
@@ -219,11 +220,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
+    fields = proc_stat(pid)
+    return fields is None or fields[0] != "Z"  # unreadable counts as alive
 
 
 def _is_llama(pid: int) -> bool:

@@ -66,11 +66,12 @@ def is_alive(pid: int, module: str) -> bool:
     proc = Path(f"/proc/{pid}")
     if not proc.is_dir():
         return True
+    fields = proc_stat(pid)
+    if fields is None or fields[0] == "Z":  # unreadable, or a zombie
+        return False
     try:
-        if proc.joinpath("stat").read_text().rpartition(")")[2].split()[0] == "Z":
-            return False
         argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
-    except (OSError, IndexError):
+    except OSError:
         return False
     marker = module.encode()  # a substring: redis-server rewrites its title in place
     return any(marker in arg for arg in argv)
@@ -80,10 +81,18 @@ def start_time(pid: int) -> str | None:
     """When ``pid`` started (clock ticks since boot, field 22 of /proc/<pid>/stat): with the pid
     it names one process, never a later one that reused the pid. None where /proc does not tell
     (not Linux, or the process is gone)."""
+    fields = proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, from field 3 (the state: "Z"
+    for a zombie; field n is at n - 3); None where it cannot be read (not Linux, or gone)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
         return None
+    return fields or None
 
 
 def write_pid(path: Path, pid: int) -> None:
