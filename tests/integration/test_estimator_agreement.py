@@ -92,5 +92,13 @@ def test_estimator_and_live_stack_agree_on_overlapping_requests(tmp_path: Path) 
     assert all(r.latency_ms is not None for r in log)
     samples = asyncio.run(replay(OfflineStack(settings, ManualClock()), log))
     live_cost, estimated_cost = (sum(s.cost_nanos for s in ss) for ss in (live, samples))
-    assert Counter(s.layer for s in samples) == Counter(s.layer for s in live)
+    # Live timing varies run to run (a Store landing just before or after a paraphrase's
+    # lookup): the replay estimates each answer's first token, so up to 2 of the 60 may be
+    # served by another layer; the sequential replay was off by ~40% of the cost.
+    live_layers, estimated_layers = (
+        Counter(s.layer for s in live),
+        Counter(s.layer for s in samples),
+    )
+    moved = sum((live_layers - estimated_layers).values())
+    assert moved <= 2, (estimated_layers, live_layers)
     assert abs(estimated_cost - live_cost) <= 0.03 * live_cost, (estimated_cost, live_cost)
