@@ -125,6 +125,29 @@ def test_the_request_log_round_trips_and_names_a_bad_line(tmp_path: Path) -> Non
         next(read)
 
 
+def test_a_warm_up_request_warms_the_caches_and_stays_out_of_the_totals(
+    settings: dict[str, str], tmp_path: Path
+) -> None:
+    """cachemesh-load's report leaves its --warmup requests out; the estimate of its log must
+    too, or its request count and bill are the live run's plus the warm-up's."""
+    from cachemesh.loadtest.stats import summarise
+
+    q = "How do I reset my password?"
+    buffer = io.StringIO()
+    write_log(buffer, [LogRecord(0, _ask(q), warmup=True), LogRecord(1000, _ask(q))])
+    path = tmp_path / "log.jsonl"
+    path.write_text(buffer.getvalue())
+    records = list(read_log(path))
+    assert [r.warmup for r in records] == [True, False]
+    samples = asyncio.run(replay(OfflineStack(settings, ManualClock()), records))
+    results = summarise(samples, {}, wall_s=0.0)
+    assert results["requests"] == 1
+    assert results["served_by"] == {"semantic_cache": 1}  # the warm-up's answer, from L1
+    path.write_text('{"t_ms": 0, "tenant": "x", "warmup": "yes", "request": {}}\n')
+    with pytest.raises(LogError, match="warmup must be true or false"):
+        list(read_log(path))
+
+
 def test_a_scope_over_the_ivf_size_switches_index_offline_as_it_does_live(
     settings: dict[str, str],
 ) -> None:

@@ -102,6 +102,7 @@ def test_the_request_log_holds_what_was_sent_when_it_was_sent() -> None:
     # each with how long it ran (the estimator replays overlapping requests concurrently)
     assert [r.latency_ms for r in log] == [100.0, 100.0, 100.0]
     assert [r.ttft_ms for r in log] == [None, None, None]
+    assert [r.warmup for r in log] == [True, False, False]  # the estimator leaves it out
 
 
 def test_the_request_log_holds_a_streamed_requests_first_token() -> None:

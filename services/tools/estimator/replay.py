@@ -81,11 +81,11 @@ async def _serve(stack: OfflineStack, i: int, record: LogRecord, what_if: WhatIf
     outcome = await stack.complete(record.item.tenant, request)
     at = record.t_ms / 1000
     if outcome.response is None:
-        return from_error(record.item, outcome.code, at, 0.0)
+        return from_error(record.item, outcome.code, at, 0.0, warmup=record.warmup)
     logged = stack.table.get(record.item.request.model)
     if request.model != record.item.request.model and logged is not None:
         _priced_against(outcome.response, logged)
-    return from_response(record.item, outcome.response, at, 0.0)
+    return from_response(record.item, outcome.response, at, 0.0, warmup=record.warmup)
 
 
 def log_timing(records: Sequence[LogRecord]) -> dict[str, int]:

@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> list[LogRecord]:
-    """The requests that were sent, warm-up first, each at the time it was sent (ms from the
-    first) with how long after that it ended (and its first token, streamed), as the offline
-    estimator replays them: requests that overlapped are replayed concurrently."""
+    """The requests that were sent, warm-up first (marked: the estimator leaves them out of its
+    totals, as the run's report does), each at the time it was sent (ms from the first) with
+    how long after that it ended (and its first token, streamed), as the offline estimator
+    replays them: requests that overlapped are replayed concurrently."""
     sent = sorted((s for s in samples if s.index >= 0), key=lambda s: (not s.warmup, s.started_s))
     if not sent:
         return []
@@ -192,5 +193,5 @@ def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> lis
         if s.ttft_s is not None:
             ttft = min(latency, round(max(0.0, began + s.ttft_s * 1000.0 - t_ms), 3))
         item = (warmup if s.warmup else plan)[s.index]
-        records.append(LogRecord(t_ms, item, latency, ttft))
+        records.append(LogRecord(t_ms, item, latency, ttft, warmup=s.warmup))
     return records

@@ -8,6 +8,8 @@ Each line is a JSON object (documented in SCHEMA.md, "Request log"):
 ``t_ms`` is the arrival time in milliseconds from the start of the log (non-decreasing);
 ``latency_ms`` (optional) how long after ``t_ms`` its answer ended, ``ttft_ms`` (optional, a
 streamed run) its first token: the estimator serves requests that overlapped concurrently;
+``warmup`` (optional, true) marks a request sent before the measured ones: replayed, so that
+it warms the caches as it did live, and left out of the estimate's totals;
 ``tenant`` is any string that tells tenants apart; ``kind`` and ``question`` are optional
 (``question`` is the asked text of a labelled request). ``request`` uses the field names of
 gateway.proto in lowerCamelCase, e.g. ``{"model": "auto", "maxTokens": 200, "messages": [{"role":
@@ -35,6 +37,7 @@ class LogRecord:
     item: Item
     latency_ms: float | None = None  # until its answer ended (None: not logged)
     ttft_ms: float | None = None  # until its first token (None: not logged)
+    warmup: bool = False  # sent before the measured requests: replayed, left out of totals
 
 
 class LogError(ValueError):
@@ -54,6 +57,8 @@ def write_log(out: TextIO, records: Iterable[LogRecord]) -> None:
             line["latency_ms"] = record.latency_ms
         if record.ttft_ms is not None:
             line["ttft_ms"] = record.ttft_ms
+        if record.warmup:
+            line["warmup"] = True
         out.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
 
 
@@ -85,6 +90,9 @@ def read_log(path: Path) -> Iterator[LogRecord]:
                     raise LogError(f"{where}: {name} must be a finite number >= 0 when given")
             if ttft is not None and (latency is None or ttft > latency):
                 raise LogError(f"{where}: ttft_ms needs a latency_ms and must be <= it")
+            warmup = row.get("warmup", False)
+            if not isinstance(warmup, bool):
+                raise LogError(f"{where}: warmup must be true or false when given")
             last = float(t_ms)
             item = Item(str(row.get("kind", "log")), tenant, request, str(row.get("question", "")))
             yield LogRecord(
@@ -92,6 +100,7 @@ def read_log(path: Path) -> Iterator[LogRecord]:
                 item,
                 None if latency is None else float(latency),
                 None if ttft is None else float(ttft),
+                warmup,
             )
 
 
