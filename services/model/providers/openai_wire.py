@@ -7,8 +7,9 @@ one system message, tools become functions, an assistant's ``tool_use`` blocks i
 assistant turn that called them, as the API requires); ``prompt_cache_key`` is passed
 through, the output limit goes in the model's own parameter (``max_completion_tokens`` for
 OpenAI's current models), and ``stream_options.include_usage`` asks for the usage chunk
-that ends the stream before ``[DONE]``. Cache breakpoints have no meaning here (OpenAI caches
-automatically) and are not sent.
+that ends the stream before ``[DONE]`` (its cache reads are
+``prompt_tokens_details.cached_tokens``, or DeepSeek's ``prompt_cache_hit_tokens``). Cache
+breakpoints have no meaning here (OpenAI caches automatically) and are not sent.
 https://platform.openai.com/docs/api-reference/chat/create
 """
 
@@ -116,17 +117,25 @@ def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
     return params
 
 
+def cached_tokens_of(usage: Any) -> int:
+    """The prompt's tokens read from the provider's cache: OpenAI's
+    ``prompt_tokens_details.cached_tokens``, else DeepSeek's ``prompt_cache_hit_tokens``
+    (its prompt_tokens = prompt_cache_hit_tokens + prompt_cache_miss_tokens;
+    https://api-docs.deepseek.com/guides/kv_cache). Never both: they count the same tokens."""
+    cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
+    if cached is None:
+        cached = getattr(usage, "prompt_cache_hit_tokens", None)
+    return int(cached or 0)
+
+
 def _usage(usage: Any) -> tuple[pc.OpenAIUsage, int]:
-    prompt_details = getattr(usage, "prompt_tokens_details", None)
     completion_details = getattr(usage, "completion_tokens_details", None)
     reasoning = int(getattr(completion_details, "reasoning_tokens", None) or 0)
     report = pc.OpenAIUsage(
         prompt_tokens=int(usage.prompt_tokens or 0),
         completion_tokens=int(usage.completion_tokens or 0),
         total_tokens=int(usage.total_tokens or 0),
-        prompt_tokens_details=pc.OpenAIPromptTokensDetails(
-            cached_tokens=int(getattr(prompt_details, "cached_tokens", None) or 0)
-        ),
+        prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached_tokens_of(usage)),
         completion_tokens_details=pc.OpenAICompletionTokensDetails(reasoning_tokens=reasoning),
     )
     return report, reasoning

@@ -1,0 +1,69 @@
+"""Fields of the providers' wire formats that change what an agent's model sees or what a call
+costs, read and written by the adapters through the real SDKs against the loopback server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from services.prefix_cache.pricing import cost_nanos
+from services.prefix_cache.reconcile import reported_usage
+from services.prefix_cache.rules import Split
+from tests.integration.test_provider_streams import (
+    GPT,
+    TABLE,
+    _api,
+    _ends,
+    _generate,
+    loopback_providers,
+)
+from tests.providers import openai_wire
+from tests.providers.wire_server import Reply, WireServer
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    yield from loopback_providers()
+
+
+def _deepseek(hit: int, miss: int, completion: int, **extra: Any) -> dict[str, Any]:
+    """DeepSeek's usage (https://api-docs.deepseek.com/guides/kv_cache): prompt_tokens =
+    prompt_cache_hit_tokens + prompt_cache_miss_tokens, no ``prompt_tokens_details``."""
+    return {
+        "prompt_tokens": hit + miss,
+        "completion_tokens": completion,
+        "total_tokens": hit + miss + completion,
+        "prompt_cache_hit_tokens": hit,
+        "prompt_cache_miss_tokens": miss,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("report", "cached"),
+    [
+        (_deepseek(1920, 86, 31), 1920),  # DeepSeek's own fields only
+        (_deepseek(0, 2006, 31), 0),  # a miss
+        # both reported (the standard field is preferred; never summed)
+        (_deepseek(1920, 86, 31, prompt_tokens_details={"cached_tokens": 1920}), 1920),
+        (_deepseek(1920, 86, 31, prompt_tokens_details={"cached_tokens": 1024}), 1024),
+        (openai_wire.usage(2006, 1920, 31), 1920),  # OpenAI's
+    ],
+    ids=["deepseek-hit", "deepseek-miss", "both-equal", "both-differ", "openai"],
+)
+def test_a_deepseek_cache_hit_is_reported_and_billed_as_cached(
+    server: WireServer, report: dict[str, Any], cached: int
+) -> None:
+    server.script("openai", Reply(events=openai_wire.stream(GPT, ["Paris."], report)))
+    (end,) = _ends(_generate(_api(server, "openai"), GPT))
+    usage = end.provider_usage.openai
+    assert (usage.prompt_tokens, usage.completion_tokens) == (2006, 31)
+    assert usage.prompt_tokens_details.cached_tokens == cached
+    # the bill reconciled from that report: gpt-4o-mini at $0.15 in, $0.075 cached in, $0.6
+    # out per MTok (a DeepSeek hit of 1920: 175,500 nanos, not 319,500)
+    spec = TABLE.models[GPT]
+    billed = reported_usage(end.provider_usage, spec)
+    assert billed.split == Split(2006 - cached, 0, 0, cached)
+    assert cost_nanos(billed.split, 31, spec) == (2006 - cached) * 150 + cached * 75 + 31 * 600
