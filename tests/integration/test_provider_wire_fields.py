@@ -3,15 +3,19 @@ costs, read and written by the adapters through the real SDKs against the loopba
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
 from services.prefix_cache.pricing import cost_nanos
 from services.prefix_cache.reconcile import reported_usage
 from services.prefix_cache.rules import Split
 from tests.integration.test_provider_streams import (
+    CLAUDE,
     GPT,
     TABLE,
     _api,
@@ -67,3 +71,64 @@ def test_a_deepseek_cache_hit_is_reported_and_billed_as_cached(
     billed = reported_usage(end.provider_usage, spec)
     assert billed.split == Split(2006 - cached, 0, 0, cached)
     assert cost_nanos(billed.split, 31, spec) == (2006 - cached) * 150 + cached * 75 + 31 * 600
+
+
+def _tool_turn(model: str) -> model_pb2.GenerateRequest:
+    """An agent's turn after two tool calls: one failed (is_error), one succeeded."""
+    calls = [
+        pb.ContentBlock(tool_use=pb.ToolUse(id=f"call_{n}", name="read_file", input_json=args))
+        for n, args in enumerate(['{"path": "/etc/shadow"}', '{"path": "notes.md"}'])
+    ]
+    results = [
+        pb.ContentBlock(
+            tool_result=pb.ToolResult(
+                tool_use_id="call_0", content="permission denied: /etc/shadow", is_error=True
+            )
+        ),
+        pb.ContentBlock(tool_result=pb.ToolResult(tool_use_id="call_1", content="buy milk")),
+    ]
+    request = pb.CompleteRequest(
+        model=model,
+        max_tokens=16,
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Read both files.")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=calls),
+            pb.Message(role=pb.ROLE_USER, content=results),
+        ],
+    )
+    return model_pb2.GenerateRequest(tenant="t", model=model, request=request)
+
+
+@pytest.mark.parametrize(("backend", "model"), [("anthropic", CLAUDE), ("openai", GPT)])
+def test_a_failed_tool_result_reaches_the_model_as_a_failure(
+    server: WireServer, backend: str, model: str
+) -> None:
+    """Anthropic's tool_result has is_error; an OpenAI ``tool`` message has no such flag, so
+    the failure is written into its content ("Error: " before the tool's text)."""
+    api = _api(server, backend)
+
+    async def run() -> list[model_pb2.GenerateChunk]:
+        return [chunk async for chunk in api.generate(_tool_turn(model), 5.0)]
+
+    (end,) = _ends(asyncio.run(run()))
+    assert end.stop_reason == "end_turn"
+    body = server.seen_by(backend)[-1].body
+    if backend == "anthropic":
+        assert body["messages"][-1]["content"] == [
+            {
+                "type": "tool_result",
+                "tool_use_id": "call_0",
+                "content": "permission denied: /etc/shadow",
+                "is_error": True,
+            },
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "buy milk"},
+        ]
+    else:
+        assert body["messages"][-2:] == [
+            {
+                "role": "tool",
+                "tool_call_id": "call_0",
+                "content": "Error: permission denied: /etc/shadow",
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "buy milk"},
+        ]

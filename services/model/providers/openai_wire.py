@@ -4,10 +4,11 @@ OpenAI-compatible engine (vLLM, SGLang, Ollama, llama.cpp's llama-server, TGI) b
 ``chat_params`` maps a Gateway request to the Chat Completions body: the system blocks become
 one system message, tools become functions, an assistant's ``tool_use`` blocks its
 ``tool_calls``, a user's ``tool_result`` blocks ``tool`` messages (placed right after the
-assistant turn that called them, as the API requires); ``prompt_cache_key`` is passed
-through, the output limit goes in the model's own parameter (``max_completion_tokens`` for
-OpenAI's current models), and ``stream_options.include_usage`` asks for the usage chunk
-that ends the stream before ``[DONE]`` (its cache reads are
+assistant turn that called them, as the API requires; a ``tool`` message has no error flag, so
+a result with ``is_error`` is sent as ``TOOL_ERROR_PREFIX`` + its content);
+``prompt_cache_key`` is passed through, the output limit goes in the model's own parameter
+(``max_completion_tokens`` for OpenAI's current models), and ``stream_options.include_usage``
+asks for the usage chunk that ends the stream before ``[DONE]`` (its cache reads are
 ``prompt_tokens_details.cached_tokens``, or DeepSeek's ``prompt_cache_hit_tokens``). Cache
 breakpoints have no meaning here (OpenAI caches automatically) and are not sent.
 https://platform.openai.com/docs/api-reference/chat/create
@@ -52,6 +53,14 @@ def stop_reason_of(finish_reason: str, called_tools: bool) -> str:
     return "tool_use" if called_tools and mapped == "end_turn" else mapped
 
 
+# what marks a failed tool's result (is_error) in its ``tool`` message, for the model to see
+TOOL_ERROR_PREFIX = "Error: "
+
+
+def _tool_content(result: pb.ToolResult) -> str:
+    return TOOL_ERROR_PREFIX + result.content if result.is_error else result.content
+
+
 def _texts(blocks: list[pb.ContentBlock]) -> str:
     return "\n\n".join(block.text for block in blocks if block.WhichOneof("kind") == "text")
 
@@ -86,7 +95,7 @@ def _messages(request: pb.CompleteRequest) -> list[dict[str, Any]]:
                     {
                         "role": "tool",
                         "tool_call_id": block.tool_result.tool_use_id,
-                        "content": block.tool_result.content,
+                        "content": _tool_content(block.tool_result),
                     }
                 )
         if text := _texts(blocks):
