@@ -72,6 +72,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.prefix_timeout_s,
         settings.outbox_retry_s,
         tracer,
+        settings.outbox_max_bytes,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -28,6 +28,8 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``fallback``); ``cachemesh_router_requests_in_flight``;
   ``cachemesh_router_replica_ejections_total{model}``: replicas left out for a cool-off after
   failing calls in a row (``replica_health``; a re-ejection after a failed probe counts too);
+  ``cachemesh_router_outbox_refused_total``: requests refused before their model call because
+  the billing outbox in memory was over ``ROUTER_OUTBOX_MAX_BYTES`` (prefix-cache down long);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -150,6 +152,10 @@ class RouterMetrics:
             "Model replicas ejected for a cool-off after consecutive failures, by model",
             ("model",),
         )
+        self._outbox_refused = m.counter(
+            "cachemesh_router_outbox_refused",
+            "Requests refused before their model call: the billing outbox in memory was full",
+        )()
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -232,6 +238,9 @@ class RouterMetrics:
 
     def ejected(self, model: str) -> None:
         self._ejections(model).inc()
+
+    def outbox_refused(self) -> None:
+        self._outbox_refused.inc()
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

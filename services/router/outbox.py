@@ -9,8 +9,12 @@ until prefix-cache acknowledges them. Both commits are idempotent by their key (
 and the attempt), so a replay that raced an earlier one bills once. A router that dies replays
 its journal when it starts again. The commits wait on disk, not in memory (the journal keeps
 only the ids of its entries: ``outbox_journal.py``), and the answers kept together share one
-fsync. Without a data directory the outbox is in memory only (lost with the router, and as
-large as the outage; said once at start).
+fsync. Without a data directory the outbox is in memory only (lost with the router; said once
+at start) and bounded: once the commits it holds exceed ``ROUTER_OUTBOX_MAX_BYTES`` it is
+``full``, and the pipeline refuses the requests that need a model call (``UNAVAILABLE``,
+before the model is called) until replays bring it back under the bound. Nothing kept is ever
+dropped: an answer already produced is still kept (the bound is exceeded by at most the calls
+in flight), so no answer goes out unbilled and no provider call is paid that cannot be billed.
 
 A commit refused for the request's own fault (INVALID_ARGUMENT, FAILED_PRECONDITION: the WARM
 expired) is logged at ERROR with its key and dropped: retrying cannot succeed. Any other
@@ -66,6 +70,7 @@ class _InMemory:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        self.held_bytes = 0  # the commits held, serialized: what the bound counts
 
     @property
     def count(self) -> int:
@@ -75,6 +80,7 @@ class _InMemory:
         self, entry_id: str, commits: tuple[pc.CommitRequest, ...], carrier: dict[str, str]
     ) -> None:
         self._entries[entry_id] = (commits, carrier)
+        self.held_bytes += _size(commits)
 
     async def ids(self) -> list[str]:
         return list(self._entries)
@@ -83,7 +89,8 @@ class _InMemory:
         return self._entries[entry_id]
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
-        self._entries.pop(entry_id, None)
+        if (entry := self._entries.pop(entry_id, None)) is not None:
+            self.held_bytes -= _size(entry[0])
         settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         settled.set_result(None)
         return settled
@@ -125,9 +132,14 @@ class BillingOutbox:
         deadline_s: float,
         retry_s: float,
         tracer: trace.Tracer | None = None,
+        max_memory_bytes: int | None = None,
     ) -> None:
-        """``tracer``: the replays' spans (None: the global provider's)."""
+        """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
+        the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
+        commits wait on disk and are not bounded by it."""
         self._prefix = prefix
+        self._max_memory_bytes = max_memory_bytes
+        self._said_full = False
         self._tracer = tracer if tracer is not None else trace.get_tracer("cachemesh.router")
         self._deadline_s = deadline_s
         self._retry_s = retry_s
@@ -148,6 +160,32 @@ class BillingOutbox:
     def pending(self) -> int:
         return self._entries.count
 
+    @property
+    def full(self) -> bool:
+        """An outbox in memory holding more than its bound: a new model call must not start
+        (its answer could be kept only past the bound)."""
+        entries, bound = self._entries, self._max_memory_bytes
+        return isinstance(entries, _InMemory) and bound is not None and entries.held_bytes > bound
+
+    def _say_if_full(self) -> None:
+        """One line when the outbox fills up, one when it is back under its bound."""
+        full = self.full
+        if full == self._said_full:
+            return
+        self._said_full = full
+        if not full:
+            log.info("billing outbox back under ROUTER_OUTBOX_MAX_BYTES: model calls resume")
+            return
+        assert isinstance(self._entries, _InMemory)
+        log.error(
+            "billing outbox in memory holds %d answers (%d bytes), over ROUTER_OUTBOX_MAX_BYTES "
+            "(%d): requests that need a model call are refused (UNAVAILABLE) until "
+            "prefix-cache takes their bills; set ROUTER_DATA_DIR to keep the outbox on disk",
+            self._entries.count,
+            self._entries.held_bytes,
+            self._max_memory_bytes,
+        )
+
     async def keep(self, commits: Sequence[pc.CommitRequest]) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
@@ -155,6 +193,7 @@ class BillingOutbox:
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)  # the current request's span
         await self._entries.add(secrets.token_hex(8), tuple(commits), carrier)
+        self._say_if_full()
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
@@ -181,6 +220,7 @@ class BillingOutbox:
                     log.warning("billing outbox: journal write failed: %s", failed)
         if settled:
             log.info("billing outbox: billed %d answers, %d pending", settled, self.pending)
+            self._say_if_full()
         return settled
 
     async def run(self) -> None:
@@ -234,3 +274,7 @@ class BillingOutbox:
                 )
                 return _Sent.SETTLED
         return _Sent.SETTLED
+
+
+def _size(commits: Sequence[pc.CommitRequest]) -> int:
+    return sum(commit.ByteSize() for commit in commits)

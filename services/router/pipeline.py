@@ -200,6 +200,7 @@ class Pipeline:
         cut: set[str] = set()  # replicas cut mid-answer on this request
         last_cut: ReplicaCut | None = None
         try:
+            self._refuse_if_outbox_full()
             while True:
                 emitted = False
                 try:
@@ -381,6 +382,22 @@ class Pipeline:
                 )
                 if bills is not None:
                     bills.append(billed)
+
+    def _refuse_if_outbox_full(self) -> None:
+        """No model call while the billing outbox in memory is over its bound: its answer
+        could not be kept for billing without growing the router past it (refused before the
+        provider is paid, so nothing is served unbilled and nothing kept is dropped)."""
+        if self._outbox is None or not self._outbox.full:
+            return
+        if self._metrics is not None:
+            self._metrics.outbox_refused()
+        raise RequestError(
+            Code.UNAVAILABLE,
+            "prefix-cache has not taken the bills of this router's earlier answers and its "
+            "billing outbox in memory is full (ROUTER_OUTBOX_MAX_BYTES): no model call can be "
+            "billed now; retry later (an operator can set ROUTER_DATA_DIR to keep the outbox "
+            "on disk)",
+        )
 
     def _judged(self, attempt: Attempt, finished: bool, error: BaseException | None) -> None:
         """The call's verdict on its replica's health (``replica_health``): a cut counts

@@ -25,7 +25,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.env import Env
+from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
@@ -277,6 +277,57 @@ async def test_an_outbox_that_cannot_write_durably_refuses_the_answer_and_says_w
     assert "billing outbox cannot keep it durably" in caught.value.message
     assert str(tmp_path) not in caught.value.message  # the router's paths stay in its log
     assert outbox.pending >= 1
+
+
+async def test_a_full_outbox_in_memory_refuses_model_calls_until_its_bills_are_taken() -> None:
+    """No ROUTER_DATA_DIR and prefix-cache down: the outbox in memory holds every answer's
+    commits (each carries its whole request). Past ROUTER_OUTBOX_MAX_BYTES a request that needs
+    a model call is refused before the model is paid, instead of growing the router without
+    bound; a semantic-cache hit is still served, and once prefix-cache takes the bills model
+    calls resume. Nothing kept is dropped."""
+    prefix = FakePrefix(down=True)
+    outbox = BillingOutbox(prefix, None, 1.0, 0.01, max_memory_bytes=1)  # full after one
+    rig = Rig(prefix=prefix, outbox=outbox)
+    pipeline = rig.pipeline()
+
+    async def answer() -> pb.CompleteResponse:
+        return [chunk async for chunk in pipeline.run("tenant-a", _request())][-1].end
+
+    assert (await answer()).cost.estimated and outbox.pending == 1
+    assert outbox.full
+    calls = len(rig.models.calls)
+    for _ in range(3):
+        with pytest.raises(RequestError) as caught:
+            await answer()
+        assert caught.value.code == Code.UNAVAILABLE
+        assert "ROUTER_OUTBOX_MAX_BYTES" in caught.value.message
+    assert len(rig.models.calls) == calls and outbox.pending == 1  # no model paid, none kept
+    cached = sc.CachedAnswer(
+        content=[pb.ContentBlock(text="Use the reset link.")],
+        model="sim-large",
+        tier="large",
+        stop_reason="end_turn",
+        output_tokens=5,
+    )
+    rig.semantic.reply = sc.LookupResponse(hit=True, answer=cached)
+    assert (await answer()).served_by == pb.LAYER_SEMANTIC_CACHE  # L1 bills nothing: served
+    rig.semantic.reply = sc.LookupResponse()
+    prefix.down = False
+    assert await outbox.flush() == 1 and not outbox.full
+    assert not (await answer()).cost.estimated  # model calls resume
+
+
+def test_the_outbox_bound_is_read_at_start_and_zero_is_a_bound() -> None:
+    base = {
+        "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:2",
+        "CACHEMESH_API_KEYS_FILE": "/nonexistent",
+        "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+    }
+    assert RouterSettings.from_env(Env(base), TABLE).outbox_max_bytes == 256 * 1024 * 1024
+    zero = {**base, "ROUTER_OUTBOX_MAX_BYTES": "0"}
+    assert RouterSettings.from_env(Env(zero), TABLE).outbox_max_bytes == 0
+    with pytest.raises(ConfigError, match="ROUTER_OUTBOX_MAX_BYTES"):
+        RouterSettings.from_env(Env({**base, "ROUTER_OUTBOX_MAX_BYTES": "-1"}), TABLE)
 
 
 async def test_a_replica_failing_before_its_first_token_hands_over_to_the_next() -> None:
