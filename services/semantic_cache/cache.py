@@ -25,7 +25,7 @@ import numpy.typing as npt
 from services.common.clock import Clock
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.embedder import Embedder
-from services.semantic_cache.entries import EntryStore
+from services.semantic_cache.entries import PURGE_GUARD_MS, EntryStore
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.inflight import StoresInFlight
 from services.semantic_cache.leases import LeaseKey, Leases, wait
@@ -50,10 +50,6 @@ _RECENT_TEXT_CHARS = 16 * 1024  # ... at most 16 MB of texts key them (a longer 
 # (~1k characters), and an entry keeps the whole text (100k entries of 1 MiB would be 100 GB).
 MAX_STORED_QUESTION_CHARS = 16 * 1024
 _MISSES_KEPT = 4096  # lookups that missed, for their Stores (a model call's worth of traffic)
-# A Store whose lookup is no longer on record (pushed out by 4,096 later misses, or never made)
-# is refused this long after its tenant's purge: its answer may predate the purge. Longer than
-# the model calls the router (300 s) and the HTTP front (600 s) allow by default.
-_PURGE_GUARD_MS = 15 * 60 * 1000
 # The longest a check waits for its scope's Stores in flight (an embedding and a log sync).
 _STORE_WAIT_S = 1.0
 
@@ -269,7 +265,7 @@ class SemanticCache(EntryStore):
         now = self._clock.now_ms()
         missed_at = self._missed_at.get((query.tenant, query.request_id))
         if missed_at is None:
-            if self.purged_since(query.tenant, now - _PURGE_GUARD_MS):
+            if self.purged_since(query.tenant, now - PURGE_GUARD_MS):
                 return StoreResult(False, skip_reason=_PURGED_SINCE)
         elif missed_at != self.purges(query.tenant):
             return StoreResult(False, skip_reason=_PURGED_SINCE)

@@ -34,6 +34,11 @@ from services.semantic_cache.stats import StoreStats
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
 RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors)
+# A Store whose lookup is no longer on record (pushed out by 4,096 later misses, never made, or
+# made before a restart) is refused this long after its tenant's purge: its answer may predate
+# the purge. Longer than the model calls the router (300 s) and the HTTP front (600 s) allow by
+# default.
+PURGE_GUARD_MS = 15 * 60 * 1000
 
 
 def take_rows(contents: Contents, rows: Ids, dim: int) -> Rows:
@@ -156,7 +161,8 @@ class EntryStore:
         Synchronous, so it is consistent: take it on the event loop, write it elsewhere. The
         vectors are copied once, each scope's a slice at a time into their LRU rows.
         """
-        self._purge_expired(self._clock.now_ms())
+        now = self._clock.now_ms()
+        self._purge_expired(now)
         lru = np.fromiter(self._lru, np.int64, len(self._lru))
         by_id = np.argsort(lru)  # rows of ``lru`` in id order
         sorted_ids = lru[by_id]
@@ -168,7 +174,8 @@ class EntryStore:
                     raise RuntimeError("a scope's index holds ids the cache does not")
                 rows[by_id[found]] = vectors
         entries = tuple(self._entries[vid] for vid in self._lru)
-        return CacheContents(self._embedder.version, self._embedder.dim, entries, rows)
+        purged = {t: at for t, at in self._purged_at_ms.items() if at >= now - PURGE_GUARD_MS}
+        return CacheContents(self._embedder.version, self._embedder.dim, entries, rows, purged)
 
     def restore(self, contents: Contents) -> RestoreReport:
         """Loads exported entries into this empty cache, keeping their ids and LRU order.
@@ -206,6 +213,8 @@ class EntryStore:
         for row in kept.tolist():
             self._add(vids[row], contents.entries[row])
         self._fill_indexes(contents, groups, vids)
+        for tenant, at in contents.purged_at_ms.items():  # the purge guard outlives a restart
+            self._purged_at_ms[tenant] = max(at, self._purged_at_ms.get(tenant, at))
         self._changes += 1
         self._evict_over_capacity()
         evicted = len(kept) - len(self._entries)

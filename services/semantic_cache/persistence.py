@@ -2,9 +2,11 @@
 
 Layout of ``<data dir>/semantic-cache.snapshot``: one line of JSON (the header: format and
 version, embedder version, dimension, count, created_at_ms, the byte lengths of the two
-payload parts and the sha256 of the payload), then the payload: the vectors as a NumPy
-``.npy`` of float32 rows (loaded with ``allow_pickle=False``) followed by one JSON line per
-entry, least recently used first. Since format 3 each entry carries its ``expires_at_ms``
+payload parts, the sha256 of the payload, and ``purged_at_ms``: each tenant purged within the
+purge guard's window and when, so a restart keeps refusing the Stores that predate the purge;
+absent before it was kept, and ignored by builds before it), then the payload: the vectors as
+a NumPy ``.npy`` of float32 rows (loaded with ``allow_pickle=False``) followed by one JSON line
+per entry, least recently used first. Since format 3 each entry carries its ``expires_at_ms``
 (fixed at store); formats 1 and 2 are still read, their entries without it (the cache then
 migrates them: created_at + the namespace's TTL when they are restored). A snapshot is
 written to a temporary file in the same directory, fsynced and renamed over the old one (then
@@ -42,7 +44,7 @@ _EXPIRY_VERSION = 3  # from this version on, every entry must carry its expires_
 SNAPSHOT_NAME = "semantic-cache.snapshot"
 _TMP_PREFIX = f".{SNAPSHOT_NAME}."
 _TMP_SUFFIX = ".tmp"
-_MAX_HEADER_BYTES = 64 * 1024
+_MAX_HEADER_BYTES = 1024 * 1024  # the recent purges of up to ~12k tenants
 _READ_CHUNK = 8 << 20  # bytes read at once to check the sha256
 
 
@@ -84,7 +86,11 @@ class SnapshotStore:
             return None
         with opened:
             contents = CacheContents(
-                opened.embedder_version, opened.dim, opened.entries, opened.rows(0, opened.count)
+                opened.embedder_version,
+                opened.dim,
+                opened.entries,
+                opened.rows(0, opened.count),
+                opened.purged_at_ms,
             )
             return Snapshot(opened.created_at_ms, contents, opened.wal_seq)
 
@@ -151,6 +157,7 @@ def encode(
         "vectors_bytes": vectors_bytes,
         "entries_bytes": len(entries),
         "sha256": digest.hexdigest(),
+        "purged_at_ms": dict(contents.purged_at_ms),
     }
     header["header_sha256"] = _header_digest(header)
     line = json.dumps(header, separators=(",", ":")).encode() + b"\n"
@@ -198,6 +205,7 @@ class SnapshotFile:
         self.created_at_ms: int = header["created_at_ms"]
         self.wal_seq: int = header.get("wal_seq", 0)
         self.embedder_version: str = header["embedder_version"]
+        self.purged_at_ms: dict[str, int] = header.get("purged_at_ms", {})
 
     def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
         """The vectors of entries[start:stop] (a new array)."""
@@ -269,6 +277,11 @@ def _header(raw: Any) -> dict[str, Any]:
         raise ValueError("header field wal_seq is negative")
     _str(raw, "embedder_version")
     _str(raw, "sha256")
+    purged = raw.get("purged_at_ms", {})  # absent in snapshots written before it was kept
+    if not isinstance(purged, dict) or not all(
+        isinstance(t, str) and isinstance(at, int) and at >= 0 for t, at in purged.items()
+    ):
+        raise ValueError("header field purged_at_ms is not a map of tenants to times")
     return raw
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,6 +85,9 @@ class Contents(Protocol):
     @property
     def entries(self) -> tuple[Entry, ...]: ...
 
+    @property
+    def purged_at_ms(self) -> Mapping[str, int]: ...  # tenant -> its last purge, if recent
+
     def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
         """The vectors of entries[start:stop], as a (stop - start, dim) float32 array."""
         ...
@@ -96,6 +101,9 @@ class CacheContents:
     dim: int
     entries: tuple[Entry, ...]
     vectors: npt.NDArray[np.float32]  # (len(entries), dim); row i is entries[i]'s vector
+    # tenant -> when its entries were last purged (or its pending Stores stopped), within
+    # ``PURGE_GUARD_MS``: a restart must not let a Store from before the purge put one back
+    purged_at_ms: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.vectors.dtype != np.float32 or self.vectors.shape != (len(self.entries), self.dim):

@@ -7,7 +7,8 @@ from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
-from services.semantic_cache.cache import _MISSES_KEPT, _PURGE_GUARD_MS, SemanticCache
+from services.semantic_cache.cache import _MISSES_KEPT, SemanticCache
+from services.semantic_cache.entries import PURGE_GUARD_MS
 from services.semantic_cache.leases import Leases
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer
@@ -219,7 +220,7 @@ async def test_another_tenants_traffic_does_not_undo_a_purge() -> None:
     stored = await cache.store(asked, answer())
     assert not stored.stored and "after this request's lookup" in stored.skip_reason
     # a Store with no lookup on record, long after the purge, is stored again
-    clock.advance(ms=_PURGE_GUARD_MS + 1)
+    clock.advance(ms=PURGE_GUARD_MS + 1)
     assert (await cache.store(_with_id("How long do refunds take?", "req-9"), answer())).stored
 
 

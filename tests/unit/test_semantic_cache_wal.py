@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.entries import PURGE_GUARD_MS
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WalError, WriteAheadLog
@@ -220,6 +222,37 @@ async def test_a_purge_that_found_nothing_is_logged_for_the_replay(tmp_path: Pat
     await cache.sync_journal()
     revived = await _crash_and_replay(tmp_path, clock, max_entries=2)
     assert not (await revived.check(q("what is the secret discount code", "b"))).hit
+
+
+@pytest.mark.parametrize("restart", ["graceful", "crash"])
+async def test_a_purge_still_refuses_a_late_store_after_a_restart(
+    tmp_path: Path, restart: str
+) -> None:
+    """A lookup misses, the tenant purges (the refund policy changed), semantic-cache restarts
+    (a deploy: the last snapshot covers the purge and the log before it is deleted; or a crash:
+    the log is replayed), then the model call's Store arrives: the answer predates the purge
+    and must not come back. Past the guard's window a Store is taken again (a purge replayed
+    from the log counts from the replay: never shorter)."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshots = Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshots.open(cache)
+    await cache.store(q("what is the refund window"), answer(b"14 days"))
+    asked = dataclasses.replace(q("how long do refunds take"), request_id="req-1")
+    assert not (await cache.check(asked)).hit  # the model call starts
+    clock.advance(s=5)
+    assert cache.drop("a") == 1
+    await cache.sync_journal()
+    if restart == "graceful":
+        await snapshots.stop()
+    clock.advance(s=30)
+    revived = await _crash_and_replay(tmp_path, clock)
+    stored = await revived.store(asked, answer(b"14 days"))
+    assert not stored.stored and "after this request's lookup" in stored.skip_reason
+    assert not (await revived.check(q("how long do refunds take"))).hit
+    clock.advance(ms=PURGE_GUARD_MS + 1)
+    later = dataclasses.replace(q("how long do refunds take"), request_id="req-2")
+    assert (await revived.store(later, answer(b"30 days"))).stored
 
 
 def _fail_one_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
