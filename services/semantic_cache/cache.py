@@ -144,15 +144,21 @@ class SemanticCache(EntryStore):
         if query.mode == "use" and (mine := self._leases.take_over(key, query.request_id)):
             return dataclasses.replace(result, leader=True, lease_id=mine)  # a retry of its own
         event = self._leases.held(key)
-        wait_s = min(wait_s, self._left_s(deadline))
-        if event is not None and wait_s > 0:
+        budget_s = min(wait_s, self._left_s(deadline))
+        if event is not None and budget_s > 0:
             began = self._clock.now_ms()
-            ended = await _wait_lease(self._leases, key, event, wait_s)
-            waited_s = (self._clock.now_ms() - began) / 1000
-            if ended:
+            # A lease that ends without the answer (its call failed: released) wakes every
+            # waiter; the first to look again takes the next lease and leads, and the others
+            # wait on that one in turn, within their budget (not each a model call of its own)
+            while await _wait_lease(self._leases, key, event, budget_s):
                 result = await self._check(query, deadline)
+                next_event = self._leases.held(key)
+                budget_s = self._wait_left_s(wait_s, began, deadline)
+                if result.hit or next_event is None or budget_s <= 0:
+                    break
+                event = next_event
             if self._on_lease_wait is not None:
-                self._on_lease_wait(waited_s, result.hit)
+                self._on_lease_wait((self._clock.now_ms() - began) / 1000, result.hit)
             if result.hit:
                 return dataclasses.replace(result, waited=True)
             event = self._leases.held(key)  # one past its age limit ends here: this one leads
@@ -177,6 +183,11 @@ class SemanticCache(EntryStore):
         if self._leases is None or not query.tenant or query.text is None:
             return None
         return (query.tenant, query.scope, query.normalised)
+
+    def _wait_left_s(self, wait_s: float, began_ms: int, deadline: float | None) -> float:
+        """What is left of a lookup's lease wait that began at ``began_ms`` (0: nothing)."""
+        spent_s = (self._clock.now_ms() - began_ms) / 1000
+        return max(0.0, min(wait_s - spent_s, self._left_s(deadline)))
 
     def _left_s(self, deadline: float | None) -> float:
         """Seconds to ``deadline`` (on ``deadline_clock``; None: no deadline, no limit)."""

@@ -7,8 +7,9 @@ lease for its key and its caller makes the model call; an identical lookup arriv
 the lease is held waits, up to its own budget, for the Store that fulfils the lease (then it
 is served that entry) or for the lease to end (released: a Store that did not store, or the
 lease's age limit, which frees the key when the holder failed without a Store: a waiter
-waits no longer than that, then leads). A waiter whose budget runs out gets a miss and calls
-the model itself: a lease never loses a request.
+waits no longer than that, then leads). Of the waiters of a lease that ended without an
+answer, the first to look again leads; the others wait on its lease in turn. A waiter whose
+budget runs out gets a miss and calls the model itself: a lease never loses a request.
 
 A lease is owned by the ``request_id`` that took it: a retry of that request (its router died
 mid-call and the client sent it again) takes the lease over and leads, instead of waiting out

@@ -8,12 +8,15 @@ call is still on; they must look again (``pending``) and be served its answer.
 
 from __future__ import annotations
 
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cachemesh import Client, build_request
 from cachemesh.envfile import read_env_file
@@ -25,8 +28,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(address, tenant-a's key) of the router."""
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """(address, tenant-a's key) of the router, and where semantic-cache's metrics are read."""
     run_dir = tmp_path_factory.mktemp("run-single-flight")
     overrides = {
         "SIM_TIME_SCALE": "1.0",
@@ -35,7 +38,13 @@ def router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
     }
     with started_stack(run_dir, overrides) as (runner, _):
         key = read_env_file(run_dir / "demo-keys.env")["CACHEMESH_KEY_A"]
-        yield runner.router_address, key
+        yield runner.router_address, key, runner.metrics_addresses["semantic-cache"]
+
+
+@pytest.fixture(scope="module")
+def router(running: tuple[str, str, str]) -> tuple[str, str]:
+    """(address, tenant-a's key) of the router."""
+    return running[0], running[1]
 
 
 @pytest.fixture
@@ -83,3 +92,53 @@ def test_a_cancelled_leader_frees_its_waiters_at_once(router: tuple[str, str]) -
     with Client(target, api_key=key, timeout_s=10) as client:
         again = client.complete(request)
     assert again.served_by != pb.LAYER_SEMANTIC_CACHE and again.stop_reason == "end_turn"
+
+
+def pending_lookups(metrics_address: str) -> float:
+    """L1's Lookups that ended ``pending`` so far (an identical request's call still on)."""
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "cachemesh_semantic_cache_lookups_total"
+        and sample.labels.get("result") == "pending"
+    )
+
+
+def test_waiters_on_a_failed_leader_share_one_new_model_call(
+    running: tuple[str, str, str],
+) -> None:
+    """The leader's call is cancelled while four identical requests wait on it in their second
+    Lookup: one of them leads the next model call and the three others are served its answer
+    (before, each of the three got ``pending`` back and called the model as well)."""
+    target, key, metrics = running
+    # sim-large answers this in 113 tokens: about 1.6 s at 70 tokens/s
+    request = build_request(
+        "How do I request a wheelchair at the airport?",
+        model="sim-large",
+        namespace=uuid.uuid4().hex[:12],
+    )
+    before = pending_lookups(metrics)
+    with (
+        grpc.insecure_channel(target) as channel,
+        Client(target, api_key=key, timeout_s=60) as client,
+        ThreadPoolExecutor(max_workers=4) as pool,
+    ):
+        leader = gateway_pb2_grpc.GatewayStub(channel).StreamComplete(
+            request, metadata=(("authorization", f"Bearer {key}"),), timeout=60
+        )
+        assert next(iter(leader)).WhichOneof("part") == "start"  # it holds the lease
+        waiters = [pool.submit(client.complete, request) for _ in range(4)]
+        # their first Lookups (0.25 s) end pending: each waits in a second one now
+        give_up = time.monotonic() + 10
+        while pending_lookups(metrics) - before < 4:
+            assert time.monotonic() < give_up, "the waiters never got pending"
+            time.sleep(0.02)
+        time.sleep(0.1)  # for the last router to send its second Lookup (not a TTL)
+        leader.cancel()  # its model call ends without a Store: the router releases the lease
+        responses = [waiter.result() for waiter in waiters]
+    layers = [r.served_by for r in responses]
+    assert layers.count(pb.LAYER_SEMANTIC_CACHE) == 3, layers  # one model call, not three
+    assert len({"".join(b.text for b in r.content) for r in responses}) == 1
