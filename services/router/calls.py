@@ -27,6 +27,10 @@ log = logging.getLogger("cachemesh.router")
 T = TypeVar("T")
 
 CLIENT_FAULTS = (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED)
+# The first Lookup takes at most this share of what the request's deadline leaves (and at most
+# ROUTER_SEMANTIC_TIMEOUT_S): a slow L1 degrades to the model within a short client deadline
+# instead of using it all up.
+_LOOKUP_SHARE = 0.5
 # The second Lookup (waiting on an identical request's model call) takes at most this share of
 # what the request's deadline leaves: the rest is kept for the request's own model call, should
 # that call's answer not come (its router died, or its model is as slow as the deadline).
@@ -97,7 +101,10 @@ class Calls:
         outlasted the lookup's deadline, one more lookup waits for it (``lease_wait_s``), so
         concurrent identical misses share one model call. ``deadline``: when the request's
         model call must end, on ``clock`` (None: the client set no deadline)."""
-        first = await self._lookup(tenant, request, self._s.semantic_timeout_s, want_embedding)
+        lookup_s = self.lookup_timeout_s(deadline)
+        if lookup_s <= 0:
+            return None  # the deadline has passed: nothing to wait for
+        first = await self._lookup(tenant, request, lookup_s, want_embedding)
         if first is None or not first.pending:
             return first
         wait_s = self.lease_wait_s(deadline)
@@ -106,6 +113,13 @@ class Calls:
         trace.get_current_span().add_event("cachemesh.semantic.await_lease")
         second = await self._lookup(tenant, request, wait_s, want_embedding)
         return first if second is None else second
+
+    def lookup_timeout_s(self, deadline: float | None) -> float:
+        """The first Lookup's deadline: ``ROUTER_SEMANTIC_TIMEOUT_S``, and at most half of what
+        ``deadline`` leaves now, so that a slow L1 leaves the model call the other half."""
+        if deadline is None:
+            return self._s.semantic_timeout_s
+        return min(self._s.semantic_timeout_s, (deadline - self._clock()) * _LOOKUP_SHARE)
 
     def lease_wait_s(self, deadline: float | None) -> float:
         """The second Lookup's deadline: ``ROUTER_SEMANTIC_LEASE_WAIT_S``, and at most half of

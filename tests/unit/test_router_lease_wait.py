@@ -27,17 +27,23 @@ class ScriptedLookup:
     """Answers Lookup from a script, recording each call's deadline."""
 
     def __init__(
-        self, *replies: sc.LookupResponse | Code, clock: FakeClock | None = None, takes_s: float = 0
+        self,
+        *replies: sc.LookupResponse | Code,
+        clock: FakeClock | None = None,
+        takes_s: float = 0,
+        slow: bool = False,
     ) -> None:
+        """``slow``: each call takes its whole deadline (an L1 that answers nothing in time)."""
         self._replies = list(replies)
         self.timeouts: list[float] = []
         self._clock = clock  # moved on by ``takes_s`` at each call
         self._takes_s = takes_s
+        self._slow = slow
 
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
         self.timeouts.append(deadline_s)
         if self._clock is not None:
-            self._clock.now += self._takes_s
+            self._clock.now += deadline_s if self._slow else self._takes_s
         reply = self._replies.pop(0)
         if isinstance(reply, Code):
             raise CallFailed(reply, "late")
@@ -126,7 +132,20 @@ async def test_no_second_lookup_once_the_deadline_has_passed() -> None:
         "tenant-a", pb.CompleteRequest(), deadline=1_001.5
     )
     assert reply == PENDING  # the request calls the model itself
-    assert stub.timeouts == [2.0]
+    assert stub.timeouts == [0.75]  # half of the 1.5 s left, not the 2 s setting
+
+
+def pipeline_on(stub: ScriptedLookup, clock: FakeClock, models: FakeModels) -> Pipeline:
+    dependencies = Dependencies(
+        semantic=cast(Any, stub),
+        prefix=cast(Any, FakePrefix()),
+        model=cast(Any, models),
+        models={"sim-large": ("large-1",)},
+    )
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    return Pipeline(
+        dependencies, TABLE, TOKENIZER, trace.NoOpTracer(), settings("30"), router, clock=clock
+    )
 
 
 async def test_a_request_waits_on_its_twin_within_its_own_deadline_then_calls_the_model() -> None:
@@ -135,19 +154,28 @@ async def test_a_request_waits_on_its_twin_within_its_own_deadline_then_calls_th
     clock = FakeClock(now=1_000.0)
     stub = ScriptedLookup(PENDING, PENDING)
     models = FakeModels()
-    dependencies = Dependencies(
-        semantic=cast(Any, stub),
-        prefix=cast(Any, FakePrefix()),
-        model=cast(Any, models),
-        models={"sim-large": ("large-1",)},
-    )
-    router = (load_router_model(), RouterCard.load().default_threshold, None)
-    pipeline = Pipeline(
-        dependencies, TABLE, TOKENIZER, trace.NoOpTracer(), settings("30"), router, clock=clock
-    )
+    pipeline = pipeline_on(stub, clock, models)
     request = build_request("How do I reset my password?", model="sim-large", request_id="r1")
     chunks = [c async for c in pipeline.run("tenant-a", request, time_remaining_s=3.0)]
     await pipeline.drain()
     assert chunks[-1].end.served_by == pb.LAYER_MODEL and len(models.calls) == 1
-    # the model calls' deadline is 3 s less the 100 ms reply margin: the wait takes half
-    assert stub.timeouts == [2.0, pytest.approx(1.45)]
+    # the model calls' deadline is 3 s less the 100 ms reply margin: each Lookup takes at
+    # most half of what it leaves (these answer at once, so both may take 1.45 s)
+    assert stub.timeouts == [pytest.approx(1.45), pytest.approx(1.45)]
+
+
+async def test_a_slow_l1_leaves_a_short_client_deadline_its_model_call() -> None:
+    """A 500 ms client deadline and an L1 that answers nothing in time: the Lookup gives up
+    within half of what the deadline leaves, and the model answers (before, the Lookup took
+    its whole 2 s and the request failed DEADLINE_EXCEEDED without any model call)."""
+    clock = FakeClock(now=1_000.0)
+    stub = ScriptedLookup(Code.DEADLINE_EXCEEDED, clock=clock, slow=True)
+    models = FakeModels()
+    pipeline = pipeline_on(stub, clock, models)
+    request = build_request("How do I reset my password?", model="sim-large", request_id="r2")
+    chunks = [c async for c in pipeline.run("tenant-a", request, time_remaining_s=0.5)]
+    await pipeline.drain()
+    assert chunks[-1].end.served_by == pb.LAYER_MODEL and len(models.calls) == 1
+    # 0.5 s less the reply margin (a tenth of a deadline that short): 0.45 s, half of it
+    assert stub.timeouts == [pytest.approx(0.225)]
+    assert models.deadlines == [pytest.approx(0.225)]  # the other half: the model call's
