@@ -13,6 +13,7 @@ import logging
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
+from services.common.span_events import record_event
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, RecentQueries
@@ -65,16 +66,18 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         draining = self._is_draining()
         query = self._query(request.tenant, request.request)
+        # the whole lookup (its wait for the scope's Stores, the lease wait, the embedding
+        # ``auto`` wants) ends in time for its reply
+        within_s = None if remaining_s is None else max(0.0, remaining_s - REPLY_MARGIN_S)
+        deadline = self._cache.deadline_in(within_s)
         if not self._policies.get(request.tenant).l1_enabled:
             # no read; for the router's tier choice, still the embedding when it is wanted
             skipped = sc.LookupResponse(skip_reason=L1_OFF)
             if request.want_embedding:
-                await self._embedding_into(skipped, query)
+                await self._embedding_into(skipped, query, deadline)
             return skipped
         # a draining cache refuses Stores, so it leads no model call and makes none wait
         wait_s = 0.0 if draining else max(0.0, self._lease_wait_s)
-        # the whole check (its wait for the scope's Stores, then the lease wait) ends in time
-        within_s = None if remaining_s is None else max(0.0, remaining_s - REPLY_MARGIN_S)
         try:
             result = await self._cache.check(query, wait_s, lead=not draining, within_s=within_s)
         except InvalidQuery as exc:
@@ -101,7 +104,7 @@ class SemanticCacheApi:
             self._counts.looked_up(request.tenant, hit=result.hit, exact=result.exact)
         if request.want_embedding and not result.hit:
             # the vector the check computed (or, with no check, this one): the Store reuses it
-            await self._embedding_into(response, query)
+            await self._embedding_into(response, query, deadline)
         if result.entry is not None:
             response.match.CopyFrom(
                 pb.SemanticMatch(
@@ -224,13 +227,22 @@ class SemanticCacheApi:
             message.default_ttl_s = policy.default_ttl_s
         return message
 
-    async def _embedding_into(self, response: sc.LookupResponse, query: Query) -> None:
+    async def _embedding_into(
+        self, response: sc.LookupResponse, query: Query, deadline: float | None
+    ) -> None:
         """The last user turn's embedding (none without user text), and the embedder's
-        version."""
-        if query.text and query.normalised:
-            vector = await self._cache.embedding(query.tenant, query.text)
-            response.embedding = vector.astype("<f4").tobytes()
-            response.embedder_version = self._cache.embedder_version
+        version; none either when it would not come before ``deadline`` (the reply would be
+        late: the router would count L1 as down and lose the answer's ``pending``/``leader``;
+        without the vector it embeds the question itself or scores its shape)."""
+        if not (query.text and query.normalised):
+            return
+        vector = await self._cache.embedding(query.tenant, query.text, deadline)
+        if vector is None:
+            log.info("lookup for tenant %s: no time left to embed the question", query.tenant)
+            record_event(None, "cachemesh.semantic.embedding_skipped", {"reason": "deadline"})
+            return
+        response.embedding = vector.astype("<f4").tobytes()
+        response.embedder_version = self._cache.embedder_version
 
     def _is_draining(self) -> bool:
         return self._draining is not None and self._draining.is_set()

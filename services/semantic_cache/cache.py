@@ -299,10 +299,27 @@ class SemanticCache(EntryStore):
             await self._journal.sync()  # durable before it is acknowledged
         return StoreResult(True, entry_id=entry.entry_id)
 
-    async def embedding(self, tenant: str, text: str) -> npt.NDArray[np.float32]:
+    def deadline_in(self, within_s: float | None) -> float | None:
+        """``within_s`` seconds from now, on the deadlines' clock (None: no deadline)."""
+        return None if within_s is None else self._deadline_clock() + within_s
+
+    async def embedding(
+        self, tenant: str, text: str, deadline: float | None = None
+    ) -> npt.NDArray[np.float32] | None:
         """The text's embedding: the one the tenant's check or Store of it just computed, else a
-        new one."""
-        return await self._embed(tenant, text)
+        new one if it comes before ``deadline`` (from ``deadline_in``; None: no limit). None
+        when it would not: the caller's reply would be late (a wait on a lease may have taken
+        all of its time)."""
+        known = self._recent.get((tenant, _recent_key(text)))
+        if known is not None or deadline is None:
+            return known if known is not None else await self._embed(tenant, text)
+        left_s = self._left_s(deadline)
+        if left_s <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._embed(tenant, text), left_s)
+        except TimeoutError:
+            return None
 
     def _threshold_for(self, query: Query) -> float:
         if query.threshold is None:

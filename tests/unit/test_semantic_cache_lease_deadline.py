@@ -130,3 +130,103 @@ async def test_without_a_deadline_the_lease_wait_is_the_setting(lease_waits: lis
     assert (await api.lookup(lookup("Reset my password"), None)).leader
     assert (await api.lookup(lookup("Reset my password"), None)).pending
     assert lease_waits == [30.0]
+
+
+class SlowEmbedder(FakeEmbedder):
+    """Embeds a text holding "slow" in 0.8 s of the deadlines' clock (a busy embedding queue)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def embed(self, texts: list[str]) -> Vectors:
+        if any("slow" in text for text in texts):
+            self._clock.now += 0.8
+        return super().embed(texts)
+
+
+@pytest.fixture
+def whole_lease_waits(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The deadlines' clock; each lease wait times out, its whole budget gone on that clock."""
+    deadlines = FakeClock()
+
+    async def timed_out(event: asyncio.Event, budget_s: float) -> bool:
+        deadlines.now += budget_s
+        return False
+
+    monkeypatch.setattr(cache_module, "wait", timed_out)
+    return deadlines
+
+
+def auto_lookup(question: str) -> sc.LookupRequest:
+    """``auto``'s Lookup: a miss also returns the question's embedding (the tier router's)."""
+    return sc.LookupRequest(tenant="a", request=make_request(question), want_embedding=True)
+
+
+async def test_an_embedding_after_a_whole_lease_wait_is_left_out_not_late(
+    whole_lease_waits: FakeClock,
+) -> None:
+    """The check computed no embedding (its scope holds nothing yet) and waited out its budget
+    on an identical request's lease: embedding now would answer 0.8 s past the deadline (the
+    router would count L1 as down and lose the ``pending``); the reply goes without it."""
+    deadlines = whole_lease_waits
+    clock = ManualClock()
+    cache = SemanticCache(
+        SlowEmbedder(deadlines),
+        clock,
+        threshold=0.8,
+        leases=Leases(clock, 30.0),
+        deadline_clock=deadlines,
+    )
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    assert (await api.lookup(lookup("slow reset of my password"), 2.0)).leader
+    began = deadlines.now
+    reply = await api.lookup(auto_lookup("slow reset of my password"), 2.0)
+    assert reply.pending and not reply.embedding
+    assert deadlines.now - began <= 2.0 - 0.1  # the reply leaves within its margin
+
+
+async def test_an_embedding_the_check_computed_is_sent_whenever_the_reply_is(
+    whole_lease_waits: FakeClock,
+) -> None:
+    """The scope holds an entry, so the check embedded the question (before its lease wait,
+    which got that much less): the reply reuses that vector, in time."""
+    deadlines = whole_lease_waits
+    clock = ManualClock()
+    cache = SemanticCache(
+        SlowEmbedder(deadlines),
+        clock,
+        threshold=0.8,
+        leases=Leases(clock, 30.0),
+        deadline_clock=deadlines,
+    )
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    store = sc.StoreRequest(tenant="a", request=make_request("Cancel my plan"), answer=ANSWER)
+    assert (await api.store(store)).stored
+    assert (await api.lookup(lookup("slow reset of my password"), 2.0)).leader
+    began = deadlines.now
+    reply = await api.lookup(auto_lookup("slow reset of my password"), 2.0)
+    assert reply.pending and reply.embedding and reply.embedder_version == "fake@1"
+    assert deadlines.now - began == pytest.approx(2.0 - 0.1)
+
+
+async def test_an_embedding_that_does_not_come_in_time_is_left_out() -> None:
+    """A leader's reply (no lease wait) whose embedding is stuck behind a busy embedder: the
+    reply goes without it within the deadline, the lease still taken."""
+    embedder = HeldEmbedder(FakeClock())  # "slow" texts wait for ``go``, never set here
+    clock = ManualClock()
+    cache = SemanticCache(embedder, clock, threshold=0.8, leases=Leases(clock, 30.0))
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    try:
+        reply = await asyncio.wait_for(api.lookup(auto_lookup("slow question"), 0.3), 5)
+    finally:
+        embedder.go.set()  # the embedder's thread ends
+    assert reply.leader and reply.lease_id and not reply.embedding
+
+
+async def test_with_time_left_a_miss_carries_its_embedding() -> None:
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    for remaining_s in (2.0, None):
+        reply = await api.lookup(auto_lookup("Reset my password"), remaining_s)
+        assert not reply.hit and len(reply.embedding) == 4 * 64
