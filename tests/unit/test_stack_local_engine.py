@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.tools.engine.servers import LlamaServers, Replica
-from services.tools.stack import cli
+from services.tools.stack import cli, processes
 from services.tools.stack.lifecycle import Stack, StackError
 
 
@@ -28,8 +28,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[subprocess.Popen[b
             child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
             spawned.append(child)
             self._children.append(child)
-            self._pid_path(index).parent.mkdir(parents=True, exist_ok=True)
-            self._pid_path(index).write_text(f"{child.pid}\n")
+            processes.write_pid(self._pid_path(index), child.pid)
             self.replicas.append(Replica(index, port, child.pid))
         return list(self.replicas)
 

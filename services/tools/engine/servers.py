@@ -4,7 +4,8 @@ Each replica is the cached ``llama-server`` serving SmolLM2-135M-Instruct on a f
 port with one thread (``-t 1``: it shares two cores with the stack), one slot, and its prompt
 cache on (llama-server reuses a prompt's cached prefix and reports it as
 ``usage.prompt_tokens_details.cached_tokens``). Logs go to ``<run_dir>/logs/llama-server-N.log``
-and pids to ``<run_dir>/pids/llama-server-N.pid``, so ``down`` stops them with the stack.
+and pids to ``<run_dir>/pids/llama-server-N.pid`` (pid and start time, as the stack's own), so
+``down`` stops them with the stack, and never a process that reused the pid of a stale file.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from services.common.models import PRIOR_VARIABLE
 from services.tools.engine.cache import EnginePaths
+from services.tools.stack import processes
 from services.tools.stack.environment import dial_address
-from services.tools.stack.processes import proc_stat
 
 UPSTREAM_ID = "SmolLM2-135M-Instruct"  # the alias each replica serves the model under
 # the table's self-hosted rows the replicas stand behind, by tier (both are SmolLM2 here)
@@ -77,10 +80,18 @@ class Replica:
 
 
 class LlamaServers:
-    def __init__(self, paths: EnginePaths, run_dir: Path, options: EngineOptions) -> None:
+    def __init__(
+        self,
+        paths: EnginePaths,
+        run_dir: Path,
+        options: EngineOptions,
+        *,
+        out: TextIO | None = None,
+    ) -> None:
         self._paths = paths
         self._run_dir = run_dir
         self.options = options
+        self._out = out or sys.stdout
         self.replicas: list[Replica] = []
         self._children: list[subprocess.Popen[bytes]] = []
 
@@ -125,8 +136,7 @@ class LlamaServers:
                         start_new_session=True,
                     )
                 self._children.append(popen)
-                self._pid_path(index).parent.mkdir(parents=True, exist_ok=True)
-                self._pid_path(index).write_text(f"{popen.pid}\n")
+                processes.write_pid(self._pid_path(index), popen.pid)
                 self.replicas.append(Replica(index, port, popen.pid))
             for replica in self.replicas:
                 self._wait_healthy(replica, timeout_s)
@@ -177,11 +187,25 @@ class LlamaServers:
         return pids
 
     def recorded_pids(self) -> list[int]:
+        """The live replicas this run dir's pid files name (pid and start time, as the stack's
+        own: ``processes.write_pid``); forgets stale files, so a pid reused since (by anybody's
+        process, a llama-server too) is never signalled."""
         pids = []
         for path in sorted((self._run_dir / "pids").glob(f"{_NAME}-*.pid")):
-            text = path.read_text().strip()
-            if text.isdigit() and _is_llama(int(text)):
-                pids.append(int(text))
+            pid = processes.read_pid(path)
+            if pid is not None and _is_llama(pid):
+                pids.append(pid)
+                continue
+            legacy = processes.legacy_pid(path)
+            if legacy is not None and _is_llama(legacy):
+                print(
+                    f"{path} records pid {legacy} without its start time (an older runner's "
+                    "file): that pid may be another program's now, so it is not stopped; if it "
+                    f"is this stack's {_NAME}, stop it yourself (kill {legacy})",
+                    file=self._out,
+                    flush=True,
+                )
+            path.unlink(missing_ok=True)
         return pids
 
 
@@ -220,7 +244,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    fields = proc_stat(pid)
+    fields = processes.proc_stat(pid)
     return fields is None or fields[0] != "Z"  # unreadable counts as alive
 
 
