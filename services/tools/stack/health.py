@@ -1,7 +1,7 @@
 """Health checks of the stack's processes: grpc.health.v1 (the overall service "") for the gRPC
 services, ``GET /readyz`` for the HTTP front (every service answers it on its plaintext metrics
-port too: compose's health checks, whatever TLS the service port speaks), PING for the stack's
-Redis."""
+port too: compose's health checks and the runner's own, whatever TLS the service port speaks),
+PING for the stack's Redis."""
 
 from __future__ import annotations
 

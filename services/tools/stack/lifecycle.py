@@ -24,7 +24,7 @@ from cachemesh.envfile import EnvFileError, read_env_file
 from services.tools.keys import StackKeys, describe, ensure_keys
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
-from services.tools.stack.health import SERVING, UNREACHABLE, probe_as
+from services.tools.stack.health import SERVING, UNREACHABLE, probe_as, probe_http
 from services.tools.stack.ports import free_port_overrides
 from services.tools.stack.processes import Running
 from services.tools.stack.redis_process import REDIS, redis_argv, stack_redis_address
@@ -387,13 +387,17 @@ class Stack:
         path.unlink(missing_ok=True)
 
     def status(self) -> dict[str, tuple[int | None, str]]:
-        """Process name -> (pid if running, health status at its address)."""
+        """Process name -> (pid if running, its health: ``health``)."""
         pids = {r.service.name: r.pid for r in self.running()}
-        addresses = self.addresses
-        return {
-            s.name: (pids.get(s.name), probe_as(s.protocol, addresses[s.name]))
-            for s in self.managed()
-        }
+        return {s.name: (pids.get(s.name), self.health(s)) for s in self.managed()}
+
+    def health(self, service: ServiceDef, timeout_s: float = 1.0) -> str:
+        """A service's health from ``GET /readyz`` on its plaintext metrics port (its overall
+        gRPC health, or the HTTP front's readiness), whatever its own port speaks: a Gateway or
+        HTTP front on TLS (mutual TLS too) answers no plaintext probe. Redis: PING."""
+        if service.metrics_var:
+            return probe_http(self.metrics_addresses[service.name], timeout_s)
+        return probe_as(service.protocol, self.addresses[service.name], timeout_s)
 
     def __enter__(self) -> Stack:
         return self
@@ -424,7 +428,7 @@ class Stack:
                 if self._supervisor is not None and self._supervisor.poll() is not None:
                     self._fail([], "the supervisor exited (see logs/supervisor.log)")
                 remaining = max(0.05, min(1.0, deadline - time.monotonic()))
-                states[name] = probe_as(service.protocol, addresses[name], remaining)
+                states[name] = self.health(service, remaining)
                 if states[name] == SERVING:
                     elapsed = time.monotonic() - start
                     self._say(f"  {name:<15} SERVING on {addresses[name]} ({elapsed:.1f}s)")
