@@ -1,7 +1,9 @@
 """This install's secrets, generated once under the run dir (``.run/``, ignored by git).
 
 ``make keys`` runs this with the system's ``python3`` (``python3 -m services.tools.keys``): it
-uses the standard library only, so it needs no virtualenv. ``make up`` runs it too.
+uses the standard library only, and the project's one ``.env`` reader (``cachemesh.envfile``,
+from the checkout's client package when it is not installed), so it needs no virtualenv.
+``make up`` runs it too.
 
 - ``demo-keys.env``: ``export CACHEMESH_KEY_A=...`` and ``export CACHEMESH_KEY_B=...``, the two
   demo tenants' API keys in clear, and ``export CACHEMESH_ADMIN_TOKEN_FILE=...`` (where the
@@ -27,14 +29,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import secrets
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.keyfile import KeyFile, KeyRecord, hash_key, new_api_key, new_key_id
+
+try:
+    from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
+except ModuleNotFoundError:  # make keys: the system's python3 in the checkout, no venv
+    sys.path.append(str(Path(__file__).resolve().parents[2] / "clients" / "python"))
+    from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
 
 TENANTS: tuple[tuple[str, str], ...] = (
     ("tenant-a", "CACHEMESH_KEY_A"),
@@ -46,7 +54,6 @@ INTERNAL_TOKEN_FILE = "internal-token"
 INTERNAL_ENV_FILE = "internal.env"
 ADMIN_TOKEN_FILE = "admin-token"
 ADMIN_ENV_FILE = "admin.env"
-_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,18 @@ def unavailable(keys: StackKeys) -> str:
 
 
 def _demo_env(keys: StackKeys) -> str:
-    lines = [f"export {var}={keys.api_keys[tenant]}\n" for tenant, var in TENANTS]
-    lines.append(f"export CACHEMESH_ADMIN_TOKEN_FILE={keys.admin_token_file}\n")
-    return "".join(lines)
+    """``export NAME=value`` lines, each value quoted for a shell where it needs it (a path
+    with a space); refused unless the project's reader (``cachemesh.envfile``) reads back
+    exactly what a shell's ``source`` does."""
+    values = {var: keys.api_keys[tenant] for tenant, var in TENANTS}
+    values["CACHEMESH_ADMIN_TOKEN_FILE"] = str(keys.admin_token_file)
+    text = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
+    if parse_env_text(text, str(keys.demo_keys_file)) != values:
+        raise EnvFileError(
+            f"{keys.demo_keys_file}: a value would not read back as written (a quote in a key, "
+            "or in the run dir's path)"
+        )
+    return text
 
 
 def _ensure_key_file(keys: StackKeys) -> None:
@@ -171,14 +187,12 @@ def _token(path: Path) -> tuple[str, bool]:
 
 
 def _read_demo_keys(path: Path) -> dict[str, str] | None:
-    """The demo keys of ``demo-keys.env`` (``export K=V`` lines, or the older ``K=V``)."""
+    """The demo keys of ``demo-keys.env`` (``export K=V`` lines, or the older ``K=V``), read
+    by the project's one reader: a line it would read otherwise than a shell (a comment after
+    a key) is an EnvFileError naming the line, never a key the shell does not send."""
     if not path.is_file():
         return None
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        match = _LINE.match(line)
-        if match:
-            values[match.group(1)] = match.group(2).strip().strip("'\"")
+    values = read_env_file(path)
     keys = {tenant: values.get(var, "") for tenant, var in TENANTS}
     return keys if all(keys.values()) else None
 
@@ -204,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m services.tools.keys", description=__doc__)
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="default: .run")
     args = parser.parse_args(argv)
-    print(describe(ensure_keys(args.run_dir.resolve())))
+    try:
+        print(describe(ensure_keys(args.run_dir.resolve())))
+    except EnvFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

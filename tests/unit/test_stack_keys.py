@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import string
 import subprocess
 import sys
 import time
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cachemesh.envfile import read_env_file
+from cachemesh.envfile import EnvFileError, read_env_file
 from services.common.key_store import KeyStore
 from services.common.keyfile import KeyFile, hash_key
+from services.tools import keys as keys_module
 from services.tools.keys import ensure_keys, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,3 +198,43 @@ def test_each_install_gets_its_own_secrets(tmp_path: Path) -> None:
     two = ensure_keys(tmp_path / "two")
     assert set(one.api_keys.values()).isdisjoint(two.api_keys.values())
     assert one.internal_token != two.internal_token
+
+
+def test_every_key_character_reads_back_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """demo-keys.env is read by the project's one .env reader (``make up``), by a shell
+    (``source``: make demo) and by ``ensure_keys`` itself: each reads every character of a key
+    (cm_ and the URL-safe alphabet) and the admin token's path (here with a space) the same."""
+    alphabet = string.ascii_letters + string.digits + "-_"
+    minted = iter([f"cm_{alphabet}", f"cm_{alphabet[::-1]}"])
+    monkeypatch.setattr(keys_module, "new_api_key", lambda: next(minted))
+    run = tmp_path / "a run dir" / ".run"
+    keys = ensure_keys(run)
+    written = {"CACHEMESH_KEY_A": f"cm_{alphabet}", "CACHEMESH_KEY_B": f"cm_{alphabet[::-1]}"}
+    assert [keys.key_for("tenant-a"), keys.key_for("tenant-b")] == list(written.values())
+    written["CACHEMESH_ADMIN_TOKEN_FILE"] = str(keys.admin_token_file)
+    assert read_env_file(keys.demo_keys_file) == written
+    script = f"set -e; source '{keys.demo_keys_file}'; env"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    exported = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    assert {name: exported.get(name) for name in written} == written
+    again = ensure_keys(run)
+    assert not again.created and again.api_keys == keys.api_keys
+    assert read_env_file(keys.demo_keys_file) == written
+
+
+def test_a_demo_keys_line_read_otherwise_elsewhere_is_refused_naming_it(tmp_path: Path) -> None:
+    """A demo-keys.env edited by hand with a comment after a key, its key file gone: keys.py's
+    own reader took 'cm_... # tenant-a' for the key and rebuilt the key file with its hash,
+    while the shell that sources the file (make demo) sends 'cm_...': every demo call
+    UNAUTHENTICATED. The one reader refuses the line, naming it."""
+    keys = ensure_keys(tmp_path)
+    a, b = keys.key_for("tenant-a"), keys.key_for("tenant-b")
+    keys.demo_keys_file.write_text(
+        f"export CACHEMESH_KEY_A={a} # tenant-a\nexport CACHEMESH_KEY_B={b}\n"
+    )
+    keys.api_keys_file.unlink()
+    with pytest.raises(EnvFileError, match=r"demo-keys\.env:1: a space and #"):
+        ensure_keys(tmp_path)
+    assert not keys.api_keys_file.exists()
