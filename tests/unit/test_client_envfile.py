@@ -1,5 +1,7 @@
 """``cachemesh.envfile`` reads only what docker compose reads the same way (checked against
-docker-compose 1.29.2's ``config``) and refuses the rest, naming the file and line."""
+docker-compose 1.29.2's ``config``; ``$`` and escapes against compose's env-file syntax
+documentation and python-dotenv's expansion, which compose v1 uses) and refuses the rest,
+naming the file and line."""
 
 from __future__ import annotations
 
@@ -48,3 +50,44 @@ def test_a_value_that_would_not_read_back_is_not_written() -> None:
     with pytest.raises(EnvFileError, match="A: the value would not read back"):
         set_values("A=1\n", [("A", "0.5 # calibrated")])
     assert set_values("A=1\n", [("A", "0.5#x")]) == "A=0.5#x\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        # compose interpolates $NAME and ${NAME} (python-dotenv, compose v1: in single quotes
+        # too); a $ not followed by a name is kept by some versions, $$ is a $ in others
+        ("A=$HOME/cm_secret", "a $ in a value"),
+        ("A=${HOME}", "a $ in a value"),
+        ('A="cm_se$cret"', "a $ in a value"),
+        ("A='cm_se$cret'", "a $ in a value"),
+        ("A=cm_secret$", "a $ in a value"),
+        ("A=cm_$$secret", "a $ in a value"),
+        # compose reads escapes in quotes: \n \r \t \\ \" in double quotes, \' \\ in single
+        ('B="cm_secret\\nline"', "a backslash in a quoted value"),
+        ('B="C:\\\\cm_secret"', "a backslash in a quoted value"),
+        ('B="say \\"cm_secret\\""', "a backslash in a quoted value"),
+        ("B='it\\'s cm_secret'", "a backslash in a quoted value"),
+        ("B='cm_secret\\t'", "a backslash in a quoted value"),
+    ],
+)
+def test_a_value_compose_would_expand_is_refused_naming_file_and_line(line: str, said: str) -> None:
+    """``make up`` read these literally where docker compose replaces a variable or an escape:
+    the same .env gave the two stacks different settings, silently."""
+    with pytest.raises(EnvFileError) as caught:
+        parse_env_text(f"# settings\nOK=1\n{line}\n", ".env")
+    message = str(caught.value)
+    assert message.startswith(".env:3: ") and said in message
+    assert "cm_secret" not in message and "HOME" not in message  # it may hold a secret
+
+
+def test_a_backslash_in_an_unquoted_value_is_read_as_compose_reads_it() -> None:
+    assert parse_env_text("A=C:\\models\\n\nB=a\\tb\n") == {"A": "C:\\models\\n", "B": "a\\tb"}
+
+
+def test_a_value_compose_would_expand_is_not_written() -> None:
+    for value in ("$HOME", "a\\b"):
+        with pytest.raises(EnvFileError, match="A: the value would not read back"):
+            set_values("A=1\n", [("A", f'"{value}"')])
+    with pytest.raises(EnvFileError, match="A: the value would not read back"):
+        set_values("A=1\n", [("A", "$HOME")])

@@ -6,7 +6,12 @@ pair of matching quotes around the whole value, and an optional ``export`` befor
 (``.run/demo-keys.env`` has it, so that ``source .run/demo-keys.env`` exports the keys).
 Anything else is an error naming the file and line, never repeating the line (it may hold a
 secret): among them a comment after a value (``A=1 # one``, ``B="x" # why``), which compose
-drops and a plain reader keeps, and a quote left open.
+drops and a plain reader keeps, a quote left open, a ``$`` anywhere in a value (compose
+replaces ``$NAME`` and ``${NAME}``; python-dotenv, behind compose v1, inside single quotes too)
+and a backslash inside quotes (compose reads ``\n``, ``\t``, ``\\``, ``\"`` there, ``\'`` in
+single quotes). The rules for those differ between compose versions, so refusing them is the
+one way the same file gives both stacks the same settings; a backslash in an unquoted value is
+itself for every version, and read so.
 """
 
 from __future__ import annotations
@@ -45,6 +50,19 @@ _COMMENT = re.compile(r"\s#")  # where docker compose starts a comment in an unq
 def _value(value: str, where: str) -> str:
     """The value of a line (``where`` = file:line), quotes removed; EnvFileError for one that
     docker compose reads otherwise."""
+    if "$" in value:
+        raise EnvFileError(
+            f"{where}: a $ in a value: docker compose replaces $NAME and ${{NAME}} there (some "
+            "versions inside single quotes too), the local stack would not: keep $ out of .env "
+            "(a key: in the file its *_FILE variable names; make up also takes a setting from "
+            "the environment)"
+        )
+    if value[:1] in ("'", '"') and "\\" in value:
+        raise EnvFileError(
+            f"{where}: a backslash in a quoted value: docker compose reads escapes there "
+            "(\\n, \\t, \\\\, \\\", \\'), the local stack would not: leave the value unquoted, "
+            "where a backslash is itself"
+        )
     if value[:1] in ("'", '"'):
         end = value.find(value[0], 1)
         if end == -1:
@@ -96,7 +114,7 @@ def set_values(text: str, values: Sequence[tuple[str, str]]) -> str:
         if _reads_back(line) != {key: value}:
             raise EnvFileError(
                 f"{key}: the value would not read back as written (a space and #, quotes, "
-                "surrounding spaces)"
+                "surrounding spaces, a $, a backslash in quotes)"
             )
         pattern = re.compile(rf"^{key}=.*$", re.MULTILINE)
         after = re.compile(rf"^{previous}=.*$", re.MULTILINE).search(text) if previous else None
