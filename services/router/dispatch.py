@@ -52,7 +52,7 @@ class Attempt:
     plan_id: str  # names the prompt Plan computed, for the WARM commit ("" = none)
     opened_at: float  # when its Generate was called (the clock of the Dispatcher)
     timeout_s: float  # the call's deadline, from ``opened_at`` (``Calls.model_timeout_s``)
-    probe: bool = False  # the replica's probe after its cool-off, until its first token
+    probe: bool = False  # the replica's probe after its cool-off, until the call's verdict
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))

@@ -309,8 +309,6 @@ class Pipeline:
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
                     if answer.first:
-                        self._dispatch.health.succeeded(attempt.replica)  # it serves
-                        attempt.probe = False
                         ttft = self._clock() - began
                         spans.first_token(root, attempt.chat_span, ttft)
                         if self._metrics is not None:
@@ -401,8 +399,9 @@ class Pipeline:
 
     def _judged(self, attempt: Attempt, finished: bool, error: BaseException | None) -> None:
         """The call's verdict on its replica's health (``replica_health``): a cut counts
-        against it; a whole answer (without content: its first token did not say so) brings
-        it back; a caller that left, or an answer that outlasted its deadline, says nothing."""
+        against it, also after its first token (a replica that cuts every answer there is
+        ejected); only a whole answer brings it back; a caller that left, or an answer that
+        outlasted its deadline, says nothing."""
         health = self._dispatch.health
         if isinstance(error, ReplicaCut):
             self._dispatch.replica_failed(attempt.model.id, attempt.replica, attempt.probe)

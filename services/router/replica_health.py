@@ -1,7 +1,7 @@
 """Passive outlier ejection of model replicas (as Envoy's): a replica whose calls fail
 ``after_failures`` times in a row is left out of the choice for a cool-off that doubles on
 each re-ejection (``base_s``, at most ``max_s``); when it ends one request probes it, and its
-first token brings the replica back (a failure ejects it again, for twice as long).
+answer ending whole brings the replica back (a failure ejects it again, for twice as long).
 
 What counts as a failure is the replica's: UNAVAILABLE, no first report within the time it
 was given and predicted to need, a cut mid-answer. A request it refuses (INVALID_ARGUMENT,
@@ -77,7 +77,8 @@ class ReplicaHealth:
         return True
 
     def succeeded(self, replica: str) -> None:
-        """Its first token came: back in service, the count and the cool-off reset."""
+        """A call ended with its whole answer: back in service, the count and the cool-off
+        reset. Not its first token: a replica that cuts every answer after it must fail."""
         self._replicas.pop(replica, None)
 
     def released(self, replica: str, probe: bool) -> None:

@@ -404,3 +404,48 @@ def test_a_provider_that_hangs_is_cut_at_the_clients_deadline(providers: Provide
     assert 0 < int(str(model["cachemesh.deadline_ms"])) <= CLIENT_DEADLINE_S * 1000
     assert elapsed < MODEL_TIMEOUT_S  # generous
     print(f"\nhung call cut after {hung.ended - hung.at:.2f} s; the client saw: {error}")
+
+
+def _answered_by(providers: ProviderStack, replica: str, tag: str) -> None:
+    """Asks gpt-4-1 until ``replica`` answers one request whole (its health then resets; an
+    ejected replica is reached by its probe once its cool-off has passed)."""
+    server, key = providers.server, providers.keys[replica]
+    deadline = time.monotonic() + 30
+    with _client(providers, "tenant-b") as client:
+        while True:
+            question = f"{tag} {uuid.uuid4().hex[:6]}"
+            client.complete(ask("gpt-4-1", question))
+            if any(s.key == key for s in server.seen_by("openai") if question in str(s.body)):
+                return
+            assert time.monotonic() < deadline, f"{replica} never answered"
+            time.sleep(0.2)
+
+
+def test_a_replica_that_cuts_every_answer_after_its_first_token_is_ejected(
+    providers: ProviderStack,
+) -> None:
+    """gpt-4-1 has two replicas. openai-1 cuts every answer right after its first token: a
+    unary request sent there is cut and re-run on openai-2 (both calls billed). Its first
+    token is no success: after three cuts in a row it is ejected and openai-2 serves alone
+    (one probe, cut again, may reach it if the requests outlast ROUTER_EJECT_BASE_S's 5 s)."""
+    server = providers.server
+    key = providers.keys["openai-1"]
+    tag = f"Cut after the first token {uuid.uuid4().hex[:8]}"
+    _answered_by(providers, "openai-1", tag)  # no failure counted from an earlier test
+    cut = openai_wire.stream("gpt-4.1-2025-04-14", ["Paris", " is the"], None, cut_after=1)
+    server.script("openai", *(Reply(events=cut, cut=True, key=key) for _ in range(12)))
+    try:
+        with _client(providers, "tenant-b", max_attempts=1) as client:
+            for i in range(12):
+                answer = client.complete(ask("gpt-4-1", f"{tag} #{i}"))
+                assert answer.content[0].text == "Paris is the capital of France."
+    finally:
+        with server._lock:  # the cuts not used must not reach the next tests
+            server.scripts["openai"] = [r for r in server.scripts["openai"] if r.key != key]
+    cut_calls = [
+        s for s in server.seen_by("openai") if any(f"{tag} #{i}" in str(s.body) for i in range(12))
+    ]
+    cut_calls = [s for s in cut_calls if s.key == key]
+    print(f"\n{len(cut_calls)} of 12 requests were cut on openai-1")
+    assert 3 <= len(cut_calls) <= 4  # was every other request or more (6 to 12)
+    _answered_by(providers, "openai-1", tag)  # back in service for the tests that follow

@@ -1,11 +1,14 @@
-"""Through the router's request path: a replica whose calls keep failing (or hang) is ejected
-(it stops taking requests, their time and their deadlines); after the cool-off one probe
-brings it back; when all are ejected they still serve; a request's own fault
-(INVALID_ARGUMENT, RESOURCE_EXHAUSTED) or a deadline shorter than its prefill counts for
-nothing. The clock is injected: no test sleeps."""
+"""Through the router's request path: a replica whose calls keep failing (or hang, or cut
+their answers after the first token) is ejected (it stops taking requests, their time and
+their deadlines); after the cool-off one probe answering whole brings it back; when all are
+ejected they still serve; a request's own fault (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), a
+deadline shorter than its prefill or a caller that leaves counts for nothing. The clock is
+injected: no test sleeps."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass, field
 
 import pytest
@@ -70,6 +73,8 @@ class Models:
     failing: dict[str, CallFailed]
     takes_s: float | None = 1.0  # how long a failing call takes (None: its whole deadline)
     calls: list[str] = field(default_factory=list)
+    cutting: set[str] = field(default_factory=set)  # cut right after their first token
+    held: set[str] = field(default_factory=set)  # write a token, then keep writing
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
@@ -80,6 +85,13 @@ class Models:
             self.clock.now += deadline_s if self.takes_s is None else self.takes_s
             return Stream([failure])
         start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
+        if replica in self.cutting:
+            died = CallFailed(Code.UNAVAILABLE, "the replica died mid-answer")
+            return Stream(
+                [model_pb2.GenerateChunk(start=start), model_pb2.GenerateChunk(text="o"), died]
+            )
+        if replica in self.held:
+            return Held([model_pb2.GenerateChunk(start=start), model_pb2.GenerateChunk(text="o")])
         end = model_pb2.GenerateEnd(output_tokens=1, stop_reason="end_turn")
         return Stream(
             [
@@ -90,6 +102,16 @@ class Models:
         )
 
 
+class Held(Stream):
+    """Its chunks, then the rest of the answer is still being written (the caller leaves)."""
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        chunk = await super().read()
+        if chunk is None:
+            await asyncio.Event().wait()
+        return chunk
+
+
 def _pipeline(models: Models) -> Pipeline:
     deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, REPLICAS)
     router = (load_router_model(), RouterCard.load().default_threshold, None)
@@ -98,10 +120,21 @@ def _pipeline(models: Models) -> Pipeline:
     )
 
 
-async def _ask(pipeline: Pipeline, i: int, remaining_s: float | None = None) -> pb.CompleteResponse:
+async def _ask(
+    pipeline: Pipeline, i: int, remaining_s: float | None = None, *, streamed: bool = True
+) -> pb.CompleteResponse:
     request = build_request(f"question {i}", model="sim-large", request_id=f"r{i}")
-    chunks = [c async for c in pipeline.run("tenant-a", request, time_remaining_s=remaining_s)]
+    run = pipeline.run("tenant-a", request, time_remaining_s=remaining_s, streamed=streamed)
+    chunks = [c async for c in run]
     return chunks[-1].end
+
+
+async def _leave_after_the_first_token(pipeline: Pipeline, i: int) -> None:
+    request = build_request(f"question {i}", model="sim-large", request_id=f"r{i}")
+    async with contextlib.aclosing(pipeline.run("tenant-a", request)) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the caller leaves
 
 
 UNAVAILABLE = CallFailed(Code.UNAVAILABLE, "anthropic could not serve (529)")
@@ -131,6 +164,57 @@ async def test_a_hung_replica_is_ejected_and_stops_taking_requests_deadlines() -
             failed += 1
     await pipeline.drain()
     assert failed == 3 and models.calls.count("large-1") == 3
+
+
+async def test_a_replica_that_cuts_every_call_after_its_first_token_is_ejected() -> None:
+    """Its first token is no success: each call it cuts counts, and after three it is left
+    out instead of cutting every request sent there (each billed twice, and re-run)."""
+    clock = Clock()
+    models = Models(clock, {}, cutting={"large-1"})
+    pipeline = _pipeline(models)
+    for i in range(20):  # Complete: a cut answer is re-run on large-2
+        assert (await _ask(pipeline, i, streamed=False)).content[0].text == "ok"
+    await pipeline.drain()
+    assert models.calls.count("large-1") == 3
+
+
+async def test_a_probe_cut_after_its_first_token_ejects_the_replica_again() -> None:
+    clock = Clock()
+    models = Models(clock, {"large-1": UNAVAILABLE})
+    pipeline = _pipeline(models)
+    for i in range(3):
+        await _ask(pipeline, i, streamed=False)  # ejected
+    del models.failing["large-1"]
+    models.cutting.add("large-1")  # back, but it cuts its answers
+    clock.now += 5.0  # the cool-off is over
+    await _ask(pipeline, 3, streamed=False)
+    assert models.calls[-2:] == ["large-1", "large-2"]  # the probe, cut; re-run on large-2
+    clock.now += 9.9  # ejected again, for twice as long
+    sent = len(models.calls)
+    await _ask(pipeline, 4, streamed=False)
+    await pipeline.drain()
+    assert models.calls[sent:] == ["large-2"]
+
+
+async def test_a_caller_that_leaves_after_the_first_token_counts_for_nothing() -> None:
+    """Neither a failure (the replica was answering) nor a success (its answer never ended)."""
+    clock = Clock()
+    models = Models(clock, {}, cutting={"large-1"})
+    pipeline = _pipeline(models)
+    for i in range(2):
+        await _ask(pipeline, i, streamed=False)  # two cuts
+    models.cutting.clear()
+    models.held.add("large-1")
+    for i in range(2, 7):
+        await _leave_after_the_first_token(pipeline, i)
+    assert models.calls.count("large-1") == 7  # not ejected by the callers that left
+    models.held.clear()
+    models.cutting.add("large-1")
+    await _ask(pipeline, 7, streamed=False)  # the third cut in a row: ejected
+    sent = len(models.calls)
+    await _ask(pipeline, 8, streamed=False)
+    await pipeline.drain()
+    assert models.calls[sent:] == ["large-2"]
 
 
 async def test_after_the_cool_off_one_probe_and_a_success_brings_it_back() -> None:

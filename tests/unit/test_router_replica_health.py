@@ -28,7 +28,7 @@ def test_ejected_after_n_consecutive_failures_for_the_base_cool_off() -> None:
     assert health.split(["r", "other"], 5.9) == (["other"], ["r"])
 
 
-def test_one_probe_after_the_cool_off_and_its_first_token_brings_it_back() -> None:
+def test_one_probe_after_the_cool_off_and_its_whole_answer_brings_it_back() -> None:
     health = ReplicaHealth(POLICY)
     _fail(health, "r", 0.0, 3)
     assert not health.ejected("r", 5.0)  # the cool-off is over: due a probe
