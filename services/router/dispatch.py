@@ -4,8 +4,9 @@ The tier comes from the learned router (``routing``; or the requested model); th
 the configured replica policy (``replica_choice``: predicted time to first token by default) over
 prefix-cache's view of the replicas and the router's own record of their queues and measured
 rates (``replica_state``); a replica that fails before its first token hands the request to the
-next one, and for ``auto`` to the other tiers (nearest in price first). A replica whose calls
-keep failing is left out for a cool-off (``replica_health``), unless all are.
+next one, and for ``auto`` to the other tiers (nearest in price first), as does a simulated or
+self-hosted one that stalls (no first report long past its predicted prefill). A replica whose
+calls keep failing is left out for a cool-off (``replica_health``), unless all are.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from opentelemetry import trace
 
@@ -30,11 +32,19 @@ from services.router.calls import CLIENT_FAULTS, Calls
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_health import ReplicaHealth
-from services.router.replica_state import ReplicaStates
+from services.router.replica_state import ReplicaStates, stalled_after_s
 from services.router.routing.router import Routed
 
 log = logging.getLogger("cachemesh.router")
 _HASH_BYTES = 32  # one KV block hash in PromptFacts.kv_block_hashes
+# The replicas whose call, abandoned before its first report, is billed to no one: the
+# simulator and a self-hosted engine bill nothing of their own, and the router bills a call
+# only from its start (the WARM commit). Such a call that has stalled is handed over to the
+# next replica. Not a provider's: its start comes with its first token, after a prefill it
+# may bill even for a call cancelled then (the operator would pay for the prompt twice), and
+# its time to first token is its own queue's, not the router's prediction.
+_UNBILLED_BEFORE_START = ("simulated", "self_hosted")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -80,11 +90,14 @@ class Dispatcher:
         clock: Callable[[], float],
         tokenizer: Tokenizer,
         ejected: Callable[[str], None] | None = None,
+        hand_over_stalls: bool = True,
     ) -> None:
         """``tokenizer``: counts the prompt for ``auto``'s context-window check when
         prefix-cache made no Plan (it is down); ``ejected``: the ejections' metric, by model
-        (None: a router built without metrics)."""
+        (None: a router built without metrics); ``hand_over_stalls``: a stalled call's
+        hand-over (its timer runs in real time: off for a replay on a virtual clock)."""
         self._ejected = ejected
+        self._hand_over_stalls = hand_over_stalls
         self._calls = calls
         self._tokenizer = tokenizer
         self._deps = dependencies
@@ -166,7 +179,8 @@ class Dispatcher:
             route = self._chooser.choose(wanted, usable or ejected, view, now)
             if usable and ejected:
                 route = replace(route, ejected=tuple(ejected))
-            for replica in (*route.order, *(ejected if usable else ())):
+            candidates = (*route.order, *(ejected if usable else ()))
+            for n, replica in enumerate(candidates, 1):
                 remaining_s = self._remaining_s(deadline)
                 if remaining_s is not None and remaining_s <= 0:
                     raise _deadline_passed(spec.id, failures)
@@ -175,14 +189,20 @@ class Dispatcher:
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 opened_at = self._clock()
                 needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
+                last = n == len(candidates)
+                handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s, last)
                 probe = self.health.sending(replica, opened_at)
                 ticket = self.loads.sent(
                     replica, prompt_tokens, prompt_tokens - match, hashes, opened_at
                 )
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
-                        stream, start = await self._calls.generate(
-                            tenant, spec.id, request, replica, facts, timeout_s
+                        stream, start = await _stalled_after(
+                            self._calls.generate(
+                                tenant, spec.id, request, replica, facts, timeout_s
+                            ),
+                            handover_s,
+                            needs_s,
                         )
                 except RequestError as exc:
                     self.loads.failed(replica, ticket)
@@ -275,9 +295,46 @@ class Dispatcher:
         if self._ejected is not None:
             self._ejected(model)
 
+    def _handover_s(
+        self,
+        spec: ModelSpec,
+        wanted: Request,
+        replica: str,
+        needs_s: float,
+        timeout_s: float,
+        last: bool,
+    ) -> float | None:
+        """When a call to ``replica`` without its first report is stalled (a hung engine) and
+        the request goes to the next replica, while the deadline leaves time (None: it has the
+        whole deadline). Only for a replica whose abandoned call is billed to no one
+        (``_UNBILLED_BEFORE_START``), never the last one tried, and only on a prediction worth
+        timing: the replica's measured rate, or its row's prior (the router's global prior,
+        meant for hosted providers, would make a slow engine stall on every call)."""
+        if not self._hand_over_stalls or last or spec.provider not in _UNBILLED_BEFORE_START:
+            return None
+        known = wanted.prior_prefill_tps is not None or self.loads.rate(replica, 1.0).samples > 0
+        stall_s = stalled_after_s(needs_s)
+        return stall_s if known and stall_s < timeout_s else None
+
     def _remaining_s(self, deadline: float | None) -> float | None:
         """The time a model call may take now (None: no client deadline)."""
         return None if deadline is None else deadline - self._clock()
+
+
+async def _stalled_after(call: Awaitable[_T], handover_s: float | None, needs_s: float) -> _T:
+    """``call``'s result; if it takes longer than ``handover_s`` (None: no limit) it is
+    cancelled (its stream with it) and fails as DEADLINE_EXCEEDED, a stall."""
+    if handover_s is None:
+        return await call
+    try:
+        return await asyncio.wait_for(call, handover_s)
+    except TimeoutError as exc:
+        raise CallFailed(
+            Code.DEADLINE_EXCEEDED,
+            "stalled before its first report",
+            f"no first report within {handover_s:.1f} s, {needs_s:.1f} s predicted; "
+            "handed over to the next replica",
+        ) from exc
 
 
 def _deadline_passed(what: str, failures: list[str]) -> RequestError:

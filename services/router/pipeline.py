@@ -120,11 +120,15 @@ class Pipeline:
         outbox: BillingOutbox | None = None,
         clock: Callable[[], float] = time.monotonic,
         metrics: RouterMetrics | None = None,
+        hand_over_stalls: bool = True,
     ) -> None:
         """``router``: the learned model, its default threshold, the fallback embedder.
         ``outbox`` keeps the commits prefix-cache did not take, to bill them when it is back
         (None: such answers stay estimated and unbilled, as in the offline estimator).
-        ``metrics``: the service's (None: the offline estimator, which counts nothing)."""
+        ``metrics``: the service's (None: the offline estimator, which counts nothing).
+        ``hand_over_stalls``: a simulated or self-hosted replica's call with no first report
+        long past its predicted prefill goes to the next replica (``Dispatcher``); its timer
+        is the event loop's, so a replay on a virtual clock turns it off."""
         self._metrics = metrics
         counted = metrics.degraded if metrics is not None else None
         self._calls = Calls(dependencies, settings, counted, tracer, clock)
@@ -141,6 +145,7 @@ class Pipeline:
             self._clock,
             tokenizer,
             metrics.ejected if metrics is not None else None,
+            hand_over_stalls,
         )
         model, threshold, local = router
         self._router = TierRouter(

@@ -37,6 +37,11 @@ STALL_FACTOR = 2.0
 STALL_FLOOR_S = 1.0
 
 
+def stalled_after_s(predicted_s: float) -> float:
+    """How long after its prefill began a request without a first report is stalled."""
+    return STALL_FACTOR * predicted_s + STALL_FLOOR_S
+
+
 @dataclass
 class _Pending:
     uncached_tokens: int
@@ -209,7 +214,7 @@ class ReplicaStates:
         # A head far past its predicted prefill is a stall (a hung replica), not done: it
         # occupies the replica for as long again as it has overrun that, so the longer a
         # replica keeps a request without a first report the less it is chosen.
-        overrun_s = done_s - (STALL_FACTOR * head_s + STALL_FLOOR_S)
+        overrun_s = done_s - stalled_after_s(head_s)
         return max(head_s - done_s, overrun_s, 0.0) + rest_s
 
     def surviving_match(

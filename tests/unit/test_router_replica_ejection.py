@@ -2,8 +2,9 @@
 their answers after the first token) is ejected (it stops taking requests, their time and
 their deadlines); after the cool-off one probe answering whole brings it back; when all are
 ejected they still serve; a request's own fault (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), a
-deadline shorter than its prefill or a caller that leaves counts for nothing. The clock is
-injected: no test sleeps."""
+deadline shorter than its prefill or a caller that leaves counts for nothing; a simulated
+replica that stalls hands its request over, a provider's does not. The clock is injected; a
+stall's hand-over runs on the event loop's timer (a 10 ms floor here, ``fast_stall``)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,27 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
+from services.router import replica_state
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
 
-REPLICAS = {"sim-small": ("small-1",), "sim-large": ("large-1", "large-2")}
+REPLICAS = {
+    "sim-small": ("small-1",),
+    "sim-large": ("large-1", "large-2"),
+    "claude-sonnet-4-5": ("anthropic-1", "anthropic-2"),
+    "local-small": ("local-1", "local-2"),  # self-hosted, no prior prefill rate in its row
+}
+# how long (real time) a hung call takes to end in DEADLINE_EXCEEDED: far longer than a
+# stalled call's hand-over once the stall floor is made 10 ms (``fast_stall``)
+HANG_S = 0.5
+
+
+@pytest.fixture
+def fast_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stall after twice the predicted prefill plus 10 ms, not 1 s: the tests stay quick."""
+    monkeypatch.setattr(replica_state, "STALL_FLOOR_S", 0.01)
 
 
 class Clock:
@@ -75,6 +91,9 @@ class Models:
     calls: list[str] = field(default_factory=list)
     cutting: set[str] = field(default_factory=set)  # cut right after their first token
     held: set[str] = field(default_factory=set)  # write a token, then keep writing
+    hung: set[str] = field(default_factory=set)  # no report: DEADLINE_EXCEEDED after HANG_S
+    cancelled: list[str] = field(default_factory=list)  # the hung calls the router cancelled
+    prefill_s: float = 0.0  # how long an answering call's prefill takes (its rate's sample)
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
@@ -84,6 +103,9 @@ class Models:
         if failure is not None:
             self.clock.now += deadline_s if self.takes_s is None else self.takes_s
             return Stream([failure])
+        if replica in self.hung:
+            return Hung(self, replica, deadline_s)
+        self.clock.now += self.prefill_s
         start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
         if replica in self.cutting:
             died = CallFailed(Code.UNAVAILABLE, "the replica died mid-answer")
@@ -112,6 +134,22 @@ class Held(Stream):
         return chunk
 
 
+class Hung(Stream):
+    """A hung replica's call: nothing, then its deadline (the whole of it on the clock)."""
+
+    def __init__(self, models: Models, replica: str, deadline_s: float) -> None:
+        super().__init__([])
+        self._models, self._replica, self._deadline_s = models, replica, deadline_s
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        await asyncio.sleep(HANG_S)
+        self._models.clock.now += self._deadline_s
+        raise CallFailed(Code.DEADLINE_EXCEEDED, "deadline")
+
+    def cancel(self) -> None:
+        self._models.cancelled.append(self._replica)
+
+
 def _pipeline(models: Models) -> Pipeline:
     deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, REPLICAS)
     router = (load_router_model(), RouterCard.load().default_threshold, None)
@@ -121,9 +159,14 @@ def _pipeline(models: Models) -> Pipeline:
 
 
 async def _ask(
-    pipeline: Pipeline, i: int, remaining_s: float | None = None, *, streamed: bool = True
+    pipeline: Pipeline,
+    i: int,
+    remaining_s: float | None = None,
+    *,
+    streamed: bool = True,
+    model: str = "sim-large",
 ) -> pb.CompleteResponse:
-    request = build_request(f"question {i}", model="sim-large", request_id=f"r{i}")
+    request = build_request(f"question {i}", model=model, request_id=f"r{i}")
     run = pipeline.run("tenant-a", request, time_remaining_s=remaining_s, streamed=streamed)
     chunks = [c async for c in run]
     return chunks[-1].end
@@ -150,20 +193,72 @@ async def test_a_failing_replica_is_ejected_after_three_failures() -> None:
     assert models.calls.count("large-1") == 3  # then ejected: 17 requests straight to large-2
 
 
-async def test_a_hung_replica_is_ejected_and_stops_taking_requests_deadlines() -> None:
+async def test_a_hung_replica_hands_its_requests_over_and_is_ejected(fast_stall: None) -> None:
+    """A simulated (or self-hosted) replica with no first report long past its predicted
+    prefill: the call is cancelled, billed to no one, and the next replica answers within the
+    client's deadline; after three such stalls the hung replica is left out."""
     clock = Clock()
-    hung = CallFailed(Code.DEADLINE_EXCEEDED, "deadline")
-    models = Models(clock, {"large-1": hung}, takes_s=None)  # each call waits out its deadline
+    models = Models(clock, {}, hung={"large-1"})
+    pipeline = _pipeline(models)
+    for i in range(20):
+        assert (await _ask(pipeline, i, remaining_s=30.0)).content[0].text == "ok"
+    await pipeline.drain()
+    assert models.calls.count("large-1") == 3 and models.cancelled == ["large-1"] * 3
+
+
+async def test_a_hung_providers_requests_wait_their_deadline_until_it_is_ejected(
+    fast_stall: None,
+) -> None:
+    """A provider may bill the prompt of a call cancelled before its first token: such a call
+    is not abandoned for another replica (paid twice), it runs to its deadline."""
+    clock = Clock()
+    models = Models(clock, {}, hung={"anthropic-1"})
     pipeline = _pipeline(models)
     failed = 0
     for i in range(20):
         try:
-            await _ask(pipeline, i, remaining_s=30.0)
+            await _ask(pipeline, i, remaining_s=30.0, model="claude-sonnet-4-5")
         except RequestError as exc:
             assert exc.code == Code.DEADLINE_EXCEEDED
             failed += 1
     await pipeline.drain()
-    assert failed == 3 and models.calls.count("large-1") == 3
+    assert failed == 3 and models.calls.count("anthropic-1") == 3
+    assert models.cancelled == []  # each ran out its own deadline
+
+
+async def test_a_self_hosted_replica_hands_over_once_its_prefill_rate_is_measured(
+    fast_stall: None,
+) -> None:
+    """local-small's row sets no prior rate: until a replica's rate is measured its
+    predicted prefill is the router's global prior (hosted providers'), no ground to call a
+    slow engine stalled, and a call to it has its whole deadline."""
+    clock = Clock()
+    models = Models(clock, {}, hung={"local-1"})
+    pipeline = _pipeline(models)
+    with pytest.raises(RequestError) as caught:
+        for i in range(2):  # one of the two goes to local-1 first
+            await _ask(pipeline, i, remaining_s=30.0, model="local-small")
+    assert caught.value.code == Code.DEADLINE_EXCEEDED and models.cancelled == []
+    models = Models(clock, {}, prefill_s=0.2)  # 2,000 tokens in 0.2 s: a measured rate
+    pipeline = _pipeline(models)
+    for i in range(4):
+        await _ask(pipeline, i, model="local-small")
+    models.hung.add("local-1")
+    for i in range(4, 10):
+        assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
+    await pipeline.drain()
+    assert models.cancelled == ["local-1"] * 3  # handed over, then ejected
+
+
+async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:
+    clock = Clock()
+    models = Models(clock, {}, hung={"large-1", "large-2"})
+    pipeline = _pipeline(models)
+    with pytest.raises(RequestError) as caught:
+        await _ask(pipeline, 0, remaining_s=30.0)
+    assert caught.value.code == Code.DEADLINE_EXCEEDED
+    assert "handed over to the next replica" in str(caught.value)  # large-1's stall
+    assert models.calls == ["large-1", "large-2"] and models.cancelled == ["large-1"]
 
 
 async def test_a_replica_that_cuts_every_call_after_its_first_token_is_ejected() -> None:

@@ -114,6 +114,9 @@ class OfflineStack:
                 None,
             ),
             clock=lambda: clock.now_ms() / 1000,  # the replica choice's, on the virtual clock
+            # a replica answers at its logged time here, while a stall's hand-over would time
+            # it in real seconds (a replay parks a start for longer than its prediction)
+            hand_over_stalls=False,
         )
 
     @staticmethod
