@@ -137,7 +137,9 @@ class Dispatcher:
             assert spec is not None
             options = [(spec, "requested")]
         failures: list[str] = []
-        too_long: list[str] = []  # auto's tiers whose context window the prompt is over
+        # auto's tiers whose context window cannot hold the prompt and max_tokens of answer
+        too_long: list[str] = []
+        room = False  # one of them holds the prompt, not max_tokens of answer with it
         counted: int | None = None  # the router's own count of the prompt (no Plan)
         for spec, reason in options:
             replicas = self._deps.replicas(spec.id)
@@ -153,21 +155,31 @@ class Dispatcher:
             window_tokens = prompt_tokens
             if request.model == AUTO and plan is None:
                 # prefix-cache is down: without a count the replica of a tier too small
-                # would refuse the prompt (RESOURCE_EXHAUSTED, the request's fault) and
-                # end the request that another tier could hold. Counted once, off the loop
-                # (~0.7 us a token not cached by the tokenizer).
+                # would refuse the prompt (the request's fault) and end the request that
+                # another tier could hold. Counted once, off the loop (~0.7 us a token not
+                # cached by the tokenizer).
                 if counted is None:
                     counted = await asyncio.to_thread(count_prompt_tokens, request, self._tokenizer)
                 window_tokens = counted
-            if request.model == AUTO and window_tokens > spec.context_window_tokens:
-                # the replica would refuse it: a tier that can hold it answers instead
+            needed = window_tokens + request.max_tokens
+            if request.model == AUTO and needed > spec.context_window_tokens:
+                # the replica would refuse it (vLLM and OpenAI refuse a prompt whose
+                # max_tokens do not fit the window: a 400, the request's fault, which ends
+                # it): a tier that can hold both answers instead
+                answer = ""
+                if window_tokens <= spec.context_window_tokens:
+                    answer = f" plus max_tokens {request.max_tokens}"
+                    room = True
                 too_long.append(
-                    f"{spec.id}: the prompt's {window_tokens} tokens are over its context "
-                    f"window of {spec.context_window_tokens}"
+                    f"{spec.id}: the prompt's {window_tokens} tokens{answer} are over its "
+                    f"context window of {spec.context_window_tokens}"
                 )
                 continue
             if too_long and reason.startswith("fallback"):
-                reason = f"fallback: the prompt is over the context window of {options[0][0].id}"
+                reason = (
+                    "fallback: the prompt and max_tokens are over the context window of "
+                    f"{options[0][0].id}"
+                )
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
             raw = facts.kv_block_hashes if facts is not None else b""
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
@@ -261,8 +273,10 @@ class Dispatcher:
         if too_long and not failures:
             raise RequestError(
                 Code.RESOURCE_EXHAUSTED,
-                "no tier of auto can hold the prompt (" + "; ".join(too_long) + "); shorten "
-                "the messages, system or tools",
+                "no tier of auto can hold the prompt and its answer in its context window ("
+                + "; ".join(too_long)
+                + "); shorten the messages, system or tools"
+                + (", or lower max_tokens" if room else ""),
             )
         raise RequestError(
             Code.UNAVAILABLE,

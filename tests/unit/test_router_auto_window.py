@@ -1,5 +1,6 @@
-"""``auto`` never sends a prompt to a tier whose context window cannot hold it: a tier that can
-answers instead, and when none can the client is told so (not to retry)."""
+"""``auto`` never sends a prompt to a tier whose context window cannot hold it and its answer
+(``max_tokens``): a tier that can answers instead, and when none can the client is told so (not
+to retry)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from opentelemetry import trace
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable, load_model_table
 from services.common.prompt import prompt_tokens
 from services.common.tokens import load_cl100k
 from services.model.api import ModelApi
-from services.model.engine import SimEngine
+from services.model.engine import Prepared, SimEngine
 from services.model.kv_cache import KvBlockCache
 from services.router.dependencies import Dependencies
 from services.router.pipeline import Pipeline
@@ -46,9 +48,31 @@ def _table(small_window: int, large_window: int) -> ModelTable:
     return ModelTable(models=models, auto=dict(BASE.auto))
 
 
+class VllmLike(SimEngine):
+    """Refuses a prompt plus ``max_tokens`` over the window, as vLLM and OpenAI do (a 400,
+    which the adapter reports as INVALID_ARGUMENT: the request's fault, no other tier tried)."""
+
+    def prepare(
+        self,
+        tenant: str,
+        model: str,
+        request: pb.CompleteRequest,
+        facts: PromptFacts | None = None,
+    ) -> Prepared:
+        prepared = super().prepare(tenant, model, request, facts)
+        window = prepared.spec.context_window_tokens
+        if prepared.prompt_tokens + request.max_tokens > window:
+            raise RequestError(
+                Code.INVALID_ARGUMENT,
+                f"This model's maximum context length is {window} tokens. However, you "
+                f"requested {prepared.prompt_tokens + request.max_tokens} tokens",
+            )
+        return prepared
+
+
 def _pipeline(table: ModelTable) -> tuple[Pipeline, LocalModels]:
     def engine(replica: str, model: str) -> ModelApi:
-        sim = SimEngine(
+        sim = VllmLike(
             models={model: table.models[model]},
             replica_id=replica,
             tokenizer=TOKENIZER,
@@ -67,10 +91,24 @@ def _pipeline(table: ModelTable) -> tuple[Pipeline, LocalModels]:
     return Pipeline(deps, table, TOKENIZER, trace.NoOpTracer(), _settings(), router), models
 
 
-def _ask() -> pb.CompleteRequest:
+def _ask(system: str = DOCUMENT, max_tokens: int = 1024) -> pb.CompleteRequest:
     return build_request(
-        "Does the warranty cover labour?", model="auto", request_id="r1", system=DOCUMENT
+        "Does the warranty cover labour?",
+        model="auto",
+        request_id="r1",
+        system=system,
+        max_tokens=max_tokens,
     )
+
+
+# ~5.5k tokens: within the small tier's 8,192 alone, not with 4,000 tokens of answer
+SHORTER_DOCUMENT = "The warranty covers parts and labour for two years. " * 500
+
+
+def _answer_room() -> pb.CompleteRequest:
+    request = _ask(SHORTER_DOCUMENT, max_tokens=4000)
+    assert prompt_tokens(request, TOKENIZER) < 8192 < prompt_tokens(request, TOKENIZER) + 4000
+    return request
 
 
 async def test_auto_answers_from_a_tier_that_can_hold_the_prompt() -> None:
@@ -88,6 +126,28 @@ async def test_no_tier_that_can_hold_the_prompt_is_a_clear_refusal() -> None:
     assert caught.value.code == Code.RESOURCE_EXHAUSTED
     assert "no tier of auto can hold the prompt" in caught.value.message
     assert "sim-small" in caught.value.message and "sim-large" in caught.value.message
+    assert "lower max_tokens" not in caught.value.message  # the prompt alone is over both
+
+
+async def test_auto_leaves_a_tier_without_room_for_the_answer() -> None:
+    """The prompt fits the small tier's window but not with max_tokens: its replica would
+    refuse it (INVALID_ARGUMENT, the request's fault), and the large tier, which holds both,
+    would never be tried."""
+    pipeline, _ = _pipeline(_table(8192, 32768))
+    chunks = [c async for c in pipeline.run("tenant-a", _answer_room(), streamed=False)]
+    await pipeline.drain()
+    assert chunks[-1].end.model == "sim-large"
+
+
+async def test_no_tier_with_room_for_the_answer_names_max_tokens() -> None:
+    pipeline, _ = _pipeline(_table(8192, 8192))
+    with pytest.raises(RequestError) as caught:
+        _ = [c async for c in pipeline.run("tenant-a", _answer_room(), streamed=False)]
+    await pipeline.drain()
+    assert caught.value.code == Code.RESOURCE_EXHAUSTED
+    assert "no tier of auto can hold the prompt" in caught.value.message
+    assert "plus max_tokens 4000" in caught.value.message
+    assert "lower max_tokens" in caught.value.message
 
 
 def _prefix_down_pipeline(table: ModelTable) -> Pipeline:
@@ -115,3 +175,10 @@ async def test_prefix_cache_down_and_no_tier_can_hold_the_prompt_is_a_clear_refu
     assert caught.value.code == Code.RESOURCE_EXHAUSTED
     assert "no tier of auto can hold the prompt" in caught.value.message
     assert "sim-small" in caught.value.message and "sim-large" in caught.value.message
+
+
+async def test_prefix_cache_down_still_leaves_a_tier_without_room_for_the_answer() -> None:
+    pipeline = _prefix_down_pipeline(_table(8192, 32768))
+    chunks = [c async for c in pipeline.run("tenant-a", _answer_room(), streamed=False)]
+    await pipeline.drain()
+    assert chunks[-1].end.model == "sim-large"
