@@ -24,8 +24,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cache_creation``, ``cache_read``, ``output``), and the unanswered calls' bills';
 - ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
   request (reason: the gRPC status); ``cachemesh_router_decisions_total{tier,reason}``: the
-  tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``,
-  ``fallback``); ``cachemesh_router_requests_in_flight``;
+  tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``: the
+  prefix cache's costs moved the threshold or band edges, ``fallback``);
+  ``cachemesh_router_requests_in_flight``;
   ``cachemesh_router_replica_ejections_total{model}``: replicas left out for a cool-off after
   failing calls in a row (``replica_health``; a re-ejection after a failed probe counts too);
   ``cachemesh_router_outbox_refused_total``: requests refused before their model call because
@@ -271,6 +272,6 @@ def decision_reason(tier_reason: str, decision: Decision | None) -> str:
         return "fallback"
     if decision is None:
         return "requested"
-    if abs(decision.threshold - decision.base_threshold) > 1e-9:
+    if decision.moved_by_costs:
         return "cost_aware"
     return "threshold"

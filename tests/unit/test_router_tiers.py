@@ -15,6 +15,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError, Env
 from services.common.models import ModelSpec, ModelTable, load_model_table, model_table_from_env
 from services.router.dispatch import fallback_tiers
+from services.router.metrics import decision_reason
 from services.router.routing.bands import Band, bands, decide_bands, price_position
 from services.router.routing.decision import decide, tier_cost
 from services.router.routing.model import load_router_model
@@ -125,6 +126,22 @@ def test_the_score_falls_in_one_band_and_the_reason_names_it(score: float, tier:
     assert decision.base_threshold == pytest.approx(0.12)
     held = {"small": 0.06, "medium": 0.06, "large": 0.12}[tier]
     assert decision.threshold == pytest.approx(held)
+
+
+@pytest.mark.parametrize("score", [-0.3, 0.01, 0.07, 0.3])
+def test_a_band_decision_is_labelled_threshold_unless_the_costs_moved_it(score: float) -> None:
+    """The decisions metric's reason: a small or medium tier's band edge is not the large
+    tier's threshold, and that is no sign the costs moved anything (cost-aware off, or cold)."""
+    cuts = bands(SPECS, 0.12, {})
+    for costs in (None, _costs({})):
+        decision = decide_bands(score, NAMES, cuts, "x", costs)  # type: ignore[arg-type]
+        assert decision_reason(decision.reason, decision) == "threshold", decision.reason
+        assert not decision.moved_by_costs
+    moved = decide_bands(0.02, NAMES, cuts, "x", _costs({"medium": 2900}))  # type: ignore[arg-type]
+    assert decision_reason(moved.reason, moved) == "cost_aware" and moved.moved_by_costs
+    small, large = (tier_cost(TWO.for_tier(t), 100, 0, 2900, 100) for t in TWO.tiers)
+    assert decide(score, 0.12, "x", small, large).moved_by_costs  # both warm: extra price less
+    assert not decide(score, 0.12, "x").moved_by_costs
 
 
 def test_two_tiers_decide_as_before() -> None:

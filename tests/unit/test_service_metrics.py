@@ -168,13 +168,14 @@ def test_the_access_log_is_off_above_info(
 
 
 def test_router_decision_reasons_are_a_closed_set() -> None:
-    def decision(threshold: float, base: float) -> Decision:
-        return Decision("large", 0.7, threshold, base, "score 0.700 >= threshold", "lookup")
+    def decision(threshold: float, base: float, moved: bool = False) -> Decision:
+        return Decision("large", 0.7, threshold, base, "score 0.700 >= threshold", "lookup", moved)
 
     assert decision_reason("requested", None) == "requested"
     assert decision_reason("fallback: sim-large unavailable", decision(0.5, 0.5)) == "fallback"
     assert decision_reason("score ...", decision(0.5, 0.5)) == "threshold"
-    assert decision_reason("kept on the ...", decision(0.61, 0.5)) == "cost_aware"
+    assert decision_reason("score ... medium band", decision(0.25, 0.5)) == "threshold"
+    assert decision_reason("kept on the ...", decision(0.61, 0.5, moved=True)) == "cost_aware"
 
 
 def test_router_genai_metrics_count_the_whole_prompt_as_input() -> None:

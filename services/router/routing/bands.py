@@ -174,7 +174,7 @@ def _weighed(
         f"{why}: {where} with the costs now (cold {_interval(*cold_band)}; thresholds: "
         f"{_listing(cuts)}); {_costs(tiers, costs)}"
     )
-    return Decision(tiers[chosen], score, held, cuts[-1].threshold, reason, source)
+    return Decision(tiers[chosen], score, held, cuts[-1].threshold, reason, source, True)
 
 
 def _costs(tiers: Sequence[Tier], costs: Sequence[TierCost]) -> str:

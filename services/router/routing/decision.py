@@ -42,6 +42,10 @@ class Decision:
     base_threshold: float  # the request's or the configured one, before the costs moved it
     reason: str
     embedding_source: str
+    # the costs now moved the threshold or band edges (cost-aware routing weighed a prefix):
+    # the decisions metric's "cost_aware". Not ``threshold != base_threshold``: with more than
+    # two tiers a smaller tier's band edge differs from the large tier's threshold by itself.
+    moved_by_costs: bool = False
 
 
 def tier_cost(
@@ -102,7 +106,8 @@ def decide(
         f"{large.model} {dollars(large.nanos)} ({large.warm_tokens} tokens warm) vs "
         f"{small.model} {dollars(small.nanos)} ({small.warm_tokens} tokens warm)"
     )
-    if abs(effective - threshold) < 1e-9:
+    moved = abs(effective - threshold) >= 1e-9
+    if not moved:
         reason = f"score {score:.3f} {verb} {whose} {threshold:.3f}; {costs}"
     else:
         warm = "large" if large.warm_tokens > small.warm_tokens else "small"
@@ -117,4 +122,4 @@ def decide(
             f"({whose} {threshold:.3f} x extra cost now {dollars(extra_now)} / cold "
             f"{dollars(extra_cold)}); {costs}"
         )
-    return Decision(tier, score, effective, threshold, reason, source)
+    return Decision(tier, score, effective, threshold, reason, source, moved)
