@@ -194,6 +194,14 @@ class Pipeline:
         lookup = await self._lookup(tenant, request, deadline)
         if lookup is not None:
             log.debug("L1 lookup: %s", _lookup_result(lookup))
+        refused = self._below_lowest_tier(request, lookup)
+        if refused:
+            # the model answers, and its Store replaces an exact match's weaker answer
+            record_event(self._tracer, "cachemesh.semantic.hit_refused", {"reason": refused})
+            assert lookup is not None
+            lookup = semantic_cache_pb2.LookupResponse(
+                best_similarity=lookup.best_similarity, refusal=refused
+            )
         if lookup is not None and lookup.hit:
             end = await self._serve_hit(tenant, request, lookup, baseline, head)
             spans.outcome_attributes(root, end)
@@ -438,6 +446,22 @@ class Pipeline:
         if request.cache.semantic == pb.SEMANTIC_MODE_BYPASS and not auto:
             return None
         return await self._calls.lookup(tenant, request, want_embedding=auto, deadline=deadline)
+
+    def _below_lowest_tier(
+        self, request: pb.CompleteRequest, lookup: semantic_cache_pb2.LookupResponse | None
+    ) -> str:
+        """Why L1's hit for an ``auto`` request is not served ("" = it is, or no hit): its
+        answer's tier is below the cheapest one the request's thresholds allow. L1's scope
+        holds ``auto``, not the thresholds: a retry with ``routing.threshold`` -1 ("the
+        large model, please") would get the small tier's answer again, billed as a saving."""
+        if lookup is None or not lookup.hit or request.model != AUTO:
+            return ""
+        tiers = self._table.tiers
+        lowest = self._router.lowest_tier(request)
+        tier = lookup.answer.tier
+        if lowest == tiers[0] or (tier in tiers and tiers.index(tier) >= tiers.index(lowest)):
+            return ""
+        return f"the cached answer is the {tier} tier's; the request allows the {lowest} tier up"
 
     async def _serve_hit(
         self,

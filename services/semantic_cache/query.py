@@ -4,7 +4,8 @@ DESIGN.md, "What a cache hit may serve": an answer is served only within one sco
 sha256 of a canonical serialisation of the tenant, the namespace, the requested model string
 (``auto`` included), the tools and system prompt, the conversation before the last user turn
 (and the non-text blocks of that turn), and the temperature (unset = 1.0). ``cache_control``
-markers, ``max_tokens`` and ``request_id`` are not part of it.
+markers, ``max_tokens``, ``request_id`` and ``routing`` are not part of it (the router refuses
+an ``auto`` hit whose tier is below the one the request's thresholds force).
 """
 
 from __future__ import annotations

@@ -230,6 +230,50 @@ async def test_a_hit_is_one_lookup_and_is_served_free() -> None:
     assert not rig.prefix.plans and not rig.prefix.commits and not rig.models.calls
 
 
+def _cached(tier: str) -> sc.CachedAnswer:
+    return sc.CachedAnswer(
+        content=[pb.ContentBlock(text=f"The {tier} tier's answer.")],
+        model=TABLE.for_tier(tier).id,
+        tier=tier,
+        stop_reason="end_turn",
+        output_tokens=5,
+    )
+
+
+def _auto(threshold: float | None = None) -> pb.CompleteRequest:
+    request = _request("auto")
+    if threshold is not None:
+        request.routing.threshold = threshold
+    return request
+
+
+async def test_an_auto_hit_below_the_tier_its_threshold_forces_is_not_served() -> None:
+    """routing.threshold -1: every score reaches the large tier. The small tier's cached
+    answer (the weak one the user is retrying) is not served as a free hit: the large model
+    answers, and its answer is stored over the small one's."""
+    rig = Rig()
+    rig.semantic.reply = sc.LookupResponse(hit=True, answer=_cached("small"))
+    end = (await rig.run(_auto(-1.0)))[-1].end
+    assert end.served_by == pb.LAYER_MODEL and end.tier == "large"
+    assert end.cost.cost_nanos > 0
+    assert [s.answer.tier for s in rig.semantic.stores] == ["large"]
+
+
+@pytest.mark.parametrize(
+    ("threshold", "tier"), [(None, "small"), (0.5, "small"), (-0.99, "small"), (-1.0, "large")]
+)
+async def test_an_auto_hit_at_or_above_the_lowest_tier_allowed_is_served(
+    threshold: float | None, tier: str
+) -> None:
+    """Ordinary auto hits are served whatever their tier; so is a large answer to a request
+    forcing the large tier, and any answer to one whose threshold some score stays below."""
+    rig = Rig()
+    rig.semantic.reply = sc.LookupResponse(hit=True, answer=_cached(tier))
+    end = (await rig.run(_auto(threshold)))[-1].end
+    assert end.served_by == pb.LAYER_SEMANTIC_CACHE and end.tier == tier
+    assert not rig.models.calls
+
+
 async def test_a_miss_plans_calls_the_model_commits_twice_and_stores_the_answer() -> None:
     rig = Rig()
     rig.semantic.reply = sc.LookupResponse(leader=True, lease_id="lease-1")

@@ -249,6 +249,19 @@ def test_a_single_question_is_not_planned_and_the_plain_rule_plans_nothing() -> 
     assert not plans.planned
 
 
+def test_the_lowest_tier_a_request_allows_is_the_lowest_scores() -> None:
+    """What an auto request's L1 hit must reach (the pipeline refuses one below it)."""
+    request = build_request("What is 2 + 2?", model="auto")
+    assert _router(FakePlans()).lowest_tier(request) == "small"
+    request.routing.threshold = -0.99  # a score below it stays small
+    assert _router(FakePlans()).lowest_tier(request) == "small"
+    request.routing.threshold = -1.0  # every score reaches the large tier
+    assert _router(FakePlans()).lowest_tier(request) == "large"
+    model = load_router_model()
+    floor = TierRouter(model, 0.12, THREE, None, None, None, tier_thresholds={"medium": -1.0})  # type: ignore[arg-type]
+    assert floor.lowest_tier(build_request("What is 2 + 2?", model="auto")) == "medium"
+
+
 def test_calibrating_a_middle_tier_for_a_share_of_calls() -> None:
     import numpy as np
 

@@ -39,6 +39,7 @@ FROM_LOOKUP = "semantic_cache.lookup"
 FROM_EMBED = "semantic_cache.embed"  # L1 bypassed: embedded without a lookup
 LOCAL = "router.local"
 NONE = "none"
+LOWEST_SCORE = -1.0  # the score is P(large right) - P(small right)
 # The output the cost comparison assumes (tokens): the answer's length is not known before.
 EXPECTED_OUTPUT_TOKENS = 128
 
@@ -124,6 +125,16 @@ class TierRouter:
         costs = [self._cost(model, plans[model], output) for model in ids]
         decision = decide_bands(score, names, cuts, source, costs, requested=requested)
         return Routed(decision, plans)
+
+    def lowest_tier(self, request: pb.CompleteRequest) -> Tier:
+        """The cheapest tier the request's thresholds can send it to: the lowest score's
+        (-1), costs cold. The smallest tier unless a threshold is at -1 (``routing.threshold``
+        -1: every score reaches the large tier)."""
+        requested = request.routing.HasField("threshold")
+        threshold = request.routing.threshold if requested else self._threshold
+        cuts = bands(self._tiers, threshold, self._tier_thresholds, requested=requested)
+        names = [spec.tier for spec in self._tiers]
+        return decide_bands(LOWEST_SCORE, names, cuts, NONE, requested=requested).tier
 
     async def _plan(
         self, tenant: str, model: str, request: pb.CompleteRequest

@@ -1,0 +1,52 @@
+"""An ``auto`` request whose own ``routing.threshold`` forces the large tier is not served the
+small tier's cached answer: the whole request path in one process (the estimator's
+OfflineStack: the real semantic cache and router pipeline, simulated replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from cachemesh.loadtest.workloads.base import TENANT_A, user
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.tools.estimator.offline import OfflineStack
+from services.tools.stack.lifecycle import Stack
+from tests.unit.semantic_cache_support import FakeEmbedder
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = "What is the capital of France?"
+
+
+def _ask(request_id: str, threshold: float | None = None) -> pb.CompleteRequest:
+    request = pb.CompleteRequest(
+        model="auto", max_tokens=200, messages=[user(QUESTION)], request_id=request_id
+    )
+    if threshold is not None:
+        request.routing.threshold = threshold
+    return request
+
+
+async def _served(stack: OfflineStack, request: pb.CompleteRequest) -> tuple[str, str]:
+    outcome = await stack.complete(TENANT_A, request)
+    assert outcome.response is not None, outcome.code
+    return outcome.response.tier, pb.Layer.Name(outcome.response.served_by)
+
+
+def test_a_retry_forced_to_the_large_tier_is_answered_by_it_then_cached() -> None:
+    stack = OfflineStack(Stack(ROOT, environ={}).settings(), ManualClock(), embedder=FakeEmbedder())
+
+    async def run() -> list[tuple[str, str]]:
+        return [
+            await _served(stack, _ask("plain")),  # a short question: the small tier
+            await _served(stack, _ask("forced", -1.0)),  # "on the large model, please"
+            await _served(stack, _ask("forced-again", -1.0)),
+            await _served(stack, _ask("plain-again")),  # the large answer replaced the small
+        ]
+
+    assert asyncio.run(run()) == [
+        ("small", "LAYER_MODEL"),
+        ("large", "LAYER_MODEL"),
+        ("large", "LAYER_SEMANTIC_CACHE"),
+        ("large", "LAYER_SEMANTIC_CACHE"),
+    ]
