@@ -5,12 +5,16 @@ the router rather than leaving it to count or remember alone."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url, redis_url_error
+from services.common.prompt import prompt_tokens
+from services.common.tokens import Tokenizer
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
@@ -20,12 +24,19 @@ ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
 
 
 async def build_limiter(
-    settings: LimitSettings, clock: Clock, tracer: trace.Tracer | None = None
+    settings: LimitSettings,
+    clock: Clock,
+    tokenizer: Tokenizer,
+    tracer: trace.Tracer | None = None,
 ) -> Limiter:
+    """``tokenizer``: the pipeline's (one load, one cache), to count what a request's prompt
+    reserves of the token rate."""
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
         store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
-    return Limiter(store, UniformPolicies(settings.policy), clock, tracer, settings.timeout_s)
+    count = partial(prompt_tokens, tokenizer=tokenizer)
+    policies = UniformPolicies(settings.policy)
+    return Limiter(store, policies, clock, count, tracer, settings.timeout_s)
 
 
 async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedger | None:

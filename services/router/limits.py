@@ -6,11 +6,14 @@ the servicer turns into ``RESOURCE_EXHAUSTED`` with ``google.rpc.RetryInfo``.
 
 - Request rate: a bucket of ``requests_per_min`` requests, refilled continuously; each request
   takes one.
-- Token rate: a bucket of ``tokens_per_min`` tokens. A request is admitted while the bucket is
-  not empty and reserves its ``max_tokens`` (the bucket may go below zero: later requests wait
-  for the refill); when it ends the reservation is replaced by what it used: input tokens,
-  cache writes and output tokens that reached a model (cache reads are not counted, as
-  Anthropic's cache-aware limits do not; a semantic-cache hit counts as a request, no tokens).
+- Token rate: a bucket of ``tokens_per_min`` tokens. A request reserves its prompt's tokens
+  (the canonical prompt counted by the router's tokenizer, as an L1 hit's baseline is) plus its
+  ``max_tokens``, and is admitted while the bucket holds that reservation, or is full when the
+  reservation is larger than the bucket (else it could never pass; it takes the bucket below
+  zero, and later requests wait for the refill). When it ends the reservation is replaced by
+  what it used: input tokens, cache writes and output tokens that reached a model (cache reads
+  are not counted, as Anthropic's cache-aware limits do not; a semantic-cache hit counts as a
+  request, no tokens).
   A request that fails or is cut keeps its reservation, unless its call was billed without
   an answer (the caller left, or the replica was cut, after the prefill): the billed tokens
   replace it.
@@ -30,7 +33,7 @@ import calendar
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,10 +102,12 @@ TOKENS = "tokens"
 
 @dataclass(frozen=True)
 class Refusal:
-    """The store's verdict: which limit, and the wait in ms (a bucket's refill time)."""
+    """The store's verdict: which limit, and the wait in ms (a bucket's refill time); for the
+    token rate, the whole tokens the bucket holds now (0 when it is empty or below zero)."""
 
     limit: str
     wait_ms: int
+    free_tokens: int = 0
 
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
@@ -112,8 +117,8 @@ class LimitStore(Protocol):
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
-        """Atomically: refuses when a limit is reached, else takes one request and reserves
-        ``reserve_tokens``."""
+        """Atomically: refuses when a limit is reached (the token bucket holds less than
+        ``tokens_needed``), else takes one request and reserves ``reserve_tokens``."""
         ...
 
     async def settle(
@@ -136,6 +141,12 @@ def bucket_level(level: float, at_ms: int, capacity: int, now_ms: int) -> float:
     """A bucket's level at ``now_ms``: refilled at ``capacity`` a minute, never above it."""
     refill = max(0, now_ms - at_ms) * capacity / MS_PER_MIN
     return min(float(capacity), level + refill)
+
+
+def tokens_needed(reserve_tokens: int, capacity: int) -> int:
+    """What the token bucket must hold to admit a reservation: all of it, or a full bucket
+    when it is larger; at least one token."""
+    return max(1, min(reserve_tokens, capacity))
 
 
 def refill_wait_ms(level: float, need: float, capacity: int) -> int:
@@ -178,8 +189,10 @@ class MemoryLimitStore:
                 return Refusal(REQUESTS, refill_wait_ms(requests, 1, policy.requests_per_min))
         if policy.tokens_per_min is not None:
             tokens = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
-            if tokens < 1:
-                return Refusal(TOKENS, refill_wait_ms(tokens, 1, policy.tokens_per_min))
+            need = tokens_needed(reserve_tokens, policy.tokens_per_min)
+            if tokens < need:
+                wait = refill_wait_ms(tokens, need, policy.tokens_per_min)
+                return Refusal(TOKENS, wait, max(0, math.floor(tokens)))
         if policy.requests_per_min is not None:
             self._buckets[(tenant, REQUESTS)] = _Bucket(requests - 1, now_ms)
         if policy.tokens_per_min is not None:
@@ -295,22 +308,30 @@ class Limiter:
         store: LimitStore,
         policies: Policies,
         clock: Clock,
+        prompt_tokens: Callable[[pb.CompleteRequest], int],
         tracer: trace.Tracer | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        """``tracer``: for a settle that fails after its request's span ended. ``timeout_s``:
-        how long a store's answer is waited for before it counts as failed (a Redis that
-        hangs would otherwise hold every request for its client's socket timeout)."""
+        """``prompt_tokens``: a request's prompt tokens (the router's tokenizer, whose cache
+        the pipeline's own counts then reuse), counted off the event loop and only under a
+        token rate. ``tracer``: for a settle that fails after its request's span ended.
+        ``timeout_s``: how long a store's answer is waited for before it counts as failed (a
+        Redis that hangs would otherwise hold every request for its client's socket
+        timeout)."""
         self._store = store
         self._policies = policies
         self._clock = clock
+        self._prompt_tokens = prompt_tokens
         self._tracer = tracer
         self._timeout_s = timeout_s
         self._background: set[asyncio.Task[None]] = set()
 
     async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:
         policy = self._policies.for_tenant(tenant)
-        reserve = request.max_tokens if policy.tokens_per_min is not None else 0
+        prompt = reserve = 0
+        if policy.tokens_per_min is not None:
+            prompt = await asyncio.to_thread(self._prompt_tokens, request)
+            reserve = prompt + request.max_tokens
         ticket = Ticket(tenant, policy, reserve)
         if not policy.active:
             return ticket
@@ -326,7 +347,8 @@ class Limiter:
             return Ticket(tenant, policy, 0)
         if refusal is None:
             return ticket
-        return Denial(refusal.limit, _message(refusal, policy), refusal.wait_ms)
+        message = _message(refusal, policy, prompt, request.max_tokens)
+        return Denial(refusal.limit, message, refusal.wait_ms)
 
     def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
@@ -393,7 +415,7 @@ class Limiter:
         await self._store.close()
 
 
-def _message(refusal: Refusal, policy: LimitPolicy) -> str:
+def _message(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -> str:
     wait = _seconds(refusal.wait_ms)
     if refusal.limit == REQUESTS:
         return (
@@ -401,10 +423,24 @@ def _message(refusal: Refusal, policy: LimitPolicy) -> str:
             f"retry in {wait}"
         )
     if refusal.limit == TOKENS:
-        return (
-            f"rate limit: this tenant may use {policy.tokens_per_min} tokens a minute (a "
-            f"request reserves its max_tokens until it ends); retry in {wait}, or lower max_tokens"
+        assert policy.tokens_per_min is not None
+        reserve = prompt + max_tokens
+        said = (
+            f"rate limit: this tenant may use {policy.tokens_per_min} tokens a minute; this "
+            f"request reserves {reserve} tokens until it ends (its prompt's {prompt} and "
+            f"max_tokens {max_tokens})"
         )
+        if reserve > policy.tokens_per_min:
+            return (
+                f"{said}, more than a minute's: it is admitted only when all "
+                f"{policy.tokens_per_min} are free; retry in {wait}"
+            )
+        if refusal.free_tokens > 0:
+            return (
+                f"{said} and {refusal.free_tokens} are free now; retry in {wait}, or send a "
+                f"request of at most {refusal.free_tokens} tokens (prompt and max_tokens)"
+            )
+        return f"{said}; retry in {wait}"
     if refusal.limit == DAY_BUDGET:
         assert policy.day_budget_nanos is not None
         return (

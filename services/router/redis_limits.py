@@ -56,7 +56,9 @@ end
 
 # KEYS: requests, tokens, spent:day, spent:month. ARGV: now_ms, requests cap, tokens cap, day
 # budget, month budget (-1 = no such limit), tokens to reserve, GC slack. Returns {} (admitted)
-# or {limit index, wait ms}: 1 day budget, 2 month budget, 3 requests, 4 tokens.
+# or {limit index, wait ms, free tokens}: 1 day budget, 2 month budget, 3 requests, 4 tokens.
+# The token bucket must hold the reservation, or be full when the reservation is larger
+# (limits.tokens_needed).
 _ADMIT = (
     _LEVEL
     + """
@@ -73,7 +75,10 @@ if rcap > 0 then
 end
 if tcap > 0 then
   t, tat = level(KEYS[2], tcap, now)
-  if t < 1 then return {4, math.max(1, math.ceil((1 - t) * 60000 / tcap))} end
+  local need = math.max(1, math.min(reserve, tcap))
+  if t < need then
+    return {4, math.max(1, math.ceil((need - t) * 60000 / tcap)), math.max(0, math.floor(t))}
+  end
 end
 if rcap > 0 then keep(KEYS[1], r - 1, rat, rcap, slack) end
 if tcap > 0 then keep(KEYS[2], t - reserve, tat, tcap, slack) end
@@ -170,7 +175,7 @@ class RedisLimitStore:
             return Refusal(limit, periods.day_end_ms - now_ms)
         if limit == MONTH_BUDGET:
             return Refusal(limit, periods.month_end_ms - now_ms)
-        return Refusal(limit, found[1])
+        return Refusal(limit, found[1], found[2] if len(found) > 2 else 0)
 
     async def settle(
         self,

@@ -3,7 +3,8 @@ caches and replicas), each tenant with a key of its own.
 
 - Two routers sharing one real Redis count one tenant's requests together: the 4th of 3 a
   minute is refused, through either router, with RESOURCE_EXHAUSTED and RetryInfo.
-- A token rate: the second request waits for the tokens the first used (its usage, exactly).
+- A token rate: the second request waits for the tokens the first used (its usage, exactly),
+  until the bucket holds what it reserves (its prompt and max_tokens).
 - A daily budget: refused once the bill prefix-cache computed (its Totals) reaches it, until
   midnight UTC; the HTTP front answers 429 with retry-after from the RetryInfo.
 """
@@ -145,8 +146,10 @@ def test_token_rate_waits_for_the_tokens_an_answer_used(
         error = _refused(router, key, "And now?", max_tokens=1)
         elapsed = time.monotonic() - answered_at
         assert "10 tokens a minute" in error.message
-        # the bucket holds per_min - used (plus what refilled since): the wait until it holds 1
-        expected = (1 - (per_min - used)) * 60 / per_min
+        # its prompt and max_tokens reserve more than a minute's 10 tokens: it waits until the
+        # bucket, at per_min - used (plus what refilled since), is full again
+        assert "more than a minute's" in error.message
+        expected = (per_min - (per_min - used)) * 60 / per_min
         assert error.retry_after_s is not None
         assert expected - elapsed - 1 <= error.retry_after_s <= expected + 0.01
 

@@ -14,6 +14,7 @@ import anthropic
 import pytest
 from redis.asyncio import Redis
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import SystemClock
 from services.common.metrics import TenantLabels, new_registry
@@ -27,6 +28,12 @@ from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
 from tests.unit.test_http_front_app import KEY, serving
 from tests.unit.test_router_answer_ledger import TABLE, FakePipeline
+
+
+def _no_prompt(request: pb.CompleteRequest) -> int:
+    """A prompt's tokens, for a Limiter whose policies set no token rate (never called)."""
+    raise AssertionError("no token rate in these tests")
+
 
 ASK: list[Any] = [{"role": "user", "content": "What is a KV cache?"}]
 
@@ -50,7 +57,7 @@ def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]
         {"sim-small", "sim-large"},
         pipeline,  # type: ignore[arg-type]
         IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock()),
+        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
         RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
         ledger,
     )

@@ -33,6 +33,12 @@ from services.router.pipeline import Bills, Charge, chunks_of
 from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
 
+
+def _no_prompt(request: pb.CompleteRequest) -> int:
+    """A prompt's tokens, for a Limiter whose policies set no token rate (never called)."""
+    raise AssertionError("no token rate in these tests")
+
+
 KEY = "k-test-0123456789"
 TABLE = load_model_table()
 
@@ -112,7 +118,8 @@ def _router(
         {"sim-small", "sim-large"},
         pipeline,  # type: ignore[arg-type]
         IdempotencyTable(SystemClock(), 60, 100),
-        limits or Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock()),
+        limits
+        or Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
         RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
         ledger,
     )
@@ -157,7 +164,9 @@ def test_a_retry_of_an_answered_request_is_served_whatever_the_limits_say_now(
     async def run() -> None:
         store = MemoryLimitStore()  # shared, as routers share it in Redis
         limits = [
-            Limiter(store, UniformPolicies(LimitPolicy(requests_per_min=1)), SystemClock())
+            Limiter(
+                store, UniformPolicies(LimitPolicy(requests_per_min=1)), SystemClock(), _no_prompt
+            )
             for _ in range(2)
         ]
         first, first_pipe, first_ledger = _router(redis_url, limits[0])
@@ -183,7 +192,9 @@ def test_refused_requests_take_no_place_in_the_answer_once_table() -> None:
 
     async def run() -> None:
         rate = UniformPolicies(LimitPolicy(requests_per_min=2))
-        servicer, pipeline = _servicer(Limiter(MemoryLimitStore(), rate, SystemClock()), 2)
+        servicer, pipeline = _servicer(
+            Limiter(MemoryLimitStore(), rate, SystemClock(), _no_prompt), 2
+        )
         first = build_request("First", model="sim-small", request_id="first")
         await servicer.Complete(first, FakeContext())  # type: ignore[arg-type]
         second = build_request("Second", model="sim-small", request_id="second")
@@ -211,7 +222,7 @@ def test_a_duplicate_of_a_refused_request_is_refused_the_same_way() -> None:
 
     async def run() -> None:
         rate = UniformPolicies(LimitPolicy(requests_per_min=1))
-        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock()))
+        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock(), _no_prompt))
         spent = build_request("Spent", model="sim-small", request_id="spent")
         await servicer.Complete(spent, FakeContext())  # type: ignore[arg-type]
         contexts = (FakeContext(), FakeContext())
@@ -237,7 +248,7 @@ def test_concurrent_duplicates_are_one_request_served_one_answer() -> None:
 
     async def run(per_minute: int) -> GatewayServicer:
         rate = UniformPolicies(LimitPolicy(requests_per_min=per_minute))
-        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock()))
+        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock(), _no_prompt))
         request = build_request("Once", model="sim-small", request_id="once")
         contexts = (FakeContext(), FakeContext(RETRY))
         calls = [servicer.Complete(request, c) for c in contexts]  # type: ignore[arg-type]
@@ -274,7 +285,12 @@ def test_refusals_in_flight_never_push_an_answer_out() -> None:
             {"sim-small", "sim-large"},
             pipeline,  # type: ignore[arg-type]
             IdempotencyTable(SystemClock(), 3600, 5),
-            Limiter(SlowForA(), UniformPolicies(LimitPolicy(requests_per_min=3)), SystemClock()),
+            Limiter(
+                SlowForA(),
+                UniformPolicies(LimitPolicy(requests_per_min=3)),
+                SystemClock(),
+                _no_prompt,
+            ),
             RequestLog(RouterMetrics(new_registry(), TenantLabels(4)), TABLE, time.perf_counter),
         )
 
@@ -352,7 +368,7 @@ def test_a_duplicate_is_not_told_the_first_calls_deadline_passed() -> None:
 
     async def run() -> None:
         servicer, _ = _servicer(
-            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock())
+            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt)
         )
         servicer._pipeline = DeadlinePipeline()  # type: ignore[assignment]
         request = build_request("Once", model="sim-small", request_id="dl")

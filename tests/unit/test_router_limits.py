@@ -5,6 +5,7 @@ expected waits are worked by hand from the rates (a bucket refills at its capaci
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -15,7 +16,9 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.errors import Code
+from services.common.prompt import prompt_tokens
 from services.common.retry_info import retry_trailers
+from services.common.tokens import load_cl100k
 from services.router.limit_settings import LimitSettings
 from services.router.limits import (
     DAY_BUDGET,
@@ -39,6 +42,14 @@ from services.router.redis_limits import RedisLimitStore
 START_MS = 1_700_000_000_000
 TO_MIDNIGHT_MS = 6_400_000
 TO_MONTH_END_MS = 16 * 86_400_000 + TO_MIDNIGHT_MS
+TOKENIZER = load_cl100k()
+
+
+def _count(request: pb.CompleteRequest) -> int:
+    return prompt_tokens(request, TOKENIZER)
+
+
+HI = 4  # the tokens of _request's prompt ("\n\nuser: hi"): a request reserves them too
 
 
 @pytest.fixture
@@ -74,17 +85,27 @@ def _answer(
 
 
 def _limiter(store: LimitStore, policy: LimitPolicy, clock: ManualClock) -> Limiter:
-    return Limiter(store, UniformPolicies(policy), clock)
+    return Limiter(store, UniformPolicies(policy), clock, _count)
 
 
-async def _admitted(limiter: Limiter, tenant: str = "t", max_tokens: int = 100) -> Ticket:
-    ticket = await limiter.admit(tenant, _request(max_tokens))
+def _long_request(words: int, max_tokens: int) -> pb.CompleteRequest:
+    text = "Summarise: " + " ".join(f"w{j}" for j in range(words))
+    return pb.CompleteRequest(
+        model="sim-small",
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+        max_tokens=max_tokens,
+    )
+
+
+async def _admitted(limiter: Limiter, tenant: str = "t", reserve: int = 100) -> Ticket:
+    """Admits a request reserving ``reserve`` tokens (its prompt's HI and its max_tokens)."""
+    ticket = await limiter.admit(tenant, _request(reserve - HI))
     assert isinstance(ticket, Ticket), ticket
     return ticket
 
 
-async def _denied(limiter: Limiter, tenant: str = "t", max_tokens: int = 100) -> Denial:
-    denial = await limiter.admit(tenant, _request(max_tokens))
+async def _denied(limiter: Limiter, tenant: str = "t", reserve: int = 100) -> Denial:
+    denial = await limiter.admit(tenant, _request(reserve - HI))
     assert isinstance(denial, Denial), denial
     return denial
 
@@ -108,35 +129,82 @@ async def test_request_rate_refuses_the_fourth_of_three_a_minute_until_one_refil
     await _denied(limiter)
 
 
-async def test_token_rate_reserves_max_tokens_and_settles_what_was_used(
+async def test_token_rate_reserves_prompt_and_max_tokens_and_settles_what_was_used(
     store: LimitStore,
 ) -> None:
     clock = ManualClock(START_MS)
     limiter = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
-    first = await _admitted(limiter, max_tokens=600)  # 1000 -> 400
-    await _admitted(limiter, max_tokens=600)  # 400 -> -200: admitted while not empty
-    denial = await _denied(limiter, max_tokens=1)
+    assert _count(_request()) == HI
+    first = await _admitted(limiter, reserve=600)  # 1000 -> 400
+    denial = await _denied(limiter, reserve=600)  # admitted only while the bucket holds it
     assert denial.limit == TOKENS
-    assert denial.retry_after_ms == 12_060  # 201 tokens at 1000 a minute
+    assert denial.retry_after_ms == 12_000  # 200 tokens at 1000 a minute
+    await _admitted(limiter, reserve=400)  # 400 -> 0
     # the first used 100 in + 50 out (cache reads not counted): 450 of its 600 come back
     limiter.settle(first, _answer(100, 50, cost_nanos=0))
     await limiter.drain()
-    await _admitted(limiter, max_tokens=1)  # -200 + 450 = 250 -> 249
+    await _denied(limiter, reserve=451)
     # a semantic-cache hit reached no model: its whole reservation comes back
-    hit = await _admitted(limiter, max_tokens=249)  # 249 -> 0
-    await _denied(limiter)
+    hit = await _admitted(limiter, reserve=450)  # 450 -> 0
+    await _denied(limiter, reserve=HI + 1)
     limiter.settle(hit, _answer(100, 50, cost_nanos=0, layer=pb.LAYER_SEMANTIC_CACHE))
     await limiter.drain()
-    await _admitted(limiter, max_tokens=249)
+    await _admitted(limiter, reserve=450)
+
+
+async def test_token_rate_reserves_the_prompt_too_and_admits_what_the_bucket_holds(
+    store: LimitStore,
+) -> None:
+    """20 requests at once, each a 607-token prompt and max_tokens=4, against 2,000 tokens a
+    minute. Reserving only max_tokens while the bucket held >= 1 admitted all 20 (12,220
+    tokens once settled, 6x the limit, then the tenant locked out for 5 min): the prompt is
+    reserved too, and a request is admitted only while the bucket holds its reservation."""
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(tokens_per_min=2000), clock)
+    request = _long_request(300, max_tokens=4)
+    reserve = prompt_tokens(request, TOKENIZER) + 4
+    assert reserve == 611
+    verdicts = await asyncio.gather(*(limiter.admit("t", request) for _ in range(20)))
+    admitted = [v for v in verdicts if isinstance(v, Ticket)]
+    assert len(admitted) == 3  # 2000 -> 2000 - 3 * reserve, less than one more reservation
+    assert all(t.reserved_tokens == reserve for t in admitted)
+    denial = next(v for v in verdicts if isinstance(v, Denial))
+    left = 2000 - 3 * reserve
+    assert denial.limit == TOKENS
+    assert denial.retry_after_ms == math.ceil((reserve - left) * 60_000 / 2000)
+    assert f"this request reserves {reserve} tokens" in denial.message
+    assert f"{left} are free now" in denial.message
+    # a small request fits in what is left, now
+    await _admitted(limiter, reserve=left)
+
+
+async def test_a_request_larger_than_the_token_rate_waits_for_a_full_bucket(
+    store: LimitStore,
+) -> None:
+    """A reservation above the bucket's capacity is admitted when the bucket is full (else it
+    could never pass), and takes the bucket below zero."""
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(tokens_per_min=100), clock)
+    big = _long_request(300, max_tokens=4)
+    reserve = prompt_tokens(big, TOKENIZER) + 4
+    assert isinstance(await limiter.admit("t", big), Ticket)  # 100 -> 100 - reserve
+    denial = await limiter.admit("t", big)
+    assert isinstance(denial, Denial)
+    assert denial.retry_after_ms == reserve * 600  # back to 100, at 100 a minute
+    assert "are free now" not in denial.message  # the bucket is below zero: only waiting helps
+    clock.advance(ms=denial.retry_after_ms - 1)
+    assert isinstance(await limiter.admit("t", big), Denial)
+    clock.advance(ms=1)
+    assert isinstance(await limiter.admit("t", big), Ticket)
 
 
 async def test_a_request_without_an_answer_keeps_its_reservation(store: LimitStore) -> None:
     clock = ManualClock(START_MS)
     limiter = _limiter(store, LimitPolicy(tokens_per_min=100), clock)
-    ticket = await _admitted(limiter, max_tokens=100)
-    limiter.settle(ticket, None)  # failed or cut: counted as max_tokens
+    ticket = await _admitted(limiter, reserve=100)
+    limiter.settle(ticket, None)  # failed or cut: counted as its prompt and max_tokens
     await limiter.drain()
-    assert (await _denied(limiter)).retry_after_ms == 600  # 1 token at 100 a minute
+    assert (await _denied(limiter, reserve=HI + 1)).retry_after_ms == 3_000  # 5 at 100 a min
 
 
 async def test_a_call_billed_without_its_answer_counts_its_cost_and_tokens(
@@ -147,8 +215,8 @@ async def test_a_call_billed_without_its_answer_counts_its_cost_and_tokens(
     clock = ManualClock(START_MS)
     policy = LimitPolicy(tokens_per_min=1000, day_budget_nanos=1000)
     limiter = _limiter(store, policy, clock)
-    ticket = await _admitted(limiter, max_tokens=1)  # 1000 -> 999
-    limiter.charge(ticket, pb.Usage(input_tokens=950, output_tokens=50), 1000)  # 999 + 1 - 1000
+    ticket = await _admitted(limiter, reserve=HI + 1)  # 1000 -> 995
+    limiter.charge(ticket, pb.Usage(input_tokens=950, output_tokens=50), 1000)  # 995 + 5 - 1000
     limiter.settle(ticket, None)  # no answer
     await limiter.drain()
     assert (await _denied(limiter)).limit == DAY_BUDGET  # 1000 of 1000 spent
@@ -163,12 +231,12 @@ async def test_a_cancelled_call_counts_its_billed_tokens_not_its_reservation_too
     top of that (a chat client's stop button must not throttle its tenant twice over)."""
     clock = ManualClock(START_MS)
     limiter = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
-    ticket = await _admitted(limiter, max_tokens=900)  # 1000 -> 100
+    ticket = await _admitted(limiter, reserve=900)  # 1000 -> 100
     limiter.settle(ticket, None)  # cancelled: the reservation stays until the bill comes
     limiter.charge(ticket, pb.Usage(input_tokens=100, output_tokens=50), 0)
     await limiter.drain()
-    await _admitted(limiter, max_tokens=850)  # 1000 - 150 = 850 left (both: -50, refused)
-    assert (await _denied(limiter)).limit == TOKENS
+    await _admitted(limiter, reserve=850)  # 1000 - 150 = 850 left (both: 850 - 900, refused)
+    assert (await _denied(limiter, reserve=HI + 1)).limit == TOKENS
 
 
 @pytest.mark.parametrize("answer_first", [False, True])
@@ -179,7 +247,7 @@ async def test_a_call_cut_then_answered_elsewhere_counts_both_calls_once(
     the reservation is given back once, whichever is counted first."""
     clock = ManualClock(START_MS)
     limiter = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
-    ticket = await _admitted(limiter, max_tokens=900)  # 1000 -> 100
+    ticket = await _admitted(limiter, reserve=900)  # 1000 -> 100
     cut = pb.Usage(input_tokens=100, output_tokens=50)
     answered = _answer(100, 50, cost_nanos=0)
     if answer_first:
@@ -189,8 +257,8 @@ async def test_a_call_cut_then_answered_elsewhere_counts_both_calls_once(
         limiter.charge(ticket, cut, 0)
         limiter.settle(ticket, answered)
     await limiter.drain()
-    await _admitted(limiter, max_tokens=700)  # 1000 - 150 - 150 = 700 left
-    assert (await _denied(limiter)).limit == TOKENS
+    await _admitted(limiter, reserve=700)  # 1000 - 150 - 150 = 700 left
+    assert (await _denied(limiter, reserve=HI + 1)).limit == TOKENS
 
 
 async def test_daily_budget_refuses_until_midnight_utc_then_renews(store: LimitStore) -> None:
@@ -305,28 +373,29 @@ async def test_a_request_admitted_while_the_store_was_down_gives_nothing_back(
     clock = ManualClock(START_MS)
     switch = _Switch(store)
     limiter = _limiter(switch, LimitPolicy(tokens_per_min=1000), clock)
-    ticket = await _admitted(limiter, max_tokens=5000)  # 1000 -> -4000
+    ticket = await _admitted(limiter, reserve=5000)  # a full bucket: 1000 -> -4000
     limiter.settle(ticket, _answer(4000, 1000, cost_nanos=0))  # used all 5000: -4000
     await limiter.drain()
     switch.down = True
-    degraded = await _admitted(limiter, max_tokens=4000)  # admitted, nothing reserved
+    degraded = await _admitted(limiter, reserve=4000)  # admitted, nothing reserved
     switch.down = False
     if answered:
         limiter.settle(degraded, _answer(60, 40, cost_nanos=0))
     else:
         limiter.charge(degraded, pb.Usage(input_tokens=60, output_tokens=40), 0)
     await limiter.drain()
-    assert (await _denied(limiter)).retry_after_ms == 246_060  # -4100: 4101 tokens at 1000/min
+    # -4100: 4105 tokens (to hold 5) at 1000 a minute
+    assert (await _denied(limiter, reserve=HI + 1)).retry_after_ms == 246_300
 
 
 async def test_a_wait_reads_in_seconds_then_minutes_then_hours(store: LimitStore) -> None:
     """Under 2 min in seconds, under 2 h in minutes, else in hours (150 s read "0.0 h")."""
     clock = ManualClock(START_MS)
     tokens = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
-    await _admitted(tokens, max_tokens=3500)  # 1000 -> -2500: 2501 tokens, 150.06 s
-    assert "retry in 2.5 min" in (await _denied(tokens)).message
-    clock.advance(ms=150_060 - 90_000)
-    assert "retry in 90.0 s" in (await _denied(tokens)).message
+    await _admitted(tokens, reserve=3500)  # 1000 -> -2500: to hold 5, 2505 tokens, 150.3 s
+    assert "retry in 2.5 min" in (await _denied(tokens, reserve=HI + 1)).message
+    clock.advance(ms=150_300 - 90_000)
+    assert "retry in 90.0 s" in (await _denied(tokens, reserve=HI + 1)).message
     midnight = Periods.at(START_MS).day_end_ms
     day = ManualClock(midnight - 7_200_000)
     budget = _limiter(store, LimitPolicy(day_budget_nanos=0), day)
@@ -431,6 +500,7 @@ async def test_a_store_that_hangs_admits_within_the_timeout() -> None:
         HangingStore(),
         UniformPolicies(LimitPolicy(requests_per_min=1)),
         ManualClock(START_MS),
+        _count,
         timeout_s=0.05,
     )
     async with asyncio.timeout(2.0):
