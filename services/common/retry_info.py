@@ -1,4 +1,4 @@
-"""A refusal's ``google.rpc.Status`` with ``RetryInfo`` (and the limit as a ``QuotaFailure``),
+"""A refusal's ``google.rpc.Status`` with ``RetryInfo`` (and the limits as a ``QuotaFailure``),
 sent in the ``grpc-status-details-bin`` trailer, plus ``retry-after`` in whole seconds for
 clients that read no status details. ``cachemesh.retry_info`` reads it back."""
 
@@ -16,8 +16,10 @@ RETRY_AFTER_KEY = "retry-after"
 
 
 def retry_trailers(
-    code: Code, message: str, retry_after_ms: int, subject: str, description: str
+    code: Code, message: str, retry_after_ms: int, subject: str, descriptions: tuple[str, ...]
 ) -> tuple[tuple[str, str | bytes], ...]:
+    """``descriptions``: one ``QuotaFailure`` violation of ``subject`` each (the limits it is
+    over, the one ``retry_after_ms`` waits for first)."""
     delay = duration_pb2.Duration(
         seconds=retry_after_ms // 1000, nanos=(retry_after_ms % 1000) * 1_000_000
     )
@@ -28,6 +30,7 @@ def retry_trailers(
         error_details_pb2.QuotaFailure(
             violations=[
                 error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+                for description in descriptions
             ]
         )
     )

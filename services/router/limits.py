@@ -1,8 +1,9 @@
 """Per-tenant limits at the Gateway: request rate, token rate, dollar budgets a day and a month.
 
 A grpc-free core. ``Limiter.admit`` runs before a request reaches the pipeline; a tenant over
-one of its limits is refused with a ``Denial`` (what was exceeded, and how long to wait), which
-the servicer turns into ``RESOURCE_EXHAUSTED`` with ``google.rpc.RetryInfo``.
+its limits is refused with a ``Denial`` (what was exceeded, and how long to wait: every limit
+is checked, and the wait is the longest), which the servicer turns into
+``RESOURCE_EXHAUSTED`` with ``google.rpc.RetryInfo``.
 
 - Request rate: a bucket of ``requests_per_min`` requests, refilled continuously; each request
   takes one.
@@ -103,11 +104,25 @@ TOKENS = "tokens"
 @dataclass(frozen=True)
 class Refusal:
     """The store's verdict: which limit, and the wait in ms (a bucket's refill time); for the
-    token rate, the whole tokens the bucket holds now (0 when it is empty or below zero)."""
+    token rate, the whole tokens the bucket holds now (0 when it is empty or below zero).
+    ``also``: the other limits the request is over, whose waits are no longer (longest
+    first)."""
 
     limit: str
     wait_ms: int
     free_tokens: int = 0
+    also: tuple[str, ...] = ()
+
+
+def longest(over: list[Refusal]) -> Refusal:
+    """One refusal for every limit a request is over (each checked): the longest wait, naming
+    that limit and the others. Waiting for the first limit checked (the day's end) left the
+    caller refused again when it came back (the month's budget still spent)."""
+    ranked = sorted(over, key=lambda r: -r.wait_ms)  # stable: the check order on a tie
+    first = ranked[0]
+    return Refusal(
+        first.limit, first.wait_ms, first.free_tokens, tuple(r.limit for r in ranked[1:])
+    )
 
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
@@ -176,23 +191,26 @@ class MemoryLimitStore:
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
+        over: list[Refusal] = []
         day = self._spent.get((tenant, periods.day), 0)
         if policy.day_budget_nanos is not None and day >= policy.day_budget_nanos:
-            return Refusal(DAY_BUDGET, periods.day_end_ms - now_ms)
+            over.append(Refusal(DAY_BUDGET, periods.day_end_ms - now_ms))
         month = self._spent.get((tenant, periods.month), 0)
         if policy.month_budget_nanos is not None and month >= policy.month_budget_nanos:
-            return Refusal(MONTH_BUDGET, periods.month_end_ms - now_ms)
+            over.append(Refusal(MONTH_BUDGET, periods.month_end_ms - now_ms))
         requests = tokens = 0.0
         if policy.requests_per_min is not None:
             requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
             if requests < 1:
-                return Refusal(REQUESTS, refill_wait_ms(requests, 1, policy.requests_per_min))
+                over.append(Refusal(REQUESTS, refill_wait_ms(requests, 1, policy.requests_per_min)))
         if policy.tokens_per_min is not None:
             tokens = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
             need = tokens_needed(reserve_tokens, policy.tokens_per_min)
             if tokens < need:
                 wait = refill_wait_ms(tokens, need, policy.tokens_per_min)
-                return Refusal(TOKENS, wait, max(0, math.floor(tokens)))
+                over.append(Refusal(TOKENS, wait, max(0, math.floor(tokens))))
+        if over:
+            return longest(over)
         if policy.requests_per_min is not None:
             self._buckets[(tenant, REQUESTS)] = _Bucket(requests - 1, now_ms)
         if policy.tokens_per_min is not None:
@@ -229,11 +247,13 @@ class MemoryLimitStore:
 
 @dataclass(frozen=True)
 class Denial:
-    """A request refused by a limit: the message for the caller, the wait, what was hit."""
+    """A request refused by its limits: the one it waits longest for, the message for the
+    caller, the wait; ``exceeded``: every limit it is over, longest wait first."""
 
     limit: str
     message: str
     retry_after_ms: int
+    exceeded: tuple[str, ...]
 
 
 @dataclass
@@ -348,7 +368,7 @@ class Limiter:
         if refusal is None:
             return ticket
         message = _message(refusal, policy, prompt, request.max_tokens)
-        return Denial(refusal.limit, message, refusal.wait_ms)
+        return Denial(refusal.limit, message, refusal.wait_ms, (refusal.limit, *refusal.also))
 
     def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
@@ -415,7 +435,23 @@ class Limiter:
         await self._store.close()
 
 
+_NAMES = {
+    REQUESTS: "request rate",
+    TOKENS: "token rate",
+    DAY_BUDGET: "daily budget",
+    MONTH_BUDGET: "monthly budget",
+}
+
+
 def _message(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -> str:
+    said = _over(refusal, policy, prompt, max_tokens)
+    if not refusal.also:
+        return said
+    return f"{said} (this tenant is over its {' and '.join(_NAMES[x] for x in refusal.also)} too)"
+
+
+def _over(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -> str:
+    """What the limit with the longest wait says."""
     wait = _seconds(refusal.wait_ms)
     if refusal.limit == REQUESTS:
         return (
@@ -435,7 +471,7 @@ def _message(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int
                 f"{said}, more than a minute's: it is admitted only when all "
                 f"{policy.tokens_per_min} are free; retry in {wait}"
             )
-        if refusal.free_tokens > 0:
+        if refusal.free_tokens > 0 and not refusal.also:  # else a smaller one is refused too
             return (
                 f"{said} and {refusal.free_tokens} are free now; retry in {wait}, or send a "
                 f"request of at most {refusal.free_tokens} tokens (prompt and max_tokens)"

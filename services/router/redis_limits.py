@@ -27,6 +27,7 @@ from services.router.limits import (
     LimitPolicy,
     Periods,
     Refusal,
+    longest,
 )
 
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
@@ -56,9 +57,10 @@ end
 
 # KEYS: requests, tokens, spent:day, spent:month. ARGV: now_ms, requests cap, tokens cap, day
 # budget, month budget (-1 = no such limit), tokens to reserve, GC slack. Returns {} (admitted)
-# or {limit index, wait ms, free tokens}: 1 day budget, 2 month budget, 3 requests, 4 tokens.
-# The token bucket must hold the reservation, or be full when the reservation is larger
-# (limits.tokens_needed).
+# or, for every limit the request is over (each is checked), {limit index, wait ms, free
+# tokens}: 1 day budget, 2 month budget, 3 requests, 4 tokens (a budget's wait is computed by
+# the caller). The token bucket must hold the reservation, or be full when the reservation is
+# larger (limits.tokens_needed).
 _ADMIT = (
     _LEVEL
     + """
@@ -66,20 +68,27 @@ local now = clock(tonumber(ARGV[1]))
 local rcap, tcap = tonumber(ARGV[2]), tonumber(ARGV[3])
 local day, month = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserve, slack = tonumber(ARGV[6]), tonumber(ARGV[7])
-if day >= 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= day then return {1, 0} end
-if month >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= month then return {2, 0} end
+local over = {}
+local function refuse(limit, wait, free)
+  over[#over + 1] = limit
+  over[#over + 1] = wait
+  over[#over + 1] = free
+end
+if day >= 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= day then refuse(1, 0, 0) end
+if month >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= month then refuse(2, 0, 0) end
 local r, t, rat, tat = 0, 0, now, now
 if rcap > 0 then
   r, rat = level(KEYS[1], rcap, now)
-  if r < 1 then return {3, math.max(1, math.ceil((1 - r) * 60000 / rcap))} end
+  if r < 1 then refuse(3, math.max(1, math.ceil((1 - r) * 60000 / rcap)), 0) end
 end
 if tcap > 0 then
   t, tat = level(KEYS[2], tcap, now)
   local need = math.max(1, math.min(reserve, tcap))
   if t < need then
-    return {4, math.max(1, math.ceil((need - t) * 60000 / tcap)), math.max(0, math.floor(t))}
+    refuse(4, math.max(1, math.ceil((need - t) * 60000 / tcap)), math.max(0, math.floor(t)))
   end
 end
+if #over > 0 then return over end
 if rcap > 0 then keep(KEYS[1], r - 1, rat, rcap, slack) end
 if tcap > 0 then keep(KEYS[2], t - reserve, tat, tcap, slack) end
 return {}
@@ -170,12 +179,15 @@ class RedisLimitStore:
         found = [int(v) for v in cast(list[Any], await self._admit(keys=keys, args=args))]
         if not found:
             return None
-        limit = _LIMITS[found[0] - 1]
-        if limit == DAY_BUDGET:
-            return Refusal(limit, periods.day_end_ms - now_ms)
-        if limit == MONTH_BUDGET:
-            return Refusal(limit, periods.month_end_ms - now_ms)
-        return Refusal(limit, found[1], found[2] if len(found) > 2 else 0)
+        over: list[Refusal] = []
+        for i in range(0, len(found), 3):
+            limit, wait, free = _LIMITS[found[i] - 1], found[i + 1], found[i + 2]
+            if limit == DAY_BUDGET:
+                wait = periods.day_end_ms - now_ms
+            elif limit == MONTH_BUDGET:
+                wait = periods.month_end_ms - now_ms
+            over.append(Refusal(limit, wait, free))
+        return longest(over)
 
     async def settle(
         self,

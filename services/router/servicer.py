@@ -286,7 +286,7 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
             denial.message,
             denial.retry_after_ms,
             f"tenant:{tenant}",
-            denial.limit,
+            denial.exceeded,
         ),
     )
 

@@ -9,6 +9,7 @@ import math
 import time
 
 import pytest
+from google.rpc import error_details_pb2
 from redis.asyncio import Redis
 
 from cachemesh.retry_info import retry_delay_s, status_details
@@ -295,6 +296,52 @@ async def test_monthly_budget_refuses_until_the_first_of_the_next_month(
     await _admitted(limiter)
 
 
+async def test_a_refusal_waits_for_the_longest_of_the_limits_it_is_over(
+    store: LimitStore,
+) -> None:
+    """Day and month budgets both spent: the refusal named the day's end (the first limit
+    checked), and a client that waited as told was refused again until the month's end. Every
+    limit is checked: the wait is the longest, naming that limit, the others listed too."""
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(
+        requests_per_min=2, tokens_per_min=600, day_budget_nanos=1000, month_budget_nanos=3000
+    )
+    limiter = _limiter(store, policy, clock)
+    # over the request rate (30 s for one) and the token rate (600 a minute: 50 s to hold 500)
+    await _admitted(limiter, reserve=300)
+    await _admitted(limiter, reserve=300)  # 600 -> 0 tokens, 2 -> 0 requests
+    denial = await _denied(limiter, reserve=500)
+    assert (denial.limit, denial.retry_after_ms) == (TOKENS, 50_000)
+    assert denial.exceeded == (TOKENS, REQUESTS)
+    assert "tokens a minute" in denial.message and "request rate" in denial.message
+    assert "are free now" not in denial.message  # a smaller request would meet the rate
+    # the day's and the month's budgets spent too: the month's end, the longest
+    limiter.settle(await _admitted(limiter, "u"), _answer(1, 1, cost_nanos=3000))
+    await limiter.drain()
+    denial = await _denied(limiter, "u")
+    assert (denial.limit, denial.retry_after_ms) == (MONTH_BUDGET, TO_MONTH_END_MS)
+    assert denial.exceeded == (MONTH_BUDGET, DAY_BUDGET)
+    assert "monthly budget" in denial.message and "daily budget" in denial.message
+    clock.advance(ms=TO_MIDNIGHT_MS)  # waiting only for the day's end would not do
+    assert (await _denied(limiter, "u")).limit == MONTH_BUDGET
+    clock.advance(ms=TO_MONTH_END_MS - TO_MIDNIGHT_MS)
+    await _admitted(limiter, "u")
+
+
+def test_the_quota_failure_names_every_limit_exceeded_longest_wait_first() -> None:
+    trailers = retry_trailers(
+        Code.RESOURCE_EXHAUSTED, "spent", 1_500, "tenant:t", (MONTH_BUDGET, DAY_BUDGET)
+    )
+    status = status_details(trailers)
+    assert status is not None
+    quota = error_details_pb2.QuotaFailure()
+    assert status.details[1].Unpack(quota)
+    assert [(v.subject, v.description) for v in quota.violations] == [
+        ("tenant:t", MONTH_BUDGET),
+        ("tenant:t", DAY_BUDGET),
+    ]
+
+
 async def test_a_zero_budget_refuses_the_first_request(store: LimitStore) -> None:
     limiter = _limiter(store, LimitPolicy(day_budget_nanos=0), ManualClock(START_MS))
     assert (await _denied(limiter)).limit == DAY_BUDGET
@@ -446,7 +493,7 @@ def test_settings_read_dollars_exactly_and_name_a_bad_variable() -> None:
 
 
 def test_retry_trailers_carry_retry_info_and_retry_after() -> None:
-    trailers = retry_trailers(Code.RESOURCE_EXHAUSTED, "slow down", 1_500, "tenant:t", TOKENS)
+    trailers = retry_trailers(Code.RESOURCE_EXHAUSTED, "slow down", 1_500, "tenant:t", (TOKENS,))
     assert retry_delay_s(trailers) == 1.5
     assert ("retry-after", "2") in trailers  # whole seconds, rounded up
     status = status_details(trailers)
