@@ -6,8 +6,10 @@ no network call and no service that could be down (the stack's Redis is optional
 not), and a shared volume is all several routers on one host (or compose) need. Each process
 looks at the file's (inode, size, mtime) at most every ``poll_s`` (at most 1 s), on the path of
 a key check, and re-reads it when it changed: a key created, revoked or rotated by any router's
-Admin API is accepted or refused everywhere within ``poll_s``. Writers take the file's lock
-(``keyfile.KeyFile``), so concurrent Admin calls on several routers never lose a change.
+Admin API is accepted or refused everywhere within ``poll_s``, and at once by that router (its
+changes, made in worker threads, and its re-reads take turns: none shows an older file over a
+newer one). Writers take the file's lock (``keyfile.KeyFile``), so concurrent Admin calls on
+several routers never lose a change.
 
 A file that turns malformed (a bad hand edit) is logged at ERROR, naming the line, and the
 keys read last stay in force until it is fixed.
@@ -16,6 +18,7 @@ keys read last stay in force until it is fixed.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +84,10 @@ class KeyStore:
         records, signature = keyfile.read()  # start-up: a bad file stops the process
         self._state = _snapshot(records, signature)
         self._checked = monotonic()
+        # One change or re-read of the file at a time, each showing the file as it was then:
+        # two Admin changes run in worker threads, and one that showed its (older) file after
+        # the other had shown its own put a revoked key back in force until the next poll.
+        self._lock = threading.Lock()
 
     @classmethod
     def open(
@@ -163,15 +170,26 @@ class KeyStore:
         return changed[-1]
 
     def _update(self, change: Callable[[list[KeyRecord]], list[KeyRecord]]) -> None:
-        records, signature = self._file.update(change)
-        self._state = _snapshot(records, signature)
-        self._checked = self._monotonic()
+        with self._lock:
+            records, signature = self._file.update(change)
+            self._state = _snapshot(records, signature)
+            self._checked = self._monotonic()
 
     def _refresh(self) -> None:
         now = self._monotonic()
         if now - self._checked < self._poll_s:
             return
-        self._checked = now
+        # never waits (a key check runs on the event loop): a change being made shows the
+        # file as it leaves it, and the next key check looks again
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._checked = now
+            self._reload()
+        finally:
+            self._lock.release()
+
+    def _reload(self) -> None:
         try:
             signature = self._file.signature()
         except OSError as exc:  # EACCES, ESTALE on a shared volume: it may pass

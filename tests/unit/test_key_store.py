@@ -278,3 +278,65 @@ def test_a_file_that_cannot_be_checked_keeps_the_last_keys_and_is_checked_again(
     failing.pop()
     clock.now += 1
     assert reader.tenant_for(key) is None  # checked again: revoked
+
+
+class _Paused(KeyFile):
+    """A key file whose next ``update`` (or ``read``) once armed stops right after it returns,
+    as a worker thread the scheduler left waiting there, until ``go`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.armed = ""  # "update" or "read"
+        self.here = threading.Event()  # the paused call is in its window
+        self.go = threading.Event()
+        self.wrote = threading.Event()  # a later update wrote the file
+
+    def _pause(self, what: str) -> None:
+        if self.armed == what and not self.here.is_set():
+            self.here.set()
+            assert self.go.wait(10)
+
+    def update(self, *args: Any, **kwargs: Any) -> Any:
+        written = super().update(*args, **kwargs)
+        if self.here.is_set():
+            self.wrote.set()
+        self._pause("update")
+        return written
+
+    def read(self) -> Any:
+        records = super().read()
+        self._pause("read")
+        return records
+
+
+@pytest.mark.parametrize("slow", ["update", "read"])
+def test_a_key_revoked_during_another_change_is_refused_at_once(tmp_path: Path, slow: str) -> None:
+    """Two key changes on one router run in worker threads (its Admin API's): one, a
+    CreateKey (or a look at a file another router changed), holds the file as it was, paused
+    before showing it; a RevokeKey writes and shows its own. The paused one then showed the
+    older file over it: the revoked key was accepted on that router until its next poll."""
+    path = tmp_path / "keys"
+    _legacy(path, acme=new_api_key())
+    clock = Clock()
+    keyfile = _Paused(path)
+    store = KeyStore(keyfile, clock, lambda: 1_700_000_000.0, 0.25)
+    victim, key = store.create("globex", "victim")
+    if slow == "update":
+        first = threading.Thread(target=store.create, args=("globex", "new"))
+    else:
+        _store(path, clock).create("initech", "")  # another router's change, for this to read
+        clock.now += 1  # past poll_s: the next key check reads the file
+        first = threading.Thread(target=store.tenant_for, args=(key,))
+    keyfile.armed = slow
+    first.start()
+    assert keyfile.here.wait(10)
+    revoke = threading.Thread(target=store.revoke, args=(victim.id,))
+    revoke.start()
+    keyfile.wrote.wait(0.5)  # the revocation's write: at once, unless it waits its turn
+    keyfile.go.set()
+    first.join(10)
+    revoke.join(10)
+    assert not first.is_alive() and not revoke.is_alive()
+    records, _ = KeyFile(path).read()
+    assert [r.id for r in records if not r.active] == [victim.id]
+    assert store.tenant_for(key) is None  # before this router's next poll
