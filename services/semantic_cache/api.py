@@ -130,6 +130,7 @@ class SemanticCacheApi:
             stop_reason=answer.stop_reason,
             output_tokens=answer.output_tokens,
             has_tool_use=any(b.WhichOneof("kind") == "tool_use" for b in answer.content),
+            has_text=any(b.WhichOneof("kind") == "text" and b.text.strip() for b in answer.content),
         )
         query = self._query(request.tenant, request.request)
         policy = self._policies.get(request.tenant)

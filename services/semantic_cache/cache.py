@@ -403,6 +403,8 @@ def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) ->
         )
     if answer.stop_reason != END_TURN:
         return f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored"
+    if not answer.has_text and not answer.has_tool_use:
+        return "empty answer: no content block with text and no tool call"
     if answer.has_tool_use and not policy.allows_tool_use(query.namespace):
         return f"the answer holds a tool call (namespace {query.namespace!r} does not allow it)"
     if query.temperature > policy.max_temperature:

@@ -29,6 +29,9 @@ class Answer:
     stop_reason: str
     output_tokens: int
     has_tool_use: bool
+    # A content block of non-blank text. Read at Store only (an answer without it nor a tool
+    # call is empty, never stored), so never persisted: a stored answer always had one.
+    has_text: bool = True
 
 
 @dataclass(frozen=True)

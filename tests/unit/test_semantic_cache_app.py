@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
@@ -110,7 +111,11 @@ async def test_serves_after_loading_the_model() -> None:
             stub = sc_grpc.SemanticCacheStub(channel)
             auth = internal_metadata(TOKEN)
             request = make_request("How do I reset my password?")
-            answer = sc.CachedAnswer(stop_reason="end_turn", output_tokens=5)
+            answer = sc.CachedAnswer(
+                content=[pb.ContentBlock(text="Open Settings.")],
+                stop_reason="end_turn",
+                output_tokens=5,
+            )
             store = sc.StoreRequest(tenant="a", request=request, answer=answer)
             assert (await stub.Store(store, metadata=auth)).stored
             paraphrase = make_request("I forgot my password, how can I change it?")

@@ -116,6 +116,25 @@ async def test_uncacheable_answers_report_why(stub: sc_grpc.SemanticCacheAsyncSt
     assert not skipped.hit and skipped.skip_reason
 
 
+async def test_an_empty_answer_is_not_stored(stub: sc_grpc.SemanticCacheAsyncStub) -> None:
+    """An end_turn answer with no text (no block, or blank ones) and no tool call would be
+    served to the question and its paraphrases for the whole TTL."""
+    blank = [pb.ContentBlock(text=""), pb.ContentBlock(text=" \n\t ")]
+    for content in ([], blank):
+        empty = sc.CachedAnswer(content=content, stop_reason="end_turn", output_tokens=0)
+        request = make_request("How do I reset my password?")
+        result = await stub.Store(
+            sc.StoreRequest(tenant="a", request=request, answer=empty), metadata=AUTH
+        )
+        assert not result.stored and "empty answer" in result.skip_reason
+        for text in ("How do I reset my password?", "How can I reset my password?"):
+            lookup = sc.LookupRequest(tenant="a", request=make_request(text))
+            assert not (await stub.Lookup(lookup, metadata=AUTH)).hit
+    text_too = sc.CachedAnswer(content=[*blank, *ANSWER.content], stop_reason="end_turn")
+    kept = sc.StoreRequest(tenant="a", request=make_request("Reset it"), answer=text_too)
+    assert (await stub.Store(kept, metadata=AUTH)).stored
+
+
 async def test_before_the_model_is_loaded_calls_are_unavailable() -> None:
     server, port = await start(SemanticCacheService())
     try:

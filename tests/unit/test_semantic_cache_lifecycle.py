@@ -49,7 +49,8 @@ async def test_tool_calls_are_stored_and_served_only_where_the_namespace_allows(
     cache, _ = new_cache()
     refused = await cache.store(q("book the flight", namespace="faq"), answer(has_tool_use=True))
     assert not refused.stored and "does not allow" in refused.skip_reason
-    kept = await cache.store(q("book the flight", namespace="agent"), answer(has_tool_use=True))
+    tool_only = answer(has_tool_use=True, has_text=False)  # a tool call alone is an answer
+    kept = await cache.store(q("book the flight", namespace="agent"), tool_only)
     assert kept.stored
     assert (await cache.check(q("book the flight", namespace="agent"))).hit
 

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
@@ -74,7 +75,11 @@ async def run_once(env: dict[str, str], *, store: bool) -> sc.LookupResponse:
             stub = sc_grpc.SemanticCacheStub(channel)
             auth = internal_metadata(TOKEN)
             if store:
-                answer = sc.CachedAnswer(stop_reason="end_turn", output_tokens=7)
+                answer = sc.CachedAnswer(
+                    content=[pb.ContentBlock(text="Open Settings.")],
+                    stop_reason="end_turn",
+                    output_tokens=7,
+                )
                 request = sc.StoreRequest(
                     tenant="t1", request=make_request(QUESTION), answer=answer
                 )

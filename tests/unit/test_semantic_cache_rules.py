@@ -23,8 +23,9 @@ def answer(
     stop_reason: str = "end_turn",
     output_tokens: int = 40,
     has_tool_use: bool = False,
+    has_text: bool = True,
 ) -> Answer:
-    return Answer(payload, stop_reason, output_tokens, has_tool_use)
+    return Answer(payload, stop_reason, output_tokens, has_tool_use, has_text)
 
 
 def q(question: str, tenant: str = "a", **kwargs: Any) -> Query:
