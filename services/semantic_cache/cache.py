@@ -49,6 +49,11 @@ _RECENT_TEXT_CHARS = 16 * 1024  # ... at most 16 MB of texts key them (a longer 
 # The longest question (normalised last user turn) stored: the embedding reads 256 tokens
 # (~1k characters), and an entry keeps the whole text (100k entries of 1 MiB would be 100 GB).
 MAX_STORED_QUESTION_CHARS = 16 * 1024
+# The largest answer stored (its serialized CachedAnswer). Its log record holds it in base64
+# (4/3) beside the question (JSON-escaped, up to 12 bytes a character): about 11 MiB at most,
+# well under the log's 64 MiB record limit. Twice gRPC's default message limit (4 MiB), so
+# only a deployment that raised CACHEMESH_MAX_MESSAGE_BYTES sends larger ones.
+MAX_STORED_ANSWER_BYTES = 8 * 1024 * 1024
 _MISSES_KEPT = 4096  # lookups that missed, for their Stores (a model call's worth of traffic)
 # The longest a check waits for its scope's Stores in flight (an embedding and a log sync).
 _STORE_WAIT_S = 1.0
@@ -400,6 +405,11 @@ def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) ->
         return (
             f"the question is longer than {MAX_STORED_QUESTION_CHARS:,} characters: its "
             "meaning is read from its first 256 tokens only, and its entry would hold it all"
+        )
+    if len(answer.payload) > MAX_STORED_ANSWER_BYTES:
+        return (
+            f"the answer is larger than {MAX_STORED_ANSWER_BYTES >> 20} MiB "
+            f"({len(answer.payload):,} bytes serialized): too large to be logged and kept"
         )
     if answer.stop_reason != END_TURN:
         return f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored"

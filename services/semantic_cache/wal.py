@@ -10,6 +10,9 @@ A snapshot records the last sequence number it contains and the log is rotated w
 taken; segments entirely covered by a saved snapshot are deleted. On start the log is read in
 order: a torn record at the very end of the last segment (a crash during an append that was
 never acknowledged) is cut off; any other damage is an error naming the file, never skipped.
+``append`` refuses a record over ``_MAX_RECORD``; reading takes a record of any length whose
+bytes and CRC are whole (a log written before appends were bounded may hold a larger one,
+acknowledged): it is replayed, never taken for damage or a torn tail.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import IO, Any, TypeVar
 from services.common.files import fsync_directory
 
 _FRAME = struct.Struct(">II")  # length, crc32
-_MAX_RECORD = 64 << 20
+_MAX_RECORD = 64 << 20  # the largest record appended (the cache stores smaller: cache.py)
 _SUFFIX = ".log"
 T = TypeVar("T")
 
@@ -90,10 +93,16 @@ class WriteAheadLog:
         return sorted(self.directory.glob(f"*{_SUFFIX}"), key=lambda p: int(p.stem))
 
     def append(self, body: dict[str, Any]) -> int:
-        """Writes one record (not yet durable); returns its sequence number."""
+        """Writes one record (not yet durable); returns its sequence number. One over the
+        record limit is refused (``WalError``) and nothing is written."""
         assert self._out is not None, "open() first"
         seq = self._next_seq
         data = json.dumps({**body, "seq": seq}, separators=(",", ":")).encode()
+        if len(data) > _MAX_RECORD:
+            raise WalError(
+                f"{self.directory}: a record of {len(data):,} bytes is over the write-ahead "
+                f"log's limit of {_MAX_RECORD:,} bytes: not written"
+            )
         self._out.write(_FRAME.pack(len(data), zlib.crc32(data)) + data)
         self._next_seq += 1
         self._written = seq
@@ -220,7 +229,7 @@ def _record(data: bytes, offset: int) -> tuple[dict[str, Any] | None, int]:
         return None, offset
     length, crc = _FRAME.unpack_from(data, offset)
     start, end = offset + _FRAME.size, offset + _FRAME.size + length
-    if length > _MAX_RECORD or end > len(data) or zlib.crc32(data[start:end]) != crc:
+    if end > len(data) or zlib.crc32(data[start:end]) != crc:
         return None, offset
     try:
         body = json.loads(data[start:end])

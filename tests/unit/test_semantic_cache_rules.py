@@ -231,3 +231,12 @@ async def test_a_question_over_the_stored_length_is_not_stored() -> None:
     stored = await cache.store(q(long), answer())
     assert not stored.stored and "longer than 16,384 characters" in stored.skip_reason
     assert len(cache) == 0
+
+
+async def test_an_answer_over_the_stored_size_is_not_stored() -> None:
+    """Its log record would be over the log's limit (it holds the answer in base64)."""
+    cache, _, embedder = new_cache()
+    big = await cache.store(q("summarise the whole log"), answer(b"z" * (8 * 1024 * 1024 + 1)))
+    assert not big.stored and "larger than 8 MiB" in big.skip_reason
+    assert len(cache) == 0 and embedder.calls == 0
+    assert (await cache.store(q("summarise the whole log"), answer(b"z" * 8 * 1024 * 1024))).stored

@@ -11,7 +11,12 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
-from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache import wal as wal_module
+from services.semantic_cache.cache import (
+    MAX_STORED_ANSWER_BYTES,
+    MAX_STORED_QUESTION_CHARS,
+    SemanticCache,
+)
 from services.semantic_cache.entries import PURGE_GUARD_MS
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
@@ -59,6 +64,60 @@ async def test_damage_before_the_tail_is_an_error_naming_the_file(tmp_path: Path
     segment.write_bytes(bytes(data))
     with pytest.raises(WalError, match=str(segment)):
         WriteAheadLog(tmp_path).open()
+
+
+@pytest.mark.parametrize("big_first", [True, False])
+async def test_a_record_over_the_append_limit_already_on_disk_is_read_never_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, big_first: bool
+) -> None:
+    """A log written before appends were bounded may hold an acknowledged record over the
+    limit: whole and intact, it is replayed, neither damage (a service that will not start)
+    nor a torn tail (cut off, with every record after it)."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    big, small = {"op": "x", "pad": "y" * 5000}, {"op": "x", "n": 1}
+    for body in (big, small) if big_first else (small, big):
+        wal.append(body)
+    await wal.sync()
+    wal.close()
+    monkeypatch.setattr(wal_module, "_MAX_RECORD", 1024)
+    again = WriteAheadLog(tmp_path)
+    assert [len(r.get("pad", "")) for r in again.open()] == ([5000, 0] if big_first else [0, 5000])
+    assert again.append({"op": "x"}) == 3
+
+
+async def test_an_append_over_the_record_limit_is_refused_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wal_module, "_MAX_RECORD", 1024)
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    with pytest.raises(WalError, match="over the write-ahead log's limit of 1,024 bytes"):
+        wal.append({"op": "x", "pad": "y" * 2000})
+    assert wal.append({"op": "x", "n": 1}) == 1
+    await wal.sync()
+    wal.close()
+    assert [r["n"] for r in WriteAheadLog(tmp_path).open()] == [1]
+
+
+async def test_the_largest_storable_answer_and_question_fit_in_one_record(
+    tmp_path: Path,
+) -> None:
+    """The Store bounds (answer bytes, question characters) keep every store record under the
+    log's limit, with room to spare: JSON escapes and base64 included."""
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(cache)
+    question = "\U0001f600" * MAX_STORED_QUESTION_CHARS  # 12 bytes each once JSON-escaped
+    payload = bytes(range(256)) * (MAX_STORED_ANSWER_BYTES // 256)
+    assert (await cache.store(q(question), answer(payload))).stored
+    (segment,) = (tmp_path / "wal").glob("*.log")
+    assert segment.stat().st_size < wal_module._MAX_RECORD // 2
+    revived = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
+    hit = await revived.check(q(question))
+    assert hit.entry is not None and hit.entry.answer.payload == payload
 
 
 async def test_rotation_hands_over_exactly_the_copied_records(tmp_path: Path) -> None:
