@@ -20,6 +20,7 @@ from services.semantic_cache.query import Query, RecentQueries
 from services.semantic_cache.records import Answer, InvalidQuery
 from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
 from services.semantic_cache.tenant_stats import TenantCounters
+from services.semantic_cache.wal import NotDurable
 
 log = logging.getLogger("cachemesh.semantic_cache")
 DRAINING = "semantic-cache is draining for shutdown: writes are refused; retry elsewhere"
@@ -141,6 +142,8 @@ class SemanticCacheApi:
             result = await self._cache.store(query, record, policy.default_ttl_s)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        except NotDurable as exc:  # not stored: never served, nor after a restart
+            raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
         if result.stored:
             self._counts.stored(request.tenant)
         if self._metrics is not None:
@@ -156,12 +159,14 @@ class SemanticCacheApi:
         if self._is_draining():
             raise RequestError(Code.UNAVAILABLE, DRAINING)
         _require_tenant(request.tenant)
-        if request.entry_id:
-            dropped = self._cache.drop_entry(request.tenant, request.entry_id)
-        else:
-            namespace = request.namespace if request.HasField("namespace") else None
-            dropped = self._cache.drop(request.tenant, namespace)
-        await self._cache.sync_journal()  # durable before it is acknowledged
+        try:  # durable before it is applied and acknowledged
+            if request.entry_id:
+                dropped = await self._cache.drop_entry(request.tenant, request.entry_id)
+            else:
+                namespace = request.namespace if request.HasField("namespace") else None
+                dropped = await self._cache.drop(request.tenant, namespace)
+        except NotDurable as exc:  # nothing removed: the entries are still served, say so
+            raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
         return sc.DropResponse(dropped=dropped)
 
     async def release(self, request: sc.ReleaseRequest) -> sc.ReleaseResponse:

@@ -3,10 +3,11 @@
 A check finds the query's scope, takes the exact-match path or embeds the text and lets
 ``matching`` decide among the scope's nearest entries (threshold, verifier, ambiguity; the
 verifier runs in a worker thread, and only an entry still there unchanged afterwards is served);
-a miss may take the query's single-flight lease. A store embeds the text, then inserts the
-entry in a synchronous section (``EntryStore``), so no two coroutines interleave inside one,
-and returns once the change is durable (write-ahead log): what a store acknowledges is visible
-to the next check and survives a crash.
+a miss may take the query's single-flight lease. A store embeds the text, then logs the entry
+in a synchronous section (``EntryStore``), so no two coroutines interleave inside one; with a
+write-ahead log it is inserted once its record is durable, and the store returns then: what a
+store acknowledges is visible to the next check and survives a crash, and what the log could
+not make durable (a full disk) is refused and never served.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import PURGE_GUARD_MS, EntryStore
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.inflight import StoresInFlight
+from services.semantic_cache.journal import Applied
 from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import NamespacePolicy
@@ -298,10 +300,15 @@ class SemanticCache(EntryStore):
             # fixed from now on
             expires_at_ms=now + self._policy.ttl_ms(query.namespace, default_ttl_s),
         )
-        self._insert(entry, vector)
-        if self._journal is not None:
-            self._journal.log_store(entry, vector)
-            await self._journal.sync()  # durable before it is acknowledged
+        if self._journal is None:
+            self._insert(entry, vector)
+            return StoreResult(True, entry_id=entry.entry_id)
+        # Served once durable, and acknowledged then: a record the log loses (a full disk) is
+        # never inserted, so never served, neither now nor after a restart (``NotDurable``).
+        applied = Applied(lambda: self._insert(entry, vector))
+        self._journal.log_store(entry, vector, applied)
+        await self._journal.sync()
+        applied.result()
         return StoreResult(True, entry_id=entry.entry_id)
 
     def deadline_in(self, within_s: float | None) -> float | None:

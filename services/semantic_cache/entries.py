@@ -3,9 +3,12 @@
 Entries live in one FAISS index per (tenant, scope). An entry's expiry is fixed when it is
 stored (``Entry.expires_at_ms``: created_at + its namespace's TTL at that moment, an absolute
 age that reads never extend and a later TTL change never moves); capacity is total and evicts
-the least recently used entry. Everything here is synchronous: the cache calls it in the
-sections between its awaits, so no two coroutines interleave inside one change. Changes are
-written to the journal (the write-ahead log) in that same order when one is attached.
+the least recently used entry. Everything here but the purges' wait for the journal is
+synchronous: the cache calls it in the sections between its awaits, so no two coroutines
+interleave inside one change. Changes are
+written to the journal (the write-ahead log) in that same order when one is attached, and
+applied once durable (the journal runs them, in its order): a Store or a purge the log could
+not make durable (a full disk) is not applied, never served nor undone by a restart.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from services.common.clock import Clock
 from services.semantic_cache.ann import Ids, Rows
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings, ScopeIndex
-from services.semantic_cache.journal import Journal
+from services.semantic_cache.journal import Applied, Journal
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.records import (
     CacheContents,
@@ -266,40 +269,65 @@ class EntryStore:
             namespaces.setdefault(tenant, set()).add(index.namespace)
         return {tenant: (count, len(namespaces[tenant])) for tenant, count in entries.items()}
 
-    def drop(self, tenant: str, namespace: str | None = None) -> int:
-        """Removes the tenant's entries (of one namespace, or all when None); returns the count."""
+    async def drop(self, tenant: str, namespace: str | None = None) -> int:
+        """Removes the tenant's entries (of one namespace, or all when None); returns the count.
+
+        With a journal, once the purge is durable and not before: a purge the log could not
+        make durable (``NotDurable``: a full disk) removes nothing, so a restart cannot bring
+        back what it seemed to remove; the caller is told and retries.
+        """
         if not tenant:
             raise InvalidQuery("tenant", "is required")
+        self.stop_pending_stores(tenant)  # an answer looked up before the purge is not stored
+        if self._journal is None:
+            return self._drop_now(tenant, namespace)
+        applied = Applied(lambda: self._drop_now(tenant, namespace))
+        # logged even when nothing is found here: a replay may hold entries this process had
+        # evicted (evictions are not logged), and the purge must remove them too
+        self._journal.log_drop(tenant, namespace, applied)
+        await self._journal.sync()
+        return applied.result()
+
+    async def drop_entry(self, tenant: str, entry_id: str) -> int:
+        """Removes one entry of the tenant (1), or nothing when it is not theirs or gone (0);
+        with a journal, once that is durable (``drop``)."""
+        if not tenant:
+            raise InvalidQuery("tenant", "is required")
+        if self._journal is None:
+            return self.apply_drop_entry(tenant, entry_id)
+        applied = Applied(lambda: self.apply_drop_entry(tenant, entry_id))
+        self._journal.log_drop_entry(tenant, entry_id, applied)  # whatever is found (``drop``)
+        await self._journal.sync()
+        return applied.result()
+
+    def apply_drop(self, tenant: str, namespace: str | None = None) -> int:
+        """Re-applies a logged purge (replay after a restart): the purge guard counts from
+        now, and the entries go."""
+        self.stop_pending_stores(tenant)
+        return self._drop_now(tenant, namespace)
+
+    def apply_drop_entry(self, tenant: str, entry_id: str) -> int:
+        """Removes the entry now if it is the tenant's (1), else nothing (0)."""
+        vid = self._by_entry_id.get(entry_id)
+        if vid is None or self._entries[vid].tenant != tenant:
+            return 0
+        self._remove(vid)
+        self.stats.invalidations += 1
+        return 1
+
+    def _drop_now(self, tenant: str, namespace: str | None) -> int:
         keys = [
             key
             for key, index in self._scopes.items()
             if key[0] == tenant and (namespace is None or index.namespace == namespace)
         ]
-        self.stop_pending_stores(tenant)  # an answer looked up before the purge is not stored
         dropped = 0
         for key in keys:
             for vid in self._scopes.pop(key).ids:
                 self._forget(vid)
                 dropped += 1
         self.stats.invalidations += dropped
-        if self._journal is not None:
-            # logged even when nothing was found here: a replay may hold entries this process
-            # had evicted (evictions are not logged), and the purge must remove them too
-            self._journal.log_drop(tenant, namespace)  # durable at the caller's sync_journal
         return dropped
-
-    def drop_entry(self, tenant: str, entry_id: str) -> int:
-        """Removes one entry of the tenant (1), or nothing when it is not theirs or gone (0)."""
-        if not tenant:
-            raise InvalidQuery("tenant", "is required")
-        vid = self._by_entry_id.get(entry_id)
-        if self._journal is not None:  # logged whatever is found here (``drop``)
-            self._journal.log_drop_entry(tenant, entry_id)
-        if vid is None or self._entries[vid].tenant != tenant:
-            return 0
-        self._remove(vid)
-        self.stats.invalidations += 1
-        return 1
 
     def stop_pending_stores(self, tenant: str) -> None:
         """The Stores of the tenant's lookups made so far will store nothing (as after a

@@ -2,8 +2,10 @@
 
 ``WalJournal`` is what ``SemanticCache`` calls in the synchronous section of each change
 (``log_store``, ``log_drop``, ``log_drop_entry``), so the log's order is the order of the
-changes; ``sync`` is awaited before the change is acknowledged. ``replay`` applies the
-records a snapshot does not contain, in order.
+changes, each with the function that applies it (``Applied``): the log runs it once the
+record is durable, in the log's order, and never when the record is lost (a full disk), so
+no change is visible before it is durable. ``sync`` is awaited before the change is
+acknowledged. ``replay`` applies the records a snapshot does not contain, in order.
 
 A store record's entry carries its fixed ``expires_at_ms``. Store records have no version
 number: one written before entries carried it lacks the field and is replayed with
@@ -14,8 +16,8 @@ field that is present but not an integer after created_at makes the record malfo
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -24,13 +26,43 @@ from services.semantic_cache.persistence import entry_from_json, entry_json
 from services.semantic_cache.records import Entry
 from services.semantic_cache.wal import WalError, WriteAheadLog
 
+T = TypeVar("T")
+
+
+class Applied(Generic[T]):
+    """A change to apply once its record is durable, and what it returned (``result``)."""
+
+    def __init__(self, change: Callable[[], T]) -> None:
+        self._change = change
+        self._done = False
+        self._value: T | None = None
+        self._error: Exception | None = None
+
+    def __call__(self) -> None:
+        try:
+            self._value = self._change()
+        except Exception as exc:  # the owner hears of it (``result``), not the log
+            self._error = exc
+        self._done = True
+
+    def result(self) -> T:
+        """What the change returned (after the sync that made its record durable); raises
+        what it raised."""
+        if self._error is not None:
+            raise self._error
+        if not self._done:
+            raise RuntimeError("a change was acknowledged before it was applied")
+        return self._value  # type: ignore[return-value]
+
 
 class Journal(Protocol):
-    def log_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> None: ...
+    def log_store(
+        self, entry: Entry, vector: npt.NDArray[np.float32], apply: Callable[[], None]
+    ) -> None: ...
 
-    def log_drop(self, tenant: str, namespace: str | None) -> None: ...
+    def log_drop(self, tenant: str, namespace: str | None, apply: Callable[[], None]) -> None: ...
 
-    def log_drop_entry(self, tenant: str, entry_id: str) -> None: ...
+    def log_drop_entry(self, tenant: str, entry_id: str, apply: Callable[[], None]) -> None: ...
 
     async def sync(self) -> None: ...
 
@@ -40,26 +72,31 @@ class Replayable(Protocol):
 
     def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool: ...
 
-    def drop(self, tenant: str, namespace: str | None = None) -> int: ...
+    def apply_drop(self, tenant: str, namespace: str | None = None) -> int: ...
 
-    def drop_entry(self, tenant: str, entry_id: str) -> int: ...
+    def apply_drop_entry(self, tenant: str, entry_id: str) -> int: ...
 
 
 class WalJournal:
+    """Each ``log_*`` raises ``NotDurable`` while the log is failed (nothing is logged)."""
+
     def __init__(self, wal: WriteAheadLog) -> None:
         self.wal = wal
 
-    def log_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> None:
+    def log_store(
+        self, entry: Entry, vector: npt.NDArray[np.float32], apply: Callable[[], None]
+    ) -> None:
         row = np.ascontiguousarray(vector, dtype="<f4").tobytes()
         self.wal.append(
-            {"op": "store", "entry": entry_json(entry), "vector": base64.b64encode(row).decode()}
+            {"op": "store", "entry": entry_json(entry), "vector": base64.b64encode(row).decode()},
+            apply,
         )
 
-    def log_drop(self, tenant: str, namespace: str | None) -> None:
-        self.wal.append({"op": "drop", "tenant": tenant, "namespace": namespace})
+    def log_drop(self, tenant: str, namespace: str | None, apply: Callable[[], None]) -> None:
+        self.wal.append({"op": "drop", "tenant": tenant, "namespace": namespace}, apply)
 
-    def log_drop_entry(self, tenant: str, entry_id: str) -> None:
-        self.wal.append({"op": "drop_entry", "tenant": tenant, "entry_id": entry_id})
+    def log_drop_entry(self, tenant: str, entry_id: str, apply: Callable[[], None]) -> None:
+        self.wal.append({"op": "drop_entry", "tenant": tenant, "entry_id": entry_id}, apply)
 
     async def sync(self) -> None:
         await self.wal.sync()
@@ -91,8 +128,8 @@ def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> None:
         namespace = record["namespace"]
         if namespace is not None and not isinstance(namespace, str):
             raise TypeError("namespace is not a string")
-        cache.drop(str(record["tenant"]), namespace)
+        cache.apply_drop(str(record["tenant"]), namespace)
     elif op == "drop_entry":
-        cache.drop_entry(str(record["tenant"]), str(record["entry_id"]))
+        cache.apply_drop_entry(str(record["tenant"]), str(record["entry_id"]))
     else:
         raise ValueError(f"unknown op {op!r}")

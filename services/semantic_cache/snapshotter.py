@@ -103,10 +103,12 @@ class Snapshotter:
         return report, snapshot.wal_seq
 
     async def save(self) -> bool:
-        """Saves the cache now unless nothing changed since the last save; True if written."""
+        """Saves the cache now unless nothing changed since the last save (and the log did
+        not fail since: only a snapshot lets it take changes again); True if written."""
         async with self._lock:
             cache = self._cache
-            if cache is None or cache.changes == self._saved_changes:
+            failed = self._wal is not None and self._wal.failed
+            if cache is None or (cache.changes == self._saved_changes and not failed):
                 return False
 
             def copy() -> tuple[CacheContents, int]:  # synchronous: a consistent copy

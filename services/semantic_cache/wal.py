@@ -2,9 +2,18 @@
 
 Records are appended to segment files ``<data dir>/wal/<first seq, 20 digits>.log``, each
 framed as 4 bytes of length (big-endian), 4 bytes of CRC-32 and a JSON body carrying its
-sequence number. Appends are buffered writes made on the event loop, in the order of the
-changes; ``sync`` makes everything appended so far durable (one fsync in a thread covers every
-waiting writer: a group commit) and callers acknowledge only after it returns.
+sequence number. Appends are buffered in memory on the event loop, in the order of the
+changes; ``sync`` writes them and makes everything appended so far durable (one fsync in a
+thread covers every waiting writer: a group commit) and callers acknowledge only after it
+returns. A change is applied (made visible) once its record is durable, not before: each
+append may carry its ``apply``, run in the log's order by the sync (or the rotation) that
+made it durable, never when its record is lost.
+
+A failed write or fsync (a full disk, an I/O error) loses every record not yet durable: their
+changes are never applied, their bytes are cut off the segment (so a crash cannot replay
+them), and the log refuses every append and sync (``NotDurable``) until a snapshot taken
+after the failure is saved (``superseded``): the kernel may have dropped pages a later fsync
+would not report, and the snapshot, taken from memory, holds exactly the applied changes.
 
 A snapshot records the last sequence number it contains and the log is rotated when it is
 taken; segments entirely covered by a saved snapshot are deleted. On start the log is read in
@@ -18,18 +27,23 @@ acknowledged): it is replayed, never taken for damage or a torn tail.
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
+import io
 import itertools
 import json
+import logging
 import os
 import struct
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 from services.common.files import fsync_directory
 
+log = logging.getLogger("cachemesh.semantic_cache.persistence")
 _FRAME = struct.Struct(">II")  # length, crc32
 _MAX_RECORD = 64 << 20  # the largest record appended (the cache stores smaller: cache.py)
 _SUFFIX = ".log"
@@ -38,6 +52,24 @@ T = TypeVar("T")
 
 class WalError(RuntimeError):
     """The log is damaged somewhere other than its torn tail; the message names the file."""
+
+
+class NotDurable(WalError):
+    """A write or fsync of the log failed (disk full, I/O error): the change is not durable,
+    so not applied, and none is until a snapshot is saved. ``reason`` says it without the
+    path, for a caller; the message names the directory, for the log."""
+
+    def __init__(self, directory: Path, cause: str) -> None:
+        super().__init__(
+            f"{directory}: a write or fsync of the write-ahead log failed ({cause}); no change "
+            "is applied until a snapshot is saved (check the disk: full, or failing?)"
+        )
+        self.reason = (
+            f"semantic-cache cannot write its write-ahead log on the disk of "
+            f"SEMANTIC_CACHE_DATA_DIR ({cause}): the change is not applied, nor any other "
+            "until space is freed there and the next snapshot is saved "
+            "(SEMANTIC_CACHE_SNAPSHOT_S); retry later"
+        )
 
 
 class WriteAheadLog:
@@ -51,20 +83,29 @@ class WriteAheadLog:
         self.directory = directory
         self._on_fsync = on_fsync
         self._clock = clock
-        self._out: IO[bytes] | None = None
+        self._out: io.RawIOBase | None = None  # the open segment, unbuffered
+        self._buffer = bytearray()  # records appended, not yet written
+        self._size = 0  # bytes written to the open segment
+        self._durable_size = 0  # of which made durable
         self._next_seq = 1
-        self._written = 0  # seq of the last record written to the OS
+        self._written = 0  # seq of the last record appended and not lost
         self._synced = 0  # seq of the last record made durable
+        self._pending: collections.deque[tuple[int, Callable[[], object]]] = collections.deque()
+        self._lost: list[tuple[int, int]] = []  # seq ranges a failure lost (never reused)
         self._sync_lock = asyncio.Lock()
-        # Why an fsync failed, if one did, and the last record it was to make durable: the
-        # kernel may have dropped those pages and a later fsync would still succeed, so nothing
-        # is acknowledged as durable until a snapshot holds those records (``superseded``).
+        # Why a write or fsync failed, if one did, and the last seq appended then: nothing is
+        # appended or acknowledged until a snapshot taken since is saved (``superseded``).
         self._failed: str | None = None
         self._failed_seq = 0
 
     @property
     def last_seq(self) -> int:
         return self._next_seq - 1
+
+    @property
+    def failed(self) -> bool:
+        """A write or fsync failed and no snapshot has been saved since."""
+        return self._failed is not None
 
     def open(self, after_seq: int = 0) -> list[dict[str, Any]]:
         """Reads every record (cutting a torn tail), then opens a new segment for appends,
@@ -75,7 +116,9 @@ class WriteAheadLog:
         records: list[dict[str, Any]] = []
         for i, path in enumerate(segments):
             records.extend(_read(path, last=i == len(segments) - 1))
-        for prev, record in itertools.pairwise(records):
+        # Only the records after the snapshot must follow on: a failure cuts the records it
+        # lost off its segment, and the snapshot after it covers the gap they leave.
+        for prev, record in itertools.pairwise(r for r in records if r["seq"] > after_seq):
             if record["seq"] != prev["seq"] + 1:
                 raise WalError(
                     f"{self.directory}: sequence jumps from {prev['seq']} to {record['seq']}"
@@ -92,10 +135,14 @@ class WriteAheadLog:
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"*{_SUFFIX}"), key=lambda p: int(p.stem))
 
-    def append(self, body: dict[str, Any]) -> int:
-        """Writes one record (not yet durable); returns its sequence number. One over the
-        record limit is refused (``WalError``) and nothing is written."""
+    def append(self, body: dict[str, Any], apply: Callable[[], object] | None = None) -> int:
+        """Buffers one record (not yet durable); returns its sequence number. ``apply`` runs
+        once the record is durable, after those of the records before it; never if it is lost.
+
+        Refused (``NotDurable``) while the log is failed, and one over the record limit
+        (``WalError``): nothing is written then."""
         assert self._out is not None, "open() first"
+        self._check_failed()
         seq = self._next_seq
         data = json.dumps({**body, "seq": seq}, separators=(",", ":")).encode()
         if len(data) > _MAX_RECORD:
@@ -103,36 +150,44 @@ class WriteAheadLog:
                 f"{self.directory}: a record of {len(data):,} bytes is over the write-ahead "
                 f"log's limit of {_MAX_RECORD:,} bytes: not written"
             )
-        self._out.write(_FRAME.pack(len(data), zlib.crc32(data)) + data)
+        self._buffer += _FRAME.pack(len(data), zlib.crc32(data))
+        self._buffer += data
         self._next_seq += 1
         self._written = seq
+        if apply is not None:
+            self._pending.append((seq, apply))
         return seq
 
     async def sync(self) -> None:
-        """Returns once every record appended before the call is on disk."""
+        """Returns once every record appended before the call is on disk and applied; raises
+        ``NotDurable`` if one of them is lost (or the log failed before it was written)."""
         target = self._written
         async with self._sync_lock:
+            if self._synced >= target and not self._was_lost(target):
+                return
             self._check_failed()
-            if self._synced >= target or self._out is None:
+            if self._was_lost(target):
+                raise NotDurable(self.directory, "a write of the log failed before")
+            if self._out is None:
                 return
             upto = self._written
-            out = self._out
-            out.flush()  # on the loop: the buffer must not change under the thread
             began = self._clock()
             try:
-                await asyncio.to_thread(os.fsync, out.fileno())
+                size = self._write()  # on the loop: the buffer must not change under the thread
+                await asyncio.to_thread(os.fsync, self._out.fileno())
             except OSError as exc:
-                self._fail(exc, upto)
+                self._fail(exc)
                 self._check_failed()
             if self._on_fsync is not None:
                 self._on_fsync(self._clock() - began)
-            self._synced = max(self._synced, upto)
+            self._made_durable(upto, size)
 
     async def rotate(self, copy: Callable[[], T]) -> tuple[T, int]:
         """Takes ``copy()`` and starts a new segment in one step; returns it and the last seq.
 
         No sync is in flight meanwhile and nothing is appended between the two, so the copy
-        holds exactly the records up to the returned seq.
+        holds exactly the records up to the returned seq: each of them durable and applied,
+        or lost (a failed write) and not applied.
         """
         async with self._sync_lock:
             assert self._out is not None, "open() first"
@@ -143,43 +198,98 @@ class WriteAheadLog:
             synced = -1
             for _ in range(3):
                 synced = self._written
-                out.flush()
                 try:
+                    size = self._write()
                     await asyncio.to_thread(os.fsync, out.fileno())
-                except OSError as exc:  # the copy is from memory: the snapshot holds it all
-                    self._fail(exc, synced)
+                except OSError as exc:
+                    self._fail(exc)  # its records lost, so not applied: not in the copy
+                    break
+                self._made_durable(synced, size)
                 if self._written == synced:
                     break
-            taken = copy()
-            last = self.last_seq
-            if self._written != synced:
-                out.flush()
+            if self._written != synced and not self.failed:
+                synced = self._written
                 try:
+                    size = self._write()
                     os.fsync(out.fileno())
                 except OSError as exc:
-                    self._fail(exc, last)
+                    self._fail(exc)
+                else:
+                    self._made_durable(synced, size)
+            taken = copy()
+            last = self.last_seq
             self._start_segment()
             out.close()
-            self._synced = max(self._synced, last)
             return taken, last
 
     def superseded(self, seq: int) -> None:
-        """A snapshot now holds every record up to ``seq``: a failed fsync of those no longer
-        matters, and the log acknowledges again."""
+        """A snapshot now holds every record up to ``seq`` (taken after any failure up to
+        it): the log appends and acknowledges again."""
         if self._failed is not None and self._failed_seq <= seq:
             self._failed = None
 
-    def _fail(self, exc: OSError, seq: int) -> None:
-        self._failed = f"{type(exc).__name__}: {exc}"
-        self._failed_seq = max(self._failed_seq, seq)
+    def _write(self) -> int:
+        """Writes the buffered records to the open segment; returns its size then."""
+        assert self._out is not None
+        data = memoryview(self._buffer)
+        done = 0
+        try:
+            while done < len(data):
+                wrote = self._out.write(data[done:])
+                if not wrote:
+                    raise OSError(errno.EIO, "a write of the log wrote nothing")
+                done += wrote
+                self._size += wrote
+        finally:
+            data.release()
+        self._buffer.clear()
+        return self._size
+
+    def _made_durable(self, seq: int, size: int) -> None:
+        """The records up to ``seq`` are durable (the segment's first ``size`` bytes): their
+        changes are applied, in order."""
+        self._synced = max(self._synced, seq)
+        self._durable_size = max(self._durable_size, size)
+        while self._pending and self._pending[0][0] <= self._synced:
+            _, apply = self._pending.popleft()
+            try:
+                apply()
+            except Exception:  # one change failing must not keep the others unapplied
+                log.exception("applying a durable write-ahead-log record failed")
+
+    def _fail(self, exc: OSError) -> None:
+        """Every record not yet durable is lost: not applied, cut off the segment."""
+        name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        self._failed = f"{name}: {exc.strerror or exc}"
+        log.error(
+            "%s: a write or fsync of the write-ahead log failed (%s): Stores and Drops are "
+            "refused until a snapshot is saved",
+            self.directory,
+            self._failed,
+        )
+        self._failed_seq = max(self._failed_seq, self.last_seq)
+        if self._written > self._synced:
+            self._lost.append((self._synced + 1, self._written))
+        self._written = self._synced
+        self._buffer.clear()
+        self._pending.clear()
+        if self._out is None:
+            return
+        try:  # a crash must not replay a record that was never acknowledged
+            fd = self._out.fileno()
+            if os.fstat(fd).st_size != self._durable_size:
+                os.ftruncate(fd, self._durable_size)
+                os.fsync(fd)
+            self._size = self._durable_size
+        except OSError as cut:
+            log.error("could not cut the lost records off the write-ahead log: %s", cut)
+
+    def _was_lost(self, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in self._lost)
 
     def _check_failed(self) -> None:
         if self._failed is not None:
-            raise WalError(
-                f"{self.directory}: an fsync of the write-ahead log failed ({self._failed}); "
-                "no change is acknowledged as durable until the next snapshot holds them "
-                "(check the disk)"
-            )
+            raise NotDurable(self.directory, self._failed)
 
     def drop_through(self, seq: int) -> int:
         """Deletes the segments whose records all have seq <= ``seq``; returns how many."""
@@ -195,14 +305,17 @@ class WriteAheadLog:
 
     def close(self) -> None:
         if self._out is not None:
-            self._out.flush()
+            synced = self._written
+            size = self._write()
             os.fsync(self._out.fileno())
+            self._made_durable(synced, size)
             self._out.close()
             self._out = None
 
     def _start_segment(self) -> None:
         path = self.directory / f"{self._next_seq:020d}{_SUFFIX}"
-        self._out = path.open("ab")
+        self._out = path.open("ab", buffering=0)
+        self._size = self._durable_size = os.fstat(self._out.fileno()).st_size
         fsync_directory(self.directory)
 
 

@@ -71,10 +71,10 @@ async def test_invalidate_one_entry_only_for_its_tenant() -> None:
     cache, _ = new_cache()
     kept = await cache.store(q("how do i reset my password"), answer())
     other = await cache.store(q("how do i cancel my plan"), answer())
-    assert cache.drop_entry("b", kept.entry_id) == 0  # not tenant b's entry
-    assert cache.drop_entry("a", "no-such-entry") == 0
-    assert cache.drop_entry("a", kept.entry_id) == 1
-    assert cache.drop_entry("a", kept.entry_id) == 0
+    assert await cache.drop_entry("b", kept.entry_id) == 0  # not tenant b's entry
+    assert await cache.drop_entry("a", "no-such-entry") == 0
+    assert await cache.drop_entry("a", kept.entry_id) == 1
+    assert await cache.drop_entry("a", kept.entry_id) == 0
     assert not (await cache.check(q("how do i reset my password"))).hit
     served = (await cache.check(q("how do i cancel my plan"))).entry
     assert served is not None and served.entry_id == other.entry_id

@@ -125,14 +125,14 @@ async def test_drop_removes_one_tenant_only() -> None:
         await cache.store(q("reset my password", tenant=tenant), answer())
         await cache.store(q("reset my password", tenant=tenant, namespace="docs"), answer())
         await cache.store(q("opening hours", tenant=tenant, namespace="docs"), answer())
-    assert cache.drop("a", "docs") == 2
+    assert await cache.drop("a", "docs") == 2
     assert (await cache.check(q("reset my password", tenant="a"))).hit
     assert not (await cache.check(q("opening hours", tenant="a", namespace="docs"))).hit
-    assert cache.drop("a") == 1
-    assert cache.drop("a") == 0
+    assert await cache.drop("a") == 1
+    assert await cache.drop("a") == 0
     assert len(cache) == 3
     assert (await cache.check(q("opening hours", tenant="b", namespace="docs"))).hit
-    assert cache.drop("nobody") == 0
+    assert await cache.drop("nobody") == 0
 
 
 async def test_a_miss_then_its_store_embed_the_question_once() -> None:
@@ -196,14 +196,14 @@ async def test_an_answer_looked_up_before_a_purge_is_not_stored_after_it() -> No
     await cache.store(q("What is the refund window?"), answer())  # the scope exists
     asked = _with_id("How long do refunds take?", "req-1")
     assert not (await cache.check(asked)).hit
-    cache.drop("a")
+    await cache.drop("a")
     stored = await cache.store(asked, answer())
     assert not stored.stored and "after this request's lookup" in stored.skip_reason
     assert not (await cache.check(q("How long do refunds take?"))).hit
     # another tenant's purge changes nothing for this one; a lookup after the purge stores
     other = _with_id("How long do refunds take?", "req-2")
     assert not (await cache.check(other)).hit
-    cache.drop("b")
+    await cache.drop("b")
     assert (await cache.store(other, answer())).stored
 
 
@@ -217,7 +217,7 @@ async def test_another_tenants_traffic_does_not_undo_a_purge() -> None:
     assert not (await cache.check(asked)).hit  # the model call starts
     for i in range(_MISSES_KEPT):  # another tenant's ordinary misses meanwhile
         await cache.check(_with_id("hello there", f"n{i}", tenant="b"))
-    cache.drop("a")  # the refund policy changed
+    await cache.drop("a")  # the refund policy changed
     stored = await cache.store(asked, answer())
     assert not stored.stored and "after this request's lookup" in stored.skip_reason
     # a Store with no lookup on record, long after the purge, is stored again

@@ -173,7 +173,7 @@ async def test_an_empty_tenant_is_invalid() -> None:
     with pytest.raises(InvalidQuery):
         await cache.check(query_from_request("", make_request(QUESTION)))
     with pytest.raises(InvalidQuery):
-        cache.drop("")
+        await cache.drop("")
 
 
 @pytest.fixture

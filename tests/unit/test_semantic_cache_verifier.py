@@ -210,7 +210,7 @@ async def test_an_entry_dropped_while_it_was_verified_is_not_served() -> None:
     scorer.go.clear()
     lookup = asyncio.create_task(cache.check(q("reset my password please")))
     assert await asyncio.to_thread(scorer.entered.wait, 10)
-    assert cache.drop("a") == 1
+    assert await cache.drop("a") == 1
     scorer.go.set()
     result = await lookup
     assert not result.hit and "changed while it was verified" in result.refusal

@@ -174,9 +174,8 @@ async def test_acknowledged_changes_survive_without_any_snapshot(tmp_path: Path)
     kept = await cache.store(q("how do i reset my password"), answer(b"reset"))
     gone = await cache.store(q("how do i delete my account"), answer(b"delete"))
     await cache.store(q("what is the refund policy", "b"), answer(b"refund"))
-    assert cache.drop_entry("a", gone.entry_id) == 1
-    assert cache.drop("b") == 1
-    await cache.sync_journal()
+    assert await cache.drop_entry("a", gone.entry_id) == 1
+    assert await cache.drop("b") == 1
     # no stop(), no snapshot: the process is gone
     revived = new_cache(clock)
     await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
@@ -277,8 +276,7 @@ async def test_a_purge_that_found_nothing_is_logged_for_the_replay(tmp_path: Pat
     await cache.store(q("what is the secret discount code", "b"), answer(b"B-secret"))
     assert (await cache.check(q("how do i reset my password"))).hit  # B is now the oldest
     await cache.store(q("how do i delete my account"), answer(b"C"))  # evicts B
-    assert cache.drop("b") == 0
-    await cache.sync_journal()
+    assert await cache.drop("b") == 0
     revived = await _crash_and_replay(tmp_path, clock, max_entries=2)
     assert not (await revived.check(q("what is the secret discount code", "b"))).hit
 
@@ -300,8 +298,7 @@ async def test_a_purge_still_refuses_a_late_store_after_a_restart(
     asked = dataclasses.replace(q("how long do refunds take"), request_id="req-1")
     assert not (await cache.check(asked)).hit  # the model call starts
     clock.advance(s=5)
-    assert cache.drop("a") == 1
-    await cache.sync_journal()
+    assert await cache.drop("a") == 1
     if restart == "graceful":
         await snapshots.stop()
     clock.advance(s=30)
@@ -332,20 +329,20 @@ async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failed fsync may have lost its pages while a later one succeeds: from the first
-    failure on, every sync fails, naming the cause, until a snapshot holds those records."""
+    failure on, every append and sync fails, naming the cause, until a snapshot taken since
+    is saved."""
     wal = WriteAheadLog(tmp_path)
     wal.open()
     _fail_one_fsync(monkeypatch)
     wal.append({"op": "x"})
     with pytest.raises(WalError, match="fsync of the write-ahead log failed"):
         await wal.sync()
-    wal.append({"op": "x"})
     with pytest.raises(WalError, match="Input/output error"):
-        await wal.sync()  # the disk answers again: still not durable, said so
+        wal.append({"op": "x"})  # the disk answers again: still refused, said so
     copied, last = await wal.rotate(lambda: "copy")  # a snapshot's copy is from memory
-    assert copied == "copy" and last == 2
-    wal.superseded(last)  # that snapshot saved: every failed record is in it
-    wal.append({"op": "x"})
+    assert copied == "copy" and last == 1
+    wal.superseded(last)  # that snapshot saved: it holds every change applied
+    assert wal.append({"op": "x"}) == 2
     await wal.sync()
     wal.close()
 
@@ -384,8 +381,9 @@ async def test_a_snapshot_after_a_failed_fsync_saves_and_stores_are_durable_agai
     _fail_one_fsync(monkeypatch)
     with pytest.raises(WalError):
         await cache.store(q("how do i reset my password"), answer(b"one"))
-    assert await snapshotter.save()  # the snapshot holds it, from memory
+    assert not (await cache.check(q("how do i reset my password"))).hit  # refused: not served
+    assert await snapshotter.save()  # nothing changed, but the log waits for it
     assert (await cache.store(q("how do i delete my account"), answer(b"two"))).stored
     revived = new_cache(clock)
     await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
-    assert len(revived) == 2
+    assert [e.answer.payload for e in revived.export_entries().entries] == [b"two"]
