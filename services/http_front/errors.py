@@ -6,6 +6,12 @@ act on, and for 429 the seconds to wait. Each API renders it in its own JSON err
 (``anthropic_body`` / ``openai_body``) with the status code its SDK maps to its own exception
 class (400 BadRequestError, 401 AuthenticationError, 413, 429 RateLimitError, 529/503
 overloaded, 500).
+
+Both SDKs retry 408, 409, 429 and any status >= 500 twice by default, unless the response says
+``x-should-retry: false``. It says so for the refusals a retry would only repeat: the
+caller's mistakes, and a Gateway deadline (the same request gets the same deadline, and a cut
+answer is billed for what it produced: three model calls, three bills). A rate limit, an
+overload and an unknown fault leave the SDKs free to retry.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ _STATUS: dict[Kind, int] = {
     "timeout": 504,
     "api": 500,
 }
+# the refusals a retry would only repeat (see the module's docstring)
+_FINAL: frozenset[Kind] = frozenset(
+    ("invalid_request", "authentication", "permission", "not_found", "request_too_large", "timeout")
+)
 
 
 @dataclass
@@ -81,9 +91,12 @@ class ApiError(Exception):
         return _STATUS[self.kind]
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"retry-after": str(self.retry_after_s)}
+        headers: dict[str, str] = {}
+        if self.retry_after_s is not None:
+            headers["retry-after"] = str(self.retry_after_s)
+        if self.kind in _FINAL:
+            headers["x-should-retry"] = "false"  # honoured by both SDKs' retry policy
+        return headers
 
     def body_for(self, api: Api, request_id: str) -> dict[str, Any]:
         if api == "anthropic":

@@ -509,3 +509,39 @@ async def test_a_drain_lets_the_request_in_flight_finish_and_takes_no_new_one(fr
         await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
     front.gateway.hold.set()
     assert (await first).stop_reason == "tool_use"
+
+
+async def test_a_gateway_deadline_is_not_retried_by_the_sdks_default_policy(front: Front) -> None:
+    """Both SDKs retry any status >= 500 twice by default: a deadline cut (billed for what it
+    produced) would be run, and billed, three times. ``x-should-retry: false`` stops them."""
+    front.gateway.refuse = (grpc.StatusCode.DEADLINE_EXCEEDED, "cut at its deadline; billed", ())
+    claude = anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY)  # max_retries: 2
+    front.clients.append(claude)
+    with pytest.raises(anthropic.APIStatusError) as by_claude:
+        await claude.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert by_claude.value.status_code == 504
+    assert by_claude.value.response.headers["x-should-retry"] == "false"
+    assert front.gateway.calls == 1
+    gpt = openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key=KEY)  # max_retries: 2
+    front.clients.append(gpt)
+    with pytest.raises(openai.APIStatusError) as by_gpt:
+        await gpt.chat.completions.create(model="sim-large", messages=ASK, stream=True)
+    assert by_gpt.value.status_code == 504
+    assert front.gateway.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "trailers"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, ()),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, (("retry-after", "1"),)),
+        (grpc.StatusCode.INTERNAL, ()),
+    ],
+)
+async def test_transient_refusals_leave_the_sdks_free_to_retry(
+    front: Front, code: grpc.StatusCode, trailers: tuple[tuple[str, str], ...]
+) -> None:
+    front.gateway.refuse = (code, "transient", trailers)
+    with pytest.raises(anthropic.APIStatusError) as by_claude:
+        await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert "x-should-retry" not in by_claude.value.response.headers

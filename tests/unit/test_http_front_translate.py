@@ -265,7 +265,11 @@ def test_gateway_status_to_http(
     assert error.status_for("anthropic") == anthropic_status
     assert error.status_for("openai") == openai_status
     assert message in error.message
-    assert error.headers() == ({"retry-after": str(retry)} if retry else {})
+    headers = error.headers()
+    assert headers.get("retry-after") == (str(retry) if retry else None)
+    # a refusal a retry would repeat says so; 429, 529/503 and 500 leave the SDKs to retry
+    final = anthropic_status in (400, 401, 413, 504)
+    assert headers.get("x-should-retry") == ("false" if final else None)
 
 
 def test_request_headers_choose_the_cache_options() -> None:
