@@ -227,18 +227,25 @@ class Front:
                 headers[_ID_HEADER["anthropic"]] = end.request_id
                 return _json(anthropic_api.response(end), headers=headers)
             events = anthropic_api.EventStream()
-            async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
-                start = await _first(chunks)
-                response = await self._open_stream(request, start, "anthropic", traceparent)
+            ping = sse.event(*anthropic_api.PING)
+            # the pacer closes first (its pending read cancelled), then the call: a write that
+            # fails while a read is pending must not close the call under it
+            async with (
+                aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
+                aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
+            ):
+                start, opened = await self._started(
+                    request, gw, paced, "anthropic", ping, traceparent
+                )
+                response = opened or await self._open_stream(
+                    request, start, "anthropic", traceparent
+                )
                 for name, body in events.start(start.start):
                     await response.write(sse.event(name, body))
                 try:
-                    # the pacer closes first (its pending read cancelled), then the call: a
-                    # write that fails while a read is pending must not close the call under it
-                    async with aclosing(sse.paced(chunks, self._settings.ping_s)) as paced:
-                        async for chunk in paced:
-                            for name, body in _anthropic_events(events, chunk):
-                                await response.write(sse.event(name, body))
+                    async for chunk in paced:
+                        for name, body in _anthropic_events(events, chunk):
+                            await response.write(sse.event(name, body))
                 except ApiError as error:
                     _ended_by(request, "anthropic", error)
                     await response.write(
@@ -266,19 +273,23 @@ class Front:
                 headers[_ID_HEADER["openai"]] = end.request_id
                 return _json(openai_api.response(end, created), headers=headers)
             chunker = openai_api.ChunkStream(created, include_usage)
-            async with aclosing(self._gateway.stream(gw, key, traceparent)) as chunks:
-                start = await _first(chunks)
-                response = await self._open_stream(request, start, "openai", traceparent)
+            async with (
+                aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
+                aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
+            ):
+                start, opened = await self._started(
+                    request, gw, paced, "openai", sse.COMMENT_PING, traceparent
+                )
+                response = opened or await self._open_stream(request, start, "openai", traceparent)
                 for item in chunker.start(start.start):
                     await response.write(sse.data(item))
                 try:
-                    async with aclosing(sse.paced(chunks, self._settings.ping_s)) as paced:
-                        async for chunk in paced:
-                            if chunk is None:
-                                await response.write(sse.COMMENT_PING)
-                                continue
-                            for item in _openai_chunks(chunker, chunk):
-                                await response.write(sse.data(item))
+                    async for chunk in paced:
+                        if chunk is None:
+                            await response.write(sse.COMMENT_PING)
+                            continue
+                        for item in _openai_chunks(chunker, chunk):
+                            await response.write(sse.data(item))
                 except ApiError as error:
                     _ended_by(request, "openai", error)
                     await response.write(sse.data(error.body_for("openai", start.start.request_id)))
@@ -286,11 +297,43 @@ class Front:
             await response.write_eof()
             return response
 
+    async def _started(
+        self,
+        request: web.Request,
+        gw: pb.CompleteRequest,
+        paced: AsyncIterator[pb.CompleteChunk | None],
+        api: Api,
+        ping: bytes,
+        traceparent: str,
+    ) -> tuple[pb.CompleteChunk, web.StreamResponse | None]:
+        """The stream's ``start``, and the stream if it had to be opened before it. A refusal
+        that comes first has its own HTTP status. The Gateway sends the start with the first
+        token, so a long prefill is silent: once ``ping_s`` passes without it, the stream's head
+        goes out with what is known (the trace; the request id if the caller chose it) and a
+        ping every ``ping_s``, lest an SDK's read timeout or a proxy's idle timeout cut the
+        wait (and the SDK send the whole prompt again). A refusal after that is the stream's
+        error event (``_failed``)."""
+        opened: web.StreamResponse | None = None
+        async for chunk in paced:
+            if chunk is not None:
+                if chunk.WhichOneof("part") != "start":
+                    break
+                return chunk, opened
+            if opened is None:
+                trace_id = traceparent.split("-")[1] if traceparent else ""
+                head = pb.CompleteResponse(request_id=gw.request_id, trace_id=trace_id)
+                opened = await self._open_stream(
+                    request, pb.CompleteChunk(start=head), api, traceparent
+                )
+            await opened.write(ping)
+        raise ApiError("api", "the Gateway's stream did not begin with its start")
+
     async def _open_stream(
         self, request: web.Request, start: pb.CompleteChunk, api: Api, traceparent: str
     ) -> web.StreamResponse:
         headers = facts.start_headers(start.start, traceparent)
-        headers[_ID_HEADER[api]] = start.start.request_id
+        if start.start.request_id:
+            headers[_ID_HEADER[api]] = start.start.request_id
         headers["cache-control"] = "no-cache"
         response = web.StreamResponse(headers=headers)
         response.content_type = "text/event-stream"
@@ -356,14 +399,6 @@ def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
 def _too_large(size: int | None, limit: int) -> ApiError:
     got = f" ({size:,} bytes)" if size is not None else ""
     return ApiError("request_too_large", f"request body too large{got}: at most {limit:,} bytes")
-
-
-async def _first(chunks: AsyncIterator[pb.CompleteChunk]) -> pb.CompleteChunk:
-    """The stream's ``start``: a refusal comes before it, with its own HTTP status."""
-    first = await anext(chunks, None)
-    if first is None or first.WhichOneof("part") != "start":
-        raise ApiError("api", "the Gateway's stream did not begin with its start")
-    return first
 
 
 def _anthropic_events(

@@ -545,3 +545,93 @@ async def test_transient_refusals_leave_the_sdks_free_to_retry(
     with pytest.raises(anthropic.APIStatusError) as by_claude:
         await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
     assert "x-should-retry" not in by_claude.value.response.headers
+
+
+async def _lines_until(reply: aiohttp.ClientResponse, wanted: bytes) -> list[bytes]:
+    """The stream's lines up to and including the first that starts with ``wanted``."""
+    lines: list[bytes] = []
+    while True:
+        line = await reply.content.readline()
+        assert line, f"the stream ended before {wanted!r}: {lines}"
+        lines.append(line.rstrip(b"\n"))
+        if line.startswith(wanted):
+            return lines
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "ping"),
+    [
+        ("/v1/messages", CLAUDE_HEADERS, b"event: ping"),
+        ("/v1/chat/completions", GPT_HEADERS, b": ping"),
+    ],
+)
+async def test_a_stream_whose_start_is_slow_sends_its_head_and_pings_before_it(
+    front: Front, path: str, headers: dict[str, str], ping: bytes
+) -> None:
+    """A long prefill: the Gateway's start comes with the first token. Meanwhile the stream's
+    head and a ping every HTTP_FRONT_PING_S go out (an SDK's read timeout, a proxy's idle
+    timeout would cut the silence), and the answer follows them."""
+    front.gateway.hold = asyncio.Event()  # the Gateway says nothing until released
+    body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
+    async with aiohttp.ClientSession() as session:
+        posted = session.post(f"{front.base}{path}", data=body, headers=headers)
+        async with await asyncio.wait_for(posted, 10) as reply:  # the head, before the start
+            assert reply.status == 200 and reply.content_type == "text/event-stream"
+            await asyncio.wait_for(_lines_until(reply, ping), 10)
+            front.gateway.hold.set()
+            rest = (await reply.read()).decode()
+    events = [line for line in rest.splitlines() if line.startswith(("event:", "data:"))]
+    if path == "/v1/messages":
+        names = [e.removeprefix("event: ") for e in events if e.startswith("event:")]
+        assert next(n for n in names if n != "ping") == "message_start"
+        assert names[-1] == "message_stop"
+    else:
+        assert events[0].startswith('data: {"id":"chatcmpl-req1"') and '"role"' in events[0]
+        assert events[-1] == "data: [DONE]"
+
+
+async def test_the_sdks_read_a_stream_opened_before_its_start(front: Front) -> None:
+    front.gateway.hold = asyncio.Event()
+    claude = _claude(front)
+    # create(stream=True) returns once the head is read: while the Gateway still holds the call
+    events = await asyncio.wait_for(
+        claude.messages.create(model="sim-large", max_tokens=50, messages=ASK, stream=True), 10
+    )
+    front.gateway.hold.set()
+    kinds = [event.type async for event in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    front.gateway.hold.clear()
+    chunks = await asyncio.wait_for(
+        _gpt(front).chat.completions.create(model="sim-large", messages=ASK, stream=True), 10
+    )
+    front.gateway.hold.set()
+    got = [c async for c in chunks]
+    assert got[0].choices[0].delta.role == "assistant"
+    assert got[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_a_refusal_after_the_early_head_is_the_streams_error_event(front: Front) -> None:
+    """Once the head went out, a refusal (here the Gateway's deadline) is the provider's error
+    event, counted with its own status."""
+    front.gateway.hold = asyncio.Event()
+    front.gateway.refuse = (grpc.StatusCode.DEADLINE_EXCEEDED, "cut at its deadline", ())
+    events = await asyncio.wait_for(
+        _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK, stream=True),
+        10,
+    )
+    front.gateway.hold.set()
+    with pytest.raises(anthropic.APIStatusError) as by_claude:
+        _ = [event async for event in events]
+    assert "cut at its deadline" in str(by_claude.value)
+    front.gateway.hold.clear()
+    chunks = await asyncio.wait_for(
+        _gpt(front).chat.completions.create(model="sim-large", messages=ASK, stream=True), 10
+    )
+    front.gateway.hold.set()
+    with pytest.raises(openai.APIError) as by_gpt:
+        _ = [c async for c in chunks]
+    assert "cut at its deadline" in str(by_gpt.value)
+    async with aiohttp.ClientSession() as session, session.get(front.metrics) as reply:
+        metrics = await reply.text()
+    assert 'route="/v1/messages",status="504"} 1.0' in metrics
+    assert 'route="/v1/chat/completions",status="504"} 1.0' in metrics
