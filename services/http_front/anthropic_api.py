@@ -114,6 +114,7 @@ def _block(raw: object, path: str) -> pb.ContentBlock:
     obj = Obj(raw, path)
     kind = obj.text("type", required=True)
     block = pb.ContentBlock()
+    nested: list[pb.CacheControl] = []  # a tool result's parts' breakpoints
     if kind == "text":
         obj.only(("type", "text", "cache_control", "citations"))
         block.text = obj.text("text", required=True) or ""
@@ -133,31 +134,47 @@ def _block(raw: object, path: str) -> pb.ContentBlock:
     elif kind == "tool_result":
         obj.only(("type", "tool_use_id", "content", "is_error", "cache_control"))
         block.tool_result.tool_use_id = obj.text("tool_use_id", required=True) or ""
-        block.tool_result.content = _result_text(obj)
+        parts = _result_parts(obj)
+        block.tool_result.content = "\n".join(part.text for part in parts)
         block.tool_result.is_error = bool(obj.flag("is_error"))
+        # the Gateway's tool result is one text: a breakpoint on one of its parts marks the
+        # prefix through the whole result
+        nested = parts_controls(parts)
     else:
         raise invalid(
             f"{obj.at('type')}: {shown(kind)} blocks are not supported by cachemesh; "
             "use text, tool_use or tool_result"
         )
-    control = cache_control(obj)
+    control = longest(cache_control(obj), *nested)
     if control is not None:
         block.cache_control.CopyFrom(control)
     return block
 
 
-def _result_text(obj: Obj) -> str:
+def _result_parts(obj: Obj) -> list[pb.ContentBlock]:
+    """A tool result's content: a string, or text blocks (each may carry a breakpoint)."""
     content = obj.raw("content")
     if content is None or isinstance(content, str):
-        return content or ""
-    parts = obj.array("content") or []
-    texts = []
-    for i, raw in enumerate(parts):
+        return [pb.ContentBlock(text=content or "")]
+    parts = []
+    for i, raw in enumerate(obj.array("content") or []):
         part = _block(raw, f"{obj.at('content')}.{i}")
         if part.WhichOneof("kind") != "text":
             raise invalid(f"{obj.at('content')}.{i}: a tool result holds text blocks")
-        texts.append(part.text)
-    return "\n".join(texts)
+        parts.append(part)
+    return parts
+
+
+def parts_controls(parts: list[pb.ContentBlock]) -> list[pb.CacheControl]:
+    return [part.cache_control for part in parts if part.HasField("cache_control")]
+
+
+def longest(*controls: pb.CacheControl | None) -> pb.CacheControl | None:
+    """Of ``controls``, the breakpoint that keeps its prefix cached longest (1h over 5m)."""
+    given = [c for c in controls if c is not None]
+    if not given:
+        return None
+    return max(given, key=lambda c: c.ttl == pb.CACHE_TTL_1H)
 
 
 def _message(raw: object, path: str) -> pb.Message:

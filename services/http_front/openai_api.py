@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.http_front.anthropic_api import cache_control
+from services.http_front.anthropic_api import cache_control, longest, parts_controls
 from services.http_front.errors import invalid
 from services.http_front.fields import Obj, json_text, shown
 
@@ -155,10 +155,6 @@ def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
     return blocks
 
 
-def _text_of(obj: Obj) -> str:
-    return "".join(b.text for b in _blocks_of(obj))
-
-
 def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
     for i, raw in enumerate(raw_messages):
         path = f"messages[{i}]"
@@ -175,10 +171,17 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
             _assistant(obj, _turn(request, pb.ROLE_ASSISTANT))
         elif role == "tool":
             obj.only(("role", "content", "tool_call_id"))
+            parts = _blocks_of(obj)
             result = pb.ToolResult(
-                tool_use_id=obj.text("tool_call_id", required=True) or "", content=_text_of(obj)
+                tool_use_id=obj.text("tool_call_id", required=True) or "",
+                content="".join(b.text for b in parts),
             )
-            _turn(request, pb.ROLE_USER).content.append(pb.ContentBlock(tool_result=result))
+            block = pb.ContentBlock(tool_result=result)
+            # one text in the Gateway: a part's breakpoint marks the prefix through the result
+            control = longest(*parts_controls(parts))
+            if control is not None:
+                block.cache_control.CopyFrom(control)
+            _turn(request, pb.ROLE_USER).content.append(block)
         else:
             raise invalid(
                 f"{obj.at('role')}: must be system, developer, user, assistant or tool, "

@@ -153,6 +153,77 @@ def test_anthropic_tool_use_and_tool_result_round_trip(base: str, key: str) -> N
     assert reply.content and reply.content[0].type == "text"
 
 
+def _file_read_turns(text: str, breakpoint_in_parts: dict[str, Any]) -> list[Any]:
+    """An agent's turns: the user's ask, the model's tool call, and a tool result of ``text``
+    (over 1,024 tokens) whose one text part carries the breakpoint (valid in the API)."""
+    part = {"type": "text", "text": text, "cache_control": breakpoint_in_parts}
+    return [
+        {"role": "user", "content": "Summarise the support policy file."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_1", "name": "read_file", "input": {"path": "p"}}
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [part]}],
+        },
+    ]
+
+
+def test_anthropic_breakpoint_inside_a_tool_results_content_writes_the_prefix(
+    base: str, key: str
+) -> None:
+    client = anthropic.Anthropic(
+        base_url=base, api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
+    )
+    tool: Any = {"name": "read_file", "input_schema": {"type": "object"}}
+    turns = _file_read_turns(_system(uuid.uuid4().hex), {"type": "ephemeral"})
+    first = client.messages.create(model="sim-small", max_tokens=50, tools=[tool], messages=turns)
+    written = first.usage.cache_creation_input_tokens
+    assert written and written > 1024
+    text = "".join(b.text for b in first.content if b.type == "text")
+    turns += [{"role": "assistant", "content": text}, {"role": "user", "content": "Shorter?"}]
+    second = client.messages.create(model="sim-small", max_tokens=50, tools=[tool], messages=turns)
+    assert second.usage.cache_read_input_tokens == written
+
+
+def test_openai_breakpoint_in_a_tool_messages_parts_is_cached(base: str, key: str) -> None:
+    client = openai.OpenAI(
+        base_url=f"{base}/v1", api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
+    )
+    part = {
+        "type": "text",
+        "text": _system(uuid.uuid4().hex),
+        "cache_control": {"type": "ephemeral"},
+    }
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "read_file", "arguments": "{}"},
+    }
+    turns: list[Any] = [
+        {"role": "user", "content": "Summarise the support policy file."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [part]},
+    ]
+    tools: Any = [{"type": "function", "function": {"name": "read_file", "parameters": {}}}]
+    first = client.chat.completions.create(
+        model="sim-small", messages=turns, tools=tools, max_tokens=50
+    )
+    turns += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Shorter?"},
+    ]
+    second = client.chat.completions.create(
+        model="sim-small", messages=turns, tools=tools, max_tokens=50
+    )
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached and cached > 1024
+
+
 def test_anthropic_errors_are_the_sdks_own_exceptions(base: str, key: str) -> None:
     question: list[Any] = [{"role": "user", "content": "hello"}]
     with pytest.raises(anthropic.AuthenticationError) as auth:

@@ -433,3 +433,52 @@ def test_tool_call_arguments_the_gateway_cannot_hold_are_refused_naming_them(
     with pytest.raises(ApiError) as refused:
         openai_api.parse_request(_history({"role": "assistant", "tool_calls": [call]}), 10)
     assert refused.value.kind == "invalid_request" and says in refused.value.message
+
+
+def test_a_breakpoint_inside_a_tool_results_parts_marks_the_tool_result() -> None:
+    """The Gateway's tool result is one text: a ``cache_control`` on one of its parts (valid in
+    both APIs) becomes the tool result's own breakpoint, the longest TTL of them, not lost."""
+    five, hour = {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}
+    parts = [
+        {"type": "text", "text": "a", "cache_control": five},
+        {"type": "text", "text": "b", "cache_control": hour},
+    ]
+    use = {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+    request, _ = anthropic_api.parse_request(
+        _anthropic(
+            messages=[
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": [use]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": parts[:1]},
+                        {"type": "tool_result", "tool_use_id": "t2", "content": parts},
+                        {"type": "tool_result", "tool_use_id": "t3", "content": "plain"},
+                    ],
+                },
+            ]
+        )
+    )
+    first, both, plain = request.messages[2].content
+    assert first.HasField("cache_control") and first.cache_control.ttl == pb.CACHE_TTL_UNSPECIFIED
+    assert both.cache_control.ttl == pb.CACHE_TTL_1H and both.tool_result.content == "a\nb"
+    assert not plain.HasField("cache_control")
+    request, _, _ = openai_api.parse_request(
+        {
+            "model": "sim-small",
+            "messages": [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": parts},
+            ],
+        },
+        100,
+    )
+    (result,) = request.messages[2].content
+    assert result.cache_control.ttl == pb.CACHE_TTL_1H and result.tool_result.content == "ab"
