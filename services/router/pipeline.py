@@ -733,13 +733,20 @@ def _error_type(exc: BaseException | None) -> str:
 
 
 def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
-    """A finished answer as the Gateway streams it: start, one delta a block, end."""
+    """A finished answer (an L1 hit, a ledger's replay) as the Gateway streams it: start, one
+    delta a block, end. The start tells the prompt's usage, as a model answer's does
+    (``_headed``): a client reads the input tokens at the start (Anthropic's message_start)."""
     start = pb.CompleteResponse(
         served_by=end.served_by,
         model=end.model,
         tier=end.tier,
         trace_id=end.trace_id,
         request_id=end.request_id,
+        usage=pb.Usage(
+            input_tokens=end.usage.input_tokens,
+            cache_creation_input_tokens=end.usage.cache_creation_input_tokens,
+            cache_read_input_tokens=end.usage.cache_read_input_tokens,
+        ),
     )
     if end.HasField("semantic"):
         start.semantic.CopyFrom(end.semantic)

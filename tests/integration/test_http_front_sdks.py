@@ -117,6 +117,29 @@ def test_anthropic_stream_events_come_in_anthropics_order(base: str, key: str) -
     assert set(kinds[2:-3]) == {"content_block_delta"}
 
 
+def test_anthropic_streamed_l1_hit_tells_its_prompt_in_message_start(base: str, key: str) -> None:
+    """Anthropic's stream gives the prompt's usage in message_start (and the output in
+    message_delta): consumers that read it there count an L1 hit's prompt as a model's."""
+    client = anthropic.Anthropic(base_url=base, api_key=key)
+    question: list[Any] = [
+        {"role": "user", "content": _unique("How do I change my billing address?")}
+    ]
+    usages = []
+    for _ in range(2):
+        with client.messages.create(
+            model="sim-small", max_tokens=200, stream=True, messages=question
+        ) as stream:
+            served = stream.response.headers["x-cachemesh-served-by"]
+            events = list(stream)
+        start = next(e for e in events if e.type == "message_start").message.usage
+        delta = next(e for e in events if e.type == "message_delta").usage
+        usages.append((served, start.input_tokens, delta.input_tokens))
+    (model, at_start, at_end), (hit, hit_start, hit_end) = usages
+    assert (model, hit) == ("model", "semantic-cache")
+    assert at_end is not None and at_start == at_end > 0
+    assert hit_start == hit_end == at_end
+
+
 def test_anthropic_tool_use_and_tool_result_round_trip(base: str, key: str) -> None:
     client = anthropic.Anthropic(base_url=base, api_key=key)
     reply = client.messages.create(

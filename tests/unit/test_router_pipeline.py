@@ -228,6 +228,10 @@ async def test_a_hit_is_one_lookup_and_is_served_free() -> None:
     assert end.cost.baseline_nanos == prompt * 3000 + 5 * 15000  # sim-large's prices, by hand
     assert end.cost.saved_nanos == end.cost.baseline_nanos
     assert not rig.prefix.plans and not rig.prefix.commits and not rig.models.calls
+    # the start tells the prompt's usage as a model answer's does: an HTTP caller reading
+    # message_start's input_tokens counts an L1 hit's prompt too
+    start = chunks[0].start.usage
+    assert start.input_tokens == prompt and start.output_tokens == 0
 
 
 def _cached(tier: str) -> sc.CachedAnswer:

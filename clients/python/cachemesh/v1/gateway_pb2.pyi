@@ -595,8 +595,9 @@ class CompleteChunk(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___CompleteResponse:
-        """served_by, model, tier, trace_id, request_id; from a model, the prompt's usage (input and
-        cache tokens as priced at its first token; the end's usage is the bill)
+        """served_by, model, tier, trace_id, request_id and the prompt's usage (input and cache
+        tokens: from a model, as priced at its first token, and the end's usage is the bill; from
+        an L1 hit or a replayed answer, the end's)
         """
 
     @_builtins.property
