@@ -45,7 +45,11 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
         table.get(request.model) is None or request.model not in deployed
     ):
         known = ", ".join(sorted(deployed | {AUTO}))
-        raise _invalid(f"model: unknown model id {_shown(request.model)}; use one of: {known}")
+        # NOT_FOUND, as the providers answer an unknown model (HTTP 404: the SDKs raise their
+        # NotFoundError, which an application's fallback to another model catches)
+        raise RequestError(
+            Code.NOT_FOUND, f"model: unknown model id {_shown(request.model)}; use one of: {known}"
+        )
     if request.max_tokens <= 0:
         raise _invalid(f"max_tokens: must be > 0, got {request.max_tokens}")
     if request.model == AUTO:

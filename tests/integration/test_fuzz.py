@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 _ACCEPTED = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,  # an unknown model
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _GENERATED = 800

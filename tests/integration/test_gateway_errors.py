@@ -11,6 +11,7 @@ from cachemesh import (
     AuthenticationError,
     Client,
     InvalidRequestError,
+    NotFoundError,
     RateLimitError,
     build_request,
 )
@@ -55,7 +56,6 @@ def _bad_requests(ns: str, question: str) -> dict[str, tuple[pb.CompleteRequest,
         "orphan tool_result": (orphan, "tool_use_id"),
         "max_tokens 0": (_with(question, ns, max_tokens=0), "max_tokens"),
         "max_tokens too big": (_with(question, ns, max_tokens=10_000_000), "max_tokens"),
-        "unknown model": (_with(question, ns, model="gpt-17"), "model"),
         "five breakpoints": (five, "cache_control"),
         "threshold": (threshold, "cache.threshold"),
     }
@@ -72,6 +72,10 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_changes_nothing(
             client_a.complete(request)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, label
         assert field in info.value.message, (label, info.value.message)
+    # an unknown model is NOT_FOUND (the providers' 404), still an InvalidRequestError
+    with pytest.raises(NotFoundError) as missing:
+        client_a.complete(_with(question, ns, model="gpt-17"))
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND and "model" in missing.value.message
     assert stack.totals("tenant-a") == before  # nothing billed
     first_valid = client_a.complete(build_request(question, namespace=ns))
     assert first_valid.served_by == pb.LAYER_MODEL  # nothing was stored by the bad ones

@@ -255,9 +255,11 @@ def test_anthropic_errors_are_the_sdks_own_exceptions(base: str, key: str) -> No
         )
     assert auth.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
     client = anthropic.Anthropic(base_url=base, api_key=key)
-    with pytest.raises(anthropic.BadRequestError) as bad:
+    # an unknown model is 404, as Anthropic answers it: an `except NotFoundError` fallback fires
+    with pytest.raises(anthropic.NotFoundError) as missing:
         client.messages.create(model="no-such-model", max_tokens=10, messages=question)
-    assert "model" in bad.value.message
+    assert "model" in missing.value.message
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
     with pytest.raises(anthropic.BadRequestError) as extra:
         client.messages.create(
             model="sim-small", max_tokens=10, messages=question, extra_body={"colour": "red"}
@@ -378,6 +380,9 @@ async def test_openai_errors_are_the_sdks_own_exceptions(base: str, key: str) ->
             model="sim-small", messages=asks
         )
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key)
+    with pytest.raises(openai.NotFoundError) as missing:  # as OpenAI answers an unknown model
+        await client.chat.completions.create(model="gpt-17", messages=asks)
+    assert missing.value.code == "model_not_found" and "gpt-17" in missing.value.message
     with pytest.raises(openai.BadRequestError) as bad:
         await client.chat.completions.create(model="sim-small", messages=asks, n=2)
     assert "n" in bad.value.message

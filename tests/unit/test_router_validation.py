@@ -98,14 +98,18 @@ def test_max_tokens_out_of_range(max_tokens: int) -> None:
     assert _error(_request(max_tokens=max_tokens)).message.startswith("max_tokens:")
 
 
-def test_unknown_model() -> None:
+def test_unknown_model_is_not_found() -> None:
+    """NOT_FOUND, as the providers answer an unknown model (404): an application's fallback
+    on the SDK's NotFoundError fires through the HTTP front too."""
     error = _error(_request(model="gpt-17"))
+    assert error.code == Code.NOT_FOUND
     assert error.message.startswith("model:") and "sim-small" in error.message
 
 
 def test_a_model_of_the_table_that_is_not_deployed_is_unknown() -> None:
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError) as info:
         validate_request(_request(model="sim-large"), TABLE, {"sim-small"})
+    assert info.value.code == Code.NOT_FOUND
 
 
 def test_more_than_four_breakpoints() -> None:
@@ -229,7 +233,7 @@ def test_a_schema_judged_once_is_judged_the_same_again() -> None:
 
 def test_a_huge_model_id_is_not_echoed_back() -> None:
     error = _error(_request(model="m" * 900_000))
-    assert error.code == Code.INVALID_ARGUMENT
+    assert error.code == Code.NOT_FOUND
     assert error.message.startswith(
         "model: unknown model id '" + "m" * 64 + "'... (900,000 characters)"
     )

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         AuthenticationError,
         CachemeshError,
         InvalidRequestError,
+        NotFoundError,
         RateLimitError,
         UnavailableError,
     )
@@ -32,6 +33,7 @@ _HOMES = {
     "AuthenticationError": "cachemesh._errors",
     "CachemeshError": "cachemesh._errors",
     "InvalidRequestError": "cachemesh._errors",
+    "NotFoundError": "cachemesh._errors",
     "RateLimitError": "cachemesh._errors",
     "Tls": "cachemesh._tls",
     "UnavailableError": "cachemesh._errors",
@@ -47,6 +49,7 @@ __all__ = [
     "CachemeshError",
     "Client",
     "InvalidRequestError",
+    "NotFoundError",
     "RateLimitError",
     "Tls",
     "UnavailableError",

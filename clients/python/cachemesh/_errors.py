@@ -32,6 +32,11 @@ class InvalidRequestError(CachemeshError):
     """The request is malformed; the message names the field (INVALID_ARGUMENT)."""
 
 
+class NotFoundError(InvalidRequestError):
+    """The request names a model the Gateway does not serve (NOT_FOUND); the message lists
+    those it does. An InvalidRequestError too (it was one before NOT_FOUND was its code)."""
+
+
 class RateLimitError(CachemeshError):
     """A size or rate limit, or a budget, was hit (RESOURCE_EXHAUSTED); ``retry_after_s`` is
     the wait the Gateway asked for (google.rpc.RetryInfo), None when it named none."""
@@ -46,6 +51,7 @@ class UnavailableError(CachemeshError):
 _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,

@@ -320,7 +320,9 @@ class CompleteRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """a model id of the price table, or "auto" (the router picks the tier)"""
+    """a model id of the price table, or "auto" (the router picks the tier); an id the router
+    does not serve is NOT_FOUND
+    """
     max_tokens: _builtins.int
     temperature: _builtins.float
     """unset = 1.0"""
