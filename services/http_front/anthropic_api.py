@@ -45,6 +45,8 @@ def parse_request(body: dict[str, Any]) -> tuple[pb.CompleteRequest, bool]:
     request.max_tokens = _int32(max_tokens or 0, "max_tokens")
     temperature = top.number("temperature")
     if temperature is not None:
+        if not 0.0 <= temperature <= 1.0:  # the Messages API's range, whatever the model
+            raise invalid(f"temperature: must be within [0, 1], got {temperature}", "temperature")
         request.temperature = temperature
     _unsupported(top)
     system = top.raw("system")

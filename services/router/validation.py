@@ -37,7 +37,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_model(request, table, deployed)
     _validate_messages(request)
     _validate_breakpoints(request)
-    _validate_sampling(request)
+    _validate_sampling(request, table)
 
 
 def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
@@ -245,16 +245,42 @@ def _validate_breakpoints(request: pb.CompleteRequest) -> None:
         seen_5m = seen_5m or ttl != pb.CACHE_TTL_1H
 
 
-def _validate_sampling(request: pb.CompleteRequest) -> None:
+# The temperature ranges of the providers' APIs: Anthropic's Messages API takes [0, 1], OpenAI's
+# Chat Completions (and the compatible engines) [0, 2]; the simulator takes either.
+_ANTHROPIC_MAX_TEMPERATURE = 1.0
+_MAX_TEMPERATURE = 2.0
+
+
+def _validate_temperature(request: pb.CompleteRequest, table: ModelTable) -> None:
+    """Within the range of the target model's provider (for ``auto``, of every tier's): a value
+    another provider's API would refuse is refused here, naming the model, never clamped."""
+    t = request.temperature
+    if request.model == AUTO:
+        specs = [table.for_tier(tier) for tier in table.auto]
+    else:
+        spec = table.get(request.model)
+        assert spec is not None
+        specs = [spec]
+    anthropic = [spec.id for spec in specs if spec.provider == "anthropic"]
+    limit = _ANTHROPIC_MAX_TEMPERATURE if anthropic else _MAX_TEMPERATURE
+    if not math.isfinite(t) or not 0.0 <= t <= limit:
+        why = (
+            f" for {anthropic[0]} (Anthropic's range; OpenAI-compatible and simulated models "
+            "take [0, 2])"
+            if anthropic
+            else ""
+        )
+        raise _invalid(f"temperature: must be within [0, {limit:g}]{why}, got {t}")
+
+
+def _validate_sampling(request: pb.CompleteRequest, table: ModelTable) -> None:
     if request.cache.semantic not in pb.SemanticMode.values():
         raise _invalid(
             f"cache.semantic: unknown mode {request.cache.semantic}; use one of "
             + ", ".join(pb.SemanticMode.keys())
         )
     if request.HasField("temperature"):
-        t = request.temperature
-        if not math.isfinite(t) or not 0.0 <= t <= 1.0:
-            raise _invalid(f"temperature: must be within [0, 1], got {t}")
+        _validate_temperature(request, table)
     if request.cache.HasField("threshold"):
         th = request.cache.threshold
         if not math.isfinite(th) or not 0.0 <= th <= 1.0:

@@ -7,9 +7,11 @@ receives it as its own ToolUseBlock, sends the tool's result back, and gets the 
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 
 from tests.integration.provider_stack import ProviderStack
@@ -78,3 +80,25 @@ def test_a_tool_call_round_trips_through_the_http_front(providers: ProviderStack
     sent = providers.server.seen_by("anthropic")[-1].body
     assert sent["messages"][1]["content"][-1]["type"] == "tool_use"  # the call went back up
     assert sent["messages"][2]["content"][0]["tool_use_id"] == "toolu_front01"
+
+
+def test_openais_temperature_range_reaches_an_openai_model_unclamped(
+    providers: ProviderStack,
+) -> None:
+    """OpenAI takes a temperature in [0, 2]: through the OpenAI front a value above 1 reaches
+    an OpenAI model as sent; to an Anthropic model (whose API takes [0, 1]) it is a 400 that
+    names the model's range, never silently clamped."""
+    front = f"http://{providers.stack.addresses['http-front']}/v1"
+    client = openai.OpenAI(base_url=front, api_key=providers.stack.keys["tenant-a"], max_retries=0)
+    ask: Any = [{"role": "user", "content": f"Be creative {uuid.uuid4().hex[:8]}"}]
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", temperature=1.5, max_tokens=32, messages=ask
+    )
+    assert reply.choices[0].message.content
+    sent = [s.body for s in providers.server.seen_by("openai") if ask[0]["content"] in str(s.body)]
+    assert sent and sent[-1]["temperature"] == 1.5
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="claude-sonnet-4-5", temperature=1.5, max_tokens=32, messages=ask
+        )
+    assert "temperature: must be within [0, 1] for claude-sonnet-4-5" in refused.value.message

@@ -373,6 +373,18 @@ def test_openai_tool_calls_round_trip(base: str, key: str) -> None:
     assert reply.choices[0].finish_reason == "stop"
 
 
+def test_openai_temperature_above_one_is_openais_range(base: str, key: str) -> None:
+    """OpenAI's temperature range is [0, 2]; the simulated models take it (an Anthropic model
+    refuses above 1, naming its range: test_http_front_provider_tools)."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    asks: list[Any] = [{"role": "user", "content": _unique("Say hi")}]
+    for temperature in (1.2, 2.0):
+        reply = client.chat.completions.create(
+            model="sim-small", temperature=temperature, max_tokens=10, messages=asks
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+
+
 async def test_openai_errors_are_the_sdks_own_exceptions(base: str, key: str) -> None:
     asks: list[Any] = [{"role": "user", "content": "hello"}]
     with pytest.raises(openai.AuthenticationError):

@@ -482,3 +482,17 @@ def test_a_breakpoint_inside_a_tool_results_parts_marks_the_tool_result() -> Non
     )
     (result,) = request.messages[2].content
     assert result.cache_control.ttl == pb.CACHE_TTL_1H and result.tool_result.content == "ab"
+
+
+def test_the_messages_api_takes_anthropics_temperature_range_the_chat_api_openais() -> None:
+    """Anthropic's Messages API refuses a temperature above 1, OpenAI's takes up to 2: each
+    front keeps its API's range (the Gateway then checks the target model's)."""
+    with pytest.raises(ApiError) as info:
+        anthropic_api.parse_request(_anthropic(temperature=1.5))
+    assert info.value.kind == "invalid_request" and "temperature" in info.value.message
+    assert "[0, 1]" in info.value.message
+    request, _, _ = openai_api.parse_request(
+        {"model": "sim-small", "temperature": 2, "messages": [{"role": "user", "content": "hi"}]},
+        100,
+    )
+    assert request.temperature == 2.0  # passed on as sent, never clamped

@@ -146,8 +146,35 @@ def test_threshold_bounds_are_valid(threshold: float) -> None:
     validate_request(request, TABLE, DEPLOYED)
 
 
-def test_temperature_outside_range() -> None:
-    assert _error(_request(temperature=1.5)).message.startswith("temperature:")
+@pytest.mark.parametrize(
+    ("model", "temperature", "allowed"),
+    [
+        ("sim-small", 2.0, True),  # the simulator takes either API's range
+        ("gpt-4o", 2.0, True),  # OpenAI's range is [0, 2]
+        ("auto", 1.5, True),  # the stack's tiers are simulated
+        ("claude-haiku-4-5", 1.0, True),
+        ("claude-haiku-4-5", 1.5, False),  # Anthropic's is [0, 1]
+        ("gpt-4o", 2.5, False),
+        ("sim-small", -0.1, False),
+        ("sim-small", float("nan"), False),
+    ],
+)
+def test_temperature_is_within_the_target_providers_range(
+    model: str, temperature: float, allowed: bool
+) -> None:
+    """OpenAI's temperature range is [0, 2], Anthropic's [0, 1]: a value above 1 is refused
+    only for a model of Anthropic (never clamped)."""
+    request = _request(model=model, temperature=temperature)
+    deployed = DEPLOYED | {"gpt-4o", "claude-haiku-4-5"}
+    if allowed:
+        validate_request(request, TABLE, deployed)
+        return
+    with pytest.raises(RequestError) as info:
+        validate_request(request, TABLE, deployed)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert info.value.message.startswith("temperature: must be within [0, ")
+    if model.startswith("claude"):
+        assert "[0, 1] for claude-haiku-4-5 (Anthropic" in info.value.message
 
 
 def _use(id_: str = "toolu_1", name: str = "calc", input_json: str = "{}") -> pb.ContentBlock:

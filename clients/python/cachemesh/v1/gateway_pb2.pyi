@@ -325,7 +325,9 @@ class CompleteRequest(_message.Message):
     """
     max_tokens: _builtins.int
     temperature: _builtins.float
-    """unset = 1.0"""
+    """unset = 1.0; within [0, 2] (OpenAI's range), [0, 1] when the model (or one of auto's
+    tiers) is Anthropic's: outside it INVALID_ARGUMENT, never clamped
+    """
     request_id: _builtins.str
     """idempotency key: a retry with the same id is answered and billed once"""
     @_builtins.property
