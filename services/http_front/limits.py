@@ -1,4 +1,5 @@
-"""How many requests of one tenant the front has in flight at once; one more gets 429."""
+"""How many requests of one tenant the front has in flight at once; one more gets 429. All of
+a tenant's API keys count together (``HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY`` keeps its name)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ class InFlight:
         if count >= self._limit:
             raise ApiError(
                 "rate_limit",
-                f"rate limit: this API key already has {count} requests in flight (at most "
-                f"{self._limit}); retry when one has finished",
+                f"rate limit: this tenant already has {count} requests in flight on this front, "
+                f"all of its API keys together (at most {self._limit}); retry when one has "
+                "finished",
                 retry_after_s=RATE_LIMIT_RETRY_AFTER_S,
             )
         self._count[tenant] = count + 1

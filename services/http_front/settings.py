@@ -22,7 +22,7 @@ class HttpFrontSettings:
     gateway_addr: str
     keys: KeyStoreSettings  # the shared API key file, as the router's
     max_body_bytes: int  # a larger body is refused with 413 before it is read
-    max_in_flight_per_key: int  # one more concurrent request of a key gets 429
+    max_in_flight_per_key: int  # per tenant (all its keys): one more concurrent request: 429
     ping_s: float  # a stream with nothing to send for this long sends a ping
     gateway_timeout_s: float
     grace_s: float

@@ -635,3 +635,27 @@ async def test_a_refusal_after_the_early_head_is_the_streams_error_event(front: 
         metrics = await reply.text()
     assert 'route="/v1/messages",status="504"} 1.0' in metrics
     assert 'route="/v1/chat/completions",status="504"} 1.0' in metrics
+
+
+async def test_the_in_flight_limit_counts_a_tenants_keys_together(tmp_path: Path) -> None:
+    """HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY counts per tenant: a second key of the same tenant
+    does not get a limit of its own, and the 429 says so."""
+    other = "cm_test-second-key-of-tenant-a"
+    keys = tmp_path / "two-keys"
+    keys.write_text(f"tenant-a:{hash_key(KEY)}\ntenant-a:{hash_key(other)}\n")
+    hold = asyncio.Event()
+    gateway = FakeGateway(hold=hold)
+    async with serving(tmp_path, gateway, CACHEMESH_API_KEYS_FILE=str(keys)) as served:
+        first_client = anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY, max_retries=0)
+        second_client = anthropic.AsyncAnthropic(base_url=served.base, api_key=other, max_retries=0)
+        first = asyncio.ensure_future(
+            first_client.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+        )
+        await asyncio.wait_for(gateway.arrived.wait(), 5)
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await second_client.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+        hold.set()
+        await first
+        await first_client.close()
+        await second_client.close()
+    assert "this tenant" in limited.value.message and "all of its API keys" in limited.value.message
