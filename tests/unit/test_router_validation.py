@@ -289,3 +289,42 @@ def test_a_large_json_text_is_checked_but_never_held_by_the_verdict_cache() -> N
     bad = "[" * 10 + "x" * 20_000
     request = _request(tools=[pb.Tool(name="t", input_schema_json=bad)])
     assert "must be a JSON object, got invalid JSON" in _error(request).message
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"maximum": NaN}', "NaN is not a JSON number"),
+        ('{"maximum": Infinity}', "Infinity is not a JSON number"),
+        ('{"minimum": -Infinity}', "-Infinity is not a JSON number"),
+        ('{"maximum": 1e999}', "'1e999' is beyond a double's range"),
+        ('{"description": "cut \\ud83d"}', "lone UTF-16 surrogate escape"),
+        ('{"description": "\\udc00 alone"}', "lone UTF-16 surrogate escape"),
+    ],
+)
+def test_json_python_reads_but_the_providers_sdks_cannot_send_is_refused(
+    text: str, why: str
+) -> None:
+    """Python's json reads these; the SDKs then refuse to encode the body (ValueError,
+    UnicodeEncodeError), which the model replica took for its own failure."""
+    standard = "must be standard JSON (no NaN/Infinity/lone surrogates): "
+    for _ in range(2):  # the cached verdict is the same
+        error = _error(_request(tools=[pb.Tool(name="t", input_schema_json=text)]))
+        assert error.code == Code.INVALID_ARGUMENT
+        assert error.message.startswith("tools[0].input_schema_json: " + standard), error.message
+        assert why in error.message
+    request = _turns((pb.ROLE_ASSISTANT, _use(input_json=text)), (pb.ROLE_USER, _result()))
+    error = _error(request)
+    assert error.message.startswith("messages[1].content[0].tool_use.input_json: " + standard)
+
+
+def test_standard_json_with_a_surrogate_pair_and_big_numbers_passes() -> None:
+    text = '{"description": "smile \\ud83d\\ude00", "maximum": 1e308, "n": ' + "9" * 400 + "}"
+    validate_request(
+        _request(tools=[pb.Tool(name="calc", input_schema_json=text)]), TABLE, DEPLOYED
+    )
+    validate_request(
+        _turns((pb.ROLE_ASSISTANT, _use(input_json=text)), (pb.ROLE_USER, _result())),
+        TABLE,
+        DEPLOYED,
+    )
