@@ -14,6 +14,8 @@ import pytest
 
 from cachemesh import CachemeshError, Client
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2, model_pb2_grpc
+from services.tools.stack.health import SERVING, probe
 from tests.integration.provider_stack import ProviderStack, ask
 
 pytestmark = pytest.mark.integration
@@ -88,4 +90,31 @@ def test_a_tool_calls_input_the_sdks_cannot_send_is_invalid_argument(
     assert caught.value.message.startswith(
         "messages[1].content[0].tool_use.input_json: must be standard JSON"
     ), caught.value.message
+    assert _sent(providers, tag) == 0
+
+
+@pytest.mark.parametrize(
+    ("replica", "model"), [("anthropic-1", MODELS[0]), ("openai-1", MODELS[1])]
+)
+def test_a_replica_asked_for_json_its_sdk_cannot_send_refuses_the_request_not_itself(
+    providers: ProviderStack, replica: str, model: str
+) -> None:
+    """The replica's own defence, past the router's validation (a caller with the internal
+    credential, or a router of an older version): the SDK's ValueError / UnicodeEncodeError
+    while it encodes the body is INVALID_ARGUMENT, not UNAVAILABLE "retry later"."""
+    address = providers.replicas[replica]
+    metadata = (("x-cachemesh-internal", providers.stack.internal_token),)
+    tag = f"replica's own check {uuid.uuid4().hex[:8]}"
+    with grpc.insecure_channel(address) as channel:
+        stub = model_pb2_grpc.ModelStub(channel)
+        for what, schema in NOT_JSON.items():
+            request = ask(model, f"{tag} {what}")
+            request.tools.append(pb.Tool(name="get", input_schema_json=schema))
+            call = model_pb2.GenerateRequest(tenant="tenant-a", model=model, request=request)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Generate(call, metadata=metadata, timeout=20))
+            error: grpc.Call = caught.value  # type: ignore[assignment]
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, error.details())
+            assert "could not be sent" in (error.details() or ""), error.details()
+    assert probe(address) == SERVING
     assert _sent(providers, tag) == 0

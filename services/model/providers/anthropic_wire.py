@@ -22,7 +22,13 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
-from services.model.providers.failures import CONNECTION_LOST, StreamCut, lost_after_end
+from services.model.providers.failures import (
+    CONNECTION_LOST,
+    ENCODING_ERRORS,
+    StreamCut,
+    Unsendable,
+    lost_after_end,
+)
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 
 # Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
@@ -140,13 +146,16 @@ class AnthropicAdapter:
         progress: Progress,
         timeout_s: float,
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
-        params = messages_params(spec, request)
-        # This SDK's create() has no `temperature` (Claude 5 models refuse sampling
-        # parameters); the API still takes it for the models that do, so it goes in the body.
-        extra = {"temperature": params.pop("temperature")} if "temperature" in params else None
-        events = await self._client.messages.create(
-            **params, stream=True, timeout=timeout_s, extra_body=extra
-        )
+        try:
+            params = messages_params(spec, request)
+            # This SDK's create() has no `temperature` (Claude 5 models refuse sampling
+            # parameters); the API still takes it for the models that do: it goes in the body.
+            extra = {"temperature": params.pop("temperature")} if "temperature" in params else None
+            events = await self._client.messages.create(
+                **params, stream=True, timeout=timeout_s, extra_body=extra
+            )
+        except ENCODING_ERRORS as exc:  # the body could not be built or encoded: never sent
+            raise Unsendable(f"{type(exc).__name__}: {exc}") from exc
         usage = pc.AnthropicUsage()
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
         stop_reason: str | None = None  # set by the final event; None: the stream was cut

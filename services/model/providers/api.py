@@ -8,6 +8,8 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   jitter) when that wait ends before the deadline; otherwise the call fails UNAVAILABLE at
   once, naming the wait that did not fit, so the router hands the request to the next
   replica or tier while there is time left.
+- A request the SDK cannot encode (a value JSON does not have: NaN, Infinity, a lone surrogate)
+  is INVALID_ARGUMENT, never sent, and no failure of the replica's.
 - A 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
   so is a 403 that concerns one model (OpenAI's ``model_not_found``: the key may not use it),
   which the router hands to the client rather than to every replica.
@@ -41,7 +43,7 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
 from services.common.tokens import Tokenizer
 from services.model.providers.config import ProviderSettings
-from services.model.providers.failures import Failure, Kind, classify
+from services.model.providers.failures import UNSENDABLE, Failure, Kind, classify
 from services.model.providers.progress import Progress
 from services.model.providers.redact import Redactor
 
@@ -278,6 +280,12 @@ class ProviderApi:
 
     async def _refusal(self, failure: Failure, message: str, why: str) -> RequestError:
         backend = self._adapter.backend
+        if failure.error_type == UNSENDABLE:  # never sent: the SDK could not encode it
+            return RequestError(
+                Code.INVALID_ARGUMENT,
+                f"the request could not be sent to {backend}, whose body must be standard "
+                f"JSON ({message})",
+            )
         if failure.kind == Kind.CLIENT:
             return RequestError(
                 Code.INVALID_ARGUMENT,

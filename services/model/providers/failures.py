@@ -7,7 +7,8 @@ error of its HTTP stack while it reads a stream (the connection lost mid-stream)
 ``httpx2.TransportError`` is a lost connection too. A stream that ends without its final event
 (``StreamCut``) was cut as well, however cleanly its connection closed. A connection lost after
 the final event (only ``[DONE]`` / ``message_stop`` missing) is no failure: the adapters end
-such a stream as answered (``lost_after_end``).
+such a stream as answered (``lost_after_end``). A request the adapter or the SDK cannot encode
+as the provider's body (``Unsendable``) was never sent: the request's fault, like a 400.
 
 Only a 401 or an error whose type (or OpenAI ``code``) names our credentials
 (``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Any other
@@ -56,6 +57,17 @@ class StreamCut(Exception):
     """The provider's stream ended before its final event (no stop or finish reason)."""
 
 
+class Unsendable(Exception):
+    """The request could not be built or encoded as the provider's body (a value JSON does not
+    have: NaN, Infinity, a lone surrogate): the request's fault, never the replica's."""
+
+
+# what building the body or the SDK's encoding of it raises on such a value (json.dumps with
+# allow_nan=False: ValueError; a lone surrogate to UTF-8: UnicodeEncodeError)
+ENCODING_ERRORS = (ValueError, TypeError, UnicodeError)
+UNSENDABLE = "unsendable"  # the error type of such a Failure
+
+
 # the connection lost (or timed out) while a stream is read, as each SDK raises it
 CONNECTION_LOST = (
     anthropic.APIConnectionError,
@@ -79,6 +91,8 @@ def lost_after_end(backend: str, model: str, exc: Exception) -> None:
 
 
 def classify(exc: Exception) -> Failure:
+    if isinstance(exc, Unsendable):  # never sent: the provider did not refuse it, nor fail
+        return Failure(Kind.CLIENT, 0, UNSENDABLE, str(exc), None)
     if isinstance(exc, _STATUS_ERRORS):
         status = int(exc.status_code)
         error_type, message = _error_of(exc.body, str(exc))
