@@ -44,6 +44,27 @@ LONE_SURROGATE = (
 _NOT_UTF8 = "the request body is not UTF-8 text: send the JSON encoded as UTF-8"
 
 
+class NotStandardJson(ValueError):
+    """A value Python's ``json`` reads but JSON (RFC 8259) has not: NaN, Infinity, -Infinity, or
+    a number beyond a double's range (read as inf). The providers' SDKs refuse to send it."""
+
+
+def _no_constant(name: str) -> object:
+    raise NotStandardJson(f"{name} is not a JSON number (no NaN or Infinity)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotStandardJson(f"{shown(text)} is beyond the range of a double")
+    return value
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` that refuses what JSON has not (``NotStandardJson``, a ValueError)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it. The body must be
     UTF-8 (a UTF-8 byte order mark is skipped), as the providers' APIs require: ``json.loads``
@@ -55,7 +76,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if "\0" in text:  # no JSON text holds a raw NUL; UTF-16 and UTF-32 text does
         raise invalid(f"{_NOT_UTF8} (it holds NUL bytes, as UTF-16 and UTF-32 do)")
     try:
-        value = json.loads(text)
+        value = strict_loads(text)
     except (ValueError, RecursionError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(text) is not None:

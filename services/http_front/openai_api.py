@@ -13,13 +13,12 @@ dropped silently.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.http_front.anthropic_api import cache_control, longest, parts_controls
 from services.http_front.errors import invalid
-from services.http_front.fields import Obj, json_text, shown
+from services.http_front.fields import NotStandardJson, Obj, json_text, shown, strict_loads
 
 _TOP = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream",
@@ -233,7 +232,11 @@ def _assistant(obj: Obj, message: pb.Message) -> None:
         fn.only(("name", "arguments", "parsed_arguments"))  # the SDK's parse of arguments
         arguments = fn.text("arguments", required=True) or ""
         try:
-            value = json.loads(arguments) if arguments.strip() else {}
+            value = strict_loads(arguments) if arguments.strip() else {}
+        except NotStandardJson as exc:
+            raise invalid(
+                f"{fn.at('arguments')}: not valid JSON: {exc}", fn.at("arguments")
+            ) from None
         except ValueError:
             raise invalid(f"{fn.at('arguments')}: not valid JSON", fn.at("arguments")) from None
         except RecursionError:

@@ -345,6 +345,20 @@ DEEP_ARGUMENTS = json.dumps(
 ).encode()
 CLAUDE_HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
 GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
+# numbers Python's json reads but JSON has not (the provider SDKs then refuse to send the body;
+# it reached the Gateway, which answered 529 / 503 "retry later")
+NAN_SCHEMA = (
+    b'{"model": "sim-large", "max_tokens": 5, "messages": [{"role": "user", "content": "q"}], '
+    b'"tools": [{"name": "f", "input_schema": {"type": "object", "maximum": NaN}}]}'
+)
+INFINITE_PARAMETERS = (
+    b'{"model": "sim-large", "messages": [{"role": "user", "content": "q"}], "tools": [{"type": '
+    b'"function", "function": {"name": "f", "parameters": {"minimum": -Infinity}}}]}'
+)
+HUGE_NUMBER = NAN_SCHEMA.replace(b"NaN", b"1e999")
+NAN_ARGUMENTS = DEEP_ARGUMENTS.replace(
+    json.dumps("[" * 1000 + "]" * 1000).encode(), json.dumps('{"n": NaN}').encode()
+)
 
 
 @pytest.mark.parametrize(
@@ -366,6 +380,10 @@ GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
         ("/v1/messages", LONE_SURROGATE.decode().encode("utf-16"), CLAUDE_HEADERS, 400,
          "invalid_request_error"),
         ("/v1/chat/completions", DEEP_ARGUMENTS, GPT_HEADERS, 400, "invalid_request_error"),
+        ("/v1/messages", NAN_SCHEMA, CLAUDE_HEADERS, 400, "invalid_request_error"),
+        ("/v1/messages", HUGE_NUMBER, CLAUDE_HEADERS, 400, "invalid_request_error"),
+        ("/v1/chat/completions", INFINITE_PARAMETERS, GPT_HEADERS, 400, "invalid_request_error"),
+        ("/v1/chat/completions", NAN_ARGUMENTS, GPT_HEADERS, 400, "invalid_request_error"),
     ],
 )  # fmt: skip
 async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(

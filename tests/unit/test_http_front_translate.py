@@ -412,6 +412,31 @@ def test_a_body_that_is_not_utf8_text_is_refused(raw: bytes, says: str) -> None:
     assert refused.value.kind == "invalid_request" and says in refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("number", "says"),
+    [
+        ("NaN", "NaN is not a JSON number"),
+        ("Infinity", "Infinity is not a JSON number"),
+        ("-Infinity", "-Infinity is not a JSON number"),
+        ("1e999", "'1e999' is beyond the range of a double"),
+    ],
+)
+def test_numbers_json_has_not_are_refused_before_the_gateway(number: str, says: str) -> None:
+    """Python's json reads them; the providers' SDKs cannot send them (it was a 529 / 503)."""
+    schema = '{"model": "m", "tools": [{"name": "f", "input_schema": {"maximum": ' + number
+    with pytest.raises(ApiError) as refused:
+        parse_body((schema + "}}]}").encode())
+    assert refused.value.kind == "invalid_request"
+    assert refused.value.message.startswith(f"the request body is not valid JSON: {says}")
+    arguments = '{"n": ' + number + "}"
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(_history({"role": "assistant", "tool_calls": [call]}), 10)
+    where = "messages[1].tool_calls[0].function.arguments"
+    assert refused.value.message.startswith(f"{where}: not valid JSON: {says}")
+    assert parse_body(b'{"t": 1e308, "n": -0.5}') == {"t": 1e308, "n": -0.5}
+
+
 def test_a_body_with_a_utf8_byte_order_mark_is_still_read() -> None:
     assert parse_body(b"\xef\xbb\xbf" + _LONE.replace("\\ud83d", "hi").encode()) == {
         "model": "m",
