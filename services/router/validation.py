@@ -17,6 +17,8 @@ from services.common.models import AUTO, ModelTable
 
 MAX_BREAKPOINTS = 4
 MAX_ID_CHARS = 128
+# OpenAI refuses a longer prompt_cache_key (400 string_above_max_length)
+MAX_PROMPT_CACHE_KEY_CHARS = 64
 
 
 def _invalid(message: str) -> RequestError:
@@ -67,6 +69,11 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
         raise _invalid(f"request_id: at most {MAX_ID_CHARS} characters")
     if len(request.cache.namespace) > MAX_ID_CHARS:
         raise _invalid(f"cache.namespace: at most {MAX_ID_CHARS} characters")
+    if len(request.cache.prompt_cache_key) > MAX_PROMPT_CACHE_KEY_CHARS:
+        raise _invalid(
+            f"cache.prompt_cache_key: at most {MAX_PROMPT_CACHE_KEY_CHARS} characters (OpenAI's "
+            f"limit), got {len(request.cache.prompt_cache_key):,}"
+        )
     if request.routing.HasField("threshold"):
         threshold = request.routing.threshold
         if not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):

@@ -328,3 +328,17 @@ def test_standard_json_with_a_surrogate_pair_and_big_numbers_passes() -> None:
         TABLE,
         DEPLOYED,
     )
+
+
+def test_a_prompt_cache_key_is_at_most_openais_64_characters() -> None:
+    """It was unbounded: a 500 KB key was accepted, kept in prefix-cache's scope of the
+    prompt, and sent to OpenAI, which refuses a key over 64 characters."""
+    request = _request()
+    request.cache.prompt_cache_key = "k" * 64
+    validate_request(request, TABLE, DEPLOYED)
+    request.cache.prompt_cache_key = "k" * 500_000
+    error = _error(request)
+    assert error.code == Code.INVALID_ARGUMENT
+    assert error.message == (
+        "cache.prompt_cache_key: at most 64 characters (OpenAI's limit), got 500,000"
+    )
