@@ -26,6 +26,7 @@ from services.common.keyfile import KeyFileError
 from services.common.status import abort
 from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
 from services.router.admin_messages import key_info, policy_message, tenant_row
+from services.router.validation import MAX_ID_CHARS
 
 log = logging.getLogger("cachemesh.admin")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -106,6 +107,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         await self._authorize(context)
         await _valid_tenant(context, request.tenant)
         target = request.WhichOneof("target")
+        if target in ("entry_id", "namespace"):
+            value = getattr(request, target)
+            if len(value) > MAX_ID_CHARS:  # it names nothing, and would go into L1's journal
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{target}: at most {MAX_ID_CHARS} characters (the Gateway's limit), got "
+                    f"{len(value):,}",
+                )
         drop = sc.DropRequest(tenant=request.tenant)
         if target == "entry_id" and request.entry_id:
             drop.entry_id = request.entry_id

@@ -244,3 +244,22 @@ def test_the_admin_token_is_checked_at_start_up(tmp_path: Path) -> None:
     assert not credential.matches(None) and not credential.matches(ADMIN_TOKEN[:-1])
     assert ADMIN_TOKEN not in repr(credential)
     assert admin_credential_from_env(Env({})) is None
+
+
+async def test_invalidate_takes_no_namespace_or_entry_id_longer_than_the_gateways(rig: Rig) -> None:
+    """A namespace the Gateway would refuse (over 128 characters) names no entry, and an entry
+    id is 32; each was written to semantic-cache's journal whatever its length (1 MB a call)."""
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for request in (
+        adm.InvalidateRequest(tenant="acme", namespace="n" * 1_000_000),
+        adm.InvalidateRequest(tenant="acme", entry_id="e" * 129),
+    ):
+        details = await expect(invalid, rig.stub.Invalidate(request, metadata=ADMIN))
+        target = request.WhichOneof("target")
+        assert details.startswith(f"{target}: at most 128 characters"), details
+        assert len(details) < 200
+    for request in (
+        adm.InvalidateRequest(tenant="acme", namespace="n" * 128),
+        adm.InvalidateRequest(tenant="acme", entry_id="e" * 128),
+    ):
+        assert (await rig.stub.Invalidate(request, metadata=ADMIN)).dropped == 0
