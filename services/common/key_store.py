@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,10 +220,20 @@ class KeyStore:
         log.info("API keys reloaded: %d active", len(self._state.tenant_by_hash))
 
 
+# Unicode's control (Cc) and format (Cf) characters, surrogates and line / paragraph
+# separators: a bidi override (U+202E) reorders a listing of keys, a zero-width space makes two
+# names that look the same. The zero-width (non-)joiners stay: emoji and several scripts use them.
+_NOT_IN_A_NAME = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+_JOINERS = {"\u200c", "\u200d"}
+
+
 def _check_name(name: str) -> None:
-    if len(name) > MAX_NAME or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
+    if len(name) > MAX_NAME or any(
+        unicodedata.category(ch) in _NOT_IN_A_NAME and ch not in _JOINERS for ch in name
+    ):
         raise KeyStoreError(
-            f"name must be one line of at most {MAX_NAME} characters, without control characters"
+            f"name must be one line of at most {MAX_NAME} characters, without control characters "
+            "(Unicode Cc or Cf: no bidi overrides or invisible characters)"
         )
 
 

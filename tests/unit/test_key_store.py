@@ -181,6 +181,33 @@ def test_a_key_name_is_one_short_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "name",
+    [
+        "ci \u202egnp.exe",  # RIGHT-TO-LEFT OVERRIDE: a listing shows "ci exe.png"
+        "a\u2066b\u2069",  # bidi isolates
+        "\u200fmark",  # RIGHT-TO-LEFT MARK
+        "zero\u200bwidth",  # ZERO WIDTH SPACE (Cf): two names that look the same
+        "bom\ufeff",
+        "line\u2028sep",  # LINE SEPARATOR: a second line
+        "para\u2029sep",
+    ],
+)
+def test_a_key_name_holds_no_invisible_format_character(tmp_path: Path, name: str) -> None:
+    """Unicode's format characters (Cf) reorder or hide what a listing of keys shows."""
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    with pytest.raises(KeyStoreError, match="without control characters"):
+        _store(tmp_path / "keys", Clock()).create("acme", name)
+
+
+def test_a_key_name_may_hold_any_script_and_emoji(tmp_path: Path) -> None:
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    store = _store(tmp_path / "keys", Clock())
+    for name in ("alice laptop", "Zoë's Mac", "مفتاح", "दिल्ली", "\U0001f469\u200d\U0001f4bb dev"):
+        record, _ = store.create("acme", name)
+        assert record.name == name
+
+
+@pytest.mark.parametrize(
     "line",
     [
         "user@example.com:" + hash_key("x"),
