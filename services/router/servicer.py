@@ -34,8 +34,9 @@ from services.router.validation import validate_request
 Context = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger(__name__)
 
-# A call that is a retry: gRPC's retry policy marks its attempts after the first; a caller's
-# own retry (same request_id) may send ``cachemesh-retry: 1`` to get the same protection.
+# A call that is a retry: gRPC's retry policy marks its attempts after the first
+# (``grpc-previous-rpc-attempts: N``, N >= 1); a caller's own retry (same request_id) may send
+# ``cachemesh-retry: 1`` to get the same protection. By value: "0" or "" marks no retry.
 RETRY_HEADERS = ("grpc-previous-rpc-attempts", "cachemesh-retry")
 LEDGER_TIMEOUT_S = 0.5  # the longest the answer ledger may hold an answer back
 
@@ -292,7 +293,16 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
 
 
 def _is_retry(context: Context) -> bool:
-    return any(key in RETRY_HEADERS for key, _ in context.invocation_metadata() or ())
+    return any(_marks_retry(key, value) for key, value in context.invocation_metadata() or ())
+
+
+def _marks_retry(key: str, value: str | bytes) -> bool:
+    attempts, mark = RETRY_HEADERS
+    if key == mark:
+        return value == "1"
+    if key == attempts:
+        return isinstance(value, str) and value.isdigit() and int(value) > 0
+    return False
 
 
 def _kind(exc: BaseException) -> str:

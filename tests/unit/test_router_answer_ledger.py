@@ -154,6 +154,32 @@ def test_a_retry_on_another_router_gets_the_recorded_answer(redis_url: str) -> N
     asyncio.run(run())
 
 
+@pytest.mark.parametrize(
+    ("mark", "read"),
+    [
+        (("cachemesh-retry", "1"), True),  # what the Python client and the HTTP front send
+        (("grpc-previous-rpc-attempts", "2"), True),
+        (("cachemesh-retry", "0"), False),  # "not a retry": was read as one (presence only)
+        (("cachemesh-retry", ""), False),
+        (("grpc-previous-rpc-attempts", "0"), False),
+    ],
+)
+def test_a_call_is_a_retry_by_the_marks_value_not_its_presence(
+    redis_url: str, mark: tuple[str, str], read: bool
+) -> None:
+    async def run() -> None:
+        first, first_pipe, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        await second.Complete(_request(), FakeContext(mark))  # type: ignore[arg-type]
+        assert first_pipe.runs == 1
+        assert second_pipe.runs == (0 if read else 1)  # the ledger's answer, or served anew
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
 def test_a_retry_of_an_answered_request_is_served_whatever_the_limits_say_now(
     redis_url: str,
 ) -> None:
