@@ -184,7 +184,8 @@ class PrefixCacheCore:
         ``max_read_tokens`` is the read predicted when the request arrived: prefixes warmed
         after that (by a concurrent request) are not read, as the provider looked up on arrival;
         with the Plan held here, prefixes are judged live at its time (``read_time``), so one
-        that expired since is still the read it was; refresh and writes happen now.
+        that expired since is still the read it was; refresh and writes happen now, and last
+        their ttl from the Plan's time (the request's start, as the provider counts them).
         ``plan_id`` names the Plan of this request: its prompt is reused, not computed again
         (``request`` may then be None; if the plan is gone, ``PlanGone`` asks for it).
         """
@@ -225,9 +226,12 @@ class PrefixCacheCore:
                 probes = plan.probes
                 if max_read_tokens is not None:
                     probes = tuple(p for p in probes if p.tokens <= max_read_tokens)
-                # the probes as the provider found them on arrival; refresh and writes now
+                # the probes as the provider found them on arrival; refresh and writes now,
+                # their lifetime counted from the request's start (the arrival)
                 read_at = read_time(prompt.planned_at_ms, now)
-                hit = await self._cache.settle(prompt.scope, probes, plan.writes, now, read_at)
+                hit = await self._cache.settle(
+                    prompt.scope, probes, plan.writes, now, read_at, prompt.planned_at_ms
+                )
                 split = settle(plan, hit.tokens if hit else 0)
             if replica:
                 # an engine that reports at the end only: its FINAL scores this prediction

@@ -20,18 +20,20 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from services.prefix_cache.rules import Probe, Write
-from services.prefix_cache.warm import READ_GRACE_MS, Scope, WarmEntry
+from services.prefix_cache.warm import READ_GRACE_MS, Scope, WarmEntry, start_time
 
 GC_SLACK_MS = READ_GRACE_MS  # an expired entry stays readable by a request that came earlier
 
 # KEYS: the probes' keys, then the writes' keys. ARGV: now_ms, number of probes, GC slack,
-# read_at_ms (probes are judged live then), then per write: tokens, ttl_ms. Returns {} or
-# {index of the hit among the probes, tokens, ttl_ms, expires_at_ms as found}.
+# read_at_ms (probes are judged live then), started_ms (lifetimes start then), then per write:
+# tokens, ttl_ms. Returns {} or {index of the hit among the probes, tokens, ttl_ms,
+# expires_at_ms as found}.
 _SETTLE = """
 local now = tonumber(ARGV[1])
 local probes = tonumber(ARGV[2])
 local slack = tonumber(ARGV[3])
 local read_at = tonumber(ARGV[4])
+local start = tonumber(ARGV[5])
 local best, best_tokens, best_ttl, best_exp = 0, -1, 0, 0
 for i = 1, probes do
   local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms')
@@ -40,14 +42,15 @@ for i = 1, probes do
   end
 end
 if best > 0 then
-  redis.call('HSET', KEYS[best], 'expires_at_ms', now + best_ttl)
-  redis.call('PEXPIRE', KEYS[best], best_ttl + slack)
+  local refreshed = math.max(best_exp, start + best_ttl)
+  redis.call('HSET', KEYS[best], 'expires_at_ms', refreshed)
+  redis.call('PEXPIRE', KEYS[best], refreshed - now + slack)
 end
 for j = 1, #KEYS - probes do
   local key = KEYS[probes + j]
-  local tokens = tonumber(ARGV[3 + 2 * j])
-  local ttl = tonumber(ARGV[4 + 2 * j])
-  local expires = now + ttl
+  local tokens = tonumber(ARGV[4 + 2 * j])
+  local ttl = tonumber(ARGV[5 + 2 * j])
+  local expires = start + ttl
   local old = redis.call('HMGET', key, 'ttl_ms', 'expires_at_ms')
   if old[2] and tonumber(old[2]) > now then
     ttl = math.max(ttl, tonumber(old[1]))
@@ -108,13 +111,15 @@ class RedisWarmStore:
         writes: Sequence[Write],
         now_ms: int,
         read_at_ms: int | None = None,
+        started_ms: int | None = None,
     ) -> WarmEntry | None:
         if not probes and not writes:
             return None
         keys = [self.key(scope, p.digest) for p in probes]
         keys += [self.key(scope, w.digest) for w in writes]
         read_at = now_ms if read_at_ms is None else read_at_ms
-        args: list[int] = [now_ms, len(probes), GC_SLACK_MS, read_at]
+        start = start_time(started_ms, now_ms)
+        args: list[int] = [now_ms, len(probes), GC_SLACK_MS, read_at, start]
         for write in writes:
             args += [write.tokens, write.ttl_ms]
         found = await self._settle(keys=keys, args=args)

@@ -9,6 +9,8 @@ Source: https://docs.claude.com/en/docs/build-with-claude/prompt-caching
 - 1-hour and 5-minute entries may be mixed, but 1-hour entries must come before 5-minute ones;
   billing goes by position: reads, then 1-hour writes, then 5-minute writes, then input.
 - The prefix is cached once the response begins; each read refreshes the entry's lifetime.
+  The lifetime is measured from the start of the request that writes or reads the entry, not
+  from its response (the stores apply it: ``warm.py``).
 
 The accounting is split in two steps so the warm-state store can do its part atomically in
 between (a Redis Lua script later): ``plan_prompt`` says which digests to probe and which

@@ -14,6 +14,11 @@ judges the probes live at ``read_at_ms`` (the Plan's time) while it refreshes an
 ``now_ms``. An expired entry is therefore kept ``READ_GRACE_MS`` longer (in memory before it is
 purged, in Redis before key expiry collects it), and the read is judged no earlier than that
 before ``now_ms`` (``read_time``).
+
+An entry's lifetime is measured from the start of the request that writes or reads it, not
+from its first token (Anthropic's rule): a refresh or write made at ``now_ms`` expires at
+``started_ms`` (the request's arrival) + its ttl, never earlier than the entry already did.
+The entry exists (is readable) only from ``now_ms``, the first token.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ def read_time(arrived_ms: int | None, now_ms: int) -> int:
     return max(min(arrived_ms, now_ms), now_ms - READ_GRACE_MS)
 
 
+def start_time(started_ms: int | None, now_ms: int) -> int:
+    """When a WARM's refresh and writes start their lifetime: the request's start (its Plan),
+    never after ``now_ms``; ``now_ms`` when the start is unknown."""
+    return now_ms if started_ms is None else min(started_ms, now_ms)
+
+
 @dataclass(frozen=True)
 class WarmEntry:
     digest: str
@@ -65,11 +76,13 @@ class WarmStore(Protocol):
         writes: Sequence[Write],
         now_ms: int,
         read_at_ms: int | None = None,
+        started_ms: int | None = None,
     ) -> WarmEntry | None:
         """Atomically: find the longest probe unexpired at ``read_at_ms`` (the request's
-        arrival, ``read_time``; None = ``now_ms``), refresh it to ``now_ms`` + its ttl, then
-        create or refresh every write. Returns the hit as found before any change (None when
-        nothing was warm)."""
+        arrival, ``read_time``; None = ``now_ms``), refresh it to ``started_ms`` (the request's
+        start, ``start_time``; None = ``now_ms``) + its ttl, then create or refresh every
+        write likewise; a refresh never moves an expiry earlier. Returns the hit as found
+        before any change (None when nothing was warm)."""
         ...
 
 
@@ -111,12 +124,15 @@ class InMemoryWarmStore:
         writes: Sequence[Write],
         now_ms: int,
         read_at_ms: int | None = None,
+        started_ms: int | None = None,
     ) -> WarmEntry | None:
         hit = self._find(scope, probes, now_ms if read_at_ms is None else read_at_ms)
+        start = start_time(started_ms, now_ms)
         if hit is not None:
-            self._put(scope, hit.digest, hit.tokens, hit.ttl_ms, now_ms + hit.ttl_ms)
+            expires = max(hit.expires_at_ms, start + hit.ttl_ms)
+            self._put(scope, hit.digest, hit.tokens, hit.ttl_ms, expires)
         for write in writes:
-            ttl_ms, expires = write.ttl_ms, now_ms + write.ttl_ms
+            ttl_ms, expires = write.ttl_ms, start + write.ttl_ms
             old = self._live(scope, write.digest, now_ms)
             if old is not None:  # refreshing never shortens a longer-lived entry
                 ttl_ms, expires = max(ttl_ms, old.ttl_ms), max(expires, old.expires_at_ms)

@@ -15,6 +15,7 @@ from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.core import PrefixCacheCore, Prompt, TokenizerSlot
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.rules import Probe, Write
 from services.prefix_cache.warm import READ_GRACE_MS, WarmStore
 from tests.unit.conftest import LedgerFactory
 
@@ -79,10 +80,14 @@ async def test_a_prefix_live_on_arrival_is_read_though_it_expires_before_the_fir
         "t", "r2", "sim-large", None, "", max_read_tokens=cached, plan_id=plan_id
     )
     assert got.read_tokens == cached and got.creation_tokens == 0
-    # the read refreshed the entry at the first token: live 5 minutes from then
-    rig.clock.advance(ms=299_000)
+    # the read refreshed the entry from its request's start (the arrival at 299 s), not from
+    # its first token (301 s): live until 599 s
+    rig.clock.advance(ms=297_999)
     again = await rig.core.plan("t", "sim-large", ask("Rule 3?"), [])
     assert again.split.read_tokens == cached
+    rig.clock.advance(ms=1)
+    gone = await rig.core.plan("t", "sim-large", ask("Rule 4?"), [])
+    assert gone.split.read_tokens == 0 and gone.split.write_5m_tokens == cached
 
 
 async def test_another_commit_meanwhile_does_not_drop_the_entry_read_on_arrival(
@@ -119,3 +124,46 @@ async def test_without_its_plan_a_warm_judges_at_its_own_time(rig: Rig) -> None:
     rig.clock.advance(ms=2_000)
     got = await rig.core.warm("t", "r2", "sim-large", ask("Rule 2?"), "", max_read_tokens=cached)
     assert got.read_tokens == 0 and got.write_5m_tokens == cached
+
+
+async def test_an_entry_lives_its_ttl_from_the_start_of_the_request_that_wrote_it(
+    rig: Rig,
+) -> None:
+    """Anthropic: the lifetime is measured from the start of the request that writes or reads
+    the entry, not from its response. It was counted from the first token: a turn arriving
+    5 minutes after the writer started, but within 5 minutes of its first token, was billed a
+    0.1x read where the provider bills a 1.25x write."""
+    first = await rig.core.plan("t", "sim-large", ask("Rule 1?"), [])
+    rig.clock.advance(s=30)  # the first token, 30 s after the request started
+    wrote = await rig.core.warm(
+        "t", "r1", "sim-large", None, "", max_read_tokens=0, plan_id=first.plan_id
+    )
+    cached = wrote.write_5m_tokens
+    assert cached > 0
+    # readable from the first token on, until 5 minutes after the writer's start
+    rig.clock.advance(ms=269_999)
+    live = await rig.core.plan("t", "sim-large", ask("Rule 2?"), [])
+    assert live.split.read_tokens == cached
+    rig.clock.advance(ms=1)  # 300 s after the writer started, 270 s after its first token
+    late = await rig.core.plan("t", "sim-large", ask("Rule 3?"), [])
+    assert late.split.read_tokens == 0
+    rig.clock.advance(s=30)
+    got = await rig.core.warm(
+        "t", "r2", "sim-large", None, "", max_read_tokens=0, plan_id=late.plan_id
+    )
+    assert got.read_tokens == 0 and got.write_5m_tokens == cached
+
+
+async def test_a_refresh_from_an_earlier_start_never_shortens_an_entry(
+    warm_store: WarmStore,
+) -> None:
+    """Two reads of one entry: the one that started later but reached its first token first
+    set the later expiry; the other's refresh (from its earlier start) keeps it."""
+    scope = ("t", "sim-large")
+    await warm_store.settle(scope, [], [Write("d", 2_000, 300_000)], 0, started_ms=0)
+    probe = [Probe("d", 2_000)]
+    hit = await warm_store.settle(scope, probe, [], 20_000, 10_000, started_ms=10_000)
+    assert hit is not None and hit.expires_at_ms == 300_000
+    await warm_store.settle(scope, probe, [], 30_000, 0, started_ms=0)
+    assert await warm_store.longest(scope, probe, 309_999) is not None
+    assert await warm_store.longest(scope, probe, 310_000) is None
