@@ -4,8 +4,9 @@ Source: https://docs.claude.com/en/docs/build-with-claude/prompt-caching
 - A ``cache_control`` breakpoint caches the prefix tools → system → messages up to and including
   its block; at most 4 breakpoints a request; empty text blocks cannot be cached.
 - A prefix shorter than the model's minimum cacheable length is processed without caching.
-- At each breakpoint the system also checks for hits at earlier block boundaries, up to about
-  20 blocks before it (the lookback); the longest warm prefix is read.
+- At each breakpoint the system also checks for hits at earlier block boundaries: the lookback
+  checks 20 block positions, the breakpoint itself included (a breakpoint on block 30 checks
+  blocks 30 down to 11); the longest warm prefix is read.
 - 1-hour and 5-minute entries may be mixed, but 1-hour entries must come before 5-minute ones;
   billing goes by position: reads, then 1-hour writes, then 5-minute writes, then input.
 - The prefix is cached once the response begins; each read refreshes the entry's lifetime.
@@ -118,7 +119,10 @@ def check_breakpoints(blocks: Sequence[Block], sites: Sequence[Site]) -> None:
 def plan_prompt(
     blocks: Sequence[Block], sites: Sequence[Site], spec: ModelSpec, lookback: int
 ) -> PromptPlan:
-    """The probes and writes of a prompt under ``spec``'s caching rules."""
+    """The probes and writes of a prompt under ``spec``'s caching rules. ``lookback``: the
+    block positions checked at each breakpoint, the breakpoint included (>= 1)."""
+    if lookback < 1:
+        raise ValueError(f"lookback must be >= 1 (the breakpoint itself), got {lookback}")
     check_breakpoints(blocks, sites)
     ends: list[int] = []
     total = 0
@@ -136,7 +140,7 @@ def plan_prompt(
         cached_end = ends[i]
         if block.breakpoint == TTL_1H:
             end_1h = ends[i]
-        for j in range(i, max(-1, i - lookback - 1), -1):
+        for j in range(i, max(-1, i - lookback), -1):  # the breakpoint, then earlier ones
             if ends[j] >= spec.min_cacheable_tokens:
                 probes.setdefault(blocks[j].digest, Probe(blocks[j].digest, ends[j]))
     ordered = tuple(sorted(probes.values(), key=lambda p: p.tokens))

@@ -35,7 +35,7 @@ class PrefixCacheSettings:
             server=ServerSettings.from_env(env, "PREFIX_CACHE", DEFAULT_LISTEN),
             metrics=MetricsSettings.from_env(env, "PREFIX_CACHE", DEFAULT_METRICS_LISTEN),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
-            lookback_blocks=env.int("PREFIX_CACHE_LOOKBACK_BLOCKS", 20, minimum=0),
+            lookback_blocks=_lookback_blocks(env),
             record_ttl_s=_record_ttl_s(env),
             max_warm_entries=env.int("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
             max_records=env.int("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
@@ -57,3 +57,14 @@ def _record_ttl_s(env: Env) -> int:
             "replays, or the answer's FINAL finds no WARM commit and is never billed"
         )
     return ttl_s
+
+
+def _lookback_blocks(env: Env) -> int:
+    blocks = env.int("PREFIX_CACHE_LOOKBACK_BLOCKS", 20)
+    if blocks < 1:
+        raise ConfigError(
+            f"PREFIX_CACHE_LOOKBACK_BLOCKS must be >= 1, got {blocks}: it counts the block "
+            "positions checked at each breakpoint, the breakpoint itself included (1 = only "
+            "the breakpoint; Anthropic checks 20)"
+        )
+    return blocks

@@ -3,8 +3,8 @@
 Each test names the documented rule it checks, and runs against both warm stores (in memory and
 a real Redis server: the ``warm_store`` fixture); the rules are those of
 https://docs.claude.com/en/docs/build-with-claude/prompt-caching (breakpoints, minimum cacheable
-length, ~20-block lookback, 5m/1h lifetimes refreshed on read, 1h entries before 5m entries,
-billing by position) as DESIGN.md asks prefix-cache to apply them.
+length, 20-block lookback with the breakpoint included, 5m/1h lifetimes refreshed on read, 1h
+entries before 5m entries, billing by position) as DESIGN.md asks prefix-cache to apply them.
 """
 
 from __future__ import annotations
@@ -108,32 +108,57 @@ async def test_growing_conversation_reads_the_old_prefix_and_writes_only_the_new
     assert await turn(store, grown, clock.now_ms()) == split(read=2000, w5=350)
 
 
-def _history(n: int, breakpoint_at: int) -> list[Block]:
-    return make([(f"m{i}", 100, "5m" if i == breakpoint_at else None) for i in range(n)])
+def _history(n: int, breakpoint_at: int, first: int = 100) -> list[Block]:
+    """``n`` blocks of 100 tokens (the first ``first``), one breakpoint; 0-based positions."""
+    return make(
+        [
+            (f"m{i}", first if i == 0 else 100, "5m" if i == breakpoint_at else None)
+            for i in range(n)
+        ]
+    )
 
 
-async def test_lookback_finds_an_earlier_entry_within_20_blocks(warm_store: WarmStore) -> None:
+async def test_lookback_checks_20_blocks_counting_the_breakpoint(warm_store: WarmStore) -> None:
+    """Anthropic's lookback checks 20 block positions, the breakpoint itself the first: with the
+    breakpoint on block 30 (1-based) it checks blocks 30, 29, ..., 11 (check #20)."""
     store, clock = warm_store, ManualClock()
-    await turn(store, _history(11, breakpoint_at=10), clock.now_ms())  # entry at block 10
-    # The breakpoint moved to block 30: blocks 30..10 are probed, block 10 is 20 back.
-    got = await turn(store, _history(31, breakpoint_at=30), clock.now_ms())
-    assert got == split(read=1100, w5=2000)
+    await turn(store, _history(11, breakpoint_at=10), clock.now_ms())  # entry at block 11
+    got = await turn(store, _history(30, breakpoint_at=29), clock.now_ms())  # bp on block 30
+    assert got == split(read=1100, w5=1900)
 
 
-async def test_lookback_does_not_reach_beyond_20_blocks(warm_store: WarmStore) -> None:
+async def test_lookback_misses_an_entry_beyond_the_20_blocks_as_in_the_docs(
+    warm_store: WarmStore,
+) -> None:
+    """The docs' example: 30 blocks, cache_control only on block 30, an earlier request wrote
+    block 5: blocks 30..11 are checked, block 5 is beyond the 20-block window, no hit, and
+    everything up to block 30 is written."""
     store, clock = warm_store, ManualClock()
-    await turn(store, _history(11, breakpoint_at=10), clock.now_ms())
-    got = await turn(store, _history(32, breakpoint_at=31), clock.now_ms())  # 21 back
-    assert got == split(w5=3200)
+    await turn(store, _history(5, breakpoint_at=4, first=1100), clock.now_ms())  # block 5
+    got = await turn(store, _history(30, breakpoint_at=29, first=1100), clock.now_ms())
+    assert got == split(w5=4000)
 
 
-async def test_lookback_is_configurable_and_zero_checks_only_the_breakpoint(
+async def test_lookback_misses_an_entry_one_block_beyond_the_window(
+    warm_store: WarmStore,
+) -> None:
+    """Block 10 is the 21st position back from block 30: it was read (21 positions checked), a
+    0.1x read where the provider bills a 1.25x write of the whole prefix."""
+    store, clock = warm_store, ManualClock()
+    await turn(store, _history(10, breakpoint_at=9, first=200), clock.now_ms())  # block 10
+    got = await turn(store, _history(30, breakpoint_at=29, first=200), clock.now_ms())
+    assert got == split(w5=3100)
+
+
+async def test_lookback_is_configurable_and_one_checks_only_the_breakpoint(
     warm_store: WarmStore,
 ) -> None:
     store, clock = warm_store, ManualClock()
     await turn(store, _history(11, breakpoint_at=10), clock.now_ms())
-    got = await turn(store, _history(12, breakpoint_at=11), clock.now_ms(), lookback=0)
+    got = await turn(store, _history(12, breakpoint_at=11), clock.now_ms(), lookback=1)
     assert got == split(w5=1200)
+    got = await turn(store, _history(13, breakpoint_at=12), clock.now_ms(), lookback=2)
+    assert got == split(read=1200, w5=100)
 
 
 async def test_5m_entry_expires_after_300_seconds_without_reads(warm_store: WarmStore) -> None:

@@ -181,12 +181,14 @@ def test_settings_defaults_and_fail_fast_naming_the_variable() -> None:
     settings = PrefixCacheSettings.from_env(Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN}))
     assert settings.server.listen == "127.0.0.1:50053"
     assert (settings.lookback_blocks, settings.record_ttl_s) == (20, 86400)
-    zero = Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_LOOKBACK_BLOCKS": "0"})
-    assert PrefixCacheSettings.from_env(zero).lookback_blocks == 0
-    with pytest.raises(ConfigError, match="PREFIX_CACHE_LOOKBACK_BLOCKS"):
-        PrefixCacheSettings.from_env(
-            Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_LOOKBACK_BLOCKS": "-1"})
-        )
+    one = Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_LOOKBACK_BLOCKS": "1"})
+    assert PrefixCacheSettings.from_env(one).lookback_blocks == 1
+    # the breakpoint itself counts: 0 would check nothing, never a read
+    for value in ("0", "-1"):
+        with pytest.raises(ConfigError, match="PREFIX_CACHE_LOOKBACK_BLOCKS must be >= 1"):
+            PrefixCacheSettings.from_env(
+                Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, "PREFIX_CACHE_LOOKBACK_BLOCKS": value})
+            )
 
 
 @pytest.mark.parametrize("ttl_s", ["0", "3599"])

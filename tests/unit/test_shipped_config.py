@@ -18,8 +18,9 @@ SHIPPED = read_env_file(ROOT / ".env")
 
 
 def test_the_prefix_lookback_is_anthropics_twenty_blocks() -> None:
-    """Anthropic checks for a cache hit at most 20 blocks before each breakpoint (prompt
-    caching docs); another lookback bills reads the provider would not give."""
+    """Anthropic checks for a cache hit at 20 block positions at each breakpoint, the
+    breakpoint included (prompt caching docs); another lookback bills reads the provider
+    would not give, or misses it would not."""
     assert SHIPPED["PREFIX_CACHE_LOOKBACK_BLOCKS"] == "20"
     env = Env({**SHIPPED, "CACHEMESH_INTERNAL_TOKEN": "t" * 32})  # a secret: not in .env
     assert PrefixCacheSettings.from_env(env).lookback_blocks == 20
