@@ -66,6 +66,10 @@ class ModelSpec(BaseModel):
     # max_completion_tokens (reasoning models refuse max_tokens); most compatible engines
     # take max_tokens.
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # The vocabulary this row's prompts and answers are counted with (services.common.tokens):
+    # o200k_base for OpenAI's gpt-4o, gpt-4.1, gpt-5 and later; cl100k_base for the rest
+    # (Claude's tokenizer is not public: an estimate until the provider's usage reconciles it)
+    tokenizer: Literal["cl100k_base", "o200k_base"] = "cl100k_base"
     input_nanos: int = Field(ge=0)
     output_nanos: int = Field(ge=0)
     cache_write_5m_nanos: int = Field(default=0, ge=0)

@@ -21,7 +21,7 @@ from services.common.server import (
     run_service,
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors
-from services.common.tokens import load_cl100k
+from services.common.tokens import load_tokenizers
 from services.model.api import ModelApi
 from services.model.kv_cache import KvBlockCache
 from services.model.metrics import ModelMetrics
@@ -49,7 +49,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     apis: list[ProviderApi] = []
 
     async def warmup() -> None:
-        tokenizer = await asyncio.to_thread(load_cl100k)
+        # the vocabularies of the rows this replica serves, each once
+        tokenizer = await asyncio.to_thread(load_tokenizers, settings.models.values())
         if settings.provider is None:
             service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache)))
         else:

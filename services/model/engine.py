@@ -21,7 +21,7 @@ from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache, block_hashes
 from services.model.speculative import Drafting, plan_steps, step_seconds
 from services.model.text import Answer, compose_answer, seed_of
@@ -80,14 +80,15 @@ class SimEngine:
         *,
         models: Mapping[str, ModelSpec],
         replica_id: str,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizers | Tokenizer,
         kv_cache: KvBlockCache,
         time_scale: float,
         sleep: Sleep = asyncio.sleep,
         delta_tokens: int = DEFAULT_DELTA_TOKENS,
         drafting: Mapping[str, Drafting] | None = None,
     ) -> None:
-        """``drafting``: the models (by id) that decode speculatively, and how."""
+        """``tokenizer``: each row's (one ``Tokenizer``: the only vocabulary, its rows'
+        all); ``drafting``: the models (by id) that decode speculatively, and how."""
         if not models:
             raise ValueError("a replica must serve at least one model")
         if time_scale < 0:
@@ -96,7 +97,9 @@ class SimEngine:
             raise ValueError(f"delta_tokens must be > 0, got {delta_tokens}")
         self._models = dict(models)
         self.replica_id = replica_id
-        self._tokenizer = tokenizer
+        self._tokenizers = Tokenizers.of(tokenizer)
+        for spec in self._models.values():
+            self._tokenizers.for_spec(spec)  # a row whose vocabulary is not loaded: refused
         self._kv = kv_cache
         self._time_scale = time_scale
         self._sleep = sleep
@@ -135,10 +138,11 @@ class SimEngine:
                 f"max_tokens must be between 1 and {spec.max_output_tokens} for {model}, "
                 f"got {request.max_tokens}",
             )
+        tokenizer = self._tokenizers.for_spec(spec)
         if facts is not None:
             prompt_tokens, hashes, digest = _from_facts(facts)
         else:
-            blocks = canonical_blocks(request, self._tokenizer)
+            blocks = canonical_blocks(request, tokenizer)
             token_ids = prompt_token_ids(blocks)
             prompt_tokens = len(token_ids)
             hashes = tuple(block_hashes(tenant, model, token_ids))
@@ -161,13 +165,14 @@ class SimEngine:
             spec=spec,
             prompt_tokens=prompt_tokens,
             block_hashes=hashes,
-            answer=compose_answer(model, seed, request.max_tokens, self._tokenizer),
+            answer=compose_answer(model, seed, request.max_tokens, tokenizer),
             seed=seed,
         )
 
     async def run(self, prepared: Prepared) -> AsyncGenerator[Event, None]:
         """Prefill, then the answer in deltas; a cancelled caller stops it at any sleep."""
         spec = prepared.spec
+        tokenizer = self._tokenizers.for_spec(spec)
         cached = self._kv.cached_tokens(prepared.block_hashes, prepared.prompt_tokens)
         await self._sleep(prefill_seconds(spec, prepared.prompt_tokens - cached, self._time_scale))
         self._kv.insert(prepared.block_hashes)
@@ -179,18 +184,18 @@ class SimEngine:
             # no decode time: every token is ready at once, so they go out as one delta (a
             # delta per few tokens would only add stream messages that carry no time)
             if ids:
-                yield Delta(self._tokenizer.decode(list(ids)))
+                yield Delta(tokenizer.decode(list(ids)))
         elif drafting is not None and steps is not None:
             pause, start = step_seconds(spec, drafting, self._time_scale), 0
             for step in steps:
                 await self._sleep(pause)
-                yield Delta(self._tokenizer.decode(list(ids[start : start + step.tokens])))
+                yield Delta(tokenizer.decode(list(ids[start : start + step.tokens])))
                 start += step.tokens
         else:
             for start in range(0, len(ids), self._delta_tokens):
                 group = ids[start : start + self._delta_tokens]
                 await self._sleep(decode_seconds(spec, len(group), self._time_scale))
-                yield Delta(self._tokenizer.decode(list(group)))
+                yield Delta(tokenizer.decode(list(group)))
         accepted = sum(step.accepted for step in steps) if steps is not None else 0
         yield Finished(prepared.answer.tokens, prepared.answer.stop_reason, accepted)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.model.engine import SimEngine, Sleep
 from services.model.kv_cache import KvBlockCache
 from services.model.settings import ModelSettings
@@ -13,7 +13,7 @@ from services.model.settings import ModelSettings
 
 def build_engine(
     settings: ModelSettings,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizers | Tokenizer,
     kv_cache: KvBlockCache | None = None,
     sleep: Sleep = asyncio.sleep,
 ) -> SimEngine:

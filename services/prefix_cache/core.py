@@ -16,7 +16,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.prefix_cache.auto_rules import plan_for, scope_for
 from services.prefix_cache.commit_records import Final
 from services.prefix_cache.keyed_lock import KeyedLock
@@ -68,18 +68,20 @@ class NotReady(RuntimeError):
 
 
 class TokenizerSlot:
-    """Filled by the service's warm-up; empty until then."""
+    """Filled by the service's warm-up (each row's tokenizer); empty until then. One
+    ``Tokenizer`` stands for the only vocabulary (tests and tools whose rows all use it)."""
 
-    def __init__(self, tokenizer: Tokenizer | None = None) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizers: Tokenizers | Tokenizer | None = None) -> None:
+        self._tokenizer = Tokenizers.of(tokenizers) if tokenizers is not None else None
 
-    def set(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
+    def set(self, tokenizers: Tokenizers | Tokenizer) -> None:
+        self._tokenizer = Tokenizers.of(tokenizers)
 
-    def get(self) -> Tokenizer:
+    def get(self, spec: ModelSpec) -> Tokenizer:
+        """The tokenizer ``spec``'s prompts are counted with."""
         if self._tokenizer is None:
             raise NotReady("prefix-cache is still loading its tokenizer; retry shortly")
-        return self._tokenizer
+        return self._tokenizer.for_spec(spec)
 
 
 @dataclass(frozen=True)
@@ -343,7 +345,7 @@ class PrefixCacheCore:
     ) -> Prompt:
         if request is None:
             raise BadRequest("request is required: send the CompleteRequest being served")
-        tokenizer = self._tokenizer.get()
+        tokenizer = self._tokenizer.get(spec)
         if _small(request):
             return self._compute(tenant, request, spec, tokenizer)
         # one worker-thread hop for the whole computation (tiktoken releases the GIL)

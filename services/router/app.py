@@ -18,7 +18,7 @@ from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, run_every, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
-from services.common.tokens import load_cl100k
+from services.common.tokens import load_tokenizers
 from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
 from services.router.grpc_adapters import CallTiming, connect
@@ -51,7 +51,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     if settings.admin is None:
         log.warning("the Admin API is off: no CACHEMESH_ADMIN_TOKEN_FILE or CACHEMESH_ADMIN_TOKEN")
     provider = build_tracer_provider(environ, "router")
-    tokenizer = load_cl100k()
+    # the vocabularies of the rows this router serves (MODEL_REPLICAS, auto's tiers among
+    # them), each loaded once: o200k_base only when an OpenAI row is deployed
+    tokenizer = load_tokenizers(table.models[model] for model in settings.replicas)
     card = RouterCard.load()
     router_model = load_router_model(card=card)  # a weights file the card does not pin: refused
     threshold = (
@@ -85,7 +87,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics=metrics,
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
-    limiter = await build_limiter(settings.limits, SystemClock(), tokenizer, tracer)
+    limiter = await build_limiter(settings.limits, SystemClock(), table, tokenizer, tracer)
     ledger = await build_answer_ledger(settings.answers_redis_url, settings.idempotency_ttl_s)
     if ledger is None:
         log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")

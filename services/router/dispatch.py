@@ -25,7 +25,7 @@ from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import prompt_tokens as count_prompt_tokens
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.router import spans
 from services.router.balance import Route
 from services.router.calls import CLIENT_FAULTS, Calls
@@ -88,18 +88,19 @@ class Dispatcher:
         tracer: trace.Tracer,
         choice: ChoiceSettings,
         clock: Callable[[], float],
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizers | Tokenizer,
         ejected: Callable[[str], None] | None = None,
         hand_over_stalls: bool = True,
     ) -> None:
-        """``tokenizer``: counts the prompt for ``auto``'s context-window check when
-        prefix-cache made no Plan (it is down); ``ejected``: the ejections' metric, by model
-        (None: a router built without metrics); ``hand_over_stalls``: a stalled call's
-        hand-over (its timer runs in real time: off for a replay on a virtual clock)."""
+        """``tokenizer``: each row's (or one for all), counts the prompt for ``auto``'s
+        context-window check when prefix-cache made no Plan (it is down); ``ejected``: the
+        ejections' metric, by model (None: a router built without metrics);
+        ``hand_over_stalls``: a stalled call's hand-over (its timer runs in real time: off
+        for a replay on a virtual clock)."""
         self._ejected = ejected
         self._hand_over_stalls = hand_over_stalls
         self._calls = calls
-        self._tokenizer = tokenizer
+        self._tokenizers = Tokenizers.of(tokenizer)
         self._deps = dependencies
         self._table = table
         self._tracer = tracer
@@ -140,7 +141,8 @@ class Dispatcher:
         # auto's tiers whose context window cannot hold the prompt and max_tokens of answer
         too_long: list[str] = []
         room = False  # one of them holds the prompt, not max_tokens of answer with it
-        counted: int | None = None  # the router's own count of the prompt (no Plan)
+        # the router's own counts of the prompt (no Plan), by vocabulary
+        counted: dict[str, int] = {}
         for spec, reason in options:
             replicas = self._deps.replicas(spec.id)
             if not set(replicas) - exclude:
@@ -156,11 +158,14 @@ class Dispatcher:
             if request.model == AUTO and plan is None:
                 # prefix-cache is down: without a count the replica of a tier too small
                 # would refuse the prompt (the request's fault) and end the request that
-                # another tier could hold. Counted once, off the loop (~0.7 us a token not
-                # cached by the tokenizer).
-                if counted is None:
-                    counted = await asyncio.to_thread(count_prompt_tokens, request, self._tokenizer)
-                window_tokens = counted
+                # another tier could hold. Counted with the tier's tokenizer, once a
+                # vocabulary, off the loop (~0.7 us a token not cached by the tokenizer).
+                tokenizer = self._tokenizers.for_spec(spec)
+                if tokenizer.name not in counted:
+                    counted[tokenizer.name] = await asyncio.to_thread(
+                        count_prompt_tokens, request, tokenizer
+                    )
+                window_tokens = counted[tokenizer.name]
             needed = window_tokens + request.max_tokens
             if request.model == AUTO and needed > spec.context_window_tokens:
                 # the replica would refuse it (vLLM and OpenAI refuse a prompt whose

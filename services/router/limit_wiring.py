@@ -5,16 +5,16 @@ the router rather than leaving it to count or remember alone."""
 
 from __future__ import annotations
 
-from functools import partial
-
 from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url, redis_url_error
+from services.common.models import AUTO, LARGEST, ModelTable
 from services.common.prompt import prompt_tokens
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizers
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
@@ -26,15 +26,22 @@ ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
 async def build_limiter(
     settings: LimitSettings,
     clock: Clock,
-    tokenizer: Tokenizer,
+    table: ModelTable,
+    tokenizers: Tokenizers,
     tracer: trace.Tracer | None = None,
 ) -> Limiter:
-    """``tokenizer``: the pipeline's (one load, one cache), to count what a request's prompt
-    reserves of the token rate."""
+    """``tokenizers``: the pipeline's (one load, one cache), to count what a request's prompt
+    reserves of the token rate, with the requested row's tokenizer (``auto``'s: its large
+    tier's, whose price is its baseline)."""
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
         store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
-    count = partial(prompt_tokens, tokenizer=tokenizer)
+
+    def count(request: pb.CompleteRequest) -> int:
+        spec = table.for_tier(LARGEST) if request.model == AUTO else table.get(request.model)
+        assert spec is not None  # validated before the limits
+        return prompt_tokens(request, tokenizers.for_spec(spec))
+
     policies = UniformPolicies(settings.policy)
     return Limiter(store, policies, clock, count, tracer, settings.timeout_s)
 

@@ -28,7 +28,7 @@ from services.common.models import AUTO, LARGEST, ModelSpec, ModelTable
 from services.common.prompt import last_user_text, prompt_tokens
 from services.common.span_events import record_event
 from services.common.telemetry import current_trace_id
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.router import spans
 from services.router.answer import Answer
 from services.router.calls import Calls
@@ -113,7 +113,7 @@ class Pipeline:
         self,
         dependencies: Dependencies,
         table: ModelTable,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizers | Tokenizer,
         tracer: trace.Tracer,
         settings: RouterSettings,
         router: tuple[RouterModel, float, LocalEmbedder | None],
@@ -122,7 +122,9 @@ class Pipeline:
         metrics: RouterMetrics | None = None,
         hand_over_stalls: bool = True,
     ) -> None:
-        """``router``: the learned model, its default threshold, the fallback embedder.
+        """``tokenizer``: each row's (one ``Tokenizer``: the only vocabulary, for tests and
+        tools whose rows all use it), for the router's own counts of a row's prompt and output.
+        ``router``: the learned model, its default threshold, the fallback embedder.
         ``outbox`` keeps the commits prefix-cache did not take, to bill them when it is back
         (None: such answers stay estimated and unbilled, as in the offline estimator).
         ``metrics``: the service's (None: the offline estimator, which counts nothing).
@@ -134,7 +136,7 @@ class Pipeline:
         self._calls = Calls(dependencies, settings, counted, tracer, clock)
         self._tracer = tracer
         self._table = table
-        self._tokenizer = tokenizer
+        self._tokenizers = Tokenizers.of(tokenizer)
         self._clock = clock
         self._dispatch = Dispatcher(
             self._calls,
@@ -143,7 +145,7 @@ class Pipeline:
             tracer,
             settings.choice,
             self._clock,
-            tokenizer,
+            self._tokenizers,
             metrics.ejected if metrics is not None else None,
             hand_over_stalls,
         )
@@ -472,8 +474,9 @@ class Pipeline:
         head: pb.CompleteResponse,
     ) -> pb.CompleteResponse:
         answer = lookup.answer
-        # counted here (the tokenizer caches each block's text): a hit makes no Plan call
-        prompt = prompt_tokens(request, self._tokenizer)
+        # counted here (the tokenizer caches each block's text): a hit makes no Plan call; by
+        # the baseline row's tokenizer (the requested model's, the large tier's for auto)
+        prompt = prompt_tokens(request, self._tokenizers.for_spec(baseline))
         baseline_nanos = baseline.baseline_nanos(prompt, answer.output_tokens)
         end = pb.CompleteResponse()
         end.CopyFrom(head)
@@ -569,8 +572,9 @@ class Pipeline:
         what it cost (prefix-cache's price, or the estimate at base prices when the FINAL went
         to the outbox). Returns the bill to come."""
         usage = answer.partial_usage
+        tokenizer = self._tokenizers.for_spec(attempt.model)  # the row's vocabulary
         output_tokens = sum(
-            self._tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text
+            tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text
         )
         if usage is not None and usage.WhichOneof("report") == "anthropic":
             output_tokens = usage.anthropic.output_tokens

@@ -18,7 +18,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
-from services.common.tokens import load_cl100k
+from services.common.tokens import load_tokenizers
 from services.model.providers.anthropic_wire import AnthropicAdapter
 from services.model.providers.api import Adapter, ProviderApi
 from services.model.providers.config import ProviderSettings, Secret
@@ -77,7 +77,7 @@ def _api(server: WireServer, backend: str) -> ProviderApi:
         models={model: TABLE.models[model]},
         replica_id="r1",
         settings=settings,
-        tokenizer=load_cl100k(),
+        tokenizer=load_tokenizers([TABLE.models[model]]),  # the row's own vocabulary
         set_health=health,
     )
 

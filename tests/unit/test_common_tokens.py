@@ -1,11 +1,23 @@
-"""The tokenizer's encoding cache: bounded by the tokens it holds (plus a cost a text), not by
-a count of texts (4,096 large documents would have held gigabytes)."""
+"""The tokenizers: each vocabulary loaded offline and once, the one a model row names; and the
+encoding cache, bounded by the tokens it holds (plus a cost a text), not by a count of texts
+(4,096 large documents would have held gigabytes)."""
 
 from __future__ import annotations
 
+import pytest
 import tiktoken
 
-from services.common.tokens import ENTRY_COST, Tokenizer, load_cl100k
+from services.common.models import load_model_table
+from services.common.tokens import (
+    CL100K,
+    ENTRY_COST,
+    O200K,
+    Tokenizer,
+    TokenizerError,
+    load_cl100k,
+    load_tokenizers,
+    load_vocabulary,
+)
 
 
 def _small(cached_tokens: int) -> Tokenizer:
@@ -37,3 +49,38 @@ def test_the_oldest_text_goes_first_when_the_budget_is_reached() -> None:
         tokenizer.count(text)
     assert tokenizer.cached_tokens <= 8 * per
     assert texts[0] not in tokenizer._cached and texts[8] in tokenizer._cached
+
+
+def test_each_vocabulary_loads_offline_checked_and_encodes_as_tiktoken_does() -> None:
+    """tiktoken's own test vectors (tests/test_encoding.py: "hello world")."""
+    assert load_vocabulary(CL100K).encode("hello world") == (15339, 1917)
+    assert load_vocabulary(O200K).encode("hello world") == (24912, 2375)
+    assert load_vocabulary(O200K).name == O200K
+
+
+def test_a_vocabulary_is_loaded_once_per_process() -> None:
+    assert load_vocabulary(O200K) is load_vocabulary(O200K)
+    assert load_cl100k() is load_vocabulary(CL100K)
+
+
+def test_only_the_vocabularies_the_rows_name_are_loaded() -> None:
+    table = load_model_table()
+    claude = load_tokenizers([table.models["sim-small"], table.models["claude-sonnet-4-5"]])
+    assert claude.names == (CL100K,)
+    with pytest.raises(TokenizerError, match="gpt-4o is counted with o200k_base"):
+        claude.for_spec(table.models["gpt-4o"])
+    both = load_tokenizers(table.models.values())
+    assert both.for_spec(table.models["gpt-4o"]).name == O200K
+    assert both.for_spec(table.models["claude-sonnet-4-5"]).name == CL100K
+    with pytest.raises(TokenizerError, match="unknown vocabulary 'p50k_base'"):
+        load_vocabulary("p50k_base")
+
+
+def test_openai_rows_count_with_o200k_and_the_others_with_cl100k() -> None:
+    """OpenAI's gpt-4o, gpt-4.1 and gpt-5 families tokenize with o200k_base; counting them
+    with cl100k_base over-counted a Japanese prompt by 43% (2,411 tokens for 1,689)."""
+    for spec in load_model_table().models.values():
+        expected = O200K if spec.provider == "openai" else CL100K
+        assert spec.tokenizer == expected, spec.id
+        if spec.provider == "openai":  # tiktoken's own model map (offline) agrees
+            assert tiktoken.encoding_name_for_model(spec.upstream) == spec.tokenizer, spec.id

@@ -16,7 +16,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec, load_model_table
-from services.common.tokens import Tokenizer, load_cl100k
+from services.common.tokens import Tokenizers, load_tokenizers
 from services.model.providers.api import ProviderApi
 from services.model.providers.config import ProviderSettings, Secret
 from services.model.providers.progress import Progress
@@ -74,11 +74,12 @@ class RefusingAdapter:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return load_cl100k()
+def tokenizer() -> Tokenizers:
+    table = load_model_table()  # the gpt rows' vocabulary, o200k_base
+    return load_tokenizers(table.models[m] for m in (FORBIDDEN_MODEL, ALLOWED_MODEL))
 
 
-def _api(adapter: RefusingAdapter, tokenizer: Tokenizer, health: list[bool]) -> ProviderApi:
+def _api(adapter: RefusingAdapter, tokenizer: Tokenizers, health: list[bool]) -> ProviderApi:
     async def set_health(serving: bool) -> None:
         health.append(serving)
 
@@ -116,7 +117,7 @@ async def _stop_reason(api: ProviderApi, model: str) -> str:
 
 
 async def test_a_403_for_one_model_refuses_that_request_and_keeps_the_replica_serving(
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizers,
 ) -> None:
     health: list[bool] = []
     adapter = RefusingAdapter(_status_error(403, NO_ACCESS))
@@ -131,7 +132,7 @@ async def test_a_403_for_one_model_refuses_that_request_and_keeps_the_replica_se
     assert adapter.calls == [FORBIDDEN_MODEL, ALLOWED_MODEL]  # the 403 is not retried
 
 
-async def test_a_refused_key_takes_the_replica_out_for_every_model(tokenizer: Tokenizer) -> None:
+async def test_a_refused_key_takes_the_replica_out_for_every_model(tokenizer: Tokenizers) -> None:
     health: list[bool] = []
     adapter = RefusingAdapter(_status_error(401, BAD_KEY), all_models=True)
     api = _api(adapter, tokenizer, health)
@@ -143,7 +144,7 @@ async def test_a_refused_key_takes_the_replica_out_for_every_model(tokenizer: To
     assert health == [False] and adapter.calls == [ALLOWED_MODEL]
 
 
-async def test_a_403_typed_as_a_permission_error_is_our_credentials(tokenizer: Tokenizer) -> None:
+async def test_a_403_typed_as_a_permission_error_is_our_credentials(tokenizer: Tokenizers) -> None:
     """Anthropic's ``permission_error`` (the key may not use the API) is the key's fault."""
     health: list[bool] = []
     refusal = _status_error(403, {"message": "not allowed", "type": "permission_error"})

@@ -28,7 +28,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
-from services.common.tokens import load_cl100k
+from services.common.tokens import Tokenizer, Tokenizers, load_cl100k
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Dispatcher
@@ -178,15 +178,17 @@ class Rig:
     clock: FakeClock = field(default_factory=FakeClock)
 
     outbox: BillingOutbox | None = None
+    replicas: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(REPLICAS))
+    tokenizers: Tokenizers | Tokenizer = TOKENIZER  # each row's, or one for all (cl100k rows)
 
     def pipeline(self) -> Pipeline:
-        deps = Dependencies(self.semantic, self.prefix, self.models, REPLICAS)
+        deps = Dependencies(self.semantic, self.prefix, self.models, self.replicas)
         router = (load_router_model(), RouterCard.load().default_threshold, None)
         settings = _settings()
         return Pipeline(
             deps,
             TABLE,
-            TOKENIZER,
+            self.tokenizers,
             trace.NoOpTracer(),
             settings,
             router,

@@ -41,7 +41,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.model.providers.config import ProviderSettings
 from services.model.providers.failures import UNSENDABLE, Failure, Kind, classify
 from services.model.providers.progress import Progress
@@ -76,7 +76,7 @@ class ProviderApi:
         models: Mapping[str, ModelSpec],
         replica_id: str,
         settings: ProviderSettings,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizers | Tokenizer,
         set_health: HealthSetter,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
@@ -90,7 +90,10 @@ class ProviderApi:
         }
         self._replica = replica_id
         self._s = settings
-        self._tokenizer = tokenizer
+        # each row's tokenizer (one Tokenizer: the only vocabulary), for the output it counts
+        self._tokenizers = Tokenizers.of(tokenizer)
+        for spec in self._models.values():
+            self._tokenizers.for_spec(spec)  # a row whose vocabulary is not loaded: refused
         self._set_health = set_health
         self._clock = clock
         self._sleep = sleep
@@ -135,13 +138,13 @@ class ProviderApi:
                     # around a yield fires in the consumer's task (e.g. while it writes to a
                     # slow client), as a CancelledError the adapter never sees.
                     while (chunk := await _next(stream, deadline - self._clock())) is not None:
-                        yield self._annotated(span, chunk, progress)
+                        yield self._annotated(span, chunk, progress, spec)
                 await self._healthy()
                 return
             except TimeoutError:
                 if progress.started:
                     yield self._interrupted(
-                        progress, f"no answer within the deadline ({budget:.1f}s)"
+                        progress, spec, f"no answer within the deadline ({budget:.1f}s)"
                     )
                     return
                 raise RequestError(
@@ -162,7 +165,7 @@ class ProviderApi:
                         failure.error_type,
                         message,
                     )
-                    yield self._interrupted(progress, f"{failure.error_type}: {message}")
+                    yield self._interrupted(progress, spec, f"{failure.error_type}: {message}")
                     return
                 if failure.kind == Kind.FATAL and not isinstance(exc, RequestError):
                     log.error(
@@ -218,14 +221,18 @@ class ProviderApi:
         return spec
 
     def _annotated(
-        self, span: trace.Span, chunk: model_pb2.GenerateChunk, progress: Progress
+        self,
+        span: trace.Span,
+        chunk: model_pb2.GenerateChunk,
+        progress: Progress,
+        spec: ModelSpec,
     ) -> model_pb2.GenerateChunk:
         if chunk.WhichOneof("part") == "end":
             end = chunk.end
             if not end.HasField("provider_usage"):
                 # the engine reported no usage (no stream_options support): count what it
                 # wrote, text and tool calls
-                end.output_tokens = self._produced_tokens(progress)
+                end.output_tokens = self._produced_tokens(progress, spec)
             span.set_attribute("gen_ai.usage.output_tokens", end.output_tokens)
             span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
             span.set_attribute("cachemesh.provider_reported", end.HasField("provider_usage"))
@@ -235,17 +242,21 @@ class ProviderApi:
             span.set_attribute("gen_ai.usage.input_tokens", chunk.start.prompt_tokens)
         return chunk
 
-    def _produced_tokens(self, progress: Progress) -> int:
-        """The cl100k count of what the model wrote: its text and its tool calls (a tool
-        call's arguments are output tokens the provider bills, finished or cut)."""
+    def _produced_tokens(self, progress: Progress, spec: ModelSpec) -> int:
+        """The count of what the model wrote, with ``spec``'s tokenizer (o200k_base for an
+        OpenAI row, cl100k_base else): its text and its tool calls (a tool call's arguments
+        are output tokens the provider bills, finished or cut)."""
+        tokenizer = self._tokenizers.for_spec(spec)
         text, tools = progress.produced()
-        return self._tokenizer.count(text) + (self._tokenizer.count(tools) if tools else 0)
+        return tokenizer.count(text) + (tokenizer.count(tools) if tools else 0)
 
-    def _interrupted(self, progress: Progress, error: str) -> model_pb2.GenerateChunk:
-        """What was produced before the break: its cl100k count (text and tool calls), and
-        the provider's usage so far (Anthropic reports the prompt's split at message_start)
-        with that output count in it."""
-        produced = self._produced_tokens(progress)
+    def _interrupted(
+        self, progress: Progress, spec: ModelSpec, error: str
+    ) -> model_pb2.GenerateChunk:
+        """What was produced before the break: its count (text and tool calls, with the
+        row's tokenizer), and the provider's usage so far (Anthropic reports the prompt's
+        split at message_start) with that output count in it."""
+        produced = self._produced_tokens(progress, spec)
         end = model_pb2.GenerateEnd(
             output_tokens=produced, stop_reason="interrupted", interrupted=True, error=error
         )

@@ -8,7 +8,7 @@ import logging
 import anthropic
 import openai
 
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.model.providers.anthropic_wire import AnthropicAdapter
 from services.model.providers.api import Adapter, HealthSetter, ProviderApi
 from services.model.providers.config import ProviderSettings
@@ -39,7 +39,7 @@ def build_adapter(provider: ProviderSettings) -> Adapter:
 
 
 def build_provider_api(
-    settings: ModelSettings, tokenizer: Tokenizer, set_health: HealthSetter
+    settings: ModelSettings, tokenizer: Tokenizers | Tokenizer, set_health: HealthSetter
 ) -> ProviderApi:
     provider = settings.provider
     if provider is None:

@@ -38,7 +38,7 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable, model_table_from_env
-from services.common.tokens import Tokenizer, load_cl100k
+from services.common.tokens import Tokenizer, Tokenizers, load_tokenizers
 from services.model.api import ModelApi
 from services.model.settings import ModelSettings
 from services.model.wiring import build_engine
@@ -87,7 +87,13 @@ class OfflineStack:
         self.clock = clock
         self.table: ModelTable = model_table_from_env(env)
         self.router = RouterSettings.from_env(env, self.table)
-        tokens = tokenizer or load_cl100k()
+        # each row's tokenizer: every vocabulary the table names, each loaded once (a given
+        # one: the only vocabulary, its rows' all)
+        tokens = (
+            Tokenizers.of(tokenizer)
+            if tokenizer is not None
+            else load_tokenizers(self.table.models.values())
+        )
         semantic = SemanticCacheSettings.from_env(env, OperatingPoint.load())
         self.semantic_cache = self._semantic(semantic, clock, embedder)
         prefix = build_core(
@@ -128,7 +134,7 @@ class OfflineStack:
         return build_cache(config, model, clock)
 
     def _replicas(
-        self, settings: Mapping[str, str], tokenizer: Tokenizer
+        self, settings: Mapping[str, str], tokenizer: Tokenizers
     ) -> tuple[dict[str, ModelApi], dict[str, float]]:
         """One engine for each model process of the stack table, with that process's own
         settings, under the address the router dials; every replica the router names. Also

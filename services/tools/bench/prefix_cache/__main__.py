@@ -19,7 +19,7 @@ from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
-from services.common.tokens import load_cl100k
+from services.common.tokens import load_tokenizers
 from services.tools.bench.prefix_cache import mooncake, tau
 
 DATA = Path("../shared/data")
@@ -28,7 +28,8 @@ POLICIES = ("round_robin", "sglang", "ttft")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    table, tokenizer = load_model_table(), load_cl100k()
+    table = load_model_table()
+    tokenizer = load_tokenizers(table.models.values())  # gpt rows: o200k_base
     data = Path(args.data)
     sonnet, gpt4o = table.models["claude-sonnet-4"], table.models["gpt-4o"]
     others = (table.models["gpt-4-1"], table.models["gpt-5"])

@@ -19,7 +19,7 @@ from typing import Any
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.models import ModelSpec, ModelTable
-from services.common.tokens import Tokenizer
+from services.common.tokens import Tokenizer, Tokenizers
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
@@ -109,7 +109,7 @@ def request_of(
 
 async def replay(
     table: ModelTable,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizers | Tokenizer,
     spec: ModelSpec,
     ttl: pb.CacheTtl.ValueType,
     data: Path,
@@ -117,6 +117,7 @@ async def replay(
     also_priced: tuple[ModelSpec, ...] = (),
 ) -> dict[str, Any]:
     tools, system, turns = load_turns(data, limit)
+    counting = Tokenizers.of(tokenizer).for_spec(spec)  # the row's vocabulary
     clock = ManualClock(start_ms=0)
     core = PrefixCacheCore(
         table=table,
@@ -131,7 +132,7 @@ async def replay(
     for i, turn in enumerate(turns):
         clock.advance(ms=turn.at_ms - clock.now_ms())
         split = await core.warm("tau", f"r{i}", spec.id, request_of(tools, system, turn, ttl), "")
-        await core.final("tau", f"r{i}", spec.id, tokenizer.count(turn.output_text), 0, "")
+        await core.final("tau", f"r{i}", spec.id, counting.count(turn.output_text), 0, "")
         sums = Split(
             sums.input_tokens + split.input_tokens,
             sums.write_5m_tokens + split.write_5m_tokens,
