@@ -61,16 +61,22 @@ class SemanticCacheApi:
         self._queries = RecentQueries()  # a Store reuses its Lookup's query
 
     async def lookup(
-        self, request: sc.LookupRequest, remaining_s: float | None
+        self, request: sc.LookupRequest, remaining_s: float | None, *, wait: bool = True
     ) -> sc.LookupResponse:
-        """``remaining_s``: what is left of the caller's deadline (None = no deadline)."""
+        """``remaining_s``: what is left of the caller's deadline (None = no deadline).
+        ``wait=False`` (the offline replay, which waits on its virtual clock instead): the
+        lookup never waits, on the scope's Stores or on a lease, and what it computes (the
+        embedding ``auto`` wants) is bounded by no deadline (``remaining_s`` is not read)."""
         _require_tenant(request.tenant)
         draining = self._is_draining()
         query = self._query(request.tenant, request.request)
         # the whole lookup (its wait for the scope's Stores, the lease wait, the embedding
         # ``auto`` wants) ends in time for its reply
-        within_s = None if remaining_s is None else max(0.0, remaining_s - REPLY_MARGIN_S)
-        deadline = self._cache.deadline_in(within_s)
+        if wait:
+            within_s = None if remaining_s is None else max(0.0, remaining_s - REPLY_MARGIN_S)
+            deadline = self._cache.deadline_in(within_s)
+        else:
+            within_s, deadline = 0.0, None
         if not self._policies.get(request.tenant).l1_enabled:
             # no read; for the router's tier choice, still the embedding when it is wanted
             skipped = sc.LookupResponse(skip_reason=L1_OFF)

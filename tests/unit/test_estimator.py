@@ -164,3 +164,33 @@ def test_a_scope_over_the_ivf_size_switches_index_offline_as_it_does_live(
     (scope,) = stack.semantic_cache._scopes.values()
     scope.wait_for_rebuild()
     assert scope.kind == "ivf" and len(scope) == 60
+
+
+def test_a_replayed_lookup_makes_the_embedding_auto_wants_in_a_scope_with_nothing_yet(
+    settings: dict[str, str],
+) -> None:
+    """A replayed Lookup never waits (its lease wait is on the virtual clock), but what it
+    computes takes no virtual time: the embedding ``auto`` wants is made as live, or the
+    router scores the question otherwise and the estimate picks another tier than live did."""
+    from cachemesh.v1 import semantic_cache_pb2 as sc
+    from services.common.env import Env
+    from services.semantic_cache.operating_point import OperatingPoint
+    from services.semantic_cache.settings import SemanticCacheSettings
+    from services.semantic_cache.wiring import build_api
+    from services.tools.estimator.local_adapters import LocalSemantic
+    from services.tools.estimator.timeline import CURRENT, Timeline, VirtualTime
+
+    stack = OfflineStack(settings, ManualClock(), embedder=FakeEmbedder())
+    own = SemanticCacheSettings.from_env(Env(settings), OperatingPoint.load())
+    semantic = LocalSemantic(build_api(own, stack.semantic_cache))
+    request = sc.LookupRequest(
+        tenant=TENANT_A, request=_ask("a question in a scope with nothing yet").request,
+        want_embedding=True,
+    )  # fmt: skip
+
+    async def look() -> sc.LookupResponse:
+        CURRENT.set(Timeline(VirtualTime(stack.clock), 0, 0, None))
+        return await semantic.lookup(request, 2.0)
+
+    response = asyncio.run(look())
+    assert not response.hit and len(response.embedding) > 0

@@ -46,12 +46,13 @@ class LocalSemantic:
         if timeline is None:
             return await _local(self._api.lookup(request, deadline_s))
         # The lease wait the service would make in real time, made on the virtual clock: each
-        # look is told no time is left (so it never waits), and looks again at each event
-        # of the replay until the lease has ended or the budget has passed.
+        # look never waits, and looks again at each event of the replay until the lease has
+        # ended or the budget has passed. Its computing takes no virtual time, so no deadline
+        # bounds it (the embedding ``auto`` wants is always made, as live on an idle machine).
         time = timeline.time
         give_up = time.now_ms() + round(lease_wait_budget_s(self._lease_wait_s, deadline_s) * 1000)
         while True:
-            response = await _local(self._api.lookup(request, 0.0))
+            response = await _local(self._api.lookup(request, None, wait=False))
             if not response.pending or time.now_ms() >= give_up:
                 return response
             await time.changed(give_up)
