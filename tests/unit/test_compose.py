@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -269,6 +269,18 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port(resolved: Resolved
     ports = {resolved.metrics_port(s) for s in SERVICES}
     assert len(ports) == len(SERVICES)  # a port of its own each
     assert not ports & {resolved.port(s) for s in SERVICES}
+
+
+def test_prometheus_loads_the_alert_rules_mounted_beside_its_config(resolved: Resolved) -> None:
+    mounts = resolved.mounts("prometheus")
+    config_path = PurePosixPath(
+        next(p for p, src in mounts.items() if src == PROMETHEUS)  # /etc/prometheus/...
+    )
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    # relative paths are read from the config file's folder, in the container as here
+    loaded = [config_path.parent / name for name in config["rule_files"]]
+    assert [mounts.get(str(path)) for path in loaded] == [PROMETHEUS.parent / "alerts.yml"]
+    assert all((PROMETHEUS.parent / name).is_file() for name in config["rule_files"])
 
 
 def test_prometheus_and_grafana_show_their_uis_on_loopback_only(resolved: Resolved) -> None:
