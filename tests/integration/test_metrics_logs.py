@@ -7,11 +7,12 @@ cache, an ``auto`` request, a streamed one, one through the HTTP front, and two 
 Then every process's ``GET /metrics`` is scraped, and each figure must be exactly what the
 responses reported: requests by tenant, model, tier and layer; cost, baseline and saved
 nano-dollars; tokens; the bills prefix-cache made; what the model replicas generated; the
-calls the router made against the calls the services received. The dashboard's queries must
-name only metrics the services expose. The logs: every line is one JSON object, every line
-written while a request was in flight carries a trace id, each answer's trace id is on its
-access-log line (whose fields are the response's) and on the lines of every service it
-reached, and no question asked, API key or internal token appears in any log or metric.
+calls the router made against the calls the services received. The dashboard's queries and
+the alert rules must name only metrics the services expose. The logs: every line is one JSON
+object, every line written while a request was in flight carries a trace id, each answer's
+trace id is on its access-log line (whose fields are the response's) and on the lines of
+every service it reached, and no question asked, API key or internal token appears in any
+log or metric.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachemesh import AuthenticationError, Client, InvalidRequestError, answer_text, build_request
@@ -42,6 +44,7 @@ from tests.integration.prompts import agent_request
 pytestmark = pytest.mark.integration
 
 DASHBOARD = ROOT / "services" / "observability" / "grafana" / "dashboards" / "cachemesh.json"
+ALERTS = ROOT / "services" / "observability" / "prometheus" / "alerts.yml"
 SETTINGS = {
     "CACHEMESH_LOG_LEVEL": "DEBUG",  # every service writes lines inside each request
     "SEMANTIC_CACHE_SNAPSHOT_S": "0",  # no periodic save in the middle of the requests
@@ -413,10 +416,11 @@ def _dashboard_metrics() -> set[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     exprs += [v["definition"] for v in dashboard["templating"]["list"]]
+    exprs += [r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
     return {name for expr in exprs for name in _QUERIED.findall(_NOT_NAMES.sub("", expr))}
 
 
-def test_every_metric_the_dashboard_queries_is_exposed(run: Run) -> None:
+def test_every_metric_the_dashboard_and_the_alerts_query_is_exposed(run: Run) -> None:
     scrapes = _scrapes(run.stack)
     exposed: set[str] = set()
     for scrape in scrapes.values():
@@ -426,7 +430,7 @@ def test_every_metric_the_dashboard_queries_is_exposed(run: Run) -> None:
     queried = _dashboard_metrics()
     assert len(queried) >= 30  # the regex reads the queries (a broken one would find none)
     missing = sorted(queried - exposed)
-    assert not missing, f"the dashboard queries metrics no service exposes: {missing}"
+    assert not missing, f"the dashboard or an alert queries metrics no service exposes: {missing}"
 
 
 # --- logs ---------------------------------------------------------------------------------
