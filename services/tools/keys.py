@@ -7,7 +7,10 @@ from the checkout's client package when it is not installed), so it needs no vir
 
 - ``demo-keys.env``: ``export CACHEMESH_KEY_A=...`` and ``export CACHEMESH_KEY_B=...``, the two
   demo tenants' API keys in clear, and ``export CACHEMESH_ADMIN_TOKEN_FILE=...`` (where the
-  admin token is): ``source .run/demo-keys.env`` puts them in a shell's environment. Demo keys
+  admin token is): ``source .run/demo-keys.env`` puts them in a shell's environment. ``make up``
+  adds where its stack listens (``CACHEMESH_TARGET``, the Gateway's host:port, which the CLI,
+  the demo and ``cachemesh admin`` dial; ``CACHEMESH_HTTP_URL``, the HTTP front's base URL), so
+  the keys and the admin token go to the stack that knows them, wherever it listens. Demo keys
   are minted on a fresh install only (no ``api-keys`` yet): once the key file exists, a
   missing ``demo-keys.env`` (an operator who revoked the demo keys and deleted it) stays
   missing, and the demo keys are reported unavailable, with how to issue keys instead;
@@ -33,7 +36,8 @@ import secrets
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.keyfile import KeyFile, KeyRecord, hash_key, new_api_key, new_key_id
@@ -54,6 +58,10 @@ INTERNAL_TOKEN_FILE = "internal-token"
 INTERNAL_ENV_FILE = "internal.env"
 ADMIN_TOKEN_FILE = "admin-token"
 ADMIN_ENV_FILE = "admin.env"
+# where the run dir's stack listens, for its clients (written by ``stack up``, kept by keys)
+TARGET_VAR = "CACHEMESH_TARGET"
+HTTP_URL_VAR = "CACHEMESH_HTTP_URL"
+ENDPOINT_VARS = (TARGET_VAR, HTTP_URL_VAR)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ class StackKeys:
     internal_token: str
     admin_token: str
     created: bool  # True when this call generated new secrets
+    # CACHEMESH_TARGET / CACHEMESH_HTTP_URL -> where the run dir's stack listens (may be empty)
+    endpoints: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def api_keys_file(self) -> Path:
@@ -95,12 +105,19 @@ class StackKeys:
         }
 
 
-def ensure_keys(run_dir: Path) -> StackKeys:
-    """Loads this run dir's secrets, generating whatever is missing; never replaces a key."""
+def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> StackKeys:
+    """Loads this run dir's secrets, generating whatever is missing; never replaces a key.
+
+    ``endpoints`` (``stack up``: CACHEMESH_TARGET and CACHEMESH_HTTP_URL of the stack it
+    starts) go into ``demo-keys.env``; None keeps the ones it holds (``make keys``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
     created = False
-    api_keys = _read_demo_keys(run_dir / DEMO_KEYS_FILE)
+    demo_file = run_dir / DEMO_KEYS_FILE
+    if endpoints is None:
+        held = read_env_file(demo_file) if demo_file.is_file() else {}
+        endpoints = {name: held[name] for name in ENDPOINT_VARS if held.get(name)}
+    api_keys = _read_demo_keys(demo_file)
     if api_keys is None:
         # a fresh install only: into a live key file, new demo keys would bring back the demo
         # tenants an operator retired (revoked their keys, deleted the clear-text file)
@@ -109,7 +126,9 @@ def ensure_keys(run_dir: Path) -> StackKeys:
         created = fresh
     token, new_token = _token(run_dir / INTERNAL_TOKEN_FILE)
     admin, new_admin = _token(run_dir / ADMIN_TOKEN_FILE)
-    keys = StackKeys(run_dir, api_keys, token, admin, created or new_token or new_admin)
+    keys = StackKeys(
+        run_dir, api_keys, token, admin, created or new_token or new_admin, dict(endpoints)
+    )
     if keys.has_demo_keys:
         _write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
     _ensure_key_file(keys)
@@ -149,6 +168,7 @@ def _demo_env(keys: StackKeys) -> str:
     exactly what a shell's ``source`` does."""
     values = {var: keys.api_keys[tenant] for tenant, var in TENANTS}
     values["CACHEMESH_ADMIN_TOKEN_FILE"] = str(keys.admin_token_file)
+    values.update({name: keys.endpoints[name] for name in ENDPOINT_VARS if name in keys.endpoints})
     text = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
     if parse_env_text(text, str(keys.demo_keys_file)) != values:
         raise EnvFileError(

@@ -1,5 +1,6 @@
 """The ``curl`` examples of services/http_front/README.md work as printed, run by bash against
-the test stack (only the front's address differs: the stack runs on free ports)."""
+the test stack, which runs on free ports: the blocks take the front's address from the
+``CACHEMESH_HTTP_URL`` of ``.run/demo-keys.env``, as a user's shell does."""
 
 from __future__ import annotations
 

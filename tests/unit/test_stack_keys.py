@@ -51,6 +51,21 @@ def test_demo_keys_file_exports_the_keys_to_a_sourcing_shell(tmp_path: Path) -> 
     assert exported["CACHEMESH_ADMIN_TOKEN_FILE"] == str(keys.admin_token_file)
 
 
+def test_the_demo_keys_name_where_the_stack_listens_and_make_keys_keeps_it(
+    tmp_path: Path,
+) -> None:
+    # `make up` on other ports: a shell that sourced demo-keys.env sent the keys (and the
+    # admin token) to 127.0.0.1:50051, another stack or program.
+    where = {"CACHEMESH_TARGET": "127.0.0.1:51201", "CACHEMESH_HTTP_URL": "http://127.0.0.1:51219"}
+    keys = ensure_keys(tmp_path, where)
+    assert {k: v for k, v in read_env_file(keys.demo_keys_file).items() if k in where} == where
+    ensure_keys(tmp_path)  # make keys: no stack to ask, the file keeps what up wrote
+    assert {k: v for k, v in read_env_file(keys.demo_keys_file).items() if k in where} == where
+    moved = {**where, "CACHEMESH_TARGET": "127.0.0.1:50051"}
+    ensure_keys(tmp_path, moved)  # the next up, elsewhere
+    assert read_env_file(keys.demo_keys_file)["CACHEMESH_TARGET"] == "127.0.0.1:50051"
+
+
 def test_api_keys_file_holds_only_hashes_and_the_router_reads_it(tmp_path: Path) -> None:
     keys = ensure_keys(tmp_path)
     text = keys.api_keys_file.read_text()

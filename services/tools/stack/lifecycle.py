@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import NoReturn, TextIO
 
 from cachemesh.envfile import EnvFileError, read_env_file
-from services.tools.keys import StackKeys, describe, ensure_keys
+from services.tools.keys import HTTP_URL_VAR, TARGET_VAR, StackKeys, describe, ensure_keys
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
 from services.tools.stack.health import SERVING, UNREACHABLE, probe_as, probe_http
@@ -148,6 +148,15 @@ class Stack:
     def keys(self) -> StackKeys:
         return ensure_keys(self.run_dir)
 
+    def client_endpoints(self) -> dict[str, str]:
+        """Where this stack's clients reach it, as ``demo-keys.env`` exports it: the Gateway's
+        host:port (CACHEMESH_TARGET) and the HTTP front's base URL (CACHEMESH_HTTP_URL)."""
+        scheme = "https" if self.settings().get("HTTP_FRONT_TLS_CERT_FILE") else "http"
+        return {
+            TARGET_VAR: self.router_address,
+            HTTP_URL_VAR: f"{scheme}://{self.addresses['http-front']}",
+        }
+
     def log_path(self, service: ServiceDef) -> Path:
         return self.run_dir / "logs" / f"{service.name}.log"
 
@@ -160,8 +169,9 @@ class Stack:
 
         What already runs is kept (the supervisor adopts it): only the missing processes are
         started, so ``make up`` brings back one service while the others serve. If a process
-        exits before it is SERVING, or the timeout passes, the whole stack is stopped."""
-        keys = self.keys()
+        exits before it is SERVING, or the timeout passes, the whole stack is stopped.
+        ``demo-keys.env`` then names where this stack listens (``client_endpoints``)."""
+        keys = ensure_keys(self.run_dir, self.client_endpoints())
         if keys.created or not keys.has_demo_keys:
             self._say(describe(keys))
         self._release_held()

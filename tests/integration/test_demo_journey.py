@@ -1,0 +1,45 @@
+"""The README's journey on a stack that does not listen on the default ports: what a shell that
+sourced ``demo-keys.env`` (``make demo``, the README's ``source`` step) dials is this stack,
+never whatever holds 127.0.0.1:50051."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.integration.harness import ROOT, RunningStack
+
+pytestmark = pytest.mark.integration
+
+BIN = ROOT / ".venv" / "bin"
+_CLIENT_VARS = ("CACHEMESH_TARGET", "CACHEMESH_HTTP_URL", "CACHEMESH_API_KEY")
+
+
+def _shell(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a bash whose environment names no stack (as a new terminal's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def test_a_shell_that_sourced_the_demo_keys_dials_their_stack(stack: RunningStack) -> None:
+    # The stack ran on other ports: `make demo` sent this install's API keys to
+    # 127.0.0.1:50051 (another stack said UNAUTHENTICATED), as did `cachemesh ask`.
+    assert stack.target != "127.0.0.1:50051"
+    keys = stack.stack.run_dir / "demo-keys.env"
+    done = _shell(
+        f"set -a; source {keys}; set +a\n"
+        f'echo "$CACHEMESH_TARGET $CACHEMESH_HTTP_URL"\n'
+        f'CACHEMESH_API_KEY=$CACHEMESH_KEY_A {BIN}/cachemesh ask "Where is my parcel?"\n'
+        f"{BIN}/cachemesh admin stats\n"  # the admin token goes to this stack's router too
+        f"{BIN}/python -m cachemesh.demo\n"
+    )
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first == f"{stack.target} http://{stack.addresses['http-front']}"
+    assert "served_by:" in done.stdout and "hit rate" in done.stdout
+    assert "requests in" in done.stdout  # the demo's table, from this stack
