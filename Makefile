@@ -9,6 +9,16 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 PROTO_OUT ?= clients/python
 PROTOS := $(wildcard protos/cachemesh/v1/*.proto)
+# The local stack: make up FREE_PORTS=1 puts the whole stack (every service, its callers'
+# settings, its Redis) on free loopback ports, wired to each other, when another stack or
+# program holds the default ones; make status / stop / demo / down then find it there (kept in
+# the run dir until make down). RUN_DIR=<dir>: a stack of its own in that run dir (keys, data,
+# logs), instead of .run
+RUN_DIR ?=
+FREE_PORTS ?=
+STACK = $(BIN)/python -m services.tools.stack$(if $(RUN_DIR), --run-dir $(RUN_DIR))
+UP_FLAGS = $(if $(filter-out 0 no false,$(FREE_PORTS)),--free-ports)
+DEMO_KEYS = $(or $(RUN_DIR),.run)/demo-keys.env
 
 .PHONY: help setup python-check proto keys up down stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache train-verifier fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
@@ -36,29 +46,29 @@ proto: setup ## generate the Python stubs and .pyi files from protos/ into the c
 keys: python-check ## generate this install's secrets once under .run/ (demo keys, internal and admin tokens; python3 only, no venv)
 	$(PYTHON) -m services.tools.keys
 
-up: setup redis-server ## start the stack on loopback under its supervisor (restarts what dies); returns once all are SERVING; again: brings back what is missing
-	$(BIN)/python -m services.tools.stack up
+up: setup redis-server ## start the stack on loopback under its supervisor (restarts what dies); returns once all are SERVING; again: brings back what is missing; FREE_PORTS=1: all on free ports
+	$(STACK) up $(UP_FLAGS)
 
 down: ## stop the local stack
-	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.tools.stack down; fi
+	@if [ -x $(BIN)/python ]; then $(STACK) down; fi
 
 stop: setup ## stop one process and keep it stopped until the next make up: make stop SERVICE=router
 	@test -n "$(SERVICE)" || { echo "usage: make stop SERVICE=<name> (see make status)"; exit 2; }
-	$(BIN)/python -m services.tools.stack stop $(SERVICE)
+	$(STACK) stop $(SERVICE)
 
 status: setup ## each process of the local stack: pid, health, restarts
-	$(BIN)/python -m services.tools.stack status
+	$(STACK) status
 
 redis-server: ## install Debian's redis-server when missing (the stack's own Redis: prefix-cache's totals)
 	@command -v redis-server >/dev/null || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
 	  >/dev/null || { echo "cannot install redis-server (apt-get)"; exit 1; }; }
 
-demo: setup redis-server ## start the stack, drive a realistic workload, print the per-layer table, stop
-	$(BIN)/python -m services.tools.stack up
-	set -a; [ ! -f .run/demo-keys.env ] || source .run/demo-keys.env; set +a; \
+demo: setup redis-server ## start the stack, drive a realistic workload, print the per-layer table, stop (FREE_PORTS=1: on free ports)
+	$(STACK) up $(UP_FLAGS)
+	set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
 	  $(BIN)/python -m cachemesh.demo; status=$$?; \
-	  $(BIN)/python -m services.tools.stack down; exit $$status
+	  $(STACK) down; exit $$status
 
 engine-deps: ## install the engine's build tools where missing (cmake, ninja, g++; apt-get)
 	@for tool in cmake:cmake ninja:ninja-build g++:g++; do \
@@ -71,10 +81,10 @@ engine: setup engine-deps ## build llama-server (PyPI llama-cpp-python sdist) an
 	nice -n 10 $(BIN)/python -m services.tools.engine build
 
 demo-local: engine ## the demo against two llama-server replicas (SmolLM2-135M, one thread each) instead of the simulator
-	$(BIN)/python -m services.tools.stack up --local-engine
-	set -a; [ ! -f .run/demo-keys.env ] || source .run/demo-keys.env; set +a; \
+	$(STACK) up --local-engine $(UP_FLAGS)
+	set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
 	  CACHEMESH_DEMO_MODEL=local-small $(BIN)/python -m cachemesh.demo; status=$$?; \
-	  $(BIN)/python -m services.tools.stack down; exit $$status
+	  $(STACK) down; exit $$status
 
 test-deps: redis-server ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)
 	@command -v docker-compose >/dev/null || { \

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from cachemesh.envfile import read_env_file
+from services.tools.stack.ports import read_moved
 from tests.integration.harness import ROOT, RunningStack
 
 pytestmark = pytest.mark.integration
@@ -43,3 +46,41 @@ def test_a_shell_that_sourced_the_demo_keys_dials_their_stack(stack: RunningStac
     assert first == f"{stack.target} http://{stack.addresses['http-front']}"
     assert "served_by:" in done.stdout and "hit rate" in done.stdout
     assert "requests in" in done.stdout  # the demo's table, from this stack
+
+
+def _make(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")}
+    env |= {"SIM_TIME_SCALE": "0", "CACHEMESH_GRACE_S": "1"}
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(name, None)
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def test_make_up_free_ports_moves_the_whole_stack_and_the_targets_find_it(
+    tmp_path: Path,
+) -> None:
+    # The README never said how to run beside another stack; moving one *_LISTEN at a time
+    # left every caller dialling the defaults.
+    run = tmp_path / "run"
+    where = f"RUN_DIR={run}"
+    try:
+        up = _make("up", "FREE_PORTS=1", where)
+        assert up.returncode == 0, up.stdout + up.stderr
+        moved = read_moved(run)
+        router = moved["ROUTER_LISTEN"]
+        assert router != "127.0.0.1:50051"
+        assert moved["HTTP_FRONT_GATEWAY_ADDR"] == router  # the callers moved with it
+        assert read_env_file(run / "demo-keys.env")["CACHEMESH_TARGET"] == router
+        status = _make("status", where)
+        assert status.returncode == 0, status.stdout + status.stderr  # all SERVING, there
+        assert f"router          {router}" in status.stdout
+        again = _make("up", where)  # a second up finds it where it runs, and keeps it
+        assert again.returncode == 0 and "already runs this stack" in again.stdout
+        assert read_moved(run) == moved
+    finally:
+        down = _make("down", where)
+    assert down.returncode == 0 and "stack stopped" in down.stdout
+    assert not (run / "ports.env").exists()  # the next up listens where the settings say

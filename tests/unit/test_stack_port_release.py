@@ -48,5 +48,10 @@ def test_a_port_still_held_after_the_wait_is_refused_naming_the_variable(
 ) -> None:
     monkeypatch.setattr(lifecycle, "PORT_RELEASE_WAIT_S", 0.2)
     sock, port = _held_port()
-    with sock, pytest.raises(StackError, match=rf"MODEL_2_LISTEN=127.0.0.1:{port}: model-2 cannot"):
+    with (
+        sock,
+        pytest.raises(StackError, match=rf"MODEL_2_LISTEN=127.0.0.1:{port}: model-2 cannot") as e,
+    ):
         _stack(tmp_path, port)._check_port_free(service("model-2"))
+    # one listen variable alone leaves its callers at the old address: move the whole stack
+    assert "make up FREE_PORTS=1" in str(e.value)

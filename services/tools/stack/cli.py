@@ -22,7 +22,13 @@ from services.tools.engine.servers import (
 from services.tools.keys import describe, ensure_keys
 from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
-from services.tools.stack.ports import free_port
+from services.tools.stack.ports import (
+    MOVED_FILE,
+    forget_moved,
+    free_port,
+    read_moved,
+    write_moved,
+)
 from services.tools.stack.supervisor import read_state, supervise
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -52,10 +58,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "supervise":
         supervise(run_dir, sys.stdout, args.exit_with)
         return 0
-    stack = Stack(root, run_dir, detach=True)
+    # where the run dir's stack runs: moved by an earlier `up --free-ports`, else the settings'
+    stack = Stack(root, run_dir, read_moved(run_dir), detach=True)
     engines = LlamaServers(engine_paths(os.environ), run_dir, EngineOptions.from_env(os.environ))
     if args.command == "up":
         timeout_s = args.timeout if args.timeout is not None else _up_timeout_from_env()
+        stack = _placed(stack, args.free_ports)
         if args.local_engine:
             _refuse_a_running_stack(stack, engines)
         # reads .env: a bad one stops up here, before any engine starts
@@ -82,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"no stack running from {run_dir}")
         else:
             print("stack stopped")
+        forget_moved(run_dir)  # the next up listens where the settings say, or on new ports
         if engines.stop():
             print("llama-server replicas stopped")
         return 0
@@ -139,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_START_TIMEOUT_S:g})",
     )
     up.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="the whole stack on free loopback ports, wired to each other (make up FREE_PORTS=1: "
+        "another stack holds the default ports); kept in the run dir until down",
+    )
+    up.add_argument(
         "--local-engine",
         action="store_true",
         help="put the model processes in front of llama-server replicas (make engine builds "
@@ -164,6 +179,27 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--http", action="store_true", help="GET /readyz instead of gRPC health")
     check.add_argument("--timeout", type=float, default=2.0)
     return parser
+
+
+def _placed(stack: Stack, free_ports: bool) -> Stack:
+    """The stack ``up`` starts: a running one where it runs (``stack``: moved by an earlier
+    ``up --free-ports``, kept in the run dir until ``down``), else on new free loopback ports
+    when asked, else where the settings say."""
+    moved = stack.overrides
+    if moved and stack.supervisor_pid() is None and not stack.running():
+        forget_moved(stack.run_dir)  # left by a stack that is gone: start afresh
+        stack, moved = Stack(stack.root, stack.run_dir, detach=True), {}
+    if not free_ports or moved:
+        return stack
+    if stack.supervisor_pid() is not None or stack.running():
+        raise StackError(
+            f"a stack from {stack.run_dir} already runs where the settings say: stop it first "
+            "(make down), then make up FREE_PORTS=1"
+        )
+    stack = Stack.on_free_ports(stack.root, stack.run_dir, detach=True)
+    write_moved(stack.run_dir, stack.overrides)
+    print(f"on free ports (kept in {stack.run_dir / MOVED_FILE} until down)")
+    return stack
 
 
 def _refuse_a_running_stack(stack: Stack, engines: LlamaServers) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn, TextIO
+from urllib.parse import urlsplit
 
 from cachemesh.envfile import EnvFileError, read_env_file
 from services.tools.keys import HTTP_URL_VAR, TARGET_VAR, StackKeys, describe, ensure_keys
@@ -27,7 +28,13 @@ from services.tools.stack.environment import dial_address, merge_env, port_of
 from services.tools.stack.health import SERVING, UNREACHABLE, probe_as, probe_http
 from services.tools.stack.ports import free_port_overrides
 from services.tools.stack.processes import Running
-from services.tools.stack.redis_process import REDIS, redis_argv, stack_redis_address
+from services.tools.stack.redis_process import (
+    REDIS,
+    REDIS_URL_VAR,
+    STACK_REDIS_URL_VARS,
+    redis_argv,
+    stack_redis_address,
+)
 from services.tools.stack.service_table import SERVICES, ServiceDef, stop_order
 from services.tools.stack.supervisor import (
     HELD_DIR,
@@ -44,6 +51,14 @@ DATA_DIRS = {"SEMANTIC_CACHE_DATA_DIR": "semantic-cache", "ROUTER_DATA_DIR": "ro
 _POLL_S = 0.2
 PORT_RELEASE_WAIT_S = 5.0  # how long a just-killed process may take to release its port
 _REPORT_EVERY_S = 5.0
+
+
+# How to put a whole stack elsewhere: one listen variable alone leaves its callers (the
+# peers' *_ADDR, MODEL_REPLICAS, HTTP_FRONT_GATEWAY_ADDR, the Redis URLs) at the old address.
+MOVE_THE_STACK = (
+    "make up FREE_PORTS=1 (every service, its callers' settings and the stack's Redis on free "
+    "ports, kept until make down; python -m services.tools.stack up --free-ports)"
+)
 
 
 class StackError(RuntimeError):
@@ -81,13 +96,20 @@ class Stack:
         *,
         environ: Mapping[str, str] | None = None,
         out: TextIO | None = None,
+        detach: bool = False,
     ) -> Stack:
         """A stack whose services listen on free loopback ports, wired to each other.
 
         ``env_overrides`` still win (a test may pin one address)."""
         plain = cls(root, run_dir, env_overrides, environ=environ, out=out)
         moved = free_port_overrides(plain.settings())
-        return cls(root, run_dir, {**moved, **(env_overrides or {})}, environ=environ, out=out)
+        overrides = {**moved, **(env_overrides or {})}
+        return cls(root, run_dir, overrides, environ=environ, out=out, detach=detach)
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """The explicit settings over ``.env`` and the environment (free ports, tests)."""
+        return dict(self._overrides)
 
     def with_overrides(self, extra: Mapping[str, str]) -> Stack:
         """The same stack with ``extra`` settings over its own overrides."""
@@ -171,6 +193,7 @@ class Stack:
         started, so ``make up`` brings back one service while the others serve. If a process
         exits before it is SERVING, or the timeout passes, the whole stack is stopped.
         ``demo-keys.env`` then names where this stack listens (``client_endpoints``)."""
+        _refuse_miswired(self.miswired())
         keys = ensure_keys(self.run_dir, self.client_endpoints())
         if keys.created or not keys.has_demo_keys:
             self._say(describe(keys))
@@ -211,6 +234,39 @@ class Stack:
                 self.stop()
             raise
         return keys
+
+    def miswired(self) -> list[str]:
+        """Peer settings that still name a process's default address though its listen
+        setting moved it (``ROUTER_LISTEN`` moved, ``HTTP_FRONT_GATEWAY_ADDR`` left at
+        127.0.0.1:50051): the caller would dial whatever holds the default, another stack
+        perhaps, and this stack would report SERVING yet fail every request. Each as
+        ``VARIABLE=value ... (moved by VARIABLE=value)``."""
+        settings = self.settings()
+        found: list[str] = []
+        for caller in SERVICES:
+            for variable, peers in caller.peers.items():
+                dialled = {
+                    item.rpartition("=")[2].strip()
+                    for item in settings.get(variable, "").split(",")
+                }
+                for peer in (s for s in SERVICES if s.name in peers):
+                    default = f"127.0.0.1:{peer.default_port}"
+                    if default in dialled and self.addresses[peer.name] != default:
+                        found.append(
+                            f"{variable} names {default}, {peer.name}'s default address, but "
+                            f"{peer.listen_var}={self.listen(peer)} moved {peer.name}"
+                        )
+        redis = self.redis_address()
+        default_redis = f"127.0.0.1:{REDIS.default_port}"
+        if redis is not None and redis != default_redis:
+            for variable in STACK_REDIS_URL_VARS:
+                parts = urlsplit(settings.get(variable) or "")
+                if parts.hostname and f"{parts.hostname}:{parts.port or 6379}" == default_redis:
+                    found.append(
+                        f"{variable} names {default_redis}, the stack Redis's default address, "
+                        f"but {REDIS_URL_VAR} moved the stack's Redis to {redis}"
+                    )
+        return found
 
     def changed_settings(self, keys: StackKeys, managed: list[ServiceDef]) -> list[str]:
         """What the running stack's processes were started with that these settings change:
@@ -487,8 +543,8 @@ class Stack:
                     continue
                 raise StackError(
                     f"{variable}={listen}: {service.name} cannot listen there "
-                    f"({exc.strerror}); "
-                    f"another process holds the port: stop it or set {variable}"
+                    f"({exc.strerror}); another process (another stack?) holds the port: stop "
+                    f"it, or move the whole stack: {MOVE_THE_STACK}"
                 ) from None
 
     def _grace_s(self) -> float:
@@ -503,6 +559,14 @@ class Stack:
 
     def _say(self, message: str) -> None:
         print(message, file=self._out, flush=True)
+
+
+def _refuse_miswired(miswired: list[str]) -> None:
+    if miswired:
+        raise StackError(
+            f"this stack would dial another's addresses: {'; '.join(miswired)}. Set those "
+            f"variables to the moved addresses too, or move the whole stack: {MOVE_THE_STACK}"
+        )
 
 
 def _refuse_changed(changed: list[str], what: str) -> None:

@@ -1,16 +1,22 @@
-"""Moving the stack to other addresses: free loopback ports (tests) or container names (compose).
+"""Moving the stack to other addresses: free loopback ports (tests, ``up --free-ports``) or
+container names (compose).
 
 ``relocate`` rewrites every setting that holds a service's address (its listen variable and
 its callers' peer variables, MODEL_REPLICAS included) so the stack stays wired together.
+``up --free-ports`` keeps the addresses it chose in the run dir (``ports.env``) until ``down``,
+so ``status``, ``stop`` and a later ``up`` find the stack where it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
 from services.tools.stack.environment import dial_address
 from services.tools.stack.redis_process import STACK_REDIS_URL_VARS, stack_redis_address
 from services.tools.stack.service_table import SERVICES
@@ -92,3 +98,31 @@ def _replace_address(value: str, old: str, new: str) -> str:
             address = new
         items.append(f"{label}{sep}{address}")
     return ",".join(items)
+
+
+MOVED_FILE = "ports.env"  # in the run dir: the addresses ``up --free-ports`` chose, until down
+
+
+def read_moved(run_dir: Path) -> dict[str, str]:
+    """The settings ``up --free-ports`` moved the run dir's stack with (empty: not moved)."""
+    path = run_dir / MOVED_FILE
+    return read_env_file(path) if path.is_file() else {}
+
+
+def write_moved(run_dir: Path, overrides: Mapping[str, str]) -> None:
+    """Keeps ``overrides`` for the commands after ``up`` (mode 0600: a Redis URL may hold a
+    password); refused unless the reader reads back exactly what is written."""
+    text = "".join(f"{name}={value}\n" for name, value in sorted(overrides.items()))
+    path = run_dir / MOVED_FILE
+    if parse_env_text(text, str(path)) != dict(overrides):
+        raise EnvFileError(f"{path}: a moved setting would not read back as written")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def forget_moved(run_dir: Path) -> None:
+    (run_dir / MOVED_FILE).unlink(missing_ok=True)

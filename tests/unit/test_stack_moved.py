@@ -1,0 +1,74 @@
+"""A stack moved off the default ports: moved whole it stays wired together; one listen setting
+moved alone, with its callers still dialling the default, is refused before anything starts."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from services.tools.stack.lifecycle import Stack, StackError
+from services.tools.stack.ports import free_ports, read_moved, write_moved
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _stack(tmp_path: Path, overrides: dict[str, str]) -> Stack:
+    return Stack(ROOT, tmp_path / "run", overrides, environ={}, out=io.StringIO())
+
+
+def test_a_moved_listener_whose_callers_still_dial_its_default_is_refused(
+    tmp_path: Path,
+) -> None:
+    # Another stack held the defaults; following "stop it or set ROUTER_LISTEN" port by port
+    # gave a stack that said SERVING while the HTTP front dialled the other stack's router.
+    [port] = free_ports(1)
+    stack = _stack(tmp_path, {"ROUTER_LISTEN": f"127.0.0.1:{port}"})
+    with pytest.raises(StackError) as refused:
+        stack.start(timeout_s=5)
+    message = str(refused.value)
+    assert "HTTP_FRONT_GATEWAY_ADDR names 127.0.0.1:50051" in message
+    assert f"ROUTER_LISTEN=127.0.0.1:{port} moved router" in message
+    assert "make up FREE_PORTS=1" in message
+    assert not (tmp_path / "run" / "pids").exists()  # nothing started
+
+
+def test_every_listener_moved_one_at_a_time_names_each_caller_left_behind(
+    tmp_path: Path,
+) -> None:
+    # the review's 13 runs of "stop it or set <VAR>": every *_LISTEN and the Redis URL moved
+    ports = iter(free_ports(6))
+    listens = {
+        var: f"127.0.0.1:{next(ports)}"
+        for var in (
+            "ROUTER_LISTEN",
+            "SEMANTIC_CACHE_LISTEN",
+            "PREFIX_CACHE_LISTEN",
+            "MODEL_LISTEN",
+            "MODEL_2_LISTEN",
+        )
+    }
+    redis = f"redis://127.0.0.1:{next(ports)}/0"
+    miswired = "; ".join(_stack(tmp_path, {**listens, "PREFIX_CACHE_REDIS_URL": redis}).miswired())
+    for caller, moved in (
+        ("SEMANTIC_CACHE_ADDR", "SEMANTIC_CACHE_LISTEN"),
+        ("PREFIX_CACHE_ADDR", "PREFIX_CACHE_LISTEN"),
+        ("MODEL_REPLICAS", "MODEL_LISTEN"),
+        ("MODEL_REPLICAS", "MODEL_2_LISTEN"),
+        ("HTTP_FRONT_GATEWAY_ADDR", "ROUTER_LISTEN"),
+        ("ROUTER_ANSWERS_REDIS_URL", "PREFIX_CACHE_REDIS_URL"),  # another stack's ledger
+    ):
+        assert caller in miswired and moved in miswired
+
+
+def test_a_stack_moved_whole_is_wired_together(tmp_path: Path) -> None:
+    assert Stack.on_free_ports(ROOT, tmp_path / "run", environ={}).miswired() == []
+    assert _stack(tmp_path, {}).miswired() == []  # the defaults
+
+
+def test_the_free_ports_chosen_read_back_as_written(tmp_path: Path) -> None:
+    moved = Stack.on_free_ports(ROOT, tmp_path / "run", environ={}).overrides
+    write_moved(tmp_path / "run", moved)
+    assert read_moved(tmp_path / "run") == moved
+    assert (tmp_path / "run" / "ports.env").stat().st_mode & 0o077 == 0
