@@ -84,3 +84,23 @@ def test_make_up_free_ports_moves_the_whole_stack_and_the_targets_find_it(
         down = _make("down", where)
     assert down.returncode == 0 and "stack stopped" in down.stdout
     assert not (run / "ports.env").exists()  # the next up listens where the settings say
+
+
+def test_make_demo_leaves_a_stack_it_did_not_start_running(tmp_path: Path) -> None:
+    # `make up`, then `make demo` in the same checkout: the demo adopted the running stack,
+    # then stopped it with its own `stack down`.
+    where = f"RUN_DIR={tmp_path / 'run'}"
+    try:
+        assert _make("up", "FREE_PORTS=1", where).returncode == 0
+        demo = _make("demo", where)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "requests in" in demo.stdout and "left running" in demo.stdout
+        status = _make("status", where)
+        assert status.returncode == 0, status.stdout  # still up, every process SERVING
+    finally:
+        _make("down", where)
+    alone = _make("demo", "FREE_PORTS=1", where)  # a demo of its own: stopped after
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert "stack stopped" in alone.stdout
+    after = _make("status", where)
+    assert after.returncode != 0 and "STOPPED" in after.stdout  # no supervisor left

@@ -1,5 +1,5 @@
-"""``python -m services.tools.stack keys|up|down|stop NAME|status|probe`` (and ``supervise``,
-which ``up`` starts).
+"""``python -m services.tools.stack keys|up|down|stop NAME|status|running|probe`` (and
+``supervise``, which ``up`` starts).
 
 Used by the Makefile and compose.
 """
@@ -94,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         if engines.stop():
             print("llama-server replicas stopped")
         return 0
+    if args.command == "running":
+        return 0 if stack.supervisor_pid() is not None else 1
     if args.command == "stop":
         stack.stop_service(args.name)
         print(f"{args.name} stopped; the supervisor keeps it stopped until the next up")
@@ -166,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     stop.add_argument("name", help="a process of the stack (router, model-2, redis, ...)")
     commands.add_parser("status", help="health of every service")
+    commands.add_parser(
+        "running",
+        help="exit 0 when a supervisor runs the run dir's stack (make demo then leaves it running)",
+    )
     supervisor = commands.add_parser(
         "supervise", help="(started by up) keep the stack's processes running, restart the dead"
     )
