@@ -54,17 +54,17 @@ class Resolved:
         return found
 
 
-@pytest.fixture(scope="module")
-def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
+def _resolve(work: Path, dotenv_extra: str = "") -> Resolved:
+    """``docker-compose config`` on a copy of the compose file and ``.env`` (with
+    ``dotenv_extra`` appended) in ``work``, so this install's .run/ is untouched."""
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.fail(
             "docker-compose is not installed, so docker-compose.yml cannot be validated: "
             "run `make test-deps` (apt-get install docker-compose)"
         )
-    work = tmp_path_factory.mktemp("compose")  # a copy, so this install's .run/ is untouched
     shutil.copy(ROOT / "docker-compose.yml", work)
-    shutil.copy(ROOT / ".env", work)
+    (work / ".env").write_text((ROOT / ".env").read_text() + dotenv_extra)
     keys = ensure_keys(work / ".run")
     result = subprocess.run(
         [exe, "--project-directory", str(work), "-f", str(work / "docker-compose.yml"), "config"],
@@ -76,7 +76,41 @@ def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
         check=False,
     )
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
-    yield Resolved(yaml.safe_load(result.stdout), work, keys)
+    return Resolved(yaml.safe_load(result.stdout), work, keys)
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
+    yield _resolve(tmp_path_factory.mktemp("compose"))
+
+
+# The README's "Real models" settings for Anthropic, put in .env (which compose reads too)
+ANTHROPIC_DOTENV = """
+MODEL_BACKEND=anthropic
+ANTHROPIC_API_KEY_FILE=/run/secrets/anthropic
+MODEL_IDS=claude-haiku-4-5,claude-sonnet-4-5
+MODEL_2_IDS=claude-sonnet-4-5
+CACHEMESH_AUTO_SMALL=claude-haiku-4-5
+CACHEMESH_AUTO_LARGE=claude-sonnet-4-5
+CACHEMESH_AUTO_TIERS=medium=claude-sonnet-4-5
+"""
+
+
+def test_compose_serves_the_simulator_whatever_dotenv_says_of_models(tmp_path: Path) -> None:
+    # With the Anthropic settings in .env, model-2 kept MODEL_IDS=sim-large under
+    # MODEL_BACKEND=anthropic (exit, restart, forever) and the router routed `auto` to models
+    # no replica of its MODEL_REPLICAS serves: compose runs the simulator only, wired together.
+    resolved = _resolve(tmp_path, ANTHROPIC_DOTENV)
+    ids = {"model": "sim-small,sim-large", "model-2": "sim-large"}
+    for name, served in ids.items():
+        env = resolved.service(name)["environment"]
+        assert (env["MODEL_BACKEND"], env["MODEL_IDS"]) == ("simulated", served)
+    for spec in SERVICES:
+        env = resolved.service(spec.name)["environment"]
+        auto = {k: env.get(k) for k in ("CACHEMESH_AUTO_SMALL", "CACHEMESH_AUTO_LARGE")}
+        assert auto | {"tiers": env.get("CACHEMESH_AUTO_TIERS")} == dict.fromkeys(
+            (*auto, "tiers"), ""
+        ), spec.name  # empty: the table's own tiers, sim-small and sim-large
 
 
 def test_same_services_as_the_stack_plus_redis_jaeger_prometheus_grafana(
@@ -142,6 +176,14 @@ def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]
         "ROUTER_ANSWERS_REDIS_URL": "redis://redis:6379/2",
     }
     overrides |= {k: v for k, v in container_paths.items() if k in spec.env_keys}
+    # compose serves the simulator only, whatever .env says of models (tested below)
+    simulator = {
+        "MODEL_BACKEND": "simulated",
+        "CACHEMESH_AUTO_SMALL": "",
+        "CACHEMESH_AUTO_LARGE": "",
+        "CACHEMESH_AUTO_TIERS": "",
+    }
+    overrides |= {k: v for k, v in simulator.items() if k in spec.env_keys}
     overrides |= {
         "OTEL_SERVICE_NAME": spec.otel_service_name,
         "OTEL_TRACES_EXPORTER": "otlp",
