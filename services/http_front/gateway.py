@@ -9,6 +9,7 @@ hit, for a client span that would only repeat the front's server span."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -20,11 +21,18 @@ from cachemesh.retry_info import retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
+from services.common.errors import Code
 from services.common.status import code_of
 from services.common.tls import ClientTls
 from services.http_front.errors import ApiError, from_gateway
 
+log = logging.getLogger("cachemesh.http_front")
+
 RETRY_AFTER = "retry-after"
+# What a caller is told when no Gateway answered at all (the channel's own UNAVAILABLE: refused,
+# reset, TLS or name failures): gRPC's text names the Gateway's internal address, so it goes
+# to the log only.
+UNREACHABLE = "the Gateway is unreachable; retry"
 # The router reads its answer ledger (another router's answers) only for calls so marked; a
 # first call so marked is served as usual, after that one read.
 RETRY_MARK = ("cachemesh-retry", "1")
@@ -70,6 +78,7 @@ class Gateway:
             if tls is None
             else grpc.aio.secure_channel(address, tls.grpc_credentials(), options=options)
         )
+        self._address = address
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s
@@ -83,7 +92,7 @@ class Gateway:
         try:
             response: pb.CompleteResponse = await call
         except grpc.aio.AioRpcError as error:
-            raise api_error(error) from None
+            raise self._failure(error) from None
         except asyncio.CancelledError:
             call.cancel()  # the HTTP caller went away: so does the Gateway call
             raise
@@ -99,9 +108,24 @@ class Gateway:
             async for chunk in call:
                 yield chunk
         except grpc.aio.AioRpcError as error:
-            raise api_error(error) from None
+            raise self._failure(error) from None
         finally:
             call.cancel()  # a no-op once the call has ended; else the caller went away
+
+    def _failure(self, error: grpc.aio.AioRpcError) -> ApiError:
+        """The refusal the caller gets: the Gateway's own status as it sent it; an
+        ``UNAVAILABLE`` the channel raised itself (no Gateway answered: the channel is not
+        connected) as the fixed ``UNREACHABLE``, gRPC's detail logged."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE and not self._connected():
+            log.warning("the Gateway at %s is unreachable: %s", self._address, error.details())
+            return from_gateway(Code.UNAVAILABLE, UNREACHABLE)
+        return api_error(error)
+
+    def _connected(self) -> bool:
+        """A status the Gateway sent leaves the channel READY; one the channel raised (refused,
+        reset, a failed TLS handshake) leaves it connecting or failed."""
+        state = self._channel.get_state(try_to_connect=False)
+        return bool(state == grpc.ChannelConnectivity.READY)
 
     async def serving(self, timeout_s: float = 1.0) -> bool:
         try:

@@ -677,3 +677,24 @@ async def test_the_in_flight_limit_counts_a_tenants_keys_together(tmp_path: Path
         await first_client.close()
         await second_client.close()
     assert "this tenant" in limited.value.message and "all of its API keys" in limited.value.message
+
+
+async def test_an_unreachable_gateway_is_said_without_its_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the router down, the 529/503 bodies carried gRPC's channel error verbatim
+    ("failed to connect to all addresses; ... ipv4:127.0.0.1:50051: ... Connection refused"):
+    an internal address. The caller gets a fixed message; the detail goes to the log."""
+    nowhere = f"127.0.0.1:{_free_port()}"
+    async with serving(tmp_path, FakeGateway(), HTTP_FRONT_GATEWAY_ADDR=nowhere) as served:
+        front = Front(served.base, served.stop, served.metrics)
+        for path, headers, status in (
+            ("/v1/messages", {"x-api-key": KEY, "anthropic-version": "2023-06-01"}, 529),
+            ("/v1/chat/completions", {"authorization": f"Bearer {KEY}"}, 503),
+        ):
+            body = b'{"model": "sim-small", "max_tokens": 8, "messages": ' + HI
+            got, reply = await _raw(front, path, body, headers)
+            assert got == status
+            message = reply["error"]["message"]
+            assert message == "the Gateway is unreachable; retry"
+    assert nowhere in caplog.text  # the detail, for the operator
