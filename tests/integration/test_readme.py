@@ -117,7 +117,7 @@ def test_readme_commands_run_as_printed(stack: RunningStack, tmp_path: Path) -> 
     if has_grpcurl:
         ask, client, _, front, admin, _ = outputs
     assert "served_by:" in ask and "trace_id:" in ask
-    assert re.match(r"^\d+ -?\d+ [0-9a-f]{32}$", client.strip())  # served_by, saved, trace id
+    assert re.match(r"^LAYER_[A-Z_]+ -?\d+ [0-9a-f]{32}$", client.strip())  # layer, saved, trace
     assert "simulated" in front.lower()
     assert "API key (shown this once" in admin and "hit rate" in admin
     assert "dropped " in admin and "default TTL" in admin

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.tools.stack import processes
-from services.tools.stack.supervisor import HELD_DIR, Managed, Plan, Supervisor
+from services.tools.stack.supervisor import HELD_DIR, Managed, Plan, Supervisor, read_state
 
 
 def _until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
@@ -63,6 +63,11 @@ def test_a_held_process_stays_stopped_until_released_and_a_dead_one_restarts(
 
         (tmp_path / HELD_DIR / "napper").unlink()  # released: started again
         _until(lambda: _pid(pid_path) is not None)
+        # `make stop SERVICE=napper`, then `make up`: the deliberate stop and start are not
+        # restarts of what died (make status showed "(2 restarts)" here): the kill only
+        _until(lambda: read_state(tmp_path).get("napper", {}).get("pid") == _pid(pid_path))
+        assert read_state(tmp_path)["napper"]["restarts"] == 1
+        assert "(#2)" not in Path(managed.log_path).read_text()
     finally:
         stop.set()
         thread.join(30)

@@ -177,13 +177,13 @@ class Supervisor:
         return True
 
     def _release(self, slot: _Slot) -> bool:
-        """A process whose hold was lifted is started again at once."""
+        """A process whose hold was lifted is started again at once: a deliberate stop and
+        start, not counted among the restarts of what died (``status``'s restarts)."""
         if slot.held_since is None:
             return False
         slot.held_since = None
         if slot.pid is None and slot.restart_at is None:
-            slot.restarts += 1
-            self._spawn(slot, append=True)
+            self._spawn(slot, append=True, why="started again: its hold was lifted")
             return True
         return False
 
@@ -211,13 +211,13 @@ class Supervisor:
         )
         return True
 
-    def _spawn(self, slot: _Slot, *, append: bool) -> None:
+    def _spawn(self, slot: _Slot, *, append: bool, why: str = "") -> None:
         """Starts the process; one that cannot be started (its executable missing during a
         rebuild, fork failing for memory, its log's disk full) is tried again after the
         backoff, as if it had exited at once: supervision goes on."""
         spec = slot.spec
         try:
-            popen = self._popen(slot, append=append)
+            popen = self._popen(slot, append=append, why=why)
         except (OSError, subprocess.SubprocessError) as exc:
             delay = slot.backoff.after_exit(0.0)
             slot.restart_at = time.monotonic() + delay
@@ -232,13 +232,14 @@ class Supervisor:
             return
         self._say(f"{spec.name}: {verb} pid {popen.pid}")
 
-    def _popen(self, slot: _Slot, *, append: bool) -> subprocess.Popen[bytes]:
+    def _popen(self, slot: _Slot, *, append: bool, why: str) -> subprocess.Popen[bytes]:
         spec = slot.spec
         log_path = Path(spec.log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab" if append else "wb") as log:
             if append:
-                log.write(f"\n--- restarted by the supervisor (#{slot.restarts}) ---\n".encode())
+                why = why or f"restarted by the supervisor (#{slot.restarts})"
+                log.write(f"\n--- {why} ---\n".encode())
                 log.flush()
             return subprocess.Popen(
                 spec.argv,
