@@ -1,6 +1,7 @@
 """The L1 cache logic: check and store (a small explicit API, RedisVL-style).
 
-A check finds the query's scope, takes the exact-match path or embeds the text and lets
+A check finds the query's scope, takes the exact-match path (the same text, or the same up to
+case and spacing that cannot change its meaning: ``query.folded``) or embeds the text and lets
 ``matching`` decide among the scope's nearest entries (threshold, verifier, ambiguity; the
 verifier runs in a worker thread, and only an entry still there unchanged afterwards is served);
 a miss may take the query's single-flight lease. A store embeds the text, then logs the entry
@@ -27,13 +28,14 @@ from services.common.clock import Clock
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import PURGE_GUARD_MS, EntryStore
-from services.semantic_cache.index import AnnSettings
+from services.semantic_cache.index import AnnSettings, ScopeIndex, folded_key
 from services.semantic_cache.inflight import StoresInFlight
 from services.semantic_cache.journal import Applied
 from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
+from services.semantic_cache.reading import folding_refusal
 from services.semantic_cache.recent import Recent
 from services.semantic_cache.records import (
     END_TURN,
@@ -217,7 +219,7 @@ class SemanticCache(EntryStore):
         index = self._scopes.get((query.tenant, query.scope))
         if index is None:
             return CheckResult(None)
-        vid = index.exact.get(query.normalised)
+        vid = self._exact_match(index, query.normalised)
         if vid is not None and self._servable(self._entries[vid], query, now):
             return self._hit(vid, 1.0, exact=True, best=1.0)
         vector = await self._embed(query.tenant, text)
@@ -247,6 +249,18 @@ class SemanticCache(EntryStore):
             refusal = "the nearest candidate changed while it was verified"
             return CheckResult(None, best_similarity=best, refusal=refusal)
         return self._hit(choice.vid, choice.similarity, exact=False, best=best)
+
+    def _exact_match(self, index: ScopeIndex, text: str) -> int | None:
+        """The entry stored with this text, else the last one stored with it up to letter
+        case and spacing, if nothing the models cannot read tells them apart
+        (``reading.folding_refusal``: "ls -L" is not "ls -l", "How do I" is "how do I")."""
+        vid = index.exact.get(text)
+        if vid is not None:
+            return vid
+        vid = index.folded.get(folded_key(text))
+        if vid is None or folding_refusal(self._entries[vid].query, text):
+            return None
+        return vid
 
     async def _verify(self, short: list[Candidate], text: str) -> list[str]:
         """The verifier's verdicts (why each is refused, "" = accepted), off the event loop:

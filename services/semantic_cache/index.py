@@ -15,6 +15,7 @@ to be rebuilt, no copy of its vectors.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 from services.semantic_cache.ann import GROWTH as GROWTH
 from services.semantic_cache.ann import AnnSettings as AnnSettings
 from services.semantic_cache.ann import Ids, Rows, remove_ids, sample_positions, train_ivf
+from services.semantic_cache.query import folded
 from services.semantic_cache.rebuild import Rebuild
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,14 @@ SLICE = 65_536  # rows per slice of a copy (a rebuild frees each once it has add
 
 
 class ScopeIndex:
-    """The entries of one (tenant, scope): FAISS ids, vectors and the exact-match keys."""
+    """The entries of one (tenant, scope): FAISS ids, vectors and the exact-match keys (and
+    the folded ones: ``folded_key``)."""
 
     def __init__(self, dim: int, namespace: str, ann: AnnSettings | None = None) -> None:
         self.namespace = namespace
         self.exact: dict[str, int] = {}  # normalised query -> id
+        # folded_key(normalised query) -> the id of the last entry stored with it
+        self.folded: dict[bytes, int] = {}
         self.ids: set[int] = set()
         self._dim = dim
         self._ann = ann
@@ -98,6 +103,7 @@ class ScopeIndex:
             self._rebuild.added(ids, rows)
         self.ids.update(vids)
         self.exact.update(zip(keys, vids, strict=True))
+        self.folded.update(zip(map(folded_key, keys), vids, strict=True))
         self._maybe_start_rebuild()
 
     def export(self) -> tuple[Ids, Rows]:
@@ -131,6 +137,9 @@ class ScopeIndex:
         self.ids.discard(vid)
         if self.exact.get(key) == vid:
             del self.exact[key]
+        digest = folded_key(key)
+        if self.folded.get(digest) == vid:
+            del self.folded[digest]
 
     def search(self, vector: Rows, k: int) -> list[tuple[int, float]]:
         """Up to ``k`` (id, inner product) pairs, best first."""
@@ -176,3 +185,9 @@ class ScopeIndex:
             return
         self._index, self._approximate = index, True
         self._trained_for = rebuild.size
+
+
+def folded_key(key: str) -> bytes:
+    """The sha256 of the folded text (``query.folded``): a digest, not a second copy of each
+    question (up to 16 kB)."""
+    return hashlib.sha256(folded(key).encode("utf-8", "surrogatepass")).digest()

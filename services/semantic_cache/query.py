@@ -57,9 +57,18 @@ class Query:
 
 
 def normalise(text: str) -> str:
-    """The exact-match key: stripped, whitespace collapsed, lowercased. Not casefolded:
-    casefold() maps "ß" to "ss", and "Maße" (measurements) would be "Masse" (mass), an exact
-    hit served with no verifier."""
+    """The exact-match key: the text without the whitespace at its ends, its line endings
+    ``\n``. Letter case and inner whitespace are kept: "ls -L" is not "ls -l", "True" is not
+    "true", "MB" is not "Mb", and Python's indentation and a quoted string's spaces are
+    meaning. A text equal to a stored one up to case and spacing meets it on the folded key
+    (``folded``), served only when ``reading.folding_refusal`` finds nothing that can change
+    its meaning."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def folded(text: str) -> str:
+    """The folded key: whitespace collapsed, lowercased with ``str.lower`` (not casefolded:
+    casefold() maps "ß" to "ss", and "Maße", measurements, would meet "Masse", mass)."""
     return " ".join(text.split()).lower()
 
 

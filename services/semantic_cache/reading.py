@@ -20,11 +20,24 @@ refused when the embedding and the verifier cannot see what tells the two questi
   wrong); as is a question longer than the embedding reads whose differing part the verifier
   cannot read in full when the verifier does not run. A pair that shares no leading sentence
   is read exactly as before (the verifier's calibration still holds).
+- **What the tokenizer folds away** (``folding_refusal``): it lowercases and reads any run of
+  whitespace as one break, and the exact-match key keeps both (``query.normalise``). "What
+  does `ls -L` do?" / "`ls -l`", "the type of True" / "true", "500 MB" / "500 Mb", Python
+  whose indentation moved, "print('A B')" / "print('A    B')" were served as exact hits on a
+  lowercased, whitespace-collapsed key. Texts equal up to case and spacing (``query.folded``)
+  are compared token by token: a word may differ in its first letter where it opens a
+  sentence, as the pronoun "I", or Capitalised or in capitals against a question written all
+  in lowercase; a token with a digit or a symbol not at all; the spacing only between words,
+  outside a quoted or code span, never in a line break or an indentation. Other pairs are
+  held only to the spans and lines both hold (a word's case between paraphrases is left to
+  the models: users write proper nouns in lowercase).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -38,6 +51,7 @@ from services.semantic_cache.embedder import (
     default_tokenizer_path,
     embedding_input,
 )
+from services.semantic_cache.query import folded
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -47,6 +61,10 @@ UNREADABLE = (
     " vocabulary: most CJK, Thai, emoji)"
 )
 TOO_LONG = "too long: the verifier cannot read in full where the two questions differ"
+CASE_OR_SPACING = (
+    "unreadable: the questions differ in letter case or spacing the models do not read (a"
+    " word's case past a sentence's first letter, a quoted or code span, a line's indentation)"
+)
 # A sentence ends at ., ! or ? followed by whitespace and more text.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 # The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
@@ -80,6 +98,156 @@ def differing(first: str, second: str) -> tuple[str, str]:
     if start_a == 0:
         return first, second
     return first[start_a:], second[start_b:]
+
+
+# What may stand between a sentence's end (or the text's start, or a line break) and its
+# first word: spaces, opening quotes and brackets, inverted marks, a bullet.
+_OPENERS = frozenset("\"'“”\u2018\u2019«»([{¿¡•>")
+_SENTENCE_ENDS = frozenset(".!?:;")
+# Around a word, what is punctuation and not part of it ("True?" is the word "True").
+_LEADING = "\"'“\u2018«([{¿¡"
+_TRAILING = ".,;:!?\"'”\u2019»)]}"
+# A word of letters only, with inner apostrophes ("don't", "I'm"); a token with a digit or
+# a symbol ("-L", "Mb/s", "print('A") must be written the same way in both.
+_LETTERS = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
+# A quoted or code span within a line (a fenced block is found by splitting on its fences):
+# `code`, '...' and "..." not inside a word (an apostrophe is none), “...”, «...».
+_QUOTED = re.compile(
+    r"`[^`\n]*`"
+    r"|(?<![^\W_])'[^'\n]*'(?![^\W_])"
+    r"|(?<![^\W_])\"[^\"\n]*\"(?![^\W_])"
+    r"|“[^”\n]*”"
+    r"|«[^»\n]*»"
+)
+_TOKEN = re.compile(r"\S+")
+
+
+def _starts_sentence(text: str, start: int) -> bool:
+    """The word at ``start`` opens the text, a line or a sentence (what precedes it, past
+    spaces and openers, is a line break or ., !, ?, :, ;)."""
+    i = start - 1
+    while i >= 0:
+        char = text[i]
+        if char == "\n":
+            return True
+        if not (char.isspace() or char in _OPENERS):
+            return char in _SENTENCE_ENDS
+        i -= 1
+    return True
+
+
+def _spans(text: str) -> Iterator[tuple[int, int]]:
+    """Where the fenced code blocks (an unclosed one runs to the end) and the quoted or code
+    spans are: (start, end) offsets, fences and quotes included."""
+    offset = 0
+    for i, part in enumerate(text.split("```")):
+        if i % 2:
+            yield offset - 3, min(len(text), offset + len(part) + 3)
+        else:
+            yield from ((offset + m.start(), offset + m.end()) for m in _QUOTED.finditer(part))
+        offset += len(part) + 3
+
+
+def _inside_spans(text: str) -> bytearray:
+    """Per character of ``text``, 1 when it lies within a quoted or code span."""
+    inside = bytearray(len(text))
+    for start, end in _spans(text):
+        inside[start:end] = b"\x01" * (end - start)
+    return inside
+
+
+def _case_allowed(a: str, b: str, start: tuple[bool, bool], casual: tuple[bool, bool]) -> bool:
+    """Two tokens equal but for letter case may stand for each other: words of letters only
+    that differ in their first letter where either opens a sentence, the pronoun "I", or a
+    Capitalised or ALL-CAPS word beside a question written all in lowercase ("flights rome
+    to chicago")."""
+    core_a, core_b = a.lstrip(_LEADING).rstrip(_TRAILING), b.lstrip(_LEADING).rstrip(_TRAILING)
+    if not _LETTERS.fullmatch(core_a):
+        return False
+    pronoun = core_a.lower().replace("\u2019", "'").split("'")[0] == "i"
+    if core_a[1:] == core_b[1:] and (any(start) or pronoun):
+        return True
+    for word, other, lowercase in ((core_a, core_b, casual[1]), (core_b, core_a, casual[0])):
+        if lowercase and other.islower() and (word.isupper() or word[1:].islower()):
+            return True
+    return False
+
+
+def _case_or_spacing(a: str, b: str) -> bool:
+    """Texts equal up to case and spacing (``query.folded``) that differ in a way that can
+    change their meaning: a word's case other than as ``_case_allowed`` says, the spacing
+    within a quoted or code span, a line break or a line's indentation."""
+    tokens_a, tokens_b = list(_TOKEN.finditer(a)), list(_TOKEN.finditer(b))
+    casual = (not any(c.isupper() for c in a), not any(c.isupper() for c in b))
+    inside_a: bytearray | None = None
+    inside_b: bytearray | None = None
+    for k, (x, y) in enumerate(zip(tokens_a, tokens_b, strict=True)):
+        if x.group() != y.group():
+            start = (_starts_sentence(a, x.start()), _starts_sentence(b, y.start()))
+            if not _case_allowed(x.group(), y.group(), start, casual):
+                return True
+        if k == 0:
+            continue
+        before_a = a[tokens_a[k - 1].end() : x.start()]
+        before_b = b[tokens_b[k - 1].end() : y.start()]
+        if before_a == before_b:
+            continue
+        if "\n" in before_a or "\n" in before_b:
+            if before_a.rpartition("\n")[1:] != before_b.rpartition("\n")[1:]:
+                return True  # a line break, or the next line's indentation
+            continue
+        inside_a = inside_a if inside_a is not None else _inside_spans(a)
+        inside_b = inside_b if inside_b is not None else _inside_spans(b)
+        if inside_a[x.start() - 1] or inside_b[y.start() - 1]:
+            return True
+    return False
+
+
+Forms = dict[str, list[str]]  # per key, the ways a text writes it, in order (no repeats in a row)
+
+
+def _add(forms: Forms, key: str, form: str) -> None:
+    seen = forms.setdefault(key, [])
+    if not seen or seen[-1] != form:
+        seen.append(form)
+
+
+def _span_forms(text: str) -> Forms:
+    """Per quoted or code span as the tokenizer reads it (lowercase, no whitespace), its
+    characters."""
+    forms: Forms = {}
+    for start, end in _spans(text):
+        span = text[start:end]
+        _add(forms, "".join(span.split()).lower(), span)
+    return forms
+
+
+def _indents(text: str) -> Forms:
+    """Per line as the tokenizer reads it, its indentation."""
+    indents: Forms = {}
+    for line in text.split("\n"):
+        content = line.strip()
+        if content:
+            key = " ".join(content.split()).lower()
+            _add(indents, key, line[: len(line) - len(line.lstrip())])
+    return indents
+
+
+def folding_refusal(first: str, second: str) -> str:
+    """Why the two texts may not be served for each other although what tells them apart is
+    folded away by the tokenizer ("" = nothing such; ``CASE_OR_SPACING``). Texts equal up to
+    case and spacing (``query.folded``) are compared word by word (``_case_or_spacing``);
+    others only where the models cannot see a difference that is there: a quoted or code span,
+    or a line, found in both but written or indented differently (or in another order).
+    Linear in the texts' length (a 16 kB question is never aligned by edit distance)."""
+    a, b = unicodedata.normalize("NFC", first), unicodedata.normalize("NFC", second)
+    if folded(a) == folded(b):
+        return CASE_OR_SPACING if _case_or_spacing(a, b) else ""
+    for forms in (_span_forms, _indents):
+        of_a, of_b = forms(a), forms(b)
+        if any(of_a[key] != of_b[key] for key in of_a.keys() & of_b.keys()):
+            return CASE_OR_SPACING
+    return ""
 
 
 @dataclass(frozen=True)
@@ -151,7 +319,8 @@ class Reader:
     def read(self, first: str, second: str, *, cross_encoder: bool, scored: bool) -> Reading:
         """What the verifier reads of (cached, new): their differing parts, unless it cannot
         read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
-        or they differ in ``[UNK]`` text."""
+        or they differ in ``[UNK]`` text, or in what the tokenizer folds away
+        (``folding_refusal``)."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -164,6 +333,8 @@ class Reader:
             return Reading(a, b, dropped, TOO_LONG)
         if self._unknown(a, a_enc) != self._unknown(b, b_enc):
             return Reading(a, b, dropped, UNREADABLE)
+        if refusal := folding_refusal(first, second):
+            return Reading(a, b, dropped, refusal)
         return Reading(a, b, dropped)
 
 

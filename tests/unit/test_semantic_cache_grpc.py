@@ -89,7 +89,7 @@ async def test_store_then_lookup_hits_and_drop_clears(
     store = sc.StoreRequest(tenant="a", request=make_request("Reset my password"), answer=ANSWER)
     stored = await stub.Store(store, metadata=AUTH)
     assert stored.stored and len(stored.entry_id) == 32
-    lookup = sc.LookupRequest(tenant="a", request=make_request("reset  my PASSWORD"))
+    lookup = sc.LookupRequest(tenant="a", request=make_request("reset  my password"))
     found = await stub.Lookup(lookup, metadata=AUTH)
     assert found.hit and found.match.exact and found.match.similarity == 1.0
     assert found.match.entry_id == stored.entry_id and found.best_similarity == 1.0

@@ -178,3 +178,91 @@ def test_a_long_pair_is_refused_only_when_its_reading_holds_nothing_past_their_o
     assert reader.sees_the_difference(early_a, early_b)
     assert reader.sees_the_difference("How do I enable 2FA?", "How do I disable 2FA?")  # short
     assert reader.sees_the_difference("如何删除我的账户", "如何删除我的账户?")  # one whole, read
+
+
+# --- what the tokenizer folds away: letter case and spacing (the review's exact-path probes)
+FOLDED_APART = [
+    (
+        "What does this Python print?\nfor i in range(3):\n    if i == 1:\n"
+        "        print('one')\n    print(i)",
+        "What does this Python print?\nfor i in range(3):\n    if i == 1:\n"
+        "        print('one')\n        print(i)",
+    ),
+    (
+        "Why is my loop slow?\nfor row in rows:\n    total = 0\n    total += row.amount\n"
+        "return total",
+        "Why is my loop slow?\nfor row in rows:\n    total = 0\ntotal += row.amount\nreturn total",
+    ),
+    (
+        "Is this YAML valid?\nservices:\n  web:\n    image: nginx\n  db:\n    image: postgres",
+        "Is this YAML valid?\nservices:\n  web:\n    image: nginx\n    db:\n      image: postgres",
+    ),
+    ("What does `ls -L` do?", "What does `ls -l` do?"),
+    ("What does `grep -I` do?", "What does `grep -i` do?"),
+    ("What does grep -I do?", "What does grep -i do?"),  # no backticks: "-I" is no pronoun
+    ("What does `git log -S foo` do?", "What does `git log -s foo` do?"),
+    ("In Python, what is the type of True?", "In Python, what is the type of true?"),
+    (
+        "How long does it take to download 500 MB at 100 Mb/s?",
+        "How long does it take to download 500 Mb at 100 MB/s?",
+    ),
+    ("How long does it take to download 500 MB?", "How long does it take to download 500 Mb?"),
+    ("What is the output of print('A B')", "What is the output of print('A    B')"),
+    ("How do I NOT reset my password?", "How do I not reset my password?"),
+]
+FOLDED_SAME = [
+    ("How do I reset my password?", "how do i reset my password?"),  # written all lowercase
+    ("How do I reset my password?", "  How do I   reset my\tpassword?  "),
+    ("Flights Rome to Chicago", "flights rome to chicago"),
+    ("i forgot my password. what now?", "I forgot my password. What now?"),
+    ("What is 2+2?", "What is 2+2?\r\n"),
+]
+
+
+@pytest.mark.parametrize(("stored", "asked"), FOLDED_APART)
+async def test_questions_apart_only_in_case_or_spacing_that_changes_meaning_are_a_miss(
+    stored: str, asked: str
+) -> None:
+    cache = shipped_cache()
+    assert (await cache.store(q(stored), answer())).stored
+    result = await cache.check(q(asked))
+    assert not result.hit, f"served {stored!r} to {asked!r} (exact {result.exact})"
+    assert refusal_reason(result.refusal) == "unreadable", result.refusal
+    assert (await cache.check(q(stored))).exact  # its own text is served
+
+
+@pytest.mark.parametrize(("stored", "asked"), FOLDED_SAME)
+async def test_a_repeat_apart_only_in_sentence_case_or_spacing_is_an_exact_hit(
+    stored: str, asked: str
+) -> None:
+    cache = shipped_cache()
+    await cache.store(q(stored), answer())
+    result = await cache.check(q(asked))
+    assert result.hit and result.exact and result.similarity == 1.0, result.refusal
+
+
+async def test_both_ways_of_writing_a_folded_question_keep_their_own_answers() -> None:
+    cache = shipped_cache()
+    await cache.store(q("What does `ls -L` do?"), answer(b"dereference"))
+    await cache.store(q("What does `ls -l` do?"), answer(b"long listing"))
+    upper, lower = (
+        await cache.check(q("What does `ls -L` do?")),
+        await cache.check(q("What does `ls -l` do? ")),
+    )
+    assert upper.entry is not None and upper.entry.answer.payload == b"dereference"
+    assert lower.entry is not None and lower.entry.answer.payload == b"long listing"
+
+
+def test_the_folding_check_reads_case_and_spacing_word_by_word() -> None:
+    from services.semantic_cache.reading import folding_refusal
+
+    for stored, asked in FOLDED_APART:
+        assert folding_refusal(stored, asked), (stored, asked)
+    for stored, asked in FOLDED_SAME:
+        assert not folding_refusal(stored.strip(), asked.strip()), (stored, asked)
+    # pairs that differ otherwise: only quoted or code spans and lines found in both
+    assert folding_refusal("What does print('A B') output?", "What is print('A  B') printing?")
+    assert not folding_refusal("How do I learn Python?", "what is the best way to learn python")
+    long = "word " * 4000  # 20 kB: compared token by token, never aligned by edit distance
+    assert not folding_refusal(long + "Python", long + "python")  # written all lowercase
+    assert folding_refusal(long + "MB", long + "Mb")

@@ -99,7 +99,7 @@ async def test_a_store_of_the_same_query_replaces_the_entry() -> None:
     cache, clock, _ = new_cache()
     first = await cache.store(q("reset my password"), answer(b"old"))
     clock.advance(s=TTL_S - 1)
-    refresh = q("  Reset my PASSWORD ", mode=pb.SEMANTIC_MODE_REFRESH)
+    refresh = q("  reset my password ", mode=pb.SEMANTIC_MODE_REFRESH)
     assert not (await cache.check(refresh)).hit  # REFRESH skips the read ...
     second = await cache.store(refresh, answer(b"new"))  # ... and stores over the old
     assert second.stored and second.entry_id != first.entry_id

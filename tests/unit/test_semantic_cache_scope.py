@@ -12,6 +12,7 @@ from services.semantic_cache import query as query_module
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import (
     RecentQueries,
+    folded,
     normalise,
     query_from_request,
     scope_of,
@@ -38,7 +39,7 @@ async def test_exact_hit_is_served_without_embedding() -> None:
     await put(cache, make_request(QUESTION))
     calls = embedder.calls
     result = await cache.check(
-        query_from_request("a", make_request("  How do I   RESET my password "))
+        query_from_request("a", make_request("  How do I   reset my password "))
     )
     assert result.hit and result.exact
     assert result.similarity == 1.0 and result.best_similarity == 1.0
@@ -95,7 +96,8 @@ def test_scope_is_a_deterministic_sha256() -> None:
     # computed differently would orphan every stored entry
     assert first == "f6de600e605b974ecbf1116b62909e27831e6cdc9b9b8530db3654421083f99c"
     assert first != scope_of("a", make_request(QUESTION, temperature=0.7))
-    assert normalise("  Hello \n\t WORLD ") == "hello world"
+    assert normalise("  Hello \r\n\t WORLD ") == "Hello \n\t WORLD"
+    assert folded("  Hello \r\n\t WORLD ") == "hello world"
 
 
 async def test_prefill_and_textless_turns_are_skipped() -> None:
@@ -223,13 +225,13 @@ def test_recent_queries_never_hold_a_large_question(derived: list[str]) -> None:
     assert derived == ["a", "a", "a"] and len(recent) == 1
 
 
-async def test_the_exact_key_folds_case_but_keeps_sharp_s() -> None:
+async def test_the_folded_key_folds_case_but_keeps_sharp_s() -> None:
     """casefold() made "Maße" (measurements) the exact key of "Masse" (mass): served as an
     exact hit, no verifier asked."""
-    assert normalise("MASSE") == normalise("Masse") == "masse"  # case folding is intended
+    assert folded("MASSE") == folded("Masse") == "masse"  # case folding is intended
     cache, _ = new_cache()
     await put(cache, make_request("Was bedeutet das Wort Maße?"))
     asked = await cache.check(query_from_request("a", make_request("Was bedeutet das Wort Masse?")))
     assert not asked.exact
-    same = await cache.check(query_from_request("a", make_request("WAS BEDEUTET DAS WORT MAßE?")))
+    same = await cache.check(query_from_request("a", make_request("was bedeutet das wort maße?")))
     assert same.exact

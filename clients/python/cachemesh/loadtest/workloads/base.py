@@ -59,7 +59,8 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
 
 
 def normalise(text: str) -> str:
-    """The same key as the semantic cache's exact match: whitespace collapsed, casefolded."""
+    """The labels' key: whitespace collapsed, casefolded (the semantic cache's exact key keeps
+    case and inner whitespace; its folded key is this one with ``str.lower``)."""
     return " ".join(text.split()).casefold()
 
 
