@@ -7,7 +7,7 @@
   ``paraphrase``); ``cachemesh_semantic_cache_refusals_total{reason}``: candidates above the
   threshold not served (``verifier``, ``ambiguous``, ``unreadable``: the questions differ in
   characters the models read as ``[UNK]``, ``too_long``: the verifier cannot read in full where
-  they differ);
+  they differ, ``symbols``: they differ in operators or signs);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -51,7 +51,8 @@ class SemanticCacheMetrics:
         )
         self._refusals = m.counter(
             "cachemesh_semantic_cache_refusals",
-            "Candidates above the threshold not served: verifier, ambiguous, unreadable, too_long",
+            "Candidates above the threshold not served: verifier, ambiguous, unreadable, too_long, "
+            "symbols",
             ("reason",),
         )
         self._stores = m.counter(
@@ -124,6 +125,7 @@ _REFUSAL_LABELS = (
     ("ambiguous:", "ambiguous"),
     ("unreadable:", "unreadable"),  # reading.UNREADABLE
     ("too long:", "too_long"),  # reading.TOO_LONG
+    ("symbols:", "symbols"),  # reading.SYMBOLS
 )
 
 

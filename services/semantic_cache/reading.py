@@ -65,6 +65,14 @@ CASE_OR_SPACING = (
     "unreadable: the questions differ in letter case or spacing the models do not read (a"
     " word's case past a sentence's first letter, a quoted or code span, a line's indentation)"
 )
+SYMBOLS = (
+    "symbols: the questions differ in their operators or signs (+ - * / = < > ! ^ % & | $ € £"
+    " #...), which the verifier does not weigh"
+)
+# Operators and signs: + - * / = < > ! ^ % & | ~ $ € £ ¥ # and Unicode's forms of them.
+_OPERATOR = re.compile(r"[-+*/=<>!^%&|~$€£¥#±≤≥≠]")
+# minus, times, divide: as - * /
+_SAME_OPERATOR = str.maketrans({"\u2212": "-", "\u00d7": "*", "\u00f7": "/"})
 # A sentence ends at ., ! or ? followed by whitespace and more text.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 # The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
@@ -250,6 +258,42 @@ def folding_refusal(first: str, second: str) -> str:
     return ""
 
 
+def operators(text: str) -> list[str]:
+    """The operator and sign characters of ``text``, in order ("2 + 2" / "2 * 2", "x > 5" /
+    "x < 5", "==" / "===", "-5" / "5", "C" / "C++", "$" / "€"), but for the punctuation they
+    also are: "!" ending a sentence (not before "=", "(" or a word), and "-", "/" or "&"
+    between two words, spaced alike on both sides ("x-ray", "18-year-old", "and/or",
+    "Q&A", "Paris - London"). A flag ("ls -l", "--hard"), a minus, a sign, a path and a
+    division stay."""
+    text = text.translate(_SAME_OPERATOR)
+    out: list[str] = []
+    for match in _OPERATOR.finditer(text):
+        char, at = match.group(), match.start()
+        after = text[at + 1 : at + 2]
+        if char == "!" and not (after in ("=", "(", "_") or after.isalnum()):
+            continue
+        if char in "-/&" and _joins_words(text, at, digit_before=char == "-"):
+            continue
+        out.append(char)
+    return out
+
+
+def _joins_words(text: str, at: int, *, digit_before: bool) -> bool:
+    """The character at ``at`` stands between two words, with the same spacing on both sides:
+    a letter (or, with ``digit_before``, a digit) before it, a letter after it."""
+    left = text[:at].rstrip()
+    right = text[at + 1 :].lstrip()
+    if not left or not right:
+        return False
+    spaced_left, spaced_right = len(left) < at, len(right) < len(text) - at - 1
+    before, after = left[-1], right[0]
+    return (
+        spaced_left == spaced_right
+        and (before.isalpha() or (digit_before and before.isdigit()))
+        and after.isalpha()
+    )
+
+
 @dataclass(frozen=True)
 class Reading:
     """What the verifier reads of a pair, or why it cannot (``refusal``)."""
@@ -319,8 +363,8 @@ class Reader:
     def read(self, first: str, second: str, *, cross_encoder: bool, scored: bool) -> Reading:
         """What the verifier reads of (cached, new): their differing parts, unless it cannot
         read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
-        or they differ in ``[UNK]`` text, or in what the tokenizer folds away
-        (``folding_refusal``)."""
+        or they differ in ``[UNK]`` text, in what the tokenizer folds away
+        (``folding_refusal``) or in their operators and signs (``operators``)."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -335,6 +379,8 @@ class Reader:
             return Reading(a, b, dropped, UNREADABLE)
         if refusal := folding_refusal(first, second):
             return Reading(a, b, dropped, refusal)
+        if operators(a) != operators(b):
+            return Reading(a, b, dropped, SYMBOLS)
         return Reading(a, b, dropped)
 
 

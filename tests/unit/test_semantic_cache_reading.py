@@ -266,3 +266,72 @@ def test_the_folding_check_reads_case_and_spacing_word_by_word() -> None:
     long = "word " * 4000  # 20 kB: compared token by token, never aligned by edit distance
     assert not folding_refusal(long + "Python", long + "python")  # written all lowercase
     assert folding_refusal(long + "MB", long + "Mb")
+
+
+# --- operators and signs: the verifier does not weigh them (the review's symbol probes)
+SYMBOLS_APART = [
+    ("What is 2 + 2?", "What is 2 * 2?"),
+    ("What is 12 + 3?", "What is 12 - 3?"),
+    ("What is 12 / 3?", "What is 12 * 3?"),
+    ("Simplify x^2 + 2x + 1", "Simplify x^2 - 2x + 1"),
+    (
+        "In Python, what does x > 5 return when x is 3?",
+        "In Python, what does x < 5 return when x is 3?",
+    ),
+    (
+        "In JavaScript what is the result of 1 == '1'?",
+        "In JavaScript what is the result of 1 === '1'?",
+    ),
+    ("What does a = b do in C?", "What does a == b do in C?"),
+    ("Is -5 greater than 3?", "Is 5 greater than 3?"),
+    ("Convert -40 C to F", "Convert 40 C to F"),
+    ("How do I allocate memory in C?", "How do I allocate memory in C++?"),
+    ("How do I declare a string in C?", "How do I declare a string in C++?"),
+    ("Convert 100 $ to €", "Convert 100 € to $"),
+    ("Convert $100 to £", "Convert £100 to $"),
+    ("What is 10 % of 50?", "What is 10 of 50?"),
+    (
+        "What does the SQL query SELECT * FROM users WHERE age > 30 return?",
+        "What does the SQL query SELECT * FROM users WHERE age < 30 return?",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stored", "asked"), SYMBOLS_APART)
+async def test_questions_apart_in_their_operators_or_signs_are_a_miss(
+    stored: str, asked: str
+) -> None:
+    cache = shipped_cache(reading_verifier())
+    assert (await cache.store(q(stored), answer())).stored
+    result = await cache.check(q(asked))
+    assert not result.hit, f"served {stored!r} to {asked!r} (similarity {result.similarity:.3f})"
+    assert refusal_reason(result.refusal) == "symbols", result.refusal
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("How do I reset my password?", "I forgot my password, how can I change it?"),
+        ("How do I reset my password!", "how can I reset my password?"),  # "!" ends a sentence
+        ("Can an 18-year-old drive in Chile?", "Is it legal for an 18-year-old to drive in Chile?"),
+        ("What is 2 + 2?", "What's 2 + 2?"),
+        (
+            "How do I enable two-factor authentication?",
+            "how can i enable two-factor authentication",
+        ),
+    ],
+)
+async def test_paraphrases_with_the_same_signs_are_still_served(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q(stored), answer())
+    result = await cache.check(q(asked))
+    assert result.hit and not result.exact, result.refusal
+
+
+def test_operators_are_the_signs_that_are_not_punctuation() -> None:
+    from services.semantic_cache.reading import operators
+
+    assert operators("git reset --hard; rm -rf /") == ["-", "-", "-", "/"]
+    signs = operators("x - 5, i++, a != b, !x, 2\u00d73, 5\u22122")
+    assert "".join(signs) == "-++!=!*-"
+    assert operators("an 18-year-old x-ray, and/or Q&A, Paris - London. Hello!") == []
