@@ -31,6 +31,12 @@ refused when the embedding and the verifier cannot see what tells the two questi
   outside a quoted or code span, never in a line break or an indentation. Other pairs are
   held only to the spans and lines both hold (a word's case between paraphrases is left to
   the models: users write proper nouns in lowercase).
+- **Accents**: the tokenizer strips them: "zahlen" / "zählen" (pay / count), "papá" / "papa"
+  had cosine 1.0 and the cross-encoder's consent. The differing parts' same token ids for
+  other text (``ACCENTS``), or a word in both spelt with other accents, are refused.
+- **Operators and signs** (``operators``): the lexical features drop them and the
+  cross-encoder barely weighs them ("2 + 2" / "2 * 2": p 0.98); the differing parts must hold
+  the same ones, in order (``SYMBOLS``).
 """
 
 from __future__ import annotations
@@ -64,6 +70,10 @@ TOO_LONG = "too long: the verifier cannot read in full where the two questions d
 CASE_OR_SPACING = (
     "unreadable: the questions differ in letter case or spacing the models do not read (a"
     " word's case past a sentence's first letter, a quoted or code span, a line's indentation)"
+)
+ACCENTS = (
+    "unreadable: the questions differ in accents or characters the models do not read (their"
+    " tokenizer strips accents: zahlen / zählen, papa / papá)"
 )
 SYMBOLS = (
     "symbols: the questions differ in their operators or signs (+ - * / = < > ! ^ % & | $ € £"
@@ -241,21 +251,45 @@ def _indents(text: str) -> Forms:
     return indents
 
 
+def _accented_forms(text: str) -> Forms:
+    """Per word as the tokenizer reads it (lowercase, accents stripped), its spelling."""
+    forms: Forms = {}
+    for match in _LETTERS.finditer(text):
+        word = match.group().lower()
+        _add(forms, strip_accents(word), word)
+    return forms
+
+
+def strip_accents(text: str) -> str:
+    """``text`` without its combining marks, as the tokenizer reads it ("zählen": "zahlen")."""
+    return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+
+
 def folding_refusal(first: str, second: str) -> str:
     """Why the two texts may not be served for each other although what tells them apart is
-    folded away by the tokenizer ("" = nothing such; ``CASE_OR_SPACING``). Texts equal up to
-    case and spacing (``query.folded``) are compared word by word (``_case_or_spacing``);
-    others only where the models cannot see a difference that is there: a quoted or code span,
-    or a line, found in both but written or indented differently (or in another order).
-    Linear in the texts' length (a 16 kB question is never aligned by edit distance)."""
+    folded away by the tokenizer ("" = nothing such). Texts equal up to case and spacing
+    (``query.folded``) are compared word by word (``_case_or_spacing``); others only where the
+    models cannot see a difference that is there: a quoted or code span, or a line, found in
+    both but written or indented differently, or in another order (``CASE_OR_SPACING``); a
+    word found in both with other accents (``ACCENTS``). Linear in the texts' length (a 16 kB
+    question is never aligned by edit distance)."""
     a, b = unicodedata.normalize("NFC", first), unicodedata.normalize("NFC", second)
     if folded(a) == folded(b):
         return CASE_OR_SPACING if _case_or_spacing(a, b) else ""
-    for forms in (_span_forms, _indents):
+    for forms, refusal in (
+        (_span_forms, CASE_OR_SPACING),
+        (_indents, CASE_OR_SPACING),
+        (_accented_forms, ACCENTS),
+    ):
         of_a, of_b = forms(a), forms(b)
         if any(of_a[key] != of_b[key] for key in of_a.keys() & of_b.keys()):
-            return CASE_OR_SPACING
+            return refusal
     return ""
+
+
+def _squashed(text: str) -> str:
+    """``text`` lowercase, without whitespace, composed (NFC)."""
+    return "".join(unicodedata.normalize("NFC", text).lower().split())
 
 
 def operators(text: str) -> list[str]:
@@ -363,8 +397,9 @@ class Reader:
     def read(self, first: str, second: str, *, cross_encoder: bool, scored: bool) -> Reading:
         """What the verifier reads of (cached, new): their differing parts, unless it cannot
         read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
-        or they differ in ``[UNK]`` text, in what the tokenizer folds away
-        (``folding_refusal``) or in their operators and signs (``operators``)."""
+        or they differ in ``[UNK]`` text, in what the tokenizer drops (the same tokens for
+        other text: accents) or folds away (``folding_refusal``), or in their operators and
+        signs (``operators``)."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -377,6 +412,8 @@ class Reader:
             return Reading(a, b, dropped, TOO_LONG)
         if self._unknown(a, a_enc) != self._unknown(b, b_enc):
             return Reading(a, b, dropped, UNREADABLE)
+        if a_enc.ids == b_enc.ids and _squashed(a) != _squashed(b):
+            return Reading(a, b, dropped, ACCENTS)  # what differs, the tokenizer drops
         if refusal := folding_refusal(first, second):
             return Reading(a, b, dropped, refusal)
         if operators(a) != operators(b):
