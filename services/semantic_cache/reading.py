@@ -37,6 +37,9 @@ refused when the embedding and the verifier cannot see what tells the two questi
 - **Operators and signs** (``operators``): the lexical features drop them and the
   cross-encoder barely weighs them ("2 + 2" / "2 * 2": p 0.98); the differing parts must hold
   the same ones, in order (``SYMBOLS``).
+- **Numbers** (``number_conflict``): a number on each side that the other lacks ("0.5 mg" /
+  "5 mg") only lowered the verifier's probability (the shipped weights list no veto): refused
+  (``NUMBERS``).
 """
 
 from __future__ import annotations
@@ -83,6 +86,12 @@ SYMBOLS = (
 _OPERATOR = re.compile(r"[-+*/=<>!^%&|~$€£¥#±≤≥≠]")
 # minus, times, divide: as - * /
 _SAME_OPERATOR = str.maketrans({"\u2212": "-", "\u00d7": "*", "\u00f7": "/"})
+NUMBERS = "numbers: the questions hold different numbers (0.5 mg / 5 mg)"
+# A number: digits with a decimal point or group separators ("0.5", "1,000", "3.11"), or
+# ".5"; not the digits of a word or a version ("mp3", "H2O", "v2").
+_NUMBER = re.compile(r"(?<![\w.])\.?\d+(?:[.,]\d+)*")
+_GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # 1,000 or 1,234.5
+_WHOLE = re.compile(r"(\d+)\.0+")  # 5.0
 # A sentence ends at ., ! or ? followed by whitespace and more text.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 # The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
@@ -328,6 +337,31 @@ def _joins_words(text: str, at: int, *, digit_before: bool) -> bool:
     )
 
 
+def numbers(text: str) -> set[str]:
+    """The numbers of ``text``, written one way: "1,000" is "1000", "5.0" is "5", ".5" is
+    "0.5"; other commas separate numbers ("500,1000": 500 and 1000; "2,5": 2 and 5); "3.10"
+    stays (a version is not "3.1")."""
+    out: set[str] = set()
+    for match in _NUMBER.finditer(text):
+        found = match.group()
+        if found.startswith("."):
+            found = "0" + found
+        parts = [found.replace(",", "")] if _GROUPED.fullmatch(found) else found.split(",")
+        for number in parts:
+            whole = _WHOLE.fullmatch(number)
+            out.add(whole.group(1) if whole else number)
+    return out
+
+
+def number_conflict(first: str, second: str) -> bool:
+    """Each text holds a number the other does not ("Is 0.5 mg of lorazepam a safe dose?" /
+    "Is 5 mg ...?"): the verifier's ``number_conflict`` feature only lowered its probability
+    (0.82 there: served). A number on one side only, or added beside the same ones ("Is 37
+    a prime?" / "Can 37 only be divided by 1 and itself?"), is left to the verifier."""
+    a, b = numbers(first), numbers(second)
+    return bool(a - b) and bool(b - a)
+
+
 @dataclass(frozen=True)
 class Reading:
     """What the verifier reads of a pair, or why it cannot (``refusal``)."""
@@ -398,8 +432,8 @@ class Reader:
         """What the verifier reads of (cached, new): their differing parts, unless it cannot
         read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
         or they differ in ``[UNK]`` text, in what the tokenizer drops (the same tokens for
-        other text: accents) or folds away (``folding_refusal``), or in their operators and
-        signs (``operators``)."""
+        other text: accents) or folds away (``folding_refusal``), in their operators and
+        signs (``operators``), or hold different numbers (``number_conflict``)."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -418,6 +452,8 @@ class Reader:
             return Reading(a, b, dropped, refusal)
         if operators(a) != operators(b):
             return Reading(a, b, dropped, SYMBOLS)
+        if number_conflict(a, b):
+            return Reading(a, b, dropped, NUMBERS)
         return Reading(a, b, dropped)
 
 

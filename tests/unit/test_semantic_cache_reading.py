@@ -371,3 +371,47 @@ async def test_the_same_accents_are_still_served(stored: str, asked: str) -> Non
     await cache.store(q(stored), answer())
     result = await cache.check(q(asked))
     assert result.hit, result.refusal
+
+
+# --- different numbers: the verifier's feature only lowered its probability
+NUMBERS_APART = [
+    ("Is 0.5 mg of lorazepam a safe dose?", "Is 5 mg of lorazepam a safe dose?"),
+    ("Should a child take 2.5 ml of the syrup?", "Should a child take 25 ml of the syrup?"),
+    ("Can I take 400 mg of ibuprofen at once?", "Can I take 4000 mg of ibuprofen at once?"),
+    ("Convert 5 km to miles", "Convert 50 km to miles"),
+]
+
+
+@pytest.mark.parametrize(("stored", "asked"), NUMBERS_APART)
+async def test_questions_holding_different_numbers_are_a_miss(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    assert (await cache.store(q(stored), answer())).stored
+    result = await cache.check(q(asked))
+    assert not result.hit, f"served {stored!r} to {asked!r} (similarity {result.similarity:.3f})"
+    assert refusal_reason(result.refusal) == "numbers", result.refusal
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("Is 5 mg of lorazepam a safe dose?", "is 5 mg of lorazepam safe?"),
+        ("What is 15% of 200?", "what's 15% of 200"),
+        ("Convert 5 km to miles", "How many miles is 5 km?"),
+    ],
+)
+async def test_paraphrases_with_the_same_numbers_are_still_served(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q(stored), answer())
+    result = await cache.check(q(asked))
+    assert result.hit, result.refusal
+
+
+def test_numbers_are_compared_written_one_way() -> None:
+    from services.semantic_cache.reading import number_conflict, numbers
+
+    assert numbers("5.0 mg, 1,000 USD, .5 ml, 3.10, mp3, v2, 500,1000") == {
+        "5", "1000", "0.5", "3.10", "500"
+    }  # fmt: skip
+    assert number_conflict("0.5 mg", "5 mg") and number_conflict("python 3.10", "python 3.1")
+    assert not number_conflict("Is 37 a prime?", "Can 37 only be divided by 1 and itself?")
+    assert not number_conflict("How far is it?", "How far is it in 5 minutes?")  # one side
