@@ -212,6 +212,8 @@ class SemanticCache(EntryStore):
         text = query.text
         if text is None or not query.normalised:
             return CheckResult(None, skip_reason=_NO_USER_TEXT)
+        if present := self._policy.present_time_reason(query.namespace, text):
+            return CheckResult(None, skip_reason=present)  # never stored: no read, no lease
         settle_s = min(_STORE_WAIT_S, self._left_s(deadline))
         await self._storing.settled((query.tenant, query.scope), settle_s)
         now = self._clock.now_ms()
@@ -422,6 +424,8 @@ def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) ->
         return f"semantic mode {query.mode} never stores"
     if query.text is None or not query.normalised:
         return _NO_USER_TEXT
+    if present := policy.present_time_reason(query.namespace, query.text):
+        return present
     if len(query.normalised) > MAX_STORED_QUESTION_CHARS:
         return (
             f"the question is longer than {MAX_STORED_QUESTION_CHARS:,} characters: its "

@@ -6,11 +6,17 @@
 - ``max_temperature``: answers sampled above it are never stored (unset temperature = 1.0).
 - ``tool_use_namespaces``: the only namespaces whose answers holding a tool call are stored
   and served (``SEMANTIC_CACHE_TOOL_USE_NAMESPACES=agent-readonly``).
+- ``present_time_namespaces``: the only namespaces where a question about the present
+  (``present_time``: "What's today's date?", "What time is it now?", "the latest version of
+  X"; English words only) is stored and looked up, for the namespace's TTL
+  (``SEMANTIC_CACHE_PRESENT_TIME_NAMESPACES=news`` beside ``news=600``); elsewhere its answer
+  would be served, stale, for the whole TTL (24 h by default).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -18,10 +24,34 @@ from services.common.env import ConfigError, Env
 
 NAMESPACE_TTL = "SEMANTIC_CACHE_NAMESPACE_TTL_S"
 TOOL_USE_NAMESPACES = "SEMANTIC_CACHE_TOOL_USE_NAMESPACES"
+PRESENT_TIME_NAMESPACES = "SEMANTIC_CACHE_PRESENT_TIME_NAMESPACES"
 MAX_TEMPERATURE = "SEMANTIC_CACHE_MAX_TEMPERATURE"
 
 
+# Words that tie a question's answer to the moment it is asked (English only): a question
+# whose last user turn holds one is answered by a model every time.
+_PRESENT = re.compile(
+    r"\b(?:todays?|tonight|now|nowadays|currently|current|latest|yesterday|tomorrow"
+    r"|this\s+(?:week|weekend|month|year|morning|afternoon|evening)|at\s+the\s+moment)\b",
+    re.IGNORECASE,
+)
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
 MAX_TTL_S = 10 * 365 * 86_400.0  # ten years: a TTL beyond any use, well within int64 ms
+
+
+def present_time(turn: str) -> str:
+    """The first word of the question that ties its answer to the moment it is asked ("today",
+    "now", "current", "latest", "tonight", "this week", "yesterday", "tomorrow"...; English
+    only), "" when none; "Now" opening a sentence is not one. The question is the turn's last
+    paragraph (after its last blank line): a document pasted above it ("... the current API
+    ...\n\nSummarise this.") is not what is asked."""
+    question = _PARAGRAPH_BREAK.split(turn)[-1]
+    for found in _PRESENT.finditer(question):
+        before = question[: found.start()].rstrip(" \t\"'(")
+        if found.group().lower() == "now" and (not before or before[-1] in ".!?:\n"):
+            continue  # a sentence's first "Now" moves the talk on ("Now move it to May 17.")
+        return found.group()
+    return ""
 
 
 def valid_ttl(ttl_s: float) -> bool:
@@ -35,6 +65,7 @@ class NamespacePolicy:
     namespace_ttl_s: Mapping[str, float] = field(default_factory=dict)
     max_temperature: float = 1.0
     tool_use_namespaces: frozenset[str] = frozenset()
+    present_time_namespaces: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name, ttl in {"": self.ttl_s, **self.namespace_ttl_s}.items():
@@ -53,6 +84,17 @@ class NamespacePolicy:
 
     def allows_tool_use(self, namespace: str) -> bool:
         return namespace in self.tool_use_namespaces
+
+    def present_time_reason(self, namespace: str, turn: str) -> str:
+        """Why the question is neither stored nor looked up: it asks about the present, and
+        the namespace does not cache such questions ("" = it may be cached)."""
+        if namespace in self.present_time_namespaces or not (marker := present_time(turn)):
+            return ""
+        return (
+            f"the question asks about the present ({marker!r}): its answer changes with time, "
+            f"so it is neither stored nor looked up (namespace {namespace!r} is not in "
+            f"{PRESENT_TIME_NAMESPACES})"
+        )
 
     @classmethod
     def from_env(cls, env: Env, ttl_s: float) -> NamespacePolicy:
@@ -74,6 +116,7 @@ class NamespacePolicy:
             namespace_ttl_s=overrides,
             max_temperature=env.float(MAX_TEMPERATURE, 1.0, minimum=0.0),
             tool_use_namespaces=frozenset(_items(env.optional_str(TOOL_USE_NAMESPACES))),
+            present_time_namespaces=frozenset(_items(env.optional_str(PRESENT_TIME_NAMESPACES))),
         )
 
 

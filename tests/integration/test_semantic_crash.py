@@ -78,7 +78,7 @@ async def serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes]) -
 def request(i: int, reworded: bool = False) -> pb.CompleteRequest:
     text = f"What is the status of ticket number {i}?"
     if reworded:  # a paraphrase: a hit on it is not exact
-        text = f"Could you tell me the current status of ticket number {i}, please?"
+        text = f"Could you tell me the status of ticket number {i}, please?"
     return pb.CompleteRequest(
         model="sim-small",
         max_tokens=100,

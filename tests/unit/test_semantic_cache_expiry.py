@@ -33,7 +33,9 @@ QUESTION = "latest headlines today"
 
 
 def new_cache(clock: ManualClock, news_ttl_s: float) -> SemanticCache:
-    policy = NamespacePolicy(ttl_s=3_600.0, namespace_ttl_s={NEWS: news_ttl_s})
+    policy = NamespacePolicy(
+        ttl_s=3_600.0, namespace_ttl_s={NEWS: news_ttl_s}, present_time_namespaces=frozenset({NEWS})
+    )
     return SemanticCache(FakeEmbedder(), clock, threshold=0.5, policy=policy)
 
 

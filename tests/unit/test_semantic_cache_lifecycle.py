@@ -19,6 +19,7 @@ POLICY = NamespacePolicy(
     ttl_s=100.0,
     namespace_ttl_s={"news": 10.0},
     tool_use_namespaces=frozenset({"agent"}),
+    present_time_namespaces=frozenset({"news"}),  # "latest headlines today": for 10 s
 )
 
 
@@ -154,6 +155,7 @@ def test_policy_from_env_names_the_variable() -> None:
             {
                 "SEMANTIC_CACHE_NAMESPACE_TTL_S": "news=600, faq=0.5",
                 "SEMANTIC_CACHE_TOOL_USE_NAMESPACES": "agent,ops",
+                "SEMANTIC_CACHE_PRESENT_TIME_NAMESPACES": "news",
                 "SEMANTIC_CACHE_MAX_TEMPERATURE": "0",
             }
         ),
@@ -162,6 +164,8 @@ def test_policy_from_env_names_the_variable() -> None:
     assert policy.ttl_ms("news") == 600_000 and policy.ttl_ms("faq") == 500
     assert policy.ttl_ms("other") == 86_400_000
     assert policy.allows_tool_use("ops") and not policy.allows_tool_use("faq")
+    assert not policy.present_time_reason("news", "latest headlines today")
+    assert "present" in policy.present_time_reason("faq", "latest headlines today")
     assert policy.max_temperature == 0.0
     for bad in ("news", "news=0", "=5", "news=abc"):
         with pytest.raises(ConfigError, match="SEMANTIC_CACHE_NAMESPACE_TTL_S"):

@@ -89,7 +89,7 @@ async def test_a_restored_cache_serves_the_same_hits_in_the_same_lru_order(
     assert after.entries == before.entries  # same entries (ids, answers, ages), same order
     assert np.array_equal(after.vectors, before.vectors)
     for tenant, question, options in STORED:
-        for text in (question, f"please tell me {question} now"):
+        for text in (question, f"please tell me {question} quickly"):
             old = await cache.check(q(text, tenant, **options))
             new = await restored.check(q(text, tenant, **options))
             assert new.hit and new.entry == old.entry

@@ -214,7 +214,7 @@ FOLDED_SAME = [
     ("How do I reset my password?", "how do i reset my password?"),  # written all lowercase
     ("How do I reset my password?", "  How do I   reset my\tpassword?  "),
     ("Flights Rome to Chicago", "flights rome to chicago"),
-    ("i forgot my password. what now?", "I forgot my password. What now?"),
+    ("i forgot my password. what next?", "I forgot my password. What next?"),
     ("What is 2+2?", "What is 2+2?\r\n"),
 ]
 

@@ -240,3 +240,36 @@ async def test_an_answer_over_the_stored_size_is_not_stored() -> None:
     assert not big.stored and "larger than 8 MiB" in big.skip_reason
     assert len(cache) == 0 and embedder.calls == 0
     assert (await cache.store(q("summarise the whole log"), answer(b"z" * 8 * 1024 * 1024))).stored
+
+
+async def test_a_question_about_the_present_is_neither_stored_nor_looked_up() -> None:
+    """'What's today's date?' was stored and served for the whole TTL (24 h by default)."""
+    clock, embedder = ManualClock(), FakeEmbedder()
+    cache = SemanticCache(embedder, clock, threshold=0.8, leases=Leases(clock, 30.0))
+    for question in [
+        "What's today's date?",
+        "What time is it now?",
+        "What day of the week is it today?",
+        "What is the latest version of Node.js?",
+        "Any events in Paris this week?",
+        "Will it rain tomorrow?",
+    ]:
+        stored = await cache.store(q(question), answer())
+        assert not stored.stored and "present" in stored.skip_reason, question
+    assert len(cache) == 0
+    await cache.store(q("What is the date?"), answer())  # no word of the present: stored
+    calls = embedder.calls
+    result = await cache.check(q("What is the date today?"))
+    assert not result.hit and "present" in result.skip_reason
+    assert embedder.calls == calls and not result.leader  # not read: no embedding, no lease
+    assert (await cache.check(q("How do I reset my password?"))).leader  # a miss that may be stored
+
+
+async def test_a_word_of_the_present_in_a_pasted_document_does_not_stop_the_store() -> None:
+    cache, _, _ = new_cache()
+    assert (await cache.store(q("Now move it to May 17."), answer())).stored  # "Now, ...": no
+    document = "The current API returns JSON.\nIt is now at version 2.\n \nSummarise this."
+    assert (await cache.store(q(document), answer())).stored
+    assert (await cache.check(q(document))).exact
+    assert (await cache.store(q("How do I reset my password?"), answer())).stored
+    assert (await cache.check(q("How do I reset my password?"))).exact

@@ -164,20 +164,20 @@ async def test_the_cache_refuses_a_vetoed_neighbour_and_serves_a_verified_one() 
 
 async def test_an_ambiguous_lookup_between_two_answers_is_a_miss() -> None:
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, margin=0.2)
-    await cache.store(q("reset my password now"), answer(b"one"))
-    await cache.store(q("reset my password today"), answer(b"two"))
+    await cache.store(q("reset my password quickly"), answer(b"one"))
+    await cache.store(q("reset my password asap"), answer(b"two"))
     result = await cache.check(q("reset my password"))
     assert not result.hit and result.refusal.startswith("ambiguous")
     narrow = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, margin=0.0)
-    await narrow.store(q("reset my password now"), answer(b"one"))
-    await narrow.store(q("reset my password today"), answer(b"two"))
+    await narrow.store(q("reset my password quickly"), answer(b"one"))
+    await narrow.store(q("reset my password asap"), answer(b"two"))
     assert (await narrow.check(q("reset my password"))).hit
 
 
 async def test_two_neighbours_with_the_same_answer_are_not_ambiguous() -> None:
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, margin=0.2)
-    await cache.store(q("reset my password now"), answer(b"same"))
-    await cache.store(q("reset my password today"), answer(b"same"))
+    await cache.store(q("reset my password quickly"), answer(b"same"))
+    await cache.store(q("reset my password asap"), answer(b"same"))
     assert (await cache.check(q("reset my password"))).hit
 
 
@@ -225,15 +225,15 @@ async def test_runners_up_with_another_answer_are_verified_in_the_same_batch() -
     cache = SemanticCache(
         FakeEmbedder(), ManualClock(), threshold=0.5, verifier=by_logit(scorer), margin=0.3
     )
-    await cache.store(q("reset my password now"), answer(b"one"))
-    await cache.store(q("reset my password today"), answer(b"two"))
+    await cache.store(q("reset my password quickly"), answer(b"one"))
+    await cache.store(q("reset my password asap"), answer(b"two"))
     result = await cache.check(q("reset my password"))
     assert not result.hit and result.refusal.startswith("ambiguous")
     refused = LogitScorer({})  # the nearest refused: a miss, no runner-up promoted
     cache2 = SemanticCache(
         FakeEmbedder(), ManualClock(), threshold=0.5, verifier=by_logit(refused), margin=0.3
     )
-    await cache2.store(q("reset my password now"), answer(b"one"))
+    await cache2.store(q("reset my password quickly"), answer(b"one"))
     assert "nearest" in (await cache2.check(q("reset my password"))).refusal
 
 
