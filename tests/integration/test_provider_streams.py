@@ -200,15 +200,27 @@ def test_an_openai_connection_lost_before_the_usage_chunk_is_interrupted(
     assert end.interrupted and not end.HasField("provider_usage")
 
 
-@pytest.mark.parametrize("finish", ["eos_token", "eos", "end", "a_reason_no_one_documents"])
-def test_an_engines_own_finish_reason_is_end_turn(server: WireServer, finish: str) -> None:
+@pytest.mark.parametrize(
+    ("finish", "stop_reason"),
+    [
+        ("eos_token", "end_turn"),
+        ("eos", "end_turn"),
+        ("end", "end_turn"),
+        ("abort", "max_tokens"),
+        ("a_reason_no_one_documents", "max_tokens"),
+    ],
+)
+def test_an_engines_own_finish_reason_is_a_contract_stop_reason(
+    server: WireServer, finish: str, stop_reason: str
+) -> None:
     """OpenAI-compatible engines' own reasons (TGI before 2.2.1 "eos_token", Together "eos")
     end the turn in the contract's words (end_turn | max_tokens | tool_use): an answer L1
-    may store."""
+    may store. vLLM's "abort" (an aborted request) and a reason no one documents may have cut
+    the answer: max_tokens, never stored."""
     events = openai_wire.stream(GPT, ["Paris."], openai_wire.usage(30, 0, 2), finish=finish)
     server.script("openai", Reply(events=events))
     (end,) = _ends(_generate(_api(server, "openai"), GPT))
-    assert end.stop_reason == "end_turn" and not end.interrupted
+    assert end.stop_reason == stop_reason and not end.interrupted
 
 
 def test_a_tool_call_finished_as_stop_is_tool_use(server: WireServer) -> None:

@@ -50,8 +50,10 @@ def test_a_tool_calls_input_is_always_a_json_object(arguments: str, expected: ob
         ("end", False, "end_turn"),
         ("stop_sequence", False, "end_turn"),
         ("eos", True, "tool_use"),
-        ("a_reason_no_one_documents", False, "end_turn"),
-        ("a_reason_no_one_documents", True, "tool_use"),
+        ("abort", False, "max_tokens"),  # vLLM, SGLang: an aborted request, cut
+        ("abort", True, "max_tokens"),
+        ("a_reason_no_one_documents", False, "max_tokens"),  # nothing says it is whole
+        ("a_reason_no_one_documents", True, "max_tokens"),
     ],
 )
 def test_an_openai_finish_reason_becomes_a_contract_stop_reason(
@@ -60,14 +62,14 @@ def test_an_openai_finish_reason_becomes_a_contract_stop_reason(
     assert stop_reason_of(finish_reason, called_tools) == expected
 
 
-def test_an_unknown_stop_reason_is_end_turn_logged_once_per_value_and_bounded(
+def test_an_unknown_stop_reason_is_max_tokens_logged_once_per_value_and_bounded(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     logged: set[tuple[str, str]] = set()
     with caplog.at_level(logging.WARNING, logger="cachemesh.model"):
         for _ in range(3):
             assert contract_stop_reason("anthropic", "new_reason", ANTHROPIC_REASONS, logged) == (
-                "end_turn"
+                "max_tokens"
             )
         assert contract_stop_reason("anthropic", "tool_use", ANTHROPIC_REASONS, logged) == (
             "tool_use"
@@ -76,4 +78,4 @@ def test_an_unknown_stop_reason_is_end_turn_logged_once_per_value_and_bounded(
             contract_stop_reason("openai", f"engine_reason_{n}", {}, logged)
     lines = [r.getMessage() for r in caplog.records]
     assert len([line for line in lines if "'new_reason'" in line]) == 1
-    assert len(lines) == MAX_UNKNOWN_LOGGED and "end_turn" in lines[0]
+    assert len(lines) == MAX_UNKNOWN_LOGGED and "max_tokens" in lines[0]

@@ -47,6 +47,7 @@ STOP_REASONS = {
     "tool_calls": "tool_use",
     "function_call": "tool_use",
     "content_filter": "refusal",
+    "abort": "max_tokens",  # vLLM, SGLang: the request was aborted, the answer is cut
 }
 
 
@@ -54,7 +55,7 @@ def stop_reason_of(finish_reason: str, called_tools: bool) -> str:
     """The Gateway's stop reason for a choice's ``finish_reason``. A turn that called tools is
     ``tool_use`` however it finished (gpt-4o streaming and Ollama say ``stop``), unless it hit
     the output limit (``max_tokens``: a call may be cut) or a content filter (``refusal``);
-    an unknown reason is ``end_turn`` (``contract_stop_reason``)."""
+    an unknown reason is ``max_tokens`` (``contract_stop_reason``: the answer may be cut)."""
     mapped = contract_stop_reason("openai", finish_reason, STOP_REASONS)
     return "tool_use" if called_tools and mapped == "end_turn" else mapped
 

@@ -14,6 +14,8 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 
 log = logging.getLogger("cachemesh.model")
+# A stop reason the adapter does not know: the answer may be cut (never stored by L1).
+UNKNOWN_STOP_REASON = "max_tokens"
 MAX_UNKNOWN_LOGGED = 32  # distinct unknown stop reasons logged per process, then no more
 _unknown_logged: set[tuple[str, str]] = set()
 
@@ -81,16 +83,19 @@ def contract_stop_reason(
     logged: set[tuple[str, str]] = _unknown_logged,
 ) -> str:
     """A provider's stop reason in the contract's words (``known``); one it does not know
-    (an engine's own, a new one) ends the turn like ``end_turn``, and is logged once per
-    value (at most ``MAX_UNKNOWN_LOGGED`` of them: an engine cannot flood the log)."""
+    (an engine's own, a new one) is ``max_tokens``: nothing says the answer is whole (vLLM
+    and SGLang end an aborted request with "abort"), so the client is told it may be cut and
+    the semantic cache, which stores ``end_turn`` answers only, does not keep it. Logged
+    once per value (at most ``MAX_UNKNOWN_LOGGED`` of them: an engine cannot flood the log)."""
     mapped = known.get(reason)
     if mapped is not None:
         return mapped
     if (backend, reason) not in logged and len(logged) < MAX_UNKNOWN_LOGGED:
         logged.add((backend, reason))
         log.warning(
-            "%s answered with the unknown stop reason %r: passed on as end_turn (logged once)",
+            "%s answered with the unknown stop reason %r: passed on as max_tokens, the answer"
+            " may be cut (logged once)",
             backend,
             reason[:64],
         )
-    return "end_turn"
+    return UNKNOWN_STOP_REASON
