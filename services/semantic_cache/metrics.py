@@ -8,7 +8,7 @@
   threshold not served (``verifier``, ``ambiguous``, ``unreadable``: the questions differ in
   characters the models read as ``[UNK]``, ``too_long``: the verifier cannot read in full where
   they differ, ``symbols``: they differ in operators or signs, ``numbers``: they hold
-  different numbers);
+  different numbers, ``opposite``: a word and its un- form);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -53,7 +53,7 @@ class SemanticCacheMetrics:
         self._refusals = m.counter(
             "cachemesh_semantic_cache_refusals",
             "Candidates above the threshold not served: verifier, ambiguous, unreadable, too_long, "
-            "symbols, numbers",
+            "symbols, numbers, opposite",
             ("reason",),
         )
         self._stores = m.counter(
@@ -128,6 +128,7 @@ _REFUSAL_LABELS = (
     ("too long:", "too_long"),  # reading.TOO_LONG
     ("symbols:", "symbols"),  # reading.SYMBOLS
     ("numbers:", "numbers"),  # reading.NUMBERS
+    ("opposite:", "opposite"),  # reading.OPPOSITE
 )
 
 

@@ -40,6 +40,9 @@ refused when the embedding and the verifier cannot see what tells the two questi
 - **Numbers** (``number_conflict``): a number on each side that the other lacks ("0.5 mg" /
   "5 mg") only lowered the verifier's probability (the shipped weights list no veto): refused
   (``NUMBERS``).
+- **un-** (``un_prefixed``): a word of one question that is "un" and a word of the other
+  ("hide" / "unhide") is refused (``OPPOSITE``). Other antonyms (ascending / descending,
+  horizontally / vertically) are left to the verifier.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ _OPERATOR = re.compile(r"[-+*/=<>!^%&|~$€£¥#±≤≥≠]")
 # minus, times, divide: as - * /
 _SAME_OPERATOR = str.maketrans({"\u2212": "-", "\u00d7": "*", "\u00f7": "/"})
 NUMBERS = "numbers: the questions hold different numbers (0.5 mg / 5 mg)"
+OPPOSITE = "opposite: one question has a word the other has with un- before it (hide / unhide)"
 # A number: digits with a decimal point or group separators ("0.5", "1,000", "3.11"), or
 # ".5"; not the digits of a word or a version ("mp3", "H2O", "v2").
 _NUMBER = re.compile(r"(?<![\w.])\.?\d+(?:[.,]\d+)*")
@@ -362,6 +366,20 @@ def number_conflict(first: str, second: str) -> bool:
     return bool(a - b) and bool(b - a)
 
 
+def un_prefixed(first: str, second: str) -> str:
+    """A word of one text that is "un" and a word of the other, the stem not in the first
+    ("hide" / "unhide", "mute" / "unmute"; a stem of three letters or more), or "" when none:
+    the verifier served "How do I hide a column in Excel?" for "... unhide ...?" (p 0.78)."""
+    words_a = {m.group().lower() for m in _LETTERS.finditer(first)}
+    words_b = {m.group().lower() for m in _LETTERS.finditer(second)}
+    for mine, theirs in ((words_a, words_b), (words_b, words_a)):
+        for word in sorted(mine - theirs):
+            stem = word[2:]
+            if word.startswith("un") and len(stem) >= 3 and stem in theirs and stem not in mine:
+                return word
+    return ""
+
+
 @dataclass(frozen=True)
 class Reading:
     """What the verifier reads of a pair, or why it cannot (``refusal``)."""
@@ -433,7 +451,8 @@ class Reader:
         read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
         or they differ in ``[UNK]`` text, in what the tokenizer drops (the same tokens for
         other text: accents) or folds away (``folding_refusal``), in their operators and
-        signs (``operators``), or hold different numbers (``number_conflict``)."""
+        signs (``operators``), or hold different numbers (``number_conflict``) or a word and
+        its un- form (``un_prefixed``)."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -454,6 +473,8 @@ class Reader:
             return Reading(a, b, dropped, SYMBOLS)
         if number_conflict(a, b):
             return Reading(a, b, dropped, NUMBERS)
+        if un_prefixed(a, b):
+            return Reading(a, b, dropped, OPPOSITE)
         return Reading(a, b, dropped)
 
 

@@ -415,3 +415,20 @@ def test_numbers_are_compared_written_one_way() -> None:
     assert number_conflict("0.5 mg", "5 mg") and number_conflict("python 3.10", "python 3.1")
     assert not number_conflict("Is 37 a prime?", "Can 37 only be divided by 1 and itself?")
     assert not number_conflict("How far is it?", "How far is it in 5 minutes?")  # one side
+
+
+# --- a word and its un- form
+async def test_a_word_and_its_un_form_are_a_miss() -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q("How do I hide a column in Excel?"), answer())  # served at p 0.78
+    result = await cache.check(q("How do I unhide a column in Excel?"))
+    assert not result.hit and refusal_reason(result.refusal) == "opposite", result.refusal
+
+
+def test_un_prefixed_needs_the_stem_on_the_other_side_only() -> None:
+    from services.semantic_cache.reading import un_prefixed
+
+    assert un_prefixed("How do I mute a channel?", "How do I unmute a channel?") == "unmute"
+    assert not un_prefixed("How do I undo a commit?", "How do I do it?")  # a stem of 2
+    assert not un_prefixed("Is it unsafe or safe?", "Is it safe or unsafe?")  # both sides
+    assert not un_prefixed("What is the unit of force?", "What is the unit of force in SI?")
