@@ -5,13 +5,15 @@ the configured replica policy (``replica_choice``: predicted time to first token
 prefix-cache's view of the replicas and the router's own record of their queues and measured
 rates (``replica_state``); a replica that fails before its first token hands the request to the
 next one, and for ``auto`` to the other tiers (nearest in price first), as does a simulated or
-self-hosted one that stalls (no first report long past its predicted prefill). A replica whose
+self-hosted one that stalls (no first report long past its predicted prefill, and no token on
+its other calls meanwhile: a replica streaming answers is busy, not hung). A replica whose
 calls keep failing is left out for a cool-off (``replica_health``), unless all are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -220,6 +222,7 @@ class Dispatcher:
                             ),
                             handover_s,
                             needs_s,
+                            functools.partial(self.loads.progress, replica),
                         )
                 except RequestError as exc:
                     self.loads.failed(replica, ticket)
@@ -233,7 +236,11 @@ class Dispatcher:
                     self.loads.failed(replica, ticket)
                     # out of its own time: it had the time it was predicted to need (a
                     # deadline shorter than that is the client's, not the replica's fault)
-                    if exc.code != Code.DEADLINE_EXCEEDED or timeout_s >= needs_s:
+                    # and gave no sign of life meanwhile (one streaming other answers is
+                    # busy, and this call waited behind them)
+                    if exc.code != Code.DEADLINE_EXCEEDED or (
+                        timeout_s >= needs_s and not self._busy(replica, opened_at, needs_s)
+                    ):
                         self.replica_failed(spec.id, replica, probe)
                     else:
                         self.health.released(replica, probe)
@@ -335,25 +342,46 @@ class Dispatcher:
         stall_s = stalled_after_s(needs_s)
         return stall_s if known and stall_s < timeout_s else None
 
+    def _busy(self, replica: str, opened_at: float, needs_s: float) -> bool:
+        """Whether ``replica`` gave a sign of life on its other calls (a first report, a
+        token) since a call opened at ``opened_at``, within the stall window before now."""
+        since = max(opened_at, self._clock() - stalled_after_s(needs_s))
+        return self.loads.progressed_since(replica, since)
+
     def _remaining_s(self, deadline: float | None) -> float | None:
         """The time a model call may take now (None: no client deadline)."""
         return None if deadline is None else deadline - self._clock()
 
 
-async def _stalled_after(call: Awaitable[_T], handover_s: float | None, needs_s: float) -> _T:
-    """``call``'s result; if it takes longer than ``handover_s`` (None: no limit) it is
-    cancelled (its stream with it) and fails as DEADLINE_EXCEEDED, a stall."""
+async def _stalled_after(
+    call: Awaitable[_T], handover_s: float | None, needs_s: float, progress: Callable[[], int]
+) -> _T:
+    """``call``'s result; if its replica gives no sign of life at all for ``handover_s``
+    (None: no limit) — ``progress``, its count of first reports and tokens on any of its
+    calls, stays the same — it is cancelled (its stream with it) and fails as
+    DEADLINE_EXCEEDED, a stall. A replica streaming other answers is busy, not hung: a call
+    waiting behind them there waits on (within its deadline)."""
     if handover_s is None:
         return await call
+    task = asyncio.ensure_future(call)
     try:
-        return await asyncio.wait_for(call, handover_s)
-    except TimeoutError as exc:
-        raise CallFailed(
-            Code.DEADLINE_EXCEEDED,
-            "stalled before its first report",
-            f"no first report within {handover_s:.1f} s, {needs_s:.1f} s predicted; "
-            "handed over to the next replica",
-        ) from exc
+        while True:
+            seen = progress()
+            done, _ = await asyncio.wait((task,), timeout=handover_s)
+            if done:
+                return task.result()
+            if progress() == seen:
+                break
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    raise CallFailed(
+        Code.DEADLINE_EXCEEDED,
+        "stalled before its first report",
+        f"no first report, and no token on its other calls, within {handover_s:.1f} s, "
+        f"{needs_s:.1f} s predicted; handed over to the next replica",
+    )
 
 
 def _deadline_passed(what: str, failures: list[str]) -> RequestError:

@@ -320,6 +320,8 @@ class Pipeline:
             # nothing sent, and the request can go to another replica
             end_chunk: model_pb2.GenerateEnd | None = None
             while (chunk := await attempt.stream.read()) is not None:
+                # a sign of life: a call waiting behind this answer there is not stalled
+                self.loads.progressed(attempt.replica, self._clock())
                 part = chunk.WhichOneof("part")
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)

@@ -66,6 +66,10 @@ class _Replica:
     # of at most a capacity's blocks, whatever the traffic)
     prefilled_tokens: int = 0  # new tokens prefilled (KV blocks written), in all
     blocks_at: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    # the replica's signs of life on any call (a first report, a token), counted, and the
+    # last one's time: a replica streaming answers is busy, not hung (``progressed``)
+    progress: int = 0
+    progress_at: float = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class ReplicaStates:
         the request was sent stands in, or a warm replica would seem to prefill its whole
         prompt in the time it took to prefill the rest, and look that much faster)."""
         state = self._get(replica)
+        self._progressed(state, now)
         pending = self._forget(state, ticket)
         if pending is None:
             return
@@ -154,6 +159,28 @@ class ReplicaStates:
                 state.tokens_avg += RATE_WEIGHT * (prefilled - state.tokens_avg)
                 state.seconds_avg += RATE_WEIGHT * (seconds - state.seconds_avg)
             state.samples += 1
+
+    def progressed(self, replica: str, now: float) -> None:
+        """A sign of life from ``replica`` on one of its calls after its first report (a
+        token, the answer's end)."""
+        self._progressed(self._get(replica), now)
+
+    @staticmethod
+    def _progressed(state: _Replica, now: float) -> None:
+        state.progress += 1
+        state.progress_at = max(state.progress_at, now)
+
+    def progress(self, replica: str) -> int:
+        """How many signs of life (first reports, tokens) ``replica`` has given: a call
+        waiting there while it grows waits behind the replica's other calls, it is not
+        stalled."""
+        state = self._replicas.get(replica)
+        return 0 if state is None else state.progress
+
+    def progressed_since(self, replica: str, since: float) -> bool:
+        """Whether ``replica`` gave a sign of life (a first report, a token) after ``since``."""
+        state = self._replicas.get(replica)
+        return state is not None and state.progress_at > since
 
     def failed(self, replica: str, ticket: int) -> None:
         """The call ended before its first report (the replica failed or the caller left)."""

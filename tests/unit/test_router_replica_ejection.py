@@ -84,6 +84,15 @@ class Stream:
 
 
 @dataclass
+class Slot:
+    """A one-slot replica's slot: taken by a long answer, streaming, done."""
+
+    taken: bool = False
+    streaming: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
 class Models:
     clock: Clock
     failing: dict[str, CallFailed]
@@ -94,6 +103,10 @@ class Models:
     hung: set[str] = field(default_factory=set)  # no report: DEADLINE_EXCEEDED after HANG_S
     cancelled: list[str] = field(default_factory=list)  # the hung calls the router cancelled
     prefill_s: float = 0.0  # how long an answering call's prefill takes (its rate's sample)
+    # one-slot replicas (llama-server --parallel 1): the first call there streams a long
+    # answer until its slot is done, a call sent meanwhile waits for its end
+    one_slot: dict[str, Slot] = field(default_factory=dict)
+    behind_s: float | None = None  # a call waiting there ends DEADLINE_EXCEEDED after this
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
@@ -105,6 +118,12 @@ class Models:
             return Stream([failure])
         if replica in self.hung:
             return Hung(self, replica, deadline_s)
+        slot = self.one_slot.get(replica)
+        if slot is not None:
+            if not slot.taken:
+                slot.taken = True
+                return LongAnswer(self.clock, replica, slot)
+            return Behind(self, replica, slot.done)
         self.clock.now += self.prefill_s
         start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
         if replica in self.cutting:
@@ -148,6 +167,61 @@ class Hung(Stream):
 
     def cancel(self) -> None:
         self._models.cancelled.append(self._replica)
+
+
+TICK_S = 0.002  # a long answer's token every 2 ms (real time): far within the stall
+
+
+class LongAnswer(Stream):
+    """A long answer: its start, then a token every ``TICK_S`` (on the clock too) until
+    its slot is done."""
+
+    def __init__(self, clock: Clock, replica: str, slot: Slot) -> None:
+        super().__init__([])
+        self._clock, self._replica, self._slot = clock, replica, slot
+        self._started, self._ended = False, False
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        if not self._started:
+            self._started = True
+            start = model_pb2.GenerateStart(replica=self._replica, prompt_tokens=2000)
+            return model_pb2.GenerateChunk(start=start)
+        if self._ended:
+            return None
+        if self._slot.done.is_set():
+            self._ended = True
+            end = model_pb2.GenerateEnd(output_tokens=400, stop_reason="end_turn")
+            return model_pb2.GenerateChunk(end=end)
+        await asyncio.sleep(TICK_S)
+        self._clock.now += TICK_S
+        self._slot.streaming.set()
+        return model_pb2.GenerateChunk(text="o")
+
+
+class Behind(Stream):
+    """A call sent to a one-slot replica while it decodes another answer: its start comes
+    once that answer has ended (or its deadline comes first: ``Models.behind_s``)."""
+
+    def __init__(self, models: Models, replica: str, done: asyncio.Event) -> None:
+        end = model_pb2.GenerateEnd(output_tokens=1, stop_reason="end_turn")
+        super().__init__([model_pb2.GenerateChunk(text="ok"), model_pb2.GenerateChunk(end=end)])
+        self._models, self._replica, self._done = models, replica, done
+        self._waited = False
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        if not self._waited:
+            if self._models.behind_s is not None:
+                await asyncio.sleep(self._models.behind_s)
+                raise CallFailed(Code.DEADLINE_EXCEEDED, "deadline")
+            await self._done.wait()
+            self._waited = True
+            start = model_pb2.GenerateStart(replica=self._replica, prompt_tokens=2000)
+            return model_pb2.GenerateChunk(start=start)
+        return await super().read()
+
+    def cancel(self) -> None:
+        if not self._waited:
+            self._models.cancelled.append(self._replica)
 
 
 def _pipeline(models: Models) -> Pipeline:
@@ -248,6 +322,47 @@ async def test_a_self_hosted_replica_hands_over_once_its_prefill_rate_is_measure
         assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
     await pipeline.drain()
     assert models.cancelled == ["local-1"] * 3  # handed over, then ejected
+
+
+async def test_a_replica_streaming_another_answer_is_busy_not_stalled(fast_stall: None) -> None:
+    """A one-slot replica (llama-server --parallel 1) decoding a long answer: a warm turn
+    sent there waits for that answer's end with no first report, far past its predicted
+    prefill, but the replica streams tokens all along: it is alive. The turn waits for it
+    (not handed to a cold replica, its prompt prefilled again) and the wait counts nothing
+    against the replica (three such would have ejected it)."""
+    clock = Clock()
+    models = Models(clock, {})
+    pipeline = _pipeline(models)
+    for i in range(3):
+        slot = models.one_slot["large-1"] = Slot()
+        long_answer = asyncio.create_task(_ask(pipeline, 2 * i, remaining_s=30.0))
+        await slot.streaming.wait()
+        turn = asyncio.create_task(_ask(pipeline, 2 * i + 1, remaining_s=30.0))
+        await asyncio.sleep(0.1)  # 50 tokens of the long answer; the stall is at ~10 ms
+        slot.done.set()
+        assert (await turn).content[0].text == "ok"
+        await long_answer
+    await pipeline.drain()
+    assert models.calls == ["large-1"] * 6 and models.cancelled == []
+    assert not pipeline._dispatch.health.ejected("large-1", clock())
+
+
+async def test_a_deadline_spent_waiting_behind_another_answer_is_not_the_replicas_fault() -> None:
+    """The one replica (never handed over from) decodes a long answer while the call sent
+    there runs out of its deadline: the replica was streaming all along, busy, not failing."""
+    clock = Clock()
+    models = Models(clock, {}, behind_s=0.05)
+    pipeline = _pipeline(models)
+    slot = models.one_slot["small-1"] = Slot()
+    long_answer = asyncio.create_task(_ask(pipeline, 0, model="sim-small"))
+    await slot.streaming.wait()
+    for i in range(1, 4):  # three in a row would eject a failing replica
+        with pytest.raises(RequestError, match="DEADLINE_EXCEEDED"):
+            await _ask(pipeline, i, remaining_s=30.0, model="sim-small")
+    assert not pipeline._dispatch.health.ejected("small-1", clock())
+    slot.done.set()
+    await long_answer
+    await pipeline.drain()
 
 
 async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:
