@@ -90,6 +90,11 @@ class ModelSpec(BaseModel):
     # far slower than the hosted providers ROUTER_TTFT_PRIOR_PREFILL_TPS is meant for). Unset:
     # that global. A simulated row's prior is its prefill_tokens_per_s.
     prior_prefill_tokens_per_s: float | None = Field(default=None, gt=0)
+    # self_hosted: the requests a replica's engine serves at once (llama-server's --parallel
+    # slots), so the router counts a call decoding there as occupying a slot: a request sent
+    # to a full replica waits for a decode to end. Unset: the engine batches (vLLM, SGLang),
+    # a request's prefill runs beside the others' decodes; the simulator batches.
+    replica_slots: int | None = Field(default=None, gt=0)
     # speculative decoding (simulated engines only): a draft model proposes draft_tokens (k)
     # tokens a step, each kept with probability draft_acceptance_rate (alpha); latency only
     draft_model: str | None = None
@@ -118,6 +123,10 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"models.{self.id}: a simulated model needs prefill_tokens_per_s and "
                 "decode_tokens_per_s"
+            )
+        if self.replica_slots is not None and self.provider != "self_hosted":
+            raise ValueError(
+                f"models.{self.id}: replica_slots is a self-hosted engine's; remove it"
             )
         if self.provider == "simulated" and self.prior_prefill_tokens_per_s is not None:
             raise ValueError(

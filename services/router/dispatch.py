@@ -65,6 +65,7 @@ class Attempt:
     opened_at: float  # when its Generate was called (the clock of the Dispatcher)
     timeout_s: float  # the call's deadline, from ``opened_at`` (``Calls.model_timeout_s``)
     probe: bool = False  # the replica's probe after its cool-off, until the call's verdict
+    ticket: int = 0  # the call's in the replicas' record (``ReplicaStates.ended``)
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -212,7 +213,13 @@ class Dispatcher:
                 handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s, last)
                 probe = self.health.sending(replica, opened_at)
                 ticket = self.loads.sent(
-                    replica, prompt_tokens, prompt_tokens - match, hashes, opened_at
+                    replica,
+                    prompt_tokens,
+                    prompt_tokens - match,
+                    hashes,
+                    opened_at,
+                    request.max_tokens,
+                    spec.replica_slots,
                 )
                 try:
                     with trace.use_span(chat_span, end_on_exit=False):
@@ -278,6 +285,7 @@ class Dispatcher:
                     opened_at,
                     timeout_s,
                     probe,
+                    ticket,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:

@@ -315,6 +315,7 @@ class Pipeline:
         answer = Answer()
         finished = False
         ended: pb.CompleteResponse | None = None
+        decoded: tuple[float, int] | None = None  # when the whole answer ended, its tokens
         try:
             # the start goes out with the first token: until then a replica that dies leaves
             # nothing sent, and the request can go to another replica
@@ -337,6 +338,8 @@ class Pipeline:
                         yield pb.CompleteChunk(delta=delta)
                 elif part == "end":
                     end_chunk = chunk.end
+                    if not end_chunk.interrupted:
+                        decoded = (self._clock(), end_chunk.output_tokens)
             if end_chunk is None:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
@@ -372,7 +375,8 @@ class Pipeline:
         finally:
             if not finished:
                 attempt.stream.cancel()
-            self.loads.release(attempt.replica)
+            at, tokens = decoded if decoded is not None else (self._clock(), None)
+            self.loads.ended(attempt.replica, attempt.ticket, at, tokens)
             error = sys.exc_info()[1]
             error_type = "" if ended is not None else _error_type(error)
             if error_type:

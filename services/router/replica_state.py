@@ -17,11 +17,22 @@ waiting for their first report, less what the one in progress has already done. 
 blocks count as held by the replica for the next request (it runs after them, so it finds them
 there), which prefix-cache's view only learns at their WARM commit.
 
+That is a batching engine's queue (vLLM, SGLang, the simulator: a request's prefill runs
+beside the others' decodes). An engine that serves ``slots`` requests at a time (the model
+row's ``replica_slots``: llama-server's ``--parallel``) starts a request only when one of its
+slots is free, so there a call decoding its answer occupies a slot until its end: each
+pending request takes the first slot to free up (its prefill after the prefill ahead), and
+keeps it for its predicted decode. A decode's length is measured there too (weighted sums of
+whole answers' tokens and seconds from the first report to the end); a call decoding past
+the typical answer counts as running as long again as it has run, up to its ``max_tokens``
+at the measured pace; with no answer measured yet, as long again as it has run.
+
 One event loop owns it: no lock. Times come from the caller's clock (seconds).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +59,15 @@ class _Pending:
     prompt_tokens: int
     hashes: Sequence[bytes]
     sent_at: float
+    max_tokens: int = 0  # its answer's limit (0: not known)
+
+
+@dataclass
+class _Decoding:
+    """A call decoding its answer on a replica that serves a few requests at a time."""
+
+    started_at: float
+    max_tokens: int
 
 
 @dataclass
@@ -70,6 +90,15 @@ class _Replica:
     # last one's time: a replica streaming answers is busy, not hung (``progressed``)
     progress: int = 0
     progress_at: float = float("-inf")
+    # requests it serves at once (None: it batches: only prefill queues), and, then, the
+    # calls decoding there, when a full replica last freed a slot, the weighted sums of whole
+    # answers' tokens and decode seconds
+    slots: int | None = None
+    decoding: dict[int, _Decoding] = field(default_factory=dict)
+    slot_freed_at: float = float("-inf")
+    decode_tokens_avg: float = 0.0
+    decode_seconds_avg: float = 0.0
+    decode_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,14 +136,20 @@ class ReplicaStates:
         uncached_tokens: int,
         hashes: Sequence[bytes],
         now: float,
+        max_tokens: int = 0,
+        slots: int | None = None,
     ) -> int:
         """The request went to ``replica`` expecting ``uncached_tokens`` of prefill; returns
-        its ticket for ``started``/``failed``."""
+        its ticket for ``started``/``failed``/``ended``. ``slots``: the requests the replica's
+        engine serves at once (its model row's ``replica_slots``; None: it batches)."""
         state = self._get(replica)
+        state.slots = slots if slots is None else max(slots, 1)
         self._tickets += 1
         state.inflight += 1
         uncached = min(max(uncached_tokens, 0), max(prompt_tokens, 0))
-        state.pending[self._tickets] = _Pending(uncached, max(prompt_tokens, 0), hashes, now)
+        state.pending[self._tickets] = _Pending(
+            uncached, max(prompt_tokens, 0), hashes, now, max(max_tokens, 0)
+        )
         state.pending_tokens += uncached
         state.pending_prompt_tokens += max(prompt_tokens, 0)
         state.pending_blocks.update(hashes)
@@ -137,8 +172,11 @@ class ReplicaStates:
         pending = self._forget(state, ticket)
         if pending is None:
             return
-        began = max(pending.sent_at, state.last_start_at)
+        # its prefill began once sent, the one before it done and (slots) a slot free
+        began = max(pending.sent_at, state.last_start_at, state.slot_freed_at)
         state.last_start_at = max(state.last_start_at, now)
+        if state.slots is not None:
+            state.decoding[ticket] = _Decoding(now, pending.max_tokens)
         if kv_cached_tokens is None:
             prefilled = pending.uncached_tokens
         else:
@@ -188,6 +226,26 @@ class ReplicaStates:
         if self._forget(state, ticket) is not None:
             self.release(replica)
 
+    def ended(self, replica: str, ticket: int, now: float, output_tokens: int | None) -> None:
+        """The call's answer ended after its first report (``output_tokens``: whole, of that
+        many tokens; None: cut or left, no measure of a decode): released."""
+        state = self._replicas.get(replica)
+        decoding = None if state is None else state.decoding.pop(ticket, None)
+        if state is not None and decoding is not None:
+            if state.slots is not None and len(state.decoding) + 1 >= state.slots:
+                state.slot_freed_at = max(state.slot_freed_at, now)  # a pending one starts
+            seconds = now - decoding.started_at
+            if output_tokens is not None and output_tokens > 0 and seconds > 0:
+                if state.decode_samples == 0:
+                    state.decode_tokens_avg, state.decode_seconds_avg = output_tokens, seconds
+                else:
+                    state.decode_tokens_avg += RATE_WEIGHT * (
+                        output_tokens - state.decode_tokens_avg
+                    )
+                    state.decode_seconds_avg += RATE_WEIGHT * (seconds - state.decode_seconds_avg)
+                state.decode_samples += 1
+        self.release(replica)
+
     def release(self, replica: str) -> None:
         """The call is over (its answer ended); never below zero."""
         state = self._replicas.get(replica)
@@ -230,8 +288,11 @@ class ReplicaStates:
 
     def queued_s(self, replica: str, tokens_per_s: float, now: float) -> float:
         """Seconds of prefill ahead of a request sent now (a stalled head counts as busy
-        for as long again as it has overrun its predicted prefill)."""
+        for as long again as it has overrun its predicted prefill); on a replica of a few
+        slots, until one is free for it (the calls decoding there and those ahead of it)."""
         state = self._replicas.get(replica)
+        if state is not None and state.slots is not None:
+            return self._slot_queued_s(state, state.slots, tokens_per_s, now)
         if state is None or not state.pending:
             return 0.0
         head = next(iter(state.pending.values()))
@@ -243,6 +304,29 @@ class ReplicaStates:
         # replica keeps a request without a first report the less it is chosen.
         overrun_s = done_s - stalled_after_s(head_s)
         return max(head_s - done_s, overrun_s, 0.0) + rest_s
+
+    @staticmethod
+    def _slot_queued_s(state: _Replica, slots: int, tokens_per_s: float, now: float) -> float:
+        """``queued_s`` on a replica serving ``slots`` requests at a time: each request ahead
+        takes the first slot to free up, prefills after the prefill before it, and holds the
+        slot for its predicted decode; a request sent now starts at the next slot free after
+        that, once the prefill ahead is done."""
+        free = [
+            _decode_left_s(state, d.started_at, d.max_tokens, now) for d in state.decoding.values()
+        ]
+        free += [0.0] * max(slots - len(free), 0)
+        heapq.heapify(free)
+        prefilled = 0.0  # when the prefill queued so far is done, seconds from now
+        for n, pending in enumerate(state.pending.values()):
+            own_s = pending.uncached_tokens / tokens_per_s
+            slot_s = heapq.heappop(free)
+            if n == 0 and slot_s <= 0.0:  # its prefill is under way (or stalled)
+                began = max(pending.sent_at, state.last_start_at, state.slot_freed_at)
+                done_s = max(now - began, 0.0)
+                own_s = max(own_s - done_s, done_s - stalled_after_s(own_s), 0.0)
+            prefilled = max(slot_s, prefilled) + own_s
+            heapq.heappush(free, prefilled + _decode_s(state, pending.max_tokens))
+        return max(free[0], prefilled)
 
     def surviving_match(
         self, replica: str, hashes: Sequence[bytes], prompt_tokens: int
@@ -300,6 +384,32 @@ class ReplicaStates:
                 break
             matched += 1
         return matched * BLOCK_SIZE
+
+
+def _decode_s(state: _Replica, max_tokens: int) -> float:
+    """The predicted decode of an answer there: the typical answer's, at most ``max_tokens``
+    (0: no limit known) at the measured pace; 0 before any answer is measured."""
+    if state.decode_samples == 0 or state.decode_tokens_avg <= 0:
+        return 0.0
+    typical = state.decode_seconds_avg
+    if max_tokens > 0:
+        typical = min(typical, max_tokens * state.decode_seconds_avg / state.decode_tokens_avg)
+    return typical
+
+
+def _decode_left_s(state: _Replica, started_at: float, max_tokens: int, now: float) -> float:
+    """What is left of a decode that began at ``started_at``: the rest of the predicted one;
+    past it (a long answer), as long again as it has run, up to its ``max_tokens`` at the
+    measured pace."""
+    run_s = max(now - started_at, 0.0)
+    predicted = _decode_s(state, max_tokens)
+    if run_s < predicted:
+        return predicted - run_s
+    left = run_s
+    if max_tokens > 0 and state.decode_samples > 0 and state.decode_tokens_avg > 0:
+        longest = max_tokens * state.decode_seconds_avg / state.decode_tokens_avg
+        left = min(left, max(longest - run_s, 0.0))
+    return left
 
 
 def _common(mine: Sequence[bytes], theirs: Sequence[bytes]) -> int:

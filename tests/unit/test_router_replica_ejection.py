@@ -365,6 +365,28 @@ async def test_a_deadline_spent_waiting_behind_another_answer_is_not_the_replica
     await pipeline.drain()
 
 
+async def test_a_call_decoding_on_a_one_slot_engine_occupies_its_replica() -> None:
+    """local-small's engine serves one request at a time (its row's replica_slots): while an
+    answer decodes there, a request sent to that replica would wait for its end, and the
+    queue model says so; the answer's end frees the replica."""
+    clock = Clock()
+    models = Models(clock, {})
+    pipeline = _pipeline(models)
+    slots = models.one_slot = {"local-1": Slot(), "local-2": Slot()}
+    long_answer = asyncio.create_task(_ask(pipeline, 0, model="local-small"))
+    streaming = [asyncio.create_task(slot.streaming.wait()) for slot in slots.values()]
+    await asyncio.wait(streaming, return_when=asyncio.FIRST_COMPLETED)
+    replica = next(r for r, slot in slots.items() if slot.streaming.is_set())
+    assert pipeline.loads.queued_s(replica, 1_000.0, clock()) > 0.0
+    slots[replica].done.set()
+    await long_answer
+    for task in streaming:
+        task.cancel()
+    await pipeline.drain()
+    assert pipeline.loads.queued_s(replica, 1_000.0, clock()) == 0.0
+    assert pipeline.loads.loads() == {}
+
+
 async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:
     clock = Clock()
     models = Models(clock, {}, hung={"large-1", "large-2"})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from services.common.models import ModelSpec, load_model_table
 from services.router.replica_state import MIN_SAMPLE_TOKENS, ReplicaStates
 
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
@@ -94,3 +96,71 @@ def test_a_request_far_past_its_predicted_prefill_is_a_stall_not_done() -> None:
     assert states.queued_s("r", 1_000.0, now=3.0) == 0.0  # 2 x 1 s + 1 s: not yet
     assert states.queued_s("r", 1_000.0, now=13.0) == pytest.approx(10.0)
     assert states.queued_s("r", 1_000.0, now=103.0) == pytest.approx(100.0)
+
+
+def _measured_answer(states: ReplicaStates, slots: int | None) -> None:
+    """An answer of 100 tokens decoded in 1 s after its first report: the typical one (its
+    prefill, too short, gives no rate sample)."""
+    ticket = states.sent("r", 1_000, 100, [], now=0.0, max_tokens=100, slots=slots)
+    states.started("r", ticket, 1_000, 900, now=0.5)
+    states.ended("r", ticket, now=1.5, output_tokens=100)
+
+
+def test_a_call_decoding_on_a_one_slot_replica_occupies_it() -> None:
+    """llama-server with one slot serves one request at a time: a warm turn sent while it
+    decodes an answer starts when that answer ends, whatever the prefill queue says."""
+    states = ReplicaStates()
+    _measured_answer(states, slots=1)
+    assert states.queued_s("r", 1_000.0, now=1.5) == 0.0  # idle
+    long = states.sent("r", 1_000, 0, [], now=2.0, max_tokens=400, slots=1)
+    states.started("r", long, 1_000, 1_000, now=2.1)
+    # decoding for 0.5 s of the typical 1 s: 0.5 s left
+    assert states.queued_s("r", 1_000.0, now=2.6) == pytest.approx(0.5)
+    # 2 s, past the typical answer: as long again as it has run ...
+    assert states.queued_s("r", 1_000.0, now=4.1) == pytest.approx(2.0)
+    # ... up to its max_tokens at the measured pace (400 tokens: 4 s)
+    assert states.queued_s("r", 1_000.0, now=5.6) == pytest.approx(0.5)
+    # a request queued behind it: its 0.5 s prefill once the slot is free, then its decode
+    # (at most 50 tokens: 0.5 s); one sent after that waits for both
+    behind = states.sent("r", 1_000, 500, [], now=2.6, max_tokens=50, slots=1)
+    assert states.queued_s("r", 1_000.0, now=2.6) == pytest.approx(0.5 + 0.5 + 0.5)
+    # its prefill is timed from the slot's release, not from when it was sent
+    states.ended("r", long, now=3.0, output_tokens=None)
+    states.started("r", behind, 1_000, 500, now=3.5)
+    assert states.rate("r", 1.0).prefill_tokens_per_s == pytest.approx(1_000.0)
+
+
+def test_a_batching_replica_prefills_beside_its_decodes() -> None:
+    """vLLM, SGLang, the simulator (no ``slots``): a decoding call delays no prefill."""
+    states = ReplicaStates()
+    _measured_answer(states, slots=None)
+    long = states.sent("r", 1_000, 0, [], now=2.0, max_tokens=400)
+    states.started("r", long, 1_000, 1_000, now=2.1)
+    assert states.queued_s("r", 1_000.0, now=2.6) == 0.0
+    behind = states.sent("r", 1_000, 500, [], now=2.6, max_tokens=50)
+    assert states.queued_s("r", 1_000.0, now=2.6) == pytest.approx(0.5)
+    states.started("r", behind, 1_000, 500, now=3.1)
+    assert states.rate("r", 1.0).prefill_tokens_per_s == pytest.approx(1_000.0)
+
+
+def test_a_one_slot_replica_with_no_answer_measured_counts_a_decode_as_long_again() -> None:
+    states = ReplicaStates()
+    ticket = states.sent("r", 1_000, 0, [], now=0.0, max_tokens=400, slots=1)
+    states.started("r", ticket, 1_000, 1_000, now=1.0)
+    assert states.queued_s("r", 1_000.0, now=3.0) == pytest.approx(2.0)
+    states.ended("r", ticket, now=3.5, output_tokens=None)  # cut: no measure
+    assert states.queued_s("r", 1_000.0, now=3.5) == 0.0
+    assert states.loads() == {}
+
+
+def test_replica_slots_is_a_self_hosted_rows_setting() -> None:
+    table = load_model_table()
+    assert table.models["local-small"].replica_slots == 1  # `up --local-engine`'s llama-server
+    assert table.models["llama-3-1-8b-vllm"].replica_slots is None  # vLLM batches
+    for model in ("sim-large", "claude-sonnet-4-5"):
+        row = table.models[model].model_dump(exclude_unset=True)
+        with pytest.raises(ValidationError, match="replica_slots is a self-hosted engine's"):
+            ModelSpec.model_validate({**row, "replica_slots": 1})
+    row = table.models["local-small"].model_dump(exclude_unset=True)
+    with pytest.raises(ValidationError):
+        ModelSpec.model_validate({**row, "replica_slots": 0})
