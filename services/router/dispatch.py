@@ -46,6 +46,9 @@ _HASH_BYTES = 32  # one KV block hash in PromptFacts.kv_block_hashes
 # may bill even for a call cancelled then (the operator would pay for the prompt twice), and
 # its time to first token is its own queue's, not the router's prediction.
 _UNBILLED_BEFORE_START = ("simulated", "self_hosted")
+# The replicas whose engine prefills a prompt to its end after its call was left before the
+# first token (llama-server runs a batch to its end): their queue keeps that prefill.
+_PREFILLS_WHEN_LEFT = ("self_hosted",)
 _T = TypeVar("_T")
 
 
@@ -240,7 +243,10 @@ class Dispatcher:
                     chat_span.end()
                     raise
                 except CallFailed as exc:
-                    self.loads.failed(replica, ticket)
+                    if exc.code == Code.DEADLINE_EXCEEDED:
+                        self._left(spec, wanted, replica, ticket)
+                    else:
+                        self.loads.failed(replica, ticket)
                     # out of its own time: it had the time it was predicted to need (a
                     # deadline shorter than that is the client's, not the replica's fault)
                     # and gave no sign of life meanwhile (one streaming other answers is
@@ -260,7 +266,7 @@ class Dispatcher:
                     failures.append(f"{spec.id}: {exc.code.name}" + (f" ({why})" if why else ""))
                     continue
                 except BaseException:
-                    self.loads.failed(replica, ticket)
+                    self._left(spec, wanted, replica, ticket)
                     self.health.released(replica, probe)  # the caller left: no verdict
                     chat_span.end()
                     raise
@@ -349,6 +355,17 @@ class Dispatcher:
         known = wanted.prior_prefill_tps is not None or self.loads.rate(replica, 1.0).samples > 0
         stall_s = stalled_after_s(needs_s)
         return stall_s if known and stall_s < timeout_s else None
+
+    def _left(self, spec: ModelSpec, wanted: Request, replica: str, ticket: int) -> None:
+        """The call was left before its first report (its caller, or its deadline): a
+        self-hosted engine prefills its prompt all the same, so the replica's queue keeps
+        that prefill until its predicted end (``ReplicaStates.abandoned``); another's call is
+        forgotten."""
+        if spec.provider not in _PREFILLS_WHEN_LEFT:
+            self.loads.failed(replica, ticket)
+            return
+        rate = self.loads.rate(replica, self._chooser.prior(wanted)).prefill_tokens_per_s
+        self.loads.abandoned(replica, ticket, rate, self._clock())
 
     def _busy(self, replica: str, opened_at: float, needs_s: float) -> bool:
         """Whether ``replica`` gave a sign of life on its other calls (a first report, a

@@ -15,7 +15,10 @@ stands in.
 The prefill queued ahead of a new request is the predicted prefill of the requests still
 waiting for their first report, less what the one in progress has already done. Their prompts'
 blocks count as held by the replica for the next request (it runs after them, so it finds them
-there), which prefix-cache's view only learns at their WARM commit.
+there), which prefix-cache's view only learns at their WARM commit. A request whose caller
+left before its first report stays in that queue until its predicted end where its engine
+prefills it all the same (``abandoned``: llama-server runs a batch to its end), its prompt no
+longer counted as warm.
 
 That is a batching engine's queue (vLLM, SGLang, the simulator: a request's prefill runs
 beside the others' decodes). An engine that serves ``slots`` requests at a time (the model
@@ -33,6 +36,7 @@ One event loop owns it: no lock. Times come from the caller's clock (seconds).
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +64,9 @@ class _Pending:
     hashes: Sequence[bytes]
     sent_at: float
     max_tokens: int = 0  # its answer's limit (0: not known)
+    # its caller left before its first report, the engine prefilling it all the same: when
+    # that prefill is predicted to end (None: its caller waits)
+    abandoned_until: float | None = None
 
 
 @dataclass
@@ -99,6 +106,8 @@ class _Replica:
     decode_tokens_avg: float = 0.0
     decode_seconds_avg: float = 0.0
     decode_samples: int = 0
+    abandoned: int = 0  # pending prefills whose caller left ...
+    abandoned_next: float = float("inf")  # ... and the soonest of their predicted ends
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ class ReplicaStates:
         its ticket for ``started``/``failed``/``ended``. ``slots``: the requests the replica's
         engine serves at once (its model row's ``replica_slots``; None: it batches)."""
         state = self._get(replica)
+        self._expire(state, now)
         state.slots = slots if slots is None else max(slots, 1)
         self._tickets += 1
         state.inflight += 1
@@ -169,6 +179,7 @@ class ReplicaStates:
         prompt in the time it took to prefill the rest, and look that much faster)."""
         state = self._get(replica)
         self._progressed(state, now)
+        self._expire(state, now, ticket if ticket in state.pending else None)
         pending = self._forget(state, ticket)
         if pending is None:
             return
@@ -226,6 +237,50 @@ class ReplicaStates:
         if self._forget(state, ticket) is not None:
             self.release(replica)
 
+    def abandoned(self, replica: str, ticket: int, tokens_per_s: float, now: float) -> None:
+        """The caller left before the call's first report, but the engine prefills its prompt
+        all the same (llama-server runs a batch to its end): released, its prefill kept in
+        the replica's queue until its predicted end (``tokens_per_s``: the replica's rate).
+        Its prompt does not count as warm there: the engine may not keep what it dropped."""
+        state = self._replicas.get(replica)
+        pending = None if state is None else state.pending.get(ticket)
+        if state is None or pending is None:
+            return
+        if pending.abandoned_until is None:
+            self._expire(state, now)
+            end_s = self._ahead_s(state, tokens_per_s, now, ticket)
+            hashes, pending.hashes = pending.hashes, ()
+            _uncount(state.pending_blocks, hashes)
+            state.pending_prompt_tokens -= pending.prompt_tokens
+            pending.prompt_tokens = 0
+            pending.abandoned_until = now + end_s
+            state.abandoned += 1
+            state.abandoned_next = min(state.abandoned_next, pending.abandoned_until)
+            self.release(replica)
+        self._expire(state, now)
+
+    @staticmethod
+    def _expire(state: _Replica, now: float, reported: int | None = None) -> None:
+        """Forgets the abandoned prefills predicted to have ended by ``now``, and those ahead
+        of ``reported``, a request whose first report came (one at a time, in order): the
+        next prefill began when they ended."""
+        if state.abandoned == 0 or (reported is None and now < state.abandoned_next):
+            return
+        state.abandoned_next = float("inf")
+        for ticket, pending in list(state.pending.items()):
+            if ticket == reported:
+                reported = None  # the ones after it stay, the soonest end still counted
+                continue
+            until = pending.abandoned_until
+            if until is None:
+                continue
+            if until <= now or reported is not None:
+                ReplicaStates._forget(state, ticket)
+                state.abandoned -= 1
+                state.last_start_at = max(state.last_start_at, min(until, now))
+            else:
+                state.abandoned_next = min(state.abandoned_next, until)
+
     def ended(self, replica: str, ticket: int, now: float, output_tokens: int | None) -> None:
         """The call's answer ended after its first report (``output_tokens``: whole, of that
         many tokens; None: cut or left, no measure of a decode): released."""
@@ -258,15 +313,7 @@ class ReplicaStates:
         if pending is not None:
             state.pending_tokens -= pending.uncached_tokens
             state.pending_prompt_tokens -= pending.prompt_tokens
-            blocks = state.pending_blocks
-            # one pass: Counter.subtract and Counter.__delitem__ are Python loops of their own
-            # (177 against 68 us for an agent prompt's 280 blocks)
-            for block in pending.hashes:
-                left = blocks.get(block, 0) - 1
-                if left > 0:
-                    blocks[block] = left
-                else:
-                    blocks.pop(block, None)
+            _uncount(state.pending_blocks, pending.hashes)
         return pending
 
     # -- what the policies read ---------------------------------------------------------------
@@ -291,33 +338,44 @@ class ReplicaStates:
         for as long again as it has overrun its predicted prefill); on a replica of a few
         slots, until one is free for it (the calls decoding there and those ahead of it)."""
         state = self._replicas.get(replica)
-        if state is not None and state.slots is not None:
-            return self._slot_queued_s(state, state.slots, tokens_per_s, now)
-        if state is None or not state.pending:
+        if state is None:
             return 0.0
-        head = next(iter(state.pending.values()))
-        head_s = head.uncached_tokens / tokens_per_s
-        done_s = max(now - max(head.sent_at, state.last_start_at), 0.0)
-        rest_s = (state.pending_tokens - head.uncached_tokens) / tokens_per_s
-        # A head far past its predicted prefill is a stall (a hung replica), not done: it
-        # occupies the replica for as long again as it has overrun that, so the longer a
-        # replica keeps a request without a first report the less it is chosen.
-        overrun_s = done_s - stalled_after_s(head_s)
-        return max(head_s - done_s, overrun_s, 0.0) + rest_s
+        self._expire(state, now)
+        return self._ahead_s(state, tokens_per_s, now, None)
 
     @staticmethod
-    def _slot_queued_s(state: _Replica, slots: int, tokens_per_s: float, now: float) -> float:
-        """``queued_s`` on a replica serving ``slots`` requests at a time: each request ahead
-        takes the first slot to free up, prefills after the prefill before it, and holds the
-        slot for its predicted decode; a request sent now starts at the next slot free after
-        that, once the prefill ahead is done."""
+    def _ahead_s(state: _Replica, tokens_per_s: float, now: float, until: int | None) -> float:
+        """Seconds from now until the prefill of the request ``until`` ends (None: until a
+        request sent now can begin its own)."""
+        if state.slots is None:
+            if not state.pending:
+                return 0.0
+            head_ticket, head = next(iter(state.pending.items()))
+            head_s = head.uncached_tokens / tokens_per_s
+            done_s = max(now - max(head.sent_at, state.last_start_at), 0.0)
+            # A head far past its predicted prefill is a stall (a hung replica), not done: it
+            # occupies the replica for as long again as it has overrun that, so the longer a
+            # replica keeps a request without a first report the less it is chosen.
+            queued = max(head_s - done_s, done_s - stalled_after_s(head_s), 0.0)
+            if until is None:  # the rest of the queue, without a walk through it
+                return queued + (state.pending_tokens - head.uncached_tokens) / tokens_per_s
+            if until != head_ticket:
+                for ticket, pending in itertools.islice(state.pending.items(), 1, None):
+                    queued += pending.uncached_tokens / tokens_per_s
+                    if ticket == until:
+                        break
+            return queued
+        # Each request ahead takes the first slot to free up, prefills after the prefill
+        # before it, and holds the slot for its predicted decode (not one whose caller left:
+        # the engine drops it after its prefill); a request sent now starts at the next slot
+        # free after that, once the prefill ahead is done.
         free = [
             _decode_left_s(state, d.started_at, d.max_tokens, now) for d in state.decoding.values()
         ]
-        free += [0.0] * max(slots - len(free), 0)
+        free += [0.0] * max(state.slots - len(free), 0)
         heapq.heapify(free)
         prefilled = 0.0  # when the prefill queued so far is done, seconds from now
-        for n, pending in enumerate(state.pending.values()):
+        for n, (ticket, pending) in enumerate(state.pending.items()):
             own_s = pending.uncached_tokens / tokens_per_s
             slot_s = heapq.heappop(free)
             if n == 0 and slot_s <= 0.0:  # its prefill is under way (or stalled)
@@ -325,7 +383,12 @@ class ReplicaStates:
                 done_s = max(now - began, 0.0)
                 own_s = max(own_s - done_s, done_s - stalled_after_s(own_s), 0.0)
             prefilled = max(slot_s, prefilled) + own_s
-            heapq.heappush(free, prefilled + _decode_s(state, pending.max_tokens))
+            if ticket == until:
+                return prefilled
+            decode_s = (
+                0.0 if pending.abandoned_until is not None else _decode_s(state, pending.max_tokens)
+            )
+            heapq.heappush(free, prefilled + decode_s)
         return max(free[0], prefilled)
 
     def surviving_match(
@@ -384,6 +447,17 @@ class ReplicaStates:
                 break
             matched += 1
         return matched * BLOCK_SIZE
+
+
+def _uncount(blocks: Counter[bytes], hashes: Sequence[bytes]) -> None:
+    # one pass: Counter.subtract and Counter.__delitem__ are Python loops of their own
+    # (177 against 68 us for an agent prompt's 280 blocks)
+    for block in hashes:
+        left = blocks.get(block, 0) - 1
+        if left > 0:
+            blocks[block] = left
+        else:
+            blocks.pop(block, None)
 
 
 def _decode_s(state: _Replica, max_tokens: int) -> float:

@@ -107,11 +107,13 @@ class Models:
     # answer until its slot is done, a call sent meanwhile waits for its end
     one_slot: dict[str, Slot] = field(default_factory=dict)
     behind_s: float | None = None  # a call waiting there ends DEADLINE_EXCEEDED after this
+    called: asyncio.Event = field(default_factory=asyncio.Event)  # a call was made
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
     ) -> Stream:
         self.calls.append(replica)
+        self.called.set()
         failure = self.failing.get(replica)
         if failure is not None:
             self.clock.now += deadline_s if self.takes_s is None else self.takes_s
@@ -385,6 +387,27 @@ async def test_a_call_decoding_on_a_one_slot_engine_occupies_its_replica() -> No
     await pipeline.drain()
     assert pipeline.loads.queued_s(replica, 1_000.0, clock()) == 0.0
     assert pipeline.loads.loads() == {}
+
+
+async def test_a_self_hosted_prefill_whose_caller_left_keeps_its_replica_busy() -> None:
+    """llama-server prefills a prompt to its end after its caller gave up on it before its
+    first token: the replica stays busy for the predicted rest of that prefill, so the next
+    turn is not sent there as to an idle replica (to wait, or be handed over as a stall)."""
+    clock = Clock()
+    models = Models(clock, {}, hung={"local-1", "local-2"})
+    pipeline = _pipeline(models)
+    asked = asyncio.create_task(_ask(pipeline, 0, model="local-small"))
+    await models.called.wait()
+    asked.cancel()  # the caller leaves before the first token
+    with contextlib.suppress(asyncio.CancelledError):
+        await asked
+    replica = models.calls[0]
+    assert models.cancelled == [replica] and pipeline.loads.loads() == {}
+    # 2,000 tokens at the router's prior of 10,000 tokens/s: 0.2 s of prefill left there
+    assert pipeline.loads.queued_s(replica, 10_000.0, clock()) == pytest.approx(0.2)
+    clock.now += 0.2
+    assert pipeline.loads.queued_s(replica, 10_000.0, clock()) == 0.0
+    await pipeline.drain()
 
 
 async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:

@@ -164,3 +164,43 @@ def test_replica_slots_is_a_self_hosted_rows_setting() -> None:
     row = table.models["local-small"].model_dump(exclude_unset=True)
     with pytest.raises(ValidationError):
         ModelSpec.model_validate({**row, "replica_slots": 0})
+
+
+def test_a_prefill_whose_caller_left_keeps_the_replica_busy_until_its_predicted_end() -> None:
+    """llama-server runs a prompt's prefill to its end after its caller gave up: the replica
+    is busy for the rest of it, not idle the moment the caller leaves."""
+    states = ReplicaStates()
+    ticket = states.sent("r", 3_000, 3_000, [A, B], now=0.0)  # 3 s at 1,000 tokens/s
+    states.abandoned("r", ticket, 1_000.0, now=1.0)  # the caller leaves after 1 s
+    assert states.loads() == {}  # the call is over for the router
+    assert states.queued_s("r", 1_000.0, now=1.0) == pytest.approx(2.0)
+    assert states.queued_s("r", 1_000.0, now=2.5) == pytest.approx(0.5)
+    assert states.pending_match("r", [A, B, C], 48) == 0  # its prompt is not warm there
+    assert states.queued_s("r", 1_000.0, now=3.0) == 0.0  # its predicted end: forgotten
+    assert states.queued_requests("r") == 0
+    # the next prefill began when it ended: 1,000 tokens in 1 s, not in 1.5
+    ticket = states.sent("r", 1_000, 1_000, [], now=2.5)
+    states.started("r", ticket, 1_000, 0, now=4.0)
+    assert states.rate("r", 1.0).prefill_tokens_per_s == pytest.approx(1_000.0)
+
+
+def test_a_left_prefill_ends_at_the_latest_with_the_first_report_of_one_after_it() -> None:
+    states = ReplicaStates()
+    left = states.sent("r", 3_000, 3_000, [], now=0.0)
+    after = states.sent("r", 1_000, 1_000, [], now=0.0)
+    states.abandoned("r", left, 1_000.0, now=0.0)
+    assert states.queued_s("r", 1_000.0, now=0.0) == pytest.approx(4.0)  # both, in order
+    states.started("r", after, 1_000, 0, now=2.0)  # sooner than predicted: it was dropped
+    assert states.queued_s("r", 1_000.0, now=2.0) == 0.0 and states.queued_requests("r") == 0
+
+
+def test_left_prefills_end_one_by_one() -> None:
+    states = ReplicaStates()
+    one = states.sent("r", 1_000, 1_000, [], now=0.0)  # ends at 1 s
+    two = states.sent("r", 2_000, 2_000, [], now=0.0)  # then at 3 s
+    states.abandoned("r", two, 1_000.0, now=0.0)
+    states.abandoned("r", one, 1_000.0, now=0.0)
+    assert states.queued_requests("r") == 2
+    assert states.queued_s("r", 1_000.0, now=1.5) == pytest.approx(1.5)
+    assert states.queued_requests("r") == 1
+    assert states.queued_s("r", 1_000.0, now=3.0) == 0.0 and states.queued_requests("r") == 0
