@@ -243,6 +243,8 @@ class Dispatcher:
                     chat_span.end()
                     raise
                 except CallFailed as exc:
+                    if isinstance(exc, _Stalled):  # its rate is at most what it showed
+                        self.loads.stalled(replica, ticket, self._clock())
                     if exc.code == Code.DEADLINE_EXCEEDED:
                         self._left(spec, wanted, replica, ticket)
                     else:
@@ -378,6 +380,10 @@ class Dispatcher:
         return None if deadline is None else deadline - self._clock()
 
 
+class _Stalled(CallFailed):
+    """A call handed over for want of a sign of life (``_stalled_after``)."""
+
+
 async def _stalled_after(
     call: Awaitable[_T], handover_s: float | None, needs_s: float, progress: Callable[[], int]
 ) -> _T:
@@ -401,7 +407,7 @@ async def _stalled_after(
         if not task.done():
             task.cancel()
             await asyncio.wait((task,))
-    raise CallFailed(
+    raise _Stalled(
         Code.DEADLINE_EXCEEDED,
         "stalled before its first report",
         f"no first report, and no token on its other calls, within {handover_s:.1f} s, "

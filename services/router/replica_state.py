@@ -237,6 +237,26 @@ class ReplicaStates:
         if self._forget(state, ticket) is not None:
             self.release(replica)
 
+    def stalled(self, replica: str, ticket: int, now: float) -> None:
+        """The call had no first report by ``now`` and is handed over (``dispatch``): its
+        prefill, begun at the latest when the one before it was done, takes longer than that,
+        so the replica's rate is at most its tokens over that time. A slow engine (a loaded
+        machine, a rate measured while it was idle, a row's prior) then gets a longer wait on
+        its next call instead of a stall on every call, each counted against it until it is
+        ejected. A prompt too short for a rate sample corrects nothing."""
+        state = self._replicas.get(replica)
+        pending = None if state is None else state.pending.get(ticket)
+        if state is None or pending is None:
+            return
+        seconds = now - max(pending.sent_at, state.last_start_at, state.slot_freed_at)
+        tokens = pending.uncached_tokens
+        if tokens < MIN_SAMPLE_TOKENS or seconds <= 0:
+            return
+        if state.samples == 0 or state.seconds_avg <= 0:
+            state.tokens_avg, state.seconds_avg, state.samples = float(tokens), seconds, 1
+        elif state.tokens_avg / state.seconds_avg > tokens / seconds:
+            state.seconds_avg = state.tokens_avg * seconds / tokens
+
     def abandoned(self, replica: str, ticket: int, tokens_per_s: float, now: float) -> None:
         """The caller left before the call's first report, but the engine prefills its prompt
         all the same (llama-server runs a batch to its end): released, its prefill kept in

@@ -101,6 +101,7 @@ class Models:
     cutting: set[str] = field(default_factory=set)  # cut right after their first token
     held: set[str] = field(default_factory=set)  # write a token, then keep writing
     hung: set[str] = field(default_factory=set)  # no report: DEADLINE_EXCEEDED after HANG_S
+    slow: dict[str, float] = field(default_factory=dict)  # first report after so many s
     cancelled: list[str] = field(default_factory=list)  # the hung calls the router cancelled
     prefill_s: float = 0.0  # how long an answering call's prefill takes (its rate's sample)
     # one-slot replicas (llama-server --parallel 1): the first call there streams a long
@@ -120,6 +121,8 @@ class Models:
             return Stream([failure])
         if replica in self.hung:
             return Hung(self, replica, deadline_s)
+        if replica in self.slow:
+            return Slow(self, replica, self.slow[replica])
         slot = self.one_slot.get(replica)
         if slot is not None:
             if not slot.taken:
@@ -172,6 +175,33 @@ class Hung(Stream):
 
 
 TICK_S = 0.002  # a long answer's token every 2 ms (real time): far within the stall
+
+
+class Slow(Stream):
+    """A slow, live replica's call (a loaded engine): its first report after ``after_s``,
+    real time and on the clock alike, then its answer."""
+
+    def __init__(self, models: Models, replica: str, after_s: float) -> None:
+        end = model_pb2.GenerateEnd(output_tokens=1, stop_reason="end_turn")
+        super().__init__([model_pb2.GenerateChunk(text="ok"), model_pb2.GenerateChunk(end=end)])
+        self._models, self._replica, self._after_s = models, replica, after_s
+        self._waited = False
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        if not self._waited:
+            waited = 0.0
+            while waited < self._after_s:
+                await asyncio.sleep(TICK_S)
+                self._models.clock.now += TICK_S
+                waited += TICK_S
+            self._waited = True
+            start = model_pb2.GenerateStart(replica=self._replica, prompt_tokens=2000)
+            return model_pb2.GenerateChunk(start=start)
+        return await super().read()
+
+    def cancel(self) -> None:
+        if not self._waited:
+            self._models.cancelled.append(self._replica)
 
 
 class LongAnswer(Stream):
@@ -408,6 +438,28 @@ async def test_a_self_hosted_prefill_whose_caller_left_keeps_its_replica_busy() 
     clock.now += 0.2
     assert pipeline.loads.queued_s(replica, 10_000.0, clock()) == 0.0
     await pipeline.drain()
+
+
+async def test_a_slow_replica_is_given_the_time_its_stall_showed_not_ejected(
+    fast_stall: None,
+) -> None:
+    """Self-hosted replicas measured while idle (2,000 tokens in 0.01 s), then 4x slower (a
+    loaded machine): a first call past the stall window is handed over, and the rate that
+    stall showed (at most 2,000 tokens in the window) gives the next call twice that time:
+    it answers, and a live replica is not stalled on every call until it is ejected."""
+    clock = Clock()
+    models = Models(clock, {}, prefill_s=0.01)
+    pipeline = _pipeline(models)
+    for i in range(4):
+        await _ask(pipeline, i, model="local-small")
+    models.slow["local-1"] = 0.04
+    models.slow["local-2"] = 0.04  # the machine is loaded: both are 4x slower
+    for i in range(4, 10):
+        assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
+    await pipeline.drain()
+    assert len(models.cancelled) <= 2  # at most one stall each, then the time they need
+    assert not pipeline._dispatch.health.ejected("local-1", clock())
+    assert not pipeline._dispatch.health.ejected("local-2", clock())
 
 
 async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:

@@ -204,3 +204,24 @@ def test_left_prefills_end_one_by_one() -> None:
     assert states.queued_s("r", 1_000.0, now=1.5) == pytest.approx(1.5)
     assert states.queued_requests("r") == 1
     assert states.queued_s("r", 1_000.0, now=3.0) == 0.0 and states.queued_requests("r") == 0
+
+
+def test_a_stalled_call_bounds_the_replicas_rate_by_what_it_showed() -> None:
+    """A call handed over with no first report 10 s after its prefill could begin: that
+    replica prefills at most 2,000 tokens in 10 s, whatever its prior or an idle-time sample
+    said, so its next call is given the time that rate needs instead of stalling again."""
+    states = ReplicaStates()
+    ticket = states.sent("r", 2_000, 2_000, [], now=0.0)
+    states.stalled("r", ticket, now=10.0)
+    assert states.rate("r", 150_000.0).prefill_tokens_per_s == 200.0  # the prior corrected
+    ticket = states.sent("q", 10_000, 10_000, [], now=0.0)
+    states.started("q", ticket, 10_000, 0, now=1.0)  # measured 10,000 tokens/s
+    ticket = states.sent("q", 4_000, 4_000, [], now=1.0)
+    states.stalled("q", ticket, now=21.0)
+    assert states.rate("q", 1.0).prefill_tokens_per_s == 200.0  # 4,000 in more than 20 s
+    ticket = states.sent("q", 4_000, 4_000, [], now=30.0)
+    states.stalled("q", ticket, now=31.0)  # a bound above the rate: nothing to correct
+    assert states.rate("q", 1.0).prefill_tokens_per_s == 200.0
+    ticket = states.sent("s", 100, 100, [], now=0.0)
+    states.stalled("s", ticket, now=10.0)  # too short a prompt for a rate
+    assert states.rate("s", 9_000.0).samples == 0
