@@ -2,10 +2,13 @@
 
 Nothing here knows about gRPC servicers. ``prepare`` validates a request and computes
 everything that is a pure function of it (tokens, block hashes, the answer) without touching
-state, so it can run in a worker thread. ``run`` then owns the replica's time: it sleeps the
-prefill of the tokens the KV cache does not hold, records the prompt's blocks, and yields the
-answer in deltas of a few tokens, sleeping the decode time of each. Every sleep goes through
-the injected ``sleep`` and is scaled by ``time_scale`` (0 = no waiting). A model with a
+state, so it can run in a worker thread. ``run`` then owns the replica's time: it waits for the
+replica's prefill queue (one prefill at a time, first come first served, as continuous-batching
+engines schedule prefill and as the router's replica model assumes), sleeps the prefill of the
+tokens the KV cache does not hold when its turn comes, records the prompt's blocks, and yields
+the answer in deltas of a few tokens, sleeping the decode time of each (decodes run alongside
+each other and the prefill, each at the model's full rate). Every sleep goes through the
+injected ``sleep`` and is scaled by ``time_scale`` (0 = no waiting, and no queue). A model with a
 ``Drafting`` decodes speculatively (``speculative.py``): a delta a step, each step's time
 that of k draft tokens and one target pass; the answer's tokens are the same either way.
 """
@@ -105,6 +108,8 @@ class SimEngine:
         self._sleep = sleep
         self._delta_tokens = delta_tokens
         self._drafting = dict(drafting or {})
+        # the replica's prefill queue: asyncio's lock wakes its waiters in arrival order
+        self._prefill_queue = asyncio.Lock()
 
     @property
     def serves(self) -> tuple[str, ...]:
@@ -170,12 +175,15 @@ class SimEngine:
         )
 
     async def run(self, prepared: Prepared) -> AsyncGenerator[Event, None]:
-        """Prefill, then the answer in deltas; a cancelled caller stops it at any sleep."""
+        """Prefill in its turn, then the answer in deltas; a cancelled caller stops it at any
+        sleep (in the queue too: it leaves it)."""
         spec = prepared.spec
         tokenizer = self._tokenizers.for_spec(spec)
-        cached = self._kv.cached_tokens(prepared.block_hashes, prepared.prompt_tokens)
-        await self._sleep(prefill_seconds(spec, prepared.prompt_tokens - cached, self._time_scale))
-        self._kv.insert(prepared.block_hashes)
+        if self._time_scale == 0:
+            cached = await self._prefill(prepared)  # no time passes: nothing to queue for
+        else:
+            async with self._prefill_queue:
+                cached = await self._prefill(prepared)
         yield Started(self.replica_id, prepared.prompt_tokens, cached)
         ids = prepared.answer.token_ids
         drafting = self._drafting.get(spec.id)
@@ -198,6 +206,15 @@ class SimEngine:
                 yield Delta(tokenizer.decode(list(group)))
         accepted = sum(step.accepted for step in steps) if steps is not None else 0
         yield Finished(prepared.answer.tokens, prepared.answer.stop_reason, accepted)
+
+    async def _prefill(self, prepared: Prepared) -> int:
+        """The prompt's prefill, from the KV cache as it is when it begins (a request queued
+        behind one with the same prefix reuses it); the tokens read from the cache."""
+        cached = self._kv.cached_tokens(prepared.block_hashes, prepared.prompt_tokens)
+        uncached = prepared.prompt_tokens - cached
+        await self._sleep(prefill_seconds(prepared.spec, uncached, self._time_scale))
+        self._kv.insert(prepared.block_hashes)
+        return cached
 
 
 _HASH_BYTES = 32

@@ -1,6 +1,9 @@
-"""SimEngine: validation codes, latency through the sleep seam, KV reuse, the stream's shape."""
+"""SimEngine: validation codes, latency through the sleep seam, KV reuse, the stream's shape,
+the replica's prefill queue."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -29,7 +32,7 @@ from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore
-from tests.unit.model_support import RecordingSleep
+from tests.unit.model_support import RecordingSleep, VirtualTime
 
 LONG_SYSTEM = "You are a support agent for a cache company. " * 60
 
@@ -263,3 +266,77 @@ def test_inconsistent_prompt_facts_are_refused(tokenizer: Tokenizer, sleep: Reco
     with pytest.raises(RequestError, match="2 block hashes") as caught:
         _engine(tokenizer, sleep).prepare("t", "sim-large", _request("Hi?"), facts)
     assert caught.value.code == Code.INVALID_ARGUMENT
+
+
+def _queued_engine(tokenizer: Tokenizer, clock: VirtualTime) -> SimEngine:
+    return SimEngine(
+        models=_models(),
+        replica_id="replica-1",
+        tokenizer=tokenizer,
+        kv_cache=KvBlockCache(10_000),
+        time_scale=1.0,
+        sleep=clock,
+    )
+
+
+async def _first_token(
+    engine: SimEngine, clock: VirtualTime, request: pb.CompleteRequest
+) -> tuple[float, Started]:
+    """When the request's first token came (virtual seconds) and its report; decodes to the end."""
+    prepared = engine.prepare("t", "sim-large", request)
+    first: tuple[float, Started] | None = None
+    async for event in engine.run(prepared):
+        if isinstance(event, Started):
+            first = (clock.now, event)
+    assert first is not None
+    return first
+
+
+def _own_prompt(i: int, max_tokens: int = 40) -> pb.CompleteRequest:
+    text = f"Prompt {i}. " + " ".join(f"fact {i}-{j} holds." for j in range(300))
+    return pb.CompleteRequest(
+        model="sim-large",
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+        max_tokens=max_tokens,
+    )
+
+
+async def test_a_replica_prefills_one_request_at_a_time_first_come_first_served(
+    tokenizer: Tokenizer,
+) -> None:
+    """Concurrent prompts queue for the replica's prefill, as the router's replica model and
+    bench-prefix's replay assume: the k-th first token comes after the k prefills before it
+    (it was: every prompt prefilled in parallel, each at the full rate)."""
+    spec, clock = _models()["sim-large"], VirtualTime()
+    engine = _queued_engine(tokenizer, clock)
+    tasks = [asyncio.create_task(_first_token(engine, clock, _own_prompt(i))) for i in range(4)]
+    firsts = await clock.run(tasks)
+    done = 0.0
+    for at, started in firsts:  # in arrival order
+        assert started.kv_cached_tokens == 0
+        done += started.prompt_tokens / spec.prefill_rate
+        assert at == pytest.approx(done)
+
+
+async def test_a_prompt_queued_behind_its_prefix_reuses_it(tokenizer: Tokenizer) -> None:
+    """The KV cache is read when the prefill begins: a request that waited behind one with the
+    same prefix finds its blocks there."""
+    spec, clock = _models()["sim-large"], VirtualTime()
+    engine = _queued_engine(tokenizer, clock)
+    questions = ("How do I clear the cache?", "How do I size the cache?")
+    tasks = [asyncio.create_task(_first_token(engine, clock, _request(q))) for q in questions]
+    (_, one), (at, two) = await clock.run(tasks)
+    assert two.kv_cached_tokens > 0.9 * one.prompt_tokens
+    uncached = one.prompt_tokens + two.prompt_tokens - two.kv_cached_tokens
+    assert at == pytest.approx(uncached / spec.prefill_rate)
+
+
+async def test_a_request_cancelled_in_the_queue_leaves_it(tokenizer: Tokenizer) -> None:
+    spec, clock = _models()["sim-large"], VirtualTime()
+    engine = _queued_engine(tokenizer, clock)
+    tasks = [asyncio.create_task(_first_token(engine, clock, _own_prompt(i))) for i in range(3)]
+    await clock.settle()
+    tasks[1].cancel()  # still waiting behind the first prefill
+    first, third = await clock.run(tasks)
+    prefilled = first[1].prompt_tokens + third[1].prompt_tokens
+    assert third[0] == pytest.approx(prefilled / spec.prefill_rate)
