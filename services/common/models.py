@@ -282,7 +282,9 @@ def load_model_table(path: Path | None = None) -> ModelTable:
 def model_table_from_env(env: Env) -> ModelTable:
     """``CACHEMESH_MODELS_FILE`` names another table; unset = the packaged one.
     ``CACHEMESH_PRICES`` then sets prices of rows (see ``with_prices``), and
-    ``CACHEMESH_MAX_OUTPUT_TOKENS`` caps ``max_tokens`` (``services.common.output_caps``)."""
+    ``CACHEMESH_MAX_OUTPUT_TOKENS`` caps ``max_tokens`` (``services.common.output_caps``),
+    ``CACHEMESH_PRIOR_PREFILL_TPS`` and ``CACHEMESH_CONTEXT_WINDOWS`` set rows' prior prefill
+    rates and context windows."""
     override = env.optional_str("CACHEMESH_MODELS_FILE")
     table = load_model_table(Path(override) if override else None)
     prices = env.optional_str("CACHEMESH_PRICES")
@@ -295,6 +297,9 @@ def model_table_from_env(env: Env) -> ModelTable:
     priors = env.optional_str(PRIOR_VARIABLE)
     if priors:
         table = with_prior_prefill(table, priors)
+    windows = env.optional_str(WINDOW_VARIABLE)
+    if windows:
+        table = with_context_windows(table, windows)
     return table
 
 
@@ -329,6 +334,27 @@ def with_prior_prefill(table: ModelTable, value: str) -> ModelTable:
             )
         except ValidationError as exc:
             raise ConfigError(f"{PRIOR_VARIABLE}: {model_id}: {exc}") from exc
+    return ModelTable(models=models, auto=table.auto)
+
+
+WINDOW_VARIABLE = "CACHEMESH_CONTEXT_WINDOWS"
+
+
+def with_context_windows(table: ModelTable, value: str) -> ModelTable:
+    """``model=tokens,...``: each row's ``context_window_tokens`` (a self-hosted engine's is
+    the context it was started with, which ``auto`` must not exceed)."""
+    models = dict(table.models)
+    for item in value.split(","):
+        model_id, sep, figure = (part.strip() for part in item.partition("="))
+        if not sep or not figure.isdigit() or int(figure) < 1:
+            raise ConfigError(
+                f"{WINDOW_VARIABLE}: expected model=tokens with tokens >= 1 "
+                f"(e.g. local-small=4096), got {item.strip()[:64]!r}"
+            )
+        spec = models.get(model_id)
+        if spec is None:
+            raise ConfigError(f"{WINDOW_VARIABLE}: {model_id[:64]!r} is not in the model table")
+        models[model_id] = spec.model_copy(update={"context_window_tokens": int(figure)})
     return ModelTable(models=models, auto=table.auto)
 
 

@@ -15,6 +15,7 @@ from services.tools.engine.build import CMAKE_OPTIONS, BuildError, verify
 from services.tools.engine.cache import engine_paths
 from services.tools.engine.pins import LLAMA_CPP_PYTHON, Pin
 from services.tools.engine.servers import (
+    LOCAL_MODELS,
     EngineError,
     EngineOptions,
     LlamaServers,
@@ -90,3 +91,19 @@ def test_the_model_processes_stand_in_front_of_the_replicas() -> None:
     assert table.models["local-small"].prior_prefill_rate == 300.0
     one = local_engine_settings(settings, replicas[:1], EngineOptions())
     assert one["MODEL_2_OPENAI_BASE_URL"] == one["OPENAI_BASE_URL"]
+
+
+@pytest.mark.parametrize("context", [EngineOptions().context_tokens, 2048, 16384])
+def test_the_rows_the_replicas_serve_have_the_replicas_context_window(
+    tmp_path: Path, context: int
+) -> None:
+    """auto trusts the table's window: with local-small's 8,192 and local-large's 32,768 while
+    the replicas ran with 4,096, a prompt between reached llama-server and came back refused."""
+    options = EngineOptions(context_tokens=context)
+    command = LlamaServers(engine_paths({}), tmp_path, options).command(8080)
+    started_with = int(command[command.index("--ctx-size") + 1])
+    env = local_engine_settings({}, [Replica(1, 9001, 11)], options)
+    table = model_table_from_env(Env(env))
+    for model in LOCAL_MODELS.values():
+        assert table.models[model].context_window_tokens == started_with == context
+    assert table.models["sim-large"].context_window_tokens == 200_000  # other rows as they were

@@ -11,8 +11,9 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1.prompt_pb2 import PromptFacts
+from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
-from services.common.models import ModelTable, load_model_table
+from services.common.models import ModelTable, load_model_table, model_table_from_env
 from services.common.prompt import prompt_tokens
 from services.common.tokens import load_cl100k
 from services.model.api import ModelApi
@@ -182,3 +183,21 @@ async def test_prefix_cache_down_still_leaves_a_tier_without_room_for_the_answer
     chunks = [c async for c in pipeline.run("tenant-a", _answer_room(), streamed=False)]
     await pipeline.drain()
     assert chunks[-1].end.model == "sim-large"
+
+
+def test_a_rows_context_window_from_the_environment() -> None:
+    """CACHEMESH_CONTEXT_WINDOWS: the window a self-hosted engine was started with, which auto
+    then trusts (``up --local-engine`` sets its replicas' context on the rows they serve)."""
+    table = model_table_from_env(Env({"CACHEMESH_CONTEXT_WINDOWS": "local-small=4096"}))
+    assert table.models["local-small"].context_window_tokens == 4096
+    assert table.models["local-large"].context_window_tokens == 32768
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["local-small", "local-small=", "local-small=0", "local-small=-5", "local-small=4k",
+     "nosuch=4096"],
+)  # fmt: skip
+def test_a_bad_context_window_fails_naming_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match="CACHEMESH_CONTEXT_WINDOWS"):
+        model_table_from_env(Env({"CACHEMESH_CONTEXT_WINDOWS": value}))

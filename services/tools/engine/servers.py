@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from services.common.models import PRIOR_VARIABLE
+from services.common.models import PRIOR_VARIABLE, WINDOW_VARIABLE
 from services.tools.engine.cache import EnginePaths
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address
@@ -215,7 +215,9 @@ def local_engine_settings(
     """Stack settings putting the model processes in front of the llama-server replicas:
     model -> replica 1, model-2 -> replica 2 (or 1 again when only one runs), each serving
     local-small and local-large through the OpenAI adapter (MODEL_BACKEND=openai), with the
-    ``auto`` tiers pointing at them."""
+    ``auto`` tiers pointing at them. Both rows' context window is the replicas' context
+    (``--ctx-size``; the table's 8,192 and 32,768 are an operator's example), so ``auto`` does
+    not send a replica a prompt over it."""
     if not replicas:
         raise EngineError("no llama-server replica to put behind the model processes")
     first, second = replicas[0], replicas[1 % len(replicas)]
@@ -225,6 +227,7 @@ def local_engine_settings(
     prior = PRIOR_PREFILL_TPS_PER_THREAD * options.threads
     return {
         PRIOR_VARIABLE: ",".join(f"{m}={prior}" for m in LOCAL_MODELS.values()),
+        WINDOW_VARIABLE: ",".join(f"{m}={options.context_tokens}" for m in LOCAL_MODELS.values()),
         "CACHEMESH_AUTO_SMALL": LOCAL_MODELS["small"],
         "CACHEMESH_AUTO_LARGE": LOCAL_MODELS["large"],
         "MODEL_BACKEND": "openai",
