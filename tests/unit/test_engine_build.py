@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from cachemesh.envfile import read_env_file
 from services.common.env import Env
 from services.common.models import model_table_from_env
+from services.prefix_cache.settings import PrefixCacheSettings
+from services.router.settings import RouterSettings
 from services.tools.engine.build import CMAKE_OPTIONS, BuildError, verify
 from services.tools.engine.cache import engine_paths
 from services.tools.engine.pins import LLAMA_CPP_PYTHON, Pin
@@ -107,3 +110,29 @@ def test_the_rows_the_replicas_serve_have_the_replicas_context_window(
     for model in LOCAL_MODELS.values():
         assert table.models[model].context_window_tokens == started_with == context
     assert table.models["sim-large"].context_window_tokens == 200_000  # other rows as they were
+
+
+def test_the_kv_view_assumes_the_tokens_a_replica_keeps(tmp_path: Path) -> None:
+    """What a replica keeps: its one slot's context plus the prompt states --cache-ram holds, at
+    SmolLM2-135M's 23,040 bytes a token (f16 K and V: 2 x 30 layers x 3 KV heads x 64 x 2 bytes;
+    llama-server saved a 674-token state in 14.774 MiB). .env's simulated capacity, 1,048,576
+    tokens, was ~65x that: the view kept conversations warm long after the replica evicted them."""
+    options = EngineOptions(context_tokens=4096)
+    command = LlamaServers(engine_paths({}), tmp_path, options).command(8080)
+    context = int(command[command.index("--ctx-size") + 1])
+    cache_bytes = int(command[command.index("--cache-ram") + 1]) * 2**20
+    kept = context + cache_bytes // 23_040
+    assert kept == 15_746
+    env = local_engine_settings({}, [Replica(1, 9001, 11)], options)
+    # the settings the services read: the stack's overrides over .env
+    stack = Env(
+        {
+            **read_env_file(Path(__file__).resolve().parents[2] / ".env"),
+            **env,
+            "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+            "CACHEMESH_API_KEYS_FILE": "/dev/null",
+        }
+    )
+    assert PrefixCacheSettings.from_env(stack).replica_capacity_blocks == kept // 16
+    router = RouterSettings.from_env(stack, model_table_from_env(stack))
+    assert router.choice.ttft.kv_capacity_tokens == kept

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from services.common.kv_blocks import BLOCK_SIZE
 from services.common.models import PRIOR_VARIABLE, WINDOW_VARIABLE
 from services.tools.engine.cache import EnginePaths
 from services.tools.stack import processes
@@ -38,6 +39,11 @@ LOCAL_MODELS = {"small": "local-small", "large": "local-large"}
 # (10,000 tokens/s, for hosted providers) would make every unmeasured replica look faster than a
 # warm one and move a conversation off its prefix.
 PRIOR_PREFILL_TPS_PER_THREAD = 150
+CACHE_RAM_MIB = 256  # --cache-ram: the MiB of saved prompt states a replica may keep
+# SmolLM2-135M's KV cache a token, f16 K and V: 2 x 30 layers x 3 KV heads x 64 dims x 2 bytes
+# (the GGUF's llama.block_count, attention.head_count_kv, embedding_length / head_count);
+# llama-server saved a 674-token prompt's state in 14.774 MiB (22,985 bytes a token)
+KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2
 _NAME = "llama-server"
 
 
@@ -113,7 +119,7 @@ class LlamaServers:
             "--threads-batch", str(o.threads),
             "--ctx-size", str(o.context_tokens),
             "--parallel", "1",
-            "--cache-ram", "256",  # MiB of saved prompt states a replica may keep
+            "--cache-ram", str(CACHE_RAM_MIB),
             "--no-webui",
         ]  # fmt: skip
 
@@ -209,6 +215,13 @@ class LlamaServers:
         return pids
 
 
+def kv_capacity_tokens(options: EngineOptions) -> int:
+    """The prompt tokens one replica keeps: its one slot's context (``--parallel 1``) plus the
+    prompt states ``--cache-ram`` holds (whole prompts, least recently used dropped first;
+    measured: 17 of ~673 tokens, then the oldest went, as 256 MiB / 14.774 MiB says)."""
+    return options.context_tokens + CACHE_RAM_MIB * 2**20 // KV_BYTES_PER_TOKEN
+
+
 def local_engine_settings(
     settings: Mapping[str, str], replicas: list[Replica], options: EngineOptions
 ) -> dict[str, str]:
@@ -217,7 +230,9 @@ def local_engine_settings(
     local-small and local-large through the OpenAI adapter (MODEL_BACKEND=openai), with the
     ``auto`` tiers pointing at them. Both rows' context window is the replicas' context
     (``--ctx-size``; the table's 8,192 and 32,768 are an operator's example), so ``auto`` does
-    not send a replica a prompt over it."""
+    not send a replica a prompt over it. The KV capacity prefix-cache's view and the router's
+    eviction model assume of each replica is what it keeps (``kv_capacity_tokens``: 15,746
+    tokens at the default context, not ``.env``'s 1,048,576 for the simulated engines)."""
     if not replicas:
         raise EngineError("no llama-server replica to put behind the model processes")
     first, second = replicas[0], replicas[1 % len(replicas)]
@@ -225,11 +240,14 @@ def local_engine_settings(
     model_2 = dial_address(settings.get("MODEL_2_LISTEN") or "127.0.0.1:50055")
     ids = ",".join(LOCAL_MODELS.values())
     prior = PRIOR_PREFILL_TPS_PER_THREAD * options.threads
+    capacity = kv_capacity_tokens(options)
     return {
         PRIOR_VARIABLE: ",".join(f"{m}={prior}" for m in LOCAL_MODELS.values()),
         WINDOW_VARIABLE: ",".join(f"{m}={options.context_tokens}" for m in LOCAL_MODELS.values()),
         "CACHEMESH_AUTO_SMALL": LOCAL_MODELS["small"],
         "CACHEMESH_AUTO_LARGE": LOCAL_MODELS["large"],
+        "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS": str(capacity // BLOCK_SIZE),
+        "ROUTER_KV_CAPACITY_TOKENS": str(capacity),
         "MODEL_BACKEND": "openai",
         "MODEL_IDS": ids,
         "MODEL_2_IDS": ids,
