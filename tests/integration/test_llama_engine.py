@@ -12,15 +12,22 @@ integration tests.
 - KV-aware routing keeps a conversation on the replica that holds its prefix (the other
   replica, asked the same second turn directly, has none of it cached);
 - the engine's error body for a prompt over its context comes back as INVALID_ARGUMENT
-  carrying llama-server's message.
+  carrying llama-server's message;
+- a prefill whose client went away stops within a batch, not at the end of the prompt.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import re
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import openai
@@ -56,6 +63,7 @@ class LlamaStack:
     sink: OtlpSink
     replicas: list[Replica]
     by_model_address: dict[str, Replica]  # model process address -> the replica behind it
+    logs: dict[int, Path]  # replica index -> its llama-server log
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +90,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaStack]:
                     sink,
                     replicas,
                     {addresses["model"]: replicas[0], addresses["model-2"]: replicas[1]},
+                    {r.index: engines.log_path(r.index) for r in replicas},
                 )
         finally:
             stack.stop()
@@ -214,5 +223,57 @@ def test_a_prompt_over_the_engines_context_is_refused_with_its_message(
     assert "context" in info.value.message, info.value.message
     print(f"\ncontext overflow: {info.value.message[:300]}")
     # the engines are still serving after the refusal
+    after = llama.client.complete(_request("", [_user("Say hello.")], max_tokens=8))
+    assert _text(after).strip()
+
+
+def _wait_for(log: Path, pattern: str, after: int, timeout_s: float = 180.0) -> re.Match[str]:
+    """The first match of ``pattern`` in ``log`` past its first ``after`` characters."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = re.compile(pattern).search(log.read_text(errors="replace"), after)
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, f"no {pattern!r} in {log} after {timeout_s:.0f}s"
+        time.sleep(0.1)
+
+
+def test_a_prefill_whose_client_went_away_stops_within_a_batch(llama: LlamaStack) -> None:
+    """llama-server notices a closed connection only between batches: at its default batch of
+    2,048 tokens a cut prefill of a long prompt ran to the prompt's end (15.5 s after the
+    cancel here) and the replica's next request waited for it."""
+    replica, log = llama.replicas[0], llama.logs[llama.replicas[0].index]
+    system = f"{uuid.uuid4().hex} " + " ".join(
+        f"Item {i}: widget {i * 7} weighs {i % 13} kg." for i in range(120)
+    )
+    tokenize = urllib.request.Request(
+        f"http://127.0.0.1:{replica.port}/tokenize",
+        data=json.dumps({"content": system}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(tokenize, timeout=30) as reply:
+        prompt_tokens = len(json.load(reply)["tokens"])  # the system text alone
+    assert 1_500 < prompt_tokens < CONTEXT_TOKENS - 64
+
+    seen = len(log.read_text(errors="replace"))
+    body = {
+        "model": UPSTREAM_ID,
+        "max_tokens": 4,
+        "stream": True,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+    }
+    connection = http.client.HTTPConnection("127.0.0.1", replica.port, timeout=30)
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"}
+    )
+    launched = _wait_for(log, r"task (\d+) \| processing task", seen)
+    connection.close()  # the client goes away during the prefill
+    task = launched.group(1)
+    _wait_for(log, rf"cancel task, id_task = {task}\b", launched.end())
+    stopped = _wait_for(log, rf"task {task} \| stop processing: n_tokens = (\d+)", launched.end())
+    processed = int(stopped.group(1))
+    assert processed < prompt_tokens, (processed, prompt_tokens)
+    print(f"\ncut prefill: stopped after {processed} of its {prompt_tokens}+ prompt tokens")
+    # the replica serves on
     after = llama.client.complete(_request("", [_user("Say hello.")], max_tokens=8))
     assert _text(after).strip()

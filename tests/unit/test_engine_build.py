@@ -73,6 +73,15 @@ def test_each_replica_runs_one_thread_on_loopback(tmp_path: Path) -> None:
         servers.start([8080])  # nothing built in this cache
 
 
+def test_a_replica_prefills_in_batches_of_256_tokens(tmp_path: Path) -> None:
+    """llama-server looks for a cancelled task only between batches: at its default 2,048 a
+    prefill whose client went away ran on to the end of a 2,051-token prompt (15.5 s), and the
+    replica's next request waited for it (test_llama_engine checks a cut prefill stops early)."""
+    command = LlamaServers(engine_paths({}), tmp_path, EngineOptions()).command(8080)
+    assert command[command.index("--batch-size") + 1] == "256"
+    assert command[command.index("--ubatch-size") + 1] == "256"
+
+
 def test_the_model_processes_stand_in_front_of_the_replicas() -> None:
     replicas = [Replica(1, 9001, 11), Replica(2, 9002, 12)]
     settings = {"MODEL_LISTEN": "127.0.0.1:7001", "MODEL_2_LISTEN": "0.0.0.0:7002"}
