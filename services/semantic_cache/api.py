@@ -14,10 +14,11 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
+from services.semantic_cache.batcher import QueueFull
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, RecentQueries
-from services.semantic_cache.records import Answer, InvalidQuery
+from services.semantic_cache.records import Answer, InvalidQuery, StoreResult
 from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
 from services.semantic_cache.tenant_stats import TenantCounters
 from services.semantic_cache.wal import NotDurable
@@ -148,6 +149,8 @@ class SemanticCacheApi:
             result = await self._cache.store(query, record, policy.default_ttl_s)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        except QueueFull as exc:  # L1 is busy: this answer is not kept (a later one may be)
+            result = StoreResult(False, skip_reason=str(exc))
         except NotDurable as exc:  # not stored: never served, nor after a restart
             raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
         if result.stored:
@@ -248,7 +251,12 @@ class SemanticCacheApi:
         without the vector it embeds the question itself or scores its shape)."""
         if not (query.text and query.normalised):
             return
-        vector = await self._cache.embedding(query.tenant, query.text, deadline)
+        try:
+            vector = await self._cache.embedding(query.tenant, query.text, deadline)
+        except QueueFull:
+            log.info("lookup for tenant %s: the embedding queue is full", query.tenant)
+            record_event(None, "cachemesh.semantic.embedding_skipped", {"reason": "busy"})
+            return
         if vector is None:
             log.info("lookup for tenant %s: no time left to embed the question", query.tenant)
             record_event(None, "cachemesh.semantic.embedding_skipped", {"reason": "deadline"})

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.clock import Clock
-from services.semantic_cache.batcher import MicroBatcher
+from services.semantic_cache.batcher import MicroBatcher, QueueFull
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import PURGE_GUARD_MS, EntryStore
 from services.semantic_cache.index import AnnSettings, ScopeIndex, folded_key
@@ -224,7 +224,12 @@ class SemanticCache(EntryStore):
         vid = self._exact_match(index, query.normalised)
         if vid is not None and self._servable(self._entries[vid], query, now):
             return self._hit(vid, 1.0, exact=True, best=1.0)
-        vector = await self._embed(query.tenant, text)
+        try:
+            vector = await self._embed(query.tenant, text, deadline)
+        except TimeoutError:  # the caller's time is up: a miss now (it may lead), not a late one
+            return CheckResult(None)
+        except QueueFull as exc:  # L1 is busy: the request goes on to the model at once
+            return CheckResult(None, skip_reason=str(exc))
         # From here to the verification nothing awaits: the index cannot change under us.
         now = self._clock.now_ms()
         self._purge_expired(now)
@@ -240,6 +245,8 @@ class SemanticCache(EntryStore):
             threshold,
             self._margin,
         )
+        if short and self._left_s(deadline) <= 0:  # nobody would wait for the verdicts
+            return CheckResult(None, best_similarity=best)
         choice = decide(short, await self._verify(short, query.normalised))
         if choice.vid is None:
             return CheckResult(None, best_similarity=best, refusal=choice.reason)
@@ -337,15 +344,9 @@ class SemanticCache(EntryStore):
         """The text's embedding: the one the tenant's check or Store of it just computed, else a
         new one if it comes before ``deadline`` (from ``deadline_in``; None: no limit). None
         when it would not: the caller's reply would be late (a wait on a lease may have taken
-        all of its time)."""
-        known = self._recent.get((tenant, _recent_key(text)))
-        if known is not None or deadline is None:
-            return known if known is not None else await self._embed(tenant, text)
-        left_s = self._left_s(deadline)
-        if left_s <= 0:
-            return None
+        all of its time). ``QueueFull`` when the embedding queue is full (L1 is busy)."""
         try:
-            return await asyncio.wait_for(self._embed(tenant, text), left_s)
+            return await self._embed(tenant, text, deadline)
         except TimeoutError:
             return None
 
@@ -375,14 +376,20 @@ class SemanticCache(EntryStore):
             self._entries[vid], similarity=similarity, exact=exact, best_similarity=best
         )
 
-    async def _embed(self, tenant: str, text: str) -> npt.NDArray[np.float32]:
+    async def _embed(
+        self, tenant: str, text: str, deadline: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """The text's vector; ``TimeoutError`` if it would come after ``deadline`` (on
+        ``deadline_clock``; None: no limit), ``QueueFull`` if the batcher refuses it."""
         key = (tenant, _recent_key(text))
         if (known := self._recent.get(key)) is not None:
             return known
+        within_s = None if deadline is None else self._left_s(deadline)
         if self._batcher is not None:
-            row = await self._batcher.embed_one(text)
+            row = await self._batcher.embed_one(text, within_s=within_s)
         else:
-            row = (await asyncio.to_thread(self._embedder.embed, [text]))[0]
+            embedding = asyncio.to_thread(self._embedder.embed, [text])
+            row = (await asyncio.wait_for(embedding, within_s))[0]
         self._recent.put(key, row)
         return row
 

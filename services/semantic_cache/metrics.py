@@ -17,7 +17,10 @@
 - ``cachemesh_semantic_cache_lease_waits_total{outcome}`` (``served``: the identical request's
   answer was served; ``not_served``) and ``..._lease_wait_seconds``;
 - ``cachemesh_semantic_cache_embed_batch_size`` and ``..._embed_duration_seconds`` (each
-  embedder call of the micro-batcher);
+  embedder call of the micro-batcher); ``..._embed_queue`` (texts waiting for a batch),
+  ``..._embed_shed_total`` (texts refused at once, the queue full: a Lookup skips L1, a Store
+  stores nothing) and ``..._embed_dropped_total`` (texts whose caller went, past its deadline
+  or cancelled, before their batch: never embedded);
 - ``cachemesh_semantic_cache_wal_fsync_seconds`` and ``..._snapshot_seconds``.
 """
 
@@ -78,6 +81,17 @@ class SemanticCacheMetrics:
         self._embed_duration = m.histogram(
             "cachemesh_semantic_cache_embed_duration_seconds", "One embedder call (a batch)"
         )()
+        self._embed_queue = m.gauge(
+            "cachemesh_semantic_cache_embed_queue", "Texts waiting for an embedding batch"
+        )()
+        self._embed_shed = m.counter(
+            "cachemesh_semantic_cache_embed_shed",
+            "Texts refused at once because the embedding queue was full (L1 busy)",
+        )()
+        self._embed_dropped = m.counter(
+            "cachemesh_semantic_cache_embed_dropped",
+            "Queued texts not embedded: their caller went (deadline passed, cancelled)",
+        )()
         self.wal_fsync = m.histogram(
             "cachemesh_semantic_cache_wal_fsync_seconds",
             "One fsync of the write-ahead log (a group commit)",
@@ -110,6 +124,15 @@ class SemanticCacheMetrics:
     def embedded(self, texts: int, seconds: float) -> None:
         self._embed_batch.observe(texts)
         self._embed_duration.observe(seconds)
+
+    def embed_queue(self, texts: int) -> None:
+        self._embed_queue.set(texts)
+
+    def embed_shed(self) -> None:
+        self._embed_shed.inc()
+
+    def embed_dropped(self) -> None:
+        self._embed_dropped.inc()
 
 
 def refusal_reason(refusal: str) -> str:

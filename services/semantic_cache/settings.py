@@ -27,6 +27,8 @@ class SemanticCacheSettings:
     lease_s: float = 30.0  # single flight: a lease ends at this age if no Store ended it
     lease_wait_s: float = 30.0  # the most a lookup waits on another's lease; 0 = no leases
     embed_max_batch: int = 32  # micro-batching: the most texts in one embedding call
+    # the most texts waiting to be embedded; beyond, a Lookup skips L1 at once ("busy")
+    embed_max_queue: int = 512
     ann_min_entries: int = 20_000  # a scope this large is rebuilt as IVF; 0 = always exact
     ann_nprobe: int = 16  # IVF lists searched per lookup
     # threads per operator for a text embedded alone, on a second session; 0 = none (as batches)
@@ -62,6 +64,7 @@ class SemanticCacheSettings:
             lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
             lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
             embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
+            embed_max_queue=env.int("SEMANTIC_CACHE_EMBED_MAX_QUEUE", 512, minimum=1),
             ann_min_entries=_ann_min_entries(env),
             ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1),
         )

@@ -55,7 +55,8 @@ def build_cache(
             embedder,
             solo=solo,
             max_batch=config.embed_max_batch,
-            on_batch=metrics.embedded if metrics is not None else None,
+            max_queue=config.embed_max_queue,
+            events=metrics,
         ),
         ann=(
             AnnSettings(config.ann_min_entries, config.ann_nprobe, config.faiss_threads)

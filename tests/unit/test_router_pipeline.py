@@ -411,6 +411,17 @@ async def test_l1_down_degrades_to_the_model_and_l1_refusing_the_request_reaches
     assert not refused.models.calls  # nothing billed for a refused request
 
 
+async def test_l1_too_busy_to_look_up_is_a_skip_and_the_model_answers() -> None:
+    """semantic-cache answers a Lookup it has no room to embed with a skip at once (not
+    RESOURCE_EXHAUSTED, which would reach the client as its own fault): the request goes on to
+    the model, L1 not counted as down, and its answer is offered to L1."""
+    busy = "semantic-cache is busy: 512 texts wait to be embedded (SEMANTIC_CACHE_EMBED_MAX_QUEUE)"
+    rig = Rig(semantic=FakeSemantic(reply=sc.LookupResponse(skip_reason=busy)))
+    end = (await rig.run(_request()))[-1].end
+    assert end.served_by == pb.LAYER_MODEL and len(rig.models.calls) == 1
+    assert len(rig.semantic.stores) == 1
+
+
 async def test_no_store_mode_never_stores() -> None:
     rig = Rig()
     request = _request()

@@ -49,6 +49,7 @@ def test_the_shipped_operating_point_file_loads() -> None:
         ("SEMANTIC_CACHE_LEASE_S", "0"),
         ("SEMANTIC_CACHE_ANN_NPROBE", "0"),
         ("SEMANTIC_CACHE_EMBED_MAX_BATCH", "0"),
+        ("SEMANTIC_CACHE_EMBED_MAX_QUEUE", "0"),
         ("SEMANTIC_CACHE_LEASE_WAIT_S", "-1"),
         ("SEMANTIC_CACHE_MAX_TEMPERATURE", "-0.5"),
         ("SEMANTIC_CACHE_TTL_S", "0"),

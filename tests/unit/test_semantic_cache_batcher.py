@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 from services.common.clock import ManualClock
-from services.semantic_cache.batcher import MicroBatcher
+from services.semantic_cache.batcher import MicroBatcher, QueueFull
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.embedder import Vectors
 from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_semantic_cache_rules import answer, q
 
@@ -75,8 +78,126 @@ async def test_a_queued_single_text_does_not_take_the_solo_embedder() -> None:
     assert (solo.calls, main.calls) == (1, 3)  # only the last ran with nothing behind it
 
 
+class HeldEmbedder(FakeEmbedder):
+    """Holds a batch with a text starting "hold" until ``go`` is set (a busy embedder); keeps
+    the texts it embedded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.holding = threading.Event()
+        self.go = threading.Event()
+
+    def embed(self, texts: list[str]) -> Vectors:
+        if any(text.startswith("hold") for text in texts):
+            self.holding.set()
+            self.go.wait(timeout=10)  # a safety net only: the test sets it
+        self.texts.extend(texts)
+        return super().embed(texts)
+
+    async def held(self) -> None:
+        """Returns once the held batch runs (its thread waits for ``go``)."""
+        await asyncio.to_thread(self.holding.wait, 10)
+
+
+@dataclass
+class Events:
+    """What the batcher reports (its metrics)."""
+
+    queue: list[int] = field(default_factory=list)
+    shed: int = 0
+    dropped: int = 0
+
+    def embedded(self, texts: int, seconds: float) -> None:
+        pass
+
+    def embed_queue(self, texts: int) -> None:
+        self.queue.append(texts)
+
+    def embed_shed(self) -> None:
+        self.shed += 1
+
+    def embed_dropped(self) -> None:
+        self.dropped += 1
+
+
+@dataclass
+class Seconds:
+    """The batcher's clock: it moves only when a test moves it."""
+
+    now: float = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_text_whose_caller_went_before_its_batch_is_not_embedded() -> None:
+    embedder, events = HeldEmbedder(), Events()
+    batcher = MicroBatcher(embedder, events=events)
+    busy = asyncio.ensure_future(batcher.embed_one("hold the embedder"))
+    await embedder.held()
+    gone = asyncio.ensure_future(batcher.embed_one("a caller that gives up"))
+    stays = asyncio.ensure_future(batcher.embed_one("a caller that waits"))
+    await asyncio.sleep(0)
+    assert batcher.queued == 2
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert batcher.queued == 1  # out of the queue at once: it holds no place of a live caller
+    embedder.go.set()
+    await asyncio.gather(busy, stays)
+    assert gone.cancelled()
+    assert embedder.texts == ["hold the embedder", "a caller that waits"]
+    assert events.dropped == 1 and events.queue[-1] == 0
+
+
+async def test_a_text_past_its_callers_deadline_is_dropped_and_the_caller_told() -> None:
+    embedder, events, clock = HeldEmbedder(), Events(), Seconds()
+    batcher = MicroBatcher(embedder, events=events, clock=clock)
+    busy = asyncio.ensure_future(batcher.embed_one("hold the embedder"))
+    await embedder.held()
+    late = asyncio.ensure_future(batcher.embed_one("a question with 1 s left", within_s=1.0))
+    in_time = asyncio.ensure_future(batcher.embed_one("a question with 9 s left", within_s=9.0))
+    await asyncio.sleep(0)
+    clock.now += 2.0  # the held batch took 2 s
+    embedder.go.set()
+    await asyncio.gather(busy, in_time)
+    with pytest.raises(TimeoutError):
+        await late
+    assert embedder.texts == ["hold the embedder", "a question with 9 s left"]
+    assert events.dropped == 1
+
+
+async def test_no_time_left_is_a_timeout_before_anything_is_queued() -> None:
+    embedder = FakeEmbedder()
+    batcher = MicroBatcher(embedder)
+    with pytest.raises(TimeoutError):
+        await batcher.embed_one("too late", within_s=0.0)
+    assert embedder.calls == 0
+
+
+async def test_beyond_max_queue_a_text_is_refused_at_once() -> None:
+    embedder, events = HeldEmbedder(), Events()
+    batcher = MicroBatcher(embedder, max_queue=2, events=events)
+    busy = asyncio.ensure_future(batcher.embed_one("hold the embedder"))
+    await embedder.held()
+    queued = [asyncio.ensure_future(batcher.embed_one(f"queued {i}")) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull, match="busy"):
+        await batcher.embed_one("one too many")
+    assert events.shed == 1
+    queued[0].cancel()  # a caller goes: its place is free again
+    await asyncio.sleep(0)
+    admitted = asyncio.ensure_future(batcher.embed_one("admitted"))
+    embedder.go.set()
+    await asyncio.gather(busy, queued[1], admitted)
+    assert "one too many" not in embedder.texts and "queued 0" not in embedder.texts
+    assert events.shed == 1 and events.dropped == 1
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(FakeEmbedder(), max_batch=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        MicroBatcher(FakeEmbedder(), max_queue=0)
     with pytest.raises(ValueError, match="would not compare"):
         MicroBatcher(FakeEmbedder(), solo=FakeEmbedder(version="fake@2"))
