@@ -225,7 +225,7 @@ class SemanticCache(EntryStore):
         if vid is not None and self._servable(self._entries[vid], query, now):
             return self._hit(vid, 1.0, exact=True, best=1.0)
         try:
-            vector = await self._embed(query.tenant, text, deadline)
+            vector = await self._embed(query.tenant, text, deadline, lookup=True)
         except TimeoutError:  # the caller's time is up: a miss now (it may lead), not a late one
             return CheckResult(None)
         except QueueFull as exc:  # L1 is busy: the request goes on to the model at once
@@ -346,7 +346,7 @@ class SemanticCache(EntryStore):
         when it would not: the caller's reply would be late (a wait on a lease may have taken
         all of its time). ``QueueFull`` when the embedding queue is full (L1 is busy)."""
         try:
-            return await self._embed(tenant, text, deadline)
+            return await self._embed(tenant, text, deadline, lookup=True)
         except TimeoutError:
             return None
 
@@ -377,16 +377,19 @@ class SemanticCache(EntryStore):
         )
 
     async def _embed(
-        self, tenant: str, text: str, deadline: float | None = None
+        self, tenant: str, text: str, deadline: float | None = None, *, lookup: bool = False
     ) -> npt.NDArray[np.float32]:
         """The text's vector; ``TimeoutError`` if it would come after ``deadline`` (on
-        ``deadline_clock``; None: no limit), ``QueueFull`` if the batcher refuses it."""
+        ``deadline_clock``; None: no limit), ``QueueFull`` if the batcher refuses it.
+        ``lookup``: a Lookup's (the batcher serves them before Stores')."""
         key = (tenant, _recent_key(text))
         if (known := self._recent.get(key)) is not None:
             return known
         within_s = None if deadline is None else self._left_s(deadline)
         if self._batcher is not None:
-            row = await self._batcher.embed_one(text, within_s=within_s)
+            row = await self._batcher.embed_one(
+                text, tenant, within_s=within_s, store=not lookup
+            )
         else:
             embedding = asyncio.to_thread(self._embedder.embed, [text])
             row = (await asyncio.wait_for(embedding, within_s))[0]

@@ -18,9 +18,10 @@
   answer was served; ``not_served``) and ``..._lease_wait_seconds``;
 - ``cachemesh_semantic_cache_embed_batch_size`` and ``..._embed_duration_seconds`` (each
   embedder call of the micro-batcher); ``..._embed_queue`` (texts waiting for a batch),
-  ``..._embed_shed_total`` (texts refused at once, the queue full: a Lookup skips L1, a Store
-  stores nothing) and ``..._embed_dropped_total`` (texts whose caller went, past its deadline
-  or cancelled, before their batch: never embedded);
+  ``..._embed_shed_total{call}`` (texts refused at once, the queue or the tenant's part of it
+  full: a ``lookup`` skips L1, a ``store`` stores nothing) and ``..._embed_dropped_total{call}``
+  (texts whose caller went, past its deadline or cancelled, before their batch: never
+  embedded);
 - ``cachemesh_semantic_cache_wal_fsync_seconds`` and ``..._snapshot_seconds``.
 """
 
@@ -86,12 +87,14 @@ class SemanticCacheMetrics:
         )()
         self._embed_shed = m.counter(
             "cachemesh_semantic_cache_embed_shed",
-            "Texts refused at once because the embedding queue was full (L1 busy)",
-        )()
+            "Texts refused at once, the embedding queue (or the tenant's part) full: L1 busy",
+            ("call",),
+        )
         self._embed_dropped = m.counter(
             "cachemesh_semantic_cache_embed_dropped",
             "Queued texts not embedded: their caller went (deadline passed, cancelled)",
-        )()
+            ("call",),
+        )
         self.wal_fsync = m.histogram(
             "cachemesh_semantic_cache_wal_fsync_seconds",
             "One fsync of the write-ahead log (a group commit)",
@@ -128,11 +131,11 @@ class SemanticCacheMetrics:
     def embed_queue(self, texts: int) -> None:
         self._embed_queue.set(texts)
 
-    def embed_shed(self) -> None:
-        self._embed_shed.inc()
+    def embed_shed(self, call: str) -> None:
+        self._embed_shed(call).inc()
 
-    def embed_dropped(self) -> None:
-        self._embed_dropped.inc()
+    def embed_dropped(self, call: str) -> None:
+        self._embed_dropped(call).inc()
 
 
 def refusal_reason(refusal: str) -> str:

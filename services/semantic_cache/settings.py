@@ -29,6 +29,7 @@ class SemanticCacheSettings:
     embed_max_batch: int = 32  # micro-batching: the most texts in one embedding call
     # the most texts waiting to be embedded; beyond, a Lookup skips L1 at once ("busy")
     embed_max_queue: int = 512
+    embed_max_queue_per_tenant: int = 256  # ... and the most of one tenant's (default: half)
     ann_min_entries: int = 20_000  # a scope this large is rebuilt as IVF; 0 = always exact
     ann_nprobe: int = 16  # IVF lists searched per lookup
     # threads per operator for a text embedded alone, on a second session; 0 = none (as batches)
@@ -43,6 +44,7 @@ class SemanticCacheSettings:
                 f"SEMANTIC_CACHE_TTL_S must be > 0 and at most {MAX_TTL_S:.0f} seconds "
                 f"(10 years), got {ttl_s}"
             )
+        max_queue = env.int("SEMANTIC_CACHE_EMBED_MAX_QUEUE", 512, minimum=1)
         return cls(
             threshold=env.float(
                 "SEMANTIC_CACHE_THRESHOLD", shipped.threshold, minimum=0.0, maximum=1.0
@@ -64,10 +66,23 @@ class SemanticCacheSettings:
             lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
             lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
             embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
-            embed_max_queue=env.int("SEMANTIC_CACHE_EMBED_MAX_QUEUE", 512, minimum=1),
+            embed_max_queue=max_queue,
+            embed_max_queue_per_tenant=_embed_max_queue_per_tenant(env, max_queue),
             ann_min_entries=_ann_min_entries(env),
             ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1),
         )
+
+
+def _embed_max_queue_per_tenant(env: Env, max_queue: int) -> int:
+    """At most the whole queue; by default half of it (one tenant's burst leaves the other
+    half to the others)."""
+    name = "SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT"
+    value = env.int(name, max(1, max_queue // 2), minimum=1)
+    if value > max_queue:
+        raise ConfigError(
+            f"{name} must be at most SEMANTIC_CACHE_EMBED_MAX_QUEUE ({max_queue}), got {value}"
+        )
+    return value
 
 
 def _ann_min_entries(env: Env) -> int:

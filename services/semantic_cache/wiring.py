@@ -56,6 +56,7 @@ def build_cache(
             solo=solo,
             max_batch=config.embed_max_batch,
             max_queue=config.embed_max_queue,
+            max_tenant_queue=config.embed_max_queue_per_tenant,
             events=metrics,
         ),
         ann=(

@@ -12,6 +12,7 @@ sends the request on to the model. Counts are read from the process's metrics; n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,6 +51,12 @@ class Process:
 @pytest.fixture(scope="module")
 def process() -> Iterator[Process]:
     """A semantic-cache with small batches and a small queue."""
+    with started(MAX_BATCH, MAX_QUEUE) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def started(max_batch: int, max_queue: int) -> Iterator[Process]:
     port, metrics_port = free_port(), free_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -58,8 +65,9 @@ def process() -> Iterator[Process]:
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "OTEL_TRACES_EXPORTER": "none",
         "CACHEMESH_GRACE_S": "0",
-        "SEMANTIC_CACHE_EMBED_MAX_BATCH": str(MAX_BATCH),
-        "SEMANTIC_CACHE_EMBED_MAX_QUEUE": str(MAX_QUEUE),
+        "SEMANTIC_CACHE_EMBED_MAX_BATCH": str(max_batch),
+        "SEMANTIC_CACHE_EMBED_MAX_QUEUE": str(max_queue),
+        "SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT": str(max_queue),
     }
     child = subprocess.Popen(
         [sys.executable, "-m", "services.semantic_cache"],
@@ -101,22 +109,26 @@ def metric(metrics_port: int, name: str) -> float:
     return 0.0
 
 
-async def ready(process: Process) -> tuple[grpc.aio.Channel, sc_grpc.SemanticCacheAsyncStub]:
-    """A channel to the process once it serves, its stub, and the scope of the Lookups held."""
+async def ready(
+    process: Process, tenants: tuple[str, ...] = ("a",)
+) -> tuple[grpc.aio.Channel, sc_grpc.SemanticCacheAsyncStub]:
+    """A channel to the process once it serves, its stub, and the tenants' scope of the
+    Lookups held (an entry in it: a Lookup of another question is embedded and searched)."""
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{process.port}")
     await serving(channel, process.child)
     stub = sc_grpc.SemanticCacheStub(channel)
-    seed = sc.StoreRequest(
-        tenant="a",
-        request=request("seed question about billing"),
-        answer=sc.CachedAnswer(
-            content=[pb.ContentBlock(text="seed")],
-            model="sim-small",
-            stop_reason="end_turn",
-            output_tokens=6,
-        ),
-    )
-    assert (await stub.Store(seed, metadata=AUTH, timeout=30)).stored  # the scope exists
+    for tenant in tenants:
+        seed = sc.StoreRequest(
+            tenant=tenant,
+            request=request("seed question about billing"),
+            answer=sc.CachedAnswer(
+                content=[pb.ContentBlock(text="seed")],
+                model="sim-small",
+                stop_reason="end_turn",
+                output_tokens=6,
+            ),
+        )
+        assert (await stub.Store(seed, metadata=AUTH, timeout=30)).stored
     return channel, stub
 
 
@@ -179,3 +191,40 @@ async def test_a_full_queue_answers_busy_at_once_never_an_error(
         assert len(replies) - len(busy) >= MAX_QUEUE  # the queue's worth was looked up
         shed = metric(metrics_port, "cachemesh_semantic_cache_embed_shed_total") - shed_before
         assert shed == len(busy)
+
+
+async def test_one_tenants_burst_leaves_another_tenants_lookups_their_turn() -> None:
+    """Tenant a keeps a backlog of several seconds of embedding (its Lookups have 60 s); tenant
+    b's Lookups, one at a time with the router's 2 s, are each embedded and searched in time
+    (a ``best_similarity``: a search happened), not answered a miss for want of time, as when
+    they waited at the back of one queue for all tenants."""
+    with started(32, 4096) as process:
+        channel, stub = await ready(process, ("a", "b"))
+        async with channel:
+            burst = [
+                asyncio.ensure_future(
+                    stub.Lookup(
+                        sc.LookupRequest(tenant="a", request=request(question(i))),
+                        metadata=AUTH,
+                        timeout=60,
+                    )
+                )
+                for i in range(2000)
+            ]
+            for _ in range(50):  # until a's backlog is there
+                if metric(process.metrics_port, "cachemesh_semantic_cache_embed_queue") >= 500:
+                    break
+                await asyncio.sleep(0.1)
+            searched = []
+            for k in range(5):
+                ask = request(f"tenant b asks about invoice {k} of its plan")
+                reply = await stub.Lookup(
+                    sc.LookupRequest(tenant="b", request=ask), metadata=AUTH, timeout=2.0
+                )
+                searched.append(reply.best_similarity > 0)
+            backlog = metric(process.metrics_port, "cachemesh_semantic_cache_embed_queue")
+            for call in burst:
+                call.cancel()
+            await asyncio.gather(*burst, return_exceptions=True)
+        assert backlog >= 200  # a's burst was still queued while b asked
+        assert searched == [True] * 5

@@ -50,6 +50,7 @@ def test_the_shipped_operating_point_file_loads() -> None:
         ("SEMANTIC_CACHE_ANN_NPROBE", "0"),
         ("SEMANTIC_CACHE_EMBED_MAX_BATCH", "0"),
         ("SEMANTIC_CACHE_EMBED_MAX_QUEUE", "0"),
+        ("SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT", "0"),
         ("SEMANTIC_CACHE_LEASE_WAIT_S", "-1"),
         ("SEMANTIC_CACHE_MAX_TEMPERATURE", "-0.5"),
         ("SEMANTIC_CACHE_TTL_S", "0"),
@@ -127,3 +128,21 @@ async def test_serves_after_loading_the_model() -> None:
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=10)
+
+
+def test_a_tenants_part_of_the_embedding_queue_is_half_of_it_and_at_most_all() -> None:
+    half = SemanticCacheSettings.from_env(Env({"SEMANTIC_CACHE_EMBED_MAX_QUEUE": "16"}), SHIPPED)
+    assert (half.embed_max_queue, half.embed_max_queue_per_tenant) == (16, 8)
+    whole = {
+        "SEMANTIC_CACHE_EMBED_MAX_QUEUE": "1",
+        "SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT": "1",
+    }
+    assert SemanticCacheSettings.from_env(Env(whole), SHIPPED).embed_max_queue_per_tenant == 1
+    over = {
+        "SEMANTIC_CACHE_EMBED_MAX_QUEUE": "16",
+        "SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT": "17",
+    }
+    with pytest.raises(
+        ConfigError, match="PER_TENANT must be at most SEMANTIC_CACHE_EMBED_MAX_QUEUE"
+    ):
+        SemanticCacheSettings.from_env(Env(over), SHIPPED)

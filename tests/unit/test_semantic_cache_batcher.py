@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from services.common.clock import ManualClock
-from services.semantic_cache.batcher import MicroBatcher, QueueFull
+from services.semantic_cache.batcher import STORE_EVERY, MicroBatcher, QueueFull
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.embedder import Vectors
 from tests.unit.semantic_cache_support import FakeEmbedder
@@ -105,8 +105,16 @@ class Events:
     """What the batcher reports (its metrics)."""
 
     queue: list[int] = field(default_factory=list)
-    shed: int = 0
-    dropped: int = 0
+    shed_calls: list[str] = field(default_factory=list)
+    dropped_calls: list[str] = field(default_factory=list)
+
+    @property
+    def shed(self) -> int:
+        return len(self.shed_calls)
+
+    @property
+    def dropped(self) -> int:
+        return len(self.dropped_calls)
 
     def embedded(self, texts: int, seconds: float) -> None:
         pass
@@ -114,11 +122,11 @@ class Events:
     def embed_queue(self, texts: int) -> None:
         self.queue.append(texts)
 
-    def embed_shed(self) -> None:
-        self.shed += 1
+    def embed_shed(self, call: str) -> None:
+        self.shed_calls.append(call)
 
-    def embed_dropped(self) -> None:
-        self.dropped += 1
+    def embed_dropped(self, call: str) -> None:
+        self.dropped_calls.append(call)
 
 
 @dataclass
@@ -201,3 +209,78 @@ def test_bad_settings_are_refused() -> None:
         MicroBatcher(FakeEmbedder(), max_queue=0)
     with pytest.raises(ValueError, match="would not compare"):
         MicroBatcher(FakeEmbedder(), solo=FakeEmbedder(version="fake@2"))
+
+
+class BatchesEmbedder(HeldEmbedder):
+    """A held embedder that keeps each batch's texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    def embed(self, texts: list[str]) -> Vectors:
+        self.batches.append(list(texts))
+        return super().embed(texts)
+
+
+async def test_a_tenants_burst_delays_another_tenants_text_by_one_batch_not_the_burst() -> None:
+    embedder = BatchesEmbedder()
+    batcher = MicroBatcher(embedder, max_batch=3)
+    busy = asyncio.ensure_future(batcher.embed_one("hold the embedder", "a"))
+    await embedder.held()
+    waiting = [asyncio.ensure_future(batcher.embed_one(f"a{i}", "a")) for i in range(9)]
+    waiting += [asyncio.ensure_future(batcher.embed_one(f"b{i}", "b")) for i in range(2)]
+    waiting.append(asyncio.ensure_future(batcher.embed_one("c0", "c")))
+    await asyncio.sleep(0)
+    embedder.go.set()
+    await asyncio.gather(busy, *waiting)
+    # each batch takes the tenants' oldest texts in turn (before: a0 a1 a2, ..., b0 b1 c0)
+    assert embedder.batches[1:4] == [["a0", "b0", "c0"], ["a1", "b1", "a2"], ["a3", "a4", "a5"]]
+
+
+async def test_lookups_go_ahead_of_stores_which_keep_a_share() -> None:
+    embedder = BatchesEmbedder()
+    batcher = MicroBatcher(embedder, max_batch=STORE_EVERY + 1)
+    busy = asyncio.ensure_future(batcher.embed_one("hold the embedder", "a", store=True))
+    await embedder.held()
+    stores = [
+        asyncio.ensure_future(batcher.embed_one(f"store {i}", "a", store=True))
+        for i in range(2 * STORE_EVERY)
+    ]
+    lookups = [
+        asyncio.ensure_future(batcher.embed_one(f"lookup {i}", "a"))
+        for i in range(2 * STORE_EVERY)
+    ]
+    await asyncio.sleep(0)
+    embedder.go.set()
+    await asyncio.gather(busy, *stores, *lookups)
+    # queued after the Stores, the Lookups go first; a Store after every STORE_EVERY of them
+    first = embedder.batches[1]
+    assert first == [f"lookup {i}" for i in range(STORE_EVERY)] + ["store 0"]
+
+
+async def test_a_tenant_fills_its_part_of_the_queue_and_others_still_get_in() -> None:
+    embedder, events = HeldEmbedder(), Events()
+    batcher = MicroBatcher(embedder, max_queue=4, max_tenant_queue=2, events=events)
+    busy = asyncio.ensure_future(batcher.embed_one("hold the embedder", "a"))
+    await embedder.held()
+    mine = [
+        asyncio.ensure_future(batcher.embed_one("a lookup", "a")),
+        asyncio.ensure_future(batcher.embed_one("a store", "a", store=True)),
+    ]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull, match="of this tenant"):
+        await batcher.embed_one("one too many of a's", "a", store=True)
+    others = [asyncio.ensure_future(batcher.embed_one(f"b{i}", "b")) for i in range(2)]
+    await asyncio.sleep(0)
+    assert batcher.queued == 4
+    with pytest.raises(QueueFull, match="SEMANTIC_CACHE_EMBED_MAX_QUEUE\\)"):
+        await batcher.embed_one("c0", "c")
+    assert events.shed_calls == ["store", "lookup"]
+    embedder.go.set()
+    await asyncio.gather(busy, *mine, *others)
+
+
+def test_a_tenants_part_of_the_queue_is_at_most_the_queue() -> None:
+    with pytest.raises(ValueError, match="max_tenant_queue <= max_queue"):
+        MicroBatcher(FakeEmbedder(), max_queue=4, max_tenant_queue=5)

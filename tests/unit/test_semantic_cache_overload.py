@@ -135,3 +135,26 @@ async def test_a_full_queue_skips_l1_at_once_and_a_store_stores_nothing() -> Non
     assert (await api.lookup(lookup("how do i reset my password"), 2.0)).hit
     embedder.go.set()
     await asyncio.gather(busy, waiting)
+
+
+async def test_a_lookups_embedding_goes_ahead_of_a_stores_queued_before_it() -> None:
+    api, batcher, embedder, _ = held_api()
+    assert (await api.store(store("how do i reset my password"))).stored
+    busy = asyncio.ensure_future(batcher.embed_one("hold the embedder", "a", store=True))
+    await embedder.held()
+    # a Store of another scope (a Lookup waits for its own scope's Stores in flight)
+    other = sc.StoreRequest(
+        tenant="a",
+        request=make_request("where is my invoice for march", system="Another app."),
+        answer=ANSWER,
+    )
+    storing = asyncio.ensure_future(api.store(other))
+    await queued(batcher, 1)
+    looking = asyncio.ensure_future(api.lookup(lookup("how can i change my email address"), 2.0))
+    await queued(batcher, 2)
+    embedder.go.set()
+    await asyncio.gather(busy, storing, looking)
+    assert embedder.texts[-2:] == [
+        "how can i change my email address",
+        "where is my invoice for march",
+    ]

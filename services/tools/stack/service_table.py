@@ -144,6 +144,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "SEMANTIC_CACHE_LEASE_WAIT_S",
             "SEMANTIC_CACHE_EMBED_MAX_BATCH",
             "SEMANTIC_CACHE_EMBED_MAX_QUEUE",
+            "SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT",
             "SEMANTIC_CACHE_ANN_MIN_ENTRIES",
             "SEMANTIC_CACHE_ANN_NPROBE",
         ),
