@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable
 from typing import Any
 
+from services.common import strict_json
 from services.http_front.errors import ApiError, invalid
 
 SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
@@ -36,33 +36,11 @@ def _type_name(value: object) -> str:
 
 # A UTF-16 surrogate written as a JSON escape: legal JSON, but alone (a string cut in the middle
 # of an emoji) it is no character, and no protobuf string can hold it.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 LONE_SURROGATE = (
     "holds a lone UTF-16 surrogate escape (a \\uD800-\\uDFFF without its pair, e.g. a string "
     "cut in the middle of an emoji): not text"
 )
 _NOT_UTF8 = "the request body is not UTF-8 text: send the JSON encoded as UTF-8"
-
-
-class NotStandardJson(ValueError):
-    """A value Python's ``json`` reads but JSON (RFC 8259) has not: NaN, Infinity, -Infinity, or
-    a number beyond a double's range (read as inf). The providers' SDKs refuse to send it."""
-
-
-def _no_constant(name: str) -> object:
-    raise NotStandardJson(f"{name} is not a JSON number (no NaN or Infinity)")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise NotStandardJson(f"{shown(text)} is beyond the range of a double")
-    return value
-
-
-def strict_loads(text: str) -> Any:
-    """``json.loads`` that refuses what JSON has not (``NotStandardJson``, a ValueError)."""
-    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -76,14 +54,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     if "\0" in text:  # no JSON text holds a raw NUL; UTF-16 and UTF-32 text does
         raise invalid(f"{_NOT_UTF8} (it holds NUL bytes, as UTF-16 and UTF-32 do)")
     try:
-        value = strict_loads(text)
+        value = strict_json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
-    if _SURROGATE_ESCAPE.search(text) is not None:
-        try:  # pairs decode to one character; a lone one does not encode
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise invalid(f"the request body {LONE_SURROGATE}") from None
+    if strict_json.holds_lone_surrogate(text, value):
+        raise invalid(f"the request body {LONE_SURROGATE}")
     if not isinstance(value, dict):
         raise invalid(f"the request body must be a JSON object, got {_type_name(value)}")
     return value

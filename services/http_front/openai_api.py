@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.strict_json import NotStandardJson
+from services.common.strict_json import loads as strict_loads
 from services.http_front.anthropic_api import cache_control, longest, parts_controls
 from services.http_front.errors import invalid
-from services.http_front.fields import NotStandardJson, Obj, json_text, shown, strict_loads
+from services.http_front.fields import Obj, json_text, shown
 
 _TOP = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream",

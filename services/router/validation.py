@@ -7,11 +7,10 @@ a client can fix the request. Validation reads the request only: it changes no s
 from __future__ import annotations
 
 import functools
-import json
 import math
-import re
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common import strict_json
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelTable
 
@@ -108,24 +107,6 @@ def _cached_json_object_problem(text: str) -> str | None:
     return _json_object_problem(text)
 
 
-class _NotStandard(ValueError):
-    """A value Python's ``json`` reads but JSON (RFC 8259) does not have."""
-
-
-def _no_constant(name: str) -> object:
-    raise _NotStandard(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NotStandard(f"{_shown(text)} is beyond a double's range")
-    return value
-
-
-# A UTF-16 surrogate written as an escape: only such an escape can put a lone one in the value
-# (a protobuf string is UTF-8, which holds none)
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _NOT_STANDARD = "must be standard JSON (no NaN/Infinity/lone surrogates)"
 
 
@@ -134,18 +115,15 @@ def _json_object_problem(text: str) -> str | None:
     Python's ``json`` reads NaN, Infinity, numbers beyond a double (as inf) and lone surrogate
     escapes; the SDKs then refuse to encode the body (ValueError, UnicodeEncodeError)."""
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
-    except _NotStandard as exc:
+        value = strict_json.loads(text)
+    except strict_json.NotStandardJson as exc:
         return f"{_NOT_STANDARD}: {exc}"
     except (ValueError, RecursionError):
         return "must be a JSON object, got invalid JSON"
     if not isinstance(value, dict):
         return f"must be a JSON object, got {type(value).__name__}"
-    if _SURROGATE_ESCAPE.search(text) is not None:
-        try:  # a pair decodes to one character; a lone one does not encode
-            json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            return f"{_NOT_STANDARD}: it holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF)"
+    if strict_json.holds_lone_surrogate(text, value):
+        return f"{_NOT_STANDARD}: it holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF)"
     return None
 
 

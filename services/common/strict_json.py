@@ -1,0 +1,53 @@
+"""JSON as RFC 8259 has it, read strictly. Python's ``json`` also reads NaN, Infinity,
+-Infinity, numbers beyond a double's range (as inf) and lone UTF-16 surrogate escapes, which
+the providers' SDKs then refuse to encode (ValueError, UnicodeEncodeError): a request holding
+one would fail at the replica, not where the caller can be told what to change. One reader for
+the router's validation and the HTTP front."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+SHOWN_CHARS = 64  # the most of a number's text an error message repeats
+
+# A UTF-16 surrogate written as an escape: only such an escape can put a lone one in the value
+# (a protobuf string, and a request body read as UTF-8, hold none)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class NotStandardJson(ValueError):
+    """A value Python's ``json`` reads but JSON (RFC 8259) has not: NaN, Infinity, -Infinity, or
+    a number beyond a double's range."""
+
+
+def _no_constant(name: str) -> object:
+    raise NotStandardJson(f"{name} is not a JSON number (no NaN or Infinity)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        cut = text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+        raise NotStandardJson(f"{cut!r} is beyond the range of a double")
+    return value
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` that refuses what JSON has not (``NotStandardJson``, a ValueError); other
+    invalid JSON raises ``json.JSONDecodeError`` (a ValueError) or RecursionError as usual."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
+def holds_lone_surrogate(text: str, value: Any) -> bool:
+    """Whether ``value``, read from ``text`` by ``loads``, holds a lone UTF-16 surrogate (an
+    escaped pair decodes to one character; a lone one does not encode as UTF-8)."""
+    if _SURROGATE_ESCAPE.search(text) is None:
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
