@@ -87,7 +87,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics=metrics,
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
-    limiter = await build_limiter(settings.limits, SystemClock(), table, tokenizer, tracer)
+    limiter = await build_limiter(
+        settings.limits, SystemClock(), table, tokenizer, tracer, metrics.degraded
+    )
     ledger = await build_answer_ledger(settings.answers_redis_url, settings.idempotency_ttl_s)
     if ledger is None:
         log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")

@@ -5,6 +5,8 @@ the router rather than leaving it to count or remember alone."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -29,6 +31,7 @@ async def build_limiter(
     table: ModelTable,
     tokenizers: Tokenizers,
     tracer: trace.Tracer | None = None,
+    counted: Callable[[str, str], None] | None = None,
 ) -> Limiter:
     """``tokenizers``: the pipeline's (one load, one cache), to count what a request's prompt
     reserves of the token rate, with the requested row's tokenizer (``auto``'s: its large
@@ -43,7 +46,7 @@ async def build_limiter(
         return prompt_tokens(request, tokenizers.for_spec(spec))
 
     policies = UniformPolicies(settings.policy)
-    return Limiter(store, policies, clock, count, tracer, settings.timeout_s)
+    return Limiter(store, policies, clock, count, tracer, settings.timeout_s, counted)
 
 
 async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedger | None:

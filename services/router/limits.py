@@ -331,13 +331,16 @@ class Limiter:
         prompt_tokens: Callable[[pb.CompleteRequest], int],
         tracer: trace.Tracer | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        counted: Callable[[str, str], None] | None = None,
     ) -> None:
         """``prompt_tokens``: a request's prompt tokens (the router's tokenizer, whose cache
         the pipeline's own counts then reuse), counted off the event loop and only under a
         token rate. ``tracer``: for a settle that fails after its request's span ended.
         ``timeout_s``: how long a store's answer is waited for before it counts as failed (a
         Redis that hangs would otherwise hold every request for its client's socket
-        timeout)."""
+        timeout). ``counted``: each failure, as ``(dependency, reason)`` (the router's
+        ``cachemesh_router_degraded_total``; requests admitted unlimited must show)."""
+        self._counted = counted
         self._store = store
         self._policies = policies
         self._clock = clock
@@ -425,6 +428,9 @@ class Limiter:
             "cachemesh.degraded",
             {"dependency": "limits", "error": type(exc).__name__},
         )
+        if self._counted is not None:
+            timed_out = isinstance(exc, TimeoutError)
+            self._counted("limits", "DEADLINE_EXCEEDED" if timed_out else "UNAVAILABLE")
 
     async def drain(self) -> None:
         if self._background:

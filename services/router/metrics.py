@@ -23,7 +23,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
 - ``cachemesh_router_tokens_total{tenant,served_by,type}``: the responses' usage (``input``,
   ``cache_creation``, ``cache_read``, ``output``), and the unanswered calls' bills';
 - ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
-  request (reason: the gRPC status); ``cachemesh_router_decisions_total{tier,reason}``: the
+  request (reason: the gRPC status; ``limits``: its store failed, DEADLINE_EXCEEDED when it
+  did not answer in time, else UNAVAILABLE, and the request was admitted with no limit);
+  ``cachemesh_router_decisions_total{tier,reason}``: the
   tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``: the
   prefix cache's costs moved the threshold or band edges, ``fallback``);
   ``cachemesh_router_requests_in_flight``;

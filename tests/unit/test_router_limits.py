@@ -543,18 +543,22 @@ class HangingStore(MemoryLimitStore):
 async def test_a_store_that_hangs_admits_within_the_timeout() -> None:
     """The documented degradation (the request admitted) within ``timeout_s``, not after the
     Redis client's socket timeout (5 s by default) on every request."""
+    counted: list[tuple[str, str]] = []
     limiter = Limiter(
         HangingStore(),
         UniformPolicies(LimitPolicy(requests_per_min=1)),
         ManualClock(START_MS),
         _count,
         timeout_s=0.05,
+        counted=lambda dependency, reason: counted.append((dependency, reason)),
     )
     async with asyncio.timeout(2.0):
         ticket = await limiter.admit("t", _request())
         assert isinstance(ticket, Ticket)
         limiter.settle(ticket, _answer(1, 1, cost_nanos=1))
         await limiter.drain()  # the settle gave up too
+    # admitted with no limit: counted where an operator (and the alert rules) can see it
+    assert counted == [("limits", "DEADLINE_EXCEEDED")] * 2
 
 
 async def test_routers_on_either_side_of_midnight_count_one_days_budget(redis_url: str) -> None:
