@@ -73,11 +73,10 @@ class SemanticCacheApi:
         query = self._query(request.tenant, request.request)
         # the whole lookup (its wait for the scope's Stores, the lease wait, the embedding
         # ``auto`` wants) ends in time for its reply
-        if wait:
-            within_s = None if remaining_s is None else max(0.0, remaining_s - REPLY_MARGIN_S)
-            deadline = self._cache.deadline_in(within_s)
-        else:
-            within_s, deadline = 0.0, None
+        within_s = None
+        if wait and remaining_s is not None:
+            within_s = max(0.0, remaining_s - REPLY_MARGIN_S)
+        deadline = self._cache.deadline_in(within_s)
         if not self._policies.get(request.tenant).l1_enabled:
             # no read; for the router's tier choice, still the embedding when it is wanted
             skipped = sc.LookupResponse(skip_reason=L1_OFF)
@@ -87,7 +86,9 @@ class SemanticCacheApi:
         # a draining cache refuses Stores, so it leads no model call and makes none wait
         wait_s = 0.0 if draining else max(0.0, self._lease_wait_s)
         try:
-            result = await self._cache.check(query, wait_s, lead=not draining, within_s=within_s)
+            result = await self._cache.check(
+                query, wait_s, lead=not draining, within_s=within_s, waits=wait
+            )
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         if self._metrics is not None:

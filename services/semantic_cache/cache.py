@@ -125,6 +125,7 @@ class SemanticCache(EntryStore):
         *,
         lead: bool = True,
         within_s: float | None = None,
+        waits: bool = True,
     ) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold.
 
@@ -137,10 +138,15 @@ class SemanticCache(EntryStore):
 
         ``within_s`` (None: no limit): the caller's time from now (its deadline less a margin);
         it bounds the wait for the scope's Stores in flight and the lease wait, so a check
-        that spent time before its lease wait waits that much less.
+        that spent time before its lease wait waits that much less, and the question's
+        embedding (a late one is a miss). ``waits=False`` (the offline replay, which waits on
+        its virtual clock): no wait at all, neither for Stores nor a lease, and no bound on the
+        embedding (``within_s`` and ``wait_s`` are not read).
         """
-        deadline = None if within_s is None else self._deadline_clock() + within_s
-        result = await self._check(query, deadline)
+        if not waits:
+            wait_s, within_s = 0.0, None
+        deadline = self.deadline_in(within_s)
+        result = await self._check(query, deadline, settle=waits)
         if not result.hit and query.request_id:
             self._missed_at.put((query.tenant, query.request_id), self.purges(query.tenant))
         if result.hit or result.skip_reason or self._leases is None:
@@ -204,7 +210,10 @@ class SemanticCache(EntryStore):
             return math.inf
         return max(0.0, deadline - self._deadline_clock())
 
-    async def _check(self, query: Query, deadline: float | None = None) -> CheckResult:
+    async def _check(
+        self, query: Query, deadline: float | None = None, *, settle: bool = True
+    ) -> CheckResult:
+        """``settle``: wait (within ``deadline``) for the scope's Stores in flight first."""
         _require_tenant(query)
         threshold = self._threshold_for(query)
         if query.mode in ("bypass", "refresh"):
@@ -214,7 +223,7 @@ class SemanticCache(EntryStore):
             return CheckResult(None, skip_reason=_NO_USER_TEXT)
         if present := self._policy.present_time_reason(query.namespace, text):
             return CheckResult(None, skip_reason=present)  # never stored: no read, no lease
-        settle_s = min(_STORE_WAIT_S, self._left_s(deadline))
+        settle_s = min(_STORE_WAIT_S, self._left_s(deadline)) if settle else 0.0
         await self._storing.settled((query.tenant, query.scope), settle_s)
         now = self._clock.now_ms()
         self._purge_expired(now)
@@ -387,9 +396,7 @@ class SemanticCache(EntryStore):
             return known
         within_s = None if deadline is None else self._left_s(deadline)
         if self._batcher is not None:
-            row = await self._batcher.embed_one(
-                text, tenant, within_s=within_s, store=not lookup
-            )
+            row = await self._batcher.embed_one(text, tenant, within_s=within_s, store=not lookup)
         else:
             embedding = asyncio.to_thread(self._embedder.embed, [text])
             row = (await asyncio.wait_for(embedding, within_s))[0]

@@ -44,6 +44,16 @@ def test_a_repeat_is_served_by_l1_for_its_tenant_only(settings: dict[str, str]) 
     assert _replay(settings, records) == ["model", "semantic_cache", "model"]
 
 
+def test_a_paraphrase_is_served_by_l1_in_a_replay_as_live(settings: dict[str, str]) -> None:
+    """A replayed Lookup never waits, but its embedding is made whatever the time: a
+    paraphrase is an L1 hit offline as it is live, not only an identical text."""
+    records = [
+        LogRecord(0, _ask("How do I reset my password please?")),
+        LogRecord(1000, _ask("How do I reset my password?")),
+    ]
+    assert _replay(settings, records) == ["model", "semantic_cache"]
+
+
 def test_l1_ttl_is_judged_on_the_virtual_clock(settings: dict[str, str]) -> None:
     q = "How do I reset my password?"
     records = [LogRecord(0, _ask(q)), LogRecord(59_000, _ask(q)), LogRecord(3_600_000, _ask(q))]
