@@ -261,6 +261,13 @@ class ModelTable(BaseModel):
     def for_tier(self, tier: Tier) -> ModelSpec:
         return self.models[self.auto[tier]]
 
+    def baseline_for(self, model_id: str) -> ModelSpec:
+        """The row a request for ``model_id`` is priced against (``auto``: its largest tier,
+        whose price is the no-cache baseline); ``model_id`` was validated as a row."""
+        spec = self.for_tier(LARGEST) if model_id == AUTO else self.get(model_id)
+        assert spec is not None  # validated before
+        return spec
+
 
 def _price(spec: ModelSpec) -> tuple[int, int]:
     return (spec.input_nanos, spec.output_nanos)

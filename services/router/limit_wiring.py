@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url, redis_url_error
-from services.common.models import AUTO, LARGEST, ModelTable
+from services.common.models import ModelTable
 from services.common.prompt import prompt_tokens
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import RedisAnswerLedger
@@ -41,8 +41,7 @@ async def build_limiter(
         store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
 
     def count(request: pb.CompleteRequest) -> int:
-        spec = table.for_tier(LARGEST) if request.model == AUTO else table.get(request.model)
-        assert spec is not None  # validated before the limits
+        spec = table.baseline_for(request.model)
         return prompt_tokens(request, tokenizers.for_spec(spec))
 
     policies = UniformPolicies(settings.policy)

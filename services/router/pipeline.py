@@ -24,7 +24,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import Code, RequestError
-from services.common.models import AUTO, LARGEST, ModelSpec, ModelTable
+from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import last_user_text, prompt_tokens
 from services.common.span_events import record_event
 from services.common.telemetry import current_trace_id
@@ -191,7 +191,7 @@ class Pipeline:
         root = trace.get_current_span()
         spans.request_attributes(root, tenant, request)
         head = pb.CompleteResponse(request_id=request.request_id, trace_id=current_trace_id())
-        baseline = self._baseline_model(request)
+        baseline = self._table.baseline_for(request.model)
 
         lookup = await self._lookup(tenant, request, deadline)
         if lookup is not None:
@@ -430,15 +430,6 @@ class Pipeline:
             health.succeeded(attempt.replica)
         else:
             health.released(attempt.replica, attempt.probe)
-
-    def _baseline_model(self, request: pb.CompleteRequest) -> ModelSpec:
-        spec = (
-            self._table.for_tier(LARGEST)
-            if request.model == AUTO
-            else self._table.get(request.model)
-        )
-        assert spec is not None  # validated before
-        return spec
 
     async def _lookup(
         self, tenant: str, request: pb.CompleteRequest, deadline: float | None
