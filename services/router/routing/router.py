@@ -28,7 +28,7 @@ from services.common.models import ModelTable, Tier
 from services.common.prompt import last_user_text
 from services.router.calls import Calls
 from services.router.dependencies import Dependencies
-from services.router.routing.bands import bands, decide_bands
+from services.router.routing.bands import Band, bands, decide_bands
 from services.router.routing.decision import Decision, TierCost, tier_cost
 from services.router.routing.model import RouterModel, Vector
 from services.semantic_cache.embedder import Embedder
@@ -96,6 +96,8 @@ class TierRouter:
         self._threshold = default_threshold
         self._table = table
         self._tiers = [table.for_tier(tier) for tier in table.tiers]
+        self._names: list[Tier] = [spec.tier for spec in self._tiers]
+        self._ids = [spec.id for spec in self._tiers]
         self._calls = calls
         self._deps = dependencies
         self._local = local
@@ -112,29 +114,30 @@ class TierRouter:
             score = await asyncio.to_thread(self._model.score, text, vector)
         else:
             score = self._model.score(text, vector)
-        requested = request.routing.HasField("threshold")
-        threshold = request.routing.threshold if requested else self._threshold
-        cuts = bands(self._tiers, threshold, self._tier_thresholds, requested=requested)
-        names = [spec.tier for spec in self._tiers]
+        cuts, requested = self._cuts(request)
         if not (self._cost_aware and shares_prefix(request)):
-            return Routed(decide_bands(score, names, cuts, source, requested=requested))
-        ids = [spec.id for spec in self._tiers]
+            return Routed(decide_bands(score, self._names, cuts, source, requested=requested))
+        ids = self._ids
         found = await asyncio.gather(*(self._plan(tenant, model, request) for model in ids))
         plans = dict(zip(ids, found, strict=True))
         output = min(request.max_tokens, EXPECTED_OUTPUT_TOKENS)
         costs = [self._cost(model, plans[model], output) for model in ids]
-        decision = decide_bands(score, names, cuts, source, costs, requested=requested)
+        decision = decide_bands(score, self._names, cuts, source, costs, requested=requested)
         return Routed(decision, plans)
 
     def lowest_tier(self, request: pb.CompleteRequest) -> Tier:
         """The cheapest tier the request's thresholds can send it to: the lowest score's
         (-1), costs cold. The smallest tier unless a threshold is at -1 (``routing.threshold``
         -1: every score reaches the large tier)."""
+        cuts, requested = self._cuts(request)
+        return decide_bands(LOWEST_SCORE, self._names, cuts, NONE, requested=requested).tier
+
+    def _cuts(self, request: pb.CompleteRequest) -> tuple[list[Band], bool]:
+        """The tiers' band edges for the request's threshold (its own when it set one), and
+        whether it set one."""
         requested = request.routing.HasField("threshold")
         threshold = request.routing.threshold if requested else self._threshold
-        cuts = bands(self._tiers, threshold, self._tier_thresholds, requested=requested)
-        names = [spec.tier for spec in self._tiers]
-        return decide_bands(LOWEST_SCORE, names, cuts, NONE, requested=requested).tier
+        return bands(self._tiers, threshold, self._tier_thresholds, requested=requested), requested
 
     async def _plan(
         self, tenant: str, model: str, request: pb.CompleteRequest
