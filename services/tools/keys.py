@@ -130,12 +130,12 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
         run_dir, api_keys, token, admin, created or new_token or new_admin, dict(endpoints)
     )
     if keys.has_demo_keys:
-        _write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
+        write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
     _ensure_key_file(keys)
-    _write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n")
-    _write_secret(run_dir / INTERNAL_ENV_FILE, f"CACHEMESH_INTERNAL_TOKEN={token}\n")
-    _write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n")
-    _write_secret(run_dir / ADMIN_ENV_FILE, f"CACHEMESH_ADMIN_TOKEN={admin}\n")
+    write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n")
+    write_secret(run_dir / INTERNAL_ENV_FILE, f"CACHEMESH_INTERNAL_TOKEN={token}\n")
+    write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n")
+    write_secret(run_dir / ADMIN_ENV_FILE, f"CACHEMESH_ADMIN_TOKEN={admin}\n")
     return keys
 
 
@@ -217,7 +217,7 @@ def _read_demo_keys(path: Path) -> dict[str, str] | None:
     return keys if all(keys.values()) else None
 
 
-def _write_secret(path: Path, content: str) -> None:
+def write_secret(path: Path, content: str) -> None:
     """Writes ``content`` with mode 0600 from the start, replacing the file atomically."""
     if path.is_file() and path.read_text() == content:
         os.chmod(path, 0o600)

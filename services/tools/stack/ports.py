@@ -10,13 +10,13 @@ so ``status``, ``stop`` and a later ``up`` find the stack where it runs.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
+from services.tools.keys import write_secret
 from services.tools.stack.environment import dial_address
 from services.tools.stack.redis_process import STACK_REDIS_URL_VARS, stack_redis_address
 from services.tools.stack.service_table import SERVICES
@@ -117,11 +117,7 @@ def write_moved(run_dir: Path, overrides: Mapping[str, str]) -> None:
     if parse_env_text(text, str(path)) != dict(overrides):
         raise EnvFileError(f"{path}: a moved setting would not read back as written")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_secret(path, text)
 
 
 def forget_moved(run_dir: Path) -> None:
