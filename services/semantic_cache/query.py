@@ -10,6 +10,7 @@ an ``auto`` hit whose tier is below the one the request's thresholds force).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -51,8 +52,9 @@ class Query:
     # the same request (its router died mid-call) leads again instead of waiting on itself
     request_id: str = ""
 
-    @property
+    @functools.cached_property
     def normalised(self) -> str:
+        """Read several times a lookup (the exact key, the lease key, the Store): made once."""
         return normalise(self.text or "")
 
 
