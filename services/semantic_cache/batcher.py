@@ -104,6 +104,11 @@ class _Lane:
         self.size -= 1
         return waiting
 
+    def count(self, tenant: str) -> int:
+        """How many of ``tenant``'s texts wait in this lane."""
+        texts = self._tenants.get(tenant)
+        return 0 if texts is None else len(texts)
+
     def remove(self, waiting: _Waiting) -> None:
         texts = self._tenants[waiting.tenant]
         texts.remove(waiting)
@@ -151,7 +156,6 @@ class MicroBatcher:
         self._max_tenant_queue = max_tenant_queue
         self._lookups = _Lane("lookup")
         self._stores = _Lane("store")
-        self._by_tenant: dict[str, int] = {}  # texts waiting, Lookups and Stores
         self._lookups_in_turn = 0  # Lookups taken since the last Store
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
@@ -186,7 +190,6 @@ class MicroBatcher:
         deadline = math.inf if within_s is None else self._clock() + within_s
         waiting = _Waiting(text, tenant, loop.create_future(), deadline)
         lane.push(waiting)
-        self._by_tenant[tenant] = self._by_tenant.get(tenant, 0) + 1
         self._queue_changed()
         if not self._running:
             self._running = True
@@ -199,7 +202,7 @@ class MicroBatcher:
                 timer.cancel()
             if waiting.queued:  # its caller went before its batch: never embedded
                 lane.remove(waiting)
-                self._dequeued(waiting)
+                waiting.queued = False
                 self._dropped(lane)
                 self._queue_changed()
 
@@ -207,7 +210,9 @@ class MicroBatcher:
         """Raises ``QueueFull`` when the queue, or the tenant's part of it, is full."""
         if self.queued >= self._max_queue:
             why = f"{self.queued} texts wait to be embedded (SEMANTIC_CACHE_EMBED_MAX_QUEUE)"
-        elif (mine := self._by_tenant.get(tenant, 0)) >= self._max_tenant_queue:
+        elif (
+            mine := self._lookups.count(tenant) + self._stores.count(tenant)
+        ) >= self._max_tenant_queue:
             why = (
                 f"{mine} texts of this tenant wait to be embedded "
                 "(SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT)"
@@ -217,14 +222,6 @@ class MicroBatcher:
         if self._events is not None:
             self._events.embed_shed(lane.call)
         raise QueueFull(f"semantic-cache is busy: {why}; the request goes on without L1")
-
-    def _dequeued(self, waiting: _Waiting) -> None:
-        waiting.queued = False
-        left = self._by_tenant[waiting.tenant] - 1
-        if left:
-            self._by_tenant[waiting.tenant] = left
-        else:
-            del self._by_tenant[waiting.tenant]
 
     def _next_batch(self) -> list[_Waiting]:
         """Up to ``max_batch`` queued texts whose callers still wait: the tenants' in turn,
@@ -238,7 +235,7 @@ class MicroBatcher:
             )
             lane = self._stores if store_turn else self._lookups
             waiting = lane.pop()
-            self._dequeued(waiting)
+            waiting.queued = False
             if waiting.deadline <= now:
                 _expire(waiting.future)
             if waiting.future.done():
