@@ -30,7 +30,6 @@ from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import PURGE_GUARD_MS, EntryStore
 from services.semantic_cache.index import AnnSettings, ScopeIndex, folded_key
 from services.semantic_cache.inflight import StoresInFlight
-from services.semantic_cache.journal import Applied
 from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import NamespacePolicy
@@ -332,15 +331,12 @@ class SemanticCache(EntryStore):
             # fixed from now on
             expires_at_ms=now + self._policy.ttl_ms(query.namespace, default_ttl_s),
         )
-        if self._journal is None:
-            self._insert(entry, vector)
-            return StoreResult(True, entry_id=entry.entry_id)
         # Served once durable, and acknowledged then: a record the log loses (a full disk) is
         # never inserted, so never served, neither now nor after a restart (``NotDurable``).
-        applied = Applied(lambda: self._insert(entry, vector))
-        self._journal.log_store(entry, vector, applied)
-        await self._journal.sync()
-        applied.result()
+        await self.durably(
+            lambda: self._insert(entry, vector),
+            lambda journal, applied: journal.log_store(entry, vector, applied),
+        )
         return StoreResult(True, entry_id=entry.entry_id)
 
     def deadline_in(self, within_s: float | None) -> float | None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +44,8 @@ RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors
 # the purge. Longer than the model calls the router (300 s) and the HTTP front (600 s) allow by
 # default.
 PURGE_GUARD_MS = 15 * 60 * 1000
+
+T = TypeVar("T")
 
 
 def take_rows(contents: Contents, rows: Ids, dim: int) -> Rows:
@@ -279,24 +283,32 @@ class EntryStore:
         if not tenant:
             raise InvalidQuery("tenant", "is required")
         self.stop_pending_stores(tenant)  # an answer looked up before the purge is not stored
-        if self._journal is None:
-            return self._drop_now(tenant, namespace)
-        applied = Applied(lambda: self._drop_now(tenant, namespace))
         # logged even when nothing is found here: a replay may hold entries this process had
         # evicted (evictions are not logged), and the purge must remove them too
-        self._journal.log_drop(tenant, namespace, applied)
-        await self._journal.sync()
-        return applied.result()
+        return await self.durably(
+            lambda: self._drop_now(tenant, namespace),
+            lambda journal, applied: journal.log_drop(tenant, namespace, applied),
+        )
 
     async def drop_entry(self, tenant: str, entry_id: str) -> int:
         """Removes one entry of the tenant (1), or nothing when it is not theirs or gone (0);
         with a journal, once that is durable (``drop``)."""
         if not tenant:
             raise InvalidQuery("tenant", "is required")
+        return await self.durably(  # logged whatever is found (``drop``)
+            lambda: self.apply_drop_entry(tenant, entry_id),
+            lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied),
+        )
+
+    async def durably(
+        self, change: Callable[[], T], log: Callable[[Journal, Applied[T]], None]
+    ) -> T:
+        """``change`` applied now without a journal; with one, once the record ``log`` writes
+        is durable, and never if it is not (``NotDurable``): what it returned."""
         if self._journal is None:
-            return self.apply_drop_entry(tenant, entry_id)
-        applied = Applied(lambda: self.apply_drop_entry(tenant, entry_id))
-        self._journal.log_drop_entry(tenant, entry_id, applied)  # whatever is found (``drop``)
+            return change()
+        applied = Applied(change)
+        log(self._journal, applied)
         await self._journal.sync()
         return applied.result()
 
