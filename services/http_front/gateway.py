@@ -21,6 +21,7 @@ from cachemesh.retry_info import retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
+from services.common.clock import Clock, SystemClock
 from services.common.errors import Code
 from services.common.status import code_of
 from services.common.tls import ClientTls
@@ -36,6 +37,9 @@ UNREACHABLE = "the Gateway is unreachable; retry"
 # The router reads its answer ledger (another router's answers) only for calls so marked; a
 # first call so marked is served as usual, after that one read.
 RETRY_MARK = ("cachemesh-retry", "1")
+# With the router down every request fails alike: its warning is logged at most once in this
+# many milliseconds, with the count of those left out since the last one.
+UNREACHABLE_LOG_EVERY_MS = 10_000
 
 
 def api_error(error: grpc.aio.AioRpcError) -> ApiError:
@@ -71,7 +75,13 @@ def _metadata(
 
 
 class Gateway:
-    def __init__(self, address: str, timeout_s: float, tls: ClientTls | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        tls: ClientTls | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         options = channel_options(4 << 20)
         self._channel = (
             grpc.aio.insecure_channel(address, options=options)
@@ -82,6 +92,9 @@ class Gateway:
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s
+        self._clock = clock if clock is not None else SystemClock()
+        self._unreachable_logged_ms: int | None = None
+        self._unreachable_unlogged = 0
 
     async def complete(
         self, request: pb.CompleteRequest, key: str, traceparent: str
@@ -117,9 +130,22 @@ class Gateway:
         ``UNAVAILABLE`` the channel raised itself (no Gateway answered: the channel is not
         connected) as the fixed ``UNREACHABLE``, gRPC's detail logged."""
         if error.code() == grpc.StatusCode.UNAVAILABLE and not self._connected():
-            log.warning("the Gateway at %s is unreachable: %s", self._address, error.details())
+            self._log_unreachable(error.details() or "")
             return from_gateway(Code.UNAVAILABLE, UNREACHABLE)
         return api_error(error)
+
+    def _log_unreachable(self, detail: str) -> None:
+        """One warning per ``UNREACHABLE_LOG_EVERY_MS`` while the Gateway is down, not one
+        per request (a flood of identical lines at the front's request rate)."""
+        now = self._clock.now_ms()
+        last = self._unreachable_logged_ms
+        if last is not None and now - last < UNREACHABLE_LOG_EVERY_MS:
+            self._unreachable_unlogged += 1
+            return
+        unlogged, self._unreachable_unlogged = self._unreachable_unlogged, 0
+        self._unreachable_logged_ms = now
+        more = f" ({unlogged} more requests failed so since the last warning)" if unlogged else ""
+        log.warning("the Gateway at %s is unreachable: %s%s", self._address, detail, more)
 
     def _connected(self) -> bool:
         """A status the Gateway sent leaves the channel READY; one the channel raised (refused,
