@@ -13,6 +13,7 @@ import pytest
 
 from services.tools.stack.health import SERVING, UNREACHABLE, probe
 from services.tools.stack.lifecycle import Stack, StackError
+from services.tools.stack.supervisor import read_state
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +75,7 @@ def test_up_refuse_status_down(tmp_path: Path) -> None:
     assert not any(_alive(pid) for pid in pids.values())
     assert probe(stack.router_address, 0.5) == UNREACHABLE
     assert not list((tmp_path / "run" / "pids").iterdir())
+    assert read_state(tmp_path / "run") == {}  # no restarts of the stopped stack in status
     assert Stack(ROOT, tmp_path / "run", out=io.StringIO()).stop() == []  # idempotent
 
 

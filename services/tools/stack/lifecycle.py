@@ -402,8 +402,15 @@ class Stack:
             os.kill(supervisor, signal.SIGTERM)
             waves = len(stop_order()) + 1
             deadline = time.monotonic() + (self._grace_s() + 5.0) * waves
+            # this object's own child is reaped by ``poll`` (a zombie looks alive); a
+            # supervisor another ``Stack`` started (after this one's died) is waited for too
+            own = (
+                self._supervisor
+                if self._supervisor and self._supervisor.pid == supervisor
+                else None
+            )
             while processes.is_alive(supervisor, "services.tools.stack"):
-                if self._supervisor is not None and self._supervisor.poll() is not None:
+                if own is not None and own.poll() is not None:
                     break
                 if time.monotonic() > deadline:
                     os.kill(supervisor, signal.SIGKILL)
@@ -425,6 +432,8 @@ class Stack:
         for service in [*SERVICES, REDIS]:
             self._pid_path(service).unlink(missing_ok=True)
         (self.run_dir / "pids" / f"{PID_NAME}.pid").unlink(missing_ok=True)
+        # the stopped stack's restarts and exits: ``status`` after a ``down`` shows none
+        (self.run_dir / STATE_FILE).unlink(missing_ok=True)
         return was_running
 
     def running(self) -> list[Running]:
