@@ -114,7 +114,17 @@ class Dispatcher:
         # the pipeline releases a call when its answer ends
         self.loads = ReplicaStates(choice.ttft.kv_capacity_tokens)
         self._chooser = ReplicaChooser(choice, self.loads)
-        self.health = ReplicaHealth(choice.ejection)
+        self._ejection = choice.ejection
+        self._health: dict[str, ReplicaHealth] = {}
+
+    def health(self, model: str) -> ReplicaHealth:
+        """The ejection state of ``model``'s replicas. Kept per model: one address may serve
+        several models (a provider's, or one engine's), and one model's failures there (its
+        provider overloaded) must neither eject the others nor be cleared by their answers."""
+        health = self._health.get(model)
+        if health is None:
+            health = self._health[model] = ReplicaHealth(self._ejection)
+        return health
 
     async def open(
         self,
@@ -198,7 +208,8 @@ class Dispatcher:
             # the ejected replicas only when all are (then the choice is among them), else
             # after the others, as a last resort
             now = self._clock()
-            usable, ejected = self.health.split([r for r in replicas if r not in exclude], now)
+            health = self.health(spec.id)
+            usable, ejected = health.split([r for r in replicas if r not in exclude], now)
             route = self._chooser.choose(wanted, usable or ejected, view, now)
             if usable and ejected:
                 route = replace(route, ejected=tuple(ejected))
@@ -214,7 +225,7 @@ class Dispatcher:
                 needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
                 last = n == len(candidates)
                 handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s, last)
-                probe = self.health.sending(replica, opened_at)
+                probe = health.sending(replica, opened_at)
                 ticket = self.loads.sent(
                     replica,
                     prompt_tokens,
@@ -237,7 +248,7 @@ class Dispatcher:
                 except RequestError as exc:
                     self.loads.failed(replica, ticket)
                     if exc.code in CLIENT_FAULTS:
-                        self.health.released(replica, probe)  # its refusal is the request's
+                        health.released(replica, probe)  # its refusal is the request's
                     else:
                         self.replica_failed(spec.id, replica, probe)
                     chat_span.end()
@@ -258,7 +269,7 @@ class Dispatcher:
                     ):
                         self.replica_failed(spec.id, replica, probe)
                     else:
-                        self.health.released(replica, probe)
+                        health.released(replica, probe)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
@@ -269,7 +280,7 @@ class Dispatcher:
                     continue
                 except BaseException:
                     self._left(spec, wanted, replica, ticket)
-                    self.health.released(replica, probe)  # the caller left: no verdict
+                    health.released(replica, probe)  # the caller left: no verdict
                     chat_span.end()
                     raise
                 reused = None if start.kv_cached_unreported else start.kv_cached_tokens
@@ -316,7 +327,7 @@ class Dispatcher:
     def replica_failed(self, model: str, replica: str, probe: bool) -> None:
         """The replica failed a call of this request (before its first token, or cut
         mid-answer): counted towards its ejection, which the request's span records."""
-        ejection = self.health.failed(replica, self._clock(), probe)
+        ejection = self.health(model).failed(replica, self._clock(), probe)
         if ejection is None:
             return
         log.warning(

@@ -423,7 +423,7 @@ class Pipeline:
         against it, also after its first token (a replica that cuts every answer there is
         ejected); only a whole answer brings it back; a caller that left, or an answer that
         outlasted its deadline, says nothing."""
-        health = self._dispatch.health
+        health = self._dispatch.health(attempt.model.id)
         if isinstance(error, ReplicaCut):
             self._dispatch.replica_failed(attempt.model.id, attempt.replica, attempt.probe)
         elif finished:

@@ -376,7 +376,7 @@ async def test_a_replica_streaming_another_answer_is_busy_not_stalled(fast_stall
         await long_answer
     await pipeline.drain()
     assert models.calls == ["large-1"] * 6 and models.cancelled == []
-    assert not pipeline._dispatch.health.ejected("large-1", clock())
+    assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
 
 
 async def test_a_deadline_spent_waiting_behind_another_answer_is_not_the_replicas_fault() -> None:
@@ -391,7 +391,7 @@ async def test_a_deadline_spent_waiting_behind_another_answer_is_not_the_replica
     for i in range(1, 4):  # three in a row would eject a failing replica
         with pytest.raises(RequestError, match="DEADLINE_EXCEEDED"):
             await _ask(pipeline, i, remaining_s=30.0, model="sim-small")
-    assert not pipeline._dispatch.health.ejected("small-1", clock())
+    assert not pipeline._dispatch.health("sim-small").ejected("small-1", clock())
     slot.done.set()
     await long_answer
     await pipeline.drain()
@@ -458,8 +458,8 @@ async def test_a_slow_replica_is_given_the_time_its_stall_showed_not_ejected(
         assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
     await pipeline.drain()
     assert len(models.cancelled) <= 2  # at most one stall each, then the time they need
-    assert not pipeline._dispatch.health.ejected("local-1", clock())
-    assert not pipeline._dispatch.health.ejected("local-2", clock())
+    assert not pipeline._dispatch.health("local-small").ejected("local-1", clock())
+    assert not pipeline._dispatch.health("local-small").ejected("local-2", clock())
 
 
 async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:
@@ -549,8 +549,8 @@ async def test_when_every_replica_is_ejected_they_still_serve() -> None:
     for i in range(3):
         with pytest.raises(RequestError):
             await _ask(pipeline, i)
-    assert pipeline._dispatch.health.ejected("large-1", clock())
-    assert pipeline._dispatch.health.ejected("large-2", clock())
+    assert pipeline._dispatch.health("sim-large").ejected("large-1", clock())
+    assert pipeline._dispatch.health("sim-large").ejected("large-2", clock())
     models.failing.clear()
     assert (await _ask(pipeline, 3)).content[0].text == "ok"  # not refused for the ejection
     await pipeline.drain()
@@ -566,7 +566,7 @@ async def test_a_requests_own_fault_does_not_count_against_the_replica(code: Cod
             await _ask(pipeline, i)
     await pipeline.drain()
     assert models.calls == ["large-1"] * 5  # still the chooser's pick: never ejected
-    assert not pipeline._dispatch.health.ejected("large-1", clock())
+    assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
 
 
 async def test_a_deadline_shorter_than_the_prefill_is_not_the_replicas_fault() -> None:
@@ -578,4 +578,44 @@ async def test_a_deadline_shorter_than_the_prefill_is_not_the_replicas_fault() -
         with pytest.raises(RequestError):
             await _ask(pipeline, i, remaining_s=0.001)
     await pipeline.drain()
-    assert not pipeline._dispatch.health.ejected("large-1", clock())
+    assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
+
+
+@dataclass
+class SharedAddress(Models):
+    """One address serving two models (a model service with several provider rows): only
+    ``sim-large``'s calls there fail (its provider overloaded)."""
+
+    large_there: int = 0
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> Stream:
+        if replica == "shared-1" and request.model == "sim-large":
+            self.calls.append(replica)
+            self.large_there += 1
+            self.clock.now += 1.0
+            return Stream([UNAVAILABLE])
+        return super().generate(replica, request, deadline_s)
+
+
+async def test_one_models_failures_on_a_shared_address_do_not_eject_the_other_model() -> None:
+    """Health was kept per address: sim-large's three failures on shared-1 ejected it for
+    sim-small too, and sim-small's answers there brought it back for sim-large, which went on
+    failing on it. Each model's replicas are now judged by that model's calls alone."""
+    clock = Clock()
+    models = SharedAddress(clock, {})
+    shared = {"sim-small": ("shared-1",), "sim-large": ("shared-1", "large-2")}
+    deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, shared)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
+    )
+    for i in range(12):
+        assert (await _ask(pipeline, 2 * i)).content[0].text == "ok"
+        assert (await _ask(pipeline, 2 * i + 1, model="sim-small")).content[0].text == "ok"
+    await pipeline.drain()
+    assert pipeline._dispatch.health("sim-large").ejected("shared-1", clock())
+    assert not pipeline._dispatch.health("sim-small").ejected("shared-1", clock())
+    large_there = [c for c in models.calls if c == "shared-1"][:-12]  # sim-small's are 12
+    assert len(large_there) <= 3  # ejected for sim-large after its three failures, kept out
