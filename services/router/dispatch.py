@@ -26,12 +26,12 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
-from services.common.prompt import prompt_tokens as count_prompt_tokens
 from services.common.tokens import Tokenizer, Tokenizers
 from services.router import spans
 from services.router.balance import Route
 from services.router.calls import CLIENT_FAULTS, Calls
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
+from services.router.prompt_counts import count_prompt
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_health import ReplicaHealth
 from services.router.replica_state import ReplicaStates, stalled_after_s
@@ -179,7 +179,7 @@ class Dispatcher:
                 tokenizer = self._tokenizers.for_spec(spec)
                 if tokenizer.name not in counted:
                     counted[tokenizer.name] = await asyncio.to_thread(
-                        count_prompt_tokens, request, tokenizer
+                        count_prompt, request, tokenizer
                     )
                 window_tokens = counted[tokenizer.name]
             needed = window_tokens + request.max_tokens

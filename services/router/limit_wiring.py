@@ -15,11 +15,11 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url, redis_url_error
 from services.common.models import ModelTable
-from services.common.prompt import prompt_tokens
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
+from services.router.prompt_counts import count_prompt
 from services.router.redis_limits import RedisLimitStore
 
 ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
@@ -42,7 +42,7 @@ async def build_limiter(
 
     def count(request: pb.CompleteRequest) -> int:
         spec = table.baseline_for(request.model)
-        return prompt_tokens(request, tokenizers.for_spec(spec))
+        return count_prompt(request, tokenizers.for_spec(spec))
 
     policies = UniformPolicies(settings.policy)
     return Limiter(store, policies, clock, count, tracer, settings.timeout_s, counted)

@@ -333,8 +333,8 @@ class Limiter:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         counted: Callable[[str, str], None] | None = None,
     ) -> None:
-        """``prompt_tokens``: a request's prompt tokens (the router's tokenizer, whose cache
-        the pipeline's own counts then reuse), counted off the event loop and only under a
+        """``prompt_tokens``: a request's prompt tokens (the router's tokenizer; the pipeline
+        reuses the count, ``prompt_counts``), counted off the event loop and only under a
         token rate. ``tracer``: for a settle that fails after its request's span ended.
         ``timeout_s``: how long a store's answer is waited for before it counts as failed (a
         Redis that hangs would otherwise hold every request for its client's socket

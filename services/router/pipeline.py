@@ -25,7 +25,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
-from services.common.prompt import last_user_text, prompt_tokens
+from services.common.prompt import last_user_text
 from services.common.span_events import record_event
 from services.common.telemetry import current_trace_id
 from services.common.tokens import Tokenizer, Tokenizers
@@ -37,6 +37,7 @@ from services.router.dispatch import Attempt, Dispatcher
 from services.router.metrics import RouterMetrics, decision_reason
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JournalError
+from services.router.prompt_counts import count_prompt
 from services.router.routing.model import RouterModel
 from services.router.routing.router import LocalEmbedder, Routed, TierRouter
 from services.router.settings import RouterSettings
@@ -471,9 +472,9 @@ class Pipeline:
         head: pb.CompleteResponse,
     ) -> pb.CompleteResponse:
         answer = lookup.answer
-        # counted here (the tokenizer caches each block's text): a hit makes no Plan call; by
-        # the baseline row's tokenizer (the requested model's, the large tier's for auto)
-        prompt = prompt_tokens(request, self._tokenizers.for_spec(baseline))
+        # counted here, or the token rate's count reused (a hit makes no Plan call); by the
+        # baseline row's tokenizer (the requested model's, the large tier's for auto)
+        prompt = count_prompt(request, self._tokenizers.for_spec(baseline))
         baseline_nanos = baseline.baseline_nanos(prompt, answer.output_tokens)
         end = pb.CompleteResponse()
         end.CopyFrom(head)

@@ -29,6 +29,7 @@ from services.router.idempotency import (
 )
 from services.router.limits import Denial, Limiter, Ticket
 from services.router.pipeline import Pipeline, chunks_of
+from services.router.prompt_counts import counting
 from services.router.validation import validate_request
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -187,6 +188,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 for chunk in chunks_of(recalled):
                     yield chunk
                 return
+            counting(request)  # the limits' count of the prompt serves the pipeline too
             admitted = await self._limiter.admit(tenant, request)
             if isinstance(admitted, Denial):
                 raise _Denied(admitted)
