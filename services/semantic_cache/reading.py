@@ -49,9 +49,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -278,23 +278,49 @@ def strip_accents(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
 
 
-def folding_refusal(first: str, second: str) -> str:
+class Folding:
+    """A text as ``folding_refusal`` reads it (composed, its folded key, its forms), each part
+    made when first needed, then kept: a Lookup's new question is read against every
+    candidate of its shortlist."""
+
+    def __init__(self, text: str) -> None:
+        self._given = text
+        self._forms: dict[Callable[[str], Forms], Forms] = {}
+
+    @cached_property
+    def text(self) -> str:
+        return unicodedata.normalize("NFC", self._given)
+
+    @cached_property
+    def key(self) -> str:
+        return folded(self.text)
+
+    def forms(self, of: Callable[[str], Forms]) -> Forms:
+        made = self._forms.get(of)
+        if made is None:
+            made = self._forms[of] = of(self.text)
+        return made
+
+
+def folding_refusal(first: str | Folding, second: str | Folding) -> str:
     """Why the two texts may not be served for each other although what tells them apart is
     folded away by the tokenizer ("" = nothing such). Texts equal up to case and spacing
     (``query.folded``) are compared word by word (``_case_or_spacing``); others only where the
     models cannot see a difference that is there: a quoted or code span, or a line, found in
     both but written or indented differently, or in another order (``CASE_OR_SPACING``); a
     word found in both with other accents (``ACCENTS``). Linear in the texts' length (a 16 kB
-    question is never aligned by edit distance)."""
-    a, b = unicodedata.normalize("NFC", first), unicodedata.normalize("NFC", second)
-    if folded(a) == folded(b):
-        return CASE_OR_SPACING if _case_or_spacing(a, b) else ""
+    question is never aligned by edit distance). A ``Folding`` keeps its side for the next
+    call."""
+    a = first if isinstance(first, Folding) else Folding(first)
+    b = second if isinstance(second, Folding) else Folding(second)
+    if a.key == b.key:
+        return CASE_OR_SPACING if _case_or_spacing(a.text, b.text) else ""
     for forms, refusal in (
         (_span_forms, CASE_OR_SPACING),
         (_indents, CASE_OR_SPACING),
         (_accented_forms, ACCENTS),
     ):
-        of_a, of_b = forms(a), forms(b)
+        of_a, of_b = a.forms(forms), b.forms(forms)
         if any(of_a[key] != of_b[key] for key in of_a.keys() & of_b.keys()):
             return refusal
     return ""
@@ -446,13 +472,22 @@ class Reader:
         given, left_out = embedding_input(text)
         return left_out or len(self._tokenizer.encode(given).ids) > self.embed_tokens
 
-    def read(self, first: str, second: str, *, cross_encoder: bool, scored: bool) -> Reading:
+    def read(
+        self,
+        first: str,
+        second: str,
+        *,
+        cross_encoder: bool,
+        scored: bool,
+        folding: Folding | None = None,
+    ) -> Reading:
         """What the verifier reads of (cached, new): their differing parts, unless it cannot
         read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
         or they differ in ``[UNK]`` text, in what the tokenizer drops (the same tokens for
         other text: accents) or folds away (``folding_refusal``), in their operators and
         signs (``operators``), or hold different numbers (``number_conflict``) or a word and
-        its un- form (``un_prefixed``)."""
+        its un- form (``un_prefixed``). ``folding``: ``second``'s, when it is read against
+        several texts."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -467,7 +502,7 @@ class Reader:
             return Reading(a, b, dropped, UNREADABLE)
         if a_enc.ids == b_enc.ids and _squashed(a) != _squashed(b):
             return Reading(a, b, dropped, ACCENTS)  # what differs, the tokenizer drops
-        if refusal := folding_refusal(first, second):
+        if refusal := folding_refusal(first, folding or second):
             return Reading(a, b, dropped, refusal)
         if operators(a) != operators(b):
             return Reading(a, b, dropped, SYMBOLS)

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from services.semantic_cache.cross_encoder import PairScorer
 from services.semantic_cache.embedder import Embedder
-from services.semantic_cache.reading import Reader, Reading, shipped_reader
+from services.semantic_cache.reading import Folding, Reader, Reading, shipped_reader
 
 WEIGHTS_PATH = Path(__file__).with_name("verifier_weights.json")
 FEATURE_VERSION = "cachemesh.verifier.features.v4"
@@ -316,8 +316,12 @@ class Verifier:
         self, firsts: Sequence[str], seconds: Sequence[str], *, scored: bool
     ) -> list[Reading]:
         ce = self.cross_encoder is not None
+        # a Lookup's shortlist is read against one new question: its side is made once
+        read: dict[str, Folding] = {}
         return [
-            self.reader.read(a, b, cross_encoder=ce, scored=scored)
+            self.reader.read(
+                a, b, cross_encoder=ce, scored=scored, folding=read.setdefault(b, Folding(b))
+            )
             for a, b in zip(firsts, seconds, strict=True)
         ]
 
