@@ -182,6 +182,16 @@ class Tokenizers:
         whose rows all use it: a row naming another is refused, never counted with it)."""
         return tokenizers if isinstance(tokenizers, Tokenizers) else cls([tokenizers])
 
+    @classmethod
+    def covering(cls, tokenizers: Tokenizers | Tokenizer, rows: Iterable[ModelSpec]) -> Tokenizers:
+        """``of(tokenizers)``, once each row's vocabulary is found there (else
+        ``TokenizerError``): a replica refuses such a row at start-up, not at its first
+        request, and never counts it with another vocabulary."""
+        found = cls.of(tokenizers)
+        for spec in rows:
+            found.for_spec(spec)
+        return found
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._by_name)

@@ -100,9 +100,7 @@ class SimEngine:
             raise ValueError(f"delta_tokens must be > 0, got {delta_tokens}")
         self._models = dict(models)
         self.replica_id = replica_id
-        self._tokenizers = Tokenizers.of(tokenizer)
-        for spec in self._models.values():
-            self._tokenizers.for_spec(spec)  # a row whose vocabulary is not loaded: refused
+        self._tokenizers = Tokenizers.covering(tokenizer, self._models.values())
         self._kv = kv_cache
         self._time_scale = time_scale
         self._sleep = sleep

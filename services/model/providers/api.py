@@ -91,9 +91,7 @@ class ProviderApi:
         self._replica = replica_id
         self._s = settings
         # each row's tokenizer (one Tokenizer: the only vocabulary), for the output it counts
-        self._tokenizers = Tokenizers.of(tokenizer)
-        for spec in self._models.values():
-            self._tokenizers.for_spec(spec)  # a row whose vocabulary is not loaded: refused
+        self._tokenizers = Tokenizers.covering(tokenizer, self._models.values())
         self._set_health = set_health
         self._clock = clock
         self._sleep = sleep
