@@ -24,10 +24,9 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
 from services.model.providers.failures import (
     CONNECTION_LOST,
-    ENCODING_ERRORS,
     StreamCut,
-    Unsendable,
     lost_after_end,
+    never_sent,
 )
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 
@@ -146,7 +145,7 @@ class AnthropicAdapter:
         progress: Progress,
         timeout_s: float,
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
-        try:
+        with never_sent():
             params = messages_params(spec, request)
             # This SDK's create() has no `temperature` (Claude 5 models refuse sampling
             # parameters); the API still takes it for the models that do: it goes in the body.
@@ -154,8 +153,6 @@ class AnthropicAdapter:
             events = await self._client.messages.create(
                 **params, stream=True, timeout=timeout_s, extra_body=extra
             )
-        except ENCODING_ERRORS as exc:  # the body could not be built or encoded: never sent
-            raise Unsendable(f"{type(exc).__name__}: {exc}") from exc
         usage = pc.AnthropicUsage()
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
         stop_reason: str | None = None  # set by the final event; None: the stream was cut

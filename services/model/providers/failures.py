@@ -23,6 +23,8 @@ import email.utils
 import enum
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +68,16 @@ class Unsendable(Exception):
 # allow_nan=False: ValueError; a lone surrogate to UTF-8: UnicodeEncodeError)
 ENCODING_ERRORS = (ValueError, TypeError, UnicodeError)
 UNSENDABLE = "unsendable"  # the error type of such a Failure
+
+
+@contextmanager
+def never_sent() -> Iterator[None]:
+    """Around building a provider's body and the SDK call that encodes it: what that raises
+    on a value JSON does not have (``ENCODING_ERRORS``) is ``Unsendable``, never sent."""
+    try:
+        yield
+    except ENCODING_ERRORS as exc:
+        raise Unsendable(f"{type(exc).__name__}: {exc}") from exc
 
 
 # the connection lost (or timed out) while a stream is read, as each SDK raises it

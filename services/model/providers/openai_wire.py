@@ -28,10 +28,9 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
 from services.model.providers.failures import (
     CONNECTION_LOST,
-    ENCODING_ERRORS,
     StreamCut,
-    Unsendable,
     lost_after_end,
+    never_sent,
 )
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 
@@ -173,13 +172,11 @@ class OpenAIAdapter:
         progress: Progress,
         timeout_s: float,
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
-        try:
+        with never_sent():
             params = chat_params(spec, request)
             chunks = await self._client.chat.completions.create(
                 **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
             )
-        except ENCODING_ERRORS as exc:  # the body could not be built or encoded: never sent
-            raise Unsendable(f"{type(exc).__name__}: {exc}") from exc
         calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
         finish: str | None = None  # set by the final event; None: the stream was cut
         report: pc.OpenAIUsage | None = None
