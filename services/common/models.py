@@ -353,7 +353,7 @@ def with_context_windows(table: ModelTable, value: str) -> ModelTable:
     models = dict(table.models)
     for item in value.split(","):
         model_id, sep, figure = (part.strip() for part in item.partition("="))
-        if not sep or not figure.isdigit() or int(figure) < 1:
+        if not sep or not (figure.isascii() and figure.isdigit()) or int(figure) < 1:
             raise ConfigError(
                 f"{WINDOW_VARIABLE}: expected model=tokens with tokens >= 1 "
                 f"(e.g. local-small=4096), got {item.strip()[:64]!r}"

@@ -44,6 +44,7 @@ INPUTS = (
     "local-small=150,",
     "nope=150",
     "sim-small=150",
+    "local-small=\u00b2",  # a digit to str.isdigit, not to int(): a ValueError escaped
 )
 BOTH = {
     "local-small=150",
