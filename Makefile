@@ -94,8 +94,9 @@ test-deps: redis-server ## install the system tools the tests use (docker-compos
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) \
 	  >/dev/null || { echo "cannot install docker-compose (apt-get)"; exit 1; }; }
 
-lint: setup ## ruff and mypy --strict
+lint: setup ## ruff (checks and formatting) and mypy --strict
 	$(BIN)/ruff check services clients tests
+	$(BIN)/ruff format --check services clients tests
 	$(BIN)/mypy services clients/python/cachemesh tests
 
 fmt: setup ## format the code

@@ -248,8 +248,7 @@ async def test_lookups_go_ahead_of_stores_which_keep_a_share() -> None:
         for i in range(2 * STORE_EVERY)
     ]
     lookups = [
-        asyncio.ensure_future(batcher.embed_one(f"lookup {i}", "a"))
-        for i in range(2 * STORE_EVERY)
+        asyncio.ensure_future(batcher.embed_one(f"lookup {i}", "a")) for i in range(2 * STORE_EVERY)
     ]
     await asyncio.sleep(0)
     embedder.go.set()
