@@ -8,7 +8,7 @@
   threshold not served (``verifier``, ``ambiguous``, ``unreadable``: the questions differ in
   characters the models read as ``[UNK]``, ``too_long``: the verifier cannot read in full where
   they differ, ``symbols``: they differ in operators or signs, ``numbers``: they hold
-  different numbers, ``opposite``: a word and its un- form);
+  different numbers, ``opposite``: a word and its un- form or its opposite);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -154,7 +154,7 @@ _REFUSAL_LABELS = (
     ("too long:", "too_long"),  # reading.TOO_LONG
     ("symbols:", "symbols"),  # reading.SYMBOLS
     ("numbers:", "numbers"),  # reading.NUMBERS
-    ("opposite:", "opposite"),  # reading.OPPOSITE
+    ("opposite:", "opposite"),  # reading.OPPOSITE, reading.ANTONYMS
 )
 
 

@@ -41,8 +41,11 @@ refused when the embedding and the verifier cannot see what tells the two questi
   "5 mg") only lowered the verifier's probability (the shipped weights list no veto): refused
   (``NUMBERS``).
 - **un-** (``un_prefixed``): a word of one question that is "un" and a word of the other
-  ("hide" / "unhide") is refused (``OPPOSITE``). Other antonyms (ascending / descending,
-  horizontally / vertically) are left to the verifier.
+  ("hide" / "unhide") is refused (``OPPOSITE``).
+- **Opposites** (``opposites``): a word of one question whose opposite (a short hand-written
+  list, ``_OPPOSITE_PAIRS``) the other has, "ascending" / "descending", "horizontally" /
+  "vertically", is refused (``ANTONYMS``) unless one of the two is negated ("not good" /
+  "bad").
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ _OPERATOR = re.compile(r"[-+*/=<>!^%&|~$€£¥#±≤≥≠]")
 _SAME_OPERATOR = str.maketrans({"\u2212": "-", "\u00d7": "*", "\u00f7": "/"})
 NUMBERS = "numbers: the questions hold different numbers (0.5 mg / 5 mg)"
 OPPOSITE = "opposite: one question has a word the other has with un- before it (hide / unhide)"
+ANTONYMS = (
+    "opposite: one question has a word whose opposite the other has (ascending / descending,"
+    " horizontally / vertically)"
+)
 # A number: digits with a decimal point or group separators ("0.5", "1,000", "3.11"), or
 # ".5"; not the digits of a word or a version ("mp3", "H2O", "v2").
 _NUMBER = re.compile(r"(?<![\w.])\.?\d+(?:[.,]\d+)*")
@@ -406,6 +413,121 @@ def un_prefixed(first: str, second: str) -> str:
     return ""
 
 
+# Common English opposites, written by hand for this project (no lexicon is loaded): verbs,
+# nouns, adjectives and adverbs whose swap asks for another answer, each in one form
+# (``_inflections`` adds the others). Not listed: "in" / "out" ("find out", "stand out"),
+# "with" / "without" (a negation: the verifier's), "asleep" / "awake" ("keep from falling
+# asleep" is "stay awake"); the un- forms are ``un_prefixed``'s.
+_OPPOSITE_PAIRS = (
+    "ascend/descend ascending/descending ascendant/descendant horizontal/vertical "
+    "increase/decrease increment/decrement minimum/maximum min/max minimal/maximal "
+    "minimize/maximize minimise/maximise before/after first/last earliest/latest "
+    "encrypt/decrypt encode/decode encipher/decipher compress/decompress import/export "
+    "upload/download enable/disable activate/deactivate allow/disallow allow/deny "
+    "include/exclude inclusive/exclusive inclusion/exclusion internal/external "
+    "inbound/outbound incoming/outgoing input/output inner/outer login/logout "
+    "connect/disconnect attach/detach mount/dismount push/pull send/receive buy/sell "
+    "lend/borrow win/lose gain/lose profit/loss credit/debit deposit/withdraw "
+    "add/remove add/subtract insert/delete create/delete create/destroy open/close "
+    "start/stop start/finish begin/end show/hide expand/collapse appear/disappear "
+    "accept/reject approve/reject agree/disagree like/dislike love/hate "
+    "success/failure succeed/fail pass/fail advantage/disadvantage pro/con "
+    "upper/lower uppercase/lowercase top/bottom above/below upward/downward "
+    "upstairs/downstairs uphill/downhill left/right north/south east/west "
+    "northern/southern eastern/western front/back forward/backward forwards/backwards "
+    "next/previous inside/outside interior/exterior entry/exit enter/exit "
+    "arrive/depart arrival/departure rise/fall raise/lower up/down on/off over/under "
+    "overweight/underweight overestimate/underestimate overpaid/underpaid "
+    "overrated/underrated online/offline positive/negative true/false always/never "
+    "everything/nothing everyone/nobody more/less most/least more/fewer most/fewest "
+    "high/low higher/lower highest/lowest big/small bigger/smaller biggest/smallest "
+    "large/small larger/smaller largest/smallest long/short fast/slow hot/cold "
+    "warm/cool heat/cool heating/cooling good/bad better/worse best/worst "
+    "cheap/expensive rich/poor strong/weak early/late earlier/later past/future "
+    "old/new young/old male/female man/woman men/women boy/girl husband/wife "
+    "father/mother son/daughter brother/sister heavy/light thick/thin wide/narrow "
+    "deep/shallow easy/hard easy/difficult safe/dangerous healthy/unhealthy legal/illegal "
+    "possible/impossible valid/invalid visible/invisible correct/incorrect direct/indirect "
+    "major/minor ancient/modern sleep/wake buyer/seller employer/employee landlord/tenant "
+    "parent/child teacher/student winner/loser sender/recipient client/server host/guest"
+)
+# What makes the word after it (within ``_NEGATED_WITHIN`` words) mean its opposite: "not
+# good" is "bad", "prevent it from turning off" is "keep it on".
+_NEGATORS = frozenset(
+    re.findall(
+        r"\S+", "not no never nor cannot without avoid avoids avoiding prevent prevents preventing"
+    )
+)
+_NEGATED_WITHIN = 4
+
+
+def _inflections(word: str) -> dict[str, set[str]]:
+    """The forms English makes of ``word`` with each suffix, keyed by the suffix (a final e
+    dropped, a y made i, a final consonant doubled: each way, as a word cannot say which): two
+    opposites inflected alike stay opposites ("increasing" / "decreasing", "winning" /
+    "losing")."""
+    stems = {word}
+    if word.endswith("e") and len(word) > 3:
+        stems.add(word[:-1])  # increase: increasing
+    if word.endswith("y") and word[-2:-1] not in ("a", "e", "o", "u"):
+        stems.add(word[:-1] + "i")  # easy: easier
+    if len(word) >= 3 and word[-1] not in "aeiouwxy" and word[-2] in "aeiou":
+        stems.add(word + word[-1])  # win: winning, big: bigger
+    out = {"": {word}, "s": {word + "s", word + "es", word[:-1] + "ies"}}
+    for suffix in ("ed", "d", "er", "r", "est", "st", "ing", "ly", "ion"):
+        out[suffix] = {stem + suffix for stem in stems}
+    return out
+
+
+def _opposites() -> dict[str, frozenset[str]]:
+    pairs: dict[str, set[str]] = {}
+    for pair in _OPPOSITE_PAIRS.split():
+        first, second = pair.split("/")
+        forms_b = _inflections(second)
+        for suffix, forms_a in _inflections(first).items():
+            for form_a in forms_a:
+                for form_b in forms_b[suffix] - forms_a:
+                    pairs.setdefault(form_a, set()).add(form_b)
+                    pairs.setdefault(form_b, set()).add(form_a)
+    return {word: frozenset(others) for word, others in pairs.items()}
+
+
+_OPPOSITES = _opposites()
+
+
+def _words_negated(text: str) -> dict[str, bool]:
+    """Each word of ``text`` (lowercase), and whether it is negated where it appears: a
+    negation ("not", "n't", "never", "without", "avoid", "prevent", "keep from") among the
+    few words before it."""
+    words = [m.group().lower().replace("\u2019", "'") for m in _LETTERS.finditer(text)]
+    out: dict[str, bool] = {}
+    for i, word in enumerate(words):
+        before = words[max(0, i - _NEGATED_WITHIN) : i]
+        negated = any(
+            w in _NEGATORS
+            or w.endswith("n't")
+            or (w == "from" and k and before[k - 1] in ("keep", "keeps", "stop", "stops"))
+            for k, w in enumerate(before)
+        )
+        out[word] = out.get(word, False) or negated
+    return out
+
+
+def opposites(first: str, second: str) -> tuple[str, str]:
+    """A word of one text and its opposite in the other (``_OPPOSITE_PAIRS``), neither found
+    in both texts, or ("", "") when none: the verifier served "Sort a list in ascending order
+    in Python" for "... descending order ..." and "How do I center a div horizontally?" for
+    "... vertically?". A word negated on one side only stands for its opposite ("Which foods
+    are not good ..." / "What is bad ..."): not counted."""
+    words_a, words_b = _words_negated(first), _words_negated(second)
+    only_b = words_b.keys() - words_a.keys()
+    for word in sorted(words_a.keys() - words_b.keys()):
+        for other in sorted(_OPPOSITES.get(word, frozenset()) & only_b):
+            if words_a[word] == words_b[other]:
+                return word, other
+    return "", ""
+
+
 @dataclass(frozen=True)
 class Reading:
     """What the verifier reads of a pair, or why it cannot (``refusal``)."""
@@ -485,9 +607,9 @@ class Reader:
         read them in full (``cross_encoder``: its weights use it; ``scored``: the step is on)
         or they differ in ``[UNK]`` text, in what the tokenizer drops (the same tokens for
         other text: accents) or folds away (``folding_refusal``), in their operators and
-        signs (``operators``), or hold different numbers (``number_conflict``) or a word and
-        its un- form (``un_prefixed``). ``folding``: ``second``'s, when it is read against
-        several texts."""
+        signs (``operators``), or hold different numbers (``number_conflict``), a word and
+        its un- form (``un_prefixed``) or its opposite (``opposites``). ``folding``:
+        ``second``'s, when it is read against several texts."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -510,6 +632,8 @@ class Reader:
             return Reading(a, b, dropped, NUMBERS)
         if un_prefixed(a, b):
             return Reading(a, b, dropped, OPPOSITE)
+        if opposites(a, b)[0]:
+            return Reading(a, b, dropped, ANTONYMS)
         return Reading(a, b, dropped)
 
 

@@ -432,3 +432,63 @@ def test_un_prefixed_needs_the_stem_on_the_other_side_only() -> None:
     assert not un_prefixed("How do I undo a commit?", "How do I do it?")  # a stem of 2
     assert not un_prefixed("Is it unsafe or safe?", "Is it safe or unsafe?")  # both sides
     assert not un_prefixed("What is the unit of force?", "What is the unit of force in SI?")
+
+
+# --- a word and its opposite
+OPPOSITES_APART = [
+    ("Sort a list in ascending order in Python", "Sort a list in descending order in Python"),
+    ("How do I center a div horizontally?", "How do I center a div vertically?"),
+    ("How do I increase the font size in VS Code?", "How do I decrease the font size in VS Code?"),
+    ("What is the maximum heap size in Java?", "What is the minimum heap size in Java?"),
+    ("How do I encrypt a file with GPG?", "How do I decrypt a file with GPG?"),
+    ("How do I upload a file to S3?", "How do I download a file from S3?"),
+]
+
+
+@pytest.mark.parametrize(("stored", "asked"), OPPOSITES_APART)
+async def test_a_word_and_its_opposite_are_a_miss(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    assert (await cache.store(q(stored), answer())).stored
+    result = await cache.check(q(asked))
+    assert not result.hit, f"served {stored!r} to {asked!r} (similarity {result.similarity:.3f})"
+    assert refusal_reason(result.refusal) == "opposite", result.refusal
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("sort ascending", "sort in ascending order"),
+        ("How do I center a div horizontally?", "how can I center a div horizontally"),
+        ("What is the maximum heap size in Java?", "What's Java's maximum heap size?"),
+    ],
+)
+async def test_paraphrases_without_an_opposite_are_still_served(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q(stored), answer())
+    result = await cache.check(q(asked))
+    assert result.hit, result.refusal
+
+
+async def test_a_synonym_is_not_an_opposite() -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q("Is C++ faster than C?"), answer())
+    result = await cache.check(q("Is C++ quicker than C?"))
+    # the verifier's own refusal (p under the minimum, before this rule too), not this rule's
+    assert refusal_reason(result.refusal) in ("", "verifier"), result.refusal
+
+
+def test_opposites_are_found_inflected_alike_and_on_one_side_only() -> None:
+    from services.semantic_cache.reading import opposites
+
+    assert opposites("Why is my bill increasing?", "Why is my bill decreasing?") == (
+        "increasing", "decreasing"
+    )  # fmt: skip
+    assert opposites("Is the winning team", "Is the losing team") == ("winning", "losing")
+    assert opposites("Is it easier", "Is it harder") == ("easier", "harder")
+    assert opposites("Should I buy or sell?", "Should I sell or buy now?") == ("", "")  # both
+    assert opposites("Which foods are not good for gout?", "What is bad for gout?") == ("", "")
+    assert opposites("Why is my TV not turning on?", "Why is my TV not turning off?") == (
+        "on", "off"
+    )  # fmt: skip
+    assert opposites("sort ascending", "sort in ascending order") == ("", "")
+    assert opposites("Is C++ faster than C?", "Is C++ quicker than C?") == ("", "")

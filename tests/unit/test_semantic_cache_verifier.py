@@ -258,9 +258,10 @@ def test_coverage_features_see_a_content_word_changed_on_one_side() -> None:
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        ("how do i enable 2fa?", "how do i disable 2fa?"),
+        # not enable / disable: opposites are refused whatever the score (reading.opposites)
+        ("how do i enable 2fa?", "how do i set up 2fa?"),
         ("hi, i pay by card. how do i enable 2fa?", "hello, i pay by card. how do i enable 2fa?"),
-        ("i pay by card, how do i enable 2fa?", "i pay by card, how do i disable 2fa?"),
+        ("i pay by card, how do i enable 2fa?", "i pay by card, how do i set up 2fa?"),
         ("i pay by card. how do i enable 2fa?", "i pay by card! how do i enable 2fa?"),
         ("the same sentence.", "the same sentence."),
         ("eur to usd. thanks", "eur to usd"),
