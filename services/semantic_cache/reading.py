@@ -42,6 +42,9 @@ refused when the embedding and the verifier cannot see what tells the two questi
   (``NUMBERS``).
 - **un-** (``un_prefixed``): a word of one question that is "un" and a word of the other
   ("hide" / "unhide") is refused (``OPPOSITE``).
+- **Sides swapped** (``swapped``): the same words with the two sides of "than", "to",
+  "from"... exchanged ("Is C++ faster than C?" / "Is C faster than C++?") are refused
+  (``SWAPPED``): the lexical features see the same words, the cross-encoder barely a symbol.
 - **Opposites** (``opposites``): a word of one question whose opposite (a short hand-written
   list, ``_OPPOSITE_PAIRS``) the other has, "ascending" / "descending", "horizontally" /
   "vertically", is refused (``ANTONYMS``) unless one of the two is negated ("not good" /
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -97,6 +101,10 @@ OPPOSITE = "opposite: one question has a word the other has with un- before it (
 ANTONYMS = (
     "opposite: one question has a word whose opposite the other has (ascending / descending,"
     " horizontally / vertically)"
+)
+SWAPPED = (
+    "swapped: the questions hold the same words with the two sides of than, to, from..."
+    " exchanged (C++ faster than C / C faster than C++)"
 )
 # A number: digits with a decimal point or group separators ("0.5", "1,000", "3.11"), or
 # ".5"; not the digits of a word or a version ("mp3", "H2O", "v2").
@@ -528,6 +536,42 @@ def opposites(first: str, second: str) -> tuple[str, str]:
     return "", ""
 
 
+# Words that relate what stands before them to what stands after one way only: "faster
+# than", "convert X to Y", "from", "into", "divided by", "X for Y", "X over Y", "before",
+# "after". Not "of" (Wikipedia's word swaps keep a meaning across it), "and", "or", "vs".
+_ONE_WAY = frozenset(re.findall(r"\S+", "than to into from by for over before after"))
+
+
+def _bare_words(text: str) -> list[str]:
+    """The whitespace-separated words of ``text``, lowercase, without the punctuation around
+    them (a symbol within stays: "C++", "$5")."""
+    return [word for token in text.lower().split() if (word := token.strip(_LEADING + _TRAILING))]
+
+
+def swapped(first: str, second: str) -> str:
+    """The word across which the two texts exchange words, or "" when none: the same words
+    (in another order), the same one-way words (``_ONE_WAY``) in the same order, and between
+    two of them (or an end) each text holds a word the other holds elsewhere ("Is C++
+    faster than C?" / "Is C faster than C++?", "convert Celsius to Fahrenheit" / "...
+    Fahrenheit to Celsius": served at p 0.76 and refused by the verifier). Words moved to
+    the other side of a one-way word in one direction only keep the meaning ("To learn
+    French, what is the best way?" / "What is the best way to learn French?")."""
+    a, b = _bare_words(first), _bare_words(second)
+    if a == b or Counter(a) != Counter(b):
+        return ""
+    cuts_a = [i for i, word in enumerate(a) if word in _ONE_WAY]
+    cuts_b = [i for i, word in enumerate(b) if word in _ONE_WAY]
+    if [a[i] for i in cuts_a] != [b[i] for i in cuts_b]:
+        return ""
+    ends_a, ends_b = [-1, *cuts_a, len(a)], [-1, *cuts_b, len(b)]
+    for k in range(len(ends_a) - 1):
+        part_a = Counter(a[ends_a[k] + 1 : ends_a[k + 1]])
+        part_b = Counter(b[ends_b[k] + 1 : ends_b[k + 1]])
+        if part_a - part_b and part_b - part_a:
+            return a[cuts_a[min(k, len(cuts_a) - 1)]]
+    return ""
+
+
 @dataclass(frozen=True)
 class Reading:
     """What the verifier reads of a pair, or why it cannot (``refusal``)."""
@@ -608,8 +652,9 @@ class Reader:
         or they differ in ``[UNK]`` text, in what the tokenizer drops (the same tokens for
         other text: accents) or folds away (``folding_refusal``), in their operators and
         signs (``operators``), or hold different numbers (``number_conflict``), a word and
-        its un- form (``un_prefixed``) or its opposite (``opposites``). ``folding``:
-        ``second``'s, when it is read against several texts."""
+        its un- form (``un_prefixed``) or its opposite (``opposites``), or the same words on
+        the other sides of a one-way word (``swapped``). ``folding``: ``second``'s, when it is
+        read against several texts."""
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a suffix of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
@@ -634,6 +679,8 @@ class Reader:
             return Reading(a, b, dropped, OPPOSITE)
         if opposites(a, b)[0]:
             return Reading(a, b, dropped, ANTONYMS)
+        if swapped(a, b):
+            return Reading(a, b, dropped, SWAPPED)
         return Reading(a, b, dropped)
 
 

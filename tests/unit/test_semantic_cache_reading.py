@@ -492,3 +492,47 @@ def test_opposites_are_found_inflected_alike_and_on_one_side_only() -> None:
     )  # fmt: skip
     assert opposites("sort ascending", "sort in ascending order") == ("", "")
     assert opposites("Is C++ faster than C?", "Is C++ quicker than C?") == ("", "")
+
+
+# --- the same words on the other sides of "than", "to", "from"...
+SWAPPED_APART = [
+    ("Is C++ faster than C?", "Is C faster than C++?"),  # served before, p 0.90
+    ("How do I convert Celsius to Fahrenheit?", "How do I convert Fahrenheit to Celsius?"),
+    (
+        "How long is the flight from Tokyo to Sydney?",
+        "How long is the flight from Sydney to Tokyo?",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stored", "asked"), SWAPPED_APART)
+async def test_the_same_words_on_swapped_sides_are_a_miss(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    assert (await cache.store(q(stored), answer())).stored
+    result = await cache.check(q(asked))
+    assert not result.hit, f"served {stored!r} to {asked!r} (similarity {result.similarity:.3f})"
+    assert refusal_reason(result.refusal) == "swapped", result.refusal
+
+
+async def test_words_reordered_on_the_same_sides_are_still_served() -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q("How do I convert Celsius to Fahrenheit?"), answer())
+    assert (await cache.check(q("how to convert celsius to fahrenheit"))).hit
+    await cache.store(q("Is C++ faster than C?"), answer())
+    result = await cache.check(q("Is C++ quicker than C?"))  # the verifier's own refusal
+    assert refusal_reason(result.refusal) in ("", "verifier"), result.refusal
+
+
+def test_swapped_needs_words_moved_both_ways_across_a_one_way_word() -> None:
+    from services.semantic_cache.reading import swapped
+
+    assert swapped("How to convert PDF to Word", "How to convert Word to PDF") == "to"
+    assert swapped("Is C++ faster than C?", "Is C faster than C++?") == "than"
+    assert not swapped("Is C++ quicker than C?", "Is C++ faster than C?")  # other words
+    assert not swapped(
+        "To learn French, what is the best way?", "What is the best way to learn French?"
+    )
+    assert not swapped(
+        "What is the difference between X and Y?", "What is the difference between Y and X?"
+    )
+    assert not swapped("I can't remember my password", "my password I can't remember")

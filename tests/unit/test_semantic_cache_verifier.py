@@ -81,7 +81,8 @@ def test_words_keep_numbers_and_fold_negations() -> None:
 @pytest.mark.parametrize(
     ("first", "second", "veto"),
     [
-        ("how do i convert eur to usd", "how do i convert usd to eur", "same_words_reordered"),
+        # not "eur to usd" / "usd to eur": reading.swapped refuses it whatever the weights
+        ("does the dog bite the man", "does the man bite the dog", "same_words_reordered"),
         ("flights to paris for 2 people", "flights to paris for 3 people", "number_conflict"),
         ("what is the best laptop", "what is the best laptop in 2024", "number_one_side"),
         ("is coffee healthy", "is coffee not healthy", "negation_mismatch"),
@@ -155,11 +156,11 @@ def test_the_weights_carry_their_provenance_and_no_quora_data() -> None:
 
 async def test_the_cache_refuses_a_vetoed_neighbour_and_serves_a_verified_one() -> None:
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, verifier=lexical())
-    assert (await cache.store(q("how do I convert EUR to USD"), answer())).stored
-    swapped = await cache.check(q("how do I convert USD to EUR"))
+    assert (await cache.store(q("does the dog bite the man"), answer())).stored
+    swapped = await cache.check(q("does the man bite the dog"))
     assert not swapped.hit and swapped.best_similarity > 0.99
     assert "verifier refused" in swapped.refusal
-    assert (await cache.check(q("how do I convert EUR to USD?"))).hit  # punctuation only
+    assert (await cache.check(q("does the dog bite the man?"))).hit  # punctuation only
 
 
 async def test_an_ambiguous_lookup_between_two_answers_is_a_miss() -> None:
@@ -239,9 +240,9 @@ async def test_runners_up_with_another_answer_are_verified_in_the_same_batch() -
 
 async def test_a_refused_nearest_candidate_never_promotes_a_runner_up() -> None:
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.5, verifier=lexical())
-    await cache.store(q("how do I convert EUR to USD"), answer(b"eur->usd"))
-    await cache.store(q("how do I convert USD to EUR quickly"), answer(b"usd->eur fast"))
-    result = await cache.check(q("how do I convert USD to EUR"))
+    await cache.store(q("does the dog bite the man"), answer(b"dog->man"))
+    await cache.store(q("does the man bite the dog quickly"), answer(b"man->dog fast"))
+    result = await cache.check(q("does the man bite the dog"))
     assert not result.hit and "nearest" in result.refusal
 
 
