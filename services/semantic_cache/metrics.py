@@ -9,7 +9,8 @@
   characters the models read as ``[UNK]``, ``too_long``: the verifier cannot read in full where
   they differ, ``symbols``: they differ in operators or signs, ``numbers``: they hold
   different numbers, ``opposite``: a word and its un- form or its opposite, ``swapped``: the
-  same words on the other sides of than, to, from...);
+  same words on the other sides of than, to, from..., ``shape``: answers of another length,
+  detail or layout asked);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -58,7 +59,7 @@ class SemanticCacheMetrics:
         self._refusals = m.counter(
             "cachemesh_semantic_cache_refusals",
             "Candidates above the threshold not served: verifier, ambiguous, unreadable, too_long, "
-            "symbols, numbers, opposite, swapped",
+            "symbols, numbers, opposite, swapped, shape",
             ("reason",),
         )
         self._stores = m.counter(
@@ -157,6 +158,7 @@ _REFUSAL_LABELS = (
     ("numbers:", "numbers"),  # reading.NUMBERS
     ("opposite:", "opposite"),  # reading.OPPOSITE, reading.ANTONYMS
     ("swapped:", "swapped"),  # reading.SWAPPED
+    ("shape:", "shape"),  # reading.SHAPE
 )
 
 

@@ -536,3 +536,47 @@ def test_swapped_needs_words_moved_both_ways_across_a_one_way_word() -> None:
         "What is the difference between X and Y?", "What is the difference between Y and X?"
     )
     assert not swapped("I can't remember my password", "my password I can't remember")
+
+
+# --- answers of another length, detail or layout
+SHAPES_APART = [
+    ("Explain recursion in one sentence", "Explain recursion in detail"),  # served, p 0.89
+    ("Explain recursion briefly", "Explain recursion in depth"),  # served, p 0.91
+    ("List the planets as a table", "List the planets as a numbered list"),  # served
+    ("Describe photosynthesis in two sentences", "Describe photosynthesis in five sentences"),
+]
+
+
+@pytest.mark.parametrize(("stored", "asked"), SHAPES_APART)
+async def test_answers_of_another_shape_are_a_miss(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    assert (await cache.store(q(stored), answer())).stored
+    result = await cache.check(q(asked))
+    assert not result.hit, f"served {stored!r} to {asked!r} (similarity {result.similarity:.3f})"
+    assert refusal_reason(result.refusal) == "shape", result.refusal
+
+
+@pytest.mark.parametrize(
+    ("stored", "asked"),
+    [
+        ("Explain recursion in detail", "Explain recursion in detail, please"),
+        ("Explain recursion in one sentence", "explain recursion in a single sentence"),
+    ],
+)
+async def test_answers_of_the_same_shape_are_still_served(stored: str, asked: str) -> None:
+    cache = shipped_cache(reading_verifier())
+    await cache.store(q(stored), answer())
+    result = await cache.check(q(asked))
+    assert result.hit, result.refusal
+
+
+def test_shapes_read_counts_brevity_detail_and_layout() -> None:
+    from services.semantic_cache.reading import shape_conflict, shapes
+
+    assert shapes("Explain it in one sentence") == {"1 sentence"}
+    assert shapes("Summarise it in 3 bullet points, briefly") == {"3 bullet", "brief"}
+    assert shapes("Explain it step by step, as a table") == {"detailed", "table"}
+    assert shapes("How do I find an element in a list?") == set()  # not a layout
+    assert shape_conflict("Explain recursion briefly", "Explain recursion in depth")
+    assert not shape_conflict("Explain recursion briefly", "Briefly explain recursion")
+    assert not shape_conflict("Explain recursion", "Explain recursion in detail")  # one side
