@@ -27,6 +27,10 @@ REFUSED = [
     ("Is it safe to take aspirin with ibuprofen?", "Is it safe to take aspirin without ibuprofen?"),
     ("Flights from Paris to London", "Flights from London to Paris"),
     ("What is the capital of France?", "What is the capital of Germany?"),
+    # each served before the opposites, swapped-sides and answer-shape rules
+    ("Sort a list in ascending order in Python", "Sort a list in descending order in Python"),
+    ("Is C++ faster than C?", "Is C faster than C++?"),
+    ("Explain recursion in one sentence", "Explain recursion in detail"),
 ]
 
 
