@@ -1,21 +1,33 @@
-"""Answer-once across router restarts: a billed answer recorded by (tenant, request_id).
+"""Answer-once across routers and restarts: a billed answer recorded by (tenant, request_id),
+and a claim on the id while a marked call's model call runs.
 
 The in-process table (``idempotency.py``) answers a retry that reaches the same router. A
-router that dies after the model answered and the bill was committed, but before its reply
-left, would let the client's retry (gRPC's retry policy resends the same request_id) call the
-model and bill again on the restarted router or another one. With ``ROUTER_ANSWERS_REDIS_URL``
-set, each answer the model served is recorded in Redis before it goes out (for the idempotency
-TTL), and a retry that the table does not know — one carrying gRPC's
-``grpc-previous-rpc-attempts`` header — gets that recorded answer instead of a second call.
+retry that reaches another router (gRPC's retry policy resends the same request_id; a caller
+that resends it marks it ``cachemesh-retry: 1``) must neither call the model nor bill again:
 
-Keys are a hash of the tenant and the request id (no caller text in Redis's key space); the
-value is the request's fingerprint and the serialized answer. A Redis that fails is logged and
-the answer still goes out: the request is served once, only its retry protection is lost.
+- A marked call (one that may be a retry) claims its id in Redis before its model call: one
+  script that either takes the claim (``SET NX`` with a lease, renewed every third of it while
+  the call runs) or returns what holds the id, a recorded answer (served instead of a second
+  call) or another router's live claim (the call waits, polling, within its own deadline, for
+  that call's answer; when the claim goes, given back by a call that failed or lapsed with a
+  router that died, it takes the claim and calls the model itself).
+- Each answer the model served is recorded before it goes out (for the idempotency TTL), over
+  a claim (its own, or one that lapsed and was taken since: the first answer recorded stays).
+
+Keys are a hash of the tenant and the request id (no caller text in Redis's key space); an
+answer's value is the request's fingerprint and the serialized answer, a claim's ``?``, the
+fingerprint and its holder's token. A Redis that fails is logged and the request still goes
+on: it is served (once on this router), only its protection across routers is lost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -23,18 +35,75 @@ from redis.exceptions import RedisError
 
 from cachemesh.v1 import gateway_pb2 as pb
 
+log = logging.getLogger(__name__)
+
 _PREFIX = b"cachemesh:answer:"
 _FINGERPRINT_BYTES = 64  # sha256 hex of the request (idempotency.fingerprint)
+_CLAIM = b"?"  # a claim's first byte (an answer's is the fingerprint's, a hex digit)
+CLAIM_LEASE_S = 10.0  # a claim lapses this long after its holder last renewed it
+
+# KEYS: the id's key. ARGV: the claim, its lease in ms. Returns 1 (claimed) or what holds it.
+_TAKE = """
+local held = redis.call('GET', KEYS[1])
+if held then return held end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# KEYS: the id's key. ARGV: the claim, its lease in ms. 1 = renewed (still ours).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_GIVE_BACK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS: the id's key. ARGV: the answer, its TTL in ms. Over no record or a claim: the first
+# answer stays the answer, whatever a racing attempt recorded later.
+_RECORD = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 1) ~= '?' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 
 class LedgerUnavailable(Exception):
     """The ledger could not be read or written (its message names why, never a secret)."""
 
 
+@dataclass(frozen=True)
+class Claimed:
+    """This call holds the id: it makes the model call (``value``: the claim in Redis)."""
+
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Running:
+    """Another call holds a live claim on the id (for the request with ``fingerprint``)."""
+
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    fingerprint: str
+    answer: pb.CompleteResponse
+
+
 class AnswerLedger(Protocol):
-    async def recall(self, tenant: str, request_id: str) -> tuple[str, pb.CompleteResponse] | None:
-        """(the request's fingerprint, its answer) when one was recorded."""
+    async def claim(
+        self, tenant: str, request_id: str, fingerprint: str
+    ) -> Claimed | Running | Recorded:
+        """Takes the id for this call, or says what holds it."""
         ...
+
+    async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
+        """Renews the claim until cancelled (its failures logged, never raised)."""
+        ...
+
+    async def give_back(self, tenant: str, request_id: str, claimed: Claimed) -> None: ...
 
     async def record(
         self, tenant: str, request_id: str, fingerprint: str, answer: pb.CompleteResponse
@@ -49,28 +118,71 @@ def ledger_key(tenant: str, request_id: str) -> bytes:
 
 
 class RedisAnswerLedger:
-    def __init__(self, redis: Redis, ttl_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        ttl_s: float,
+        lease_s: float = CLAIM_LEASE_S,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        """``lease_s``: a claim's life without renewal; ``sleep``: between renewals (tests)."""
         self._redis = redis
         self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._lease_s = lease_s
+        self._lease_ms = max(1, int(lease_s * 1000))
+        self._sleep = sleep
+        self._take = redis.register_script(_TAKE)
+        self._renew = redis.register_script(_RENEW)
+        self._give_back = redis.register_script(_GIVE_BACK)
+        self._record = redis.register_script(_RECORD)
 
-    async def recall(self, tenant: str, request_id: str) -> tuple[str, pb.CompleteResponse] | None:
+    async def claim(
+        self, tenant: str, request_id: str, fingerprint: str
+    ) -> Claimed | Running | Recorded:
+        value = _CLAIM + fingerprint.encode() + uuid.uuid4().hex.encode()
         try:
-            raw = await self._redis.get(ledger_key(tenant, request_id))
+            held = await self._take(
+                keys=[ledger_key(tenant, request_id)], args=[value, self._lease_ms]
+            )
         except RedisError as exc:
             raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from None
-        if not isinstance(raw, bytes):  # None: nothing recorded (the client returns bytes)
-            return None
+        if not isinstance(held, bytes):  # 1: taken
+            return Claimed(value)
+        if held.startswith(_CLAIM):
+            return Running(held[1 : 1 + _FINGERPRINT_BYTES].decode())
         answer = pb.CompleteResponse()
-        answer.ParseFromString(raw[_FINGERPRINT_BYTES:])
-        return raw[:_FINGERPRINT_BYTES].decode(), answer
+        answer.ParseFromString(held[_FINGERPRINT_BYTES:])
+        return Recorded(held[:_FINGERPRINT_BYTES].decode(), answer)
+
+    async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
+        key = ledger_key(tenant, request_id)
+        while True:
+            await self._sleep(self._lease_s / 3)
+            try:
+                async with asyncio.timeout(self._lease_s / 3):
+                    ours = await self._renew(keys=[key], args=[claimed.value, self._lease_ms])
+            except (RedisError, TimeoutError) as exc:
+                log.warning(
+                    "answer ledger: a claim's renewal failed (%s); a retry on another router "
+                    "may call the model again once it lapses",
+                    type(exc).__name__,
+                )
+                continue
+            if not ours:  # recorded over, given back, or lapsed and taken: nothing to keep
+                return
+
+    async def give_back(self, tenant: str, request_id: str, claimed: Claimed) -> None:
+        try:
+            await self._give_back(keys=[ledger_key(tenant, request_id)], args=[claimed.value])
+        except RedisError as exc:
+            raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def record(
         self, tenant: str, request_id: str, fingerprint: str, answer: pb.CompleteResponse
     ) -> None:
         value = fingerprint.encode() + answer.SerializeToString()
-        # NX: the first answer stays the answer, whatever a racing attempt recorded later
         try:
-            await self._redis.set(ledger_key(tenant, request_id), value, px=self._ttl_ms, nx=True)
+            await self._record(keys=[ledger_key(tenant, request_id)], args=[value, self._ttl_ms])
         except RedisError as exc:
             raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -20,7 +21,13 @@ from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
 from services.router.access_log import Call, RequestLog
-from services.router.answer_ledger import AnswerLedger, LedgerUnavailable
+from services.router.answer_ledger import (
+    AnswerLedger,
+    Claimed,
+    LedgerUnavailable,
+    Recorded,
+    Running,
+)
 from services.router.idempotency import (
     IdempotencyConflict,
     IdempotencyTable,
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 # ``cachemesh-retry: 1`` to get the same protection. By value: "0" or "" marks no retry.
 RETRY_HEADERS = ("grpc-previous-rpc-attempts", "cachemesh-retry")
 LEDGER_TIMEOUT_S = 0.5  # the longest the answer ledger may hold an answer back
+# how often a retry whose id another router's call holds looks for that call's answer
+CLAIM_POLL_S = 0.05
 
 _UNAUTHENTICATED = (
     "send 'authorization: Bearer <key>' metadata with an API key issued for your tenant"
@@ -66,6 +75,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._limiter = limiter
         self._log = log  # the access-log line and the request metrics, when a call ends
         self._ledger = ledger
+        self._background: set[asyncio.Task[None]] = set()  # claims given back
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         call = self._log.begin("Complete")
@@ -180,14 +190,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         end: pb.CompleteResponse | None = None
         ticket: Ticket | None = None
         failure: Exception | None = None  # the first call's refusal, for its duplicates
+        claim: Claimed | None = None  # this call's claim on the id in the ledger
+        holding: asyncio.Task[None] | None = None
+        recorded = False
         try:
-            recalled = await self._recall(tenant, request, mark) if retried else None
-            if recalled is not None:
-                end = call.end = recalled
-                call.replayed = True
-                for chunk in chunks_of(recalled):
-                    yield chunk
-                return
+            if retried:
+                found = await self._claim(tenant, request, mark, time_remaining_s)
+                if isinstance(found, pb.CompleteResponse):
+                    end = call.end = found
+                    call.replayed = True
+                    for chunk in chunks_of(found):
+                        yield chunk
+                    return
+                claim = found
+                if claim is not None and self._ledger is not None:
+                    holding = asyncio.ensure_future(
+                        self._ledger.hold(tenant, request.request_id, claim)
+                    )
             counting(request)  # the limits' count of the prompt serves the pipeline too
             admitted = await self._limiter.admit(tenant, request)
             if isinstance(admitted, Denial):
@@ -205,7 +224,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         end = call.end = chunk.end
-                        await self._record(tenant, request, end, mark)
+                        recorded = await self._record(tenant, request, end, mark)
                     yield chunk
         except (_Denied, RequestError) as exc:
             if isinstance(exc, _Denied) or exc.code in _THE_REQUESTS_OWN:
@@ -215,34 +234,83 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             _settle(self._answers, tenant, request, future, end, failure)
             if ticket is not None:
                 self._limiter.settle(ticket, end)
+            if holding is not None:
+                holding.cancel()
+            if claim is not None and not recorded:  # failed, refused, or an unbilled answer
+                self._give_back(tenant, request.request_id, claim)
 
-    async def _recall(
-        self, tenant: str, request: pb.CompleteRequest, mark: str
-    ) -> pb.CompleteResponse | None:
-        """The answer another router recorded for this retried request, if any."""
+    async def _claim(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        mark: str,
+        time_remaining_s: float | None,
+    ) -> pb.CompleteResponse | Claimed | None:
+        """For a call that may be a retry: the answer another router recorded for it, or this
+        call's claim on the id (it makes the model call). While another router's call holds
+        the id, waits for its answer (within this call's deadline); when that claim goes (the
+        call failed, or its router died and the lease lapsed) takes it. None: no ledger, or it
+        failed (the call is served anew: only the protection across routers is lost)."""
         if self._ledger is None:
             return None
-        try:
-            found = await asyncio.wait_for(
-                self._ledger.recall(tenant, request.request_id), LEDGER_TIMEOUT_S
-            )
-        except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
-            log.warning("answer ledger: recall failed (%s); serving the retry anew", _kind(exc))
-            return None
-        if found is None:
-            return None
-        recorded, answer = found
-        if recorded != mark:
-            raise RequestError(Code.INVALID_ARGUMENT, str(conflict(request.request_id)))
-        return answer
+        loop = asyncio.get_running_loop()
+        deadline = None if time_remaining_s is None else loop.time() + time_remaining_s
+        while True:
+            try:
+                found = await asyncio.wait_for(
+                    self._ledger.claim(tenant, request.request_id, mark), LEDGER_TIMEOUT_S
+                )
+            except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
+                log.warning("answer ledger: claim failed (%s); serving the call anew", _kind(exc))
+                return None
+            if isinstance(found, Claimed):
+                return found
+            if found.fingerprint != mark:
+                raise RequestError(Code.INVALID_ARGUMENT, str(conflict(request.request_id)))
+            if isinstance(found, Recorded):
+                return found.answer
+            assert isinstance(found, Running)
+            left_s = math.inf if deadline is None else deadline - loop.time()
+            if left_s <= 0:
+                raise RequestError(
+                    Code.DEADLINE_EXCEEDED,
+                    f"the first call with request_id {request.request_id[:64]!r} is still "
+                    "running on another router and did not answer within this call's "
+                    "deadline; retry it with the same request_id for its answer",
+                )
+            await asyncio.sleep(min(CLAIM_POLL_S, left_s))
+
+    def _give_back(self, tenant: str, request_id: str, claimed: Claimed) -> None:
+        """Releases this call's claim (in the background: the call has ended), so that a
+        retry waiting on it runs at once instead of when its lease lapses."""
+        ledger = self._ledger
+        if ledger is None:
+            return
+
+        async def give_back() -> None:
+            try:
+                await asyncio.wait_for(
+                    ledger.give_back(tenant, request_id, claimed), LEDGER_TIMEOUT_S
+                )
+            except (LedgerUnavailable, TimeoutError) as exc:
+                log.warning(
+                    "answer ledger: a claim was not given back (%s); a retry on another "
+                    "router waits until it lapses",
+                    _kind(exc),
+                )
+
+        task = asyncio.ensure_future(give_back())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _record(
         self, tenant: str, request: pb.CompleteRequest, end: pb.CompleteResponse, mark: str
-    ) -> None:
+    ) -> bool:
         """Records a billed answer before it goes out: every model call's, whether its prompt
-        read the provider's cache (``LAYER_PREFIX_CACHE``) or not; an L1 hit bills nothing."""
+        read the provider's cache (``LAYER_PREFIX_CACHE``) or not; an L1 hit bills nothing.
+        True when recorded (over this call's claim, if it held one)."""
         if self._ledger is None or end.served_by not in _BILLED_LAYERS:
-            return
+            return False
         try:
             await asyncio.wait_for(
                 self._ledger.record(tenant, request.request_id, mark, end),
@@ -253,6 +321,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "answer ledger: record failed (%s); a retry on another router may bill again",
                 _kind(exc),
             )
+            return False
+        return True
 
 
 _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))

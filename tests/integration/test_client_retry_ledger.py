@@ -11,17 +11,26 @@ tell it from a retry), is served normally: its id is in no ledger yet.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import subprocess
+import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import cast
 
 import pytest
+from redis import Redis
 
 from cachemesh import AsyncClient, Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import hash_key, new_api_key
+from services.router.answer_ledger import ledger_key
 from services.tools.stack.health import SERVING, probe
 from tests.integration.extra_processes import loopback, process, service_env
 from tests.integration.harness import RunningStack
@@ -52,7 +61,13 @@ def key_and_routers(
 
 
 def _router(
-    stack: RunningStack, work: Path, name: str, address: str, keys_file: Path, ledger: str
+    stack: RunningStack,
+    work: Path,
+    name: str,
+    address: str,
+    keys_file: Path,
+    ledger: str,
+    extra: dict[str, str] | None = None,
 ) -> AbstractContextManager[subprocess.Popen[bytes]]:
     env = service_env(
         stack,
@@ -61,6 +76,7 @@ def _router(
             "ROUTER_LISTEN": address,
             "CACHEMESH_API_KEYS_FILE": str(keys_file),
             "ROUTER_ANSWERS_REDIS_URL": ledger,
+            **(extra or {}),
         },
     )
     return process("services.router", env, work / f"{name}.log", lambda: probe(address) == SERVING)
@@ -128,3 +144,87 @@ def test_a_callers_retry_on_another_router_is_answered_and_billed_once(
     again = retry(two, key, request)  # the caller's retry with the same request_id
     assert stack.totals(TENANT).requests == before + 1, "the retry was billed a second time"
     assert again.trace_id == first.trace_id and again.content == first.content
+
+
+def _in_flight(metrics: str) -> float:
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found = re.search(r"^cachemesh_router_requests_in_flight (\S+)$", text, re.M)
+    assert found is not None, "no in-flight gauge"
+    return float(found.group(1))
+
+
+def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {timeout_s:.0f} s"
+        time.sleep(0.01)
+
+
+def test_a_retry_on_another_router_while_the_first_call_runs_is_billed_once(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    """The first call (marked, as the client marks every call with the caller's id) is still
+    running on router one, held there (SIGSTOP) so that it surely is, when the caller's retry
+    reaches router two. Both routers called the model and billed it (two bills, as a review
+    measured: $0.521 instead of $0.259); now router two waits for router one's answer."""
+    key = new_api_key()
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(f"{TENANT}:{hash_key(key)}\n")
+    replica = loopback()  # sim-small at its real speed: a long prompt takes seconds
+    replica_env = service_env(stack, "model", {"MODEL_LISTEN": replica, "SIM_TIME_SCALE": "1"})
+    routed = service_env(stack, "router", {})["MODEL_REPLICAS"].split(",")
+    replicas = ",".join(
+        [r for r in routed if not r.startswith("sim-small=")] + [f"sim-small={replica}"]
+    )
+    one, two = loopback(), loopback()
+    metrics = {one: loopback(), two: loopback()}
+    with (
+        redis_server(tmp_path) as url,
+        process(
+            "services.model", replica_env, tmp_path / "model.log", lambda: probe(replica) == SERVING
+        ),
+        _router(
+            stack,
+            tmp_path,
+            "one",
+            one,
+            keys_file,
+            url,
+            {"MODEL_REPLICAS": replicas, "ROUTER_METRICS_LISTEN": metrics[one]},
+        ) as first_router,
+        _router(
+            stack,
+            tmp_path,
+            "two",
+            two,
+            keys_file,
+            url,
+            {"MODEL_REPLICAS": replicas, "ROUTER_METRICS_LISTEN": metrics[two]},
+        ),
+        ThreadPoolExecutor(2) as pool,
+    ):
+        request = _request()
+        request.system.add(text=f"{request.request_id} You are helpful. " * 4000)
+        before = stack.totals(TENANT).requests
+        redis = Redis.from_url(url)
+
+        def call(target: str) -> pb.CompleteResponse:
+            with Client(target, api_key=key, timeout_s=120, max_attempts=1) as client:
+                return client.complete(request)
+
+        first = pool.submit(call, one)
+        _until(lambda: _in_flight(metrics[one]) == 1, "in flight on router one")
+        os.kill(first_router.pid, signal.SIGSTOP)
+        try:
+            held = cast(bytes | None, redis.get(ledger_key(TENANT, request.request_id)))
+            assert held is None or held.startswith(b"?"), "the first call ended too soon"
+            again = pool.submit(call, two)  # the caller's retry, on the other router
+            _until(lambda: again.done() or _in_flight(metrics[two]) == 1, "retried")
+        finally:
+            os.kill(first_router.pid, signal.SIGCONT)
+        answers = first.result(), again.result()
+        redis.close()
+        assert answers[0].trace_id == answers[1].trace_id
+        assert answers[0].content == answers[1].content
+        assert stack.totals(TENANT).requests == before + 1, "the retry was billed a second time"

@@ -25,7 +25,7 @@ from services.common.metrics import TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.router import servicer as servicer_module
 from services.router.access_log import RequestLog
-from services.router.answer_ledger import RedisAnswerLedger, ledger_key
+from services.router.answer_ledger import Claimed, RedisAnswerLedger, Running, ledger_key
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
@@ -497,5 +497,215 @@ def test_a_ledger_that_is_down_costs_only_the_protection(tmp_path: Path) -> None
         assert again.content[0].text == "answer 1" and other_pipe.runs == 1
         await ledger.close()
         await other_ledger.close()
+
+    asyncio.run(run())
+
+
+CLIENT_MARK = ("cachemesh-retry", "1")  # the Python client's and the HTTP front's: every call
+
+
+class GatedPipeline(FakePipeline):
+    """A model call that runs until the test opens ``gate`` (then answers, or fails)."""
+
+    def __init__(self, gate: asyncio.Event | None = None, fails: bool = False) -> None:
+        super().__init__()
+        self.gate = gate
+        self.fails = fails
+        self.started = asyncio.Event()
+
+    async def run(
+        self, tenant: str, request: pb.CompleteRequest, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        self.runs += 1
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fails:
+            raise RequestError(Code.UNAVAILABLE, "the replica failed")
+        answer = pb.CompleteResponse(
+            served_by=self.layer, model=request.model, request_id=request.request_id
+        )
+        answer.content.add(text=f"answer {self.runs}")
+        for chunk in chunks_of(answer):
+            yield chunk
+
+
+async def _started_or_waiting(pipeline: GatedPipeline, call: asyncio.Future[Any]) -> None:
+    """Until the call reached its own model call, or ended, or (0.5 s) waits on something."""
+    await asyncio.wait(
+        [asyncio.ensure_future(pipeline.started.wait()), call],
+        timeout=0.5,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+
+
+def test_a_retry_on_another_router_while_the_first_call_runs_gets_its_answer(
+    redis_url: str,
+) -> None:
+    """The client's retry reaches a second router while the first router's model call still
+    runs: it waits for that call's answer (one model call, one bill), not a call of its own."""
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        first, _, first_ledger = _router(redis_url)
+        second, _, second_ledger = _router(redis_url)
+        first._pipeline = first_pipe = GatedPipeline(gate)  # type: ignore[assignment]
+        second._pipeline = second_pipe = GatedPipeline(gate)  # type: ignore[assignment]
+        one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await first_pipe.started.wait()
+        two = asyncio.ensure_future(second.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await _started_or_waiting(second_pipe, two)
+        gate.set()
+        answers = await asyncio.gather(one, two)
+        assert (first_pipe.runs, second_pipe.runs) == (1, 0)
+        assert answers[0] == answers[1] and answers[1].content[0].text == "answer 1"
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_retry_takes_over_once_the_first_routers_claim_has_lapsed(redis_url: str) -> None:
+    """The first router died mid-call (its claim is no longer renewed and lapses): the waiting
+    retry then makes the call itself, rather than waiting for an answer that never comes."""
+
+    async def run() -> None:
+        first, _, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        first._pipeline = first_pipe = GatedPipeline(asyncio.Event())  # type: ignore[assignment]
+        one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await first_pipe.started.wait()
+        client = Redis.from_url(redis_url)
+        assert await client.exists(ledger_key("tenant-a", "req-1"))  # claimed
+        two = asyncio.ensure_future(second.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        assert not two.done() and second_pipe.runs == 0  # waits on the live claim
+        await client.delete(ledger_key("tenant-a", "req-1"))  # the lease lapsed
+        answer = await two
+        assert answer.content[0].text == "answer 1" and second_pipe.runs == 1
+        one.cancel()
+        await asyncio.gather(one, return_exceptions=True)
+        await client.aclose()
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_first_call_that_fails_gives_its_claim_back(redis_url: str) -> None:
+    async def run() -> None:
+        gate = asyncio.Event()
+        first, _, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        first._pipeline = first_pipe = GatedPipeline(gate, fails=True)  # type: ignore[assignment]
+        one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await first_pipe.started.wait()
+        two = asyncio.ensure_future(second.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)
+        gate.set()  # the first call fails: the waiting retry is served anew, at once
+        await asyncio.gather(one, return_exceptions=True)
+        answer = await asyncio.wait_for(two, 5)
+        assert answer.content[0].text == "answer 1" and second_pipe.runs == 1
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_waiting_retry_gives_up_at_its_own_deadline(redis_url: str) -> None:
+    class Deadlined(FakeContext):
+        def time_remaining(self) -> float | None:
+            return 0.3
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        first, _, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        first._pipeline = first_pipe = GatedPipeline(gate)  # type: ignore[assignment]
+        one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await first_pipe.started.wait()
+        context = Deadlined(CLIENT_MARK)
+        with pytest.raises(Aborted):
+            await second.Complete(_request(), context)  # type: ignore[arg-type]
+        assert context.status == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "still running on another router" in context.message and second_pipe.runs == 0
+        gate.set()
+        assert (await one).content[0].text == "answer 1"
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_conflicting_retry_is_refused_while_the_first_call_runs(redis_url: str) -> None:
+    async def run() -> None:
+        gate = asyncio.Event()
+        first, _, first_ledger = _router(redis_url)
+        second, second_pipe, second_ledger = _router(redis_url)
+        first._pipeline = first_pipe = GatedPipeline(gate)  # type: ignore[assignment]
+        one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
+        await first_pipe.started.wait()
+        context = FakeContext(CLIENT_MARK)
+        with pytest.raises(Aborted):
+            await second.Complete(_request("Another question"), context)  # type: ignore[arg-type]
+        assert context.status == grpc.StatusCode.INVALID_ARGUMENT and second_pipe.runs == 0
+        gate.set()
+        await one
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_an_unmarked_call_claims_nothing_before_its_model_call(redis_url: str) -> None:
+    """Its cost is unchanged: no Redis round trip before the model call (the record after)."""
+
+    async def run() -> None:
+        gate = asyncio.Event()
+        servicer, _, ledger = _router(redis_url)
+        servicer._pipeline = pipe = GatedPipeline(gate)  # type: ignore[assignment]
+        one = asyncio.ensure_future(servicer.Complete(_request(), FakeContext()))  # type: ignore[arg-type]
+        await pipe.started.wait()
+        client = Redis.from_url(redis_url)
+        assert not await client.exists(ledger_key("tenant-a", "req-1"))
+        gate.set()
+        await one
+        assert await client.exists(ledger_key("tenant-a", "req-1"))  # the answer, recorded
+        await client.aclose()
+        await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_claim_is_renewed_while_its_call_runs(redis_url: str) -> None:
+    """The holder renews its claim every third of the lease (the sleeps injected: each tick is
+    one renewal), and only its own claim."""
+
+    async def run() -> None:
+        ticks: asyncio.Queue[None] = asyncio.Queue()
+        asleep: asyncio.Queue[float] = asyncio.Queue()  # each sleep begun (after a renewal)
+
+        async def sleep(seconds: float) -> None:
+            asleep.put_nowait(seconds)
+            await ticks.get()
+
+        client = Redis.from_url(redis_url)
+        ledger = RedisAnswerLedger(client, ttl_s=60, lease_s=30, sleep=sleep)
+        claimed = await ledger.claim("tenant-a", "req-9", "f" * 64)
+        assert isinstance(claimed, Claimed)
+        key = ledger_key("tenant-a", "req-9")
+        assert 0 < await client.pttl(key) <= 30_000
+        holding = asyncio.ensure_future(ledger.hold("tenant-a", "req-9", claimed))
+        assert await asleep.get() == pytest.approx(10.0)
+        await client.pexpire(key, 1_000)  # as if most of the lease had passed
+        ticks.put_nowait(None)
+        await asleep.get()  # renewed, and asleep again
+        assert 1_000 < await client.pttl(key) <= 30_000
+        assert isinstance(await ledger.claim("tenant-a", "req-9", "f" * 64), Running)
+        await client.set(key, b"?" + b"f" * 64 + b"another router", px=1_000)
+        ticks.put_nowait(None)
+        await asyncio.wait_for(holding, 5)  # not its claim any more: it stops
+        assert await client.pttl(key) <= 1_000  # and left the other one alone
+        await ledger.close()
 
     asyncio.run(run())
