@@ -25,14 +25,15 @@ def _answers(port: int) -> bool:
 
 
 @contextmanager
-def redis_server(work_dir: Path, timeout_s: float = 20.0) -> Iterator[str]:
-    """Yields ``redis://127.0.0.1:<port>/0`` of a fresh server; stops it on exit."""
+def redis_server(work_dir: Path, timeout_s: float = 20.0, port: int | None = None) -> Iterator[str]:
+    """Yields ``redis://127.0.0.1:<port>/0`` of a fresh server; stops it on exit. ``port``:
+    a given one (a server restarted where its clients look for it), else a free one."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError(
             "redis-server is not installed: run `make test-deps` (apt-get install redis-server)"
         )
-    port = free_port()
+    port = free_port() if port is None else port
     log = (work_dir / "redis.log").open("wb")
     proc = subprocess.Popen(
         [

@@ -88,7 +88,13 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
     limiter = await build_limiter(
-        settings.limits, SystemClock(), table, tokenizer, tracer, metrics.degraded
+        settings.limits,
+        SystemClock(),
+        table,
+        tokenizer,
+        tracer,
+        metrics.degraded,
+        metrics.settles_lost,
     )
     ledger = await build_answer_ledger(settings.answers_redis_url, settings.idempotency_ttl_s)
     if ledger is None:

@@ -32,6 +32,7 @@ async def build_limiter(
     tokenizers: Tokenizers,
     tracer: trace.Tracer | None = None,
     counted: Callable[[str, str], None] | None = None,
+    lost: Callable[[int], None] | None = None,
 ) -> Limiter:
     """``tokenizers``: the pipeline's (one load, one cache), to count what a request's prompt
     reserves of the token rate, with the requested row's tokenizer (``auto``'s: its large
@@ -45,7 +46,7 @@ async def build_limiter(
         return count_prompt(request, tokenizers.for_spec(spec))
 
     policies = UniformPolicies(settings.policy)
-    return Limiter(store, policies, clock, count, tracer, settings.timeout_s, counted)
+    return Limiter(store, policies, clock, count, tracer, settings.timeout_s, counted, lost)
 
 
 async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedger | None:

@@ -34,7 +34,9 @@ import calendar
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -126,6 +128,14 @@ def longest(over: list[Refusal]) -> Refusal:
 
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
+# Settles that failed (the store down or silent) wait in the router for it to answer again:
+# at most this many, for at most this long (a settle's id is remembered by the store for
+# twice as long, so a replay after an ambiguous timeout is never counted twice), tried again
+# this often.
+MAX_PENDING_SETTLES = 10_000
+SETTLE_REPLAY_WINDOW_MS = 15 * 60_000
+SETTLE_REPLAY_S = 1.0
+LOST_LOG_INTERVAL_MS = 60_000  # settles lost are logged at most once in this interval
 
 
 class LimitStore(Protocol):
@@ -144,9 +154,11 @@ class LimitStore(Protocol):
         cost_nanos: int,
         now_ms: int,
         periods: Periods,
+        settle_id: str | None = None,
     ) -> None:
         """Gives back ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the
-        day's and the month's bill."""
+        day's and the month's bill; once per ``settle_id`` (when given) within
+        ``2 * SETTLE_REPLAY_WINDOW_MS``: a replay of a settle counted already counts nothing."""
         ...
 
     async def close(self) -> None: ...
@@ -225,7 +237,9 @@ class MemoryLimitStore:
         cost_nanos: int,
         now_ms: int,
         periods: Periods,
+        settle_id: str | None = None,
     ) -> None:
+        # never fails, so never replayed: no settle id to remember
         if policy.tokens_per_min is not None and refund_tokens:
             level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
             refunded = min(float(policy.tokens_per_min), level + refund_tokens)
@@ -254,6 +268,18 @@ class Denial:
     message: str
     retry_after_ms: int
     exceeded: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Settle:
+    """A count for the store; ``settle_id`` makes it count once, however often it is sent."""
+
+    tenant: str
+    policy: LimitPolicy
+    refund: int
+    cost_nanos: int
+    settle_id: str
+    at_ms: int  # when it was first sent
 
 
 @dataclass
@@ -321,7 +347,9 @@ class Limiter:
 
     A store that fails (Redis down) does not stop the Gateway: the request is admitted with
     nothing reserved (its end takes the tokens it used, gives none back), and the failure
-    logged and recorded on the request's span (``cachemesh.degraded``)."""
+    logged and recorded on the request's span (``cachemesh.degraded``). A settle that fails
+    waits in a bounded queue and is sent again until the store answers (``replay_pending``),
+    each under its own id so that the store counts it once."""
 
     def __init__(
         self,
@@ -332,6 +360,9 @@ class Limiter:
         tracer: trace.Tracer | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         counted: Callable[[str, str], None] | None = None,
+        lost: Callable[[int], None] | None = None,
+        max_pending: int = MAX_PENDING_SETTLES,
+        replay_every_s: float = SETTLE_REPLAY_S,
     ) -> None:
         """``prompt_tokens``: a request's prompt tokens (the router's tokenizer; the pipeline
         reuses the count, ``prompt_counts``), counted off the event loop and only under a
@@ -339,8 +370,18 @@ class Limiter:
         ``timeout_s``: how long a store's answer is waited for before it counts as failed (a
         Redis that hangs would otherwise hold every request for its client's socket
         timeout). ``counted``: each failure, as ``(dependency, reason)`` (the router's
-        ``cachemesh_router_degraded_total``; requests admitted unlimited must show)."""
+        ``cachemesh_router_degraded_total``; requests admitted unlimited must show).
+        ``lost``: settles dropped (``max_pending`` of them waiting already, or not sent within
+        ``SETTLE_REPLAY_WINDOW_MS``), their number; ``replay_every_s``: how often the pending
+        ones are tried while the store fails."""
         self._counted = counted
+        self._lost = lost
+        self._max_pending = max_pending
+        self._replay_every_s = replay_every_s
+        self._pending: deque[_Settle] = deque()
+        self._replaying: asyncio.Task[None] | None = None
+        self._lost_unlogged = 0
+        self._lost_logged_ms: int | None = None
         self._store = store
         self._policies = policies
         self._clock = clock
@@ -399,23 +440,84 @@ class Limiter:
         if refund == 0 and cost_nanos == 0:
             return
         now = self._clock.now_ms()
-        self._in_background(
-            self._store.settle(
-                ticket.tenant, ticket.policy, refund, cost_nanos, now, Periods.at(now)
-            )
-        )
+        count = _Settle(ticket.tenant, ticket.policy, refund, cost_nanos, uuid.uuid4().hex, now)
 
-    def _in_background(self, call: Awaitable[None]) -> None:
-        async def guarded() -> None:
+        async def first_try() -> None:
             try:
-                async with asyncio.timeout(self._timeout_s):
-                    await call
+                await self._send(count)
             except Exception as exc:
                 self._degraded("settle", exc)
+                self._queue(count)
 
-        task = asyncio.ensure_future(guarded())
+        task = asyncio.ensure_future(first_try())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _send(self, count: _Settle) -> None:
+        now = self._clock.now_ms()
+        async with asyncio.timeout(self._timeout_s):
+            await self._store.settle(
+                count.tenant,
+                count.policy,
+                count.refund,
+                count.cost_nanos,
+                now,
+                Periods.at(now),
+                settle_id=count.settle_id,
+            )
+
+    @property
+    def pending(self) -> int:
+        """Settles waiting for the store to answer again."""
+        return len(self._pending)
+
+    def _queue(self, count: _Settle) -> None:
+        """Keeps a failed settle for a replay (never waits: requests go on)."""
+        if len(self._pending) >= self._max_pending:
+            self._drop(1, f"{self._max_pending} wait already")
+            return
+        self._pending.append(count)
+        if self._replaying is None or self._replaying.done():
+            self._replaying = asyncio.ensure_future(self._replay())
+
+    async def _replay(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self._replay_every_s)
+            await self.replay_pending()
+
+    async def replay_pending(self) -> None:
+        """Sends the pending settles, oldest first, until one fails (the store is still down:
+        the rest wait for the next try); drops those past the replay window."""
+        while self._pending:
+            count = self._pending[0]
+            if self._clock.now_ms() - count.at_ms > SETTLE_REPLAY_WINDOW_MS:
+                self._pending.popleft()
+                self._drop(1, "not sent within the replay window")
+                continue
+            try:
+                await self._send(count)
+            except Exception:
+                return
+            if self._pending and self._pending[0] is count:
+                self._pending.popleft()
+
+    def _drop(self, n: int, why: str, *, force: bool = False) -> None:
+        """Settles lost (their cost never reaches the budgets): counted, logged once an
+        interval (``force``: now)."""
+        if self._lost is not None:
+            self._lost(n)
+        self._lost_unlogged += n
+        now = self._clock.now_ms()
+        last = self._lost_logged_ms
+        if force or last is None or now - last >= LOST_LOG_INTERVAL_MS:
+            log.warning(
+                "limits store: %d settles lost (%s); their costs and tokens are not counted "
+                "against the tenants' limits",
+                self._lost_unlogged,
+                why,
+            )
+            self._lost_unlogged = 0
+            self._lost_logged_ms = now
 
     def _degraded(self, what: str, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
@@ -433,11 +535,19 @@ class Limiter:
             self._counted("limits", "DEADLINE_EXCEEDED" if timed_out else "UNAVAILABLE")
 
     async def drain(self) -> None:
+        """Waits for the settles' first tries (not for a store that is down to come back)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def close(self) -> None:
         await self.drain()
+        if self._replaying is not None:
+            self._replaying.cancel()
+            await asyncio.gather(self._replaying, return_exceptions=True)
+        await self.replay_pending()  # a last try; what is left is lost with the process
+        if self._pending:
+            self._drop(len(self._pending), "the router stopped", force=True)
+            self._pending.clear()
         await self._store.close()
 
 

@@ -33,6 +33,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   failing calls in a row (``replica_health``; a re-ejection after a failed probe counts too);
   ``cachemesh_router_outbox_refused_total``: requests refused before their model call because
   the billing outbox in memory was over ``ROUTER_OUTBOX_MAX_BYTES`` (prefix-cache down long);
+  ``cachemesh_router_limits_settles_lost_total``: requests' costs and tokens never counted
+  against the limits (their settle failed and was dropped: the queue of pending ones full,
+  past its replay window, or the router stopping);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -159,6 +162,10 @@ class RouterMetrics:
             "cachemesh_router_outbox_refused",
             "Requests refused before their model call: the billing outbox in memory was full",
         )()
+        self._settles_lost = m.counter(
+            "cachemesh_router_limits_settles_lost",
+            "Settles of the limits' store dropped before it answered (costs never counted)",
+        )()
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -244,6 +251,9 @@ class RouterMetrics:
 
     def outbox_refused(self) -> None:
         self._outbox_refused.inc()
+
+    def settles_lost(self, count: int) -> None:
+        self._settles_lost.inc(count)
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

@@ -23,6 +23,7 @@ from services.router.limits import (
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
+    SETTLE_REPLAY_WINDOW_MS,
     TOKENS,
     LimitPolicy,
     Periods,
@@ -31,6 +32,9 @@ from services.router.limits import (
 )
 
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
+# A settle's id is kept this long (twice the window its replays are sent in): its replay
+# after an ambiguous timeout is not counted again.
+SETTLED_MARKER_MS = 2 * SETTLE_REPLAY_WINDOW_MS
 
 # Shared by both scripts: the time (ARGV[1], or Redis's clock when it is -1); a bucket's level
 # then (full when absent), refilled at cap a minute, and the time it is kept at, which never
@@ -95,11 +99,16 @@ return {}
 """
 )
 
-# KEYS: tokens, spent:day, spent:month. ARGV: now_ms, tokens cap (0 = none), tokens to give
-# back, cost nanos, ms until the day's end, ms until the month's end, GC slack.
+# KEYS: tokens, spent:day, spent:month, and the settle's marker when it has an id. ARGV:
+# now_ms, tokens cap (0 = none), tokens to give back, cost nanos, ms until the day's end, ms
+# until the month's end, GC slack, the marker's life in ms (0 = no marker). A settle whose
+# marker is there already was counted (a replay after an ambiguous timeout): nothing again.
 _SETTLE = (
     _LEVEL
     + """
+if tonumber(ARGV[8]) > 0 and not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[8]) then
+  return 0
+end
 local now, tcap, refund = clock(tonumber(ARGV[1])), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cost, slack = tonumber(ARGV[4]), tonumber(ARGV[7])
 if tcap > 0 and refund ~= 0 then
@@ -197,6 +206,7 @@ class RedisLimitStore:
         cost_nanos: int,
         now_ms: int,
         periods: Periods,
+        settle_id: str | None = None,
     ) -> None:
         now_ms, periods, script_ms = await self._clock(cost_nanos != 0, now_ms, periods)
         keys = [
@@ -204,6 +214,8 @@ class RedisLimitStore:
             self._key(tenant, f"spent:{periods.day}"),
             self._key(tenant, f"spent:{periods.month}"),
         ]
+        if settle_id is not None:
+            keys.append(self._key(tenant, f"settled:{settle_id}"))
         args = [
             script_ms,
             _cap(policy.tokens_per_min),
@@ -212,6 +224,7 @@ class RedisLimitStore:
             periods.day_end_ms - now_ms,
             periods.month_end_ms - now_ms,
             GC_SLACK_MS,
+            0 if settle_id is None else SETTLED_MARKER_MS,
         ]
         await self._settle(keys=keys, args=args)
 

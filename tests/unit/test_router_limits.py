@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from google.rpc import error_details_pb2
@@ -25,6 +28,7 @@ from services.router.limits import (
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
+    SETTLE_REPLAY_WINDOW_MS,
     TOKENS,
     Denial,
     Limiter,
@@ -36,7 +40,12 @@ from services.router.limits import (
     Ticket,
     UniformPolicies,
 )
+from services.router.limits import (
+    NANOS_PER_DOLLAR as NANOS,
+)
 from services.router.redis_limits import RedisLimitStore
+from services.tools.stack.ports import free_port
+from tests.redis_server import redis_server
 
 # 2023-11-14 22:13:20 UTC: 1 h 46 min 40 s (6,400,000 ms) before the day ends, 16 days more
 # before the month does.
@@ -400,10 +409,13 @@ class _Switch:
         cost_nanos: int,
         now_ms: int,
         periods: Periods,
+        settle_id: str | None = None,
     ) -> None:
         if self.down:
             raise ConnectionError("redis went away")
-        await self.store.settle(tenant, policy, refund_tokens, cost_nanos, now_ms, periods)
+        await self.store.settle(
+            tenant, policy, refund_tokens, cost_nanos, now_ms, periods, settle_id
+        )
 
     async def close(self) -> None:
         await self.store.close()
@@ -582,3 +594,113 @@ async def test_routers_on_either_side_of_midnight_count_one_days_budget(redis_ur
     finally:
         for client in clients:
             await client.aclose()
+
+
+def _spent(client: Redis, day: str) -> Awaitable[Any]:
+    return client.get(f"cachemesh:limits:{{t}}:spent:{day}")
+
+
+async def test_a_settle_that_failed_while_redis_restarted_is_replayed_once_it_answers(
+    tmp_path: Path,
+) -> None:
+    """An answer that ended while the limits' Redis restarted: its cost was never added to
+    the day's spend (a $0.046 answer left no spend at all). It waits in the router's queue
+    and is added when Redis answers again."""
+    port = free_port()
+    policy = LimitPolicy(day_budget_nanos=100 * NANOS)
+    clock = ManualClock(START_MS)
+    for run in ("before", "after"):
+        (tmp_path / run).mkdir()
+    with redis_server(tmp_path / "before", port=port) as url:
+        client = Redis.from_url(url)
+        limiter = _limiter(RedisLimitStore(client, server_time=False), policy, clock)
+        ticket = await _admitted(limiter)
+    limiter.settle(ticket, _answer(10, 10, cost_nanos=46_000_000))  # Redis is down
+    await limiter.drain()
+    with redis_server(tmp_path / "after", port=port):
+        assert await _spent(client, Periods.at(START_MS).day) is None
+        await limiter.replay_pending()
+        assert int(await _spent(client, Periods.at(START_MS).day)) == 46_000_000
+        await limiter.replay_pending()  # nothing left: counted once
+        assert int(await _spent(client, Periods.at(START_MS).day)) == 46_000_000
+        await limiter.close()
+
+
+class AnsweredTooLate(RedisLimitStore):
+    """Redis adds the spend, but its answer comes after the router gave up (the first time)."""
+
+    late = 1
+
+    async def settle(self, *args: Any, **kwargs: Any) -> None:
+        await super().settle(*args, **kwargs)
+        if self.late:
+            self.late -= 1
+            raise TimeoutError("no answer in time")
+
+
+async def test_a_settle_replayed_after_an_ambiguous_timeout_counts_once(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    limiter = _limiter(
+        AnsweredTooLate(client, server_time=False),
+        LimitPolicy(day_budget_nanos=100 * NANOS),
+        ManualClock(START_MS),
+    )
+    ticket = await _admitted(limiter)
+    limiter.settle(ticket, _answer(10, 10, cost_nanos=1_000))
+    await limiter.drain()
+    await limiter.replay_pending()
+    assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000
+    await limiter.close()
+
+
+class DownStore(MemoryLimitStore):
+    async def settle(self, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Redis is down")
+
+
+async def test_pending_settles_are_bounded_in_number_and_age_and_losses_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the bound (or the replay window) a settle is dropped: counted, logged once an
+    interval, and no request waits for it."""
+    lost: list[int] = []
+    clock = ManualClock(START_MS)
+    limiter = Limiter(
+        DownStore(),
+        UniformPolicies(LimitPolicy(day_budget_nanos=NANOS)),
+        clock,
+        _count,
+        lost=lost.append,
+        max_pending=2,
+    )
+    for _ in range(4):
+        limiter.settle(await _admitted(limiter), _answer(1, 1, cost_nanos=5))
+    await limiter.drain()
+    assert sum(lost) == 2 and limiter.pending == 2
+    assert len([r for r in caplog.records if "settles lost" in r.message]) == 1
+    clock.advance(ms=SETTLE_REPLAY_WINDOW_MS + 1)  # Redis down past the window
+    await limiter.replay_pending()
+    assert sum(lost) == 4 and limiter.pending == 0
+    assert len([r for r in caplog.records if "settles lost" in r.message]) == 2
+    await limiter.close()
+
+
+async def test_pending_settles_are_replayed_by_themselves_when_the_store_is_back() -> None:
+    store = MemoryLimitStore()
+    switch = _Switch(store)
+    policy = LimitPolicy(day_budget_nanos=NANOS)
+    limiter = Limiter(
+        switch, UniformPolicies(policy), ManualClock(START_MS), _count, replay_every_s=0.01
+    )
+    ticket = await _admitted(limiter)
+    switch.down = True
+    limiter.settle(ticket, _answer(1, 1, cost_nanos=NANOS))
+    await limiter.drain()
+    assert limiter.pending == 1
+    switch.down = False
+    replaying = limiter._replaying
+    assert replaying is not None
+    await asyncio.wait_for(replaying, 5)
+    assert limiter.pending == 0
+    assert isinstance(await limiter.admit("t", _request(1)), Denial)  # the budget, spent
