@@ -67,6 +67,27 @@ def test_a_written_report_holds_no_secret_of_the_environment(tmp_path: Path) -> 
     assert overrides == {"MODEL_REPLICAS": f"x={MASK}", "SIM_TIME_SCALE": "0"}
 
 
+def test_an_otlp_header_secret_of_dotenv_is_masked_in_the_report(tmp_path: Path) -> None:
+    """``.env``'s names are kept: a hosted OTLP backend's key there (as the OpenTelemetry SDK
+    reads it) is masked, in the shared settings and in a stack's overrides."""
+    root = _root(tmp_path)
+    headers = "x-honeycomb-team=hcaik_SECRET123,authorization=Basic dXNlcjpTRUNSRVQ="
+    with (root / ".env").open("a") as env:
+        env.write(f"OTEL_EXPORTER_OTLP_HEADERS={headers}\n")
+    names = setting_names(read_env_file(root / ".env"))
+    settings = own_settings(Stack(root, tmp_path / "run", environ={}).settings(), names)
+    overrides = own_settings({"OTEL_EXPORTER_OTLP_HEADERS": headers}, names)
+    doc = output.document(
+        run={"levels": [1]}, workload={}, stack=settings, stacks={"zero-traced": overrides},
+        results={"cases": {}}, ratios={},
+    )  # fmt: skip
+    written = output.write(doc, [], tmp_path / "results", "2025-01-01")
+    for path in (written, written.with_suffix(".html")):
+        text = path.read_text()
+        assert "SECRET" not in text and "dXNl" not in text, path.name
+    assert settings["OTEL_EXPORTER_OTLP_HEADERS"] == f"x-honeycomb-team={MASK},authorization={MASK}"
+
+
 def test_the_http_paths_latencies_are_nearest_rank_as_the_others() -> None:
     """(e) took the median's mean of two and a p99 one rank low: on 1..118 ms, 59.5 and 116
     where every other latency of the report says 59 and 117."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,6 +122,28 @@ def test_the_estimators_report_holds_no_secret_of_the_shell(
     main(["--workload", "synthetic", "--requests", "2", "--out", str(out)])
     text = out.read_text()
     assert "REALSECRET" not in text and "hunter2" not in text and "shell-only" not in text
+
+
+def test_an_otlp_header_secret_of_dotenv_is_masked_in_the_estimate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The estimate keeps ``.env``'s names: a hosted OTLP backend's key there is masked."""
+    from services.tools.estimator import cli
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    headers = "x-honeycomb-team=hcaik_SECRET123,authorization=Basic dXNlcjpTRUNSRVQ="
+    dotenv = (ROOT / ".env").read_text()
+    (root / ".env").write_text(f"{dotenv}\nOTEL_EXPORTER_OTLP_HEADERS={headers}\n")
+    monkeypatch.setattr(cli, "ROOT", root)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_HEADERS", raising=False)
+    out = tmp_path / "est.json"
+    cli.main(["--workload", "synthetic", "--requests", "2", "--out", str(out),
+              "--data-dir", str(ROOT.parent / "shared" / "data")])  # fmt: skip
+    text = out.read_text()
+    assert "SECRET" not in text and "dXNl" not in text
+    stack = json.loads(text)["stack"]
+    assert stack["OTEL_EXPORTER_OTLP_HEADERS"] == "x-honeycomb-team=***,authorization=***"
 
 
 def test_the_request_log_round_trips_and_names_a_bad_line(tmp_path: Path) -> None:

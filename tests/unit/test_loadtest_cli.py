@@ -78,6 +78,32 @@ def test_the_stack_config_in_the_report_has_its_secrets_masked(tmp_path: Path) -
     assert "hunter" not in shown and "SECRET" not in shown and "@x" not in shown
 
 
+OTLP_HEADERS = "x-honeycomb-team=hcaik_SECRET123,authorization=Basic dXNlcjpTRUNSRVQ="
+
+
+def test_an_otlp_header_secret_of_the_stack_config_is_masked_in_the_report(
+    tmp_path: Path,
+) -> None:
+    """A hosted OTLP backend's key (OTEL_EXPORTER_OTLP_HEADERS, as the SDK reads it) and any
+    credential pair inside another value are masked; the header names stay (which backend)."""
+    (tmp_path / "none.env").write_text(
+        f"OTEL_EXPORTER_OTLP_HEADERS={OTLP_HEADERS}\n"
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS=api-key=tracesSECRET\n"
+        "OTEL_RESOURCE_ATTRIBUTES=service.name=gw,x-api-key=attrSECRET,team=a\n"
+        "VENDOR_URL=https://h.example/v1?x-auth-token=querySECRET&a=1\n"
+        "VENDOR_PROXY=authorization=Bearer bearerSECRET\n"
+        "SIM_TIME_SCALE=0\n"
+    )
+    _run(tmp_path, "--duration", "0.5")
+    stack = json.loads((tmp_path / "r.json").read_text())["stack"]
+    assert "SECRET" not in json.dumps(stack) and "dXNl" not in json.dumps(stack)
+    assert stack["OTEL_EXPORTER_OTLP_HEADERS"] == "x-honeycomb-team=***,authorization=***"
+    assert stack["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == "api-key=***"
+    assert stack["OTEL_RESOURCE_ATTRIBUTES"] == "service.name=gw,x-api-key=***,team=a"
+    assert stack["VENDOR_URL"] == "https://h.example/v1?x-auth-token=***&a=1"
+    assert stack["SIM_TIME_SCALE"] == "0"
+
+
 def test_a_run_where_nothing_completed_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,6 +1,9 @@
 """Settings fit for a report: a value whose name says key, token, secret, password or
-credential is masked, and so is the user:password part of a URL (``make bench`` and
-``cachemesh-load`` record the stack's settings beside their figures)."""
+credential is masked, and so are the values of a ``*HEADERS`` variable (an OTLP exporter's
+``x-honeycomb-team=...,authorization=...``), any ``authorization=``, ``*-key=``, ``*-token=``
+or ``*-team=`` pair and ``Bearer`` token inside any value, and the user:password part of a URL
+(``make bench``, ``cachemesh-load`` and the estimator record the stack's settings beside their
+figures, all through :func:`mask`)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,15 @@ from collections.abc import Iterable
 
 MASK = "***"
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+# OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS, ...: "name=value,name=value"
+_HEADERS_NAME = re.compile(r"HEADERS$", re.IGNORECASE)
+# a credential pair inside any value, up to the next "," / ";" / "&" (a value may hold spaces:
+# "authorization=Basic dXNl...")
+_PAIR_SECRET = re.compile(
+    r"(?P<name>\b(?:authorization|[\w.]*[-_](?:key|token|team|secret|password))\s*=\s*)[^,;&]*",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"(?P<name>\bbearer\s+)[^\s,;&]+", re.IGNORECASE)
 # up to the value's last "@": a password may hold "@", "/" or "?" (redis-py reads it so)
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)\S*@")
 _URL_QUERY_SECRET = re.compile(r"(?P<name>[?&](?:password|passwd|token|key)=)[^&\s]*", re.I)
@@ -18,9 +30,19 @@ def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
     """``value`` of the setting ``name``, its secrets masked (``secrets``: known values)."""
     if _SECRET_NAME.search(name):
         return MASK if value else ""
+    if _HEADERS_NAME.search(name):  # every header's value: any of them may carry a key
+        return ",".join(_masked_header(h) for h in value.split(",")) if value else ""
     value = _URL_QUERY_SECRET.sub(rf"\g<name>{MASK}", value)  # first: it may hold an "@"
+    value = _PAIR_SECRET.sub(rf"\g<name>{MASK}", value)
+    value = _BEARER.sub(rf"\g<name>{MASK}", value)
     value = _URL_USERINFO.sub(rf"\g<scheme>{MASK}@", value)
     for secret in secrets:
         if secret:
             value = value.replace(secret, MASK)
     return value
+
+
+def _masked_header(header: str) -> str:
+    """``name=***`` (the header's name kept: which backend, which scheme), or ``***``."""
+    name, sep, _ = header.partition("=")
+    return f"{name}={MASK}" if sep else MASK
