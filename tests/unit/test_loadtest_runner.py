@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -173,6 +175,40 @@ def test_several_processes_share_the_plan_and_warm_up_is_marked(
     assert sum(s.warmup for s in samples) == 2
     assert sorted(s.index for s in samples if not s.warmup and s.ok) == list(range(12))
     assert fake.most_in_flight == 3  # 2 + 1, not 2 a process
+
+
+def test_a_wall_clock_step_mid_run_changes_no_duration(
+    gateway: tuple[str, FakeGateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock stepping an hour forward mid-run (NTP makestep, a VM resumed) made a
+    short run's wall_s an hour, its req/s near zero and the request log an hour long."""
+    from cachemesh.loadtest.cli import sent_log
+    from cachemesh.loadtest.stats import summarise
+
+    target, _ = gateway
+    real, calls = time.time, itertools.count()
+    monkeypatch.setattr(time, "time", lambda: real() + (3600.0 if next(calls) >= 5 else 0.0))
+    items = _items(*["q"] * 10)
+    shape = LoadShape("closed", 1, 0.0, duration_s=30, stream=False)
+    samples = asyncio.run(run_plan(target, KEYS, items, shape))
+    assert len(samples) == 10 and next(calls) >= 5  # the clock stepped within the run
+    assert summarise(samples, {})["wall_s"] < 30  # the run's deadline bounds it
+    log = sent_log(samples, [], items)
+    assert log[-1].t_ms - log[0].t_ms < 30_000
+
+
+def test_several_processes_time_their_requests_on_one_monotonic_clock(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    """Samples of spawned processes are merged (wall_s, the log's order and offsets): their
+    start times are on this process's monotonic clock (system-wide on Linux)."""
+    target, _ = gateway
+    shape = LoadShape("closed", 2, 0.0, duration_s=60, stream=False)
+    before = time.monotonic()
+    samples = run_load(target, KEYS, [], _items(*["q"] * 6), shape, processes=2)
+    after = time.monotonic()
+    assert len(samples) == 6
+    assert all(before <= s.started_s <= s.started_s + s.latency_s <= after for s in samples)
 
 
 def test_only_loopback_targets_unless_allowed() -> None:

@@ -52,18 +52,21 @@ async def _send(
     run's deadline, ``CUT_AT_DEADLINE``."""
     client = clients[item.tenant]
     started = time.perf_counter()
-    wall = time.time() - (started - due if due else 0.0)
+    # when it was due, on the monotonic clock (a wall-clock step mid-run moves no figure;
+    # system-wide on Linux: the samples of spawned processes compare)
+    began = time.monotonic() - (started - due if due else 0.0)
     origin = due or started
 
     def failed(code: str) -> Sample:
         latency = time.perf_counter() - origin
-        return from_error(item, code, wall, latency, warmup=warmup, index=index)
+        return from_error(item, code, began, latency, warmup=warmup, index=index)
 
     try:
         if not stream:
             response = await client.complete(item.request)
             latency = time.perf_counter() - origin
-            samples.append(from_response(item, response, wall, latency, warmup=warmup, index=index))
+            sample = from_response(item, response, began, latency, warmup=warmup, index=index)
+            samples.append(sample)
             return
         ttft: float | None = None
         head, end = pb.CompleteResponse(), None
@@ -80,7 +83,7 @@ async def _send(
             return
         end.served_by = end.served_by or head.served_by  # the start's layer is a guess
         latency = time.perf_counter() - origin
-        samples.append(from_response(item, end, wall, latency, ttft, warmup=warmup, index=index))
+        samples.append(from_response(item, end, began, latency, ttft, warmup=warmup, index=index))
     except CachemeshError as error:
         samples.append(failed(error.code.name))
     except asyncio.CancelledError:

@@ -23,7 +23,7 @@ class Sample:
     kind: str
     layer: str  # semantic_cache | prefix_cache | model | error
     code: str  # OK or the gRPC status name
-    started_s: float  # wall-clock (time.time) when the request was due
+    started_s: float  # time.monotonic() when the request was due (offsets, not a date)
     latency_s: float
     ttft_s: float | None  # streaming only: until the first content delta
     exact: bool = False
