@@ -5,7 +5,9 @@ never whatever holds 127.0.0.1:50051."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,64 @@ def test_make_demo_leaves_a_stack_it_did_not_start_running(tmp_path: Path) -> No
     assert "stack stopped" in alone.stdout
     after = _make("status", where)
     assert after.returncode != 0 and "STOPPED" in after.stdout  # no supervisor left
+
+
+def _interrupted_demo(sig: signal.Signals, log: Path, *args: str) -> tuple[int, str]:
+    """``make demo`` in a session of its own, ``sig`` sent to its process group (what Ctrl-C
+    in a terminal does for INT) once the demo is sending; make's exit code and output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")}
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(name, None)
+    env |= {"CACHEMESH_GRACE_S": "1", "SIM_TIME_SCALE": "1.0"}  # the demo takes a while
+    with log.open("w") as out:
+        make = subprocess.Popen(
+            ["make", "--no-print-directory", "demo", *args],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            give_up = time.monotonic() + 240
+            while "turn 1:" not in log.read_text() and make.poll() is None:
+                assert time.monotonic() < give_up, log.read_text()
+                time.sleep(0.2)  # polling for the demo's first line, not timing a TTL
+            assert make.poll() is None, log.read_text()
+            os.killpg(make.pid, sig)
+            code = make.wait(timeout=120)
+        finally:
+            if make.poll() is None:
+                os.killpg(make.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "requests in" not in text, "the demo ended before the signal: nothing was tested"
+    return code, text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_make_demo_stopped_by_a_signal_stops_the_stack_it_started(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # Ctrl-C during the demo: bash exited with its child killed by SIGINT before `stack
+    # down`, and the whole stack it had started (7 processes, their ports) kept running.
+    where = f"RUN_DIR={tmp_path / 'run'}"
+    try:
+        code, text = _interrupted_demo(sig, tmp_path / "demo.out", "FREE_PORTS=1", where)
+        assert code != 0
+        assert "stack stopped" in text, text
+        after = _make("status", where)
+        assert after.returncode != 0 and "STOPPED" in after.stdout, after.stdout
+    finally:
+        _make("down", where)
+
+
+def test_make_demo_stopped_by_ctrl_c_leaves_a_stack_it_did_not_start_running(
+    tmp_path: Path,
+) -> None:
+    where = f"RUN_DIR={tmp_path / 'run'}"
+    try:
+        # at the demo's pace (a command line's SIM_TIME_SCALE is exported over _make's 0)
+        assert _make("up", "FREE_PORTS=1", "SIM_TIME_SCALE=1.0", where).returncode == 0
+        code, text = _interrupted_demo(signal.SIGINT, tmp_path / "demo.out", where)
+        assert code != 0 and "left running" in text, text
+        status = _make("status", where)
+        assert status.returncode == 0, status.stdout  # still up, every process SERVING
+    finally:
+        _make("down", where)
