@@ -132,7 +132,7 @@ calibrate-cache: setup ## refit the verifier (cosine + cross-encoder logit) on t
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache fit
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache calibrate --write $(CACHE_TARGETS)
 
-bench: setup ## the standard load-test set on stacks of its own (free ports): results/bench-<date>.json + .html
+bench: setup ## the standard load-test set on stacks of its own (free ports): results/bench-<UTC date and time>.json + .html
 	$(BIN)/python -m services.tools.bench.gateway
 
 bench-prefix: setup ## offline replays (tau-bench; an arrival trace, TRACE=<file>) through L2/L3; bench-results/prefix.json

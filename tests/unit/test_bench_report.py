@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cachemesh.envfile import read_env_file
@@ -86,6 +88,20 @@ def test_an_otlp_header_secret_of_dotenv_is_masked_in_the_report(tmp_path: Path)
         text = path.read_text()
         assert "SECRET" not in text and "dXNl" not in text, path.name
     assert settings["OTEL_EXPORTER_OTLP_HEADERS"] == f"x-honeycomb-team={MASK},authorization={MASK}"
+
+
+def test_a_second_run_never_replaces_the_first_runs_report(tmp_path: Path) -> None:
+    """Named by the local date only, a second ``make bench`` the same day overwrote the first's
+    report (minutes of measurement) without a word."""
+    morning = datetime(2025, 6, 1, 10, 15, 0, tzinfo=UTC)
+    assert output.stamp(morning) == "2025-06-01T101500Z"
+    assert output.stamp(morning) != output.stamp(morning + timedelta(seconds=1))
+    first = output.write({"run": "first", "ratios": {}}, [], tmp_path, output.stamp(morning))
+    second = output.write({"run": "second", "ratios": {}}, [], tmp_path, output.stamp(morning))
+    assert first != second and first.name == "bench-2025-06-01T101500Z.json"
+    assert json.loads(first.read_text())["run"] == "first"
+    assert json.loads(second.read_text())["run"] == "second"
+    assert second.with_suffix(".html").exists() and first.with_suffix(".html").exists()
 
 
 def test_the_http_paths_latencies_are_nearest_rank_as_the_others() -> None:

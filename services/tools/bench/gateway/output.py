@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,27 @@ def document(
     return doc
 
 
+def stamp(now: datetime) -> str:
+    """A report's name part: the UTC date and time to the second (``2025-06-01T101500Z``)."""
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+
+
 def write(
-    doc: Mapping[str, Any], runs: Sequence[tuple[str, Mapping[str, Any]]], out_dir: Path, day: str
-) -> Path:
-    """Writes ``bench-<day>.json`` and ``bench-<day>.html`` (charts of ``runs``, the ratios
-    above them) into ``out_dir``; returns the JSON's path."""
+    doc: Mapping[str, Any], runs: Sequence[tuple[str, Mapping[str, Any]]], out_dir: Path,
+    when: str,
+) -> Path:  # fmt: skip
+    """Writes ``bench-<when>.json`` and ``bench-<when>.html`` (charts of ``runs``, the ratios
+    above them) into ``out_dir``, never over an earlier run's (``bench-<when>-2.json`` then);
+    returns the JSON's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"bench-{day}.json"
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    page = chart.render_html(f"cachemesh bench {day}", runs, doc["ratios"])
+    for n in itertools.count(1):
+        out = out_dir / (f"bench-{when}.json" if n == 1 else f"bench-{when}-{n}.json")
+        try:
+            with out.open("x") as file:  # claimed atomically: two runs never share a name
+                file.write(json.dumps(doc, indent=2) + "\n")
+            break
+        except FileExistsError:
+            continue
+    page = chart.render_html(f"cachemesh bench {when}", runs, doc["ratios"])
     out.with_suffix(".html").write_text(page)
     return out

@@ -17,6 +17,7 @@ import argparse
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         results=results,
         ratios=ratios,
     )  # fmt: skip
-    out = output.write(doc, _charts(results), args.out_dir, time.strftime("%Y-%m-%d"))
+    out = output.write(doc, _charts(results), args.out_dir, output.stamp(datetime.now(UTC)))
     print(summary.render(references, ratios))
     print(http_path.render(outcome.cases.get(http_path.CASE)))
     print(f"bench: {out} and {out.with_suffix('.html')} ({doc['run']['elapsed_s']} s)")
