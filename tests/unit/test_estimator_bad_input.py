@@ -40,3 +40,18 @@ def test_a_bad_workload_flag_is_named(flag: str, value: str) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--workload", "synthetic", flag, value])
     assert str(exited.value.code).startswith(f"estimator: {flag} must be")
+
+
+def test_an_existing_out_file_is_refused_unless_forced(tmp_path: Path) -> None:
+    """An earlier estimate was replaced without a word."""
+    earlier = tmp_path / "est.json"
+    earlier.write_text("an earlier estimate\n")
+    args = ["--workload", "synthetic", "--requests", "2", "--out", str(earlier)]
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert str(exited.value.code) == (
+        f"estimator: --out {earlier} exists: pass --force to replace it, or name another file"
+    )
+    assert earlier.read_text() == "an earlier estimate\n"
+    main([*args, "--force"])
+    assert earlier.read_text().startswith("{")

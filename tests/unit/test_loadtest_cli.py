@@ -43,6 +43,23 @@ def test_bad_input_is_refused_before_the_run(
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--out", "--chart", "--log-out"])
+def test_an_existing_report_file_is_refused_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """An earlier run's report was replaced without a word."""
+    earlier = tmp_path / "earlier"
+    earlier.write_text("an earlier run's\n")
+    args = ["--target", "127.0.0.1:1", "--requests", "2", "--duration", "0.5",
+            "--stack-config", str(tmp_path / "none.env")]  # fmt: skip
+    out = [] if flag == "--out" else ["--out", str(tmp_path / "r.json")]
+    assert cli.main([*args, *out, flag, str(earlier)]) == 2
+    assert f"{earlier} exists: pass --force to replace it" in capsys.readouterr().err
+    assert earlier.read_text() == "an earlier run's\n"
+    assert cli.main([*args, *out, flag, str(earlier), "--force"]) == 1  # nothing answered
+    assert earlier.read_text() != "an earlier run's\n"
+
+
 def test_a_key_grpc_cannot_send_is_refused_before_the_run_naming_its_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

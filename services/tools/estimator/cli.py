@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=("logged", "auto"), default="logged")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, help="write the JSON estimate here")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p
 
 
@@ -71,6 +72,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if args.out is not None and args.out.exists() and not args.force:  # an earlier estimate
+        raise ValueError(
+            f"--out {args.out} exists: pass --force to replace it, or name another file"
+        )
     if args.workload is None:
         return
     if args.requests < 1:

@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the JSON report")
     p.add_argument("--chart", type=Path, default=None, help="an HTML chart of the run")
     p.add_argument("--log-out", type=Path, default=None, help="the requests as a JSONL log")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out, --chart or --log-out file")  # fmt: skip
     p.add_argument("--stack-config", type=Path, default=Path(".env"),
                    help="env file the stack was started with (recorded in the report)")  # fmt: skip
     return p
@@ -83,8 +85,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--rate must be > 0 for --mode open")
     if not args.timeout > 0:
         raise ValueError("--timeout must be > 0 seconds")
-    for path in (args.out, args.chart, args.log_out):  # before the run, not after it
+    files = {"--out": args.out, "--chart": args.chart, "--log-out": args.log_out}
+    for flag, path in files.items():  # before the run, not after it
         if path is not None:
+            if path.exists() and not args.force:  # an earlier run's report
+                raise ValueError(
+                    f"{flag} {path} exists: pass --force to replace it, or name another file"
+                )
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 existed = path.exists()
