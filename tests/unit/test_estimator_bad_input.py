@@ -19,6 +19,8 @@ BAD_LINES = {
     "request_null": '{"t_ms": 0, "tenant": "a", "request": null}',
     "request_a_string": '{"t_ms": 0, "tenant": "a", "request": "hello"}',
     "no_request": '{"t_ms": 0, "tenant": "a"}',
+    "nested_too_deep": "[" * 100_000,  # was a RecursionError traceback
+    "request_nested_too_deep": '{"t_ms": 0, "tenant": "a", "request": ' + "[" * 100_000,
 }
 
 

@@ -76,7 +76,10 @@ def read_log(path: Path) -> Iterator[LogRecord]:
                 if not isinstance(row.get("request"), dict):
                     raise LogError(f"{where}: request must be a JSON object (a CompleteRequest)")
                 request = json_format.ParseDict(row["request"], pb.CompleteRequest())
-            except (json.JSONDecodeError, json_format.ParseError, TypeError) as exc:
+            except LogError:
+                raise
+            # ValueError: JSONDecodeError's base; RecursionError: nested too deep ("[[[...")
+            except (ValueError, RecursionError, json_format.ParseError, TypeError) as exc:
                 raise LogError(f"{where}: not a request log line ({exc})") from exc
             t_ms = row.get("t_ms", last if last > float("-inf") else 0.0)
             tenant = row.get("tenant")
