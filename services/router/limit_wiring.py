@@ -1,7 +1,8 @@
 """Builds the Gateway's shared state from its settings: the ``Limiter`` (its counts in Redis
-when ROUTER_LIMITS_REDIS_URL is set, else in this process) and the answer ledger (when
-ROUTER_ANSWERS_REDIS_URL is set). Each Redis is checked at start-up: an unreachable one stops
-the router rather than leaving it to count or remember alone."""
+when ROUTER_LIMITS_REDIS_URL is set, else in this process; ``limiter_on``: over a given store)
+and the answer ledger (when ROUTER_ANSWERS_REDIS_URL is set). Each Redis is checked at
+start-up: an unreachable one stops the router rather than leaving it to count or remember
+alone."""
 
 from __future__ import annotations
 
@@ -40,6 +41,20 @@ async def build_limiter(
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
         store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
+    return limiter_on(store, settings, clock, table, tokenizers, tracer, counted)
+
+
+def limiter_on(
+    store: LimitStore,
+    settings: LimitSettings,
+    clock: Clock,
+    table: ModelTable,
+    tokenizers: Tokenizers,
+    tracer: trace.Tracer | None = None,
+    counted: Callable[[str, str], None] | None = None,
+) -> Limiter:
+    """The ``Limiter`` of ``settings`` over ``store`` (``build_limiter``'s, and the offline
+    estimator's, whose counts are in its own process)."""
 
     def count(request: pb.CompleteRequest) -> int:
         spec = table.baseline_for(request.model)

@@ -227,3 +227,61 @@ def test_a_replayed_lookup_makes_the_embedding_auto_wants_in_a_scope_with_nothin
 
     response = asyncio.run(look())
     assert not response.hit and len(response.embedding) > 0
+
+
+def test_the_request_rate_limit_is_replayed_as_the_gateway_applies_it(
+    settings: dict[str, str],
+) -> None:
+    """ROUTER_LIMIT_REQUESTS_PER_MIN=2: live, the third and fourth request of a tenant within
+    the minute are refused (RESOURCE_EXHAUSTED, not billed); the estimate listed the limit as
+    replayed and served all four."""
+    records = [LogRecord(i * 10, _ask(f"question number {i}?")) for i in range(4)]
+    records.append(LogRecord(40, _ask("another tenant's question?", TENANT_B)))
+    layers = _replay(settings, records, ROUTER_LIMIT_REQUESTS_PER_MIN="2")
+    assert layers == ["model", "model", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED", "model"]
+
+
+def test_a_spent_budget_is_replayed_even_with_the_limits_in_redis(
+    settings: dict[str, str],
+) -> None:
+    """A budget of 0 refuses every request; a stack that keeps its counts in Redis is replayed
+    with the counts in this process (nothing is dialled offline)."""
+    over = {"ROUTER_BUDGET_USD_PER_DAY": "0", "ROUTER_LIMITS_REDIS_URL": "redis://127.0.0.1:1/0"}
+    layers = _replay(settings, [LogRecord(0, _ask("How do I reset my password?"))], **over)
+    assert layers == ["RESOURCE_EXHAUSTED"]
+
+
+def test_a_request_that_failed_live_is_counted_as_it_ended_live(
+    settings: dict[str, str], tmp_path: Path
+) -> None:
+    """The log holds each request's live status: one cut by its deadline live is replayed (it
+    warmed the caches as live) but counted as it ended, an error billed nothing, so the
+    estimate's bill compares with the live one; a refusal the replay reproduces is its own."""
+    from cachemesh.loadtest.stats import summarise
+
+    q = "How do I reset my password?"
+    buffer = io.StringIO()
+    write_log(
+        buffer,
+        [
+            LogRecord(0, _ask(q), 100.0, code="DEADLINE_EXCEEDED"),
+            LogRecord(1000, _ask(q), 100.0, code="OK"),
+        ],
+    )
+    path = tmp_path / "log.jsonl"
+    path.write_text(buffer.getvalue())
+    records = list(read_log(path))
+    assert [r.code for r in records] == ["DEADLINE_EXCEEDED", "OK"]
+    results = summarise(asyncio.run(replay(OfflineStack(settings, ManualClock()), records)), {})
+    assert results["errors"] == {"DEADLINE_EXCEEDED": 1}
+    assert results["served_by"] == {"semantic_cache": 1}  # the first one's answer, stored
+    assert results["cost"]["cost_nanos"] == 0
+
+
+def test_a_log_without_live_statuses_still_reads_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"t_ms": 0, "tenant": "x", "request": {}}\n')
+    assert [r.code for r in read_log(path)] == [None]
+    path.write_text('{"t_ms": 0, "tenant": "x", "code": 8, "request": {}}\n')
+    with pytest.raises(LogError, match="code must be a status name"):
+        list(read_log(path))

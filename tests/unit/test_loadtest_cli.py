@@ -167,3 +167,13 @@ def test_requests_cut_at_the_deadline_have_their_own_latency_figures() -> None:
     assert results["cut_at_deadline_ms"]["n"] == 5
     assert results["cut_at_deadline_ms"]["max"] == 3000.0
     assert summarise(done, {})["cut_at_deadline_ms"] is None
+
+
+def test_the_request_log_holds_each_requests_live_status() -> None:
+    """So the estimate of the log counts a request that failed live as it ended, not billed."""
+    plan = [Item("q", TENANT_A, pb.CompleteRequest(messages=[user(f"q{i}")])) for i in range(2)]
+    samples = [
+        Sample("q", "model", "OK", 0.0, 0.1, None, index=0),
+        Sample("q", "error", "RESOURCE_EXHAUSTED", 0.5, 0.01, None, index=1),
+    ]
+    assert [r.code for r in cli.sent_log(samples, [], plan)] == ["OK", "RESOURCE_EXHAUSTED"]

@@ -9,7 +9,10 @@ request's arrival and to each logged first token and end; the simulator answers 
 sleeps are skipped; ``SIM_TIME_SCALE`` only shapes latency) and the offline model adapter holds
 its answer until the logged times, so requests that overlapped live overlap here, and a lease
 wait runs on the virtual clock; prefix-cache keeps its warm prefixes in memory even when
-``PREFIX_CACHE_REDIS_URL`` is set; no tracing.
+``PREFIX_CACHE_REDIS_URL`` is set; the tenants' limits and budgets (``ROUTER_LIMIT_*``,
+``ROUTER_BUDGET_*``, built by the router's ``limit_wiring``) count on the virtual clock in
+this process even when ``ROUTER_LIMITS_REDIS_URL`` is set, from nothing used (what another run
+or router had spent of a budget on the live stack is not known here); no tracing.
 
 What these change in what is served or billed: nothing for a log of one request at a time. For
 overlapping requests, the times a request's WARM commit (its prefix becomes readable) and its
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 
 import faiss
 from opentelemetry import trace
@@ -47,7 +51,10 @@ from services.prefix_cache.core import TokenizerSlot
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.router.dependencies import CallFailed, Dependencies
+from services.router.limit_wiring import limiter_on
+from services.router.limits import Denial, MemoryLimitStore
 from services.router.pipeline import Pipeline
+from services.router.prompt_counts import counting
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 from services.router.validation import validate_request
@@ -106,6 +113,10 @@ class OfflineStack:
             model=LocalModels(apis, self.table, scales),
             models=dict(self.router.replicas),
         )
+        # the Gateway's limits, admitted and settled around the pipeline as its Complete does
+        self._limiter = limiter_on(
+            MemoryLimitStore(), self.router.limits, clock, self.table, tokens
+        )
         card = RouterCard.load()
         threshold = self.router.routing_threshold
         self._pipeline = Pipeline(
@@ -160,16 +171,28 @@ class OfflineStack:
         return apis, scales
 
     async def complete(self, tenant: str, request: pb.CompleteRequest) -> Outcome:
-        """One request as the Gateway's ``Complete`` would answer it."""
+        """One request as the Gateway's ``Complete`` would answer it: validated, admitted by
+        the tenant's limits (a refusal is ``RESOURCE_EXHAUSTED``), served, and settled."""
+        end: pb.CompleteResponse | None = None
         try:
             validate_request(request, self.table, set(self.router.replicas))
-            end: pb.CompleteResponse | None = None
-            async for chunk in self._pipeline.run(tenant, request, streamed=False):  # as Complete
-                if chunk.WhichOneof("part") == "end":
-                    end = chunk.end
-            # Live, a request's Store reaches semantic-cache before the next request's Lookup
-            # (which waits for it); replayed in one process, the next request waits for it here.
-            await self._pipeline.drain()
+            counting(request)
+            admitted = await self._limiter.admit(tenant, request)
+            if isinstance(admitted, Denial):
+                return Outcome(None, Code.RESOURCE_EXHAUSTED.name)
+            try:
+                charge = partial(self._limiter.charge, admitted)
+                run = self._pipeline.run(tenant, request, streamed=False, charge=charge)
+                async for chunk in run:  # as Complete
+                    if chunk.WhichOneof("part") == "end":
+                        end = chunk.end
+                # Live, a request's Store reaches semantic-cache before the next request's
+                # Lookup (which waits for it); replayed in one process, the next request waits
+                # for it here, and for its count against the limits.
+                await self._pipeline.drain()
+            finally:
+                self._limiter.settle(admitted, end)
+                await self._limiter.drain()
         except RequestError as exc:
             return Outcome(None, exc.code.name)
         except CallFailed as exc:

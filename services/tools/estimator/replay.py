@@ -18,6 +18,15 @@ from services.tools.estimator.timeline import CURRENT, Timeline, VirtualTime
 
 TtlChoice = Literal["logged", "5m", "1h"]
 
+# How a request ends live that the replay reproduces: its answer, and the refusals of the request
+# itself and of its tenant's limits. A record that ended otherwise live (its deadline, a cut, an
+# unreachable service: the live stack's moment, not its logic) is replayed all the same, so it
+# warms the caches and counts against the limits as it did, and counted as it ended live.
+REPLAYED_CODES = frozenset(
+    ("OK", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION",
+     "OUT_OF_RANGE")
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class WhatIf:
@@ -80,6 +89,8 @@ async def _serve(stack: OfflineStack, i: int, record: LogRecord, what_if: WhatIf
         request.request_id = f"replay-{i}"
     outcome = await stack.complete(record.item.tenant, request)
     at = record.t_ms / 1000
+    if record.code is not None and record.code not in REPLAYED_CODES:
+        return from_error(record.item, record.code, at, 0.0, warmup=record.warmup)
     if outcome.response is None:
         return from_error(record.item, outcome.code, at, 0.0, warmup=record.warmup)
     logged = stack.table.get(record.item.request.model)

@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> list[LogRecord]:
     """The requests that were sent, warm-up first (marked: the estimator leaves them out of its
     totals, as the run's report does), each at the time it was sent (ms from the first) with
-    how long after that it ended (and its first token, streamed), as the offline estimator
-    replays them: requests that overlapped are replayed concurrently."""
+    how long after that it ended (and its first token, streamed) and how (its status), as
+    the offline estimator replays them: requests that overlapped are replayed concurrently."""
     sent = sorted((s for s in samples if s.index >= 0), key=lambda s: (not s.warmup, s.started_s))
     if not sent:
         return []
@@ -200,5 +200,5 @@ def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> lis
         if s.ttft_s is not None:
             ttft = min(latency, round(max(0.0, began + s.ttft_s * 1000.0 - t_ms), 3))
         item = (warmup if s.warmup else plan)[s.index]
-        records.append(LogRecord(t_ms, item, latency, ttft, warmup=s.warmup))
+        records.append(LogRecord(t_ms, item, latency, ttft, warmup=s.warmup, code=s.code))
     return records

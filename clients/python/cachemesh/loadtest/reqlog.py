@@ -9,7 +9,10 @@ Each line is a JSON object (documented in SCHEMA.md, "Request log"):
 ``latency_ms`` (optional) how long after ``t_ms`` its answer ended, ``ttft_ms`` (optional, a
 streamed run) its first token: the estimator serves requests that overlapped concurrently;
 ``warmup`` (optional, true) marks a request sent before the measured ones: replayed, so that
-it warms the caches as it did live, and left out of the estimate's totals;
+it warms the caches as it did live, and left out of the estimate's totals; ``code``
+(optional) how it ended live, ``OK`` or its status name (``RESOURCE_EXHAUSTED``,
+``DEADLINE_EXCEEDED``, ...): the estimator counts a request that failed live for a reason it
+does not replay (a deadline, an unreachable service) as it ended, billed nothing;
 ``tenant`` is any string that tells tenants apart; ``kind`` and ``question`` are optional
 (``question`` is the asked text of a labelled request). ``request`` uses the field names of
 gateway.proto in lowerCamelCase, e.g. ``{"model": "auto", "maxTokens": 200, "messages": [{"role":
@@ -38,6 +41,7 @@ class LogRecord:
     latency_ms: float | None = None  # until its answer ended (None: not logged)
     ttft_ms: float | None = None  # until its first token (None: not logged)
     warmup: bool = False  # sent before the measured requests: replayed, left out of totals
+    code: str | None = None  # how it ended live: OK or its status name (None: not logged)
 
 
 class LogError(ValueError):
@@ -59,6 +63,8 @@ def write_log(out: TextIO, records: Iterable[LogRecord]) -> None:
             line["ttft_ms"] = record.ttft_ms
         if record.warmup:
             line["warmup"] = True
+        if record.code is not None:
+            line["code"] = record.code
         out.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
 
 
@@ -96,6 +102,9 @@ def read_log(path: Path) -> Iterator[LogRecord]:
             warmup = row.get("warmup", False)
             if not isinstance(warmup, bool):
                 raise LogError(f"{where}: warmup must be true or false when given")
+            code = row.get("code")
+            if code is not None and not (isinstance(code, str) and code):
+                raise LogError(f"{where}: code must be a status name (e.g. OK) when given")
             last = float(t_ms)
             item = Item(str(row.get("kind", "log")), tenant, request, str(row.get("question", "")))
             yield LogRecord(
@@ -104,6 +113,7 @@ def read_log(path: Path) -> Iterator[LogRecord]:
                 None if latency is None else float(latency),
                 None if ttft is None else float(ttft),
                 warmup,
+                code,
             )
 
 
