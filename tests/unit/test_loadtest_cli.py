@@ -12,7 +12,7 @@ import pytest
 from cachemesh.loadtest import cli
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.workloads import Item
-from cachemesh.loadtest.workloads.base import TENANT_A, user
+from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B, user
 from cachemesh.v1 import gateway_pb2 as pb
 
 
@@ -177,3 +177,69 @@ def test_the_request_log_holds_each_requests_live_status() -> None:
         Sample("q", "error", "RESOURCE_EXHAUSTED", 0.5, 0.01, None, index=1),
     ]
     assert [r.code for r in cli.sent_log(samples, [], plan)] == ["OK", "RESOURCE_EXHAUSTED"]
+
+
+def _cached(question: str, model: str = "sim-large") -> pb.CompleteRequest:
+    system = pb.ContentBlock(text="You are a support agent. " * 200)
+    system.cache_control.SetInParent()
+    return pb.CompleteRequest(model=model, system=[system], messages=[user(question)])
+
+
+def test_l2_reads_of_prefixes_no_request_of_the_run_wrote_are_counted() -> None:
+    """The run's namespace scopes L1 only: a read of a prefix that no earlier request of the
+    run wrote (for its tenant and model) is a prefix an earlier run left in L2."""
+    from cachemesh.loadtest.warm_l2 import reads_not_written
+
+    plan = [
+        Item("a", TENANT_A, _cached("q0")),
+        Item("a", TENANT_A, _cached("q1")),  # reads q0's write: this run's own
+        Item("a", TENANT_B, _cached("q2")),  # another tenant: not written for it in this run
+        Item("a", TENANT_A, pb.CompleteRequest(model="sim-large", messages=[user("q3")])),
+    ]
+
+    def sample(i: int, at: float, read: int = 0, write: int = 0) -> Sample:
+        layer = "prefix_cache" if read else "model"
+        return Sample("a", layer, "OK", at, 0.1, None, model="sim-large", cache_read_tokens=read,
+                      cache_write_tokens=write, index=i)  # fmt: skip
+
+    cold = [sample(0, 0.0, write=1200), sample(1, 1.0, read=1200), sample(2, 2.0, read=1200)]
+    assert reads_not_written(cold, [], plan) == (1, 1200)
+    # a warm-up's write is this run's too; a read before any write in the run is not
+    warm = [sample(0, 1.0, read=1200), sample(1, 2.0, read=1200), sample(3, 3.0, read=64)]
+    assert reads_not_written(warm, [], plan) == (3, 2464)
+    warmed = [Sample("w", "model", "OK", 0.0, 0.1, None, model="sim-large",
+                     cache_write_tokens=1200, warmup=True, index=0)]  # fmt: skip
+    assert reads_not_written([*warmed, *warm[:2]], [plan[0]], plan) == (0, 0)
+
+
+def test_a_run_that_found_l2_warm_says_so_in_its_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same run twice on one stack: the second reads the first's prefixes (0 written),
+    reports a far larger saving, and the estimate of its log (which starts cold) is not its
+    bill. The report counts those reads and warns."""
+
+    def answered(target: str, keys: object, warmup: list[Item], plan: list[Item], *_: object
+                 ) -> list[Sample]:  # fmt: skip
+        return [
+            Sample(
+                "s",
+                "prefix_cache",
+                "OK",
+                float(i),
+                0.1,
+                None,
+                model="sim-large",
+                cache_read_tokens=1100,
+                index=i,
+            )
+            for i in range(len(plan))
+        ]
+
+    monkeypatch.setattr(cli, "run_load", answered)
+    assert _run(tmp_path) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["results"]["l2_warm_at_start"] == {"requests": 2, "read_tokens": 2200}
+    (warning,) = doc["warnings"]
+    assert "L2 was warm" in warning and "estimator" in warning
+    assert "L2 was warm" in capsys.readouterr().err

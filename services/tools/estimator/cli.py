@@ -6,7 +6,9 @@ servers, no sleeps), and prints what each layer would serve and save. Requests t
 in the log (``latency_ms``) are served concurrently, each answer ending at its logged end; a
 log without ends is replayed one request at a time (a warning says so). What-ifs: ``--threshold``
 (L1), ``--l1-ttl``, ``--no-l1``, ``--l2-ttl 1h`` (every breakpoint), ``--routing auto`` (the
-router picks the tier), ``--set KEY=VALUE`` (any stack setting, as in .env).
+router picks the tier), ``--set KEY=VALUE`` (any stack setting, as in .env). The replay starts
+cold (every cache empty): a load run whose report warns that L2 was warm at start read an
+earlier run's prefixes, and its bill is below what this estimates.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from cachemesh.loadtest.reqlog import LogRecord, write_log
 from cachemesh.loadtest.runner import LoadShape
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.stats import summarise
+from cachemesh.loadtest.warm_l2 import reads_not_written
 from cachemesh.loadtest.workloads import (
     DEFAULT_MIX,
     NAMES,
@@ -50,7 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--paraphrase-rate", type=float, default=0.3, help="faq: paraphrases")
     data = os.environ.get("CACHEMESH_DATA_DIR", "../shared/data")
     p.add_argument("--data-dir", type=Path, default=Path(data))
-    p.add_argument("--namespace", default=None, help="cache namespace (default: a fresh one)")
+    p.add_argument(
+        "--namespace", default=None, help="L1 namespace (default: a fresh one; L1 only, not L2)"
+    )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--mode", choices=("closed", "open"), default="closed")
     p.add_argument("--concurrency", type=int, default=8, help="closed loop: in flight")
@@ -153,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                       args.timeout, args.seed)  # fmt: skip
     samples = run_load(args.target, keys, warmup, plan, shape, args.processes, args.workload)
     results = summarise(samples, workload.labels())
+    warm = reads_not_written(samples, warmup, plan)
+    results["l2_warm_at_start"] = {"requests": warm.requests, "read_tokens": warm.read_tokens}
+    warnings = [_warm_warning(warm.requests, warm.read_tokens)] if warm.requests else []
     run = {
         "target": args.target, "mode": args.mode, "concurrency": args.concurrency,
         "rate_rps": args.rate if args.mode == "open" else None, "requests_limit": args.requests,
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     params = {"name": args.workload, **workload.params()}
     doc = report.document(run=run, workload=params, stack=stack, results=results)
+    doc["warnings"] = warnings
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     if args.chart:
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             write_log(out, sent_log(samples, warmup, plan))
     print(report.table(results))
     print(f"report: {args.out}" + (f"; chart: {args.chart}" if args.chart else ""))
+    for warning in warnings:
+        print(f"cachemesh-load: warning: {warning}", file=sys.stderr)
     if not results["completed"]:
         print(
             f"cachemesh-load: no request completed: is a Gateway running at {args.target}? "
@@ -179,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 0 if results["completed"] and not results["errors"] else 1
+
+
+def _warm_warning(requests: int, tokens: int) -> str:
+    return (
+        f"L2 was warm at start: {requests} model calls read {tokens} prefix-cache tokens "
+        "of prefixes no request of this run wrote (an earlier run's: the fresh namespace "
+        "isolates L1 only). This run's saving is larger than a cold stack's, and the offline "
+        "estimator, which assumes a cold stack, will estimate more than its bill; for "
+        "comparable runs, start each on a fresh stack (make down; make up)"
+    )
 
 
 def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> list[LogRecord]:
