@@ -37,6 +37,9 @@ from services.semantic_cache.embedder import load_minilm_embedder
 log = logging.getLogger(__name__)
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+# How long, after gRPC's server has stopped (the grace is over), the Gateway handlers it
+# cancelled may take to unwind: a few loop turns each (their bills are only scheduled then).
+HANDLERS_END_S = 2.0
 
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
@@ -133,16 +136,26 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def shutdown_tracing() -> None:
         provider.shutdown()
 
+    async def handlers_ended() -> None:
+        # the calls gRPC cut at the end of the grace: their bills are scheduled as they unwind
+        if not await servicer.handlers_ended(HANDLERS_END_S):
+            log.error(
+                "Gateway handlers still running %.0f s after the server stopped: the bills "
+                "of their model calls may be lost",
+                HANDLERS_END_S,
+            )
+
     async def close() -> None:
         # every step runs even when one fails: the outbox's last flush must not be skipped
         # because a Redis connection failed to close
         await run_every(
             [
-                pipeline.drain,
+                handlers_ended,
+                pipeline.drain,  # the bills of the calls cut, sent or kept in the outbox
                 limiter.close,
                 close_ledger,
                 stop_replays,
-                outbox.flush,  # a last try; what is left stays in the journal
+                outbox.close,  # a last try; what is left stays in the journal, or is logged
                 connected.close,
                 shutdown_tracing,
             ],

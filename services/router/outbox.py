@@ -70,6 +70,7 @@ class _InMemory:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        self._estimates: dict[str, int] = {}  # each entry's estimated cost, nano-dollars
         self.held_bytes = 0  # the commits held, serialized: what the bound counts
 
     @property
@@ -77,10 +78,19 @@ class _InMemory:
         return len(self._entries)
 
     async def add(
-        self, entry_id: str, commits: tuple[pc.CommitRequest, ...], carrier: dict[str, str]
+        self,
+        entry_id: str,
+        commits: tuple[pc.CommitRequest, ...],
+        carrier: dict[str, str],
+        estimate_nanos: int,
     ) -> None:
         self._entries[entry_id] = (commits, carrier)
+        self._estimates[entry_id] = estimate_nanos
         self.held_bytes += _size(commits)
+
+    def held(self) -> list[tuple[tuple[pc.CommitRequest, ...], int]]:
+        """Each pending entry's commits and estimated cost."""
+        return [(commits, self._estimates[key]) for key, (commits, _) in self._entries.items()]
 
     async def ids(self) -> list[str]:
         return list(self._entries)
@@ -91,6 +101,7 @@ class _InMemory:
     def done(self, entry_id: str) -> asyncio.Future[None]:
         if (entry := self._entries.pop(entry_id, None)) is not None:
             self.held_bytes -= _size(entry[0])
+            del self._estimates[entry_id]
         settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         settled.set_result(None)
         return settled
@@ -108,7 +119,11 @@ class _OnDisk:
         return self._journal.pending_count
 
     async def add(
-        self, entry_id: str, commits: tuple[pc.CommitRequest, ...], carrier: dict[str, str]
+        self,
+        entry_id: str,
+        commits: tuple[pc.CommitRequest, ...],
+        carrier: dict[str, str],
+        estimate_nanos: int,
     ) -> None:
         added = partial(self._journal.add, entry_id, commits, carrier)
         await self._thread.call(added, durable=True)
@@ -186,14 +201,36 @@ class BillingOutbox:
             self._max_memory_bytes,
         )
 
-    async def keep(self, commits: Sequence[pc.CommitRequest]) -> None:
+    async def keep(self, commits: Sequence[pc.CommitRequest], estimate_nanos: int = 0) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
-        entry written to the journal is, whatever becomes of this call)."""
+        entry written to the journal is, whatever becomes of this call). ``estimate_nanos``:
+        the answer's estimated cost, logged if an outbox in memory loses it at shutdown."""
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)  # the current request's span
-        await self._entries.add(secrets.token_hex(8), tuple(commits), carrier)
+        await self._entries.add(secrets.token_hex(8), tuple(commits), carrier, estimate_nanos)
         self._say_if_full()
+
+    async def close(self) -> None:
+        """The last flush, at shutdown (the calls that billed are over). A journal keeps what
+        prefix-cache did not take; an outbox in memory loses it with the process, so each bill
+        still held is logged at ERROR with its key, tenant and estimated cost (never silent)."""
+        try:
+            await self.flush()
+        finally:
+            if isinstance(self._entries, _InMemory):
+                for commits, nanos in self._entries.held():
+                    final = commits[-1]
+                    log.error(
+                        "billing outbox: the router stops with prefix-cache unreachable and no "
+                        "ROUTER_DATA_DIR: the bill of %s (tenant %s, model %s, %d output "
+                        "tokens, estimated cost_nanos=%d) is lost",
+                        final.request_id,
+                        final.tenant,
+                        final.model,
+                        final.output_tokens,
+                        nanos,
+                    )
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it

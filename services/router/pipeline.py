@@ -658,7 +658,8 @@ class Pipeline:
             if usage is not None:
                 replay_final.provider_usage.CopyFrom(usage)
             try:
-                await self._outbox.keep([replay_warm, replay_final])
+                estimate = attempt.model.baseline_nanos(attempt.start.prompt_tokens, output_tokens)
+                await self._outbox.keep([replay_warm, replay_final], estimate)
             except JournalError as exc:
                 log.error("billing outbox: %s; the answer to %s is refused", exc, key)
                 raise RequestError(
@@ -678,8 +679,14 @@ class Pipeline:
         return task
 
     async def drain(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Awaits every background task (the bills of calls that ended early, their commits
+        and outbox writes), those started while it waits too: a handler cancelled at shutdown
+        schedules its call's bill as it unwinds. A task that failed is logged, never lost."""
+        while pending := [task for task in self._background if not task.done()]:
+            ended = await asyncio.gather(*pending, return_exceptions=True)
+            for failed in ended:
+                if isinstance(failed, Exception):
+                    log.error("a billing task failed at shutdown: %s", failed, exc_info=failed)
 
 
 async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitable[_T]]) -> _T:

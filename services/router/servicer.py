@@ -76,10 +76,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._log = log  # the access-log line and the request metrics, when a call ends
         self._ledger = ledger
         self._background: set[asyncio.Task[None]] = set()  # claims given back
+        self._handlers = 0  # Complete and StreamComplete calls whose handler has not ended
+        self._no_handlers = asyncio.Event()
+        self._no_handlers.set()
+
+    async def handlers_ended(self, timeout_s: float) -> bool:
+        """Waits, at most ``timeout_s``, until no Complete or StreamComplete handler runs;
+        False if some still did. At shutdown, after ``server.stop``: gRPC cancels the calls
+        still in flight at the end of the grace and returns before their handlers have ended,
+        and a cancelled model call's bill is only scheduled as its handler unwinds."""
+        try:
+            await asyncio.wait_for(self._no_handlers.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _entered(self) -> None:
+        self._handlers += 1
+        self._no_handlers.clear()
+
+    def _left(self) -> None:
+        self._handlers -= 1
+        if self._handlers == 0:
+            self._no_handlers.set()
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         call = self._log.begin("Complete")
         ended = ""
+        self._entered()
         try:
             tenant = await self._accept(request, context, call)
             try:
@@ -106,6 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ended = "CANCELLED"
             raise
         finally:
+            self._left()
             self._log.finish(call, request, _status(context, ended))
 
     async def StreamComplete(
@@ -113,6 +138,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[pb.CompleteChunk]:
         call = self._log.begin("StreamComplete")
         ended = ""
+        self._entered()
         try:
             tenant = await self._accept(request, context, call)
             try:
@@ -131,6 +157,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ended = "CANCELLED"
             raise
         finally:
+            self._left()
             self._log.finish(call, request, _status(context, ended))
 
     async def _accept(self, request: pb.CompleteRequest, context: Context, call: Call) -> str:

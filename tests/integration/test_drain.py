@@ -1,0 +1,99 @@
+"""SIGTERM with answers in flight that outlast CACHEMESH_GRACE_S, on a whole supervised stack
+(the simulator's answers slowed to about ten seconds, a one-second grace).
+
+The router: each stream is cut at the end of the grace; every model call it cut is billed,
+once, for what it produced (prefix-cache's totals after the supervisor restarted the router and
+its billing outbox, if any, was replayed). Before the fix most cut calls were never billed: the
+drain closed the channels before the cancelled handlers had scheduled their bills.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cachemesh import CachemeshError, Client, build_request
+from cachemesh.envfile import read_env_file
+from services.tools.stack.health import SERVING, probe
+from services.tools.stack.lifecycle import Stack
+from tests.integration.harness import prefix_totals, started_stack
+
+pytestmark = pytest.mark.integration
+
+STREAMS = 8
+TENANT = "tenant-a"
+
+
+@pytest.fixture(scope="module")
+def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
+    run_dir = tmp_path_factory.mktemp("drain") / "run"
+    # answers of about ten seconds, a grace of one: every stream is in flight at its end
+    extra = {"SIM_TIME_SCALE": "8", "CACHEMESH_GRACE_S": "1", "OTEL_TRACES_EXPORTER": "none"}
+    with started_stack(run_dir, extra) as (stack, _sink):
+        yield stack, run_dir
+
+
+def _pid(stack: Stack, name: str) -> int | None:
+    return {r.service.name: r.pid for r in stack.running()}.get(name)
+
+
+def test_router_sigterm_bills_every_call_it_cut(slow_stack: tuple[Stack, Path]) -> None:
+    stack, run_dir = slow_stack
+    keys = read_env_file(run_dir / "demo-keys.env")
+    token = (run_dir / "internal-token").read_text().strip()
+    before = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
+    streaming = threading.Barrier(STREAMS + 1, timeout=60)
+    deltas = [0] * STREAMS
+    outcomes: list[str] = [""] * STREAMS
+
+    def stream(i: int) -> None:
+        question = f"drain {i} {uuid.uuid4().hex}: explain the tides in depth"
+        request = build_request(question, model="sim-large", max_tokens=2048)
+        request.cache.namespace = uuid.uuid4().hex  # no L1 hit, no shared model call
+        first = True
+        with Client(stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1) as c:
+            try:
+                for chunk in c.stream(request):
+                    if chunk.WhichOneof("part") == "delta":
+                        deltas[i] += 1
+                        if first:
+                            first = False
+                            streaming.wait()
+                outcomes[i] = "whole"
+            except CachemeshError as error:
+                outcomes[i] = error.code.name
+        if first:
+            streaming.abort()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(STREAMS)]
+    for thread in threads:
+        thread.start()
+    streaming.wait()  # every stream is mid-answer
+    router = _pid(stack, "router")
+    assert router is not None
+    os.kill(router, signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert "whole" not in outcomes, outcomes  # the premise: the grace cut every answer
+
+    # the supervisor starts the router again, which replays its journal if the drain left one
+    deadline = time.monotonic() + 60
+    while _pid(stack, "router") in (None, router) or probe(stack.router_address) != SERVING:
+        assert time.monotonic() < deadline, "the router did not come back"
+        time.sleep(0.1)
+    outbox = run_dir / "data" / "router" / "billing-outbox.jsonl"
+    while outbox.exists() and outbox.stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
+    billed = after.requests - before.requests
+    assert billed == STREAMS, f"{STREAMS} calls cut, {billed} billed ({outcomes}, {deltas})"
+    # each delta carried at least one token, each billed with the prompt
+    assert after.usage.output_tokens - before.usage.output_tokens >= sum(deltas)
+    assert after.usage.input_tokens > before.usage.input_tokens
