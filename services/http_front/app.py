@@ -1,7 +1,8 @@
 """The HTTP front process: builds every object from the environment, then serves HTTP.
 
 SIGTERM drains: readiness turns 503 at once, the listener closes, requests in flight (streams
-included) may finish within ``CACHEMESH_GRACE_S``.
+included) may finish within ``CACHEMESH_GRACE_S``; those still running then are cut (their
+connections closed, their Gateway calls cancelled) and the process exits.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 from aiohttp import web
 
@@ -39,6 +40,32 @@ def build_app(front: Front, max_body_bytes: int) -> web.Application:
     app.router.add_get("/healthz", front.healthz)
     app.router.add_get("/readyz", front.readyz)
     return app
+
+
+async def drain(runner: web.BaseRunner, grace: Awaitable[object]) -> None:
+    """Stops listening and lets the requests in flight finish until ``grace`` is over (the end
+    of ``CACHEMESH_GRACE_S``), then closes the connections of those still running: each
+    handler is cancelled (``handler_cancellation``), and its Gateway call with it, which the
+    router bills for what it produced. aiohttp's own shutdown would wait its timeout twice,
+    a streaming handler going on in between (the cancel it sends only reaches a handler that
+    reads the request's body)."""
+    server = runner.server
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    over = asyncio.ensure_future(grace)
+    try:
+        await asyncio.wait({cleanup, over}, return_when=asyncio.FIRST_COMPLETED)
+        if not cleanup.done() and server is not None:
+            busy = server.connections
+            log.warning(
+                "http-front: %d connections still busy at the end of the grace: closed, "
+                "their Gateway calls cancelled",
+                len(busy),
+            )
+            for connection in busy:
+                connection.force_close()
+        await cleanup
+    finally:
+        over.cancel()
 
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
@@ -93,7 +120,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         await stop.wait()
         front.draining = True
         log.info("http-front draining: grace %.1fs", settings.grace_s)
-        await runner.cleanup()  # stops listening, waits for requests in flight
+        # stops listening, waits for requests in flight until the grace is over
+        await drain(runner, asyncio.sleep(settings.grace_s))
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
