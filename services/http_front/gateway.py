@@ -34,6 +34,13 @@ RETRY_AFTER = "retry-after"
 # reset, TLS or name failures): gRPC's text names the Gateway's internal address, so it goes
 # to the log only.
 UNREACHABLE = "the Gateway is unreachable; retry"
+# What a caller is told when its stream had begun and the connection to the Gateway then closed
+# (a router stopping cuts the streams still running at the end of its grace): the Gateway was
+# reached, and the answer is not whole.
+BROKE_OFF = (
+    "the connection to the Gateway closed mid-answer (the router stopped or restarted); the "
+    "answer is incomplete; retry"
+)
 # The router reads its answer ledger (another router's answers) only for calls so marked; a
 # first call so marked is served as usual, after that one read.
 RETRY_MARK = ("cachemesh-retry", "1")
@@ -117,19 +124,25 @@ class Gateway:
         call = self._stub.StreamComplete(
             request, metadata=_metadata(request, key, traceparent), timeout=self._timeout_s
         )
+        began = False
         try:
             async for chunk in call:
+                began = True
                 yield chunk
         except grpc.aio.AioRpcError as error:
-            raise self._failure(error) from None
+            raise self._failure(error, began) from None
         finally:
             call.cancel()  # a no-op once the call has ended; else the caller went away
 
-    def _failure(self, error: grpc.aio.AioRpcError) -> ApiError:
+    def _failure(self, error: grpc.aio.AioRpcError, began: bool = False) -> ApiError:
         """The refusal the caller gets: the Gateway's own status as it sent it; an
-        ``UNAVAILABLE`` the channel raised itself (no Gateway answered: the channel is not
-        connected) as the fixed ``UNREACHABLE``, gRPC's detail logged."""
+        ``UNAVAILABLE`` the channel raised itself (the channel is not connected) as the fixed
+        ``UNREACHABLE`` when no Gateway answered, ``BROKE_OFF`` when the stream had ``began``,
+        gRPC's detail logged."""
         if error.code() == grpc.StatusCode.UNAVAILABLE and not self._connected():
+            if began:
+                log.warning("a Gateway stream broke off: %s", error.details() or "")
+                return from_gateway(Code.UNAVAILABLE, BROKE_OFF)
             self._log_unreachable(error.details() or "")
             return from_gateway(Code.UNAVAILABLE, UNREACHABLE)
         return api_error(error)

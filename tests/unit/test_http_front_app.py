@@ -23,7 +23,7 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
-from services.http_front import handlers
+from services.http_front import gateway, handlers
 from services.http_front.app import serve
 
 KEY = "cm_test-key-of-tenant-a"
@@ -109,6 +109,7 @@ class Served:
     base: str
     stop: asyncio.Event  # SIGTERM's effect
     metrics: str  # the front's GET /metrics
+    gateway_server: grpc.aio.Server | None = field(default=None, kw_only=True)  # the fake's
 
 
 @dataclass
@@ -156,7 +157,7 @@ async def serving(
             except aiohttp.ClientError:
                 await asyncio.sleep(0.02)
     try:
-        yield Served(base, stop, f"http://127.0.0.1:{metrics_port}/metrics")
+        yield Served(base, stop, f"http://127.0.0.1:{metrics_port}/metrics", gateway_server=server)
     finally:
         stop.set()
         await task
@@ -698,3 +699,34 @@ async def test_an_unreachable_gateway_is_said_without_its_address(
             message = reply["error"]["message"]
             assert message == "the Gateway is unreachable; retry"
     assert nowhere in caplog.text  # the detail, for the operator
+
+
+class Endless(FakeGateway):
+    """A stream that sends its start and first block, then nothing more."""
+
+    async def StreamComplete(
+        self, request: pb.CompleteRequest, context: Context
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        yield pb.CompleteChunk(start=pb.CompleteResponse(request_id="req1", model="sim-large"))
+        yield pb.CompleteChunk(delta=pb.ContentBlock(text="The tides"))
+        await asyncio.Event().wait()
+
+
+async def test_a_stream_cut_by_the_gateway_stopping_is_not_said_unreachable(tmp_path: Path) -> None:
+    """A router stopping cuts the streams still running at the end of its grace: the caller
+    is told the answer broke off, not that the Gateway (which answered) is unreachable."""
+    async with serving(tmp_path, Endless()) as served:
+        front = Front(served.base, served.stop, served.metrics)
+        body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{front.base}/v1/messages", data=body, headers=CLAUDE_HEADERS) as reply,
+        ):
+            await _lines_until(reply, b"event: content_block_delta")  # the Gateway answered
+            assert served.gateway_server is not None
+            await served.gateway_server.stop(0)  # the Gateway's server goes, the stream cut
+            text = (await reply.read()).decode()
+    error = json.loads(text.split("event: error\ndata: ", 1)[1].split("\n", 1)[0])["error"]
+    assert error["type"] == "overloaded_error"  # retryable
+    assert "unreachable" not in error["message"]
+    assert error["message"] == gateway.BROKE_OFF
