@@ -41,7 +41,7 @@ async def build_limiter(
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
         store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
-    return limiter_on(store, settings, clock, table, tokenizers, tracer, counted)
+    return limiter_on(store, settings, clock, table, tokenizers, tracer, counted, lost)
 
 
 def limiter_on(
@@ -52,6 +52,7 @@ def limiter_on(
     tokenizers: Tokenizers,
     tracer: trace.Tracer | None = None,
     counted: Callable[[str, str], None] | None = None,
+    lost: Callable[[int], None] | None = None,
 ) -> Limiter:
     """The ``Limiter`` of ``settings`` over ``store`` (``build_limiter``'s, and the offline
     estimator's, whose counts are in its own process)."""
