@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -30,6 +31,9 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 # its response's status (an error event at its end; the caller gone)
 _STREAM = web.RequestKey("cachemesh.stream", web.StreamResponse)
 _ENDED = web.RequestKey("cachemesh.ended", int)
+# on the request once a write to the caller outlasted HTTP_FRONT_WRITE_TIMEOUT_S: its connection
+# is closed when the handler has unwound (its Gateway call cancelled on the way)
+_STALLED = web.RequestKey("cachemesh.stalled", bool)
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 _NO_KEY = {
@@ -40,6 +44,11 @@ _UNKNOWN_KEY = {
     "anthropic": "invalid x-api-key: no tenant has this key",
     "openai": "Incorrect API key provided: no tenant has this key",
 }
+
+
+class CallerStalled(ConnectionError):
+    """A write to the caller did not go out within ``HTTP_FRONT_WRITE_TIMEOUT_S``: the caller
+    keeps its connection open but stopped reading."""
 
 
 def _traceparent(span: trace.Span) -> str:
@@ -147,9 +156,12 @@ class Front:
             except ConnectionError as exc:
                 if _STREAM not in request:
                     raise
-                # the caller went away mid-stream (a write failed): nothing to answer
-                log.info("%s: the caller went away mid-stream (%s)", name, type(exc).__name__)
-                span.set_attribute("error.type", "client_gone")
+                # the caller went away mid-stream (a write failed), or stopped reading (a write
+                # timed out): nothing to answer
+                stalled = isinstance(exc, CallerStalled)
+                why = str(exc) if stalled else type(exc).__name__
+                log.info("%s: the caller went away mid-stream (%s)", name, why)
+                span.set_attribute("error.type", "client_stalled" if stalled else "client_gone")
                 request[_ENDED] = 499
                 response = request[_STREAM]
             except Exception as exc:  # a bug here: the caller still gets its API's error shape
@@ -157,9 +169,31 @@ class Front:
                 span.record_exception(exc)
                 failed = ApiError("api", "the HTTP front failed on this request; see its log")
                 response = await self._failed(api, request, failed, traceparent)
+            if request.get(_STALLED) and request.transport is not None:
+                # the write still waiting on the caller is dropped with its connection (aiohttp
+                # would otherwise wait on it to end the response)
+                request.transport.abort()
             span.set_attribute("http.response.status_code", response.status)
             log.debug("%s answered %d", name, response.status)
             return response
+
+    async def _sent(self, request: web.Request, write: Awaitable[None]) -> None:
+        """One write of a stream (an event, a ping, its end), within
+        ``HTTP_FRONT_WRITE_TIMEOUT_S``. A write waits only while the caller's socket is full: a
+        caller that stopped reading but keeps its connection open would hold its in-flight slot
+        and its Gateway call (the model call, the L1 lease of its question) until the Gateway's
+        deadline, and for ever once the Gateway has sent the whole answer. ``CallerStalled``
+        ends the request: its Gateway call is cancelled (the router bills what was produced)
+        and its connection closed."""
+        try:
+            async with asyncio.timeout(self._settings.write_timeout_s):
+                await write
+        except TimeoutError:
+            request[_STALLED] = True
+            raise CallerStalled(
+                f"the caller read nothing for {self._settings.write_timeout_s:g} s "
+                "(HTTP_FRONT_WRITE_TIMEOUT_S)"
+            ) from None
 
     async def _failed(
         self, api: Api, request: web.Request, error: ApiError, traceparent: str
@@ -173,8 +207,9 @@ class Front:
         request[_ENDED] = error.status_for(api)
         body = error.body_for(api, stream.headers.get(_ID_HEADER[api], ""))
         with contextlib.suppress(ConnectionError, RuntimeError):  # the caller may be gone
-            await stream.write(sse.event("error", body) if api == "anthropic" else sse.data(body))
-            await stream.write_eof()
+            frame = sse.event("error", body) if api == "anthropic" else sse.data(body)
+            await self._sent(request, stream.write(frame))
+            await self._sent(request, stream.write_eof())
         return stream
 
     def _error(self, api: Api, error: ApiError, traceparent: str) -> web.Response:
@@ -241,17 +276,16 @@ class Front:
                     request, start, "anthropic", traceparent
                 )
                 for name, body in events.start(start.start):
-                    await response.write(sse.event(name, body))
+                    await self._sent(request, response.write(sse.event(name, body)))
                 try:
                     async for chunk in paced:
                         for name, body in _anthropic_events(events, chunk):
-                            await response.write(sse.event(name, body))
+                            await self._sent(request, response.write(sse.event(name, body)))
                 except ApiError as error:
                     _ended_by(request, "anthropic", error)
-                    await response.write(
-                        sse.event("error", error.body_for("anthropic", start.start.request_id))
-                    )
-            await response.write_eof()
+                    body = error.body_for("anthropic", start.start.request_id)
+                    await self._sent(request, response.write(sse.event("error", body)))
+            await self._sent(request, response.write_eof())
             return response
 
     # --- OpenAI -------------------------------------------------------------------------------
@@ -282,19 +316,20 @@ class Front:
                 )
                 response = opened or await self._open_stream(request, start, "openai", traceparent)
                 for item in chunker.start(start.start):
-                    await response.write(sse.data(item))
+                    await self._sent(request, response.write(sse.data(item)))
                 try:
                     async for chunk in paced:
                         if chunk is None:
-                            await response.write(sse.COMMENT_PING)
+                            await self._sent(request, response.write(sse.COMMENT_PING))
                             continue
                         for item in _openai_chunks(chunker, chunk):
-                            await response.write(sse.data(item))
+                            await self._sent(request, response.write(sse.data(item)))
                 except ApiError as error:
                     _ended_by(request, "openai", error)
-                    await response.write(sse.data(error.body_for("openai", start.start.request_id)))
-            await response.write(sse.DONE)
-            await response.write_eof()
+                    body = error.body_for("openai", start.start.request_id)
+                    await self._sent(request, response.write(sse.data(body)))
+            await self._sent(request, response.write(sse.DONE))
+            await self._sent(request, response.write_eof())
             return response
 
     async def _started(
@@ -325,7 +360,7 @@ class Front:
                 opened = await self._open_stream(
                     request, pb.CompleteChunk(start=head), api, traceparent
                 )
-            await opened.write(ping)
+            await self._sent(request, opened.write(ping))
         raise ApiError("api", "the Gateway's stream did not begin with its start")
 
     async def _open_stream(

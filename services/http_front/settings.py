@@ -24,6 +24,9 @@ class HttpFrontSettings:
     max_body_bytes: int  # a larger body is refused with 413 before it is read
     max_in_flight_per_key: int  # per tenant (all its keys): one more concurrent request: 429
     ping_s: float  # a stream with nothing to send for this long sends a ping
+    # a write to the caller that has not gone out within this (the caller stopped reading):
+    # the connection is closed, the Gateway call cancelled
+    write_timeout_s: float
     gateway_timeout_s: float
     grace_s: float
     models: tuple[str, ...]  # what /v1/models lists: "auto" and the deployed models
@@ -47,6 +50,7 @@ class HttpFrontSettings:
             max_body_bytes=env.int("HTTP_FRONT_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
             max_in_flight_per_key=env.int("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", 64, minimum=1),
             ping_s=env.float("HTTP_FRONT_PING_S", 10.0, minimum=0.01),
+            write_timeout_s=env.float("HTTP_FRONT_WRITE_TIMEOUT_S", 30.0, minimum=0.001),
             gateway_timeout_s=env.float("HTTP_FRONT_GATEWAY_TIMEOUT_S", 600.0, minimum=0.001),
             grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
             models=models,

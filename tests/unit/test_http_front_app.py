@@ -23,8 +23,11 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
+from services.common.channels import server_options
+from services.common.env import ConfigError
 from services.http_front import gateway, handlers
 from services.http_front.app import serve
+from services.http_front.settings import HttpFrontSettings
 
 KEY = "cm_test-key-of-tenant-a"
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -125,7 +128,8 @@ async def serving(
     tmp_path: Path, gateway: gateway_pb2_grpc.GatewayServicer, **env_over: str
 ) -> AsyncIterator[Served]:
     """The front process in front of ``gateway`` on real gRPC; ``env_over`` overrides its env."""
-    server = grpc.aio.server()
+    # the front keepalive-pings its Gateway: accepted, as the router does
+    server = grpc.aio.server(options=server_options())
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)
     gateway_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -730,3 +734,85 @@ async def test_a_stream_cut_by_the_gateway_stopping_is_not_said_unreachable(tmp_
     assert error["type"] == "overloaded_error"  # retryable
     assert "unreachable" not in error["message"]
     assert error["message"] == gateway.BROKE_OFF
+
+
+@dataclass
+class Flood(FakeGateway):
+    """A stream that never ends: 16 kB deltas for as long as the front takes them (a long
+    answer, far larger than the buffers between the Gateway and a caller)."""
+
+    sent: int = 0  # deltas the front took
+
+    async def StreamComplete(
+        self, request: pb.CompleteRequest, context: Context
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        self.arrived.set()
+        try:
+            yield pb.CompleteChunk(start=pb.CompleteResponse(request_id="req1", model="sim-large"))
+            piece = pb.ContentBlock(text="river " * 2731)
+            while True:
+                yield pb.CompleteChunk(delta=piece)
+                self.sent += 1
+        finally:
+            self.cancelled.set()  # it only ends when the front cancels it
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"), [("/v1/messages", CLAUDE_HEADERS), ("/v1/chat/completions", GPT_HEADERS)]
+)
+async def test_a_caller_that_stops_reading_a_stream_loses_it_after_the_write_timeout(
+    tmp_path: Path, path: str, headers: dict[str, str]
+) -> None:
+    """A caller that reads a stream's head and then nothing, its connection left open: once a
+    write has waited HTTP_FRONT_WRITE_TIMEOUT_S, the front cancels the Gateway call (the router
+    bills what was produced), closes the connection and frees the tenant's in-flight slot. It
+    held them until the Gateway's deadline (600 s), or for ever once the Gateway had sent all."""
+    flood = Flood()
+    async with serving(tmp_path, flood, HTTP_FRONT_WRITE_TIMEOUT_S="0.2") as served:
+        front = Front(served.base, served.stop, served.metrics)
+        body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
+        host, port = front.base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills soon
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        fields = {**headers, "content-type": "application/json", "content-length": len(body)}
+        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in fields.items()
+        )
+        await loop.sock_sendall(sock, head.encode() + b"\r\n" + body)
+        assert (await loop.sock_recv(sock, 64)).startswith(b"HTTP/1.1 200")  # then reads no more
+        try:
+            await asyncio.wait_for(flood.cancelled.wait(), 60)  # for ever before the fix
+            assert flood.sent > 0
+            # the tenant's one in-flight slot (HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY=1) is free again
+            ok = b'{"model": "sim-large", "max_tokens": 50, "messages": ' + HI
+            status, answer = await _raw(front, path, ok, headers)
+            assert status == 200, answer
+            async with aiohttp.ClientSession() as session, session.get(front.metrics) as reply:
+                metrics = await reply.text()
+            assert f'route="{path}",status="499"}} 1.0' in metrics
+            # the connection is closed: what the buffers held, then its end (or its reset)
+            with contextlib.suppress(ConnectionResetError):
+                while await loop.sock_recv(sock, 1 << 16):
+                    pass
+        finally:
+            sock.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_write_timeout_that_is_no_positive_number_stops_the_start(
+    tmp_path: Path, value: str
+) -> None:
+    env = {
+        "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
+        "CACHEMESH_API_KEYS_FILE": str(tmp_path / "keys"),
+        "HTTP_FRONT_WRITE_TIMEOUT_S": value,
+    }
+    with pytest.raises(ConfigError, match="HTTP_FRONT_WRITE_TIMEOUT_S"):
+        HttpFrontSettings.from_env(env)
+    assert (
+        HttpFrontSettings.from_env({**env, "HTTP_FRONT_WRITE_TIMEOUT_S": "2.5"}).write_timeout_s
+        == 2.5
+    )

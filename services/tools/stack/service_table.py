@@ -272,6 +272,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY",
             "HTTP_FRONT_PING_S",
             "HTTP_FRONT_GATEWAY_TIMEOUT_S",
+            "HTTP_FRONT_WRITE_TIMEOUT_S",
             "HTTP_FRONT_TLS_CERT_FILE",
             "HTTP_FRONT_TLS_KEY_FILE",
             "HTTP_FRONT_TLS_CLIENT_CA_FILE",
