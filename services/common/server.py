@@ -50,10 +50,15 @@ DRAIN_REFUSAL_S = 1.0
 class ServerSettings:
     listen: str
     grace_s: float
-    max_message_bytes: int
+    max_message_bytes: int  # the largest message received (and sent, unless max_send_bytes)
     refusal_s: float = 0.0  # the refusal window, capped at grace_s (DRAIN_REFUSAL_S to refuse)
     tls: ServerTls | None = None  # None = plaintext (the internal services on loopback)
     listen_name: str = "the listen address"  # the variable ``listen`` came from, for errors
+    max_send_bytes: int | None = None  # the largest message sent; None: max_message_bytes
+
+    @property
+    def send_limit(self) -> int:
+        return self.max_message_bytes if self.max_send_bytes is None else self.max_send_bytes
 
     @property
     def refusal_window_s(self) -> float:
@@ -149,7 +154,7 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     stop = stop or asyncio.Event()
     options = [
         ("grpc.max_receive_message_length", spec.settings.max_message_bytes),
-        ("grpc.max_send_message_length", spec.settings.max_message_bytes),
+        ("grpc.max_send_message_length", spec.settings.send_limit),
         *server_options(),
     ]
     # malformed requests are refused first: before tracing, authentication or a servicer

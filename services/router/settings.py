@@ -61,8 +61,14 @@ class RouterSettings:
         server = ServerSettings.from_env(env, "ROUTER", DEFAULT_LISTEN)
         max_request = env.int("ROUTER_MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
         return cls(
+            # ROUTER_MAX_REQUEST_BYTES bounds what callers send; answers go out under
+            # CACHEMESH_MAX_MESSAGE_BYTES like every service's (an L1 answer over the request
+            # bound was refused RESOURCE_EXHAUSTED on every hit)
             server=replace(
-                server, max_message_bytes=max_request, tls=ServerTls.read(env, "ROUTER")
+                server,
+                max_message_bytes=max_request,
+                max_send_bytes=server.max_message_bytes,
+                tls=ServerTls.read(env, "ROUTER"),
             ),
             metrics=MetricsSettings.from_env(env, "ROUTER", DEFAULT_METRICS_LISTEN),
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),

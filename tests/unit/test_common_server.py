@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import pytest
 
 from services.common.env import ConfigError, Env
@@ -152,3 +153,60 @@ async def test_the_metrics_port_answers_readyz_as_the_health_does() -> None:
     stop.set()
     assert await readyz("NOT_SERVING") == "NOT_SERVING"  # draining (the refusal window)
     await asyncio.wait_for(task, 10)
+
+
+def _big_answers(server: grpc.aio.Server) -> None:
+    async def get(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return b"x" * (2 << 20)  # a 2 MiB answer to a small request
+
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(
+        get
+    )  # bytes in, bytes out
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.v1.Big", {"Get": handler}),)
+    )
+
+
+async def test_answers_go_out_under_the_send_limit_requests_in_under_the_receive_limit() -> None:
+    """The router receives at most ROUTER_MAX_REQUEST_BYTES (1 MiB) but must send answers up
+    to CACHEMESH_MAX_MESSAGE_BYTES: one limit for both refused every L1 hit of an answer over
+    1 MiB (RESOURCE_EXHAUSTED, a 413 at the HTTP front), on every ask."""
+    port, stop = free_port(), asyncio.Event()
+    settings = ServerSettings(
+        f"127.0.0.1:{port}", grace_s=0.5, max_message_bytes=1 << 20, max_send_bytes=4 << 20
+    )
+    spec = ServiceSpec("test", settings, ["test.v1.Big"], _big_answers)
+    task = asyncio.create_task(run_service(spec, stop))
+    try:
+        await _settle(port, "SERVING")
+        options = [
+            ("grpc.max_receive_message_length", 8 << 20),
+            ("grpc.max_send_message_length", 8 << 20),
+        ]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            get: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/test.v1.Big/Get"
+            )
+            assert len(await get(b"small", timeout=10)) == 2 << 20
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await get(b"y" * (2 << 20), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def test_the_router_sends_under_the_services_message_limit_not_its_request_limit() -> None:
+    from services.common.models import load_model_table
+    from services.router.settings import RouterSettings
+
+    env = Env(
+        {
+            "MODEL_REPLICAS": "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50055",
+            "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+            "CACHEMESH_API_KEYS_FILE": "/dev/null",
+            "ROUTER_MAX_REQUEST_BYTES": str(1 << 20),
+        }
+    )
+    server = RouterSettings.from_env(env, load_model_table()).server
+    assert server.max_message_bytes == 1 << 20 and server.send_limit == 4 << 20
