@@ -43,8 +43,9 @@ refused when the embedding and the verifier cannot see what tells the two questi
 - **un-** (``un_prefixed``): a word of one question that is "un" and a word of the other
   ("hide" / "unhide") is refused (``OPPOSITE``).
 - **Sides swapped** (``swapped``): the same words with the two sides of "than", "to",
-  "from"... exchanged ("Is C++ faster than C?" / "Is C faster than C++?") are refused
-  (``SWAPPED``): the lexical features see the same words, the cross-encoder barely a symbol.
+  "from"... exchanged ("Is C++ faster than C?" / "Is C faster than C++?"), or of "in" after
+  "how many" ("ounces in a pound" / "pounds in an ounce"), are refused (``SWAPPED``): the
+  lexical features see the same words, the cross-encoder barely a symbol.
 - **Answer shapes** (``shape_conflict``): both questions ask for an answer of a given
   length, detail or layout, and not the same ("Explain recursion in one sentence" / "...
   in detail", "briefly" / "in depth", "as a table" / "as a numbered list"): refused
@@ -548,6 +549,11 @@ def opposites(first: str, second: str) -> tuple[str, str]:
 # than", "convert X to Y", "from", "into", "divided by", "X for Y", "X over Y", "before",
 # "after". Not "of" (Wikipedia's word swaps keep a meaning across it), "and", "or", "vs".
 _ONE_WAY = frozenset(re.findall(r"\S+", "than to into from by for over before after"))
+# One way after "how many" or "how much" only ("How many ounces are in a pound?"); elsewhere
+# "in" joins freely ("a restaurant in Paris in summer" / "... in summer in Paris").
+_ONE_WAY_IN_A_COUNT = frozenset(("in", "per"))
+_ARTICLES = frozenset(("a", "an", "the"))
+_PLURAL_ES = ("ches", "shes", "sses", "xes", "zes")
 
 
 def _bare_words(text: str) -> list[str]:
@@ -556,19 +562,45 @@ def _bare_words(text: str) -> list[str]:
     return [word for token in text.lower().split() if (word := token.strip(_LEADING + _TRAILING))]
 
 
+def _singular(word: str) -> str:
+    """``word`` without a plural's ending, by rule ("cups": "cup", "inches": "inch",
+    "calories": "calory"; "less", "bus" kept): the same word either way on both sides."""
+    if len(word) <= 3 or not word.endswith("s") or word.endswith(("ss", "us", "is")):
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    return word[:-2] if word.endswith(_PLURAL_ES) else word[:-1]
+
+
+def _one_way_words(text: str) -> tuple[list[str], list[int]]:
+    """``_bare_words`` without articles, each in the singular, and where the one-way words
+    are among them: ``_ONE_WAY``'s, and "in" and "per" after "how many" or "how much"."""
+    words: list[str] = []
+    cuts: list[int] = []
+    counting = False
+    for word in _bare_words(text):
+        if word in _ARTICLES:
+            continue
+        counting = counting or (words[-1:] == ["how"] and word in ("many", "much"))
+        if word in _ONE_WAY or (counting and word in _ONE_WAY_IN_A_COUNT):
+            cuts.append(len(words))
+        words.append(_singular(word))
+    return words, cuts
+
+
 def swapped(first: str, second: str) -> str:
     """The word across which the two texts exchange words, or "" when none: the same words
-    (in another order), the same one-way words (``_ONE_WAY``) in the same order, and between
-    two of them (or an end) each text holds a word the other holds elsewhere ("Is C++
-    faster than C?" / "Is C faster than C++?", "convert Celsius to Fahrenheit" / "...
-    Fahrenheit to Celsius": served at p 0.76 and refused by the verifier). Words moved to
-    the other side of a one-way word in one direction only keep the meaning ("To learn
-    French, what is the best way?" / "What is the best way to learn French?")."""
-    a, b = _bare_words(first), _bare_words(second)
+    (in another order; articles aside, plurals as singulars), the same one-way words
+    (``_ONE_WAY``; "in" and "per" after "how many" or "how much") in the same order, and
+    between two of them (or an end) each text holds a word the other holds elsewhere ("Is
+    C++ faster than C?" / "Is C faster than C++?", "convert Celsius to Fahrenheit" / "...
+    Fahrenheit to Celsius": served at p 0.76 and refused by the verifier; "How many ounces
+    are in a pound?" / "How many pounds are in an ounce?", served at cosine 0.955). Words
+    moved to the other side of a one-way word in one direction only keep the meaning ("To
+    learn French, what is the best way?" / "What is the best way to learn French?")."""
+    (a, cuts_a), (b, cuts_b) = _one_way_words(first), _one_way_words(second)
     if a == b or Counter(a) != Counter(b):
         return ""
-    cuts_a = [i for i, word in enumerate(a) if word in _ONE_WAY]
-    cuts_b = [i for i, word in enumerate(b) if word in _ONE_WAY]
     if [a[i] for i in cuts_a] != [b[i] for i in cuts_b]:
         return ""
     ends_a, ends_b = [-1, *cuts_a, len(a)], [-1, *cuts_b, len(b)]

@@ -31,6 +31,8 @@ REFUSED = [
     ("Sort a list in ascending order in Python", "Sort a list in descending order in Python"),
     ("Is C++ faster than C?", "Is C faster than C++?"),
     ("Explain recursion in one sentence", "Explain recursion in detail"),
+    # served before "in" was one-way after "how many" (16 where the answer is 1/16)
+    ("How many ounces are in a pound?", "How many pounds are in an ounce?"),
 ]
 
 

@@ -502,6 +502,11 @@ SWAPPED_APART = [
         "How long is the flight from Tokyo to Sydney?",
         "How long is the flight from Sydney to Tokyo?",
     ),
+    # a unit's reverse (served before: 16 where the answer is 1/16), cosines 0.88 to 0.96
+    ("How many ounces are in a pound?", "How many pounds are in an ounce?"),
+    ("How many cups are in a gallon?", "How many gallons are in a cup?"),
+    ("How many meters are in a kilometer?", "How many kilometers are in a meter?"),
+    ("How many teaspoons are in a tablespoon?", "How many tablespoons are in a teaspoon?"),
 ]
 
 
@@ -536,6 +541,13 @@ def test_swapped_needs_words_moved_both_ways_across_a_one_way_word() -> None:
         "What is the difference between X and Y?", "What is the difference between Y and X?"
     )
     assert not swapped("I can't remember my password", "my password I can't remember")
+    # a word's plural and an article moved with it are the same word
+    assert swapped("How many cups are in a gallon?", "How many gallons are in a cup?") == "in"
+    assert swapped("How many grams per ounce?", "How many ounces per gram?") == "per"
+    assert swapped("How much is a pound in ounces?", "How much is an ounce in pounds?") == "in"
+    # "in" relates one way only after "how many" / "how much"
+    assert not swapped("Best restaurant in Paris in summer", "Best restaurant in summer in Paris")
+    assert not swapped("How many cups are in a gallon?", "How many cups are in the gallon?")
 
 
 # --- answers of another length, detail or layout
