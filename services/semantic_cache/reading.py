@@ -38,8 +38,8 @@ refused when the embedding and the verifier cannot see what tells the two questi
   cross-encoder barely weighs them ("2 + 2" / "2 * 2": p 0.98); the differing parts must hold
   the same ones, in order (``SYMBOLS``).
 - **Numbers** (``number_conflict``): a number on each side that the other lacks ("0.5 mg" /
-  "5 mg") only lowered the verifier's probability (the shipped weights list no veto): refused
-  (``NUMBERS``).
+  "5 mg", "two tips" / "five tips": number words are read as digits) only lowered the
+  verifier's probability (the shipped weights list no veto): refused (``NUMBERS``).
 - **un-** (``un_prefixed``): a word of one question that is "un" and a word of the other
   ("hide" / "unhide") is refused (``OPPOSITE``).
 - **Sides swapped** (``swapped``): the same words with the two sides of "than", "to",
@@ -391,11 +391,42 @@ def _joins_words(text: str, at: int, *, digit_before: bool) -> bool:
     )
 
 
+_UNIT_WORDS = re.findall(
+    r"\S+",
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    " fifteen sixteen seventeen eighteen nineteen",
+)
+_TEN_WORDS = re.findall(r"\S+", "twenty thirty forty fifty sixty seventy eighty ninety")
+_SCALE_WORDS = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9}
+# A number written in words: "two", "twenty-five", "two hundred", "a thousand", "a dozen".
+_TENS = "(?P<tens>" + "|".join(_TEN_WORDS) + ")"
+_ONES = "(?P<ones>" + "|".join(_UNIT_WORDS[1:10]) + ")"
+_UNIT = "(?P<unit>" + "|".join(_UNIT_WORDS) + ")"
+_SCALE = "(?P<scale>" + "|".join(_SCALE_WORDS) + "|dozen)"
+_NUMBER_WORDS = re.compile(rf"\b(?:{_TENS}(?:[\s-]+{_ONES})?|{_UNIT}|an?)(?:[\s-]+{_SCALE})?\b")
+
+
+def _number_words(text: str) -> Iterator[str]:
+    """The numbers ``text`` writes in words, as digits ("twenty-five": "25", "two hundred":
+    "200", "a dozen": "12"); "a" or "an" only before "hundred", "dozen"..."""
+    for match in _NUMBER_WORDS.finditer(text.lower()):
+        tens, ones, unit, scale = match.group("tens", "ones", "unit", "scale")
+        if tens:
+            value = 20 + 10 * _TEN_WORDS.index(tens) + (_UNIT_WORDS.index(ones) if ones else 0)
+        elif unit:
+            value = _UNIT_WORDS.index(unit)
+        elif scale:
+            value = 1  # a hundred, a dozen
+        else:
+            continue  # "a" alone
+        yield str(value * (12 if scale == "dozen" else _SCALE_WORDS.get(scale or "", 1)))
+
+
 def numbers(text: str) -> set[str]:
     """The numbers of ``text``, written one way: "1,000" is "1000", "5.0" is "5", ".5" is
-    "0.5"; other commas separate numbers ("500,1000": 500 and 1000; "2,5": 2 and 5); "3.10"
-    stays (a version is not "3.1")."""
-    out: set[str] = set()
+    "0.5", "two" is "2" (``_number_words``); other commas separate numbers ("500,1000": 500
+    and 1000; "2,5": 2 and 5); "3.10" stays (a version is not "3.1")."""
+    out = set(_number_words(text))
     for match in _NUMBER.finditer(text):
         found = match.group()
         if found.startswith("."):
@@ -409,9 +440,10 @@ def numbers(text: str) -> set[str]:
 
 def number_conflict(first: str, second: str) -> bool:
     """Each text holds a number the other does not ("Is 0.5 mg of lorazepam a safe dose?" /
-    "Is 5 mg ...?"): the verifier's ``number_conflict`` feature only lowered its probability
-    (0.82 there: served). A number on one side only, or added beside the same ones ("Is 37
-    a prime?" / "Can 37 only be divided by 1 and itself?"), is left to the verifier."""
+    "Is 5 mg ...?"; "Give me two tips ..." / "... five tips ...", at cosine 0.943): the
+    verifier's ``number_conflict`` feature only lowered its probability (0.82 there:
+    served). A number on one side only, or added beside the same ones ("Is 37 a prime?" /
+    "Can 37 only be divided by 1 and itself?"), is left to the verifier."""
     a, b = numbers(first), numbers(second)
     return bool(a - b) and bool(b - a)
 

@@ -33,6 +33,8 @@ REFUSED = [
     ("Explain recursion in one sentence", "Explain recursion in detail"),
     # served before "in" was one-way after "how many" (16 where the answer is 1/16)
     ("How many ounces are in a pound?", "How many pounds are in an ounce?"),
+    # served before number words were read as numbers
+    ("Give me two tips to save money", "Give me five tips to save money"),
 ]
 
 

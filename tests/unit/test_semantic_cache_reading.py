@@ -379,6 +379,10 @@ NUMBERS_APART = [
     ("Should a child take 2.5 ml of the syrup?", "Should a child take 25 ml of the syrup?"),
     ("Can I take 400 mg of ibuprofen at once?", "Can I take 4000 mg of ibuprofen at once?"),
     ("Convert 5 km to miles", "Convert 50 km to miles"),
+    # counts written as words, served before (cosines 0.943, 0.960)
+    ("Give me two tips to save money", "Give me five tips to save money"),
+    ("What are three reasons to learn Python?", "What are seven reasons to learn Python?"),
+    ("Describe photosynthesis in two sentences", "Describe photosynthesis in five sentences"),
 ]
 
 
@@ -415,6 +419,11 @@ def test_numbers_are_compared_written_one_way() -> None:
     assert number_conflict("0.5 mg", "5 mg") and number_conflict("python 3.10", "python 3.1")
     assert not number_conflict("Is 37 a prime?", "Can 37 only be divided by 1 and itself?")
     assert not number_conflict("How far is it?", "How far is it in 5 minutes?")  # one side
+    # number words are numbers, as digits are
+    assert numbers("twenty-five or a dozen, two hundred, thirty") == {"25", "12", "200", "30"}
+    assert number_conflict("Give me two tips", "Give me five tips")
+    assert number_conflict("Give me 2 tips", "Give me five tips")
+    assert not number_conflict("Give me two tips", "Give me 2 tips")
 
 
 # --- a word and its un- form
@@ -555,7 +564,7 @@ SHAPES_APART = [
     ("Explain recursion in one sentence", "Explain recursion in detail"),  # served, p 0.89
     ("Explain recursion briefly", "Explain recursion in depth"),  # served, p 0.91
     ("List the planets as a table", "List the planets as a numbered list"),  # served
-    ("Describe photosynthesis in two sentences", "Describe photosynthesis in five sentences"),
+    ("Describe photosynthesis in a single sentence", "Describe photosynthesis in detail"),
 ]
 
 
