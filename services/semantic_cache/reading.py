@@ -49,7 +49,8 @@ refused when the embedding and the verifier cannot see what tells the two questi
 - **Answer shapes** (``shape_conflict``): both questions ask for an answer of a given
   length, detail or layout, and not the same ("Explain recursion in one sentence" / "...
   in detail", "briefly" / "in depth", "as a table" / "as a numbered list"): refused
-  (``SHAPE``).
+  (``SHAPE``). A data format is a layout only where the answer is asked in it ("answer in
+  JSON"), not where it is the subject ("write my config file in YAML or JSON?").
 - **Opposites** (``opposites``): a word of one question whose opposite (a short hand-written
   list, ``_OPPOSITE_PAIRS``) the other has, "ascending" / "descending", "horizontally" /
   "vertically", is refused (``ANTONYMS``) unless one of the two is negated ("not good" /
@@ -665,11 +666,24 @@ _DETAILED = re.compile(
     r"|in[\s-]depth|thoroughly|comprehensively|exhaustively|at\s+length"
     r"|step[\s-]by[\s-]step|elaborately)\b"
 )
+# A layout: "as a table", "in bullet points"; a data format ("in JSON") only after a verb
+# that asks for the answer in it ("answer in JSON", "give me the result in YAML", "format it
+# in CSV"), not as the question's subject ("Should I write my config file in YAML?").
+_DATA_FORMATS = r"json|yaml|csv|markdown"
+_ASKED_IN = (
+    r"(?:answer|reply|respond|format|output|return|give|write|show|print|present|put"
+    r"|rewrite|display)(?:\s+(?:me|us))?"
+    r"(?:\s+(?:it|this|that|them|(?:the|your)\s+(?:answer|output|result|response|reply)s?))?"
+)
 _LAYOUT = re.compile(
     r"\bas\s+(?:an?\s+)?(table|(?:bulleted|numbered)\s+list|list|bullet\s+points|json|yaml"
     r"|csv|markdown|poem|haiku|essay|tweet)\b"
-    r"|\bin\s+(?:the\s+form\s+of\s+)?(?:an?\s+)?(bullet\s+points|json|yaml|csv|markdown"
-    r"|haiku|verse)\b"
+    r"|\bin\s+(?:the\s+form\s+of\s+)?(?:an?\s+)?(bullet\s+points|haiku|verse)\b"
+    r"|\b" + _ASKED_IN + r"\s+in\s+(?:the\s+form\s+of\s+)?(" + _DATA_FORMATS + r")\b"
+)
+_FORMAT_NAMED = re.compile(
+    r"\b(table|(?:bulleted|numbered)\s+list|list|bullet\s+points|poem|haiku|essay|tweet"
+    r"|verse|" + _DATA_FORMATS + r")\b"
 )
 
 
@@ -692,8 +706,13 @@ def shapes(text: str) -> frozenset[str]:
     if _DETAILED.search(lowered):
         out.add("detailed")
     for match in _LAYOUT.finditer(lowered):
-        out.add(" ".join((match.group(1) or match.group(2)).split()))
+        out.add(" ".join(next(group for group in match.groups() if group).split()))
     return frozenset(out)
+
+
+def _formats_named(text: str) -> frozenset[str]:
+    """The layouts and formats ``text`` names anywhere ("in YAML or JSON": json, yaml)."""
+    return frozenset(" ".join(m.group(1).split()) for m in _FORMAT_NAMED.finditer(text.lower()))
 
 
 def shape_conflict(first: str, second: str) -> bool:
@@ -701,8 +720,13 @@ def shape_conflict(first: str, second: str) -> bool:
     not the same: "Explain recursion in one sentence" / "... in detail" (p 0.89) and
     "... briefly" / "... in depth" (p 0.91) were served. A shape asked on one side only
     ("Explain recursion" / "... in detail") is left to the verifier: refusing it took away
-    21 right hits of the eval data (Quora's, the mock data's) for 4 wrong ones."""
+    21 right hits of the eval data (Quora's, the mock data's) for 4 wrong ones. Two texts
+    that name the same layouts and formats ("in YAML or JSON" / "in JSON or YAML") ask for
+    none of them over the other: their layouts are not compared."""
     a, b = shapes(first), shapes(second)
+    named = _formats_named(first)
+    if named == _formats_named(second):
+        a, b = a - named, b - named
     return bool(a) and bool(b) and a != b
 
 

@@ -21,6 +21,11 @@ pytestmark = pytest.mark.integration
 SERVED = [
     ("I forgot my password, how can I change it?", "How do I reset my password?"),
     ("How can I lose weight fast?", "What is the quickest way to lose weight?"),
+    # the formats are the subject, not the answer's layout: refused by the shape rule before
+    (
+        "Should I write my config file in YAML or JSON?",
+        "Should I write my config file in JSON or YAML?",
+    ),
 ]
 REFUSED = [
     ("How do I convert EUR to USD?", "How do I convert USD to EUR?"),

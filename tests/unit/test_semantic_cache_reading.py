@@ -582,6 +582,11 @@ async def test_answers_of_another_shape_are_a_miss(stored: str, asked: str) -> N
     [
         ("Explain recursion in detail", "Explain recursion in detail, please"),
         ("Explain recursion in one sentence", "explain recursion in a single sentence"),
+        # the formats are the question's subject, not its answer's layout (refused before)
+        (
+            "Should I write my config file in YAML or JSON?",
+            "Should I write my config file in JSON or YAML?",
+        ),
     ],
 )
 async def test_answers_of_the_same_shape_are_still_served(stored: str, asked: str) -> None:
@@ -601,3 +606,9 @@ def test_shapes_read_counts_brevity_detail_and_layout() -> None:
     assert shape_conflict("Explain recursion briefly", "Explain recursion in depth")
     assert not shape_conflict("Explain recursion briefly", "Briefly explain recursion")
     assert not shape_conflict("Explain recursion", "Explain recursion in detail")  # one side
+    # a format is a layout when the answer is asked in it, not when it is the subject
+    assert shapes("Should I write my config file in YAML?") == set()
+    assert shapes("Give me the answer in JSON") == {"json"}
+    assert shapes("Reply in YAML, please") == {"yaml"}
+    assert shape_conflict("List the planets, answer in JSON", "List the planets, reply in CSV")
+    assert not shape_conflict("Save it as JSON or as YAML?", "Save it as YAML or as JSON?")
