@@ -254,9 +254,10 @@ def test_a_spent_budget_is_replayed_even_with_the_limits_in_redis(
 def test_a_request_that_failed_live_is_counted_as_it_ended_live(
     settings: dict[str, str], tmp_path: Path
 ) -> None:
-    """The log holds each request's live status: one cut by its deadline live is replayed (it
-    warmed the caches as live) but counted as it ended, an error billed nothing, so the
-    estimate's bill compares with the live one; a refusal the replay reproduces is its own."""
+    """The log holds each request's live status: one cut by its deadline live is replayed until
+    its logged end and cut there, counted as it ended, an error billed nothing, so the
+    estimate's bill compares with the live one. Its cut call stored nothing in L1, as live: the
+    same question asked again is a model call, billed, not a free L1 hit."""
     from cachemesh.loadtest.stats import summarise
 
     q = "How do I reset my password?"
@@ -274,8 +275,34 @@ def test_a_request_that_failed_live_is_counted_as_it_ended_live(
     assert [r.code for r in records] == ["DEADLINE_EXCEEDED", "OK"]
     results = summarise(asyncio.run(replay(OfflineStack(settings, ManualClock()), records)), {})
     assert results["errors"] == {"DEADLINE_EXCEEDED": 1}
-    assert results["served_by"] == {"semantic_cache": 1}  # the first one's answer, stored
-    assert results["cost"]["cost_nanos"] == 0
+    assert results["served_by"] == {"model": 1}  # the cut call's answer was never stored
+    assert results["cost"]["cost_nanos"] > 0
+
+
+def _cost(settings: dict[str, str], record: LogRecord) -> int:
+    stack = OfflineStack(settings, ManualClock())
+    (sample,) = asyncio.run(replay(stack, [record]))
+    return sample.cost_nanos
+
+
+@pytest.mark.parametrize("budget_over_partial", [True, False])
+def test_a_request_cut_live_counts_against_the_budget_as_its_partial_bill(
+    settings: dict[str, str], budget_over_partial: bool
+) -> None:
+    """Live, a call cut at its deadline after its prefill is billed for what it produced (its
+    prompt), and that bill, not its whole answer's, counts against the tenant's budget: a
+    daily budget a nano-dollar short of the whole answer's admits the next request, one of a
+    nano-dollar (spent by any bill) refuses it."""
+    q = "How do I reset my password?"
+    whole = _cost(settings, LogRecord(0, _ask(q), 100.0, code="OK"))
+    budget = whole - 1 if budget_over_partial else 1
+    records = [
+        LogRecord(0, _ask(q), 100.0, code="DEADLINE_EXCEEDED"),
+        LogRecord(1000, _ask("Something else entirely?"), 100.0, code="OK"),
+    ]
+    layers = _replay(settings, records, ROUTER_BUDGET_USD_PER_DAY=f"{budget / 1e9:.9f}")
+    assert layers[0] == "DEADLINE_EXCEEDED"
+    assert layers[1] == ("model" if budget_over_partial else "RESOURCE_EXHAUSTED")
 
 
 def test_a_log_without_live_statuses_still_reads_and_a_bad_one_is_named(tmp_path: Path) -> None:

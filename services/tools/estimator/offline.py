@@ -170,6 +170,12 @@ class OfflineStack:
             )
         return apis, scales
 
+    async def settled(self) -> None:
+        """Waits for the background work of the requests served so far: their Stores and the
+        bills of calls cut early, and those bills' counts against the limits."""
+        await self._pipeline.drain()
+        await self._limiter.drain()
+
     async def complete(self, tenant: str, request: pb.CompleteRequest) -> Outcome:
         """One request as the Gateway's ``Complete`` would answer it: validated, admitted by
         the tenant's limits (a refusal is ``RESOURCE_EXHAUSTED``), served, and settled."""

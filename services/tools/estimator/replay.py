@@ -4,6 +4,7 @@ concurrently, each model answer ending at its logged end (``timeline.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -20,8 +21,11 @@ TtlChoice = Literal["logged", "5m", "1h"]
 
 # How a request ends live that the replay reproduces: its answer, and the refusals of the request
 # itself and of its tenant's limits. A record that ended otherwise live (its deadline, a cut, an
-# unreachable service: the live stack's moment, not its logic) is replayed all the same, so it
-# warms the caches and counts against the limits as it did, and counted as it ended live.
+# unreachable service: the live stack's moment, not its logic) is replayed until its logged end
+# and cut there, as the live router's call was: its lookup and its prefill warm the caches as
+# they did, its answer is never stored in L1, its model call (once its prefill was done) is
+# billed for what it had produced and counted against the tenant's limits, and it is counted as
+# it ended live.
 REPLAYED_CODES = frozenset(
     ("OK", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION",
      "OUT_OF_RANGE")
@@ -76,27 +80,53 @@ async def replay(
         end = at + round(record.latency_ms) if record.latency_ms is not None else at
         first = at + round(record.ttft_ms) if record.ttft_ms is not None else None
         CURRENT.set(Timeline(time, at, end, first))
-        samples[i] = await _serve(stack, i, record, what_if)
+        samples[i] = await _serve(stack, i, record, what_if, time, end)
 
     arrivals = [(start + round(r.t_ms), partial(serve, i, r)) for i, r in enumerate(logged)]
     await time.run(arrivals)
     return [s for s in samples if s is not None]
 
 
-async def _serve(stack: OfflineStack, i: int, record: LogRecord, what_if: WhatIf) -> Sample:
+async def _serve(
+    stack: OfflineStack,
+    i: int,
+    record: LogRecord,
+    what_if: WhatIf,
+    time: VirtualTime,
+    end_ms: int,
+) -> Sample:
     request = what_if.apply(record.item.request)
     if not request.request_id:
         request.request_id = f"replay-{i}"
-    outcome = await stack.complete(record.item.tenant, request)
     at = record.t_ms / 1000
     if record.code is not None and record.code not in REPLAYED_CODES:
+        await _cut(stack, record.item.tenant, request, time, end_ms)
         return from_error(record.item, record.code, at, 0.0, warmup=record.warmup)
+    outcome = await stack.complete(record.item.tenant, request)
     if outcome.response is None:
         return from_error(record.item, outcome.code, at, 0.0, warmup=record.warmup)
     logged = stack.table.get(record.item.request.model)
     if request.model != record.item.request.model and logged is not None:
         _priced_against(outcome.response, logged)
     return from_response(record.item, outcome.response, at, 0.0, warmup=record.warmup)
+
+
+async def _cut(
+    stack: OfflineStack, tenant: str, request: pb.CompleteRequest, time: VirtualTime, end_ms: int
+) -> None:
+    """Serves a request that failed live until its logged end, then cancels it, as the live
+    router's call ended then (its deadline, a cut, the caller gone): the pipeline's own
+    cancel path runs, so nothing is stored in L1, a lease it held is released, and a model call
+    past its prefill is billed for what it had produced by then (its prompt: the held answer's
+    tokens are handed over only at the logged end) and charged to the tenant's limits. A
+    request that failed before its model call's prefill (or with no logged end) is billed
+    nothing and keeps its reservation, as live. A request the replay answers before then (an
+    L1 hit in a what-if) is counted as it was answered."""
+    served = asyncio.ensure_future(stack.complete(tenant, request))
+    await time.until(end_ms)  # parked first: released before the answer held until then
+    served.cancel()
+    await asyncio.gather(served, return_exceptions=True)
+    await stack.settled()  # the cut call's bill, and its count against the limits
 
 
 def log_timing(records: Sequence[LogRecord]) -> dict[str, int]:

@@ -12,7 +12,9 @@ streamed run) its first token: the estimator serves requests that overlapped con
 it warms the caches as it did live, and left out of the estimate's totals; ``code``
 (optional) how it ended live, ``OK`` or its status name (``RESOURCE_EXHAUSTED``,
 ``DEADLINE_EXCEEDED``, ...): the estimator counts a request that failed live for a reason it
-does not replay (a deadline, an unreachable service) as it ended, billed nothing;
+does not replay (a deadline, an unreachable service) as it ended, billed nothing (it is
+replayed until its logged end and cut there: nothing stored in L1, its partial bill counted
+against its tenant's limits);
 ``tenant`` is any string that tells tenants apart; ``kind`` and ``question`` are optional
 (``question`` is the asked text of a labelled request). ``request`` uses the field names of
 gateway.proto in lowerCamelCase, e.g. ``{"model": "auto", "maxTokens": 200, "messages": [{"role":
