@@ -129,12 +129,26 @@ def longest(over: list[Refusal]) -> Refusal:
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
 # Settles that failed (the store down or silent) wait in the router for it to answer again:
-# at most this many, for at most this long (a settle's id is remembered by the store for
-# twice as long, so a replay after an ambiguous timeout is never counted twice), tried again
-# this often.
+# at most this many, for at most this long, tried again this often.
 MAX_PENDING_SETTLES = 10_000
 SETTLE_REPLAY_WINDOW_MS = 15 * 60_000
 SETTLE_REPLAY_S = 1.0
+# How long the store remembers a settle's id (Redis: a marker key a settle leaves, so the
+# store holds about the settle rate times this many; 500 answers/s: 60,000 keys, ~11 MB).
+# Only a settle whose try may have counted it (a timeout, a connection lost after sending:
+# ambiguous) needs it: such a settle is replayed only within AMBIGUOUS_REPLAY_MS of that try,
+# while its marker is surely there (the other half covers a script Redis runs late), and is
+# otherwise given up (counted lost). A settle the store surely never ran (``SettleNotSent``:
+# no connection) needs no marker and is replayed for the whole SETTLE_REPLAY_WINDOW_MS.
+SETTLE_MARKER_MS = 2 * 60_000
+AMBIGUOUS_REPLAY_MS = SETTLE_MARKER_MS // 2
+
+
+class SettleNotSent(Exception):
+    """A store's settle that surely did not reach it (no connection could be made): it counted
+    nothing, so a replay at any later time counts it once."""
+
+
 LOST_LOG_INTERVAL_MS = 60_000  # settles lost are logged at most once in this interval
 
 
@@ -158,7 +172,8 @@ class LimitStore(Protocol):
     ) -> None:
         """Gives back ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the
         day's and the month's bill; once per ``settle_id`` (when given) within
-        ``2 * SETTLE_REPLAY_WINDOW_MS``: a replay of a settle counted already counts nothing."""
+        ``SETTLE_MARKER_MS``: a replay of a settle counted already counts nothing. Raises
+        ``SettleNotSent`` when the settle surely did not reach the store."""
         ...
 
     async def close(self) -> None: ...
@@ -270,9 +285,10 @@ class Denial:
     exceeded: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Settle:
-    """A count for the store; ``settle_id`` makes it count once, however often it is sent."""
+    """A count for the store; ``settle_id`` makes it count once, however often it is sent
+    within ``SETTLE_MARKER_MS`` of a try that may have counted it."""
 
     tenant: str
     policy: LimitPolicy
@@ -280,6 +296,13 @@ class _Settle:
     cost_nanos: int
     settle_id: str
     at_ms: int  # when it was first sent
+    # when a try that may have counted it was sent (None: no such try, each surely not sent)
+    ambiguous_ms: int | None = None
+
+    def failed(self, exc: Exception, sent_ms: int) -> None:
+        """Notes a try sent at ``sent_ms`` that failed with ``exc``."""
+        if not isinstance(exc, SettleNotSent) and self.ambiguous_ms is None:
+            self.ambiguous_ms = sent_ms
 
 
 @dataclass
@@ -447,6 +470,7 @@ class Limiter:
                 await self._send(count)
             except Exception as exc:
                 self._degraded("settle", exc)
+                count.failed(exc, now)
                 self._queue(count)
 
         task = asyncio.ensure_future(first_try())
@@ -487,16 +511,23 @@ class Limiter:
 
     async def replay_pending(self) -> None:
         """Sends the pending settles, oldest first, until one fails (the store is still down:
-        the rest wait for the next try); drops those past the replay window."""
+        the rest wait for the next try); drops those past the replay window, and those a try
+        may have counted whose id the store may have forgotten (``AMBIGUOUS_REPLAY_MS``)."""
         while self._pending:
             count = self._pending[0]
-            if self._clock.now_ms() - count.at_ms > SETTLE_REPLAY_WINDOW_MS:
+            now = self._clock.now_ms()
+            if now - count.at_ms > SETTLE_REPLAY_WINDOW_MS:
                 self._pending.popleft()
                 self._drop(1, "not sent within the replay window")
                 continue
+            if count.ambiguous_ms is not None and now - count.ambiguous_ms > AMBIGUOUS_REPLAY_MS:
+                self._pending.popleft()
+                self._drop(1, "a timed-out try may have counted them and its mark has lapsed")
+                continue
             try:
                 await self._send(count)
-            except Exception:
+            except Exception as exc:
+                count.failed(exc, now)
                 return
             if self._pending and self._pending[0] is count:
                 self._pending.popleft()

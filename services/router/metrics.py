@@ -35,7 +35,8 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   the billing outbox in memory was over ``ROUTER_OUTBOX_MAX_BYTES`` (prefix-cache down long);
   ``cachemesh_router_limits_settles_lost_total``: requests' costs and tokens never counted
   against the limits (their settle failed and was dropped: the queue of pending ones full,
-  past its replay window, or the router stopping);
+  past its replay window, an ambiguous try past ``AMBIGUOUS_REPLAY_MS``, or the router
+  stopping);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,

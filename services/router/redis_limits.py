@@ -18,23 +18,23 @@ from __future__ import annotations
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.router.limits import (
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
-    SETTLE_REPLAY_WINDOW_MS,
+    SETTLE_MARKER_MS,
     TOKENS,
     LimitPolicy,
     Periods,
     Refusal,
+    SettleNotSent,
     longest,
 )
 
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
-# A settle's id is kept this long (twice the window its replays are sent in): its replay
-# after an ambiguous timeout is not counted again.
-SETTLED_MARKER_MS = 2 * SETTLE_REPLAY_WINDOW_MS
 
 # Shared by both scripts: the time (ARGV[1], or Redis's clock when it is -1); a bucket's level
 # then (full when absent), refilled at cap a minute, and the time it is kept at, which never
@@ -208,6 +208,7 @@ class RedisLimitStore:
         periods: Periods,
         settle_id: str | None = None,
     ) -> None:
+        await self._connected()
         now_ms, periods, script_ms = await self._clock(cost_nanos != 0, now_ms, periods)
         keys = [
             self._key(tenant, TOKENS),
@@ -224,9 +225,20 @@ class RedisLimitStore:
             periods.day_end_ms - now_ms,
             periods.month_end_ms - now_ms,
             GC_SLACK_MS,
-            0 if settle_id is None else SETTLED_MARKER_MS,
+            0 if settle_id is None else SETTLE_MARKER_MS,
         ]
         await self._settle(keys=keys, args=args)
+
+    async def _connected(self) -> None:
+        """``SettleNotSent`` when no connection to Redis can be made (refused, unreachable):
+        nothing was sent, so the settle may be replayed past its marker's life. A failure
+        after this (a timeout, a connection lost mid-call) is ambiguous."""
+        pool = self._client.connection_pool
+        try:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise SettleNotSent(f"no connection to Redis ({exc})") from exc
+        await pool.release(connection)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -25,9 +25,11 @@ from services.common.retry_info import retry_trailers
 from services.common.tokens import load_cl100k
 from services.router.limit_settings import LimitSettings
 from services.router.limits import (
+    AMBIGUOUS_REPLAY_MS,
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
+    SETTLE_MARKER_MS,
     SETTLE_REPLAY_WINDOW_MS,
     TOKENS,
     Denial,
@@ -626,6 +628,34 @@ async def test_a_settle_that_failed_while_redis_restarted_is_replayed_once_it_an
         await limiter.close()
 
 
+async def test_a_settle_redis_never_received_is_replayed_past_the_markers_life(
+    tmp_path: Path,
+) -> None:
+    """Redis down, no connection made: the settle surely counted nothing, so it needs no
+    marker and is replayed (once) whenever Redis is back within the queue's window."""
+    port = free_port()
+    lost: list[int] = []
+    clock = ManualClock(START_MS)
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    policy = LimitPolicy(day_budget_nanos=100 * NANOS)
+    limiter = Limiter(
+        RedisLimitStore(client, server_time=False),
+        UniformPolicies(policy),
+        clock,
+        _count,
+        lost=lost.append,
+    )
+    limiter.settle(Ticket("t", policy, 0), _answer(10, 10, cost_nanos=1_000))
+    await limiter.drain()
+    assert limiter.pending == 1
+    clock.advance(ms=5 * SETTLE_MARKER_MS)
+    with redis_server(tmp_path, port=port):
+        await limiter.replay_pending()
+        assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000
+        assert limiter.pending == 0 and lost == []
+        await limiter.close()
+
+
 class AnsweredTooLate(RedisLimitStore):
     """Redis adds the spend, but its answer comes after the router gave up (the first time)."""
 
@@ -638,19 +668,78 @@ class AnsweredTooLate(RedisLimitStore):
             raise TimeoutError("no answer in time")
 
 
-async def test_a_settle_replayed_after_an_ambiguous_timeout_counts_once(redis_url: str) -> None:
+@pytest.mark.parametrize("replayed_after_ms", [0, AMBIGUOUS_REPLAY_MS])
+async def test_a_settle_replayed_after_an_ambiguous_timeout_counts_once(
+    redis_url: str, replayed_after_ms: int
+) -> None:
     client = Redis.from_url(redis_url)
     await client.flushdb()
-    limiter = _limiter(
+    lost: list[int] = []
+    clock = ManualClock(START_MS)
+    limiter = Limiter(
         AnsweredTooLate(client, server_time=False),
-        LimitPolicy(day_budget_nanos=100 * NANOS),
-        ManualClock(START_MS),
+        UniformPolicies(LimitPolicy(day_budget_nanos=100 * NANOS)),
+        clock,
+        _count,
+        lost=lost.append,
     )
     ticket = await _admitted(limiter)
     limiter.settle(ticket, _answer(10, 10, cost_nanos=1_000))
     await limiter.drain()
+    clock.advance(ms=replayed_after_ms)
     await limiter.replay_pending()
     assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000
+    assert limiter.pending == 0 and lost == []
+    await limiter.close()
+
+
+async def test_an_ambiguous_settle_is_given_up_once_its_marker_may_have_lapsed(
+    redis_url: str,
+) -> None:
+    """A settle whose try timed out after Redis ran it is replayed only while its marker is
+    surely kept: past that, a replay could count it twice, so it is dropped and counted lost
+    (what the try counted stays counted)."""
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    lost: list[int] = []
+    clock = ManualClock(START_MS)
+    limiter = Limiter(
+        AnsweredTooLate(client, server_time=False),
+        UniformPolicies(LimitPolicy(day_budget_nanos=100 * NANOS)),
+        clock,
+        _count,
+        lost=lost.append,
+    )
+    ticket = await _admitted(limiter)
+    limiter.settle(ticket, _answer(10, 10, cost_nanos=1_000))
+    await limiter.drain()
+    clock.advance(ms=AMBIGUOUS_REPLAY_MS + 1)
+    await limiter.replay_pending()
+    assert limiter.pending == 0 and lost == [1]
+    assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000  # the timed-out try's
+    await limiter.close()
+
+
+async def test_the_settles_markers_in_redis_last_only_as_long_as_a_replay_needs(
+    redis_url: str,
+) -> None:
+    """Each settle's marker key expires within SETTLE_MARKER_MS (2 min), so Redis holds at
+    most the settle rate times that many (500 answers/s: 60,000 keys), not 30 minutes'."""
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    limiter = _limiter(
+        RedisLimitStore(client, server_time=False),
+        LimitPolicy(tokens_per_min=100_000, day_budget_nanos=100 * NANOS),
+        ManualClock(START_MS),
+    )
+    n = 200
+    for _ in range(n):
+        limiter.settle(await _admitted(limiter), _answer(10, 10, cost_nanos=1_000))
+    await limiter.drain()
+    markers = [key async for key in client.scan_iter(match="*:settled:*")]
+    assert len(markers) == n and await client.dbsize() == n + 3  # tokens, spent: day, month
+    ttls = [await client.pttl(key) for key in markers]
+    assert all(0 < ttl <= SETTLE_MARKER_MS for ttl in ttls), max(ttls)
     await limiter.close()
 
 
