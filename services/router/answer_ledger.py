@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ _PREFIX = b"cachemesh:answer:"
 _FINGERPRINT_BYTES = 64  # sha256 hex of the request (idempotency.fingerprint)
 _CLAIM = b"?"  # a claim's first byte (an answer's is the fingerprint's, a hex digit)
 CLAIM_LEASE_S = 10.0  # a claim lapses this long after its holder last renewed it
+# A claim is renewed every third of its lease; after a renewal that failed, tried again after
+# this share of the lease (10 s: 0.5 s), so a Redis that missed one renewal still gets several
+# more tries before the lease lapses, not one as it lapses.
+RENEW_RETRY_SHARE = 0.05
 
 # KEYS: the id's key. ARGV: the claim, its lease in ms. Returns 1 (claimed) or what holds it.
 _TAKE = """
@@ -124,8 +129,11 @@ class RedisAnswerLedger:
         ttl_s: float,
         lease_s: float = CLAIM_LEASE_S,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``lease_s``: a claim's life without renewal; ``sleep``: between renewals (tests)."""
+        """``lease_s``: a claim's life without renewal; ``sleep``: between renewals, and
+        ``clock`` (seconds) to tell when the last one succeeded (tests)."""
+        self._clock = clock
         self._redis = redis
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._lease_s = lease_s
@@ -155,21 +163,42 @@ class RedisAnswerLedger:
         return Recorded(held[:_FINGERPRINT_BYTES].decode(), answer)
 
     async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
+        """Renews every third of the lease; after a failed renewal, again after
+        ``RENEW_RETRY_SHARE`` of it (each try bounded by the same), saying once when the lease
+        may have lapsed since the last renewal that succeeded."""
         key = ledger_key(tenant, request_id)
+        renewed = self._clock()  # the claim, just taken (a lease counts from a try's start)
+        retry = self._lease_s * RENEW_RETRY_SHARE
+        wait, said_lapsed = self._lease_s / 3, False
         while True:
-            await self._sleep(self._lease_s / 3)
+            await self._sleep(wait)
+            tried = self._clock()
             try:
-                async with asyncio.timeout(self._lease_s / 3):
+                async with asyncio.timeout(self._lease_s / 3 if wait > retry else retry):
                     ours = await self._renew(keys=[key], args=[claimed.value, self._lease_ms])
             except (RedisError, TimeoutError) as exc:
-                log.warning(
-                    "answer ledger: a claim's renewal failed (%s); a retry on another router "
-                    "may call the model again once it lapses",
-                    type(exc).__name__,
-                )
+                wait = retry
+                if self._clock() - renewed < self._lease_s:
+                    log.warning(
+                        "answer ledger: a claim's renewal failed (%s); trying again in %.1f s, "
+                        "before the claim lapses",
+                        type(exc).__name__,
+                        retry,
+                    )
+                elif not said_lapsed:
+                    said_lapsed = True
+                    log.warning(
+                        "answer ledger: a claim's renewals failed for %.1f s (%s), longer than "
+                        "its %.1f s lease: the claim may have lapsed, and a retry on another "
+                        "router may take the id over and call the model again",
+                        self._clock() - renewed,
+                        type(exc).__name__,
+                        self._lease_s,
+                    )
                 continue
             if not ours:  # recorded over, given back, or lapsed and taken: nothing to keep
                 return
+            renewed, wait, said_lapsed = tried, self._lease_s / 3, False
 
     async def give_back(self, tenant: str, request_id: str, claimed: Claimed) -> None:
         try:

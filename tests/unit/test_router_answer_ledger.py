@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import namedtuple
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -709,3 +709,77 @@ def test_a_claim_is_renewed_while_its_call_runs(redis_url: str) -> None:
         await ledger.close()
 
     asyncio.run(run())
+
+
+class FailingRenewals(RedisAnswerLedger):
+    """Its first ``failures`` renewals fail as a Redis that does not answer would."""
+
+    def __init__(self, *args: Any, failures: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures = failures
+        renew = self._renew
+
+        async def flaky(*a: Any, **kw: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise TimeoutError
+            return await renew(*a, **kw)
+
+        self._renew = flaky  # type: ignore[assignment]
+
+
+def _virtual_time(
+    sleeps: int = 1000,
+) -> tuple[list[float], Callable[[float], Awaitable[None]], Callable[[], float]]:
+    """Sleeps that only move a clock (each one recorded); past 100 s, or ``sleeps`` sleeps,
+    the holder is cancelled."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if sum(slept) > 100 or len(slept) > sleeps:
+            raise asyncio.CancelledError
+
+    return slept, sleep, lambda: sum(slept)
+
+
+def test_a_failed_renewal_is_retried_before_the_claim_lapses(redis_url: str) -> None:
+    """Two renewals in a row fail: the next try comes well within the lease (not a third of
+    it after each failure, which tried again only as the lease lapsed) and renews it."""
+
+    async def run() -> None:
+        slept, sleep, clock = _virtual_time(sleeps=3)
+        client = Redis.from_url(redis_url)
+        ledger = FailingRenewals(client, ttl_s=60, lease_s=30, sleep=sleep, clock=clock, failures=2)
+        claimed = await ledger.claim("tenant-a", "req-r", "f" * 64)
+        assert isinstance(claimed, Claimed)
+        key = ledger_key("tenant-a", "req-r")
+        await client.pexpire(key, 100_000)  # to tell the renewal's lease from the claim's
+        with pytest.raises(asyncio.CancelledError):  # at the sleep after the third try
+            await ledger.hold("tenant-a", "req-r", claimed)
+        assert ledger.failures == 0 and await client.pttl(key) <= 30_000  # the third renewed
+        assert sum(slept[:3]) < 30 * 0.5  # within half the lease of the claim
+        await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_renewal_failing_past_the_lease_says_the_claim_may_have_lapsed(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> None:
+        slept, sleep, clock = _virtual_time()
+        client = Redis.from_url(redis_url)
+        ledger = FailingRenewals(
+            client, ttl_s=60, lease_s=30, sleep=sleep, clock=clock, failures=10**6
+        )
+        claimed = await ledger.claim("tenant-a", "req-l", "f" * 64)
+        assert isinstance(claimed, Claimed)
+        with pytest.raises(asyncio.CancelledError):
+            await ledger.hold("tenant-a", "req-l", claimed)
+        assert len(slept) < 100  # tries bounded, not a spin
+        await ledger.close()
+
+    asyncio.run(run())
+    lapsed = [r for r in caplog.records if "may have lapsed" in r.message]
+    assert len(lapsed) == 1
