@@ -40,6 +40,10 @@ ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 # How long, after gRPC's server has stopped (the grace is over), the Gateway handlers it
 # cancelled may take to unwind: a few loop turns each (their bills are only scheduled then).
 HANDLERS_END_S = 2.0
+# How long the L1 Stores still running may take once the bills are sent or kept: each has a
+# 10 s deadline of its own, which would outlast the stack's SIGKILL (grace + 5 s); one cut off
+# costs only a future hit.
+STORES_END_S = 0.5
 
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
@@ -145,17 +149,21 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
                 HANDLERS_END_S,
             )
 
+    async def end_stores() -> None:
+        await pipeline.end_stores(STORES_END_S)
+
     async def close() -> None:
         # every step runs even when one fails: the outbox's last flush must not be skipped
         # because a Redis connection failed to close
         await run_every(
             [
                 handlers_ended,
-                pipeline.drain,  # the bills of the calls cut, sent or kept in the outbox
+                pipeline.drain_bills,  # the bills of the calls cut, sent or kept in the outbox
                 limiter.close,
                 close_ledger,
                 stop_replays,
                 outbox.close,  # a last try; what is left stays in the journal, or is logged
+                end_stores,  # L1 Stores last, briefly: a lost one costs only a future hit
                 connected.close,
                 shutdown_tracing,
             ],

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import sys
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -164,6 +165,7 @@ class Pipeline:
         )
         self.loads = self._dispatch.loads
         self._background: set[asyncio.Future[Any]] = set()
+        self._stores: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()  # L1's, of those
         self._outbox = outbox
 
     async def run(
@@ -512,7 +514,7 @@ class Pipeline:
             # The answer does not wait for its Store (half a miss's latency: the embedding).
             # An identical request arriving meanwhile waits on this one's lease, which the
             # Store ends, and is served the stored answer; shutdown drains the Store.
-            self._in_background(self._calls.store(tenant, request, answer))
+            self._stores.add(self._in_background(self._calls.store(tenant, request, answer)))
         final = await self._commit_final(
             tenant,
             request,
@@ -680,9 +682,39 @@ class Pipeline:
 
     async def drain(self) -> None:
         """Awaits every background task (the bills of calls that ended early, their commits
-        and outbox writes), those started while it waits too: a handler cancelled at shutdown
-        schedules its call's bill as it unwinds. A task that failed is logged, never lost."""
-        while pending := [task for task in self._background if not task.done()]:
+        and outbox writes, the L1 Stores), those started while it waits too: a handler
+        cancelled at shutdown schedules its call's bill as it unwinds. A task that failed is
+        logged, never lost."""
+        await self._drain(stores=True)
+
+    async def drain_bills(self) -> None:
+        """``drain`` but for the L1 Stores (each up to its own 10 s deadline): at shutdown the
+        bills go first, within the stack's time before its SIGKILL (``end_stores`` after)."""
+        await self._drain(stores=False)
+
+    async def end_stores(self, within_s: float) -> None:
+        """Gives the L1 Stores still running ``within_s``, then cancels the rest (a lost
+        Store costs only a future hit), logging how many."""
+        pending = [task for task in self._stores if not task.done()]
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=within_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        if late:
+            log.warning(
+                "router stop: %d semantic Store(s) still running after %.1f s cancelled; "
+                "their answers are not cached in L1 (a later identical request calls the model)",
+                len(late),
+                within_s,
+            )
+
+    async def _drain(self, *, stores: bool) -> None:
+        def waited(task: asyncio.Future[Any]) -> bool:
+            return not task.done() and (stores or task not in self._stores)
+
+        while pending := [task for task in self._background if waited(task)]:
             ended = await asyncio.gather(*pending, return_exceptions=True)
             for failed in ended:
                 if isinstance(failed, Exception):

@@ -13,11 +13,12 @@ import pytest
 
 from cachemesh import build_request
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.router.outbox import BillingOutbox
 from services.router.pipeline import Pipeline
 from tests.unit.test_router_outbox import FakePrefix as DownPrefix
 from tests.unit.test_router_outbox import _commits
-from tests.unit.test_router_pipeline import FakePrefix, Rig
+from tests.unit.test_router_pipeline import FakePrefix, FakeSemantic, Rig
 
 
 @dataclass
@@ -71,3 +72,39 @@ async def test_a_bill_an_outbox_in_memory_still_holds_at_shutdown_is_logged_with
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert "a#1" in line and "tenant t" in line and "cost_nanos=4200" in line
     assert "lost" in line and "ROUTER_DATA_DIR" in line
+
+
+class HangingStores(FakeSemantic):
+    """A semantic-cache whose Store never answers (its WAL fsync stuck): each would run to its
+    10 s deadline."""
+
+    async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_shutdown_sends_the_bills_first_and_cuts_the_stores_short(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bills do not wait behind an L1 Store (each up to its 10 s deadline, past the stack's
+    SIGKILL); a Store still pending after its short bound is cancelled and counted in a log
+    line: it costs only a future hit."""
+    prefix = HeldWarms()
+    rig = Rig(semantic=HangingStores(), prefix=prefix)
+    pipeline = rig.pipeline()
+    prefix.answer["tenant-a"] = asyncio.Event()
+    prefix.answer["tenant-a"].set()
+    answered = pipeline.run("tenant-a", build_request("What is a tide?", model="sim-large"))
+    assert [c async for c in answered][-1].WhichOneof("part") == "end"  # its Store hangs
+    await _left_early(pipeline, "tenant-b")  # a bill, its WARM held
+    bills = asyncio.ensure_future(pipeline.drain_bills())
+    await asyncio.sleep(0.01)
+    assert not bills.done()
+    prefix.answer["tenant-b"].set()
+    await asyncio.wait_for(bills, 5)  # the bill is sent; the hanging Store is not awaited
+    finals = [c.tenant for c in prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert finals == ["tenant-a", "tenant-b"]
+    with caplog.at_level(logging.WARNING, logger="cachemesh.router"):
+        await asyncio.wait_for(pipeline.end_stores(0.05), 5)
+    assert any("1 semantic Store" in r.getMessage() for r in caplog.records)
+    await asyncio.wait_for(pipeline.drain(), 5)  # nothing left running
