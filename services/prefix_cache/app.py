@@ -11,10 +11,11 @@ from redis.exceptions import RedisError
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.env import ConfigError, Env, redacted_url, redis_url_error
+from services.common.env import ConfigError, Env, redacted_url
 from services.common.logs import configure_logging
 from services.common.metrics import LoopCounter, MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
+from services.common.redis_pool import bounded_redis
 from services.common.server import ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_tokenizers
@@ -25,6 +26,9 @@ from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 
+# the longest a call waits for one of the pool's connections: its caller's deadline, the
+# router's ROUTER_PREFIX_TIMEOUT_S (2 s by default); past it the call fails UNAVAILABLE
+REDIS_CONNECTION_WAIT_S = 2.0
 PREFIX_CACHE = prefix_cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"].full_name
 
 
@@ -36,7 +40,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     auth = InternalAuthInterceptor(settings.internal_token)
     provider = build_tracer_provider(environ, "prefix-cache")
     tokenizer = TokenizerSlot()
-    redis = _redis(settings.redis_url) if settings.redis_url is not None else None
+    redis = (
+        _redis(settings.redis_url, settings.redis_max_connections)
+        if settings.redis_url is not None
+        else None
+    )
     registry = new_registry()
     metrics = PrefixCacheMetrics(registry, warm_gauge=redis is None)  # no SCAN of Redis
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
@@ -94,8 +102,8 @@ def main() -> None:
     run_main("prefix-cache", serve)
 
 
-def _redis(url: str) -> Redis:
-    try:
-        return Redis.from_url(url)
-    except ValueError:  # its message may quote part of the password
-        raise redis_url_error("PREFIX_CACHE_REDIS_URL", url) from None
+def _redis(url: str, max_connections: int) -> Redis:
+    """The shared store's client, over at most PREFIX_CACHE_REDIS_MAX_CONNECTIONS connections;
+    a call finding them all busy waits for one as long as its caller waits for the answer (the
+    router's ROUTER_PREFIX_TIMEOUT_S, 2 s by default)."""
+    return bounded_redis("PREFIX_CACHE_REDIS_URL", url, max_connections, REDIS_CONNECTION_WAIT_S)

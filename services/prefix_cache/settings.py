@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
+from services.common.redis_pool import max_connections
 from services.common.server import ServerSettings
 from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS
 
@@ -25,6 +26,7 @@ class PrefixCacheSettings:
     max_warm_entries: int
     max_records: int
     redis_url: str | None  # set = warm prefixes, records, totals in Redis; unset = in process
+    redis_max_connections: int  # the most connections its Redis client may hold
     replica_capacity_blocks: int  # the KV capacity assumed per model replica (L3 view)
     plan_ttl_s: int  # how long a Plan's computed prompt waits for its WARM commit (0 = off)
     plan_memo_blocks: int  # the kept plans' budget, in KV block hashes' worth (core.Prompt.weight)
@@ -40,6 +42,7 @@ class PrefixCacheSettings:
             max_warm_entries=env.int("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
             max_records=env.int("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
             redis_url=env.optional_str("PREFIX_CACHE_REDIS_URL"),
+            redis_max_connections=max_connections(env, "PREFIX_CACHE_REDIS_MAX_CONNECTIONS"),
             replica_capacity_blocks=env.int(
                 "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS", 65536, minimum=1
             ),

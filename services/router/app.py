@@ -30,7 +30,7 @@ from services.router.outbox_journal import Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.routing.router import LocalEmbedder
-from services.router.servicer import GatewayServicer
+from services.router.servicer import LEDGER_TIMEOUT_S, GatewayServicer
 from services.router.settings import RouterSettings
 from services.semantic_cache.embedder import load_minilm_embedder
 
@@ -103,7 +103,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics.degraded,
         metrics.settles_lost,
     )
-    ledger = await build_answer_ledger(settings.answers_redis_url, settings.idempotency_ttl_s)
+    ledger = await build_answer_ledger(
+        settings.answers_redis_url,
+        settings.idempotency_ttl_s,
+        settings.limits.redis_max_connections,
+        LEDGER_TIMEOUT_S,
+    )
     if ledger is None:
         log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")
     requests = RequestLog(metrics, table, time.perf_counter, lines)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 from services.common.env import ConfigError, Env
+from services.common.redis_pool import DEFAULT_MAX_CONNECTIONS, max_connections
 from services.router.limits import DEFAULT_TIMEOUT_S, NANOS_PER_DOLLAR, LimitPolicy
 
 REQUESTS_PER_MIN = "ROUTER_LIMIT_REQUESTS_PER_MIN"
@@ -20,6 +21,7 @@ BUDGET_DAY = "ROUTER_BUDGET_USD_PER_DAY"
 BUDGET_MONTH = "ROUTER_BUDGET_USD_PER_MONTH"
 REDIS_URL = "ROUTER_LIMITS_REDIS_URL"
 TIMEOUT_S = "ROUTER_LIMITS_TIMEOUT_S"
+REDIS_MAX_CONNECTIONS = "ROUTER_REDIS_MAX_CONNECTIONS"  # each of the router's Redis clients
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class LimitSettings:
     policy: LimitPolicy
     redis_url: str | None  # set = shared by every router through Redis; unset = this process
     timeout_s: float = DEFAULT_TIMEOUT_S  # a store's answer waited for before it counts as failed
+    # the connections each of the router's Redis clients may hold (limits, answer ledger)
+    redis_max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @classmethod
     def from_env(cls, env: Env) -> LimitSettings:
@@ -39,6 +43,7 @@ class LimitSettings:
             ),
             redis_url=env.optional_str(REDIS_URL),
             timeout_s=env.float(TIMEOUT_S, DEFAULT_TIMEOUT_S, minimum=0.001),
+            redis_max_connections=max_connections(env, REDIS_MAX_CONNECTIONS),
         )
 
 

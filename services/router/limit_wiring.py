@@ -14,8 +14,9 @@ from redis.exceptions import RedisError
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
-from services.common.env import ConfigError, redacted_url, redis_url_error
+from services.common.env import ConfigError, redacted_url
 from services.common.models import ModelTable
+from services.common.redis_pool import bounded_redis
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
@@ -40,7 +41,10 @@ async def build_limiter(
     tier's, whose price is its baseline)."""
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
-        store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url))
+        redis = bounded_redis(
+            REDIS_URL, settings.redis_url, settings.redis_max_connections, settings.timeout_s
+        )
+        store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url, redis))
     return limiter_on(store, settings, clock, table, tokenizers, tracer, counted, lost)
 
 
@@ -65,19 +69,20 @@ def limiter_on(
     return Limiter(store, policies, clock, count, tracer, settings.timeout_s, counted, lost)
 
 
-async def build_answer_ledger(url: str | None, ttl_s: float) -> RedisAnswerLedger | None:
-    """The shared answer ledger when ROUTER_ANSWERS_REDIS_URL is set (checked at start-up)."""
+async def build_answer_ledger(
+    url: str | None, ttl_s: float, max_connections: int, timeout_s: float
+) -> RedisAnswerLedger | None:
+    """The shared answer ledger when ROUTER_ANSWERS_REDIS_URL is set (checked at start-up),
+    over at most ``max_connections`` connections, each call waiting up to ``timeout_s`` (the
+    ledger's own timeout) for one."""
     if url is None:
         return None
-    return RedisAnswerLedger(await _reachable(ANSWERS_REDIS_URL, url), ttl_s)
+    redis = bounded_redis(ANSWERS_REDIS_URL, url, max_connections, timeout_s)
+    return RedisAnswerLedger(await _reachable(ANSWERS_REDIS_URL, url, redis), ttl_s)
 
 
-async def _reachable(var: str, url: str) -> Redis:
-    """A client of the Redis at ``url`` (``var``'s value) that answered a PING."""
-    try:
-        redis = Redis.from_url(url)
-    except ValueError:
-        raise redis_url_error(var, url) from None
+async def _reachable(var: str, url: str, redis: Redis) -> Redis:
+    """``redis``, a client of the Redis at ``url`` (``var``'s value), once it answered a PING."""
     try:
         await redis.ping()
     except RedisError as exc:

@@ -1,0 +1,33 @@
+"""Redis clients whose connections are bounded: each on a ``BlockingConnectionPool``, so a
+burst of calls waits for a free connection (at most ``timeout_s``, its caller's own timeout)
+instead of opening one more. A bare ``Redis.from_url`` pool grows to the highest concurrency
+it has seen and never shrinks (one burst of 300 in flight left a router with 180 connections),
+and a few bursts over several processes reach Redis's ``maxclients``."""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from services.common.env import Env, redis_url_error
+
+# the connections of one client: above the 32 calls in flight the benchmarks run, with room
+DEFAULT_MAX_CONNECTIONS = 64
+
+
+def max_connections(env: Env, name: str) -> int:
+    """``name``: the most connections each of a service's Redis clients may hold (>= 1)."""
+    return env.int(name, DEFAULT_MAX_CONNECTIONS, minimum=1)
+
+
+def bounded_redis(var: str, url: str, max_connections: int, timeout_s: float | None) -> Redis:
+    """A client of the Redis at ``url`` (``var``'s value) holding at most ``max_connections``
+    connections; a call finding them all busy waits up to ``timeout_s`` for one (then redis's
+    ``ConnectionError``, a ``RedisError`` like any other failure of Redis; ``None``: as long as
+    its caller waits). Closing the client closes its pool."""
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s
+        )
+    except ValueError:  # its message may quote part of the password
+        raise redis_url_error(var, url) from None
+    return Redis.from_pool(pool)

@@ -1,0 +1,149 @@
+"""Each service's Redis clients hold at most their setting's connections: a burst of calls
+waits for a free connection (within the caller's own timeout) instead of opening one more.
+With bare ``Redis.from_url`` the pools grew to the burst's concurrency and never shrank (one
+burst of 300 in flight: the router 32 -> 180 connections, prefix-cache 12 -> 100, still open
+after 60 s idle), so a few bursts over several routers would reach Redis's maxclients. Each
+test runs N+k concurrent operations against a fresh real redis-server and reads CLIENT LIST."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import prefix_cache_pb2_grpc
+from services.common.clock import ManualClock
+from services.common.env import ConfigError, Env
+from services.common.models import load_model_table
+from services.common.tokens import load_tokenizers
+from services.prefix_cache.app import serve
+from services.prefix_cache.settings import PrefixCacheSettings
+from services.router.limit_settings import LimitSettings
+from services.router.limit_wiring import build_answer_ledger, build_limiter
+from services.router.limits import Ticket
+from services.tools.stack.ports import free_port
+from tests.redis_server import redis_server
+from tests.unit.test_prefix_cache_warm_gauge import TOKEN, _wait_serving
+
+TABLE = load_model_table()
+TOKENIZERS = load_tokenizers(TABLE.models.values())
+N, K = 4, 28  # the bound, and the calls beyond it in flight at once
+
+
+@pytest.fixture
+async def fresh_redis(tmp_path: Path) -> AsyncIterator[tuple[str, Redis]]:
+    """A redis-server of this test's own (no other client's connections), and an observer."""
+    with redis_server(tmp_path) as url:
+        observer = Redis.from_url(url)
+        try:
+            yield url, observer
+        finally:
+            await observer.aclose()
+
+
+async def _others(observer: Redis) -> int:
+    """The connections open to the server, the observer's own left out."""
+    return len(await observer.client_list()) - 1
+
+
+async def test_the_limits_redis_holds_at_most_its_setting_connections(
+    fresh_redis: tuple[str, Redis],
+) -> None:
+    url, observer = fresh_redis
+    settings = LimitSettings.from_env(
+        Env(
+            {
+                "ROUTER_LIMIT_REQUESTS_PER_MIN": "1000000",
+                "ROUTER_LIMITS_REDIS_URL": url,
+                "ROUTER_REDIS_MAX_CONNECTIONS": str(N),
+                "ROUTER_LIMITS_TIMEOUT_S": "30",  # a slow test machine never degrades
+            }
+        )
+    )
+    degraded: list[tuple[str, str]] = []
+    limiter = await build_limiter(
+        settings, ManualClock(), TABLE, TOKENIZERS, counted=lambda d, r: degraded.append((d, r))
+    )
+    try:
+        request = build_request("Where is my order?", model="sim-small")
+        tickets = await asyncio.gather(*(limiter.admit(f"t{i}", request) for i in range(N + K)))
+        assert all(isinstance(t, Ticket) for t in tickets)
+        assert degraded == []  # each waited for a connection, none failed
+        assert 1 <= await _others(observer) <= N
+    finally:
+        await asyncio.wait_for(limiter.close(), 10)
+
+
+async def test_the_answer_ledger_holds_at_most_its_setting_connections(
+    fresh_redis: tuple[str, Redis],
+) -> None:
+    url, observer = fresh_redis
+    ledger = await build_answer_ledger(url, 60, N, 30)
+    assert ledger is not None
+    try:
+        answer = pb.CompleteResponse(content=[pb.ContentBlock(text="Within thirty days.")])
+        await asyncio.gather(*(ledger.record("t", f"r{i}", "a" * 64, answer) for i in range(N + K)))
+        assert 1 <= await _others(observer) <= N
+        assert await observer.dbsize() == N + K  # every record written
+    finally:
+        await ledger.close()
+
+
+async def test_prefix_cache_holds_at_most_its_setting_connections(
+    fresh_redis: tuple[str, Redis],
+) -> None:
+    url, observer = fresh_redis
+    environ = {
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "PREFIX_CACHE_LISTEN": (address := f"127.0.0.1:{free_port()}"),
+        "PREFIX_CACHE_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+        "OTEL_SDK_DISABLED": "true",
+        "CACHEMESH_GRACE_S": "0",
+        "PREFIX_CACHE_REDIS_URL": url,
+        "PREFIX_CACHE_REDIS_MAX_CONNECTIONS": str(N),
+    }
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(environ, stop))
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await _wait_serving(channel, server)
+            stub = prefix_cache_pb2_grpc.PrefixCacheStub(channel)
+            commits = [
+                stub.Commit(
+                    pc.CommitRequest(
+                        tenant="t",
+                        request_id=f"r{i}",
+                        phase=pc.COMMIT_PHASE_WARM,
+                        model="sim-large",
+                        request=build_request(f"Rule {i}?", model="sim-large"),
+                    ),
+                    metadata=(("x-cachemesh-internal", TOKEN),),
+                    timeout=60,
+                )
+                for i in range(N + K)
+            ]
+            await asyncio.gather(*commits)  # each answered: none failed for want of one
+        assert 1 <= await _others(observer) <= N
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("read", "name"),
+    [
+        (lambda env: LimitSettings.from_env(env), "ROUTER_REDIS_MAX_CONNECTIONS"),
+        (lambda env: PrefixCacheSettings.from_env(env), "PREFIX_CACHE_REDIS_MAX_CONNECTIONS"),
+    ],
+)
+def test_a_bound_of_0_is_refused_at_start_up_naming_the_variable(read: object, name: str) -> None:
+    env = Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, name: "0"})
+    with pytest.raises(ConfigError, match=f"{name} must be >= 1, got 0"):
+        read(env)  # type: ignore[operator]
