@@ -93,7 +93,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         outbox,
         metrics=metrics,
     )
-    answers = IdempotencyTable(SystemClock(), settings.idempotency_ttl_s, settings.idempotency_max)
+    answers = IdempotencyTable(
+        SystemClock(),
+        settings.idempotency_ttl_s,
+        settings.idempotency_max,
+        settings.idempotency_max_bytes,
+    )
     limiter = await build_limiter(
         settings.limits,
         SystemClock(),

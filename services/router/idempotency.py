@@ -3,9 +3,10 @@
 The first call with an id runs; concurrent and later calls with the same (tenant, id) await
 its outcome. A failed first call releases the id so a retry runs again (the prefix-cache
 commit is idempotent by id too, so nothing is billed twice). Records live for a TTL read
-from the injected clock and the table is bounded as answers are kept: the oldest answered
-record is dropped first, never one whose call still runs (a retry of it must await it, not
-run the model again; those are bounded by the calls in flight).
+from the injected clock and the table is bounded as answers are kept, by count and by the
+answers' serialized bytes (a record holds its whole answer: 100,000 4k-token answers were
+2.2 GiB): the oldest answered record is dropped first, never one whose call still runs (a
+retry of it must await it, not run the model again; those are bounded by the calls in flight).
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ class IdempotencyConflict(Exception):
     """The request_id was used before for a different request."""
 
 
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # ROUTER_IDEMPOTENCY_MAX_BYTES
+
+
 @dataclass
 class _Record:
     fingerprint: str
     future: asyncio.Future[pb.CompleteResponse]
     created_ms: int
+    size: int = -1  # its answer's serialized bytes once kept (``kept``); -1: not kept
 
 
 def conflict(request_id: str) -> IdempotencyConflict:
@@ -42,12 +47,18 @@ def fingerprint(request: pb.CompleteRequest) -> str:
 
 
 class IdempotencyTable:
-    def __init__(self, clock: Clock, ttl_s: float, max_records: int) -> None:
+    def __init__(
+        self, clock: Clock, ttl_s: float, max_records: int, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
+        """``max_records``, ``max_bytes``: the answers kept, by count and by the sum of their
+        serialized sizes (``ByteSize``)."""
         self._clock = clock
         self._ttl_ms = int(ttl_s * 1000)
         self._max = max_records
+        self._max_bytes = max_bytes
         self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
-        self._answered = 0  # records whose answer was kept (``kept``); the bound counts these
+        self._answered = 0  # records whose answer was kept (``kept``); the bounds count these
+        self.held_bytes = 0  # the kept answers' serialized bytes
 
     def claim(
         self, tenant: str, request: pb.CompleteRequest, mark: str | None = None
@@ -73,28 +84,41 @@ class IdempotencyTable:
         later call's under the same id is left alone)."""
         record = self._records.get((tenant, request_id))
         if record is not None and record.future is future:
-            del self._records[(tenant, request_id)]
+            self._drop((tenant, request_id))
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def kept(self) -> None:
-        """An answer was kept (its future resolved): the answered records are bounded. Calls
-        still running never count (nor are dropped), so refused or failing calls, however
-        many, never push an answer out."""
+    def kept(self, tenant: str, request_id: str) -> None:
+        """The answer of (tenant, request_id) was kept (its future resolved): the answered
+        records are bounded. Calls still running never count (nor are dropped), so refused or
+        failing calls, however many, never push an answer out."""
+        record = self._records.get((tenant, request_id))
+        if record is None or record.size >= 0 or not record.future.done():
+            return
+        if record.future.cancelled() or record.future.exception() is not None:
+            return
+        record.size = record.future.result().ByteSize()
         self._answered += 1
-        excess = self._answered - self._max
-        if excess <= 0:
+        self.held_bytes += record.size
+        if self._answered <= self._max and self.held_bytes <= self._max_bytes:
             return
         done: list[tuple[str, str]] = []
-        for key, record in self._records.items():  # oldest first; stops at the excess
-            if record.future.done():
+        answered, held = self._answered, self.held_bytes
+        for key, each in self._records.items():  # oldest first; stops once within both
+            if each.size >= 0:
                 done.append(key)
-                if len(done) == excess:
+                answered, held = answered - 1, held - each.size
+                if answered <= self._max and held <= self._max_bytes:
                     break
         for key in done:
-            del self._records[key]
-        self._answered -= len(done)
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        record = self._records.pop(key)
+        if record.size >= 0:
+            self._answered -= 1
+            self.held_bytes -= record.size
 
     def _expire(self) -> None:
         """Drops the answered records past their TTL (oldest first); a call still running is
@@ -107,5 +131,4 @@ class IdempotencyTable:
             if record.future.done():
                 expired.append(key)
         for key in expired:
-            del self._records[key]
-        self._answered -= len(expired)
+            self._drop(key)

@@ -432,7 +432,7 @@ def _settle(
         return
     if end is not None:
         future.set_result(end)
-        answers.kept()
+        answers.kept(tenant, request.request_id)
         return
     answers.release(tenant, request.request_id, future)
     future.set_exception(

@@ -12,6 +12,7 @@ from services.common.server import ServerSettings
 from services.common.tls import ServerTls
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.balance import BalancePolicy
+from services.router.idempotency import DEFAULT_MAX_BYTES
 from services.router.key_settings import KeyStoreSettings
 from services.router.limit_settings import LimitSettings
 from services.router.replica_choice import POLICIES, ChoiceSettings, TtftPolicy
@@ -36,6 +37,7 @@ class RouterSettings:
     model_timeout_s: float
     idempotency_ttl_s: float
     idempotency_max: int
+    idempotency_max_bytes: int  # the kept answers' serialized bytes
     choice: ChoiceSettings  # which replica serves a model call (L3)
     limits: LimitSettings
     routing_threshold: float | None = None  # None = the router card's calibrated default
@@ -82,6 +84,7 @@ class RouterSettings:
             model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
             idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
+            idempotency_max_bytes=idempotency_max_bytes(env),
             choice=choice_from_env(env),
             limits=LimitSettings.from_env(env),
             routing_threshold=(
@@ -103,6 +106,12 @@ class RouterSettings:
             admin=admin_credential_from_env(env),
             admin_timeout_s=env.float("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
         )
+
+
+def idempotency_max_bytes(env: Env) -> int:
+    """ROUTER_IDEMPOTENCY_MAX_BYTES: the answer-once table's answers, in serialized bytes
+    (``0``: an answer is kept only while its call runs, for the duplicates awaiting it)."""
+    return env.int("ROUTER_IDEMPOTENCY_MAX_BYTES", DEFAULT_MAX_BYTES, minimum=0)
 
 
 def choice_from_env(env: Env) -> ChoiceSettings:

@@ -6,7 +6,9 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
-from services.router.idempotency import IdempotencyConflict, IdempotencyTable
+from services.common.env import ConfigError, Env
+from services.router.idempotency import DEFAULT_MAX_BYTES, IdempotencyConflict, IdempotencyTable
+from services.router.settings import idempotency_max_bytes
 
 
 def _req(request_id: str, text: str = "hi") -> pb.CompleteRequest:
@@ -64,7 +66,7 @@ async def test_table_is_bounded() -> None:
     table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=2)
     for i in range(3):
         table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
-        table.kept()  # as the servicer does when it keeps an answer
+        table.kept("t", f"r{i}")  # as the servicer does when it keeps an answer
     assert len(table) == 2
     assert table.claim("t", _req("r0"))[0]  # the oldest was dropped
 
@@ -75,7 +77,7 @@ async def test_a_call_still_running_is_never_dropped_by_the_bound() -> None:
     _, running = table.claim("t", _req("r0"))
     for i in (1, 2, 3):  # two answers fit: the third pushes the oldest answer out
         table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
-        table.kept()
+        table.kept("t", f"r{i}")
     claimed, same = table.claim("t", _req("r0"))
     assert not claimed and same is running
     assert table.claim("t", _req("r1"))[0]  # the oldest answered one went instead
@@ -90,7 +92,61 @@ async def test_a_call_still_running_does_not_keep_expired_answers_alive() -> Non
     table.claim("t", _req("long"))  # a long stream, still running
     for i in range(3):
         table.claim("t", _req(f"r{i}"))[1].set_result(pb.CompleteResponse())
-        table.kept()
+        table.kept("t", f"r{i}")
     clock.advance(s=3600)
     assert table.claim("t", _req("r0"))[0]  # expired: a new call
     assert not table.claim("t", _req("long"))[0]  # the running one is still awaited
+
+
+def _answer(request_id: str, words: int) -> pb.CompleteResponse:
+    text = " ".join(f"w{i}" for i in range(words))
+    return pb.CompleteResponse(content=[pb.ContentBlock(text=text)], request_id=request_id)
+
+
+async def test_the_table_is_bounded_by_its_answers_bytes_the_oldest_answered_out_first() -> None:
+    """Bounded by count only, 100,000 whole answers held 2.2 GiB at 4k-token answers: the
+    answers' serialized bytes are bounded too, the oldest answered records dropped first."""
+    size = _answer("r0", 400).ByteSize()
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=1000, max_bytes=3 * size)
+    _, running = table.claim("t", _req("long"))  # still running: never dropped, never counted
+    for i in range(5):
+        table.claim("t", _req(f"r{i}"))[1].set_result(_answer(f"r{i}", 400))
+        table.kept("t", f"r{i}")
+        assert table.held_bytes <= 3 * size
+    assert table.held_bytes == 3 * size
+    assert table.claim("t", _req("r0"))[0] and table.claim("t", _req("r1"))[0]  # the oldest went
+    assert not any(table.claim("t", _req(f"r{i}"))[0] for i in (2, 3, 4))
+    claimed, same = table.claim("t", _req("long"))
+    assert not claimed and same is running
+
+
+async def test_bytes_leave_the_count_when_records_expire_or_are_released() -> None:
+    clock = ManualClock()
+    size = _answer("r0", 100).ByteSize()
+    table = IdempotencyTable(clock, ttl_s=60, max_records=1000, max_bytes=10 * size)
+    _, failed = table.claim("t", _req("failed"))
+    table.release("t", "failed", failed)
+    for i in range(2):
+        table.claim("t", _req(f"r{i}"))[1].set_result(_answer(f"r{i}", 100))
+        table.kept("t", f"r{i}")
+    assert table.held_bytes == 2 * size
+    clock.advance(s=61)
+    table.claim("t", _req("next"))  # expires the two answers
+    assert table.held_bytes == 0
+
+
+async def test_an_answer_larger_than_the_bound_is_not_kept_past_its_call() -> None:
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=1000, max_bytes=0)
+    _, future = table.claim("t", _req("r0"))
+    waiting, same = table.claim("t", _req("r0"))  # a duplicate awaiting the running call
+    future.set_result(_answer("r0", 10))
+    table.kept("t", "r0")
+    assert not waiting and (await same).request_id == "r0"  # it still got the answer
+    assert table.held_bytes == 0 and len(table) == 0
+
+
+def test_the_byte_bound_is_read_at_start_up() -> None:
+    assert idempotency_max_bytes(Env({})) == DEFAULT_MAX_BYTES == 256 * 1024 * 1024
+    assert idempotency_max_bytes(Env({"ROUTER_IDEMPOTENCY_MAX_BYTES": "0"})) == 0
+    with pytest.raises(ConfigError, match="ROUTER_IDEMPOTENCY_MAX_BYTES must be >= 0, got -1"):
+        idempotency_max_bytes(Env({"ROUTER_IDEMPOTENCY_MAX_BYTES": "-1"}))

@@ -221,6 +221,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_MODEL_TIMEOUT_S",
             "ROUTER_IDEMPOTENCY_TTL_S",
             "ROUTER_IDEMPOTENCY_MAX",
+            "ROUTER_IDEMPOTENCY_MAX_BYTES",
             "ROUTER_BALANCE_ABS_THRESHOLD",
             "ROUTER_BALANCE_REL_THRESHOLD",
             "ROUTER_CACHE_THRESHOLD",
