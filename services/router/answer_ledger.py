@@ -15,7 +15,10 @@ that resends it marks it ``cachemesh-retry: 1``) must neither call the model nor
   a claim (its own, or one that lapsed and was taken since: the first answer recorded stays).
 
 Keys are a hash of the tenant and the request id (no caller text in Redis's key space); an
-answer's value is the request's fingerprint and the serialized answer, a claim's ``?``, the
+answer's value is the request's fingerprint, a NUL and the serialized answer compressed with
+zlib (each answer lives in Redis for the idempotency TTL, 24 h by default: see the README's
+sizing); a value written before without the NUL (no serialized answer starts with one: field 0
+does not exist) is the serialized answer itself, still read. A claim's value is ``?``, the
 fingerprint and its holder's token. A Redis that fails is logged and the request still goes
 on: it is served (once on this router), only its protection across routers is lost.
 """
@@ -27,10 +30,12 @@ import hashlib
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 _PREFIX = b"cachemesh:answer:"
 _FINGERPRINT_BYTES = 64  # sha256 hex of the request (idempotency.fingerprint)
 _CLAIM = b"?"  # a claim's first byte (an answer's is the fingerprint's, a hex digit)
+_COMPRESSED = b"\0"  # after an answer's fingerprint: the rest is zlib of the serialized answer
 CLAIM_LEASE_S = 10.0  # a claim lapses this long after its holder last renewed it
 # A claim is renewed every third of its lease; after a renewal that failed, tried again after
 # this share of the lease (10 s: 0.5 s), so a Redis that missed one renewal still gets several
@@ -158,8 +164,10 @@ class RedisAnswerLedger:
             return Claimed(value)
         if held.startswith(_CLAIM):
             return Running(held[1 : 1 + _FINGERPRINT_BYTES].decode())
-        answer = pb.CompleteResponse()
-        answer.ParseFromString(held[_FINGERPRINT_BYTES:])
+        try:
+            answer = _answer(held[_FINGERPRINT_BYTES:])
+        except (zlib.error, DecodeError) as exc:  # e.g. a format a later version wrote
+            raise LedgerUnavailable(f"a recorded answer does not read ({exc})") from None
         return Recorded(held[:_FINGERPRINT_BYTES].decode(), answer)
 
     async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
@@ -209,7 +217,7 @@ class RedisAnswerLedger:
     async def record(
         self, tenant: str, request_id: str, fingerprint: str, answer: pb.CompleteResponse
     ) -> None:
-        value = fingerprint.encode() + answer.SerializeToString()
+        value = fingerprint.encode() + _COMPRESSED + zlib.compress(answer.SerializeToString())
         try:
             await self._record(keys=[ledger_key(tenant, request_id)], args=[value, self._ttl_ms])
         except RedisError as exc:
@@ -217,3 +225,12 @@ class RedisAnswerLedger:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _answer(stored: bytes) -> pb.CompleteResponse:
+    """A recorded answer from its stored bytes: compressed, or as written before (serialized)."""
+    if stored.startswith(_COMPRESSED):
+        stored = zlib.decompress(stored[len(_COMPRESSED) :])
+    answer = pb.CompleteResponse()
+    answer.ParseFromString(stored)
+    return answer

@@ -6,6 +6,7 @@ the protection. The ledger is a real Redis (tests/redis_server.py); the pipeline
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,7 +26,14 @@ from services.common.metrics import TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.router import servicer as servicer_module
 from services.router.access_log import RequestLog
-from services.router.answer_ledger import Claimed, RedisAnswerLedger, Running, ledger_key
+from services.router.answer_ledger import (
+    Claimed,
+    LedgerUnavailable,
+    Recorded,
+    RedisAnswerLedger,
+    Running,
+    ledger_key,
+)
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
@@ -759,6 +767,39 @@ def test_a_failed_renewal_is_retried_before_the_claim_lapses(redis_url: str) -> 
             await ledger.hold("tenant-a", "req-r", claimed)
         assert ledger.failures == 0 and await client.pttl(key) <= 30_000  # the third renewed
         assert sum(slept[:3]) < 30 * 0.5  # within half the lease of the claim
+
+
+def _long_answer(request_id: str) -> pb.CompleteResponse:
+    """A model's answer as the router records it: prose, usage, cost, ids."""
+    words = ("the", "cache", "keeps", "each", "answer", "for", "one", "user", "while", "a", "model")
+    draw = random.Random(request_id)
+    text = " ".join(draw.choice(words) for _ in range(400))
+    return pb.CompleteResponse(
+        content=[pb.ContentBlock(text=text)],
+        served_by=pb.LAYER_MODEL,
+        model="sim-large",
+        tier="large",
+        stop_reason="end_turn",
+        usage=pb.Usage(input_tokens=1200, output_tokens=400),
+        trace_id="0123456789abcdef0123456789abcdef",
+        request_id=request_id,
+    )
+
+
+def test_a_recorded_answer_is_stored_compressed_and_read_back_whole(redis_url: str) -> None:
+    """Each billed answer lives in the shared Redis for ROUTER_IDEMPOTENCY_TTL_S (24 h): stored
+    as its serialized bytes it was ~1.1 kB a request in Redis, ~14 GB a day at 100 req/s."""
+
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        ledger = RedisAnswerLedger(client, ttl_s=60)
+        answer = _long_answer("req-z")
+        await ledger.record("tenant-a", "req-z", "f" * 64, answer)
+        stored = await client.get(ledger_key("tenant-a", "req-z"))
+        assert isinstance(stored, bytes) and stored.startswith(b"f" * 64)
+        assert len(stored) - 64 < answer.ByteSize() / 2
+        recorded = await ledger.claim("tenant-a", "req-z", "f" * 64)
+        assert recorded == Recorded("f" * 64, answer)
         await ledger.close()
 
     asyncio.run(run())
@@ -783,3 +824,31 @@ def test_a_renewal_failing_past_the_lease_says_the_claim_may_have_lapsed(
     asyncio.run(run())
     lapsed = [r for r in caplog.records if "may have lapsed" in r.message]
     assert len(lapsed) == 1
+
+
+def test_a_record_written_uncompressed_before_is_still_read(redis_url: str) -> None:
+    """Records written before the answers were compressed live out their TTL: still served."""
+
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        ledger = RedisAnswerLedger(client, ttl_s=60)
+        for request_id, answer in (("old", _long_answer("old")), ("empty", pb.CompleteResponse())):
+            key = ledger_key("tenant-a", request_id)
+            await client.set(key, b"e" * 64 + answer.SerializeToString(), px=60_000)
+            recorded = await ledger.claim("tenant-a", request_id, "e" * 64)
+            assert recorded == Recorded("e" * 64, answer)
+        await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_a_record_that_does_not_read_costs_only_the_protection(redis_url: str) -> None:
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        ledger = RedisAnswerLedger(client, ttl_s=60)
+        await client.set(ledger_key("tenant-a", "bad"), b"e" * 64 + b"\0not zlib", px=60_000)
+        with pytest.raises(LedgerUnavailable, match="does not read"):
+            await ledger.claim("tenant-a", "bad", "e" * 64)
+        await ledger.close()
+
+    asyncio.run(run())
