@@ -107,3 +107,22 @@ def test_a_state_file_that_cannot_be_written_does_not_end_supervision(
     assert first is not None
     os.kill(first, signal.SIGKILL)
     _until(lambda: napper.pid() not in (None, first))
+
+
+def test_a_services_log_is_opened_for_append_from_its_first_start(napper: Napper) -> None:
+    """logrotate's copytruncate (the README's rotation) is safe only for a writer in O_APPEND
+    mode: the first start opened the log "wb", so after a truncation the process went on
+    writing at its old offset, leaving the copied bytes as a hole of NULs in the new file."""
+    log = napper.pid_path.parent.parent / "logs" / "napper.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"a previous run's lines\n")
+    napper.thread.start()
+    _until(lambda: napper.pid() is not None)
+    pid = napper.pid()
+    flags = next(
+        int(line.split()[1], 8)
+        for line in Path(f"/proc/{pid}/fdinfo/1").read_text().splitlines()
+        if line.startswith("flags:")
+    )
+    assert flags & os.O_APPEND
+    assert log.read_bytes() == b""  # still one run per log: the previous run's lines gone

@@ -236,8 +236,12 @@ class Supervisor:
         spec = slot.spec
         log_path = Path(spec.log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab" if append else "wb") as log:
-            if append:
+        # always O_APPEND (a first start truncates first): so logrotate's copytruncate leaves
+        # the process writing at the new end, not at its old offset past a hole of NULs
+        with log_path.open("ab") as log:
+            if not append:
+                log.truncate(0)
+            else:
                 why = why or f"restarted by the supervisor (#{slot.restarts})"
                 log.write(f"\n--- {why} ---\n".encode())
                 log.flush()
