@@ -26,14 +26,26 @@ def _env_names_read(package: Path) -> set[str]:
     ``<PREFIX>_METRICS_LISTEN`` of MetricsSettings.from_env) in a package."""
     names: set[str] = set()
     for path in package.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # NAME = "ROUTER_..." at module level, then env.float(NAME, ...): the name counts too
+        constants = {
+            target.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue
-            literals = [
-                a.value
-                for a in node.args
-                if isinstance(a, ast.Constant) and isinstance(a.value, str)
-            ]
+            literals: list[str] = []
+            for a in node.args:
+                if isinstance(a, ast.Constant) and isinstance(a.value, str):
+                    literals.append(a.value)
+                elif isinstance(a, ast.Name) and a.id in constants:
+                    literals.append(constants[a.id])
             if node.func.attr in _ENV_READERS and literals and _NAME.match(literals[0]):
                 names.add(literals[0])
             owner = node.func.value

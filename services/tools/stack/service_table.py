@@ -239,6 +239,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_BUDGET_USD_PER_DAY",
             "ROUTER_BUDGET_USD_PER_MONTH",
             "ROUTER_LIMITS_REDIS_URL",
+            "ROUTER_LIMITS_TIMEOUT_S",
             "ROUTER_REDIS_MAX_CONNECTIONS",
             "ROUTER_TLS_CERT_FILE",
             "ROUTER_TLS_KEY_FILE",
