@@ -113,3 +113,60 @@ def test_a_stream_the_caller_stops_reading_is_cancelled(
 
         ended = asyncio.run(aio())
     assert ended, "the Gateway is still generating for a caller that stopped reading"
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+@pytest.mark.parametrize("how", ["with", "close"])
+def test_a_held_stream_is_cancelled_when_closed(
+    gateway: tuple[FakeGateway, str], kind: str, how: str
+) -> None:
+    """A stream the caller keeps a reference to (a name, the ``with`` target) is not collected
+    after a ``break``: leaving the ``with`` block, or ``close()``/``aclose()``, ends the RPC
+    itself, while the stream is still held."""
+    fake, target = gateway
+    request = build_request("Write a long essay.", max_tokens=LONG)
+    if kind == "sync":
+        with Client(target, api_key="k") as client:
+            if how == "with":
+                with client.stream(request) as chunks:
+                    for chunk in chunks:
+                        if chunk.WhichOneof("part") == "delta":
+                            break
+            else:
+                chunks = client.stream(request)
+                for chunk in chunks:
+                    if chunk.WhichOneof("part") == "delta":
+                        break
+                chunks.close()
+            ended = fake.stream_ended.wait(timeout=10)
+            assert list(chunks) == []  # a closed stream yields nothing more, and raises nothing
+    else:
+
+        async def aio() -> bool:
+            async with AsyncClient(target, api_key="k") as client:
+                if how == "with":
+                    async with client.stream(request) as chunks:
+                        async for chunk in chunks:
+                            if chunk.WhichOneof("part") == "delta":
+                                break
+                else:
+                    chunks = client.stream(request)
+                    async for chunk in chunks:
+                        if chunk.WhichOneof("part") == "delta":
+                            break
+                    await chunks.aclose()
+                ended = await asyncio.to_thread(fake.stream_ended.wait, 10)
+                assert [chunk async for chunk in chunks] == []
+                return ended
+
+        ended = asyncio.run(aio())
+    assert ended, "the Gateway is still generating for a caller that closed its stream"
+
+
+def test_a_stream_left_unread_starts_no_call(gateway: tuple[FakeGateway, str]) -> None:
+    """As before: the call starts on the first read, so a stream made and closed unread costs
+    nothing."""
+    fake, target = gateway
+    with Client(target, api_key="k") as client, client.stream(build_request("hi")):
+        pass
+    assert fake.metadata == []

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cachemesh._channel import channel_options
-    from cachemesh._client import AsyncClient, Client
+    from cachemesh._client import AsyncChunkStream, AsyncClient, ChunkStream, Client
     from cachemesh._errors import (
         AuthenticationError,
         CachemeshError,
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from cachemesh._tls import Tls
 
 _HOMES = {
+    "AsyncChunkStream": "cachemesh._client",
     "AsyncClient": "cachemesh._client",
+    "ChunkStream": "cachemesh._client",
     "Client": "cachemesh._client",
     "AuthenticationError": "cachemesh._errors",
     "CachemeshError": "cachemesh._errors",
@@ -44,9 +46,11 @@ _HOMES = {
 }
 
 __all__ = [
+    "AsyncChunkStream",
     "AsyncClient",
     "AuthenticationError",
     "CachemeshError",
+    "ChunkStream",
     "Client",
     "InvalidRequestError",
     "NotFoundError",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
+from typing import Any, cast
 
 import grpc
 
@@ -16,6 +18,113 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class ChunkStream(Iterator[pb.CompleteChunk]):
+    """The chunks of one ``Client.stream`` call, the last one its ``end``; a stream that stops
+    before it raises ``UnavailableError`` (never an incomplete answer taken for a whole one).
+    The call starts at the first read. ``close()``, or leaving ``with client.stream(r) as
+    chunks:``, cancels it: the Gateway stops generating and bills what it produced. A bare
+    ``break`` out of a stream still held (by a name, or the ``with`` target before the block
+    ends) does not cancel it until it is closed or garbage-collected."""
+
+    def __init__(self, start: Callable[[], Any], request_id: str) -> None:
+        self._start = start
+        self._call: Any = None  # gRPC's call: an iterator of the chunks, and cancel()
+        self._request_id = request_id
+        self._ended = False  # the ``end`` chunk came
+        self._done = False  # nothing more to read: ended, failed or closed
+
+    def __iter__(self) -> ChunkStream:
+        return self
+
+    def __next__(self) -> pb.CompleteChunk:
+        if self._done:
+            raise StopIteration
+        if self._call is None:
+            self._call = self._start()
+        try:
+            chunk: pb.CompleteChunk = next(self._call)
+        except StopIteration:
+            self._done = True
+            if not self._ended:
+                raise incomplete(self._request_id) from None
+            raise
+        except grpc.RpcError as error:
+            self._done = True
+            raise from_rpc_error(error, self._request_id) from error
+        self._ended = chunk.WhichOneof("part") == "end"
+        return chunk
+
+    def close(self) -> None:
+        """Cancels the call (a no-op once it has ended); the stream yields nothing more."""
+        self._done = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def __enter__(self) -> ChunkStream:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
+    """As :class:`ChunkStream`, for ``AsyncClient.stream``: ``aclose()``, leaving ``async with
+    client.stream(r) as chunks:`` or ``contextlib.aclosing`` cancels the call."""
+
+    def __init__(self, start: Callable[[], Any], request_id: str) -> None:
+        self._start = start
+        self._call: Any = None  # gRPC's aio call: read() and cancel()
+        self._request_id = request_id
+        self._ended = False
+        self._done = False
+
+    def __aiter__(self) -> AsyncChunkStream:
+        return self
+
+    async def __anext__(self) -> pb.CompleteChunk:
+        if self._done:
+            raise StopAsyncIteration
+        if self._call is None:
+            self._call = self._start()
+        try:
+            chunk = await self._call.read()
+        except grpc.RpcError as error:
+            self._done = True
+            raise from_rpc_error(error, self._request_id) from error
+        except asyncio.CancelledError:  # the reading task was cancelled: so is the call
+            await self.aclose()
+            raise
+        if chunk is grpc.aio.EOF:
+            self._done = True
+            if not self._ended:
+                raise incomplete(self._request_id)
+            raise StopAsyncIteration
+        self._ended = chunk.WhichOneof("part") == "end"
+        return cast(pb.CompleteChunk, chunk)
+
+    async def aclose(self) -> None:
+        """Cancels the call (a no-op once it has ended); the stream yields nothing more."""
+        self._done = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def __del__(self) -> None:
+        # dropped unclosed (``break`` out of ``async for chunk in client.stream(r)``): gRPC's
+        # aio call is held in cycles by its own tasks, so it would run on until collected
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aenter__(self) -> AsyncChunkStream:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
 
 class Client:
@@ -60,23 +169,16 @@ class Client:
             raise from_rpc_error(error, sent.request_id) from error
         return response
 
-    def stream(self, request: pb.CompleteRequest) -> Iterator[pb.CompleteChunk]:
-        """The answer's chunks, the last one its ``end``; a stream that stops before it raises
-        ``UnavailableError`` (never an incomplete answer taken for a whole one). Stopping
-        reading (``break``, ``close()``) cancels the call: the Gateway stops generating."""
+    def stream(self, request: pb.CompleteRequest) -> ChunkStream:
+        """The answer's chunks, the last one its ``end``, as a :class:`ChunkStream`: use it in
+        ``with client.stream(request) as chunks:`` (leaving the block cancels the call) or
+        iterate it and ``close()`` it."""
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
-        ended = False
-        try:
-            for chunk in self._stub.StreamComplete(
-                sent, metadata=metadata, timeout=self._timeout_s
-            ):
-                ended = chunk.WhichOneof("part") == "end"
-                yield chunk
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, sent.request_id) from error
-        if not ended:
-            raise incomplete(sent.request_id)
+        return ChunkStream(
+            lambda: self._stub.StreamComplete(sent, metadata=metadata, timeout=self._timeout_s),
+            sent.request_id,
+        )
 
     def ask(
         self,
@@ -138,26 +240,15 @@ class AsyncClient:
             raise from_rpc_error(error, sent.request_id) from error
         return response
 
-    async def stream(self, request: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
-        """As ``Client.stream``; stopping reading cancels the call when the generator is
-        closed: at once with ``contextlib.aclosing`` or ``aclose()``, soon after a ``break``
-        (when the event loop finalises it)."""
+    def stream(self, request: pb.CompleteRequest) -> AsyncChunkStream:
+        """As ``Client.stream``, an :class:`AsyncChunkStream`: ``async with client.stream(r)
+        as chunks:``, or ``async for`` over it and ``aclose()`` it."""
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
-        call = self._stub.StreamComplete(sent, metadata=metadata, timeout=self._timeout_s)
-        ended = False
-        try:
-            async for chunk in call:
-                ended = chunk.WhichOneof("part") == "end"
-                yield chunk
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, sent.request_id) from error
-        finally:
-            # a caller that stopped reading (break, aclose): end the RPC, so the Gateway stops
-            # the model call and bills what it produced (no-op once the stream has ended)
-            call.cancel()
-        if not ended:
-            raise incomplete(sent.request_id)
+        return AsyncChunkStream(
+            lambda: self._stub.StreamComplete(sent, metadata=metadata, timeout=self._timeout_s),
+            sent.request_id,
+        )
 
     async def ask(
         self,
