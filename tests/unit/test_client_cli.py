@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from cachemesh import cli
+from cachemesh import Tls, cli
 from cachemesh.cli import main
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
+from tests.certs import Authority
 
 SETTINGS = ("CACHEMESH_TLS", "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE")
 KEY = "cm_live_not_for_cleartext"
@@ -118,3 +120,47 @@ def test_cachemesh_tls_reads_what_the_services_read(
     """services/common/env.py's ``Env.bool``: unset or empty is the default (false here)."""
     monkeypatch.setenv("CACHEMESH_TLS", value)
     assert cli.env_bool("CACHEMESH_TLS") is expected
+
+
+NOT_PEM = "pasted-by-mistake-0123456789"  # what a file that is not PEM holds
+
+
+@pytest.mark.parametrize(
+    ("flag", "lacks"),
+    [("--ca-file", "CERTIFICATE"), ("--cert-file", "CERTIFICATE"), ("--key-file", "PRIVATE KEY")],
+)
+@pytest.mark.parametrize("command", [["ask", "hi"], ["admin", "stats"]])
+def test_a_tls_file_that_is_not_pem_is_an_error_naming_it(
+    gateway: tuple[PlaintextGateway, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    flag: str,
+    lacks: str,
+    command: list[str],
+) -> None:
+    """gRPC takes any bytes and then every call waits out its deadline (DEADLINE_EXCEEDED,
+    TLS never named): the file is checked before a channel is made, one line, exit 2, and
+    never its contents."""
+    fake, target = gateway
+    authority = Authority(tmp_path)
+    issued = authority.issue("client", server=False)
+    files = {"--ca-file": authority.ca, "--cert-file": issued.cert, "--key-file": issued.key}
+    files[flag] = tmp_path / "not-pem.pem"
+    files[flag].write_text(NOT_PEM + "\n")
+    monkeypatch.setenv("CACHEMESH_API_KEY", KEY)
+    monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN", "admin-token-for-the-cli-tests")
+    tls = [arg for pair in files.items() for arg in (pair[0], str(pair[1]))]
+    assert main(["--target", target, *tls, *command]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert str(files[flag]) in err and lacks in err
+    assert NOT_PEM not in err
+    assert fake.keys == []
+
+
+def test_pem_tls_files_make_credentials(tmp_path: Path) -> None:
+    """The check lets real PEM files through (so the test above can fail only on the check)."""
+    authority = Authority(tmp_path)
+    issued = authority.issue("client", server=False)
+    Tls(ca_file=authority.ca, cert_file=issued.cert, key_file=issued.key).credentials()
