@@ -50,7 +50,12 @@ def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[PlaintextGateway,
 
 
 def _ask(target: str) -> int:
-    return main(["--target", target, "--key", KEY, "ask", "hi"])
+    return main(["--target", target, "ask", "hi"])
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHEMESH_API_KEY", KEY)
 
 
 def test_the_plaintext_gateway_gets_the_key_when_tls_is_off(
@@ -102,7 +107,7 @@ def test_an_empty_ca_file_flag_is_an_error_too(
     gateway: tuple[PlaintextGateway, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake, target = gateway
-    assert main(["--target", target, "--key", KEY, "--ca-file", "", "ask", "hi"]) == 2
+    assert main(["--target", target, "--ca-file", "", "ask", "hi"]) == 2
     assert "--ca-file (env CACHEMESH_CA_FILE) is empty" in capsys.readouterr().err
     assert fake.keys == []
 
@@ -148,7 +153,6 @@ def test_a_tls_file_that_is_not_pem_is_an_error_naming_it(
     files = {"--ca-file": authority.ca, "--cert-file": issued.cert, "--key-file": issued.key}
     files[flag] = tmp_path / "not-pem.pem"
     files[flag].write_text(NOT_PEM + "\n")
-    monkeypatch.setenv("CACHEMESH_API_KEY", KEY)
     monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN", "admin-token-for-the-cli-tests")
     tls = [arg for pair in files.items() for arg in (pair[0], str(pair[1]))]
     assert main(["--target", target, *tls, *command]) == 2
@@ -164,3 +168,64 @@ def test_pem_tls_files_make_credentials(tmp_path: Path) -> None:
     authority = Authority(tmp_path)
     issued = authority.issue("client", server=False)
     Tls(ca_file=authority.ca, cert_file=issued.cert, key_file=issued.key).credentials()
+
+
+@pytest.mark.parametrize("value", ["99999999999", "-3000000000", "0", "-1", "2147483648", "many"])
+def test_max_tokens_out_of_range_is_a_usage_error(
+    gateway: tuple[PlaintextGateway, str], capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """Not a traceback from protobuf's int32 field: argparse's error, exit 2, nothing sent."""
+    fake, target = gateway
+    with pytest.raises(SystemExit) as exited:
+        main(["--target", target, "ask", "--max-tokens", value, "hi"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-tokens" in err and "from 1 to 2147483647" in err
+    assert fake.keys == []
+
+
+def test_the_largest_max_tokens_is_sent(gateway: tuple[PlaintextGateway, str]) -> None:
+    fake, target = gateway
+    assert main(["--target", target, "ask", "--max-tokens", "2147483647", "hi"]) == 0
+    assert fake.keys == [f"Bearer {KEY}"]
+
+
+SECRET = "caf\udce9 my password is hunter2"  # a Latin-1 byte in argv: a lone surrogate
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["ask", SECRET], "the question is not valid UTF-8"),
+        (["ask", "--system", SECRET, "hi"], "--system is not valid UTF-8"),
+        (["ask", "--namespace", SECRET, "hi"], "--namespace is not valid UTF-8"),
+    ],
+)
+def test_text_that_is_not_utf8_is_an_error_that_never_echoes_it(
+    gateway: tuple[PlaintextGateway, str],
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    said: str,
+) -> None:
+    fake, target = gateway
+    assert main(["--target", target, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err, err
+    assert "hunter2" not in err
+    assert fake.keys == []
+
+
+@pytest.mark.parametrize("command", [["ask", "hi"], ["admin", "stats"]])
+def test_an_api_key_on_the_command_line_is_refused(
+    gateway: tuple[PlaintextGateway, str],
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    """As the admin token: other users' ``ps`` shows the command line, so ``--key`` is
+    refused (never used, never echoed) and CACHEMESH_API_KEY named."""
+    fake, target = gateway
+    assert main(["--target", target, "--key", "cm_live_on_the_command_line", *command]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CACHEMESH_API_KEY" in err, err
+    assert "cm_live_on_the_command_line" not in err
+    assert fake.keys == []

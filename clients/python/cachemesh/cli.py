@@ -54,18 +54,53 @@ def _tls(args: argparse.Namespace) -> Tls | None:
     return None
 
 
+MAX_TOKENS_MAX = 2**31 - 1  # the request's int32 field
+
+
+def _max_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_TOKENS_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_TOKENS_MAX}, got {text!r}"
+        )
+    return value
+
+
+def _check_utf8(args: argparse.Namespace) -> None:
+    """Text gRPC cannot send (argv bytes that are not UTF-8 arrive as lone surrogates): a
+    ValueError naming the argument, never its text (a question may be private)."""
+    for what, value in (
+        ("the question", args.question),
+        ("--system", args.system),
+        ("--model", args.model),
+        ("--namespace", args.namespace),
+        ("--request-id", args.request_id),
+    ):
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{what} is not valid UTF-8 (check the terminal's or the file's encoding)"
+            ) from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cachemesh", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cachemesh",
+        description=__doc__,
+        epilog="The API key comes from CACHEMESH_API_KEY (`source .run/demo-keys.env` sets "
+        "CACHEMESH_KEY_A/B; `make keys` writes them), never from the command line.",
+    )
     parser.add_argument(
         "--target",
         default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET),
         help="the Gateway's host:port (env CACHEMESH_TARGET)",
     )
-    parser.add_argument(
-        "--key",
-        default=os.environ.get("CACHEMESH_API_KEY"),
-        help="API key (env CACHEMESH_API_KEY; `make keys` writes demo keys to .run/)",
-    )
+    # refused when given (main): the API key comes from CACHEMESH_API_KEY only
+    parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--ca-file",
         default=os.environ.get("CACHEMESH_CA_FILE"),
@@ -91,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="ask one question")
     ask.add_argument("question")
     ask.add_argument("--model", default="auto", help='a model id or "auto" (default)')
-    ask.add_argument("--max-tokens", type=int, default=512)
+    ask.add_argument("--max-tokens", type=_max_tokens, default=512, help="1 to 2147483647")
     ask.add_argument("--system", default=None, help="a system prompt")
     ask.add_argument("--namespace", default="", help="semantic-cache namespace")
     ask.add_argument("--request-id", default="", help="idempotency key")
@@ -126,6 +161,13 @@ def _report(response: pb.CompleteResponse) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.key is not None:  # never echoed: it is already in the shell's history and ps
+        print(
+            "cachemesh: --key is refused: other users' ps would see the API key; "
+            "set CACHEMESH_API_KEY instead",
+            file=sys.stderr,
+        )
+        return 2
     try:
         tls = _tls(args)
     except ValueError as error:
@@ -133,25 +175,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "admin":
         return run_admin(args, args.target, tls)
-    if not args.key:
-        print("cachemesh: no API key: pass --key or set CACHEMESH_API_KEY", file=sys.stderr)
+    key = os.environ.get("CACHEMESH_API_KEY", "")
+    if not key.strip():
+        print("cachemesh: no API key: set CACHEMESH_API_KEY", file=sys.stderr)
         return 2
-    request = build_request(
-        args.question,
-        model=args.model,
-        max_tokens=args.max_tokens,
-        system=args.system,
-        namespace=args.namespace,
-        request_id=args.request_id,
-    )
     try:
+        _check_utf8(args)
+        request = build_request(
+            args.question,
+            model=args.model,
+            max_tokens=args.max_tokens,
+            system=args.system,
+            namespace=args.namespace,
+            request_id=args.request_id,
+        )
         # a person at a terminal: a Gateway that is down is said at once, not waited for
-        with Client(args.target, api_key=args.key, tls=tls, wait_for_ready=False) as client:
+        with Client(args.target, api_key=key, tls=tls, wait_for_ready=False) as client:
             response = client.complete(request)
     except CachemeshError as error:
         print(f"cachemesh: {error}", file=sys.stderr)
         return 1
-    except ValueError as error:  # an unreadable TLS file, a key gRPC cannot send
+    except ValueError as error:  # bad text, an unreadable TLS file, an unsendable key
         print(f"cachemesh: {error}", file=sys.stderr)
         return 2
     if args.json:
