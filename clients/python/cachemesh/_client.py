@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any, cast
@@ -78,6 +79,7 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
     def __init__(self, start: Callable[[], Any], request_id: str) -> None:
         self._start = start
         self._call: Any = None  # gRPC's aio call: read() and cancel()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the call's, once started
         self._request_id = request_id
         self._ended = False
         self._done = False
@@ -90,6 +92,7 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
             raise StopAsyncIteration
         if self._call is None:
             self._call = self._start()
+            self._loop = asyncio.get_running_loop()
         try:
             chunk = await self._call.read()
         except grpc.RpcError as error:
@@ -114,9 +117,12 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
 
     def __del__(self) -> None:
         # dropped unclosed (``break`` out of ``async for chunk in client.stream(r)``): gRPC's
-        # aio call is held in cycles by its own tasks, so it would run on until collected
-        if self._call is not None:
-            self._call.cancel()
+        # aio call is held in cycles by its own tasks, so it would run on until collected.
+        # The cancel runs on the call's loop: a collection may happen on another thread.
+        if self._call is None or self._done or self._loop is None or self._loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: so did its calls
+            self._loop.call_soon_threadsafe(self._call.cancel)
 
     async def __aenter__(self) -> AsyncChunkStream:
         return self
