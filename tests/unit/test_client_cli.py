@@ -216,15 +216,24 @@ def test_text_that_is_not_utf8_is_an_error_that_never_echoes_it(
 
 
 @pytest.mark.parametrize("command", [["ask", "hi"], ["admin", "stats"]])
+@pytest.mark.parametrize("where", ["before", "after", "after="])
 def test_an_api_key_on_the_command_line_is_refused(
     gateway: tuple[PlaintextGateway, str],
     capsys: pytest.CaptureFixture[str],
     command: list[str],
+    where: str,
 ) -> None:
     """As the admin token: other users' ``ps`` shows the command line, so ``--key`` is
-    refused (never used, never echoed) and CACHEMESH_API_KEY named."""
+    refused (never used, never echoed) and CACHEMESH_API_KEY named; after the subcommand too,
+    where argparse echoed the key as an unrecognized argument."""
     fake, target = gateway
-    assert main(["--target", target, "--key", "cm_live_on_the_command_line", *command]) == 2
+    key = "cm_live_on_the_command_line"
+    argv = {
+        "before": ["--target", target, "--key", key, *command],
+        "after": ["--target", target, *command, "--key", key],
+        "after=": ["--target", target, *command, f"--key={key}"],
+    }[where]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "CACHEMESH_API_KEY" in err, err
     assert "cm_live_on_the_command_line" not in err

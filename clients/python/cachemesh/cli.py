@@ -159,9 +159,23 @@ def _report(response: pb.CompleteResponse) -> str:
     return "\n".join(lines)
 
 
+def _key_given(argv: list[str]) -> bool:
+    """``--key`` anywhere on the command line: before or after the subcommand, with ``=`` or
+    not (argparse would echo a value after the subcommand as an unrecognized argument)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--key" or arg.startswith("--key="):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.key is not None:  # never echoed: it is already in the shell's history and ps
+    if _key_given(sys.argv[1:] if argv is None else argv):
+        args = None
+    else:
+        args = _parser().parse_args(argv)
+    if args is None or args.key is not None:  # never echoed: it is in the history and ps
         print(
             "cachemesh: --key is refused: other users' ps would see the API key; "
             "set CACHEMESH_API_KEY instead",
