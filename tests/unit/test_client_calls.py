@@ -163,6 +163,46 @@ def test_a_held_stream_is_cancelled_when_closed(
     assert ended, "the Gateway is still generating for a caller that closed its stream"
 
 
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_stream_closed_while_another_reader_waits_just_ends(
+    gateway: tuple[FakeGateway, str], kind: str
+) -> None:
+    """A "stop generating" button or a watchdog closes the stream from another thread or task
+    while the reader waits for the next chunk: the reader's loop ends, with no error. It had
+    raised CANCELLED (sync) or "the answer is incomplete; retry" (async): a retry is a new
+    model call, billed on top of the stopped one."""
+    fake, target = gateway
+    request = build_request("Write a long essay.", max_tokens=LONG)
+    if kind == "sync":
+        with Client(target, api_key="k") as client:
+            chunks = client.stream(request)
+            got: list[str | None] = [next(chunks).WhichOneof("part")]
+            got.append(next(chunks).WhichOneof("part"))
+            closer = threading.Timer(0.2, chunks.close)  # while the next read waits
+            closer.start()
+            got += [c.WhichOneof("part") for c in chunks]  # ends; raises nothing
+            closer.join()
+    else:
+
+        async def aio() -> list[str | None]:
+            async with AsyncClient(target, api_key="k") as client:
+                chunks = client.stream(request)
+                parts = [(await chunks.__anext__()).WhichOneof("part")]
+                parts.append((await chunks.__anext__()).WhichOneof("part"))
+
+                async def read_rest() -> list[str | None]:
+                    return [c.WhichOneof("part") async for c in chunks]
+
+                reader = asyncio.create_task(read_rest())
+                await asyncio.sleep(0.2)  # the reader waits on the next chunk
+                await chunks.aclose()
+                return parts + await asyncio.wait_for(reader, 10)
+
+        got = asyncio.run(aio())
+    assert got == ["start", "delta"]
+    assert fake.stream_ended.wait(timeout=10)  # and the Gateway stopped generating
+
+
 def test_a_stream_left_unread_starts_no_call(gateway: tuple[FakeGateway, str]) -> None:
     """As before: the call starts on the first read, so a stream made and closed unread costs
     nothing."""

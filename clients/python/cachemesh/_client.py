@@ -35,6 +35,7 @@ class ChunkStream(Iterator[pb.CompleteChunk]):
         self._request_id = request_id
         self._ended = False  # the ``end`` chunk came
         self._done = False  # nothing more to read: ended, failed or closed
+        self._closed = False  # close() was called (perhaps while another thread read)
 
     def __iter__(self) -> ChunkStream:
         return self
@@ -48,17 +49,21 @@ class ChunkStream(Iterator[pb.CompleteChunk]):
             chunk: pb.CompleteChunk = next(self._call)
         except StopIteration:
             self._done = True
-            if not self._ended:
+            if not self._ended and not self._closed:
                 raise incomplete(self._request_id) from None
             raise
         except grpc.RpcError as error:
             self._done = True
+            if self._closed:  # closed by its owner while this read waited: it just ends
+                raise StopIteration from None
             raise from_rpc_error(error, self._request_id) from error
         self._ended = chunk.WhichOneof("part") == "end"
         return chunk
 
     def close(self) -> None:
-        """Cancels the call (a no-op once it has ended); the stream yields nothing more."""
+        """Cancels the call (a no-op once it has ended); the stream yields nothing more, also
+        to a read waiting in another thread (it ends, with no error)."""
+        self._closed = True
         self._done = True
         if self._call is not None:
             self._call.cancel()
@@ -83,6 +88,7 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
         self._request_id = request_id
         self._ended = False
         self._done = False
+        self._closed = False  # aclose() was called (perhaps while another task read)
 
     def __aiter__(self) -> AsyncChunkStream:
         return self
@@ -97,20 +103,27 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
             chunk = await self._call.read()
         except grpc.RpcError as error:
             self._done = True
+            if self._closed:  # closed by its owner while this read waited: it just ends
+                raise StopAsyncIteration from None
             raise from_rpc_error(error, self._request_id) from error
-        except asyncio.CancelledError:  # the reading task was cancelled: so is the call
-            await self.aclose()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and (task is None or not task.cancelling()):
+                raise StopAsyncIteration from None  # the call was cancelled, not this task
+            await self.aclose()  # the reading task was cancelled: so is the call
             raise
         if chunk is grpc.aio.EOF:
             self._done = True
-            if not self._ended:
+            if not self._ended and not self._closed:
                 raise incomplete(self._request_id)
             raise StopAsyncIteration
         self._ended = chunk.WhichOneof("part") == "end"
         return cast(pb.CompleteChunk, chunk)
 
     async def aclose(self) -> None:
-        """Cancels the call (a no-op once it has ended); the stream yields nothing more."""
+        """Cancels the call (a no-op once it has ended); the stream yields nothing more, also
+        to a read waiting in another task (it ends, with no error)."""
+        self._closed = True
         self._done = True
         if self._call is not None:
             self._call.cancel()
