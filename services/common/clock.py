@@ -28,3 +28,24 @@ class ManualClock:
 
     def advance(self, *, ms: int = 0, s: float = 0.0) -> None:
         self._now_ms += ms + round(s * 1000)
+
+
+class Throttle:
+    """For a repeated event logged at most once an interval (a flood of identical lines
+    otherwise): ``due`` counts events and, when the interval since the last line has passed
+    (or ``force``), returns how many came since, this one included; else 0."""
+
+    def __init__(self, clock: Clock, interval_ms: int) -> None:
+        self._clock = clock
+        self._interval_ms = interval_ms
+        self._last_ms: int | None = None
+        self._pending = 0
+
+    def due(self, count: int = 1, *, force: bool = False) -> int:
+        self._pending += count
+        now = self._clock.now_ms()
+        if not force and self._last_ms is not None and now - self._last_ms < self._interval_ms:
+            return 0
+        pending, self._pending = self._pending, 0
+        self._last_ms = now
+        return pending

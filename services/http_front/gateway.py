@@ -21,7 +21,7 @@ from cachemesh.retry_info import retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
-from services.common.clock import Clock, SystemClock
+from services.common.clock import Clock, SystemClock, Throttle
 from services.common.errors import Code
 from services.common.status import code_of
 from services.common.tls import ClientTls
@@ -99,9 +99,9 @@ class Gateway:
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s
-        self._clock = clock if clock is not None else SystemClock()
-        self._unreachable_logged_ms: int | None = None
-        self._unreachable_unlogged = 0
+        self._unreachable = Throttle(
+            clock if clock is not None else SystemClock(), UNREACHABLE_LOG_EVERY_MS
+        )
 
     async def complete(
         self, request: pb.CompleteRequest, key: str, traceparent: str
@@ -150,14 +150,12 @@ class Gateway:
     def _log_unreachable(self, detail: str) -> None:
         """One warning per ``UNREACHABLE_LOG_EVERY_MS`` while the Gateway is down, not one
         per request (a flood of identical lines at the front's request rate)."""
-        now = self._clock.now_ms()
-        last = self._unreachable_logged_ms
-        if last is not None and now - last < UNREACHABLE_LOG_EVERY_MS:
-            self._unreachable_unlogged += 1
+        failed = self._unreachable.due()
+        if not failed:
             return
-        unlogged, self._unreachable_unlogged = self._unreachable_unlogged, 0
-        self._unreachable_logged_ms = now
-        more = f" ({unlogged} more requests failed so since the last warning)" if unlogged else ""
+        more = (
+            f" ({failed - 1} more requests failed so since the last warning)" if failed > 1 else ""
+        )
         log.warning("the Gateway at %s is unreachable: %s%s", self._address, detail, more)
 
     def _connected(self) -> bool:

@@ -43,7 +43,7 @@ from typing import Protocol
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.clock import Clock
+from services.common.clock import Clock, Throttle
 from services.common.span_events import record_event
 
 log = logging.getLogger("cachemesh.router.limits")
@@ -403,8 +403,7 @@ class Limiter:
         self._replay_every_s = replay_every_s
         self._pending: deque[_Settle] = deque()
         self._replaying: asyncio.Task[None] | None = None
-        self._lost_unlogged = 0
-        self._lost_logged_ms: int | None = None
+        self._lost_log = Throttle(clock, LOST_LOG_INTERVAL_MS)
         self._store = store
         self._policies = policies
         self._clock = clock
@@ -537,18 +536,14 @@ class Limiter:
         interval (``force``: now)."""
         if self._lost is not None:
             self._lost(n)
-        self._lost_unlogged += n
-        now = self._clock.now_ms()
-        last = self._lost_logged_ms
-        if force or last is None or now - last >= LOST_LOG_INTERVAL_MS:
+        lost = self._lost_log.due(n, force=force)
+        if lost:
             log.warning(
                 "limits store: %d settles lost (%s); their costs and tokens are not counted "
                 "against the tenants' limits",
-                self._lost_unlogged,
+                lost,
                 why,
             )
-            self._lost_unlogged = 0
-            self._lost_logged_ms = now
 
     def _degraded(self, what: str, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
