@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Mapping
 from aiohttp import web
 
 from services.common.env import ConfigError, Env
+from services.common.heap import freeze_startup_heap
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import run_main
@@ -112,6 +113,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         "plaintext" if settings.gateway_tls is None else "TLS",
         settings.metrics.listen,
     )
+    log.info("http-front: %d start-up objects frozen (gc.freeze)", freeze_startup_heap())
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
