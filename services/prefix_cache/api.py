@@ -65,6 +65,7 @@ class PrefixCacheApi:
             ),
             usage=usage_of(result.split),
             prompt_tokens=result.split.prompt_tokens,
+            planned_at_ms=prompt.planned_at_ms,
             candidates=[
                 pc.ReplicaCandidate(replica=c.replica, warm_prefix_tokens=c.warm_prefix_tokens)
                 for c in result.candidates
@@ -84,6 +85,9 @@ class PrefixCacheApi:
                     request.max_read_tokens if request.HasField("max_read_tokens") else None,
                     request.plan_id,
                     kv_cached_unreported=request.kv_cached_unreported,
+                    planned_at_ms=(
+                        request.planned_at_ms if request.HasField("planned_at_ms") else None
+                    ),
                 )
             )
             log.debug(

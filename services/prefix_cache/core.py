@@ -26,7 +26,7 @@ from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.pricing import charge
 from services.prefix_cache.reconcile import reported_usage
 from services.prefix_cache.replica_view import ReplicaViews
-from services.prefix_cache.rules import PromptPlan, Split, settle
+from services.prefix_cache.rules import Probe, PromptPlan, Split, settle
 from services.prefix_cache.sites import sites_of
 from services.prefix_cache.totals import TenantTotals
 from services.prefix_cache.warm import WarmStore, read_time
@@ -159,7 +159,8 @@ class PrefixCacheCore:
         else:
             hit = await self._cache.longest(prompt.scope, prompt.plan.probes, now)
             read = hit.tokens if hit else 0
-        plan_id = self._plans.put(tenant, spec.id, replace(prompt, planned_at_ms=now))
+        prompt = replace(prompt, planned_at_ms=now)
+        plan_id = self._plans.put(tenant, spec.id, prompt)
         if self._metrics is not None:
             self._metrics.planned(spec.id)
         return PlanResult(settle(prompt.plan, read), tuple(candidates), prompt, plan_id)
@@ -176,6 +177,7 @@ class PrefixCacheCore:
         plan_id: str = "",
         *,
         kv_cached_unreported: bool = False,
+        planned_at_ms: int | None = None,
     ) -> Split:
         """The first token arrived from ``replica``, which reported ``kv_cached_tokens``
         (unless ``kv_cached_unreported``: a provider adapter learns its engine's KV reuse
@@ -190,9 +192,22 @@ class PrefixCacheCore:
         their ttl from the Plan's time (the request's start, as the provider counts them).
         ``plan_id`` names the Plan of this request: its prompt is reused, not computed again
         (``request`` may then be None; if the plan is gone, ``PlanGone`` asks for it).
+
+        ``planned_at_ms`` (with ``max_read_tokens``) is the arrival a replay of the router's
+        billing outbox carries, maybe long after it: the read is the Plan's, not judged again
+        against a warm state that may have expired or been lost (a restart) since, and the
+        refresh and writes last their ttl from the arrival (one run out since is not warm again).
         """
         if max_read_tokens is not None and max_read_tokens < 0:
             raise BadRequest(f"max_read_tokens must be >= 0, got {max_read_tokens}")
+        if planned_at_ms is not None:
+            if planned_at_ms < 0:
+                raise BadRequest(f"planned_at_ms must be >= 0, got {planned_at_ms}")
+            if max_read_tokens is None:
+                raise BadRequest(
+                    "planned_at_ms needs max_read_tokens (both from the request's Plan): send "
+                    "the Plan's read with it, or neither"
+                )
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         spec = self._spec(model, "model")
@@ -228,13 +243,16 @@ class PrefixCacheCore:
                 probes = plan.probes
                 if max_read_tokens is not None:
                     probes = tuple(p for p in probes if p.tokens <= max_read_tokens)
-                # the probes as the provider found them on arrival; refresh and writes now,
-                # their lifetime counted from the request's start (the arrival)
-                read_at = read_time(prompt.planned_at_ms, now)
-                hit = await self._cache.settle(
-                    prompt.scope, probes, plan.writes, now, read_at, prompt.planned_at_ms
-                )
-                split = settle(plan, hit.tokens if hit else 0)
+                if planned_at_ms is not None:
+                    split = await self._replayed(prompt, probes, planned_at_ms, now)
+                else:
+                    # the probes as the provider found them on arrival; refresh and writes
+                    # now, their lifetime counted from the request's start (the arrival)
+                    read_at = read_time(prompt.planned_at_ms, now)
+                    hit = await self._cache.settle(
+                        prompt.scope, probes, plan.writes, now, read_at, prompt.planned_at_ms
+                    )
+                    split = settle(plan, hit.tokens if hit else 0)
             if replica:
                 # an engine that reports at the end only: its FINAL scores this prediction
                 awaiting = (tenant, request_id) if spec.rules == "self_hosted" else None
@@ -245,6 +263,25 @@ class PrefixCacheCore:
             # record stands (the warm-state refresh made here only repeats the same writes)
             stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)
             return stood.split
+
+    async def _replayed(
+        self, prompt: Prompt, probes: tuple[Probe, ...], arrived_ms: int, now_ms: int
+    ) -> Split:
+        """A replayed WARM settled as on its arrival: the read is the longest probe within the
+        Plan's read (``probes``), as the provider found it then, whatever the warm state holds
+        now; the entry read is refreshed, and the writes made, with lifetimes from the arrival,
+        so one whose ttl has run out since is not warm again (the provider's is gone)."""
+        arrived = min(arrived_ms, now_ms)
+        read = max(probes, key=lambda p: p.tokens, default=None)
+        await self._cache.settle(
+            prompt.scope,
+            () if read is None else (read,),
+            prompt.plan.writes,
+            now_ms,
+            arrived,
+            arrived,
+        )
+        return settle(prompt.plan, read.tokens if read is not None else 0)
 
     async def final(
         self,

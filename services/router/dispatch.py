@@ -69,6 +69,9 @@ class Attempt:
     timeout_s: float  # the call's deadline, from ``opened_at`` (``Calls.model_timeout_s``)
     probe: bool = False  # the replica's probe after its cool-off, until the call's verdict
     ticket: int = 0  # the call's in the replicas' record (``ReplicaStates.ended``)
+    # when the Plan looked the cache up, on prefix-cache's clock (None: no Plan, or an older
+    # prefix-cache that does not say): a replayed WARM is settled as of then
+    planned_at_ms: int | None = None
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -291,6 +294,11 @@ class Dispatcher:
                 spans.route_attributes(chat_span, replica, route, start)
                 planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
                 plan_id = plan.plan_id if plan is not None else ""
+                planned_at = (
+                    plan.planned_at_ms
+                    if plan is not None and plan.HasField("planned_at_ms")
+                    else None
+                )
                 return Attempt(
                     spec,
                     reason,
@@ -305,6 +313,7 @@ class Dispatcher:
                     timeout_s,
                     probe,
                     ticket,
+                    planned_at,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:

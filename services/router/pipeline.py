@@ -632,10 +632,12 @@ class Pipeline:
         )
         if final is None and self._outbox is not None:
             # the WARM again, with the request: a no-op if the first one was recorded; else it
-            # records the prompt now with the read the call's Plan predicted on arrival, as
-            # the WARM did (the provider looked its cache up then): a prefix that was warm is
-            # billed as the read it was, never as a write (1.25x / 2x where the read is 0.1x).
-            # The answer's estimate claimed no discount, so a read bills at most that estimate.
+            # records the prompt with the read the call's Plan predicted on arrival and the
+            # arrival's time (the provider looked its cache up then): a prefix that was warm is
+            # billed as the read it was, never as a write (1.25x / 2x where the read is 0.1x),
+            # however long the outage (the prefix expired since) and across a prefix-cache
+            # restart (its warm state lost), and its lifetime runs from the arrival. The
+            # answer's estimate claimed no discount, so a read bills at most that estimate.
             replay_warm = prefix_cache_pb2.CommitRequest(
                 tenant=tenant,
                 request_id=key,
@@ -647,6 +649,8 @@ class Pipeline:
             )
             if attempt.planned_read is not None:
                 replay_warm.max_read_tokens = attempt.planned_read
+                if attempt.planned_at_ms is not None:
+                    replay_warm.planned_at_ms = attempt.planned_at_ms
             replay_final = prefix_cache_pb2.CommitRequest(
                 tenant=tenant,
                 request_id=key,

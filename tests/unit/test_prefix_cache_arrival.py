@@ -1,6 +1,7 @@
 """The provider looks its cache up when the request arrives (its Plan), not at its first token
 (its WARM): a prefix live on arrival is a read even if its entry runs out before the first token,
-on both backends. Time is the injected ManualClock."""
+on both backends; and a WARM the router's billing outbox replays later (``planned_at_ms``) is
+settled with its arrival's figures. Time is the injected ManualClock."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.models import load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
-from services.prefix_cache.core import PrefixCacheCore, Prompt, TokenizerSlot
+from services.prefix_cache.core import BadRequest, PrefixCacheCore, Prompt, TokenizerSlot
+from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import ReplicaViews
-from services.prefix_cache.rules import Probe, Write
-from services.prefix_cache.warm import READ_GRACE_MS, WarmStore
+from services.prefix_cache.rules import Probe, Split, Write
+from services.prefix_cache.warm import READ_GRACE_MS, InMemoryWarmStore, WarmStore
 from tests.unit.conftest import LedgerFactory
 
 SYSTEM = " ".join(f"Rule {i}: answer briefly and cite the policy section." for i in range(120))
@@ -167,3 +169,107 @@ async def test_a_refresh_from_an_earlier_start_never_shortens_an_entry(
     await warm_store.settle(scope, probe, [], 30_000, 0, started_ms=0)
     assert await warm_store.longest(scope, probe, 309_999) is not None
     assert await warm_store.longest(scope, probe, 310_000) is None
+
+
+def _core_of(clock: ManualClock, store: WarmStore, ledger: CommitLedger) -> PrefixCacheCore:
+    return PrefixCacheCore(
+        table=load_model_table(),
+        tokenizer=TokenizerSlot(load_cl100k()),
+        cache=store,
+        views=ReplicaViews(65536),
+        ledger=ledger,
+        clock=clock,
+        lookback=20,
+    )
+
+
+async def _read_on_arrival(core: PrefixCacheCore, clock: ManualClock) -> tuple[int, int]:
+    """A 5-minute prefix written at 0 s, a turn arriving at 60 s whose Plan predicts reading
+    it (the provider refreshes it then: live until 360 s). Returns its tokens and the
+    arrival (``PlanResponse.planned_at_ms``), the figures a billing-outbox replay carries."""
+    cached = (await core.warm("t", "r1", "sim-large", ask("Rule 1?"), "")).write_5m_tokens
+    assert cached > 0
+    clock.advance(s=60)
+    arrival = await core.plan("t", "sim-large", ask("Rule 2?"), [])
+    assert arrival.split.read_tokens == cached and arrival.split.creation_tokens == 0
+    assert arrival.prompt.planned_at_ms == clock.now_ms()
+    return cached, clock.now_ms()
+
+
+async def _replay(core: PrefixCacheCore, cached: int, arrived: int) -> Split:
+    """The router's billing outbox replaying the turn's WARM: the request, no plan_id."""
+    return await core.warm(
+        "t", "r2", "sim-large", ask("Rule 2?"), "", max_read_tokens=cached, planned_at_ms=arrived
+    )
+
+
+async def _read_at(core: PrefixCacheCore, at_ms: int, clock: ManualClock) -> int:
+    clock.advance(ms=at_ms - clock.now_ms())
+    return (await core.plan("t", "sim-large", ask("Rule 3?"), [])).split.read_tokens
+
+
+async def test_a_replay_after_the_prefix_ran_out_bills_the_read_of_its_arrival(rig: Rig) -> None:
+    """The outbox replayed 6 minutes after the arrival: the WARM judged the prefix then, found
+    it expired and billed the read as a 5-minute write (9x). It is the read it was, and the
+    replay warms nothing: the provider's entry ran out at 360 s."""
+    cached, arrived = await _read_on_arrival(rig.core, rig.clock)
+    rig.clock.advance(s=360)
+    got = await _replay(rig.core, cached, arrived)
+    assert got.read_tokens == cached and got.creation_tokens == 0
+    assert await _read_at(rig.core, rig.clock.now_ms(), rig.clock) == 0
+
+
+async def test_a_replay_to_a_restarted_prefix_cache_bills_the_read_of_its_arrival(
+    rig: Rig, make_ledger: LedgerFactory
+) -> None:
+    """The Plan ran on a prefix-cache whose warm state (in memory) was lost in a restart before
+    the replay: the replay found nothing warm and billed a write. The Plan's read is the record;
+    the entry it read lives from the arrival (its 5 minutes), as the provider's does."""
+    before = _core_of(rig.clock, InMemoryWarmStore(), make_ledger(86_400_000))
+    cached, arrived = await _read_on_arrival(before, rig.clock)
+    rig.clock.advance(s=10)
+    got = await _replay(rig.core, cached, arrived)  # rig.core: the restarted one, state empty
+    assert got.read_tokens == cached and got.creation_tokens == 0
+    assert await _read_at(rig.core, arrived + 299_999, rig.clock) == cached
+    assert await _read_at(rig.core, arrived + 300_000, rig.clock) == 0
+
+
+async def test_a_replay_refreshes_the_prefix_from_its_arrival_not_from_the_replay(
+    rig: Rig,
+) -> None:
+    """A replay 2 minutes after the arrival refreshed the prefix to 5 minutes from the replay
+    (live until 480 s), where the provider's read refreshed it from the arrival (360 s)."""
+    cached, arrived = await _read_on_arrival(rig.core, rig.clock)
+    rig.clock.advance(s=120)
+    assert (await _replay(rig.core, cached, arrived)).read_tokens == cached
+    assert await _read_at(rig.core, arrived + 299_999, rig.clock) == cached
+    assert await _read_at(rig.core, arrived + 300_000, rig.clock) == 0
+
+
+async def test_a_replay_is_bounded_by_the_plan_s_read(rig: Rig) -> None:
+    """A prefix warm at the replay but cold on arrival (max_read_tokens=0) is not read."""
+    cached, arrived = await _read_on_arrival(rig.core, rig.clock)
+    got = await rig.core.warm(
+        "t", "r2", "sim-large", ask("Rule 2?"), "", max_read_tokens=0, planned_at_ms=arrived
+    )
+    assert got.read_tokens == 0 and got.write_5m_tokens == cached
+
+
+@pytest.mark.parametrize(
+    ("max_read", "planned_at", "message"),
+    [(0, -1, "planned_at_ms must be >= 0"), (None, 0, "planned_at_ms needs max_read_tokens")],
+)
+async def test_a_replay_s_arrival_is_checked(
+    rig: Rig, max_read: int | None, planned_at: int, message: str
+) -> None:
+    with pytest.raises(BadRequest, match=message):
+        await rig.core.warm(
+            "t",
+            "r2",
+            "sim-large",
+            ask("Q?"),
+            "",
+            max_read_tokens=max_read,
+            planned_at_ms=planned_at,
+        )
+    assert await rig.core.warm_prefixes() == 0  # refused before any change

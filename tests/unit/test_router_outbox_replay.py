@@ -2,7 +2,10 @@
 FINAL refused (no WARM) and both go to the billing outbox: the replayed WARM prices the prompt
 with the read its Plan predicted on arrival, as the lost WARM would have, so a prefix warm then
 is billed as a read (0.1x), not as a write (1.25x / 2x), and the bill is the one the call would
-have had. A prefix warmed only after the arrival is still not read."""
+have had. A prefix warmed only after the arrival is still not read. The replay keeps the
+arrival's figures however late it runs: after an outage longer than the prefix's 5 minutes, or
+after prefix-cache restarted with its warm state in memory, the read is still the read it was,
+and the replay warms nothing the provider's cache no longer holds."""
 
 from __future__ import annotations
 
@@ -43,8 +46,8 @@ def _ask(question: str, request_id: str) -> pb.CompleteRequest:
     )
 
 
-def _core() -> tuple[PrefixCacheCore, ManualClock]:
-    clock = ManualClock()
+def _core(clock: ManualClock | None = None) -> tuple[PrefixCacheCore, ManualClock]:
+    clock = clock if clock is not None else ManualClock()
     core = PrefixCacheCore(
         table=TABLE,
         tokenizer=TokenizerSlot(TOKENIZER),
@@ -108,12 +111,18 @@ class Engine(FakeModels):
 
 
 async def _turn(
-    tmp: Path, *, slow: bool, warm_earlier: bool = True
+    tmp: Path,
+    *,
+    slow: bool,
+    warm_earlier: bool = True,
+    outage_s: float = 0.0,
+    restart: bool = False,
 ) -> tuple[dict[str, int], pb.CompleteResponse]:
     """A turn on the system prompt (warm from a turn a minute before when ``warm_earlier``,
     else warmed by a concurrent turn while this one's WARM is lost), its WARM lost once when
-    ``slow``; returns what the tenant's totals grew by, once the outbox is flushed, and the
-    answer."""
+    ``slow``, the outbox flushed ``outage_s`` after the answer (by a prefix-cache started
+    afresh, its warm state and totals in memory lost, when ``restart``); returns what the
+    tenant's totals grew by and the answer."""
     core, clock = _core()
     if warm_earlier:
         await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
@@ -131,6 +140,11 @@ async def _turn(
     rig = Rig(prefix=prefix, outbox=outbox, models=models)  # type: ignore[arg-type]
     end = (await rig.run(_ask("And rule 2?", "r-next")))[-1].end
     assert end.cost.estimated == slow
+    clock.advance(s=outage_s)
+    if restart:
+        core, _ = _core(clock)
+        prefix.api = PrefixCacheApi(core)
+        before = await core.totals(TENANT)
     assert await outbox.flush() == int(slow) and outbox.pending == 0
     after = await core.totals(TENANT)
     grown = {f: getattr(after, f) - getattr(before, f) for f in ("requests", *_FIELDS)}
@@ -159,3 +173,20 @@ async def test_a_prefix_warmed_after_the_arrival_is_not_read_by_the_replay(
     replayed, _ = await _turn(tmp_path, slow=True, warm_earlier=False)
     assert replayed["cache_read_input_tokens"] == 0  # cold when the provider looked it up
     assert replayed["cache_creation_input_tokens"] > 1000
+
+
+async def test_a_replay_after_the_prefix_expired_bills_the_read_it_was(tmp_path: Path) -> None:
+    """The replay judged the prefix when it ran, 6 minutes after the arrival: expired, so a
+    read of 2,414 tokens was billed as a 5-minute write (9x the cost). It bills the read."""
+    acknowledged, _ = await _turn(tmp_path / "ok", slow=False)
+    replayed, shown = await _turn(tmp_path / "slow", slow=True, outage_s=360)
+    assert replayed == acknowledged, "the late replay billed the warm prefix as a write"
+    assert replayed["cost_nanos"] <= shown.cost.cost_nanos
+
+
+async def test_a_replay_to_a_restarted_prefix_cache_bills_the_read_it_was(tmp_path: Path) -> None:
+    """prefix-cache restarted with its warm state in memory: the replay found nothing warm and
+    billed the read as a write. The read the Plan saw on arrival is the record."""
+    acknowledged, _ = await _turn(tmp_path / "ok", slow=False)
+    replayed, _ = await _turn(tmp_path / "slow", slow=True, outage_s=10, restart=True)
+    assert replayed == acknowledged, "the replay after a restart billed the read as a write"

@@ -107,10 +107,15 @@ class PlanResponse(_message.Message):
     CANDIDATES_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
+    PLANNED_AT_MS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     plan_id: _builtins.str
     """Names this request's prompt as Plan computed it (canonical form, token counts, block
     hashes), kept briefly so the WARM commit reuses it; empty when not kept.
+    """
+    planned_at_ms: _builtins.int
+    """When this Plan looked the cache up (the request's arrival), in ms since the epoch on
+    prefix-cache's clock; a WARM replayed by the router's billing outbox sends it back.
     """
     @_builtins.property
     def usage(self) -> _gateway_pb2.Usage:
@@ -132,12 +137,15 @@ class PlanResponse(_message.Message):
         candidates: _abc.Iterable[Global___ReplicaCandidate] | None = ...,
         plan_id: _builtins.str = ...,
         prompt: _prompt_pb2.PromptFacts | None = ...,
+        planned_at_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_planned_at_ms", b"_planned_at_ms", "planned_at_ms", b"planned_at_ms", "prompt", b"prompt", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "plan_id", b"plan_id", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_planned_at_ms", b"_planned_at_ms", "candidates", b"candidates", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__planned_at_ms: _TypeAlias = _typing.Literal["planned_at_ms"]  # noqa: Y015
+    _WhichOneofArgType__planned_at_ms: _TypeAlias = _typing.Literal["_planned_at_ms", b"_planned_at_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__planned_at_ms) -> _WhichOneofReturnType__planned_at_ms | None: ...
 
 Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015
 
@@ -158,6 +166,7 @@ class CommitRequest(_message.Message):
     MAX_READ_TOKENS_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
     KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
+    PLANNED_AT_MS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -182,6 +191,14 @@ class CommitRequest(_message.Message):
     """WARM: kv_cached_tokens is no report (GenerateStart.kv_cached_unreported). For a self-hosted
     row the estimated read is then what prefix-cache's view of the replica predicts it holds
     (the engine's own count arrives in provider_usage at FINAL and reconciles it).
+    """
+    planned_at_ms: _builtins.int
+    """WARM replayed by the router's billing outbox: the request's arrival (its Plan's
+    PlanResponse.planned_at_ms), sent with max_read_tokens. The WARM is then settled as on
+    arrival, however late: the read is the Plan's (max_read_tokens), not judged again against a
+    warm state that may have expired or been lost since (a restart), and the read and written
+    entries live their ttl from the arrival (one whose ttl has run out since is not warm
+    again). Unset = judged when the WARM is made (a replay kept by an older router too).
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -209,14 +226,20 @@ class CommitRequest(_message.Message):
         max_read_tokens: _builtins.int | None = ...,
         plan_id: _builtins.str = ...,
         kv_cached_unreported: _builtins.bool = ...,
+        planned_at_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "max_read_tokens", b"max_read_tokens", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "max_read_tokens", b"max_read_tokens", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_read_tokens: _TypeAlias = _typing.Literal["max_read_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_read_tokens: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__planned_at_ms: _TypeAlias = _typing.Literal["planned_at_ms"]  # noqa: Y015
+    _WhichOneofArgType__planned_at_ms: _TypeAlias = _typing.Literal["_planned_at_ms", b"_planned_at_ms"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_read_tokens) -> _WhichOneofReturnType__max_read_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__planned_at_ms) -> _WhichOneofReturnType__planned_at_ms | None: ...
 
 Global___CommitRequest: _TypeAlias = CommitRequest  # noqa: Y015
 
