@@ -180,7 +180,9 @@ class LimitStore(Protocol):
 
 
 def bucket_level(level: float, at_ms: int, capacity: int, now_ms: int) -> float:
-    """A bucket's level at ``now_ms``: refilled at ``capacity`` a minute, never above it."""
+    """A bucket's level at ``now_ms``: refilled at ``capacity`` a minute, never above it; not
+    refilled when the clock is behind ``at_ms`` (it stepped back: the store rebases the
+    bucket's time to it)."""
     refill = max(0, now_ms - at_ms) * capacity / MS_PER_MIN
     return min(float(capacity), level + refill)
 
@@ -213,6 +215,10 @@ class MemoryLimitStore:
         bucket = self._buckets.get((tenant, kind))
         if bucket is None:
             return float(capacity)
+        # The clock stepped back (NTP, a VM resumed): the bucket's time follows it, with no
+        # refill for the step. Refilling only from the time ahead froze an emptied bucket for
+        # the whole step (a refusal keeps no time) while each refusal said "retry in 1 s".
+        bucket.at_ms = min(bucket.at_ms, now_ms)
         return bucket_level(bucket.level, bucket.at_ms, capacity, now_ms)
 
     async def admit(

@@ -37,8 +37,10 @@ from services.router.limits import (
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
 
 # Shared by both scripts: the time (ARGV[1], or Redis's clock when it is -1); a bucket's level
-# then (full when absent), refilled at cap a minute, and the time it is kept at, which never
-# goes back (a Redis that fails over to a replica whose clock is behind refills nothing twice).
+# then (full when absent), refilled at cap a minute, and the time it is kept at: now. A clock
+# behind the bucket's time (stepped back, or a Redis failed over to a replica whose clock is
+# behind) refills nothing and rebases the bucket to it at once, a refusal too (as the
+# in-memory store): kept at the time ahead, an emptied bucket stayed empty for the whole step.
 _LEVEL = """
 local function clock(given)
   if given >= 0 then return given end
@@ -49,9 +51,10 @@ local function level(key, cap, now)
   local v = redis.call('HMGET', key, 'level', 'at_ms')
   if not v[1] then return cap, now end
   local at = tonumber(v[2])
+  if now < at then redis.call('HSET', key, 'at_ms', now) end
   local l = tonumber(v[1]) + math.max(0, now - at) * cap / 60000
   if l > cap then l = cap end
-  return l, math.max(at, now)
+  return l, now
 end
 local function keep(key, l, at, cap, slack)
   redis.call('HSET', key, 'level', tostring(l), 'at_ms', at)

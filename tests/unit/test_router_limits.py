@@ -369,6 +369,31 @@ async def test_two_limiters_on_one_store_share_the_counts(store: LimitStore) -> 
     assert (await _denied(two)).limit == REQUESTS
 
 
+async def test_a_clock_stepped_back_neither_freezes_nor_refills_an_emptied_bucket(
+    store: LimitStore,
+) -> None:
+    """The clock steps back an hour (NTP, a VM resumed; on Redis, a failover to a replica
+    whose clock is behind) while a tenant's buckets are empty. Refilled only from the stamp
+    ahead of the clock, they stayed empty for the whole hour while every refusal said "retry
+    in 20 s". Now a bucket ahead of the clock is rebased to it: the step refills nothing, and
+    the refusal's wait holds."""
+    clock = ManualClock(START_MS)
+    requests = _limiter(store, LimitPolicy(requests_per_min=3), clock)
+    tokens = _limiter(store, LimitPolicy(tokens_per_min=1000), clock)
+    for _ in range(3):
+        await _admitted(requests, tenant="r")
+    for _ in range(10):
+        await _admitted(tokens, tenant="t", reserve=100)
+    clock.advance(ms=-3_600_000)
+    for limiter, tenant, wait in ((tokens, "t", 6_000), (requests, "r", 20_000)):
+        denial = await _denied(limiter, tenant)  # the step refilled nothing
+        assert denial.retry_after_ms == wait
+        clock.advance(ms=wait - 1)
+        await _denied(limiter, tenant)  # refused again: the refusal must not freeze it
+        clock.advance(ms=1)
+        await _admitted(limiter, tenant)
+
+
 class _Broken:
     async def admit(self, *args: object) -> None:
         raise ConnectionError("redis went away")
