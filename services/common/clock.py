@@ -8,13 +8,23 @@ from typing import Protocol
 
 class Clock(Protocol):
     def now_ms(self) -> int:
-        """Wall-clock time in milliseconds since the epoch."""
+        """Wall-clock time in milliseconds since the epoch (a ``MonotonicClock``: since an
+        arbitrary instant, for ages within this process)."""
         ...
 
 
 class SystemClock:
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
+
+
+class MonotonicClock:
+    """Milliseconds that never step (not a time of day): for the age of what lives in this
+    process only (a lease), which a step of the wall clock (NTP, a VM resumed) must neither
+    stretch nor cut."""
+
+    def now_ms(self) -> int:
+        return time.monotonic_ns() // 1_000_000
 
 
 class ManualClock:

@@ -37,6 +37,9 @@ class _Lease:
 
 class Leases:
     def __init__(self, clock: Clock, hold_s: float) -> None:
+        """``clock``: what the leases age on; a monotonic one in the service (a lease lives in
+        this process only: a step of the wall clock must not keep a dead holder's lease for
+        the step, nor end a live one mid-call), the replay's virtual clock offline."""
         if hold_s <= 0:
             raise ValueError(f"hold_s must be > 0, got {hold_s}")
         self._clock = clock

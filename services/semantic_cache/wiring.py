@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.clock import Clock
+from services.common.clock import Clock, MonotonicClock
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.cache import SemanticCache
@@ -37,10 +37,13 @@ def build_cache(
     metrics: SemanticCacheMetrics | None = None,
     verifier: Verifier | None = None,
     solo: Embedder | None = None,
+    lease_clock: Clock | None = None,
 ) -> SemanticCache:
     """``stats`` and ``metrics``: the service's (None: the offline estimator's cache);
     ``verifier`` None = ``build_verifier(config, embedder)`` (loads the cross-encoder here);
-    ``solo``: the embedder of a text embedded alone (None: ``embedder``)."""
+    ``solo``: the embedder of a text embedded alone (None: ``embedder``); ``lease_clock``:
+    what the single-flight leases age on (None: a ``MonotonicClock``, never the wall)."""
+    leases_age_on = lease_clock if lease_clock is not None else MonotonicClock()
     return SemanticCache(
         embedder,
         clock,
@@ -50,7 +53,7 @@ def build_cache(
         verifier=verifier if verifier is not None else build_verifier(config, embedder),
         margin=config.ambiguity_margin,
         policy=config.policy,
-        leases=Leases(clock, config.lease_s) if config.lease_wait_s > 0 else None,
+        leases=Leases(leases_age_on, config.lease_s) if config.lease_wait_s > 0 else None,
         batcher=MicroBatcher(
             embedder,
             solo=solo,

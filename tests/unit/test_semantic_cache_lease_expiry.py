@@ -13,11 +13,16 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from services.common.clock import ManualClock
+from services.common.env import Env
 from services.semantic_cache import cache as cache_module
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import Leases
+from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import END_TURN, Answer
+from services.semantic_cache.settings import SemanticCacheSettings
+from services.semantic_cache.verifier import Verifier, VerifierWeights
+from services.semantic_cache.wiring import build_cache
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 
 Meanwhile = Callable[[], Awaitable[bool]]  # what happens during a wait: True = lease ended
@@ -115,3 +120,41 @@ def test_a_leases_life_is_what_its_age_limit_leaves(clock: ManualClock) -> None:
     leases.take(key, "r1")
     clock.advance(s=12.5)
     assert leases.life_s(key) == 17.5
+
+
+def wired(wall: ManualClock, lease_clock: ManualClock | None = None) -> SemanticCache:
+    """The cache as the service builds it (defaults: leases of 30 s), with a verifier that
+    needs no model (these lookups find nothing to verify); ``lease_clock`` None: the
+    service's own."""
+    config = SemanticCacheSettings.from_env(Env({}), OperatingPoint.load())
+    weights = VerifierWeights(
+        ("cosine", "word_jaccard"), (), (0.0, 0.0), (1.0, 1.0), (0.0, 0.0), 5.0, {}
+    )
+    verifier = Verifier(weights, 0.5)
+    if lease_clock is None:
+        return build_cache(config, FakeEmbedder(), wall, verifier=verifier)
+    return build_cache(config, FakeEmbedder(), wall, verifier=verifier, lease_clock=lease_clock)
+
+
+async def test_leases_age_on_their_own_clock_whatever_the_wall_clock_does() -> None:
+    """A lease lives in this process only. Aged on the wall clock, a step back of an hour
+    (NTP) kept a dead holder's lease for the hour and its 30 s, every identical lookup waiting
+    on it; a step forward of 31 s ended a live holder's lease mid-call."""
+    wall, steady = ManualClock(), ManualClock(0)
+    cache = wired(wall, steady)
+    assert (await cache.check(question("dead"))).leader  # its router dies: no Store, no Release
+    wall.advance(ms=-3_600_000)
+    steady.advance(s=29.999)
+    assert cache.lease_pending(question("twin"))
+    steady.advance(s=0.001)
+    assert (await cache.check(question("next"))).leader  # the dead one's ended at 30 s
+    wall.advance(s=31)
+    assert cache.lease_pending(question("twin"))  # "next"'s call goes on, and its lease
+
+
+async def test_the_services_leases_are_not_aged_on_the_wall_clock() -> None:
+    wall = ManualClock()
+    cache = wired(wall)  # the lease clock the service gets (a monotonic one)
+    assert (await cache.check(question("live"))).leader
+    wall.advance(s=31)
+    assert cache.lease_pending(question("twin"))

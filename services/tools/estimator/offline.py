@@ -142,7 +142,7 @@ class OfflineStack:
     ) -> SemanticCache:
         faiss.omp_set_num_threads(config.faiss_threads)
         model = embedder or load_minilm_embedder(threads=config.ort_threads)
-        return build_cache(config, model, clock)
+        return build_cache(config, model, clock, lease_clock=clock)  # leases on virtual time
 
     def _replicas(
         self, settings: Mapping[str, str], tokenizer: Tokenizers
