@@ -305,6 +305,27 @@ def test_a_request_cut_live_counts_against_the_budget_as_its_partial_bill(
     assert layers[1] == ("model" if budget_over_partial else "RESOURCE_EXHAUSTED")
 
 
+def test_a_daily_budget_renews_a_day_into_the_log_not_at_a_fixed_hour(
+    settings: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The log's times are relative: the replay starts at a UTC midnight, and says so. It
+    started at 22:13:20 UTC, so a daily budget renewed 1 h 46 min 40 s into every replay (a
+    3-hour log was allowed two days' budgets, live one)."""
+    from services.tools.estimator.cli import main
+
+    day_ms = 86_400_000
+    times = [0, 2 * 3_600_000, day_ms - 1, day_ms, day_ms + 2 * 3_600_000]
+    path, out = tmp_path / "log.jsonl", tmp_path / "est.json"
+    with path.open("w") as handle:
+        write_log(handle, [LogRecord(t, _ask(f"question number {t}?")) for t in times])
+    main(["--log", str(path), "--out", str(out), "--set", "ROUTER_BUDGET_USD_PER_DAY=0.000000001"])
+    doc = json.loads(out.read_text())
+    assert doc["results"]["served_by"] == {"model": 2}  # the first request of each day
+    assert doc["results"]["errors"] == {"RESOURCE_EXHAUSTED": 3}
+    assert doc["source"]["clock_start"] == "2024-01-01T00:00:00Z"
+    assert "taken to start at 2024-01-01T00:00:00Z" in capsys.readouterr().err
+
+
 def test_a_log_without_live_statuses_still_reads_and_a_bad_one_is_named(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     path.write_text('{"t_ms": 0, "tenant": "x", "request": {}}\n')

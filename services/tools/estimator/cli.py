@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from cachemesh.envfile import read_env_file
@@ -28,7 +29,7 @@ from cachemesh.loadtest.workloads import DEFAULT_MIX, NAMES, DataMissing, Worklo
 from services.common.clock import ManualClock
 from services.common.env import ConfigError
 from services.tools.bench.gateway.redact import own_settings, setting_names
-from services.tools.estimator.offline import OfflineStack
+from services.tools.estimator.offline import REPLAY_START_MS, OfflineStack
 from services.tools.estimator.replay import WhatIf, log_timing, replay
 from services.tools.stack.lifecycle import Stack
 
@@ -108,9 +109,19 @@ def main(argv: list[str] | None = None) -> None:
         _check(args)
         settings = Stack(ROOT, env_overrides=_overrides(args)).settings()
         records, source, labels = _records(args)
-        stack = OfflineStack(settings, ManualClock())
+        stack = OfflineStack(settings, ManualClock(REPLAY_START_MS))
     except (ValueError, ConfigError, LogError, DataMissing, OSError) as exc:
         sys.exit(f"estimator: {exc}")
+    start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(REPLAY_START_MS // 1000))
+    source["clock_start"] = start
+    budgets = stack.router.limits.policy
+    if budgets.day_budget_nanos is not None or budgets.month_budget_nanos is not None:
+        print(
+            f"estimator: the requests' times are relative (t_ms), so they are taken to start at "
+            f"{start} (00:00 UTC on the 1st of a month): a daily budget renews every 24 h of "
+            "them and a monthly one 31 days in, not where the live run's midnight fell",
+            file=sys.stderr,
+        )
     timing = source.get("timing")
     if isinstance(timing, dict) and timing["without_end"]:
         print(

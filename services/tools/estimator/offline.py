@@ -12,7 +12,8 @@ wait runs on the virtual clock; prefix-cache keeps its warm prefixes in memory e
 ``PREFIX_CACHE_REDIS_URL`` is set; the tenants' limits and budgets (``ROUTER_LIMIT_*``,
 ``ROUTER_BUDGET_*``, built by the router's ``limit_wiring``) count on the virtual clock in
 this process even when ``ROUTER_LIMITS_REDIS_URL`` is set, from nothing used (what another run
-or router had spent of a budget on the live stack is not known here); no tracing.
+or router had spent of a budget on the live stack is not known here), the log taken to start
+at a UTC midnight (``REPLAY_START_MS``: the log does not say when it was); no tracing.
 
 What these change in what is served or billed: nothing for a log of one request at a time. For
 overlapping requests, the times a request's WARM commit (its prefix becomes readable) and its
@@ -66,6 +67,12 @@ from services.semantic_cache.wiring import build_api, build_cache
 from services.tools.estimator.local_adapters import LocalModels, LocalPrefix, LocalSemantic
 from services.tools.stack.environment import dial_address
 from services.tools.stack.service_table import SERVICES
+
+# Where a replay's virtual clock starts: a log's times are relative (``t_ms`` from its start;
+# no line says when it was), so the log is taken to start at 00:00 UTC on the 1st of a month:
+# a daily budget renews every 24 h of the log and a monthly one 31 days in, not where the live
+# run's midnight fell (the estimate says so). 2024-01-01T00:00:00Z.
+REPLAY_START_MS = 1_704_067_200_000
 
 # Secrets the settings require; nothing authenticates in-process.
 _OFFLINE = {"CACHEMESH_INTERNAL_TOKEN": "offline", "CACHEMESH_API_KEYS_FILE": "/dev/null"}
