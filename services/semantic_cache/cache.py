@@ -375,7 +375,7 @@ class SemanticCache(EntryStore):
         )
 
     def _hit(self, vid: int, similarity: float, *, exact: bool, best: float) -> CheckResult:
-        self._lru.move_to_end(vid)
+        self._lru.used(self._entries[vid].tenant, vid)
         self._changes += 1
         return CheckResult(
             self._entries[vid], similarity=similarity, exact=exact, best_similarity=best

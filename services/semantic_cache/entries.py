@@ -2,20 +2,21 @@
 
 Entries live in one FAISS index per (tenant, scope). An entry's expiry is fixed when it is
 stored (``Entry.expires_at_ms``: created_at + its namespace's TTL at that moment, an absolute
-age that reads never extend and a later TTL change never moves); capacity is total and evicts
-the least recently used entry. Everything here but the purges' wait for the journal is
-synchronous: the cache calls it in the sections between its awaits, so no two coroutines
-interleave inside one change. Changes are
-written to the journal (the write-ahead log) in that same order when one is attached, and
-applied once durable (the journal runs them, in its order): a Store or a purge the log could
-not make durable (a full disk) is not applied, never served nor undone by a restart.
+age that reads never extend and a later TTL change never moves); capacity is total, shared
+max-min fairly between tenants and LRU within each (``recency``): over it, the least recently
+used entry of the tenant holding the most goes (evictions are not logged: a replay decides
+them again). Everything here but the purges' wait for the journal is synchronous: the cache
+calls it in the sections between its awaits, so no two coroutines interleave inside one
+change. Changes are written to the journal (the write-ahead log) in that same order when one
+is attached, and applied once durable (the journal runs them, in its order): a Store or a
+purge the log could not make durable (a full disk) is not applied, never served nor undone by
+a restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,6 +29,7 @@ from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings, ScopeIndex
 from services.semantic_cache.journal import Applied, Journal
 from services.semantic_cache.policy import NamespacePolicy
+from services.semantic_cache.recency import Recency
 from services.semantic_cache.records import (
     CacheContents,
     Contents,
@@ -83,7 +85,7 @@ class EntryStore:
         self._ann = ann  # None = every scope stays exact (flat)
         self._journal: Journal | None = None
         self._entries: dict[int, Entry] = {}  # FAISS id -> entry
-        self._lru: OrderedDict[int, None] = OrderedDict()  # least recently used first
+        self._lru = Recency()  # which entry goes over capacity
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_at_ms, id); may be stale
         self._by_entry_id: dict[str, int] = {}
         self._scopes: dict[ScopeKey, ScopeIndex] = {}
@@ -170,7 +172,7 @@ class EntryStore:
         """
         now = self._clock.now_ms()
         self._purge_expired(now)
-        lru = np.fromiter(self._lru, np.int64, len(self._lru))
+        lru = self._lru.order()
         by_id = np.argsort(lru)  # rows of ``lru`` in id order
         sorted_ids = lru[by_id]
         rows = np.empty((len(lru), self._embedder.dim), dtype=np.float32)
@@ -180,7 +182,7 @@ class EntryStore:
                 if not np.array_equal(sorted_ids[np.minimum(found, len(lru) - 1)], ids):
                     raise RuntimeError("a scope's index holds ids the cache does not")
                 rows[by_id[found]] = vectors
-        entries = tuple(self._entries[vid] for vid in self._lru)
+        entries = tuple(self._entries[vid] for vid in lru.tolist())
         purged = {t: at for t, at in self._purged_at_ms.items() if at >= now - PURGE_GUARD_MS}
         return CacheContents(self._embedder.version, self._embedder.dim, entries, rows, purged)
 
@@ -375,7 +377,7 @@ class EntryStore:
     def _add(self, vid: int, entry: Entry) -> None:
         entry = self._stamped(entry)
         self._entries[vid] = entry
-        self._lru[vid] = None
+        self._lru.used(entry.tenant, vid)
         self._by_entry_id[entry.entry_id] = vid
         heapq.heappush(self._expiry, (self._expires_at(entry), vid))
         self.stats.added(entry, self._embedder.dim)
@@ -392,7 +394,7 @@ class EntryStore:
 
     def _evict_over_capacity(self) -> None:
         while len(self._entries) > self._max_entries:
-            self._remove(next(iter(self._lru)))
+            self._remove(self._lru.victim())
             self.stats.evictions += 1
 
     def _remove(self, vid: int) -> None:
@@ -406,8 +408,8 @@ class EntryStore:
 
     def _forget(self, vid: int) -> Entry:
         self._changes += 1
-        self._lru.pop(vid, None)
         entry = self._entries.pop(vid)
+        self._lru.forget(entry.tenant, vid)
         self._by_entry_id.pop(entry.entry_id, None)
         self.stats.removed(entry, self._embedder.dim)
         return entry

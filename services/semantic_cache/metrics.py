@@ -14,8 +14,8 @@
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
-  (capacity, LRU), ``..._expirations_total`` (TTL) and ``..._invalidations_total`` (Drop), read
-  from the cache at each scrape;
+  (capacity: the largest tenant's LRU entry), ``..._expirations_total`` (TTL) and
+  ``..._invalidations_total`` (Drop), read from the cache at each scrape;
 - ``cachemesh_semantic_cache_lease_waits_total{outcome}`` (``served``: the identical request's
   answer was served; ``not_served``) and ``..._lease_wait_seconds``;
 - ``cachemesh_semantic_cache_embed_batch_size`` and ``..._embed_duration_seconds`` (each
@@ -195,7 +195,7 @@ class StoreCollector(Collector):
         yield size
         yield CounterMetricFamily(
             "cachemesh_semantic_cache_evictions",
-            "Entries evicted over capacity (least recently used first)",
+            "Entries evicted over capacity (the LRU one of the tenant holding the most)",
             value=stats.evictions,
         )
         yield CounterMetricFamily(

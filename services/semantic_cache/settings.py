@@ -18,7 +18,7 @@ class SemanticCacheSettings:
     verifier_min_p: float  # the verifier's minimum probability of the same meaning
     ambiguity_margin: float  # two answers within it of each other: serve neither (0 = off)
     ttl_s: float  # absolute age after which an entry is never served
-    max_entries: int  # total capacity; LRU eviction beyond it
+    max_entries: int  # total capacity; beyond it the largest tenant's LRU entry goes
     faiss_threads: int
     ort_threads: int
     data_dir: Path | None = None  # where snapshots go; None = no persistence

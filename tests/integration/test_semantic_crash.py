@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -37,7 +38,9 @@ AUTH = internal_metadata(TOKEN)
 WRITERS = 8
 
 
-def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start(
+    data_dir: Path, port: int, extra: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "SEMANTIC_CACHE_LISTEN": f"127.0.0.1:{port}",
@@ -47,6 +50,7 @@ def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         "CACHEMESH_GRACE_S": "5",
         "SEMANTIC_CACHE_DATA_DIR": str(data_dir),
         "SEMANTIC_CACHE_SNAPSHOT_S": "0.2",
+        **(extra or {}),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "services.semantic_cache"],

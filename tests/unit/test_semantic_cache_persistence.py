@@ -109,6 +109,48 @@ async def test_lru_order_survives_so_eviction_picks_the_same_entry(tmp_path: Pat
     assert len(restored) == len(STORED)
 
 
+def held(cache: SemanticCache) -> list[tuple[str, str]]:
+    """(tenant, question) of every entry, least recently used first."""
+    return [(e.tenant, e.query) for e in cache.export_entries().entries]
+
+
+async def test_a_restore_over_capacity_evicts_from_the_tenant_holding_the_most(
+    tmp_path: Path,
+) -> None:
+    """A snapshot of b's 3 older entries and a's 7 newer ones restored into room for 6: a
+    loses its 4 least recently used, b keeps all 3."""
+    cache = new_cache()
+    for i in range(3):
+        await cache.store(q(f"b question {i} about x{i}", "b"), Answer(b"b", "end_turn", 1, False))
+    for i in range(7):
+        await cache.store(q(f"a question {i} about y{i}"), Answer(b"a", "end_turn", 1, False))
+    restored = new_cache(max_entries=6)
+    report = restored.restore(round_trip(cache, tmp_path).contents)
+    assert (report.restored, report.evicted) == (6, 4)
+    assert held(restored) == held(cache)[:3] + held(cache)[-3:]
+    assert restored.stats.entries == {"a": 3, "b": 3} and restored.stats.evictions == 4
+
+
+async def test_a_restored_cache_evicts_what_the_original_would(tmp_path: Path) -> None:
+    """Each tenant's LRU order and the order between tenants survive a restore: the same
+    later stores evict the same entries from both."""
+    clock = ManualClock()
+    cache = new_cache(clock, max_entries=6)
+    for i in range(6):
+        tenant = "ab"[i % 2]
+        await cache.store(q(f"question {i} about x{i}", tenant), Answer(b"x", "end_turn", 1, False))
+    assert (await cache.check(q("question 0 about x0", "a"))).exact  # a's newest now
+    assert (await cache.check(q("question 3 about x3", "b"))).exact  # b's newest now
+    restored = new_cache(clock, max_entries=6)
+    restored.restore(round_trip(cache, tmp_path).contents)
+    assert held(restored) == held(cache)
+    for tenant, question in [("a", "new a one"), ("c", "new c one"), ("a", "new a two")]:
+        for one in (cache, restored):
+            await one.store(q(question, tenant), Answer(b"n", "end_turn", 1, False))
+    assert held(restored) == held(cache)
+    assert cache.stats.entries == {"a": 3, "b": 2, "c": 1}
+
+
 async def test_entries_expired_by_the_clock_are_skipped(tmp_path: Path) -> None:
     clock = ManualClock()
     cache = new_cache(clock)

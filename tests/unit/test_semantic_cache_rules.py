@@ -1,4 +1,5 @@
-"""SemanticCache: TTL, LRU capacity, what may be stored and served, replacement, drop."""
+"""SemanticCache: TTL, capacity (fair between tenants, LRU within one), what may be stored
+and served, replacement, drop."""
 
 from __future__ import annotations
 
@@ -61,13 +62,59 @@ async def test_expired_entries_are_purged_on_store() -> None:
 async def test_capacity_evicts_the_least_recently_used_entry() -> None:
     cache, _, _ = new_cache(max_entries=2)
     await cache.store(q("alpha question"), answer(b"alpha"))
-    await cache.store(q("beta question", tenant="b"), answer(b"beta"))
+    await cache.store(q("beta question"), answer(b"beta"))
     assert (await cache.check(q("alpha question"))).hit  # alpha is now the most recent
     await cache.store(q("gamma question"), answer(b"gamma"))
     assert len(cache) == 2
-    assert not (await cache.check(q("beta question", tenant="b"))).hit
+    assert not (await cache.check(q("beta question"))).hit
     assert (await cache.check(q("alpha question"))).hit
     assert (await cache.check(q("gamma question"))).hit
+
+
+async def test_between_tenants_holding_as_many_the_least_recently_used_entry_goes() -> None:
+    cache, _, _ = new_cache(max_entries=2)
+    await cache.store(q("alpha question"), answer(b"alpha"))
+    await cache.store(q("beta question", tenant="b"), answer(b"beta"))
+    assert (await cache.check(q("alpha question"))).hit  # alpha is now the most recent
+    await cache.store(q("gamma question", tenant="c"), answer(b"gamma"))
+    assert cache.stats.entries == {"a": 1, "c": 1}
+    assert not (await cache.check(q("beta question", tenant="b"))).hit
+
+
+async def test_a_tenant_flooding_the_cache_evicts_its_own_entries_not_another_tenants() -> None:
+    """Over capacity the tenant holding the most entries loses its least recently used one: a
+    tenant holding fewer keeps every answer, however many new questions another one asks."""
+    cache, _, _ = new_cache(max_entries=10)
+    faq = ["how do i reset my password", "what is the refund policy", "where is my invoice"]
+    for question in faq:
+        await cache.store(q(question, tenant="b"), answer(b"faq"))
+    for i in range(40):
+        await cache.store(q(f"tell me fact {i} about planet x{i}"), answer(b"junk"))
+    assert cache.stats.entries == {"a": 7, "b": 3}
+    assert cache.stats.evictions == 33
+    for question in faq:
+        assert (await cache.check(q(question, tenant="b"))).exact
+    for i in range(40):  # a's 7 most recent are left
+        hit = (await cache.check(q(f"tell me fact {i} about planet x{i}"))).exact
+        assert hit == (i >= 33), i
+
+
+async def test_capacity_is_shared_max_min_fair_and_lru_within_each_tenant() -> None:
+    """b filled most of the cache first; a's new entries take b's least recently used ones
+    until a holds as many, then its own: each ends with half, its most recently used."""
+    cache, _, _ = new_cache(max_entries=10)
+    for i in range(8):
+        await cache.store(q(f"b question {i} about x{i}", tenant="b"), answer(b"b"))
+    assert (await cache.check(q("b question 0 about x0", tenant="b"))).exact  # now b's newest
+    for i in range(8):
+        await cache.store(q(f"a question {i} about y{i}"), answer(b"a"))
+    assert cache.stats.entries == {"a": 5, "b": 5}
+    b_kept = {0, 4, 5, 6, 7}  # 1, 2, 3 were b's least recently used
+    for i in range(8):
+        assert (await cache.check(q(f"b question {i} about x{i}", tenant="b"))).exact == (
+            i in b_kept
+        ), i
+        assert (await cache.check(q(f"a question {i} about y{i}"))).exact == (i >= 3), i
 
 
 async def test_an_answer_longer_than_max_tokens_is_not_served() -> None:

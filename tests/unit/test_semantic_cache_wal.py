@@ -275,10 +275,31 @@ async def test_a_purge_that_found_nothing_is_logged_for_the_replay(tmp_path: Pat
     await cache.store(q("how do i reset my password"), answer(b"A"))
     await cache.store(q("what is the secret discount code", "b"), answer(b"B-secret"))
     assert (await cache.check(q("how do i reset my password"))).hit  # B is now the oldest
-    await cache.store(q("how do i delete my account"), answer(b"C"))  # evicts B
+    await cache.store(q("how do i delete my account", "c"), answer(b"C"))  # evicts B
     assert await cache.drop("b") == 0
     revived = await _crash_and_replay(tmp_path, clock, max_entries=2)
     assert not (await revived.check(q("what is the secret discount code", "b"))).hit
+
+
+async def test_a_replay_evicts_from_the_tenant_holding_the_most_as_the_process_did(
+    tmp_path: Path,
+) -> None:
+    """b stores 2 answers, then a floods the cache: the process kept b's 2 and a's 2 most
+    recent, and so does the replay of its log."""
+    clock = ManualClock()
+    cache = new_cache(clock, max_entries=4)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        cache
+    )
+    for question in ("how do i reset my password", "what is the refund policy"):
+        await cache.store(q(question, "b"), answer(b"B"))
+    for i in range(6):
+        await cache.store(q(f"tell me fact {i} about planet x{i}"), answer(b"A"))
+    live = [(e.tenant, e.query) for e in cache.export_entries().entries]
+    assert cache.stats.entries == {"a": 2, "b": 2}
+    revived = await _crash_and_replay(tmp_path, clock, max_entries=4)
+    assert [(e.tenant, e.query) for e in revived.export_entries().entries] == live
+    assert revived.stats.entries == {"a": 2, "b": 2}
 
 
 @pytest.mark.parametrize("restart", ["graceful", "crash"])
