@@ -181,9 +181,11 @@ class PrefixCacheCore:
     ) -> Split:
         """The first token arrived from ``replica``, which reported ``kv_cached_tokens``
         (unless ``kv_cached_unreported``: a provider adapter learns its engine's KV reuse
-        only from the usage at the end; a self-hosted row's read is then the one this view of
-        ``replica`` predicts, as llama.cpp's prompt cache and vLLM's / SGLang's automatic
-        prefix caching reuse what the replica holds, and the engine's report reconciles it).
+        only from the usage at the end). A self-hosted row's read is the one this tenant's
+        view of ``replica`` predicts, as llama.cpp's prompt cache and vLLM's / SGLang's
+        automatic prefix caching reuse what the replica holds; the engine's report, now or at
+        the FINAL, can lower it but never raise it: the engine's cache is shared by every
+        tenant, and its reuse beyond that may be another tenant's prompt.
 
         ``max_read_tokens`` is the read predicted when the request arrived: prefixes warmed
         after that (by a concurrent request) are not read, as the provider looked up on arrival;
@@ -234,10 +236,13 @@ class PrefixCacheCore:
             now = self._clock.now_ms()
             # the replica's report of its KV reuse, if it could give one at its first token
             reported = None if kv_cached_unreported else kv_cached_tokens
-            if spec.rules == "self_hosted":  # the engine's report is the truth ...
-                read = reported
-                if read is None:  # ... or, until it comes, what the replica should hold
-                    read = self._views.match(replica, prompt.kv_hashes, plan.prompt_tokens)
+            if spec.rules == "self_hosted":
+                # the engine's KV cache is shared by every tenant: the read is what this
+                # tenant's own (tenant-salted) view says its traffic left on the replica, and
+                # the engine's report can only lower it (a restart, an eviction), never add
+                # the reuse of another tenant's prompt to this one's bill or usage
+                own = self._views.match(replica, prompt.kv_hashes, plan.prompt_tokens)
+                read = own if reported is None else min(own, reported)
                 split = settle(plan, read if replica else 0)
             else:
                 probes = plan.probes
@@ -314,9 +319,12 @@ class PrefixCacheCore:
             assert spec is not None  # checked at WARM against the same table
             base = baseline_spec or spec
             estimate = charge(record.split, output_tokens, spec, base)
+            own = spec.rules == "self_hosted"  # a self-hosted read is the tenant's own reuse
+            engine_reuse = kv_cached_tokens  # the engine's, for the view and the metric
+            told_kv = min(kv_cached_tokens, record.split.read_tokens) if own else kv_cached_tokens
             final = Final(
                 output_tokens,
-                kv_cached_tokens,
+                told_kv,
                 base.id,
                 estimate,
                 record.split,
@@ -333,13 +341,17 @@ class PrefixCacheCore:
                         f"output_tokens ({output_tokens}) differs from the provider's reported "
                         f"output ({reported.output_tokens}); send 0 or the same count"
                     )
-                billed = charge(reported.split, reported.output_tokens, spec, base)
+                split = reported.split
+                if own:  # at most the WARM's read: the reuse this tenant's traffic left
+                    engine_reuse = split.read_tokens
+                    split = _at_most_read(split, record.split.read_tokens)
+                billed = charge(split, reported.output_tokens, spec, base)
                 final = Final(
                     reported.output_tokens,
-                    kv_cached_tokens,
+                    told_kv,
                     base.id,
                     billed,
-                    reported.split,
+                    split,
                     record.split,
                     charge(record.split, reported.output_tokens, spec, base),
                     reconciled=True,
@@ -349,13 +361,17 @@ class PrefixCacheCore:
             stood = await self._ledger.put_final(tenant, request_id, final, now)
             if stood is None:  # the record was collected between the two steps
                 raise _no_warm(request_id)
-            if record.replica and spec.rules == "self_hosted":
-                # the engine's reconciled reuse scores the view's prediction at the WARM, and
-                # corrects the view when the replica held less (a restart, unseen traffic)
-                read = stood.split.read_tokens if stood.reconciled else None
+            if record.replica and own:
+                # the engine's reported reuse (not the billed one) scores the view's
+                # prediction at the WARM, and corrects the view when the replica held less
+                # (a restart, unseen traffic)
+                read = engine_reuse if stood.reconciled and final.reconciled else None
                 self._views.report((tenant, request_id), read)
             if self._metrics is not None and stood == final:  # this call billed it
                 self._metrics.billed(record.model, stood)
+                if own:  # the engine's reuse the tenant's own traffic does not account for
+                    unbilled = max(engine_reuse - stood.split.read_tokens, 0)
+                    self._metrics.unattributed_kv(record.model, unbilled)
             return stood
 
     async def warm_prefixes(self) -> int:
@@ -395,6 +411,14 @@ class PrefixCacheCore:
         plan = plan_for(blocks, sites_of(request), spec, self._lookback)
         hashes = ReplicaViews.hashes(tenant, spec.id, prompt_token_ids(blocks))
         return Prompt(plan, scope_for(spec, tenant, request), hashes, prompt_digest(blocks))
+
+
+def _at_most_read(split: Split, read: int) -> Split:
+    """``split`` with at most ``read`` tokens read: the rest of its read is billed as input."""
+    extra = split.read_tokens - read
+    if extra <= 0:
+        return split
+    return replace(split, input_tokens=split.input_tokens + extra, read_tokens=read)
 
 
 def _small(request: pb.CompleteRequest) -> bool:

@@ -11,6 +11,10 @@ returns the same bill and counts nothing):
   ``cachemesh_prefix_cache_drift_abs_prompt_tokens_total{model}`` and
   ``cachemesh_prefix_cache_drift_abs_cost_nanos_total{model}``, the absolute differences
   summed over the reconciled bills (divide by ``bills_total{reconciled="true"}``);
+- ``cachemesh_prefix_cache_kv_unattributed_tokens_total{model}``: a self-hosted engine's
+  KV reuse beyond what the tenant's own traffic accounts for (its view's prediction), so not
+  billed as a read: other tenants' identical prefixes on the shared engine, and the view's
+  misses (the engine's tokenizer counts more, the previous answer it kept; no tenant named);
 - ``cachemesh_prefix_cache_plans_total{model}``; ``cachemesh_prefix_cache_warm_prefixes``:
   the warm prefixes held in memory, refreshed every ``WARM_REFRESH_S``. With the Redis store
   the gauge is absent: counting keys there is a SCAN of the keyspace (seconds of this
@@ -57,6 +61,11 @@ class PrefixCacheMetrics:
             "|reported - estimated| cost in nano-dollars, summed over the reconciled bills",
             ("model",),
         )
+        self._unattributed = m.counter(
+            "cachemesh_prefix_cache_kv_unattributed_tokens",
+            "Self-hosted engine KV reuse not billed as a read: beyond the tenant's own traffic",
+            ("model",),
+        )
         self._plans = m.counter(
             "cachemesh_prefix_cache_plans",
             "Plans computed (a miss's split and replica candidates)",
@@ -71,6 +80,9 @@ class PrefixCacheMetrics:
 
     def planned(self, model: str) -> None:
         self._plans(model).inc()
+
+    def unattributed_kv(self, model: str, tokens: int) -> None:
+        self._unattributed(model).inc(tokens)
 
     def billed(self, model: str, final: Final) -> None:
         split = final.split

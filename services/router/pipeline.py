@@ -542,9 +542,15 @@ class Pipeline:
             else:
                 end.usage.input_tokens = attempt.start.prompt_tokens
             end.usage.output_tokens = end_chunk.output_tokens
-            end.usage.kv_cached_tokens = _kv_cached(
+            reused = _kv_cached(
                 attempt, end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None
             )
+            if attempt.model.rules == "self_hosted":
+                # the engine's KV cache is shared by every tenant: tell at most the reuse the
+                # WARM found this tenant's own traffic left there (none without a WARM)
+                own = warm.usage.cache_read_input_tokens if warm is not None else 0
+                reused = min(reused, own)
+            end.usage.kv_cached_tokens = reused
             prompt = attempt.start.prompt_tokens
             cost = attempt.model.baseline_nanos(prompt, end_chunk.output_tokens)
             base = baseline.baseline_nanos(prompt, end_chunk.output_tokens)

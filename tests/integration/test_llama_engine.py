@@ -4,13 +4,16 @@ OpenAI-compatible adapter, with the router, both caches and the OTLP receiver as
 integration tests.
 
 - real answers, whole and streamed;
-- the engine's own ``usage.prompt_tokens_details.cached_tokens`` is the bill: a second turn
-  reads its prefix from the replica's KV cache and is billed at the cache-read price;
-  prefix-cache's estimate of that read comes from its view of the chosen replica, so the
-  drift is the tokenizers' difference, not the whole read; only the second turn is served
-  by the prefix cache (the first reuses only the chat template's opening tokens);
+- the engine's own ``usage.prompt_tokens_details.cached_tokens`` reconciles the bill: a
+  second turn reads its prefix from the replica's KV cache and is billed at the cache-read
+  price, up to prefix-cache's estimate from its view of the tenant's prompts on the chosen
+  replica (which is most of the read); only the second turn is served by the prefix cache
+  (the first reuses only the chat template's opening tokens);
 - KV-aware routing keeps a conversation on the replica that holds its prefix (the other
   replica, asked the same second turn directly, has none of it cached);
+- the engine's KV cache is shared by every tenant: a prefix another tenant left there is
+  reused by the engine, but neither billed to nor told in the usage of a tenant whose own
+  traffic never sent it (its second request, its own reuse, is billed as a read);
 - the engine's error body for a prompt over its context comes back as INVALID_ARGUMENT
   carrying llama-server's message;
 - a prefill whose client went away stops within a batch, not at the end of the prompt.
@@ -32,6 +35,7 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cachemesh import Client, InvalidRequestError
 from cachemesh.envfile import read_env_file
@@ -64,6 +68,7 @@ class LlamaStack:
     replicas: list[Replica]
     by_model_address: dict[str, Replica]  # model process address -> the replica behind it
     logs: dict[int, Path]  # replica index -> its llama-server log
+    keys: dict[str, str]  # the demo keys (CACHEMESH_KEY_A, CACHEMESH_KEY_B)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +96,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaStack]:
                     replicas,
                     {addresses["model"]: replicas[0], addresses["model-2"]: replicas[1]},
                     {r.index: engines.log_path(r.index) for r in replicas},
+                    keys,
                 )
         finally:
             stack.stop()
@@ -148,7 +154,7 @@ def test_real_answers_whole_and_streamed(llama: LlamaStack) -> None:
     assert streamed.strip() and chunks[-1].end.usage.output_tokens > 0
 
 
-def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_are_the_bill(
+def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_reconcile_the_bill(
     llama: LlamaStack,
 ) -> None:
     tag = uuid.uuid4().hex
@@ -175,7 +181,8 @@ def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_are_th
     # chosen for its warm prefix (the TTFT policy: warm and soonest, or the warm one of a tie)
     assert chat_two.attributes["cachemesh.route_reason"] in ("ttft_warm", "affinity_tie")
 
-    # the engine's own report: most of the second prompt came from the replica's KV cache
+    # the engine's own report, up to the view's estimate of what this tenant left there: most
+    # of the second prompt came from the replica's KV cache
     cached = two.usage.cache_read_input_tokens
     prompt = two.usage.input_tokens + cached
     assert cached > 0.5 * prompt, (cached, prompt)
@@ -186,9 +193,9 @@ def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_are_th
     drift = {k: v for k, v in root_two.attributes.items() if k.startswith("cachemesh.drift.")}
     read_drift = drift["cachemesh.drift.cache_read_input_tokens"]
     estimated_read = cached - read_drift
-    # the estimate predicted the read from the replica's view (cl100k tokens, full blocks):
-    # its drift is the two tokenizers' difference, well under half the read (it was the
-    # whole read when the estimate said 0)
+    # the estimate predicted the read from the replica's view (cl100k tokens, full blocks),
+    # which bounds the billed read (the engine's cache is shared by every tenant): most of
+    # the engine's read, and no drift beyond it
     assert estimated_read > 0.5 * cached and abs(read_drift) < 0.5 * cached, drift
     print(
         f"\nllama-server cached_tokens: turn 2 read {cached} of {prompt} prompt tokens "
@@ -211,6 +218,52 @@ def test_a_conversation_stays_on_its_replica_and_the_engine_cached_tokens_are_th
     details = direct.usage.prompt_tokens_details
     other_cached = (details.cached_tokens or 0) if details is not None else 0
     assert other_cached < 0.1 * cached, (other_cached, cached)
+
+
+def test_a_prefix_another_tenant_left_on_the_engine_is_not_billed_nor_told(
+    llama: LlamaStack,
+) -> None:
+    """Tenant B sends a prompt that another client (tenant A's traffic, to the engine one
+    and the same) left on both replicas: the engine reuses it, but B's bill and usage
+    show no read (they would tell B that someone sent that exact prompt). B's own repeat is
+    its own reuse, billed as a read."""
+    memo = f"Confidential memo {uuid.uuid4().hex}. " + " ".join(
+        f"Clause {i}: Northwind buys Contoso on day {i} at {i * 37} million." for i in range(12)
+    )
+    question = "Summarise the memo in one word."
+    for replica in llama.replicas:  # the other tenant's traffic, on both replicas
+        openai.OpenAI(base_url=replica.base_url, api_key="none").chat.completions.create(
+            model=UPSTREAM_ID,
+            max_tokens=1,
+            messages=[{"role": "system", "content": memo}, {"role": "user", "content": question}],
+        )
+    prefix = llama.stack.metrics_addresses["prefix-cache"]
+    unattributed = "cachemesh_prefix_cache_kv_unattributed_tokens_total"
+    before = _metric(prefix, unattributed)
+    with Client(llama.stack.router_address, api_key=llama.keys["CACHEMESH_KEY_B"]) as b:
+        one = b.complete(_request(memo, [_user(question)], max_tokens=4))
+        reused = _metric(prefix, unattributed) - before
+        two = b.complete(_request(memo, [_user(question)], max_tokens=4))
+    prompt = one.usage.input_tokens + one.usage.cache_read_input_tokens
+    # the engine reused the other tenant's prefix (counted by model, not billed) ...
+    assert reused > 0.5 * prompt, (reused, prompt)
+    # ... which B's first request neither pays nor learns of
+    assert one.usage.cache_read_input_tokens == 0 and one.usage.kv_cached_tokens == 0, one.usage
+    assert one.served_by == pb.LAYER_MODEL and one.cost.cost_nanos == _hand_bill(one.usage)
+    # its repeat reads what its own first request left
+    assert two.usage.cache_read_input_tokens > 0.5 * prompt, two.usage
+    print(f"\nanother tenant's prefix: {reused:.0f} of {prompt} prompt tokens reused unbilled")
+
+
+def _metric(address: str, name: str) -> float:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
 
 
 def test_a_prompt_over_the_engines_context_is_refused_with_its_message(

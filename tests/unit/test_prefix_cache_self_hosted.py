@@ -4,9 +4,11 @@
 The documented rule (vLLM automatic prefix caching,
 https://docs.vllm.ai/en/latest/design/prefix_caching.html): the replica's KV cache is the
 cache; a prefix is reused in full blocks of 16 and the prompt's last token is always computed.
-The replica's report is the truth of the read. Prices of ``llama-3-1-8b-vllm`` in the table:
-input 100 and output 100 nanos per token, a KV-reused token 0 (it skips prefill); there is no
-write premium. Token counts are cl100k's, computed here.
+The replica's report is the truth of the read, up to what the tenant's own traffic left
+there (the engine's cache is shared by every tenant; the view is salted per tenant). Prices
+of ``llama-3-1-8b-vllm`` in the table: input 100 and output 100 nanos per token, a KV-reused
+token 0 (it skips prefill); there is no write premium. Token counts are cl100k's, computed
+here.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
+from services.common.metrics import new_registry
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.metrics import PrefixCacheMetrics
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals
@@ -138,7 +142,8 @@ async def test_an_adapter_replicas_read_is_estimated_from_the_view_and_reconcile
 ) -> None:
     """A self-hosted engine behind the OpenAI adapter (llama-server, vLLM) reports its KV
     reuse only in the usage at the end: at WARM the estimated read is what the view says the
-    chosen replica holds (not 0), and the engine's ``cached_tokens`` reconciles it at FINAL."""
+    chosen replica holds (not 0), and the engine's ``cached_tokens`` reconciles it at FINAL
+    (its prompt count; its read up to the view's prediction)."""
     views = ReplicaViews(65536)
     core = PrefixCacheCore(
         table=TABLE,
@@ -166,10 +171,12 @@ async def test_an_adapter_replicas_read_is_estimated_from_the_view_and_reconcile
     # ... while on replica-b, which never saw the prompt, none would be
     other = await core.warm("t", "r3", MODEL, second, "replica-b", kv_cached_unreported=True)
     assert other.read_tokens == 0
-    # the engine reports (its own tokenizer) 8 more cached tokens than the view predicted
+    # the engine reports 8 more cached tokens than the view predicted (its own tokenizer, or
+    # another tenant's prompt on the shared engine: not told apart): its prompt count is the
+    # bill, its read at most the view's prediction, the 8 billed as input
     two = await core.final("t", "r2", MODEL, 0, 0, "", _openai_usage(p2, reusable + 8, 25))
-    assert two.reconciled and two.split.read_tokens == reusable + 8
-    assert two.estimate.read_tokens == reusable  # the drift is 8 tokens, not the whole read
+    assert two.reconciled and two.split == Split(p2 - reusable, 0, 0, reusable)
+    assert two.estimate.read_tokens == reusable
     # scored at FINAL with the engine's report (r1 and r2; r3 has none yet), never as a 0 at
     # the first token, which told nothing
     assert views.stats.reports == 2 and views.stats.abs_error_tokens == 8
@@ -184,3 +191,61 @@ def _openai_usage(prompt: int, cached: int, completion: int) -> pc.ProviderUsage
             prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached),
         )
     )
+
+
+async def test_a_tenant_is_billed_only_the_kv_reuse_its_own_traffic_left(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """The engine's KV cache is shared by every tenant (llama-server, vLLM without a cache
+    salt): tenant A's prompt makes the engine reuse it for tenant B's identical one. B is
+    billed, and told in its usage, only the reuse B's own traffic accounts for (its own,
+    tenant-salted view of the replica): paying A's read would let B's bill and usage tell
+    whether anyone sent a given prompt. The view is still scored with the engine's truth, and
+    the reuse left unbilled is counted by model, naming no tenant."""
+    views = ReplicaViews(65536)
+    registry = new_registry()
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=views,
+        ledger=make_ledger(3_600_000),
+        clock=ManualClock(),
+        lookback=20,
+        metrics=PrefixCacheMetrics(registry),
+    )
+    memo = ask("Summarise the memo in one word.")
+    prompt = len(prompt_token_ids(canonical_blocks(memo, tokenizer)))
+    reusable = (prompt - 1) // 16 * 16
+    full = prompt * INPUT_NANOS + 4 * OUTPUT_NANOS
+
+    # tenant A sends it first: the engine reuses nothing
+    await core.warm("a", "r1", MODEL, memo, "replica-a", kv_cached_unreported=True)
+    a = await core.final("a", "r1", MODEL, 0, 0, "", _openai_usage(prompt, 0, 4))
+    assert a.charge.cost_nanos == full
+
+    # tenant B sends the same prompt to the same replica: the engine reuses A's prefix ...
+    warm = await core.warm("b", "r1", MODEL, memo, "replica-a", kv_cached_unreported=True)
+    assert warm.read_tokens == 0
+    b = await core.final("b", "r1", MODEL, 0, reusable, "", _openai_usage(prompt, reusable, 4))
+    # ... which B is neither billed as a read nor told of
+    assert b.reconciled and b.split == Split(prompt, 0, 0, 0), b.split
+    assert b.charge.cost_nanos == full and b.kv_cached_tokens == 0
+    assert (await core.totals("b")).cache_read_input_tokens == 0
+    # the view's error is still measured against the engine's report
+    assert views.stats.reports == 2 and views.stats.abs_error_tokens == reusable
+
+    # an engine that reports its reuse at the first token: the same rule
+    split = await core.warm("c", "r1", MODEL, memo, "replica-a", kv_cached_tokens=reusable)
+    assert split == Split(prompt, 0, 0, 0)
+    c = await core.final("c", "r1", MODEL, 4, reusable, "")
+    assert c.charge.cost_nanos == full and c.kv_cached_tokens == 0
+
+    # B's own second request: its own traffic accounts for the reuse, which B is billed
+    again = await core.warm("b", "r2", MODEL, memo, "replica-a", kv_cached_unreported=True)
+    assert again.read_tokens == reusable
+    b2 = await core.final("b", "r2", MODEL, 0, reusable, "", _openai_usage(prompt, reusable, 4))
+    assert b2.split == Split(prompt - reusable, 0, 0, reusable)
+    assert b2.kv_cached_tokens == reusable
+    unattributed = "cachemesh_prefix_cache_kv_unattributed_tokens_total"
+    assert registry.get_sample_value(unattributed, {"model": MODEL}) == 2 * reusable

@@ -1,7 +1,8 @@
 """A self-hosted engine behind a provider adapter (llama-server, vLLM) reports its KV reuse
 only at the end (``prompt_tokens_details.cached_tokens``; its start is
-``kv_cached_unreported``): that figure is the FINAL commit's ``kv_cached_tokens`` and the
-Gateway's ``usage.kv_cached_tokens``, also when prefix-cache is down."""
+``kv_cached_unreported``): that figure is the FINAL commit's ``kv_cached_tokens`` (prefix-cache
+tells the tenant at most its own traffic's share of it), and when prefix-cache is down the
+Gateway's ``usage.kv_cached_tokens`` is at most the WARM's read (0 without one)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,23 @@ async def test_the_engines_reported_kv_reuse_is_committed_and_reaches_the_usage(
     assert end.served_by == pb.LAYER_PREFIX_CACHE
 
 
-async def test_with_prefix_cache_down_the_usage_still_has_the_engines_kv_reuse() -> None:
+class FinalDown(FakePrefix):
+    """prefix-cache answers the WARM (its read: the tenant's own reuse), then goes down."""
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if request.phase == pc.COMMIT_PHASE_FINAL:
+            self.down = True
+        return await super().commit(request, deadline_s)
+
+
+async def test_with_prefix_cache_down_the_usage_tells_no_reuse_of_other_tenants() -> None:
+    """The engine's KV cache is shared by every tenant: its reuse may be another tenant's
+    prompt. Without prefix-cache's view of what this tenant's own traffic left there, the
+    estimated answer tells none of it; with the WARM's read, at most that."""
     rig = Rig(prefix=FakePrefix(down=True), models=EngineReplicas())
     end = (await rig.run(_request("local-small")))[-1].end
-    assert end.cost.estimated and end.usage.kv_cached_tokens == CACHED
+    assert end.cost.estimated and end.usage.kv_cached_tokens == 0
+
+    rig = Rig(prefix=FinalDown(read_tokens=16), models=EngineReplicas())
+    end = (await rig.run(_request("local-small")))[-1].end
+    assert end.cost.estimated and end.usage.kv_cached_tokens == 16
