@@ -67,6 +67,9 @@ class RequestLog:
         end = call.end
         if code != "OK" or end is None:
             self._metrics.failed(call.tenant, code, seconds)
+            if end is not None and not call.replayed:
+                # billed in full, but the caller left before it reached it: still its money
+                self._metrics.unreceived(call.tenant, end)
         elif call.replayed:
             self._metrics.replayed(call.tenant)
         else:

@@ -16,10 +16,13 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``{tenant,served_by}``: what the answers cost and would have cost with no cache, in
   nano-dollars, as the responses reported; ``cachemesh_router_saved_nanos{tenant,served_by}``
   is their difference, a gauge because a turn that pays a cache write saves a negative amount
-  (rate it as baseline minus cost). ``served_by="unanswered"``: model calls billed without an
+  (rate it as baseline minus cost). An answer billed in full whose caller left before it
+  reached it (its deadline, a cancel while the answer was recorded or sent) counts under the
+  layer that served it, as its access-log line says, and in ``errors_total``, not
+  ``requests_total``. ``served_by="unanswered"``: model calls billed without an
   answer (the caller cancelled, or the replica was cut, also before another one answered), as
   prefix-cache billed them (or the estimate at base prices when the bill went to the outbox);
-  they are in no ``requests_total``;
+  they are in no ``requests_total``. The counters' sum is what the requests were billed;
 - ``cachemesh_router_tokens_total{tenant,served_by,type}``: the responses' usage (``input``,
   ``cache_creation``, ``cache_read``, ``output``), and the unanswered calls' bills';
 - ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
@@ -185,13 +188,22 @@ class RouterMetrics:
         self._answered: dict[tuple[str, str, str, str], _Answered] = {}
 
     def answered(self, tenant: str, end: pb.CompleteResponse, seconds: float) -> None:
+        bundle = self._money(tenant, end)
+        bundle.requests.value += 1
+        bundle.duration.observe(seconds)
+
+    def unreceived(self, tenant: str, end: pb.CompleteResponse) -> None:
+        """An answer billed in full whose caller left before it reached it (the call is an
+        error, ``failed``): its money and tokens under the layer that served it, no request."""
+        self._money(tenant, end)
+
+    def _money(self, tenant: str, end: pb.CompleteResponse) -> _Answered:
         layer = LAYERS.get(end.served_by, "none")
         key = (self._tenants(tenant), end.model, end.tier, layer)
         bundle = self._answered.get(key)
         if bundle is None:
             bundle = self._answered[key] = self._bundle(*key)
         cost, usage = end.cost, end.usage
-        bundle.requests.value += 1
         bundle.cost.value += cost.cost_nanos
         bundle.baseline.value += cost.baseline_nanos
         bundle.saved.value += cost.saved_nanos
@@ -199,7 +211,7 @@ class RouterMetrics:
         bundle.creation.value += usage.cache_creation_input_tokens
         bundle.read.value += usage.cache_read_input_tokens
         bundle.output.value += usage.output_tokens
-        bundle.duration.observe(seconds)
+        return bundle
 
     def _bundle(self, tenant: str, model: str, tier: str, layer: str) -> _Answered:
         def tokens(kind: str) -> LoopCounter:

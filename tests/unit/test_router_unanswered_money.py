@@ -3,7 +3,8 @@
 A call the caller cancels after the prefill, or one whose replica is cut before another
 replica answers, is billed by prefix-cache (its FINAL); the router's cost, baseline, saved and
 token counters count it under ``served_by="unanswered"`` (no request is counted), and the
-cancelled call's access-log line carries the bill once it is known.
+cancelled call's access-log line carries the bill once it is known. An answer billed in full
+whose caller left before it reached it is counted under the layer that served it.
 """
 
 from __future__ import annotations
@@ -12,20 +13,30 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import pytest
 from opentelemetry import trace
 
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.auth import ApiKeys, hash_key
+from services.common.clock import SystemClock
 from services.common.errors import Code
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed, Dependencies
+from services.router.idempotency import IdempotencyTable
+from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import Pipeline
+from services.router.pipeline import Pipeline, chunks_of
 from services.router.routing.model import RouterCard, load_router_model
+from services.router.servicer import GatewayServicer
+from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_partial_billing import Held
 from tests.unit.test_router_pipeline import (
     REPLICAS,
@@ -144,3 +155,88 @@ async def test_an_unbilled_estimate_is_counted_when_prefix_cache_is_down() -> No
     assert expected > 0
     assert value(registry, "cachemesh_router_cost_nanos_total", **UNANSWERED) == expected
     assert value(registry, "cachemesh_router_saved_nanos", **UNANSWERED) == 0
+
+
+class BilledPipeline:
+    """A model answer billed in full (its FINAL committed) before it goes out."""
+
+    async def run(
+        self, tenant: str, request: pb.CompleteRequest, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        answer = pb.CompleteResponse(
+            served_by=pb.LAYER_MODEL,
+            model="sim-small",
+            tier="small",
+            request_id=request.request_id,
+            usage=pb.Usage(input_tokens=40, output_tokens=12),
+            cost=pb.Cost(cost_nanos=133_000, baseline_nanos=150_000, saved_nanos=17_000),
+        )
+        answer.content.add(text="The harbour at dawn.")
+        for chunk in chunks_of(answer):
+            yield chunk
+
+
+class HeldLedger:
+    """An answer ledger whose record of an answer takes until the caller has left."""
+
+    def __init__(self) -> None:
+        self.recording = asyncio.Event()
+
+    async def record(self, *args: Any) -> None:
+        self.recording.set()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("method", ["Complete", "StreamComplete"])
+async def test_an_answer_billed_whose_caller_left_before_it_is_counted_as_billed(
+    method: str,
+) -> None:
+    """The caller leaves (its deadline, a cancel) while the router records an answer that
+    prefix-cache has billed in full: the money counters count what was billed, under the layer
+    that served it, and the request is an error, not an answered request."""
+    registry = new_registry()
+    ledger = HeldLedger()
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): "tenant-a"}),
+        TABLE,
+        {"sim-small", "sim-large"},
+        BilledPipeline(),  # type: ignore[arg-type]
+        IdempotencyTable(SystemClock(), 60, 100),
+        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), lambda _: 0),
+        RequestLog(RouterMetrics(registry, TenantLabels(4)), TABLE, lambda: 0.0),
+        ledger,  # type: ignore[arg-type]
+    )
+    request = build_request("Describe a harbour at dawn.", model="sim-small")
+    context = FakeContext()
+    if method == "Complete":
+        call: asyncio.Future[Any] = asyncio.ensure_future(
+            servicer.Complete(request, context)  # type: ignore[arg-type]
+        )
+    else:
+
+        async def read() -> None:
+            async for _ in servicer.StreamComplete(request, context):  # type: ignore[arg-type]
+                pass
+
+        call = asyncio.ensure_future(read())
+    await ledger.recording.wait()
+    call.cancel()  # the caller left
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    layer = {"tenant": "tenant-a", "served_by": "model"}
+    assert value(registry, "cachemesh_router_cost_nanos_total", **layer) == 133_000
+    assert value(registry, "cachemesh_router_baseline_nanos_total", **layer) == 150_000
+    assert value(registry, "cachemesh_router_saved_nanos", **layer) == 17_000
+    assert value(registry, "cachemesh_router_tokens_total", type="output", **layer) == 12
+    assert (
+        value(registry, "cachemesh_router_errors_total", tenant="tenant-a", code="CANCELLED") == 1
+    )
+    assert value(registry, "cachemesh_router_requests_total", served_by="model") == 0
+    cost = [
+        s.value
+        for metric in registry.collect()
+        if metric.name == "cachemesh_router_cost_nanos"
+        for s in metric.samples
+        if s.name.endswith("_total")
+    ]
+    assert sum(cost) == 133_000  # once: not also as unanswered
