@@ -44,7 +44,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
   cached tokens included, as the conventions define it) and
-  ``gen_ai_client_operation_duration_seconds{...,error_type}``, with the conventions' buckets.
+  ``gen_ai_client_operation_duration_seconds{...,error_type}``, with the conventions' buckets;
+  a call billed without its answer (cancelled, cut) is observed once its bill is known, with
+  the billed tokens.
 """
 
 from __future__ import annotations
@@ -280,7 +282,8 @@ class RouterMetrics:
         seconds: float,
         error_type: str = "",
     ) -> None:
-        """One model call ended (``usage`` None: it failed, ``error_type`` says how)."""
+        """One model call ended (``error_type``: how it failed, "" for an answer); ``usage``:
+        what it was billed (None: nothing known, e.g. its bill was lost)."""
         names = ("chat", provider, request_model, response_model)
         self._operation(*names, error_type).observe(seconds)
         if usage is not None:

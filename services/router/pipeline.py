@@ -216,6 +216,7 @@ class Pipeline:
 
         answered = False
         cut: set[str] = set()  # replicas cut mid-answer on this request
+        unanswered = spans.UnansweredBills(root)
         last_cut: ReplicaCut | None = None
         try:
             self._refuse_if_outbox_full()
@@ -234,6 +235,7 @@ class Pipeline:
                             streamed,
                             charge,
                             bills,
+                            unanswered,
                         )
                     ) as it:
                         async for chunk in it:
@@ -271,9 +273,11 @@ class Pipeline:
         streamed: bool = True,
         charge: Charge | None = None,
         bills: Bills | None = None,
+        unanswered: spans.UnansweredBills | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
-        the end, once the answer is whole."""
+        the end, once the answer is whole. A call that ends without its answer is billed in
+        the background (``_bill_partial``), its bill added to ``unanswered``."""
         root = trace.get_current_span()
         began = self._clock()
         routed: Routed | None = None
@@ -385,23 +389,18 @@ class Pipeline:
             if error_type:
                 spans.chat_failed(attempt.chat_span, error_type)
             self._judged(attempt, finished, error)
-            attempt.chat_span.end()
-            if self._metrics is not None:
-                self._metrics.model_call(
-                    spans.PROVIDER_NAMES.get(attempt.model.provider, attempt.model.provider),
-                    attempt.model.id,
-                    attempt.model.id,
-                    ended.usage if ended is not None else None,
-                    self._clock() - attempt.opened_at,
-                    error_type,
-                )
+            seconds = self._clock() - attempt.opened_at
+            if ended is not None:
+                attempt.chat_span.end()
+                self._model_call(attempt, ended.usage, seconds, error_type)
             if not finished:
                 # Cancelled or cut after the prefill: bill what the provider would bill (the
                 # prompt and the tokens produced so far; to the outbox if prefix-cache is
-                # down), never store.
+                # down), never store. Its span and GenAI metrics wait for that bill.
                 billed = self._bill_partial(
                     tenant, request, attempt, answer, baseline, warm_call, charge
                 )
+                self._trace_bill(attempt, request, billed, seconds, error_type, unanswered)
                 if bills is not None:
                     bills.append(billed)
 
@@ -612,6 +611,51 @@ class Pipeline:
             return billed
 
         return self._in_background(_after(warm_call, bill))
+
+    def _trace_bill(
+        self,
+        attempt: Attempt,
+        request: pb.CompleteRequest,
+        bill: asyncio.Future[Bill | None],
+        seconds: float,
+        error_type: str,
+        unanswered: spans.UnansweredBills | None,
+    ) -> None:
+        """A call that ended early, once ``bill`` is known: its ``chat <model>`` span, held
+        open until then, gets the bill's usage and cost and ends at the time the call ended
+        (now); ``unanswered`` adds the bill (the request's span, if still open); the GenAI
+        metrics count the call (``seconds``, ``error_type``) with the billed tokens. Also when
+        the bill failed or was cancelled (a forced shutdown): the span ends without it."""
+        ended_ns = time.time_ns()  # the spans' clock
+
+        def billed(_: asyncio.Future[Bill | None]) -> None:
+            known = None
+            if not bill.cancelled() and bill.exception() is None:
+                known = bill.result()
+            if known is not None:
+                spans.chat_billed(attempt.chat_span, request, known.usage, known.cost)
+                if unanswered is not None:
+                    unanswered.add(known.cost.cost_nanos)
+            attempt.chat_span.end(end_time=ended_ns)
+            self._model_call(
+                attempt, known.usage if known is not None else None, seconds, error_type
+            )
+
+        bill.add_done_callback(billed)
+
+    def _model_call(
+        self, attempt: Attempt, usage: pb.Usage | None, seconds: float, error_type: str
+    ) -> None:
+        """The GenAI client metrics of a model call (``usage`` what it was billed)."""
+        if self._metrics is not None:
+            self._metrics.model_call(
+                spans.PROVIDER_NAMES.get(attempt.model.provider, attempt.model.provider),
+                attempt.model.id,
+                attempt.model.id,
+                usage,
+                seconds,
+                error_type,
+            )
 
     async def _commit_final(
         self,

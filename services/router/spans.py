@@ -74,14 +74,52 @@ def end_chat_span(span: trace.Span, request: pb.CompleteRequest, end: pb.Complet
             "gen_ai.request.max_tokens": request.max_tokens,
             "gen_ai.response.model": end.model,
             "gen_ai.response.finish_reasons": [end.stop_reason],
-            "gen_ai.usage.input_tokens": usage.input_tokens,
-            "gen_ai.usage.output_tokens": usage.output_tokens,
-            "gen_ai.usage.cache_read.input_tokens": usage.cache_read_input_tokens,
-            "gen_ai.usage.cache_creation.input_tokens": usage.cache_creation_input_tokens,
+            **_billed(usage, end.cost),
             "cachemesh.kv_cached_tokens": usage.kv_cached_tokens,
             "cachemesh.draft_accepted_tokens": usage.draft_accepted_tokens,
         }
     )
+
+
+def chat_billed(
+    span: trace.Span, request: pb.CompleteRequest, usage: pb.Usage, cost: pb.Cost
+) -> None:
+    """A model call billed without its answer (cancelled, cut, outlasted): its bill, known
+    only after the call ended (its FINAL), on its span, which is held open for it."""
+    if span.is_recording():
+        span.set_attributes(
+            {"gen_ai.request.max_tokens": request.max_tokens, **_billed(usage, cost)}
+        )
+
+
+def _billed(usage: pb.Usage, cost: pb.Cost) -> dict[str, AttributeValue]:
+    """A model call's usage (the GenAI conventions' names) and what it was billed."""
+    return {
+        "gen_ai.usage.input_tokens": usage.input_tokens,
+        "gen_ai.usage.output_tokens": usage.output_tokens,
+        "gen_ai.usage.cache_read.input_tokens": usage.cache_read_input_tokens,
+        "gen_ai.usage.cache_creation.input_tokens": usage.cache_creation_input_tokens,
+        "cachemesh.cost_nanos": cost.cost_nanos,
+        "cachemesh.baseline_nanos": cost.baseline_nanos,
+        "cachemesh.saved_nanos": cost.saved_nanos,
+        "cachemesh.cost_estimated": cost.estimated,
+    }
+
+
+class UnansweredBills:
+    """The bills of a request's model calls that ended without their answer, summed on the
+    request's span while it is still open (``cachemesh.unanswered_cost_nanos``): a cut call's,
+    known while another replica answers. A bill that comes after the span ended (a caller
+    that left) is on its own ``chat <model>`` span only."""
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+        self._cost_nanos = 0
+
+    def add(self, cost_nanos: int) -> None:
+        self._cost_nanos += cost_nanos
+        if self._span.is_recording():
+            self._span.set_attribute("cachemesh.unanswered_cost_nanos", self._cost_nanos)
 
 
 def chat_failed(span: trace.Span, error_type: str) -> None:

@@ -244,14 +244,15 @@ def spans_of_request(stack: RunningStack, request_id: str, service: str) -> list
         time.sleep(0.1)
 
 
-def router_spans(stack: RunningStack, trace_id: str) -> tuple[Span, list[Span]]:
-    """The router's root span and its model-call spans, once exported."""
+def router_spans(stack: RunningStack, trace_id: str, calls: int = 1) -> tuple[Span, list[Span]]:
+    """The router's root span and its model-call spans, once (at least ``calls`` of them)
+    exported: a call billed without its answer ends its span once that bill is known."""
     deadline = time.monotonic() + 20
     while True:
         spans = [s for s in stack.sink.spans_of(trace_id) if s.service == "router"]
         roots = [s for s in spans if not s.parent_span_id]
         chats = [s for s in spans if s.name.startswith("chat ")]
-        if roots and chats:
+        if roots and len(chats) >= calls:
             return roots[0], chats
         assert time.monotonic() < deadline, f"router spans not exported: {spans}"
         time.sleep(0.1)

@@ -249,8 +249,16 @@ def test_a_stream_cut_before_anything_reached_the_caller_goes_to_another_replica
     assert after.requests == before.requests + 2  # the cut call and the answer
     produced = after.usage.output_tokens - before.usage.output_tokens
     assert produced == answer.usage.output_tokens + 3  # the answer's, and the cut's 3
-    _, chats = router_spans(providers.stack, answer.trace_id)
+    _, chats = router_spans(providers.stack, answer.trace_id, calls=2)
     assert len(chats) == 2
+    # each model call's span carries what it was billed; the cut one's came after its end
+    (cut,) = [c for c in chats if c.attributes.get("error.type") == "replica_cut"]
+    assert cut.attributes["gen_ai.usage.output_tokens"] == 3
+    cut_cost = after.cost_nanos - before.cost_nanos - answer.cost.cost_nanos
+    assert cut.attributes["cachemesh.cost_nanos"] == cut_cost > 0
+    assert sum(c.attributes["cachemesh.cost_nanos"] for c in chats) == (
+        after.cost_nanos - before.cost_nanos
+    )
 
 
 def test_an_openai_stream_cut_after_its_usage_is_answered_once_as_reported(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 
+import grpc
 import pytest
 
 from cachemesh import Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import gateway_pb2_grpc
 from services.tools.stack.otlp_sink import Span
 from tests.integration.harness import RunningStack
 
@@ -84,6 +86,8 @@ def test_one_request_is_one_trace_across_every_service(
     assert attributes["gen_ai.usage.output_tokens"] == response.usage.output_tokens
     assert "gen_ai.usage.cache_read.input_tokens" in attributes
     assert "gen_ai.usage.cache_creation.input_tokens" in attributes
+    assert attributes["cachemesh.cost_nanos"] == response.cost.cost_nanos  # the call's bill
+    assert "cachemesh.unanswered_cost_nanos" not in root.attributes  # no call billed unanswered
 
 
 def test_a_semantic_hit_carries_its_similarity_on_the_root_span(
@@ -129,3 +133,56 @@ def test_speculative_decoding_reports_its_kept_draft_tokens(
         assert span.attributes["cachemesh.draft_accepted_tokens"] == (
             large.usage.draft_accepted_tokens
         )
+
+
+def test_a_cancelled_model_calls_bill_is_on_its_chat_span(stack: RunningStack) -> None:
+    """The caller leaves mid-answer: prefix-cache bills the call for what it produced, after
+    the request's span ended; the call's ``chat <model>`` span, which waits for that bill,
+    carries its usage and cost."""
+    before = stack.totals("tenant-a")
+    request = build_request(
+        f"Tell me about the history of aviation {uuid.uuid4().hex[:8]}.",
+        model="sim-large",
+        namespace=uuid.uuid4().hex,
+    )
+    with grpc.insecure_channel(stack.target) as channel:
+        call = gateway_pb2_grpc.GatewayStub(channel).StreamComplete(
+            request, metadata=(("authorization", f"Bearer {stack.keys['tenant-a']}"),), timeout=60
+        )
+        chunks = iter(call)
+        start = next(chunks)
+        assert start.WhichOneof("part") == "start"
+        assert next(chunks).WhichOneof("part") == "delta"
+        call.cancel()
+    deadline = time.monotonic() + 20
+    after = stack.totals("tenant-a")
+    while after.requests == before.requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = stack.totals("tenant-a")
+    assert after.requests == before.requests + 1  # the cancelled call, billed
+    spans = _wait_for_spans(stack, start.start.trace_id, {"router", "prefix-cache", "model"})
+    while not any(s.name.startswith("chat ") for s in spans) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        spans = stack.sink.spans_of(start.start.trace_id)
+    (chat,) = [s for s in spans if s.service == "router" and s.name.startswith("chat ")]
+    attributes = chat.attributes
+    assert (
+        attributes["gen_ai.usage.output_tokens"]
+        == (after.usage.output_tokens - before.usage.output_tokens)
+        > 0
+    )
+    prompt = (
+        attributes["gen_ai.usage.input_tokens"]
+        + attributes["gen_ai.usage.cache_read.input_tokens"]
+        + attributes["gen_ai.usage.cache_creation.input_tokens"]
+    )
+    billed_prompt = sum(
+        getattr(after.usage, kind) - getattr(before.usage, kind)
+        for kind in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    )
+    assert prompt == billed_prompt > 0
+    assert attributes["cachemesh.cost_nanos"] == after.cost_nanos - before.cost_nanos > 0
+    assert attributes["cachemesh.baseline_nanos"] == after.baseline_nanos - before.baseline_nanos
+    assert "error.type" not in attributes  # the caller's choice, no error
+    root = next(s for s in spans if not s.parent_span_id)
+    assert chat.parent_span_id == root.span_id
