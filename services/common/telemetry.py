@@ -107,3 +107,9 @@ def current_trace_id() -> str:
     """The current span's trace id as 32 hex digits, or "" when there is none."""
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def current_span_id() -> str:
+    """The current span's id as 16 hex digits, or "" when there is none."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.span_id, "016x") if ctx.is_valid else ""

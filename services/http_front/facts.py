@@ -72,7 +72,8 @@ def layer_name(layer: int) -> str:
 
 
 def start_headers(start: pb.CompleteResponse, traceparent: str) -> dict[str, str]:
-    """What is known when the answer begins: its layer, model, similarity and trace."""
+    """What is known when the answer begins: its layer, model, similarity, trace, and whether
+    it is a replay of an earlier call's answer."""
     headers = {
         "x-cachemesh-served-by": layer_name(start.served_by),
         "x-cachemesh-model": start.model,
@@ -83,6 +84,8 @@ def start_headers(start: pb.CompleteResponse, traceparent: str) -> dict[str, str
     if start.served_by == pb.LAYER_SEMANTIC_CACHE:
         headers["x-cachemesh-similarity"] = f"{start.semantic.similarity:.4f}"
         headers["x-cachemesh-exact"] = "true" if start.semantic.exact else "false"
+    if start.replayed:  # the first call's answer, facts and cost: billed once, on that call
+        headers["x-cachemesh-replayed"] = "true"
     if traceparent:
         headers["traceparent"] = traceparent
     return {k: v for k, v in headers.items() if v}
@@ -113,4 +116,5 @@ def stream_facts(end: pb.CompleteResponse) -> dict[str, object]:
         "saved_nanos": end.cost.saved_nanos,
         "estimated": end.cost.estimated,
         "trace_id": end.trace_id,
+        "replayed": end.replayed,
     }

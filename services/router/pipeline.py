@@ -28,7 +28,7 @@ from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import last_user_text
 from services.common.span_events import record_event
-from services.common.telemetry import current_trace_id
+from services.common.telemetry import current_span_id, current_trace_id
 from services.common.tokens import Tokenizer, Tokenizers
 from services.router import spans
 from services.router.answer import Answer
@@ -193,7 +193,9 @@ class Pipeline:
             deadline = self._clock() + time_remaining_s - margin
         root = trace.get_current_span()
         spans.request_attributes(root, tenant, request)
-        head = pb.CompleteResponse(request_id=request.request_id, trace_id=current_trace_id())
+        head = pb.CompleteResponse(
+            request_id=request.request_id, trace_id=current_trace_id(), span_id=current_span_id()
+        )
         baseline = self._table.baseline_for(request.model)
 
         lookup = await self._lookup(tenant, request, deadline)
@@ -836,7 +838,9 @@ def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
         model=end.model,
         tier=end.tier,
         trace_id=end.trace_id,
+        span_id=end.span_id,
         request_id=end.request_id,
+        replayed=end.replayed,
         usage=pb.Usage(
             input_tokens=end.usage.input_tokens,
             cache_creation_input_tokens=end.usage.cache_creation_input_tokens,

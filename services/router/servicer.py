@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
@@ -20,6 +21,7 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
+from services.router import spans
 from services.router.access_log import Call, RequestLog
 from services.router.answer_ledger import (
     AnswerLedger,
@@ -209,9 +211,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 first = await asyncio.shield(future)
             except (_Denied, RequestError) as exc:
                 raise _own_copy(exc) from None  # not the first call's instance and frames
-            for chunk in chunks_of(first):
-                if chunk.WhichOneof("part") == "end":
-                    call.end = chunk.end
+            call.end = _replayed(tenant, request, first)
+            for chunk in chunks_of(call.end):
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
@@ -224,9 +225,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if retried:
                 found = await self._claim(tenant, request, mark, time_remaining_s)
                 if isinstance(found, pb.CompleteResponse):
-                    end = call.end = found
+                    end = found  # kept unmarked, for this router's own replays of it
+                    call.end = _replayed(tenant, request, found)
                     call.replayed = True
-                    for chunk in chunks_of(found):
+                    for chunk in chunks_of(call.end):
                         yield chunk
                     return
                 claim = found
@@ -360,6 +362,19 @@ _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))
 _THE_REQUESTS_OWN = frozenset(
     (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION)
 )
+
+
+def _replayed(
+    tenant: str, request: pb.CompleteRequest, first: pb.CompleteResponse
+) -> pb.CompleteResponse:
+    """The first call's answer as its retry gets it: marked ``replayed`` (billed once, on the
+    first call: a client that sums costs must not add it again), the retry's span saying so and
+    linking the first call's span. The first answer itself stays unmarked."""
+    spans.replay_attributes(trace.get_current_span(), tenant, request, first)
+    answer = pb.CompleteResponse()
+    answer.CopyFrom(first)
+    answer.replayed = True
+    return answer
 
 
 def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:

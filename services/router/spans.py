@@ -24,6 +24,40 @@ def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteReques
         )
 
 
+def replay_attributes(
+    span: trace.Span, tenant: str, request: pb.CompleteRequest, first: pb.CompleteResponse
+) -> None:
+    """A retry served the first call's answer: who, which answer, and a link to the span that
+    produced (and billed) it. No cost attributes: the bill is on that span, once."""
+    if not span.is_recording():
+        return
+    request_attributes(span, tenant, request)
+    span.set_attributes(
+        {
+            "cachemesh.replayed": True,
+            "cachemesh.served_by": pb.Layer.Name(first.served_by),
+            "cachemesh.model": first.model,
+            "cachemesh.tier": first.tier,
+        }
+    )
+    linked = _span_context(first.trace_id, first.span_id)
+    if linked is not None:
+        span.add_link(linked, {"cachemesh.link": "replayed_from"})
+
+
+def _span_context(trace_id: str, span_id: str) -> trace.SpanContext | None:
+    """The first call's span, from the answer's hex ids. An answer recorded before it carried
+    its span id links the trace alone (span id 0, which the link's attribute keeps valid)."""
+    try:
+        trace_int = int(trace_id, 16) if len(trace_id) == 32 else 0
+        span_int = int(span_id, 16) if len(span_id) == 16 else 0
+    except ValueError:
+        return None
+    if not trace_int:
+        return None
+    return trace.SpanContext(trace_int, span_int, is_remote=True)
+
+
 def outcome_attributes(span: trace.Span, response: pb.CompleteResponse) -> None:
     if not span.is_recording():  # untraced: not even the reads
         return

@@ -126,6 +126,8 @@ def test_retry_with_the_same_request_id_is_answered_and_billed_once(
     first = client_a.complete(request)
     retry = client_a.complete(request)
     after = stack.totals("tenant-a")
+    assert retry.replayed and not first.replayed  # the first answer, marked: billed once
+    retry.replayed = False
     assert retry == first  # same answer, same trace, same bill
     assert after.requests - before.requests == 1
     assert after.cost_nanos - before.cost_nanos == first.cost.cost_nanos

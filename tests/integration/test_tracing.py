@@ -186,3 +186,39 @@ def test_a_cancelled_model_calls_bill_is_on_its_chat_span(stack: RunningStack) -
     assert "error.type" not in attributes  # the caller's choice, no error
     root = next(s for s in spans if not s.parent_span_id)
     assert chat.parent_span_id == root.span_id
+
+
+def test_a_replayed_retry_is_marked_and_its_trace_links_the_first_calls(
+    client_a: Client, stack: RunningStack
+) -> None:
+    """A retry with the same request_id is served the first answer: its response is marked
+    ``replayed`` (the cost is the first call's, billed once), and its own trace, which had a
+    bare router span, says it is a replay and links the span that produced the answer."""
+    request_id = uuid.uuid4().hex
+    request = build_request(
+        f"Where is my boarding pass? {request_id[:8]}",
+        model="sim-small",
+        namespace=request_id,
+        request_id=request_id,
+    )
+    first = client_a.complete(request)
+    again = client_a.complete(request)
+    assert not first.replayed and again.replayed
+    assert again.cost == first.cost and again.trace_id == first.trace_id
+    assert len(first.span_id) == 16
+    served = _wait_for_spans(stack, first.trace_id, _SERVICES)
+    root = next(s for s in served if not s.parent_span_id)
+    assert root.span_id == first.span_id and "cachemesh.replayed" not in root.attributes
+    replays: list[Span] = []
+    deadline = time.monotonic() + 20
+    while not replays:
+        assert time.monotonic() < deadline, "no span of the retry"
+        time.sleep(0.2)
+        replays = [s for s in stack.sink.all_spans() if s.attributes.get("cachemesh.replayed")]
+        replays = [s for s in replays if s.attributes.get("cachemesh.request_id") == request_id]
+    (replay,) = replays
+    assert replay.service == "router" and replay.trace_id != first.trace_id
+    assert replay.attributes["cachemesh.tenant"] == "tenant-a"
+    assert replay.attributes["cachemesh.served_by"] == pb.Layer.Name(first.served_by)
+    assert "cachemesh.cost_nanos" not in replay.attributes  # the bill is the first call's span
+    assert replay.links == ((first.trace_id, first.span_id),)

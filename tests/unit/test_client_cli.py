@@ -238,3 +238,12 @@ def test_an_api_key_on_the_command_line_is_refused(
     assert err.count("\n") == 1 and "CACHEMESH_API_KEY" in err, err
     assert "cm_live_on_the_command_line" not in err
     assert fake.keys == []
+
+
+def test_a_replayed_answer_says_its_cost_was_billed_on_the_first_call() -> None:
+    """``ask --request-id`` again is served the first answer: the same cost, billed once."""
+    cost = pb.Cost(cost_nanos=474_000, baseline_nanos=474_000)
+    first = pb.CompleteResponse(served_by=pb.LAYER_MODEL, cost=cost)
+    again = pb.CompleteResponse(served_by=pb.LAYER_MODEL, cost=cost, replayed=True)
+    assert "replayed" not in cli._report(first)
+    assert "replayed: billed once, on the first call" in cli._report(again)

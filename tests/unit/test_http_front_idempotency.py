@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 from redis.asyncio import Redis
 
@@ -97,3 +98,44 @@ async def test_a_retry_through_another_front_and_router_is_answered_once(
         "answer 1",
         "answer 1",
     ]
+
+
+async def test_a_replayed_answer_is_marked_so_its_cost_is_not_added_twice(
+    tmp_path: Path, ledger_url: str
+) -> None:
+    """The retry of an answered Idempotency-Key got the first call's headers unchanged
+    (``x-cachemesh-cost-nanos`` again, no mark): an app summing the header counted the one
+    bill twice. A replay now says ``x-cachemesh-replayed: true``, and a stream's last event
+    ``"replayed": true``; the first call's answer carries neither mark."""
+    router, pipeline, ledger = _router(ledger_url)
+    async with serving(tmp_path, router) as served:
+        client = anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY, max_retries=0)
+        gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
+        heads = []
+        for _ in range(2):
+            raw = await client.messages.with_raw_response.create(
+                model="sim-small",
+                max_tokens=50,
+                messages=ASK,
+                extra_headers={"Idempotency-Key": "order-43"},
+            )
+            heads.append(raw.headers)
+        facts = []
+        for _ in range(2):
+            stream = await gpt.chat.completions.with_raw_response.create(
+                model="sim-small",
+                max_tokens=50,
+                messages=ASK,
+                stream=True,
+                extra_headers={"Idempotency-Key": "order-44"},
+            )
+            heads.append(stream.headers)
+            chunks = [c async for c in stream.parse()]
+            facts.append(next(c for c in chunks if c.choices and c.choices[0].finish_reason))
+        await client.close()
+        await gpt.close()
+    await ledger.close()
+    assert pipeline.runs == 2  # one model call per key
+    assert [h.get("x-cachemesh-replayed") for h in heads] == [None, "true", None, "true"]
+    assert heads[0]["x-cachemesh-cost-nanos"] == heads[1]["x-cachemesh-cost-nanos"]
+    assert [(f.model_extra or {})["cachemesh"]["replayed"] for f in facts] == [False, True]

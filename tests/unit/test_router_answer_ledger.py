@@ -15,6 +15,10 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
 from cachemesh import build_request
@@ -25,6 +29,7 @@ from services.common.errors import Code, RequestError
 from services.common.metrics import TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.router import servicer as servicer_module
+from services.router import spans
 from services.router.access_log import RequestLog
 from services.router.answer_ledger import (
     Claimed,
@@ -116,9 +121,9 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 def _router(
-    url: str, limits: Limiter | None = None
+    url: str, limits: Limiter | None = None, pipeline: FakePipeline | None = None
 ) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
-    pipeline = FakePipeline()
+    pipeline = pipeline or FakePipeline()
     ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
     servicer = GatewayServicer(
         ApiKeys({hash_key(KEY): "tenant-a"}),
@@ -141,17 +146,25 @@ def _request(text: str = "What is a KV cache?") -> pb.CompleteRequest:
 RETRY = ("grpc-previous-rpc-attempts", "1")
 
 
+def _replay_of(first: pb.CompleteResponse, again: pb.CompleteResponse) -> bool:
+    """``again`` is ``first`` replayed: the same answer, marked replayed (``first`` is not)."""
+    unmarked = pb.CompleteResponse()
+    unmarked.CopyFrom(again)
+    unmarked.replayed = False
+    return again.replayed and not first.replayed and unmarked == first
+
+
 def test_a_retry_on_another_router_gets_the_recorded_answer(redis_url: str) -> None:
     async def run() -> None:
         first, first_pipe, first_ledger = _router(redis_url)
         second, second_pipe, second_ledger = _router(redis_url)
         answer = await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
         again = await second.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
-        assert again == answer and again.content[0].text == "answer 1"
+        assert _replay_of(answer, again) and again.content[0].text == "answer 1"
         assert (first_pipe.runs, second_pipe.runs) == (1, 0)
         # and the second router now answers it from memory, retry mark or not
         again = await second.Complete(_request(), FakeContext())  # type: ignore[arg-type]
-        assert again == answer and second_pipe.runs == 0
+        assert _replay_of(answer, again) and second_pipe.runs == 0
         # without the retry mark a third router serves it anew (the ledger is read for retries)
         third, third_pipe, third_ledger = _router(redis_url)
         fresh = await third.Complete(_request(), FakeContext())  # type: ignore[arg-type]
@@ -208,7 +221,8 @@ def test_a_retry_of_an_answered_request_is_served_whatever_the_limits_say_now(
         answer = await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
         again = await first.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
         elsewhere = await second.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
-        assert again == answer == elsewhere and (first_pipe.runs, second_pipe.runs) == (1, 0)
+        assert _replay_of(answer, again) and _replay_of(answer, elsewhere)
+        assert (first_pipe.runs, second_pipe.runs) == (1, 0)
         refused = FakeContext()
         other = build_request("Another question", model="sim-small", request_id="req-2")
         with pytest.raises(Aborted, match="rate limit"):
@@ -287,7 +301,7 @@ def test_concurrent_duplicates_are_one_request_served_one_answer() -> None:
         contexts = (FakeContext(), FakeContext(RETRY))
         calls = [servicer.Complete(request, c) for c in contexts]  # type: ignore[arg-type]
         answers = await asyncio.gather(*calls)
-        assert answers[0] == answers[1] and pipeline.runs == 1
+        assert _replay_of(answers[0], answers[1]) and pipeline.runs == 1
         return servicer
 
     asyncio.run(run(1))
@@ -351,7 +365,7 @@ def test_refusals_in_flight_never_push_an_answer_out() -> None:
         await asyncio.gather(*flood)
         runs = pipeline.runs
         again = await servicer.Complete(b1, as_b())  # type: ignore[arg-type]
-        assert again == first and pipeline.runs == runs
+        assert _replay_of(first, again) and pipeline.runs == runs
 
     asyncio.run(run())
 
@@ -566,7 +580,7 @@ def test_a_retry_on_another_router_while_the_first_call_runs_gets_its_answer(
         gate.set()
         answers = await asyncio.gather(one, two)
         assert (first_pipe.runs, second_pipe.runs) == (1, 0)
-        assert answers[0] == answers[1] and answers[1].content[0].text == "answer 1"
+        assert _replay_of(answers[0], answers[1]) and answers[1].content[0].text == "answer 1"
         for ledger in (first_ledger, second_ledger):
             await ledger.close()
 
@@ -852,3 +866,96 @@ def test_a_record_that_does_not_read_costs_only_the_protection(redis_url: str) -
         await ledger.close()
 
     asyncio.run(run())
+
+
+class TracedPipeline(FakePipeline):
+    """Answers as the real pipeline heads them: in the trace of the call that runs it."""
+
+    async def run(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        streamed: bool = True,
+        time_remaining_s: float | None = None,
+        charge: Charge | None = None,
+        bills: Bills | None = None,
+    ) -> AsyncIterator[pb.CompleteChunk]:
+        context = trace.get_current_span().get_span_context()
+        async for chunk in super().run(tenant, request, streamed, time_remaining_s):
+            kind = chunk.WhichOneof("part")
+            if kind != "delta":
+                part = chunk.start if kind == "start" else chunk.end
+                part.trace_id = format(context.trace_id, "032x")
+                part.span_id = format(context.span_id, "016x")
+            yield chunk
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["same-router", "other-router"])
+def test_a_replayed_answer_says_so_on_the_response_and_on_its_span(
+    redis_url: str, streamed: bool, elsewhere: bool
+) -> None:
+    """A retry served the first call's answer (no model call, no new bill) was told nothing of
+    it: the same cost again (a client summing costs counted it twice) and a bare span. Now the
+    response is marked ``replayed`` and the retry's span names the tenant, the id, the layer,
+    ``cachemesh.replayed`` and links the first call's span; it carries no cost of its own."""
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+
+    async def call(servicer: GatewayServicer, *mark: tuple[str, str]) -> pb.CompleteResponse:
+        with tracer.start_as_current_span("/cachemesh.v1.Gateway/Complete"):
+            if not streamed:
+                return await servicer.Complete(_request(), FakeContext(*mark))  # type: ignore[arg-type]
+            chunks = [
+                c
+                async for c in servicer.StreamComplete(_request(), FakeContext(*mark))  # type: ignore[arg-type]
+            ]
+            start, end = chunks[0], chunks[-1]
+            assert start.start.replayed == end.end.replayed
+            assert start.start.span_id == end.end.span_id
+            return end.end
+
+    async def run() -> None:
+        first, first_pipe, first_ledger = _router(redis_url, pipeline=TracedPipeline())
+        second, second_pipe, second_ledger = _router(redis_url, pipeline=TracedPipeline())
+        answer = await call(first)
+        again = await call(second if elsewhere else first, RETRY)
+        assert (first_pipe.runs, second_pipe.runs) == (1, 0)
+        assert not answer.replayed and again.replayed
+        # the rest is the first answer: its content, layer, cost (billed once) and its trace
+        assert _replay_of(answer, again)
+        served, replayed = exported.get_finished_spans()
+        assert served.attributes is not None and replayed.attributes is not None
+        assert "cachemesh.replayed" not in served.attributes
+        assert {k: v for k, v in replayed.attributes.items() if k.startswith("cachemesh.")} == {
+            "cachemesh.replayed": True,
+            "cachemesh.tenant": "tenant-a",
+            "cachemesh.request_id": "req-1",
+            "cachemesh.requested_model": "sim-small",
+            "cachemesh.served_by": "LAYER_MODEL",
+            "cachemesh.model": "sim-small",
+            "cachemesh.tier": "",
+        }
+        (link,) = replayed.links
+        assert link.context.trace_id == served.context.trace_id
+        assert link.context.span_id == served.context.span_id
+        assert replayed.context.trace_id != served.context.trace_id
+        for ledger in (first_ledger, second_ledger):
+            await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_an_answer_recorded_before_it_carried_its_span_id_links_its_trace() -> None:
+    """A ledger answer written by a router of the version before has a trace id, no span id:
+    the replay still links that trace (span id 0, kept by the link's attribute)."""
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    old = pb.CompleteResponse(trace_id="ab" * 16, served_by=pb.LAYER_MODEL)
+    with provider.get_tracer("test").start_as_current_span("retry") as span:
+        spans.replay_attributes(span, "tenant-a", _request(), old)
+    (link,) = exported.get_finished_spans()[0].links
+    assert (link.context.trace_id, link.context.span_id) == (int("ab" * 16, 16), 0)

@@ -152,7 +152,8 @@ def _report(response: pb.CompleteResponse) -> str:
         f"{response.usage.cache_creation_input_tokens}, output {response.usage.output_tokens}",
         f"cost:      {dollars(response.cost.cost_nanos)} (baseline "
         f"{dollars(response.cost.baseline_nanos)}, saved {dollars(response.cost.saved_nanos)}"
-        f"{', estimated' if response.cost.estimated else ''})",
+        f"{', estimated' if response.cost.estimated else ''})"
+        + (" replayed: billed once, on the first call" if response.replayed else ""),
         f"trace_id:  {response.trace_id}",
         f"request:   {response.request_id}",
     ]

@@ -26,6 +26,7 @@ class Span:
     parent_span_id: str
     kind: int
     attributes: dict[str, Any]
+    links: tuple[tuple[str, str], ...] = ()  # (trace_id, span_id) of each span it links
 
 
 def _value(value: Any) -> Any:
@@ -44,6 +45,7 @@ def _span(service: str, span: Any) -> Span:
         parent_span_id=span.parent_span_id.hex(),
         kind=span.kind,
         attributes={a.key: _value(a.value) for a in span.attributes},
+        links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
     )
 
 

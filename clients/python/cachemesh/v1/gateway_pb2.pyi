@@ -544,6 +544,8 @@ class CompleteResponse(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
     served_by: Global___Layer.ValueType
     model: _builtins.str
     """the model that produced the answer"""
@@ -552,7 +554,17 @@ class CompleteResponse(_message.Message):
     stop_reason: _builtins.str
     """end_turn | max_tokens | tool_use"""
     trace_id: _builtins.str
+    """the trace of the call that produced the answer (see replayed)"""
     request_id: _builtins.str
+    replayed: _builtins.bool
+    """true: the answer of an earlier call with this request_id, replayed to a retry or a
+    concurrent duplicate (from the router's answer-once table or the answer ledger): no model
+    call and no new bill. usage, cost, trace_id and span_id are the first call's, billed once
+    (a client that sums costs skips a replayed answer's). The replay's own trace (its router
+    span, with cachemesh.replayed) links the first call's span.
+    """
+    span_id: _builtins.str
+    """the router's span of the call that produced the answer (16 hex)"""
     @_builtins.property
     def content(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentBlock]: ...
     @_builtins.property
@@ -581,10 +593,12 @@ class CompleteResponse(_message.Message):
         trace_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
         routing: Global___Routing | None = ...,
+        replayed: _builtins.bool = ...,
+        span_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "routing", b"routing", "semantic", b"semantic", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "model", b"model", "request_id", b"request_id", "routing", b"routing", "semantic", b"semantic", "served_by", b"served_by", "stop_reason", b"stop_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "cost", b"cost", "model", b"model", "replayed", b"replayed", "request_id", b"request_id", "routing", b"routing", "semantic", b"semantic", "served_by", b"served_by", "span_id", b"span_id", "stop_reason", b"stop_reason", "tier", b"tier", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -599,9 +613,9 @@ class CompleteChunk(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___CompleteResponse:
-        """served_by, model, tier, trace_id, request_id and the prompt's usage (input and cache
-        tokens: from a model, as priced at its first token, and the end's usage is the bill; from
-        an L1 hit or a replayed answer, the end's)
+        """served_by, model, tier, trace_id, span_id, request_id, replayed and the prompt's usage
+        (input and cache tokens: from a model, as priced at its first token, and the end's usage
+        is the bill; from an L1 hit or a replayed answer, the end's)
         """
 
     @_builtins.property
