@@ -5,14 +5,20 @@ sent."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
-from cachemesh.loadtest import cli
+from cachemesh.loadtest import billed, cli
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B, user
+from cachemesh.v1 import admin_pb2 as adm
+from cachemesh.v1 import admin_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
 
 
@@ -20,6 +26,8 @@ from cachemesh.v1 import gateway_pb2 as pb
 def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CACHEMESH_API_KEY", "k")
     monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
+    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN"):  # the caller's shell's
+        monkeypatch.delenv(name, raising=False)
 
 
 def _run(tmp_path: Path, *extra: str) -> int:
@@ -219,8 +227,8 @@ def test_a_run_that_found_l2_warm_says_so_in_its_report(
     reports a far larger saving, and the estimate of its log (which starts cold) is not its
     bill. The report counts those reads and warns."""
 
-    def answered(target: str, keys: object, warmup: list[Item], plan: list[Item], *_: object
-                 ) -> list[Sample]:  # fmt: skip
+    def answered(target: str, keys: object, warmup: list[Item], plan: list[Item], *_: object,
+                 **__: object) -> list[Sample]:  # fmt: skip
         return [
             Sample(
                 "s",
@@ -243,3 +251,144 @@ def test_a_run_that_found_l2_warm_says_so_in_its_report(
     (warning,) = doc["warnings"]
     assert "L2 was warm" in warning and "estimator" in warning
     assert "L2 was warm" in capsys.readouterr().err
+
+
+def _cut_run(target: str, keys: object, warmup: list[Item], plan: list[Item], *_: object,
+             before_measured: Callable[[], None] = lambda: None) -> list[Sample]:  # fmt: skip
+    """The reviewer's run in small: one answer, the other request cut at its deadline."""
+    before_measured()
+    return [
+        Sample("s", "model", "OK", 0.0, 0.1, None, cost_nanos=46_800, baseline_nanos=217_700,
+               index=0),
+        Sample("s", "error", "DEADLINE_EXCEEDED", 0.0, 1.2, None, index=1),
+    ]  # fmt: skip
+
+
+def test_a_run_with_errors_warns_that_its_cost_is_the_completed_requests_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """20 of 60 requests ended DEADLINE_EXCEEDED and the table said "78.5% saved" on the 40
+    others' cost, 38% of the run's real spend, without a word."""
+    monkeypatch.setattr(cli, "run_load", _cut_run)
+    assert _run(tmp_path) == 1
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["results"]["cost"]["errored"] == {"requests": 1}
+    assert doc["results"]["cost"]["billed"] is None
+    (warning,) = doc["warnings"]
+    assert "1 of 2 requests ended in an error (DEADLINE_EXCEEDED: 1)" in warning
+    assert "the completed requests' only" in warning and "CACHEMESH_ADMIN_TOKEN_FILE" in warning
+    out = capsys.readouterr()
+    assert warning in out.err and "ended in error" in out.out
+
+
+class FakeAdmin(admin_pb2_grpc.AdminServicer):
+    """prefix-cache's totals through the router's Admin API: each GetStats reads the next of
+    ``reads`` (the last one again once they run out), for the right token only."""
+
+    def __init__(self, reads: list[list[tuple[str, int, int, int]]]) -> None:
+        self.reads = reads
+        self.calls = 0
+
+    def GetStats(self, request: adm.GetStatsRequest, context: Any) -> adm.GetStatsResponse:
+        if ("authorization", "Bearer admin-secret") not in context.invocation_metadata():
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong admin token")
+        rows = self.reads[min(self.calls, len(self.reads) - 1)]
+        self.calls += 1
+        return adm.GetStatsResponse(tenants=[
+            adm.TenantStats(tenant=t, model_requests=n, cost_nanos=c, baseline_nanos=b)
+            for t, n, c, b in rows
+        ])  # fmt: skip
+
+
+@pytest.fixture
+def admin() -> Iterator[tuple[FakeAdmin, str]]:
+    fake = FakeAdmin([])  # type: ignore[abstract]  # GetStats only: the others unused
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    admin_pb2_grpc.add_AdminServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_with_the_admin_token_the_report_has_the_runs_billed_spend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, admin: tuple[FakeAdmin, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The stack's totals (every tenant's) before the measured requests and once the bills of
+    the cut calls have landed: the cut request's bill, which the client never saw, is in."""
+    fake, target = admin
+    fake.reads = [
+        [("tenant-a", 5, 1_000, 2_000), ("tenant-b", 1, 10, 20)],  # before: settled at once
+        [("tenant-a", 5, 1_000, 2_000), ("tenant-b", 1, 10, 20)],
+        [("tenant-a", 6, 47_800, 219_700), ("tenant-b", 1, 10, 20)],  # the answer's bill
+        [("tenant-a", 7, 123_800, 602_700), ("tenant-b", 1, 10, 20)],  # the cut call's, later
+    ]
+    token = tmp_path / "admin-token"
+    token.write_text("admin-secret\n")
+    monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN_FILE", str(token))
+    monkeypatch.setattr(cli, "run_load", _cut_run)
+    monkeypatch.setattr(billed, "POLL_S", 0.0)  # fake reads: nothing to wait for, and
+    monkeypatch.setattr(billed, "QUIET_S", 0.0)  # settled at the first repeated read
+    args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
+    assert cli.main([*args, "--stack-config", str(tmp_path / "none.env")]) == 1
+    cost = json.loads((tmp_path / "r.json").read_text())["results"]["cost"]
+    assert cost["billed"] == {
+        "source": "Admin.GetStats (every tenant)",
+        "model_requests": 2,
+        "cost_nanos": 122_800,
+        "baseline_nanos": 600_700,  # model calls only: no L1 hit in this run
+        "saved_nanos": 477_900,
+        "saved_fraction": round(1 - 122_800 / 600_700, 4),
+        "errored_cost_nanos": 76_000,
+    }
+    out = capsys.readouterr()
+    assert "the stack billed the run $0.0001 in all ($0.0001 for the requests that ended" in (
+        out.err
+    )
+    assert "billed (stack)" in out.out and "admin-secret" not in out.out + out.err
+
+
+def test_an_admin_token_file_that_cannot_be_read_is_refused_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN_FILE", str(tmp_path / "missing"))
+    assert _run(tmp_path) == 2
+    assert "cannot read the admin token file" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_wrong_admin_token_costs_only_the_billed_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, admin: tuple[FakeAdmin, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    _, target = admin
+    monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN", "not-the-token")
+    monkeypatch.setattr(cli, "run_load", _cut_run)
+    args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
+    assert cli.main([*args, "--stack-config", str(tmp_path / "none.env")]) == 1
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["results"]["cost"]["billed"] is None
+    assert any("could not read the stack's billed totals" in w for w in doc["warnings"])
+    assert "not-the-token" not in capsys.readouterr().err
+
+
+def test_the_billed_totals_are_read_once_they_stop_moving() -> None:
+    """A cut call's bill lands after the call ended (its FINAL commit): read again until the
+    totals are the same for ``QUIET_S``, at most ``MAX_WAIT_S``; no real sleeping here."""
+    now = [0.0]
+    values = iter([1, 2, 3, 3, 3, 3, 3, 3, 3])
+    totals, quiet = billed.settled(
+        lambda: billed.Totals(0, next(values), 0),
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+        clock=lambda: now[0],
+    )
+    assert totals.cost_nanos == 3 and quiet and now[0] >= billed.QUIET_S
+    moving = iter(range(10**6))
+    now[0] = 0.0
+    _, quiet = billed.settled(
+        lambda: billed.Totals(0, next(moving), 0),
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+        clock=lambda: now[0],
+    )
+    assert not quiet and billed.MAX_WAIT_S <= now[0] <= billed.MAX_WAIT_S + billed.POLL_S

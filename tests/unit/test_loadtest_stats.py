@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cachemesh.loadtest import report
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.stats import percentile, summarise
 
@@ -58,3 +59,27 @@ def test_wrong_l1_hits_are_judged_by_the_question_the_answer_was_made_for() -> N
     assert labels_out["unknown_source"] == 1
     assert labels_out["wrong_saved_nanos"] == 700
     assert labels_out["saved_nanos_excluding_wrong"] == 500 + 9 + 1
+
+
+def test_requests_that_ended_in_an_error_have_a_row_their_cost_unknown() -> None:
+    """A run with 20 of 60 requests cut at their deadline showed "78.5% saved" on the 40 that
+    completed: the 20 cut calls were billed for what their model produced (62% of the real
+    spend), which the client never sees. The errors now have their row, their cost unknown,
+    and the saving says it is the completed requests' only."""
+    samples = [
+        _ok("model", 0.2, cost_nanos=300, baseline_nanos=900),
+        Sample("faq", "error", "DEADLINE_EXCEEDED", 0.0, 1.2, None),
+        Sample("faq", "error", "DEADLINE_EXCEEDED", 0.0, 1.2, None),
+    ]
+    results = summarise(samples, {}, wall_s=2.0)
+    assert results["cost"]["errored"] == {"requests": 2}
+    assert results["cost"]["billed"] is None  # not read: no admin token given
+    assert results["cost"]["cost_nanos"] == 300  # the completed requests' (the estimator's too)
+    table = report.table(results)
+    (row,) = [line for line in table.splitlines() if line.startswith("ended in error")]
+    assert row.split()[3:5] == ["2", "unknown"]
+    assert "saved on the completed requests only" in table
+    clean = summarise(samples[:1], {}, wall_s=2.0)
+    assert clean["cost"]["errored"] == {"requests": 0}
+    assert "ended in error" not in report.table(clean)
+    assert "only" not in report.table(clean)

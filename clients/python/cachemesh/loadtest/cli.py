@@ -5,6 +5,8 @@ Poisson arrivals); every run stops after ``--requests`` requests or ``--duration
 whichever comes first, after an unrecorded ``--warmup``. Loopback targets only, unless
 ``--allow-non-loopback``. Writes a JSON report (SCHEMA.md), optionally an HTML chart and the
 JSONL request log the offline estimator replays (``python -m services.tools.estimator``).
+Given the admin token (``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN``), it also
+reports the run's spend as the stack billed it, the requests that ended in an error included.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from cachemesh._auth import bearer_metadata
 from cachemesh._client import DEFAULT_TARGET
 from cachemesh.envfile import EnvFileError, read_env_file
-from cachemesh.loadtest import chart, report
+from cachemesh.loadtest import billed, chart, report
 from cachemesh.loadtest.load import NotLoopback, check_target, draw, run_load
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
@@ -149,16 +151,47 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ValueError(f"the workload sends as {sorted(missing)}: set CACHEMESH_KEY_B")
         stack = stack_config(args.stack_config)
+        token = billed.admin_token()
     except (ValueError, NotLoopback, DataMissing) as exc:
         print(f"cachemesh-load: {exc}", file=sys.stderr)
         return 2
     shape = LoadShape(args.mode, args.concurrency, args.rate, args.duration, args.stream,
                       args.timeout, args.seed)  # fmt: skip
-    samples = run_load(args.target, keys, warmup, plan, shape, args.processes, args.workload)
+    read = billed.StackTotals(args.target, token) if token else None
+    before: billed.Totals | None = None
+    unread: str | None = None  # why the billed totals could not be read
+
+    def measured_begins() -> None:
+        nonlocal before, unread
+        if read is not None:
+            try:
+                before, _ = billed.settled(read)  # the warm-up's bills landed
+            except billed.BilledUnavailable as exc:
+                unread = f"could not read the stack's billed totals: {exc}"
+
+    samples = run_load(args.target, keys, warmup, plan, shape, args.processes, args.workload,
+                       before_measured=measured_begins)  # fmt: skip
     results = summarise(samples, workload.labels())
     warm = reads_not_written(samples, warmup, plan)
     results["l2_warm_at_start"] = {"requests": warm.requests, "read_tokens": warm.read_tokens}
     warnings = [_warm_warning(warm.requests, warm.read_tokens)] if warm.requests else []
+    if read is not None and before is not None:
+        try:
+            after, quiet = billed.settled(read)
+        except billed.BilledUnavailable as exc:
+            unread = f"could not read the stack's billed totals: {exc}"
+        else:
+            measured = [s for s in samples if not s.warmup]
+            results["cost"]["billed"] = billed.figures(before, after, measured)
+            if not quiet:
+                warnings.append(
+                    f"the stack's billed totals still moved {billed.MAX_WAIT_S:g} s after the "
+                    "run (other traffic on the stack, or bills still landing): "
+                    "results.cost.billed is the last read"
+                )
+    said = billed.errored_warning(results, unread)
+    if said is not None or unread is not None:
+        warnings.append(said or str(unread))
     run = {
         "target": args.target, "mode": args.mode, "concurrency": args.concurrency,
         "rate_rps": args.rate if args.mode == "open" else None, "requests_limit": args.requests,

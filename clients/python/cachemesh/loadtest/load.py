@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from cachemesh.loadtest.progress import Progress
@@ -66,9 +66,13 @@ def run_load(
     shape: LoadShape,
     processes: int = 1,
     label: str = "load",
+    *,
+    before_measured: Callable[[], None] = lambda: None,
 ) -> list[Sample]:
-    """Warm-up samples (marked) followed by the measured ones."""
+    """Warm-up samples (marked) followed by the measured ones; ``before_measured`` runs between
+    (the billed totals read before the measured requests)."""
     samples = warm_up(target, keys, warmup, shape, label)
+    before_measured()
     bar = Progress(label, len(plan))
     if processes <= 1:
         count = 0

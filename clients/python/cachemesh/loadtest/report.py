@@ -79,11 +79,24 @@ def _cost_lines(results: Mapping[str, Any]) -> list[str]:
             f"{_usd(row['cost_nanos']):>13}{_usd(row['baseline_nanos']):>13}"
             f"{_usd(row['saved_nanos']):>13}"
         )
+    errored = cost["errored"]["requests"]
+    billed = cost["billed"]
+    if errored:  # billed for what their model calls produced: not in the responses' figures
+        spent = _usd(billed["errored_cost_nanos"]) if billed else "unknown"
+        lines.append(f"{'ended in error':16}{errored:>9}{'':>10}{spent:>13}")
     lines.append(
         f"{'total':16}{results['completed']:>9}{'':>10}{_usd(cost['cost_nanos']):>13}"
         f"{_usd(cost['baseline_nanos']):>13}{_usd(cost['saved_nanos']):>13}"
-        f"  ({cost['saved_fraction']:.1%} saved)"
+        f"  ({cost['saved_fraction']:.1%} saved"
+        + (" on the completed requests only)" if errored else ")")
     )
+    if billed:
+        lines.append(
+            f"{'billed (stack)':16}{results['requests']:>9}{'':>10}"
+            f"{_usd(billed['cost_nanos']):>13}{_usd(billed['baseline_nanos']):>13}"
+            f"{_usd(billed['saved_nanos']):>13}  ({billed['saved_fraction']:.1%} saved: the "
+            "run's, as the stack billed it)"
+        )
     tokens = results["tokens"]
     lines.append(
         f"prefix cache: {tokens['cache_read']} tokens read, {tokens['cache_write']} written; "

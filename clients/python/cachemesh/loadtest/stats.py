@@ -81,7 +81,7 @@ def summarise(
         "hit_rate": _hit_rates(ok),
         "by_kind": _by_kind(ok),
         "tokens": _tokens(ok),
-        "cost": _cost(ok),
+        "cost": _cost(ok, errored=len(measured) - len(ok)),
         "labels": _labels(samples, ok, labels) if labels else None,
     }
 
@@ -115,7 +115,11 @@ def _tokens(ok: Sequence[Sample]) -> dict[str, int]:
     }
 
 
-def _cost(ok: Sequence[Sample]) -> dict[str, Any]:
+def _cost(ok: Sequence[Sample], errored: int) -> dict[str, Any]:
+    """The completed requests' cost, as their responses gave it. A request that ended in an
+    error has no cost the client can see, yet a model call cut after its prefill (its deadline,
+    a cancel) is billed for what it produced: ``errored`` counts them, and ``billed`` is the
+    run's spend as the stack billed it, when the caller could read it (None here)."""
     cost = sum(s.cost_nanos for s in ok)
     base = sum(s.baseline_nanos for s in ok)
     layers: dict[str, dict[str, int]] = {}
@@ -135,6 +139,8 @@ def _cost(ok: Sequence[Sample]) -> dict[str, Any]:
         "saved_fraction": round(1 - cost / base, 4) if base else 0.0,
         "estimated": sum(s.estimated for s in ok),
         "by_layer": layers,
+        "errored": {"requests": errored},
+        "billed": None,
     }
 
 
