@@ -164,6 +164,13 @@ class Front:
                 span.set_attribute("error.type", "client_stalled" if stalled else "client_gone")
                 request[_ENDED] = 499
                 response = request[_STREAM]
+            except asyncio.CancelledError:
+                # the caller disconnected while its answer was awaited: aiohttp cancels the
+                # handler (handler_cancellation), and the call with it. No response goes out;
+                # the span says what the metric counts (499), then the cancel goes on.
+                span.set_attribute("error.type", "client_gone")
+                span.set_attribute("http.response.status_code", 499)
+                raise
             except Exception as exc:  # a bug here: the caller still gets its API's error shape
                 log.exception("http-front failed on %s", name)
                 span.record_exception(exc)

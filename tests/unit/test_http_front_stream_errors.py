@@ -3,6 +3,8 @@ error event, and is counted and traced with that error, not as the 200 its head 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.http_front import app
-from tests.unit.test_http_front_app import ASK, KEY, FakeGateway, serving
+from tests.unit.test_http_front_app import ASK, CLAUDE_HEADERS, KEY, FakeGateway, serving
 
 
 async def test_a_stream_cut_by_the_gateway_is_counted_and_traced_with_its_error(
@@ -54,3 +56,39 @@ async def test_a_stream_cut_by_the_gateway_is_counted_and_traced_with_its_error(
     ]
     served: list[Any] = [s for s in spans.get_finished_spans() if s.name.startswith("POST")]
     assert [s.attributes.get("error.type") for s in served] == ["overloaded", "overloaded"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_caller_that_disconnects_is_traced_as_gone_not_as_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """The caller hangs up while its answer is awaited: aiohttp cancels the handler, and the
+    CancelledError passed every except clause, so the server span ended with no status code
+    and no error.type while the front's metric counted a 499. Now the span says so too."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    gateway = FakeGateway(hold=asyncio.Event())  # the answer never comes
+    async with serving(tmp_path, gateway) as front:
+        body = {"model": "sim-large", "max_tokens": 50, "messages": ASK, "stream": stream}
+        async with aiohttp.ClientSession() as session:
+            reply = asyncio.ensure_future(
+                session.post(f"{front.base}/v1/messages", json=body, headers=CLAUDE_HEADERS)
+            )
+            await asyncio.wait_for(gateway.arrived.wait(), 10)
+            reply.cancel()  # the caller goes away (its connection closed)
+            with contextlib.suppress(asyncio.CancelledError):
+                await reply
+        served: list[Any] = []
+        for _ in range(500):  # the handler's cancel, then the span's end
+            served = [s for s in spans.get_finished_spans() if s.name.startswith("POST")]
+            if served:
+                break
+            await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session, session.get(front.metrics) as metrics:
+            counted = await metrics.text()
+    (span,) = served
+    assert span.attributes["http.response.status_code"] == 499
+    assert span.attributes["error.type"] == "client_gone"
+    assert 'route="/v1/messages",status="499"} 1.0' in counted
