@@ -82,6 +82,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.outbox_retry_s,
         tracer,
         settings.outbox_max_bytes,
+        metrics.open_calls_settled,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -47,6 +47,33 @@ def _client_fault(exc: CallFailed) -> RequestError | None:
 Degraded = Callable[[str, str], None]
 
 
+def warm_commit(
+    tenant: str,
+    commit_id: str,
+    model: str,
+    replica: str,
+    kv_cached_tokens: int,
+    max_read_tokens: int | None,
+    plan_id: str,
+    kv_cached_unreported: bool,
+) -> prefix_cache_pb2.CommitRequest:
+    """A call's WARM commit as ``Calls.commit_warm`` first sends it: by its ``plan_id``,
+    without the request."""
+    commit = prefix_cache_pb2.CommitRequest(
+        tenant=tenant,
+        request_id=commit_id,
+        phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
+        model=model,
+        replica=replica,
+        kv_cached_tokens=kv_cached_tokens,
+        plan_id=plan_id,
+        kv_cached_unreported=kv_cached_unreported,
+    )
+    if max_read_tokens is not None:
+        commit.max_read_tokens = max_read_tokens
+    return commit
+
+
 class Calls:
     def __init__(
         self,
@@ -202,18 +229,16 @@ class Calls:
         (prefix-cache reuses the prompt it computed), unless that process no longer holds it.
         ``kv_cached_unreported``: the replica could not tell its KV reuse at its first token
         (a provider adapter), so ``kv_cached_tokens`` is no report."""
-        commit = prefix_cache_pb2.CommitRequest(
-            tenant=tenant,
-            request_id=commit_id,
-            phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
-            model=model,
-            replica=replica,
-            kv_cached_tokens=kv_cached_tokens,
-            plan_id=plan_id,
-            kv_cached_unreported=kv_cached_unreported,
+        commit = warm_commit(
+            tenant,
+            commit_id,
+            model,
+            replica,
+            kv_cached_tokens,
+            max_read_tokens,
+            plan_id,
+            kv_cached_unreported,
         )
-        if max_read_tokens is not None:
-            commit.max_read_tokens = max_read_tokens
         if plan_id:
             try:
                 return await self._d.prefix.commit(commit, self._s.prefix_timeout_s)

@@ -36,6 +36,10 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   failing calls in a row (``replica_health``; a re-ejection after a failed probe counts too);
   ``cachemesh_router_outbox_refused_total``: requests refused before their model call because
   the billing outbox in memory was over ``ROUTER_OUTBOX_MAX_BYTES`` (prefix-cache down long);
+  ``cachemesh_router_open_calls_settled_total``: model calls whose FINAL the router never
+  made (it was killed mid-call, or their bill failed) billed from its journal's open calls at
+  prefix-cache's estimate (a call whose FINAL had landed before the kill is counted, and
+  billed once);
   ``cachemesh_router_limits_settles_lost_total``: requests' costs and tokens never counted
   against the limits (their settle failed and was dropped: the queue of pending ones full,
   past its replay window, an ambiguous try past ``AMBIGUOUS_REPLAY_MS``, or the router
@@ -168,6 +172,10 @@ class RouterMetrics:
             "cachemesh_router_outbox_refused",
             "Requests refused before their model call: the billing outbox in memory was full",
         )()
+        self._open_calls_settled = m.counter(
+            "cachemesh_router_open_calls_settled",
+            "Model calls left without their FINAL (a killed router) billed from the journal",
+        )()
         self._settles_lost = m.counter(
             "cachemesh_router_limits_settles_lost",
             "Settles of the limits' store dropped before it answered (costs never counted)",
@@ -266,6 +274,9 @@ class RouterMetrics:
 
     def outbox_refused(self) -> None:
         self._outbox_refused.inc()
+
+    def open_calls_settled(self, count: int) -> None:
+        self._open_calls_settled.inc(count)
 
     def settles_lost(self, count: int) -> None:
         self._settles_lost.inc(count)

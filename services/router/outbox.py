@@ -22,6 +22,19 @@ refusal (prefix-cache down or overloaded, an internal token rejected during a ro
 internal error) keeps the entry for the next round, logged at WARNING with its status: billing
 is never dropped for a fault that may pass.
 
+Open calls: with a journal, each model call is journalled as an "open call" as it starts,
+before its WARM commit is sent (``open``; the WARM waits until the line is in the file, not for
+its fsync): the WARM as it is sent and the FINAL that would bill the call as prefix-cache
+estimates it (the prompt as the WARM prices it, the output tokens journalled so far), rewritten
+as its output grows (``open_calls.py``). The call's FINAL settles it (``settle``), or its
+outbox entry replaces it (``keep(replaces=...)``). A replay round leaves the open calls of
+this process alone; a router that starts and finds open calls in its journal was killed
+mid-call (SIGKILL, OOM, a host crash: no handler billed them), and replays them as it replays
+any entry: each is billed at prefix-cache's estimate, idempotently (the WARM and FINAL are
+first-wins by their key, so a FINAL that landed before the kill stands), counted in
+``cachemesh_router_open_calls_settled_total``. Without a journal nothing is opened: a call in
+flight when the router is killed stays unbilled (a WARM with no FINAL).
+
 Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
 with it: an entry from before it was kept has none); a replay sends an entry's commits under
 one span, ``cachemesh.billing_replay``, a child of that request's span, so the Commit calls
@@ -34,7 +47,7 @@ import asyncio
 import enum
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from opentelemetry import trace
@@ -55,12 +68,15 @@ _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
 _Entry = tuple[tuple[pc.CommitRequest, ...], dict[str, str]]
+# an entry read back to replay it: also whether it is an open call
+_Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool]
 
 
 class _Sent(enum.Enum):
     """What became of an entry sent to prefix-cache."""
 
-    SETTLED = "settled"  # every commit acknowledged, or refused for good
+    SETTLED = "settled"  # every commit acknowledged
+    DROPPED = "dropped"  # a commit refused for good: settled, billed nothing
     KEPT = "kept"  # refused for now: sent again next round
     UNREACHABLE = "unreachable"  # prefix-cache down: the round stops
 
@@ -95,8 +111,9 @@ class _InMemory:
     async def ids(self) -> list[str]:
         return list(self._entries)
 
-    async def read(self, entry_id: str) -> _Entry:
-        return self._entries[entry_id]
+    async def read(self, entry_id: str) -> _Read:
+        commits, carrier = self._entries[entry_id]
+        return commits, carrier, False
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
         if (entry := self._entries.pop(entry_id, None)) is not None:
@@ -131,8 +148,19 @@ class _OnDisk:
     async def ids(self) -> list[str]:
         return await self._thread.call(self._journal.pending)
 
-    async def read(self, entry_id: str) -> _Entry:
-        return await self._thread.call(partial(self._journal.read_traced, entry_id))
+    async def read(self, entry_id: str) -> _Read:
+        def read() -> _Read:
+            commits, carrier = self._journal.read_traced(entry_id)
+            return commits, carrier, self._journal.is_open(entry_id)
+
+        return await self._thread.call(read)
+
+    def open(
+        self, entry_id: str, commits: tuple[pc.CommitRequest, ...], carrier: dict[str, str]
+    ) -> asyncio.Future[None]:
+        """Written with the next batch (fsynced with it); the future is set once written."""
+        added = partial(self._journal.add, entry_id, commits, carrier, open_call=True)
+        return self._thread.submit(added, written=True)
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
         """Its line need not be durable (a replay bills once): not awaited one by one."""
@@ -148,10 +176,12 @@ class BillingOutbox:
         retry_s: float,
         tracer: trace.Tracer | None = None,
         max_memory_bytes: int | None = None,
+        open_calls_settled: Callable[[int], None] | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
-        commits wait on disk and are not bounded by it."""
+        commits wait on disk and are not bounded by it. ``open_calls_settled``: told how many
+        open calls a replay round billed (a killed router's, the metric)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -159,21 +189,70 @@ class BillingOutbox:
         self._deadline_s = deadline_s
         self._retry_s = retry_s
         self._lock = asyncio.Lock()  # one flush at a time
+        self._open_calls_settled = open_calls_settled
+        self._live: set[str] = set()  # the open calls of this process's model calls running
         self._entries: _InMemory | _OnDisk
         if journal is not None:
-            if loaded := len(journal.load()):
-                log.info("billing outbox: %d answers to bill from the journal", loaded)
+            loaded = len(journal.load())
+            if opened := len(journal.opened()):
+                log.warning(
+                    "billing outbox: %d model calls were still running when this router's last "
+                    "process ended without billing them (killed): each is billed now as "
+                    "prefix-cache estimates it, its prompt as its WARM was priced and the "
+                    "output tokens journalled before the kill",
+                    opened,
+                )
+            if loaded - opened:
+                log.info("billing outbox: %d answers to bill from the journal", loaded - opened)
             self._entries = _OnDisk(journal)
         else:
             log.warning(
                 "billing outbox in memory only (ROUTER_DATA_DIR unset): answers served while "
-                "prefix-cache is down are lost from billing if the router dies before it is back"
+                "prefix-cache is down are lost from billing if the router dies before it is "
+                "back, and the model calls running when it is killed are never billed"
             )
             self._entries = _InMemory()
 
     @property
     def pending(self) -> int:
-        return self._entries.count
+        """The entries a replay round sends (not the open calls of model calls running)."""
+        return max(self._entries.count - len(self._live), 0)
+
+    def open(
+        self, commits: Sequence[pc.CommitRequest], entry_id: str | None = None
+    ) -> tuple[str, asyncio.Future[None]] | None:
+        """Journals the commits that bill a model call still running (its open call), or,
+        with ``entry_id``, replaces that open call's (its output count grew). Returns the
+        entry's id and a future set once its line is in the file (it then survives this
+        process being killed; its fsync comes with its batch's, not waited for); a write that
+        fails is logged (the call is then billed as usual, unless the router is killed before
+        it ends). None: no journal (nothing is opened), or the open call is settled already."""
+        if not isinstance(self._entries, _OnDisk):
+            return None
+        rewrite = entry_id is not None
+        if entry_id is None:
+            entry_id = secrets.token_hex(8)
+            self._live.add(entry_id)
+        elif entry_id not in self._live:
+            return None  # settled or released already: no longer the call's to rewrite
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)
+        written = self._entries.open(entry_id, tuple(commits), carrier)
+        # the first write's failure is said; a rewrite's leaves the line before it in place
+        written.add_done_callback(_rewrite_failed if rewrite else _open_failed)
+        return entry_id, written
+
+    def settle(self, entry_id: str) -> None:
+        """The open call's FINAL was made: its entry is settled (not awaited: a replay of it
+        would only find its FINAL made)."""
+        if entry_id in self._live:
+            self._live.discard(entry_id)
+            self._entries.done(entry_id).add_done_callback(_done_failed)
+
+    def release(self, entry_id: str) -> None:
+        """The open call is no longer this process's to settle: a replay round bills what its
+        entry holds (its outbox entry, if ``keep`` replaced it; else its estimate)."""
+        self._live.discard(entry_id)
 
     @property
     def full(self) -> bool:
@@ -201,14 +280,22 @@ class BillingOutbox:
             self._max_memory_bytes,
         )
 
-    async def keep(self, commits: Sequence[pc.CommitRequest], estimate_nanos: int = 0) -> None:
+    async def keep(
+        self,
+        commits: Sequence[pc.CommitRequest],
+        estimate_nanos: int = 0,
+        replaces: str | None = None,
+    ) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
         entry written to the journal is, whatever becomes of this call). ``estimate_nanos``:
-        the answer's estimated cost, logged if an outbox in memory loses it at shutdown."""
+        the answer's estimated cost, logged if an outbox in memory loses it at shutdown.
+        ``replaces``: the call's open call, which this entry takes the place of in one line
+        (the caller then ``release``s it)."""
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)  # the current request's span
-        await self._entries.add(secrets.token_hex(8), tuple(commits), carrier, estimate_nanos)
+        entry_id = replaces if replaces is not None else secrets.token_hex(8)
+        await self._entries.add(entry_id, tuple(commits), carrier, estimate_nanos)
         self._say_if_full()
 
     async def close(self) -> None:
@@ -237,24 +324,38 @@ class BillingOutbox:
         refuses otherwise stays for the next round and the next entries are sent (one entry
         must not hold all billing back). Returns how many entries were settled."""
         settled = 0
+        open_calls = 0  # of those, open calls billed at their estimate
         done_lines: list[asyncio.Future[None]] = []
         async with self._lock:
             for entry_id in await self._entries.ids():
+                if entry_id in self._live:
+                    continue  # a model call of this process, still running
                 try:
-                    commits, carrier = await self._entries.read(entry_id)
+                    commits, carrier, open_call = await self._entries.read(entry_id)
+                except KeyError:
+                    continue  # an open call settled since the ids were read
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
-                    commits, carrier = (), {}
+                    commits, carrier, open_call = (), {}, False
                 outcome = await self._replay(commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
                     break
                 if outcome is _Sent.KEPT:
                     continue
                 settled += 1
+                open_calls += open_call and outcome is _Sent.SETTLED
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:
                     log.warning("billing outbox: journal write failed: %s", failed)
+        if open_calls:
+            log.warning(
+                "billing outbox: billed %d open calls at prefix-cache's estimate (model calls "
+                "left without their FINAL: by a killed router, or a bill that failed)",
+                open_calls,
+            )
+            if self._open_calls_settled is not None:
+                self._open_calls_settled(open_calls)
         if settled:
             log.info("billing outbox: billed %d answers, %d pending", settled, self.pending)
             self._say_if_full()
@@ -309,8 +410,27 @@ class BillingOutbox:
                     exc.code.name,
                     exc.details,
                 )
-                return _Sent.SETTLED
+                return _Sent.DROPPED
         return _Sent.SETTLED
+
+
+def _open_failed(written: asyncio.Future[None]) -> None:
+    if not written.cancelled() and (exc := written.exception()) is not None:
+        log.warning(
+            "billing outbox: journalling a running model call failed (%s): it is billed when it "
+            "ends, but not if this router is killed before",
+            exc,
+        )
+
+
+def _rewrite_failed(written: asyncio.Future[None]) -> None:
+    if not written.cancelled() and (exc := written.exception()) is not None:
+        log.debug("billing outbox: rewriting a running model call's line failed: %s", exc)
+
+
+def _done_failed(written: asyncio.Future[None]) -> None:
+    if not written.cancelled() and (exc := written.exception()) is not None:
+        log.warning("billing outbox: journal write failed: %s", exc)
 
 
 def _size(commits: Sequence[pc.CommitRequest]) -> int:

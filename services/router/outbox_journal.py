@@ -1,8 +1,14 @@
 """The billing outbox's journal: its entries on disk, only their ids and places in memory.
 
-The file holds lines ``{"add": id, "commits": [base64...], "trace": {...}}`` and
+The file holds lines ``{"add": id, "commits": [base64...], "trace": {...}, "v": 2}`` and
 ``{"done": id}`` (``trace``: the W3C ``traceparent`` carrier of the request the commits bill,
-so their replay joins its trace; absent in lines written before it was kept). An entry's
+so their replay joins its trace; absent in lines written before it was kept; ``v``: the
+record's version, absent in version 1). Version 2 adds ``"open": true``: an open call, the
+FINAL (and, if prefix-cache did not acknowledge it, the WARM) that bills a model call still
+running, with the output tokens produced so far. An "add" line with an id already pending
+replaces its entry (the call's output count grows, or its outbox entry takes its place), and
+its "done" line settles it. A version-1 reader reads an open call as any other entry, and bills
+it at its start: what it is for. An entry's
 commits (each carrying its whole request) are read back from the file when they are sent, so
 an outage of prefix-cache costs disk, not the router's memory. The file is emptied once
 nothing is pending, and rewritten with only the pending lines once its settled lines outweigh
@@ -64,10 +70,14 @@ class UnreadableEntry(ValueError):
     """An entry's line on disk does not decode (the disk or an outside write changed it)."""
 
 
+JOURNAL_VERSION = 2  # of the records this code writes; it reads version 1's too
+
+
 @dataclass(frozen=True)
 class _Line:
     offset: int
     length: int
+    open: bool = False  # an open call: a model call still running when it was written
 
 
 class Journal:
@@ -138,7 +148,7 @@ class Journal:
         except json.JSONDecodeError:
             item = {}
         if isinstance(item, dict) and isinstance(item.get("add"), str):
-            self._lines[item["add"]] = _Line(offset, len(raw))
+            self._lines[item["add"]] = _Line(offset, len(raw), item.get("open") is True)
         elif isinstance(item, dict) and isinstance(item.get("done"), str):
             self._lines.pop(item["done"], None)
         else:
@@ -149,13 +159,23 @@ class Journal:
         entry_id: str,
         commits: Sequence[pc.CommitRequest],
         carrier: Mapping[str, str] | None = None,
+        *,
+        open_call: bool = False,
     ) -> None:
-        """``carrier``: the request's trace context (``traceparent``), for the replay's span."""
+        """``carrier``: the request's trace context (``traceparent``), for the replay's span.
+        ``open_call``: the commits bill a model call still running (``opened``). An id already
+        pending is replaced."""
         raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
         record: dict[str, object] = {"add": entry_id, "commits": raw}
         if carrier:
             record["trace"] = dict(carrier)
-        line = self._write(record)
+        record["v"] = JOURNAL_VERSION
+        if open_call:
+            record["open"] = True
+        line = self._write(record, open_call)
+        replaced = self._lines.get(entry_id)
+        if replaced is not None:
+            self._live_bytes -= replaced.length
         self._lines[entry_id] = line
         self._live_bytes += line.length
 
@@ -168,6 +188,14 @@ class Journal:
     def pending(self) -> list[str]:
         """The pending entries' ids, oldest first."""
         return list(self._lines)
+
+    def opened(self) -> list[str]:
+        """The pending entries that are open calls, oldest first."""
+        return [entry_id for entry_id, line in self._lines.items() if line.open]
+
+    def is_open(self, entry_id: str) -> bool:
+        line = self._lines.get(entry_id)
+        return line is not None and line.open
 
     @property
     def pending_count(self) -> int:
@@ -234,14 +262,14 @@ class Journal:
         settled = self._size - self._live_bytes
         return settled > max(self._compact_bytes, self._live_bytes)
 
-    def _write(self, record: dict[str, object]) -> _Line:
+    def _write(self, record: dict[str, object], open_call: bool = False) -> _Line:
         data = (json.dumps(record) + "\n").encode()
         try:
             _write_all(self._fd, data, self._size)  # after the last line, even if one is torn
         except OSError:
             os.ftruncate(self._fd, self._size)  # no half line for the next one to follow
             raise
-        line = _Line(self._size, len(data))
+        line = _Line(self._size, len(data), open_call)
         self._size += len(data)
         self._dirty = True
         return line
@@ -261,7 +289,7 @@ class Journal:
             try:
                 for entry_id, line in self._lines.items():
                     _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
-                    lines[entry_id] = _Line(size, line.length)
+                    lines[entry_id] = _Line(size, line.length, line.open)
                     size += line.length
                 os.fsync(fd)
                 os.replace(fresh, self.path)
@@ -336,6 +364,7 @@ class _Call:
     run: Callable[[], object]
     durable: bool
     done: asyncio.Future[Any]
+    written: bool = False  # ``done`` is set once it has run, before its batch's sync
 
 
 class JournalThread:
@@ -347,12 +376,17 @@ class JournalThread:
         self._queue: list[_Call] = []
         self._runner: asyncio.Task[None] | None = None
 
-    def submit(self, run: Callable[[], T], *, durable: bool = False) -> asyncio.Future[T]:
+    def submit(
+        self, run: Callable[[], T], *, durable: bool = False, written: bool = False
+    ) -> asyncio.Future[T]:
         """Queues ``run``; the future is its result. ``durable``: set only once its batch is
         fsynced (else the sync's failure is raised); otherwise the durability of its writes is
-        not waited for (a settled entry's "done" line: a replay bills an entry once anyway)."""
+        not waited for (a settled entry's "done" line: a replay bills an entry once anyway).
+        ``written``: set as soon as it has run, before its batch's fsync: its line is in the
+        file (the kernel's cache), so it survives this process being killed, not a host crash
+        (an open call's line, which must be in before its call's WARM is sent)."""
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Call(run, durable, done))
+        self._queue.append(_Call(run, durable, done, written and not durable))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.ensure_future(self._run())
         return done
@@ -365,7 +399,8 @@ class JournalThread:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                outcomes = await asyncio.to_thread(self._batch, batch)
+                loop = asyncio.get_running_loop()
+                outcomes = await asyncio.to_thread(self._batch, batch, loop)
             except asyncio.CancelledError:  # the loop is ending: nothing queued will run
                 for call in [*batch, *self._queue]:
                     _fail(call, JournalError("the journal stopped (shutdown)", written=False))
@@ -377,14 +412,11 @@ class JournalThread:
                     (False, JournalError(f"journal call not run: {exc!r}", written=False))
                 ] * len(batch)
             for call, (ok, value) in zip(batch, outcomes, strict=True):
-                if call.done.done():
-                    continue
-                if ok:
-                    call.done.set_result(value)
-                else:
-                    call.done.set_exception(cast(BaseException, value))
+                _resolve(call.done, ok, value)
 
-    def _batch(self, batch: list[_Call]) -> list[tuple[bool, object]]:
+    def _batch(
+        self, batch: list[_Call], loop: asyncio.AbstractEventLoop
+    ) -> list[tuple[bool, object]]:
         outcomes: list[tuple[bool, object]] = []
         for call in batch:
             try:
@@ -393,6 +425,8 @@ class JournalThread:
                 outcomes.append((False, JournalError(str(exc), written=False)))
             except Exception as exc:  # handed to its caller
                 outcomes.append((False, exc))
+            if call.written:
+                loop.call_soon_threadsafe(_resolve, call.done, *outcomes[-1])
         try:
             self.journal.sync()
         except OSError as exc:
@@ -404,6 +438,15 @@ class JournalThread:
                 for call, (ok, value) in zip(batch, outcomes, strict=True)
             ]
         return outcomes
+
+
+def _resolve(done: asyncio.Future[Any], ok: bool, value: object) -> None:
+    if done.done():
+        return
+    if ok:
+        done.set_result(value)
+    else:
+        done.set_exception(cast(BaseException, value))
 
 
 def _fail(call: _Call, exc: BaseException) -> None:

@@ -32,10 +32,11 @@ from services.common.telemetry import current_span_id, current_trace_id
 from services.common.tokens import Tokenizer, Tokenizers
 from services.router import spans
 from services.router.answer import Answer
-from services.router.calls import Calls
+from services.router.calls import Calls, warm_commit
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
 from services.router.metrics import RouterMetrics, decision_reason
+from services.router.open_calls import OpenCall
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JournalError
 from services.router.prompt_counts import count_prompt
@@ -307,19 +308,13 @@ class Pipeline:
         # token (the start's served_by), Complete only before the FINAL, so the model's first
         # token (for Complete, its whole decode) hides it. Shielded: once the replica
         # prefilled, the prompt is billed even if the caller leaves meanwhile (its FINAL
-        # follows the WARM).
+        # follows the WARM). Before it is sent the call is journalled as open, so that a
+        # router killed before its FINAL has it billed at its next start.
+        tokenizer = self._tokenizers.for_spec(attempt.model)
+        open_call = OpenCall(self._outbox, tokenizer.count)
+        written = self._open(tenant, request, attempt, baseline, open_call)
         warm_call: asyncio.Future[CommitReply] = asyncio.ensure_future(
-            self._calls.commit_warm(
-                tenant,
-                request,
-                attempt.commit_key(request.request_id),
-                attempt.model.id,
-                attempt.replica,
-                attempt.start.kv_cached_tokens,
-                attempt.planned_read,
-                attempt.plan_id,
-                attempt.start.kv_cached_unreported,
-            )
+            self._warm_once_written(tenant, request, attempt, open_call, written)
         )
         answer = Answer()
         finished = False
@@ -335,6 +330,7 @@ class Pipeline:
                 part = chunk.WhichOneof("part")
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
+                    open_call.produced(_output_text(chunk))
                     if answer.first:
                         ttft = self._clock() - began
                         spans.first_token(root, attempt.chat_span, ttft)
@@ -364,7 +360,15 @@ class Pipeline:
             warm = await asyncio.shield(warm_call)
             _headed(head, attempt.model, warm)
             end = await self._finish(
-                tenant, request, attempt, warm, end_chunk, answer.content(), baseline, head
+                tenant,
+                request,
+                attempt,
+                warm,
+                end_chunk,
+                answer.content(),
+                baseline,
+                head,
+                open_call,
             )
             finished = True
             ended = end
@@ -400,7 +404,7 @@ class Pipeline:
                 # prompt and the tokens produced so far; to the outbox if prefix-cache is
                 # down), never store. Its span and GenAI metrics wait for that bill.
                 billed = self._bill_partial(
-                    tenant, request, attempt, answer, baseline, warm_call, charge
+                    tenant, request, attempt, answer, baseline, warm_call, charge, open_call
                 )
                 self._trace_bill(attempt, request, billed, seconds, error_type, unanswered)
                 if bills is not None:
@@ -503,6 +507,7 @@ class Pipeline:
         content: list[pb.ContentBlock],
         baseline: ModelSpec,
         head: pb.CompleteResponse,
+        open_call: OpenCall | None = None,
     ) -> pb.CompleteResponse:
         if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
             answer = semantic_cache_pb2.CachedAnswer(
@@ -523,6 +528,7 @@ class Pipeline:
             end_chunk.output_tokens,
             baseline.id,
             end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None,
+            open_call,
         )
         if final is not None:
             spans.reconciled(trace.get_current_span(), final)
@@ -573,6 +579,7 @@ class Pipeline:
         baseline: ModelSpec,
         warm_call: asyncio.Future[CommitReply],
         charge: Charge | None,
+        open_call: OpenCall | None = None,
     ) -> asyncio.Future[Bill | None]:
         """The FINAL of a call that ended early, in the background once its WARM is done;
         then the money metrics count it (``served_by="unanswered"``) and ``charge`` is told
@@ -589,7 +596,7 @@ class Pipeline:
 
         async def bill() -> Bill | None:
             final = await self._commit_final(
-                tenant, request, attempt, output_tokens, baseline.id, reported
+                tenant, request, attempt, output_tokens, baseline.id, reported, open_call
             )
             if final is not None:
                 billed = Bill(final.usage, final.cost)
@@ -667,9 +674,12 @@ class Pipeline:
         output_tokens: int,
         baseline_id: str,
         usage: prefix_cache_pb2.ProviderUsage | None,
+        open_call: OpenCall | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """FINAL; when prefix-cache does not acknowledge it, the outbox keeps the commits
-        (durably, before the answer is sent) and bills them once prefix-cache is back."""
+        (durably, before the answer is sent) and bills them once prefix-cache is back. Either
+        settles the call's ``open_call`` (cancelled before: it is left to the next FINAL, or to
+        the next start of the router)."""
         key = attempt.commit_key(request.request_id)
         final = await self._calls.commit_final(
             tenant,
@@ -682,6 +692,8 @@ class Pipeline:
             baseline_id,
             usage,
         )
+        if final is not None and open_call is not None:
+            open_call.settled(final_made=True)
         if final is None and self._outbox is not None:
             # the WARM again, with the request: a no-op if the first one was recorded; else it
             # records the prompt with the read the call's Plan predicted on arrival and the
@@ -690,34 +702,12 @@ class Pipeline:
             # however long the outage (the prefix expired since) and across a prefix-cache
             # restart (its warm state lost), and its lifetime runs from the arrival. The
             # answer's estimate claimed no discount, so a read bills at most that estimate.
-            replay_warm = prefix_cache_pb2.CommitRequest(
-                tenant=tenant,
-                request_id=key,
-                phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
-                model=attempt.model.id,
-                kv_cached_tokens=attempt.start.kv_cached_tokens,
-                kv_cached_unreported=attempt.start.kv_cached_unreported,
-                request=request,
-            )
-            if attempt.planned_read is not None:
-                replay_warm.max_read_tokens = attempt.planned_read
-                if attempt.planned_at_ms is not None:
-                    replay_warm.planned_at_ms = attempt.planned_at_ms
-            replay_final = prefix_cache_pb2.CommitRequest(
-                tenant=tenant,
-                request_id=key,
-                phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
-                model=attempt.model.id,
-                replica=attempt.replica,
-                output_tokens=output_tokens,
-                kv_cached_tokens=_kv_cached(attempt, usage),
-                baseline_model=baseline_id,
-            )
-            if usage is not None:
-                replay_final.provider_usage.CopyFrom(usage)
+            replay_warm = _replay_warm(tenant, request, attempt)
+            replay_final = _final(tenant, request, attempt, output_tokens, baseline_id, usage)
+            opened = open_call.entry if open_call is not None else None
             try:
                 estimate = attempt.model.baseline_nanos(attempt.start.prompt_tokens, output_tokens)
-                await self._outbox.keep([replay_warm, replay_final], estimate)
+                await self._outbox.keep([replay_warm, replay_final], estimate, replaces=opened)
             except JournalError as exc:
                 log.error("billing outbox: %s; the answer to %s is refused", exc, key)
                 raise RequestError(
@@ -726,8 +716,65 @@ class Pipeline:
                     "outbox cannot keep it durably (a disk fault on this router, in its log); "
                     "retry with the same request_id",
                 ) from exc
+            finally:
+                if open_call is not None:
+                    open_call.settled(final_made=False)
             record_event(self._tracer, "cachemesh.billing_deferred", {"commit": key})
         return final
+
+    def _open(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: Attempt,
+        baseline: ModelSpec,
+        open_call: OpenCall,
+    ) -> asyncio.Future[None]:
+        """Journals the call's open call: its WARM as it will be sent and its FINAL. The
+        future is set once the line is in the journal's file."""
+        key = attempt.commit_key(request.request_id)
+        warm = None
+        if attempt.plan_id:  # without a Plan the WARM carries the request: the FINAL alone
+            warm = warm_commit(
+                tenant,
+                key,
+                attempt.model.id,
+                attempt.replica,
+                attempt.start.kv_cached_tokens,
+                attempt.planned_read,
+                attempt.plan_id,
+                attempt.start.kv_cached_unreported,
+            )
+        return open_call.open(warm, _final(tenant, request, attempt, 0, baseline.id, None))
+
+    async def _warm_once_written(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: Attempt,
+        open_call: OpenCall,
+        written: asyncio.Future[None],
+    ) -> CommitReply:
+        """The call's WARM commit once its open call is in the journal's file (not fsynced:
+        it survives this process being killed, which a WARM must not outlive unjournalled);
+        when prefix-cache does not acknowledge it, the open call carries it as a replay sends
+        it, with the request."""
+        with contextlib.suppress(Exception):  # a failed write is logged; the call goes on
+            await written
+        reply = await self._calls.commit_warm(
+            tenant,
+            request,
+            attempt.commit_key(request.request_id),
+            attempt.model.id,
+            attempt.replica,
+            attempt.start.kv_cached_tokens,
+            attempt.planned_read,
+            attempt.plan_id,
+            attempt.start.kv_cached_unreported,
+        )
+        if reply is None:
+            open_call.warm_lost(_replay_warm(tenant, request, attempt))
+        return reply
 
     def _in_background(self, call: Awaitable[_T]) -> asyncio.Future[_T]:
         """Runs ``call`` past the request's end (``drain`` awaits it at shutdown)."""
@@ -786,6 +833,61 @@ async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitabl
     except Exception:
         log.exception("the WARM commit of a call that ended early failed; billing its FINAL")
     return await then()
+
+
+def _replay_warm(
+    tenant: str, request: pb.CompleteRequest, attempt: Attempt
+) -> prefix_cache_pb2.CommitRequest:
+    """The call's WARM as a replay sends it: with the request, the read its Plan predicted
+    and the Plan's time (a no-op if the first WARM was recorded)."""
+    warm = prefix_cache_pb2.CommitRequest(
+        tenant=tenant,
+        request_id=attempt.commit_key(request.request_id),
+        phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
+        model=attempt.model.id,
+        kv_cached_tokens=attempt.start.kv_cached_tokens,
+        kv_cached_unreported=attempt.start.kv_cached_unreported,
+        request=request,
+    )
+    if attempt.planned_read is not None:
+        warm.max_read_tokens = attempt.planned_read
+        if attempt.planned_at_ms is not None:
+            warm.planned_at_ms = attempt.planned_at_ms
+    return warm
+
+
+def _final(
+    tenant: str,
+    request: pb.CompleteRequest,
+    attempt: Attempt,
+    output_tokens: int,
+    baseline_id: str,
+    usage: prefix_cache_pb2.ProviderUsage | None,
+) -> prefix_cache_pb2.CommitRequest:
+    """The call's FINAL as a replay sends it."""
+    final = prefix_cache_pb2.CommitRequest(
+        tenant=tenant,
+        request_id=attempt.commit_key(request.request_id),
+        phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
+        model=attempt.model.id,
+        replica=attempt.replica,
+        output_tokens=output_tokens,
+        kv_cached_tokens=_kv_cached(attempt, usage),
+        baseline_model=baseline_id,
+    )
+    if usage is not None:
+        final.provider_usage.CopyFrom(usage)
+    return final
+
+
+def _output_text(chunk: model_pb2.GenerateChunk) -> str:
+    """What of an answer's chunk is output tokens: its text, or a tool call's name and input
+    (as ``Answer.tool_text``); a block of another kind counts nothing."""
+    if chunk.WhichOneof("part") == "text":
+        return chunk.text
+    if chunk.block.WhichOneof("kind") == "tool_use":
+        return chunk.block.tool_use.name + chunk.block.tool_use.input_json
+    return ""
 
 
 def _headed(head: pb.CompleteResponse, model: ModelSpec, warm: CommitReply) -> None:

@@ -5,6 +5,12 @@ The router: each stream is cut at the end of the grace; every model call it cut 
 once, for what it produced (prefix-cache's totals after the supervisor restarted the router and
 its billing outbox, if any, was replayed). Before the fix most cut calls were never billed: the
 drain closed the channels before the cancelled handlers had scheduled their bills.
+
+SIGKILL with answers in flight (ROUTER_DATA_DIR set, as the stack sets it): no handler unwinds,
+yet every model call the router had in flight is billed once, at its next start, from the open
+calls it journalled (their prompts as their WARM commits priced them, and the output journalled
+before the kill). Before the fix each such call was a WARM commit with no FINAL: its prompt and
+output billed to nobody, while the provider was paid.
 """
 
 from __future__ import annotations
@@ -42,6 +48,18 @@ def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack
 
 def _pid(stack: Stack, name: str) -> int | None:
     return {r.service.name: r.pid for r in stack.running()}.get(name)
+
+
+def _restarted(stack: Stack, run_dir: Path, router: int) -> None:
+    """Waits until the supervisor has started the router again and its journal is empty (its
+    billing outbox replayed at start)."""
+    deadline = time.monotonic() + 60
+    while _pid(stack, "router") in (None, router) or probe(stack.router_address) != SERVING:
+        assert time.monotonic() < deadline, "the router did not come back"
+        time.sleep(0.1)
+    outbox = run_dir / "data" / "router" / "billing-outbox.jsonl"
+    while outbox.exists() and outbox.stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def test_router_sigterm_bills_every_call_it_cut(slow_stack: tuple[Stack, Path]) -> None:
@@ -84,16 +102,68 @@ def test_router_sigterm_bills_every_call_it_cut(slow_stack: tuple[Stack, Path]) 
     assert "whole" not in outcomes, outcomes  # the premise: the grace cut every answer
 
     # the supervisor starts the router again, which replays its journal if the drain left one
-    deadline = time.monotonic() + 60
-    while _pid(stack, "router") in (None, router) or probe(stack.router_address) != SERVING:
-        assert time.monotonic() < deadline, "the router did not come back"
-        time.sleep(0.1)
-    outbox = run_dir / "data" / "router" / "billing-outbox.jsonl"
-    while outbox.exists() and outbox.stat().st_size and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _restarted(stack, run_dir, router)
     after = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
     billed = after.requests - before.requests
     assert billed == STREAMS, f"{STREAMS} calls cut, {billed} billed ({outcomes}, {deltas})"
     # each delta carried at least one token, each billed with the prompt
     assert after.usage.output_tokens - before.usage.output_tokens >= sum(deltas)
     assert after.usage.input_tokens > before.usage.input_tokens
+
+
+# each stream has had this many deltas when the router is killed: the router has journalled
+# the output of its first 2 chunks at least (the open call is updated as its chunks double)
+KILLED_AFTER_DELTAS = 3
+
+
+def test_router_sigkill_bills_every_call_it_had_in_flight(slow_stack: tuple[Stack, Path]) -> None:
+    stack, run_dir = slow_stack
+    keys = read_env_file(run_dir / "demo-keys.env")
+    token = (run_dir / "internal-token").read_text().strip()
+    before = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
+    streaming = threading.Barrier(STREAMS + 1, timeout=60)
+    deltas = [0] * STREAMS
+    outcomes: list[str] = [""] * STREAMS
+
+    def stream(i: int) -> None:
+        question = f"kill {i} {uuid.uuid4().hex}: explain the tides in depth"
+        request = build_request(question, model="sim-large", max_tokens=2048)
+        request.cache.namespace = uuid.uuid4().hex  # no L1 hit, no shared model call
+        waited = False
+        with Client(stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1) as c:
+            try:
+                for chunk in c.stream(request):
+                    if chunk.WhichOneof("part") == "delta":
+                        deltas[i] += 1
+                        if deltas[i] == KILLED_AFTER_DELTAS:
+                            waited = True
+                            streaming.wait()
+                outcomes[i] = "whole"
+            except CachemeshError as error:
+                outcomes[i] = error.code.name
+        if not waited:
+            streaming.abort()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(STREAMS)]
+    for thread in threads:
+        thread.start()
+    try:
+        streaming.wait()  # every stream is well into its answer
+    except threading.BrokenBarrierError:
+        raise AssertionError(f"not every answer lasted its deltas: {outcomes}, {deltas}") from None
+    router = _pid(stack, "router")
+    assert router is not None
+    os.kill(router, signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert "whole" not in outcomes, outcomes  # the premise: the kill cut every answer
+
+    _restarted(stack, run_dir, router)
+    after = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
+    billed = after.requests - before.requests
+    assert billed == STREAMS, f"{STREAMS} calls killed, {billed} billed ({outcomes}, {deltas})"
+    assert after.usage.input_tokens > before.usage.input_tokens
+    assert after.cost_nanos > before.cost_nanos
+    # the output journalled before the kill: the first 2 chunks of each answer, a token each
+    # at least
+    assert after.usage.output_tokens - before.usage.output_tokens >= 2 * STREAMS

@@ -128,8 +128,10 @@ class SlowJournal(Journal):
         entry_id: str,
         commits: Sequence[pc.CommitRequest],
         carrier: Mapping[str, str] | None = None,
+        *,
+        open_call: bool = False,
     ) -> None:
-        super().add(entry_id, commits, carrier)  # written ...
+        super().add(entry_id, commits, carrier, open_call=open_call)  # written ...
         time.sleep(0.05)  # ... and the thread returns a little later (a slow disk)
 
 

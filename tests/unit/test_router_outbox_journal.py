@@ -3,14 +3,18 @@ held by one router at a time."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
-from services.router.outbox_journal import JOURNAL_NAME, Journal
+from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalThread
 
 
 def _commit(key: str) -> list[pc.CommitRequest]:
@@ -67,3 +71,93 @@ def test_a_second_journal_on_the_directory_is_refused_until_the_first_is_closed(
     again = Journal(tmp_path)
     assert [again.read(entry)[0].request_id for entry in again.load()] == ["a#1", "b#1"]
     again.close()
+
+
+def _final(key: str, output_tokens: int) -> list[pc.CommitRequest]:
+    final = pc.CommitRequest(tenant="t", request_id=key, phase=pc.COMMIT_PHASE_FINAL)
+    final.output_tokens = output_tokens
+    return [final]
+
+
+def test_an_open_call_is_rewritten_by_its_later_lines_and_loads_as_open(tmp_path: Path) -> None:
+    """An open call (a model call still running) is an "add" line marked open, of version 2;
+    its later lines (its output grew) replace it; a router starting after a kill finds it
+    pending and open. A version-1 reader (an older router) reads the same line as an entry."""
+    journal = Journal(tmp_path)
+    journal.load()
+    journal.add("o", _final("o#1", 0), open_call=True)
+    journal.add("a", _commit("a#1"))
+    journal.add("o", _final("o#1", 7), open_call=True)
+    journal.sync()
+    journal.close()
+    lines = [json.loads(line) for line in (tmp_path / JOURNAL_NAME).read_text().splitlines()]
+    assert [(line["add"], line["v"], line.get("open")) for line in lines] == [
+        ("o", 2, True),
+        ("a", 2, None),
+        ("o", 2, True),
+    ]
+    assert all(isinstance(line["commits"], list) for line in lines)  # as version 1 has them
+    again = Journal(tmp_path)
+    assert again.load() == ["o", "a"] and again.opened() == ["o"]
+    assert again.read("o")[0].output_tokens == 7  # its last line
+    assert again.is_open("o") and not again.is_open("a") and not again.is_open("gone")
+    again.close()
+
+
+def test_an_open_call_replaced_by_its_outbox_entry_or_done_is_no_longer_open(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path)
+    journal.load()
+    journal.add("o", _final("o#1", 0), open_call=True)
+    journal.add("p", _final("p#1", 0), open_call=True)
+    journal.add("o", _commit("o#1"))  # its answer's commits, kept for prefix-cache
+    journal.done("p")  # its FINAL was made
+    journal.sync()
+    journal.close()
+    again = Journal(tmp_path)
+    assert again.load() == ["o"] and again.opened() == []
+    again.close()
+
+
+def test_a_rewritten_open_call_counts_its_old_lines_as_settled(tmp_path: Path) -> None:
+    """Each rewrite of an open call leaves its old line settled: the journal is rewritten
+    with the last line only once those outweigh it, and the call is still open after."""
+    journal = Journal(tmp_path, compact_bytes=1)
+    journal.load()
+    for output_tokens in range(10):
+        journal.add("o", _final("o#1", output_tokens), open_call=True)
+    journal.sync()
+    journal.close()
+    assert len((tmp_path / JOURNAL_NAME).read_text().splitlines()) == 1
+    again = Journal(tmp_path)
+    assert again.load() == ["o"] and again.opened() == ["o"]
+    assert again.read("o")[0].output_tokens == 9
+    again.close()
+
+
+async def test_a_write_waited_for_as_written_does_not_wait_for_its_fsync(tmp_path: Path) -> None:
+    """An open call's line must be in the file before its WARM goes out (a process kill keeps
+    it); its fsync, which a slow disk may take long over, is not waited for."""
+
+    class SlowSync(Journal):
+        def __init__(self, directory: Path) -> None:
+            super().__init__(directory)
+            self.may_sync = threading.Event()
+
+        def sync(self) -> None:
+            assert self.may_sync.wait(timeout=10)
+            super().sync()
+
+    journal = SlowSync(tmp_path)
+    journal.load()
+    thread = JournalThread(journal)
+    added = partial(journal.add, "o", _final("o#1", 0), None, open_call=True)
+    await asyncio.wait_for(thread.submit(added, written=True), timeout=5)
+    assert '"open": true' in (tmp_path / JOURNAL_NAME).read_text()  # in, not yet fsynced
+    durable = thread.submit(partial(journal.add, "a", _commit("a#1")), durable=True)
+    await asyncio.sleep(0.01)
+    assert not durable.done()  # a durable one waits for the fsync
+    journal.may_sync.set()
+    await asyncio.wait_for(durable, timeout=5)
+    journal.close()

@@ -1,0 +1,105 @@
+"""A model call's open call: the bill the billing outbox journals while the call runs.
+
+A router killed mid-call (SIGKILL, OOM, a host crash) unwinds no handler: the calls it had in
+flight, whose replicas had prefilled (and a provider bills) their prompts, would get no FINAL.
+With a journal (``ROUTER_DATA_DIR``), each call is journalled as it starts, before its WARM
+commit is sent (the WARM waits until the line is in the file, not for its fsync): its WARM as
+it is sent (by the Plan's ``plan_id``; none when there was no Plan, as that WARM carries the
+request) and its FINAL as prefix-cache would estimate it, with the output tokens counted so
+far (counted again each time the call's chunks double, then every ``UPDATE_EVERY_CHUNKS``
+chunks: at most that many chunks' output go unbilled). When prefix-cache does not acknowledge
+the WARM, the open call is rewritten once with the WARM as a replay sends it (the request,
+the Plan's read and time: the Plan may be gone by the time prefix-cache is back) and is not
+rewritten after (its output count stays the one of then). The call's own FINAL, or its outbox
+entry, settles it; the next router's start bills what a killed one left (``outbox.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.router.outbox import BillingOutbox
+
+# After its first chunk the output count is journalled as the chunks double, then at most this
+# many chunks apart: few writes for a short answer, a bounded loss for a long one.
+UPDATE_EVERY_CHUNKS = 64
+
+
+class OpenCall:
+    """One model call's open call. ``count``: the output tokens of a piece of its answer."""
+
+    def __init__(self, outbox: BillingOutbox | None, count: Callable[[str], int]) -> None:
+        self._outbox = outbox
+        self._count = count
+        self.entry: str | None = None  # its journal entry, until settled (None: not journalled)
+        self._warm: pc.CommitRequest | None = None
+        self._final = pc.CommitRequest()  # its output tokens are ``_output_tokens``
+        self._carries_request = False  # rewritten with the request: not rewritten again
+        self._chunks = 0
+        self._next_update = 1
+        self._output_tokens = 0  # counted up to the last update
+        self._uncounted: list[str] = []  # the pieces produced since
+        self._ended = False  # settled: nothing more is journalled
+
+    def open(self, warm: pc.CommitRequest | None, final: pc.CommitRequest) -> asyncio.Future[None]:
+        """At the call's start: ``warm`` as it will be sent (None: it carries the request),
+        ``final`` with 0 output tokens. The future is set once the line is in the file (at
+        once without a journal; a failed write is logged, and sets it too)."""
+        self._warm, self._final = warm, final
+        return self._write()
+
+    def warm_lost(self, replay_warm: pc.CommitRequest) -> None:
+        """Prefix-cache did not acknowledge the WARM: the open call carries it as a replay
+        sends it (with the request), rewritten now and not after."""
+        if self.entry is None:
+            return
+        self._warm, self._carries_request = replay_warm, True
+        self._count_output()
+        self._write()
+
+    def produced(self, piece: str) -> None:
+        """A chunk of the answer (its text, or a tool call's name and input)."""
+        if self.entry is None or self._ended or self._carries_request:
+            return  # not journalled (no journal, or settled), or not rewritten
+        self._chunks += 1
+        self._uncounted.append(piece)
+        if self._chunks < self._next_update:
+            return
+        self._count_output()
+        self._write()
+
+    def settled(self, *, final_made: bool) -> None:
+        """The call's FINAL was made (``final_made``: the entry is done), or its outbox entry
+        replaced the open call (or could not be written: a replay bills the open call)."""
+        self._ended = True
+        if self._outbox is None or self.entry is None:
+            return
+        if final_made:
+            self._outbox.settle(self.entry)
+        else:
+            self._outbox.release(self.entry)
+        self.entry = None
+
+    def _count_output(self) -> None:
+        if self._uncounted:
+            self._output_tokens += self._count("".join(self._uncounted))
+            self._uncounted.clear()
+        if self._chunks:
+            self._next_update = self._chunks + min(self._chunks, UPDATE_EVERY_CHUNKS)
+
+    def _write(self) -> asyncio.Future[None]:
+        opened = None
+        if self._outbox is not None and not self._ended:
+            final = pc.CommitRequest()
+            final.CopyFrom(self._final)  # a copy: the journal's thread serializes it
+            final.output_tokens = self._output_tokens
+            commits = [final] if self._warm is None else [self._warm, final]
+            opened = self._outbox.open(commits, self.entry)
+        if opened is None:
+            written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            written.set_result(None)
+            return written
+        self.entry, written = opened
+        return written

@@ -1,0 +1,231 @@
+"""Open calls: with a journal, the billing outbox journals each model call's WARM and FINAL
+before its WARM is sent, and its output as its chunks double; the call's own FINAL settles it.
+A router killed mid-call unwinds nothing, so its next start bills what the journal holds (a
+replay of this process leaves its own running calls alone). Against fakes of prefix-cache and
+the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code
+from services.router.dependencies import CallFailed
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import JOURNAL_NAME, Journal
+from tests.unit.test_router_pipeline import TOKENIZER, FakeModels, FakePrefix, FakeStream, Rig
+from tests.unit.test_router_pipeline import _request as _pipeline_request
+
+PIECES = ["Tides rise ", "and fall ", "twice a day ", "as the Moon ", "pulls the sea "]
+
+
+class Writing(FakeStream):
+    """Its chunks, then still writing (it never ends: the router is killed meanwhile)."""
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        chunk = await super().read()
+        if chunk is None:
+            await asyncio.Event().wait()
+        return chunk
+
+
+@dataclass
+class WritingModels(FakeModels):
+    pieces: list[str] = field(default_factory=lambda: list(PIECES))
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
+        chunks: list[model_pb2.GenerateChunk | CallFailed] = [
+            model_pb2.GenerateChunk(start=start),
+            *(model_pb2.GenerateChunk(text=piece) for piece in self.pieces),
+        ]
+        return Writing(chunks)
+
+
+def _restarted(directory: Path, copy: Path) -> Journal:
+    """The journal a router starting now would load (a copy: the killed router's process is
+    this test's, and still holds the directory's lock)."""
+    copy.mkdir()
+    shutil.copyfile(directory / JOURNAL_NAME, copy / JOURNAL_NAME)
+    return Journal(copy)
+
+
+async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01)
+    rig = Rig(prefix=prefix, outbox=outbox, models=WritingModels())
+    pipeline = rig.pipeline()
+    deltas = 0
+    async with contextlib.aclosing(pipeline.run("tenant-a", _pipeline_request())) as run:
+        async for chunk in run:
+            deltas += chunk.WhichOneof("part") == "delta"
+            if deltas == len(PIECES):
+                break
+        # the journal's writes so far are done (a flush's calls queue behind them), and a
+        # replay round leaves this process's running call alone
+        assert await outbox.flush() == 0 and outbox.pending == 0
+        assert [c.phase for c in prefix.commits] == [pc.COMMIT_PHASE_WARM]
+        warm = prefix.commits[0]
+        # the router is killed now: no FINAL, no handler unwinds
+        journal = _restarted(tmp_path / "data", tmp_path / "restarted")
+    await pipeline.drain()  # (the test's own router: its bill of the cancelled call)
+
+    settled: list[int] = []
+    again = FakePrefix()
+    with caplog.at_level(logging.INFO, "cachemesh.router.outbox"):
+        restarted = BillingOutbox(again, journal, 1.0, 0.01, open_calls_settled=settled.append)
+        assert restarted.pending == 1
+        assert await restarted.flush() == 1
+    # its WARM as it was sent (a no-op if it landed, made by its Plan if not), then its FINAL
+    assert [(c.request_id, c.phase) for c in again.commits] == [
+        (warm.request_id, pc.COMMIT_PHASE_WARM),
+        (warm.request_id, pc.COMMIT_PHASE_FINAL),
+    ]
+    assert again.commits[0] == warm and not warm.HasField("request")  # by its plan_id
+    final = again.commits[1]
+    # the output journalled as the chunks doubled (1, 2, 4): the fifth not yet
+    counted = [PIECES[0], PIECES[1], PIECES[2] + PIECES[3]]
+    assert final.output_tokens == sum(TOKENIZER.count(piece) for piece in counted)
+    assert (final.tenant, final.model, final.replica) == ("tenant-a", "sim-large", warm.replica)
+    assert settled == [1]
+    said = [r.getMessage() for r in caplog.records]
+    assert any("1 model calls were still running" in line for line in said), said
+    assert any("billed 1 open calls" in line for line in said), said
+    assert not any("Tides" in line or "password" in line for line in said)  # no prompt text
+    assert (tmp_path / "restarted" / JOURNAL_NAME).read_text() == ""
+    journal.close()
+
+
+@dataclass
+class JournalReadingPrefix(FakePrefix):
+    """Reads the journal's file as each WARM commit arrives (a router killed then would
+    restart with what it holds)."""
+
+    journal: Path = Path()
+    seen: list[set[str]] = field(default_factory=list)  # the open calls' keys, each WARM
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if request.phase == pc.COMMIT_PHASE_WARM:
+            keys = set()
+            for line in (self.journal / JOURNAL_NAME).read_text().splitlines():
+                record = json.loads(line)
+                if record.get("open"):
+                    final = pc.CommitRequest.FromString(base64.b64decode(record["commits"][-1]))
+                    keys.add(final.request_id)
+            self.seen.append(keys)
+        return await super().commit(request, deadline_s)
+
+
+async def test_the_open_call_is_in_the_journal_before_the_warm_is_sent(tmp_path: Path) -> None:
+    """A WARM that lands must never outlive a killed router unjournalled: the open call's line
+    is in the file (not yet fsynced: a process kill keeps it) before the WARM goes out."""
+    prefix = JournalReadingPrefix(journal=tmp_path)
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    await Rig(prefix=prefix, outbox=outbox).run(_pipeline_request())
+    warm = prefix.commits[0]
+    assert warm.phase == pc.COMMIT_PHASE_WARM and prefix.seen == [{warm.request_id}]
+
+
+async def test_a_call_that_ends_settles_its_open_call(tmp_path: Path) -> None:
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    chunks = await Rig(prefix=prefix, outbox=outbox).run(_pipeline_request())
+    assert not chunks[-1].end.cost.estimated
+    assert await outbox.flush() == 0  # after the journal's writes
+    assert [c.phase for c in prefix.commits] == [pc.COMMIT_PHASE_WARM, pc.COMMIT_PHASE_FINAL]
+    assert (tmp_path / JOURNAL_NAME).read_text() == ""  # settled: nothing left to bill
+
+
+async def test_with_prefix_cache_down_the_answers_outbox_entry_replaces_its_open_call(
+    tmp_path: Path,
+) -> None:
+    """The WARM was not acknowledged: the open call carries it (with the request); then the
+    answer's outbox entry takes its place, once, as an ordinary entry (no estimate of a kill)."""
+    prefix = FakePrefix(down=True)
+    outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01)
+    chunks = await Rig(prefix=prefix, outbox=outbox).run(_pipeline_request())
+    assert chunks[-1].end.cost.estimated and outbox.pending == 1
+    journal = _restarted(tmp_path / "data", tmp_path / "restarted")
+    settled: list[int] = []
+    restarted = BillingOutbox(FakePrefix(), journal, 1.0, 0.01, open_calls_settled=settled.append)
+    assert journal.opened() == [] and restarted.pending == 1
+    warm, final = journal.read(journal.pending()[0])
+    assert warm.phase == pc.COMMIT_PHASE_WARM and warm.request.messages
+    assert final.output_tokens == 3  # the answer's, not an open call's
+    assert await restarted.flush() == 1 and settled == []
+    journal.close()
+
+
+def _open_commits(key: str) -> list[pc.CommitRequest]:
+    return [pc.CommitRequest(tenant="t", request_id=key, phase=pc.COMMIT_PHASE_FINAL)]
+
+
+@dataclass
+class Prefix:
+    refuse: Code | None = None
+    sent: list[str] = field(default_factory=list)
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        raise AssertionError("the outbox never plans")
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if self.refuse is not None:
+            raise CallFailed(self.refuse, "no")
+        self.sent.append(request.request_id)
+        return pc.CommitResponse()
+
+
+async def test_an_open_call_released_by_its_call_is_billed_by_the_next_round(
+    tmp_path: Path,
+) -> None:
+    """A call whose bill could not be kept (its outbox entry not written) releases its open
+    call: the next round bills it as journalled, and counts it."""
+    prefix, settled = Prefix(), list[int]()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01, open_calls_settled=settled.append)
+    opened = outbox.open(_open_commits("a#1"))
+    assert opened is not None
+    entry, written = opened
+    await written
+    rewritten = outbox.open(_open_commits("a#1"), entry)
+    assert rewritten is not None and rewritten[0] == entry
+    assert await outbox.flush() == 0 and prefix.sent == []
+    outbox.release(entry)
+    assert outbox.pending == 1 and await outbox.flush() == 1
+    assert prefix.sent == ["a#1"] and settled == [1]
+    assert outbox.open(_open_commits("a#1"), entry) is None  # settled: not written again
+    assert await outbox.flush() == 0 and (tmp_path / JOURNAL_NAME).read_text() == ""
+
+
+async def test_a_killed_routers_open_call_refused_for_good_is_dropped_uncounted(
+    tmp_path: Path,
+) -> None:
+    """Its WARM is gone (expired, or lost with a prefix-cache in memory): nothing to bill."""
+    first = BillingOutbox(Prefix(), Journal(tmp_path / "data"), 1.0, 0.01)
+    first.open(_open_commits("a#1"))
+    await first.flush()  # after the open call's write
+    settled: list[int] = []
+    journal = _restarted(tmp_path / "data", tmp_path / "restarted")
+    prefix = Prefix(refuse=Code.FAILED_PRECONDITION)
+    again = BillingOutbox(prefix, journal, 1.0, 0.01, open_calls_settled=settled.append)
+    assert await again.flush() == 1 and again.pending == 0 and settled == []
+    journal.close()
+
+
+def test_without_a_journal_nothing_is_opened() -> None:
+    assert BillingOutbox(Prefix(), None, 1.0, 0.01).open(_open_commits("a#1")) is None
