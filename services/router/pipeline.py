@@ -311,7 +311,7 @@ class Pipeline:
         # follows the WARM). Before it is sent the call is journalled as open, so that a
         # router killed before its FINAL has it billed at its next start.
         tokenizer = self._tokenizers.for_spec(attempt.model)
-        open_call = OpenCall(self._outbox, tokenizer.count)
+        open_call = OpenCall(self._outbox, tokenizer.count, self._clock)
         written = self._open(tenant, request, attempt, baseline, open_call)
         warm_call: asyncio.Future[CommitReply] = asyncio.ensure_future(
             self._warm_once_written(tenant, request, attempt, open_call, written)

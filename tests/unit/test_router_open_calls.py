@@ -1,5 +1,5 @@
 """Open calls: with a journal, the billing outbox journals each model call's WARM and FINAL
-before its WARM is sent, and its output as its chunks double; the call's own FINAL settles it.
+before its WARM is sent, and its output as its chunks grow; the call's own FINAL settles it.
 A router killed mid-call unwinds nothing, so its next start bills what the journal holds (a
 replay of this process leaves its own running calls alone). Against fakes of prefix-cache and
 the models.
@@ -22,18 +22,36 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed
+from services.router.open_calls import UPDATE_EVERY_S
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JOURNAL_NAME, Journal
-from tests.unit.test_router_pipeline import TOKENIZER, FakeModels, FakePrefix, FakeStream, Rig
+from tests.unit.test_router_pipeline import (
+    TOKENIZER,
+    FakeClock,
+    FakeModels,
+    FakePrefix,
+    FakeStream,
+    Rig,
+)
 from tests.unit.test_router_pipeline import _request as _pipeline_request
 
+CHUNKS_APART_S = 0.3
 PIECES = ["Tides rise ", "and fall ", "twice a day ", "as the Moon ", "pulls the sea "]
 
 
 class Writing(FakeStream):
-    """Its chunks, then still writing (it never ends: the router is killed meanwhile)."""
+    """Its chunks, then still writing (it never ends: the router is killed meanwhile); each
+    chunk ``apart_s`` after the last on ``clock``."""
+
+    def __init__(
+        self, chunks: list[model_pb2.GenerateChunk | CallFailed], clock: FakeClock | None
+    ) -> None:
+        super().__init__(chunks)
+        self.clock = clock
 
     async def read(self) -> model_pb2.GenerateChunk | None:
+        if self.clock is not None:
+            self.clock.now += CHUNKS_APART_S
         chunk = await super().read()
         if chunk is None:
             await asyncio.Event().wait()
@@ -53,7 +71,7 @@ class WritingModels(FakeModels):
             model_pb2.GenerateChunk(start=start),
             *(model_pb2.GenerateChunk(text=piece) for piece in self.pieces),
         ]
-        return Writing(chunks)
+        return Writing(chunks, self.clock)
 
 
 def _restarted(directory: Path, copy: Path) -> Journal:
@@ -69,7 +87,8 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
 ) -> None:
     prefix = FakePrefix()
     outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01)
-    rig = Rig(prefix=prefix, outbox=outbox, models=WritingModels())
+    clock = FakeClock()
+    rig = Rig(prefix=prefix, outbox=outbox, models=WritingModels(clock=clock), clock=clock)
     pipeline = rig.pipeline()
     deltas = 0
     async with contextlib.aclosing(pipeline.run("tenant-a", _pipeline_request())) as run:
@@ -99,8 +118,10 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     ]
     assert again.commits[0] == warm and not warm.HasField("request")  # by its plan_id
     final = again.commits[1]
-    # the output journalled as the chunks doubled (1, 2, 4): the fifth not yet
-    counted = [PIECES[0], PIECES[1], PIECES[2] + PIECES[3]]
+    # the output journalled once a second: at the fourth piece (1.2 s after the start, which
+    # came 0.3 s after the call opened), the fifth not yet
+    assert UPDATE_EVERY_S == 1.0
+    counted = ["".join(PIECES[:4])]
     assert final.output_tokens == sum(TOKENIZER.count(piece) for piece in counted)
     assert (final.tenant, final.model, final.replica) == ("tenant-a", "sim-large", warm.replica)
     assert settled == [1]

@@ -145,9 +145,9 @@ async def test_a_write_waited_for_as_written_does_not_wait_for_its_fsync(tmp_pat
             super().__init__(directory)
             self.may_sync = threading.Event()
 
-        def sync(self) -> None:
+        def sync(self, *, fsync: bool = True) -> None:
             assert self.may_sync.wait(timeout=10)
-            super().sync()
+            super().sync(fsync=fsync)
 
     journal = SlowSync(tmp_path)
     journal.load()
@@ -160,4 +160,30 @@ async def test_a_write_waited_for_as_written_does_not_wait_for_its_fsync(tmp_pat
     assert not durable.done()  # a durable one waits for the fsync
     journal.may_sync.set()
     await asyncio.wait_for(durable, timeout=5)
+    journal.close()
+
+
+async def test_a_batch_no_write_of_which_waits_to_be_durable_costs_no_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every model call journals its open call and, once settled, a "done" line: neither waits
+    for an fsync, so a batch of them makes none; a durable write's batch fsyncs them all."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    journal = Journal(tmp_path)
+    journal.load()
+    thread = JournalThread(journal)
+    monkeypatch.setattr("services.router.outbox_journal.os.fsync", counting_fsync)
+    opened = partial(journal.add, "o", _final("o#1", 0), None, open_call=True)
+    await asyncio.wait_for(thread.submit(opened, written=True), timeout=5)
+    await asyncio.wait_for(thread.submit(partial(journal.done, "o")), timeout=5)
+    assert synced == []
+    durable = thread.submit(partial(journal.add, "a", _commit("a#1")), durable=True)
+    await asyncio.wait_for(durable, timeout=5)
+    assert len(synced) == 1
     journal.close()
