@@ -3,13 +3,22 @@
 Lookup, Plan and Commit return ``None`` when their service cannot be reached (the request
 goes on, degraded, and the span records why); an ``INVALID_ARGUMENT`` or
 ``RESOURCE_EXHAUSTED`` from a dependency is the request's fault and reaches the client.
+
+A request's calls to prefix-cache (Plan, WARM, FINAL) share a ``PrefixWindow``: each waits at
+most ``ROUTER_PREFIX_TIMEOUT_S`` and half of what the request's deadline leaves, and once one
+has timed out (prefix-cache hung: stopped, or waiting on its Redis) the request makes no other
+and goes on as with prefix-cache down. After ``_BREAKER_AFTER`` timeouts in a row, across
+requests (of calls not cut short by a client's deadline), no request calls it for
+``ROUTER_PREFIX_BREAKER_S``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from opentelemetry import trace
@@ -35,6 +44,67 @@ _LOOKUP_SHARE = 0.5
 # what the request's deadline leaves: the rest is kept for the request's own model call, should
 # that call's answer not come (its router died, or its model is as slow as the deadline).
 _LEASE_WAIT_SHARE = 0.5
+# Each prefix-cache call of a request (Plan, WARM, FINAL) takes at most this share of what the
+# request's deadline leaves (and at most ROUTER_PREFIX_TIMEOUT_S): a hung prefix-cache leaves the
+# model call, or the answer's reply, the other half.
+_PREFIX_SHARE = 0.5
+# prefix-cache calls timed out in a row (across requests) after which none is made for
+# ROUTER_PREFIX_BREAKER_S; only calls given at least this share of ROUTER_PREFIX_TIMEOUT_S count
+# (one cut short by its own client's short deadline says little about prefix-cache)
+_BREAKER_AFTER = 3
+_BREAKER_MIN_SHARE = 0.5
+
+
+def _capped(limit_s: float, deadline: float | None, share: float, now: float) -> float:
+    """A call's deadline: ``limit_s``, and at most ``share`` of what ``deadline`` leaves at
+    ``now`` (None: the client set no deadline)."""
+    if deadline is None:
+        return limit_s
+    return min(limit_s, (deadline - now) * share)
+
+
+@dataclass
+class PrefixWindow:
+    """One request's calls to prefix-cache. ``deadline``: when the request's model call must
+    end, on the calls' clock (None: no client deadline, or a bill after the caller left);
+    ``off``: one of them timed out or was not made, so the rest of the request makes none (no
+    Plan: it goes on as with prefix-cache down; WARM and FINAL: to the billing outbox; a FINAL
+    sent without its WARM would only be refused)."""
+
+    deadline: float | None = None
+    off: bool = False
+
+
+class _Breaker:
+    """prefix-cache left alone across requests: after ``_BREAKER_AFTER`` timeouts in a row,
+    no call for ``open_s`` (0: never); then calls are made again, and one more timeout leaves
+    it alone again at once, while an answer ends the run of timeouts."""
+
+    def __init__(self, open_s: float, clock: Callable[[], float]) -> None:
+        self._open_s = open_s
+        self._clock = clock
+        self._timeouts = 0
+        self._until = -math.inf
+
+    def open(self) -> bool:
+        return self._clock() < self._until
+
+    def timed_out(self) -> None:
+        self._timeouts += 1
+        if self._open_s > 0 and self._timeouts >= _BREAKER_AFTER and not self.open():
+            self._until = self._clock() + self._open_s
+            log.warning(
+                "prefix-cache: %d calls timed out in a row; no calls for %g s "
+                "(ROUTER_PREFIX_BREAKER_S): answers are estimated, their bills kept in the "
+                "billing outbox",
+                self._timeouts,
+                self._open_s,
+            )
+
+    def answered(self) -> None:
+        if self._timeouts >= _BREAKER_AFTER and self._open_s > 0:
+            log.info("prefix-cache answers again after %d timeouts in a row", self._timeouts)
+        self._timeouts = 0
 
 
 def _client_fault(exc: CallFailed) -> RequestError | None:
@@ -91,6 +161,7 @@ class Calls:
         self._counted = counted
         self._tracer = tracer
         self._clock = clock
+        self._breaker = _Breaker(settings.prefix_breaker_s, clock)
 
     def _degraded(self, what: str, exc: CallFailed) -> None:
         log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
@@ -144,18 +215,16 @@ class Calls:
     def lookup_timeout_s(self, deadline: float | None) -> float:
         """The first Lookup's deadline: ``ROUTER_SEMANTIC_TIMEOUT_S``, and at most half of what
         ``deadline`` leaves now, so that a slow L1 leaves the model call the other half."""
-        if deadline is None:
-            return self._s.semantic_timeout_s
-        return min(self._s.semantic_timeout_s, (deadline - self._clock()) * _LOOKUP_SHARE)
+        return _capped(self._s.semantic_timeout_s, deadline, _LOOKUP_SHARE, self._clock())
 
     def lease_wait_s(self, deadline: float | None) -> float:
         """The second Lookup's deadline: ``ROUTER_SEMANTIC_LEASE_WAIT_S``, and at most half of
         what ``deadline`` leaves now, so that a wait that ends without the answer still leaves
         the request's own model call the other half (<= 0: no wait)."""
         wait_s = self._s.semantic_lease_wait_s
-        if deadline is None or wait_s <= 0:
+        if wait_s <= 0:
             return wait_s
-        return min(wait_s, (deadline - self._clock()) * _LEASE_WAIT_SHARE)
+        return _capped(wait_s, deadline, _LEASE_WAIT_SHARE, self._clock())
 
     async def release(self, tenant: str, request: pb.CompleteRequest, lease_id: str) -> None:
         """Ends the lease this request's Lookup took (its model call ended without a Store);
@@ -200,17 +269,78 @@ class Calls:
             client_faults=False,  # the answer was served: a refused store only loses a hit
         )
 
+    def prefix_timeout_s(self, window: PrefixWindow | None = None) -> float:
+        """A prefix-cache call's deadline: ``ROUTER_PREFIX_TIMEOUT_S``, and at most half of what
+        the request's deadline leaves now (``window``; None: no deadline); 0 when the call is
+        not made (``_skipped``)."""
+        if self._skipped(window):
+            return 0.0
+        deadline = window.deadline if window is not None else None
+        return _capped(self._s.prefix_timeout_s, deadline, _PREFIX_SHARE, self._clock())
+
+    def _skipped(self, window: PrefixWindow | None) -> str:
+        """Why a prefix-cache call is not made ("" = it is)."""
+        if window is not None and window.off:
+            return "an earlier prefix-cache call of this request timed out or was skipped"
+        if self._breaker.open():
+            return "calls timed out in a row (ROUTER_PREFIX_BREAKER_S)"
+        return ""
+
+    async def _prefix(
+        self, send: Callable[[float], Awaitable[T]], window: PrefixWindow | None
+    ) -> T | None:
+        """``send``'s reply, given the call's deadline (``prefix_timeout_s``); None when the
+        call is not made: the request goes on as with prefix-cache down. A call that fails
+        raises ``CallFailed``; a skip or a timeout ends the request's prefix-cache calls, and a
+        timeout counts toward leaving prefix-cache alone (``_Breaker``)."""
+        timeout_s = self.prefix_timeout_s(window)
+        if timeout_s <= 0:
+            # a degradation as a timeout is (the metric and its alert count it as one), with
+            # why it was not even tried
+            why = self._skipped(window) or "no time left in the request's deadline"
+            log.debug("prefix-cache call skipped: %s", why)
+            if window is not None:
+                window.off = True
+            record_event(
+                self._tracer,
+                "cachemesh.degraded",
+                {
+                    "dependency": "prefix-cache",
+                    "grpc.status": Code.DEADLINE_EXCEEDED.name,
+                    "cachemesh.skipped": why,
+                },
+            )
+            if self._counted is not None:
+                self._counted("prefix-cache", Code.DEADLINE_EXCEEDED.name)
+            return None
+        try:
+            reply = await send(timeout_s)
+        except CallFailed as exc:
+            if exc.code == Code.DEADLINE_EXCEEDED:
+                if window is not None:
+                    window.off = True
+                if timeout_s >= self._s.prefix_timeout_s * _BREAKER_MIN_SHARE:
+                    self._breaker.timed_out()
+            raise
+        self._breaker.answered()
+        return reply
+
     async def plan(
-        self, tenant: str, model: str, request: pb.CompleteRequest, replicas: Sequence[str]
+        self,
+        tenant: str,
+        model: str,
+        request: pb.CompleteRequest,
+        replicas: Sequence[str],
+        window: PrefixWindow | None = None,
     ) -> prefix_cache_pb2.PlanResponse | None:
+        """``window``: the request's prefix-cache calls (None: bounded by
+        ``ROUTER_PREFIX_TIMEOUT_S`` alone)."""
+        call = prefix_cache_pb2.PlanRequest(
+            tenant=tenant, model=model, request=request, replicas=list(replicas)
+        )
         return await self._degrading(
             "prefix-cache",
-            self._d.prefix.plan(
-                prefix_cache_pb2.PlanRequest(
-                    tenant=tenant, model=model, request=request, replicas=list(replicas)
-                ),
-                self._s.prefix_timeout_s,
-            ),
+            self._prefix(lambda deadline_s: self._d.prefix.plan(call, deadline_s), window),
         )
 
     async def commit_warm(
@@ -224,6 +354,7 @@ class Calls:
         max_read_tokens: int | None,
         plan_id: str = "",
         kv_cached_unreported: bool = False,
+        window: PrefixWindow | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """WARM; with the ``plan_id`` of this request's Plan the request is not sent again
         (prefix-cache reuses the prompt it computed), unless that process no longer holds it.
@@ -241,14 +372,16 @@ class Calls:
         )
         if plan_id:
             try:
-                return await self._d.prefix.commit(commit, self._s.prefix_timeout_s)
+                return await self._prefix(
+                    lambda deadline_s: self._d.prefix.commit(commit, deadline_s), window
+                )
             except CallFailed as exc:
                 if exc.code != Code.FAILED_PRECONDITION:
                     self._degraded("prefix-cache", exc)
                     return None
                 # the plan is gone (expired, or another prefix-cache process made it)
         commit.request.CopyFrom(request)
-        return await self._commit(commit)
+        return await self._commit(commit, window)
 
     async def commit_final(
         self,
@@ -261,6 +394,7 @@ class Calls:
         kv_cached_tokens: int,
         baseline_model: str,
         provider_usage: prefix_cache_pb2.ProviderUsage | None = None,
+        window: PrefixWindow | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """FINAL; a real provider's ``provider_usage`` is the bill (it reconciles the
         estimate)."""
@@ -276,12 +410,12 @@ class Calls:
         )
         if provider_usage is not None:
             commit.provider_usage.CopyFrom(provider_usage)
-        return await self._commit(commit)
+        return await self._commit(commit, window)
 
     async def _commit(
-        self, commit: prefix_cache_pb2.CommitRequest
+        self, commit: prefix_cache_pb2.CommitRequest, window: PrefixWindow | None
     ) -> prefix_cache_pb2.CommitResponse | None:
-        call = self._d.prefix.commit(commit, self._s.prefix_timeout_s)
+        call = self._prefix(lambda deadline_s: self._d.prefix.commit(commit, deadline_s), window)
         return await self._degrading("prefix-cache", call, client_faults=False)
 
     def model_timeout_s(self, remaining_s: float | None) -> float:

@@ -29,7 +29,7 @@ from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.tokens import Tokenizer, Tokenizers
 from services.router import spans
 from services.router.balance import Route
-from services.router.calls import CLIENT_FAULTS, Calls
+from services.router.calls import CLIENT_FAULTS, Calls, PrefixWindow
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
 from services.router.prompt_counts import count_prompt
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
@@ -136,13 +136,17 @@ class Dispatcher:
         routed: Routed | None = None,
         exclude: frozenset[str] = frozenset(),
         deadline: float | None = None,
+        window: PrefixWindow | None = None,
     ) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done); an
         ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made; replicas
         in ``exclude`` (cut mid-answer on this request) are not tried. ``deadline`` (on this
         dispatcher's clock): when the model must have answered by, for the client's deadline;
         it bounds each call (its replica's retries with it), and once it has passed no other
-        replica is tried (DEADLINE_EXCEEDED)."""
+        replica is tried (DEADLINE_EXCEEDED). ``window``: the request's prefix-cache calls (None:
+        this call's own, within ``deadline``)."""
+        if window is None:
+            window = PrefixWindow(deadline)
         plans = routed.plans if routed is not None else {}
         if request.model == AUTO:
             assert routed is not None
@@ -169,7 +173,7 @@ class Dispatcher:
             plan = (
                 plans[spec.id]
                 if spec.id in plans
-                else await self._calls.plan(tenant, spec.id, request, replicas)
+                else await self._calls.plan(tenant, spec.id, request, replicas, window)
             )
             facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
             prompt_tokens = plan.prompt_tokens if plan is not None else 0

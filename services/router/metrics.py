@@ -27,7 +27,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cache_creation``, ``cache_read``, ``output``), and the unanswered calls' bills';
 - ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
   request (reason: the gRPC status; ``limits``: its store failed, DEADLINE_EXCEEDED when it
-  did not answer in time, else UNAVAILABLE, and the request was admitted with no limit);
+  did not answer in time, else UNAVAILABLE, and the request was admitted with no limit;
+  ``prefix-cache``: a call not made after timeouts, ``calls.PrefixWindow``, counts as
+  DEADLINE_EXCEEDED);
   ``cachemesh_router_decisions_total{tier,reason}``: the
   tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``: the
   prefix cache's costs moved the threshold or band edges, ``fallback``);

@@ -32,7 +32,7 @@ from services.common.telemetry import current_span_id, current_trace_id
 from services.common.tokens import Tokenizer, Tokenizers
 from services.router import spans
 from services.router.answer import Answer
-from services.router.calls import Calls, warm_commit
+from services.router.calls import Calls, PrefixWindow, warm_commit
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Attempt, Dispatcher
 from services.router.metrics import RouterMetrics, decision_reason
@@ -219,6 +219,9 @@ class Pipeline:
 
         answered = False
         cut: set[str] = set()  # replicas cut mid-answer on this request
+        # the request's prefix-cache calls: each within half of what its deadline leaves, and
+        # none after one timed out or was skipped (across retries on other replicas too)
+        window = PrefixWindow(deadline)
         unanswered = spans.UnansweredBills(root)
         last_cut: ReplicaCut | None = None
         try:
@@ -234,7 +237,7 @@ class Pipeline:
                             head,
                             lookup,
                             frozenset(cut),
-                            deadline,
+                            window,
                             streamed,
                             charge,
                             bills,
@@ -272,7 +275,7 @@ class Pipeline:
         head: pb.CompleteResponse,
         lookup: semantic_cache_pb2.LookupResponse | None,
         exclude: frozenset[str],
-        deadline: float | None,
+        window: PrefixWindow,
         streamed: bool = True,
         charge: Charge | None = None,
         bills: Bills | None = None,
@@ -280,14 +283,17 @@ class Pipeline:
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole. A call that ends without its answer is billed in
-        the background (``_bill_partial``), its bill added to ``unanswered``."""
+        the background (``_bill_partial``), its bill added to ``unanswered``. ``window``: the
+        request's deadline and its prefix-cache calls."""
         root = trace.get_current_span()
         began = self._clock()
         routed: Routed | None = None
         if request.model == AUTO:
-            routed = await self._router.route(tenant, request, lookup)
+            routed = await self._router.route(tenant, request, lookup, window)
             head.routing.CopyFrom(spans.routing(root, routed.decision))
-        attempt = await self._dispatch.open(tenant, request, routed, exclude, deadline)
+        attempt = await self._dispatch.open(
+            tenant, request, routed, exclude, window.deadline, window
+        )
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
         if self._metrics is not None:
@@ -314,7 +320,7 @@ class Pipeline:
         open_call = OpenCall(self._outbox, tokenizer.count, self._clock)
         written = self._open(tenant, request, attempt, baseline, open_call)
         warm_call: asyncio.Future[CommitReply] = asyncio.ensure_future(
-            self._warm_once_written(tenant, request, attempt, open_call, written)
+            self._warm_once_written(tenant, request, attempt, open_call, written, window)
         )
         answer = Answer()
         finished = False
@@ -368,6 +374,7 @@ class Pipeline:
                 answer.content(),
                 baseline,
                 head,
+                window,
                 open_call,
             )
             finished = True
@@ -404,7 +411,7 @@ class Pipeline:
                 # prompt and the tokens produced so far; to the outbox if prefix-cache is
                 # down), never store. Its span and GenAI metrics wait for that bill.
                 billed = self._bill_partial(
-                    tenant, request, attempt, answer, baseline, warm_call, charge, open_call
+                    tenant, request, attempt, answer, baseline, warm_call, charge, window, open_call
                 )
                 self._trace_bill(attempt, request, billed, seconds, error_type, unanswered)
                 if bills is not None:
@@ -507,6 +514,7 @@ class Pipeline:
         content: list[pb.ContentBlock],
         baseline: ModelSpec,
         head: pb.CompleteResponse,
+        window: PrefixWindow,
         open_call: OpenCall | None = None,
     ) -> pb.CompleteResponse:
         if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
@@ -528,6 +536,7 @@ class Pipeline:
             end_chunk.output_tokens,
             baseline.id,
             end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None,
+            window,
             open_call,
         )
         if final is not None:
@@ -579,12 +588,15 @@ class Pipeline:
         baseline: ModelSpec,
         warm_call: asyncio.Future[CommitReply],
         charge: Charge | None,
+        window: PrefixWindow,
         open_call: OpenCall | None = None,
     ) -> asyncio.Future[Bill | None]:
         """The FINAL of a call that ended early, in the background once its WARM is done;
         then the money metrics count it (``served_by="unanswered"``) and ``charge`` is told
         what it cost (prefix-cache's price, or the estimate at base prices when the FINAL went
-        to the outbox). Returns the bill to come."""
+        to the outbox). Returns the bill to come. No one waits for it: not bounded by the
+        request's deadline, only skipped (to the outbox) when one of the request's
+        prefix-cache calls timed out or was skipped (``window``)."""
         usage = answer.partial_usage
         tokenizer = self._tokenizers.for_spec(attempt.model)  # the row's vocabulary
         output_tokens = sum(
@@ -596,7 +608,14 @@ class Pipeline:
 
         async def bill() -> Bill | None:
             final = await self._commit_final(
-                tenant, request, attempt, output_tokens, baseline.id, reported, open_call
+                tenant,
+                request,
+                attempt,
+                output_tokens,
+                baseline.id,
+                reported,
+                PrefixWindow(off=window.off),
+                open_call,
             )
             if final is not None:
                 billed = Bill(final.usage, final.cost)
@@ -674,12 +693,13 @@ class Pipeline:
         output_tokens: int,
         baseline_id: str,
         usage: prefix_cache_pb2.ProviderUsage | None,
+        window: PrefixWindow,
         open_call: OpenCall | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
-        """FINAL; when prefix-cache does not acknowledge it, the outbox keeps the commits
-        (durably, before the answer is sent) and bills them once prefix-cache is back. Either
-        settles the call's ``open_call`` (cancelled before: it is left to the next FINAL, or to
-        the next start of the router)."""
+        """FINAL; when prefix-cache does not acknowledge it (or it is not sent: ``window``),
+        the outbox keeps the commits (durably, before the answer is sent) and bills them once
+        prefix-cache is back. Either settles the call's ``open_call`` (cancelled before: it is
+        left to the next FINAL, or to the next start of the router)."""
         key = attempt.commit_key(request.request_id)
         final = await self._calls.commit_final(
             tenant,
@@ -691,6 +711,7 @@ class Pipeline:
             _kv_cached(attempt, usage),
             baseline_id,
             usage,
+            window,
         )
         if final is not None and open_call is not None:
             open_call.settled(final_made=True)
@@ -754,6 +775,7 @@ class Pipeline:
         attempt: Attempt,
         open_call: OpenCall,
         written: asyncio.Future[None],
+        window: PrefixWindow,
     ) -> CommitReply:
         """The call's WARM commit once its open call is in the journal's file (not fsynced:
         it survives this process being killed, which a WARM must not outlive unjournalled);
@@ -771,6 +793,7 @@ class Pipeline:
             attempt.planned_read,
             attempt.plan_id,
             attempt.start.kv_cached_unreported,
+            window,
         )
         if reply is None:
             open_call.warm_lost(_replay_warm(tenant, request, attempt))

@@ -57,6 +57,8 @@ class RouterSettings:
     answers_redis_url: str | None = None
     admin: AdminCredential | None = None  # None: the Admin API refuses every call
     admin_timeout_s: float = 10.0  # an Admin call's deadline on semantic-cache and prefix-cache
+    # no prefix-cache call for this long after calls timed out in a row (0 = never skipped)
+    prefix_breaker_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -81,6 +83,7 @@ class RouterSettings:
             semantic_timeout_s=env.float("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
             semantic_lease_wait_s=env.float("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
             prefix_timeout_s=env.float("ROUTER_PREFIX_TIMEOUT_S", 2.0, minimum=0.001),
+            prefix_breaker_s=env.float("ROUTER_PREFIX_BREAKER_S", 5.0, minimum=0.0),
             model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
             idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),

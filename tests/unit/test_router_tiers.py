@@ -211,7 +211,12 @@ class FakePlans:
         return (f"{model}-1",)
 
     async def plan(
-        self, tenant: str, model: str, request: pb.CompleteRequest, replicas: tuple[str, ...]
+        self,
+        tenant: str,
+        model: str,
+        request: pb.CompleteRequest,
+        replicas: tuple[str, ...],
+        window: object = None,
     ) -> pc.PlanResponse:
         self.planned.append(model)
         read = self.warm.get(model, 0)

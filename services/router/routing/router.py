@@ -26,7 +26,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.models import ModelTable, Tier
 from services.common.prompt import last_user_text
-from services.router.calls import Calls
+from services.router.calls import Calls, PrefixWindow
 from services.router.dependencies import Dependencies
 from services.router.routing.bands import Band, bands, decide_bands
 from services.router.routing.decision import Decision, TierCost, tier_cost
@@ -106,8 +106,14 @@ class TierRouter:
         self._amortize = amortize_turns
 
     async def route(
-        self, tenant: str, request: pb.CompleteRequest, lookup: sc.LookupResponse | None
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        lookup: sc.LookupResponse | None,
+        window: PrefixWindow | None = None,
     ) -> Routed:
+        """The tier; cost-aware, with each tier's Plan (``window``: the request's prefix-cache
+        calls, None: each bounded by ``ROUTER_PREFIX_TIMEOUT_S`` alone)."""
         text = last_user_text(request) or ""
         vector, source = await self._embedding(text, lookup)
         if len(text) > _SCORE_INLINE_CHARS:  # its shape features: ~0.25 s for 1 MB of text
@@ -118,7 +124,7 @@ class TierRouter:
         if not (self._cost_aware and shares_prefix(request)):
             return Routed(decide_bands(score, self._names, cuts, source, requested=requested))
         ids = self._ids
-        found = await asyncio.gather(*(self._plan(tenant, model, request) for model in ids))
+        found = await asyncio.gather(*(self._plan(tenant, model, request, window) for model in ids))
         plans = dict(zip(ids, found, strict=True))
         output = min(request.max_tokens, EXPECTED_OUTPUT_TOKENS)
         costs = [self._cost(model, plans[model], output) for model in ids]
@@ -140,10 +146,16 @@ class TierRouter:
         return bands(self._tiers, threshold, self._tier_thresholds, requested=requested), requested
 
     async def _plan(
-        self, tenant: str, model: str, request: pb.CompleteRequest
+        self,
+        tenant: str,
+        model: str,
+        request: pb.CompleteRequest,
+        window: PrefixWindow | None,
     ) -> pc.PlanResponse | None:
         replicas = self._deps.replicas(model)
-        return await self._calls.plan(tenant, model, request, replicas) if replicas else None
+        if not replicas:
+            return None
+        return await self._calls.plan(tenant, model, request, replicas, window)
 
     def _cost(self, model: str, plan: pc.PlanResponse | None, output: int) -> TierCost | None:
         spec = self._table.get(model)
