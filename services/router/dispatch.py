@@ -6,8 +6,11 @@ prefix-cache's view of the replicas and the router's own record of their queues 
 rates (``replica_state``); a replica that fails before its first token hands the request to the
 next one, and for ``auto`` to the other tiers (nearest in price first), as does a simulated or
 self-hosted one that stalls (no first report long past its predicted prefill, and no token on
-its other calls meanwhile: a replica streaming answers is busy, not hung). A replica whose
-calls keep failing is left out for a cool-off (``replica_health``), unless all are.
+its other calls meanwhile: a replica streaming answers is busy, not hung). A call on such a
+replica that goes silent mid-answer (``SilenceWatch``: no chunk for ``silent_after_s``, and no
+sign of life on the replica's other calls) is cut, as a replica that dies there is, while
+another replica could take the request over. A replica whose calls keep failing is left out
+for a cool-off (``replica_health``), unless all are.
 """
 
 from __future__ import annotations
@@ -49,6 +52,25 @@ _UNBILLED_BEFORE_START = ("simulated", "self_hosted")
 # The replicas whose engine prefills a prompt to its end after its call was left before the
 # first token (llama-server runs a batch to its end): their queue keeps that prefill.
 _PREFILLS_WHEN_LEFT = ("self_hosted",)
+# The replicas whose call silent mid-answer is cut (``SilenceWatch``): the router's own
+# engines, whose pace it sees. A provider's stream pauses for its own reasons (a server tool
+# running, thinking it does not stream), and its deadline bounds it.
+_WATCHED_MID_ANSWER = ("simulated", "self_hosted")
+# A call streaming its answer is silent once it has sent no chunk for SILENT_FACTOR times its
+# mean time between chunks, at least the floor (ROUTER_MID_ANSWER_STALL_S), plus the prefill
+# queued at its replica (``silent_after_s``). Measured on a loaded 2-core machine: the
+# simulator's chunks come every 19 ms, the longest gap 42 ms in 2,821 (sim-large, 4 tokens a
+# chunk at SIM_TIME_SCALE 0.3, 8 callers); llama-server (SmolLM2-135M, one thread, one slot)
+# a token every 15 ms, its longest gap 40 ms in 400 with three 2,000-token prompts queued
+# behind it. Gaps far longer than the pace come from another prompt's prefill run between two
+# tokens: with --parallel 2 and batches of 256 tokens, up to 4.8 s; with --parallel 4 and the
+# default batch of 2,048, 33 s (the queued prefill term covers those the router sent). The
+# factor is for a slow engine's own pace (a token a second: 50 s, room for a tool call's
+# arguments, which an adapter does not stream).
+SILENT_FACTOR = 50.0
+# how many times within the silence allowed a waiting read looks at its replica's other calls:
+# a sign of life there starts the silence again from that look (at most a tenth late)
+_SILENCE_LOOKS = 10
 _T = TypeVar("_T")
 
 
@@ -80,6 +102,14 @@ class Attempt:
         return f"{request_id}#{self.attempt_id}"
 
 
+def silent_after_s(pace_s: float, floor_s: float, queued_prefill_s: float) -> float:
+    """How long a call streaming its answer may send nothing before it is silent: its mean
+    time between chunks (``pace_s``) times SILENT_FACTOR, at least ``floor_s``, plus the
+    prefill of the calls waiting for their first report at its replica (an engine batching
+    a prompt's prefill with the decodes holds them meanwhile: llama-server with --parallel)."""
+    return max(SILENT_FACTOR * pace_s, floor_s) + queued_prefill_s
+
+
 def fallback_tiers(tiers: tuple[str, ...], chosen: str) -> list[str]:
     """The other tiers, nearest in price first; of two as near, the dearer (no loss of
     quality) first."""
@@ -100,14 +130,18 @@ class Dispatcher:
         tokenizer: Tokenizers | Tokenizer,
         ejected: Callable[[str], None] | None = None,
         hand_over_stalls: bool = True,
+        silent_floor_s: float = 0.0,
     ) -> None:
         """``tokenizer``: each row's (or one for all), counts the prompt for ``auto``'s
         context-window check when prefix-cache made no Plan (it is down); ``ejected``: the
         ejections' metric, by model (None: a router built without metrics);
-        ``hand_over_stalls``: a stalled call's hand-over (its timer runs in real time: off
-        for a replay on a virtual clock)."""
+        ``hand_over_stalls``: a stalled call's hand-over, and the cut of a call silent
+        mid-answer (their timers run in real time: off for a replay on a virtual clock);
+        ``silent_floor_s``: the least silence mid-answer that is cut (0: none is)."""
         self._ejected = ejected
         self._hand_over_stalls = hand_over_stalls
+        self._silent_floor_s = silent_floor_s
+        self._prior_tps = choice.ttft.prior_prefill_tps
         self._calls = calls
         self._tokenizers = Tokenizers.of(tokenizer)
         self._deps = dependencies
@@ -337,6 +371,32 @@ class Dispatcher:
             + "); retry later",
         )
 
+    def watch(self, attempt: Attempt, exclude: frozenset[str], auto: bool) -> SilenceWatch | None:
+        """The watch that cuts ``attempt`` if it goes silent mid-answer (None: it waits to its
+        deadline): on a replica of the router's own engines (``_WATCHED_MID_ANSWER``), when
+        another could take the request over (a replica of its model not in ``exclude``, cut on
+        this request already; for ``auto``, the other tiers): never the last one left."""
+        if not self._hand_over_stalls or self._silent_floor_s <= 0:
+            return None
+        if attempt.model.provider not in _WATCHED_MID_ANSWER:
+            return None
+        replica = attempt.replica
+        others = set(self._deps.replicas(attempt.model.id)) - exclude - {replica}
+        if not others and not auto:
+            return None
+        prior = attempt.model.prior_prefill_rate or self._prior_tps
+
+        def queued_s() -> float:
+            rate = self.loads.rate(replica, prior).prefill_tokens_per_s
+            return self.loads.pending_prefill_s(replica, rate)
+
+        return SilenceWatch(
+            self._silent_floor_s,
+            queued_s,
+            functools.partial(self.loads.progress, replica),
+            self._clock,
+        )
+
     def replica_failed(self, model: str, replica: str, probe: bool) -> None:
         """The replica failed a call of this request (before its first token, or cut
         mid-answer): counted towards its ejection, which the request's span records."""
@@ -406,6 +466,95 @@ class Dispatcher:
 
 class _Stalled(CallFailed):
     """A call handed over for want of a sign of life (``_stalled_after``)."""
+
+
+class Silent(CallFailed):
+    """A call cut for its silence mid-answer (``SilenceWatch``): its replica hung there."""
+
+    def __init__(self, silent_s: float) -> None:
+        super().__init__(Code.UNAVAILABLE, f"no chunk for {silent_s:.1f} s mid-answer")
+        self.silent_s = silent_s
+
+
+class SilenceWatch:
+    """One model call's watch for silence mid-answer: ``read`` is the call's next chunk, or
+    raises ``Silent`` once the replica has sent nothing on it for ``silent_after_s`` (its pace
+    so far on the injected clock, the floor, the prefill queued there) and given no sign of
+    life on its other calls meanwhile (``progress``: a replica streaming other answers is
+    busy, not hung: the silence starts again at the look that sees one). The stream is left
+    to the caller to cancel. One timer a call, on the event loop's clock, looking
+    ``_SILENCE_LOOKS`` times a silence allowed while a read waits (a chunk costs no timer of
+    its own); it cancels the reading task, and ``read`` turns that into ``Silent`` (a
+    cancellation of anyone else's goes on)."""
+
+    def __init__(
+        self,
+        floor_s: float,
+        queued_s: Callable[[], float],
+        progress: Callable[[], int],
+        clock: Callable[[], float],
+    ) -> None:
+        self._floor_s = floor_s
+        self._queued_s = queued_s
+        self._progress = progress
+        self._clock = clock
+        self._began = clock()  # the first report (the prefill's end)
+        self._last = self._began  # the last chunk
+        self._chunks = 0
+        self._task: asyncio.Task[object] | None = None
+        self._reading_since: float | None = None  # loop time; None: not waiting on a read
+        self._window: float = 0.0  # loop time since which no sign of life is seen
+        self._seen = 0  # the replica's progress then
+        self._timer: asyncio.TimerHandle | None = None
+        self._silent_s: float | None = None
+
+    def limit_s(self) -> float:
+        pace_s = (self._last - self._began) / self._chunks if self._chunks else 0.0
+        return silent_after_s(pace_s, self._floor_s, self._queued_s())
+
+    async def read(self, stream: ModelStream) -> model_pb2.GenerateChunk | None:
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._reading_since = self._window = loop.time()
+        self._seen = self._progress()
+        if self._timer is None:
+            self._timer = loop.call_at(self._window + self.limit_s() / _SILENCE_LOOKS, self._check)
+        try:
+            chunk = await stream.read()
+        except asyncio.CancelledError:
+            task, silent_s = self._task, self._silent_s
+            # the watch's own cancellation, no one else's (a caller leaving too goes on)
+            if silent_s is not None and task is not None and task.uncancel() == 0:
+                raise Silent(silent_s) from None
+            raise
+        finally:
+            self._reading_since = None
+        self._chunks += 1
+        self._last = self._clock()
+        return chunk
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self._reading_since
+        if since is None or self._task is None or self._silent_s is not None:
+            return  # no read waiting: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        progress = self._progress()
+        if progress != self._seen:  # a sign of life on another call since the last look
+            self._seen, self._window = progress, now
+        limit_s = self.limit_s()
+        due = self._window + limit_s
+        if now < due:
+            self._timer = loop.call_at(min(due, now + limit_s / _SILENCE_LOOKS), self._check)
+            return
+        self._silent_s = now - since
+        self._task.cancel()
 
 
 async def _stalled_after(

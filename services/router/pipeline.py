@@ -4,8 +4,8 @@
 ``Complete`` and ``StreamComplete`` share one path. A dependency that is down degrades the
 request and never loses it: no semantic cache → the model answers; no prefix-cache → the
 answer is served with ``cost.estimated`` and billed later (the outbox); a replica down → the
-next replica (or, for ``auto``, the other tiers), also when it dies mid-answer before anything
-reached the caller; ``UNAVAILABLE`` only when no layer can serve.
+next replica (or, for ``auto``, the other tiers), also when it dies or hangs (``SilenceWatch``)
+mid-answer before anything reached the caller; ``UNAVAILABLE`` only when no layer can serve.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -34,7 +35,7 @@ from services.router import spans
 from services.router.answer import Answer
 from services.router.calls import Calls, PrefixWindow, warm_commit
 from services.router.dependencies import CallFailed, Dependencies
-from services.router.dispatch import Attempt, Dispatcher
+from services.router.dispatch import Attempt, Dispatcher, Silent
 from services.router.metrics import RouterMetrics, decision_reason
 from services.router.open_calls import OpenCall
 from services.router.outbox import BillingOutbox
@@ -151,6 +152,7 @@ class Pipeline:
             self._tokenizers,
             metrics.ejected if metrics is not None else None,
             hand_over_stalls,
+            settings.mid_answer_stall_s,
         )
         model, threshold, local = router
         self._router = TierRouter(
@@ -326,11 +328,16 @@ class Pipeline:
         finished = False
         ended: pb.CompleteResponse | None = None
         decoded: tuple[float, int] | None = None  # when the whole answer ended, its tokens
+        # a call silent mid-answer is cut (as one whose replica died) while another replica
+        # could take the request over: this request may be handed on once more
+        retry = len(exclude) < _MAX_REPLICA_RETRIES
+        watch = self._dispatch.watch(attempt, exclude, request.model == AUTO) if retry else None
+        read = attempt.stream.read if watch is None else partial(watch.read, attempt.stream)
         try:
             # the start goes out with the first token: until then a replica that dies leaves
             # nothing sent, and the request can go to another replica
             end_chunk: model_pb2.GenerateEnd | None = None
-            while (chunk := await attempt.stream.read()) is not None:
+            while (chunk := await read()) is not None:
                 # a sign of life: a call waiting behind this answer there is not stalled
                 self.loads.progressed(attempt.replica, self._clock())
                 part = chunk.WhichOneof("part")
@@ -383,6 +390,19 @@ class Pipeline:
             if not answer.blocks or not streamed:  # no start went out: it goes with the end
                 yield pb.CompleteChunk(start=head)
             yield pb.CompleteChunk(end=end)
+        except Silent as exc:
+            log.warning(
+                "replica %s of %s silent mid-answer for %.1f s: cut",
+                attempt.replica,
+                attempt.model.id,
+                exc.silent_s,
+            )
+            raise ReplicaCut(
+                attempt.replica,
+                f"the {attempt.model.id} replica went silent mid-answer (nothing for "
+                f"{exc.silent_s:.1f} s: hung) and was cut; billed for what was produced, not "
+                "cached; retry with the same request_id",
+            ) from exc
         except CallFailed as exc:
             log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
             if exc.code == Code.DEADLINE_EXCEEDED:
@@ -393,6 +413,8 @@ class Pipeline:
                 "with the same request_id",
             ) from exc
         finally:
+            if watch is not None:
+                watch.close()
             if not finished:
                 attempt.stream.cancel()
             at, tokens = decoded if decoded is not None else (self._clock(), None)

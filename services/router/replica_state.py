@@ -347,6 +347,16 @@ class ReplicaStates:
         state = self._replicas.get(replica)
         return 0 if state is None else len(state.pending)
 
+    def pending_prefill_s(self, replica: str, tokens_per_s: float) -> float:
+        """The predicted prefill of the requests sent to ``replica`` still waiting for their
+        first report (those whose caller left too: the engine prefills them all the same), at
+        ``tokens_per_s``: how long a call decoding there may wait for them between two tokens
+        on an engine that runs a prompt's prefill in a batch with the decodes."""
+        state = self._replicas.get(replica)
+        if state is None or tokens_per_s <= 0:
+            return 0.0
+        return state.pending_tokens / tokens_per_s
+
     def rate(self, replica: str, prior_tokens_per_s: float) -> ReplicaRate:
         state = self._replicas.get(replica)
         if state is None or state.samples == 0 or state.seconds_avg <= 0:

@@ -59,6 +59,8 @@ class RouterSettings:
     admin_timeout_s: float = 10.0  # an Admin call's deadline on semantic-cache and prefix-cache
     # no prefix-cache call for this long after calls timed out in a row (0 = never skipped)
     prefix_breaker_s: float = 5.0
+    # the least silence mid-answer that cuts a simulated or self-hosted call (0 = never cut)
+    mid_answer_stall_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -108,6 +110,7 @@ class RouterSettings:
             answers_redis_url=env.optional_str("ROUTER_ANSWERS_REDIS_URL"),
             admin=admin_credential_from_env(env),
             admin_timeout_s=env.float("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
+            mid_answer_stall_s=env.float("ROUTER_MID_ANSWER_STALL_S", 10.0, minimum=0.0),
         )
 
 

@@ -16,7 +16,9 @@ integration tests.
   traffic never sent it (its second request, its own reuse, is billed as a read);
 - the engine's error body for a prompt over its context comes back as INVALID_ARGUMENT
   carrying llama-server's message;
-- a prefill whose client went away stops within a batch, not at the end of the prompt.
+- a prefill whose client went away stops within a batch, not at the end of the prompt;
+- long answers streamed by both replicas with more requests queued behind them are never cut
+  for silence mid-answer (a live engine's pace is far within ``ROUTER_MID_ANSWER_STALL_S``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,3 +333,36 @@ def test_a_prefill_whose_client_went_away_stops_within_a_batch(llama: LlamaStack
     # the replica serves on
     after = llama.client.complete(_request("", [_user("Say hello.")], max_tokens=8))
     assert _text(after).strip()
+
+
+def test_long_answers_with_requests_queued_behind_them_are_not_cut_for_silence(
+    llama: LlamaStack,
+) -> None:
+    """Six essays on two one-slot replicas (one thread each): two decode while four wait for
+    a slot, the machine busy with all of it. Each streams to its end: none is taken for a hung
+    replica (the router's silence watch looks at each waiting read about once a second)."""
+    router = llama.stack.metrics_addresses["router"]
+    cut = "gen_ai_client_operation_duration_seconds_count"
+
+    def cuts() -> float:
+        with urllib.request.urlopen(f"http://{router}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == cut and sample.labels.get("error_type") == "replica_cut"
+        )
+
+    def essay(n: int) -> list[pb.CompleteChunk]:
+        question = _user(f"{uuid.uuid4().hex} Write a long, detailed essay about bread, part {n}.")
+        return list(llama.client.stream(_request("", [question], max_tokens=300)))
+
+    before = cuts()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(essay, range(6)))
+    ends = [chunks[-1].end for chunks in answers]
+    assert all(chunks[-1].WhichOneof("part") == "end" for chunks in answers)
+    assert max(end.usage.output_tokens for end in ends) > 100, [e.usage for e in ends]
+    assert cuts() == before
+    print(f"\nlong answers, none cut: {sorted(end.usage.output_tokens for end in ends)} tokens")

@@ -4,16 +4,22 @@ a client deadline keep being answered by ``model``: a call to the hung replica t
 first report far past its predicted prefill is abandoned (billed to no one: a simulated or
 self-hosted engine bills nothing before its first token, and the router bills only from it)
 and the request handed over, instead of waiting out the client's deadline until the replica
-is ejected."""
+is ejected. A call the hung replica was already decoding (mid-answer) is cut once it has been
+silent for ``ROUTER_MID_ANSWER_STALL_S`` and its Complete answered by the other replica, the cut
+call billed for what it produced."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cachemesh import CachemeshError, Client, build_request
 from cachemesh.envfile import read_env_file
@@ -67,3 +73,97 @@ def test_a_hung_replicas_requests_are_handed_over_within_the_clients_deadline(
         assert outcomes == ["answered"] * ASKED  # was DEADLINE_EXCEEDED until it was ejected
         after = prefix_totals(stack.addresses["prefix-cache"], token, "tenant-a")
         assert after.requests - before.requests == ASKED  # each billed once: no abandoned call
+
+
+MID_DEADLINE_S = 20.0  # the client's: the hang outlasts it (model-2 stays stopped until all end)
+LONG_ANSWER_TOKENS = 80  # the simulator's answers are 20-120 tokens long, by the prompt's seed
+
+
+def _complete(client: Client, question: str) -> pb.CompleteResponse | str:
+    request = build_request(question, model="sim-large", max_tokens=200)
+    request.cache.semantic = pb.SEMANTIC_MODE_BYPASS
+    try:
+        return client.complete(request)
+    except CachemeshError as error:
+        return error.code.name
+
+
+def _model_metrics(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("model") == "sim-large"
+    }
+
+
+def test_a_replica_hung_mid_answer_hands_its_complete_calls_to_the_other_replica(
+    tmp_path: Path,
+) -> None:
+    """sim-large on two replicas, chosen in turn (round robin); eight Complete calls with long
+    answers (1.1-1.7 s of decode at SIM_TIME_SCALE 1), model-2 stopped once its four have their
+    first token and some are still decoding, and kept stopped until every call has ended:
+    each call is answered (the hung replica's calls cut after 1 s of silence and run again on
+    ``model``, not left to the client's 20 s deadline), and the cut calls are billed too."""
+    run_dir = tmp_path / "run"
+    extra = {
+        "OTEL_TRACES_EXPORTER": "none",
+        "SIM_TIME_SCALE": "1",
+        "SIM_SPECULATIVE": "false",
+        "ROUTER_REPLICA_POLICY": "round_robin",
+        "ROUTER_MID_ANSWER_STALL_S": "1",
+    }
+    with started_stack(run_dir, extra) as (stack, _sink):
+        keys = read_env_file(run_dir / "demo-keys.env")
+        token = (run_dir / "internal-token").read_text().strip()
+        pid = {r.service.name: r.pid for r in stack.running()}.get("model-2")
+        assert pid is not None, "model-2 is not running"
+        metrics = stack.metrics_addresses["model-2"]
+        tag = uuid.uuid4().hex[:8]
+        client = Client(
+            stack.router_address,
+            api_key=keys["CACHEMESH_KEY_A"],
+            max_attempts=1,  # the router's own hand-over, not the client's retry
+            timeout_s=MID_DEADLINE_S,
+        )
+        with client, ThreadPoolExecutor(ASKED) as pool:
+            # questions whose answers are long (the same prompt, the same answer)
+            long: list[str] = []
+            asked = 0
+            while len(long) < ASKED:
+                batch = [f"{tag} warm-up {asked + i}: explain it" for i in range(ASKED)]
+                asked += ASKED
+                for question, answer in zip(
+                    batch, pool.map(lambda q: _complete(client, q), batch), strict=True
+                ):
+                    assert not isinstance(answer, str), answer
+                    if answer.usage.output_tokens >= LONG_ANSWER_TOKENS:
+                        long.append(question)
+                assert asked <= 20 * ASKED, "the simulator's answers are all short"
+            before = prefix_totals(stack.addresses["prefix-cache"], token, "tenant-a")
+            first_tokens = "cachemesh_model_time_to_first_token_seconds_count"
+            started = _model_metrics(metrics).get(first_tokens, 0.0)
+            calls = [pool.submit(_complete, client, question) for question in long[:ASKED]]
+            try:
+                waited = time.monotonic() + 10
+                while True:  # model-2's four calls have their first token, some still decode
+                    now = _model_metrics(metrics)
+                    if now.get(first_tokens, 0.0) - started >= ASKED // 2:
+                        in_flight = now.get("cachemesh_model_in_flight", 0.0)
+                        break
+                    assert time.monotonic() < waited, "model-2 was not given its calls"
+                    time.sleep(0.02)  # the next look
+                os.kill(pid, signal.SIGSTOP)
+                outcomes = [call.result() for call in calls]
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        codes = [a if isinstance(a, str) else "answered" for a in outcomes]
+        print(f"\nmodel-2 hung with {in_flight:.0f} calls decoding: {codes}")
+        assert in_flight >= 1, "model-2 had ended its answers before it was stopped"
+        assert codes == ["answered"] * ASKED  # was DEADLINE_EXCEEDED after 20 s
+        after = prefix_totals(stack.addresses["prefix-cache"], token, "tenant-a")
+        # each answer billed once, and each cut call for what it produced (its own commit)
+        billed = after.requests - before.requests
+        assert ASKED + 1 <= billed <= ASKED + in_flight, (billed, in_flight)

@@ -235,6 +235,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_EJECT_AFTER_FAILURES",
             "ROUTER_EJECT_BASE_S",
             "ROUTER_EJECT_MAX_S",
+            "ROUTER_MID_ANSWER_STALL_S",
             "ROUTER_LIMIT_REQUESTS_PER_MIN",
             "ROUTER_LIMIT_TOKENS_PER_MIN",
             "ROUTER_BUDGET_USD_PER_DAY",
