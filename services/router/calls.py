@@ -73,6 +73,10 @@ class PrefixWindow:
 
     deadline: float | None = None
     off: bool = False
+    # a timeout of this request's has counted toward the breaker: a request (its Plans of
+    # every tier at once) counts once, so that one request cannot leave prefix-cache alone
+    # for every tenant
+    counted: bool = False
 
 
 class _Breaker:
@@ -319,8 +323,11 @@ class Calls:
             if exc.code == Code.DEADLINE_EXCEEDED:
                 if window is not None:
                     window.off = True
-                if timeout_s >= self._s.prefix_timeout_s * _BREAKER_MIN_SHARE:
+                counted = window is not None and window.counted
+                if timeout_s >= self._s.prefix_timeout_s * _BREAKER_MIN_SHARE and not counted:
                     self._breaker.timed_out()
+                    if window is not None:
+                        window.counted = True
             raise
         self._breaker.answered()
         return reply

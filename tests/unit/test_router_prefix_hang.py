@@ -12,6 +12,8 @@ ROUTER_PREFIX_BREAKER_S, so requests stop paying a timeout each while it stays h
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -32,11 +34,14 @@ from tests.unit.test_router_pipeline import (
     TABLE,
     TOKENIZER,
     FakeClock,
+    FakeModels,
     FakePrefix,
+    FakeSemantic,
     FakeStream,
     Rig,
     _answer,
     _request,
+    _settings,
 )
 
 ARRIVED_MS = 1_700_000_000_000  # the Plan's arrival on prefix-cache's clock
@@ -230,3 +235,51 @@ def test_the_breaker_is_read_at_start_and_zero_turns_it_off() -> None:
     assert RouterSettings.from_env(_env(ROUTER_PREFIX_BREAKER_S="0"), TABLE).prefix_breaker_s == 0
     with pytest.raises(ConfigError, match="ROUTER_PREFIX_BREAKER_S"):
         RouterSettings.from_env(_env(ROUTER_PREFIX_BREAKER_S="-1"), TABLE)
+
+
+class SlowForHuge(FakePrefix):
+    """Answers at once, except the Plans of a prompt it takes longer than their deadline to
+    count (a tenant's huge system prompt)."""
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        if "HUGE" in request.request.system[0].text:
+            self.plans.append(request)
+            await asyncio.sleep(0)  # every tier's Plan is in flight at once, as over gRPC
+            raise CallFailed(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return await super().plan(request, deadline_s)
+
+
+def _auto(system: str, request_id: str) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="auto",
+        request_id=request_id,
+        max_tokens=50,
+        system=[pb.ContentBlock(text=system)],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Summarise it.")])],
+    )
+
+
+async def test_one_requests_plans_of_every_tier_count_once_toward_leaving_it_alone() -> None:
+    """A cost-aware ``auto`` request plans every tier at once: its timeouts are one request's,
+    and two such requests (one tenant's huge prompt) leave prefix-cache to the other tenants."""
+    clock = FakeClock()
+    prefix = SlowForHuge()
+    settings = dataclasses.replace(_settings(), cost_aware=True)
+    deps = Dependencies(FakeSemantic(), prefix, FakeModels(), dict(REPLICAS))
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), settings, router, clock=clock,
+        outbox=BillingOutbox(FakePrefix(), None, 1.0, 0.01),
+    )  # fmt: skip
+
+    async def run(tenant: str, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        return [c async for c in pipeline.run(tenant, request)][-1].end
+
+    for i in range(2):
+        before = len(prefix.plans)
+        await run("tenant-a", _auto("HUGE policy document " * 50, f"a{i}"))
+        assert len(prefix.plans) - before > 1  # every tier's Plan timed out
+    before = len(prefix.plans)
+    end = await run("tenant-b", _auto("You are a helpful support agent.", "b"))
+    assert len(prefix.plans) > before and not end.cost.estimated
+    await pipeline.drain()
