@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.router.limits import (
+    CLOCK_STEP_BACK_MS,
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
@@ -37,11 +38,15 @@ from services.router.limits import (
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
 
 # Shared by both scripts: the time (ARGV[1], or Redis's clock when it is -1); a bucket's level
-# then (full when absent), refilled at cap a minute, and the time it is kept at: now. A clock
-# behind the bucket's time (stepped back, or a Redis failed over to a replica whose clock is
-# behind) refills nothing and rebases the bucket to it at once, a refusal too (as the
-# in-memory store): kept at the time ahead, an emptied bucket stayed empty for the whole step.
-_LEVEL = """
+# then (full when absent), refilled at cap a minute, and the time it is kept at, which does
+# not go back for calls applied out of order (several routers: that refilled an interval
+# twice). A clock behind the bucket's time by more than CLOCK_STEP_BACK_MS (stepped back, or
+# a Redis failed over to a replica whose clock is behind) refills nothing and rebases the
+# bucket to it at once, a refusal too (as the in-memory store): kept at the time ahead, an
+# emptied bucket stayed empty for the whole step.
+_LEVEL = (
+    f"local STEP_BACK_MS = {CLOCK_STEP_BACK_MS}\n"
+    + """
 local function clock(given)
   if given >= 0 then return given end
   local t = redis.call('TIME')
@@ -51,16 +56,20 @@ local function level(key, cap, now)
   local v = redis.call('HMGET', key, 'level', 'at_ms')
   if not v[1] then return cap, now end
   local at = tonumber(v[2])
-  if now < at then redis.call('HSET', key, 'at_ms', now) end
+  if now < at - STEP_BACK_MS then
+    redis.call('HSET', key, 'at_ms', now)
+    at = now
+  end
   local l = tonumber(v[1]) + math.max(0, now - at) * cap / 60000
   if l > cap then l = cap end
-  return l, now
+  return l, math.max(at, now)
 end
 local function keep(key, l, at, cap, slack)
   redis.call('HSET', key, 'level', tostring(l), 'at_ms', at)
   redis.call('PEXPIRE', key, math.ceil((cap - l) * 60000 / cap) + slack)
 end
 """
+)
 
 # KEYS: requests, tokens, spent:day, spent:month. ARGV: now_ms, requests cap, tokens cap, day
 # budget, month budget (-1 = no such limit), tokens to reserve, GC slack. Returns {} (admitted)

@@ -26,6 +26,7 @@ from services.common.tokens import load_cl100k
 from services.router.limit_settings import LimitSettings
 from services.router.limits import (
     AMBIGUOUS_REPLAY_MS,
+    CLOCK_STEP_BACK_MS,
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
@@ -392,6 +393,25 @@ async def test_a_clock_stepped_back_neither_freezes_nor_refills_an_emptied_bucke
         await _denied(limiter, tenant)  # refused again: the refusal must not freeze it
         clock.advance(ms=1)
         await _admitted(limiter, tenant)
+
+
+async def test_calls_applied_out_of_order_do_not_refill_an_interval_twice(
+    store: LimitStore,
+) -> None:
+    """Several routers share the limits' Redis: a call stamped a little earlier can reach it
+    after a later one. Following that stamp back (as for a clock step) refilled the interval
+    between them again: 3,065 admitted in 3 s against a limit of 1,800. Behind by less than a
+    clock step, a bucket keeps its time."""
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(requests_per_min=60), clock)  # one a second
+    for _ in range(60):
+        await _admitted(limiter)
+    await _denied(limiter)
+    clock.advance(ms=-(CLOCK_STEP_BACK_MS // 2))  # another router's call, applied late
+    await _denied(limiter)
+    clock.advance(ms=CLOCK_STEP_BACK_MS // 2 + 1_000)  # a second after the bucket's time
+    await _admitted(limiter)
+    await _denied(limiter)  # one second refilled one request, not two
 
 
 class _Broken:
