@@ -83,6 +83,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         tracer,
         settings.outbox_max_bytes,
         metrics.open_calls_settled,
+        metrics.outbox_dropped,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -42,6 +42,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   made (it was killed mid-call, or their bill failed) billed from its journal's open calls at
   prefix-cache's estimate (a call whose FINAL had landed before the kill is counted, and
   billed once);
+  ``cachemesh_router_outbox_dropped_total``: billing-outbox entries prefix-cache refused for
+  good, their bills never made (an open call of a killed router whose Plan prefix-cache no
+  longer holds: restarted with its state in memory, another replica, or past its plan TTL);
   ``cachemesh_router_limits_settles_lost_total``: requests' costs and tokens never counted
   against the limits (their settle failed and was dropped: the queue of pending ones full,
   past its replay window, an ambiguous try past ``AMBIGUOUS_REPLAY_MS``, or the router
@@ -178,6 +181,10 @@ class RouterMetrics:
             "cachemesh_router_open_calls_settled",
             "Model calls left without their FINAL (a killed router) billed from the journal",
         )()
+        self._outbox_dropped = m.counter(
+            "cachemesh_router_outbox_dropped",
+            "Billing-outbox entries prefix-cache refused for good (their bills never made)",
+        )()
         self._settles_lost = m.counter(
             "cachemesh_router_limits_settles_lost",
             "Settles of the limits' store dropped before it answered (costs never counted)",
@@ -279,6 +286,9 @@ class RouterMetrics:
 
     def open_calls_settled(self, count: int) -> None:
         self._open_calls_settled.inc(count)
+
+    def outbox_dropped(self, count: int) -> None:
+        self._outbox_dropped.inc(count)
 
     def settles_lost(self, count: int) -> None:
         self._settles_lost.inc(count)

@@ -177,11 +177,13 @@ class BillingOutbox:
         tracer: trace.Tracer | None = None,
         max_memory_bytes: int | None = None,
         open_calls_settled: Callable[[int], None] | None = None,
+        dropped: Callable[[int], None] | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
         commits wait on disk and are not bounded by it. ``open_calls_settled``: told how many
-        open calls a replay round billed (a killed router's, the metric)."""
+        open calls a replay round billed (a killed router's, the metric); ``dropped``: how
+        many entries prefix-cache refused for good (their bills lost, the metric)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -190,6 +192,7 @@ class BillingOutbox:
         self._retry_s = retry_s
         self._lock = asyncio.Lock()  # one flush at a time
         self._open_calls_settled = open_calls_settled
+        self._dropped = dropped
         self._live: set[str] = set()  # the open calls of this process's model calls running
         self._entries: _InMemory | _OnDisk
         if journal is not None:
@@ -322,9 +325,11 @@ class BillingOutbox:
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
         refuses otherwise stays for the next round and the next entries are sent (one entry
-        must not hold all billing back). Returns how many entries were settled."""
+        must not hold all billing back). Returns how many entries were billed (not those
+        prefix-cache refused for good: ``dropped``)."""
         settled = 0
         open_calls = 0  # of those, open calls billed at their estimate
+        dropped = 0  # entries refused for good: done, never billed
         done_lines: list[asyncio.Future[None]] = []
         async with self._lock:
             for entry_id in await self._entries.ids():
@@ -342,8 +347,11 @@ class BillingOutbox:
                     break
                 if outcome is _Sent.KEPT:
                     continue
-                settled += 1
-                open_calls += open_call and outcome is _Sent.SETTLED
+                if outcome is _Sent.DROPPED:
+                    dropped += 1
+                else:
+                    settled += 1
+                    open_calls += open_call
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:
@@ -356,6 +364,8 @@ class BillingOutbox:
             )
             if self._open_calls_settled is not None:
                 self._open_calls_settled(open_calls)
+        if dropped and self._dropped is not None:
+            self._dropped(dropped)
         if settled:
             log.info("billing outbox: billed %d answers, %d pending", settled, self.pending)
             self._say_if_full()

@@ -244,9 +244,41 @@ async def test_a_killed_routers_open_call_refused_for_good_is_dropped_uncounted(
     journal = _restarted(tmp_path / "data", tmp_path / "restarted")
     prefix = Prefix(refuse=Code.FAILED_PRECONDITION)
     again = BillingOutbox(prefix, journal, 1.0, 0.01, open_calls_settled=settled.append)
-    assert await again.flush() == 1 and again.pending == 0 and settled == []
+    assert await again.flush() == 0 and again.pending == 0 and settled == []  # none billed
     journal.close()
 
 
 def test_without_a_journal_nothing_is_opened() -> None:
     assert BillingOutbox(Prefix(), None, 1.0, 0.01).open(_open_commits("a#1")) is None
+
+
+async def test_an_open_call_whose_plan_prefix_cache_lost_is_counted_dropped_not_billed(
+    tmp_path: Path,
+) -> None:
+    """A killed router's open call names its WARM by the Plan's id: a prefix-cache that lost
+    the Plan (restarted with its state in memory) refuses it for good, and the call cannot be
+    billed. The replay says so: dropped, not settled, and no open call counted billed."""
+    journal = Journal(tmp_path)
+    journal.load()
+    warm = pc.CommitRequest(
+        tenant="tenant-a", request_id="r#1", model="sim-large", phase=pc.COMMIT_PHASE_WARM,
+        plan_id="p-gone", replica="large-1",
+    )  # fmt: skip
+    final = pc.CommitRequest(
+        tenant="tenant-a", request_id="r#1", model="sim-large", phase=pc.COMMIT_PHASE_FINAL,
+    )  # fmt: skip
+    journal.add("r", [warm, final], None, open_call=True)
+    journal.sync()
+
+    class PlanGone(FakePrefix):
+        async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+            raise CallFailed(Code.FAILED_PRECONDITION, "plan_id 'p-gone' is not held")
+
+    settled: list[int] = []
+    dropped: list[int] = []
+    outbox = BillingOutbox(
+        PlanGone(), journal, 1.0, 0.01, open_calls_settled=settled.append, dropped=dropped.append
+    )
+    assert await outbox.flush() == 0
+    assert (settled, dropped, outbox.pending) == ([], [1], 0)
+    journal.close()

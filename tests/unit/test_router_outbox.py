@@ -83,10 +83,11 @@ async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
 
 async def test_a_final_refusal_is_dropped_not_retried_forever(tmp_path: Path) -> None:
     prefix = FakePrefix()
-    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
+    dropped: list[int] = []
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01, dropped=dropped.append)
     await outbox.keep(_commits("a#1"))
     prefix.down, prefix.refuse = False, Code.INVALID_ARGUMENT
-    assert await outbox.flush() == 1 and outbox.pending == 0
+    assert await outbox.flush() == 0 and outbox.pending == 0 and dropped == [1]  # not billed
 
 
 @pytest.mark.parametrize(
