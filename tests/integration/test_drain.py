@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -63,52 +64,72 @@ def _restarted(stack: Stack, run_dir: Path, router: int) -> None:
         time.sleep(0.1)
 
 
-def test_router_sigterm_bills_every_call_it_cut(slow_stack: tuple[Stack, Path]) -> None:
-    stack, run_dir = slow_stack
+@dataclass
+class Cut:
+    """What ``_streams_cut`` saw: each stream's deltas and how it ended."""
+
+    deltas: list[int]
+    outcomes: list[str]
+
+
+def _streams_cut(
+    stack: Stack, run_dir: Path, what: str, deltas_first: int, sig: signal.Signals,
+    after_s: float = 0.0,
+) -> Cut:  # fmt: skip
+    """``STREAMS`` answers streamed at once; once each has had ``deltas_first`` deltas (and
+    ``after_s`` more), the router gets ``sig``; returns once every stream has ended."""
     keys = read_env_file(run_dir / "demo-keys.env")
-    token = (run_dir / "internal-token").read_text().strip()
-    before = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
     streaming = threading.Barrier(STREAMS + 1, timeout=60)
-    deltas = [0] * STREAMS
-    outcomes: list[str] = [""] * STREAMS
+    cut = Cut([0] * STREAMS, [""] * STREAMS)
 
     def stream(i: int) -> None:
-        question = f"drain {i} {uuid.uuid4().hex}: explain the tides in depth"
+        question = f"{what} {i} {uuid.uuid4().hex}: explain the tides in depth"
         request = build_request(question, model="sim-large", max_tokens=2048)
         request.cache.namespace = uuid.uuid4().hex  # no L1 hit, no shared model call
-        first = True
+        waited = False
         with Client(stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1) as c:
             try:
                 for chunk in c.stream(request):
                     if chunk.WhichOneof("part") == "delta":
-                        deltas[i] += 1
-                        if first:
-                            first = False
+                        cut.deltas[i] += 1
+                        if cut.deltas[i] == deltas_first:
+                            waited = True
                             streaming.wait()
-                outcomes[i] = "whole"
+                cut.outcomes[i] = "whole"
             except CachemeshError as error:
-                outcomes[i] = error.code.name
-        if first:
+                cut.outcomes[i] = error.code.name
+        if not waited:
             streaming.abort()
 
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(STREAMS)]
     for thread in threads:
         thread.start()
-    streaming.wait()  # every stream is mid-answer
+    try:
+        streaming.wait()  # every stream is mid-answer
+    except threading.BrokenBarrierError:
+        raise AssertionError(f"not every answer lasted its deltas: {cut}") from None
+    time.sleep(after_s)
     router = _pid(stack, "router")
     assert router is not None
-    os.kill(router, signal.SIGTERM)
+    os.kill(router, sig)
     for thread in threads:
         thread.join(timeout=60)
-    assert "whole" not in outcomes, outcomes  # the premise: the grace cut every answer
-
-    # the supervisor starts the router again, which replays its journal if the drain left one
+    assert "whole" not in cut.outcomes, cut  # the premise: the signal cut every answer
     _restarted(stack, run_dir, router)
+    return cut
+
+
+def test_router_sigterm_bills_every_call_it_cut(slow_stack: tuple[Stack, Path]) -> None:
+    stack, run_dir = slow_stack
+    token = (run_dir / "internal-token").read_text().strip()
+    before = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
+    # the supervisor starts the router again, which replays its journal if the drain left one
+    cut = _streams_cut(stack, run_dir, "drain", 1, signal.SIGTERM)
     after = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
     billed = after.requests - before.requests
-    assert billed == STREAMS, f"{STREAMS} calls cut, {billed} billed ({outcomes}, {deltas})"
+    assert billed == STREAMS, f"{STREAMS} calls cut, {billed} billed ({cut})"
     # each delta carried at least one token, each billed with the prompt
-    assert after.usage.output_tokens - before.usage.output_tokens >= sum(deltas)
+    assert after.usage.output_tokens - before.usage.output_tokens >= sum(cut.deltas)
     assert after.usage.input_tokens > before.usage.input_tokens
 
 
@@ -131,52 +152,15 @@ def test_router_sigkill_bills_every_call_it_had_in_flight(
     slower_stack: tuple[Stack, Path],
 ) -> None:
     stack, run_dir = slower_stack
-    keys = read_env_file(run_dir / "demo-keys.env")
     token = (run_dir / "internal-token").read_text().strip()
     before = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
-    streaming = threading.Barrier(STREAMS + 1, timeout=60)
-    deltas = [0] * STREAMS
-    outcomes: list[str] = [""] * STREAMS
-
-    def stream(i: int) -> None:
-        question = f"kill {i} {uuid.uuid4().hex}: explain the tides in depth"
-        request = build_request(question, model="sim-large", max_tokens=2048)
-        request.cache.namespace = uuid.uuid4().hex  # no L1 hit, no shared model call
-        waited = False
-        with Client(stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1) as c:
-            try:
-                for chunk in c.stream(request):
-                    if chunk.WhichOneof("part") == "delta":
-                        deltas[i] += 1
-                        if deltas[i] == KILLED_AFTER_DELTAS:
-                            waited = True
-                            streaming.wait()
-                outcomes[i] = "whole"
-            except CachemeshError as error:
-                outcomes[i] = error.code.name
-        if not waited:
-            streaming.abort()
-
-    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(STREAMS)]
-    for thread in threads:
-        thread.start()
-    try:
-        streaming.wait()  # every stream is well into its answer
-    except threading.BrokenBarrierError:
-        raise AssertionError(f"not every answer lasted its deltas: {outcomes}, {deltas}") from None
-    # the open calls journal their output once a second: let each count it once before the kill
-    time.sleep(UPDATE_EVERY_S + 0.5)
-    router = _pid(stack, "router")
-    assert router is not None
-    os.kill(router, signal.SIGKILL)
-    for thread in threads:
-        thread.join(timeout=60)
-    assert "whole" not in outcomes, outcomes  # the premise: the kill cut every answer
-
-    _restarted(stack, run_dir, router)
+    # the open calls journal their output once a second: each counts it once before the kill
+    cut = _streams_cut(
+        stack, run_dir, "kill", KILLED_AFTER_DELTAS, signal.SIGKILL, UPDATE_EVERY_S + 0.5
+    )
     after = prefix_totals(stack.addresses["prefix-cache"], token, TENANT)
     billed = after.requests - before.requests
-    assert billed == STREAMS, f"{STREAMS} calls killed, {billed} billed ({outcomes}, {deltas})"
+    assert billed == STREAMS, f"{STREAMS} calls killed, {billed} billed ({cut})"
     assert after.usage.input_tokens > before.usage.input_tokens
     assert after.cost_nanos > before.cost_nanos
     # the output journalled before the kill: at least the first 2 chunks of each answer, a
