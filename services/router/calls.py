@@ -132,7 +132,8 @@ def warm_commit(
     kv_cached_unreported: bool,
 ) -> prefix_cache_pb2.CommitRequest:
     """A call's WARM commit as ``Calls.commit_warm`` first sends it: by its ``plan_id``,
-    without the request."""
+    without the request (``kv_cached_unreported``: the replica could not tell its KV reuse at
+    its first token, a provider adapter, so ``kv_cached_tokens`` is no report)."""
     commit = prefix_cache_pb2.CommitRequest(
         tenant=tenant,
         request_id=commit_id,
@@ -352,41 +353,27 @@ class Calls:
 
     async def commit_warm(
         self,
-        tenant: str,
+        warm: prefix_cache_pb2.CommitRequest,
         request: pb.CompleteRequest,
-        commit_id: str,
-        model: str,
-        replica: str,
-        kv_cached_tokens: int,
-        max_read_tokens: int | None,
-        plan_id: str = "",
-        kv_cached_unreported: bool = False,
         window: PrefixWindow | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
-        """WARM; with the ``plan_id`` of this request's Plan the request is not sent again
-        (prefix-cache reuses the prompt it computed), unless that process no longer holds it.
-        ``kv_cached_unreported``: the replica could not tell its KV reuse at its first token
-        (a provider adapter), so ``kv_cached_tokens`` is no report."""
-        commit = warm_commit(
-            tenant,
-            commit_id,
-            model,
-            replica,
-            kv_cached_tokens,
-            max_read_tokens,
-            plan_id,
-            kv_cached_unreported,
-        )
-        if plan_id:
+        """``warm`` (``warm_commit``'s); with the ``plan_id`` of this request's Plan the request
+        is not sent again (prefix-cache reuses the prompt it computed), unless that process no
+        longer holds it: then ``request`` goes with it."""
+        commit = warm
+        if warm.plan_id:
             try:
                 return await self._prefix(
-                    lambda deadline_s: self._d.prefix.commit(commit, deadline_s), window
+                    lambda deadline_s: self._d.prefix.commit(warm, deadline_s), window
                 )
             except CallFailed as exc:
                 if exc.code != Code.FAILED_PRECONDITION:
                     self._degraded("prefix-cache", exc)
                     return None
-                # the plan is gone (expired, or another prefix-cache process made it)
+                # the plan is gone (expired, or another prefix-cache process made it): a copy,
+                # the caller's WARM stays as it was sent (an open call journals it)
+                commit = prefix_cache_pb2.CommitRequest()
+                commit.CopyFrom(warm)
         commit.request.CopyFrom(request)
         return await self._commit(commit, window)
 

@@ -320,9 +320,21 @@ class Pipeline:
         # router killed before its FINAL has it billed at its next start.
         tokenizer = self._tokenizers.for_spec(attempt.model)
         open_call = OpenCall(self._outbox, tokenizer.count, self._clock)
-        written = self._open(tenant, request, attempt, baseline, open_call)
+        first_warm = warm_commit(
+            tenant,
+            attempt.commit_key(request.request_id),
+            attempt.model.id,
+            attempt.replica,
+            attempt.start.kv_cached_tokens,
+            attempt.planned_read,
+            attempt.plan_id,
+            attempt.start.kv_cached_unreported,
+        )
+        written = self._open(tenant, request, attempt, baseline, first_warm, open_call)
         warm_call: asyncio.Future[CommitReply] = asyncio.ensure_future(
-            self._warm_once_written(tenant, request, attempt, open_call, written, window)
+            self._warm_once_written(
+                tenant, request, attempt, first_warm, open_call, written, window
+            )
         )
         answer = Answer()
         finished = False
@@ -771,52 +783,32 @@ class Pipeline:
         request: pb.CompleteRequest,
         attempt: Attempt,
         baseline: ModelSpec,
+        warm: prefix_cache_pb2.CommitRequest,
         open_call: OpenCall,
     ) -> asyncio.Future[None]:
-        """Journals the call's open call: its WARM as it will be sent and its FINAL. The
+        """Journals the call's open call: its ``warm`` as it will be sent and its FINAL. The
         future is set once the line is in the journal's file."""
-        key = attempt.commit_key(request.request_id)
-        warm = None
-        if attempt.plan_id:  # without a Plan the WARM carries the request: the FINAL alone
-            warm = warm_commit(
-                tenant,
-                key,
-                attempt.model.id,
-                attempt.replica,
-                attempt.start.kv_cached_tokens,
-                attempt.planned_read,
-                attempt.plan_id,
-                attempt.start.kv_cached_unreported,
-            )
-        return open_call.open(warm, _final(tenant, request, attempt, 0, baseline.id, None))
+        # without a Plan the WARM carries the request: the FINAL alone
+        journalled = warm if warm.plan_id else None
+        return open_call.open(journalled, _final(tenant, request, attempt, 0, baseline.id, None))
 
     async def _warm_once_written(
         self,
         tenant: str,
         request: pb.CompleteRequest,
         attempt: Attempt,
+        warm: prefix_cache_pb2.CommitRequest,
         open_call: OpenCall,
         written: asyncio.Future[None],
         window: PrefixWindow,
     ) -> CommitReply:
-        """The call's WARM commit once its open call is in the journal's file (not fsynced:
+        """The call's ``warm`` commit once its open call is in the journal's file (not fsynced:
         it survives this process being killed, which a WARM must not outlive unjournalled);
         when prefix-cache does not acknowledge it, the open call carries it as a replay sends
         it, with the request."""
         with contextlib.suppress(Exception):  # a failed write is logged; the call goes on
             await written
-        reply = await self._calls.commit_warm(
-            tenant,
-            request,
-            attempt.commit_key(request.request_id),
-            attempt.model.id,
-            attempt.replica,
-            attempt.start.kv_cached_tokens,
-            attempt.planned_read,
-            attempt.plan_id,
-            attempt.start.kv_cached_unreported,
-            window,
-        )
+        reply = await self._calls.commit_warm(warm, request, window)
         if reply is None:
             open_call.warm_lost(_replay_warm(tenant, request, attempt))
         return reply

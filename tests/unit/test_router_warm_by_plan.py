@@ -9,7 +9,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import Env
 from services.common.errors import Code
 from services.common.models import model_table_from_env
-from services.router.calls import Calls
+from services.router.calls import Calls, warm_commit
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings
 
@@ -53,9 +53,8 @@ REQUEST = pb.CompleteRequest(
 
 
 async def _warm(stub: ScriptedCommit, plan_id: str) -> pc.CommitResponse | None:
-    return await calls(stub).commit_warm(
-        "tenant-a", REQUEST, "r#1", "sim-large", "replica-1", 16, 2048, plan_id
-    )
+    warm = warm_commit("tenant-a", "r#1", "sim-large", "replica-1", 16, 2048, plan_id, False)
+    return await calls(stub).commit_warm(warm, REQUEST)
 
 
 async def test_a_held_plan_is_committed_without_the_request() -> None:
