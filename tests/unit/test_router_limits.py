@@ -713,10 +713,10 @@ class AnsweredTooLate(RedisLimitStore):
             raise TimeoutError("no answer in time")
 
 
-@pytest.mark.parametrize("replayed_after_ms", [0, AMBIGUOUS_REPLAY_MS])
-async def test_a_settle_replayed_after_an_ambiguous_timeout_counts_once(
-    redis_url: str, replayed_after_ms: int
-) -> None:
+async def _settled_too_late(redis_url: str) -> tuple[Redis, Limiter, ManualClock, list[int]]:
+    """A limiter on Redis whose one settle (1,000 nanos against a day budget) timed out after
+    Redis ran it: the settle is pending, ambiguous. Returns the client, the limiter, its clock
+    and the list its lost settles are counted in."""
     client = Redis.from_url(redis_url)
     await client.flushdb()
     lost: list[int] = []
@@ -731,6 +731,14 @@ async def test_a_settle_replayed_after_an_ambiguous_timeout_counts_once(
     ticket = await _admitted(limiter)
     limiter.settle(ticket, _answer(10, 10, cost_nanos=1_000))
     await limiter.drain()
+    return client, limiter, clock, lost
+
+
+@pytest.mark.parametrize("replayed_after_ms", [0, AMBIGUOUS_REPLAY_MS])
+async def test_a_settle_replayed_after_an_ambiguous_timeout_counts_once(
+    redis_url: str, replayed_after_ms: int
+) -> None:
+    client, limiter, clock, lost = await _settled_too_late(redis_url)
     clock.advance(ms=replayed_after_ms)
     await limiter.replay_pending()
     assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000
@@ -744,20 +752,7 @@ async def test_an_ambiguous_settle_is_given_up_once_its_marker_may_have_lapsed(
     """A settle whose try timed out after Redis ran it is replayed only while its marker is
     surely kept: past that, a replay could count it twice, so it is dropped and counted lost
     (what the try counted stays counted)."""
-    client = Redis.from_url(redis_url)
-    await client.flushdb()
-    lost: list[int] = []
-    clock = ManualClock(START_MS)
-    limiter = Limiter(
-        AnsweredTooLate(client, server_time=False),
-        UniformPolicies(LimitPolicy(day_budget_nanos=100 * NANOS)),
-        clock,
-        _count,
-        lost=lost.append,
-    )
-    ticket = await _admitted(limiter)
-    limiter.settle(ticket, _answer(10, 10, cost_nanos=1_000))
-    await limiter.drain()
+    client, limiter, clock, lost = await _settled_too_late(redis_url)
     clock.advance(ms=AMBIGUOUS_REPLAY_MS + 1)
     await limiter.replay_pending()
     assert limiter.pending == 0 and lost == [1]
