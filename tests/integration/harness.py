@@ -58,6 +58,11 @@ class RunningStack:
         return prefix_totals(self.addresses["prefix-cache"], self.internal_token, tenant)
 
 
+def pid_of(stack: Stack, service: str) -> int | None:
+    """The pid of ``service``'s running process (None: not running)."""
+    return {r.service.name: r.pid for r in stack.running()}.get(service)
+
+
 def prefix_totals(
     address: str, internal_token: str, tenant: str
 ) -> prefix_cache_pb2.TotalsResponse:

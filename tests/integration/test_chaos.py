@@ -43,7 +43,7 @@ from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.redis_process import REDIS
 from services.tools.stack.service_table import SERVICES
-from tests.integration.harness import prefix_totals, started_stack
+from tests.integration.harness import pid_of, prefix_totals, started_stack
 
 pytestmark = pytest.mark.integration
 
@@ -129,10 +129,6 @@ def _l1_writer(address: str, token: str, acked: list[int], stop: threading.Event
             time.sleep(0.2)
 
 
-def _pid(stack: Stack, name: str) -> int | None:
-    return {r.service.name: r.pid for r in stack.running()}.get(name)
-
-
 def _wait_back(stack: Stack, name: str, old_pid: int, timeout_s: float = 60.0) -> float:
     """Seconds from the kill until a new process of ``name`` is SERVING."""
     protocol = (
@@ -141,7 +137,7 @@ def _wait_back(stack: Stack, name: str, old_pid: int, timeout_s: float = 60.0) -
     address = stack.addresses[name]
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
-        pid = _pid(stack, name)
+        pid = pid_of(stack, name)
         if pid is not None and pid != old_pid and probe_as(protocol, address, 0.5) == SERVING:
             return time.monotonic() - start
         time.sleep(0.05)
@@ -195,7 +191,7 @@ def test_every_process_killed_in_turn_under_load(tmp_path: Path) -> None:
                 cycle_began = time.monotonic()
                 before = _cost(stack, token) if name in ("prefix-cache", "redis") else None
                 acked_before = list(acked) if name == "semantic-cache" else []
-                pid = _pid(stack, name)
+                pid = pid_of(stack, name)
                 assert pid is not None, f"{name} is not running"
                 os.kill(pid, signal.SIGKILL)
                 recovery[name] = _wait_back(stack, name, pid)

@@ -31,7 +31,7 @@ from cachemesh.envfile import read_env_file
 from services.router.open_calls import UPDATE_EVERY_S
 from services.tools.stack.health import SERVING, probe
 from services.tools.stack.lifecycle import Stack
-from tests.integration.harness import prefix_totals, started_stack
+from tests.integration.harness import pid_of, prefix_totals, started_stack
 
 pytestmark = pytest.mark.integration
 
@@ -48,15 +48,11 @@ def slow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack
         yield stack, run_dir
 
 
-def _pid(stack: Stack, name: str) -> int | None:
-    return {r.service.name: r.pid for r in stack.running()}.get(name)
-
-
 def _restarted(stack: Stack, run_dir: Path, router: int) -> None:
     """Waits until the supervisor has started the router again and its journal is empty (its
     billing outbox replayed at start)."""
     deadline = time.monotonic() + 60
-    while _pid(stack, "router") in (None, router) or probe(stack.router_address) != SERVING:
+    while pid_of(stack, "router") in (None, router) or probe(stack.router_address) != SERVING:
         assert time.monotonic() < deadline, "the router did not come back"
         time.sleep(0.1)
     outbox = run_dir / "data" / "router" / "billing-outbox.jsonl"
@@ -109,7 +105,7 @@ def _streams_cut(
     except threading.BrokenBarrierError:
         raise AssertionError(f"not every answer lasted its deltas: {cut}") from None
     time.sleep(after_s)
-    router = _pid(stack, "router")
+    router = pid_of(stack, "router")
     assert router is not None
     os.kill(router, sig)
     for thread in threads:

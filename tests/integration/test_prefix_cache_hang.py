@@ -18,7 +18,7 @@ import pytest
 from cachemesh import CachemeshError, Client, build_request
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
-from tests.integration.harness import prefix_totals, started_stack
+from tests.integration.harness import pid_of, prefix_totals, started_stack
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_a_hung_prefix_cache_degrades_requests_within_the_clients_deadline(
     with started_stack(run_dir, {"OTEL_TRACES_EXPORTER": "none"}) as (stack, _sink):
         keys = read_env_file(run_dir / "demo-keys.env")
         token = (run_dir / "internal-token").read_text().strip()
-        pid = {r.service.name: r.pid for r in stack.running()}.get("prefix-cache")
+        pid = pid_of(stack, "prefix-cache")
         assert pid is not None, "prefix-cache is not running"
         address = stack.addresses["prefix-cache"]
         tag = uuid.uuid4().hex[:8]

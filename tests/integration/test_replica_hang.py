@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cachemesh import CachemeshError, Client, build_request
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
-from tests.integration.harness import prefix_totals, started_stack
+from tests.integration.harness import pid_of, prefix_totals, started_stack
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_a_hung_replicas_requests_are_handed_over_within_the_clients_deadline(
     with started_stack(run_dir, {"OTEL_TRACES_EXPORTER": "none"}) as (stack, _sink):
         keys = read_env_file(run_dir / "demo-keys.env")
         token = (run_dir / "internal-token").read_text().strip()
-        pid = {r.service.name: r.pid for r in stack.running()}.get("model-2")
+        pid = pid_of(stack, "model-2")
         assert pid is not None, "model-2 is not running"
         tag = uuid.uuid4().hex[:8]
         client = Client(
@@ -118,7 +118,7 @@ def test_a_replica_hung_mid_answer_hands_its_complete_calls_to_the_other_replica
     with started_stack(run_dir, extra) as (stack, _sink):
         keys = read_env_file(run_dir / "demo-keys.env")
         token = (run_dir / "internal-token").read_text().strip()
-        pid = {r.service.name: r.pid for r in stack.running()}.get("model-2")
+        pid = pid_of(stack, "model-2")
         assert pid is not None, "model-2 is not running"
         metrics = stack.metrics_addresses["model-2"]
         tag = uuid.uuid4().hex[:8]
