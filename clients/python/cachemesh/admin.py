@@ -11,7 +11,9 @@ A refusal raises ``CachemeshError`` (``AuthenticationError`` for a wrong admin t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -24,6 +26,18 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc
 
 T = TypeVar("T")
+
+
+def read_admin_token(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The admin token: the file ``path`` names (``CACHEMESH_ADMIN_TOKEN_FILE``), else
+    ``CACHEMESH_ADMIN_TOKEN``; None when neither gives one. A file that cannot be read is a
+    ValueError naming it."""
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as exc:
+            raise ValueError(f"cannot read the admin token file {path} ({exc.strerror})") from None
+    return environ.get("CACHEMESH_ADMIN_TOKEN", "").strip() or None
 
 
 class AdminClient:

@@ -13,7 +13,6 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -21,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cachemesh._errors import CachemeshError
 from cachemesh._tls import Tls
-from cachemesh.admin import AdminClient
+from cachemesh.admin import AdminClient, read_admin_token
 from cachemesh.v1 import admin_pb2 as adm
 
 NANOS_PER_DOLLAR = 1_000_000_000
@@ -73,14 +72,7 @@ def add_parser(commands: Any) -> None:
 
 
 def admin_token(args: argparse.Namespace) -> str:
-    if args.admin_token_file:
-        try:
-            return Path(args.admin_token_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(
-                f"cannot read the admin token file {args.admin_token_file} ({exc.strerror})"
-            ) from None
-    token = os.environ.get("CACHEMESH_ADMIN_TOKEN", "").strip()
+    token = read_admin_token(args.admin_token_file)
     if not token:
         raise ValueError(
             "no admin token: set CACHEMESH_ADMIN_TOKEN_FILE (`source .run/demo-keys.env` does, "

@@ -15,11 +15,10 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cachemesh._errors import CachemeshError
-from cachemesh.admin import AdminClient
+from cachemesh.admin import AdminClient, read_admin_token
 from cachemesh.loadtest.samples import Sample
 
 POLL_S = 0.25  # between two reads of the totals
@@ -43,17 +42,7 @@ def admin_token(environ: Mapping[str, str] = os.environ) -> str | None:
     """The admin token, as ``cachemesh admin`` reads it (``CACHEMESH_ADMIN_TOKEN_FILE``, which
     ``source .run/demo-keys.env`` sets, else ``CACHEMESH_ADMIN_TOKEN``); None: not given. A
     file that cannot be read is a ValueError (before the run)."""
-    path = environ.get("CACHEMESH_ADMIN_TOKEN_FILE", "").strip()
-    if path:
-        try:
-            token = Path(path).read_text().strip()
-        except OSError as exc:
-            raise ValueError(
-                f"cannot read the admin token file {path} (CACHEMESH_ADMIN_TOKEN_FILE: "
-                f"{exc.strerror})"
-            ) from None
-        return token or None
-    return environ.get("CACHEMESH_ADMIN_TOKEN", "").strip() or None
+    return read_admin_token(environ.get("CACHEMESH_ADMIN_TOKEN_FILE", "").strip(), environ)
 
 
 class StackTotals:
