@@ -60,18 +60,30 @@ def test_the_table_row_is_self_hosted_with_the_prices_used_here() -> None:
     )
 
 
-async def test_a_self_hosted_model_billed_end_to_end(
-    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
-) -> None:
-    core = PrefixCacheCore(
+def _core(
+    tokenizer: Tokenizer,
+    warm_store: WarmStore,
+    make_ledger: LedgerFactory,
+    views: ReplicaViews,
+    metrics: PrefixCacheMetrics | None = None,
+) -> PrefixCacheCore:
+    """The core these tests bill through: records kept an hour, a look-back of 20 blocks."""
+    return PrefixCacheCore(
         table=TABLE,
         tokenizer=TokenizerSlot(tokenizer),
         cache=warm_store,
-        views=ReplicaViews(65536),
+        views=views,
         ledger=make_ledger(3_600_000),
         clock=ManualClock(),
         lookback=20,
+        metrics=metrics,
     )
+
+
+async def test_a_self_hosted_model_billed_end_to_end(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    core = _core(tokenizer, warm_store, make_ledger, ReplicaViews(65536))
     first, second = ask("Where is order 1?"), ask("Where is order 2?")
     ids1 = prompt_token_ids(canonical_blocks(first, tokenizer))
     ids2 = prompt_token_ids(canonical_blocks(second, tokenizer))
@@ -119,15 +131,7 @@ async def test_a_self_hosted_model_billed_end_to_end(
 async def test_a_self_hosted_report_beyond_the_prompt_is_refused_and_records_nothing(
     tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
 ) -> None:
-    core = PrefixCacheCore(
-        table=TABLE,
-        tokenizer=TokenizerSlot(tokenizer),
-        cache=warm_store,
-        views=ReplicaViews(65536),
-        ledger=make_ledger(3_600_000),
-        clock=ManualClock(),
-        lookback=20,
-    )
+    core = _core(tokenizer, warm_store, make_ledger, ReplicaViews(65536))
     request = ask("Where is order 3?")
     prompt = len(prompt_token_ids(canonical_blocks(request, tokenizer)))
     with pytest.raises(BadRequest, match="kv_cached_tokens"):  # the last token is computed
@@ -145,15 +149,7 @@ async def test_an_adapter_replicas_read_is_estimated_from_the_view_and_reconcile
     chosen replica holds (not 0), and the engine's ``cached_tokens`` reconciles it at FINAL
     (its prompt count; its read up to the view's prediction)."""
     views = ReplicaViews(65536)
-    core = PrefixCacheCore(
-        table=TABLE,
-        tokenizer=TokenizerSlot(tokenizer),
-        cache=warm_store,
-        views=views,
-        ledger=make_ledger(3_600_000),
-        clock=ManualClock(),
-        lookback=20,
-    )
+    core = _core(tokenizer, warm_store, make_ledger, views)
     first, second = ask("Where is order 1?"), ask("Where is order 2?")
     ids1 = prompt_token_ids(canonical_blocks(first, tokenizer))
     ids2 = prompt_token_ids(canonical_blocks(second, tokenizer))
@@ -204,16 +200,7 @@ async def test_a_tenant_is_billed_only_the_kv_reuse_its_own_traffic_left(
     the reuse left unbilled is counted by model, naming no tenant."""
     views = ReplicaViews(65536)
     registry = new_registry()
-    core = PrefixCacheCore(
-        table=TABLE,
-        tokenizer=TokenizerSlot(tokenizer),
-        cache=warm_store,
-        views=views,
-        ledger=make_ledger(3_600_000),
-        clock=ManualClock(),
-        lookback=20,
-        metrics=PrefixCacheMetrics(registry),
-    )
+    core = _core(tokenizer, warm_store, make_ledger, views, PrefixCacheMetrics(registry))
     memo = ask("Summarise the memo in one word.")
     prompt = len(prompt_token_ids(canonical_blocks(memo, tokenizer)))
     reusable = (prompt - 1) // 16 * 16
