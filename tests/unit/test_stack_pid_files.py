@@ -89,3 +89,43 @@ def test_down_stops_the_process_its_pid_file_names(
     assert [r.pid for r in stack.running()] == [other_redis.pid]
     assert stack.stop(grace_s=5.0) == ["redis"]
     assert other_redis.wait(10) != 0
+
+
+def test_reading_the_pid_files_leaves_a_stale_one_to_the_supervisor(tmp_path: Path) -> None:
+    """``running`` (``status``, a test's ``pid_of``) only reads: the supervisor writes a
+    restarted process's pid over its dead one's at any moment, and a reader that removed the
+    file it had just judged stale now and then removed the new one (the chaos test then never
+    saw prefix-cache back)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = _redis_pid_file(tmp_path / "run")
+    path.write_text(f"{dead.pid} 1\n")
+    stack = Stack(ROOT, tmp_path / "run", out=io.StringIO())
+    assert stack.running() == []
+    assert path.read_text() == f"{dead.pid} 1\n"
+
+
+def test_an_older_pid_file_is_named_once_however_often_it_is_read(
+    tmp_path: Path, other_redis: subprocess.Popen[bytes]
+) -> None:
+    path = _redis_pid_file(tmp_path / "run")
+    path.write_text(f"{other_redis.pid}\n")  # no start time: written by an older runner
+    out = io.StringIO()
+    stack = Stack(ROOT, tmp_path / "run", out=out)
+    assert stack.running() == [] and stack.running() == []
+    assert out.getvalue().count(f"records pid {other_redis.pid} without its start time") == 1
+
+
+def test_a_pid_file_is_replaced_whole_never_rewritten_in_place(
+    tmp_path: Path, other_redis: subprocess.Popen[bytes]
+) -> None:
+    """A reader holding the old file reads it whole: the new one is another file put in its
+    place (a reader of a file rewritten in place could find it empty, and take the process
+    for stopped)."""
+    path = _redis_pid_file(tmp_path / "run")
+    path.write_text("12345 678\n")
+    with path.open() as old:
+        processes.write_pid(path, other_redis.pid)
+        assert old.read() == "12345 678\n"
+    assert processes.read_pid(path) == other_redis.pid
+    assert [p.name for p in path.parent.iterdir()] == ["redis.pid"]

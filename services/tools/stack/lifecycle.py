@@ -86,6 +86,7 @@ class Stack:
         self._out = out or sys.stdout
         self._detach = detach
         self._supervisor: subprocess.Popen[bytes] | None = None
+        self._legacy_said: set[Path] = set()  # older runners' pid files already named
 
     @classmethod
     def on_free_ports(
@@ -437,8 +438,11 @@ class Stack:
         return was_running
 
     def running(self) -> list[Running]:
-        """The live processes recorded in the pid files; forgets stale pid files (a pid that
-        now names another process is never signalled nor adopted)."""
+        """The live processes recorded in the pid files (a pid that now names another process
+        is never signalled nor adopted). A stale file is left where it is: the supervisor owns
+        the files and writes a restarted process's over its dead one's at any moment, and a
+        reader that removed what it judged stale removed that new file now and then (the
+        process then ran unseen: ``status`` said it was down). ``stop`` removes them all."""
         found: list[Running] = []
         for service in [*SERVICES, REDIS]:
             path = self._pid_path(service)
@@ -446,20 +450,27 @@ class Stack:
             if pid is not None and processes.is_alive(pid, service.module):
                 found.append(Running(service=service, pid=pid))
                 continue
-            self._forget_pid_file(path, service.name, service.module)
+            self._say_if_legacy(path, service.name, service.module)
         return found
 
     def _forget_pid_file(self, path: Path, name: str, marker: str) -> None:
-        """Removes a stale pid file; says so when an older runner's file (no start time) names
-        a live process that may be this stack's, which is then neither stopped nor adopted."""
+        """Removes a stale pid file (``_say_if_legacy`` first)."""
+        self._say_if_legacy(path, name, marker)
+        path.unlink(missing_ok=True)
+
+    def _say_if_legacy(self, path: Path, name: str, marker: str) -> None:
+        """Says so when an older runner's file (no start time) names a live process that may
+        be this stack's, which is then neither stopped nor adopted (once per file)."""
         legacy = processes.legacy_pid(path)
+        if path in self._legacy_said:
+            return
         if legacy is not None and processes.is_alive(legacy, marker):
+            self._legacy_said.add(path)
             self._say(
                 f"{path} records pid {legacy} without its start time (an older runner's file): "
                 f"that pid may be another program's now, so it is neither stopped nor adopted; "
                 f"if it is this stack's {name}, stop it yourself (kill {legacy})"
             )
-        path.unlink(missing_ok=True)
 
     def status(self) -> dict[str, tuple[int | None, str]]:
         """Process name -> (pid if running, its health: ``health``)."""

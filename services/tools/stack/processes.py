@@ -96,10 +96,14 @@ def proc_stat(pid: int) -> list[str] | None:
 
 
 def write_pid(path: Path, pid: int) -> None:
-    """``<pid> <start time>`` (the pid alone where /proc does not tell the start time)."""
+    """``<pid> <start time>`` (the pid alone where /proc does not tell the start time), in
+    place of what ``path`` held at once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     started = start_time(pid)
-    path.write_text(f"{pid}\n" if started is None else f"{pid} {started}\n")
+    # whole or not at all: a reader (``status``, a test) never sees a file half written
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(f"{pid}\n" if started is None else f"{pid} {started}\n")
+    os.replace(partial, path)
 
 
 def read_pid(path: Path) -> int | None:
