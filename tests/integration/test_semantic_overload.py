@@ -39,6 +39,8 @@ TOKEN = "overload-test-internal-token-0123456789"
 AUTH = internal_metadata(TOKEN)
 MAX_BATCH = 8
 MAX_QUEUE = 16
+PENDING_CALLS = 1000  # gRPC core's grpc.server.max_pending_requests, by default
+WAVE = PENDING_CALLS // 4  # a burst's Lookups sent at once
 
 
 @dataclass(frozen=True)
@@ -197,24 +199,33 @@ async def test_one_tenants_burst_leaves_another_tenants_lookups_their_turn() -> 
     """Tenant a keeps a backlog of several seconds of embedding (its Lookups have 60 s); tenant
     b's Lookups, one at a time with the router's 2 s, are each embedded and searched in time
     (a ``best_similarity``: a search happened), not answered a miss for want of time, as when
-    they waited at the back of one queue for all tenants."""
-    with started(32, 4096) as process:
+    they waited at the back of one queue for all tenants.
+
+    a's burst is sent in waves, each once the process holds the one before: gRPC itself keeps
+    at most ``PENDING_CALLS`` calls the server has not yet taken and refuses others at random
+    (CANCELLED, whatever their tenant), which a burst of 2,000 at once overflows on a loaded
+    machine. Fairness among tenants is the process's, for the calls it holds; before, b's
+    Lookup was now and then refused there, before the process saw it."""
+    batch = 32
+    with started(batch, 4096) as process:
         channel, stub = await ready(process, ("a", "b"))
         async with channel:
-            burst = [
-                asyncio.ensure_future(
-                    stub.Lookup(
-                        sc.LookupRequest(tenant="a", request=request(question(i))),
-                        metadata=AUTH,
-                        timeout=60,
+            embedded_before = metric(
+                process.metrics_port, "cachemesh_semantic_cache_embed_batch_size_sum"
+            )
+            burst: list[asyncio.Future[sc.LookupResponse]] = []
+            for wave in range(0, 2000, WAVE):
+                burst += [
+                    asyncio.ensure_future(
+                        stub.Lookup(
+                            sc.LookupRequest(tenant="a", request=request(question(i))),
+                            metadata=AUTH,
+                            timeout=60,
+                        )
                     )
-                )
-                for i in range(2000)
-            ]
-            for _ in range(50):  # until a's backlog is there
-                if metric(process.metrics_port, "cachemesh_semantic_cache_embed_queue") >= 500:
-                    break
-                await asyncio.sleep(0.1)
+                    for i in range(wave, wave + WAVE)
+                ]
+                await held(process, embedded_before, len(burst) - batch)
             searched = []
             for k in range(5):
                 ask = request(f"tenant b asks about invoice {k} of its plan")
@@ -228,3 +239,17 @@ async def test_one_tenants_burst_leaves_another_tenants_lookups_their_turn() -> 
             await asyncio.gather(*burst, return_exceptions=True)
         assert backlog >= 200  # a's burst was still queued while b asked
         assert searched == [True] * 5
+
+
+async def held(process: Process, embedded_before: float, sent: int) -> None:
+    """Until the process holds ``sent`` Lookups of the burst (each queued for its embedding
+    or embedded already; a batch being embedded is neither), for at most 60 s."""
+    for _ in range(600):
+        embedded = (
+            metric(process.metrics_port, "cachemesh_semantic_cache_embed_batch_size_sum")
+            - embedded_before
+        )
+        if metric(process.metrics_port, "cachemesh_semantic_cache_embed_queue") + embedded >= sent:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the process did not take {sent} Lookups within 60 s")
