@@ -356,10 +356,14 @@ class Calls:
         warm: prefix_cache_pb2.CommitRequest,
         request: pb.CompleteRequest,
         window: PrefixWindow | None = None,
+        planned_at_ms: int | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """``warm`` (``warm_commit``'s); with the ``plan_id`` of this request's Plan the request
         is not sent again (prefix-cache reuses the prompt it computed), unless that process no
-        longer holds it: then ``request`` goes with it."""
+        longer holds it (a restart, or another process made it): then ``request`` goes with
+        it, and ``planned_at_ms`` (the Plan's time, with the Plan's read): prefix-cache
+        settles the WARM as of the request's arrival, as the provider read it, not against a
+        warm state a restart may have lost since (a read billed as a write)."""
         commit = warm
         if warm.plan_id:
             try:
@@ -374,6 +378,8 @@ class Calls:
                 # the caller's WARM stays as it was sent (an open call journals it)
                 commit = prefix_cache_pb2.CommitRequest()
                 commit.CopyFrom(warm)
+                if planned_at_ms is not None and commit.HasField("max_read_tokens"):
+                    commit.planned_at_ms = planned_at_ms
         commit.request.CopyFrom(request)
         return await self._commit(commit, window)
 

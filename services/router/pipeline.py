@@ -808,7 +808,7 @@ class Pipeline:
         it, with the request."""
         with contextlib.suppress(Exception):  # a failed write is logged; the call goes on
             await written
-        reply = await self._calls.commit_warm(warm, request, window)
+        reply = await self._calls.commit_warm(warm, request, window, attempt.planned_at_ms)
         if reply is None:
             open_call.warm_lost(_replay_warm(tenant, request, attempt))
         return reply

@@ -52,9 +52,12 @@ REQUEST = pb.CompleteRequest(
 )
 
 
+ARRIVED_MS = 1_796_000_000_000
+
+
 async def _warm(stub: ScriptedCommit, plan_id: str) -> pc.CommitResponse | None:
     warm = warm_commit("tenant-a", "r#1", "sim-large", "replica-1", 16, 2048, plan_id, False)
-    return await calls(stub).commit_warm(warm, REQUEST)
+    return await calls(stub).commit_warm(warm, REQUEST, planned_at_ms=ARRIVED_MS)
 
 
 async def test_a_held_plan_is_committed_without_the_request() -> None:
@@ -69,8 +72,11 @@ async def test_a_gone_plan_is_committed_again_with_the_request() -> None:
     stub = ScriptedCommit(Code.FAILED_PRECONDITION, WARM)
     assert await _warm(stub, "p1") == WARM
     first, second = stub.sent
-    assert not first.HasField("request")
+    assert not first.HasField("request") and not first.HasField("planned_at_ms")
     assert second.request == REQUEST and second.request_id == "r#1"
+    # settled as on arrival with the Plan's read (a restarted prefix-cache lost the warm
+    # state the live judgement would read: before, the read was billed as a write)
+    assert (second.max_read_tokens, second.planned_at_ms) == (2048, ARRIVED_MS)
 
 
 async def test_without_a_plan_the_request_is_sent() -> None:
