@@ -174,12 +174,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED
             )
         call.tenant = tenant or ""
+        # the root span names the tenant of a refused request (invalid, over its limits) too,
+        # not only of one the pipeline runs; the request's fields once they are valid
+        root = trace.get_current_span()
+        root.set_attribute("cachemesh.tenant", call.tenant)
         try:
             validate_request(request, self._table, self._deployed)
         except RequestError as exc:
             await context.abort(grpc_code(exc.code), exc.message)
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
+        spans.request_attributes(root, call.tenant, request)
         assert tenant is not None
         return tenant
 

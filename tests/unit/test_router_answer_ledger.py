@@ -959,3 +959,37 @@ def test_an_answer_recorded_before_it_carried_its_span_id_links_its_trace() -> N
         spans.replay_attributes(span, "tenant-a", _request(), old)
     (link,) = exported.get_finished_spans()[0].links
     assert (link.context.trace_id, link.context.span_id) == (int("ab" * 16, 16), 0)
+
+
+@pytest.mark.parametrize("over_limit", [True, False])
+def test_a_refused_request_names_its_tenant_on_its_root_span(over_limit: bool) -> None:
+    """A request refused over its limits, or as invalid, ended with a root span naming no
+    tenant: who was refused was not in the trace."""
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+
+    async def run() -> None:
+        rate = UniformPolicies(LimitPolicy(requests_per_min=1))
+        servicer, pipeline = _servicer(Limiter(MemoryLimitStore(), rate, SystemClock(), _no_prompt))
+        if over_limit:  # the minute's one request
+            used = build_request("Admitted", model="sim-small", request_id="admitted")
+            await servicer.Complete(used, FakeContext())  # type: ignore[arg-type]
+            pipeline.runs = 0
+        request = build_request("Refused?", model="sim-small", request_id="refused-1")
+        if not over_limit:
+            request.max_tokens = 0  # invalid
+        context = FakeContext()
+        with tracer.start_as_current_span("/cachemesh.v1.Gateway/Complete"), pytest.raises(Aborted):
+            await servicer.Complete(request, context)  # type: ignore[arg-type]
+        refused = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED if over_limit else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert context.status == refused and pipeline.runs == 0
+        [root] = exported.get_finished_spans()
+        attributes = root.attributes or {}
+        assert attributes.get("cachemesh.tenant") == "tenant-a"
+        assert attributes.get("cachemesh.request_id") == ("refused-1" if over_limit else None)
+
+    asyncio.run(run())
