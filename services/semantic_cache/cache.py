@@ -160,7 +160,7 @@ class SemanticCache(EntryStore):
         event = self._leases.held(key)
         budget_s = min(wait_s, self._left_s(deadline))
         if event is not None and budget_s > 0:
-            began = self._clock.now_ms()
+            began = self._deadline_clock()  # monotonic: a wall-clock step moves no wait
             # A lease that ends without the answer (its call failed: released) wakes every
             # waiter; the first to look again takes the next lease and leads, and the others
             # wait on that one in turn, within their budget (not each a model call of its own)
@@ -172,7 +172,7 @@ class SemanticCache(EntryStore):
                     break
                 event = next_event
             if self._on_lease_wait is not None:
-                self._on_lease_wait((self._clock.now_ms() - began) / 1000, result.hit)
+                self._on_lease_wait(self._deadline_clock() - began, result.hit)
             if result.hit:
                 return dataclasses.replace(result, waited=True)
             event = self._leases.held(key)  # one past its age limit ends here: this one leads
@@ -198,9 +198,10 @@ class SemanticCache(EntryStore):
             return None
         return (query.tenant, query.scope, query.normalised)
 
-    def _wait_left_s(self, wait_s: float, began_ms: int, deadline: float | None) -> float:
-        """What is left of a lookup's lease wait that began at ``began_ms`` (0: nothing)."""
-        spent_s = (self._clock.now_ms() - began_ms) / 1000
+    def _wait_left_s(self, wait_s: float, began: float, deadline: float | None) -> float:
+        """What is left of a lookup's lease wait that began at ``began`` (on the deadlines'
+        clock; 0: nothing)."""
+        spent_s = self._deadline_clock() - began
         return max(0.0, min(wait_s - spent_s, self._left_s(deadline)))
 
     def _left_s(self, deadline: float | None) -> float:

@@ -230,3 +230,40 @@ async def test_with_time_left_a_miss_carries_its_embedding() -> None:
     for remaining_s in (2.0, None):
         reply = await api.lookup(auto_lookup("Reset my password"), remaining_s)
         assert not reply.hit and len(reply.embedding) == 4 * 64
+
+
+async def test_a_wall_clock_step_neither_cuts_nor_stretches_a_lease_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a lease wait has spent is read on the deadlines' (monotonic) clock: before, it was
+    read on the wall clock, so an NTP step forward of an hour ended the wait of a request at
+    once (it called the model a second time) and a step back stretched it past the setting."""
+    clock, deadlines = ManualClock(), FakeClock()
+    leases = Leases(ManualClock(), 30.0)  # the leases' own clock, which no step moves
+    cache = SemanticCache(
+        FakeEmbedder(), clock, threshold=0.8, leases=leases, deadline_clock=deadlines
+    )
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    first = await api.lookup(lookup("Reset my password"), None)
+    assert first.leader
+    budgets: list[float] = []
+
+    async def handed_over(event: asyncio.Event, budget_s: float) -> bool:
+        """The first wait: a second passes (and the wall clock steps an hour forward) while
+        the leader's call fails (released) and an identical request takes the next lease."""
+        budgets.append(budget_s)
+        if len(budgets) > 1:
+            return False
+        deadlines.now += 1.0
+        clock.advance(s=3600.0)
+        release = sc.ReleaseRequest(
+            tenant="a", request=make_request("Reset my password"), lease_id=first.lease_id
+        )
+        assert (await api.release(release)).released
+        assert (await api.lookup(lookup("Reset my password"), None)).leader
+        return True
+
+    monkeypatch.setattr(cache_module, "wait", handed_over)
+    reply = await api.lookup(lookup("Reset my password"), None)
+    assert reply.pending
+    assert budgets == [30.0, pytest.approx(29.0)]  # before: [30.0], the wait cut short
