@@ -75,6 +75,15 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings, provider.get_tracer("cachemesh.grpc"), CallTiming(metrics.dependency)
     )
     tracer = provider.get_tracer("cachemesh.router")
+    limiter = await build_limiter(
+        settings.limits,
+        SystemClock(),
+        table,
+        tokenizer,
+        tracer,
+        metrics.degraded,
+        metrics.settles_lost,
+    )
     outbox = BillingOutbox(
         connected.dependencies.prefix,
         journal,
@@ -84,6 +93,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.outbox_max_bytes,
         metrics.open_calls_settled,
         metrics.outbox_dropped,
+        # a killed router's calls, billed now: their cost counts against the budgets
+        lambda tenant, reply: limiter.count_unticketed(tenant, reply.cost.cost_nanos),
     )
     pipeline = Pipeline(
         connected.dependencies,
@@ -100,15 +111,6 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.idempotency_ttl_s,
         settings.idempotency_max,
         settings.idempotency_max_bytes,
-    )
-    limiter = await build_limiter(
-        settings.limits,
-        SystemClock(),
-        table,
-        tokenizer,
-        tracer,
-        metrics.degraded,
-        metrics.settles_lost,
     )
     ledger = await build_answer_ledger(
         settings.answers_redis_url,
@@ -171,10 +173,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             [
                 handlers_ended,
                 pipeline.drain_bills,  # the bills of the calls cut, sent or kept in the outbox
-                limiter.close,
                 close_ledger,
                 stop_replays,
                 outbox.close,  # a last try; what is left stays in the journal, or is logged
+                limiter.close,  # after the outbox: a killed router's calls it bills count too
                 end_stores,  # L1 Stores last, briefly: a lost one costs only a future hit
                 connected.close,
                 shutdown_tracing,

@@ -470,6 +470,15 @@ class Limiter:
         refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, cost_nanos)
 
+    def count_unticketed(self, tenant: str, cost_nanos: int) -> None:
+        """Counts the cost of a model call no request of this process admitted: an open call
+        of a router killed mid-call, billed at its next start. Its tokens are counted already:
+        the killed router's admission reserved the prompt and ``max_tokens``, and nothing gave
+        them back."""
+        policy = self._policies.for_tenant(tenant)
+        if policy.active:
+            self._count(Ticket(tenant, policy, 0), 0, cost_nanos)
+
     def _count(self, ticket: Ticket, refund: int, cost_nanos: int) -> None:
         """Tokens back to the rate (negative: taken) and a cost to the budgets, in the
         background (``drain`` awaits it); nothing when both are 0."""

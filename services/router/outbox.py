@@ -178,12 +178,15 @@ class BillingOutbox:
         max_memory_bytes: int | None = None,
         open_calls_settled: Callable[[int], None] | None = None,
         dropped: Callable[[int], None] | None = None,
+        open_call_billed: Callable[[str, pc.CommitResponse], None] | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
         commits wait on disk and are not bounded by it. ``open_calls_settled``: told how many
         open calls a replay round billed (a killed router's, the metric); ``dropped``: how
-        many entries prefix-cache refused for good (their bills lost, the metric)."""
+        many entries prefix-cache refused for good (their bills lost, the metric);
+        ``open_call_billed``: told of each open call billed (its tenant and its FINAL's reply):
+        no request of this process counts it against the tenant's limits (the limiter's)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -193,6 +196,7 @@ class BillingOutbox:
         self._lock = asyncio.Lock()  # one flush at a time
         self._open_calls_settled = open_calls_settled
         self._dropped = dropped
+        self._open_call_billed = open_call_billed
         self._live: set[str] = set()  # the open calls of this process's model calls running
         self._entries: _InMemory | _OnDisk
         if journal is not None:
@@ -342,7 +346,7 @@ class BillingOutbox:
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
                     commits, carrier, open_call = (), {}, False
-                outcome = await self._replay(commits, carrier)
+                outcome, reply = await self._replay(commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
                     break
                 if outcome is _Sent.KEPT:
@@ -352,6 +356,8 @@ class BillingOutbox:
                 else:
                     settled += 1
                     open_calls += open_call
+                    if open_call and reply is not None and self._open_call_billed is not None:
+                        self._open_call_billed(commits[-1].tenant, reply)
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:
@@ -382,27 +388,33 @@ class BillingOutbox:
                     log.exception("billing outbox: a replay round failed; retrying")
             await asyncio.sleep(self._retry_s)
 
-    async def _replay(self, commits: Sequence[pc.CommitRequest], carrier: dict[str, str]) -> _Sent:
-        """One entry's commits under a span in the trace of the request they bill."""
+    async def _replay(
+        self, commits: Sequence[pc.CommitRequest], carrier: dict[str, str]
+    ) -> tuple[_Sent, pc.CommitResponse | None]:
+        """One entry's commits under a span in the trace of the request they bill; with the
+        last commit's reply when every one was taken."""
         if not commits:
-            return _Sent.SETTLED
+            return _Sent.SETTLED, None
         parent = _PROPAGATOR.extract(carrier) if carrier else None
         with self._tracer.start_as_current_span(
             "cachemesh.billing_replay",
             parent,
             attributes={"cachemesh.commit": commits[0].request_id},
         ) as span:
-            outcome = await self._send(commits)
+            outcome, reply = await self._send(commits)
             span.set_attribute("cachemesh.outcome", outcome.value)
-            return outcome
+            return outcome, reply
 
-    async def _send(self, commits: Sequence[pc.CommitRequest]) -> _Sent:
+    async def _send(
+        self, commits: Sequence[pc.CommitRequest]
+    ) -> tuple[_Sent, pc.CommitResponse | None]:
+        reply = None
         for commit in commits:
             try:
-                await self._prefix.commit(commit, self._deadline_s)
+                reply = await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:
                 if exc.code in _UNREACHABLE_CODES:
-                    return _Sent.UNREACHABLE
+                    return _Sent.UNREACHABLE, None
                 if exc.code not in _FINAL:
                     log.warning(
                         "billing outbox: prefix-cache did not take the %s commit %s (%s); "
@@ -412,7 +424,7 @@ class BillingOutbox:
                         exc.code.name,
                         self.pending,
                     )
-                    return _Sent.KEPT
+                    return _Sent.KEPT, None
                 log.error(
                     "billing outbox: prefix-cache refused the %s commit %s (%s: %s); dropped",
                     pc.CommitPhase.Name(commit.phase),
@@ -420,8 +432,8 @@ class BillingOutbox:
                     exc.code.name,
                     exc.details,
                 )
-                return _Sent.DROPPED
-        return _Sent.SETTLED
+                return _Sent.DROPPED, None
+        return _Sent.SETTLED, reply
 
 
 def _open_failed(written: asyncio.Future[None]) -> None:

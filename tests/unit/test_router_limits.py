@@ -359,6 +359,23 @@ async def test_a_zero_budget_refuses_the_first_request(store: LimitStore) -> Non
     assert (await _denied(limiter)).limit == DAY_BUDGET
 
 
+async def test_a_killed_routers_call_billed_at_the_next_start_counts_its_cost(
+    store: LimitStore,
+) -> None:
+    """An open call of a router killed mid-call is billed by the next start's outbox, with no
+    request of that process to settle it: before, its cost counted against no budget. Its
+    tokens are not counted again (the killed router's admission reserved them)."""
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, LimitPolicy(day_budget_nanos=2_000, tokens_per_min=1_000), clock)
+    await _admitted(limiter, reserve=100)  # the killed router's: its reservation stays taken
+    limiter.count_unticketed("t", 1_000)
+    await limiter.drain()
+    await _admitted(limiter, reserve=900)  # its tokens were not taken a second time
+    limiter.count_unticketed("t", 1_000)
+    await limiter.drain()
+    assert (await _denied(limiter, reserve=HI)).limit == DAY_BUDGET
+
+
 async def test_two_limiters_on_one_store_share_the_counts(store: LimitStore) -> None:
     """Two routers on one Redis (or one process's store) count one tenant's requests once."""
     clock = ManualClock(START_MS)

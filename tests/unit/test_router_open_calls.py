@@ -106,9 +106,17 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     await pipeline.drain()  # (the test's own router: its bill of the cancelled call)
 
     settled: list[int] = []
+    billed: list[tuple[str, int]] = []
     again = FakePrefix()
     with caplog.at_level(logging.INFO, "cachemesh.router.outbox"):
-        restarted = BillingOutbox(again, journal, 1.0, 0.01, open_calls_settled=settled.append)
+        restarted = BillingOutbox(
+            again,
+            journal,
+            1.0,
+            0.01,
+            open_calls_settled=settled.append,
+            open_call_billed=lambda tenant, reply: billed.append((tenant, reply.cost.cost_nanos)),
+        )
         assert restarted.pending == 1
         assert await restarted.flush() == 1
     # its WARM as it was sent (a no-op if it landed, made by its Plan if not), then its FINAL
@@ -125,6 +133,8 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     assert final.output_tokens == sum(TOKENIZER.count(piece) for piece in counted)
     assert (final.tenant, final.model, final.replica) == ("tenant-a", "sim-large", warm.replica)
     assert settled == [1]
+    # its tenant and its cost, for the tenant's budgets (before: counted against none)
+    assert billed == [("tenant-a", 123)]
     said = [r.getMessage() for r in caplog.records]
     assert any("1 model calls were still running" in line for line in said), said
     assert any("billed 1 open calls" in line for line in said), said
