@@ -33,11 +33,13 @@ class GatedSleep:
         self.calls: list[float] = []
         self.hold = False
         self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()  # a decode sleep waits for the gate
         self.cancelled = asyncio.Event()
 
     async def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
         if self.hold and len(self.calls) > 1:
+            self.waiting.set()
             try:
                 await self.gate.wait()
             except asyncio.CancelledError:
@@ -175,6 +177,9 @@ async def test_a_cancelled_call_stops_the_engine(harness: Harness) -> None:
     call = harness.stub.Generate(_generate(), metadata=internal_metadata(TOKEN))
     first = await call.read()
     assert isinstance(first, model_pb2.GenerateChunk) and first.HasField("start")
+    # cancelled once the engine waits in its decode (before, on a loaded machine the cancel
+    # now and then reached the handler still sending the start, and the gate never saw it)
+    await asyncio.wait_for(harness.sleep.waiting.wait(), timeout=30)
     call.cancel()
-    await asyncio.wait_for(harness.sleep.cancelled.wait(), timeout=5)
+    await asyncio.wait_for(harness.sleep.cancelled.wait(), timeout=30)
     assert len(harness.sleep.calls) == 2  # prefill, then the first decode sleep that was cut
