@@ -42,6 +42,15 @@ def _redis_pid_file(run_dir: Path) -> Path:
     return path
 
 
+def _older_runners_file(tmp_path: Path, pid: int) -> tuple[Path, io.StringIO, Stack]:
+    """A redis pid file naming ``pid`` without its start time (an older runner's), and a
+    stack of that run directory saying what it does to ``out``."""
+    path = _redis_pid_file(tmp_path / "run")
+    path.write_text(f"{pid}\n")
+    out = io.StringIO()
+    return path, out, Stack(ROOT, tmp_path / "run", out=out)
+
+
 def test_a_pid_file_records_the_start_time_and_names_that_process_only(
     tmp_path: Path, other_redis: subprocess.Popen[bytes]
 ) -> None:
@@ -71,10 +80,7 @@ def test_down_leaves_a_process_whose_pid_was_reused_running(
 def test_down_leaves_the_process_of_an_older_pid_file_running_and_says_so(
     tmp_path: Path, other_redis: subprocess.Popen[bytes]
 ) -> None:
-    path = _redis_pid_file(tmp_path / "run")
-    path.write_text(f"{other_redis.pid}\n")  # no start time: written by an older runner
-    out = io.StringIO()
-    stack = Stack(ROOT, tmp_path / "run", out=out)
+    path, out, stack = _older_runners_file(tmp_path, other_redis.pid)
     assert stack.stop(grace_s=0.1) == []
     assert other_redis.poll() is None, "down stopped a process it cannot tell is the stack's"
     assert f"records pid {other_redis.pid} without its start time" in out.getvalue()
@@ -108,10 +114,7 @@ def test_reading_the_pid_files_leaves_a_stale_one_to_the_supervisor(tmp_path: Pa
 def test_an_older_pid_file_is_named_once_however_often_it_is_read(
     tmp_path: Path, other_redis: subprocess.Popen[bytes]
 ) -> None:
-    path = _redis_pid_file(tmp_path / "run")
-    path.write_text(f"{other_redis.pid}\n")  # no start time: written by an older runner
-    out = io.StringIO()
-    stack = Stack(ROOT, tmp_path / "run", out=out)
+    _, out, stack = _older_runners_file(tmp_path, other_redis.pid)
     assert stack.running() == [] and stack.running() == []
     assert out.getvalue().count(f"records pid {other_redis.pid} without its start time") == 1
 
