@@ -111,6 +111,20 @@ def test_reading_the_pid_files_leaves_a_stale_one_to_the_supervisor(tmp_path: Pa
     assert path.read_text() == f"{dead.pid} 1\n"
 
 
+def test_asking_for_the_supervisor_leaves_its_stale_pid_file_to_up(tmp_path: Path) -> None:
+    """``supervisor_pid`` (``status``, ``down``, ``up``) only reads too: an ``up`` in another
+    shell writes its new supervisor's file at any moment, and a reader that removed the file
+    it had judged stale removed that new one now and then (the supervisor then ran unseen:
+    ``down`` left it running, the next ``up`` started a second one)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = tmp_path / "run" / "pids" / "supervisor.pid"
+    path.parent.mkdir(parents=True)
+    path.write_text(f"{dead.pid} 1\n")
+    assert Stack(ROOT, tmp_path / "run", out=io.StringIO()).supervisor_pid() is None
+    assert path.read_text() == f"{dead.pid} 1\n"
+
+
 def test_an_older_pid_file_is_named_once_however_often_it_is_read(
     tmp_path: Path, other_redis: subprocess.Popen[bytes]
 ) -> None:

@@ -302,11 +302,13 @@ class Stack:
         return stack_redis_address(self.settings())
 
     def supervisor_pid(self) -> int | None:
+        """The running supervisor's pid (None: none runs). Only reads, as ``running`` does: an
+        ``up`` in another shell writes a new supervisor's file at any moment."""
         path = self.run_dir / "pids" / f"{PID_NAME}.pid"
         pid = processes.read_pid(path)
         if pid is not None and processes.is_alive(pid, "services.tools.stack"):
             return pid
-        self._forget_pid_file(path, PID_NAME, "services.tools.stack")
+        self._say_if_legacy(path, PID_NAME, "services.tools.stack")
         return None
 
     def _start_supervisor(self, keys: StackKeys, managed: list[ServiceDef]) -> None:
@@ -452,11 +454,6 @@ class Stack:
                 continue
             self._say_if_legacy(path, service.name, service.module)
         return found
-
-    def _forget_pid_file(self, path: Path, name: str, marker: str) -> None:
-        """Removes a stale pid file (``_say_if_legacy`` first)."""
-        self._say_if_legacy(path, name, marker)
-        path.unlink(missing_ok=True)
 
     def _say_if_legacy(self, path: Path, name: str, marker: str) -> None:
         """Says so when an older runner's file (no start time) names a live process that may
