@@ -5,6 +5,7 @@ redis-server), is never stopped by ``down`` nor adopted by ``up``."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import time
@@ -146,3 +147,17 @@ def test_a_pid_file_is_replaced_whole_never_rewritten_in_place(
         assert old.read() == "12345 678\n"
     assert processes.read_pid(path) == other_redis.pid
     assert [p.name for p in path.parent.iterdir()] == ["redis.pid"]
+
+
+def test_a_pid_file_that_cannot_be_written_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _redis_pid_file(tmp_path / "run")
+
+    def full(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        processes.write_pid(path, os.getpid())
+    assert list(path.parent.iterdir()) == []

@@ -102,8 +102,12 @@ def write_pid(path: Path, pid: int) -> None:
     started = start_time(pid)
     # whole or not at all: a reader (``status``, a test) never sees a file half written
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(f"{pid}\n" if started is None else f"{pid} {started}\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(f"{pid}\n" if started is None else f"{pid} {started}\n")
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)  # a full disk leaves no stray file behind
+        raise
 
 
 def read_pid(path: Path) -> int | None:
