@@ -225,7 +225,7 @@ async def test_one_tenants_burst_leaves_another_tenants_lookups_their_turn() -> 
                     )
                     for i in range(wave, wave + WAVE)
                 ]
-                await held(process, embedded_before, len(burst) - batch)
+                await held(process, embedded_before, burst, batch)
             searched = []
             for k in range(5):
                 ask = request(f"tenant b asks about invoice {k} of its plan")
@@ -241,15 +241,29 @@ async def test_one_tenants_burst_leaves_another_tenants_lookups_their_turn() -> 
         assert searched == [True] * 5
 
 
-async def held(process: Process, embedded_before: float, sent: int) -> None:
-    """Until the process holds ``sent`` Lookups of the burst (each queued for its embedding
-    or embedded already; a batch being embedded is neither), for at most 60 s."""
+async def held(
+    process: Process,
+    embedded_before: float,
+    burst: list[asyncio.Future[sc.LookupResponse]],
+    batch: int,
+) -> None:
+    """Until the process holds the burst's Lookups (each queued for its embedding or embedded
+    already; the ``batch`` being embedded is neither), for at most 60 s; one refused (an
+    error, or skipped: the queue full) fails the set-up, saying why."""
     for _ in range(600):
+        refused = [
+            call.exception() or call.result().skip_reason
+            for call in burst
+            if call.done() and (call.exception() or call.result().skip_reason)
+        ]
+        if refused:
+            raise AssertionError(f"{len(refused)} of a's Lookups refused: {refused[0]}")
         embedded = (
             metric(process.metrics_port, "cachemesh_semantic_cache_embed_batch_size_sum")
             - embedded_before
         )
-        if metric(process.metrics_port, "cachemesh_semantic_cache_embed_queue") + embedded >= sent:
+        queued = metric(process.metrics_port, "cachemesh_semantic_cache_embed_queue")
+        if queued + embedded >= len(burst) - batch:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"the process did not take {sent} Lookups within 60 s")
+    raise AssertionError(f"the process did not take {len(burst)} Lookups within 60 s")
