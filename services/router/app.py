@@ -173,6 +173,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             [
                 handlers_ended,
                 pipeline.drain_bills,  # the bills of the calls cut, sent or kept in the outbox
+                limiter.drain,  # their counts sent before the outbox's flush, however long
                 close_ledger,
                 stop_replays,
                 outbox.close,  # a last try; what is left stays in the journal, or is logged
