@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from cachemesh import Client
+from cachemesh.envfile import read_env_file
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.otlp_sink import OtlpSink, Span
@@ -61,6 +63,27 @@ class RunningStack:
 def pid_of(stack: Stack, service: str) -> int | None:
     """The pid of ``service``'s running process (None: not running)."""
     return {r.service.name: r.pid for r in stack.running()}.get(service)
+
+
+@dataclass(frozen=True)
+class Stoppable:
+    """What a test that stops one process of a running stack needs: tenant a's client with one
+    attempt (what is seen is the router's own degradation or hand-over, never the client's
+    retry), the internal token (prefix-cache's totals) and the process's pid."""
+
+    client: Client
+    token: str
+    pid: int
+
+
+def stoppable(stack: Stack, run_dir: Path, service: str, timeout_s: float) -> Stoppable:
+    keys = read_env_file(run_dir / "demo-keys.env")
+    pid = pid_of(stack, service)
+    assert pid is not None, f"{service} is not running"
+    client = Client(
+        stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1, timeout_s=timeout_s
+    )
+    return Stoppable(client, (run_dir / "internal-token").read_text().strip(), pid)
 
 
 def prefix_totals(

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from cachemesh import CachemeshError, Client, build_request
-from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
-from tests.integration.harness import pid_of, prefix_totals, started_stack
+from tests.integration.harness import prefix_totals, started_stack, stoppable
 
 pytestmark = pytest.mark.integration
 
@@ -41,18 +40,10 @@ def test_a_hung_prefix_cache_degrades_requests_within_the_clients_deadline(
 ) -> None:
     run_dir = tmp_path / "run"
     with started_stack(run_dir, {"OTEL_TRACES_EXPORTER": "none"}) as (stack, _sink):
-        keys = read_env_file(run_dir / "demo-keys.env")
-        token = (run_dir / "internal-token").read_text().strip()
-        pid = pid_of(stack, "prefix-cache")
-        assert pid is not None, "prefix-cache is not running"
+        stopped = stoppable(stack, run_dir, "prefix-cache", DEADLINE_S)
+        client, token, pid = stopped.client, stopped.token, stopped.pid
         address = stack.addresses["prefix-cache"]
         tag = uuid.uuid4().hex[:8]
-        client = Client(
-            stack.router_address,
-            api_key=keys["CACHEMESH_KEY_A"],
-            max_attempts=1,  # the router's own degradation, not the client's retry
-            timeout_s=DEADLINE_S,
-        )
         with client:
             assert _ask(client, f"{tag} warm-up: how do I reset it?") == "billed"
             before = prefix_totals(address, token, "tenant-a")

@@ -22,9 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachemesh import CachemeshError, Client, build_request
-from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
-from tests.integration.harness import pid_of, prefix_totals, started_stack
+from tests.integration.harness import prefix_totals, started_stack, stoppable
 
 pytestmark = pytest.mark.integration
 
@@ -47,17 +46,9 @@ def test_a_hung_replicas_requests_are_handed_over_within_the_clients_deadline(
 ) -> None:
     run_dir = tmp_path / "run"
     with started_stack(run_dir, {"OTEL_TRACES_EXPORTER": "none"}) as (stack, _sink):
-        keys = read_env_file(run_dir / "demo-keys.env")
-        token = (run_dir / "internal-token").read_text().strip()
-        pid = pid_of(stack, "model-2")
-        assert pid is not None, "model-2 is not running"
+        stopped = stoppable(stack, run_dir, "model-2", DEADLINE_S)
+        client, token, pid = stopped.client, stopped.token, stopped.pid
         tag = uuid.uuid4().hex[:8]
-        client = Client(
-            stack.router_address,
-            api_key=keys["CACHEMESH_KEY_A"],
-            max_attempts=1,  # the router's own hand-over, not the client's retry
-            timeout_s=DEADLINE_S,
-        )
         with client:
             for i in range(4):  # both replicas answer: their prefill rates are measured
                 assert _ask(client, f"{tag} warm-up {i}: how do I reset it?") == "answered"
@@ -116,18 +107,10 @@ def test_a_replica_hung_mid_answer_hands_its_complete_calls_to_the_other_replica
         "ROUTER_MID_ANSWER_STALL_S": "1",
     }
     with started_stack(run_dir, extra) as (stack, _sink):
-        keys = read_env_file(run_dir / "demo-keys.env")
-        token = (run_dir / "internal-token").read_text().strip()
-        pid = pid_of(stack, "model-2")
-        assert pid is not None, "model-2 is not running"
+        stopped = stoppable(stack, run_dir, "model-2", MID_DEADLINE_S)
+        client, token, pid = stopped.client, stopped.token, stopped.pid
         metrics = stack.metrics_addresses["model-2"]
         tag = uuid.uuid4().hex[:8]
-        client = Client(
-            stack.router_address,
-            api_key=keys["CACHEMESH_KEY_A"],
-            max_attempts=1,  # the router's own hand-over, not the client's retry
-            timeout_s=MID_DEADLINE_S,
-        )
         with client, ThreadPoolExecutor(ASKED) as pool:
             # questions whose answers are long (the same prompt, the same answer)
             long: list[str] = []
