@@ -194,8 +194,7 @@ class Pipeline:
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
             deadline = self._clock() + time_remaining_s - margin
-        root = trace.get_current_span()
-        spans.request_attributes(root, tenant, request)
+        root = trace.get_current_span()  # the servicer named its tenant and request on it
         head = pb.CompleteResponse(
             request_id=request.request_id, trace_id=current_trace_id(), span_id=current_span_id()
         )

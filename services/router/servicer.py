@@ -174,8 +174,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED
             )
         call.tenant = tenant or ""
-        # the root span names the tenant of a refused request (invalid, over its limits) too,
-        # not only of one the pipeline runs; the request's fields once they are valid
+        # the root span names the tenant of every request, a refused one too (invalid, over
+        # its limits); the request's fields once they are valid (the pipeline writes none)
         root = trace.get_current_span()
         root.set_attribute("cachemesh.tenant", call.tenant)
         try:
@@ -216,7 +216,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 first = await asyncio.shield(future)
             except (_Denied, RequestError) as exc:
                 raise _own_copy(exc) from None  # not the first call's instance and frames
-            call.end = _replayed(tenant, request, first)
+            call.end = _replayed(first)
             for chunk in chunks_of(call.end):
                 yield chunk
             return
@@ -231,7 +231,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 found = await self._claim(tenant, request, mark, time_remaining_s)
                 if isinstance(found, pb.CompleteResponse):
                     end = found  # kept unmarked, for this router's own replays of it
-                    call.end = _replayed(tenant, request, found)
+                    call.end = _replayed(found)
                     call.replayed = True
                     for chunk in chunks_of(call.end):
                         yield chunk
@@ -369,13 +369,11 @@ _THE_REQUESTS_OWN = frozenset(
 )
 
 
-def _replayed(
-    tenant: str, request: pb.CompleteRequest, first: pb.CompleteResponse
-) -> pb.CompleteResponse:
+def _replayed(first: pb.CompleteResponse) -> pb.CompleteResponse:
     """The first call's answer as its retry gets it: marked ``replayed`` (billed once, on the
     first call: a client that sums costs must not add it again), the retry's span saying so and
     linking the first call's span. The first answer itself stays unmarked."""
-    spans.replay_attributes(trace.get_current_span(), tenant, request, first)
+    spans.replay_attributes(trace.get_current_span(), first)
     answer = pb.CompleteResponse()
     answer.CopyFrom(first)
     answer.replayed = True

@@ -24,14 +24,12 @@ def request_attributes(span: trace.Span, tenant: str, request: pb.CompleteReques
         )
 
 
-def replay_attributes(
-    span: trace.Span, tenant: str, request: pb.CompleteRequest, first: pb.CompleteResponse
-) -> None:
-    """A retry served the first call's answer: who, which answer, and a link to the span that
-    produced (and billed) it. No cost attributes: the bill is on that span, once."""
+def replay_attributes(span: trace.Span, first: pb.CompleteResponse) -> None:
+    """A retry served the first call's answer (its tenant and request are on the span since
+    it was accepted): which answer, and a link to the span that produced (and billed) it. No
+    cost attributes: the bill is on that span, once."""
     if not span.is_recording():
         return
-    request_attributes(span, tenant, request)
     span.set_attributes(
         {
             "cachemesh.replayed": True,

@@ -956,7 +956,7 @@ def test_an_answer_recorded_before_it_carried_its_span_id_links_its_trace() -> N
     provider.add_span_processor(SimpleSpanProcessor(exported))
     old = pb.CompleteResponse(trace_id="ab" * 16, served_by=pb.LAYER_MODEL)
     with provider.get_tracer("test").start_as_current_span("retry") as span:
-        spans.replay_attributes(span, "tenant-a", _request(), old)
+        spans.replay_attributes(span, old)
     (link,) = exported.get_finished_spans()[0].links
     assert (link.context.trace_id, link.context.span_id) == (int("ab" * 16, 16), 0)
 
