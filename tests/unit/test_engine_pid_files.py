@@ -95,3 +95,14 @@ def test_down_stops_the_replica_its_pid_file_names(
     assert engines.stop(grace_s=5.0) == [other_llama.pid]
     assert other_llama.wait(10) != 0
     assert not path.exists()
+
+
+def test_reading_the_replicas_pid_files_leaves_a_stale_one_to_its_writer(tmp_path: Path) -> None:
+    """``recorded_pids`` (``status``, ``down``) only reads, as the stack's own readers do
+    (``processes.recorded_pid``): an ``up`` starting replicas writes their files at any moment."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = _pid_file(tmp_path)
+    path.write_text(f"{dead.pid} 1\n")
+    assert _engines(tmp_path).recorded_pids() == []
+    assert path.read_text() == f"{dead.pid} 1\n"

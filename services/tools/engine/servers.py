@@ -203,16 +203,15 @@ class LlamaServers:
 
     def recorded_pids(self) -> list[int]:
         """The live replicas this run dir's pid files name (pid and start time, as the stack's
-        own: ``processes.write_pid``); forgets stale files, so a pid reused since (by anybody's
-        process, a llama-server too) is never signalled."""
+        own: ``processes.write_pid``), so a pid reused since (by anybody's process, a
+        llama-server too) is never signalled. Only reads (``processes.recorded_pid``): ``stop``
+        removes the files."""
         pids = []
         for path in sorted((self._run_dir / "pids").glob(f"{_NAME}-*.pid")):
-            pid = processes.read_pid(path)
-            if pid is not None and _is_llama(pid):
+            pid, legacy = processes.recorded_pid(path, _is_llama)
+            if pid is not None:
                 pids.append(pid)
-                continue
-            legacy = processes.legacy_pid(path)
-            if legacy is not None and _is_llama(legacy):
+            if legacy is not None:
                 print(
                     f"{path} records pid {legacy} without its start time (an older runner's "
                     "file): that pid may be another program's now, so it is not stopped; if it "
@@ -220,7 +219,6 @@ class LlamaServers:
                     file=self._out,
                     flush=True,
                 )
-            path.unlink(missing_ok=True)
         return pids
 
 

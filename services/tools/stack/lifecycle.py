@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn, TextIO
@@ -305,11 +305,9 @@ class Stack:
         """The running supervisor's pid (None: none runs). Only reads, as ``running`` does: an
         ``up`` in another shell writes a new supervisor's file at any moment."""
         path = self.run_dir / "pids" / f"{PID_NAME}.pid"
-        pid = processes.read_pid(path)
-        if pid is not None and processes.is_alive(pid, "services.tools.stack"):
-            return pid
-        self._say_if_legacy(path, PID_NAME, "services.tools.stack")
-        return None
+        pid, legacy = processes.recorded_pid(path, _alive_as("services.tools.stack"))
+        self._say_if_legacy(path, PID_NAME, legacy)
+        return pid
 
     def _start_supervisor(self, keys: StackKeys, managed: list[ServiceDef]) -> None:
         waves = {s.name: i for i, wave in enumerate(stop_order()) for s in wave}
@@ -448,20 +446,17 @@ class Stack:
         found: list[Running] = []
         for service in [*SERVICES, REDIS]:
             path = self._pid_path(service)
-            pid = processes.read_pid(path)
-            if pid is not None and processes.is_alive(pid, service.module):
+            pid, legacy = processes.recorded_pid(path, _alive_as(service.module))
+            if pid is not None:
                 found.append(Running(service=service, pid=pid))
-                continue
-            self._say_if_legacy(path, service.name, service.module)
+            self._say_if_legacy(path, service.name, legacy)
         return found
 
-    def _say_if_legacy(self, path: Path, name: str, marker: str) -> None:
+    def _say_if_legacy(self, path: Path, name: str, legacy: int | None) -> None:
         """Says so when an older runner's file (no start time) names a live process that may
-        be this stack's, which is then neither stopped nor adopted (once per file)."""
-        legacy = processes.legacy_pid(path)
-        if path in self._legacy_said:
-            return
-        if legacy is not None and processes.is_alive(legacy, marker):
+        be this stack's (``legacy``), which is then neither stopped nor adopted (once per
+        file)."""
+        if legacy is not None and path not in self._legacy_said:
             self._legacy_said.add(path)
             self._say(
                 f"{path} records pid {legacy} without its start time (an older runner's file): "
@@ -606,3 +601,8 @@ def _wait_exit(items: list[Running], timeout_s: float) -> list[Running]:
 
 def _exits(state: dict[str, dict[str, int | None]], name: str) -> int:
     return int(state.get(name, {}).get("exits") or 0)
+
+
+def _alive_as(marker: str) -> Callable[[int], bool]:
+    """Whether a pid runs with ``marker`` in its command line (``processes.is_alive``)."""
+    return lambda pid: processes.is_alive(pid, marker)

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +123,19 @@ def read_pid(path: Path) -> int | None:
     if len(fields) == 1:
         return pid if started is None and not Path("/proc/self/stat").is_file() else None
     return pid if started == fields[1] else None
+
+
+def recorded_pid(path: Path, ours: Callable[[int], bool]) -> tuple[int | None, int | None]:
+    """(the pid of the live process ``path`` records, when ``ours`` takes it for the stack's;
+    the pid an older runner's file, with no start time, records, when ``ours`` takes that
+    one: neither stopped nor adopted, the caller says so). Only reads: the file's writer (the
+    supervisor, ``up``) replaces it whole at any moment, and a reader that removed a file it
+    judged stale removed the new one now and then; ``stop`` removes them."""
+    pid = read_pid(path)
+    if pid is not None and ours(pid):
+        return pid, None
+    legacy = legacy_pid(path)
+    return None, (legacy if legacy is not None and ours(legacy) else None)
 
 
 def legacy_pid(path: Path) -> int | None:
