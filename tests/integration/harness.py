@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -17,6 +20,7 @@ from services.tools.stack.lifecycle import Stack
 from services.tools.stack.otlp_sink import OtlpSink, Span
 
 ROOT = Path(__file__).resolve().parents[2]
+_T = TypeVar("_T")
 
 
 @contextmanager
@@ -74,6 +78,15 @@ class Stoppable:
     client: Client
     token: str
     pid: int
+
+    def while_hung(self, call: Callable[[], _T]) -> _T:
+        """``call()`` while the process is stopped (SIGSTOP: hung, its sockets still open),
+        resumed after, whatever ``call`` raised."""
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            return call()
+        finally:
+            os.kill(self.pid, signal.SIGCONT)
 
 
 def stoppable(stack: Stack, run_dir: Path, service: str, timeout_s: float) -> Stoppable:

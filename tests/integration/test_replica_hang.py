@@ -47,19 +47,17 @@ def test_a_hung_replicas_requests_are_handed_over_within_the_clients_deadline(
     run_dir = tmp_path / "run"
     with started_stack(run_dir, {"OTEL_TRACES_EXPORTER": "none"}) as (stack, _sink):
         stopped = stoppable(stack, run_dir, "model-2", DEADLINE_S)
-        client, token, pid = stopped.client, stopped.token, stopped.pid
+        client, token = stopped.client, stopped.token
         tag = uuid.uuid4().hex[:8]
         with client:
             for i in range(4):  # both replicas answer: their prefill rates are measured
                 assert _ask(client, f"{tag} warm-up {i}: how do I reset it?") == "answered"
             before = prefix_totals(stack.addresses["prefix-cache"], token, "tenant-a")
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                outcomes = [
+            outcomes = stopped.while_hung(
+                lambda: [
                     _ask(client, f"{tag} question {i}: how do I reset it?") for i in range(ASKED)
                 ]
-            finally:
-                os.kill(pid, signal.SIGCONT)
+            )
         print(f"\nwith model-2 hung: {outcomes}")
         assert outcomes == ["answered"] * ASKED  # was DEADLINE_EXCEEDED until it was ejected
         after = prefix_totals(stack.addresses["prefix-cache"], token, "tenant-a")
