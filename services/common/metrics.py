@@ -36,8 +36,10 @@ from prometheus_client.registry import Collector
 
 from services.common.env import ConfigError, Env
 
-OTHER = "other"  # the tenant label of every tenant past the cap
-NONE = "none"  # the tenant label of a request refused before it had one (no or unknown key)
+# Both start with "_", which no tenant's name may (keyfile.TENANT_PATTERN): a tenant called
+# "other" or "none" keeps a series of its own.
+OTHER = "_other"  # the tenant label of every tenant past the cap
+NONE = "_none"  # the tenant label of a request refused before it had one (no or unknown key)
 MAX_TENANTS_VAR = "CACHEMESH_METRICS_MAX_TENANTS"
 DEFAULT_MAX_TENANTS = 100
 
@@ -133,7 +135,7 @@ class MetricsEndpoint:
 
 
 class TenantLabels:
-    """A tenant's label value: itself for the first ``cap`` tenants seen, then ``other``.
+    """A tenant's label value: itself for the first ``cap`` tenants seen, then ``_other``.
 
     Called on the event loop only; it remembers the kept tenants, never the overflow (so a
     flood of tenants costs no memory here)."""

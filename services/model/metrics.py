@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import model_pb2
-from services.common.metrics import LoopMetrics
+from services.common.metrics import OTHER, LoopMetrics
 
 TPS_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 
@@ -81,7 +81,7 @@ class ModelMetrics:
         )
 
     def begin(self, model: str) -> Generation:
-        label = model if model in self._models else "other"
+        label = model if model in self._models else OTHER  # a model not in the table
         self._in_flight(label).inc()
         return Generation(label, self._clock())
 

@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cachemesh import AuthenticationError, Client, InvalidRequestError, answer_text, build_request
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.metrics import NONE
 from services.router.metrics import LAYERS
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.service_table import SERVICES
@@ -282,7 +283,8 @@ def test_router_counts_and_money_are_the_responses(run: Run) -> None:
         count = sum(n for k, n in requests.items() if (k[0], k[3]) == (tenant, layer))
         by_layer = router.value("cachemesh_router_request_duration_seconds_count", served_by=layer)
         assert by_layer >= count
-    assert router.value("cachemesh_router_errors_total", tenant="none", code="UNAUTHENTICATED") == 1
+    refused = router.value("cachemesh_router_errors_total", tenant=NONE, code="UNAUTHENTICATED")
+    assert refused == 1
     assert (
         router.value("cachemesh_router_errors_total", tenant="tenant-a", code="INVALID_ARGUMENT")
         == 1

@@ -18,8 +18,9 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.clock import ManualClock
 from services.common.env import Env
+from services.common.keyfile import TENANT_PATTERN
 from services.common.logs import JsonLines, configure_logging
-from services.common.metrics import OTHER, TenantLabels, new_registry
+from services.common.metrics import NONE, OTHER, TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
 from services.model.metrics import ModelMetrics
@@ -114,7 +115,7 @@ def test_router_counts_what_the_responses_say_and_logs_one_line_each(
     assert value(registry, "cachemesh_router_saved_nanos", **hit) == 1000
     requests = {"tenant": "a", "model": "sim-small", "tier": "small", "served_by": "model"}
     assert value(registry, "cachemesh_router_requests_total", **requests) == 2
-    assert value(registry, "cachemesh_router_errors_total", tenant="none", code="UNAUTHENTICATED")
+    assert value(registry, "cachemesh_router_errors_total", tenant=NONE, code="UNAUTHENTICATED")
     assert (
         value(registry, "cachemesh_router_request_duration_seconds_sum", served_by="model") == 0.5
     )
@@ -215,6 +216,15 @@ def _entry(tenant: str, query: str, payload: bytes) -> Entry:
         entry_id=query, tenant=tenant, scope="s", namespace="", query=query,
         answer=Answer(payload, "end_turn", 3, False), created_at_ms=0, embedder_version="v",
     )  # fmt: skip
+
+
+def test_no_tenant_can_be_named_like_the_shared_labels() -> None:
+    """The overflow and the no-tenant labels are names no tenant may take: a tenant called
+    ``other`` or ``none`` keeps its own series instead of merging with everyone past the cap
+    (or with the refused requests)."""
+    assert not TENANT_PATTERN.match(OTHER) and not TENANT_PATTERN.match(NONE)
+    labels = TenantLabels(2)
+    assert [labels(t) for t in ("other", "none", "c", "")] == ["other", "none", OTHER, NONE]
 
 
 def test_semantic_cache_sizes_by_tenant_capped_into_other() -> None:
