@@ -95,6 +95,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics.outbox_dropped,
         # a killed router's calls, billed now: their cost counts against the budgets
         lambda tenant, reply: limiter.count_unticketed(tenant, reply.cost.cost_nanos),
+        settings.journal_sync_s,
     )
     pipeline = Pipeline(
         connected.dependencies,

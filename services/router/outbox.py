@@ -127,8 +127,8 @@ class _InMemory:
 class _OnDisk:
     """The pending entries in the journal, the one record of them, run on its thread."""
 
-    def __init__(self, journal: Journal) -> None:
-        self._thread = JournalThread(journal)
+    def __init__(self, journal: Journal, sync_within_s: float | None) -> None:
+        self._thread = JournalThread(journal, sync_within_s)
         self._journal = journal
 
     @property
@@ -179,6 +179,7 @@ class BillingOutbox:
         open_calls_settled: Callable[[int], None] | None = None,
         dropped: Callable[[int], None] | None = None,
         open_call_billed: Callable[[str, pc.CommitResponse], None] | None = None,
+        journal_sync_s: float | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -186,7 +187,9 @@ class BillingOutbox:
         open calls a replay round billed (a killed router's, the metric); ``dropped``: how
         many entries prefix-cache refused for good (their bills lost, the metric);
         ``open_call_billed``: told of each open call billed (its tenant and its FINAL's reply):
-        no request of this process counts it against the tenant's limits (the limiter's)."""
+        no request of this process counts it against the tenant's limits (the limiter's).
+        ``journal_sync_s``: how long an open call's line may wait for its fsync
+        (``JournalThread``'s ``sync_within_s``; None: until the next durable write)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -211,7 +214,7 @@ class BillingOutbox:
                 )
             if loaded - opened:
                 log.info("billing outbox: %d answers to bill from the journal", loaded - opened)
-            self._entries = _OnDisk(journal)
+            self._entries = _OnDisk(journal, journal_sync_s)
         else:
             log.warning(
                 "billing outbox in memory only (ROUTER_DATA_DIR unset): answers served while "

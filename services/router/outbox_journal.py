@@ -257,6 +257,11 @@ class Journal:
                 written=True,
             ) from self._failed
 
+    @property
+    def dirty(self) -> bool:
+        """Some write is not fsynced yet (read between batches, not during one)."""
+        return self._dirty
+
     def close(self) -> None:
         """Closes the file and lets another router use the directory."""
         os.close(self._fd)
@@ -373,10 +378,20 @@ class _Call:
 
 class JournalThread:
     """Runs a journal's calls on one worker thread, in the order they were made; the calls
-    queued while a batch runs form the next batch, whose writes share one ``sync``."""
+    queued while a batch runs form the next batch, whose writes share one ``sync``.
 
-    def __init__(self, journal: Journal) -> None:
+    ``sync_within_s``: how long a write no caller waits to be durable for (an open call's
+    line, a "done" line) may stay unfsynced. A batch of them is not fsynced; if no durable
+    batch comes within that time, one fsync is made then for all of them, so a host crash
+    loses at most that much of the running calls' lines (one fsync a delay at most, however
+    many calls). 0: every batch is fsynced; None: only with the next durable batch."""
+
+    def __init__(self, journal: Journal, sync_within_s: float | None = None) -> None:
+        if sync_within_s is not None and not sync_within_s >= 0:
+            raise ValueError(f"sync_within_s must be >= 0 or None, got {sync_within_s}")
         self.journal = journal
+        self._sync_within_s = sync_within_s
+        self._sync_due: asyncio.TimerHandle | None = None
         self._queue: list[_Call] = []
         self._runner: asyncio.Task[None] | None = None
 
@@ -417,6 +432,15 @@ class JournalThread:
                 ] * len(batch)
             for call, (ok, value) in zip(batch, outcomes, strict=True):
                 _resolve(call.done, ok, value)
+        if self._sync_within_s and self._sync_due is None and self.journal.dirty:
+            loop = asyncio.get_running_loop()
+            self._sync_due = loop.call_later(self._sync_within_s, self._sync_now)
+
+    def _sync_now(self) -> None:
+        """The delayed fsync of the writes no caller waited for (a no-op batch, durable)."""
+        self._sync_due = None
+        synced = self.submit(_nothing, durable=True)
+        synced.add_done_callback(_log_sync_failure)
 
     def _batch(
         self, batch: list[_Call], loop: asyncio.AbstractEventLoop
@@ -434,7 +458,8 @@ class JournalThread:
         try:
             # a batch of open calls and "done" lines only (every model call writes them) costs
             # no fsync: an fsync a batch made the journal a sixth of the router's CPU per miss
-            self.journal.sync(fsync=any(call.durable for call in batch))
+            durable = self._sync_within_s == 0 or any(call.durable for call in batch)
+            self.journal.sync(fsync=durable)
         except OSError as exc:
             # no write of this batch is known durable: the calls that needed it and ran fail
             # with a JournalError (what they wrote stays in the journal's pending entries)
@@ -444,6 +469,15 @@ class JournalThread:
                 for call, (ok, value) in zip(batch, outcomes, strict=True)
             ]
         return outcomes
+
+
+def _nothing() -> None:
+    return None
+
+
+def _log_sync_failure(synced: asyncio.Future[None]) -> None:
+    if not synced.cancelled() and (exc := synced.exception()) is not None:
+        log.error("billing outbox: the delayed fsync of the open calls' lines failed: %s", exc)
 
 
 def _resolve(done: asyncio.Future[Any], ok: bool, value: object) -> None:

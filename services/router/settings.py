@@ -49,6 +49,8 @@ class RouterSettings:
     write_amortize_turns: int = 0
     data_dir: Path | None = None  # the billing outbox's journal; None = in memory only
     outbox_retry_s: float = 1.0  # seconds between replays of the billing outbox
+    # seconds a journal line no bill waits for (an open call's) may stay unfsynced
+    journal_sync_s: float = 1.0
     # the billing outbox in memory (no data_dir): past this, model calls are refused
     outbox_max_bytes: int = 256 * 1024 * 1024
     # a Store's deadline: off the answer's path, and it waits for L1's write-ahead log fsync
@@ -103,6 +105,7 @@ class RouterSettings:
             write_amortize_turns=env.int("ROUTER_WRITE_AMORTIZE_TURNS", 0, minimum=0),
             data_dir=Path(data_dir) if (data_dir := env.optional_str("ROUTER_DATA_DIR")) else None,
             outbox_retry_s=env.float("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
+            journal_sync_s=env.float("ROUTER_JOURNAL_SYNC_S", 1.0, minimum=0.0),
             outbox_max_bytes=env.int("ROUTER_OUTBOX_MAX_BYTES", 256 * 1024 * 1024, minimum=0),
             semantic_store_timeout_s=env.float(
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001

@@ -187,3 +187,42 @@ async def test_a_batch_no_write_of_which_waits_to_be_durable_costs_no_fsync(
     await asyncio.wait_for(durable, timeout=5)
     assert len(synced) == 1
     journal.close()
+
+
+async def test_lines_no_bill_waits_for_are_fsynced_within_the_sync_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open call's line skips its batch's fsync, but not for long: with no durable write
+    coming, the thread fsyncs it ``sync_within_s`` later (a host crash loses at most that much
+    of the running calls' lines), once however many batches came meanwhile; with 0, every
+    batch is fsynced as it is written."""
+    synced: list[int] = []
+    fsynced = threading.Event()
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+        fsynced.set()
+
+    monkeypatch.setattr("services.router.outbox_journal.os.fsync", counting_fsync)
+    journal = Journal(tmp_path)
+    journal.load()
+    thread = JournalThread(journal, sync_within_s=0.05)
+    for n in range(3):
+        opened = partial(journal.add, f"o{n}", _final(f"o{n}#1", 0), None, open_call=True)
+        await asyncio.wait_for(thread.submit(opened, written=True), timeout=5)
+    assert synced == []  # not with its batch
+    assert await asyncio.to_thread(fsynced.wait, 5)  # but soon after
+    await asyncio.sleep(0.2)  # nothing written since: no second fsync
+    assert len(synced) == 1
+    journal.close()
+
+    every = Journal(tmp_path / "every")
+    every.load()
+    immediate = JournalThread(every, sync_within_s=0.0)
+    fsynced.clear()
+    opened = partial(every.add, "o", _final("o#1", 0), None, open_call=True)
+    await asyncio.wait_for(immediate.submit(opened, written=True), timeout=5)
+    assert await asyncio.to_thread(fsynced.wait, 5)
+    every.close()
