@@ -5,8 +5,11 @@ its outcome. A failed first call releases the id so a retry runs again (the pref
 commit is idempotent by id too, so nothing is billed twice). Records live for a TTL read
 from the injected clock and the table is bounded as answers are kept, by count and by the
 answers' serialized bytes (a record holds its whole answer: 100,000 4k-token answers were
-2.2 GiB): the oldest answered record is dropped first, never one whose call still runs (a
-retry of it must await it, not run the model again; those are bounded by the calls in flight).
+2.2 GiB). Over a bound, the tenant holding the most answers (by that bound: count or bytes)
+loses its oldest answered record, so one tenant's flood pushes out its own answers, not
+another tenant's (whose unmarked retry would then run the model and be billed again); never
+one whose call still runs (a retry of it must await it, not run the model again; those are
+bounded by the calls in flight).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
+from services.common.holdings import Holdings
 
 
 class IdempotencyConflict(Exception):
@@ -59,6 +63,10 @@ class IdempotencyTable:
         self._records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
         self._answered = 0  # records whose answer was kept (``kept``); the bounds count these
         self.held_bytes = 0  # the kept answers' serialized bytes
+        # each tenant's answered request ids, oldest kept first, and what each tenant holds
+        self._kept: dict[str, OrderedDict[str, None]] = {}
+        self._counts = Holdings()
+        self._bytes = Holdings()
 
     def claim(
         self, tenant: str, request: pb.CompleteRequest, mark: str | None = None
@@ -101,24 +109,26 @@ class IdempotencyTable:
         record.size = record.future.result().ByteSize()
         self._answered += 1
         self.held_bytes += record.size
-        if self._answered <= self._max and self.held_bytes <= self._max_bytes:
-            return
-        done: list[tuple[str, str]] = []
-        answered, held = self._answered, self.held_bytes
-        for key, each in self._records.items():  # oldest first; stops once within both
-            if each.size >= 0:
-                done.append(key)
-                answered, held = answered - 1, held - each.size
-                if answered <= self._max and held <= self._max_bytes:
-                    break
-        for key in done:
-            self._drop(key)
+        self._kept.setdefault(tenant, OrderedDict())[request_id] = None
+        self._counts.add(tenant, 1)
+        self._bytes.add(tenant, record.size)
+        while self._answered > self._max or self.held_bytes > self._max_bytes:
+            most = self._counts if self._answered > self._max else self._bytes
+            holder = most.most()  # its oldest answer goes, another tenant's stay
+            self._drop((holder, next(iter(self._kept[holder]))))
 
     def _drop(self, key: tuple[str, str]) -> None:
         record = self._records.pop(key)
         if record.size >= 0:
             self._answered -= 1
             self.held_bytes -= record.size
+            tenant, request_id = key
+            kept = self._kept[tenant]
+            del kept[request_id]
+            if not kept:
+                del self._kept[tenant]
+            self._counts.add(tenant, -1)
+            self._bytes.add(tenant, -record.size)
 
     def _expire(self) -> None:
         """Drops the answered records past their TTL (oldest first); a call still running is

@@ -150,3 +150,49 @@ def test_the_byte_bound_is_read_at_start_up() -> None:
     assert idempotency_max_bytes(Env({"ROUTER_IDEMPOTENCY_MAX_BYTES": "0"})) == 0
     with pytest.raises(ConfigError, match="ROUTER_IDEMPOTENCY_MAX_BYTES must be >= 0, got -1"):
         idempotency_max_bytes(Env({"ROUTER_IDEMPOTENCY_MAX_BYTES": "-1"}))
+
+
+async def test_another_tenants_flood_does_not_push_a_tenants_answer_out() -> None:
+    """The bound was one queue for every tenant: tenant b's flood of answered requests pushed
+    tenant a's answer out, and a's retry (unmarked, so the ledger is not asked) ran the model
+    and was billed a second time. The tenant holding the most answers loses its oldest."""
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=100)
+    table.claim("a", _req("mine"))[1].set_result(pb.CompleteResponse(request_id="mine"))
+    table.kept("a", "mine")
+    for i in range(1000):  # b floods: ten times the bound
+        table.claim("b", _req(f"b{i}"))[1].set_result(pb.CompleteResponse())
+        table.kept("b", f"b{i}")
+        assert len(table) <= 100
+    claimed, same = table.claim("a", _req("mine"))  # a's retry
+    assert not claimed and (await same).request_id == "mine"  # replayed, not billed again
+    assert table.claim("b", _req("b0"))[0]  # b's oldest went, not a's
+    assert not table.claim("b", _req("b999"))[0]
+
+
+async def test_another_tenants_large_answers_do_not_push_a_tenants_answer_out() -> None:
+    """The same by bytes: the bound takes from the tenant holding the most bytes."""
+    size = _answer("x", 400).ByteSize()
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=1000, max_bytes=10 * size)
+    table.claim("a", _req("mine"))[1].set_result(_answer("x", 400))
+    table.kept("a", "mine")
+    for i in range(30):
+        table.claim("b", _req(f"b{i}"))[1].set_result(_answer("x", 400))
+        table.kept("b", f"b{i}")
+        assert table.held_bytes <= 10 * size
+    assert not table.claim("a", _req("mine"))[0]
+    assert table.held_bytes == 10 * size
+
+
+async def test_a_tenant_alone_has_the_whole_bound_and_tenants_share_it() -> None:
+    """Each tenant is bounded only by what the others hold: alone, one has the whole table;
+    beside another that floods, it keeps up to an even share."""
+    table = IdempotencyTable(ManualClock(), ttl_s=60, max_records=10)
+    for i in range(10):
+        table.claim("a", _req(f"a{i}"))[1].set_result(pb.CompleteResponse())
+        table.kept("a", f"a{i}")
+    assert len(table) == 10
+    for i in range(100):
+        table.claim("b", _req(f"b{i}"))[1].set_result(pb.CompleteResponse())
+        table.kept("b", f"b{i}")
+    kept = [i for i in range(10) if not table.claim("a", _req(f"a{i}"))[0]]
+    assert kept == [5, 6, 7, 8, 9]  # a's newest five: half the table, the oldest out first
