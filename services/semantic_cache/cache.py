@@ -35,7 +35,7 @@ from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
 from services.semantic_cache.reading import folding_refusal
-from services.semantic_cache.recent import Recent
+from services.semantic_cache.recent import Recent, TenantRecent
 from services.semantic_cache.records import (
     END_TURN,
     Answer,
@@ -57,7 +57,9 @@ MAX_STORED_QUESTION_CHARS = 16 * 1024
 # well under the log's 64 MiB record limit. Twice gRPC's default message limit (4 MiB), so
 # only a deployment that raised CACHEMESH_MAX_MESSAGE_BYTES sends larger ones.
 MAX_STORED_ANSWER_BYTES = 8 * 1024 * 1024
-_MISSES_KEPT = 4096  # lookups that missed, for their Stores (a model call's worth of traffic)
+# Lookups that missed, for their Stores (a model call's worth of traffic), all tenants' together
+# and shared fairly: another tenant's misses never push one out (``TenantRecent``).
+_MISSES_KEPT = 4096
 # The longest a check waits for its scope's Stores in flight (an embedding and a log sync).
 _STORE_WAIT_S = 1.0
 
@@ -112,9 +114,9 @@ class SemanticCache(EntryStore):
         # A miss's Store follows its Lookup: the vector of a recent text is embedded once. By
         # tenant: another tenant's question must not make this one's answer measurably faster.
         self._recent: Recent[tuple[str, str], npt.NDArray[np.float32]] = Recent(_RECENT_VECTORS)
-        # The tenant's purge count when a request's lookup missed, by (tenant, request_id): its
-        # Store is refused if the tenant purged its entries since (the answer predates it).
-        self._missed_at: Recent[tuple[str, str], int] = Recent(_MISSES_KEPT)
+        # The tenant's purge count when a request's lookup missed, by tenant and request_id:
+        # its Store is refused if the tenant purged its entries since (the answer predates it).
+        self._missed_at: TenantRecent[str, int] = TenantRecent(_MISSES_KEPT)
         self._storing = StoresInFlight()
 
     async def check(
@@ -147,7 +149,7 @@ class SemanticCache(EntryStore):
         deadline = self.deadline_in(within_s)
         result = await self._check(query, deadline, settle=waits)
         if not result.hit and query.request_id:
-            self._missed_at.put((query.tenant, query.request_id), self.purges(query.tenant))
+            self._missed_at.put(query.tenant, query.request_id, self.purges(query.tenant))
         if result.hit or result.skip_reason or self._leases is None:
             return result
         if not lead or query.temperature > self._policy.max_temperature:
@@ -313,7 +315,7 @@ class SemanticCache(EntryStore):
         vector = await self._embed(query.tenant, query.text)
         # From here to the sync nothing awaits: the log's order is the order of the changes.
         now = self._clock.now_ms()
-        missed_at = self._missed_at.get((query.tenant, query.request_id))
+        missed_at = self._missed_at.get(query.tenant, query.request_id)
         if missed_at is None:
             if self.purged_since(query.tenant, now - PURGE_GUARD_MS):
                 return StoreResult(False, skip_reason=_PURGED_SINCE)

@@ -41,10 +41,10 @@ from services.semantic_cache.stats import StoreStats
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
 RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors)
-# A Store whose lookup is no longer on record (pushed out by 4,096 later misses, never made, or
-# made before a restart) is refused this long after its tenant's purge: its answer may predate
-# the purge. Longer than the model calls the router (300 s) and the HTTP front (600 s) allow by
-# default.
+# A Store whose lookup is no longer on record (pushed out by its own tenant's 4,096 later misses,
+# never made, or made before a restart) is refused this long after its tenant's purge: its
+# answer may predate the purge. Longer than the model calls the router (300 s) and the HTTP
+# front (600 s) allow by default.
 PURGE_GUARD_MS = 15 * 60 * 1000
 
 T = TypeVar("T")

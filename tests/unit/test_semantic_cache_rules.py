@@ -254,16 +254,16 @@ async def test_an_answer_looked_up_before_a_purge_is_not_stored_after_it() -> No
     assert (await cache.store(other, answer())).stored
 
 
-async def test_another_tenants_traffic_does_not_undo_a_purge() -> None:
-    """The record of a lookup is one of the last 4,096 misses, of every tenant: once another
-    tenant's misses push it out, a Store of an answer looked up before the purge must still
-    be refused (not taken as a Store with nothing known against it)."""
+async def test_a_lookup_pushed_out_of_the_record_does_not_undo_a_purge() -> None:
+    """The record of a lookup is one of the last 4,096 misses: once the tenant's own later
+    misses push it out, a Store of an answer looked up before the purge must still be refused
+    (not taken as a Store with nothing known against it)."""
     cache, clock, _ = new_cache()
     await cache.store(q("What is the refund window?"), answer())
     asked = _with_id("How long do refunds take?", "req-1")
     assert not (await cache.check(asked)).hit  # the model call starts
-    for i in range(_MISSES_KEPT):  # another tenant's ordinary misses meanwhile
-        await cache.check(_with_id("hello there", f"n{i}", tenant="b"))
+    for i in range(_MISSES_KEPT):  # the tenant's ordinary misses meanwhile
+        await cache.check(_with_id("hello there", f"n{i}"))
     await cache.drop("a")  # the refund policy changed
     stored = await cache.store(asked, answer())
     assert not stored.stored and "after this request's lookup" in stored.skip_reason
@@ -320,3 +320,36 @@ async def test_a_word_of_the_present_in_a_pasted_document_does_not_stop_the_stor
     assert (await cache.check(q(document))).exact
     assert (await cache.store(q("How do I reset my password?"), answer())).stored
     assert (await cache.check(q("How do I reset my password?"))).exact
+
+
+async def test_another_tenants_misses_do_not_push_out_a_lookup_made_before_a_purge() -> None:
+    """The last 4,096 misses were kept for every tenant at once: tenant b's misses pushed out
+    the record of a's lookup made before a's purge, and a Store of that lookup's answer
+    arriving past the purge guard (a model call longer than 15 minutes: ROUTER_MODEL_TIMEOUT_S
+    has no ceiling) put the answer from before the purge back. Over the bound, the tenant
+    holding the most records loses its oldest: b's flood pushes out b's own."""
+    cache, clock, _ = new_cache()
+    await cache.store(q("What is the refund window?"), answer())
+    asked = _with_id("How long do refunds take?", "req-1")
+    assert not (await cache.check(asked)).hit  # the model call starts
+    await cache.drop("a")  # the refund policy changed
+    for i in range(2 * _MISSES_KEPT):  # another tenant's misses meanwhile
+        await cache.check(_with_id("hello there", f"n{i}", tenant="b"))
+    clock.advance(ms=PURGE_GUARD_MS + 1)  # the long model call ends
+    stored = await cache.store(asked, answer())
+    assert not stored.stored and "after this request's lookup" in stored.skip_reason
+    assert not (await cache.check(q("How long do refunds take?"))).hit
+
+
+async def test_another_tenants_misses_do_not_refuse_a_store_looked_up_after_a_purge() -> None:
+    """The other way round: a's lookup made after its purge (a REFRESH, say) pushed out by
+    b's misses was refused as a Store with nothing known, for 15 minutes after the purge."""
+    cache, _, _ = new_cache()
+    await cache.store(q("What is the refund window?"), answer())
+    await cache.drop("a")
+    asked = _with_id("How long do refunds take?", "req-2")
+    assert not (await cache.check(asked)).hit
+    for i in range(2 * _MISSES_KEPT):
+        await cache.check(_with_id("hello there", f"n{i}", tenant="b"))
+    assert (await cache.store(asked, answer())).stored
+    assert (await cache.check(q("How long do refunds take?"))).hit
