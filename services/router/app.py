@@ -94,7 +94,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics.open_calls_settled,
         metrics.outbox_dropped,
         # a killed router's calls, billed now: their cost counts against the budgets
-        lambda tenant, reply: limiter.count_unticketed(tenant, reply.cost.cost_nanos),
+        lambda bill: limiter.count_unticketed(bill.tenant, bill.cost_nanos, call_id=bill.call_id),
         settings.journal_sync_s,
     )
     pipeline = Pipeline(

@@ -174,10 +174,13 @@ class LimitStore(Protocol):
         now_ms: int,
         periods: Periods,
         settle_id: str | None = None,
+        lasting_id: bool = False,
     ) -> None:
         """Gives back ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the
         day's and the month's bill; once per ``settle_id`` (when given) within
-        ``SETTLE_MARKER_MS``: a replay of a settle counted already counts nothing. Raises
+        ``SETTLE_MARKER_MS``: a replay of a settle counted already counts nothing.
+        ``lasting_id``: once per ``settle_id`` until the month it counts in has ended (a
+        killed router's open call, counted again at each start of a crash loop). Raises
         ``SettleNotSent`` when the settle surely did not reach the store."""
         ...
 
@@ -215,6 +218,8 @@ class MemoryLimitStore:
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._spent: dict[tuple[str, str], int] = {}  # (tenant, period id) -> nanos
+        # (tenant, settle id) -> the month it counted in: the lasting ids counted already
+        self._counted: dict[tuple[str, str], str] = {}
 
     def _level(self, tenant: str, kind: str, capacity: int, now_ms: int) -> float:
         bucket = self._buckets.get((tenant, kind))
@@ -267,8 +272,14 @@ class MemoryLimitStore:
         now_ms: int,
         periods: Periods,
         settle_id: str | None = None,
+        lasting_id: bool = False,
     ) -> None:
-        # never fails, so never replayed: no settle id to remember
+        # never fails, so never replayed: only a lasting id (sent again by another process,
+        # which shares this store only in tests) is remembered
+        if lasting_id and settle_id is not None:
+            if (tenant, settle_id) in self._counted:
+                return
+            self._counted[(tenant, settle_id)] = periods.month
         if policy.tokens_per_min is not None and refund_tokens:
             level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
             refunded = min(float(policy.tokens_per_min), level + refund_tokens)
@@ -283,6 +294,8 @@ class MemoryLimitStore:
         current = {periods.day, periods.month}
         for key in [k for k in self._spent if k[1] not in current]:
             del self._spent[key]
+        for mark in [k for k, month in self._counted.items() if month not in current]:
+            del self._counted[mark]
 
     async def close(self) -> None:
         return None
@@ -310,6 +323,7 @@ class _Settle:
     cost_nanos: int
     settle_id: str
     at_ms: int  # when it was first sent
+    lasting_id: bool = False  # counted once per id for its periods (LimitStore.settle)
     # when a try that may have counted it was sent (None: no such try, each surely not sent)
     ambiguous_ms: int | None = None
 
@@ -470,22 +484,37 @@ class Limiter:
         refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, cost_nanos)
 
-    def count_unticketed(self, tenant: str, cost_nanos: int) -> None:
+    def count_unticketed(self, tenant: str, cost_nanos: int, *, call_id: str) -> None:
         """Counts the cost of a model call no request of this process admitted: an open call
         of a router killed mid-call, billed at its next start. Its tokens are counted already:
         the killed router's admission reserved the prompt and ``max_tokens``, and nothing gave
-        them back."""
+        them back. Once per ``call_id`` (its FINAL's commit key): a router that dies again
+        before its replay's "done" line is written bills the same call at its next start
+        (prefix-cache's FINAL is first-wins: one bill), and must not count it again."""
         policy = self._policies.for_tenant(tenant)
         if policy.active:
-            self._count(Ticket(tenant, policy, 0), 0, cost_nanos)
+            self._count(Ticket(tenant, policy, 0), 0, cost_nanos, f"call:{call_id}")
 
-    def _count(self, ticket: Ticket, refund: int, cost_nanos: int) -> None:
+    def _count(
+        self, ticket: Ticket, refund: int, cost_nanos: int, call_id: str | None = None
+    ) -> None:
         """Tokens back to the rate (negative: taken) and a cost to the budgets, in the
-        background (``drain`` awaits it); nothing when both are 0."""
+        background (``drain`` awaits it); nothing when both are 0. ``call_id``: the id a
+        count sent again by a later process counts once under (a lasting id), else a new
+        one."""
         if refund == 0 and cost_nanos == 0:
             return
         now = self._clock.now_ms()
-        count = _Settle(ticket.tenant, ticket.policy, refund, cost_nanos, uuid.uuid4().hex, now)
+        settle_id = call_id if call_id is not None else uuid.uuid4().hex
+        count = _Settle(
+            ticket.tenant,
+            ticket.policy,
+            refund,
+            cost_nanos,
+            settle_id,
+            now,
+            lasting_id=call_id is not None,
+        )
 
         async def first_try() -> None:
             try:
@@ -510,6 +539,7 @@ class Limiter:
                 now,
                 Periods.at(now),
                 settle_id=count.settle_id,
+                lasting_id=count.lasting_id,
             )
 
     @property

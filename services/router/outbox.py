@@ -48,6 +48,7 @@ import enum
 import logging
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 from opentelemetry import trace
@@ -70,6 +71,17 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _Entry = tuple[tuple[pc.CommitRequest, ...], dict[str, str]]
 # an entry read back to replay it: also whether it is an open call
 _Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool]
+
+
+@dataclass(frozen=True)
+class OpenCallBill:
+    """An open call a replay billed (a killed router's model call), for the tenant's limits."""
+
+    tenant: str
+    # its FINAL's commit key: first-wins at prefix-cache, so a replay at each start of a
+    # crash loop bills it once, and the limits count it once by it
+    call_id: str
+    cost_nanos: int  # its FINAL's
 
 
 class _Sent(enum.Enum):
@@ -178,7 +190,7 @@ class BillingOutbox:
         max_memory_bytes: int | None = None,
         open_calls_settled: Callable[[int], None] | None = None,
         dropped: Callable[[int], None] | None = None,
-        open_call_billed: Callable[[str, pc.CommitResponse], None] | None = None,
+        open_call_billed: Callable[[OpenCallBill], None] | None = None,
         journal_sync_s: float | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
@@ -186,8 +198,9 @@ class BillingOutbox:
         commits wait on disk and are not bounded by it. ``open_calls_settled``: told how many
         open calls a replay round billed (a killed router's, the metric); ``dropped``: how
         many entries prefix-cache refused for good (their bills lost, the metric);
-        ``open_call_billed``: told of each open call billed (its tenant and its FINAL's reply):
-        no request of this process counts it against the tenant's limits (the limiter's).
+        ``open_call_billed``: told of each open call billed (its tenant, id and cost; again at
+        each start that replays it before its "done" line is written): no request of this
+        process counts it against the tenant's limits (the limiter's).
         ``journal_sync_s``: how long an open call's line may wait for its fsync
         (``JournalThread``'s ``sync_within_s``; None: until the next durable write)."""
         self._prefix = prefix
@@ -360,7 +373,9 @@ class BillingOutbox:
                     settled += 1
                     open_calls += open_call
                     if open_call and reply is not None and self._open_call_billed is not None:
-                        self._open_call_billed(commits[-1].tenant, reply)
+                        final = commits[-1]
+                        bill = OpenCallBill(final.tenant, final.request_id, reply.cost.cost_nanos)
+                        self._open_call_billed(bill)
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:

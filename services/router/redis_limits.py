@@ -2,8 +2,10 @@
 
 Per tenant, under ``<prefix>:{<tenant>}:`` (the braces keep a tenant's keys in one cluster
 slot): ``requests`` and ``tokens`` hashes ``{level, at_ms}`` (a bucket as of ``at_ms``),
-``spent:<day>`` and ``spent:<month>`` (nano-dollars billed in the period). Each operation is one
-Lua script, so checking and taking happen atomically with respect to every other router.
+``spent:<day>`` and ``spent:<month>`` (nano-dollars billed in the period), ``settled:<id>`` (a
+settle counted already: kept ``SETTLE_MARKER_MS``, or, for a killed router's open call, until
+the month it counts in has ended). Each operation is one Lua script, so checking and taking
+happen atomically with respect to every other router.
 A bucket's time, and the day and month a budget counts in (read with ``TIME`` before the
 script when a budget is set), is Redis's own clock, shared by every router: routers' clocks
 differ, and a bucket stamped by each router's own clock is refilled twice over by skew (a
@@ -144,6 +146,16 @@ def _or_none(value: int | None) -> int:
     return -1 if value is None else value
 
 
+def _marker_ms(settle_id: str | None, lasting_id: bool, now_ms: int, periods: Periods) -> int:
+    """How long a settle's marker lives (0: no marker): ``SETTLE_MARKER_MS``, or a lasting
+    id's until the month it counts in has ended, and GC_SLACK_MS more."""
+    if settle_id is None:
+        return 0
+    if lasting_id:
+        return max(periods.month_end_ms - now_ms, 0) + GC_SLACK_MS
+    return SETTLE_MARKER_MS
+
+
 def _cap(value: int | None) -> int:
     """A bucket's capacity for the script: 0 = no such limit (a rate is at least 1)."""
     return 0 if value is None else value
@@ -219,6 +231,7 @@ class RedisLimitStore:
         now_ms: int,
         periods: Periods,
         settle_id: str | None = None,
+        lasting_id: bool = False,
     ) -> None:
         await self._connected()
         now_ms, periods, script_ms = await self._clock(cost_nanos != 0, now_ms, periods)
@@ -237,7 +250,7 @@ class RedisLimitStore:
             periods.day_end_ms - now_ms,
             periods.month_end_ms - now_ms,
             GC_SLACK_MS,
-            0 if settle_id is None else SETTLE_MARKER_MS,
+            _marker_ms(settle_id, lasting_id, now_ms, periods),
         ]
         await self._settle(keys=keys, args=args)
 

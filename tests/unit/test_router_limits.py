@@ -368,12 +368,37 @@ async def test_a_killed_routers_call_billed_at_the_next_start_counts_its_cost(
     clock = ManualClock(START_MS)
     limiter = _limiter(store, LimitPolicy(day_budget_nanos=2_000, tokens_per_min=1_000), clock)
     await _admitted(limiter, reserve=100)  # the killed router's: its reservation stays taken
-    limiter.count_unticketed("t", 1_000)
+    limiter.count_unticketed("t", 1_000, call_id="r1#1")
     await limiter.drain()
     await _admitted(limiter, reserve=900)  # its tokens were not taken a second time
-    limiter.count_unticketed("t", 1_000)
+    limiter.count_unticketed("t", 1_000, call_id="r2#1")
     await limiter.drain()
     assert (await _denied(limiter, reserve=HI)).limit == DAY_BUDGET
+
+
+async def test_a_killed_routers_call_billed_at_each_start_of_a_crash_loop_counts_once(
+    store: LimitStore, redis_client: Redis | None
+) -> None:
+    """A router that dies again before its replay's "done" line is written bills the same
+    open call at each start (prefix-cache's FINAL is first-wins, so the bill stands once, and
+    answers each replay with its cost): counted each time, a $0.0000006 call made three
+    starts count $0.0000018 against a $0.000001 budget. Now it counts once per call, for as
+    long as its budget periods last (starts minutes apart: past a settle's marker)."""
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(day_budget_nanos=1_000, month_budget_nanos=1_000)
+    for _ in range(3):  # three starts of one router, each billing the killed call again
+        restarted = _limiter(store, policy, clock)
+        restarted.count_unticketed("t", 600, call_id="req-1#0")
+        await restarted.drain()
+        clock.advance(ms=2 * SETTLE_MARKER_MS)
+    limiter = _limiter(store, policy, clock)
+    await _admitted(limiter)  # 600 counted, not 1,800
+    limiter.count_unticketed("t", 600, call_id="req-2#0")  # another call counts
+    await limiter.drain()
+    assert set((await _denied(limiter)).exceeded) == {DAY_BUDGET, MONTH_BUDGET}
+    if redis_client is not None:  # the call's mark outlives the month it counts in
+        mark = await redis_client.pttl("cachemesh:limits:{t}:settled:call:req-1#0")
+        assert mark > TO_MONTH_END_MS
 
 
 async def test_two_limiters_on_one_store_share_the_counts(store: LimitStore) -> None:
@@ -474,11 +499,12 @@ class _Switch:
         now_ms: int,
         periods: Periods,
         settle_id: str | None = None,
+        lasting_id: bool = False,
     ) -> None:
         if self.down:
             raise ConnectionError("redis went away")
         await self.store.settle(
-            tenant, policy, refund_tokens, cost_nanos, now_ms, periods, settle_id
+            tenant, policy, refund_tokens, cost_nanos, now_ms, periods, settle_id, lasting_id
         )
 
     async def close(self) -> None:

@@ -23,7 +23,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed
 from services.router.open_calls import UPDATE_EVERY_S
-from services.router.outbox import BillingOutbox
+from services.router.outbox import BillingOutbox, OpenCallBill
 from services.router.outbox_journal import JOURNAL_NAME, Journal
 from tests.unit.test_router_pipeline import (
     TOKENIZER,
@@ -106,7 +106,7 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     await pipeline.drain()  # (the test's own router: its bill of the cancelled call)
 
     settled: list[int] = []
-    billed: list[tuple[str, int]] = []
+    billed: list[OpenCallBill] = []
     again = FakePrefix()
     with caplog.at_level(logging.INFO, "cachemesh.router.outbox"):
         restarted = BillingOutbox(
@@ -115,7 +115,7 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
             1.0,
             0.01,
             open_calls_settled=settled.append,
-            open_call_billed=lambda tenant, reply: billed.append((tenant, reply.cost.cost_nanos)),
+            open_call_billed=billed.append,
         )
         assert restarted.pending == 1
         assert await restarted.flush() == 1
@@ -133,8 +133,9 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     assert final.output_tokens == sum(TOKENIZER.count(piece) for piece in counted)
     assert (final.tenant, final.model, final.replica) == ("tenant-a", "sim-large", warm.replica)
     assert settled == [1]
-    # its tenant and its cost, for the tenant's budgets (before: counted against none)
-    assert billed == [("tenant-a", 123)]
+    # its tenant and its cost, for the tenant's budgets (before: counted against none), by
+    # its FINAL's commit key (counted once however many starts bill it)
+    assert billed == [OpenCallBill("tenant-a", final.request_id, 123)]
     said = [r.getMessage() for r in caplog.records]
     assert any("1 model calls were still running" in line for line in said), said
     assert any("billed 1 open calls" in line for line in said), said
