@@ -75,9 +75,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings, provider.get_tracer("cachemesh.grpc"), CallTiming(metrics.dependency)
     )
     tracer = provider.get_tracer("cachemesh.router")
+    wall = SystemClock()  # the outbox's open calls' starts, and the limiter's time since
     limiter = await build_limiter(
         settings.limits,
-        SystemClock(),
+        wall,
         table,
         tokenizer,
         tracer,
@@ -93,8 +94,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.outbox_max_bytes,
         metrics.open_calls_settled,
         metrics.outbox_dropped,
-        # a killed router's calls, billed now: their cost counts against the budgets
-        lambda bill: limiter.count_unticketed(bill.tenant, bill.cost_nanos, call_id=bill.call_id),
+        # a killed router's calls, billed now: their cost counts against the budgets of the
+        # periods they started in, once per call
+        lambda bill: limiter.count_unticketed(
+            bill.tenant, bill.cost_nanos, call_id=bill.call_id, started_ms=bill.started_ms
+        ),
+        wall,
         settings.journal_sync_s,
     )
     pipeline = Pipeline(

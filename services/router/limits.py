@@ -175,11 +175,13 @@ class LimitStore(Protocol):
         periods: Periods,
         settle_id: str | None = None,
         lasting_id: bool = False,
+        age_ms: int = 0,
     ) -> None:
         """Gives back ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the
-        day's and the month's bill; once per ``settle_id`` (when given) within
-        ``SETTLE_MARKER_MS``: a replay of a settle counted already counts nothing.
-        ``lasting_id``: once per ``settle_id`` until the month it counts in has ended (a
+        day's and the month's bill (``age_ms``: of the periods that long before ``now_ms``,
+        when the cost was incurred: a killed router's open call); once per ``settle_id``
+        (when given) within ``SETTLE_MARKER_MS``: a replay of a settle counted already counts
+        nothing. ``lasting_id``: once per ``settle_id`` until the month it counts in has ended (a
         killed router's open call, counted again at each start of a crash loop). Raises
         ``SettleNotSent`` when the settle surely did not reach the store."""
         ...
@@ -273,19 +275,21 @@ class MemoryLimitStore:
         periods: Periods,
         settle_id: str | None = None,
         lasting_id: bool = False,
+        age_ms: int = 0,
     ) -> None:
+        spent = Periods.at(now_ms - age_ms) if age_ms else periods  # where the cost counts
         # never fails, so never replayed: only a lasting id (sent again by another process,
         # which shares this store only in tests) is remembered
         if lasting_id and settle_id is not None:
             if (tenant, settle_id) in self._counted:
                 return
-            self._counted[(tenant, settle_id)] = periods.month
+            self._counted[(tenant, settle_id)] = spent.month
         if policy.tokens_per_min is not None and refund_tokens:
             level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
             refunded = min(float(policy.tokens_per_min), level + refund_tokens)
             self._buckets[(tenant, TOKENS)] = _Bucket(refunded, now_ms)
         if cost_nanos:
-            for period in (periods.day, periods.month):
+            for period in (spent.day, spent.month):
                 key = (tenant, period)
                 self._spent[key] = self._spent.get(key, 0) + cost_nanos
             self._forget_old(periods)
@@ -324,6 +328,7 @@ class _Settle:
     settle_id: str
     at_ms: int  # when it was first sent
     lasting_id: bool = False  # counted once per id for its periods (LimitStore.settle)
+    incurred_ms: int | None = None  # when its cost was incurred (None: when it is sent)
     # when a try that may have counted it was sent (None: no such try, each surely not sent)
     ambiguous_ms: int | None = None
 
@@ -484,24 +489,35 @@ class Limiter:
         refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, cost_nanos)
 
-    def count_unticketed(self, tenant: str, cost_nanos: int, *, call_id: str) -> None:
+    def count_unticketed(
+        self, tenant: str, cost_nanos: int, *, call_id: str, started_ms: int | None = None
+    ) -> None:
         """Counts the cost of a model call no request of this process admitted: an open call
         of a router killed mid-call, billed at its next start. Its tokens are counted already:
         the killed router's admission reserved the prompt and ``max_tokens``, and nothing gave
         them back. Once per ``call_id`` (its FINAL's commit key): a router that dies again
         before its replay's "done" line is written bills the same call at its next start
-        (prefix-cache's FINAL is first-wins: one bill), and must not count it again."""
+        (prefix-cache's FINAL is first-wins: one bill), and must not count it again. In the
+        budget periods it started in (``started_ms``, this clock's; None: those of now): a
+        call cut just before midnight UTC is the day's, not the next's."""
         policy = self._policies.for_tenant(tenant)
         if policy.active:
-            self._count(Ticket(tenant, policy, 0), 0, cost_nanos, f"call:{call_id}")
+            count_id = f"call:{call_id}"
+            self._count(Ticket(tenant, policy, 0), 0, cost_nanos, count_id, started_ms)
 
     def _count(
-        self, ticket: Ticket, refund: int, cost_nanos: int, call_id: str | None = None
+        self,
+        ticket: Ticket,
+        refund: int,
+        cost_nanos: int,
+        call_id: str | None = None,
+        incurred_ms: int | None = None,
     ) -> None:
         """Tokens back to the rate (negative: taken) and a cost to the budgets, in the
         background (``drain`` awaits it); nothing when both are 0. ``call_id``: the id a
         count sent again by a later process counts once under (a lasting id), else a new
-        one."""
+        one; ``incurred_ms``: when the cost was incurred, whose budget periods it counts in
+        (None: those it is sent in)."""
         if refund == 0 and cost_nanos == 0:
             return
         now = self._clock.now_ms()
@@ -514,6 +530,7 @@ class Limiter:
             settle_id,
             now,
             lasting_id=call_id is not None,
+            incurred_ms=incurred_ms,
         )
 
         async def first_try() -> None:
@@ -530,6 +547,8 @@ class Limiter:
 
     async def _send(self, count: _Settle) -> None:
         now = self._clock.now_ms()
+        # how long ago its cost was incurred, on this clock (the store's may differ: Redis's)
+        age = 0 if count.incurred_ms is None else max(now - count.incurred_ms, 0)
         async with asyncio.timeout(self._timeout_s):
             await self._store.settle(
                 count.tenant,
@@ -540,6 +559,7 @@ class Limiter:
                 Periods.at(now),
                 settle_id=count.settle_id,
                 lasting_id=count.lasting_id,
+                age_ms=age,
             )
 
     @property

@@ -24,9 +24,10 @@ is never dropped for a fault that may pass.
 
 Open calls: with a journal, each model call is journalled as an "open call" as it starts,
 before its WARM commit is sent (``open``; the WARM waits until the line is in the file, not for
-its fsync): the WARM as it is sent and the FINAL that would bill the call as prefix-cache
-estimates it (the prompt as the WARM prices it, the output tokens journalled so far), rewritten
-as its output grows (``open_calls.py``). The call's FINAL settles it (``settle``), or its
+its fsync), with when it started (the wall clock's: the budget periods it counts in): the WARM
+as it is sent and the FINAL that would bill the call as prefix-cache estimates it (the prompt
+as the WARM prices it, the output tokens journalled so far), rewritten as its output grows
+(``open_calls.py``). The call's FINAL settles it (``settle``), or its
 outbox entry replaces it (``keep(replaces=...)``). A replay round leaves the open calls of
 this process alone; a router that starts and finds open calls in its journal was killed
 mid-call (SIGKILL, OOM, a host crash: no handler billed them), and replays them as it replays
@@ -55,6 +56,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import Clock, SystemClock
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, PrefixPort
 from services.router.outbox_journal import Journal, JournalThread, UnreadableEntry
@@ -69,8 +71,8 @@ _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
 _Entry = tuple[tuple[pc.CommitRequest, ...], dict[str, str]]
-# an entry read back to replay it: also whether it is an open call
-_Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool]
+# an entry read back to replay it: also whether it is an open call, and when its call started
+_Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool, int | None]
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class OpenCallBill:
     # crash loop bills it once, and the limits count it once by it
     call_id: str
     cost_nanos: int  # its FINAL's
+    # when the call started (epoch ms): the budget periods it counts in (None: journalled by
+    # a router from before it was kept; it counts in those of now)
+    started_ms: int | None
 
 
 class _Sent(enum.Enum):
@@ -125,7 +130,7 @@ class _InMemory:
 
     async def read(self, entry_id: str) -> _Read:
         commits, carrier = self._entries[entry_id]
-        return commits, carrier, False
+        return commits, carrier, False, None
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
         if (entry := self._entries.pop(entry_id, None)) is not None:
@@ -163,15 +168,22 @@ class _OnDisk:
     async def read(self, entry_id: str) -> _Read:
         def read() -> _Read:
             commits, carrier = self._journal.read_traced(entry_id)
-            return commits, carrier, self._journal.is_open(entry_id)
+            journal = self._journal
+            return commits, carrier, journal.is_open(entry_id), journal.started_ms(entry_id)
 
         return await self._thread.call(read)
 
     def open(
-        self, entry_id: str, commits: tuple[pc.CommitRequest, ...], carrier: dict[str, str]
+        self,
+        entry_id: str,
+        commits: tuple[pc.CommitRequest, ...],
+        carrier: dict[str, str],
+        started_ms: int,
     ) -> asyncio.Future[None]:
         """Written with the next batch (fsynced with it); the future is set once written."""
-        added = partial(self._journal.add, entry_id, commits, carrier, open_call=True)
+        added = partial(
+            self._journal.add, entry_id, commits, carrier, open_call=True, started_ms=started_ms
+        )
         return self._thread.submit(added, written=True)
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
@@ -191,6 +203,7 @@ class BillingOutbox:
         open_calls_settled: Callable[[int], None] | None = None,
         dropped: Callable[[int], None] | None = None,
         open_call_billed: Callable[[OpenCallBill], None] | None = None,
+        wall: Clock | None = None,
         journal_sync_s: float | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
@@ -200,7 +213,8 @@ class BillingOutbox:
         many entries prefix-cache refused for good (their bills lost, the metric);
         ``open_call_billed``: told of each open call billed (its tenant, id and cost; again at
         each start that replays it before its "done" line is written): no request of this
-        process counts it against the tenant's limits (the limiter's).
+        process counts it against the tenant's limits (the limiter's). ``wall``: when an open
+        call starts, journalled with it (the system clock's when None).
         ``journal_sync_s``: how long an open call's line may wait for its fsync
         (``JournalThread``'s ``sync_within_s``; None: until the next durable write)."""
         self._prefix = prefix
@@ -213,7 +227,9 @@ class BillingOutbox:
         self._open_calls_settled = open_calls_settled
         self._dropped = dropped
         self._open_call_billed = open_call_billed
-        self._live: set[str] = set()  # the open calls of this process's model calls running
+        self._wall = wall if wall is not None else SystemClock()
+        # the open calls of this process's model calls running, and when each started
+        self._live: dict[str, int] = {}
         self._entries: _InMemory | _OnDisk
         if journal is not None:
             loaded = len(journal.load())
@@ -255,12 +271,12 @@ class BillingOutbox:
         rewrite = entry_id is not None
         if entry_id is None:
             entry_id = secrets.token_hex(8)
-            self._live.add(entry_id)
+            self._live[entry_id] = self._wall.now_ms()  # its start, in each of its lines
         elif entry_id not in self._live:
             return None  # settled or released already: no longer the call's to rewrite
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
-        written = self._entries.open(entry_id, tuple(commits), carrier)
+        written = self._entries.open(entry_id, tuple(commits), carrier, self._live[entry_id])
         # the first write's failure is said; a rewrite's leaves the line before it in place
         written.add_done_callback(_rewrite_failed if rewrite else _open_failed)
         return entry_id, written
@@ -268,14 +284,13 @@ class BillingOutbox:
     def settle(self, entry_id: str) -> None:
         """The open call's FINAL was made: its entry is settled (not awaited: a replay of it
         would only find its FINAL made)."""
-        if entry_id in self._live:
-            self._live.discard(entry_id)
+        if self._live.pop(entry_id, None) is not None:
             self._entries.done(entry_id).add_done_callback(_done_failed)
 
     def release(self, entry_id: str) -> None:
         """The open call is no longer this process's to settle: a replay round bills what its
         entry holds (its outbox entry, if ``keep`` replaced it; else its estimate)."""
-        self._live.discard(entry_id)
+        self._live.pop(entry_id, None)
 
     @property
     def full(self) -> bool:
@@ -356,12 +371,12 @@ class BillingOutbox:
                 if entry_id in self._live:
                     continue  # a model call of this process, still running
                 try:
-                    commits, carrier, open_call = await self._entries.read(entry_id)
+                    commits, carrier, open_call, started_ms = await self._entries.read(entry_id)
                 except KeyError:
                     continue  # an open call settled since the ids were read
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
-                    commits, carrier, open_call = (), {}, False
+                    commits, carrier, open_call, started_ms = (), {}, False, None
                 outcome, reply = await self._replay(commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
                     break
@@ -374,7 +389,8 @@ class BillingOutbox:
                     open_calls += open_call
                     if open_call and reply is not None and self._open_call_billed is not None:
                         final = commits[-1]
-                        bill = OpenCallBill(final.tenant, final.request_id, reply.cost.cost_nanos)
+                        cost = reply.cost.cost_nanos
+                        bill = OpenCallBill(final.tenant, final.request_id, cost, started_ms)
                         self._open_call_billed(bill)
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):

@@ -5,11 +5,13 @@ The file holds lines ``{"add": id, "commits": [base64...], "trace": {...}, "v": 
 so their replay joins its trace; absent in lines written before it was kept; ``v``: the
 record's version, absent in version 1). Version 2 adds ``"open": true``: an open call, the
 FINAL (and, if prefix-cache did not acknowledge it, the WARM) that bills a model call still
-running, with the output tokens produced so far. An "add" line with an id already pending
+running, with the output tokens produced so far, and ``"started_ms"``: when the call started
+(epoch ms: the budget periods its cost counts in; absent in open calls written before it was
+kept, which count in the periods of their bill). An "add" line with an id already pending
 replaces its entry (the call's output count grows, or its outbox entry takes its place), and
 its "done" line settles it. A version-1 reader reads an open call as any other entry, and bills
-it at its start: what it is for. An entry's
-commits (each carrying its whole request) are read back from the file when they are sent, so
+it at its start: what it is for. An entry's commits (each carrying its whole request) are
+read back from the file when they are sent, so
 an outage of prefix-cache costs disk, not the router's memory. The file is emptied once
 nothing is pending, and rewritten with only the pending lines once its settled lines outweigh
 them (``COMPACT_BYTES``), so an entry that stays pending for days does not pin every line
@@ -78,6 +80,7 @@ class _Line:
     offset: int
     length: int
     open: bool = False  # an open call: a model call still running when it was written
+    started_ms: int | None = None  # an open call's: when its model call started
 
 
 class Journal:
@@ -148,7 +151,10 @@ class Journal:
         except json.JSONDecodeError:
             item = {}
         if isinstance(item, dict) and isinstance(item.get("add"), str):
-            self._lines[item["add"]] = _Line(offset, len(raw), item.get("open") is True)
+            started = item.get("started_ms")
+            if not isinstance(started, int) or isinstance(started, bool):
+                started = None  # a line from before it was kept
+            self._lines[item["add"]] = _Line(offset, len(raw), item.get("open") is True, started)
         elif isinstance(item, dict) and isinstance(item.get("done"), str):
             self._lines.pop(item["done"], None)
         else:
@@ -161,10 +167,11 @@ class Journal:
         carrier: Mapping[str, str] | None = None,
         *,
         open_call: bool = False,
+        started_ms: int | None = None,
     ) -> None:
         """``carrier``: the request's trace context (``traceparent``), for the replay's span.
-        ``open_call``: the commits bill a model call still running (``opened``). An id already
-        pending is replaced."""
+        ``open_call``: the commits bill a model call still running (``opened``), which started
+        at ``started_ms`` (epoch ms, the wall clock's). An id already pending is replaced."""
         raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
         record: dict[str, object] = {"add": entry_id, "commits": raw}
         if carrier:
@@ -172,7 +179,9 @@ class Journal:
         record["v"] = JOURNAL_VERSION
         if open_call:
             record["open"] = True
-        line = self._write(record, open_call)
+            if started_ms is not None:
+                record["started_ms"] = started_ms
+        line = self._write(record, open_call, started_ms if open_call else None)
         replaced = self._lines.get(entry_id)
         if replaced is not None:
             self._live_bytes -= replaced.length
@@ -196,6 +205,12 @@ class Journal:
     def is_open(self, entry_id: str) -> bool:
         line = self._lines.get(entry_id)
         return line is not None and line.open
+
+    def started_ms(self, entry_id: str) -> int | None:
+        """When an open call's model call started (epoch ms; None: not an open call, or a
+        line written before it was kept)."""
+        line = self._lines.get(entry_id)
+        return None if line is None else line.started_ms
 
     @property
     def pending_count(self) -> int:
@@ -271,14 +286,16 @@ class Journal:
         settled = self._size - self._live_bytes
         return settled > max(self._compact_bytes, self._live_bytes)
 
-    def _write(self, record: dict[str, object], open_call: bool = False) -> _Line:
+    def _write(
+        self, record: dict[str, object], open_call: bool = False, started_ms: int | None = None
+    ) -> _Line:
         data = (json.dumps(record) + "\n").encode()
         try:
             _write_all(self._fd, data, self._size)  # after the last line, even if one is torn
         except OSError:
             os.ftruncate(self._fd, self._size)  # no half line for the next one to follow
             raise
-        line = _Line(self._size, len(data), open_call)
+        line = _Line(self._size, len(data), open_call, started_ms)
         self._size += len(data)
         self._dirty = True
         return line
@@ -298,7 +315,7 @@ class Journal:
             try:
                 for entry_id, line in self._lines.items():
                     _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
-                    lines[entry_id] = _Line(size, line.length, line.open)
+                    lines[entry_id] = _Line(size, line.length, line.open, line.started_ms)
                     size += line.length
                 os.fsync(fd)
                 os.replace(fresh, self.path)

@@ -232,13 +232,16 @@ class RedisLimitStore:
         periods: Periods,
         settle_id: str | None = None,
         lasting_id: bool = False,
+        age_ms: int = 0,
     ) -> None:
         await self._connected()
         now_ms, periods, script_ms = await self._clock(cost_nanos != 0, now_ms, periods)
+        # the periods the cost was incurred in: that long before the time counted in (Redis's)
+        spent = Periods.at(now_ms - age_ms) if age_ms else periods
         keys = [
             self._key(tenant, TOKENS),
-            self._key(tenant, f"spent:{periods.day}"),
-            self._key(tenant, f"spent:{periods.month}"),
+            self._key(tenant, f"spent:{spent.day}"),
+            self._key(tenant, f"spent:{spent.month}"),
         ]
         if settle_id is not None:
             keys.append(self._key(tenant, f"settled:{settle_id}"))
@@ -247,10 +250,10 @@ class RedisLimitStore:
             _cap(policy.tokens_per_min),
             refund_tokens,
             cost_nanos,
-            periods.day_end_ms - now_ms,
-            periods.month_end_ms - now_ms,
+            max(spent.day_end_ms - now_ms, 0),  # a period over: kept GC_SLACK_MS still
+            max(spent.month_end_ms - now_ms, 0),
             GC_SLACK_MS,
-            _marker_ms(settle_id, lasting_id, now_ms, periods),
+            _marker_ms(settle_id, lasting_id, now_ms, spent),
         ]
         await self._settle(keys=keys, args=args)
 

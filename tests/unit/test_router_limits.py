@@ -401,6 +401,62 @@ async def test_a_killed_routers_call_billed_at_each_start_of_a_crash_loop_counts
         assert mark > TO_MONTH_END_MS
 
 
+async def test_a_killed_routers_call_counts_in_the_day_it_started(store: LimitStore) -> None:
+    """A call cut by a kill a minute before midnight UTC, billed at the start five minutes
+    after: it counted against the new day's budget (a $0.000001 call refused the tenant all
+    of that day under a $0.000001 budget), when it was made the day before. It counts in the
+    day it started now, and in its month still."""
+    midnight = Periods.at(START_MS).day_end_ms  # mid-month
+    clock = ManualClock(midnight + 300_000)
+    policy = LimitPolicy(day_budget_nanos=1_000, month_budget_nanos=1_500)
+    limiter = _limiter(store, policy, clock)
+    limiter.count_unticketed("t", 1_000, call_id="cut#0", started_ms=midnight - 60_000)
+    await limiter.drain()
+    await _admitted(limiter)  # the new day's budget untouched
+    limiter.count_unticketed("t", 600, call_id="new#0", started_ms=midnight + 60_000)
+    await limiter.drain()
+    denial = await _denied(limiter)  # 1,600 in the month; 600 in the day, under its budget
+    assert (denial.limit, denial.exceeded) == (MONTH_BUDGET, (MONTH_BUDGET,))
+
+
+async def test_a_killed_routers_call_counts_in_the_month_it_started(store: LimitStore) -> None:
+    """The same across the month's end: a call cut the minute before counts in the month
+    (and the day) it was made, not against the new month's budget."""
+    month_end = Periods.at(START_MS).month_end_ms
+    clock = ManualClock(month_end + 300_000)
+    policy = LimitPolicy(day_budget_nanos=1_000, month_budget_nanos=1_000)
+    limiter = _limiter(store, policy, clock)
+    limiter.count_unticketed("t", 1_000, call_id="cut#0", started_ms=month_end - 60_000)
+    await limiter.drain()
+    await _admitted(limiter)
+    limiter.count_unticketed("t", 1_000, call_id="new#0", started_ms=month_end + 60_000)
+    await limiter.drain()
+    assert set((await _denied(limiter)).exceeded) == {DAY_BUDGET, MONTH_BUDGET}
+
+
+async def test_a_killed_routers_call_counts_in_redis_day_it_started(redis_url: str) -> None:
+    """Redis keeping the time (as deployed): a call's periods are Redis's clock that long
+    ago (the router's clock only measures how long ago it started, between its journal
+    line and its count), so routers whose clocks differ agree on the day it counts in."""
+    client = Redis.from_url(redis_url)
+    try:
+        await client.flushdb()
+        seconds, micros = await client.time()
+        redis_now = Periods.at(int(seconds) * 1000 + int(micros) // 1000)
+        today = redis_now.day_end_ms - 86_400_000
+        yesterday = Periods.at(today - 3_600_000).day
+        clock = ManualClock(START_MS)  # the router's: far off Redis's
+        limiter = _limiter(RedisLimitStore(client), LimitPolicy(day_budget_nanos=1_000), clock)
+        # it started an hour before Redis's midnight: its age then, on the router's clock
+        age_ms = (int(seconds) * 1000 + int(micros) // 1000) - (today - 3_600_000)
+        limiter.count_unticketed("t", 700, call_id="cut#0", started_ms=START_MS - age_ms)
+        await limiter.drain()
+        assert int(await _spent(client, yesterday)) == 700
+        assert await _spent(client, redis_now.day) is None
+    finally:
+        await client.aclose()
+
+
 async def test_two_limiters_on_one_store_share_the_counts(store: LimitStore) -> None:
     """Two routers on one Redis (or one process's store) count one tenant's requests once."""
     clock = ManualClock(START_MS)
@@ -500,11 +556,20 @@ class _Switch:
         periods: Periods,
         settle_id: str | None = None,
         lasting_id: bool = False,
+        age_ms: int = 0,
     ) -> None:
         if self.down:
             raise ConnectionError("redis went away")
         await self.store.settle(
-            tenant, policy, refund_tokens, cost_nanos, now_ms, periods, settle_id, lasting_id
+            tenant,
+            policy,
+            refund_tokens,
+            cost_nanos,
+            now_ms,
+            periods,
+            settle_id,
+            lasting_id,
+            age_ms,
         )
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import ManualClock
 from services.common.errors import Code
 from services.router.dependencies import CallFailed
 from services.router.open_calls import UPDATE_EVERY_S
@@ -86,7 +87,9 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     prefix = FakePrefix()
-    outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01)
+    wall = ManualClock()
+    started_ms = wall.now_ms()
+    outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01, wall=wall)
     clock = FakeClock()
     rig = Rig(prefix=prefix, outbox=outbox, models=WritingModels(clock=clock), clock=clock)
     pipeline = rig.pipeline()
@@ -94,6 +97,7 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     async with contextlib.aclosing(pipeline.run("tenant-a", _pipeline_request())) as run:
         async for chunk in run:
             deltas += chunk.WhichOneof("part") == "delta"
+            wall.advance(s=CHUNKS_APART_S)  # its output's rewrites come later
             if deltas == len(PIECES):
                 break
         # the journal's writes so far are done (a flush's calls queue behind them), and a
@@ -134,8 +138,9 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     assert (final.tenant, final.model, final.replica) == ("tenant-a", "sim-large", warm.replica)
     assert settled == [1]
     # its tenant and its cost, for the tenant's budgets (before: counted against none), by
-    # its FINAL's commit key (counted once however many starts bill it)
-    assert billed == [OpenCallBill("tenant-a", final.request_id, 123)]
+    # its FINAL's commit key (counted once however many starts bill it), and when it started
+    # (its budget periods: not those of this start)
+    assert billed == [OpenCallBill("tenant-a", final.request_id, 123, started_ms)]
     said = [r.getMessage() for r in caplog.records]
     assert any("1 model calls were still running" in line for line in said), said
     assert any("billed 1 open calls" in line for line in said), said

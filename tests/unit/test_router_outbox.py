@@ -131,9 +131,10 @@ class SlowJournal(Journal):
         carrier: Mapping[str, str] | None = None,
         *,
         open_call: bool = False,
+        started_ms: int | None = None,
     ) -> None:
-        super().add(entry_id, commits, carrier, open_call=open_call)  # written ...
-        time.sleep(0.05)  # ... and the thread returns a little later (a slow disk)
+        super().add(entry_id, commits, carrier, open_call=open_call, started_ms=started_ms)
+        time.sleep(0.05)  # written, and the thread returns a little later (a slow disk)
 
 
 class SlowPrefix(FakePrefix):

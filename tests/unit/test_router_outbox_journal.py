@@ -104,6 +104,27 @@ def test_an_open_call_is_rewritten_by_its_later_lines_and_loads_as_open(tmp_path
     again.close()
 
 
+def test_an_open_call_keeps_when_its_call_started_and_an_older_line_reads_without(
+    tmp_path: Path,
+) -> None:
+    """An open call's line says when its model call started (``started_ms``, the wall
+    clock's), rewritten with it and kept by a compaction: its cost counts in that day's
+    budget. A line of a router from before it was kept (no ``started_ms``) reads as None."""
+    old = {"add": "old", "commits": [], "v": 2, "open": True}
+    (tmp_path / JOURNAL_NAME).write_text(json.dumps(old) + "\n")
+    journal = Journal(tmp_path, compact_bytes=1)
+    journal.load()
+    journal.add("o", _final("o#1", 0), open_call=True, started_ms=1_700_000_000_000)
+    journal.add("o", _final("o#1", 7), open_call=True, started_ms=1_700_000_000_000)
+    journal.sync()  # compacted: only the pending lines
+    journal.close()
+    again = Journal(tmp_path)
+    assert again.load() == ["old", "o"] and again.opened() == ["old", "o"]
+    assert again.started_ms("o") == 1_700_000_000_000
+    assert again.started_ms("old") is None
+    again.close()
+
+
 def test_an_open_call_replaced_by_its_outbox_entry_or_done_is_no_longer_open(
     tmp_path: Path,
 ) -> None:
