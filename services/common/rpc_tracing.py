@@ -8,13 +8,19 @@ a trace needs and the semantic conventions name: the full method as the span nam
 ``rpc.system`` / ``rpc.service`` / ``rpc.method`` / ``rpc.grpc.status_code``, an error status
 with the call's details, and the W3C context in the call's metadata through the configured
 propagator (``OTEL_PROPAGATORS``, tracecontext and baggage by default).
+
+A handler can hold its SERVER span open past the call's end (``end_after``) for what it
+learns only then (the router's bill of a model call the caller cancelled): the span ends when
+that is known, at the time the call ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -28,6 +34,8 @@ Metadata = tuple[tuple[str, str], ...]
 
 _STATUS = "rpc.grpc.status_code"
 _UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes are not requests
+_HELD = otel_context.create_key("cachemesh.rpc.held")  # the call's ``end_after`` sequences
+Held = list[Sequence["asyncio.Future[Any]"]]
 
 
 def method_attributes(method: str) -> dict[str, AttributeValue]:
@@ -38,11 +46,25 @@ def method_attributes(method: str) -> dict[str, AttributeValue]:
 
 def end_call_span(span: trace.Span, code: grpc.StatusCode, details: str = "") -> None:
     """Records the call's status on its span and ends it."""
+    _call_status(span, code, details)
+    span.end()
+
+
+def _call_status(span: trace.Span, code: grpc.StatusCode, details: str) -> None:
     span.set_attribute(_STATUS, code.value[0])
     if code is not grpc.StatusCode.OK:
         description = f"{code.name}: {details}" if details else code.name
         span.set_status(Status(StatusCode.ERROR, description))
-    span.end()
+
+
+def end_after(pending: Sequence[asyncio.Future[Any]]) -> None:
+    """The current call's SERVER span ends only once the futures in ``pending`` when the call
+    ends are done (a list the handler may still fill until then), so that what they write on
+    it is there; it ends at the time the call ended. Called from the handler, before it ends
+    (its own finally runs before the span's end); outside a traced call, nothing."""
+    held = otel_context.get_value(_HELD)
+    if isinstance(held, list):
+        held.append(pending)
 
 
 class ServerTracing(grpc.aio.ServerInterceptor):
@@ -65,11 +87,13 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         if attributes is None:
             attributes = self._attributes.setdefault(method, method_attributes(method))
 
-        def start() -> tuple[trace.Span, object]:
+        def start() -> tuple[trace.Span, Held, object]:
             span = self._tracer.start_span(
                 method, parent, SpanKind.SERVER, attributes, record_exception=False
             )
-            return span, otel_context.attach(trace.set_span_in_context(span, parent))
+            held: Held = []
+            current = otel_context.set_value(_HELD, held, trace.set_span_in_context(span, parent))
+            return span, held, otel_context.attach(current)
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -87,7 +111,10 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
 
 def _ended(
-    span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], outcome: grpc.StatusCode
+    span: trace.Span,
+    held: Held,
+    context: grpc.aio.ServicerContext[Any, Any],
+    outcome: grpc.StatusCode,
 ) -> None:
     """``outcome``: the status when the servicer set none (OK; CANCELLED when the caller left;
     INTERNAL for an exception, as ``wire``'s last resort answers it)."""
@@ -96,18 +123,24 @@ def _ended(
         code = outcome
     if code is grpc.StatusCode.CANCELLED:  # the caller's choice: no error on the server's span
         span.set_attribute(_STATUS, code.value[0])
+    else:
+        details = context.details()
+        _call_status(span, code, details.decode() if isinstance(details, bytes) else details or "")
+    pending = [future for futures in held for future in futures if not future.done()]
+    if not pending:
         span.end()
         return
-    details = context.details()
-    end_call_span(span, code, details.decode() if isinstance(details, bytes) else details or "")
+    ended_ns = time.time_ns()  # the spans' clock
+    waited = asyncio.gather(*pending, return_exceptions=True)  # a failed one: ends all the same
+    waited.add_done_callback(lambda _: span.end(end_time=ended_ns))
 
 
 def _traced_unary(
     behavior: Callable[..., Awaitable[Any]],
-    start: Callable[[], tuple[trace.Span, object]],
+    start: Callable[[], tuple[trace.Span, Held, object]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        span, token = start()
+        span, held, token = start()
         outcome = grpc.StatusCode.INTERNAL
         try:
             reply = await behavior(request, context)
@@ -118,30 +151,33 @@ def _traced_unary(
             raise
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
-            _ended(span, context, outcome)
+            _ended(span, held, context, outcome)
 
     return unary
 
 
 def _traced_stream(
-    behavior: Callable[..., AsyncIterator[Any]],
-    start: Callable[[], tuple[trace.Span, object]],
+    behavior: Callable[..., AsyncGenerator[Any, None]],
+    start: Callable[[], tuple[trace.Span, Held, object]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        span, token = start()
+        span, held, token = start()
         outcome = grpc.StatusCode.INTERNAL
         try:
-            async for item in behavior(request, context):
-                yield item
+            # closed here when the caller leaves (not when the garbage collector finds it): the
+            # handler's finally runs before its span ends
+            async with aclosing(behavior(request, context)) as items:
+                async for item in items:
+                    yield item
             outcome = grpc.StatusCode.OK
         except (asyncio.CancelledError, GeneratorExit):
             outcome = grpc.StatusCode.CANCELLED  # the caller left: not a server error
             raise
         finally:
             otel_context.detach(token)  # type: ignore[arg-type]
-            _ended(span, context, outcome)
+            _ended(span, held, context, outcome)
 
     return stream
 

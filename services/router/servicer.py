@@ -16,6 +16,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
+from services.common import rpc_tracing
 from services.common.auth import KeyLookup, bearer_token
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
@@ -104,6 +105,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         call = self._log.begin("Complete")
+        rpc_tracing.end_after(call.bills)  # its root span carries the bills that come after
         ended = ""
         self._entered()
         try:
@@ -139,6 +141,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: pb.CompleteRequest, context: Context
     ) -> AsyncIterator[pb.CompleteChunk]:
         call = self._log.begin("StreamComplete")
+        rpc_tracing.end_after(call.bills)  # its root span carries the bills that come after
         ended = ""
         self._entered()
         try:

@@ -140,9 +140,9 @@ def _billed(usage: pb.Usage, cost: pb.Cost) -> dict[str, AttributeValue]:
 
 class UnansweredBills:
     """The bills of a request's model calls that ended without their answer, summed on the
-    request's span while it is still open (``cachemesh.unanswered_cost_nanos``): a cut call's,
-    known while another replica answers. A bill that comes after the span ended (a caller
-    that left) is on its own ``chat <model>`` span only."""
+    request's span (``cachemesh.unanswered_cost_nanos``): a cut call's, known while another
+    replica answers, and one known after the call ended (a caller that left), for which the
+    Gateway's span waits (``rpc_tracing.end_after``)."""
 
     def __init__(self, span: trace.Span) -> None:
         self._span = span

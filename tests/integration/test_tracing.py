@@ -135,10 +135,13 @@ def test_speculative_decoding_reports_its_kept_draft_tokens(
         )
 
 
-def test_a_cancelled_model_calls_bill_is_on_its_chat_span(stack: RunningStack) -> None:
+def test_a_cancelled_model_calls_bill_is_on_its_chat_span_and_the_root_span(
+    stack: RunningStack,
+) -> None:
     """The caller leaves mid-answer: prefix-cache bills the call for what it produced, after
-    the request's span ended; the call's ``chat <model>`` span, which waits for that bill,
-    carries its usage and cost."""
+    the call ended; the call's ``chat <model>`` span, which waits for that bill, carries its
+    usage and cost, and so does the request's root span (``unanswered_cost_nanos``, as for a
+    cut call's bill), which waits for it too and ends at the time the call ended."""
     before = stack.totals("tenant-a")
     request = build_request(
         f"Tell me about the history of aviation {uuid.uuid4().hex[:8]}.",
@@ -186,6 +189,7 @@ def test_a_cancelled_model_calls_bill_is_on_its_chat_span(stack: RunningStack) -
     assert "error.type" not in attributes  # the caller's choice, no error
     root = next(s for s in spans if not s.parent_span_id)
     assert chat.parent_span_id == root.span_id
+    assert root.attributes["cachemesh.unanswered_cost_nanos"] == attributes["cachemesh.cost_nanos"]
 
 
 def test_a_replayed_retry_is_marked_and_its_trace_links_the_first_calls(

@@ -1,20 +1,23 @@
 """A server span's status when the servicer set none: a caller that left is CANCELLED (no
-error), an exception is INTERNAL (what the caller is answered), never UNKNOWN."""
+error), an exception is INTERNAL (what the caller is answered), never UNKNOWN. A span its
+handler holds (``end_after``) ends once what it waits for is known, at the call's end."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from services.common.rpc_tracing import ServerTracing
+from services.common.rpc_tracing import ServerTracing, end_after
 from services.common.wire import MalformedRequests
 
 
@@ -28,6 +31,30 @@ async def _endless(request: bytes, context: Any) -> AsyncIterator[bytes]:
 
 async def _broken(request: bytes, context: Any) -> bytes:
     raise KeyError("boom")
+
+
+class Bill:
+    """The bill of a ``_billed`` call, known after the call ended."""
+
+    future: asyncio.Future[int] | None = None
+    unwound = asyncio.Event()
+
+
+async def _billed(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    """A stream whose call is billed after it ended: the bill, a future its handler puts in
+    the list it gave ``end_after`` as it unwinds, is written on its span when it comes."""
+    bills: list[asyncio.Future[int]] = []
+    end_after(bills)
+    span = trace.get_current_span()
+    try:
+        while True:
+            yield b"more"
+            await asyncio.sleep(0.01)
+    finally:
+        bill = Bill.future = asyncio.get_running_loop().create_future()
+        bill.add_done_callback(lambda b: span.set_attribute("billed", b.result()))
+        bills.append(bill)
+        Bill.unwound.set()
 
 
 async def _spans(exporter: InMemorySpanExporter, n: int) -> list[ReadableSpan]:
@@ -52,6 +79,9 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter
         ),
         "Broken": grpc.unary_unary_rpc_method_handler(
             _broken, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "Billed": grpc.unary_stream_rpc_method_handler(
+            _billed, request_deserializer=bytes, response_serializer=bytes
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", handlers),))
@@ -95,3 +125,27 @@ async def test_an_exception_is_internal_on_the_span_as_for_the_caller(
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[0]
     assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_a_held_span_ends_once_its_bill_is_known_at_the_time_its_call_ended(
+    served: tuple[grpc.aio.Channel, InMemorySpanExporter],
+) -> None:
+    channel, exporter = served
+    call = channel.unary_stream(
+        "/t.S/Billed", request_serializer=bytes, response_deserializer=bytes
+    )(b"x")
+    async for _ in call:
+        call.cancel()  # the caller leaves mid-answer
+        break
+    await asyncio.wait_for(Bill.unwound.wait(), 10)
+    for _ in range(20):  # the interceptor's end, after the handler's, would come meanwhile
+        await asyncio.sleep(0)
+    assert not exporter.get_finished_spans()  # held: its bill is not known yet
+    before_bill_ns = time.time_ns()
+    assert Bill.future is not None
+    Bill.future.set_result(123)
+    (span,) = await _spans(exporter, 1)
+    assert span.attributes is not None
+    assert span.attributes["billed"] == 123  # written before it ended
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert span.end_time is not None and span.end_time < before_bill_ns  # when the call ended

@@ -3,8 +3,9 @@
 A call the caller cancels after the prefill, or one whose replica is cut before another replica
 answers, is billed in the background once its FINAL is known: the ``chat <model>`` span stays
 open until then (it ends at the time the call ended) and carries the bill's ``gen_ai.usage.*``
-and cost; the request's span, while still open, sums such bills as
-``cachemesh.unanswered_cost_nanos``; ``gen_ai_client_token_usage`` counts the billed tokens.
+and cost; the request's span, while still open (the Gateway's waits for them), sums such
+bills as ``cachemesh.unanswered_cost_nanos``; ``gen_ai_client_token_usage`` counts the billed
+tokens.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ async def test_a_cancelled_calls_bill_is_on_its_chat_span_and_in_the_token_metri
             async for chunk in run:
                 if chunk.WhichOneof("part") == "delta":
                     break  # the caller leaves after the first words
-    # the request's span ended with its handler; the bill comes after
+    # this span ended with the pipeline; the bill comes after (the Gateway's span waits for it:
+    # rpc_tracing.end_after, test_tracing)
     await traced.pipeline.drain()
     (final,) = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
     (chat,) = traced.chats()
