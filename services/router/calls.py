@@ -199,22 +199,30 @@ class Calls:
         *,
         want_embedding: bool = False,
         deadline: float | None = None,
+        accepted_tiers: Sequence[str] = (),
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's answer; when an identical request's model call is in flight (``pending``) and
         outlasted the lookup's deadline, one more lookup waits for it (``lease_wait_s``), so
         concurrent identical misses share one model call. ``deadline``: when the request's
-        model call must end, on ``clock`` (None: the client set no deadline)."""
+        model call must end, on ``clock`` (None: the client set no deadline).
+        ``accepted_tiers``: the answer tiers the request accepts (empty: any)."""
         lookup_s = self.lookup_timeout_s(deadline)
         if lookup_s <= 0:
             return None  # the deadline has passed: nothing to wait for
-        first = await self._lookup(tenant, request, lookup_s, want_embedding)
+        call = semantic_cache_pb2.LookupRequest(
+            tenant=tenant,
+            request=request,
+            want_embedding=want_embedding,
+            accepted_tiers=accepted_tiers,
+        )
+        first = await self._lookup(call, lookup_s)
         if first is None or not first.pending:
             return first
         wait_s = self.lease_wait_s(deadline)
         if wait_s <= 0:
             return first  # no time to wait: the request calls the model itself
         trace.get_current_span().add_event("cachemesh.semantic.await_lease")
-        second = await self._lookup(tenant, request, wait_s, want_embedding)
+        second = await self._lookup(call, wait_s)
         return first if second is None else second
 
     def lookup_timeout_s(self, deadline: float | None) -> float:
@@ -246,15 +254,8 @@ class Calls:
         )
 
     async def _lookup(
-        self,
-        tenant: str,
-        request: pb.CompleteRequest,
-        deadline_s: float,
-        want_embedding: bool = False,
+        self, call: semantic_cache_pb2.LookupRequest, deadline_s: float
     ) -> semantic_cache_pb2.LookupResponse | None:
-        call = semantic_cache_pb2.LookupRequest(
-            tenant=tenant, request=request, want_embedding=want_embedding
-        )
         return await self._degrading("semantic-cache", self._d.semantic.lookup(call, deadline_s))
 
     async def store(

@@ -110,6 +110,7 @@ class Bill:
 Bills = list[asyncio.Future[Bill | None]]
 
 _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
+_TIER_REFUSAL = "tier:"  # L1's refusal of an auto hit of a tier the request does not accept
 
 
 class Pipeline:
@@ -204,13 +205,16 @@ class Pipeline:
         if lookup is not None:
             log.debug("L1 lookup: %s", _lookup_result(lookup))
         refused = self._below_lowest_tier(request, lookup)
-        if refused:
-            # the model answers, and its Store replaces an exact match's weaker answer
-            record_event(self._tracer, "cachemesh.semantic.hit_refused", {"reason": refused})
+        if refused:  # an L1 that did not read the request's accepted_tiers: refused here
             assert lookup is not None
             lookup = semantic_cache_pb2.LookupResponse(
                 best_similarity=lookup.best_similarity, refusal=refused
             )
+        elif lookup is not None and lookup.refusal.startswith(_TIER_REFUSAL):
+            refused = lookup.refusal  # L1 refused it, and counted it as a miss
+        if refused:
+            # the model answers, and its Store replaces an exact match's weaker answer
+            record_event(self._tracer, "cachemesh.semantic.hit_refused", {"reason": refused})
         if lookup is not None and lookup.hit:
             end = await self._serve_hit(tenant, request, lookup, baseline, head)
             spans.outcome_attributes(root, end)
@@ -492,23 +496,42 @@ class Pipeline:
         auto = request.model == AUTO
         if request.cache.semantic == pb.SEMANTIC_MODE_BYPASS and not auto:
             return None
-        return await self._calls.lookup(tenant, request, want_embedding=auto, deadline=deadline)
+        return await self._calls.lookup(
+            tenant,
+            request,
+            want_embedding=auto,
+            deadline=deadline,
+            accepted_tiers=self._accepted_tiers(request),
+        )
+
+    def _accepted_tiers(self, request: pb.CompleteRequest) -> list[str]:
+        """The answer tiers an ``auto`` request accepts from L1 ([] = any): from the cheapest
+        one its thresholds can reach up. L1's scope holds ``auto``, not the thresholds: a
+        retry with ``routing.threshold`` -1 ("the large model, please") would get the small
+        tier's answer again, billed as a saving. L1 refuses such a hit, as the miss it is."""
+        if request.model != AUTO:
+            return []
+        tiers = self._table.tiers
+        lowest = self._router.lowest_tier(request)
+        if lowest == tiers[0]:
+            return []
+        return list(tiers[tiers.index(lowest) :])
 
     def _below_lowest_tier(
         self, request: pb.CompleteRequest, lookup: semantic_cache_pb2.LookupResponse | None
     ) -> str:
         """Why L1's hit for an ``auto`` request is not served ("" = it is, or no hit): its
-        answer's tier is below the cheapest one the request's thresholds allow. L1's scope
-        holds ``auto``, not the thresholds: a retry with ``routing.threshold`` -1 ("the
-        large model, please") would get the small tier's answer again, billed as a saving."""
-        if lookup is None or not lookup.hit or request.model != AUTO:
+        answer's tier is not one the request accepts (``_accepted_tiers``), which L1 did not
+        refuse itself (one older than ``accepted_tiers``)."""
+        if lookup is None or not lookup.hit:
             return ""
-        tiers = self._table.tiers
-        lowest = self._router.lowest_tier(request)
+        accepted = self._accepted_tiers(request)
         tier = lookup.answer.tier
-        if lowest == tiers[0] or (tier in tiers and tiers.index(tier) >= tiers.index(lowest)):
+        if not accepted or tier in accepted:
             return ""
-        return f"the cached answer is the {tier} tier's; the request allows the {lowest} tier up"
+        return f"{_TIER_REFUSAL} the cached answer is the {tier} tier's; the request accepts " + (
+            ", ".join(accepted)
+        )
 
     async def _serve_hit(
         self,

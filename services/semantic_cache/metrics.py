@@ -10,7 +10,8 @@
   they differ, ``symbols``: they differ in operators or signs, ``numbers``: they hold
   different numbers, ``opposite``: a word and its un- form or its opposite, ``swapped``: the
   same words on the other sides of than, to, from..., ``shape``: answers of another length,
-  detail or layout asked);
+  detail or layout asked, ``tier``: an ``auto`` hit whose answer's tier the request does not
+  accept, counted a miss);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -59,7 +60,7 @@ class SemanticCacheMetrics:
         self._refusals = m.counter(
             "cachemesh_semantic_cache_refusals",
             "Candidates above the threshold not served: verifier, ambiguous, unreadable, too_long, "
-            "symbols, numbers, opposite, swapped, shape",
+            "symbols, numbers, opposite, swapped, shape, tier",
             ("reason",),
         )
         self._stores = m.counter(
@@ -159,6 +160,7 @@ _REFUSAL_LABELS = (
     ("opposite:", "opposite"),  # reading.OPPOSITE, reading.ANTONYMS
     ("swapped:", "swapped"),  # reading.SWAPPED
     ("shape:", "shape"),  # reading.SHAPE
+    ("tier:", "tier"),  # api: an auto hit of a tier the request does not accept
 )
 
 

@@ -1,6 +1,7 @@
 """An ``auto`` request whose own ``routing.threshold`` forces the large tier is not served the
-small tier's cached answer: the whole request path in one process (the estimator's
-OfflineStack: the real semantic cache and router pipeline, simulated replicas)."""
+small tier's cached answer, and L1 counts that lookup as the miss it was: the whole request
+path in one process (the estimator's OfflineStack: the real semantic cache and router
+pipeline, simulated replicas)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ from pathlib import Path
 
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
+from services.common.metrics import TenantLabels, new_registry
+from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.tools.estimator.offline import OfflineStack
 from services.tools.stack.lifecycle import Stack
 from tests.unit.semantic_cache_support import FakeEmbedder
+from tests.unit.test_service_metrics import value
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "What is the capital of France?"
@@ -34,7 +39,13 @@ async def _served(stack: OfflineStack, request: pb.CompleteRequest) -> tuple[str
 
 
 def test_a_retry_forced_to_the_large_tier_is_answered_by_it_then_cached() -> None:
-    stack = OfflineStack(Stack(ROOT, environ={}).settings(), ManualClock(), embedder=FakeEmbedder())
+    registry = new_registry()
+    stack = OfflineStack(
+        Stack(ROOT, environ={}).settings(),
+        ManualClock(),
+        embedder=FakeEmbedder(),
+        semantic_metrics=SemanticCacheMetrics(registry, TenantLabels(4)),
+    )
 
     async def run() -> list[tuple[str, str]]:
         return [
@@ -50,3 +61,13 @@ def test_a_retry_forced_to_the_large_tier_is_answered_by_it_then_cached() -> Non
         ("large", "LAYER_SEMANTIC_CACHE"),
         ("large", "LAYER_SEMANTIC_CACHE"),
     ]
+    # L1 served two of the four lookups: the small answer it found for the forced retry was
+    # not served, and is a miss in its statistics and metrics, its refusal counted
+    (stats,) = stack.semantic_api.stats(sc.L1StatsRequest(tenant=TENANT_A)).tenants
+    assert (stats.lookups, stats.hits, stats.exact_hits) == (4, 2, 2)
+    lookups = "cachemesh_semantic_cache_lookups_total"
+    assert value(registry, lookups, tenant=TENANT_A, result="miss") == 2
+    assert value(registry, lookups, tenant=TENANT_A, result="exact") == 2
+    hits = "cachemesh_semantic_cache_hits_total"
+    assert value(registry, hits, tenant=TENANT_A, kind="exact") == 2
+    assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="tier") == 1

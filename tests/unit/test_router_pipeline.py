@@ -256,10 +256,12 @@ def _auto(threshold: float | None = None) -> pb.CompleteRequest:
 async def test_an_auto_hit_below_the_tier_its_threshold_forces_is_not_served() -> None:
     """routing.threshold -1: every score reaches the large tier. The small tier's cached
     answer (the weak one the user is retrying) is not served as a free hit: the large model
-    answers, and its answer is stored over the small one's."""
+    answers, and its answer is stored over the small one's. L1 is told which tiers the request
+    accepts (so it refuses that hit, counted a miss); one that still answers it is overruled."""
     rig = Rig()
     rig.semantic.reply = sc.LookupResponse(hit=True, answer=_cached("small"))
     end = (await rig.run(_auto(-1.0)))[-1].end
+    assert [list(lookup.accepted_tiers) for lookup in rig.semantic.lookups] == [["large"]]
     assert end.served_by == pb.LAYER_MODEL and end.tier == "large"
     assert end.cost.cost_nanos > 0
     assert [s.answer.tier for s in rig.semantic.stores] == ["large"]
@@ -276,6 +278,8 @@ async def test_an_auto_hit_at_or_above_the_lowest_tier_allowed_is_served(
     rig = Rig()
     rig.semantic.reply = sc.LookupResponse(hit=True, answer=_cached(tier))
     end = (await rig.run(_auto(threshold)))[-1].end
+    accepted = [] if threshold != -1.0 else ["large"]  # [] = any
+    assert [list(lookup.accepted_tiers) for lookup in rig.semantic.lookups] == [accepted]
     assert end.served_by == pb.LAYER_SEMANTIC_CACHE and end.tier == tier
     assert not rig.models.calls
 

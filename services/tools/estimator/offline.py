@@ -61,6 +61,7 @@ from services.router.settings import RouterSettings
 from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.wiring import build_api, build_cache
@@ -96,7 +97,9 @@ class OfflineStack:
         *,
         embedder: Embedder | None = None,
         tokenizer: Tokenizer | None = None,
+        semantic_metrics: SemanticCacheMetrics | None = None,
     ) -> None:
+        """``semantic_metrics``: L1's counts of the replay (None: none kept)."""
         env = Env({**_OFFLINE, **settings})
         self.clock = clock
         self.table: ModelTable = model_table_from_env(env)
@@ -114,8 +117,9 @@ class OfflineStack:
             PrefixCacheSettings.from_env(env), self.table, TokenizerSlot(tokens), clock
         )
         apis, scales = self._replicas(settings, tokens)
+        self.semantic_api = build_api(semantic, self.semantic_cache, metrics=semantic_metrics)
         dependencies = Dependencies(
-            semantic=LocalSemantic(build_api(semantic, self.semantic_cache), semantic.lease_wait_s),
+            semantic=LocalSemantic(self.semantic_api, semantic.lease_wait_s),
             prefix=LocalPrefix(PrefixCacheApi(prefix)),
             model=LocalModels(apis, self.table, scales),
             models=dict(self.router.replicas),

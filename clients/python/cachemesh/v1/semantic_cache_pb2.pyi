@@ -26,6 +26,7 @@ class LookupRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     WANT_EMBEDDING_FIELD_NUMBER: _builtins.int
+    ACCEPTED_TIERS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     want_embedding: _builtins.bool
     """The router's tier choice needs the last user turn's embedding: a miss returns the vector
@@ -36,16 +37,24 @@ class LookupRequest(_message.Message):
     def request(self) -> _gateway_pb2.CompleteRequest:
         """the semantic cache derives scope and query from it"""
 
+    @_builtins.property
+    def accepted_tiers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The answer tiers the request accepts (empty: any): for `auto`, those from the cheapest one
+        its routing thresholds can reach up. A hit of another tier is not served: a miss, with
+        its refusal ("tier: ..."), and counted as one (Stats, metrics).
+        """
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         request: _gateway_pb2.CompleteRequest | None = ...,
         want_embedding: _builtins.bool = ...,
+        accepted_tiers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_tiers", b"accepted_tiers", "request", b"request", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
