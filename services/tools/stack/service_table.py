@@ -253,6 +253,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_WRITE_AMORTIZE_TURNS",
             "ROUTER_DATA_DIR",
             "ROUTER_OUTBOX_RETRY_S",
+            "ROUTER_JOURNAL_SYNC_S",
             "ROUTER_OUTBOX_MAX_BYTES",
             "ROUTER_ANSWERS_REDIS_URL",
         ),
