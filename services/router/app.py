@@ -101,6 +101,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         ),
         wall,
         settings.journal_sync_s,
+        # an answer counted at its estimate while prefix-cache was down, now billed: the
+        # budgets of the period it was counted in are corrected by the difference
+        limiter.reconcile,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -20,7 +20,8 @@ is checked, and the wait is the longest), which the servicer turns into
   replace it.
 - Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
   below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
-  estimate the router serves when prefix-cache is down). A request in flight may take the
+  estimate the router serves when prefix-cache is down, corrected by what prefix-cache bills
+  when the outbox replays the bill: ``Limiter.reconcile``). A request in flight may take the
   bill past the budget; the next one is refused until the period ends.
 
 The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
@@ -504,6 +505,19 @@ class Limiter:
         if policy.active:
             count_id = f"call:{call_id}"
             self._count(Ticket(tenant, policy, 0), 0, cost_nanos, count_id, started_ms)
+
+    def reconcile(self, tenant: str, correction_nanos: int, counted_ms: int, entry: str) -> None:
+        """Corrects a cost counted at the router's estimate (an answer served while
+        prefix-cache was down) once the billing outbox's replay is billed:
+        ``correction_nanos`` (billed minus estimated, either sign) goes to the budgets of the
+        day and month it was counted in (``counted_ms``, this clock's), not to those of the
+        replay. Once per outbox ``entry`` (a lasting id): a router restarted mid-replay bills
+        the entry again (a no-op at prefix-cache) and corrects it again, which the store
+        counts once (on Redis, its marker lasts until that month ends)."""
+        policy = self._policies.for_tenant(tenant)
+        if policy.active:
+            ticket = Ticket(tenant, policy, 0)
+            self._count(ticket, 0, correction_nanos, f"outbox:{entry}", counted_ms)
 
     def _count(
         self,

@@ -36,6 +36,14 @@ first-wins by their key, so a FINAL that landed before the kill stands), counted
 ``cachemesh_router_open_calls_settled_total``. Without a journal nothing is opened: a call in
 flight when the router is killed stays unbilled (a WARM with no FINAL).
 
+Budgets: an answer kept here was counted against its tenant's budgets at the router's estimate
+(base prices, no cache discount claimed); each entry keeps that estimate and when it was
+counted (journalled with it: ``Counted``), and once its replay is billed the outbox tells
+``estimate_billed`` the difference (prefix-cache's cost minus the estimate) and that time, so
+the limiter corrects the budgets of the period the answer was counted in, once per entry
+(``Limiter.reconcile``). An entry journalled without them (by an older router) corrects
+nothing: its estimate stays counted, as before.
+
 Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
 with it: an entry from before it was kept has none); a replay sends an entry's commits under
 one span, ``cachemesh.billing_replay``, a child of that request's span, so the Commit calls
@@ -59,7 +67,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock, SystemClock
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, PrefixPort
-from services.router.outbox_journal import Journal, JournalThread, UnreadableEntry
+from services.router.outbox_journal import Counted, Journal, JournalThread, UnreadableEntry
 
 log = logging.getLogger("cachemesh.router.outbox")
 
@@ -71,8 +79,9 @@ _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
 _Entry = tuple[tuple[pc.CommitRequest, ...], dict[str, str]]
-# an entry read back to replay it: also whether it is an open call, and when its call started
-_Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool, int | None]
+# an entry read back to replay it: also whether it is an open call, when its call started, and
+# what the budgets counted of it
+_Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool, int | None, Counted | None]
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,7 @@ class _InMemory:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
-        self._estimates: dict[str, int] = {}  # each entry's estimated cost, nano-dollars
+        self._estimates: dict[str, Counted] = {}  # each entry's estimated cost and its time
         self.held_bytes = 0  # the commits held, serialized: what the bound counts
 
     @property
@@ -115,22 +124,25 @@ class _InMemory:
         entry_id: str,
         commits: tuple[pc.CommitRequest, ...],
         carrier: dict[str, str],
-        estimate_nanos: int,
+        counted: Counted,
     ) -> None:
         self._entries[entry_id] = (commits, carrier)
-        self._estimates[entry_id] = estimate_nanos
+        self._estimates[entry_id] = counted
         self.held_bytes += _size(commits)
 
     def held(self) -> list[tuple[tuple[pc.CommitRequest, ...], int]]:
         """Each pending entry's commits and estimated cost."""
-        return [(commits, self._estimates[key]) for key, (commits, _) in self._entries.items()]
+        return [
+            (commits, self._estimates[key].estimate_nanos)
+            for key, (commits, _) in self._entries.items()
+        ]
 
     async def ids(self) -> list[str]:
         return list(self._entries)
 
     async def read(self, entry_id: str) -> _Read:
         commits, carrier = self._entries[entry_id]
-        return commits, carrier, False, None
+        return commits, carrier, False, None, self._estimates[entry_id]
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
         if (entry := self._entries.pop(entry_id, None)) is not None:
@@ -157,9 +169,9 @@ class _OnDisk:
         entry_id: str,
         commits: tuple[pc.CommitRequest, ...],
         carrier: dict[str, str],
-        estimate_nanos: int,
+        counted: Counted,
     ) -> None:
-        added = partial(self._journal.add, entry_id, commits, carrier)
+        added = partial(self._journal.add, entry_id, commits, carrier, counted=counted)
         await self._thread.call(added, durable=True)
 
     async def ids(self) -> list[str]:
@@ -167,9 +179,10 @@ class _OnDisk:
 
     async def read(self, entry_id: str) -> _Read:
         def read() -> _Read:
-            commits, carrier = self._journal.read_traced(entry_id)
+            commits, carrier, counted = self._journal.read_traced(entry_id)
             journal = self._journal
-            return commits, carrier, journal.is_open(entry_id), journal.started_ms(entry_id)
+            open_call, started_ms = journal.is_open(entry_id), journal.started_ms(entry_id)
+            return commits, carrier, open_call, started_ms, counted
 
         return await self._thread.call(read)
 
@@ -205,6 +218,7 @@ class BillingOutbox:
         open_call_billed: Callable[[OpenCallBill], None] | None = None,
         wall: Clock | None = None,
         journal_sync_s: float | None = None,
+        estimate_billed: Callable[[str, int, int, str], None] | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -214,9 +228,13 @@ class BillingOutbox:
         ``open_call_billed``: told of each open call billed (its tenant, id and cost; again at
         each start that replays it before its "done" line is written): no request of this
         process counts it against the tenant's limits (the limiter's). ``wall``: when an open
-        call starts, journalled with it (the system clock's when None).
+        call starts, and when a kept answer's estimate was counted, journalled with them (the
+        system clock's when None).
         ``journal_sync_s``: how long an open call's line may wait for its fsync
-        (``JournalThread``'s ``sync_within_s``; None: until the next durable write)."""
+        (``JournalThread``'s ``sync_within_s``; None: until the next durable write).
+        ``estimate_billed``: told of each kept answer billed, as ``(tenant, billed minus
+        estimated nano-dollars, when the estimate was counted (ms), entry id)`` (the limiter's
+        ``reconcile``: the entry id is the same after a restart)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -230,6 +248,7 @@ class BillingOutbox:
         self._wall = wall if wall is not None else SystemClock()
         # the open calls of this process's model calls running, and when each started
         self._live: dict[str, int] = {}
+        self._estimate_billed = estimate_billed
         self._entries: _InMemory | _OnDisk
         if journal is not None:
             loaded = len(journal.load())
@@ -327,13 +346,17 @@ class BillingOutbox:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
         entry written to the journal is, whatever becomes of this call). ``estimate_nanos``:
-        the answer's estimated cost, logged if an outbox in memory loses it at shutdown.
+        the answer's estimated cost, as its tenant's budgets count it (corrected by the bill
+        once replayed: ``estimate_billed``), and logged if an outbox in memory loses it at
+        shutdown.
         ``replaces``: the call's open call, which this entry takes the place of in one line
         (the caller then ``release``s it)."""
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)  # the current request's span
         entry_id = replaces if replaces is not None else secrets.token_hex(8)
-        await self._entries.add(entry_id, tuple(commits), carrier, estimate_nanos)
+        # the answer's budgets count its estimate as it ends, just after this
+        counted = Counted(estimate_nanos, self._wall.now_ms())
+        await self._entries.add(entry_id, tuple(commits), carrier, counted)
         self._say_if_full()
 
     async def close(self) -> None:
@@ -371,12 +394,13 @@ class BillingOutbox:
                 if entry_id in self._live:
                     continue  # a model call of this process, still running
                 try:
-                    commits, carrier, open_call, started_ms = await self._entries.read(entry_id)
+                    read = await self._entries.read(entry_id)
+                    commits, carrier, open_call, started_ms, counted = read
                 except KeyError:
                     continue  # an open call settled since the ids were read
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
-                    commits, carrier, open_call, started_ms = (), {}, False, None
+                    commits, carrier, open_call, started_ms, counted = (), {}, False, None, None
                 outcome, reply = await self._replay(commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
                     break
@@ -392,6 +416,10 @@ class BillingOutbox:
                         cost = reply.cost.cost_nanos
                         bill = OpenCallBill(final.tenant, final.request_id, cost, started_ms)
                         self._open_call_billed(bill)
+                    elif counted is not None and reply is not None and self._estimate_billed:
+                        correction = reply.cost.cost_nanos - counted.estimate_nanos
+                        tenant = commits[-1].tenant
+                        self._estimate_billed(tenant, correction, counted.at_ms, entry_id)
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:

@@ -10,8 +10,12 @@ running, with the output tokens produced so far, and ``"started_ms"``: when the 
 kept, which count in the periods of their bill). An "add" line with an id already pending
 replaces its entry (the call's output count grows, or its outbox entry takes its place), and
 its "done" line settles it. A version-1 reader reads an open call as any other entry, and bills
-it at its start: what it is for. An entry's commits (each carrying its whole request) are
-read back from the file when they are sent, so
+it at its start: what it is for. An answer's entry also holds ``"estimate"`` (the cost its
+tenant's budgets counted it at, nano-dollars) and ``"counted_ms"`` (when: the budget periods),
+so that its replay, after a restart too, corrects the budgets by what prefix-cache bills
+(``Counted``); a line without them (an older router's, an open call) corrects nothing, and
+readers that do not know them ignore them. An entry's commits (each carrying its whole
+request) are read back from the file when they are sent, so
 an outage of prefix-cache costs disk, not the router's memory. The file is emptied once
 nothing is pending, and rewritten with only the pending lines once its settled lines outweigh
 them (``COMPACT_BYTES``), so an entry that stays pending for days does not pin every line
@@ -66,6 +70,15 @@ class JournalError(OSError):
     def __init__(self, message: str, *, written: bool) -> None:
         super().__init__(message)
         self.written = written
+
+
+@dataclass(frozen=True)
+class Counted:
+    """What an answer kept in the outbox was counted at against its tenant's budgets: the
+    router's estimate, in nano-dollars, and when (ms since the epoch: its day and month)."""
+
+    estimate_nanos: int
+    at_ms: int
 
 
 class UnreadableEntry(ValueError):
@@ -168,10 +181,12 @@ class Journal:
         *,
         open_call: bool = False,
         started_ms: int | None = None,
+        counted: Counted | None = None,
     ) -> None:
         """``carrier``: the request's trace context (``traceparent``), for the replay's span.
         ``open_call``: the commits bill a model call still running (``opened``), which started
-        at ``started_ms`` (epoch ms, the wall clock's). An id already pending is replaced."""
+        at ``started_ms`` (epoch ms, the wall clock's); ``counted``: what an answer's budgets
+        counted. An id already pending is replaced."""
         raw = [base64.b64encode(c.SerializeToString()).decode() for c in commits]
         record: dict[str, object] = {"add": entry_id, "commits": raw}
         if carrier:
@@ -181,6 +196,9 @@ class Journal:
             record["open"] = True
             if started_ms is not None:
                 record["started_ms"] = started_ms
+        if counted is not None:
+            record["estimate"] = counted.estimate_nanos
+            record["counted_ms"] = counted.at_ms
         line = self._write(record, open_call, started_ms if open_call else None)
         replaced = self._lines.get(entry_id)
         if replaced is not None:
@@ -219,9 +237,12 @@ class Journal:
     def read(self, entry_id: str) -> tuple[pc.CommitRequest, ...]:
         return self.read_traced(entry_id)[0]
 
-    def read_traced(self, entry_id: str) -> tuple[tuple[pc.CommitRequest, ...], dict[str, str]]:
-        """The entry's commits and its trace carrier (empty: none was kept, or it is not a
-        map of strings; the commits are billed all the same)."""
+    def read_traced(
+        self, entry_id: str
+    ) -> tuple[tuple[pc.CommitRequest, ...], dict[str, str], Counted | None]:
+        """The entry's commits, its trace carrier (empty: none was kept, or it is not a
+        map of strings; the commits are billed all the same) and what its budgets counted
+        (None: not kept, an older line or an open call)."""
         line = self._lines[entry_id]
         raw = _read_all(self._fd, line.length, line.offset)
         try:
@@ -240,7 +261,11 @@ class Journal:
             isinstance(k, str) and isinstance(v, str) for k, v in carrier.items()
         ):
             carrier = {}
-        return commits, carrier
+        estimate, at_ms = item.get("estimate"), item.get("counted_ms")
+        counted = None
+        if type(estimate) is int and type(at_ms) is int:  # not a bool, nor a float
+            counted = Counted(estimate, at_ms)
+        return commits, carrier, counted
 
     def sync(self, *, fsync: bool = True) -> None:
         """Makes every write so far durable (one fsync), emptying or compacting the file first

@@ -23,7 +23,13 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed
 from services.router.outbox import BillingOutbox
-from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError, JournalThread
+from services.router.outbox_journal import (
+    JOURNAL_NAME,
+    Counted,
+    Journal,
+    JournalError,
+    JournalThread,
+)
 from services.tools.stack.supervisor import Backoff
 
 
@@ -132,9 +138,13 @@ class SlowJournal(Journal):
         *,
         open_call: bool = False,
         started_ms: int | None = None,
+        counted: Counted | None = None,
     ) -> None:
-        super().add(entry_id, commits, carrier, open_call=open_call, started_ms=started_ms)
-        time.sleep(0.05)  # written, and the thread returns a little later (a slow disk)
+        # written ...
+        super().add(
+            entry_id, commits, carrier, open_call=open_call, started_ms=started_ms, counted=counted
+        )
+        time.sleep(0.05)  # ... and the thread returns a little later (a slow disk)
 
 
 class SlowPrefix(FakePrefix):

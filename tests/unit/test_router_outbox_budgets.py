@@ -1,0 +1,215 @@
+"""An answer served while prefix-cache is down counts against its tenant's budgets at the
+router's estimate (base prices, no cache discount claimed); the billing outbox replays its bill
+once prefix-cache is back, and prefix-cache's price is what the tenant is billed. The budgets
+must end at that bill, in the period the answer was counted in, once however often the bill is
+replayed. Real parts: prefix-cache's core (in memory), the pipeline, the outbox's journal on
+disk, the limiter on both stores (in memory and a real Redis, tests/unit/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import ManualClock
+from services.common.errors import Code, RequestError
+from services.prefix_cache.api import PrefixCacheApi
+from services.router.dependencies import CallFailed
+from services.router.limits import (
+    Limiter,
+    LimitPolicy,
+    LimitStore,
+    MemoryLimitStore,
+    Periods,
+    Ticket,
+    UniformPolicies,
+)
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import JOURNAL_NAME, Journal
+from services.router.redis_limits import RedisLimitStore
+from tests.unit.test_router_outbox_replay import TENANT, Engine, _ask, _core
+from tests.unit.test_router_pipeline import Rig
+
+# 2023-11-14 23:59:00 UTC: a minute before the day ends
+BEFORE_MIDNIGHT_MS = 1_700_006_340_000
+POLICY = LimitPolicy(day_budget_nanos=10**15, month_budget_nanos=10**15)
+
+
+@pytest.fixture
+def store(redis_client: Redis | None) -> LimitStore:
+    if redis_client is None:
+        return MemoryLimitStore()
+    return RedisLimitStore(redis_client, server_time=False)  # the tests' clock, injected
+
+
+async def _spent(store: LimitStore, period: str) -> int:
+    """The tenant's spend the store counts in ``period`` (a day or a month)."""
+    if isinstance(store, MemoryLimitStore):
+        return store._spent.get((TENANT, period), 0)
+    assert isinstance(store, RedisLimitStore)
+    raw = await store._client.get(f"cachemesh:limits:{{{TENANT}}}:spent:{period}")
+    return int(raw or 0)
+
+
+class DownPort:
+    """prefix-cache's API as the router's port, unreachable while ``down``."""
+
+    def __init__(self, api: PrefixCacheApi) -> None:
+        self.api, self.down = api, True
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        if self.down:
+            raise CallFailed(Code.UNAVAILABLE, "prefix-cache down")
+        return await self.api.plan(request)
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if self.down:
+            raise CallFailed(Code.UNAVAILABLE, "prefix-cache down")
+        try:
+            return await self.api.commit(request)
+        except RequestError as exc:
+            raise CallFailed(exc.code, exc.message) from exc
+
+
+def _outbox(
+    port: DownPort, journal: Journal, limiter: Limiter, clock: ManualClock
+) -> BillingOutbox:
+    """The outbox as the router wires it (services/router/app.py)."""
+    return BillingOutbox(
+        port,
+        journal,
+        1.0,
+        0.01,
+        open_call_billed=lambda bill: limiter.count_unticketed(
+            bill.tenant, bill.cost_nanos, call_id=bill.call_id, started_ms=bill.started_ms
+        ),
+        estimate_billed=limiter.reconcile,
+        wall=clock,
+    )
+
+
+async def test_a_replayed_bill_corrects_the_estimate_counted_in_its_own_day(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """An answer at 23:59 UTC with prefix-cache down counts its estimate against today's and
+    this month's budgets; its bill is replayed after midnight, prefix-cache pricing the system
+    prompt as the cache read it was (the estimate claimed none). Before, the estimate stayed
+    counted for the rest of the month (the tenant paid the bill but its budget was charged
+    the estimate). Now yesterday's and this month's spend are the bill, and today's is
+    untouched (not the correction's, which would go below zero)."""
+    clock = ManualClock(BEFORE_MIDNIGHT_MS)
+    core, _ = _core(clock)
+    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
+    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
+    before = (await core.totals(TENANT)).cost_nanos
+    port = DownPort(PrefixCacheApi(core))
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    outbox = _outbox(port, Journal(tmp_path), limiter, clock)
+    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
+    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    request = _ask("And rule 2?", "r-next")
+    ticket = await limiter.admit(TENANT, request)
+    assert isinstance(ticket, Ticket)
+    end = (await rig.run(request))[-1].end
+    limiter.settle(ticket, end)  # as the servicer does when the answer ends
+    await limiter.drain()
+    estimate = end.cost.cost_nanos
+    assert end.cost.estimated and outbox.pending == 1
+    counted = Periods.at(clock.now_ms())
+
+    clock.advance(s=120)  # past midnight: prefix-cache is back
+    replayed = Periods.at(clock.now_ms())
+    assert replayed.day != counted.day and replayed.month == counted.month
+    port.down = False
+    assert await outbox.flush() == 1
+    await limiter.drain()
+    billed = (await core.totals(TENANT)).cost_nanos - before
+    assert 0 < billed < estimate  # the system prompt billed as a read
+    month = await _spent(store, counted.month)
+    assert month == billed, f"estimate {estimate} counted, {billed} billed: spend {month}"
+    assert await _spent(store, replayed.day) == 0  # the correction is not today's
+    if isinstance(store, RedisLimitStore):  # (the in-memory store keeps only today's)
+        assert await _spent(store, counted.day) == billed
+
+
+async def test_a_replay_after_restarts_corrects_the_budgets_once(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """The router is restarted while prefix-cache is down: the entry's estimate and its time
+    come back from the journal, and the replay corrects the budgets. Then the host crashes
+    before the entry's "done" line reached the disk (it is not fsynced: a replay bills once),
+    and the next start bills the entry again (a no-op at prefix-cache, its FINAL first-wins)
+    and corrects it again: the store counts that correction once."""
+    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
+    core, _ = _core(clock)
+    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
+    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
+    before = (await core.totals(TENANT)).cost_nanos
+    port = DownPort(PrefixCacheApi(core))
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    journal = Journal(tmp_path / "data")
+    outbox = _outbox(port, journal, limiter, clock)
+    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
+    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    request = _ask("And rule 2?", "r-next")
+    ticket = await limiter.admit(TENANT, request)
+    assert isinstance(ticket, Ticket)
+    end = (await rig.run(request))[-1].end
+    limiter.settle(ticket, end)
+    await limiter.close()
+    await outbox.close()  # prefix-cache still down: the journal keeps the entry
+    journal.close()
+    period = Periods.at(clock.now_ms()).month
+    assert await _spent(store, period) == end.cost.cost_nanos
+    kept = tmp_path / "kept.jsonl"
+    shutil.copy(tmp_path / "data" / JOURNAL_NAME, kept)
+
+    port.down = False
+    for start in range(2):  # the restart, then the start after the host crash
+        clock.advance(s=600)
+        journal = Journal(tmp_path / "data")
+        limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+        assert await _outbox(port, journal, limiter, clock).flush() == 1
+        await limiter.drain()
+        journal.close()
+        billed = (await core.totals(TENANT)).cost_nanos - before
+        # the prefix expired meanwhile and the answer had no Plan: a write, above the estimate
+        assert billed > end.cost.cost_nanos
+        assert await _spent(store, period) == billed, f"start {start}"
+        if isinstance(store, MemoryLimitStore):
+            return  # its counts die with the router: a restart starts from none
+        # Redis remembers the correction while the month counts (a restart may take hours)
+        entry = json.loads(kept.read_text().splitlines()[0])["add"]
+        marker = f"cachemesh:limits:{{{TENANT}}}:settled:outbox:{entry}"
+        assert isinstance(store, RedisLimitStore)
+        month_left_ms = Periods.at(clock.now_ms()).month_end_ms - clock.now_ms()
+        assert await store._client.pttl(marker) > month_left_ms
+        shutil.copy(kept, tmp_path / "data" / JOURNAL_NAME)  # the "done" line lost
+
+
+async def test_an_entry_journalled_without_its_estimate_corrects_nothing(
+    tmp_path: Path,
+) -> None:
+    """A line an older router wrote holds no estimate: it is billed, and the budgets keep what
+    they counted (there is nothing to correct it by)."""
+    core, clock = _core()
+    await core.warm(TENANT, "old", "sim-large", _ask("Rule 1?", "old"), "")
+    final = pc.CommitRequest(
+        tenant=TENANT, request_id="old", phase=pc.COMMIT_PHASE_FINAL, output_tokens=3
+    )
+    journal = Journal(tmp_path)
+    journal.add("e1", [final], {})
+    journal.sync()
+    corrections: list[tuple[str, int, int, str]] = []
+    port = DownPort(PrefixCacheApi(core))
+    port.down = False
+    outbox = BillingOutbox(
+        port, journal, 1.0, 0.01, estimate_billed=lambda *c: corrections.append(c), wall=clock
+    )
+    assert await outbox.flush() == 1
+    assert corrections == []
+    journal.close()
