@@ -97,6 +97,9 @@ class Attempt:
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
     attempt_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # the output tokens of its bill the outbox's journal holds though the write was not known
+    # durable (its answer refused): billed at the next replay, so billed nowhere else
+    kept_output_tokens: int | None = None
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"

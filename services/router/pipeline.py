@@ -663,24 +663,33 @@ class Pipeline:
         reported = usage if usage is not None and usage.WhichOneof("report") else None
 
         async def bill() -> Bill | None:
-            final = await self._commit_final(
-                tenant,
-                request,
-                attempt,
-                output_tokens,
-                baseline.id,
-                reported,
-                PrefixWindow(off=window.off),
-                open_call,
-            )
+            final: prefix_cache_pb2.CommitResponse | None = None
+            if attempt.kept_output_tokens is None:  # else the journal holds its bill already
+                try:
+                    final = await self._commit_final(
+                        tenant,
+                        request,
+                        attempt,
+                        output_tokens,
+                        baseline.id,
+                        reported,
+                        PrefixWindow(off=window.off),
+                        open_call,
+                    )
+                except RequestError:
+                    if attempt.kept_output_tokens is None:
+                        raise
             if final is not None:
                 billed = Bill(final.usage, final.cost)
             else:
+                # the estimate the outbox keeps it at, which its replay corrects the budgets by
+                tokens = attempt.kept_output_tokens
+                produced = output_tokens if tokens is None else tokens
                 prompt = attempt.start.prompt_tokens
-                cost = attempt.model.baseline_nanos(prompt, output_tokens)
-                base = baseline.baseline_nanos(prompt, output_tokens)
+                cost = attempt.model.baseline_nanos(prompt, produced)
+                base = baseline.baseline_nanos(prompt, produced)
                 billed = Bill(
-                    pb.Usage(input_tokens=prompt, output_tokens=output_tokens),
+                    pb.Usage(input_tokens=prompt, output_tokens=produced),
                     pb.Cost(
                         cost_nanos=cost,
                         baseline_nanos=base,
@@ -786,6 +795,8 @@ class Pipeline:
                 estimate = attempt.model.baseline_nanos(attempt.start.prompt_tokens, output_tokens)
                 await self._outbox.keep([replay_warm, replay_final], estimate, replaces=opened)
             except JournalError as exc:
+                if exc.written:  # in the journal all the same: replayed and billed once
+                    attempt.kept_output_tokens = output_tokens
                 log.error("billing outbox: %s; the answer to %s is refused", exc, key)
                 raise RequestError(
                     Code.UNAVAILABLE,

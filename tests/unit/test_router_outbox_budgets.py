@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,50 @@ async def test_an_entry_journalled_without_its_estimate_corrects_nothing(
     assert await outbox.flush() == 1
     assert corrections == []
     journal.close()
+
+
+async def test_an_answer_refused_once_its_bill_was_written_counts_its_estimate(
+    tmp_path: Path, store: LimitStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prefix-cache down and the journal's fsync failing: the answer's bill is written to the
+    journal but not known durable, so the answer is refused (UNAVAILABLE), yet the entry stays
+    and is billed once prefix-cache is back. Its estimate must count as a call billed without
+    its answer does, so that the replay's correction lands on it: before, nothing was counted
+    and the correction took the month's spend below zero (billed 501,000, spend -3,888,000)."""
+    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
+    core, _ = _core(clock)
+    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
+    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
+    before = (await core.totals(TENANT)).cost_nanos
+    port = DownPort(PrefixCacheApi(core))
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    outbox = _outbox(port, Journal(tmp_path), limiter, clock)
+    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
+    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    request = _ask("And rule 2?", "r-next")
+    ticket = await limiter.admit(TENANT, request)
+    assert isinstance(ticket, Ticket)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    pipeline = rig.pipeline()
+    with monkeypatch.context() as patched:
+        patched.setattr("services.router.outbox_journal.os.fsync", failing_fsync)
+        with pytest.raises(RequestError) as refused:
+            run = pipeline.run(TENANT, request, charge=partial(limiter.charge, ticket))
+            [chunk async for chunk in run]
+        assert refused.value.code is Code.UNAVAILABLE
+        await pipeline.drain()  # what runs past the request: its bill without an answer
+    limiter.settle(ticket, None)  # the servicer's, for a request with no answer
+    await limiter.drain()
+    assert outbox.pending == 1  # written, so billed later, and kept once
+    month = Periods.at(clock.now_ms()).month
+
+    clock.advance(s=60)
+    port.down = False
+    assert await outbox.flush() == 1
+    await limiter.drain()
+    billed = (await core.totals(TENANT)).cost_nanos - before
+    assert billed > 0
+    assert await _spent(store, month) == billed

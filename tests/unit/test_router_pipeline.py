@@ -34,7 +34,7 @@ from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Dispatcher
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
-from services.router.pipeline import Pipeline
+from services.router.pipeline import Charge, Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 
@@ -197,10 +197,13 @@ class Rig:
         )
 
     async def run(
-        self, request: pb.CompleteRequest, time_remaining_s: float | None = None
+        self,
+        request: pb.CompleteRequest,
+        time_remaining_s: float | None = None,
+        charge: Charge | None = None,
     ) -> list[pb.CompleteChunk]:
         pipeline = self.pipeline()
-        run = pipeline.run("tenant-a", request, time_remaining_s=time_remaining_s)
+        run = pipeline.run("tenant-a", request, time_remaining_s=time_remaining_s, charge=charge)
         chunks = [chunk async for chunk in run]
         await pipeline.drain()  # the Stores and releases that run past the answer
         return chunks
