@@ -426,13 +426,23 @@ class JournalThread:
     line, a "done" line) may stay unfsynced. A batch of them is not fsynced; if no durable
     batch comes within that time, one fsync is made then for all of them, so a host crash
     loses at most that much of the running calls' lines (one fsync a delay at most, however
-    many calls). 0: every batch is fsynced; None: only with the next durable batch."""
+    many calls). 0: every batch is fsynced; None: only with the next durable batch. The
+    delay runs from the oldest unfsynced write (``monotonic``): a batch that comes later than
+    that is fsynced itself, so a queue that never empties (the timer waits for it to) does not
+    put the fsync off."""
 
-    def __init__(self, journal: Journal, sync_within_s: float | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        sync_within_s: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         if sync_within_s is not None and not sync_within_s >= 0:
             raise ValueError(f"sync_within_s must be >= 0 or None, got {sync_within_s}")
         self.journal = journal
         self._sync_within_s = sync_within_s
+        self._monotonic = monotonic
+        self._unsynced_since: float | None = None  # the oldest write not fsynced (the thread's)
         self._sync_due: asyncio.TimerHandle | None = None
         self._queue: list[_Call] = []
         self._runner: asyncio.Task[None] | None = None
@@ -500,8 +510,12 @@ class JournalThread:
         try:
             # a batch of open calls and "done" lines only (every model call writes them) costs
             # no fsync: an fsync a batch made the journal a sixth of the router's CPU per miss
-            durable = self._sync_within_s == 0 or any(call.durable for call in batch)
+            durable = any(call.durable for call in batch) or self._sync_overdue()
             self.journal.sync(fsync=durable)
+            if durable:
+                self._unsynced_since = None
+            elif self.journal.dirty and self._unsynced_since is None:
+                self._unsynced_since = self._monotonic()
         except OSError as exc:
             # no write of this batch is known durable: the calls that needed it and ran fail
             # with a JournalError (what they wrote stays in the journal's pending entries)
@@ -511,6 +525,14 @@ class JournalThread:
                 for call, (ok, value) in zip(batch, outcomes, strict=True)
             ]
         return outcomes
+
+    def _sync_overdue(self) -> bool:
+        """The oldest unfsynced write is ``sync_within_s`` old (0: at once; None: never)."""
+        within = self._sync_within_s
+        if within is None:
+            return False
+        since = self._unsynced_since
+        return within == 0 or (since is not None and self._monotonic() - since >= within)
 
 
 def _nothing() -> None:

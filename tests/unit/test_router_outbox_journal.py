@@ -247,3 +247,34 @@ async def test_lines_no_bill_waits_for_are_fsynced_within_the_sync_delay(
     await asyncio.wait_for(immediate.submit(opened, written=True), timeout=5)
     assert await asyncio.to_thread(fsynced.wait, 5)
     every.close()
+
+
+async def test_a_queue_that_never_empties_still_fsyncs_within_the_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delayed fsync's timer is set once the queue empties; under a steady stream of open
+    calls it may never empty, so a batch that comes ``sync_within_s`` after the oldest
+    unfsynced write is fsynced itself (the clock here, not the timer, says when)."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr("services.router.outbox_journal.os.fsync", counting_fsync)
+    now = [0.0]
+    journal = Journal(tmp_path)
+    journal.load()
+    thread = JournalThread(journal, sync_within_s=600.0, monotonic=lambda: now[0])
+    for n in range(5):
+        opened = partial(journal.add, f"o{n}", _final(f"o{n}#1", 0), None, open_call=True)
+        await asyncio.wait_for(thread.submit(opened, written=True), timeout=5)
+        now[0] += 100.0
+    assert synced == []  # 400 s since the first write, the timer (600 s) not yet due
+    now[0] += 200.0
+    opened = partial(journal.add, "late", _final("late#1", 0), None, open_call=True)
+    await asyncio.wait_for(thread.submit(opened, written=True), timeout=5)
+    await asyncio.wait_for(thread.call(journal.pending), timeout=5)  # that batch has run
+    assert len(synced) == 1  # the batch 600 s after the oldest write fsynced them all
+    journal.close()
