@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -20,7 +19,7 @@ from services.semantic_cache.batcher import QueueFull
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, RecentQueries
-from services.semantic_cache.records import Answer, CheckResult, InvalidQuery, StoreResult
+from services.semantic_cache.records import Answer, InvalidQuery, StoreResult
 from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
 from services.semantic_cache.tenant_stats import TenantCounters
 from services.semantic_cache.wal import NotDurable
@@ -73,6 +72,8 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         draining = self._is_draining()
         query = self._query(request.tenant, request.request)
+        if request.accepted_tiers:  # a hit of another tier is refused by the check: a miss
+            query = dataclasses.replace(query, accepted_tiers=tuple(request.accepted_tiers))
         # the whole lookup (its wait for the scope's Stores, the lease wait, the embedding
         # ``auto`` wants) ends in time for its reply
         within_s = None
@@ -93,10 +94,6 @@ class SemanticCacheApi:
             )
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if result.entry is not None and request.accepted_tiers:
-            tier = sc.CachedAnswer.FromString(result.entry.answer.payload).tier
-            if tier not in request.accepted_tiers:
-                result = _tier_refused(result, tier, request.accepted_tiers)
         if self._metrics is not None:
             self._metrics.looked_up(request.tenant, result)
         log.debug(
@@ -279,22 +276,6 @@ class SemanticCacheApi:
             return self._queries.of(tenant, request)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
-
-
-def _tier_refused(result: CheckResult, tier: str, accepted: Sequence[str]) -> CheckResult:
-    """A hit whose answer is of a tier the request does not accept (``auto`` asking for a
-    larger tier than the one that answered): not served, so a miss (the model answers and its
-    Store replaces the entry), counted as one with its refusal. It took no lease: the caller
-    leads no single flight."""
-    return dataclasses.replace(
-        result,
-        entry=None,
-        similarity=0.0,
-        exact=False,
-        waited=False,
-        refusal=f"tier: the cached answer is the {tier} tier's; the request accepts "
-        f"{', '.join(accepted)}",
-    )
 
 
 def _require_tenant(tenant: str) -> None:

@@ -234,6 +234,8 @@ class SemanticCache(EntryStore):
             return CheckResult(None)
         vid = self._exact_match(index, query.normalised)
         if vid is not None and self._servable(self._entries[vid], query, now):
+            if refusal := query.tier_refusal(self._entries[vid].answer):
+                return CheckResult(None, best_similarity=1.0, refusal=refusal)
             return self._hit(vid, 1.0, exact=True, best=1.0)
         try:
             vector = await self._embed(query.tenant, text, deadline, lookup=True)
@@ -267,6 +269,8 @@ class SemanticCache(EntryStore):
         entry = self._entries.get(choice.vid)
         if entry is not short[0].entry or not self._servable(entry, query, now):
             refusal = "the nearest candidate changed while it was verified"
+            return CheckResult(None, best_similarity=best, refusal=refusal)
+        if refusal := query.tier_refusal(entry.answer):
             return CheckResult(None, best_similarity=best, refusal=refusal)
         return self._hit(choice.vid, choice.similarity, exact=False, best=best)
 

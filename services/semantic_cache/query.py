@@ -5,7 +5,8 @@ sha256 of a canonical serialisation of the tenant, the namespace, the requested 
 (``auto`` included), the tools and system prompt, the conversation before the last user turn
 (and the non-text blocks of that turn), and the temperature (unset = 1.0). ``cache_control``
 markers, ``max_tokens``, ``request_id`` and ``routing`` are not part of it (the router refuses
-an ``auto`` hit whose tier is below the one the request's thresholds force).
+an ``auto`` hit whose tier is below the one the request's thresholds force, and names the
+tiers it accepts in its Lookup: ``Query.accepted_tiers``, refused by the check).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.prompt import last_user_text
 from services.semantic_cache.recent import Recent
+from services.semantic_cache.records import Answer
 
 Mode = Literal["use", "refresh", "no_store", "bypass"]
 SCOPE_VERSION = "cachemesh.semantic.scope.v1"
@@ -51,6 +54,20 @@ class Query:
     # not part of the scope: names the single-flight lease a miss takes, so that a retry of
     # the same request (its router died mid-call) leads again instead of waiting on itself
     request_id: str = ""
+    # not part of the scope either: the answer tiers the Lookup accepts (empty: any); a hit
+    # of another tier is refused, a miss (``tier_refusal``)
+    accepted_tiers: tuple[str, ...] = ()
+
+    def tier_refusal(self, answer: Answer) -> str:
+        """Why the answer is not served to this query ("" = it may be): its tier is not one
+        the Lookup accepts (an ``auto`` retry whose thresholds force a larger tier)."""
+        if not self.accepted_tiers:
+            return ""
+        tier = sc.CachedAnswer.FromString(answer.payload).tier
+        if tier in self.accepted_tiers:
+            return ""
+        accepted = ", ".join(self.accepted_tiers)
+        return f"tier: the cached answer is the {tier} tier's; the request accepts {accepted}"
 
     @functools.cached_property
     def normalised(self) -> str:

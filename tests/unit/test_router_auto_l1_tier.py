@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -71,3 +73,33 @@ def test_a_retry_forced_to_the_large_tier_is_answered_by_it_then_cached() -> Non
     hits = "cachemesh_semantic_cache_hits_total"
     assert value(registry, hits, tenant=TENANT_A, kind="exact") == 2
     assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="tier") == 1
+
+
+@pytest.mark.parametrize("change", ["drop", "policy"])
+def test_after_a_purge_the_forced_retrys_answer_still_replaces_the_small_one(change: str) -> None:
+    """A tenant's purge (Drop), or L1 turned off, stops the Stores of lookups that missed
+    before it, and for 15 minutes refuses a Store whose lookup L1 holds no miss for. The
+    forced retry's refused hit is such a miss like any other: its Store is kept."""
+    stack = OfflineStack(Stack(ROOT, environ={}).settings(), ManualClock(), embedder=FakeEmbedder())
+
+    async def run() -> list[tuple[str, str]]:
+        if change == "drop":  # the tenant's admin purged its L1 a moment ago
+            await stack.semantic_api.drop(sc.DropRequest(tenant=TENANT_A))
+        else:  # L1 turned off then on again (which stops the Stores on their way)
+            for on in (False, True):
+                await stack.semantic_api.set_policy(
+                    sc.SetL1PolicyRequest(tenant=TENANT_A, l1_enabled=on)
+                )
+        return [
+            await _served(stack, _ask("plain")),
+            await _served(stack, _ask("forced", -1.0)),
+            await _served(stack, _ask("forced-again", -1.0)),
+            await _served(stack, _ask("plain-again")),
+        ]
+
+    assert asyncio.run(run()) == [
+        ("small", "LAYER_MODEL"),
+        ("large", "LAYER_MODEL"),
+        ("large", "LAYER_SEMANTIC_CACHE"),  # not the large model paid again
+        ("large", "LAYER_SEMANTIC_CACHE"),  # not the small answer again
+    ]
