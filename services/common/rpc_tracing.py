@@ -59,9 +59,10 @@ def _call_status(span: trace.Span, code: grpc.StatusCode, details: str) -> None:
 
 def end_after(pending: Sequence[asyncio.Future[Any]]) -> None:
     """The current call's SERVER span ends only once the futures in ``pending`` when the call
-    ends are done (a list the handler may still fill until then), so that what they write on
-    it is there; it ends at the time the call ended. Called from the handler, before it ends
-    (its own finally runs before the span's end); outside a traced call, nothing."""
+    ends are done and their done-callbacks have run (a list the handler may still fill until
+    then), so that what they write on it is there; it ends at the time the call ended. Called
+    from the handler, before it ends (its own finally runs before the span's end); outside a
+    traced call, nothing."""
     held = otel_context.get_value(_HELD)
     if isinstance(held, list):
         held.append(pending)
@@ -126,7 +127,9 @@ def _ended(
     else:
         details = context.details()
         _call_status(span, code, details.decode() if isinstance(details, bytes) else details or "")
-    pending = [future for futures in held for future in futures if not future.done()]
+    # Done ones too: a future done this very turn may still have its done-callbacks (what it
+    # writes on the span) queued; gather's own callbacks on it run after them.
+    pending = [future for futures in held for future in futures]
     if not pending:
         span.end()
         return

@@ -57,6 +57,19 @@ async def _billed(request: bytes, context: Any) -> AsyncIterator[bytes]:
         Bill.unwound.set()
 
 
+async def _billed_at_once(request: bytes, context: Any) -> bytes:
+    """A call whose bill is known as it answers: the future is done when the call ends, but
+    its done-callback (which writes the bill on the span) is still queued on the loop."""
+    bills: list[asyncio.Future[int]] = []
+    end_after(bills)
+    span = trace.get_current_span()
+    bill = asyncio.get_running_loop().create_future()
+    bill.add_done_callback(lambda b: span.set_attribute("billed", b.result()))
+    bill.set_result(123)  # its callback runs on the loop's next turn, after the call's end
+    bills.append(bill)
+    return b"ok"
+
+
 async def _spans(exporter: InMemorySpanExporter, n: int) -> list[ReadableSpan]:
     for _ in range(500):  # the server ends its span after the client saw the call end
         if len(exporter.get_finished_spans()) >= n:
@@ -82,6 +95,9 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter
         ),
         "Billed": grpc.unary_stream_rpc_method_handler(
             _billed, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "BilledAtOnce": grpc.unary_unary_rpc_method_handler(
+            _billed_at_once, request_deserializer=bytes, response_serializer=bytes
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", handlers),))
@@ -149,3 +165,17 @@ async def test_a_held_span_ends_once_its_bill_is_known_at_the_time_its_call_ende
     assert span.attributes["billed"] == 123  # written before it ended
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert span.end_time is not None and span.end_time < before_bill_ns  # when the call ended
+
+
+async def test_a_bill_done_as_the_call_ends_is_on_its_span_all_the_same(
+    served: tuple[grpc.aio.Channel, InMemorySpanExporter],
+) -> None:
+    channel, exporter = served
+    call = channel.unary_unary(
+        "/t.S/BilledAtOnce", request_serializer=bytes, response_deserializer=bytes
+    )
+    assert await call(b"x") == b"ok"
+    (span,) = await _spans(exporter, 1)
+    assert span.attributes is not None
+    assert span.attributes.get("billed") == 123  # its callback ran before the span's end
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
