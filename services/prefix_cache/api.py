@@ -99,8 +99,8 @@ class PrefixCacheApi:
             )
             return pc.CommitResponse(usage=usage_of(split))
         if request.phase == pc.COMMIT_PHASE_FINAL:
-            final = await _refused(
-                self._core.final(
+            stood = await _refused(
+                self._core.final_commit(
                     request.tenant,
                     request.request_id,
                     request.model,
@@ -110,12 +110,14 @@ class PrefixCacheApi:
                     request.provider_usage if request.HasField("provider_usage") else None,
                 )
             )
-            response = final_response(final)
+            response = final_response(stood.final)
+            response.repeated = stood.repeated  # the bill was the first reply's already
             log.debug(
-                "FINAL commit for tenant %s: %d nanos (reconciled %s)",
+                "FINAL commit for tenant %s: %d nanos (reconciled %s, repeated %s)",
                 request.tenant,
                 response.cost.cost_nanos,
                 response.reconciled,
+                response.repeated,
             )
             span = trace.get_current_span()
             span.set_attribute("cachemesh.reconciled", response.reconciled)

@@ -31,6 +31,15 @@ class Final:
 
 
 @dataclass(frozen=True)
+class Stood:
+    """The FINAL that stands for a commit key; ``repeated``: it was recorded before this
+    commit (whose own FINAL was not recorded: its reply is the recorded bill)."""
+
+    final: Final
+    repeated: bool
+
+
+@dataclass(frozen=True)
 class CommitRecord:
     model: str
     replica: str

@@ -18,7 +18,7 @@ from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
 from services.prefix_cache.auto_rules import plan_for, scope_for
-from services.prefix_cache.commit_records import Final
+from services.prefix_cache.commit_records import Final, Stood
 from services.prefix_cache.keyed_lock import KeyedLock
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.metrics import PrefixCacheMetrics
@@ -298,6 +298,31 @@ class PrefixCacheCore:
         baseline_model: str,
         provider_usage: pc.ProviderUsage | None = None,
     ) -> Final:
+        """The bill that stands for the commit key (``final_commit``'s, without whether it
+        was recorded before)."""
+        stood = await self.final_commit(
+            tenant,
+            request_id,
+            model,
+            output_tokens,
+            kv_cached_tokens,
+            baseline_model,
+            provider_usage,
+        )
+        return stood.final
+
+    async def final_commit(
+        self,
+        tenant: str,
+        request_id: str,
+        model: str,
+        output_tokens: int,
+        kv_cached_tokens: int,
+        baseline_model: str,
+        provider_usage: pc.ProviderUsage | None = None,
+    ) -> Stood:
+        """Bills the commit key once: the first FINAL (of any replica) is priced, recorded
+        and totalled; a later one gets that bill back, ``repeated``."""
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         _count(output_tokens, "output_tokens")
@@ -314,7 +339,7 @@ class PrefixCacheCore:
                     f"request_id {request_id!r}; send the same model or leave it empty"
                 )
             if record.final is not None:
-                return record.final
+                return Stood(record.final, repeated=True)
             spec = self._table.get(record.model)
             assert spec is not None  # checked at WARM against the same table
             base = baseline_spec or spec
@@ -358,21 +383,22 @@ class PrefixCacheCore:
                 )
             # one atomic step: the first FINAL for the request id (of any replica) is billed
             # and totalled; a racing one gets that FINAL back
-            stood = await self._ledger.put_final(tenant, request_id, final, now)
-            if stood is None:  # the record was collected between the two steps
+            placed = await self._ledger.put_final(tenant, request_id, final, now)
+            if placed is None:  # the record was collected between the two steps
                 raise _no_warm(request_id)
+            stood = placed.final
             if record.replica and own:
                 # the engine's reported reuse (not the billed one) scores the view's
                 # prediction at the WARM, and corrects the view when the replica held less
                 # (a restart, unseen traffic)
                 read = engine_reuse if stood.reconciled and final.reconciled else None
                 self._views.report((tenant, request_id), read)
-            if self._metrics is not None and stood == final:  # this call billed it
+            if self._metrics is not None and not placed.repeated:  # this call billed it
                 self._metrics.billed(record.model, stood)
                 if own:  # the engine's reuse the tenant's own traffic does not account for
                     unbilled = max(engine_reuse - stood.split.read_tokens, 0)
                     self._metrics.unattributed_kv(record.model, unbilled)
-            return stood
+            return placed
 
     async def warm_prefixes(self) -> int:
         """The warm prefixes held (live or not yet collected). The service asks only of the

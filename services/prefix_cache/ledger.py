@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from services.prefix_cache.commit_records import CommitRecord, CommitRecords, Final
+from services.prefix_cache.commit_records import CommitRecord, CommitRecords, Final, Stood
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, TotalsLedger
 
@@ -36,10 +36,11 @@ class CommitLedger(Protocol):
 
     async def put_final(
         self, tenant: str, request_id: str, final: Final, now_ms: int
-    ) -> Final | None:
+    ) -> Stood | None:
         """Atomically: unless the record already carries a FINAL, attach ``final``, refresh
         the record's expiry and add ``final`` to the tenant's totals. Returns the FINAL that
-        stands (the first writer's); None when there is no unexpired record."""
+        stands (the first writer's), ``repeated`` when it was there before (decided in the
+        same step); None when there is no unexpired record."""
         ...
 
     async def totals(self, tenant: str) -> TenantTotals:
@@ -65,15 +66,15 @@ class InMemoryLedger:
 
     async def put_final(
         self, tenant: str, request_id: str, final: Final, now_ms: int
-    ) -> Final | None:
+    ) -> Stood | None:
         record = self._records.get(tenant, request_id, now_ms)
         if record is None:
             return None
         if record.final is not None:
-            return record.final
+            return Stood(record.final, repeated=True)
         self._totals.add(tenant, final)
         self._records.put_final(tenant, request_id, record, final, now_ms)
-        return final
+        return Stood(final, repeated=False)
 
     async def totals(self, tenant: str) -> TenantTotals:
         return self._totals.get(tenant)

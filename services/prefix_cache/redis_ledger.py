@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from services.prefix_cache.commit_records import CommitRecord, Final, check_record_ttl
+from services.prefix_cache.commit_records import CommitRecord, Final, Stood, check_record_ttl
 from services.prefix_cache.pricing import Charge
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, increments
@@ -45,7 +45,7 @@ return {ARGV[3], ARGV[2], ''}
 
 # KEYS: the record, the tenant's totals. ARGV: now_ms, final JSON, expires_at_ms, GC slack,
 # then totals field, increment, ... Returns {'missing'}, {'done', final JSON that stands} or
-# {'won', final JSON}; only 'won' touched the totals.
+# {'won', final JSON}; only 'won' touched the totals ('done': a repeated FINAL).
 _PUT_FINAL = """
 local now = tonumber(ARGV[1])
 local v = redis.call('HMGET', KEYS[1], 'expires_at_ms', 'final')
@@ -98,7 +98,7 @@ class RedisCommitLedger:
 
     async def put_final(
         self, tenant: str, request_id: str, final: Final, now_ms: int
-    ) -> Final | None:
+    ) -> Stood | None:
         args: list[Any] = [now_ms, json.dumps(asdict(final)), now_ms + self._ttl_ms, GC_SLACK_MS]
         for name, value in increments(final).items():
             args += [name, value]
@@ -110,7 +110,7 @@ class RedisCommitLedger:
         )
         if found[0] == b"missing":
             return None
-        return _final(found[1])
+        return Stood(_final(found[1]), repeated=found[0] == b"done")
 
     async def totals(self, tenant: str) -> TenantTotals:
         raw = await self._client.hgetall(self.totals_key(tenant))

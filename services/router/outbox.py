@@ -36,6 +36,11 @@ first-wins by their key, so a FINAL that landed before the kill stands), counted
 ``cachemesh_router_open_calls_settled_total``. Without a journal nothing is opened: a call in
 flight when the router is killed stays unbilled (a WARM with no FINAL).
 
+A replayed FINAL whose reply is ``repeated`` (prefix-cache had recorded that key's FINAL
+before: the call's own, whose "done" line a host crash lost, or an earlier start's replay) is
+not told to the limiter (``open_call_billed``, ``estimate_billed``): whoever had its first
+reply counted it then.
+
 Budgets: an answer kept here was counted against its tenant's budgets at the router's estimate
 (base prices, no cache discount claimed); each entry keeps that estimate and when it was
 counted (journalled with it: ``Counted``), and once its replay is billed the outbox tells
@@ -411,15 +416,17 @@ class BillingOutbox:
                 else:
                     settled += 1
                     open_calls += open_call
-                    if open_call and reply is not None and self._open_call_billed is not None:
+                    # a repeated FINAL was billed before: whoever had its first reply (the
+                    # call's own answer, an earlier replay) counted it then
+                    if reply is not None and not reply.repeated:
                         final = commits[-1]
-                        cost = reply.cost.cost_nanos
-                        bill = OpenCallBill(final.tenant, final.request_id, cost, started_ms)
-                        self._open_call_billed(bill)
-                    elif counted is not None and reply is not None and self._estimate_billed:
-                        correction = reply.cost.cost_nanos - counted.estimate_nanos
-                        tenant = commits[-1].tenant
-                        self._estimate_billed(tenant, correction, counted.at_ms, entry_id)
+                        if open_call and self._open_call_billed is not None:
+                            cost = reply.cost.cost_nanos
+                            bill = OpenCallBill(final.tenant, final.request_id, cost, started_ms)
+                            self._open_call_billed(bill)
+                        elif counted is not None and self._estimate_billed is not None:
+                            correction = reply.cost.cost_nanos - counted.estimate_nanos
+                            self._estimate_billed(final.tenant, correction, counted.at_ms, entry_id)
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:

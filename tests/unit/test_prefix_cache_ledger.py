@@ -132,6 +132,27 @@ async def test_racing_finals_on_one_request_id_add_to_the_totals_exactly_once(
     assert totals == await pair.one.totals("a")
 
 
+async def test_of_racing_finals_on_one_request_id_only_the_first_is_not_repeated(
+    pair: Pair,
+) -> None:
+    """A replica's FINAL says whether the bill was recorded before it (``repeated``), decided
+    in the step that records it: of FINALs racing on one key, one is the first (a caller
+    counts the bill on that reply alone), however the replicas interleave."""
+    for i in range(5):
+        await pair.one.warm("a", f"r{i}", "sim-large", ask(f"Refund {i}?"), "")
+        cores = (pair.one, pair.other, pair.one, pair.other)
+        stood = await asyncio.gather(
+            *(
+                core.final_commit("a", f"r{i}", "sim-large", 10 + k, 0, "")
+                for k, core in enumerate(cores)
+            )
+        )
+        assert [s.repeated for s in stood].count(False) == 1, stood
+        assert all(s.final == stood[0].final for s in stood)
+    late = await pair.other.final_commit("a", "r0", "sim-large", 10, 0, "")
+    assert late.repeated
+
+
 async def test_racing_warms_on_one_request_id_record_one_split(pair: Pair) -> None:
     splits = await asyncio.gather(
         pair.one.warm("a", "r1", "sim-large", ask("Refund?"), ""),

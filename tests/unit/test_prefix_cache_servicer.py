@@ -126,7 +126,11 @@ async def test_warm_final_totals_round_trip(served: Served, tokenizer: Tokenizer
         saved_nanos=total * 1000 + 150_000 - cost,
     )
     assert done.usage.output_tokens == 30 and done.usage.cache_read_input_tokens == cached
-    assert await served.stub.Commit(final("r2", output_tokens=99), metadata=AUTH) == done
+    assert not done.repeated
+    again = await served.stub.Commit(final("r2", output_tokens=99), metadata=AUTH)
+    assert again.repeated  # the recorded bill, which the first reply carried already
+    again.repeated = False
+    assert again == done
 
     totals = await served.stub.Totals(pc.TotalsRequest(tenant="acme"), metadata=AUTH)
     assert (totals.requests, totals.cost_nanos, totals.usage.output_tokens) == (1, cost, 30)

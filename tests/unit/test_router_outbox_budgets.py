@@ -261,3 +261,58 @@ async def test_an_answer_refused_once_its_bill_was_written_counts_its_estimate(
     billed = (await core.totals(TENANT)).cost_nanos - before
     assert billed > 0
     assert await _spent(store, month) == billed
+
+
+class DoneLost(Journal):
+    """Keeps the file as it was just before an open call's "done" line (``image``): a host
+    that crashes then (the line is not fsynced) restarts with that."""
+
+    image: Path
+
+    def done(self, entry_id: str) -> None:
+        if self.is_open(entry_id):
+            shutil.copy(self.path, self.image)
+        super().done(entry_id)
+
+
+async def test_an_answer_whose_done_line_a_crash_lost_counts_once(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """An answer billed as usual (its FINAL made, its cost counted by its own settle); the host
+    crashes before its open call's "done" line reaches the disk (not fsynced: within
+    ROUTER_JOURNAL_SYNC_S), so the next start replays the open call. prefix-cache bills it
+    once (its FINAL is first-wins) and says the replay's FINAL was a repeat; before, the
+    replay's cost was counted again (billed 5,469,000, the budgets counted 10,938,000)."""
+    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
+    core, _ = _core(clock)
+    port = DownPort(PrefixCacheApi(core))
+    port.down = False
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    crashed = DoneLost(tmp_path / "data")
+    crashed.image = tmp_path / "image.jsonl"
+    outbox = _outbox(port, crashed, limiter, clock)
+    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
+    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    request = _ask("And rule 2?", "r-1")
+    ticket = await limiter.admit(TENANT, request)
+    assert isinstance(ticket, Ticket)
+    end = (await rig.run(request))[-1].end
+    limiter.settle(ticket, end)
+    await limiter.drain()
+    assert await outbox.flush() == 0  # behind the "done" line's write: the image is taken
+    crashed.close()
+    assert not end.cost.estimated
+    month = Periods.at(clock.now_ms()).month
+    assert await _spent(store, month) == end.cost.cost_nanos
+
+    shutil.copy(crashed.image, tmp_path / "data" / JOURNAL_NAME)  # the host crashed
+    clock.advance(s=5)
+    journal = Journal(tmp_path / "data")
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    assert await _outbox(port, journal, limiter, clock).flush() == 1  # the open call, again
+    await limiter.drain()
+    journal.close()
+    billed = (await core.totals(TENANT)).cost_nanos
+    assert billed == end.cost.cost_nanos  # one bill
+    spent = await _spent(store, month)
+    assert spent == billed, f"billed {billed}, the budgets count {spent}"

@@ -446,8 +446,13 @@ class CommitResponse(_message.Message):
     ESTIMATED_USAGE_FIELD_NUMBER: _builtins.int
     RECONCILED_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
+    REPEATED_FIELD_NUMBER: _builtins.int
     reconciled: _builtins.bool
     """FINAL: a provider report was applied"""
+    repeated: _builtins.bool
+    """FINAL: this commit key's FINAL was recorded before (a retry, a replay); this reply is that
+    recorded bill, which the first reply carried already. False on the FINAL that recorded it.
+    """
     @_builtins.property
     def usage(self) -> _gateway_pb2.Usage:
         """what is billed: the provider's report when there is one, else the estimate"""
@@ -472,10 +477,11 @@ class CommitResponse(_message.Message):
         estimated_usage: _gateway_pb2.Usage | None = ...,
         reconciled: _builtins.bool = ...,
         drift: Global___UsageDrift | None = ...,
+        repeated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "drift", b"drift", "estimated_usage", b"estimated_usage", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "drift", b"drift", "estimated_usage", b"estimated_usage", "reconciled", b"reconciled", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "drift", b"drift", "estimated_usage", b"estimated_usage", "reconciled", b"reconciled", "repeated", b"repeated", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
