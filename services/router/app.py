@@ -94,10 +94,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.outbox_max_bytes,
         metrics.open_calls_settled,
         metrics.outbox_dropped,
-        # a killed router's calls, billed now: their cost counts against the budgets of the
-        # periods they started in, once per call
+        # a killed router's calls, billed now (prefix-cache's first reply to their FINAL):
+        # their cost counts against the budgets of the periods they started in
         lambda bill: limiter.count_unticketed(
-            bill.tenant, bill.cost_nanos, call_id=bill.call_id, started_ms=bill.started_ms
+            bill.tenant, bill.cost_nanos, started_ms=bill.started_ms
         ),
         wall,
         settings.journal_sync_s,

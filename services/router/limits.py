@@ -175,16 +175,14 @@ class LimitStore(Protocol):
         now_ms: int,
         periods: Periods,
         settle_id: str | None = None,
-        lasting_id: bool = False,
         age_ms: int = 0,
     ) -> None:
         """Gives back ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the
         day's and the month's bill (``age_ms``: of the periods that long before ``now_ms``,
-        when the cost was incurred: a killed router's open call); once per ``settle_id``
-        (when given) within ``SETTLE_MARKER_MS``: a replay of a settle counted already counts
-        nothing. ``lasting_id``: once per ``settle_id`` until the month it counts in has ended (a
-        killed router's open call, counted again at each start of a crash loop). Raises
-        ``SettleNotSent`` when the settle surely did not reach the store."""
+        when the cost was incurred: a killed router's open call, an estimate corrected); once
+        per ``settle_id`` (when given) within ``SETTLE_MARKER_MS``: a replay of a settle
+        counted already counts nothing. Raises ``SettleNotSent`` when the settle surely did
+        not reach the store."""
         ...
 
     async def close(self) -> None: ...
@@ -221,8 +219,6 @@ class MemoryLimitStore:
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._spent: dict[tuple[str, str], int] = {}  # (tenant, period id) -> nanos
-        # (tenant, settle id) -> the month it counted in: the lasting ids counted already
-        self._counted: dict[tuple[str, str], str] = {}
 
     def _level(self, tenant: str, kind: str, capacity: int, now_ms: int) -> float:
         bucket = self._buckets.get((tenant, kind))
@@ -275,16 +271,10 @@ class MemoryLimitStore:
         now_ms: int,
         periods: Periods,
         settle_id: str | None = None,
-        lasting_id: bool = False,
         age_ms: int = 0,
     ) -> None:
+        # never fails, so never replayed: its settle ids need no memory
         spent = Periods.at(now_ms - age_ms) if age_ms else periods  # where the cost counts
-        # never fails, so never replayed: only a lasting id (sent again by another process,
-        # which shares this store only in tests) is remembered
-        if lasting_id and settle_id is not None:
-            if (tenant, settle_id) in self._counted:
-                return
-            self._counted[(tenant, settle_id)] = spent.month
         if policy.tokens_per_min is not None and refund_tokens:
             level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
             refunded = min(float(policy.tokens_per_min), level + refund_tokens)
@@ -299,8 +289,6 @@ class MemoryLimitStore:
         current = {periods.day, periods.month}
         for key in [k for k in self._spent if k[1] not in current]:
             del self._spent[key]
-        for mark in [k for k, month in self._counted.items() if month not in current]:
-            del self._counted[mark]
 
     async def close(self) -> None:
         return None
@@ -328,7 +316,6 @@ class _Settle:
     cost_nanos: int
     settle_id: str
     at_ms: int  # when it was first sent
-    lasting_id: bool = False  # counted once per id for its periods (LimitStore.settle)
     incurred_ms: int | None = None  # when its cost was incurred (None: when it is sent)
     # when a try that may have counted it was sent (None: no such try, each surely not sent)
     ambiguous_ms: int | None = None
@@ -491,51 +478,41 @@ class Limiter:
         self._count(ticket, refund, cost_nanos)
 
     def count_unticketed(
-        self, tenant: str, cost_nanos: int, *, call_id: str, started_ms: int | None = None
+        self, tenant: str, cost_nanos: int, *, started_ms: int | None = None
     ) -> None:
         """Counts the cost of a model call no request of this process admitted: an open call
         of a router killed mid-call, billed at its next start. Its tokens are counted already:
         the killed router's admission reserved the prompt and ``max_tokens``, and nothing gave
-        them back. Once per ``call_id`` (its FINAL's commit key): a router that dies again
-        before its replay's "done" line is written bills the same call at its next start
-        (prefix-cache's FINAL is first-wins: one bill), and must not count it again. In the
-        budget periods it started in (``started_ms``, this clock's; None: those of now): a
-        call cut just before midnight UTC is the day's, not the next's."""
+        them back. The caller counts it once: on prefix-cache's first reply to its FINAL (a
+        replay that finds the FINAL made, ``repeated``, was counted by whoever had that
+        reply). In the budget periods it started in (``started_ms``, this clock's; None:
+        those of now): a call cut just before midnight UTC is the day's, not the next's."""
         policy = self._policies.for_tenant(tenant)
         if policy.active:
-            count_id = f"call:{call_id}"
-            self._count(Ticket(tenant, policy, 0), 0, cost_nanos, count_id, started_ms)
+            self._count(Ticket(tenant, policy, 0), 0, cost_nanos, started_ms)
 
-    def reconcile(self, tenant: str, correction_nanos: int, counted_ms: int, entry: str) -> None:
+    def reconcile(self, tenant: str, correction_nanos: int, counted_ms: int) -> None:
         """Corrects a cost counted at the router's estimate (an answer served while
         prefix-cache was down) once the billing outbox's replay is billed:
         ``correction_nanos`` (billed minus estimated, either sign) goes to the budgets of the
         day and month it was counted in (``counted_ms``, this clock's), not to those of the
-        replay. Once per outbox ``entry`` (a lasting id): a router restarted mid-replay bills
-        the entry again (a no-op at prefix-cache) and corrects it again, which the store
-        counts once (on Redis, its marker lasts until that month ends)."""
+        replay. The caller corrects it once: on prefix-cache's first reply to its FINAL (a
+        replay by a router restarted mid-replay finds it ``repeated``)."""
         policy = self._policies.for_tenant(tenant)
         if policy.active:
-            ticket = Ticket(tenant, policy, 0)
-            self._count(ticket, 0, correction_nanos, f"outbox:{entry}", counted_ms)
+            self._count(Ticket(tenant, policy, 0), 0, correction_nanos, counted_ms)
 
     def _count(
-        self,
-        ticket: Ticket,
-        refund: int,
-        cost_nanos: int,
-        call_id: str | None = None,
-        incurred_ms: int | None = None,
+        self, ticket: Ticket, refund: int, cost_nanos: int, incurred_ms: int | None = None
     ) -> None:
         """Tokens back to the rate (negative: taken) and a cost to the budgets, in the
-        background (``drain`` awaits it); nothing when both are 0. ``call_id``: the id a
-        count sent again by a later process counts once under (a lasting id), else a new
-        one; ``incurred_ms``: when the cost was incurred, whose budget periods it counts in
-        (None: those it is sent in)."""
+        background (``drain`` awaits it), under an id of its own; nothing when both are 0.
+        ``incurred_ms``: when the cost was incurred, whose budget periods it counts in (None:
+        those it is sent in)."""
         if refund == 0 and cost_nanos == 0:
             return
         now = self._clock.now_ms()
-        settle_id = call_id if call_id is not None else uuid.uuid4().hex
+        settle_id = uuid.uuid4().hex
         count = _Settle(
             ticket.tenant,
             ticket.policy,
@@ -543,7 +520,6 @@ class Limiter:
             cost_nanos,
             settle_id,
             now,
-            lasting_id=call_id is not None,
             incurred_ms=incurred_ms,
         )
 
@@ -572,7 +548,6 @@ class Limiter:
                 now,
                 Periods.at(now),
                 settle_id=count.settle_id,
-                lasting_id=count.lasting_id,
                 age_ms=age,
             )
 

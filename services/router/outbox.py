@@ -45,9 +45,10 @@ Budgets: an answer kept here was counted against its tenant's budgets at the rou
 (base prices, no cache discount claimed); each entry keeps that estimate and when it was
 counted (journalled with it: ``Counted``), and once its replay is billed the outbox tells
 ``estimate_billed`` the difference (prefix-cache's cost minus the estimate) and that time, so
-the limiter corrects the budgets of the period the answer was counted in, once per entry
-(``Limiter.reconcile``). An entry journalled without them (by an older router) corrects
-nothing: its estimate stays counted, as before.
+the limiter corrects the budgets of the period the answer was counted in
+(``Limiter.reconcile``), once: on prefix-cache's first reply to the entry's FINAL. An entry
+journalled without them (by an older router) corrects nothing: its estimate stays counted, as
+before.
 
 Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
 with it: an entry from before it was kept has none); a replay sends an entry's commits under
@@ -91,12 +92,10 @@ _Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool, int | None, Co
 
 @dataclass(frozen=True)
 class OpenCallBill:
-    """An open call a replay billed (a killed router's model call), for the tenant's limits."""
+    """An open call a replay billed first (a killed router's model call; not a replay whose
+    FINAL prefix-cache had recorded before), for the tenant's limits."""
 
     tenant: str
-    # its FINAL's commit key: first-wins at prefix-cache, so a replay at each start of a
-    # crash loop bills it once, and the limits count it once by it
-    call_id: str
     cost_nanos: int  # its FINAL's
     # when the call started (epoch ms): the budget periods it counts in (None: journalled by
     # a router from before it was kept; it counts in those of now)
@@ -223,23 +222,25 @@ class BillingOutbox:
         open_call_billed: Callable[[OpenCallBill], None] | None = None,
         wall: Clock | None = None,
         journal_sync_s: float | None = None,
-        estimate_billed: Callable[[str, int, int, str], None] | None = None,
+        estimate_billed: Callable[[str, int, int], None] | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
         commits wait on disk and are not bounded by it. ``open_calls_settled``: told how many
         open calls a replay round billed (a killed router's, the metric); ``dropped``: how
         many entries prefix-cache refused for good (their bills lost, the metric);
-        ``open_call_billed``: told of each open call billed (its tenant, id and cost; again at
-        each start that replays it before its "done" line is written): no request of this
-        process counts it against the tenant's limits (the limiter's). ``wall``: when an open
+        ``open_call_billed``: told of each open call billed (its tenant, cost and start; not
+        when prefix-cache's reply is ``repeated``: its FINAL was made before, by the call or an
+        earlier start's replay, which counted it): no request of this process counts it
+        against the tenant's limits (the limiter's). ``wall``: when an open
         call starts, and when a kept answer's estimate was counted, journalled with them (the
         system clock's when None).
         ``journal_sync_s``: how long an open call's line may wait for its fsync
         (``JournalThread``'s ``sync_within_s``; None: until the next durable write).
         ``estimate_billed``: told of each kept answer billed, as ``(tenant, billed minus
-        estimated nano-dollars, when the estimate was counted (ms), entry id)`` (the limiter's
-        ``reconcile``: the entry id is the same after a restart)."""
+        estimated nano-dollars, when the estimate was counted (ms))`` (the limiter's
+        ``reconcile``); not when the reply is ``repeated`` (an earlier replay's, by a router
+        restarted since, corrected it)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -422,11 +423,11 @@ class BillingOutbox:
                         final = commits[-1]
                         if open_call and self._open_call_billed is not None:
                             cost = reply.cost.cost_nanos
-                            bill = OpenCallBill(final.tenant, final.request_id, cost, started_ms)
+                            bill = OpenCallBill(final.tenant, cost, started_ms)
                             self._open_call_billed(bill)
                         elif counted is not None and self._estimate_billed is not None:
                             correction = reply.cost.cost_nanos - counted.estimate_nanos
-                            self._estimate_billed(final.tenant, correction, counted.at_ms, entry_id)
+                            self._estimate_billed(final.tenant, correction, counted.at_ms)
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:

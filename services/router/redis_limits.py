@@ -3,8 +3,10 @@
 Per tenant, under ``<prefix>:{<tenant>}:`` (the braces keep a tenant's keys in one cluster
 slot): ``requests`` and ``tokens`` hashes ``{level, at_ms}`` (a bucket as of ``at_ms``),
 ``spent:<day>`` and ``spent:<month>`` (nano-dollars billed in the period), ``settled:<id>`` (a
-settle counted already: kept ``SETTLE_MARKER_MS``, or, for a killed router's open call, until
-the month it counts in has ended). Each operation is one Lua script, so checking and taking
+settle counted already, kept ``SETTLE_MARKER_MS``: a settle replayed after an ambiguous
+failure counts once; nothing is kept longer, as a killed router's open call and an estimate's
+correction are told to the limiter once, on prefix-cache's first reply to their FINAL). Each
+operation is one Lua script, so checking and taking
 happen atomically with respect to every other router.
 A bucket's time, and the day and month a budget counts in (read with ``TIME`` before the
 script when a budget is set), is Redis's own clock, shared by every router: routers' clocks
@@ -146,16 +148,6 @@ def _or_none(value: int | None) -> int:
     return -1 if value is None else value
 
 
-def _marker_ms(settle_id: str | None, lasting_id: bool, now_ms: int, periods: Periods) -> int:
-    """How long a settle's marker lives (0: no marker): ``SETTLE_MARKER_MS``, or a lasting
-    id's until the month it counts in has ended, and GC_SLACK_MS more."""
-    if settle_id is None:
-        return 0
-    if lasting_id:
-        return max(periods.month_end_ms - now_ms, 0) + GC_SLACK_MS
-    return SETTLE_MARKER_MS
-
-
 def _cap(value: int | None) -> int:
     """A bucket's capacity for the script: 0 = no such limit (a rate is at least 1)."""
     return 0 if value is None else value
@@ -231,7 +223,6 @@ class RedisLimitStore:
         now_ms: int,
         periods: Periods,
         settle_id: str | None = None,
-        lasting_id: bool = False,
         age_ms: int = 0,
     ) -> None:
         await self._connected()
@@ -253,7 +244,7 @@ class RedisLimitStore:
             max(spent.day_end_ms - now_ms, 0),  # a period over: kept GC_SLACK_MS still
             max(spent.month_end_ms - now_ms, 0),
             GC_SLACK_MS,
-            _marker_ms(settle_id, lasting_id, now_ms, spent),
+            0 if settle_id is None else SETTLE_MARKER_MS,  # the marker's life (0: none)
         ]
         await self._settle(keys=keys, args=args)
 
