@@ -348,3 +348,43 @@ async def test_a_killed_routers_call_billed_at_each_start_of_a_crash_loop_counts
     assert Periods.at(clock.now_ms()).day != started.day
     if isinstance(store, RedisLimitStore):  # (the in-memory store keeps only today's)
         assert await _spent(store, started.day) == billed
+
+
+async def test_a_replay_after_a_restart_on_the_in_memory_store_leaves_no_negative_spend(
+    tmp_path: Path,
+) -> None:
+    """Without the limits' Redis the counts start from none at a restart; the outbox's
+    entries of the last process still carry the estimates counted then, and their replay
+    corrects estimates this process never counted. Before, 3 answers left the month's spend
+    at -11,664,000 (budget the tenant never had); now it stops at 0."""
+    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
+    core, _ = _core(clock)
+    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
+    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
+    port = DownPort(PrefixCacheApi(core))
+    limiter = Limiter(MemoryLimitStore(), UniformPolicies(POLICY), clock, lambda request: 0)
+    journal = Journal(tmp_path)
+    outbox = _outbox(port, journal, limiter, clock)
+    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
+    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    for i in range(3):
+        request = _ask("And rule 2?", f"r-{i}")
+        ticket = await limiter.admit(TENANT, request)
+        assert isinstance(ticket, Ticket)
+        end = (await rig.run(request))[-1].end
+        assert end.cost.estimated
+        limiter.settle(ticket, end)
+    await limiter.close()
+    await outbox.close()  # prefix-cache still down: the journal keeps the entries
+    journal.close()
+
+    clock.advance(s=60)  # the restart: a fresh store, prefix-cache back
+    port.down = False
+    store = MemoryLimitStore()
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    journal = Journal(tmp_path)
+    assert await _outbox(port, journal, limiter, clock).flush() == 3
+    await limiter.drain()
+    journal.close()
+    spent = await _spent(store, Periods.at(clock.now_ms()).month)
+    assert spent == 0, spent
