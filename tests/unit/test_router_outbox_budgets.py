@@ -8,16 +8,19 @@ disk, the limiter on both stores (in memory and a real Redis, tests/unit/conftes
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.errors import Code, RequestError
 from services.prefix_cache.api import PrefixCacheApi
+from services.prefix_cache.core import PrefixCacheCore
 from services.router.dependencies import CallFailed
 from services.router.limits import (
     Limiter,
@@ -92,6 +95,50 @@ def _outbox(
     )
 
 
+@dataclass
+class Outage:
+    """prefix-cache's core behind a port (down until told), the limiter on a store, and the
+    router's pipeline (``rig``) with the outbox on a journal, as the router wires them."""
+
+    clock: ManualClock
+    core: PrefixCacheCore
+    port: DownPort
+    limiter: Limiter
+    outbox: BillingOutbox
+    rig: Rig
+    before: int  # the tenant's billed total before the test's answers
+
+    async def admitted(self, request_id: str) -> tuple[pb.CompleteRequest, Ticket]:
+        """The follow-up question (its system prompt warm at prefix-cache), admitted."""
+        request = _ask("And rule 2?", request_id)
+        ticket = await self.limiter.admit(TENANT, request)
+        assert isinstance(ticket, Ticket)
+        return request, ticket
+
+    async def billed(self) -> int:
+        """What prefix-cache billed the tenant since the set-up."""
+        return (await self.core.totals(TENANT)).cost_nanos - self.before
+
+
+async def _outage(
+    store: LimitStore, journal: Journal, at_ms: int, *, earlier_turn: bool = True
+) -> Outage:
+    """``earlier_turn``: the tenant's first turn billed before (its system prompt warm, so
+    the follow-up's bill is a cache read below the estimate)."""
+    clock = ManualClock(at_ms)
+    core, _ = _core(clock)
+    if earlier_turn:
+        await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
+        await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
+    before = (await core.totals(TENANT)).cost_nanos
+    port = DownPort(PrefixCacheApi(core))
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    outbox = _outbox(port, journal, limiter, clock)
+    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
+    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    return Outage(clock, core, port, limiter, outbox, rig, before)
+
+
 async def test_a_replayed_bill_corrects_the_estimate_counted_in_its_own_day(
     tmp_path: Path, store: LimitStore
 ) -> None:
@@ -101,33 +148,22 @@ async def test_a_replayed_bill_corrects_the_estimate_counted_in_its_own_day(
     counted for the rest of the month (the tenant paid the bill but its budget was charged
     the estimate). Now yesterday's and this month's spend are the bill, and today's is
     untouched (not the correction's, which would go below zero)."""
-    clock = ManualClock(BEFORE_MIDNIGHT_MS)
-    core, _ = _core(clock)
-    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
-    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
-    before = (await core.totals(TENANT)).cost_nanos
-    port = DownPort(PrefixCacheApi(core))
-    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
-    outbox = _outbox(port, Journal(tmp_path), limiter, clock)
-    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
-    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
-    request = _ask("And rule 2?", "r-next")
-    ticket = await limiter.admit(TENANT, request)
-    assert isinstance(ticket, Ticket)
-    end = (await rig.run(request))[-1].end
-    limiter.settle(ticket, end)  # as the servicer does when the answer ends
-    await limiter.drain()
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS)
+    request, ticket = await outage.admitted("r-next")
+    end = (await outage.rig.run(request))[-1].end
+    outage.limiter.settle(ticket, end)  # as the servicer does when the answer ends
+    await outage.limiter.drain()
     estimate = end.cost.cost_nanos
-    assert end.cost.estimated and outbox.pending == 1
-    counted = Periods.at(clock.now_ms())
+    assert end.cost.estimated and outage.outbox.pending == 1
+    counted = Periods.at(outage.clock.now_ms())
 
-    clock.advance(s=120)  # past midnight: prefix-cache is back
-    replayed = Periods.at(clock.now_ms())
+    outage.clock.advance(s=120)  # past midnight: prefix-cache is back
+    replayed = Periods.at(outage.clock.now_ms())
     assert replayed.day != counted.day and replayed.month == counted.month
-    port.down = False
-    assert await outbox.flush() == 1
-    await limiter.drain()
-    billed = (await core.totals(TENANT)).cost_nanos - before
+    outage.port.down = False
+    assert await outage.outbox.flush() == 1
+    await outage.limiter.drain()
+    billed = await outage.billed()
     assert 0 < billed < estimate  # the system prompt billed as a read
     month = await _spent(store, counted.month)
     assert month == billed, f"estimate {estimate} counted, {billed} billed: spend {month}"
@@ -145,25 +181,15 @@ async def test_a_replay_after_restarts_corrects_the_budgets_once(
     and the next start, 10 min later (past any settle's marker), bills the entry again: a
     no-op at prefix-cache, its FINAL first-wins, whose reply says it is ``repeated``, so the
     correction is not made again (the limits' store keeps nothing to tell it was)."""
-    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
-    core, _ = _core(clock)
-    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
-    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
-    before = (await core.totals(TENANT)).cost_nanos
-    port = DownPort(PrefixCacheApi(core))
-    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
     journal = Journal(tmp_path / "data")
-    outbox = _outbox(port, journal, limiter, clock)
-    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
-    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
-    request = _ask("And rule 2?", "r-next")
-    ticket = await limiter.admit(TENANT, request)
-    assert isinstance(ticket, Ticket)
-    end = (await rig.run(request))[-1].end
-    limiter.settle(ticket, end)
-    await limiter.close()
-    await outbox.close()  # prefix-cache still down: the journal keeps the entry
+    outage = await _outage(store, journal, BEFORE_MIDNIGHT_MS - 3_600_000)
+    request, ticket = await outage.admitted("r-next")
+    end = (await outage.rig.run(request))[-1].end
+    outage.limiter.settle(ticket, end)
+    await outage.limiter.close()
+    await outage.outbox.close()  # prefix-cache still down: the journal keeps the entry
     journal.close()
+    clock, port = outage.clock, outage.port
     period = Periods.at(clock.now_ms()).month
     assert await _spent(store, period) == end.cost.cost_nanos
     kept = tmp_path / "kept.jsonl"
@@ -177,7 +203,7 @@ async def test_a_replay_after_restarts_corrects_the_budgets_once(
         assert await _outbox(port, journal, limiter, clock).flush() == 1
         await limiter.drain()
         journal.close()
-        billed = (await core.totals(TENANT)).cost_nanos - before
+        billed = await outage.billed()
         # the prefix expired meanwhile and the answer had no Plan: a write, above the estimate
         assert billed > end.cost.cost_nanos
         assert await _spent(store, period) == billed, f"start {start}"
@@ -216,41 +242,30 @@ async def test_an_answer_refused_once_its_bill_was_written_counts_its_estimate(
     and is billed once prefix-cache is back. Its estimate must count as a call billed without
     its answer does, so that the replay's correction lands on it: before, nothing was counted
     and the correction took the month's spend below zero (billed 501,000, spend -3,888,000)."""
-    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
-    core, _ = _core(clock)
-    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
-    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
-    before = (await core.totals(TENANT)).cost_nanos
-    port = DownPort(PrefixCacheApi(core))
-    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
-    outbox = _outbox(port, Journal(tmp_path), limiter, clock)
-    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
-    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
-    request = _ask("And rule 2?", "r-next")
-    ticket = await limiter.admit(TENANT, request)
-    assert isinstance(ticket, Ticket)
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    request, ticket = await outage.admitted("r-next")
 
     def failing_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    pipeline = rig.pipeline()
+    pipeline = outage.rig.pipeline()
     with monkeypatch.context() as patched:
         patched.setattr("services.router.outbox_journal.os.fsync", failing_fsync)
         with pytest.raises(RequestError) as refused:
-            run = pipeline.run(TENANT, request, charge=partial(limiter.charge, ticket))
+            run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
             [chunk async for chunk in run]
         assert refused.value.code is Code.UNAVAILABLE
         await pipeline.drain()  # what runs past the request: its bill without an answer
-    limiter.settle(ticket, None)  # the servicer's, for a request with no answer
-    await limiter.drain()
-    assert outbox.pending == 1  # written, so billed later, and kept once
-    month = Periods.at(clock.now_ms()).month
+    outage.limiter.settle(ticket, None)  # the servicer's, for a request with no answer
+    await outage.limiter.drain()
+    assert outage.outbox.pending == 1  # written, so billed later, and kept once
+    month = Periods.at(outage.clock.now_ms()).month
 
-    clock.advance(s=60)
-    port.down = False
-    assert await outbox.flush() == 1
-    await limiter.drain()
-    billed = (await core.totals(TENANT)).cost_nanos - before
+    outage.clock.advance(s=60)
+    outage.port.down = False
+    assert await outage.outbox.flush() == 1
+    await outage.limiter.drain()
+    billed = await outage.billed()
     assert billed > 0
     assert await _spent(store, month) == billed
 
@@ -275,23 +290,16 @@ async def test_an_answer_whose_done_line_a_crash_lost_counts_once(
     ROUTER_JOURNAL_SYNC_S), so the next start replays the open call. prefix-cache bills it
     once (its FINAL is first-wins) and says the replay's FINAL was a repeat; before, the
     replay's cost was counted again (billed 5,469,000, the budgets counted 10,938,000)."""
-    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
-    core, _ = _core(clock)
-    port = DownPort(PrefixCacheApi(core))
-    port.down = False
-    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
     crashed = DoneLost(tmp_path / "data")
     crashed.image = tmp_path / "image.jsonl"
-    outbox = _outbox(port, crashed, limiter, clock)
-    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
-    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
-    request = _ask("And rule 2?", "r-1")
-    ticket = await limiter.admit(TENANT, request)
-    assert isinstance(ticket, Ticket)
-    end = (await rig.run(request))[-1].end
+    outage = await _outage(store, crashed, BEFORE_MIDNIGHT_MS - 3_600_000, earlier_turn=False)
+    clock, core, port, limiter = outage.clock, outage.core, outage.port, outage.limiter
+    port.down = False
+    request, ticket = await outage.admitted("r-1")
+    end = (await outage.rig.run(request))[-1].end
     limiter.settle(ticket, end)
     await limiter.drain()
-    assert await outbox.flush() == 0  # behind the "done" line's write: the image is taken
+    assert await outage.outbox.flush() == 0  # behind the "done" line's write: the image is taken
     crashed.close()
     assert not end.cost.estimated
     month = Periods.at(clock.now_ms()).month
@@ -357,25 +365,16 @@ async def test_a_replay_after_a_restart_on_the_in_memory_store_leaves_no_negativ
     entries of the last process still carry the estimates counted then, and their replay
     corrects estimates this process never counted. Before, 3 answers left the month's spend
     at -11,664,000 (budget the tenant never had); now it stops at 0."""
-    clock = ManualClock(BEFORE_MIDNIGHT_MS - 3_600_000)
-    core, _ = _core(clock)
-    await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
-    await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
-    port = DownPort(PrefixCacheApi(core))
-    limiter = Limiter(MemoryLimitStore(), UniformPolicies(POLICY), clock, lambda request: 0)
     journal = Journal(tmp_path)
-    outbox = _outbox(port, journal, limiter, clock)
-    prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
-    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    outage = await _outage(MemoryLimitStore(), journal, BEFORE_MIDNIGHT_MS - 3_600_000)
+    clock, port, limiter = outage.clock, outage.port, outage.limiter
     for i in range(3):
-        request = _ask("And rule 2?", f"r-{i}")
-        ticket = await limiter.admit(TENANT, request)
-        assert isinstance(ticket, Ticket)
-        end = (await rig.run(request))[-1].end
+        request, ticket = await outage.admitted(f"r-{i}")
+        end = (await outage.rig.run(request))[-1].end
         assert end.cost.estimated
         limiter.settle(ticket, end)
     await limiter.close()
-    await outbox.close()  # prefix-cache still down: the journal keeps the entries
+    await outage.outbox.close()  # prefix-cache still down: the journal keeps the entries
     journal.close()
 
     clock.advance(s=60)  # the restart: a fresh store, prefix-cache back
