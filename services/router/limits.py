@@ -21,9 +21,8 @@ is checked, and the wait is the longest), which the servicer turns into
 - Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
   below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
   estimate the router serves when prefix-cache is down, corrected by what prefix-cache bills
-  when the outbox replays the bill: ``Limiter.reconcile``; a correction never takes the bill
-  below 0). A request in flight may take the bill past the budget; the next one is refused
-  until the period ends.
+  when the outbox replays the bill: ``Limiter.reconcile``). A request in flight may take the
+  bill past the budget; the next one is refused until the period ends.
 
 The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
 (``services.router.redis_limits``) so that every router of a deployment shares it.
@@ -283,9 +282,7 @@ class MemoryLimitStore:
         if cost_nanos:
             for period in (spent.day, spent.month):
                 key = (tenant, period)
-                # a correction larger than what is counted (an estimate this store never
-                # counted: a restart, a settle lost) stops at 0, no budget the tenant never had
-                self._spent[key] = max(self._spent.get(key, 0) + cost_nanos, 0)
+                self._spent[key] = self._spent.get(key, 0) + cost_nanos
             self._forget_old(periods)
 
     def _forget_old(self, periods: Periods) -> None:

@@ -119,8 +119,6 @@ return {}
 # now_ms, tokens cap (0 = none), tokens to give back, cost nanos, ms until the day's end, ms
 # until the month's end, GC slack, the marker's life in ms (0 = no marker). A settle whose
 # marker is there already was counted (a replay after an ambiguous timeout): nothing again.
-# A negative cost (a correction) larger than the period's spend leaves it at 0, not below: an
-# estimate never counted here (a settle lost, the keys lost) gives no budget back.
 _SETTLE = (
     _LEVEL
     + """
@@ -134,10 +132,10 @@ if tcap > 0 and refund ~= 0 then
   keep(KEYS[1], math.min(tcap, t + refund), at, tcap, slack)
 end
 if cost ~= 0 then
-  for i = 2, 3 do  -- the day's, then the month's (their lives: ARGV[5], ARGV[6])
-    if redis.call('INCRBY', KEYS[i], cost) < 0 then redis.call('SET', KEYS[i], 0) end
-    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[i + 3]) + slack)
-  end
+  redis.call('INCRBY', KEYS[2], cost)
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]) + slack)
+  redis.call('INCRBY', KEYS[3], cost)
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]) + slack)
 end
 return 0
 """
