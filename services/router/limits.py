@@ -159,6 +159,10 @@ LOST_LOG_INTERVAL_MS = 60_000  # settles lost are logged at most once in this in
 
 
 class LimitStore(Protocol):
+    # its counts outlive this process (Redis): a correction of an estimate an earlier process
+    # counted lands on that count; in this process's memory it would have nothing to correct
+    outlives_process: bool
+
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
@@ -215,6 +219,8 @@ class _Bucket:
 
 class MemoryLimitStore:
     """The limits' state in this process (one router; ``ROUTER_LIMITS_REDIS_URL`` unset)."""
+
+    outlives_process = False
 
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, str], _Bucket] = {}
@@ -491,13 +497,20 @@ class Limiter:
         if policy.active:
             self._count(Ticket(tenant, policy, 0), 0, cost_nanos, started_ms)
 
-    def reconcile(self, tenant: str, correction_nanos: int, counted_ms: int) -> None:
+    def reconcile(
+        self, tenant: str, correction_nanos: int, counted_ms: int, *, inherited: bool = False
+    ) -> None:
         """Corrects a cost counted at the router's estimate (an answer served while
         prefix-cache was down) once the billing outbox's replay is billed:
         ``correction_nanos`` (billed minus estimated, either sign) goes to the budgets of the
         day and month it was counted in (``counted_ms``, this clock's), not to those of the
         replay. The caller corrects it once: on prefix-cache's first reply to its FINAL (a
-        replay by a router restarted mid-replay finds it ``repeated``)."""
+        replay by a router restarted mid-replay finds it ``repeated``). ``inherited``: the
+        estimate was counted by an earlier process of this router (the outbox's entry came
+        from its journal); a store in this process's memory never counted it, so there is
+        nothing to correct (its counts started from none at the restart)."""
+        if inherited and not self._store.outlives_process:
+            return
         policy = self._policies.for_tenant(tenant)
         if policy.active:
             self._count(Ticket(tenant, policy, 0), 0, correction_nanos, counted_ms)

@@ -39,7 +39,10 @@ flight when the router is killed stays unbilled (a WARM with no FINAL).
 A replayed FINAL whose reply is ``repeated`` (prefix-cache had recorded that key's FINAL
 before: the call's own, whose "done" line a host crash lost, or an earlier start's replay) is
 not told to the limiter (``open_call_billed``, ``estimate_billed``): whoever had its first
-reply counted it then.
+reply counted it then; unless this process's own replay of it had no reply (a deadline, a
+cancel: prefix-cache may have recorded it), in which case the next reply is the first told.
+Entries journalled by an earlier process are ``inherited``: their estimates were counted by
+it, which a limits store in memory does not remember (``Limiter.reconcile``).
 
 Budgets: an answer kept here was counted against its tenant's budgets at the router's estimate
 (base prices, no cache discount claimed); each entry keeps that estimate and when it was
@@ -81,6 +84,8 @@ log = logging.getLogger("cachemesh.router.outbox")
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
+# a commit that failed so may have been recorded all the same (its reply lost)
+_MAY_HAVE_LANDED = (Code.DEADLINE_EXCEEDED, Code.CANCELLED)
 # the trace context only (traceparent, tracestate): never the caller's baggage, on disk
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
@@ -222,7 +227,7 @@ class BillingOutbox:
         open_call_billed: Callable[[OpenCallBill], None] | None = None,
         wall: Clock | None = None,
         journal_sync_s: float | None = None,
-        estimate_billed: Callable[[str, int, int], None] | None = None,
+        estimate_billed: Callable[..., None] | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -238,9 +243,11 @@ class BillingOutbox:
         ``journal_sync_s``: how long an open call's line may wait for its fsync
         (``JournalThread``'s ``sync_within_s``; None: until the next durable write).
         ``estimate_billed``: told of each kept answer billed, as ``(tenant, billed minus
-        estimated nano-dollars, when the estimate was counted (ms))`` (the limiter's
-        ``reconcile``); not when the reply is ``repeated`` (an earlier replay's, by a router
-        restarted since, corrected it)."""
+        estimated nano-dollars, when the estimate was counted (ms), inherited=...)`` (the
+        limiter's ``reconcile``; ``inherited``: the entry was in the journal when this process
+        started, its estimate counted by an earlier one); not when the reply is ``repeated``
+        (an earlier replay's, by a router restarted since, corrected it), unless this
+        process's own earlier replay of it may have landed unanswered (below)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -255,9 +262,16 @@ class BillingOutbox:
         # the open calls of this process's model calls running, and when each started
         self._live: dict[str, int] = {}
         self._estimate_billed = estimate_billed
+        # the entries journalled by an earlier process (their estimates counted by it)
+        self._inherited: set[str] = set()
+        # FINALs (by commit key) this process replayed with no reply (a deadline, a cancel):
+        # prefix-cache may have recorded them, and its next reply is then ``repeated`` though
+        # no one had the first; that reply is the first one told
+        self._unanswered_finals: set[str] = set()
         self._entries: _InMemory | _OnDisk
         if journal is not None:
-            loaded = len(journal.load())
+            self._inherited = set(journal.load())
+            loaded = len(self._inherited)
             if opened := len(journal.opened()):
                 log.warning(
                     "billing outbox: %d model calls were still running when this router's last "
@@ -418,16 +432,30 @@ class BillingOutbox:
                     settled += 1
                     open_calls += open_call
                     # a repeated FINAL was billed before: whoever had its first reply (the
-                    # call's own answer, an earlier replay) counted it then
-                    if reply is not None and not reply.repeated:
-                        final = commits[-1]
+                    # call's own answer, an earlier replay) counted it then; not this
+                    # process's own replay whose reply never came
+                    final = commits[-1] if commits else None
+                    unanswered = final is not None and final.request_id in self._unanswered_finals
+                    if (
+                        final is not None
+                        and reply is not None
+                        and (not reply.repeated or unanswered)
+                    ):
                         if open_call and self._open_call_billed is not None:
                             cost = reply.cost.cost_nanos
                             bill = OpenCallBill(final.tenant, cost, started_ms)
                             self._open_call_billed(bill)
                         elif counted is not None and self._estimate_billed is not None:
                             correction = reply.cost.cost_nanos - counted.estimate_nanos
-                            self._estimate_billed(final.tenant, correction, counted.at_ms)
+                            self._estimate_billed(
+                                final.tenant,
+                                correction,
+                                counted.at_ms,
+                                inherited=entry_id in self._inherited,
+                            )
+                self._inherited.discard(entry_id)
+                if commits:
+                    self._unanswered_finals.discard(commits[-1].request_id)
                 done_lines.append(self._entries.done(entry_id))
             for failed in await asyncio.gather(*done_lines, return_exceptions=True):
                 if failed is not None:
@@ -484,6 +512,8 @@ class BillingOutbox:
                 reply = await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:
                 if exc.code in _UNREACHABLE_CODES:
+                    if commit.phase == pc.COMMIT_PHASE_FINAL and exc.code in _MAY_HAVE_LANDED:
+                        self._unanswered_finals.add(commit.request_id)
                     return _Sent.UNREACHABLE, None
                 if exc.code not in _FINAL:
                     log.warning(

@@ -154,6 +154,8 @@ def _cap(value: int | None) -> int:
 
 
 class RedisLimitStore:
+    outlives_process = True  # every router's, across their restarts
+
     def __init__(
         self, client: Redis, prefix: str = "cachemesh:limits", *, server_time: bool = True
     ) -> None:

@@ -488,6 +488,8 @@ async def test_calls_applied_out_of_order_do_not_refill_an_interval_twice(
 
 
 class _Broken:
+    outlives_process = True  # a Redis that went away
+
     async def admit(self, *args: object) -> None:
         raise ConnectionError("redis went away")
 
@@ -513,6 +515,7 @@ class _Switch:
     def __init__(self, store: LimitStore) -> None:
         self.store = store
         self.down = False
+        self.outlives_process = store.outlives_process
 
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
