@@ -573,18 +573,6 @@ class Pipeline:
         window: PrefixWindow,
         open_call: OpenCall | None = None,
     ) -> pb.CompleteResponse:
-        if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
-            answer = semantic_cache_pb2.CachedAnswer(
-                content=content,
-                model=attempt.model.id,
-                tier=attempt.model.tier,
-                stop_reason=end_chunk.stop_reason,
-                output_tokens=end_chunk.output_tokens,
-            )
-            # The answer does not wait for its Store (half a miss's latency: the embedding).
-            # An identical request arriving meanwhile waits on this one's lease, which the
-            # Store ends, and is served the stored answer; shutdown drains the Store.
-            self._stores.add(self._in_background(self._calls.store(tenant, request, answer)))
         final = await self._commit_final(
             tenant,
             request,
@@ -597,6 +585,20 @@ class Pipeline:
         )
         if final is not None:
             spans.reconciled(trace.get_current_span(), final)
+        if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
+            answer = semantic_cache_pb2.CachedAnswer(
+                content=content,
+                model=attempt.model.id,
+                tier=attempt.model.tier,
+                stop_reason=end_chunk.stop_reason,
+                output_tokens=end_chunk.output_tokens,
+            )
+            # Once its bill is made or kept (an answer refused for its bill is a failed call:
+            # never stored). The answer does not wait for its Store (half a miss's latency:
+            # the embedding).
+            # An identical request arriving meanwhile waits on this one's lease, which the
+            # Store ends, and is served the stored answer; shutdown drains the Store.
+            self._stores.add(self._in_background(self._calls.store(tenant, request, answer)))
         end = pb.CompleteResponse()
         end.CopyFrom(head)
         end.content.extend(content)

@@ -246,6 +246,7 @@ async def test_an_answer_refused_once_its_bill_was_written_counts_its_estimate(
     and the correction took the month's spend below zero (billed 501,000, spend -3,888,000)."""
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     request, ticket = await outage.admitted("r-next")
+    request.cache.ClearField("semantic")  # L1 on: a model answer would be cached
 
     def failing_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
@@ -261,6 +262,7 @@ async def test_an_answer_refused_once_its_bill_was_written_counts_its_estimate(
     outage.limiter.settle(ticket, None)  # the servicer's, for a request with no answer
     await outage.limiter.drain()
     assert outage.outbox.pending == 1  # written, so billed later, and kept once
+    assert outage.rig.semantic.stores == []  # a refused answer is not cached
     month = Periods.at(outage.clock.now_ms()).month
 
     outage.clock.advance(s=60)
