@@ -39,8 +39,10 @@ flight when the router is killed stays unbilled (a WARM with no FINAL).
 A replayed FINAL whose reply is ``repeated`` (prefix-cache had recorded that key's FINAL
 before: the call's own, whose "done" line a host crash lost, or an earlier start's replay) is
 not told to the limiter (``open_call_billed``, ``estimate_billed``): whoever had its first
-reply counted it then; unless this process's own replay of it had no reply (a deadline, a
-cancel: prefix-cache may have recorded it), in which case the next reply is the first told.
+reply counted it then; unless this process kept the entry and its own replay of it had no
+reply (a deadline, a cancel: prefix-cache may have recorded it), in which case the next reply
+is the first told (of an entry journalled by an earlier process, that process may have had
+the first reply: its count stands, and a lost reply of this process's replay goes uncounted).
 Entries journalled by an earlier process are ``inherited``: their estimates were counted by
 it, which a limits store in memory does not remember (``Limiter.reconcile``).
 
@@ -432,10 +434,15 @@ class BillingOutbox:
                     settled += 1
                     open_calls += open_call
                     # a repeated FINAL was billed before: whoever had its first reply (the
-                    # call's own answer, an earlier replay) counted it then; not this
-                    # process's own replay whose reply never came
+                    # call's own answer, an earlier replay) counted it then; unless this
+                    # process kept the entry itself and its own replay got no reply (of an
+                    # inherited entry, the process before may have had that first reply)
                     final = commits[-1] if commits else None
-                    unanswered = final is not None and final.request_id in self._unanswered_finals
+                    unanswered = (
+                        final is not None
+                        and entry_id not in self._inherited
+                        and final.request_id in self._unanswered_finals
+                    )
                     if (
                         final is not None
                         and reply is not None
