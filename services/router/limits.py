@@ -525,15 +525,8 @@ class Limiter:
         if refund == 0 and cost_nanos == 0:
             return
         now = self._clock.now_ms()
-        settle_id = uuid.uuid4().hex
         count = _Settle(
-            ticket.tenant,
-            ticket.policy,
-            refund,
-            cost_nanos,
-            settle_id,
-            now,
-            incurred_ms=incurred_ms,
+            ticket.tenant, ticket.policy, refund, cost_nanos, uuid.uuid4().hex, now, incurred_ms
         )
 
         async def first_try() -> None:

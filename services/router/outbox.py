@@ -70,6 +70,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -78,7 +79,13 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock, SystemClock
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, PrefixPort
-from services.router.outbox_journal import Counted, Journal, JournalThread, UnreadableEntry
+from services.router.outbox_journal import (
+    Counted,
+    Journal,
+    JournalEntry,
+    JournalThread,
+    UnreadableEntry,
+)
 
 log = logging.getLogger("cachemesh.router.outbox")
 
@@ -92,9 +99,13 @@ _MAY_HAVE_LANDED = (Code.DEADLINE_EXCEEDED, Code.CANCELLED)
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
 _Entry = tuple[tuple[pc.CommitRequest, ...], dict[str, str]]
-# an entry read back to replay it: also whether it is an open call, when its call started, and
-# what the budgets counted of it
-_Read = tuple[tuple[pc.CommitRequest, ...], dict[str, str], bool, int | None, Counted | None]
+
+
+class _Read(NamedTuple):
+    """An entry read back to replay it."""
+
+    entry: JournalEntry
+    open_call: bool  # it bills a model call of an earlier process (killed), not an answer
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,17 @@ class OpenCallBill:
     # when the call started (epoch ms): the budget periods it counts in (None: journalled by
     # a router from before it was kept; it counts in those of now)
     started_ms: int | None
+
+
+_UNREADABLE = _Read(JournalEntry((), {}, None, None), False)  # dropped: nothing to replay
+
+
+class EstimateBilled(Protocol):
+    """Told a kept answer's correction once its replay is billed (``Limiter.reconcile``)."""
+
+    def __call__(
+        self, tenant: str, correction_nanos: int, counted_ms: int, *, inherited: bool
+    ) -> None: ...
 
 
 class _Sent(enum.Enum):
@@ -153,7 +175,7 @@ class _InMemory:
 
     async def read(self, entry_id: str) -> _Read:
         commits, carrier = self._entries[entry_id]
-        return commits, carrier, False, None, self._estimates[entry_id]
+        return _Read(JournalEntry(commits, carrier, None, self._estimates[entry_id]), False)
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
         if (entry := self._entries.pop(entry_id, None)) is not None:
@@ -190,10 +212,7 @@ class _OnDisk:
 
     async def read(self, entry_id: str) -> _Read:
         def read() -> _Read:
-            commits, carrier, counted = self._journal.read_traced(entry_id)
-            journal = self._journal
-            open_call, started_ms = journal.is_open(entry_id), journal.started_ms(entry_id)
-            return commits, carrier, open_call, started_ms, counted
+            return _Read(self._journal.read_traced(entry_id), self._journal.is_open(entry_id))
 
         return await self._thread.call(read)
 
@@ -229,7 +248,7 @@ class BillingOutbox:
         open_call_billed: Callable[[OpenCallBill], None] | None = None,
         wall: Clock | None = None,
         journal_sync_s: float | None = None,
-        estimate_billed: Callable[..., None] | None = None,
+        estimate_billed: EstimateBilled | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -416,13 +435,14 @@ class BillingOutbox:
                 if entry_id in self._live:
                     continue  # a model call of this process, still running
                 try:
-                    read = await self._entries.read(entry_id)
-                    commits, carrier, open_call, started_ms, counted = read
+                    (commits, carrier, started_ms, counted), open_call = await self._entries.read(
+                        entry_id
+                    )
                 except KeyError:
                     continue  # an open call settled since the ids were read
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
-                    commits, carrier, open_call, started_ms, counted = (), {}, False, None, None
+                    (commits, carrier, started_ms, counted), open_call = _UNREADABLE
                 outcome, reply = await self._replay(commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
                     break

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
@@ -93,7 +93,15 @@ class _Line:
     offset: int
     length: int
     open: bool = False  # an open call: a model call still running when it was written
-    started_ms: int | None = None  # an open call's: when its model call started
+
+
+class JournalEntry(NamedTuple):
+    """An entry read back from its line."""
+
+    commits: tuple[pc.CommitRequest, ...]
+    carrier: dict[str, str]  # the request's trace context (empty: none kept, or unreadable)
+    started_ms: int | None  # an open call's: when its model call started (None: not kept)
+    counted: Counted | None  # an answer's: what its budgets counted (None: not kept)
 
 
 class Journal:
@@ -164,10 +172,7 @@ class Journal:
         except json.JSONDecodeError:
             item = {}
         if isinstance(item, dict) and isinstance(item.get("add"), str):
-            started = item.get("started_ms")
-            if not isinstance(started, int) or isinstance(started, bool):
-                started = None  # a line from before it was kept
-            self._lines[item["add"]] = _Line(offset, len(raw), item.get("open") is True, started)
+            self._lines[item["add"]] = _Line(offset, len(raw), item.get("open") is True)
         elif isinstance(item, dict) and isinstance(item.get("done"), str):
             self._lines.pop(item["done"], None)
         else:
@@ -199,7 +204,7 @@ class Journal:
         if counted is not None:
             record["estimate"] = counted.estimate_nanos
             record["counted_ms"] = counted.at_ms
-        line = self._write(record, open_call, started_ms if open_call else None)
+        line = self._write(record, open_call)
         replaced = self._lines.get(entry_id)
         if replaced is not None:
             self._live_bytes -= replaced.length
@@ -224,25 +229,17 @@ class Journal:
         line = self._lines.get(entry_id)
         return line is not None and line.open
 
-    def started_ms(self, entry_id: str) -> int | None:
-        """When an open call's model call started (epoch ms; None: not an open call, or a
-        line written before it was kept)."""
-        line = self._lines.get(entry_id)
-        return None if line is None else line.started_ms
-
     @property
     def pending_count(self) -> int:
         return len(self._lines)
 
     def read(self, entry_id: str) -> tuple[pc.CommitRequest, ...]:
-        return self.read_traced(entry_id)[0]
+        return self.read_traced(entry_id).commits
 
-    def read_traced(
-        self, entry_id: str
-    ) -> tuple[tuple[pc.CommitRequest, ...], dict[str, str], Counted | None]:
+    def read_traced(self, entry_id: str) -> JournalEntry:
         """The entry's commits, its trace carrier (empty: none was kept, or it is not a
-        map of strings; the commits are billed all the same) and what its budgets counted
-        (None: not kept, an older line or an open call)."""
+        map of strings; the commits are billed all the same), when an open call started and
+        what an answer's budgets counted (each None when not kept: an older line)."""
         line = self._lines[entry_id]
         raw = _read_all(self._fd, line.length, line.offset)
         try:
@@ -265,7 +262,9 @@ class Journal:
         counted = None
         if type(estimate) is int and type(at_ms) is int:  # not a bool, nor a float
             counted = Counted(estimate, at_ms)
-        return commits, carrier, counted
+        started = item.get("started_ms")
+        started_ms = started if type(started) is int else None
+        return JournalEntry(commits, carrier, started_ms, counted)
 
     def sync(self, *, fsync: bool = True) -> None:
         """Makes every write so far durable (one fsync), emptying or compacting the file first
@@ -311,16 +310,14 @@ class Journal:
         settled = self._size - self._live_bytes
         return settled > max(self._compact_bytes, self._live_bytes)
 
-    def _write(
-        self, record: dict[str, object], open_call: bool = False, started_ms: int | None = None
-    ) -> _Line:
+    def _write(self, record: dict[str, object], open_call: bool = False) -> _Line:
         data = (json.dumps(record) + "\n").encode()
         try:
             _write_all(self._fd, data, self._size)  # after the last line, even if one is torn
         except OSError:
             os.ftruncate(self._fd, self._size)  # no half line for the next one to follow
             raise
-        line = _Line(self._size, len(data), open_call, started_ms)
+        line = _Line(self._size, len(data), open_call)
         self._size += len(data)
         self._dirty = True
         return line
@@ -340,7 +337,7 @@ class Journal:
             try:
                 for entry_id, line in self._lines.items():
                     _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
-                    lines[entry_id] = _Line(size, line.length, line.open, line.started_ms)
+                    lines[entry_id] = _Line(size, line.length, line.open)
                     size += line.length
                 os.fsync(fd)
                 os.replace(fresh, self.path)

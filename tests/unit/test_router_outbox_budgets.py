@@ -226,11 +226,13 @@ async def test_an_entry_journalled_without_its_estimate_corrects_nothing(
     journal.add("e1", [final], {})
     journal.sync()
     corrections: list[tuple[str, int, int]] = []
+
+    def corrected(tenant: str, correction_nanos: int, counted_ms: int, *, inherited: bool) -> None:
+        corrections.append((tenant, correction_nanos, counted_ms))
+
     port = DownPort(PrefixCacheApi(core))
     port.down = False
-    outbox = BillingOutbox(
-        port, journal, 1.0, 0.01, estimate_billed=lambda *c: corrections.append(c), wall=clock
-    )
+    outbox = BillingOutbox(port, journal, 1.0, 0.01, estimate_billed=corrected, wall=clock)
     assert await outbox.flush() == 1
     assert corrections == []
     journal.close()

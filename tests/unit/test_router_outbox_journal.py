@@ -120,8 +120,8 @@ def test_an_open_call_keeps_when_its_call_started_and_an_older_line_reads_withou
     journal.close()
     again = Journal(tmp_path)
     assert again.load() == ["old", "o"] and again.opened() == ["old", "o"]
-    assert again.started_ms("o") == 1_700_000_000_000
-    assert again.started_ms("old") is None
+    assert again.read_traced("o").started_ms == 1_700_000_000_000
+    assert again.read_traced("old").started_ms is None
     again.close()
 
 
