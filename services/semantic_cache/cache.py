@@ -232,46 +232,55 @@ class SemanticCache(EntryStore):
         index = self._scopes.get((query.tenant, query.scope))
         if index is None:
             return CheckResult(None)
+        # A match of a tier the Lookup does not accept is passed over, neither served nor
+        # touched: the lookup goes on as if it were not there (a paraphrase of an accepted
+        # tier may be served), and a miss then says why (``tier_refused``).
+        tier_refused = ""
+
+        def servable(entry: Entry) -> bool:
+            nonlocal tier_refused
+            if not self._servable(entry, query, now):
+                return False
+            refusal = query.tier_refusal(entry.answer)
+            tier_refused = tier_refused or refusal
+            return not refusal
+
         vid = self._exact_match(index, query.normalised)
-        if vid is not None and self._servable(self._entries[vid], query, now):
-            if refusal := query.tier_refusal(self._entries[vid].answer):
-                return CheckResult(None, best_similarity=1.0, refusal=refusal)
+        if vid is not None and servable(self._entries[vid]):
             return self._hit(vid, 1.0, exact=True, best=1.0)
+        exact_best = 1.0 if tier_refused else 0.0
+
+        def miss(best: float, refusal: str = "") -> CheckResult:
+            return CheckResult(None, best_similarity=best, refusal=refusal or tier_refused)
+
         try:
             vector = await self._embed(query.tenant, text, deadline, lookup=True)
         except TimeoutError:  # the caller's time is up: a miss now (it may lead), not a late one
-            return CheckResult(None)
+            return miss(exact_best)
         except QueueFull as exc:  # L1 is busy: the request goes on to the model at once
+            if tier_refused:  # it did read L1: the miss its refused match makes it
+                return miss(exact_best)
             return CheckResult(None, skip_reason=str(exc))
         # From here to the verification nothing awaits: the index cannot change under us.
         now = self._clock.now_ms()
         self._purge_expired(now)
         index = self._scopes.get((query.tenant, query.scope))
         if index is None:
-            return CheckResult(None)
+            return miss(exact_best)
         candidates = [(v, _clamp(s)) for v, s in index.search(vector, self._top_k)]
-        best = max((s for _, s in candidates), default=0.0)
-        short = shortlist(
-            candidates,
-            self._entries.__getitem__,
-            lambda entry: self._servable(entry, query, now),
-            threshold,
-            self._margin,
-        )
+        best = max([exact_best, *(s for _, s in candidates)])
+        short = shortlist(candidates, self._entries.__getitem__, servable, threshold, self._margin)
         if short and self._left_s(deadline) <= 0:  # nobody would wait for the verdicts
-            return CheckResult(None, best_similarity=best)
+            return miss(best)
         choice = decide(short, await self._verify(short, query.normalised))
         if choice.vid is None:
-            return CheckResult(None, best_similarity=best, refusal=choice.reason)
+            return miss(best, choice.reason)
         # The verifier may have run in a thread: serve the verified entry only if it is still
         # there, the same, and servable now.
         now = self._clock.now_ms()
         entry = self._entries.get(choice.vid)
         if entry is not short[0].entry or not self._servable(entry, query, now):
-            refusal = "the nearest candidate changed while it was verified"
-            return CheckResult(None, best_similarity=best, refusal=refusal)
-        if refusal := query.tier_refusal(entry.answer):
-            return CheckResult(None, best_similarity=best, refusal=refusal)
+            return miss(best, "the nearest candidate changed while it was verified")
         return self._hit(choice.vid, choice.similarity, exact=False, best=best)
 
     def _exact_match(self, index: ScopeIndex, text: str) -> int | None:

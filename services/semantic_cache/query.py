@@ -54,8 +54,8 @@ class Query:
     # not part of the scope: names the single-flight lease a miss takes, so that a retry of
     # the same request (its router died mid-call) leads again instead of waiting on itself
     request_id: str = ""
-    # not part of the scope either: the answer tiers the Lookup accepts (empty: any); a hit
-    # of another tier is refused, a miss (``tier_refusal``)
+    # not part of the scope either: the answer tiers the Lookup accepts (empty: any); an
+    # entry of another tier is passed over, never served (``tier_refusal``)
     accepted_tiers: tuple[str, ...] = ()
 
     def tier_refusal(self, answer: Answer) -> str:

@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 QUESTION = "What is the capital of France?"
 
 
-def _ask(request_id: str, threshold: float | None = None) -> pb.CompleteRequest:
+def _ask(
+    request_id: str, threshold: float | None = None, *, text: str = QUESTION
+) -> pb.CompleteRequest:
     request = pb.CompleteRequest(
-        model="auto", max_tokens=200, messages=[user(QUESTION)], request_id=request_id
+        model="auto", max_tokens=200, messages=[user(text)], request_id=request_id
     )
     if threshold is not None:
         request.routing.threshold = threshold
@@ -102,4 +104,31 @@ def test_after_a_purge_the_forced_retrys_answer_still_replaces_the_small_one(cha
         ("large", "LAYER_MODEL"),
         ("large", "LAYER_SEMANTIC_CACHE"),  # not the large model paid again
         ("large", "LAYER_SEMANTIC_CACHE"),  # not the small answer again
+    ]
+
+
+def test_a_forced_retry_is_served_a_paraphrases_answer_of_the_tier_it_accepts() -> None:
+    """The small tier answered the question, the large one a paraphrase of it (a retry forced
+    to it): a retry of the question forced to the large tier is served that answer from L1,
+    not the large model paid again, and the small entry stays for plain requests. The real
+    embedder and the shipped verifier judge the paraphrase."""
+    stack = OfflineStack(Stack(ROOT, environ={}).settings(), ManualClock())
+    question, paraphrase = (
+        "How do I reset my password?",
+        "I forgot my password, how can I change it?",
+    )
+
+    async def run() -> list[tuple[str, str]]:
+        return [
+            await _served(stack, _ask("plain", text=question)),
+            await _served(stack, _ask("forced-paraphrase", -1.0, text=paraphrase)),
+            await _served(stack, _ask("forced", -1.0, text=question)),
+            await _served(stack, _ask("plain-again", text=question)),
+        ]
+
+    assert asyncio.run(run()) == [
+        ("small", "LAYER_MODEL"),
+        ("large", "LAYER_MODEL"),
+        ("large", "LAYER_SEMANTIC_CACHE"),  # the paraphrase's, not the large model paid again
+        ("small", "LAYER_SEMANTIC_CACHE"),
     ]

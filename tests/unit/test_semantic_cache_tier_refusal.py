@@ -5,6 +5,7 @@ miss in every respect: its lease wait did not serve it, and it leads the model c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -13,8 +14,11 @@ from services.common.metrics import TenantLabels, new_registry
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import Leases
-from services.semantic_cache.metrics import SemanticCacheMetrics
+from services.semantic_cache.metrics import SemanticCacheMetrics, refusal_reason
+from services.semantic_cache.query import query_from_request
+from services.semantic_cache.records import Answer
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+from tests.unit.test_semantic_cache_reading import CONFIG, reading_verifier, shipped_cache
 from tests.unit.test_service_metrics import value
 
 SMALL = sc.CachedAnswer(
@@ -57,3 +61,77 @@ async def test_a_hit_refused_after_a_lease_wait_is_a_wait_that_served_nothing() 
     assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="tier") == 1
     (stats,) = api.stats(sc.L1StatsRequest(tenant="a")).tenants
     assert (stats.lookups, stats.hits) == (2, 0)
+
+
+def _answer(tier: str, text: str) -> sc.CachedAnswer:
+    return sc.CachedAnswer(
+        content=[pb.ContentBlock(text=text)],
+        model=f"sim-{tier}",
+        tier=tier,
+        stop_reason="end_turn",
+        output_tokens=12,
+    )
+
+
+async def test_a_match_refused_for_its_tier_goes_on_to_a_paraphrase_of_an_accepted_one() -> None:
+    """The question's exact entry is the small tier's, a paraphrase's the large tier's: a
+    retry forced to the large tier is served the paraphrase's answer (a paid model call
+    before), and that lookup is one paraphrase hit in Stats and the metrics, refused nothing.
+    The real embedder and the shipped verifier decide the paraphrase, as for any lookup."""
+    registry = new_registry()
+    metrics = SemanticCacheMetrics(registry, TenantLabels(4))
+    cache = shipped_cache(reading_verifier())
+    api = SemanticCacheApi(cache, metrics=metrics)
+    asked = make_request("How do I reset my password?")
+    paraphrase = make_request("I forgot my password, how can I change it?")
+    await api.store(sc.StoreRequest(tenant="a", request=asked, answer=_answer("small", "S")))
+    large = _answer("large", "L")
+    await api.store(sc.StoreRequest(tenant="a", request=paraphrase, answer=large))
+    forced = sc.LookupRequest(tenant="a", request=asked, accepted_tiers=["large"])
+    reply = await api.lookup(forced, 20.0)
+    assert (reply.hit, reply.refusal) == (True, "")
+    assert reply.answer == large and not reply.match.exact
+    assert reply.match.similarity >= CONFIG.threshold
+    (stats,) = api.stats(sc.L1StatsRequest(tenant="a")).tenants
+    assert (stats.lookups, stats.hits, stats.exact_hits) == (1, 1, 0)
+    lookups = "cachemesh_semantic_cache_lookups_total"
+    assert value(registry, lookups, tenant="a", result="paraphrase") == 1
+    assert value(registry, lookups, tenant="a", result="miss") == 0
+    hits = "cachemesh_semantic_cache_hits_total"
+    assert value(registry, hits, tenant="a", kind="paraphrase") == 1
+    assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="tier") == 0
+    # a plain lookup still gets the exact entry, the small tier's
+    plain = await api.lookup(sc.LookupRequest(tenant="a", request=asked), 20.0)
+    assert plain.match.exact and plain.answer.tier == "small"
+
+
+async def test_a_paraphrase_search_that_finds_only_other_tiers_is_a_tier_refusal() -> None:
+    """Candidates of a tier the Lookup does not accept are passed over; a search left with
+    none is a miss that says why (metric reason ``tier``)."""
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
+    small = Answer(SMALL.SerializeToString(), "end_turn", 3, False, True)
+    await cache.store(query_from_request("a", make_request("reset my password")), small)
+    asked = query_from_request("a", make_request("reset my password please"))
+    assert (await cache.check(asked)).hit  # a paraphrase any tier is served
+    forced = dataclasses.replace(asked, accepted_tiers=("large",))
+    result = await cache.check(forced)
+    assert not result.hit and result.best_similarity >= 0.8
+    assert refusal_reason(result.refusal) == "tier", result.refusal
+
+
+async def test_a_match_refused_for_its_tier_keeps_its_place_in_the_eviction_order() -> None:
+    """Only a served hit makes an entry recently used: a stream of lookups refused the small
+    answer (retries forced to the large tier) does not keep it alive at the expense of an
+    entry that is served."""
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, max_entries=2)
+    small = Answer(SMALL.SerializeToString(), "end_turn", 3, False, True)
+    refused = query_from_request("a", make_request("What is the capital of France?"))
+    served = query_from_request("a", make_request("How do I reset my password?"))
+    await cache.store(refused, small)
+    await cache.store(served, small)
+    forced = dataclasses.replace(refused, accepted_tiers=("large",))
+    for _ in range(3):
+        assert not (await cache.check(forced)).hit
+    await cache.store(query_from_request("a", make_request("Where is my invoice?")), small)
+    assert (await cache.check(served)).exact  # the entry refused was the one evicted
+    assert not (await cache.check(refused)).hit
