@@ -20,7 +20,6 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -88,13 +87,13 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         if attributes is None:
             attributes = self._attributes.setdefault(method, method_attributes(method))
 
-        def start() -> tuple[trace.Span, Held, object]:
+        def start() -> tuple[trace.Span, Held, otel_context.Context]:
             span = self._tracer.start_span(
                 method, parent, SpanKind.SERVER, attributes, record_exception=False
             )
             held: Held = []
             current = otel_context.set_value(_HELD, held, trace.set_span_in_context(span, parent))
-            return span, held, otel_context.attach(current)
+            return span, held, current
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -140,10 +139,11 @@ def _ended(
 
 def _traced_unary(
     behavior: Callable[..., Awaitable[Any]],
-    start: Callable[[], tuple[trace.Span, Held, object]],
+    start: Callable[[], tuple[trace.Span, Held, otel_context.Context]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        span, held, token = start()
+        span, held, current = start()
+        token = otel_context.attach(current)  # one task from here to its detach
         outcome = grpc.StatusCode.INTERNAL
         try:
             reply = await behavior(request, context)
@@ -153,7 +153,7 @@ def _traced_unary(
             outcome = grpc.StatusCode.CANCELLED  # the caller left: not a server error
             raise
         finally:
-            otel_context.detach(token)  # type: ignore[arg-type]
+            otel_context.detach(token)
             _ended(span, held, context, outcome)
 
     return unary
@@ -161,26 +161,43 @@ def _traced_unary(
 
 def _traced_stream(
     behavior: Callable[..., AsyncGenerator[Any, None]],
-    start: Callable[[], tuple[trace.Span, Held, object]],
+    start: Callable[[], tuple[trace.Span, Held, otel_context.Context]],
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    """The span's context is current for each step of the handler's generator (its next item,
+    its close), attached and detached around that step, never across a yield: a caller that
+    leaves while grpc writes has the generator closed by asyncio's finalizer, in another task
+    and context, where a detach of a token attached in the call's own task fails (OpenTelemetry
+    logs "Failed to detach context" at ERROR)."""
+
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        span, held, token = start()
+        span, held, current = start()
         outcome = grpc.StatusCode.INTERNAL
+        items = behavior(request, context)
         try:
-            # closed here when the caller leaves (not when the garbage collector finds it): the
-            # handler's finally runs before its span ends
-            async with aclosing(behavior(request, context)) as items:
-                async for item in items:
-                    yield item
+            while True:
+                token = otel_context.attach(current)
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    otel_context.detach(token)
+                yield item
             outcome = grpc.StatusCode.OK
         except (asyncio.CancelledError, GeneratorExit):
             outcome = grpc.StatusCode.CANCELLED  # the caller left: not a server error
             raise
         finally:
-            otel_context.detach(token)  # type: ignore[arg-type]
-            _ended(span, held, context, outcome)
+            # closed here when the caller leaves (not when the garbage collector finds it),
+            # in the span's context: the handler's finally runs before its span ends
+            token = otel_context.attach(current)
+            try:
+                await items.aclose()
+            finally:
+                otel_context.detach(token)
+                _ended(span, held, context, outcome)
 
     return stream
 
