@@ -353,7 +353,8 @@ class Pipeline:
             # nothing sent, and the request can go to another replica
             end_chunk: model_pb2.GenerateEnd | None = None
             while (chunk := await read()) is not None:
-                # a sign of life: a call waiting behind this answer there is not stalled
+                # a sign of life: a call waiting behind this answer there is not stalled (a
+                # `progress` chunk is nothing else: a piece of a tool call its replica holds)
                 self.loads.progressed(attempt.replica, self._clock())
                 part = chunk.WhichOneof("part")
                 if part == "text" or part == "block":

@@ -239,3 +239,33 @@ def test_a_tool_call_finished_as_stop_is_tool_use(server: WireServer) -> None:
     (end,) = _ends(chunks)
     assert [(b.name, b.input_json) for b in blocks] == [("get_weather", '{"city":"Paris"}')]
     assert end.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize(("backend", "model"), [("anthropic", CLAUDE), ("openai", GPT)])
+def test_each_piece_of_a_tool_call_goes_on_as_progress_and_the_call_whole_after(
+    server: WireServer, backend: str, model: str
+) -> None:
+    """The call's name and each piece of its arguments are a ``progress`` chunk, nothing in
+    it (the router counts it as the answer going on: a slow engine writing a long call is not
+    silent); the call itself is one ``tool_use`` block once whole, as before."""
+    pieces = ['{"city":', ' "Par', 'is"}']
+    if backend == "anthropic":
+        tool = anthropic_wire.ToolCall("toolu_01", "get_weather", pieces)
+        events = anthropic_wire.stream(
+            CLAUDE, ["Let me look."], anthropic_wire.Usage(25, output_tokens=20), tool=tool
+        )
+    else:
+        events = openai_wire.stream(
+            GPT,
+            ["Let me look."],
+            openai_wire.usage(30, 0, 20),
+            finish="tool_calls",
+            tool=("call_1", "get_weather", pieces),
+        )
+    server.script(backend, Reply(events=events))
+    chunks = _generate(_api(server, backend), model)
+    kinds = [c.WhichOneof("part") for c in chunks]
+    assert kinds == ["start", "text", *["progress"] * (1 + len(pieces)), "block", "end"]
+    assert all(c.progress.ByteSize() == 0 for c in chunks if c.WhichOneof("part") == "progress")
+    (use,) = [c.block.tool_use for c in chunks if c.WhichOneof("part") == "block"]
+    assert (use.name, use.input_json) == ("get_weather", '{"city": "Paris"}')

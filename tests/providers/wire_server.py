@@ -32,6 +32,8 @@ class Reply:
     body: Any = None  # a JSON error body (status >= 400)
     events: list[Event] = field(default_factory=list)  # an SSE stream (status 200)
     cut: bool = False  # drop the connection after the events (no proper end)
+    # event index -> the seconds the server waits before sending it (else 2 ms): a slow engine
+    pauses: dict[int, float] = field(default_factory=dict)
     hang: bool = False  # never answer
     key: str | None = None  # only for a request carrying this credential
 
@@ -152,7 +154,9 @@ class WireServer:
             headers={"content-type": "text/event-stream", "cache-control": "no-cache"},
         )
         await response.prepare(request)
-        for name, data in reply.events:
+        for index, (name, data) in enumerate(reply.events):
+            if index in reply.pauses:
+                await asyncio.sleep(reply.pauses[index])
             line = (f"event: {name}\n" if name else "") + f"data: {data}\n\n"
             await response.write(line.encode())
             await asyncio.sleep(0.002)  # a stream, not one write

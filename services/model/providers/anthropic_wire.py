@@ -169,7 +169,7 @@ class AnthropicAdapter:
                         block = event.content_block
                         if block.type == "tool_use":
                             tools[event.index] = [block.id, block.name, []]
-                            progress.tool_piece(block.name)
+                            yield progress.tool_piece(block.name)
                         elif block.type == "text" and block.text:
                             yield progress.text(block.text)
                     elif kind == "content_block_delta":
@@ -178,7 +178,7 @@ class AnthropicAdapter:
                             yield progress.text(delta.text)
                         elif delta.type == "input_json_delta" and event.index in tools:
                             tools[event.index][2].append(delta.partial_json)
-                            progress.tool_piece(delta.partial_json)
+                            yield progress.tool_piece(delta.partial_json)
                     elif kind == "content_block_stop" and event.index in tools:
                         call_id, name, pieces = tools.pop(event.index)
                         yield tool_use_chunk(call_id, name, "".join(pieces))

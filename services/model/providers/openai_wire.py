@@ -202,10 +202,10 @@ class OpenAIAdapter:
                             if call.function is not None:
                                 if call.function.name:
                                     entry[1] = call.function.name
-                                    progress.tool_piece(call.function.name)
+                                    yield progress.tool_piece(call.function.name)
                                 if call.function.arguments:
                                     entry[2].append(call.function.arguments)
-                                    progress.tool_piece(call.function.arguments)
+                                    yield progress.tool_piece(call.function.arguments)
                         if choice.finish_reason:
                             finish = choice.finish_reason
         except CONNECTION_LOST as exc:

@@ -49,10 +49,14 @@ class Progress:
         self.pieces.append(text)
         return model_pb2.GenerateChunk(text=text)
 
-    def tool_piece(self, piece: str) -> None:
-        """A tool call's name or a piece of its arguments, as the provider streams it."""
+    def tool_piece(self, piece: str) -> model_pb2.GenerateChunk:
+        """A tool call's name or a piece of its arguments, as the provider streams it: output
+        tokens, and the ``progress`` chunk that tells the router the answer goes on (the call
+        itself goes out whole, ``tool_use_chunk``; a slow engine may take longer writing it
+        than the router lets a call be silent mid-answer)."""
         if piece:
             self.tool_pieces.append(piece)
+        return model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress())
 
     def produced(self) -> tuple[str, str]:
         """What the model wrote so far: its text, and its tool calls' names and arguments."""

@@ -143,6 +143,27 @@ class GenerateEnd(_message.Message):
 Global___GenerateEnd: _TypeAlias = GenerateEnd  # noqa: Y015
 
 @_typing.final
+class GenerateProgress(_message.Message):
+    """The engine streamed a piece of the answer the replica holds back until it is whole (a tool
+    call's name or a piece of its arguments: the call goes out as one `block`). Nothing for the
+    client: a sign of life, which the router counts as the call's progress (a call silent
+    mid-answer is cut as hung), and a router that does not know the part skips it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateProgress: _TypeAlias = GenerateProgress  # noqa: Y015
+
+@_typing.final
 class GenerateChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -150,6 +171,7 @@ class GenerateChunk(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     BLOCK_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     @_builtins.property
     def start(self) -> Global___GenerateStart: ...
@@ -159,6 +181,8 @@ class GenerateChunk(_message.Message):
     def block(self) -> _gateway_pb2.ContentBlock:
         """A whole non-text block of the answer (a tool_use, once its input is complete)."""
 
+    @_builtins.property
+    def progress(self) -> Global___GenerateProgress: ...
     def __init__(
         self,
         *,
@@ -166,12 +190,13 @@ class GenerateChunk(_message.Message):
         text: _builtins.str = ...,
         end: Global___GenerateEnd | None = ...,
         block: _gateway_pb2.ContentBlock | None = ...,
+        progress: Global___GenerateProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "end", b"end", "part", b"part", "start", b"start", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "end", b"end", "part", b"part", "progress", b"progress", "start", b"start", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "end", b"end", "part", b"part", "start", b"start", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "end", b"end", "part", b"part", "progress", b"progress", "start", b"start", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["start", "text", "end", "block"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["start", "text", "end", "block", "progress"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 

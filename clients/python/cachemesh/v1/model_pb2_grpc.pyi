@@ -36,7 +36,8 @@ class ModelStub:
     def __new__(cls, channel: _aio.Channel) -> ModelAsyncStub: ...
     Generate: _grpc.UnaryStreamMultiCallable[_model_pb2.GenerateRequest, _model_pb2.GenerateChunk]
     """Streams `start` (after prefill), text deltas, then `end`.
-    An adapter sends `start` at the provider's first token.
+    An adapter sends `start` at the provider's first token, and a `progress` for each piece
+    of a tool call it holds back until the call is whole.
     """
 
 @_typing.type_check_only
@@ -44,7 +45,8 @@ class ModelAsyncStub(ModelStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryStreamMultiCallable[_model_pb2.GenerateRequest, _model_pb2.GenerateChunk]  # type: ignore[assignment]
     """Streams `start` (after prefill), text deltas, then `end`.
-    An adapter sends `start` at the provider's first token.
+    An adapter sends `start` at the provider's first token, and a `progress` for each piece
+    of a tool call it holds back until the call is whole.
     """
 
 class ModelServicer(metaclass=_abc_1.ABCMeta):
@@ -55,7 +57,8 @@ class ModelServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_model_pb2.GenerateChunk], _abc.AsyncIterator[_model_pb2.GenerateChunk]]:
         """Streams `start` (after prefill), text deltas, then `end`.
-        An adapter sends `start` at the provider's first token.
+        An adapter sends `start` at the provider's first token, and a `progress` for each piece
+        of a tool call it holds back until the call is whole.
         """
 
 def add_ModelServicer_to_server(servicer: ModelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
