@@ -40,7 +40,8 @@ A replayed FINAL whose reply is ``repeated`` (prefix-cache had recorded that key
 before: the call's own, whose "done" line a host crash lost, or an earlier start's replay) is
 not told to the limiter (``open_call_billed``, ``estimate_billed``): whoever had its first
 reply counted it then; unless this process kept the entry and its own replay of it had no
-reply (a deadline, a cancel: prefix-cache may have recorded it), in which case the next reply
+reply (any failure but prefix-cache's refusal: a deadline, a cancel, a connection reset, an
+internal fault, after which prefix-cache may have recorded it), in which case the next reply
 is the first told (of an entry journalled by an earlier process, that process may have had
 the first reply: its count stands, and a lost reply of this process's replay goes uncounted).
 Entries journalled by an earlier process are ``inherited``: their estimates were counted by
@@ -93,8 +94,12 @@ log = logging.getLogger("cachemesh.router.outbox")
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
-# a commit that failed so may have been recorded all the same (its reply lost)
-_MAY_HAVE_LANDED = (Code.DEADLINE_EXCEEDED, Code.CANCELLED)
+# a FINAL that failed so was surely not recorded: prefix-cache refused it (its checks, or its
+# credential check before the handler). Any other failure may come after prefix-cache recorded
+# it, and gRPC tells no more: UNAVAILABLE "does not guarantee the server has not seen
+# anything" (a connection reset after the commit, a server stopping), a deadline or a cancel
+# (the reply late), UNKNOWN or INTERNAL (a fault after the record)
+_NOT_RECORDED = (*_FINAL, Code.UNAUTHENTICATED)
 # the trace context only (traceparent, tracestate): never the caller's baggage, on disk
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
@@ -285,9 +290,10 @@ class BillingOutbox:
         self._estimate_billed = estimate_billed
         # the entries journalled by an earlier process (their estimates counted by it)
         self._inherited: set[str] = set()
-        # FINALs (by commit key) this process replayed with no reply (a deadline, a cancel):
-        # prefix-cache may have recorded them, and its next reply is then ``repeated`` though
-        # no one had the first; that reply is the first one told
+        # FINALs (by commit key) this process replayed with no reply (a deadline, a cancel, a
+        # connection reset...: ``_NOT_RECORDED`` aside): prefix-cache may have recorded them,
+        # and its next reply is then ``repeated`` though no one had the first; that reply is
+        # the first one told
         self._unanswered_finals: set[str] = set()
         self._entries: _InMemory | _OnDisk
         if journal is not None:
@@ -538,9 +544,12 @@ class BillingOutbox:
             try:
                 reply = await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:
+                if commit.phase == pc.COMMIT_PHASE_FINAL and exc.code not in _NOT_RECORDED:
+                    # it may have landed, its reply lost: the next reply is the first told.
+                    # A FINAL that was not sent after all makes no difference: of an entry
+                    # this process kept, a repeat means that no one had a reply before
+                    self._unanswered_finals.add(commit.request_id)
                 if exc.code in _UNREACHABLE_CODES:
-                    if commit.phase == pc.COMMIT_PHASE_FINAL and exc.code in _MAY_HAVE_LANDED:
-                        self._unanswered_finals.add(commit.request_id)
                     return _Sent.UNREACHABLE, None
                 if exc.code not in _FINAL:
                     log.warning(

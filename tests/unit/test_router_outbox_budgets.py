@@ -404,30 +404,39 @@ async def test_a_replay_after_a_restart_on_the_in_memory_store_leaves_no_negativ
 
 
 class LostReplyPort(DownPort):
-    """prefix-cache records the next FINAL sent but its reply is lost (``DEADLINE_EXCEEDED``):
-    slow as it comes back, say."""
+    """prefix-cache records the next FINAL sent but its reply is lost (``DEADLINE_EXCEEDED``:
+    slow as it comes back, say; ``lost_as``: how the call fails)."""
 
-    def __init__(self, api: PrefixCacheApi) -> None:
+    def __init__(self, api: PrefixCacheApi, lost_as: Code = Code.DEADLINE_EXCEEDED) -> None:
         super().__init__(api)
         self.lose_next_final = False
+        self.lost_as = lost_as
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         reply = await super().commit(request, deadline_s)
         if self.lose_next_final and request.phase == pc.COMMIT_PHASE_FINAL:
             self.lose_next_final = False
-            raise CallFailed(Code.DEADLINE_EXCEEDED, "the reply did not come in time")
+            raise CallFailed(self.lost_as, "the reply did not reach the router")
         return reply
 
 
+# how a FINAL's call can fail once prefix-cache has recorded it: its reply late, the call
+# cancelled, the connection reset (UNAVAILABLE: gRPC says the server may have seen it), a
+# fault after the record (UNKNOWN, INTERNAL)
+@pytest.mark.parametrize(
+    "lost_as",
+    [Code.DEADLINE_EXCEEDED, Code.CANCELLED, Code.UNAVAILABLE, Code.UNKNOWN, Code.INTERNAL],
+)
 async def test_a_replay_whose_reply_was_lost_still_corrects_the_estimate(
-    tmp_path: Path, store: LimitStore
+    tmp_path: Path, store: LimitStore, lost_as: Code
 ) -> None:
     """The outbox's replay of a kept answer reaches prefix-cache, which bills it, but its reply
-    times out: the entry stays, and the next round's reply is ``repeated``. No one had the
+    is lost: the entry stays, and the next round's reply is ``repeated``. No one had the
     first reply, so that one corrects the estimate (review fixes12: the estimate stayed
-    counted, 4,389,000 for a 501,000 bill)."""
+    counted, 4,389,000 for a 501,000 bill; then still so when the call failed otherwise than
+    by its deadline or a cancel, a connection reset after the commit: UNAVAILABLE)."""
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
-    port = LostReplyPort(outage.port.api)
+    port = LostReplyPort(outage.port.api, lost_as)
     outbox = _outbox(port, Journal(tmp_path / "lost"), outage.limiter, outage.clock)
     rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
     request, ticket = await outage.admitted("r-next")
