@@ -341,6 +341,14 @@ class Ticket:
     reserved_tokens: int
     # its reservation replaced by what was counted (an answer, or a call billed without one)
     replaced: bool = False
+    # an estimated answer's: when the billing outbox journalled its estimate as counted (epoch
+    # ms), the period its correction goes to (None: now, as it is settled)
+    estimate_counted_ms: int | None = None
+
+    def estimate_counted(self, at_ms: int) -> None:
+        """The answer's estimate counts in the budget periods of ``at_ms`` (its bill kept in
+        the outbox as counted then), however late it is settled."""
+        self.estimate_counted_ms = at_ms
 
     def replace_reservation(self) -> int:
         """The reserved tokens to give back now: all of them the first time, then none."""
@@ -465,23 +473,31 @@ class Limiter:
 
     def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
-        reservation. Runs past the request (``drain`` awaits it)."""
+        reservation. Runs past the request (``drain`` awaits it). An estimated answer's cost
+        counts in the periods its bill was kept in (``Ticket.estimate_counted``), where the
+        outbox's correction lands: an answer ending at 23:59:59.9 UTC, its end read after
+        midnight, counts in the day it ended."""
         if not ticket.policy.active or end is None:
             return
         back = ticket.replace_reservation()
         refund = back - used_tokens(end) if ticket.policy.tokens_per_min else 0
-        self._count(ticket, refund, end.cost.cost_nanos)
+        counted_ms = ticket.estimate_counted_ms if end.cost.estimated else None
+        self._count(ticket, refund, end.cost.cost_nanos, counted_ms)
 
-    def charge(self, ticket: Ticket, usage: pb.Usage, cost_nanos: int) -> None:
+    def charge(
+        self, ticket: Ticket, usage: pb.Usage, cost_nanos: int, counted_ms: int | None = None
+    ) -> None:
         """Counts a model call billed without an answer (cancelled or cut after its prefill):
         its cost against the budgets, and its tokens against the token rate in place of the
         request's reservation (the first such count replaces it; an answer that comes later,
-        from another replica, adds its own tokens). In whichever order they come."""
+        from another replica, adds its own tokens). In whichever order they come.
+        ``counted_ms``: the periods its cost counts in (an estimate whose bill the outbox
+        kept: those its correction goes to; None: those of now)."""
         if not ticket.policy.active:
             return
         back = ticket.replace_reservation()
         refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
-        self._count(ticket, refund, cost_nanos)
+        self._count(ticket, refund, cost_nanos, counted_ms)
 
     def count_unticketed(
         self, tenant: str, cost_nanos: int, *, started_ms: int | None = None

@@ -384,11 +384,16 @@ class BillingOutbox:
             self._max_memory_bytes,
         )
 
+    def now_ms(self) -> int:
+        """The time an entry kept now is journalled as counted at (``keep``'s ``counted_ms``)."""
+        return self._wall.now_ms()
+
     async def keep(
         self,
         commits: Sequence[pc.CommitRequest],
         estimate_nanos: int = 0,
         replaces: str | None = None,
+        counted_ms: int | None = None,
     ) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
@@ -397,12 +402,13 @@ class BillingOutbox:
         once replayed: ``estimate_billed``), and logged if an outbox in memory loses it at
         shutdown.
         ``replaces``: the call's open call, which this entry takes the place of in one line
-        (the caller then ``release``s it)."""
+        (the caller then ``release``s it). ``counted_ms``: when the budgets count the estimate
+        (``now_ms`` when None), the period its correction goes to; whoever counts it must
+        count it in that period too (an answer ending at midnight is settled after it)."""
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)  # the current request's span
         entry_id = replaces if replaces is not None else secrets.token_hex(8)
-        # the answer's budgets count its estimate as it ends, just after this
-        counted = Counted(estimate_nanos, self._wall.now_ms())
+        counted = Counted(estimate_nanos, self.now_ms() if counted_ms is None else counted_ms)
         await self._entries.add(entry_id, tuple(commits), carrier, counted)
         self._say_if_full()
 

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
 
@@ -92,8 +92,21 @@ class ReplicaCut(RequestError):
 
 
 CommitReply = prefix_cache_pb2.CommitResponse | None
-# what a model call billed without an answer (its usage, its cost in nano-dollars) is told to
-Charge = Callable[[pb.Usage, int], None]
+
+
+class Charge(Protocol):
+    """Told of a model call billed without its answer: its usage and cost in nano-dollars;
+    ``counted_ms``: the period the cost counts in (epoch ms: the estimate of a bill kept in
+    the outbox counts where its correction will; None: when it is told)."""
+
+    def __call__(
+        self, usage: pb.Usage, cost_nanos: int, counted_ms: int | None = None, /
+    ) -> None: ...
+
+
+# told, as an answer ends, when the outbox journalled its estimate as counted (epoch ms): the
+# answer's settle counts the estimate in that day and month, where its correction will land
+EstimateCounted = Callable[[int], None]
 _T = TypeVar("_T")
 
 
@@ -181,6 +194,7 @@ class Pipeline:
         time_remaining_s: float | None = None,
         charge: Charge | None = None,
         bills: Bills | None = None,
+        estimate_counted: EstimateCounted | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
@@ -190,7 +204,8 @@ class Pipeline:
         request (and so the replicas' retries); None: ``ROUTER_MODEL_TIMEOUT_S`` alone.
         ``charge``: told of each model call this request is billed for without its answer
         (cancelled or cut after the prefill), for the tenant's limits; ``bills`` gets the
-        pending bill of each such call (the access log's line waits for them)."""
+        pending bill of each such call (the access log's line waits for them).
+        ``estimate_counted``: told when an estimated answer's bill went to the outbox."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -247,6 +262,7 @@ class Pipeline:
                             charge,
                             bills,
                             unanswered,
+                            estimate_counted,
                         )
                     ) as it:
                         async for chunk in it:
@@ -285,6 +301,7 @@ class Pipeline:
         charge: Charge | None = None,
         bills: Bills | None = None,
         unanswered: spans.UnansweredBills | None = None,
+        estimate_counted: EstimateCounted | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole. A call that ends without its answer is billed in
@@ -402,6 +419,8 @@ class Pipeline:
             )
             finished = True
             ended = end
+            if estimate_counted is not None and attempt.counted_ms is not None:
+                estimate_counted(attempt.counted_ms)  # its bill kept: the estimate counts then
             spans.outcome_attributes(root, end)
             if not answer.blocks or not streamed:  # no start went out: it goes with the end
                 yield pb.CompleteChunk(start=head)
@@ -703,7 +722,8 @@ class Pipeline:
             if self._metrics is not None:
                 self._metrics.unanswered(tenant, billed.usage, billed.cost)
             if charge is not None:
-                charge(billed.usage, billed.cost.cost_nanos)
+                counted_ms = attempt.counted_ms if final is None else None
+                charge(billed.usage, billed.cost.cost_nanos, counted_ms)
             return billed
 
         return self._in_background(_after(warm_call, bill))
@@ -796,7 +816,11 @@ class Pipeline:
             opened = open_call.entry if open_call is not None else None
             try:
                 estimate = attempt.model.baseline_nanos(attempt.start.prompt_tokens, output_tokens)
-                await self._outbox.keep([replay_warm, replay_final], estimate, replaces=opened)
+                # the period its estimate counts in, and its correction (journalled with it)
+                attempt.counted_ms = self._outbox.now_ms()
+                await self._outbox.keep(
+                    [replay_warm, replay_final], estimate, opened, attempt.counted_ms
+                )
             except JournalError as exc:
                 if exc.written:  # in the journal all the same: replayed and billed once
                     attempt.kept_output_tokens = output_tokens

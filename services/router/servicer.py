@@ -256,6 +256,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 time_remaining_s=time_remaining_s,
                 charge=partial(self._limiter.charge, ticket),
                 bills=call.bills,
+                estimate_counted=ticket.estimate_counted,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:

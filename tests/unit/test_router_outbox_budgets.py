@@ -7,6 +7,7 @@ disk, the limiter on both stores (in memory and a real Redis, tests/unit/conftes
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from functools import partial
@@ -17,11 +18,15 @@ from redis.asyncio import Redis
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
 from services.common.errors import Code, RequestError
+from services.common.metrics import TenantLabels, new_registry
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import PrefixCacheCore
+from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed
+from services.router.idempotency import IdempotencyTable
 from services.router.limits import (
     Limiter,
     LimitPolicy,
@@ -31,14 +36,19 @@ from services.router.limits import (
     Ticket,
     UniformPolicies,
 )
+from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JOURNAL_NAME, Journal
 from services.router.redis_limits import RedisLimitStore
+from services.router.servicer import GatewayServicer
+from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_outbox_replay import TENANT, Engine, _ask, _core
-from tests.unit.test_router_pipeline import Rig
+from tests.unit.test_router_pipeline import TABLE, Rig
 
 # 2023-11-14 23:59:00 UTC: a minute before the day ends
 BEFORE_MIDNIGHT_MS = 1_700_006_340_000
+# 2023-11-30 23:59:59.900 UTC: a tenth of a second before the day and the month end
+BEFORE_MONTH_END_MS = 1_701_388_799_900
 POLICY = LimitPolicy(day_budget_nanos=10**15, month_budget_nanos=10**15)
 
 
@@ -473,3 +483,92 @@ async def test_a_correction_replayed_before_its_estimate_is_counted_ends_at_the_
     await outage.limiter.drain()
     month = Periods.at(outage.clock.now_ms()).month
     assert await _spent(store, month) == await outage.billed()
+
+
+async def test_an_answer_read_past_midnight_counts_its_estimate_where_its_correction_lands(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """An answer ends at 23:59:59.9 UTC on the month's last day with prefix-cache down: the
+    outbox keeps its bill, journalled as counted then. Its caller reads the end a second
+    later, past midnight, and only then does the Gateway settle the request, counting the
+    estimate. The replay's correction lands in the day and month the entry was counted in, so
+    the estimate must count there too: before, it counted in the new day and month and its
+    correction in the old ones (each month wrong by the estimate, the old one below zero)."""
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MONTH_END_MS)
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): TENANT}),
+        TABLE,
+        {"sim-large"},
+        outage.rig.pipeline(),
+        IdempotencyTable(outage.clock, 60, 100),
+        outage.limiter,
+        RequestLog(RouterMetrics(new_registry(), TenantLabels(4)), TABLE, lambda: 0.0),
+    )
+    estimate = 0
+    async for chunk in servicer.StreamComplete(_ask("And rule 2?", "r-late"), FakeContext()):  # type: ignore[arg-type]
+        if chunk.WhichOneof("part") == "end":
+            assert chunk.end.cost.estimated
+            estimate = chunk.end.cost.cost_nanos
+            outage.clock.advance(s=1)  # the caller reads the end past midnight
+    await outage.limiter.drain()
+    ended, read = Periods.at(BEFORE_MONTH_END_MS), Periods.at(outage.clock.now_ms())
+    assert (read.day, read.month) != (ended.day, ended.month)
+
+    outage.port.down = False
+    assert await outage.outbox.flush() == 1
+    await outage.limiter.drain()
+    billed = await outage.billed()
+    assert 0 < billed < estimate
+    new = await _spent(store, read.month)
+    assert new == 0, f"estimate {estimate}, billed {billed}: the new month counts {new}"
+    assert await _spent(store, read.day) == 0
+    if isinstance(store, RedisLimitStore):  # (the in-memory store keeps only today's)
+        assert await _spent(store, ended.month) == billed
+        assert await _spent(store, ended.day) == billed
+
+
+class SlowSync(Journal):
+    """A journal whose fsync takes a second of ``clock`` (a slow disk)."""
+
+    clock: ManualClock
+
+    def sync(self, *, fsync: bool = True) -> None:
+        super().sync(fsync=fsync)
+        if fsync:
+            self.clock.advance(s=1)
+
+
+async def test_a_call_cut_at_midnight_counts_its_estimate_where_its_correction_lands(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """The caller leaves mid-answer at 23:59:59.9 UTC on the month's last day with prefix-cache
+    down: the call's bill goes to the outbox, journalled as counted then, and its fsync ends
+    past midnight, when the call's estimate is charged to the tenant. It must count where the
+    replay's correction lands (before: the estimate in the new month, its correction in the
+    old one)."""
+    journal = SlowSync(tmp_path)
+    outage = await _outage(store, journal, BEFORE_MONTH_END_MS)
+    journal.clock = outage.clock
+    request, ticket = await outage.admitted("r-left")
+    pipeline = outage.rig.pipeline()
+    charge = partial(outage.limiter.charge, ticket)
+    async with contextlib.aclosing(pipeline.run(TENANT, request, charge=charge)) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the caller leaves
+    await pipeline.drain()  # its bill, to the outbox
+    outage.limiter.settle(ticket, None)  # the servicer's, for a request with no answer
+    await outage.limiter.drain()
+    assert outage.outbox.pending == 1
+    left, charged = Periods.at(BEFORE_MONTH_END_MS), Periods.at(outage.clock.now_ms())
+    assert charged.month != left.month
+
+    outage.port.down = False
+    assert await outage.outbox.flush() == 1
+    await outage.limiter.drain()
+    billed = await outage.billed()
+    assert billed > 0
+    new = await _spent(store, charged.month)
+    assert new == 0, f"billed {billed}: the new month counts {new}"
+    if isinstance(store, RedisLimitStore):  # (the in-memory store keeps only today's)
+        assert await _spent(store, left.month) == billed

@@ -642,9 +642,11 @@ async def test_a_call_billed_without_its_answer_is_charged_to_the_tenants_limits
     rig = Rig(prefix=prefix)
     pipeline = rig.pipeline()
     charged: list[tuple[int, int]] = []
-    run = pipeline.run(
-        "tenant-a", _request(), charge=lambda u, cost: charged.append((u.output_tokens, cost))
-    )
+
+    def charge(usage: pb.Usage, cost: int, counted_ms: int | None = None) -> None:
+        charged.append((usage.output_tokens, cost))
+
+    run = pipeline.run("tenant-a", _request(), charge=charge)
     first = asyncio.ensure_future(run.__anext__())
     await _warm_sent(prefix)
     first.cancel()
