@@ -104,6 +104,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         # an answer counted at its estimate while prefix-cache was down, now billed: the
         # budgets of the period it was counted in are corrected by the difference
         limiter.reconcile,
+        metrics.journal_sync_failed,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -45,6 +45,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cachemesh_router_outbox_dropped_total``: billing-outbox entries prefix-cache refused for
   good, their bills never made (an open call of a killed router whose Plan prefix-cache no
   longer holds: restarted with its state in memory, another replica, or past its plan TTL);
+  ``cachemesh_router_journal_sync_failures_total``: syncs of the billing outbox's journal
+  that could not make its writes durable (a failed fsync stays so until the journal is
+  rewritten into a fresh file: meanwhile an answer whose bill must be kept is refused);
   ``cachemesh_router_limits_settles_lost_total``: requests' costs and tokens never counted
   against the limits (their settle failed and was dropped: the queue of pending ones full,
   past its replay window, an ambiguous try past ``AMBIGUOUS_REPLAY_MS``, or the router
@@ -185,6 +188,11 @@ class RouterMetrics:
             "cachemesh_router_outbox_dropped",
             "Billing-outbox entries prefix-cache refused for good (their bills never made)",
         )()
+        self._journal_sync_failed = m.counter(
+            "cachemesh_router_journal_sync_failures",
+            "Billing-outbox journal syncs that could not make its writes durable (a failed "
+            "fsync, until a rewrite succeeds: bills that had to be kept were refused)",
+        )()
         self._settles_lost = m.counter(
             "cachemesh_router_limits_settles_lost",
             "Settles of the limits' store dropped before it answered (costs never counted)",
@@ -289,6 +297,9 @@ class RouterMetrics:
 
     def outbox_dropped(self, count: int) -> None:
         self._outbox_dropped.inc(count)
+
+    def journal_sync_failed(self, count: int) -> None:
+        self._journal_sync_failed.inc(count)
 
     def settles_lost(self, count: int) -> None:
         self._settles_lost.inc(count)

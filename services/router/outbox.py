@@ -194,8 +194,13 @@ class _InMemory:
 class _OnDisk:
     """The pending entries in the journal, the one record of them, run on its thread."""
 
-    def __init__(self, journal: Journal, sync_within_s: float | None) -> None:
-        self._thread = JournalThread(journal, sync_within_s)
+    def __init__(
+        self,
+        journal: Journal,
+        sync_within_s: float | None,
+        sync_failed: Callable[[int], None] | None = None,
+    ) -> None:
+        self._thread = JournalThread(journal, sync_within_s, sync_failed=sync_failed)
         self._journal = journal
 
     @property
@@ -254,6 +259,7 @@ class BillingOutbox:
         wall: Clock | None = None,
         journal_sync_s: float | None = None,
         estimate_billed: EstimateBilled | None = None,
+        journal_sync_failed: Callable[[int], None] | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -273,7 +279,9 @@ class BillingOutbox:
         limiter's ``reconcile``; ``inherited``: the entry was in the journal when this process
         started, its estimate counted by an earlier one); not when the reply is ``repeated``
         (an earlier replay's, by a router restarted since, corrected it), unless this
-        process's own earlier replay of it may have landed unanswered (below)."""
+        process's own earlier replay of it may have landed unanswered (below).
+        ``journal_sync_failed``: told of each journal sync that could not make its writes
+        durable (the metric; ``JournalThread``'s ``sync_failed``)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -309,7 +317,7 @@ class BillingOutbox:
                 )
             if loaded - opened:
                 log.info("billing outbox: %d answers to bill from the journal", loaded - opened)
-            self._entries = _OnDisk(journal, journal_sync_s)
+            self._entries = _OnDisk(journal, journal_sync_s, journal_sync_failed)
         else:
             log.warning(
                 "billing outbox in memory only (ROUTER_DATA_DIR unset): answers served while "

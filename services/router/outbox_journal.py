@@ -29,7 +29,11 @@ the call that wrote it. One router at a time: a ``Journal`` holds an exclusive `
 idea of its end would overwrite each other's entries), and one that finds it held is a
 ``ConfigError`` naming ``ROUTER_DATA_DIR``. A failed fsync is sticky: the kernel may have
 dropped the unwritten pages, so no later write is acknowledged until a fresh file holding every
-pending entry (or an empty one) has been fsynced.
+pending entry (or an empty one) has been fsynced. Meanwhile the file itself is not fsynced again
+(that would prove nothing, and a failing disk may take long over each), and the rewrite is
+tried at a write ``REWRITE_RETRY_S`` after a failed one, the delay doubling up to
+``REWRITE_RETRY_MAX_S``; ``JournalThread`` says the failure once as it starts, then once every
+``FAILING_LOG_S`` with how many syncs failed, and once when the writes are durable again.
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ JOURNAL_NAME = "billing-outbox.jsonl"
 LOCK_NAME = ".billing-outbox.lock"  # held by the one router using the directory
 # Rewrite the file once it holds this many bytes of settled lines, and more than its live ones.
 COMPACT_BYTES = 64 * 1024 * 1024
-REWRITE_RETRY_S = 1.0  # after a failed rewrite, the next is tried this much later
+# after a failed rewrite, the next is tried this much later, doubled after each that fails
+# up to REWRITE_RETRY_MAX_S (a rewrite writes every pending line: not each second for hours)
+REWRITE_RETRY_S = 1.0
+REWRITE_RETRY_MAX_S = 30.0
+FAILING_LOG_S = 60.0  # a journal whose writes cannot be made durable is said again this often
 READ_BYTES = 16 * 1024 * 1024  # the journal is loaded this much at a time
 
 T = TypeVar("T")
@@ -129,6 +137,7 @@ class Journal:
         self._failed: OSError | None = None
         self._monotonic = monotonic
         self._retry_rewrite_at = -math.inf  # after a failed rewrite: when to try again
+        self._rewrite_retry_s = REWRITE_RETRY_S  # the wait after the next rewrite that fails
 
     def load(self) -> list[str]:
         """The pending entries' ids, oldest first. A torn last line (a crash mid-append: its
@@ -274,13 +283,15 @@ class Journal:
         if not self._lines and self._size:
             os.ftruncate(self._fd, 0)
             self._size, self._live_bytes, self._dirty = 0, 0, True
-            self._retry_rewrite_at = -math.inf
+            self._retry_rewrite_at, self._rewrite_retry_s = -math.inf, REWRITE_RETRY_S
         elif self._lines and (self._failed is not None or self._due_for_compaction()):
             # a fresh file, fsynced, is also how a failed fsync is put behind
             self._compact()
         if not fsync:
             return
-        if self._dirty:
+        # after a failed fsync, another of the same file proves nothing (only a fresh file, or
+        # an empty one, does), and a failing disk may take long over each
+        if self._dirty and (self._failed is None or not self._size):
             try:
                 os.fsync(self._fd)
             except OSError as exc:
@@ -325,8 +336,9 @@ class Journal:
     def _compact(self) -> None:
         """Rewrites the file with only the pending lines: a new file, fsynced, renamed over,
         the directory fsynced. A failure before the rename leaves the old file in use (tried
-        again ``REWRITE_RETRY_S`` later); after it, the new file is in use and a failed
-        directory fsync is a failed fsync (sticky)."""
+        again ``REWRITE_RETRY_S`` later, the delay doubled after each failure up to
+        ``REWRITE_RETRY_MAX_S``; said at ERROR once, the first); after it, the new file is in
+        use and a failed directory fsync is a failed fsync (sticky)."""
         if self._monotonic() < self._retry_rewrite_at:
             return
         fresh = self.path.with_suffix(".compacting")
@@ -347,14 +359,25 @@ class Journal:
                 raise
         except OSError as exc:  # the old file still holds every pending entry
             # again in a second: soon enough to put a failed fsync behind once the disk is
-            # back, not a rewrite of the whole journal at every write while it is not
-            self._retry_rewrite_at = self._monotonic() + REWRITE_RETRY_S
-            log.error("billing outbox: rewriting %s failed: %s", self.path, exc)
+            # back, not a rewrite of the whole journal at every write while it is not; later
+            # ones wait longer, up to REWRITE_RETRY_MAX_S
+            wait = self._rewrite_retry_s
+            self._retry_rewrite_at = self._monotonic() + wait
+            self._rewrite_retry_s = min(wait * 2, REWRITE_RETRY_MAX_S)
+            said = log.error if wait == REWRITE_RETRY_S else log.debug  # the first of a run
+            said(
+                "billing outbox: rewriting %s failed: %s (tried again %.0f s later, then up "
+                "to every %.0f s)",
+                self.path,
+                exc,
+                wait,
+                REWRITE_RETRY_MAX_S,
+            )
             return
         os.close(self._fd)
         self._fd, self._lines, self._size = fd, lines, size
         self._live_bytes, self._dirty = size, False
-        self._retry_rewrite_at = -math.inf
+        self._retry_rewrite_at, self._rewrite_retry_s = -math.inf, REWRITE_RETRY_S
         try:
             fsync_directory(self.path.parent)
         except OSError as exc:
@@ -426,13 +449,19 @@ class JournalThread:
     many calls). 0: every batch is fsynced; None: only with the next durable batch. The
     delay runs from the oldest unfsynced write (``monotonic``): a batch that comes later than
     that is fsynced itself, so a queue that never empties (the timer waits for it to) does not
-    put the fsync off."""
+    put the fsync off.
+
+    A sync that fails (a failed fsync stays so until a rewrite succeeds: ``Journal.sync``) is
+    counted (``sync_failed``: the metric) and said at ERROR as the failure starts, then at most
+    once every ``FAILING_LOG_S`` with how many failed since, and at INFO once a durable sync
+    succeeds again: not once a sync (the delayed one comes each ``sync_within_s``)."""
 
     def __init__(
         self,
         journal: Journal,
         sync_within_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        sync_failed: Callable[[int], None] | None = None,
     ) -> None:
         if sync_within_s is not None and not sync_within_s >= 0:
             raise ValueError(f"sync_within_s must be >= 0 or None, got {sync_within_s}")
@@ -443,6 +472,12 @@ class JournalThread:
         self._sync_due: asyncio.TimerHandle | None = None
         self._queue: list[_Call] = []
         self._runner: asyncio.Task[None] | None = None
+        self._sync_failed = sync_failed
+        # the thread's: since when syncs fail (None: they do not), when that was last said,
+        # and how many failed since
+        self._failing_since: float | None = None
+        self._failing_said_at = 0.0
+        self._failed_syncs = 0
 
     def submit(
         self, run: Callable[[], T], *, durable: bool = False, written: bool = False
@@ -489,7 +524,7 @@ class JournalThread:
         """The delayed fsync of the writes no caller waited for (a no-op batch, durable)."""
         self._sync_due = None
         synced = self.submit(_nothing, durable=True)
-        synced.add_done_callback(_log_sync_failure)
+        synced.add_done_callback(_retrieved)  # a failure is said by the thread (``_failing``)
 
     def _batch(
         self, batch: list[_Call], loop: asyncio.AbstractEventLoop
@@ -511,9 +546,11 @@ class JournalThread:
             self.journal.sync(fsync=durable)
             if durable:
                 self._unsynced_since = None
+                self._durable_again()
             elif self.journal.dirty and self._unsynced_since is None:
                 self._unsynced_since = self._monotonic()
         except OSError as exc:
+            self._failing(exc)
             # no write of this batch is known durable: the calls that needed it and ran fail
             # with a JournalError (what they wrote stays in the journal's pending entries)
             failure = exc if isinstance(exc, JournalError) else JournalError(str(exc), written=True)
@@ -522,6 +559,45 @@ class JournalThread:
                 for call, (ok, value) in zip(batch, outcomes, strict=True)
             ]
         return outcomes
+
+    def _failing(self, exc: OSError) -> None:
+        """A sync failed: counted, and said as the failure starts, then once a while."""
+        if self._sync_failed is not None:
+            self._sync_failed(1)
+        now = self._monotonic()
+        if self._failing_since is None:
+            self._failing_since = self._failing_said_at = now
+            self._failed_syncs = 0
+            log.error(
+                "billing outbox: the journal cannot make its writes durable (%s): a bill that "
+                "must be kept (prefix-cache down) is refused, its answer UNAVAILABLE, until the "
+                "journal is rewritten into a fresh file (tried again %.0f s later, then up to "
+                "every %.0f s); said again every %.0f s while it lasts",
+                exc,
+                REWRITE_RETRY_S,
+                REWRITE_RETRY_MAX_S,
+                FAILING_LOG_S,
+            )
+            return
+        self._failed_syncs += 1
+        if now - self._failing_said_at >= FAILING_LOG_S:
+            log.error(
+                "billing outbox: the journal still cannot make its writes durable, for %.0f s: "
+                "%d syncs failed in the last %.0f s (%s)",
+                now - self._failing_since,
+                self._failed_syncs,
+                now - self._failing_said_at,
+                exc,
+            )
+            self._failing_said_at, self._failed_syncs = now, 0
+
+    def _durable_again(self) -> None:
+        if self._failing_since is not None:
+            log.info(
+                "billing outbox: the journal's writes are durable again, after %.0f s",
+                self._monotonic() - self._failing_since,
+            )
+            self._failing_since = None
 
     def _sync_overdue(self) -> bool:
         """The oldest unfsynced write is ``sync_within_s`` old (0: at once; None: never)."""
@@ -536,9 +612,9 @@ def _nothing() -> None:
     return None
 
 
-def _log_sync_failure(synced: asyncio.Future[None]) -> None:
+def _retrieved(synced: asyncio.Future[None]) -> None:
     if not synced.cancelled() and (exc := synced.exception()) is not None:
-        log.error("billing outbox: the delayed fsync of the open calls' lines failed: %s", exc)
+        log.debug("billing outbox: the delayed fsync of the open calls' lines failed: %s", exc)
 
 
 def _resolve(done: asyncio.Future[Any], ok: bool, value: object) -> None:

@@ -4,7 +4,9 @@ held by one router at a time."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
 import os
 import threading
 from functools import partial
@@ -14,7 +16,7 @@ import pytest
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
-from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalThread
+from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError, JournalThread
 
 
 def _commit(key: str) -> list[pc.CommitRequest]:
@@ -278,3 +280,59 @@ async def test_a_queue_that_never_empties_still_fsyncs_within_the_delay(
     await asyncio.wait_for(thread.call(journal.pending), timeout=5)  # that batch has run
     assert len(synced) == 1  # the batch 600 s after the oldest write fsynced them all
     journal.close()
+
+
+async def test_a_sticky_fsync_failure_is_not_tried_at_every_batch_and_said_once_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fails every fsync (EIO) for ten minutes while open calls are journalled every
+    half second and the delayed fsync comes due each second. A failed fsync is sticky: no
+    later fsync of that file proves anything, only a fresh file fsynced does, so the journal
+    does not fsync it at every batch (before: 2,400 failing fsyncs, each of which a failing
+    disk may take long over, holding the open calls' lines the WARMs wait for), and tries the
+    rewrite with a growing delay (1 s, doubled to 30 s). The failure is said once as it starts,
+    then once a minute with how many syncs failed, and once when it is over (before: 1,200
+    ERROR lines). A bill that must be durable meanwhile is refused, as before."""
+    now = [0.0]
+    journal = Journal(tmp_path, monotonic=lambda: now[0])
+    journal.load()
+    failed: list[int] = []  # the metric
+    thread = JournalThread(
+        journal, sync_within_s=1.0, monotonic=lambda: now[0], sync_failed=failed.append
+    )
+    await thread.call(partial(journal.add, "a", _commit("a#1")), durable=True)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("services.router.outbox_journal.os.fsync", failing_fsync)
+    with caplog.at_level(logging.INFO, logger="cachemesh.router.outbox"):
+        for step in range(1200):
+            now[0] += 0.5
+            opened = partial(journal.add, f"o{step}", _final(f"o{step}#1", 0), None, open_call=True)
+            await asyncio.wait_for(thread.call(opened), timeout=5)
+            if step % 2:  # the delayed fsync's timer comes due
+                due = thread._sync_due
+                assert due is not None  # still set: it drives the retries with no traffic
+                due.cancel()
+                thread._sync_now()
+                await asyncio.wait_for(thread.call(journal.pending), timeout=5)
+        with pytest.raises(JournalError):
+            await thread.call(partial(journal.add, "b", _commit("b#1")), durable=True)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(fsyncs) <= 30, f"{len(fsyncs)} fsyncs tried"  # 25: 1, then the rewrites'
+        assert len(errors) <= 13, f"{len(errors)} ERROR lines"  # 11: 2 at first, then 1 a min
+        assert sum(failed) >= 1200  # each batch's sync that failed, counted
+        assert "still cannot make its writes durable" in errors[-1]
+
+        monkeypatch.setattr("services.router.outbox_journal.os.fsync", real_fsync)  # back
+        now[0] += 30.0  # the longest the next rewrite waits
+        await thread.call(partial(journal.add, "c", _commit("c#1")), durable=True)
+    journal.close()
+    assert "durable again" in caplog.text
+    again = Journal(tmp_path)
+    assert {"a", "b", "c"} <= set(again.load())  # b refused, but written: billed all the same
+    again.close()
