@@ -14,6 +14,7 @@ requests (of calls not cut short by a client's deadline), no request calls it fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -44,6 +45,11 @@ _LOOKUP_SHARE = 0.5
 # what the request's deadline leaves: the rest is kept for the request's own model call, should
 # that call's answer not come (its router died, or its model is as slow as the deadline).
 _LEASE_WAIT_SHARE = 0.5
+# A leading Lookup's lease is renewed every this share of its age limit while the request's model
+# call runs; after a renewal that failed, tried again after this share of it (30 s: 1.5 s), so an
+# L1 that missed one renewal still gets several more tries before the lease lapses.
+_RENEW_SHARE = 1 / 3
+_RENEW_RETRY_SHARE = 0.05
 # Each prefix-cache call of a request (Plan, WARM, FINAL) takes at most this share of what the
 # request's deadline leaves (and at most ROUTER_PREFIX_TIMEOUT_S): a hung prefix-cache leaves the
 # model call, or the answer's reply, the other half.
@@ -157,15 +163,18 @@ class Calls:
         counted: Degraded | None = None,
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """``counted``: the degradations' metric (None: a router built without metrics);
         ``tracer``: for a call that degrades after its request's span ended (a Store);
-        ``clock``: seconds, the clock of the requests' deadlines."""
+        ``clock``: seconds, the clock of the requests' deadlines; ``sleep``: waits that many
+        seconds on that clock (between a lease's renewals)."""
         self._d = dependencies
         self._s = settings
         self._counted = counted
         self._tracer = tracer
         self._clock = clock
+        self._sleep = sleep
         self._breaker = _Breaker(settings.prefix_breaker_s, clock)
 
     def _degraded(self, what: str, exc: CallFailed) -> None:
@@ -252,6 +261,66 @@ class Calls:
             ),
             client_faults=False,  # the request has ended already: nothing to tell its client
         )
+
+    async def keep_lease(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        lookup: semantic_cache_pb2.LookupResponse,
+    ) -> None:
+        """Renews the lease ``lookup`` took (it said ``leader``) every third of its age limit,
+        until cancelled: once the request's Store is sent, or its model call ended without
+        one (then ``release``). Identical requests keep waiting for this call however long it
+        runs, instead of each leading a paid call of its own once the age limit passes. Never
+        fails the request (L1 is optional): a renewal that fails is a degradation (logged,
+        counted), tried again after ``_RENEW_RETRY_SHARE`` of the lease (each try bounded by
+        the wait before it), until the lease has surely lapsed; a lease found ended or taken
+        by another request is logged, and renewed no more. An L1 that gives no ``lease_s``
+        (older): not renewed, its age limit alone."""
+        lease_s = lookup.lease_s
+        if not lookup.leader or lease_s <= 0:
+            return
+        call = semantic_cache_pb2.RenewRequest(
+            tenant=tenant, request=request, lease_id=lookup.lease_id
+        )
+        renewed = self._clock()  # the lease, just taken
+        wait_s = lease_s * _RENEW_SHARE
+        while True:
+            await self._sleep(wait_s)
+            tried = self._clock()  # a renewal counts from its try's start
+            reply = await self._degrading(
+                "semantic-cache",
+                # one slower than the wait before it is as good as lost: the next try goes then
+                self._d.semantic.renew(call, min(self._s.semantic_timeout_s, wait_s)),
+                client_faults=False,  # nothing of it is the client's to hear
+            )
+            if reply is None:
+                if self._clock() - renewed >= lease_s:
+                    log.warning(
+                        "semantic-cache: the lease of tenant %s's request %s went %.1f s "
+                        "without a renewal, past its %.1f s age limit: an identical request "
+                        "may call the model meanwhile; not renewed any more",
+                        tenant,
+                        request.request_id,
+                        self._clock() - renewed,
+                        lease_s,
+                    )
+                    return
+                wait_s = lease_s * _RENEW_RETRY_SHARE
+                continue
+            if not reply.renewed:
+                log.info(
+                    "semantic-cache: the lease of tenant %s's request %s ended before its "
+                    "model call did (an identical request's answer was stored, or it lapsed): "
+                    "an identical request may call the model meanwhile",
+                    tenant,
+                    request.request_id,
+                )
+                record_event(self._tracer, "cachemesh.semantic.lease_lost", {})
+                return
+            renewed = tried
+            lease_s = reply.lease_s if reply.lease_s > 0 else lease_s
+            wait_s = lease_s * _RENEW_SHARE
 
     async def _lookup(
         self, call: semantic_cache_pb2.LookupRequest, deadline_s: float

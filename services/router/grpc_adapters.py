@@ -50,6 +50,7 @@ def _method(descriptor: Any, service: str, name: str) -> str:
 _LOOKUP = _method(sc.DESCRIPTOR, "SemanticCache", "Lookup")
 _STORE = _method(sc.DESCRIPTOR, "SemanticCache", "Store")
 _RELEASE = _method(sc.DESCRIPTOR, "SemanticCache", "Release")
+_RENEW = _method(sc.DESCRIPTOR, "SemanticCache", "Renew")
 _PLAN = _method(pc.DESCRIPTOR, "PrefixCache", "Plan")
 _COMMIT = _method(pc.DESCRIPTOR, "PrefixCache", "Commit")
 _GENERATE = _method(model_pb2.DESCRIPTOR, "Model", "Generate")
@@ -116,6 +117,9 @@ class GrpcSemantic:
         return await _unary(
             self.spans, _RELEASE, self.stub.Release, request, deadline_s, self.timing
         )
+
+    async def renew(self, request: sc.RenewRequest, deadline_s: float) -> sc.RenewResponse:
+        return await _unary(self.spans, _RENEW, self.stub.Renew, request, deadline_s, self.timing)
 
 
 @dataclass

@@ -139,6 +139,7 @@ class Pipeline:
         clock: Callable[[], float] = time.monotonic,
         metrics: RouterMetrics | None = None,
         hand_over_stalls: bool = True,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """``tokenizer``: each row's (one ``Tokenizer``: the only vocabulary, for tests and
         tools whose rows all use it), for the router's own counts of a row's prompt and output.
@@ -148,10 +149,12 @@ class Pipeline:
         ``metrics``: the service's (None: the offline estimator, which counts nothing).
         ``hand_over_stalls``: a simulated or self-hosted replica's call with no first report
         long past its predicted prefill goes to the next replica (``Dispatcher``); its timer
-        is the event loop's, so a replay on a virtual clock turns it off."""
+        is the event loop's, so a replay on a virtual clock turns it off.
+        ``sleep``: waits seconds on ``clock`` (between the renewals of a leading Lookup's
+        lease); a replay's parks the task on its virtual clock."""
         self._metrics = metrics
         counted = metrics.degraded if metrics is not None else None
-        self._calls = Calls(dependencies, settings, counted, tracer, clock)
+        self._calls = Calls(dependencies, settings, counted, tracer, clock, sleep)
         self._tracer = tracer
         self._table = table
         self._tokenizers = Tokenizers.of(tokenizer)
@@ -244,6 +247,11 @@ class Pipeline:
         window = PrefixWindow(deadline)
         unanswered = spans.UnansweredBills(root)
         last_cut: ReplicaCut | None = None
+        # a leader holds its lease for as long as its model call runs (and a retry on another
+        # replica), not just its age limit: identical requests keep waiting for this call
+        keeper: asyncio.Future[None] | None = None
+        if lookup is not None and lookup.leader:
+            keeper = asyncio.ensure_future(self._calls.keep_lease(tenant, request, lookup))
         try:
             self._refuse_if_outbox_full()
             while True:
@@ -267,6 +275,8 @@ class Pipeline:
                     ) as it:
                         async for chunk in it:
                             answered = chunk.WhichOneof("part") == "end"  # its Store is on
+                            if answered and keeper is not None:
+                                keeper.cancel()  # the Store, sent, ends the lease
                             emitted = streamed
                             yield chunk
                     break
@@ -283,6 +293,8 @@ class Pipeline:
                         raise last_cut from exc  # no other replica: the cut is what happened
                     raise
         finally:
+            if keeper is not None:  # failed or cancelled: the Release ends the lease now
+                keeper.cancel()
             if lookup is not None and lookup.leader and not answered:
                 # Cancelled or failed before its Store: free the identical requests waiting
                 # on this one's lease now, not at the lease's age limit.

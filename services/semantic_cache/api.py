@@ -109,6 +109,7 @@ class SemanticCacheApi:
             skip_reason=result.skip_reason,
             leader=result.leader,
             lease_id=result.lease_id,
+            lease_s=self._cache.lease_s if result.leader else 0.0,
             waited=result.waited,
             refusal=result.refusal,
         )
@@ -186,6 +187,16 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         query = self._query(request.tenant, request.request)
         return sc.ReleaseResponse(released=self._cache.release(query, request.lease_id or None))
+
+    async def renew(self, request: sc.RenewRequest) -> sc.RenewResponse:
+        """The lease of a leader whose model call is still on, held on (``renewed``), or not
+        held any more (not an error). Also while draining: the lookups already waiting on it
+        keep waiting for that call (a draining cache makes no new one wait)."""
+        _require_tenant(request.tenant)
+        query = self._query(request.tenant, request.request)
+        if not self._cache.renew(query, request.lease_id):
+            return sc.RenewResponse(renewed=False)
+        return sc.RenewResponse(renewed=True, lease_s=self._cache.lease_s)
 
     def stats(self, request: sc.L1StatsRequest) -> sc.L1StatsResponse:
         sizes = self._cache.tenant_sizes()

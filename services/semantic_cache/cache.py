@@ -190,6 +190,22 @@ class SemanticCache(EntryStore):
         key = self._lease_key(query)
         return key is not None and self._leases is not None and self._leases.end(key, lease_id)
 
+    def renew(self, query: Query, lease_id: str) -> bool:
+        """Restarts the age limit of the query's lease named ``lease_id`` (its leader's model
+        call is still on): True when it was that live lease. Its waiters keep waiting."""
+        key = self._lease_key(query)
+        return (
+            key is not None
+            and self._leases is not None
+            and bool(lease_id)
+            and self._leases.renew(key, lease_id)
+        )
+
+    @property
+    def lease_s(self) -> float:
+        """A lease's age limit from its take or renewal (0: no leases)."""
+        return self._leases.hold_s if self._leases is not None else 0.0
+
     def lease_pending(self, query: Query) -> bool:
         """An identical request of the query's scope holds the lease (its model call is on)."""
         key = self._lease_key(query)

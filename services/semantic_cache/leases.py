@@ -14,6 +14,11 @@ budget runs out gets a miss and calls the model itself: a lease never loses a re
 A lease is owned by the ``request_id`` that took it: a retry of that request (its router died
 mid-call and the client sent it again) takes the lease over and leads, instead of waiting out
 the age limit of its own dead call.
+
+The age limit runs from the take, and from each renewal: the holder renews its lease (by its
+``lease_id``) while its model call is on, so a call longer than the age limit keeps its
+waiters (and an identical request arriving late does not lead a second, paid, call), while a
+holder that died renews nothing and frees the key at the age limit as before.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ class Leases:
 
     def __len__(self) -> int:
         return len(self._held)
+
+    @property
+    def hold_s(self) -> float:
+        """The age limit of a lease from its take or its last renewal."""
+        return self._hold_ms / 1000
 
     def held(self, key: LeaseKey) -> asyncio.Event | None:
         """The event of a live lease on ``key`` (an expired one is ended here)."""
@@ -87,6 +97,18 @@ class Leases:
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return lease.lease_id
 
+    def renew(self, key: LeaseKey, lease_id: str) -> bool:
+        """Restarts the age limit of ``key``'s lease if it is the live one named ``lease_id``
+        (its holder's model call is still on). False when that lease has ended (stored,
+        released, or past its age limit: ended here) or another has been taken since: a late
+        renewal never brings a lease back that waiters may have been woken from."""
+        lease = self._held.get(key)
+        if lease is None or lease.lease_id != lease_id or self.held(key) is None:
+            return False
+        lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
+        self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
+        return True
+
     def end(self, key: LeaseKey, lease_id: str | None = None) -> bool:
         """Fulfilled (stored) or released: wakes every waiter. With ``lease_id``, only that
         lease is ended (not one another request has taken since). True when one ended."""
@@ -98,8 +120,8 @@ class Leases:
         return True
 
     def _end_expired(self, now_ms: int) -> None:
-        """``_held`` is in the order of expiry (every lease lives ``hold_ms`` from its take or
-        take-over, and a take-over moves it to the end)."""
+        """``_held`` is in the order of expiry (every lease lives ``hold_ms`` from its take,
+        take-over or renewal, and a take-over or renewal moves it to the end)."""
         while self._held:
             key, lease = next(iter(self._held.items()))
             if now_ms < lease.expires_at_ms:

@@ -39,6 +39,10 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
         api = await self._ready(context)
         return await answered(context, api.release(request))
 
+    async def Renew(self, request: sc.RenewRequest, context: Context) -> sc.RenewResponse:
+        api = await self._ready(context)
+        return await answered(context, api.renew(request))
+
     async def Stats(self, request: sc.L1StatsRequest, context: Context) -> sc.L1StatsResponse:
         api = await self._ready(context)
         return api.stats(request)

@@ -92,6 +92,25 @@ def test_an_identical_question_in_flight_waits_for_its_answer(settings: dict[str
     assert [s.layer for s in _run(over, waited)] == ["model", "model"]
 
 
+def test_an_answer_longer_than_the_lease_keeps_it_on_the_virtual_clock(
+    settings: dict[str, str],
+) -> None:
+    """The first answer takes 3 s, its lease's age limit is 1 s: the leader renews it on the
+    virtual clock as live, so a twin waiting on it (and one arriving after 1 s) is served its
+    answer; without the renewals both led a model call of their own."""
+    q = "How do I reset my password?"
+    ask = Item("faq", TENANT_A, pb.CompleteRequest(model="auto", max_tokens=200,
+                                                   messages=[user(q)]))  # fmt: skip
+    records = [
+        LogRecord(0.0, ask, latency_ms=3000.0),
+        LogRecord(10.0, ask, latency_ms=3000.0),
+        LogRecord(1500.0, ask, latency_ms=3000.0),
+    ]
+    short = {**settings, "SEMANTIC_CACHE_LEASE_S": "1"}
+    layers = [s.layer for s in _run(short, records)]
+    assert layers == ["model", "semantic_cache", "semantic_cache"]
+
+
 def test_the_log_timing_counts_records_without_an_end_and_overlaps() -> None:
     from services.tools.estimator.replay import log_timing
 

@@ -65,6 +65,7 @@ class FakeSemantic:
     lookups: list[sc.LookupRequest] = field(default_factory=list)
     stores: list[sc.StoreRequest] = field(default_factory=list)
     releases: list[sc.ReleaseRequest] = field(default_factory=list)
+    renewals: list[sc.RenewRequest] = field(default_factory=list)
 
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
         self.lookups.append(request)
@@ -79,6 +80,10 @@ class FakeSemantic:
     async def release(self, request: sc.ReleaseRequest, deadline_s: float) -> sc.ReleaseResponse:
         self.releases.append(request)
         return sc.ReleaseResponse(released=True)
+
+    async def renew(self, request: sc.RenewRequest, deadline_s: float) -> sc.RenewResponse:
+        self.renewals.append(request)
+        return sc.RenewResponse(renewed=True, lease_s=30.0)
 
 
 @dataclass

@@ -239,6 +239,36 @@ async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
     await server.stop(None)
 
 
+async def test_renew_keeps_a_leaders_lease_past_its_age_limit_and_says_when_it_is_over() -> None:
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+    lookup = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
+    twin = query_from_request("a", lookup.request)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = sc_grpc.SemanticCacheStub(channel)
+        leader = await stub.Lookup(lookup, metadata=AUTH)
+        assert leader.leader and leader.lease_s == 30.0
+
+        def renew(tenant: str, lease_id: str) -> sc.RenewRequest:
+            return sc.RenewRequest(tenant=tenant, request=lookup.request, lease_id=lease_id)
+
+        clock.advance(s=20)
+        assert not (await stub.Renew(renew("b", leader.lease_id), metadata=AUTH)).renewed
+        assert not (await stub.Renew(renew("a", "stale"), metadata=AUTH)).renewed
+        renewed = await stub.Renew(renew("a", leader.lease_id), metadata=AUTH)
+        assert renewed.renewed and renewed.lease_s == 30.0
+        clock.advance(s=20)  # 40 s from the take
+        assert cache.lease_pending(twin)
+        released = sc.ReleaseRequest(tenant="a", request=lookup.request, lease_id=leader.lease_id)
+        assert (await stub.Release(released, metadata=AUTH)).released
+        over = await stub.Renew(renew("a", leader.lease_id), metadata=AUTH)
+        assert not over.renewed and not cache.lease_pending(twin)  # no error: it is over
+        bad = stub.Renew(sc.RenewRequest(request=lookup.request), metadata=AUTH)
+        assert "tenant" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
+    await server.stop(None)
+
+
 async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease() -> None:
     cache = leased_cache()
     draining = asyncio.Event()

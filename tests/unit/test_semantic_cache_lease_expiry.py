@@ -158,3 +158,98 @@ async def test_the_services_leases_are_not_aged_on_the_wall_clock() -> None:
     assert (await cache.check(question("live"))).leader
     wall.advance(s=31)
     assert cache.lease_pending(question("twin"))
+
+
+def test_a_renewal_restarts_the_age_limit_of_the_live_lease_it_names(clock: ManualClock) -> None:
+    """The holder of a long model call renews its lease: held past 30 s from its take, and a
+    holder that stops renewing (it died) frees the key 30 s after its last renewal."""
+    leases = Leases(clock, 30.0)
+    key = ("a", "scope", "reset my password")
+    lease_id = leases.take(key, "r1")
+    clock.advance(s=20)
+    assert not leases.renew(key, "another lease")  # only the lease it names
+    assert not leases.renew(("a", "scope", "another question"), lease_id)
+    assert leases.renew(key, lease_id)
+    assert leases.life_s(key) == 30.0
+    clock.advance(s=25)  # 45 s from its take
+    assert leases.held(key) is not None
+    assert leases.renew(key, lease_id)
+    clock.advance(s=29.999)  # the holder died after that renewal
+    assert leases.held(key) is not None
+    clock.advance(s=0.001)
+    assert leases.held(key) is None
+    assert not leases.renew(key, lease_id)  # ended: a late renewal does not bring it back
+
+
+def test_a_late_renewal_does_not_revive_an_expired_lease_nor_outlive_the_next(
+    clock: ManualClock,
+) -> None:
+    """Past its age limit a lease is over even if nobody looked (its waiters may have been
+    woken); the next request's lease is not the old holder's to renew."""
+    leases = Leases(clock, 30.0)
+    key = ("a", "scope", "reset my password")
+    old = leases.take(key, "r1")
+    clock.advance(s=30)
+    assert not leases.renew(key, old)
+    assert leases.held(key) is None
+    new = leases.take(key, "r2")
+    assert not leases.renew(key, old)
+    assert leases.renew(key, new)
+    assert leases.end(key, new) and not leases.renew(key, new)  # stored or released: over
+
+
+def test_renewed_leases_keep_the_age_order_that_frees_dead_holders(clock: ManualClock) -> None:
+    """A take ends the expired leases oldest first: a renewed lease is the youngest, so a
+    dead holder's lease taken after it is still ended at its own age limit."""
+    leases = Leases(clock, 30.0)
+    live, dead = ("a", "s", "live"), ("a", "s", "dead")
+    live_id = leases.take(live, "r1")
+    clock.advance(s=10)
+    leases.take(dead, "r2")  # its router dies
+    clock.advance(s=15)
+    assert leases.renew(live, live_id)  # until 55 s; dead's ends at 40 s
+    clock.advance(s=16)  # 41 s
+    leases.take(("a", "s", "third"), "r3")  # ends what has expired on its way
+    assert len(leases) == 2 and leases.life_s(dead) == 0.0 and leases.life_s(live) == 14.0
+
+
+async def test_a_waiter_keeps_waiting_while_the_leader_renews_its_lease(
+    monkeypatch: pytest.MonkeyPatch, clock: ManualClock
+) -> None:
+    """The leader's model call takes 70 s, longer than the 30 s lease, which it renews every
+    10 s: the identical request waits (within its own budget) through every renewal and is
+    served the stored answer, instead of leading a second model call at 30 s."""
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    leader = await cache.check(question("leader"))
+    assert leader.leader
+    renewals: list[bool] = []
+
+    async def the_leaders_call_goes_on() -> None:
+        """A second of the leader's call: it renews every 10 s and stores at 70 s."""
+        clock.advance(s=1)
+        elapsed = clock.now_ms() - started_ms
+        if elapsed % 10_000 == 0:
+            renewals.append(cache.renew(question("leader"), leader.lease_id))
+        if elapsed == 70_000:
+            answer = Answer(
+                payload=b"ask at the desk", stop_reason=END_TURN, output_tokens=4,
+                has_tool_use=False,
+            )  # fmt: skip
+            assert (await cache.store(question("leader"), answer)).stored
+
+    budgets: list[float] = []
+
+    async def ticking(event: asyncio.Event, budget_s: float) -> bool:
+        budgets.append(budget_s)
+        for _ in range(round(budget_s)):
+            await the_leaders_call_goes_on()
+            if event.is_set():
+                return True
+        return False
+
+    monkeypatch.setattr(cache_module, "wait", ticking)
+    started_ms = clock.now_ms()
+    waiter = await cache.check(question("waiter"), wait_s=100.0)
+    assert waiter.hit and waiter.waited and not waiter.leader
+    assert renewals == [True] * 7
+    assert budgets[0] == 30.0 and len(budgets) > 1  # waited on past the first age limit

@@ -5,7 +5,8 @@ into the ``CallFailed`` a gRPC call would raise; deadlines are the caller's, who
 process spends wall-clock time on the wire). In a replay (``timeline.CURRENT`` set) time is
 the virtual clock's: a model answer's start is held until the request's first token and the
 rest until its logged end, and a lookup that finds an identical request's lease held waits
-for it on the virtual clock, never in real time.
+for it on the virtual clock, never in real time; the leader renews that lease on the virtual
+clock too (``replay_sleep``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,21 @@ class LocalSemantic:
 
     async def release(self, request: sc.ReleaseRequest, deadline_s: float) -> sc.ReleaseResponse:
         return await _local(self._api.release(request))
+
+    async def renew(self, request: sc.RenewRequest, deadline_s: float) -> sc.RenewResponse:
+        return await _local(self._api.renew(request))
+
+
+async def replay_sleep(seconds: float) -> None:
+    """The pipeline's wait between a lease's renewals: on the virtual clock in a replay (the
+    leases age on it: a replayed call longer than SEMANTIC_CACHE_LEASE_S keeps its lease, as
+    live), parked meanwhile; in real time outside one."""
+    timeline = CURRENT.get()
+    if timeline is None:
+        await asyncio.sleep(seconds)
+        return
+    time = timeline.time
+    await time.until(time.now_ms() + max(1, round(seconds * 1000)))
 
 
 class LocalPrefix:

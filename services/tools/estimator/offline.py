@@ -8,12 +8,13 @@ service (and the router's replica choice), moved by the replay (``replay.py``) t
 request's arrival and to each logged first token and end; the simulator answers at once (its
 sleeps are skipped; ``SIM_TIME_SCALE`` only shapes latency) and the offline model adapter holds
 its answer until the logged times, so requests that overlapped live overlap here, and a lease
-wait runs on the virtual clock; prefix-cache keeps its warm prefixes in memory even when
-``PREFIX_CACHE_REDIS_URL`` is set; the tenants' limits and budgets (``ROUTER_LIMIT_*``,
-``ROUTER_BUDGET_*``, built by the router's ``limit_wiring``) count on the virtual clock in
-this process even when ``ROUTER_LIMITS_REDIS_URL`` is set, from nothing used (what another run
-or router had spent of a budget on the live stack is not known here), the log taken to start
-at a UTC midnight (``REPLAY_START_MS``: the log does not say when it was); no tracing.
+wait, and the leader's renewals of its lease, run on the virtual clock; prefix-cache keeps its
+warm prefixes in memory even when ``PREFIX_CACHE_REDIS_URL`` is set; the tenants' limits and
+budgets (``ROUTER_LIMIT_*``, ``ROUTER_BUDGET_*``, built by the router's ``limit_wiring``) count
+on the virtual clock in this process even when ``ROUTER_LIMITS_REDIS_URL`` is set, from nothing
+used (what another run or router had spent of a budget on the live stack is not known here),
+the log taken to start at a UTC midnight (``REPLAY_START_MS``: the log does not say when it
+was); no tracing.
 
 What these change in what is served or billed: nothing for a log of one request at a time. For
 overlapping requests, the times a request's WARM commit (its prefix becomes readable) and its
@@ -65,7 +66,12 @@ from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.wiring import build_api, build_cache
-from services.tools.estimator.local_adapters import LocalModels, LocalPrefix, LocalSemantic
+from services.tools.estimator.local_adapters import (
+    LocalModels,
+    LocalPrefix,
+    LocalSemantic,
+    replay_sleep,
+)
 from services.tools.stack.environment import dial_address
 from services.tools.stack.service_table import SERVICES
 
@@ -145,6 +151,8 @@ class OfflineStack:
             # a replica answers at its logged time here, while a stall's hand-over would time
             # it in real seconds (a replay parks a start for longer than its prediction)
             hand_over_stalls=False,
+            # a leader's lease renewals, on the virtual clock its lease ages on
+            sleep=replay_sleep,
         )
 
     @staticmethod

@@ -76,6 +76,7 @@ class LookupResponse(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     EMBEDDING_FIELD_NUMBER: _builtins.int
     EMBEDDER_VERSION_FIELD_NUMBER: _builtins.int
+    LEASE_S_FIELD_NUMBER: _builtins.int
     hit: _builtins.bool
     best_similarity: _builtins.float
     """best candidate seen, hit or not (for tracing)"""
@@ -101,6 +102,10 @@ class LookupResponse(_message.Message):
     little-endian float32, and the embedder's version; empty when there is no user text.
     """
     embedder_version: _builtins.str
+    lease_s: _builtins.float
+    """Set with leader: the lease's age limit (SEMANTIC_CACHE_LEASE_S). Without a Renew within
+    it the lease ends and an identical request may lead a model call of its own.
+    """
     @_builtins.property
     def match(self) -> _gateway_pb2.SemanticMatch:
         """set when hit"""
@@ -124,10 +129,11 @@ class LookupResponse(_message.Message):
         lease_id: _builtins.str = ...,
         embedding: _builtins.bytes = ...,
         embedder_version: _builtins.str = ...,
+        lease_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "match", b"match"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "embedder_version", b"embedder_version", "embedding", b"embedding", "hit", b"hit", "leader", b"leader", "lease_id", b"lease_id", "match", b"match", "pending", b"pending", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "best_similarity", b"best_similarity", "embedder_version", b"embedder_version", "embedding", b"embedding", "hit", b"hit", "leader", b"leader", "lease_id", b"lease_id", "lease_s", b"lease_s", "match", b"match", "pending", b"pending", "refusal", b"refusal", "skip_reason", b"skip_reason", "waited", b"waited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -316,6 +322,62 @@ class ReleaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
+
+@_typing.final
+class RenewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    lease_id: _builtins.str
+    """that Lookup's lease_id"""
+    @_builtins.property
+    def request(self) -> _gateway_pb2.CompleteRequest:
+        """the request whose Lookup said leader"""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        request: _gateway_pb2.CompleteRequest | None = ...,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewRequest: _TypeAlias = RenewRequest  # noqa: Y015
+
+@_typing.final
+class RenewResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RENEWED_FIELD_NUMBER: _builtins.int
+    LEASE_S_FIELD_NUMBER: _builtins.int
+    renewed: _builtins.bool
+    """The lease is held for lease_s more from now. False (not an error): it has ended (stored,
+    released, or past its age limit) or another request has taken it since; renewing it
+    again is no use (an identical request may now call the model too).
+    """
+    lease_s: _builtins.float
+    """with renewed: its age limit from now"""
+    def __init__(
+        self,
+        *,
+        renewed: _builtins.bool = ...,
+        lease_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_s", b"lease_s", "renewed", b"renewed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewResponse: _TypeAlias = RenewResponse  # noqa: Y015
 
 @_typing.final
 class L1StatsRequest(_message.Message):

@@ -54,6 +54,11 @@ class SemanticCacheStub:
                 request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/cachemesh.v1.SemanticCache/Renew',
+                request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.RenewRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/cachemesh.v1.SemanticCache/Stats',
                 request_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.L1StatsRequest.SerializeToString,
@@ -104,6 +109,16 @@ class SemanticCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Restarts the age limit of the lease a leading Lookup took, while its model call is still
+        on (the caller renews it every third of LookupResponse.lease_s until its Store or Release),
+        so identical requests keep waiting for that call however long it runs; a holder that died
+        renews nothing, and its lease still ends at its age limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Per-tenant L1 figures: entries now, lookups and hits since this process started.
         """
@@ -148,6 +163,11 @@ def add_SemanticCacheServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.FromString,
                     response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=cachemesh_dot_v1_dot_semantic__cache__pb2.RenewRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_semantic__cache__pb2.RenewResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -273,6 +293,33 @@ class SemanticCache:
             '/cachemesh.v1.SemanticCache/Release',
             cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseRequest.SerializeToString,
             cachemesh_dot_v1_dot_semantic__cache__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.SemanticCache/Renew',
+            cachemesh_dot_v1_dot_semantic__cache__pb2.RenewRequest.SerializeToString,
+            cachemesh_dot_v1_dot_semantic__cache__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,12 @@ class SemanticCacheStub:
     or failed), so identical requests waiting on it look again at once instead of waiting out
     the lease's age limit.
     """
+    Renew: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.RenewRequest, _semantic_cache_pb2.RenewResponse]
+    """Restarts the age limit of the lease a leading Lookup took, while its model call is still
+    on (the caller renews it every third of LookupResponse.lease_s until its Store or Release),
+    so identical requests keep waiting for that call however long it runs; a holder that died
+    renews nothing, and its lease still ends at its age limit.
+    """
     Stats: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.L1StatsRequest, _semantic_cache_pb2.L1StatsResponse]
     """Per-tenant L1 figures: entries now, lookups and hits since this process started."""
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_semantic_cache_pb2.L1PolicyRequest, _semantic_cache_pb2.L1Policy]
@@ -64,6 +70,12 @@ class SemanticCacheAsyncStub(SemanticCacheStub):
     """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
     or failed), so identical requests waiting on it look again at once instead of waiting out
     the lease's age limit.
+    """
+    Renew: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.RenewRequest, _semantic_cache_pb2.RenewResponse]  # type: ignore[assignment]
+    """Restarts the age limit of the lease a leading Lookup took, while its model call is still
+    on (the caller renews it every third of LookupResponse.lease_s until its Store or Release),
+    so identical requests keep waiting for that call however long it runs; a holder that died
+    renews nothing, and its lease still ends at its age limit.
     """
     Stats: _aio.UnaryUnaryMultiCallable[_semantic_cache_pb2.L1StatsRequest, _semantic_cache_pb2.L1StatsResponse]  # type: ignore[assignment]
     """Per-tenant L1 figures: entries now, lookups and hits since this process started."""
@@ -108,6 +120,18 @@ class SemanticCacheServicer(metaclass=_abc_1.ABCMeta):
         """Ends the lease a leading Lookup took, when its model call ends without a Store (cancelled
         or failed), so identical requests waiting on it look again at once instead of waiting out
         the lease's age limit.
+        """
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _semantic_cache_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_semantic_cache_pb2.RenewResponse, _abc.Awaitable[_semantic_cache_pb2.RenewResponse]]:
+        """Restarts the age limit of the lease a leading Lookup took, while its model call is still
+        on (the caller renews it every third of LookupResponse.lease_s until its Store or Release),
+        so identical requests keep waiting for that call however long it runs; a holder that died
+        renews nothing, and its lease still ends at its age limit.
         """
 
     @_abc_1.abstractmethod
