@@ -66,7 +66,8 @@ _WATCHED_MID_ANSWER = ("simulated", "self_hosted")
 # tokens: with --parallel 2 and batches of 256 tokens, up to 4.8 s; with --parallel 4 and the
 # default batch of 2,048, 33 s (the queued prefill term covers those the router sent). The
 # factor is for a slow engine's own pace (a token a second: 50 s). A tool call's arguments,
-# which an adapter sends whole, count as they are written (its ``progress`` chunks).
+# which an adapter sends whole, and a reasoning model's thinking, which it does not pass on,
+# count as they are written (its ``progress`` chunks).
 SILENT_FACTOR = 50.0
 # how many times within the silence allowed a waiting read looks at its replica's other calls:
 # a sign of life there starts the silence again from that look (at most a tenth late)

@@ -383,7 +383,8 @@ class Pipeline:
             end_chunk: model_pb2.GenerateEnd | None = None
             while (chunk := await read()) is not None:
                 # a sign of life: a call waiting behind this answer there is not stalled (a
-                # `progress` chunk is nothing else: a piece of a tool call its replica holds)
+                # `progress` chunk is nothing else: a piece of a tool call its replica holds,
+                # or of the model's thinking)
                 self.loads.progressed(attempt.replica, self._clock())
                 part = chunk.WhichOneof("part")
                 if part == "text" or part == "block":

@@ -48,9 +48,13 @@ def stream(
     stop_reason: str = "end_turn",
     tool: ToolCall | None = None,
     error_after: int | None = None,
+    thinking: tuple[str, ...] = (),
 ) -> list[Event]:
     """The events of one streamed message; ``error_after`` ends it with an ``error`` event
-    (overloaded) after that many text deltas."""
+    (overloaded) after that many text deltas. ``thinking``: the pieces of a ``thinking`` block
+    before the text (extended thinking: ``thinking_delta`` events, then its
+    ``signature_delta``)."""
+    text_at = 1 if thinking else 0  # the text block's index
     events: list[Event] = [
         (
             "message_start",
@@ -70,18 +74,54 @@ def stream(
                 }
             ),
         ),
+    ]
+    if thinking:
+        events.append(
+            (
+                "content_block_start",
+                dumps(
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+                    }
+                ),
+            )
+        )
+        for piece in thinking:
+            events.append(
+                (
+                    "content_block_delta",
+                    dumps(
+                        {
+                            "type": "content_block_delta",
+                            "index": 0,
+                            "delta": {"type": "thinking_delta", "thinking": piece},
+                        }
+                    ),
+                )
+            )
+        signature = {"type": "signature_delta", "signature": "EqQBCgIYAhIMLoopbackSig"}
+        events += [
+            (
+                "content_block_delta",
+                dumps({"type": "content_block_delta", "index": 0, "delta": signature}),
+            ),
+            ("content_block_stop", dumps({"type": "content_block_stop", "index": 0})),
+        ]
+    events.append(
         (
             "content_block_start",
             dumps(
                 {
                     "type": "content_block_start",
-                    "index": 0,
+                    "index": text_at,
                     "content_block": {"type": "text", "text": ""},
                 }
             ),
-        ),
-        ("ping", dumps({"type": "ping"})),
-    ]
+        )
+    )
+    events.append(("ping", dumps({"type": "ping"})))
     for n, text in enumerate(texts):
         if error_after is not None and n == error_after:
             events.append(("error", dumps(overloaded_body())))
@@ -92,13 +132,13 @@ def stream(
                 dumps(
                     {
                         "type": "content_block_delta",
-                        "index": 0,
+                        "index": text_at,
                         "delta": {"type": "text_delta", "text": text},
                     }
                 ),
             )
         )
-    events.append(("content_block_stop", dumps({"type": "content_block_stop", "index": 0})))
+    events.append(("content_block_stop", dumps({"type": "content_block_stop", "index": text_at})))
     if tool is not None:
         events.append(
             (
@@ -106,7 +146,7 @@ def stream(
                 dumps(
                     {
                         "type": "content_block_start",
-                        "index": 1,
+                        "index": text_at + 1,
                         "content_block": {
                             "type": "tool_use",
                             "id": tool.id,
@@ -124,13 +164,14 @@ def stream(
                     dumps(
                         {
                             "type": "content_block_delta",
-                            "index": 1,
+                            "index": text_at + 1,
                             "delta": {"type": "input_json_delta", "partial_json": piece},
                         }
                     ),
                 )
             )
-        events.append(("content_block_stop", dumps({"type": "content_block_stop", "index": 1})))
+        stop = {"type": "content_block_stop", "index": text_at + 1}
+        events.append(("content_block_stop", dumps(stop)))
     events += [
         (
             "message_delta",

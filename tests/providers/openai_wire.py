@@ -50,15 +50,30 @@ def stream(
     finish: str = "stop",
     tool: tuple[str, str, list[str]] | None = None,  # (id, name, argument pieces)
     cut_after: int | None = None,
+    reasoning: tuple[str, ...] = (),  # the model's thinking, before ``texts[reasoning_at]``
+    reasoning_at: int = 0,
+    # llama-server's and DeepSeek's field; vLLM's newer one, OpenRouter's and Ollama's is
+    # "reasoning"
+    reasoning_field: str = "reasoning_content",
 ) -> list[Event]:
+    """The events of one streamed answer: a role chunk, ``reasoning`` pieces (as an engine
+    serving a reasoning model streams its thinking) placed before the ``reasoning_at``-th
+    text, the texts, a tool call's name and argument pieces, the finish_reason chunk, the
+    usage chunk (``report``), ``[DONE]``; ``cut_after``: only the first that many texts."""
+
     def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
         return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
 
     events = [_chunk(model, choice({"role": "assistant", "content": "", "refusal": None}))]
+    thinking = [_chunk(model, choice({reasoning_field: piece})) for piece in reasoning]
     for n, text in enumerate(texts):
+        if n == reasoning_at:
+            events += thinking
         if cut_after is not None and n == cut_after:
             return events
         events.append(_chunk(model, choice({"content": text})))
+    if reasoning_at >= len(texts):
+        events += thinking
     if tool is not None:
         call_id, name, pieces = tool
         events.append(

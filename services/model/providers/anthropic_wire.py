@@ -6,7 +6,9 @@ blocks, tools and content blocks keep their ``cache_control`` breakpoints, 5-min
 stream (message_start, content_block_start / delta / stop, message_delta, message_stop; the
 SDK skips pings and raises on an ``error`` event) and turns it into the Model contract's
 chunks: ``start`` at the first content block, text deltas as they arrive, a ``tool_use``
-block once its input JSON is complete, and ``end`` with the reported usage.
+block once its input JSON is complete, and ``end`` with the reported usage; each piece of a
+tool call as it streams, and of a ``thinking`` block (which goes nowhere else), is a
+``progress`` chunk.
 https://docs.claude.com/en/api/messages-streaming
 """
 
@@ -179,6 +181,10 @@ class AnthropicAdapter:
                         elif delta.type == "input_json_delta" and event.index in tools:
                             tools[event.index][2].append(delta.partial_json)
                             yield progress.tool_piece(delta.partial_json)
+                        elif delta.type == "thinking_delta":
+                            yield progress.reasoning(delta.thinking)
+                        elif delta.type == "signature_delta":
+                            yield progress.reasoning("")  # the thinking's end: no tokens
                     elif kind == "content_block_stop" and event.index in tools:
                         call_id, name, pieces = tools.pop(event.index)
                         yield tool_use_chunk(call_id, name, "".join(pieces))

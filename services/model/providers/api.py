@@ -229,7 +229,7 @@ class ProviderApi:
             end = chunk.end
             if not end.HasField("provider_usage"):
                 # the engine reported no usage (no stream_options support): count what it
-                # wrote, text and tool calls
+                # wrote, text, tool calls and thinking
                 end.output_tokens = self._produced_tokens(progress, spec)
             span.set_attribute("gen_ai.usage.output_tokens", end.output_tokens)
             span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
@@ -242,17 +242,17 @@ class ProviderApi:
 
     def _produced_tokens(self, progress: Progress, spec: ModelSpec) -> int:
         """The count of what the model wrote, with ``spec``'s tokenizer (o200k_base for an
-        OpenAI row, cl100k_base else): its text and its tool calls (a tool call's arguments
-        are output tokens the provider bills, finished or cut)."""
+        OpenAI row, cl100k_base else): its text, its tool calls and its thinking (a tool
+        call's arguments and a reasoning model's thinking are output tokens the provider
+        bills, finished or cut)."""
         tokenizer = self._tokenizers.for_spec(spec)
-        text, tools = progress.produced()
-        return tokenizer.count(text) + (tokenizer.count(tools) if tools else 0)
+        return sum(tokenizer.count(part) for part in progress.produced() if part)
 
     def _interrupted(
         self, progress: Progress, spec: ModelSpec, error: str
     ) -> model_pb2.GenerateChunk:
-        """What was produced before the break: its count (text and tool calls, with the
-        row's tokenizer), and the provider's usage so far (Anthropic reports the prompt's
+        """What was produced before the break: its count (text, tool calls and thinking,
+        with the row's tokenizer), and the provider's usage so far (Anthropic reports the prompt's
         split at message_start) with that output count in it."""
         produced = self._produced_tokens(progress, spec)
         end = model_pb2.GenerateEnd(

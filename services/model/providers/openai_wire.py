@@ -10,7 +10,9 @@ a result with ``is_error`` is sent as ``TOOL_ERROR_PREFIX`` + its content);
 (``max_completion_tokens`` for OpenAI's current models), and ``stream_options.include_usage``
 asks for the usage chunk that ends the stream before ``[DONE]`` (its cache reads are
 ``prompt_tokens_details.cached_tokens``, or DeepSeek's ``prompt_cache_hit_tokens``). Cache
-breakpoints have no meaning here (OpenAI caches automatically) and are not sent.
+breakpoints have no meaning here (OpenAI caches automatically) and are not sent. A reasoning
+model's thinking, which an engine streams apart from the answer (``reasoning_of``), goes on
+only as ``progress`` chunks, as a tool call's pieces do until the call is whole.
 https://platform.openai.com/docs/api-reference/chat/create
 """
 
@@ -156,6 +158,23 @@ def _usage(usage: Any) -> tuple[pc.OpenAIUsage, int]:
     return report, reasoning
 
 
+# where an OpenAI-compatible engine streams a reasoning model's thinking, in the order read: a
+# delta's first non-empty one is its thinking (vLLM's backward-compatible deltas carry the same
+# text in both). llama-server, DeepSeek and older vLLM: ``reasoning_content``; vLLM 0.11 and
+# later, OpenRouter, Ollama: ``reasoning``. OpenAI itself streams none.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def reasoning_of(delta: Any) -> str:
+    """The piece of thinking in a streamed delta ("" if none): a field the SDK does not
+    declare, kept as the engine sent it (a field that is not text is no thinking)."""
+    for name in REASONING_FIELDS:
+        piece = getattr(delta, name, None)
+        if isinstance(piece, str) and piece:
+            return piece
+    return ""
+
+
 class OpenAIAdapter:
     backend = "openai"
 
@@ -189,6 +208,12 @@ class OpenAIAdapter:
                         progress.usage = pc.ProviderUsage(openai=report)  # kept as it comes
                     for choice in chunk.choices:
                         delta = choice.delta
+                        if delta is not None and (thinking := reasoning_of(delta)):
+                            # the model thinks (its first token: the prefill is done); the
+                            # router sees it go on, the client never sees it
+                            if not progress.started:
+                                yield progress.start()
+                            yield progress.reasoning(thinking)
                         if delta is not None and delta.content:
                             if not progress.started:
                                 yield progress.start()

@@ -1,6 +1,7 @@
 """One provider call's progress, shared by an adapter and the driver: whether the first token
-has gone out, the text so far and the usage the provider has reported so far (what an
-interrupted answer is billed for); and the helpers both adapters end a call with."""
+has gone out, what the model wrote so far (its text, its tool calls, its thinking) and the
+usage the provider has reported so far (what an interrupted answer is billed for); and the
+helpers both adapters end a call with."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class Progress:
     pieces: list[str] = field(default_factory=list)
     # tool calls' names and argument JSON as streamed, finished or not: output tokens too
     tool_pieces: list[str] = field(default_factory=list)
+    # the model's thinking as streamed (never passed on): output tokens too
+    reasoning_pieces: list[str] = field(default_factory=list)
     usage: pc.ProviderUsage | None = None
 
     def start(self, prompt_tokens: int | None = None) -> model_pb2.GenerateChunk:
@@ -58,9 +61,24 @@ class Progress:
             self.tool_pieces.append(piece)
         return model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress())
 
-    def produced(self) -> tuple[str, str]:
-        """What the model wrote so far: its text, and its tool calls' names and arguments."""
-        return "".join(self.pieces), "".join(self.tool_pieces)
+    def reasoning(self, piece: str) -> model_pb2.GenerateChunk:
+        """A piece of the model's thinking, as the provider streams it (an engine serving a
+        reasoning model: ``reasoning_content``; Anthropic's ``thinking_delta``): output tokens
+        the provider bills, and a ``progress`` chunk, as for a tool call's piece (a model may
+        think for longer than the router lets a call be silent). The thinking itself goes
+        nowhere: the contract has no place for it, and no client is shown it."""
+        if piece:
+            self.reasoning_pieces.append(piece)
+        return model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress())
+
+    def produced(self) -> tuple[str, str, str]:
+        """What the model wrote so far: its text, its tool calls' names and arguments, and
+        its thinking."""
+        return (
+            "".join(self.pieces),
+            "".join(self.tool_pieces),
+            "".join(self.reasoning_pieces),
+        )
 
 
 def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.GenerateChunk:

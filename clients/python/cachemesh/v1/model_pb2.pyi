@@ -145,9 +145,10 @@ Global___GenerateEnd: _TypeAlias = GenerateEnd  # noqa: Y015
 @_typing.final
 class GenerateProgress(_message.Message):
     """The engine streamed a piece of the answer the replica holds back until it is whole (a tool
-    call's name or a piece of its arguments: the call goes out as one `block`). Nothing for the
-    client: a sign of life, which the router counts as the call's progress (a call silent
-    mid-answer is cut as hung), and a router that does not know the part skips it.
+    call's name or a piece of its arguments: the call goes out as one `block`), or of the
+    model's thinking (a reasoning model's, which goes nowhere). Nothing for the client: a sign
+    of life, which the router counts as the call's progress (a call silent mid-answer is cut as
+    hung), and a router that does not know the part skips it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

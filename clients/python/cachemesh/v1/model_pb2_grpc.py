@@ -47,7 +47,7 @@ class ModelServicer:
     def Generate(self, request, context):
         """Streams `start` (after prefill), text deltas, then `end`.
         An adapter sends `start` at the provider's first token, and a `progress` for each piece
-        of a tool call it holds back until the call is whole.
+        of a tool call it holds back until the call is whole, and of the model's thinking.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,7 @@ class ModelStub:
     Generate: _grpc.UnaryStreamMultiCallable[_model_pb2.GenerateRequest, _model_pb2.GenerateChunk]
     """Streams `start` (after prefill), text deltas, then `end`.
     An adapter sends `start` at the provider's first token, and a `progress` for each piece
-    of a tool call it holds back until the call is whole.
+    of a tool call it holds back until the call is whole, and of the model's thinking.
     """
 
 @_typing.type_check_only
@@ -46,7 +46,7 @@ class ModelAsyncStub(ModelStub):
     Generate: _aio.UnaryStreamMultiCallable[_model_pb2.GenerateRequest, _model_pb2.GenerateChunk]  # type: ignore[assignment]
     """Streams `start` (after prefill), text deltas, then `end`.
     An adapter sends `start` at the provider's first token, and a `progress` for each piece
-    of a tool call it holds back until the call is whole.
+    of a tool call it holds back until the call is whole, and of the model's thinking.
     """
 
 class ModelServicer(metaclass=_abc_1.ABCMeta):
@@ -58,7 +58,7 @@ class ModelServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_model_pb2.GenerateChunk], _abc.AsyncIterator[_model_pb2.GenerateChunk]]:
         """Streams `start` (after prefill), text deltas, then `end`.
         An adapter sends `start` at the provider's first token, and a `progress` for each piece
-        of a tool call it holds back until the call is whole.
+        of a tool call it holds back until the call is whole, and of the model's thinking.
         """
 
 def add_ModelServicer_to_server(servicer: ModelServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
