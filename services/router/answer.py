@@ -16,6 +16,9 @@ class Answer:
     first: bool = False  # the last ``add`` was the answer's first content
     # what an interrupted provider stream reported for the part produced (None: nothing)
     partial_usage: pc.ProviderUsage | None = None
+    # and the output tokens its model service counted (its text, its tool calls as they were
+    # written, its thinking: what the router did not see whole)
+    partial_output_tokens: int = 0
     _texts: list[list[str]] = field(default_factory=list)  # the pieces of each text block
 
     def add(self, chunk: model_pb2.GenerateChunk) -> pb.ContentBlock:

@@ -408,6 +408,7 @@ class Pipeline:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
                 answer.partial_usage = end_chunk.provider_usage
+                answer.partial_output_tokens = end_chunk.output_tokens
                 if self._clock() >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
                     raise _answer_outlasted(attempt, end_chunk.output_tokens)
                 raise ReplicaCut(
@@ -693,6 +694,9 @@ class Pipeline:
         output_tokens = sum(
             tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text
         )
+        # a provider's stream that broke: its model service counted what the router never saw
+        # whole (a tool call cut in its arguments, the model's thinking)
+        output_tokens = max(output_tokens, answer.partial_output_tokens)
         if usage is not None and usage.WhichOneof("report") == "anthropic":
             output_tokens = usage.anthropic.output_tokens
         reported = usage if usage is not None and usage.WhichOneof("report") else None

@@ -1,5 +1,7 @@
 """A call the client leaves is billed for what the model wrote: its text and its finished
-tool calls (a tool call's arguments are output tokens the provider bills)."""
+tool calls (a tool call's arguments are output tokens the provider bills); a provider's stream
+that broke, for what its model service counted (also a tool call cut in its arguments, and the
+model's thinking, which the router never sees)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,12 @@ import asyncio
 import contextlib
 import json
 
+import pytest
+
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code, RequestError
 from services.common.tokens import load_cl100k
 from services.router.dependencies import CallFailed
 from tests.unit.test_router_pipeline import FakeModels, FakeStream, Rig, _request
@@ -59,3 +64,43 @@ async def test_a_call_left_after_a_tool_call_bills_the_tool_calls_tokens() -> No
     tokenizer = load_cl100k()
     wrote = tokenizer.count("I'll write it.") + tokenizer.count("write_file" + ARGUMENTS)
     assert final.output_tokens == wrote
+
+
+class BrokenInTheThinking(FakeModels):
+    """A provider replica's stream that breaks while the model thinks after some text: its
+    thinking went on as ``progress`` chunks, and the model service's interrupted end counts
+    it (OpenAI's wire: no usage before the break)."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        progress = model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress())
+        end = model_pb2.GenerateEnd(
+            output_tokens=1200,  # its text and its thinking, as the model service counted them
+            stop_reason="interrupted",
+            interrupted=True,
+            error="APIConnectionError: Connection error.",
+        )
+        return FakeStream(
+            [
+                model_pb2.GenerateChunk(
+                    start=model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
+                ),
+                model_pb2.GenerateChunk(text="Let me think."),
+                *[progress] * 30,
+                model_pb2.GenerateChunk(end=end),
+            ]
+        )
+
+
+async def test_a_stream_broken_in_the_thinking_bills_what_the_model_service_counted() -> None:
+    rig = Rig(models=BrokenInTheThinking())
+    pipeline = rig.pipeline()
+    with pytest.raises(RequestError) as caught:
+        _ = [chunk async for chunk in pipeline.run("tenant-a", _request())]
+    await pipeline.drain()
+    assert caught.value.code == Code.UNAVAILABLE  # its text had reached the caller
+    (final,) = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    # the thinking is output tokens the provider bills: not only the text's 4 tokens
+    assert final.output_tokens == 1200
