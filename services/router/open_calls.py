@@ -77,7 +77,8 @@ class OpenCall:
 
     def settled(self, *, final_made: bool) -> None:
         """The call's FINAL was made (``final_made``: the entry is done), or its outbox entry
-        replaced the open call (or could not be written: a replay bills the open call)."""
+        replaced the open call (or could not be written, by the answer nor by the call's bill
+        without it, which tries after: a replay bills the open call)."""
         self._ended = True
         if self._outbox is None or self.entry is None:
             return

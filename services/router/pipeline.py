@@ -703,8 +703,8 @@ class Pipeline:
 
         async def bill() -> Bill | None:
             final: prefix_cache_pb2.CommitResponse | None = None
-            if attempt.kept_output_tokens is None:  # else the journal holds its bill already
-                try:
+            try:
+                if attempt.kept_output_tokens is None:  # else the journal holds its bill
                     final = await self._commit_final(
                         tenant,
                         request,
@@ -715,9 +715,12 @@ class Pipeline:
                         PrefixWindow(off=window.off),
                         open_call,
                     )
-                except RequestError:
-                    if attempt.kept_output_tokens is None:
-                        raise
+            except RequestError:
+                if attempt.kept_output_tokens is None:
+                    raise
+            finally:
+                if open_call is not None:  # not settled nor replaced: the replay bills it
+                    open_call.settled(final_made=False)
             if final is not None:
                 billed = Bill(final.usage, final.cost)
             else:
@@ -831,6 +834,7 @@ class Pipeline:
             replay_warm = _replay_warm(tenant, request, attempt)
             replay_final = _final(tenant, request, attempt, output_tokens, baseline_id, usage)
             opened = open_call.entry if open_call is not None else None
+            written = False  # its line in the journal, in place of the open call's
             try:
                 estimate = attempt.model.baseline_nanos(attempt.start.prompt_tokens, output_tokens)
                 # the period its estimate counts in, and its correction (journalled with it)
@@ -838,7 +842,9 @@ class Pipeline:
                 await self._outbox.keep(
                     [replay_warm, replay_final], estimate, opened, attempt.counted_ms
                 )
+                written = True
             except JournalError as exc:
+                written = exc.written
                 if exc.written:  # in the journal all the same: replayed and billed once
                     attempt.kept_output_tokens = output_tokens
                 log.error("billing outbox: %s; the answer to %s is refused", exc, key)
@@ -849,7 +855,11 @@ class Pipeline:
                     "retry with the same request_id",
                 ) from exc
             finally:
-                if open_call is not None:
+                # the entry the outbox replays is now the kept one; else (not written, or the
+                # request cancelled meanwhile) the call's bill without its answer sends the
+                # FINAL again or keeps it in its place (one entry: the open call's id), and
+                # leaves it to the replay only when that fails too (``_bill_partial``)
+                if open_call is not None and written:
                     open_call.settled(final_made=False)
             record_event(self._tracer, "cachemesh.billing_deferred", {"commit": key})
         return final

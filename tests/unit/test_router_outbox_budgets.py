@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from services.router.limits import (
 )
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
-from services.router.outbox_journal import JOURNAL_NAME, Journal
+from services.router.outbox_journal import JOURNAL_NAME, Counted, Journal
 from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
@@ -572,3 +573,73 @@ async def test_a_call_cut_at_midnight_counts_its_estimate_where_its_correction_l
     assert new == 0, f"billed {billed}: the new month counts {new}"
     if isinstance(store, RedisLimitStore):  # (the in-memory store keeps only today's)
         assert await _spent(store, left.month) == billed
+
+
+class FullOnce(Journal):
+    """A disk that is full for the next answer's bill (its line is not written: ENOSPC), not
+    for the open calls' lines, written before."""
+
+    full = True
+
+    def add(
+        self,
+        entry_id: str,
+        commits: Sequence[pc.CommitRequest],
+        carrier: Mapping[str, str] | None = None,
+        *,
+        open_call: bool = False,
+        started_ms: int | None = None,
+        counted: Counted | None = None,
+    ) -> None:
+        if self.full and not open_call:
+            self.full = False
+            raise OSError(28, "No space left on device")
+        super().add(
+            entry_id, commits, carrier, open_call=open_call, started_ms=started_ms, counted=counted
+        )
+
+
+class HungFinalPort(DownPort):
+    """prefix-cache up, but the next FINAL is not answered in time, nor recorded (hung)."""
+
+    def __init__(self, api: PrefixCacheApi) -> None:
+        super().__init__(api)
+        self.down, self.hang_next_final = False, True
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if self.hang_next_final and request.phase == pc.COMMIT_PHASE_FINAL:
+            self.hang_next_final = False
+            raise CallFailed(Code.DEADLINE_EXCEEDED, "prefix-cache did not answer in time")
+        return await super().commit(request, deadline_s)
+
+
+async def test_an_answer_whose_bill_could_not_be_written_is_billed_once_as_produced(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """The answer's FINAL times out and the outbox cannot write its bill (disk full): the answer
+    is refused (UNAVAILABLE) and billed as a call that ended without it, whose bill goes to the
+    outbox once the disk has room again. Before, the call's open call (journalled as it started,
+    with the output tokens then: none) was left to the replay beside that second entry: the
+    replay billed the call at the open call's 0 output tokens and counted it, and the second
+    entry, a repeat, kept its estimate counted as well (the spend the estimate plus the bill)."""
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    port = HungFinalPort(outage.port.api)
+    outbox = _outbox(port, FullOnce(tmp_path / "full"), outage.limiter, outage.clock)
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    request, ticket = await outage.admitted("r-next")
+    pipeline = rig.pipeline()
+    with pytest.raises(RequestError) as refused:
+        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
+        [chunk async for chunk in run]
+    assert refused.value.code is Code.UNAVAILABLE
+    await pipeline.drain()  # its bill without an answer: kept
+    outage.limiter.settle(ticket, None)  # the servicer's, for a request with no answer
+    await outage.limiter.drain()
+    month = Periods.at(outage.clock.now_ms()).month
+
+    assert await outbox.flush() == 1  # the call's one bill
+    await outage.limiter.drain()
+    billed = await outage.billed()
+    assert (await outage.core.totals(TENANT)).output_tokens > 3  # the earlier turn's, and its
+    spent = await _spent(store, month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
