@@ -37,22 +37,25 @@ first-wins by their key, so a FINAL that landed before the kill stands), counted
 flight when the router is killed stays unbilled (a WARM with no FINAL).
 
 A replayed FINAL whose reply is ``repeated`` (prefix-cache had recorded that key's FINAL
-before: the call's own, whose "done" line a host crash lost, or an earlier start's replay) is
-not told to the limiter (``open_call_billed``, ``estimate_billed``): whoever had its first
-reply counted it then; unless this process kept the entry and its own replay of it had no
-reply (any failure but prefix-cache's refusal: a deadline, a cancel, a connection reset, an
-internal fault, after which prefix-cache may have recorded it), in which case the next reply
-is the first told (of an entry journalled by an earlier process, that process may have had
-the first reply: its count stands, and a lost reply of this process's replay goes uncounted).
-Entries journalled by an earlier process are ``inherited``: their estimates were counted by
-it, which a limits store in memory does not remember (``Limiter.reconcile``).
+before) is told to the limiter (``open_call_billed``, ``estimate_billed``) only for an entry
+this process kept: it is in the outbox only because no reply to its FINAL reached this process
+(the answer's, or the call's bill without its answer, failed after prefix-cache recorded it: a
+deadline, a cancel, a connection reset, an internal fault; or a replay of it did: an entry is
+done on its first reply), so no one had the first reply, and this one is told. An entry whose
+FINAL had its reply is never sent again: an open call is left to a replay only when no bill of
+its call was made or kept (``pipeline.py``), and a settled entry whose "done" did not run is
+done again by the next round, not sent. Entries journalled by an earlier process are
+``inherited``: whoever had the first reply (that process's answer, whose "done" line a host
+crash lost, or its replay) counted it then, so their repeat is not told (and one whose first
+reply was lost, by that process or this one, goes uncounted); their estimates were counted by
+that process, which a limits store in memory does not remember (``Limiter.reconcile``).
 
 Budgets: an answer kept here was counted against its tenant's budgets at the router's estimate
 (base prices, no cache discount claimed); each entry keeps that estimate and when it was
 counted (journalled with it: ``Counted``), and once its replay is billed the outbox tells
 ``estimate_billed`` the difference (prefix-cache's cost minus the estimate) and that time, so
 the limiter corrects the budgets of the period the answer was counted in
-(``Limiter.reconcile``), once: on prefix-cache's first reply to the entry's FINAL. An entry
+(``Limiter.reconcile``), once: on the first reply to the entry's FINAL a process had. An entry
 journalled without them (by an older router) corrects nothing: its estimate stays counted, as
 before.
 
@@ -94,12 +97,6 @@ log = logging.getLogger("cachemesh.router.outbox")
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
-# a FINAL that failed so was surely not recorded: prefix-cache refused it (its checks, or its
-# credential check before the handler). Any other failure may come after prefix-cache recorded
-# it, and gRPC tells no more: UNAVAILABLE "does not guarantee the server has not seen
-# anything" (a connection reset after the commit, a server stopping), a deadline or a cancel
-# (the reply late), UNKNOWN or INTERNAL (a fault after the record)
-_NOT_RECORDED = (*_FINAL, Code.UNAUTHENTICATED)
 # the trace context only (traceparent, tracestate): never the caller's baggage, on disk
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
@@ -267,19 +264,19 @@ class BillingOutbox:
         open calls a replay round billed (a killed router's, the metric); ``dropped``: how
         many entries prefix-cache refused for good (their bills lost, the metric);
         ``open_call_billed``: told of each open call billed (its tenant, cost and start; not
-        when prefix-cache's reply is ``repeated``: its FINAL was made before, by the call or an
-        earlier start's replay, which counted it): no request of this process counts it
-        against the tenant's limits (the limiter's). ``wall``: when an open
-        call starts, and when a kept answer's estimate was counted, journalled with them (the
-        system clock's when None).
+        when prefix-cache's reply to one an earlier process journalled is ``repeated``: its
+        FINAL was made before, by the call or an earlier start's replay, which counted it): no
+        request of this process counts it against the tenant's limits (the limiter's).
+        ``wall``: when an open call starts, and when a kept answer's estimate was counted,
+        journalled with them (the system clock's when None).
         ``journal_sync_s``: how long an open call's line may wait for its fsync
         (``JournalThread``'s ``sync_within_s``; None: until the next durable write).
         ``estimate_billed``: told of each kept answer billed, as ``(tenant, billed minus
         estimated nano-dollars, when the estimate was counted (ms), inherited=...)`` (the
         limiter's ``reconcile``; ``inherited``: the entry was in the journal when this process
-        started, its estimate counted by an earlier one); not when the reply is ``repeated``
-        (an earlier replay's, by a router restarted since, corrected it), unless this
-        process's own earlier replay of it may have landed unanswered (below).
+        started, its estimate counted by an earlier one); not when the reply to an inherited
+        entry is ``repeated`` (an earlier process's replay corrected it; of an entry this
+        process kept, no reply came before: that one is told).
         ``journal_sync_failed``: told of each journal sync that could not make its writes
         durable (the metric; ``JournalThread``'s ``sync_failed``)."""
         self._prefix = prefix
@@ -298,11 +295,11 @@ class BillingOutbox:
         self._estimate_billed = estimate_billed
         # the entries journalled by an earlier process (their estimates counted by it)
         self._inherited: set[str] = set()
-        # FINALs (by commit key) this process replayed with no reply (a deadline, a cancel, a
-        # connection reset...: ``_NOT_RECORDED`` aside): prefix-cache may have recorded them,
-        # and its next reply is then ``repeated`` though no one had the first; that reply is
-        # the first one told
-        self._unanswered_finals: set[str] = set()
+        # entries this process settled (their FINAL answered: the call's, or a replay's told)
+        # whose "done" failed, maybe not run (no thread for its batch): if still pending, a
+        # round does them again rather than send them (a repeat would be told as a first
+        # reply lost)
+        self._undone: set[str] = set()
         self._entries: _InMemory | _OnDisk
         if journal is not None:
             self._inherited = set(journal.load())
@@ -359,7 +356,7 @@ class BillingOutbox:
         """The open call's FINAL was made: its entry is settled (not awaited: a replay of it
         would only find its FINAL made)."""
         if self._live.pop(entry_id, None) is not None:
-            self._entries.done(entry_id).add_done_callback(_done_failed)
+            self._entries.done(entry_id).add_done_callback(partial(self._done_failed, entry_id))
 
     def release(self, entry_id: str) -> None:
         """The open call is no longer this process's to settle: a replay round bills what its
@@ -449,11 +446,17 @@ class BillingOutbox:
         settled = 0
         open_calls = 0  # of those, open calls billed at their estimate
         dropped = 0  # entries refused for good: done, never billed
-        done_lines: list[asyncio.Future[None]] = []
+        done_lines: list[tuple[str, asyncio.Future[None]]] = []
         async with self._lock:
-            for entry_id in await self._entries.ids():
+            ids = await self._entries.ids()
+            self._undone.intersection_update(ids)  # the others' "done" ran (not its write)
+            for entry_id in ids:
                 if entry_id in self._live:
                     continue  # a model call of this process, still running
+                if entry_id in self._undone:  # settled: its "done" again, not its commits
+                    self._undone.discard(entry_id)
+                    done_lines.append((entry_id, self._entries.done(entry_id)))
+                    continue
                 try:
                     (commits, carrier, started_ms, counted), open_call = await self._entries.read(
                         entry_id
@@ -473,20 +476,18 @@ class BillingOutbox:
                 else:
                     settled += 1
                     open_calls += open_call
-                    # a repeated FINAL was billed before: whoever had its first reply (the
-                    # call's own answer, an earlier replay) counted it then; unless this
-                    # process kept the entry itself and its own replay got no reply (of an
-                    # inherited entry, the process before may have had that first reply)
+                    # a repeated FINAL was billed before. Of an entry an earlier process
+                    # journalled, whoever had the first reply (its answer, or a replay) counted
+                    # it then. Of one this process kept, no one did: it is in the outbox only
+                    # because no reply to its FINAL reached this process (the answer's, or
+                    # this entry's replays': an entry is done on its first reply), so the
+                    # first was lost, and this one is told
                     final = commits[-1] if commits else None
-                    unanswered = (
-                        final is not None
-                        and entry_id not in self._inherited
-                        and final.request_id in self._unanswered_finals
-                    )
+                    inherited = entry_id in self._inherited
                     if (
                         final is not None
                         and reply is not None
-                        and (not reply.repeated or unanswered)
+                        and (not reply.repeated or not inherited)
                     ):
                         if open_call and self._open_call_billed is not None:
                             cost = reply.cost.cost_nanos
@@ -498,15 +499,13 @@ class BillingOutbox:
                                 final.tenant,
                                 correction,
                                 counted.at_ms,
-                                inherited=entry_id in self._inherited,
+                                inherited=inherited,
                             )
                 self._inherited.discard(entry_id)
-                if commits:
-                    self._unanswered_finals.discard(commits[-1].request_id)
-                done_lines.append(self._entries.done(entry_id))
-            for failed in await asyncio.gather(*done_lines, return_exceptions=True):
-                if failed is not None:
-                    log.warning("billing outbox: journal write failed: %s", failed)
+                done_lines.append((entry_id, self._entries.done(entry_id)))
+            await asyncio.gather(*(line for _, line in done_lines), return_exceptions=True)
+            for entry_id, line in done_lines:
+                self._done_failed(entry_id, line)
         if open_calls:
             log.warning(
                 "billing outbox: billed %d open calls at prefix-cache's estimate (model calls "
@@ -521,6 +520,12 @@ class BillingOutbox:
             log.info("billing outbox: billed %d answers, %d pending", settled, self.pending)
             self._say_if_full()
         return settled
+
+    def _done_failed(self, entry_id: str, written: asyncio.Future[None]) -> None:
+        """A settled entry's "done", once it ran: one that failed is remembered, not replayed."""
+        if not written.cancelled() and (exc := written.exception()) is not None:
+            log.warning("billing outbox: journal write failed: %s", exc)
+            self._undone.add(entry_id)
 
     async def run(self) -> None:
         """Replays every ``retry_s`` (cancelled at shutdown, after a last ``flush``). A round
@@ -558,11 +563,6 @@ class BillingOutbox:
             try:
                 reply = await self._prefix.commit(commit, self._deadline_s)
             except CallFailed as exc:
-                if commit.phase == pc.COMMIT_PHASE_FINAL and exc.code not in _NOT_RECORDED:
-                    # it may have landed, its reply lost: the next reply is the first told.
-                    # A FINAL that was not sent after all makes no difference: of an entry
-                    # this process kept, a repeat means that no one had a reply before
-                    self._unanswered_finals.add(commit.request_id)
                 if exc.code in _UNREACHABLE_CODES:
                     return _Sent.UNREACHABLE, None
                 if exc.code not in _FINAL:
@@ -598,11 +598,6 @@ def _open_failed(written: asyncio.Future[None]) -> None:
 def _rewrite_failed(written: asyncio.Future[None]) -> None:
     if not written.cancelled() and (exc := written.exception()) is not None:
         log.debug("billing outbox: rewriting a running model call's line failed: %s", exc)
-
-
-def _done_failed(written: asyncio.Future[None]) -> None:
-    if not written.cancelled() and (exc := written.exception()) is not None:
-        log.warning("billing outbox: journal write failed: %s", exc)
 
 
 def _size(commits: Sequence[pc.CommitRequest]) -> int:

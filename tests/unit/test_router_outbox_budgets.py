@@ -7,12 +7,15 @@ disk, the limiter on both stores (in memory and a real Redis, tests/unit/conftes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from redis.asyncio import Redis
@@ -51,6 +54,7 @@ BEFORE_MIDNIGHT_MS = 1_700_006_340_000
 # 2023-11-30 23:59:59.900 UTC: a tenth of a second before the day and the month end
 BEFORE_MONTH_END_MS = 1_701_388_799_900
 POLICY = LimitPolicy(day_budget_nanos=10**15, month_budget_nanos=10**15)
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -600,16 +604,17 @@ class FullOnce(Journal):
 
 
 class HungFinalPort(DownPort):
-    """prefix-cache up, but the next FINAL is not answered in time, nor recorded (hung)."""
+    """prefix-cache up, but the next FINAL fails before it is recorded (``fails_as``: not
+    answered in time, hung; UNAVAILABLE: a connection refused)."""
 
-    def __init__(self, api: PrefixCacheApi) -> None:
+    def __init__(self, api: PrefixCacheApi, fails_as: Code = Code.DEADLINE_EXCEEDED) -> None:
         super().__init__(api)
-        self.down, self.hang_next_final = False, True
+        self.down, self.hang_next_final, self.fails_as = False, True, fails_as
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         if self.hang_next_final and request.phase == pc.COMMIT_PHASE_FINAL:
             self.hang_next_final = False
-            raise CallFailed(Code.DEADLINE_EXCEEDED, "prefix-cache did not answer in time")
+            raise CallFailed(self.fails_as, "prefix-cache did not take the FINAL")
         return await super().commit(request, deadline_s)
 
 
@@ -642,4 +647,196 @@ async def test_an_answer_whose_bill_could_not_be_written_is_billed_once_as_produ
     billed = await outage.billed()
     assert (await outage.core.totals(TENANT)).output_tokens > 3  # the earlier turn's, and its
     spent = await _spent(store, month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
+
+
+# how the answer's own FINAL can fail once prefix-cache has recorded it: its reply late (the
+# request's prefix-cache calls end there), the connection reset, a fault after the record
+@pytest.mark.parametrize("lost_as", [Code.DEADLINE_EXCEEDED, Code.UNAVAILABLE, Code.INTERNAL])
+async def test_an_answer_whose_own_final_reply_was_lost_corrects_its_estimate(
+    tmp_path: Path, store: LimitStore, lost_as: Code
+) -> None:
+    """prefix-cache records the answer's own FINAL but its reply does not reach the router:
+    the outbox keeps the bill and the answer is served estimated, its estimate counted. The
+    replay's reply is ``repeated``, yet no one had the first: this process kept the entry
+    only because no reply to its FINAL came. Before, the estimate stayed counted (4,389,000
+    for a 501,000 bill, for the rest of the day and month); now the spend is the bill."""
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    port = LostReplyPort(outage.port.api, lost_as)
+    outbox = _outbox(port, Journal(tmp_path / "lost"), outage.limiter, outage.clock)
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    port.down, port.lose_next_final = False, True  # prefix-cache up: the answer's FINAL lands
+    request, ticket = await outage.admitted("r-next")
+    end = (await rig.run(request))[-1].end
+    outage.limiter.settle(ticket, end)
+    await outage.limiter.drain()
+    assert end.cost.estimated and outbox.pending == 1
+    month = Periods.at(outage.clock.now_ms()).month
+    billed = await outage.billed()
+    assert 0 < billed < end.cost.cost_nanos  # billed already, its system prompt a read
+
+    assert await outbox.flush() == 1
+    await outage.limiter.drain()
+    assert await outage.billed() == billed  # the replay is a no-op at prefix-cache
+    spent = await _spent(store, month)
+    assert spent == billed, f"estimate {end.cost.cost_nanos}, billed {billed}: spend {spent}"
+
+
+async def test_a_call_whose_bill_was_made_after_its_keep_failed_is_not_replayed(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """The answer's FINAL is refused (prefix-cache restarting) and the outbox cannot write its
+    bill (disk full): the answer is refused, and the call's bill without it sends the FINAL
+    again, which prefix-cache answers (the tenant's budgets count that bill). The call's open
+    call is then settled, not left to the replay, whose reply (a repeat) would count it again
+    now that a repeat of an entry this process kept is a first reply lost."""
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    port = HungFinalPort(outage.port.api, Code.UNAVAILABLE)
+    outbox = _outbox(port, FullOnce(tmp_path / "full"), outage.limiter, outage.clock)
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    request, ticket = await outage.admitted("r-next")
+    pipeline = rig.pipeline()
+    with pytest.raises(RequestError):
+        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
+        [chunk async for chunk in run]
+    await pipeline.drain()  # its bill without an answer: made
+    outage.limiter.settle(ticket, None)
+    await outage.limiter.drain()
+    billed = await outage.billed()
+    assert billed > 0
+
+    assert await outbox.flush() == 0  # nothing left to bill
+    await outage.limiter.drain()
+    spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
+
+
+class HeldSync(Journal):
+    """A disk whose next durable fsync (``hold``) waits until ``go`` (slow)."""
+
+    hold = False
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.syncing, self.go = threading.Event(), threading.Event()
+
+    def sync(self, *, fsync: bool = True) -> None:
+        if fsync and self.hold:
+            self.hold = False
+            self.syncing.set()
+            self.go.wait(timeout=10)
+        super().sync(fsync=fsync)
+
+
+async def test_an_answer_cancelled_while_its_bill_is_kept_is_kept_once(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """prefix-cache records the answer's FINAL but its reply is lost, and the caller leaves while
+    the outbox's journal syncs the answer's bill (a slow disk): the call is billed as one that
+    ended without its answer, its estimate counted, and its bill kept in the place of the
+    answer's (one entry; not a second one beside it, each of whose replays, repeats of an
+    entry this process kept, would correct the budgets: the spend twice the bill less the
+    estimate)."""
+    journal = HeldSync(tmp_path / "held")
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    port = LostReplyPort(outage.port.api)
+    outbox = _outbox(port, journal, outage.limiter, outage.clock)
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    port.down, port.lose_next_final, journal.hold = False, True, True
+    request, ticket = await outage.admitted("r-left")
+    pipeline = rig.pipeline()
+
+    async def ask() -> None:
+        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
+        [chunk async for chunk in run]
+
+    asked = asyncio.ensure_future(ask())
+    assert await asyncio.to_thread(journal.syncing.wait, 10)  # the answer's bill, syncing
+    asked.cancel()  # the caller leaves
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+    journal.go.set()
+    await pipeline.drain()  # its bill without an answer
+    outage.limiter.settle(ticket, None)
+    await outage.limiter.drain()
+    assert outbox.pending == 1
+
+    assert await outbox.flush() == 1
+    await outage.limiter.drain()
+    billed = await outage.billed()
+    assert billed > 0
+    spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
+
+
+def _done_not_run(monkeypatch: pytest.MonkeyPatch, journal: Journal) -> asyncio.Event:
+    """The journal's next batch holding a "done" is not run (no thread could be started for
+    it: ``JournalThread``'s "journal batch not run"), so its entry stays pending. The event is
+    set once it was not."""
+    real = asyncio.to_thread
+    lost = asyncio.Event()
+
+    async def to_thread(func: Callable[..., T], /, *args: object, **kwargs: object) -> T:
+        batch = args[0] if args else None
+        if (
+            not lost.is_set()
+            and isinstance(batch, list)
+            and any(getattr(call.run, "func", None) == journal.done for call in batch)
+        ):
+            lost.set()
+            raise RuntimeError("can't start new thread")
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    return lost
+
+
+async def test_an_answer_whose_done_line_was_not_run_is_not_counted_again(
+    tmp_path: Path, store: LimitStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer billed as usual (its FINAL made, its cost counted by its own settle) whose
+    open call's "done" is not run: the entry stays pending, no longer the call's. It is done
+    at the next round, not sent: its replay would be a repeat of an entry this process kept,
+    counted as a first reply lost (the spend twice the bill)."""
+    journal = Journal(tmp_path / "data")
+    outage = await _outage(store, journal, BEFORE_MIDNIGHT_MS - 3_600_000)
+    outage.port.down = False
+    lost = _done_not_run(monkeypatch, journal)
+    request, ticket = await outage.admitted("r-1")
+    end = (await outage.rig.run(request))[-1].end
+    outage.limiter.settle(ticket, end)
+    await outage.limiter.drain()
+    assert not end.cost.estimated
+    await lost.wait()
+
+    assert await outage.outbox.flush() == 0  # nothing to bill
+    await outage.limiter.drain()
+    assert outage.outbox.pending == 0
+    billed = await outage.billed()
+    spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
+
+
+async def test_a_replayed_entry_whose_done_line_was_not_run_is_not_counted_again(
+    tmp_path: Path, store: LimitStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept answer's replay is billed and corrects its estimate, but its "done" is not run:
+    the entry stays pending. The next round does it, not sends it (a repeat of an entry this
+    process kept: its correction made again, the spend twice the bill less the estimate)."""
+    journal = Journal(tmp_path / "data")
+    outage = await _outage(store, journal, BEFORE_MIDNIGHT_MS - 3_600_000)
+    request, ticket = await outage.admitted("r-1")
+    end = (await outage.rig.run(request))[-1].end
+    outage.limiter.settle(ticket, end)
+    assert end.cost.estimated
+
+    outage.port.down = False
+    _done_not_run(monkeypatch, journal)
+    assert await outage.outbox.flush() == 1
+    assert outage.outbox.pending == 1  # its "done" not run
+    assert await outage.outbox.flush() == 0  # done now, not billed again
+    await outage.limiter.drain()
+    assert outage.outbox.pending == 0
+    billed = await outage.billed()
+    spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
     assert spent == billed, f"billed {billed}: spend {spent}"
