@@ -248,22 +248,19 @@ class SemanticCache(EntryStore):
         index = self._scopes.get((query.tenant, query.scope))
         if index is None:
             return CheckResult(None)
-        # A match of a tier the Lookup does not accept is passed over, neither served nor
-        # touched: the lookup goes on as if it were not there (a paraphrase of an accepted
-        # tier may be served), and a miss then says why (``tier_refused``).
+        # An exact match of a tier the Lookup does not accept is passed over, neither served
+        # nor touched: the lookup goes on without it (a paraphrase of an accepted tier may be
+        # served), and a miss then says why. Every other candidate keeps its place whatever its
+        # tier: a nearest one of another tier is refused (a refusal never promotes a runner-up,
+        # a worse match) and one within the margin still makes the lookup ambiguous.
         tier_refused = ""
-
-        def servable(entry: Entry) -> bool:
-            nonlocal tier_refused
-            if not self._servable(entry, query, now):
-                return False
-            refusal = query.tier_refusal(entry.answer)
-            tier_refused = tier_refused or refusal
-            return not refusal
-
+        passed_over: int | None = None
         vid = self._exact_match(index, query.normalised)
-        if vid is not None and servable(self._entries[vid]):
-            return self._hit(vid, 1.0, exact=True, best=1.0)
+        if vid is not None and self._servable(self._entries[vid], query, now):
+            tier_refused = query.tier_refusal(self._entries[vid].answer)
+            if not tier_refused:
+                return self._hit(vid, 1.0, exact=True, best=1.0)
+            passed_over = vid
         exact_best = 1.0 if tier_refused else 0.0
 
         def miss(best: float, refusal: str = "") -> CheckResult:
@@ -283,9 +280,19 @@ class SemanticCache(EntryStore):
         index = self._scopes.get((query.tenant, query.scope))
         if index is None:
             return miss(exact_best)
-        candidates = [(v, _clamp(s)) for v, s in index.search(vector, self._top_k)]
+        candidates = [
+            (v, _clamp(s)) for v, s in index.search(vector, self._top_k) if v != passed_over
+        ]
         best = max([exact_best, *(s for _, s in candidates)])
-        short = shortlist(candidates, self._entries.__getitem__, servable, threshold, self._margin)
+        short = shortlist(
+            candidates,
+            self._entries.__getitem__,
+            lambda entry: self._servable(entry, query, now),
+            threshold,
+            self._margin,
+        )
+        if short and (refusal := query.tier_refusal(short[0].entry.answer)):
+            return miss(best, refusal)  # the nearest is another tier's: not verified at all
         if short and self._left_s(deadline) <= 0:  # nobody would wait for the verdicts
             return miss(best)
         choice = decide(short, await self._verify(short, query.normalised))

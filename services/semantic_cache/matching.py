@@ -1,12 +1,14 @@
 """Which near neighbour, if any, a lookup may serve.
 
-Candidates come best first; those not servable (expired, truncated, another embedder, a tier
-the lookup does not accept...) are passed over. Only the nearest servable one may be served:
-it needs a cosine at the threshold and the verifier's consent; when the verifier refuses it,
-the lookup is a miss (a refusal never promotes a runner-up, which would be a worse match).
-It is not served either when the lookup is ambiguous: another servable candidate that the
-verifier accepts, holding another answer, within ``margin`` of its cosine (two different
-cached answers fit the question about equally well). ``margin`` 0 turns that check off.
+Candidates come best first; those not servable (expired, truncated, another embedder...) are
+passed over (an answer's tier is not servability: the cache refuses a nearest candidate of a
+tier the lookup does not accept after ``shortlist``, which keeps it as a competitor). Only the
+nearest servable one may be served: it needs a cosine at the threshold and the verifier's
+consent; when the verifier refuses it, the lookup is a miss (a refusal never promotes a
+runner-up, which would be a worse match). It is not served either when the lookup is
+ambiguous: another servable candidate that the verifier accepts, holding another answer,
+within ``margin`` of its cosine (two different cached answers fit the question about equally
+well). ``margin`` 0 turns that check off.
 
 The work is split in two so the verifier (a cross-encoder: milliseconds) runs off the event
 loop: ``shortlist`` picks what must be verified (the nearest servable candidate and the

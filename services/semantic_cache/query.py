@@ -55,7 +55,7 @@ class Query:
     # the same request (its router died mid-call) leads again instead of waiting on itself
     request_id: str = ""
     # not part of the scope either: the answer tiers the Lookup accepts (empty: any); an
-    # entry of another tier is passed over, never served (``tier_refusal``)
+    # answer of another tier is never served (``tier_refusal``)
     accepted_tiers: tuple[str, ...] = ()
 
     def tier_refusal(self, answer: Answer) -> str:

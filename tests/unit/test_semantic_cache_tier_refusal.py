@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import numpy as np
+
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
@@ -135,3 +137,63 @@ async def test_a_match_refused_for_its_tier_keeps_its_place_in_the_eviction_orde
     await cache.store(query_from_request("a", make_request("Where is my invoice?")), small)
     assert (await cache.check(served)).exact  # the entry refused was the one evicted
     assert not (await cache.check(refused)).hit
+
+
+_QUESTION, _NEAR, _OTHER = "how do i renew my passport", "how can i renew a passport", "renew visa"
+
+
+class _Placed:
+    """Vectors placed at chosen cosines to the question (8-d): the ranking is the test's."""
+
+    version, dim = "placed@1", 8
+
+    def __init__(self, cosines: dict[str, tuple[float, int]]) -> None:
+        self._vectors = {text: self._at(c, axis) for text, (c, axis) in cosines.items()}
+
+    @staticmethod
+    def _at(cosine: float, axis: int) -> np.ndarray:
+        vector = np.zeros(8, np.float32)
+        vector[0], vector[axis] = cosine, (1 - cosine * cosine) ** 0.5
+        return vector
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self._vectors[text] for text in texts])
+
+
+def _stored(tier: str, text: str) -> Answer:
+    return Answer(_answer(tier, text).SerializeToString(), "end_turn", 12, False, True)
+
+
+async def _placed_cache(near: float, other: float) -> SemanticCache:
+    """The question's paraphrase answered by the small tier at cosine ``near``, another
+    question (another answer) by the large tier at ``other``; margin 0.03; no verifier (it
+    accepts every candidate, as the shipped one may close paraphrases)."""
+    cosines = {_QUESTION: (1.0, 1), _NEAR: (near, 1), _OTHER: (other, 2)}
+    cache = SemanticCache(_Placed(cosines), ManualClock(), threshold=0.9, margin=0.03)
+    await cache.store(query_from_request("a", make_request(_NEAR)), _stored("small", "DS-82"))
+    await cache.store(query_from_request("a", make_request(_OTHER)), _stored("large", "visa"))
+    return cache
+
+
+async def test_another_tiers_candidate_still_makes_a_forced_lookup_ambiguous() -> None:
+    """Passing over another tier's entries must not turn the ambiguity rule off: the nearest
+    candidate the small tier's (0.95), another answer the large tier's within the margin
+    (0.94). A plain lookup is ambiguous; a lookup accepting only the large tier must not be
+    served the runner-up's answer (another question's) either."""
+    cache = await _placed_cache(0.95, 0.94)
+    asked = query_from_request("a", make_request(_QUESTION))
+    plain = await cache.check(asked)
+    assert not plain.hit and plain.refusal.startswith("ambiguous")
+    forced = await cache.check(dataclasses.replace(asked, accepted_tiers=("large",)))
+    assert not forced.hit
+    assert refusal_reason(forced.refusal) == "tier", forced.refusal  # its nearest: small's
+
+
+async def test_a_forced_lookup_is_served_the_accepted_tiers_answer_when_it_is_the_nearest() -> None:
+    """The same cache with the large tier's entry the nearest and alone within the margin:
+    the forced lookup is served it (the rule refuses a runner-up, not the nearest)."""
+    cache = await _placed_cache(0.91, 0.97)
+    asked = query_from_request("a", make_request(_QUESTION))
+    forced = await cache.check(dataclasses.replace(asked, accepted_tiers=("large",)))
+    assert forced.entry is not None and not forced.exact
+    assert sc.CachedAnswer.FromString(forced.entry.answer.payload).tier == "large"
