@@ -607,13 +607,19 @@ class Pipeline:
         window: PrefixWindow,
         open_call: OpenCall | None = None,
     ) -> pb.CompleteResponse:
+        usage = end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None
+        if usage is not None and not usage.WhichOneof("report"):
+            usage = None
+        # with a provider's report, its count (prefix-cache refuses a FINAL that differs);
+        # the model service's end carries that count
+        output_tokens = end_chunk.output_tokens if usage is None else _reported_output(usage)
         final = await self._commit_final(
             tenant,
             request,
             attempt,
-            end_chunk.output_tokens,
+            output_tokens,
             baseline.id,
-            end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None,
+            usage,
             window,
             open_call,
         )
@@ -625,7 +631,7 @@ class Pipeline:
                 model=attempt.model.id,
                 tier=attempt.model.tier,
                 stop_reason=end_chunk.stop_reason,
-                output_tokens=end_chunk.output_tokens,
+                output_tokens=output_tokens,
             )
             # Once its bill is made or kept (an answer refused for its bill is a failed call:
             # never stored). The answer does not wait for its Store (half a miss's latency:
@@ -649,10 +655,8 @@ class Pipeline:
                 end.usage.CopyFrom(warm.usage)
             else:
                 end.usage.input_tokens = attempt.start.prompt_tokens
-            end.usage.output_tokens = end_chunk.output_tokens
-            reused = _kv_cached(
-                attempt, end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None
-            )
+            end.usage.output_tokens = output_tokens
+            reused = _kv_cached(attempt, usage)
             if attempt.model.rules == "self_hosted":
                 # the engine's KV cache is shared by every tenant: tell at most the reuse the
                 # WARM found this tenant's own traffic left there (none without a WARM)
@@ -660,8 +664,8 @@ class Pipeline:
                 reused = min(reused, own)
             end.usage.kv_cached_tokens = reused
             prompt = attempt.start.prompt_tokens
-            cost = attempt.model.baseline_nanos(prompt, end_chunk.output_tokens)
-            base = baseline.baseline_nanos(prompt, end_chunk.output_tokens)
+            cost = attempt.model.baseline_nanos(prompt, output_tokens)
+            base = baseline.baseline_nanos(prompt, output_tokens)
             end.cost.CopyFrom(
                 pb.Cost(
                     cost_nanos=cost, baseline_nanos=base, saved_nanos=base - cost, estimated=True
@@ -694,12 +698,16 @@ class Pipeline:
         output_tokens = sum(
             tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text
         )
-        # a provider's stream that broke: its model service counted what the router never saw
-        # whole (a tool call cut in its arguments, the model's thinking)
-        output_tokens = max(output_tokens, answer.partial_output_tokens)
-        if usage is not None and usage.WhichOneof("report") == "anthropic":
-            output_tokens = usage.anthropic.output_tokens
         reported = usage if usage is not None and usage.WhichOneof("report") else None
+        if reported is not None:
+            # the provider's report, which prefix-cache reconciles the FINAL against (a FINAL
+            # whose output count differs is refused): its count (OpenAI's completion_tokens,
+            # in the engine's own vocabulary; Anthropic's, the model service's count)
+            output_tokens = _reported_output(reported)
+        else:
+            # a provider's stream that broke: its model service counted what the router never
+            # saw whole (a tool call cut in its arguments, the model's thinking)
+            output_tokens = max(output_tokens, answer.partial_output_tokens)
 
         async def bill() -> Bill | None:
             final: prefix_cache_pb2.CommitResponse | None = None
@@ -1002,6 +1010,13 @@ def _final(
     if usage is not None:
         final.provider_usage.CopyFrom(usage)
     return final
+
+
+def _reported_output(usage: prefix_cache_pb2.ProviderUsage) -> int:
+    """A provider report's output tokens, as prefix-cache reads them (``reported_usage``)."""
+    if usage.WhichOneof("report") == "anthropic":
+        return usage.anthropic.output_tokens
+    return usage.openai.completion_tokens
 
 
 def _output_text(chunk: model_pb2.GenerateChunk) -> str:

@@ -16,7 +16,10 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
 from services.common.tokens import load_cl100k
+from services.prefix_cache.api import PrefixCacheApi
 from services.router.dependencies import CallFailed
+from tests.unit.test_router_outbox_budgets import DownPort
+from tests.unit.test_router_outbox_replay import _core
 from tests.unit.test_router_pipeline import FakeModels, FakeStream, Rig, _request
 
 ARGUMENTS = json.dumps({"path": "report.md", "content": "Quarterly revenue grew. " * 300})
@@ -104,3 +107,66 @@ async def test_a_stream_broken_in_the_thinking_bills_what_the_model_service_coun
     (final,) = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
     # the thinking is output tokens the provider bills: not only the text's 4 tokens
     assert final.output_tokens == 1200
+
+
+CUT_TEXT = "Quarterly revenue grew in every region, led by the Asia-Pacific segment."
+
+
+class BrokenAfterItsUsage(FakeModels):
+    """A self-hosted engine (OpenAI's wire) whose stream broke after its usage chunk: the model
+    service's interrupted end carries the engine's report, its output count the report's
+    ``completion_tokens``, counted with the engine's own vocabulary (fewer tokens for the text
+    than the router's cl100k count of it)."""
+
+    def __init__(self, prompt_tokens: int, completion_tokens: int) -> None:
+        super().__init__()
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        report = pc.OpenAIUsage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+        end = model_pb2.GenerateEnd(
+            output_tokens=self.completion_tokens,
+            stop_reason="interrupted",
+            interrupted=True,
+            error="APIConnectionError: Connection error.",
+            provider_usage=pc.ProviderUsage(openai=report),
+        )
+        start = model_pb2.GenerateStart(
+            replica=replica, prompt_tokens=self.prompt_tokens, kv_cached_unreported=True
+        )
+        return FakeStream(
+            [
+                model_pb2.GenerateChunk(start=start),
+                model_pb2.GenerateChunk(text=CUT_TEXT),
+                model_pb2.GenerateChunk(end=end),
+            ]
+        )
+
+
+async def test_a_stream_broken_after_its_usage_report_is_billed_at_the_report() -> None:
+    """The report's output count is what prefix-cache reconciles the FINAL against: a FINAL
+    whose own output count differs is refused (INVALID_ARGUMENT). Before, the router sent the
+    larger of its own count and the model service's (15 against the report's 12), prefix-cache
+    refused it, and the outbox dropped it for good: the call, prompt and output, billed 0."""
+    core, _ = _core()
+    port = DownPort(PrefixCacheApi(core))
+    port.down = False
+    request = _request("local-small")
+    plan = await core.plan("tenant-a", "local-small", request, [])
+    ours = load_cl100k().count(CUT_TEXT)
+    reported = ours - 3  # the engine's vocabulary
+    rig = Rig(prefix=port, models=BrokenAfterItsUsage(plan.split.prompt_tokens, reported))  # type: ignore[arg-type]
+    pipeline = rig.pipeline()
+    with pytest.raises(RequestError):
+        _ = [chunk async for chunk in pipeline.run("tenant-a", request)]
+    await pipeline.drain()
+    totals = await core.totals("tenant-a")
+    assert totals.output_tokens == reported
+    assert totals.cost_nanos > 0, "the cut call was not billed"
