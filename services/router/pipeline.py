@@ -107,6 +107,8 @@ class Charge(Protocol):
 # told, as an answer ends, when the outbox journalled its estimate as counted (epoch ms): the
 # answer's settle counts the estimate in that day and month, where its correction will land
 EstimateCounted = Callable[[int], None]
+# told a request's answer as soon as its bill is made or kept, before its chunks go out
+AnswerBilled = Callable[[pb.CompleteResponse], None]
 _T = TypeVar("_T")
 
 
@@ -198,6 +200,7 @@ class Pipeline:
         charge: Charge | None = None,
         bills: Bills | None = None,
         estimate_counted: EstimateCounted | None = None,
+        answer_billed: AnswerBilled | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
@@ -208,7 +211,10 @@ class Pipeline:
         ``charge``: told of each model call this request is billed for without its answer
         (cancelled or cut after the prefill), for the tenant's limits; ``bills`` gets the
         pending bill of each such call (the access log's line waits for them).
-        ``estimate_counted``: told when an estimated answer's bill went to the outbox."""
+        ``estimate_counted``: told when an estimated answer's bill went to the outbox.
+        ``answer_billed``: told the answer (its end) once its bill is made or kept, before any of
+        its chunks that follow go out: a caller that leaves before it reads the end was
+        answered and billed all the same (the limits count it)."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -236,6 +242,8 @@ class Pipeline:
         if lookup is not None and lookup.hit:
             end = await self._serve_hit(tenant, request, lookup, baseline, head)
             spans.outcome_attributes(root, end)
+            if answer_billed is not None:
+                answer_billed(end)
             for served in chunks_of(end):
                 yield served
             return
@@ -271,6 +279,7 @@ class Pipeline:
                             bills,
                             unanswered,
                             estimate_counted,
+                            answer_billed,
                         )
                     ) as it:
                         async for chunk in it:
@@ -314,6 +323,7 @@ class Pipeline:
         bills: Bills | None = None,
         unanswered: spans.UnansweredBills | None = None,
         estimate_counted: EstimateCounted | None = None,
+        answer_billed: AnswerBilled | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole. A call that ends without its answer is billed in
@@ -435,6 +445,8 @@ class Pipeline:
             ended = end
             if estimate_counted is not None and attempt.counted_ms is not None:
                 estimate_counted(attempt.counted_ms)  # its bill kept: the estimate counts then
+            if answer_billed is not None:
+                answer_billed(end)  # billed: counted even if its caller leaves before the end
             spans.outcome_attributes(root, end)
             if not answer.blocks or not streamed:  # no start went out: it goes with the end
                 yield pb.CompleteChunk(start=head)

@@ -224,6 +224,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield chunk
             return
         end: pb.CompleteResponse | None = None
+        # the answer, told by the pipeline once billed: its end may never be read
+        billed: list[pb.CompleteResponse] = []
         ticket: Ticket | None = None
         failure: Exception | None = None  # the first call's refusal, for its duplicates
         claim: Claimed | None = None  # this call's claim on the id in the ledger
@@ -257,6 +259,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 charge=partial(self._limiter.charge, ticket),
                 bills=call.bills,
                 estimate_counted=ticket.estimate_counted,
+                answer_billed=billed.append,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
@@ -271,7 +274,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             _settle(self._answers, tenant, request, future, end, failure)
             if ticket is not None:
-                self._limiter.settle(ticket, end)
+                # the answer counts once it is billed, whether or not its caller read its end
+                # (one with no text has its start sent after its bill, and its end after that)
+                self._limiter.settle(ticket, end if end is not None or not billed else billed[0])
             if holding is not None:
                 holding.cancel()
             if claim is not None and not recorded:  # failed, refused, or an unbilled answer

@@ -42,7 +42,7 @@ from services.router.answer_ledger import (
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import Bills, Charge, EstimateCounted, chunks_of
+from services.router.pipeline import AnswerBilled, Bills, Charge, EstimateCounted, chunks_of
 from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
 
@@ -70,6 +70,7 @@ class FakePipeline:
         charge: Charge | None = None,
         bills: Bills | None = None,
         estimate_counted: EstimateCounted | None = None,
+        answer_billed: AnswerBilled | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         self.runs += 1
         answer = pb.CompleteResponse(
@@ -881,6 +882,7 @@ class TracedPipeline(FakePipeline):
         charge: Charge | None = None,
         bills: Bills | None = None,
         estimate_counted: EstimateCounted | None = None,
+        answer_billed: AnswerBilled | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         context = trace.get_current_span().get_span_context()
         async for chunk in super().run(tenant, request, streamed, time_remaining_s):

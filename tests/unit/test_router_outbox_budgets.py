@@ -11,16 +11,17 @@ import asyncio
 import contextlib
 import shutil
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 from redis.asyncio import Redis
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
@@ -47,7 +48,7 @@ from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_outbox_replay import TENANT, Engine, _ask, _core
-from tests.unit.test_router_pipeline import TABLE, Rig
+from tests.unit.test_router_pipeline import TABLE, FakeStream, Rig
 
 # 2023-11-14 23:59:00 UTC: a minute before the day ends
 BEFORE_MIDNIGHT_MS = 1_700_006_340_000
@@ -838,5 +839,83 @@ async def test_a_replayed_entry_whose_done_line_was_not_run_is_not_counted_again
     await outage.limiter.drain()
     assert outage.outbox.pending == 0
     billed = await outage.billed()
+    spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
+
+
+class Thinking(Engine):
+    """A reasoning model that stops at max_tokens while it still thinks: its answer has no
+    text and no block (as any empty reply), its end counting the thinking's tokens."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=self.prompt_tokens)
+        end = model_pb2.GenerateEnd(output_tokens=400, stop_reason="max_tokens")
+        return FakeStream([model_pb2.GenerateChunk(start=start), model_pb2.GenerateChunk(end=end)])
+
+
+# the caller's method, and how many chunks it reads before it leaves (None: all of them)
+@pytest.mark.parametrize(
+    ("method", "reads"),
+    [("StreamComplete", 1), ("StreamComplete", 2), ("StreamComplete", None), ("Complete", None)],
+)
+@pytest.mark.parametrize("text", [False, True], ids=["empty", "text"])
+@pytest.mark.parametrize("prefix_up", [True, False], ids=["billed", "kept"])
+async def test_an_answer_counts_once_wherever_its_caller_leaves(
+    tmp_path: Path,
+    store: LimitStore,
+    method: str,
+    reads: int | None,
+    text: bool,
+    prefix_up: bool,
+) -> None:
+    """A streamed answer with no text (a reasoning model stopped at max_tokens while it
+    thought, any empty reply) has its start sent after its bill is made or kept, and its end
+    after that. Before, the Gateway counted it against the budgets only once the caller had
+    read its end: a caller leaving as the start was written left it counted nowhere (prefix-cache
+    up: billed 6,456,000, spend 0), and with the bill kept in the outbox the replay's
+    correction landed on nothing (the month's spend -3,888,000). Wherever the caller leaves,
+    after whichever chunk, the tenant's spend is what prefix-cache billed, once: the answer's
+    bill, or the bill of a call it left mid-answer."""
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    outage.port.down = not prefix_up
+    prompt = outage.rig.models.prompt_tokens  # type: ignore[attr-defined]
+    outage.rig.models = Engine(prompt) if text else Thinking(prompt)
+    pipeline = outage.rig.pipeline()
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): TENANT}),
+        TABLE,
+        {"sim-large"},
+        pipeline,
+        IdempotencyTable(outage.clock, 60, 100),
+        outage.limiter,
+        RequestLog(RouterMetrics(new_registry(), TenantLabels(4)), TABLE, lambda: 0.0),
+    )
+    request = _ask("And rule 2?", "r-left")
+    if method == "Complete":
+        end = await servicer.Complete(request, FakeContext())  # type: ignore[arg-type]
+        assert end.cost.estimated is not prefix_up
+    else:
+        stream = cast(
+            AsyncGenerator[pb.CompleteChunk, None],
+            servicer.StreamComplete(request, FakeContext()),  # type: ignore[arg-type]
+        )
+        read = 0
+        async with contextlib.aclosing(stream) as chunks:
+            async for _ in chunks:
+                read += 1
+                if read == reads:
+                    break  # the caller leaves
+    await pipeline.drain()  # a call left mid-answer is billed in the background
+    await outage.limiter.drain()
+    if not prefix_up:
+        assert outage.outbox.pending == 1
+        outage.port.down = False
+        assert await outage.outbox.flush() == 1
+        await outage.limiter.drain()
+    billed = await outage.billed()
+    assert billed > 0
     spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
     assert spent == billed, f"billed {billed}: spend {spent}"
