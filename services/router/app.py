@@ -105,6 +105,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         # budgets of the period it was counted in are corrected by the difference
         limiter.reconcile,
         metrics.journal_sync_failed,
+        # a bill kept while prefix-cache is down: its estimate counts as its line is written
+        limiter.count_estimate,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -101,9 +101,6 @@ class Attempt:
     # the output tokens of its bill the outbox's journal holds though the write was not known
     # durable (its answer refused): billed at the next replay, so billed nowhere else
     kept_output_tokens: int | None = None
-    # when its bill went to the outbox, on the outbox's clock (epoch ms): the budgets count
-    # its estimate in that day and month, where the replay's correction lands (None: not kept)
-    counted_ms: int | None = None
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"

@@ -20,8 +20,9 @@ is checked, and the wait is the longest), which the servicer turns into
   replace it.
 - Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
   below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
-  estimate the router serves when prefix-cache is down, corrected by what prefix-cache bills
-  when the outbox replays the bill: ``Limiter.reconcile``). A request in flight may take the
+  estimate the router serves when prefix-cache is down, counted as the outbox journals the
+  bill, ``Limiter.count_estimate``, and corrected by what prefix-cache bills when the outbox
+  replays it: ``Limiter.reconcile``). A request in flight may take the
   bill past the budget; the next one is refused until the period ends.
 
 The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
@@ -341,14 +342,6 @@ class Ticket:
     reserved_tokens: int
     # its reservation replaced by what was counted (an answer, or a call billed without one)
     replaced: bool = False
-    # an estimated answer's: when the billing outbox journalled its estimate as counted (epoch
-    # ms), the period its correction goes to (None: now, as it is settled)
-    estimate_counted_ms: int | None = None
-
-    def estimate_counted(self, at_ms: int) -> None:
-        """The answer's estimate counts in the budget periods of ``at_ms`` (its bill kept in
-        the outbox as counted then), however late it is settled."""
-        self.estimate_counted_ms = at_ms
 
     def replace_reservation(self) -> int:
         """The reserved tokens to give back now: all of them the first time, then none."""
@@ -474,30 +467,27 @@ class Limiter:
     def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
         reservation. Runs past the request (``drain`` awaits it). An estimated answer's cost
-        counts in the periods its bill was kept in (``Ticket.estimate_counted``), where the
-        outbox's correction lands: an answer ending at 23:59:59.9 UTC, its end read after
-        midnight, counts in the day it ended."""
+        is not counted here: the billing outbox counted its estimate as it journalled its bill
+        (``count_estimate``), so that a router stopped before this settle (a slow caller
+        reading the end) leaves no estimate uncounted under the replay's correction."""
         if not ticket.policy.active or end is None:
             return
         back = ticket.replace_reservation()
         refund = back - used_tokens(end) if ticket.policy.tokens_per_min else 0
-        counted_ms = ticket.estimate_counted_ms if end.cost.estimated else None
-        self._count(ticket, refund, end.cost.cost_nanos, counted_ms)
+        self._count(ticket, refund, 0 if end.cost.estimated else end.cost.cost_nanos)
 
-    def charge(
-        self, ticket: Ticket, usage: pb.Usage, cost_nanos: int, counted_ms: int | None = None
-    ) -> None:
+    def charge(self, ticket: Ticket, usage: pb.Usage, cost_nanos: int) -> None:
         """Counts a model call billed without an answer (cancelled or cut after its prefill):
         its cost against the budgets, and its tokens against the token rate in place of the
         request's reservation (the first such count replaces it; an answer that comes later,
-        from another replica, adds its own tokens). In whichever order they come.
-        ``counted_ms``: the periods its cost counts in (an estimate whose bill the outbox
-        kept: those its correction goes to; None: those of now)."""
+        from another replica, adds its own tokens). In whichever order they come. A bill kept
+        in the outbox comes with no cost: its estimate was counted as it was journalled
+        (``count_estimate``)."""
         if not ticket.policy.active:
             return
         back = ticket.replace_reservation()
         refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
-        self._count(ticket, refund, cost_nanos, counted_ms)
+        self._count(ticket, refund, cost_nanos)
 
     def count_unticketed(
         self, tenant: str, cost_nanos: int, *, started_ms: int | None = None
@@ -512,6 +502,16 @@ class Limiter:
         policy = self._policies.for_tenant(tenant)
         if policy.active:
             self._count(Ticket(tenant, policy, 0), 0, cost_nanos, started_ms)
+
+    def count_estimate(self, tenant: str, estimate_nanos: int, counted_ms: int) -> None:
+        """Counts the estimate of a bill the billing outbox journalled (an answer served, or a
+        call billed without it, while prefix-cache was down) as its line is written, in the
+        budget periods of ``counted_ms`` (journalled with it: where ``reconcile`` corrects it).
+        Negative: an estimate counted before is taken back (its call's FINAL was made after
+        all, and the entry settled unreplayed) or replaced by a larger or smaller one."""
+        policy = self._policies.for_tenant(tenant)
+        if policy.active:
+            self._count(Ticket(tenant, policy, 0), 0, estimate_nanos, counted_ms)
 
     def reconcile(
         self, tenant: str, correction_nanos: int, counted_ms: int, *, inherited: bool = False

@@ -50,14 +50,23 @@ crash lost, or its replay) counted it then, so their repeat is not told (and one
 reply was lost, by that process or this one, goes uncounted); their estimates were counted by
 that process, which a limits store in memory does not remember (``Limiter.reconcile``).
 
-Budgets: an answer kept here was counted against its tenant's budgets at the router's estimate
-(base prices, no cache discount claimed); each entry keeps that estimate and when it was
-counted (journalled with it: ``Counted``), and once its replay is billed the outbox tells
-``estimate_billed`` the difference (prefix-cache's cost minus the estimate) and that time, so
-the limiter corrects the budgets of the period the answer was counted in
+Budgets: a bill kept here (an answer's, or a call's billed without its answer) counts against
+its tenant's budgets at the router's estimate (base prices, no cache discount claimed); each
+entry keeps that estimate and when it counts (journalled with it: ``Counted``). The outbox
+counts it itself (``estimate_kept``: ``Limiter.count_estimate``) as soon as the entry's line
+is in the file, before its fsync: an entry in the journal is one whose estimate was counted,
+so a replay's correction lands on a count that happened, also after a restart (before, the
+count came from the answer's settle once its caller read the end, or from the call's charge
+after the fsync: a router stopped in between left a journalled estimate never counted, and
+the next start's correction took the month's spend below zero). What remains: a router that
+dies after the line is written and before the limits' store has the count (one round trip;
+longer while the store is down, as any settle lost in flight). Once its replay is billed the
+outbox tells ``estimate_billed`` the difference (prefix-cache's cost minus the estimate) and
+that time, so the limiter corrects the budgets of the period the estimate was counted in
 (``Limiter.reconcile``), once: on the first reply to the entry's FINAL a process had. An entry
-journalled without them (by an older router) corrects nothing: its estimate stays counted, as
-before.
+whose call's FINAL is made after all (its keep cancelled after its line went in) takes its
+estimate back as it is settled. An entry journalled without them (by an older router)
+corrects nothing: its estimate stays counted, as before.
 
 Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
 with it: an entry from before it was kept has none); a replay sends an entry's commits under
@@ -68,6 +77,7 @@ join the request's trace even after a restart (an entry with no context is a roo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import secrets
@@ -133,6 +143,19 @@ class EstimateBilled(Protocol):
     ) -> None: ...
 
 
+# told a kept bill's estimate as its line is written: (tenant, nano-dollars, when it counts in
+# epoch ms); negative, one counted before taken back or replaced (``Limiter.count_estimate``)
+EstimateKept = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    """What this process counted of a kept entry's estimate."""
+
+    tenant: str
+    counted: Counted
+
+
 class _Sent(enum.Enum):
     """What became of an entry sent to prefix-cache."""
 
@@ -160,10 +183,12 @@ class _InMemory:
         commits: tuple[pc.CommitRequest, ...],
         carrier: dict[str, str],
         counted: Counted,
+        written: Callable[[], None],
     ) -> None:
         self._entries[entry_id] = (commits, carrier)
         self._estimates[entry_id] = counted
         self.held_bytes += _size(commits)
+        written()
 
     def held(self) -> list[tuple[tuple[pc.CommitRequest, ...], int]]:
         """Each pending entry's commits and estimated cost."""
@@ -210,9 +235,18 @@ class _OnDisk:
         commits: tuple[pc.CommitRequest, ...],
         carrier: dict[str, str],
         counted: Counted,
+        written: Callable[[], None],
     ) -> None:
-        added = partial(self._journal.add, entry_id, commits, carrier, counted=counted)
-        await self._thread.call(added, durable=True)
+        """``written`` is called on the loop once the line is in the file (before its fsync,
+        and whether or not this call is still awaited then)."""
+        loop = asyncio.get_running_loop()
+
+        def add() -> None:
+            self._journal.add(entry_id, commits, carrier, counted=counted)
+            with contextlib.suppress(RuntimeError):  # the loop closed: the process ends
+                loop.call_soon_threadsafe(written)
+
+        await self._thread.call(add, durable=True)
 
     async def ids(self) -> list[str]:
         return await self._thread.call(self._journal.pending)
@@ -257,6 +291,7 @@ class BillingOutbox:
         journal_sync_s: float | None = None,
         estimate_billed: EstimateBilled | None = None,
         journal_sync_failed: Callable[[int], None] | None = None,
+        estimate_kept: EstimateKept | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -278,7 +313,10 @@ class BillingOutbox:
         entry is ``repeated`` (an earlier process's replay corrected it; of an entry this
         process kept, no reply came before: that one is told).
         ``journal_sync_failed``: told of each journal sync that could not make its writes
-        durable (the metric; ``JournalThread``'s ``sync_failed``)."""
+        durable (the metric; ``JournalThread``'s ``sync_failed``).
+        ``estimate_kept``: told each kept bill's estimate as its line is written, as
+        ``(tenant, nano-dollars, when it counts (ms))`` (the limiter's ``count_estimate``), and
+        the estimate taken back (negative) when its entry is settled unreplayed."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -293,6 +331,12 @@ class BillingOutbox:
         # the open calls of this process's model calls running, and when each started
         self._live: dict[str, int] = {}
         self._estimate_billed = estimate_billed
+        self._estimate_kept = estimate_kept
+        # the entries this process keeps: when each was first kept (its estimate counts in
+        # those periods, however often the entry is kept again), until done or settled
+        self._kept_at: dict[str, int] = {}
+        # of those, the estimate counted (told ``estimate_kept``) once its line was written
+        self._counted: dict[str, _Estimate] = {}
         # the entries journalled by an earlier process (their estimates counted by it)
         self._inherited: set[str] = set()
         # entries this process settled (their FINAL answered: the call's, or a replay's told)
@@ -354,8 +398,15 @@ class BillingOutbox:
 
     def settle(self, entry_id: str) -> None:
         """The open call's FINAL was made: its entry is settled (not awaited: a replay of it
-        would only find its FINAL made)."""
+        would only find its FINAL made). If a bill kept in its place was written all the same
+        (its keep cancelled, or failed, after its line went in), its estimate, counted then,
+        is taken back: the FINAL's bill is counted instead."""
         if self._live.pop(entry_id, None) is not None:
+            self._kept_at.pop(entry_id, None)
+            kept = self._counted.pop(entry_id, None)
+            if kept is not None and self._estimate_kept is not None:
+                counted = kept.counted
+                self._estimate_kept(kept.tenant, -counted.estimate_nanos, counted.at_ms)
             self._entries.done(entry_id).add_done_callback(partial(self._done_failed, entry_id))
 
     def release(self, entry_id: str) -> None:
@@ -389,33 +440,48 @@ class BillingOutbox:
             self._max_memory_bytes,
         )
 
-    def now_ms(self) -> int:
-        """The time an entry kept now is journalled as counted at (``keep``'s ``counted_ms``)."""
-        return self._wall.now_ms()
-
     async def keep(
         self,
         commits: Sequence[pc.CommitRequest],
         estimate_nanos: int = 0,
         replaces: str | None = None,
-        counted_ms: int | None = None,
     ) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
         entry written to the journal is, whatever becomes of this call). ``estimate_nanos``:
-        the answer's estimated cost, as its tenant's budgets count it (corrected by the bill
-        once replayed: ``estimate_billed``), and logged if an outbox in memory loses it at
-        shutdown.
+        the bill's estimated cost, journalled with the time it counts in, and counted against
+        its tenant's budgets (``estimate_kept``) as soon as the line is in the file, before its
+        fsync and whether or not this call is still awaited: a router stopped once the line
+        is written (a forced shutdown cancelling the keep, a SIGKILL during a slow fsync or
+        while a slow caller reads the answer) has counted the estimate that the replay at its
+        next start corrects by the bill (``estimate_billed``). Logged if an outbox in memory
+        loses it at shutdown.
         ``replaces``: the call's open call, which this entry takes the place of in one line
-        (the caller then ``release``s it). ``counted_ms``: when the budgets count the estimate
-        (``now_ms`` when None), the period its correction goes to; whoever counts it must
-        count it in that period too (an answer ending at midnight is settled after it)."""
+        (the caller then ``release``s it). An entry kept again (a call's bill without its
+        answer in the place of the answer's) keeps the time of its first keep, and counts the
+        difference of its estimates: the count and the correction land in the same day and
+        month, however late the later keep is."""
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)  # the current request's span
         entry_id = replaces if replaces is not None else secrets.token_hex(8)
-        counted = Counted(estimate_nanos, self.now_ms() if counted_ms is None else counted_ms)
-        await self._entries.add(entry_id, tuple(commits), carrier, counted)
+        counted = Counted(estimate_nanos, self._kept_at.setdefault(entry_id, self._wall.now_ms()))
+        tenant = commits[-1].tenant if commits else ""
+        written = partial(self._estimate_written, entry_id, _Estimate(tenant, counted))
+        await self._entries.add(entry_id, tuple(commits), carrier, counted, written)
         self._say_if_full()
+
+    def _estimate_written(self, entry_id: str, estimate: _Estimate) -> None:
+        """A kept entry's line is in the journal: its estimate counts now, in place of what an
+        earlier line of the entry counted."""
+        if entry_id not in self._kept_at:
+            return  # settled before its line was written (its FINAL made): done after it
+        before = self._counted.get(entry_id)
+        self._counted[entry_id] = estimate
+        change = estimate.counted.estimate_nanos
+        if before is not None:
+            change -= before.counted.estimate_nanos
+        if change and self._estimate_kept is not None:
+            self._estimate_kept(estimate.tenant, change, estimate.counted.at_ms)
 
     async def close(self) -> None:
         """The last flush, at shutdown (the calls that billed are over). A journal keeps what
@@ -502,6 +568,8 @@ class BillingOutbox:
                                 inherited=inherited,
                             )
                 self._inherited.discard(entry_id)
+                self._kept_at.pop(entry_id, None)  # its estimate and correction counted
+                self._counted.pop(entry_id, None)
                 done_lines.append((entry_id, self._entries.done(entry_id)))
             await asyncio.gather(*(line for _, line in done_lines), return_exceptions=True)
             for entry_id, line in done_lines:

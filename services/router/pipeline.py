@@ -95,18 +95,12 @@ CommitReply = prefix_cache_pb2.CommitResponse | None
 
 
 class Charge(Protocol):
-    """Told of a model call billed without its answer: its usage and cost in nano-dollars;
-    ``counted_ms``: the period the cost counts in (epoch ms: the estimate of a bill kept in
-    the outbox counts where its correction will; None: when it is told)."""
+    """Told of a model call billed without its answer: its usage and cost in nano-dollars (0
+    for a bill kept in the outbox: the outbox counted its estimate as it journalled it)."""
 
-    def __call__(
-        self, usage: pb.Usage, cost_nanos: int, counted_ms: int | None = None, /
-    ) -> None: ...
+    def __call__(self, usage: pb.Usage, cost_nanos: int, /) -> None: ...
 
 
-# told, as an answer ends, when the outbox journalled its estimate as counted (epoch ms): the
-# answer's settle counts the estimate in that day and month, where its correction will land
-EstimateCounted = Callable[[int], None]
 # told a request's answer as soon as its bill is made or kept, before its chunks go out
 AnswerBilled = Callable[[pb.CompleteResponse], None]
 _T = TypeVar("_T")
@@ -199,7 +193,6 @@ class Pipeline:
         time_remaining_s: float | None = None,
         charge: Charge | None = None,
         bills: Bills | None = None,
-        estimate_counted: EstimateCounted | None = None,
         answer_billed: AnswerBilled | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
@@ -211,7 +204,6 @@ class Pipeline:
         ``charge``: told of each model call this request is billed for without its answer
         (cancelled or cut after the prefill), for the tenant's limits; ``bills`` gets the
         pending bill of each such call (the access log's line waits for them).
-        ``estimate_counted``: told when an estimated answer's bill went to the outbox.
         ``answer_billed``: told the answer (its end) once its bill is made or kept, before any of
         its chunks that follow go out: a caller that leaves before it reads the end was
         answered and billed all the same (the limits count it)."""
@@ -278,7 +270,6 @@ class Pipeline:
                             charge,
                             bills,
                             unanswered,
-                            estimate_counted,
                             answer_billed,
                         )
                     ) as it:
@@ -322,7 +313,6 @@ class Pipeline:
         charge: Charge | None = None,
         bills: Bills | None = None,
         unanswered: spans.UnansweredBills | None = None,
-        estimate_counted: EstimateCounted | None = None,
         answer_billed: AnswerBilled | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
@@ -443,8 +433,6 @@ class Pipeline:
             )
             finished = True
             ended = end
-            if estimate_counted is not None and attempt.counted_ms is not None:
-                estimate_counted(attempt.counted_ms)  # its bill kept: the estimate counts then
             if answer_billed is not None:
                 answer_billed(end)  # billed: counted even if its caller leaves before the end
             spans.outcome_attributes(root, end)
@@ -701,10 +689,10 @@ class Pipeline:
     ) -> asyncio.Future[Bill | None]:
         """The FINAL of a call that ended early, in the background once its WARM is done;
         then the money metrics count it (``served_by="unanswered"``) and ``charge`` is told
-        what it cost (prefix-cache's price, or the estimate at base prices when the FINAL went
-        to the outbox). Returns the bill to come. No one waits for it: not bounded by the
-        request's deadline, only skipped (to the outbox) when one of the request's
-        prefix-cache calls timed out or was skipped (``window``)."""
+        its tokens and what it cost (prefix-cache's price; nothing when the FINAL went to the
+        outbox, which counted its estimate as it journalled it). Returns the bill to come. No
+        one waits for it: not bounded by the request's deadline, only skipped (to the outbox)
+        when one of the request's prefix-cache calls timed out or was skipped (``window``)."""
         usage = answer.partial_usage
         tokenizer = self._tokenizers.for_spec(attempt.model)  # the row's vocabulary
         output_tokens = sum(
@@ -762,8 +750,8 @@ class Pipeline:
             if self._metrics is not None:
                 self._metrics.unanswered(tenant, billed.usage, billed.cost)
             if charge is not None:
-                counted_ms = attempt.counted_ms if final is None else None
-                charge(billed.usage, billed.cost.cost_nanos, counted_ms)
+                # a bill kept in the outbox: its estimate counted as its line was written
+                charge(billed.usage, billed.cost.cost_nanos if final is not None else 0)
             return billed
 
         return self._in_background(_after(warm_call, bill))
@@ -857,11 +845,8 @@ class Pipeline:
             written = False  # its line in the journal, in place of the open call's
             try:
                 estimate = attempt.model.baseline_nanos(attempt.start.prompt_tokens, output_tokens)
-                # the period its estimate counts in, and its correction (journalled with it)
-                attempt.counted_ms = self._outbox.now_ms()
-                await self._outbox.keep(
-                    [replay_warm, replay_final], estimate, opened, attempt.counted_ms
-                )
+                # counted against the budgets as its line is written (the outbox's)
+                await self._outbox.keep([replay_warm, replay_final], estimate, opened)
                 written = True
             except JournalError as exc:
                 written = exc.written

@@ -258,7 +258,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 time_remaining_s=time_remaining_s,
                 charge=partial(self._limiter.charge, ticket),
                 bills=call.bills,
-                estimate_counted=ticket.estimate_counted,
                 answer_billed=billed.append,
             )
             async with aclosing(run) as chunks:

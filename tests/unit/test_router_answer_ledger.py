@@ -42,7 +42,7 @@ from services.router.answer_ledger import (
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import AnswerBilled, Bills, Charge, EstimateCounted, chunks_of
+from services.router.pipeline import AnswerBilled, Bills, Charge, chunks_of
 from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
 
@@ -69,7 +69,6 @@ class FakePipeline:
         time_remaining_s: float | None = None,
         charge: Charge | None = None,
         bills: Bills | None = None,
-        estimate_counted: EstimateCounted | None = None,
         answer_billed: AnswerBilled | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         self.runs += 1
@@ -881,7 +880,6 @@ class TracedPipeline(FakePipeline):
         time_remaining_s: float | None = None,
         charge: Charge | None = None,
         bills: Bills | None = None,
-        estimate_counted: EstimateCounted | None = None,
         answer_billed: AnswerBilled | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         context = trace.get_current_span().get_span_context()

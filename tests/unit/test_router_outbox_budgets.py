@@ -108,6 +108,7 @@ def _outbox(
         ),
         estimate_billed=limiter.reconcile,
         wall=clock,
+        estimate_kept=limiter.count_estimate,
     )
 
 
@@ -915,6 +916,138 @@ async def test_an_answer_counts_once_wherever_its_caller_leaves(
         outage.port.down = False
         assert await outage.outbox.flush() == 1
         await outage.limiter.drain()
+    billed = await outage.billed()
+    assert billed > 0
+    spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
+
+
+class HeldThenSynced(HeldSync):
+    """``HeldSync`` that also says when the held fsync is over (``synced``)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.synced = threading.Event()
+
+    def sync(self, *, fsync: bool = True) -> None:
+        held = fsync and self.hold
+        super().sync(fsync=fsync)
+        if held:
+            self.synced.set()
+
+
+async def test_a_bill_whose_keep_a_forced_shutdown_cancelled_corrects_a_counted_estimate(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """The caller leaves mid-answer with prefix-cache down: the call's bill goes to the
+    outbox, and the router is stopped by force while the journal syncs it (every task
+    cancelled: the bill's count against the budgets never runs). Its line is in the journal
+    with its estimate as counted; the next start replays it and corrects that estimate. Before,
+    the estimate was counted only once the keep returned, so the correction landed on nothing
+    (billed 546,000, the month's spend -3,888,000)."""
+    if isinstance(store, MemoryLimitStore):
+        pytest.skip("counts in memory start from none at a restart: nothing is corrected")
+    journal = HeldThenSynced(tmp_path / "data")
+    outage = await _outage(store, journal, BEFORE_MIDNIGHT_MS - 3_600_000)
+    request, ticket = await outage.admitted("r-left")
+    pipeline = outage.rig.pipeline()
+    charge = partial(outage.limiter.charge, ticket)
+    journal.hold = True  # the bill's keep: a slow fsync
+    async with contextlib.aclosing(pipeline.run(TENANT, request, charge=charge)) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the caller leaves
+    assert await asyncio.to_thread(journal.syncing.wait, 10)
+    bills = list(pipeline._background)
+    for task in bills:  # a forced shutdown: every task cancelled
+        task.cancel()
+    await asyncio.gather(*bills, return_exceptions=True)
+    journal.go.set()
+    assert await asyncio.to_thread(journal.synced.wait, 10)
+    outage.limiter.settle(ticket, None)
+    await outage.limiter.close()
+    journal.close()
+    month = Periods.at(outage.clock.now_ms()).month
+
+    outage.clock.advance(s=60)  # the next start, prefix-cache back
+    outage.port.down = False
+    restarted = Journal(tmp_path / "data")
+    limiter = Limiter(store, UniformPolicies(POLICY), outage.clock, lambda request: 0)
+    assert await _outbox(outage.port, restarted, limiter, outage.clock).flush() == 1
+    await limiter.drain()
+    restarted.close()
+    billed = await outage.billed()
+    assert billed > 0
+    spent = await _spent(store, month)
+    assert spent == billed, f"billed {billed}: spend {spent}"
+
+
+async def test_an_answer_kept_by_a_router_killed_before_its_caller_read_it_is_corrected_once(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """An estimated answer (prefix-cache down) whose caller reads its end slowly: the router is
+    killed before the Gateway settles the request. Its bill's line is in the journal with its
+    estimate as counted, and the next start's replay corrects that estimate. Before, the
+    estimate was counted only by the settle, which never ran: the correction landed on
+    nothing (the month's spend below zero)."""
+    if isinstance(store, MemoryLimitStore):
+        pytest.skip("counts in memory start from none at a restart: nothing is corrected")
+    journal = Journal(tmp_path / "data")
+    outage = await _outage(store, journal, BEFORE_MIDNIGHT_MS - 3_600_000)
+    request, _ = await outage.admitted("r-slow")
+    end = (await outage.rig.run(request))[-1].end
+    assert end.cost.estimated
+    await outage.limiter.drain()  # killed: no settle; the counts sent so far land
+    journal.close()
+    month = Periods.at(outage.clock.now_ms()).month
+
+    outage.clock.advance(s=60)
+    outage.port.down = False
+    journal = Journal(tmp_path / "data")
+    limiter = Limiter(store, UniformPolicies(POLICY), outage.clock, lambda request: 0)
+    assert await _outbox(outage.port, journal, limiter, outage.clock).flush() == 1
+    await limiter.drain()
+    journal.close()
+    billed = await outage.billed()
+    assert 0 < billed < end.cost.cost_nanos
+    spent = await _spent(store, month)
+    assert spent == billed, f"estimate {end.cost.cost_nanos}, billed {billed}: spend {spent}"
+
+
+async def test_a_bill_kept_then_made_by_its_final_takes_its_estimate_back(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """The answer's FINAL is refused (prefix-cache restarting, a connection refused) and the
+    caller leaves while the outbox's journal syncs the answer's bill: its line is written, its
+    estimate counted, but the keep is not known to have been. The call's bill without its
+    answer sends the FINAL again, which prefix-cache takes: that bill counts, the entry is
+    settled unreplayed, and the estimate it counted is taken back (else the spend would be
+    the bill plus the estimate)."""
+    journal = HeldSync(tmp_path / "held")
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    port = HungFinalPort(outage.port.api, Code.UNAVAILABLE)
+    outbox = _outbox(port, journal, outage.limiter, outage.clock)
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    journal.hold = True
+    request, ticket = await outage.admitted("r-left")
+    pipeline = rig.pipeline()
+
+    async def ask() -> None:
+        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
+        [chunk async for chunk in run]
+
+    asked = asyncio.ensure_future(ask())
+    assert await asyncio.to_thread(journal.syncing.wait, 10)  # the answer's bill, written
+    asked.cancel()  # the caller leaves
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+    journal.go.set()
+    await pipeline.drain()  # its bill without an answer: its FINAL made
+    outage.limiter.settle(ticket, None)
+    await outage.limiter.drain()
+    assert await outbox.flush() == 0  # nothing left to bill
+    assert outbox.pending == 0
+    await outage.limiter.drain()
     billed = await outage.billed()
     assert billed > 0
     spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
