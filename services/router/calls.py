@@ -280,9 +280,9 @@ class Calls:
         lease_s = lookup.lease_s
         if not lookup.leader or lease_s <= 0:
             return
-        call = semantic_cache_pb2.RenewRequest(
-            tenant=tenant, request=request, lease_id=lookup.lease_id
-        )
+        # by its lease_id, not the request: this goes every third of the lease while the call
+        # runs, and the request may be a megabyte (L1 would parse and hash it each time)
+        call = semantic_cache_pb2.RenewRequest(tenant=tenant, lease_id=lookup.lease_id)
         renewed = self._clock()  # the lease, just taken
         wait_s = lease_s * _RENEW_SHARE
         while True:

@@ -191,10 +191,10 @@ class SemanticCacheApi:
     async def renew(self, request: sc.RenewRequest) -> sc.RenewResponse:
         """The lease of a leader whose model call is still on, held on (``renewed``), or not
         held any more (not an error). Also while draining: the lookups already waiting on it
-        keep waiting for that call (a draining cache makes no new one wait)."""
+        keep waiting for that call (a draining cache makes no new one wait). Named by its
+        tenant and lease_id only: nothing of the request is parsed, hashed or derived again."""
         _require_tenant(request.tenant)
-        query = self._query(request.tenant, request.request)
-        if not self._cache.renew(query, request.lease_id):
+        if not self._cache.renew(request.tenant, request.lease_id):
             return sc.RenewResponse(renewed=False)
         return sc.RenewResponse(renewed=True, lease_s=self._cache.lease_s)
 

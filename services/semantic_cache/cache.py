@@ -190,15 +190,15 @@ class SemanticCache(EntryStore):
         key = self._lease_key(query)
         return key is not None and self._leases is not None and self._leases.end(key, lease_id)
 
-    def renew(self, query: Query, lease_id: str) -> bool:
-        """Restarts the age limit of the query's lease named ``lease_id`` (its leader's model
-        call is still on): True when it was that live lease. Its waiters keep waiting."""
-        key = self._lease_key(query)
+    def renew(self, tenant: str, lease_id: str) -> bool:
+        """Restarts the age limit of ``tenant``'s lease named ``lease_id`` (its leader's model
+        call is still on): True when it was that live lease. Its waiters keep waiting. By its
+        id alone: no query to derive from the request again at each renewal."""
         return (
-            key is not None
-            and self._leases is not None
+            self._leases is not None
+            and bool(tenant)
             and bool(lease_id)
-            and self._leases.renew(key, lease_id)
+            and self._leases.renew(tenant, lease_id)
         )
 
     @property

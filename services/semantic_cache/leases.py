@@ -18,7 +18,10 @@ the age limit of its own dead call.
 The age limit runs from the take, and from each renewal: the holder renews its lease (by its
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
 waiters (and an identical request arriving late does not lead a second, paid, call), while a
-holder that died renews nothing and frees the key at the age limit as before.
+holder that died renews nothing and frees the key at the age limit as before. A renewal names
+its lease by its tenant and ``lease_id`` only, not by the request (a renewal is sent every
+third of the age limit for as long as the call runs, and the request may be a megabyte): the
+live leases are also kept by id, one id per live lease, so that index is bounded as they are.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Leases:
         self._clock = clock
         self._hold_ms = round(hold_s * 1000)
         self._held: dict[LeaseKey, _Lease] = {}
+        self._ids: dict[str, LeaseKey] = {}  # the key of each lease in ``_held``, by its id
 
     def __len__(self) -> int:
         return len(self._held)
@@ -85,6 +89,7 @@ class Leases:
         self.end(key)  # an expired lease of this key: its place in the age order goes too
         lease = _Lease(now + self._hold_ms, owner)
         self._held[key] = lease
+        self._ids[lease.lease_id] = key
         return lease.lease_id
 
     def take_over(self, key: LeaseKey, owner: str) -> str | None:
@@ -97,13 +102,17 @@ class Leases:
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return lease.lease_id
 
-    def renew(self, key: LeaseKey, lease_id: str) -> bool:
-        """Restarts the age limit of ``key``'s lease if it is the live one named ``lease_id``
-        (its holder's model call is still on). False when that lease has ended (stored,
-        released, or past its age limit: ended here) or another has been taken since: a late
-        renewal never brings a lease back that waiters may have been woken from."""
-        lease = self._held.get(key)
-        if lease is None or lease.lease_id != lease_id or self.held(key) is None:
+    def renew(self, tenant: str, lease_id: str) -> bool:
+        """Restarts the age limit of the live lease named ``lease_id`` if ``tenant``'s (its
+        holder's model call is still on). False when that lease has ended (stored, released,
+        or past its age limit: ended here), or is another tenant's: a late renewal never
+        brings a lease back that waiters may have been woken from, and a lease taken since on
+        the same key has an id of its own."""
+        key = self._ids.get(lease_id)
+        if key is None or key[0] != tenant:
+            return False
+        lease = self._held[key]
+        if self.held(key) is None:
             return False
         lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
@@ -116,6 +125,7 @@ class Leases:
         if lease is None or (lease_id is not None and lease.lease_id != lease_id):
             return False
         del self._held[key]
+        del self._ids[lease.lease_id]
         lease.done.set()
         return True
 

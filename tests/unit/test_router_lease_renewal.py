@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
+from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -99,8 +100,22 @@ async def test_a_lease_is_renewed_every_third_of_its_life_until_it_is_found_over
     # ROUTER_SEMANTIC_TIMEOUT_S (2 s), and never longer than the wait before it
     assert semantic.deadlines == [2.0, 2.0, 1.5, 1.0]
     assert [(r.tenant, r.lease_id) for r in semantic.renewals] == [("tenant-a", "lease-1")] * 4
-    assert semantic.renewals[0].request == _request()
     assert degraded == [("semantic-cache", "UNAVAILABLE")]
+
+
+async def test_a_renewal_names_its_lease_and_not_its_prompt() -> None:
+    """A renewal is sent every third of the lease for as long as the call runs: it carried
+    the whole request (1 MiB for an agent's turn, 29 MiB over a 300 s call, each one
+    re-serialised, hashed and derived again on L1's event loop). Its lease_id names it."""
+    sizes = []
+    for prompt in ("How do I reset my password?", "x" * (1 << 20)):
+        semantic = Renewing(answers=[sc.RenewResponse(renewed=False)])
+        request = build_request(prompt, model="sim-large", request_id="r1")
+        await calls_on(semantic, Waits(), []).keep_lease("tenant-a", request, LEADER)
+        [renewal] = semantic.renewals
+        assert (renewal.tenant, renewal.lease_id) == ("tenant-a", "lease-1")
+        sizes.append(renewal.ByteSize())
+    assert sizes[0] == sizes[1] < 64
 
 
 async def test_renewals_that_fail_past_the_lease_stop_trying() -> None:

@@ -251,7 +251,7 @@ async def test_renew_keeps_a_leaders_lease_past_its_age_limit_and_says_when_it_i
         assert leader.leader and leader.lease_s == 30.0
 
         def renew(tenant: str, lease_id: str) -> sc.RenewRequest:
-            return sc.RenewRequest(tenant=tenant, request=lookup.request, lease_id=lease_id)
+            return sc.RenewRequest(tenant=tenant, lease_id=lease_id)  # no request: its id
 
         clock.advance(s=20)
         assert not (await stub.Renew(renew("b", leader.lease_id), metadata=AUTH)).renewed
@@ -264,7 +264,7 @@ async def test_renew_keeps_a_leaders_lease_past_its_age_limit_and_says_when_it_i
         assert (await stub.Release(released, metadata=AUTH)).released
         over = await stub.Renew(renew("a", leader.lease_id), metadata=AUTH)
         assert not over.renewed and not cache.lease_pending(twin)  # no error: it is over
-        bad = stub.Renew(sc.RenewRequest(request=lookup.request), metadata=AUTH)
+        bad = stub.Renew(sc.RenewRequest(lease_id=leader.lease_id), metadata=AUTH)
         assert "tenant" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
     await server.stop(None)
 

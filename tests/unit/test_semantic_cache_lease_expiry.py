@@ -167,18 +167,17 @@ def test_a_renewal_restarts_the_age_limit_of_the_live_lease_it_names(clock: Manu
     key = ("a", "scope", "reset my password")
     lease_id = leases.take(key, "r1")
     clock.advance(s=20)
-    assert not leases.renew(key, "another lease")  # only the lease it names
-    assert not leases.renew(("a", "scope", "another question"), lease_id)
-    assert leases.renew(key, lease_id)
+    assert not leases.renew("a", "another lease")  # only the lease it names
+    assert leases.renew("a", lease_id)
     assert leases.life_s(key) == 30.0
     clock.advance(s=25)  # 45 s from its take
     assert leases.held(key) is not None
-    assert leases.renew(key, lease_id)
+    assert leases.renew("a", lease_id)
     clock.advance(s=29.999)  # the holder died after that renewal
     assert leases.held(key) is not None
     clock.advance(s=0.001)
     assert leases.held(key) is None
-    assert not leases.renew(key, lease_id)  # ended: a late renewal does not bring it back
+    assert not leases.renew("a", lease_id)  # ended: a late renewal does not bring it back
 
 
 def test_a_late_renewal_does_not_revive_an_expired_lease_nor_outlive_the_next(
@@ -190,12 +189,36 @@ def test_a_late_renewal_does_not_revive_an_expired_lease_nor_outlive_the_next(
     key = ("a", "scope", "reset my password")
     old = leases.take(key, "r1")
     clock.advance(s=30)
-    assert not leases.renew(key, old)
+    assert not leases.renew("a", old)
     assert leases.held(key) is None
     new = leases.take(key, "r2")
-    assert not leases.renew(key, old)
-    assert leases.renew(key, new)
-    assert leases.end(key, new) and not leases.renew(key, new)  # stored or released: over
+    assert not leases.renew("a", old)
+    assert leases.renew("a", new)
+    assert leases.end(key, new) and not leases.renew("a", new)  # stored or released: over
+
+
+def test_a_renewal_names_its_lease_by_id_and_another_tenants_id_renews_nothing(
+    clock: ManualClock,
+) -> None:
+    """A renewal carries no request (its prompt may be a megabyte, sent every third of the
+    lease): the lease is found by its id, within the renewing tenant only, and the ids kept
+    for that follow the leases (take, take-over, end, expiry), so they are bounded alike."""
+    leases = Leases(clock, 30.0)
+    key = ("a", "scope", "reset my password")
+    lease_id = leases.take(key, "r1")
+    clock.advance(s=20)
+    assert not leases.renew("b", lease_id)  # another tenant's router, given a's lease_id
+    assert leases.life_s(key) == 10.0  # not renewed
+    assert leases.renew("a", lease_id) and leases.life_s(key) == 30.0
+    assert leases.take_over(key, "r1") == lease_id  # a retry of it: the same lease, still named
+    assert leases.renew("a", lease_id)
+    assert leases.end(key, lease_id) and not leases.renew("a", lease_id)
+    others = [leases.take(("a", "scope", f"question {n}"), f"q{n}") for n in range(100)]
+    clock.advance(s=30)  # none renewed: all past their age limit
+    last = leases.take(("a", "scope", "the last"), "r2")  # ends the expired on its way
+    assert not any(leases.renew("a", other) for other in others)
+    assert leases.renew("a", last)
+    assert len(leases) == 1 and leases._ids == {last: ("a", "scope", "the last")}
 
 
 def test_renewed_leases_keep_the_age_order_that_frees_dead_holders(clock: ManualClock) -> None:
@@ -207,7 +230,7 @@ def test_renewed_leases_keep_the_age_order_that_frees_dead_holders(clock: Manual
     clock.advance(s=10)
     leases.take(dead, "r2")  # its router dies
     clock.advance(s=15)
-    assert leases.renew(live, live_id)  # until 55 s; dead's ends at 40 s
+    assert leases.renew("a", live_id)  # until 55 s; dead's ends at 40 s
     clock.advance(s=16)  # 41 s
     leases.take(("a", "s", "third"), "r3")  # ends what has expired on its way
     assert len(leases) == 2 and leases.life_s(dead) == 0.0 and leases.life_s(live) == 14.0
@@ -229,7 +252,7 @@ async def test_a_waiter_keeps_waiting_while_the_leader_renews_its_lease(
         clock.advance(s=1)
         elapsed = clock.now_ms() - started_ms
         if elapsed % 10_000 == 0:
-            renewals.append(cache.renew(question("leader"), leader.lease_id))
+            renewals.append(cache.renew("a", leader.lease_id))
         if elapsed == 70_000:
             answer = Answer(
                 payload=b"ask at the desk", stop_reason=END_TURN, output_tokens=4,

@@ -325,28 +325,29 @@ Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
 
 @_typing.final
 class RenewRequest(_message.Message):
+    """Names the lease by its tenant and lease_id only, not by the request (which Release, sent once,
+    carries): a renewal is sent every third of the lease for as long as the model call runs, and
+    the request may be a megabyte. Another tenant's lease_id renews nothing. Should L1 be sharded by (tenant,
+    scope) (DESIGN.md), the router will need to send the renewal to the shard of its Lookup: it
+    would then carry that shard's name, or the scope the Lookup returns, never the request.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
-    REQUEST_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     lease_id: _builtins.str
-    """that Lookup's lease_id"""
-    @_builtins.property
-    def request(self) -> _gateway_pb2.CompleteRequest:
-        """the request whose Lookup said leader"""
-
+    """the lease_id of the Lookup that said leader"""
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
-        request: _gateway_pb2.CompleteRequest | None = ...,
         lease_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
