@@ -46,8 +46,11 @@ _LOOKUP_SHARE = 0.5
 # that call's answer not come (its router died, or its model is as slow as the deadline).
 _LEASE_WAIT_SHARE = 0.5
 # A leading Lookup's lease is renewed every this share of its age limit while the request's model
-# call runs; after a renewal that failed, tried again after this share of it (30 s: 1.5 s), so an
-# L1 that missed one renewal still gets several more tries before the lease lapses.
+# call runs; after a renewal that failed, tried again after this share of it (30 s: 1.5 s), the
+# wait doubling after each failure up to the normal third (an L1 that is overloaded rather than
+# down is not sent renewals 6.7x as often as normally), and the last try no later than this
+# share before the lease lapses (one then would only be refused): of 30 s, tries at 10, 11.5,
+# 14.5, 20.5 and 28.5 s.
 _RENEW_SHARE = 1 / 3
 _RENEW_RETRY_SHARE = 0.05
 # Each prefix-cache call of a request (Plan, WARM, FINAL) takes at most this share of what the
@@ -177,8 +180,10 @@ class Calls:
         self._sleep = sleep
         self._breaker = _Breaker(settings.prefix_breaker_s, clock)
 
-    def _degraded(self, what: str, exc: CallFailed) -> None:
-        log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
+    def _degraded(self, what: str, exc: CallFailed, *, logged: bool = True) -> None:
+        """``logged`` False: counted and on the span, but no log line (the caller logs)."""
+        if logged:
+            log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
         record_event(
             self._tracer,
             "cachemesh.degraded",
@@ -272,11 +277,13 @@ class Calls:
         until cancelled: once the request's Store is sent, or its model call ended without
         one (then ``release``). Identical requests keep waiting for this call however long it
         runs, instead of each leading a paid call of its own once the age limit passes. Never
-        fails the request (L1 is optional): a renewal that fails is a degradation (logged,
-        counted), tried again after ``_RENEW_RETRY_SHARE`` of the lease (each try bounded by
-        the wait before it), until the lease has surely lapsed; a lease found ended or taken
-        by another request is logged, and renewed no more. An L1 that gives no ``lease_s``
-        (older): not renewed, its age limit alone."""
+        fails the request (L1 is optional): a renewal that fails is a degradation (each one
+        counted; the lease's first one logged), tried again after ``_RENEW_RETRY_SHARE`` of
+        the lease, the wait doubling up to the normal third (each try bounded by the wait
+        before it), the last try no later than ``_RENEW_RETRY_SHARE`` before the lease lapses
+        (then given up, logged); a lease found ended or taken by another request is logged,
+        and renewed no more. An L1 that gives no ``lease_s`` (older): not renewed, its age
+        limit alone."""
         lease_s = lookup.lease_s
         if not lookup.leader or lease_s <= 0:
             return
@@ -285,28 +292,47 @@ class Calls:
         call = semantic_cache_pb2.RenewRequest(tenant=tenant, lease_id=lookup.lease_id)
         renewed = self._clock()  # the lease, just taken
         wait_s = lease_s * _RENEW_SHARE
+        retry_s = 0.0  # the wait after the last failure (0: the last try renewed)
+        failed = 0  # tries that failed, of this lease
         while True:
             await self._sleep(wait_s)
             tried = self._clock()  # a renewal counts from its try's start
-            reply = await self._degrading(
-                "semantic-cache",
+            try:
                 # one slower than the wait before it is as good as lost: the next try goes then
-                self._d.semantic.renew(call, min(self._s.semantic_timeout_s, wait_s)),
-                client_faults=False,  # nothing of it is the client's to hear
-            )
-            if reply is None:
-                if self._clock() - renewed >= lease_s:
+                reply = await self._d.semantic.renew(call, min(self._s.semantic_timeout_s, wait_s))
+            except CallFailed as exc:
+                failed += 1
+                if failed == 1:
                     log.warning(
-                        "semantic-cache: the lease of tenant %s's request %s went %.1f s "
-                        "without a renewal, past its %.1f s age limit: an identical request "
-                        "may call the model meanwhile; not renewed any more",
+                        "semantic-cache: renewing the lease of tenant %s's request %s failed "
+                        "(%s: %s); tried again, less and less often, until shortly before it "
+                        "lapses (each failure counted in cachemesh_router_degraded_total, not "
+                        "logged)",
                         tenant,
                         request.request_id,
-                        self._clock() - renewed,
+                        exc.code.name,
+                        exc.details,
+                    )
+                self._degraded("semantic-cache", exc, logged=False)
+                retry_s = min(
+                    lease_s * _RENEW_SHARE, max(lease_s * _RENEW_RETRY_SHARE, retry_s * 2)
+                )
+                now = self._clock()
+                last_try = renewed + lease_s * (1 - _RENEW_RETRY_SHARE)
+                if last_try <= now:
+                    log.warning(
+                        "semantic-cache: the lease of tenant %s's request %s went %.1f s "
+                        "without a renewal (%d tries failed), its %.1f s age limit nearly "
+                        "reached: an identical request may call the model once it lapses; "
+                        "not renewed any more",
+                        tenant,
+                        request.request_id,
+                        now - renewed,
+                        failed,
                         lease_s,
                     )
                     return
-                wait_s = lease_s * _RENEW_RETRY_SHARE
+                wait_s = min(retry_s, last_try - now)
                 continue
             if not reply.renewed:
                 log.info(
@@ -319,6 +345,7 @@ class Calls:
                 record_event(self._tracer, "cachemesh.semantic.lease_lost", {})
                 return
             renewed = tried
+            retry_s = 0.0
             lease_s = reply.lease_s if reply.lease_s > 0 else lease_s
             wait_s = lease_s * _RENEW_SHARE
 

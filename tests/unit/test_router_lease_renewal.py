@@ -9,8 +9,10 @@ request then led a second paid call of its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
+import pytest
 from opentelemetry import trace
 
 from cachemesh import build_request
@@ -118,15 +120,77 @@ async def test_a_renewal_names_its_lease_and_not_its_prompt() -> None:
     assert sizes[0] == sizes[1] < 64
 
 
-async def test_renewals_that_fail_past_the_lease_stop_trying() -> None:
-    """L1 unreachable for good: tried again every 1.5 s until 30 s have passed since the last
-    renewal (the lease has surely lapsed: one more would only be refused), then no more."""
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_renewals_that_fail_back_off_and_stop_before_the_lease_lapses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """L1 unreachable (or too slow) for good: retried every 1.5 s until the lease lapsed,
+    every in-flight leader renewed ~6.7x as often as normally (more load on an L1 that may
+    only be overloaded) and logged a WARNING each time (15 a lease). Now the retry waits
+    double from 5 % of the lease up to the normal third, the last one no later than 5 % before
+    the lease lapses (one then would only be refused); each failure counted, two lines."""
     down = CallFailed(Code.UNAVAILABLE, "semantic-cache is down")
     semantic = Renewing(answers=[down] * 100)
     waits, degraded = Waits(), list[tuple[str, str]]()
+    caplog.set_level(logging.INFO, logger="cachemesh.router")
     await calls_on(semantic, waits, degraded).keep_lease("tenant-a", _request(), LEADER)
-    assert waits.waits == [10.0] + [1.5] * 14  # the last try at 31 s: lapsed
-    assert len(semantic.renewals) == len(degraded) == 15
+    # tries at 10, 11.5, 14.5, 20.5 and 28.5 s: the lease lapses at 30 s
+    assert waits.waits == [10.0, 1.5, 3.0, 6.0, 8.0]
+    assert semantic.deadlines == [2.0, 1.5, 2.0, 2.0, 2.0]
+    assert len(semantic.renewals) == len(degraded) == 5  # each failure counted
+    lines = warnings(caplog)
+    assert len(lines) == 2, lines  # its first failure, and the give-up
+    assert "tenant-a" in lines[0] and "r1" in lines[0] and "UNAVAILABLE" in lines[0]
+    assert "not renewed any more" in lines[1]
+
+
+@dataclass
+class Slow(Renewing):
+    """Each Renew takes its whole deadline on ``waits``' clock (then: what ``answers`` says)."""
+
+    waits: Waits = field(default_factory=Waits)
+
+    async def renew(self, request: sc.RenewRequest, deadline_s: float) -> sc.RenewResponse:
+        self.waits.now += deadline_s
+        return await super().renew(request, deadline_s)
+
+
+async def test_a_slow_l1_is_tried_less_and_less_often_and_never_past_the_lease() -> None:
+    """Each try times out (L1 overloaded, not down): the backoff counts from each try's end,
+    and the last try still starts 1.5 s before the lease lapses."""
+    waits, degraded = Waits(), list[tuple[str, str]]()
+    semantic = Slow(answers=[CallFailed(Code.DEADLINE_EXCEEDED, "slow")] * 100, waits=waits)
+    started = waits.now
+    await calls_on(semantic, waits, degraded).keep_lease("tenant-a", _request(), LEADER)
+    # tries at 10 (to 12), 13.5 (to 15), 18 (to 20), 26 (to 28) and 28.5 s (to 29)
+    assert waits.waits == [10.0, 1.5, 3.0, 6.0, 0.5]
+    assert semantic.deadlines == [2.0, 1.5, 2.0, 2.0, 0.5]
+    assert waits.now - started == 29.0 and len(degraded) == 5
+
+
+async def test_a_renewal_that_succeeds_again_restarts_the_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An L1 back from a blip: renewed every third again, and a later failure of the same
+    lease is retried after 5 % again (counted, not logged once more)."""
+    down = CallFailed(Code.UNAVAILABLE, "semantic-cache restarting")
+    semantic = Renewing(
+        answers=[
+            down,
+            down,
+            sc.RenewResponse(renewed=True, lease_s=30.0),
+            down,
+            sc.RenewResponse(renewed=False),
+        ]
+    )
+    waits, degraded = Waits(), list[tuple[str, str]]()
+    caplog.set_level(logging.INFO, logger="cachemesh.router")
+    await calls_on(semantic, waits, degraded).keep_lease("tenant-a", _request(), LEADER)
+    assert waits.waits == [10.0, 1.5, 3.0, 10.0, 1.5]
+    assert len(degraded) == 3 and len(warnings(caplog)) == 1
 
 
 async def test_no_lease_no_renewal() -> None:
