@@ -49,8 +49,11 @@ _CLAIM = b"?"  # a claim's first byte (an answer's is the fingerprint's, a hex d
 _COMPRESSED = b"\0"  # after an answer's fingerprint: the rest is zlib of the serialized answer
 CLAIM_LEASE_S = 10.0  # a claim lapses this long after its holder last renewed it
 # A claim is renewed every third of its lease; after a renewal that failed, tried again after
-# this share of the lease (10 s: 0.5 s), so a Redis that missed one renewal still gets several
-# more tries before the lease lapses, not one as it lapses.
+# this share of the lease (10 s: 0.5 s), the wait doubling after each failure up to the normal
+# third (a Redis that is down or overloaded is not sent each call's renewals 6.7x as often as
+# normally), and the last try no later than this share before the lease lapses: of 10 s, tries
+# at 3.3, 3.8, 4.8, 6.8 and 9.5 s. Then the claim is given up: a renewal after the lapse could
+# only find it gone (``_RENEW`` renews only a claim that is still there and still this call's).
 RENEW_RETRY_SHARE = 0.05
 
 # KEYS: the id's key. ARGV: the claim, its lease in ms. Returns 1 (claimed) or what holds it.
@@ -111,7 +114,8 @@ class AnswerLedger(Protocol):
         ...
 
     async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
-        """Renews the claim until cancelled (its failures logged, never raised)."""
+        """Renews the claim until cancelled, or until its renewals failed up to shortly before
+        it lapses (its failures logged, never raised)."""
         ...
 
     async def give_back(self, tenant: str, request_id: str, claimed: Claimed) -> None: ...
@@ -172,41 +176,54 @@ class RedisAnswerLedger:
 
     async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
         """Renews every third of the lease; after a failed renewal, again after
-        ``RENEW_RETRY_SHARE`` of it (each try bounded by the same), saying once when the lease
-        may have lapsed since the last renewal that succeeded."""
+        ``RENEW_RETRY_SHARE`` of it, the wait doubling up to the normal third (each try bounded
+        by the wait before it, and by no less than that share), the last try no later than that
+        share before the lease lapses, then given up: the claim lapses and a retry on another
+        router may take the id. A renewal that succeeds restarts the schedule. Of a claim's
+        failures only its first and the give-up are logged."""
         key = ledger_key(tenant, request_id)
         renewed = self._clock()  # the claim, just taken (a lease counts from a try's start)
-        retry = self._lease_s * RENEW_RETRY_SHARE
-        wait, said_lapsed = self._lease_s / 3, False
+        third = self._lease_s / 3
+        least = self._lease_s * RENEW_RETRY_SHARE
+        wait, retry, failed = third, 0.0, 0  # retry: the wait after the last failure
         while True:
             await self._sleep(wait)
             tried = self._clock()
             try:
-                async with asyncio.timeout(self._lease_s / 3 if wait > retry else retry):
+                async with asyncio.timeout(min(third, max(wait, least))):
                     ours = await self._renew(keys=[key], args=[claimed.value, self._lease_ms])
             except (RedisError, TimeoutError) as exc:
-                wait = retry
-                if self._clock() - renewed < self._lease_s:
+                failed += 1
+                if failed == 1:
                     log.warning(
-                        "answer ledger: a claim's renewal failed (%s); trying again in %.1f s, "
-                        "before the claim lapses",
+                        "answer ledger: renewing the claim of tenant %s's request %s failed "
+                        "(%s); tried again, less and less often, until shortly before it lapses",
+                        tenant,
+                        request_id,
                         type(exc).__name__,
-                        retry,
                     )
-                elif not said_lapsed:
-                    said_lapsed = True
+                retry = min(third, max(least, retry * 2))
+                now = self._clock()
+                last_try = renewed + self._lease_s - least
+                if last_try <= now:
                     log.warning(
-                        "answer ledger: a claim's renewals failed for %.1f s (%s), longer than "
-                        "its %.1f s lease: the claim may have lapsed, and a retry on another "
-                        "router may take the id over and call the model again",
-                        self._clock() - renewed,
+                        "answer ledger: the claim of tenant %s's request %s went %.1f s without "
+                        "a renewal (%d tries failed, the last %s), its %.1f s lease nearly "
+                        "over: not renewed any more; once it lapses a retry on another router "
+                        "may take the id over and call the model again",
+                        tenant,
+                        request_id,
+                        now - renewed,
+                        failed,
                         type(exc).__name__,
                         self._lease_s,
                     )
+                    return
+                wait = min(retry, last_try - now)
                 continue
             if not ours:  # recorded over, given back, or lapsed and taken: nothing to keep
                 return
-            renewed, wait, said_lapsed = tried, self._lease_s / 3, False
+            renewed, wait, retry = tried, third, 0.0
 
     async def give_back(self, tenant: str, request_id: str, claimed: Claimed) -> None:
         try:

@@ -6,6 +6,7 @@ the protection. The ledger is a real Redis (tests/redis_server.py); the pipeline
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import namedtuple
@@ -20,6 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
@@ -820,25 +822,90 @@ def test_a_recorded_answer_is_stored_compressed_and_read_back_whole(redis_url: s
     asyncio.run(run())
 
 
-def test_a_renewal_failing_past_the_lease_says_the_claim_may_have_lapsed(
-    redis_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def run() -> None:
-        slept, sleep, clock = _virtual_time()
-        client = Redis.from_url(redis_url)
-        ledger = FailingRenewals(
-            client, ttl_s=60, lease_s=30, sleep=sleep, clock=clock, failures=10**6
-        )
-        claimed = await ledger.claim("tenant-a", "req-l", "f" * 64)
-        assert isinstance(claimed, Claimed)
-        with pytest.raises(asyncio.CancelledError):
-            await ledger.hold("tenant-a", "req-l", claimed)
-        assert len(slept) < 100  # tries bounded, not a spin
-        await ledger.close()
+class Outage(RedisAnswerLedger):
+    """A claim's lease kept on the injected clock (no Redis): a renewal tried while the clock is
+    in one of ``down``'s spans fails as a Redis that is down would; one after renews the lease
+    if it has not lapsed (the script's 1), else finds the claim gone (0). Each try's time is
+    recorded."""
 
-    asyncio.run(run())
-    lapsed = [r for r in caplog.records if "may have lapsed" in r.message]
-    assert len(lapsed) == 1
+    def __init__(self, *args: Any, down: list[tuple[float, float]], **kwargs: Any) -> None:
+        super().__init__(Redis.from_url("redis://127.0.0.1:1"), *args, **kwargs)
+        self.tries: list[float] = []
+        lapses = self._lease_s  # the claim, taken at 0
+
+        async def renew(*a: Any, **kw: Any) -> int:
+            nonlocal lapses
+            now = self._clock()
+            self.tries.append(now)
+            if any(start <= now < end for start, end in down):
+                raise RedisConnectionError(
+                    "Error 111 connecting to redis:6379. Connection refused."
+                )
+            if now >= lapses:
+                return 0
+            lapses = now + self._lease_s
+            return 1
+
+        self._renew = renew  # type: ignore[assignment]
+
+
+def _call_of(
+    seconds: float,
+) -> tuple[list[float], Callable[[float], Awaitable[None]], Callable[[], float]]:
+    """Sleeps that only move a clock (each one recorded); the call ends (its holder cancelled)
+    at ``seconds``."""
+    slept: list[float] = []
+
+    async def sleep(wait: float) -> None:
+        slept.append(wait)
+        if sum(slept) >= seconds:
+            raise asyncio.CancelledError
+
+    return slept, sleep, lambda: sum(slept)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_redis_outage_is_retried_less_and_less_often_and_given_up_before_the_lapse(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis down for 30 s under a call that runs 60 s: renewals were tried every 0.5 s (5 % of
+    the 10 s lease) for the whole outage, 55 tries each in-flight call added to a struggling
+    Redis, and 15 WARNING lines. A renewal after the lapse can only find the claim gone (the
+    script renews only a claim still there and still this call's), so now: the wait doubles
+    from 0.5 s up to the normal third, the last try 0.5 s before the lease lapses, then the
+    claim is given up; its first failure and the give-up are logged."""
+    caplog.set_level(logging.INFO, logger="services.router.answer_ledger")
+    slept, sleep, clock = _call_of(60)
+    ledger = Outage(ttl_s=60, sleep=sleep, clock=clock, down=[(0, 30)])
+    asyncio.run(ledger.hold("tenant-a", "req-o", Claimed(b"?" + b"f" * 64 + b"t")))
+    # tries at 3.33, 3.83, 4.83, 6.83 and 9.5 s: the claim lapses at 10 s
+    assert slept == pytest.approx([10 / 3, 0.5, 1.0, 2.0, 9.5 - (10 / 3 + 3.5)])
+    assert ledger.tries == pytest.approx([10 / 3, 10 / 3 + 0.5, 10 / 3 + 1.5, 10 / 3 + 3.5, 9.5])
+    lines = _warnings(caplog)
+    assert len(lines) == 2, lines  # its first failure, and the give-up
+    assert "ConnectionError" in lines[0] and "req-o" in lines[0] and "tenant-a" in lines[0]
+    assert "5 tries failed" in lines[1] and "another router" in lines[1]
+
+
+def test_a_renewal_that_succeeds_again_restarts_the_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis back after a 5 s blip: renewed, and every third again; a later blip of the same
+    claim is retried after 0.5 s again (not 4 s on from the first blip's backoff), counted but
+    not logged a second time."""
+    caplog.set_level(logging.INFO, logger="services.router.answer_ledger")
+    slept, sleep, clock = _call_of(20)
+    ledger = Outage(ttl_s=60, sleep=sleep, clock=clock, down=[(0, 5), (12, 14)])
+    with pytest.raises(asyncio.CancelledError):  # the call's end
+        asyncio.run(ledger.hold("tenant-a", "req-b", Claimed(b"?" + b"f" * 64 + b"t")))
+    third = 10 / 3
+    # failed at 3.33, 3.83, 4.83; renewed at 6.83, 10.17; failed at 13.5; renewed at 14, 17.33
+    assert slept == pytest.approx([third, 0.5, 1.0, 2.0, third, third, 0.5, third, third])
+    assert len(ledger.tries) == 8
+    assert len(_warnings(caplog)) == 1
 
 
 def test_a_record_written_uncompressed_before_is_still_read(redis_url: str) -> None:
