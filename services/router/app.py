@@ -90,23 +90,23 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         journal,
         settings.prefix_timeout_s,
         settings.outbox_retry_s,
-        tracer,
-        settings.outbox_max_bytes,
-        metrics.open_calls_settled,
-        metrics.outbox_dropped,
+        tracer=tracer,
+        max_memory_bytes=settings.outbox_max_bytes,
+        open_calls_settled=metrics.open_calls_settled,
+        dropped=metrics.outbox_dropped,
         # a killed router's calls, billed now (prefix-cache's first reply to their FINAL):
         # their cost counts against the budgets of the periods they started in
-        lambda bill: limiter.count_unticketed(
+        open_call_billed=lambda bill: limiter.count_unticketed(
             bill.tenant, bill.cost_nanos, started_ms=bill.started_ms
         ),
-        wall,
-        settings.journal_sync_s,
+        wall=wall,
+        journal_sync_s=settings.journal_sync_s,
         # an answer counted at its estimate while prefix-cache was down, now billed: the
         # budgets of the period it was counted in are corrected by the difference
-        limiter.reconcile,
-        metrics.journal_sync_failed,
+        estimate_billed=limiter.reconcile,
+        journal_sync_failed=metrics.journal_sync_failed,
         # a bill kept while prefix-cache is down: its estimate counts as its line is written
-        limiter.count_estimate,
+        estimate_kept=limiter.count_estimate,
     )
     pipeline = Pipeline(
         connected.dependencies,
