@@ -13,30 +13,18 @@ thinking is still cut."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
 
-from cachemesh import CachemeshError, Client
-from cachemesh.envfile import read_env_file
+from cachemesh import CachemeshError
 from cachemesh.v1 import gateway_pb2 as pb
-from services.tools.engine.servers import (
-    LOCAL_MODELS,
-    EngineOptions,
-    Replica,
-    local_engine_settings,
-)
-from services.tools.stack.lifecycle import Stack
-from services.tools.stack.otlp_sink import OtlpSink
-from tests.integration import harness
+from tests.integration.engine_stall import MODEL, EngineStack, engine_stack
 from tests.providers import openai_wire
-from tests.providers.wire_server import Reply, WireServer
+from tests.providers.wire_server import Reply
 
 pytestmark = pytest.mark.integration
 
-MODEL = LOCAL_MODELS["small"]
-STALL_S = 0.5  # ROUTER_MID_ANSWER_STALL_S
 PIECE_GAP_S = 0.1  # between two pieces of the thinking
 # 2 s of thinking: four times the stall limit, and twice the handover of a call without its
 # first token (the router's STALL_FLOOR_S, 1 s, plus twice a short prompt's predicted prefill)
@@ -47,40 +35,10 @@ ANSWER = "Revenue grew 12% in the quarter."
 COMPLETION_TOKENS = 260  # the engine's count: its thinking (240) and its answer
 
 
-@dataclass
-class EngineStack:
-    client: Client
-    server: WireServer
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineStack]:
-    server = WireServer({"openai": openai_wire.default}, {"openai": openai_wire.rejected("")})
-    server.start()
-    run_dir = tmp_path_factory.mktemp("reasoning-stall-run")
-    sink = OtlpSink()
-    sink.start()
-    try:
-        # both model processes in front of the loopback engine, as `up --local-engine` puts
-        # them in front of two llama-server replicas
-        options = EngineOptions(2, 1, 4096)
-        replicas = [Replica(1, server.port, 0), Replica(2, server.port, 0)]
-        plain = Stack.on_free_ports(harness.ROOT, run_dir, harness.test_settings(sink))
-        overrides = local_engine_settings(plain.settings(), replicas, options)
-        overrides["ROUTER_MID_ANSWER_STALL_S"] = str(STALL_S)
-        stack = plain.with_overrides(overrides)
-        stack.start(timeout_s=240)
-        try:
-            keys = read_env_file(run_dir / "demo-keys.env")
-            with Client(
-                stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1
-            ) as client:
-                yield EngineStack(client, server)
-        finally:
-            stack.stop()
-    finally:
-        sink.stop()
-        server.stop()
+    with engine_stack(tmp_path_factory.mktemp("reasoning-stall-run")) as stack:
+        yield stack
 
 
 def _request(question: str) -> pb.CompleteRequest:

@@ -12,30 +12,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import grpc
 import pytest
 
-from cachemesh import CachemeshError, Client
-from cachemesh.envfile import read_env_file
+from cachemesh import CachemeshError
 from cachemesh.v1 import gateway_pb2 as pb
-from services.tools.engine.servers import (
-    LOCAL_MODELS,
-    EngineOptions,
-    Replica,
-    local_engine_settings,
-)
-from services.tools.stack.lifecycle import Stack
-from services.tools.stack.otlp_sink import OtlpSink
-from tests.integration import harness
+from tests.integration.engine_stall import MODEL, EngineStack, engine_stack
 from tests.providers import openai_wire
-from tests.providers.wire_server import Reply, WireServer
+from tests.providers.wire_server import Reply
 
 pytestmark = pytest.mark.integration
 
-MODEL = LOCAL_MODELS["small"]
-STALL_S = 0.5  # ROUTER_MID_ANSWER_STALL_S
 PIECE_GAP_S = 0.1  # between two pieces of the tool call's arguments
 PIECES = 15  # 1.5 s of arguments: three times the stall limit
 SILENCE_S = 5.0  # a hung engine's silence after its text: ten times the stall limit
@@ -43,40 +31,10 @@ ARGUMENTS = json.dumps({"path": "notes/report.md", "content": "Quarterly revenue
 TEXT = "I'll write the report."
 
 
-@dataclass
-class EngineStack:
-    client: Client
-    server: WireServer
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineStack]:
-    server = WireServer({"openai": openai_wire.default}, {"openai": openai_wire.rejected("")})
-    server.start()
-    run_dir = tmp_path_factory.mktemp("tool-stall-run")
-    sink = OtlpSink()
-    sink.start()
-    try:
-        # both model processes in front of the loopback engine, as `up --local-engine` puts
-        # them in front of two llama-server replicas
-        options = EngineOptions(2, 1, 4096)
-        replicas = [Replica(1, server.port, 0), Replica(2, server.port, 0)]
-        plain = Stack.on_free_ports(harness.ROOT, run_dir, harness.test_settings(sink))
-        overrides = local_engine_settings(plain.settings(), replicas, options)
-        overrides["ROUTER_MID_ANSWER_STALL_S"] = str(STALL_S)
-        stack = plain.with_overrides(overrides)
-        stack.start(timeout_s=240)
-        try:
-            keys = read_env_file(run_dir / "demo-keys.env")
-            with Client(
-                stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1
-            ) as client:
-                yield EngineStack(client, server)
-        finally:
-            stack.stop()
-    finally:
-        sink.stop()
-        server.stop()
+    with engine_stack(tmp_path_factory.mktemp("tool-stall-run")) as stack:
+        yield stack
 
 
 def _request(question: str) -> pb.CompleteRequest:
