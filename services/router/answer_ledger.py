@@ -33,7 +33,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
@@ -55,6 +55,11 @@ CLAIM_LEASE_S = 10.0  # a claim lapses this long after its holder last renewed i
 # at 3.3, 3.8, 4.8, 6.8 and 9.5 s. Then the claim is given up: a renewal after the lapse could
 # only find it gone (``_RENEW`` renews only a claim that is still there and still this call's).
 RENEW_RETRY_SHARE = 0.05
+# What a failure is counted under (``cachemesh_router_answer_ledger_failures_total``): the
+# claim before a marked call's model call, each try of its renewal, the answer's record, and
+# the claim given back after a call that recorded nothing.
+LedgerOperation = Literal["claim", "renew", "record", "give_back"]
+LEDGER_OPERATIONS: tuple[LedgerOperation, ...] = get_args(LedgerOperation)
 
 # KEYS: the id's key. ARGV: the claim, its lease in ms. Returns 1 (claimed) or what holds it.
 _TAKE = """
@@ -140,9 +145,13 @@ class RedisAnswerLedger:
         lease_s: float = CLAIM_LEASE_S,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        failed: Callable[[LedgerOperation], None] = lambda operation: None,
     ) -> None:
         """``lease_s``: a claim's life without renewal; ``sleep``: between renewals, and
-        ``clock`` (seconds) to tell when the last one succeeded (tests)."""
+        ``clock`` (seconds) to tell when the last one succeeded (tests); ``failed``: told of
+        each renewal try that failed (the other operations raise ``LedgerUnavailable``: their
+        caller, which also bounds their time, counts them)."""
+        self._failed = failed
         self._clock = clock
         self._redis = redis
         self._ttl_ms = max(1, int(ttl_s * 1000))
@@ -193,6 +202,7 @@ class RedisAnswerLedger:
                 async with asyncio.timeout(min(third, max(wait, least))):
                     ours = await self._renew(keys=[key], args=[claimed.value, self._lease_ms])
             except (RedisError, TimeoutError) as exc:
+                self._failed("renew")
                 failed += 1
                 if failed == 1:
                     log.warning(

@@ -129,12 +129,21 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings.idempotency_ttl_s,
         settings.limits.redis_max_connections,
         LEDGER_TIMEOUT_S,
+        metrics.ledger_failed,
     )
     if ledger is None:
         log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")
     requests = RequestLog(metrics, table, time.perf_counter, lines)
     servicer = GatewayServicer(
-        keys, table, set(settings.replicas), pipeline, answers, limiter, requests, ledger
+        keys,
+        table,
+        set(settings.replicas),
+        pipeline,
+        answers,
+        limiter,
+        requests,
+        ledger,
+        ledger_failed=metrics.ledger_failed,
     )
     admin = AdminServicer(
         settings.admin,

@@ -18,7 +18,7 @@ from services.common.env import ConfigError, redacted_url
 from services.common.models import ModelTable
 from services.common.redis_pool import bounded_redis
 from services.common.tokens import Tokenizers
-from services.router.answer_ledger import RedisAnswerLedger
+from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
 from services.router.prompt_counts import count_prompt
@@ -70,15 +70,19 @@ def limiter_on(
 
 
 async def build_answer_ledger(
-    url: str | None, ttl_s: float, max_connections: int, timeout_s: float
+    url: str | None,
+    ttl_s: float,
+    max_connections: int,
+    timeout_s: float,
+    failed: Callable[[LedgerOperation], None],
 ) -> RedisAnswerLedger | None:
     """The shared answer ledger when ROUTER_ANSWERS_REDIS_URL is set (checked at start-up),
     over at most ``max_connections`` connections, each call waiting up to ``timeout_s`` (the
-    ledger's own timeout) for one."""
+    ledger's own timeout) for one; ``failed``: told of each failed renewal of a claim."""
     if url is None:
         return None
     redis = bounded_redis(ANSWERS_REDIS_URL, url, max_connections, timeout_s)
-    return RedisAnswerLedger(await _reachable(ANSWERS_REDIS_URL, url, redis), ttl_s)
+    return RedisAnswerLedger(await _reachable(ANSWERS_REDIS_URL, url, redis), ttl_s, failed=failed)
 
 
 async def _reachable(var: str, url: str, redis: Redis) -> Redis:

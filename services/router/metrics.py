@@ -52,6 +52,10 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   against the limits (their settle failed and was dropped: the queue of pending ones full,
   past its replay window, an ambiguous try past ``AMBIGUOUS_REPLAY_MS``, or the router
   stopping);
+  ``cachemesh_router_answer_ledger_failures_total{operation}``: calls to the answer ledger's
+  Redis that failed or did not answer in time (``claim``, ``renew``: each failed try of a
+  claim's renewal, ``record``, ``give_back``); each costs a request only its answer-once
+  protection across routers (a retry on another router may be served and billed again);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -69,6 +73,7 @@ from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.metrics import LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
+from services.router.answer_ledger import LEDGER_OPERATIONS, LedgerOperation
 from services.router.routing.decision import Decision
 
 LAYERS = {
@@ -197,6 +202,14 @@ class RouterMetrics:
             "cachemesh_router_limits_settles_lost",
             "Settles of the limits' store dropped before it answered (costs never counted)",
         )()
+        self._ledger_failures = m.counter(
+            "cachemesh_router_answer_ledger_failures",
+            "Answer-ledger calls to Redis that failed or timed out, by operation (the request "
+            "went on without its answer-once protection across routers)",
+            ("operation",),
+        )
+        for operation in LEDGER_OPERATIONS:  # each at 0 from the start, for rate() and alerts
+            self._ledger_failures(operation)
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -303,6 +316,10 @@ class RouterMetrics:
 
     def settles_lost(self, count: int) -> None:
         self._settles_lost.inc(count)
+
+    def ledger_failed(self, operation: LedgerOperation) -> None:
+        """A call to the answer ledger's Redis failed or did not answer in time."""
+        self._ledger_failures(operation).inc()
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

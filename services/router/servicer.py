@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from functools import partial
 from typing import Any
@@ -27,6 +27,7 @@ from services.router.access_log import Call, RequestLog
 from services.router.answer_ledger import (
     AnswerLedger,
     Claimed,
+    LedgerOperation,
     LedgerUnavailable,
     Recorded,
     Running,
@@ -69,7 +70,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         limiter: Limiter,
         log: RequestLog,
         ledger: AnswerLedger | None = None,
+        ledger_failed: Callable[[LedgerOperation], None] = lambda operation: None,
     ) -> None:
+        """``ledger_failed``: told of each call to ``ledger`` that failed or did not answer in
+        ``LEDGER_TIMEOUT_S`` (its renewals' failures: the ledger's own ``failed``)."""
         self._keys = keys
         self._table = table
         self._deployed = deployed
@@ -78,6 +82,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._limiter = limiter
         self._log = log  # the access-log line and the request metrics, when a call ends
         self._ledger = ledger
+        self._ledger_failed = ledger_failed
         self._background: set[asyncio.Task[None]] = set()  # claims given back
         self._handlers = 0  # Complete and StreamComplete calls whose handler has not ended
         self._no_handlers = asyncio.Event()
@@ -303,6 +308,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     self._ledger.claim(tenant, request.request_id, mark), LEDGER_TIMEOUT_S
                 )
             except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
+                self._ledger_failed("claim")
                 log.warning("answer ledger: claim failed (%s); serving the call anew", _kind(exc))
                 return None
             if isinstance(found, Claimed):
@@ -335,6 +341,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     ledger.give_back(tenant, request_id, claimed), LEDGER_TIMEOUT_S
                 )
             except (LedgerUnavailable, TimeoutError) as exc:
+                self._ledger_failed("give_back")
                 log.warning(
                     "answer ledger: a claim was not given back (%s); a retry on another "
                     "router waits until it lapses",
@@ -359,6 +366,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 LEDGER_TIMEOUT_S,
             )
         except (LedgerUnavailable, TimeoutError) as exc:  # the answer is served all the same
+            self._ledger_failed("record")
             log.warning(
                 "answer ledger: record failed (%s); a retry on another router may bill again",
                 _kind(exc),

@@ -85,7 +85,7 @@ async def test_the_answer_ledger_holds_at_most_its_setting_connections(
     fresh_redis: tuple[str, Redis],
 ) -> None:
     url, observer = fresh_redis
-    ledger = await build_answer_ledger(url, 60, N, 30)
+    ledger = await build_answer_ledger(url, 60, N, 30, lambda operation: None)
     assert ledger is not None
     try:
         answer = pb.CompleteResponse(content=[pb.ContentBlock(text="Within thirty days.")])

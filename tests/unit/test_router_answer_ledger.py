@@ -20,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -1062,3 +1063,94 @@ def test_a_refused_request_names_its_tenant_on_its_root_span(over_limit: bool) -
         assert attributes.get("cachemesh.request_id") == ("refused-1" if over_limit else None)
 
     asyncio.run(run())
+
+
+LEDGER_FAILURES = "cachemesh_router_answer_ledger_failures_total"
+
+
+def _ledger_failures(registry: CollectorRegistry) -> dict[str, float]:
+    """The failure counter's value for each operation (every one exposed, from 0)."""
+    counts: dict[str, float] = {}
+    for operation in ("claim", "renew", "record", "give_back"):
+        found = registry.get_sample_value(LEDGER_FAILURES, {"operation": operation})
+        assert found is not None, f"{operation} not exposed"
+        counts[operation] = found
+    return counts
+
+
+async def _refused(*args: Any, **kwargs: Any) -> Any:
+    raise RedisConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+
+
+async def _hangs(*args: Any, **kwargs: Any) -> Any:
+    await asyncio.Event().wait()  # a Redis that never answers
+
+
+@pytest.mark.parametrize(
+    ("script", "fault", "pipeline_fails", "operation"),
+    [
+        ("_take", _refused, False, "claim"),
+        ("_take", _hangs, False, "claim"),  # past LEDGER_TIMEOUT_S, in the servicer
+        ("_record", _refused, False, "record"),
+        ("_give_back", _refused, True, "give_back"),  # a call that failed gives its claim back
+    ],
+)
+def test_each_failed_ledger_call_counts_once_under_its_operation(
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    script: str,
+    fault: Callable[..., Awaitable[Any]],
+    pipeline_fails: bool,
+    operation: str,
+) -> None:
+    """A ledger failure costs a request its protection across routers (a retry elsewhere may
+    be billed again): it was only logged, so no alert could tell a ledger Redis that fails.
+    Now each failed call counts once in ``cachemesh_router_answer_ledger_failures_total``
+    under its operation, and the request is served all the same."""
+    monkeypatch.setattr(servicer_module, "LEDGER_TIMEOUT_S", 0.05)
+
+    async def run() -> None:
+        registry = new_registry()
+        metrics = RouterMetrics(registry, TenantLabels(1))
+        ledger = RedisAnswerLedger(Redis.from_url(redis_url), ttl_s=60)
+        setattr(ledger, script, fault)
+        pipeline = GatedPipeline(fails=pipeline_fails)
+        servicer = GatewayServicer(
+            ApiKeys({hash_key(KEY): "tenant-a"}),
+            TABLE,
+            {"sim-small", "sim-large"},
+            pipeline,  # type: ignore[arg-type]
+            IdempotencyTable(SystemClock(), 60, 100),
+            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
+            RequestLog(metrics, TABLE, time.perf_counter),
+            ledger,
+            ledger_failed=metrics.ledger_failed,
+        )
+        assert set(_ledger_failures(registry).values()) == {0.0}
+        context = FakeContext(CLIENT_MARK)
+        if pipeline_fails:
+            with pytest.raises(Aborted):
+                await servicer.Complete(_request(), context)  # type: ignore[arg-type]
+        else:
+            answer = await servicer.Complete(_request(), context)  # type: ignore[arg-type]
+            assert answer.content[0].text == "answer 1"
+        await asyncio.gather(*servicer._background)  # the claim given back, after the call
+        counts = _ledger_failures(registry)
+        assert counts == {op: float(op == operation) for op in counts}, counts
+        await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_each_failed_renewal_try_counts_once() -> None:
+    """Redis down for 30 s under a 60 s call: five renewal tries fail (3.3 to 9.5 s), then the
+    claim is given up: five renewal failures counted, nothing else."""
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(1))
+    _, sleep, clock = _call_of(60)
+    ledger = Outage(
+        ttl_s=60, sleep=sleep, clock=clock, down=[(0, 30)], failed=metrics.ledger_failed
+    )
+    asyncio.run(ledger.hold("tenant-a", "req-o", Claimed(b"?" + b"f" * 64 + b"t")))
+    assert len(ledger.tries) == 5
+    assert _ledger_failures(registry) == {"claim": 0, "renew": 5, "record": 0, "give_back": 0}
