@@ -252,7 +252,11 @@ class SemanticCache(EntryStore):
         # nor touched: the lookup goes on without it (a paraphrase of an accepted tier may be
         # served), and a miss then says why. Every other candidate keeps its place whatever its
         # tier: a nearest one of another tier is refused (a refusal never promotes a runner-up,
-        # a worse match) and one within the margin still makes the lookup ambiguous.
+        # a worse match) and one within the margin still makes the lookup ambiguous. A miss
+        # then gives the tier refusal first (why the exact answer was not served, and why the
+        # Store replaces it; counted under ``tier``), with the paraphrase search's own refusal
+        # after it; its ``best_similarity`` is the paraphrase search's best (the exact match's
+        # 1.0 would say a search found what the refusal says was passed over).
         tier_refused = ""
         passed_over: int | None = None
         vid = self._exact_match(index, query.normalised)
@@ -261,29 +265,30 @@ class SemanticCache(EntryStore):
             if not tier_refused:
                 return self._hit(vid, 1.0, exact=True, best=1.0)
             passed_over = vid
-        exact_best = 1.0 if tier_refused else 0.0
 
         def miss(best: float, refusal: str = "") -> CheckResult:
+            if tier_refused and refusal:
+                refusal = f"{tier_refused} (the nearest paraphrase: {refusal})"
             return CheckResult(None, best_similarity=best, refusal=refusal or tier_refused)
 
         try:
             vector = await self._embed(query.tenant, text, deadline, lookup=True)
         except TimeoutError:  # the caller's time is up: a miss now (it may lead), not a late one
-            return miss(exact_best)
+            return miss(0.0)
         except QueueFull as exc:  # L1 is busy: the request goes on to the model at once
             if tier_refused:  # it did read L1: the miss its refused match makes it
-                return miss(exact_best)
+                return miss(0.0)
             return CheckResult(None, skip_reason=str(exc))
         # From here to the verification nothing awaits: the index cannot change under us.
         now = self._clock.now_ms()
         self._purge_expired(now)
         index = self._scopes.get((query.tenant, query.scope))
         if index is None:
-            return miss(exact_best)
+            return miss(0.0)
         candidates = [
             (v, _clamp(s)) for v, s in index.search(vector, self._top_k) if v != passed_over
         ]
-        best = max([exact_best, *(s for _, s in candidates)])
+        best = max((s for _, s in candidates), default=0.0)
         short = shortlist(
             candidates,
             self._entries.__getitem__,

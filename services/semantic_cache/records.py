@@ -55,7 +55,9 @@ class CheckResult:
     entry: Entry | None  # the served entry, on a hit
     similarity: float = 0.0  # of the served entry, clamped to [0, 1]
     exact: bool = False
-    best_similarity: float = 0.0  # best candidate seen, hit or not
+    # best candidate of the search, hit or not; an exact match passed over for its tier is not
+    # one (the refusal names it): a tier-refused exact match with no paraphrase found reads 0
+    best_similarity: float = 0.0
     skip_reason: str = ""  # why no lookup was done, when none was
     refusal: str = ""  # why candidates above the threshold were not served (verifier, ambiguity)
     leader: bool = False  # a miss that took the lease: this caller calls the model and stores

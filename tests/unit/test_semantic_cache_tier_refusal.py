@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 
 import numpy as np
+import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -197,3 +198,32 @@ async def test_a_forced_lookup_is_served_the_accepted_tiers_answer_when_it_is_th
     forced = await cache.check(dataclasses.replace(asked, accepted_tiers=("large",)))
     assert forced.entry is not None and not forced.exact
     assert sc.CachedAnswer.FromString(forced.entry.answer.payload).tier == "large"
+
+
+async def test_a_paraphrase_refused_after_a_tier_refused_match_is_still_a_tier_refusal() -> None:
+    """The question's exact entry is the small tier's; the nearest paraphrase (0.95) is the
+    large tier's, and the verifier refuses it (the words swapped). A lookup forced to the large
+    tier was reported as the verifier's refusal (metric reason ``verifier``, so the router saw
+    no tier refusal), with a best similarity of 1.0 from the exact entry it passed over. The
+    tier is why the exact answer was not served (the model's answer replaces it): the refusal
+    says so first, then the paraphrase's, and ``best_similarity`` is the paraphrase search's."""
+    from tests.unit.test_semantic_cache_verifier import lexical
+
+    question, swapped = "does the dog bite the man", "does the man bite the dog"
+    cosines = {question: (1.0, 1), swapped: (0.95, 1)}
+    cache = SemanticCache(
+        _Placed(cosines), ManualClock(), threshold=0.9, margin=0.03, verifier=lexical()
+    )
+    asked = query_from_request("a", make_request(question))
+    await cache.store(asked, _stored("small", "yes"))
+    await cache.store(query_from_request("a", make_request(swapped)), _stored("large", "no"))
+    registry = new_registry()
+    metrics = SemanticCacheMetrics(registry, TenantLabels(4))
+    result = await cache.check(dataclasses.replace(asked, accepted_tiers=("large",)))
+    assert not result.hit
+    assert refusal_reason(result.refusal) == "tier", result.refusal
+    assert "small tier" in result.refusal and "verifier refused" in result.refusal
+    assert result.best_similarity == pytest.approx(0.95, abs=1e-3)
+    metrics.looked_up("a", result)
+    assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="tier") == 1
+    assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="verifier") == 0
