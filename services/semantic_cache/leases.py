@@ -13,7 +13,9 @@ budget runs out gets a miss and calls the model itself: a lease never loses a re
 
 A lease is owned by the ``request_id`` that took it: a retry of that request (its router died
 mid-call and the client sent it again) takes the lease over and leads, instead of waiting out
-the age limit of its own dead call.
+the age limit of its own dead call. The lease taken over gets a new ``lease_id`` (its waiters
+wait on): the first call's late Release or renewal names the old one, and ends or renews
+nothing.
 
 The age limit runs from the take, and from each renewal: the holder renews its lease (by its
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
@@ -93,11 +95,17 @@ class Leases:
         return lease.lease_id
 
     def take_over(self, key: LeaseKey, owner: str) -> str | None:
-        """The id of ``key``'s live lease when ``owner`` (not empty) took it, its age limit
-        restarted (a retry of the request leads again); else None."""
+        """When ``owner`` (not empty) took ``key``'s live lease: a retry of that request leads
+        again. The lease is kept (its waiters wait on) with its age limit restarted, under a
+        new id, returned (else None): the first call may still be running on a router that
+        lost its client, and its Release or renewal, naming the old id, then ends or renews
+        nothing (it would end the lease the retry holds: a waiter would lead a second call)."""
         lease = self._held.get(key)
         if not owner or lease is None or lease.owner != owner or self.held(key) is None:
             return None
+        del self._ids[lease.lease_id]
+        lease.lease_id = uuid.uuid4().hex
+        self._ids[lease.lease_id] = key
         lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return lease.lease_id

@@ -210,9 +210,10 @@ def test_a_renewal_names_its_lease_by_id_and_another_tenants_id_renews_nothing(
     assert not leases.renew("b", lease_id)  # another tenant's router, given a's lease_id
     assert leases.life_s(key) == 10.0  # not renewed
     assert leases.renew("a", lease_id) and leases.life_s(key) == 30.0
-    assert leases.take_over(key, "r1") == lease_id  # a retry of it: the same lease, still named
-    assert leases.renew("a", lease_id)
-    assert leases.end(key, lease_id) and not leases.renew("a", lease_id)
+    retried = leases.take_over(key, "r1")  # a retry of it: the same lease, under a new id
+    assert retried and retried != lease_id and not leases.renew("a", lease_id)
+    assert leases.renew("a", retried)
+    assert leases.end(key, retried) and not leases.renew("a", retried)
     others = [leases.take(("a", "scope", f"question {n}"), f"q{n}") for n in range(100)]
     clock.advance(s=30)  # none renewed: all past their age limit
     last = leases.take(("a", "scope", "the last"), "r2")  # ends the expired on its way
@@ -276,3 +277,33 @@ async def test_a_waiter_keeps_waiting_while_the_leader_renews_its_lease(
     assert waiter.hit and waiter.waited and not waiter.leader
     assert renewals == [True] * 7
     assert budgets[0] == 30.0 and len(budgets) > 1  # waited on past the first age limit
+
+
+async def test_a_take_over_renames_the_lease_so_the_first_calls_late_release_ends_nothing(
+    cache: SemanticCache, clock: ManualClock, waits: tuple[list[float], list[Meanwhile]]
+) -> None:
+    """The leader's router lost its client mid-call; the client's retry (same request_id) takes
+    the lease over. The first call, cancelled, then sends its Release (or a renewal already on
+    its way) naming its own lease_id: that must not end (nor renew) the lease the retry now
+    holds, or a waiter wakes without an answer and leads a second paid model call."""
+    _, script = waits
+    first = await cache.check(question("leader"))
+    assert first.leader
+    clock.advance(s=5)
+    retry = await cache.check(question("leader"))
+    assert retry.leader and retry.lease_id and retry.lease_id != first.lease_id
+    assert not cache.renew("a", first.lease_id)  # the first call's renewal renews nothing
+    assert cache.renew("a", retry.lease_id)  # the retry's keeper holds its lease on
+
+    async def the_first_calls_late_release_then_the_retrys_store() -> bool:
+        if cache.release(question("leader"), first.lease_id):
+            return True  # the lease ended: the waiter wakes without an answer
+        answer = Answer(
+            payload=b"use the link", stop_reason=END_TURN, output_tokens=3, has_tool_use=False
+        )
+        assert (await cache.store(question("leader"), answer)).stored
+        return True
+
+    script.append(the_first_calls_late_release_then_the_retrys_store)
+    waiter = await cache.check(question("waiter"), wait_s=6.0)
+    assert waiter.hit and waiter.waited and not waiter.leader  # one model call, not two
