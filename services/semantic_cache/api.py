@@ -19,7 +19,7 @@ from services.semantic_cache.batcher import QueueFull
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, RecentQueries
-from services.semantic_cache.records import Answer, InvalidQuery, StoreResult
+from services.semantic_cache.records import Answer, CheckResult, InvalidQuery, StoreResult
 from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
 from services.semantic_cache.tenant_stats import TenantCounters
 from services.semantic_cache.wal import NotDurable
@@ -94,6 +94,37 @@ class SemanticCacheApi:
             )
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        try:
+            return await self._looked_up(request, query, result, deadline)
+        except BaseException:  # cancelled (the caller's deadline passed, or it went away),
+            # or failed: the caller never learns it leads, so it would neither renew nor
+            # release the lease
+            if result.leader:
+                self.abandon(request.tenant, result.lease_id)
+            raise
+
+    def abandon(self, tenant: str, lease_id: str) -> bool:
+        """Ends the lease a leading Lookup took whose reply did not reach its caller (it was
+        cancelled, or replied past its deadline): that caller makes the model call as if it
+        had not looked up, and neither renews nor releases a lease it does not know it holds,
+        so the identical requests would wait on it up to its age limit. Only that lease, by
+        its id. True when it was held."""
+        ended = self._cache.end_lease(tenant, lease_id)
+        if ended:
+            log.info(
+                "lookup for tenant %s: its reply did not reach the caller in time; the lease "
+                "it took is ended, so identical requests need not wait on it",
+                tenant,
+            )
+        return ended
+
+    async def _looked_up(
+        self,
+        request: sc.LookupRequest,
+        query: Query,
+        result: CheckResult,
+        deadline: float | None,
+    ) -> sc.LookupResponse:
         if self._metrics is not None:
             self._metrics.looked_up(request.tenant, result)
         log.debug(

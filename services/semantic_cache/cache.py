@@ -190,6 +190,11 @@ class SemanticCache(EntryStore):
         key = self._lease_key(query)
         return key is not None and self._leases is not None and self._leases.end(key, lease_id)
 
+    def end_lease(self, tenant: str, lease_id: str) -> bool:
+        """Ends ``tenant``'s lease named ``lease_id`` (a leading Lookup whose reply never
+        reached its caller): True when it was held. Its waiters wake; one leads."""
+        return self._leases is not None and bool(lease_id) and self._leases.end_id(tenant, lease_id)
+
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of ``tenant``'s lease named ``lease_id`` (its leader's model
         call is still on): True when it was that live lease. Its waiters keep waiting. By its

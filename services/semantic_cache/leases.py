@@ -126,6 +126,11 @@ class Leases:
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return True
 
+    def end_id(self, tenant: str, lease_id: str) -> bool:
+        """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended."""
+        key = self._ids.get(lease_id)
+        return key is not None and key[0] == tenant and self.end(key, lease_id)
+
     def end(self, key: LeaseKey, lease_id: str | None = None) -> bool:
         """Fulfilled (stored) or released: wakes every waiter. With ``lease_id``, only that
         lease is ended (not one another request has taken since). True when one ended."""

@@ -25,7 +25,13 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
 
     async def Lookup(self, request: sc.LookupRequest, context: Context) -> sc.LookupResponse:
         api = await self._ready(context)
-        return await answered(context, api.lookup(request, context.time_remaining()))
+        reply = await answered(context, api.lookup(request, context.time_remaining()))
+        if reply.leader and context.time_remaining() == 0:
+            # past the caller's deadline (a busy event loop): this reply will not reach it, so
+            # the lease it names would be neither renewed nor released (a cancelled lookup's
+            # lease is ended in ``lookup``)
+            api.abandon(request.tenant, reply.lease_id)
+        return reply
 
     async def Store(self, request: sc.StoreRequest, context: Context) -> sc.StoreResponse:
         api = await self._ready(context)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import grpc
 import pytest
@@ -288,3 +290,49 @@ async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease
         await expect(grpc.StatusCode.UNAVAILABLE, stub.Store(store, metadata=AUTH))
         assert not cache.lease_pending(query_from_request("a", lookup.request))
     await server.stop(None)
+
+
+@pytest.mark.parametrize("stall", ["awaits", "blocks the loop"])
+async def test_a_leading_lookup_whose_reply_misses_its_deadline_leaves_no_lease(
+    monkeypatch: pytest.MonkeyPatch, stall: str
+) -> None:
+    """The Lookup took the lease, then its handler outlasted the caller's deadline (the
+    embedding the router wants, on a busy event loop): the router got DEADLINE_EXCEEDED and
+    never knew it led, so it neither renews nor releases the lease. L1 ends that lease itself,
+    at the handler's cancellation or when it replies past the deadline; else identical
+    requests waited on it for the whole age limit (30 s), then each led a call of its own."""
+    cache = leased_cache()
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+    lookup = sc.LookupRequest(
+        tenant="a", request=make_request("Reset my password"), want_embedding=True
+    )
+    twin = query_from_request("a", lookup.request)
+    embedding = cache.embedding
+    handled = asyncio.Event()
+
+    async def stalled(*args: Any, **kwargs: Any) -> object:
+        try:
+            if stall == "awaits":
+                await asyncio.sleep(5.0)  # cancelled at the deadline
+            vector = await embedding(*args, **kwargs)
+            if stall == "blocks the loop":
+                time.sleep(0.5)  # noqa: ASYNC251 (the busy loop: no await left, the reply is late)
+            return vector
+        finally:
+            handled.set()
+
+    monkeypatch.setattr(cache, "embedding", stalled)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sc_grpc.SemanticCacheStub(channel)
+            late = stub.Lookup(lookup, metadata=AUTH, timeout=0.2)
+            await expect(grpc.StatusCode.DEADLINE_EXCEEDED, late)
+            await asyncio.wait_for(handled.wait(), 10)  # a safety net only
+            monkeypatch.setattr(cache, "embedding", embedding)
+            other = sc.LookupRequest(tenant="a", request=make_request("Another question"))
+            await stub.Lookup(other, metadata=AUTH)  # the late handler has finished by now
+            assert not cache.lease_pending(twin)
+            again = await stub.Lookup(lookup, metadata=AUTH, timeout=5.0)
+            assert again.leader  # at once, not in 30 s
+    finally:
+        await server.stop(None)
