@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.router.renewals import Renewals
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,8 @@ _FINGERPRINT_BYTES = 64  # sha256 hex of the request (idempotency.fingerprint)
 _CLAIM = b"?"  # a claim's first byte (an answer's is the fingerprint's, a hex digit)
 _COMPRESSED = b"\0"  # after an answer's fingerprint: the rest is zlib of the serialized answer
 CLAIM_LEASE_S = 10.0  # a claim lapses this long after its holder last renewed it
-# A claim is renewed every third of its lease; after a renewal that failed, tried again after
-# this share of the lease (10 s: 0.5 s), the wait doubling after each failure up to the normal
-# third (a Redis that is down or overloaded is not sent each call's renewals 6.7x as often as
-# normally), and the last try no later than this share before the lease lapses: of 10 s, tries
-# at 3.3, 3.8, 4.8, 6.8 and 9.5 s. Then the claim is given up: a renewal after the lapse could
+# A claim is renewed on ``Renewals``' schedule, then given up: a renewal after the lapse could
 # only find it gone (``_RENEW`` renews only a claim that is still there and still this call's).
-RENEW_RETRY_SHARE = 0.05
 # What a failure is counted under (``cachemesh_router_answer_ledger_failures_total``): the
 # claim before a marked call's model call, each try of its renewal, the answer's record, and
 # the claim given back after a call that recorded nothing.
@@ -184,27 +180,23 @@ class RedisAnswerLedger:
         return Recorded(held[:_FINGERPRINT_BYTES].decode(), answer)
 
     async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
-        """Renews every third of the lease; after a failed renewal, again after
-        ``RENEW_RETRY_SHARE`` of it, the wait doubling up to the normal third (each try bounded
-        by the wait before it, and by no less than that share), the last try no later than that
-        share before the lease lapses, then given up: the claim lapses and a retry on another
-        router may take the id. A renewal that succeeds restarts the schedule. Of a claim's
-        failures only its first and the give-up are logged."""
+        """Renews on ``Renewals``' schedule (each try bounded by the wait before it, and by no
+        less than its retry share, nor more than the normal wait), then gives up: the claim
+        lapses and a retry on another router may take the id. Of a claim's failures only its
+        first and the give-up are logged."""
         key = ledger_key(tenant, request_id)
-        renewed = self._clock()  # the claim, just taken (a lease counts from a try's start)
-        third = self._lease_s / 3
-        least = self._lease_s * RENEW_RETRY_SHARE
-        wait, retry, failed = third, 0.0, 0  # retry: the wait after the last failure
+        schedule = Renewals(self._lease_s, self._clock)  # the claim, just taken
         while True:
-            await self._sleep(wait)
-            tried = self._clock()
+            await self._sleep(schedule.wait_s)
+            tried = self._clock()  # a lease counts from a try's start
+            timeout_s = min(schedule.normal_s, max(schedule.wait_s, schedule.least_s))
             try:
-                async with asyncio.timeout(min(third, max(wait, least))):
+                async with asyncio.timeout(timeout_s):
                     ours = await self._renew(keys=[key], args=[claimed.value, self._lease_ms])
             except (RedisError, TimeoutError) as exc:
                 self._failed("renew")
-                failed += 1
-                if failed == 1:
+                again = schedule.failed()
+                if schedule.failures == 1:
                     log.warning(
                         "answer ledger: renewing the claim of tenant %s's request %s failed "
                         "(%s); tried again, less and less often, until shortly before it lapses",
@@ -212,10 +204,7 @@ class RedisAnswerLedger:
                         request_id,
                         type(exc).__name__,
                     )
-                retry = min(third, max(least, retry * 2))
-                now = self._clock()
-                last_try = renewed + self._lease_s - least
-                if last_try <= now:
+                if not again:
                     log.warning(
                         "answer ledger: the claim of tenant %s's request %s went %.1f s without "
                         "a renewal (%d tries failed, the last %s), its %.1f s lease nearly "
@@ -223,17 +212,16 @@ class RedisAnswerLedger:
                         "may take the id over and call the model again",
                         tenant,
                         request_id,
-                        now - renewed,
-                        failed,
+                        schedule.since_renewed_s(),
+                        schedule.failures,
                         type(exc).__name__,
                         self._lease_s,
                     )
                     return
-                wait = min(retry, last_try - now)
                 continue
             if not ours:  # recorded over, given back, or lapsed and taken: nothing to keep
                 return
-            renewed, wait, retry = tried, third, 0.0
+            schedule.renewed(tried)
 
     async def give_back(self, tenant: str, request_id: str, claimed: Claimed) -> None:
         try:

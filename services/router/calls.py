@@ -30,6 +30,7 @@ from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
+from services.router.renewals import Renewals
 from services.router.settings import RouterSettings
 
 log = logging.getLogger("cachemesh.router")
@@ -45,14 +46,6 @@ _LOOKUP_SHARE = 0.5
 # what the request's deadline leaves: the rest is kept for the request's own model call, should
 # that call's answer not come (its router died, or its model is as slow as the deadline).
 _LEASE_WAIT_SHARE = 0.5
-# A leading Lookup's lease is renewed every this share of its age limit while the request's model
-# call runs; after a renewal that failed, tried again after this share of it (30 s: 1.5 s), the
-# wait doubling after each failure up to the normal third (an L1 that is overloaded rather than
-# down is not sent renewals 6.7x as often as normally), and the last try no later than this
-# share before the lease lapses (one then would only be refused): of 30 s, tries at 10, 11.5,
-# 14.5, 20.5 and 28.5 s.
-_RENEW_SHARE = 1 / 3
-_RENEW_RETRY_SHARE = 0.05
 # Each prefix-cache call of a request (Plan, WARM, FINAL) takes at most this share of what the
 # request's deadline leaves (and at most ROUTER_PREFIX_TIMEOUT_S): a hung prefix-cache leaves the
 # model call, or the answer's reply, the other half.
@@ -273,15 +266,13 @@ class Calls:
         request: pb.CompleteRequest,
         lookup: semantic_cache_pb2.LookupResponse,
     ) -> None:
-        """Renews the lease ``lookup`` took (it said ``leader``) every third of its age limit,
+        """Renews the lease ``lookup`` took (it said ``leader``) on ``Renewals``' schedule,
         until cancelled: once the request's Store is sent, or its model call ended without
         one (then ``release``). Identical requests keep waiting for this call however long it
         runs, instead of each leading a paid call of its own once the age limit passes. Never
         fails the request (L1 is optional): a renewal that fails is a degradation (each one
-        counted; the lease's first one logged), tried again after ``_RENEW_RETRY_SHARE`` of
-        the lease, the wait doubling up to the normal third (each try bounded by the wait
-        before it), the last try no later than ``_RENEW_RETRY_SHARE`` before the lease lapses
-        (then given up, logged); a lease found ended or taken by another request is logged,
+        counted; the lease's first one logged), each try bounded by the wait before it; a
+        lease given up is logged; a lease found ended or taken by another request is logged,
         and renewed no more. An L1 that gives no ``lease_s`` (older): not renewed, its age
         limit alone."""
         lease_s = lookup.lease_s
@@ -290,19 +281,17 @@ class Calls:
         # by its lease_id, not the request: this goes every third of the lease while the call
         # runs, and the request may be a megabyte (L1 would parse and hash it each time)
         call = semantic_cache_pb2.RenewRequest(tenant=tenant, lease_id=lookup.lease_id)
-        renewed = self._clock()  # the lease, just taken
-        wait_s = lease_s * _RENEW_SHARE
-        retry_s = 0.0  # the wait after the last failure (0: the last try renewed)
-        failed = 0  # tries that failed, of this lease
+        schedule = Renewals(lease_s, self._clock)  # the lease, just taken
         while True:
-            await self._sleep(wait_s)
+            await self._sleep(schedule.wait_s)
             tried = self._clock()  # a renewal counts from its try's start
             try:
                 # one slower than the wait before it is as good as lost: the next try goes then
-                reply = await self._d.semantic.renew(call, min(self._s.semantic_timeout_s, wait_s))
+                deadline_s = min(self._s.semantic_timeout_s, schedule.wait_s)
+                reply = await self._d.semantic.renew(call, deadline_s)
             except CallFailed as exc:
-                failed += 1
-                if failed == 1:
+                again = schedule.failed()
+                if schedule.failures == 1:
                     log.warning(
                         "semantic-cache: renewing the lease of tenant %s's request %s failed "
                         "(%s: %s); tried again, less and less often, until shortly before it "
@@ -314,12 +303,7 @@ class Calls:
                         exc.details,
                     )
                 self._degraded("semantic-cache", exc, logged=False)
-                retry_s = min(
-                    lease_s * _RENEW_SHARE, max(lease_s * _RENEW_RETRY_SHARE, retry_s * 2)
-                )
-                now = self._clock()
-                last_try = renewed + lease_s * (1 - _RENEW_RETRY_SHARE)
-                if last_try <= now:
+                if not again:
                     log.warning(
                         "semantic-cache: the lease of tenant %s's request %s went %.1f s "
                         "without a renewal (%d tries failed), its %.1f s age limit nearly "
@@ -327,12 +311,11 @@ class Calls:
                         "not renewed any more",
                         tenant,
                         request.request_id,
-                        now - renewed,
-                        failed,
-                        lease_s,
+                        schedule.since_renewed_s(),
+                        schedule.failures,
+                        schedule.lease_s,
                     )
                     return
-                wait_s = min(retry_s, last_try - now)
                 continue
             if not reply.renewed:
                 log.info(
@@ -344,10 +327,7 @@ class Calls:
                 )
                 record_event(self._tracer, "cachemesh.semantic.lease_lost", {})
                 return
-            renewed = tried
-            retry_s = 0.0
-            lease_s = reply.lease_s if reply.lease_s > 0 else lease_s
-            wait_s = lease_s * _RENEW_SHARE
+            schedule.renewed(tried, reply.lease_s if reply.lease_s > 0 else None)
 
     async def _lookup(
         self, call: semantic_cache_pb2.LookupRequest, deadline_s: float
