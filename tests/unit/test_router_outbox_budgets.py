@@ -730,21 +730,14 @@ class HeldSync(Journal):
         super().sync(fsync=fsync)
 
 
-async def test_an_answer_cancelled_while_its_bill_is_kept_is_kept_once(
-    tmp_path: Path, store: LimitStore
+async def _leave_while_the_bill_syncs(
+    outage: Outage, port: object, outbox: BillingOutbox, journal: HeldSync
 ) -> None:
-    """prefix-cache records the answer's FINAL but its reply is lost, and the caller leaves while
-    the outbox's journal syncs the answer's bill (a slow disk): the call is billed as one that
-    ended without its answer, its estimate counted, and its bill kept in the place of the
-    answer's (one entry; not a second one beside it, each of whose replays, repeats of an
-    entry this process kept, would correct the budgets: the spend twice the bill less the
-    estimate)."""
-    journal = HeldSync(tmp_path / "held")
-    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
-    port = LostReplyPort(outage.port.api)
-    outbox = _outbox(port, journal, outage.limiter, outage.clock)
+    """One request through ``port`` whose caller leaves while the journal syncs its answer's
+    bill (held there until the caller is gone), then the call's bill without its answer and
+    the request's settle, drained."""
     rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
-    port.down, port.lose_next_final, journal.hold = False, True, True
+    journal.hold = True
     request, ticket = await outage.admitted("r-left")
     pipeline = rig.pipeline()
 
@@ -761,6 +754,23 @@ async def test_an_answer_cancelled_while_its_bill_is_kept_is_kept_once(
     await pipeline.drain()  # its bill without an answer
     outage.limiter.settle(ticket, None)
     await outage.limiter.drain()
+
+
+async def test_an_answer_cancelled_while_its_bill_is_kept_is_kept_once(
+    tmp_path: Path, store: LimitStore
+) -> None:
+    """prefix-cache records the answer's FINAL but its reply is lost, and the caller leaves while
+    the outbox's journal syncs the answer's bill (a slow disk): the call is billed as one that
+    ended without its answer, its estimate counted, and its bill kept in the place of the
+    answer's (one entry; not a second one beside it, each of whose replays, repeats of an
+    entry this process kept, would correct the budgets: the spend twice the bill less the
+    estimate)."""
+    journal = HeldSync(tmp_path / "held")
+    outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
+    port = LostReplyPort(outage.port.api)
+    outbox = _outbox(port, journal, outage.limiter, outage.clock)
+    port.down, port.lose_next_final = False, True
+    await _leave_while_the_bill_syncs(outage, port, outbox, journal)  # billed without it
     assert outbox.pending == 1
 
     assert await outbox.flush() == 1
@@ -1027,24 +1037,7 @@ async def test_a_bill_kept_then_made_by_its_final_takes_its_estimate_back(
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     port = HungFinalPort(outage.port.api, Code.UNAVAILABLE)
     outbox = _outbox(port, journal, outage.limiter, outage.clock)
-    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
-    journal.hold = True
-    request, ticket = await outage.admitted("r-left")
-    pipeline = rig.pipeline()
-
-    async def ask() -> None:
-        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
-        [chunk async for chunk in run]
-
-    asked = asyncio.ensure_future(ask())
-    assert await asyncio.to_thread(journal.syncing.wait, 10)  # the answer's bill, written
-    asked.cancel()  # the caller leaves
-    with pytest.raises(asyncio.CancelledError):
-        await asked
-    journal.go.set()
-    await pipeline.drain()  # its bill without an answer: its FINAL made
-    outage.limiter.settle(ticket, None)
-    await outage.limiter.drain()
+    await _leave_while_the_bill_syncs(outage, port, outbox, journal)  # its FINAL made after
     assert await outbox.flush() == 0  # nothing left to bill
     assert outbox.pending == 0
     await outage.limiter.drain()
