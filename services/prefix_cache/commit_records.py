@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+from services.common.holdings import Holdings
 from services.prefix_cache.pricing import Charge
 from services.prefix_cache.rules import Split
 
@@ -50,7 +51,11 @@ class CommitRecord:
 
 class CommitRecords:
     """In memory, bounded: records expire ``ttl_ms`` after their last commit, and beyond
-    ``max_records`` the least recently committed go first."""
+    ``max_records`` the least recently committed record of the tenant holding the most goes:
+    the bound, one for all tenants, is shared max-min fairly (``services.common.holdings``),
+    so one tenant's flood of requests pushes out its own records, never those of a tenant
+    holding fewer (whose FINAL would then find no WARM, or whose replayed WARM and FINAL
+    would be billed again); alone, a tenant has the whole bound."""
 
     def __init__(self, ttl_ms: int, max_records: int = 1_000_000) -> None:
         check_record_ttl(ttl_ms)
@@ -58,7 +63,10 @@ class CommitRecords:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         self._ttl_ms = ttl_ms
         self._max = max_records
+        # by last commit, so by expiry (one TTL); and each tenant's request ids in that order
         self._records: OrderedDict[tuple[str, str], CommitRecord] = OrderedDict()
+        self._by_tenant: dict[str, OrderedDict[str, None]] = {}
+        self._held = Holdings()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -82,13 +90,31 @@ class CommitRecords:
         return done
 
     def _store(self, key: tuple[str, str], record: CommitRecord, now_ms: int) -> None:
+        tenant, request_id = key
+        held = self._by_tenant.setdefault(tenant, OrderedDict())
+        if key not in self._records:
+            self._held.add(tenant, 1)
         self._records[key] = record
         self._records.move_to_end(key)
-        while self._records:
+        held[request_id] = None
+        held.move_to_end(request_id)
+        while self._records:  # the expired first, whoever's they are
             oldest_key, oldest = next(iter(self._records.items()))
-            if len(self._records) <= self._max and oldest.expires_at_ms > now_ms:
+            if oldest.expires_at_ms > now_ms:
                 break
-            del self._records[oldest_key]
+            self._drop(oldest_key)
+        while len(self._records) > self._max:  # then the bound: the tenant holding the most
+            holder = self._held.most()
+            self._drop((holder, next(iter(self._by_tenant[holder]))))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        del self._records[key]
+        tenant, request_id = key
+        held = self._by_tenant[tenant]
+        del held[request_id]
+        if not held:
+            del self._by_tenant[tenant]
+        self._held.add(tenant, -1)
 
 
 def check_record_ttl(ttl_ms: int) -> None:

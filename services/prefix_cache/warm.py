@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common.holdings import Holdings
 from services.prefix_cache.rules import Probe, Write
 
 Scope = tuple[str, ...]
@@ -93,7 +94,11 @@ class InMemoryWarmStore:
     """The single-process default: entries expired for ``READ_GRACE_MS`` are purged by time as
     writes pass, whatever their place in the recency order (a live 1-hour entry touched long
     ago does not hold back the expired 5-minute ones touched after it); then, over
-    ``max_entries`` live ones, the least recently touched is evicted first.
+    ``max_entries`` live ones, the least recently touched entry of the tenant (a scope's first
+    element) holding the most is evicted: the bound, one for all tenants, is shared max-min
+    fairly (``services.common.holdings``), so one tenant's flood of distinct prompts pushes
+    out its own entries, never those of a tenant holding fewer (whose next turn would pay a
+    write instead of a read); alone, a tenant has the whole bound.
 
     Expiry is a min-heap of ``(expires_at_ms, key)``, one item per key, pushed when the key is
     created: a refresh (which only moves the expiry later) pushes nothing; the item, popped at
@@ -104,7 +109,9 @@ class InMemoryWarmStore:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self._max = max_entries
-        self._entries: OrderedDict[Key, WarmEntry] = OrderedDict()
+        self._entries: dict[Key, WarmEntry] = {}
+        self._touched: dict[str, OrderedDict[Key, None]] = {}  # each tenant's keys, LRU first
+        self._held = Holdings()
         self._expiry: list[tuple[int, Key]] = []
 
     def __len__(self) -> int:
@@ -156,9 +163,23 @@ class InMemoryWarmStore:
         key = (scope, digest)
         old = self._entries.get(key)
         self._entries[key] = WarmEntry(digest, tokens, ttl_ms, expires)
-        self._entries.move_to_end(key)
+        tenant = _tenant(scope)
+        touched = self._touched.setdefault(tenant, OrderedDict())
+        touched[key] = None
+        touched.move_to_end(key)
+        if old is None:
+            self._held.add(tenant, 1)
         if old is None or expires < old.expires_at_ms:  # earlier only if the clock went back
             heapq.heappush(self._expiry, (expires, key))
+
+    def _drop(self, key: Key) -> None:
+        del self._entries[key]
+        tenant = _tenant(key[0])
+        touched = self._touched[tenant]
+        del touched[key]
+        if not touched:
+            del self._touched[tenant]
+        self._held.add(tenant, -1)
 
     def _purge(self, now_ms: int) -> None:
         # by time first: every entry past its expiry and the grace (a late first token reads
@@ -169,12 +190,17 @@ class InMemoryWarmStore:
             if entry is None:  # evicted for the bound, or a second item of a key
                 continue
             if entry.expires_at_ms + READ_GRACE_MS <= now_ms:
-                del self._entries[key]
+                self._drop(key)
             else:  # refreshed since: due at its new expiry
                 heapq.heappush(self._expiry, (entry.expires_at_ms, key))
-        # then the bound, on live entries: the least recently touched first
+        # then the bound, on live entries: the least recently touched of the tenant holding most
         while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._touched[self._held.most()])))
         if len(self._expiry) > 2 * len(self._entries) + 64:
             self._expiry = [(e.expires_at_ms, k) for k, e in self._entries.items()]
             heapq.heapify(self._expiry)
+
+
+def _tenant(scope: Scope) -> str:
+    """The tenant a scope belongs to: its first element."""
+    return scope[0] if scope else ""
