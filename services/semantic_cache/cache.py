@@ -35,7 +35,7 @@ from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
 from services.semantic_cache.reading import folding_refusal
-from services.semantic_cache.recent import Recent, TenantRecent
+from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import (
     END_TURN,
     Answer,
@@ -47,7 +47,7 @@ from services.semantic_cache.records import (
 from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.verifier import Verifier
 
-_RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors ...
+_RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors, all tenants' (shared fairly) ...
 _RECENT_TEXT_CHARS = 16 * 1024  # ... at most 16 MB of texts key them (a longer one: its hash)
 # The longest question (normalised last user turn) stored: the embedding reads 256 tokens
 # (~1k characters), and an entry keeps the whole text (100k entries of 1 MiB would be 100 GB).
@@ -112,8 +112,10 @@ class SemanticCache(EntryStore):
         self._leases = leases
         self._batcher = batcher  # None = one embedding call per text
         # A miss's Store follows its Lookup: the vector of a recent text is embedded once. By
-        # tenant: another tenant's question must not make this one's answer measurably faster.
-        self._recent: Recent[tuple[str, str], npt.NDArray[np.float32]] = Recent(_RECENT_VECTORS)
+        # tenant: another tenant's question must not make this one's answer measurably faster,
+        # and the bound is shared fairly: another tenant's flood of questions never pushes
+        # this one's vectors out (its Stores would embed them again).
+        self._recent: TenantRecent[str, npt.NDArray[np.float32]] = TenantRecent(_RECENT_VECTORS)
         # The tenant's purge count when a request's lookup missed, by tenant and request_id:
         # its Store is refused if the tenant purged its entries since (the answer predates it).
         self._missed_at: TenantRecent[str, int] = TenantRecent(_MISSES_KEPT)
@@ -436,8 +438,8 @@ class SemanticCache(EntryStore):
         """The text's vector; ``TimeoutError`` if it would come after ``deadline`` (on
         ``deadline_clock``; None: no limit), ``QueueFull`` if the batcher refuses it.
         ``lookup``: a Lookup's (the batcher serves them before Stores')."""
-        key = (tenant, _recent_key(text))
-        if (known := self._recent.get(key)) is not None:
+        key = _recent_key(text)
+        if (known := self._recent.get(tenant, key)) is not None:
             return known
         within_s = None if deadline is None else self._left_s(deadline)
         if self._batcher is not None:
@@ -445,7 +447,7 @@ class SemanticCache(EntryStore):
         else:
             embedding = asyncio.to_thread(self._embedder.embed, [text])
             row = (await asyncio.wait_for(embedding, within_s))[0]
-        self._recent.put(key, row)
+        self._recent.put(tenant, key, row)
         return row
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.prompt import last_user_text
-from services.semantic_cache.recent import Recent
+from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import Answer
 
 Mode = Literal["use", "refresh", "no_store", "bypass"]
@@ -113,19 +113,20 @@ class RecentQueries:
     again cost ~0.2 ms for an agent's 19 kB request, where serializing and hashing it costs
     ~0.02. The same bytes are the same request, so the same query; a different tenant or
     any changed field is another key. A question over ``RECENT_QUERY_BYTES`` is derived each
-    time. Not thread-safe: the event loop's.
+    time. The bound is shared fairly between tenants (``TenantRecent``): another tenant's
+    flood of requests never pushes this one's queries out. Not thread-safe: the event loop's.
     """
 
     def __init__(self, size: int = 1024) -> None:
-        self._queries: Recent[tuple[str, bytes], Query] = Recent(size)
+        self._queries: TenantRecent[bytes, Query] = TenantRecent(size)
 
     def of(self, tenant: str, request: pb.CompleteRequest) -> Query:
-        key = (tenant, hashlib.sha256(request.SerializeToString(deterministic=True)).digest())
-        query = self._queries.get(key)
+        key = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        query = self._queries.get(tenant, key)
         if query is None:
             query = query_from_request(tenant, request)
             if len(query.text or "") <= RECENT_QUERY_BYTES:  # never a large question held
-                self._queries.put(key, query)
+                self._queries.put(tenant, key, query)
         return query
 
     def __len__(self) -> int:

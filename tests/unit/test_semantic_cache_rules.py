@@ -204,6 +204,23 @@ async def test_another_tenants_question_is_embedded_again() -> None:
     assert embedder.calls == calls + 2
 
 
+async def test_another_tenants_flood_of_questions_does_not_cost_this_one_an_embedding() -> None:
+    """The recent vectors are bounded for all tenants together, and shared fairly: tenant a
+    asking 2,000 distinct questions between b's Lookup and its Store pushes out a's own
+    vectors, not b's, so b's Store reuses its Lookup's vector."""
+    cache, _, embedder = new_cache()
+    await cache.store(q("How do I reset my password?"), answer())
+    await cache.store(q("How do I reset my password?", tenant="b"), answer())
+    assert not (await cache.check(q("What is the capital of France?", tenant="b"))).hit
+    for i in range(2000):
+        assert not (await cache.check(q(f"flood question number {i}"))).hit
+    calls = embedder.calls
+    await cache.store(q("What is the capital of France?", tenant="b"), answer())
+    assert embedder.calls == calls  # b's Lookup's vector, not a second embedding
+    await cache.store(q("flood question number 0"), answer())
+    assert embedder.calls == calls + 1  # a's oldest went: a's flood paid for itself
+
+
 async def test_a_long_question_is_embedded_once_and_its_text_never_held() -> None:
     """The recent vectors are keyed by their texts, a long one by its hash (it would pin its
     text): its second lookup (``auto``'s embedding, a pending lookup) reuses the vector."""
@@ -214,7 +231,7 @@ async def test_a_long_question_is_embedded_once_and_its_text_never_held() -> Non
     assert not (await cache.check(q(long))).hit
     assert not (await cache.check(q(long))).hit
     assert embedder.calls == calls + 1
-    assert all(len(text) <= 16 * 1024 for _, text in cache._recent._values)
+    assert all(len(text) <= 16 * 1024 for held in cache._recent._tenants.values() for text in held)
 
 
 async def test_a_question_that_is_never_stored_takes_no_lease() -> None:

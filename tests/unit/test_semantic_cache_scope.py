@@ -214,6 +214,18 @@ def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
     assert RecentQueries(size=0).of("a", request) == first  # 0: nothing remembered
 
 
+def test_another_tenants_flood_of_requests_keeps_this_ones_query(derived: list[str]) -> None:
+    """The bound is for all tenants together, shared fairly: tenant a's 100 distinct requests
+    between b's Lookup and its Store push out a's own queries, not b's."""
+    recent = RecentQueries(size=8)
+    mine = recent.of("b", make_request(QUESTION))
+    for i in range(100):
+        recent.of("a", make_request(f"flood question {i}"))
+    assert len(recent) == 8
+    assert recent.of("b", make_request(QUESTION)) is mine  # b's Store: not derived again
+    assert derived.count("b") == 1
+
+
 def test_recent_queries_never_hold_a_large_question(derived: list[str]) -> None:
     recent = RecentQueries(size=8)
     large = make_request("x " * query_module.RECENT_QUERY_BYTES)
