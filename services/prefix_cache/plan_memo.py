@@ -4,9 +4,13 @@ A miss's prompt is canonicalized, tokenized and block-hashed once, at Plan; the 
 that follows (after the model's prefill) names the plan instead of sending the whole request
 again. Entries belong to one tenant and model, live at most ``ttl_ms`` by the injected clock,
 are taken once, and the memo holds at most ``max_blocks`` in all of their ``weight`` (a KV
-block hash's worth of memory, a fixed overhead a plan included: ``core.Prompt.weight``; the
-oldest plans go first). A plan that is gone (expired, evicted, taken, or made by another
-prefix-cache process) is simply unknown: the caller then sends the request itself.
+block hash's worth of memory, a fixed overhead a plan included: ``core.Prompt.weight``). The
+budget is one for all tenants, shared max-min fairly by weight (``services.common.holdings``):
+over it, the oldest plan of the tenant holding the most goes, so one tenant's flood of Plans
+pushes out its own, never those of a tenant holding less (whose WARM would have to send its
+request again); alone, a tenant has the whole budget. A plan that is gone (expired, evicted,
+taken, or made by another prefix-cache process) is simply unknown: the caller then sends the
+request itself.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from services.common.clock import Clock
+from services.common.holdings import Holdings
 
 
 class Weighted(Protocol):
@@ -45,6 +50,8 @@ class PlanMemo(Generic[P]):
         self._ttl_ms = ttl_ms
         self._max_blocks = max_blocks
         self._entries: OrderedDict[str, _Entry[P]] = OrderedDict()
+        self._by_tenant: dict[str, OrderedDict[str, None]] = {}  # each tenant's, oldest first
+        self._held = Holdings()  # each tenant's blocks
         self._blocks = 0
 
     def __len__(self) -> int:
@@ -61,12 +68,14 @@ class PlanMemo(Generic[P]):
             return ""
         now = self._clock.now_ms()
         self._collect(now)
-        while self._entries and self._blocks + weight > self._max_blocks:
-            self._drop(next(iter(self._entries)))
         plan_id = secrets.token_hex(12)
         self._entries[plan_id] = _Entry(tenant, model, prompt, now + self._ttl_ms)
+        self._by_tenant.setdefault(tenant, OrderedDict())[plan_id] = None
+        self._held.add(tenant, weight)
         self._blocks += weight
-        return plan_id
+        while self._blocks > self._max_blocks:  # the oldest of the tenant holding the most
+            self._drop(next(iter(self._by_tenant[self._held.most()])))
+        return plan_id if plan_id in self._entries else ""
 
     def take(self, plan_id: str, tenant: str, model: str) -> P | None:
         """The plan's prompt, once, if it is still held and belongs to ``tenant`` and ``model``."""
@@ -88,4 +97,10 @@ class PlanMemo(Generic[P]):
 
     def _drop(self, plan_id: str) -> None:
         entry = self._entries.pop(plan_id)
-        self._blocks -= max(entry.prompt.weight, 1)
+        weight = max(entry.prompt.weight, 1)
+        self._blocks -= weight
+        self._held.add(entry.tenant, -weight)
+        held = self._by_tenant[entry.tenant]
+        del held[plan_id]
+        if not held:
+            del self._by_tenant[entry.tenant]

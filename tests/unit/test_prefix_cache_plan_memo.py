@@ -71,6 +71,21 @@ def test_the_oldest_plans_go_first_past_the_block_budget() -> None:
     assert memo.put("a", "m", Weighted(11)) == ""  # larger than the whole budget: not kept
 
 
+def test_a_flood_of_one_tenants_plans_pushes_out_its_own_first() -> None:
+    """The budget is for all tenants together, shared fairly by weight: tenant a's 1,000 Plans
+    whose WARM never comes push out a's own plans, not b's (whose WARM would have to send its
+    request again); a tenant alone has the whole budget."""
+    memo: PlanMemo[Weighted] = PlanMemo(ManualClock(), ttl_ms=60_000, max_blocks=100)
+    mine = [memo.put("b", "m", Weighted(5)) for _ in range(4)]
+    flood = [memo.put("a", "m", Weighted(5)) for _ in range(1000)]
+    assert memo.blocks == 100
+    assert [memo.take(plan_id, "b", "m") for plan_id in mine] == [Weighted(5)] * 4
+    assert memo.take(flood[-1], "a", "m") == Weighted(5) and memo.take(flood[0], "a", "m") is None
+    alone: PlanMemo[Weighted] = PlanMemo(ManualClock(), ttl_ms=60_000, max_blocks=100)
+    kept = [alone.put("a", "m", Weighted(5)) for _ in range(20)]
+    assert alone.blocks == 100 and all(alone.take(p, "a", "m") for p in kept)
+
+
 def test_a_zero_ttl_keeps_nothing() -> None:
     memo: PlanMemo[Weighted] = PlanMemo(ManualClock(), ttl_ms=0, max_blocks=10)
     assert memo.put("a", "m", Weighted(1)) == ""
