@@ -123,6 +123,11 @@ class Tokenizer:
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
+    def count_once(self, text: str) -> int:
+        """``count`` for a text not seen again (a streamed answer's running count): its
+        encoding is not kept."""
+        return len(self._encoding.encode(text, disallowed_special=()))
+
     def decode(self, ids: list[int]) -> str:
         return self._encoding.decode(ids)
 

@@ -19,7 +19,18 @@ class Answer:
     # and the output tokens its model service counted (its text, its tool calls as they were
     # written, its thinking: what the router did not see whole)
     partial_output_tokens: int = 0
+    # the model service's last running count of what the model wrote (a ``progress`` chunk's:
+    # its thinking and a tool call's pieces in it; 0: none counted) and the text after it
+    progress_tokens: int = 0
+    text_since_progress: list[str] = field(default_factory=list)
     _texts: list[list[str]] = field(default_factory=list)  # the pieces of each text block
+
+    def progressed(self, progress: model_pb2.GenerateProgress) -> None:
+        """A ``progress`` chunk: its count (an older model service sends none) is the model's
+        output so far, the text received before it in it."""
+        if progress.output_tokens:
+            self.progress_tokens = progress.output_tokens
+            self.text_since_progress.clear()
 
     def add(self, chunk: model_pb2.GenerateChunk) -> pb.ContentBlock:
         """Records a ``text`` or ``block`` chunk; returns the Gateway delta for it."""
@@ -29,6 +40,8 @@ class Answer:
                 self.blocks.append(pb.ContentBlock(text=""))
                 self._texts.append([])
             self._texts[-1].append(chunk.text)
+            if self.progress_tokens:
+                self.text_since_progress.append(chunk.text)
             return pb.ContentBlock(text=chunk.text)
         self.blocks.append(chunk.block)
         return chunk.block

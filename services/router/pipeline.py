@@ -400,6 +400,8 @@ class Pipeline:
                             yield pb.CompleteChunk(start=head)
                     if streamed:
                         yield pb.CompleteChunk(delta=delta)
+                elif part == "progress":
+                    answer.progressed(chunk.progress)
                 elif part == "end":
                     end_chunk = chunk.end
                     if not end_chunk.interrupted:
@@ -704,10 +706,16 @@ class Pipeline:
             # whose output count differs is refused): its count (OpenAI's completion_tokens,
             # in the engine's own vocabulary; Anthropic's, the model service's count)
             output_tokens = _reported_output(reported)
-        else:
+        elif usage is not None:
             # a provider's stream that broke: its model service counted what the router never
             # saw whole (a tool call cut in its arguments, the model's thinking)
             output_tokens = max(output_tokens, answer.partial_output_tokens)
+        elif answer.progress_tokens:
+            # cut by the router or left by its caller, no end: the model service's last running
+            # count (the same things), and the text received after it
+            since = "".join(answer.text_since_progress)
+            counted = answer.progress_tokens + (tokenizer.count(since) if since else 0)
+            output_tokens = max(output_tokens, counted)
 
         async def bill() -> Bill | None:
             final: prefix_cache_pb2.CommitResponse | None = None

@@ -32,6 +32,7 @@ STALL_S = 0.5  # ROUTER_MID_ANSWER_STALL_S
 class EngineStack:
     client: Client  # tenant a's, one attempt a call
     server: WireServer  # the engine: ``script`` its next reply
+    sink: OtlpSink  # the stack's spans
 
 
 @contextmanager
@@ -53,7 +54,7 @@ def engine_stack(run_dir: Path) -> Iterator[EngineStack]:
             with Client(
                 stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1
             ) as client:
-                yield EngineStack(client, server)
+                yield EngineStack(client, server, sink)
         finally:
             stack.stop()
     finally:

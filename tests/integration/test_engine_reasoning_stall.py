@@ -8,10 +8,12 @@ answers: each piece of thinking is a sign of life, so the call is neither handed
 stalled before its first token nor cut as silent after its text (it was, until the model
 processes passed the thinking on as ``progress``), and the caller gets the answer, without
 the thinking, billed as the engine counted it. An engine that truly goes silent after its
-thinking is still cut."""
+thinking is still cut, and billed for its thinking (which the router never sees: the model
+processes' running count of it)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -19,6 +21,7 @@ import pytest
 
 from cachemesh import CachemeshError
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.tokens import load_cl100k
 from tests.integration.engine_stall import MODEL, EngineStack, engine_stack
 from tests.providers import openai_wire
 from tests.providers.wire_server import Reply
@@ -108,3 +111,22 @@ def test_an_engine_silent_after_its_thinking_is_still_cut(engine: EngineStack) -
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
     assert "silent mid-answer" in raised.value.message
     assert _texts(chunks) == [LEAD]  # the text had reached the caller, the thinking never
+    # billed for the text and the thinking (the model service's last running count of them),
+    # not for the text alone (the router's own count, before)
+    tokenizer = load_cl100k()  # local-small's vocabulary
+    wrote = tokenizer.count(LEAD) + tokenizer.count("".join(THINKING))
+    billed = _billed_output(engine, chunks[0].start.trace_id)
+    assert wrote <= billed <= wrote * 9 / 8
+
+
+def _billed_output(engine: EngineStack, trace_id: str) -> int:
+    """The output tokens a call cut without its answer was billed: its ``chat`` span's (held
+    open until its FINAL; exporters batch, so it comes a little after)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for span in engine.sink.spans_of(trace_id):
+            billed = span.attributes.get("gen_ai.usage.output_tokens")
+            if span.service == "router" and span.name.startswith("chat ") and billed is not None:
+                return int(billed)
+        time.sleep(0.2)
+    raise AssertionError("the cut call's chat span never came with its bill")

@@ -67,10 +67,17 @@ def test_thinking_goes_on_as_progress_and_nowhere_else(
     chunks = _generate(_api(server, backend), model)
     # the first piece of thinking is the first token (the prefill is done)
     assert _kinds(chunks) == ["start", *["progress"] * held, "text", "text", "end"]
-    assert all(c.progress.ByteSize() == 0 for c in chunks if c.WhichOneof("part") == "progress")
+    # each carries the running count of what the model wrote (its thinking), nothing else
+    counts = _counts(chunks)
+    assert counts == sorted(counts) and counts[-1] >= _thinking_tokens(model)
     assert "".join(c.text for c in chunks if c.WhichOneof("part") == "text") == "Revenue grew."
     (end,) = _ends(chunks)
     assert end.output_tokens == 900  # the provider's count, its thinking in it: not added again
+
+
+def _counts(chunks: list[model_pb2.GenerateChunk]) -> list[int]:
+    """The running counts the ``progress`` chunks carry."""
+    return [c.progress.output_tokens for c in chunks if c.WhichOneof("part") == "progress"]
 
 
 def _cut_in_the_thinking(backend: str) -> Reply:
@@ -96,6 +103,10 @@ def test_a_stream_cut_in_the_thinking_bills_the_thinking(
     assert end.output_tokens >= _thinking_tokens(model) * 0.8
     if backend == "anthropic":
         assert end.provider_usage.anthropic.output_tokens == end.output_tokens
+    # a call the router cuts there, or whose caller leaves, gets no end: it is billed the
+    # last progress's running count, the end's count of the same pieces (and the pieces since
+    # its last whole count, at most an eighth of them, counted each alone: a little more)
+    assert end.output_tokens <= _counts(chunks)[-1] <= end.output_tokens * 9 / 8
 
 
 def test_an_engine_without_usage_counts_its_thinking(server: WireServer) -> None:

@@ -246,8 +246,9 @@ def test_each_piece_of_a_tool_call_goes_on_as_progress_and_the_call_whole_after(
     server: WireServer, backend: str, model: str
 ) -> None:
     """The call's name and each piece of its arguments are a ``progress`` chunk, nothing in
-    it (the router counts it as the answer going on: a slow engine writing a long call is not
-    silent); the call itself is one ``tool_use`` block once whole, as before."""
+    it but the running count of what the model wrote (the router counts it as the answer going
+    on: a slow engine writing a long call is not silent; and bills a call it cuts that count);
+    the call itself is one ``tool_use`` block once whole, as before."""
     pieces = ['{"city":', ' "Par', 'is"}']
     if backend == "anthropic":
         tool = anthropic_wire.ToolCall("toolu_01", "get_weather", pieces)
@@ -266,6 +267,13 @@ def test_each_piece_of_a_tool_call_goes_on_as_progress_and_the_call_whole_after(
     chunks = _generate(_api(server, backend), model)
     kinds = [c.WhichOneof("part") for c in chunks]
     assert kinds == ["start", "text", *["progress"] * (1 + len(pieces)), "block", "end"]
-    assert all(c.progress.ByteSize() == 0 for c in chunks if c.WhichOneof("part") == "progress")
+    spec = TABLE.models[model]
+    count = load_tokenizers([spec]).for_spec(spec).count
+    # the text, then the call's name and its pieces as written, counted whole so far (and the
+    # pieces since the last whole count, at most an eighth of it, each alone: a little more)
+    written = ["Let me look.", "get_weather", *pieces]
+    wholes = [count(written[0]) + count("".join(written[1:n])) for n in range(2, len(written) + 1)]
+    counts = [c.progress.output_tokens for c in chunks if c.WhichOneof("part") == "progress"]
+    assert all(w <= c <= w * 9 / 8 for w, c in zip(wholes, counts, strict=True))
     (use,) = [c.block.tool_use for c in chunks if c.WhichOneof("part") == "block"]
     assert (use.name, use.input_json) == ("get_weather", '{"city": "Paris"}')

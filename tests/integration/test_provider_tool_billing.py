@@ -50,12 +50,18 @@ def test_a_stream_cut_in_a_tool_call_bills_the_tool_calls_tokens(
     server: WireServer, backend: str, model: str
 ) -> None:
     server.script(backend, _cut_in_the_tool_call(backend))
-    (end,) = _ends(_generate(_api(server, backend), model))
+    chunks = _generate(_api(server, backend), model)
+    (end,) = _ends(chunks)
     assert end.interrupted
     # all but the last 200 characters of the JSON were written (and are billed)
     assert end.output_tokens >= TOOL_TOKENS * 0.8
     if backend == "anthropic":
         assert end.provider_usage.anthropic.output_tokens == end.output_tokens
+    # a call the router cuts there, or whose caller leaves, gets no end: it is billed the
+    # last progress's running count, the end's count of the same pieces (and the pieces since
+    # its last whole count, at most an eighth of them, counted each alone: a little more)
+    last = [c.progress for c in chunks if c.WhichOneof("part") == "progress"][-1]
+    assert end.output_tokens <= last.output_tokens <= end.output_tokens * 9 / 8
 
 
 def test_an_engine_without_usage_counts_its_tool_calls(server: WireServer) -> None:

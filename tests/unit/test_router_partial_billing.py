@@ -31,10 +31,12 @@ class Held(FakeStream):
     def __init__(self, chunks: list[model_pb2.GenerateChunk | CallFailed]) -> None:
         super().__init__(chunks)
         self.rest = asyncio.Event()
+        self.waiting = asyncio.Event()  # its chunks were read: the reader waits for the rest
 
     async def read(self) -> model_pb2.GenerateChunk | None:
         chunk = await super().read()
         if chunk is None:
+            self.waiting.set()
             await self.rest.wait()
         return chunk
 
@@ -170,3 +172,103 @@ async def test_a_stream_broken_after_its_usage_report_is_billed_at_the_report() 
     totals = await core.totals("tenant-a")
     assert totals.output_tokens == reported
     assert totals.cost_nanos > 0, "the cut call was not billed"
+
+
+def _progress(output_tokens: int) -> model_pb2.GenerateChunk:
+    return model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress(output_tokens=output_tokens))
+
+
+LEAD = "Let me think."
+AFTER = "Revenue grew."
+
+
+class Writing(FakeModels):
+    """A model still writing its answer: its chunks so far, then nothing yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()  # the router read the chunks sent so far
+
+    def chunks(self, replica: str) -> list[model_pb2.GenerateChunk | CallFailed]:
+        raise NotImplementedError
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        held = Held(self.chunks(replica))
+        held.waiting = self.waiting
+        return held
+
+
+class Thinking(Writing):
+    """A reasoning model's answer still being written: some text, its thinking as ``progress``
+    chunks carrying the model service's running count (up to 1,200: the text and the thinking;
+    0 from an older model service, which counts nothing), more text, then nothing yet."""
+
+    def __init__(self, counted: bool) -> None:
+        super().__init__()
+        self.counted = counted
+
+    def chunks(self, replica: str) -> list[model_pb2.GenerateChunk | CallFailed]:
+        counts = [40 * n if self.counted else 0 for n in range(1, 31)]  # 40 ... 1,200
+        return [
+            model_pb2.GenerateChunk(
+                start=model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
+            ),
+            model_pb2.GenerateChunk(text=LEAD),
+            *[_progress(count) for count in counts],
+            model_pb2.GenerateChunk(text=AFTER),
+        ]
+
+
+class WritingATool(Writing):
+    """A tool call half-written: its name and argument pieces as ``progress`` chunks (the
+    model service's running count up to 900), the call itself never whole."""
+
+    def chunks(self, replica: str) -> list[model_pb2.GenerateChunk | CallFailed]:
+        return [
+            model_pb2.GenerateChunk(
+                start=model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
+            ),
+            model_pb2.GenerateChunk(text=LEAD),
+            *[_progress(100 * n) for n in range(1, 10)],
+        ]
+
+
+async def _left_while_writing(models: Writing) -> pc.CommitRequest:
+    """The caller leaves once the router has read all the model has sent so far; the FINAL."""
+    rig = Rig(models=models)
+    pipeline = rig.pipeline()
+    deltas: list[pb.CompleteChunk] = []
+
+    async def consume() -> None:
+        async for chunk in pipeline.run("tenant-a", _request()):
+            deltas.append(chunk)
+
+    task = asyncio.create_task(consume())
+    await models.waiting.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await pipeline.drain()
+    assert deltas, "the caller left before the router read the answer"
+    (final,) = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    return final
+
+
+async def test_a_call_left_while_the_model_thinks_bills_the_thinking() -> None:
+    final = await _left_while_writing(Thinking(counted=True))
+    # the model service's last count (its text and thinking), and the text received after it
+    assert final.output_tokens == 1200 + load_cl100k().count(AFTER)
+
+
+async def test_a_call_left_in_a_tool_calls_arguments_bills_them() -> None:
+    final = await _left_while_writing(WritingATool())
+    assert final.output_tokens == 900  # the model service's count: the text and the pieces
+
+
+async def test_an_older_model_services_uncounted_progress_bills_the_routers_count() -> None:
+    final = await _left_while_writing(Thinking(counted=False))
+    tokenizer = load_cl100k()
+    assert final.output_tokens == tokenizer.count(LEAD + AFTER)

@@ -125,6 +125,7 @@ class ProviderApi:
                 self._replica,
                 self._adapter.backend,
                 request.prompt.prompt_tokens if request.HasField("prompt") else 0,
+                count=self._tokenizers.for_spec(spec).count_once,
             )
             try:
                 remaining = deadline - self._clock()

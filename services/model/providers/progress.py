@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -19,6 +19,11 @@ log = logging.getLogger("cachemesh.model")
 UNKNOWN_STOP_REASON = "max_tokens"
 MAX_UNKNOWN_LOGGED = 32  # distinct unknown stop reasons logged per process, then no more
 _unknown_logged: set[tuple[str, str]] = set()
+# The running count of what the model wrote counts it whole again once what was written since
+# its last whole count is an eighth of it (else each piece alone): a long answer is counted
+# about nine times over in all, not once a piece (its length squared), and the count a piece
+# carries is the whole count plus at most an eighth of the output counted piece by piece.
+RECOUNT_SHARE = 8
 
 
 @dataclass
@@ -33,6 +38,13 @@ class Progress:
     # the model's thinking as streamed (never passed on): output tokens too
     reasoning_pieces: list[str] = field(default_factory=list)
     usage: pc.ProviderUsage | None = None
+    # the row's tokenizer's count (``ProviderApi``'s): each ``progress`` chunk then carries the
+    # running count of what the model wrote (None: it carries none)
+    count: Callable[[str], int] | None = None
+    _counted: int = field(default=0, init=False)  # the output's whole count, when last made
+    _counted_chars: int = field(default=0, init=False)  # and its length then
+    _since: int = field(default=0, init=False)  # the pieces written since, each counted alone
+    _since_chars: int = field(default=0, init=False)
 
     def start(self, prompt_tokens: int | None = None) -> model_pb2.GenerateChunk:
         self.started = True
@@ -50,6 +62,7 @@ class Progress:
 
     def text(self, text: str) -> model_pb2.GenerateChunk:
         self.pieces.append(text)
+        self._wrote(text)
         return model_pb2.GenerateChunk(text=text)
 
     def tool_piece(self, piece: str) -> model_pb2.GenerateChunk:
@@ -59,7 +72,7 @@ class Progress:
         than the router lets a call be silent mid-answer)."""
         if piece:
             self.tool_pieces.append(piece)
-        return model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress())
+        return self._progress(piece)
 
     def reasoning(self, piece: str) -> model_pb2.GenerateChunk:
         """A piece of the model's thinking, as the provider streams it (an engine serving a
@@ -69,7 +82,7 @@ class Progress:
         nowhere: the contract has no place for it, and no client is shown it."""
         if piece:
             self.reasoning_pieces.append(piece)
-        return model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress())
+        return self._progress(piece)
 
     def produced(self) -> tuple[str, str, str]:
         """What the model wrote so far: its text, its tool calls' names and arguments, and
@@ -79,6 +92,32 @@ class Progress:
             "".join(self.tool_pieces),
             "".join(self.reasoning_pieces),
         )
+
+    def _progress(self, piece: str) -> model_pb2.GenerateChunk:
+        """The ``progress`` chunk of ``piece`` (already recorded), with the running count of
+        what the model wrote: a call the router cuts or its caller leaves gets no ``end``, and
+        is billed this count (and the text the router received after it)."""
+        output_tokens = self._wrote(piece)
+        return model_pb2.GenerateChunk(
+            progress=model_pb2.GenerateProgress(output_tokens=output_tokens)
+        )
+
+    def _wrote(self, piece: str) -> int:
+        """The running count with ``piece`` written: whole (each part counted as an interrupted
+        end counts it, ``ProviderApi``) once what was written since the last whole count is an
+        eighth of it, else that count plus each piece since counted alone. 0 without ``count``."""
+        if self.count is None:
+            return 0
+        if not piece:
+            return self._counted + self._since
+        self._since_chars += len(piece)
+        if self._since_chars * RECOUNT_SHARE >= self._counted_chars:
+            self._counted = sum(self.count(part) for part in self.produced() if part)
+            self._counted_chars += self._since_chars
+            self._since = self._since_chars = 0
+        else:
+            self._since += self.count(piece)
+        return self._counted + self._since
 
 
 def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.GenerateChunk:

@@ -153,12 +153,25 @@ class GenerateProgress(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    output_tokens: _builtins.int
+    """What the model wrote so far, this piece in it: its text, its tool calls as written and its
+    thinking, counted as an interrupted `end`'s `output_tokens` is (the row's tokenizer, each
+    part whole), at most an eighth of the output since that whole count counted piece by piece.
+    A call the router cuts (silent mid-answer) or whose caller leaves gets no `end`: it is
+    billed the larger of the router's count of what it received and this count plus the text
+    received after it (the thinking and a tool call's arguments cut half-written, which the
+    router never sees, are output tokens the provider bills). 0: not counted (an older model
+    service): the router bills its own count.
+    """
     def __init__(
         self,
+        *,
+        output_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
