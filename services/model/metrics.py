@@ -12,9 +12,13 @@ adapter's alike), labelled by the model served (a model this replica serves, els
   (OpenAI's or the engine's ``prompt_tokens`` and ``prompt_tokens_details.cached_tokens``,
   Anthropic's input + cache writes + ``cache_read_input_tokens`` and the reads), else, when
   nothing was reported (no usage, no end), the start's estimate with no reuse;
-- ``cachemesh_model_time_to_first_token_seconds{model}`` and
-  ``cachemesh_model_decode_tokens_per_second{model}`` (output tokens over the time from the
-  first to the last chunk, for answers of two tokens or more).
+- ``cachemesh_model_time_to_first_token_seconds{model}``: from the call to the model's first
+  output token of any kind, the first chunk after ``start``: text, a piece of a tool call or
+  of a reasoning model's thinking (both ``progress`` chunks), not the first text the client
+  sees (that is the router's ``cachemesh_router_ttft_seconds``: a model thinking 20 s before
+  its text has its first token here at the end of its prefill), and
+  ``cachemesh_model_decode_tokens_per_second{model}`` (output tokens, the thinking in them,
+  over the time from that first chunk to the last, for answers of two tokens or more).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class Generation:
 
     model: str
     began: float
-    first: float | None = None  # when the first content arrived
+    first: float | None = None  # when the first output arrived (text, block or progress)
     last: float | None = None  # when the last chunk arrived
     output_tokens: int = 0
     # a start that could not report its prompt: its estimate, counted at the end unless the
@@ -70,7 +74,7 @@ class ModelMetrics:
         self._output = m.counter("cachemesh_model_output_tokens", "Tokens generated", ("model",))
         self._ttft = m.histogram(
             "cachemesh_model_time_to_first_token_seconds",
-            "From the Generate call to its first content",
+            "From the Generate call to its first output token (text, tool call or thinking)",
             ("model",),
         )
         self._tps = m.histogram(

@@ -337,3 +337,33 @@ async def test_model_metrics_follow_the_generate_stream() -> None:
     # 10 tokens after the first content, over the 1.0 s from it to the end
     assert value(registry, "cachemesh_model_decode_tokens_per_second_sum", **model) == 10.0
     assert value(registry, "cachemesh_model_generations_total", model=OTHER, outcome="refused")
+
+
+async def test_a_thinking_models_first_token_is_its_first_piece_of_thinking() -> None:
+    """The model's time to first token is its first output of any kind (its thinking here, a
+    ``progress`` chunk), not the first text the client sees; the decode rate counts the
+    thinking's tokens over the time from it."""
+    registry = new_registry()
+    ticks = Ticks()
+    metrics = ModelMetrics(registry, ["local-small"], ticks)
+    call = metrics.begin("local-small")
+    chunks = [
+        model_pb2.GenerateChunk(start=model_pb2.GenerateStart(prompt_tokens=40)),
+        *[
+            model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress(output_tokens=n))
+            for n in (5, 10)
+        ],
+        model_pb2.GenerateChunk(text="Paris."),
+        model_pb2.GenerateChunk(
+            end=model_pb2.GenerateEnd(output_tokens=13, stop_reason="end_turn")
+        ),
+    ]
+    for chunk in chunks:
+        ticks.now += 0.5
+        metrics.chunk(call, chunk)
+    metrics.end(call, "ok")
+    model = {"model": "local-small"}
+    # the first piece of thinking came 1.0 s in (the text 2.0 s in)
+    assert value(registry, "cachemesh_model_time_to_first_token_seconds_sum", **model) == 1.0
+    # 12 tokens after the first, over the 1.5 s from it to the end
+    assert value(registry, "cachemesh_model_decode_tokens_per_second_sum", **model) == 8.0
