@@ -20,9 +20,10 @@ UNKNOWN_STOP_REASON = "max_tokens"
 MAX_UNKNOWN_LOGGED = 32  # distinct unknown stop reasons logged per process, then no more
 _unknown_logged: set[tuple[str, str]] = set()
 # The running count of what the model wrote counts it whole again once what was written since
-# its last whole count is an eighth of it (else each piece alone): a long answer is counted
-# about nine times over in all, not once a piece (its length squared), and the count a piece
-# carries is the whole count plus at most an eighth of the output counted piece by piece.
+# its last whole count is an eighth of it (else what was written since the last progress
+# chunk, alone): a long answer is counted about nine times over in all, not once a piece (its
+# length squared), and the count a chunk carries is the whole count plus at most an eighth of
+# the output counted in pieces. Text alone sends no progress chunk and is never counted here.
 RECOUNT_SHARE = 8
 
 
@@ -43,8 +44,9 @@ class Progress:
     count: Callable[[str], int] | None = None
     _counted: int = field(default=0, init=False)  # the output's whole count, when last made
     _counted_chars: int = field(default=0, init=False)  # and its length then
-    _since: int = field(default=0, init=False)  # the pieces written since, each counted alone
+    _since: int = field(default=0, init=False)  # the pieces counted since, batch by batch
     _since_chars: int = field(default=0, init=False)
+    _uncounted: list[str] = field(default_factory=list, init=False)  # written since a count
 
     def start(self, prompt_tokens: int | None = None) -> model_pb2.GenerateChunk:
         self.started = True
@@ -62,7 +64,8 @@ class Progress:
 
     def text(self, text: str) -> model_pb2.GenerateChunk:
         self.pieces.append(text)
-        self._wrote(text)
+        if self.count is not None:  # counted at the next progress chunk, if one comes
+            self._uncounted.append(text)
         return model_pb2.GenerateChunk(text=text)
 
     def tool_piece(self, piece: str) -> model_pb2.GenerateChunk:
@@ -97,26 +100,32 @@ class Progress:
         """The ``progress`` chunk of ``piece`` (already recorded), with the running count of
         what the model wrote: a call the router cuts or its caller leaves gets no ``end``, and
         is billed this count (and the text the router received after it)."""
-        output_tokens = self._wrote(piece)
+        output_tokens = self._counted_with(piece)
         return model_pb2.GenerateChunk(
             progress=model_pb2.GenerateProgress(output_tokens=output_tokens)
         )
 
-    def _wrote(self, piece: str) -> int:
+    def _counted_with(self, piece: str) -> int:
         """The running count with ``piece`` written: whole (each part counted as an interrupted
         end counts it, ``ProviderApi``) once what was written since the last whole count is an
-        eighth of it, else that count plus each piece since counted alone. 0 without ``count``."""
+        eighth of it, else that count plus what was written since, counted at each progress
+        chunk (the text between two of them together: an answer of text alone, which sends no
+        progress chunk, is never counted here). 0 without ``count``."""
         if self.count is None:
             return 0
-        if not piece:
+        if piece:
+            self._uncounted.append(piece)
+        if not self._uncounted:
             return self._counted + self._since
-        self._since_chars += len(piece)
+        written = "".join(self._uncounted)
+        self._uncounted.clear()
+        self._since_chars += len(written)
         if self._since_chars * RECOUNT_SHARE >= self._counted_chars:
             self._counted = sum(self.count(part) for part in self.produced() if part)
             self._counted_chars += self._since_chars
             self._since = self._since_chars = 0
         else:
-            self._since += self.count(piece)
+            self._since += self.count(written)
         return self._counted + self._since
 
 
