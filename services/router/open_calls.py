@@ -8,7 +8,8 @@ it is sent (by the Plan's ``plan_id``; none when there was no Plan, as that WARM
 request) and its FINAL as prefix-cache would estimate it, with the output tokens counted so
 far, counted again at a chunk once ``UPDATE_EVERY_S`` has passed since the last count (at
 most that long's output goes unbilled; a call shorter than that is two lines, opened and
-settled). When prefix-cache does
+settled); a ``progress`` chunk's running count (the model's thinking, a tool call's pieces) is
+journalled with it, the larger count kept. When prefix-cache does
 not acknowledge the WARM, the open call is rewritten once with the WARM as a replay sends it
 (the request, the Plan's read and time: the Plan may be gone by the time prefix-cache is back)
 and is not rewritten after (its output count stays the one of then). The call's own FINAL, or
@@ -47,6 +48,11 @@ class OpenCall:
         self._next_update = clock() + UPDATE_EVERY_S
         self._output_tokens = 0  # counted up to the last update
         self._uncounted: list[str] = []  # the pieces produced since
+        # the model service's last running count (a ``progress`` chunk's: its thinking and a
+        # tool call's pieces in it) and the output counted after it, up to the last update
+        self._reported = 0
+        self._after_report = 0
+        self._uncounted_after_report: list[str] = []
         self._ended = False  # settled: nothing more is journalled
 
     def open(self, warm: pc.CommitRequest | None, final: pc.CommitRequest) -> asyncio.Future[None]:
@@ -70,6 +76,23 @@ class OpenCall:
         if self.entry is None or self._ended or self._carries_request:
             return  # not journalled (no journal, or settled), or not rewritten
         self._uncounted.append(piece)
+        if self._reported:
+            self._uncounted_after_report.append(piece)
+        self._update()
+
+    def progressed(self, output_tokens: int) -> None:
+        """A ``progress`` chunk: the model service's running count of what the model wrote
+        (0: an older model service's, none), its thinking and a tool call's pieces in it,
+        which ``produced`` never sees (a model thinking for minutes sends nothing else)."""
+        if self.entry is None or self._ended or self._carries_request:
+            return
+        if output_tokens:
+            self._reported = output_tokens
+            self._after_report = 0
+            self._uncounted_after_report.clear()
+        self._update()
+
+    def _update(self) -> None:
         if self._clock() < self._next_update:
             return
         self._count_output()
@@ -92,6 +115,9 @@ class OpenCall:
         if self._uncounted:
             self._output_tokens += self._count("".join(self._uncounted))
             self._uncounted.clear()
+        if self._uncounted_after_report:
+            self._after_report += self._count("".join(self._uncounted_after_report))
+            self._uncounted_after_report.clear()
         self._next_update = self._clock() + UPDATE_EVERY_S
 
     def _write(self) -> asyncio.Future[None]:
@@ -99,7 +125,8 @@ class OpenCall:
         if self._outbox is not None and not self._ended:
             final = pc.CommitRequest()
             final.CopyFrom(self._final)  # a copy: the journal's thread serializes it
-            final.output_tokens = self._output_tokens
+            # the larger of the router's count and the model service's (with what came after)
+            final.output_tokens = max(self._output_tokens, self._reported + self._after_report)
             commits = [final] if self._warm is None else [self._warm, final]
             opened = self._outbox.open(commits, self.entry)
         if opened is None:

@@ -402,6 +402,7 @@ class Pipeline:
                         yield pb.CompleteChunk(delta=delta)
                 elif part == "progress":
                     answer.progressed(chunk.progress)
+                    open_call.progressed(chunk.progress.output_tokens)
                 elif part == "end":
                     end_chunk = chunk.end
                     if not end_chunk.interrupted:

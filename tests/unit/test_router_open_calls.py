@@ -297,3 +297,58 @@ async def test_an_open_call_whose_plan_prefix_cache_lost_is_counted_dropped_not_
     assert await outbox.flush() == 0
     assert (settled, dropped, outbox.pending) == ([], [1], 0)
     journal.close()
+
+
+@dataclass
+class ThinkingModels(WritingModels):
+    """Thinks first (``progress`` chunks with the model service's running count), then writes
+    ``pieces``; never ends."""
+
+    counts: list[int] = field(default_factory=lambda: [120, 260, 410])
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
+        chunks: list[model_pb2.GenerateChunk | CallFailed] = [
+            model_pb2.GenerateChunk(start=start),
+            *(
+                model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress(output_tokens=n))
+                for n in self.counts
+            ),
+            *(model_pb2.GenerateChunk(text=piece) for piece in self.pieces),
+        ]
+        return Writing(chunks, self.clock)
+
+
+async def test_a_killed_routers_open_call_bills_the_thinking_the_model_service_counted(
+    tmp_path: Path,
+) -> None:
+    # before: the open call counted only the text the router received (4 tokens), never the
+    # 410 tokens of thinking before them, which the provider bills
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01, wall=ManualClock())
+    clock = FakeClock()
+    rig = Rig(prefix=prefix, outbox=outbox, models=ThinkingModels(clock=clock), clock=clock)
+    pipeline = rig.pipeline()
+    deltas = 0
+    async with contextlib.aclosing(pipeline.run("tenant-a", _pipeline_request())) as run:
+        async for chunk in run:
+            deltas += chunk.WhichOneof("part") == "delta"
+            if deltas == 4:
+                break
+        assert await outbox.flush() == 0
+        journal = _restarted(tmp_path / "data", tmp_path / "restarted")
+    await pipeline.drain()
+
+    again = FakePrefix()
+    restarted = BillingOutbox(again, journal, 1.0, 0.01)
+    assert await restarted.flush() == 1
+    final = again.commits[-1]
+    assert final.phase == pc.COMMIT_PHASE_FINAL
+    # journalled at the first chunk a second after the call opened (its first piece of text,
+    # the thinking's last count before it), not again within the next second: the count,
+    # and the text after it
+    assert final.output_tokens == 410 + TOKENIZER.count(PIECES[0])
+    journal.close()
