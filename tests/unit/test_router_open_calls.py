@@ -70,9 +70,13 @@ class WritingModels(FakeModels):
         start = model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
         chunks: list[model_pb2.GenerateChunk | CallFailed] = [
             model_pb2.GenerateChunk(start=start),
+            *self.before_text(),
             *(model_pb2.GenerateChunk(text=piece) for piece in self.pieces),
         ]
         return Writing(chunks, self.clock)
+
+    def before_text(self) -> list[model_pb2.GenerateChunk]:
+        return []
 
 
 def _restarted(directory: Path, copy: Path) -> Journal:
@@ -306,20 +310,11 @@ class ThinkingModels(WritingModels):
 
     counts: list[int] = field(default_factory=lambda: [120, 260, 410])
 
-    def generate(
-        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
-    ) -> FakeStream:
-        self.calls.append((replica, request))
-        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=40)
-        chunks: list[model_pb2.GenerateChunk | CallFailed] = [
-            model_pb2.GenerateChunk(start=start),
-            *(
-                model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress(output_tokens=n))
-                for n in self.counts
-            ),
-            *(model_pb2.GenerateChunk(text=piece) for piece in self.pieces),
+    def before_text(self) -> list[model_pb2.GenerateChunk]:
+        return [
+            model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress(output_tokens=n))
+            for n in self.counts
         ]
-        return Writing(chunks, self.clock)
 
 
 async def test_a_killed_routers_open_call_bills_the_thinking_the_model_service_counted(
