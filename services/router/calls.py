@@ -339,11 +339,16 @@ class Calls:
         tenant: str,
         request: pb.CompleteRequest,
         answer: semantic_cache_pb2.CachedAnswer,
+        lease_id: str = "",
     ) -> semantic_cache_pb2.StoreResponse | None:
+        """``lease_id``: the lease this request's Lookup took ("": it did not lead); L1 ends
+        that lease only, not one another request took after this one's aged out."""
         return await self._degrading(
             "semantic-cache",
             self._d.semantic.store(
-                semantic_cache_pb2.StoreRequest(tenant=tenant, request=request, answer=answer),
+                semantic_cache_pb2.StoreRequest(
+                    tenant=tenant, request=request, answer=answer, lease_id=lease_id
+                ),
                 # not the lookup's deadline: the answer does not wait for its Store, which
                 # waits for L1's write-ahead log to reach the disk (an fsync)
                 self._s.semantic_store_timeout_s,

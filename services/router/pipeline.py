@@ -433,6 +433,7 @@ class Pipeline:
                 head,
                 window,
                 open_call,
+                lookup.lease_id if lookup is not None and lookup.leader else "",
             )
             finished = True
             ended = end
@@ -609,7 +610,11 @@ class Pipeline:
         head: pb.CompleteResponse,
         window: PrefixWindow,
         open_call: OpenCall | None = None,
+        lease_id: str = "",
     ) -> pb.CompleteResponse:
+        """``lease_id``: the L1 lease this request's Lookup took ("" = it did not lead), which
+        its Store names, so that L1 ends that lease only (not one another request took since
+        this one's aged out)."""
         usage = end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None
         if usage is not None and not usage.WhichOneof("report"):
             usage = None
@@ -641,7 +646,8 @@ class Pipeline:
             # the embedding).
             # An identical request arriving meanwhile waits on this one's lease, which the
             # Store ends, and is served the stored answer; shutdown drains the Store.
-            self._stores.add(self._in_background(self._calls.store(tenant, request, answer)))
+            store = self._calls.store(tenant, request, answer, lease_id)
+            self._stores.add(self._in_background(store))
         end = pb.CompleteResponse()
         end.CopyFrom(head)
         end.content.extend(content)

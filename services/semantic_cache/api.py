@@ -162,9 +162,10 @@ class SemanticCacheApi:
 
     async def store(self, request: sc.StoreRequest) -> sc.StoreResponse:
         _require_tenant(request.tenant)
+        lease_id = request.lease_id or None  # None: an older router's, ends the key's lease
         if self._is_draining():
             with contextlib.suppress(InvalidQuery):  # a refused Store still ends its lease
-                self._cache.release(self._queries.of(request.tenant, request.request))
+                self._cache.release(self._queries.of(request.tenant, request.request), lease_id)
             raise RequestError(Code.UNAVAILABLE, DRAINING)
         answer = request.answer
         if answer.output_tokens < 0:
@@ -179,10 +180,10 @@ class SemanticCacheApi:
         query = self._query(request.tenant, request.request)
         policy = self._policies.get(request.tenant)
         if not policy.l1_enabled:
-            self._cache.release(query)
+            self._cache.release(query, lease_id)
             return sc.StoreResponse(stored=False, skip_reason=L1_OFF)
         try:
-            result = await self._cache.store(query, record, policy.default_ttl_s)
+            result = await self._cache.store(query, record, policy.default_ttl_s, lease_id)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         except QueueFull as exc:  # L1 is busy: this answer is not kept (a later one may be)

@@ -339,20 +339,26 @@ class SemanticCache(EntryStore):
         return await asyncio.to_thread(self._verifier.verdicts, checks)
 
     async def store(
-        self, query: Query, answer: Answer, default_ttl_s: float | None = None
+        self,
+        query: Query,
+        answer: Answer,
+        default_ttl_s: float | None = None,
+        lease_id: str | None = None,
     ) -> StoreResult:
         """Stores a cacheable answer, replacing the entry of the same normalised query.
         ``default_ttl_s`` (the tenant's policy) replaces ``ttl_s`` in a namespace without a
         TTL of its own.
 
-        Stored or not, it ends the lease of the query's key: its waiters look again.
+        Stored or not, it ends the lease of the query's key (its waiters look again), only
+        the one named by ``lease_id`` when given: the late Store of a call whose lease aged
+        out, or was taken over, leaves the lease another call holds now, and its waiters.
         """
         _require_tenant(query)
         try:
             with self._storing.storing((query.tenant, query.scope)):
                 return await self._store(query, answer, default_ttl_s)
         finally:
-            self.release(query)
+            self.release(query, lease_id)
 
     async def _store(
         self, query: Query, answer: Answer, default_ttl_s: float | None

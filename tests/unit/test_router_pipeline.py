@@ -312,6 +312,18 @@ async def test_a_miss_plans_calls_the_model_commits_twice_and_stores_the_answer(
     assert not rig.semantic.releases  # the Store ends the lease
 
 
+async def test_a_leaders_store_names_its_lease_and_a_non_leaders_names_none() -> None:
+    """L1 ends only the lease a Store names: the late Store of a call whose lease aged out
+    (taken since by another request) must not end the lease that request holds now. A request
+    that did not lead names none (L1 then ends the key's lease, as before)."""
+    rig = Rig()
+    rig.semantic.reply = sc.LookupResponse(leader=True, lease_id="lease-1")
+    await rig.run(_request())
+    rig.semantic.reply = sc.LookupResponse(pending=True)  # its wait ran out: it calls the model
+    await rig.run(_request())
+    assert [store.lease_id for store in rig.semantic.stores] == ["lease-1", ""]
+
+
 async def test_with_prefix_cache_down_the_answer_is_served_at_an_estimated_cost() -> None:
     rig = Rig(prefix=FakePrefix(down=True))
     end = (await rig.run(_request()))[-1].end

@@ -15,9 +15,10 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
+from services.semantic_cache import cache as cache_module
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
-from services.semantic_cache.leases import Leases
+from services.semantic_cache.leases import Leases, wait
 from services.semantic_cache.query import query_from_request
 from services.semantic_cache.servicer import SemanticCacheService
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
@@ -269,6 +270,66 @@ async def test_renew_keeps_a_leaders_lease_past_its_age_limit_and_says_when_it_i
         bad = stub.Renew(sc.RenewRequest(lease_id=leader.lease_id), metadata=AUTH)
         assert "tenant" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
     await server.stop(None)
+
+
+@pytest.mark.parametrize("late", ["stores", "stores nothing"])
+async def test_a_late_store_of_an_aged_out_lease_leaves_the_next_leaders_lease_alone(
+    monkeypatch: pytest.MonkeyPatch, late: str
+) -> None:
+    """The first leader's lease aged out (its call outlasted it, its renewals lost), a second
+    request took the key under a new lease_id and a third waits on it. The first call's Store,
+    late, names its own lease: it stores (on the usual rules) but leaves the second's lease and
+    its waiter alone. Before, it ended whatever lease held the key: the waiter woke and was
+    served the first call's answer while the second leader still ran, or (nothing stored) led
+    a third model call; and the second leader's renewals found its lease gone."""
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    waiting = asyncio.Event()
+    lease_wait = wait
+
+    async def noted(event: asyncio.Event, budget_s: float) -> bool:
+        waiting.set()  # the waiter is on the lease now
+        return await lease_wait(event, budget_s)
+
+    monkeypatch.setattr(cache_module, "wait", noted)
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+
+    def lookup(request_id: str) -> sc.LookupRequest:
+        request = make_request("Reset my password")
+        request.request_id = request_id
+        return sc.LookupRequest(tenant="a", request=request)
+
+    twin = query_from_request("a", lookup("twin").request)
+    truncated = sc.CachedAnswer(content=ANSWER.content, stop_reason="max_tokens")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sc_grpc.SemanticCacheStub(channel)
+            first = await stub.Lookup(lookup("r1"), metadata=AUTH)
+            assert first.leader
+            clock.advance(s=30)  # its lease's age limit: it was not renewed in time
+            second = await stub.Lookup(lookup("r2"), metadata=AUTH)
+            assert second.leader and second.lease_id != first.lease_id
+            waiter = asyncio.ensure_future(stub.Lookup(lookup("r3"), metadata=AUTH, timeout=20))
+            await asyncio.wait_for(waiting.wait(), 10)  # a safety net only
+            late_store = sc.StoreRequest(
+                tenant="a",
+                request=lookup("r1").request,
+                answer=ANSWER if late == "stores" else truncated,
+                lease_id=first.lease_id,
+            )
+            assert (await stub.Store(late_store, metadata=AUTH)).stored == (late == "stores")
+            assert cache.lease_pending(twin)  # the second call's lease holds on ...
+            assert cache.renew("a", second.lease_id)  # ... and its keeper renews it
+            own = sc.StoreRequest(
+                tenant="a", request=lookup("r2").request, answer=ANSWER, lease_id=second.lease_id
+            )
+            stored = await stub.Store(own, metadata=AUTH)
+            assert stored.stored and not cache.lease_pending(twin)
+            served = await waiter
+            assert served.hit and served.waited and not served.leader
+            assert served.match.entry_id == stored.entry_id  # the second call's answer
+    finally:
+        await server.stop(None)
 
 
 async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease() -> None:

@@ -84,7 +84,7 @@ class LookupResponse(_message.Message):
     """why no lookup was done, when none was"""
     leader: _builtins.bool
     """Single flight: this miss holds the lease of its (tenant, scope, query); the caller makes
-    the model call and its Store (stored or not) ends the lease.
+    the model call and its Store (stored or not, naming lease_id) ends the lease.
     """
     waited: _builtins.bool
     """a hit served after waiting on another's lease"""
@@ -178,7 +178,16 @@ class StoreRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
+    lease_id: _builtins.str
+    """The lease_id of this request's Lookup that said leader. The answer is stored (or not) on
+    the same rules whatever it names; the Store ends the key's lease only if that lease is
+    the one named: a late Store of a call whose lease aged out, or was taken over by its
+    request's retry, leaves the lease another call now holds (and its waiters) alone. Empty
+    (a router older than this field, or a request that did not lead): it ends whatever lease
+    holds the key, as before.
+    """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest: ...
     @_builtins.property
@@ -189,10 +198,11 @@ class StoreRequest(_message.Message):
         tenant: _builtins.str = ...,
         request: _gateway_pb2.CompleteRequest | None = ...,
         answer: Global___CachedAnswer | None = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "lease_id", b"lease_id", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
