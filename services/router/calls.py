@@ -18,9 +18,10 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 
@@ -55,6 +56,11 @@ _PREFIX_SHARE = 0.5
 # (one cut short by its own client's short deadline says little about prefix-cache)
 _BREAKER_AFTER = 3
 _BREAKER_MIN_SHARE = 0.5
+# A Lookup that failed so: L1 may have taken the lease, its reply (and the lease_id) lost on
+# the way (the deadline passed as it came, the request was cancelled, the connection broke)
+_REPLY_MAY_BE_LOST = frozenset({Code.DEADLINE_EXCEEDED, Code.CANCELLED, Code.UNAVAILABLE})
+# the semantic modes whose Lookup may take the lease (REFRESH, NO_STORE, BYPASS never do)
+_LEADING_MODES = frozenset({pb.SEMANTIC_MODE_UNSPECIFIED, pb.SEMANTIC_MODE_USE})
 
 
 def _capped(limit_s: float, deadline: float | None, share: float, now: float) -> float:
@@ -160,11 +166,15 @@ class Calls:
         tracer: trace.Tracer | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        background: Callable[[Awaitable[None]], object] | None = None,
     ) -> None:
         """``counted``: the degradations' metric (None: a router built without metrics);
         ``tracer``: for a call that degrades after its request's span ended (a Store);
         ``clock``: seconds, the clock of the requests' deadlines; ``sleep``: waits that many
-        seconds on that clock (between a lease's renewals)."""
+        seconds on that clock (between a lease's renewals); ``background``: runs a call past
+        the request (the Release of a lost Lookup's lease; None: a task of its own)."""
+        self._background = background if background is not None else self._in_background
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._d = dependencies
         self._s = settings
         self._counted = counted
@@ -216,11 +226,14 @@ class Calls:
         lookup_s = self.lookup_timeout_s(deadline)
         if lookup_s <= 0:
             return None  # the deadline has passed: nothing to wait for
+        # each Lookup names the lease it may take, so that one whose reply is lost can be
+        # released all the same (``_lookup``)
         call = semantic_cache_pb2.LookupRequest(
             tenant=tenant,
             request=request,
             want_embedding=want_embedding,
             accepted_tiers=accepted_tiers,
+            lease_id=uuid.uuid4().hex,
         )
         first = await self._lookup(call, lookup_s)
         if first is None or not first.pending:
@@ -229,6 +242,7 @@ class Calls:
         if wait_s <= 0:
             return first  # no time to wait: the request calls the model itself
         trace.get_current_span().add_event("cachemesh.semantic.await_lease")
+        call.lease_id = uuid.uuid4().hex  # a lease of its own: never the first Lookup's id
         second = await self._lookup(call, wait_s)
         return first if second is None else second
 
@@ -332,7 +346,52 @@ class Calls:
     async def _lookup(
         self, call: semantic_cache_pb2.LookupRequest, deadline_s: float
     ) -> semantic_cache_pb2.LookupResponse | None:
-        return await self._degrading("semantic-cache", self._d.semantic.lookup(call, deadline_s))
+        """L1's reply, or None (degraded). A Lookup whose reply may have been lost on its way
+        (``_REPLY_MAY_BE_LOST``, or this request cancelled meanwhile) may have left L1 holding
+        a lease for a leader that never learned it led: it would neither renew nor release it,
+        and identical requests would wait on it up to its age limit. So its lease is released,
+        by the id the Lookup gave it, in the background (``_release_lost``)."""
+        try:
+            return await self._d.semantic.lookup(call, deadline_s)
+        except CallFailed as exc:
+            if exc.code in _REPLY_MAY_BE_LOST:
+                self._release_lost(call)
+            if (fault := _client_fault(exc)) is not None:
+                raise fault from exc
+            self._degraded("semantic-cache", exc)
+            return None
+        except asyncio.CancelledError:
+            self._release_lost(call)
+            raise
+
+    def _release_lost(self, call: semantic_cache_pb2.LookupRequest) -> None:
+        if call.lease_id and call.request.cache.semantic in _LEADING_MODES:
+            release = semantic_cache_pb2.ReleaseRequest(
+                tenant=call.tenant, request=call.request, lease_id=call.lease_id
+            )
+            self._background(self._release_unseen(release))
+
+    async def _release_unseen(self, release: semantic_cache_pb2.ReleaseRequest) -> None:
+        """Best effort, never counted nor logged as a degradation (the Lookup's failure was):
+        released means L1 had taken the lease for the lost Lookup."""
+        try:
+            reply = await self._d.semantic.release(release, self._s.semantic_timeout_s)
+        except CallFailed as exc:
+            log.debug("semantic-cache: releasing a lost Lookup's lease failed (%s)", exc.code.name)
+            return
+        if reply.released:
+            log.info(
+                "semantic-cache: tenant %s's request %s led, but its Lookup's reply did not "
+                "reach the router in time; its lease is released, so identical requests need "
+                "not wait on it",
+                release.tenant,
+                release.request.request_id,
+            )
+
+    def _in_background(self, call: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(call)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def store(
         self,

@@ -150,7 +150,11 @@ class Pipeline:
         lease); a replay's parks the task on its virtual clock."""
         self._metrics = metrics
         counted = metrics.degraded if metrics is not None else None
-        self._calls = Calls(dependencies, settings, counted, tracer, clock, sleep)
+        self._background: set[asyncio.Future[Any]] = set()
+        # a lost Lookup's Release runs past its request: ``drain`` awaits it too
+        self._calls = Calls(
+            dependencies, settings, counted, tracer, clock, sleep, background=self._in_background
+        )
         self._tracer = tracer
         self._table = table
         self._tokenizers = Tokenizers.of(tokenizer)
@@ -180,7 +184,6 @@ class Pipeline:
             settings.write_amortize_turns,
         )
         self.loads = self._dispatch.loads
-        self._background: set[asyncio.Future[Any]] = set()
         self._stores: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()  # L1's, of those
         self._outbox = outbox
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -31,6 +32,8 @@ L1_OFF = "L1 is off for this tenant (its cache policy: Admin SetPolicy)"
 
 # A lookup ends this long before its caller's deadline, so its reply (pending) still arrives.
 REPLY_MARGIN_S = 0.1
+# A lease id the caller chooses (LookupRequest.lease_id): the router's is uuid4().hex.
+_LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def lease_wait_budget_s(lease_wait_s: float, remaining_s: float | None) -> float:
@@ -70,6 +73,7 @@ class SemanticCacheApi:
         lookup never waits, on the scope's Stores or on a lease, and what it computes (the
         embedding ``auto`` wants) is bounded by no deadline (``remaining_s`` is not read)."""
         _require_tenant(request.tenant)
+        _check_lease_id(request.lease_id)
         draining = self._is_draining()
         query = self._query(request.tenant, request.request)
         if request.accepted_tiers:  # a hit of another tier is refused by the check: a miss
@@ -90,7 +94,12 @@ class SemanticCacheApi:
         wait_s = 0.0 if draining else max(0.0, self._lease_wait_s)
         try:
             result = await self._cache.check(
-                query, wait_s, lead=not draining, within_s=within_s, waits=wait
+                query,
+                wait_s,
+                lead=not draining,
+                within_s=within_s,
+                waits=wait,
+                lease_id=request.lease_id,
             )
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
@@ -325,4 +334,15 @@ def _require_tenant(tenant: str) -> None:
     if not tenant:
         raise RequestError(
             Code.INVALID_ARGUMENT, "tenant is required: the router must pass the caller's tenant"
+        )
+
+
+def _check_lease_id(lease_id: str) -> None:
+    """The id a Lookup asks its lease to have: empty (L1 chooses), or a short token."""
+    if lease_id and not _LEASE_ID.fullmatch(lease_id):
+        raise RequestError(
+            Code.INVALID_ARGUMENT,
+            f"lease_id ({len(lease_id)} characters) must be 1 to 64 characters of A-Z, a-z, "
+            "0-9, '_' and '-': send a fresh random id per Lookup (uuid4().hex), or none to "
+            "let the semantic cache choose it",
         )

@@ -129,6 +129,7 @@ class SemanticCache(EntryStore):
         lead: bool = True,
         within_s: float | None = None,
         waits: bool = True,
+        lease_id: str = "",
     ) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold.
 
@@ -144,7 +145,8 @@ class SemanticCache(EntryStore):
         that spent time before its lease wait waits that much less, and the question's
         embedding (a late one is a miss). ``waits=False`` (the offline replay, which waits on
         its virtual clock): no wait at all, neither for Stores nor a lease, and no bound on the
-        embedding (``within_s`` and ``wait_s`` are not read).
+        embedding (``within_s`` and ``wait_s`` are not read). ``lease_id``: the id the caller
+        chose for a lease this check takes (``Leases.take``; "" = ours).
         """
         if not waits:
             wait_s, within_s = 0.0, None
@@ -159,8 +161,9 @@ class SemanticCache(EntryStore):
         if len(query.normalised) > MAX_STORED_QUESTION_CHARS:  # never stored: nobody to wait
             return result
         key = (query.tenant, query.scope, query.normalised)  # _check has required the text
-        if query.mode == "use" and (mine := self._leases.take_over(key, query.request_id)):
-            return dataclasses.replace(result, leader=True, lease_id=mine)  # a retry of its own
+        retried = query.mode == "use" and self._leases.take_over(key, query.request_id, lease_id)
+        if retried:
+            return dataclasses.replace(result, leader=True, lease_id=retried)  # a retry of its own
         event = self._leases.held(key)
         budget_s = min(wait_s, self._left_s(deadline))
         if event is not None and budget_s > 0:
@@ -181,8 +184,8 @@ class SemanticCache(EntryStore):
                 return dataclasses.replace(result, waited=True)
             event = self._leases.held(key)  # one past its age limit ends here: this one leads
         if event is None and query.mode == "use":
-            lease_id = self._leases.take(key, query.request_id)
-            return dataclasses.replace(result, leader=True, lease_id=lease_id)
+            taken = self._leases.take(key, query.request_id, lease_id)
+            return dataclasses.replace(result, leader=True, lease_id=taken)
         return dataclasses.replace(result, pending=event is not None)
 
     def release(self, query: Query, lease_id: str | None = None) -> bool:

@@ -17,6 +17,11 @@ the age limit of its own dead call. The lease taken over gets a new ``lease_id``
 wait on): the first call's late Release or renewal names the old one, and ends or renews
 nothing.
 
+A lease's id may be the caller's (a fresh random id per Lookup, which it can Release by when
+the reply never reaches it), unless a live lease has that id already: ids are unique among
+the live leases (a renewal finds its lease by its id alone), so a reused id is replaced by one
+of ours and renews or ends nothing of the lease that has it.
+
 The age limit runs from the take, and from each renewal: the holder renews its lease (by its
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
 waiters (and an identical request arriving late does not lead a second, paid, call), while a
@@ -82,33 +87,43 @@ class Leases:
             return 0.0
         return max(0.0, (lease.expires_at_ms - self._clock.now_ms()) / 1000)
 
-    def take(self, key: LeaseKey, owner: str = "") -> str:
+    def take(self, key: LeaseKey, owner: str = "", lease_id: str = "") -> str:
         """Takes the lease of ``key`` for the request ``owner``; returns its id (what ``end``
-        may be given). Leases past their age limit are ended first, oldest first: a holder
-        that died without a Store (and whose key nobody asks again) holds no memory for long."""
+        may be given): ``lease_id``, the caller's, unless empty or a live lease's (``_id``).
+        Leases past their age limit are ended first, oldest first: a holder that died without
+        a Store (and whose key nobody asks again) holds no memory for long."""
         now = self._clock.now_ms()
         self._end_expired(now)
         self.end(key)  # an expired lease of this key: its place in the age order goes too
-        lease = _Lease(now + self._hold_ms, owner)
+        lease = _Lease(now + self._hold_ms, owner, self._id(lease_id))
         self._held[key] = lease
         self._ids[lease.lease_id] = key
         return lease.lease_id
 
-    def take_over(self, key: LeaseKey, owner: str) -> str | None:
+    def take_over(self, key: LeaseKey, owner: str, lease_id: str = "") -> str | None:
         """When ``owner`` (not empty) took ``key``'s live lease: a retry of that request leads
         again. The lease is kept (its waiters wait on) with its age limit restarted, under a
-        new id, returned (else None): the first call may still be running on a router that
-        lost its client, and its Release or renewal, naming the old id, then ends or renews
-        nothing (it would end the lease the retry holds: a waiter would lead a second call)."""
+        new id (``lease_id``, the retry's, unless empty or a live lease's), returned (else
+        None): the first call may still be running on a router that lost its client, and its
+        Release or renewal, naming the old id, then ends or renews nothing (it would end the
+        lease the retry holds: a waiter would lead a second call)."""
         lease = self._held.get(key)
         if not owner or lease is None or lease.owner != owner or self.held(key) is None:
             return None
         del self._ids[lease.lease_id]
-        lease.lease_id = uuid.uuid4().hex
+        lease.lease_id = self._id(lease_id)
         self._ids[lease.lease_id] = key
         lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return lease.lease_id
+
+    def _id(self, proposed: str) -> str:
+        """``proposed`` (the caller's) if no live lease has it, else a new id of ours: a
+        reused id must not name two leases (the first one's renewals would renew the second,
+        or nothing)."""
+        if proposed and proposed not in self._ids:
+            return proposed
+        return uuid.uuid4().hex
 
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of the live lease named ``lease_id`` if ``tenant``'s (its

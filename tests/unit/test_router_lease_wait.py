@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any, cast
 
 import pytest
@@ -11,7 +13,7 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.env import Env
-from services.common.errors import Code
+from services.common.errors import Code, RequestError
 from services.common.models import model_table_from_env
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
@@ -36,12 +38,15 @@ class ScriptedLookup:
         """``slow``: each call takes its whole deadline (an L1 that answers nothing in time)."""
         self._replies = list(replies)
         self.timeouts: list[float] = []
+        self.lookups: list[sc.LookupRequest] = []
+        self.releases: list[sc.ReleaseRequest] = []
         self._clock = clock  # moved on by ``takes_s`` at each call
         self._takes_s = takes_s
         self._slow = slow
 
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
         self.timeouts.append(deadline_s)
+        self.lookups.append(sc.LookupRequest(lease_id=request.lease_id))
         if self._clock is not None:
             self._clock.now += deadline_s if self._slow else self._takes_s
         reply = self._replies.pop(0)
@@ -51,6 +56,10 @@ class ScriptedLookup:
 
     async def store(self, request: sc.StoreRequest, deadline_s: float) -> sc.StoreResponse:
         return sc.StoreResponse(stored=True)
+
+    async def release(self, request: sc.ReleaseRequest, deadline_s: float) -> sc.ReleaseResponse:
+        self.releases.append(request)
+        return sc.ReleaseResponse(released=True)
 
 
 def settings(lease_wait_s: str) -> RouterSettings:
@@ -179,3 +188,67 @@ async def test_a_slow_l1_leaves_a_short_client_deadline_its_model_call() -> None
     # 0.5 s less the reply margin (a tenth of a deadline that short): 0.45 s, half of it
     assert stub.timeouts == [pytest.approx(0.225)]
     assert models.deadlines == [pytest.approx(0.225)]  # the other half: the model call's
+
+
+async def settled() -> None:
+    """Lets the Releases sent in the background run (they await nothing but the fake)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("replies", "released"),
+    [
+        ((PENDING, HIT), []),  # each reply arrived: nothing to release
+        ((Code.DEADLINE_EXCEEDED,), [0]),  # the reply may have been sent, and come too late
+        ((Code.UNAVAILABLE,), [0]),  # the connection broke on the way
+        ((PENDING, Code.CANCELLED), [1]),  # the second Lookup's own lease, not the first's
+        ((Code.INVALID_ARGUMENT,), []),  # refused: no lease was taken
+    ],
+)
+async def test_a_lookup_names_a_fresh_lease_and_one_whose_reply_is_lost_releases_it(
+    replies: tuple[sc.LookupResponse | Code, ...], released: list[int]
+) -> None:
+    """A leading Lookup whose reply was lost left L1 holding a lease the router never knew it
+    held (nor renewed, nor released): identical requests waited on it up to its age limit."""
+    stub = ScriptedLookup(*replies)
+    with contextlib.suppress(RequestError):
+        await calls(stub, "30").lookup("tenant-a", build_request("Reset my password"))
+    await settled()
+    ids = [lookup.lease_id for lookup in stub.lookups]
+    assert len(set(ids)) == len(ids) and all(len(i) == 32 for i in ids)  # fresh, each
+    assert [r.lease_id for r in stub.releases] == [ids[n] for n in released]
+    assert all(r.tenant == "tenant-a" and r.request.messages for r in stub.releases)
+
+
+async def test_a_lookup_cancelled_with_its_request_releases_its_lease() -> None:
+    """The client went away during the Lookup: L1 may have taken the lease all the same."""
+    blocked = asyncio.Event()
+
+    class Hanging(ScriptedLookup):
+        async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
+            self.lookups.append(sc.LookupRequest(lease_id=request.lease_id))
+            blocked.set()
+            await asyncio.Event().wait()  # until cancelled
+            raise AssertionError("unreachable")
+
+    stub = Hanging()
+    looking = asyncio.ensure_future(
+        calls(stub, "30").lookup("tenant-a", build_request("Reset my password"))
+    )
+    await blocked.wait()
+    looking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await looking
+    await settled()
+    assert [r.lease_id for r in stub.releases] == [stub.lookups[0].lease_id]
+
+
+@pytest.mark.parametrize("mode", [pb.SEMANTIC_MODE_REFRESH, pb.SEMANTIC_MODE_NO_STORE])
+async def test_a_lookup_that_never_leads_releases_nothing(mode: pb.SemanticMode.ValueType) -> None:
+    request = build_request("Reset my password")
+    request.cache.semantic = mode
+    stub = ScriptedLookup(Code.DEADLINE_EXCEEDED)
+    assert await calls(stub, "30").lookup("tenant-a", request) is None
+    await settled()
+    assert not stub.releases

@@ -332,6 +332,38 @@ async def test_a_late_store_of_an_aged_out_lease_leaves_the_next_leaders_lease_a
         await server.stop(None)
 
 
+async def test_a_lookup_may_name_its_lease_but_a_reused_id_takes_no_other_lease() -> None:
+    """The router names the lease a Lookup may take (so it can release it should the reply
+    be lost). Leases are per key: a Lookup of another question reusing a live lease's id gets
+    an id of L1's instead, and a Release naming the reused id with its own request ends
+    nothing of the other key's lease (nor its renewals). A malformed id is refused."""
+    cache = leased_cache()
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+
+    def lookup(text: str, lease_id: str) -> sc.LookupRequest:
+        return sc.LookupRequest(tenant="a", request=make_request(text), lease_id=lease_id)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sc_grpc.SemanticCacheStub(channel)
+            mine = await stub.Lookup(lookup("Reset my password", "id-1"), metadata=AUTH)
+            assert mine.leader and mine.lease_id == "id-1"
+            reused = lookup("Cancel my plan", "id-1")
+            other = await stub.Lookup(reused, metadata=AUTH)
+            assert other.leader and other.lease_id not in ("", "id-1")
+            release = sc.ReleaseRequest(tenant="a", request=reused.request, lease_id="id-1")
+            assert not (await stub.Release(release, metadata=AUTH)).released
+            renew = sc.RenewRequest(tenant="a", lease_id="id-1")
+            assert (await stub.Renew(renew, metadata=AUTH)).renewed  # the first key's, still
+            assert cache.lease_pending(query_from_request("a", reused.request))
+            for bad in ("x" * 65, "id 1", "id/1", "ï"):
+                refused = stub.Lookup(lookup("Reset my password", bad), metadata=AUTH)
+                details = await expect(grpc.StatusCode.INVALID_ARGUMENT, refused)
+                assert "lease_id" in details and "uuid4" in details and bad not in details
+    finally:
+        await server.stop(None)
+
+
 async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease() -> None:
     cache = leased_cache()
     draining = asyncio.Event()

@@ -27,11 +27,23 @@ class LookupRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     WANT_EMBEDDING_FIELD_NUMBER: _builtins.int
     ACCEPTED_TIERS_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     want_embedding: _builtins.bool
     """The router's tier choice needs the last user turn's embedding: a miss returns the vector
     the lookup computed (embedded once, and reused by the Store); with the request's semantic
     mode BYPASS or REFRESH no lookup is done and only the embedding is returned.
+    """
+    lease_id: _builtins.str
+    """The id the lease is to have should this Lookup lead (LookupResponse.lease_id): the caller
+    picks a fresh random one per Lookup (1 to 64 characters of A-Z, a-z, 0-9, '_' and '-';
+    else INVALID_ARGUMENT), so that when the reply does not reach it (its deadline passed as
+    the reply was on its way, it went away, the connection broke) it can still end the lease
+    it may hold, by a Release naming this id, instead of leaving identical requests waiting on
+    it up to SEMANTIC_CACHE_LEASE_S. Leases are per key: a Release names the request too, so
+    an id reused by another request ends nothing of another key's lease, and an id that a
+    live lease already has is not given to a second one (L1 chooses the id, as when empty;
+    the reply says which).
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -51,10 +63,11 @@ class LookupRequest(_message.Message):
         request: _gateway_pb2.CompleteRequest | None = ...,
         want_embedding: _builtins.bool = ...,
         accepted_tiers: _abc.Iterable[_builtins.str] | None = ...,
+        lease_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_tiers", b"accepted_tiers", "request", b"request", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_tiers", b"accepted_tiers", "lease_id", b"lease_id", "request", b"request", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -96,7 +109,9 @@ class LookupResponse(_message.Message):
     deadline to be served that answer instead of calling the model itself.
     """
     lease_id: _builtins.str
-    """set with leader: what Release must name"""
+    """Set with leader: what Release, Renew and Store name (LookupRequest.lease_id if it gave one
+    no live lease has, else one L1 chose).
+    """
     embedding: _builtins.bytes
     """With want_embedding, on a miss: the last user turn's L2-normalised embedding as
     little-endian float32, and the embedder's version; empty when there is no user text.
