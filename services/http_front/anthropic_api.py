@@ -219,11 +219,15 @@ def message_id(request_id: str) -> str:
     return f"msg_{request_id}"
 
 
-def usage(u: pb.Usage) -> dict[str, int]:
+def usage(u: pb.Usage) -> dict[str, Any]:
     return {
         "input_tokens": u.input_tokens,
         "cache_creation_input_tokens": u.cache_creation_input_tokens,
         "cache_read_input_tokens": u.cache_read_input_tokens,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": u.cache_creation.ephemeral_5m_input_tokens,
+            "ephemeral_1h_input_tokens": u.cache_creation.ephemeral_1h_input_tokens,
+        },
         "output_tokens": u.output_tokens,
     }
 

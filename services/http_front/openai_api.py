@@ -268,7 +268,11 @@ def usage(u: pb.Usage) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "completion_tokens": u.output_tokens,
         "total_tokens": prompt + u.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cache_read_input_tokens, "audio_tokens": 0},
+        "prompt_tokens_details": {
+            "cached_tokens": u.cache_read_input_tokens,
+            "cache_write_tokens": u.cache_creation_input_tokens,
+            "audio_tokens": 0,
+        },
         "completion_tokens_details": {
             "reasoning_tokens": 0,
             "audio_tokens": 0,

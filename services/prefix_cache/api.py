@@ -156,13 +156,17 @@ class PrefixCacheApi:
 
 
 def usage_of(split: Split, output_tokens: int = 0, kv_cached_tokens: int = 0) -> pb.Usage:
-    return pb.Usage(
+    usage = pb.Usage(
         input_tokens=split.input_tokens,
         cache_creation_input_tokens=split.creation_tokens,
         cache_read_input_tokens=split.read_tokens,
         output_tokens=output_tokens,
         kv_cached_tokens=kv_cached_tokens,
     )
+    if split.creation_tokens:  # the write's TTL split, which its price depends on
+        usage.cache_creation.ephemeral_5m_input_tokens = split.write_5m_tokens
+        usage.cache_creation.ephemeral_1h_input_tokens = split.write_1h_tokens
+    return usage
 
 
 def final_response(final: Final) -> pc.CommitResponse:

@@ -1055,6 +1055,8 @@ def _headed(head: pb.CompleteResponse, model: ModelSpec, warm: CommitReply) -> N
         head.usage.input_tokens = warm.usage.input_tokens
         head.usage.cache_creation_input_tokens = warm.usage.cache_creation_input_tokens
         head.usage.cache_read_input_tokens = warm.usage.cache_read_input_tokens
+        if warm.usage.HasField("cache_creation"):
+            head.usage.cache_creation.CopyFrom(warm.usage.cache_creation)
 
 
 def served_by(spec: ModelSpec, cache_read_tokens: int) -> pb.Layer.ValueType:
@@ -1103,6 +1105,8 @@ def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
             cache_read_input_tokens=end.usage.cache_read_input_tokens,
         ),
     )
+    if end.usage.HasField("cache_creation"):
+        start.usage.cache_creation.CopyFrom(end.usage.cache_creation)
     if end.HasField("semantic"):
         start.semantic.CopyFrom(end.semantic)
     return [

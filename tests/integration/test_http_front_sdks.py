@@ -247,6 +247,95 @@ def test_openai_breakpoint_in_a_tool_messages_parts_is_cached(base: str, key: st
     assert cached and cached > 1024
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_usage_splits_the_cache_write_by_ttl(base: str, key: str, stream: bool) -> None:
+    """A 1h write costs 2x the input price, a 5m one 1.25x: usage.cache_creation tells them
+    apart (Anthropic's CacheCreation), in the body and in a stream's message_start and
+    message_delta, the SDK's final message included."""
+    client = anthropic.Anthropic(
+        base_url=base, api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
+    )
+    system: Any = [
+        {
+            "type": "text",
+            "text": _system(uuid.uuid4().hex),
+            "cache_control": {"type": "ephemeral", "ttl": "1h"},
+        }
+    ]
+    question: Any = {
+        "type": "text",
+        "text": _unique("Which of my bookings can still be refunded?"),
+        "cache_control": {"type": "ephemeral"},
+    }
+    turns: Any = [{"role": "user", "content": [question]}]
+    message: anthropic.types.Message
+    if stream:
+        with client.messages.stream(
+            model="sim-small", max_tokens=30, system=system, messages=turns
+        ) as events:
+            seen = list(events)
+            message = events.get_final_message()
+        written = next(e for e in seen if e.type == "message_start").message.usage.cache_creation
+        assert written is not None and written == message.usage.cache_creation
+        delta = next(e for e in seen if e.type == "message_delta").usage
+        assert delta.model_extra is not None  # the SDK keeps the field it does not declare
+        assert delta.model_extra["cache_creation"] == written.model_dump()
+    else:
+        message = client.messages.create(
+            model="sim-small", max_tokens=30, system=system, messages=turns
+        )
+    usage = message.usage
+    assert usage.cache_creation is not None
+    one_hour = usage.cache_creation.ephemeral_1h_input_tokens
+    five_minutes = usage.cache_creation.ephemeral_5m_input_tokens
+    assert one_hour > 1024 and five_minutes > 0
+    assert one_hour + five_minutes == usage.cache_creation_input_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_usage_tells_the_cache_write(base: str, key: str, stream: bool) -> None:
+    """A breakpoint's first call pays a cache write (1.25x the input price, over the
+    baseline): prompt_tokens_details.cache_write_tokens says how many tokens, in the body
+    and in the include_usage chunk; the next call reads them (cached_tokens) and writes none."""
+    client = openai.OpenAI(
+        base_url=f"{base}/v1", api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
+    )
+    part = {
+        "type": "text",
+        "text": _system(uuid.uuid4().hex),
+        "cache_control": {"type": "ephemeral"},
+    }
+    turns: list[Any] = [{"role": "system", "content": [part]}]
+    details: list[openai.types.completion_usage.PromptTokensDetails] = []
+    usage: openai.types.CompletionUsage | None
+    for question in ("Cancel my reservation please.", "Which one was it?"):
+        turns.append({"role": "user", "content": _unique(question)})
+        if stream:
+            chunks = client.chat.completions.create(
+                model="sim-small",
+                messages=turns,
+                max_tokens=30,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            usage = [c.usage for c in chunks if c.usage is not None][-1]
+        else:
+            raw = client.chat.completions.with_raw_response.create(
+                model="sim-small", messages=turns, max_tokens=30
+            )
+            usage = raw.parse().usage
+            if not details:  # the write is what takes the cost over the baseline
+                cost = int(raw.headers["x-cachemesh-cost-nanos"])
+                assert cost > int(raw.headers["x-cachemesh-baseline-nanos"])
+        assert usage is not None and usage.prompt_tokens_details is not None
+        details.append(usage.prompt_tokens_details)
+    first, second = details
+    assert first.cached_tokens == 0
+    assert first.cache_write_tokens is not None and first.cache_write_tokens > 1024
+    assert second.cache_write_tokens == 0
+    assert second.cached_tokens == first.cache_write_tokens
+
+
 def test_anthropic_errors_are_the_sdks_own_exceptions(base: str, key: str) -> None:
     question: list[Any] = [{"role": "user", "content": "hello"}]
     with pytest.raises(anthropic.AuthenticationError) as auth:

@@ -178,7 +178,12 @@ def test_anthropic_agent_turn_sends_the_documented_body_streams_and_bills_the_re
     # the provider's usage is the bill: claude-sonnet-4-5 at $3 in, $3.75 5m write, $6 1h
     # write, $15 out per MTok = 3000 / 3750 / 6000 / 15000 nanos a token
     assert end.usage == pb.Usage(
-        input_tokens=37, cache_creation_input_tokens=1498, output_tokens=18
+        input_tokens=37,
+        cache_creation_input_tokens=1498,
+        output_tokens=18,
+        cache_creation=pb.CacheCreation(
+            ephemeral_5m_input_tokens=12, ephemeral_1h_input_tokens=1486
+        ),
     )
     assert end.cost.cost_nanos == 37 * 3000 + 12 * 3750 + 1486 * 6000 + 18 * 15000 == 9_342_000
     assert end.cost.baseline_nanos == (37 + 1498) * 3000 + 18 * 15000 == 4_875_000

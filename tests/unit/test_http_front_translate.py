@@ -193,6 +193,9 @@ def _end(*blocks: pb.ContentBlock, stop: str = "end_turn") -> pb.CompleteRespons
             cache_creation_input_tokens=7,
             cache_read_input_tokens=11,
             output_tokens=3,
+            cache_creation=pb.CacheCreation(
+                ephemeral_5m_input_tokens=2, ephemeral_1h_input_tokens=5
+            ),
         ),
     )
 
@@ -203,11 +206,13 @@ def test_usage_is_each_apis_own() -> None:
         "input_tokens": 5,
         "cache_creation_input_tokens": 7,
         "cache_read_input_tokens": 11,
+        "cache_creation": {"ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 5},
         "output_tokens": 3,
     }
     usage = openai_api.response(end, 0)["usage"]
     assert usage["prompt_tokens"] == 23 and usage["completion_tokens"] == 3
     assert usage["prompt_tokens_details"]["cached_tokens"] == 11
+    assert usage["prompt_tokens_details"]["cache_write_tokens"] == 7
 
 
 def test_anthropic_stream_events_for_text_then_a_tool_use() -> None:

@@ -111,7 +111,11 @@ async def test_warm_final_totals_round_trip(served: Served, tokenizer: Tokenizer
         metadata=AUTH,
     )
     assert plan.prompt_tokens == total
-    assert plan.usage == pb.Usage(input_tokens=total - cached, cache_creation_input_tokens=cached)
+    assert plan.usage == pb.Usage(
+        input_tokens=total - cached,
+        cache_creation_input_tokens=cached,
+        cache_creation=pb.CacheCreation(ephemeral_5m_input_tokens=cached),  # a 5m breakpoint
+    )
     assert [c.replica for c in plan.candidates] == ["x", "y"]
 
     first = await served.stub.Commit(warm("r1"), metadata=AUTH)

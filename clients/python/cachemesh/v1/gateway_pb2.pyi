@@ -444,6 +444,7 @@ class Usage(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     KV_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     cache_creation_input_tokens: _builtins.int
     cache_read_input_tokens: _builtins.int
@@ -452,6 +453,13 @@ class Usage(_message.Message):
     """reused from the engine's KV cache (L3): latency, not the bill"""
     draft_accepted_tokens: _builtins.int
     """the engine's speculative decoding: draft tokens it verified and kept (latency, not the bill)"""
+    @_builtins.property
+    def cache_creation(self) -> Global___CacheCreation:
+        """cache_creation_input_tokens split by the TTL each write was priced at (Anthropic's
+        usage.cache_creation): a 1h write costs 2x the input price, a 5m one 1.25x. Set on a
+        call's usage that wrote (unset: no write); a tenant's totals leave it unset.
+        """
+
     def __init__(
         self,
         *,
@@ -461,14 +469,39 @@ class Usage(_message.Message):
         output_tokens: _builtins.int = ...,
         kv_cached_tokens: _builtins.int = ...,
         draft_accepted_tokens: _builtins.int = ...,
+        cache_creation: Global___CacheCreation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "draft_accepted_tokens", b"draft_accepted_tokens", "input_tokens", b"input_tokens", "kv_cached_tokens", b"kv_cached_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation", "cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "draft_accepted_tokens", b"draft_accepted_tokens", "input_tokens", b"input_tokens", "kv_cached_tokens", b"kv_cached_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class CacheCreation(_message.Message):
+    """The two add up to Usage.cache_creation_input_tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPHEMERAL_5M_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    EPHEMERAL_1H_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ephemeral_5m_input_tokens: _builtins.int
+    ephemeral_1h_input_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        ephemeral_5m_input_tokens: _builtins.int = ...,
+        ephemeral_1h_input_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ephemeral_1h_input_tokens", b"ephemeral_1h_input_tokens", "ephemeral_5m_input_tokens", b"ephemeral_5m_input_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheCreation: _TypeAlias = CacheCreation  # noqa: Y015
 
 @_typing.final
 class Cost(_message.Message):
