@@ -51,3 +51,15 @@ def holds_lone_surrogate(text: str, value: Any) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def object_or_none(text: str) -> dict[str, Any] | None:
+    """The JSON object ``text`` holds, read strictly (``loads``, no lone surrogate), or None:
+    not JSON, JSON but not an object, or nested too deeply to read."""
+    try:
+        value = loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or holds_lone_surrogate(text, value):
+        return None
+    return value

@@ -8,13 +8,12 @@ extended thinking) are refused with a 400 that says so, never dropped silently.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.http_front.errors import invalid
-from services.http_front.fields import Obj, json_text, shown
+from services.http_front.fields import Obj, answered_input, json_text, shown
 
 # anthropic-version: a dated API version; the SDKs send newer ones than the first (2023-01-01)
 VERSION = re.compile(r"^20\d\d-[01]\d-[0-3]\d$")
@@ -240,7 +239,7 @@ def content_block(block: pb.ContentBlock) -> dict[str, Any]:
             "type": "tool_use",
             "id": use.id,
             "name": use.name,
-            "input": json.loads(use.input_json) if use.input_json else {},
+            "input": answered_input(use.input_json)[0],
         }
     return {"type": "text", "text": block.text}
 
@@ -300,7 +299,8 @@ class EventStream:
             use = block.tool_use
             head = {"type": "tool_use", "id": use.id, "name": use.name, "input": {}}
             events.append(self._begin("tool_use", head))
-            events.append(self._delta({"type": "input_json_delta", "partial_json": use.input_json}))
+            text = answered_input(use.input_json)[1]
+            events.append(self._delta({"type": "input_json_delta", "partial_json": text}))
             events += self._close()
         return events
 

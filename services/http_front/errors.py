@@ -9,9 +9,10 @@ overloaded, 500).
 
 Both SDKs retry 408, 409, 429 and any status >= 500 twice by default, unless the response says
 ``x-should-retry: false``. It says so for the refusals a retry would only repeat: the
-caller's mistakes, and a Gateway deadline (the same request gets the same deadline, and a cut
-answer is billed for what it produced: three model calls, three bills). A rate limit, an
-overload and an unknown fault leave the SDKs free to retry.
+caller's mistakes, a Gateway deadline (the same request gets the same deadline, and a cut
+answer is billed for what it produced: three model calls, three bills), and a failure of the
+front once the Gateway has answered (billed). A rate limit, an overload and another fault
+leave the SDKs free to retry.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class ApiError(Exception):
     message: str
     retry_after_s: int | None = None  # 429: whole seconds to wait before a retry
     param: str | None = None  # OpenAI's ``param``: the request field at fault
+    # a retry would only repeat it, whatever its kind: the front failed after the Gateway
+    # answered (and billed) the call, and a retry is a model call and a bill again
+    final: bool = False
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -94,7 +98,7 @@ class ApiError(Exception):
         headers: dict[str, str] = {}
         if self.retry_after_s is not None:
             headers["retry-after"] = str(self.retry_after_s)
-        if self.kind in _FINAL:
+        if self.kind in _FINAL or self.final:
             headers["x-should-retry"] = "false"  # honoured by both SDKs' retry policy
         return headers
 

@@ -150,3 +150,17 @@ def json_text(value: object, where: str) -> str:
     except UnicodeEncodeError:
         raise invalid(f"{where}: {LONE_SURROGATE}", where) from None
     return text
+
+
+def answered_input(input_json: str) -> tuple[dict[str, Any], str]:
+    """A tool call's input as the Gateway answered it: the JSON object, and its text. One that
+    is no standard JSON object (an answer stored before the model adapter read inputs
+    strictly) is kept visibly as ``{"_unparsed_arguments": <the text>}``, as the adapter keeps
+    it: served as read, a lone surrogate escape failed to encode after the answer was billed,
+    and a NaN reached the client as a body it could not send back."""
+    text = input_json.strip() or "{}"
+    value = strict_json.object_or_none(text)
+    if value is None:
+        value = {"_unparsed_arguments": input_json}
+        text = json.dumps(value)
+    return value, text

@@ -34,6 +34,9 @@ _ENDED = web.RequestKey("cachemesh.ended", int)
 # on the request once a write to the caller outlasted HTTP_FRONT_WRITE_TIMEOUT_S: its connection
 # is closed when the handler has unwound (its Gateway call cancelled on the way)
 _STALLED = web.RequestKey("cachemesh.stalled", bool)
+# on the request once the Gateway has answered (its end, or a stream's start: the model call
+# is then billed, cut or not): a failure of the front after that says x-should-retry: false
+_ANSWERED = web.RequestKey("cachemesh.answered", bool)
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 _NO_KEY = {
@@ -174,7 +177,11 @@ class Front:
             except Exception as exc:  # a bug here: the caller still gets its API's error shape
                 log.exception("http-front failed on %s", name)
                 span.record_exception(exc)
-                failed = ApiError("api", "the HTTP front failed on this request; see its log")
+                why = "the HTTP front failed on this request; see its log"
+                answered = bool(request.get(_ANSWERED))
+                if answered:  # not retried: a retry would be a model call and a bill again
+                    why += " (the Gateway had answered it, and billed the answer)"
+                failed = ApiError("api", why, final=answered)
                 response = await self._failed(api, request, failed, traceparent)
             if request.get(_STALLED) and request.transport is not None:
                 # the write still waiting on the caller is dropped with its connection (aiohttp
@@ -265,6 +272,7 @@ class Front:
         with self._in_flight.slot(tenant):
             if not stream:
                 end = await self._gateway.complete(gw, key, traceparent)
+                request[_ANSWERED] = True
                 headers = facts.end_headers(end, traceparent)
                 headers[_ID_HEADER["anthropic"]] = end.request_id
                 return _json(anthropic_api.response(end), headers=headers)
@@ -310,6 +318,7 @@ class Front:
         with self._in_flight.slot(tenant):
             if not stream:
                 end = await self._gateway.complete(gw, key, traceparent)
+                request[_ANSWERED] = True
                 headers = facts.end_headers(end, traceparent)
                 headers[_ID_HEADER["openai"]] = end.request_id
                 return _json(openai_api.response(end, created), headers=headers)
@@ -360,6 +369,7 @@ class Front:
             if chunk is not None:
                 if chunk.WhichOneof("part") != "start":
                     break
+                request[_ANSWERED] = True
                 return chunk, opened
             if opened is None:
                 trace_id = traceparent.split("-")[1] if traceparent else ""

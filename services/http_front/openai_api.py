@@ -20,7 +20,7 @@ from services.common.strict_json import NotStandardJson
 from services.common.strict_json import loads as strict_loads
 from services.http_front.anthropic_api import cache_control, longest, parts_controls
 from services.http_front.errors import invalid
-from services.http_front.fields import Obj, json_text, shown
+from services.http_front.fields import Obj, answered_input, json_text, shown
 
 _TOP = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream",
@@ -290,7 +290,7 @@ def _tool_call(use: pb.ToolUse) -> dict[str, Any]:
     return {
         "id": use.id,
         "type": "function",
-        "function": {"name": use.name, "arguments": use.input_json or "{}"},
+        "function": {"name": use.name, "arguments": answered_input(use.input_json)[1]},
     }
 
 

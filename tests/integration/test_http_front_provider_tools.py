@@ -82,6 +82,46 @@ def test_a_tool_call_round_trips_through_the_http_front(providers: ProviderStack
     assert sent["messages"][2]["content"][0]["tool_use_id"] == "toolu_front01"
 
 
+@pytest.mark.parametrize("arguments", ['{"location": "Oslo \\ud83d"}', '{"location": NaN}'])
+def test_a_tool_call_json_has_not_is_answered_once_and_kept_visibly(
+    providers: ProviderStack, arguments: str
+) -> None:
+    """The model's tool call holds what Python's json reads but JSON has not (a lone UTF-16
+    surrogate escape: a string cut inside an emoji; NaN). It reaches the SDK kept as
+    ``_unparsed_arguments``, in one model call: it was a 500 after the answer was billed, which
+    the SDK's default policy retried twice (three model calls, three bills), or a NaN in the
+    body that the next turn could not send back."""
+    usage = anthropic_wire.Usage(input_tokens=40, output_tokens=12)
+    call = anthropic_wire.ToolCall("toolu_front02", "get_weather", [arguments])
+    providers.server.script(
+        "anthropic",
+        Reply(
+            events=anthropic_wire.stream(
+                "claude-sonnet-4-5-20250929", ["Let me check. "], usage,
+                stop_reason="tool_use", tool=call,
+            )
+        ),
+    )  # fmt: skip
+    front = f"http://{providers.stack.addresses['http-front']}"
+    client = anthropic.Anthropic(base_url=front, api_key=providers.stack.keys["tenant-a"])
+    ask: Any = {"role": "user", "content": f"Do I need a coat? {uuid.uuid4().hex[:8]}"}
+    calls = len(providers.server.seen_by("anthropic"))
+    first = client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=128, tools=_TOOLS, messages=[ask]
+    )
+    assert len(providers.server.seen_by("anthropic")) == calls + 1
+    (use,) = [block for block in first.content if block.type == "tool_use"]
+    assert use.input == {"_unparsed_arguments": arguments}
+    turns: list[Any] = [
+        ask,
+        {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id}]},
+    ]
+    client.messages.create(model="claude-sonnet-4-5", max_tokens=128, tools=_TOOLS, messages=turns)
+    assert len(providers.server.seen_by("anthropic")) == calls + 2  # the next turn is taken
+    client.close()
+
+
 def test_openais_temperature_range_reaches_an_openai_model_unclamped(
     providers: ProviderStack,
 ) -> None:

@@ -25,7 +25,7 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
 from services.common.channels import server_options
 from services.common.env import ConfigError
-from services.http_front import gateway, handlers
+from services.http_front import anthropic_api, facts, gateway, handlers, openai_api
 from services.http_front.app import serve
 from services.http_front.settings import HttpFrontSettings
 
@@ -568,6 +568,88 @@ async def test_transient_refusals_leave_the_sdks_free_to_retry(
     with pytest.raises(anthropic.APIStatusError) as by_claude:
         await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
     assert "x-should-retry" not in by_claude.value.response.headers
+
+
+def _retrying_clients(front: Front) -> tuple[anthropic.AsyncAnthropic, openai.AsyncOpenAI]:
+    """Both SDKs with their default retry policy (``max_retries=2``)."""
+    claude = anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY)
+    gpt = openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key=KEY)
+    front.clients += [claude, gpt]
+    return claude, gpt
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        '{"t": "smile \\ud83d"}',  # a lone UTF-16 surrogate escape: the front failed to encode it
+        '{"t": NaN}',  # served as NaN, no JSON: the SDK's next turn was refused
+        '{"t": 1e999}',
+    ],
+)
+async def test_a_tool_input_json_has_not_reaches_both_sdks_as_json_and_once(
+    front: Front, arguments: str
+) -> None:
+    """A tool call's input the Gateway answered with, which Python's json reads but JSON has
+    not (an answer cached before the model adapter read it strictly): each SDK gets it kept
+    visibly, as ``_unparsed_arguments``, in standard JSON it can send back; never a 500 the
+    SDKs retry (each retry a model call and a bill)."""
+    use = pb.ToolUse(id="toolu_1", name="say", input_json=arguments)
+    front.gateway.answer = _answer(pb.ContentBlock(tool_use=use), stop="tool_use")
+    kept = {"_unparsed_arguments": arguments}
+    claude, gpt = _retrying_clients(front)
+    message = await claude.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert message.content[0].type == "tool_use" and message.content[0].input == kept
+    assert front.gateway.calls == 1
+    async with claude.messages.stream(model="sim-large", max_tokens=50, messages=ASK) as s:
+        streamed = await s.get_final_message()
+    assert streamed.content[0].input == kept  # type: ignore[union-attr]
+    completion = await gpt.chat.completions.create(model="sim-large", messages=ASK)
+    (call,) = completion.choices[0].message.tool_calls or []
+    assert call.type == "function"
+    assert json.loads(call.function.arguments, parse_constant=pytest.fail) == kept
+    chunks = await gpt.chat.completions.create(model="sim-large", messages=ASK, stream=True)
+    deltas = [c.choices[0].delta.tool_calls async for c in chunks if c.choices]
+    sent = [d[0].function.arguments for d in deltas if d and d[0].function]
+    assert [json.loads(a, parse_constant=pytest.fail) for a in sent if a] == [kept]
+    assert front.gateway.calls == 4
+    history: list[Any] = [
+        *ASK,
+        {"role": "assistant", "content": [message.content[0].model_dump()]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]},
+    ]
+    await claude.messages.create(model="sim-large", max_tokens=50, messages=history)
+    assert front.gateway.calls == 5  # the app's next turn is taken
+
+
+async def test_a_front_failure_after_the_gateway_answered_is_not_retried(
+    front: Front, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Gateway answered (and billed) the call; the front then failed (a bug in the
+    translation). The 500 says ``x-should-retry: false``: each SDK retry would be a model
+    call and a bill again."""
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("a bug in the translation")
+
+    monkeypatch.setattr(anthropic_api, "response", broken)
+    monkeypatch.setattr(openai_api, "response", broken)
+    monkeypatch.setattr(facts, "start_headers", broken)  # a stream's, once started
+    claude, gpt = _retrying_clients(front)
+    calls: list[Any] = [
+        lambda: claude.messages.create(model="sim-large", max_tokens=50, messages=ASK),
+        lambda: claude.messages.create(model="sim-large", max_tokens=50, messages=ASK, stream=True),
+        lambda: gpt.chat.completions.create(model="sim-large", messages=ASK),
+        lambda: gpt.chat.completions.create(model="sim-large", messages=ASK, stream=True),
+    ]
+    for n, call in enumerate(calls, start=1):
+        with pytest.raises((anthropic.APIStatusError, openai.APIStatusError)) as failed:
+            await call()
+        error = failed.value
+        assert isinstance(error, anthropic.APIStatusError | openai.APIStatusError)
+        assert error.status_code == 500
+        assert error.response.headers["x-should-retry"] == "false"
+        assert "the HTTP front failed on this request" in error.message
+        assert front.gateway.calls == n
 
 
 async def _lines_until(reply: aiohttp.ClientResponse, wanted: bytes) -> list[bytes]:

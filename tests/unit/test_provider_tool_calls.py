@@ -16,6 +16,8 @@ from services.model.providers.progress import (
     tool_use_chunk,
 )
 
+DEEP = '{"a": ' * 100_000 + "1" + "}" * 100_000
+
 
 @pytest.mark.parametrize(
     ("arguments", "expected"),
@@ -27,6 +29,14 @@ from services.model.providers.progress import (
         ("null", {"_unparsed_arguments": "null"}),  # JSON, but not a tool's input
         ("[1, 2]", {"_unparsed_arguments": "[1, 2]"}),
         ('"Paris"', {"_unparsed_arguments": '"Paris"'}),
+        # what Python's json reads but JSON has not: served, they failed the HTTP front (a lone
+        # surrogate) or reached the SDK as a body it cannot send back (NaN)
+        ('{"t": "smile \\ud83d"}', {"_unparsed_arguments": '{"t": "smile \\ud83d"}'}),
+        ('{"t": NaN}', {"_unparsed_arguments": '{"t": NaN}'}),
+        ('{"t": -Infinity}', {"_unparsed_arguments": '{"t": -Infinity}'}),
+        ('{"t": 1e999}', {"_unparsed_arguments": '{"t": 1e999}'}),
+        ('{"t": "\\ud83d\\ude00"}', {"t": "\U0001f600"}),  # an escaped pair is one character
+        (DEEP, {"_unparsed_arguments": DEEP}),  # nested beyond what Python's json reads
     ],
 )
 def test_a_tool_calls_input_is_always_a_json_object(arguments: str, expected: object) -> None:

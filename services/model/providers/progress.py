@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common import strict_json
 
 log = logging.getLogger("cachemesh.model")
 # A stop reason the adapter does not know: the answer may be cut (never stored by L1).
@@ -133,13 +134,12 @@ def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.Generat
     """A finished tool call as a ``tool_use`` block; its input is the JSON object the model
     wrote (an empty input is ``{}``). Anything else (not JSON, or JSON but not an object: a
     tool's input is an object, and a client sending it back would be refused) is kept,
-    visibly, as ``{"_unparsed_arguments": <the text>}``, never dropped."""
+    visibly, as ``{"_unparsed_arguments": <the text>}``, never dropped. So is what Python's
+    json reads but JSON has not (NaN, Infinity, a number beyond a double, a lone UTF-16
+    surrogate escape) or cannot read at all (nested too deeply): the HTTP front could not
+    serve it as JSON, nor a client send it back."""
     raw = arguments.strip() or "{}"
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
+    if strict_json.object_or_none(raw) is None:
         raw = json.dumps({"_unparsed_arguments": raw})
     return model_pb2.GenerateChunk(
         block=pb.ContentBlock(tool_use=pb.ToolUse(id=call_id, name=name, input_json=raw))
