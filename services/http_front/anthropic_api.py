@@ -2,8 +2,9 @@
 
 The Gateway's contract follows the Messages API one to one, so a request maps field by field:
 content blocks (text, tool_use, tool_result) with their ``cache_control`` breakpoints, system
-blocks, tools. Fields the Gateway cannot honour (images, stop sequences, a forced tool choice,
-extended thinking) are refused with a 400 that says so, never dropped silently.
+blocks, tools. Fields the Gateway cannot honour (images, stop sequences, a forced tool choice
+or one call at a time, extended thinking, top_k, a top_p but 1) are refused with a 400 that
+says so, never dropped silently.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.http_front.errors import invalid
-from services.http_front.fields import Obj, answered_input, json_text, shown
+from services.http_front.fields import (
+    SAMPLING,
+    Obj,
+    answered_input,
+    default_only,
+    json_text,
+    shown,
+    unsupported,
+)
 
 # anthropic-version: a dated API version; the SDKs send newer ones than the first (2023-01-01)
 VERSION = re.compile(r"^20\d\d-[01]\d-[0-3]\d$")
@@ -76,15 +85,24 @@ def _unsupported(top: Obj) -> None:
     stops = top.array("stop_sequences")
     if stops:
         raise invalid("stop_sequences: not supported by cachemesh (answers end by themselves)")
-    for name in ("top_p", "top_k"):
-        if top.has(name):
-            top.number(name)  # accepted and type-checked; the backends sample their own way
+    default_only(top, "top_p", 1, SAMPLING)  # 1 changes nothing
+    if top.has("top_k"):
+        top.integer("top_k")
+        raise unsupported("top_k", SAMPLING)
     choice = top.obj("tool_choice")
-    if choice is not None and choice.text("type") not in ("auto", None):
-        raise invalid(
-            f"tool_choice.type: {shown(choice.raw('type'))} is not supported by cachemesh; "
-            "only 'auto'"
-        )
+    if choice is not None:
+        choice.only(("type", "disable_parallel_tool_use"))
+        if choice.text("type") not in ("auto", None):
+            raise invalid(
+                f"tool_choice.type: {shown(choice.raw('type'))} is not supported by cachemesh; "
+                "only 'auto'"
+            )
+        if choice.flag("disable_parallel_tool_use"):
+            raise unsupported(
+                choice.at("disable_parallel_tool_use"),
+                "a model may answer with several tool calls; cachemesh cannot hold it to one",
+                "omit it or send false",
+            )
     thinking = top.obj("thinking")
     if thinking is not None and thinking.text("type") not in ("disabled", None):
         raise invalid("thinking: extended thinking is not supported by cachemesh")

@@ -140,6 +140,27 @@ class Obj:
         return Obj(value, self.at(name))
 
 
+# why a sampling field the Gateway has no place for is refused
+SAMPLING = "the Gateway passes on temperature alone, no other sampling setting"
+
+
+def unsupported(where: str, why: str, instead: str = "omit it") -> ApiError:
+    """A field the Gateway has no place for: refused, never dropped silently."""
+    return invalid(f"{where}: not supported by cachemesh ({why}); {instead}", where)
+
+
+def default_only(obj: Obj, name: str, default: float, why: str) -> None:
+    """A number field accepted at the value that changes nothing (``default``), else refused."""
+    value = obj.number(name)
+    if value is not None and value != default:
+        where = obj.at(name)
+        raise invalid(
+            f"{where}: {value:g} is not supported by cachemesh ({why}); omit it or send "
+            f"{default:g}",
+            where,
+        )
+
+
 def json_text(value: object, where: str) -> str:
     """A JSON value (a tool's input or schema) as the Gateway's JSON text field."""
     if not isinstance(value, dict):

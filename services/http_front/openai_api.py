@@ -7,8 +7,10 @@ the Gateway bills follows the requested model's rules; for models billed under A
 rules (the simulated ones) a text part may carry ``cache_control`` (as the LiteLLM and
 OpenRouter proxies accept it), which marks a breakpoint there, and the cache read shows in
 ``prompt_tokens_details.cached_tokens``. Fields the Gateway cannot honour (n > 1, stop,
-logprobs, a forced tool choice, structured output, images) are refused with a 400, never
-dropped silently.
+logprobs, a forced tool choice, parallel_tool_calls false, structured output, images, a
+sampling setting but temperature, a seed, logit_bias, reasoning_effort) are refused with a
+400, never dropped silently; at the value that changes nothing (top_p 1, no penalty, no bias)
+they are accepted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from services.common.strict_json import NotStandardJson
 from services.common.strict_json import loads as strict_loads
 from services.http_front.anthropic_api import cache_control, longest, parts_controls
 from services.http_front.errors import invalid
-from services.http_front.fields import Obj, answered_input, json_text, shown
+from services.http_front.fields import (
+    SAMPLING,
+    Obj,
+    answered_input,
+    default_only,
+    json_text,
+    shown,
+    unsupported,
+)
 
 _TOP = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream",
@@ -101,13 +111,35 @@ def _unsupported(top: Obj) -> None:
         raise invalid(
             "response_format: structured output is not supported by cachemesh", "response_format"
         )
-    for name in ("top_p", "frequency_penalty", "presence_penalty"):
-        top.number(name)  # accepted and type-checked; the backends sample their own way
-    for name in ("user", "service_tier", "reasoning_effort", "safety_identifier"):
+    # accepted at the values that change nothing (OpenAI's defaults), else refused
+    default_only(top, "top_p", 1, SAMPLING)
+    default_only(top, "frequency_penalty", 0, SAMPLING)
+    default_only(top, "presence_penalty", 0, SAMPLING)
+    if top.flag("parallel_tool_calls") is False:
+        raise unsupported(
+            "parallel_tool_calls",
+            "a model may answer with several tool calls; cachemesh cannot hold it to one",
+            "omit it or send true",
+        )
+    bias = top.obj("logit_bias")
+    if bias is not None and bias.value:
+        raise unsupported("logit_bias", "the Gateway has no token biases")
+    if top.integer("top_logprobs") not in (None, 0):
+        raise unsupported("top_logprobs", "cachemesh answers without logprobs")
+    if top.has("seed"):
+        raise unsupported("seed", "the Gateway passes on no seed: an answer is not reproducible")
+    if top.has("reasoning_effort"):
+        raise unsupported(
+            "reasoning_effort", "the Gateway has no reasoning setting; each model reasons its way"
+        )
+    # what changes no answer: who asks, and OpenAI's own storage and tiers
+    for name in ("user", "service_tier", "safety_identifier"):
         top.text(name)
-    for name in ("parallel_tool_calls", "store"):
-        top.flag(name)
-    top.integer("seed")
+    top.flag("store")
+    metadata = top.obj("metadata")
+    if metadata is not None:
+        for name in metadata.value:
+            metadata.text(name)
 
 
 def _tool(raw: object, path: str) -> pb.Tool:

@@ -403,6 +403,71 @@ async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(
     assert front.gateway.calls == 0
 
 
+TOOL: list[Any] = [{"name": "lookup", "input_schema": {"type": "object", "properties": {}}}]
+FUNCTION: list[Any] = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+
+
+# each was accepted with a 200 and dropped silently: the caller never learnt that its answer
+# was not sampled, biased, seeded or kept to one tool call as asked
+@pytest.mark.parametrize(
+    ("api", "fields", "named"),
+    [
+        ("openai", {"tools": FUNCTION, "parallel_tool_calls": False}, "parallel_tool_calls"),
+        ("openai", {"reasoning_effort": "minimal"}, "reasoning_effort"),
+        ("openai", {"logit_bias": {"1": -100}}, "logit_bias"),
+        ("openai", {"extra_body": {"logit_bias": "garbage"}}, "logit_bias"),
+        ("openai", {"top_logprobs": 5}, "top_logprobs"),
+        ("openai", {"seed": 7}, "seed"),
+        ("openai", {"top_p": 0.1}, "top_p"),
+        ("openai", {"frequency_penalty": 0.5}, "frequency_penalty"),
+        ("openai", {"presence_penalty": -1}, "presence_penalty"),
+        ("openai", {"extra_body": {"metadata": {"k": 1}}}, "metadata.k"),
+        ("anthropic", {"tools": TOOL, "tool_choice": {"type": "auto",
+                       "disable_parallel_tool_use": True}},
+         "tool_choice.disable_parallel_tool_use"),
+        ("anthropic", {"extra_body": {"tool_choice": {"type": "auto", "bogus": 1}}},
+         "tool_choice.bogus"),
+        ("anthropic", {"extra_body": {"top_k": 1}}, "top_k"),
+        ("anthropic", {"extra_body": {"top_p": 0.1}}, "top_p"),
+    ],
+)  # fmt: skip
+async def test_a_parameter_the_gateway_cannot_honour_is_refused_naming_it(
+    front: Front, api: str, fields: dict[str, Any], named: str
+) -> None:
+    with pytest.raises((anthropic.BadRequestError, openai.BadRequestError)) as refused:
+        if api == "openai":
+            await _gpt(front).chat.completions.create(model="sim-large", messages=ASK, **fields)
+        else:
+            await _claude(front).messages.create(
+                model="sim-large", max_tokens=50, messages=ASK, **fields
+            )
+    error = refused.value
+    assert isinstance(error, anthropic.BadRequestError | openai.BadRequestError)
+    body: Any = error.body
+    said = body["error"]["message"] if api == "anthropic" else body["message"]
+    assert said.startswith(f"{named}: ")
+    assert error.response.headers["x-should-retry"] == "false"
+    if isinstance(error, openai.BadRequestError):
+        assert error.param == named
+    assert front.gateway.calls == 0
+
+
+async def test_a_parameter_at_its_default_value_changes_nothing_and_is_accepted(
+    front: Front,
+) -> None:
+    """What the provider would do without the field (OpenAI's parallel tool calls, top_p 1,
+    no penalty, no bias): nothing is dropped, so it is served."""
+    await _gpt(front).chat.completions.create(
+        model="sim-large", messages=ASK, tools=FUNCTION, parallel_tool_calls=True, top_p=1,
+        frequency_penalty=0, presence_penalty=0, logit_bias={}, metadata={"app": "docs"},
+    )  # fmt: skip
+    await _claude(front).messages.create(
+        model="sim-large", max_tokens=50, messages=ASK, tools=TOOL, extra_body={"top_p": 1},
+        tool_choice={"type": "auto", "disable_parallel_tool_use": False},
+    )  # fmt: skip
+    assert front.gateway.calls == 2
+
+
 async def _raw_headers(front: Front, headers: list[tuple[str, bytes]]) -> tuple[int, bytes]:
     """A POST /v1/messages whose header values are sent as the given bytes (a latin-1 client:
     Python's http.client encodes header values so)."""
