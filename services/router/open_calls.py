@@ -71,12 +71,15 @@ class OpenCall:
         self._count_output()
         self._write()
 
-    def produced(self, piece: str) -> None:
-        """A chunk of the answer (its text, or a tool call's name and input)."""
+    def produced(self, piece: str, *, after_count: bool = True) -> None:
+        """A chunk of the answer (its text, or a tool call's name and input). ``after_count``:
+        it is output the model service's last running count does not hold (text after that
+        ``progress`` chunk; not a whole tool call, whose pieces that count holds), as
+        ``Answer.add``."""
         if self.entry is None or self._ended or self._carries_request:
             return  # not journalled (no journal, or settled), or not rewritten
         self._uncounted.append(piece)
-        if self._reported:
+        if self._reported and after_count:
             self._uncounted_after_report.append(piece)
         self._update()
 

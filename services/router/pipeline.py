@@ -392,7 +392,8 @@ class Pipeline:
                 part = chunk.WhichOneof("part")
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
-                    open_call.produced(_output_text(chunk))
+                    # a block's pieces are in the model service's running count already
+                    open_call.produced(_output_text(chunk), after_count=part == "text")
                     if answer.first:
                         ttft = self._clock() - began
                         spans.first_token(root, attempt.chat_span, ttft)

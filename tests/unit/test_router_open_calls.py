@@ -22,6 +22,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.errors import Code
+from services.model.providers.progress import Progress, tool_use_chunk
 from services.router.dependencies import CallFailed
 from services.router.open_calls import UPDATE_EVERY_S
 from services.router.outbox import BillingOutbox, OpenCallBill
@@ -346,4 +347,64 @@ async def test_a_killed_routers_open_call_bills_the_thinking_the_model_service_c
     # the thinking's last count before it), not again within the next second: the count,
     # and the text after it
     assert final.output_tokens == 410 + TOKENIZER.count(PIECES[0])
+    journal.close()
+
+
+TOOL_ARGS = json.dumps({"city": "Paris", "notes": " ".join(f"word{i}" for i in range(120))})
+
+
+@dataclass
+class ToolModels(WritingModels):
+    """A tool call streamed in pieces (``progress`` chunks with the running count), then the
+    whole call as a block 1.2 s later (a provider that closed it late); never ends."""
+
+    reported: int = 0
+
+    def before_text(self) -> list[model_pb2.GenerateChunk]:
+        progress = Progress("small-1", "simulated", 40, count=TOKENIZER.count)
+        pieces = [TOOL_ARGS[i : i + 80] for i in range(0, len(TOOL_ARGS), 80)]
+        chunks = [progress.tool_piece(piece) for piece in ["get_weather", *pieces]]
+        self.reported = chunks[-1].progress.output_tokens
+        return [*chunks, tool_use_chunk("call_1", "get_weather", TOOL_ARGS)]
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        stream = super().generate(replica, request, deadline_s)
+        assert isinstance(stream, Writing)
+        read = stream.read
+
+        async def late_block() -> model_pb2.GenerateChunk | None:
+            chunk = await read()
+            if chunk is not None and chunk.WhichOneof("part") == "block" and self.clock:
+                self.clock.now += 1.2
+            return chunk
+
+        stream.read = late_block  # type: ignore[method-assign]
+        return stream
+
+
+async def test_a_killed_routers_open_call_bills_a_tool_call_once(tmp_path: Path) -> None:
+    # before: the whole tool call was added after the running count that held its pieces
+    # already (507 output tokens journalled for a tool call of 253)
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01, wall=ManualClock())
+    clock = FakeClock()
+    models = ToolModels(clock=clock, pieces=[])
+    rig = Rig(prefix=prefix, outbox=outbox, models=models, clock=clock)
+    pipeline = rig.pipeline()
+    async with contextlib.aclosing(pipeline.run("tenant-a", _pipeline_request())) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the tool call reached the client; the router is killed now
+        assert await outbox.flush() == 0
+        journal = _restarted(tmp_path / "data", tmp_path / "restarted")
+    await pipeline.drain()
+
+    again = FakePrefix()
+    assert await BillingOutbox(again, journal, 1.0, 0.01).flush() == 1
+    final = again.commits[-1]
+    assert final.phase == pc.COMMIT_PHASE_FINAL
+    whole = TOKENIZER.count("get_weather" + TOOL_ARGS)  # the router's own count of the block
+    assert final.output_tokens == max(whole, models.reported)
     journal.close()
