@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ _unknown_logged: set[tuple[str, str]] = set()
 # length squared), and the count a chunk carries is the whole count plus at most an eighth of
 # the output counted in pieces. Text alone sends no progress chunk and is never counted here.
 RECOUNT_SHARE = 8
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds a pair as one character
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Progress:
         )
 
     def text(self, text: str) -> model_pb2.GenerateChunk:
+        text = wellformed(text)
         self.pieces.append(text)
         if self.count is not None:  # counted at the next progress chunk, if one comes
             self._uncounted.append(text)
@@ -74,6 +77,7 @@ class Progress:
         tokens, and the ``progress`` chunk that tells the router the answer goes on (the call
         itself goes out whole, ``tool_use_chunk``; a slow engine may take longer writing it
         than the router lets a call be silent mid-answer)."""
+        piece = wellformed(piece)
         if piece:
             self.tool_pieces.append(piece)
         return self._progress(piece)
@@ -84,6 +88,7 @@ class Progress:
         the provider bills, and a ``progress`` chunk, as for a tool call's piece (a model may
         think for longer than the router lets a call be silent). The thinking itself goes
         nowhere: the contract has no place for it, and no client is shown it."""
+        piece = wellformed(piece)
         if piece:
             self.reasoning_pieces.append(piece)
         return self._progress(piece)
@@ -130,6 +135,17 @@ class Progress:
         return self._counted + self._since
 
 
+def wellformed(text: str) -> str:
+    """``text`` as UTF-8 (and so protobuf) can carry it: each lone UTF-16 surrogate, which a
+    provider's JSON can hold as an escape of half a character (``"\\ud83d"``) and Python's
+    ``json`` reads as is, becomes U+FFFD, as a UTF-8 decoder shows what it cannot read. Before,
+    the chunk could not be built and the answer broke off there (an Anthropic stream: billed,
+    cut, retried by the client)."""
+    if text.isascii():
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.GenerateChunk:
     """A finished tool call as a ``tool_use`` block; its input is the JSON object the model
     wrote (an empty input is ``{}``). Anything else (not JSON, or JSON but not an object: a
@@ -138,7 +154,8 @@ def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.Generat
     json reads but JSON has not (NaN, Infinity, a number beyond a double, a lone UTF-16
     surrogate escape) or cannot read at all (nested too deeply): the HTTP front could not
     serve it as JSON, nor a client send it back."""
-    raw = arguments.strip() or "{}"
+    call_id, name = wellformed(call_id), wellformed(name)
+    raw = wellformed(arguments).strip() or "{}"
     if strict_json.object_or_none(raw) is None:
         raw = json.dumps({"_unparsed_arguments": raw})
     return model_pb2.GenerateChunk(
