@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -20,6 +19,7 @@ from services.common.server import (
     DRAIN_REFUSAL_S,
     ServerSettings,
     ServiceSpec,
+    run_main,
     run_service,
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors
@@ -127,4 +127,4 @@ def _policies(config: SemanticCacheSettings) -> TenantPolicies:
 
 
 def main() -> None:
-    asyncio.run(serve(os.environ))
+    run_main(NAME, serve)

@@ -15,6 +15,7 @@ from services.common.env import ConfigError, Env
 from services.common.server import ServerSettings, ServiceSpec, run_every, run_service
 from services.tools.stack.health import UNREACHABLE, probe
 from services.tools.stack.ports import free_port
+from services.tools.stack.service_table import SERVICES
 
 
 def _spec(port: int, warmup: asyncio.Event | None, fail: bool = False) -> ServiceSpec:
@@ -78,6 +79,23 @@ def test_a_bad_configuration_is_one_line_naming_the_variable_and_exit_2() -> Non
     assert result.stderr.strip().splitlines() == [
         "router: configuration error: MODEL_REPLICAS: expected model=host:port, got 'not-a-pair'"
     ]
+
+
+@pytest.mark.parametrize("module", sorted({s.module for s in SERVICES}))
+def test_every_services_main_makes_a_bad_setting_one_line_and_exit_2(module: str) -> None:
+    # semantic-cache's main once ran serve bare: a 30-line traceback and exit 1
+    result = subprocess.run(
+        [sys.executable, "-m", module],
+        env={"PATH": "/usr/bin:/bin", "CACHEMESH_LOG_LEVEL": "loud"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert ": configuration error: CACHEMESH_LOG_LEVEL must be one of " in lines[0], lines[0]
 
 
 async def test_a_port_in_use_is_a_configuration_error_naming_the_variable() -> None:
