@@ -27,13 +27,14 @@ journal is the one record of what is pending: an entry written is billed, whatev
 the call that wrote it. One router at a time: a ``Journal`` holds an exclusive ``flock`` of
 ``.billing-outbox.lock`` beside the file until it is closed (two writing one file at their own
 idea of its end would overwrite each other's entries), and one that finds it held is a
-``ConfigError`` naming ``ROUTER_DATA_DIR``. A failed fsync is sticky: the kernel may have
-dropped the unwritten pages, so no later write is acknowledged until a fresh file holding every
-pending entry (or an empty one) has been fsynced. Meanwhile the file itself is not fsynced again
-(that would prove nothing, and a failing disk may take long over each), and the rewrite is
-tried at a write ``REWRITE_RETRY_S`` after a failed one, the delay doubling up to
-``REWRITE_RETRY_MAX_S``; ``JournalThread`` says the failure once as it starts, then once every
-``FAILING_LOG_S`` with how many syncs failed, and once when the writes are durable again.
+``ConfigError`` naming ``ROUTER_DATA_DIR``, as is a directory it cannot create or write. A
+failed fsync is sticky: the kernel may have dropped the unwritten pages, so no later write is
+acknowledged until a fresh file holding every pending entry (or an empty one) has been fsynced.
+Meanwhile the file itself is not fsynced again (that would prove nothing, and a failing disk
+may take long over each), and the rewrite is tried at a write ``REWRITE_RETRY_S`` after a
+failed one, the delay doubling up to ``REWRITE_RETRY_MAX_S``; ``JournalThread`` says the
+failure once as it starts, then once every ``FAILING_LOG_S`` with how many syncs failed, and
+once when the writes are durable again.
 """
 
 from __future__ import annotations
@@ -121,14 +122,19 @@ class Journal:
         compact_bytes: int = COMPACT_BYTES,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / JOURNAL_NAME
         self._compact_bytes = compact_bytes
-        self._lock_fd = _lock(directory / LOCK_NAME)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(directory / LOCK_NAME)
+        except OSError as exc:
+            raise _unusable(directory, exc) from None
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except BaseException:
+        except BaseException as exc:
             os.close(self._lock_fd)
+            if isinstance(exc, OSError):
+                raise _unusable(directory, exc) from None
             raise
         self._lines: dict[str, _Line] = {}  # the pending entries, in the order they came
         self._size = 0
@@ -416,6 +422,16 @@ def _lock(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _unusable(directory: Path, exc: OSError) -> ConfigError:
+    """A data directory that cannot be made or written (a file, a read-only mount, no
+    permission): the start-up's one line, naming the variable and what to do."""
+    return ConfigError(
+        f"ROUTER_DATA_DIR={str(directory)[:200]}: cannot create or write the directory "
+        f"({exc.strerror or type(exc).__name__}); name a directory this router can create and "
+        "write, or leave it unset to keep the billing outbox in memory"
+    )
 
 
 def _read_all(fd: int, length: int, offset: int) -> bytes:

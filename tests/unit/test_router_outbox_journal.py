@@ -75,6 +75,38 @@ def test_a_second_journal_on_the_directory_is_refused_until_the_first_is_closed(
     again.close()
 
 
+def _read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file opened for writing fails as on a read-only mount (the tests run as root,
+    whom a directory's mode does not stop)."""
+    real = os.open
+
+    def refuse(path: str | os.PathLike[str], flags: int, *args: int, **kw: int) -> int:
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+
+
+@pytest.mark.parametrize("where", ["a file", "beneath a file", "read-only"])
+def test_a_data_directory_that_cannot_be_made_or_written_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """ROUTER_DATA_DIR naming a file, or a place the router cannot write, stopped the router
+    with an OSError traceback that never named the variable."""
+    (tmp_path / "afile").write_text("")
+    directory = {
+        "a file": tmp_path / "afile",
+        "beneath a file": tmp_path / "afile" / "router",
+        "read-only": tmp_path / "router",
+    }[where]
+    if where == "read-only":
+        _read_only(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^ROUTER_DATA_DIR=.*: cannot create or write") as err:
+        Journal(directory)
+    assert str(directory) in str(err.value)
+
+
 def _final(key: str, output_tokens: int) -> list[pc.CommitRequest]:
     final = pc.CommitRequest(tenant="t", request_id=key, phase=pc.COMMIT_PHASE_FINAL)
     final.output_tokens = output_tokens
