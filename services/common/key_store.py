@@ -50,6 +50,11 @@ class UnknownKey(KeyStoreError):
     """No key has this id."""
 
 
+class SeedFileError(KeyFileError):
+    """The seed file (the keys a missing key file is created with) is unreadable or malformed:
+    its own fault, not the key file's."""
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     signature: Signature | None
@@ -103,7 +108,10 @@ class KeyStore:
         with the seed file's keys (compose: a volume seeded from the mounted secret)."""
         keyfile = KeyFile(path)
         if seed is not None and keyfile.signature() is None:
-            seeded = parse(_read(seed), str(seed))
+            try:
+                seeded = parse(_read(seed), str(seed))
+            except KeyFileError as exc:
+                raise SeedFileError(str(exc)) from None
             keyfile.update(lambda records: records or seeded, create=True)
         store = cls(keyfile, monotonic, wall, poll_s)
         if not store._state.records:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.env import ConfigError, Env
-from services.common.key_store import KeyStore
+from services.common.key_store import KeyStore, SeedFileError
 from services.common.keyfile import KeyFileError
 
 
@@ -31,8 +31,11 @@ class KeyStoreSettings:
         )
 
     def open(self, monotonic: Callable[[], float], wall: Callable[[], float]) -> KeyStore:
-        """The store, read now: a missing or malformed file stops the process, naming it."""
+        """The store, read now: a missing or malformed file stops the process, naming it and
+        its variable (the seed file's own, when the seed file is the one at fault)."""
         try:
             return KeyStore.open(self.path, monotonic, wall, self.poll_s, self.seed)
+        except SeedFileError as exc:
+            raise ConfigError(f"{exc} (CACHEMESH_API_KEYS_SEED_FILE)") from None
         except (KeyFileError, OSError) as exc:
             raise ConfigError(f"{exc} (CACHEMESH_API_KEYS_FILE)") from None

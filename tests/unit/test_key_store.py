@@ -166,6 +166,39 @@ def test_settings_are_validated_at_start_up(tmp_path: Path) -> None:
     assert KeyStoreSettings.from_env(zero).poll_s == 0.0
 
 
+@pytest.mark.parametrize("seed", ["missing", "malformed"])
+def test_a_bad_seed_file_is_blamed_on_the_seed_files_variable(tmp_path: Path, seed: str) -> None:
+    """A missing or malformed CACHEMESH_API_KEYS_SEED_FILE was reported as
+    CACHEMESH_API_KEYS_FILE's fault, sending the operator to the wrong file."""
+    if seed == "malformed":
+        (tmp_path / "seed").write_text("not a key line\n")
+    env = Env(
+        {
+            "CACHEMESH_API_KEYS_FILE": str(tmp_path / "keys"),
+            "CACHEMESH_API_KEYS_SEED_FILE": str(tmp_path / "seed"),
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        KeyStoreSettings.from_env(env).open(Clock(), lambda: 0.0)
+    assert str(err.value).endswith("(CACHEMESH_API_KEYS_SEED_FILE)"), str(err.value)
+    assert str(tmp_path / "seed") in str(err.value)
+    assert not (tmp_path / "keys").exists()
+
+
+def test_a_key_file_that_cannot_be_created_from_the_seed_is_the_key_files_fault(
+    tmp_path: Path,
+) -> None:
+    _legacy(tmp_path / "seed", acme=new_api_key())
+    env = Env(
+        {
+            "CACHEMESH_API_KEYS_FILE": str(tmp_path / "no-such-dir" / "keys"),
+            "CACHEMESH_API_KEYS_SEED_FILE": str(tmp_path / "seed"),
+        }
+    )
+    with pytest.raises(ConfigError, match=r"\(CACHEMESH_API_KEYS_FILE\)$"):
+        KeyStoreSettings.from_env(env).open(Clock(), lambda: 0.0)
+
+
 @pytest.mark.parametrize("tenant", ["", "a b", "-lead", "x" * 65, "semi;colon", "acme\n"])
 def test_a_new_key_needs_a_plain_tenant_name(tmp_path: Path, tenant: str) -> None:
     _legacy(tmp_path / "keys", acme=new_api_key())
