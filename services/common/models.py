@@ -273,17 +273,31 @@ def _price(spec: ModelSpec) -> tuple[int, int]:
     return (spec.input_nanos, spec.output_nanos)
 
 
+def _one_line(exc: ValidationError) -> str:
+    """pydantic's errors on one line (its own text takes several, with a URL each): a
+    configuration error is the one line a service prints as it stops."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+        if error["loc"]
+        else error["msg"]
+        for error in exc.errors(include_url=False)
+    )
+
+
 def load_model_table(path: Path | None = None) -> ModelTable:
+    where = "services/common/models.toml" if path is None else str(path)
     try:
         if path is None:
             text = resources.files("services.common").joinpath("models.toml").read_text()
-            where = "services/common/models.toml"
         else:
             text = path.read_text()
-            where = str(path)
         return ModelTable.model_validate(tomllib.loads(text))
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
-        raise ConfigError(f"model table {where if path is None else path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"model table {where}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"model table {where}: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"model table {where}: {_one_line(exc)}") from exc
 
 
 def model_table_from_env(env: Env) -> ModelTable:
@@ -293,7 +307,12 @@ def model_table_from_env(env: Env) -> ModelTable:
     ``CACHEMESH_PRIOR_PREFILL_TPS`` and ``CACHEMESH_CONTEXT_WINDOWS`` set rows' prior prefill
     rates and context windows."""
     override = env.optional_str("CACHEMESH_MODELS_FILE")
-    table = load_model_table(Path(override) if override else None)
+    try:
+        table = load_model_table(Path(override) if override else None)
+    except ConfigError as exc:
+        if not override:
+            raise  # the packaged table: not the operator's setting
+        raise ConfigError(f"CACHEMESH_MODELS_FILE: {exc}") from None
     prices = env.optional_str("CACHEMESH_PRICES")
     if prices:
         table = with_prices(table, prices)
@@ -340,7 +359,7 @@ def with_prior_prefill(table: ModelTable, value: str) -> ModelTable:
                 }
             )
         except ValidationError as exc:
-            raise ConfigError(f"{PRIOR_VARIABLE}: {model_id}: {exc}") from exc
+            raise ConfigError(f"{PRIOR_VARIABLE}: {model_id}: {_one_line(exc)}") from exc
     return ModelTable(models=models, auto=table.auto)
 
 
@@ -393,7 +412,7 @@ def with_auto_tiers(table: ModelTable, env: Env) -> ModelTable:
     try:
         return ModelTable(models=table.models, auto=auto)
     except ValidationError as exc:
-        raise ConfigError(f"{_AUTO_VARIABLES}: {exc}") from exc
+        raise ConfigError(f"{_AUTO_VARIABLES}: {_one_line(exc)}") from exc
 
 
 _PRICE_FIELDS = ("input_nanos", "output_nanos", "cache_read_nanos")
@@ -444,5 +463,5 @@ def with_prices(table: ModelTable, value: str) -> ModelTable:
                 {**spec.model_dump(exclude_unset=True), **update, "id": model_id}
             )
         except ValidationError as exc:
-            raise ConfigError(f"CACHEMESH_PRICES: {model_id}: {exc}") from exc
+            raise ConfigError(f"CACHEMESH_PRICES: {model_id}: {_one_line(exc)}") from exc
     return ModelTable(models=models, auto=table.auto)

@@ -60,7 +60,8 @@ def test_overrides() -> None:
         ({"MODEL_LISTEN": "nowhere"}, "MODEL_LISTEN"),
         ({"MODEL_METRICS_LISTEN": "9104"}, "MODEL_METRICS_LISTEN"),
         ({"CACHEMESH_METRICS_MAX_TENANTS": "-1"}, "CACHEMESH_METRICS_MAX_TENANTS"),
-        ({"CACHEMESH_MODELS_FILE": "/no/such/models.toml"}, "/no/such/models.toml"),
+        ({"CACHEMESH_MODELS_FILE": "/no/such/models.toml"}, "CACHEMESH_MODELS_FILE"),
+        ({"CACHEMESH_MODELS_FILE": "/dev/null"}, "CACHEMESH_MODELS_FILE"),
     ],
 )
 def test_bad_configuration_fails_fast_naming_the_variable(
@@ -68,6 +69,18 @@ def test_bad_configuration_fails_fast_naming_the_variable(
 ) -> None:
     with pytest.raises(ConfigError, match=names):
         ModelSettings.from_env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, **overrides})
+
+
+def test_a_bad_models_file_is_one_line_naming_the_variable() -> None:
+    """A table that does not validate was pydantic's several lines (a URL each), and a
+    missing one named the path but not the variable."""
+    with pytest.raises(ConfigError) as err:
+        ModelSettings.from_env(
+            {"CACHEMESH_INTERNAL_TOKEN": TOKEN, "CACHEMESH_MODELS_FILE": "/dev/null"}
+        )
+    assert str(err.value) == (
+        "CACHEMESH_MODELS_FILE: model table /dev/null: models: Field required; auto: Field required"
+    )
 
 
 async def _wait_serving(channel: grpc.aio.Channel) -> None:
