@@ -48,6 +48,15 @@ def test_overrides() -> None:
     assert (settings.time_scale, settings.kv_capacity_blocks) == (0.0, 8)
 
 
+def test_a_zero_kv_capacity_is_an_engine_without_a_prefix_cache() -> None:
+    # the README's ">= 0": 0 is a valid setting, not a bad one
+    settings = ModelSettings.from_env(
+        {"CACHEMESH_INTERNAL_TOKEN": TOKEN, "MODEL_KV_CAPACITY_BLOCKS": "0"}
+    )
+    assert settings.kv_capacity_blocks == 0
+    assert KvBlockCache(settings.kv_capacity_blocks).capacity_blocks == 0
+
+
 @pytest.mark.parametrize(
     ("overrides", "names"),
     [
