@@ -9,6 +9,7 @@ import pytest
 
 from cachemesh.envfile import read_env_file
 from services.common.env import Env
+from services.common.metrics import MAX_TENANTS_VAR, OTHER
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
@@ -55,3 +56,12 @@ def test_the_router_models_the_replicas_kv_capacity_as_the_engines_have_it() -> 
     )
     settings = RouterSettings.from_env(env, model_table_from_env(env))
     assert settings.choice.ttft.kv_capacity_tokens == blocks * 16
+
+
+def test_the_tenant_cap_comment_names_the_label_the_code_uses() -> None:
+    """.env's comment on the metrics' tenant cap said "other"; the label is "_other" (no
+    tenant's name starts with "_"), and a dashboard query written from the comment finds
+    nothing."""
+    lines = (ROOT / ".env").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{MAX_TENANTS_VAR}="))
+    assert f'"{OTHER}"' in lines[at - 1], lines[at - 1]
