@@ -171,7 +171,9 @@ class SemanticCacheApi:
 
     async def store(self, request: sc.StoreRequest) -> sc.StoreResponse:
         _require_tenant(request.tenant)
-        lease_id = request.lease_id or None  # None: an older router's, ends the key's lease
+        # None: a router older than the field, or a request that did not lead: ends the key's
+        # lease only if this request took it (``SemanticCache.release``)
+        lease_id = request.lease_id or None
         if self._is_draining():
             with contextlib.suppress(InvalidQuery):  # a refused Store still ends its lease
                 self._cache.release(self._queries.of(request.tenant, request.request), lease_id)

@@ -190,10 +190,16 @@ class SemanticCache(EntryStore):
 
     def release(self, query: Query, lease_id: str | None = None) -> bool:
         """Ends the query's lease (its leader's model call ended without a Store), only the
-        one named by ``lease_id`` when given: True when it was held. Its waiters wake and look
-        again; one of them leads the next call."""
+        one named by ``lease_id`` when given; None (the caller named none): only if the
+        query's request took it, or a request without a ``request_id`` did (``end_owned``).
+        True when it was held. Its waiters wake and look again; one of them leads the next
+        call."""
         key = self._lease_key(query)
-        return key is not None and self._leases is not None and self._leases.end(key, lease_id)
+        if key is None or self._leases is None:
+            return False
+        if lease_id is None:
+            return self._leases.end_owned(key, query.request_id)
+        return self._leases.end(key, lease_id)
 
     def end_lease(self, tenant: str, lease_id: str) -> bool:
         """Ends ``tenant``'s lease named ``lease_id`` (a leading Lookup whose reply never
@@ -355,6 +361,8 @@ class SemanticCache(EntryStore):
         Stored or not, it ends the lease of the query's key (its waiters look again), only
         the one named by ``lease_id`` when given: the late Store of a call whose lease aged
         out, or was taken over, leaves the lease another call holds now, and its waiters.
+        None: only the query's request's own lease (``release``), never the lease of the
+        request that led while this one called the model too.
         """
         _require_tenant(query)
         try:

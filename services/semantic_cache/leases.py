@@ -146,6 +146,14 @@ class Leases:
         key = self._ids.get(lease_id)
         return key is not None and key[0] == tenant and self.end(key, lease_id)
 
+    def end_owned(self, key: LeaseKey, owner: str) -> bool:
+        """Ends the lease of ``key`` (``end``) if the request ``owner`` took it, or a request
+        with no ``request_id`` did (its owner unknown): a Store or Release naming no lease (a
+        router older than ``lease_id`` there) is its own lease's, or from a request that did
+        not lead, which must not end the lease of the one that did. True when one ended."""
+        lease = self._held.get(key)
+        return lease is not None and lease.owner in ("", owner) and self.end(key)
+
     def end(self, key: LeaseKey, lease_id: str | None = None) -> bool:
         """Fulfilled (stored) or released: wakes every waiter. With ``lease_id``, only that
         lease is ended (not one another request has taken since). True when one ended."""

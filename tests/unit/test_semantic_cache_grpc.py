@@ -364,6 +364,66 @@ async def test_a_lookup_may_name_its_lease_but_a_reused_id_takes_no_other_lease(
         await server.stop(None)
 
 
+async def test_a_store_naming_no_lease_ends_only_its_own_requests_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request that did not lead (its lease wait ran out, or its Lookup failed: it called
+    the model itself) sends its Store naming no lease. It leaves the leader's lease, and its
+    waiter, alone; an empty lease_id from the leader itself (a router older than the field)
+    still ends its own lease. Before, the empty lease_id ended whatever lease held the key: the
+    waiter woke and, nothing stored (a truncated answer), led a second paid model call while
+    the leader's still ran, whose renewals then found its lease gone."""
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    waiting = asyncio.Event()
+    lease_wait = wait
+
+    async def noted(event: asyncio.Event, budget_s: float) -> bool:
+        waiting.set()  # the waiter is on the lease now
+        return await lease_wait(event, budget_s)
+
+    monkeypatch.setattr(cache_module, "wait", noted)
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+
+    def request(request_id: str) -> pb.CompleteRequest:
+        made = make_request("Reset my password")
+        made.request_id = request_id
+        return made
+
+    twin = query_from_request("a", request("twin"))
+    truncated = sc.CachedAnswer(content=ANSWER.content, stop_reason="max_tokens")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sc_grpc.SemanticCacheStub(channel)
+            leader = await stub.Lookup(
+                sc.LookupRequest(tenant="a", request=request("A")), metadata=AUTH
+            )
+            assert leader.leader
+            waiter = asyncio.ensure_future(
+                stub.Lookup(
+                    sc.LookupRequest(tenant="a", request=request("C")), metadata=AUTH, timeout=20
+                )
+            )
+            await asyncio.wait_for(waiting.wait(), 10)  # a safety net only
+            # B called the model itself; its answer hit max_tokens: not stored
+            other = sc.StoreRequest(tenant="a", request=request("B"), answer=truncated)
+            assert not (await stub.Store(other, metadata=AUTH)).stored
+            release = sc.ReleaseRequest(tenant="a", request=request("B"))
+            assert not (await stub.Release(release, metadata=AUTH)).released
+            assert cache.lease_pending(twin)  # the leader's lease holds on ...
+            assert cache.renew("a", leader.lease_id)  # ... and its keeper renews it
+            assert not waiter.done()
+            # the leader's own Store, from a router that names no lease: ends its lease
+            own = sc.StoreRequest(tenant="a", request=request("A"), answer=ANSWER)
+            stored = await stub.Store(own, metadata=AUTH)
+            assert stored.stored and not cache.lease_pending(twin)
+            served = await waiter
+            assert served.hit and served.waited and not served.leader
+            assert served.match.entry_id == stored.entry_id
+    finally:
+        await server.stop(None)
+
+
 async def test_a_draining_cache_leads_no_call_and_a_refused_store_ends_its_lease() -> None:
     cache = leased_cache()
     draining = asyncio.Event()

@@ -200,8 +200,10 @@ class StoreRequest(_message.Message):
     the same rules whatever it names; the Store ends the key's lease only if that lease is
     the one named: a late Store of a call whose lease aged out, or was taken over by its
     request's retry, leaves the lease another call now holds (and its waiters) alone. Empty
-    (a router older than this field, or a request that did not lead): it ends whatever lease
-    holds the key, as before.
+    (a router older than this field, or a request that did not lead: its lease wait ran out,
+    or its Lookup failed, and it called the model itself): it ends the key's lease only if
+    this request (request.request_id) took it, or a request without a request_id did; never
+    the lease of the identical request that leads while this one called the model too.
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest: ...
@@ -308,7 +310,9 @@ class ReleaseRequest(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     lease_id: _builtins.str
-    """that Lookup's lease_id: a lease taken since by another is kept"""
+    """that Lookup's lease_id: a lease taken since by another is kept. Empty (an older router):
+    the key's lease only if this request took it (or one without a request_id did).
+    """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
         """the request whose Lookup said leader"""
