@@ -362,14 +362,20 @@ class SemanticCache(EntryStore):
         the one named by ``lease_id`` when given: the late Store of a call whose lease aged
         out, or was taken over, leaves the lease another call holds now, and its waiters.
         None: only the query's request's own lease (``release``), never the lease of the
-        request that led while this one called the model too.
+        request that led while this one called the model too. Stored for a key whose lease
+        it leaves, it wakes that lease's waiters all the same (``Leases.wake``): they look
+        again and are served it, rather than sleeping beside it to the end of their budget.
         """
         _require_tenant(query)
         try:
             with self._storing.storing((query.tenant, query.scope)):
-                return await self._store(query, answer, default_ttl_s)
+                result = await self._store(query, answer, default_ttl_s)
         finally:
-            self.release(query, lease_id)
+            ended = self.release(query, lease_id)
+        key = self._lease_key(query)
+        if result.stored and not ended and key is not None and self._leases is not None:
+            self._leases.wake(key)
+        return result
 
     async def _store(
         self, query: Query, answer: Answer, default_ttl_s: float | None

@@ -8,8 +8,11 @@ the lease is held waits, up to its own budget, for the Store that fulfils the le
 is served that entry) or for the lease to end (released: a Store that did not store, or the
 lease's age limit, which frees the key when the holder failed without a Store: a waiter
 waits no longer than that, then leads). Of the waiters of a lease that ended without an
-answer, the first to look again leads; the others wait on its lease in turn. A waiter whose
-budget runs out gets a miss and calls the model itself: a lease never loses a request.
+answer, the first to look again leads; the others wait on its lease in turn. A Store that
+stores an entry for the key but does not end its lease (it names another lease, or none)
+wakes the waiters all the same (``wake``): they look again, and one that still misses waits
+on. A waiter whose budget runs out gets a miss and calls the model itself: a lease never
+loses a request.
 
 A lease is owned by the ``request_id`` that took it: a retry of that request (its router died
 mid-call and the client sent it again) takes the lease over and leads, instead of waiting out
@@ -145,6 +148,20 @@ class Leases:
         """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended."""
         key = self._ids.get(lease_id)
         return key is not None and key[0] == tenant and self.end(key, lease_id)
+
+    def wake(self, key: LeaseKey) -> bool:
+        """Wakes the waiters of ``key``'s live lease without ending it: an entry was stored for
+        ``key`` by a Store that does not end this lease (the late Store of a lease that aged
+        out or was taken over, or of a request that did not lead). They look again and are
+        served it; one that still misses (another tier) waits on, within its budget, on the
+        lease's new event. The lease, its id and owner, its age are unchanged. True when one
+        was held."""
+        lease = self._held.get(key)
+        if lease is None or self.held(key) is None:
+            return False
+        woken, lease.done = lease.done, asyncio.Event()
+        woken.set()
+        return True
 
     def end_owned(self, key: LeaseKey, owner: str) -> bool:
         """Ends the lease of ``key`` (``end``) if the request ``owner`` took it, or a request

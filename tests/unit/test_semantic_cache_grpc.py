@@ -278,10 +278,11 @@ async def test_a_late_store_of_an_aged_out_lease_leaves_the_next_leaders_lease_a
 ) -> None:
     """The first leader's lease aged out (its call outlasted it, its renewals lost), a second
     request took the key under a new lease_id and a third waits on it. The first call's Store,
-    late, names its own lease: it stores (on the usual rules) but leaves the second's lease and
-    its waiter alone. Before, it ended whatever lease held the key: the waiter woke and was
-    served the first call's answer while the second leader still ran, or (nothing stored) led
-    a third model call; and the second leader's renewals found its lease gone."""
+    late, names its own lease: it stores (on the usual rules) but leaves the second's lease
+    alone (its waiter, woken by the entry, is served it; with nothing stored it waits on for
+    the second call's). Before, it ended whatever lease held the key: (nothing stored) the
+    waiter woke and led a third model call; and the second leader's renewals found its lease
+    gone."""
     clock = ManualClock()
     cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
     waiting = asyncio.Event()
@@ -317,7 +318,12 @@ async def test_a_late_store_of_an_aged_out_lease_leaves_the_next_leaders_lease_a
                 answer=ANSWER if late == "stores" else truncated,
                 lease_id=first.lease_id,
             )
-            assert (await stub.Store(late_store, metadata=AUTH)).stored == (late == "stores")
+            stored = await stub.Store(late_store, metadata=AUTH)
+            assert stored.stored == (late == "stores")
+            if stored.stored:  # the waiter is woken by the entry, and served it
+                served = await waiter
+                assert served.hit and served.waited and not served.leader
+                assert served.match.entry_id == stored.entry_id  # the first call's answer
             assert cache.lease_pending(twin)  # the second call's lease holds on ...
             assert cache.renew("a", second.lease_id)  # ... and its keeper renews it
             own = sc.StoreRequest(
@@ -327,7 +333,8 @@ async def test_a_late_store_of_an_aged_out_lease_leaves_the_next_leaders_lease_a
             assert stored.stored and not cache.lease_pending(twin)
             served = await waiter
             assert served.hit and served.waited and not served.leader
-            assert served.match.entry_id == stored.entry_id  # the second call's answer
+            if late != "stores":
+                assert served.match.entry_id == stored.entry_id  # the second call's answer
     finally:
         await server.stop(None)
 
@@ -420,6 +427,84 @@ async def test_a_store_naming_no_lease_ends_only_its_own_requests_lease(
             served = await waiter
             assert served.hit and served.waited and not served.leader
             assert served.match.entry_id == stored.entry_id
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("by", ["the late leader", "a request that did not lead"])
+async def test_a_store_that_leaves_the_lease_still_wakes_its_waiters_to_look_again(
+    monkeypatch: pytest.MonkeyPatch, by: str
+) -> None:
+    """A Store that stores an entry for a key whose lease it does not end (the late Store of a
+    lease that aged out, or a Store of a request that did not lead) wakes that lease's waiters:
+    they look again and are served it, while the lease holds on for its leader. A waiter that
+    still misses (it accepts only another tier) waits on within its budget, for the leader's
+    Store. Before, the waiters slept on to the end of their budget beside a servable entry and
+    got a miss (their router then paid a model call of its own)."""
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    waits = 0
+    waiting = asyncio.Event()
+    lease_wait = wait
+
+    async def noted(event: asyncio.Event, budget_s: float) -> bool:
+        nonlocal waits
+        waits += 1
+        waiting.set()  # a waiter is on the lease now
+        return await lease_wait(event, budget_s)
+
+    monkeypatch.setattr(cache_module, "wait", noted)
+    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+
+    def lookup(request_id: str, *tiers: str) -> sc.LookupRequest:
+        request = make_request("Reset my password")
+        request.request_id = request_id
+        return sc.LookupRequest(tenant="a", request=request, accepted_tiers=tiers)
+
+    twin = query_from_request("a", lookup("twin").request)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = sc_grpc.SemanticCacheStub(channel)
+            first = await stub.Lookup(lookup("r1"), metadata=AUTH)
+            if by == "the late leader":
+                clock.advance(s=30)  # its lease's age limit: it was not renewed in time
+            leader = first
+            if by == "the late leader":
+                leader = await stub.Lookup(lookup("r2"), metadata=AUTH)
+            assert leader.leader
+            # the waiters' deadline: a safety net only (before, they were answered at its end)
+            waiter = asyncio.ensure_future(stub.Lookup(lookup("r3"), metadata=AUTH, timeout=5))
+            larger = asyncio.ensure_future(
+                stub.Lookup(lookup("r4", "large"), metadata=AUTH, timeout=20)
+            )
+            while waits < 2:
+                waiting.clear()
+                await asyncio.wait_for(waiting.wait(), 10)
+            other = sc.StoreRequest(
+                tenant="a",
+                request=lookup("r1" if by == "the late leader" else "r0").request,
+                answer=ANSWER,  # the small tier's
+                lease_id=first.lease_id if by == "the late leader" else "",
+            )
+            stored = await stub.Store(other, metadata=AUTH)
+            assert stored.stored
+            served = await waiter
+            assert served.hit and served.waited and served.match.entry_id == stored.entry_id
+            assert cache.lease_pending(twin) and cache.renew("a", leader.lease_id)
+            assert not larger.done()  # a miss for it: it waits on for the leader's answer
+            large = sc.CachedAnswer()
+            large.CopyFrom(ANSWER)
+            large.tier = "large"
+            own = sc.StoreRequest(
+                tenant="a",
+                request=lookup("r2" if by == "the late leader" else "r1").request,
+                answer=large,
+                lease_id=leader.lease_id,
+            )
+            stored = await stub.Store(own, metadata=AUTH)
+            assert stored.stored and not cache.lease_pending(twin)
+            served = await larger
+            assert served.hit and served.waited and served.match.entry_id == stored.entry_id
     finally:
         await server.stop(None)
 
