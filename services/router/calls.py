@@ -366,14 +366,18 @@ class Calls:
 
     def _release_lost(self, call: semantic_cache_pb2.LookupRequest) -> None:
         if call.lease_id and call.request.cache.semantic in _LEADING_MODES:
-            release = semantic_cache_pb2.ReleaseRequest(
-                tenant=call.tenant, request=call.request, lease_id=call.lease_id
-            )
-            self._background(self._release_unseen(release))
+            # by its tenant and lease_id alone, as a renewal: the Lookup failed most likely
+            # because L1 is overloaded, and the request may be a megabyte (ids are fresh
+            # uuid4s and unique among L1's live leases: this one names no other lease)
+            release = semantic_cache_pb2.ReleaseRequest(tenant=call.tenant, lease_id=call.lease_id)
+            self._background(self._release_unseen(release, call.request.request_id))
 
-    async def _release_unseen(self, release: semantic_cache_pb2.ReleaseRequest) -> None:
+    async def _release_unseen(
+        self, release: semantic_cache_pb2.ReleaseRequest, request_id: str
+    ) -> None:
         """Best effort, never counted nor logged as a degradation (the Lookup's failure was):
-        released means L1 had taken the lease for the lost Lookup."""
+        released means L1 had taken the lease for the lost Lookup. An L1 older than a Release
+        by id alone releases nothing: the lease then ends at its age limit, as before."""
         try:
             reply = await self._d.semantic.release(release, self._s.semantic_timeout_s)
         except CallFailed as exc:
@@ -385,7 +389,7 @@ class Calls:
                 "reach the router in time; its lease is released, so identical requests need "
                 "not wait on it",
                 release.tenant,
-                release.request.request_id,
+                request_id,
             )
 
     def _in_background(self, call: Awaitable[None]) -> None:

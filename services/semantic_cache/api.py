@@ -228,6 +228,15 @@ class SemanticCacheApi:
 
     async def release(self, request: sc.ReleaseRequest) -> sc.ReleaseResponse:
         _require_tenant(request.tenant)
+        if not request.HasField("request"):  # by its id alone (a lost Lookup's lease)
+            if not request.lease_id:
+                raise RequestError(
+                    Code.INVALID_ARGUMENT,
+                    "name the lease to release: lease_id, or the request whose Lookup led",
+                )
+            return sc.ReleaseResponse(
+                released=self._cache.end_lease(request.tenant, request.lease_id)
+            )
         query = self._query(request.tenant, request.request)
         return sc.ReleaseResponse(released=self._cache.release(query, request.lease_id or None))
 

@@ -97,6 +97,7 @@ class Observed(SemanticCacheService):
         super().__init__(api)
         self.proxy = proxy
         self.released = asyncio.Event()
+        self.releases: list[tuple[sc.ReleaseRequest, bool]] = []  # each, and its reply
 
     async def Lookup(self, request: sc.LookupRequest, context: Context) -> sc.LookupResponse:
         reply = await super().Lookup(request, context)
@@ -106,7 +107,9 @@ class Observed(SemanticCacheService):
 
     async def Release(self, request: sc.ReleaseRequest, context: Context) -> sc.ReleaseResponse:
         try:
-            return await super().Release(request, context)
+            reply = await super().Release(request, context)
+            self.releases.append((request, reply.released))
+            return reply
         finally:
             self.released.set()
 
@@ -155,3 +158,24 @@ async def test_a_leading_lookup_whose_reply_arrives_late_is_released_by_the_rout
     assert not cache.lease_pending(twin)
     again = sc.LookupRequest(tenant="a", request=make_request("Reset my password"))
     assert (await l1.Lookup(again, metadata=internal_metadata(TOKEN), timeout=5.0)).leader
+
+
+async def test_a_lost_lookups_release_names_the_lease_alone_not_the_request(
+    wired: Wired,
+) -> None:
+    """A Lookup fails DEADLINE_EXCEEDED or UNAVAILABLE most when L1 is overloaded: the Release
+    that follows names the lease by its tenant and lease_id (as Renew does), not the request,
+    which may be megabytes (here a 256 KB system prompt). Before, it carried the whole request
+    again: as many bytes once more, sent to (and parsed by) an L1 already failing."""
+    cache, service, calls, _ = wired
+    request = make_request("Reset my password", system="You are a support bot. " * 12_000)
+    request.request_id = "r1"
+    twin = query_from_request("a", request)
+    looked_up = await calls.lookup("a", request, deadline=time.monotonic() + 1.0)
+    assert looked_up is None and cache.lease_pending(twin)  # the reply is on its way
+    service.proxy.let_go()
+    await asyncio.wait_for(service.released.wait(), 5.0)  # a safety net only
+    [(release, released)] = service.releases
+    assert released and not cache.lease_pending(twin)
+    assert release.tenant == "a" and release.lease_id
+    assert not release.HasField("request") and release.ByteSize() < 100

@@ -239,6 +239,16 @@ async def test_release_ends_a_leaders_lease_and_wakes_its_waiters() -> None:
         assert (await stub.Release(release("a", woken.lease_id), metadata=AUTH)).released
         bad = stub.Release(sc.ReleaseRequest(request=lookup.request), metadata=AUTH)
         assert "tenant" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
+        # by its tenant and lease_id alone (a lost Lookup's lease: the request not sent again)
+        taken = await stub.Lookup(lookup, metadata=AUTH)
+        assert taken.leader
+        by_id = sc.ReleaseRequest(tenant="b", lease_id=taken.lease_id)
+        assert not (await stub.Release(by_id, metadata=AUTH)).released  # not b's lease
+        by_id.tenant = "a"
+        assert (await stub.Release(by_id, metadata=AUTH)).released
+        assert not (await stub.Release(by_id, metadata=AUTH)).released  # ended already
+        unnamed = stub.Release(sc.ReleaseRequest(tenant="a"), metadata=AUTH)
+        assert "lease_id" in await expect(grpc.StatusCode.INVALID_ARGUMENT, unnamed)
     await server.stop(None)
 
 

@@ -40,10 +40,10 @@ class LookupRequest(_message.Message):
     else INVALID_ARGUMENT), so that when the reply does not reach it (its deadline passed as
     the reply was on its way, it went away, the connection broke) it can still end the lease
     it may hold, by a Release naming this id, instead of leaving identical requests waiting on
-    it up to SEMANTIC_CACHE_LEASE_S. Leases are per key: a Release names the request too, so
-    an id reused by another request ends nothing of another key's lease, and an id that a
-    live lease already has is not given to a second one (L1 chooses the id, as when empty;
-    the reply says which).
+    it up to SEMANTIC_CACHE_LEASE_S. That Release names the lease by its tenant and this id
+    alone (as Renew does), so the id must be fresh and random (the router's: a uuid4): an id
+    that a live lease already has is not given to a second one (L1 chooses the id, as when
+    empty; the reply says which), and a Release naming it would end the lease that has it.
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -315,7 +315,12 @@ class ReleaseRequest(_message.Message):
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
-        """the request whose Lookup said leader"""
+        """The request whose Lookup said leader. Unset: the lease is named by tenant and lease_id
+        alone (a Lookup whose reply was lost: its Release is sent when L1 is likely overloaded,
+        and the request may be megabytes); then lease_id is required (else INVALID_ARGUMENT). An
+        L1 older than that releases nothing for it (released false; the lease ends at its age
+        limit).
+        """
 
     def __init__(
         self,
