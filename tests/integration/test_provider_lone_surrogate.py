@@ -52,3 +52,35 @@ def test_a_lone_surrogate_in_a_tool_call_keeps_the_call(server: WireServer) -> N
     assert not end.interrupted, end.error
     (call,) = [c.block.tool_use for c in chunks if c.WhichOneof("part") == "block"]
     assert call.name == "save" and json.loads(call.input_json) == {"note": "cut \ufffd"}
+
+
+@pytest.mark.parametrize(("backend", "model"), [("anthropic", CLAUDE), ("openai", GPT)])
+def test_a_character_split_between_two_pieces_is_served_whole(
+    server: WireServer, backend: str, model: str
+) -> None:
+    # an emoji's UTF-16 halves, each escaped in its own event: before, two U+FFFD
+    texts = ["I love \ud83d", "\ude00 pizza"]
+    if backend == "anthropic":
+        events = anthropic_wire.stream(CLAUDE, texts, anthropic_wire.Usage(25))
+    else:
+        events = openai_wire.stream(GPT, texts, None)
+    server.script(backend, Reply(events=events))
+    chunks = _generate(_api(server, backend), model)
+    text = "".join(c.text for c in chunks if c.WhichOneof("part") == "text")
+    assert text == "I love \U0001f600 pizza"
+
+
+def test_a_character_split_between_two_pieces_of_a_tool_call_is_kept_whole(
+    server: WireServer,
+) -> None:
+    # the JSON's text holds the emoji's halves as characters, one in each piece (each escaped
+    # in its own event): before, {"q": "\ufffd\ufffd"}
+    pieces = ['{"q": "\ud83d', '\ude00"}']
+    tool = anthropic_wire.ToolCall("toolu_01", "find", pieces)
+    events = anthropic_wire.stream(
+        CLAUDE, ["Looking."], anthropic_wire.Usage(25), tool=tool, stop_reason="tool_use"
+    )
+    server.script("anthropic", Reply(events=events))
+    chunks = _generate(_api(server, "anthropic"), CLAUDE)
+    (call,) = [c.block.tool_use for c in chunks if c.WhichOneof("part") == "block"]
+    assert json.loads(call.input_json) == {"q": "\U0001f600"}

@@ -50,6 +50,7 @@ class Progress:
     _since: int = field(default=0, init=False)  # the pieces counted since, batch by batch
     _since_chars: int = field(default=0, init=False)
     _uncounted: list[str] = field(default_factory=list, init=False)  # written since a count
+    _half: str = field(default="", init=False)  # a text piece's last half character, held
 
     def start(self, prompt_tokens: int | None = None) -> model_pb2.GenerateChunk:
         self.started = True
@@ -66,6 +67,13 @@ class Progress:
         )
 
     def text(self, text: str) -> model_pb2.GenerateChunk:
+        """A piece of the answer's text. A character a provider split between two pieces (an
+        emoji's UTF-16 halves, each escaped in its own event) is whole in the next: a trailing
+        high surrogate is held back for it (one the stream ends on is half a character, and
+        dropped); a surrogate still alone is U+FFFD (``wellformed``)."""
+        text, self._half = self._half + text, ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self._half = text[:-1], text[-1]
         text = wellformed(text)
         self.pieces.append(text)
         if self.count is not None:  # counted at the next progress chunk, if one comes
@@ -77,7 +85,6 @@ class Progress:
         tokens, and the ``progress`` chunk that tells the router the answer goes on (the call
         itself goes out whole, ``tool_use_chunk``; a slow engine may take longer writing it
         than the router lets a call be silent mid-answer)."""
-        piece = wellformed(piece)
         if piece:
             self.tool_pieces.append(piece)
         return self._progress(piece)
@@ -88,7 +95,6 @@ class Progress:
         the provider bills, and a ``progress`` chunk, as for a tool call's piece (a model may
         think for longer than the router lets a call be silent). The thinking itself goes
         nowhere: the contract has no place for it, and no client is shown it."""
-        piece = wellformed(piece)
         if piece:
             self.reasoning_pieces.append(piece)
         return self._progress(piece)
@@ -98,8 +104,8 @@ class Progress:
         its thinking."""
         return (
             "".join(self.pieces),
-            "".join(self.tool_pieces),
-            "".join(self.reasoning_pieces),
+            wellformed("".join(self.tool_pieces)),
+            wellformed("".join(self.reasoning_pieces)),
         )
 
     def _progress(self, piece: str) -> model_pb2.GenerateChunk:
@@ -123,7 +129,7 @@ class Progress:
             self._uncounted.append(piece)
         if not self._uncounted:
             return self._counted + self._since
-        written = "".join(self._uncounted)
+        written = wellformed("".join(self._uncounted))
         self._uncounted.clear()
         self._since_chars += len(written)
         if self._since_chars * RECOUNT_SHARE >= self._counted_chars:
@@ -136,14 +142,15 @@ class Progress:
 
 
 def wellformed(text: str) -> str:
-    """``text`` as UTF-8 (and so protobuf) can carry it: each lone UTF-16 surrogate, which a
-    provider's JSON can hold as an escape of half a character (``"\\ud83d"``) and Python's
-    ``json`` reads as is, becomes U+FFFD, as a UTF-8 decoder shows what it cannot read. Before,
-    the chunk could not be built and the answer broke off there (an Anthropic stream: billed,
-    cut, retried by the client)."""
-    if text.isascii():
+    """``text`` as UTF-8 (and so protobuf) can carry it: the two halves of a character a
+    provider split between two pieces (each escaped in its own JSON: ``"\\ud83d"``, then
+    ``"\\ude00"``), which Python's ``json`` reads as two lone UTF-16 surrogates, joined (the
+    pieces are joined first), and each surrogate still alone made U+FFFD, as a UTF-8 decoder
+    shows what it cannot read. Before, the chunk could not be built and the answer broke off
+    there (an Anthropic stream: billed, cut, retried by the client)."""
+    if text.isascii() or not _LONE_SURROGATE.search(text):
         return text
-    return _LONE_SURROGATE.sub("\ufffd", text)
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def tool_use_chunk(call_id: str, name: str, arguments: str) -> model_pb2.GenerateChunk:
