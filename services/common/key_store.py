@@ -250,3 +250,7 @@ def _read(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeyFileError(f"cannot read the API key seed file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise KeyFileError(
+            f"the API key seed file {path} is not UTF-8 (byte {exc.start}): save it as UTF-8"
+        ) from None

@@ -288,12 +288,16 @@ def load_model_table(path: Path | None = None) -> ModelTable:
     where = "services/common/models.toml" if path is None else str(path)
     try:
         if path is None:
-            text = resources.files("services.common").joinpath("models.toml").read_text()
+            text = resources.files("services.common").joinpath("models.toml").read_text("utf-8")
         else:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         return ModelTable.model_validate(tomllib.loads(text))
     except OSError as exc:
         raise ConfigError(f"model table {where}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"model table {where}: not UTF-8 (byte {exc.start}): save it as UTF-8"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"model table {where}: {exc}") from exc
     except ValidationError as exc:

@@ -166,12 +166,15 @@ def test_settings_are_validated_at_start_up(tmp_path: Path) -> None:
     assert KeyStoreSettings.from_env(zero).poll_s == 0.0
 
 
-@pytest.mark.parametrize("seed", ["missing", "malformed"])
+@pytest.mark.parametrize("seed", ["missing", "malformed", "not UTF-8"])
 def test_a_bad_seed_file_is_blamed_on_the_seed_files_variable(tmp_path: Path, seed: str) -> None:
     """A missing or malformed CACHEMESH_API_KEYS_SEED_FILE was reported as
-    CACHEMESH_API_KEYS_FILE's fault, sending the operator to the wrong file."""
+    CACHEMESH_API_KEYS_FILE's fault, sending the operator to the wrong file; one not in
+    UTF-8 was a traceback (UnicodeDecodeError)."""
     if seed == "malformed":
         (tmp_path / "seed").write_text("not a key line\n")
+    if seed == "not UTF-8":
+        (tmp_path / "seed").write_bytes("acme caf\u00e9 key\n".encode("latin-1"))
     env = Env(
         {
             "CACHEMESH_API_KEYS_FILE": str(tmp_path / "keys"),

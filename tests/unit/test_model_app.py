@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -89,6 +90,19 @@ def test_a_bad_models_file_is_one_line_naming_the_variable() -> None:
         )
     assert str(err.value) == (
         "CACHEMESH_MODELS_FILE: model table /dev/null: models: Field required; auto: Field required"
+    )
+
+
+def test_a_models_file_not_in_utf8_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    """It was a traceback (UnicodeDecodeError), not the one line a bad setting gets."""
+    table = tmp_path / "models.toml"
+    table.write_bytes("# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        ModelSettings.from_env(
+            {"CACHEMESH_INTERNAL_TOKEN": TOKEN, "CACHEMESH_MODELS_FILE": str(table)}
+        )
+    assert str(err.value) == (
+        f"CACHEMESH_MODELS_FILE: model table {table}: not UTF-8 (byte 5): save it as UTF-8"
     )
 
 
