@@ -300,7 +300,11 @@ class EventStream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": usage(start.usage),
+            # the start's usage is the estimate made before the answer: message_delta's, the
+            # bill, corrects its counts in the SDKs' final message, but not the write's split
+            # by TTL (their accumulators leave ``cache_creation`` as message_start left it), so
+            # none is claimed here; message_delta carries the billed split
+            "usage": usage(start.usage) | {"cache_creation": None},
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
