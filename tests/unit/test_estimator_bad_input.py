@@ -57,3 +57,34 @@ def test_an_existing_out_file_is_refused_unless_forced(tmp_path: Path) -> None:
     assert earlier.read_text() == "an earlier estimate\n"
     main([*args, "--force"])
     assert earlier.read_text().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("item", "near"),
+    [("SEMANTIC_CACHE_THRESHHOLD=0.99", "SEMANTIC_CACHE_THRESHOLD"),
+     ("semantic_cache_threshold=0.99", "SEMANTIC_CACHE_THRESHOLD"),
+     ("ROUTER_BUDGET_USD_PER_DAYS=1", "ROUTER_BUDGET_USD_PER_DAY")],
+)  # fmt: skip
+def test_a_set_key_no_service_reads_is_refused_naming_the_closest(
+    capsys: pytest.CaptureFixture[str], item: str, near: str
+) -> None:
+    """A misspelt --set key was ignored: the what-if printed the baseline's figures."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--workload", "synthetic", "--requests", "1", "--set", item])
+    assert exited.value.code == 2
+    key = item.partition("=")[0]
+    said = capsys.readouterr()
+    assert said.err.startswith(f"estimator: --set {key}: no service of the stack reads it")
+    assert f"did you mean {near}?" in said.err
+    assert not said.out  # no estimate
+
+
+def test_a_made_up_set_key_is_refused() -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--workload", "synthetic", "--requests", "1", "--set", "XYZZY=1"])
+    assert exited.value.code == 2
+
+
+def test_a_set_key_a_service_reads_is_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--workload", "synthetic", "--requests", "1", "--set", "SEMANTIC_CACHE_THRESHOLD=0.99"])
+    assert "requests" in capsys.readouterr().out

@@ -6,7 +6,8 @@ servers, no sleeps), and prints what each layer would serve and save. Requests t
 in the log (``latency_ms``) are served concurrently, each answer ending at its logged end; a
 log without ends is replayed one request at a time (a warning says so). What-ifs: ``--threshold``
 (L1), ``--l1-ttl``, ``--no-l1``, ``--l2-ttl 1h`` (every breakpoint), ``--routing auto`` (the
-router picks the tier), ``--set KEY=VALUE`` (any stack setting, as in .env). The replay starts
+router picks the tier), ``--set KEY=VALUE`` (any stack setting, as in .env; a name no service
+reads is refused, naming the closest one). The replay starts
 cold (every cache empty): a load run whose report warns that L2 was warm at start read an
 earlier run's prefixes, and its bill is below what this estimates.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import math
 import sys
@@ -32,9 +34,16 @@ from services.tools.bench.gateway.redact import own_settings, setting_names
 from services.tools.estimator.offline import REPLAY_START_MS, OfflineStack
 from services.tools.estimator.replay import WhatIf, log_timing, replay
 from services.tools.stack.lifecycle import Stack
+from services.tools.stack.service_table import SERVICES
 
 ROOT = Path(__file__).resolve().parents[3]
 SCHEMA = "cachemesh.estimate.v1"
+# what --set may name: the variables some service of the stack reads
+SETTINGS = frozenset(key for service in SERVICES for key in service.env_keys)
+
+
+class UsageError(ValueError):
+    """A flag's value is refused before anything runs (exit 2, as argparse's own)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +74,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        if key not in SETTINGS:  # a typo's what-if would be the baseline, without a word
+            near = difflib.get_close_matches(key.upper(), SETTINGS, n=1)
+            hint = f"did you mean {near[0]}?" if near else "see .env for the settings"
+            raise UsageError(f"--set {key}: no service of the stack reads it ({hint})")
         out[key] = value
     if args.threshold is not None:
         out["SEMANTIC_CACHE_THRESHOLD"] = str(args.threshold)
@@ -106,8 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     what_if = WhatIf(l1=not args.no_l1, l2_ttl=args.l2_ttl, routing=args.routing)
     try:
+        overrides = _overrides(args)
+    except UsageError as exc:
+        print(f"estimator: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
         _check(args)
-        settings = Stack(ROOT, env_overrides=_overrides(args)).settings()
+        settings = Stack(ROOT, env_overrides=overrides).settings()
         records, source, labels = _records(args)
         stack = OfflineStack(settings, ManualClock(REPLAY_START_MS))
     except (ValueError, ConfigError, LogError, DataMissing, OSError) as exc:
