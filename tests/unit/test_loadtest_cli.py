@@ -5,6 +5,7 @@ sent."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachemesh.loadtest import billed, cli
+from cachemesh.loadtest.load import check_gateway
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B, user
@@ -28,6 +31,8 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
     for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN"):  # the caller's shell's
         monkeypatch.delenv(name, raising=False)
+    # the runs below are faked (run_load) or meant to reach nothing: the Gateway "is there"
+    monkeypatch.setattr(cli, "check_gateway", lambda target: None)
 
 
 def _run(tmp_path: Path, *extra: str) -> int:
@@ -132,7 +137,7 @@ def test_an_otlp_header_secret_of_the_stack_config_is_masked_in_the_report(
 def test_a_run_where_nothing_completed_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No Gateway at the target: every request cut at the run's end, exit 1, and said."""
+    """A Gateway that answers no call: every request cut at the run's end, exit 1, and said."""
     assert _run(tmp_path, "--duration", "0.5") == 1
     assert "no request completed" in capsys.readouterr().err
     results = json.loads((tmp_path / "r.json").read_text())["results"]
@@ -392,3 +397,72 @@ def test_the_billed_totals_are_read_once_they_stop_moving() -> None:
         clock=lambda: now[0],
     )
     assert not quiet and billed.MAX_WAIT_S <= now[0] <= billed.MAX_WAIT_S + billed.POLL_S
+
+
+@pytest.fixture()
+def health_server() -> Iterator[tuple[str, health.HealthServicer]]:
+    """A gRPC server with grpc.health.v1 only: what answers at the target is up to the test."""
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicer
+    server.stop(None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _never_run(*_: object, **__: object) -> list[Sample]:
+    raise AssertionError("the run started")
+
+
+def test_no_gateway_at_the_target_is_refused_before_the_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stack that was not up: silent for --duration, then every request CUT_AT_DEADLINE and a
+    warning that cut calls were billed (nothing had reached a stack)."""
+    monkeypatch.setattr(cli, "check_gateway", check_gateway)
+    monkeypatch.setattr(cli, "run_load", _never_run)
+    target = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "log.jsonl"
+    args = ["--target", target, "--out", str(tmp_path / "r.json"), "--log-out", str(log)]
+    assert cli.main([*args, "--warmup", "2", "--stack-config", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == f"cachemesh-load: no Gateway at {target} (make up?)\n"
+    assert not log.exists() and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [(None, "serves no Gateway"),  # another service's health (semantic-cache's port)
+     (health_pb2.HealthCheckResponse.NOT_SERVING, "is not serving")],
+)  # fmt: skip
+def test_a_target_that_is_not_a_serving_gateway_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    health_server: tuple[str, health.HealthServicer], status: int | None, said: str,
+) -> None:  # fmt: skip
+    target, servicer = health_server
+    if status is not None:
+        servicer.set("cachemesh.v1.Gateway", status)
+    monkeypatch.setattr(cli, "check_gateway", check_gateway)
+    monkeypatch.setattr(cli, "run_load", _never_run)
+    args = ["--target", target, "--out", str(tmp_path / "r.json")]
+    assert cli.main([*args, "--stack-config", str(tmp_path / "none")]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_a_serving_gateway_is_run_against(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    health_server: tuple[str, health.HealthServicer],
+) -> None:  # fmt: skip
+    target, servicer = health_server
+    servicer.set("cachemesh.v1.Gateway", health_pb2.HealthCheckResponse.SERVING)
+    monkeypatch.setattr(cli, "check_gateway", check_gateway)
+    monkeypatch.setattr(cli, "run_load", _cut_run)
+    args = ["--target", target, "--out", str(tmp_path / "r.json")]
+    assert cli.main([*args, "--stack-config", str(tmp_path / "none")]) == 1  # the cut request
+    assert (tmp_path / "r.json").exists()

@@ -22,7 +22,7 @@ from cachemesh._auth import bearer_metadata
 from cachemesh._client import DEFAULT_TARGET
 from cachemesh.envfile import EnvFileError, read_env_file
 from cachemesh.loadtest import billed, chart, report
-from cachemesh.loadtest.load import NotLoopback, check_target, draw, run_load
+from cachemesh.loadtest.load import NotLoopback, check_gateway, check_target, draw, run_load
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
 from cachemesh.loadtest.runner import LoadShape
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"the workload sends as {sorted(missing)}: set CACHEMESH_KEY_B")
         stack = stack_config(args.stack_config)
         token = billed.admin_token()
+        check_gateway(args.target)  # before the warm-up: not --duration of silence
     except (ValueError, NotLoopback, DataMissing) as exc:
         print(f"cachemesh-load: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,9 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import grpc
+
+from cachemesh._channel import GATEWAY_SERVICE
 from cachemesh.loadtest.progress import Progress
 from cachemesh.loadtest.runner import LoadShape, run_plan, run_processes
 from cachemesh.loadtest.samples import Sample
@@ -31,6 +34,37 @@ def check_target(target: str, allow_remote: bool) -> None:
             f"--target {target}: the load test only targets loopback (127.0.0.0/8, ::1, "
             "localhost); pass --allow-non-loopback to load a stack you own elsewhere"
         )
+
+
+class NoGateway(ValueError):
+    """Nothing at the target answers as a serving Gateway."""
+
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+PROBE_S = 3.0  # a Gateway restarting within this is waited for
+SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
+
+
+def check_gateway(target: str, timeout_s: float = PROBE_S) -> None:
+    """Asks the target's grpc.health.v1 whether the Gateway serves, within ``timeout_s``: a
+    run against a stack that is not up would wait out its deadline, then report every request
+    cut at it (as if they had reached a stack). The messages are encoded by hand: the client
+    package does not depend on grpcio-health-checking."""
+    name = GATEWAY_SERVICE.encode()
+    request = b"\x0a" + bytes([len(name)]) + name  # HealthCheckRequest{service: name}
+    with grpc.insecure_channel(target) as channel:
+        check: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(HEALTH_CHECK)
+        try:
+            reply = check(request, timeout=timeout_s, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                raise NoGateway(
+                    f"{target} answers gRPC but serves no Gateway (another service's "
+                    "address? make status lists the router's)"
+                ) from None
+            raise NoGateway(f"no Gateway at {target} (make up?)") from None
+    if reply != SERVING:
+        raise NoGateway(f"the Gateway at {target} is not serving (make status)")
 
 
 def draw(workload: Workload, count: int) -> list[Item]:
