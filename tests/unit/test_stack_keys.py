@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import string
 import subprocess
@@ -253,3 +254,17 @@ def test_a_demo_keys_line_read_otherwise_elsewhere_is_refused_naming_it(tmp_path
     with pytest.raises(EnvFileError, match=r"demo-keys\.env:1: a space and #"):
         ensure_keys(tmp_path)
     assert not keys.api_keys_file.exists()
+
+
+def test_make_keys_writes_the_run_dirs_keys(tmp_path: Path) -> None:
+    """make keys RUN_DIR=<dir> printed (or minted) .run's keys, and left <dir> without any."""
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    done = subprocess.run(
+        ["make", "--no-print-directory", "keys", f"RUN_DIR={run}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    demo = read_env_file(run / "demo-keys.env")
+    assert demo["CACHEMESH_KEY_A"] in done.stdout  # the keys it printed are that stack's
+    assert (run / "api-keys").is_file()
