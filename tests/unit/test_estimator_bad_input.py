@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cachemesh.loadtest.reqlog import MAX_LATENCY_MS, MAX_T_MS
 from services.tools.estimator.cli import main
 
 REQ = '{"model":"auto","maxTokens":10,"messages":[{"role":"ROLE_USER","content":[{"text":"hi"}]}]}'
@@ -21,6 +22,11 @@ BAD_LINES = {
     "no_request": '{"t_ms": 0, "tenant": "a"}',
     "nested_too_deep": "[" * 100_000,  # was a RecursionError traceback
     "request_nested_too_deep": '{"t_ms": 0, "tenant": "a", "request": ' + "[" * 100_000,
+    # past any clock's range: an int64 overflow traceback deep in the replay
+    "huge_t_ms": '{"t_ms": 1e19, "tenant": "a", "request": ' + REQ + "}",
+    "huge_latency_ms": '{"t_ms": 0, "latency_ms": 1e19, "tenant": "a", "request": ' + REQ + "}",
+    "huge_ttft_ms": '{"t_ms": 0, "latency_ms": 1e19, "ttft_ms": 1e19, "tenant": "a", '
+    '"request": ' + REQ + "}",
 }
 
 
@@ -88,3 +94,13 @@ def test_a_made_up_set_key_is_refused() -> None:
 def test_a_set_key_a_service_reads_is_taken(capsys: pytest.CaptureFixture[str]) -> None:
     main(["--workload", "synthetic", "--requests", "1", "--set", "SEMANTIC_CACHE_THRESHOLD=0.99"])
     assert "requests" in capsys.readouterr().out
+
+
+def test_a_line_at_the_bounds_of_its_times_is_replayed(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text(
+        f'{{"t_ms": 0, "tenant": "a", "request": {REQ}}}\n'
+        f'{{"t_ms": {MAX_T_MS}, "latency_ms": {MAX_LATENCY_MS}, "ttft_ms": {MAX_LATENCY_MS}, '
+        f'"tenant": "a", "request": {REQ}}}\n'
+    )
+    main(["--log", str(path)])  # no SystemExit

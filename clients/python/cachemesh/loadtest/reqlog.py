@@ -5,11 +5,12 @@ Each line is a JSON object (documented in SCHEMA.md, "Request log"):
     {"t_ms": 0, "tenant": "tenant-a", "kind": "faq", "question": "...",
      "request": {... a cachemesh.v1.CompleteRequest in protobuf's JSON mapping ...}}
 
-``t_ms`` is the arrival time in milliseconds from the start of the log (non-decreasing);
-``latency_ms`` (optional) how long after ``t_ms`` its answer ended, ``ttft_ms`` (optional, a
-streamed run) its first token: the estimator serves requests that overlapped concurrently;
-``warmup`` (optional, true) marks a request sent before the measured ones: replayed, so that
-it warms the caches as it did live, and left out of the estimate's totals; ``code``
+``t_ms`` is the arrival time in milliseconds from the start of the log (non-decreasing, at most
+ten years); ``latency_ms`` (optional, at most a day) how long after ``t_ms`` its answer ended,
+``ttft_ms`` (optional, a streamed run) its first token: the estimator serves requests that
+overlapped concurrently; ``warmup`` (optional, true) marks a request sent before the measured
+ones: replayed, so that it warms the caches as it did live, and left out of the estimate's
+totals; ``code``
 (optional) how it ended live, ``OK`` or its status name (``RESOURCE_EXHAUSTED``,
 ``DEADLINE_EXCEEDED``, ...): the estimator counts a request that failed live for a reason it
 does not replay (a deadline, an unreachable service) as it ended, billed nothing (it is
@@ -34,6 +35,11 @@ from google.protobuf import json_format
 
 from cachemesh.loadtest.workloads import Item
 from cachemesh.v1 import gateway_pb2 as pb
+
+# Bounds of a line's times: past them a replay's clock overflows (an int64 of milliseconds) or
+# its virtual time steps through the span for minutes.
+MAX_T_MS = 10 * 365 * 86_400_000  # a log spanning ten years
+MAX_LATENCY_MS = 86_400_000  # a request that ran for a day
 
 
 @dataclass(frozen=True)
@@ -91,14 +97,20 @@ def read_log(path: Path) -> Iterator[LogRecord]:
                 raise LogError(f"{where}: not a request log line ({exc})") from exc
             t_ms = row.get("t_ms", last if last > float("-inf") else 0.0)
             tenant = row.get("tenant")
-            if not _finite(t_ms) or t_ms < last:
-                raise LogError(f"{where}: t_ms must be a finite number >= the previous line's")
+            if not _finite(t_ms) or t_ms < last or t_ms > MAX_T_MS:
+                raise LogError(
+                    f"{where}: t_ms must be a finite number >= the previous line's, "
+                    f"<= {MAX_T_MS} (ten years)"
+                )
             if not isinstance(tenant, str) or not tenant:
                 raise LogError(f"{where}: tenant must be a non-empty string")
             latency, ttft = row.get("latency_ms"), row.get("ttft_ms")
             for name, value in (("latency_ms", latency), ("ttft_ms", ttft)):
-                if value is not None and not (_finite(value) and value >= 0):
-                    raise LogError(f"{where}: {name} must be a finite number >= 0 when given")
+                if value is not None and not (_finite(value) and 0 <= value <= MAX_LATENCY_MS):
+                    raise LogError(
+                        f"{where}: {name} must be a number within 0..{MAX_LATENCY_MS} (a day) "
+                        "when given"
+                    )
             if ttft is not None and (latency is None or ttft > latency):
                 raise LogError(f"{where}: ttft_ms needs a latency_ms and must be <= it")
             warmup = row.get("warmup", False)
