@@ -1,16 +1,20 @@
 """The ``curl`` examples of services/http_front/README.md work as printed, run by bash against
 the test stack, which runs on free ports: the blocks take the front's address from the
-``CACHEMESH_HTTP_URL`` of ``.run/demo-keys.env``, as a user's shell does."""
+``CACHEMESH_HTTP_URL`` of ``.run/demo-keys.env``, as a user's shell does; its Python block
+runs too, in that environment."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from cachemesh.envfile import read_env_file
 from tests.integration.harness import ROOT, RunningStack
 
 pytestmark = pytest.mark.integration
@@ -51,3 +55,16 @@ def test_readme_curl_examples_work_as_printed(stack: RunningStack, tmp_path: Pat
     assert "x-cachemesh-served-by: " in messages and '"type":"message"' in messages
     assert '"usage":{"prompt_tokens"' in chat and chat.rstrip().endswith("data: [DONE]")
     assert '"object":"list"' in listed and '"status":"ready"' in listed
+
+
+def test_readme_python_example_runs_as_printed(stack: RunningStack, tmp_path: Path) -> None:
+    """The SDK block used a ``key`` it never defined (NameError)."""
+    (block,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    env = {**os.environ, **read_env_file(stack.stack.run_dir / "demo-keys.env")}
+    script = block + "print(sorted(m.id for m in gpt.models.list()))\n"  # the front answers
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "sim-large" in done.stdout
