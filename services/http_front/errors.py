@@ -121,6 +121,11 @@ def invalid(message: str, param: str | None = None) -> ApiError:
 # the 413 of a request over the size limit).
 _CONTEXT_WINDOW = "context window"
 RATE_LIMIT_RETRY_AFTER_S = 1
+# A 429 whose wait is longer than this says x-should-retry: false (its retry-after stays, as
+# information): the SDKs' retry policies sleep whatever retry-after says (the Anthropic SDK's up
+# to ~50 days; OpenAI's up to 60 s), so a spent daily budget (retry-after: the seconds to 00:00
+# UTC) held a messages.create() asleep for hours, twice, instead of raising RateLimitError.
+RETRYABLE_WAIT_S = 60
 
 
 def from_gateway(code: Code, message: str, retry_after_s: int | None = None) -> ApiError:
@@ -137,7 +142,8 @@ def from_gateway(code: Code, message: str, retry_after_s: int | None = None) -> 
         return ApiError("not_found", message)
     if code is Code.RESOURCE_EXHAUSTED:
         if retry_after_s is not None:
-            return ApiError("rate_limit", message, retry_after_s=retry_after_s)
+            final = retry_after_s > RETRYABLE_WAIT_S  # a budget spent until midnight
+            return ApiError("rate_limit", message, retry_after_s=retry_after_s, final=final)
         if _CONTEXT_WINDOW in message:
             return ApiError("invalid_request", message)
         return ApiError("request_too_large", message)

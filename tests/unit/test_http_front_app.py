@@ -313,6 +313,31 @@ async def test_gateway_refusals_are_each_sdks_exceptions(
         assert claude.value.response.headers["retry-after"] == "3"
 
 
+async def test_a_budget_spent_until_midnight_is_not_retried_by_the_sdks(front: Front) -> None:
+    """A 429 whose retry-after is hours (a spent daily budget: the seconds to 00:00 UTC) said
+    nothing against retries, and the Anthropic SDK sleeps what retry-after says: its
+    messages.create() slept 6,400 s, twice, instead of raising RateLimitError. A short wait
+    (a rate limit's) stays retryable."""
+    front.gateway.refuse = (grpc.StatusCode.RESOURCE_EXHAUSTED, "day budget spent",
+                            (("retry-after", "6400"),))  # fmt: skip
+    claude = anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY)  # retries on
+    gpt = openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key=KEY)
+    front.clients += [claude, gpt]
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        await asyncio.wait_for(claude.messages.create(model="sim-large", max_tokens=50,
+                                                      messages=ASK), 30)  # fmt: skip
+    assert refused.value.response.headers["retry-after"] == "6400"
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    with pytest.raises(openai.RateLimitError):
+        await gpt.chat.completions.create(model="sim-large", messages=ASK)
+    assert front.gateway.calls == 2  # one each: no retry
+    front.gateway.refuse = (grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down",
+                            (("retry-after", "1"),))  # fmt: skip
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert "x-should-retry" not in limited.value.response.headers
+
+
 async def _raw(
     front: Front, path: str, body: bytes, headers: dict[str, str]
 ) -> tuple[int, dict[str, Any]]:

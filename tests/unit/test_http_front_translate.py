@@ -258,6 +258,7 @@ def test_openai_chunks_end_with_the_finish_reason_then_the_usage() -> None:
         (Code.RESOURCE_EXHAUSTED, "request larger than the limit", None, 413, 413),
         (Code.RESOURCE_EXHAUSTED, "prompt over the context window", None, 400, 400),
         (Code.RESOURCE_EXHAUSTED, "rate limit", 3, 429, 429),
+        (Code.RESOURCE_EXHAUSTED, "day budget", 6400, 429, 429),
         (Code.UNAVAILABLE, "no layer can serve", None, 529, 503),
         (Code.DEADLINE_EXCEEDED, "slow", None, 504, 504),
         (Code.INTERNAL, "boom", None, 500, 500),
@@ -273,7 +274,7 @@ def test_gateway_status_to_http(
     headers = error.headers()
     assert headers.get("retry-after") == (str(retry) if retry else None)
     # a refusal a retry would repeat says so; 429, 529/503 and 500 leave the SDKs to retry
-    final = anthropic_status in (400, 401, 413, 504)
+    final = anthropic_status in (400, 401, 413, 504) or (retry or 0) > 60  # a spent budget
     assert headers.get("x-should-retry") == ("false" if final else None)
 
 
