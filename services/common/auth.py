@@ -62,8 +62,11 @@ class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects every call that does not carry the router's internal credential."""
 
     def __init__(self, token: str) -> None:
-        if len(token) < 16:
-            raise ConfigError("CACHEMESH_INTERNAL_TOKEN must be at least 16 characters")
+        if len(token) < 16 or not all("!" <= c <= "~" for c in token):
+            raise ConfigError(
+                "CACHEMESH_INTERNAL_TOKEN must be at least 16 characters of printable ASCII, "
+                "no whitespace (what gRPC metadata carries; the value is not shown)"
+            )
         self._token = token.encode()
 
     async def intercept_service(

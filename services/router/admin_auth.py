@@ -1,8 +1,9 @@
 """The Admin API's credential: its own token, never an API key, never logged.
 
 It comes from ``CACHEMESH_ADMIN_TOKEN_FILE`` (a file holding it: a mounted secret, preferred)
-or ``CACHEMESH_ADMIN_TOKEN``, not both, checked at start-up: at least 16 characters on one
-line. Neither set: the Admin API is off (each call is refused saying how to turn it on).
+or ``CACHEMESH_ADMIN_TOKEN``, not both, checked at start-up: at least 16 characters of
+printable ASCII (what gRPC metadata carries) on one line. Neither set: the Admin API is off
+(each call is refused saying how to turn it on).
 Callers present it as ``authorization: Bearer <token>``; the comparison is of the two SHA-256
 digests with ``hmac.compare_digest``, so its time tells nothing of the token or its length.
 """
@@ -22,10 +23,13 @@ MIN_LENGTH = 16
 
 class AdminCredential:
     def __init__(self, token: str) -> None:
-        if len(token) < MIN_LENGTH or any(c.isspace() for c in token):
+        # what gRPC metadata can carry (``cachemesh._auth.bearer_metadata`` sends nothing
+        # else): a token with an accented letter or a byte-order mark was accepted here, and
+        # then no client could ever present it (every Admin call UNAUTHENTICATED)
+        if len(token) < MIN_LENGTH or not all("!" <= c <= "~" for c in token):
             raise ConfigError(
                 f"the admin token ({FILE_VAR} or {TOKEN_VAR}) must be at least {MIN_LENGTH} "
-                "characters with no whitespace"
+                "characters of printable ASCII, no whitespace (the value is not shown)"
             )
         self._digest = hashlib.sha256(token.encode()).digest()
 

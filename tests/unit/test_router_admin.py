@@ -234,6 +234,11 @@ def test_the_admin_token_is_checked_at_start_up(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigError, match="at least 16"):
         admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN": "short"}))
+    # what gRPC metadata cannot carry was accepted, and no client could present it
+    for unsendable in ("geheimes-passwört-2024", "\ufeff" + ADMIN_TOKEN):
+        with pytest.raises(ConfigError, match="printable ASCII") as refused:
+            admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN": unsendable}))
+        assert "passw" not in str(refused.value) and ADMIN_TOKEN not in str(refused.value)
     with pytest.raises(ConfigError, match="CACHEMESH_ADMIN_TOKEN_FILE: cannot read"):
         admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "none")}))
     (tmp_path / "token").write_text(ADMIN_TOKEN + "\n")

@@ -15,6 +15,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
+from services.common.env import ConfigError
 from services.semantic_cache import cache as cache_module
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
@@ -584,3 +585,13 @@ async def test_a_leading_lookup_whose_reply_misses_its_deadline_leaves_no_lease(
             assert again.leader  # at once, not in 30 s
     finally:
         await server.stop(None)
+
+
+def test_an_internal_token_grpc_cannot_carry_is_refused_at_start_up() -> None:
+    """A token with an accented letter or a byte-order mark was accepted, and no caller could
+    then send it (every internal call UNAUTHENTICATED)."""
+    for unsendable in ("short", "internal-tökén-of-the-stack", "\ufeff" + TOKEN):
+        with pytest.raises(ConfigError, match="CACHEMESH_INTERNAL_TOKEN") as refused:
+            InternalAuthInterceptor(unsendable)
+        assert "tök" not in str(refused.value) and TOKEN not in str(refused.value)
+    InternalAuthInterceptor(TOKEN)
