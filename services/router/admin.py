@@ -38,6 +38,7 @@ _OFF = (
 )
 # semantic-cache refusing these is about the router's internal credential, not the caller's
 _OURS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+_TOTALS_IN_FLIGHT = 16  # GetStats of every tenant: prefix-cache Totals calls at once, at most
 _UNAUTHENTICATED = (
     "missing or wrong admin credential: send 'authorization: Bearer <admin token>' metadata "
     f"with the router's admin token ({FILE_VAR}); API keys are not accepted here"
@@ -82,10 +83,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         tenants = (
             [request.tenant] if request.tenant else sorted({r.tenant for r in records} | set(l1))
         )
-        totals = await asyncio.gather(
-            *(self._prefix.Totals(pc.TotalsRequest(tenant=t), **self._options()) for t in tenants),
-            return_exceptions=True,
-        )
+        # at most _TOTALS_IN_FLIGHT at a time: every tenant's at once (thousands) was a burst
+        # on the prefix-cache serving live traffic
+        in_flight = asyncio.Semaphore(_TOTALS_IN_FLIGHT)
+
+        async def totals_of(tenant: str) -> pc.TotalsResponse:
+            async with in_flight:
+                reply: pc.TotalsResponse = await self._prefix.Totals(
+                    pc.TotalsRequest(tenant=tenant), **self._options()
+                )
+                return reply
+
+        totals = await asyncio.gather(*(totals_of(t) for t in tenants), return_exceptions=True)
         if any(isinstance(t, BaseException) for t in totals):
             response.unavailable.append("prefix-cache")
         for tenant, total in zip(tenants, totals, strict=True):

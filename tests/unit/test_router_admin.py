@@ -4,6 +4,7 @@ the unit under test is the Admin API)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -42,7 +43,14 @@ class Totals(prefix_cache_pb2_grpc.PrefixCacheServicer):
     async def Commit(self, request: pc.CommitRequest, context: Context) -> pc.CommitResponse:
         raise NotImplementedError  # nor commits
 
+    in_flight = 0
+    peak = 0
+
     async def Totals(self, request: pc.TotalsRequest, context: Context) -> pc.TotalsResponse:
+        Totals.in_flight += 1
+        Totals.peak = max(Totals.peak, Totals.in_flight)
+        await asyncio.sleep(0.005)
+        Totals.in_flight -= 1
         return pc.TotalsResponse(
             requests=3,
             usage=pb.Usage(input_tokens=30, output_tokens=12),
@@ -206,6 +214,18 @@ async def test_policy_round_trips_through_semantic_cache(rig: Rig) -> None:
     assert got == policy
     bad = rig.stub.SetPolicy(adm.SetPolicyRequest(tenant="acme", default_ttl_s=-1), metadata=ADMIN)
     assert "semantic-cache: default_ttl_s" in await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)
+
+
+async def test_stats_of_every_tenant_ask_prefix_cache_a_few_at_a_time(rig: Rig) -> None:
+    """Every tenant's totals were asked at once: a thousand tenants, a burst of a thousand
+    calls on the prefix-cache serving live traffic."""
+    with rig.key_file.open("a") as keys:
+        keys.writelines(f"tenant-{i}:{hash_key(new_api_key())}\n" for i in range(60))
+    Totals.peak = 0
+    stats = await rig.stub.GetStats(adm.GetStatsRequest(), metadata=ADMIN)
+    assert len(stats.tenants) == 61 and not stats.unavailable
+    assert all(row.model_requests == 3 for row in stats.tenants)
+    assert 1 < Totals.peak <= 16, Totals.peak
 
 
 async def test_stats_say_which_service_did_not_answer(tmp_path: Path) -> None:
