@@ -136,6 +136,35 @@ def test_a_400_is_invalid_argument_with_the_providers_message(providers: Provide
     assert "must be a response to a preceeding message with 'tool_calls'" in str(error)
 
 
+def test_a_403_for_one_replicas_account_goes_to_the_other_replica(
+    providers: ProviderStack,
+) -> None:
+    """gpt-4-1 has two replicas. OpenAI refuses openai-1's key from where it runs (403
+    ``request_forbidden``): no request is the client's fault, each one openai-1 gets is
+    served by openai-2 (it was INVALID_ARGUMENT for every other request)."""
+    server, key = providers.server, providers.keys["openai-1"]
+    forbidden = openai_wire.error(
+        403,
+        "request_forbidden",
+        "Country, region, or territory not supported",
+        code="unsupported_country_region_territory",
+    )
+    forbidden.key = key
+    server.script("openai", *[forbidden] * 4)
+    tag = f"Forbidden region {uuid.uuid4().hex[:8]}"
+    try:
+        with _client(providers, max_attempts=1) as client:
+            answers = [client.complete(ask("gpt-4-1", f"{tag} #{n}")) for n in range(4)]
+    finally:
+        with server._lock:  # the refusals not used must not reach the next tests
+            server.scripts["openai"] = [r for r in server.scripts["openai"] if r.key != key]
+    assert all(a.content[0].text == "Paris is the capital of France." for a in answers)
+    calls = [s for s in server.seen_by("openai") if tag in str(s.body)]
+    refused = [c for c in calls if c.status == 403]
+    assert refused and all(c.key == key for c in refused)  # openai-1 was asked, and refused
+    assert len(calls) == 4 + len(refused)  # each refused request was served by openai-2
+
+
 def test_revoked_credentials_turn_the_replica_not_serving_and_the_other_serves(
     providers: ProviderStack,
 ) -> None:

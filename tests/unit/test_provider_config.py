@@ -121,23 +121,25 @@ def test_openai_body_for_a_local_engine_uses_max_tokens_and_no_cache_key() -> No
 
 
 @pytest.mark.parametrize(
-    ("status", "error_type", "kind"),
+    ("status", "error_type", "code", "kind"),
     [
-        (429, "rate_limit_error", Kind.RETRY),
-        (529, "overloaded_error", Kind.RETRY),
-        (0, "overloaded_error", Kind.RETRY),  # an error event mid-stream
-        (503, "error", Kind.RETRY),
-        (400, "invalid_request_error", Kind.CLIENT),
-        (401, "invalid_request_error", Kind.AUTH),  # OpenAI's 401 body says invalid_request
-        (403, "permission_error", Kind.AUTH),
-        (401, "error", Kind.AUTH),  # a proxy's 401 without a typed body
-        (0, "authentication_error", Kind.AUTH),  # an error event mid-stream
-        (403, "invalid_request_error", Kind.CLIENT),  # OpenAI: no access to one model
-        (403, "error", Kind.CLIENT),
+        (429, "rate_limit_error", "", Kind.RETRY),
+        (529, "overloaded_error", "", Kind.RETRY),
+        (0, "overloaded_error", "", Kind.RETRY),  # an error event mid-stream
+        (503, "error", "", Kind.RETRY),
+        (400, "invalid_request_error", "", Kind.CLIENT),
+        (401, "invalid_request_error", "", Kind.AUTH),  # OpenAI's 401 body says invalid_request
+        (403, "permission_error", "", Kind.AUTH),
+        (401, "error", "", Kind.AUTH),  # a proxy's 401 without a typed body
+        (0, "authentication_error", "", Kind.AUTH),  # an error event mid-stream
+        (403, "invalid_request_error", "model_not_found", Kind.CLIENT),  # OpenAI: one model
+        # OpenAI: this account's key, from where the replica runs; another replica may serve
+        (403, "request_forbidden", "unsupported_country_region_territory", Kind.FATAL),
+        (403, "error", "", Kind.FATAL),  # a 403 about no one model: the replica's
     ],
 )
-def test_failures_are_classified(status: int, error_type: str, kind: Kind) -> None:
-    assert _kind(status, error_type) == kind
+def test_failures_are_classified(status: int, error_type: str, code: str, kind: Kind) -> None:
+    assert _kind(status, error_type, code) == kind
 
 
 def test_a_key_echoed_whole_or_masked_is_redacted() -> None:

@@ -12,7 +12,10 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   is INVALID_ARGUMENT, never sent, and no failure of the replica's.
 - A 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
   so is a 403 that concerns one model (OpenAI's ``model_not_found``: the key may not use it),
-  which the router hands to the client rather than to every replica.
+  which the router hands to the client rather than to every replica. Any other 403 (OpenAI's
+  ``request_forbidden``: this account's key may not be used from where the replica runs) is
+  the replica's: UNAVAILABLE at once, so the router hands the request to the next replica and
+  counts it towards this one's ejection.
 - A 401, or an error typed as our credentials' (``failures._AUTH_TYPES``), means our key: the
   replica reports NOT_SERVING on its health, says so in one log line, refuses calls
   (UNAVAILABLE, so the router uses another replica) and lets one call through again after
@@ -166,7 +169,12 @@ class ProviderApi:
                     )
                     yield self._interrupted(progress, spec, f"{failure.error_type}: {message}")
                     return
-                if failure.kind == Kind.FATAL and not isinstance(exc, RequestError):
+                # a provider's answer (its status) is no surprise: the refusal's line says it
+                if (
+                    failure.kind == Kind.FATAL
+                    and not failure.status
+                    and not isinstance(exc, RequestError)
+                ):
                     log.error(
                         "%s call of %s failed unexpectedly: %s",
                         self._adapter.backend,

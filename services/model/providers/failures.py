@@ -11,10 +11,12 @@ such a stream as answered (``lost_after_end``). A request the adapter or the SDK
 as the provider's body (``Unsendable``) was never sent: the request's fault, like a 400.
 
 Only a 401 or an error whose type (or OpenAI ``code``) names our credentials
-(``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Any other
-403 concerns this request, not the key: OpenAI answers 403 ``invalid_request_error`` /
-``model_not_found`` ("Project ... does not have access to model ...") when a key may not use one
-model, and the key still serves every other.
+(``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Of the other
+403s only OpenAI's ``model_not_found`` ("Project ... does not have access to model ...", a key
+that may not use one model and still serves every other) concerns the request: ``CLIENT``. Any
+other 403 is this replica's account's (OpenAI's ``request_forbidden`` /
+``unsupported_country_region_territory`` for a key used from where it may not be): ``FATAL``,
+another replica may serve the request.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import openai
 
 class Kind(enum.Enum):
     RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
-    CLIENT = "client"  # 400 / 403 / 404 / 413 / 422: the request is wrong; INVALID_ARGUMENT
+    CLIENT = "client"  # 400 / 404 / 413 / 422, 403 model_not_found: the request is wrong
     AUTH = "auth"  # 401, or an auth error type: our credentials; the replica is NOT_SERVING
-    FATAL = "fatal"  # anything else: no retry, the next replica
+    FATAL = "fatal"  # anything else (another 403 too): no retry, the next replica
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Failure:
 _RETRY_TYPES = {"overloaded_error", "rate_limit_error", "api_error", "server_error", "timeout"}
 _CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error"}
 _AUTH_TYPES = {"authentication_error", "permission_error", "invalid_api_key"}
+_ONE_MODEL = "model_not_found"  # OpenAI's 403 code when the key may not use this model
 _STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
 
 
@@ -123,7 +126,9 @@ def _kind(status: int, error_type: str, code: str = "") -> Kind:
         return Kind.AUTH
     if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
         return Kind.RETRY
-    if error_type in _CLIENT_TYPES or status in (400, 403, 404, 413, 422):
+    if status == 403:  # one model's (the request's), else this replica's account's
+        return Kind.CLIENT if code == _ONE_MODEL else Kind.FATAL
+    if error_type in _CLIENT_TYPES or status in (400, 404, 413, 422):
         return Kind.CLIENT
     return Kind.FATAL
 

@@ -1,0 +1,179 @@
+"""Whose fault a provider's refusal is, from the provider's own wire body through the official
+SDK: the request's (``INVALID_ARGUMENT``, for the client to fix, no other replica tried), or
+the replica's account's (``UNAVAILABLE``: the router hands the request to another replica or
+tier and counts it towards the replica's ejection). The replica is built as ``serve()``
+builds it and calls the loopback provider servers of ``tests.providers``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.errors import Code, RequestError
+from services.common.models import load_model_table
+from services.common.tokens import load_tokenizers
+from services.model.providers.api import ProviderApi
+from services.model.providers.config import Backend, ProviderSettings, Secret
+from services.model.providers.wiring import build_adapter
+from tests.providers import anthropic_wire, openai_wire
+from tests.providers.wire_server import Reply, WireServer
+
+CLAUDE = "claude-sonnet-4-5"
+GPT = "gpt-4-1"
+RECHECK_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    wire = WireServer(
+        {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
+        {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected("x")},
+    )
+    wire.start()
+    yield wire
+    wire.stop()
+
+
+@pytest.fixture
+async def replicas(server: WireServer) -> AsyncIterator[Callable[[Backend, str], Replica]]:
+    """Builds replicas on ``server`` (closed after the test)."""
+    built: list[Replica] = []
+
+    def build(backend: Backend, model: str) -> Replica:
+        built.append(Replica(server, backend, model))
+        return built[-1]
+
+    yield build
+    for replica in built:
+        await replica.api.close()
+
+
+class Replica:
+    """A provider replica on ``server``; its clock moves only when the test moves it."""
+
+    def __init__(self, server: WireServer, backend: Backend, model: str) -> None:
+        server.reset()
+        self.server, self.backend, self.model = server, backend, model
+        self.now = 1000.0
+        self.health: list[bool] = []
+        base = server.base + ("/v1" if backend == "openai" else "")
+        settings = ProviderSettings(
+            backend=backend,
+            base_url=base,
+            api_key=Secret(f"sk-{backend}-loopback-0123456789abcdef"),
+            max_retries=3,
+            backoff_s=0.0,
+            backoff_max_s=0.0,
+            auth_recheck_s=RECHECK_S,
+            upstream_ids={},
+        )
+
+        async def set_health(serving: bool) -> None:
+            self.health.append(serving)
+
+        table = load_model_table()
+        self.api = ProviderApi(
+            adapter=build_adapter(settings),
+            models={model: table.models[model]},
+            replica_id="r1",
+            settings=settings,
+            tokenizer=load_tokenizers([table.models[model]]),
+            set_health=set_health,
+            clock=lambda: self.now,
+        )
+
+    async def call(self) -> RequestError | None:
+        """One request; the refusal it got, else None (answered)."""
+        message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
+        request = pb.CompleteRequest(model=self.model, max_tokens=16, messages=[message])
+        call = model_pb2.GenerateRequest(tenant="t", model=self.model, request=request)
+        try:
+            chunks = [chunk async for chunk in self.api.generate(call, 10.0)]
+        except RequestError as refused:
+            return refused
+        assert chunks[-1].end.stop_reason == "end_turn"
+        return None
+
+    def calls(self) -> int:
+        """How many calls reached the provider."""
+        return len(self.server.seen_by(self.backend))
+
+
+# OpenAI's 403 when the account's key may not be used from where the replica runs
+REGION = openai_wire.error(
+    403,
+    "request_forbidden",
+    "Country, region, or territory not supported",
+    code="unsupported_country_region_territory",
+)
+# OpenAI's 403 when the key may not use this one model: the model README's documented case
+NO_ACCESS = openai_wire.error(
+    403,
+    "invalid_request_error",
+    f"Project `proj_abc` does not have access to model `{GPT}`",
+    code="model_not_found",
+)
+TOO_LONG_OPENAI = openai_wire.error(
+    400,
+    "invalid_request_error",
+    "This model's maximum context length is 1047576 tokens. However, your messages resulted "
+    "in 1100000 tokens. Please reduce the length of the messages.",
+    code="context_length_exceeded",
+)
+TOO_LONG_ANTHROPIC = anthropic_wire.error(
+    400, "invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"
+)
+BAD_SCHEMA = anthropic_wire.error(
+    400,
+    "invalid_request_error",
+    "tools.0.custom.input_schema: JSON schema is invalid. It must match JSON Schema draft "
+    "2020-12 (https://json-schema.org/draft/2020-12).",
+)
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "reply"),
+    [
+        ("openai", GPT, TOO_LONG_OPENAI),
+        ("openai", GPT, NO_ACCESS),
+        ("anthropic", CLAUDE, TOO_LONG_ANTHROPIC),
+        ("anthropic", CLAUDE, BAD_SCHEMA),
+    ],
+    ids=["openai-context-length", "openai-403-model-not-found", "anthropic-too-long", "schema"],
+)
+async def test_a_refusal_of_the_request_is_invalid_argument_and_the_replica_serves_on(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    backend: Backend,
+    model: str,
+    reply: Reply,
+) -> None:
+    replica = replicas(backend, model)
+    server.script(backend, reply)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.INVALID_ARGUMENT, refused
+    assert reply.body["error"]["message"] in refused.message
+    assert replica.calls() == 1  # not retried
+    assert await replica.call() is None and replica.health == []  # the next request is served
+
+
+async def test_a_403_other_than_one_models_is_the_replicas_and_goes_to_another(
+    server: WireServer, replicas: Callable[[Backend, str], Replica]
+) -> None:
+    """OpenAI's 403 ``request_forbidden`` (this account's key, from where the replica runs):
+    no request of any client can be served by it, and another replica may serve it. It is
+    UNAVAILABLE (the router tries the next replica and counts it towards this one's ejection),
+    never the client's INVALID_ARGUMENT."""
+    replica = replicas("openai", GPT)
+    server.script("openai", REGION)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
+    assert "403 request_forbidden" in refused.message
+    assert "Country, region, or territory not supported" in refused.message
+    assert refused.reason  # told to the router, which names it if no replica serves
+    assert replica.calls() == 1  # no retry: the next replica, at once
+    assert await replica.call() is None  # not NOT_SERVING: the router's ejection decides
+    assert replica.health == []
