@@ -177,3 +177,34 @@ async def test_a_403_other_than_one_models_is_the_replicas_and_goes_to_another(
     assert replica.calls() == 1  # no retry: the next replica, at once
     assert await replica.call() is None  # not NOT_SERVING: the router's ejection decides
     assert replica.health == []
+
+
+# Anthropic's answer to any request while the account has no credit (its real body: a 400
+# typed as the request's)
+NO_CREDIT = anthropic_wire.error(
+    400,
+    "invalid_request_error",
+    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing "
+    "to upgrade or purchase credits.",
+)
+
+
+async def test_a_credit_balance_too_low_takes_the_replica_out_until_it_is_rechecked(
+    server: WireServer, replicas: Callable[[Backend, str], Replica]
+) -> None:
+    """No request of any tenant can be served on an account without credit: the replica
+    refuses UNAVAILABLE (the router's next replica or tier serves), reports NOT_SERVING, asks
+    the provider no more until ``auth_recheck_s`` has passed, then serves again once it can."""
+    replica = replicas("anthropic", CLAUDE)
+    server.script("anthropic", NO_CREDIT)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
+    assert "credit balance is too low" in refused.message
+    assert replica.health == [False]
+    again = await replica.call()  # refused at once, without asking the provider
+    assert again is not None and again.code == Code.UNAVAILABLE
+    assert "NOT_SERVING" in again.message and "credit" in again.message
+    assert replica.calls() == 1
+    replica.now += RECHECK_S  # credit bought meanwhile: the recheck is served
+    assert await replica.call() is None
+    assert replica.health == [False, True] and replica.calls() == 2

@@ -136,10 +136,21 @@ def test_openai_body_for_a_local_engine_uses_max_tokens_and_no_cache_key() -> No
         # OpenAI: this account's key, from where the replica runs; another replica may serve
         (403, "request_forbidden", "unsupported_country_region_territory", Kind.FATAL),
         (403, "error", "", Kind.FATAL),  # a 403 about no one model: the replica's
+        (402, "billing_error", "", Kind.ACCOUNT),  # Anthropic: the account's billing
     ],
 )
 def test_failures_are_classified(status: int, error_type: str, code: str, kind: Kind) -> None:
     assert _kind(status, error_type, code) == kind
+
+
+def test_only_anthropics_own_no_credit_message_is_the_accounts() -> None:
+    """Anthropic types an account without credit as the request's (400
+    ``invalid_request_error``): its message tells it, at its start; a message that only quotes
+    the words (from the request, a tool's name say) is still the request's."""
+    no_credit = "Your credit balance is too low to access the Anthropic API. Please go to Plans"
+    assert _kind(400, "invalid_request_error", "", no_credit) == Kind.ACCOUNT
+    quoted = f"tools.0.name: String should match pattern; got '{no_credit[:30]}'"
+    assert _kind(400, "invalid_request_error", "", quoted) == Kind.CLIENT
 
 
 def test_a_key_echoed_whole_or_masked_is_redacted() -> None:

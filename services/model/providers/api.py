@@ -20,6 +20,10 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   replica reports NOT_SERVING on its health, says so in one log line, refuses calls
   (UNAVAILABLE, so the router uses another replica) and lets one call through again after
   ``auth_recheck_s``.
+- An account that cannot pay (Anthropic's 400 "Your credit balance is too low", its
+  ``billing_error``) is the replica's too, not the request's: the same, NOT_SERVING, refused
+  calls (UNAVAILABLE, the router's next replica or tier serves), one call through again after
+  ``auth_recheck_s`` (credit bought meanwhile: it serves again).
 - After the first token nothing is retried: a stream that breaks (an error event, a cut
   connection, the deadline) ends with ``end.interrupted`` carrying what was produced, so the
   router bills it and never stores it. A connection lost after the final event (OpenAI's
@@ -55,6 +59,7 @@ Sleep = Callable[[float], Awaitable[None]]
 HealthSetter = Callable[[bool], Awaitable[None]]
 _DEADLINE_MARGIN_S = 0.05  # a retry must be able to start this long before the deadline
 _NO_DEADLINE_S = 300.0  # a call that came without a deadline
+_OUT = (Kind.AUTH, Kind.ACCOUNT)  # the replica's key or account: NOT_SERVING until rechecked
 
 
 class Adapter(Protocol):
@@ -99,7 +104,8 @@ class ProviderApi:
         self._clock = clock
         self._sleep = sleep
         self._redactor = Redactor(settings.secrets())
-        self._auth_failed_at: float | None = None
+        self._out_at: float | None = None  # when our key or account was last refused
+        self._out_kind = Kind.AUTH  # which of the two
 
     @property
     def redactor(self) -> Redactor:
@@ -117,7 +123,7 @@ class ProviderApi:
         span.set_attribute("gen_ai.provider.name", self._adapter.backend)
         span.set_attribute("gen_ai.request.model", spec.upstream)
         span.set_attribute("cachemesh.replica", self._replica)
-        self._refuse_while_unauthorised()
+        self._refuse_while_out()
         budget = time_remaining_s if time_remaining_s is not None else _NO_DEADLINE_S
         deadline = self._clock() + budget
         span.set_attribute("cachemesh.deadline_ms", round(budget * 1000))
@@ -184,7 +190,7 @@ class ProviderApi:
                 wait, why = self._retry_wait(failure, tries, deadline)
                 if wait is None:
                     refusal = await self._refusal(failure, message, why)
-                    if failure.kind != Kind.AUTH:  # that one has its own log line
+                    if failure.kind not in _OUT:  # those have their own log line
                         log.warning("%s: %s", spec.id, refusal.message)
                     raise refusal from None
                 span.set_attribute("cachemesh.provider.retries", tries)
@@ -310,12 +316,20 @@ class ProviderApi:
                 f"{backend} refused the request ({failure.status}): {message}",
             )
         if failure.kind == Kind.AUTH:
-            await self._unauthorised(failure, message)
+            await self._taken_out(failure, message)
             return RequestError(
                 Code.UNAVAILABLE,
                 f"replica {self._replica}: {backend} refused this replica's credentials "
                 f"({failure.status}); another replica may serve",
                 f"{backend} refused a replica's credentials ({failure.status})",
+            )
+        if failure.kind == Kind.ACCOUNT:
+            await self._taken_out(failure, message)
+            return RequestError(
+                Code.UNAVAILABLE,
+                f"replica {self._replica}: {backend} refused this replica's account "
+                f"({failure.status} {failure.error_type}: {message}); another replica may serve",
+                f"{backend} refused a replica's account, out of credit ({failure.status})",
             )
         status = f"{failure.status} {failure.error_type}" if failure.status else failure.error_type
         after = f"; {why}" if why else ""
@@ -325,40 +339,67 @@ class ProviderApi:
             f"{backend} {status}{after}",
         )
 
-    def _refuse_while_unauthorised(self) -> None:
-        failed = self._auth_failed_at
+    def _refuse_while_out(self) -> None:
+        failed = self._out_at
         if failed is None or self._clock() - failed >= self._s.auth_recheck_s:
-            return  # never failed, or time to try the credentials again
+            return  # never failed, or time to try the credentials (the account) again
+        backend = self._adapter.backend
+        if self._out_kind == Kind.ACCOUNT:
+            raise RequestError(
+                Code.UNAVAILABLE,
+                f"replica {self._replica}: {backend} refused this replica's account (no "
+                "credit); it is NOT_SERVING until credit is added",
+                f"{backend} refused a replica's account, out of credit",
+            )
         raise RequestError(
             Code.UNAVAILABLE,
-            f"replica {self._replica}: {self._adapter.backend} refused this replica's "
+            f"replica {self._replica}: {backend} refused this replica's "
             "credentials; it is NOT_SERVING until they are fixed",
         )
 
-    async def _unauthorised(self, failure: Failure, message: str) -> None:
-        first = self._auth_failed_at is None
-        self._auth_failed_at = self._clock()
-        if first:
-            await self._set_health(False)
+    async def _taken_out(self, failure: Failure, message: str) -> None:
+        """Our key (``AUTH``) or our account (``ACCOUNT``) was refused: NOT_SERVING, one line."""
+        first = self._out_at is None
+        self._out_at = self._clock()
+        self._out_kind = failure.kind
+        if not first:
+            return
+        await self._set_health(False)
+        backend = self._adapter.backend
+        if failure.kind == Kind.ACCOUNT:
             log.error(
-                "%s refused the credentials of replica %s (%s %s: %s): NOT_SERVING; fix the "
-                "API key (%s_API_KEY or %s_API_KEY_FILE) and restart the replica",
-                self._adapter.backend,
+                "%s refused the account of replica %s (%s %s: %s): NOT_SERVING; add credit to "
+                "the account of its API key, the replica tries again every %.0f s "
+                "(PROVIDER_AUTH_RECHECK_S)",
+                backend,
                 self._replica,
                 failure.status,
                 failure.error_type,
                 message,
-                self._adapter.backend.upper(),
-                self._adapter.backend.upper(),
+                self._s.auth_recheck_s,
             )
+            return
+        log.error(
+            "%s refused the credentials of replica %s (%s %s: %s): NOT_SERVING; fix the "
+            "API key (%s_API_KEY or %s_API_KEY_FILE) and restart the replica",
+            backend,
+            self._replica,
+            failure.status,
+            failure.error_type,
+            message,
+            backend.upper(),
+            backend.upper(),
+        )
 
     async def _healthy(self) -> None:
-        if self._auth_failed_at is not None:
-            self._auth_failed_at = None
+        if self._out_at is not None:
+            self._out_at = None
             await self._set_health(True)
+            what = "account" if self._out_kind == Kind.ACCOUNT else "credentials"
             log.info(
-                "%s accepts the credentials of replica %s again: SERVING",
+                "%s accepts the %s of replica %s again: SERVING",
                 self._adapter.backend,
+                what,
                 self._replica,
             )
 

@@ -48,7 +48,7 @@ class ProviderSettings:
     max_retries: int  # retries of a 429 / 529 / 5xx / overloaded before the first token
     backoff_s: float  # the first retry's wait without retry-after; doubles, with jitter
     backoff_max_s: float
-    auth_recheck_s: float  # after our key is refused (401), refuse at once this long, then retry
+    auth_recheck_s: float  # after our key (401) or account is refused, refuse at once this long
     upstream_ids: Mapping[str, str]  # table id -> the provider's model id (MODEL_UPSTREAM_IDS)
 
     @classmethod

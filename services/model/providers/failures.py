@@ -17,6 +17,11 @@ that may not use one model and still serves every other) concerns the request: `
 other 403 is this replica's account's (OpenAI's ``request_forbidden`` /
 ``unsupported_country_region_territory`` for a key used from where it may not be): ``FATAL``,
 another replica may serve the request.
+
+An account that cannot pay is ``ACCOUNT``, whatever status it comes with: Anthropic's 400
+``invalid_request_error`` "Your credit balance is too low to access the Anthropic API" (typed
+as the request's, yet every request of every tenant gets it) and its ``billing_error``. Like
+``AUTH`` it is the replica's, until someone adds credit.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Kind(enum.Enum):
     RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
     CLIENT = "client"  # 400 / 404 / 413 / 422, 403 model_not_found: the request is wrong
     AUTH = "auth"  # 401, or an auth error type: our credentials; the replica is NOT_SERVING
+    ACCOUNT = "account"  # no credit on our account: like AUTH, the replica is NOT_SERVING
     FATAL = "fatal"  # anything else (another 403 too): no retry, the next replica
 
 
@@ -54,6 +60,10 @@ class Failure:
 _RETRY_TYPES = {"overloaded_error", "rate_limit_error", "api_error", "server_error", "timeout"}
 _CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error"}
 _AUTH_TYPES = {"authentication_error", "permission_error", "invalid_api_key"}
+_ACCOUNT_TYPES = {"billing_error"}
+# the start of Anthropic's 400 for an account without credit (at the start only: a message
+# that quotes the request, a tool's name say, must not take a replica out)
+_NO_CREDIT = "your credit balance is too low"
 _ONE_MODEL = "model_not_found"  # OpenAI's 403 code when the key may not use this model
 _STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
 
@@ -111,19 +121,22 @@ def classify(exc: Exception) -> Failure:
     if isinstance(exc, _STATUS_ERRORS):
         status = int(exc.status_code)
         error_type, message = _error_of(exc.body, str(exc))
-        kind = _kind(status, error_type, _code_of(exc.body))
+        kind = _kind(status, error_type, _code_of(exc.body), message)
         return Failure(kind, status, error_type, message, _retry_after(exc.response.headers))
     if isinstance(exc, _TRANSPORT_ERRORS):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
     if isinstance(exc, (anthropic.APIError, openai.APIError)):  # an error chunk in a stream
         error_type, message = _error_of(exc.body, str(exc))
-        return Failure(_kind(0, error_type, _code_of(exc.body)), 0, error_type, message, None)
+        kind = _kind(0, error_type, _code_of(exc.body), message)
+        return Failure(kind, 0, error_type, message, None)
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
 
-def _kind(status: int, error_type: str, code: str = "") -> Kind:
+def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Kind:
     if error_type in _AUTH_TYPES or code in _AUTH_TYPES or status == 401:
         return Kind.AUTH
+    if error_type in _ACCOUNT_TYPES or message.lower().startswith(_NO_CREDIT):
+        return Kind.ACCOUNT
     if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
         return Kind.RETRY
     if status == 403:  # one model's (the request's), else this replica's account's
