@@ -208,3 +208,30 @@ async def test_a_credit_balance_too_low_takes_the_replica_out_until_it_is_rechec
     replica.now += RECHECK_S  # credit bought meanwhile: the recheck is served
     assert await replica.call() is None
     assert replica.health == [False, True] and replica.calls() == 2
+
+
+# OpenAI's 429 when the account has no quota left (its real body): no wait makes it pass
+NO_QUOTA = openai_wire.error(
+    429,
+    "insufficient_quota",
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    "information on this error, read the docs: "
+    "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+    code="insufficient_quota",
+)
+
+
+async def test_insufficient_quota_is_not_retried_and_takes_the_replica_out(
+    server: WireServer, replicas: Callable[[Backend, str], Replica]
+) -> None:
+    """A 429 like a rate limit, but no retry can succeed: the replica refuses at once
+    (UNAVAILABLE, the router's next replica or tier serves) and is NOT_SERVING until the
+    recheck, instead of retrying it ``max_retries`` times on every request."""
+    replica = replicas("openai", GPT)
+    server.script("openai", *[NO_QUOTA] * 4)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
+    assert "exceeded your current quota" in refused.message
+    assert replica.calls() == 1 and replica.health == [False]  # no retry
+    again = await replica.call()
+    assert again is not None and "NOT_SERVING" in again.message and replica.calls() == 1

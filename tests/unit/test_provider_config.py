@@ -137,6 +137,7 @@ def test_openai_body_for_a_local_engine_uses_max_tokens_and_no_cache_key() -> No
         (403, "request_forbidden", "unsupported_country_region_territory", Kind.FATAL),
         (403, "error", "", Kind.FATAL),  # a 403 about no one model: the replica's
         (402, "billing_error", "", Kind.ACCOUNT),  # Anthropic: the account's billing
+        (429, "insufficient_quota", "insufficient_quota", Kind.ACCOUNT),  # OpenAI: no quota
     ],
 )
 def test_failures_are_classified(status: int, error_type: str, code: str, kind: Kind) -> None:

@@ -21,9 +21,10 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   (UNAVAILABLE, so the router uses another replica) and lets one call through again after
   ``auth_recheck_s``.
 - An account that cannot pay (Anthropic's 400 "Your credit balance is too low", its
-  ``billing_error``) is the replica's too, not the request's: the same, NOT_SERVING, refused
-  calls (UNAVAILABLE, the router's next replica or tier serves), one call through again after
-  ``auth_recheck_s`` (credit bought meanwhile: it serves again).
+  ``billing_error``, OpenAI's 429 ``insufficient_quota``, never retried) is the replica's
+  too, not the request's: the same, NOT_SERVING, refused calls (UNAVAILABLE, the router's
+  next replica or tier serves), one call through again after ``auth_recheck_s`` (credit
+  bought meanwhile: it serves again).
 - After the first token nothing is retried: a stream that breaks (an error event, a cut
   connection, the deadline) ends with ``end.interrupted`` carrying what was produced, so the
   router bills it and never stores it. A connection lost after the final event (OpenAI's
@@ -329,7 +330,7 @@ class ProviderApi:
                 Code.UNAVAILABLE,
                 f"replica {self._replica}: {backend} refused this replica's account "
                 f"({failure.status} {failure.error_type}: {message}); another replica may serve",
-                f"{backend} refused a replica's account, out of credit ({failure.status})",
+                f"{backend} refused a replica's account, out of credit or quota ({failure.status})",
             )
         status = f"{failure.status} {failure.error_type}" if failure.status else failure.error_type
         after = f"; {why}" if why else ""
@@ -348,8 +349,8 @@ class ProviderApi:
             raise RequestError(
                 Code.UNAVAILABLE,
                 f"replica {self._replica}: {backend} refused this replica's account (no "
-                "credit); it is NOT_SERVING until credit is added",
-                f"{backend} refused a replica's account, out of credit",
+                "credit or quota); it is NOT_SERVING until some is added",
+                f"{backend} refused a replica's account, out of credit or quota",
             )
         raise RequestError(
             Code.UNAVAILABLE,
@@ -368,8 +369,8 @@ class ProviderApi:
         backend = self._adapter.backend
         if failure.kind == Kind.ACCOUNT:
             log.error(
-                "%s refused the account of replica %s (%s %s: %s): NOT_SERVING; add credit to "
-                "the account of its API key, the replica tries again every %.0f s "
+                "%s refused the account of replica %s (%s %s: %s): NOT_SERVING; add credit (or "
+                "quota) to the account of its API key, the replica tries again every %.0f s "
                 "(PROVIDER_AUTH_RECHECK_S)",
                 backend,
                 self._replica,

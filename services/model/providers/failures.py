@@ -20,8 +20,9 @@ another replica may serve the request.
 
 An account that cannot pay is ``ACCOUNT``, whatever status it comes with: Anthropic's 400
 ``invalid_request_error`` "Your credit balance is too low to access the Anthropic API" (typed
-as the request's, yet every request of every tenant gets it) and its ``billing_error``. Like
-``AUTH`` it is the replica's, until someone adds credit.
+as the request's, yet every request of every tenant gets it), its ``billing_error``, and
+OpenAI's 429 ``insufficient_quota`` ("You exceeded your current quota": a 429 no wait makes
+pass, unlike a rate limit). Like ``AUTH`` it is the replica's, until someone adds credit.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Kind(enum.Enum):
     RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
     CLIENT = "client"  # 400 / 404 / 413 / 422, 403 model_not_found: the request is wrong
     AUTH = "auth"  # 401, or an auth error type: our credentials; the replica is NOT_SERVING
-    ACCOUNT = "account"  # no credit on our account: like AUTH, the replica is NOT_SERVING
+    ACCOUNT = "account"  # no credit / quota on our account: like AUTH, NOT_SERVING
     FATAL = "fatal"  # anything else (another 403 too): no retry, the next replica
 
 
@@ -60,7 +61,7 @@ class Failure:
 _RETRY_TYPES = {"overloaded_error", "rate_limit_error", "api_error", "server_error", "timeout"}
 _CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error"}
 _AUTH_TYPES = {"authentication_error", "permission_error", "invalid_api_key"}
-_ACCOUNT_TYPES = {"billing_error"}
+_ACCOUNT_TYPES = {"billing_error", "insufficient_quota"}
 # the start of Anthropic's 400 for an account without credit (at the start only: a message
 # that quotes the request, a tool's name say, must not take a replica out)
 _NO_CREDIT = "your credit balance is too low"
@@ -135,7 +136,11 @@ def classify(exc: Exception) -> Failure:
 def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Kind:
     if error_type in _AUTH_TYPES or code in _AUTH_TYPES or status == 401:
         return Kind.AUTH
-    if error_type in _ACCOUNT_TYPES or message.lower().startswith(_NO_CREDIT):
+    if (
+        error_type in _ACCOUNT_TYPES
+        or code in _ACCOUNT_TYPES
+        or message.lower().startswith(_NO_CREDIT)
+    ):
         return Kind.ACCOUNT
     if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
         return Kind.RETRY
