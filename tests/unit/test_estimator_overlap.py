@@ -78,6 +78,24 @@ def test_a_request_after_the_first_token_reads_what_it_wrote(settings: dict[str,
     assert bill == [("model", True, False), ("prefix_cache", False, True)]
 
 
+def test_a_streamed_first_token_comes_one_delta_after_the_prefix_is_cached(
+    settings: dict[str, str],
+) -> None:
+    """A streamed run logs the first token its client saw: the replica reported its prefill
+    (and the router committed the prefix) one delta's decode before it, 4 tokens of sim-large
+    at 70 tokens/s (57 ms at SIM_TIME_SCALE 1). A request arriving in that window reads the
+    prefix live; one before it still writes it."""
+    first = LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=5000.0, ttft_ms=200.0)
+    within = LogRecord(170.0, _agent("Can I change my address?"), latency_ms=5000.0)
+    before = LogRecord(120.0, _agent("Can I change my address?"), latency_ms=5000.0)
+    assert _bill(_run(settings, [first, within])) == [
+        ("model", True, False),
+        ("prefix_cache", False, True),
+    ]
+    both_write = [("model", True, False), ("model", True, False)]
+    assert _bill(_run(settings, [first, before])) == both_write
+
+
 def test_an_identical_question_in_flight_waits_for_its_answer(settings: dict[str, str]) -> None:
     """L1's single flight on the virtual clock: the twin waits on the first one's lease and is
     served its answer once stored (at the first one's logged end); a twin whose wait would

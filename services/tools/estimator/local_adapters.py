@@ -22,6 +22,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import RequestError
 from services.common.models import ModelSpec, ModelTable
 from services.model.api import ModelApi
+from services.model.engine import DEFAULT_DELTA_TOKENS
 from services.prefix_cache.api import PrefixCacheApi
 from services.router.dependencies import CallFailed
 from services.semantic_cache.api import SemanticCacheApi, lease_wait_budget_s
@@ -119,8 +120,9 @@ class LocalModelStream:
         self, timeline: Timeline, spec: ModelSpec, time_scale: float
     ) -> model_pb2.GenerateChunk | None:
         """The simulator answers at once offline: its whole answer is taken on the first read,
-        then its start is handed over at the first token (logged, or the logged end less the
-        answer's decode time) and the rest at the logged end."""
+        then its start is handed over when the replica reported its prefill (the logged first
+        token less its first delta's decode, or the logged end less the answer's decode time)
+        and the rest at the logged end."""
         if self._held is None:
             self._held = deque()
             try:
@@ -128,7 +130,11 @@ class LocalModelStream:
                     self._held.append(chunk)
             except RequestError as exc:
                 raise CallFailed(exc.code, exc.message, exc.reason) from exc
-            self._first_ms = timeline.first_token_ms(_decode_ms(self._held, spec, time_scale))
+            output = _output_tokens(self._held)
+            self._first_ms = timeline.first_token_ms(
+                _decode_ms(output, spec, time_scale),
+                _decode_ms(min(output, DEFAULT_DELTA_TOKENS), spec, time_scale),
+            )
         if not self._held:
             return None
         chunk = self._held.popleft()
@@ -161,8 +167,12 @@ class LocalModels:
         return LocalModelStream(chunks, (timeline, spec, self._time_scales.get(replica, 1.0)))
 
 
-def _decode_ms(chunks: deque[model_pb2.GenerateChunk], spec: ModelSpec, time_scale: float) -> int:
-    """The answer's decode time as the simulator spends it (its output at the model's decode
-    speed, scaled), in ms."""
-    output = sum(c.end.output_tokens for c in chunks if c.WhichOneof("part") == "end")
-    return round(output / spec.decode_rate * time_scale * 1000)
+def _output_tokens(chunks: deque[model_pb2.GenerateChunk]) -> int:
+    return sum(c.end.output_tokens for c in chunks if c.WhichOneof("part") == "end")
+
+
+def _decode_ms(tokens: int, spec: ModelSpec, time_scale: float) -> int:
+    """The decode time of ``tokens`` as the simulator spends it (at the model's decode speed,
+    scaled), in ms: the whole answer's, or its first delta's (``DEFAULT_DELTA_TOKENS``, the
+    first content a streamed client sees, decoded after the replica reported its prefill)."""
+    return round(tokens / spec.decode_rate * time_scale * 1000)

@@ -18,10 +18,12 @@ was); no tracing.
 
 What these change in what is served or billed: nothing for a log of one request at a time. For
 overlapping requests, the times a request's WARM commit (its prefix becomes readable) and its
-Store (its L1 entry) happen are estimated: the first token is the logged one (a streamed run)
-or the logged end less the answer's decode time at the replica's ``SIM_TIME_SCALE`` (the
-README's 80-request mix log at 8 in flight: the same ``served_by`` counts as live, cost 1.8%
-above it); the Store is at the logged end; a lookup waiting on an identical request's lease
+Store (its L1 entry) happen are estimated: the prefill ends at the logged first token less its
+first delta's decode (a streamed run) or the logged end less the answer's decode time at the
+replica's ``SIM_TIME_SCALE`` (the README's 500-request mix: the same ``served_by`` counts as
+live; cost 2.3%, 2.5%, 1.3% above it at 8, 16, 32 in flight, 0.05%, 0.00%, 2.1% streamed: the
+live time after the decode that a log without ``ttft_ms`` does not hold); the Store is at the
+logged end; a lookup waiting on an identical request's lease
 waits on the virtual clock, up to the same budgets as live; a request that reaches the model
 only in a what-if (an L1 hit live, so no logged model time) ends at its logged end all the same;
 the simulator's KV cache takes a prompt's blocks at its arrival, not at its first token (a

@@ -36,11 +36,15 @@ class Timeline:
     end_ms: int  # the logged end (= start_ms for a record without one)
     first_ms: int | None  # the logged first token (a streamed run), else None
 
-    def first_token_ms(self, decode_ms: int) -> int:
-        """The logged first token, else the logged end less the answer's decode time (what
-        came before it, the lookup, the plan, queueing and the prefill, is the wait for the
-        first token), within the logged times."""
-        first = self.end_ms - decode_ms if self.first_ms is None else self.first_ms
+    def first_token_ms(self, decode_ms: int, first_delta_ms: int) -> int:
+        """When the replica reported its prefill (the router's WARM commit: the prefix is
+        readable from then): the logged first token less the decode of the first delta the
+        client saw (``first_delta_ms``; the replica reports its prefill before decoding it),
+        else the logged end less the answer's decode time (what came before it, the lookup,
+        the plan, queueing and the prefill, is the wait for the first token), within the
+        logged times."""
+        logged = self.first_ms
+        first = self.end_ms - decode_ms if logged is None else logged - first_delta_ms
         return min(max(first, self.start_ms), self.end_ms)
 
 
