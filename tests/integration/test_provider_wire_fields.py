@@ -4,6 +4,7 @@ costs, read and written by the adapters through the real SDKs against the loopba
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
+from cachemesh.v1.prompt_pb2 import PromptFacts
+from services.common.tokens import load_tokenizers
 from services.prefix_cache.pricing import cost_nanos
 from services.prefix_cache.reconcile import reported_usage
 from services.prefix_cache.rules import Split
@@ -23,8 +26,8 @@ from tests.integration.test_provider_streams import (
     _generate,
     loopback_providers,
 )
-from tests.providers import openai_wire
-from tests.providers.wire_server import Reply, WireServer
+from tests.providers import anthropic_wire, openai_wire
+from tests.providers.wire_server import Event, Reply, WireServer, dumps
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,83 @@ def test_a_failed_tool_result_reaches_the_model_as_a_failure(
             },
             {"role": "tool", "tool_call_id": "call_1", "content": "buy milk"},
         ]
+
+
+def _nulls(prompt: bool = False, completion: bool = False) -> dict[str, Any]:
+    """OpenAI's usage of a 25-token prompt and a 7-token answer, with counts null (an
+    OpenAI-compatible engine that leaves them out); total_tokens null with them."""
+    report = openai_wire.usage(25, 0, 7)
+    if prompt:
+        report["prompt_tokens"] = report["total_tokens"] = None
+    if completion:
+        report["completion_tokens"] = report["total_tokens"] = None
+    return report
+
+
+PLANNED = 30  # the prompt's tokens as Plan counted them (the router's PromptFacts)
+ANSWER = ["Paris is ", "the capital ", "of France."]
+
+
+def _planned(model: str) -> model_pb2.GenerateRequest:
+    question = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital of France?")])
+    return model_pb2.GenerateRequest(
+        tenant="t",
+        model=model,
+        request=pb.CompleteRequest(model=model, max_tokens=16, messages=[question]),
+        prompt=PromptFacts(prompt_tokens=PLANNED),
+    )
+
+
+def _anthropic_unreported(input_null: bool, output_null: bool) -> list[Event]:
+    """Claude's stream with message_start's ``input_tokens`` and/or message_delta's
+    ``output_tokens`` null (an Anthropic-compatible engine, a proxy that drops them)."""
+    events = anthropic_wire.stream(CLAUDE, ANSWER, anthropic_wire.Usage(25, output_tokens=7))
+    for n, (name, data) in enumerate(events):
+        body = json.loads(data)
+        if name == "message_start" and input_null:
+            body["message"]["usage"]["input_tokens"] = None
+        elif name == "message_delta" and output_null:
+            body["usage"]["output_tokens"] = None
+        events[n] = (name, dumps(body))
+    return events
+
+
+@pytest.mark.parametrize(
+    ("backend", "events", "prompt", "output"),
+    [
+        ("openai", openai_wire.stream(GPT, ANSWER, _nulls(completion=True)), 25, None),
+        ("openai", openai_wire.stream(GPT, ANSWER, _nulls(prompt=True)), PLANNED, 7),
+        # Ollama's OpenAI endpoint: prompt_tokens 0 for a prompt it had cached
+        ("openai", openai_wire.stream(GPT, ANSWER, openai_wire.usage(0, 0, 7)), PLANNED, 7),
+        ("anthropic", _anthropic_unreported(input_null=True, output_null=False), PLANNED, 7),
+        ("anthropic", _anthropic_unreported(input_null=False, output_null=True), 25, None),
+    ],
+    ids=[
+        "openai-completion-null",
+        "openai-prompt-null",
+        "openai-prompt-0",
+        "anthropic-input-null",
+        "anthropic-output-null",
+    ],
+)
+def test_a_count_the_provider_did_not_report_is_billed_as_counted_here(
+    server: WireServer, backend: str, events: list[Event], prompt: int, output: int | None
+) -> None:
+    """A null (or, OpenAI's prompt_tokens, 0) count is not reported: that field is the count
+    used when no usage comes (Plan's prompt, the adapter's count of the answer), the others
+    the provider's. Before, it went on as 0: an output billed 0, or a prompt of 0 that
+    prefix-cache refuses, and the answer went out unbilled."""
+    model = CLAUDE if backend == "anthropic" else GPT
+    server.script(backend, Reply(events=events))
+    api = _api(server, backend)
+
+    async def run() -> list[model_pb2.GenerateChunk]:
+        return [chunk async for chunk in api.generate(_planned(model), 5.0)]
+
+    (end,) = _ends(asyncio.run(run()))
+    spec = TABLE.models[model]
+    counted = load_tokenizers([spec]).for_spec(spec).count("".join(ANSWER))
+    assert counted > 0
+    billed = reported_usage(end.provider_usage, spec)  # prefix-cache takes it
+    assert billed.split.prompt_tokens == prompt
+    assert billed.output_tokens == end.output_tokens == (counted if output is None else output)

@@ -105,11 +105,13 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
     return params
 
 
-def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> None:
+def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> set[str]:
     """Folds a usage object of the stream into ``target``: message_start's, then
-    message_delta's (cumulative counts; a field it leaves null keeps its value)."""
+    message_delta's (cumulative counts; a field it leaves null keeps its value). Returns the
+    counts it reported."""
+    reported: set[str] = set()
     if usage is None:
-        return
+        return reported
     for name in (
         "input_tokens",
         "cache_creation_input_tokens",
@@ -119,12 +121,22 @@ def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> None:
         value = getattr(usage, name, None)
         if value is not None:
             setattr(target, name, int(value))
+            reported.add(name)
     creation = getattr(usage, "cache_creation", None)
     if creation is not None:
         for name in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"):
             value = getattr(creation, name, None)
             if value is not None:
                 setattr(target.cache_creation, name, int(value))
+    return reported
+
+
+def _unreported_input(usage: pc.AnthropicUsage, planned_prompt: int) -> None:
+    """An ``input_tokens`` the provider did not report (null, or a prompt of 0 tokens in
+    all, which no prompt is): Plan's count of the prompt less its reported cache tokens.
+    Before, it went on as 0: a prompt of 0 that prefix-cache refuses, the answer unbilled."""
+    cache = usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+    usage.input_tokens = max(planned_prompt - cache, 0)
 
 
 def prompt_of(usage: pc.AnthropicUsage) -> int:
@@ -156,6 +168,7 @@ class AnthropicAdapter:
                 **params, stream=True, timeout=timeout_s, extra_body=extra
             )
         usage = pc.AnthropicUsage()
+        input_reported = output_reported = False
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
         stop_reason: str | None = None  # set by the final event; None: the stream was cut
         try:
@@ -163,7 +176,9 @@ class AnthropicAdapter:
                 async for event in events:
                     kind = event.type
                     if kind == "message_start":
-                        _merge_usage(usage, event.message.usage)
+                        input_reported = "input_tokens" in _merge_usage(usage, event.message.usage)
+                        if not input_reported or prompt_of(usage) == 0:
+                            _unreported_input(usage, progress.estimated_prompt_tokens)
                         progress.usage = pc.ProviderUsage(anthropic=usage)
                     elif kind == "content_block_start":
                         if not progress.started:
@@ -189,7 +204,11 @@ class AnthropicAdapter:
                         call_id, name, pieces = tools.pop(event.index)
                         yield tool_use_chunk(call_id, name, "".join(pieces))
                     elif kind == "message_delta":
-                        _merge_usage(usage, event.usage)
+                        reported = _merge_usage(usage, event.usage)
+                        # the answer's output count is message_delta's (message_start's is
+                        # a placeholder)
+                        output_reported = output_reported or "output_tokens" in reported
+                        input_reported = input_reported or "input_tokens" in reported
                         reason = event.delta.stop_reason
                         if reason:
                             stop_reason = contract_stop_reason("anthropic", reason, STOP_REASONS)
@@ -200,6 +219,10 @@ class AnthropicAdapter:
             lost_after_end(self.backend, spec.id, exc)
         if stop_reason is None:
             raise StreamCut("the stream ended without its message_delta's stop_reason")
+        if not input_reported or prompt_of(usage) == 0:
+            _unreported_input(usage, progress.estimated_prompt_tokens)
+        if not output_reported:  # the provider reported no output count: this adapter's
+            usage.output_tokens = progress.output_tokens()
         if not progress.started:
             yield progress.start(prompt_of(usage) or None)
         yield model_pb2.GenerateChunk(

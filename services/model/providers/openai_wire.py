@@ -145,17 +145,36 @@ def cached_tokens_of(usage: Any) -> int:
     return int(cached or 0)
 
 
-def _usage(usage: Any) -> tuple[pc.OpenAIUsage, int]:
+def _usage(usage: Any, planned_prompt: int) -> tuple[pc.OpenAIUsage, int]:
+    """The usage chunk as the contract carries it. A prompt count not reported (null,
+    missing, or 0: Ollama's for a prompt it had cached; a prompt is never empty) is
+    ``planned_prompt``, Plan's count (at least the cached tokens); a null ``completion_tokens``
+    is left 0 for the stream's end to count (``completion_reported``); total_tokens is then
+    their sum. Before, such a count went on as 0: a prompt of 0 prefix-cache refuses (the
+    answer unbilled) or an answer billed 0 output tokens."""
     completion_details = getattr(usage, "completion_tokens_details", None)
     reasoning = int(getattr(completion_details, "reasoning_tokens", None) or 0)
+    cached = cached_tokens_of(usage)
+    prompt = int(getattr(usage, "prompt_tokens", None) or 0)
+    completion = int(getattr(usage, "completion_tokens", None) or 0)
+    total = int(getattr(usage, "total_tokens", None) or 0)
+    if prompt == 0:
+        prompt = max(planned_prompt, cached)
+        total = prompt + completion
+    if not completion_reported(usage):
+        total = prompt + completion
     report = pc.OpenAIUsage(
-        prompt_tokens=int(usage.prompt_tokens or 0),
-        completion_tokens=int(usage.completion_tokens or 0),
-        total_tokens=int(usage.total_tokens or 0),
-        prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached_tokens_of(usage)),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached),
         completion_tokens_details=pc.OpenAICompletionTokensDetails(reasoning_tokens=reasoning),
     )
     return report, reasoning
+
+
+def completion_reported(usage: Any) -> bool:
+    return getattr(usage, "completion_tokens", None) is not None
 
 
 # where an OpenAI-compatible engine streams a reasoning model's thinking, in the order read: a
@@ -199,12 +218,14 @@ class OpenAIAdapter:
         calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
         finish: str | None = None  # set by the final event; None: the stream was cut
         report: pc.OpenAIUsage | None = None
+        counted_output = False  # the report's completion_tokens was null: counted here
         reasoning = 0
         try:
             async with chunks:
                 async for chunk in chunks:
                     if chunk.usage is not None:
-                        report, reasoning = _usage(chunk.usage)
+                        report, reasoning = _usage(chunk.usage, progress.estimated_prompt_tokens)
+                        counted_output = not completion_reported(chunk.usage)
                         progress.usage = pc.ProviderUsage(openai=report)  # kept as it comes
                     for choice in chunk.choices:
                         delta = choice.delta
@@ -248,6 +269,9 @@ class OpenAIAdapter:
         stop_reason = stop_reason_of(finish, bool(calls))
         end = model_pb2.GenerateEnd(stop_reason=stop_reason, reasoning_tokens=reasoning)
         if report is not None:
+            if counted_output:  # the provider reported no output count: this adapter's
+                report.completion_tokens = progress.output_tokens()
+                report.total_tokens = report.prompt_tokens + report.completion_tokens
             end.output_tokens = report.completion_tokens
             end.provider_usage.openai.CopyFrom(report)
         yield model_pb2.GenerateChunk(end=end)

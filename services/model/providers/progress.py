@@ -108,6 +108,13 @@ class Progress:
             wellformed("".join(self.reasoning_pieces)),
         )
 
+    def output_tokens(self) -> int:
+        """The count of what the model wrote so far (its text, tool calls and thinking), with
+        the row's tokenizer: a provider's output when it reports none (0 without ``count``)."""
+        if self.count is None:
+            return 0
+        return sum(self.count(part) for part in self.produced() if part)
+
     def _progress(self, piece: str) -> model_pb2.GenerateChunk:
         """The ``progress`` chunk of ``piece`` (already recorded), with the running count of
         what the model wrote: a call the router cuts or its caller leaves gets no ``end``, and
