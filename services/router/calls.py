@@ -30,7 +30,12 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
-from services.router.dependencies import CallFailed, Dependencies, ModelStream
+from services.router.dependencies import (
+    CallFailed,
+    Dependencies,
+    ModelStream,
+    without_refused_report,
+)
 from services.router.renewals import Renewals
 from services.router.settings import RouterSettings
 
@@ -555,6 +560,16 @@ class Calls:
         )
         if provider_usage is not None:
             commit.provider_usage.CopyFrom(provider_usage)
+            try:
+                return await self._prefix(
+                    lambda deadline_s: self._d.prefix.commit(commit, deadline_s), window
+                )
+            except CallFailed as exc:
+                again = without_refused_report(commit, exc)
+                if again is None:
+                    self._degraded("prefix-cache", exc)
+                    return None
+                commit = again  # a report prefix-cache refuses: billed at its estimate
         return await self._commit(commit, window)
 
     async def _commit(

@@ -9,6 +9,7 @@ status code.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +18,8 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code
+
+log = logging.getLogger("cachemesh.router")
 
 
 class CallFailed(Exception):
@@ -46,6 +49,28 @@ class PrefixPort(Protocol):
     async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse: ...
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse: ...
+
+
+def without_refused_report(commit: pc.CommitRequest, exc: CallFailed) -> pc.CommitRequest | None:
+    """The FINAL to send in place of ``commit`` when prefix-cache refused it (``exc``:
+    INVALID_ARGUMENT) and it carries a provider's report (``provider_usage``): the same
+    commit without the report, which prefix-cache bills at its estimate (the WARM's prompt,
+    the FINAL's output count); logged at ERROR. None otherwise: the refusal stands. A report
+    prefix-cache cannot take (a prompt of 0 tokens, counts that do not add up) never costs
+    an answer its bill: before, the refusal was taken for prefix-cache down, the billing
+    outbox kept the FINAL, and its replay, refused the same way, dropped it."""
+    if exc.code != Code.INVALID_ARGUMENT or not commit.HasField("provider_usage"):
+        return None
+    log.error(
+        "prefix-cache refused the provider's usage report in the FINAL commit %s (%s); "
+        "committed again without it, billed at prefix-cache's estimate",
+        commit.request_id,
+        exc.details,
+    )
+    again = pc.CommitRequest()
+    again.CopyFrom(commit)
+    again.ClearField("provider_usage")
+    return again
 
 
 class ModelStream(Protocol):

@@ -17,7 +17,9 @@ dropped: an answer already produced is still kept (the bound is exceeded by at m
 in flight), so no answer goes out unbilled and no provider call is paid that cannot be billed.
 
 A commit refused for the request's own fault (INVALID_ARGUMENT, FAILED_PRECONDITION: the WARM
-expired) is logged at ERROR with its key and dropped: retrying cannot succeed. Any other
+expired) is logged at ERROR with its key and dropped: retrying cannot succeed; but a FINAL
+refused for its provider's usage report is sent again without it, billed at prefix-cache's
+estimate (``without_refused_report``). Any other
 refusal (prefix-cache down or overloaded, an internal token rejected during a rotation, an
 internal error) keeps the entry for the next round, logged at WARNING with its status: billing
 is never dropped for a fault that may pass.
@@ -92,7 +94,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock, SystemClock
 from services.common.errors import Code
-from services.router.dependencies import CallFailed, PrefixPort
+from services.router.dependencies import CallFailed, PrefixPort, without_refused_report
 from services.router.outbox_journal import (
     Counted,
     Journal,
@@ -629,7 +631,7 @@ class BillingOutbox:
         reply = None
         for commit in commits:
             try:
-                reply = await self._prefix.commit(commit, self._deadline_s)
+                reply = await self._commit(commit)
             except CallFailed as exc:
                 if exc.code in _UNREACHABLE_CODES:
                     return _Sent.UNREACHABLE, None
@@ -652,6 +654,16 @@ class BillingOutbox:
                 )
                 return _Sent.DROPPED, None
         return _Sent.SETTLED, reply
+
+    async def _commit(self, commit: pc.CommitRequest) -> pc.CommitResponse:
+        """``commit``; a FINAL refused for its provider's report is sent again without it."""
+        try:
+            return await self._prefix.commit(commit, self._deadline_s)
+        except CallFailed as exc:
+            again = without_refused_report(commit, exc)
+            if again is None:
+                raise
+        return await self._prefix.commit(again, self._deadline_s)
 
 
 def _open_failed(written: asyncio.Future[None]) -> None:
