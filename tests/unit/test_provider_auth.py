@@ -5,6 +5,7 @@ key may use keeps being served. The adapter is a fake raising the official SDK's
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -152,3 +153,101 @@ async def test_a_403_typed_as_a_permission_error_is_our_credentials(tokenizer: T
     with pytest.raises(RequestError) as refused:
         await _stop_reason(api, ALLOWED_MODEL)
     assert refused.value.code == Code.UNAVAILABLE and health == [False]
+
+
+@dataclass
+class GatedAdapter(RefusingAdapter):
+    """``RefusingAdapter`` whose calls wait for ``gate`` before the provider answers, refusing
+    the key while ``refusing``."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a call waits at the gate
+    refusing: bool = True
+
+    async def stream(
+        self,
+        spec: ModelSpec,
+        request: pb.CompleteRequest,
+        progress: Progress,
+        timeout_s: float,
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        self.calls.append(spec.id)
+        self.arrived.set()
+        await self.gate.wait()
+        if self.refusing:
+            raise self.refusal
+        yield progress.start(10)
+        yield progress.text("Hello.")
+        yield model_pb2.GenerateChunk(end=model_pb2.GenerateEnd(stop_reason="end_turn"))
+
+
+async def _calls_at_once(api: ProviderApi, adapter: GatedAdapter, n: int) -> list[BaseException]:
+    """``n`` calls at once while the provider is slow to answer, then it answers: each call's
+    failure (the refusals first)."""
+    adapter.gate.clear()
+    adapter.arrived.clear()
+    tasks = [asyncio.create_task(_stop_reason(api, ALLOWED_MODEL)) for _ in range(n)]
+    await adapter.arrived.wait()  # the first at the provider; the others ran meanwhile
+    await asyncio.sleep(0)
+    adapter.gate.set()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    return [result for result in done if isinstance(result, BaseException)]
+
+
+async def test_one_call_at_a_time_rechecks_a_refused_key(tokenizer: Tokenizers) -> None:
+    """After ``auth_recheck_s`` one call goes to the provider with the refused key; the calls
+    arriving while it waits for the answer are refused at once, as before the recheck time.
+    Before, every one of them went (20 of 20 concurrent calls reached the provider)."""
+    now = [100.0]
+    health: list[bool] = []
+    adapter = GatedAdapter(_status_error(401, BAD_KEY), all_models=True)
+    adapter.gate.set()
+
+    async def set_health(serving: bool) -> None:
+        health.append(serving)
+
+    table = load_model_table()
+    api = ProviderApi(
+        adapter=adapter,
+        models={ALLOWED_MODEL: table.models[ALLOWED_MODEL]},
+        replica_id="r1",
+        settings=ProviderSettings(
+            backend="openai",
+            base_url="https://api.openai.com/v1",
+            api_key=Secret(KEY),
+            max_retries=2,
+            backoff_s=0.0,
+            backoff_max_s=0.0,
+            auth_recheck_s=60.0,
+            upstream_ids={},
+        ),
+        tokenizer=tokenizer,
+        set_health=set_health,
+        clock=lambda: now[0],
+    )
+    with pytest.raises(RequestError):
+        await _stop_reason(api, ALLOWED_MODEL)  # the 401: NOT_SERVING
+    assert len(adapter.calls) == 1 and health == [False]
+
+    now[0] += 60.0  # time to try the key again: one call does, and is refused again
+    failures = await _calls_at_once(api, adapter, 20)
+    assert len(adapter.calls) == 2, f"{len(adapter.calls) - 1} calls rechecked the key"
+    assert len(failures) == 20
+    assert all(isinstance(f, RequestError) and f.code == Code.UNAVAILABLE for f in failures)
+    with pytest.raises(RequestError, match="NOT_SERVING"):
+        await _stop_reason(api, ALLOWED_MODEL)  # refused again: the next recheck in 60 s
+    assert len(adapter.calls) == 2
+
+    now[0] += 60.0  # a recheck that never answers (its caller left) lets the next one try
+    adapter.gate.clear()
+    adapter.arrived.clear()
+    left = asyncio.create_task(_stop_reason(api, ALLOWED_MODEL))
+    await adapter.arrived.wait()
+    left.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await left
+
+    adapter.refusing = False  # the key was fixed: the next call rechecks it, and is served
+    failures = await _calls_at_once(api, adapter, 5)
+    assert len(adapter.calls) == 4 and len(failures) == 4 and health == [False, True]
+    assert await _stop_reason(api, ALLOWED_MODEL) == "end_turn"

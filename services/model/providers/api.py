@@ -107,6 +107,7 @@ class ProviderApi:
         self._redactor = Redactor(settings.secrets())
         self._out_at: float | None = None  # when our key or account was last refused
         self._out_kind = Kind.AUTH  # which of the two
+        self._rechecking = False  # a call is trying the refused key or account again
 
     @property
     def redactor(self) -> Redactor:
@@ -124,7 +125,27 @@ class ProviderApi:
         span.set_attribute("gen_ai.provider.name", self._adapter.backend)
         span.set_attribute("gen_ai.request.model", spec.upstream)
         span.set_attribute("cachemesh.replica", self._replica)
-        self._refuse_while_out()
+        recheck = self._refuse_while_out()
+        try:
+            async with contextlib.aclosing(
+                self._generate(request, spec, span, time_remaining_s)
+            ) as chunks:
+                async for chunk in chunks:
+                    if recheck:  # the provider answers: it took the key (or account)
+                        await self._healthy()
+                        recheck = self._rechecking = False
+                    yield chunk
+        finally:
+            if recheck:  # refused again, failed otherwise, or left: the next recheck may go
+                self._rechecking = False
+
+    async def _generate(
+        self,
+        request: model_pb2.GenerateRequest,
+        spec: ModelSpec,
+        span: trace.Span,
+        time_remaining_s: float | None,
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
         budget = time_remaining_s if time_remaining_s is not None else _NO_DEADLINE_S
         deadline = self._clock() + budget
         span.set_attribute("cachemesh.deadline_ms", round(budget * 1000))
@@ -340,10 +361,17 @@ class ProviderApi:
             f"{backend} {status}{after}",
         )
 
-    def _refuse_while_out(self) -> None:
+    def _refuse_while_out(self) -> bool:
+        """Refuses a call while the provider refuses this replica's key or account, but one
+        each ``auth_recheck_s``, which tries them again: True for that one. The calls arriving
+        while it waits for the provider's answer are refused too (before, every one of them
+        went to the provider with the refused key)."""
         failed = self._out_at
-        if failed is None or self._clock() - failed >= self._s.auth_recheck_s:
-            return  # never failed, or time to try the credentials (the account) again
+        if failed is None:
+            return False
+        if not self._rechecking and self._clock() - failed >= self._s.auth_recheck_s:
+            self._rechecking = True  # time to try the key (the account) again: this call does
+            return True
         backend = self._adapter.backend
         if self._out_kind == Kind.ACCOUNT:
             raise RequestError(
