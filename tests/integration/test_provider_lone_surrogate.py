@@ -23,11 +23,8 @@ def server() -> Iterator[WireServer]:
     yield from _loopback()
 
 
-@pytest.mark.parametrize(("backend", "model"), [("anthropic", CLAUDE), ("openai", GPT)])
-def test_a_lone_surrogate_in_the_text_is_served_as_a_replacement_character(
-    server: WireServer, backend: str, model: str
-) -> None:
-    texts = [f"smile {HALF}", " and more"]
+def _served_text(server: WireServer, backend: str, model: str, texts: list[str]) -> str:
+    """The text served of a stream of ``texts``, answered whole."""
     if backend == "anthropic":
         events = anthropic_wire.stream(CLAUDE, texts, anthropic_wire.Usage(25))
     else:
@@ -36,8 +33,15 @@ def test_a_lone_surrogate_in_the_text_is_served_as_a_replacement_character(
     chunks = _generate(_api(server, backend), model)
     (end,) = _ends(chunks)
     assert not end.interrupted, end.error
-    text = "".join(c.text for c in chunks if c.WhichOneof("part") == "text")
-    assert text == "smile \ufffd and more"
+    return "".join(c.text for c in chunks if c.WhichOneof("part") == "text")
+
+
+@pytest.mark.parametrize(("backend", "model"), [("anthropic", CLAUDE), ("openai", GPT)])
+def test_a_lone_surrogate_in_the_text_is_served_as_a_replacement_character(
+    server: WireServer, backend: str, model: str
+) -> None:
+    served = _served_text(server, backend, model, [f"smile {HALF}", " and more"])
+    assert served == "smile \ufffd and more"
 
 
 def test_a_lone_surrogate_in_a_tool_call_keeps_the_call(server: WireServer) -> None:
@@ -59,15 +63,8 @@ def test_a_character_split_between_two_pieces_is_served_whole(
     server: WireServer, backend: str, model: str
 ) -> None:
     # an emoji's UTF-16 halves, each escaped in its own event: before, two U+FFFD
-    texts = ["I love \ud83d", "\ude00 pizza"]
-    if backend == "anthropic":
-        events = anthropic_wire.stream(CLAUDE, texts, anthropic_wire.Usage(25))
-    else:
-        events = openai_wire.stream(GPT, texts, None)
-    server.script(backend, Reply(events=events))
-    chunks = _generate(_api(server, backend), model)
-    text = "".join(c.text for c in chunks if c.WhichOneof("part") == "text")
-    assert text == "I love \U0001f600 pizza"
+    served = _served_text(server, backend, model, ["I love \ud83d", "\ude00 pizza"])
+    assert served == "I love \U0001f600 pizza"
 
 
 def test_a_character_split_between_two_pieces_of_a_tool_call_is_kept_whole(

@@ -6,7 +6,7 @@ key may use keeps being served. The adapter is a fake raising the official SDK's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import httpx2
@@ -80,7 +80,12 @@ def tokenizer() -> Tokenizers:
     return load_tokenizers(table.models[m] for m in (FORBIDDEN_MODEL, ALLOWED_MODEL))
 
 
-def _api(adapter: RefusingAdapter, tokenizer: Tokenizers, health: list[bool]) -> ProviderApi:
+def _api(
+    adapter: RefusingAdapter,
+    tokenizer: Tokenizers,
+    health: list[bool],
+    clock: Callable[[], float] = lambda: 100.0,
+) -> ProviderApi:
     async def set_health(serving: bool) -> None:
         health.append(serving)
 
@@ -102,7 +107,7 @@ def _api(adapter: RefusingAdapter, tokenizer: Tokenizers, health: list[bool]) ->
         settings=settings,
         tokenizer=tokenizer,
         set_health=set_health,
-        clock=lambda: 100.0,
+        clock=clock,
     )
 
 
@@ -202,29 +207,7 @@ async def test_one_call_at_a_time_rechecks_a_refused_key(tokenizer: Tokenizers) 
     health: list[bool] = []
     adapter = GatedAdapter(_status_error(401, BAD_KEY), all_models=True)
     adapter.gate.set()
-
-    async def set_health(serving: bool) -> None:
-        health.append(serving)
-
-    table = load_model_table()
-    api = ProviderApi(
-        adapter=adapter,
-        models={ALLOWED_MODEL: table.models[ALLOWED_MODEL]},
-        replica_id="r1",
-        settings=ProviderSettings(
-            backend="openai",
-            base_url="https://api.openai.com/v1",
-            api_key=Secret(KEY),
-            max_retries=2,
-            backoff_s=0.0,
-            backoff_max_s=0.0,
-            auth_recheck_s=60.0,
-            upstream_ids={},
-        ),
-        tokenizer=tokenizer,
-        set_health=set_health,
-        clock=lambda: now[0],
-    )
+    api = _api(adapter, tokenizer, health, lambda: now[0])
     with pytest.raises(RequestError):
         await _stop_reason(api, ALLOWED_MODEL)  # the 401: NOT_SERVING
     assert len(adapter.calls) == 1 and health == [False]
