@@ -24,6 +24,7 @@ from services.model.providers.api import Adapter, ProviderApi
 from services.model.providers.config import ProviderSettings, Secret
 from services.model.providers.openai_wire import OpenAIAdapter
 from tests.providers import anthropic_wire, openai_wire
+from tests.providers.loopback import serving
 from tests.providers.wire_server import Reply, WireServer
 
 CLAUDE, GPT = "claude-sonnet-4-5", "gpt-4o-mini"
@@ -37,13 +38,7 @@ def server() -> Iterator[WireServer]:
 
 
 def loopback_providers() -> Iterator[WireServer]:
-    wire = WireServer(
-        {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
-        {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected("sk-****")},
-    )
-    wire.start()
-    yield wire
-    wire.stop()
+    yield from serving("sk-****")
 
 
 def _api(server: WireServer, backend: str) -> ProviderApi:

@@ -24,7 +24,8 @@ from services.model.providers.api import ProviderApi
 from services.model.providers.config import ProviderSettings
 from services.model.providers.openai_wire import OpenAIAdapter
 from services.model.providers.progress import Progress
-from tests.providers import anthropic_wire, openai_wire
+from tests.providers import openai_wire
+from tests.providers.loopback import serving
 from tests.providers.wire_server import Reply, WireServer
 
 MODEL = "local-small"
@@ -33,13 +34,7 @@ PLAN_ESTIMATE = 40  # Plan's count of the prompt, on the request
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[WireServer]:
-    wire = WireServer(
-        {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
-        {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected("x")},
-    )
-    wire.start()
-    yield wire
-    wire.stop()
+    yield from serving()
 
 
 def _request() -> model_pb2.GenerateRequest:

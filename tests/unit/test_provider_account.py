@@ -19,6 +19,7 @@ from services.model.providers.api import ProviderApi
 from services.model.providers.config import Backend, ProviderSettings, Secret
 from services.model.providers.wiring import build_adapter
 from tests.providers import anthropic_wire, openai_wire
+from tests.providers.loopback import serving
 from tests.providers.wire_server import Reply, WireServer
 
 CLAUDE = "claude-sonnet-4-5"
@@ -28,13 +29,7 @@ RECHECK_S = 60.0
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[WireServer]:
-    wire = WireServer(
-        {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
-        {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected("x")},
-    )
-    wire.start()
-    yield wire
-    wire.stop()
+    yield from serving()
 
 
 @pytest.fixture

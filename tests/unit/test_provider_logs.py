@@ -20,7 +20,7 @@ from services.common.tokens import load_cl100k
 from services.model.providers.redact import UrlFilter
 from services.model.providers.wiring import _QUIET_LOGGERS, build_provider_api
 from services.model.settings import ModelSettings
-from tests.providers import anthropic_wire, openai_wire
+from tests.providers.loopback import serving
 from tests.providers.wire_server import WireServer
 
 MODEL = "local-small"
@@ -30,13 +30,7 @@ TOKEN = "engine-token-as-user-50231"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[WireServer]:
-    wire = WireServer(
-        {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
-        {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected("x")},
-    )
-    wire.start()
-    yield wire
-    wire.stop()
+    yield from serving()
 
 
 @pytest.fixture
