@@ -283,6 +283,25 @@ async def test_renew_keeps_a_leaders_lease_past_its_age_limit_and_says_when_it_i
     await server.stop(None)
 
 
+async def _leasing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[ManualClock, SemanticCache, asyncio.Event, tuple[grpc.aio.Server, int]]:
+    """An L1 with 30 s leases on a manual clock, served on loopback; the event is set once a
+    Lookup waits on a lease."""
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    waiting = asyncio.Event()
+    lease_wait = wait
+
+    async def noted(event: asyncio.Event, budget_s: float) -> bool:
+        waiting.set()  # the waiter is on the lease now
+        return await lease_wait(event, budget_s)
+
+    monkeypatch.setattr(cache_module, "wait", noted)
+    served = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+    return clock, cache, waiting, served
+
+
 @pytest.mark.parametrize("late", ["stores", "stores nothing"])
 async def test_a_late_store_of_an_aged_out_lease_leaves_the_next_leaders_lease_alone(
     monkeypatch: pytest.MonkeyPatch, late: str
@@ -294,17 +313,7 @@ async def test_a_late_store_of_an_aged_out_lease_leaves_the_next_leaders_lease_a
     the second call's). Before, it ended whatever lease held the key: (nothing stored) the
     waiter woke and led a third model call; and the second leader's renewals found its lease
     gone."""
-    clock = ManualClock()
-    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
-    waiting = asyncio.Event()
-    lease_wait = wait
-
-    async def noted(event: asyncio.Event, budget_s: float) -> bool:
-        waiting.set()  # the waiter is on the lease now
-        return await lease_wait(event, budget_s)
-
-    monkeypatch.setattr(cache_module, "wait", noted)
-    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+    clock, cache, waiting, (server, port) = await _leasing(monkeypatch)
 
     def lookup(request_id: str) -> sc.LookupRequest:
         request = make_request("Reset my password")
@@ -391,17 +400,7 @@ async def test_a_store_naming_no_lease_ends_only_its_own_requests_lease(
     still ends its own lease. Before, the empty lease_id ended whatever lease held the key: the
     waiter woke and, nothing stored (a truncated answer), led a second paid model call while
     the leader's still ran, whose renewals then found its lease gone."""
-    clock = ManualClock()
-    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
-    waiting = asyncio.Event()
-    lease_wait = wait
-
-    async def noted(event: asyncio.Event, budget_s: float) -> bool:
-        waiting.set()  # the waiter is on the lease now
-        return await lease_wait(event, budget_s)
-
-    monkeypatch.setattr(cache_module, "wait", noted)
-    server, port = await start(SemanticCacheService(SemanticCacheApi(cache, lease_wait_s=30.0)))
+    _, cache, waiting, (server, port) = await _leasing(monkeypatch)
 
     def request(request_id: str) -> pb.CompleteRequest:
         made = make_request("Reset my password")
