@@ -234,3 +234,47 @@ async def test_one_call_at_a_time_rechecks_a_refused_key(tokenizer: Tokenizers) 
     failures = await _calls_at_once(api, adapter, 5)
     assert len(adapter.calls) == 4 and len(failures) == 4 and health == [False, True]
     assert await _stop_reason(api, ALLOWED_MODEL) == "end_turn"
+
+
+@dataclass
+class AnsweringThenRefused(RefusingAdapter):
+    """Its first call answers, slowly (until ``finish``); every later call is refused."""
+
+    finish: asyncio.Event = field(default_factory=asyncio.Event)
+    answering: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stream(
+        self,
+        spec: ModelSpec,
+        request: pb.CompleteRequest,
+        progress: Progress,
+        timeout_s: float,
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        self.calls.append(spec.id)
+        if len(self.calls) > 1:
+            raise self.refusal
+        yield progress.start(10)
+        self.answering.set()
+        await self.finish.wait()
+        yield progress.text("Hello.")
+        yield model_pb2.GenerateChunk(end=model_pb2.GenerateEnd(stop_reason="end_turn"))
+
+
+async def test_a_call_that_was_running_when_the_key_was_refused_does_not_bring_it_back(
+    tokenizer: Tokenizers,
+) -> None:
+    """Only a recheck may: a call that started before the refusal and ended whole put the
+    replica back in service at once, and the next call went to the provider with the refused
+    key (health [False, True, False], a second ERROR line, 3 provider calls)."""
+    health: list[bool] = []
+    adapter = AnsweringThenRefused(_status_error(401, BAD_KEY), all_models=True)
+    api = _api(adapter, tokenizer, health)
+    running = asyncio.create_task(_stop_reason(api, ALLOWED_MODEL))
+    await adapter.answering.wait()
+    with pytest.raises(RequestError):
+        await _stop_reason(api, ALLOWED_MODEL)  # refused: NOT_SERVING
+    adapter.finish.set()
+    assert await running == "end_turn"
+    with pytest.raises(RequestError, match="NOT_SERVING"):
+        await _stop_reason(api, ALLOWED_MODEL)  # still out: refused here, not sent
+    assert len(adapter.calls) == 2 and health == [False]

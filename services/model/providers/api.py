@@ -169,7 +169,8 @@ class ProviderApi:
                     # slow client), as a CancelledError the adapter never sees.
                     while (chunk := await _next(stream, deadline - self._clock())) is not None:
                         yield self._annotated(span, chunk, progress, spec)
-                await self._healthy()
+                # (not back in service for this: a call that began before the key or account
+                # was refused proves nothing of it now; only a recheck does, ``generate``)
                 return
             except TimeoutError:
                 if progress.started:
