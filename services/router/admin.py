@@ -83,14 +83,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         tenants = (
             [request.tenant] if request.tenant else sorted({r.tenant for r in records} | set(l1))
         )
-        # at most _TOTALS_IN_FLIGHT at a time: every tenant's at once (thousands) was a burst
-        # on the prefix-cache serving live traffic
+        # at most _TOTALS_IN_FLIGHT at a time (every tenant's at once, thousands, was a burst
+        # on the prefix-cache serving live traffic), all within one timeout: a prefix-cache
+        # that does not answer costs the call one timeout, not one per batch of calls
         in_flight = asyncio.Semaphore(_TOTALS_IN_FLIGHT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
 
         async def totals_of(tenant: str) -> pc.TotalsResponse:
             async with in_flight:
+                left_s = deadline - loop.time()
+                if left_s <= 0:
+                    raise TimeoutError
                 reply: pc.TotalsResponse = await self._prefix.Totals(
-                    pc.TotalsRequest(tenant=tenant), **self._options()
+                    pc.TotalsRequest(tenant=tenant), timeout=left_s, metadata=self._internal
                 )
                 return reply
 
