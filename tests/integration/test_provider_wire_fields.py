@@ -176,6 +176,18 @@ def _anthropic_unreported(input_null: bool, output_null: bool) -> list[Event]:
     return events
 
 
+def _anthropic_delta_input_zero() -> list[Event]:
+    """message_delta's (cumulative) usage saying ``input_tokens: 0`` after message_start's
+    25 (a proxy that fills the counts it does not have with 0)."""
+    events = anthropic_wire.stream(CLAUDE, ANSWER, anthropic_wire.Usage(25, output_tokens=7))
+    for n, (name, data) in enumerate(events):
+        body = json.loads(data)
+        if name == "message_delta":
+            body["usage"]["input_tokens"] = 0
+        events[n] = (name, dumps(body))
+    return events
+
+
 @pytest.mark.parametrize(
     ("backend", "events", "prompt", "output"),
     [
@@ -185,6 +197,8 @@ def _anthropic_unreported(input_null: bool, output_null: bool) -> list[Event]:
         ("openai", openai_wire.stream(GPT, ANSWER, openai_wire.usage(0, 0, 7)), PLANNED, 7),
         ("anthropic", _anthropic_unreported(input_null=True, output_null=False), PLANNED, 7),
         ("anthropic", _anthropic_unreported(input_null=False, output_null=True), 25, None),
+        # cumulative counts never fall: before, the 0 replaced the 25 (Plan's 30 billed)
+        ("anthropic", _anthropic_delta_input_zero(), 25, 7),
     ],
     ids=[
         "openai-completion-null",
@@ -192,6 +206,7 @@ def _anthropic_unreported(input_null: bool, output_null: bool) -> list[Event]:
         "openai-prompt-0",
         "anthropic-input-null",
         "anthropic-output-null",
+        "anthropic-delta-input-0",
     ],
 )
 def test_a_count_the_provider_did_not_report_is_billed_as_counted_here(

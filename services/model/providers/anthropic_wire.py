@@ -107,7 +107,9 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
 
 def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> set[str]:
     """Folds a usage object of the stream into ``target``: message_start's, then
-    message_delta's (cumulative counts; a field it leaves null keeps its value). Returns the
+    message_delta's (cumulative counts: a field it leaves null keeps its value, and an input
+    count lower than before, e.g. a proxy's 0 for a count it does not have, is not believed;
+    the output count is message_delta's, message_start's being a placeholder). Returns the
     counts it reported."""
     reported: set[str] = set()
     if usage is None:
@@ -120,7 +122,8 @@ def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> set[str]:
     ):
         value = getattr(usage, name, None)
         if value is not None:
-            setattr(target, name, int(value))
+            kept = getattr(target, name) if name != "output_tokens" else 0  # start's: a guess
+            setattr(target, name, max(int(value), kept))
             reported.add(name)
     creation = getattr(usage, "cache_creation", None)
     if creation is not None:
