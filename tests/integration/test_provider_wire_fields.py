@@ -230,3 +230,26 @@ def test_a_count_the_provider_did_not_report_is_billed_as_counted_here(
     billed = reported_usage(end.provider_usage, spec)  # prefix-cache takes it
     assert billed.split.prompt_tokens == prompt
     assert billed.output_tokens == end.output_tokens == (counted if output is None else output)
+
+
+def test_a_stream_cut_after_a_usage_without_its_output_count_bills_what_was_written(
+    server: WireServer,
+) -> None:
+    """An engine that sends its usage before the finish_reason, its completion_tokens null,
+    and then breaks: the output is the adapter's count of what the model wrote. Before, the
+    report's null went on as 0 output tokens."""
+    events = openai_wire.stream(GPT, ANSWER, _nulls(completion=True))
+    usage = next(e for e in events if '"usage":{' in str(e[1]) or '"usage": {' in str(e[1]))
+    finish = next(e for e in events if '"finish_reason":"stop"' in str(e[1]).replace(" ", ""))
+    cut = [e for e in events if e not in (usage, finish, (None, "[DONE]"))]
+    server.script("openai", Reply(events=[*cut, usage], cut=True))
+    api = _api(server, "openai")
+
+    async def run() -> list[model_pb2.GenerateChunk]:
+        return [chunk async for chunk in api.generate(_planned(GPT), 5.0)]
+
+    (end,) = _ends(asyncio.run(run()))
+    assert end.interrupted
+    spec = TABLE.models[GPT]
+    counted = load_tokenizers([spec]).for_spec(spec).count("".join(ANSWER))
+    assert end.output_tokens == end.provider_usage.openai.completion_tokens == counted > 0

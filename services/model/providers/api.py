@@ -302,7 +302,11 @@ class ProviderApi:
             if kind == "anthropic":
                 end.provider_usage.anthropic.output_tokens = produced
             elif kind == "openai":  # a usage chunk came before the finish_reason, then the break
-                end.output_tokens = end.provider_usage.openai.completion_tokens
+                report = end.provider_usage.openai
+                if not report.completion_tokens and produced:  # left null: counted here
+                    report.completion_tokens = produced
+                    report.total_tokens = report.prompt_tokens + produced
+                end.output_tokens = report.completion_tokens
         return model_pb2.GenerateChunk(end=end)
 
     def _retry_wait(
