@@ -50,6 +50,10 @@ class UnknownKey(KeyStoreError):
     """No key has this id."""
 
 
+class KeyRevoked(KeyStoreError):
+    """The change needs an active key, and this one is revoked."""
+
+
 class SeedFileError(KeyFileError):
     """The seed file (the keys a missing key file is created with) is unreadable or malformed:
     its own fault, not the key file's."""
@@ -148,7 +152,7 @@ class KeyStore:
 
         def rotated(record: KeyRecord) -> KeyRecord:
             if not record.active:
-                raise KeyStoreError(f"key {key_id} is revoked: create a new key instead")
+                raise KeyRevoked(f"key {key_id} is revoked: create a new key instead")
             fresh, key = issue(record.tenant, record.name, now)
             issued.append(key)
             return KeyRecord(

@@ -21,7 +21,13 @@ from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_p
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import bearer_token
-from services.common.key_store import KeyStore, KeyStoreError, UnknownKey, check_tenant
+from services.common.key_store import (
+    KeyRevoked,
+    KeyStore,
+    KeyStoreError,
+    UnknownKey,
+    check_tenant,
+)
 from services.common.keyfile import KeyFileError
 from services.common.status import abort
 from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
@@ -246,10 +252,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def _changed(self, context: Context, change: Any, *args: str) -> Any:
         """A key change, made off the event loop (it waits for the file's lock and fsyncs)."""
+        if not args[0]:
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "id is required: a key's id (ListKeys)"
+            )
         try:
             return await asyncio.to_thread(change, *args)
         except UnknownKey as exc:
             await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except KeyRevoked as exc:
+            await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except KeyStoreError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (KeyFileError, OSError) as exc:

@@ -173,6 +173,15 @@ async def test_key_refusals_name_what_is_wrong(rig: Rig) -> None:
     assert "tenant" in await expect(invalid, bad)
     gone = rig.stub.RevokeKey(adm.RevokeKeyRequest(id="key_000000000000"), metadata=ADMIN)
     assert "key_000000000000" in await expect(missing, gone)
+    # no id is the request's fault (it was NOT_FOUND), and rotating a revoked key is refused
+    # for the key's state (it was INVALID_ARGUMENT, as if the request were malformed)
+    for call in (rig.stub.RevokeKey(adm.RevokeKeyRequest(), metadata=ADMIN),
+                 rig.stub.RotateKey(adm.RotateKeyRequest(), metadata=ADMIN)):  # fmt: skip
+        assert "id is required" in await expect(invalid, call)
+    issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    await rig.stub.RevokeKey(adm.RevokeKeyRequest(id=issued.key.id), metadata=ADMIN)
+    again = rig.stub.RotateKey(adm.RotateKeyRequest(id=issued.key.id), metadata=ADMIN)
+    assert "revoked" in await expect(grpc.StatusCode.FAILED_PRECONDITION, again)
     rig.key_file.write_text("acme:not-a-hash\n")  # a bad hand edit: nothing is written over it
     stuck = rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
     details = await expect(grpc.StatusCode.FAILED_PRECONDITION, stuck)
