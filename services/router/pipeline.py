@@ -685,6 +685,7 @@ class Pipeline:
                 )
             )
         end.usage.draft_accepted_tokens = end_chunk.draft_accepted_tokens
+        end.usage.reasoning_tokens = end_chunk.reasoning_tokens
         spans.end_chat_span(attempt.chat_span, request, end)
         return end
 

@@ -213,6 +213,9 @@ def test_usage_is_each_apis_own() -> None:
     assert usage["prompt_tokens"] == 23 and usage["completion_tokens"] == 3
     assert usage["prompt_tokens_details"]["cached_tokens"] == 11
     assert usage["prompt_tokens_details"]["cache_write_tokens"] == 7
+    end.usage.reasoning_tokens = 2  # of the 3 output tokens, the model's thinking
+    thinking = openai_api.response(end, 0)["usage"]["completion_tokens_details"]
+    assert thinking["reasoning_tokens"] == 2
 
 
 def test_anthropic_stream_events_for_text_then_a_tool_use() -> None:

@@ -324,6 +324,32 @@ async def test_a_leaders_store_names_its_lease_and_a_non_leaders_names_none() ->
     assert [store.lease_id for store in rig.semantic.stores] == ["lease-1", ""]
 
 
+@dataclass
+class ThinkingModels(FakeModels):
+    """Each answer's end reports 2 of its 3 output tokens as the model's thinking."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        chunks = _answer(replica)
+        end = chunks[-1]
+        assert isinstance(end, model_pb2.GenerateChunk)
+        end.end.reasoning_tokens = 2
+        return FakeStream(chunks)
+
+
+@pytest.mark.parametrize("prefix_down", [False, True])
+async def test_the_answers_usage_says_how_much_of_its_output_was_thinking(
+    prefix_down: bool,
+) -> None:
+    """The provider's reasoning count reached the Gateway's usage nowhere (an OpenAI SDK
+    read completion_tokens_details.reasoning_tokens 0 for a reasoning model's answer)."""
+    rig = Rig(models=ThinkingModels(), prefix=FakePrefix(down=prefix_down))
+    end = (await rig.run(_request()))[-1].end
+    assert (end.usage.output_tokens, end.usage.reasoning_tokens) == (3, 2)
+
+
 async def test_with_prefix_cache_down_the_answer_is_served_at_an_estimated_cost() -> None:
     rig = Rig(prefix=FakePrefix(down=True))
     end = (await rig.run(_request()))[-1].end

@@ -445,6 +445,7 @@ class Usage(_message.Message):
     KV_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_CREATION_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     cache_creation_input_tokens: _builtins.int
     cache_read_input_tokens: _builtins.int
@@ -453,6 +454,10 @@ class Usage(_message.Message):
     """reused from the engine's KV cache (L3): latency, not the bill"""
     draft_accepted_tokens: _builtins.int
     """the engine's speculative decoding: draft tokens it verified and kept (latency, not the bill)"""
+    reasoning_tokens: _builtins.int
+    """of output_tokens, what the model spent thinking as its provider reported it (OpenAI's
+    completion_tokens_details.reasoning_tokens; 0: none reported, or a cached answer)
+    """
     @_builtins.property
     def cache_creation(self) -> Global___CacheCreation:
         """cache_creation_input_tokens split by the TTL each write was priced at (Anthropic's
@@ -470,10 +475,11 @@ class Usage(_message.Message):
         kv_cached_tokens: _builtins.int = ...,
         draft_accepted_tokens: _builtins.int = ...,
         cache_creation: Global___CacheCreation | None = ...,
+        reasoning_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation", "cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "draft_accepted_tokens", b"draft_accepted_tokens", "input_tokens", b"input_tokens", "kv_cached_tokens", b"kv_cached_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation", b"cache_creation", "cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "draft_accepted_tokens", b"draft_accepted_tokens", "input_tokens", b"input_tokens", "kv_cached_tokens", b"kv_cached_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
