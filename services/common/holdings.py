@@ -13,6 +13,9 @@ of it. Not thread-safe: the event loop's.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 
 class Holdings:
@@ -47,3 +50,37 @@ class Holdings:
                 return tenant
             heapq.heappop(self._heap)
         raise LookupError("no tenant holds anything")
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class TenantOrder(Generic[K]):
+    """Each tenant's keys in order (oldest or least recently used first) with what each holds
+    (``Holdings``): the one bookkeeping a table bounded for all tenants together and shared
+    max-min fairly needs. ``next_out`` is the key to drop over the bound: the first of the
+    tenant holding the most. Not thread-safe: the event loop's."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, OrderedDict[K, int]] = {}  # tenant -> key -> its amount
+        self._held = Holdings()
+
+    def put(self, tenant: str, key: K, amount: int = 1) -> None:
+        """``key`` is the tenant's newest (moved there if held; its amount kept)."""
+        keys = self._keys.setdefault(tenant, OrderedDict())
+        if key in keys:
+            keys.move_to_end(key)
+            return
+        keys[key] = amount
+        self._held.add(tenant, amount)
+
+    def remove(self, tenant: str, key: K) -> None:
+        keys = self._keys[tenant]
+        self._held.add(tenant, -keys.pop(key))
+        if not keys:
+            del self._keys[tenant]
+
+    def next_out(self) -> tuple[str, K]:
+        """The first key of the tenant holding the most (LookupError: none held)."""
+        tenant = self._held.most()
+        return tenant, next(iter(self._keys[tenant]))

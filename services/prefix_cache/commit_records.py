@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from services.common.holdings import Holdings
+from services.common.holdings import TenantOrder
 from services.prefix_cache.pricing import Charge
 from services.prefix_cache.rules import Split
 
@@ -65,8 +65,7 @@ class CommitRecords:
         self._max = max_records
         # by last commit, so by expiry (one TTL); and each tenant's request ids in that order
         self._records: OrderedDict[tuple[str, str], CommitRecord] = OrderedDict()
-        self._by_tenant: dict[str, OrderedDict[str, None]] = {}
-        self._held = Holdings()
+        self._order: TenantOrder[str] = TenantOrder()  # each tenant's request ids, in it
 
     def __len__(self) -> int:
         return len(self._records)
@@ -90,31 +89,20 @@ class CommitRecords:
         return done
 
     def _store(self, key: tuple[str, str], record: CommitRecord, now_ms: int) -> None:
-        tenant, request_id = key
-        held = self._by_tenant.setdefault(tenant, OrderedDict())
-        if key not in self._records:
-            self._held.add(tenant, 1)
         self._records[key] = record
         self._records.move_to_end(key)
-        held[request_id] = None
-        held.move_to_end(request_id)
+        self._order.put(*key)
         while self._records:  # the expired first, whoever's they are
             oldest_key, oldest = next(iter(self._records.items()))
             if oldest.expires_at_ms > now_ms:
                 break
             self._drop(oldest_key)
         while len(self._records) > self._max:  # then the bound: the tenant holding the most
-            holder = self._held.most()
-            self._drop((holder, next(iter(self._by_tenant[holder]))))
+            self._drop(self._order.next_out())
 
     def _drop(self, key: tuple[str, str]) -> None:
         del self._records[key]
-        tenant, request_id = key
-        held = self._by_tenant[tenant]
-        del held[request_id]
-        if not held:
-            del self._by_tenant[tenant]
-        self._held.add(tenant, -1)
+        self._order.remove(*key)
 
 
 def check_record_ttl(ttl_ms: int) -> None:

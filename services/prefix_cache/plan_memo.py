@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from services.common.clock import Clock
-from services.common.holdings import Holdings
+from services.common.holdings import TenantOrder
 
 
 class Weighted(Protocol):
@@ -50,8 +50,7 @@ class PlanMemo(Generic[P]):
         self._ttl_ms = ttl_ms
         self._max_blocks = max_blocks
         self._entries: OrderedDict[str, _Entry[P]] = OrderedDict()
-        self._by_tenant: dict[str, OrderedDict[str, None]] = {}  # each tenant's, oldest first
-        self._held = Holdings()  # each tenant's blocks
+        self._order: TenantOrder[str] = TenantOrder()  # each tenant's plans and blocks
         self._blocks = 0
 
     def __len__(self) -> int:
@@ -70,11 +69,10 @@ class PlanMemo(Generic[P]):
         self._collect(now)
         plan_id = secrets.token_hex(12)
         self._entries[plan_id] = _Entry(tenant, model, prompt, now + self._ttl_ms)
-        self._by_tenant.setdefault(tenant, OrderedDict())[plan_id] = None
-        self._held.add(tenant, weight)
+        self._order.put(tenant, plan_id, weight)
         self._blocks += weight
         while self._blocks > self._max_blocks:  # the oldest of the tenant holding the most
-            self._drop(next(iter(self._by_tenant[self._held.most()])))
+            self._drop(self._order.next_out()[1])
         return plan_id if plan_id in self._entries else ""
 
     def take(self, plan_id: str, tenant: str, model: str) -> P | None:
@@ -97,10 +95,5 @@ class PlanMemo(Generic[P]):
 
     def _drop(self, plan_id: str) -> None:
         entry = self._entries.pop(plan_id)
-        weight = max(entry.prompt.weight, 1)
-        self._blocks -= weight
-        self._held.add(entry.tenant, -weight)
-        held = self._by_tenant[entry.tenant]
-        del held[plan_id]
-        if not held:
-            del self._by_tenant[entry.tenant]
+        self._blocks -= max(entry.prompt.weight, 1)
+        self._order.remove(entry.tenant, plan_id)

@@ -24,12 +24,11 @@ The entry exists (is readable) only from ``now_ms``, the first token.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.holdings import Holdings
+from services.common.holdings import TenantOrder
 from services.prefix_cache.rules import Probe, Write
 
 Scope = tuple[str, ...]
@@ -110,8 +109,7 @@ class InMemoryWarmStore:
             raise ValueError("max_entries must be >= 1")
         self._max = max_entries
         self._entries: dict[Key, WarmEntry] = {}
-        self._touched: dict[str, OrderedDict[Key, None]] = {}  # each tenant's keys, LRU first
-        self._held = Holdings()
+        self._touched: TenantOrder[Key] = TenantOrder()  # each tenant's keys, LRU first
         self._expiry: list[tuple[int, Key]] = []
 
     def __len__(self) -> int:
@@ -163,23 +161,13 @@ class InMemoryWarmStore:
         key = (scope, digest)
         old = self._entries.get(key)
         self._entries[key] = WarmEntry(digest, tokens, ttl_ms, expires)
-        tenant = _tenant(scope)
-        touched = self._touched.setdefault(tenant, OrderedDict())
-        touched[key] = None
-        touched.move_to_end(key)
-        if old is None:
-            self._held.add(tenant, 1)
+        self._touched.put(_tenant(scope), key)
         if old is None or expires < old.expires_at_ms:  # earlier only if the clock went back
             heapq.heappush(self._expiry, (expires, key))
 
     def _drop(self, key: Key) -> None:
         del self._entries[key]
-        tenant = _tenant(key[0])
-        touched = self._touched[tenant]
-        del touched[key]
-        if not touched:
-            del self._touched[tenant]
-        self._held.add(tenant, -1)
+        self._touched.remove(_tenant(key[0]), key)
 
     def _purge(self, now_ms: int) -> None:
         # by time first: every entry past its expiry and the grace (a late first token reads
@@ -195,7 +183,7 @@ class InMemoryWarmStore:
                 heapq.heappush(self._expiry, (entry.expires_at_ms, key))
         # then the bound, on live entries: the least recently touched of the tenant holding most
         while len(self._entries) > self._max:
-            self._drop(next(iter(self._touched[self._held.most()])))
+            self._drop(self._touched.next_out()[1])
         if len(self._expiry) > 2 * len(self._entries) + 64:
             self._expiry = [(e.expires_at_ms, k) for k, e in self._entries.items()]
             heapq.heapify(self._expiry)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Generic, TypeVar
 
-from services.common.holdings import Holdings
+from services.common.holdings import TenantOrder
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -22,34 +21,22 @@ class TenantRecent(Generic[K, V]):
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self._size = size
-        self._tenants: dict[str, OrderedDict[K, V]] = {}  # each tenant's, LRU first
-        self._held = Holdings()
-        self._len = 0
+        self._values: dict[tuple[str, K], V] = {}
+        self._order: TenantOrder[K] = TenantOrder()  # each tenant's keys, LRU first
 
     def get(self, tenant: str, key: K) -> V | None:
-        values = self._tenants.get(tenant)
-        if values is None:
-            return None
-        value = values.get(key)
+        value = self._values.get((tenant, key))
         if value is not None:
-            values.move_to_end(key)
+            self._order.put(tenant, key)
         return value
 
     def put(self, tenant: str, key: K, value: V) -> None:
-        values = self._tenants.setdefault(tenant, OrderedDict())
-        if key not in values:
-            self._len += 1
-            self._held.add(tenant, 1)
-        values[key] = value
-        values.move_to_end(key)
-        while self._len > self._size:
-            holder = self._held.most()
-            held = self._tenants[holder]
-            held.popitem(last=False)
-            self._len -= 1
-            self._held.add(holder, -1)
-            if not held:
-                del self._tenants[holder]
+        self._values[(tenant, key)] = value
+        self._order.put(tenant, key)
+        while len(self._values) > self._size:
+            out = self._order.next_out()
+            del self._values[out]
+            self._order.remove(*out)
 
     def __len__(self) -> int:
-        return self._len
+        return len(self._values)

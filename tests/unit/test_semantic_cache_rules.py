@@ -231,7 +231,7 @@ async def test_a_long_question_is_embedded_once_and_its_text_never_held() -> Non
     assert not (await cache.check(q(long))).hit
     assert not (await cache.check(q(long))).hit
     assert embedder.calls == calls + 1
-    assert all(len(text) <= 16 * 1024 for held in cache._recent._tenants.values() for text in held)
+    assert all(len(text) <= 16 * 1024 for _, text in cache._recent._values)
 
 
 async def test_a_question_that_is_never_stored_takes_no_lease() -> None:
