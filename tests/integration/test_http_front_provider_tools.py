@@ -29,9 +29,10 @@ _TOOLS: list[Any] = [
 ]
 
 
-def test_a_tool_call_round_trips_through_the_http_front(providers: ProviderStack) -> None:
+def _script_tool_call(providers: ProviderStack, call_id: str, pieces: list[str]) -> None:
+    """Claude's next answer: a line of text, then a get_weather call of ``pieces``."""
     usage = anthropic_wire.Usage(input_tokens=40, output_tokens=12)
-    call = anthropic_wire.ToolCall("toolu_front01", "get_weather", ['{"location":', ' "Oslo"}'])
+    call = anthropic_wire.ToolCall(call_id, "get_weather", pieces)
     providers.server.script(
         "anthropic",
         Reply(
@@ -41,6 +42,11 @@ def test_a_tool_call_round_trips_through_the_http_front(providers: ProviderStack
             )
         ),
     )  # fmt: skip
+
+
+def test_a_tool_call_round_trips_through_the_http_front(providers: ProviderStack) -> None:
+    usage = anthropic_wire.Usage(input_tokens=40, output_tokens=12)
+    _script_tool_call(providers, "toolu_front01", ['{"location":', ' "Oslo"}'])
     front = f"http://{providers.stack.addresses['http-front']}"
     client = anthropic.Anthropic(
         base_url=front, api_key=providers.stack.keys["tenant-a"], max_retries=0
@@ -91,17 +97,7 @@ def test_a_tool_call_json_has_not_is_answered_once_and_kept_visibly(
     ``_unparsed_arguments``, in one model call: it was a 500 after the answer was billed, which
     the SDK's default policy retried twice (three model calls, three bills), or a NaN in the
     body that the next turn could not send back."""
-    usage = anthropic_wire.Usage(input_tokens=40, output_tokens=12)
-    call = anthropic_wire.ToolCall("toolu_front02", "get_weather", [arguments])
-    providers.server.script(
-        "anthropic",
-        Reply(
-            events=anthropic_wire.stream(
-                "claude-sonnet-4-5-20250929", ["Let me check. "], usage,
-                stop_reason="tool_use", tool=call,
-            )
-        ),
-    )  # fmt: skip
+    _script_tool_call(providers, "toolu_front02", [arguments])
     front = f"http://{providers.stack.addresses['http-front']}"
     client = anthropic.Anthropic(base_url=front, api_key=providers.stack.keys["tenant-a"])
     ask: Any = {"role": "user", "content": f"Do I need a coat? {uuid.uuid4().hex[:8]}"}

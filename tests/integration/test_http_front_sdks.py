@@ -195,12 +195,33 @@ def _file_read_turns(text: str, breakpoint_in_parts: dict[str, Any]) -> list[Any
     ]
 
 
+def _claude_past_l1(base: str, key: str) -> anthropic.Anthropic:
+    """An Anthropic client whose requests L1 leaves to the model (the prefix cache's test)."""
+    return anthropic.Anthropic(
+        base_url=base, api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
+    )
+
+
+def _gpt_past_l1(base: str, key: str) -> openai.OpenAI:
+    """An OpenAI client whose requests L1 leaves to the model."""
+    return openai.OpenAI(
+        base_url=f"{base}/v1", api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
+    )
+
+
+def _cached_system() -> dict[str, Any]:
+    """A fresh system prompt long enough to cache, with a (5-minute) breakpoint on it."""
+    return {
+        "type": "text",
+        "text": _system(uuid.uuid4().hex),
+        "cache_control": {"type": "ephemeral"},
+    }
+
+
 def test_anthropic_breakpoint_inside_a_tool_results_content_writes_the_prefix(
     base: str, key: str
 ) -> None:
-    client = anthropic.Anthropic(
-        base_url=base, api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
-    )
+    client = _claude_past_l1(base, key)
     tool: Any = {"name": "read_file", "input_schema": {"type": "object"}}
     turns = _file_read_turns(_system(uuid.uuid4().hex), {"type": "ephemeral"})
     first = client.messages.create(model="sim-small", max_tokens=50, tools=[tool], messages=turns)
@@ -213,14 +234,8 @@ def test_anthropic_breakpoint_inside_a_tool_results_content_writes_the_prefix(
 
 
 def test_openai_breakpoint_in_a_tool_messages_parts_is_cached(base: str, key: str) -> None:
-    client = openai.OpenAI(
-        base_url=f"{base}/v1", api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
-    )
-    part = {
-        "type": "text",
-        "text": _system(uuid.uuid4().hex),
-        "cache_control": {"type": "ephemeral"},
-    }
+    client = _gpt_past_l1(base, key)
+    part = _cached_system()
     call = {
         "id": "call_1",
         "type": "function",
@@ -255,9 +270,7 @@ def test_anthropic_usage_splits_the_cache_write_by_ttl(base: str, key: str, stre
     corrects in the SDK's final message, all but this split, which the SDK keeps as
     message_start left it (a provider's report moving a write to a read left a 5-minute
     write of 2,000 tokens in the final message beside a bill of 0)."""
-    client = anthropic.Anthropic(
-        base_url=base, api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
-    )
+    client = _claude_past_l1(base, key)
     system: Any = [
         {
             "type": "text",
@@ -301,14 +314,8 @@ def test_openai_usage_tells_the_cache_write(base: str, key: str, stream: bool) -
     """A breakpoint's first call pays a cache write (1.25x the input price, over the
     baseline): prompt_tokens_details.cache_write_tokens says how many tokens, in the body
     and in the include_usage chunk; the next call reads them (cached_tokens) and writes none."""
-    client = openai.OpenAI(
-        base_url=f"{base}/v1", api_key=key, default_headers={"x-cachemesh-semantic": "bypass"}
-    )
-    part = {
-        "type": "text",
-        "text": _system(uuid.uuid4().hex),
-        "cache_control": {"type": "ephemeral"},
-    }
+    client = _gpt_past_l1(base, key)
+    part = _cached_system()
     turns: list[Any] = [{"role": "system", "content": [part]}]
     details: list[openai.types.completion_usage.PromptTokensDetails] = []
     usage: openai.types.CompletionUsage | None
