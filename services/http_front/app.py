@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Mapping
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from services.common.env import ConfigError, Env
 from services.common.heap import freeze_startup_heap
@@ -32,12 +33,18 @@ log = logging.getLogger("cachemesh.http_front")
 
 
 def build_app(front: Front, max_body_bytes: int) -> web.Application:
+    @web.middleware
+    async def no_route(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if isinstance(request.match_info.http_exception, web.HTTPException):
+            return front.no_route(request, request.match_info.http_exception)
+        return await handler(request)
+
     # aiohttp refuses a larger body itself on read; the front turns that into each API's 413
-    app = web.Application(client_max_size=max_body_bytes)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[no_route])
     app.router.add_post("/v1/messages", front.messages)
     app.router.add_post("/v1/chat/completions", front.chat_completions)
     app.router.add_get("/v1/models", front.models)
-    app.router.add_get("/v1/models/{model}", front.models)
+    app.router.add_get("/v1/models/{model:.+}", front.models)  # ids like org/name
     app.router.add_get("/healthz", front.healthz)
     app.router.add_get("/readyz", front.readyz)
     return app

@@ -28,6 +28,8 @@ Kind = Literal[
     "authentication",
     "permission",
     "not_found",
+    "no_route",
+    "no_method",
     "request_too_large",
     "rate_limit",
     "overloaded",
@@ -40,6 +42,8 @@ _ANTHROPIC_TYPE: dict[Kind, str] = {
     "authentication": "authentication_error",
     "permission": "permission_error",
     "not_found": "not_found_error",
+    "no_route": "not_found_error",
+    "no_method": "invalid_request_error",
     "request_too_large": "request_too_large",
     "rate_limit": "rate_limit_error",
     "overloaded": "overloaded_error",
@@ -53,6 +57,8 @@ _OPENAI_TYPE: dict[Kind, tuple[str, str | None]] = {
     "authentication": ("invalid_request_error", "invalid_api_key"),
     "permission": ("invalid_request_error", "permission_denied"),
     "not_found": ("invalid_request_error", "model_not_found"),
+    "no_route": ("invalid_request_error", None),
+    "no_method": ("invalid_request_error", None),
     "request_too_large": ("invalid_request_error", "request_too_large"),
     "rate_limit": ("rate_limit_exceeded", "rate_limit_exceeded"),
     "overloaded": ("server_error", "overloaded"),
@@ -64,6 +70,8 @@ _STATUS: dict[Kind, int] = {
     "authentication": 401,
     "permission": 403,
     "not_found": 404,
+    "no_route": 404,
+    "no_method": 405,
     "request_too_large": 413,
     "rate_limit": 429,
     "overloaded": 529,  # Anthropic's overloaded; OpenAI's is 503 (status_for)
@@ -72,7 +80,16 @@ _STATUS: dict[Kind, int] = {
 }
 # the refusals a retry would only repeat (see the module's docstring)
 _FINAL: frozenset[Kind] = frozenset(
-    ("invalid_request", "authentication", "permission", "not_found", "request_too_large", "timeout")
+    (
+        "invalid_request",
+        "authentication",
+        "permission",
+        "not_found",
+        "no_route",
+        "no_method",
+        "request_too_large",
+        "timeout",
+    )
 )
 
 

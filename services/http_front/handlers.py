@@ -61,6 +61,16 @@ def _traceparent(span: trace.Span) -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
+_ROUTES = (
+    "the Gateway's HTTP front serves POST /v1/messages, POST /v1/chat/completions, "
+    "GET /v1/models and GET /v1/models/{id}"
+)
+
+
+def _speaks_anthropic(request: web.Request) -> bool:
+    return "anthropic-version" in request.headers or request.path.startswith("/v1/messages")
+
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=sse.dumps(body), status=status, headers=headers, content_type="application/json"
@@ -225,6 +235,21 @@ class Front:
             await self._sent(request, stream.write(frame))
             await self._sent(request, stream.write_eof())
         return stream
+
+    def no_route(self, request: web.Request, exc: web.HTTPException) -> web.Response:
+        """A path the front does not serve (404) or a method it does not take there (405), in
+        the shape of the API the caller speaks, so its SDK raises its own error with a message
+        (aiohttp's plain text left them a bare "Error code: 404")."""
+        api: Api = "anthropic" if _speaks_anthropic(request) else "openai"
+        asked = f"{request.method} {request.path[:200]}"
+        if exc.status == 405:
+            error = ApiError("no_method", f"Invalid method for URL ({asked}): {_ROUTES}")
+        else:
+            error = ApiError("no_route", f"Invalid URL ({asked}): {_ROUTES}")
+        response = self._error(api, error, "")
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
     def _error(self, api: Api, error: ApiError, traceparent: str) -> web.Response:
         request_id = uuid.uuid4().hex

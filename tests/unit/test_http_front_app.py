@@ -514,6 +514,48 @@ async def _raw_headers(front: Front, headers: list[tuple[str, bytes]]) -> tuple[
     return status, reply.partition(b"\r\n\r\n")[2]
 
 
+# an unknown route or method was aiohttp's plain-text 404/405, which each SDK reported as an
+# error with no message (openai: "Error code: 404"), and a model id with a slash (an open
+# model's ``org/name``) never reached the model lookup
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "shape"),
+    [
+        ("POST", "/v1/completions", {}, 404, "openai"),
+        ("POST", "/v1/messages/batches", {"anthropic-version": "2023-06-01"}, 404, "anthropic"),
+        ("GET", "/v1/chat/completions", {}, 405, "openai"),
+        ("GET", "/v1/messages", {}, 405, "anthropic"),
+        ("GET", "/v1/models/meta-llama/Llama-3-8B", {}, 404, "openai"),
+        ("GET", "/v1/models/meta-llama/Llama-3-8B", {"anthropic-version": "2023-06-01"}, 404,
+         "anthropic"),
+    ],
+)  # fmt: skip
+async def test_an_unknown_route_or_model_is_an_error_in_the_apis_shape(
+    front: Front, method: str, path: str, headers: dict[str, str], status: int, shape: str
+) -> None:
+    headers = {"authorization": f"Bearer {KEY}", "x-api-key": KEY, **headers}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, f"{front.base}{path}", headers=headers) as reply,
+    ):
+        assert reply.status == status
+        assert reply.content_type == "application/json"
+        body = await reply.json()
+    error = body["error"]
+    assert path.rsplit("/", 1)[-1] in error["message"] or method in error["message"]
+    if shape == "anthropic":
+        assert body["type"] == "error" and error["type"].endswith("_error")
+    else:
+        assert error["type"] == "invalid_request_error" and "param" in error
+    assert front.gateway.calls == 0
+
+
+async def test_the_sdks_raise_their_not_found_error_with_the_fronts_message(front: Front) -> None:
+    with pytest.raises(openai.NotFoundError, match="POST /v1/completions"):
+        await _gpt(front).completions.create(model="sim-large", prompt="hi")
+    with pytest.raises(anthropic.NotFoundError, match="'meta-llama/x' not found"):
+        await _claude(front).models.retrieve("meta-llama/x")
+
+
 @pytest.mark.parametrize(
     ("headers", "status", "kind"),
     [
