@@ -24,15 +24,18 @@ The view lives in this process: with several prefix-cache replicas each keeps it
 from __future__ import annotations
 
 from array import array
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.holdings import TenantOrder
 from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, block_hashes, reusable_blocks
 
 # The most predicted blocks the notes awaiting a FINAL hold in all (8 bytes each: 8 MB); past
-# it the oldest notes go, and their FINALs are not scored.
+# it the tenant holding the most loses its oldest note (``TenantOrder``: one tenant's flood
+# drops its own notes, not another's), and those FINALs are not scored.
 AWAITED_BLOCKS = 1 << 20
+
+Awaiting = tuple[str, str]  # (tenant, request id)
 
 
 @dataclass
@@ -55,13 +58,15 @@ class _Awaited:
 
 
 class ReplicaViews:
-    def __init__(self, capacity_blocks: int) -> None:
+    def __init__(self, capacity_blocks: int, awaited_blocks: int = AWAITED_BLOCKS) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks}")
         self._capacity = capacity_blocks
         self._views: dict[str, KvBlockCache] = {}
-        self._awaited: OrderedDict[Hashable, _Awaited] = OrderedDict()
+        self._awaited: dict[Awaiting, _Awaited] = {}
+        self._awaited_order: TenantOrder[Awaiting] = TenantOrder()
         self._awaited_blocks = 0
+        self._awaited_bound = awaited_blocks
         self.stats = ViewStats()
 
     def _view(self, replica: str) -> KvBlockCache:
@@ -85,7 +90,7 @@ class ReplicaViews:
         hashes: Sequence[bytes],
         prompt_tokens: int,
         reported_tokens: int | None,
-        awaiting: Hashable | None = None,
+        awaiting: Awaiting | None = None,
     ) -> int:
         """The replica prefilled this prompt: its blocks are now cached there. A report of the
         tokens it reused is scored against the prediction; without one, ``awaiting`` (the
@@ -100,13 +105,14 @@ class ReplicaViews:
         view.insert(hashes)
         return predicted
 
-    def report(self, awaiting: Hashable, reported_tokens: int | None) -> None:
+    def report(self, awaiting: Awaiting, reported_tokens: int | None) -> None:
         """The FINAL of the WARM noted under ``awaiting``, with the tokens its engine reused
         (None: no report, the note is dropped). Scored; below the prediction, the view loses
         the first block the engine did not reuse and every block touched no later."""
         note = self._awaited.pop(awaiting, None)
         if note is None:  # not noted here (another process, or dropped), or reported already
             return
+        self._awaited_order.remove(awaiting[0], awaiting)
         self._awaited_blocks -= max(len(note.stamps), 1)
         if reported_tokens is None:
             return
@@ -124,10 +130,12 @@ class ReplicaViews:
         self.stats.reported_tokens += reported
         self.stats.abs_error_tokens += abs(predicted - reported)
 
-    def _await(self, key: Hashable, note: _Awaited) -> None:
+    def _await(self, key: Awaiting, note: _Awaited) -> None:
         weight = max(len(note.stamps), 1)
-        while self._awaited and self._awaited_blocks + weight > AWAITED_BLOCKS:
-            _, dropped = self._awaited.popitem(last=False)
-            self._awaited_blocks -= max(len(dropped.stamps), 1)
         self._awaited[key] = note
+        self._awaited_order.put(key[0], key, weight)
         self._awaited_blocks += weight
+        while len(self._awaited) > 1 and self._awaited_blocks > self._awaited_bound:
+            tenant, out = self._awaited_order.next_out()
+            self._awaited_order.remove(tenant, out)
+            self._awaited_blocks -= max(len(self._awaited.pop(out).stamps), 1)

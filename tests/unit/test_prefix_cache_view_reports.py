@@ -125,3 +125,25 @@ async def test_a_report_at_or_above_the_prediction_is_scored_and_evicts_nothing(
     assert rig.views.stats.reports == 2 and rig.views.stats.corrections == 0
     assert rig.views.stats.abs_error_tokens == 5
     assert (await rig.warmth(AGENT, "Order 3?"))["a"] == held
+
+
+def test_one_tenants_flood_of_notes_leaves_another_tenants_note_scored() -> None:
+    """The notes awaiting a FINAL are bounded for all tenants together; over the bound the
+    tenant holding the most loses its oldest, so tenant A's flood of self-hosted calls no
+    longer pushes out tenant B's note (B's FINAL then scored nothing and corrected nothing)."""
+    views = ReplicaViews(4096, awaited_blocks=100)
+    ids = list(range(161))  # 10 reusable blocks of 16
+    held = views.hashes("b", MODEL, ids)
+    views.record("r1", held, len(ids), None)  # cached: its repeat is predicted 10 blocks
+    views.record("r1", held, len(ids), None, ("b", "b-1"))
+    for i in range(50):
+        flood = views.hashes("a", MODEL, [1000 * (i + 1) + t for t in ids])
+        views.record("r1", flood, len(ids), None)
+        views.record("r1", flood, len(ids), None, ("a", f"a-{i}"))
+    views.report(("b", "b-1"), 0)
+    assert views.stats.reports == 1
+    assert views.stats.corrections == 1  # B's engine held none of it: the view was corrected
+    views.report(("a", "a-0"), 0)  # A's oldest went: over the bound, A held the most
+    assert views.stats.reports == 1
+    views.report(("a", "a-49"), 0)
+    assert views.stats.reports == 2
