@@ -2,9 +2,10 @@
 
 The Gateway's contract follows the Messages API one to one, so a request maps field by field:
 content blocks (text, tool_use, tool_result) with their ``cache_control`` breakpoints, system
-blocks, tools. Fields the Gateway cannot honour (images, stop sequences, a forced tool choice
-or one call at a time, extended thinking, top_k, a top_p but 1) are refused with a 400 that
-says so, never dropped silently.
+blocks, tools; a top-level ``cache_control`` (automatic caching) marks the last block. Fields
+the Gateway cannot honour (images, stop sequences, a forced tool choice or one call at a time,
+extended thinking, top_k, a top_p but 1) are refused with a 400 that says so, never dropped
+silently.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from services.http_front.fields import (
 VERSION = re.compile(r"^20\d\d-[01]\d-[0-3]\d$")
 _TOP = (
     "model", "messages", "max_tokens", "system", "tools", "temperature", "stream", "metadata",
-    "stop_sequences", "top_p", "top_k", "tool_choice", "thinking", "service_tier",
+    "stop_sequences", "top_p", "top_k", "tool_choice", "thinking", "service_tier", "cache_control",
 )  # fmt: skip
 _TTL = {"5m": pb.CACHE_TTL_5M, "1h": pb.CACHE_TTL_1H}
 _ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
@@ -72,7 +73,32 @@ def parse_request(body: dict[str, Any]) -> tuple[pb.CompleteRequest, bool]:
         request.tools.append(_tool(raw, f"tools.{i}"))
     for i, raw in enumerate(top.array("messages", required=True) or []):
         request.messages.append(_message(raw, f"messages.{i}"))
+    automatic = cache_control(top)
+    if automatic is not None:
+        _mark_last_block(request, automatic)
     return request, bool(top.flag("stream"))
+
+
+def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> None:
+    """Automatic caching (a top-level ``cache_control``): the breakpoint goes on the request's
+    last cacheable block (tools, system, messages in that order), as the API places it; a
+    block marked already keeps one breakpoint, the longer-lived."""
+    last: pb.ContentBlock | pb.Tool | None = None
+    for message in reversed(request.messages):
+        if message.content:
+            last = message.content[-1]
+            break
+    else:
+        if request.system:
+            last = request.system[-1]
+        elif request.tools:
+            last = request.tools[-1]
+    if last is None:
+        return
+    kept = last.cache_control if last.HasField("cache_control") else None
+    marked = longest(kept, control)
+    assert marked is not None
+    last.cache_control.CopyFrom(marked)
 
 
 def _int32(value: int, where: str) -> int:

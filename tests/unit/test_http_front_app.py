@@ -73,6 +73,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     metadata: list[tuple[str, str]] = field(default_factory=list)
     cut: str = ""  # a stream cut after its first block, UNAVAILABLE with this message
+    received: pb.CompleteRequest | None = None  # the last request
 
     async def _begin(self, context: Context) -> None:
         self.calls += 1
@@ -86,12 +87,14 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             await context.abort(code, message)
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        self.received = request
         await self._begin(context)
         return self.answer
 
     async def StreamComplete(
         self, request: pb.CompleteRequest, context: Context
     ) -> AsyncIterator[pb.CompleteChunk]:
+        self.received = request
         await self._begin(context)
         head = pb.CompleteResponse(request_id="req1", model="sim-large", served_by=pb.LAYER_MODEL)
         yield pb.CompleteChunk(start=head)
@@ -206,6 +209,23 @@ async def test_a_tool_use_answer_reaches_both_sdks(front: Front) -> None:
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.function.name == "lookup"
     assert call.function.arguments == '{"id":"X1"}'
+
+
+async def test_the_sdks_automatic_caching_marks_the_last_block(front: Front) -> None:
+    await _claude(front).messages.create(
+        model="sim-large",
+        max_tokens=50,
+        messages=[
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "ok"},
+            *ASK,
+        ],
+        cache_control={"type": "ephemeral", "ttl": "1h"},
+    )
+    assert front.gateway.received is not None
+    marked = [m.content[-1].HasField("cache_control") for m in front.gateway.received.messages]
+    assert marked == [False, False, True]
+    assert front.gateway.received.messages[-1].content[-1].cache_control.ttl == pb.CACHE_TTL_1H
 
 
 async def test_a_streamed_tool_use_reaches_both_sdks(front: Front) -> None:

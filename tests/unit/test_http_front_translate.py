@@ -530,3 +530,49 @@ def test_the_messages_api_takes_anthropics_temperature_range_the_chat_api_openai
         100,
     )
     assert request.temperature == 2.0  # passed on as sent, never clamped
+
+
+MARKED_Q = {"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}
+
+
+# the Messages API's automatic caching (a top-level cache_control: the breakpoint on the last
+# cacheable block, moving forward as the conversation grows) was refused as an unknown field
+def test_a_top_level_cache_control_marks_the_requests_last_block() -> None:
+    turns: list[Any] = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
+    request, _ = anthropic_api.parse_request(
+        _anthropic(messages=turns, system="sys", cache_control={"type": "ephemeral"})
+    )
+    marked = [
+        (m, b) for m, message in enumerate(request.messages)
+        for b, block in enumerate(message.content) if block.HasField("cache_control")
+    ]  # fmt: skip
+    assert marked == [(2, 1)]
+    assert request.messages[2].content[1].cache_control.ttl == pb.CACHE_TTL_UNSPECIFIED
+    assert not request.system[0].HasField("cache_control")
+    hour, _ = anthropic_api.parse_request(
+        _anthropic(cache_control={"type": "ephemeral", "ttl": "1h"})
+    )
+    assert hour.messages[0].content[0].cache_control.ttl == pb.CACHE_TTL_1H
+    # the last block already marked keeps one breakpoint, the longer-lived of the two
+    both, _ = anthropic_api.parse_request(
+        _anthropic(
+            messages=[{"role": "user", "content": [MARKED_Q]}],
+            cache_control={"type": "ephemeral", "ttl": "1h"},
+        )
+    )
+    assert both.messages[0].content[0].cache_control.ttl == pb.CACHE_TTL_1H
+
+
+@pytest.mark.parametrize(
+    ("control", "names"),
+    [({"type": "persistent"}, "cache_control.type"), ({"type": "ephemeral", "ttl": "2h"},
+      "cache_control.ttl"), ("yes", "cache_control")],
+)  # fmt: skip
+def test_a_bad_top_level_cache_control_names_the_field(control: object, names: str) -> None:
+    with pytest.raises(ApiError) as raised:
+        anthropic_api.parse_request(_anthropic(cache_control=control))
+    assert raised.value.kind == "invalid_request" and names in raised.value.message
