@@ -34,6 +34,7 @@ from services.tools.stack.redis_process import (
     STACK_REDIS_URL_VARS,
     redis_argv,
     stack_redis_address,
+    stack_redis_refusal,
 )
 from services.tools.stack.service_table import SERVICES, ServiceDef, stop_order
 from services.tools.stack.supervisor import (
@@ -343,6 +344,9 @@ class Stack:
         if service is REDIS:
             address = self.redis_address()
             assert address is not None
+            refusal = stack_redis_refusal(self.settings())
+            if refusal is not None:
+                raise StackError(refusal)
             try:
                 argv = redis_argv(address, self.run_dir / "data" / "redis")
             except FileNotFoundError as exc:

@@ -45,6 +45,28 @@ def stack_redis_address(settings: Mapping[str, str]) -> str | None:
     return f"{parts.hostname}:{parts.port or 6379}"
 
 
+def stack_redis_refusal(settings: Mapping[str, str]) -> str | None:
+    """Why the stack cannot start its Redis as configured (None: it can). The stack's own Redis
+    takes no password (it listens on loopback only, in protected mode): a URL that gives one for
+    it would be silently unprotected, any local process reading and writing every tenant's
+    records and budgets, so it is refused, naming the variable (never the password)."""
+    address = stack_redis_address(settings)
+    if address is None:
+        return None
+    for var in STACK_REDIS_URL_VARS:
+        parts = urlsplit(settings.get(var) or "")
+        if parts.scheme not in ("redis", "rediss") or parts.password is None:
+            continue
+        if f"{parts.hostname}:{parts.port or 6379}" == address:
+            return (
+                f"{var} gives a password for the stack's own Redis at {address}, which the stack "
+                "starts without one (loopback only, protected mode): remove the password from "
+                f"the URL, or run your own Redis with requirepass and point {var} (and the other "
+                "Redis URLs) at it"
+            )
+    return None
+
+
 def redis_argv(address: str, data_dir: Path) -> list[str]:
     exe = shutil.which("redis-server")
     if exe is None:
