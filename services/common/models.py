@@ -70,6 +70,11 @@ class ModelSpec(BaseModel):
     # o200k_base for OpenAI's gpt-4o, gpt-4.1, gpt-5 and later; cl100k_base for the rest
     # (Claude's tokenizer is not public: an estimate until the provider's usage reconciles it)
     tokenizer: Literal["cl100k_base", "o200k_base"] = "cl100k_base"
+    # The model thinks before it answers (billed as output) when a request says nothing of
+    # thinking, as its provider documents (cited in `source`). The Gateway has no thinking
+    # setting and no adapter sends one, so cachemesh cannot turn it off: the HTTP front
+    # refuses an Anthropic `thinking: {"type": "disabled"}` to such a model, never drops it.
+    thinks_by_default: bool = False
     input_nanos: int = Field(ge=0)
     output_nanos: int = Field(ge=0)
     cache_write_5m_nanos: int = Field(default=0, ge=0)

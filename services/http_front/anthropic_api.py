@@ -4,16 +4,18 @@ The Gateway's contract follows the Messages API one to one, so a request maps fi
 content blocks (text, tool_use, tool_result) with their ``cache_control`` breakpoints, system
 blocks, tools; a top-level ``cache_control`` (automatic caching) marks the last block. Fields
 the Gateway cannot honour (images, stop sequences, a forced tool choice or one call at a time,
-extended thinking, top_k, a top_p but 1) are refused with a 400 that says so, never dropped
-silently.
+extended thinking, thinking turned off for a model that thinks by default, top_k, a top_p but
+1) are refused with a 400 that says so, never dropped silently.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.models import AUTO
 from services.http_front.errors import invalid
 from services.http_front.fields import (
     SAMPLING,
@@ -45,8 +47,12 @@ _STOP = {
 }
 
 
-def parse_request(body: dict[str, Any]) -> tuple[pb.CompleteRequest, bool]:
-    """The Gateway request for a Messages body, and whether it asks for a stream."""
+def parse_request(
+    body: dict[str, Any], *, thinks_by_default: Collection[str] = ()
+) -> tuple[pb.CompleteRequest, bool]:
+    """The Gateway request for a Messages body, and whether it asks for a stream.
+    ``thinks_by_default``: the models (and ``auto``, when it may pick one) that think unless
+    told not to, whose thinking cachemesh cannot turn off."""
     top = Obj(body, "")
     top.only(_TOP)
     request = pb.CompleteRequest(model=top.text("model", required=True) or "")
@@ -58,6 +64,7 @@ def parse_request(body: dict[str, Any]) -> tuple[pb.CompleteRequest, bool]:
             raise invalid(f"temperature: must be within [0, 1], got {temperature}", "temperature")
         request.temperature = temperature
     _unsupported(top)
+    _thinking(top, request.model, thinks_by_default)
     system = top.raw("system")
     if isinstance(system, str):
         if system:
@@ -129,14 +136,33 @@ def _unsupported(top: Obj) -> None:
                 "a model may answer with several tool calls; cachemesh cannot hold it to one",
                 "omit it or send false",
             )
-    thinking = top.obj("thinking")
-    if thinking is not None and thinking.text("type") not in ("disabled", None):
-        raise invalid("thinking: extended thinking is not supported by cachemesh")
     metadata = top.obj("metadata")
     if metadata is not None:
         metadata.only(("user_id",))
         metadata.text("user_id")
     top.text("service_tier")
+
+
+def _thinking(top: Obj, model: str, thinks_by_default: Collection[str]) -> None:
+    """Extended thinking is refused; ``disabled`` is accepted where it is the model's default
+    (nothing is dropped) and refused where the model thinks anyway: the Gateway has no
+    thinking field, so the model would think, and bill its thinking as output, all the same."""
+    thinking = top.obj("thinking")
+    if thinking is None:
+        return
+    kind = thinking.text("type", required=True)
+    if kind != "disabled":
+        raise invalid("thinking: extended thinking is not supported by cachemesh")
+    if model in thinks_by_default:
+        which = "may pick a model that thinks" if model == AUTO else "thinks"
+        where = thinking.at("type")
+        raise invalid(
+            f"{where}: 'disabled' is not supported by cachemesh for {model}, which {which} by "
+            "default: cachemesh cannot turn its thinking off (it would think, and bill its "
+            "thinking as output tokens, all the same); omit thinking, or pick a model that "
+            "does not think by default",
+            where,
+        )
 
 
 def cache_control(obj: Obj) -> pb.CacheControl | None:

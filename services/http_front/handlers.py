@@ -292,7 +292,9 @@ class Front:
     async def _messages(
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
-        gw, stream = anthropic_api.parse_request(await self._body(request))
+        gw, stream = anthropic_api.parse_request(
+            await self._body(request), thinks_by_default=self._settings.thinks_by_default
+        )
         facts.cache_options(request.headers, gw)
         with self._in_flight.slot(tenant):
             if not stream:

@@ -33,6 +33,9 @@ class HttpFrontSettings:
     default_max_tokens: dict[
         str, int
     ]  # model -> its output limit (OpenAI's max_tokens is optional)
+    # the models that think unless told not to (their row's thinks_by_default), and "auto"
+    # when a model it may pick is one: an Anthropic thinking "disabled" to one is refused
+    thinks_by_default: frozenset[str]
     metrics: MetricsSettings
     tls: ServerTls | None = None  # HTTP_FRONT_TLS_*: HTTPS, optionally client certificates
     gateway_tls: ClientTls | None = None  # HTTP_FRONT_GATEWAY_TLS_*: how it dials the Gateway
@@ -55,6 +58,7 @@ class HttpFrontSettings:
             grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
             models=models,
             default_max_tokens={m: _output_limit(table, m) for m in models},
+            thinks_by_default=frozenset(m for m in models if _thinks(table, m)),
             metrics=MetricsSettings.from_env(env, "HTTP_FRONT", DEFAULT_METRICS_LISTEN),
             tls=ServerTls.read(env, "HTTP_FRONT"),
             gateway_tls=ClientTls.read(env, "HTTP_FRONT_GATEWAY"),
@@ -67,3 +71,11 @@ def _output_limit(table: ModelTable, model: str) -> int:
     spec = table.get(model)
     assert spec is not None  # parse_replicas checked every deployed model
     return spec.max_output_tokens
+
+
+def _thinks(table: ModelTable, model: str) -> bool:
+    if model == AUTO:
+        return any(table.for_tier(tier).thinks_by_default for tier in table.auto)
+    spec = table.get(model)
+    assert spec is not None  # parse_replicas checked every deployed model
+    return spec.thinks_by_default

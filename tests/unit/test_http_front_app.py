@@ -513,6 +513,48 @@ async def test_a_parameter_at_its_default_value_changes_nothing_and_is_accepted(
     assert front.gateway.calls == 2
 
 
+# thinking: {"type": "disabled"} was accepted and dropped: the Gateway has no thinking field, so
+# a model that thinks unless told not to (Claude Sonnet 5, Opus 5, gpt-5) thought anyway, and
+# the caller paid for that thinking as output. To a model that does not think by default it
+# changes nothing, and is served.
+THINKERS = "claude-sonnet-5=127.0.0.1:1,claude-haiku-4-5=127.0.0.1:1,sim-small=127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    ("model", "auto_large", "refused"),
+    [
+        ("claude-sonnet-5", "sim-large", True),
+        ("auto", "claude-sonnet-5", True),  # auto may pick it
+        ("claude-haiku-4-5", "sim-large", False),
+        ("auto", "sim-large", False),
+    ],
+)
+async def test_thinking_disabled_is_refused_for_a_model_that_thinks_by_default(
+    tmp_path: Path, model: str, auto_large: str, refused: bool
+) -> None:
+    fake = FakeGateway()
+    replicas = f"{THINKERS},{auto_large}=127.0.0.1:1" if auto_large == "sim-large" else THINKERS
+    over = {"MODEL_REPLICAS": replicas, "CACHEMESH_AUTO_LARGE": auto_large}
+    async with serving(tmp_path, fake, **over) as served:
+        client = anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY, max_retries=0)
+        async with client:
+            ask = client.messages.create(
+                model=model, max_tokens=50, messages=ASK, thinking={"type": "disabled"}
+            )
+            if not refused:
+                await ask
+                assert fake.calls == 1
+                return
+            with pytest.raises(anthropic.BadRequestError) as error:
+                await ask
+    said = error.value.body["error"]["message"]  # type: ignore[index]
+    assert said.startswith("thinking.type: ")
+    assert f"for {model}, which" in said and "thinks by default" in said
+    assert "omit thinking" in said
+    assert error.value.response.headers["x-should-retry"] == "false"
+    assert fake.calls == 0
+
+
 async def _raw_headers(front: Front, headers: list[tuple[str, bytes]]) -> tuple[int, bytes]:
     """A POST /v1/messages whose header values are sent as the given bytes (a latin-1 client:
     Python's http.client encodes header values so)."""
@@ -1050,3 +1092,17 @@ def test_a_write_timeout_that_is_no_positive_number_stops_the_start(
         HttpFrontSettings.from_env({**env, "HTTP_FRONT_WRITE_TIMEOUT_S": "2.5"}).write_timeout_s
         == 2.5
     )
+
+
+def test_the_models_that_think_by_default_are_their_rows(tmp_path: Path) -> None:
+    """Claude Opus 5 and gpt-5 think unless told not to; Claude Sonnet 4.5 and gpt-5.4 do
+    not; ``auto`` is marked when a model it may pick is."""
+    deployed = "claude-opus-5,gpt-5,gpt-5-4,claude-sonnet-4-5,sim-small,sim-large"
+    env = {
+        "MODEL_REPLICAS": ",".join(f"{m}=127.0.0.1:1" for m in deployed.split(",")),
+        "CACHEMESH_API_KEYS_FILE": str(tmp_path / "keys"),
+    }
+    settings = HttpFrontSettings.from_env(env)
+    assert settings.thinks_by_default == {"claude-opus-5", "gpt-5"}
+    picks_gpt5 = HttpFrontSettings.from_env({**env, "CACHEMESH_AUTO_LARGE": "gpt-5"})
+    assert picks_gpt5.thinks_by_default == {"claude-opus-5", "gpt-5", "auto"}

@@ -106,6 +106,40 @@ def test_anthropic_bad_input_names_the_field(body: dict[str, Any], names: str) -
     assert names in refused.value.message
 
 
+THINKERS = frozenset({"claude-sonnet-5", "auto"})  # as settings.py marks them
+
+
+@pytest.mark.parametrize(
+    ("thinking", "model", "names"),
+    [
+        ({"type": "enabled", "budget_tokens": 2048}, "sim-small", "thinking: extended"),
+        ({"type": "adaptive"}, "claude-sonnet-5", "thinking: extended"),
+        ({}, "sim-small", "thinking.type: Field required"),
+        # the Gateway has no thinking field: dropped, the model thought (and billed) anyway
+        ({"type": "disabled"}, "claude-sonnet-5", "thinking.type: 'disabled' is not supported"),
+        ({"type": "disabled"}, "auto", "for auto, which may pick a model that thinks by default"),
+    ],
+)
+def test_anthropic_thinking_the_gateway_cannot_honour_is_refused(
+    thinking: dict[str, Any], model: str, names: str
+) -> None:
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(
+            _anthropic(model=model, thinking=thinking), thinks_by_default=THINKERS
+        )
+    assert refused.value.kind == "invalid_request"
+    assert names in refused.value.message
+
+
+def test_anthropic_thinking_disabled_is_served_where_it_is_the_models_default() -> None:
+    """Nothing is dropped: a model that thinks only when asked does not think."""
+    for model in ("sim-small", "claude-haiku-4-5"):
+        request, _ = anthropic_api.parse_request(
+            _anthropic(model=model, thinking={"type": "disabled"}), thinks_by_default=THINKERS
+        )
+        assert request.model == model
+
+
 @pytest.mark.parametrize(
     ("raw", "says"),
     [(b"{", "not valid JSON"), (b"[1]", "must be a JSON object, got array"), (b"\xff", "UTF-8")],
