@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import tomllib
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -45,6 +46,36 @@ _RULE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 KV_BLOCK_TOKENS = 16  # the simulated engine's and vLLM's default block size
+# The cache prices a row may have, each needing its long-context rate when the row has one.
+_CACHE_RATES = ("cache_write_5m_nanos", "cache_write_1h_nanos", "cache_read_nanos")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The prices, in nanos a token, a request is billed at (a row's own, or its long-context
+    ones when the prompt is over the row's ``long_context.above_tokens``)."""
+
+    input_nanos: int
+    output_nanos: int
+    cache_write_5m_nanos: int
+    cache_write_1h_nanos: int
+    cache_read_nanos: int
+
+
+class LongContext(BaseModel):
+    """A row's long-context tier: a request whose prompt (input, cache writes and cache reads
+    together) is over ``above_tokens`` tokens is billed at these rates, the WHOLE request (its
+    output too), as OpenAI bills GPT-5.4 over 272K input tokens. Every cache price the row has
+    needs its rate here; a price the row lacks must be absent."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    above_tokens: int = Field(gt=0)
+    input_nanos: int = Field(ge=0)
+    output_nanos: int = Field(ge=0)
+    cache_write_5m_nanos: int | None = Field(default=None, ge=0)
+    cache_write_1h_nanos: int | None = Field(default=None, ge=0)
+    cache_read_nanos: int | None = Field(default=None, ge=0)
 
 
 class ModelSpec(BaseModel):
@@ -86,6 +117,9 @@ class ModelSpec(BaseModel):
     cache_increment_tokens: int = Field(default=0, ge=0)  # openai: hits in these increments
     idle_retention_s: int = Field(default=0, ge=0)  # openai: an unused prefix lives this long
     kv_block_tokens: int = Field(default=0, ge=0)  # self_hosted: full blocks only
+    # the rates of a prompt over a length (OpenAI's GPT-5.4 over 272K input tokens); None: one
+    # price at any length
+    long_context: LongContext | None = None
     context_window_tokens: int = Field(gt=0)
     max_output_tokens: int = Field(gt=0)
     prefill_tokens_per_s: float | None = Field(default=None, gt=0)  # simulated engines only
@@ -139,7 +173,32 @@ class ModelSpec(BaseModel):
                 "prefill_tokens_per_s; remove prior_prefill_tokens_per_s"
             )
         self._check_drafting()
+        self._check_long_context()
         return self
+
+    def _check_long_context(self) -> None:
+        long = self.long_context
+        if long is None:
+            return
+        given = long.model_fields_set
+        missing = [n for n in _CACHE_RATES if n in self.model_fields_set and n not in given]
+        if missing:
+            raise ValueError(
+                f"models.{self.id}: long_context needs {', '.join(missing)} (the row has "
+                "that price; give its long-context rate)"
+            )
+        extra = [n for n in _CACHE_RATES if n in given and n not in self.model_fields_set]
+        if extra:
+            raise ValueError(
+                f"models.{self.id}: long_context.{', long_context.'.join(extra)}: the row has "
+                "no such price; remove it"
+            )
+        if long.above_tokens >= self.context_window_tokens:
+            raise ValueError(
+                f"models.{self.id}: long_context.above_tokens ({long.above_tokens}) must be "
+                f"below context_window_tokens ({self.context_window_tokens}), or no prompt "
+                "reaches it"
+            )
 
     def _check_drafting(self) -> None:
         given = [self.draft_model is not None, self.draft_tokens > 0]
@@ -187,9 +246,36 @@ class ModelSpec(BaseModel):
             raise ValueError(f"{self.id} is not simulated: it has no decode speed")
         return self.decode_tokens_per_s
 
+    def rates(self, prompt_tokens: int) -> Rates:
+        """The prices a request of ``prompt_tokens`` (input, cache writes and reads: the whole
+        prompt) is billed at: the long-context ones, for all of it, over their threshold."""
+        long = self.long_context
+        if long is not None and prompt_tokens > long.above_tokens:
+            return Rates(
+                input_nanos=long.input_nanos,
+                output_nanos=long.output_nanos,
+                cache_write_5m_nanos=_or(long.cache_write_5m_nanos, self.cache_write_5m_nanos),
+                cache_write_1h_nanos=_or(long.cache_write_1h_nanos, self.cache_write_1h_nanos),
+                cache_read_nanos=_or(long.cache_read_nanos, self.cache_read_nanos),
+            )
+        return Rates(
+            input_nanos=self.input_nanos,
+            output_nanos=self.output_nanos,
+            cache_write_5m_nanos=self.cache_write_5m_nanos,
+            cache_write_1h_nanos=self.cache_write_1h_nanos,
+            cache_read_nanos=self.cache_read_nanos,
+        )
+
     def baseline_nanos(self, prompt_tokens: int, output_tokens: int) -> int:
-        """The same tokens at this model's base input and output prices, no cache of any kind."""
-        return prompt_tokens * self.input_nanos + output_tokens * self.output_nanos
+        """The same tokens at this model's base input and output prices (its long-context
+        ones over their threshold), no cache of any kind."""
+        rates = self.rates(prompt_tokens)
+        return prompt_tokens * rates.input_nanos + output_tokens * rates.output_nanos
+
+
+def _or(rate: int | None, row_rate: int) -> int:
+    """A long-context cache rate; absent only where the row has no such price (0)."""
+    return row_rate if rate is None else rate
 
 
 class ModelTable(BaseModel):
@@ -447,12 +533,26 @@ def _priced_from_input(spec: ModelSpec, update: dict[str, int]) -> dict[str, int
     return scaled
 
 
+def _long_context_priced(spec: ModelSpec, update: dict[str, int]) -> dict[str, object]:
+    """The row's long-context rates kept at their ratio to the prices ``update`` sets (GPT-5.4
+    over 272K is 2x input and 1.5x output at any price: Batch, flex, a contract); a rate
+    whose row price was 0 is kept as the table gives it."""
+    if spec.long_context is None:
+        return {}
+    rates = spec.long_context.model_dump(exclude_unset=True)
+    for name, new in update.items():
+        old = getattr(spec, name)
+        if name in rates and old and new != old:
+            rates[name] = (rates[name] * new + old // 2) // old
+    return {"long_context": rates}
+
+
 def with_prices(table: ModelTable, value: str) -> ModelTable:
     """``model=input/output[/cache_read],...`` in nano-dollars a token: the operator's own
     prices (a self-hosted engine has no published price, a contract has its own). The cache
-    write prices, and the read when not given, keep their ratio to the input price. Every
-    service reads the same variable, so the router, prefix-cache and the replicas bill
-    alike."""
+    write prices, and the read when not given, keep their ratio to the input price, and a
+    row's long-context rates their ratio to the price each stands for. Every service reads
+    the same variable, so the router, prefix-cache and the replicas bill alike."""
     models = dict(table.models)
     for item in value.split(","):
         model_id, sep, figures = item.strip().partition("=")
@@ -467,10 +567,10 @@ def with_prices(table: ModelTable, value: str) -> ModelTable:
             raise ConfigError(f"CACHEMESH_PRICES: {model_id[:64]!r} is not in the model table")
         update = {name: int(p) for name, p in zip(_PRICE_FIELDS, parts, strict=False)}
         update |= _priced_from_input(spec, update)
+        row = {**spec.model_dump(exclude_unset=True), **update}
+        row |= _long_context_priced(spec, update)
         try:
-            models[model_id] = ModelSpec.model_validate(
-                {**spec.model_dump(exclude_unset=True), **update, "id": model_id}
-            )
+            models[model_id] = ModelSpec.model_validate({**row, "id": model_id})
         except ValidationError as exc:
             raise ConfigError(f"CACHEMESH_PRICES: {model_id}: {_one_line(exc)}") from exc
     return ModelTable(models=models, auto=table.auto)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from services.common.models import load_model_table
+from services.common.models import ModelSpec, load_model_table
 from services.prefix_cache.pricing import charge, cost_nanos
 from services.prefix_cache.rules import Split
 
@@ -54,3 +54,42 @@ def test_baseline_is_priced_on_the_baseline_model() -> None:
     money = charge(split(input_=100, read=2000), 10, SMALL, LARGE)
     assert money.cost_nanos == 100 * 1000 + 2000 * 100 + 10 * 5000
     assert money.baseline_nanos == 2100 * 3000 + 10 * 15000
+
+
+GPT_5_4 = TABLE.models["gpt-5-4"]
+
+
+def test_gpt_5_4_over_272k_prompt_tokens_bills_the_whole_request_at_the_long_context_rates() -> (
+    None
+):
+    """OpenAI bills a GPT-5.4 prompt of more than 272,000 input tokens, cached ones included,
+    at 2x input and cached input and 1.5x output for the whole request: a prompt of 272,001
+    tokens, 200,000 of them read from the cache, was billed at the standard rates."""
+    at = split(input_=72_000, read=200_000)  # 272,000 tokens: the standard rates
+    over = split(input_=72_001, read=200_000)  # 272,001: the long-context rates, all of it
+    assert cost_nanos(at, 1000, GPT_5_4) == 72_000 * 2500 + 200_000 * 250 + 1000 * 15000
+    assert cost_nanos(over, 1000, GPT_5_4) == 72_001 * 5000 + 200_000 * 500 + 1000 * 22500
+    assert charge(at, 1000, GPT_5_4, GPT_5_4).baseline_nanos == 272_000 * 2500 + 1000 * 15000
+    baseline = charge(over, 1000, GPT_5_4, GPT_5_4).baseline_nanos
+    assert baseline == GPT_5_4.baseline_nanos(272_001, 1000) == 272_001 * 5000 + 1000 * 22500
+
+
+def test_a_long_context_tier_prices_the_cache_writes_of_the_row_too() -> None:
+    row = LARGE.model_dump(exclude_unset=True) | {
+        "id": "long-large",
+        "long_context": {
+            "above_tokens": 1000,
+            "input_nanos": 6000,
+            "output_nanos": 22500,
+            "cache_write_5m_nanos": 7500,
+            "cache_write_1h_nanos": 12000,
+            "cache_read_nanos": 600,
+        },
+    }
+    spec = ModelSpec.model_validate(row)
+    # 1,000 tokens: the row's own prices; 1,001: the long-context ones on every part
+    assert cost_nanos(split(input_=100, w5=200, w1=300, read=400), 10, spec) == cost_nanos(
+        split(input_=100, w5=200, w1=300, read=400), 10, LARGE
+    )
+    got = cost_nanos(split(input_=101, w5=200, w1=300, read=400), 10, spec)
+    assert got == 101 * 6000 + 200 * 7500 + 300 * 12000 + 400 * 600 + 10 * 22500

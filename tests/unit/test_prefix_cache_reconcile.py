@@ -13,8 +13,9 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.models import load_model_table
-from services.common.tokens import Tokenizer, load_cl100k
+from services.common.tokens import Tokenizer, Tokenizers, load_cl100k, load_tokenizers
 from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.reconcile import BadUsage, reported_usage
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import Split
@@ -175,3 +176,46 @@ async def test_a_bad_report_records_nothing(
     assert await core.totals("a") == TenantTotals()
     final = await core.final("a", "r1", "sim-large", 0, 0, "", anthropic("anthropic_write_5m.json"))
     assert final.reconciled and (await core.totals("a")).requests == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizers() -> Tokenizers:
+    return load_tokenizers(TABLE.models.values())
+
+
+async def test_a_gpt_5_4_prompt_over_272k_tokens_is_billed_at_the_long_context_rates(
+    tokenizers: Tokenizers, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """The review's repro: a 311,004-token prompt and 2,000 output tokens on gpt-5-4 were
+    billed 807,510,000 nanos at the standard rates; OpenAI bills prompts of more than 272,000
+    input tokens at 2x input and 1.5x output for the whole request, 1,600,020,000."""
+    clock = ManualClock()
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizers),
+        cache=warm_store,
+        views=ReplicaViews(1024),
+        ledger=make_ledger(3_600_000),
+        clock=clock,
+        lookback=20,
+        plans=PlanMemo(clock, ttl_ms=600_000, max_blocks=1_000_000),
+    )
+    text = "".join(
+        f"The contract clause number {i} states obligations of the parties. " for i in range(24_000)
+    )
+    request = pb.CompleteRequest(
+        model="gpt-5-4",
+        max_tokens=2000,
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+    )
+    plan = await core.plan("a", "gpt-5-4", request, ["r1"])
+    assert plan.split.prompt_tokens == 311_004
+    await core.warm("a", "r1", "gpt-5-4", None, "r1", plan_id=plan.plan_id)
+    usage = pc.ProviderUsage(
+        openai=pc.OpenAIUsage(prompt_tokens=311_004, completion_tokens=2000, total_tokens=313_004)
+    )
+    final = await core.final("a", "r1", "gpt-5-4", 0, 0, "", usage)
+    assert final.reconciled and final.split.prompt_tokens == 311_004
+    assert final.charge.cost_nanos == 311_004 * 5000 + 2000 * 22500 == 1_600_020_000
+    assert final.charge.baseline_nanos == 1_600_020_000  # the same row's, also long-context
+    assert final.estimate_charge.cost_nanos == 1_600_020_000  # the WARM's split, the same size

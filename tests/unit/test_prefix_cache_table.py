@@ -90,3 +90,54 @@ def test_each_rule_set_is_validated_when_the_table_loads(
     )
     with pytest.raises(ConfigError, match=message):
         load_model_table(_table_with(row, tmp_path))
+
+
+def test_gpt_5_4_has_its_1_05m_window_and_its_long_context_rates() -> None:
+    spec = TABLE.models["gpt-5-4"]
+    assert spec.context_window_tokens == 1_050_000
+    long = spec.long_context
+    assert long is not None and long.above_tokens == 272_000
+    assert (long.input_nanos, long.cache_read_nanos) == (
+        spec.input_nanos * 2,
+        spec.cache_read_nanos * 2,
+    )
+    assert long.output_nanos * 2 == spec.output_nanos * 3  # 1.5x
+    assert [s.id for s in TABLE.models.values() if s.long_context is not None] == ["gpt-5-4"]
+
+
+_OPENAI_ROW = (
+    '[models.bad]\ntier = "small"\nprovider = "openai"\nrules = "openai"\nsource = "x"\n'
+    "input_nanos = 10\noutput_nanos = 10\ncache_read_nanos = 1\nmin_cacheable_tokens = 1024\n"
+    "cache_increment_tokens = 128\nidle_retention_s = 300\ncontext_window_tokens = 2000\n"
+    "max_output_tokens = 10\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("long_context", "message"),
+    [
+        (
+            "above_tokens = 1000\ninput_nanos = 20\noutput_nanos = 15",
+            "long_context needs cache_read",
+        ),
+        (
+            "above_tokens = 1000\ninput_nanos = 20\noutput_nanos = 15\ncache_read_nanos = 2\n"
+            "cache_write_5m_nanos = 25",
+            "long_context.cache_write_5m_nanos",
+        ),
+        (
+            "above_tokens = 2000\ninput_nanos = 20\noutput_nanos = 15\ncache_read_nanos = 2",
+            "above_tokens",
+        ),
+        (
+            "above_tokens = 1000\ninput_nanos = 20.5\noutput_nanos = 15\ncache_read_nanos = 2",
+            "input_nanos",
+        ),
+    ],
+)
+def test_a_long_context_tier_is_validated_when_the_table_loads(
+    tmp_path: Path, long_context: str, message: str
+) -> None:
+    row = f"{_OPENAI_ROW}\n[models.bad.long_context]\n{long_context}\n"
+    with pytest.raises(ConfigError, match=message):
+        load_model_table(_table_with(row, tmp_path))

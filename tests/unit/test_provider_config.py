@@ -214,3 +214,11 @@ def test_the_base_urls_credential_is_a_secret(credentials: str, secrets: list[st
     assert settings.secrets() == [KEY, *secrets]
     cleaned = Redactor(settings.secrets()).clean(f"cannot reach {credentials}127.0.0.1")
     assert all(secret not in cleaned for secret in secrets)
+
+
+def test_own_prices_keep_the_long_context_rates_ratio_to_the_prices() -> None:
+    # GPT-5.4 at the Batch API's half price: over 272K it is still 2x input, 1.5x output
+    table = model_table_from_env(Env({"CACHEMESH_PRICES": "gpt-5-4=1250/7500/125"}))
+    long = table.models["gpt-5-4"].long_context
+    assert long is not None and long.above_tokens == 272_000
+    assert (long.input_nanos, long.output_nanos, long.cache_read_nanos) == (2500, 11250, 250)

@@ -301,3 +301,13 @@ def test_amortized_writes_are_priced_as_shared_with_the_next_turns_reads() -> No
     assert tier_cost(small, 0, 1000, 0, 0).nanos == 1_250_000
     assert tier_cost(small, 0, 1000, 0, 0, amortize=4).nanos == 1000 * (1250 + 4 * 100) // 5
     assert tier_cost(small, 0, 1000, 0, 0, amortize=4).cold_nanos == 1_000_000  # unchanged
+
+
+def test_a_tier_cost_over_a_long_context_threshold_is_at_the_long_context_rates() -> None:
+    gpt = TWO.models["gpt-5-4"]  # more than 272,000 prompt tokens: 2x input and read, 1.5x out
+    assert (
+        tier_cost(gpt, 72_000, 0, 200_000, 100).nanos == 72_000 * 2500 + 200_000 * 250 + 100 * 15000
+    )
+    over = tier_cost(gpt, 72_001, 0, 200_000, 100)
+    assert over.nanos == 72_001 * 5000 + 200_000 * 500 + 100 * 22500
+    assert over.cold_nanos == 272_001 * 5000 + 100 * 22500

@@ -53,17 +53,19 @@ def tier_cost(
 ) -> TierCost:
     """``amortize``: later turns expected to read what this one writes. A written token is
     then priced as its write shared with those reads, (write + n x read) / (n + 1): the
-    premium is an investment the conversation's next turns on this tier are repaid."""
-    write_price = spec.cache_write_5m_nanos if spec.rules == "anthropic" else spec.input_nanos
+    premium is an investment the conversation's next turns on this tier are repaid. A prompt
+    over the row's long-context threshold is priced at its long-context rates."""
     prompt = uncached + written + read
-    written_nanos = (written * (write_price + amortize * spec.cache_read_nanos)) // (amortize + 1)
+    rates = spec.rates(prompt)
+    write_price = rates.cache_write_5m_nanos if spec.rules == "anthropic" else rates.input_nanos
+    written_nanos = (written * (write_price + amortize * rates.cache_read_nanos)) // (amortize + 1)
     return TierCost(
         model=spec.id,
-        nanos=uncached * spec.input_nanos
+        nanos=uncached * rates.input_nanos
         + written_nanos
-        + read * spec.cache_read_nanos
-        + output * spec.output_nanos,
-        cold_nanos=prompt * spec.input_nanos + output * spec.output_nanos,
+        + read * rates.cache_read_nanos
+        + output * rates.output_nanos,
+        cold_nanos=spec.baseline_nanos(prompt, output),
         warm_tokens=read,
     )
 

@@ -129,6 +129,10 @@ async def replay(
         lookback=20,
     )
     sums = Split(0, 0, 0, 0)
+    priced_as = (spec, *also_priced)
+    # each request priced on its own: a long-context tier is a request's prompt length
+    costs = dict.fromkeys((p.id for p in priced_as), 0)
+    baselines = dict(costs)
     for i, turn in enumerate(turns):
         clock.advance(ms=turn.at_ms - clock.now_ms())
         split = await core.warm("tau", f"r{i}", spec.id, request_of(tools, system, turn, ttl), "")
@@ -139,6 +143,9 @@ async def replay(
             sums.write_1h_tokens + split.write_1h_tokens,
             sums.read_tokens + split.read_tokens,
         )
+        for priced in priced_as:
+            costs[priced.id] += cost_nanos(split, 0, priced)
+            baselines[priced.id] += priced.baseline_nanos(split.prompt_tokens, 0)
     result: dict[str, Any] = {
         "model": spec.id,
         "rules": spec.rules,
@@ -151,9 +158,8 @@ async def replay(
         "hit_rate_tokens": round(sums.read_tokens / max(sums.prompt_tokens, 1), 4),
         "input_cost": {},
     }
-    for priced in (spec, *also_priced):
-        cost = cost_nanos(sums, 0, priced)
-        baseline = sums.prompt_tokens * priced.input_nanos
+    for priced in priced_as:
+        cost, baseline = costs[priced.id], baselines[priced.id]
         result["input_cost"][priced.id] = {
             "cost_usd": round(cost / 1e9, 4),
             "no_cache_usd": round(baseline / 1e9, 4),

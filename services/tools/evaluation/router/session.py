@@ -35,10 +35,7 @@ class Prompts:
 
     def nanos_on(self, spec: ModelSpec) -> npt.NDArray[np.float64]:
         """Each prompt's cost on ``spec`` (its tokens and OUTPUT_TOKENS at its prices)."""
-        out: npt.NDArray[np.float64] = (
-            self.tokens * spec.input_nanos + OUTPUT_TOKENS * spec.output_nanos
-        )
-        return out
+        return _nanos(self.tokens, spec)
 
     @property
     def texts(self) -> list[str]:
@@ -62,6 +59,11 @@ class Prompts:
             )
             out.append(1.0 if choose_tier(request).tier == "large" else 0.0)
         return np.array(out)
+
+
+def _nanos(tokens: npt.NDArray[np.float64], spec: ModelSpec) -> npt.NDArray[np.float64]:
+    """Each prompt's cost on ``spec``, a long prompt at the row's long-context prices."""
+    return np.array([spec.baseline_nanos(int(n), OUTPUT_TOKENS) for n in tokens], dtype=np.float64)
 
 
 class Session:
@@ -89,7 +91,7 @@ class Session:
             shapes=np.stack([shape_features(t) for t in texts]),
             weak=np.array([r.weak for r in rows]),
             strong=np.array([r.strong for r in rows]),
-            small_nanos=tokens * small.input_nanos + OUTPUT_TOKENS * small.output_nanos,
-            large_nanos=tokens * large.input_nanos + OUTPUT_TOKENS * large.output_nanos,
+            small_nanos=_nanos(tokens, small),
+            large_nanos=_nanos(tokens, large),
             tokens=tokens,
         )
