@@ -31,6 +31,11 @@ def channel_options(max_message_bytes: int) -> Options:
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # never through an HTTP proxy: gRPC follows http(s)_proxy / grpc_proxy by default,
+        # loopback included, and a shell or container with them set (Docker sets them in
+        # every container when its client has proxies) sent every call between the services
+        # to the proxy: failing while health said SERVING, or carrying prompts in plaintext
+        ("grpc.enable_http_proxy", 0),
     ]
 
 

@@ -13,6 +13,7 @@ variables itself.
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.parse
 from collections.abc import Mapping
 
@@ -68,12 +69,30 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
         )
-        exporter = WireSpanExporter(endpoint=endpoint, insecure=_insecure(env, endpoint))
+        exporter = WireSpanExporter(
+            endpoint=endpoint,
+            insecure=_insecure(env, endpoint),
+            channel_options=otlp_channel_options(endpoint),
+        )
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def otlp_channel_options(endpoint: str) -> tuple[tuple[str, int], ...]:
+    """A collector on loopback is dialled directly, whatever ``https_proxy`` / ``grpc_proxy``
+    say (gRPC follows them by default, loopback included: Docker sets them in every container
+    when its client has proxies): no proxy can reach this host's loopback. A remote collector
+    follows the proxy variables (and ``no_proxy``), as the operator set them."""
+    target = endpoint if "://" in endpoint else f"//{endpoint}"
+    host = urllib.parse.urlsplit(target).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return (("grpc.enable_http_proxy", 0),) if loopback else ()
 
 
 def _insecure(env: Env, endpoint: str) -> bool:

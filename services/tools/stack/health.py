@@ -19,7 +19,8 @@ UNREACHABLE = "UNREACHABLE"
 
 def probe(address: str, timeout_s: float = 1.0) -> str:
     """The health status name at ``address`` ("SERVING", "NOT_SERVING", ...) or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+    # the stack's own loopback services: never through an HTTP proxy (https_proxy et al.)
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # grpc_health ships no stub types
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
