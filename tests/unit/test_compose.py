@@ -215,7 +215,11 @@ def test_environment_is_the_local_one_but_for_container_overrides(
     else:
         assert "CACHEMESH_ADMIN_TOKEN" not in env, f"{spec.name} gets the admin token"
     assert {key: env.get(key) for key in expected} == expected
-    assert env["CACHEMESH_INTERNAL_TOKEN"] == resolved.keys.internal_token
+    if spec.internal:
+        assert env["CACHEMESH_INTERNAL_TOKEN"] == resolved.keys.internal_token
+    else:  # the internet-facing front calls only the Gateway, with the caller's own key
+        assert "CACHEMESH_INTERNAL_TOKEN" not in env, f"{spec.name} gets the internal token"
+        assert "CACHEMESH_INTERNAL_TOKEN" not in local
 
 
 KEY_FILE = "/var/lib/cachemesh/keys/api-keys"

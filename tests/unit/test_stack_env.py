@@ -243,3 +243,20 @@ def test_up_on_a_running_stack_names_the_settings_it_would_ignore(tmp_path: Path
     changed = other.changed_settings(keys, managed)
     assert any(c.startswith("model: ") and "MODEL_BACKEND" in c for c in changed)
     assert "S3cret" not in "; ".join(changed)  # names only, never values
+
+
+def test_only_the_services_inside_the_mesh_get_the_internal_credentials(tmp_path: Path) -> None:
+    """The HTTP front, the stack's internet-facing process, calls only the Gateway with each
+    caller's own key: holding the internal token, any code run in it could read and write
+    every tenant's L1 and bills straight from the internal services."""
+    keys = ensure_keys(tmp_path / ".run")
+    (tmp_path / ".env").write_text(DOTENV + "CACHEMESH_INTERNAL_TOKEN=from-dotenv\n")
+    stack = Stack(tmp_path, tmp_path / ".run", environ={})
+    for spec in SERVICES:
+        env = stack.environment(spec, keys)
+        holds = {"CACHEMESH_INTERNAL_TOKEN", "CACHEMESH_ADMIN_TOKEN_FILE"} & env.keys()
+        if spec.name == "http-front":
+            assert not holds
+            assert not spec.internal
+        else:
+            assert "CACHEMESH_INTERNAL_TOKEN" in env

@@ -136,7 +136,11 @@ class Stack:
         return merge_env(self._dotenv, self._environ, {}, self._overrides)
 
     def environment(self, service: ServiceDef, keys: StackKeys) -> dict[str, str]:
-        merged = merge_env(self._dotenv, self._environ, keys.env(), self._overrides)
+        secrets = keys.env(internal=service.internal)
+        merged = merge_env(self._dotenv, self._environ, secrets, self._overrides)
+        if not service.internal:  # not even from the shell or .env
+            for name in ("CACHEMESH_INTERNAL_TOKEN", "CACHEMESH_ADMIN_TOKEN_FILE"):
+                merged.pop(name, None)
         for variable, folder in DATA_DIRS.items():  # durable by default, under the run dir
             merged.setdefault(variable, str(self.run_dir / "data" / folder))
         env = service.process_env(merged)

@@ -80,6 +80,9 @@ class ServiceDef:
     renames: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # "grpc": health is grpc.health.v1 on the listen address; "http": GET /readyz answers 200
     protocol: str = "grpc"
+    # inside the mesh: holds the internal credential (and the admin token's file). The HTTP
+    # front is not: it calls only the Gateway, with each caller's own key
+    internal: bool = True
 
     @property
     def package(self) -> str:
@@ -293,6 +296,7 @@ SERVICES: tuple[ServiceDef, ...] = (
         ),
         peers=MappingProxyType({"HTTP_FRONT_GATEWAY_ADDR": ("router",)}),
         protocol="http",
+        internal=False,
     ),
 )
 
