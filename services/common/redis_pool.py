@@ -2,11 +2,19 @@
 burst of calls waits for a free connection (at most ``timeout_s``, its caller's own timeout)
 instead of opening one more. A bare ``Redis.from_url`` pool grows to the highest concurrency
 it has seen and never shrinks (one burst of 300 in flight left a router with 180 connections),
-and a few bursts over several processes reach Redis's ``maxclients``."""
+and a few bursts over several processes reach Redis's ``maxclients``.
+
+Their maintenance notifications are off: push messages of Redis Enterprise/Cloud about planned
+maintenance, which an open-source Redis does not send (its connections answer the handshake
+"unknown subcommand"). redis-py 8.1 turns them on by default ("auto") and then does not
+check a pooled connection before handing it out, so after a Redis restart every connection it
+closed failed its next call (8 of 8 calls; a tenant over its budget admitted meanwhile, an
+answer recorded in the ledger not found)."""
 
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.maint_notifications import MaintNotificationsConfig
 
 from services.common.env import Env, redis_url_error
 
@@ -26,7 +34,11 @@ def bounded_redis(var: str, url: str, max_connections: int, timeout_s: float | N
     its caller waits). Closing the client closes its pool."""
     try:
         pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            # a connection Redis closed (a restart) is reconnected before use (module doc)
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
     except ValueError:  # its message may quote part of the password
         raise redis_url_error(var, url) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.models import load_model_table
+from services.common.redis_pool import bounded_redis
 from services.common.tokens import load_tokenizers
 from services.prefix_cache.app import serve
 from services.prefix_cache.settings import PrefixCacheSettings
@@ -147,3 +149,28 @@ def test_a_bound_of_0_is_refused_at_start_up_naming_the_variable(read: object, n
     env = Env({"CACHEMESH_INTERNAL_TOKEN": TOKEN, name: "0"})
     with pytest.raises(ConfigError, match=f"{name} must be >= 1, got 0"):
         read(env)  # type: ignore[operator]
+
+
+async def test_the_first_calls_after_redis_restarted_reconnect_their_pooled_connections(
+    tmp_path: Path,
+) -> None:
+    """Redis restarted (its data kept or not) under a live client: each pooled connection it
+    closed is reconnected before its next call. redis-py 8.1 skipped that check whenever
+    maintenance notifications were on, as they are by default ("auto"), so every pooled
+    connection failed its next call: 8 retries of recorded answers made 8 model calls, 8
+    requests of a tenant over its budget were admitted. Each service's clients are these."""
+    port = free_port()
+    for run in ("before", "after"):
+        (tmp_path / run).mkdir()
+    with ExitStack() as before:
+        url = before.enter_context(redis_server(tmp_path / "before", port=port))
+        client = bounded_redis("ROUTER_LIMITS_REDIS_URL", url, N, 5)
+        await asyncio.gather(*(client.ping() for _ in range(N)))  # N connections pooled
+        # stopped while the event loop runs, as a service's does: it sees them closed
+        await asyncio.to_thread(before.close)
+    try:
+        with redis_server(tmp_path / "after", port=port):
+            answers = await asyncio.gather(*(client.ping() for _ in range(N)))
+            assert answers == [True] * N
+    finally:
+        await client.aclose()
