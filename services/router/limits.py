@@ -141,7 +141,8 @@ SETTLE_REPLAY_S = 1.0
 # ambiguous) needs it: such a settle is replayed only within AMBIGUOUS_REPLAY_MS of that try,
 # while its marker is surely there (the other half covers a script Redis runs late), and is
 # otherwise given up (counted lost). A settle the store surely never ran (``SettleNotSent``:
-# no connection) needs no marker and is replayed for the whole SETTLE_REPLAY_WINDOW_MS.
+# no connection, or refused: Redis's error reply) needs no marker and is replayed for the
+# whole SETTLE_REPLAY_WINDOW_MS.
 # A bucket whose time is ahead of the caller's by more than this follows the caller's clock
 # (it stepped back); by less, the bucket keeps its time (several routers' calls reach Redis
 # out of order: following each back refilled the same interval twice, 3,065 admitted in 3 s
@@ -152,8 +153,9 @@ AMBIGUOUS_REPLAY_MS = SETTLE_MARKER_MS // 2
 
 
 class SettleNotSent(Exception):
-    """A store's settle that surely did not reach it (no connection could be made): it counted
-    nothing, so a replay at any later time counts it once."""
+    """A store's settle that surely did not reach it (no connection could be made) or that it
+    refused (Redis answered with an error: full, read-only): it counted nothing, so a replay
+    at any later time counts it once."""
 
 
 LOST_LOG_INTERVAL_MS = 60_000  # settles lost are logged at most once in this interval
@@ -187,7 +189,7 @@ class LimitStore(Protocol):
         when the cost was incurred: a killed router's open call, an estimate corrected); once
         per ``settle_id`` (when given) within ``SETTLE_MARKER_MS``: a replay of a settle
         counted already counts nothing. Raises ``SettleNotSent`` when the settle surely did
-        not reach the store."""
+        not reach the store or was refused by it."""
         ...
 
     async def close(self) -> None: ...

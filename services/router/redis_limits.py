@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.router.limits import (
@@ -248,7 +249,17 @@ class RedisLimitStore:
             GC_SLACK_MS,
             0 if settle_id is None else SETTLE_MARKER_MS,  # the marker's life (0: none)
         ]
-        await self._settle(keys=keys, args=args)
+        try:
+            await self._settle(keys=keys, args=args)
+        except ResponseError as exc:
+            # An error reply (OOM under noeviction, READONLY after a failover, NOPERM) is
+            # Redis's answer, not silence: the script ran none of its writes. Redis refuses a
+            # script for OOM only before its first write (never midway), READONLY and NOPERM
+            # at the command they hit, and the script's first write is the marker's SET NX:
+            # refused there, it wrote nothing (the tests see no key). An error past the marker
+            # (a key of another type) leaves the marker, so the replay a second later counts
+            # nothing. Either way it is replayed as one never sent, for the whole window.
+            raise SettleNotSent(f"Redis refused it ({exc})") from exc
 
     async def _connected(self) -> None:
         """``SettleNotSent`` when no connection to Redis can be made (refused, unreachable):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -781,6 +781,54 @@ async def test_a_settle_redis_never_received_is_replayed_past_the_markers_life(
     with redis_server(tmp_path, port=port):
         await limiter.replay_pending()
         assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000
+        assert limiter.pending == 0 and lost == []
+        await limiter.close()
+
+
+@pytest.mark.parametrize(
+    ("refuse", "accept"),
+    [
+        # full under noeviction (the README's advice: no eviction policy)
+        (lambda r: r.config_set("maxmemory", 1), lambda r: r.config_set("maxmemory", 0)),
+        # a replica (a failover that left the routers on it): read-only
+        (lambda r: r.replicaof("127.0.0.1", free_port()), lambda r: r.replicaof("NO", "ONE")),
+    ],
+    ids=["oom", "readonly"],
+)
+async def test_a_settle_redis_refused_is_replayed_past_the_markers_life(
+    tmp_path: Path,
+    refuse: Callable[[Redis], Awaitable[Any]],
+    accept: Callable[[Redis], Awaitable[Any]],
+) -> None:
+    """Redis answers the settle's script with an error (OOM, READONLY): it refused the script
+    at its first write, the marker's, so nothing was counted and no marker is kept. Such a
+    settle is replayed for the queue's whole window, as one never sent. Before, it was taken
+    for ambiguous and dropped after AMBIGUOUS_REPLAY_MS: 5 bills of $0.001 while Redis was
+    full for 61 s, spent today None, 5 settles lost."""
+    lost: list[int] = []
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(day_budget_nanos=100 * NANOS)
+    with redis_server(tmp_path) as url:
+        client = Redis.from_url(url)
+        limiter = Limiter(
+            RedisLimitStore(client, server_time=False),
+            UniformPolicies(policy),
+            clock,
+            _count,
+            lost=lost.append,
+            timeout_s=30,  # a slow test machine never times out (ambiguous)
+        )
+        await refuse(client)
+        for _ in range(5):
+            limiter.settle(Ticket("t", policy, 0), _answer(10, 10, cost_nanos=1_000_000))
+        await limiter.drain()
+        assert limiter.pending == 5 and await client.dbsize() == 0  # refused: no marker
+        clock.advance(ms=5 * SETTLE_MARKER_MS)
+        await limiter.replay_pending()  # still refused: they wait
+        assert limiter.pending == 5 and lost == []
+        await accept(client)
+        await limiter.replay_pending()
+        assert int(await _spent(client, Periods.at(START_MS).day)) == 5_000_000
         assert limiter.pending == 0 and lost == []
         await limiter.close()
 
