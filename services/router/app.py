@@ -84,6 +84,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         tracer,
         metrics.degraded,
         metrics.settles_lost,
+        metrics.limits_store_reset,
     )
     outbox = BillingOutbox(
         connected.dependencies.prefix,

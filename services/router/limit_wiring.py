@@ -35,16 +35,25 @@ async def build_limiter(
     tracer: trace.Tracer | None = None,
     counted: Callable[[str, str], None] | None = None,
     lost: Callable[[int], None] | None = None,
+    reset: Callable[[], None] | None = None,
 ) -> Limiter:
     """``tokenizers``: the pipeline's (one load, one cache), to count what a request's prompt
     reserves of the token rate, with the requested row's tokenizer (``auto``'s: its large
-    tier's, whose price is its baseline)."""
+    tier's, whose price is its baseline). ``reset``: told each time the limits' Redis is
+    found to have lost its counts (``RedisLimitStore``)."""
     store: LimitStore = MemoryLimitStore()
     if settings.redis_url is not None:
-        redis = bounded_redis(
-            REDIS_URL, settings.redis_url, settings.redis_max_connections, settings.timeout_s
-        )
-        store = RedisLimitStore(await _reachable(REDIS_URL, settings.redis_url, redis))
+        url = settings.redis_url
+        redis = bounded_redis(REDIS_URL, url, settings.redis_max_connections, settings.timeout_s)
+        shared = RedisLimitStore(await _reachable(REDIS_URL, url, redis), url=url, reset=reset)
+        try:
+            await shared.start()
+        except RedisError as exc:
+            await redis.aclose()
+            raise ConfigError(
+                f"{REDIS_URL}: Redis at {redacted_url(url)} refused ({exc})"
+            ) from None
+        store = shared
     return limiter_on(store, settings, clock, table, tokenizers, tracer, counted, lost)
 
 

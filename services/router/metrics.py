@@ -52,6 +52,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   against the limits (their settle failed and was dropped: the queue of pending ones full,
   past its replay window, an ambiguous try past ``AMBIGUOUS_REPLAY_MS``, or the router
   stopping);
+  ``cachemesh_router_limits_store_resets_total``: losses of the limits' Redis counts this
+  router found (its store's id gone or replaced: a Redis restarted without persistence,
+  failed over, flushed), after which every tenant's limits count from zero;
   ``cachemesh_router_answer_ledger_failures_total{operation}``: calls to the answer ledger's
   Redis that failed or did not answer in time (``claim``, ``renew``: each failed try of a
   claim's renewal, ``record``, ``give_back``); each costs a request only its answer-once
@@ -202,6 +205,11 @@ class RouterMetrics:
             "cachemesh_router_limits_settles_lost",
             "Settles of the limits' store dropped before it answered (costs never counted)",
         )()
+        self._store_resets = m.counter(
+            "cachemesh_router_limits_store_resets",
+            "Losses of the limits' Redis counts this router found (every tenant's limits "
+            "counted from zero after)",
+        )()
         self._ledger_failures = m.counter(
             "cachemesh_router_answer_ledger_failures",
             "Answer-ledger calls to Redis that failed or timed out, by operation (the request "
@@ -316,6 +324,9 @@ class RouterMetrics:
 
     def settles_lost(self, count: int) -> None:
         self._settles_lost.inc(count)
+
+    def limits_store_reset(self) -> None:
+        self._store_resets.inc()
 
     def ledger_failed(self, operation: LedgerOperation) -> None:
         """A call to the answer ledger's Redis failed or did not answer in time."""

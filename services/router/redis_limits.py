@@ -15,10 +15,22 @@ clock behind) or frozen for everyone (a clock ahead), and around midnight UTC ea
 would count in a day of its own. Tests inject the time instead
 (``server_time=False``: ``now_ms`` from the caller's clock, as the in-memory store), so the
 same tests drive this store and the in-memory one; Redis's key expiry only collects garbage.
+
+The counts need a Redis that keeps them (AOF): one that loses them (restarted without
+persistence, failed over to a replica that had not the last writes, flushed) resets every
+tenant's budgets and rates to zero. That is seen, not prevented: ``<prefix>:store``, the one
+key outside a tenant's (never expiring; outside its cluster slot too, as this store's client
+is no cluster client), holds an id written when it is absent; each admit's script reads it
+(writing a new one when it is gone). A router that finds an id it has not seen
+since it started (``start``) logs an ERROR naming the Redis and counts it (``reset``), once
+per loss; the counts then start from zero, and requests are admitted as ever.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -26,6 +38,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.common.env import redacted_url
 from services.router.limits import (
     CLOCK_STEP_BACK_MS,
     DAY_BUDGET,
@@ -40,7 +53,21 @@ from services.router.limits import (
     longest,
 )
 
+log = logging.getLogger("cachemesh.router.limits")
+
 GC_SLACK_MS = 86_400_000  # a key outlives its use by a day before Redis drops it
+
+# The store's id (module doc): the one at KEYS[n], or ``candidate`` written there when there
+# is none; and 1 when it was written.
+_MARK = """
+local function store_mark(key, candidate)
+  local mark = redis.call('GET', key)
+  if mark then return mark, 0 end
+  redis.call('SET', key, candidate)
+  return candidate, 1
+end
+"""
+_START = _MARK + "return {store_mark(KEYS[1], ARGV[1])}"
 
 # Shared by both scripts: the time (ARGV[1], or Redis's clock when it is -1); a bucket's level
 # then (full when absent), refilled at cap a minute, and the time it is kept at, which does
@@ -76,20 +103,22 @@ end
 """
 )
 
-# KEYS: requests, tokens, spent:day, spent:month. ARGV: now_ms, requests cap, tokens cap, day
-# budget, month budget (-1 = no such limit), tokens to reserve, GC slack. Returns {} (admitted)
-# or, for every limit the request is over (each is checked), {limit index, wait ms, free
-# tokens}: 1 day budget, 2 month budget, 3 requests, 4 tokens (a budget's wait is computed by
-# the caller). The token bucket must hold the reservation, or be full when the reservation is
+# KEYS: requests, tokens, spent:day, spent:month, the store's id. ARGV: now_ms, requests cap,
+# tokens cap, day budget, month budget (-1 = no such limit), tokens to reserve, GC slack, an id
+# for the store when it has none. Returns the store's id, then nothing (admitted) or, for
+# every limit the request is over (each is checked), {limit index, wait ms, free tokens}: 1
+# day budget, 2 month budget, 3 requests, 4 tokens (a budget's wait is computed by the
+# caller). The token bucket must hold the reservation, or be full when the reservation is
 # larger (limits.tokens_needed).
 _ADMIT = (
     _LEVEL
+    + _MARK
     + """
+local over = {(store_mark(KEYS[5], ARGV[8]))}
 local now = clock(tonumber(ARGV[1]))
 local rcap, tcap = tonumber(ARGV[2]), tonumber(ARGV[3])
 local day, month = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserve, slack = tonumber(ARGV[6]), tonumber(ARGV[7])
-local over = {}
 local function refuse(limit, wait, free)
   over[#over + 1] = limit
   over[#over + 1] = wait
@@ -109,10 +138,10 @@ if tcap > 0 then
     refuse(4, math.max(1, math.ceil((need - t) * 60000 / tcap)), math.max(0, math.floor(t)))
   end
 end
-if #over > 0 then return over end
+if #over > 1 then return over end
 if rcap > 0 then keep(KEYS[1], r - 1, rat, rcap, slack) end
 if tcap > 0 then keep(KEYS[2], t - reserve, tat, tcap, slack) end
-return {}
+return over
 """
 )
 
@@ -145,6 +174,11 @@ return 0
 _LIMITS = (DAY_BUDGET, MONTH_BUDGET, REQUESTS, TOKENS)
 
 
+def _bytes(value: bytes | str) -> bytes:
+    """A script's string reply, whether the client decodes replies or not."""
+    return value.encode() if isinstance(value, str) else value
+
+
 def _or_none(value: int | None) -> int:
     return -1 if value is None else value
 
@@ -158,15 +192,56 @@ class RedisLimitStore:
     outlives_process = True  # every router's, across their restarts
 
     def __init__(
-        self, client: Redis, prefix: str = "cachemesh:limits", *, server_time: bool = True
+        self,
+        client: Redis,
+        prefix: str = "cachemesh:limits",
+        *,
+        server_time: bool = True,
+        url: str | None = None,
+        reset: Callable[[], None] | None = None,
     ) -> None:
         """``server_time``: the buckets' time is Redis's clock (every router's); False: the
-        caller's ``now_ms`` (tests, with an injected clock)."""
+        caller's ``now_ms`` (tests, with an injected clock). ``url``: the client's, named
+        (without its password) when the store is found to have lost its counts; ``reset``:
+        told of each such loss (module doc)."""
         self._client = client
         self._prefix = prefix
         self._server_time = server_time
+        self._where = "its Redis" if url is None else redacted_url(url)
+        self._reset = reset
+        self._marker = f"{prefix}:store"
+        self._marks: set[bytes] = set()  # the store's ids seen since ``start``
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
+        self._start = client.register_script(_START)
+
+    async def start(self) -> None:
+        """Reads the store's id, writing one when there is none: a new store, or one that
+        lost its counts while no router ran (not told apart)."""
+        mark, written = cast(
+            list[Any], await self._start(keys=[self._marker], args=[uuid.uuid4().hex])
+        )
+        self._marks.add(_bytes(mark))
+        if written:
+            log.info("limits store at %s holds no counts yet: they start from zero", self._where)
+
+    def _seen(self, mark: bytes) -> None:
+        """An admit found the store's id ``mark``: one not seen since ``start`` means the
+        counts were lost (the id gone; written again by this admit, or by another router)."""
+        if mark in self._marks:
+            return
+        if self._marks:
+            log.error(
+                "limits store at %s lost its counts (its key %s was gone: Redis restarted "
+                "without persistence, failed over to a replica without the last writes, or was "
+                "flushed): every tenant's rates and budgets count from zero; give that Redis "
+                "persistence (appendonly yes)",
+                self._where,
+                self._marker,
+            )
+            if self._reset is not None:
+                self._reset()
+        self._marks.add(mark)
 
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._prefix}:{{{tenant}}}:{name}"
@@ -194,8 +269,9 @@ class RedisLimitStore:
             self._key(tenant, TOKENS),
             self._key(tenant, f"spent:{periods.day}"),
             self._key(tenant, f"spent:{periods.month}"),
+            self._marker,
         ]
-        args = [
+        args: list[int | str] = [
             script_ms,
             _cap(policy.requests_per_min),
             _cap(policy.tokens_per_min),
@@ -203,8 +279,11 @@ class RedisLimitStore:
             _or_none(policy.month_budget_nanos),
             reserve_tokens,
             GC_SLACK_MS,
+            uuid.uuid4().hex,
         ]
-        found = [int(v) for v in cast(list[Any], await self._admit(keys=keys, args=args))]
+        mark, *over_limits = cast(list[Any], await self._admit(keys=keys, args=args))
+        self._seen(_bytes(mark))
+        found = [int(v) for v in over_limits]
         if not found:
             return None
         over: list[Refusal] = []

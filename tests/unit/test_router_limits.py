@@ -5,9 +5,11 @@ expected waits are worked by hand from the rates (a bucket refills at its capaci
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,12 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.errors import Code
+from services.common.models import load_model_table
 from services.common.prompt import prompt_tokens
 from services.common.retry_info import retry_trailers
-from services.common.tokens import load_cl100k
+from services.common.tokens import load_cl100k, load_tokenizers
 from services.router.limit_settings import LimitSettings
+from services.router.limit_wiring import build_limiter
 from services.router.limits import (
     AMBIGUOUS_REPLAY_MS,
     CLOCK_STEP_BACK_MS,
@@ -56,6 +60,8 @@ START_MS = 1_700_000_000_000
 TO_MIDNIGHT_MS = 6_400_000
 TO_MONTH_END_MS = 16 * 86_400_000 + TO_MIDNIGHT_MS
 TOKENIZER = load_cl100k()
+TABLE = load_model_table()
+TOKENIZERS = load_tokenizers(TABLE.models.values())
 
 
 def _count(request: pb.CompleteRequest) -> int:
@@ -833,6 +839,96 @@ async def test_a_settle_redis_refused_is_replayed_past_the_markers_life(
         await limiter.close()
 
 
+PASSWORD = "Limits-S3cret"
+
+
+async def _with_password(url: str) -> str:
+    """Requires a password of the server at ``url`` (db 0); its URL with it, of db 1."""
+    admin = Redis.from_url(url)
+    try:
+        await admin.config_set("requirepass", PASSWORD)
+    finally:
+        await admin.aclose()
+    return url.replace("redis://", f"redis://:{PASSWORD}@").removesuffix("/0") + "/1"
+
+
+@pytest.mark.parametrize("written_again_by", ["its next admit", "a router started after"])
+async def test_a_limits_redis_that_lost_its_counts_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, written_again_by: str
+) -> None:
+    """The limits' Redis restarts without its data (no persistence): a tenant that spent 3x
+    its daily budget is admitted again. Budgets count from zero (documented), but no longer
+    silently: the running router logs one ERROR naming that Redis (not its password) and
+    counts it, whether its own admit finds the store's id gone or a router started after the
+    loss wrote a new one. Before: 3 of 3 admitted, nothing above INFO, no metric."""
+    port = free_port()
+    for run in ("before", "after"):
+        (tmp_path / run).mkdir()
+    resets: list[str] = []
+
+    def build(url: str, who: str) -> Awaitable[Limiter]:
+        env = Env(
+            {
+                "ROUTER_BUDGET_USD_PER_DAY": "0.001",
+                "ROUTER_LIMITS_REDIS_URL": url,
+                "ROUTER_LIMITS_TIMEOUT_S": "30",  # a slow test machine never degrades
+            }
+        )
+        settings = LimitSettings.from_env(env)
+        clock = ManualClock(START_MS)
+        return build_limiter(settings, clock, TABLE, TOKENIZERS, reset=lambda: resets.append(who))
+
+    with ExitStack() as before:
+        server = before.enter_context(redis_server(tmp_path / "before", port=port))
+        url = await _with_password(server)
+        limiter = await build(url, "running")
+        ticket = await _admitted(limiter)
+        limiter.settle(ticket, _answer(10, 10, cost_nanos=3_000_000))  # 3x the day's budget
+        await limiter.drain()
+        assert isinstance(await limiter.admit("t", _request()), Denial)
+        assert resets == []  # a new store is no loss
+        await asyncio.to_thread(before.close)  # its counts gone with it; the loop runs meanwhile
+    with redis_server(tmp_path / "after", port=port) as fresh:
+        await _with_password(fresh)
+        started = await build(url, "started") if written_again_by != "its next admit" else None
+        admitted = [await limiter.admit("t", _request()) for _ in range(3)]
+        assert all(isinstance(a, Ticket) for a in admitted)  # from zero, traffic never refused
+        assert resets == ["running"]
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "lost its counts" in errors[0], errors
+        assert f"127.0.0.1:{port}/1" in errors[0] and PASSWORD not in errors[0]
+        if started is not None:
+            assert isinstance(await started.admit("t", _request()), Ticket)
+            await started.close()
+        assert resets == ["running"]
+        await limiter.close()
+
+
+async def test_a_limits_redis_that_refuses_to_keep_the_stores_id_stops_the_router(
+    tmp_path: Path,
+) -> None:
+    """A read-only replica with no id at start-up cannot keep one, so it could not tell a
+    later loss either: the router stops naming the variable and that Redis (no password),
+    as for a Redis it cannot reach, rather than start counting on it."""
+    with redis_server(tmp_path) as server:
+        url = await _with_password(server)
+        admin = Redis.from_url(url)
+        try:
+            await admin.replicaof("127.0.0.1", free_port())
+            env = Env({"ROUTER_BUDGET_USD_PER_DAY": "1", "ROUTER_LIMITS_REDIS_URL": url})
+            with pytest.raises(ConfigError) as refused:
+                await build_limiter(
+                    LimitSettings.from_env(env), ManualClock(START_MS), TABLE, TOKENIZERS
+                )
+        finally:
+            await admin.aclose()
+    message = str(refused.value)
+    assert (
+        message.startswith("ROUTER_LIMITS_REDIS_URL: Redis at redis://") and "read only" in message
+    )
+    assert PASSWORD not in message
+
+
 class AnsweredTooLate(RedisLimitStore):
     """Redis adds the spend, but its answer comes after the router gave up (the first time)."""
 
@@ -909,7 +1005,8 @@ async def test_the_settles_markers_in_redis_last_only_as_long_as_a_replay_needs(
         limiter.settle(await _admitted(limiter), _answer(10, 10, cost_nanos=1_000))
     await limiter.drain()
     markers = [key async for key in client.scan_iter(match="*:settled:*")]
-    assert len(markers) == n and await client.dbsize() == n + 3  # tokens, spent: day, month
+    # and the tokens, the day's and month's spend, the store's id
+    assert len(markers) == n and await client.dbsize() == n + 4
     ttls = [await client.pttl(key) for key in markers]
     assert all(0 < ttl <= SETTLE_MARKER_MS for ttl in ttls), max(ttls)
     await limiter.close()
