@@ -4,6 +4,7 @@ code's defaults: a wrong value there passed every test that built settings from 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -65,3 +66,16 @@ def test_the_tenant_cap_comment_names_the_label_the_code_uses() -> None:
     lines = (ROOT / ".env").read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(f"{MAX_TENANTS_VAR}="))
     assert f'"{OTHER}"' in lines[at - 1], lines[at - 1]
+
+
+def test_the_limits_redis_example_is_a_database_of_the_stacks_redis() -> None:
+    """.env's commented ROUTER_LIMITS_REDIS_URL example named 127.0.0.1:6379, where the stack
+    runs no Redis (its own, which appends every write, is at PREFIX_CACHE_REDIS_URL's
+    address): uncommented, the router stopped at start-up, or counted in another Redis."""
+    lines = (ROOT / ".env").read_text().splitlines()
+    [example] = [line for line in lines if line.startswith("# ROUTER_LIMITS_REDIS_URL=")]
+    limits = urlsplit(example.split("=", 1)[1])
+    stack = urlsplit(SHIPPED["PREFIX_CACHE_REDIS_URL"])
+    assert limits.netloc == stack.netloc, example
+    others = {stack.path, urlsplit(SHIPPED["ROUTER_ANSWERS_REDIS_URL"]).path}
+    assert limits.path not in others, example  # a database of its own
