@@ -26,7 +26,7 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.semantic_cache.metrics import SemanticCacheMetrics, StoreCollector
 from services.semantic_cache.operating_point import OperatingPoint
-from services.semantic_cache.persistence import SnapshotStore
+from services.semantic_cache.persistence import LOCK_NAME, DirectoryInUse, SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.settings import DATA_DIR, SemanticCacheSettings
 from services.semantic_cache.snapshotter import Snapshotter
@@ -56,62 +56,85 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     metrics = SemanticCacheMetrics(registry, TenantLabels(metrics_settings.max_tenants))
     stats = StoreStats()
     registry.register(StoreCollector(stats, metrics_settings.max_tenants))
-    snapshotter = _snapshotter(config, clock, metrics)
-    policies = _policies(config)
-    provider = build_tracer_provider(environ, NAME)
-    faiss.omp_set_num_threads(config.faiss_threads)
-    stop = stop if stop is not None else asyncio.Event()  # set when the drain begins
-    servicer = SemanticCacheService()
+    store = _store(config)  # holds the data directory's lock until the process is done
+    try:
+        snapshotter = _snapshotter(config, store, clock, metrics)
+        policies = _policies(config)
+        provider = build_tracer_provider(environ, NAME)
+        faiss.omp_set_num_threads(config.faiss_threads)
+        stop = stop if stop is not None else asyncio.Event()  # set when the drain begins
+        servicer = SemanticCacheService()
 
-    async def warmup() -> None:
-        embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
-        await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
-        solo = None
-        if config.ort_solo_threads not in (0, config.ort_threads):  # costs a second session
-            solo = await asyncio.to_thread(embedder.with_threads, config.ort_solo_threads)
-            await asyncio.to_thread(solo.embed, ["warm-up"])
-        verifier = await asyncio.to_thread(build_verifier, config, embedder)
-        await asyncio.to_thread(verifier.accepts_all, [("warm-up", "warm up", 0.9)])
-        cache = build_cache(config, embedder, clock, stats, metrics, verifier, solo)
-        if snapshotter is not None:
-            await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
-        servicer.attach(build_api(config, cache, draining=stop, policies=policies, metrics=metrics))
+        async def warmup() -> None:
+            embedder = await asyncio.to_thread(load_minilm_embedder, threads=config.ort_threads)
+            await asyncio.to_thread(embedder.embed, ["warm-up"])  # the first run allocates
+            solo = None
+            if config.ort_solo_threads not in (0, config.ort_threads):  # costs a second session
+                solo = await asyncio.to_thread(embedder.with_threads, config.ort_solo_threads)
+                await asyncio.to_thread(solo.embed, ["warm-up"])
+            verifier = await asyncio.to_thread(build_verifier, config, embedder)
+            await asyncio.to_thread(verifier.accepts_all, [("warm-up", "warm up", 0.9)])
+            cache = build_cache(config, embedder, clock, stats, metrics, verifier, solo)
+            if snapshotter is not None:
+                await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
+            servicer.attach(
+                build_api(config, cache, draining=stop, policies=policies, metrics=metrics)
+            )
 
-    async def shutdown_tracing() -> None:
-        await asyncio.to_thread(provider.shutdown)
+        async def shutdown_tracing() -> None:
+            await asyncio.to_thread(provider.shutdown)
 
-    async def save_snapshot() -> None:
-        if snapshotter is not None:
-            await snapshotter.stop()  # the server has drained: nothing changes any more
+        async def save_snapshot() -> None:
+            if snapshotter is not None:
+                await snapshotter.stop()  # the server has drained: nothing changes any more
 
-    def register(server: grpc.aio.Server) -> None:
-        semantic_cache_pb2_grpc.add_SemanticCacheServicer_to_server(servicer, server)
+        def register(server: grpc.aio.Server) -> None:
+            semantic_cache_pb2_grpc.add_SemanticCacheServicer_to_server(servicer, server)
 
-    spec = ServiceSpec(
-        name=NAME,
-        settings=settings,
-        service_names=[SERVICE_NAME],
-        register=register,
-        interceptors=[*server_interceptors(provider), auth],
-        warmup=warmup,
-        on_stop=[shutdown_tracing, save_snapshot],  # a failed last save is the exit error
-        metrics=MetricsEndpoint(metrics_settings, registry),
-    )
-    await run_service(spec, stop)
+        spec = ServiceSpec(
+            name=NAME,
+            settings=settings,
+            service_names=[SERVICE_NAME],
+            register=register,
+            interceptors=[*server_interceptors(provider), auth],
+            warmup=warmup,
+            on_stop=[shutdown_tracing, save_snapshot],  # a failed last save is the exit error
+            metrics=MetricsEndpoint(metrics_settings, registry),
+        )
+        await run_service(spec, stop)
+    finally:
+        if store is not None:
+            store.close()  # after the last save (``run_service`` ran it)
 
 
-def _snapshotter(
-    config: SemanticCacheSettings, clock: SystemClock, metrics: SemanticCacheMetrics
-) -> Snapshotter | None:
+def _store(config: SemanticCacheSettings) -> SnapshotStore | None:
+    """The data directory's snapshot store, prepared and locked (None without one)."""
     if config.data_dir is None:
         return None
     store = SnapshotStore(config.data_dir)
     try:
         store.prepare()
+    except DirectoryInUse as exc:
+        raise ConfigError(
+            f"{DATA_DIR}={config.data_dir}: another semantic-cache process is using the "
+            f"directory ({exc.holder or 'pid unknown'} holds its {LOCK_NAME}); give each "
+            "process a data directory of its own, or start this one once the other has stopped"
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"{DATA_DIR}={config.data_dir}: cannot create or write the directory ({exc})"
         ) from exc
+    return store
+
+
+def _snapshotter(
+    config: SemanticCacheSettings,
+    store: SnapshotStore | None,
+    clock: SystemClock,
+    metrics: SemanticCacheMetrics,
+) -> Snapshotter | None:
+    if store is None or config.data_dir is None:
+        return None
     wal = WriteAheadLog(config.data_dir / "wal", on_fsync=metrics.wal_fsync.observe)
     return Snapshotter(store, clock, config.snapshot_s, wal, on_save=metrics.snapshot.observe)
 

@@ -15,16 +15,23 @@ never falls back: a file that is present but unreadable, truncated or altered ra
 ``SnapshotError`` naming it. Reading streams (``SnapshotStore.open``): the payload's sha256
 and the entry lines are read a chunk and a line at a time, and the vectors are left in the
 file for the restore to read a slice of rows at a time, so a restore holds them only once.
+
+One process at a time: ``prepare`` takes an exclusive ``flock`` of ``<data dir>/.lock`` (and
+writes its pid and host name there) before it touches anything, held until ``close``; one that
+finds it held raises ``DirectoryInUse`` (two processes on one directory delete each other's
+log segments and interleave their sequence numbers).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +53,7 @@ _TMP_PREFIX = f".{SNAPSHOT_NAME}."
 _TMP_SUFFIX = ".tmp"
 _MAX_HEADER_BYTES = 1024 * 1024  # the recent purges of up to ~12k tenants
 _READ_CHUNK = 8 << 20  # bytes read at once to check the sha256
+LOCK_NAME = ".lock"
 
 
 class SnapshotError(RuntimeError):
@@ -54,6 +62,16 @@ class SnapshotError(RuntimeError):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"semantic-cache snapshot {path}: {reason}")
         self.path = path
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process holds the data directory's lock; ``holder`` is what it wrote there
+    (``pid N on HOST``), or "" when it cannot be read yet."""
+
+    def __init__(self, directory: Path, holder: str) -> None:
+        super().__init__(f"{directory}: {LOCK_NAME} is held by {holder or 'another process'}")
+        self.directory = directory
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -69,15 +87,26 @@ class SnapshotStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / SNAPSHOT_NAME
+        self._lock_fd: int | None = None
 
     def prepare(self) -> None:
-        """Creates the directory, proves it writable and removes temp files of a crashed save."""
+        """Creates the directory, takes its lock (``DirectoryInUse`` if another process holds
+        it: nothing is touched then), proves it writable and removes temp files of a crashed
+        save. The lock is held until ``close``."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self._lock_fd is None:
+            self._lock_fd = _lock(self.directory / LOCK_NAME)
         fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".probe.", suffix=_TMP_SUFFIX)
         os.close(fd)
         os.unlink(probe)
         for stale in self.directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Releases the directory's lock (the process is done with it)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def load(self) -> Snapshot | None:
         """The snapshot with its vectors in memory, or None when there is none yet."""
@@ -125,6 +154,30 @@ class SnapshotStore:
             raise
         fsync_directory(self.directory)
         return sum(len(part) if isinstance(part, bytes) else part.nbytes for part in parts)
+
+
+def _lock(path: Path) -> int:
+    """An open descriptor of ``path`` holding its exclusive ``flock``, with this process's pid
+    and host written in it; ``DirectoryInUse`` naming the holder if another one holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            written = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        raise DirectoryInUse(path.parent, written.splitlines()[0] if written else "") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def encode(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ import pytest
 from services.common.clock import ManualClock
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.persistence import (
+    LOCK_NAME,
     SNAPSHOT_NAME,
+    DirectoryInUse,
     Snapshot,
     SnapshotError,
     SnapshotStore,
@@ -241,7 +244,25 @@ def test_prepare_creates_the_directory_and_removes_stale_temp_files(tmp_path: Pa
     stale = store.directory / f".{SNAPSHOT_NAME}.x1y2.tmp"
     stale.write_bytes(b"half a snapshot")
     store.prepare()
-    assert list(store.directory.iterdir()) == []
+    assert list(store.directory.iterdir()) == [store.directory / LOCK_NAME]
+    store.close()
+
+
+def test_a_directory_in_use_is_refused_before_anything_in_it_is_touched(tmp_path: Path) -> None:
+    first = SnapshotStore(tmp_path)
+    first.prepare()
+    saving = tmp_path / f".{SNAPSHOT_NAME}.x1y2.tmp"  # the first one's save in progress
+    saving.write_bytes(b"half a snapshot")
+    second = SnapshotStore(tmp_path)
+    with pytest.raises(DirectoryInUse) as refused:
+        second.prepare()
+    assert refused.value.holder == f"pid {os.getpid()} on {socket.gethostname()}"
+    assert saving.read_bytes() == b"half a snapshot"
+    first.close()  # the process is done with it
+    second.prepare()
+    assert not saving.exists()
+    assert (tmp_path / LOCK_NAME).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    second.close()
 
 
 async def test_restore_needs_an_empty_cache_and_a_sane_export(tmp_path: Path) -> None:

@@ -55,7 +55,10 @@ def write_snapshot(directory: Path, vectors: npt.NDArray[np.float32], now_ms: in
     )
     store = SnapshotStore(directory)
     store.prepare()
-    return store.save(CacheContents(VERSION, vectors.shape[1], entries, vectors), now_ms)
+    try:
+        return store.save(CacheContents(VERSION, vectors.shape[1], entries, vectors), now_ms)
+    finally:
+        store.close()  # the directory's lock: the restore runs in another process
 
 
 def measure(directory: Path, now_ms: int) -> dict[str, Any]:
