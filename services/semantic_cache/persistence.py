@@ -1,14 +1,17 @@
 """Snapshots of the semantic cache on disk: one file, versioned, checksummed, pickle-free.
 
 Layout of ``<data dir>/semantic-cache.snapshot``: one line of JSON (the header: format and
-version, embedder version, dimension, count, created_at_ms, the byte lengths of the two
-payload parts, the sha256 of the payload, and ``purged_at_ms``: each tenant purged within the
-purge guard's window and when, so a restart keeps refusing the Stores that predate the purge;
-absent before it was kept, and ignored by builds before it), then the payload: the vectors as
-a NumPy ``.npy`` of float32 rows (loaded with ``allow_pickle=False``) followed by one JSON line
-per entry, least recently used first. Since format 3 each entry carries its ``expires_at_ms``
-(fixed at store); formats 1 and 2 are still read, their entries without it (the cache then
-migrates them: created_at + the namespace's TTL when they are restored). A snapshot is
+version, embedder version, dimension, count, created_at_ms, the byte lengths of the payload's
+three parts and the sha256 of the payload), then the payload: the vectors as a NumPy ``.npy``
+of float32 rows (loaded with ``allow_pickle=False``), one JSON line of the recent purges (each
+tenant purged within the purge guard's window and when, so a restart keeps refusing the
+Stores that predate the purge) and one JSON line per entry, least recently used first. Since
+format 3 each entry carries its ``expires_at_ms`` (fixed at store); formats 1 and 2 are still
+read, their entries without it (the cache then migrates them: created_at + the namespace's TTL
+when they are restored). Before format 4 the recent purges were the header's
+``purged_at_ms`` (absent before they were kept): a few thousand purges then made a header line
+too long to read back, so they moved to the payload, which has no such bound; those snapshots
+are still read, headers of up to ``_MAX_HEADER_BYTES`` included. A snapshot is
 written to a temporary file in the same directory, fsynced and renamed over the old one (then
 the directory is fsynced), so a crash leaves either the old snapshot or the new one. Reading
 never falls back: a file that is present but unreadable, truncated or altered raises
@@ -44,14 +47,18 @@ from services.common.files import fsync_directory
 from services.semantic_cache.records import Answer, CacheContents, Entry
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
-# 2: wal_seq and header_sha256 (the header is checksummed too); 3: entries' expires_at_ms
-FORMAT_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+# 2: wal_seq and header_sha256 (the header is checksummed too); 3: entries' expires_at_ms;
+# 4: the recent purges in the payload (purges_bytes), no longer in the header
+FORMAT_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
 _EXPIRY_VERSION = 3  # from this version on, every entry must carry its expires_at_ms
+_PURGES_VERSION = 4  # from this version on, the recent purges are a part of the payload
 SNAPSHOT_NAME = "semantic-cache.snapshot"
 _TMP_PREFIX = f".{SNAPSHOT_NAME}."
 _TMP_SUFFIX = ".tmp"
-_MAX_HEADER_BYTES = 1024 * 1024  # the recent purges of up to ~12k tenants
+# A header is a few hundred bytes since format 4; one of format 3 carries the recent purges
+# (up to ~85 bytes a tenant): this reads those of up to ~190k tenants, written before format 4.
+_MAX_HEADER_BYTES = 16 << 20
 _READ_CHUNK = 8 << 20  # bytes read at once to check the sha256
 LOCK_NAME = ".lock"
 
@@ -190,9 +197,11 @@ def encode(
     entries = "".join(
         json.dumps(entry_json(e), separators=(",", ":")) + "\n" for e in contents.entries
     ).encode()
+    purges = json.dumps(dict(contents.purged_at_ms), separators=(",", ":")).encode() + b"\n"
     payload: list[bytes | memoryview] = [
         npy_header.getvalue(),
         rows.reshape(-1).view(np.uint8).data,
+        purges,
         entries,
     ]
     digest = hashlib.sha256()
@@ -208,9 +217,9 @@ def encode(
         "created_at_ms": created_at_ms,
         "wal_seq": wal_seq,
         "vectors_bytes": vectors_bytes,
+        "purges_bytes": len(purges),
         "entries_bytes": len(entries),
         "sha256": digest.hexdigest(),
-        "purged_at_ms": dict(contents.purged_at_ms),
     }
     header["header_sha256"] = _header_digest(header)
     line = json.dumps(header, separators=(",", ":")).encode() + b"\n"
@@ -221,20 +230,27 @@ class SnapshotFile:
     """An open snapshot file, checked and its entries parsed; the vectors stay in the file.
 
     Opening reads the file twice, a chunk at a time: the whole payload for its sha256, then
-    the entry lines one by one. ``rows`` reads vectors when asked, into a new array, so a
-    restore streams them into the index without holding the file's copy as well.
+    the recent purges and the entry lines one by one. ``rows`` reads vectors when asked, into
+    a new array, so a restore streams them into the index without holding the file's copy.
     """
 
     def __init__(self, file: io.BufferedReader, path: Path) -> None:
         self._file, self._path = file, path
         try:
             line = file.readline(_MAX_HEADER_BYTES)
+            if len(line) == _MAX_HEADER_BYTES and not line.endswith(b"\n"):
+                raise SnapshotError(
+                    path,
+                    f"no header line in its first {_MAX_HEADER_BYTES:,} bytes (not a snapshot)",
+                )
             if not line.endswith(b"\n"):
                 raise SnapshotError(path, "no header line (not a snapshot, or truncated)")
             header = _header(json.loads(line))
             start = len(line)
             payload = os.fstat(file.fileno()).st_size - start
-            expected = header["vectors_bytes"] + header["entries_bytes"]
+            with_purges = header["version"] >= _PURGES_VERSION
+            purges_bytes = header["purges_bytes"] if with_purges else 0
+            expected = header["vectors_bytes"] + purges_bytes + header["entries_bytes"]
             if payload != expected:
                 raise ValueError(
                     f"truncated or padded: {payload} payload bytes, expected {expected}"
@@ -246,6 +262,10 @@ class SnapshotFile:
             if self._rows_at + 4 * self.count * self.dim != start + header["vectors_bytes"]:
                 raise ValueError("the vectors do not fill their part of the payload")
             file.seek(start + header["vectors_bytes"])
+            purged = header.get("purged_at_ms", {})  # before format 4; absent before kept
+            if with_purges:
+                purged = json.loads(file.read(purges_bytes))
+            self.purged_at_ms = _purged(purged)
             with_expiry = header["version"] >= _EXPIRY_VERSION
             self.entries = tuple(
                 entry_from_json(json.loads(line.decode()), require_expiry=with_expiry)
@@ -258,7 +278,6 @@ class SnapshotFile:
         self.created_at_ms: int = header["created_at_ms"]
         self.wal_seq: int = header.get("wal_seq", 0)
         self.embedder_version: str = header["embedder_version"]
-        self.purged_at_ms: dict[str, int] = header.get("purged_at_ms", {})
 
     def rows(self, start: int, stop: int) -> npt.NDArray[np.float32]:
         """The vectors of entries[start:stop] (a new array)."""
@@ -323,18 +342,26 @@ def _header(raw: Any) -> dict[str, Any]:
         )
     if raw["version"] >= 2 and raw.get("header_sha256") != _header_digest(raw):
         raise ValueError("header sha256 mismatch: the header was altered or damaged")
-    for name in ("dim", "count", "created_at_ms", "vectors_bytes", "entries_bytes"):
+    names = ["dim", "count", "created_at_ms", "vectors_bytes", "entries_bytes"]
+    if raw["version"] >= _PURGES_VERSION:
+        names.append("purges_bytes")
+    for name in names:
         if _int(raw, name) < 0:
             raise ValueError(f"header field {name} is negative")
     if "wal_seq" in raw and _int(raw, "wal_seq") < 0:  # absent in snapshots before the log
         raise ValueError("header field wal_seq is negative")
     _str(raw, "embedder_version")
     _str(raw, "sha256")
-    purged = raw.get("purged_at_ms", {})  # absent in snapshots written before it was kept
-    if not isinstance(purged, dict) or not all(
-        isinstance(t, str) and isinstance(at, int) and at >= 0 for t, at in purged.items()
+    return raw
+
+
+def _purged(raw: Any) -> dict[str, int]:
+    """The recent purges: a map of tenants to the time of each one's last purge."""
+    if not isinstance(raw, dict) or not all(
+        isinstance(t, str) and isinstance(at, int) and not isinstance(at, bool) and at >= 0
+        for t, at in raw.items()
     ):
-        raise ValueError("header field purged_at_ms is not a map of tenants to times")
+        raise ValueError("the recent purges are not a map of tenants to times")
     return raw
 
 

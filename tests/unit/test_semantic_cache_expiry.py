@@ -129,16 +129,19 @@ async def test_a_log_record_without_expires_at_loads_with_created_at_plus_the_tt
 
 
 def snapshot_bytes(contents: CacheContents, version: int, *, expiry: bool = False) -> bytes:
-    """A snapshot file as format ``version`` lays it out, its entries without expires_at_ms."""
-    line, npy, rows, entries = encode(contents, 0)
+    """A snapshot file as format ``version`` (before 4) lays it out, its entries without
+    expires_at_ms, its recent purges (if any) in the header."""
+    line, npy, rows, _, entries = encode(contents, 0)
     lines = [json.loads(raw) for raw in bytes(entries).splitlines()]
     body = "".join(
         json.dumps(e if expiry else without_expiry(e), separators=(",", ":")) + "\n" for e in lines
     ).encode()
     payload = bytes(npy) + bytes(rows) + body
     header = json.loads(bytes(line))
-    del header["header_sha256"]
+    del header["header_sha256"], header["purges_bytes"]
     header.update(version=version, entries_bytes=len(body))
+    if contents.purged_at_ms:
+        header["purged_at_ms"] = dict(contents.purged_at_ms)
     header["sha256"] = hashlib.sha256(payload).hexdigest()
     if version == 1:
         del header["wal_seq"]  # format 1 predates the log and the header's own checksum
@@ -178,8 +181,8 @@ async def test_a_current_snapshot_without_expires_at_or_an_unknown_version_fails
     store.path.write_bytes(snapshot_bytes(contents, 3))
     with pytest.raises(SnapshotError, match="expires_at_ms"):
         store.load()
-    store.path.write_bytes(snapshot_bytes(contents, 4, expiry=True))
-    with pytest.raises(SnapshotError, match="format version 4"):
+    store.path.write_bytes(snapshot_bytes(contents, 5, expiry=True))
+    with pytest.raises(SnapshotError, match="format version 5"):
         store.load()
 
 
