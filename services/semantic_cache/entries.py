@@ -132,14 +132,18 @@ class EntryStore:
         now = self._clock.now_ms()
         self._purge_expired(now)
         if entry.embedder_version != self._embedder.version or self._expires_at(entry) <= now:
-            key = (entry.tenant, entry.scope)
-            index = self._scopes.get(key)
-            old = index.exact.get(entry.query) if index is not None else None
-            if old is not None:
-                self._remove(old)
+            self.apply_skipped_store(entry)
             return False
         self._insert(entry, vector)
         return True
+
+    def apply_skipped_store(self, entry: Entry) -> None:
+        """A logged store that is not replayed (expired, or another embedder's: its vector is
+        not read): the older answer it replaced stays replaced."""
+        index = self._scopes.get((entry.tenant, entry.scope))
+        old = index.exact.get(entry.query) if index is not None else None
+        if old is not None:
+            self._remove(old)
 
     def attach_journal(self, journal: Journal) -> None:
         """From now on every change is logged (after the replay, which must not be)."""

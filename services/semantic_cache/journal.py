@@ -10,13 +10,18 @@ acknowledged. ``replay`` applies the records a snapshot does not contain, in ord
 A store record's entry carries its fixed ``expires_at_ms``. Store records have no version
 number: one written before entries carried it lacks the field and is replayed with
 created_at + its namespace's TTL at replay (``EntryStore._expires_at``, the migration); a
-field that is present but not an integer after created_at makes the record malformed.
+field that is present but not an integer after created_at makes the record malformed. A store
+of another embedder version (the model changed: its vector may have another dimension) is
+skipped before its vector is read, as a snapshot's entries of another embedder are, with one
+warning counting them; any other malformed record stops the replay, naming its segment.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -26,6 +31,7 @@ from services.semantic_cache.persistence import entry_from_json, entry_json
 from services.semantic_cache.records import Entry
 from services.semantic_cache.wal import WalError, WriteAheadLog
 
+log = logging.getLogger("cachemesh.semantic_cache.persistence")
 T = TypeVar("T")
 
 
@@ -70,6 +76,11 @@ class Journal(Protocol):
 class Replayable(Protocol):
     """What replay needs from the cache (``SemanticCache`` has it)."""
 
+    @property
+    def embedder_version(self) -> str: ...
+
+    def apply_skipped_store(self, entry: Entry) -> None: ...
+
     def apply_store(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool: ...
 
     def apply_drop(self, tenant: str, namespace: str | None = None) -> int: ...
@@ -102,28 +113,61 @@ class WalJournal:
         await self.wal.sync()
 
 
-def replay(cache: Replayable, records: Iterable[dict[str, Any]], after_seq: int, dim: int) -> int:
-    """Applies the records with seq > ``after_seq``; returns how many were applied."""
+def replay(
+    cache: Replayable,
+    records: Iterable[dict[str, Any]],
+    after_seq: int,
+    dim: int,
+    wal: WriteAheadLog | None = None,
+) -> int:
+    """Applies the records with seq > ``after_seq``; returns how many were replayed (the
+    stores of another embedder, skipped, included). ``wal``: the log they were read from, for
+    an error to name the segment."""
     applied = 0
+    skipped: dict[str, int] = {}  # embedder version -> its store records skipped
     for record in records:
         if record["seq"] <= after_seq:
             continue
         try:
-            _apply(cache, record, dim)
+            other = _apply(cache, record, dim)
         except (KeyError, TypeError, ValueError) as exc:
-            raise WalError(f"write-ahead-log record {record['seq']} is malformed: {exc}") from exc
+            where = f"{_segment(wal, record['seq'])}: " if wal is not None else ""
+            raise WalError(
+                f"{where}write-ahead-log record {record['seq']} is malformed: {exc}"
+            ) from exc
+        if other is not None:
+            skipped[other] = skipped.get(other, 0) + 1
         applied += 1
+    if skipped:
+        log.warning(
+            "skipped %d write-ahead-log store records of embedder %s (this one is %s): their "
+            "entries are dropped",
+            sum(skipped.values()),
+            ", ".join(sorted(skipped)),
+            cache.embedder_version,
+        )
     return applied
 
 
-def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> None:
+def _segment(wal: WriteAheadLog, seq: int) -> Path:
+    """The segment holding record ``seq`` (each is named after its first record)."""
+    holding = [path for path in wal.segments() if int(path.stem) <= seq]
+    return holding[-1] if holding else wal.directory
+
+
+def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> str | None:
+    """Applies one record; the embedder version of a store it skipped, else None."""
     op = record["op"]
     if op == "store":
+        entry = entry_from_json(record["entry"])
+        if entry.embedder_version != cache.embedder_version:
+            cache.apply_skipped_store(entry)  # its vector is another embedder's: not read
+            return entry.embedder_version
         raw = base64.b64decode(record["vector"], validate=True)
         vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
         if vector.shape != (dim,):
             raise ValueError(f"vector of {vector.size} values, the embedder has {dim}")
-        cache.apply_store(entry_from_json(record["entry"]), vector)
+        cache.apply_store(entry, vector)
     elif op == "drop":
         namespace = record["namespace"]
         if namespace is not None and not isinstance(namespace, str):
@@ -133,3 +177,4 @@ def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> None:
         cache.apply_drop_entry(str(record["tenant"]), str(record["entry_id"]))
     else:
         raise ValueError(f"unknown op {op!r}")
+    return None

@@ -63,7 +63,7 @@ class Snapshotter:
         report, wal_seq = await asyncio.to_thread(self._restore, cache)
         if self._wal is not None:
             records = await asyncio.to_thread(self._wal.open, wal_seq)
-            applied = replay(cache, records, wal_seq, cache.dim)
+            applied = replay(cache, records, wal_seq, cache.dim, self._wal)
             if applied:
                 self._saved_changes = None
                 log.info("replayed %d write-ahead-log records after the snapshot", applied)
