@@ -174,6 +174,7 @@ def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]
         "ROUTER_DATA_DIR": "/var/lib/cachemesh/router",
         "PREFIX_CACHE_REDIS_URL": "redis://redis:6379/0",
         "ROUTER_ANSWERS_REDIS_URL": "redis://redis:6379/2",
+        "ROUTER_LIMITS_REDIS_URL": "redis://redis:6379/1",
     }
     overrides |= {k: v for k, v in container_paths.items() if k in spec.env_keys}
     # compose serves the simulator only, whatever .env says of models (tested below)
