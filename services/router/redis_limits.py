@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.env import redacted_url
@@ -330,14 +330,16 @@ class RedisLimitStore:
         ]
         try:
             await self._settle(keys=keys, args=args)
-        except ResponseError as exc:
+        except (ResponseError, BusyLoadingError) as exc:
             # An error reply (OOM under noeviction, READONLY after a failover, NOPERM) is
             # Redis's answer, not silence: the script ran none of its writes. Redis refuses a
             # script for OOM only before its first write (never midway), READONLY and NOPERM
             # at the command they hit, and the script's first write is the marker's SET NX:
             # refused there, it wrote nothing (the tests see no key). An error past the marker
             # (a key of another type) leaves the marker, so the replay a second later counts
-            # nothing. Either way it is replayed as one never sent, for the whole window.
+            # nothing. Either way it is replayed as one never sent, for the whole window. A
+            # Redis still loading its data after a restart (LOADING, which redis-py raises as a
+            # connection error) refuses the whole script the same way.
             raise SettleNotSent(f"Redis refused it ({exc})") from exc
 
     async def _connected(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from google.rpc import error_details_pb2
 from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError
 
 from cachemesh.retry_info import retry_delay_s, status_details
 from cachemesh.v1 import gateway_pb2 as pb
@@ -44,6 +45,7 @@ from services.router.limits import (
     MemoryLimitStore,
     Periods,
     Refusal,
+    SettleNotSent,
     Ticket,
     UniformPolicies,
 )
@@ -1088,3 +1090,23 @@ async def test_pending_settles_are_replayed_by_themselves_when_the_store_is_back
     await asyncio.wait_for(replaying, 5)
     assert limiter.pending == 0
     assert isinstance(await limiter.admit("t", _request(1)), Denial)  # the budget, spent
+
+
+async def test_a_settle_redis_answers_loading_is_not_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis still loading its data after a restart answers every script ``LOADING``: it ran
+    none of it. redis-py raises that as a connection error, which the limits took for an
+    ambiguous settle (replayed for a minute only, then dropped); it is one never sent."""
+    with redis_server(tmp_path) as url:
+        client = Redis.from_url(url)
+        store = RedisLimitStore(client, server_time=False)
+
+        async def loading(**_: object) -> None:
+            raise BusyLoadingError("Redis is loading the dataset in memory")
+
+        monkeypatch.setattr(store, "_settle", loading)
+        policy = LimitPolicy(day_budget_nanos=100 * NANOS)
+        with pytest.raises(SettleNotSent):
+            await store.settle("t", policy, 0, 1_000, START_MS, Periods.at(START_MS), "id-1")
+        await store.close()
