@@ -7,6 +7,7 @@ A client without a certificate, with one from another CA, or in plaintext gets n
 from __future__ import annotations
 
 import http.client
+import json
 import ssl
 import subprocess
 import sys
@@ -154,6 +155,31 @@ def test_the_cli_takes_a_ca_file_and_a_client_certificate(
         command[:7] + command[11:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )  # the CA file only: the router asks for a client certificate
     assert without.returncode == 1 and "UNAVAILABLE" in without.stderr
+
+
+def test_the_load_tester_takes_the_clis_tls_settings_for_every_channel(
+    router: str, pki: Pki, stack: RunningStack, tmp_path: Path
+) -> None:
+    """``cachemesh-load`` with the CLI's TLS settings: the health probe, both client
+    processes and the billed totals (the admin token) all reach the mutual-TLS router."""
+    out = tmp_path / "load.json"
+    command = [sys.executable, "-m", "cachemesh.loadtest", "--target", router, "--requests", "4",
+               "--processes", "2", "--concurrency", "2", "--workload", "synthetic",
+               "--out", str(out), "--stack-config", str(tmp_path / "none.env")]  # fmt: skip
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CACHEMESH_API_KEY": stack.keys["tenant-a"],
+        "CACHEMESH_KEY_B": stack.keys["tenant-b"],
+        "CACHEMESH_ADMIN_TOKEN_FILE": str(stack.stack.run_dir / "admin-token"),
+        "CACHEMESH_CA_FILE": str(pki.ca),
+        "CACHEMESH_CERT_FILE": str(pki.client.cert),
+        "CACHEMESH_KEY_FILE": str(pki.client.key),
+    }
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    assert doc["run"]["tls"] is True and doc["results"]["completed"] == 4
+    assert doc["results"]["cost"]["billed"] is not None, doc["warnings"]
 
 
 def _https(address: str, pki: Pki, client: Issued | None, key: str) -> tuple[int, dict[str, Any]]:

@@ -29,10 +29,11 @@ from cachemesh.v1 import gateway_pb2 as pb
 def _key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CACHEMESH_API_KEY", "k")
     monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
-    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN"):  # the caller's shell's
-        monkeypatch.delenv(name, raising=False)
+    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
+                 "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)  # the caller's shell's
     # the runs below are faked (run_load) or meant to reach nothing: the Gateway "is there"
-    monkeypatch.setattr(cli, "check_gateway", lambda target: None)
+    monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: None)
 
 
 def _run(tmp_path: Path, *extra: str) -> int:

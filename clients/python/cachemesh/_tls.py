@@ -1,8 +1,11 @@
 """TLS to the Gateway: the CA that signed its certificate, and the client's own certificate
-when the Gateway requires one (mutual TLS)."""
+when the Gateway requires one (mutual TLS). ``add_arguments`` and ``from_args``: the command
+lines' TLS options and settings (``cachemesh``, ``cachemesh-load``), read one way."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,3 +65,60 @@ def aio_channel(target: str, tls: Tls | None, options: Options = ()) -> grpc.aio
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, tls.credentials(), options=options)
+
+
+def env_bool(name: str) -> bool:
+    """A true/false variable read as the services read theirs: unset or empty is false; any
+    other value than 1/0, true/false, yes/no, on/off is an error naming the variable."""
+    value = os.environ.get(name, "").strip()
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be true or false (1/0, yes/no, on/off), got {value!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ca-file``, ``--tls``, ``--cert-file``, ``--key-file`` (defaults from this
+    environment's ``CACHEMESH_*`` settings); ``from_args`` reads them."""
+    parser.add_argument(
+        "--ca-file",
+        default=os.environ.get("CACHEMESH_CA_FILE"),
+        help="TLS: the CA that signed the Gateway's certificate, PEM (env CACHEMESH_CA_FILE)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS with the system's CA roots (implied by --ca-file; env CACHEMESH_TLS: "
+        "1/0, true/false, yes/no, on/off)",
+    )
+    parser.add_argument(
+        "--cert-file",
+        default=os.environ.get("CACHEMESH_CERT_FILE"),
+        help="mutual TLS: this client's certificate, PEM (env CACHEMESH_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--key-file",
+        default=os.environ.get("CACHEMESH_KEY_FILE"),
+        help="mutual TLS: this client's private key, PEM (env CACHEMESH_KEY_FILE)",
+    )
+
+
+def from_args(args: argparse.Namespace) -> Tls | None:
+    """TLS when asked for in any way: --tls (or CACHEMESH_TLS) or a file given; a file setting
+    that is present but empty is an error (never a silent fall back to plaintext)."""
+    asked = env_bool("CACHEMESH_TLS") or args.tls  # checked even with --tls
+    for flag, variable, value in (
+        ("--ca-file", "CACHEMESH_CA_FILE", args.ca_file),
+        ("--cert-file", "CACHEMESH_CERT_FILE", args.cert_file),
+        ("--key-file", "CACHEMESH_KEY_FILE", args.key_file),
+    ):
+        if value is not None and not value.strip():
+            raise ValueError(
+                f"{flag} (env {variable}) is empty: give the PEM file's path, or unset {variable}"
+            )
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ValueError("a client certificate needs --cert-file and --key-file")
+    if asked or args.ca_file is not None or args.cert_file is not None:
+        return Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    return None

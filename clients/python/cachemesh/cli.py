@@ -11,7 +11,9 @@ import sys
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, build_request
-from cachemesh._tls import Tls
+from cachemesh._tls import add_arguments as add_tls_arguments
+from cachemesh._tls import env_bool as env_bool  # the CLI's, read as the services read it
+from cachemesh._tls import from_args as tls_from_args
 from cachemesh.admin_cli import add_parser as add_admin_parser
 from cachemesh.admin_cli import run as run_admin
 from cachemesh.v1 import gateway_pb2 as pb
@@ -21,37 +23,6 @@ NANOS_PER_DOLLAR = 1_000_000_000
 
 def dollars(nanos: int) -> str:
     return f"${nanos / NANOS_PER_DOLLAR:,.6f}"
-
-
-def env_bool(name: str) -> bool:
-    """A true/false variable read as the services read theirs: unset or empty is false; any
-    other value than 1/0, true/false, yes/no, on/off is an error naming the variable."""
-    value = os.environ.get(name, "").strip()
-    if value.lower() in ("", "0", "false", "no", "off"):
-        return False
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{name} must be true or false (1/0, yes/no, on/off), got {value!r}")
-
-
-def _tls(args: argparse.Namespace) -> Tls | None:
-    """TLS when asked for in any way: --tls (or CACHEMESH_TLS) or a file given; a file setting
-    that is present but empty is an error (never a silent fall back to plaintext)."""
-    asked = env_bool("CACHEMESH_TLS") or args.tls  # checked even with --tls
-    for flag, variable, value in (
-        ("--ca-file", "CACHEMESH_CA_FILE", args.ca_file),
-        ("--cert-file", "CACHEMESH_CERT_FILE", args.cert_file),
-        ("--key-file", "CACHEMESH_KEY_FILE", args.key_file),
-    ):
-        if value is not None and not value.strip():
-            raise ValueError(
-                f"{flag} (env {variable}) is empty: give the PEM file's path, or unset {variable}"
-            )
-    if (args.cert_file is None) != (args.key_file is None):
-        raise ValueError("a client certificate needs --cert-file and --key-file")
-    if asked or args.ca_file is not None or args.cert_file is not None:
-        return Tls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
-    return None
 
 
 MAX_TOKENS_MAX = 2**31 - 1  # the request's int32 field
@@ -101,27 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # refused when given (main): the API key comes from CACHEMESH_API_KEY only
     parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--ca-file",
-        default=os.environ.get("CACHEMESH_CA_FILE"),
-        help="TLS: the CA that signed the Gateway's certificate, PEM (env CACHEMESH_CA_FILE)",
-    )
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        help="TLS with the system's CA roots (implied by --ca-file; env CACHEMESH_TLS: "
-        "1/0, true/false, yes/no, on/off)",
-    )
-    parser.add_argument(
-        "--cert-file",
-        default=os.environ.get("CACHEMESH_CERT_FILE"),
-        help="mutual TLS: this client's certificate, PEM (env CACHEMESH_CERT_FILE)",
-    )
-    parser.add_argument(
-        "--key-file",
-        default=os.environ.get("CACHEMESH_KEY_FILE"),
-        help="mutual TLS: this client's private key, PEM (env CACHEMESH_KEY_FILE)",
-    )
+    add_tls_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     ask = commands.add_parser("ask", help="ask one question")
     ask.add_argument("question")
@@ -184,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        tls = _tls(args)
+        tls = tls_from_args(args)
     except ValueError as error:
         print(f"cachemesh: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachemesh._errors import CachemeshError
+from cachemesh._tls import Tls
 from cachemesh.admin import AdminClient, read_admin_token
 from cachemesh.loadtest.samples import Sample
 
@@ -48,15 +49,18 @@ def admin_token(environ: Mapping[str, str] = os.environ) -> str | None:
 class StackTotals:
     """Reads the totals of every tenant through the router's Admin API at ``target``."""
 
-    def __init__(self, target: str, token: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, target: str, token: str, timeout_s: float = 5.0, tls: Tls | None = None
+    ) -> None:
         self._target = target
         self._token = token
         self._timeout_s = timeout_s
+        self._tls = tls
 
     def __call__(self) -> Totals:
         try:
             with AdminClient(
-                self._target, admin_token=self._token, timeout_s=self._timeout_s
+                self._target, admin_token=self._token, tls=self._tls, timeout_s=self._timeout_s
             ) as client:
                 reply = client.stats()
         except (CachemeshError, ValueError) as exc:

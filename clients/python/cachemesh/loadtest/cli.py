@@ -3,10 +3,13 @@
 Closed loop (``--concurrency`` requests in flight) or open loop (``--rate`` requests a second,
 Poisson arrivals); every run stops after ``--requests`` requests or ``--duration`` seconds,
 whichever comes first, after an unrecorded ``--warmup``. Loopback targets only, unless
-``--allow-non-loopback``. Writes a JSON report (SCHEMA.md), optionally an HTML chart and the
+``--allow-non-loopback``, and then over TLS (the ``cachemesh`` CLI's options and
+``CACHEMESH_TLS``/``CACHEMESH_CA_FILE``/``CACHEMESH_CERT_FILE``/``CACHEMESH_KEY_FILE`` settings)
+unless ``--insecure``. Writes a JSON report (SCHEMA.md), optionally an HTML chart and the
 JSONL request log the offline estimator replays (``python -m services.tools.estimator``).
 Given the admin token (``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN``), it also
-reports the run's spend as the stack billed it, the requests that ended in an error included.
+reports the run's spend as the stack billed it, the requests that ended in an error included
+(the token goes over TLS or to a loopback target only).
 """
 
 from __future__ import annotations
@@ -20,9 +23,20 @@ from pathlib import Path
 
 from cachemesh._auth import bearer_metadata
 from cachemesh._client import DEFAULT_TARGET
+from cachemesh._tls import Tls
+from cachemesh._tls import add_arguments as add_tls_arguments
+from cachemesh._tls import from_args as tls_from_args
 from cachemesh.envfile import EnvFileError, read_env_file
 from cachemesh.loadtest import billed, chart, report
-from cachemesh.loadtest.load import NotLoopback, check_gateway, check_target, draw, run_load
+from cachemesh.loadtest.load import (
+    NotLoopback,
+    check_gateway,
+    check_plaintext,
+    check_target,
+    draw,
+    is_loopback,
+    run_load,
+)
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
 from cachemesh.loadtest.runner import LoadShape
@@ -47,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cachemesh-load", description=__doc__)
     p.add_argument("--target", default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET))
     p.add_argument("--allow-non-loopback", action="store_true", help="permit a remote target")
+    add_tls_arguments(p)
+    p.add_argument("--insecure", action="store_true",
+                   help="permit a remote target in plaintext (API keys in cleartext)")  # fmt: skip
     p.add_argument("--workload", choices=NAMES, default="synthetic")
     p.add_argument("--mix", default=DEFAULT_MIX, help="weights for --workload mix")
     p.add_argument("--repeat-rate", type=float, default=0.3, help="faq: exact repeats")
@@ -76,8 +93,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(args: argparse.Namespace) -> None:
+def _check(args: argparse.Namespace, tls: Tls | None) -> None:
     check_target(args.target, args.allow_non_loopback)
+    check_plaintext(args.target, tls, args.insecure)
+    if tls is not None:
+        tls.credentials()  # a CA, cert or key file that cannot be read: now, not per client
     if not 1 <= args.requests <= MAX_REQUESTS:
         raise ValueError(f"--requests must be within 1..{MAX_REQUESTS}")
     if not 0 < args.duration <= MAX_DURATION_S:
@@ -138,7 +158,8 @@ def keys_from_env() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        _check(args)
+        tls = tls_from_args(args)
+        _check(args, tls)
         keys = keys_from_env()
         if TENANT_A not in keys:
             raise ValueError("set CACHEMESH_API_KEY (or source .run/demo-keys.env)")
@@ -152,15 +173,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"the workload sends as {sorted(missing)}: set CACHEMESH_KEY_B")
         stack = stack_config(args.stack_config)
         token = billed.admin_token()
-        check_gateway(args.target)  # before the warm-up: not --duration of silence
+        check_gateway(args.target, tls)  # before the warm-up: not --duration of silence
     except (ValueError, NotLoopback, DataMissing) as exc:
         print(f"cachemesh-load: {exc}", file=sys.stderr)
         return 2
     shape = LoadShape(args.mode, args.concurrency, args.rate, args.duration, args.stream,
-                      args.timeout, args.seed)  # fmt: skip
-    read = billed.StackTotals(args.target, token) if token else None
-    before: billed.Totals | None = None
+                      args.timeout, args.seed, tls)  # fmt: skip
     unread: str | None = None  # why the billed totals could not be read
+    if token and tls is None and not is_loopback(args.target):  # --insecure: the keys only
+        token = None
+        unread = (
+            "the billed totals were not read: the admin token goes over TLS or to a loopback "
+            f"target only, never in plaintext to {args.target} (give --tls or --ca-file)"
+        )
+    read = billed.StackTotals(args.target, token, tls=tls) if token else None
+    before: billed.Totals | None = None
 
     def measured_begins() -> None:
         nonlocal before, unread
@@ -198,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate_rps": args.rate if args.mode == "open" else None, "requests_limit": args.requests,
         "duration_limit_s": args.duration, "warmup_requests": args.warmup,
         "processes": args.processes, "stream": args.stream, "seed": args.seed,
-        "namespace": namespace, "timeout_s": args.timeout,
+        "namespace": namespace, "timeout_s": args.timeout, "tls": tls is not None,
     }  # fmt: skip
     params = {"name": args.workload, **workload.params()}
     doc = report.document(run=run, workload=params, stack=stack, results=results)

@@ -10,6 +10,7 @@ from dataclasses import replace
 import grpc
 
 from cachemesh._channel import GATEWAY_SERVICE
+from cachemesh._tls import Tls, sync_channel
 from cachemesh.loadtest.progress import Progress
 from cachemesh.loadtest.runner import LoadShape, run_plan, run_processes
 from cachemesh.loadtest.samples import Sample
@@ -20,19 +21,34 @@ class NotLoopback(ValueError):
     """The target is not a loopback address and the caller did not allow it."""
 
 
-def check_target(target: str, allow_remote: bool) -> None:
-    """Refuses a non-loopback target unless ``allow_remote`` (``--allow-non-loopback``)."""
+def is_loopback(target: str) -> bool:
+    """Whether ``target`` names a loopback address (127.0.0.0/8, ::1, localhost)."""
     host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
     host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
     host = host.strip("[]")
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback and not allow_remote:
+        return False
+
+
+def check_target(target: str, allow_remote: bool) -> None:
+    """Refuses a non-loopback target unless ``allow_remote`` (``--allow-non-loopback``)."""
+    if not is_loopback(target) and not allow_remote:
         raise NotLoopback(
             f"--target {target}: the load test only targets loopback (127.0.0.0/8, ::1, "
             "localhost); pass --allow-non-loopback to load a stack you own elsewhere"
+        )
+
+
+def check_plaintext(target: str, tls: Tls | None, insecure: bool) -> None:
+    """Refuses a non-loopback target in plaintext (its API keys in cleartext on the network)
+    unless ``insecure`` (``--insecure``)."""
+    if tls is None and not insecure and not is_loopback(target):
+        raise NotLoopback(
+            f"--target {target} is not loopback and the run is plaintext: the API keys would "
+            "cross the network in cleartext; give --tls or --ca-file (env CACHEMESH_TLS, "
+            "CACHEMESH_CA_FILE), or --insecure to send them anyway"
         )
 
 
@@ -45,14 +61,14 @@ PROBE_S = 3.0  # a Gateway restarting within this is waited for
 SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}
 
 
-def check_gateway(target: str, timeout_s: float = PROBE_S) -> None:
+def check_gateway(target: str, tls: Tls | None = None, timeout_s: float = PROBE_S) -> None:
     """Asks the target's grpc.health.v1 whether the Gateway serves, within ``timeout_s``: a
     run against a stack that is not up would wait out its deadline, then report every request
     cut at it (as if they had reached a stack). The messages are encoded by hand: the client
-    package does not depend on grpcio-health-checking."""
+    package does not depend on grpcio-health-checking. ``tls``: as the run's channels."""
     name = GATEWAY_SERVICE.encode()
     request = b"\x0a" + bytes([len(name)]) + name  # HealthCheckRequest{service: name}
-    with grpc.insecure_channel(target) as channel:
+    with sync_channel(target, tls) as channel:
         check: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(HEALTH_CHECK)
         try:
             reply = check(request, timeout=timeout_s, wait_for_ready=True)
@@ -61,6 +77,11 @@ def check_gateway(target: str, timeout_s: float = PROBE_S) -> None:
                 raise NoGateway(
                     f"{target} answers gRPC but serves no Gateway (another service's "
                     "address? make status lists the router's)"
+                ) from None
+            if tls is not None:  # a plaintext Gateway, or a certificate not trusted
+                raise NoGateway(
+                    f"no Gateway at {target} answers over TLS (make up? a plaintext Gateway? "
+                    "the CA file, or the client certificate it asks for?)"
                 ) from None
             raise NoGateway(f"no Gateway at {target} (make up?)") from None
     if reply != SERVING:

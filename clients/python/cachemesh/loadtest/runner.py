@@ -23,6 +23,7 @@ from typing import Literal
 
 from cachemesh._client import AsyncClient
 from cachemesh._errors import CachemeshError
+from cachemesh._tls import Tls
 from cachemesh.loadtest.samples import CUT, Sample, from_error, from_response
 from cachemesh.loadtest.workloads import Item
 from cachemesh.v1 import gateway_pb2 as pb
@@ -41,6 +42,7 @@ class LoadShape:
     stream: bool
     timeout_s: float = 120.0
     seed: int = 7
+    tls: Tls | None = None  # every channel of the run, each client process's too
 
 
 async def _send(
@@ -164,7 +166,8 @@ async def run_plan(
     is every ``stride``-th item of the whole plan from ``first`` (a sample's ``index`` is its
     place in the whole plan)."""
     clients = {
-        t: AsyncClient(target, api_key=k, timeout_s=shape.timeout_s) for t, k in keys.items()
+        t: AsyncClient(target, api_key=k, tls=shape.tls, timeout_s=shape.timeout_s)
+        for t, k in keys.items()
     }
     try:
         deadline = time.perf_counter() + shape.duration_s
