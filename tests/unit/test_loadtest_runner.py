@@ -7,7 +7,8 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -17,28 +18,41 @@ from cachemesh import AsyncClient
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
 from cachemesh.loadtest.runner import LoadShape, run_plan
 from cachemesh.loadtest.samples import CUT
-from cachemesh.loadtest.workloads import Item
+from cachemesh.loadtest.workloads import Item, WorkloadSpec, build
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
+from tests.public_data import data_dir
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class FakeGateway(gateway_pb2_grpc.GatewayServicer):
-    """Answers from L1 unless the question says ``fail`` (UNAVAILABLE) or ``slow`` (0.3 s)."""
+    """Answers from L1 unless the question says ``fail`` (UNAVAILABLE) or ``slow`` (0.3 s). A
+    request whose ``request_id`` is ``<conversation>/<turn>`` takes 0.05 s and is recorded: the
+    turns each conversation was sent in, and those sent while an earlier one was in flight."""
 
     def __init__(self) -> None:
         self.in_flight = self.most_in_flight = 0
+        self.turns: dict[str, list[int]] = defaultdict(list)
+        self.talking: set[str] = set()  # conversations with a turn in flight
+        self.early: list[str] = []  # turns sent before their conversation's previous answer
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         text = request.messages[-1].content[0].text
+        conversation, _, turn = request.request_id.rpartition("/")
+        if conversation:
+            if conversation in self.talking:
+                self.early.append(request.request_id)
+            self.talking.add(conversation)
+            self.turns[conversation].append(int(turn))
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(0.3 if text == "slow" else 0.01)
+            await asyncio.sleep(0.3 if text == "slow" else 0.05 if conversation else 0.01)
         finally:
             self.in_flight -= 1
+            self.talking.discard(conversation)
         if text == "fail":
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details("down")
@@ -92,6 +106,79 @@ def _items(*texts: str) -> list[Item]:
 
 
 KEYS = {TENANT_A: "key"}
+
+
+def _conversations(name: str, count: int, mix: str = "agent=1,faq=1") -> list[Item]:
+    """``count`` items of a workload, each agent turn's ``request_id`` naming its conversation
+    and turn: the agent workload gives a conversation's turns one after the other, each
+    extending the previous one's messages."""
+    workload = build(WorkloadSpec(name, 3, "ns", data_dir(), mix=mix))
+    items = [workload.next_item() for _ in range(count)]
+    conversation, turn, previous = 0, -1, 0
+    for item in items:
+        if item.kind != "agent":
+            continue
+        size = len(item.request.messages)
+        conversation, turn = (conversation, turn + 1) if size > previous else (conversation + 1, 0)
+        previous = size
+        item.request.request_id = f"c{conversation}/{turn}"
+    return items
+
+
+def _in_order(fake: FakeGateway, items: Sequence[Item]) -> None:
+    """Every conversation's turns were sent in order, each after the previous one's answer."""
+    assert not fake.early, fake.early
+    assert fake.turns and all(t == list(range(len(t))) for t in fake.turns.values()), fake.turns
+    assert sum(map(len, fake.turns.values())) == sum(i.kind == "agent" for i in items)
+
+
+def test_closed_loop_sends_each_conversations_turn_after_the_previous_answer(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    """16 in flight sent one conversation's turns together (turn k+1 before turn k's answer,
+    which no agent does: 34.9% saved against 77.8% at 1 in flight on the same 48 requests). A
+    worker owns a conversation until its last turn; 16 in flight are 16 conversations."""
+    target, fake = gateway
+    items = _conversations("agent", 240)  # 24 conversations
+    shape = LoadShape("closed", 16, 0.0, duration_s=60, stream=False)
+    samples = asyncio.run(run_plan(target, KEYS, items, shape))
+    assert sorted(s.index for s in samples if s.ok) == list(range(240))
+    _in_order(fake, items)
+    assert fake.most_in_flight == 16
+
+
+def test_open_loop_starts_a_conversation_at_its_arrival_and_each_turn_on_the_answer(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    target, fake = gateway
+    items = _conversations("agent", 160)
+    shape = LoadShape("open", 1, rate_rps=100.0, duration_s=60, stream=False, seed=1)
+    samples = asyncio.run(run_plan(target, KEYS, items, shape, seed=1))
+    assert sorted(s.index for s in samples if s.ok) == list(range(160))
+    _in_order(fake, items)
+    assert fake.most_in_flight >= 4  # the conversations' arrivals did not wait for answers
+
+
+def test_a_mix_keeps_its_agent_turns_in_order_and_sends_every_other_item(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    target, fake = gateway
+    items = _conversations("mix", 120)
+    shape = LoadShape("closed", 16, 0.0, duration_s=60, stream=False)
+    samples = asyncio.run(run_plan(target, KEYS, items, shape))
+    assert sorted(s.index for s in samples if s.ok) == list(range(120))
+    _in_order(fake, items)
+
+
+def test_several_processes_keep_a_conversation_in_one_process(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    target, fake = gateway
+    items = _conversations("agent", 60)
+    shape = LoadShape("closed", 4, 0.0, duration_s=60, stream=False)
+    samples = run_load(target, KEYS, [], items, shape, processes=2)
+    assert sorted(s.index for s in samples if s.ok) == list(range(60))
+    _in_order(fake, items)
 
 
 def test_closed_loop_keeps_n_in_flight_and_counts_errors(gateway: tuple[str, FakeGateway]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from cachemesh.loadtest.workloads import NAMES, WorkloadSpec, build, normalise
@@ -45,6 +47,21 @@ def test_agent_replays_turn_by_turn_with_a_cached_prefix() -> None:
     for request in first:
         assert request.messages[-1].role == pb.ROLE_USER
         assert request.messages[-1].content[-1].HasField("cache_control")
+
+
+def test_agent_turns_name_their_conversation_and_other_items_none() -> None:
+    """The runner keeps a session's turns in order (each after the previous one's answer):
+    every turn of one conversation, and only those, carries its session."""
+    agent = build(_spec("agent"))
+    items = [agent.next_item() for _ in range(60)]
+    sessions = [item.session for item in items]
+    assert all(sessions) and len(set(sessions)) > 3
+    for one, two in itertools.pairwise(items):
+        grows = len(two.request.messages) > len(one.request.messages)
+        assert (one.session == two.session) == grows  # a new conversation starts over
+    mixed = build(_spec("mix", mix="agent=1,faq=1,tools=1"))
+    for item in (mixed.next_item() for _ in range(60)):
+        assert bool(item.session) == (item.kind == "agent")
 
 
 def test_faq_repeats_and_paraphrases_at_the_configured_rates() -> None:

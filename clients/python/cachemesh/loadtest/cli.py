@@ -1,7 +1,9 @@
 """``cachemesh-load`` (= ``python -m cachemesh.loadtest``): bounded load on a running Gateway.
 
-Closed loop (``--concurrency`` requests in flight) or open loop (``--rate`` requests a second,
-Poisson arrivals); every run stops after ``--requests`` requests or ``--duration`` seconds,
+Closed loop (``--concurrency`` requests in flight) or open loop (``--rate`` arrivals a second,
+Poisson); an agent conversation's turns are sent one after another, each on the previous
+turn's answer (a closed-loop worker owns the conversation; in the open loop it arrives as
+one request does). Every run stops after ``--requests`` requests or ``--duration`` seconds,
 whichever comes first, after an unrecorded ``--warmup``. Loopback targets only, unless
 ``--allow-non-loopback``, and then over TLS (the ``cachemesh`` CLI's options and
 ``CACHEMESH_TLS``/``CACHEMESH_CA_FILE``/``CACHEMESH_CERT_FILE``/``CACHEMESH_KEY_FILE`` settings)
@@ -76,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--mode", choices=("closed", "open"), default="closed")
     p.add_argument("--concurrency", type=int, default=8, help="closed loop: in flight")
-    p.add_argument("--rate", type=float, default=20.0, help="open loop: mean requests/s")
+    p.add_argument("--rate", type=float, default=20.0,
+                   help="open loop: arrivals/s (a request, an agent conversation)")  # fmt: skip
     p.add_argument("--requests", type=int, default=200, help="measured requests (upper bound)")
     p.add_argument("--duration", type=float, default=120.0, help="seconds (upper bound)")
     p.add_argument("--warmup", type=int, default=0, help="unrecorded requests sent first")
@@ -226,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration_limit_s": args.duration, "warmup_requests": args.warmup,
         "processes": args.processes, "stream": args.stream, "seed": args.seed,
         "namespace": namespace, "timeout_s": args.timeout, "tls": tls is not None,
+        "sessions": {"count": len({i.session for i in plan if i.session}),
+                     "turns": "after_previous_answer"},
     }  # fmt: skip
     params = {"name": args.workload, **workload.params()}
     doc = report.document(run=run, workload=params, stack=stack, results=results)

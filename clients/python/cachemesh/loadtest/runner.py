@@ -1,5 +1,11 @@
 """Sends a planned list of requests: closed loop (N in flight) or open loop (Poisson arrivals).
 
+A session's items (an agent conversation's turns, ``Item.session``) are sent in the plan's
+order, each after the previous one's answer (or error), never two at once: in the closed loop
+a worker takes a whole session and works through it before its next, so N in flight are N
+conversations (and stand-alone requests); in the open loop a session arrives as one request
+does, its first turn then, each next turn on the previous one's answer.
+
 ``run_plan`` runs in one process; ``run_processes`` splits the plan over several spawned
 processes (each with its own event loop and channel, so the client is not the bottleneck) and
 merges their samples. Every run stops at the end of its plan or at its deadline, whichever
@@ -95,19 +101,37 @@ async def _send(
         samples.append(failed(type(error).__name__))
 
 
+def sessions(plan: Sequence[Item]) -> list[list[int]]:
+    """The plan's indices as the runner hands them out: each session's items together, in plan
+    order, where its first item is; every item without a session on its own."""
+    units: list[list[int]] = []
+    started: dict[str, list[int]] = {}
+    for index, item in enumerate(plan):
+        if not item.session:
+            units.append([index])
+        elif item.session in started:
+            started[item.session].append(index)
+        else:
+            started[item.session] = [index]
+            units.append(started[item.session])
+    return units
+
+
 async def _closed(
     clients: dict[str, AsyncClient], plan: Sequence[Item], shape: LoadShape, deadline: float,
-    warmup: bool, tick: Callable[[], None], first: int, stride: int,
+    warmup: bool, tick: Callable[[], None], places: Sequence[int],
 ) -> list[Sample]:  # fmt: skip
     samples: list[Sample] = []
-    queue = enumerate(plan)
+    queue = iter(sessions(plan))
 
     async def worker() -> None:
-        for index, item in queue:
-            if time.perf_counter() >= deadline:
-                return
-            await _send(clients, item, shape.stream, 0.0, warmup, first + index * stride, samples)
-            tick()
+        for unit in queue:  # a session's turns one after another, each on the previous answer
+            for index in unit:
+                if time.perf_counter() >= deadline:
+                    return
+                item, place = plan[index], places[index]
+                await _send(clients, item, shape.stream, 0.0, warmup, place, samples)
+                tick()
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, shape.concurrency))]
     await _bounded(workers, deadline)
@@ -116,24 +140,27 @@ async def _closed(
 
 async def _open(
     clients: dict[str, AsyncClient], plan: Sequence[Item], shape: LoadShape, deadline: float,
-    seed: int, tick: Callable[[], None], first: int, stride: int,
+    seed: int, tick: Callable[[], None], places: Sequence[int],
 ) -> list[Sample]:  # fmt: skip
     samples: list[Sample] = []
     rng = random.Random(seed)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(index: int, item: Item, due: float) -> None:
-        await _send(clients, item, shape.stream, due, False, first + index * stride, samples)
-        tick()
+    async def one(unit: list[int], due: float) -> None:
+        for index in unit:  # a session's next turn is due at the previous one's answer
+            await _send(clients, plan[index], shape.stream, due, False, places[index], samples)
+            tick()
+            due = 0.0
 
     due = time.perf_counter()
-    for index, item in enumerate(plan):
+    units = sessions(plan)
+    for number, unit in enumerate(units):
         due += rng.expovariate(shape.rate_rps)
         if due >= deadline:
             break
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         if len(tasks) >= MAX_OPEN_IN_FLIGHT:
-            due_still = min(len(plan) - index, math.ceil(shape.rate_rps * (deadline - due)))
+            due_still = min(len(units) - number, math.ceil(shape.rate_rps * (deadline - due)))
             log.warning(
                 "the open loop has %d requests in flight (the Gateway answers slower than "
                 "%.1f/s): about %d more that were due before the deadline are not sent, and "
@@ -141,7 +168,7 @@ async def _open(
                 MAX_OPEN_IN_FLIGHT, shape.rate_rps, due_still,
             )  # fmt: skip
             break
-        task = asyncio.create_task(one(index, item, due))
+        task = asyncio.create_task(one(unit, due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await _bounded(list(tasks), deadline)
@@ -160,20 +187,21 @@ async def _bounded(tasks: list[asyncio.Task[None]], deadline: float) -> None:
 async def run_plan(
     target: str, keys: dict[str, str], plan: Sequence[Item], shape: LoadShape, *,
     warmup: bool = False, seed: int = 0, tick: Callable[[], None] = lambda: None,
-    first: int = 0, stride: int = 1,
+    places: Sequence[int] | None = None,
 ) -> list[Sample]:  # fmt: skip
-    """Runs ``plan`` in this process and returns its samples (warm-up ones marked). ``plan``
-    is every ``stride``-th item of the whole plan from ``first`` (a sample's ``index`` is its
-    place in the whole plan)."""
+    """Runs ``plan`` in this process and returns its samples (warm-up ones marked). ``places``
+    are its items' places in the whole plan (a sample's ``index``; default: ``plan`` is the
+    whole plan)."""
     clients = {
         t: AsyncClient(target, api_key=k, tls=shape.tls, timeout_s=shape.timeout_s)
         for t, k in keys.items()
     }
+    places = range(len(plan)) if places is None else places
     try:
         deadline = time.perf_counter() + shape.duration_s
         if shape.mode == "open" and not warmup:
-            return await _open(clients, plan, shape, deadline, seed, tick, first, stride)
-        return await _closed(clients, plan, shape, deadline, warmup, tick, first, stride)
+            return await _open(clients, plan, shape, deadline, seed, tick, places)
+        return await _closed(clients, plan, shape, deadline, warmup, tick, places)
     finally:
         for client in clients.values():
             await client.close()
@@ -181,13 +209,13 @@ async def run_plan(
 
 def _child(
     target: str, keys: dict[str, str], plan: list[Item], shape: LoadShape, seed: int,
-    counter: Synchronized[int], out: mp.Queue[list[Sample]], first: int, stride: int,
+    counter: Synchronized[int], out: mp.Queue[list[Sample]], places: list[int],
 ) -> None:  # fmt: skip
     def tick() -> None:
         with counter.get_lock():
             counter.value += 1
 
-    run = run_plan(target, keys, plan, shape, seed=seed, tick=tick, first=first, stride=stride)
+    run = run_plan(target, keys, plan, shape, seed=seed, tick=tick, places=places)
     out.put(asyncio.run(run))
 
 
@@ -195,9 +223,10 @@ def run_processes(
     target: str, keys: dict[str, str], plan: Sequence[Item], shape: LoadShape, processes: int,
     progress: Callable[[int], None],
 ) -> list[Sample]:  # fmt: skip
-    """Splits the plan round-robin over ``processes``; concurrency and rate are split too,
-    exactly (the first ``concurrency % processes`` processes keep one more request in flight;
-    a closed loop needs ``processes <= concurrency``)."""
+    """Splits the plan round-robin over ``processes``, each session whole to one process;
+    concurrency and rate are split too, exactly (the first ``concurrency % processes``
+    processes keep one more request in flight; a closed loop needs ``processes <=
+    concurrency``)."""
     if shape.mode == "closed" and processes > shape.concurrency:
         raise ValueError(f"{processes} processes cannot share {shape.concurrency} in flight")
     ctx = mp.get_context("spawn")
@@ -205,11 +234,13 @@ def run_processes(
     out: mp.Queue[list[Sample]] = ctx.Queue()
     whole, extra = divmod(shape.concurrency, processes)
     rate = shape.rate_rps / processes
+    units = sessions(plan)
     children = []
     for p in range(processes):
         share = replace(shape, concurrency=whole + (p < extra), rate_rps=rate)
-        part = list(plan[p::processes])
-        args = (target, keys, part, share, shape.seed + p, counter, out, p, processes)
+        places = sorted(i for unit in units[p::processes] for i in unit)
+        part = [plan[i] for i in places]
+        args = (target, keys, part, share, shape.seed + p, counter, out, places)
         children.append(ctx.Process(target=_child, args=args, daemon=True))
     for child in children:
         child.start()

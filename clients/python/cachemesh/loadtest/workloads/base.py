@@ -15,12 +15,15 @@ TENANT_B = "tenant-b"
 
 @dataclass(frozen=True)
 class Item:
-    """One request to send. ``question`` is set for labelled workloads (the asked text)."""
+    """One request to send. ``question`` is set for labelled workloads (the asked text);
+    ``session`` for a turn of a conversation (the agent workload's): the runner sends a
+    session's items in the plan's order, each after the previous one's answer."""
 
     kind: str  # the workload that made it: agent | tools | faq | unrelated | synthetic
     tenant: str  # tenant-a | tenant-b (which demo key sends it)
     request: pb.CompleteRequest
     question: str = ""
+    session: str = ""  # the conversation it is a turn of ("" for a request on its own)
 
 
 class Workload(Protocol):

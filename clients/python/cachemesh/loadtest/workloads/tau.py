@@ -102,7 +102,9 @@ def conversation_requests(
 
 
 class TauAgent:
-    """Conversations in a seeded order, each replayed turn by turn, then the next."""
+    """Conversations in a seeded order, each replayed turn by turn, then the next; each turn
+    names its conversation (``Item.session``), so the runner sends a turn only after the
+    previous turn's answer, as the agent did."""
 
     name = "agent"
 
@@ -138,4 +140,5 @@ class TauAgent:
             self._pending = conversation_requests(
                 row, self._tools, self._model, self._max_tokens, self._namespace
             )
-        return Item(self.name, TENANT_A, self._pending.pop(0))
+        session = f"{self.name}-{self._conversation}"  # the conversation's place in the run
+        return Item(self.name, TENANT_A, self._pending.pop(0), session=session)
