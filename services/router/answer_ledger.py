@@ -12,7 +12,9 @@ that resends it marks it ``cachemesh-retry: 1``) must neither call the model nor
   that call's answer; when the claim goes, given back by a call that failed or lapsed with a
   router that died, it takes the claim and calls the model itself).
 - Each answer the model served is recorded before it goes out (for the idempotency TTL), over
-  a claim (its own, or one that lapsed and was taken since: the first answer recorded stays).
+  a claim (its own, or one that lapsed and was taken since: the first answer recorded stays),
+  when its request came with its own request_id: an id the router made up for a request sent
+  without one no caller can retry with, so such a request is neither claimed nor recorded.
 
 Keys are a hash of the tenant and the request id (no caller text in Redis's key space); an
 answer's value is the request's fingerprint, a NUL and the serialized answer compressed with

@@ -114,6 +114,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ended = ""
         self._entered()
         try:
+            own_id = bool(request.request_id)  # before ``_accept`` makes one up
             tenant = await self._accept(request, context, call)
             try:
                 answered = self._answered(
@@ -123,6 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     _is_retry(context),
                     context.time_remaining(),
                     streamed=False,
+                    own_id=own_id,
                 )
                 async with aclosing(answered) as chunks:
                     async for chunk in chunks:
@@ -150,10 +152,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ended = ""
         self._entered()
         try:
+            own_id = bool(request.request_id)  # before ``_accept`` makes one up
             tenant = await self._accept(request, context, call)
             try:
                 answered = self._answered(
-                    tenant, request, call, _is_retry(context), context.time_remaining()
+                    tenant,
+                    request,
+                    call,
+                    _is_retry(context),
+                    context.time_remaining(),
+                    own_id=own_id,
                 )
                 async with aclosing(answered) as chunks:
                     async for chunk in chunks:
@@ -190,7 +198,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             validate_request(request, self._table, self._deployed)
         except RequestError as exc:
             await context.abort(grpc_code(exc.code), exc.message)
-        if not request.request_id:
+        if not request.request_id:  # its answer goes in no ledger: no caller knows this id
             request.request_id = uuid.uuid4().hex
         spans.request_attributes(root, call.tenant, request)
         assert tenant is not None
@@ -205,6 +213,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         time_remaining_s: float | None,
         *,
         streamed: bool = True,
+        own_id: bool = True,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The request's chunks, once per request_id: a retry or a concurrent duplicate
         replays the first call's answer (not subject to the limits: it uses nothing, and the
@@ -212,7 +221,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         its waiting duplicates get too). A refused request's place in the answer-once table
         is given back, and the table is bounded only as answers are kept, so refusals never
         push another request's answer out of it. ``time_remaining_s``: the client's deadline
-        (None: it set none), which bounds the model call."""
+        (None: it set none), which bounds the model call. ``own_id``: the caller sent the
+        request_id; one the router made up (``_accept``) no caller can retry with, so such a
+        request is neither claimed nor recorded in the answer ledger."""
         try:
             mark = fingerprint(request)  # once: the table and the ledger both key on it
             claimed, future = self._answers.claim(tenant, request, mark)
@@ -237,7 +248,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         holding: asyncio.Task[None] | None = None
         recorded = False
         try:
-            if retried:
+            if retried and own_id:
                 found = await self._claim(tenant, request, mark, time_remaining_s)
                 if isinstance(found, pb.CompleteResponse):
                     end = found  # kept unmarked, for this router's own replays of it
@@ -269,7 +280,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
                         end = call.end = chunk.end
-                        recorded = await self._record(tenant, request, end, mark)
+                        if own_id:
+                            recorded = await self._record(tenant, request, end, mark)
                     yield chunk
         except (_Denied, RequestError) as exc:
             if isinstance(exc, _Denied) or exc.code in _THE_REQUESTS_OWN:
@@ -355,9 +367,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _record(
         self, tenant: str, request: pb.CompleteRequest, end: pb.CompleteResponse, mark: str
     ) -> bool:
-        """Records a billed answer before it goes out: every model call's, whether its prompt
-        read the provider's cache (``LAYER_PREFIX_CACHE``) or not; an L1 hit bills nothing.
-        True when recorded (over this call's claim, if it held one)."""
+        """Records a billed answer before it goes out (a request with the caller's own
+        request_id): every model call's, whether its prompt read the provider's cache
+        (``LAYER_PREFIX_CACHE``) or not; an L1 hit bills nothing. True when recorded (over this
+        call's claim, if it held one)."""
         if self._ledger is None or end.served_by not in _BILLED_LAYERS:
             return False
         try:

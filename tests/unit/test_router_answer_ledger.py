@@ -703,6 +703,61 @@ def test_an_unmarked_call_claims_nothing_before_its_model_call(redis_url: str) -
     asyncio.run(run())
 
 
+class CountingLedger(RedisAnswerLedger):
+    """A real ledger that counts the calls made to it (each one a Redis round trip)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(Redis.from_url(url), ttl_s=60)
+        self.calls: list[str] = []
+
+    async def claim(self, tenant: str, request_id: str, fingerprint: str) -> Any:
+        self.calls.append("claim")
+        return await super().claim(tenant, request_id, fingerprint)
+
+    async def record(self, tenant: str, request_id: str, fingerprint: str, answer: Any) -> None:
+        self.calls.append("record")
+        await super().record(tenant, request_id, fingerprint, answer)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_only_a_request_with_its_callers_own_id_is_claimed_and_recorded(
+    redis_url: str, streamed: bool
+) -> None:
+    """A request sent without a request_id gets one the router makes up, which no caller knows
+    to retry with; its answer was recorded all the same, for the idempotency TTL (500 such
+    requests left 500 records for 24 h), each after a Redis round trip. Now it is neither
+    claimed (a retry mark without an id has nothing to look up) nor recorded; a request with
+    the caller's own id still is: the Python client's id, unmarked on its first attempt (its
+    gRPC retries carry it to another router), and the HTTP front's Idempotency-Key."""
+
+    async def run() -> None:
+        servicer, pipe, _ = _router(redis_url)
+        ledger = servicer._ledger = CountingLedger(redis_url)
+
+        async def complete(request: pb.CompleteRequest, *mark: tuple[str, str]) -> Any:
+            if not streamed:
+                return await servicer.Complete(request, FakeContext(*mark))  # type: ignore[arg-type]
+            chunks = servicer.StreamComplete(request, FakeContext(*mark))  # type: ignore[arg-type]
+            return [c async for c in chunks][-1].end
+
+        for i, mark in enumerate(((), (CLIENT_MARK,), (RETRY,))):
+            answer = await complete(build_request(f"question {i}", model="sim-small"), *mark)
+            assert answer.request_id and answer.content  # served, under the router's own id
+        client = Redis.from_url(redis_url)
+        assert ([k async for k in client.scan_iter()], ledger.calls) == ([], [])
+        await complete(_request())  # the caller's own id, unmarked
+        assert [k async for k in client.scan_iter()] == [ledger_key("tenant-a", "req-1")]
+        assert ledger.calls == ["record"]
+        other, other_pipe, other_ledger = _router(redis_url)
+        again = await other.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
+        assert again.replayed and other_pipe.runs == 0 and pipe.runs == 4
+        await client.aclose()
+        await ledger.close()
+        await other_ledger.close()
+
+    asyncio.run(run())
+
+
 def test_a_claim_is_renewed_while_its_call_runs(redis_url: str) -> None:
     """The holder renews its claim every third of the lease (the sleeps injected: each tick is
     one renewal), and only its own claim."""

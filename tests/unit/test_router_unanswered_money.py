@@ -206,7 +206,8 @@ async def test_an_answer_billed_whose_caller_left_before_it_is_counted_as_billed
         RequestLog(RouterMetrics(registry, TenantLabels(4)), TABLE, lambda: 0.0),
         ledger,  # type: ignore[arg-type]
     )
-    request = build_request("Describe a harbour at dawn.", model="sim-small")
+    # the caller's own id: its answer is recorded in the ledger before it goes out
+    request = build_request("Describe a harbour at dawn.", model="sim-small", request_id="r-1")
     context = FakeContext()
     if method == "Complete":
         call: asyncio.Future[Any] = asyncio.ensure_future(
