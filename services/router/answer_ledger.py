@@ -86,7 +86,13 @@ return 1
 
 
 class LedgerUnavailable(Exception):
-    """The ledger could not be read or written (its message names why, never a secret)."""
+    """The ledger could not be read or written (its message names why, never a secret).
+    ``redis_failed``: Redis failed (not one record that does not read): it counts toward
+    leaving Redis alone (``breaker.Breaker``)."""
+
+    def __init__(self, message: str, *, redis_failed: bool = True) -> None:
+        super().__init__(message)
+        self.redis_failed = redis_failed
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,9 @@ class RedisAnswerLedger:
         try:
             answer = _answer(held[_FINGERPRINT_BYTES:])
         except (zlib.error, DecodeError) as exc:  # e.g. a format a later version wrote
-            raise LedgerUnavailable(f"a recorded answer does not read ({exc})") from None
+            raise LedgerUnavailable(
+                f"a recorded answer does not read ({exc})", redis_failed=False
+            ) from None
         return Recorded(held[:_FINGERPRINT_BYTES].decode(), answer)
 
     async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:

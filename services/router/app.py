@@ -23,7 +23,7 @@ from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
 from services.router.grpc_adapters import CallTiming, connect
 from services.router.idempotency import IdempotencyTable
-from services.router.limit_wiring import build_answer_ledger, build_limiter
+from services.router.limit_wiring import build_answer_ledger, build_limiter, ledger_breaker
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
@@ -84,7 +84,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         tracer,
         metrics.degraded,
         metrics.settles_lost,
-        metrics.limits_store_reset,
+        reset=metrics.limits_store_reset,
+        breaker_opened=metrics.redis_breaker_opened,
     )
     outbox = BillingOutbox(
         connected.dependencies.prefix,
@@ -145,6 +146,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         requests,
         ledger,
         ledger_failed=metrics.ledger_failed,
+        ledger_breaker=ledger_breaker(settings.limits, metrics.redis_breaker_opened),
     )
     admin = AdminServicer(
         settings.admin,

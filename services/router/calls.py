@@ -7,7 +7,7 @@ goes on, degraded, and the span records why); an ``INVALID_ARGUMENT`` or
 A request's calls to prefix-cache (Plan, WARM, FINAL) share a ``PrefixWindow``: each waits at
 most ``ROUTER_PREFIX_TIMEOUT_S`` and half of what the request's deadline leaves, and once one
 has timed out (prefix-cache hung: stopped, or waiting on its Redis) the request makes no other
-and goes on as with prefix-cache down. After ``_BREAKER_AFTER`` timeouts in a row, across
+and goes on as with prefix-cache down. After ``breaker.BREAKER_AFTER`` timeouts in a row, across
 requests (of calls not cut short by a client's deadline), no request calls it for
 ``ROUTER_PREFIX_BREAKER_S``.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +29,7 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
+from services.router.breaker import Breaker
 from services.router.dependencies import (
     CallFailed,
     Dependencies,
@@ -56,10 +56,9 @@ _LEASE_WAIT_SHARE = 0.5
 # request's deadline leaves (and at most ROUTER_PREFIX_TIMEOUT_S): a hung prefix-cache leaves the
 # model call, or the answer's reply, the other half.
 _PREFIX_SHARE = 0.5
-# prefix-cache calls timed out in a row (across requests) after which none is made for
+# prefix-cache calls timed out in a row (across requests, ``BREAKER_AFTER``) make none for
 # ROUTER_PREFIX_BREAKER_S; only calls given at least this share of ROUTER_PREFIX_TIMEOUT_S count
 # (one cut short by its own client's short deadline says little about prefix-cache)
-_BREAKER_AFTER = 3
 _BREAKER_MIN_SHARE = 0.5
 # A Lookup that failed so: L1 may have taken the lease, its reply (and the lease_id) lost on
 # the way (the deadline passed as it came, the request was cancelled, the connection broke)
@@ -92,36 +91,22 @@ class PrefixWindow:
     counted: bool = False
 
 
-class _Breaker:
-    """prefix-cache left alone across requests: after ``_BREAKER_AFTER`` timeouts in a row,
-    no call for ``open_s`` (0: never); then calls are made again, and one more timeout leaves
-    it alone again at once, while an answer ends the run of timeouts."""
+def _prefix_breaker(open_s: float, clock: Callable[[], float]) -> Breaker:
+    """prefix-cache left alone across requests after timeouts in a row (``Breaker``)."""
 
-    def __init__(self, open_s: float, clock: Callable[[], float]) -> None:
-        self._open_s = open_s
-        self._clock = clock
-        self._timeouts = 0
-        self._until = -math.inf
+    def opened(timeouts: int, again: bool) -> None:
+        log.warning(
+            "prefix-cache: %d calls timed out in a row; no calls for %g s "
+            "(ROUTER_PREFIX_BREAKER_S): answers are estimated, their bills kept in the "
+            "billing outbox",
+            timeouts,
+            open_s,
+        )
 
-    def open(self) -> bool:
-        return self._clock() < self._until
+    def closed(timeouts: int) -> None:
+        log.info("prefix-cache answers again after %d timeouts in a row", timeouts)
 
-    def timed_out(self) -> None:
-        self._timeouts += 1
-        if self._open_s > 0 and self._timeouts >= _BREAKER_AFTER and not self.open():
-            self._until = self._clock() + self._open_s
-            log.warning(
-                "prefix-cache: %d calls timed out in a row; no calls for %g s "
-                "(ROUTER_PREFIX_BREAKER_S): answers are estimated, their bills kept in the "
-                "billing outbox",
-                self._timeouts,
-                self._open_s,
-            )
-
-    def answered(self) -> None:
-        if self._timeouts >= _BREAKER_AFTER and self._open_s > 0:
-            log.info("prefix-cache answers again after %d timeouts in a row", self._timeouts)
-        self._timeouts = 0
+    return Breaker(open_s, clock, opened, closed)
 
 
 def _client_fault(exc: CallFailed) -> RequestError | None:
@@ -186,7 +171,7 @@ class Calls:
         self._tracer = tracer
         self._clock = clock
         self._sleep = sleep
-        self._breaker = _Breaker(settings.prefix_breaker_s, clock)
+        self._breaker = _prefix_breaker(settings.prefix_breaker_s, clock)
 
     def _degraded(self, what: str, exc: CallFailed, *, logged: bool = True) -> None:
         """``logged`` False: counted and on the span, but no log line (the caller logs)."""
@@ -447,7 +432,7 @@ class Calls:
         """``send``'s reply, given the call's deadline (``prefix_timeout_s``); None when the
         call is not made: the request goes on as with prefix-cache down. A call that fails
         raises ``CallFailed``; a skip or a timeout ends the request's prefix-cache calls, and a
-        timeout counts toward leaving prefix-cache alone (``_Breaker``)."""
+        timeout counts toward leaving prefix-cache alone (``Breaker``)."""
         timeout_s = self.prefix_timeout_s(window)
         if timeout_s <= 0:
             # a degradation as a timeout is (the metric and its alert count it as one), with
@@ -476,7 +461,7 @@ class Calls:
                     window.off = True
                 counted = window is not None and window.counted
                 if timeout_s >= self._s.prefix_timeout_s * _BREAKER_MIN_SHARE and not counted:
-                    self._breaker.timed_out()
+                    self._breaker.failed()
                     if window is not None:
                         window.counted = True
             raise

@@ -22,6 +22,8 @@ BUDGET_MONTH = "ROUTER_BUDGET_USD_PER_MONTH"
 REDIS_URL = "ROUTER_LIMITS_REDIS_URL"
 TIMEOUT_S = "ROUTER_LIMITS_TIMEOUT_S"
 REDIS_MAX_CONNECTIONS = "ROUTER_REDIS_MAX_CONNECTIONS"  # each of the router's Redis clients
+REDIS_BREAKER_S = "ROUTER_REDIS_BREAKER_S"  # each of the router's Redis clients
+DEFAULT_REDIS_BREAKER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class LimitSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S  # a store's answer waited for before it counts as failed
     # the connections each of the router's Redis clients may hold (limits, answer ledger)
     redis_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # each of those clients: no call for this long after its calls failed in a row (0 = never)
+    redis_breaker_s: float = DEFAULT_REDIS_BREAKER_S
 
     @classmethod
     def from_env(cls, env: Env) -> LimitSettings:
@@ -44,6 +48,7 @@ class LimitSettings:
             redis_url=env.optional_str(REDIS_URL),
             timeout_s=env.float(TIMEOUT_S, DEFAULT_TIMEOUT_S, minimum=0.001),
             redis_max_connections=max_connections(env, REDIS_MAX_CONNECTIONS),
+            redis_breaker_s=env.float(REDIS_BREAKER_S, DEFAULT_REDIS_BREAKER_S, minimum=0.0),
         )
 
 

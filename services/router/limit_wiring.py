@@ -19,6 +19,7 @@ from services.common.models import ModelTable
 from services.common.redis_pool import bounded_redis
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
+from services.router.breaker import Breaker, RedisClient, redis_breaker
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
 from services.router.prompt_counts import count_prompt
@@ -36,12 +37,15 @@ async def build_limiter(
     counted: Callable[[str, str], None] | None = None,
     lost: Callable[[int], None] | None = None,
     reset: Callable[[], None] | None = None,
+    breaker_opened: Callable[[RedisClient], None] | None = None,
 ) -> Limiter:
     """``tokenizers``: the pipeline's (one load, one cache), to count what a request's prompt
     reserves of the token rate, with the requested row's tokenizer (``auto``'s: its large
     tier's, whose price is its baseline). ``reset``: told each time the limits' Redis is
-    found to have lost its counts (``RedisLimitStore``)."""
+    found to have lost its counts (``RedisLimitStore``). ``breaker_opened``: each time the
+    limits' Redis is left alone after its admits failed in a row (ROUTER_REDIS_BREAKER_S)."""
     store: LimitStore = MemoryLimitStore()
+    breaker = None
     if settings.redis_url is not None:
         url = settings.redis_url
         redis = bounded_redis(REDIS_URL, url, settings.redis_max_connections, settings.timeout_s)
@@ -54,7 +58,8 @@ async def build_limiter(
                 f"{REDIS_URL}: Redis at {redacted_url(url)} refused ({exc})"
             ) from None
         store = shared
-    return limiter_on(store, settings, clock, table, tokenizers, tracer, counted, lost)
+        breaker = redis_breaker("limits", settings.redis_breaker_s, breaker_opened or _no_count)
+    return limiter_on(store, settings, clock, table, tokenizers, tracer, counted, lost, breaker)
 
 
 def limiter_on(
@@ -66,16 +71,19 @@ def limiter_on(
     tracer: trace.Tracer | None = None,
     counted: Callable[[str, str], None] | None = None,
     lost: Callable[[int], None] | None = None,
+    breaker: Breaker | None = None,
 ) -> Limiter:
     """The ``Limiter`` of ``settings`` over ``store`` (``build_limiter``'s, and the offline
-    estimator's, whose counts are in its own process)."""
+    estimator's, whose counts are in its own process); ``breaker``: over the store's Redis."""
 
     def count(request: pb.CompleteRequest) -> int:
         spec = table.baseline_for(request.model)
         return count_prompt(request, tokenizers.for_spec(spec))
 
     policies = UniformPolicies(settings.policy)
-    return Limiter(store, policies, clock, count, tracer, settings.timeout_s, counted, lost)
+    return Limiter(
+        store, policies, clock, count, tracer, settings.timeout_s, counted, lost, breaker=breaker
+    )
 
 
 async def build_answer_ledger(
@@ -92,6 +100,17 @@ async def build_answer_ledger(
         return None
     redis = bounded_redis(ANSWERS_REDIS_URL, url, max_connections, timeout_s)
     return RedisAnswerLedger(await _reachable(ANSWERS_REDIS_URL, url, redis), ttl_s, failed=failed)
+
+
+def ledger_breaker(
+    settings: LimitSettings, opened: Callable[[RedisClient], None] | None = None
+) -> Breaker:
+    """The answer ledger's breaker over its Redis (ROUTER_REDIS_BREAKER_S, as the limits')."""
+    return redis_breaker("answer_ledger", settings.redis_breaker_s, opened or _no_count)
+
+
+def _no_count(client: RedisClient) -> None:
+    pass
 
 
 async def _reachable(var: str, url: str, redis: Redis) -> Redis:

@@ -47,6 +47,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock, Throttle
 from services.common.span_events import record_event
+from services.router.breaker import Breaker
 
 log = logging.getLogger("cachemesh.router.limits")
 
@@ -416,6 +417,7 @@ class Limiter:
         lost: Callable[[int], None] | None = None,
         max_pending: int = MAX_PENDING_SETTLES,
         replay_every_s: float = SETTLE_REPLAY_S,
+        breaker: Breaker | None = None,
     ) -> None:
         """``prompt_tokens``: a request's prompt tokens (the router's tokenizer; the pipeline
         reuses the count, ``prompt_counts``), counted off the event loop and only under a
@@ -426,7 +428,10 @@ class Limiter:
         ``cachemesh_router_degraded_total``; requests admitted unlimited must show).
         ``lost``: settles dropped (``max_pending`` of them waiting already, or not sent within
         ``SETTLE_REPLAY_WINDOW_MS``), their number; ``replay_every_s``: how often the pending
-        ones are tried while the store fails."""
+        ones are tried while the store fails. ``breaker``: after admits that failed in a row,
+        none is sent to the store for a while (each request admitted as when it fails, without
+        the wait); None: every admit is sent. Settles are sent (and queued) as ever."""
+        self._breaker = breaker
         self._counted = counted
         self._lost = lost
         self._max_pending = max_pending
@@ -451,16 +456,23 @@ class Limiter:
         ticket = Ticket(tenant, policy, reserve)
         if not policy.active:
             return ticket
+        if self._breaker is not None and self._breaker.open():
+            self._left_alone()
+            return Ticket(tenant, policy, 0)  # nothing reserved: as when the store fails
         now = self._clock.now_ms()
         try:
             async with asyncio.timeout(self._timeout_s):
                 refusal = await self._store.admit(tenant, policy, reserve, now, Periods.at(now))
         except Exception as exc:  # the store's own failure (or silence), never the request's
+            if self._breaker is not None:
+                self._breaker.failed()
             self._degraded("admit", exc)
             # nothing known reserved, so nothing to give back: the request's end takes what it
             # used. A timeout is ambiguous (the store may have reserved after all); then the
             # reservation stays taken too, erring against the tenant, not erasing its debt.
             return Ticket(tenant, policy, 0)
+        if self._breaker is not None:
+            self._breaker.answered()
         if refusal is None:
             return ticket
         message = _message(refusal, policy, prompt, request.max_tokens)
@@ -630,6 +642,21 @@ class Limiter:
                 lost,
                 why,
             )
+
+    def _left_alone(self) -> None:
+        """An admit not sent (the store failed in a row): a degradation as a timeout is (its
+        metric and alert count it so), on the span with why, and no log line of its own."""
+        record_event(
+            self._tracer,
+            "cachemesh.degraded",
+            {
+                "dependency": "limits",
+                "error": "skipped",
+                "cachemesh.skipped": "admits failed in a row (ROUTER_REDIS_BREAKER_S)",
+            },
+        )
+        if self._counted is not None:
+            self._counted("limits", "DEADLINE_EXCEEDED")
 
     def _degraded(self, what: str, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):

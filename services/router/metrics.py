@@ -27,7 +27,8 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cache_creation``, ``cache_read``, ``output``), and the unanswered calls' bills';
 - ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
   request (reason: the gRPC status; ``limits``: its store failed, DEADLINE_EXCEEDED when it
-  did not answer in time, else UNAVAILABLE, and the request was admitted with no limit;
+  did not answer in time or was not called, its Redis left alone after failures in a row,
+  else UNAVAILABLE, and the request was admitted with no limit;
   ``prefix-cache``: a call not made after timeouts, ``calls.PrefixWindow``, counts as
   DEADLINE_EXCEEDED);
   ``cachemesh_router_decisions_total{tier,reason}``: the
@@ -57,8 +58,13 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   failed over, flushed), after which every tenant's limits count from zero;
   ``cachemesh_router_answer_ledger_failures_total{operation}``: calls to the answer ledger's
   Redis that failed or did not answer in time (``claim``, ``renew``: each failed try of a
-  claim's renewal, ``record``, ``give_back``); each costs a request only its answer-once
-  protection across routers (a retry on another router may be served and billed again);
+  claim's renewal, ``record``, ``give_back``), or were not made while that Redis was left
+  alone (``ROUTER_REDIS_BREAKER_S``); each costs a request only its answer-once protection
+  across routers (a retry on another router may be served and billed again);
+  ``cachemesh_router_redis_breaker_opens_total{client}``: times a Redis client of the router
+  (``limits``, ``answer_ledger``) stopped calling its Redis for ``ROUTER_REDIS_BREAKER_S``
+  after 3 calls in a row failed or timed out (again each time a call tried after that failed);
+  the calls not made count as the failures above (``limits``: degraded, DEADLINE_EXCEEDED);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -77,6 +83,7 @@ from prometheus_client import CollectorRegistry
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.metrics import LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
 from services.router.answer_ledger import LEDGER_OPERATIONS, LedgerOperation
+from services.router.breaker import REDIS_CLIENTS, RedisClient
 from services.router.routing.decision import Decision
 
 LAYERS = {
@@ -218,6 +225,14 @@ class RouterMetrics:
         )
         for operation in LEDGER_OPERATIONS:  # each at 0 from the start, for rate() and alerts
             self._ledger_failures(operation)
+        self._breaker_opens = m.counter(
+            "cachemesh_router_redis_breaker_opens",
+            "Times a Redis client of the router stopped calling its Redis for "
+            "ROUTER_REDIS_BREAKER_S after calls failed or timed out in a row",
+            ("client",),
+        )
+        for client in REDIS_CLIENTS:
+            self._breaker_opens(client)
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -331,6 +346,10 @@ class RouterMetrics:
     def ledger_failed(self, operation: LedgerOperation) -> None:
         """A call to the answer ledger's Redis failed or did not answer in time."""
         self._ledger_failures(operation).inc()
+
+    def redis_breaker_opened(self, client: RedisClient) -> None:
+        """``client``'s Redis is left alone for ROUTER_REDIS_BREAKER_S (again)."""
+        self._breaker_opens(client).inc()
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

@@ -32,6 +32,7 @@ from services.router.answer_ledger import (
     Recorded,
     Running,
 )
+from services.router.breaker import Breaker
 from services.router.idempotency import (
     IdempotencyConflict,
     IdempotencyTable,
@@ -71,9 +72,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         log: RequestLog,
         ledger: AnswerLedger | None = None,
         ledger_failed: Callable[[LedgerOperation], None] = lambda operation: None,
+        ledger_breaker: Breaker | None = None,
     ) -> None:
         """``ledger_failed``: told of each call to ``ledger`` that failed or did not answer in
-        ``LEDGER_TIMEOUT_S`` (its renewals' failures: the ledger's own ``failed``)."""
+        ``LEDGER_TIMEOUT_S``, or was not made while ``ledger_breaker`` left its Redis alone
+        (its renewals' failures: the ledger's own ``failed``); ``ledger_breaker``: None, the
+        ledger is called whatever its earlier calls did."""
         self._keys = keys
         self._table = table
         self._deployed = deployed
@@ -83,6 +87,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._log = log  # the access-log line and the request metrics, when a call ends
         self._ledger = ledger
         self._ledger_failed = ledger_failed
+        self._ledger_breaker = ledger_breaker
         self._background: set[asyncio.Task[None]] = set()  # claims given back
         self._handlers = 0  # Complete and StreamComplete calls whose handler has not ended
         self._no_handlers = asyncio.Event()
@@ -315,14 +320,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         loop = asyncio.get_running_loop()
         deadline = None if time_remaining_s is None else loop.time() + time_remaining_s
         while True:
+            if self._left_alone("claim"):
+                return None
             try:
                 found = await asyncio.wait_for(
                     self._ledger.claim(tenant, request.request_id, mark), LEDGER_TIMEOUT_S
                 )
             except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
                 self._ledger_failed("claim")
+                self._ledger_broke(exc)
                 log.warning("answer ledger: claim failed (%s); serving the call anew", _kind(exc))
                 return None
+            self._ledger_answered()
             if isinstance(found, Claimed):
                 return found
             if found.fingerprint != mark:
@@ -344,7 +353,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Releases this call's claim (in the background: the call has ended), so that a
         retry waiting on it runs at once instead of when its lease lapses."""
         ledger = self._ledger
-        if ledger is None:
+        if ledger is None or self._left_alone("give_back"):
             return
 
         async def give_back() -> None:
@@ -354,11 +363,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
             except (LedgerUnavailable, TimeoutError) as exc:
                 self._ledger_failed("give_back")
+                self._ledger_broke(exc)
                 log.warning(
                     "answer ledger: a claim was not given back (%s); a retry on another "
                     "router waits until it lapses",
                     _kind(exc),
                 )
+                return
+            self._ledger_answered()
 
         task = asyncio.ensure_future(give_back())
         self._background.add(task)
@@ -373,6 +385,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         call's claim, if it held one)."""
         if self._ledger is None or end.served_by not in _BILLED_LAYERS:
             return False
+        if self._left_alone("record"):
+            return False
         try:
             await asyncio.wait_for(
                 self._ledger.record(tenant, request.request_id, mark, end),
@@ -380,12 +394,37 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         except (LedgerUnavailable, TimeoutError) as exc:  # the answer is served all the same
             self._ledger_failed("record")
+            self._ledger_broke(exc)
             log.warning(
                 "answer ledger: record failed (%s); a retry on another router may bill again",
                 _kind(exc),
             )
             return False
+        self._ledger_answered()
         return True
+
+    def _left_alone(self, operation: LedgerOperation) -> bool:
+        """True when the ledger's Redis is left alone (its calls failed in a row): the call is
+        not made, and counts as failed (the request loses only its protection across routers,
+        as when the call fails), without a log line of its own (the breaker's says why)."""
+        if self._ledger_breaker is None or not self._ledger_breaker.open():
+            return False
+        self._ledger_failed(operation)
+        return True
+
+    def _ledger_broke(self, exc: LedgerUnavailable | TimeoutError) -> None:
+        """A ledger call failed: Redis's failure counts toward leaving it alone; a record that
+        does not read is an answer of Redis's."""
+        if self._ledger_breaker is None:
+            return
+        if isinstance(exc, LedgerUnavailable) and not exc.redis_failed:
+            self._ledger_breaker.answered()
+        else:
+            self._ledger_breaker.failed()
+
+    def _ledger_answered(self) -> None:
+        if self._ledger_breaker is not None:
+            self._ledger_breaker.answered()
 
 
 _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))

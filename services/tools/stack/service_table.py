@@ -246,6 +246,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_LIMITS_REDIS_URL",
             "ROUTER_LIMITS_TIMEOUT_S",
             "ROUTER_REDIS_MAX_CONNECTIONS",
+            "ROUTER_REDIS_BREAKER_S",
             "ROUTER_TLS_CERT_FILE",
             "ROUTER_TLS_KEY_FILE",
             "ROUTER_TLS_CLIENT_CA_FILE",

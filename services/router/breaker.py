@@ -1,0 +1,107 @@
+"""A dependency left alone across requests once its calls failed in a row, so that requests stop
+paying a timeout each while it stays hung: prefix-cache (``ROUTER_PREFIX_BREAKER_S``) and the
+router's Redis clients, the limits' and the answer ledger's (``ROUTER_REDIS_BREAKER_S``).
+
+After ``BREAKER_AFTER`` failures in a row, no call for ``open_s`` (0: never left alone); then
+calls are made again: one more failure leaves it alone again at once, an answer ends the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Literal, get_args
+
+log = logging.getLogger("cachemesh.router")
+
+BREAKER_AFTER = 3  # failures in a row that leave a dependency alone
+# the router's Redis clients, each with a breaker (``cachemesh_router_redis_breaker_opens_total``)
+RedisClient = Literal["limits", "answer_ledger"]
+REDIS_CLIENTS: tuple[RedisClient, ...] = get_args(RedisClient)
+
+
+def _nothing(*_: object) -> None:
+    pass
+
+
+class Breaker:
+    def __init__(
+        self,
+        open_s: float,
+        clock: Callable[[], float],
+        opened: Callable[[int, bool], None] = _nothing,
+        closed: Callable[[int], None] = _nothing,
+    ) -> None:
+        """``clock``: seconds (monotonic); ``opened``: told of each time it leaves the
+        dependency alone, with the failures in a row and whether this run of them had left it
+        alone before (a call tried after ``open_s`` failed again); ``closed``: told when an
+        answer ends a run of failures that had left it alone, with their number."""
+        self._open_s = open_s
+        self._clock = clock
+        self._opened = opened
+        self._closed = closed
+        self._failures = 0
+        self._tripped = False  # this run of failures left the dependency alone
+        self._until = -math.inf
+
+    def open(self) -> bool:
+        """No call now: the dependency is left alone."""
+        return self._clock() < self._until
+
+    def failed(self) -> None:
+        self._failures += 1
+        if self._open_s > 0 and self._failures >= BREAKER_AFTER and not self.open():
+            self._until = self._clock() + self._open_s
+            again, self._tripped = self._tripped, True
+            self._opened(self._failures, again)
+
+    def answered(self) -> None:
+        if self._tripped:
+            self._closed(self._failures)
+        self._failures = 0
+        self._tripped = False
+
+
+# what the requests go without while a client's Redis is left alone, as when it fails
+_MEANWHILE: dict[RedisClient, tuple[str, str]] = {
+    "limits": ("limits", "requests are admitted without their limits, their counts queued for it"),
+    "answer_ledger": (
+        "answer ledger",
+        "requests are served without their answer-once protection across routers",
+    ),
+}
+
+
+def redis_breaker(
+    client: RedisClient,
+    open_s: float,
+    opened: Callable[[RedisClient], None] = _nothing,
+    clock: Callable[[], float] = time.monotonic,
+) -> Breaker:
+    """``client``'s breaker over its Redis (``open_s``: ROUTER_REDIS_BREAKER_S): a WARNING line
+    when a run of failures first leaves that Redis alone, and one when it answers again;
+    ``opened``: told of each time it is left alone (the metric)."""
+    name, meanwhile = _MEANWHILE[client]
+
+    def left_alone(failures: int, again: bool) -> None:
+        opened(client)
+        if not again:
+            log.warning(
+                "%s Redis: %d calls in a row failed or did not answer; not called for %g s "
+                "at a time (ROUTER_REDIS_BREAKER_S) until one answers: %s",
+                name,
+                failures,
+                open_s,
+                meanwhile,
+            )
+
+    def answers(failures: int) -> None:
+        log.warning(
+            "%s Redis answers again after %d calls in a row failed; called as usual",
+            name,
+            failures,
+        )
+
+    return Breaker(open_s, clock, left_alone, answers)
