@@ -7,7 +7,7 @@ import itertools
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 
 from cachemesh import AsyncClient
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
-from cachemesh.loadtest.runner import LoadShape, run_plan
+from cachemesh.loadtest.runner import LoadShape, run_plan, shares
 from cachemesh.loadtest.samples import CUT
 from cachemesh.loadtest.workloads import Item, WorkloadSpec, build
 from cachemesh.loadtest.workloads.base import TENANT_A, user
@@ -38,8 +38,10 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         self.talking: set[str] = set()  # conversations with a turn in flight
         self.early: list[str] = []  # turns sent before their conversation's previous answer
 
+        self.by_peer: Counter[str] = Counter()  # requests by client connection (one a process)
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         text = request.messages[-1].content[0].text
+        self.by_peer[context.peer()] += 1
         conversation, _, turn = request.request_id.rpartition("/")
         if conversation:
             if conversation in self.talking:
@@ -262,6 +264,25 @@ def test_several_processes_share_the_plan_and_warm_up_is_marked(
     assert sum(s.warmup for s in samples) == 2
     assert sorted(s.index for s in samples if not s.warmup and s.ok) == list(range(12))
     assert fake.most_in_flight == 3  # 2 + 1, not 2 a process
+
+
+def test_each_process_sends_a_share_of_the_plan_in_proportion_to_its_slots(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    """3 in flight over 2 processes is 2 + 1 slots, but the plan was split in halves: the
+    1-slot process sent its half alone once the other had finished (a fake Gateway at 100 ms:
+    18.3 req/s reported where one process measured 28.9)."""
+    target, fake = gateway
+    shape = LoadShape("closed", 3, 0.0, duration_s=60, stream=False)
+    samples = run_load(target, KEYS, [], _items(*["q"] * 12), shape, processes=2)
+    assert sorted(s.index for s in samples if s.ok) == list(range(12))
+    assert sorted(fake.by_peer.values()) == [4, 8]  # a process per connection: 1 slot, 2 slots
+    singles = [[i] for i in range(7)]
+    closed, opened = LoadShape("closed", 5, 0.0, 60, False), LoadShape("open", 5, 10.0, 60, False)
+    assert shares(singles, closed, 2) == [[0, 2, 4, 5], [1, 3, 6]]
+    assert shares(singles[:5], opened, 2) == [[0, 2, 4], [1, 3]]
+    # a conversation's turns stay in one process
+    assert shares([[0, 2], [1], [3, 4]], closed, 2) == [[0, 2, 3, 4], [1]]
 
 
 def test_a_wall_clock_step_mid_run_changes_no_duration(

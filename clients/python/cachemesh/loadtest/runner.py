@@ -211,6 +211,8 @@ def _child(
     target: str, keys: dict[str, str], plan: list[Item], shape: LoadShape, seed: int,
     counter: Synchronized[int], out: mp.Queue[list[Sample]], places: list[int],
 ) -> None:  # fmt: skip
+    """Sends ``plan``, the items at ``places`` of the whole plan (its samples' ``index``)."""
+
     def tick() -> None:
         with counter.get_lock():
             counter.value += 1
@@ -219,14 +221,28 @@ def _child(
     out.put(asyncio.run(run))
 
 
+def shares(units: Sequence[Sequence[int]], shape: LoadShape, processes: int) -> list[list[int]]:
+    """The places of the plan each of ``processes`` sends, given its ``units`` (``sessions``:
+    a conversation's turns stay together, in one process). A closed loop deals the units out
+    slot by slot (unit ``u`` to the process that owns in-flight slot ``u % concurrency``;
+    process ``p`` owns the slots ``s`` with ``s % processes == p``, as many as
+    ``run_processes`` gives it), so a process's share is in proportion to its slots and all
+    of them end together; an open loop splits its rate evenly, and its units too."""
+    slots = shape.concurrency if shape.mode == "closed" else processes
+    out: list[list[int]] = [[] for _ in range(processes)]
+    for number, unit in enumerate(units):
+        out[number % slots % processes].extend(unit)
+    return [sorted(places) for places in out]
+
+
 def run_processes(
     target: str, keys: dict[str, str], plan: Sequence[Item], shape: LoadShape, processes: int,
     progress: Callable[[int], None],
 ) -> list[Sample]:  # fmt: skip
-    """Splits the plan round-robin over ``processes``, each session whole to one process;
-    concurrency and rate are split too, exactly (the first ``concurrency % processes``
-    processes keep one more request in flight; a closed loop needs ``processes <=
-    concurrency``)."""
+    """Splits the plan over ``processes``, each session whole to one process, in proportion to
+    each process's in-flight slots (``shares``); concurrency and rate are split too, exactly
+    (the first ``concurrency % processes`` processes keep one more request in flight; a
+    closed loop needs ``processes <= concurrency``)."""
     if shape.mode == "closed" and processes > shape.concurrency:
         raise ValueError(f"{processes} processes cannot share {shape.concurrency} in flight")
     ctx = mp.get_context("spawn")
@@ -234,11 +250,9 @@ def run_processes(
     out: mp.Queue[list[Sample]] = ctx.Queue()
     whole, extra = divmod(shape.concurrency, processes)
     rate = shape.rate_rps / processes
-    units = sessions(plan)
     children = []
-    for p in range(processes):
+    for p, places in enumerate(shares(sessions(plan), shape, processes)):
         share = replace(shape, concurrency=whole + (p < extra), rate_rps=rate)
-        places = sorted(i for unit in units[p::processes] for i in unit)
         part = [plan[i] for i in places]
         args = (target, keys, part, share, shape.seed + p, counter, out, places)
         children.append(ctx.Process(target=_child, args=args, daemon=True))
