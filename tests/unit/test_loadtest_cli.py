@@ -260,7 +260,8 @@ def test_a_run_that_found_l2_warm_says_so_in_its_report(
 
 
 def _cut_run(target: str, keys: object, warmup: list[Item], plan: list[Item], *_: object,
-             before_measured: Callable[[], None] = lambda: None) -> list[Sample]:  # fmt: skip
+             before_measured: Callable[[], None] = lambda: None, **__: object,
+             ) -> list[Sample]:  # fmt: skip
     """The reviewer's run in small: one answer, the other request cut at its deadline."""
     before_measured()
     return [

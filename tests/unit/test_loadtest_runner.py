@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing as mp
 import queue
 import threading
 import time
@@ -17,7 +18,8 @@ import pytest
 from cachemesh import AsyncClient
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
 from cachemesh.loadtest.runner import LoadShape, run_plan, shares
-from cachemesh.loadtest.samples import CUT
+from cachemesh.loadtest.samples import CUT, LOST
+from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.workloads import Item, WorkloadSpec, build
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
@@ -39,6 +41,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         self.early: list[str] = []  # turns sent before their conversation's previous answer
 
         self.by_peer: Counter[str] = Counter()  # requests by client connection (one a process)
+
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         text = request.messages[-1].content[0].text
         self.by_peer[context.peer()] += 1
@@ -283,6 +286,39 @@ def test_each_process_sends_a_share_of_the_plan_in_proportion_to_its_slots(
     assert shares(singles[:5], opened, 2) == [[0, 2, 4], [1, 3]]
     # a conversation's turns stay in one process
     assert shares([[0, 2], [1], [3, 4]], closed, 2) == [[0, 2, 3, 4], [1]]
+
+
+def test_a_client_process_that_dies_is_counted_not_waited_for(
+    gateway: tuple[str, FakeGateway],
+) -> None:
+    """A client process killed mid-run (kill -9, the OOM killer) hung the run until duration +
+    timeout + 60 s, then lost every sample (RuntimeError, no report). The others' samples are
+    kept and the dead one's share of the plan counted as CLIENT_PROCESS_LOST, with a warning."""
+    target, fake = gateway
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        while sum(fake.by_peer.values()) < 2:  # both sending, or one far along
+            time.sleep(0.01)
+        child = mp.active_children()[0]
+        killed.append(child.pid or 0)
+        child.kill()
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    said: list[str] = []
+    shape = LoadShape("closed", 2, 0.0, duration_s=10, stream=False, timeout_s=1)
+    plan = _items(*["slow"] * 20)
+    samples = run_load(target, KEYS, [], plan, shape, processes=2, warn=said.append)
+    killer.join(5)
+    lost = sorted(s.index for s in samples if s.code == LOST)
+    assert lost in shares([[i] for i in range(20)], shape, 2), lost  # the dead one's share
+    assert sorted(s.index for s in samples if s.ok) == sorted(set(range(20)) - set(lost))
+    (warning,) = said
+    assert f"(pid {killed[0]}) was killed by signal 9 (SIGKILL" in warning
+    assert f"its 10 planned requests are counted as errors {LOST}" in warning
+    timed = summarise([s for s in samples if s.code != LOST], {})["wall_s"]
+    assert summarise(samples, {})["wall_s"] == timed  # the lost samples have no time
 
 
 def test_a_wall_clock_step_mid_run_changes_no_duration(

@@ -42,7 +42,7 @@ from cachemesh.loadtest.load import (
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
 from cachemesh.loadtest.runner import LoadShape
-from cachemesh.loadtest.samples import Sample
+from cachemesh.loadtest.samples import LOST, Sample
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.warm_l2 import reads_not_written
 from cachemesh.loadtest.workloads import (
@@ -200,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             except billed.BilledUnavailable as exc:
                 unread = f"could not read the stack's billed totals: {exc}"
 
+    warnings: list[str] = []  # what makes the figures differ from a whole run on a cold stack
     samples = run_load(args.target, keys, warmup, plan, shape, args.processes, args.workload,
-                       before_measured=measured_begins)  # fmt: skip
+                       before_measured=measured_begins, warn=warnings.append)  # fmt: skip
     results = summarise(samples, workload.labels())
     warm = reads_not_written(samples, warmup, plan)
     results["l2_warm_at_start"] = {"requests": warm.requests, "read_tokens": warm.read_tokens}
-    warnings = [_warm_warning(warm.requests, warm.read_tokens)] if warm.requests else []
+    if warm.requests:
+        warnings.append(_warm_warning(warm.requests, warm.read_tokens))
     if read is not None and before is not None:
         try:
             after, quiet = billed.settled(read)
@@ -271,7 +273,10 @@ def sent_log(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> lis
     totals, as the run's report does), each at the time it was sent (ms from the first) with
     how long after that it ended (and its first token, streamed) and how (its status), as
     the offline estimator replays them: requests that overlapped are replayed concurrently."""
-    sent = sorted((s for s in samples if s.index >= 0), key=lambda s: (not s.warmup, s.started_s))
+    sent = sorted(
+        (s for s in samples if s.index >= 0 and s.code != LOST),  # lost: sent? when? unknown
+        key=lambda s: (not s.warmup, s.started_s),
+    )
     if not sent:
         return []
     start = sent[0].started_s

@@ -12,7 +12,7 @@ import grpc
 from cachemesh._channel import GATEWAY_SERVICE
 from cachemesh._tls import Tls, sync_channel
 from cachemesh.loadtest.progress import Progress
-from cachemesh.loadtest.runner import LoadShape, run_plan, run_processes
+from cachemesh.loadtest.runner import LoadShape, log, run_plan, run_processes
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.workloads import Item, Workload
 
@@ -123,9 +123,11 @@ def run_load(
     label: str = "load",
     *,
     before_measured: Callable[[], None] = lambda: None,
+    warn: Callable[[str], None] = log.warning,
 ) -> list[Sample]:
     """Warm-up samples (marked) followed by the measured ones; ``before_measured`` runs between
-    (the billed totals read before the measured requests)."""
+    (the billed totals read before the measured requests); ``warn`` is told what the report
+    must say (a client process lost)."""
     samples = warm_up(target, keys, warmup, shape, label)
     before_measured()
     bar = Progress(label, len(plan))
@@ -139,6 +141,6 @@ def run_load(
 
         samples += asyncio.run(run_plan(target, keys, plan, shape, seed=shape.seed, tick=step))
     else:
-        samples += run_processes(target, keys, plan, shape, processes, bar)
+        samples += run_processes(target, keys, plan, shape, processes, bar, warn)
     bar.close()
     return samples

@@ -10,7 +10,9 @@ does, its first turn then, each next turn on the previous one's answer.
 processes (each with its own event loop and channel, so the client is not the bottleneck) and
 merges their samples. Every run stops at the end of its plan or at its deadline, whichever
 comes first; requests still in flight at the deadline are cancelled and counted as errors
-(``CUT_AT_DEADLINE``, their latency the time they had run): a slow tail is never dropped.
+(``CUT_AT_DEADLINE``, their latency the time they had run): a slow tail is never dropped. A
+spawned process that dies before reporting is not waited for: its share of the plan is counted
+as errors (``CLIENT_PROCESS_LOST``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import multiprocessing as mp
 import queue
 import random
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +33,7 @@ from typing import Literal
 from cachemesh._client import AsyncClient
 from cachemesh._errors import CachemeshError
 from cachemesh._tls import Tls
-from cachemesh.loadtest.samples import CUT, Sample, from_error, from_response
+from cachemesh.loadtest.samples import CUT, ERROR, LOST, Sample, from_error, from_response
 from cachemesh.loadtest.workloads import Item
 from cachemesh.v1 import gateway_pb2 as pb
 
@@ -209,16 +212,18 @@ async def run_plan(
 
 def _child(
     target: str, keys: dict[str, str], plan: list[Item], shape: LoadShape, seed: int,
-    counter: Synchronized[int], out: mp.Queue[list[Sample]], places: list[int],
+    counter: Synchronized[int], out: mp.Queue[tuple[int, list[Sample]]], places: list[int],
+    process: int,
 ) -> None:  # fmt: skip
-    """Sends ``plan``, the items at ``places`` of the whole plan (its samples' ``index``)."""
+    """Sends ``plan``, the items at ``places`` of the whole plan (its samples' ``index``), and
+    reports its samples as ``process``'s."""
 
     def tick() -> None:
         with counter.get_lock():
             counter.value += 1
 
     run = run_plan(target, keys, plan, shape, seed=seed, tick=tick, places=places)
-    out.put(asyncio.run(run))
+    out.put((process, asyncio.run(run)))
 
 
 def shares(units: Sequence[Sequence[int]], shape: LoadShape, processes: int) -> list[list[int]]:
@@ -237,42 +242,73 @@ def shares(units: Sequence[Sequence[int]], shape: LoadShape, processes: int) -> 
 
 def run_processes(
     target: str, keys: dict[str, str], plan: Sequence[Item], shape: LoadShape, processes: int,
-    progress: Callable[[int], None],
+    progress: Callable[[int], None], warn: Callable[[str], None] = log.warning,
 ) -> list[Sample]:  # fmt: skip
     """Splits the plan over ``processes``, each session whole to one process, in proportion to
     each process's in-flight slots (``shares``); concurrency and rate are split too, exactly
     (the first ``concurrency % processes`` processes keep one more request in flight; a
-    closed loop needs ``processes <= concurrency``)."""
+    closed loop needs ``processes <= concurrency``). A process that exits without reporting
+    (killed: the OOM killer) or has not reported by the run's end (duration, a request's
+    timeout, a minute) is not waited for: each request of its share is counted as
+    ``CLIENT_PROCESS_LOST`` and ``warn`` names it."""
     if shape.mode == "closed" and processes > shape.concurrency:
         raise ValueError(f"{processes} processes cannot share {shape.concurrency} in flight")
     ctx = mp.get_context("spawn")
     counter: Synchronized[int] = ctx.Value("i", 0)
-    out: mp.Queue[list[Sample]] = ctx.Queue()
+    out: mp.Queue[tuple[int, list[Sample]]] = ctx.Queue()
     whole, extra = divmod(shape.concurrency, processes)
     rate = shape.rate_rps / processes
-    children = []
-    for p, places in enumerate(shares(sessions(plan), shape, processes)):
+    children, split = [], shares(sessions(plan), shape, processes)
+    for p, places in enumerate(split):
         share = replace(shape, concurrency=whole + (p < extra), rate_rps=rate)
         part = [plan[i] for i in places]
-        args = (target, keys, part, share, shape.seed + p, counter, out, places)
+        args = (target, keys, part, share, shape.seed + p, counter, out, places, p)
         children.append(ctx.Process(target=_child, args=args, daemon=True))
     for child in children:
         child.start()
     results: list[Sample] = []
-    received = 0
+    waiting = set(range(processes))  # neither reported nor lost
+    lost: dict[int, str] = {}  # process -> how it was lost
+    exited: set[int] = set()  # had exited before the last wait for a report began
     give_up = time.monotonic() + shape.duration_s + shape.timeout_s + 60
-    while received < processes and time.monotonic() < give_up:
+    while waiting:
         progress(counter.value)
         try:
-            results += out.get(timeout=0.2)
-            received += 1
-        except queue.Empty:  # keep drawing the progress bar
+            p, samples = out.get(timeout=0.2)
+        except queue.Empty:  # keep drawing the progress bar, and look for the dead
+            # a process's report is in the queue before it exits: nothing came for 0.2 s
+            # from one that had exited before, so it will not report
+            for p in exited & waiting:
+                lost[p] = _ended(children[p].exitcode)
+                waiting.discard(p)
+            exited = {p for p in waiting if children[p].exitcode is not None}
+            if waiting and time.monotonic() >= give_up:
+                for p in waiting:
+                    lost[p] = "had not reported its samples by the end of the run (stopped)"
+                waiting.clear()
             continue
+        results += samples
+        waiting.discard(p)
     for child in children:
         child.join(timeout=5)
         if child.is_alive():
             child.kill()
-    if received < processes:
-        raise RuntimeError(f"{processes - received} client processes did not report back")
+    for p, how in sorted(lost.items()):
+        places = split[p]
+        results += [Sample(plan[i].kind, ERROR, LOST, 0.0, 0.0, None, index=i) for i in places]
+        warn(
+            f"client process {p + 1} of {processes} (pid {children[p].pid}) {how}: its "
+            f"{len(places)} planned requests are counted as errors "
+            f"{LOST} (whether each was sent, answered or billed is unknown; the request log "
+            "leaves them out)"
+        )
     progress(counter.value)
     return results
+
+
+def _ended(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else "?"
+        oom = ", as the OOM killer does" if exitcode == -signal.SIGKILL else ""
+        return f"was killed by signal {-exitcode} ({name}{oom}) before reporting its samples"
+    return f"exited with code {exitcode} before reporting its samples"

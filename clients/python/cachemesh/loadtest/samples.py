@@ -16,6 +16,9 @@ LAYERS = {
 }
 ERROR = "error"
 CUT = "CUT_AT_DEADLINE"  # the code of a request still running at the run's deadline
+# the code of each planned request of a client process that died (or hung) before it reported
+# its samples: whether it was sent, and how it ended, is unknown (it has no time either)
+LOST = "CLIENT_PROCESS_LOST"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cachemesh.loadtest.samples import CUT, ERROR, Sample
+from cachemesh.loadtest.samples import CUT, ERROR, LOST, Sample
 
 LAYER_ORDER = ("semantic_cache", "prefix_cache", "model")
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
@@ -57,9 +57,10 @@ def summarise(
     measured = [s for s in samples if not s.warmup]
     ok = [s for s in measured if s.layer != ERROR]
     if wall_s is None:
+        timed = [s for s in measured if s.code != LOST]  # a lost process's have no time
         wall_s = (
-            max(s.started_s + s.latency_s for s in measured) - min(s.started_s for s in measured)
-            if measured
+            max(s.started_s + s.latency_s for s in timed) - min(s.started_s for s in timed)
+            if timed
             else 0.0
         )
     served = Counter(s.layer for s in ok)
