@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import multiprocessing as mp
+import os
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachemesh import AsyncClient
+from cachemesh._channel import GATEWAY_SERVICE
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
 from cachemesh.loadtest.runner import LoadShape, run_plan, shares
-from cachemesh.loadtest.samples import CUT, LOST
+from cachemesh.loadtest.samples import CUT, INTERRUPTED, LOST
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.workloads import Item, WorkloadSpec, build
 from cachemesh.loadtest.workloads.base import TENANT_A, user
@@ -39,7 +47,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         self.turns: dict[str, list[int]] = defaultdict(list)
         self.talking: set[str] = set()  # conversations with a turn in flight
         self.early: list[str] = []  # turns sent before their conversation's previous answer
-
+        self.delay_s = 0.01  # of an answer, unless slow (or a conversation's turn: 0.05 s)
         self.by_peer: Counter[str] = Counter()  # requests by client connection (one a process)
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
@@ -54,7 +62,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(0.3 if text == "slow" else 0.05 if conversation else 0.01)
+            await asyncio.sleep(0.3 if text == "slow" else 0.05 if conversation else self.delay_s)
         finally:
             self.in_flight -= 1
             self.talking.discard(conversation)
@@ -91,6 +99,9 @@ def gateway() -> Iterator[tuple[str, FakeGateway]]:
     async def serve() -> None:
         server = grpc.aio.server()
         gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+        serving = health.aio.HealthServicer()  # cachemesh-load asks before it runs
+        await serving.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(serving, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         stop = asyncio.Event()
@@ -319,6 +330,48 @@ def test_a_client_process_that_dies_is_counted_not_waited_for(
     assert f"its 10 planned requests are counted as errors {LOST}" in warning
     timed = summarise([s for s in samples if s.code != LOST], {})["wall_s"]
     assert summarise(samples, {})["wall_s"] == timed  # the lost samples have no time
+
+
+@pytest.mark.parametrize(("mode", "processes"), [("closed", 1), ("closed", 2), ("open", 1)])
+def test_ctrl_c_writes_the_report_and_the_log_of_the_run_until_then(
+    gateway: tuple[str, FakeGateway], tmp_path: Path, mode: str, processes: int
+) -> None:
+    """Ctrl-C lost the whole run: a KeyboardInterrupt traceback, exit -2, no report and no
+    request log, though every request sent until then was answered and billed."""
+    target, fake = gateway
+    fake.delay_s = 0.2
+    out, log_out = tmp_path / "r.json", tmp_path / "r.jsonl"
+    env = {**os.environ, "CACHEMESH_API_KEY": "k", "CACHEMESH_KEY_B": "k2"}
+    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN"):
+        env.pop(name, None)
+    load = subprocess.Popen(
+        [sys.executable, "-m", "cachemesh.loadtest", "--target", target, "--mode", mode,
+         "--rate", "50", "--concurrency", "2", "--processes", str(processes),
+         "--requests", "5000", "--out", str(out), "--log-out", str(log_out),
+         "--stack-config", str(tmp_path / "none.env")],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        while sum(fake.by_peer.values()) < 10 or fake.in_flight < 2:  # every process sends
+            assert load.poll() is None, load.communicate()
+            time.sleep(0.01)
+        os.killpg(load.pid, signal.SIGINT)  # Ctrl-C at a terminal: every process of the group
+        _, err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+    assert load.returncode == 130, err
+    assert "Traceback" not in err
+    doc = json.loads(out.read_text())
+    results = doc["results"]
+    assert doc["warnings"][0].startswith("run interrupted (Ctrl-C) after ")
+    assert list(results["errors"]) == [INTERRUPTED]  # the requests in flight: cut, not lost
+    cut = results["errors"][INTERRUPTED]
+    assert cut == 2 if mode == "closed" else cut >= 1
+    assert 10 <= results["requests"] == results["completed"] + cut < 5000
+    assert len(log_out.read_text().splitlines()) == results["requests"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.jsonl"]  # no temp file
 
 
 def test_a_wall_clock_step_mid_run_changes_no_duration(

@@ -11,7 +11,8 @@ unless ``--insecure``. Writes a JSON report (SCHEMA.md), optionally an HTML char
 JSONL request log the offline estimator replays (``python -m services.tools.estimator``).
 Given the admin token (``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN``), it also
 reports the run's spend as the stack billed it, the requests that ended in an error included
-(the token goes over TLS or to a loopback target only).
+(the token goes over TLS or to a loopback target only). Ctrl-C stops the run: the requests in
+flight are cut (``INTERRUPTED``) and the files written for the run until then (exit 130).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 from cachemesh._auth import bearer_metadata
 from cachemesh._client import DEFAULT_TARGET
@@ -41,8 +45,8 @@ from cachemesh.loadtest.load import (
 )
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
-from cachemesh.loadtest.runner import LoadShape
-from cachemesh.loadtest.samples import LOST, Sample
+from cachemesh.loadtest.runner import Interrupted, LoadShape
+from cachemesh.loadtest.samples import INTERRUPTED, LOST, Sample
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.warm_l2 import reads_not_written
 from cachemesh.loadtest.workloads import (
@@ -57,6 +61,7 @@ from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B
 
 MAX_REQUESTS = 1_000_000
 MAX_DURATION_S = 3600.0
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def parser() -> argparse.ArgumentParser:
@@ -180,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, NotLoopback, DataMissing) as exc:
         print(f"cachemesh-load: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("cachemesh-load: interrupted before the run: no report", file=sys.stderr)
+        return INTERRUPTED_EXIT
     shape = LoadShape(args.mode, args.concurrency, args.rate, args.duration, args.stream,
                       args.timeout, args.seed, tls)  # fmt: skip
     unread: str | None = None  # why the billed totals could not be read
@@ -201,9 +209,19 @@ def main(argv: list[str] | None = None) -> int:
                 unread = f"could not read the stack's billed totals: {exc}"
 
     warnings: list[str] = []  # what makes the figures differ from a whole run on a cold stack
-    samples = run_load(args.target, keys, warmup, plan, shape, args.processes, args.workload,
-                       before_measured=measured_begins, warn=warnings.append)  # fmt: skip
+    interrupted = False
+    try:
+        samples = run_load(args.target, keys, warmup, plan, shape, args.processes,
+                           args.workload, before_measured=measured_begins,
+                           warn=warnings.append)  # fmt: skip
+    except Interrupted as stop:  # Ctrl-C: the report of the run until then
+        samples, interrupted = stop.samples, True
+    except KeyboardInterrupt:  # a second Ctrl-C while the first cut the requests in flight
+        print("cachemesh-load: interrupted twice: stopped without a report", file=sys.stderr)
+        return INTERRUPTED_EXIT
     results = summarise(samples, workload.labels())
+    if interrupted:
+        warnings.insert(0, _interrupted_warning(results, len(plan)))
     warm = reads_not_written(samples, warmup, plan)
     results["l2_warm_at_start"] = {"requests": warm.requests, "read_tokens": warm.read_tokens}
     if warm.requests:
@@ -213,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             after, quiet = billed.settled(read)
         except billed.BilledUnavailable as exc:
             unread = f"could not read the stack's billed totals: {exc}"
+        except KeyboardInterrupt:
+            interrupted = True
+            unread = "not read: interrupted while the run's bills were landing"
         else:
             measured = [s for s in samples if not s.warmup]
             results["cost"]["billed"] = billed.figures(before, after, measured)
@@ -238,17 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     doc = report.document(run=run, workload=params, stack=stack, results=results)
     doc["warnings"] = warnings
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    with _replacing(args.out) as out:
+        out.write(json.dumps(doc, indent=2) + "\n")
     if args.chart:
-        args.chart.write_text(chart.render_html(f"cachemesh load: {args.workload}",
-                                                [(args.workload, results)]))  # fmt: skip
+        with _replacing(args.chart) as out:
+            out.write(chart.render_html(f"cachemesh load: {args.workload}",
+                                        [(args.workload, results)]))  # fmt: skip
     if args.log_out:
-        with args.log_out.open("w", encoding="utf-8") as out:
+        with _replacing(args.log_out) as out:
             write_log(out, sent_log(samples, warmup, plan))
     print(report.table(results))
     print(f"report: {args.out}" + (f"; chart: {args.chart}" if args.chart else ""))
     for warning in warnings:
         print(f"cachemesh-load: warning: {warning}", file=sys.stderr)
+    if interrupted:
+        return INTERRUPTED_EXIT
     if not results["completed"]:
         print(
             f"cachemesh-load: no request completed: is a Gateway running at {args.target}? "
@@ -256,6 +281,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 0 if results["completed"] and not results["errors"] else 1
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[TextIO]:
+    """Writes ``path`` whole or not at all: into a file beside it, renamed over it once
+    written (a Ctrl-C or a full disk mid-write leaves the file as it was)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temp.open("w", encoding="utf-8") as out:
+            yield out
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _interrupted_warning(results: dict[str, Any], planned: int) -> str:
+    cut = results["errors"].get(INTERRUPTED, 0)
+    return (
+        f"run interrupted (Ctrl-C) after {results['requests']} of {planned} measured requests: "
+        f"the {cut} in flight then were cancelled (counted as {INTERRUPTED}) and the rest not "
+        "sent; the report and the request log cover the run until then"
+    )
 
 
 def _warm_warning(requests: int, tokens: int) -> str:

@@ -12,7 +12,7 @@ import grpc
 from cachemesh._channel import GATEWAY_SERVICE
 from cachemesh._tls import Tls, sync_channel
 from cachemesh.loadtest.progress import Progress
-from cachemesh.loadtest.runner import LoadShape, log, run_plan, run_processes
+from cachemesh.loadtest.runner import Interrupted, LoadShape, log, run_plan, run_processes
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.workloads import Item, Workload
 
@@ -108,9 +108,10 @@ def warm_up(
         bar(done)
 
     closed = replace(shape, mode="closed")
-    samples = asyncio.run(run_plan(target, keys, warmup, closed, warmup=True, tick=tick))
-    bar.close()
-    return samples
+    try:
+        return asyncio.run(run_plan(target, keys, warmup, closed, warmup=True, tick=tick))
+    finally:
+        bar.close()
 
 
 def run_load(
@@ -127,20 +128,31 @@ def run_load(
 ) -> list[Sample]:
     """Warm-up samples (marked) followed by the measured ones; ``before_measured`` runs between
     (the billed totals read before the measured requests); ``warn`` is told what the report
-    must say (a client process lost)."""
-    samples = warm_up(target, keys, warmup, shape, label)
-    before_measured()
-    bar = Progress(label, len(plan))
-    if processes <= 1:
-        count = 0
+    must say (a client process lost). Interrupted (Ctrl-C), it raises ``Interrupted`` with
+    every sample taken (the measured requests not sent are not run)."""
+    samples: list[Sample] = []
+    try:
+        samples += warm_up(target, keys, warmup, shape, label)
+        try:
+            before_measured()
+        except KeyboardInterrupt:
+            raise Interrupted([]) from None
+        bar = Progress(label, len(plan))
+        try:
+            if processes <= 1:
+                count = 0
 
-        def step() -> None:
-            nonlocal count
-            count += 1
-            bar(count)
+                def step() -> None:
+                    nonlocal count
+                    count += 1
+                    bar(count)
 
-        samples += asyncio.run(run_plan(target, keys, plan, shape, seed=shape.seed, tick=step))
-    else:
-        samples += run_processes(target, keys, plan, shape, processes, bar, warn)
-    bar.close()
+                run = run_plan(target, keys, plan, shape, seed=shape.seed, tick=step)
+                samples += asyncio.run(run)
+            else:
+                samples += run_processes(target, keys, plan, shape, processes, bar, warn)
+        finally:
+            bar.close()
+    except Interrupted as interrupted:
+        raise Interrupted([*samples, *interrupted.samples]) from None
     return samples

@@ -12,7 +12,9 @@ merges their samples. Every run stops at the end of its plan or at its deadline,
 comes first; requests still in flight at the deadline are cancelled and counted as errors
 (``CUT_AT_DEADLINE``, their latency the time they had run): a slow tail is never dropped. A
 spawned process that dies before reporting is not waited for: its share of the plan is counted
-as errors (``CLIENT_PROCESS_LOST``).
+as errors (``CLIENT_PROCESS_LOST``). Interrupted (Ctrl-C), a run stops sending, cancels what is
+in flight (``INTERRUPTED``, their latency the time they had run) and raises ``Interrupted`` with
+the samples so far; a second Ctrl-C stops at once (a plain KeyboardInterrupt).
 """
 
 from __future__ import annotations
@@ -24,22 +26,52 @@ import multiprocessing as mp
 import queue
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from multiprocessing.sharedctypes import Synchronized
-from typing import Literal
+from types import FrameType
+from typing import Any, Literal
 
 from cachemesh._client import AsyncClient
 from cachemesh._errors import CachemeshError
 from cachemesh._tls import Tls
-from cachemesh.loadtest.samples import CUT, ERROR, LOST, Sample, from_error, from_response
+from cachemesh.loadtest.samples import (
+    CUT,
+    ERROR,
+    INTERRUPTED,
+    LOST,
+    Sample,
+    from_error,
+    from_response,
+)
 from cachemesh.loadtest.workloads import Item
 from cachemesh.v1 import gateway_pb2 as pb
 
 Mode = Literal["closed", "open"]
 MAX_OPEN_IN_FLIGHT = 2048  # an open loop that falls this far behind stops adding requests
 log = logging.getLogger("cachemesh.loadtest")
+# the task that runs the plan (run_plan's): its requests' tasks inherit it
+_RUN: ContextVar[asyncio.Task[Any] | None] = ContextVar("cachemesh_loadtest_run", default=None)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C): ``samples`` are those taken until then, the requests
+    in flight counted as ``INTERRUPTED`` (a KeyboardInterrupt: a caller that does not look
+    for it stops as on any Ctrl-C)."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        super().__init__("interrupted")
+        self.samples = samples
+
+
+def _interrupted() -> bool:
+    """Whether this run's task was cancelled: asyncio.run does so at the first Ctrl-C (a client
+    process's, at its parent's SIGTERM); the run's deadline cancels only its requests."""
+    run = _RUN.get()
+    return run is not None and run.cancelling() > 0
 
 
 @dataclass(frozen=True)
@@ -60,7 +92,7 @@ async def _send(
 ) -> None:  # fmt: skip
     """Sends ``item`` and appends its sample to ``samples``: its answer, its error (any
     exception of the client, named by its gRPC status or its type), or, cancelled at the
-    run's deadline, ``CUT_AT_DEADLINE``."""
+    run's deadline, ``CUT_AT_DEADLINE`` (``INTERRUPTED``: cancelled by a Ctrl-C)."""
     client = clients[item.tenant]
     started = time.perf_counter()
     # when it was due, on the monotonic clock (a wall-clock step mid-run moves no figure;
@@ -98,7 +130,7 @@ async def _send(
     except CachemeshError as error:
         samples.append(failed(error.code.name))
     except asyncio.CancelledError:
-        samples.append(failed(CUT))
+        samples.append(failed(INTERRUPTED if _interrupted() else CUT))
         raise
     except Exception as error:  # the client's own fault (e.g. a key grpc refuses to send)
         samples.append(failed(type(error).__name__))
@@ -161,7 +193,10 @@ async def _open(
         due += rng.expovariate(shape.rate_rps)
         if due >= deadline:
             break
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        try:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        except asyncio.CancelledError:  # interrupted: no more are sent
+            break
         if len(tasks) >= MAX_OPEN_IN_FLIGHT:
             due_still = min(len(units) - number, math.ceil(shape.rate_rps * (deadline - due)))
             log.warning(
@@ -179,12 +214,20 @@ async def _open(
 
 
 async def _bounded(tasks: list[asyncio.Task[None]], deadline: float) -> None:
+    """Waits for ``tasks`` until ``deadline``, then cancels those still running; the run
+    interrupted (its task cancelled, before or while it waits), at once."""
     if not tasks:
         return
-    _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+    pending = set(tasks)
+    if not _interrupted():
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+        except asyncio.CancelledError:  # interrupted: what is in flight is cut now
+            pending = {task for task in tasks if not task.done()}
     for task in pending:
         task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        await asyncio.wait(pending)  # their samples taken (cancelled once only: not again)
 
 
 async def run_plan(
@@ -194,7 +237,9 @@ async def run_plan(
 ) -> list[Sample]:  # fmt: skip
     """Runs ``plan`` in this process and returns its samples (warm-up ones marked). ``places``
     are its items' places in the whole plan (a sample's ``index``; default: ``plan`` is the
-    whole plan)."""
+    whole plan). Its task cancelled (asyncio.run's first Ctrl-C), it sends no more, cuts what
+    is in flight and raises ``Interrupted`` with the samples."""
+    _RUN.set(asyncio.current_task())
     clients = {
         t: AsyncClient(target, api_key=k, tls=shape.tls, timeout_s=shape.timeout_s)
         for t, k in keys.items()
@@ -203,11 +248,15 @@ async def run_plan(
     try:
         deadline = time.perf_counter() + shape.duration_s
         if shape.mode == "open" and not warmup:
-            return await _open(clients, plan, shape, deadline, seed, tick, places)
-        return await _closed(clients, plan, shape, deadline, warmup, tick, places)
+            samples = await _open(clients, plan, shape, deadline, seed, tick, places)
+        else:
+            samples = await _closed(clients, plan, shape, deadline, warmup, tick, places)
     finally:
         for client in clients.values():
             await client.close()
+    if _interrupted():
+        raise Interrupted(samples)
+    return samples
 
 
 def _child(
@@ -216,14 +265,29 @@ def _child(
     process: int,
 ) -> None:  # fmt: skip
     """Sends ``plan``, the items at ``places`` of the whole plan (its samples' ``index``), and
-    reports its samples as ``process``'s."""
+    reports its samples as ``process``'s. Its parent decides when the run is interrupted: a
+    Ctrl-C at a terminal reaches every process of the group, so this one ignores SIGINT and
+    stops at its parent's SIGTERM instead, reporting what it has. It starts with both blocked
+    (``run_processes``), so neither kills it before it can do so."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def tick() -> None:
         with counter.get_lock():
             counter.value += 1
 
-    run = run_plan(target, keys, plan, shape, seed=seed, tick=tick, places=places)
-    out.put((process, asyncio.run(run)))
+    async def run() -> list[Sample]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        return await run_plan(target, keys, plan, shape, seed=seed, tick=tick, places=places)
+
+    try:
+        samples = asyncio.run(run())
+    except Interrupted as interrupted:
+        samples = interrupted.samples
+    out.put((process, samples))
 
 
 def shares(units: Sequence[Sequence[int]], shape: LoadShape, processes: int) -> list[list[int]]:
@@ -250,7 +314,9 @@ def run_processes(
     closed loop needs ``processes <= concurrency``). A process that exits without reporting
     (killed: the OOM killer) or has not reported by the run's end (duration, a request's
     timeout, a minute) is not waited for: each request of its share is counted as
-    ``CLIENT_PROCESS_LOST`` and ``warn`` names it."""
+    ``CLIENT_PROCESS_LOST`` and ``warn`` names it. A Ctrl-C (SIGINT to this process) sends
+    every process SIGTERM: each cuts what it has in flight and reports; then ``Interrupted`` is
+    raised with every sample (a second Ctrl-C: a KeyboardInterrupt, now)."""
     if shape.mode == "closed" and processes > shape.concurrency:
         raise ValueError(f"{processes} processes cannot share {shape.concurrency} in flight")
     ctx = mp.get_context("spawn")
@@ -264,35 +330,62 @@ def run_processes(
         part = [plan[i] for i in places]
         args = (target, keys, part, share, shape.seed + p, counter, out, places, p)
         children.append(ctx.Process(target=_child, args=args, daemon=True))
-    for child in children:
-        child.start()
     results: list[Sample] = []
     waiting = set(range(processes))  # neither reported nor lost
     lost: dict[int, str] = {}  # process -> how it was lost
     exited: set[int] = set()  # had exited before the last wait for a report began
     give_up = time.monotonic() + shape.duration_s + shape.timeout_s + 60
-    while waiting:
-        progress(counter.value)
+    interrupted = False
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        interrupted = True
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        # a child inherits the signal mask: it unblocks each signal once it handles it
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            p, samples = out.get(timeout=0.2)
-        except queue.Empty:  # keep drawing the progress bar, and look for the dead
-            # a process's report is in the queue before it exits: nothing came for 0.2 s
-            # from one that had exited before, so it will not report
-            for p in exited & waiting:
-                lost[p] = _ended(children[p].exitcode)
-                waiting.discard(p)
-            exited = {p for p in waiting if children[p].exitcode is not None}
-            if waiting and time.monotonic() >= give_up:
+            for child in children:
+                child.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        stopping = False
+        while waiting:
+            progress(counter.value)
+            if interrupted and not stopping:  # each cuts what it has in flight and reports
+                stopping = True
                 for p in waiting:
-                    lost[p] = "had not reported its samples by the end of the run (stopped)"
-                waiting.clear()
-            continue
-        results += samples
-        waiting.discard(p)
-    for child in children:
-        child.join(timeout=5)
-        if child.is_alive():
-            child.kill()
+                    children[p].terminate()
+                give_up = min(give_up, time.monotonic() + 15)  # they need not finish a request
+            try:
+                p, samples = out.get(timeout=0.2)
+            except queue.Empty:  # keep drawing the progress bar, and look for the dead
+                # a process's report is in the queue before it exits: nothing came for 0.2 s
+                # from one that had exited before, so it will not report
+                for p in exited & waiting:
+                    lost[p] = _ended(children[p].exitcode)
+                    waiting.discard(p)
+                exited = {p for p in waiting if children[p].exitcode is not None}
+                if waiting and time.monotonic() >= give_up:
+                    for p in waiting:
+                        lost[p] = "had not reported its samples by the end of the run (stopped)"
+                    waiting.clear()
+                continue
+            results += samples
+            waiting.discard(p)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
+        for child in children:
+            if child.pid is None:  # never started
+                continue
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
     for p, how in sorted(lost.items()):
         places = split[p]
         results += [Sample(plan[i].kind, ERROR, LOST, 0.0, 0.0, None, index=i) for i in places]
@@ -303,6 +396,8 @@ def run_processes(
             "leaves them out)"
         )
     progress(counter.value)
+    if interrupted:
+        raise Interrupted(results)
     return results
 
 

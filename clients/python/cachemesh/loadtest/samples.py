@@ -19,6 +19,8 @@ CUT = "CUT_AT_DEADLINE"  # the code of a request still running at the run's dead
 # the code of each planned request of a client process that died (or hung) before it reported
 # its samples: whether it was sent, and how it ended, is unknown (it has no time either)
 LOST = "CLIENT_PROCESS_LOST"
+# the code of a request still running when the run was interrupted (Ctrl-C)
+INTERRUPTED = "INTERRUPTED"
 
 
 @dataclass(frozen=True)
