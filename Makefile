@@ -20,10 +20,10 @@ STACK = $(BIN)/python -m services.tools.stack$(if $(RUN_DIR), --run-dir $(RUN_DI
 UP_FLAGS = $(if $(filter-out 0 no false,$(FREE_PORTS)),--free-ports)
 DEMO_KEYS = $(or $(RUN_DIR),.run)/demo-keys.env
 
-.PHONY: help setup python-check proto keys up down stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache train-verifier fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
+.PHONY: help setup python-check proto keys up down reset-l2 stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache train-verifier fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (constraints.txt)
 
@@ -51,6 +51,9 @@ up: setup redis-server ## start the stack on loopback under its supervisor (rest
 
 down: ## stop the local stack
 	@if [ -x $(BIN)/python ]; then $(STACK) down; fi
+
+reset-l2: setup ## with the stack down: delete prefix-cache's warm prefixes (L2) from the stack's Redis under the run dir, so the next make up starts L2 cold (bills and totals kept)
+	$(STACK) reset-l2
 
 stop: setup ## stop one process and keep it stopped until the next make up: make stop SERVICE=router
 	@test -n "$(SERVICE)" || { echo "usage: make stop SERVICE=<name> (see make status)"; exit 2; }

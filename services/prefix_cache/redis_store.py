@@ -23,6 +23,7 @@ from services.prefix_cache.rules import Probe, Write
 from services.prefix_cache.warm import READ_GRACE_MS, Scope, WarmEntry, start_time
 
 GC_SLACK_MS = READ_GRACE_MS  # an expired entry stays readable by a request that came earlier
+WARM_PREFIX = "cachemesh:warm"  # of every entry's key (make reset-l2 deletes them)
 
 # KEYS: the probes' keys, then the writes' keys. ARGV: now_ms, number of probes, GC slack,
 # read_at_ms (probes are judged live then), started_ms (lifetimes start then), then per write:
@@ -79,7 +80,7 @@ return {best, best_tokens, best_ttl, best_exp}
 
 
 class RedisWarmStore:
-    def __init__(self, client: Redis, prefix: str = "cachemesh:warm") -> None:
+    def __init__(self, client: Redis, prefix: str = WARM_PREFIX) -> None:
         self._client = client
         self._prefix = prefix
         self._settle = client.register_script(_SETTLE)

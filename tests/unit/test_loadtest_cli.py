@@ -256,6 +256,7 @@ def test_a_run_that_found_l2_warm_says_so_in_its_report(
     assert doc["results"]["l2_warm_at_start"] == {"requests": 2, "read_tokens": 2200}
     (warning,) = doc["warnings"]
     assert "L2 was warm" in warning and "estimator" in warning
+    assert "make down; make reset-l2; make up" in warning  # a restart alone keeps L2 warm
     assert "L2 was warm" in capsys.readouterr().err
 
 

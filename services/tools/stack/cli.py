@@ -1,4 +1,4 @@
-"""``python -m services.tools.stack keys|up|down|stop NAME|status|running|probe`` (and
+"""``python -m services.tools.stack keys|up|down|reset-l2|stop NAME|status|running|probe`` (and
 ``supervise``, which ``up`` starts).
 
 Used by the Makefile and compose.
@@ -29,6 +29,8 @@ from services.tools.stack.ports import (
     read_moved,
     write_moved,
 )
+from services.tools.stack.redis_process import REDIS_URL_VAR
+from services.tools.stack.reset_l2 import forget_warm_prefixes, redis_data_dir
 from services.tools.stack.supervisor import read_state, supervise
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -93,6 +95,20 @@ def _run(args: argparse.Namespace) -> int:
         forget_moved(run_dir)  # the next up listens where the settings say, or on new ports
         if engines.stop():
             print("llama-server replicas stopped")
+        return 0
+    if args.command == "reset-l2":
+        _refuse_a_running_stack(stack, engines)  # its Redis and its engines' KV are in use
+        deleted = forget_warm_prefixes(stack.settings(), run_dir)
+        if deleted is None:
+            print(
+                f"{REDIS_URL_VAR} is empty: prefix-cache kept its warm prefixes in its process, "
+                "gone with it"
+            )
+        else:
+            print(
+                f"L2 is cold: {deleted} warm prefixes deleted from {redis_data_dir(run_dir)} "
+                "(bills, commit records and totals kept)"
+            )
         return 0
     if args.command == "running":
         return 0 if stack.supervisor_pid() is not None else 1
@@ -163,6 +179,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
+    commands.add_parser(
+        "reset-l2",
+        help="with the stack down: delete prefix-cache's warm prefixes (L2) from the stack's "
+        "Redis under the run dir, so the next up starts with L2 cold (bills and totals kept)",
+    )
     stop = commands.add_parser(
         "stop", help="stop one process and keep it stopped until the next up (compose stop)"
     )

@@ -311,7 +311,9 @@ def _warm_warning(requests: int, tokens: int) -> str:
         "of prefixes no request of this run wrote (an earlier run's: the fresh namespace "
         "isolates L1 only). This run's saving is larger than a cold stack's, and the offline "
         "estimator, which assumes a cold stack, will estimate more than its bill; for "
-        "comparable runs, start each on a fresh stack (make down; make up)"
+        "comparable runs, start each with L2 cold: make down; make reset-l2; make up (a "
+        "restart alone keeps L2: the stack's Redis holds it), or wait until the prefixes "
+        "expire (5 minutes unused, an hour for 1h breakpoints)"
     )
 
 
