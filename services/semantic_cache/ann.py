@@ -55,13 +55,18 @@ def sample_positions(n: int, nlist: int) -> Ids:
     return np.random.default_rng(0).choice(n, size, replace=False).astype(np.int64)
 
 
+def use_threads(ann: AnnSettings) -> None:
+    """Sets the calling thread's FAISS (OpenMP) threads to ``ann.threads``."""
+    faiss.omp_set_num_threads(ann.threads)
+
+
 def train_ivf(sample: Rows, nlist: int, ann: AnnSettings) -> Any:
     """An empty IVF-Flat trained on ``sample``, searching ``ann.nprobe`` lists, removal by id.
 
     Sets the calling thread's FAISS threads to ``ann.threads`` first: OpenMP threads are a
     per-thread setting, and a worker thread would otherwise use every core.
     """
-    faiss.omp_set_num_threads(ann.threads)
+    use_threads(ann)
     dim = sample.shape[1]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = 10

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.clock import Clock
-from services.semantic_cache.ann import Ids, Rows
+from services.semantic_cache.ann import Ids, Rows, use_threads
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings, ScopeIndex
 from services.semantic_cache.journal import Applied, Journal
@@ -120,6 +120,13 @@ class EntryStore:
         """Blocks until every scope's background index build is swapped in (benchmarks)."""
         for index in self._scopes.values():
             index.wait_for_rebuild()
+
+    def use_faiss_threads(self) -> None:
+        """Sets the calling thread's FAISS threads to the configured ones: OpenMP threads are
+        per thread, and a worker thread replaying the log would otherwise add to an IVF on
+        every core, each add spinning them all up."""
+        if self._ann is not None:
+            use_threads(self._ann)
 
     def index_kinds(self) -> set[str]:
         """The kinds of index the scopes hold now ("flat", "ivf")."""

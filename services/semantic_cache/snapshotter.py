@@ -5,7 +5,9 @@ written in a worker thread. Saves never overlap, and ``stop`` lets a save in pro
 before the final one, so the newest copy is always the one left on disk.
 
 With a write-ahead log, the warm-up restores the snapshot and then replays the log records it
-does not contain; every change after that is logged and synced before it is acknowledged.
+does not contain, streamed from the log in a worker thread as the restore is; a replay of more
+than ``snapshot_after_replay`` records is saved as a snapshot at once (the next crash does not
+replay them again). Every change after that is logged and synced before it is acknowledged.
 Each save rotates the log together with the copy and then deletes the segments the new
 snapshot covers, so a crash at any point leaves a snapshot plus the records after it.
 """
@@ -25,6 +27,10 @@ from services.semantic_cache.records import CacheContents, RestoreReport
 from services.semantic_cache.wal import WriteAheadLog
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
+# A replay of more records than this saves a snapshot before serving: with a long period, or
+# SEMANTIC_CACHE_SNAPSHOT_S=0, the log grows between clean stops, and every crash would replay
+# it all again (100k records from the log took 10 s and 1.3 GB before they were streamed).
+SNAPSHOT_AFTER_REPLAY = 10_000
 
 
 class Snapshotter:
@@ -38,8 +44,10 @@ class Snapshotter:
         wal: WriteAheadLog | None = None,
         on_save: Callable[[float], None] | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        snapshot_after_replay: int = SNAPSHOT_AFTER_REPLAY,
     ) -> None:
-        """``on_save(seconds)`` hears of each snapshot written (the metrics)."""
+        """``on_save(seconds)`` hears of each snapshot written (the metrics); a replay of more
+        than ``snapshot_after_replay`` log records is saved as a snapshot before serving."""
         if period_s < 0:
             raise ValueError(f"period_s must be >= 0, got {period_s}")
         self._store = store
@@ -48,6 +56,7 @@ class Snapshotter:
         self._timer = timer
         self._clock = clock
         self._period_s = period_s
+        self._snapshot_after_replay = snapshot_after_replay
         self._cache: SemanticCache | None = None
         self._saved_changes: int | None = None  # the cache's ``changes`` at the last save
         self._lock = asyncio.Lock()
@@ -55,23 +64,54 @@ class Snapshotter:
         self._task: asyncio.Task[None] | None = None
 
     async def open(self, cache: SemanticCache) -> RestoreReport | None:
-        """Restores the snapshot (if any) into ``cache``, then starts the periodic saves.
+        """Restores the snapshot (if any) into ``cache``, replays the log records after it,
+        then starts the periodic saves.
 
-        The restore runs in a worker thread (nothing else uses the cache yet), so the event
-        loop keeps answering health checks (NOT_SERVING) meanwhile.
+        The restore and the replay (with the snapshot a long one is saved as) run in a worker
+        thread: nothing else uses the cache, or appends to the log, yet, and the event loop
+        keeps answering health checks (NOT_SERVING) meanwhile.
         """
         report, wal_seq = await asyncio.to_thread(self._restore, cache)
         if self._wal is not None:
-            records = await asyncio.to_thread(self._wal.open, wal_seq)
-            applied = replay(cache, records, wal_seq, cache.dim, self._wal)
-            if applied:
-                self._saved_changes = None
-                log.info("replayed %d write-ahead-log records after the snapshot", applied)
+            saved_s = await asyncio.to_thread(self._replay, cache, wal_seq)
+            if saved_s is not None and self._on_save is not None:
+                self._on_save(saved_s)
             cache.attach_journal(WalJournal(self._wal))
         self._cache = cache
         if self._period_s > 0:
             self._task = asyncio.create_task(self._periodic(), name="semantic-cache-snapshots")
         return report
+
+    def _replay(self, cache: SemanticCache, wal_seq: int) -> float | None:
+        """Applies the log records after ``wal_seq``, a record at a time, and opens the log
+        for appends; more than ``snapshot_after_replay`` of them are saved as a snapshot at
+        once: how long that save took (None: none was)."""
+        assert self._wal is not None
+        cache.use_faiss_threads()
+        applied = replay(cache, self._wal.records(wal_seq), wal_seq, cache.dim, self._wal)
+        self._wal.start()
+        if not applied:
+            return None
+        self._saved_changes = None
+        log.info("replayed %d write-ahead-log records after the snapshot", applied)
+        if applied <= self._snapshot_after_replay:
+            return None
+        began, last = self._timer(), self._wal.last_seq  # nothing appended since the replay
+        contents = cache.export_entries()
+        try:
+            size = self._store.save(contents, self._clock.now_ms(), last)
+        except Exception:  # the log still holds them: serve, and the next save retries
+            log.exception("a snapshot after the replay to %s failed", self._store.path)
+            return None
+        self._wal.drop_through(last)
+        self._saved_changes = cache.changes
+        log.info(
+            "saved %d entries (%d bytes) to %s after the replay",
+            len(contents.entries),
+            size,
+            self._store.path,
+        )
+        return self._timer() - began
 
     def _restore(self, cache: SemanticCache) -> tuple[RestoreReport | None, int]:
         """The restore's report and the last log record the snapshot holds (0 = none)."""

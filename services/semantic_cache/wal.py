@@ -17,7 +17,8 @@ would not report, and the snapshot, taken from memory, holds exactly the applied
 
 A snapshot records the last sequence number it contains and the log is rotated when it is
 taken; segments entirely covered by a saved snapshot are deleted. On start the log is read in
-order: a torn record at the very end of the last segment (a crash during an append that was
+order, a record at a time (``records``: a segment the snapshot covers whole is not read): a torn
+record at the very end of the last segment (a crash during an append that was
 never acknowledged) is cut off; any other damage is an error naming the file, never skipped.
 ``append`` refuses a record over ``_MAX_RECORD``; reading takes a record of any length whose
 bytes and CRC are whole (a log written before appends were bounded may hold a larger one,
@@ -37,7 +38,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,6 +98,7 @@ class WriteAheadLog:
         # appended or acknowledged until a snapshot taken since is saved (``superseded``).
         self._failed: str | None = None
         self._failed_seq = 0
+        self._read = False  # ``records`` ran to its end: ``start`` may open a segment
 
     @property
     def last_seq(self) -> int:
@@ -108,29 +110,47 @@ class WriteAheadLog:
         return self._failed is not None
 
     def open(self, after_seq: int = 0) -> list[dict[str, Any]]:
-        """Reads every record (cutting a torn tail), then opens a new segment for appends,
-        numbered after ``after_seq`` at least (the last record a snapshot holds: were the log
-        lost, new records numbered below it would be skipped by the next replay)."""
+        """``records`` as a list, then ``start``: for a small log (a large one is streamed)."""
+        records = list(self.records(after_seq))
+        self.start()
+        return records
+
+    def records(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+        """Yields the records after ``after_seq`` (the last record a snapshot holds) in order,
+        one at a time: a segment is read a record at a time, and one whose records the
+        snapshot holds whole is not read at all. A torn tail is cut off. Once it is exhausted,
+        ``start`` opens the log for appends."""
         self.directory.mkdir(parents=True, exist_ok=True)
         segments = self.segments()
-        records: list[dict[str, Any]] = []
+        read = 0  # seq of the last record read (0: none)
+        follows: int | None = None  # seq the next record after the snapshot must have
         for i, path in enumerate(segments):
-            records.extend(_read(path, last=i == len(segments) - 1))
-        # Only the records after the snapshot must follow on: a failure cuts the records it
-        # lost off its segment, and the snapshot after it covers the gap they leave.
-        for prev, record in itertools.pairwise(r for r in records if r["seq"] > after_seq):
-            if record["seq"] != prev["seq"] + 1:
-                raise WalError(
-                    f"{self.directory}: sequence jumps from {prev['seq']} to {record['seq']}"
-                )
-        if records:
-            self._next_seq = records[-1]["seq"] + 1
+            if i + 1 < len(segments) and int(segments[i + 1].stem) - 1 <= after_seq:
+                continue  # every record of it is in the snapshot
+            for record in _read(path, last=i == len(segments) - 1):
+                read = seq = record["seq"]
+                if seq <= after_seq:
+                    continue
+                # Only the records after the snapshot must follow on: a failure cuts the
+                # records it lost off its segment, and the snapshot after it covers the gap.
+                if follows is not None and seq != follows:
+                    raise WalError(f"{self.directory}: sequence jumps from {follows - 1} to {seq}")
+                follows = seq + 1
+                yield record
+        if read:
+            self._next_seq = read + 1
         elif segments:
             self._next_seq = int(segments[-1].stem)
+        # numbered after the snapshot at least: were the log lost, new records numbered below
+        # it would be skipped by the next replay
         self._next_seq = max(self._next_seq, after_seq + 1)
         self._written = self._synced = self.last_seq
+        self._read = True
+
+    def start(self) -> None:
+        """Opens a new segment for appends, numbered after every record ``records`` read."""
+        assert self._read, "read the records first"
         self._start_segment()
-        return records
 
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"*{_SUFFIX}"), key=lambda p: int(p.stem))
@@ -319,22 +339,39 @@ class WriteAheadLog:
         fsync_directory(self.directory)
 
 
-def _read(path: Path, *, last: bool) -> list[dict[str, Any]]:
-    data = path.read_bytes()
-    records: list[dict[str, Any]] = []
-    offset = 0
-    while offset < len(data):
-        record, end = _record(data, offset)
-        if record is None:
-            if not last or _has_valid_record_after(data, offset):
-                raise WalError(f"{path}: damaged record at byte {offset}")
-            with path.open("r+b") as handle:  # a torn tail: never acknowledged, cut it off
-                handle.truncate(offset)
-                os.fsync(handle.fileno())
-            break
-        records.append(record)
-        offset = end
-    return records
+def _read(path: Path, *, last: bool) -> Iterator[dict[str, Any]]:
+    """The records of one segment, read one at a time (a segment may hold the whole log)."""
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        offset = 0
+        while offset < size:
+            record, end = _next_record(handle, offset, size)
+            if record is None:
+                handle.seek(offset)
+                rest = handle.read()  # damage or a torn tail: the rest of the file says which
+                if not last or _has_valid_record_after(rest, 0):
+                    raise WalError(f"{path}: damaged record at byte {offset}")
+                with path.open("r+b") as out:  # a torn tail: never acknowledged, cut it off
+                    out.truncate(offset)
+                    os.fsync(out.fileno())
+                return
+            yield record
+            offset = end
+
+
+def _next_record(
+    handle: io.BufferedReader, offset: int, size: int
+) -> tuple[dict[str, Any] | None, int]:
+    """The record at ``offset`` (the handle's position) and where it ends; None if it is
+    torn or damaged."""
+    header = handle.read(_FRAME.size)
+    if len(header) < _FRAME.size:
+        return None, offset
+    length, crc = _FRAME.unpack(header)
+    end = offset + _FRAME.size + length
+    if end > size:
+        return None, offset
+    return _body(handle.read(length), crc), end
 
 
 def _record(data: bytes, offset: int) -> tuple[dict[str, Any] | None, int]:
@@ -342,15 +379,23 @@ def _record(data: bytes, offset: int) -> tuple[dict[str, Any] | None, int]:
         return None, offset
     length, crc = _FRAME.unpack_from(data, offset)
     start, end = offset + _FRAME.size, offset + _FRAME.size + length
-    if end > len(data) or zlib.crc32(data[start:end]) != crc:
+    if end > len(data):
         return None, offset
+    body = _body(data[start:end], crc)
+    return (body, end) if body is not None else (None, offset)
+
+
+def _body(data: bytes, crc: int) -> dict[str, Any] | None:
+    """A record's body if its bytes are whole (``crc``) and hold a JSON object with a seq."""
+    if zlib.crc32(data) != crc:
+        return None
     try:
-        body = json.loads(data[start:end])
+        body = json.loads(data)
     except ValueError:
-        return None, offset
+        return None
     if not isinstance(body, dict) or not isinstance(body.get("seq"), int):
-        return None, offset
-    return body, end
+        return None
+    return body
 
 
 def _has_valid_record_after(data: bytes, offset: int) -> bool:

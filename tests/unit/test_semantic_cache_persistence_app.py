@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -19,9 +20,12 @@ from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
 from services.common.env import ConfigError, Env
 from services.semantic_cache.app import SERVICE_NAME, serve
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.journal import WalJournal
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import SNAPSHOT_NAME
 from services.semantic_cache.settings import SemanticCacheSettings
+from services.semantic_cache.wal import WriteAheadLog
 from tests.unit.semantic_cache_support import make_request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,6 +104,56 @@ async def test_an_exact_hit_is_served_after_a_restart(tmp_path: Path) -> None:
     assert second.hit and second.match.exact and second.match.similarity == 1.0
     assert second.match.entry_id == first.match.entry_id
     assert second.answer.output_tokens == 7
+
+
+async def test_health_answers_while_the_log_is_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay of the write-ahead log runs off the event loop, as the snapshot's restore
+    does: a replay held up (here on an event; for real, 100k records from the log alone)
+    leaves health answering NOT_SERVING, not timing out (a liveness probe would kill it)."""
+    data_dir = tmp_path / "semantic-cache"
+    wal = WriteAheadLog(data_dir / "wal")
+    wal.open()
+    WalJournal(wal).log_drop("t1", None, lambda: None)  # a record left by a crash
+    await wal.sync()
+    wal.close()
+    replaying, release = threading.Event(), threading.Event()
+    real_apply_drop = SemanticCache.apply_drop
+
+    def held_apply_drop(self: SemanticCache, tenant: str, namespace: str | None = None) -> int:
+        replaying.set()
+        release.wait(timeout=60)  # set by the probe once health answered (or did not)
+        return real_apply_drop(self, tenant, namespace)
+
+    monkeypatch.setattr(SemanticCache, "apply_drop", held_apply_drop)
+    env = environ(data_dir)
+
+    def probe() -> int:  # another thread: the test's loop is the server's
+        try:
+            assert replaying.wait(timeout=120), "the replay never started"
+            with grpc.insecure_channel(env["SEMANTIC_CACHE_LISTEN"]) as channel:
+                check = channel.unary_unary(
+                    "/grpc.health.v1.Health/Check",
+                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                )
+                reply = check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+                return int(reply.status)
+        finally:
+            release.set()
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(env, stop))
+    try:
+        status = await asyncio.to_thread(probe)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        async with grpc.aio.insecure_channel(env["SEMANTIC_CACHE_LISTEN"]) as channel:
+            await wait_serving(channel, task)
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
 
 
 def test_a_corrupt_snapshot_stops_the_process_naming_the_file(tmp_path: Path) -> None:

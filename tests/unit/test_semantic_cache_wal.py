@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import tracemalloc
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -18,9 +21,11 @@ from services.semantic_cache.cache import (
     SemanticCache,
 )
 from services.semantic_cache.entries import PURGE_GUARD_MS
+from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WalError, WriteAheadLog
+from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_semantic_cache_persistence import new_cache, q
 from tests.unit.test_semantic_cache_rules import answer
 
@@ -64,6 +69,47 @@ async def test_damage_before_the_tail_is_an_error_naming_the_file(tmp_path: Path
     segment.write_bytes(bytes(data))
     with pytest.raises(WalError, match=str(segment)):
         WriteAheadLog(tmp_path).open()
+
+
+async def test_only_the_records_after_the_snapshot_are_read(tmp_path: Path) -> None:
+    """A segment a snapshot covers whole is not read at all (it would only be decoded and
+    thrown away); the records after the snapshot come back, numbered on."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    wal.append({"op": "x", "n": 1})
+    wal.append({"op": "x", "n": 2})
+    _, covered = await wal.rotate(lambda: None)  # a snapshot holds records 1 and 2
+    wal.append({"op": "x", "n": 3})
+    wal.append({"op": "x", "n": 4})
+    await wal.sync()
+    wal.close()
+    first = wal.segments()[0]
+    first.write_bytes(b"not a record at all " * 10)  # were it read, it would be damage
+    again = WriteAheadLog(tmp_path)
+    assert [(r["seq"], r["n"]) for r in again.open(covered)] == [(3, 3), (4, 4)]
+    assert again.append({"op": "x"}) == 5
+
+
+async def test_reading_the_log_holds_one_record_at_a_time(tmp_path: Path) -> None:
+    """Recovery streams the log: 10 MB of records are read without holding them, or the
+    segment they are in, in memory at once."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    for i in range(200):
+        wal.append({"op": "x", "n": i, "pad": "y" * 50_000})
+    await wal.sync()
+    wal.close()
+    again = WriteAheadLog(tmp_path)
+    tracemalloc.start()
+    try:
+        seen = [r["n"] for r in again.records()]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == list(range(200))
+    assert peak < 1_000_000  # a few records of 50 kB, not the 10 MB log
+    again.start()
+    assert again.append({"op": "x"}) == 201
 
 
 @pytest.mark.parametrize("big_first", [True, False])
@@ -408,3 +454,68 @@ async def test_a_snapshot_after_a_failed_fsync_saves_and_stores_are_durable_agai
     revived = new_cache(clock)
     await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
     assert [e.answer.payload for e in revived.export_entries().entries] == [b"two"]
+
+
+@pytest.mark.parametrize("limit", [2, 3])
+async def test_a_long_replay_is_saved_as_a_snapshot_at_once(tmp_path: Path, limit: int) -> None:
+    """Replaying more records than the limit saves a snapshot before serving, so the next
+    crash does not replay them all again (with SEMANTIC_CACHE_SNAPSHOT_S=0 nothing else
+    would until a clean stop); a shorter replay saves nothing."""
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(cache)
+    for i in range(3):
+        await cache.store(q(f"question number {i}"), answer(b"x"))
+    # no stop(), no snapshot: the process is gone
+    revived = new_cache(clock)
+    wal = WriteAheadLog(tmp_path / "wal")
+    await Snapshotter(store, clock, 0, wal, snapshot_after_replay=limit).open(revived)
+    saved = store.load()
+    if limit == 3:
+        assert saved is None
+        assert [int(p.stem) for p in wal.segments()] == [1, 4]
+        return
+    assert saved is not None and saved.wal_seq == 3
+    assert sorted(e.query for e in saved.contents.entries) == [
+        f"question number {i}" for i in range(3)
+    ]
+    assert [int(p.stem) for p in wal.segments()] == [4]  # the replayed records are gone
+    assert (await revived.store(q("one more question"), answer(b"y"))).stored
+    again = new_cache(clock)
+    await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(again)
+    assert len(again) == 4
+
+
+async def test_the_replay_runs_with_the_configured_faiss_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenMP threads are a per-thread setting: the replay's worker thread would otherwise add
+    to an IVF on every core (each add spinning them all up: 47 s of CPU for 100k records from
+    the log, against 6 s on the configured one)."""
+    fresh: list[int] = []  # what a new thread has unless it sets its own
+    probe = threading.Thread(target=lambda: fresh.append(faiss.omp_get_max_threads()))
+    probe.start()
+    probe.join()
+    configured = fresh[0] + 1  # differs from it, whatever the machine
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        cache
+    )
+    await cache.store(q("how do i reset my password"), answer(b"x"))
+    seen: list[int] = []
+    real_apply_store = SemanticCache.apply_store
+
+    def apply_store(self: SemanticCache, *args: object) -> bool:
+        seen.append(faiss.omp_get_max_threads())
+        return real_apply_store(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SemanticCache, "apply_store", apply_store)
+    revived = SemanticCache(
+        FakeEmbedder(), clock, threshold=0.5, ann=AnnSettings(threads=configured)
+    )
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        revived
+    )
+    assert seen == [configured]
