@@ -136,7 +136,14 @@ def _snapshotter(
     if store is None or config.data_dir is None:
         return None
     wal = WriteAheadLog(config.data_dir / "wal", on_fsync=metrics.wal_fsync.observe)
-    return Snapshotter(store, clock, config.snapshot_s, wal, on_save=metrics.snapshot.observe)
+    return Snapshotter(
+        store,
+        clock,
+        config.snapshot_s,
+        wal,
+        on_save=metrics.snapshot.observe,
+        on_tail_cut=metrics.wal_tail_cut,
+    )
 
 
 def _policies(config: SemanticCacheSettings) -> TenantPolicies:

@@ -25,7 +25,10 @@
   full: a ``lookup`` skips L1, a ``store`` stores nothing) and ``..._embed_dropped_total{call}``
   (texts whose caller went, past its deadline or cancelled, before their batch: never
   embedded);
-- ``cachemesh_semantic_cache_wal_fsync_seconds`` and ``..._snapshot_seconds``.
+- ``cachemesh_semantic_cache_wal_fsync_seconds`` and ``..._snapshot_seconds``;
+  ``..._wal_tail_cuts_total{kind}``: a bad end cut off the write-ahead log at start, ``torn``
+  (a crash mid-append, never acknowledged) or ``damaged`` (a whole record failing its
+  checksum, moved aside: it may have been acknowledged; the log says where).
 """
 
 from __future__ import annotations
@@ -106,6 +109,12 @@ class SemanticCacheMetrics:
             "cachemesh_semantic_cache_snapshot_seconds",
             "One snapshot save: the copy, the write and the fsyncs",
         )()
+        self._wal_tail_cuts = m.counter(
+            "cachemesh_semantic_cache_wal_tail_cuts",
+            "Bad ends cut off the write-ahead log at start: torn (a crash mid-append) or "
+            "damaged (a whole record failing its checksum, moved aside)",
+            ("kind",),
+        )
 
     def looked_up(self, tenant: str, result: CheckResult) -> None:
         label = self._tenants(tenant)
@@ -139,6 +148,9 @@ class SemanticCacheMetrics:
 
     def embed_dropped(self, call: str) -> None:
         self._embed_dropped(call).inc()
+
+    def wal_tail_cut(self, kind: str) -> None:
+        self._wal_tail_cuts(kind).inc()
 
 
 def refusal_reason(refusal: str) -> str:

@@ -45,8 +45,10 @@ class Snapshotter:
         on_save: Callable[[float], None] | None = None,
         timer: Callable[[], float] = time.perf_counter,
         snapshot_after_replay: int = SNAPSHOT_AFTER_REPLAY,
+        on_tail_cut: Callable[[str], None] | None = None,
     ) -> None:
-        """``on_save(seconds)`` hears of each snapshot written (the metrics); a replay of more
+        """``on_save(seconds)`` hears of each snapshot written, ``on_tail_cut(kind)`` of a bad
+        end cut off the log at start, ``torn`` or ``damaged`` (the metrics); a replay of more
         than ``snapshot_after_replay`` log records is saved as a snapshot before serving."""
         if period_s < 0:
             raise ValueError(f"period_s must be >= 0, got {period_s}")
@@ -57,6 +59,7 @@ class Snapshotter:
         self._clock = clock
         self._period_s = period_s
         self._snapshot_after_replay = snapshot_after_replay
+        self._on_tail_cut = on_tail_cut
         self._cache: SemanticCache | None = None
         self._saved_changes: int | None = None  # the cache's ``changes`` at the last save
         self._lock = asyncio.Lock()
@@ -76,6 +79,9 @@ class Snapshotter:
             saved_s = await asyncio.to_thread(self._replay, cache, wal_seq)
             if saved_s is not None and self._on_save is not None:
                 self._on_save(saved_s)
+            cut = self._wal.tail_cut
+            if cut is not None and self._on_tail_cut is not None:
+                self._on_tail_cut(cut.kind)
             cache.attach_journal(WalJournal(self._wal))
         self._cache = cache
         if self._period_s > 0:
@@ -93,7 +99,12 @@ class Snapshotter:
         if not applied:
             return None
         self._saved_changes = None
-        log.info("replayed %d write-ahead-log records after the snapshot", applied)
+        cut, note = self._wal.tail_cut, ""
+        if cut is not None and cut.moved_to is not None:
+            note = f"; a damaged last record moved to {cut.moved_to}"
+        elif cut is not None:
+            note = f"; a torn last record cut off ({cut.size} bytes)"
+        log.info("replayed %d write-ahead-log records after the snapshot%s", applied, note)
         if applied <= self._snapshot_after_replay:
             return None
         began, last = self._timer(), self._wal.last_seq  # nothing appended since the replay

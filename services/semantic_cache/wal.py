@@ -18,8 +18,11 @@ would not report, and the snapshot, taken from memory, holds exactly the applied
 A snapshot records the last sequence number it contains and the log is rotated when it is
 taken; segments entirely covered by a saved snapshot are deleted. On start the log is read in
 order, a record at a time (``records``: a segment the snapshot covers whole is not read): a torn
-record at the very end of the last segment (a crash during an append that was
-never acknowledged) is cut off; any other damage is an error naming the file, never skipped.
+record at the very end of the last segment (its length runs past the end of the file: a crash
+during an append that was never acknowledged) is cut off with a warning; a whole last record
+that fails its checksum is damage, not a crash, and may have been acknowledged: it is moved
+aside to ``<segment>.damaged`` with an error (``tail_cut`` says which). Any other damage is an
+error naming the file, never skipped.
 ``append`` refuses a record over ``_MAX_RECORD``; reading takes a record of any length whose
 bytes and CRC are whole (a log written before appends were bounded may hold a larger one,
 acknowledged): it is replayed, never taken for damage or a torn tail.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import errno
 import io
 import itertools
@@ -49,6 +53,20 @@ _FRAME = struct.Struct(">II")  # length, crc32
 _MAX_RECORD = 64 << 20  # the largest record appended (the cache stores smaller: cache.py)
 _SUFFIX = ".log"
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class TailCut:
+    """What reading the log cut off the end of its last segment: a ``torn`` record (its length
+    runs past the end of the file: a crash mid-append, never acknowledged) or a ``damaged``
+    one (whole, its checksum or body wrong: damage, and it may have been acknowledged; the
+    bytes from it on are kept in ``moved_to``)."""
+
+    kind: str
+    segment: Path
+    offset: int
+    size: int  # bytes cut
+    moved_to: Path | None
 
 
 class WalError(RuntimeError):
@@ -98,7 +116,8 @@ class WriteAheadLog:
         # appended or acknowledged until a snapshot taken since is saved (``superseded``).
         self._failed: str | None = None
         self._failed_seq = 0
-        self._read = False  # ``records`` ran to its end: ``start`` may open a segment
+        self._all_read = False  # ``records`` ran to its end: ``start`` may open a segment
+        self.tail_cut: TailCut | None = None  # what ``records`` cut off the log's end
 
     @property
     def last_seq(self) -> int:
@@ -118,16 +137,18 @@ class WriteAheadLog:
     def records(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         """Yields the records after ``after_seq`` (the last record a snapshot holds) in order,
         one at a time: a segment is read a record at a time, and one whose records the
-        snapshot holds whole is not read at all. A torn tail is cut off. Once it is exhausted,
+        snapshot holds whole is not read at all. A bad end of the last segment is cut off
+        (``tail_cut``: a torn record, or a damaged one moved aside). Once it is exhausted,
         ``start`` opens the log for appends."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.tail_cut = None
         segments = self.segments()
         read = 0  # seq of the last record read (0: none)
         follows: int | None = None  # seq the next record after the snapshot must have
         for i, path in enumerate(segments):
             if i + 1 < len(segments) and int(segments[i + 1].stem) - 1 <= after_seq:
                 continue  # every record of it is in the snapshot
-            for record in _read(path, last=i == len(segments) - 1):
+            for record in self._read(path, last=i == len(segments) - 1):
                 read = seq = record["seq"]
                 if seq <= after_seq:
                     continue
@@ -145,12 +166,30 @@ class WriteAheadLog:
         # it would be skipped by the next replay
         self._next_seq = max(self._next_seq, after_seq + 1)
         self._written = self._synced = self.last_seq
-        self._read = True
+        self._all_read = True
 
     def start(self) -> None:
         """Opens a new segment for appends, numbered after every record ``records`` read."""
-        assert self._read, "read the records first"
+        assert self._all_read, "read the records first"
         self._start_segment()
+
+    def _read(self, path: Path, *, last: bool) -> Iterator[dict[str, Any]]:
+        """The records of one segment, read one at a time (a segment may hold the whole log);
+        what it cuts off the end of the last segment is kept in ``tail_cut``."""
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            offset, seq = 0, int(path.stem) - 1  # the last record read (none: the stem's)
+            while offset < size:
+                record, end = _next_record(handle, offset, size)
+                if record is None:
+                    handle.seek(offset)
+                    rest = handle.read()  # damage or a torn tail: the rest says which
+                    if not last or _has_valid_record_after(rest, 0):
+                        raise WalError(f"{path}: damaged record at byte {offset}")
+                    self.tail_cut = _cut_tail(path, offset, rest, seq + 1)
+                    return
+                yield record
+                offset, seq = end, record["seq"]
 
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"*{_SUFFIX}"), key=lambda p: int(p.stem))
@@ -339,24 +378,64 @@ class WriteAheadLog:
         fsync_directory(self.directory)
 
 
-def _read(path: Path, *, last: bool) -> Iterator[dict[str, Any]]:
-    """The records of one segment, read one at a time (a segment may hold the whole log)."""
-    with path.open("rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        offset = 0
-        while offset < size:
-            record, end = _next_record(handle, offset, size)
-            if record is None:
-                handle.seek(offset)
-                rest = handle.read()  # damage or a torn tail: the rest of the file says which
-                if not last or _has_valid_record_after(rest, 0):
-                    raise WalError(f"{path}: damaged record at byte {offset}")
-                with path.open("r+b") as out:  # a torn tail: never acknowledged, cut it off
-                    out.truncate(offset)
-                    os.fsync(out.fileno())
-                return
-            yield record
-            offset = end
+def _cut_tail(path: Path, offset: int, rest: bytes, seq: int) -> TailCut:
+    """Cuts the bad end of the last segment off (``rest``, from ``offset``; ``seq`` the number
+    its first record would have). Torn (its length runs past the end of the file): a crash in
+    the middle of an append, never acknowledged, cut with a warning. Whole but failing its
+    checksum: not what a crash leaves, and it may have been acknowledged, so the bytes are
+    moved aside (``<segment>.damaged``) for the operator, with an error."""
+    length = _FRAME.unpack_from(rest)[0] if len(rest) >= _FRAME.size else None
+    torn = length is None or _FRAME.size + length > len(rest)
+    moved_to = None
+    if not torn:
+        moved_to = path.with_name(f"{path.name}.damaged")
+        for n in itertools.count(2):
+            if not moved_to.exists():
+                break
+            moved_to = path.with_name(f"{path.name}.damaged-{n}")
+        with moved_to.open("xb") as out:
+            out.write(rest)
+            os.fsync(out.fileno())
+        fsync_directory(path.parent)
+    with path.open("r+b") as out:
+        out.truncate(offset)
+        os.fsync(out.fileno())
+    if torn:
+        log.warning(
+            "%s: cut off a torn record at byte %d (%d bytes): a crash in the middle of an "
+            "append, never acknowledged",
+            path,
+            offset,
+            len(rest),
+        )
+        return TailCut("torn", path, offset, len(rest), None)
+    log.error(
+        "%s: the last record, at byte %d, is whole but damaged (its checksum or body is wrong: "
+        "a disk or memory error, not a crash mid-append); it is not replayed. It was probably "
+        "record %d (%s), which may have been an acknowledged Store or Drop, now lost here. "
+        "Its %d bytes were moved to %s for inspection",
+        path,
+        offset,
+        seq,
+        _what(rest[_FRAME.size :]),
+        len(rest),
+        moved_to,
+    )
+    return TailCut("damaged", path, offset, len(rest), moved_to)
+
+
+def _what(body: bytes) -> str:
+    """What a damaged record seems to be, unverified (its op and tenant, nothing stored)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return "unreadable"
+    if not isinstance(parsed, dict):
+        return "unreadable"
+    op, tenant = parsed.get("op"), parsed.get("tenant")
+    if tenant is None and isinstance(parsed.get("entry"), dict):
+        tenant = parsed["entry"].get("tenant")
+    return f"it reads, unverified, as op {op!r} of tenant {tenant!r}"
 
 
 def _next_record(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import tracemalloc
@@ -24,7 +25,7 @@ from services.semantic_cache.entries import PURGE_GUARD_MS
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
-from services.semantic_cache.wal import WalError, WriteAheadLog
+from services.semantic_cache.wal import TailCut, WalError, WriteAheadLog
 from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_semantic_cache_persistence import new_cache, q
 from tests.unit.test_semantic_cache_rules import answer
@@ -54,6 +55,98 @@ async def test_a_torn_tail_is_cut_off_and_the_rest_kept(tmp_path: Path, cut: int
     again = WriteAheadLog(tmp_path)
     assert [r["n"] for r in again.open()] == [1]
     assert again.append({"op": "x", "n": 3}) == 2  # the torn record's number is reused
+
+
+async def test_a_torn_tail_is_cut_with_a_warning_naming_the_file_offset_and_bytes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    wal.append({"op": "x", "n": 1})
+    wal.append({"op": "x", "n": 2, "pad": "y" * 30})
+    await wal.sync()
+    wal.close()
+    (segment,) = wal.segments()
+    whole = segment.read_bytes()
+    first_end = 8 + int.from_bytes(whole[:4], "big")
+    segment.write_bytes(whole[:-5])  # the second record cut short: a crash mid-append
+    again = WriteAheadLog(tmp_path)
+    with caplog.at_level(logging.INFO, logger="cachemesh.semantic_cache.persistence"):
+        assert [r["n"] for r in again.records()] == [1]
+    torn = len(whole) - 5 - first_end
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING
+    message = warning.getMessage()
+    assert str(segment) in message and f"byte {first_end}" in message
+    assert f"{torn} bytes" in message
+    assert segment.stat().st_size == first_end
+    assert again.tail_cut == TailCut("torn", segment, first_end, torn, None)
+    assert os.listdir(tmp_path) == [segment.name]  # nothing moved aside
+
+
+@pytest.mark.parametrize("flip", ["body", "crc"])
+async def test_a_damaged_last_record_is_moved_aside_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, flip: str
+) -> None:
+    """A whole record whose checksum fails is not what a crash mid-append leaves: it may be an
+    acknowledged Store. It is not replayed, but kept beside the log, with an error saying so
+    (before: cut off without a word, the entry silently gone after the restart)."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    for i in range(3):
+        wal.append({"op": "store", "tenant": "t", "n": i})
+    await wal.sync()
+    wal.close()
+    (segment,) = wal.segments()
+    data = bytearray(segment.read_bytes())
+    offset = 0
+    for _ in range(2):
+        offset += 8 + int.from_bytes(data[offset : offset + 4], "big")
+    third = bytes(data[offset:])
+    data[offset + (4 if flip == "crc" else 8 + (len(third) - 8) // 2)] ^= 0x04
+    segment.write_bytes(bytes(data))
+    again = WriteAheadLog(tmp_path)
+    with caplog.at_level(logging.INFO, logger="cachemesh.semantic_cache.persistence"):
+        assert [r["n"] for r in again.open()] == [0, 1]
+    damaged = segment.with_name(segment.name + ".damaged")
+    assert segment.stat().st_size == offset
+    assert damaged.read_bytes() == bytes(data[offset:])  # kept for the operator
+    (error,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert error.levelno == logging.ERROR
+    message = error.getMessage()
+    assert str(segment) in message and f"byte {offset}" in message and str(damaged) in message
+    assert f"{len(third)} bytes" in message and "record 3" in message
+    assert "acknowledged" in message
+    assert again.tail_cut == TailCut("damaged", segment, offset, len(third), damaged)
+    assert again.append({"op": "x"}) == 3
+    assert [p.name for p in again.segments()] == [segment.name, f"{3:020d}.log"]
+
+
+async def test_a_tail_cut_is_counted_and_named_in_the_replay_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        cache
+    )
+    for question in ("how do i reset my password", "what is the refund policy"):
+        await cache.store(q(question), answer(b"x"))
+    (segment,) = (tmp_path / "wal").glob("*.log")
+    data = bytearray(segment.read_bytes())
+    data[-10] ^= 0x04  # inside the last record's body
+    segment.write_bytes(bytes(data))
+    cuts: list[str] = []
+    revived = new_cache(clock)
+    snapshotter = Snapshotter(
+        SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal"), on_tail_cut=cuts.append
+    )
+    with caplog.at_level(logging.INFO, logger="cachemesh.semantic_cache.persistence"):
+        await snapshotter.open(revived)
+    assert cuts == ["damaged"]
+    assert len(revived) == 1
+    (line,) = [r.getMessage() for r in caplog.records if "records after" in r.getMessage()]
+    assert "replayed 1 write-ahead-log records" in line and ".damaged" in line
 
 
 async def test_damage_before_the_tail_is_an_error_naming_the_file(tmp_path: Path) -> None:
