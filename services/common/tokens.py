@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -73,10 +74,19 @@ VOCABULARIES: Mapping[str, Vocabulary] = {
     O200K: Vocabulary(O200K_SHA256, O200K_PATTERN, O200K_SPECIAL),
 }
 
-# the encodings kept for reuse: at most this many tokens (~36 B each) plus ENTRY_COST a text
-# (its overhead): ~70-100 MB; a text of more than an eighth of it is encoded each time
+# the encodings kept for reuse: at most this many tokens (~36 B each: TOKEN_BYTES) plus
+# ENTRY_COST a text (its overhead) plus the text itself in tokens' worth of bytes (a run of
+# "=" is ~64 characters a token: charged by tokens alone, texts held 2.5x the budget): ~70-100
+# MB; a text of more than an eighth of it is encoded each time
 CACHED_TOKENS = 2_000_000
 ENTRY_COST = 8
+TOKEN_BYTES = 36
+
+
+def _cost(text: str, ids: tuple[int, ...]) -> int:
+    """What a cached encoding holds, in tokens' worth of memory: its ids, its overhead and its
+    text's bytes."""
+    return len(ids) + ENTRY_COST + sys.getsizeof(text) // TOKEN_BYTES
 
 
 class TokenizerError(RuntimeError):
@@ -104,7 +114,7 @@ class Tokenizer:
                 self._cached.move_to_end(text)
                 return ids
         ids = tuple(self._encoding.encode(text, disallowed_special=()))
-        cost = len(ids) + ENTRY_COST
+        cost = _cost(text, ids)
         if cost > self._budget // 8:
             return ids
         with self._lock:
@@ -112,8 +122,8 @@ class Tokenizer:
                 self._cached[text] = ids
                 self._cached_tokens += cost
                 while self._cached_tokens > self._budget:
-                    _, dropped = self._cached.popitem(last=False)
-                    self._cached_tokens -= len(dropped) + ENTRY_COST
+                    text_out, dropped = self._cached.popitem(last=False)
+                    self._cached_tokens -= _cost(text_out, dropped)
         return ids
 
     @property
