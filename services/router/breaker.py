@@ -3,7 +3,9 @@ paying a timeout each while it stays hung: prefix-cache (``ROUTER_PREFIX_BREAKER
 router's Redis clients, the limits' and the answer ledger's (``ROUTER_REDIS_BREAKER_S``).
 
 After ``BREAKER_AFTER`` failures in a row, no call for ``open_s`` (0: never left alone); then
-calls are made again: one more failure leaves it alone again at once, an answer ends the run.
+one call tries it (half-open), the others still skipping it until that one answers (the run
+ends: every call is made again) or fails (left alone again at once); a trial that never
+reports (its caller left) lets another call try after ``open_s`` more.
 """
 
 from __future__ import annotations
@@ -45,15 +47,27 @@ class Breaker:
         self._failures = 0
         self._tripped = False  # this run of failures left the dependency alone
         self._until = -math.inf
+        self._trial_until = -math.inf  # a call tries it after the wait, others skip until then
 
     def open(self) -> bool:
-        """No call now: the dependency is left alone."""
-        return self._clock() < self._until
+        """No call now: the dependency is left alone. After the wait, the first caller is
+        told False (it tries the dependency) and the others True until it reports."""
+        now = self._clock()
+        if now < self._until:
+            return True
+        if not self._tripped:
+            return False
+        if now < self._trial_until:
+            return True
+        self._trial_until = now + self._open_s
+        return False
 
     def failed(self) -> None:
         self._failures += 1
-        if self._open_s > 0 and self._failures >= BREAKER_AFTER and not self.open():
-            self._until = self._clock() + self._open_s
+        now = self._clock()
+        if self._open_s > 0 and self._failures >= BREAKER_AFTER and now >= self._until:
+            self._until = now + self._open_s
+            self._trial_until = -math.inf
             again, self._tripped = self._tripped, True
             self._opened(self._failures, again)
 
@@ -62,6 +76,7 @@ class Breaker:
             self._closed(self._failures)
         self._failures = 0
         self._tripped = False
+        self._trial_until = -math.inf
 
 
 # what the requests go without while a client's Redis is left alone, as when it fails

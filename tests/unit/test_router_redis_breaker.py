@@ -231,3 +231,37 @@ def test_the_redis_breaker_is_read_at_start_and_zero_turns_it_off() -> None:
     for bad in ("-1", "soon"):
         with pytest.raises(ConfigError, match="ROUTER_REDIS_BREAKER_S"):
             LimitSettings.from_env(Env({"ROUTER_REDIS_BREAKER_S": bad}))
+
+
+def test_after_the_wait_one_call_tries_the_dependency_the_others_still_skip_it() -> None:
+    """Half-open: once the wait is over, one call tries the dependency; the calls meanwhile are
+    still skipped until that one answers or fails. Before, every request in the trial's
+    timeout tried the hung Redis (50 concurrent admits after the wait, each 0.53 s and a
+    WARNING line), though the README says one request every ROUTER_REDIS_BREAKER_S."""
+    seconds = Seconds()
+    breaker = Breaker(BREAKER_S, seconds)
+    for _ in range(3):
+        breaker.failed()
+    assert breaker.open()
+    seconds.now += BREAKER_S
+    assert [breaker.open() for _ in range(50)].count(False) == 1  # the one trial
+    breaker.failed()  # the trial failed: left alone again at once
+    assert breaker.open()
+    seconds.now += BREAKER_S
+    assert [breaker.open() for _ in range(50)].count(False) == 1
+    breaker.answered()  # the trial answered: called as usual
+    assert [breaker.open() for _ in range(50)].count(False) == 50
+
+
+def test_a_trial_that_never_reports_frees_the_next_after_the_wait() -> None:
+    """A trial whose caller left (cancelled: neither answered nor failed) does not keep the
+    dependency alone for good: after another wait, one more call tries it."""
+    seconds = Seconds()
+    breaker = Breaker(BREAKER_S, seconds)
+    for _ in range(3):
+        breaker.failed()
+    seconds.now += BREAKER_S
+    assert not breaker.open()  # the trial, never reported
+    assert breaker.open()
+    seconds.now += BREAKER_S
+    assert not breaker.open()
