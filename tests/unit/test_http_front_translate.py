@@ -610,3 +610,21 @@ def test_a_bad_top_level_cache_control_names_the_field(control: object, names: s
     with pytest.raises(ApiError) as raised:
         anthropic_api.parse_request(_anthropic(cache_control=control))
     assert raised.value.kind == "invalid_request" and names in raised.value.message
+
+
+def test_automatic_caching_over_four_breakpoints_is_refused_naming_the_top_level_field() -> None:
+    """Four explicit breakpoints and a top-level cache_control: the automatic one would be a
+    fifth, which the router refused as "got 5", naming breakpoints the caller never set."""
+    four = [{"type": "text", "text": f"part {i}", "cache_control": {"type": "ephemeral"}}
+            for i in range(4)]  # fmt: skip
+    body = _anthropic(
+        messages=[{"role": "user", "content": [*four, {"type": "text", "text": "q"}]}],
+        cache_control={"type": "ephemeral"},
+    )
+    with pytest.raises(ApiError) as raised:
+        anthropic_api.parse_request(body)
+    assert raised.value.param == "cache_control" and "already hold 4" in raised.value.message
+    # the last block marked already: one breakpoint there, four in all, served
+    body["messages"][0]["content"] = four
+    request, _ = anthropic_api.parse_request(body)
+    assert sum(b.HasField("cache_control") for b in request.messages[0].content) == 4
