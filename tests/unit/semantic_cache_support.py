@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import signal
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -70,3 +73,25 @@ def make_request(
     if threshold is not None:
         request.cache.threshold = threshold
     return request
+
+
+class StillRunning(Exception):
+    """``within``'s time ran out."""
+
+
+@contextlib.contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Fails the test when its block is still running after ``seconds`` (SIGALRM, main thread
+    only): a text scan that is quadratic in its input never returns on the inputs given here
+    (minutes of CPU), a linear one in a small fraction of the time. Not a measure of speed."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise StillRunning(f"still running after {seconds} s: quadratic in its input?")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -9,13 +9,14 @@ import pytest
 
 from services.common.clock import ManualClock
 from services.common.env import Env
-from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.cache import MAX_STORED_QUESTION_CHARS, SemanticCache
 from services.semantic_cache.embedder import MiniLMEmbedder, load_minilm_embedder
 from services.semantic_cache.metrics import refusal_reason
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 from services.semantic_cache.wiring import build_cache, build_verifier
+from tests.unit.semantic_cache_support import within
 from tests.unit.test_semantic_cache_rules import answer, q
 
 CONFIG = SemanticCacheSettings.from_env(Env({}), OperatingPoint.load())  # the shipped point
@@ -266,6 +267,47 @@ def test_the_folding_check_reads_case_and_spacing_word_by_word() -> None:
     long = "word " * 4000  # 20 kB: compared token by token, never aligned by edit distance
     assert not folding_refusal(long + "Python", long + "python")  # written all lowercase
     assert folding_refusal(long + "MB", long + "Mb")
+
+
+def test_quotes_left_open_are_read_in_one_pass() -> None:
+    """A quoted span was looked for from every « or “ left open to the end of its line, all
+    inside one regex call (which holds the GIL): a 16 kB question of "« « « ..." asked again
+    with one space doubled held semantic-cache's event loop ~0.7 s, and a 150 kB
+    near-duplicate ~13 s in the verifier's thread, every tenant's lookups waiting on them."""
+    from services.semantic_cache.reading import folding_refusal
+
+    stored = "How do I reset my password? " + "« " * 300
+    for opener in "«“`'\"":
+        asked = "How can I reset my password? " + f"{opener} " * 100_000  # 200 kB, one line
+        with within(5.0):  # minutes when quadratic
+            assert not folding_refusal(stored, asked)  # spans, lines and words in both
+            assert not folding_refusal(asked, asked.replace("? ", "?   ", 1))  # word by word
+
+
+async def test_a_lookup_longer_than_any_stored_question_skips_the_exact_path() -> None:
+    """The exact path runs on the event loop: a lookup longer than the longest question L1
+    stores (``MAX_STORED_QUESTION_CHARS``) is no exact match, and one equal to a stored
+    question only up to spacing is compared by the verifier, in its thread."""
+    cache = shipped_cache()
+    stored = "How do I reset my password?"
+    assert (await cache.store(q(stored), answer())).stored
+    padded = stored.replace(" ", " " * (MAX_STORED_QUESTION_CHARS // 3))
+    result = await cache.check(q(padded))
+    assert result.hit and not result.exact and result.similarity > 0.99, result.refusal
+    assert (await cache.check(q(stored.replace(" ", "  ")))).exact
+
+
+def test_a_quote_runs_from_its_opener_to_the_first_closer_on_its_line() -> None:
+    from services.semantic_cache.reading import _spans
+
+    text = "« a « b » c « d `e » f` « g\n“ e “ f ” g “ h ``` « i\n j ```\n`k` « l"
+    assert [text[start:end] for start, end in _spans(text)] == [
+        "« a « b »",
+        "« d `e »",
+        "“ e “ f ”",
+        "``` « i\n j ```",
+        "`k`",
+    ]
 
 
 # --- operators and signs: the verifier does not weigh them (the review's symbol probes)
