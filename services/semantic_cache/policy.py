@@ -47,11 +47,20 @@ def present_time(turn: str) -> str:
     ...\n\nSummarise this.") is not what is asked."""
     question = _PARAGRAPH_BREAK.split(turn)[-1]
     for found in _PRESENT.finditer(question):
-        before = question[: found.start()].rstrip(" \t\"'(")
-        if found.group().lower() == "now" and (not before or before[-1] in ".!?:\n"):
+        if found.group().lower() == "now" and _opens_sentence(question, found.start()):
             continue  # a sentence's first "Now" moves the talk on ("Now move it to May 17.")
         return found.group()
     return ""
+
+
+def _opens_sentence(text: str, start: int) -> bool:
+    """Before ``start``, past spaces, tabs, quotes and "(", is the text's start, a line break
+    or ., !, ?, :. Read back from ``start``, never copied: a copy of the text up to each
+    "Now" took 9 s of the event loop for "Now. " x 200,000 (1 MB)."""
+    i = start - 1
+    while i >= 0 and text[i] in " \t\"'(":
+        i -= 1
+    return i < 0 or text[i] in ".!?:\n"
 
 
 def valid_ttl(ttl_s: float) -> bool:
