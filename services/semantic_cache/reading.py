@@ -397,13 +397,18 @@ def operators(text: str) -> list[str]:
 
 def _joins_words(text: str, at: int, *, digit_before: bool) -> bool:
     """The character at ``at`` stands between two words, with the same spacing on both sides:
-    a letter (or, with ``digit_before``, a digit) before it, a letter after it."""
-    left = text[:at].rstrip()
-    right = text[at + 1 :].lstrip()
-    if not left or not right:
+    a letter (or, with ``digit_before``, a digit) before it, a letter after it. Read from
+    ``at`` over the whitespace on each side, never a copy of the text up to it: a copy per
+    sign held the verifier's thread 5 s for 640 kB of "a-"."""
+    left, right = at - 1, at + 1
+    while left >= 0 and text[left].isspace():
+        left -= 1
+    while right < len(text) and text[right].isspace():
+        right += 1
+    if left < 0 or right == len(text):
         return False
-    spaced_left, spaced_right = len(left) < at, len(right) < len(text) - at - 1
-    before, after = left[-1], right[0]
+    spaced_left, spaced_right = left < at - 1, right > at + 1
+    before, after = text[left], text[right]
     return (
         spaced_left == spaced_right
         and (before.isalpha() or (digit_before and before.isdigit()))

@@ -377,6 +377,25 @@ def test_operators_are_the_signs_that_are_not_punctuation() -> None:
     signs = operators("x - 5, i++, a != b, !x, 2\u00d73, 5\u22122")
     assert "".join(signs) == "-++!=!*-"
     assert operators("an 18-year-old x-ray, and/or Q&A, Paris - London. Hello!") == []
+    # spaced alike on both sides, whatever the whitespace; at an end of the text, a sign
+    assert operators("x\t-\ny, x -y, x- y, x -\u3000y, -x, x-, x/ ,& y") == [
+        "-",
+        "-",
+        "-",
+        "-",
+        "/",
+        "&",
+    ]
+
+
+def test_operators_are_read_in_one_pass() -> None:
+    """Each "-", "/" or "&" between words copied the text on both sides of it: a near-duplicate
+    of 640 kB of "a-" held the verifier's thread 5 s in ``operators`` alone."""
+    from services.semantic_cache.reading import operators
+
+    text = "a" * 4_000_000 + " a-b" * 100_000  # 4 MB, then signs joining words
+    with within(5.0):  # minutes when quadratic
+        assert operators(text) == []
 
 
 # --- accents: the tokenizer strips them (the review's accent probes: cosine 1.0, p 0.86-0.95)
