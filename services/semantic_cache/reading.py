@@ -68,7 +68,7 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.semantic_cache.cross_encoder import CrossEncoderInfo
+from services.semantic_cache.cross_encoder import CrossEncoderInfo, longest_first
 from services.semantic_cache.embedder import (
     MAX_TOKENS,
     TOKENIZER_SHA256,
@@ -126,18 +126,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 # The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
 # code point): a text of at most (MAX_TOKENS - 2) // 3 characters is never truncated.
 _MAX_TOKENS_A_CHAR = 3
-
-
-def _longest_first(tokens_a: int, tokens_b: int, budget: int) -> tuple[int, int]:
-    """How many tokens of each text a ``longest_first`` truncation to ``budget`` keeps."""
-    if tokens_a + tokens_b <= budget:
-        return tokens_a, tokens_b
-    if tokens_a <= budget // 2:
-        return tokens_a, budget - tokens_a
-    if tokens_b <= budget // 2:
-        return budget - tokens_b, tokens_b
-    half = budget // 2
-    return (half + budget % 2, half) if tokens_a > tokens_b else (half, half + budget % 2)
 
 
 def differing(first: str, second: str) -> tuple[str, str]:
@@ -805,7 +793,7 @@ class Reader:
             return True
         ends_a = [end for _, end in first_enc.offsets]
         ends_b = [end for _, end in second_enc.offsets]
-        keep_a, keep_b = _longest_first(len(ends_a), len(ends_b), self.pair_tokens - 3)
+        keep_a, keep_b = longest_first(len(ends_a), len(ends_b), self.pair_tokens - 3)
         # each text is read in full, or past the opening both share
         return all(
             keep == len(ends) or (keep and ends[keep - 1] > shared)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from services.semantic_cache.cross_encoder import (
     OnnxCrossEncoder,
     load_cross_encoder,
 )
+from services.tools.evaluation.semantic_cache.datasets import load_pairs
+from tests.public_data import data_dir
+from tests.unit.semantic_cache_support import within
 
 
 @cache
@@ -81,3 +85,68 @@ def test_the_service_never_imports_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _generated_pairs() -> list[tuple[str, str]]:
+    """Pairs around every case of the longest-first cut (either text within half the budget,
+    both over it, equal lengths, one token apart), and texts the tokenizer reads unusually."""
+    budget = CrossEncoderInfo.load().max_tokens - 3
+    words = [("word " * n).strip() for n in (0, 1, budget // 2 - 1, budget // 2, budget // 2 + 1)]
+    words += [("word " * n).strip() for n in (budget - 1, budget, budget + 1, 2 * budget, 400)]
+    odd = [
+        "",
+        " ",
+        "\n\t \u3000\u200b",
+        "a" + " " * 5_000 + "b" + "\t\n" * 2_000 + "c",
+        "a  \n\t\u00a0 b\r\n" * 300,
+        "   leading and trailing   ",
+        "如何删除我的账户 " * 30,
+        "zählen papá İstanbul ǅ ﬁ e\u0301 " * 20,
+        "👍 👎 🏳️‍🌈 " * 40,
+        "안녕하세요 " * 25,
+        "[CLS] a [SEP] b [SEP] [MASK] [UNK] " * 10,
+        "x" * 150 + " y",
+        "supercalifragilisticexpialidocious " * 12,
+        "« " * 300,
+        "\u0000\u0007 control\ufffd",
+    ]
+    texts = words + odd
+    return [(a, b) for a in texts for b in texts]
+
+
+def _paraphrase_pairs() -> list[tuple[str, str]]:
+    folder = data_dir() / "paraphrase"
+    files = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv", "qqp_dev.csv")
+    return [(p.first, p.second) for name in files for p in load_pairs(folder / name).pairs]
+
+
+@pytest.mark.parametrize("source", [_generated_pairs, _paraphrase_pairs])
+def test_pairs_are_fed_exactly_as_the_library_truncates_them(
+    source: Callable[[], list[tuple[str, str]]],
+) -> None:
+    """The calibrated path: each text tokenised alone and cut here gives the graph the same
+    ids, token types and mask as the library's own truncating pair encoding, in both orders."""
+    pairs = source()
+    pairs += [(b, a) for a, b in pairs]
+    encoder = shipped()
+    fed = encoder.feeds(pairs)
+    assert len(fed) == len(pairs)
+    reference = encoder._tokenizer.encode_batch(pairs)
+    for pair, feeds, encoding in zip(pairs, fed, reference, strict=True):
+        assert feeds["input_ids"].tolist() == [encoding.ids], pair
+        assert feeds["token_type_ids"].tolist() == [encoding.type_ids], pair
+        assert feeds["attention_mask"].tolist() == [encoding.attention_mask], pair
+        assert {f.dtype for f in feeds.values()} == {np.dtype(np.int64)}
+
+
+def test_a_long_question_is_read_without_building_its_unread_windows() -> None:
+    """A 200,000-character lookup against a 600-token cached question: the library's
+    truncation built every left-over window of both texts and their combinations (60,000
+    encodings, 3 GB, 3 to 5 s of a core per order); the graph reads 64 tokens of the pair."""
+    long = "« " * 100_000
+    cached = "how do i reset the password of my account on the website? " * 45  # 600 tokens
+    encoder = shipped()
+    encoder.logits([("a", "b")])  # the first run allocates
+    with within(2.0):  # 3 to 5 s per order when every window is built
+        logits = encoder.logits([(long, cached), (cached, long)])
+    assert logits.shape == (2,) and np.isfinite(logits).all()
