@@ -42,15 +42,21 @@ async def test_records_come_back_in_order_after_a_reopen(tmp_path: Path) -> None
     assert again.append({"op": "x"}) == 4
 
 
-@pytest.mark.parametrize("cut", [1, 5, 9, 20])
-async def test_a_torn_tail_is_cut_off_and_the_rest_kept(tmp_path: Path, cut: int) -> None:
-    wal = WriteAheadLog(tmp_path)
+async def _two_records(directory: Path) -> Path:
+    """A log of two records, synced and closed; its one segment."""
+    wal = WriteAheadLog(directory)
     wal.open()
     wal.append({"op": "x", "n": 1})
     wal.append({"op": "x", "n": 2, "pad": "y" * 30})
     await wal.sync()
     wal.close()
     (segment,) = wal.segments()
+    return segment
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 20])
+async def test_a_torn_tail_is_cut_off_and_the_rest_kept(tmp_path: Path, cut: int) -> None:
+    segment = await _two_records(tmp_path)
     segment.write_bytes(segment.read_bytes()[:-cut])  # a crash in the middle of the append
     again = WriteAheadLog(tmp_path)
     assert [r["n"] for r in again.open()] == [1]
@@ -60,13 +66,7 @@ async def test_a_torn_tail_is_cut_off_and_the_rest_kept(tmp_path: Path, cut: int
 async def test_a_torn_tail_is_cut_with_a_warning_naming_the_file_offset_and_bytes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    wal = WriteAheadLog(tmp_path)
-    wal.open()
-    wal.append({"op": "x", "n": 1})
-    wal.append({"op": "x", "n": 2, "pad": "y" * 30})
-    await wal.sync()
-    wal.close()
-    (segment,) = wal.segments()
+    segment = await _two_records(tmp_path)
     whole = segment.read_bytes()
     first_end = 8 + int.from_bytes(whole[:4], "big")
     segment.write_bytes(whole[:-5])  # the second record cut short: a crash mid-append
