@@ -90,8 +90,11 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
         raise PolicyError(f"cannot read the tenant policies {path}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("version") != _VERSION:
         raise PolicyError(f"{path}: expected {{'version': {_VERSION}, 'tenants': {{...}}}}")
+    tenants = doc.get("tenants", {})
+    if not isinstance(tenants, dict):
+        raise PolicyError(f"{path}: 'tenants' must be an object of tenant -> policy")
     policies: dict[str, TenantPolicy] = {}
-    for tenant, value in dict(doc.get("tenants", {})).items():
+    for tenant, value in tenants.items():
         ttl = value.get("default_ttl_s") if isinstance(value, dict) else None
         enabled = value.get("l1_enabled", True) if isinstance(value, dict) else None
         valid_ttl = ttl is None or (isinstance(ttl, int | float) and not isinstance(ttl, bool))

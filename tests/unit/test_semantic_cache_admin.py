@@ -168,8 +168,17 @@ async def test_policies_survive_a_restart_in_the_data_directory(tmp_path: Path) 
     assert again.get("b").l1_enabled
 
 
-def test_a_malformed_policy_file_is_refused_naming_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "doc",
+    [
+        '{"version": 1, "tenants": {"a": {"l1_enabled": "no"}}}',
+        '{"version": 1, "tenants": ["a"]}',  # was a TypeError's traceback at start
+        '{"version": 1, "tenants": "a"}',
+        '{"version": 1, "tenants": null}',
+    ],
+)
+def test_a_malformed_policy_file_is_refused_naming_it(tmp_path: Path, doc: str) -> None:
     path = tmp_path / "tenant-policies.json"
-    path.write_text('{"version": 1, "tenants": {"a": {"l1_enabled": "no"}}}')
+    path.write_text(doc)
     with pytest.raises(PolicyError, match=r"tenant-policies\.json"):
         TenantPolicies(path)
