@@ -251,10 +251,16 @@ def test_only_the_services_inside_the_mesh_get_the_internal_credentials(tmp_path
     every tenant's L1 and bills straight from the internal services."""
     keys = ensure_keys(tmp_path / ".run")
     (tmp_path / ".env").write_text(DOTENV + "CACHEMESH_INTERNAL_TOKEN=from-dotenv\n")
-    stack = Stack(tmp_path, tmp_path / ".run", environ={})
+    # the admin token and provider keys from the shell (cachemesh-load's docs export the former)
+    shell = {"CACHEMESH_ADMIN_TOKEN": "adm-x", "OPENAI_API_KEY": "sk-x", "PATH": "/usr/bin"}
+    stack = Stack(tmp_path, tmp_path / ".run", environ=shell)
+    secrets = {
+        "CACHEMESH_INTERNAL_TOKEN", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_ADMIN_TOKEN_FILE",
+        "OPENAI_API_KEY",
+    }  # fmt: skip
     for spec in SERVICES:
         env = stack.environment(spec, keys)
-        holds = {"CACHEMESH_INTERNAL_TOKEN", "CACHEMESH_ADMIN_TOKEN_FILE"} & env.keys()
+        holds = secrets & env.keys()
         if spec.name == "http-front":
             assert not holds
             assert not spec.internal

@@ -62,6 +62,18 @@ MOVE_THE_STACK = (
 )
 
 
+# the credentials a process outside the mesh (the HTTP front) never holds, whoever set them
+OUTSIDE_SECRETS = (
+    "CACHEMESH_INTERNAL_TOKEN",
+    "CACHEMESH_ADMIN_TOKEN",
+    "CACHEMESH_ADMIN_TOKEN_FILE",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_API_KEY_FILE",
+    "OPENAI_API_KEY",
+    "OPENAI_API_KEY_FILE",
+)
+
+
 class StackError(RuntimeError):
     """The stack could not start (the message says why and what to do)."""
 
@@ -139,7 +151,7 @@ class Stack:
         secrets = keys.env(internal=service.internal)
         merged = merge_env(self._dotenv, self._environ, secrets, self._overrides)
         if not service.internal:  # not even from the shell or .env
-            for name in ("CACHEMESH_INTERNAL_TOKEN", "CACHEMESH_ADMIN_TOKEN_FILE"):
+            for name in OUTSIDE_SECRETS:
                 merged.pop(name, None)
         for variable, folder in DATA_DIRS.items():  # durable by default, under the run dir
             merged.setdefault(variable, str(self.run_dir / "data" / folder))
