@@ -18,11 +18,13 @@ would not report, and the snapshot, taken from memory, holds exactly the applied
 A snapshot records the last sequence number it contains and the log is rotated when it is
 taken; segments entirely covered by a saved snapshot are deleted. On start the log is read in
 order, a record at a time (``records``: a segment the snapshot covers whole is not read): a torn
-record at the very end of the last segment (its length runs past the end of the file: a crash
-during an append that was never acknowledged) is cut off with a warning; a whole last record
-that fails its checksum is damage, not a crash, and may have been acknowledged: it is moved
-aside to ``<segment>.damaged`` with an error (``tail_cut`` says which). Any other damage is an
-error naming the file, never skipped.
+record at the very end of the last segment (its length runs past the end of the file, or it is
+zero-filled from some point to the end of the file, as a power loss may leave a file whose size
+grew before its data landed: a crash during an append that was never acknowledged) is cut off
+with a warning; a whole last record whose bytes fail its checksum is damage, not a crash, and
+may have been acknowledged: it is moved aside to ``<segment>.damaged`` with an error
+(``tail_cut`` says which). No record is ever written empty: a length of 0 is never read as one.
+Any other damage is an error naming the file, never skipped.
 ``append`` refuses a record over ``_MAX_RECORD``; reading takes a record of any length whose
 bytes and CRC are whole (a log written before appends were bounded may hold a larger one,
 acknowledged): it is replayed, never taken for damage or a torn tail.
@@ -58,9 +60,9 @@ T = TypeVar("T")
 @dataclasses.dataclass(frozen=True)
 class TailCut:
     """What reading the log cut off the end of its last segment: a ``torn`` record (its length
-    runs past the end of the file: a crash mid-append, never acknowledged) or a ``damaged``
-    one (whole, its checksum or body wrong: damage, and it may have been acknowledged; the
-    bytes from it on are kept in ``moved_to``)."""
+    runs past the end of the file, or it is zeros to the end of the file: a crash mid-append,
+    never acknowledged) or a ``damaged`` one (whole, its checksum or body wrong: damage, and
+    it may have been acknowledged; the bytes from it on are kept in ``moved_to``)."""
 
     kind: str
     segment: Path
@@ -380,12 +382,13 @@ class WriteAheadLog:
 
 def _cut_tail(path: Path, offset: int, rest: bytes, seq: int) -> TailCut:
     """Cuts the bad end of the last segment off (``rest``, from ``offset``; ``seq`` the number
-    its first record would have). Torn (its length runs past the end of the file): a crash in
-    the middle of an append, never acknowledged, cut with a warning. Whole but failing its
-    checksum: not what a crash leaves, and it may have been acknowledged, so the bytes are
-    moved aside (``<segment>.damaged``) for the operator, with an error."""
+    its first record would have). Torn (its length runs past the end of the file, or it is
+    zero-filled from some point to the end of the file): a crash in the middle of an append,
+    never acknowledged, cut with a warning. Whole but failing its checksum: not what a crash
+    leaves, and it may have been acknowledged, so the bytes are moved aside
+    (``<segment>.damaged``) for the operator, with an error."""
     length = _FRAME.unpack_from(rest)[0] if len(rest) >= _FRAME.size else None
-    torn = length is None or _FRAME.size + length > len(rest)
+    torn = length is None or _FRAME.size + length > len(rest) or _zero_filled(rest, length)
     moved_to = None
     if not torn:
         moved_to = path.with_name(f"{path.name}.damaged")
@@ -424,6 +427,16 @@ def _cut_tail(path: Path, offset: int, rest: bytes, seq: int) -> TailCut:
     return TailCut("damaged", path, offset, len(rest), moved_to)
 
 
+def _zero_filled(rest: bytes, length: int) -> bool:
+    """The bad end of a segment (``rest``, its first record of ``length``) is zeros from some
+    point in that record to the end of the file: what a power loss leaves when the file's size
+    grew before its data landed (ext4, XFS), not damage. All zeros (a zero header reads as
+    length 0, CRC 0, which ``crc32(b"")`` passes); or a record whose last byte (a JSON body
+    ends with ``}``), and all after it, are zeros. A length of 0 with a checksum is damage."""
+    written = len(rest.rstrip(b"\0"))  # the bytes up to the last non-zero one
+    return written == 0 or (length > 0 and written < _FRAME.size + length)
+
+
 def _what(body: bytes) -> str:
     """What a damaged record seems to be, unverified (its op and tenant, nothing stored)."""
     try:
@@ -448,7 +461,7 @@ def _next_record(
         return None, offset
     length, crc = _FRAME.unpack(header)
     end = offset + _FRAME.size + length
-    if end > size:
+    if end > size or length == 0:  # no record is written empty (its body holds its seq)
         return None, offset
     return _body(handle.read(length), crc), end
 
@@ -458,7 +471,7 @@ def _record(data: bytes, offset: int) -> tuple[dict[str, Any] | None, int]:
         return None, offset
     length, crc = _FRAME.unpack_from(data, offset)
     start, end = offset + _FRAME.size, offset + _FRAME.size + length
-    if end > len(data):
+    if end > len(data) or length == 0:
         return None, offset
     body = _body(data[start:end], crc)
     return (body, end) if body is not None else (None, offset)

@@ -122,6 +122,57 @@ async def test_a_damaged_last_record_is_moved_aside_and_reported(
     assert [p.name for p in again.segments()] == [segment.name, f"{3:020d}.log"]
 
 
+def _zero_tails(record: bytes) -> dict[str, bytes]:
+    """What a crash after the size grew but before the data landed leaves after the whole
+    records (ext4 and XFS may zero-fill it), for the record ``record`` that was being appended."""
+    header, body = record[:8], record[8:]
+    return {
+        "zeros only": b"\0" * 4096,
+        "a header, its body zeros": header + b"\0" * len(body),
+        "half a body, then zeros": header + body[: len(body) // 2] + b"\0" * (len(body) // 2 + 1),
+        "a header, zeros past the body": header + b"\0" * (len(body) + 4000),
+    }
+
+
+@pytest.mark.parametrize("tail", list(_zero_tails(b"\0" * 40)))
+async def test_a_zero_filled_tail_is_torn_never_damaged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tail: str
+) -> None:
+    """A power loss may leave the end of the last segment zero-filled: a crash before the
+    append's fsync returned, never acknowledged. It is cut off with the torn warning (before:
+    a zero header reads as length 0 and CRC 0, which crc32(b"") passes, so it was "damaged",
+    moved aside with an error saying an acknowledged Store may be lost, counted kind=damaged)."""
+    segment = await _two_records(tmp_path)
+    whole = segment.read_bytes()
+    first_end = 8 + int.from_bytes(whole[:4], "big")
+    bad = _zero_tails(whole[first_end:])[tail]
+    segment.write_bytes(whole[:first_end] + bad)
+    again = WriteAheadLog(tmp_path)
+    with caplog.at_level(logging.INFO, logger="cachemesh.semantic_cache.persistence"):
+        assert [r["n"] for r in again.open()] == [1]
+    assert again.tail_cut == TailCut("torn", segment, first_end, len(bad), None)
+    assert [r.levelno for r in caplog.records if r.levelno >= logging.WARNING] == [logging.WARNING]
+    assert not [name for name in os.listdir(tmp_path) if ".damaged" in name]
+    assert again.append({"op": "x", "n": 3}) == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"\0\0\0\0\x12\x34\x56\x78", b"\0\0\0\0\x12\x34\x56\x78" + b"\0" * 100],
+    ids=["length 0", "length 0, zeros after"],
+)
+async def test_a_record_of_length_0_with_a_checksum_is_damage(tmp_path: Path, bad: bytes) -> None:
+    """No record is ever written empty (a body holds its seq at least): a header of length 0
+    with a checksum is not a zero-filled crash tail but damage, and kept for the operator."""
+    segment = await _two_records(tmp_path)
+    whole = segment.read_bytes()
+    first_end = 8 + int.from_bytes(whole[:4], "big")
+    segment.write_bytes(whole[:first_end] + bad)
+    again = WriteAheadLog(tmp_path)
+    assert [r["n"] for r in again.open()] == [1]
+    assert again.tail_cut is not None and again.tail_cut.kind == "damaged"
+
+
 async def test_a_tail_cut_is_counted_and_named_in_the_replay_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
