@@ -99,15 +99,22 @@ class SnapshotStore:
     def prepare(self) -> None:
         """Creates the directory, takes its lock (``DirectoryInUse`` if another process holds
         it: nothing is touched then), proves it writable and removes temp files of a crashed
-        save. The lock is held until ``close``."""
+        save. The lock is held until ``close``; a prepare that fails after taking it (a full
+        disk, no permission) lets go of it, so a retry is not refused by this process."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._lock_fd is None:
+        took = self._lock_fd is None
+        if took:
             self._lock_fd = _lock(self.directory / LOCK_NAME)
-        fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".probe.", suffix=_TMP_SUFFIX)
-        os.close(fd)
-        os.unlink(probe)
-        for stale in self.directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".probe.", suffix=_TMP_SUFFIX)
+            os.close(fd)
+            os.unlink(probe)
+            for stale in self.directory.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
+                stale.unlink(missing_ok=True)
+        except BaseException:
+            if took:
+                self.close()
+            raise
 
     def close(self) -> None:
         """Releases the directory's lock (the process is done with it)."""

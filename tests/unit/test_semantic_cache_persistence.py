@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -263,6 +264,26 @@ def test_a_directory_in_use_is_refused_before_anything_in_it_is_touched(tmp_path
     assert not saving.exists()
     assert (tmp_path / LOCK_NAME).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
     second.close()
+
+
+def test_a_failed_prepare_releases_the_lock_it_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that fails after taking the lock (the probe file cannot be created: ENOSPC with
+    no inodes left, EACCES) lets go of it: before, the descriptor leaked, and a retry in the
+    same process was refused as another process -- itself -- holding the directory."""
+
+    def full(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    failing = SnapshotStore(tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr("services.semantic_cache.persistence.tempfile.mkstemp", full)
+        with pytest.raises(OSError, match="No space left"):
+            failing.prepare()
+    retry = SnapshotStore(tmp_path)
+    retry.prepare()  # the disk has room again
+    retry.close()
 
 
 async def test_restore_needs_an_empty_cache_and_a_sane_export(tmp_path: Path) -> None:
