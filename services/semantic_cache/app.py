@@ -57,6 +57,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     stats = StoreStats()
     registry.register(StoreCollector(stats, metrics_settings.max_tenants))
     store = _store(config)  # holds the data directory's lock until the process is done
+    snapshotter: Snapshotter | None = None
     try:
         snapshotter = _snapshotter(config, store, clock, metrics)
         policies = _policies(config)
@@ -103,6 +104,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         )
         await run_service(spec, stop)
     finally:
+        if snapshotter is not None:
+            # a SIGTERM during the warm-up cancelled it, not the replay's thread: the lock is
+            # released only once no thread of this process changes the directory (the stop
+            # has waited for it already unless it was itself cancelled)
+            await asyncio.shield(snapshotter.join())
         if store is not None:
             store.close()  # after the last save (``run_service`` ran it)
 

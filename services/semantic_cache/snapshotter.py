@@ -10,14 +10,22 @@ than ``snapshot_after_replay`` records is saved as a snapshot at once (the next 
 replay them again). Every change after that is logged and synced before it is acknowledged.
 Each save rotates the log together with the copy and then deletes the segments the new
 snapshot covers, so a crash at any point leaves a snapshot plus the records after it.
+
+A stop during the warm-up (a SIGTERM mid-replay) cancels it, but not a worker thread: the
+replay checks between records, and before it opens the log or saves, whether the stop came,
+and stops there (the directory as the crash left it: the next start replays the records);
+``stop`` and ``join`` return only once the thread has ended, so the data directory's lock is
+never released while a thread of this process still changes the directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from services.common.clock import Clock
 from services.semantic_cache.cache import SemanticCache
@@ -31,6 +39,12 @@ log = logging.getLogger("cachemesh.semantic_cache.persistence")
 # SEMANTIC_CACHE_SNAPSHOT_S=0, the log grows between clean stops, and every crash would replay
 # it all again (100k records from the log took 10 s and 1.3 GB before they were streamed).
 SNAPSHOT_AFTER_REPLAY = 10_000
+T = TypeVar("T")
+
+
+class ReplayStopped(RuntimeError):
+    """The stop came while the snapshot was restored or the log replayed: the replay ended
+    at a record boundary, the log was not opened for appends and nothing was saved."""
 
 
 class Snapshotter:
@@ -65,6 +79,9 @@ class Snapshotter:
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # set by a stop (or the warm-up cancelled): the restore or replay thread ends early
+        self._abandon = threading.Event()
+        self._working: asyncio.Future[Any] | None = None  # the restore's or replay's thread
 
     async def open(self, cache: SemanticCache) -> RestoreReport | None:
         """Restores the snapshot (if any) into ``cache``, replays the log records after it,
@@ -74,9 +91,9 @@ class Snapshotter:
         thread: nothing else uses the cache, or appends to the log, yet, and the event loop
         keeps answering health checks (NOT_SERVING) meanwhile.
         """
-        report, wal_seq = await asyncio.to_thread(self._restore, cache)
+        report, wal_seq = await self._in_thread(self._restore, cache)
         if self._wal is not None:
-            saved_s = await asyncio.to_thread(self._replay, cache, wal_seq)
+            saved_s = await self._in_thread(self._replay, cache, wal_seq)
             if saved_s is not None and self._on_save is not None:
                 self._on_save(saved_s)
             cut = self._wal.tail_cut
@@ -88,13 +105,37 @@ class Snapshotter:
             self._task = asyncio.create_task(self._periodic(), name="semantic-cache-snapshots")
         return report
 
+    async def _in_thread(self, work: Callable[..., T], *args: object) -> T:
+        """``work(*args)`` in a worker thread that ``join`` waits for: cancelling the caller
+        (a stop during the warm-up) tells the thread to stop, and leaves it to end."""
+        running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        self._working = running
+        try:
+            result: T = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            self._abandon.set()
+            raise
+        return result
+
+    def _unless_stopped(self, records: Iterable[T]) -> Iterator[T]:
+        for record in records:
+            self._check_stopped()
+            yield record
+
+    def _check_stopped(self) -> None:
+        if self._abandon.is_set():
+            raise ReplayStopped("stopped during the replay of the write-ahead log")
+
     def _replay(self, cache: SemanticCache, wal_seq: int) -> float | None:
         """Applies the log records after ``wal_seq``, a record at a time, and opens the log
         for appends; more than ``snapshot_after_replay`` of them are saved as a snapshot at
-        once: how long that save took (None: none was)."""
+        once: how long that save took (None: none was). ``ReplayStopped`` between records
+        once the stop came (nothing opened or saved)."""
         assert self._wal is not None
         cache.use_faiss_threads()
-        applied = replay(cache, self._wal.records(wal_seq), wal_seq, cache.dim, self._wal)
+        records = self._unless_stopped(self._wal.records(wal_seq))
+        applied = replay(cache, records, wal_seq, cache.dim, self._wal)
+        self._check_stopped()
         self._wal.start()
         if not applied:
             return None
@@ -109,6 +150,7 @@ class Snapshotter:
             return None
         began, last = self._timer(), self._wal.last_seq  # nothing appended since the replay
         contents = cache.export_entries()
+        self._check_stopped()
         try:
             size = self._store.save(contents, self._clock.now_ms(), last)
         except Exception:  # the log still holds them: serve, and the next save retries
@@ -186,12 +228,34 @@ class Snapshotter:
             )
             return True
 
+    async def join(self) -> None:
+        """Stops a restore or replay still running in its worker thread (the warm-up was
+        cancelled) at its next record and waits for the thread to end: the data directory's
+        lock must outlive every thread that may change the directory."""
+        self._abandon.set()
+        running = self._working
+        if running is None:
+            return
+        await asyncio.wait({running})  # never raises: the outcome is the warm-up's
+        # retrieved here: a failed warm-up is reported by the warm-up, not by this stop
+        if not running.cancelled() and isinstance(running.exception(), ReplayStopped):
+            log.info(
+                "stopped during the replay of the write-ahead log: nothing was changed in "
+                "%s, the next start replays its records",
+                self._store.directory,
+            )
+
     async def stop(self) -> None:
-        """Ends the periodic saves (a save in progress finishes), then saves a last time."""
+        """Ends the periodic saves (a save in progress finishes), then saves a last time;
+        during the warm-up, stops its restore or replay and waits for its thread (``join``)."""
         self._stopping.set()
+        await self.join()
         if self._task is not None:
             await self._task
-        if self._cache is not None:
+        if self._cache is None:
+            if self._wal is not None:
+                self._wal.close()  # opened by a replay whose warm-up was cancelled after it
+        else:
             try:
                 await self.save()
             except Exception:

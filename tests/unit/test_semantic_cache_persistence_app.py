@@ -23,8 +23,9 @@ from services.semantic_cache.app import SERVICE_NAME, serve
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.journal import WalJournal
 from services.semantic_cache.operating_point import OperatingPoint
-from services.semantic_cache.persistence import SNAPSHOT_NAME
+from services.semantic_cache.persistence import SNAPSHOT_NAME, SnapshotStore
 from services.semantic_cache.settings import SemanticCacheSettings
+from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WriteAheadLog
 from tests.unit.semantic_cache_support import make_request
 
@@ -154,6 +155,66 @@ async def test_health_answers_while_the_log_is_replayed(
         release.set()
         stop.set()
         await asyncio.wait_for(task, timeout=30)
+
+
+async def test_a_stop_during_the_replay_keeps_the_lock_until_the_replay_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM while the log is replayed: the warm-up is cancelled, its worker thread is not.
+    Before, serve() released the data directory's .lock at once and the replay went on to open
+    a segment (and, past 10,000 records, save a snapshot and delete segments) with the lock free
+    for a second process. Now the lock is released only once the replay has stopped, and the
+    directory is left as the crash left it (the records are replayed by the next start)."""
+    data_dir = tmp_path / "semantic-cache"
+    wal = WriteAheadLog(data_dir / "wal")
+    wal.open()
+    journal = WalJournal(wal)
+    for i in range(3):  # records left by a crash
+        journal.log_drop(f"t{i}", None, lambda: None)
+    await wal.sync()
+    wal.close()
+    replaying, release, replayed = threading.Event(), threading.Event(), threading.Event()
+    real_apply_drop = SemanticCache.apply_drop
+    real_replay = Snapshotter._replay
+    real_close = SnapshotStore.close
+    replay_running_at_close: list[bool] = []
+
+    def held_apply_drop(self: SemanticCache, tenant: str, namespace: str | None = None) -> int:
+        replaying.set()
+        # released when the lock is (never while this runs, once fixed), or after a second
+        release.wait(timeout=1)
+        return real_apply_drop(self, tenant, namespace)
+
+    def replay(self: Snapshotter, cache: SemanticCache, wal_seq: int) -> float | None:
+        try:
+            return real_replay(self, cache, wal_seq)
+        finally:
+            replayed.set()
+
+    def close(self: SnapshotStore) -> None:
+        replay_running_at_close.append(not replayed.is_set())
+        real_close(self)
+        release.set()
+
+    monkeypatch.setattr(SemanticCache, "apply_drop", held_apply_drop)
+    monkeypatch.setattr(Snapshotter, "_replay", replay)
+    monkeypatch.setattr(SnapshotStore, "close", close)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(environ(data_dir), stop))
+    try:
+        assert await asyncio.to_thread(replaying.wait, 120), "the replay never started"
+        before = sorted(os.listdir(data_dir / "wal"))
+        stop.set()  # SIGTERM
+        await asyncio.wait_for(task, timeout=30)
+    finally:
+        release.set()
+        stop.set()
+        if not task.done():
+            await asyncio.wait_for(task, timeout=30)
+    assert replay_running_at_close == [False]
+    assert await asyncio.to_thread(replayed.wait, 30)
+    assert sorted(os.listdir(data_dir / "wal")) == before
+    assert not (data_dir / SNAPSHOT_NAME).exists()
 
 
 def test_a_corrupt_snapshot_stops_the_process_naming_the_file(tmp_path: Path) -> None:

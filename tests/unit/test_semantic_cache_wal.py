@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -629,6 +630,57 @@ async def test_a_long_replay_is_saved_as_a_snapshot_at_once(tmp_path: Path, limi
     again = new_cache(clock)
     await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(again)
     assert len(again) == 4
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in directory.rglob("*")
+        if path.is_file()
+    }
+
+
+async def test_a_stop_during_the_replay_waits_for_it_and_leaves_the_directory_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM during the warm-up cancels it, but a worker thread cannot be cancelled:
+    before, stop() returned at once (no cache yet) and the process released the directory's
+    lock while the replay went on to open a segment, save a snapshot and delete segments.
+    Now the replay stops at its next record, and stop() returns once its thread has ended."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        cache
+    )
+    for i in range(3):
+        await cache.store(q(f"question number {i}"), answer(b"x"))
+    # no stop(), no snapshot: the process is gone
+    before = _files(tmp_path)
+    replaying, release = threading.Event(), threading.Event()
+    real_apply_store = SemanticCache.apply_store
+
+    def held_apply_store(self: SemanticCache, *args: object) -> bool:
+        replaying.set()
+        release.wait(timeout=60)
+        return real_apply_store(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SemanticCache, "apply_store", held_apply_store)
+    wal = WriteAheadLog(tmp_path / "wal")
+    snapshotter = Snapshotter(SnapshotStore(tmp_path), clock, 0, wal, snapshot_after_replay=1)
+    opening = asyncio.create_task(snapshotter.open(new_cache(clock)))
+    try:
+        assert await asyncio.to_thread(replaying.wait, 60), "the replay never started"
+        opening.cancel()  # the warm-up, cancelled by the stop
+        stopping = asyncio.create_task(snapshotter.stop())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not stopping.done()  # the replay's thread runs: the lock must outlive it
+    finally:
+        release.set()
+    await stopping
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert _files(tmp_path) == before  # nothing applied to the log, nothing saved or deleted
 
 
 async def test_the_replay_runs_with_the_configured_faiss_threads(
