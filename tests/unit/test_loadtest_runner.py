@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachemesh import AsyncClient
 from cachemesh._channel import GATEWAY_SERVICE
+from cachemesh.loadtest import runner
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
-from cachemesh.loadtest.runner import LoadShape, run_plan, shares
-from cachemesh.loadtest.samples import CUT, INTERRUPTED, LOST
+from cachemesh.loadtest.runner import Interrupted, LoadShape, run_plan, shares
+from cachemesh.loadtest.samples import CUT, INTERRUPTED, LOST, Sample
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.workloads import Item, WorkloadSpec, build
 from cachemesh.loadtest.workloads.base import TENANT_A, user
@@ -330,6 +332,123 @@ def test_a_client_process_that_dies_is_counted_not_waited_for(
     assert f"its 10 planned requests are counted as errors {LOST}" in warning
     timed = summarise([s for s in samples if s.code != LOST], {})["wall_s"]
     assert summarise(samples, {})["wall_s"] == timed  # the lost samples have no time
+
+
+_MARKS = "CACHEMESH_TEST_RUNNER_MARKS"  # a folder: a client process and the test meet there
+
+
+async def _answers_at_once_or_waits(
+    target: str, keys: dict[str, str], plan: Sequence[Item], shape: LoadShape, *,
+    warmup: bool = False, seed: int = 0, tick: Callable[[], None] = lambda: None,
+    places: Sequence[int] | None = None,
+) -> list[Sample]:  # fmt: skip
+    """run_plan in a client process: the first (seed 7) answers its share at once, the other
+    sends until its parent stops it (both answer at once if the seed is 0)."""
+    if seed == 7 or not shape.seed:
+        return [
+            Sample("t", "model", "OK", time.monotonic(), 0.01, None, index=i) for i in places or ()
+        ]
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        raise Interrupted([]) from None
+    return []
+
+
+def _first_finishes_then_waits(*args: Any) -> None:
+    """A client process (``runner._child``) whose run is over before the Ctrl-C: the first
+    one, once its event loop is closed, says so and reports only after its parent has had
+    the Ctrl-C and stopped its processes."""
+    marks = Path(os.environ[_MARKS])
+    run = asyncio.run
+
+    def run_then_wait(main: Any) -> Any:
+        try:
+            return run(main)
+        finally:
+            if args[-1] == 0:
+                (marks / "finished").touch()
+                while not (marks / "stopped").exists():
+                    time.sleep(0.01)
+
+    runner.run_plan = _answers_at_once_or_waits
+    asyncio.run = run_then_wait  # type: ignore[assignment]  # this process only
+    _CHILD(*args)
+
+
+def _first_dies_mid_report(*args: Any) -> None:
+    """A client process whose run is over (both answer at once); the first one is killed
+    halfway through writing its report."""
+
+    def half_then_killed(self: Any, buf: bytes, write: Any = os.write) -> None:
+        write(self.fileno(), bytes(buf[: len(buf) // 2]))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if args[-1] == 0:
+        Connection._send = half_then_killed  # type: ignore[attr-defined]  # this process only
+    runner.run_plan = _answers_at_once_or_waits
+    _CHILD(*args)
+
+
+_CHILD = runner._child
+
+
+def test_ctrl_c_after_a_process_finished_keeps_its_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C just after a client process had finished its run: it was sent SIGTERM too, with
+    its event loop closed (SIGTERM's default action again): killed before or while it sent
+    its samples, its answered share was counted CLIENT_PROCESS_LOST, or, killed mid-message,
+    cachemesh-load hung for good (3 runs of 3)."""
+    monkeypatch.setenv(_MARKS, str(tmp_path))
+    monkeypatch.setattr(runner, "_child", _first_finishes_then_waits)
+    said: list[str] = []
+    ctrl_c: list[int] = []
+
+    def progress(done: int) -> None:
+        if ctrl_c:  # the loop went round once since: its processes were stopped
+            (tmp_path / "stopped").touch()
+        elif (tmp_path / "finished").exists():
+            ctrl_c.append(done)
+            signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, now
+
+    shape = LoadShape("closed", 2, 0.0, duration_s=60, stream=False)
+    with pytest.raises(Interrupted) as stop:
+        runner.run_processes(
+            "127.0.0.1:1", KEYS, _items(*["q"] * 8), shape, 2, progress, said.append
+        )
+    assert said == []
+    assert (
+        sorted(s.index for s in stop.value.samples) == shares([[i] for i in range(8)], shape, 2)[0]
+    )
+    assert all(s.ok for s in stop.value.samples)
+
+
+def test_a_process_killed_mid_report_is_counted_not_waited_for_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client process killed while it wrote its report left half a message: the run read
+    the rest of it for good (and every other process waited for its lock)."""
+    monkeypatch.setattr(runner, "_child", _first_dies_mid_report)
+    shape = LoadShape("closed", 2, 0.0, duration_s=60, stream=False, seed=0)  # both answer
+    said: list[str] = []
+    got: list[list[Sample]] = []
+
+    def run() -> None:
+        got.append(runner.run_processes(
+            "127.0.0.1:1", KEYS, _items(*["q"] * 8), shape, 2, lambda _: None, said.append
+        ))  # fmt: skip
+
+    load = threading.Thread(target=run, daemon=True)
+    load.start()
+    load.join(60)
+    assert not load.is_alive(), "the run still waits for the killed process's report"
+    (samples,) = got
+    first, second = shares([[i] for i in range(8)], shape, 2)
+    assert sorted(s.index for s in samples if s.ok) == second
+    assert sorted(s.index for s in samples if s.code == LOST) == first
+    (warning,) = said
+    assert "was killed by signal 9 (SIGKILL" in warning
 
 
 @pytest.mark.parametrize(("mode", "processes"), [("closed", 1), ("closed", 2), ("open", 1)])

@@ -20,10 +20,10 @@ the samples so far; a second Ctrl-C stops at once (a plain KeyboardInterrupt).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import multiprocessing as mp
-import queue
 import random
 import signal
 import threading
@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
 from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
 from typing import Any, Literal
@@ -261,14 +262,16 @@ async def run_plan(
 
 def _child(
     target: str, keys: dict[str, str], plan: list[Item], shape: LoadShape, seed: int,
-    counter: Synchronized[int], out: mp.Queue[tuple[int, list[Sample]]], places: list[int],
-    process: int,
+    counter: Synchronized[int], out: Connection, over: ctypes.Array[ctypes.c_bool],
+    places: list[int], process: int,
 ) -> None:  # fmt: skip
     """Sends ``plan``, the items at ``places`` of the whole plan (its samples' ``index``), and
-    reports its samples as ``process``'s. Its parent decides when the run is interrupted: a
-    Ctrl-C at a terminal reaches every process of the group, so this one ignores SIGINT and
-    stops at its parent's SIGTERM instead, reporting what it has. It starts with both blocked
-    (``run_processes``), so neither kills it before it can do so."""
+    reports its samples on ``out``, its own pipe. Its parent decides when the run is
+    interrupted: a Ctrl-C at a terminal reaches every process of the group, so this one
+    ignores SIGINT and stops at its parent's SIGTERM instead, reporting what it has. It starts
+    with both blocked (``run_processes``), so neither kills it before it can do so; its run
+    over, it sets ``over[process]`` and ignores SIGTERM (the loop's handler goes with the
+    loop): one then would kill it while it reports."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
@@ -281,13 +284,19 @@ def _child(
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        return await run_plan(target, keys, plan, shape, seed=seed, tick=tick, places=places)
+        try:
+            return await run_plan(target, keys, plan, shape, seed=seed, tick=tick, places=places)
+        finally:  # held from now on, then ignored: the parent need not stop this one
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            over[process] = True
 
     try:
         samples = asyncio.run(run())
     except Interrupted as interrupted:
         samples = interrupted.samples
-    out.put((process, samples))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drops one held since the run was over
+    out.send(samples)
+    out.close()
 
 
 def shares(units: Sequence[Sequence[int]], shape: LoadShape, processes: int) -> list[list[int]]:
@@ -314,26 +323,28 @@ def run_processes(
     closed loop needs ``processes <= concurrency``). A process that exits without reporting
     (killed: the OOM killer) or has not reported by the run's end (duration, a request's
     timeout, a minute) is not waited for: each request of its share is counted as
-    ``CLIENT_PROCESS_LOST`` and ``warn`` names it. A Ctrl-C (SIGINT to this process) sends
-    every process SIGTERM: each cuts what it has in flight and reports; then ``Interrupted`` is
-    raised with every sample (a second Ctrl-C: a KeyboardInterrupt, now)."""
+    ``CLIENT_PROCESS_LOST`` and ``warn`` names it (one killed halfway through its report
+    too: each reports on its own pipe, so neither this process nor another waits for it). A
+    Ctrl-C (SIGINT to this process) sends every process whose run is not over SIGTERM: each
+    cuts what it has in flight and reports; then ``Interrupted`` is raised with every sample
+    (a second Ctrl-C: a KeyboardInterrupt, now)."""
     if shape.mode == "closed" and processes > shape.concurrency:
         raise ValueError(f"{processes} processes cannot share {shape.concurrency} in flight")
     ctx = mp.get_context("spawn")
     counter: Synchronized[int] = ctx.Value("i", 0)
-    out: mp.Queue[tuple[int, list[Sample]]] = ctx.Queue()
+    over = ctx.RawArray(ctypes.c_bool, processes)  # whose run is over (set by that process)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(processes)]  # (read, write): a report each
     whole, extra = divmod(shape.concurrency, processes)
     rate = shape.rate_rps / processes
     children, split = [], shares(sessions(plan), shape, processes)
     for p, places in enumerate(split):
         share = replace(shape, concurrency=whole + (p < extra), rate_rps=rate)
         part = [plan[i] for i in places]
-        args = (target, keys, part, share, shape.seed + p, counter, out, places, p)
+        args = (target, keys, part, share, shape.seed + p, counter, pipes[p][1], over, places, p)
         children.append(ctx.Process(target=_child, args=args, daemon=True))
     results: list[Sample] = []
     waiting = set(range(processes))  # neither reported nor lost
     lost: dict[int, str] = {}  # process -> how it was lost
-    exited: set[int] = set()  # had exited before the last wait for a report began
     give_up = time.monotonic() + shape.duration_s + shape.timeout_s + 60
     interrupted = False
 
@@ -353,30 +364,31 @@ def run_processes(
                 child.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            for _, write in pipes:  # each process's end is its own: it exits, the pipe ends
+                write.close()
+        reports: dict[object, int] = {pipes[p][0]: p for p in waiting}
         stopping = False
         while waiting:
             progress(counter.value)
             if interrupted and not stopping:  # each cuts what it has in flight and reports
                 stopping = True
                 for p in waiting:
-                    children[p].terminate()
+                    if not over[p]:  # one whose run is over is reporting already
+                        children[p].terminate()
                 give_up = min(give_up, time.monotonic() + 15)  # they need not finish a request
-            try:
-                p, samples = out.get(timeout=0.2)
-            except queue.Empty:  # keep drawing the progress bar, and look for the dead
-                # a process's report is in the queue before it exits: nothing came for 0.2 s
-                # from one that had exited before, so it will not report
-                for p in exited & waiting:
+            # 0.2 s at most: keep drawing the progress bar
+            for ready in wait([pipes[p][0] for p in waiting], 0.2):
+                p = reports[ready]
+                try:
+                    results += pipes[p][0].recv()
+                except (EOFError, OSError):  # it exited (was killed) before or while reporting
+                    children[p].join(5)
                     lost[p] = _ended(children[p].exitcode)
-                    waiting.discard(p)
-                exited = {p for p in waiting if children[p].exitcode is not None}
-                if waiting and time.monotonic() >= give_up:
-                    for p in waiting:
-                        lost[p] = "had not reported its samples by the end of the run (stopped)"
-                    waiting.clear()
-                continue
-            results += samples
-            waiting.discard(p)
+                waiting.discard(p)
+            if waiting and time.monotonic() >= give_up:
+                for p in waiting:
+                    lost[p] = "had not reported its samples by the end of the run (stopped)"
+                waiting.clear()
     finally:
         if main:
             signal.signal(signal.SIGINT, previous or signal.default_int_handler)
@@ -386,6 +398,8 @@ def run_processes(
             child.join(timeout=5)
             if child.is_alive():
                 child.kill()
+        for read, _ in pipes:
+            read.close()
     for p, how in sorted(lost.items()):
         places = split[p]
         results += [Sample(plan[i].kind, ERROR, LOST, 0.0, 0.0, None, index=i) for i in places]
