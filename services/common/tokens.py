@@ -21,7 +21,7 @@ import hashlib
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -83,7 +83,7 @@ ENTRY_COST = 8
 TOKEN_BYTES = 36
 
 
-def _cost(text: str, ids: tuple[int, ...]) -> int:
+def cached_cost(text: str, ids: Sequence[int]) -> int:
     """What a cached encoding holds, in tokens' worth of memory: its ids, its overhead and its
     text's bytes."""
     return len(ids) + ENTRY_COST + sys.getsizeof(text) // TOKEN_BYTES
@@ -114,7 +114,7 @@ class Tokenizer:
                 self._cached.move_to_end(text)
                 return ids
         ids = tuple(self._encoding.encode(text, disallowed_special=()))
-        cost = _cost(text, ids)
+        cost = cached_cost(text, ids)
         if cost > self._budget // 8:
             return ids
         with self._lock:
@@ -123,7 +123,7 @@ class Tokenizer:
                 self._cached_tokens += cost
                 while self._cached_tokens > self._budget:
                     text_out, dropped = self._cached.popitem(last=False)
-                    self._cached_tokens -= _cost(text_out, dropped)
+                    self._cached_tokens -= cached_cost(text_out, dropped)
         return ids
 
     @property

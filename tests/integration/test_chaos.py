@@ -260,7 +260,9 @@ def _assert_served(stack: Stack, token: str, acked: list[int]) -> None:
         missing = []
         for i in acked:
             lookup = sc.LookupRequest(tenant="chaos-l1", request=_l1_request(i))
-            reply = stub.Lookup(lookup, metadata=metadata, timeout=10)
+            # SERVING by the stack's probe (a channel of its own): this channel may still be
+            # backing off from a refused connect while the service restarted
+            reply = stub.Lookup(lookup, metadata=metadata, timeout=10, wait_for_ready=True)
             if not (reply.hit and reply.answer.content[0].text == f"fact {i}"):
                 missing.append(i)
     assert missing == [], f"{len(missing)} of {len(acked)} acknowledged L1 entries lost"

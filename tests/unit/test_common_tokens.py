@@ -1,8 +1,10 @@
 """The tokenizers: each vocabulary loaded offline and once, the one a model row names; and the
-encoding cache, bounded by the tokens it holds (plus a cost a text), not by a count of texts
-(4,096 large documents would have held gigabytes)."""
+encoding cache, bounded by what it holds (tokens, a cost a text and the text's bytes), not by a
+count of texts (4,096 large documents would have held gigabytes)."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import tiktoken
@@ -10,14 +12,15 @@ import tiktoken
 from services.common.models import load_model_table
 from services.common.tokens import (
     CL100K,
-    ENTRY_COST,
     O200K,
+    TOKEN_BYTES,
     Tokenizer,
     TokenizerError,
     load_cl100k,
     load_tokenizers,
     load_vocabulary,
 )
+from services.common.tokens import cached_cost as cost
 
 
 def _small(cached_tokens: int) -> Tokenizer:
@@ -26,11 +29,12 @@ def _small(cached_tokens: int) -> Tokenizer:
 
 
 def test_each_text_is_held_once_with_its_cost() -> None:
-    tokenizer = _small(cached_tokens=8 * (40 + ENTRY_COST))  # one 40-token text an eighth
     texts = [" ".join([word] * 40) for word in ("alpha", "beta", "gamma", "delta")]
+    costs = [cost(text, load_cl100k().encode(text)) for text in texts]
+    tokenizer = _small(cached_tokens=8 * max(costs))  # each text within an eighth
     for text in texts * 2:
         assert tokenizer.count(text) == 40
-    assert tokenizer.cached_tokens == 4 * (40 + ENTRY_COST)  # each held once
+    assert tokenizer.cached_tokens == sum(costs)  # each held once
     assert tokenizer.encode(texts[0]) == load_cl100k().encode(texts[0])
 
 
@@ -38,17 +42,35 @@ def test_a_text_over_an_eighth_of_the_budget_is_encoded_but_never_held() -> None
     tokenizer = _small(cached_tokens=8 * 500)
     document = " ".join(["word"] * 1000)
     assert tokenizer.count(document) == 1000 and tokenizer.cached_tokens == 0
-    assert tokenizer.count("short text") == 2 and tokenizer.cached_tokens == 2 + ENTRY_COST
+    short = "short text"
+    assert tokenizer.count(short) == 2
+    assert tokenizer.cached_tokens == cost(short, tokenizer.encode(short))
 
 
 def test_the_oldest_text_goes_first_when_the_budget_is_reached() -> None:
-    per = 40 + ENTRY_COST
-    tokenizer = _small(cached_tokens=8 * per)  # room for eight such texts
     texts = [f"{i} " + " ".join(["word"] * 39) for i in range(9)]
+    per = max(cost(text, load_cl100k().encode(text)) for text in texts)
+    tokenizer = _small(cached_tokens=8 * per)  # room for eight such texts
     for text in texts:
         tokenizer.count(text)
     assert tokenizer.cached_tokens <= 8 * per
     assert texts[0] not in tokenizer._cached and texts[8] in tokenizer._cached
+
+
+def _held_bytes(tokenizer: Tokenizer) -> int:
+    cached = tokenizer._cached  # what the cache holds: each text and its ids
+    return sum(sys.getsizeof(text) + TOKEN_BYTES * len(ids) for text, ids in cached.items())
+
+
+def test_texts_of_many_characters_a_token_stay_within_the_budget() -> None:
+    """Charged by tokens alone, texts of many characters a token (a run of "=" is ~64 a token)
+    held 2.5x the documented memory (127 texts of 1 MB kept: +242 MB RSS)."""
+    budget = 100_000
+    tokenizer = _small(cached_tokens=budget)
+    for i in range(200):
+        tokenizer.encode(f"{i}:" + "=" * 20_000)  # ~313 tokens of 20 kB each
+    assert _held_bytes(tokenizer) <= budget * TOKEN_BYTES
+    assert tokenizer.cached_tokens <= budget
 
 
 def test_each_vocabulary_loads_offline_checked_and_encodes_as_tiktoken_does() -> None:
