@@ -1,8 +1,11 @@
 """The stacks ``make bench`` starts for itself: on free loopback ports, in run dirs of their
-own under ``.run/``, so they never meet a ``make up`` stack or each other."""
+own under ``.run/``, so they never meet a ``make up`` stack or each other; each starts with no
+state an earlier bench left (its L1 entries, its warm prefixes in the durable Redis, its
+journal), so one run's figures never ride on the last one's caches."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ def bench_stack(root: Path, name: str, settings: Mapping[str, str]) -> Iterator[
     run_dir = root / ".run" / f"bench-{name}"
     keys = ensure_keys(run_dir)  # throwaway keys, made here so the runner does not print them
     stack = Stack.on_free_ports(root, run_dir, settings)
+    fresh_state(stack, run_dir)
     stack.start()
     try:
         pids = {r.service.name: r.pid for r in stack.running()}
@@ -60,6 +64,19 @@ def bench_stack(root: Path, name: str, settings: Mapping[str, str]) -> Iterator[
         yield BenchStack(name, overrides, target, secrets)
     finally:
         stack.stop()
+
+
+def fresh_state(stack: Stack, run_dir: Path) -> None:
+    """Removes what an earlier bench's stack kept under ``run_dir/data`` (L1's log and
+    snapshot, the Redis append-only file with its warm prefixes, the router's journal): an L2
+    warmed by the run before would raise this run's savings (a 1-hour prefix outlives the
+    minutes between two runs). Never while a stack of that run dir is running."""
+    if stack.supervisor_pid() is not None:
+        raise RuntimeError(
+            f"a bench stack is still running in {run_dir}: stop it first "
+            f"(python -m services.tools.stack --run-dir {run_dir} down)"
+        )
+    shutil.rmtree(run_dir / "data", ignore_errors=True)
 
 
 def _changed(root: Path, stack: Stack) -> set[str]:
