@@ -26,8 +26,8 @@ from services.http_front.fields import (
     shown,
     unsupported,
 )
+from services.router.validation import MAX_BREAKPOINTS, breakpoints
 
-MAX_BREAKPOINTS = 4  # cache_control breakpoints a request may hold (the Messages API's limit)
 # anthropic-version: a dated API version; the SDKs send newer ones than the first (2023-01-01)
 VERSION = re.compile(r"^20\d\d-[01]\d-[0-3]\d$")
 _TOP = (
@@ -104,7 +104,7 @@ def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> N
     if last is None:
         return
     kept = last.cache_control if last.HasField("cache_control") else None
-    if kept is None and _breakpoints(request) >= MAX_BREAKPOINTS:
+    if kept is None and len(breakpoints(request)) >= MAX_BREAKPOINTS:
         raise invalid(
             f"cache_control: automatic caching puts a breakpoint on the request's last block, "
             f"and its blocks already hold {MAX_BREAKPOINTS} (the most a request may have): "
@@ -171,11 +171,6 @@ def _thinking(top: Obj, model: str, thinks_by_default: Collection[str]) -> None:
             "does not think by default",
             where,
         )
-
-
-def _breakpoints(request: pb.CompleteRequest) -> int:
-    blocks = [*request.tools, *request.system, *(b for m in request.messages for b in m.content)]
-    return sum(1 for block in blocks if block.HasField("cache_control"))
 
 
 def cache_control(obj: Obj) -> pb.CacheControl | None:

@@ -225,7 +225,8 @@ def _validate_messages(request: pb.CompleteRequest) -> None:
         raise _unanswered(turns, "the request (it ends with the call)")
 
 
-def _breakpoints(request: pb.CompleteRequest) -> list[tuple[str, int]]:
+def breakpoints(request: pb.CompleteRequest) -> list[tuple[str, int]]:
+    """Each ``cache_control`` breakpoint of the request: where it is and its TTL."""
     marks: list[tuple[str, int]] = []
     for i, tool in enumerate(request.tools):
         if tool.HasField("cache_control"):
@@ -241,7 +242,7 @@ def _breakpoints(request: pb.CompleteRequest) -> list[tuple[str, int]]:
 
 
 def _validate_breakpoints(request: pb.CompleteRequest) -> None:
-    marks = _breakpoints(request)
+    marks = breakpoints(request)
     if len(marks) > MAX_BREAKPOINTS:
         raise _invalid(
             f"cache_control: at most {MAX_BREAKPOINTS} breakpoints per request, got {len(marks)} "

@@ -95,15 +95,15 @@ class StackKeys:
             raise KeyError(f"no demo key for {tenant!r}: {unavailable(self)}")
         return self.api_keys[tenant]
 
-    def env(self, internal: bool = True) -> dict[str, str]:
-        """What the services need: the key file's path and, for those inside the mesh
-        (``internal``; not the HTTP front), the internal and admin credentials (the admin
-        token by its file, so it stays out of the processes' environment)."""
-        env = {"CACHEMESH_API_KEYS_FILE": str(self.api_keys_file)}
-        if internal:
-            env["CACHEMESH_INTERNAL_TOKEN"] = self.internal_token
-            env["CACHEMESH_ADMIN_TOKEN_FILE"] = str(self.admin_token_file)
-        return env
+    def env(self) -> dict[str, str]:
+        """What the services need: the key file's path and the internal and admin credentials
+        (the admin token by its file, so it stays out of the processes' environment); the
+        stack keeps the credentials from a process outside the mesh (``OUTSIDE_SECRETS``)."""
+        return {
+            "CACHEMESH_API_KEYS_FILE": str(self.api_keys_file),
+            "CACHEMESH_INTERNAL_TOKEN": self.internal_token,
+            "CACHEMESH_ADMIN_TOKEN_FILE": str(self.admin_token_file),
+        }
 
 
 def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> StackKeys:

@@ -148,8 +148,7 @@ class Stack:
         return merge_env(self._dotenv, self._environ, {}, self._overrides)
 
     def environment(self, service: ServiceDef, keys: StackKeys) -> dict[str, str]:
-        secrets = keys.env(internal=service.internal)
-        merged = merge_env(self._dotenv, self._environ, secrets, self._overrides)
+        merged = merge_env(self._dotenv, self._environ, keys.env(), self._overrides)
         if not service.internal:  # not even from the shell or .env
             for name in OUTSIDE_SECRETS:
                 merged.pop(name, None)
