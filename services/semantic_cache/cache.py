@@ -77,6 +77,7 @@ class SemanticCache(EntryStore):
         threshold: float = 0.88,
         ttl_s: float = 86_400.0,
         max_entries: int = 100_000,
+        max_bytes: int | None = None,
         top_k: int = 8,
         verifier: Verifier | None = None,
         margin: float = 0.0,
@@ -102,7 +103,7 @@ class SemanticCache(EntryStore):
         if not (math.isfinite(margin) and 0.0 <= margin <= 1.0):
             raise ValueError(f"margin must be within [0, 1], got {margin}")
         policy = policy if policy is not None else NamespacePolicy(ttl_s=ttl_s)
-        super().__init__(embedder, clock, max_entries, policy, ann, stats)
+        super().__init__(embedder, clock, max_entries, policy, ann, stats, max_bytes)
         self._on_lease_wait = on_lease_wait
         self._deadline_clock = deadline_clock
         self._threshold = threshold
@@ -387,6 +388,8 @@ class SemanticCache(EntryStore):
         reason = _store_skip_reason(query, answer, self._policy)
         if reason or query.text is None:
             return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
+        if not self.fits(answer.payload, query.normalised):
+            return StoreResult(False, skip_reason=_OVER_MAX_BYTES)
         vector = await self._embed(query.tenant, query.text)
         # From here to the sync nothing awaits: the log's order is the order of the changes.
         now = self._clock.now_ms()
@@ -500,6 +503,9 @@ def _recent_key(text: str) -> str:
 
 
 _NO_USER_TEXT = "the last message is not a user turn with text (a prefill, or no text)"
+_OVER_MAX_BYTES = (
+    "the answer with its question is larger than all of L1 may hold (SEMANTIC_CACHE_MAX_BYTES)"
+)
 _PURGED_SINCE = (
     "the tenant's entries were invalidated (or its L1 turned off) after this request's lookup"
 )

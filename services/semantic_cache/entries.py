@@ -3,14 +3,14 @@
 Entries live in one FAISS index per (tenant, scope). An entry's expiry is fixed when it is
 stored (``Entry.expires_at_ms``: created_at + its namespace's TTL at that moment, an absolute
 age that reads never extend and a later TTL change never moves); capacity is total, shared
-max-min fairly between tenants and LRU within each (``recency``): over it, the least recently
-used entry of the tenant holding the most goes (evictions are not logged: a replay decides
-them again). Everything here but the purges' wait for the journal is synchronous: the cache
-calls it in the sections between its awaits, so no two coroutines interleave inside one
-change. Changes are written to the journal (the write-ahead log) in that same order when one
-is attached, and applied once durable (the journal runs them, in its order): a Store or a
-purge the log could not make durable (a full disk) is not applied, never served nor undone by
-a restart.
+max-min fairly between tenants and LRU within each (``recency``): over it, the least recently used
+entry of the tenant holding the most goes, in entries and (``max_bytes``) in bytes (evictions
+are not logged: a replay decides them again). Everything here but the purges' wait for the
+journal is synchronous: the cache calls it in the sections between its awaits, so no two
+coroutines interleave inside one change. Changes are written to the journal (the write-ahead
+log) in that same order when one is attached, and applied once durable (the journal runs them,
+in its order): a Store or a purge the log could not make durable (a full disk) is not applied,
+never served nor undone by a restart.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from services.semantic_cache.records import (
     InvalidQuery,
     RestoreReport,
 )
-from services.semantic_cache.stats import StoreStats
+from services.semantic_cache.stats import StoreStats, held_bytes
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
 RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors)
@@ -75,12 +75,18 @@ class EntryStore:
         policy: NamespacePolicy,
         ann: AnnSettings | None,
         stats: StoreStats | None = None,
+        max_bytes: int | None = None,
     ) -> None:
+        """``max_bytes``: what the entries may hold together (``stats.entry_bytes``: answers,
+        questions, vectors); None = bounded by ``max_entries`` alone."""
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         self._embedder = embedder
         self._clock = clock
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
         self._policy = policy
         self._ann = ann  # None = every scope stays exact (flat)
         self._journal: Journal | None = None
@@ -403,9 +409,23 @@ class EntryStore:
             self._expiry = [(self._expires_at(e), v) for v, e in self._entries.items()]
             heapq.heapify(self._expiry)
 
+    def fits(self, payload: bytes, question: str) -> bool:
+        """Whether an entry of this answer and (normalised) question is within the byte bound
+        alone (one over it is never stored: it would evict every other entry, then itself)."""
+        if self._max_bytes is None:
+            return True
+        return held_bytes(payload, question, self._embedder.dim) <= self._max_bytes
+
     def _evict_over_capacity(self) -> None:
         while len(self._entries) > self._max_entries:
             self._remove(self._lru.victim())
+            self.stats.evictions += 1
+        if self._max_bytes is None:
+            return
+        # by bytes, as by entries: the least recently used entry of the tenant holding the
+        # most bytes, so one tenant's large answers evict its own entries, not another's
+        while self.stats.held_bytes > self._max_bytes and self._entries:
+            self._remove(self._lru.victim(self.stats.bytes))
             self.stats.evictions += 1
 
     def _remove(self, vid: int) -> None:

@@ -17,6 +17,7 @@ the event loop's.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from itertools import chain
 
 import numpy as np
@@ -52,14 +53,16 @@ class Recency:
         if not lru:
             del self._tenants[tenant]
 
-    def victim(self) -> int:
-        """The id of the entry to evict: the least recently used of the largest tenant."""
-        best: tuple[int, int] | None = None  # (-entries, tick of its least recently used)
+    def victim(self, sizes: Mapping[str, int] | None = None) -> int:
+        """The id of the entry to evict: the least recently used of the largest tenant, by
+        its entries or, given ``sizes`` (tenant -> what it holds, e.g. bytes), by those."""
+        best: tuple[int, int] | None = None  # (-size, tick of its least recently used)
         chosen = -1
-        for lru in self._tenants.values():
+        for tenant, lru in self._tenants.items():
             vid, tick = next(iter(lru.items()))
-            if best is None or (-len(lru), tick) < best:
-                best, chosen = (-len(lru), tick), vid
+            size = len(lru) if sizes is None else sizes.get(tenant, 0)
+            if best is None or (-size, tick) < best:
+                best, chosen = (-size, tick), vid
         if best is None:
             raise LookupError("no entries")
         return chosen

@@ -10,6 +10,7 @@ from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.policy import MAX_TTL_S, NamespacePolicy, valid_ttl
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class SemanticCacheSettings:
     ann_nprobe: int = 16  # IVF lists searched per lookup
     # threads per operator for a text embedded alone, on a second session; 0 = none (as batches)
     ort_solo_threads: int = 0
+    # what the entries hold together (answers, questions, vectors); beyond it the LRU entry of
+    # the tenant holding the most bytes goes
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     @classmethod
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheSettings:
@@ -57,6 +61,7 @@ class SemanticCacheSettings:
             ),
             ttl_s=ttl_s,
             max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
+            max_bytes=env.int("SEMANTIC_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES, minimum=1),
             faiss_threads=env.int("SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1),
             ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1),
             ort_solo_threads=env.int("SEMANTIC_CACHE_ORT_SOLO_THREADS", 0, minimum=0),

@@ -14,24 +14,33 @@ from services.semantic_cache.records import Entry
 
 
 def entry_bytes(entry: Entry, dim: int) -> int:
-    return len(entry.answer.payload) + len(entry.query.encode()) + 4 * dim
+    return held_bytes(entry.answer.payload, entry.query, dim)
+
+
+def held_bytes(payload: bytes, question: str, dim: int) -> int:
+    """What an entry of this answer and (normalised) question holds."""
+    return len(payload) + len(question.encode()) + 4 * dim
 
 
 @dataclass
 class StoreStats:
     entries: dict[str, int] = field(default_factory=dict)  # tenant -> entries held
     bytes: dict[str, int] = field(default_factory=dict)  # tenant -> bytes held
+    held_bytes: int = 0  # of all tenants (what ``SEMANTIC_CACHE_MAX_BYTES`` bounds)
     evictions: int = 0  # over capacity
     expirations: int = 0  # at their TTL
     invalidations: int = 0  # by Drop
 
     def added(self, entry: Entry, dim: int) -> None:
         tenant = entry.tenant
+        size = entry_bytes(entry, dim)
         self.entries[tenant] = self.entries.get(tenant, 0) + 1
-        self.bytes[tenant] = self.bytes.get(tenant, 0) + entry_bytes(entry, dim)
+        self.bytes[tenant] = self.bytes.get(tenant, 0) + size
+        self.held_bytes += size
 
     def removed(self, entry: Entry, dim: int) -> None:
         tenant = entry.tenant
+        self.held_bytes -= entry_bytes(entry, dim)
         left = self.entries.get(tenant, 0) - 1
         if left <= 0:
             self.entries.pop(tenant, None)

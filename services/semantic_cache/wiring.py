@@ -50,6 +50,7 @@ def build_cache(
         threshold=config.threshold,
         ttl_s=config.ttl_s,
         max_entries=config.max_entries,
+        max_bytes=config.max_bytes,
         verifier=verifier if verifier is not None else build_verifier(config, embedder),
         margin=config.ambiguity_margin,
         policy=config.policy,

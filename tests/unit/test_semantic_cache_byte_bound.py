@@ -1,0 +1,128 @@
+"""L1's byte bound (``SEMANTIC_CACHE_MAX_BYTES``): what the entries hold together, shared
+between tenants by the same max-min rule as the entry count, in bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.clock import ManualClock
+from services.common.env import ConfigError, Env
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.query import Query, query_from_request
+from services.semantic_cache.recency import Recency
+from services.semantic_cache.records import Answer
+from services.semantic_cache.settings import DEFAULT_MAX_BYTES, SemanticCacheSettings
+from services.semantic_cache.stats import held_bytes
+from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+
+DIM = 64
+KB = 1024
+
+
+def q(question: str, tenant: str = "a") -> Query:
+    return query_from_request(tenant, make_request(question))
+
+
+def answer(size: int) -> Answer:
+    return Answer(b"x" * size, "end_turn", 40, False)
+
+
+def new_cache(max_bytes: int, max_entries: int = 1000) -> SemanticCache:
+    return SemanticCache(
+        FakeEmbedder(DIM),
+        ManualClock(),
+        threshold=0.8,
+        max_entries=max_entries,
+        max_bytes=max_bytes,
+    )
+
+
+def held(question: str, size: int, tenant: str = "a") -> int:
+    return held_bytes(b"x" * size, q(question, tenant).normalised, DIM)
+
+
+async def test_one_tenants_large_answers_evict_its_own_entries_not_another_tenants() -> None:
+    """b keeps a few small FAQ answers; a stores 100 answers of 64 kB into a 1 MB L1: it ends
+    holding what is left of the bound, b loses nothing, and the bound holds after every Store
+    (bounded by entries alone, a held all 100: 6.4 MB)."""
+    cache = new_cache(max_bytes=1_000_000)
+    faq = ["how do i reset my password", "what is the refund policy", "where is my invoice"]
+    for question in faq:
+        assert (await cache.store(q(question, tenant="b"), answer(200))).stored
+    for i in range(100):
+        assert (await cache.store(q(f"report {i} on planet x{i}"), answer(64 * KB))).stored
+        assert cache.stats.held_bytes <= 1_000_000
+    assert cache.stats.entries["b"] == 3
+    kept = cache.stats.entries["a"]
+    assert kept == (1_000_000 - cache.stats.bytes["b"]) // held("report 99 on planet x99", 64 * KB)
+    for question in faq:
+        assert (await cache.check(q(question, tenant="b"))).exact
+    for i in range(100):  # a's most recent are the ones left
+        hit = (await cache.check(q(f"report {i} on planet x{i}"))).exact
+        assert hit == (i >= 100 - kept), i
+    assert cache.stats.evictions == 100 - kept
+    assert cache.stats.held_bytes == sum(cache.stats.bytes.values())
+
+
+async def test_over_the_bound_the_tenant_holding_the_most_bytes_loses_its_lru_entry() -> None:
+    """b holds fewer entries but more bytes than a: a new entry of a's evicts b's least
+    recently used one (by entries alone, a's own would have gone)."""
+    size_b = 300 * KB
+    cache = new_cache(max_bytes=1_000_000)
+    for i in range(3):
+        stored = await cache.store(q(f"b question {i} about x{i}", tenant="b"), answer(size_b))
+        assert stored.stored
+    assert (await cache.check(q("b question 0 about x0", tenant="b"))).exact  # now b's newest
+    for i in range(5):
+        assert (await cache.store(q(f"a question {i} about y{i}"), answer(20 * KB))).stored
+    assert cache.stats.entries == {"a": 5, "b": 2}
+    assert not (await cache.check(q("b question 1 about x1", tenant="b"))).hit
+    assert (await cache.check(q("b question 0 about x0", tenant="b"))).exact
+
+
+async def test_an_answer_alone_over_the_bound_is_not_stored_and_evicts_nothing() -> None:
+    cache = new_cache(max_bytes=100 * KB)
+    assert (await cache.store(q("a small one"), answer(KB))).stored
+    too_large = await cache.store(q("a huge one"), answer(100 * KB))
+    assert not too_large.stored
+    assert "SEMANTIC_CACHE_MAX_BYTES" in too_large.skip_reason
+    assert cache.stats.entries == {"a": 1}
+    assert (await cache.check(q("a small one"))).exact
+    assert not (await cache.check(q("a huge one"))).hit
+
+
+async def test_a_restore_into_a_smaller_byte_bound_evicts_by_bytes() -> None:
+    cache = new_cache(max_bytes=10_000_000)
+    for i in range(10):
+        assert (await cache.store(q(f"question {i} about z{i}"), answer(100 * KB))).stored
+    smaller = new_cache(max_bytes=450_000)
+    smaller.restore(cache.export_entries())
+    assert smaller.stats.entries == {"a": 4}
+    assert smaller.stats.held_bytes <= 450_000
+    for i in range(10):  # the least recently used went first
+        assert (await smaller.check(q(f"question {i} about z{i}"))).exact == (i >= 6), i
+
+
+def test_recency_picks_the_largest_tenant_by_the_sizes_given() -> None:
+    lru = Recency()
+    lru.used("a", 1)
+    lru.used("a", 2)
+    lru.used("b", 3)
+    assert lru.victim() == 1  # by entries: a holds two
+    assert lru.victim({"a": 10, "b": 50}) == 3  # by bytes: b holds more
+
+
+def settings(environ: dict[str, str]) -> SemanticCacheSettings:
+    return SemanticCacheSettings.from_env(Env(environ), OperatingPoint(0.87, 0.3, 0.02))
+
+
+def test_the_byte_bound_is_one_gib_by_default_and_read_from_its_variable() -> None:
+    assert settings({}).max_bytes == DEFAULT_MAX_BYTES == 1 << 30
+    assert settings({"SEMANTIC_CACHE_MAX_BYTES": "5000000"}).max_bytes == 5_000_000
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1GB"])
+def test_a_byte_bound_that_holds_nothing_or_is_not_a_number_stops_the_start(value: str) -> None:
+    with pytest.raises(ConfigError, match="SEMANTIC_CACHE_MAX_BYTES"):
+        settings({"SEMANTIC_CACHE_MAX_BYTES": value})
