@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from services.common.deadlines import END_MARGIN_S
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import last_user_text
@@ -56,8 +57,8 @@ _REPLY_MARGIN_FRACTION = 0.1
 
 
 # An answer that broke off this close to its call's deadline was cut by the deadline (the
-# replica's provider adapter ends it there), not by the replica.
-_DEADLINE_SLACK_S = 0.25
+# replica's provider adapter ends it at most this long before it), not by the replica.
+_DEADLINE_SLACK_S = END_MARGIN_S
 
 
 def _kv_cached(attempt: Attempt, usage: prefix_cache_pb2.ProviderUsage | None) -> int:

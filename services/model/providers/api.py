@@ -27,7 +27,10 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   bought meanwhile: it serves again).
 - After the first token nothing is retried: a stream that breaks (an error event, a cut
   connection, the deadline) ends with ``end.interrupted`` carrying what was produced, so the
-  router bills it and never stores it. A connection lost after the final event (OpenAI's
+  router bills it and never stores it. An answer still running at the deadline ends so a
+  margin before it (0.25 s, or 5% of a shorter deadline: ``services.common.deadlines``), so
+  that this end, with the usage the provider reported so far, reaches the router before the
+  call's gRPC deadline ends the call. A connection lost after the final event (OpenAI's
   finish_reason and usage chunk, Anthropic's message_delta, came; only ``[DONE]`` /
   ``message_stop`` did not) is no break: the adapter ends the answer as the provider reported it.
 """
@@ -47,6 +50,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
+from services.common.deadlines import end_margin_s
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
 from services.common.tokens import Tokenizer, Tokenizers
@@ -148,6 +152,9 @@ class ProviderApi:
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
         budget = time_remaining_s if time_remaining_s is not None else _NO_DEADLINE_S
         deadline = self._clock() + budget
+        # an answer under way ends sooner, so that its interrupted end (the provider's usage so
+        # far, the bill) reaches the caller before the call's gRPC deadline ends the call
+        ends_by = deadline - (end_margin_s(budget) if time_remaining_s is not None else 0.0)
         span.set_attribute("cachemesh.deadline_ms", round(budget * 1000))
         tries = 0
         while True:
@@ -167,7 +174,10 @@ class ProviderApi:
                     # The deadline bounds each wait for the adapter, never a yield: a timeout
                     # around a yield fires in the consumer's task (e.g. while it writes to a
                     # slow client), as a CancelledError the adapter never sees.
-                    while (chunk := await _next(stream, deadline - self._clock())) is not None:
+                    while True:
+                        until = ends_by if progress.started else deadline
+                        if (chunk := await _next(stream, until - self._clock())) is None:
+                            break
                         yield self._annotated(span, chunk, progress, spec)
                 # (not back in service for this: a call that began before the key or account
                 # was refused proves nothing of it now; only a recheck does, ``generate``)
