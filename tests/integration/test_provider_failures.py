@@ -136,6 +136,24 @@ def test_a_400_is_invalid_argument_with_the_providers_message(providers: Provide
     assert "must be a response to a preceeding message with 'tool_calls'" in str(error)
 
 
+def test_an_engines_400_inside_the_stream_is_the_clients_and_no_other_replica_gets_it(
+    providers: ProviderStack,
+) -> None:
+    """vLLM refuses a request with an error event inside a 200 stream, its status in ``code``.
+    It was UNAVAILABLE: the router handed the bad request to the other gpt-4-1 replica (which
+    answered it here) and counted the refusal towards the first one's ejection."""
+    server = providers.server
+    message = "'auto' tool choice requires --enable-auto-tool-choice and --tool-call-parser"
+    server.script("openai", openai_wire.error_event("BadRequestError", 400, message))
+    tag = f"Engine refusal {uuid.uuid4().hex[:8]}"
+    with _client(providers, max_attempts=1) as client:
+        error = _refused(providers, client, ask("gpt-4-1", tag))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in str(error)
+    calls = [s for s in server.seen_by("openai") if tag in str(s.body)]
+    assert len(calls) == 1  # no other replica asked
+
+
 def test_a_403_for_one_replicas_account_goes_to_the_other_replica(
     providers: ProviderStack,
 ) -> None:

@@ -120,6 +120,14 @@ def error(
     )
 
 
+def error_event(kind: str, code: int | str, message: str) -> Reply:
+    """An OpenAI-compatible engine's error inside a stream, before any token, as vLLM sends
+    it (its ``ErrorResponse`` under ``error``, the HTTP status in ``code``): the answer's own
+    status was already 200."""
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return Reply(events=[(None, dumps({"error": error}))])
+
+
 def default(body: dict[str, Any]) -> Reply:
     size = len(dumps(body.get("messages", [])))
     prompt = max(1, size // 4)

@@ -230,3 +230,39 @@ async def test_insufficient_quota_is_not_retried_and_takes_the_replica_out(
     assert replica.calls() == 1 and replica.health == [False]  # no retry
     again = await replica.call()
     assert again is not None and "NOT_SERVING" in again.message and replica.calls() == 1
+
+
+async def test_an_in_stream_400_is_the_requests_and_not_retried(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The error's own ``code`` is its status: a 400 is the request's (INVALID_ARGUMENT, no
+    other replica tried), not the replica's UNAVAILABLE that the router handed to every
+    replica and counted towards their ejection."""
+    replica = replicas("openai", GPT)
+    message = "'auto' tool choice requires --enable-auto-tool-choice and --tool-call-parser"
+    server.script("openai", openai_wire.error_event("BadRequestError", 400, message))
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.INVALID_ARGUMENT, refused
+    assert "(400)" in refused.message and message in refused.message
+    assert replica.calls() == 1
+    assert "failed unexpectedly" not in caplog.text
+    assert await replica.call() is None and replica.health == []
+
+
+@pytest.mark.parametrize("code", [500, "500"], ids=["int", "numeric-string"])
+async def test_an_in_stream_500_is_retried_like_the_engines_http_500(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
+    code: int | str,
+) -> None:
+    """An engine's 500 inside the stream, before any token, is retried as its HTTP 500 is
+    (it failed at once, after one call, with a traceback logged as unexpected)."""
+    replica = replicas("openai", GPT)
+    failed = openai_wire.error_event("InternalServerError", code, "CUDA error: illegal access")
+    server.script("openai", failed, failed)
+    assert await replica.call() is None  # answered on the third call
+    assert replica.calls() == 3
+    assert "failed unexpectedly" not in caplog.text

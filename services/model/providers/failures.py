@@ -2,8 +2,10 @@
 credentials, or give up. Both official SDKs raise ``APIStatusError`` (status code, body,
 response headers), ``APITimeoutError`` and ``APIConnectionError``; an error event inside a
 stream (Anthropic's ``event: error``, an OpenAI chunk carrying ``error``) is an
-``APIStatusError`` too, whose body names the error type. The anthropic SDK does not wrap an
-error of its HTTP stack while it reads a stream (the connection lost mid-stream): an
+``APIStatusError`` too, whose body names the error type; an OpenAI-compatible engine's (vLLM's
+``{"error": {"type": "BadRequestError", "code": 400}}``) names its HTTP status in ``code``,
+which counts as the status: a 400 is the request's, a 500 is retried. The anthropic SDK does
+not wrap an error of its HTTP stack while it reads a stream (the connection lost mid-stream): an
 ``httpx2.TransportError`` is a lost connection too. A stream that ends without its final event
 (``StreamCut``) was cut as well, however cleanly its connection closed. A connection lost after
 the final event (only ``[DONE]`` / ``message_stop`` missing) is no failure: the adapters end
@@ -58,8 +60,16 @@ class Failure:
     retry_after_s: float | None
 
 
-_RETRY_TYPES = {"overloaded_error", "rate_limit_error", "api_error", "server_error", "timeout"}
-_CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error"}
+# (vLLM names an error by its exception's class: BadRequestError, InternalServerError)
+_RETRY_TYPES = {
+    "overloaded_error",
+    "rate_limit_error",
+    "api_error",
+    "server_error",
+    "timeout",
+    "InternalServerError",
+}
+_CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error", "BadRequestError"}
 _AUTH_TYPES = {"authentication_error", "permission_error", "invalid_api_key"}
 _ACCOUNT_TYPES = {"billing_error", "insufficient_quota"}
 # the start of Anthropic's 400 for an account without credit (at the start only: a message
@@ -128,8 +138,9 @@ def classify(exc: Exception) -> Failure:
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
     if isinstance(exc, (anthropic.APIError, openai.APIError)):  # an error chunk in a stream
         error_type, message = _error_of(exc.body, str(exc))
-        kind = _kind(0, error_type, _code_of(exc.body), message)
-        return Failure(kind, 0, error_type, message, None)
+        status = _status_in(exc.body)
+        kind = _kind(status, error_type, _code_of(exc.body), message)
+        return Failure(kind, status, error_type, message, None)
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
 
@@ -163,6 +174,19 @@ def _error_of(body: object, fallback: str) -> tuple[str, str]:
     if isinstance(body, str) and body:
         return "error", body
     return "error", fallback
+
+
+def _status_in(body: object) -> int:
+    """The HTTP status an error event inside a stream names as its ``code`` (vLLM's
+    ``{"error": {"type": "BadRequestError", "code": 400}}``; an int or a numeric string), else
+    0: the stream's own status was 200."""
+    inner: Any = body.get("error", body) if isinstance(body, dict) else None
+    code = inner.get("code") if isinstance(inner, dict) else None
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    return 0
 
 
 def _code_of(body: object) -> str:
