@@ -14,8 +14,8 @@ integration tests.
 - the engine's KV cache is shared by every tenant: a prefix another tenant left there is
   reused by the engine, but neither billed to nor told in the usage of a tenant whose own
   traffic never sent it (its second request, its own reuse, is billed as a read);
-- the engine's error body for a prompt over its context comes back as INVALID_ARGUMENT
-  carrying llama-server's message;
+- the engine's error body for a prompt over its context comes back as RESOURCE_EXHAUSTED
+  (as the simulator's) carrying llama-server's message;
 - a prefill whose client went away stops within a batch, not at the end of the prompt;
 - long answers streamed by both replicas with more requests queued behind them are never cut
   for silence mid-answer (a live engine's pace is far within ``ROUTER_MID_ANSWER_STALL_S``).
@@ -40,7 +40,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachemesh import Client, InvalidRequestError
+from cachemesh import Client, RateLimitError
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
@@ -273,10 +273,11 @@ def test_a_prompt_over_the_engines_context_is_refused_with_its_message(
     llama: LlamaStack,
 ) -> None:
     words = " ".join(f"item{i} costs {i % 97} dollars and ships tomorrow." for i in range(500))
-    with pytest.raises(InvalidRequestError) as info:
+    with pytest.raises(RateLimitError) as info:  # the client's class for a size limit
         llama.client.complete(_request("", [_user(f"Summarise: {words}")]))
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "context" in info.value.message, info.value.message
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "exceeds the available context size" in info.value.message, info.value.message
+    assert "context window" in info.value.message  # the HTTP front's 400, not its 413
     print(f"\ncontext overflow: {info.value.message[:300]}")
     # the engines are still serving after the refusal
     after = llama.client.complete(_request("", [_user("Say hello.")], max_tokens=8))

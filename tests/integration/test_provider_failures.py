@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
+import anthropic
 import grpc
+import openai
 import pytest
 
 from cachemesh import CachemeshError, Client
@@ -152,6 +155,75 @@ def test_an_engines_400_inside_the_stream_is_the_clients_and_no_other_replica_ge
     assert message in str(error)
     calls = [s for s in server.seen_by("openai") if tag in str(s.body)]
     assert len(calls) == 1  # no other replica asked
+
+
+@pytest.mark.parametrize(
+    ("api", "model", "reply", "sdk_error", "http_status"),
+    [
+        (
+            "openai",
+            "gpt-4-1",
+            openai_wire.error(
+                400,
+                "invalid_request_error",
+                "This model's maximum context length is 1047576 tokens. However, your messages "
+                "resulted in 1100000 tokens. Please reduce the length of the messages.",
+                code="context_length_exceeded",
+            ),
+            openai.BadRequestError,
+            400,
+        ),
+        (
+            "anthropic",
+            "claude-sonnet-4-5",
+            anthropic_wire.error(
+                413, "request_too_large", "Request exceeds the maximum allowed number of bytes."
+            ),
+            anthropic.RequestTooLargeError,
+            413,
+        ),
+    ],
+    ids=["context-window", "413"],
+)
+def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdks_own_error(
+    providers: ProviderStack,
+    api: str,
+    model: str,
+    reply: Reply,
+    sdk_error: type[Exception],
+    http_status: int,
+) -> None:
+    """A prompt over the context window or a request over the provider's size limit is
+    RESOURCE_EXHAUSTED on the Gateway, as the simulator's (it was INVALID_ARGUMENT, and the
+    HTTP front answered a provider's 413 as a 400); through the HTTP front, the SDK's own
+    exception for it (400 or 413, never a 429 it would retry). Neither is tried on another
+    replica nor retried by the SDK: one provider call each."""
+    server = providers.server
+    server.script(api, reply, reply)
+    tag = f"Too large {uuid.uuid4().hex[:8]}"
+    front = f"http://{providers.stack.addresses['http-front']}"
+    key = providers.stack.keys["tenant-a"]
+    ask_http: Any = [{"role": "user", "content": f"{tag} (HTTP)"}]
+    try:
+        with _client(providers, max_attempts=1) as client:
+            error = _refused(providers, client, ask(model, f"{tag} (gRPC)"))
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        assert reply.body["error"]["message"] in str(error)
+        with pytest.raises(sdk_error) as raised:  # the SDK's default retries (2) left on
+            if api == "openai":
+                openai.OpenAI(base_url=front + "/v1", api_key=key).chat.completions.create(
+                    model=model, max_tokens=64, messages=ask_http
+                )
+            else:
+                anthropic.Anthropic(base_url=front, api_key=key).messages.create(
+                    model=model, max_tokens=64, messages=ask_http
+                )
+    finally:
+        with server._lock:  # a refusal not used must not reach the next tests
+            server.scripts[api] = [r for r in server.scripts[api] if r is not reply]
+    assert getattr(raised.value, "status_code", None) == http_status
+    calls = [s for s in server.seen_by(api) if tag in str(s.body)]
+    assert len(calls) == 2  # one each: no other replica, no retry
 
 
 def test_a_403_for_one_replicas_account_goes_to_the_other_replica(

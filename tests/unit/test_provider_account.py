@@ -6,6 +6,7 @@ builds it and calls the loopback provider servers of ``tests.providers``."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -121,6 +122,32 @@ TOO_LONG_OPENAI = openai_wire.error(
 TOO_LONG_ANTHROPIC = anthropic_wire.error(
     400, "invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"
 )
+# llama-server's 400 for a prompt over the context it was started with
+TOO_LONG_LLAMA = Reply(
+    status=400,
+    body={
+        "error": {
+            "code": 400,
+            "message": "request (3012 tokens) exceeds the available context size (2048 "
+            "tokens), try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 3012,
+            "n_ctx": 2048,
+        }
+    },
+)
+# vLLM's in its stream, before any token: no type for it but its message (OpenAI's wording)
+TOO_LONG_VLLM = openai_wire.error_event(
+    "BadRequestError",
+    400,
+    "This model's maximum context length is 2048 tokens. However, you requested 3012 tokens "
+    "(2988 in the messages, 24 in the completion). Please reduce the length of the messages or "
+    "completion.",
+)
+# Anthropic's 413 for a request over its size limit (32 MB)
+TOO_LARGE_ANTHROPIC = anthropic_wire.error(
+    413, "request_too_large", "Request exceeds the maximum allowed number of bytes."
+)
 BAD_SCHEMA = anthropic_wire.error(
     400,
     "invalid_request_error",
@@ -131,13 +158,8 @@ BAD_SCHEMA = anthropic_wire.error(
 
 @pytest.mark.parametrize(
     ("backend", "model", "reply"),
-    [
-        ("openai", GPT, TOO_LONG_OPENAI),
-        ("openai", GPT, NO_ACCESS),
-        ("anthropic", CLAUDE, TOO_LONG_ANTHROPIC),
-        ("anthropic", CLAUDE, BAD_SCHEMA),
-    ],
-    ids=["openai-context-length", "openai-403-model-not-found", "anthropic-too-long", "schema"],
+    [("openai", GPT, NO_ACCESS), ("anthropic", CLAUDE, BAD_SCHEMA)],
+    ids=["openai-403-model-not-found", "schema"],
 )
 async def test_a_refusal_of_the_request_is_invalid_argument_and_the_replica_serves_on(
     server: WireServer,
@@ -151,6 +173,41 @@ async def test_a_refusal_of_the_request_is_invalid_argument_and_the_replica_serv
     refused = await replica.call()
     assert refused is not None and refused.code == Code.INVALID_ARGUMENT, refused
     assert reply.body["error"]["message"] in refused.message
+    assert replica.calls() == 1  # not retried
+    assert await replica.call() is None and replica.health == []  # the next request is served
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "reply", "context_window"),
+    [
+        ("openai", GPT, TOO_LONG_OPENAI, True),
+        ("openai", GPT, TOO_LONG_LLAMA, True),
+        ("openai", GPT, TOO_LONG_VLLM, True),
+        ("anthropic", CLAUDE, TOO_LONG_ANTHROPIC, True),
+        ("anthropic", CLAUDE, TOO_LARGE_ANTHROPIC, False),
+    ],
+    ids=["openai-context-length", "llama-server", "vllm-in-stream", "anthropic-too-long", "413"],
+)
+async def test_a_request_over_a_size_limit_is_resource_exhausted_as_on_the_simulator(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    backend: Backend,
+    model: str,
+    reply: Reply,
+    context_window: bool,
+) -> None:
+    """A prompt over the model's context window, or a request over the provider's size limit,
+    is RESOURCE_EXHAUSTED (the simulator's status for it; DESIGN: size limits), not
+    INVALID_ARGUMENT: the request's fault, not retried, no other replica tried. A prompt over
+    the context window says so (the HTTP front answers it 400, a request over the size limit
+    413)."""
+    replica = replicas(backend, model)
+    server.script(backend, reply)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.RESOURCE_EXHAUSTED, refused
+    body = reply.body if reply.body is not None else json.loads(reply.events[0][1])
+    assert body["error"]["message"] in refused.message  # the provider's own words
+    assert ("context window" in refused.message) == context_window, refused.message
     assert replica.calls() == 1  # not retried
     assert await replica.call() is None and replica.health == []  # the next request is served
 

@@ -10,7 +10,12 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   replica or tier while there is time left.
 - A request the SDK cannot encode (a value JSON does not have: NaN, Infinity, a lone surrogate)
   is INVALID_ARGUMENT, never sent, and no failure of the replica's.
-- A 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
+- A prompt over the model's context window (OpenAI's ``context_length_exceeded``,
+  llama-server's ``exceed_context_size_error``, Anthropic's "prompt is too long", vLLM's
+  "This model's maximum context length is ...") or a request over the provider's size limit
+  (a 413, ``request_too_large``) is RESOURCE_EXHAUSTED, as the simulator's: a size limit, the
+  request's, not retried.
+- Another 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
   so is a 403 that concerns one model (OpenAI's ``model_not_found``: the key may not use it),
   which the router hands to the client rather than to every replica. Any other 403 (OpenAI's
   ``request_forbidden``: this account's key may not be used from where the replica runs) is
@@ -55,7 +60,13 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.providers.config import ProviderSettings
-from services.model.providers.failures import UNSENDABLE, Failure, Kind, classify
+from services.model.providers.failures import (
+    UNSENDABLE,
+    Failure,
+    Kind,
+    classify,
+    over_context_window,
+)
 from services.model.providers.progress import Progress
 from services.model.providers.redact import Redactor
 
@@ -222,7 +233,7 @@ class ProviderApi:
                     )
                 wait, why = self._retry_wait(failure, tries, deadline)
                 if wait is None:
-                    refusal = await self._refusal(failure, message, why)
+                    refusal = await self._refusal(failure, message, why, spec.id)
                     if failure.kind not in _OUT:  # those have their own log line
                         log.warning("%s: %s", spec.id, refusal.message)
                     raise refusal from None
@@ -339,7 +350,7 @@ class ProviderApi:
             return None, f"{what} outlasts the request's deadline ({max(left, 0.0):.1f} s left)"
         return wait, ""
 
-    async def _refusal(self, failure: Failure, message: str, why: str) -> RequestError:
+    async def _refusal(self, failure: Failure, message: str, why: str, model: str) -> RequestError:
         backend = self._adapter.backend
         if failure.error_type == UNSENDABLE:  # never sent: the SDK could not encode it
             return RequestError(
@@ -351,6 +362,18 @@ class ProviderApi:
             return RequestError(
                 Code.INVALID_ARGUMENT,
                 f"{backend} refused the request ({failure.status}): {message}",
+            )
+        if failure.kind == Kind.TOO_LARGE:  # the simulator's status for it, a size limit
+            status = f"{failure.status} {failure.error_type}" if failure.status else ""
+            if over_context_window(failure):  # (the HTTP front's 400, not its 413)
+                what = f"the prompt is over {model}'s context window"
+                fix = "shorten the messages, system or tools, or lower max_tokens"
+            else:
+                what, fix = "the request is over its size limit", "shorten the request"
+            return RequestError(
+                Code.RESOURCE_EXHAUSTED,
+                f"{backend} refused the request{f' ({status})' if status else ''}: {what} "
+                f"({message}); {fix}",
             )
         if failure.kind == Kind.AUTH:
             await self._taken_out(failure, message)

@@ -45,7 +45,9 @@ import openai
 
 class Kind(enum.Enum):
     RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
-    CLIENT = "client"  # 400 / 404 / 413 / 422, 403 model_not_found: the request is wrong
+    CLIENT = "client"  # 400 / 404 / 422, 403 model_not_found: the request is wrong
+    # 413, or a prompt over the model's context window: the request's, RESOURCE_EXHAUSTED
+    TOO_LARGE = "too_large"
     AUTH = "auth"  # 401, or an auth error type: our credentials; the replica is NOT_SERVING
     ACCOUNT = "account"  # no credit / quota on our account: like AUTH, NOT_SERVING
     FATAL = "fatal"  # anything else (another 403 too): no retry, the next replica
@@ -69,7 +71,14 @@ _RETRY_TYPES = {
     "timeout",
     "InternalServerError",
 }
-_CLIENT_TYPES = {"invalid_request_error", "request_too_large", "not_found_error", "BadRequestError"}
+_CLIENT_TYPES = {"invalid_request_error", "not_found_error", "BadRequestError"}
+# a request over the provider's size limit (Anthropic's 413) or a prompt over the model's
+# context window (llama-server's type, OpenAI's code)
+_TOO_LARGE_TYPES = {"request_too_large", "exceed_context_size_error", "context_length_exceeded"}
+# the start of the messages that tell a prompt over the context window under no type of its
+# own: Anthropic's 400 "prompt is too long: 210000 tokens > 200000 maximum", vLLM's
+# BadRequestError (OpenAI's wording) "This model's maximum context length is 2048 tokens. ..."
+_TOO_LONG = ("prompt is too long", "this model's maximum context length")
 _AUTH_TYPES = {"authentication_error", "permission_error", "invalid_api_key"}
 _ACCOUNT_TYPES = {"billing_error", "insufficient_quota"}
 # the start of Anthropic's 400 for an account without credit (at the start only: a message
@@ -157,9 +166,22 @@ def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Ki
         return Kind.RETRY
     if status == 403:  # one model's (the request's), else this replica's account's
         return Kind.CLIENT if code == _ONE_MODEL else Kind.FATAL
-    if error_type in _CLIENT_TYPES or status in (400, 404, 413, 422):
+    if (
+        error_type in _TOO_LARGE_TYPES
+        or code in _TOO_LARGE_TYPES
+        or status == 413
+        or message.lower().startswith(_TOO_LONG)
+    ):
+        return Kind.TOO_LARGE
+    if error_type in _CLIENT_TYPES or status in (400, 404, 422):
         return Kind.CLIENT
     return Kind.FATAL
+
+
+def over_context_window(failure: Failure) -> bool:
+    """A ``TOO_LARGE`` failure's prompt over the model's context window (else the request was
+    over the provider's size limit, a 413)."""
+    return failure.status != 413 and failure.error_type != "request_too_large"
 
 
 def _error_of(body: object, fallback: str) -> tuple[str, str]:
