@@ -52,6 +52,8 @@ class ModelSettings:
             provider = ProviderSettings.from_env(env, _backend(backend))
         table = model_table_from_env(env)
         models = _served_models(env, table, backend)
+        if provider is not None:
+            models = _named_upstream(models, table, provider.upstream_ids)
         return cls(
             server=server,
             metrics=MetricsSettings.from_env(env, "MODEL", DEFAULT_METRICS_LISTEN),
@@ -78,6 +80,27 @@ def _drafting(env: Env, table: ModelTable, models: Mapping[str, ModelSpec]) -> d
 
 def _backend(name: str) -> Backend:
     return "anthropic" if name == "anthropic" else "openai"
+
+
+def _named_upstream(
+    models: Mapping[str, ModelSpec], table: ModelTable, upstream_ids: Mapping[str, str]
+) -> dict[str, ModelSpec]:
+    """The served models under the engine's names (``MODEL_UPSTREAM_IDS``), what the adapter
+    sends and the start-up line prints. A key must be a model of the table (a typo left the
+    table's id sent, and the engine refused every request): one this replica does not serve
+    is fine, model-2 shares the variable."""
+    for model_id in upstream_ids:
+        if model_id not in table.models:
+            known = ", ".join(table.models)
+            raise ConfigError(
+                f"MODEL_UPSTREAM_IDS: {model_id[:64]!r} is not in the model table (known: {known})"
+            )
+    return {
+        model_id: spec.model_copy(update={"upstream_id": upstream_ids[model_id]})
+        if model_id in upstream_ids
+        else spec
+        for model_id, spec in models.items()
+    }
 
 
 def _served_models(env: Env, table: ModelTable, backend: str) -> dict[str, ModelSpec]:

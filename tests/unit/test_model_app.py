@@ -195,3 +195,32 @@ async def test_the_start_up_line_never_shows_the_base_urls_password() -> None:
     said = "\n".join(lines)
     assert "http://vllm:***@127.0.0.1:9/v1" in said, said
     assert "S3cretPassw0rd" not in said and "token=Q" not in said
+
+
+async def test_the_start_up_line_names_the_upstream_models_it_sends() -> None:
+    """With ``MODEL_UPSTREAM_IDS=local-small=SmolLM2-135M-Instruct`` the line said
+    ``serves local-small=local-small``: the override was applied only later, by the adapter."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("cachemesh.model")
+    logger.addHandler(handler)
+    stop = asyncio.Event()
+    stop.set()  # start, log, stop at once
+    environ = {
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "MODEL_BACKEND": "openai",
+        "MODEL_IDS": "local-small",
+        "MODEL_UPSTREAM_IDS": "local-small=SmolLM2-135M-Instruct",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "MODEL_LISTEN": f"127.0.0.1:{free_port()}",
+        "MODEL_METRICS_LISTEN": "127.0.0.1:0",
+        "OTEL_TRACES_EXPORTER": "none",
+        "CACHEMESH_GRACE_S": "0",
+    }
+    try:
+        await asyncio.wait_for(serve(environ, stop), timeout=30)
+    finally:
+        logger.removeHandler(handler)
+    (line,) = [line for line in lines if "adapter: replica" in line]
+    assert "serves local-small=SmolLM2-135M-Instruct through" in line, line

@@ -65,6 +65,27 @@ def test_a_replica_serves_only_its_backends_models() -> None:
     assert ok.provider is not None and ok.provider.base_url == "https://api.anthropic.com"
 
 
+def test_upstream_ids_rename_the_served_models_and_a_key_not_in_the_table_is_refused() -> None:
+    """``MODEL_UPSTREAM_IDS`` is applied to the served models by the settings (what the start-up
+    line prints is what the adapter sends); a key that is no model of the table (a typo) is
+    refused at start-up, naming it: the replica started, sent the table's id, and the engine
+    refused every request (404, INVALID_ARGUMENT) while it stayed SERVING."""
+    base = {
+        "CACHEMESH_INTERNAL_TOKEN": "t" * 20,
+        "MODEL_BACKEND": "openai",
+        "OPENAI_BASE_URL": "http://127.0.0.1:8080/v1",
+        "MODEL_IDS": "local-small",
+    }
+    # local-large is served by another replica sharing the variable (model-2): fine
+    upstream = "local-small=SmolLM2-135M-Instruct,local-large=Qwen/Qwen2.5-1.5B-Instruct"
+    settings = ModelSettings.from_env({**base, "MODEL_UPSTREAM_IDS": upstream})
+    assert settings.models["local-small"].upstream == "SmolLM2-135M-Instruct"
+    assert list(settings.models) == ["local-small"]
+    typo = "local_small=SmolLM2-135M-Instruct"
+    with pytest.raises(ConfigError, match="MODEL_UPSTREAM_IDS: 'local_small' is not"):
+        ModelSettings.from_env({**base, "MODEL_UPSTREAM_IDS": typo})
+
+
 def test_prices_and_auto_tiers_from_the_environment() -> None:
     table = model_table_from_env(
         Env({"CACHEMESH_PRICES": "local-small=7/9/1", "CACHEMESH_AUTO_SMALL": "local-small"})

@@ -106,12 +106,7 @@ class ProviderApi:
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._adapter = adapter
-        self._models = {
-            model_id: spec.model_copy(update={"upstream_id": settings.upstream_ids[model_id]})
-            if model_id in settings.upstream_ids
-            else spec
-            for model_id, spec in models.items()
-        }
+        self._models = dict(models)  # under their upstream names (ModelSettings)
         self._replica = replica_id
         self._s = settings
         # each row's tokenizer (one Tokenizer: the only vocabulary), for the output it counts

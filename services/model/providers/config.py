@@ -49,7 +49,9 @@ class ProviderSettings:
     backoff_s: float  # the first retry's wait without retry-after; doubles, with jitter
     backoff_max_s: float
     auth_recheck_s: float  # after our key (401) or account is refused, refuse at once this long
-    upstream_ids: Mapping[str, str]  # table id -> the provider's model id (MODEL_UPSTREAM_IDS)
+    # table id -> the provider's model id (MODEL_UPSTREAM_IDS); ModelSettings checks the ids
+    # and applies them to the served models
+    upstream_ids: Mapping[str, str]
 
     @classmethod
     def from_env(cls, env: Env, backend: Backend) -> ProviderSettings:
