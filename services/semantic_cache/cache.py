@@ -38,6 +38,7 @@ from services.semantic_cache.reading import folding_refusal
 from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import (
     END_TURN,
+    MAX_TOKENS,
     Answer,
     CheckResult,
     Entry,
@@ -157,32 +158,38 @@ class SemanticCache(EntryStore):
             self._missed_at.put(query.tenant, query.request_id, self.purges(query.tenant))
         if result.hit or result.skip_reason or self._leases is None:
             return result
-        if not lead or query.temperature > self._policy.max_temperature:
-            return result
-        if len(query.normalised) > MAX_STORED_QUESTION_CHARS:  # never stored: nobody to wait
+        if not lead or not self._may_be_stored(query):  # never stored: nobody to wait
             return result
         key = (query.tenant, query.scope, query.normalised)  # _check has required the text
         retried = query.mode == "use" and self._leases.take_over(key, query.request_id, lease_id)
         if retried:
             return dataclasses.replace(result, leader=True, lease_id=retried)  # a retry of its own
+        if self._leases.uncacheable(key, query.max_tokens):
+            return result  # its answer would not be stored either: it calls the model at once
         event = self._leases.held(key)
         budget_s = min(wait_s, self._left_s(deadline))
         if event is not None and budget_s > 0:
             began = self._deadline_clock()  # monotonic: a wall-clock step moves no wait
             # A lease that ends without the answer (its call failed: released) wakes every
             # waiter; the first to look again takes the next lease and leads, and the others
-            # wait on that one in turn, within their budget (not each a model call of its own)
+            # wait on that one in turn, within their budget (not each a model call of its own).
+            # One whose Store refused the answer for what it is marked the key first: then
+            # every waiter goes on to the model at once (below), none leads.
             while await _wait_lease(self._leases, key, event, budget_s):
                 result = await self._check(query, deadline)
                 next_event = self._leases.held(key)
                 budget_s = self._wait_left_s(wait_s, began, deadline)
                 if result.hit or next_event is None or budget_s <= 0:
                     break
+                if self._leases.uncacheable(key, query.max_tokens):
+                    break
                 event = next_event
             if self._on_lease_wait is not None:
                 self._on_lease_wait(self._deadline_clock() - began, result.hit)
             if result.hit:
                 return dataclasses.replace(result, waited=True)
+            if self._leases.uncacheable(key, query.max_tokens):
+                return result
             event = self._leases.held(key)  # one past its age limit ends here: this one leads
         if event is None and query.mode == "use":
             taken = self._leases.take(key, query.request_id, lease_id)
@@ -232,6 +239,37 @@ class SemanticCache(EntryStore):
         if self._leases is None or not query.tenant or query.text is None:
             return None
         return (query.tenant, query.scope, query.normalised)
+
+    def _may_be_stored(self, query: Query) -> bool:
+        """Whether the query's answer may be stored, as far as the query itself tells: not
+        sampled above the cacheable temperature, nor a question too long to keep."""
+        return (
+            query.temperature <= self._policy.max_temperature
+            and len(query.normalised) <= MAX_STORED_QUESTION_CHARS
+        )
+
+    def _marked(self, query: Query, answer: Answer, result: StoreResult) -> bool:
+        """Marks the query's key uncacheable when its Store was refused for what the answer
+        is (``StoreResult.uncacheable``), so identical requests call the model side by side
+        rather than in turn (``Leases.mark_uncacheable``); ends the mark when an answer was
+        stored. True when marked. An answer cut at ``max_tokens`` short of the request's own
+        limit (an aborted call, a finish reason the provider did not say) marks nothing: the
+        next may end whole."""
+        key = self._lease_key(query)
+        if key is None or self._leases is None or not self._may_be_stored(query):
+            return False
+        if result.stored:
+            self._leases.clear_uncacheable(key)
+            return False
+        if not result.uncacheable:
+            return False
+        if answer.stop_reason == MAX_TOKENS:
+            if answer.output_tokens < query.max_tokens:
+                return False
+            self._leases.mark_uncacheable(key, query.max_tokens)
+        else:
+            self._leases.mark_uncacheable(key)
+        return True
 
     def _wait_left_s(self, wait_s: float, began: float, deadline: float | None) -> float:
         """What is left of a lookup's lease wait that began at ``began`` (on the deadlines'
@@ -370,26 +408,37 @@ class SemanticCache(EntryStore):
         request that led while this one called the model too. Stored for a key whose lease
         it leaves, it wakes that lease's waiters all the same (``Leases.wake``): they look
         again and are served it, rather than sleeping beside it to the end of their budget.
+
+        Refused for what the answer is (cut at ``max_tokens``, a refusal, a tool call its
+        namespace does not cache, too large, empty), it marks the key uncacheable before the
+        lease ends (``_marked``): the waiters it wakes, and identical lookups for a while,
+        neither wait nor lead but call the model at once. Such a Store wakes the waiters of a
+        lease it leaves as well.
         """
         _require_tenant(query)
+        marked = False
         try:
             with self._storing.storing((query.tenant, query.scope)):
                 result = await self._store(query, answer, default_ttl_s)
+            marked = self._marked(query, answer, result)
         finally:
             ended = self.release(query, lease_id)
         key = self._lease_key(query)
-        if result.stored and not ended and key is not None and self._leases is not None:
+        if (result.stored or marked) and not ended and key is not None and self._leases is not None:
             self._leases.wake(key)
         return result
 
     async def _store(
         self, query: Query, answer: Answer, default_ttl_s: float | None
     ) -> StoreResult:
-        reason = _store_skip_reason(query, answer, self._policy)
+        reason = _store_skip_reason(query, self._policy)
         if reason or query.text is None:
             return StoreResult(False, skip_reason=reason or _NO_USER_TEXT)
-        if not self.fits(answer.payload, query.normalised):
-            return StoreResult(False, skip_reason=_OVER_MAX_BYTES)
+        reason = _answer_skip_reason(query, answer, self._policy)
+        if not reason and not self.fits(answer.payload, query.normalised):
+            reason = _OVER_MAX_BYTES
+        if reason:  # the same request would get such an answer again
+            return StoreResult(False, skip_reason=reason, uncacheable=True)
         vector = await self._embed(query.tenant, query.text)
         # From here to the sync nothing awaits: the log's order is the order of the changes.
         now = self._clock.now_ms()
@@ -516,7 +565,8 @@ def _require_tenant(query: Query) -> None:
         raise InvalidQuery("tenant", "is required")
 
 
-def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) -> str:
+def _store_skip_reason(query: Query, policy: NamespacePolicy) -> str:
+    """Why no answer to ``query`` is stored, whatever it is ("" = one may be)."""
     if query.mode in ("no_store", "bypass"):
         return f"semantic mode {query.mode} never stores"
     if query.text is None or not query.normalised:
@@ -528,6 +578,16 @@ def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) ->
             f"the question is longer than {MAX_STORED_QUESTION_CHARS:,} characters: its "
             "meaning is read from its first 256 tokens only, and its entry would hold it all"
         )
+    if query.temperature > policy.max_temperature:
+        return (
+            f"temperature {query.temperature} is above the cacheable limit {policy.max_temperature}"
+        )
+    return ""
+
+
+def _answer_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) -> str:
+    """Why this answer is not stored ("" = it is cacheable): what the answer is, which the
+    same request would most likely get again."""
     if len(answer.payload) > MAX_STORED_ANSWER_BYTES:
         return (
             f"the answer is larger than {MAX_STORED_ANSWER_BYTES >> 20} MiB "
@@ -539,8 +599,4 @@ def _store_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) ->
         return "empty answer: no content block with text and no tool call"
     if answer.has_tool_use and not policy.allows_tool_use(query.namespace):
         return f"the answer holds a tool call (namespace {query.namespace!r} does not allow it)"
-    if query.temperature > policy.max_temperature:
-        return (
-            f"temperature {query.temperature} is above the cacheable limit {policy.max_temperature}"
-        )
     return ""

@@ -32,17 +32,45 @@ holder that died renews nothing and frees the key at the age limit as before. A 
 its lease by its tenant and ``lease_id`` only, not by the request (a renewal is sent every
 third of the age limit for as long as the call runs, and the request may be a megabyte): the
 live leases are also kept by id, one id per live lease, so that index is bounded as they are.
+
+A lease that ends without an answer because of what the answer is (a Store refused it: cut at
+the request's ``max_tokens``, a refusal, a tool call its namespace does not cache, too large)
+marks its key uncacheable for ``UNCACHEABLE_S`` (``mark_uncacheable``): the same request would
+get an answer that is not stored either, so nobody is served by waiting for it. The waiters the
+Store wakes, and the identical lookups arriving while the mark lives, neither wait nor lead:
+each calls the model at once, side by side. Before, one woken waiter led the next call and the
+others waited on it in turn, the k-th of n identical requests waiting k - 1 whole model calls
+(up to its wait budget). A call that failed (a Release) marks nothing: the next may succeed,
+so one waiter leads it and the others wait on it. The mark of an answer cut at ``max_tokens``
+holds for requests allowing at most as many tokens (``max_tokens`` is not part of the key: one
+allowing more may end whole, so it leads). Marks age on the leases' clock and are kept for at
+most ``marks_kept`` keys, all tenants' together, the bound shared fairly (``TenantRecent``),
+by a hash of the key (a question may be 16 kB).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 
 from services.common.clock import Clock
+from services.semantic_cache.recent import TenantRecent
 
 LeaseKey = tuple[str, str, str]  # (tenant, scope, normalised query)
+# How long a key stays marked uncacheable after a Store refused its answer for what it is:
+# about a waiter's budget (SEMANTIC_CACHE_LEASE_WAIT_S' default); each such refusal restarts it,
+# and an answer stored for the key ends it.
+UNCACHEABLE_S = 30.0
+# The most keys marked uncacheable, all tenants' together: ~200 B each.
+MARKS_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class _Mark:
+    expires_at_ms: int
+    up_to_max_tokens: int | None  # the requests it holds for (None: whatever their max_tokens)
 
 
 @dataclass
@@ -54,16 +82,28 @@ class _Lease:
 
 
 class Leases:
-    def __init__(self, clock: Clock, hold_s: float) -> None:
-        """``clock``: what the leases age on; a monotonic one in the service (a lease lives in
-        this process only: a step of the wall clock must not keep a dead holder's lease for
-        the step, nor end a live one mid-call), the replay's virtual clock offline."""
+    def __init__(
+        self,
+        clock: Clock,
+        hold_s: float,
+        *,
+        uncacheable_s: float = UNCACHEABLE_S,
+        marks_kept: int = MARKS_KEPT,
+    ) -> None:
+        """``clock``: what the leases (and the uncacheable marks) age on; a monotonic one in
+        the service (a lease lives in this process only: a step of the wall clock must not
+        keep a dead holder's lease for the step, nor end a live one mid-call), the replay's
+        virtual clock offline."""
         if hold_s <= 0:
             raise ValueError(f"hold_s must be > 0, got {hold_s}")
+        if uncacheable_s < 0:
+            raise ValueError(f"uncacheable_s must be >= 0, got {uncacheable_s}")
         self._clock = clock
         self._hold_ms = round(hold_s * 1000)
         self._held: dict[LeaseKey, _Lease] = {}
         self._ids: dict[str, LeaseKey] = {}  # the key of each lease in ``_held``, by its id
+        self._uncacheable_ms = round(uncacheable_s * 1000)
+        self._marks: TenantRecent[bytes, _Mark] = TenantRecent(marks_kept)
 
     def __len__(self) -> int:
         return len(self._held)
@@ -182,6 +222,44 @@ class Leases:
         lease.done.set()
         return True
 
+    def mark_uncacheable(self, key: LeaseKey, up_to_max_tokens: int | None = None) -> None:
+        """A Store refused ``key``'s answer for what it is: for ``UNCACHEABLE_S`` from now,
+        ``uncacheable`` says so to identical requests allowing at most ``up_to_max_tokens``
+        tokens (an answer cut there; None: any, a refusal or a tool call). A live mark of a
+        larger cut, or of any, is kept as wide."""
+        tenant, mark = key[0], _mark_key(key)
+        now = self._clock.now_ms()
+        old = self._marks.get(tenant, mark)
+        if old is not None and now < old.expires_at_ms and up_to_max_tokens is not None:
+            if old.up_to_max_tokens is None:
+                up_to_max_tokens = None
+            else:
+                up_to_max_tokens = max(up_to_max_tokens, old.up_to_max_tokens)
+        self._marks.put(tenant, mark, _Mark(now + self._uncacheable_ms, up_to_max_tokens))
+
+    def uncacheable(self, key: LeaseKey, max_tokens: int) -> bool:
+        """A live mark of ``key`` holds for a request allowing ``max_tokens`` tokens: its
+        answer would not be stored either, so it neither waits for nor leads a model call."""
+        if not len(self._marks):  # the common case: no hash
+            return False
+        tenant, mark = key[0], _mark_key(key)
+        found = self._marks.get(tenant, mark)
+        if found is None:
+            return False
+        if self._clock.now_ms() >= found.expires_at_ms:
+            self._marks.remove(tenant, mark)
+            return False
+        return found.up_to_max_tokens is None or max_tokens <= found.up_to_max_tokens
+
+    def clear_uncacheable(self, key: LeaseKey) -> None:
+        """An answer was stored for ``key``: identical requests take turns again."""
+        if len(self._marks):
+            self._marks.remove(key[0], _mark_key(key))
+
+    def marks(self) -> int:
+        """The keys marked uncacheable held (some may have expired unread)."""
+        return len(self._marks)
+
     def _end_expired(self, now_ms: int) -> None:
         """``_held`` is in the order of expiry (every lease lives ``hold_ms`` from its take,
         take-over or renewal, and a take-over or renewal moves it to the end)."""
@@ -190,6 +268,12 @@ class Leases:
             if now_ms < lease.expires_at_ms:
                 return
             self.end(key)
+
+
+def _mark_key(key: LeaseKey) -> bytes:
+    """The scope and question's sha256: a mark never holds the question (up to 16 kB)."""
+    _, scope, text = key
+    return hashlib.sha256(f"{scope}\n{text}".encode("utf-8", "surrogatepass")).digest()
 
 
 async def wait(event: asyncio.Event, budget_s: float) -> bool:

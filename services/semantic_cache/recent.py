@@ -38,5 +38,10 @@ class TenantRecent(Generic[K, V]):
             del self._values[out]
             self._order.remove(*out)
 
+    def remove(self, tenant: str, key: K) -> None:
+        """Forgets ``key`` of ``tenant`` (nothing when not held)."""
+        if self._values.pop((tenant, key), None) is not None:
+            self._order.remove(tenant, key)
+
     def __len__(self) -> int:
         return len(self._values)

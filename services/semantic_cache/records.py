@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 END_TURN = "end_turn"
+MAX_TOKENS = "max_tokens"
 
 
 class InvalidQuery(ValueError):
@@ -75,6 +76,9 @@ class StoreResult:
     stored: bool
     entry_id: str = ""
     skip_reason: str = ""
+    # refused for what the answer is (cut, a refusal, a tool call, too large, empty), not for
+    # the request or the moment: the same request would most likely get such an answer again
+    uncacheable: bool = False
 
 
 class Contents(Protocol):

@@ -8,6 +8,8 @@ call is still on; they must look again (``pending``) and be served its answer.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 import urllib.request
 import uuid
@@ -142,3 +144,54 @@ def test_waiters_on_a_failed_leader_share_one_new_model_call(
     layers = [r.served_by for r in responses]
     assert layers.count(pb.LAYER_SEMANTIC_CACHE) == 3, layers  # one model call, not three
     assert len({"".join(b.text for b in r.content) for r in responses}) == 1
+
+
+def test_identical_requests_whose_answer_is_never_stored_call_the_model_side_by_side(
+    slow_model: Client,
+) -> None:
+    """Eight identical requests sent at once, each answer cut at ``max_tokens`` (every answer
+    of sim-large is longer than 19 tokens), so none is ever stored: the leader's Store marks
+    the key uncacheable and wakes the seven waiters, which call the model side by side. Before,
+    one of them led and the others waited on it in turn: the calls ran one after another
+    (0.28, 0.52, ... 2.02 s), the peak of calls in flight at once 1.
+
+    Each call in flight is counted from its stream's first delta (the model is decoding it)
+    to its end, in the order the events reach this process: no time is measured."""
+    request = build_request(
+        "What is the baggage allowance on a long-haul flight?",
+        model="sim-large",
+        max_tokens=19,
+        temperature=0.0,
+        namespace=uuid.uuid4().hex[:12],
+    )
+    order = itertools.count()
+    events: list[tuple[int, int]] = []  # (order, +1 a call's first delta, -1 its end)
+    lock = threading.Lock()
+
+    def note(change: int) -> None:
+        with lock:
+            events.append((next(order), change))
+
+    def call(_: int) -> pb.CompleteResponse:
+        end: pb.CompleteResponse | None = None
+        decoding = False
+        with slow_model.stream(request) as chunks:
+            for chunk in chunks:
+                part = chunk.WhichOneof("part")
+                if part == "delta" and not decoding:
+                    decoding = True
+                    note(+1)
+                elif part == "end":
+                    note(-1)
+                    end = chunk.end
+        assert end is not None and decoding
+        return end
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ends = list(pool.map(call, range(8)))
+    assert all(end.served_by != pb.LAYER_SEMANTIC_CACHE for end in ends)
+    assert all(end.stop_reason == "max_tokens" for end in ends), [e.stop_reason for e in ends]
+    in_flight = list(itertools.accumulate(change for _, change in sorted(events)))
+    # the leader alone, then the seven it woke at once: 7 here (before: 1, one call after
+    # another); one thread late to start on a busy machine may miss the others
+    assert max(in_flight) >= 6, in_flight
