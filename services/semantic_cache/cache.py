@@ -39,6 +39,7 @@ from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import (
     END_TURN,
     MAX_TOKENS,
+    TOOL_USE,
     Answer,
     CheckResult,
     Entry,
@@ -496,11 +497,12 @@ class SemanticCache(EntryStore):
 
     def _servable(self, entry: Entry, query: Query, now: int) -> bool:
         answer = entry.answer
+        tools = self._policy.allows_tool_use(entry.namespace)
         return (
             now < self._expires_at(entry)
-            and answer.stop_reason == END_TURN
+            and _whole(answer, tools)
             and answer.output_tokens <= query.max_tokens
-            and (not answer.has_tool_use or self._policy.allows_tool_use(entry.namespace))
+            and (not answer.has_tool_use or tools)
             and entry.embedder_version == self._embedder.version
         )
 
@@ -593,10 +595,23 @@ def _answer_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) -
             f"the answer is larger than {MAX_STORED_ANSWER_BYTES >> 20} MiB "
             f"({len(answer.payload):,} bytes serialized): too large to be logged and kept"
         )
-    if answer.stop_reason != END_TURN:
-        return f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored"
+    tools = policy.allows_tool_use(query.namespace)
+    if answer.has_tool_use and not tools:
+        return f"the answer holds a tool call (namespace {query.namespace!r} does not allow it)"
+    if not _whole(answer, tools):
+        return (
+            f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored "
+            "(and, in SEMANTIC_CACHE_TOOL_USE_NAMESPACES, tool_use ones holding a tool call)"
+        )
     if not answer.has_text and not answer.has_tool_use:
         return "empty answer: no content block with text and no tool call"
-    if answer.has_tool_use and not policy.allows_tool_use(query.namespace):
-        return f"the answer holds a tool call (namespace {query.namespace!r} does not allow it)"
     return ""
+
+
+def _whole(answer: Answer, tools_allowed: bool) -> bool:
+    """The answer is a whole turn: it ended ``end_turn``, or (where the namespace caches tool
+    calls: ``tools_allowed``) ``tool_use`` with a tool call, as every provider ends a turn
+    that calls a tool. Cut (``max_tokens``) and refused (``refusal``) answers are not."""
+    if answer.stop_reason == END_TURN:
+        return True
+    return tools_allowed and answer.stop_reason == TOOL_USE and answer.has_tool_use

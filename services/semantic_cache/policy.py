@@ -5,7 +5,8 @@
   fixed when it is stored (reads never extend it).
 - ``max_temperature``: answers sampled above it are never stored (unset temperature = 1.0).
 - ``tool_use_namespaces``: the only namespaces whose answers holding a tool call are stored
-  and served (``SEMANTIC_CACHE_TOOL_USE_NAMESPACES=agent-readonly``).
+  and served (``SEMANTIC_CACHE_TOOL_USE_NAMESPACES=agent-readonly``); there a turn ending
+  ``tool_use`` with a tool call is a whole answer, as ``end_turn`` is.
 - ``present_time_namespaces``: the only namespaces where a question about the present
   (``present_time``: "What's today's date?", "What time is it now?", "the latest version of
   X"; English words only) is stored and looked up, for the namespace's TTL

@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 END_TURN = "end_turn"
 MAX_TOKENS = "max_tokens"
+TOOL_USE = "tool_use"  # a turn that ends calling a tool, as every provider ends it
 
 
 class InvalidQuery(ValueError):

@@ -33,6 +33,7 @@ from tests.providers import anthropic_wire, openai_wire
 from tests.providers.wire_server import WireServer
 
 MODEL_TIMEOUT_S = 4.0  # the router's deadline for one model call (the hang test waits it)
+TOOL_USE_NAMESPACE = "agent-tools"  # L1 caches answers holding a tool call there
 
 
 @dataclass
@@ -171,6 +172,8 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
             {
                 "ROUTER_MODEL_TIMEOUT_S": str(MODEL_TIMEOUT_S),
                 "ROUTER_REPLICA_POLICY": "round_robin",
+                # L1 caches the tool calls of this namespace (test_semantic_tool_use.py)
+                "SEMANTIC_CACHE_TOOL_USE_NAMESPACES": TOOL_USE_NAMESPACE,
             },
             environ=environ,
             sink=sink,

@@ -47,13 +47,39 @@ async def test_each_namespace_has_its_own_ttl_fixed_at_store() -> None:
 
 
 async def test_tool_calls_are_stored_and_served_only_where_the_namespace_allows() -> None:
+    """A tool call ends its turn with stop_reason ``tool_use`` (every provider says so): in a
+    namespace of SEMANTIC_CACHE_TOOL_USE_NAMESPACES it is a whole answer, stored and served.
+    Before, the Store refused anything but ``end_turn`` before it read the namespace rule, so
+    nothing was ever cached there (the test stored a tool call ending ``end_turn``, which no
+    provider sends)."""
     cache, _ = new_cache()
-    refused = await cache.store(q("book the flight", namespace="faq"), answer(has_tool_use=True))
+    call = answer(stop_reason="tool_use", has_tool_use=True)
+    refused = await cache.store(q("book the flight", namespace="faq"), call)
     assert not refused.stored and "does not allow" in refused.skip_reason
-    tool_only = answer(has_tool_use=True, has_text=False)  # a tool call alone is an answer
+    tool_only = answer(stop_reason="tool_use", has_tool_use=True, has_text=False)  # an answer
     kept = await cache.store(q("book the flight", namespace="agent"), tool_only)
-    assert kept.stored
+    assert kept.stored, kept.skip_reason
     assert (await cache.check(q("book the flight", namespace="agent"))).hit
+    assert (await cache.check(q("book the flight please", namespace="agent"))).hit  # paraphrase
+    assert not (await cache.check(q("book the flight", namespace="faq"))).hit
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "has_tool_use"),
+    [("max_tokens", True), ("refusal", True), ("tool_use", False), ("", True)],
+)
+async def test_a_tool_namespace_still_refuses_cut_refused_and_callless_answers(
+    stop_reason: str, has_tool_use: bool
+) -> None:
+    """Only a whole turn is stored there: a call cut at max_tokens, a refusal, and a
+    ``tool_use`` stop without a tool call are not."""
+    cache, _ = new_cache()
+    result = await cache.store(
+        q("book the flight", namespace="agent"),
+        answer(stop_reason=stop_reason, has_tool_use=has_tool_use),
+    )
+    assert not result.stored and "stop_reason" in result.skip_reason
+    assert len(cache) == 0
 
 
 @pytest.mark.parametrize(("temperature", "stored"), [(0.0, True), (0.7, True), (0.71, False)])
