@@ -125,9 +125,15 @@ def chat_billed(
 
 
 def _billed(usage: pb.Usage, cost: pb.Cost) -> dict[str, AttributeValue]:
-    """A model call's usage (the GenAI conventions' names) and what it was billed."""
+    """A model call's usage (the GenAI conventions' names) and what it was billed. The
+    conventions' ``input_tokens`` is the whole prompt, cached tokens included (as the model
+    service's span and ``gen_ai_client_token_usage`` count it); ``usage.input_tokens``, the
+    part read or written by no cache (Anthropic's meaning), is ``uncached_input_tokens``."""
+    prompt = usage.input_tokens + usage.cache_read_input_tokens
+    prompt += usage.cache_creation_input_tokens
     return {
-        "gen_ai.usage.input_tokens": usage.input_tokens,
+        "gen_ai.usage.input_tokens": prompt,
+        "cachemesh.usage.uncached_input_tokens": usage.input_tokens,
         "gen_ai.usage.output_tokens": usage.output_tokens,
         "gen_ai.usage.cache_read.input_tokens": usage.cache_read_input_tokens,
         "gen_ai.usage.cache_creation.input_tokens": usage.cache_creation_input_tokens,

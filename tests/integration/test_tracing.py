@@ -82,7 +82,10 @@ def test_one_request_is_one_trace_across_every_service(
     attributes = chat[0].attributes
     assert attributes["gen_ai.operation.name"] == "chat"
     assert attributes["gen_ai.request.model"] == response.model
-    assert attributes["gen_ai.usage.input_tokens"] == response.usage.input_tokens
+    usage = response.usage  # the conventions' input: the whole prompt, cached tokens included
+    prompt = usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+    assert attributes["gen_ai.usage.input_tokens"] == prompt
+    assert attributes["cachemesh.usage.uncached_input_tokens"] == usage.input_tokens
     assert attributes["gen_ai.usage.output_tokens"] == response.usage.output_tokens
     assert "gen_ai.usage.cache_read.input_tokens" in attributes
     assert "gen_ai.usage.cache_creation.input_tokens" in attributes
@@ -174,11 +177,7 @@ def test_a_cancelled_model_calls_bill_is_on_its_chat_span_and_the_root_span(
         == (after.usage.output_tokens - before.usage.output_tokens)
         > 0
     )
-    prompt = (
-        attributes["gen_ai.usage.input_tokens"]
-        + attributes["gen_ai.usage.cache_read.input_tokens"]
-        + attributes["gen_ai.usage.cache_creation.input_tokens"]
-    )
+    prompt = attributes["gen_ai.usage.input_tokens"]  # the whole prompt, cached tokens included
     billed_prompt = sum(
         getattr(after.usage, kind) - getattr(before.usage, kind)
         for kind in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")

@@ -23,7 +23,15 @@ from services.router.dependencies import Dependencies
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
-from tests.unit.test_router_pipeline import REPLICAS, TABLE, TOKENIZER, Rig, _request, _settings
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    FakePrefix,
+    Rig,
+    _request,
+    _settings,
+)
 from tests.unit.test_router_unanswered_money import CutFirst, HeldModels
 from tests.unit.test_service_metrics import value
 
@@ -122,3 +130,22 @@ async def test_a_cut_calls_bill_is_on_its_chat_span_and_summed_on_the_requests_s
     assert (
         value(registry, "gen_ai_client_token_usage_count", gen_ai_token_type="input", **NAMES) == 2
     )
+
+
+async def test_a_chat_spans_input_tokens_are_the_whole_prompt_as_the_token_metric_counts() -> None:
+    """The GenAI conventions' ``gen_ai.usage.input_tokens`` is the whole prompt, cached tokens
+    included (the model service's span and ``gen_ai_client_token_usage{type=input}`` say so);
+    the router's ``chat`` span said only the uncached part (Anthropic's ``input_tokens``)."""
+    rig = Rig(prefix=FakePrefix(read_tokens=30))  # 10 uncached + 30 read from the cache
+    traced = Traced(rig)
+    chunks = [c async for c in traced.pipeline.run("tenant-a", _request(), streamed=False)]
+    await traced.pipeline.drain()
+    usage = chunks[-1].end.usage
+    assert (usage.input_tokens, usage.cache_read_input_tokens) == (10, 30)
+    (chat,) = traced.chats()
+    attributes = chat.attributes
+    assert attributes is not None
+    prompt = value(traced.registry, USAGE, gen_ai_token_type="input", **NAMES)
+    assert attributes["gen_ai.usage.input_tokens"] == prompt == 40
+    assert attributes["gen_ai.usage.cache_read.input_tokens"] == 30
+    assert attributes["cachemesh.usage.uncached_input_tokens"] == 10
