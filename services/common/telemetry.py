@@ -9,11 +9,17 @@ follows ``OTEL_EXPORTER_OTLP_(TRACES_)INSECURE`` for an endpoint without a schem
 ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` names the service when ``OTEL_SERVICE_NAME``
 does not. The exporter reads the rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*``
 variables itself.
+
+A service's last stop step is ``stop_tracing``: the spans still queued are exported for at most
+``TRACING_STOP_S``, off the event loop; what a collector has not taken by then is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
+import time
 import urllib.parse
 from collections.abc import Mapping
 
@@ -32,6 +38,36 @@ from services.common.env import ConfigError, Env
 from services.common.rpc_tracing import ServerTracing
 
 _EXPORTERS = ("otlp", "console", "none")
+# How long a stopping service waits for the collector to take its last spans: the SDK's own
+# shutdown waits 30 s for its export thread, each export up to OTEL_EXPORTER_OTLP_TIMEOUT (10 s)
+TRACING_STOP_S = 2.0
+log = logging.getLogger("cachemesh.telemetry")
+
+
+class _BatchSpans(BatchSpanProcessor):
+    """The SDK's batch processor, whose shutdown waits at most ``TRACING_STOP_S``. With a
+    collector that takes connections and never answers, the SDK's held every service's stop
+    past its grace (SIGKILL, before semantic-cache's last snapshot). Past the bound the
+    exporter's channel is closed (the export in flight ends) and the spans left are dropped."""
+
+    def shutdown(self) -> None:
+        began = time.monotonic()
+        # the SDK's batch processor (opentelemetry-sdk pinned in constraints.txt): the only
+        # shutdown that takes a timeout
+        self._batch_processor.shutdown(timeout_millis=int(TRACING_STOP_S * 1000))
+        if time.monotonic() - began >= TRACING_STOP_S:
+            log.warning(
+                "tracing: the collector did not take the last spans within %.0f s "
+                "(OTEL_EXPORTER_OTLP_ENDPOINT not answering?): those not sent are dropped",
+                TRACING_STOP_S,
+            )
+
+
+async def stop_tracing(provider: TracerProvider) -> None:
+    """The last step of a service's stop: the spans still queued exported, for at most
+    ``TRACING_STOP_S``, in a thread (the SDK's shutdown blocks: on the event loop it stopped
+    the whole loop, the metrics endpoint's answers included, for as long as it took)."""
+    await asyncio.to_thread(provider.shutdown)
 
 
 def build_tracer_provider(environ: Mapping[str, str], default_service_name: str) -> TracerProvider:
@@ -77,7 +113,7 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(_BatchSpans(exporter))
     return provider
 
 

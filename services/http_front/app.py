@@ -21,7 +21,7 @@ from services.common.heap import freeze_startup_heap
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import run_main
-from services.common.telemetry import build_tracer_provider
+from services.common.telemetry import build_tracer_provider, stop_tracing
 from services.http_front.gateway import Gateway
 from services.http_front.handlers import Front
 from services.http_front.http_server import Runner
@@ -135,8 +135,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await gateway.close()
-        provider.shutdown()
         await endpoint.stop()
+        await stop_tracing(provider)  # last: bounded, whatever the collector does
         log.info("http-front stopped")
 
 

@@ -20,7 +20,7 @@ from services.common.server import (
     run_main,
     run_service,
 )
-from services.common.telemetry import build_tracer_provider, server_interceptors
+from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers
 from services.model.api import ModelApi
 from services.model.kv_cache import KvBlockCache
@@ -61,10 +61,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             apis.append(build_provider_api(settings, tokenizer, health.set))
             service.attach(apis[0])
 
-    async def shutdown_tracing() -> None:
+    async def close_apis() -> None:
         for api in apis:
             await api.close()
-        provider.shutdown()
+
+    async def shutdown_tracing() -> None:
+        await stop_tracing(provider)  # last: bounded, whatever the collector does
 
     if settings.provider is None:
         log.info(
@@ -92,7 +94,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             register=lambda server: model_pb2_grpc.add_ModelServicer_to_server(service, server),
             interceptors=[*server_interceptors(provider), auth],
             warmup=warmup,
-            on_stop=[shutdown_tracing],
+            on_stop=[close_apis, shutdown_tracing],
             health=health,
             metrics=MetricsEndpoint(settings.metrics, registry),
         ),

@@ -17,7 +17,7 @@ from services.common.metrics import LoopCounter, MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
 from services.common.redis_pool import bounded_redis
 from services.common.server import ServiceSpec, run_main, run_service
-from services.common.telemetry import build_tracer_provider, server_interceptors
+from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
@@ -71,7 +71,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         await asyncio.gather(*counting, return_exceptions=True)
         if redis is not None:
             await redis.aclose()
-        provider.shutdown()
+
+    async def shutdown_tracing() -> None:
+        await stop_tracing(provider)  # last: bounded, whatever the collector does
 
     await run_service(
         ServiceSpec(
@@ -83,7 +85,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             ),
             interceptors=[*server_interceptors(provider), auth],
             warmup=warmup,
-            on_stop=[close],
+            on_stop=[close, shutdown_tracing],
             metrics=MetricsEndpoint(settings.metrics, registry),
         ),
         stop,

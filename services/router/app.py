@@ -17,7 +17,7 @@ from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, run_every, run_main, run_service
-from services.common.telemetry import build_tracer_provider, server_interceptors
+from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers
 from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
@@ -176,7 +176,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             await ledger.close()
 
     async def shutdown_tracing() -> None:
-        provider.shutdown()
+        await stop_tracing(provider)  # last: bounded, whatever the collector does
 
     async def handlers_ended() -> None:
         # the calls gRPC cut at the end of the grace: their bills are scheduled as they unwind

@@ -22,7 +22,7 @@ from services.common.server import (
     run_main,
     run_service,
 )
-from services.common.telemetry import build_tracer_provider, server_interceptors
+from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.semantic_cache.metrics import SemanticCacheMetrics, StoreCollector
 from services.semantic_cache.operating_point import OperatingPoint
@@ -83,7 +83,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             )
 
         async def shutdown_tracing() -> None:
-            await asyncio.to_thread(provider.shutdown)
+            await stop_tracing(provider)  # last: bounded, whatever the collector does
 
         async def save_snapshot() -> None:
             if snapshotter is not None:
@@ -99,7 +99,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             register=register,
             interceptors=[*server_interceptors(provider), auth],
             warmup=warmup,
-            on_stop=[shutdown_tracing, save_snapshot],  # a failed last save is the exit error
+            # the last save first (a failed one is the exit error), never after the collector
+            on_stop=[save_snapshot, shutdown_tracing],
             metrics=MetricsEndpoint(metrics_settings, registry),
         )
         await run_service(spec, stop)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 from opentelemetry.trace import format_trace_id
 
 from services.common.env import ConfigError, Env
-from services.common.telemetry import _insecure, build_tracer_provider
+from services.common.telemetry import _insecure, build_tracer_provider, stop_tracing
+from tests.black_hole import BlackHole
 
 
 @pytest.mark.parametrize(
@@ -83,3 +87,41 @@ def test_the_service_name_of_the_resource_attributes_is_kept() -> None:
     assert build_tracer_provider(both, "router").resource.attributes["service.name"] == "router-a"
     plain = build_tracer_provider({"OTEL_TRACES_EXPORTER": "none"}, "router")
     assert plain.resource.attributes["service.name"] == "router"
+
+
+async def test_the_tracing_stop_is_bounded_and_off_the_event_loop_with_a_hung_collector(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector that takes connections and never answers held each service's stop (the
+    SDK's shutdown waits 30 s for its export thread, each export up to
+    OTEL_EXPORTER_OTLP_TIMEOUT), on the event loop: past the grace, SIGKILL. The stop now
+    gives the collector TRACING_STOP_S, in a thread, and says what was dropped."""
+    hole = BlackHole()
+    # read by the SDK itself, from the process's environment
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "600")  # an export alone: ten minutes
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+    try:
+        provider = build_tracer_provider({"OTEL_EXPORTER_OTLP_ENDPOINT": hole.endpoint}, "router")
+        provider.get_tracer("t").start_span("exported first").end()
+        assert await asyncio.to_thread(hole.accepted.wait, 30)  # the export is in flight
+        provider.get_tracer("t").start_span("queued behind it").end()
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(tick())
+        await asyncio.sleep(0.05)
+        before = ticks
+        with caplog.at_level(logging.WARNING, "cachemesh.telemetry"):
+            # the grace a service has for its whole stop (CACHEMESH_GRACE_S' default): the
+            # SDK's own shutdown would take thirty
+            await asyncio.wait_for(stop_tracing(provider), timeout=10.0)
+        ticking.cancel()
+        assert ticks - before >= 10  # the loop ran on while the collector was waited for
+        assert "the collector did not take the last spans within 2 s" in caplog.text
+    finally:
+        hole.close()
