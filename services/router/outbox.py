@@ -73,7 +73,12 @@ corrects nothing: its estimate stays counted, as before.
 Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
 with it: an entry from before it was kept has none); a replay sends an entry's commits under
 one span, ``cachemesh.billing_replay``, a child of that request's span, so the Commit calls
-join the request's trace even after a restart (an entry with no context is a root span).
+join the request's trace even after a restart (an entry with no context is a root span). While
+prefix-cache is down each round tries the oldest entry again: only its first unreachable try
+is recorded; the next ones are sent unsampled (the trace id still flows, no span is made here
+or in prefix-cache) and the try that reaches it is recorded, as a replay span counting the
+unreachable tries before it (``cachemesh.unreachable_rounds``). Recorded every time, they grew
+one request's trace by two spans a ``ROUTER_OUTBOX_RETRY_S`` for as long as the outage lasted.
 """
 
 from __future__ import annotations
@@ -83,12 +88,14 @@ import contextlib
 import enum
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple, Protocol
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
@@ -346,6 +353,9 @@ class BillingOutbox:
         # round does them again rather than send them (a repeat would be told as a first
         # reply lost)
         self._undone: set[str] = set()
+        # entries whose last try found prefix-cache unreachable, recorded: the unreachable
+        # tries since, sent unrecorded (``_replay``)
+        self._unreachable: dict[str, int] = {}
         self._entries: _InMemory | _OnDisk
         if journal is not None:
             self._inherited = set(journal.load())
@@ -518,6 +528,8 @@ class BillingOutbox:
         async with self._lock:
             ids = await self._entries.ids()
             self._undone.intersection_update(ids)  # the others' "done" ran (not its write)
+            for gone in self._unreachable.keys() - set(ids):
+                del self._unreachable[gone]
             for entry_id in ids:
                 if entry_id in self._live:
                     continue  # a model call of this process, still running
@@ -534,7 +546,7 @@ class BillingOutbox:
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
                     (commits, carrier, started_ms, counted), open_call = _UNREADABLE
-                outcome, reply = await self._replay(commits, carrier)
+                outcome, reply = await self._replay(entry_id, commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
                     break
                 if outcome is _Sent.KEPT:
@@ -609,21 +621,40 @@ class BillingOutbox:
             await asyncio.sleep(self._retry_s)
 
     async def _replay(
-        self, commits: Sequence[pc.CommitRequest], carrier: dict[str, str]
+        self, entry_id: str, commits: Sequence[pc.CommitRequest], carrier: dict[str, str]
     ) -> tuple[_Sent, pc.CommitResponse | None]:
         """One entry's commits under a span in the trace of the request they bill; with the
-        last commit's reply when every one was taken."""
+        last commit's reply when every one was taken. After a recorded try that found
+        prefix-cache unreachable, the next are sent unsampled until one reaches it, recorded
+        then (its span starts when it did) with the count of unreachable tries."""
         if not commits:
             return _Sent.SETTLED, None
         parent = _PROPAGATOR.extract(carrier) if carrier else None
-        with self._tracer.start_as_current_span(
-            "cachemesh.billing_replay",
-            parent,
-            attributes={"cachemesh.commit": commits[0].request_id},
-        ) as span:
-            outcome, reply = await self._send(commits)
-            span.set_attribute("cachemesh.outcome", outcome.value)
+        attributes = {"cachemesh.commit": commits[0].request_id}
+        unreachable = self._unreachable.get(entry_id)
+        if unreachable is None:
+            with self._tracer.start_as_current_span(
+                "cachemesh.billing_replay", parent, attributes=attributes
+            ) as span:
+                outcome, reply = await self._send(commits)
+                span.set_attribute("cachemesh.outcome", outcome.value)
+            if outcome is _Sent.UNREACHABLE:
+                self._unreachable[entry_id] = 1
             return outcome, reply
+        started_ns = time.time_ns()
+        with trace.use_span(_unsampled(parent), end_on_exit=False):
+            outcome, reply = await self._send(commits)
+        if outcome is _Sent.UNREACHABLE:
+            self._unreachable[entry_id] = unreachable + 1
+            return outcome, reply
+        del self._unreachable[entry_id]
+        span = self._tracer.start_span(
+            "cachemesh.billing_replay", parent, attributes=attributes, start_time=started_ns
+        )
+        span.set_attribute("cachemesh.outcome", outcome.value)
+        span.set_attribute("cachemesh.unreachable_rounds", unreachable)
+        span.end()
+        return outcome, reply
 
     async def _send(
         self, commits: Sequence[pc.CommitRequest]
@@ -664,6 +695,21 @@ class BillingOutbox:
             if again is None:
                 raise
         return await self._prefix.commit(again, self._deadline_s)
+
+
+def _unsampled(parent: Context | None) -> trace.Span:
+    """A span recording nothing, nor letting its children record (not sampled), in the trace
+    of ``parent`` (its id still reaches prefix-cache's logs; a new one without it)."""
+    context = trace.get_current_span(parent).get_span_context() if parent is not None else None
+    trace_id = context.trace_id if context is not None and context.is_valid else 0
+    return trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id or secrets.randbits(128) or 1,
+            secrets.randbits(64) or 1,
+            is_remote=False,
+            trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+        )
+    )
 
 
 def _open_failed(written: asyncio.Future[None]) -> None:

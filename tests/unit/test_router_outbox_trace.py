@@ -92,3 +92,34 @@ async def test_an_entry_journalled_without_a_trace_context_is_billed_under_a_roo
     assert [key for key, _ in prefix.sent] == ["old#1", "old#1"]
     (replay,) = _replays(exported)
     assert replay.parent is None
+
+
+async def test_an_outage_adds_two_replay_spans_to_the_requests_trace_however_long() -> None:
+    """prefix-cache down: the outbox tries its oldest entry every ROUTER_OUTBOX_RETRY_S, and
+    each try was a replay span and a Commit client span in that request's trace (a 20 s outage:
+    60 spans; an hour: ~7,200). The first unreachable try is recorded; the next ones are sent
+    unsampled (no client span, nor prefix-cache's), and the try that reaches prefix-cache is
+    recorded with how many tries found it unreachable."""
+    tracer, exported = _tracing()
+    prefix = TracedPrefix()
+    outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer)
+    with tracer.start_as_current_span("Complete") as request:
+        await outbox.keep(_commits("a#1"))
+    for _ in range(5):
+        assert await outbox.flush() == 0
+    prefix.down = False
+    assert await outbox.flush() == 1
+    first, last = _replays(exported)
+    asked = request.get_span_context()
+    for replay in (first, last):
+        assert replay.parent is not None and replay.parent.span_id == asked.span_id
+        assert replay.context is not None and replay.context.trace_id == asked.trace_id
+    assert first.attributes is not None and last.attributes is not None
+    assert first.attributes["cachemesh.outcome"] == "unreachable"
+    assert last.attributes["cachemesh.outcome"] == "settled"
+    assert last.attributes["cachemesh.unreachable_rounds"] == 5
+    assert "cachemesh.unreachable_rounds" not in first.attributes
+    # every try carried the request's trace id (prefix-cache's logs); only the first was sampled
+    assert [c.trace_id for c in prefix.under] == [asked.trace_id] * 7  # 5 down, WARM + FINAL
+    sampled = [c.span_id for c in prefix.under if c.trace_flags.sampled]
+    assert first.context is not None and sampled == [first.context.span_id]
