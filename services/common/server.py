@@ -148,6 +148,8 @@ class ServiceSpec:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     health: HealthSwitch | None = None  # the service's own say on its health, after warm-up
     metrics: MetricsEndpoint | None = None  # GET /metrics, served while the service runs
+    # told the method (full name) of each request refused as malformed, before any servicer
+    malformed: Callable[[str], None] | None = None
 
 
 async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> None:
@@ -159,7 +161,7 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
         *server_options(),
     ]
     # malformed requests are refused first: before tracing, authentication or a servicer
-    interceptors = [MalformedRequests(), *spec.interceptors]
+    interceptors = [MalformedRequests(spec.malformed), *spec.interceptors]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     spec.register(server)
     health_servicer = _Health()

@@ -7,7 +7,9 @@ handler's parser is wrapped here instead: a message that does not parse (corrupt
 invalid UTF-8 in a string field, nesting past protobuf's recursion limit) reaches the handler
 as ``Malformed``, which the wrapper refuses before the servicer, or its authentication, sees it.
 The same wrapper is the last resort for an exception no servicer mapped to a status: INTERNAL
-with the exception's type, never grpc's UNKNOWN with its text.
+with the exception's type, never grpc's UNKNOWN with its text. A service that counts its
+refusals (the router: its metrics and access log live in its servicer) is told of each
+malformed request it refused (``refused``, with the method's full name).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import grpc
@@ -58,7 +61,11 @@ def refusal(malformed: Malformed) -> str:
 
 
 class MalformedRequests(grpc.aio.ServerInterceptor):
-    """Refuses unparsable requests with INVALID_ARGUMENT (first of a server's interceptors)."""
+    """Refuses unparsable requests with INVALID_ARGUMENT (first of a server's interceptors);
+    ``refused``: told the method of each one refused."""
+
+    def __init__(self, refused: Callable[[str], None] | None = None) -> None:
+        self._refused = refused
 
     async def intercept_service(
         self, continuation: Handler, details: grpc.HandlerCallDetails
@@ -66,18 +73,20 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming:
             return handler
+        refused = self._refused
+        told = partial(refused, details.method) if refused is not None else _untold
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _checked_unary(handler.unary_unary),
+                _checked_unary(handler.unary_unary, told),
                 request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             behavior = handler.unary_stream
             checked = (
-                _checked_stream(behavior)
+                _checked_stream(behavior, told)
                 if inspect.isasyncgenfunction(behavior)
-                else _checked_unary(behavior)  # a stream written with context.write()
+                else _checked_unary(behavior, told)  # a stream written with context.write()
             )
             return grpc.unary_stream_rpc_method_handler(
                 checked,
@@ -87,10 +96,17 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         return handler
 
 
-def _checked_unary(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+def _untold() -> None:
+    pass
+
+
+def _checked_unary(
+    behavior: Callable[..., Any], refused: Callable[[], None]
+) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Malformed):
             log.debug("refused a malformed request: %s", request.reason)
+            refused()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request))
         try:
             return await behavior(request, context)
@@ -102,12 +118,15 @@ def _checked_unary(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]
     return unary
 
 
-def _checked_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+def _checked_stream(
+    behavior: Callable[..., Any], refused: Callable[[], None]
+) -> Callable[..., AsyncIterator[Any]]:
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         if isinstance(request, Malformed):
             log.debug("refused a malformed request: %s", request.reason)
+            refused()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request))
         try:
             async for item in behavior(request, context):

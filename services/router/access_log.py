@@ -9,7 +9,9 @@ another answered) is on the line as ``unanswered_cost_nanos``; a call that ended
 carries those calls' bills as its usage and cost. Such a line is written once the bills are
 known (prefix-cache's FINAL, or the outbox's estimate), after the call's end.
 Never the prompt, the answer or the key. A requested model the table does not know is written
-as ``?`` (it is the caller's free text).
+as ``?`` (it is the caller's free text). A request refused before the servicer because it did
+not parse has its line too (``INVALID_ARGUMENT``, no tenant, no trace: ``refused``); one over
+``ROUTER_MAX_REQUEST_BYTES`` has none (gRPC refuses it before any code of the router runs).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class RequestLog:
     def begin(self, method: str) -> Call:
         self._metrics.in_flight.inc()
         return Call(method, self.clock())
+
+    def refused(self, method: str, code: str) -> None:
+        """A call refused before its handler ran (a request that did not parse): counted as a
+        failure of no tenant (its key was never read), its line without a request's fields."""
+        self.finish(self.begin(method), pb.CompleteRequest(), code)
 
     def finish(self, call: Call, request: pb.CompleteRequest, code: str) -> None:
         self._metrics.in_flight.dec()

@@ -166,6 +166,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         replays.append(asyncio.ensure_future(outbox.run()))
 
+    def malformed(method: str) -> None:
+        service, _, name = method.rpartition("/")
+        if service == f"/{GATEWAY}":  # a Gateway call: its metrics and access-log line
+            requests.refused(name, "INVALID_ARGUMENT")
+
     async def stop_replays() -> None:
         for task in replays:
             task.cancel()
@@ -219,6 +224,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             warmup=warmup,
             on_stop=[close],
             metrics=MetricsEndpoint(settings.metrics, registry),
+            malformed=malformed,
         ),
         stop,
     )

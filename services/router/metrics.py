@@ -7,7 +7,8 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   answered from the answer-once table is ``cachemesh_router_replays_total{tenant}`` instead:
   it is neither served nor billed again);
 - ``cachemesh_router_errors_total{tenant,code}``: refused or failed requests by gRPC status
-  (``tenant="_none"`` before a key was recognised);
+  (``tenant="_none"`` before a key was recognised, as a request that did not parse:
+  ``INVALID_ARGUMENT``; not one over ``ROUTER_MAX_REQUEST_BYTES``, which gRPC refuses itself);
 - ``cachemesh_router_request_duration_seconds{served_by}`` (``error`` for failures),
   ``cachemesh_router_ttft_seconds{tier}`` (a model call's first token),
   ``cachemesh_router_dependency_duration_seconds{method,code}`` (each call to semantic-cache,

@@ -6,9 +6,14 @@ invalid UTF-8 in a string field, and nesting 50,000 deep.
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.metrics import NONE
 from tests.integration.harness import RunningStack
 
 pytestmark = pytest.mark.integration
@@ -77,3 +82,38 @@ def test_malformed_messages_are_refused_as_invalid_argument_without_a_log_line(
     assert "Traceback" not in logged and " ERROR " not in logged and " WARNING " not in logged, (
         logged
     )
+
+
+def _errors(stack: RunningStack) -> float:
+    address = stack.stack.metrics_addresses["router"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "cachemesh_router_errors_total"
+        and sample.labels == {"tenant": NONE, "code": "INVALID_ARGUMENT"}
+    )
+
+
+def test_the_gateways_malformed_requests_are_counted_and_logged(stack: RunningStack) -> None:
+    """Refused before the servicer (RequestLog and the metrics live there), they were in no
+    metric and no access-log line: 20 such calls, errors_total +0. Now each is counted with no
+    tenant (its key was never read) and has its access-log line."""
+    before, log_before = _errors(stack), _log_size(stack, "router")
+    key = (("authorization", f"Bearer {stack.keys['tenant-a']}"),)
+    with grpc.insecure_channel(stack.addresses["router"]) as channel:
+        for method in _METHODS["router"]:
+            for metadata in ((), key):
+                _send(channel, method, _BODIES["bad utf-8"], metadata)
+    assert _errors(stack) - before == 4
+    with (stack.stack.run_dir / "logs" / "router.log").open("rb") as log:
+        log.seek(log_before)
+        lines = [json.loads(line) for line in log.read().decode().splitlines()]
+    refused = [
+        (line["method"], line["tenant"])
+        for line in lines
+        if line.get("logger") == "cachemesh.access" and line["status"] == "INVALID_ARGUMENT"
+    ]
+    assert sorted(refused) == [("Complete", "")] * 2 + [("StreamComplete", "")] * 2
