@@ -80,7 +80,7 @@ class Breaker:
 
 
 # what the requests go without while a client's Redis is left alone, as when it fails
-_MEANWHILE: dict[RedisClient, tuple[str, str]] = {
+MEANWHILE: dict[RedisClient, tuple[str, str]] = {
     "limits": ("limits", "requests are admitted without their limits, their counts queued for it"),
     "answer_ledger": (
         "answer ledger",
@@ -98,7 +98,7 @@ def redis_breaker(
     """``client``'s breaker over its Redis (``open_s``: ROUTER_REDIS_BREAKER_S): a WARNING line
     when a run of failures first leaves that Redis alone, and one when it answers again;
     ``opened``: told of each time it is left alone (the metric)."""
-    name, meanwhile = _MEANWHILE[client]
+    name, meanwhile = MEANWHILE[client]
 
     def left_alone(failures: int, again: bool) -> None:
         opened(client)

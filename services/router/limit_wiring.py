@@ -1,16 +1,21 @@
 """Builds the Gateway's shared state from its settings: the ``Limiter`` (its counts in Redis
 when ROUTER_LIMITS_REDIS_URL is set, else in this process; ``limiter_on``: over a given store)
-and the answer ledger (when ROUTER_ANSWERS_REDIS_URL is set). Each Redis is checked at
-start-up: an unreachable one stops the router rather than leaving it to count or remember
-alone."""
+and the answer ledger (when ROUTER_ANSWERS_REDIS_URL is set). Each Redis is called once at
+start-up: one that refuses the router (a wrong password, no permission, a read-only replica)
+stops it, as a misconfiguration; one that does not answer (down, restarting, hung) is a
+WARNING, and the router starts without it, as it runs through an outage (its calls fail, and
+its breaker leaves it alone, until it answers): a router restarted during a Redis outage must
+not take the Gateway down with it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 from opentelemetry import trace
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
@@ -19,13 +24,15 @@ from services.common.models import ModelTable
 from services.common.redis_pool import bounded_redis
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
-from services.router.breaker import Breaker, RedisClient, redis_breaker
+from services.router.breaker import MEANWHILE, Breaker, RedisClient, redis_breaker
 from services.router.limit_settings import REDIS_URL, LimitSettings
 from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
 from services.router.prompt_counts import count_prompt
 from services.router.redis_limits import RedisLimitStore
 
 ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
+
+log = logging.getLogger("cachemesh.router")
 
 
 async def build_limiter(
@@ -49,14 +56,9 @@ async def build_limiter(
     if settings.redis_url is not None:
         url = settings.redis_url
         redis = bounded_redis(REDIS_URL, url, settings.redis_max_connections, settings.timeout_s)
-        shared = RedisLimitStore(await _reachable(REDIS_URL, url, redis), url=url, reset=reset)
-        try:
-            await shared.start()
-        except RedisError as exc:
-            await redis.aclose()
-            raise ConfigError(
-                f"{REDIS_URL}: Redis at {redacted_url(url)} refused ({exc})"
-            ) from None
+        shared = RedisLimitStore(redis, url=url, reset=reset)
+        # not answering: its first admit that reaches it reads the store's id instead
+        await _first_call(REDIS_URL, url, redis, "limits", shared.start(), settings.timeout_s)
         store = shared
         breaker = redis_breaker("limits", settings.redis_breaker_s, breaker_opened or _no_count)
     return limiter_on(store, settings, clock, table, tokenizers, tracer, counted, lost, breaker)
@@ -93,13 +95,15 @@ async def build_answer_ledger(
     timeout_s: float,
     failed: Callable[[LedgerOperation], None],
 ) -> RedisAnswerLedger | None:
-    """The shared answer ledger when ROUTER_ANSWERS_REDIS_URL is set (checked at start-up),
-    over at most ``max_connections`` connections, each call waiting up to ``timeout_s`` (the
-    ledger's own timeout) for one; ``failed``: told of each failed renewal of a claim."""
+    """The shared answer ledger when ROUTER_ANSWERS_REDIS_URL is set (called once at start-up,
+    module doc), over at most ``max_connections`` connections, each call waiting up to
+    ``timeout_s`` (the ledger's own timeout) for one; ``failed``: told of each failed renewal
+    of a claim."""
     if url is None:
         return None
     redis = bounded_redis(ANSWERS_REDIS_URL, url, max_connections, timeout_s)
-    return RedisAnswerLedger(await _reachable(ANSWERS_REDIS_URL, url, redis), ttl_s, failed=failed)
+    await _first_call(ANSWERS_REDIS_URL, url, redis, "answer_ledger", redis.ping(), timeout_s)
+    return RedisAnswerLedger(redis, ttl_s, failed=failed)
 
 
 def ledger_breaker(
@@ -113,11 +117,34 @@ def _no_count(client: RedisClient) -> None:
     pass
 
 
-async def _reachable(var: str, url: str, redis: Redis) -> Redis:
-    """``redis``, a client of the Redis at ``url`` (``var``'s value), once it answered a PING."""
+async def _first_call(
+    var: str,
+    url: str,
+    redis: Redis,
+    client: RedisClient,
+    call: Awaitable[object],
+    timeout_s: float,
+) -> None:
+    """``call``, the first of ``redis`` (a client of the Redis at ``url``, ``var``'s value),
+    waited for up to ``timeout_s``. Refused (the credentials, a permission, a read-only
+    replica): ``ConfigError``. No answer: a WARNING, and the router starts without it."""
+    where = redacted_url(url)  # never its password
     try:
-        await redis.ping()
-    except RedisError as exc:
+        async with asyncio.timeout(timeout_s):
+            await call
+    except (AuthenticationError, AuthorizationError, ResponseError) as exc:
         await redis.aclose()
-        raise ConfigError(f"{var}: cannot reach Redis at {redacted_url(url)} ({exc})") from None
-    return redis
+        raise ConfigError(f"{var}: Redis at {where} refused ({exc})") from None
+    except (RedisError, OSError, TimeoutError) as exc:
+        if isinstance(exc, TimeoutError):  # asyncio's, with no message
+            exc = TimeoutError(f"no answer within {timeout_s:g} s")
+        _, meanwhile = MEANWHILE[client]
+        log.warning(
+            "%s: Redis at %s does not answer (%s: %s); the router starts without it and "
+            "calls it as requests come: %s until it answers",
+            var,
+            where,
+            type(exc).__name__,
+            exc,
+            meanwhile,
+        )

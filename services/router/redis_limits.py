@@ -23,7 +23,9 @@ key outside a tenant's (never expiring; outside its cluster slot too, as this st
 is no cluster client), holds an id written when it is absent; each admit's script reads it
 (writing a new one when it is gone). A router that finds an id it has not seen
 since it started (``start``) logs an ERROR naming the Redis and counts it (``reset``), once
-per loss; the counts then start from zero, and requests are admitted as ever.
+per loss; the counts then start from zero, and requests are admitted as ever. A router whose
+Redis did not answer at start-up reads the id as ``start`` does at its first admit that
+reaches Redis: an id there is no loss, and a loss after that is seen as ever.
 """
 
 from __future__ import annotations
@@ -217,7 +219,8 @@ class RedisLimitStore:
 
     async def start(self) -> None:
         """Reads the store's id, writing one when there is none: a new store, or one that
-        lost its counts while no router ran (not told apart)."""
+        lost its counts while no router ran (not told apart). Not done (Redis did not
+        answer): the first admit does it."""
         mark, written = cast(
             list[Any], await self._start(keys=[self._marker], args=[uuid.uuid4().hex])
         )
@@ -262,6 +265,8 @@ class RedisLimitStore:
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
+        if not self._marks:  # not started: Redis did not answer at start-up (module doc)
+            await self.start()
         budgeted = policy.day_budget_nanos is not None or policy.month_budget_nanos is not None
         now_ms, periods, script_ms = await self._clock(budgeted, now_ms, periods)
         keys = [

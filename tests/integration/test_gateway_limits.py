@@ -7,6 +7,8 @@ caches and replicas), each tenant with a key of its own.
   until the bucket holds what it reserves (its prompt and max_tokens).
 - A daily budget: refused once the bill prefix-cache computed (its Totals) reaches it, until
   midnight UTC; the HTTP front answers 429 with retry-after from the RetryInfo.
+- A router started while its Redis is down serves (without its limits and its answer ledger),
+  and counts and records there once Redis is back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import anthropic
 import grpc
 import openai
 import pytest
+import redis
 
 from cachemesh import Client, RateLimitError, build_request
 from cachemesh.retry_info import retry_delay_s
@@ -32,13 +35,14 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key, new_api_key
 from services.tools.stack.health import SERVING, probe, probe_http
+from services.tools.stack.ports import free_port
 from tests.integration.extra_processes import loopback, post_message, process, service_env
 from tests.integration.harness import RunningStack
 from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 
-TENANTS = ("limits-rate", "limits-other", "limits-tokens", "limits-budget")
+TENANTS = ("limits-rate", "limits-other", "limits-tokens", "limits-budget", "limits-redis-down")
 
 
 @dataclass
@@ -213,3 +217,44 @@ def test_daily_budget_refuses_once_the_bill_reaches_it_until_midnight_utc(
         assert "daily budget" in body["error"]["message"]
         wait = int(headers["retry-after"])
         assert abs(wait - (midnight - time.time())) < 6
+
+
+def test_a_router_started_while_its_redis_is_down_serves_and_counts_there_once_it_is_back(
+    stack: RunningStack, tenants: Tenants, work: Path
+) -> None:
+    """A router restarted during an outage of its Redis (limits, answer ledger). Before, it
+    exited 2 at every start (ConfigError), so the whole Gateway was down until Redis came back
+    and then until the supervisor's backoff let it try again (1 of 78 calls answered in 40 s,
+    12.6 s more after Redis was back). Now it starts SERVING and answers (without its limits
+    and its protection across routers, as a running router does through the outage), and once
+    Redis answers it counts the tenant's requests and records the answers there."""
+    port = free_port()  # nothing listens there yet
+    limits = {
+        "ROUTER_LIMIT_REQUESTS_PER_MIN": "2",
+        "ROUTER_LIMITS_REDIS_URL": f"redis://127.0.0.1:{port}/1",
+        "ROUTER_ANSWERS_REDIS_URL": f"redis://127.0.0.1:{port}/2",
+        "ROUTER_REDIS_BREAKER_S": "0",  # every request tries Redis: no wait for a breaker
+    }
+    key = tenants.keys["limits-redis-down"]
+    with _router_cm(stack, tenants, work, "redis-down", limits) as router:
+        for n in range(3):  # more than 2 a minute: nothing counts them
+            answer = _ask(router, key, f"Is Redis there yet? ({n})")
+            assert answer.cost.cost_nanos > 0
+        log = (work / "redis-down.log").read_text()
+        assert (
+            f"ROUTER_LIMITS_REDIS_URL: Redis at redis://127.0.0.1:{port}/1 does not answer" in log
+        )
+        assert (
+            f"ROUTER_ANSWERS_REDIS_URL: Redis at redis://127.0.0.1:{port}/2 does not answer" in log
+        )
+        (work / "redis-down").mkdir()
+        with redis_server(work / "redis-down", port=port):
+            _ask(router, key, "And now?")
+            _ask(router, key, "And again?")
+            error = _refused(router, key, "One more?")  # counted in Redis: the 3rd of 2
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            ledger = redis.Redis(port=port, db=2)
+            try:
+                assert len(ledger.keys("cachemesh:answer:*")) == 2  # both answers recorded
+            finally:
+                ledger.close()

@@ -28,6 +28,7 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import SystemClock
+from services.common.env import ConfigError
 from services.common.errors import Code, RequestError
 from services.common.metrics import TenantLabels, new_registry
 from services.common.models import load_model_table
@@ -43,10 +44,13 @@ from services.router.answer_ledger import (
     ledger_key,
 )
 from services.router.idempotency import IdempotencyTable
+from services.router.limit_wiring import build_answer_ledger
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import AnswerBilled, Bills, Charge, chunks_of
 from services.router.servicer import GatewayServicer
+from services.tools.stack.ports import free_port
+from tests.black_hole import BlackHole
 from tests.redis_server import redis_server
 
 
@@ -1209,3 +1213,76 @@ def test_each_failed_renewal_try_counts_once() -> None:
     asyncio.run(ledger.hold("tenant-a", "req-o", Claimed(b"?" + b"f" * 64 + b"t")))
     assert len(ledger.tries) == 5
     assert _ledger_failures(registry) == {"claim": 0, "renew": 5, "record": 0, "give_back": 0}
+
+
+LEDGER_PASSWORD = "Ledger-S3cret"
+
+
+async def test_a_router_started_while_its_ledger_redis_is_down_records_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer ledger's Redis is down as the router starts (a restart during an outage).
+    Before, the router refused to start (ConfigError, exit 2) and the whole Gateway was down
+    until Redis came back. Now one WARNING names that Redis (not its password), its calls fail
+    as at run time (the request served without the protection), and once Redis answers the
+    ledger claims and records there."""
+    port = free_port()
+    url = f"redis://:{LEDGER_PASSWORD}@127.0.0.1:{port}/2"
+    ledger = await build_answer_ledger(url, 60, 4, 0.5, lambda operation: None)
+    assert ledger is not None
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("ROUTER_ANSWERS_REDIS_URL" in w and f"127.0.0.1:{port}/2" in w for w in warned), (
+        warned
+    )
+    assert all(LEDGER_PASSWORD not in r.getMessage() for r in caplog.records)
+    with pytest.raises(LedgerUnavailable):
+        await ledger.claim("tenant-a", "req-down", "f" * 64)
+    with redis_server(tmp_path, port=port) as server:
+        admin = Redis.from_url(server)
+        try:
+            await admin.config_set("requirepass", LEDGER_PASSWORD)
+        finally:
+            await admin.aclose()
+        assert isinstance(await ledger.claim("tenant-a", "req-up", "f" * 64), Claimed)
+        assert isinstance(await ledger.claim("tenant-a", "req-up", "f" * 64), Running)
+        await ledger.close()
+
+
+async def test_a_ledger_redis_that_does_not_answer_at_start_up_delays_it_only_its_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hung Redis (takes the connection, never answers): the start-up waits for it at most
+    the ledger's own timeout, then goes on without it (before: it waited forever)."""
+    hole = BlackHole()
+    try:
+        url = hole.endpoint.replace("http://", "redis://") + "/2"
+        ledger = await asyncio.wait_for(
+            build_answer_ledger(url, 60, 4, 0.5, lambda operation: None), timeout=20
+        )
+        assert ledger is not None
+        assert any(
+            r.levelno == logging.WARNING and "ROUTER_ANSWERS_REDIS_URL" in r.getMessage()
+            for r in caplog.records
+        )
+        await ledger.close()
+    finally:
+        hole.close()
+
+
+async def test_a_wrong_password_for_the_ledger_redis_still_stops_the_router(
+    tmp_path: Path,
+) -> None:
+    """Redis answers but refuses the credentials: a configuration error, not an outage to
+    wait out, so the router stops naming the variable and that Redis (no password)."""
+    with redis_server(tmp_path) as server:
+        admin = Redis.from_url(server)
+        try:
+            await admin.config_set("requirepass", LEDGER_PASSWORD)
+        finally:
+            await admin.aclose()
+        url = server.replace("redis://", "redis://:Not-The-Password@")
+        with pytest.raises(ConfigError) as refused:
+            await build_answer_ledger(url, 60, 4, 0.5, lambda operation: None)
+    message = str(refused.value)
+    assert message.startswith("ROUTER_ANSWERS_REDIS_URL: ") and "redis://:***@127.0.0.1" in message
+    assert "Not-The-Password" not in message

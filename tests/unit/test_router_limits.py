@@ -54,6 +54,7 @@ from services.router.limits import (
 )
 from services.router.redis_limits import RedisLimitStore
 from services.tools.stack.ports import free_port
+from tests.black_hole import BlackHole
 from tests.redis_server import redis_server
 
 # 2023-11-14 22:13:20 UTC: 1 h 46 min 40 s (6,400,000 ms) before the day ends, 16 days more
@@ -929,6 +930,98 @@ async def test_a_limits_redis_that_refuses_to_keep_the_stores_id_stops_the_route
         message.startswith("ROUTER_LIMITS_REDIS_URL: Redis at redis://") and "read only" in message
     )
     assert PASSWORD not in message
+
+
+async def test_a_router_started_while_its_limits_redis_is_down_counts_there_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The limits' Redis is down as the router starts (a restart during an outage). Before,
+    the router refused to start (ConfigError, exit 2: the whole Gateway down until Redis came
+    back and the supervisor's backoff let it try again). Now one WARNING names that Redis
+    (not its password), requests are admitted without their limits meanwhile (as at run
+    time), and once Redis answers they count there. The store's late first contact reads
+    its id as a start would: no false "lost its counts", and a later loss is still seen."""
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/1"
+    env = Env(
+        {
+            "ROUTER_LIMIT_REQUESTS_PER_MIN": "2",
+            "ROUTER_LIMITS_REDIS_URL": url,
+            "ROUTER_LIMITS_TIMEOUT_S": "30",  # a slow test machine never degrades
+            "ROUTER_REDIS_BREAKER_S": "0",  # every admit tries Redis
+        }
+    )
+    resets: list[int] = []
+    limiter = await build_limiter(
+        LimitSettings.from_env(env),
+        ManualClock(START_MS),
+        TABLE,
+        TOKENIZERS,
+        reset=lambda: resets.append(1),
+    )
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("ROUTER_LIMITS_REDIS_URL" in w and f"127.0.0.1:{port}/1" in w for w in warned), (
+        warned
+    )
+    await _admitted(limiter)  # Redis down: admitted without its limits
+    with redis_server(tmp_path, port=port) as server:
+        await _with_password(server)
+        await _admitted(limiter)
+        await _admitted(limiter)
+        assert (await _denied(limiter)).limit == REQUESTS  # the 3rd of 2 a minute, in Redis
+        assert resets == []
+        assert any("holds no counts yet" in r.getMessage() for r in caplog.records)
+        admin = Redis.from_url(url)
+        try:
+            await admin.flushdb()  # the counts lost: seen at the next admit
+        finally:
+            await admin.aclose()
+        await _admitted(limiter)
+        assert resets == [1]
+        await limiter.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "lost its counts" in errors[0], errors
+    assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_limits_redis_that_does_not_answer_at_start_up_delays_it_only_its_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis that takes the connection and never answers (hung): the start-up waits for it
+    at most ROUTER_LIMITS_TIMEOUT_S, then goes on without it (before: it waited forever)."""
+    hole = BlackHole()
+    try:
+        url = hole.endpoint.replace("http://", "redis://") + "/0"
+        env = Env({"ROUTER_LIMIT_REQUESTS_PER_MIN": "2", "ROUTER_LIMITS_REDIS_URL": url})
+        limiter = await asyncio.wait_for(
+            build_limiter(LimitSettings.from_env(env), ManualClock(START_MS), TABLE, TOKENIZERS),
+            timeout=20,
+        )
+        assert any(
+            r.levelno == logging.WARNING and "ROUTER_LIMITS_REDIS_URL" in r.getMessage()
+            for r in caplog.records
+        )
+        await limiter.close()
+    finally:
+        hole.close()
+
+
+async def test_a_wrong_password_for_the_limits_redis_still_stops_the_router(
+    tmp_path: Path,
+) -> None:
+    """Redis answers but refuses the credentials: a configuration error, not an outage to
+    wait out, so the router stops naming the variable and that Redis (no password)."""
+    with redis_server(tmp_path) as server:
+        url = (await _with_password(server)).replace(PASSWORD, "Not-The-Password")
+        env = Env({"ROUTER_LIMIT_REQUESTS_PER_MIN": "2", "ROUTER_LIMITS_REDIS_URL": url})
+        with pytest.raises(ConfigError) as refused:
+            await build_limiter(
+                LimitSettings.from_env(env), ManualClock(START_MS), TABLE, TOKENIZERS
+            )
+    message = str(refused.value)
+    assert message.startswith("ROUTER_LIMITS_REDIS_URL: ") and "redis://:***@127.0.0.1" in message
+    assert "Not-The-Password" not in message
 
 
 class AnsweredTooLate(RedisLimitStore):
