@@ -7,7 +7,7 @@ The servicer (gRPC) and the offline estimator both call this; the core's errors 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from opentelemetry import trace
@@ -35,12 +35,18 @@ _CODES: tuple[tuple[type[Exception], Code], ...] = (
 )
 
 
+def _nothing() -> None:
+    pass
+
+
 class PrefixCacheApi:
-    def __init__(self, core: PrefixCacheCore) -> None:
+    def __init__(self, core: PrefixCacheCore, redis_failed: Callable[[], None] = _nothing) -> None:
+        """``redis_failed``: told of each call its Redis failed (``RedisHealth.failed``)."""
         self._core = core
+        self._redis_failed = redis_failed
 
     async def plan(self, request: pc.PlanRequest) -> pc.PlanResponse:
-        result = await _refused(
+        result = await self._refused(
             self._core.plan(
                 request.tenant,
                 request.model,
@@ -74,7 +80,7 @@ class PrefixCacheApi:
 
     async def commit(self, request: pc.CommitRequest) -> pc.CommitResponse:
         if request.phase == pc.COMMIT_PHASE_WARM:
-            split = await _refused(
+            split = await self._refused(
                 self._core.warm(
                     request.tenant,
                     request.request_id,
@@ -99,7 +105,7 @@ class PrefixCacheApi:
             )
             return pc.CommitResponse(usage=usage_of(split))
         if request.phase == pc.COMMIT_PHASE_FINAL:
-            stood = await _refused(
+            stood = await self._refused(
                 self._core.final_commit(
                     request.tenant,
                     request.request_id,
@@ -131,7 +137,7 @@ class PrefixCacheApi:
         )
 
     async def totals(self, request: pc.TotalsRequest) -> pc.TotalsResponse:
-        t = await _refused(self._core.totals(request.tenant))
+        t = await self._refused(self._core.totals(request.tenant))
         return pc.TotalsResponse(
             requests=t.requests,
             usage=pb.Usage(
@@ -153,6 +159,21 @@ class PrefixCacheApi:
             ),
             drift_abs_prompt_tokens=t.drift_abs_prompt_tokens,
         )
+
+    async def _refused(self, work: Awaitable[T]) -> T:
+        """The core's answer; its errors as ``RequestError`` with their status code."""
+        try:
+            return await work
+        except RedisError as exc:  # its store is down (restarting): retryable, no detail leaked
+            self._redis_failed()
+            raise RequestError(
+                Code.UNAVAILABLE, f"prefix-cache's Redis is unreachable ({type(exc).__name__})"
+            ) from exc
+        except Exception as exc:
+            for kind, code in _CODES:
+                if isinstance(exc, kind):
+                    raise RequestError(code, str(exc)) from exc
+            raise
 
 
 def usage_of(split: Split, output_tokens: int = 0, kv_cached_tokens: int = 0) -> pb.Usage:
@@ -192,18 +213,3 @@ def final_response(final: Final) -> pc.CommitResponse:
             )
         )
     return response
-
-
-async def _refused(work: Awaitable[T]) -> T:
-    """The core's answer; its errors as ``RequestError`` with their status code."""
-    try:
-        return await work
-    except RedisError as exc:  # its store is down (restarting): retryable, no detail leaked
-        raise RequestError(
-            Code.UNAVAILABLE, f"prefix-cache's Redis is unreachable ({type(exc).__name__})"
-        ) from exc
-    except Exception as exc:
-        for kind, code in _CODES:
-            if isinstance(exc, kind):
-                raise RequestError(code, str(exc)) from exc
-        raise

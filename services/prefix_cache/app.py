@@ -6,22 +6,22 @@ import asyncio
 from collections.abc import Mapping
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.clock import SystemClock
-from services.common.env import ConfigError, Env, redacted_url
+from services.common.env import Env
 from services.common.logs import configure_logging
 from services.common.metrics import LoopCounter, MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
 from services.common.redis_pool import bounded_redis
-from services.common.server import ServiceSpec, run_main, run_service
+from services.common.server import HealthSwitch, ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.metrics import WARM_REFRESH_S, PrefixCacheMetrics
+from services.prefix_cache.redis_health import RedisHealth
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
@@ -40,35 +40,33 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     auth = InternalAuthInterceptor(settings.internal_token)
     provider = build_tracer_provider(environ, "prefix-cache")
     tokenizer = TokenizerSlot()
-    redis = (
-        _redis(settings.redis_url, settings.redis_max_connections)
-        if settings.redis_url is not None
-        else None
-    )
+    health = HealthSwitch()
+    redis: Redis | None = None
+    watch: RedisHealth | None = None
+    if settings.redis_url is not None:
+        redis = _redis(settings.redis_url, settings.redis_max_connections)
+        # its health is its Redis's: NOT_SERVING while Redis does not answer (a PING every 2 s)
+        watch = RedisHealth(redis, settings.redis_url, health.set, REDIS_CONNECTION_WAIT_S)
     registry = new_registry()
     metrics = PrefixCacheMetrics(registry, warm_gauge=redis is None)  # no SCAN of Redis
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
-    servicer = PrefixCacheServicer(PrefixCacheApi(core))
-    counting: list[asyncio.Task[None]] = []
+    api = PrefixCacheApi(core) if watch is None else PrefixCacheApi(core, watch.failed)
+    servicer = PrefixCacheServicer(api)
+    background: list[asyncio.Task[None]] = []
 
     async def warmup() -> None:
-        if redis is not None:  # fail at start-up, never fall back silently
-            try:
-                await redis.ping()
-            except RedisError as exc:
-                where = redacted_url(settings.redis_url or "")  # never its password
-                raise ConfigError(
-                    f"PREFIX_CACHE_REDIS_URL: cannot reach Redis at {where} ({exc})"
-                ) from exc
+        if watch is not None:  # a refusal stops the start-up; no answer: NOT_SERVING meanwhile
+            await watch.start()
+            background.append(asyncio.ensure_future(watch.run()))
         # every vocabulary a row of the table names, each once (o200k_base: ~0.3 s, ~75 MB)
         tokenizer.set(await asyncio.to_thread(load_tokenizers, table.models.values()))
         if metrics.warm_prefixes is not None:
-            counting.append(asyncio.ensure_future(_count_warm(core, metrics.warm_prefixes)))
+            background.append(asyncio.ensure_future(_count_warm(core, metrics.warm_prefixes)))
 
     async def close() -> None:
-        for task in counting:
+        for task in background:
             task.cancel()
-        await asyncio.gather(*counting, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         if redis is not None:
             await redis.aclose()
 
@@ -86,6 +84,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             interceptors=[*server_interceptors(provider), auth],
             warmup=warmup,
             on_stop=[close, shutdown_tracing],
+            health=health,
             metrics=MetricsEndpoint(settings.metrics, registry),
         ),
         stop,

@@ -1,6 +1,8 @@
 """Two prefix-cache processes share one real Redis: a prefix made warm through one is read
 through the other (PREFIX_CACHE_REDIS_URL), with the same split both would compute; a WARM
-through one and the FINAL through the other bill once, and both report the same totals."""
+through one and the FINAL through the other bill once, and both report the same totals. And
+one whose Redis is down (at its start, then stopped and started again) is NOT_SERVING for as
+long as it is, SERVING once it answers."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
-from services.tools.stack.health import SERVING, probe
+from services.tools.stack.health import SERVING, UNREACHABLE, probe
 from services.tools.stack.ports import free_port
 from tests.redis_server import redis_server
 
@@ -193,3 +196,68 @@ def test_warm_through_one_replica_final_through_the_other_totals_agree(
         assert totals.usage.cache_read_input_tokens == read
         assert totals.drift.prompt_tokens == reconciled.drift.prompt_tokens
         assert totals.drift.cost_nanos == reconciled.drift.cost_nanos
+
+
+def _until_health(address: str, status: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until prefix-cache at ``address`` reports ``status`` (its Redis is PINGed every 2 s)."""
+    deadline = time.monotonic() + 60
+    while (now := probe(address, 1.0)) != status:
+        assert proc.poll() is None, f"prefix-cache exited ({proc.returncode}): {log.read_text()}"
+        assert time.monotonic() < deadline, f"still {now}, not {status}, after 60 s"
+        time.sleep(0.1)
+
+
+def test_prefix_cache_is_not_serving_while_its_redis_is_down(tmp_path: Path) -> None:
+    """Before: prefix-cache restarted while its Redis was down refused to start (exit 2), and
+    one running stayed SERVING while every call failed UNAVAILABLE (10 of 10 answers billed at
+    the router's estimate). Now it starts NOT_SERVING, is SERVING once Redis answers, NOT_SERVING
+    again when Redis stops, and SERVING when it is back, its calls answered again."""
+    port, address = free_port(), f"127.0.0.1:{free_port()}"
+    log = tmp_path / "pc.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.prefix_cache"],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PREFIX_CACHE_LISTEN": address,
+            "PREFIX_CACHE_METRICS_LISTEN": "127.0.0.1:0",
+            "PREFIX_CACHE_REDIS_URL": f"redis://default:S3cretPassw0rd@127.0.0.1:{port}/0",
+            "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+            "OTEL_TRACES_EXPORTER": "none",
+        },
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while probe(address, 1.0) == UNREACHABLE:  # warming up (its tokenizers)
+            assert proc.poll() is None, (
+                f"prefix-cache exited ({proc.returncode}): {log.read_text()}"
+            )
+            assert time.monotonic() < deadline, "prefix-cache not listening in 120 s"
+            time.sleep(0.2)
+        _until_health(address, "NOT_SERVING", proc, log)
+        text = log.read_text()
+        assert f"Redis at redis://default:***@127.0.0.1:{port}/0 does not answer" in text
+        assert "S3cretPassw0rd" not in text
+        for run in ("first", "again"):
+            (tmp_path / run).mkdir()
+            with redis_server(tmp_path / run, port=port) as url:
+                admin = redis.Redis.from_url(url)
+                try:  # the password its URL gives
+                    admin.config_set("requirepass", "S3cretPassw0rd")
+                finally:
+                    admin.close()
+                _until_health(address, SERVING, proc, log)
+                with grpc.insecure_channel(address) as channel:
+                    stub = prefix_cache_pb2_grpc.PrefixCacheStub(channel)
+                    _commit(stub, _warm(f"down-{run}", "Rule 7?"))
+            _until_health(address, "NOT_SERVING", proc, log)
+            with grpc.insecure_channel(address) as channel:
+                stub = prefix_cache_pb2_grpc.PrefixCacheStub(channel)
+                with pytest.raises(grpc.RpcError) as failed:
+                    _commit(stub, _warm(f"down-{run}-2", "Rule 8?"))
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,0 +1,113 @@
+"""prefix-cache's health follows its Redis's (PREFIX_CACHE_REDIS_URL): every Commit, every
+Totals and every Plan but a self-hosted row's need it, so while it does not answer the service
+reports NOT_SERVING (its calls fail UNAVAILABLE; the router serves at its estimate and replays
+the bills) instead of SERVING calls that all fail; SERVING again as soon as it answers.
+
+A PING every ``PING_EVERY_S`` decides, waited for at most ``timeout_s`` (a Redis that hangs
+counts as down); a call that finds Redis failing makes the next PING at once rather than at its
+turn. Only a PING sets the health: a call that succeeds may not have needed Redis (a Plan of a
+self-hosted row), and one that fails may be Redis's answer (OOM) rather than its absence.
+
+At start-up, a Redis that refuses the service (a wrong password, no permission) is a
+``ConfigError``; one that does not answer leaves it NOT_SERVING, with a WARNING, until it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+
+from services.common.env import ConfigError, redacted_url
+
+log = logging.getLogger("cachemesh.prefix_cache")
+
+REDIS_URL = "PREFIX_CACHE_REDIS_URL"
+PING_EVERY_S = 2.0  # how often the Redis is PINGed for the service's health
+
+
+class RedisHealth:
+    def __init__(
+        self,
+        redis: Redis,
+        url: str,
+        set_health: Callable[[bool], Awaitable[None]],
+        timeout_s: float,
+    ) -> None:
+        """``redis``: the service's client of the Redis at ``url`` (named without its password);
+        ``set_health``: the service's ``HealthSwitch.set``; ``timeout_s``: the longest a PING
+        is waited for (a call's own wait for a connection of the pool)."""
+        self._redis = redis
+        self._where = redacted_url(url)  # never its password
+        self._set_health = set_health
+        self._timeout_s = timeout_s
+        self._answering: bool | None = None  # unknown until the first PING
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        """The start-up's PING: a refusal stops the service (``ConfigError``), no answer
+        leaves it NOT_SERVING until a PING is answered (``run``)."""
+        try:
+            await self._ping()
+        except (AuthenticationError, AuthorizationError, ResponseError) as exc:
+            raise ConfigError(f"{REDIS_URL}: Redis at {self._where} refused ({exc})") from None
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self._down(exc)
+        else:
+            await self._up()
+
+    async def check(self) -> None:
+        """One PING; the health set from its outcome, a line logged when it changes."""
+        try:
+            await self._ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self._down(exc)
+        else:
+            await self._up()
+
+    def failed(self) -> None:
+        """A call found Redis failing: the next PING is made at once (while it answered)."""
+        if self._answering is not False:
+            self._wake.set()
+
+    async def run(self, every_s: float = PING_EVERY_S) -> None:
+        """PINGs every ``every_s``, or at once when a call failed, until cancelled."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.check()
+
+    async def _ping(self) -> None:
+        async with asyncio.timeout(self._timeout_s):
+            await self._redis.ping()
+
+    async def _down(self, exc: BaseException) -> None:
+        if self._answering is False:
+            return
+        if isinstance(exc, TimeoutError):  # asyncio's, with no message
+            exc = TimeoutError(f"no answer within {self._timeout_s:g} s")
+        self._answering = False
+        log.warning(
+            "%s: Redis at %s does not answer (%s: %s): NOT_SERVING until it does; Plan, "
+            "Commit and Totals fail UNAVAILABLE meanwhile (the router serves at its estimate "
+            "and replays the bills)",
+            REDIS_URL,
+            self._where,
+            type(exc).__name__,
+            exc,
+        )
+        await self._set_health(False)
+
+    async def _up(self) -> None:
+        if self._answering is True:
+            return
+        if self._answering is False:
+            log.warning("%s: Redis at %s answers again: SERVING", REDIS_URL, self._where)
+        self._answering = True
+        await self._set_health(True)
