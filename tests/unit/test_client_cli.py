@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cachemesh import Tls, cli
+from cachemesh import Tls, admin_cli, cli
+from cachemesh._errors import CachemeshError
 from cachemesh.cli import main
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
@@ -247,3 +248,63 @@ def test_a_replayed_answer_says_its_cost_was_billed_on_the_first_call() -> None:
     again = pb.CompleteResponse(served_by=pb.LAYER_MODEL, cost=cost, replayed=True)
     assert "replayed" not in cli._report(first)
     assert "replayed: billed once, on the first call" in cli._report(again)
+
+
+REMOTE = "192.0.2.1:50051"  # TEST-NET-1: not loopback (never dialled here)
+
+
+class Dialled:
+    """Stands for ``Client`` and ``AdminClient``: records the target and TLS each was made
+    with, then fails as an unreachable Gateway would (nothing is sent anywhere)."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, Tls | None]] = []
+
+    def __call__(self, target: str, *, tls: Tls | None = None, **_: object) -> None:
+        self.made.append((target, tls))
+        raise CachemeshError(grpc.StatusCode.UNAVAILABLE, "not dialled in this test")
+
+
+@pytest.fixture
+def dialled(monkeypatch: pytest.MonkeyPatch) -> Dialled:
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN", "admin-token-for-the-cli-tests")
+    recorder = Dialled()
+    monkeypatch.setattr(cli, "Client", recorder)
+    monkeypatch.setattr(admin_cli, "AdminClient", recorder)
+    return recorder
+
+
+@pytest.mark.parametrize("command", [["ask", "hi"], ["admin", "stats"]])
+def test_a_remote_target_in_plaintext_is_refused_before_any_key_is_sent(
+    dialled: Dialled, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """As ``cachemesh-load``: the API key (``ask``) or the admin token (``admin``) would cross
+    the network in cleartext to a target that is not loopback and no TLS setting is given;
+    one line naming the target, TLS and ``--insecure``, exit 2, no channel opened."""
+    assert main(["--target", REMOTE, *command]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"--target {REMOTE} is not loopback" in err and "--insecure" in err
+    assert "--tls" in err and "cleartext" in err
+    assert dialled.made == []
+
+
+@pytest.mark.parametrize("command", [["ask", "hi"], ["admin", "stats"]])
+@pytest.mark.parametrize(
+    ("flags", "tls"),
+    [(["--insecure"], False), (["--tls"], True)],
+)
+def test_insecure_or_tls_lets_a_remote_target_through(
+    dialled: Dialled, command: list[str], flags: list[str], tls: bool
+) -> None:
+    assert main(["--target", REMOTE, *flags, *command]) == 1  # the recorder's UNAVAILABLE
+    ((target, made_tls),) = dialled.made
+    assert target == REMOTE and (made_tls is not None) is tls
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:50051", "localhost:50051", "[::1]:50051"])
+def test_a_loopback_target_in_plaintext_needs_no_flag(dialled: Dialled, target: str) -> None:
+    assert main(["--target", target, "ask", "hi"]) == 1
+    assert dialled.made == [(target, None)]

@@ -5,6 +5,7 @@ lines' TLS options and settings (``cachemesh``, ``cachemesh-load``), read one wa
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Sequence
@@ -65,6 +66,31 @@ def aio_channel(target: str, tls: Tls | None, options: Options = ()) -> grpc.aio
     if tls is None:
         return grpc.aio.insecure_channel(target, options=options)
     return grpc.aio.secure_channel(target, tls.credentials(), options=options)
+
+
+def is_loopback(target: str) -> bool:
+    """Whether ``target`` names a loopback address (127.0.0.0/8, ::1, localhost)."""
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    host = host.strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plaintext(
+    target: str, tls: Tls | None, insecure: bool, secrets: str = "the API keys"
+) -> None:
+    """Refuses a non-loopback target in plaintext (``secrets``, the keys or token each call
+    carries, in cleartext on the network) unless ``insecure`` (``--insecure``): a ValueError
+    naming the target and the ways out."""
+    if tls is None and not insecure and not is_loopback(target):
+        raise ValueError(
+            f"--target {target} is not loopback and TLS is off: {secrets} would cross the "
+            "network in cleartext; give --tls or --ca-file (env CACHEMESH_TLS, "
+            "CACHEMESH_CA_FILE), or --insecure to allow it"
+        )
 
 
 def env_bool(name: str) -> bool:

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 from cachemesh._auth import bearer_metadata
 from cachemesh._client import DEFAULT_TARGET
-from cachemesh._tls import Tls
+from cachemesh._tls import Tls, check_plaintext, is_loopback
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.envfile import EnvFileError, read_env_file
@@ -37,10 +37,8 @@ from cachemesh.loadtest import billed, chart, report
 from cachemesh.loadtest.load import (
     NotLoopback,
     check_gateway,
-    check_plaintext,
     check_target,
     draw,
-    is_loopback,
     run_load,
 )
 from cachemesh.loadtest.redact import mask

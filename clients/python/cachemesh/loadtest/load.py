@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import grpc
 
 from cachemesh._channel import GATEWAY_SERVICE
-from cachemesh._tls import Tls, sync_channel
+from cachemesh._tls import Tls, is_loopback, sync_channel
 from cachemesh.loadtest.progress import Progress
 from cachemesh.loadtest.runner import Interrupted, LoadShape, log, run_plan, run_processes
 from cachemesh.loadtest.samples import Sample
@@ -21,34 +20,12 @@ class NotLoopback(ValueError):
     """The target is not a loopback address and the caller did not allow it."""
 
 
-def is_loopback(target: str) -> bool:
-    """Whether ``target`` names a loopback address (127.0.0.0/8, ::1, localhost)."""
-    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    host = host.strip("[]")
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_target(target: str, allow_remote: bool) -> None:
     """Refuses a non-loopback target unless ``allow_remote`` (``--allow-non-loopback``)."""
     if not is_loopback(target) and not allow_remote:
         raise NotLoopback(
             f"--target {target}: the load test only targets loopback (127.0.0.0/8, ::1, "
             "localhost); pass --allow-non-loopback to load a stack you own elsewhere"
-        )
-
-
-def check_plaintext(target: str, tls: Tls | None, insecure: bool) -> None:
-    """Refuses a non-loopback target in plaintext (its API keys in cleartext on the network)
-    unless ``insecure`` (``--insecure``)."""
-    if tls is None and not insecure and not is_loopback(target):
-        raise NotLoopback(
-            f"--target {target} is not loopback and the run is plaintext: the API keys would "
-            "cross the network in cleartext; give --tls or --ca-file (env CACHEMESH_TLS, "
-            "CACHEMESH_CA_FILE), or --insecure to send them anyway"
         )
 
 
