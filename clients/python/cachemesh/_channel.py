@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import uuid
 
+import grpc
+
 from cachemesh.v1 import gateway_pb2 as pb
 
 GATEWAY_SERVICE = "cachemesh.v1.Gateway"
 MAX_ATTEMPTS = 5  # gRPC's ceiling
 # Retries wait a random time up to 0.25, 0.5, 1, 2 s (the attempt's ceiling doubling), and
 # with wait_for_ready each attempt waits for the channel to be ready again (within the call's
-# timeout): a Gateway that restarts within a few seconds answers the retry.
+# timeout): a Gateway that restarts within a few seconds answers the retry. The clients wait
+# so only once the Gateway has answered on the channel (``Reached``).
 RETRY_POLICY = {
     "maxAttempts": MAX_ATTEMPTS,
     "initialBackoff": "0.25s",
@@ -65,6 +68,40 @@ def channel_options(
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
+
+
+# what gRPC says of a call the Gateway may never have seen (no connection, or cut by a deadline)
+NOT_REACHED = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
+class Reached:
+    """Whether the Gateway has answered on a client's channel (an answer, a chunk, or a status
+    of its own), so its address and TLS settings work. Until then a call does not wait for the
+    channel to be ready: a wrong CA, plaintext to a TLS Gateway (or TLS to a plaintext one) or
+    a refused connect fails at once with gRPC's reason (``Tls handshake failed ...``), not a
+    bare DEADLINE_EXCEEDED after the whole timeout. From then on a call waits, within its
+    timeout, for a Gateway that restarts (``wait_for_ready``)."""
+
+    def __init__(self, wait_for_ready: bool) -> None:
+        self._wait_for_ready = wait_for_ready
+        self._reached = False
+
+    def wait_for_ready(self) -> bool:
+        """The ``wait_for_ready`` of the next call (gRPC's per call, over the service config)."""
+        return self._wait_for_ready and self._reached
+
+    def answered(self) -> None:
+        self._reached = True
+
+    def failed(self, error: grpc.RpcError) -> None:
+        """A status gRPC makes without the Gateway (NOT_REACHED) says nothing of it."""
+        code = error.code() if isinstance(error, grpc.Call | grpc.aio.AioRpcError) else None
+        if code is not None and code not in NOT_REACHED:
+            self._reached = True
 
 
 def with_request_id(request: pb.CompleteRequest) -> pb.CompleteRequest:

@@ -11,7 +11,13 @@ from typing import Any, cast
 import grpc
 
 from cachemesh._auth import bearer_metadata
-from cachemesh._channel import MAX_ATTEMPTS, call_metadata, channel_options, with_request_id
+from cachemesh._channel import (
+    MAX_ATTEMPTS,
+    Reached,
+    call_metadata,
+    channel_options,
+    with_request_id,
+)
 from cachemesh._errors import from_rpc_error, incomplete
 from cachemesh._requests import build_request
 from cachemesh._tls import Tls, aio_channel, sync_channel
@@ -29,10 +35,13 @@ class ChunkStream(Iterator[pb.CompleteChunk]):
     ``break`` out of a stream still held (by a name, or the ``with`` target before the block
     ends) does not cancel it until it is closed or garbage-collected."""
 
-    def __init__(self, start: Callable[[], Any], request_id: str) -> None:
+    def __init__(
+        self, start: Callable[[], Any], request_id: str, reached: Reached | None = None
+    ) -> None:
         self._start = start
         self._call: Any = None  # gRPC's call: an iterator of the chunks, and cancel()
         self._request_id = request_id
+        self._reached = reached or Reached(True)
         self._ended = False  # the ``end`` chunk came
         self._done = False  # nothing more to read: ended, failed or closed
         self._closed = False  # close() was called (perhaps while another thread read)
@@ -56,7 +65,9 @@ class ChunkStream(Iterator[pb.CompleteChunk]):
             self._done = True
             if self._closed:  # closed by its owner while this read waited: it just ends
                 raise StopIteration from None
+            self._reached.failed(error)
             raise from_rpc_error(error, self._request_id) from error
+        self._reached.answered()
         self._ended = chunk.WhichOneof("part") == "end"
         return chunk
 
@@ -81,11 +92,14 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
     """As :class:`ChunkStream`, for ``AsyncClient.stream``: ``aclose()``, leaving ``async with
     client.stream(r) as chunks:`` or ``contextlib.aclosing`` cancels the call."""
 
-    def __init__(self, start: Callable[[], Any], request_id: str) -> None:
+    def __init__(
+        self, start: Callable[[], Any], request_id: str, reached: Reached | None = None
+    ) -> None:
         self._start = start
         self._call: Any = None  # gRPC's aio call: read() and cancel()
         self._loop: asyncio.AbstractEventLoop | None = None  # the call's, once started
         self._request_id = request_id
+        self._reached = reached or Reached(True)
         self._ended = False
         self._done = False
         self._closed = False  # aclose() was called (perhaps while another task read)
@@ -105,6 +119,7 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
             self._done = True
             if self._closed:  # closed by its owner while this read waited: it just ends
                 raise StopAsyncIteration from None
+            self._reached.failed(error)
             raise from_rpc_error(error, self._request_id) from error
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -117,6 +132,7 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
             if not self._ended and not self._closed:
                 raise incomplete(self._request_id)
             raise StopAsyncIteration
+        self._reached.answered()
         self._ended = chunk.WhichOneof("part") == "end"
         return cast(pb.CompleteChunk, chunk)
 
@@ -156,8 +172,10 @@ class Client:
     call with the caller's own id is marked as a possible retry), and UNAVAILABLE is retried by
     gRPC (up to ``max_attempts``, 5; 1 = no retry) while nothing has come back;
     ``wait_for_ready`` (default) lets a call wait, within ``timeout_s``, for a Gateway that is
-    restarting instead of failing at once. ``api_key`` is sent without surrounding whitespace;
-    one gRPC cannot send (a space, a control or non-ASCII character) is a ValueError."""
+    restarting instead of failing at once, once the Gateway has answered on this client (until
+    then a wrong address or TLS setting fails at once, naming gRPC's reason). ``api_key`` is
+    sent without surrounding whitespace; one gRPC cannot send (a space, a control or non-ASCII
+    character) is a ValueError."""
 
     def __init__(
         self,
@@ -176,16 +194,22 @@ class Client:
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
+        self._reached = Reached(wait_for_ready)
 
     def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         try:
             response: pb.CompleteResponse = self._stub.Complete(
-                sent, metadata=metadata, timeout=self._timeout_s
+                sent,
+                metadata=metadata,
+                timeout=self._timeout_s,
+                wait_for_ready=self._reached.wait_for_ready(),
             )
         except grpc.RpcError as error:
+            self._reached.failed(error)
             raise from_rpc_error(error, sent.request_id) from error
+        self._reached.answered()
         return response
 
     def stream(self, request: pb.CompleteRequest) -> ChunkStream:
@@ -195,8 +219,14 @@ class Client:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         return ChunkStream(
-            lambda: self._stub.StreamComplete(sent, metadata=metadata, timeout=self._timeout_s),
+            lambda: self._stub.StreamComplete(
+                sent,
+                metadata=metadata,
+                timeout=self._timeout_s,
+                wait_for_ready=self._reached.wait_for_ready(),
+            ),
             sent.request_id,
+            self._reached,
         )
 
     def ask(
@@ -247,16 +277,22 @@ class AsyncClient:
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
+        self._reached = Reached(wait_for_ready)
 
     async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         try:
             response: pb.CompleteResponse = await self._stub.Complete(
-                sent, metadata=metadata, timeout=self._timeout_s
+                sent,
+                metadata=metadata,
+                timeout=self._timeout_s,
+                wait_for_ready=self._reached.wait_for_ready(),
             )
         except grpc.RpcError as error:
+            self._reached.failed(error)
             raise from_rpc_error(error, sent.request_id) from error
+        self._reached.answered()
         return response
 
     def stream(self, request: pb.CompleteRequest) -> AsyncChunkStream:
@@ -265,8 +301,14 @@ class AsyncClient:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         return AsyncChunkStream(
-            lambda: self._stub.StreamComplete(sent, metadata=metadata, timeout=self._timeout_s),
+            lambda: self._stub.StreamComplete(
+                sent,
+                metadata=metadata,
+                timeout=self._timeout_s,
+                wait_for_ready=self._reached.wait_for_ready(),
+            ),
             sent.request_id,
+            self._reached,
         )
 
     async def ask(
