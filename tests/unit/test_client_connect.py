@@ -208,3 +208,29 @@ def test_an_async_client_that_was_answered_waits_for_a_restart() -> None:
     finally:
         for restarted in started:
             restarted.stop(None)
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"tls": Tls(ca_file="/nonexistent/ca.pem")}, "tls"),
+        ({"max_attempts": 1}, "max_attempts"),
+        ({"max_attempts": 5}, "max_attempts"),
+    ],
+)
+def test_a_channel_with_settings_only_a_made_channel_takes_is_refused(
+    given: dict[str, Any], named: str
+) -> None:
+    """``tls`` and ``max_attempts`` shape the channel the client makes: with ``channel=`` they
+    were accepted and ignored (plaintext sent where TLS was asked, 5 attempts where 1 was)."""
+    with grpc.insecure_channel("127.0.0.1:1") as channel, pytest.raises(ValueError) as raised:
+        Client("127.0.0.1:1", api_key="k", channel=channel, **given)
+    assert f"{named}=" in str(raised.value) and "channel=" in str(raised.value)
+
+    async def aio() -> None:
+        async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
+            AsyncClient("127.0.0.1:1", api_key="k", channel=channel, **given)
+
+    with pytest.raises(ValueError) as raised:
+        asyncio.run(aio())
+    assert f"{named}=" in str(raised.value) and "channel=" in str(raised.value)

@@ -27,6 +27,22 @@ from cachemesh.v1 import gateway_pb2_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+def _attempts(channel: object, tls: Tls | None, max_attempts: int | None) -> int:
+    """The ``max_attempts`` of the channel a client makes (5 unless given). With ``channel``
+    given, ``tls`` or ``max_attempts`` is a ValueError: they set up the channel the client
+    makes, and a channel given is used as it is (they were ignored: plaintext sent where TLS
+    was asked for)."""
+    given = [f"{name}=" for name, value in (("tls", tls), ("max_attempts", max_attempts))
+             if value is not None]  # fmt: skip
+    if channel is not None and given:
+        raise ValueError(
+            f"{' and '.join(given)} cannot be used with channel=: they set up the channel the "
+            "client makes; make yours with them (grpc.secure_channel(target, "
+            "Tls(...).credentials(), options=cachemesh.channel_options(max_attempts=...)))"
+        )
+    return MAX_ATTEMPTS if max_attempts is None else max_attempts
+
+
 class ChunkStream(Iterator[pb.CompleteChunk]):
     """The chunks of one ``Client.stream`` call, the last one its ``end``; a stream that stops
     before it raises ``UnavailableError`` (never an incomplete answer taken for a whole one).
@@ -165,7 +181,8 @@ class AsyncChunkStream(AsyncIterator[pb.CompleteChunk]):
 class Client:
     """A blocking client of the Gateway; ``tls`` for a Gateway serving TLS (``Tls(ca_file=...)``).
     ``channel`` may be injected (tests; make it with ``cachemesh.channel_options()`` to keep
-    the retries).
+    the retries): it is used as it is, so ``tls`` or ``max_attempts`` with it is a ValueError
+    (``wait_for_ready`` holds, per call).
 
     Each call gets a ``request_id`` unless it has one (an error carries it: retry with it and
     the Gateway answers and bills the request once, on any router sharing the answer ledger: a
@@ -186,11 +203,14 @@ class Client:
         channel: grpc.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
-        max_attempts: int = MAX_ATTEMPTS,
+        max_attempts: int | None = None,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
-        self._channel = channel or sync_channel(
-            target, tls, channel_options(wait_for_ready, max_attempts)
+        attempts = _attempts(channel, tls, max_attempts)
+        self._channel = (
+            channel
+            if channel is not None
+            else sync_channel(target, tls, channel_options(wait_for_ready, attempts))
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
@@ -269,11 +289,14 @@ class AsyncClient:
         channel: grpc.aio.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
-        max_attempts: int = MAX_ATTEMPTS,
+        max_attempts: int | None = None,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
-        self._channel = channel or aio_channel(
-            target, tls, channel_options(wait_for_ready, max_attempts)
+        attempts = _attempts(channel, tls, max_attempts)
+        self._channel = (
+            channel
+            if channel is not None
+            else aio_channel(target, tls, channel_options(wait_for_ready, attempts))
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._timeout_s = timeout_s
