@@ -4,7 +4,7 @@ the CLI cannot read is an error naming the variable, never plaintext."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -308,3 +308,75 @@ def test_insecure_or_tls_lets_a_remote_target_through(
 def test_a_loopback_target_in_plaintext_needs_no_flag(dialled: Dialled, target: str) -> None:
     assert main(["--target", target, "ask", "hi"]) == 1
     assert dialled.made == [(target, None)]
+
+
+class FailingGateway(gateway_pb2_grpc.GatewayServicer):
+    """Fails every call with ``code`` (as a Gateway whose model call failed or was cut at the
+    deadline, after it may have made and billed the answer); records the ids it was sent."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+        self.ids: list[str] = []
+
+    def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        self.ids.append(request.request_id)
+        context.abort(self.code, f"fake {self.code.name}")
+        raise AssertionError("abort raises")
+
+    def StreamComplete(
+        self, request: pb.CompleteRequest, context: Any
+    ) -> Iterator[pb.CompleteChunk]:
+        raise NotImplementedError("the CLI does not stream")
+
+
+@pytest.fixture
+def failing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[grpc.StatusCode], tuple[FailingGateway, str]]]:
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    servers: list[tuple[grpc.Server, FailingGateway]] = []
+
+    def serve(code: grpc.StatusCode) -> tuple[FailingGateway, str]:
+        fake = FailingGateway(code)
+        server = grpc.server(futures.ThreadPoolExecutor(2))
+        gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append((server, fake))
+        return fake, f"127.0.0.1:{port}"
+
+    yield serve
+    for server, _ in servers:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+@pytest.mark.parametrize("given", ["", "order-42"])
+def test_a_call_that_may_have_been_answered_names_its_request_id_to_retry_with(
+    failing: Callable[[grpc.StatusCode], tuple[FailingGateway, str]],
+    capsys: pytest.CaptureFixture[str],
+    code: grpc.StatusCode,
+    given: str,
+) -> None:
+    """The README's idempotent retry (``--request-id``) needs the id the failed call was sent
+    with: the CLI made one (or took ``--request-id``) and never printed it."""
+    fake, target = failing(code)
+    argv = ["--target", target, "ask", "hi", *(["--request-id", given] if given else [])]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    (sent,) = set(fake.ids)  # gRPC's retries resend the same id
+    assert given in ("", sent)
+    assert f"request_id: {sent} (retry with --request-id {sent})" in err.splitlines(), err
+    assert err.splitlines()[0] == f"cachemesh: {code.name}: fake {code.name}"
+
+
+def test_a_refused_request_names_no_retry(
+    failing: Callable[[grpc.StatusCode], tuple[FailingGateway, str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A request the Gateway refused was not answered: retrying it as it is gets the same."""
+    _, target = failing(grpc.StatusCode.INVALID_ARGUMENT)
+    assert main(["--target", target, "ask", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["cachemesh: INVALID_ARGUMENT: fake INVALID_ARGUMENT"]

@@ -120,3 +120,12 @@ def test_the_demo_without_a_gateway_fails_at_once_saying_where(
     assert main() == 1
     err = capsys.readouterr().err
     assert "the gateway at 127.0.0.1:1" in err and "UNAVAILABLE" in err and "make up" in err
+
+
+def test_an_unavailable_error_names_the_request_id_to_retry_with() -> None:
+    """Its answer may have been made (and billed): a traceback or a log of ``str(error)``
+    keeps the id a retry needs to be answered once."""
+    cut = UnavailableError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "abc123")
+    assert str(cut) == "DEADLINE_EXCEEDED: Deadline Exceeded (request_id abc123)"
+    assert str(UnavailableError(grpc.StatusCode.UNAVAILABLE, "down")) == "UNAVAILABLE: down"
+    assert str(pickle.loads(pickle.dumps(cut))) == str(cut)

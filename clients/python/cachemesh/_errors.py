@@ -45,7 +45,13 @@ class RateLimitError(CachemeshError):
 
 
 class UnavailableError(CachemeshError):
-    """No layer could serve the request (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+    """No layer could serve the request (UNAVAILABLE, DEADLINE_EXCEEDED), or it did not reach
+    you in time: its answer may have been made (and billed), so its text names the
+    ``request_id`` to retry with."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} (request_id {self.request_id})" if self.request_id else text
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {

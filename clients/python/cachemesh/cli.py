@@ -9,7 +9,7 @@ import os
 import sys
 
 from cachemesh._client import DEFAULT_TARGET, Client
-from cachemesh._errors import CachemeshError
+from cachemesh._errors import CachemeshError, UnavailableError
 from cachemesh._requests import answer_text, build_request
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import check_plaintext
@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         # a person at a terminal: a Gateway that is down is said at once, not waited for
         with Client(args.target, api_key=key, tls=tls, wait_for_ready=False) as client:
             response = client.complete(request)
+    except UnavailableError as error:  # its answer may have been made (and billed): retry
+        print(f"cachemesh: {error.code.name}: {error.message}", file=sys.stderr)
+        rid = error.request_id
+        print(f"request_id: {rid} (retry with --request-id {rid})", file=sys.stderr)
+        return 1
     except CachemeshError as error:
         print(f"cachemesh: {error}", file=sys.stderr)
         return 1
