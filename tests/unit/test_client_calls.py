@@ -210,3 +210,60 @@ def test_a_stream_left_unread_starts_no_call(gateway: tuple[FakeGateway, str]) -
     with Client(target, api_key="k") as client, client.stream(build_request("hi")):
         pass
     assert fake.metadata == []
+
+
+async def _both(client: AsyncClient, question: str) -> list[str]:
+    """``question`` through ``client``'s complete and stream: the parts that came back."""
+    answer = await client.complete(build_request(question))
+    chunks = [chunk.WhichOneof("part") async for chunk in client.stream(build_request(question))]
+    return [answer.stop_reason, *map(str, chunks)]
+
+
+def test_an_async_client_made_outside_a_loop_serves_in_asyncio_run(
+    gateway: tuple[FakeGateway, str],
+) -> None:
+    """Made at import time or in a sync ``main`` (no loop running), then used under
+    ``asyncio.run``: every call had failed with gRPC's raw RuntimeError ("attached to a
+    different loop"). Its channel now opens on first use, in the loop using it; a later
+    ``asyncio.run`` (the first loop closed) gets a channel of its own."""
+    fake, target = gateway
+    client = AsyncClient(target, api_key="k")
+    first = asyncio.run(_both(client, "hi"))
+    second = asyncio.run(_both(client, "hi again"))
+
+    async def close() -> None:
+        await client.close()
+
+    asyncio.run(close())
+    assert first == second == ["end_turn", "start", "end"]
+    assert len(fake.metadata) == 4
+
+
+def test_an_async_client_used_from_a_second_live_loop_is_refused_clearly(
+    gateway: tuple[FakeGateway, str],
+) -> None:
+    """Its channel belongs to the loop that opened it while that loop lives: another loop's
+    call is a RuntimeError saying so (one client per loop), not gRPC's."""
+    fake, target = gateway
+    client = AsyncClient(target, api_key="k")
+    first = asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(_both(client, "hi"))[0] == "end_turn"
+        with pytest.raises(RuntimeError, match="another event loop") as raised:
+            asyncio.run(client.complete(build_request("from another loop")))
+        assert "one AsyncClient per event loop" in str(raised.value)
+        first.run_until_complete(client.close())
+    finally:
+        first.close()
+    assert len(fake.metadata) == 2  # nothing sent from the second loop
+
+
+def test_async_with_opens_the_channel_in_its_loop(gateway: tuple[FakeGateway, str]) -> None:
+    fake, target = gateway
+
+    async def run() -> list[str]:
+        async with AsyncClient(target, api_key="k") as client:
+            return await _both(client, "hi")
+
+    assert asyncio.run(run()) == ["end_turn", "start", "end"]
+    assert len(fake.metadata) == 2

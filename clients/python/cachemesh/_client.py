@@ -278,7 +278,11 @@ class Client:
 
 class AsyncClient:
     """An asyncio client of the Gateway; ``tls``, request ids, retries and waiting as for
-    ``Client``."""
+    ``Client``. It may be made outside a running event loop (at import time, in a sync
+    ``main``): its channel opens on first use, in the loop using it (gRPC's aio channels belong
+    to one loop), and again in a later loop once that one has closed (a second
+    ``asyncio.run``). A call from another loop while the first has not closed is a
+    RuntimeError: one AsyncClient per event loop. An injected ``channel`` is used as it is."""
 
     def __init__(
         self,
@@ -293,20 +297,46 @@ class AsyncClient:
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
         attempts = _attempts(channel, tls, max_attempts)
-        self._channel = (
-            channel
-            if channel is not None
-            else aio_channel(target, tls, channel_options(wait_for_ready, attempts))
+        if tls is not None:
+            tls.credentials()  # a file that cannot be read: now, not at the first call
+        options = channel_options(wait_for_ready, attempts)
+        # the client's own channel opens in the loop that uses it (None: injected, as it is)
+        self._open: Callable[[], grpc.aio.Channel] | None = (
+            None if channel is not None else lambda: aio_channel(target, tls, options)
         )
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._channel = channel
+        self._stub: gateway_pb2_grpc.GatewayAsyncStub | None = (
+            None if channel is None else gateway_pb2_grpc.GatewayStub(channel)
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one its channel opened in
+        self._closed = False
         self._timeout_s = timeout_s
         self._reached = Reached(wait_for_ready)
+
+    def _gateway(self) -> gateway_pb2_grpc.GatewayAsyncStub:
+        """The stub, on a channel of the running loop (opened now when there is none yet, or
+        the one there is belongs to a loop that has closed)."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
+        if self._open is not None and self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise RuntimeError(
+                    "this AsyncClient's channel was opened in another event loop, which has "
+                    "not closed (gRPC's aio channels belong to one loop): make one AsyncClient "
+                    "per event loop"
+                )
+            self._channel = self._open()  # the closed loop's channel went with it
+            self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+            self._loop = loop
+        assert self._stub is not None  # made above, or injected
+        return self._stub
 
     async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         try:
-            response: pb.CompleteResponse = await self._stub.Complete(
+            response: pb.CompleteResponse = await self._gateway().Complete(
                 sent,
                 metadata=metadata,
                 timeout=self._timeout_s,
@@ -324,7 +354,7 @@ class AsyncClient:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         return AsyncChunkStream(
-            lambda: self._stub.StreamComplete(
+            lambda: self._gateway().StreamComplete(
                 sent,
                 metadata=metadata,
                 timeout=self._timeout_s,
@@ -349,7 +379,12 @@ class AsyncClient:
         return await self.complete(request)
 
     async def close(self) -> None:
-        await self._channel.close()
+        """Closes the channel; a channel opened in a loop that has closed went with it."""
+        self._closed = True
+        if self._channel is None:
+            return
+        if self._open is None or self._loop is asyncio.get_running_loop():
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
