@@ -185,14 +185,15 @@ class Client:
     (``wait_for_ready`` holds, per call).
 
     Each call gets a ``request_id`` unless it has one (an error carries it: retry with it and
-    the Gateway answers and bills the request once, on any router sharing the answer ledger: a
-    call with the caller's own id is marked as a possible retry), and UNAVAILABLE is retried by
-    gRPC (up to ``max_attempts``, 5; 1 = no retry) while nothing has come back;
-    ``wait_for_ready`` (default) lets a call wait, within ``timeout_s``, for a Gateway that is
-    restarting instead of failing at once, once the Gateway has answered on this client (until
-    then a wrong address or TLS setting fails at once, naming gRPC's reason). ``api_key`` is
-    sent without surrounding whitespace; one gRPC cannot send (a space, a control or non-ASCII
-    character) is a ValueError."""
+    an answer the Gateway made is served again, billed once, on any router sharing the answer
+    ledger, while a call that failed or was cut at its deadline made none: the retry is a new
+    billed call; a call with the caller's own id is marked as a possible retry), and
+    UNAVAILABLE is retried by gRPC (up to ``max_attempts``, 5; 1 = no retry) while nothing has
+    come back; ``wait_for_ready`` (default) lets a call wait, within ``timeout_s``, for a
+    Gateway that is restarting instead of failing at once, once the Gateway has answered on this
+    client (until then a wrong address or TLS setting fails at once, naming gRPC's reason).
+    ``api_key`` is sent without surrounding whitespace; one gRPC cannot send (a space, a control
+    or non-ASCII character) is a ValueError."""
 
     def __init__(
         self,
