@@ -5,7 +5,8 @@ few seconds is tried again only 10-25 s after it is back. Internal channels cap 
 backoff at ``MAX_RECONNECT_BACKOFF_MS`` and send keepalive pings (also while idle) so that a
 peer that vanished without closing its connection (SIGKILL, a cut network) is noticed within
 ``KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS``; servers accept those pings (``server_options``),
-which they would otherwise answer with GOAWAY ``too_many_pings``.
+which they would otherwise answer with GOAWAY ``too_many_pings``. Servers also listen alone
+on their port (``grpc.so_reuseport`` off).
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def channel_options(max_message_bytes: int) -> Options:
 
 
 def server_options() -> Options:
-    """What a server needs to accept the clients' keepalive pings."""
+    """What a server needs to accept the clients' keepalive pings, and to listen alone."""
     return [
+        # grpcio sets SO_REUSEPORT on Linux by default: a second replica on the same
+        # MODEL_LISTEN (or two services given one address) listened beside the first, both
+        # SERVING, the kernel splitting new connections between them; off, the port in use
+        # stops the second's start-up naming its *_LISTEN
+        ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 0),

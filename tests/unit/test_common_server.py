@@ -110,6 +110,24 @@ async def test_a_port_in_use_is_a_configuration_error_naming_the_variable() -> N
             await run_service(dataclasses.replace(spec, settings=named), asyncio.Event())
 
 
+async def test_a_port_another_grpc_server_holds_is_a_configuration_error() -> None:
+    # grpcio sets SO_REUSEPORT by default: a second replica on the same MODEL_LISTEN (or a
+    # typo giving two services one address) listened beside the first, the kernel splitting
+    # new connections between them, and both reported SERVING
+    holder = grpc.aio.server(options=[("grpc.so_reuseport", 1)])  # grpcio's default on Linux
+    port = holder.add_insecure_port("127.0.0.1:0")
+    await holder.start()
+    try:
+        spec = _spec(port, None)
+        named = dataclasses.replace(spec.settings, listen_name="MODEL_LISTEN")
+        stopped = asyncio.Event()
+        stopped.set()  # a server that did start stops at once: the test fails, not hangs
+        with pytest.raises(ConfigError, match=f"MODEL_LISTEN=127.0.0.1:{port}: test cannot"):
+            await run_service(dataclasses.replace(spec, settings=named), stopped)
+    finally:
+        await holder.stop(0)
+
+
 def test_a_message_size_over_grpcs_limit_is_refused_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match="CACHEMESH_MAX_MESSAGE_BYTES"):
         ServerSettings.from_env(
