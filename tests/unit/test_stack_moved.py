@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.tools.stack.environment import port_of
 from services.tools.stack.lifecycle import Stack, StackError
 from services.tools.stack.ports import free_ports, read_moved, write_moved
 
@@ -62,9 +63,31 @@ def test_every_listener_moved_one_at_a_time_names_each_caller_left_behind(
         assert caller in miswired and moved in miswired
 
 
+def test_two_processes_given_one_address_are_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    # MODEL_2_LISTEN set to model's own address: model-2 could not listen, yet `make up`
+    # reported it SERVING (its health check reached model) while the router's second sim-large
+    # replica was model again
+    moved = Stack.on_free_ports(ROOT, tmp_path / "run", environ={}).overrides
+    model = moved["MODEL_LISTEN"]
+    stack = _stack(tmp_path, {**moved, "MODEL_2_LISTEN": model})
+    with pytest.raises(StackError) as refused:
+        stack.start(timeout_s=5)
+    assert f"MODEL_LISTEN and MODEL_2_LISTEN are both {model}" in str(refused.value)
+    assert not (tmp_path / "run" / "pids").exists()  # nothing started
+    metrics = {**moved, "HTTP_FRONT_METRICS_LISTEN": f"0.0.0.0:{port_of(moved['ROUTER_LISTEN'])}"}
+    assert _stack(tmp_path, metrics).shared_listens() == [
+        f"ROUTER_LISTEN and HTTP_FRONT_METRICS_LISTEN are both 127.0.0.1:"
+        f"{port_of(moved['ROUTER_LISTEN'])}"
+    ]
+
+
 def test_a_stack_moved_whole_is_wired_together(tmp_path: Path) -> None:
     assert Stack.on_free_ports(ROOT, tmp_path / "run", environ={}).miswired() == []
     assert _stack(tmp_path, {}).miswired() == []  # the defaults
+    assert Stack.on_free_ports(ROOT, tmp_path / "run", environ={}).shared_listens() == []
+    assert _stack(tmp_path, {}).shared_listens() == []
 
 
 def test_the_free_ports_chosen_read_back_as_written(tmp_path: Path) -> None:

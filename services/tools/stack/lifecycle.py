@@ -211,6 +211,7 @@ class Stack:
         exits before it is SERVING, or the timeout passes, the whole stack is stopped.
         ``demo-keys.env`` then names where this stack listens (``client_endpoints``)."""
         _refuse_miswired(self.miswired())
+        _refuse_shared(self.shared_listens())
         keys = ensure_keys(self.run_dir, self.client_endpoints())
         if keys.created or not keys.has_demo_keys:
             self._say(describe(keys))
@@ -283,6 +284,26 @@ class Stack:
                         f"{variable} names {default_redis}, the stack Redis's default address, "
                         f"but {REDIS_URL_VAR} moved the stack's Redis to {redis}"
                     )
+        return found
+
+    def shared_listens(self) -> list[str]:
+        """Listen settings (gRPC, metrics, the stack's Redis) that give two processes of this
+        stack one address: the one that starts second cannot listen, and a health check of
+        its address reaches the first. Each as ``VARIABLE and VARIABLE are both address``."""
+        held: dict[str, str] = {}  # the address dialled -> the first variable naming it
+        found: list[str] = []
+        listens = [(s.listen_var, self.listen(s)) for s in SERVICES]
+        listens += [(s.metrics_var, self.metrics_listen(s)) for s in SERVICES if s.metrics_var]
+        if (redis := self.redis_address()) is not None:
+            listens.append((REDIS_URL_VAR, redis))
+        for variable, listen in listens:
+            address = dial_address(listen)
+            if address.endswith(":0"):  # any free port: never the same one twice
+                continue
+            if address in held:
+                found.append(f"{held[address]} and {variable} are both {address}")
+            else:
+                held[address] = variable
         return found
 
     def changed_settings(self, keys: StackKeys, managed: list[ServiceDef]) -> list[str]:
@@ -597,6 +618,14 @@ def _refuse_miswired(miswired: list[str]) -> None:
         raise StackError(
             f"this stack would dial another's addresses: {'; '.join(miswired)}. Set those "
             f"variables to the moved addresses too, or move the whole stack: {MOVE_THE_STACK}"
+        )
+
+
+def _refuse_shared(shared: list[str]) -> None:
+    if shared:
+        raise StackError(
+            f"two processes of this stack would listen on one address: {'; '.join(shared)}. "
+            f"Give each its own, or move the whole stack: {MOVE_THE_STACK}"
         )
 
 
