@@ -207,9 +207,11 @@ def connect(
 
     def channel(address: str) -> grpc.aio.Channel:
         if address not in channels:
-            # reconnects within a second of a dependency's return, keepalive notices a dead one
+            # reconnects within a second of a dependency's return, keepalive notices a dead one;
+            # messages up to CACHEMESH_MAX_MESSAGE_BYTES, the services' limit (a fixed 8 MiB
+            # refused, in the router, every request over it that ROUTER_MAX_REQUEST_BYTES took)
             channels[address] = grpc.aio.insecure_channel(
-                address, options=channel_options(8 * 1024 * 1024)
+                address, options=channel_options(settings.server.send_limit)
             )
         return channels[address]
 

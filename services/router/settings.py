@@ -67,7 +67,7 @@ class RouterSettings:
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
         server = ServerSettings.from_env(env, "ROUTER", DEFAULT_LISTEN)
-        max_request = env.int("ROUTER_MAX_REQUEST_BYTES", 1024 * 1024, minimum=1024)
+        max_request = max_request_bytes(env, server.max_message_bytes)
         return cls(
             # ROUTER_MAX_REQUEST_BYTES bounds what callers send; answers go out under
             # CACHEMESH_MAX_MESSAGE_BYTES like every service's (an L1 answer over the request
@@ -115,6 +115,25 @@ class RouterSettings:
             admin_timeout_s=env.float("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
             mid_answer_stall_s=env.float("ROUTER_MID_ANSWER_STALL_S", 10.0, minimum=0.0),
         )
+
+
+def max_request_bytes(env: Env, max_message_bytes: int) -> int:
+    """ROUTER_MAX_REQUEST_BYTES, at most CACHEMESH_MAX_MESSAGE_BYTES (``max_message_bytes``;
+    unset: 1 MiB, or that limit when it is lower): the router passes each request on to
+    semantic-cache, prefix-cache and the model in messages under that limit. Above it the
+    router started, and every request between the two failed RESOURCE_EXHAUSTED inside the
+    stack with gRPC's own text."""
+    name = "ROUTER_MAX_REQUEST_BYTES"
+    value = env.int(name, min(1024 * 1024, max_message_bytes), minimum=1024)
+    if value > max_message_bytes:
+        raise ConfigError(
+            f"{name} ({value}) must be at most CACHEMESH_MAX_MESSAGE_BYTES ({max_message_bytes}): "
+            "the router passes each request on to semantic-cache, prefix-cache and the model "
+            "in messages under that limit, the model's with more than the request (its "
+            "prompt's KV block hashes, 2 bytes a token): raise CACHEMESH_MAX_MESSAGE_BYTES "
+            "(every service's) with room to spare, or lower this"
+        )
+    return value
 
 
 def idempotency_max_bytes(env: Env) -> int:

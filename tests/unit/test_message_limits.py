@@ -1,0 +1,89 @@
+"""The message-size settings agree with each other at start-up: a request the router (or the
+HTTP front) takes fits the messages the services pass it on in. ROUTER_MAX_REQUEST_BYTES at
+8 MiB beside the services' 4 MiB started, and every request between 4 and 8 MiB failed
+RESOURCE_EXHAUSTED inside the stack with gRPC's "Received message larger than max"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry import trace
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.channels import server_options
+from services.common.env import ConfigError, Env
+from services.common.models import load_model_table
+from services.router.grpc_adapters import connect
+from services.router.settings import RouterSettings
+
+MIB = 1 << 20
+
+
+def _router(**env: str) -> RouterSettings:
+    base = {
+        "MODEL_REPLICAS": "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50055",
+        "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+        "CACHEMESH_API_KEYS_FILE": "/dev/null",
+    }
+    return RouterSettings.from_env(Env({**base, **env}), load_model_table())
+
+
+def test_a_request_limit_over_the_services_message_limit_is_refused_naming_both() -> None:
+    with pytest.raises(ConfigError) as refused:
+        _router(ROUTER_MAX_REQUEST_BYTES=str(8 * MIB))
+    message = str(refused.value)
+    assert "ROUTER_MAX_REQUEST_BYTES (8388608)" in message
+    assert "CACHEMESH_MAX_MESSAGE_BYTES (4194304)" in message
+    # past what gRPC takes (a C int): an OverflowError naming nothing, exit 1
+    with pytest.raises(ConfigError, match="ROUTER_MAX_REQUEST_BYTES"):
+        _router(ROUTER_MAX_REQUEST_BYTES="3000000000")
+    raised = _router(
+        ROUTER_MAX_REQUEST_BYTES=str(8 * MIB), CACHEMESH_MAX_MESSAGE_BYTES=str(16 * MIB)
+    )
+    assert raised.server.max_message_bytes == 8 * MIB and raised.server.send_limit == 16 * MIB
+
+
+def test_the_default_request_limit_follows_a_lowered_message_limit() -> None:
+    lowered = _router(CACHEMESH_MAX_MESSAGE_BYTES=str(MIB // 2)).server
+    assert lowered.max_message_bytes == MIB // 2 and lowered.send_limit == MIB // 2
+    assert _router().server.max_message_bytes == MIB
+
+
+async def test_the_routers_calls_to_its_dependencies_carry_what_it_accepts() -> None:
+    # the router's channels were fixed at 8 MiB: with both limits raised past it, a 9 MB
+    # request passed the router's check, then every call on failed "CLIENT: Sent message
+    # larger than max"
+    received: list[int] = []
+
+    async def lookup(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        received.append(len(request))
+        return sc.LookupResponse(hit=False).SerializeToString()
+
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(lookup)
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 64 * MIB), *server_options()]
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("cachemesh.v1.SemanticCache", {"Lookup": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    settings = _router(
+        ROUTER_MAX_REQUEST_BYTES=str(12 * MIB),
+        CACHEMESH_MAX_MESSAGE_BYTES=str(16 * MIB),
+        SEMANTIC_CACHE_ADDR=f"127.0.0.1:{port}",
+    )
+    connected = connect(settings, trace.get_tracer("test"))
+    try:
+        request = pb.CompleteRequest(model="sim-small", max_tokens=16)
+        request.messages.add(role=pb.ROLE_USER).content.add(text="x" * (9 * MIB))
+        reply = await connected.semantic.Lookup(
+            sc.LookupRequest(tenant="t", request=request), timeout=30
+        )
+        assert not reply.hit and received and received[0] > 9 * MIB
+    finally:
+        await connected.close()
+        await server.stop(0)
