@@ -70,14 +70,19 @@ class ServerSettings:
         return cls(
             listen=env.address(f"{prefix}_LISTEN", default_listen),
             grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
-            max_message_bytes=env.int(
-                "CACHEMESH_MAX_MESSAGE_BYTES",
-                MAX_MESSAGE_BYTES_DEFAULT,
-                minimum=1024,
-                maximum=2**31 - 1,  # gRPC's limit is a C int
-            ),
+            max_message_bytes=max_message_bytes(env),
             listen_name=f"{prefix}_LISTEN",
         )
+
+
+def max_message_bytes(env: Env) -> int:
+    """CACHEMESH_MAX_MESSAGE_BYTES: the largest gRPC message a service sends or receives."""
+    return env.int(
+        "CACHEMESH_MAX_MESSAGE_BYTES",
+        MAX_MESSAGE_BYTES_DEFAULT,
+        minimum=1024,
+        maximum=2**31 - 1,  # gRPC's limit is a C int
+    )
 
 
 class HealthSwitch:

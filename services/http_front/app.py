@@ -81,7 +81,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     settings = HttpFrontSettings.from_env(environ)
     keys = settings.keys.open(time.monotonic, time.time)
     provider = build_tracer_provider(environ, "http-front")
-    gateway = Gateway(settings.gateway_addr, settings.gateway_timeout_s, settings.gateway_tls)
+    gateway = Gateway(
+        settings.gateway_addr,
+        settings.gateway_timeout_s,
+        settings.gateway_tls,
+        max_message_bytes=settings.max_message_bytes,
+    )
     registry = new_registry()
     front = Front(
         settings,

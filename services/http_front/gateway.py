@@ -23,6 +23,7 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
 from services.common.clock import Clock, SystemClock, Throttle
 from services.common.errors import Code
+from services.common.server import MAX_MESSAGE_BYTES_DEFAULT
 from services.common.status import code_of
 from services.common.tls import ClientTls
 from services.http_front.errors import ApiError, from_gateway
@@ -88,8 +89,9 @@ class Gateway:
         timeout_s: float,
         tls: ClientTls | None = None,
         clock: Clock | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES_DEFAULT,  # CACHEMESH_MAX_MESSAGE_BYTES
     ) -> None:
-        options = channel_options(4 << 20)
+        options = channel_options(max_message_bytes)
         self._channel = (
             grpc.aio.insecure_channel(address, options=options)
             if tls is None

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.common.env import Env
+from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import AUTO, ModelTable, model_table_from_env
+from services.common.server import max_message_bytes
 from services.common.tls import ClientTls, ServerTls
 from services.router.key_settings import KeyStoreSettings
 from services.router.settings import parse_replicas
@@ -22,6 +23,8 @@ class HttpFrontSettings:
     gateway_addr: str
     keys: KeyStoreSettings  # the shared API key file, as the router's
     max_body_bytes: int  # a larger body is refused with 413 before it is read
+    # CACHEMESH_MAX_MESSAGE_BYTES: the largest message to and from the Gateway
+    max_message_bytes: int
     max_in_flight_per_key: int  # per tenant (all its keys): one more concurrent request: 429
     ping_s: float  # a stream with nothing to send for this long sends a ping
     # a write to the caller that has not gone out within this (the caller stopped reading):
@@ -46,11 +49,13 @@ class HttpFrontSettings:
         table = model_table_from_env(env)
         deployed = parse_replicas(env.str("MODEL_REPLICAS"), table)
         models = (AUTO, *sorted(deployed))
+        message_bytes = max_message_bytes(env)
         return cls(
             listen=env.address("HTTP_FRONT_LISTEN", DEFAULT_LISTEN),
             gateway_addr=env.address("HTTP_FRONT_GATEWAY_ADDR", "127.0.0.1:50051"),
             keys=KeyStoreSettings.from_env(env),
-            max_body_bytes=env.int("HTTP_FRONT_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+            max_body_bytes=max_body_bytes(env, message_bytes),
+            max_message_bytes=message_bytes,
             max_in_flight_per_key=env.int("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", 64, minimum=1),
             ping_s=env.float("HTTP_FRONT_PING_S", 10.0, minimum=0.01),
             write_timeout_s=env.float("HTTP_FRONT_WRITE_TIMEOUT_S", 30.0, minimum=0.001),
@@ -63,6 +68,25 @@ class HttpFrontSettings:
             tls=ServerTls.read(env, "HTTP_FRONT"),
             gateway_tls=ClientTls.read(env, "HTTP_FRONT_GATEWAY"),
         )
+
+
+def max_body_bytes(env: Env, message_bytes: int) -> int:
+    """HTTP_FRONT_MAX_BODY_BYTES, at most CACHEMESH_MAX_MESSAGE_BYTES (``message_bytes``;
+    unset: 1 MiB, or that limit when it is lower). A body goes to the Gateway as one message
+    no larger than its JSON (names, quotes and escapes drop out; the text is as long): above
+    the message limit, a body the front took was refused by gRPC (a 413 quoting "CLIENT: Sent
+    message larger than max")."""
+    name = "HTTP_FRONT_MAX_BODY_BYTES"
+    value = env.int(name, min(1024 * 1024, message_bytes), minimum=1024)
+    if value > message_bytes:
+        raise ConfigError(
+            f"{name} ({value}) must be at most CACHEMESH_MAX_MESSAGE_BYTES ({message_bytes}): "
+            "the front sends each body to the Gateway as one gRPC message under that limit, "
+            "no larger than the body's JSON; raise CACHEMESH_MAX_MESSAGE_BYTES (and the "
+            "router's ROUTER_MAX_REQUEST_BYTES, which bounds what the Gateway takes), or "
+            "lower this"
+        )
+    return value
 
 
 def _output_limit(table: ModelTable, model: str) -> int:

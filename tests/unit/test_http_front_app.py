@@ -131,8 +131,10 @@ async def serving(
     tmp_path: Path, gateway: gateway_pb2_grpc.GatewayServicer, **env_over: str
 ) -> AsyncIterator[Served]:
     """The front process in front of ``gateway`` on real gRPC; ``env_over`` overrides its env."""
-    # the front keepalive-pings its Gateway: accepted, as the router does
-    server = grpc.aio.server(options=server_options())
+    # the front keepalive-pings its Gateway: accepted, as the router does; whatever size the
+    # front sends, the fake takes
+    big = [("grpc.max_receive_message_length", 64 << 20)]
+    server = grpc.aio.server(options=[*big, *server_options()])
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)
     gateway_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -553,6 +555,40 @@ async def test_thinking_disabled_is_refused_for_a_model_that_thinks_by_default(
     assert "omit thinking" in said
     assert error.value.response.headers["x-should-retry"] == "false"
     assert fake.calls == 0
+
+
+async def test_a_body_under_raised_limits_reaches_the_gateway(tmp_path: Path) -> None:
+    # the front's channel was fixed at 4 MiB: with HTTP_FRONT_MAX_BODY_BYTES and
+    # CACHEMESH_MAX_MESSAGE_BYTES at 8 and 16 MiB a 5 MB body was a 413 quoting gRPC's
+    # "CLIENT: Sent message larger than max"
+    fake = FakeGateway()
+    limits = {
+        "HTTP_FRONT_MAX_BODY_BYTES": str(8 << 20),
+        "CACHEMESH_MAX_MESSAGE_BYTES": str(16 << 20),
+    }
+    async with serving(tmp_path, fake, **limits) as served:
+        text = "x" * 5_000_000
+        body = {
+            "model": "sim-large",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": text}],
+        }
+        front = Front(served.base, served.stop, served.metrics, fake)
+        status, _ = await _raw(front, "/v1/messages", json.dumps(body).encode(), CLAUDE_HEADERS)
+    assert status == 200
+    assert fake.received is not None and fake.received.messages[0].content[0].text == text
+
+
+def test_a_body_limit_over_the_message_limit_is_refused_naming_both() -> None:
+    replicas = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
+    env = {"MODEL_REPLICAS": replicas, "CACHEMESH_API_KEYS_FILE": "/dev/null"}
+    with pytest.raises(ConfigError) as refused:
+        HttpFrontSettings.from_env({**env, "HTTP_FRONT_MAX_BODY_BYTES": str(8 << 20)})
+    message = str(refused.value)
+    assert "HTTP_FRONT_MAX_BODY_BYTES (8388608)" in message
+    assert "CACHEMESH_MAX_MESSAGE_BYTES (4194304)" in message
+    lowered = HttpFrontSettings.from_env({**env, "CACHEMESH_MAX_MESSAGE_BYTES": str(1 << 19)})
+    assert lowered.max_body_bytes == lowered.max_message_bytes == 1 << 19
 
 
 async def _raw_headers(front: Front, headers: list[tuple[str, bytes]]) -> tuple[int, bytes]:
