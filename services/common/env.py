@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+# The largest value a C ``int`` holds: the most a setting handed to gRPC, FAISS or onnxruntime
+# as one may be (past it they raise OverflowError, naming no variable).
+C_INT_MAX = 2**31 - 1
+
 
 class ConfigError(ValueError):
     """A configuration variable is missing or malformed."""

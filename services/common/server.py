@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.channels import server_options
-from services.common.env import ConfigError, Env
+from services.common.env import C_INT_MAX, ConfigError, Env
 from services.common.heap import freeze_startup_heap
 from services.common.metrics import MetricsEndpoint
 from services.common.tls import ServerTls
@@ -81,7 +81,7 @@ def max_message_bytes(env: Env) -> int:
         "CACHEMESH_MAX_MESSAGE_BYTES",
         MAX_MESSAGE_BYTES_DEFAULT,
         minimum=1024,
-        maximum=2**31 - 1,  # gRPC's limit is a C int
+        maximum=C_INT_MAX,  # gRPC's limit is a C int
     )
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.env import ConfigError, Env
+from services.common.env import C_INT_MAX, ConfigError, Env
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.policy import MAX_TTL_S, NamespacePolicy, valid_ttl
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
+# The most FAISS or onnxruntime threads: more than any machine's cores (they take a C int, and
+# a count past it stopped the start-up with an OverflowError naming no variable)
+MAX_THREADS = 256
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,13 @@ class SemanticCacheSettings:
             ttl_s=ttl_s,
             max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
             max_bytes=env.int("SEMANTIC_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES, minimum=1),
-            faiss_threads=env.int("SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1),
-            ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1),
-            ort_solo_threads=env.int("SEMANTIC_CACHE_ORT_SOLO_THREADS", 0, minimum=0),
+            faiss_threads=env.int(
+                "SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1, maximum=MAX_THREADS
+            ),
+            ort_threads=env.int("SEMANTIC_CACHE_ORT_THREADS", 1, minimum=1, maximum=MAX_THREADS),
+            ort_solo_threads=env.int(
+                "SEMANTIC_CACHE_ORT_SOLO_THREADS", 0, minimum=0, maximum=MAX_THREADS
+            ),
             data_dir=Path(data_dir) if (data_dir := env.optional_str(DATA_DIR)) else None,
             snapshot_s=env.float("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
             policy=NamespacePolicy.from_env(env, ttl_s),
@@ -74,7 +81,8 @@ class SemanticCacheSettings:
             embed_max_queue=max_queue,
             embed_max_queue_per_tenant=_embed_max_queue_per_tenant(env, max_queue),
             ann_min_entries=_ann_min_entries(env),
-            ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1),
+            # FAISS takes a size_t; past the lists an index has, it searches them all
+            ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1, maximum=C_INT_MAX),
         )
 
 

@@ -59,6 +59,12 @@ def test_the_shipped_operating_point_file_loads() -> None:
         ("SEMANTIC_CACHE_ORT_THREADS", "two"),
         ("SEMANTIC_CACHE_ORT_SOLO_THREADS", "-1"),
         ("SEMANTIC_CACHE_ANN_MIN_ENTRIES", "8"),  # fewer points than an IVF's 16 lists
+        # past a C int: an OverflowError from FAISS or onnxruntime naming nothing, exit 1
+        ("SEMANTIC_CACHE_FAISS_THREADS", "3000000000"),
+        ("SEMANTIC_CACHE_ORT_THREADS", "3000000000"),
+        ("SEMANTIC_CACHE_ORT_SOLO_THREADS", "3000000000"),
+        ("SEMANTIC_CACHE_FAISS_THREADS", "257"),  # more threads than any machine has cores
+        ("SEMANTIC_CACHE_ANN_NPROBE", str(2**64)),  # FAISS's size_t: every IVF build failed
         ("SEMANTIC_CACHE_TTL_S", "1e306"),  # would overflow every Store's expiry
         ("SEMANTIC_CACHE_NAMESPACE_TTL_S", "docs=1e306"),
     ],
