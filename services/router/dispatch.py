@@ -194,17 +194,21 @@ class Dispatcher:
                 (self._table.for_tier(tier), f"fallback: {first.id} unavailable")
                 for tier in fallback_tiers(self._table.tiers, choice.tier)
             ]
+            options = self._usable_first(options, exclude)
         else:
             spec = self._table.get(request.model)
             assert spec is not None
             options = [(spec, "requested")]
+        # which options have a replica left to try: a tier's last replica is the request's
+        # last only when no later tier has one (the stall hand-over applies before that)
+        left = [bool(set(self._deps.replicas(spec.id)) - exclude) for spec, _ in options]
         failures: list[str] = []
         # auto's tiers whose context window cannot hold the prompt and max_tokens of answer
         too_long: list[str] = []
         room = False  # one of them holds the prompt, not max_tokens of answer with it
         # the router's own counts of the prompt (no Plan), by vocabulary
         counted: dict[str, int] = {}
-        for spec, reason in options:
+        for at, (spec, reason) in enumerate(options):
             replicas = self._deps.replicas(spec.id)
             if not set(replicas) - exclude:
                 continue
@@ -243,8 +247,7 @@ class Dispatcher:
                 continue
             if too_long and reason.startswith("fallback"):
                 reason = (
-                    "fallback: the prompt and max_tokens are over the context window of "
-                    f"{options[0][0].id}"
+                    f"fallback: the prompt and max_tokens are over the context window of {first.id}"
                 )
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
             raw = facts.kv_block_hashes if facts is not None else b""
@@ -268,7 +271,7 @@ class Dispatcher:
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 opened_at = self._clock()
                 needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
-                last = n == len(candidates)
+                last = n == len(candidates) and not any(left[at + 1 :])
                 handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s, last)
                 probe = health.sending(replica, opened_at)
                 ticket = self.loads.sent(
@@ -374,6 +377,21 @@ class Dispatcher:
             + "; ".join(dict.fromkeys(failures + too_long))
             + "); retry later",
         )
+
+    def _usable_first(
+        self, options: list[tuple[ModelSpec, str]], exclude: frozenset[str]
+    ) -> list[tuple[ModelSpec, str]]:
+        """``auto``'s tiers in their order, those whose replicas are all ejected after the
+        others: another tier's healthy replica answers before one left out for its failures
+        (each of which would cost the request its failure, or a hung one its deadline)."""
+        now = self._clock()
+
+        def ejected(spec: ModelSpec) -> bool:
+            replicas = [r for r in self._deps.replicas(spec.id) if r not in exclude]
+            usable, _ = self.health(spec.id).split(replicas, now)
+            return bool(replicas) and not usable
+
+        return sorted(options, key=lambda option: ejected(option[0]))
 
     def watch(self, attempt: Attempt, exclude: frozenset[str], auto: bool) -> SilenceWatch | None:
         """The watch that cuts ``attempt`` if it goes silent mid-answer (None: it waits to its

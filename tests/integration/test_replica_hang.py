@@ -64,6 +64,41 @@ def test_a_hung_replicas_requests_are_handed_over_within_the_clients_deadline(
         assert after.requests - before.requests == ASKED  # each billed once: no abandoned call
 
 
+AUTO_DEADLINE_S = 6.0
+AUTO_ASKED = 6
+
+
+def test_a_hung_one_replica_tier_hands_auto_requests_to_the_next_tier(tmp_path: Path) -> None:
+    """The shipped layout: sim-small on ``model`` alone, sim-large on ``model`` and ``model-2``.
+    ``model`` hung: an ``auto`` request the router sends to the small tier (its own
+    ``routing.threshold`` 1.0) is answered by sim-large within the client's deadline, before
+    and after the hung replica is ejected (each waited out the whole deadline there, its
+    tier's one replica taken for the request's last: DEADLINE_EXCEEDED)."""
+    run_dir = tmp_path / "run"
+    with started_stack(run_dir, {"OTEL_TRACES_EXPORTER": "none"}) as (stack, _sink):
+        stopped = stoppable(stack, run_dir, "model", AUTO_DEADLINE_S)
+        tag = uuid.uuid4().hex[:8]
+
+        def ask(i: int) -> str:
+            request = build_request(
+                f"{tag} question {i}: how do I reset it?",
+                max_tokens=32,
+                semantic=pb.SEMANTIC_MODE_BYPASS,
+            )
+            request.routing.threshold = 1.0  # every score is below it: the small tier
+            try:
+                answer = stopped.client.complete(request)
+            except CachemeshError as error:
+                return error.code.name
+            return f"{answer.tier} {answer.model}"
+
+        with stopped.client:
+            assert ask(-1) == "small sim-small"  # both models answer on `model` meanwhile
+            outcomes = stopped.while_hung(lambda: [ask(i) for i in range(AUTO_ASKED)])
+        print(f"\nsmall-routed auto requests with `model` hung: {outcomes}")
+        assert outcomes == ["large sim-large"] * AUTO_ASKED
+
+
 MID_DEADLINE_S = 20.0  # the client's: the hang outlasts it (model-2 stays stopped until all end)
 LONG_ANSWER_TOKENS = 80  # the simulator's answers are 20-120 tokens long, by the prompt's seed
 

@@ -619,3 +619,45 @@ async def test_one_models_failures_on_a_shared_address_do_not_eject_the_other_mo
     assert not pipeline._dispatch.health("sim-small").ejected("shared-1", clock())
     large_there = [c for c in models.calls if c == "shared-1"][:-12]  # sim-small's are 12
     assert len(large_there) <= 3  # ejected for sim-large after its three failures, kept out
+
+
+async def _ask_auto(
+    pipeline: Pipeline, i: int, threshold: float, remaining_s: float | None = None
+) -> pb.CompleteResponse:
+    """An ``auto`` request with its own ``routing.threshold`` (1.0: the small tier)."""
+    request = build_request(f"question {i}", model="auto", request_id=f"r{i}")
+    request.routing.threshold = threshold
+    run = pipeline.run("tenant-a", request, time_remaining_s=remaining_s)
+    chunks = [c async for c in run]
+    return chunks[-1].end
+
+
+async def test_an_auto_request_on_a_hung_one_replica_tier_is_handed_to_the_next_tier(
+    fast_stall: None,
+) -> None:
+    """sim-small's one replica hung: its tier's last replica is not the last option of an
+    ``auto`` request (sim-large's are), so its stall hands the request over to sim-large
+    within the client's deadline (it waited the whole deadline there: DEADLINE_EXCEEDED on
+    every small-routed request, even once small-1 was ejected)."""
+    clock = Clock()
+    models = Models(clock, {}, hung={"small-1"})
+    pipeline = _pipeline(models)
+    for i in range(6):
+        answer = await _ask_auto(pipeline, i, threshold=1.0, remaining_s=30.0)
+        assert answer.model == "sim-large" and answer.content[0].text == "ok"
+    await pipeline.drain()
+    assert models.cancelled == ["small-1"] * 3  # stalled and handed over; then ejected
+
+
+async def test_an_auto_tier_whose_replicas_are_all_ejected_comes_after_the_next_tiers() -> None:
+    """Once small-1 is ejected, a small-routed ``auto`` request goes to sim-large's healthy
+    replicas first, not to the ejected one (its failure, or its whole deadline, each time)."""
+    clock = Clock()
+    models = Models(clock, {"small-1": UNAVAILABLE})
+    pipeline = _pipeline(models)
+    for i in range(10):
+        answer = await _ask_auto(pipeline, i, threshold=1.0)
+        assert answer.model == "sim-large" and answer.content[0].text == "ok"
+    await pipeline.drain()
+    assert models.calls.count("small-1") == 3  # then ejected: sim-large's replicas first
+    assert pipeline._dispatch.health("sim-small").ejected("small-1", clock())
