@@ -332,6 +332,10 @@ class Pipeline:
         attempt = await self._dispatch.open(
             tenant, request, routed, exclude, window.deadline, window
         )
+        if routed is not None and attempt.tier_reason.startswith("fallback"):
+            # the routed tier could not answer: the reason says why another tier did
+            head.routing.reason = f"{routed.decision.reason}; {attempt.tier_reason}"
+            root.set_attribute("cachemesh.routing.reason", head.routing.reason)
         spans.route_attributes(root, attempt.replica, attempt.route, attempt.start)
         root.set_attribute("cachemesh.tier_reason", attempt.tier_reason)
         if self._metrics is not None:

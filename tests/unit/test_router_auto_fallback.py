@@ -1,0 +1,52 @@
+"""An ``auto`` request whose routed tier cannot answer: the response and the request's span say
+it fell back to another tier (not only the threshold that chose the first). The pipeline
+against fakes of its ports (``test_router_pipeline``)."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from services.router.dependencies import Dependencies
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_pipeline import REPLICAS, TABLE, TOKENIZER, Rig, _settings
+
+
+def _auto(threshold: float) -> pb.CompleteRequest:
+    request = build_request("How do I reset my password?", model="auto", request_id="r1")
+    request.routing.threshold = threshold
+    return request
+
+
+async def test_a_fallback_to_another_tier_is_in_the_routing_reason_and_on_the_span() -> None:
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+    rig = Rig()
+    rig.models.failing = {"small-1"}  # sim-small unreachable
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(deps, TABLE, TOKENIZER, tracer, _settings(), router, clock=rig.clock)
+    with tracer.start_as_current_span("Complete"):
+        chunks = [c async for c in pipeline.run("tenant-a", _auto(1.0))]
+    await pipeline.drain()
+    end = chunks[-1].end
+    assert (end.tier, end.model) == ("large", "sim-large")
+    # the threshold chose the small tier; its failure is why the large one answered
+    assert "< the request's threshold 1.000" in end.routing.reason
+    assert "fallback: sim-small unavailable" in end.routing.reason
+    (root,) = [s for s in exported.get_finished_spans() if s.name == "Complete"]
+    attributes = dict(root.attributes or {})
+    assert attributes["cachemesh.routing.reason"] == end.routing.reason
+    assert attributes["cachemesh.tier_reason"] == "fallback: sim-small unavailable"
+
+
+async def test_a_routed_answer_keeps_the_thresholds_reason() -> None:
+    rig = Rig()
+    end = (await rig.run(_auto(1.0)))[-1].end
+    assert end.tier == "small" and "fallback" not in end.routing.reason
