@@ -19,7 +19,7 @@ import asyncio
 import functools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -175,6 +175,7 @@ class Dispatcher:
         exclude: frozenset[str] = frozenset(),
         deadline: float | None = None,
         window: PrefixWindow | None = None,
+        accepted: Sequence[str] = (),
     ) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done); an
         ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made; replicas
@@ -182,17 +183,23 @@ class Dispatcher:
         dispatcher's clock): when the model must have answered by, for the client's deadline;
         it bounds each call (its replica's retries with it), and once it has passed no other
         replica is tried (DEADLINE_EXCEEDED). ``window``: the request's prefix-cache calls (None:
-        this call's own, within ``deadline``)."""
+        this call's own, within ``deadline``). ``accepted``: the tiers an ``auto`` request
+        accepts an answer of (empty: any; ``routing.threshold`` -1: the large tier alone, as
+        L1's lookup), the only ones it falls back to."""
         if window is None:
             window = PrefixWindow(deadline)
         plans = routed.plans if routed is not None else {}
+        refused: list[str] = []  # the cheaper tiers the request's threshold refuses
         if request.model == AUTO:
             assert routed is not None
             choice = routed.decision
             first = self._table.for_tier(choice.tier)
+            others = fallback_tiers(self._table.tiers, choice.tier)
+            refused = [tier for tier in others if accepted and tier not in accepted]
             options = [(first, choice.reason)] + [
                 (self._table.for_tier(tier), f"fallback: {first.id} unavailable")
-                for tier in fallback_tiers(self._table.tiers, choice.tier)
+                for tier in others
+                if tier not in refused
             ]
             options = self._usable_first(options, exclude)
         else:
@@ -371,11 +378,17 @@ class Dispatcher:
                 + "); shorten the messages, system or tools"
                 + (", or lower max_tokens" if room else ""),
             )
+        only = (
+            f"; its routing.threshold accepts only the {' or '.join(accepted)} tier "
+            f"(not tried: {', '.join(refused)})"
+            if refused
+            else ""
+        )
         raise RequestError(
             Code.UNAVAILABLE,
             "no model replica could serve the request ("
             + "; ".join(dict.fromkeys(failures + too_long))
-            + "); retry later",
+            + f"){only}; retry later",
         )
 
     def _usable_first(

@@ -330,7 +330,13 @@ class Pipeline:
             routed = await self._router.route(tenant, request, lookup, window)
             head.routing.CopyFrom(spans.routing(root, routed.decision))
         attempt = await self._dispatch.open(
-            tenant, request, routed, exclude, window.deadline, window
+            tenant,
+            request,
+            routed,
+            exclude,
+            window.deadline,
+            window,
+            accepted=self._accepted_tiers(request),
         )
         if routed is not None and attempt.tier_reason.startswith("fallback"):
             # the routed tier could not answer: the reason says why another tier did

@@ -1,15 +1,19 @@
 """An ``auto`` request whose routed tier cannot answer: the response and the request's span say
-it fell back to another tier (not only the threshold that chose the first). The pipeline
+it fell back to another tier (not only the threshold that chose the first), and a request
+whose own ``routing.threshold`` accepts only the large tier's answer is not answered by a
+cheaper one (L1 refuses that tier's answer for it: the model call must too). The pipeline
 against fakes of its ports (``test_router_pipeline``)."""
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.errors import Code, RequestError
 from services.router.dependencies import Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
@@ -50,3 +54,25 @@ async def test_a_routed_answer_keeps_the_thresholds_reason() -> None:
     rig = Rig()
     end = (await rig.run(_auto(1.0)))[-1].end
     assert end.tier == "small" and "fallback" not in end.routing.reason
+
+
+async def test_a_request_accepting_only_the_large_tier_is_not_answered_by_a_cheaper_one() -> None:
+    """``routing.threshold`` -1 ("the large model, please"), sim-large unreachable: was
+    answered by sim-small (billed as a saving, then stored under ``auto`` and served to the
+    next request as a hit); now UNAVAILABLE naming the large tier, sim-small not called."""
+    rig = Rig()
+    rig.models.failing = {"large-1", "large-2"}
+    with pytest.raises(RequestError) as caught:
+        await rig.run(_auto(-1.0))
+    assert caught.value.code == Code.UNAVAILABLE
+    message = str(caught.value)
+    assert "sim-large: UNAVAILABLE" in message and "accepts only the large tier" in message
+    assert sorted(replica for replica, _ in rig.models.calls) == ["large-1", "large-2"]
+    assert not rig.semantic.stores
+
+
+async def test_a_request_whose_threshold_reaches_the_small_tier_still_falls_back_to_it() -> None:
+    rig = Rig()
+    rig.models.failing = {"large-1", "large-2"}
+    end = (await rig.run(_auto(-0.99)))[-1].end  # a score below -0.99 would stay small
+    assert end.tier == "small" and "fallback: sim-large unavailable" in end.routing.reason
