@@ -12,7 +12,7 @@ import grpc
 from cachemesh.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.auth import internal_metadata
 from services.common.clock import SystemClock
-from services.common.env import Env
+from services.common.env import ConfigError, Env
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.models import model_table_from_env
@@ -28,7 +28,7 @@ from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
 from services.router.pipeline import Pipeline
-from services.router.routing.model import RouterCard, load_router_model
+from services.router.routing.model import RouterCard, RouterModelError, load_router_model
 from services.router.routing.router import LocalEmbedder
 from services.router.servicer import LEDGER_TIMEOUT_S, GatewayServicer
 from services.router.settings import RouterSettings
@@ -61,8 +61,11 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     # the vocabularies of the rows this router serves (MODEL_REPLICAS, auto's tiers among
     # them), each loaded once: o200k_base only when an OpenAI row is deployed
     tokenizer = load_tokenizers(table.models[model] for model in settings.replicas)
-    card = RouterCard.load()
-    router_model = load_router_model(card=card)  # a weights file the card does not pin: refused
+    try:
+        card = RouterCard.load()
+        router_model = load_router_model(card=card)  # weights the card does not pin: refused
+    except RouterModelError as exc:  # a broken install stops the router as a bad setting does
+        raise ConfigError(f"the learned router's model: {exc}") from exc
     threshold = (
         settings.routing_threshold
         if settings.routing_threshold is not None

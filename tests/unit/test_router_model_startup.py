@@ -1,0 +1,82 @@
+"""A router whose learned-router model is broken (its weights missing or cut short, its card
+missing or its default threshold NaN) stops at start-up as a bad setting does: one line naming
+the file, exit 2 (it was a traceback and exit 1). The router's own process, run from a copy of
+the tree whose model files are broken."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.common.keyfile import hash_key, new_api_key
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUTING = Path("services/router/routing")
+
+
+def _no_weights(routing: Path) -> Path:
+    (routing / "router_weights.json").unlink()
+    return routing / "router_weights.json"
+
+
+def _weights_cut_short(routing: Path) -> Path:
+    weights = routing / "router_weights.json"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 2])
+    return weights
+
+
+def _no_card(routing: Path) -> Path:
+    (routing / "router_card.json").unlink()
+    return routing / "router_card.json"
+
+
+def _card_threshold_nan(routing: Path) -> Path:
+    card = routing / "router_card.json"
+    body = json.loads(card.read_text())
+    body["default_threshold"] = float("nan")
+    card.write_text(json.dumps(body))
+    return card
+
+
+@pytest.mark.parametrize("breaks", [_no_weights, _weights_cut_short, _no_card, _card_threshold_nan])
+def test_a_broken_router_model_is_a_configuration_error_naming_the_file(
+    tmp_path: Path, breaks: Callable[[Path], Path]
+) -> None:
+    copy = tmp_path / "tree"
+    shutil.copytree(
+        ROOT / "services", copy / "services", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    broken = breaks(copy / ROUTING)
+    keys = tmp_path / "api-keys"
+    keys.write_text(f"tenant-a:{hash_key(new_api_key())}\n")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:2",
+        "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+        "CACHEMESH_API_KEYS_FILE": str(keys),
+        "ROUTER_LISTEN": "127.0.0.1:0",
+        "ROUTER_METRICS_LISTEN": "127.0.0.1:0",
+        "OTEL_TRACES_EXPORTER": "none",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "services.router"],
+        cwd=copy,  # the copy's services package, not the checkout's
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    # one line besides the router's JSON log lines (the Admin API's warning is one)
+    (line,) = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert line.startswith("router: configuration error: the learned router's model: "), line
+    assert str(broken) in line, line
