@@ -464,10 +464,14 @@ class SemanticCache(EntryStore):
         )
         # Served once durable, and acknowledged then: a record the log loses (a full disk) is
         # never inserted, so never served, neither now nor after a restart (``NotDurable``).
-        await self.durably(
+        if not self.keeps(entry):
+            return StoreResult(False, skip_reason=_OVER_SHARE, uncacheable=True)
+        held = await self.durably(
             lambda: self._insert(entry, vector),
             lambda journal, applied: journal.log_store(entry, vector, applied),
         )
+        if not held:  # evicted by its own store (the sharing's rounding to whole entries)
+            return StoreResult(False, skip_reason=_OVER_SHARE, uncacheable=True)
         return StoreResult(True, entry_id=entry.entry_id)
 
     def deadline_in(self, within_s: float | None) -> float | None:
@@ -556,6 +560,10 @@ def _recent_key(text: str) -> str:
 _NO_USER_TEXT = "the last message is not a user turn with text (a prefill, or no text)"
 _OVER_MAX_BYTES = (
     "the answer with its question is larger than all of L1 may hold (SEMANTIC_CACHE_MAX_BYTES)"
+)
+_OVER_SHARE = (
+    "the answer is larger than this tenant's share of SEMANTIC_CACHE_MAX_BYTES while other "
+    "tenants hold the rest (shared max-min fairly)"
 )
 _PURGED_SINCE = (
     "the tenant's entries were invalidated (or its L1 turned off) after this request's lookup"

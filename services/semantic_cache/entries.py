@@ -37,7 +37,7 @@ from services.semantic_cache.records import (
     InvalidQuery,
     RestoreReport,
 )
-from services.semantic_cache.stats import StoreStats, held_bytes
+from services.semantic_cache.stats import StoreStats, entry_bytes, held_bytes
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
 RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors)
@@ -166,7 +166,9 @@ class EntryStore:
         if self._journal is not None:
             await self._journal.sync()
 
-    def _insert(self, entry: Entry, vector: npt.NDArray[np.float32]) -> None:
+    def _insert(self, entry: Entry, vector: npt.NDArray[np.float32]) -> bool:
+        """Adds the entry (replacing its question's older answer in its scope) and evicts what
+        is over capacity: True if the entry itself is still held then."""
         key = (entry.tenant, entry.scope)
         old = self._scopes[key].exact.get(entry.query) if key in self._scopes else None
         if old is not None:
@@ -180,6 +182,7 @@ class EntryStore:
         self._add(vid, entry)
         self._changes += 1
         self._evict_over_capacity()
+        return vid in self._entries
 
     def export_entries(self) -> CacheContents:
         """A copy of every unexpired entry with its vector, least recently used first.
@@ -415,6 +418,30 @@ class EntryStore:
         if self._max_bytes is None:
             return True
         return held_bytes(payload, question, self._embedder.dim) <= self._max_bytes
+
+    def keeps(self, entry: Entry) -> bool:
+        """Whether a new entry would outlive the evictions its store makes. The byte bound is
+        shared max-min fairly: over it, each tenant ends holding about min(what it holds, a
+        level L) where the tenants' holdings so cut fill the bound; the new entry, its tenant's
+        most recently used, is kept if it is within L. Checked before a store changes anything,
+        so one that would evict itself evicts nothing else either (the tenant's older entries
+        stay)."""
+        if self._max_bytes is None:
+            return True
+        size = entry_bytes(entry, self._embedder.dim)
+        index = self._scopes.get((entry.tenant, entry.scope))
+        old = index.exact.get(entry.query) if index is not None else None
+        freed = entry_bytes(self._entries[old], self._embedder.dim) if old is not None else 0
+        if self.stats.held_bytes + size - freed <= self._max_bytes:
+            return True
+        held = dict(self.stats.bytes)
+        held[entry.tenant] = held.get(entry.tenant, 0) + size - freed
+        left, sizes = self._max_bytes, sorted(held.values())
+        for k, holding in enumerate(sizes):
+            if holding * (len(sizes) - k) > left:
+                return size * (len(sizes) - k) <= left  # size <= the level L
+            left -= holding
+        return True
 
     def _evict_over_capacity(self) -> None:
         while len(self._entries) > self._max_entries:

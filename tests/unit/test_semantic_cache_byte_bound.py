@@ -126,3 +126,48 @@ def test_the_byte_bound_is_one_gib_by_default_and_read_from_its_variable() -> No
 def test_a_byte_bound_that_holds_nothing_or_is_not_a_number_stops_the_start(value: str) -> None:
     with pytest.raises(ConfigError, match="SEMANTIC_CACHE_MAX_BYTES"):
         settings({"SEMANTIC_CACHE_MAX_BYTES": value})
+
+
+async def test_an_answer_over_its_tenants_share_is_refused_before_it_evicts_anything() -> None:
+    """b holds 500 kB, a three small FAQ answers: a's 600 kB answer is over the level the bound
+    leaves each (500 kB): refused, and a's FAQ stay (stored, it evicted a's FAQ, then itself,
+    and said stored)."""
+    cache = new_cache(max_bytes=1_000_000)
+    for i in range(10):
+        stored = await cache.store(q(f"b question {i} about x{i}", tenant="b"), answer(50 * KB))
+        assert stored.stored
+    faq = ["how do i reset my password", "what is the refund policy", "where is my invoice"]
+    for question in faq:
+        assert (await cache.store(q(question), answer(KB))).stored
+    before = dict(cache.stats.entries)
+    refused = await cache.store(q("the long report on planet x"), answer(600 * KB))
+    assert not refused.stored
+    assert "share of SEMANTIC_CACHE_MAX_BYTES" in refused.skip_reason
+    assert cache.stats.entries == before
+    assert cache.stats.evictions == 0
+    for question in faq:
+        assert (await cache.check(q(question))).exact
+
+
+async def test_every_store_said_stored_is_served_under_the_byte_bound() -> None:
+    """Stores of mixed sizes by three tenants into a small bound: whatever a Store says it
+    stored is served at once, and the bound holds."""
+    cache = new_cache(max_bytes=400_000)
+    sizes = [1, 5, 20, 60, 150, 250, 390]
+    for i in range(150):
+        tenant = "abc"[i % 3]
+        size = sizes[(i * 7 + i // 3) % len(sizes)] * KB
+        query = q(f"question {i} about topic z{i}", tenant=tenant)
+        result = await cache.store(query, answer(size))
+        assert cache.stats.held_bytes <= 400_000
+        if result.stored:
+            assert (await cache.check(query)).exact, (i, tenant, size)
+        else:
+            assert "SEMANTIC_CACHE_MAX_BYTES" in result.skip_reason, result.skip_reason
+
+
+async def test_a_new_answer_to_the_same_question_replaces_the_old_one_under_the_bound() -> None:
+    cache = new_cache(max_bytes=700_000)
+    assert (await cache.store(q("the yearly report"), answer(400 * KB))).stored
+    assert (await cache.store(q("the yearly report"), answer(420 * KB))).stored
+    assert cache.stats.entries == {"a": 1}
