@@ -585,11 +585,18 @@ class Calls:
         deadline (``model_timeout_s``); the replica gets it as its gRPC deadline and bounds
         its own retries by it."""
         call = model_pb2.GenerateRequest(tenant=tenant, model=model, request=request)
+        span = trace.get_current_span()  # the model call's span
         if facts is not None:
             call.prompt.CopyFrom(facts)
+            if call.ByteSize() > self._s.server.send_limit:
+                # the request and its KV block hashes (2 bytes a token) are over
+                # CACHEMESH_MAX_MESSAGE_BYTES together (a prompt of more than a token every
+                # 2 bytes near ROUTER_MAX_REQUEST_BYTES): sent, the call failed with gRPC's
+                # "Sent message larger than max"; the replica counts the prompt itself
+                call.ClearField("prompt")
+                span.set_attribute("cachemesh.prompt_facts_left_out", True)
         if timeout_s is None:
             timeout_s = self._s.model_timeout_s
-        span = trace.get_current_span()  # the model call's span
         span.set_attribute("cachemesh.model_deadline_ms", round(timeout_s * 1000))
         stream = self._d.model.generate(replica, call, timeout_s)
         try:

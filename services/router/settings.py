@@ -117,21 +117,41 @@ class RouterSettings:
         )
 
 
+# ROUTER_MAX_REQUEST_BYTES is at most this share of CACHEMESH_MAX_MESSAGE_BYTES: each call that
+# passes a request on carries it beside fields of its own (Lookup, Plan, Commit, Store,
+# Generate), and Plan's answer (then Generate) carries the prompt's KV block hashes, 32 bytes
+# a 16-token block: 2 bytes a token, so up to twice the request for text of a token a byte
+REQUEST_SHARE = 2  # at most 1/2
+MIN_REQUEST_BYTES = 1024
+
+
 def max_request_bytes(env: Env, max_message_bytes: int) -> int:
-    """ROUTER_MAX_REQUEST_BYTES, at most CACHEMESH_MAX_MESSAGE_BYTES (``max_message_bytes``;
-    unset: 1 MiB, or that limit when it is lower): the router passes each request on to
-    semantic-cache, prefix-cache and the model in messages under that limit. Above it the
-    router started, and every request between the two failed RESOURCE_EXHAUSTED inside the
-    stack with gRPC's own text."""
+    """ROUTER_MAX_REQUEST_BYTES, at most half of CACHEMESH_MAX_MESSAGE_BYTES
+    (``max_message_bytes``; unset: 1 MiB, or that half when it is lower). At the message limit
+    itself (the default when it was lowered) the router took a request whose model call (the
+    request and its KV block hashes) was over it: every request over ~73% of the limit
+    failed RESOURCE_EXHAUSTED with gRPC's own text from inside the stack."""
     name = "ROUTER_MAX_REQUEST_BYTES"
-    value = env.int(name, min(1024 * 1024, max_message_bytes), minimum=1024)
-    if value > max_message_bytes:
+    most = max_message_bytes // REQUEST_SHARE
+    why = (
+        "the router passes each request on to semantic-cache, prefix-cache and the model in "
+        "messages under that limit, each with fields of its own, and prefix-cache's Plan "
+        "answers with the prompt's KV block hashes, 2 bytes a token (twice a request of text "
+        "of a token a byte, as digits or CJK nearly are)"
+    )
+    if most < MIN_REQUEST_BYTES:
         raise ConfigError(
-            f"{name} ({value}) must be at most CACHEMESH_MAX_MESSAGE_BYTES ({max_message_bytes}): "
-            "the router passes each request on to semantic-cache, prefix-cache and the model "
-            "in messages under that limit, the model's with more than the request (its "
-            "prompt's KV block hashes, 2 bytes a token): raise CACHEMESH_MAX_MESSAGE_BYTES "
-            "(every service's) with room to spare, or lower this"
+            f"CACHEMESH_MAX_MESSAGE_BYTES ({max_message_bytes}) leaves the router requests of "
+            f"at most {most} bytes ({name} is at most half of it: {why}), under the least "
+            f"{name} ({MIN_REQUEST_BYTES}): raise CACHEMESH_MAX_MESSAGE_BYTES to at least "
+            f"{MIN_REQUEST_BYTES * REQUEST_SHARE}"
+        )
+    value = env.int(name, min(1024 * 1024, most), minimum=MIN_REQUEST_BYTES)
+    if value > most:
+        raise ConfigError(
+            f"{name} ({value}) must be at most half of CACHEMESH_MAX_MESSAGE_BYTES "
+            f"({max_message_bytes}), {most}: {why}; raise CACHEMESH_MAX_MESSAGE_BYTES (every "
+            f"service's) to at least {value * REQUEST_SHARE}, or lower this"
         )
     return value
 

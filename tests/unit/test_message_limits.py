@@ -46,9 +46,31 @@ def test_a_request_limit_over_the_services_message_limit_is_refused_naming_both(
     assert raised.server.max_message_bytes == 8 * MIB and raised.server.send_limit == 16 * MIB
 
 
-def test_the_default_request_limit_follows_a_lowered_message_limit() -> None:
+def test_a_request_limit_over_half_the_message_limit_is_refused_saying_why() -> None:
+    # at the message limit itself the router took requests whose model call (the request
+    # and its KV block hashes, 2 bytes a token) was over it: gRPC's "Sent message larger
+    # than max" from inside the stack for every request over ~73% of the limit
+    with pytest.raises(ConfigError) as refused:
+        _router(ROUTER_MAX_REQUEST_BYTES=str(MIB // 2), CACHEMESH_MAX_MESSAGE_BYTES=str(MIB // 2))
+    message = str(refused.value)
+    assert "ROUTER_MAX_REQUEST_BYTES (524288) must be at most half" in message
+    assert "CACHEMESH_MAX_MESSAGE_BYTES (524288), 262144" in message
+    assert "KV block hashes, 2 bytes a token" in message and "at least 1048576" in message
+    with pytest.raises(ConfigError, match=r"ROUTER_MAX_REQUEST_BYTES \(2097153\)"):
+        _router(ROUTER_MAX_REQUEST_BYTES=str(2 * MIB + 1))
+    # a message limit leaving less than the least request limit names what to raise it to
+    with pytest.raises(ConfigError) as tiny:
+        _router(CACHEMESH_MAX_MESSAGE_BYTES="2047")
+    assert "CACHEMESH_MAX_MESSAGE_BYTES (2047)" in str(tiny.value)
+    assert "to at least 2048" in str(tiny.value)
+    assert _router(CACHEMESH_MAX_MESSAGE_BYTES="2048").server.max_message_bytes == 1024
+    assert _router(ROUTER_MAX_REQUEST_BYTES=str(2 * MIB)).server.max_message_bytes == 2 * MIB
+
+
+def test_the_default_request_limit_is_half_a_lowered_message_limit() -> None:
     lowered = _router(CACHEMESH_MAX_MESSAGE_BYTES=str(MIB // 2)).server
-    assert lowered.max_message_bytes == MIB // 2 and lowered.send_limit == MIB // 2
+    assert lowered.max_message_bytes == MIB // 4 and lowered.send_limit == MIB // 2
+    assert _router(CACHEMESH_MAX_MESSAGE_BYTES=str(2 * MIB)).server.max_message_bytes == MIB
     assert _router().server.max_message_bytes == MIB
 
 
@@ -73,7 +95,7 @@ async def test_the_routers_calls_to_its_dependencies_carry_what_it_accepts() -> 
     await server.start()
     settings = _router(
         ROUTER_MAX_REQUEST_BYTES=str(12 * MIB),
-        CACHEMESH_MAX_MESSAGE_BYTES=str(16 * MIB),
+        CACHEMESH_MAX_MESSAGE_BYTES=str(24 * MIB),
         SEMANTIC_CACHE_ADDR=f"127.0.0.1:{port}",
     )
     connected = connect(settings, trace.get_tracer("test"))

@@ -1,0 +1,96 @@
+"""A request the Gateway takes fits every message the stack passes it on in, with
+CACHEMESH_MAX_MESSAGE_BYTES lowered (a deployment capping memory).
+
+ROUTER_MAX_REQUEST_BYTES defaulted to the message limit itself: the router took a request as
+large as the limit, then passed it to the model with its prompt's KV block hashes (2 bytes a
+token) in a message over that limit, and every request above ~73% of it failed
+RESOURCE_EXHAUSTED with gRPC's "Sent message larger than max" from inside the stack. Now the
+default (and the most start-up allows) is half the message limit, and a model call the hashes
+would take over the limit goes without them (the replica counts the prompt itself): a request
+just under the Gateway's limit is answered, of prose or of text of one token every 1.3 bytes,
+and billed by prefix-cache (not estimated: its Plan and commits went through too).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from cachemesh import CachemeshError, Client, build_request
+from cachemesh.envfile import read_env_file
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.env import Env
+from services.router.settings import max_request_bytes
+from tests.integration.harness import started_stack
+
+pytestmark = pytest.mark.integration
+
+MESSAGE_BYTES = 256 * 1024
+# the router's request limit as it starts with the stack's settings (ROUTER_MAX_REQUEST_BYTES
+# unset)
+REQUEST_BYTES = max_request_bytes(
+    Env({"CACHEMESH_MAX_MESSAGE_BYTES": str(MESSAGE_BYTES)}), MESSAGE_BYTES
+)
+PROSE = ("the", "quarterly", "report", "shows", "revenue", "growth", "of", "percent", "in", "asia")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    run_dir = tmp_path_factory.mktemp("lowered-messages")
+    # .env pins the HTTP front's body limit at 1 MiB, which it refuses over the message limit
+    lowered = {
+        "CACHEMESH_MAX_MESSAGE_BYTES": str(MESSAGE_BYTES),
+        "HTTP_FRONT_MAX_BODY_BYTES": str(REQUEST_BYTES),
+    }
+    with started_stack(run_dir, lowered) as (stack, _sink):
+        keys = read_env_file(run_dir / "demo-keys.env")
+        with Client(
+            stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1, timeout_s=120
+        ) as answering:
+            yield answering
+
+
+def _near_the_limit(words: list[str]) -> pb.CompleteRequest:
+    """A sim-large request of ``words`` just under the Gateway's request limit."""
+    text, size = "", 0
+    for word in words:
+        size += len(word) + 1
+        if size > REQUEST_BYTES - 128:
+            break
+        text += word + " "
+    request = build_request(text, model="sim-large", max_tokens=16, request_id=uuid.uuid4().hex)
+    assert REQUEST_BYTES - 512 < request.ByteSize() <= REQUEST_BYTES
+    return request
+
+
+def _answered(client: Client, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    try:
+        reply = client.complete(request)
+    except CachemeshError as error:  # gRPC's own text from inside the stack, before
+        pytest.fail(f"a {request.ByteSize()} B request the Gateway takes was refused: {error}")
+    assert reply.served_by != pb.LAYER_SEMANTIC_CACHE and reply.content
+    assert not reply.cost.estimated  # prefix-cache's Plan and commits carried it too
+    return reply
+
+
+def test_a_request_of_prose_just_under_the_gateways_limit_is_answered(client: Client) -> None:
+    words = [
+        f"{PROSE[i % len(PROSE)]}{i}" if i % 50 == 0 else PROSE[i % len(PROSE)]
+        for i in range(REQUEST_BYTES)
+    ]
+    _answered(client, _near_the_limit(words))
+
+
+def test_a_dense_request_just_under_the_gateways_limit_is_answered(client: Client) -> None:
+    # random letters, digits and punctuation: ~0.76 tokens a byte, whose KV block hashes
+    # (1.5 bytes for each of its bytes) and itself are over the message limit together
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + string.digits + string.punctuation
+    words = ["".join(rng.choice(alphabet) for _ in range(15)) for _ in range(REQUEST_BYTES // 16)]
+    reply = _answered(client, _near_the_limit(words))
+    assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens > REQUEST_BYTES // 2
+
