@@ -40,10 +40,17 @@ def _nothing() -> None:
 
 
 class PrefixCacheApi:
-    def __init__(self, core: PrefixCacheCore, redis_failed: Callable[[], None] = _nothing) -> None:
-        """``redis_failed``: told of each call its Redis failed (``RedisHealth.failed``)."""
+    def __init__(
+        self,
+        core: PrefixCacheCore,
+        redis_failed: Callable[[], None] = _nothing,
+        max_send_bytes: int | None = None,
+    ) -> None:
+        """``redis_failed``: told of each call its Redis failed (``RedisHealth.failed``).
+        ``max_send_bytes``: the largest answer sent (CACHEMESH_MAX_MESSAGE_BYTES; None: any)."""
         self._core = core
         self._redis_failed = redis_failed
+        self._max_send_bytes = max_send_bytes
 
     async def plan(self, request: pc.PlanRequest) -> pc.PlanResponse:
         result = await self._refused(
@@ -62,7 +69,7 @@ class PrefixCacheApi:
             result.split.prompt_tokens,
             result.split.read_tokens,
         )
-        return pc.PlanResponse(
+        plan = pc.PlanResponse(
             plan_id=result.plan_id,
             prompt=PromptFacts(
                 prompt_tokens=prompt.plan.prompt_tokens,
@@ -77,6 +84,13 @@ class PrefixCacheApi:
                 for c in result.candidates
             ],
         )
+        if self._max_send_bytes is not None and plan.ByteSize() > self._max_send_bytes:
+            # the prompt's KV block hashes (2 bytes a token) are over the message limit (a
+            # prompt of many tiny parts, such as tools of a few bytes each, is more than a token
+            # a byte): sent, the Plan failed with gRPC's "Sent message larger than max", which
+            # the router passed on; without them the replica counts the prompt itself
+            plan.ClearField("prompt")
+        return plan
 
     async def commit(self, request: pc.CommitRequest) -> pc.CommitResponse:
         if request.phase == pc.COMMIT_PHASE_WARM:

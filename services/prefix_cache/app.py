@@ -50,7 +50,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     registry = new_registry()
     metrics = PrefixCacheMetrics(registry, warm_gauge=redis is None)  # no SCAN of Redis
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
-    api = PrefixCacheApi(core) if watch is None else PrefixCacheApi(core, watch.failed)
+    sent = settings.server.send_limit  # a Plan's answer without its KV block hashes over it
+    api = (
+        PrefixCacheApi(core, max_send_bytes=sent)
+        if watch is None
+        else PrefixCacheApi(core, watch.failed, max_send_bytes=sent)
+    )
     servicer = PrefixCacheServicer(api)
     background: list[asyncio.Task[None]] = []
 

@@ -8,7 +8,9 @@ RESOURCE_EXHAUSTED with gRPC's "Sent message larger than max" from inside the st
 default (and the most start-up allows) is half the message limit, and a model call the hashes
 would take over the limit goes without them (the replica counts the prompt itself): a request
 just under the Gateway's limit is answered, of prose or of text of one token every 1.3 bytes,
-and billed by prefix-cache (not estimated: its Plan and commits went through too).
+and billed by prefix-cache (not estimated: its Plan and commits went through too). A prompt of
+more than a token a byte (hundreds of tools of a few bytes each) made Plan's answer, its hashes
+alone, over the limit: prefix-cache now answers without them, and the request is answered.
 """
 
 from __future__ import annotations
@@ -94,3 +96,20 @@ def test_a_dense_request_just_under_the_gateways_limit_is_answered(client: Clien
     reply = _answered(client, _near_the_limit(words))
     assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens > REQUEST_BYTES // 2
 
+
+def test_a_request_of_many_small_tools_just_under_the_gateways_limit_is_answered(
+    client: Client,
+) -> None:
+    # each tool a few bytes on the wire and ~9 tokens in the canonical prompt ("<tool
+    # name=..>"): ~1.3 tokens a byte, whose KV block hashes alone are over the message limit
+    request = build_request(
+        "Which tool fits?", model="sim-large", max_tokens=16, request_id=uuid.uuid4().hex
+    )
+    for i in range(REQUEST_BYTES):
+        request.tools.add(name=f"t{i:x}")
+        if request.ByteSize() > REQUEST_BYTES - 16:
+            del request.tools[-1]
+            break
+    assert REQUEST_BYTES - 512 < request.ByteSize() <= REQUEST_BYTES
+    reply = _answered(client, request)
+    assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens > REQUEST_BYTES
