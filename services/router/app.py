@@ -112,6 +112,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         journal_sync_failed=metrics.journal_sync_failed,
         # a bill kept while prefix-cache is down: its estimate counts as its line is written
         estimate_kept=limiter.count_estimate,
+        # once prefix-cache says SERVING, the try of a bill that found it down is traced again
+        prefix_serving=connected.prefix_health.serving,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from cachemesh.v1 import model_pb2, model_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
@@ -135,6 +136,28 @@ class GrpcPrefix:
         return await _unary(self.spans, _COMMIT, self.stub.Commit, request, deadline_s, self.timing)
 
 
+@dataclass
+class GrpcHealth:
+    """A dependency's grpc.health.v1 status for one of its services: asked with no span and no
+    credential (health checks are open), so asking it adds nothing to a trace."""
+
+    stub: Any  # a health_pb2_grpc.HealthStub: grpc_health ships no stub types
+    service: str  # its full proto name, e.g. "cachemesh.v1.PrefixCache"
+
+    async def serving(self, deadline_s: float) -> bool:
+        """True if it says SERVING within ``deadline_s``, or has no health to say
+        (UNIMPLEMENTED, NOT_FOUND: what waits on this answer is never held back by a peer
+        without it); False for any other answer, or none."""
+        request = health_pb2.HealthCheckRequest(service=self.service)
+        try:
+            reply: health_pb2.HealthCheckResponse = await self.stub.Check(
+                request, timeout=deadline_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 class GrpcModelStream:
     """A Generate call and its span, which ends with the stream (its end, failure or cancel);
     its duration, from the call to the stream's end, is timed as ``Generate``."""
@@ -194,6 +217,8 @@ class Connected:
     # the same channels, for the Admin API's calls (Drop, Stats, policy; Totals)
     semantic: semantic_cache_pb2_grpc.SemanticCacheAsyncStub
     prefix: prefix_cache_pb2_grpc.PrefixCacheAsyncStub
+    # prefix-cache's health on the same channel (the billing outbox's replays)
+    prefix_health: GrpcHealth
 
     async def close(self) -> None:
         for channel in self.channels:
@@ -218,6 +243,10 @@ def connect(
     spans = ClientSpans(tracer, internal_metadata(settings.internal_token))
     semantic = semantic_cache_pb2_grpc.SemanticCacheStub(channel(settings.semantic_cache_addr))
     prefix = prefix_cache_pb2_grpc.PrefixCacheStub(channel(settings.prefix_cache_addr))
+    prefix_health = GrpcHealth(
+        health_pb2_grpc.HealthStub(channel(settings.prefix_cache_addr)),
+        pc.DESCRIPTOR.services_by_name["PrefixCache"].full_name,
+    )
     dependencies = Dependencies(
         semantic=GrpcSemantic(semantic, spans, timing),
         prefix=GrpcPrefix(prefix, spans, timing),
@@ -232,4 +261,4 @@ def connect(
         ),
         models=dict(settings.replicas),
     )
-    return Connected(dependencies, list(channels.values()), semantic, prefix)
+    return Connected(dependencies, list(channels.values()), semantic, prefix, prefix_health)

@@ -75,10 +75,17 @@ with it: an entry from before it was kept has none); a replay sends an entry's c
 one span, ``cachemesh.billing_replay``, a child of that request's span, so the Commit calls
 join the request's trace even after a restart (an entry with no context is a root span). While
 prefix-cache is down each round tries the oldest entry again: only its first unreachable try
-is recorded; the next ones are sent unsampled (the trace id still flows, no span is made here
-or in prefix-cache) and the try that reaches it is recorded, as a replay span counting the
-unreachable tries before it (``cachemesh.unreachable_rounds``). Recorded every time, they grew
-one request's trace by two spans a ``ROUTER_OUTBOX_RETRY_S`` for as long as the outage lasted.
+is recorded; each next round first asks prefix-cache's health (``prefix_serving``, no span)
+and sends the entry only once it says SERVING, recorded: a replay span counting the rounds
+before it that found prefix-cache unreachable (``cachemesh.unreachable_rounds``), its Commit
+calls (and prefix-cache's) its children. Recorded every time, the tries grew one request's
+trace by two spans a ``ROUTER_OUTBOX_RETRY_S`` for as long as the outage lasted; sent
+unsampled until one reached prefix-cache (as they still are with no health to ask), the WARM
+and FINAL that billed were in no trace, and prefix-cache logged them under a span id no
+exported span has. An entry whose tries found prefix-cache unreachable though it said
+SERVING (``_RECORDED_UNREACHABLE``) no longer asks: its next tries are sent unsampled (the
+trace id still flows, no span is made here or in prefix-cache), and the one that bills is a
+replay span made after it.
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple, Protocol
@@ -116,6 +123,10 @@ log = logging.getLogger("cachemesh.router.outbox")
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
+# an entry's tries recorded though they found prefix-cache unreachable: its first, and up to
+# three after prefix-cache said it serves (a stale connection to its Redis fails one call):
+# past them its tries are sent unsampled, unasked, until one bills
+_RECORDED_UNREACHABLE = 4
 # the trace context only (traceparent, tracestate): never the caller's baggage, on disk
 _PROPAGATOR = TraceContextTextMapPropagator()
 # an entry: its commits and the trace carrier of the request they bill
@@ -150,6 +161,19 @@ class EstimateBilled(Protocol):
     def __call__(
         self, tenant: str, correction_nanos: int, counted_ms: int, *, inherited: bool
     ) -> None: ...
+
+
+# asks prefix-cache's health (grpc.health.v1) within the seconds given: True if it says
+# SERVING (or has no health to say), False for any other answer or none
+PrefixServing = Callable[[float], Awaitable[bool]]
+
+
+@dataclass
+class _Unreachable:
+    """An entry whose last try found prefix-cache unreachable, and whose first was recorded."""
+
+    rounds: int  # the rounds that found prefix-cache unreachable (sent or not: not SERVING)
+    recorded: int  # of those, its tries recorded (the first; then after it said SERVING)
 
 
 # told a kept bill's estimate as its line is written: (tenant, nano-dollars, when it counts in
@@ -301,6 +325,7 @@ class BillingOutbox:
         estimate_billed: EstimateBilled | None = None,
         journal_sync_failed: Callable[[int], None] | None = None,
         estimate_kept: EstimateKept | None = None,
+        prefix_serving: PrefixServing | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -325,7 +350,11 @@ class BillingOutbox:
         durable (the metric; ``JournalThread``'s ``sync_failed``).
         ``estimate_kept``: told each kept bill's estimate as its line is written, as
         ``(tenant, nano-dollars, when it counts (ms))`` (the limiter's ``count_estimate``), and
-        the estimate taken back (negative) when its entry is settled unreplayed."""
+        the estimate taken back (negative) when its entry is settled unreplayed.
+        ``prefix_serving``: prefix-cache's health, asked before each try of an entry whose last
+        try found it unreachable: the try is sent when it says SERVING, recorded (a replay span,
+        its Commit calls sampled), else not sent this round (None: never asked, each such try
+        sent unsampled)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -353,9 +382,10 @@ class BillingOutbox:
         # round does them again rather than send them (a repeat would be told as a first
         # reply lost)
         self._undone: set[str] = set()
-        # entries whose last try found prefix-cache unreachable, recorded: the unreachable
-        # tries since, sent unrecorded (``_replay``)
-        self._unreachable: dict[str, int] = {}
+        # entries whose last try found prefix-cache unreachable: their next tries sent only
+        # once it says it serves, recorded (``_replay``)
+        self._unreachable: dict[str, _Unreachable] = {}
+        self._prefix_serving = prefix_serving
         self._entries: _InMemory | _OnDisk
         if journal is not None:
             self._inherited = set(journal.load())
@@ -625,34 +655,60 @@ class BillingOutbox:
     ) -> tuple[_Sent, pc.CommitResponse | None]:
         """One entry's commits under a span in the trace of the request they bill; with the
         last commit's reply when every one was taken. After a recorded try that found
-        prefix-cache unreachable, the next are sent unsampled until one reaches it, recorded
-        then (its span starts when it did) with the count of unreachable tries."""
+        prefix-cache unreachable, the next is sent only once it says it serves, and recorded
+        (``prefix_serving``); with no one to ask, or once ``_RECORDED_UNREACHABLE`` tries were
+        recorded, sent unsampled (``_send_unsampled``)."""
         if not commits:
             return _Sent.SETTLED, None
         parent = _PROPAGATOR.extract(carrier) if carrier else None
-        attributes = {"cachemesh.commit": commits[0].request_id}
+        attributes: dict[str, str | int] = {"cachemesh.commit": commits[0].request_id}
         unreachable = self._unreachable.get(entry_id)
-        if unreachable is None:
-            with self._tracer.start_as_current_span(
-                "cachemesh.billing_replay", parent, attributes=attributes
-            ) as span:
-                outcome, reply = await self._send(commits)
-                span.set_attribute("cachemesh.outcome", outcome.value)
-            if outcome is _Sent.UNREACHABLE:
-                self._unreachable[entry_id] = 1
-            return outcome, reply
+        if unreachable is not None:
+            attributes["cachemesh.unreachable_rounds"] = unreachable.rounds
+            serving = self._prefix_serving
+            if serving is None or unreachable.recorded >= _RECORDED_UNREACHABLE:
+                return await self._send_unsampled(
+                    entry_id, commits, parent, attributes, unreachable
+                )
+            if not await serving(self._deadline_s):
+                unreachable.rounds += 1  # not sent: it says it does not serve, or says nothing
+                return _Sent.UNREACHABLE, None
+        with self._tracer.start_as_current_span(
+            "cachemesh.billing_replay", parent, attributes=attributes
+        ) as span:
+            outcome, reply = await self._send(commits)
+            span.set_attribute("cachemesh.outcome", outcome.value)
+        if outcome is not _Sent.UNREACHABLE:
+            self._unreachable.pop(entry_id, None)
+        elif unreachable is None:
+            self._unreachable[entry_id] = _Unreachable(1, 1)
+        else:
+            unreachable.rounds += 1
+            unreachable.recorded += 1
+        return outcome, reply
+
+    async def _send_unsampled(
+        self,
+        entry_id: str,
+        commits: Sequence[pc.CommitRequest],
+        parent: Context | None,
+        attributes: dict[str, str | int],
+        unreachable: _Unreachable,
+    ) -> tuple[_Sent, pc.CommitResponse | None]:
+        """The commits sent unsampled (no span here or in prefix-cache; the trace id still
+        reaches its logs); the try that reaches prefix-cache is a replay span made after it,
+        starting when it did."""
         started_ns = time.time_ns()
         with trace.use_span(_unsampled(parent), end_on_exit=False):
             outcome, reply = await self._send(commits)
         if outcome is _Sent.UNREACHABLE:
-            self._unreachable[entry_id] = unreachable + 1
+            unreachable.rounds += 1
             return outcome, reply
         del self._unreachable[entry_id]
         span = self._tracer.start_span(
             "cachemesh.billing_replay", parent, attributes=attributes, start_time=started_ns
         )
         span.set_attribute("cachemesh.outcome", outcome.value)
-        span.set_attribute("cachemesh.unreachable_rounds", unreachable)
         span.end()
         return outcome, reply
 

@@ -94,19 +94,36 @@ async def test_an_entry_journalled_without_a_trace_context_is_billed_under_a_roo
     assert replay.parent is None
 
 
-async def test_an_outage_adds_two_replay_spans_to_the_requests_trace_however_long() -> None:
+class ServingPrefix(TracedPrefix):
+    """Answers its health check as prefix-cache does: SERVING when it takes commits (or
+    ``says_serving`` whatever it does), noting each check's deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.says_serving: bool | None = None
+        self.checked: list[float] = []
+
+    async def serving(self, deadline_s: float) -> bool:
+        self.checked.append(deadline_s)
+        return not self.down if self.says_serving is None else self.says_serving
+
+
+async def test_an_outage_adds_two_spans_and_the_try_that_bills_is_in_the_requests_trace() -> None:
     """prefix-cache down: the outbox tries its oldest entry every ROUTER_OUTBOX_RETRY_S, and
     each try was a replay span and a Commit client span in that request's trace (a 20 s outage:
-    60 spans; an hour: ~7,200). The first unreachable try is recorded; the next ones are sent
-    unsampled (no client span, nor prefix-cache's), and the try that reaches prefix-cache is
-    recorded with how many tries found it unreachable."""
+    60 spans; an hour: ~7,200). The first unreachable try is recorded; the next rounds ask
+    prefix-cache's health, send nothing while it does not say SERVING, and the try once it
+    does is recorded, with how many rounds found it unreachable. Before, each try after the
+    first was sent unsampled, the one that billed too: its WARM and FINAL were in no trace,
+    and prefix-cache logged them under a span id no exported span has."""
     tracer, exported = _tracing()
-    prefix = TracedPrefix()
-    outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer)
+    prefix = ServingPrefix()
+    outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer, prefix_serving=prefix.serving)
     with tracer.start_as_current_span("Complete") as request:
         await outbox.keep(_commits("a#1"))
-    for _ in range(5):
+    for _ in range(20):
         assert await outbox.flush() == 0
+    assert len(_replays(exported)) == 1  # 20 rounds down: the first try's span only
     prefix.down = False
     assert await outbox.flush() == 1
     first, last = _replays(exported)
@@ -117,9 +134,58 @@ async def test_an_outage_adds_two_replay_spans_to_the_requests_trace_however_lon
     assert first.attributes is not None and last.attributes is not None
     assert first.attributes["cachemesh.outcome"] == "unreachable"
     assert last.attributes["cachemesh.outcome"] == "settled"
-    assert last.attributes["cachemesh.unreachable_rounds"] == 5
+    assert last.attributes["cachemesh.unreachable_rounds"] == 20
     assert "cachemesh.unreachable_rounds" not in first.attributes
+    # the first try's WARM, then the WARM and FINAL that billed, each under its replay span
+    # (their client spans, and prefix-cache's, are its children): the rounds between sent
+    # nothing, asked its health within the commits' deadline
+    assert first.context is not None and last.context is not None
+    assert [(c.span_id, c.trace_flags.sampled) for c in prefix.under] == [
+        (first.context.span_id, True),
+        (last.context.span_id, True),
+        (last.context.span_id, True),
+    ]
+    assert prefix.checked == [1.0] * 20
+
+
+async def test_prefix_cache_saying_serving_while_commits_fail_adds_a_bounded_number_of_spans() -> (
+    None
+):
+    """Its health SERVING but its commits unreachable (its Redis slow, a stale connection):
+    the tries after it says so are recorded, three at most, then sent unsampled and its
+    health no longer asked; the one that bills is still a replay span counting them."""
+    tracer, exported = _tracing()
+    prefix = ServingPrefix()
+    prefix.says_serving = True
+    outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer, prefix_serving=prefix.serving)
+    with tracer.start_as_current_span("Complete") as request:
+        await outbox.keep(_commits("a#1"))
+    for _ in range(20):
+        assert await outbox.flush() == 0
+    prefix.down = False
+    assert await outbox.flush() == 1
+    replays = _replays(exported)
+    outcomes = [r.attributes["cachemesh.outcome"] for r in replays if r.attributes is not None]
+    assert outcomes == ["unreachable"] * 4 + ["settled"]
+    assert len(prefix.under) == 22  # every round sent its WARM; the last, the FINAL too
+    assert [c.trace_id for c in prefix.under] == [request.get_span_context().trace_id] * 22
+    assert [c.trace_flags.sampled for c in prefix.under] == [True] * 4 + [False] * 18
+    assert len(prefix.checked) == 3
+
+
+async def test_without_a_health_to_ask_the_tries_after_an_unreachable_one_are_unsampled() -> None:
+    tracer, exported = _tracing()
+    prefix = TracedPrefix()
+    outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer)
+    with tracer.start_as_current_span("Complete") as request:
+        await outbox.keep(_commits("a#1"))
+    for _ in range(5):
+        assert await outbox.flush() == 0
+    prefix.down = False
+    assert await outbox.flush() == 1
+    first, last = _replays(exported)
+    assert last.attributes is not None and last.attributes["cachemesh.unreachable_rounds"] == 5
     # every try carried the request's trace id (prefix-cache's logs); only the first was sampled
-    assert [c.trace_id for c in prefix.under] == [asked.trace_id] * 7  # 5 down, WARM + FINAL
+    assert [c.trace_id for c in prefix.under] == [request.get_span_context().trace_id] * 7
     sampled = [c.span_id for c in prefix.under if c.trace_flags.sampled]
     assert first.context is not None and sampled == [first.context.span_id]
