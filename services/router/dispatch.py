@@ -27,6 +27,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.tokens import Tokenizer, Tokenizers
@@ -101,6 +102,10 @@ class Attempt:
     # the output tokens of its bill the outbox's journal holds though the write was not known
     # durable (its answer refused): billed at the next replay, so billed nowhere else
     kept_output_tokens: int | None = None
+    # for auto: the other tiers' models that could take the request over were this call cut
+    # mid-answer (accepted by its threshold, a replica not cut on it, a context window that
+    # holds it); looked for only when the call is watched and its model has no replica left
+    takers: tuple[str, ...] = ()
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"
@@ -188,7 +193,8 @@ class Dispatcher:
         L1's lookup), the only ones it falls back to."""
         if window is None:
             window = PrefixWindow(deadline)
-        plans = routed.plans if routed is not None else {}
+        # the Plans at hand, by model id: routed's, and those made here (None: prefix-cache down)
+        plans = dict(routed.plans) if routed is not None else {}
         refused: list[str] = []  # the cheaper tiers the request's threshold refuses
         if request.model == AUTO:
             assert routed is not None
@@ -215,29 +221,30 @@ class Dispatcher:
         room = False  # one of them holds the prompt, not max_tokens of answer with it
         # the router's own counts of the prompt (no Plan), by vocabulary
         counted: dict[str, int] = {}
+
+        async def takes_over(spec: ModelSpec) -> bool:
+            """Whether ``spec``'s tier could take this ``auto`` request over: a replica not
+            in ``exclude``, and a context window that holds the prompt and max_tokens of
+            answer, counted as the loop below does (a tier too small is skipped there: a
+            replica left for it is no replica left). Without its Plan at hand, the router's
+            own count (the same canonical prompt and vocabulary, no prefix-cache call)."""
+            if not set(self._deps.replicas(spec.id)) - exclude:
+                return False
+            tokens = await self._window_tokens(request, spec, plans.get(spec.id), counted)
+            return tokens + request.max_tokens <= spec.context_window_tokens
+
         for at, (spec, reason) in enumerate(options):
             replicas = self._deps.replicas(spec.id)
             if not set(replicas) - exclude:
                 continue
-            plan = (
-                plans[spec.id]
-                if spec.id in plans
-                else await self._calls.plan(tenant, spec.id, request, replicas, window)
-            )
+            if spec.id not in plans:
+                plans[spec.id] = await self._calls.plan(tenant, spec.id, request, replicas, window)
+            plan = plans[spec.id]
             facts = plan.prompt if plan is not None and plan.HasField("prompt") else None
             prompt_tokens = plan.prompt_tokens if plan is not None else 0
             window_tokens = prompt_tokens
-            if request.model == AUTO and plan is None:
-                # prefix-cache is down: without a count the replica of a tier too small
-                # would refuse the prompt (the request's fault) and end the request that
-                # another tier could hold. Counted with the tier's tokenizer, once a
-                # vocabulary, off the loop (~0.7 us a token not cached by the tokenizer).
-                tokenizer = self._tokenizers.for_spec(spec)
-                if tokenizer.name not in counted:
-                    counted[tokenizer.name] = await asyncio.to_thread(
-                        count_prompt, request, tokenizer
-                    )
-                window_tokens = counted[tokenizer.name]
+            if request.model == AUTO:
+                window_tokens = await self._window_tokens(request, spec, plan, counted)
             needed = window_tokens + request.max_tokens
             if request.model == AUTO and needed > spec.context_window_tokens:
                 # the replica would refuse it (vLLM and OpenAI refuse a prompt whose
@@ -351,6 +358,17 @@ class Dispatcher:
                     if plan is not None and plan.HasField("planned_at_ms")
                     else None
                 )
+                # for auto, the other tiers a cut mid-answer could hand the request to:
+                # looked for only where the watch needs them (``watch``)
+                takers: list[str] = []
+                if (
+                    request.model == AUTO
+                    and self._watched(spec)
+                    and not set(replicas) - exclude - {replica}
+                ):
+                    for other, _ in options:
+                        if other.id != spec.id and await takes_over(other):
+                            takers.append(other.id)
                 return Attempt(
                     spec,
                     reason,
@@ -366,6 +384,7 @@ class Dispatcher:
                     probe,
                     ticket,
                     planned_at,
+                    takers=tuple(takers),
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:
@@ -406,18 +425,17 @@ class Dispatcher:
 
         return sorted(options, key=lambda option: ejected(option[0]))
 
-    def watch(self, attempt: Attempt, exclude: frozenset[str], auto: bool) -> SilenceWatch | None:
+    def watch(self, attempt: Attempt, exclude: frozenset[str]) -> SilenceWatch | None:
         """The watch that cuts ``attempt`` if it goes silent mid-answer (None: it waits to its
         deadline): on a replica of the router's own engines (``_WATCHED_MID_ANSWER``), when
         another could take the request over (a replica of its model not in ``exclude``, cut on
-        this request already; for ``auto``, the other tiers): never the last one left."""
-        if not self._hand_over_stalls or self._silent_floor_s <= 0:
-            return None
-        if attempt.model.provider not in _WATCHED_MID_ANSWER:
+        this request already; for ``auto``, one of another tier it accepts whose context
+        window holds it: ``Attempt.takers``): never the last one left."""
+        if not self._watched(attempt.model):
             return None
         replica = attempt.replica
         others = set(self._deps.replicas(attempt.model.id)) - exclude - {replica}
-        if not others and not auto:
+        if not others and not attempt.takers:
             return None
         prior = attempt.model.prior_prefill_rate or self._prior_tps
 
@@ -431,6 +449,35 @@ class Dispatcher:
             functools.partial(self.loads.progress, replica),
             self._clock,
         )
+
+    def _watched(self, spec: ModelSpec) -> bool:
+        """Whether a call of ``spec``'s silent mid-answer may be cut: the cut is on, and its
+        replicas are the router's own engines (``_WATCHED_MID_ANSWER``)."""
+        return (
+            self._hand_over_stalls
+            and self._silent_floor_s > 0
+            and spec.provider in _WATCHED_MID_ANSWER
+        )
+
+    async def _window_tokens(
+        self,
+        request: pb.CompleteRequest,
+        spec: ModelSpec,
+        plan: pc.PlanResponse | None,
+        counted: dict[str, int],
+    ) -> int:
+        """The prompt's tokens in ``spec``'s context window, for ``auto``'s check: its Plan's
+        count; without a Plan (prefix-cache is down, or none made yet) the router's own, since
+        without a count the replica of a tier too small would refuse the prompt (the request's
+        fault) and end the request that another tier could hold. Counted with the tier's
+        tokenizer, once a vocabulary (``counted``), off the loop (~0.7 us a token not cached by
+        the tokenizer)."""
+        if plan is not None:
+            return plan.prompt_tokens
+        tokenizer = self._tokenizers.for_spec(spec)
+        if tokenizer.name not in counted:
+            counted[tokenizer.name] = await asyncio.to_thread(count_prompt, request, tokenizer)
+        return counted[tokenizer.name]
 
     def replica_failed(self, model: str, replica: str, probe: bool) -> None:
         """The replica failed a call of this request (before its first token, or cut

@@ -389,7 +389,7 @@ class Pipeline:
         # a call silent mid-answer is cut (as one whose replica died) while another replica
         # could take the request over: this request may be handed on once more
         retry = len(exclude) < _MAX_REPLICA_RETRIES
-        watch = self._dispatch.watch(attempt, exclude, request.model == AUTO) if retry else None
+        watch = self._dispatch.watch(attempt, exclude) if retry else None
         read = attempt.stream.read if watch is None else partial(watch.read, attempt.stream)
         try:
             # the start goes out with the first token: until then a replica that dies leaves

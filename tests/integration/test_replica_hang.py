@@ -6,7 +6,7 @@ self-hosted engine bills nothing before its first token, and the router bills on
 and the request handed over, instead of waiting out the client's deadline until the replica
 is ejected. A call the hung replica was already decoding (mid-answer) is cut once it has been
 silent for ``ROUTER_MID_ANSWER_STALL_S`` and its Complete answered by the other replica, the cut
-call billed for what it produced."""
+call billed for what it produced; the last replica an ``auto`` request has left is not."""
 
 from __future__ import annotations
 
@@ -183,3 +183,78 @@ def test_a_replica_hung_mid_answer_hands_its_complete_calls_to_the_other_replica
         # each answer billed once, and each cut call for what it produced (its own commit)
         billed = after.requests - before.requests
         assert ASKED + 1 <= billed <= ASKED + in_flight, (billed, in_flight)
+
+
+# model-2 stopped mid-answer: past the silence allowed (50 chunk gaps: a cut came at 2.7 s)
+PAUSE_S = 8.0
+
+
+def test_an_auto_request_for_the_large_tier_alone_waits_for_its_last_replica(
+    tmp_path: Path,
+) -> None:
+    """sim-large on ``model-2`` alone; an ``auto`` request with ``routing.threshold`` -1
+    accepts only the large tier's answer, so ``model-2`` is its last replica: stopped once the
+    call has its first token, for ``PAUSE_S``, then resumed, it answers in full (it was cut
+    as silent mid-answer: UNAVAILABLE, "went silent mid-answer", where a request for
+    model=sim-large was waited for)."""
+    run_dir = tmp_path / "run"
+    environ = {
+        **os.environ,
+        "MODEL_REPLICAS": "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50055",
+    }
+    extra = {
+        "OTEL_TRACES_EXPORTER": "none",
+        "SIM_TIME_SCALE": "1",
+        "SIM_SPECULATIVE": "false",
+        "ROUTER_MID_ANSWER_STALL_S": "0.5",
+    }
+    with started_stack(run_dir, extra, environ=environ) as (stack, _sink):
+        stopped = stoppable(stack, run_dir, "model-2", MID_DEADLINE_S + PAUSE_S)
+        client, pid = stopped.client, stopped.pid
+        metrics = stack.metrics_addresses["model-2"]
+        tag = uuid.uuid4().hex[:8]
+        with client, ThreadPoolExecutor(ASKED) as pool:
+            long = ""  # a question whose answer is long (the same prompt, the same answer)
+            asked = 0
+            while not long:
+                batch = [f"{tag} warm-up {asked + i}: explain it" for i in range(ASKED)]
+                asked += ASKED
+                for question, answer in zip(
+                    batch, pool.map(lambda q: _complete(client, q), batch), strict=True
+                ):
+                    assert not isinstance(answer, str), answer
+                    if answer.usage.output_tokens >= LONG_ANSWER_TOKENS:
+                        long = question
+                assert asked <= 20 * ASKED, "the simulator's answers are all short"
+            request = build_request(long, max_tokens=200, semantic=pb.SEMANTIC_MODE_BYPASS)
+            request.routing.threshold = -1.0  # the large tier's answer alone
+
+            def ask() -> pb.CompleteResponse | str:
+                try:
+                    return client.complete(request)
+                except CachemeshError as error:
+                    return str(error)
+
+            first_tokens = "cachemesh_model_time_to_first_token_seconds_count"
+            started = _model_metrics(metrics).get(first_tokens, 0.0)
+            call = pool.submit(ask)
+            try:
+                waited = time.monotonic() + 10
+                while True:  # the call has its first token, and decodes on
+                    now = _model_metrics(metrics)
+                    if now.get(first_tokens, 0.0) > started:
+                        in_flight = now.get("cachemesh_model_in_flight", 0.0)
+                        break
+                    assert time.monotonic() < waited, "model-2 was not given the call"
+                    time.sleep(0.02)  # the next look
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(PAUSE_S)  # the hang the router sees: no chunk, no sign of life
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            answer = call.result()
+    outcome = answer if isinstance(answer, str) else "answered"
+    print(f"\nmodel-2 stopped {PAUSE_S} s with {in_flight:.0f} call decoding: {outcome}")
+    assert in_flight >= 1, "model-2 had ended its answer before it was stopped"
+    assert not isinstance(answer, str), answer
+    assert (answer.tier, answer.model) == ("large", "sim-large")
+    assert answer.usage.output_tokens >= LONG_ANSWER_TOKENS  # in full, not cut

@@ -23,6 +23,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
+from services.common.models import ModelTable, with_context_windows
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import SILENT_FACTOR, silent_after_s
 from services.router.pipeline import Bills, Pipeline
@@ -94,19 +95,51 @@ class HungMidAnswer:
         self._models.cancelled.append(self._replica)
 
 
+class PausedMidAnswer:
+    """A live replica paused mid-answer (its engine held up): its start and a chunk, then
+    nothing for ``HANG_S`` of real time (50 floors), then the rest of its answer."""
+
+    def __init__(self, models: Models, replica: str) -> None:
+        self._models, self._replica = models, replica
+        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
+        end = model_pb2.GenerateEnd(output_tokens=2, stop_reason="end_turn")
+        self._chunks = [
+            model_pb2.GenerateChunk(start=start),
+            model_pb2.GenerateChunk(text="first, "),
+            None,  # the pause
+            model_pb2.GenerateChunk(text="then the rest"),
+            model_pb2.GenerateChunk(end=end),
+        ]
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        if not self._chunks:
+            return None
+        chunk = self._chunks.pop(0)
+        if chunk is None:
+            await asyncio.sleep(HANG_S)
+            chunk = self._chunks.pop(0)
+        return chunk
+
+    def cancel(self) -> None:
+        self._models.cancelled.append(self._replica)
+
+
 @dataclass
 class Models:
     clock: Clock
     hung: dict[str, int] = field(default_factory=dict)  # replica -> texts before its silence
+    paused: set[str] = field(default_factory=set)  # pause mid-answer, then answer
     calls: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
-    ) -> Answering | HungMidAnswer:
+    ) -> Answering | HungMidAnswer | PausedMidAnswer:
         self.calls.append(replica)
         if replica in self.hung:
             return HungMidAnswer(self, replica, self.hung[replica], deadline_s)
+        if replica in self.paused:
+            return PausedMidAnswer(self, replica)
         return Answering(replica)
 
 
@@ -122,12 +155,18 @@ class Prefix(WarmOnLargeOne):
         return await super().commit(request, deadline_s)
 
 
-def _pipeline(models: Models, prefix: Prefix, floor_s: str = FLOOR_S) -> Pipeline:
-    deps = Dependencies(FakeSemantic(), prefix, models, REPLICAS)
+def _pipeline(
+    models: Models,
+    prefix: Prefix,
+    floor_s: str = FLOOR_S,
+    replicas: dict[str, tuple[str, ...]] = REPLICAS,
+    table: ModelTable = TABLE,
+) -> Pipeline:
+    deps = Dependencies(FakeSemantic(), prefix, models, replicas)
     router = (load_router_model(), RouterCard.load().default_threshold, None)
     return Pipeline(
         deps,
-        TABLE,
+        table,
         TOKENIZER,
         trace.NoOpTracer(),
         _settings(floor_s),
@@ -236,6 +275,57 @@ async def test_the_last_replica_is_not_cut_for_silence() -> None:
     await pipeline.drain()
     assert caught.value.code == Code.DEADLINE_EXCEEDED
     assert "still running at its deadline" in str(caught.value)
+
+
+ONE_EACH: dict[str, tuple[str, ...]] = {"sim-small": ("small-1",), "sim-large": ("large-1",)}
+LONG_PROMPT = "clause " * 2000  # 2,000 tokens: over a context window of 1,000
+SMALL_WINDOW = with_context_windows(TABLE, "sim-small=1000")
+
+
+async def _ask_auto(
+    pipeline: Pipeline, threshold: float, text: str = "question 0"
+) -> pb.CompleteResponse:
+    request = build_request(text, model="auto", request_id="r0")
+    request.routing.threshold = threshold
+    run = pipeline.run("tenant-a", request, streamed=False, time_remaining_s=DEADLINE_S)
+    return [chunk async for chunk in run][-1].end
+
+
+async def test_an_auto_request_for_the_large_tier_alone_does_not_cut_its_last_replica() -> None:
+    """``routing.threshold`` -1 accepts only the large tier's answer, so its one replica is
+    the last one left: paused mid-answer for 50 floors, it is waited for and answers in full
+    (it was cut, and the caller got UNAVAILABLE with the cut counted against the replica)."""
+    models = Models(Clock(), paused={"large-1"})
+    pipeline = _pipeline(models, Prefix(), replicas=ONE_EACH)
+    end = await _ask_auto(pipeline, threshold=-1.0)
+    await pipeline.drain()
+    assert (end.model, end.content[0].text) == ("sim-large", "first, then the rest")
+    assert models.calls == ["large-1"] and models.cancelled == []
+    assert "large-1" not in pipeline._dispatch.health("sim-large")._replicas  # no failure
+
+
+async def test_an_auto_request_does_not_cut_its_last_replica_for_a_tier_too_small() -> None:
+    """Routed to sim-large (threshold -0.999: sim-small accepted too), a prompt of 2,000
+    tokens that sim-small's window of 1,000 cannot hold: sim-small could not take the request
+    over, so large-1 paused mid-answer is waited for (it was cut, sim-small skipped as too
+    small, and the caller got UNAVAILABLE)."""
+    models = Models(Clock(), paused={"large-1"})
+    pipeline = _pipeline(models, Prefix(), replicas=ONE_EACH, table=SMALL_WINDOW)
+    end = await _ask_auto(pipeline, threshold=-0.999, text=LONG_PROMPT)
+    await pipeline.drain()
+    assert (end.model, end.content[0].text) == ("sim-large", "first, then the rest")
+    assert models.calls == ["large-1"] and models.cancelled == []
+
+
+async def test_an_auto_requests_last_replica_silent_mid_answer_goes_to_another_tier() -> None:
+    """The same large-routed request whose prompt sim-small can hold: large-1 hung mid-answer
+    is cut at the floor and sim-small answers (not the whole deadline)."""
+    models = Models(Clock(), hung={"large-1": 2})
+    pipeline = _pipeline(models, Prefix(), replicas=ONE_EACH)
+    end = await _ask_auto(pipeline, threshold=-0.999)
+    await pipeline.drain()
+    assert (end.model, end.content[0].text) == ("sim-small", "okok")
+    assert models.calls == ["large-1", "small-1"] and models.cancelled == ["large-1"]
 
 
 async def test_a_floor_of_zero_turns_the_silence_cut_off() -> None:
