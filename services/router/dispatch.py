@@ -212,9 +212,6 @@ class Dispatcher:
             spec = self._table.get(request.model)
             assert spec is not None
             options = [(spec, "requested")]
-        # which options have a replica left to try: a tier's last replica is the request's
-        # last only when no later tier has one (the stall hand-over applies before that)
-        left = [bool(set(self._deps.replicas(spec.id)) - exclude) for spec, _ in options]
         failures: list[str] = []
         # auto's tiers whose context window cannot hold the prompt and max_tokens of answer
         too_long: list[str] = []
@@ -222,16 +219,28 @@ class Dispatcher:
         # the router's own counts of the prompt (no Plan), by vocabulary
         counted: dict[str, int] = {}
 
-        async def takes_over(spec: ModelSpec) -> bool:
+        async def takes_over(spec: ModelSpec, plan_it: bool) -> bool:
             """Whether ``spec``'s tier could take this ``auto`` request over: a replica not
             in ``exclude``, and a context window that holds the prompt and max_tokens of
             answer, counted as the loop below does (a tier too small is skipped there: a
-            replica left for it is no replica left). Without its Plan at hand, the router's
-            own count (the same canonical prompt and vocabulary, no prefix-cache call)."""
+            replica left for it is no replica left). Without its Plan at hand, ``plan_it``:
+            made now (and kept for the loop); else the router's own count (the same
+            canonical prompt and vocabulary, no prefix-cache call)."""
             if not set(self._deps.replicas(spec.id)) - exclude:
                 return False
+            if spec.id not in plans and plan_it:
+                replicas = self._deps.replicas(spec.id)
+                plans[spec.id] = await self._calls.plan(tenant, spec.id, request, replicas, window)
             tokens = await self._window_tokens(request, spec, plans.get(spec.id), counted)
             return tokens + request.max_tokens <= spec.context_window_tokens
+
+        async def later_takes_over(at: int) -> bool:
+            """Whether a tier after the ``at``-th option could take the request over (its
+            Plans made now: asked at a stall, as the loop would next)."""
+            for spec, _ in options[at + 1 :]:
+                if await takes_over(spec, plan_it=True):
+                    return True
+            return False
 
         for at, (spec, reason) in enumerate(options):
             replicas = self._deps.replicas(spec.id)
@@ -285,8 +294,16 @@ class Dispatcher:
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 opened_at = self._clock()
                 needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
-                last = n == len(candidates) and not any(left[at + 1 :])
-                handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s, last)
+                handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s)
+                # a tier's last replica is the request's last unless a later tier could take
+                # the request over: one with a replica left, asked at the stall whether its
+                # context window holds the prompt (the stall hand-over applies before that)
+                hand_over: Callable[[], Awaitable[bool]] | None = None
+                if n == len(candidates):
+                    later = [o for o, _ in options[at + 1 :]]
+                    if not any(set(self._deps.replicas(o.id)) - exclude for o in later):
+                        handover_s = None
+                    hand_over = functools.partial(later_takes_over, at)
                 probe = health.sending(replica, opened_at)
                 ticket = self.loads.sent(
                     replica,
@@ -306,6 +323,7 @@ class Dispatcher:
                             handover_s,
                             needs_s,
                             functools.partial(self.loads.progress, replica),
+                            hand_over,
                         )
                 except RequestError as exc:
                     self.loads.failed(replica, ticket)
@@ -367,7 +385,7 @@ class Dispatcher:
                     and not set(replicas) - exclude - {replica}
                 ):
                     for other, _ in options:
-                        if other.id != spec.id and await takes_over(other):
+                        if other.id != spec.id and await takes_over(other, plan_it=False):
                             takers.append(other.id)
                 return Attempt(
                     spec,
@@ -510,15 +528,15 @@ class Dispatcher:
         replica: str,
         needs_s: float,
         timeout_s: float,
-        last: bool,
     ) -> float | None:
         """When a call to ``replica`` without its first report is stalled (a hung engine) and
         the request goes to the next replica, while the deadline leaves time (None: it has the
         whole deadline). Only for a replica whose abandoned call is billed to no one
-        (``_UNBILLED_BEFORE_START``), never the last one tried, and only on a prediction worth
-        timing: the replica's measured rate, or its row's prior (the router's global prior,
-        meant for hosted providers, would make a slow engine stall on every call)."""
-        if not self._hand_over_stalls or last or spec.provider not in _UNBILLED_BEFORE_START:
+        (``_UNBILLED_BEFORE_START``), never the last one tried (the caller's to tell), and only
+        on a prediction worth timing: the replica's measured rate, or its row's prior (the
+        router's global prior, meant for hosted providers, would make a slow engine stall on
+        every call)."""
+        if not self._hand_over_stalls or spec.provider not in _UNBILLED_BEFORE_START:
             return None
         known = wanted.prior_prefill_tps is not None or self.loads.rate(replica, 1.0).samples > 0
         stall_s = stalled_after_s(needs_s)
@@ -640,13 +658,19 @@ class SilenceWatch:
 
 
 async def _stalled_after(
-    call: Awaitable[_T], handover_s: float | None, needs_s: float, progress: Callable[[], int]
+    call: Awaitable[_T],
+    handover_s: float | None,
+    needs_s: float,
+    progress: Callable[[], int],
+    hand_over: Callable[[], Awaitable[bool]] | None = None,
 ) -> _T:
     """``call``'s result; if its replica gives no sign of life at all for ``handover_s``
     (None: no limit) — ``progress``, its count of first reports and tokens on any of its
     calls, stays the same — it is cancelled (its stream with it) and fails as
-    DEADLINE_EXCEEDED, a stall. A replica streaming other answers is busy, not hung: a call
-    waiting behind them there waits on (within its deadline)."""
+    DEADLINE_EXCEEDED, a stall; unless ``hand_over``, asked then, says no other replica could
+    take the request over (None: one could): the call waits on, as the last one left. A
+    replica streaming other answers is busy, not hung: a call waiting behind them there waits
+    on (within its deadline)."""
     if handover_s is None:
         return await call
     task = asyncio.ensure_future(call)
@@ -656,8 +680,13 @@ async def _stalled_after(
             done, _ = await asyncio.wait((task,), timeout=handover_s)
             if done:
                 return task.result()
-            if progress() == seen:
-                break
+            if progress() != seen:
+                continue
+            if hand_over is not None and not await hand_over():
+                return await task  # no other replica could take the request: it waits on
+            if task.done():
+                return task.result()  # it answered while that was asked
+            break
     finally:
         if not task.done():
             task.cancel()

@@ -20,6 +20,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
+from services.common.models import ModelTable, with_context_windows
 from services.router import replica_state
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
@@ -256,11 +257,15 @@ class Behind(Stream):
             self._models.cancelled.append(self._replica)
 
 
-def _pipeline(models: Models) -> Pipeline:
-    deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, REPLICAS)
+def _pipeline(
+    models: Models,
+    replicas: dict[str, tuple[str, ...]] = REPLICAS,
+    table: ModelTable = TABLE,
+) -> Pipeline:
+    deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, replicas)
     router = (load_router_model(), RouterCard.load().default_threshold, None)
     return Pipeline(
-        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=models.clock
+        deps, table, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=models.clock
     )
 
 
@@ -622,10 +627,14 @@ async def test_one_models_failures_on_a_shared_address_do_not_eject_the_other_mo
 
 
 async def _ask_auto(
-    pipeline: Pipeline, i: int, threshold: float, remaining_s: float | None = None
+    pipeline: Pipeline,
+    i: int,
+    threshold: float,
+    remaining_s: float | None = None,
+    text: str = "question",
 ) -> pb.CompleteResponse:
     """An ``auto`` request with its own ``routing.threshold`` (1.0: the small tier)."""
-    request = build_request(f"question {i}", model="auto", request_id=f"r{i}")
+    request = build_request(f"{text} {i}", model="auto", request_id=f"r{i}")
     request.routing.threshold = threshold
     run = pipeline.run("tenant-a", request, time_remaining_s=remaining_s)
     chunks = [c async for c in run]
@@ -661,3 +670,22 @@ async def test_an_auto_tier_whose_replicas_are_all_ejected_comes_after_the_next_
     await pipeline.drain()
     assert models.calls.count("small-1") == 3  # then ejected: sim-large's replicas first
     assert pipeline._dispatch.health("sim-small").ejected("small-1", clock())
+
+
+async def test_an_auto_tiers_last_replica_is_not_handed_over_to_a_tier_too_small(
+    fast_stall: None,
+) -> None:
+    """Routed to sim-large (threshold -0.999: sim-small accepted too) with a prompt of 2,000
+    tokens that sim-small's window of 1,000 cannot hold: no later tier could take it, so
+    large-1, alive but slower than predicted (its first report after 0.5 s, 50 stall floors),
+    is the request's last replica and is waited for (it was cancelled as stalled, sim-small
+    skipped as too small, and the caller got UNAVAILABLE)."""
+    clock = Clock()
+    models = Models(clock, {}, slow={"large-1": 0.5})
+    one_each: dict[str, tuple[str, ...]] = {"sim-small": ("small-1",), "sim-large": ("large-1",)}
+    table = with_context_windows(TABLE, "sim-small=1000")
+    pipeline = _pipeline(models, one_each, table)
+    answer = await _ask_auto(pipeline, 0, threshold=-0.999, remaining_s=60.0, text="clause " * 2000)
+    await pipeline.drain()
+    assert answer.model == "sim-large" and answer.content[0].text == "ok"
+    assert models.calls == ["large-1"] and models.cancelled == []
