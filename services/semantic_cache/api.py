@@ -16,6 +16,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
+from services.semantic_cache.answers import unparsed_tool_call
 from services.semantic_cache.batcher import QueueFull
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.metrics import SemanticCacheMetrics
@@ -187,6 +188,7 @@ class SemanticCacheApi:
             output_tokens=answer.output_tokens,
             has_tool_use=any(b.WhichOneof("kind") == "tool_use" for b in answer.content),
             has_text=any(b.WhichOneof("kind") == "text" and b.text.strip() for b in answer.content),
+            unparsed_tool_call=unparsed_tool_call(answer.content),
         )
         query = self._query(request.tenant, request.request)
         policy = self._policies.get(request.tenant)

@@ -255,7 +255,7 @@ class SemanticCache(EntryStore):
         rather than in turn (``Leases.mark_uncacheable``); ends the mark when an answer was
         stored. True when marked. An answer cut at ``max_tokens`` short of the request's own
         limit (an aborted call, a finish reason the provider did not say) marks nothing: the
-        next may end whole."""
+        next may end whole; nor does a tool call whose arguments are not JSON."""
         key = self._lease_key(query)
         if key is None or self._leases is None or not self._may_be_stored(query):
             return False
@@ -264,6 +264,8 @@ class SemanticCache(EntryStore):
             return False
         if not result.uncacheable:
             return False
+        if result.skip_reason == _UNPARSED_TOOL_CALL:
+            return False  # a sample gone wrong: the next may be whole
         if answer.stop_reason == MAX_TOKENS:
             if answer.output_tokens < query.max_tokens:
                 return False
@@ -507,6 +509,7 @@ class SemanticCache(EntryStore):
             and _whole(answer, tools)
             and answer.output_tokens <= query.max_tokens
             and (not answer.has_tool_use or tools)
+            and not answer.unparsed_tool_call
             and entry.embedder_version == self._embedder.version
         )
 
@@ -565,6 +568,9 @@ _OVER_SHARE = (
     "the answer is larger than this tenant's share of SEMANTIC_CACHE_MAX_BYTES while other "
     "tenants hold the rest (shared max-min fairly)"
 )
+# kept by the model adapter as {"_unparsed_arguments": ...}: served for the whole TTL, every
+# agent asking got the same unusable call; not marked uncacheable (``_marked``)
+_UNPARSED_TOOL_CALL = "the model's tool call arguments are not JSON"
 _PURGED_SINCE = (
     "the tenant's entries were invalidated (or its L1 turned off) after this request's lookup"
 )
@@ -613,6 +619,8 @@ def _answer_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) -
         )
     if not answer.has_text and not answer.has_tool_use:
         return "empty answer: no content block with text and no tool call"
+    if answer.unparsed_tool_call:
+        return _UNPARSED_TOOL_CALL
     return ""
 
 

@@ -36,7 +36,7 @@ import json
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.files import fsync_directory
+from services.semantic_cache.answers import payload_has_unparsed_tool_call
 from services.semantic_cache.records import Answer, CacheContents, Entry
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
@@ -412,6 +413,8 @@ def entry_from_json(raw: Any, *, require_expiry: bool = False) -> Entry:
         output_tokens=_int(raw, "output_tokens"),
         has_tool_use=has_tool_use,
     )
+    if has_tool_use:  # stored before the Store read its calls' arguments, it may hold one
+        answer = replace(answer, unparsed_tool_call=payload_has_unparsed_tool_call(answer.payload))
     return Entry(
         entry_id=_str(raw, "entry_id"),
         tenant=_str(raw, "tenant"),

@@ -34,6 +34,10 @@ class Answer:
     # A content block of non-blank text. Read at Store only (an answer without it nor a tool
     # call is empty, never stored), so never persisted: a stored answer always had one.
     has_text: bool = True
+    # A tool call whose arguments the model wrote as no JSON object (``answers``): never
+    # stored, nor served. Read from the payload at Store and when an entry is loaded (one
+    # stored before the Store read it may hold one), so never persisted.
+    unparsed_tool_call: bool = False
 
 
 @dataclass(frozen=True)

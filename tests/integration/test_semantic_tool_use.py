@@ -30,13 +30,18 @@ _WEATHER = pb.Tool(
 )
 
 
-def _tool_call_twice(providers: ProviderStack, namespace: str) -> list[pb.CompleteResponse]:
+def _tool_call_twice(
+    providers: ProviderStack,
+    namespace: str,
+    arguments: str = '{"location": "Oslo"}',
+    asking: str = "Do I need a coat in Oslo?",
+) -> list[pb.CompleteResponse]:
     """The same request twice, the provider scripted to answer each with a get_weather call
     (a script L1 left unread is taken back: the session's later tests script their own);
     returns both responses, having checked that those not from L1 reached the provider."""
-    question = f"Do I need a coat in Oslo? (ticket {uuid.uuid4().hex[:8]})"
+    question = f"{asking} (ticket {uuid.uuid4().hex[:8]})"
     usage = anthropic_wire.Usage(input_tokens=40, output_tokens=12)
-    call = anthropic_wire.ToolCall("toolu_l1cache01", "get_weather", ['{"location": "Oslo"}'])
+    call = anthropic_wire.ToolCall("toolu_l1cache01", "get_weather", [arguments])
     reply = Reply(
         events=anthropic_wire.stream(
             "claude-sonnet-4-5-20250929", ["Let me check. "], usage,
@@ -80,3 +85,16 @@ def test_a_tool_call_is_served_from_l1_in_a_tool_use_namespace(providers: Provid
 def test_a_tool_call_is_not_cached_in_another_namespace(providers: ProviderStack) -> None:
     _, second = _tool_call_twice(providers, "faq")
     assert second.served_by != pb.LAYER_SEMANTIC_CACHE
+
+
+def test_a_tool_call_whose_arguments_are_not_json_is_not_cached(providers: ProviderStack) -> None:
+    """The model wrote the call's arguments as broken JSON (cut short): the answer reaches the
+    client with them kept as ``_unparsed_arguments``, but L1 does not keep it. Before, it was
+    stored and served to the question and its paraphrases for the whole TTL: every agent
+    asking got the same unusable call instead of a fresh model sample."""
+    # a question of its own: the first test's entry (a paraphrase of its) is servable here
+    asking = "Which museums in Bergen open on Mondays?"
+    first, second = _tool_call_twice(providers, TOOL_USE_NAMESPACE, '{"location": "Os', asking)
+    [use] = [b.tool_use for b in first.content if b.HasField("tool_use")]
+    assert json.loads(use.input_json) == {"_unparsed_arguments": '{"location": "Os'}
+    assert second.served_by != pb.LAYER_SEMANTIC_CACHE  # before: served from L1

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
+from services.model.providers.progress import tool_use_chunk
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.persistence import (
     LOCK_NAME,
@@ -24,6 +26,7 @@ from services.semantic_cache.persistence import (
     SnapshotError,
     SnapshotStore,
 )
+from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer
 from services.semantic_cache.snapshotter import Snapshotter
@@ -168,6 +171,33 @@ async def test_entries_expired_by_the_clock_are_skipped(tmp_path: Path) -> None:
     assert (report.restored, report.expired) == (1, 1)
     assert not (await restored.check(q("old question"))).hit
     assert (await restored.check(q("new question"))).hit
+
+
+async def test_a_tool_call_with_unparsed_arguments_stored_before_is_not_served(
+    tmp_path: Path,
+) -> None:
+    """An entry held from before the Store read a tool call's arguments (its answer's record
+    says nothing of them) is read again when loaded: one whose call the model wrote as broken
+    JSON (``{"_unparsed_arguments": ...}``) is not served, as it would not be stored now."""
+    policy = NamespacePolicy(tool_use_namespaces=frozenset({"agent"}))
+    clock = ManualClock()
+    caches = [
+        SemanticCache(FakeEmbedder(), clock, threshold=0.5, ttl_s=TTL_S, policy=policy)
+        for _ in range(2)
+    ]
+    calls = [("open config file", '{"path": "/etc/app.co'), ("tail error log", '{"path": "/l"}')]
+    for question, arguments in calls:
+        payload = sc.CachedAnswer(
+            content=[tool_use_chunk("call_1", "read_file", arguments).block],
+            stop_reason="tool_use",
+            output_tokens=9,
+        ).SerializeToString()
+        kept = Answer(payload, "tool_use", 9, has_tool_use=True, has_text=False)
+        assert (await caches[0].store(q(question, namespace="agent"), kept)).stored
+    caches[1].restore(round_trip(caches[0], tmp_path).contents)
+    assert len(caches[1]) == 2
+    assert not (await caches[1].check(q("open config file", namespace="agent"))).hit
+    assert (await caches[1].check(q("tail error log", namespace="agent"))).hit
 
 
 async def test_entries_of_another_embedder_version_are_skipped_and_logged(

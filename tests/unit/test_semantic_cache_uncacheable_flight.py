@@ -17,6 +17,7 @@ from typing import Any
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
+from services.model.providers.progress import tool_use_chunk
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import UNCACHEABLE_S, Leases
@@ -157,6 +158,42 @@ async def test_a_refusal_and_a_tool_call_its_namespace_does_not_cache_mark_the_k
     refused = await stack.store(request, call, leader.lease_id)
     assert not refused.stored
     assert calls_the_model_now(await stack.lookup(request))
+
+
+async def test_a_tool_call_whose_arguments_are_not_json_is_not_stored_and_marks_nothing() -> None:
+    """A tool call whose arguments the model wrote as broken JSON (kept by the model adapter as
+    ``{"_unparsed_arguments": ...}``) still ends ``tool_use``. In a namespace that caches tool
+    calls it was stored and served for the whole TTL to the question and its paraphrases:
+    every agent asking got the same unusable call. It is not stored now, and marks nothing:
+    the next sample may be whole, so one waiter leads it and its answer is stored."""
+    stack = Stack(NamespacePolicy(tool_use_namespaces=frozenset({"agent-readonly"})))
+    request = make_request("Show me the app config file", namespace="agent-readonly")
+    request.temperature = 0.0
+    broken = sc.CachedAnswer(
+        content=[tool_use_chunk("call_1", "read_file", '{"path": "/etc/app.co').block],
+        model="sim-large",
+        stop_reason="tool_use",
+        output_tokens=9,
+    )
+    leader = await stack.lookup(request)
+    waiters = [stack.lookup(request) for _ in range(3)]
+    await settle()
+    refused = await stack.store(request, broken, leader.lease_id)
+    assert not refused.stored
+    assert refused.skip_reason == "the model's tool call arguments are not JSON"
+    await settle()
+    woken = [task.result() for task in waiters if task.done()]
+    assert len(woken) == 1 and woken[0].leader  # not marked: the next call may be stored
+    for task in waiters:
+        task.cancel()
+    whole = sc.CachedAnswer(
+        content=[tool_use_chunk("call_2", "read_file", '{"path": "/etc/app.conf"}').block],
+        model="sim-large",
+        stop_reason="tool_use",
+        output_tokens=9,
+    )
+    assert (await stack.store(request, whole, woken[0].lease_id)).stored
+    assert (await stack.lookup(request)).hit
 
 
 async def test_a_store_refused_for_the_moment_marks_nothing() -> None:
