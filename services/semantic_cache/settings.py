@@ -10,7 +10,10 @@ from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.policy import MAX_TTL_S, NamespacePolicy, valid_ttl
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
+MAX_BYTES = "SEMANTIC_CACHE_MAX_BYTES"
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
+# The least room for an answer next to one entry's vector that the byte bound must leave
+MIN_ANSWER_ROOM = 64 << 10
 # The most FAISS or onnxruntime threads: more than any machine's cores (they take a C int, and
 # a count past it stopped the start-up with an OverflowError naming no variable)
 MAX_THREADS = 256
@@ -64,7 +67,8 @@ class SemanticCacheSettings:
             ),
             ttl_s=ttl_s,
             max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
-            max_bytes=env.int("SEMANTIC_CACHE_MAX_BYTES", DEFAULT_MAX_BYTES, minimum=1),
+            # at least one entry's worth once the embedder is known (``check_max_bytes``)
+            max_bytes=env.int(MAX_BYTES, DEFAULT_MAX_BYTES, minimum=1),
             faiss_threads=env.int(
                 "SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1, maximum=MAX_THREADS
             ),
@@ -84,6 +88,19 @@ class SemanticCacheSettings:
             # FAISS takes a size_t; past the lists an index has, it searches them all
             ann_nprobe=env.int("SEMANTIC_CACHE_ANN_NPROBE", 16, minimum=1, maximum=C_INT_MAX),
         )
+
+    def check_max_bytes(self, dim: int) -> None:
+        """``SEMANTIC_CACHE_MAX_BYTES`` against an embedder of ``dim`` dimensions (known once it
+        is loaded): every entry holds its vector, 4 bytes a dimension, so a bound below one
+        vector and an answer of 64 KiB refused almost every Store as larger than all of L1 may
+        hold, and L1 stored nothing, with no word at the start."""
+        minimum = 4 * dim + MIN_ANSWER_ROOM
+        if self.max_bytes < minimum:
+            raise ConfigError(
+                f"{MAX_BYTES} must be at least {minimum:,} bytes with an embedder of {dim} "
+                f"dimensions (room for one entry: its vector, {4 * dim:,} bytes, and an answer "
+                f"of {MIN_ANSWER_ROOM >> 10} KiB), got {self.max_bytes:,}"
+            )
 
 
 def _embed_max_queue_per_tenant(env: Env, max_queue: int) -> int:

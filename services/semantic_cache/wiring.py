@@ -42,7 +42,9 @@ def build_cache(
     """``stats`` and ``metrics``: the service's (None: the offline estimator's cache);
     ``verifier`` None = ``build_verifier(config, embedder)`` (loads the cross-encoder here);
     ``solo``: the embedder of a text embedded alone (None: ``embedder``); ``lease_clock``:
-    what the single-flight leases age on (None: a ``MonotonicClock``, never the wall)."""
+    what the single-flight leases age on (None: a ``MonotonicClock``, never the wall).
+    ``ConfigError`` when the byte bound cannot hold one of ``embedder``'s entries."""
+    config.check_max_bytes(embedder.dim)
     leases_age_on = lease_clock if lease_clock is not None else MonotonicClock()
     return SemanticCache(
         embedder,

@@ -86,6 +86,20 @@ def free_port() -> int:
         return port
 
 
+async def test_a_byte_bound_too_small_for_one_entry_stops_the_start() -> None:
+    """Read against the embedder it loads (384 dimensions): 1024 bytes started, then stored
+    nothing (every Store refused as larger than all of L1 may hold)."""
+    environ = {
+        "SEMANTIC_CACHE_LISTEN": f"127.0.0.1:{free_port()}",
+        "SEMANTIC_CACHE_METRICS_LISTEN": "127.0.0.1:0",
+        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
+        "OTEL_TRACES_EXPORTER": "none",
+        "SEMANTIC_CACHE_MAX_BYTES": "1024",
+    }
+    with pytest.raises(ConfigError, match="SEMANTIC_CACHE_MAX_BYTES must be at least 67,072"):
+        await asyncio.wait_for(serve(environ), timeout=60)
+
+
 async def test_serves_after_loading_the_model() -> None:
     address = f"127.0.0.1:{free_port()}"
     environ = {

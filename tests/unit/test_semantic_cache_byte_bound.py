@@ -14,6 +14,8 @@ from services.semantic_cache.recency import Recency
 from services.semantic_cache.records import Answer
 from services.semantic_cache.settings import DEFAULT_MAX_BYTES, SemanticCacheSettings
 from services.semantic_cache.stats import held_bytes
+from services.semantic_cache.verifier import Verifier, VerifierWeights
+from services.semantic_cache.wiring import build_cache
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 
 DIM = 64
@@ -123,7 +125,7 @@ def test_the_byte_bound_is_one_gib_by_default_and_read_from_its_variable() -> No
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "1GB"])
-def test_a_byte_bound_that_holds_nothing_or_is_not_a_number_stops_the_start(value: str) -> None:
+def test_a_byte_bound_that_is_not_a_positive_number_stops_the_start(value: str) -> None:
     with pytest.raises(ConfigError, match="SEMANTIC_CACHE_MAX_BYTES"):
         settings({"SEMANTIC_CACHE_MAX_BYTES": value})
 
@@ -171,3 +173,28 @@ async def test_a_new_answer_to_the_same_question_replaces_the_old_one_under_the_
     assert (await cache.store(q("the yearly report"), answer(400 * KB))).stored
     assert (await cache.store(q("the yearly report"), answer(420 * KB))).stored
     assert cache.stats.entries == {"a": 1}
+
+
+def wired(max_bytes: int, dim: int) -> SemanticCache:
+    """The cache as the service builds it, once its embedder (of ``dim``) is loaded."""
+    weights = VerifierWeights(
+        ("cosine", "word_jaccard"), (), (0.0, 0.0), (1.0, 1.0), (0.0, 0.0), 5.0, {}
+    )
+    config = settings({"SEMANTIC_CACHE_MAX_BYTES": str(max_bytes)})
+    return build_cache(config, FakeEmbedder(dim), ManualClock(), verifier=Verifier(weights, 0.5))
+
+
+@pytest.mark.parametrize("dim", [64, 384])
+async def test_a_byte_bound_too_small_for_one_entry_stops_the_start_naming_the_minimum(
+    dim: int,
+) -> None:
+    """Every entry holds its vector (4 bytes a dimension: 1,536 for MiniLM's 384). A bound of
+    1024 bytes started without complaint, then every Store was refused as larger than all of
+    L1 may hold (and marked uncacheable): L1 stored nothing. The start stops now below room
+    for one vector and an answer of 64 KiB, naming the variable and the minimum."""
+    minimum = 4 * dim + 64 * KB
+    for too_small in (1024, minimum - 1):
+        with pytest.raises(ConfigError, match=f"SEMANTIC_CACHE_MAX_BYTES.* {minimum:,}"):
+            wired(too_small, dim)
+    cache = wired(minimum, dim)
+    assert (await cache.store(q("how do i reset my password"), answer(60 * KB))).stored
