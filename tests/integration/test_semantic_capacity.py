@@ -33,6 +33,20 @@ async def held(stub: sc_grpc.SemanticCacheAsyncStub) -> tuple[dict[str, int], li
     return {t.tenant: t.entries for t in stats.tenants if t.entries}, hits
 
 
+async def held_after_restart(
+    data_dir: Path, port: int, extra: dict[str, str]
+) -> tuple[dict[str, int], list[int]]:
+    """``held`` once a new process has started on the data dir a killed one left."""
+    restarted = start(data_dir, port, extra)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await serving(channel, restarted)
+            return await held(sc_grpc.SemanticCacheStub(channel))
+    finally:
+        restarted.kill()
+        restarted.wait(timeout=30)
+
+
 async def test_a_tenant_flooding_l1_keeps_within_its_share_across_a_restart(
     tmp_path: Path,
 ) -> None:
@@ -53,14 +67,7 @@ async def test_a_tenant_flooding_l1_keeps_within_its_share_across_a_restart(
     finally:
         process.kill()
         process.wait(timeout=30)
-    restarted = start(data_dir, port, extra)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await serving(channel, restarted)
-            assert await held(sc_grpc.SemanticCacheStub(channel)) == before
-    finally:
-        restarted.kill()
-        restarted.wait(timeout=30)
+    assert await held_after_restart(data_dir, port, extra) == before
 
 
 async def test_a_tenants_large_answers_stay_within_the_byte_bound_across_a_restart(
@@ -101,11 +108,4 @@ async def test_a_tenants_large_answers_stay_within_the_byte_bound_across_a_resta
     finally:
         process.kill()
         process.wait(timeout=30)
-    restarted = start(data_dir, port, extra)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await serving(channel, restarted)
-            assert await held(sc_grpc.SemanticCacheStub(channel)) == before
-    finally:
-        restarted.kill()
-        restarted.wait(timeout=30)
+    assert await held_after_restart(data_dir, port, extra) == before
