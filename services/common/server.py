@@ -75,6 +75,19 @@ class ServerSettings:
         )
 
 
+# The Gateway takes requests of at most this share of CACHEMESH_MAX_MESSAGE_BYTES (its
+# ROUTER_MAX_REQUEST_BYTES): each call that passes a request on carries it beside fields of
+# its own, and prefix-cache's Plan answers with the prompt's KV block hashes, 2 bytes a token.
+REQUEST_SHARE = 2  # at most 1/2
+DEFAULT_REQUEST_BYTES = 1024 * 1024
+
+
+def default_request_bytes(max_message_bytes: int) -> int:
+    """The largest request the Gateway takes by default (ROUTER_MAX_REQUEST_BYTES unset; the
+    HTTP front's body limit follows it): 1 MiB, or the message limit's share when lower."""
+    return min(DEFAULT_REQUEST_BYTES, max_message_bytes // REQUEST_SHARE)
+
+
 def max_message_bytes(env: Env) -> int:
     """CACHEMESH_MAX_MESSAGE_BYTES: the largest gRPC message a service sends or receives."""
     return env.int(

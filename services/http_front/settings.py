@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import AUTO, ModelTable, model_table_from_env
-from services.common.server import max_message_bytes
+from services.common.server import default_request_bytes, max_message_bytes
 from services.common.tls import ClientTls, ServerTls
 from services.router.key_settings import KeyStoreSettings
 from services.router.settings import parse_replicas
@@ -72,12 +72,13 @@ class HttpFrontSettings:
 
 def max_body_bytes(env: Env, message_bytes: int) -> int:
     """HTTP_FRONT_MAX_BODY_BYTES, at most CACHEMESH_MAX_MESSAGE_BYTES (``message_bytes``;
-    unset: 1 MiB, or that limit when it is lower). A body goes to the Gateway as one message
-    no larger than its JSON (names, quotes and escapes drop out; the text is as long): above
-    the message limit, a body the front took was refused by gRPC (a 413 quoting "CLIENT: Sent
+    unset: the Gateway's own default, 1 MiB or half that limit when lower, so that a body the
+    front takes is one the Gateway takes too). A body goes to the Gateway as one message no
+    larger than its JSON (names, quotes and escapes drop out; the text is as long): above the
+    message limit, a body the front took was refused by gRPC (a 413 quoting "CLIENT: Sent
     message larger than max")."""
     name = "HTTP_FRONT_MAX_BODY_BYTES"
-    value = env.int(name, min(1024 * 1024, message_bytes), minimum=1024)
+    value = env.int(name, default_request_bytes(message_bytes), minimum=1024)
     if value > message_bytes:
         raise ConfigError(
             f"{name} ({value}) must be at most CACHEMESH_MAX_MESSAGE_BYTES ({message_bytes}): "

@@ -8,7 +8,7 @@ from pathlib import Path
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import LARGEST, SMALLEST, ModelTable, Tier
-from services.common.server import ServerSettings
+from services.common.server import REQUEST_SHARE, ServerSettings, default_request_bytes
 from services.common.tls import ServerTls
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.balance import BalancePolicy
@@ -117,11 +117,6 @@ class RouterSettings:
         )
 
 
-# ROUTER_MAX_REQUEST_BYTES is at most this share of CACHEMESH_MAX_MESSAGE_BYTES: each call that
-# passes a request on carries it beside fields of its own (Lookup, Plan, Commit, Store,
-# Generate), and Plan's answer (then Generate) carries the prompt's KV block hashes, 32 bytes
-# a 16-token block: 2 bytes a token, so up to twice the request for text of a token a byte
-REQUEST_SHARE = 2  # at most 1/2
 MIN_REQUEST_BYTES = 1024
 
 
@@ -146,7 +141,7 @@ def max_request_bytes(env: Env, max_message_bytes: int) -> int:
             f"{name} ({MIN_REQUEST_BYTES}): raise CACHEMESH_MAX_MESSAGE_BYTES to at least "
             f"{MIN_REQUEST_BYTES * REQUEST_SHARE}"
         )
-    value = env.int(name, min(1024 * 1024, most), minimum=MIN_REQUEST_BYTES)
+    value = env.int(name, default_request_bytes(max_message_bytes), minimum=MIN_REQUEST_BYTES)
     if value > most:
         raise ConfigError(
             f"{name} ({value}) must be at most half of CACHEMESH_MAX_MESSAGE_BYTES "

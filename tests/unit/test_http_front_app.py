@@ -24,7 +24,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
 from services.common.channels import server_options
-from services.common.env import ConfigError
+from services.common.env import ConfigError, Env
 from services.http_front import anthropic_api, facts, gateway, handlers, openai_api
 from services.http_front.app import serve
 from services.http_front.settings import HttpFrontSettings
@@ -588,7 +588,24 @@ def test_a_body_limit_over_the_message_limit_is_refused_naming_both() -> None:
     assert "HTTP_FRONT_MAX_BODY_BYTES (8388608)" in message
     assert "CACHEMESH_MAX_MESSAGE_BYTES (4194304)" in message
     lowered = HttpFrontSettings.from_env({**env, "CACHEMESH_MAX_MESSAGE_BYTES": str(1 << 19)})
-    assert lowered.max_body_bytes == lowered.max_message_bytes == 1 << 19
+    assert lowered.max_message_bytes == 1 << 19
+    assert lowered.max_body_bytes == 1 << 18  # the Gateway's own default: half that limit
+
+
+@pytest.mark.parametrize("message_bytes", [1 << 19, 1 << 20, 3 << 20, 4 << 20, 64 << 20])
+def test_the_fronts_default_body_limit_is_the_gateways_default_request_limit(
+    message_bytes: int,
+) -> None:
+    """At a lowered message limit the front's default took bodies up to the limit while the
+    router's took half: a body between got a 413 quoting gRPC's "Received message larger than
+    max" from the Gateway."""
+    from services.router.settings import max_request_bytes
+
+    limit = {"CACHEMESH_MAX_MESSAGE_BYTES": str(message_bytes)}
+    replicas = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
+    env = {"MODEL_REPLICAS": replicas, "CACHEMESH_API_KEYS_FILE": "/dev/null", **limit}
+    front = HttpFrontSettings.from_env(env)
+    assert front.max_body_bytes == max_request_bytes(Env(limit), message_bytes)
 
 
 async def _raw_headers(front: Front, headers: list[tuple[str, bytes]]) -> tuple[int, bytes]:
