@@ -102,10 +102,11 @@ class Attempt:
     # the output tokens of its bill the outbox's journal holds though the write was not known
     # durable (its answer refused): billed at the next replay, so billed nowhere else
     kept_output_tokens: int | None = None
-    # for auto: the other tiers' models that could take the request over were this call cut
-    # mid-answer (accepted by its threshold, a replica not cut on it, a context window that
-    # holds it); looked for only when the call is watched and its model has no replica left
-    takers: tuple[str, ...] = ()
+    # for auto, when the call is watched and its model has no replica left: whether another
+    # tier could take the request over were this call cut mid-answer (accepted by its
+    # threshold, a replica not cut on it, a context window that holds it); asked only at a
+    # silence (``SilenceWatch``), as it may count the prompt (None: none could)
+    takers: Callable[[], Awaitable[bool]] | None = None
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"
@@ -239,6 +240,15 @@ class Dispatcher:
             Plans made now: asked at a stall, as the loop would next)."""
             for spec, _ in options[at + 1 :]:
                 if await takes_over(spec, plan_it=True):
+                    return True
+            return False
+
+        async def other_takes_over(tier: str) -> bool:
+            """Whether a tier other than ``tier`` could take the request over were its call
+            cut mid-answer (the Plans at hand, else the router's own count: asked at a
+            silence, not before the first token)."""
+            for other, _ in options:
+                if other.id != tier and await takes_over(other, plan_it=False):
                     return True
             return False
 
@@ -376,17 +386,15 @@ class Dispatcher:
                     if plan is not None and plan.HasField("planned_at_ms")
                     else None
                 )
-                # for auto, the other tiers a cut mid-answer could hand the request to:
-                # looked for only where the watch needs them (``watch``)
-                takers: list[str] = []
+                # for auto, whether another tier could take over a call cut mid-answer:
+                # where the watch needs it (``watch``), asked at a silence
+                takers = None
                 if (
                     request.model == AUTO
                     and self._watched(spec)
                     and not set(replicas) - exclude - {replica}
                 ):
-                    for other, _ in options:
-                        if other.id != spec.id and await takes_over(other, plan_it=False):
-                            takers.append(other.id)
+                    takers = functools.partial(other_takes_over, spec.id)
                 return Attempt(
                     spec,
                     reason,
@@ -402,7 +410,7 @@ class Dispatcher:
                     probe,
                     ticket,
                     planned_at,
-                    takers=tuple(takers),
+                    takers=takers,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:
@@ -448,12 +456,12 @@ class Dispatcher:
         deadline): on a replica of the router's own engines (``_WATCHED_MID_ANSWER``), when
         another could take the request over (a replica of its model not in ``exclude``, cut on
         this request already; for ``auto``, one of another tier it accepts whose context
-        window holds it: ``Attempt.takers``): never the last one left."""
+        window holds it: ``Attempt.takers``, asked at a silence): never the last one left."""
         if not self._watched(attempt.model):
             return None
         replica = attempt.replica
         others = set(self._deps.replicas(attempt.model.id)) - exclude - {replica}
-        if not others and not attempt.takers:
+        if not others and attempt.takers is None:
             return None
         prior = attempt.model.prior_prefill_rate or self._prior_tps
 
@@ -466,6 +474,7 @@ class Dispatcher:
             queued_s,
             functools.partial(self.loads.progress, replica),
             self._clock,
+            None if others else attempt.takers,
         )
 
     def _watched(self, spec: ModelSpec) -> bool:
@@ -585,7 +594,10 @@ class SilenceWatch:
     to the caller to cancel. One timer a call, on the event loop's clock, looking
     ``_SILENCE_LOOKS`` times a silence allowed while a read waits (a chunk costs no timer of
     its own); it cancels the reading task, and ``read`` turns that into ``Silent`` (a
-    cancellation of anyone else's goes on)."""
+    cancellation of anyone else's goes on). ``takers`` (None: another replica of the model is
+    left): whether another tier could take the request over, asked at the first silence (it
+    may count the prompt, so never before): if none could, the call is not cut and waits on,
+    as the last one left."""
 
     def __init__(
         self,
@@ -593,11 +605,15 @@ class SilenceWatch:
         queued_s: Callable[[], float],
         progress: Callable[[], int],
         clock: Callable[[], float],
+        takers: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._floor_s = floor_s
         self._queued_s = queued_s
         self._progress = progress
         self._clock = clock
+        self._takers = takers
+        self._may_cut: bool | None = None if takers is not None else True  # None: not asked
+        self._asking: asyncio.Task[None] | None = None
         self._began = clock()  # the first report (the prefill's end)
         self._last = self._began  # the last chunk
         self._chunks = 0
@@ -617,7 +633,7 @@ class SilenceWatch:
         self._task = asyncio.current_task()
         self._reading_since = self._window = loop.time()
         self._seen = self._progress()
-        if self._timer is None:
+        if self._timer is None and self._may_cut is not False:
             self._timer = loop.call_at(self._window + self.limit_s() / _SILENCE_LOOKS, self._check)
         try:
             chunk = await stream.read()
@@ -637,6 +653,8 @@ class SilenceWatch:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._asking is not None:
+            self._asking.cancel()
 
     def _check(self) -> None:
         self._timer = None
@@ -653,8 +671,27 @@ class SilenceWatch:
         if now < due:
             self._timer = loop.call_at(min(due, now + limit_s / _SILENCE_LOOKS), self._check)
             return
+        if self._may_cut is None:  # silent: asked once whether another tier could take over
+            if self._asking is None:
+                self._asking = asyncio.ensure_future(self._ask())
+            return
+        if not self._may_cut:
+            return  # none could: the call waits on, as the last one left
         self._silent_s = now - since
         self._task.cancel()
+
+    async def _ask(self) -> None:
+        """Asks ``takers`` (at the first silence); if another tier could take the request
+        over, the silence is looked at again (a chunk may have come meanwhile)."""
+        assert self._takers is not None
+        try:
+            self._may_cut = await self._takers()
+        except Exception:
+            log.exception("whether another tier could take over a silent call: not cut")
+            self._may_cut = False
+        if self._may_cut and self._timer is None and self._reading_since is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time(), self._check)
 
 
 async def _stalled_after(

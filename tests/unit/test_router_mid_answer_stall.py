@@ -24,9 +24,12 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable, with_context_windows
+from services.common.tokens import Tokenizer
+from services.router import dispatch
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import SILENT_FACTOR, silent_after_s
 from services.router.pipeline import Bills, Pipeline
+from services.router.prompt_counts import count_prompt
 from services.router.replica_state import ReplicaStates
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
@@ -326,6 +329,32 @@ async def test_an_auto_requests_last_replica_silent_mid_answer_goes_to_another_t
     await pipeline.drain()
     assert (end.model, end.content[0].text) == ("sim-small", "okok")
     assert models.calls == ["large-1", "small-1"] and models.cancelled == ["large-1"]
+
+
+@pytest.mark.parametrize("hung", [False, True], ids=["answering", "silent-mid-answer"])
+async def test_an_auto_requests_watched_last_replica_counts_no_prompt_unless_silent(
+    hung: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether another tier could take the request over is asked only at a silence: a large
+    call that answers costs no count of the prompt for sim-small's window (it was counted,
+    ~0.7 us a token, after the call started and before its first token reached the caller);
+    one silent mid-answer is counted then (during large-1's call) and handed to sim-small."""
+    models = Models(Clock(), hung={"large-1": 2} if hung else {})
+    counted_during: list[list[str]] = []  # the model calls made when each count was
+
+    def counting(request: pb.CompleteRequest, tokenizer: Tokenizer) -> int:
+        counted_during.append(list(models.calls))
+        return count_prompt(request, tokenizer)
+
+    monkeypatch.setattr(dispatch, "count_prompt", counting)
+    pipeline = _pipeline(models, Prefix(), replicas=ONE_EACH)
+    end = await _ask_auto(pipeline, threshold=-0.999)
+    await pipeline.drain()
+    if not hung:
+        assert (end.model, models.calls, counted_during) == ("sim-large", ["large-1"], [])
+    else:
+        assert (end.model, models.calls) == ("sim-small", ["large-1", "small-1"])
+        assert counted_during[0] == ["large-1"]
 
 
 async def test_a_floor_of_zero_turns_the_silence_cut_off() -> None:
