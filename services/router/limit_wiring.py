@@ -15,7 +15,15 @@ from collections.abc import Awaitable, Callable
 
 from opentelemetry import trace
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    ClusterDownError,
+    OutOfMemoryError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
@@ -127,24 +135,36 @@ async def _first_call(
 ) -> None:
     """``call``, the first of ``redis`` (a client of the Redis at ``url``, ``var``'s value),
     waited for up to ``timeout_s``. Refused (the credentials, a permission, a read-only
-    replica): ``ConfigError``. No answer: a WARNING, and the router starts without it."""
+    replica): ``ConfigError``. No answer, or an answer that it cannot serve for now (out of
+    memory under ``noeviction``, MASTERDOWN during a failover, TRYAGAIN): a WARNING, and the
+    router starts without it."""
     where = redacted_url(url)  # never its password
     try:
         async with asyncio.timeout(timeout_s):
             await call
+    except _FOR_NOW as exc:  # before ResponseError, of which these are kinds
+        _starts_without(var, where, client, exc)
     except (AuthenticationError, AuthorizationError, ResponseError) as exc:
         await redis.aclose()
         raise ConfigError(f"{var}: Redis at {where} refused ({exc})") from None
     except (RedisError, OSError, TimeoutError) as exc:
         if isinstance(exc, TimeoutError):  # asyncio's, with no message
             exc = TimeoutError(f"no answer within {timeout_s:g} s")
-        _, meanwhile = MEANWHILE[client]
-        log.warning(
-            "%s: Redis at %s does not answer (%s: %s); the router starts without it and "
-            "calls it as requests come: %s until it answers",
-            var,
-            where,
-            type(exc).__name__,
-            exc,
-            meanwhile,
-        )
+        _starts_without(var, where, client, exc)
+
+
+# Refusals a Redis makes for now, not for the router's configuration: it starts without it
+_FOR_NOW = (OutOfMemoryError, ClusterDownError, TryAgainError)  # MASTERDOWN: a ClusterDownError
+
+
+def _starts_without(var: str, where: str, client: RedisClient, exc: BaseException) -> None:
+    _, meanwhile = MEANWHILE[client]
+    log.warning(
+        "%s: Redis at %s does not answer or cannot serve now (%s: %s); the router starts "
+        "without it and calls it as requests come: %s until it answers",
+        var,
+        where,
+        type(exc).__name__,
+        exc,
+        meanwhile,
+    )

@@ -1203,3 +1203,27 @@ async def test_a_settle_redis_answers_loading_is_not_sent(
         with pytest.raises(SettleNotSent):
             await store.settle("t", policy, 0, 1_000, START_MS, Periods.at(START_MS), "id-1")
         await store.close()
+
+
+async def test_a_limits_redis_out_of_memory_at_start_up_does_not_stop_the_router(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis over its maxmemory under noeviction refuses the store id's write with OOM: an
+    outage to wait out (memory frees, an operator raises it), not the router's configuration:
+    before, the router stopped with a ConfigError and a restart kept failing until it passed."""
+    with redis_server(tmp_path) as url:
+        redis = Redis.from_url(url)
+        try:
+            await redis.set("ballast", "x" * 100_000)
+            await redis.config_set("maxmemory-policy", "noeviction")
+            await redis.config_set("maxmemory", "1")  # every write now answers OOM
+            env = Env({"ROUTER_LIMIT_REQUESTS_PER_MIN": "2", "ROUTER_LIMITS_REDIS_URL": url})
+            with caplog.at_level(logging.WARNING, "services.router.limit_wiring"):
+                limiter = await build_limiter(
+                    LimitSettings.from_env(env), ManualClock(START_MS), TABLE, TOKENIZERS
+                )
+            assert limiter is not None
+            assert any("OutOfMemoryError" in r.getMessage() for r in caplog.records)
+        finally:
+            await redis.config_set("maxmemory", "0")
+            await redis.aclose()
