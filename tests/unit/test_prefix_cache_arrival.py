@@ -107,16 +107,71 @@ async def test_another_commit_meanwhile_does_not_drop_the_entry_read_on_arrival(
     assert got.read_tokens == cached
 
 
-async def test_an_arrival_is_judged_at_most_the_read_grace_before_the_first_token(
+async def test_without_the_plan_s_read_an_arrival_is_judged_at_most_the_read_grace_before(
     rig: Rig,
 ) -> None:
-    """The lookback is bounded by what the stores keep after expiry (identical on both)."""
+    """A WARM naming its Plan but not the Plan's read (``max_read_tokens``): the lookback is
+    bounded by what the stores keep after expiry (identical on both)."""
     cached, plan_id = await _turn_warmed_then_arriving(rig)
     rig.clock.advance(ms=1_000 + READ_GRACE_MS)  # expired READ_GRACE_MS ago at the first token
-    got = await rig.core.warm(
-        "t", "r2", "sim-large", None, "", max_read_tokens=cached, plan_id=plan_id
-    )
+    got = await rig.core.warm("t", "r2", "sim-large", None, "", plan_id=plan_id)
     assert got.read_tokens == 0 and got.write_5m_tokens == cached
+
+
+async def test_a_first_token_past_the_read_grace_is_billed_alike_on_every_prefix_cache(
+    rig: Rig, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """A prefix written at 0 s, a turn arriving at 290 s whose Plan (and the provider) reads
+    it, its first token at 380 s: the prefix-cache holding the Plan judged the read no earlier
+    than ``READ_GRACE_MS`` before the first token, found the entry expired and billed a
+    1,440-token 5-minute write (5,415,000 nanos), where another prefix-cache replica (the
+    router resends the WARM with the arrival) billed the read (447,000): the bill depended on
+    load balancing. Both settle it as of the arrival: the Plan's read, refreshed from then."""
+    other = _core_of(rig.clock, warm_store, make_ledger(86_400_000))  # holds no Plan
+    for tenant in ("held", "elsewhere"):
+        wrote = await rig.core.warm(tenant, "w", "sim-large", ask("Rule 1?"), "")
+        assert wrote.write_5m_tokens > 0
+    rig.clock.advance(s=290)
+    held = await rig.core.plan("held", "sim-large", ask("Rule 2?"), [])
+    elsewhere = await rig.core.plan("elsewhere", "sim-large", ask("Rule 2?"), [])
+    rig.clock.advance(s=90)
+    got = {
+        "held": await rig.core.warm(
+            "held",
+            "f",
+            "sim-large",
+            None,
+            "",
+            max_read_tokens=held.split.read_tokens,
+            plan_id=held.plan_id,
+        ),
+        # what the router sends after the other replica's FAILED_PRECONDITION (PlanGone)
+        "elsewhere": await other.warm(
+            "elsewhere",
+            "f",
+            "sim-large",
+            ask("Rule 2?"),
+            "",
+            max_read_tokens=elsewhere.split.read_tokens,
+            plan_id=elsewhere.plan_id,
+            planned_at_ms=elsewhere.prompt.planned_at_ms,
+        ),
+    }
+    cached = held.split.read_tokens
+    assert cached == 1_440 and elsewhere.split.read_tokens == cached
+    assert got["held"] == got["elsewhere"] == held.split
+    assert got["held"].read_tokens == cached and got["held"].creation_tokens == 0
+    # the read refreshed the entry from the arrival (290 s): live until 590 s on both
+    arrived = held.prompt.planned_at_ms
+    assert arrived is not None
+    rig.clock.advance(ms=arrived + 299_999 - rig.clock.now_ms())
+    for tenant in ("held", "elsewhere"):
+        live = await rig.core.plan(tenant, "sim-large", ask("Rule 3?"), [])
+        assert live.split.read_tokens == cached, tenant
+    rig.clock.advance(ms=1)
+    for tenant in ("held", "elsewhere"):
+        gone = await rig.core.plan(tenant, "sim-large", ask("Rule 4?"), [])
+        assert gone.split.read_tokens == 0, tenant
 
 
 async def test_without_its_plan_a_warm_judges_at_its_own_time(rig: Rig) -> None:
