@@ -108,6 +108,9 @@ class PrefixCacheApi:
                     planned_at_ms=(
                         request.planned_at_ms if request.HasField("planned_at_ms") else None
                     ),
+                    arrived_at_ms=(
+                        request.arrived_at_ms if request.HasField("arrived_at_ms") else None
+                    ),
                 )
             )
             log.debug(

@@ -178,6 +178,7 @@ class PrefixCacheCore:
         *,
         kv_cached_unreported: bool = False,
         planned_at_ms: int | None = None,
+        arrived_at_ms: int | None = None,
     ) -> Split:
         """The first token arrived from ``replica``, which reported ``kv_cached_tokens``
         (unless ``kv_cached_unreported``: a provider adapter learns its engine's KV reuse
@@ -201,6 +202,13 @@ class PrefixCacheCore:
         billing outbox carries, maybe long after it: the read is the Plan's, not judged again
         against a warm state that may have expired or been lost (a restart) since, and the
         refresh and writes last their ttl from the arrival (one run out since is not warm again).
+
+        ``arrived_at_ms`` is the router's own time of the model call, sent when it had no Plan
+        (it failed or timed out) and used only without ``max_read_tokens`` and ``planned_at_ms``:
+        the WARM is judged as a held Plan's is, at that time (``read_time``), not reading what
+        was written after it (a concurrent request's). It is a field of its own, not
+        ``planned_at_ms`` without ``max_read_tokens``, which an older prefix-cache refuses: in a
+        rolling upgrade that one ignores it and judges at the first token, as it always did.
         """
         if max_read_tokens is not None and max_read_tokens < 0:
             raise BadRequest(f"max_read_tokens must be >= 0, got {max_read_tokens}")
@@ -210,8 +218,10 @@ class PrefixCacheCore:
             if max_read_tokens is None:
                 raise BadRequest(
                     "planned_at_ms needs max_read_tokens (both from the request's Plan): send "
-                    "the Plan's read with it, or neither"
+                    "the Plan's read with it, or neither (without a Plan: arrived_at_ms)"
                 )
+        if arrived_at_ms is not None and arrived_at_ms < 0:
+            raise BadRequest(f"arrived_at_ms must be >= 0, got {arrived_at_ms}")
         _require(tenant, "tenant")
         _require(request_id, "request_id")
         spec = self._spec(model, "model")
@@ -256,6 +266,13 @@ class PrefixCacheCore:
                 if arrived is not None:
                     split = await self._replayed(prompt, probes, arrived, now)
                 else:
+                    if (
+                        arrived_at_ms is not None
+                        and max_read_tokens is None
+                        and prompt.planned_at_ms is None
+                    ):
+                        # no Plan: the router's time of the arrival stands for it
+                        prompt = replace(prompt, planned_at_ms=arrived_at_ms)
                     # the probes as the provider found them on arrival; refresh and writes
                     # now, their lifetime counted from the request's start (the arrival)
                     read_at = read_time(prompt.planned_at_ms, now)

@@ -1,11 +1,13 @@
 """The warm-prefix store in Redis, shared by several prefix-cache replicas.
 
-Each entry is a hash ``{tokens, ttl_ms, expires_at_ms}`` under
+Each entry is a hash ``{tokens, ttl_ms, expires_at_ms, created_at_ms}`` under
 ``<prefix>:{<scope hash>}:<digest>`` (the braces keep one scope's keys in one cluster slot, so a
 script may touch them all). ``expires_at_ms`` is computed from the caller's ``now_ms`` (the
 injected clock), so the same tests drive this store and the in-memory one; Redis's own key
 expiry (``PEXPIRE``, the entry's TTL plus ``READ_GRACE_MS``) only collects garbage and never
-decides whether an entry is warm.
+decides whether an entry is warm. ``created_at_ms`` (its writer's first token, from when it is
+readable) is absent from an entry an older version wrote: that one is readable since always,
+and an older version reading this store ignores the field.
 
 ``settle`` is one Lua script, so reading the longest live probe, refreshing it and writing the
 new entries happen atomically with respect to every other replica's commits.
@@ -26,20 +28,22 @@ GC_SLACK_MS = READ_GRACE_MS  # an expired entry stays readable by a request that
 WARM_PREFIX = "cachemesh:warm"  # of every entry's key (make reset-l2 deletes them)
 
 # KEYS: the probes' keys, then the writes' keys. ARGV: now_ms, number of probes, GC slack,
-# read_at_ms (probes are judged live then), started_ms (lifetimes start then), then per write:
-# tokens, ttl_ms. Returns {} or {index of the hit among the probes, tokens, ttl_ms,
-# expires_at_ms as found}.
+# read_at_ms (probes are judged live then), started_ms (lifetimes start then, and a probe
+# created after it is not read), then per write: tokens, ttl_ms. Returns {} or {index of the
+# hit among the probes, tokens, ttl_ms, expires_at_ms as found, created_at_ms}.
 _SETTLE = """
 local now = tonumber(ARGV[1])
 local probes = tonumber(ARGV[2])
 local slack = tonumber(ARGV[3])
 local read_at = tonumber(ARGV[4])
 local start = tonumber(ARGV[5])
-local best, best_tokens, best_ttl, best_exp = 0, -1, 0, 0
+local best, best_tokens, best_ttl, best_exp, best_created = 0, -1, 0, 0, 0
 for i = 1, probes do
-  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms')
-  if v[1] and tonumber(v[3]) > read_at and tonumber(v[1]) > best_tokens then
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms', 'created_at_ms')
+  local created = tonumber(v[4]) or 0
+  if v[1] and tonumber(v[3]) > read_at and created <= start and tonumber(v[1]) > best_tokens then
     best, best_tokens, best_ttl, best_exp = i, tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+    best_created = created
   end
 end
 if best > 0 then
@@ -52,30 +56,35 @@ for j = 1, #KEYS - probes do
   local tokens = tonumber(ARGV[4 + 2 * j])
   local ttl = tonumber(ARGV[5 + 2 * j])
   local expires = start + ttl
-  local old = redis.call('HMGET', key, 'ttl_ms', 'expires_at_ms')
+  local created = now
+  local old = redis.call('HMGET', key, 'ttl_ms', 'expires_at_ms', 'created_at_ms')
   if old[2] and tonumber(old[2]) > now then
     ttl = math.max(ttl, tonumber(old[1]))
     expires = math.max(expires, tonumber(old[2]))
+    created = math.min(created, tonumber(old[3]) or 0)
   end
-  redis.call('HSET', key, 'tokens', tokens, 'ttl_ms', ttl, 'expires_at_ms', expires)
+  redis.call('HSET', key, 'tokens', tokens, 'ttl_ms', ttl, 'expires_at_ms', expires,
+    'created_at_ms', created)
   redis.call('PEXPIRE', key, expires - now + slack)
 end
 if best == 0 then return {} end
-return {best, best_tokens, best_ttl, best_exp}
+return {best, best_tokens, best_ttl, best_exp, best_created}
 """
 
 # The longest live probe, read only: same KEYS and first ARGV as _SETTLE.
 _LONGEST = """
 local now = tonumber(ARGV[1])
-local best, best_tokens, best_ttl, best_exp = 0, -1, 0, 0
+local best, best_tokens, best_ttl, best_exp, best_created = 0, -1, 0, 0, 0
 for i = 1, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms')
-  if v[1] and tonumber(v[3]) > now and tonumber(v[1]) > best_tokens then
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms', 'created_at_ms')
+  local created = tonumber(v[4]) or 0
+  if v[1] and tonumber(v[3]) > now and created <= now and tonumber(v[1]) > best_tokens then
     best, best_tokens, best_ttl, best_exp = i, tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
+    best_created = created
   end
 end
 if best == 0 then return {} end
-return {best, best_tokens, best_ttl, best_exp}
+return {best, best_tokens, best_ttl, best_exp, best_created}
 """
 
 
@@ -131,5 +140,5 @@ def _entry(found: Any, probes: Sequence[Probe]) -> WarmEntry | None:
     values = [int(v) for v in cast(list[Any], found)]
     if not values:
         return None
-    index, tokens, ttl_ms, expires = values
-    return WarmEntry(probes[index - 1].digest, tokens, ttl_ms, expires)
+    index, tokens, ttl_ms, expires, created = values
+    return WarmEntry(probes[index - 1].digest, tokens, ttl_ms, expires, created)

@@ -18,7 +18,9 @@ before ``now_ms`` (``read_time``).
 An entry's lifetime is measured from the start of the request that writes or reads it, not
 from its first token (Anthropic's rule): a refresh or write made at ``now_ms`` expires at
 ``started_ms`` (the request's arrival) + its ttl, never earlier than the entry already did.
-The entry exists (is readable) only from ``now_ms``, the first token.
+The entry exists (is readable) only from ``now_ms``, the first token of the request that wrote
+it (``created_at_ms``, kept by refreshes while it stays live): a request that arrived before
+that (``started_ms``) does not read it, as the provider looked its cache up before it existed.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class WarmEntry:
     tokens: int
     ttl_ms: int
     expires_at_ms: int
+    # when it became readable: its writer's first token (0: since always, as an entry written
+    # by an older version, which did not keep it, is taken)
+    created_at_ms: int = 0
 
 
 class WarmStore(Protocol):
@@ -79,10 +84,11 @@ class WarmStore(Protocol):
         started_ms: int | None = None,
     ) -> WarmEntry | None:
         """Atomically: find the longest probe unexpired at ``read_at_ms`` (the request's
-        arrival, ``read_time``; None = ``now_ms``), refresh it to ``started_ms`` (the request's
-        start, ``start_time``; None = ``now_ms``) + its ttl, then create or refresh every
-        write likewise; a refresh never moves an expiry earlier. Returns the hit as found
-        before any change (None when nothing was warm)."""
+        arrival, ``read_time``; None = ``now_ms``) and created by ``started_ms`` (the request's
+        start, its arrival, ``start_time``; None = ``now_ms``: an entry written after it is
+        not read), refresh it to ``started_ms`` + its ttl, then create (readable from
+        ``now_ms``) or refresh every write likewise; a refresh never moves an expiry earlier.
+        Returns the hit as found before any change (None when nothing was warm)."""
         ...
 
 
@@ -131,17 +137,18 @@ class InMemoryWarmStore:
         read_at_ms: int | None = None,
         started_ms: int | None = None,
     ) -> WarmEntry | None:
-        hit = self._find(scope, probes, now_ms if read_at_ms is None else read_at_ms)
         start = start_time(started_ms, now_ms)
+        hit = self._find(scope, probes, now_ms if read_at_ms is None else read_at_ms, start)
         if hit is not None:
             expires = max(hit.expires_at_ms, start + hit.ttl_ms)
-            self._put(scope, hit.digest, hit.tokens, hit.ttl_ms, expires)
+            self._put(scope, hit.digest, hit.tokens, hit.ttl_ms, expires, hit.created_at_ms)
         for write in writes:
-            ttl_ms, expires = write.ttl_ms, start + write.ttl_ms
+            ttl_ms, expires, created = write.ttl_ms, start + write.ttl_ms, now_ms
             old = self._live(scope, write.digest, now_ms)
             if old is not None:  # refreshing never shortens a longer-lived entry
                 ttl_ms, expires = max(ttl_ms, old.ttl_ms), max(expires, old.expires_at_ms)
-            self._put(scope, write.digest, write.tokens, ttl_ms, expires)
+                created = min(created, old.created_at_ms)
+            self._put(scope, write.digest, write.tokens, ttl_ms, expires, created)
         self._purge(now_ms)
         return hit
 
@@ -149,18 +156,25 @@ class InMemoryWarmStore:
         entry = self._entries.get((scope, digest))
         return entry if entry is not None and entry.expires_at_ms > now_ms else None
 
-    def _find(self, scope: Scope, probes: Sequence[Probe], now_ms: int) -> WarmEntry | None:
+    def _find(
+        self, scope: Scope, probes: Sequence[Probe], now_ms: int, arrived_ms: int | None = None
+    ) -> WarmEntry | None:
+        """The longest entry live at ``now_ms`` and created by ``arrived_ms`` (None: any)."""
         best: WarmEntry | None = None
         for probe in probes:
             entry = self._live(scope, probe.digest, now_ms)
-            if entry is not None and (best is None or entry.tokens > best.tokens):
+            if entry is None or (arrived_ms is not None and entry.created_at_ms > arrived_ms):
+                continue
+            if best is None or entry.tokens > best.tokens:
                 best = entry
         return best
 
-    def _put(self, scope: Scope, digest: str, tokens: int, ttl_ms: int, expires: int) -> None:
+    def _put(
+        self, scope: Scope, digest: str, tokens: int, ttl_ms: int, expires: int, created: int
+    ) -> None:
         key = (scope, digest)
         old = self._entries.get(key)
-        self._entries[key] = WarmEntry(digest, tokens, ttl_ms, expires)
+        self._entries[key] = WarmEntry(digest, tokens, ttl_ms, expires, created)
         self._touched.put(_tenant(scope), key)
         if old is None or expires < old.expires_at_ms:  # earlier only if the clock went back
             heapq.heappush(self._expiry, (expires, key))

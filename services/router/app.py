@@ -78,7 +78,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         settings, provider.get_tracer("cachemesh.grpc"), CallTiming(metrics.dependency)
     )
     tracer = provider.get_tracer("cachemesh.router")
-    wall = SystemClock()  # the outbox's open calls' starts, and the limiter's time since
+    wall = SystemClock()  # the outbox's open calls' starts, the limiter's time since, arrivals
     limiter = await build_limiter(
         settings.limits,
         wall,
@@ -124,6 +124,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         (router_model, threshold, local),
         outbox,
         metrics=metrics,
+        wall=wall,  # the arrival a WARM without a Plan carries, on prefix-cache's time of day
     )
     answers = IdempotencyTable(
         SystemClock(),

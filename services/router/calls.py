@@ -128,10 +128,13 @@ def warm_commit(
     max_read_tokens: int | None,
     plan_id: str,
     kv_cached_unreported: bool,
+    arrived_ms: int | None = None,
 ) -> prefix_cache_pb2.CommitRequest:
     """A call's WARM commit as ``Calls.commit_warm`` first sends it: by its ``plan_id``,
     without the request (``kv_cached_unreported``: the replica could not tell its KV reuse at
-    its first token, a provider adapter, so ``kv_cached_tokens`` is no report)."""
+    its first token, a provider adapter, so ``kv_cached_tokens`` is no report). Without a Plan
+    (no ``max_read_tokens``) it carries ``arrived_ms``, the router's time of the model call:
+    prefix-cache judges the read then, so a concurrent request's write since is not read."""
     commit = prefix_cache_pb2.CommitRequest(
         tenant=tenant,
         request_id=commit_id,
@@ -144,6 +147,8 @@ def warm_commit(
     )
     if max_read_tokens is not None:
         commit.max_read_tokens = max_read_tokens
+    elif arrived_ms is not None:
+        commit.arrived_at_ms = arrived_ms
     return commit
 
 

@@ -28,6 +28,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import Clock, SystemClock
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.tokens import Tokenizer, Tokenizers
@@ -93,8 +94,9 @@ class Attempt:
     timeout_s: float  # the call's deadline, from ``opened_at`` (``Calls.model_timeout_s``)
     probe: bool = False  # the replica's probe after its cool-off, until the call's verdict
     ticket: int = 0  # the call's in the replicas' record (``ReplicaStates.ended``)
-    # when the Plan looked the cache up, on prefix-cache's clock (None: no Plan, or an older
-    # prefix-cache that does not say): a replayed WARM is settled as of then
+    # when the Plan looked the cache up, on prefix-cache's clock (without a Plan: when the
+    # router made the call, on its clock of the time of day; None: an older prefix-cache's Plan
+    # that does not say): a replayed WARM, and one without a Plan, is settled as of then
     planned_at_ms: int | None = None
     # Each model call is billed under its own id: a retry after a cancelled or failed call is
     # a new provider call, while retries of the same Commit stay idempotent.
@@ -141,13 +143,16 @@ class Dispatcher:
         ejected: Callable[[str], None] | None = None,
         hand_over_stalls: bool = True,
         silent_floor_s: float = 0.0,
+        wall: Clock | None = None,
     ) -> None:
         """``tokenizer``: each row's (or one for all), counts the prompt for ``auto``'s
         context-window check when prefix-cache made no Plan (it is down); ``ejected``: the
         ejections' metric, by model (None: a router built without metrics);
         ``hand_over_stalls``: a stalled call's hand-over, and the cut of a call silent
         mid-answer (their timers run in real time: off for a replay on a virtual clock);
-        ``silent_floor_s``: the least silence mid-answer that is cut (0: none is)."""
+        ``silent_floor_s``: the least silence mid-answer that is cut (0: none is);
+        ``wall``: prefix-cache's clock, the arrival of a call made without a Plan (None: the
+        system's)."""
         self._ejected = ejected
         self._hand_over_stalls = hand_over_stalls
         self._silent_floor_s = silent_floor_s
@@ -158,6 +163,7 @@ class Dispatcher:
         self._table = table
         self._tracer = tracer
         self._clock = clock
+        self._wall = wall if wall is not None else SystemClock()
         # the pipeline releases a call when its answer ends
         self.loads = ReplicaStates(choice.ttft.kv_capacity_tokens)
         self._chooser = ReplicaChooser(choice, self.loads)
@@ -303,6 +309,7 @@ class Dispatcher:
                 chat_span = spans.start_chat_span(self._tracer, spec.id, replica, spec.provider)
                 match = route.match_tokens if replica == route.order[0] else view.get(replica, 0)
                 opened_at = self._clock()
+                arrived_ms = self._wall.now_ms()  # when the provider looks its cache up
                 needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
                 handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s)
                 # a tier's last replica is the request's last unless a later tier could take
@@ -381,11 +388,9 @@ class Dispatcher:
                 spans.route_attributes(chat_span, replica, route, start)
                 planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
                 plan_id = plan.plan_id if plan is not None else ""
-                planned_at = (
-                    plan.planned_at_ms
-                    if plan is not None and plan.HasField("planned_at_ms")
-                    else None
-                )
+                planned_at = arrived_ms if plan is None else None  # no Plan: the router's
+                if plan is not None and plan.HasField("planned_at_ms"):
+                    planned_at = plan.planned_at_ms
                 # for auto, whether another tier could take over a call cut mid-answer:
                 # where the watch needs it (``watch``), asked at a silence
                 takers = None

@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from services.common.clock import Clock
 from services.common.deadlines import END_MARGIN_S
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
@@ -137,6 +138,7 @@ class Pipeline:
         metrics: RouterMetrics | None = None,
         hand_over_stalls: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall: Clock | None = None,
     ) -> None:
         """``tokenizer``: each row's (one ``Tokenizer``: the only vocabulary, for tests and
         tools whose rows all use it), for the router's own counts of a row's prompt and output.
@@ -148,7 +150,9 @@ class Pipeline:
         long past its predicted prefill goes to the next replica (``Dispatcher``); its timer
         is the event loop's, so a replay on a virtual clock turns it off.
         ``sleep``: waits seconds on ``clock`` (between the renewals of a leading Lookup's
-        lease); a replay's parks the task on its virtual clock."""
+        lease); a replay's parks the task on its virtual clock.
+        ``wall``: prefix-cache's clock (the time of day; a replay's virtual one), for the arrival
+        a WARM without a Plan carries (None: the system's)."""
         self._metrics = metrics
         counted = metrics.degraded if metrics is not None else None
         self._background: set[asyncio.Future[Any]] = set()
@@ -171,6 +175,7 @@ class Pipeline:
             metrics.ejected if metrics is not None else None,
             hand_over_stalls,
             settings.mid_answer_stall_s,
+            wall,
         )
         model, threshold, local = router
         self._router = TierRouter(
@@ -375,6 +380,7 @@ class Pipeline:
             attempt.planned_read,
             attempt.plan_id,
             attempt.start.kv_cached_unreported,
+            attempt.planned_at_ms,
         )
         written = self._open(tenant, request, attempt, baseline, first_warm, open_call)
         warm_call: asyncio.Future[CommitReply] = asyncio.ensure_future(
@@ -999,7 +1005,8 @@ def _replay_warm(
     tenant: str, request: pb.CompleteRequest, attempt: Attempt
 ) -> prefix_cache_pb2.CommitRequest:
     """The call's WARM as a replay sends it: with the request, the read its Plan predicted
-    and the Plan's time (a no-op if the first WARM was recorded)."""
+    and the Plan's time, or without a Plan the router's time of the call (a no-op if the
+    first WARM was recorded)."""
     warm = prefix_cache_pb2.CommitRequest(
         tenant=tenant,
         request_id=attempt.commit_key(request.request_id),
@@ -1013,6 +1020,10 @@ def _replay_warm(
         warm.max_read_tokens = attempt.planned_read
         if attempt.planned_at_ms is not None:
             warm.planned_at_ms = attempt.planned_at_ms
+    elif attempt.planned_at_ms is not None:
+        # no Plan: its own field, which an older prefix-cache ignores (planned_at_ms without
+        # max_read_tokens it refuses, and the replay would be dropped)
+        warm.arrived_at_ms = attempt.planned_at_ms
     return warm
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from redis.asyncio import Redis
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
@@ -16,6 +17,7 @@ from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.core import BadRequest, PrefixCacheCore, Prompt, TokenizerSlot
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.plan_memo import PlanMemo
+from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import Probe, Split, Write
 from services.prefix_cache.warm import READ_GRACE_MS, InMemoryWarmStore, WarmStore
@@ -310,12 +312,74 @@ async def test_a_replay_is_bounded_by_the_plan_s_read(rig: Rig) -> None:
     assert got.read_tokens == 0 and got.write_5m_tokens == cached
 
 
+async def test_without_a_plan_requests_arriving_together_do_not_read_each_other_s_writes(
+    rig: Rig,
+) -> None:
+    """The router's Plan failed (prefix-cache slow in a burst), so C's and D's WARMs carried
+    the request and no Plan: D, judged at its first token 100 ms after C's, read C's fresh
+    1,440-token write (0.1x), where the provider, looked up when both arrived before any
+    cache existed, bills D the write too (1.25x). With the router's arrival time both write."""
+    arrived = rig.clock.now_ms()
+    rig.clock.advance(s=2)  # the Plan's timeout, then the model's first token
+    c = await rig.core.warm("t", "C", "sim-large", ask("C?"), "", arrived_at_ms=arrived)
+    rig.clock.advance(ms=100)
+    d = await rig.core.warm("t", "D", "sim-large", ask("D?"), "", arrived_at_ms=arrived)
+    assert c.write_5m_tokens > 1_000 and c.read_tokens == 0
+    assert (d.read_tokens, d.write_5m_tokens) == (0, c.write_5m_tokens)
+    # a request arriving once C's write exists reads it, without a Plan as with one
+    later = rig.clock.now_ms()
+    rig.clock.advance(s=2)
+    e = await rig.core.warm("t", "E", "sim-large", ask("E?"), "", arrived_at_ms=later)
+    assert (e.read_tokens, e.creation_tokens) == (c.write_5m_tokens, 0)
+    # its lifetime runs from its arrival: the 5 minutes of E's refresh end at later + 300 s
+    assert await _read_at(rig.core, later + 299_999, rig.clock) == c.write_5m_tokens
+    assert await _read_at(rig.core, later + 300_000, rig.clock) == 0
+
+
+async def test_an_entry_is_readable_only_by_requests_arriving_after_it_was_written(
+    warm_store: WarmStore,
+) -> None:
+    """An entry exists from its writer's first token: one expired and written again after a
+    request's arrival is no read for it, though its new expiry is past that arrival."""
+    scope, probe = ("t", "sim-large"), [Probe("d", 2_000)]
+    await warm_store.settle(scope, [], [Write("d", 2_000, 300_000)], 10_000, started_ms=0)
+    assert await warm_store.settle(scope, probe, [], 11_000, 9_999, started_ms=9_999) is None
+    hit = await warm_store.settle(scope, probe, [], 11_000, 10_000, started_ms=10_000)
+    assert hit is not None and hit.tokens == 2_000
+    # a refresh keeps the entry's first-readable time; a write after it expired sets a new one
+    await warm_store.settle(scope, [], [Write("d", 2_000, 300_000)], 400_000, started_ms=390_000)
+    assert await warm_store.settle(scope, probe, [], 401_000, 395_000, 395_000) is None
+    assert await warm_store.settle(scope, probe, [], 401_000, 400_000, 400_000) is not None
+
+
+async def test_an_entry_of_an_older_version_is_readable_since_always(redis_url: str) -> None:
+    """Entries an older prefix-cache wrote into a shared Redis have no first-readable time."""
+    client = Redis.from_url(redis_url)
+    try:
+        await client.flushdb()
+        store = RedisWarmStore(client)
+        scope, probe = ("t", "sim-large"), [Probe("d", 2_000)]
+        key = store.key(scope, "d")
+        # as an older version wrote it: no created_at_ms
+        await client.hset(key, "tokens", 2_000)
+        await client.hset(key, "ttl_ms", 300_000)
+        await client.hset(key, "expires_at_ms", 300_000)
+        hit = await store.settle(scope, probe, [], 100_000, 0, started_ms=0)
+        assert hit is not None and hit.tokens == 2_000
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize(
-    ("max_read", "planned_at", "message"),
-    [(0, -1, "planned_at_ms must be >= 0"), (None, 0, "planned_at_ms needs max_read_tokens")],
+    ("max_read", "planned_at", "arrived_at", "message"),
+    [
+        (0, -1, None, "planned_at_ms must be >= 0"),
+        (None, 0, None, "planned_at_ms needs max_read_tokens"),  # as ever: without a Plan,
+        (None, None, -1, "arrived_at_ms must be >= 0"),  # the arrival is arrived_at_ms
+    ],
 )
 async def test_a_replay_s_arrival_is_checked(
-    rig: Rig, max_read: int | None, planned_at: int, message: str
+    rig: Rig, max_read: int | None, planned_at: int | None, arrived_at: int | None, message: str
 ) -> None:
     with pytest.raises(BadRequest, match=message):
         await rig.core.warm(
@@ -326,5 +390,6 @@ async def test_a_replay_s_arrival_is_checked(
             "",
             max_read_tokens=max_read,
             planned_at_ms=planned_at,
+            arrived_at_ms=arrived_at,
         )
     assert await rig.core.warm_prefixes() == 0  # refused before any change

@@ -149,6 +149,28 @@ async def test_warm_final_totals_round_trip(served: Served, tokenizer: Tokenizer
     )
 
 
+async def test_a_warm_with_only_the_router_s_arrival_is_accepted_and_judged_then(
+    served: Served, tokenizer: Tokenizer
+) -> None:
+    """A new router's WARM without a Plan: the request and arrived_at_ms alone (no
+    max_read_tokens, no planned_at_ms). Two arriving before either wrote both pay the write
+    (the second read the first's fresh write when judged at its first token)."""
+    cached = canonical_blocks(request(), tokenizer)[0].tokens
+    arrived = ManualClock().now_ms() - 1  # the core's clock: both arrived before the writes
+    for request_id in ("r1", "r2"):
+        commit = warm(request_id)
+        commit.arrived_at_ms = arrived
+        got = await served.stub.Commit(commit, metadata=AUTH)
+        assert got.usage.cache_creation_input_tokens == cached
+        assert got.usage.cache_read_input_tokens == 0
+
+
+def _with(commit: pc.CommitRequest, **fields: int) -> pc.CommitRequest:
+    for name, value in fields.items():
+        setattr(commit, name, value)
+    return commit
+
+
 @pytest.mark.parametrize(
     ("call", "code", "words"),
     [
@@ -161,6 +183,10 @@ async def test_warm_final_totals_round_trip(served: Served, tokenizer: Tokenizer
         (pc.CommitRequest(tenant="acme", request_id="r"), "INVALID_ARGUMENT", "phase"),
         (final("never"), "FAILED_PRECONDITION", "WARM"),
         (warm(""), "INVALID_ARGUMENT", "request_id"),
+        # an older router sends planned_at_ms with max_read_tokens only; a new one, without a
+        # Plan, arrived_at_ms (an older prefix-cache refuses planned_at_ms alone)
+        (_with(warm("p"), planned_at_ms=1), "INVALID_ARGUMENT", "planned_at_ms"),
+        (_with(warm("a"), arrived_at_ms=-1), "INVALID_ARGUMENT", "arrived_at_ms"),
         (pc.TotalsRequest(), "INVALID_ARGUMENT", "tenant"),
     ],
 )

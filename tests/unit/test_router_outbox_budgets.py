@@ -152,7 +152,7 @@ async def _outage(
     limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
     outbox = _outbox(port, journal, limiter, clock)
     prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
-    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens))  # type: ignore[arg-type]
+    rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens), wall=clock)  # type: ignore[arg-type]
     return Outage(clock, core, port, limiter, outbox, rig, before)
 
 
@@ -455,7 +455,7 @@ async def test_a_replay_whose_reply_was_lost_still_corrects_the_estimate(
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     port = LostReplyPort(outage.port.api, lost_as)
     outbox = _outbox(port, Journal(tmp_path / "lost"), outage.limiter, outage.clock)
-    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models, wall=outage.clock)  # type: ignore[arg-type]
     request, ticket = await outage.admitted("r-next")
     end = (await rig.run(request))[-1].end
     outage.limiter.settle(ticket, end)
@@ -632,7 +632,7 @@ async def test_an_answer_whose_bill_could_not_be_written_is_billed_once_as_produ
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     port = HungFinalPort(outage.port.api)
     outbox = _outbox(port, FullOnce(tmp_path / "full"), outage.limiter, outage.clock)
-    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models, wall=outage.clock)  # type: ignore[arg-type]
     request, ticket = await outage.admitted("r-next")
     pipeline = rig.pipeline()
     with pytest.raises(RequestError) as refused:
@@ -666,7 +666,7 @@ async def test_an_answer_whose_own_final_reply_was_lost_corrects_its_estimate(
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     port = LostReplyPort(outage.port.api, lost_as)
     outbox = _outbox(port, Journal(tmp_path / "lost"), outage.limiter, outage.clock)
-    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models, wall=outage.clock)  # type: ignore[arg-type]
     port.down, port.lose_next_final = False, True  # prefix-cache up: the answer's FINAL lands
     request, ticket = await outage.admitted("r-next")
     end = (await rig.run(request))[-1].end
@@ -695,7 +695,7 @@ async def test_a_call_whose_bill_was_made_after_its_keep_failed_is_not_replayed(
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     port = HungFinalPort(outage.port.api, Code.UNAVAILABLE)
     outbox = _outbox(port, FullOnce(tmp_path / "full"), outage.limiter, outage.clock)
-    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models, wall=outage.clock)  # type: ignore[arg-type]
     request, ticket = await outage.admitted("r-next")
     pipeline = rig.pipeline()
     with pytest.raises(RequestError):
@@ -736,7 +736,7 @@ async def _leave_while_the_bill_syncs(
     """One request through ``port`` whose caller leaves while the journal syncs its answer's
     bill (held there until the caller is gone), then the call's bill without its answer and
     the request's settle, drained."""
-    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models)  # type: ignore[arg-type]
+    rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models, wall=outage.clock)  # type: ignore[arg-type]
     journal.hold = True
     request, ticket = await outage.admitted("r-left")
     pipeline = rig.pipeline()

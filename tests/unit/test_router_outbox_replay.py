@@ -137,7 +137,7 @@ async def _turn(
     prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
     outbox = BillingOutbox(prefix, Journal(tmp), 1.0, 0.01)
     models = Engine(prompt.prompt_tokens)
-    rig = Rig(prefix=prefix, outbox=outbox, models=models)  # type: ignore[arg-type]
+    rig = Rig(prefix=prefix, outbox=outbox, models=models, wall=clock)  # type: ignore[arg-type]
     end = (await rig.run(_ask("And rule 2?", "r-next")))[-1].end
     assert end.cost.estimated == slow
     clock.advance(s=outage_s)

@@ -25,6 +25,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
@@ -181,6 +182,7 @@ class Rig:
     prefix: FakePrefix = field(default_factory=FakePrefix)
     models: FakeModels = field(default_factory=FakeModels)
     clock: FakeClock = field(default_factory=FakeClock)
+    wall: ManualClock = field(default_factory=ManualClock)  # the arrival a WARM carries
 
     outbox: BillingOutbox | None = None
     replicas: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(REPLICAS))
@@ -199,6 +201,7 @@ class Rig:
             router,
             clock=self.clock,
             outbox=self.outbox,
+            wall=self.wall,
         )
 
     async def run(

@@ -17,11 +17,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, Dependencies
@@ -109,7 +112,10 @@ async def test_a_hung_prefix_cache_leaves_the_request_answered_in_time_and_bille
     assert await outbox.flush() == 1
     warm, final = back.commits
     assert warm.phase == pc.COMMIT_PHASE_WARM and warm.HasField("request")
-    assert not warm.HasField("max_read_tokens")  # no Plan: judged at the replay, as when down
+    # no Plan: no bound on the read, judged at the router's time of the model call (the
+    # provider's lookup), not reading what was written after it
+    assert not warm.HasField("max_read_tokens") and not warm.HasField("planned_at_ms")
+    assert warm.arrived_at_ms == rig.wall.now_ms()
     assert final.phase == pc.COMMIT_PHASE_FINAL and final.output_tokens == 3
 
 
@@ -128,6 +134,64 @@ async def test_a_warm_that_timed_out_sends_the_final_to_the_outbox_with_the_arri
     warm, final = back.commits
     assert (warm.max_read_tokens, warm.planned_at_ms) == (0, ARRIVED_MS)
     assert final.phase == pc.COMMIT_PHASE_FINAL
+
+
+class PlanFails(FakePrefix):
+    """prefix-cache refusing the Plan (overloaded in a burst) but taking the commits."""
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        self.plans.append(request)
+        raise CallFailed(Code.UNAVAILABLE, "overloaded")
+
+
+async def test_without_a_plan_the_warm_carries_the_arrival_of_the_model_call() -> None:
+    """Requests sharing a prefix arrive together and their Plans fail: each WARM carried the
+    request alone and was judged at its first token, so the later one read the earlier one's
+    fresh write (0.1x), where the provider, looked up before that write existed, bills a write
+    too. The router's time of the model call goes with it: prefix-cache judges it then."""
+    rig = Rig(prefix=PlanFails(), wall=ManualClock(1_800_000_000_000))
+    end = (await rig.run(_request()))[-1].end
+    assert end.content[0].text == "Hello there."
+    warm = next(c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_WARM)
+    assert warm.HasField("request") and not warm.plan_id
+    assert not warm.HasField("max_read_tokens") and not warm.HasField("planned_at_ms")
+    assert warm.arrived_at_ms == 1_800_000_000_000
+
+
+def _old_commit_request() -> type[Message]:
+    """``CommitRequest`` as a prefix-cache older than ``arrived_at_ms`` (field 15) parses it."""
+    file = descriptor_pb2.FileDescriptorProto()
+    pc.DESCRIPTOR.CopyToProto(file)
+    commit = next(m for m in file.message_type if m.name == "CommitRequest")
+    kept = [f for f in commit.field if f.name != "arrived_at_ms"]
+    assert len(kept) == len(commit.field) - 1
+    del commit.field[:]
+    commit.field.extend(kept)
+    assert commit.oneof_decl[-1].name == "_arrived_at_ms"  # proto3 optional's, the last
+    del commit.oneof_decl[-1]
+    pool = descriptor_pool.DescriptorPool()
+    for dependency in pc.DESCRIPTOR.dependencies:
+        dependency_file = descriptor_pb2.FileDescriptorProto()
+        dependency.CopyToProto(dependency_file)
+        pool.Add(dependency_file)
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("cachemesh.v1.CommitRequest"))
+
+
+async def test_an_older_prefix_cache_takes_the_warm_made_without_a_plan() -> None:
+    """In a rolling upgrade the new router's WARM without a Plan reaches an older
+    prefix-cache, which refuses planned_at_ms without max_read_tokens (INVALID_ARGUMENT: the
+    live WARM refused, its outbox replay dropped, a bill lost). The arrival is in a field that
+    one does not know: it parses the WARM as the request alone, which it bills at the first
+    token as before."""
+    rig = Rig(prefix=PlanFails(), wall=ManualClock(1_800_000_000_000))
+    await rig.run(_request())
+    warm = next(c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_WARM)
+    old = _old_commit_request().FromString(warm.SerializeToString())
+    assert old.phase == pc.COMMIT_PHASE_WARM and old.HasField("request")  # type: ignore[attr-defined]
+    assert old.request.SerializeToString() == warm.request.SerializeToString()  # type: ignore[attr-defined]
+    # what the older prefix-cache checks: no planned_at_ms without max_read_tokens
+    assert not old.HasField("max_read_tokens") and not old.HasField("planned_at_ms")
 
 
 def _env(**extra: str) -> Env:

@@ -155,6 +155,7 @@ class OfflineStack:
             hand_over_stalls=False,
             # a leader's lease renewals, on the virtual clock its lease ages on
             sleep=replay_sleep,
+            wall=clock,  # a WARM without a Plan: its arrival on prefix-cache's virtual clock
         )
 
     @staticmethod

@@ -167,6 +167,7 @@ class CommitRequest(_message.Message):
     PLAN_ID_FIELD_NUMBER: _builtins.int
     KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
     PLANNED_AT_MS_FIELD_NUMBER: _builtins.int
+    ARRIVED_AT_MS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -200,6 +201,14 @@ class CommitRequest(_message.Message):
     entries live their ttl from the arrival (one whose ttl has run out since is not warm
     again). Unset = judged when the WARM is made (a replay kept by an older router too).
     """
+    arrived_at_ms: _builtins.int
+    """WARM without a Plan (it failed or timed out; no max_read_tokens, no planned_at_ms): the
+    router's time of the model call, in ms since the epoch. The probes are judged then, and an
+    entry written after it (a concurrent request's) is not read. Ignored with max_read_tokens
+    or planned_at_ms. A field of its own so that an older prefix-cache (which refuses
+    planned_at_ms without max_read_tokens) ignores it in a rolling upgrade and judges the WARM
+    at its first token, as before. Unset = judged when the WARM is made.
+    """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
         """required for WARM"""
@@ -227,15 +236,20 @@ class CommitRequest(_message.Message):
         plan_id: _builtins.str = ...,
         kv_cached_unreported: _builtins.bool = ...,
         planned_at_ms: _builtins.int | None = ...,
+        arrived_at_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "max_read_tokens", b"max_read_tokens", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "max_read_tokens", b"max_read_tokens", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__arrived_at_ms: _TypeAlias = _typing.Literal["arrived_at_ms"]  # noqa: Y015
+    _WhichOneofArgType__arrived_at_ms: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms"]  # noqa: Y015
     _WhichOneofReturnType__max_read_tokens: _TypeAlias = _typing.Literal["max_read_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_read_tokens: _TypeAlias = _typing.Literal["_max_read_tokens", b"_max_read_tokens"]  # noqa: Y015
     _WhichOneofReturnType__planned_at_ms: _TypeAlias = _typing.Literal["planned_at_ms"]  # noqa: Y015
     _WhichOneofArgType__planned_at_ms: _TypeAlias = _typing.Literal["_planned_at_ms", b"_planned_at_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__arrived_at_ms) -> _WhichOneofReturnType__arrived_at_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_read_tokens) -> _WhichOneofReturnType__max_read_tokens | None: ...
     @_typing.overload
