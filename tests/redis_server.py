@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from services.tools.stack.ports import free_port
 
 
@@ -72,3 +74,12 @@ def redis_server(work_dir: Path, timeout_s: float = 20.0, port: int | None = Non
             proc.kill()
             proc.wait()
         log.close()
+
+
+async def require_password(url: str, password: str) -> None:
+    """Makes the server at ``url`` (no password yet) require ``password``."""
+    admin = Redis.from_url(url)
+    try:
+        await admin.config_set("requirepass", password)
+    finally:
+        await admin.aclose()

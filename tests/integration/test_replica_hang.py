@@ -103,6 +103,24 @@ MID_DEADLINE_S = 20.0  # the client's: the hang outlasts it (model-2 stays stopp
 LONG_ANSWER_TOKENS = 80  # the simulator's answers are 20-120 tokens long, by the prompt's seed
 
 
+def _long_questions(client: Client, pool: ThreadPoolExecutor, tag: str, wanted: int) -> list[str]:
+    """At least ``wanted`` questions whose answers are at least ``LONG_ANSWER_TOKENS`` long
+    (the simulator answers the same prompt the same), asked ``ASKED`` at a time."""
+    long: list[str] = []
+    asked = 0
+    while len(long) < wanted:
+        batch = [f"{tag} warm-up {asked + i}: explain it" for i in range(ASKED)]
+        asked += ASKED
+        for question, answer in zip(
+            batch, pool.map(lambda q: _complete(client, q), batch), strict=True
+        ):
+            assert not isinstance(answer, str), answer
+            if answer.usage.output_tokens >= LONG_ANSWER_TOKENS:
+                long.append(question)
+        assert asked <= 20 * ASKED, "the simulator's answers are all short"
+    return long
+
+
 def _complete(client: Client, question: str) -> pb.CompleteResponse | str:
     request = build_request(question, model="sim-large", max_tokens=200)
     request.cache.semantic = pb.SEMANTIC_MODE_BYPASS
@@ -146,18 +164,7 @@ def test_a_replica_hung_mid_answer_hands_its_complete_calls_to_the_other_replica
         tag = uuid.uuid4().hex[:8]
         with client, ThreadPoolExecutor(ASKED) as pool:
             # questions whose answers are long (the same prompt, the same answer)
-            long: list[str] = []
-            asked = 0
-            while len(long) < ASKED:
-                batch = [f"{tag} warm-up {asked + i}: explain it" for i in range(ASKED)]
-                asked += ASKED
-                for question, answer in zip(
-                    batch, pool.map(lambda q: _complete(client, q), batch), strict=True
-                ):
-                    assert not isinstance(answer, str), answer
-                    if answer.usage.output_tokens >= LONG_ANSWER_TOKENS:
-                        long.append(question)
-                assert asked <= 20 * ASKED, "the simulator's answers are all short"
+            long = _long_questions(client, pool, tag, ASKED)
             before = prefix_totals(stack.addresses["prefix-cache"], token, "tenant-a")
             first_tokens = "cachemesh_model_time_to_first_token_seconds_count"
             started = _model_metrics(metrics).get(first_tokens, 0.0)
@@ -214,18 +221,7 @@ def test_an_auto_request_for_the_large_tier_alone_waits_for_its_last_replica(
         metrics = stack.metrics_addresses["model-2"]
         tag = uuid.uuid4().hex[:8]
         with client, ThreadPoolExecutor(ASKED) as pool:
-            long = ""  # a question whose answer is long (the same prompt, the same answer)
-            asked = 0
-            while not long:
-                batch = [f"{tag} warm-up {asked + i}: explain it" for i in range(ASKED)]
-                asked += ASKED
-                for question, answer in zip(
-                    batch, pool.map(lambda q: _complete(client, q), batch), strict=True
-                ):
-                    assert not isinstance(answer, str), answer
-                    if answer.usage.output_tokens >= LONG_ANSWER_TOKENS:
-                        long = question
-                assert asked <= 20 * ASKED, "the simulator's answers are all short"
+            long = _long_questions(client, pool, tag, 1)[0]
             request = build_request(long, max_tokens=200, semantic=pb.SEMANTIC_MODE_BYPASS)
             request.routing.threshold = -1.0  # the large tier's answer alone
 

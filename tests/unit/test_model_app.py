@@ -168,9 +168,8 @@ def test_the_engine_keeps_the_kv_cache_it_is_given() -> None:
     assert len(given) > 0  # the prompt's blocks went into the cache given
 
 
-async def test_the_start_up_line_never_shows_the_base_urls_password() -> None:
-    """``OPENAI_BASE_URL=http://user:password@host/v1`` (an engine behind basic auth) was
-    logged whole at start-up."""
+async def _start_up_lines(openai_env: dict[str, str]) -> list[str]:
+    """What an openai-backend model service logs as it starts, then stops at once."""
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
@@ -182,17 +181,24 @@ async def test_the_start_up_line_never_shows_the_base_urls_password() -> None:
         "CACHEMESH_INTERNAL_TOKEN": TOKEN,
         "MODEL_BACKEND": "openai",
         "MODEL_IDS": "local-small",
-        "OPENAI_BASE_URL": "http://vllm:S3cretPassw0rd@127.0.0.1:9/v1?token=Q",
         "MODEL_LISTEN": f"127.0.0.1:{free_port()}",
         "MODEL_METRICS_LISTEN": "127.0.0.1:0",
         "OTEL_TRACES_EXPORTER": "none",
         "CACHEMESH_GRACE_S": "0",
+        **openai_env,
     }
     try:
         await asyncio.wait_for(serve(environ, stop), timeout=30)
     finally:
         logger.removeHandler(handler)
-    said = "\n".join(lines)
+    return lines
+
+
+async def test_the_start_up_line_never_shows_the_base_urls_password() -> None:
+    """``OPENAI_BASE_URL=http://user:password@host/v1`` (an engine behind basic auth) was
+    logged whole at start-up."""
+    base = "http://vllm:S3cretPassw0rd@127.0.0.1:9/v1?token=Q"
+    said = "\n".join(await _start_up_lines({"OPENAI_BASE_URL": base}))
     assert "http://vllm:***@127.0.0.1:9/v1" in said, said
     assert "S3cretPassw0rd" not in said and "token=Q" not in said
 
@@ -200,27 +206,11 @@ async def test_the_start_up_line_never_shows_the_base_urls_password() -> None:
 async def test_the_start_up_line_names_the_upstream_models_it_sends() -> None:
     """With ``MODEL_UPSTREAM_IDS=local-small=SmolLM2-135M-Instruct`` the line said
     ``serves local-small=local-small``: the override was applied only later, by the adapter."""
-    lines: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("cachemesh.model")
-    logger.addHandler(handler)
-    stop = asyncio.Event()
-    stop.set()  # start, log, stop at once
-    environ = {
-        "CACHEMESH_INTERNAL_TOKEN": TOKEN,
-        "MODEL_BACKEND": "openai",
-        "MODEL_IDS": "local-small",
-        "MODEL_UPSTREAM_IDS": "local-small=SmolLM2-135M-Instruct",
-        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
-        "MODEL_LISTEN": f"127.0.0.1:{free_port()}",
-        "MODEL_METRICS_LISTEN": "127.0.0.1:0",
-        "OTEL_TRACES_EXPORTER": "none",
-        "CACHEMESH_GRACE_S": "0",
-    }
-    try:
-        await asyncio.wait_for(serve(environ, stop), timeout=30)
-    finally:
-        logger.removeHandler(handler)
+    lines = await _start_up_lines(
+        {
+            "MODEL_UPSTREAM_IDS": "local-small=SmolLM2-135M-Instruct",
+            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        }
+    )
     (line,) = [line for line in lines if "adapter: replica" in line]
     assert "serves local-small=SmolLM2-135M-Instruct through" in line, line

@@ -26,7 +26,7 @@ from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
-from tests.redis_server import redis_server
+from tests.redis_server import redis_server, require_password
 
 TOKEN = "test-internal-token-0123456789"
 PASSWORD = "S3cretPassw0rd"
@@ -62,11 +62,7 @@ async def test_health_follows_its_redis_as_it_stops_and_starts_again(
     for run in ("first", "again"):
         (tmp_path / run).mkdir()
         with redis_server(tmp_path / run, port=port) as server:
-            admin = Redis.from_url(server)
-            try:
-                await admin.config_set("requirepass", PASSWORD)
-            finally:
-                await admin.aclose()
+            await require_password(server, PASSWORD)
             await watch.check()
             assert health.told[-1] is True
         await watch.check()
@@ -160,11 +156,7 @@ async def test_a_redis_that_refuses_prefix_caches_password_stops_it(tmp_path: Pa
     """Redis answers but refuses the credentials: a misconfiguration, not an outage to wait
     out, so prefix-cache stops naming the variable and that Redis (no password)."""
     with redis_server(tmp_path) as server:
-        admin = Redis.from_url(server)
-        try:
-            await admin.config_set("requirepass", PASSWORD)
-        finally:
-            await admin.aclose()
+        await require_password(server, PASSWORD)
         url = server.replace("redis://", "redis://:Not-The-Password@")
         with pytest.raises(ConfigError, match="PREFIX_CACHE_REDIS_URL") as caught:
             await asyncio.wait_for(serve(_environ(url), asyncio.Event()), timeout=30)

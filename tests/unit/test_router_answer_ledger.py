@@ -51,7 +51,7 @@ from services.router.pipeline import AnswerBilled, Bills, Charge, chunks_of
 from services.router.servicer import GatewayServicer
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
-from tests.redis_server import redis_server
+from tests.redis_server import redis_server, require_password
 
 
 def _no_prompt(request: pb.CompleteRequest) -> int:
@@ -1238,11 +1238,7 @@ async def test_a_router_started_while_its_ledger_redis_is_down_records_once_it_a
     with pytest.raises(LedgerUnavailable):
         await ledger.claim("tenant-a", "req-down", "f" * 64)
     with redis_server(tmp_path, port=port) as server:
-        admin = Redis.from_url(server)
-        try:
-            await admin.config_set("requirepass", LEDGER_PASSWORD)
-        finally:
-            await admin.aclose()
+        await require_password(server, LEDGER_PASSWORD)
         assert isinstance(await ledger.claim("tenant-a", "req-up", "f" * 64), Claimed)
         assert isinstance(await ledger.claim("tenant-a", "req-up", "f" * 64), Running)
         await ledger.close()
@@ -1275,11 +1271,7 @@ async def test_a_wrong_password_for_the_ledger_redis_still_stops_the_router(
     """Redis answers but refuses the credentials: a configuration error, not an outage to
     wait out, so the router stops naming the variable and that Redis (no password)."""
     with redis_server(tmp_path) as server:
-        admin = Redis.from_url(server)
-        try:
-            await admin.config_set("requirepass", LEDGER_PASSWORD)
-        finally:
-            await admin.aclose()
+        await require_password(server, LEDGER_PASSWORD)
         url = server.replace("redis://", "redis://:Not-The-Password@")
         with pytest.raises(ConfigError) as refused:
             await build_answer_ledger(url, 60, 4, 0.5, lambda operation: None)

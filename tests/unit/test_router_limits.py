@@ -55,7 +55,7 @@ from services.router.limits import (
 from services.router.redis_limits import RedisLimitStore
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
-from tests.redis_server import redis_server
+from tests.redis_server import redis_server, require_password
 
 # 2023-11-14 22:13:20 UTC: 1 h 46 min 40 s (6,400,000 ms) before the day ends, 16 days more
 # before the month does.
@@ -847,11 +847,7 @@ PASSWORD = "Limits-S3cret"
 
 async def _with_password(url: str) -> str:
     """Requires a password of the server at ``url`` (db 0); its URL with it, of db 1."""
-    admin = Redis.from_url(url)
-    try:
-        await admin.config_set("requirepass", PASSWORD)
-    finally:
-        await admin.aclose()
+    await require_password(url, PASSWORD)
     return url.replace("redis://", f"redis://:{PASSWORD}@").removesuffix("/0") + "/1"
 
 

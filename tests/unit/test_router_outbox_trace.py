@@ -39,6 +39,16 @@ def _tracing() -> tuple[trace.Tracer, InMemorySpanExporter]:
     return provider.get_tracer("test"), exported
 
 
+async def _kept_then_down(tracer: trace.Tracer, outbox: BillingOutbox, rounds: int) -> trace.Span:
+    """A request's bill kept while prefix-cache is down, then ``rounds`` flushes that reach
+    nothing; the request's span."""
+    with tracer.start_as_current_span("Complete") as request:
+        await outbox.keep(_commits("a#1"))
+    for _ in range(rounds):
+        assert await outbox.flush() == 0
+    return request
+
+
 def _replays(exported: InMemorySpanExporter) -> list[ReadableSpan]:
     return [s for s in exported.get_finished_spans() if s.name == "cachemesh.billing_replay"]
 
@@ -119,10 +129,7 @@ async def test_an_outage_adds_two_spans_and_the_try_that_bills_is_in_the_request
     tracer, exported = _tracing()
     prefix = ServingPrefix()
     outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer, prefix_serving=prefix.serving)
-    with tracer.start_as_current_span("Complete") as request:
-        await outbox.keep(_commits("a#1"))
-    for _ in range(20):
-        assert await outbox.flush() == 0
+    request = await _kept_then_down(tracer, outbox, 20)
     assert len(_replays(exported)) == 1  # 20 rounds down: the first try's span only
     prefix.down = False
     assert await outbox.flush() == 1
@@ -158,10 +165,7 @@ async def test_prefix_cache_saying_serving_while_commits_fail_adds_a_bounded_num
     prefix = ServingPrefix()
     prefix.says_serving = True
     outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer, prefix_serving=prefix.serving)
-    with tracer.start_as_current_span("Complete") as request:
-        await outbox.keep(_commits("a#1"))
-    for _ in range(20):
-        assert await outbox.flush() == 0
+    request = await _kept_then_down(tracer, outbox, 20)
     prefix.down = False
     assert await outbox.flush() == 1
     replays = _replays(exported)
@@ -177,10 +181,7 @@ async def test_without_a_health_to_ask_the_tries_after_an_unreachable_one_are_un
     tracer, exported = _tracing()
     prefix = TracedPrefix()
     outbox = BillingOutbox(prefix, None, 1.0, 0.01, tracer)
-    with tracer.start_as_current_span("Complete") as request:
-        await outbox.keep(_commits("a#1"))
-    for _ in range(5):
-        assert await outbox.flush() == 0
+    request = await _kept_then_down(tracer, outbox, 5)
     prefix.down = False
     assert await outbox.flush() == 1
     first, last = _replays(exported)
