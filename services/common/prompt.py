@@ -102,6 +102,12 @@ def prompt_tokens(request: pb.CompleteRequest, tokenizer: Tokenizer) -> int:
     return sum(tokenizer.count(text) for _, text, _ in _parts(request))
 
 
+def prompt_chars(request: pb.CompleteRequest) -> int:
+    """The characters of the canonical prompt: what ``prompt_tokens`` would tokenize, read
+    without tokenizing (a cost in proportion to it, without the tokenizer's)."""
+    return sum(len(text) for _, text, _ in _parts(request))
+
+
 def prompt_digest(blocks: list[Block]) -> str:
     """The whole canonical prompt's chained digest (its last block's; "" for no blocks)."""
     return blocks[-1].digest if blocks else ""

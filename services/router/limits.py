@@ -6,7 +6,13 @@ is checked, and the wait is the longest), which the servicer turns into
 ``RESOURCE_EXHAUSTED`` with ``google.rpc.RetryInfo``.
 
 - Request rate: a bucket of ``requests_per_min`` requests, refilled continuously; each request
-  takes one.
+  takes one. Under a token rate, a request whose prompt is large (``RATE_FIRST_CHARS``) has
+  the request rate read first (``LimitStore.rate_refusal``): over it, it is refused before its
+  prompt is counted (a flood of large prompts past the rate had the router tokenize each, on
+  the CPU every tenant shares, only to refuse it), and its refusal names the request rate and
+  the budgets it is over, not the token rate, which needs the count. A smaller prompt is
+  counted first, as its count costs less than that read's round trip to the store, and its
+  refusal names every limit it is over.
 - Token rate: a bucket of ``tokens_per_min`` tokens. A request reserves its prompt's tokens
   (the canonical prompt counted by the router's tokenizer, as an L1 hit's baseline is) plus its
   ``max_tokens``, and is admitted while the bucket holds that reservation, or is full when the
@@ -38,7 +44,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +52,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock, Throttle
+from services.common.prompt import prompt_chars
 from services.common.span_events import record_event
 from services.router.breaker import Breaker
 
@@ -131,6 +138,9 @@ def longest(over: list[Refusal]) -> Refusal:
 
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
+# A prompt of at least this many characters has the request rate read before it is counted
+# (module doc): tokenizing 16 KiB takes ~0.1 ms (7 ms a megabyte), a Redis round trip as long.
+RATE_FIRST_CHARS = 16_384
 # Settles that failed (the store down or silent) wait in the router for it to answer again:
 # at most this many, for at most this long, tried again this often.
 MAX_PENDING_SETTLES = 10_000
@@ -174,6 +184,16 @@ class LimitStore(Protocol):
         ``tokens_needed``), else takes one request and reserves ``reserve_tokens``."""
         ...
 
+    async def rate_refusal(
+        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        """A read, taking nothing: None while the request bucket holds a request, else the
+        refusal ``admit`` would make now for the request rate and the budgets (the token rate
+        unread: it needs the prompt's count). A request it passes may still be refused by
+        ``admit`` (another router took the last request meanwhile); one it refuses, ``admit``
+        would have refused then (a request bucket only refills with time)."""
+        ...
+
     async def settle(
         self,
         tenant: str,
@@ -215,6 +235,24 @@ def refill_wait_ms(level: float, need: float, capacity: int) -> int:
     return max(1, math.ceil((need - level) * MS_PER_MIN / capacity))
 
 
+def budgets_spent(
+    policy: LimitPolicy, day_nanos: int, month_nanos: int, now_ms: int, periods: Periods
+) -> list[Refusal]:
+    """The budgets a tenant that spent ``day_nanos`` and ``month_nanos`` is over, in the
+    order ``admit`` checks them (the day's first: it is named on a tie)."""
+    over: list[Refusal] = []
+    if policy.day_budget_nanos is not None and day_nanos >= policy.day_budget_nanos:
+        over.append(Refusal(DAY_BUDGET, periods.day_end_ms - now_ms))
+    if policy.month_budget_nanos is not None and month_nanos >= policy.month_budget_nanos:
+        over.append(Refusal(MONTH_BUDGET, periods.month_end_ms - now_ms))
+    return over
+
+
+def requests_refusal(level: float, capacity: int) -> Refusal:
+    """The request rate's refusal of a request bucket at ``level`` (below one request)."""
+    return Refusal(REQUESTS, refill_wait_ms(level, 1, capacity))
+
+
 @dataclass
 class _Bucket:
     level: float
@@ -243,21 +281,33 @@ class MemoryLimitStore:
             bucket.at_ms = now_ms
         return bucket_level(bucket.level, bucket.at_ms, capacity, now_ms)
 
+    def _budgets_spent(
+        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
+    ) -> list[Refusal]:
+        day = self._spent.get((tenant, periods.day), 0)
+        month = self._spent.get((tenant, periods.month), 0)
+        return budgets_spent(policy, day, month, now_ms, periods)
+
+    async def rate_refusal(
+        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        if policy.requests_per_min is None:
+            return None
+        requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
+        if requests >= 1:
+            return None
+        over = self._budgets_spent(tenant, policy, now_ms, periods)
+        return longest([*over, requests_refusal(requests, policy.requests_per_min)])
+
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
     ) -> Refusal | None:
-        over: list[Refusal] = []
-        day = self._spent.get((tenant, periods.day), 0)
-        if policy.day_budget_nanos is not None and day >= policy.day_budget_nanos:
-            over.append(Refusal(DAY_BUDGET, periods.day_end_ms - now_ms))
-        month = self._spent.get((tenant, periods.month), 0)
-        if policy.month_budget_nanos is not None and month >= policy.month_budget_nanos:
-            over.append(Refusal(MONTH_BUDGET, periods.month_end_ms - now_ms))
+        over = self._budgets_spent(tenant, policy, now_ms, periods)
         requests = tokens = 0.0
         if policy.requests_per_min is not None:
             requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
             if requests < 1:
-                over.append(Refusal(REQUESTS, refill_wait_ms(requests, 1, policy.requests_per_min)))
+                over.append(requests_refusal(requests, policy.requests_per_min))
         if policy.tokens_per_min is not None:
             tokens = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
             need = tokens_needed(reserve_tokens, policy.tokens_per_min)
@@ -448,35 +498,57 @@ class Limiter:
         self._background: set[asyncio.Task[None]] = set()
 
     async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:
+        """The request's ticket, or its denial. Every limit is checked at once by the store's
+        ``admit``, which takes the request and its tokens atomically (a refusal takes
+        neither). Under a token rate the prompt is counted for that (off the event loop);
+        a large prompt (``RATE_FIRST_CHARS``) has the request rate read before: a request
+        over it is refused uncounted."""
         policy = self._policies.for_tenant(tenant)
-        prompt = reserve = 0
-        if policy.tokens_per_min is not None:
-            prompt = await asyncio.to_thread(self._prompt_tokens, request)
-            reserve = prompt + request.max_tokens
-        ticket = Ticket(tenant, policy, reserve)
         if not policy.active:
-            return ticket
+            return Ticket(tenant, policy, 0)
         if self._breaker is not None and self._breaker.open():
             self._left_alone()
             return Ticket(tenant, policy, 0)  # nothing reserved: as when the store fails
-        now = self._clock.now_ms()
+        prompt = reserve = 0
         try:
-            async with asyncio.timeout(self._timeout_s):
-                refusal = await self._store.admit(tenant, policy, reserve, now, Periods.at(now))
-        except Exception as exc:  # the store's own failure (or silence), never the request's
-            if self._breaker is not None:
-                self._breaker.failed()
-            self._degraded("admit", exc)
+            if policy.tokens_per_min is not None:
+                if policy.requests_per_min is not None and rate_first(request):
+                    over = await self._ask(
+                        lambda now, periods: self._store.rate_refusal(tenant, policy, now, periods)
+                    )
+                    if over is not None:
+                        return _denial(over, policy, 0, request.max_tokens)
+                prompt = await asyncio.to_thread(self._prompt_tokens, request)
+                reserve = prompt + request.max_tokens
+            refusal = await self._ask(
+                lambda now, periods: self._store.admit(tenant, policy, reserve, now, periods)
+            )
+        except _StoreFailed:
             # nothing known reserved, so nothing to give back: the request's end takes what it
             # used. A timeout is ambiguous (the store may have reserved after all); then the
             # reservation stays taken too, erring against the tenant, not erasing its debt.
             return Ticket(tenant, policy, 0)
+        if refusal is None:
+            return Ticket(tenant, policy, reserve)
+        return _denial(refusal, policy, prompt, request.max_tokens)
+
+    async def _ask(
+        self, call: Callable[[int, Periods], Awaitable[Refusal | None]]
+    ) -> Refusal | None:
+        """The store's verdict on an admit, at the clock's time now; ``_StoreFailed`` when it
+        fails or is silent (the store's own failure, never the request's)."""
+        now = self._clock.now_ms()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                refusal = await call(now, Periods.at(now))
+        except Exception as exc:
+            if self._breaker is not None:
+                self._breaker.failed()
+            self._degraded("admit", exc)
+            raise _StoreFailed from exc
         if self._breaker is not None:
             self._breaker.answered()
-        if refusal is None:
-            return ticket
-        message = _message(refusal, policy, prompt, request.max_tokens)
-        return Denial(refusal.limit, message, refusal.wait_ms, (refusal.limit, *refusal.also))
+        return refusal
 
     def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
@@ -688,6 +760,21 @@ class Limiter:
             self._drop(len(self._pending), "the router stopped", force=True)
             self._pending.clear()
         await self._store.close()
+
+
+def rate_first(request: pb.CompleteRequest) -> bool:
+    """Whether ``request``'s prompt is large enough to have the request rate read before it
+    is counted (``RATE_FIRST_CHARS``)."""
+    return prompt_chars(request) >= RATE_FIRST_CHARS
+
+
+class _StoreFailed(Exception):
+    """The store failed (or was silent) on an admit: the request is admitted unlimited."""
+
+
+def _denial(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -> Denial:
+    message = _message(refusal, policy, prompt, max_tokens)
+    return Denial(refusal.limit, message, refusal.wait_ms, (refusal.limit, *refusal.also))
 
 
 _NAMES = {

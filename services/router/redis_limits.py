@@ -7,7 +7,13 @@ settle counted already, kept ``SETTLE_MARKER_MS``: a settle replayed after an am
 failure counts once; nothing is kept longer, as a killed router's open call and an estimate's
 correction are told to the limiter once, on prefix-cache's first reply to their FINAL). Each
 operation is one Lua script, so checking and taking
-happen atomically with respect to every other router.
+happen atomically with respect to every other router. The one read before it
+(``rate_refusal``: is the request rate reached, before the prompt is counted for the token
+rate) takes nothing, so it needs no script: the request bucket and the time, read in one
+``MULTI``, and only when the rate is reached the budgets. It cannot let a request past the
+rate (the admit's script checks every limit again, atomically); what it refuses, the admit
+would have refused at that instant, as a request bucket only refills with time (a settle
+never gives requests back).
 A bucket's time, and the day and month a budget counts in (read with ``TIME`` before the
 script when a budget is set), is Redis's own clock, shared by every router: routers' clocks
 differ, and a bucket stamped by each router's own clock is refilled twice over by skew (a
@@ -52,7 +58,10 @@ from services.router.limits import (
     Periods,
     Refusal,
     SettleNotSent,
+    bucket_level,
+    budgets_spent,
     longest,
+    requests_refusal,
 )
 
 log = logging.getLogger("cachemesh.router.limits")
@@ -300,6 +309,40 @@ class RedisLimitStore:
                 wait = periods.month_end_ms - now_ms
             over.append(Refusal(limit, wait, free))
         return longest(over)
+
+    async def rate_refusal(
+        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        cap = policy.requests_per_min
+        if cap is None:
+            return None
+        async with self._client.pipeline() as read:  # MULTI: the time and the bucket at once
+            if self._server_time:
+                read.time()
+            read.hmget(self._key(tenant, REQUESTS), "level", "at_ms")
+            replies = await read.execute()
+        if self._server_time:
+            seconds, micros = replies[0]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            periods = Periods.at(now_ms)
+        level, at_ms = replies[-1]
+        # as the admit's script reads it: full when absent; no refill for a time ahead of now
+        requests = (
+            float(cap)
+            if level is None
+            else bucket_level(float(level), int(float(at_ms)), cap, now_ms)
+        )
+        if requests >= 1:
+            return None
+        over: list[Refusal] = []
+        if policy.day_budget_nanos is not None or policy.month_budget_nanos is not None:
+            spent = await self._client.mget(
+                self._key(tenant, f"spent:{periods.day}"),
+                self._key(tenant, f"spent:{periods.month}"),
+            )
+            day, month = (0 if v is None else int(v) for v in spent)
+            over = budgets_spent(policy, day, month, now_ms, periods)
+        return longest([*over, requests_refusal(requests, cap)])
 
     async def settle(
         self,

@@ -502,6 +502,9 @@ class _Broken:
     async def admit(self, *args: object) -> None:
         raise ConnectionError("redis went away")
 
+    async def rate_refusal(self, *args: object) -> None:
+        raise ConnectionError("redis went away")
+
     async def settle(self, *args: object) -> None:
         raise ConnectionError("redis went away")
 
@@ -532,6 +535,13 @@ class _Switch:
         if self.down:
             raise ConnectionError("redis went away")
         return await self.store.admit(tenant, policy, reserve_tokens, now_ms, periods)
+
+    async def rate_refusal(
+        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        if self.down:
+            raise ConnectionError("redis went away")
+        return await self.store.rate_refusal(tenant, policy, now_ms, periods)
 
     async def settle(
         self,
