@@ -139,7 +139,8 @@ def longest(over: list[Refusal]) -> Refusal:
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
 # A prompt of at least this many characters has the request rate read before it is counted
-# (module doc): tokenizing 16 KiB takes ~0.1 ms (7 ms a megabyte), a Redis round trip as long.
+# (module doc): tokenizing 16 KiB of new text takes ~0.8 ms (~50 ms a megabyte), a few
+# Redis round trips.
 RATE_FIRST_CHARS = 16_384
 # Settles that failed (the store down or silent) wait in the router for it to answer again:
 # at most this many, for at most this long, tried again this often.
