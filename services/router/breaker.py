@@ -1,6 +1,7 @@
 """A dependency left alone across requests once its calls failed in a row, so that requests stop
-paying a timeout each while it stays hung: prefix-cache (``ROUTER_PREFIX_BREAKER_S``) and the
-router's Redis clients, the limits' and the answer ledger's (``ROUTER_REDIS_BREAKER_S``).
+paying a timeout each while it stays hung: prefix-cache (``ROUTER_PREFIX_BREAKER_S``),
+semantic-cache's Lookups (``ROUTER_SEMANTIC_BREAKER_S``) and the router's Redis clients, the
+limits' and the answer ledger's (``ROUTER_REDIS_BREAKER_S``).
 
 After ``BREAKER_AFTER`` failures in a row, no call for ``open_s`` (0: never left alone); then
 one call tries it (half-open), the others still skipping it until that one answers (the run
@@ -62,6 +63,12 @@ class Breaker:
         self._trial_until = now + self._open_s
         return False
 
+    @property
+    def tripped(self) -> bool:
+        """A run of failures left the dependency alone and no call has answered since (also
+        while one call tries it): unlike ``open``, asking claims no trial."""
+        return self._tripped
+
     def failed(self) -> None:
         self._failures += 1
         now = self._clock()
@@ -77,6 +84,33 @@ class Breaker:
         self._failures = 0
         self._tripped = False
         self._trial_until = -math.inf
+
+
+def semantic_breaker(open_s: float, clock: Callable[[], float]) -> Breaker:
+    """semantic-cache's Lookups left alone across requests after timeouts in a row (``open_s``:
+    ROUTER_SEMANTIC_BREAKER_S): one WARNING line as a run of them first leaves L1 alone (not
+    again at each trial that times out), one INFO line when L1 answers again."""
+
+    def opened(timeouts: int, again: bool) -> None:
+        if again:
+            log.debug("semantic-cache: a Lookup tried after %g s timed out; left alone", open_s)
+            return
+        log.warning(
+            "semantic-cache: %d Lookups in a row timed out; no Lookup sent for %g s at a time "
+            "(ROUTER_SEMANTIC_BREAKER_S) until one answers: requests are answered by the model, "
+            "their answers not stored (no L1 hits meanwhile)",
+            timeouts,
+            open_s,
+        )
+
+    def closed(timeouts: int) -> None:
+        log.info(
+            "semantic-cache answers again after %d Lookups in a row timed out; Lookups and "
+            "Stores sent as usual",
+            timeouts,
+        )
+
+    return Breaker(open_s, clock, opened, closed)
 
 
 # what the requests go without while a client's Redis is left alone, as when it fails

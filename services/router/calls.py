@@ -10,6 +10,16 @@ has timed out (prefix-cache hung: stopped, or waiting on its Redis) the request 
 and goes on as with prefix-cache down. After ``breaker.BREAKER_AFTER`` timeouts in a row, across
 requests (of calls not cut short by a client's deadline), no request calls it for
 ``ROUTER_PREFIX_BREAKER_S``.
+
+semantic-cache has a breaker of its own, by the same rule: after ``breaker.BREAKER_AFTER``
+first Lookups in a row timed out (each given at least half of ``ROUTER_SEMANTIC_TIMEOUT_S``;
+a request counts once), no Lookup is sent for ``ROUTER_SEMANTIC_BREAKER_S`` (the request goes
+on as with L1 down; the skip is a degradation), then one request tries it. Until a Lookup
+answers again, a Store without a lease is not sent either (it would wait
+``ROUTER_SEMANTIC_STORE_TIMEOUT_S`` in the background for each answer, and hold up a drain: a
+lost future hit); a leader's Store, Releases and lease renewals are, as before (their leases
+were taken before L1 hung, and identical requests wait on them: skipped, those would wait
+until the lease's age limit once L1 is back).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
-from services.router.breaker import Breaker
+from services.router.breaker import Breaker, semantic_breaker
 from services.router.dependencies import (
     CallFailed,
     Dependencies,
@@ -56,10 +66,16 @@ _LEASE_WAIT_SHARE = 0.5
 # request's deadline leaves (and at most ROUTER_PREFIX_TIMEOUT_S): a hung prefix-cache leaves the
 # model call, or the answer's reply, the other half.
 _PREFIX_SHARE = 0.5
-# prefix-cache calls timed out in a row (across requests, ``BREAKER_AFTER``) make none for
-# ROUTER_PREFIX_BREAKER_S; only calls given at least this share of ROUTER_PREFIX_TIMEOUT_S count
-# (one cut short by its own client's short deadline says little about prefix-cache)
+# prefix-cache calls (or first Lookups) timed out in a row (across requests, ``BREAKER_AFTER``)
+# make none for ROUTER_PREFIX_BREAKER_S (ROUTER_SEMANTIC_BREAKER_S); only calls given at least
+# this share of ROUTER_PREFIX_TIMEOUT_S (ROUTER_SEMANTIC_TIMEOUT_S) count (one cut short by its
+# own client's short deadline says little about the dependency)
 _BREAKER_MIN_SHARE = 0.5
+# why a Lookup, or a Store without a lease, is not sent (``Calls._l1``)
+_L1_LEFT_ALONE = "Lookups timed out in a row (ROUTER_SEMANTIC_BREAKER_S)"
+_L1_NOT_BACK = (
+    "Lookups timed out in a row and no Lookup has answered since (ROUTER_SEMANTIC_BREAKER_S)"
+)
 # A Lookup that failed so: L1 may have taken the lease, its reply (and the lease_id) lost on
 # the way (the deadline passed as it came, the request was cancelled, the connection broke)
 _REPLY_MAY_BE_LOST = frozenset({Code.DEADLINE_EXCEEDED, Code.CANCELLED, Code.UNAVAILABLE})
@@ -177,6 +193,7 @@ class Calls:
         self._clock = clock
         self._sleep = sleep
         self._breaker = _prefix_breaker(settings.prefix_breaker_s, clock)
+        self._l1 = semantic_breaker(settings.semantic_breaker_s, clock)
 
     def _degraded(self, what: str, exc: CallFailed, *, logged: bool = True) -> None:
         """``logged`` False: counted and on the span, but no log line (the caller logs)."""
@@ -189,6 +206,22 @@ class Calls:
         )
         if self._counted is not None:
             self._counted(what, exc.code.name)
+
+    def _not_made(self, what: str, why: str) -> None:
+        """A call to ``what`` not made (``why``): a degradation as a timeout is (the metric and
+        its alert count it as one), its span event saying why it was not even tried."""
+        log.debug("%s call skipped: %s", what, why)
+        record_event(
+            self._tracer,
+            "cachemesh.degraded",
+            {
+                "dependency": what,
+                "grpc.status": Code.DEADLINE_EXCEEDED.name,
+                "cachemesh.skipped": why,
+            },
+        )
+        if self._counted is not None:
+            self._counted(what, Code.DEADLINE_EXCEEDED.name)
 
     async def _degrading(
         self, what: str, call: Awaitable[T], *, client_faults: bool = True
@@ -221,6 +254,9 @@ class Calls:
         lookup_s = self.lookup_timeout_s(deadline)
         if lookup_s <= 0:
             return None  # the deadline has passed: nothing to wait for
+        if self._l1.open():
+            self._not_made("semantic-cache", _L1_LEFT_ALONE)
+            return None
         # each Lookup names the lease it may take, so that one whose reply is lost can be
         # released all the same (``_lookup``)
         call = semantic_cache_pb2.LookupRequest(
@@ -230,7 +266,9 @@ class Calls:
             accepted_tiers=accepted_tiers,
             lease_id=uuid.uuid4().hex,
         )
-        first = await self._lookup(call, lookup_s)
+        # its timeout counts toward leaving L1 alone unless the client's deadline cut it short
+        counts = lookup_s >= self._s.semantic_timeout_s * _BREAKER_MIN_SHARE
+        first = await self._lookup(call, lookup_s, counts=counts)
         if first is None or not first.pending:
             return first
         wait_s = self.lease_wait_s(deadline)
@@ -339,16 +377,20 @@ class Calls:
             schedule.renewed(tried, reply.lease_s if reply.lease_s > 0 else None)
 
     async def _lookup(
-        self, call: semantic_cache_pb2.LookupRequest, deadline_s: float
+        self, call: semantic_cache_pb2.LookupRequest, deadline_s: float, *, counts: bool = False
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's reply, or None (degraded). A Lookup whose reply may have been lost on its way
         (``_REPLY_MAY_BE_LOST``, or this request cancelled meanwhile) may have left L1 holding
         a lease for a leader that never learned it led: it would neither renew nor release it,
         and identical requests would wait on it up to its age limit. So its lease is released,
-        by the id the Lookup gave it, in the background (``_release_lost``)."""
+        by the id the Lookup gave it, in the background (``_release_lost``). ``counts``: a
+        timeout counts toward leaving L1 alone (a request's first Lookup, given enough time; a
+        wait on a lease is no sign of a hung L1); any reply ends a run of them."""
         try:
-            return await self._d.semantic.lookup(call, deadline_s)
+            reply = await self._d.semantic.lookup(call, deadline_s)
         except CallFailed as exc:
+            if counts and exc.code == Code.DEADLINE_EXCEEDED:
+                self._l1.failed()
             if exc.code in _REPLY_MAY_BE_LOST:
                 self._release_lost(call)
             if (fault := _client_fault(exc)) is not None:
@@ -358,6 +400,8 @@ class Calls:
         except asyncio.CancelledError:
             self._release_lost(call)
             raise
+        self._l1.answered()
+        return reply
 
     def _release_lost(self, call: semantic_cache_pb2.LookupRequest) -> None:
         if call.lease_id and call.request.cache.semantic in _LEADING_MODES:
@@ -400,7 +444,11 @@ class Calls:
         lease_id: str = "",
     ) -> semantic_cache_pb2.StoreResponse | None:
         """``lease_id``: the lease this request's Lookup took ("": it did not lead); L1 ends
-        that lease only, not one another request took after this one's aged out."""
+        that lease only, not one another request took after this one's aged out. Not sent
+        without a lease while L1 is left alone (a lost future hit)."""
+        if not lease_id and self._l1.tripped:
+            self._not_made("semantic-cache", _L1_NOT_BACK)
+            return None
         return await self._degrading(
             "semantic-cache",
             self._d.semantic.store(
@@ -440,23 +488,10 @@ class Calls:
         timeout counts toward leaving prefix-cache alone (``Breaker``)."""
         timeout_s = self.prefix_timeout_s(window)
         if timeout_s <= 0:
-            # a degradation as a timeout is (the metric and its alert count it as one), with
-            # why it was not even tried
             why = self._skipped(window) or "no time left in the request's deadline"
-            log.debug("prefix-cache call skipped: %s", why)
             if window is not None:
                 window.off = True
-            record_event(
-                self._tracer,
-                "cachemesh.degraded",
-                {
-                    "dependency": "prefix-cache",
-                    "grpc.status": Code.DEADLINE_EXCEEDED.name,
-                    "cachemesh.skipped": why,
-                },
-            )
-            if self._counted is not None:
-                self._counted("prefix-cache", Code.DEADLINE_EXCEEDED.name)
+            self._not_made("prefix-cache", why)
             return None
         try:
             reply = await send(timeout_s)

@@ -61,6 +61,9 @@ class RouterSettings:
     admin_timeout_s: float = 10.0  # an Admin call's deadline on semantic-cache and prefix-cache
     # no prefix-cache call for this long after calls timed out in a row (0 = never skipped)
     prefix_breaker_s: float = 5.0
+    # no Lookup (nor Store without a lease) for this long after Lookups timed out in a row
+    # (0 = never skipped)
+    semantic_breaker_s: float = 5.0
     # the least silence mid-answer that cuts a simulated or self-hosted call (0 = never cut)
     mid_answer_stall_s: float = 10.0
 
@@ -86,6 +89,7 @@ class RouterSettings:
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
             semantic_timeout_s=env.float("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
             semantic_lease_wait_s=env.float("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
+            semantic_breaker_s=env.float("ROUTER_SEMANTIC_BREAKER_S", 5.0, minimum=0.0),
             prefix_timeout_s=env.float("ROUTER_PREFIX_TIMEOUT_S", 2.0, minimum=0.001),
             prefix_breaker_s=env.float("ROUTER_PREFIX_BREAKER_S", 5.0, minimum=0.0),
             model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),

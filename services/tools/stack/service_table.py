@@ -221,6 +221,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_SEMANTIC_TIMEOUT_S",
             "ROUTER_SEMANTIC_LEASE_WAIT_S",
             "ROUTER_SEMANTIC_STORE_TIMEOUT_S",
+            "ROUTER_SEMANTIC_BREAKER_S",
             "ROUTER_PREFIX_TIMEOUT_S",
             "ROUTER_PREFIX_BREAKER_S",
             "ROUTER_MODEL_TIMEOUT_S",
