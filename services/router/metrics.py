@@ -31,7 +31,8 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   did not answer in time or was not called, its Redis left alone after failures in a row,
   else UNAVAILABLE, and the request was admitted with no limit;
   ``prefix-cache``: a call not made after timeouts, ``calls.PrefixWindow``, counts as
-  DEADLINE_EXCEEDED);
+  DEADLINE_EXCEEDED; ``semantic-cache``: a Lookup, or a Store without a lease, not made while
+  ``ROUTER_SEMANTIC_BREAKER_S`` leaves L1 alone, too);
   ``cachemesh_router_decisions_total{tier,reason}``: the
   tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``: the
   prefix cache's costs moved the threshold or band edges, ``fallback``);
