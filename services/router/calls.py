@@ -72,8 +72,8 @@ _PREFIX_SHARE = 0.5
 # own client's short deadline says little about the dependency)
 _BREAKER_MIN_SHARE = 0.5
 # why a Lookup, or a Store without a lease, is not sent (``Calls._l1``)
-_L1_LEFT_ALONE = "Lookups timed out in a row (ROUTER_SEMANTIC_BREAKER_S)"
-_L1_NOT_BACK = (
+L1_LEFT_ALONE = "Lookups timed out in a row (ROUTER_SEMANTIC_BREAKER_S)"
+L1_NOT_BACK = (
     "Lookups timed out in a row and no Lookup has answered since (ROUTER_SEMANTIC_BREAKER_S)"
 )
 # A Lookup that failed so: L1 may have taken the lease, its reply (and the lease_id) lost on
@@ -255,7 +255,7 @@ class Calls:
         if lookup_s <= 0:
             return None  # the deadline has passed: nothing to wait for
         if self._l1.open():
-            self._not_made("semantic-cache", _L1_LEFT_ALONE)
+            self._not_made("semantic-cache", L1_LEFT_ALONE)
             return None
         # each Lookup names the lease it may take, so that one whose reply is lost can be
         # released all the same (``_lookup``)
@@ -447,7 +447,7 @@ class Calls:
         that lease only, not one another request took after this one's aged out. Not sent
         without a lease while L1 is left alone (a lost future hit)."""
         if not lease_id and self._l1.tripped:
-            self._not_made("semantic-cache", _L1_NOT_BACK)
+            self._not_made("semantic-cache", L1_NOT_BACK)
             return None
         return await self._degrading(
             "semantic-cache",

@@ -27,6 +27,7 @@ class Span:
     kind: int
     attributes: dict[str, Any]
     links: tuple[tuple[str, str], ...] = ()  # (trace_id, span_id) of each span it links
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, attributes) of each event
 
 
 def _value(value: Any) -> Any:
@@ -46,6 +47,10 @@ def _span(service: str, span: Any) -> Span:
         kind=span.kind,
         attributes={a.key: _value(a.value) for a in span.attributes},
         links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
+        events=tuple(
+            (event.name, {a.key: _value(a.value) for a in event.attributes})
+            for event in span.events
+        ),
     )
 
 
