@@ -234,6 +234,8 @@ async def test_releases_and_renewals_are_sent_while_l1_is_left_alone(
     lookups = len(rig.semantic.lookups)
     assert await rig.calls.lookup("tenant-a", _request()) is None
     assert len(rig.semantic.lookups) == lookups  # left alone
+    # the degraded metric: 3 timeouts, then the skip, counted as one more
+    assert rig.counted == [("semantic-cache", "DEADLINE_EXCEEDED")] * 4
     await rig.calls.release("tenant-a", _request(), "lease-1")
     assert [r.lease_id for r in rig.semantic.releases][-1] == "lease-1"
     led = sc.LookupResponse(leader=True, lease_id="lease-2", lease_s=30.0)
