@@ -9,11 +9,16 @@ maintenance, which an open-source Redis does not send (its connections answer th
 "unknown subcommand"). redis-py 8.1 turns them on by default ("auto") and then does not
 check a pooled connection before handing it out, so after a Redis restart every connection it
 closed failed its next call (8 of 8 calls; a tenant over its budget admitted meanwhile, an
-answer recorded in the ledger not found)."""
+answer recorded in the ledger not found).
+
+A health check has a client of its own (``own_connection_redis``): one connection no call
+shares, so a pool whose connections are all busy (``pool_exhausted``) is not read as a Redis
+that does not answer."""
 
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from services.common.env import Env, redis_url_error
@@ -43,3 +48,17 @@ def bounded_redis(var: str, url: str, max_connections: int, timeout_s: float | N
     except ValueError:  # its message may quote part of the password
         raise redis_url_error(var, url) from None
     return Redis.from_pool(pool)
+
+
+def own_connection_redis(var: str, url: str, timeout_s: float | None) -> Redis:
+    """A client of the Redis at ``url`` (``var``'s value) over one connection of its own, for
+    a health check: the same URL, so the same password, TLS and socket timeouts as the pool's
+    client, but no call waits for or holds its connection. A connection that failed (a Redis
+    restart, a PING given up) is closed and made again at its next use."""
+    return bounded_redis(var, url, 1, timeout_s)
+
+
+def pool_exhausted(exc: BaseException) -> bool:
+    """``exc`` is a ``bounded_redis`` call's wait for a connection running out (all busy for
+    ``timeout_s``): the process's own bound, not a failure of Redis."""
+    return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)

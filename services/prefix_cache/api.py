@@ -17,6 +17,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
+from services.common.redis_pool import pool_exhausted
 from services.prefix_cache.commit_records import Final
 from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PlanGone, PrefixCacheCore
 from services.prefix_cache.reconcile import BadUsage
@@ -35,6 +36,12 @@ _CODES: tuple[tuple[type[Exception], Code], ...] = (
 )
 
 
+_POOL_BUSY = (
+    "prefix-cache's Redis connections were all busy (PREFIX_CACHE_REDIS_MAX_CONNECTIONS): "
+    "retry; raise that bound if this lasts"
+)
+
+
 def _nothing() -> None:
     pass
 
@@ -45,11 +52,17 @@ class PrefixCacheApi:
         core: PrefixCacheCore,
         redis_failed: Callable[[], None] = _nothing,
         max_send_bytes: int | None = None,
+        *,
+        pool_busy: Callable[[], None] = _nothing,
     ) -> None:
         """``redis_failed``: told of each call its Redis failed (``RedisHealth.failed``).
-        ``max_send_bytes``: the largest answer sent (CACHEMESH_MAX_MESSAGE_BYTES; None: any)."""
+        ``max_send_bytes``: the largest answer sent (CACHEMESH_MAX_MESSAGE_BYTES; None: any).
+        ``pool_busy``: told of each call that found none of its Redis connections free in
+        time (the process's bound, PREFIX_CACHE_REDIS_MAX_CONNECTIONS: not a Redis failure,
+        so not ``redis_failed``)."""
         self._core = core
         self._redis_failed = redis_failed
+        self._pool_busy = pool_busy
         self._max_send_bytes = max_send_bytes
 
     async def plan(self, request: pc.PlanRequest) -> pc.PlanResponse:
@@ -181,7 +194,11 @@ class PrefixCacheApi:
         """The core's answer; its errors as ``RequestError`` with their status code."""
         try:
             return await work
-        except RedisError as exc:  # its store is down (restarting): retryable, no detail leaked
+        except RedisError as exc:
+            if pool_exhausted(exc):  # Redis may well answer: retryable, not its health's
+                self._pool_busy()
+                raise RequestError(Code.UNAVAILABLE, _POOL_BUSY) from exc
+            # its store is down (restarting): retryable, no detail leaked
             self._redis_failed()
             raise RequestError(
                 Code.UNAVAILABLE, f"prefix-cache's Redis is unreachable ({type(exc).__name__})"

@@ -14,14 +14,14 @@ from services.common.env import Env
 from services.common.logs import configure_logging
 from services.common.metrics import LoopCounter, MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
-from services.common.redis_pool import bounded_redis
+from services.common.redis_pool import bounded_redis, own_connection_redis
 from services.common.server import HealthSwitch, ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.metrics import WARM_REFRESH_S, PrefixCacheMetrics
-from services.prefix_cache.redis_health import RedisHealth
+from services.prefix_cache.redis_health import REDIS_URL, RedisHealth
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
@@ -43,10 +43,14 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     health = HealthSwitch()
     redis: Redis | None = None
     watch: RedisHealth | None = None
+    clients: list[Redis] = []
     if settings.redis_url is not None:
         redis = _redis(settings.redis_url, settings.redis_max_connections)
-        # its health is its Redis's: NOT_SERVING while Redis does not answer (a PING every 2 s)
-        watch = RedisHealth(redis, settings.redis_url, health.set, REDIS_CONNECTION_WAIT_S)
+        # its health is its Redis's: NOT_SERVING while Redis does not answer (a PING every 2 s
+        # over a connection of its own: a pool whose connections are all busy is not an outage)
+        own = own_connection_redis(REDIS_URL, settings.redis_url, REDIS_CONNECTION_WAIT_S)
+        watch = RedisHealth(own, settings.redis_url, health.set, REDIS_CONNECTION_WAIT_S)
+        clients = [redis, own]
     registry = new_registry()
     metrics = PrefixCacheMetrics(registry, warm_gauge=redis is None)  # no SCAN of Redis
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
@@ -54,7 +58,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     api = (
         PrefixCacheApi(core, max_send_bytes=sent)
         if watch is None
-        else PrefixCacheApi(core, watch.failed, max_send_bytes=sent)
+        else PrefixCacheApi(core, watch.failed, sent, pool_busy=metrics.redis_pool_exhausted)
     )
     servicer = PrefixCacheServicer(api)
     background: list[asyncio.Task[None]] = []
@@ -72,8 +76,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        if redis is not None:
-            await redis.aclose()
+        for client in clients:
+            await client.aclose()
 
     async def shutdown_tracing() -> None:
         await stop_tracing(provider)  # last: bounded, whatever the collector does
@@ -112,4 +116,4 @@ def _redis(url: str, max_connections: int) -> Redis:
     """The shared store's client, over at most PREFIX_CACHE_REDIS_MAX_CONNECTIONS connections;
     a call finding them all busy waits for one as long as its caller waits for the answer (the
     router's ROUTER_PREFIX_TIMEOUT_S, 2 s by default)."""
-    return bounded_redis("PREFIX_CACHE_REDIS_URL", url, max_connections, REDIS_CONNECTION_WAIT_S)
+    return bounded_redis(REDIS_URL, url, max_connections, REDIS_CONNECTION_WAIT_S)

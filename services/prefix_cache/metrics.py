@@ -19,7 +19,11 @@ returns the same bill and counts nothing):
   the warm prefixes held in memory, refreshed every ``WARM_REFRESH_S``. With the Redis store
   the gauge is absent: counting keys there is a SCAN of the keyspace (seconds of this
   process's CPU at 300k keys, on every refresh); Redis's own ``INFO keyspace`` gives the count
-  when its database is dedicated to the warm prefixes.
+  when its database is dedicated to the warm prefixes;
+- ``cachemesh_prefix_cache_redis_pool_exhausted_total``: calls refused UNAVAILABLE because
+  none of the process's Redis connections (PREFIX_CACHE_REDIS_MAX_CONNECTIONS) came free in
+  time. Redis may be answering: the service's health (a PING over a connection of its own)
+  stays SERVING, so a saturated pool shows here, not as NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -71,12 +75,19 @@ class PrefixCacheMetrics:
             "Plans computed (a miss's split and replica candidates)",
             ("model",),
         )
+        self._pool_exhausted = m.counter(
+            "cachemesh_prefix_cache_redis_pool_exhausted",
+            "Calls refused UNAVAILABLE: no Redis connection of the pool came free in time",
+        )()
         self.warm_prefixes: LoopCounter | None = None
         if warm_gauge:
             self.warm_prefixes = m.gauge(
                 "cachemesh_prefix_cache_warm_prefixes",
                 "Warm prefixes held in memory (expired ones not yet collected included)",
             )()
+
+    def redis_pool_exhausted(self) -> None:
+        self._pool_exhausted.inc()
 
     def planned(self, model: str) -> None:
         self._plans(model).inc()

@@ -17,11 +17,12 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
+from services.common.redis_pool import own_connection_redis
 from services.common.tokens import load_tokenizers
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.app import serve
 from services.prefix_cache.core import TokenizerSlot
-from services.prefix_cache.redis_health import RedisHealth
+from services.prefix_cache.redis_health import REDIS_URL, RedisHealth
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.tools.stack.ports import free_port
@@ -57,7 +58,7 @@ async def test_health_follows_its_redis_as_it_stops_and_starts_again(
     port = free_port()
     url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
     health = Health()
-    client = Redis.from_url(url)
+    client = own_connection_redis(REDIS_URL, url, 2.0)  # the service's: re-made when broken
     watch = RedisHealth(client, url, health.set, timeout_s=2.0)
     for run in ("first", "again"):
         (tmp_path / run).mkdir()
@@ -88,6 +89,56 @@ async def test_a_redis_that_hangs_is_not_serving_after_the_pings_timeout() -> No
     finally:
         await client.aclose()
         hole.close()
+
+
+async def test_a_ping_given_up_closes_its_connection_and_the_next_opens_another(
+    tmp_path: Path,
+) -> None:
+    """Redis holds the health's PING past its timeout (``CLIENT PAUSE``, 0.5 s): NOT_SERVING,
+    and that connection (its PONG still to come) is not used again: a PING once Redis answers
+    goes over a new one and reads SERVING. So too after Redis closed the connection."""
+    health = Health()
+    with redis_server(tmp_path) as url:
+        admin = Redis.from_url(url)
+        client = own_connection_redis(REDIS_URL, url, 0.1)
+        watch = RedisHealth(client, url, health.set, timeout_s=0.1)
+        try:
+            await watch.check()
+            first = await client.client_id()
+            await admin.client_pause(500)
+            await watch.check()
+            assert health.told == [True, False]
+            async with asyncio.timeout(10):
+                while health.told[-1] is False:  # each PING given up until the pause ends
+                    await watch.check()
+            again = await client.client_id()
+            assert again != first
+            await admin.client_kill_filter(_id=str(again))
+            await watch.check()
+            assert health.told == [True, False, True]  # no failure seen: a new connection
+            assert await client.client_id() != again
+        finally:
+            await admin.aclose()
+            await client.aclose()
+
+
+async def test_a_redis_that_answers_masterdown_is_not_serving(tmp_path: Path) -> None:
+    """A replica whose master is gone (``replica-serve-stale-data no``) answers MASTERDOWN,
+    even to a PING: it cannot serve a call, so NOT_SERVING, as for a Redis that is down."""
+    health = Health()
+    with redis_server(tmp_path) as url:
+        admin = Redis.from_url(url)
+        client = own_connection_redis(REDIS_URL, url, 2.0)
+        watch = RedisHealth(client, url, health.set, timeout_s=2.0)
+        try:
+            await watch.check()
+            await admin.config_set("replica-serve-stale-data", "no")
+            await admin.replicaof("127.0.0.1", free_port())
+            await watch.check()
+            assert health.told == [True, False]
+        finally:
+            await admin.aclose()
+            await client.aclose()
 
 
 async def test_a_call_that_finds_redis_failing_checks_it_at_once(tmp_path: Path) -> None:

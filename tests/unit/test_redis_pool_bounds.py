@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
@@ -23,7 +24,7 @@ from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.models import load_model_table
-from services.common.redis_pool import bounded_redis
+from services.common.redis_pool import bounded_redis, pool_exhausted
 from services.common.tokens import load_tokenizers
 from services.prefix_cache.app import serve
 from services.prefix_cache.settings import PrefixCacheSettings
@@ -132,7 +133,7 @@ async def test_prefix_cache_holds_at_most_its_setting_connections(
                 for i in range(N + K)
             ]
             await asyncio.gather(*commits)  # each answered: none failed for want of one
-        assert 1 <= await _others(observer) <= N
+        assert 1 <= await _others(observer) <= N + 1  # and its health PING's own connection
     finally:
         stop.set()
         await asyncio.wait_for(server, timeout=30)
@@ -174,3 +175,30 @@ async def test_the_first_calls_after_redis_restarted_reconnect_their_pooled_conn
             assert answers == [True] * N
     finally:
         await client.aclose()
+
+
+async def test_a_call_that_finds_every_connection_busy_is_told_apart_from_a_redis_failure(
+    fresh_redis: tuple[str, Redis],
+) -> None:
+    """The pool's wait running out (its own bound) is ``pool_exhausted``; a Redis that refuses
+    the connection (down) is not: only that one is a failure of Redis."""
+    url, observer = fresh_redis
+    client = bounded_redis("X_REDIS_URL", url, 1, 0.1)
+    holding = asyncio.ensure_future(client.blpop(["never-pushed"], 0))  # holds the one
+    try:
+        for _ in range(1000):  # until the BLPOP holds the connection
+            if (await observer.info("clients"))["blocked_clients"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(RedisError) as busy:
+            await client.ping()
+        assert pool_exhausted(busy.value)
+    finally:
+        holding.cancel()
+        await asyncio.gather(holding, return_exceptions=True)
+        await client.aclose()
+    down = bounded_redis("X_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0", 1, 0.1)
+    with pytest.raises(RedisError) as refused:
+        await down.ping()
+    assert not pool_exhausted(refused.value)
+    await down.aclose()
