@@ -4,9 +4,11 @@ reports NOT_SERVING (its calls fail UNAVAILABLE; the router serves at its estima
 the bills) instead of SERVING calls that all fail; SERVING again as soon as it answers.
 
 A PING every ``PING_EVERY_S`` decides, waited for at most ``timeout_s`` (a Redis that hangs
-counts as down); a call that finds Redis failing makes the next PING at once rather than at its
-turn. Only a PING sets the health: a call that succeeds may not have needed Redis (a Plan of a
-self-hosted row), and one that fails may be Redis's answer (OOM) rather than its absence.
+counts as down), over a connection of its own (``own_connection_redis``): over one of the
+calls' pool, a pool whose connections were all busy read as a Redis that does not answer. A
+call that finds Redis failing makes the next PING at once rather than at its turn. Only a PING
+sets the health: a call that succeeds may not have needed Redis (a Plan of a self-hosted row),
+and one that fails may be Redis's answer (OOM) rather than its absence.
 
 At start-up, a Redis that refuses the service (a wrong password, no permission) is a
 ``ConfigError``; one that does not answer leaves it NOT_SERVING, with a WARNING, until it does.
@@ -38,9 +40,9 @@ class RedisHealth:
         set_health: Callable[[bool], Awaitable[None]],
         timeout_s: float,
     ) -> None:
-        """``redis``: the service's client of the Redis at ``url`` (named without its password);
-        ``set_health``: the service's ``HealthSwitch.set``; ``timeout_s``: the longest a PING
-        is waited for (a call's own wait for a connection of the pool)."""
+        """``redis``: a client of the Redis at ``url`` (named without its password) that no
+        call shares (``own_connection_redis``); ``set_health``: the service's
+        ``HealthSwitch.set``; ``timeout_s``: the longest a PING is waited for."""
         self._redis = redis
         self._where = redacted_url(url)  # never its password
         self._set_health = set_health
