@@ -7,12 +7,13 @@ is checked, and the wait is the longest), which the servicer turns into
 
 - Request rate: a bucket of ``requests_per_min`` requests, refilled continuously; each request
   takes one. Under a token rate, a request whose prompt is large (``RATE_FIRST_CHARS``) has
-  the request rate read first (``LimitStore.rate_refusal``): over it, it is refused before its
-  prompt is counted (a flood of large prompts past the rate had the router tokenize each, on
-  the CPU every tenant shares, only to refuse it), and its refusal names the request rate and
-  the budgets it is over, not the token rate, which needs the count. A smaller prompt is
-  counted first, as its count costs less than that read's round trip to the store, and its
-  refusal names every limit it is over.
+  the request rate and the budgets read first (``LimitStore.rate_refusal``): over the rate or
+  a spent budget, it is refused before its prompt is counted (a flood of large prompts past
+  the rate, or from a tenant whose budget is spent until the day or the month ends, had the
+  router tokenize each, on the CPU every tenant shares, only to refuse it), and its refusal
+  names the request rate and the budgets it is over, not the token rate, which needs the
+  count. A smaller prompt is counted first, as its count costs less than that read's round
+  trip to the store, and its refusal names every limit it is over.
 - Token rate: a bucket of ``tokens_per_min`` tokens. A request reserves its prompt's tokens
   (the canonical prompt counted by the router's tokenizer, as an L1 hit's baseline is) plus its
   ``max_tokens``, and is admitted while the bucket holds that reservation, or is full when the
@@ -70,6 +71,11 @@ class LimitPolicy:
     tokens_per_min: int | None = None
     day_budget_nanos: int | None = None
     month_budget_nanos: int | None = None
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a day's or a month's budget is set."""
+        return self.day_budget_nanos is not None or self.month_budget_nanos is not None
 
     @property
     def active(self) -> bool:
@@ -138,9 +144,9 @@ def longest(over: list[Refusal]) -> Refusal:
 
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
-# A prompt of at least this many characters has the request rate read before it is counted
-# (module doc): tokenizing 16 KiB of new text takes ~0.8 ms (~50 ms a megabyte), a few
-# Redis round trips.
+# A prompt of at least this many characters has the request rate and the budgets read before
+# it is counted (module doc): tokenizing 16 KiB of new text takes ~0.8 ms (~50 ms a
+# megabyte), a few Redis round trips.
 RATE_FIRST_CHARS = 16_384
 # Settles that failed (the store down or silent) wait in the router for it to answer again:
 # at most this many, for at most this long, tried again this often.
@@ -188,11 +194,13 @@ class LimitStore(Protocol):
     async def rate_refusal(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
     ) -> Refusal | None:
-        """A read, taking nothing: None while the request bucket holds a request, else the
-        refusal ``admit`` would make now for the request rate and the budgets (the token rate
-        unread: it needs the prompt's count). A request it passes may still be refused by
-        ``admit`` (another router took the last request meanwhile); one it refuses, ``admit``
-        would have refused then (a request bucket only refills with time)."""
+        """A read, taking nothing: None while the request bucket holds a request (or there is
+        no request rate) and no budget is spent, else the refusal ``admit`` would make now for
+        the request rate and the budgets (the token rate unread: it needs the prompt's count).
+        A request it passes may still be refused by ``admit`` (another router took the last
+        request meanwhile, or billed the budget away); one it refuses, ``admit`` would have
+        refused then (a request bucket only refills with time; a spent budget stays spent until
+        its period ends, but for an estimate's bill corrected down)."""
         ...
 
     async def settle(
@@ -292,13 +300,12 @@ class MemoryLimitStore:
     async def rate_refusal(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
     ) -> Refusal | None:
-        if policy.requests_per_min is None:
-            return None
-        requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
-        if requests >= 1:
-            return None
         over = self._budgets_spent(tenant, policy, now_ms, periods)
-        return longest([*over, requests_refusal(requests, policy.requests_per_min)])
+        if policy.requests_per_min is not None:
+            requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
+            if requests < 1:
+                over.append(requests_refusal(requests, policy.requests_per_min))
+        return longest(over) if over else None
 
     async def admit(
         self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
@@ -502,8 +509,8 @@ class Limiter:
         """The request's ticket, or its denial. Every limit is checked at once by the store's
         ``admit``, which takes the request and its tokens atomically (a refusal takes
         neither). Under a token rate the prompt is counted for that (off the event loop);
-        a large prompt (``RATE_FIRST_CHARS``) has the request rate read before: a request
-        over it is refused uncounted."""
+        a large prompt (``RATE_FIRST_CHARS``) has the request rate and the budgets read
+        before: a request over the rate or a spent budget is refused uncounted."""
         policy = self._policies.for_tenant(tenant)
         if not policy.active:
             return Ticket(tenant, policy, 0)
@@ -513,7 +520,8 @@ class Limiter:
         prompt = reserve = 0
         try:
             if policy.tokens_per_min is not None:
-                if policy.requests_per_min is not None and rate_first(request):
+                readable = policy.requests_per_min is not None or policy.budgeted
+                if readable and rate_first(request):
                     over = await self._ask(
                         lambda now, periods: self._store.rate_refusal(tenant, policy, now, periods)
                     )

@@ -8,12 +8,14 @@ failure counts once; nothing is kept longer, as a killed router's open call and 
 correction are told to the limiter once, on prefix-cache's first reply to their FINAL). Each
 operation is one Lua script, so checking and taking
 happen atomically with respect to every other router. The one read before it
-(``rate_refusal``: is the request rate reached, before the prompt is counted for the token
-rate) takes nothing, so it needs no script: the request bucket and the time, read in one
-``MULTI``, and only when the rate is reached the budgets. It cannot let a request past the
-rate (the admit's script checks every limit again, atomically); what it refuses, the admit
-would have refused at that instant, as a request bucket only refills with time (a settle
-never gives requests back).
+(``rate_refusal``: is the request rate reached or a budget spent, before the prompt is
+counted for the token rate) takes nothing, so it needs no script: the time, the request
+bucket and the budgets' spends, read in one ``MULTI`` (the spends of the caller's day and
+month: when Redis's clock is in another, within the routers' skew of a period's end, those
+of Redis's are read in a second round trip). It cannot let a request past a limit (the
+admit's script checks every limit again, atomically); what it refuses, the admit would have
+refused at that instant, as a request bucket only refills with time (a settle never gives
+requests back) and a spent budget with its period's end.
 A bucket's time, and the day and month a budget counts in (read with ``TIME`` before the
 script when a budget is set), is Redis's own clock, shared by every router: routers' clocks
 differ, and a bucket stamped by each router's own clock is refilled twice over by skew (a
@@ -276,13 +278,11 @@ class RedisLimitStore:
     ) -> Refusal | None:
         if not self._marks:  # not started: Redis did not answer at start-up (module doc)
             await self.start()
-        budgeted = policy.day_budget_nanos is not None or policy.month_budget_nanos is not None
-        now_ms, periods, script_ms = await self._clock(budgeted, now_ms, periods)
+        now_ms, periods, script_ms = await self._clock(policy.budgeted, now_ms, periods)
         keys = [
             self._key(tenant, REQUESTS),
             self._key(tenant, TOKENS),
-            self._key(tenant, f"spent:{periods.day}"),
-            self._key(tenant, f"spent:{periods.month}"),
+            *self._spent_keys(tenant, periods),
             self._marker,
         ]
         args: list[int | str] = [
@@ -314,35 +314,48 @@ class RedisLimitStore:
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
     ) -> Refusal | None:
         cap = policy.requests_per_min
-        if cap is None:
+        if cap is None and not policy.budgeted:
             return None
-        async with self._client.pipeline() as read:  # MULTI: the time and the bucket at once
+        async with self._client.pipeline() as read:  # MULTI: the time and the counts at once
             if self._server_time:
                 read.time()
-            read.hmget(self._key(tenant, REQUESTS), "level", "at_ms")
-            replies = await read.execute()
+            if cap is not None:
+                read.hmget(self._key(tenant, REQUESTS), "level", "at_ms")
+            if policy.budgeted:  # the caller's periods: Redis's too, but near a period's end
+                read.mget(self._spent_keys(tenant, periods))
+            replies = list(await read.execute())
+        read_in = periods
         if self._server_time:
-            seconds, micros = replies[0]
+            seconds, micros = replies.pop(0)
             now_ms = int(seconds) * 1000 + int(micros) // 1000
             periods = Periods.at(now_ms)
-        level, at_ms = replies[-1]
-        # as the admit's script reads it: full when absent; no refill for a time ahead of now
-        requests = (
-            float(cap)
-            if level is None
-            else bucket_level(float(level), int(float(at_ms)), cap, now_ms)
-        )
-        if requests >= 1:
-            return None
         over: list[Refusal] = []
-        if policy.day_budget_nanos is not None or policy.month_budget_nanos is not None:
-            spent = await self._client.mget(
-                self._key(tenant, f"spent:{periods.day}"),
-                self._key(tenant, f"spent:{periods.month}"),
-            )
+        if policy.budgeted:
+            spent = replies.pop()
+            if (read_in.day, read_in.month) != (periods.day, periods.month):
+                # the caller's clock and Redis's in different periods (within their skew of a
+                # day's end): the budgets of Redis's, which the admit counts in, read again
+                spent = await self._client.mget(self._spent_keys(tenant, periods))
             day, month = (0 if v is None else int(v) for v in spent)
             over = budgets_spent(policy, day, month, now_ms, periods)
-        return longest([*over, requests_refusal(requests, cap)])
+        if cap is not None:
+            level, at_ms = replies.pop()
+            # as the admit's script reads it: full when absent; no refill for a time ahead
+            requests = (
+                float(cap)
+                if level is None
+                else bucket_level(float(level), int(float(at_ms)), cap, now_ms)
+            )
+            if requests < 1:
+                over.append(requests_refusal(requests, cap))
+        return longest(over) if over else None
+
+    def _spent_keys(self, tenant: str, periods: Periods) -> list[str]:
+        """The keys of what ``tenant`` spent in the day and the month of ``periods``."""
+        return [
+            self._key(tenant, f"spent:{periods.day}"),
+            self._key(tenant, f"spent:{periods.month}"),
+        ]
 
     async def settle(
         self,

@@ -1,7 +1,8 @@
-"""A tenant over its request rate is refused before its prompt is counted: a flood of large
-prompts past the rate made the router tokenize each (7 ms a megabyte, on the CPU every tenant
-shares) only to refuse it. Each test runs on both stores (in memory, and a real Redis) with an
-injected clock, counting the prompt's counts through the limiter's seam."""
+"""A tenant over its request rate, or with a budget spent, is refused before its prompt is
+counted: a flood of large prompts past the rate, or from a tenant refused until the day or the
+month ends, made the router tokenize each (~50 ms a megabyte of new text, on the CPU every
+tenant shares) only to refuse it. Each test runs on both stores (in memory, and a real Redis)
+with an injected clock, counting the prompt's counts through the limiter's seam."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
@@ -16,6 +18,7 @@ from services.common.prompt import prompt_tokens
 from services.common.tokens import load_cl100k
 from services.router.limits import (
     DAY_BUDGET,
+    MONTH_BUDGET,
     REQUESTS,
     TOKENS,
     Denial,
@@ -23,6 +26,7 @@ from services.router.limits import (
     LimitPolicy,
     LimitStore,
     MemoryLimitStore,
+    Periods,
     Ticket,
     UniformPolicies,
 )
@@ -206,3 +210,137 @@ async def test_routers_on_redis_time_refuse_over_the_rate_without_counting(
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def _spend(limiter: Limiter, cost_nanos: int) -> None:
+    """One small request admitted and billed ``cost_nanos``."""
+    ticket = await limiter.admit("t", _request("hi"))
+    assert isinstance(ticket, Ticket), ticket
+    limiter.settle(ticket, pb.CompleteResponse(cost=pb.Cost(cost_nanos=cost_nanos)))
+    await limiter.drain()
+
+
+@pytest.mark.parametrize("requests_per_min", [None, 100])
+async def test_a_tenant_over_its_day_budget_is_refused_before_its_prompt_is_counted(
+    store: LimitStore, requests_per_min: int | None
+) -> None:
+    """A spent budget refills only at the day's end: a flood of large prompts from the tenant
+    is refused, as ever (the refusal the admit makes after the count: the same limit, wait and
+    message), and none of it tokenized, whether or not a request rate is set (within it)."""
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(
+        requests_per_min=requests_per_min, tokens_per_min=10_000_000, day_budget_nanos=1000
+    )
+    limiter, count = _limiter(store, policy, clock)
+    await _spend(limiter, 1000)
+    small = await limiter.admit("t", _request("hi"))  # counted, refused by the admit
+    assert isinstance(small, Denial), small
+    assert (small.limit, small.retry_after_ms, small.exceeded) == (
+        DAY_BUDGET,
+        TO_MIDNIGHT_MS,
+        (DAY_BUDGET,),
+    )
+    assert len(count.counted) == 2
+    flood = [await limiter.admit("t", _request()) for _ in range(5)]
+    assert flood == [small] * 5
+    assert len(count.counted) == 2  # none of the large prompts was counted
+
+
+async def test_over_both_budgets_a_large_prompt_is_told_the_months_end_uncounted(
+    store: LimitStore,
+) -> None:
+    """Over the day's and the month's budgets (no request rate): the wait is the month's end,
+    naming the day's budget too, as the admit says it, and nothing counted."""
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(tokens_per_min=10_000_000, day_budget_nanos=1000, month_budget_nanos=1000)
+    limiter, count = _limiter(store, policy, clock)
+    await _spend(limiter, 1000)
+    small = await limiter.admit("t", _request("hi"))
+    assert isinstance(small, Denial), small
+    assert (small.limit, small.exceeded) == (MONTH_BUDGET, (MONTH_BUDGET, DAY_BUDGET))
+    assert small.retry_after_ms == Periods.at(START_MS).month_end_ms - START_MS
+    assert small.message.endswith("(this tenant is over its daily budget too)")
+    large = await limiter.admit("t", _request())
+    assert large == small and len(count.counted) == 2
+
+
+async def test_a_budget_not_spent_lets_a_large_prompt_be_counted_and_admitted(
+    store: LimitStore,
+) -> None:
+    """Below its budget (one nano short), the large prompt is counted and admitted as ever."""
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(tokens_per_min=10_000_000, day_budget_nanos=1000)
+    limiter, count = _limiter(store, policy, clock)
+    await _spend(limiter, 999)
+    assert isinstance(await limiter.admit("t", _request()), Ticket)
+    assert len(count.counted) == 2
+
+
+async def test_without_a_token_rate_no_prompt_is_counted_over_a_budget_or_not(
+    store: LimitStore,
+) -> None:
+    """The count is only for the token rate: without one, no prompt is counted, and a spent
+    budget refuses the large prompt as the admit always has."""
+    clock = ManualClock(START_MS)
+    policy = LimitPolicy(requests_per_min=100, day_budget_nanos=1000)
+    limiter, count = _limiter(store, policy, clock)
+    await _spend(limiter, 1000)
+    denial = await limiter.admit("t", _request())
+    assert isinstance(denial, Denial) and denial.limit == DAY_BUDGET, denial
+    assert count.counted == []
+
+
+async def test_routers_on_redis_time_refuse_a_spent_budget_without_counting(
+    redis_url: str,
+) -> None:
+    """On Redis's clock (the routers' own in another day, ten minutes apart) the budget read
+    before the count is the day's Redis counts in: a large prompt past it is refused uncounted,
+    whichever router, waiting for Redis's midnight."""
+    policy = LimitPolicy(tokens_per_min=10_000_000, day_budget_nanos=1000)
+    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    try:
+        await clients[0].flushdb()
+        routers = [
+            _limiter(RedisLimitStore(client), policy, ManualClock(START_MS + skew))
+            for client, skew in zip(clients, (600_000, 0), strict=True)
+        ]
+        await _spend(routers[0][0], 1000)
+        for limiter, _ in routers:
+            denial = await limiter.admit("t", _request())
+            assert isinstance(denial, Denial) and denial.limit == DAY_BUDGET, denial
+            assert 0 < denial.retry_after_ms <= 86_400_000
+        assert [len(count.counted) for _, count in routers] == [1, 0]
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def test_the_read_before_the_count_is_one_round_trip_to_redis(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request bucket and both budgets are read in one round trip, refusing or not."""
+    sent: list[object] = []
+    send = Connection.send_packed_command
+
+    async def counted(self: Connection, command: object, check_health: bool = True) -> None:
+        sent.append(command)
+        await send(self, command, check_health)  # type: ignore[arg-type]
+
+    client = Redis.from_url(redis_url)
+    try:
+        await client.flushdb()
+        store = RedisLimitStore(client, server_time=False)
+        policy = LimitPolicy(
+            requests_per_min=100, tokens_per_min=10, day_budget_nanos=1, month_budget_nanos=1
+        )
+        periods = Periods.at(START_MS)
+        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        assert await store.rate_refusal("t", policy, START_MS, periods) is None
+        assert len(sent) == 1
+        await client.set(f"cachemesh:limits:{{t}}:spent:{periods.day}", 1)
+        sent.clear()
+        refusal = await store.rate_refusal("t", policy, START_MS, periods)
+        assert refusal is not None and refusal.limit == DAY_BUDGET, refusal
+        assert len(sent) == 1
+    finally:
+        await client.aclose()
