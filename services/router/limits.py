@@ -6,9 +6,9 @@ is checked, and the wait is the longest), which the servicer turns into
 ``RESOURCE_EXHAUSTED`` with ``google.rpc.RetryInfo``.
 
 - Request rate: a bucket of ``requests_per_min`` requests, refilled continuously; each request
-  takes one. Under a token rate, a request whose prompt is large (``RATE_FIRST_CHARS``) has
-  the request rate and the budgets read first (``LimitStore.rate_refusal``): over the rate or
-  a spent budget, it is refused before its prompt is counted (a flood of large prompts past
+  takes one. Under a token rate, a request whose prompt is large (``READ_FIRST_CHARS``) has
+  the request rate and the budgets read first (``LimitStore.refusal_before_count``): over the rate
+  or a spent budget, it is refused before its prompt is counted (a flood of large prompts past
   the rate, or from a tenant whose budget is spent until the day or the month ends, had the
   router tokenize each, on the CPU every tenant shares, only to refuse it), and its refusal
   names the request rate and the budgets it is over, not the token rate, which needs the
@@ -147,7 +147,7 @@ DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
 # A prompt of at least this many characters has the request rate and the budgets read before
 # it is counted (module doc): tokenizing 16 KiB of new text takes ~0.8 ms (~50 ms a
 # megabyte), a few Redis round trips.
-RATE_FIRST_CHARS = 16_384
+READ_FIRST_CHARS = 16_384
 # Settles that failed (the store down or silent) wait in the router for it to answer again:
 # at most this many, for at most this long, tried again this often.
 MAX_PENDING_SETTLES = 10_000
@@ -191,7 +191,7 @@ class LimitStore(Protocol):
         ``tokens_needed``), else takes one request and reserves ``reserve_tokens``."""
         ...
 
-    async def rate_refusal(
+    async def refusal_before_count(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
     ) -> Refusal | None:
         """A read, taking nothing: None while the request bucket holds a request (or there is
@@ -297,7 +297,7 @@ class MemoryLimitStore:
         month = self._spent.get((tenant, periods.month), 0)
         return budgets_spent(policy, day, month, now_ms, periods)
 
-    async def rate_refusal(
+    async def refusal_before_count(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
     ) -> Refusal | None:
         over = self._budgets_spent(tenant, policy, now_ms, periods)
@@ -509,7 +509,7 @@ class Limiter:
         """The request's ticket, or its denial. Every limit is checked at once by the store's
         ``admit``, which takes the request and its tokens atomically (a refusal takes
         neither). Under a token rate the prompt is counted for that (off the event loop);
-        a large prompt (``RATE_FIRST_CHARS``) has the request rate and the budgets read
+        a large prompt (``READ_FIRST_CHARS``) has the request rate and the budgets read
         before: a request over the rate or a spent budget is refused uncounted."""
         policy = self._policies.for_tenant(tenant)
         if not policy.active:
@@ -521,9 +521,11 @@ class Limiter:
         try:
             if policy.tokens_per_min is not None:
                 readable = policy.requests_per_min is not None or policy.budgeted
-                if readable and rate_first(request):
+                if readable and read_first(request):
                     over = await self._ask(
-                        lambda now, periods: self._store.rate_refusal(tenant, policy, now, periods)
+                        lambda now, periods: self._store.refusal_before_count(
+                            tenant, policy, now, periods
+                        )
                     )
                     if over is not None:
                         return _denial(over, policy, 0, request.max_tokens)
@@ -771,10 +773,10 @@ class Limiter:
         await self._store.close()
 
 
-def rate_first(request: pb.CompleteRequest) -> bool:
+def read_first(request: pb.CompleteRequest) -> bool:
     """Whether ``request``'s prompt is large enough to have the request rate read before it
-    is counted (``RATE_FIRST_CHARS``)."""
-    return prompt_chars(request) >= RATE_FIRST_CHARS
+    is counted (``READ_FIRST_CHARS``)."""
+    return prompt_chars(request) >= READ_FIRST_CHARS
 
 
 class _StoreFailed(Exception):

@@ -8,7 +8,7 @@ failure counts once; nothing is kept longer, as a killed router's open call and 
 correction are told to the limiter once, on prefix-cache's first reply to their FINAL). Each
 operation is one Lua script, so checking and taking
 happen atomically with respect to every other router. The one read before it
-(``rate_refusal``: is the request rate reached or a budget spent, before the prompt is
+(``refusal_before_count``: is the request rate reached or a budget spent, before the prompt is
 counted for the token rate) takes nothing, so it needs no script: the time, the request
 bucket and the budgets' spends, read in one ``MULTI`` (the spends of the caller's day and
 month: when Redis's clock is in another, within the routers' skew of a period's end, those
@@ -310,7 +310,7 @@ class RedisLimitStore:
             over.append(Refusal(limit, wait, free))
         return longest(over)
 
-    async def rate_refusal(
+    async def refusal_before_count(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
     ) -> Refusal | None:
         cap = policy.requests_per_min

@@ -502,7 +502,7 @@ class _Broken:
     async def admit(self, *args: object) -> None:
         raise ConnectionError("redis went away")
 
-    async def rate_refusal(self, *args: object) -> None:
+    async def refusal_before_count(self, *args: object) -> None:
         raise ConnectionError("redis went away")
 
     async def settle(self, *args: object) -> None:
@@ -536,12 +536,12 @@ class _Switch:
             raise ConnectionError("redis went away")
         return await self.store.admit(tenant, policy, reserve_tokens, now_ms, periods)
 
-    async def rate_refusal(
+    async def refusal_before_count(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
     ) -> Refusal | None:
         if self.down:
             raise ConnectionError("redis went away")
-        return await self.store.rate_refusal(tenant, policy, now_ms, periods)
+        return await self.store.refusal_before_count(tenant, policy, now_ms, periods)
 
     async def settle(
         self,

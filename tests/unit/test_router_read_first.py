@@ -335,11 +335,11 @@ async def test_the_read_before_the_count_is_one_round_trip_to_redis(
         )
         periods = Periods.at(START_MS)
         monkeypatch.setattr(Connection, "send_packed_command", counted)
-        assert await store.rate_refusal("t", policy, START_MS, periods) is None
+        assert await store.refusal_before_count("t", policy, START_MS, periods) is None
         assert len(sent) == 1
         await client.set(f"cachemesh:limits:{{t}}:spent:{periods.day}", 1)
         sent.clear()
-        refusal = await store.rate_refusal("t", policy, START_MS, periods)
+        refusal = await store.refusal_before_count("t", policy, START_MS, periods)
         assert refusal is not None and refusal.limit == DAY_BUDGET, refusal
         assert len(sent) == 1
     finally:
