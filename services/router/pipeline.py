@@ -71,15 +71,22 @@ def _kv_cached(attempt: Attempt, usage: prefix_cache_pb2.ProviderUsage | None) -
     return attempt.start.kv_cached_tokens
 
 
-def _answer_outlasted(attempt: Attempt, output_tokens: int | None) -> RequestError:
+def _answer_outlasted(
+    attempt: Attempt, output_tokens: int | None, reported: bool = False
+) -> RequestError:
     """A model call still answering at its deadline: another replica would take as long, so
-    it is not retried (it is billed for what it produced, never stored)."""
+    it is not retried (it is billed for what it produced, never stored). ``reported``: its
+    provider reported its usage so far (Anthropic's prompt, from message_start)."""
     produced = f" after {output_tokens} tokens" if output_tokens is not None else ""
+    billed = "what was produced"
+    if output_tokens == 0:  # its prompt was prefilled (a start came), no token yet
+        produced = " before its first token"
+        billed = "its prompt" + (", as the provider reported it" if reported else "")
     return RequestError(
         Code.DEADLINE_EXCEEDED,
         f"the {attempt.model.id} answer was still running at its deadline "
         f"({attempt.timeout_s:.1f} s: the request's deadline or ROUTER_MODEL_TIMEOUT_S, the "
-        f"sooner) and was cut{produced}; billed for what was produced, not cached. Allow a "
+        f"sooner) and was cut{produced}; billed for {billed}, not cached. Allow a "
         "longer deadline or a smaller max_tokens",
     )
 
@@ -434,7 +441,9 @@ class Pipeline:
                 answer.partial_usage = end_chunk.provider_usage
                 answer.partial_output_tokens = end_chunk.output_tokens
                 if self._clock() >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
-                    raise _answer_outlasted(attempt, end_chunk.output_tokens)
+                    raise _answer_outlasted(
+                        attempt, end_chunk.output_tokens, end_chunk.HasField("provider_usage")
+                    )
                 raise ReplicaCut(
                     attempt.replica,
                     f"the {attempt.model.id} provider's answer broke off after "

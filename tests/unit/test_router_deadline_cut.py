@@ -79,3 +79,43 @@ async def test_an_answer_broken_off_well_before_its_deadline_goes_to_another_rep
     error = await _run(rig)  # every replica breaks off: the cut is what the client hears
     assert len(models.calls) > 1
     assert error.code == Code.UNAVAILABLE
+
+
+class PromptOnly(FakeModels):
+    """Each replica's provider reported the prompt (Anthropic's message_start: 12 input and
+    5,000 cache-write tokens) and wrote nothing by the deadline: a start and an interrupted
+    end with that usage, at the deadline."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        self.deadlines.append(deadline_s)
+        assert self.clock is not None
+        self.clock.now += deadline_s
+        usage = pc.ProviderUsage(
+            anthropic=pc.AnthropicUsage(input_tokens=12, cache_creation_input_tokens=5000)
+        )
+        end = model_pb2.GenerateEnd(
+            stop_reason="interrupted",
+            interrupted=True,
+            error="no answer within the deadline (300.0s)",
+            provider_usage=usage,
+        )
+        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=5012)
+        return FakeStream([model_pb2.GenerateChunk(start=start), model_pb2.GenerateChunk(end=end)])
+
+
+async def test_a_call_cut_before_its_first_token_bills_the_reported_prompt() -> None:
+    clock = FakeClock()
+    models = PromptOnly(clock=clock)
+    rig = Rig(models=models, clock=clock)
+    error = await _run(rig)
+    assert [replica for replica, _ in models.calls] == ["large-1"]  # not run again
+    assert error.code == Code.DEADLINE_EXCEEDED
+    assert "cut before its first token" in error.message, error.message
+    assert "billed for its prompt" in error.message, error.message
+    finals = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert len(finals) == 1 and finals[0].output_tokens == 0
+    reported = finals[0].provider_usage.anthropic
+    assert (reported.input_tokens, reported.cache_creation_input_tokens) == (12, 5000)

@@ -5,10 +5,11 @@ blocks, tools and content blocks keep their ``cache_control`` breakpoints, 5-min
 ``tool_use`` / ``tool_result`` blocks as they are); ``AnthropicAdapter.stream`` reads the SSE
 stream (message_start, content_block_start / delta / stop, message_delta, message_stop; the
 SDK skips pings and raises on an ``error`` event) and turns it into the Model contract's
-chunks: ``start`` at the first content block, text deltas as they arrive, a ``tool_use``
-block once its input JSON is complete, and ``end`` with the reported usage; each piece of a
-tool call as it streams, and of a ``thinking`` block (which goes nowhere else), is a
-``progress`` chunk.
+chunks: message_start's usage (the prompt, billed from then on) as ``Progress.reported``'s
+chunk, which the driver keeps; ``start`` at the first content block, text deltas as they
+arrive, a ``tool_use`` block once its input JSON is complete, and ``end`` with the reported
+usage; each piece of a tool call as it streams, and of a ``thinking`` block (which goes
+nowhere else), is a ``progress`` chunk.
 https://docs.claude.com/en/api/messages-streaming
 """
 
@@ -182,7 +183,9 @@ class AnthropicAdapter:
                         input_reported = "input_tokens" in _merge_usage(usage, event.message.usage)
                         if not input_reported or prompt_of(usage) == 0:
                             _unreported_input(usage, progress.estimated_prompt_tokens)
-                        progress.usage = pc.ProviderUsage(anthropic=usage)
+                        reported = progress.reported(pc.ProviderUsage(anthropic=usage))
+                        if not progress.started:  # (a second message_start: nothing new)
+                            yield reported
                     elif kind == "content_block_start":
                         if not progress.started:
                             yield progress.start(prompt_of(usage) or None)

@@ -35,7 +35,11 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   router bills it and never stores it. An answer still running at the deadline ends so a
   margin before it (0.25 s, or 5% of a shorter deadline: ``services.common.deadlines``), so
   that this end, with the usage the provider reported so far, reaches the router before the
-  call's gRPC deadline ends the call. A connection lost after the final event (OpenAI's
+  call's gRPC deadline ends the call. So does a call the provider reported its prompt's usage
+  for (Anthropic's message_start, after which it bills the prompt and its cache writes) with no
+  token yet: a ``start`` (the reported prompt), then that end; before, it failed
+  DEADLINE_EXCEEDED without one and the router billed nothing. OpenAI reports nothing before
+  its first token (its usage chunk comes last): there is nothing to bill it by. A connection lost after the final event (OpenAI's
   finish_reason and usage chunk, Anthropic's message_delta, came; only ``[DONE]`` /
   ``message_stop`` did not) is no break: the adapter ends the answer as the provider reported it.
 """
@@ -67,7 +71,7 @@ from services.model.providers.failures import (
     classify,
     over_context_window,
 )
-from services.model.providers.progress import Progress
+from services.model.providers.progress import Progress, reported_prompt_tokens
 from services.model.providers.redact import Redactor
 
 log = logging.getLogger("cachemesh.model")
@@ -181,14 +185,24 @@ class ProviderApi:
                     # around a yield fires in the consumer's task (e.g. while it writes to a
                     # slow client), as a CancelledError the adapter never sees.
                     while True:
-                        until = ends_by if progress.started else deadline
+                        # once the provider reported the prompt (Anthropic's message_start),
+                        # which it bills, the call ends in time to send that usage too
+                        reported = progress.started or progress.usage is not None
+                        until = ends_by if reported else deadline
                         if (chunk := await _next(stream, until - self._clock())) is None:
                             break
+                        if not progress.started and chunk.WhichOneof("part") == "progress":
+                            continue  # that report (``Progress.reported``): the wait is shorter
                         yield self._annotated(span, chunk, progress, spec)
                 # (not back in service for this: a call that began before the key or account
                 # was refused proves nothing of it now; only a recheck does, ``generate``)
                 return
             except TimeoutError:
+                if progress.usage is not None and not progress.started:
+                    # no token yet, but a prompt the provider bills: a start so that the
+                    # router bills the call, then the usage in the interrupted end
+                    start = progress.start(reported_prompt_tokens(progress.usage))
+                    yield self._annotated(span, start, progress, spec)
                 if progress.started:
                     yield self._interrupted(
                         progress, spec, f"no answer within the deadline ({budget:.1f}s)"

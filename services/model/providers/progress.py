@@ -52,6 +52,16 @@ class Progress:
     _uncounted: list[str] = field(default_factory=list, init=False)  # written since a count
     _half: str = field(default="", init=False)  # a text piece's last half character, held
 
+    def reported(self, usage: pc.ProviderUsage) -> model_pb2.GenerateChunk:
+        """The provider's report of the prompt's usage before the first token (Anthropic's
+        message_start: it bills the prompt and its cache writes from then on), kept as the
+        usage so far. The ``progress`` chunk returned wakes the driver (``ProviderApi``), which
+        does not pass it on: its wait for the first token now ends a margin before the
+        deadline, so that a call cut there still sends that usage (a start, an interrupted
+        end) for the router to bill."""
+        self.usage = usage
+        return model_pb2.GenerateChunk(progress=model_pb2.GenerateProgress(output_tokens=0))
+
     def start(self, prompt_tokens: int | None = None) -> model_pb2.GenerateChunk:
         self.started = True
         return model_pb2.GenerateChunk(
@@ -146,6 +156,23 @@ class Progress:
         else:
             self._since += self.count(written)
         return self._counted + self._since
+
+
+def reported_prompt_tokens(usage: pc.ProviderUsage) -> int | None:
+    """The prompt's tokens in a provider's report (Anthropic's input, cache-write and cache-read
+    tokens; OpenAI's prompt_tokens, its cached ones in it); None when it reports none."""
+    kind = usage.WhichOneof("report")
+    if kind == "anthropic":
+        report = usage.anthropic
+        total = (
+            report.input_tokens
+            + report.cache_creation_input_tokens
+            + report.cache_read_input_tokens
+        )
+        return total or None
+    if kind == "openai":
+        return usage.openai.prompt_tokens or None
+    return None
 
 
 def wellformed(text: str) -> str:

@@ -1,0 +1,105 @@
+"""A deadline that passes after the provider reported the prompt's usage but before its first
+token. Anthropic's message_start reports the prompt (12 input and 5,000 cache-write tokens
+here), which it bills once its prefill began; the stream then stalls before any content. The
+replica ends the call a margin before its deadline with a start and an interrupted end
+carrying that usage, so the router bills the provider's figures. Before, the call failed
+DEADLINE_EXCEEDED without a start and the router billed nothing.
+
+OpenAI reports nothing before the first token (its usage chunk, which
+``stream_options.include_usage`` asks for, comes after the finish_reason): there is nothing to
+bill from, and such a call still fails as before."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+
+from cachemesh import CachemeshError, Client
+from cachemesh.v1 import model_pb2
+from tests.integration.provider_stack import ProviderStack, ask
+from tests.integration.test_provider_deadline_usage import DEADLINE_S, STALL_S, _generate
+from tests.providers import anthropic_wire, openai_wire
+from tests.providers.wire_server import Reply
+
+pytestmark = pytest.mark.integration
+
+INPUT, CACHE_WRITE = 12, 5000
+
+
+def _stalled_before_content() -> Reply:
+    """message_start reports 12 input and 5,000 cache-write tokens; the stream then stalls
+    before its first content block (event 1)."""
+    events = anthropic_wire.stream(
+        "claude-sonnet-4-5-20250929",
+        ["Hello"],
+        anthropic_wire.Usage(input_tokens=INPUT, cache_creation_5m=CACHE_WRITE, output_tokens=1),
+    )
+    assert events[0][0] == "message_start" and events[1][0] == "content_block_start"
+    return Reply(events=events, pauses={1: STALL_S})
+
+
+async def test_the_replica_ends_a_call_cut_before_its_first_token_with_the_reported_usage(
+    providers: ProviderStack,
+) -> None:
+    providers.server.script("anthropic", _stalled_before_content())
+    request = ask("claude-sonnet-4-5", f"Prestart usage {uuid.uuid4().hex[:8]}")
+    replica = providers.replicas["anthropic-1"]
+    got = await _generate(replica, providers.stack.internal_token, request)
+    assert all(isinstance(c, model_pb2.GenerateChunk) for c in got), f"the call failed: {got}"
+    parts = [c.WhichOneof("part") for c in got if isinstance(c, model_pb2.GenerateChunk)]
+    assert parts == ["start", "end"], got
+    start, end = got[0].start, got[-1].end  # type: ignore[union-attr]
+    assert start.prompt_tokens == INPUT + CACHE_WRITE
+    assert end.interrupted and "deadline" in end.error and end.output_tokens == 0
+    usage = end.provider_usage.anthropic
+    assert (usage.input_tokens, usage.cache_creation_input_tokens) == (INPUT, CACHE_WRITE)
+    assert usage.cache_creation.ephemeral_5m_input_tokens == CACHE_WRITE
+    assert usage.output_tokens == 0
+
+
+def test_the_router_bills_the_prompt_of_a_call_cut_before_its_first_token(
+    providers: ProviderStack,
+) -> None:
+    """Through the Gateway with a client's 2 s deadline: DEADLINE_EXCEEDED, saying it was
+    billed, and the prompt billed at the provider's figures (claude-sonnet-4-5: $3 in and
+    $3.75 a 5m write per MTok = 3000 / 3750 nanos a token)."""
+    providers.server.script("anthropic", _stalled_before_content())
+    before = providers.stack.totals("tenant-b")
+    client = Client(
+        providers.stack.target,
+        api_key=providers.stack.keys["tenant-b"],
+        max_attempts=1,
+        timeout_s=DEADLINE_S,
+    )
+    with client, pytest.raises(CachemeshError) as caught:
+        list(client.stream(ask("claude-sonnet-4-5", f"Prestart bill {uuid.uuid4().hex[:8]}")))
+    providers.errors.append(str(caught.value))
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+    assert "billed" in str(caught.value), caught.value
+    deadline = time.monotonic() + 20
+    while (after := providers.stack.totals("tenant-b")).requests == before.requests:
+        assert time.monotonic() < deadline, "the call cut before its first token was never billed"
+        time.sleep(0.1)
+    written = after.usage.cache_creation_input_tokens - before.usage.cache_creation_input_tokens
+    print(f"\nbilled {written} cache-write tokens, {after.cost_nanos - before.cost_nanos} nanos")
+    assert written == CACHE_WRITE
+    assert after.usage.input_tokens - before.usage.input_tokens == INPUT
+    assert after.usage.output_tokens - before.usage.output_tokens == 0
+    assert after.cost_nanos - before.cost_nanos == INPUT * 3000 + CACHE_WRITE * 3750
+
+
+async def test_an_openai_call_cut_before_its_first_token_has_no_usage_to_bill(
+    providers: ProviderStack,
+) -> None:
+    """OpenAI's role chunk carries no usage (``"usage": null``): the replica has no report, sends
+    no start, and the call fails DEADLINE_EXCEEDED as before."""
+    events = openai_wire.stream(
+        "gpt-4.1-2025-04-14", ["Hello"], openai_wire.usage(prompt=12, cached=0, completion=1)
+    )
+    providers.server.script("openai", Reply(events=events, pauses={1: STALL_S}))
+    request = ask("gpt-4-1", f"Prestart openai {uuid.uuid4().hex[:8]}")
+    got = await _generate(providers.replicas["openai-1"], providers.stack.internal_token, request)
+    assert got == [grpc.StatusCode.DEADLINE_EXCEEDED], got
