@@ -48,10 +48,10 @@ async def test_the_replica_ends_a_call_cut_before_its_first_token_with_the_repor
     request = ask("claude-sonnet-4-5", f"Prestart usage {uuid.uuid4().hex[:8]}")
     replica = providers.replicas["anthropic-1"]
     got = await _generate(replica, providers.stack.internal_token, request)
-    assert all(isinstance(c, model_pb2.GenerateChunk) for c in got), f"the call failed: {got}"
-    parts = [c.WhichOneof("part") for c in got if isinstance(c, model_pb2.GenerateChunk)]
-    assert parts == ["start", "end"], got
-    start, end = got[0].start, got[-1].end  # type: ignore[union-attr]
+    chunks = [c for c in got if isinstance(c, model_pb2.GenerateChunk)]
+    assert len(chunks) == len(got), f"the call failed: {got}"
+    assert [c.WhichOneof("part") for c in chunks] == ["start", "end"], got
+    start, end = chunks[0].start, chunks[1].end
     assert start.prompt_tokens == INPUT + CACHE_WRITE
     assert end.interrupted and "deadline" in end.error and end.output_tokens == 0
     usage = end.provider_usage.anthropic

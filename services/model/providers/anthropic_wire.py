@@ -183,9 +183,9 @@ class AnthropicAdapter:
                         input_reported = "input_tokens" in _merge_usage(usage, event.message.usage)
                         if not input_reported or prompt_of(usage) == 0:
                             _unreported_input(usage, progress.estimated_prompt_tokens)
-                        reported = progress.reported(pc.ProviderUsage(anthropic=usage))
+                        report = progress.reported(pc.ProviderUsage(anthropic=usage))
                         if not progress.started:  # (a second message_start: nothing new)
-                            yield reported
+                            yield report
                     elif kind == "content_block_start":
                         if not progress.started:
                             yield progress.start(prompt_of(usage) or None)
