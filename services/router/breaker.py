@@ -7,6 +7,10 @@ After ``BREAKER_AFTER`` failures in a row, no call for ``open_s`` (0: never left
 one call tries it (half-open), the others still skipping it until that one answers (the run
 ends: every call is made again) or fails (left alone again at once); a trial that never
 reports (its caller left) lets another call try after ``open_s`` more.
+
+Each breaker logs alike, so that a dependency hung for an hour is two lines, not one per
+trial (720 at 5 s): one WARNING as a run of failures first leaves it alone (a hang starts),
+DEBUG at each re-open after a failed trial, one INFO when it answers again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ BREAKER_AFTER = 3  # failures in a row that leave a dependency alone
 # the router's Redis clients, each with a breaker (``cachemesh_router_redis_breaker_opens_total``)
 RedisClient = Literal["limits", "answer_ledger"]
 REDIS_CLIENTS: tuple[RedisClient, ...] = get_args(RedisClient)
+# the services the router leaves alone once hung, as ``cachemesh_router_degraded_total`` names
+# them: each hang counted in ``cachemesh_router_breaker_opens_total{dependency}``
+Dependency = Literal["prefix-cache", "semantic-cache"]
+DEPENDENCIES: tuple[Dependency, ...] = get_args(Dependency)
 
 
 def _nothing(*_: object) -> None:
@@ -86,15 +94,46 @@ class Breaker:
         self._trial_until = -math.inf
 
 
-def semantic_breaker(open_s: float, clock: Callable[[], float]) -> Breaker:
+def prefix_breaker(
+    open_s: float, clock: Callable[[], float], hung: Callable[[Dependency], None] = _nothing
+) -> Breaker:
+    """prefix-cache left alone across requests after timeouts in a row (``open_s``:
+    ROUTER_PREFIX_BREAKER_S): one WARNING line as a run of them first leaves it alone (not
+    again at each trial that times out), one INFO line when it answers again; ``hung``: told
+    as a hang starts (the metric), not at its re-opens."""
+
+    def opened(timeouts: int, again: bool) -> None:
+        if again:
+            log.debug("prefix-cache: a call tried after %g s timed out; left alone", open_s)
+            return
+        hung("prefix-cache")
+        log.warning(
+            "prefix-cache: %d calls timed out in a row; no calls for %g s at a time "
+            "(ROUTER_PREFIX_BREAKER_S) until one answers: answers are estimated, their bills "
+            "kept in the billing outbox",
+            timeouts,
+            open_s,
+        )
+
+    def closed(timeouts: int) -> None:
+        log.info("prefix-cache answers again after %d timeouts in a row", timeouts)
+
+    return Breaker(open_s, clock, opened, closed)
+
+
+def semantic_breaker(
+    open_s: float, clock: Callable[[], float], hung: Callable[[Dependency], None] = _nothing
+) -> Breaker:
     """semantic-cache's Lookups left alone across requests after timeouts in a row (``open_s``:
     ROUTER_SEMANTIC_BREAKER_S): one WARNING line as a run of them first leaves L1 alone (not
-    again at each trial that times out), one INFO line when L1 answers again."""
+    again at each trial that times out), one INFO line when L1 answers again; ``hung``: told
+    as a hang starts (the metric), not at its re-opens."""
 
     def opened(timeouts: int, again: bool) -> None:
         if again:
             log.debug("semantic-cache: a Lookup tried after %g s timed out; left alone", open_s)
             return
+        hung("semantic-cache")
         log.warning(
             "semantic-cache: %d Lookups in a row timed out; no Lookup sent for %g s at a time "
             "(ROUTER_SEMANTIC_BREAKER_S) until one answers: requests are answered by the model, "
@@ -129,14 +168,17 @@ def redis_breaker(
     opened: Callable[[RedisClient], None] = _nothing,
     clock: Callable[[], float] = time.monotonic,
 ) -> Breaker:
-    """``client``'s breaker over its Redis (``open_s``: ROUTER_REDIS_BREAKER_S): a WARNING line
-    when a run of failures first leaves that Redis alone, and one when it answers again;
-    ``opened``: told of each time it is left alone (the metric)."""
+    """``client``'s breaker over its Redis (``open_s``: ROUTER_REDIS_BREAKER_S), logging as the
+    others do (a WARNING line as a run of failures first leaves that Redis alone, DEBUG at each
+    re-open, an INFO line when it answers again); ``opened``: told of each time it is left
+    alone, re-opens too (``cachemesh_router_redis_breaker_opens_total`` kept its meaning)."""
     name, meanwhile = MEANWHILE[client]
 
     def left_alone(failures: int, again: bool) -> None:
         opened(client)
-        if not again:
+        if again:
+            log.debug("%s Redis: a call tried after %g s failed; left alone", name, open_s)
+        else:
             log.warning(
                 "%s Redis: %d calls in a row failed or did not answer; not called for %g s "
                 "at a time (ROUTER_REDIS_BREAKER_S) until one answers: %s",
@@ -147,7 +189,7 @@ def redis_breaker(
             )
 
     def answers(failures: int) -> None:
-        log.warning(
+        log.info(
             "%s Redis answers again after %d calls in a row failed; called as usual",
             name,
             failures,

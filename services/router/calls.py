@@ -39,7 +39,7 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
-from services.router.breaker import Breaker, semantic_breaker
+from services.router.breaker import Dependency, prefix_breaker, semantic_breaker
 from services.router.dependencies import (
     CallFailed,
     Dependencies,
@@ -107,22 +107,8 @@ class PrefixWindow:
     counted: bool = False
 
 
-def _prefix_breaker(open_s: float, clock: Callable[[], float]) -> Breaker:
-    """prefix-cache left alone across requests after timeouts in a row (``Breaker``)."""
-
-    def opened(timeouts: int, again: bool) -> None:
-        log.warning(
-            "prefix-cache: %d calls timed out in a row; no calls for %g s "
-            "(ROUTER_PREFIX_BREAKER_S): answers are estimated, their bills kept in the "
-            "billing outbox",
-            timeouts,
-            open_s,
-        )
-
-    def closed(timeouts: int) -> None:
-        log.info("prefix-cache answers again after %d timeouts in a row", timeouts)
-
-    return Breaker(open_s, clock, opened, closed)
+def _uncounted(dependency: Dependency) -> None:
+    pass
 
 
 def _client_fault(exc: CallFailed) -> RequestError | None:
@@ -178,12 +164,15 @@ class Calls:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         background: Callable[[Awaitable[None]], object] | None = None,
+        hung: Callable[[Dependency], None] | None = None,
     ) -> None:
         """``counted``: the degradations' metric (None: a router built without metrics);
         ``tracer``: for a call that degrades after its request's span ended (a Store);
         ``clock``: seconds, the clock of the requests' deadlines; ``sleep``: waits that many
         seconds on that clock (between a lease's renewals); ``background``: runs a call past
-        the request (the Release of a lost Lookup's lease; None: a task of its own)."""
+        the request (the Release of a lost Lookup's lease; None: a task of its own);
+        ``hung``: told as a hang of prefix-cache or semantic-cache starts, its breaker first
+        leaving it alone (the metric; None: not counted)."""
         self._background = background if background is not None else self._in_background
         self._tasks: set[asyncio.Future[Any]] = set()
         self._d = dependencies
@@ -192,8 +181,9 @@ class Calls:
         self._tracer = tracer
         self._clock = clock
         self._sleep = sleep
-        self._breaker = _prefix_breaker(settings.prefix_breaker_s, clock)
-        self._l1 = semantic_breaker(settings.semantic_breaker_s, clock)
+        told = hung if hung is not None else _uncounted
+        self._breaker = prefix_breaker(settings.prefix_breaker_s, clock, told)
+        self._l1 = semantic_breaker(settings.semantic_breaker_s, clock, told)
 
     def _degraded(self, what: str, exc: CallFailed, *, logged: bool = True) -> None:
         """``logged`` False: counted and on the span, but no log line (the caller logs)."""
@@ -485,7 +475,7 @@ class Calls:
         """``send``'s reply, given the call's deadline (``prefix_timeout_s``); None when the
         call is not made: the request goes on as with prefix-cache down. A call that fails
         raises ``CallFailed``; a skip or a timeout ends the request's prefix-cache calls, and a
-        timeout counts toward leaving prefix-cache alone (``Breaker``)."""
+        timeout counts toward leaving prefix-cache alone (``breaker.Breaker``)."""
         timeout_s = self.prefix_timeout_s(window)
         if timeout_s <= 0:
             why = self._skipped(window) or "no time left in the request's deadline"

@@ -67,6 +67,12 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   (``limits``, ``answer_ledger``) stopped calling its Redis for ``ROUTER_REDIS_BREAKER_S``
   after 3 calls in a row failed or timed out (again each time a call tried after that failed);
   the calls not made count as the failures above (``limits``: degraded, DEADLINE_EXCEEDED);
+  ``cachemesh_router_breaker_opens_total{dependency}``: hangs of ``prefix-cache`` and
+  ``semantic-cache`` (its Lookups): times 3 calls in a row timed out and the router stopped
+  calling it (``ROUTER_PREFIX_BREAKER_S``, ``ROUTER_SEMANTIC_BREAKER_S``), once a hang, not
+  again at each trial that times out meanwhile (a family of its own: the Redis one's name and
+  ``client`` label are Redis's, and it counts those re-opens too); the calls not made count
+  as ``degraded_total`` DEADLINE_EXCEEDED;
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -85,7 +91,7 @@ from prometheus_client import CollectorRegistry
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.metrics import LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
 from services.router.answer_ledger import LEDGER_OPERATIONS, LedgerOperation
-from services.router.breaker import REDIS_CLIENTS, RedisClient
+from services.router.breaker import DEPENDENCIES, REDIS_CLIENTS, Dependency, RedisClient
 from services.router.routing.decision import Decision
 
 LAYERS = {
@@ -235,6 +241,15 @@ class RouterMetrics:
         )
         for client in REDIS_CLIENTS:
             self._breaker_opens(client)
+        self._hangs = m.counter(
+            "cachemesh_router_breaker_opens",
+            "Hangs of a dependency: times calls to it timed out in a row and the router stopped "
+            "calling it for ROUTER_PREFIX_BREAKER_S / ROUTER_SEMANTIC_BREAKER_S (once a hang, "
+            "not at each failed trial)",
+            ("dependency",),
+        )
+        for dependency in DEPENDENCIES:
+            self._hangs(dependency)
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -352,6 +367,10 @@ class RouterMetrics:
     def redis_breaker_opened(self, client: RedisClient) -> None:
         """``client``'s Redis is left alone for ROUTER_REDIS_BREAKER_S (again)."""
         self._breaker_opens(client).inc()
+
+    def breaker_opened(self, dependency: Dependency) -> None:
+        """A hang of ``dependency`` starts: its breaker first leaves it alone."""
+        self._hangs(dependency).inc()
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

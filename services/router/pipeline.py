@@ -165,7 +165,14 @@ class Pipeline:
         self._background: set[asyncio.Future[Any]] = set()
         # a lost Lookup's Release runs past its request: ``drain`` awaits it too
         self._calls = Calls(
-            dependencies, settings, counted, tracer, clock, sleep, background=self._in_background
+            dependencies,
+            settings,
+            counted,
+            tracer,
+            clock,
+            sleep,
+            background=self._in_background,
+            hung=metrics.breaker_opened if metrics is not None else None,
         )
         self._tracer = tracer
         self._table = table
