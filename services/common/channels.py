@@ -11,11 +11,18 @@ on their port (``grpc.so_reuseport`` off).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.connections import ConnectionPolicy
+
 INITIAL_RECONNECT_BACKOFF_MS = 100
 MAX_RECONNECT_BACKOFF_MS = 1000
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
-# the shortest ping interval a server accepts (below the clients' KEEPALIVE_TIME_MS)
+# the shortest interval between a client's pings a server accepts (while it sends nothing):
+# half the shortest of this project's clients' (KEEPALIVE_TIME_MS, which the HTTP front uses
+# to the Gateway too; the Python client's 30 s), so a late timer never makes one a strike
 MIN_PING_INTERVAL_MS = 5_000
 
 Options = list[tuple[str, int | str]]
@@ -40,14 +47,21 @@ def channel_options(max_message_bytes: int) -> Options:
     ]
 
 
-def server_options() -> Options:
-    """What a server needs to accept the clients' keepalive pings, and to listen alone."""
-    return [
+def server_options(policy: ConnectionPolicy | None = None) -> Options:
+    """What a server needs to accept the clients' keepalive pings, and to listen alone; with a
+    ``policy`` (a public server: the Gateway), its limits and keepalive instead of accepting
+    every ping as the internal services do."""
+    alone: Options = [
         # grpcio sets SO_REUSEPORT on Linux by default: a second replica on the same
         # MODEL_LISTEN (or two services given one address) listened beside the first, both
         # SERVING, the kernel splitting new connections between them; off, the port in use
         # stops the second's start-up naming its *_LISTEN
         ("grpc.so_reuseport", 0),
+    ]
+    if policy is not None:
+        return [*alone, *policy.options()]
+    return [
+        *alone,
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 0),

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.channels import server_options
+from services.common.connections import ConnectionPolicy
 from services.common.env import C_INT_MAX, ConfigError, Env
 from services.common.heap import freeze_startup_heap
 from services.common.metrics import MetricsEndpoint
@@ -56,6 +57,8 @@ class ServerSettings:
     tls: ServerTls | None = None  # None = plaintext (the internal services on loopback)
     listen_name: str = "the listen address"  # the variable ``listen`` came from, for errors
     max_send_bytes: int | None = None  # the largest message sent; None: max_message_bytes
+    # a public server's limits and keepalive per client connection; None: an internal one's
+    connections: ConnectionPolicy | None = None
 
     @property
     def send_limit(self) -> int:
@@ -170,14 +173,19 @@ class ServiceSpec:
     malformed: Callable[[str], None] | None = None
 
 
+def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int | str]]:
+    """The options a service's gRPC server is made with."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.send_limit),
+        *server_options(settings.connections),
+    ]
+
+
 async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> None:
     """Serves until SIGTERM/SIGINT (or ``stop`` is set), then drains within the grace period."""
     stop = stop or asyncio.Event()
-    options = [
-        ("grpc.max_receive_message_length", spec.settings.max_message_bytes),
-        ("grpc.max_send_message_length", spec.settings.send_limit),
-        *server_options(),
-    ]
+    options = grpc_server_options(spec.settings)
     # malformed requests are refused first: before tracing, authentication or a servicer
     interceptors = [MalformedRequests(spec.malformed), *spec.interceptors]
     server = grpc.aio.server(interceptors=interceptors, options=options)

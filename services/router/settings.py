@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from services.common.connections import ConnectionPolicy
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import LARGEST, SMALLEST, ModelTable, Tier
@@ -80,6 +81,7 @@ class RouterSettings:
                 max_message_bytes=max_request,
                 max_send_bytes=server.max_message_bytes,
                 tls=ServerTls.read(env, "ROUTER"),
+                connections=ConnectionPolicy.from_env(env, "ROUTER"),
             ),
             metrics=MetricsSettings.from_env(env, "ROUTER", DEFAULT_METRICS_LISTEN),
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
