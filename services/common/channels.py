@@ -37,6 +37,9 @@ def channel_options(max_message_bytes: int) -> Options:
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # gRPC waits a minute for a ping's answer unless told (measured through a relay that
+        # stopped forwarding: the call failed after 70 s, not 15)
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # never through an HTTP proxy: gRPC follows http(s)_proxy / grpc_proxy by default,

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cachemesh import channel_options
-from services.common.channels import KEEPALIVE_TIME_MS, MIN_PING_INTERVAL_MS
+from services.common.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MIN_PING_INTERVAL_MS
+from services.common.channels import channel_options as internal_channel_options
 from services.common.connections import ConnectionPolicy
 from services.common.env import ConfigError, Env
 from services.common.models import load_model_table
@@ -112,6 +113,12 @@ def test_the_clients_pings_are_never_strikes_at_the_gateway() -> None:
     assert int(client["grpc.http2.max_pings_without_data"]) == 0  # a quiet stream stays watched
     assert int(client["grpc.keepalive_timeout_ms"]) == int(client["grpc.http2.ping_timeout_ms"])
     assert KEEPALIVE_TIME_MS >= 2 * MIN_PING_INTERVAL_MS
+
+
+def test_internal_channels_wait_for_a_pings_answer_only_the_keepalive_timeout() -> None:
+    """Unless told, gRPC waits a minute: a dead peer was noticed after 70 s, not 15."""
+    options = dict(internal_channel_options(1 << 20))
+    assert options["grpc.http2.ping_timeout_ms"] == KEEPALIVE_TIMEOUT_MS
 
 
 def test_the_router_readme_documents_each_setting() -> None:

@@ -36,7 +36,9 @@ RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 MAX_REQUEST_BYTES = 1 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
-RETRY_MARK = ("cachemesh-retry", "1")  # the router's RETRY_HEADERS: read the answer ledger
+RETRY_MARK = ("cachemesh-retry", "1")
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000  # the router's RETRY_HEADERS: read the answer ledger
 
 
 def service_config(wait_for_ready: bool, max_attempts: int = MAX_ATTEMPTS) -> str:
@@ -65,8 +67,13 @@ def channel_options(
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # a dead Gateway (or path to it) is noticed within 40 s of silence on a call: pings
+        # every 30 s (the Gateway accepts one every 5 s), also on a stream quiet for long (a
+        # model still thinking), each answered within 10 s (gRPC waits a minute unless told)
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
