@@ -21,7 +21,14 @@ from the checkout's client package when it is not installed), so it needs no vir
 - ``internal-token``: the credential between the router and the internal services
   (CACHEMESH_INTERNAL_TOKEN), and ``internal.env`` holding it for docker compose's env_file;
 - ``admin-token``: the Admin API's credential (CACHEMESH_ADMIN_TOKEN_FILE), and ``admin.env``
-  holding it for docker compose's env_file (the router's only).
+  holding it for docker compose's env_file (the router's only);
+- ``redis-password``: the password of the stack's own Redis (``make up``'s redis-server reads
+  it from ``redis.conf`` in the run dir, never from its command line; the stack puts it into
+  the Redis URLs of the services that use that Redis), ``redis.env`` holding it for compose's
+  ``redis`` service (REDISCLI_AUTH: its server and its health check's redis-cli read it), and
+  ``redis-urls.env`` holding compose's Redis URLs with it (the router's and prefix-cache's
+  env_file; never the HTTP front's). A run dir made before it existed gets it on the next
+  ``make keys`` or ``make up``.
 
 Every file is mode 0600 in a 0700 directory, but ``api-keys`` (0644: hashes only, and compose
 mounts it as the seed of the routers' key volume, read by the containers' non-root user).
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -39,6 +47,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from services.common.keyfile import KeyFile, KeyRecord, hash_key, new_api_key, new_key_id
 
@@ -58,6 +67,16 @@ INTERNAL_TOKEN_FILE = "internal-token"
 INTERNAL_ENV_FILE = "internal.env"
 ADMIN_TOKEN_FILE = "admin-token"
 ADMIN_ENV_FILE = "admin.env"
+REDIS_PASSWORD_FILE = "redis-password"
+REDIS_ENV_FILE = "redis.env"
+REDIS_URLS_ENV_FILE = "redis-urls.env"
+# compose's Redis URLs (docker-compose.yml's ``redis`` service), given the password in
+# ``redis-urls.env``: prefix-cache's records and totals, the limits' counts, the answer ledger
+COMPOSE_REDIS_URLS = {
+    "PREFIX_CACHE_REDIS_URL": "redis://redis:6379/0",
+    "ROUTER_LIMITS_REDIS_URL": "redis://redis:6379/1",
+    "ROUTER_ANSWERS_REDIS_URL": "redis://redis:6379/2",
+}
 # where the run dir's stack listens, for its clients (written by ``stack up``, kept by keys)
 TARGET_VAR = "CACHEMESH_TARGET"
 HTTP_URL_VAR = "CACHEMESH_HTTP_URL"
@@ -70,6 +89,7 @@ class StackKeys:
     api_keys: dict[str, str]  # tenant -> API key in clear; empty when the demo keys are gone
     internal_token: str
     admin_token: str
+    redis_password: str  # the stack's own Redis's (``make up``; compose's redis service)
     created: bool  # True when this call generated new secrets
     # CACHEMESH_TARGET / CACHEMESH_HTTP_URL -> where the run dir's stack listens (may be empty)
     endpoints: Mapping[str, str] = field(default_factory=dict)
@@ -127,9 +147,9 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
         created = fresh
     token, new_token = _token(run_dir / INTERNAL_TOKEN_FILE)
     admin, new_admin = _token(run_dir / ADMIN_TOKEN_FILE)
-    keys = StackKeys(
-        run_dir, api_keys, token, admin, created or new_token or new_admin, dict(endpoints)
-    )
+    redis_password, new_redis = _redis_password(run_dir / REDIS_PASSWORD_FILE)
+    new = created or new_token or new_admin or new_redis
+    keys = StackKeys(run_dir, api_keys, token, admin, redis_password, new, dict(endpoints))
     if keys.has_demo_keys:
         write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
     _ensure_key_file(keys)
@@ -137,7 +157,18 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
     write_secret(run_dir / INTERNAL_ENV_FILE, f"CACHEMESH_INTERNAL_TOKEN={token}\n")
     write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n")
     write_secret(run_dir / ADMIN_ENV_FILE, f"CACHEMESH_ADMIN_TOKEN={admin}\n")
+    write_secret(run_dir / REDIS_PASSWORD_FILE, redis_password + "\n")
+    write_secret(run_dir / REDIS_ENV_FILE, f"REDISCLI_AUTH={redis_password}\n")
+    urls = {var: url_with_password(url, redis_password) for var, url in COMPOSE_REDIS_URLS.items()}
+    write_secret(run_dir / REDIS_URLS_ENV_FILE, "".join(f"{k}={v}\n" for k, v in urls.items()))
     return keys
+
+
+def url_with_password(url: str, password: str) -> str:
+    """``url`` (``redis://host:port/db``) giving ``password`` for the default user."""
+    parts = urlsplit(url)
+    address = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f":{password}@{address}"))
 
 
 def describe(keys: StackKeys) -> str:
@@ -205,6 +236,19 @@ def _token(path: Path) -> tuple[str, bool]:
     if len(token) >= 16:
         return token, False
     return secrets.token_urlsafe(32), True
+
+
+def _redis_password(path: Path) -> tuple[str, bool]:
+    """The Redis password kept in ``path``, or a new one (True). It goes verbatim into URLs,
+    ``redis.conf`` and env files: one an operator wrote with other characters is refused."""
+    password, new = _token(path)
+    if not new and not re.fullmatch(r"[A-Za-z0-9_-]+", password):
+        raise EnvFileError(
+            f"{path}: the stack's Redis password may hold only A-Z, a-z, 0-9, _ and - (it goes "
+            "into URLs and config files as it is): write 16 or more of those there, or delete the "
+            "file for make keys to generate one (then make down; make up)"
+        )
+    return password, new
 
 
 def _read_demo_keys(path: Path) -> dict[str, str] | None:

@@ -39,7 +39,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import internal_metadata
-from services.tools.stack.health import SERVING, probe_as
+from services.tools.stack.health import SERVING
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.redis_process import REDIS
 from services.tools.stack.service_table import SERVICES
@@ -131,14 +131,12 @@ def _l1_writer(address: str, token: str, acked: list[int], stop: threading.Event
 
 def _wait_back(stack: Stack, name: str, old_pid: int, timeout_s: float = 60.0) -> float:
     """Seconds from the kill until a new process of ``name`` is SERVING."""
-    protocol = (
-        REDIS.protocol if name == "redis" else next(s.protocol for s in SERVICES if s.name == name)
-    )
-    address = stack.addresses[name]
+    spec = REDIS if name == "redis" else next(s for s in SERVICES if s.name == name)
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         pid = pid_of(stack, name)
-        if pid is not None and pid != old_pid and probe_as(protocol, address, 0.5) == SERVING:
+        # the stack's health check: Redis's with its password
+        if pid is not None and pid != old_pid and stack.health(spec, 0.5) == SERVING:
             return time.monotonic() - start
         time.sleep(0.05)
     raise AssertionError(f"{name} not SERVING again {timeout_s:.0f}s after SIGKILL")

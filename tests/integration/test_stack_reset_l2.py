@@ -20,34 +20,42 @@ from redis.asyncio import Redis
 
 from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.rules import Write
+from services.tools.keys import ensure_keys
 from services.tools.stack.ports import free_port
 from services.tools.stack.processes import write_pid
-from services.tools.stack.redis_process import probe_redis, redis_argv
+from services.tools.stack.redis_process import (
+    REDIS_UMASK,
+    probe_redis,
+    redis_argv,
+    write_redis_config,
+)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def stack_redis(data: Path) -> Iterator[tuple[str, int]]:
-    """The stack's redis-server (its own argv: append-only, fsync always) over ``data``: its
-    address and pid."""
+def stack_redis(run_dir: Path) -> Iterator[tuple[str, int]]:
+    """The stack's redis-server (its own argv: append-only, fsync always, the run dir's
+    password) over the run dir's data: ``redis://:password@host:port`` and its pid."""
     address = f"127.0.0.1:{free_port()}"
-    server = subprocess.Popen(redis_argv(address, data), stdout=subprocess.DEVNULL)
+    password = ensure_keys(run_dir).redis_password
+    argv = redis_argv(address, run_dir / "data" / "redis", write_redis_config(run_dir, password))
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, umask=REDIS_UMASK)
     try:
         deadline = time.monotonic() + 30
-        while probe_redis(address, 0.5) != "SERVING":
+        while probe_redis(address, 0.5, password) != "SERVING":
             assert server.poll() is None and time.monotonic() < deadline, "no redis-server"
             time.sleep(0.05)
-        yield address, server.pid
+        yield f"redis://:{password}@{address}", server.pid
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-async def _fill(address: str) -> None:
-    prefix_cache = Redis.from_url(f"redis://{address}/0")
-    answers = Redis.from_url(f"redis://{address}/2")  # the router's, same server
+async def _fill(server: str) -> None:
+    prefix_cache = Redis.from_url(f"{server}/0")
+    answers = Redis.from_url(f"{server}/2")  # the router's, same server
     try:
         writes = [Write(f"{i:064x}", 1024 * (i + 1), 300_000) for i in range(3)]
         await RedisWarmStore(prefix_cache).settle(("tenant-a", "sim-large"), [], writes, 0)
@@ -58,9 +66,9 @@ async def _fill(address: str) -> None:
         await answers.aclose()
 
 
-async def _read(address: str) -> tuple[int, dict[Any, Any], Any]:
-    prefix_cache = Redis.from_url(f"redis://{address}/0")
-    answers = Redis.from_url(f"redis://{address}/2")
+async def _read(server: str) -> tuple[int, dict[Any, Any], Any]:
+    prefix_cache = Redis.from_url(f"{server}/0")
+    answers = Redis.from_url(f"{server}/2")
     try:
         warm = await RedisWarmStore(prefix_cache).count()
         totals = await prefix_cache.hgetall("cachemesh:commit:totals:{t}")
@@ -77,16 +85,16 @@ def _reset(run_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_reset_l2_deletes_the_warm_prefixes_a_restart_keeps(tmp_path: Path) -> None:
-    data = tmp_path / "run" / "data" / "redis"
-    with stack_redis(data) as (address, _):
-        asyncio.run(_fill(address))
-    with stack_redis(data) as (address, _):  # make down; make up: still warm
-        assert asyncio.run(_read(address))[0] == 3
-    reset = _reset(tmp_path / "run")
+    run_dir = tmp_path / "run"
+    with stack_redis(run_dir) as (server, _):
+        asyncio.run(_fill(server))
+    with stack_redis(run_dir) as (server, _):  # make down; make up: still warm
+        assert asyncio.run(_read(server))[0] == 3
+    reset = _reset(run_dir)
     assert reset.returncode == 0, reset.stderr
     assert "L2 is cold: 3 warm prefixes deleted" in reset.stdout
-    with stack_redis(data) as (address, _):
-        warm, totals, answer = asyncio.run(_read(address))
+    with stack_redis(run_dir) as (server, _):
+        warm, totals, answer = asyncio.run(_read(server))
     assert warm == 0
     assert totals == {b"cost_nanos": b"5"} and answer == b"kept"  # the rest is kept
 
@@ -94,10 +102,10 @@ def test_reset_l2_deletes_the_warm_prefixes_a_restart_keeps(tmp_path: Path) -> N
 def test_reset_l2_is_refused_while_the_stack_runs(tmp_path: Path) -> None:
     """Its Redis would be written by two servers; the engines' KV is warm in their processes."""
     run_dir = tmp_path / "run"
-    with stack_redis(run_dir / "data" / "redis") as (address, pid):
-        asyncio.run(_fill(address))
+    with stack_redis(run_dir) as (server, pid):
+        asyncio.run(_fill(server))
         write_pid(run_dir / "pids" / "redis.pid", pid)  # as the supervisor records it
         reset = _reset(run_dir)
         assert reset.returncode == 1
         assert "already running; stop it first" in reset.stderr
-        assert asyncio.run(_read(address))[0] == 3
+        assert asyncio.run(_read(server))[0] == 3

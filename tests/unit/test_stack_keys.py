@@ -168,7 +168,8 @@ def test_every_secret_is_private(tmp_path: Path) -> None:
     run = tmp_path / ".run"
     ensure_keys(run)
     assert _mode(run) == 0o700
-    for name in ("demo-keys.env", "internal-token", "internal.env", "admin-token", "admin.env"):
+    secrets = ("demo-keys.env", "internal-token", "internal.env", "admin-token", "admin.env")
+    for name in (*secrets, "redis-password", "redis.env", "redis-urls.env"):
         assert _mode(run / name) == 0o600, name
     # hashes only, readable by a container's non-root user (compose mounts it); .run is 0700
     assert _mode(run / "api-keys") == 0o644
@@ -180,6 +181,9 @@ def test_every_secret_is_private(tmp_path: Path) -> None:
         "demo-keys.env",
         "internal-token",
         "internal.env",
+        "redis-password",
+        "redis-urls.env",
+        "redis.env",
     ]  # no temporary file left behind
 
 

@@ -1,5 +1,6 @@
-"""The stack's own Redis takes no password: a URL that gives one for it is refused at start, not
-left to look protected while any local process reads and writes every tenant's records."""
+"""The stack sets its own Redis's password (the run dir's redis-password) and puts it into the
+URLs itself: a URL giving another one for that Redis is refused at start, naming the variable,
+not left to fail every request with WRONGPASS."""
 
 from __future__ import annotations
 

@@ -22,7 +22,14 @@ from typing import NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from cachemesh.envfile import EnvFileError, read_env_file
-from services.tools.keys import HTTP_URL_VAR, TARGET_VAR, StackKeys, describe, ensure_keys
+from services.tools.keys import (
+    HTTP_URL_VAR,
+    REDIS_PASSWORD_FILE,
+    TARGET_VAR,
+    StackKeys,
+    describe,
+    ensure_keys,
+)
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
 from services.tools.stack.health import SERVING, UNREACHABLE, probe_as, probe_http
@@ -30,11 +37,16 @@ from services.tools.stack.ports import free_port_overrides
 from services.tools.stack.processes import Running
 from services.tools.stack.redis_process import (
     REDIS,
+    REDIS_CONFIG_FILE,
+    REDIS_UMASK,
     REDIS_URL_VAR,
     STACK_REDIS_URL_VARS,
+    probe_redis,
     redis_argv,
     stack_redis_address,
     stack_redis_refusal,
+    stack_redis_urls,
+    write_redis_config,
 )
 from services.tools.stack.service_table import SERVICES, ServiceDef, stop_order
 from services.tools.stack.supervisor import (
@@ -149,6 +161,10 @@ class Stack:
 
     def environment(self, service: ServiceDef, keys: StackKeys) -> dict[str, str]:
         merged = merge_env(self._dotenv, self._environ, keys.env(), self._overrides)
+        # the stack's own Redis wants its password: in the URLs of those that use it only
+        for variable, url in stack_redis_urls(merged, keys.redis_password).items():
+            if variable in service.env_keys:
+                merged[variable] = url
         if not service.internal:  # not even from the shell or .env
             for name in OUTSIDE_SECRETS:
                 merged.pop(name, None)
@@ -312,16 +328,19 @@ class Stack:
         the running stack would silently ignore them (a new MODEL_BACKEND served by the
         simulator)."""
         try:
-            running = {m.name: m.env for m in Plan.read(self.run_dir).managed}
+            plan = {m.name: m for m in Plan.read(self.run_dir).managed}
         except (OSError, ValueError, KeyError, TypeError):
             return []  # no readable plan: nothing to compare, the processes are adopted
         changed: list[str] = []
         for service in managed:
-            had = running.get(service.name)
-            if had is None:
+            if service.name not in plan:
                 changed.append(f"{service.name}: not part of it")
                 continue
+            had = plan[service.name].env
             if service is REDIS:  # started with PATH only: its address is the others' setting
+                if str(self.run_dir / REDIS_CONFIG_FILE) not in plan[service.name].argv:
+                    # an older version's, without a password: the URLs would be refused
+                    changed.append("redis: no password (started by an older version)")
                 continue
             wanted = self.environment(service, keys)
             # the variables the process reads (its table), not the rest of the shell's
@@ -383,23 +402,32 @@ class Stack:
             refusal = stack_redis_refusal(self.settings())
             if refusal is not None:
                 raise StackError(refusal)
+            config = write_redis_config(self.run_dir, keys.redis_password)
             try:
-                argv = redis_argv(address, self.run_dir / "data" / "redis")
+                argv = redis_argv(address, self.run_dir / "data" / "redis", config)
             except FileNotFoundError as exc:
                 raise StackError(str(exc)) from None
             env = {"PATH": self._environ.get("PATH", "/usr/bin:/bin")}
-        else:
-            argv = [sys.executable, "-m", service.module]
-            env = self.environment(service, keys)
+            return Managed(
+                name=service.name,
+                argv=argv,
+                env=env,
+                log_path=str(self.log_path(service)),
+                pid_path=str(self._pid_path(service)),
+                marker=service.module,
+                stop_wave=wave,
+                redis_address=address,
+                redis_password=keys.redis_password,
+                umask=REDIS_UMASK,
+            )
         return Managed(
             name=service.name,
-            argv=argv,
-            env=env,
+            argv=[sys.executable, "-m", service.module],
+            env=self.environment(service, keys),
             log_path=str(self.log_path(service)),
             pid_path=str(self._pid_path(service)),
             marker=service.module,
             stop_wave=wave,
-            redis_address=(self.redis_address() or "") if service is REDIS else "",
         )
 
     def stop_service(self, *names: str, timeout_s: float = 60.0) -> None:
@@ -512,10 +540,20 @@ class Stack:
     def health(self, service: ServiceDef, timeout_s: float = 1.0) -> str:
         """A service's health from ``GET /readyz`` on its plaintext metrics port (its overall
         gRPC health, or the HTTP front's readiness), whatever its own port speaks: a Gateway or
-        HTTP front on TLS (mutual TLS too) answers no plaintext probe. Redis: PING."""
+        HTTP front on TLS (mutual TLS too) answers no plaintext probe. Redis: AUTH and PING."""
+        if service is REDIS:
+            return probe_redis(self.addresses[service.name], timeout_s, self._redis_password())
         if service.metrics_var:
             return probe_http(self.metrics_addresses[service.name], timeout_s)
         return probe_as(service.protocol, self.addresses[service.name], timeout_s)
+
+    def _redis_password(self) -> str | None:
+        """The run dir's Redis password, read (never made: ``status`` changes nothing)."""
+        path = self.run_dir / REDIS_PASSWORD_FILE
+        try:
+            return path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def __enter__(self) -> Stack:
         return self

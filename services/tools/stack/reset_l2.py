@@ -4,10 +4,10 @@ the next ``make up``.
 prefix-cache keeps its warm prefixes in the stack's own Redis, whose append-only file under
 ``<run dir>/data/redis`` outlives ``make down``: a stack started again reads the last run's
 prefixes as warm. With the stack down, this starts that redis-server alone on a free loopback
-port over the same files, deletes prefix-cache's warm prefixes (``cachemesh:warm:*`` in its
-database), and stops it (every write is fsynced before it is acknowledged). The bills, commit
-records and per-tenant totals stay; the engine's KV (L3) and prefix-cache's in-process state
-are gone with the processes anyway.
+port over the same files (with its password: the run dir's ``redis-password``), deletes
+prefix-cache's warm prefixes (``cachemesh:warm:*`` in its database), and stops it (every write
+is fsynced before it is acknowledged). The bills, commit records and per-tenant totals stay;
+the engine's KV (L3) and prefix-cache's in-process state are gone with the processes anyway.
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ from urllib.parse import urlsplit
 import redis
 
 from services.prefix_cache.redis_store import WARM_PREFIX
+from services.tools.keys import ensure_keys
 from services.tools.stack.lifecycle import StackError
 from services.tools.stack.ports import free_port
-from services.tools.stack.redis_process import REDIS_URL_VAR, probe_redis, redis_argv
+from services.tools.stack.redis_process import (
+    REDIS_UMASK,
+    REDIS_URL_VAR,
+    probe_redis,
+    redis_argv,
+    write_redis_config,
+)
 
 BATCH = 1000  # keys deleted a command
 
@@ -56,20 +63,20 @@ def forget_warm_prefixes(
     data = redis_data_dir(run_dir)
     if not data.is_dir():
         return 0
+    password = ensure_keys(run_dir).redis_password
     port = free_port()
+    argv = redis_argv(f"127.0.0.1:{port}", data, write_redis_config(run_dir, password))
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(
-            redis_argv(f"127.0.0.1:{port}", data), stdout=log, stderr=subprocess.STDOUT
-        )
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, umask=REDIS_UMASK)
         try:
             deadline = time.monotonic() + timeout_s
-            while probe_redis(f"127.0.0.1:{port}", 0.5) != "SERVING":  # loading its files
+            while probe_redis(f"127.0.0.1:{port}", 0.5, password) != "SERVING":  # loading
                 if server.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     said = log.read().decode(errors="replace")[-1500:]
                     raise StackError(f"redis-server did not start over {data}: {said}")
                 time.sleep(0.05)
-            return _delete(port, int(db))
+            return _delete(port, int(db), password)
         finally:
             server.terminate()  # SIGTERM: a clean shutdown
             try:
@@ -79,8 +86,8 @@ def forget_warm_prefixes(
                 server.wait()
 
 
-def _delete(port: int, db: int) -> int:
-    client = redis.Redis(host="127.0.0.1", port=port, db=db)
+def _delete(port: int, db: int, password: str) -> int:
+    client = redis.Redis(host="127.0.0.1", port=port, db=db, password=password)
     try:
         deleted = 0
         batch: list[bytes] = []

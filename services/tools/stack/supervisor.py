@@ -54,8 +54,11 @@ class Managed:
     pid_path: str
     marker: str  # a string of its command line (``is_alive`` tells a reused pid from it)
     stop_wave: int  # lower waves stop first (a caller before the services it calls)
-    # started first, and the others only once it answers PING here (the stack's Redis)
+    # started first, and the others only once it answers PING here (the stack's Redis),
+    # authenticated with this password
     redis_address: str = ""
+    redis_password: str = ""
+    umask: int = -1  # the process's umask (-1: the supervisor's own); Redis's files: 0600
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,8 @@ class Plan:
     managed: list[Managed]
 
     def write(self, run_dir: Path) -> None:
-        """Mode 0600 (the environments hold the internal credential), replaced atomically."""
+        """Mode 0600 (the environments hold the internal credential and the Redis URLs their
+        password), replaced atomically."""
         path = run_dir / PLAN_FILE
         tmp = path.with_name(f".{PLAN_FILE}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -128,7 +132,7 @@ class Supervisor:
         for slot in sorted(self._slots, key=lambda s: not s.spec.redis_address):
             self._adopt_or_spawn(slot)
             if slot.spec.redis_address:
-                _await_redis(slot.spec.redis_address, stop)
+                _await_redis(slot.spec.redis_address, slot.spec.redis_password or None, stop)
         self._save_state()
         while not stop.wait(_POLL_S):
             if exit_with is not None and not _exists(exit_with):
@@ -253,6 +257,7 @@ class Supervisor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=spec.umask,
             )
 
     # --- the whole stack ----------------------------------------------------------------
@@ -336,9 +341,11 @@ def supervise(run_dir: Path, out: TextIO, exit_with: int | None = None) -> None:
     Supervisor(Plan.read(run_dir), run_dir, out).run(stop, exit_with)
 
 
-def _await_redis(address: str, stop: threading.Event, timeout_s: float = 10.0) -> None:
+def _await_redis(
+    address: str, password: str | None, stop: threading.Event, timeout_s: float = 10.0
+) -> None:
     deadline = time.monotonic() + timeout_s
-    while probe_redis(address, 0.5) != "SERVING" and time.monotonic() < deadline:
+    while probe_redis(address, 0.5, password) != "SERVING" and time.monotonic() < deadline:
         if stop.wait(0.05):
             return
 
