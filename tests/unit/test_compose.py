@@ -129,14 +129,46 @@ def test_prefix_cache_keeps_its_bills_in_redis_that_fsyncs_every_write(
     resolved: Resolved,
 ) -> None:
     prefix = resolved.service("prefix-cache")
-    assert prefix["environment"]["PREFIX_CACHE_REDIS_URL"] == "redis://redis:6379/0"
+    password = resolved.keys.redis_password
+    assert prefix["environment"]["PREFIX_CACHE_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
     assert prefix["depends_on"]["redis"] == {"condition": "service_healthy"}
     redis = resolved.service("redis")
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--appendfsync") + 1] == "always"
+    script = _redis_script(redis)
+    assert "redis-server - --appendonly yes --appendfsync always --save ''" in script
     assert [v.split(":")[:2] for v in redis["volumes"]] == [["redis-data", "/data"]]
     assert not redis.get("ports")  # inside the network only
+
+
+def _redis_script(redis: dict[str, Any]) -> str:
+    """The redis service's ``sh -c`` script (``docker-compose config`` shows a $ as $$)."""
+    shell, flag, script = redis["command"]
+    assert (shell, flag) == ("sh", "-c")
+    return str(script).replace("$$", "$")
+
+
+def test_compose_redis_requires_the_password_only_the_services_using_it_hold(
+    resolved: Resolved,
+) -> None:
+    """It had none, on the network the internet-facing HTTP front shares: any code run there
+    could read every tenant's answers and rewrite bills."""
+    password = resolved.keys.redis_password
+    redis = resolved.service("redis")
+    assert redis["environment"]["REDISCLI_AUTH"] == password  # the server and redis-cli ping
+    script = _redis_script(redis)
+    # the password into the config on stdin, never onto the command line (ps shows argv)
+    assert script.startswith("exec docker-entrypoint.sh redis-server - ")
+    assert "<<EOF\nrequirepass $REDISCLI_AUTH\nEOF" in script and password not in script
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]  # REDISCLI_AUTH
+    urls = {
+        "prefix-cache": {"PREFIX_CACHE_REDIS_URL": 0},
+        "router": {"ROUTER_LIMITS_REDIS_URL": 1, "ROUTER_ANSWERS_REDIS_URL": 2},
+    }
+    for spec in SERVICES:
+        env = resolved.service(spec.name)["environment"]
+        for var, db in urls.get(spec.name, {}).items():
+            assert env[var] == f"redis://:{password}@redis:6379/{db}", var
+        if spec.name not in urls:
+            assert not any(password in str(v) for v in env.values()), spec.name
 
 
 def test_router_keeps_its_billing_outbox_in_a_named_volume(resolved: Resolved) -> None:
@@ -172,9 +204,9 @@ def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]
     container_paths = {
         "SEMANTIC_CACHE_DATA_DIR": "/var/lib/cachemesh/semantic-cache",
         "ROUTER_DATA_DIR": "/var/lib/cachemesh/router",
-        "PREFIX_CACHE_REDIS_URL": "redis://redis:6379/0",
-        "ROUTER_ANSWERS_REDIS_URL": "redis://redis:6379/2",
-        "ROUTER_LIMITS_REDIS_URL": "redis://redis:6379/1",
+        "PREFIX_CACHE_REDIS_URL": f"redis://:{resolved.keys.redis_password}@redis:6379/0",
+        "ROUTER_ANSWERS_REDIS_URL": f"redis://:{resolved.keys.redis_password}@redis:6379/2",
+        "ROUTER_LIMITS_REDIS_URL": f"redis://:{resolved.keys.redis_password}@redis:6379/1",
     }
     overrides |= {k: v for k, v in container_paths.items() if k in spec.env_keys}
     # compose serves the simulator only, whatever .env says of models (tested below)
