@@ -90,7 +90,7 @@ class StackKeys:
     internal_token: str
     admin_token: str
     redis_password: str  # the stack's own Redis's (``make up``; compose's redis service)
-    created: bool  # True when this call generated new secrets
+    created: bool  # True when this call generated new secrets (a Redis password alone: no)
     # CACHEMESH_TARGET / CACHEMESH_HTTP_URL -> where the run dir's stack listens (may be empty)
     endpoints: Mapping[str, str] = field(default_factory=dict)
 
@@ -147,8 +147,9 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
         created = fresh
     token, new_token = _token(run_dir / INTERNAL_TOKEN_FILE)
     admin, new_admin = _token(run_dir / ADMIN_TOKEN_FILE)
-    redis_password, new_redis = _redis_password(run_dir / REDIS_PASSWORD_FILE)
-    new = created or new_token or new_admin or new_redis
+    # a new Redis password alone (an older run dir's first make up) is no news to print
+    redis_password, _ = _redis_password(run_dir / REDIS_PASSWORD_FILE)
+    new = created or new_token or new_admin
     keys = StackKeys(run_dir, api_keys, token, admin, redis_password, new, dict(endpoints))
     if keys.has_demo_keys:
         write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
