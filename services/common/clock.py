@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -59,3 +60,46 @@ class Throttle:
         pending, self._pending = self._pending, 0
         self._last_ms = now
         return pending
+
+
+class SecondsClock:
+    """A ``Clock`` over a clock of seconds (``time.monotonic``, a test's fake): for a piece
+    timed in seconds that logs through a ``Throttle``."""
+
+    def __init__(self, seconds: Callable[[], float]) -> None:
+        self._seconds = seconds
+
+    def now_ms(self) -> int:
+        return round(self._seconds() * 1000)
+
+
+class Throttles:
+    """A ``Throttle`` for each key and kind, for a failure that comes once a request while a
+    dependency is down (a flood of lines otherwise): the key names the dependency (with its
+    operation where the line names it), the kind what failed (a status code). The first
+    failure of a key and kind is logged at once, a new kind too (DEADLINE_EXCEEDED, then
+    UNAVAILABLE), then at most one line an interval for each, saying how many were not logged
+    (``suppressed``); a dependency that flaps between two codes makes two lines an interval,
+    not one a request. The keys are few and fixed (names of dependencies, operations, replicas
+    and codes; never a tenant's or a request's)."""
+
+    def __init__(self, clock: Clock, interval_ms: int) -> None:
+        self._clock = clock
+        self.interval_ms = interval_ms
+        self._throttles: dict[tuple[str, str], Throttle] = {}
+
+    def due(self, key: str, kind: str = "") -> int:
+        """Counts a failure of ``key`` and ``kind``: how many came since the last line of
+        both, this one included, when it is to be logged now; else 0."""
+        throttle = self._throttles.get((key, kind))
+        if throttle is None:
+            throttle = self._throttles[key, kind] = Throttle(self._clock, self.interval_ms)
+        return throttle.due()
+
+
+def suppressed(due: int, interval_ms: int) -> str:
+    """What a throttled line adds when ``due`` (``Throttles.due``) counts more than itself."""
+    if due <= 1:
+        return ""
+    every = f"{interval_ms / 1000:g}"
+    return f" ({due - 1} more since the last such line, not logged: one line a {every} s)"
