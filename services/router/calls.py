@@ -37,6 +37,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
+from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
 from services.router.breaker import Dependency, prefix_breaker, semantic_breaker
@@ -81,6 +82,9 @@ L1_NOT_BACK = (
 _REPLY_MAY_BE_LOST = frozenset({Code.DEADLINE_EXCEEDED, Code.CANCELLED, Code.UNAVAILABLE})
 # the semantic modes whose Lookup may take the lease (REFRESH, NO_STORE, BYPASS never do)
 _LEADING_MODES = frozenset({pb.SEMANTIC_MODE_UNSPECIFIED, pb.SEMANTIC_MODE_USE})
+# a dependency's failed calls logged at most one line this often for each status code (the
+# first at once): a dependency down at 100 requests a second was 100 WARNING lines a second
+DEGRADED_LOG_EVERY_MS = 10_000
 
 
 def _capped(limit_s: float, deadline: float | None, share: float, now: float) -> float:
@@ -184,11 +188,16 @@ class Calls:
         told = hung if hung is not None else _uncounted
         self._breaker = prefix_breaker(settings.prefix_breaker_s, clock, told)
         self._l1 = semantic_breaker(settings.semantic_breaker_s, clock, told)
+        self._unavailable = Throttles(SecondsClock(clock), DEGRADED_LOG_EVERY_MS)
 
     def _degraded(self, what: str, exc: CallFailed, *, logged: bool = True) -> None:
-        """``logged`` False: counted and on the span, but no log line (the caller logs)."""
+        """Each degradation counted and on the span; ``logged`` False: no log line (the caller
+        logs). The first failure of ``what`` with its status code is a WARNING line, then one
+        a ``DEGRADED_LOG_EVERY_MS`` saying how many were not logged; a timeout while the
+        dependency's breaker has left it alone (its trials) is DEBUG: the breaker's WARNING
+        said so."""
         if logged:
-            log.warning("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
+            self._log_degraded(what, exc)
         record_event(
             self._tracer,
             "cachemesh.degraded",
@@ -196,6 +205,18 @@ class Calls:
         )
         if self._counted is not None:
             self._counted(what, exc.code.name)
+
+    def _log_degraded(self, what: str, exc: CallFailed) -> None:
+        breaker = self._breaker if what == "prefix-cache" else self._l1
+        if exc.code == Code.DEADLINE_EXCEEDED and breaker.tripped:
+            log.debug("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
+            return
+        due = self._unavailable.due(what, exc.code.name)
+        if due:
+            more = suppressed(due, DEGRADED_LOG_EVERY_MS)
+            log.warning(
+                "%s unavailable (%s: %s); degrading%s", what, exc.code.name, exc.details, more
+            )
 
     def _not_made(self, what: str, why: str) -> None:
         """A call to ``what`` not made (``why``): a degradation as a timeout is (the metric and

@@ -52,7 +52,7 @@ from typing import Protocol
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.clock import Clock, Throttle
+from services.common.clock import Clock, Throttle, Throttles, suppressed
 from services.common.prompt import prompt_chars
 from services.common.span_events import record_event
 from services.router.breaker import Breaker
@@ -177,6 +177,9 @@ class SettleNotSent(Exception):
 
 
 LOST_LOG_INTERVAL_MS = 60_000  # settles lost are logged at most once in this interval
+# a store failure (on admit, on settle) of one kind is logged at most once in this interval, the
+# first at once: a Redis down at 100 requests a second was 200 WARNING lines a second
+FAILED_LOG_INTERVAL_MS = 10_000
 
 
 class LimitStore(Protocol):
@@ -497,6 +500,7 @@ class Limiter:
         self._pending: deque[_Settle] = deque()
         self._replaying: asyncio.Task[None] | None = None
         self._lost_log = Throttle(clock, LOST_LOG_INTERVAL_MS)
+        self._failed_log = Throttles(clock, FAILED_LOG_INTERVAL_MS)
         self._store = store
         self._policies = policies
         self._clock = clock
@@ -744,9 +748,7 @@ class Limiter:
     def _degraded(self, what: str, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
             exc = TimeoutError(f"no answer within {self._timeout_s} s")
-        log.warning(
-            "limits store failed on %s (%s: %s); request admitted", what, type(exc).__name__, exc
-        )
+        self._log_failed(what, exc)
         record_event(
             self._tracer,
             "cachemesh.degraded",
@@ -755,6 +757,18 @@ class Limiter:
         if self._counted is not None:
             timed_out = isinstance(exc, TimeoutError)
             self._counted("limits", "DEADLINE_EXCEEDED" if timed_out else "UNAVAILABLE")
+
+    def _log_failed(self, what: str, exc: Exception) -> None:
+        """The first failure of ``what`` (admit, settle) of its kind logs at once, then one line
+        a ``FAILED_LOG_INTERVAL_MS`` saying how many were not logged (each one counted and on
+        its span all the same); DEBUG while the breaker has left the store alone (its WARNING
+        said what the requests go without meanwhile)."""
+        kind = type(exc).__name__
+        line = "limits store failed on %s (%s: %s); request admitted%s"
+        if self._breaker is not None and self._breaker.tripped:
+            log.debug(line, what, kind, exc, "")
+        elif due := self._failed_log.due(what, kind):
+            log.warning(line, what, kind, exc, suppressed(due, FAILED_LOG_INTERVAL_MS))
 
     async def drain(self) -> None:
         """Waits for the settles' first tries (not for a store that is down to come back)."""
