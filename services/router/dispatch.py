@@ -28,7 +28,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
-from services.common.clock import Clock, SystemClock
+from services.common.clock import Clock, SecondsClock, SystemClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.tokens import Tokenizer, Tokenizers
@@ -75,6 +75,9 @@ SILENT_FACTOR = 50.0
 # a sign of life there starts the silence again from that look (at most a tenth late)
 _SILENCE_LOOKS = 10
 _T = TypeVar("_T")
+# a replica's failed calls logged at most one line this often for each status code (the first
+# at once): every request to a model whose replicas are down tried each, a line each
+REPLICA_FAILED_LOG_EVERY_MS = 10_000
 
 
 @dataclass
@@ -163,6 +166,7 @@ class Dispatcher:
         self._table = table
         self._tracer = tracer
         self._clock = clock
+        self._failed_log = Throttles(SecondsClock(clock), REPLICA_FAILED_LOG_EVERY_MS)
         self._wall = wall if wall is not None else SystemClock()
         # the pipeline releases a call when its answer ends
         self.loads = ReplicaStates(choice.ttft.kv_capacity_tokens)
@@ -369,7 +373,7 @@ class Dispatcher:
                         health.released(replica, probe)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
-                    log.warning("replica %s of %s failed: %s", replica, spec.id, exc.code.name)
+                    self._log_failed(replica, spec.id, exc.code)
                     why = exc.reason
                     if not why and exc.code == Code.DEADLINE_EXCEEDED:
                         why = f"no answer within {timeout_s:.1f} s"
@@ -510,6 +514,14 @@ class Dispatcher:
         if tokenizer.name not in counted:
             counted[tokenizer.name] = await asyncio.to_thread(count_prompt, request, tokenizer)
         return counted[tokenizer.name]
+
+    def _log_failed(self, replica: str, model: str, code: Code) -> None:
+        """A replica's failed call: its first of a status code at once, then a line a
+        ``REPLICA_FAILED_LOG_EVERY_MS`` at most saying how many were not logged (each one is
+        on its request's span, and counts toward the replica's ejection all the same)."""
+        if due := self._failed_log.due(replica, code.name):
+            more = suppressed(due, REPLICA_FAILED_LOG_EVERY_MS)
+            log.warning("replica %s of %s failed: %s%s", replica, model, code.name, more)
 
     def replica_failed(self, model: str, replica: str, probe: bool) -> None:
         """The replica failed a call of this request (before its first token, or cut

@@ -106,7 +106,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
-from services.common.clock import Clock, SystemClock
+from services.common.clock import Clock, SystemClock, Throttles, suppressed
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, PrefixPort, without_refused_report
 from services.router.outbox_journal import (
@@ -123,6 +123,10 @@ log = logging.getLogger("cachemesh.router.outbox")
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
+# a replay kept for the next try (prefix-cache refused it for now) logged at most once this
+# often for each status code, the first at once: else a line each ROUTER_OUTBOX_RETRY_S (1 s)
+# for as long as prefix-cache refuses
+KEPT_LOG_EVERY_MS = 10_000
 # an entry's tries recorded though they found prefix-cache unreachable: its first, and up to
 # three after prefix-cache said it serves (a stale connection to its Redis fails one call):
 # past them its tries are sent unsampled, unasked, until one bills
@@ -366,6 +370,7 @@ class BillingOutbox:
         self._dropped = dropped
         self._open_call_billed = open_call_billed
         self._wall = wall if wall is not None else SystemClock()
+        self._kept_log = Throttles(self._wall, KEPT_LOG_EVERY_MS)
         # the open calls of this process's model calls running, and when each started
         self._live: dict[str, int] = {}
         self._estimate_billed = estimate_billed
@@ -723,14 +728,16 @@ class BillingOutbox:
                 if exc.code in _UNREACHABLE_CODES:
                     return _Sent.UNREACHABLE, None
                 if exc.code not in _FINAL:
-                    log.warning(
-                        "billing outbox: prefix-cache did not take the %s commit %s (%s); "
-                        "%d answers kept for the next try",
-                        pc.CommitPhase.Name(commit.phase),
-                        commit.request_id,
-                        exc.code.name,
-                        self.pending,
-                    )
+                    if due := self._kept_log.due("kept", exc.code.name):
+                        log.warning(
+                            "billing outbox: prefix-cache did not take the %s commit %s (%s); "
+                            "%d answers kept for the next try%s",
+                            pc.CommitPhase.Name(commit.phase),
+                            commit.request_id,
+                            exc.code.name,
+                            self.pending,
+                            suppressed(due, KEPT_LOG_EVERY_MS),
+                        )
                     return _Sent.KEPT, None
                 log.error(
                     "billing outbox: prefix-cache refused the %s commit %s (%s: %s); dropped",
