@@ -18,6 +18,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common import rpc_tracing
 from services.common.auth import KeyLookup, bearer_token
+from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 # ``cachemesh-retry: 1`` to get the same protection. By value: "0" or "" marks no retry.
 RETRY_HEADERS = ("grpc-previous-rpc-attempts", "cachemesh-retry")
 LEDGER_TIMEOUT_S = 0.5  # the longest the answer ledger may hold an answer back
+# a ledger call's failures (claim, give_back, record) logged at most once this often for each
+# kind (the first at once): a Redis down was a WARNING line each request
+LEDGER_FAILED_LOG_EVERY_MS = 10_000
 # how often a retry whose id another router's call holds looks for that call's answer
 CLAIM_POLL_S = 0.05
 
@@ -73,11 +77,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ledger: AnswerLedger | None = None,
         ledger_failed: Callable[[LedgerOperation], None] = lambda operation: None,
         ledger_breaker: Breaker | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """``ledger_failed``: told of each call to ``ledger`` that failed or did not answer in
         ``LEDGER_TIMEOUT_S``, or was not made while ``ledger_breaker`` left its Redis alone
         (its renewals' failures: the ledger's own ``failed``); ``ledger_breaker``: None, the
-        ledger is called whatever its earlier calls did."""
+        ledger is called whatever its earlier calls did; ``clock``: paces the ledger's failure
+        lines (None: the monotonic clock)."""
+        self._ledger_log = Throttles(
+            clock if clock is not None else MonotonicClock(), LEDGER_FAILED_LOG_EVERY_MS
+        )
         self._keys = keys
         self._table = table
         self._deployed = deployed
@@ -329,7 +338,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
                 self._ledger_failed("claim")
                 self._ledger_broke(exc)
-                log.warning("answer ledger: claim failed (%s); serving the call anew", _kind(exc))
+                self._log_ledger("claim", "claim failed (%s); serving the call anew", exc)
                 return None
             self._ledger_answered()
             if isinstance(found, Claimed):
@@ -364,10 +373,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except (LedgerUnavailable, TimeoutError) as exc:
                 self._ledger_failed("give_back")
                 self._ledger_broke(exc)
-                log.warning(
-                    "answer ledger: a claim was not given back (%s); a retry on another "
-                    "router waits until it lapses",
-                    _kind(exc),
+                self._log_ledger(
+                    "give_back",
+                    "a claim was not given back (%s); a retry on another router waits until "
+                    "it lapses",
+                    exc,
                 )
                 return
             self._ledger_answered()
@@ -395,9 +405,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except (LedgerUnavailable, TimeoutError) as exc:  # the answer is served all the same
             self._ledger_failed("record")
             self._ledger_broke(exc)
-            log.warning(
-                "answer ledger: record failed (%s); a retry on another router may bill again",
-                _kind(exc),
+            self._log_ledger(
+                "record", "record failed (%s); a retry on another router may bill again", exc
             )
             return False
         self._ledger_answered()
@@ -411,6 +420,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return False
         self._ledger_failed(operation)
         return True
+
+    def _log_ledger(
+        self, operation: LedgerOperation, line: str, exc: LedgerUnavailable | TimeoutError
+    ) -> None:
+        """A ledger call's failure (``line`` with its ``_kind``): the first of an operation and
+        kind at once, then one a ``LEDGER_FAILED_LOG_EVERY_MS`` at most, saying how many were
+        not logged (each counted in ``ledger_failed`` all the same); DEBUG once the breaker has
+        left the ledger's Redis alone (its WARNING said what requests go without)."""
+        said = "answer ledger: " + line + "%s"
+        if self._ledger_breaker is not None and self._ledger_breaker.tripped:
+            log.debug(said, _kind(exc), "")
+        elif due := self._ledger_log.due(operation, type(exc).__name__):
+            log.warning(said, _kind(exc), suppressed(due, LEDGER_FAILED_LOG_EVERY_MS))
 
     def _ledger_broke(self, exc: LedgerUnavailable | TimeoutError) -> None:
         """A ledger call failed: Redis's failure counts toward leaving it alone; a record that
