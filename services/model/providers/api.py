@@ -60,6 +60,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
+from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.deadlines import end_margin_s
 from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec
@@ -81,6 +82,10 @@ HealthSetter = Callable[[bool], Awaitable[None]]
 _DEADLINE_MARGIN_S = 0.05  # a retry must be able to start this long before the deadline
 _NO_DEADLINE_S = 300.0  # a call that came without a deadline
 _OUT = (Kind.AUTH, Kind.ACCOUNT)  # the replica's key or account: NOT_SERVING until rechecked
+# the provider's outage (calls failed after their retries, or unexpectedly) logged at most one
+# line this often for each kind, status and model (the first at once): else a line a request
+_OUTAGE = (Kind.RETRY, Kind.FATAL)
+FAILED_LOG_EVERY_MS = 10_000
 
 
 class Adapter(Protocol):
@@ -119,6 +124,7 @@ class ProviderApi:
         self._set_health = set_health
         self._clock = clock
         self._sleep = sleep
+        self._failed_log = Throttles(SecondsClock(clock), FAILED_LOG_EVERY_MS)
         self._redactor = Redactor(settings.secrets())
         self._out_at: float | None = None  # when our key or account was last refused
         self._out_kind = Kind.AUTH  # which of the two
@@ -235,17 +241,12 @@ class ProviderApi:
                     and not failure.status
                     and not isinstance(exc, RequestError)
                 ):
-                    log.error(
-                        "%s call of %s failed unexpectedly: %s",
-                        self._adapter.backend,
-                        spec.id,
-                        self._redactor.clean(traceback.format_exc()),
-                    )
+                    self._log_unexpected(spec.id, failure)
                 wait, why = self._retry_wait(failure, tries, deadline)
                 if wait is None:
                     refusal = await self._refusal(failure, message, why, spec.id)
                     if failure.kind not in _OUT:  # those have their own log line
-                        log.warning("%s: %s", spec.id, refusal.message)
+                        self._log_refusal(spec.id, failure, refusal)
                     raise refusal from None
                 span.set_attribute("cachemesh.provider.retries", tries)
                 span.add_event(
@@ -359,6 +360,29 @@ class ProviderApi:
         if wait >= left - _DEADLINE_MARGIN_S:  # the wait would outlast the deadline: hand over
             return None, f"{what} outlasts the request's deadline ({max(left, 0.0):.1f} s left)"
         return wait, ""
+
+    def _log_unexpected(self, model: str, failure: Failure) -> None:
+        """A call that failed unexpectedly (called while its exception is handled): its
+        traceback, once a ``FAILED_LOG_EVERY_MS`` for each error type at most."""
+        if due := self._failed_log.due(model, f"unexpected {failure.error_type}"):
+            log.error(
+                "%s call of %s failed unexpectedly%s: %s",
+                self._adapter.backend,
+                model,
+                suppressed(due, FAILED_LOG_EVERY_MS),
+                self._redactor.clean(traceback.format_exc()),
+            )
+
+    def _log_refusal(self, model: str, failure: Failure, refusal: RequestError) -> None:
+        """A call refused: the request's own fault each time; the provider's outage (``_OUTAGE``)
+        once a ``FAILED_LOG_EVERY_MS`` for each status and error type at most, saying how many
+        were not logged (each one is on its call's span and in the replica's metrics)."""
+        if failure.kind not in _OUTAGE:
+            log.warning("%s: %s", model, refusal.message)
+            return
+        kind = f"{failure.kind.value} {failure.status} {failure.error_type}"
+        if due := self._failed_log.due(model, kind):
+            log.warning("%s: %s%s", model, refusal.message, suppressed(due, FAILED_LOG_EVERY_MS))
 
     async def _refusal(self, failure: Failure, message: str, why: str, model: str) -> RequestError:
         backend = self._adapter.backend
