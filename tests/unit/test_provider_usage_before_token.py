@@ -66,6 +66,7 @@ async def test_a_call_cut_after_the_usage_report_ends_with_it(tokenizer: Tokeniz
     chunks = [c async for c in api.generate(_generate(), 0.1)]
     assert [c.WhichOneof("part") for c in chunks] == ["start", "end"]
     assert chunks[0].start.prompt_tokens == INPUT + CACHE_WRITE + CACHE_READ
+    assert chunks[0].start.cut_before_first_token  # no first token: the router's health rule
     end = chunks[1].end
     assert end.interrupted and "deadline" in end.error and end.output_tokens == 0
     usage = end.provider_usage.anthropic

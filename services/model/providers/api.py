@@ -37,7 +37,9 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   that this end, with the usage the provider reported so far, reaches the router before the
   call's gRPC deadline ends the call. So does a call the provider reported its prompt's usage
   for (Anthropic's message_start, after which it bills the prompt and its cache writes) with no
-  token yet: a ``start`` (the reported prompt), then that end; before, it failed
+  token yet: a ``start`` (the reported prompt, flagged ``cut_before_first_token``: no first
+  token, so the router counts the call for the replica's health as a deadline before any
+  start, and takes no prefill-rate sample from it), then that end; before, it failed
   DEADLINE_EXCEEDED without one and the router billed nothing. OpenAI reports nothing before
   its first token (its usage chunk comes last): there is nothing to bill it by. A connection
   lost after the final event (OpenAI's finish_reason and usage chunk, Anthropic's
@@ -207,8 +209,10 @@ class ProviderApi:
             except TimeoutError:
                 if progress.usage is not None and not progress.started:
                     # no token yet, but a prompt the provider bills: a start so that the
-                    # router bills the call, then the usage in the interrupted end
+                    # router bills the call, then the usage in the interrupted end; flagged,
+                    # so that the router judges the replica as for no start by the deadline
                     start = progress.start(reported_prompt_tokens(progress.usage))
+                    start.start.cut_before_first_token = True
                     yield self._annotated(span, start, progress, spec)
                 if progress.started:
                     yield self._interrupted(

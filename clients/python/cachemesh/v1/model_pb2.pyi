@@ -66,6 +66,7 @@ class GenerateStart(_message.Message):
     KV_CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
+    CUT_BEFORE_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
     replica: _builtins.str
     prompt_tokens: _builtins.int
     kv_cached_tokens: _builtins.int
@@ -76,6 +77,14 @@ class GenerateStart(_message.Message):
     """The replica cannot tell its KV reuse at the first token (a provider adapter: the provider
     reports its cache reads only in the usage at the end): kv_cached_tokens is 0, not a report.
     """
+    cut_before_first_token: _builtins.bool
+    """No first token: the call's deadline came after the provider reported the prompt's usage
+    (Anthropic's message_start, which it bills) and before any token; this start carries that
+    prompt only so that the call is billed, and the interrupted `end` with the usage follows at
+    once. No prefill is known done: the router takes no prefill-rate sample or sign of life
+    from it and judges the replica as for a deadline before any start. An older router reads
+    it as a first report; an older replica never sets it.
+    """
     def __init__(
         self,
         *,
@@ -84,10 +93,11 @@ class GenerateStart(_message.Message):
         kv_cached_tokens: _builtins.int = ...,
         backend: _builtins.str = ...,
         kv_cached_unreported: _builtins.bool = ...,
+        cut_before_first_token: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "prompt_tokens", b"prompt_tokens", "replica", b"replica"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cut_before_first_token", b"cut_before_first_token", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "prompt_tokens", b"prompt_tokens", "replica", b"replica"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
