@@ -112,6 +112,10 @@ class Attempt:
     # threshold, a replica not cut on it, a context window that holds it); asked only at a
     # silence (``SilenceWatch``), as it may count the prompt (None: none could)
     takers: Callable[[], Awaitable[bool]] | None = None
+    # its start came at its deadline with no token, only so that the prompt its provider
+    # reported is billed (``GenerateStart.cut_before_first_token``): no first report, the
+    # replica judged already as for a deadline before a start, no sign of life in its chunks
+    cut_before_first_token: bool = False
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"
@@ -359,18 +363,10 @@ class Dispatcher:
                         self.loads.stalled(replica, ticket, self._clock())
                     if exc.code == Code.DEADLINE_EXCEEDED:
                         self._left(spec, wanted, replica, ticket)
+                        self._judge_deadline(spec.id, replica, probe, opened_at, timeout_s, needs_s)
                     else:
                         self.loads.failed(replica, ticket)
-                    # out of its own time: it had the time it was predicted to need (a
-                    # deadline shorter than that is the client's, not the replica's fault)
-                    # and gave no sign of life meanwhile (one streaming other answers is
-                    # busy, and this call waited behind them)
-                    if exc.code != Code.DEADLINE_EXCEEDED or (
-                        timeout_s >= needs_s and not self._busy(replica, opened_at, needs_s)
-                    ):
                         self.replica_failed(spec.id, replica, probe)
-                    else:
-                        health.released(replica, probe)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     self._log_failed(replica, spec.id, exc.code)
@@ -384,8 +380,21 @@ class Dispatcher:
                     health.released(replica, probe)  # the caller left: no verdict
                     chat_span.end()
                     raise
-                reused = None if start.kv_cached_unreported else start.kv_cached_tokens
-                self.loads.started(replica, ticket, start.prompt_tokens, reused, self._clock())
+                if start.cut_before_first_token:
+                    # its deadline came before any token, after its provider reported the
+                    # prompt (billed by the start and end that follow): no first report
+                    self.loads.cut_unstarted(replica, ticket)
+                    self._judge_deadline(spec.id, replica, probe, opened_at, timeout_s, needs_s)
+                    log.warning(
+                        "replica %s of %s: no token within the deadline (%.1f s) after its "
+                        "provider reported the prompt (billed as reported)",
+                        replica,
+                        spec.id,
+                        timeout_s,
+                    )
+                else:
+                    reused = None if start.kv_cached_unreported else start.kv_cached_tokens
+                    self.loads.started(replica, ticket, start.prompt_tokens, reused, self._clock())
                 if replica != route.order[0]:
                     route = Route(route.order, match, "fallback", 0, ejected=route.ejected)
                 route = replace(route, probe=probe)
@@ -420,6 +429,7 @@ class Dispatcher:
                     ticket,
                     planned_at,
                     takers=takers,
+                    cut_before_first_token=start.cut_before_first_token,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:
@@ -546,6 +556,25 @@ class Dispatcher:
         )
         if self._ejected is not None:
             self._ejected(model)
+
+    def _judge_deadline(
+        self,
+        model: str,
+        replica: str,
+        probe: bool,
+        opened_at: float,
+        timeout_s: float,
+        needs_s: float,
+    ) -> None:
+        """The verdict on ``replica`` for a call whose deadline came before its first token
+        (no start, or a start only for the prompt its provider reported): a failure when the
+        call had the time it was predicted to need (a deadline shorter than that is the
+        client's, not the replica's fault) and the replica gave no sign of life meanwhile
+        (one streaming other answers is busy, and this call waited behind them); else none."""
+        if timeout_s >= needs_s and not self._busy(replica, opened_at, needs_s):
+            self.replica_failed(model, replica, probe)
+        else:
+            self.health(model).released(replica, probe)
 
     def _handover_s(
         self,

@@ -419,7 +419,8 @@ class Pipeline:
                 # a sign of life: a call waiting behind this answer there is not stalled (a
                 # `progress` chunk is nothing else: a piece of a tool call its replica holds,
                 # or of the model's thinking)
-                self.loads.progressed(attempt.replica, self._clock())
+                if not attempt.cut_before_first_token:  # (its end at the deadline is none)
+                    self.loads.progressed(attempt.replica, self._clock())
                 part = chunk.WhichOneof("part")
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
@@ -549,7 +550,10 @@ class Pipeline:
         """The call's verdict on its replica's health (``replica_health``): a cut counts
         against it, also after its first token (a replica that cuts every answer there is
         ejected); only a whole answer brings it back; a caller that left, or an answer that
-        outlasted its deadline, says nothing."""
+        outlasted its deadline, says nothing. A call cut before its first token, after its
+        provider reported the prompt, was judged when its start came (``Dispatcher``)."""
+        if attempt.cut_before_first_token:
+            return
         health = self._dispatch.health(attempt.model.id)
         if isinstance(error, ReplicaCut):
             self._dispatch.replica_failed(attempt.model.id, attempt.replica, attempt.probe)

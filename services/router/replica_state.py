@@ -237,6 +237,16 @@ class ReplicaStates:
         if self._forget(state, ticket) is not None:
             self.release(replica)
 
+    def cut_unstarted(self, replica: str, ticket: int) -> None:
+        """The call's start came with no first token, only so that the prompt its provider
+        reported is billed (its deadline passed before any token:
+        ``GenerateStart.cut_before_first_token``): it leaves the queue as a call left before
+        its first report does, with no rate sample and no sign of life, and stays in flight
+        until ``ended``."""
+        state = self._replicas.get(replica)
+        if state is not None:
+            self._forget(state, ticket)
+
     def stalled(self, replica: str, ticket: int, now: float) -> None:
         """The call had no first report by ``now`` and is handed over (``dispatch``): its
         prefill, begun at the latest when the one before it was done, takes longer than that,
