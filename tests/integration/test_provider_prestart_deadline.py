@@ -12,10 +12,13 @@ bill from, and such a call still fails as before."""
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
+from dataclasses import replace
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cachemesh import CachemeshError, Client
 from cachemesh.v1 import model_pb2
@@ -53,6 +56,7 @@ async def test_the_replica_ends_a_call_cut_before_its_first_token_with_the_repor
     assert [c.WhichOneof("part") for c in chunks] == ["start", "end"], got
     start, end = chunks[0].start, chunks[1].end
     assert start.prompt_tokens == INPUT + CACHE_WRITE
+    assert start.cut_before_first_token  # no first token: the router's health rule, no rate
     assert end.interrupted and "deadline" in end.error and end.output_tokens == 0
     usage = end.provider_usage.anthropic
     assert (usage.input_tokens, usage.cache_creation_input_tokens) == (INPUT, CACHE_WRITE)
@@ -89,6 +93,52 @@ def test_the_router_bills_the_prompt_of_a_call_cut_before_its_first_token(
     assert after.usage.input_tokens - before.usage.input_tokens == INPUT
     assert after.usage.output_tokens - before.usage.output_tokens == 0
     assert after.cost_nanos - before.cost_nanos == INPUT * 3000 + CACHE_WRITE * 3750
+
+
+def _ejections(providers: ProviderStack, model: str) -> float:
+    """The router's count of ``model``'s replica ejections."""
+    address = providers.stack.stack.metrics_addresses["router"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "cachemesh_router_replica_ejections_total"
+                and sample.labels.get("model") == model
+            ):
+                return float(sample.value)
+    return 0.0
+
+
+def test_a_replica_stalling_after_every_usage_report_is_ejected(providers: ProviderStack) -> None:
+    """anthropic-1, claude-sonnet-4-5's one replica, stalls every call after message_start:
+    each is billed its reported prompt and fails DEADLINE_EXCEEDED, and counts against the
+    replica as a call with no start by its deadline did: ejected after the third (an ``auto``
+    request would then try another tier first). Before, its start at the deadline looked like
+    a first report and it stayed in service, every request waiting out its deadline there."""
+    key = providers.keys["anthropic-1"]
+    tag = f"Prestart stall {uuid.uuid4().hex[:8]}"
+    before = _ejections(providers, "claude-sonnet-4-5")
+    stalled = _stalled_before_content()
+    providers.server.script("anthropic", *(replace(stalled, key=key) for _ in range(3)))
+    client = Client(
+        providers.stack.target,
+        api_key=providers.stack.keys["tenant-b"],
+        max_attempts=1,
+        timeout_s=DEADLINE_S,
+    )
+    with client:
+        for i in range(3):
+            with pytest.raises(CachemeshError) as caught:
+                list(client.stream(ask("claude-sonnet-4-5", f"{tag} #{i}")))
+            providers.errors.append(str(caught.value))
+            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value
+            assert "billed" in str(caught.value), caught.value
+        after = _ejections(providers, "claude-sonnet-4-5")
+        print(f"\nclaude-sonnet-4-5 ejections: {before:g} before 3 stalled calls, {after:g} after")
+        # one whole answer brings the replica back for the tests that follow
+        assert client.complete(ask("claude-sonnet-4-5", f"{tag} answered")).content
+    assert after == before + 1
 
 
 async def test_an_openai_call_cut_before_its_first_token_has_no_usage_to_bill(
