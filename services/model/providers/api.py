@@ -7,7 +7,11 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   ``max_retries`` times, waiting what ``retry-after`` asks (else exponential backoff with
   jitter) when that wait ends before the deadline; otherwise the call fails UNAVAILABLE at
   once, naming the wait that did not fit, so the router hands the request to the next
-  replica or tier while there is time left.
+  replica or tier while there is time left. A try that failed after the provider reported
+  its prompt (an ``overloaded_error`` event after Anthropic's message_start, before any
+  content) is retried as one that failed before it, its report dropped, not billed:
+  Anthropic's documentation does not say that such a try is billed (its errors page says
+  only that an error can come in a stream after the 200, outside the usual error handling).
 - A request the SDK cannot encode (a value JSON does not have: NaN, Infinity, a lone surrogate)
   is INVALID_ARGUMENT, never sent, and no failure of the replica's.
 - A prompt over the model's context window (OpenAI's ``context_length_exceeded``,
