@@ -385,13 +385,16 @@ class Dispatcher:
                     # prompt (billed by the start and end that follow): no first report
                     self.loads.cut_unstarted(replica, ticket)
                     self._judge_deadline(spec.id, replica, probe, opened_at, timeout_s, needs_s)
-                    log.warning(
-                        "replica %s of %s: no token within the deadline (%.1f s) after its "
-                        "provider reported the prompt (billed as reported)",
-                        replica,
-                        spec.id,
-                        timeout_s,
-                    )
+                    # a provider stalling every call so: a line an interval, as failures are
+                    if due := self._failed_log.due(replica, "cut_before_first_token"):
+                        log.warning(
+                            "replica %s of %s: no token within the deadline (%.1f s) after its "
+                            "provider reported the prompt (billed as reported)%s",
+                            replica,
+                            spec.id,
+                            timeout_s,
+                            suppressed(due, REPLICA_FAILED_LOG_EVERY_MS),
+                        )
                 else:
                     reused = None if start.kv_cached_unreported else start.kv_cached_tokens
                     self.loads.started(replica, ticket, start.prompt_tokens, reused, self._clock())
