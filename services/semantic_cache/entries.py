@@ -313,12 +313,21 @@ class EntryStore:
         )
 
     async def drop_entry(self, tenant: str, entry_id: str) -> int:
-        """Removes one entry of the tenant (1), or nothing when it is not theirs or gone (0);
-        with a journal, once that is durable (``drop``)."""
+        """Removes one entry of the tenant (1), or nothing when it is not theirs, expired or
+        gone (0); with a journal, once that is durable (``drop``).
+
+        Like a purge it stops the tenant's pending Stores: a request that looked up before
+        the drop (the entry's own question, or one worded otherwise that the entry would have
+        answered) is making the same model call, and its Store would bring the dropped answer
+        back under a new id. Tenant-wide, as a purge of one namespace is: the guard counts
+        purges per tenant (``purges``, ``purged_since``), durably through the log's replay
+        and the snapshot's recent purges; what it costs is that the tenant's answers in
+        flight at that moment are not cached."""
         if not tenant:
             raise InvalidQuery("tenant", "is required")
+        self.stop_pending_stores(tenant)
         return await self.durably(  # logged whatever is found (``drop``)
-            lambda: self.apply_drop_entry(tenant, entry_id),
+            lambda: self._drop_entry_now(tenant, entry_id),
             lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied),
         )
 
@@ -341,7 +350,14 @@ class EntryStore:
         return self._drop_now(tenant, namespace)
 
     def apply_drop_entry(self, tenant: str, entry_id: str) -> int:
-        """Removes the entry now if it is the tenant's (1), else nothing (0)."""
+        """Re-applies a logged drop of one entry (replay after a restart): the tenant's purge
+        guard counts from now (``drop_entry``), and the entry goes if it is there."""
+        self.stop_pending_stores(tenant)
+        return self._drop_entry_now(tenant, entry_id)
+
+    def _drop_entry_now(self, tenant: str, entry_id: str) -> int:
+        """Removes the entry now if it is the tenant's and unexpired (1), else nothing (0)."""
+        self._purge_expired(self._clock.now_ms())  # an expired entry is not counted as dropped
         vid = self._by_entry_id.get(entry_id)
         if vid is None or self._entries[vid].tenant != tenant:
             return 0
@@ -350,6 +366,7 @@ class EntryStore:
         return 1
 
     def _drop_now(self, tenant: str, namespace: str | None) -> int:
+        self._purge_expired(self._clock.now_ms())  # expired entries are not counted as dropped
         keys = [
             key
             for key, index in self._scopes.items()

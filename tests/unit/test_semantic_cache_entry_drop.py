@@ -1,0 +1,106 @@
+"""Dropping one entry (the Admin API's Invalidate by entry_id): the answers in flight of the
+tenant cannot bring it back under a new id, not even after a restart, and a drop counts only
+the entries it removed that were still live."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
+from services.common.clock import ManualClock
+from services.semantic_cache.api import SemanticCacheApi
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.persistence import SnapshotStore
+from services.semantic_cache.servicer import SemanticCacheService
+from services.semantic_cache.snapshotter import Snapshotter
+from services.semantic_cache.tenant_policy import TenantPolicies
+from services.semantic_cache.wal import WriteAheadLog
+from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+from tests.unit.test_semantic_cache_grpc import ANSWER, AUTH, start
+from tests.unit.test_semantic_cache_persistence import new_cache, q
+from tests.unit.test_semantic_cache_rules import answer
+
+HARMFUL = "Can I mix bleach and ammonia to clean tiles?"
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[sc_grpc.SemanticCacheAsyncStub]:
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, ttl_s=3600.0)
+    api = SemanticCacheApi(cache, policies=TenantPolicies())
+    server, port = await start(SemanticCacheService(api))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield sc_grpc.SemanticCacheStub(channel)
+    await server.stop(None)
+
+
+async def test_an_answer_looked_up_before_an_entry_drop_is_not_stored_after_it(
+    stub: sc_grpc.SemanticCacheAsyncStub,
+) -> None:
+    """R1 and R2 ask the same question at once; R1's answer is stored (entry A), an operator
+    drops A (a harmful answer), then R2's model call ends with the same answer: its Store
+    must not serve it again as entry B."""
+    first, second = make_request(HARMFUL), make_request(HARMFUL)
+    first.request_id, second.request_id = "r1", "r2"
+    for request in (first, second):
+        missed = await stub.Lookup(sc.LookupRequest(tenant="a", request=request), metadata=AUTH)
+        assert not missed.hit
+    kept = await stub.Store(
+        sc.StoreRequest(tenant="a", request=first, answer=ANSWER), metadata=AUTH
+    )
+    assert kept.stored
+    drop = sc.DropRequest(tenant="a", entry_id=kept.entry_id)
+    assert (await stub.Drop(drop, metadata=AUTH)).dropped == 1
+    late = await stub.Store(
+        sc.StoreRequest(tenant="a", request=second, answer=ANSWER), metadata=AUTH
+    )
+    assert not late.stored and "after this request's lookup" in late.skip_reason
+    after = await stub.Lookup(
+        sc.LookupRequest(tenant="a", request=make_request(HARMFUL)), metadata=AUTH
+    )
+    assert not after.hit
+
+
+@pytest.mark.parametrize("restart", ["graceful", "crash"])
+async def test_an_entry_drop_still_refuses_a_late_store_after_a_restart(
+    tmp_path: Path, restart: str
+) -> None:
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshots = Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshots.open(cache)
+    asked = dataclasses.replace(q(HARMFUL), request_id="r2")
+    assert not (await cache.check(asked)).hit  # R2's model call starts
+    entry = await cache.store(q(HARMFUL), answer(b"HARMFUL"))  # R1's answer
+    clock.advance(s=5)
+    assert await cache.drop_entry("a", entry.entry_id) == 1
+    if restart == "graceful":
+        await snapshots.stop()
+    clock.advance(s=30)
+    revived = new_cache(clock)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        revived
+    )
+    stored = await revived.store(asked, answer(b"HARMFUL"))
+    assert not stored.stored and "after this request's lookup" in stored.skip_reason
+    assert not (await revived.check(q(HARMFUL))).hit
+
+
+async def test_a_drop_counts_only_the_entries_still_live() -> None:
+    """Three entries of a 1 s TTL, two seconds later: a drop of all of them removes 0 live
+    ones (the 3 expired are counted as expirations, not as invalidations)."""
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, ttl_s=1.0)
+    ids = []
+    for question in ("first question here", "second one about pets", "third about cars"):
+        ids.append((await cache.store(q(question), answer(b"x"))).entry_id)
+    clock.advance(s=2)
+    assert await cache.drop_entry("a", ids[0]) == 0
+    assert await cache.drop("a", "") == 0
+    assert await cache.drop("a") == 0
+    assert (cache.stats.invalidations, cache.stats.expirations) == (0, 3)
