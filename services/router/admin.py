@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -32,7 +33,7 @@ from services.common.keyfile import KeyFileError
 from services.common.status import abort
 from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
 from services.router.admin_messages import key_info, policy_message, tenant_row
-from services.router.validation import MAX_ID_CHARS
+from services.router.validation import MAX_ID_CHARS, shown
 
 log = logging.getLogger("cachemesh.admin")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -44,6 +45,7 @@ _OFF = (
 )
 # semantic-cache refusing these is about the router's internal credential, not the caller's
 _OURS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+_ENTRY_ID = re.compile(r"[0-9a-f]{32}\Z")  # uuid4().hex, as semantic-cache makes them
 _TOTALS_IN_FLIGHT = 16  # GetStats of every tenant: prefix-cache Totals calls at once, at most
 _UNAUTHENTICATED = (
     "missing or wrong admin credential: send 'authorization: Bearer <admin token>' metadata "
@@ -128,15 +130,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         await self._authorize(context)
         await _valid_tenant(context, request.tenant)
         target = request.WhichOneof("target")
-        if target in ("entry_id", "namespace"):
-            value = getattr(request, target)
-            if len(value) > MAX_ID_CHARS:  # it names nothing, and would go into L1's journal
-                await abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{target}: at most {MAX_ID_CHARS} characters (the Gateway's limit), got "
-                    f"{len(value):,}",
-                )
+        # a value that names nothing is refused, not answered "dropped 0" (as if it had been
+        # removed) after a record of it went into L1's journal
+        if target == "namespace" and len(request.namespace) > MAX_ID_CHARS:
+            await abort(  # a request's cache.namespace: the Gateway checks its length alone
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"namespace: at most {MAX_ID_CHARS} characters (the Gateway's limit), got "
+                f"{len(request.namespace):,}",
+            )
+        if target == "entry_id" and request.entry_id and not _ENTRY_ID.match(request.entry_id):
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "entry_id: must be 32 lowercase hex digits, an L1 entry's id as a response's "
+                f"semantic.entry_id gives it, got {shown(request.entry_id)}",
+            )
         drop = sc.DropRequest(tenant=request.tenant)
         if target == "entry_id" and request.entry_id:
             drop.entry_id = request.entry_id

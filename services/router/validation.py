@@ -27,7 +27,7 @@ def _invalid(message: str) -> RequestError:
 SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
 
 
-def _shown(value: str) -> str:
+def shown(value: str) -> str:
     """``value`` as an error message may repeat it: quoted, and cut when long (a caller's
     900 KB model id is not echoed back, nor written into the log)."""
     if len(value) <= SHOWN_CHARS:
@@ -50,7 +50,7 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
         # NOT_FOUND, as the providers answer an unknown model (HTTP 404: the SDKs raise their
         # NotFoundError, which an application's fallback to another model catches)
         raise RequestError(
-            Code.NOT_FOUND, f"model: unknown model id {_shown(request.model)}; use one of: {known}"
+            Code.NOT_FOUND, f"model: unknown model id {shown(request.model)}; use one of: {known}"
         )
     if request.max_tokens <= 0:
         raise _invalid(f"max_tokens: must be > 0, got {request.max_tokens}")
@@ -82,7 +82,7 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
             )
         if request.model != AUTO:
             raise _invalid(
-                f'routing.threshold: only model "auto" is routed; {_shown(request.model)} was named'
+                f'routing.threshold: only model "auto" is routed; {shown(request.model)} was named'
             )
 
 
@@ -151,10 +151,10 @@ def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolT
         if not use.id or not use.name:
             raise _invalid(f"{where}.tool_use: id and name are required")
         if use.id in turns.uses:
-            raise _invalid(f"{where}.tool_use.id: {_shown(use.id)} is used twice")
+            raise _invalid(f"{where}.tool_use.id: {shown(use.id)} is used twice")
         if use.name not in turns.declared:
             raise _invalid(
-                f"{where}.tool_use.name: {_shown(use.name)} is not a declared tool; declare "
+                f"{where}.tool_use.name: {shown(use.name)} is not a declared tool; declare "
                 "it in tools (a model can only call the tools it was given)"
             )
         if use.input_json:
@@ -167,12 +167,12 @@ def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolT
             raise _invalid(f"{where}.tool_result: only user messages may hold tool_result blocks")
         if result_id not in turns.uses:
             raise _invalid(
-                f"{where}.tool_result.tool_use_id: {_shown(result_id)} matches no earlier "
+                f"{where}.tool_result.tool_use_id: {shown(result_id)} matches no earlier "
                 "tool_use block"
             )
         if result_id in turns.answered:
             raise _invalid(
-                f"{where}.tool_result.tool_use_id: {_shown(result_id)} already has a tool_result"
+                f"{where}.tool_result.tool_use_id: {shown(result_id)} already has a tool_result"
             )
         turns.answered.add(result_id)
 
@@ -184,7 +184,7 @@ def _validate_tools(request: pb.CompleteRequest) -> set[str]:
         if not tool.name:
             raise _invalid(f"tools[{i}].name: a tool needs a name")
         if tool.name in names:
-            raise _invalid(f"tools[{i}].name: {_shown(tool.name)} is declared twice")
+            raise _invalid(f"tools[{i}].name: {shown(tool.name)} is declared twice")
         names.add(tool.name)
         if tool.input_schema_json:
             _json_object(tool.input_schema_json, f"tools[{i}].input_schema_json")
@@ -194,7 +194,7 @@ def _validate_tools(request: pb.CompleteRequest) -> set[str]:
 def _unanswered(turns: _ToolTurns, next_message: str) -> RequestError:
     use_id, where = next(iter(turns.waiting.items()))
     return _invalid(
-        f"{where}.tool_use: {_shown(use_id)} has no tool_result in {next_message}; each "
+        f"{where}.tool_use: {shown(use_id)} has no tool_result in {next_message}; each "
         "tool_use needs its tool_result in the user message that follows it"
     )
 

@@ -153,7 +153,9 @@ class InvalidateRequest(_message.Message):
     ALL_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     entry_id: _builtins.str
-    """one entry: a response's semantic.entry_id"""
+    """one entry: a response's semantic.entry_id (32 lowercase hex digits); the tenant's
+    answers in flight (looked up before the drop) are not stored after it, as for a purge
+    """
     namespace: _builtins.str
     """every entry of one namespace ("" is the default namespace)"""
     all: _builtins.bool
@@ -182,7 +184,7 @@ class InvalidateResponse(_message.Message):
 
     DROPPED_FIELD_NUMBER: _builtins.int
     dropped: _builtins.int
-    """entries removed"""
+    """live entries removed (expired ones are not counted)"""
     def __init__(
         self,
         *,
