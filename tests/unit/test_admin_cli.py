@@ -3,11 +3,12 @@ against a real router in tests/integration/test_admin_api.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from cachemesh.admin_cli import keys_table, policy_table, stats_table, table
+from cachemesh.admin_cli import as_json, keys_table, policy_table, stats_table, table
 from cachemesh.cli import main
 from cachemesh.v1 import admin_pb2 as adm
 
@@ -75,3 +76,12 @@ def test_no_admin_token_is_an_error_saying_where_to_put_one(
     missing = str(tmp_path / "none")
     assert main(["admin", "--admin-token-file", missing, "stats"]) == 2
     assert f"cannot read the admin token file {missing}" in capsys.readouterr().err
+
+
+def test_json_keeps_zero_and_false_fields() -> None:
+    """``--json`` printed ``{}`` for "dropped 0", and a policy with L1 off had no
+    ``l1Enabled``: a script reading the field found nothing. A field with presence that is
+    unset (a tenant without a default TTL of its own) stays out: unset is what it says."""
+    assert json.loads(as_json(adm.InvalidateResponse(dropped=0))) == {"dropped": "0"}
+    policy = json.loads(as_json(adm.CachePolicy(tenant="acme", effective_default_ttl_s=600)))
+    assert policy == {"tenant": "acme", "l1Enabled": False, "effectiveDefaultTtlS": 600.0}

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cachemesh._errors import CachemeshError
@@ -93,10 +94,16 @@ def run(args: argparse.Namespace, target: str, tls: Tls | None) -> int:
         print(f"cachemesh admin: {error}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(MessageToDict(reply), indent=2))
+        print(as_json(reply))
     else:
         print(_text(args, reply))
     return 0
+
+
+def as_json(reply: Message) -> str:
+    """The reply as ``--json`` prints it: every field, a zero or false one too ("dropped": 0
+    is an answer, not a missing one); a field with presence that is unset stays out."""
+    return json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2)
 
 
 def _call(client: AdminClient, args: argparse.Namespace) -> Any:
