@@ -45,7 +45,8 @@ async def test_log_stores_of_another_embedder_are_skipped_with_one_warning(
     old = await started(tmp_path, clock, 64, OLD)
     for i in range(3):
         assert (await old.store(q(f"question {i}"), answer(b"old"))).stored
-    assert (await old.drop_entry("a", "no-such-entry")) == 0  # a record after them
+    # a record after them (of another tenant: a drop stops its tenant's Stores in flight)
+    assert (await old.drop_entry("b", "no-such-entry")) == 0
     with caplog.at_level(logging.WARNING, logger="cachemesh.semantic_cache.persistence"):
         new = await started(tmp_path, clock, 32, NEW)  # the upgrade: 32 dimensions
     assert len(new) == 0
