@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+from collections.abc import Callable
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
@@ -56,9 +57,12 @@ class SemanticCacheApi:
         draining: asyncio.Event | None = None,
         policies: TenantPolicies | None = None,
         metrics: SemanticCacheMetrics | None = None,
+        on_drop: Callable[[], None] | None = None,
     ) -> None:
-        """``policies``: each tenant's L1 policy (None: in memory, every tenant's L1 on)."""
+        """``policies``: each tenant's L1 policy (None: in memory, every tenant's L1 on);
+        ``on_drop`` hears of each Drop that removed entries (a snapshot soon after it)."""
         self._cache = cache
+        self._on_drop = on_drop
         self._metrics = metrics  # None: the offline estimator
         self._lease_wait_s = lease_wait_s  # the most a lookup waits on another's lease
         self._draining = draining  # once set, writes are refused (UNAVAILABLE)
@@ -226,6 +230,8 @@ class SemanticCacheApi:
                 dropped = await self._cache.drop(request.tenant, namespace)
         except NotDurable as exc:  # nothing removed: the entries are still served, say so
             raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
+        if dropped and self._on_drop is not None:
+            self._on_drop()  # their text leaves the disk at the next snapshot: soon
         return sc.DropResponse(dropped=dropped)
 
     async def release(self, request: sc.ReleaseRequest) -> sc.ReleaseResponse:

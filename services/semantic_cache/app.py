@@ -78,8 +78,16 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             cache = build_cache(config, embedder, clock, stats, metrics, verifier, solo)
             if snapshotter is not None:
                 await snapshotter.open(cache)  # a corrupt snapshot stops the start-up here
+            on_drop = snapshotter.dropped if snapshotter is not None else None
             servicer.attach(
-                build_api(config, cache, draining=stop, policies=policies, metrics=metrics)
+                build_api(
+                    config,
+                    cache,
+                    draining=stop,
+                    policies=policies,
+                    metrics=metrics,
+                    on_drop=on_drop,
+                )
             )
 
         async def shutdown_tracing() -> None:

@@ -39,6 +39,12 @@ log = logging.getLogger("cachemesh.semantic_cache.persistence")
 # SEMANTIC_CACHE_SNAPSHOT_S=0, the log grows between clean stops, and every crash would replay
 # it all again (100k records from the log took 10 s and 1.3 GB before they were streamed).
 SNAPSHOT_AFTER_REPLAY = 10_000
+# A drop (an operator's purge) is followed by a snapshot this long after it, one for every drop
+# within that time: the snapshot rewrites the file and deletes the log segments, so the purged
+# questions and answers leave the disk within seconds, not at the next period (60 s; never with
+# SEMANTIC_CACHE_SNAPSHOT_S=0 until a clean stop). A purge script dropping every tenant's L1
+# costs one save per this many seconds, not one per tenant.
+SAVE_AFTER_DROP_S = 5.0
 T = TypeVar("T")
 
 
@@ -60,12 +66,18 @@ class Snapshotter:
         timer: Callable[[], float] = time.perf_counter,
         snapshot_after_replay: int = SNAPSHOT_AFTER_REPLAY,
         on_tail_cut: Callable[[str], None] | None = None,
+        save_after_drop_s: float = SAVE_AFTER_DROP_S,
     ) -> None:
         """``on_save(seconds)`` hears of each snapshot written, ``on_tail_cut(kind)`` of a bad
         end cut off the log at start, ``torn`` or ``damaged`` (the metrics); a replay of more
-        than ``snapshot_after_replay`` log records is saved as a snapshot before serving."""
+        than ``snapshot_after_replay`` log records is saved as a snapshot before serving;
+        ``dropped`` saves one ``save_after_drop_s`` seconds later."""
         if period_s < 0:
             raise ValueError(f"period_s must be >= 0, got {period_s}")
+        if save_after_drop_s < 0:
+            raise ValueError(f"save_after_drop_s must be >= 0, got {save_after_drop_s}")
+        self._save_after_drop_s = save_after_drop_s
+        self._after_drop: asyncio.Task[None] | None = None  # the save a drop asked for
         self._store = store
         self._wal = wal
         self._on_save = on_save
@@ -228,6 +240,35 @@ class Snapshotter:
             )
             return True
 
+    def dropped(self) -> None:
+        """Entries were dropped (an Invalidate): a snapshot follows ``save_after_drop_s``
+        seconds later, so their text leaves the snapshot and the log, which hold it until the
+        next save. The drops until then share it; one during it asks for another."""
+        if self._cache is None or self._stopping.is_set() or self._after_drop is not None:
+            return
+        self._after_drop = asyncio.create_task(
+            self._save_after_drop(), name="semantic-cache-snapshot-after-drop"
+        )
+
+    async def _save_after_drop(self) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=self._save_after_drop_s)
+            return  # stopping: the last save covers the drop
+        except TimeoutError:
+            pass
+        self._after_drop = None  # a drop from now on is not in this copy: it asks again
+        try:
+            await self.save()
+        except Exception:  # a full disk: the next period, or the next drop, tries again
+            log.exception("a snapshot after a drop to %s failed", self._store.path)
+
+    async def settled(self) -> None:
+        """Waits for the save a drop asked for, if one is waiting (tests, and ``stop``)."""
+        while (pending := self._after_drop) is not None:
+            await pending
+            if self._after_drop is pending:
+                self._after_drop = None
+
     async def join(self) -> None:
         """Stops a restore or replay still running in its worker thread (the warm-up was
         cancelled) at its next record and waits for the thread to end: the data directory's
@@ -252,6 +293,7 @@ class Snapshotter:
         await self.join()
         if self._task is not None:
             await self._task
+        await self.settled()  # wakes at the stop and saves nothing: the last save follows
         if self._cache is None:
             if self._wal is not None:
                 self._wal.close()  # opened by a replay whose warm-up was cancelled after it

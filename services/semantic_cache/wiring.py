@@ -4,6 +4,7 @@ offline estimator use, so the two cannot drift (leases, micro-batching, the IVF 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from services.common.clock import Clock, MonotonicClock
 from services.semantic_cache.api import SemanticCacheApi
@@ -81,12 +82,15 @@ def build_api(
     draining: asyncio.Event | None = None,
     policies: TenantPolicies | None = None,
     metrics: SemanticCacheMetrics | None = None,
+    on_drop: Callable[[], None] | None = None,
 ) -> SemanticCacheApi:
-    """``policies``: the tenants' L1 policies (None: in memory, as for the offline estimator)."""
+    """``policies``: the tenants' L1 policies (None: in memory, as for the offline estimator);
+    ``on_drop``: hears of each Drop that removed entries (the snapshotter's ``dropped``)."""
     return SemanticCacheApi(
         cache,
         lease_wait_s=config.lease_wait_s,
         draining=draining,
         policies=policies,
         metrics=metrics,
+        on_drop=on_drop,
     )

@@ -438,7 +438,9 @@ class CachePolicy(_message.Message):
     EFFECTIVE_DEFAULT_TTL_S_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     l1_enabled: _builtins.bool
-    """false: L1 neither serves nor stores the tenant's answers"""
+    """false: L1 neither serves nor stores the tenant's answers; its entries stay (served again
+    once it is true) until Invalidate all removes them
+    """
     default_ttl_s: _builtins.float
     """The L1 TTL of the tenant's new entries in namespaces without a TTL of their own
     (SEMANTIC_CACHE_NAMESPACE_TTL_S); unset = semantic-cache's SEMANTIC_CACHE_TTL_S.

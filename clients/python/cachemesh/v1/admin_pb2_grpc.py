@@ -88,6 +88,11 @@ class AdminServicer:
 
     def Invalidate(self, request, context):
         """Drops L1 entries of one tenant: one entry, one namespace, or all of them (a purge).
+        Gone from L1's memory at once; the tenant's answers in flight are not stored. On L1's
+        disk the snapshot and write-ahead log keep the text until the snapshot taken 5 s after a
+        drop that removed entries (a <segment>.damaged file until deleted by hand). The router's
+        retry table and answer ledger keep answers for ROUTER_IDEMPOTENCY_TTL_S: a retry with the
+        same request_id within it gets its recorded answer, purged or not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,13 @@ class AdminStub:
     GetStats: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]
     """Per-tenant figures: keys, L1 (semantic-cache) and the billed model calls (prefix-cache)."""
     Invalidate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.InvalidateRequest, _admin_pb2.InvalidateResponse]
-    """Drops L1 entries of one tenant: one entry, one namespace, or all of them (a purge)."""
+    """Drops L1 entries of one tenant: one entry, one namespace, or all of them (a purge).
+    Gone from L1's memory at once; the tenant's answers in flight are not stored. On L1's
+    disk the snapshot and write-ahead log keep the text until the snapshot taken 5 s after a
+    drop that removed entries (a <segment>.damaged file until deleted by hand). The router's
+    retry table and answer ledger keep answers for ROUTER_IDEMPOTENCY_TTL_S: a retry with the
+    same request_id within it gets its recorded answer, purged or not.
+    """
     CreateKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateKeyRequest, _admin_pb2.IssuedKey]
     """A new API key for a tenant (a new tenant too). The key is in the reply, and only there."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _admin_pb2.ListKeysResponse]
@@ -59,7 +65,13 @@ class AdminAsyncStub(AdminStub):
     GetStats: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatsRequest, _admin_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Per-tenant figures: keys, L1 (semantic-cache) and the billed model calls (prefix-cache)."""
     Invalidate: _aio.UnaryUnaryMultiCallable[_admin_pb2.InvalidateRequest, _admin_pb2.InvalidateResponse]  # type: ignore[assignment]
-    """Drops L1 entries of one tenant: one entry, one namespace, or all of them (a purge)."""
+    """Drops L1 entries of one tenant: one entry, one namespace, or all of them (a purge).
+    Gone from L1's memory at once; the tenant's answers in flight are not stored. On L1's
+    disk the snapshot and write-ahead log keep the text until the snapshot taken 5 s after a
+    drop that removed entries (a <segment>.damaged file until deleted by hand). The router's
+    retry table and answer ledger keep answers for ROUTER_IDEMPOTENCY_TTL_S: a retry with the
+    same request_id within it gets its recorded answer, purged or not.
+    """
     CreateKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateKeyRequest, _admin_pb2.IssuedKey]  # type: ignore[assignment]
     """A new API key for a tenant (a new tenant too). The key is in the reply, and only there."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _admin_pb2.ListKeysResponse]  # type: ignore[assignment]
@@ -88,7 +100,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.InvalidateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.InvalidateResponse, _abc.Awaitable[_admin_pb2.InvalidateResponse]]:
-        """Drops L1 entries of one tenant: one entry, one namespace, or all of them (a purge)."""
+        """Drops L1 entries of one tenant: one entry, one namespace, or all of them (a purge).
+        Gone from L1's memory at once; the tenant's answers in flight are not stored. On L1's
+        disk the snapshot and write-ahead log keep the text until the snapshot taken 5 s after a
+        drop that removed entries (a <segment>.damaged file until deleted by hand). The router's
+        retry table and answer ledger keep answers for ROUTER_IDEMPOTENCY_TTL_S: a retry with the
+        same request_id within it gets its recorded answer, purged or not.
+        """
 
     @_abc_1.abstractmethod
     def CreateKey(
