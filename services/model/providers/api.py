@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -230,8 +231,8 @@ class ProviderApi:
                     f"no answer within the request's deadline ({budget:.1f} s)",
                 ) from None
             except Exception as exc:  # an SDK error: classify; CancelledError passes
-                failure = classify(exc)
-                message = self._redactor.message(failure.message)
+                failure = self._redacted(classify(exc))
+                message = failure.message
                 if progress.started:
                     log.warning(
                         "%s stream of %s broke mid-answer (%s %s): %s",
@@ -348,6 +349,16 @@ class ProviderApi:
                     report.total_tokens = report.prompt_tokens + produced
                 end.output_tokens = report.completion_tokens
         return model_pb2.GenerateChunk(end=end)
+
+    def _redacted(self, failure: Failure) -> Failure:
+        """``failure`` as it may leave the adapter: its type and message, the provider's text,
+        without a credential (the message cut to an error message's length too). Only
+        ``classify``, before this, reads the type as the provider sent it."""
+        return dataclasses.replace(
+            failure,
+            error_type=self._redactor.clean(failure.error_type),
+            message=self._redactor.message(failure.message),
+        )
 
     def _retry_wait(
         self, failure: Failure, tries: int, deadline: float

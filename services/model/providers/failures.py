@@ -25,6 +25,12 @@ An account that cannot pay is ``ACCOUNT``, whatever status it comes with: Anthro
 as the request's, yet every request of every tenant gets it), its ``billing_error``, and
 OpenAI's 429 ``insufficient_quota`` ("You exceeded your current quota": a 429 no wait makes
 pass, unlike a rate limit). Like ``AUTH`` it is the replica's, until someone adds credit.
+
+An error's type and code are the provider's text, like its message: a proxy or an
+OpenAI-compatible engine may put anything there (its own words, the key it was sent). Each is
+taken only as a short identifier (``[A-Za-z0-9_.-]{1,64}``: every type and code the providers
+document is one), else as ``"error"`` (a code: none); the caller still redacts both before
+they leave the adapter.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import email.utils
 import enum
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,7 +64,9 @@ class Kind(enum.Enum):
 class Failure:
     kind: Kind
     status: int  # HTTP status, 0 when there was none (connection, timeout)
-    error_type: str  # the provider's error type, or the exception's name
+    # the provider's error type (a short identifier, else "error"; not yet redacted), or the
+    # exception's name
+    error_type: str
     message: str  # the provider's message (not yet redacted)
     retry_after_s: float | None
 
@@ -86,6 +95,7 @@ _ACCOUNT_TYPES = {"billing_error", "insufficient_quota"}
 _NO_CREDIT = "your credit balance is too low"
 _ONE_MODEL = "model_not_found"  # OpenAI's 403 code when the key may not use this model
 _STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class StreamCut(Exception):
@@ -190,7 +200,7 @@ def _error_of(body: object, fallback: str) -> tuple[str, str]:
     ``{"error": {"message", "type", "code"}}`` (the SDK may hand over the inner object)."""
     inner: Any = body.get("error", body) if isinstance(body, dict) else None
     if isinstance(inner, dict):
-        error_type = str(inner.get("type") or inner.get("code") or "error")
+        error_type = _identifier(inner.get("type") or inner.get("code")) or "error"
         message = str(inner.get("message") or fallback)
         return error_type, message
     if isinstance(body, str) and body:
@@ -214,7 +224,16 @@ def _status_in(body: object) -> int:
 def _code_of(body: object) -> str:
     """OpenAI's ``error.code`` (``invalid_api_key``, ``model_not_found``), else empty."""
     inner: Any = body.get("error", body) if isinstance(body, dict) else None
-    return str(inner.get("code") or "") if isinstance(inner, dict) else ""
+    return _identifier(inner.get("code")) if isinstance(inner, dict) else ""
+
+
+def _identifier(value: object) -> str:
+    """``value`` as a short identifier (vLLM's code may be an int), else empty: a type or code
+    that is anything else (words, a long text, a key) is not taken in."""
+    if value is None or isinstance(value, bool):
+        return ""
+    text = str(value)
+    return text if _IDENTIFIER.fullmatch(text) else ""
 
 
 def _retry_after(headers: Any) -> float | None:
