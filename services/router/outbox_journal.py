@@ -55,10 +55,12 @@ from typing import Any, NamedTuple, TypeVar, cast
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
 from services.common.files import fsync_directory
+from services.common.private_files import open_private, private_directory, tighten
 
 log = logging.getLogger("cachemesh.router.outbox")
 
 JOURNAL_NAME = "billing-outbox.jsonl"
+COMPACTING_NAME = "billing-outbox.compacting"  # a rewrite's new file, renamed over the journal
 LOCK_NAME = ".billing-outbox.lock"  # held by the one router using the directory
 # Rewrite the file once it holds this many bytes of settled lines, and more than its live ones.
 COMPACT_BYTES = 64 * 1024 * 1024
@@ -125,12 +127,14 @@ class Journal:
         self.path = directory / JOURNAL_NAME
         self._compact_bytes = compact_bytes
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            private_directory(directory)
             self._lock_fd = _lock(directory / LOCK_NAME)
         except OSError as exc:
             raise _unusable(directory, exc) from None
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            names = (LOCK_NAME, JOURNAL_NAME, COMPACTING_NAME)
+            tighten([directory, *(directory / name for name in names)], "ROUTER_DATA_DIR", log)
+            self._fd = open_private(self.path, os.O_RDWR)
         except BaseException as exc:
             os.close(self._lock_fd)
             if isinstance(exc, OSError):
@@ -347,11 +351,12 @@ class Journal:
         use and a failed directory fsync is a failed fsync (sticky)."""
         if self._monotonic() < self._retry_rewrite_at:
             return
-        fresh = self.path.with_suffix(".compacting")
+        fresh = self.path.with_name(COMPACTING_NAME)
         lines: dict[str, _Line] = {}
         size = 0
         try:
-            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            fresh.unlink(missing_ok=True)  # a crashed rewrite's, whatever its mode
+            fd = open_private(fresh, os.O_RDWR | os.O_EXCL)
             try:
                 for entry_id, line in self._lines.items():
                     _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
@@ -409,7 +414,7 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
 def _lock(path: Path) -> int:
     """An open descriptor of ``path`` holding its exclusive ``flock``; a ``ConfigError`` if
     another process (or another ``Journal`` of this one) holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_private(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, MetricsSettings, TenantLabels, new_registry
+from services.common.private_files import tighten, with_entries
 from services.common.server import (
     DRAIN_REFUSAL_S,
     ServerSettings,
@@ -26,7 +28,12 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.semantic_cache.metrics import SemanticCacheMetrics, StoreCollector
 from services.semantic_cache.operating_point import OperatingPoint
-from services.semantic_cache.persistence import LOCK_NAME, DirectoryInUse, SnapshotStore
+from services.semantic_cache.persistence import (
+    LOCK_NAME,
+    SNAPSHOT_NAME,
+    DirectoryInUse,
+    SnapshotStore,
+)
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.settings import DATA_DIR, SemanticCacheSettings
 from services.semantic_cache.snapshotter import Snapshotter
@@ -39,6 +46,8 @@ NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9102"
 SERVICE_NAME = semantic_cache_pb2.DESCRIPTOR.services_by_name["SemanticCache"].full_name
+WAL_DIR = "wal"  # the write-ahead log's segments, in the data directory
+log = logging.getLogger("cachemesh.semantic_cache.persistence")
 
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
@@ -139,6 +148,11 @@ def _store(config: SemanticCacheSettings) -> SnapshotStore | None:
         raise ConfigError(
             f"{DATA_DIR}={config.data_dir}: cannot create or write the directory ({exc})"
         ) from exc
+    # every tenant's prompts and answers: 0600 / 0700, however an older version left them
+    data_dir = config.data_dir
+    names = (LOCK_NAME, SNAPSHOT_NAME, FILE_NAME)
+    paths = [data_dir, *(data_dir / name for name in names), *with_entries(data_dir / WAL_DIR)]
+    tighten(paths, DATA_DIR, log)
     return store
 
 
@@ -150,7 +164,7 @@ def _snapshotter(
 ) -> Snapshotter | None:
     if store is None or config.data_dir is None:
         return None
-    wal = WriteAheadLog(config.data_dir / "wal", on_fsync=metrics.wal_fsync.observe)
+    wal = WriteAheadLog(config.data_dir / WAL_DIR, on_fsync=metrics.wal_fsync.observe)
     return Snapshotter(
         store,
         clock,

@@ -44,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.files import fsync_directory
+from services.common.private_files import open_private, private_directory
 from services.semantic_cache.answers import payload_has_unparsed_tool_call
 from services.semantic_cache.records import Answer, CacheContents, Entry
 
@@ -102,7 +103,7 @@ class SnapshotStore:
         it: nothing is touched then), proves it writable and removes temp files of a crashed
         save. The lock is held until ``close``; a prepare that fails after taking it (a full
         disk, no permission) lets go of it, so a retry is not refused by this process."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         took = self._lock_fd is None
         if took:
             self._lock_fd = _lock(self.directory / LOCK_NAME)
@@ -174,7 +175,7 @@ class SnapshotStore:
 def _lock(path: Path) -> int:
     """An open descriptor of ``path`` holding its exclusive ``flock``, with this process's pid
     and host written in it; ``DirectoryInUse`` naming the holder if another one holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_private(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

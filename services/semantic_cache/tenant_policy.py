@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from services.common.private_files import open_private
 from services.semantic_cache.policy import MAX_TTL_S, valid_ttl
 
 FILE_NAME = "tenant-policies.json"
@@ -115,7 +116,9 @@ def _write(path: Path, policies: dict[str, TenantPolicy]) -> None:
         },
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    tmp.unlink(missing_ok=True)  # a crashed write's, whatever its mode
+    fd = open_private(tmp, os.O_WRONLY | os.O_EXCL)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(doc, handle, indent=1, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.common.files import fsync_directory
+from services.common.private_files import open_private, private_directory
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
 _FRAME = struct.Struct(">II")  # length, crc32
@@ -142,7 +143,7 @@ class WriteAheadLog:
         snapshot holds whole is not read at all. A bad end of the last segment is cut off
         (``tail_cut``: a torn record, or a damaged one moved aside). Once it is exhausted,
         ``start`` opens the log for appends."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         self.tail_cut = None
         segments = self.segments()
         read = 0  # seq of the last record read (0: none)
@@ -375,7 +376,8 @@ class WriteAheadLog:
 
     def _start_segment(self) -> None:
         path = self.directory / f"{self._next_seq:020d}{_SUFFIX}"
-        self._out = path.open("ab", buffering=0)
+        # 0600: every tenant's prompts and answers, in clear
+        self._out = os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab", buffering=0)
         self._size = self._durable_size = os.fstat(self._out.fileno()).st_size
         fsync_directory(self.directory)
 
@@ -396,7 +398,7 @@ def _cut_tail(path: Path, offset: int, rest: bytes, seq: int) -> TailCut:
             if not moved_to.exists():
                 break
             moved_to = path.with_name(f"{path.name}.damaged-{n}")
-        with moved_to.open("xb") as out:
+        with os.fdopen(open_private(moved_to, os.O_WRONLY | os.O_EXCL), "wb") as out:
             out.write(rest)
             os.fsync(out.fileno())
         fsync_directory(path.parent)
