@@ -4,6 +4,7 @@ a rejected key whose provider error echoes a masked form of it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from cachemesh import CachemeshError, Client
 from tests.integration.harness import ROOT
 from tests.integration.provider_stack import ProviderStack, ask
-from tests.providers import openai_wire
+from tests.providers import anthropic_wire, openai_wire
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +39,15 @@ def test_no_key_in_logs_errors_spans_or_reports(providers: ProviderStack) -> Non
         with pytest.raises(CachemeshError) as caught:  # a provider error reaches the client
             client.complete(ask("gpt-4o-mini", f"Masked key echo {uuid.uuid4().hex[:6]}"))
         providers.errors.append(str(caught.value))
+        # a 403 whose error type names the key it was sent, as a proxy's own type may: short
+        # enough to pass as an identifier, so only the redactor keeps it out
+        anthropic_key = providers.keys["anthropic-1"]
+        named = anthropic_wire.error(403, f"forbidden_for_{anthropic_key}", "Forbidden")
+        providers.server.script("anthropic", dataclasses.replace(named, key=anthropic_key))
+        try:
+            client.complete(ask("claude-sonnet-4-5", f"Typed key echo {uuid.uuid4().hex[:6]}"))
+        except CachemeshError as refused:
+            providers.errors.append(str(refused))
     report = providers.run_dir / "loadtest.json"
     run = subprocess.run(
         [
