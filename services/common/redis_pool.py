@@ -13,11 +13,15 @@ answer recorded in the ledger not found).
 
 A health check has a client of its own (``own_connection_redis``): one connection no call
 shares, so a pool whose connections are all busy (``pool_exhausted``) is not read as a Redis
-that does not answer."""
+that does not answer.
+
+An error reply may be Redis's state for now rather than a refusal of the client
+(``refused_for_now``): an outage to wait out, not a configuration to fix."""
 
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ClusterDownError, OutOfMemoryError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -62,3 +66,19 @@ def pool_exhausted(exc: BaseException) -> bool:
     """``exc`` is a ``bounded_redis`` call's wait for a connection running out (all busy for
     ``timeout_s``): the process's own bound, not a failure of Redis."""
     return isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, TimeoutError)
+
+
+# the refusals a Redis makes for now, whoever asks: out of memory under ``noeviction``,
+# MASTERDOWN (a replica whose master is gone, ``replica-serve-stale-data no``: a
+# ClusterDownError), TRYAGAIN; LOADING is a ``BusyLoadingError``, a connection error already
+_FOR_NOW = (OutOfMemoryError, ClusterDownError, TryAgainError)
+
+
+def refused_for_now(exc: BaseException) -> bool:
+    """``exc`` is an error reply of a Redis that cannot serve now but will (see ``_FOR_NOW``;
+    BUSY: another client's script past ``busy-reply-threshold``, which redis-py raises as a
+    bare ``ResponseError``), not a refusal of the client (a wrong password, no permission, a
+    database it does not have)."""
+    if isinstance(exc, _FOR_NOW):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith("BUSY ")

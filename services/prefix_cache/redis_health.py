@@ -10,8 +10,12 @@ call that finds Redis failing makes the next PING at once rather than at its tur
 sets the health: a call that succeeds may not have needed Redis (a Plan of a self-hosted row),
 and one that fails may be Redis's answer (OOM) rather than its absence.
 
-At start-up, a Redis that refuses the service (a wrong password, no permission) is a
-``ConfigError``; one that does not answer leaves it NOT_SERVING, with a WARNING, until it does.
+At start-up, a Redis that refuses the service (a wrong password, no permission, a database it
+does not have) is a ``ConfigError``; one that does not answer, or answers with a state of its
+own for now (LOADING, BUSY, MASTERDOWN, TRYAGAIN: ``refused_for_now``), leaves it NOT_SERVING,
+with a WARNING, until it answers. Before, MASTERDOWN (a replica with
+``replica-serve-stale-data no`` whose master is gone), BUSY and TRYAGAIN stopped the start-up
+(exit 2 at every restart for as long as they lasted), where a running service waits them out.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from services.common.env import ConfigError, redacted_url
+from services.common.redis_pool import refused_for_now
 
 log = logging.getLogger("cachemesh.prefix_cache")
 
@@ -51,11 +56,15 @@ class RedisHealth:
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        """The start-up's PING: a refusal stops the service (``ConfigError``), no answer
-        leaves it NOT_SERVING until a PING is answered (``run``)."""
+        """The start-up's PING: a refusal of the service stops it (``ConfigError``); no
+        answer, or a refusal for now (``refused_for_now``), leaves it NOT_SERVING until a PING
+        is answered (``run``)."""
         try:
             await self._ping()
         except (AuthenticationError, AuthorizationError, ResponseError) as exc:
+            if refused_for_now(exc):
+                await self._down(exc)
+                return
             raise ConfigError(f"{REDIS_URL}: Redis at {self._where} refused ({exc})") from None
         except (RedisError, OSError, TimeoutError) as exc:
             await self._down(exc)
@@ -96,9 +105,9 @@ class RedisHealth:
             exc = TimeoutError(f"no answer within {self._timeout_s:g} s")
         self._answering = False
         log.warning(
-            "%s: Redis at %s does not answer (%s: %s): NOT_SERVING until it does; Plan, "
-            "Commit and Totals fail UNAVAILABLE meanwhile (the router serves at its estimate "
-            "and replays the bills)",
+            "%s: Redis at %s does not answer or cannot serve now (%s: %s): NOT_SERVING until it "
+            "does; Plan, Commit and Totals fail UNAVAILABLE meanwhile (the router serves at its "
+            "estimate and replays the bills)",
             REDIS_URL,
             self._where,
             type(exc).__name__,
