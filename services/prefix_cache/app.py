@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from cachemesh.v1 import prefix_cache_pb2, prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
+from services.common.background import TASKS_END_S, cancel_within
 from services.common.clock import SystemClock
 from services.common.env import Env
 from services.common.logs import configure_logging
@@ -66,16 +67,16 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def warmup() -> None:
         if watch is not None:  # a refusal stops the start-up; no answer: NOT_SERVING meanwhile
             await watch.start()
-            background.append(asyncio.ensure_future(watch.run()))
+            background.append(asyncio.create_task(watch.run(), name="redis-health"))
         # every vocabulary a row of the table names, each once (o200k_base: ~0.3 s, ~75 MB)
         tokenizer.set(await asyncio.to_thread(load_tokenizers, table.models.values()))
         if metrics.warm_prefixes is not None:
-            background.append(asyncio.ensure_future(_count_warm(core, metrics.warm_prefixes)))
+            gauge = _count_warm(core, metrics.warm_prefixes)
+            background.append(asyncio.create_task(gauge, name="warm-prefix-gauge"))
 
     async def close() -> None:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        # bounded: a task that took its cancel and kept running held the stop forever
+        await cancel_within(background, TASKS_END_S, "prefix-cache stop")
         for client in clients:
             await client.aclose()
 

@@ -1,0 +1,42 @@
+"""A service's background tasks ended at its stop, within a bound: each is cancelled, and the
+stop waits for them at most ``bound_s``. One that takes its cancel and keeps running (a loop
+that catches ``CancelledError``, a call that shields itself) is abandoned, named in one ERROR
+line, so a stop always ends; waiting with no bound, such a task held the stop forever."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+log = logging.getLogger("cachemesh.server")
+
+# how long a stop waits for its cancelled background tasks: a task that honours its cancel
+# ends at its next await, so this only ever delays a stop for one that does not
+TASKS_END_S = 1.0
+
+
+async def cancel_within(
+    tasks: Sequence[asyncio.Task[None]], bound_s: float, what: str
+) -> list[asyncio.Task[None]]:
+    """Cancels ``tasks`` and waits at most ``bound_s`` for them to end; returns those still
+    running then (abandoned: left to the event loop's close). ``what``: the stop, for the
+    log. A task that had failed is logged with its error (its error is not the stop's)."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return []
+    done, running = await asyncio.wait(tasks, timeout=bound_s)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: task %s had failed: %s", what, task.get_name(), task.exception())
+    left = [task for task in tasks if task in running]
+    if left:
+        log.error(
+            "%s: %d background task(s) still running %.1f s after their cancel, abandoned: %s",
+            what,
+            len(left),
+            bound_s,
+            ", ".join(task.get_name() for task in left),
+        )
+    return left
