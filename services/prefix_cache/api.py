@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from opentelemetry import trace
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
@@ -39,6 +39,14 @@ _CODES: tuple[tuple[type[Exception], Code], ...] = (
 _POOL_BUSY = (
     "prefix-cache's Redis connections were all busy (PREFIX_CACHE_REDIS_MAX_CONNECTIONS): "
     "retry; raise that bound if this lasts"
+)
+
+
+# a Redis at its maxmemory under noeviction answers PING and reads but refuses every write:
+# retryable (the router keeps the bill and replays it), and the fix is the operator's
+_OUT_OF_MEMORY = (
+    "prefix-cache's Redis is out of memory (maxmemory reached under noeviction): nothing was "
+    "recorded; retry later. Raise its maxmemory (CONFIG SET maxmemory) or free memory in it"
 )
 
 
@@ -198,8 +206,10 @@ class PrefixCacheApi:
             if pool_exhausted(exc):  # Redis may well answer: retryable, not its health's
                 self._pool_busy()
                 raise RequestError(Code.UNAVAILABLE, _POOL_BUSY) from exc
+            self._redis_failed()  # its health checks at once (a write refused: NOT_SERVING)
+            if isinstance(exc, OutOfMemoryError):
+                raise RequestError(Code.UNAVAILABLE, _OUT_OF_MEMORY) from exc
             # its store is down (restarting): retryable, no detail leaked
-            self._redis_failed()
             raise RequestError(
                 Code.UNAVAILABLE, f"prefix-cache's Redis is unreachable ({type(exc).__name__})"
             ) from exc

@@ -6,9 +6,17 @@ the bills) instead of SERVING calls that all fail; SERVING again as soon as it a
 A PING every ``PING_EVERY_S`` decides, waited for at most ``timeout_s`` (a Redis that hangs
 counts as down), over a connection of its own (``own_connection_redis``): over one of the
 calls' pool, a pool whose connections were all busy read as a Redis that does not answer. A
-call that finds Redis failing makes the next PING at once rather than at its turn. Only a PING
-sets the health: a call that succeeds may not have needed Redis (a Plan of a self-hosted row),
-and one that fails may be Redis's answer (OOM) rather than its absence.
+call that finds Redis failing makes the next PING at once rather than at its turn. Only the
+check sets the health: a call that succeeds may not have needed Redis (a Plan of a self-hosted
+row), and one that fails may have failed for itself.
+
+Each PING is followed by a write that changes nothing (``SET`` of ``WRITE_PROBE_KEY`` with
+``XX``: that key never exists): a Redis out of memory (``maxmemory`` reached under
+``noeviction``) still answers PING and reads but refuses every write, so every WARM and FINAL
+commit failed while the service read SERVING (the router's bill replays sent for nothing).
+Refused OOM, the service is NOT_SERVING (one WARNING saying what to do) until Redis takes a
+write again. Any other refusal of that write (no permission for SET under an ACL, READONLY)
+is left to the PING: the commits name it.
 
 At start-up, a Redis that refuses the service (a wrong password, no permission, a database it
 does not have) is a ``ConfigError``; one that does not answer, or answers with a state of its
@@ -26,7 +34,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
-from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    OutOfMemoryError,
+    RedisError,
+    ResponseError,
+)
 
 from services.common.env import ConfigError, redacted_url
 from services.common.redis_pool import refused_for_now
@@ -35,6 +49,8 @@ log = logging.getLogger("cachemesh.prefix_cache")
 
 REDIS_URL = "PREFIX_CACHE_REDIS_URL"
 PING_EVERY_S = 2.0  # how often the Redis is PINGed for the service's health
+# set only if it exists, which it never does: refused when Redis is out of memory, else a no-op
+WRITE_PROBE_KEY = "cachemesh:health:write-probe"
 
 
 class RedisHealth:
@@ -53,6 +69,7 @@ class RedisHealth:
         self._set_health = set_health
         self._timeout_s = timeout_s
         self._answering: bool | None = None  # unknown until the first PING
+        self._full = False  # its last NOT_SERVING was for a write refused out of memory
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
@@ -95,25 +112,48 @@ class RedisHealth:
             await self.check()
 
     async def _ping(self) -> None:
+        """A PING, then a write that changes nothing (``WRITE_PROBE_KEY``); raises what Redis
+        answered, but for a refusal of the write other than out of memory."""
         async with asyncio.timeout(self._timeout_s):
             await self._redis.ping()
+            try:
+                await self._redis.set(WRITE_PROBE_KEY, b"", xx=True)
+            except OutOfMemoryError:
+                raise
+            except ResponseError:  # NOPERM, READONLY: not this check's to say
+                pass
 
     async def _down(self, exc: BaseException) -> None:
-        if self._answering is False:
+        """NOT_SERVING, said once a cause: Redis not answering, or out of memory."""
+        full = isinstance(exc, OutOfMemoryError)
+        was = self._answering
+        if was is False and self._full == full:
             return
-        if isinstance(exc, TimeoutError):  # asyncio's, with no message
-            exc = TimeoutError(f"no answer within {self._timeout_s:g} s")
-        self._answering = False
-        log.warning(
-            "%s: Redis at %s does not answer or cannot serve now (%s: %s): NOT_SERVING until it "
-            "does; Plan, Commit and Totals fail UNAVAILABLE meanwhile (the router serves at its "
-            "estimate and replays the bills)",
-            REDIS_URL,
-            self._where,
-            type(exc).__name__,
-            exc,
-        )
-        await self._set_health(False)
+        self._answering, self._full = False, full
+        if full:
+            log.warning(
+                "%s: Redis at %s is out of memory (maxmemory reached under noeviction: %s): "
+                "NOT_SERVING until it takes a write again; every WARM and FINAL commit fails "
+                "UNAVAILABLE meanwhile (the router serves at its estimate and replays the "
+                "bills). Raise its maxmemory (CONFIG SET maxmemory) or free memory in it",
+                REDIS_URL,
+                self._where,
+                exc,
+            )
+        else:
+            if isinstance(exc, TimeoutError):  # asyncio's, with no message
+                exc = TimeoutError(f"no answer within {self._timeout_s:g} s")
+            log.warning(
+                "%s: Redis at %s does not answer or cannot serve now (%s: %s): NOT_SERVING "
+                "until it does; Plan, Commit and Totals fail UNAVAILABLE meanwhile (the router "
+                "serves at its estimate and replays the bills)",
+                REDIS_URL,
+                self._where,
+                type(exc).__name__,
+                exc,
+            )
+        if was is not False:
+            await self._set_health(False)
 
     async def _up(self) -> None:
         if self._answering is True:
