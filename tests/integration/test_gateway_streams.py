@@ -71,6 +71,10 @@ async def _third_waits_for_a_slot(address: str, key: str) -> list[str]:
     options = cachemesh.channel_options(max_attempts=1)
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
+        # one call answered first: the server's SETTINGS (its stream limit) reach the client
+        # before the streams below open; on a new connection a client that has not read them
+        # yet opens all three (HTTP/2's initial limit is none), as a loaded machine showed
+        await stub.Complete(_request("sim-large"), metadata=metadata, timeout=60)
         held = [
             stub.StreamComplete(_request("sim-small"), metadata=metadata, timeout=120)
             for _ in range(STREAM_LIMIT)

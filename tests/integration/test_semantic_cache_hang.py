@@ -1,8 +1,8 @@
 """A hung semantic-cache on real processes: its own supervised stack, semantic-cache stopped with
 SIGSTOP (as a stuck loop or a host under swap answers nothing until each call's deadline).
-Every request paid its whole Lookup deadline (ROUTER_SEMANTIC_TIMEOUT_S, 2 s) before the
-model answered, for as long as L1 stayed hung. Now, after 3 Lookups in a row timed out, the
-router sends none for ROUTER_SEMANTIC_BREAKER_S: the model answers, and the request's trace
+Every request paid its whole Lookup deadline (ROUTER_SEMANTIC_TIMEOUT_S, 2 s by default)
+before the model answered, for as long as L1 stayed hung. Now, after 3 Lookups in a row timed
+out, the router sends none for ROUTER_SEMANTIC_BREAKER_S: the model answers, and the request's trace
 shows the Lookup skipped (a degradation saying why, no Lookup span), not timed out.
 
 Nothing is timed: the trace's spans and the router's counters tell which Lookups were sent."""
@@ -25,7 +25,13 @@ from tests.integration.harness import started_stack, stoppable
 
 pytestmark = pytest.mark.integration
 
-DEADLINE_S = 10.0  # the client's: each Lookup gets the whole ROUTER_SEMANTIC_TIMEOUT_S (2 s)
+DEADLINE_S = 10.0  # the client's: each Lookup gets the whole ROUTER_SEMANTIC_TIMEOUT_S
+# Short, so that the timeouts and the skips all come within 5 s of the stop: the router's
+# channel pings an idle peer every 10 s and gives it up 5 s after an unanswered ping
+# (services/common/channels.py), after which Lookups fail at once (UNAVAILABLE, which never
+# counts toward the breaker) instead of timing out; at 2 s each, a ping soon after the stop
+# turned the third Lookup into an UNAVAILABLE on a loaded machine.
+LOOKUP_TIMEOUT_S = 0.75
 TIMED_OUT = 3  # breaker.BREAKER_AFTER: the Lookups that time out before L1 is left alone
 SKIPPED = 3  # the requests after them
 DEADLINE_EXCEEDED = 4  # rpc.grpc.status_code
@@ -89,7 +95,11 @@ def _router_lookups(address: str) -> dict[str, float]:
 def test_a_hung_semantic_cache_is_left_alone_after_lookups_timed_out(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # open longer than the test: no request tries L1 again while it is stopped
-    with started_stack(run_dir, {"ROUTER_SEMANTIC_BREAKER_S": "600"}) as (stack, sink):
+    settings = {
+        "ROUTER_SEMANTIC_BREAKER_S": "600",
+        "ROUTER_SEMANTIC_TIMEOUT_S": str(LOOKUP_TIMEOUT_S),
+    }
+    with started_stack(run_dir, settings) as (stack, sink):
         stopped = stoppable(stack, run_dir, "semantic-cache", DEADLINE_S)
         metrics = stack.metrics_addresses["router"]
         tag = uuid.uuid4().hex[:8]
