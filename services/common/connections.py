@@ -57,7 +57,7 @@ class ConnectionPolicy:
                 maximum=C_INT_MAX,
             ),
             keepalive_time_s=_seconds(env, f"{prefix}_KEEPALIVE_TIME_S", DEFAULT_KEEPALIVE_TIME_S),
-            keepalive_timeout_s=env.float(
+            keepalive_timeout_s=env.seconds(
                 f"{prefix}_KEEPALIVE_TIMEOUT_S",
                 DEFAULT_KEEPALIVE_TIMEOUT_S,
                 minimum=0.001,
@@ -97,7 +97,7 @@ class ConnectionPolicy:
 
 
 def _seconds(env: Env, name: str, default: float) -> float:
-    return env.float(name, default, minimum=0.0, maximum=MOST_S)
+    return env.seconds(name, default, minimum=0.0, maximum=MOST_S)
 
 
 def _ms(seconds: float) -> int:

@@ -18,6 +18,13 @@ from urllib.parse import urlsplit
 # as one may be (past it they raise OverflowError, naming no variable).
 C_INT_MAX = 2**31 - 1
 
+# The longest duration (a timeout, a TTL, an interval) a setting may give: ten years, beyond
+# any use. Past ~7.4e9 s gRPC's deadline (int64 nanoseconds from its clock) overflows and
+# every call fails at once with DEADLINE_EXCEEDED or UNAVAILABLE, and a Redis TTL in
+# milliseconds is refused ("value is not an integer or out of range"): the value was taken at
+# start-up and broke every call later.
+MAX_DURATION_S = 10 * 365 * 86_400
+
 
 class ConfigError(ValueError):
     """A configuration variable is missing or malformed."""
@@ -86,6 +93,34 @@ class Env:
         _check_range(name, result, minimum, maximum)
         return result
 
+    def seconds(
+        self,
+        name: builtins.str,
+        default: builtins.float,
+        *,
+        minimum: builtins.float | None = 0.0,
+        maximum: builtins.float = MAX_DURATION_S,
+    ) -> builtins.float:
+        """A duration in seconds (a timeout, a TTL, an interval): finite, at least
+        ``minimum`` (``None``: the caller checks it, with a reason of its own), at most
+        ``maximum`` (by default ``MAX_DURATION_S``, ten years)."""
+        value = self.float(name, default, minimum=minimum)
+        _check_duration(name, value, maximum)
+        return value
+
+    def whole_seconds(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = 0,
+        maximum: builtins.int = MAX_DURATION_S,
+    ) -> builtins.int:
+        """``seconds`` for a duration given in whole seconds."""
+        value = self.int(name, default, minimum=minimum)
+        _check_duration(name, value, maximum)
+        return value
+
     def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._raw(name)
         if value is None:
@@ -107,6 +142,13 @@ class Env:
 
     def path(self, name: builtins.str, default: builtins.str | None = None) -> Path:
         return Path(self.str(name, default))
+
+
+def _check_duration(name: builtins.str, value: builtins.float, maximum: builtins.float) -> None:
+    if value > maximum:
+        most = f"{maximum:.0f}" if maximum == int(maximum) else f"{maximum:g}"
+        years = " (10 years)" if maximum == MAX_DURATION_S else ""
+        raise ConfigError(f"{name} must be at most {most} seconds{years}, got {value:g}")
 
 
 def _check_range(

@@ -72,7 +72,7 @@ class ServerSettings:
     def from_env(cls, env: Env, prefix: str, default_listen: str) -> ServerSettings:
         return cls(
             listen=env.address(f"{prefix}_LISTEN", default_listen),
-            grace_s=env.float("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
+            grace_s=env.seconds("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
             max_message_bytes=max_message_bytes(env),
             listen_name=f"{prefix}_LISTEN",
         )

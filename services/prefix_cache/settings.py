@@ -46,13 +46,14 @@ class PrefixCacheSettings:
             replica_capacity_blocks=env.int(
                 "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS", 65536, minimum=1
             ),
-            plan_ttl_s=env.int("PREFIX_CACHE_PLAN_TTL_S", 600, minimum=0),
+            plan_ttl_s=env.whole_seconds("PREFIX_CACHE_PLAN_TTL_S", 600),
             plan_memo_blocks=env.int("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000, minimum=0),
         )
 
 
 def _record_ttl_s(env: Env) -> int:
-    ttl_s = env.int("PREFIX_CACHE_RECORD_TTL_S", 86400)
+    # at most MAX_DURATION_S: Redis refused a longer one's milliseconds at every WARM commit
+    ttl_s = env.whole_seconds("PREFIX_CACHE_RECORD_TTL_S", 86400, minimum=None)
     if ttl_s < MIN_RECORD_TTL_S:
         raise ConfigError(
             f"PREFIX_CACHE_RECORD_TTL_S must be >= {MIN_RECORD_TTL_S} (an hour), got {ttl_s}: "

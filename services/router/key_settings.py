@@ -26,7 +26,7 @@ class KeyStoreSettings:
         seed = env.optional_str("CACHEMESH_API_KEYS_SEED_FILE")
         return cls(
             path=env.path("CACHEMESH_API_KEYS_FILE"),
-            poll_s=env.float("CACHEMESH_API_KEYS_POLL_S", 0.25, minimum=0.0, maximum=1.0),
+            poll_s=env.seconds("CACHEMESH_API_KEYS_POLL_S", 0.25, minimum=0.0, maximum=1.0),
             seed=Path(seed) if seed is not None else None,
         )
 

@@ -89,13 +89,13 @@ class RouterSettings:
             replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),
             keys=KeyStoreSettings.from_env(env),
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
-            semantic_timeout_s=env.float("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
-            semantic_lease_wait_s=env.float("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
-            semantic_breaker_s=env.float("ROUTER_SEMANTIC_BREAKER_S", 5.0, minimum=0.0),
-            prefix_timeout_s=env.float("ROUTER_PREFIX_TIMEOUT_S", 2.0, minimum=0.001),
-            prefix_breaker_s=env.float("ROUTER_PREFIX_BREAKER_S", 5.0, minimum=0.0),
-            model_timeout_s=env.float("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
-            idempotency_ttl_s=env.float("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
+            semantic_timeout_s=env.seconds("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
+            semantic_lease_wait_s=env.seconds("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
+            semantic_breaker_s=env.seconds("ROUTER_SEMANTIC_BREAKER_S", 5.0, minimum=0.0),
+            prefix_timeout_s=env.seconds("ROUTER_PREFIX_TIMEOUT_S", 2.0, minimum=0.001),
+            prefix_breaker_s=env.seconds("ROUTER_PREFIX_BREAKER_S", 5.0, minimum=0.0),
+            model_timeout_s=env.seconds("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
+            idempotency_ttl_s=env.seconds("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
             idempotency_max_bytes=idempotency_max_bytes(env),
             choice=choice_from_env(env),
@@ -110,16 +110,16 @@ class RouterSettings:
             tier_thresholds=parse_tier_thresholds(env, table),
             write_amortize_turns=env.int("ROUTER_WRITE_AMORTIZE_TURNS", 0, minimum=0),
             data_dir=Path(data_dir) if (data_dir := env.optional_str("ROUTER_DATA_DIR")) else None,
-            outbox_retry_s=env.float("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
-            journal_sync_s=env.float("ROUTER_JOURNAL_SYNC_S", 1.0, minimum=0.0),
+            outbox_retry_s=env.seconds("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
+            journal_sync_s=env.seconds("ROUTER_JOURNAL_SYNC_S", 1.0, minimum=0.0),
             outbox_max_bytes=env.int("ROUTER_OUTBOX_MAX_BYTES", 256 * 1024 * 1024, minimum=0),
-            semantic_store_timeout_s=env.float(
+            semantic_store_timeout_s=env.seconds(
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
             ),
             answers_redis_url=env.optional_str("ROUTER_ANSWERS_REDIS_URL"),
             admin=admin_credential_from_env(env),
-            admin_timeout_s=env.float("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
-            mid_answer_stall_s=env.float("ROUTER_MID_ANSWER_STALL_S", 10.0, minimum=0.0),
+            admin_timeout_s=env.seconds("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
+            mid_answer_stall_s=env.seconds("ROUTER_MID_ANSWER_STALL_S", 10.0, minimum=0.0),
         )
 
 
@@ -178,7 +178,7 @@ def choice_from_env(env: Env) -> ChoiceSettings:
         ),
         ttft=TtftPolicy(
             tie_fraction=env.float("ROUTER_TTFT_TIE_FRACTION", 0.0, minimum=0.0),
-            tie_floor_s=env.float("ROUTER_TTFT_TIE_FLOOR_S", 0.02, minimum=0.0),
+            tie_floor_s=env.seconds("ROUTER_TTFT_TIE_FLOOR_S", 0.02, minimum=0.0),
             prior_prefill_tps=env.float("ROUTER_TTFT_PRIOR_PREFILL_TPS", 10_000.0, minimum=1.0),
             work_weight=env.float("ROUTER_TTFT_WORK_WEIGHT", 1.0, minimum=0.0),
             # each replica's KV cache (the engines'): unset, no eviction model
@@ -193,8 +193,8 @@ def choice_from_env(env: Env) -> ChoiceSettings:
 
 
 def ejection_from_env(env: Env) -> EjectionPolicy:
-    base_s = env.float("ROUTER_EJECT_BASE_S", 5.0, minimum=0.001)
-    max_s = env.float("ROUTER_EJECT_MAX_S", 300.0, minimum=0.001)
+    base_s = env.seconds("ROUTER_EJECT_BASE_S", 5.0, minimum=0.001)
+    max_s = env.seconds("ROUTER_EJECT_MAX_S", 300.0, minimum=0.001)
     if max_s < base_s:
         raise ConfigError(
             f"ROUTER_EJECT_MAX_S ({max_s:g}) must be at least ROUTER_EJECT_BASE_S ({base_s:g}): "

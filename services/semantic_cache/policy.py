@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from services.common.env import ConfigError, Env
+from services.common.env import MAX_DURATION_S, ConfigError, Env
 
 NAMESPACE_TTL = "SEMANTIC_CACHE_NAMESPACE_TTL_S"
 TOOL_USE_NAMESPACES = "SEMANTIC_CACHE_TOOL_USE_NAMESPACES"
@@ -37,7 +37,7 @@ _PRESENT = re.compile(
     re.IGNORECASE,
 )
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
-MAX_TTL_S = 10 * 365 * 86_400.0  # ten years: a TTL beyond any use, well within int64 ms
+MAX_TTL_S = float(MAX_DURATION_S)  # ten years: a TTL beyond any use, well within int64 ms
 
 
 def present_time(turn: str) -> str:

@@ -48,7 +48,7 @@ class SemanticCacheSettings:
     @classmethod
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheSettings:
         """``shipped`` (the calibrated operating point) gives the defaults of the first three."""
-        ttl_s = env.float("SEMANTIC_CACHE_TTL_S", 86_400.0)
+        ttl_s = env.float("SEMANTIC_CACHE_TTL_S", 86_400.0)  # valid_ttl: at most MAX_TTL_S
         if not valid_ttl(ttl_s):
             raise ConfigError(
                 f"SEMANTIC_CACHE_TTL_S must be > 0 and at most {MAX_TTL_S:.0f} seconds "
@@ -77,10 +77,10 @@ class SemanticCacheSettings:
                 "SEMANTIC_CACHE_ORT_SOLO_THREADS", 0, minimum=0, maximum=MAX_THREADS
             ),
             data_dir=Path(data_dir) if (data_dir := env.optional_str(DATA_DIR)) else None,
-            snapshot_s=env.float("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
+            snapshot_s=env.seconds("SEMANTIC_CACHE_SNAPSHOT_S", 60.0, minimum=0.0),
             policy=NamespacePolicy.from_env(env, ttl_s),
             lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
-            lease_wait_s=env.float("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
+            lease_wait_s=env.seconds("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
             embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
             embed_max_queue=max_queue,
             embed_max_queue_per_tenant=_embed_max_queue_per_tenant(env, max_queue),
@@ -127,7 +127,7 @@ def _ann_min_entries(env: Env) -> int:
 
 
 def _positive(env: Env, name: str, default: float) -> float:
-    value = env.float(name, default)
+    value = env.seconds(name, default, minimum=None)
     if value <= 0:
         raise ConfigError(f"{name} must be > 0 seconds, got {value}")
     return value

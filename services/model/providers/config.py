@@ -72,9 +72,9 @@ class ProviderSettings:
             base_url=base_url,
             api_key=key,
             max_retries=env.int("PROVIDER_MAX_RETRIES", 2, minimum=0, maximum=10),
-            backoff_s=env.float("PROVIDER_BACKOFF_S", 0.5, minimum=0.0),
-            backoff_max_s=env.float("PROVIDER_BACKOFF_MAX_S", 8.0, minimum=0.0),
-            auth_recheck_s=env.float("PROVIDER_AUTH_RECHECK_S", 60.0, minimum=0.0),
+            backoff_s=env.seconds("PROVIDER_BACKOFF_S", 0.5, minimum=0.0),
+            backoff_max_s=env.seconds("PROVIDER_BACKOFF_MAX_S", 8.0, minimum=0.0),
+            auth_recheck_s=env.seconds("PROVIDER_AUTH_RECHECK_S", 60.0, minimum=0.0),
             upstream_ids=parse_upstream_ids(env.str("MODEL_UPSTREAM_IDS", "")),
         )
 

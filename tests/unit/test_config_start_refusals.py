@@ -1,0 +1,72 @@
+"""Settings a review found taken at start-up though they broke every call later: a duration
+past what gRPC's deadlines and Redis's TTLs hold, an address gRPC can never dial. Each is
+refused at start-up with one line naming the variable and what it takes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cachemesh.envfile import read_env_file
+from services.common.env import MAX_DURATION_S, ConfigError, Env
+from services.common.models import model_table_from_env
+from services.http_front.settings import HttpFrontSettings
+from services.prefix_cache.settings import PrefixCacheSettings
+from services.router.settings import RouterSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRETS = {"CACHEMESH_INTERNAL_TOKEN": "t" * 32, "CACHEMESH_API_KEYS_FILE": "/dev/null"}
+SHIPPED = {**read_env_file(ROOT / ".env"), **SECRETS}
+
+
+def _router(**changes: str) -> RouterSettings:
+    env = Env({**SHIPPED, **changes})
+    return RouterSettings.from_env(env, model_table_from_env(env))
+
+
+def _refused(build: object, variable: str, value: str) -> str:
+    assert callable(build)
+    with pytest.raises(ConfigError) as caught:
+        build(**{variable: value})
+    message = str(caught.value)
+    assert variable in message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("ROUTER_MODEL_TIMEOUT_S", "1e10"),  # gRPC's deadline overflowed: UNAVAILABLE at once
+        ("ROUTER_SEMANTIC_TIMEOUT_S", "99999999999999999999999"),
+        ("ROUTER_IDEMPOTENCY_TTL_S", "1e300"),
+        ("CACHEMESH_GRACE_S", "1e300"),
+        ("ROUTER_EJECT_MAX_S", "1e12"),
+    ],
+)
+def test_a_router_duration_past_ten_years_is_refused(variable: str, value: str) -> None:
+    message = _refused(_router, variable, value)
+    assert f"at most {MAX_DURATION_S}" in message and "10 years" in message
+
+
+def test_the_http_fronts_gateway_timeout_past_ten_years_is_refused() -> None:
+    """HTTP_FRONT_GATEWAY_TIMEOUT_S=1e10 answered every request 504 in 7 ms."""
+
+    def build(**changes: str) -> HttpFrontSettings:
+        return HttpFrontSettings.from_env({**SHIPPED, **changes})
+
+    assert "at most" in _refused(build, "HTTP_FRONT_GATEWAY_TIMEOUT_S", "1e10")
+    assert build(HTTP_FRONT_GATEWAY_TIMEOUT_S=str(MAX_DURATION_S)).gateway_timeout_s > 0
+
+
+def test_a_prefix_record_ttl_redis_refuses_is_refused() -> None:
+    """PREFIX_CACHE_RECORD_TTL_S=99999999999999 was taken and every WARM commit then failed
+    in Redis ("value is not an integer or out of range"): nothing billed."""
+
+    def build(**changes: str) -> PrefixCacheSettings:
+        return PrefixCacheSettings.from_env(Env({**SHIPPED, **changes}))
+
+    assert "at most" in _refused(build, "PREFIX_CACHE_RECORD_TTL_S", "99999999999999")
+    assert "at most" in _refused(build, "PREFIX_CACHE_PLAN_TTL_S", "99999999999999")
+    assert build(PREFIX_CACHE_RECORD_TTL_S=str(MAX_DURATION_S)).record_ttl_s == MAX_DURATION_S
+    assert ">= 3600" in _refused(build, "PREFIX_CACHE_RECORD_TTL_S", "60")  # its own floor
