@@ -133,15 +133,36 @@ class Env:
         raise ConfigError(f"{name} must be true or false, got {value!r}")
 
     def address(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str:
-        """A ``host:port`` address; the port must be 0-65535."""
+        """A ``host:port`` address (``[v6]:port`` for an IPv6 host); the port 0-65535."""
         value = self.str(name, default)
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError(f"{name} must be host:port, got {value!r}")
+        wrong = address_error(value)
+        if wrong:
+            raise ConfigError(
+                f"{name} must be host:port (e.g. 127.0.0.1:50051, [::1]:50051), got "
+                f"{value[:80]!r}: {wrong}"
+            )
         return value
 
     def path(self, name: builtins.str, default: builtins.str | None = None) -> Path:
         return Path(self.str(name, default))
+
+
+def address_error(value: builtins.str) -> builtins.str:
+    """What is wrong with ``value`` as a gRPC ``host:port`` address ("" = nothing): gRPC takes
+    a scheme or a space as part of the host name, so such an address passed every check, the
+    service reported SERVING and never connected."""
+    if "://" in value:
+        return "no scheme (http://, grpc://): gRPC dials host:port itself"
+    if any(c.isspace() for c in value):
+        return "it holds whitespace"
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        return "no host:port"
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        return f"the port must be 0-65535 in ASCII digits, got {port[:16]!r}"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return "an IPv6 host goes in brackets, [::1]:port"
+    return ""
 
 
 def _check_duration(name: builtins.str, value: builtins.float, maximum: builtins.float) -> None:

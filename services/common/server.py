@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.channels import server_options
 from services.common.connections import ConnectionPolicy
-from services.common.env import C_INT_MAX, ConfigError, Env
+from services.common.env import C_INT_MAX, ConfigError, Env, address_error
 from services.common.heap import freeze_startup_heap
 from services.common.metrics import MetricsEndpoint
 from services.common.tls import ServerTls
@@ -199,6 +199,12 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     for name in ("", *spec.service_names):
         await health_servicer.set(name, not_serving)
     tls = spec.settings.tls
+    wrong = address_error(spec.settings.listen)
+    if wrong:  # its form, before a bind failure is blamed on the port or the machine
+        raise ConfigError(
+            f"{spec.settings.listen_name}={spec.settings.listen[:80]!r}: {spec.name} cannot "
+            f"listen there: it must be host:port (e.g. 127.0.0.1:50051, [::]:50051): {wrong}"
+        )
     try:
         if tls is not None:
             port = server.add_secure_port(spec.settings.listen, tls.grpc_credentials())

@@ -110,6 +110,20 @@ async def test_a_port_in_use_is_a_configuration_error_naming_the_variable() -> N
             await run_service(dataclasses.replace(spec, settings=named), asyncio.Event())
 
 
+@pytest.mark.parametrize(
+    ("listen", "why"),
+    [("a b:80", "whitespace"), ("http://127.0.0.1:80", "no scheme"), ("::1:80", "brackets")],
+)
+async def test_a_malformed_listen_address_says_what_is_wrong_with_it(listen: str, why: str) -> None:
+    # it was blamed on "the port is in use, or the address is not this machine's"
+    spec = _spec(0, None)
+    named = dataclasses.replace(spec.settings, listen=listen, listen_name="ROUTER_LISTEN")
+    with pytest.raises(ConfigError) as caught:
+        await run_service(dataclasses.replace(spec, settings=named), asyncio.Event())
+    assert str(caught.value).startswith(f"ROUTER_LISTEN={listen!r}: test cannot listen there")
+    assert why in str(caught.value) and "in use" not in str(caught.value)
+
+
 async def test_a_port_another_grpc_server_holds_is_a_configuration_error() -> None:
     # grpcio sets SO_REUSEPORT by default: a second replica on the same MODEL_LISTEN (or a
     # typo giving two services one address) listened beside the first, the kernel splitting

@@ -70,3 +70,37 @@ def test_a_prefix_record_ttl_redis_refuses_is_refused() -> None:
     assert "at most" in _refused(build, "PREFIX_CACHE_PLAN_TTL_S", "99999999999999")
     assert build(PREFIX_CACHE_RECORD_TTL_S=str(MAX_DURATION_S)).record_ttl_s == MAX_DURATION_S
     assert ">= 3600" in _refused(build, "PREFIX_CACHE_RECORD_TTL_S", "60")  # its own floor
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("http://127.0.0.1:61751", "no scheme"),
+        ("a b:80", "whitespace"),
+        ("h:²", "ASCII digits"),  # str.isdigit() took it, int() then raised a traceback
+        ("h:٨٠", "ASCII digits"),
+        ("::1:80", "brackets"),
+        ("h:99999", "0-65535"),
+    ],
+)
+@pytest.mark.parametrize("variable", ["SEMANTIC_CACHE_ADDR", "PREFIX_CACHE_ADDR", "ROUTER_LISTEN"])
+def test_an_address_grpc_cannot_dial_is_refused(variable: str, value: str, why: str) -> None:
+    message = _refused(_router, variable, value)
+    assert "host:port" in message and why in message
+
+
+def test_a_model_replica_address_grpc_cannot_dial_is_refused() -> None:
+    message = _refused(
+        _router, "MODEL_REPLICAS", "sim-small=127.0.0.1:50054,sim-large=http://127.0.0.1:50055"
+    )
+    assert "host:port" in message and "no scheme" in message
+
+
+def test_addresses_of_every_valid_form_are_taken() -> None:
+    settings = _router(
+        SEMANTIC_CACHE_ADDR="[::1]:50052",
+        PREFIX_CACHE_ADDR="localhost:50053",
+        ROUTER_LISTEN="0.0.0.0:0",
+    )
+    assert settings.semantic_cache_addr == "[::1]:50052"
+    assert settings.prefix_cache_addr == "localhost:50053"
