@@ -427,10 +427,20 @@ def model_table_from_env(env: Env) -> ModelTable:
 PRIOR_VARIABLE = "CACHEMESH_PRIOR_PREFILL_TPS"
 
 
+def _once(variable: str, model_id: str, seen: set[str]) -> None:
+    """A model named twice in one of these variables is refused (as CACHEMESH_MAX_OUTPUT_TOKENS
+    does): the last one won, or, for prices, the second applied to the first's result and
+    they compounded (a cache read billed 0 instead of 300)."""
+    if model_id in seen:
+        raise ConfigError(f"{variable}: {model_id[:64]!r} is named twice")
+    seen.add(model_id)
+
+
 def with_prior_prefill(table: ModelTable, value: str) -> ModelTable:
     """``model=tokens_per_s,...``: each row's ``prior_prefill_tokens_per_s`` (the operator
     knows how fast their engine prefills before the router has measured it)."""
     models = dict(table.models)
+    seen: set[str] = set()
     for item in value.split(","):
         model_id, sep, figure = item.strip().partition("=")
         try:
@@ -445,6 +455,7 @@ def with_prior_prefill(table: ModelTable, value: str) -> ModelTable:
         spec = models.get(model_id)
         if spec is None:
             raise ConfigError(f"{PRIOR_VARIABLE}: {model_id[:64]!r} is not in the model table")
+        _once(PRIOR_VARIABLE, model_id, seen)
         try:
             models[model_id] = ModelSpec.model_validate(
                 {
@@ -465,6 +476,7 @@ def with_context_windows(table: ModelTable, value: str) -> ModelTable:
     """``model=tokens,...``: each row's ``context_window_tokens`` (a self-hosted engine's is
     the context it was started with, which ``auto`` must not exceed)."""
     models = dict(table.models)
+    seen: set[str] = set()
     for item in value.split(","):
         model_id, sep, figure = (part.strip() for part in item.partition("="))
         if not sep or not (figure.isascii() and figure.isdigit()) or int(figure) < 1:
@@ -475,6 +487,7 @@ def with_context_windows(table: ModelTable, value: str) -> ModelTable:
         spec = models.get(model_id)
         if spec is None:
             raise ConfigError(f"{WINDOW_VARIABLE}: {model_id[:64]!r} is not in the model table")
+        _once(WINDOW_VARIABLE, model_id, seen)
         models[model_id] = spec.model_copy(update={"context_window_tokens": int(figure)})
     return ModelTable(models=models, auto=table.auto)
 
@@ -554,10 +567,16 @@ def with_prices(table: ModelTable, value: str) -> ModelTable:
     row's long-context rates their ratio to the price each stands for. Every service reads
     the same variable, so the router, prefix-cache and the replicas bill alike."""
     models = dict(table.models)
+    seen: set[str] = set()
     for item in value.split(","):
         model_id, sep, figures = item.strip().partition("=")
-        parts = figures.split("/")
-        if not sep or not 2 <= len(parts) <= 3 or not all(p.strip().isdigit() for p in parts):
+        parts = [p.strip() for p in figures.split("/")]
+        # isascii too: "²" is a digit to isdigit() but not to int() (a traceback)
+        if (
+            not sep
+            or not 2 <= len(parts) <= 3
+            or not all(p.isascii() and p.isdigit() for p in parts)
+        ):
             raise ConfigError(
                 "CACHEMESH_PRICES: expected model=input/output[/cache_read] in whole nano-dollars "
                 f"a token (e.g. local-small=100/100/0), got {item.strip()[:64]!r}"
@@ -565,6 +584,7 @@ def with_prices(table: ModelTable, value: str) -> ModelTable:
         spec = models.get(model_id)
         if spec is None:
             raise ConfigError(f"CACHEMESH_PRICES: {model_id[:64]!r} is not in the model table")
+        _once("CACHEMESH_PRICES", model_id, seen)
         update = {name: int(p) for name, p in zip(_PRICE_FIELDS, parts, strict=False)}
         update |= _priced_from_input(spec, update)
         row = {**spec.model_dump(exclude_unset=True), **update}

@@ -231,7 +231,8 @@ def parse_tier_thresholds(env: Env, table: ModelTable) -> dict[Tier, float]:
 
 
 def parse_replicas(value: str, table: ModelTable) -> dict[str, tuple[str, ...]]:
-    """``sim-small=host:port,sim-large=host:port,...``; a model listed twice has two replicas."""
+    """``sim-small=host:port,sim-large=host:port,...``; a model listed twice has two replicas
+    (at two addresses: one address listed twice for one model is refused)."""
     replicas: dict[str, list[str]] = {}
     for item in value.split(","):
         model, sep, address = item.strip().partition("=")
@@ -240,6 +241,8 @@ def parse_replicas(value: str, table: ModelTable) -> dict[str, tuple[str, ...]]:
         if table.get(model) is None:
             raise ConfigError(f"MODEL_REPLICAS: model {model!r} is not in the model table")
         Env({"MODEL_REPLICAS": address}).address("MODEL_REPLICAS")
+        if address in replicas.get(model, ()):  # one process counted as two replicas
+            raise ConfigError(f"MODEL_REPLICAS: {model}={address} is listed twice")
         replicas.setdefault(model, []).append(address)
     for tier, model in table.auto.items():
         if model not in replicas:

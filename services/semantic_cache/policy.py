@@ -120,6 +120,8 @@ class NamespacePolicy:
                     f"{NAMESPACE_TTL}: {item!r} must be namespace=seconds with seconds > 0 "
                     f"and at most {MAX_TTL_S:.0f} (10 years)"
                 )
+            if name.strip() in overrides:  # the last one won, silently
+                raise ConfigError(f"{NAMESPACE_TTL}: namespace {name.strip()!r} is named twice")
             overrides[name.strip()] = seconds
         return cls(
             ttl_s=ttl_s,
