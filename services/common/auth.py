@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from services.common.env import ConfigError
+from services.common.env import ConfigError, Env
 from services.common.keyfile import hash_key, new_api_key
 
 __all__ = ["ApiKeys", "KeyLookup", "hash_key", "new_api_key"]
@@ -55,6 +55,25 @@ def internal_metadata(token: str) -> tuple[tuple[str, str]]:
     return ((INTERNAL_METADATA_KEY, token),)
 
 
+INTERNAL_TOKEN = "CACHEMESH_INTERNAL_TOKEN"
+
+
+def checked_internal_token(token: str) -> str:
+    """``token`` if it is one gRPC metadata carries and long enough to guess: every service
+    checks it at start-up (the router too: it took a non-ASCII one, and every internal call
+    then failed ``INTERNAL Invalid metadata``)."""
+    if len(token) < 16 or not all("!" <= c <= "~" for c in token):
+        raise ConfigError(
+            f"{INTERNAL_TOKEN} must be at least 16 characters of printable ASCII, "
+            "no whitespace (what gRPC metadata carries; the value is not shown)"
+        )
+    return token
+
+
+def internal_token_from_env(env: Env) -> str:
+    return checked_internal_token(env.str(INTERNAL_TOKEN))
+
+
 Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 
 
@@ -62,12 +81,7 @@ class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects every call that does not carry the router's internal credential."""
 
     def __init__(self, token: str) -> None:
-        if len(token) < 16 or not all("!" <= c <= "~" for c in token):
-            raise ConfigError(
-                "CACHEMESH_INTERNAL_TOKEN must be at least 16 characters of printable ASCII, "
-                "no whitespace (what gRPC metadata carries; the value is not shown)"
-            )
-        self._token = token.encode()
+        self._token = checked_internal_token(token).encode()
 
     async def intercept_service(
         self, continuation: Handler, handler_call_details: grpc.HandlerCallDetails

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from services.common.auth import internal_token_from_env
 from services.common.connections import ConnectionPolicy
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
@@ -88,14 +89,14 @@ class RouterSettings:
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
             replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),
             keys=KeyStoreSettings.from_env(env),
-            internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
+            internal_token=internal_token_from_env(env),
             semantic_timeout_s=env.seconds("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
             semantic_lease_wait_s=env.seconds("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
             semantic_breaker_s=env.seconds("ROUTER_SEMANTIC_BREAKER_S", 5.0, minimum=0.0),
             prefix_timeout_s=env.seconds("ROUTER_PREFIX_TIMEOUT_S", 2.0, minimum=0.001),
             prefix_breaker_s=env.seconds("ROUTER_PREFIX_BREAKER_S", 5.0, minimum=0.0),
             model_timeout_s=env.seconds("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
-            idempotency_ttl_s=env.seconds("ROUTER_IDEMPOTENCY_TTL_S", 86400.0, minimum=0.0),
+            idempotency_ttl_s=idempotency_ttl_s(env),
             idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
             idempotency_max_bytes=idempotency_max_bytes(env),
             choice=choice_from_env(env),
@@ -121,6 +122,21 @@ class RouterSettings:
             admin_timeout_s=env.seconds("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
             mid_answer_stall_s=env.seconds("ROUTER_MID_ANSWER_STALL_S", 10.0, minimum=0.0),
         )
+
+
+def idempotency_ttl_s(env: Env) -> float:
+    """ROUTER_IDEMPOTENCY_TTL_S, at least a second: 0 was taken and silently turned
+    answer-once off (a retry with the same request_id was a second model call and a second
+    bill). No test nor document relied on 0 meaning "off", and a client retrying cannot
+    know the router forgot, so there is no off."""
+    name = "ROUTER_IDEMPOTENCY_TTL_S"
+    value = env.seconds(name, 86400.0, minimum=None)
+    if value < 1:
+        raise ConfigError(
+            f"{name} must be >= 1 second, got {value:g}: a retry with the same request_id "
+            "within it gets the first answer instead of a second model call and a second bill"
+        )
+    return value
 
 
 MIN_REQUEST_BYTES = 1024

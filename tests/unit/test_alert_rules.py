@@ -367,7 +367,7 @@ def written_values() -> dict[tuple[str, str], frozenset[str]]:
         {
             "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
             "CACHEMESH_API_KEYS_FILE": "/dev/null",
-            "CACHEMESH_INTERNAL_TOKEN": "t",
+            "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
         }
     )
     failing = cast(Any, _Failing())

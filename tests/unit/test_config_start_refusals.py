@@ -104,3 +104,23 @@ def test_addresses_of_every_valid_form_are_taken() -> None:
     )
     assert settings.semantic_cache_addr == "[::1]:50052"
     assert settings.prefix_cache_addr == "localhost:50053"
+
+
+@pytest.mark.parametrize("value", ["0", "0.5"])
+def test_an_idempotency_ttl_under_a_second_is_refused(value: str) -> None:
+    """0 silently turned answer-once off: a retry with the same request_id was a second
+    model call and a second bill."""
+    message = _refused(_router, "ROUTER_IDEMPOTENCY_TTL_S", value)
+    assert ">= 1 second" in message and "second bill" in message
+    assert _router(ROUTER_IDEMPOTENCY_TTL_S="1").idempotency_ttl_s == 1.0
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["short", "has\ttab-0123456789abcdef", "tok\u00e9n-0123456789abcdef", "with space 0123456789"],
+)
+def test_the_router_refuses_an_internal_token_the_services_refuse(token: str) -> None:
+    """The internal services refused such a token at start-up; the router took it, and with
+    a non-ASCII one every internal call failed INTERNAL "Invalid metadata"."""
+    message = _refused(_router, "CACHEMESH_INTERNAL_TOKEN", token)
+    assert "printable ASCII" in message and token not in message

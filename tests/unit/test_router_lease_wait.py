@@ -67,7 +67,7 @@ def settings(lease_wait_s: str) -> RouterSettings:
         {
             "MODEL_REPLICAS": REPLICAS,
             "CACHEMESH_API_KEYS_FILE": "/dev/null",
-            "CACHEMESH_INTERNAL_TOKEN": "t",
+            "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
             "ROUTER_SEMANTIC_TIMEOUT_S": "2",
             "ROUTER_SEMANTIC_LEASE_WAIT_S": lease_wait_s,
         }

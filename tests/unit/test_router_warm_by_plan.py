@@ -36,7 +36,7 @@ def calls(stub: ScriptedCommit) -> Calls:
         {
             "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
             "CACHEMESH_API_KEYS_FILE": "/dev/null",
-            "CACHEMESH_INTERNAL_TOKEN": "t",
+            "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
         }
     )
     settings = RouterSettings.from_env(env, model_table_from_env(env))
