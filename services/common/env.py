@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 # The largest value a C ``int`` holds: the most a setting handed to gRPC, FAISS or onnxruntime
 # as one may be (past it they raise OverflowError, naming no variable).
@@ -255,3 +255,24 @@ def redis_url_error(name: builtins.str, url: builtins.str) -> ConfigError:
         f"{name}: not a Redis URL redis-py can read ({redacted_url(url)}): expected "
         "redis://[user:password@]host[:port][/db], rediss://... or unix:///path"
     )
+
+
+def check_redis_db(name: builtins.str, url: builtins.str) -> None:
+    """A ``redis://`` or ``rediss://`` URL's database (its path) is a number: redis-py reads
+    ``/2x`` or ``/abc`` as database 0 without a word, so a service meant for another database
+    shared 0 with whatever else is there. The path is not shown (a password holding '/' may
+    end up in it)."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss"):
+        return
+    try:
+        path = unquote(urlsplit(url).path)
+    except ValueError:
+        return  # redis-py refuses it: redis_url_error says so
+    db = path.replace("/", "")  # as redis-py reads it: /2/ is database 2
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigError(
+            f"{name}: the database of a Redis URL (the path after host:port) must be a "
+            "number, e.g. redis://127.0.0.1:6379/2 (redis-py reads any other path as "
+            "database 0; the value is not shown)"
+        )

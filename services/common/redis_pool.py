@@ -25,7 +25,7 @@ from redis.exceptions import ClusterDownError, OutOfMemoryError, ResponseError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from services.common.env import Env, redis_url_error
+from services.common.env import Env, check_redis_db, redis_url_error
 
 # the connections of one client: above the 32 calls in flight the benchmarks run, with room
 DEFAULT_MAX_CONNECTIONS = 64
@@ -41,6 +41,7 @@ def bounded_redis(var: str, url: str, max_connections: int, timeout_s: float | N
     connections; a call finding them all busy waits up to ``timeout_s`` for one (then redis's
     ``ConnectionError``, a ``RedisError`` like any other failure of Redis; ``None``: as long as
     its caller waits). Closing the client closes its pool."""
+    check_redis_db(var, url)
     try:
         pool = BlockingConnectionPool.from_url(
             url,

@@ -202,3 +202,20 @@ async def test_a_call_that_finds_every_connection_busy_is_told_apart_from_a_redi
         await down.ping()
     assert not pool_exhausted(refused.value)
     await down.aclose()
+
+
+@pytest.mark.parametrize("path", ["/2x", "/abc", "/%32x", "/²"])
+def test_a_redis_database_that_is_not_a_number_is_refused(path: str) -> None:
+    # redis-py read these as database 0 without a word (the limits, the ledger and
+    # prefix-cache then shared database 0 with whatever else was there)
+    url = f"redis://:s3cret@127.0.0.1:6379{path}"
+    with pytest.raises(ConfigError) as caught:
+        bounded_redis("ROUTER_LIMITS_REDIS_URL", url, 1, 1.0)
+    message = str(caught.value)
+    assert message.startswith("ROUTER_LIMITS_REDIS_URL: the database of a Redis URL")
+    assert "s3cret" not in message and path not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379", "redis://h/", "rediss://h:1/15", "unix:///r.s"])
+def test_a_redis_url_without_or_with_a_numbered_database_is_taken(url: str) -> None:
+    assert bounded_redis("PREFIX_CACHE_REDIS_URL", url, 1, 1.0) is not None
