@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import AUTO, ModelTable, model_table_from_env
-from services.common.server import default_request_bytes, max_message_bytes
+from services.common.server import REQUEST_SHARE, default_request_bytes, max_message_bytes
 from services.common.tls import ClientTls, ServerTls
 from services.router.key_settings import KeyStoreSettings
 from services.router.settings import parse_replicas
 
 DEFAULT_LISTEN = "127.0.0.1:8088"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9106"
+MIN_BODY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,17 @@ def max_body_bytes(env: Env, message_bytes: int) -> int:
     message limit, a body the front took was refused by gRPC (a 413 quoting "CLIENT: Sent
     message larger than max")."""
     name = "HTTP_FRONT_MAX_BODY_BYTES"
-    value = env.int(name, default_request_bytes(message_bytes), minimum=1024)
+    default = default_request_bytes(message_bytes)
+    if env.optional_str(name) is None and default < MIN_BODY_BYTES:
+        # the variable that made the default too low is the one to name: this one is unset
+        raise ConfigError(
+            f"CACHEMESH_MAX_MESSAGE_BYTES ({message_bytes}) leaves the HTTP front a body limit "
+            f"of {default} bytes ({name} is unset: it defaults to the Gateway's, half the "
+            f"message limit when that is under 2 MiB), under the least, {MIN_BODY_BYTES}: raise "
+            f"CACHEMESH_MAX_MESSAGE_BYTES (every service's) to at least "
+            f"{MIN_BODY_BYTES * REQUEST_SHARE}"
+        )
+    value = env.int(name, default, minimum=MIN_BODY_BYTES)
     if value > message_bytes:
         raise ConfigError(
             f"{name} ({value}) must be at most CACHEMESH_MAX_MESSAGE_BYTES ({message_bytes}): "

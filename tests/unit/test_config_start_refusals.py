@@ -124,3 +124,16 @@ def test_the_router_refuses_an_internal_token_the_services_refuse(token: str) ->
     a non-ASCII one every internal call failed INTERNAL "Invalid metadata"."""
     message = _refused(_router, "CACHEMESH_INTERNAL_TOKEN", token)
     assert "printable ASCII" in message and token not in message
+
+
+def test_a_message_limit_too_low_for_the_fronts_body_limit_names_the_variable_set() -> None:
+    """It said "HTTP_FRONT_MAX_BODY_BYTES must be >= 1024, got 750", a variable left unset."""
+    environ = {**SHIPPED, "CACHEMESH_MAX_MESSAGE_BYTES": "1500"}
+    environ.pop("HTTP_FRONT_MAX_BODY_BYTES", None)
+    with pytest.raises(ConfigError) as caught:
+        HttpFrontSettings.from_env(environ)
+    message = str(caught.value)
+    assert message.startswith("CACHEMESH_MAX_MESSAGE_BYTES (1500) leaves the HTTP front")
+    assert "unset" in message and "at least 2048" in message and "\n" not in message
+    environ["CACHEMESH_MAX_MESSAGE_BYTES"] = "2048"
+    assert HttpFrontSettings.from_env(environ).max_body_bytes == 1024
