@@ -25,7 +25,7 @@ def parse_caps(value: str, table: ModelTable) -> dict[str, int]:
     for item in value.split(","):
         model, sep, tokens = item.strip().partition("=")
         model, tokens = model.strip(), tokens.strip()
-        if not sep or not model or not tokens.isdigit() or int(tokens) < 1:
+        if not sep or not model or not (tokens.isascii() and tokens.isdigit()) or int(tokens) < 1:
             raise ConfigError(
                 f"{VARIABLE}: expected model=tokens (tokens >= 1, '*' for every model, e.g. "
                 f"*=8192,sim-large=4096), got {item.strip()[:64]!r}"

@@ -74,3 +74,16 @@ def test_one_replica_listed_twice_for_a_model_is_refused() -> None:
     env = Env({**SHIPPED, "MODEL_REPLICAS": valid})
     replicas = RouterSettings.from_env(env, model_table_from_env(env)).replicas
     assert replicas["sim-large"] == ("127.0.0.1:50054", "127.0.0.1:50055")
+
+
+@pytest.mark.parametrize("figure", ["²", "\u0661\u0660"])
+def test_an_output_cap_of_non_ascii_digits_is_one_line_not_a_traceback(figure: str) -> None:
+    message = _refused_table("CACHEMESH_MAX_OUTPUT_TOKENS", f"*={figure}")
+    assert "expected model=tokens" in message
+
+
+def test_a_stack_port_of_non_ascii_digits_is_refused_not_a_traceback() -> None:
+    from services.tools.stack.environment import EnvFileError, port_of
+
+    with pytest.raises(EnvFileError, match="expected host:port"):
+        port_of("127.0.0.1:²")

@@ -70,7 +70,7 @@ class EngineOptions:
             raw = (environ.get(name) or "").strip()
             if not raw:
                 return default
-            if not raw.isdigit() or int(raw) < 1:
+            if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
                 raise EngineError(f"{name} must be a whole number >= 1, got {raw[:32]!r}")
             return int(raw)
 

@@ -40,6 +40,6 @@ def dial_address(listen: str) -> str:
 
 def port_of(address: str) -> int:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 65535:
         raise EnvFileError(f"expected host:port with a port in 1-65535, got {address!r}")
     return int(port)

@@ -58,7 +58,7 @@ def forget_warm_prefixes(
             "(5 minutes after their last use, an hour for a 1h breakpoint's)"
         )
     db = parts.path.strip("/") or "0"
-    if not db.isdigit():
+    if not (db.isascii() and db.isdigit()):
         raise StackError(f"{REDIS_URL_VAR}: its database must be a number (/0), not {db!r}")
     data = redis_data_dir(run_dir)
     if not data.is_dir():
