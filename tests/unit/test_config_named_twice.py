@@ -60,7 +60,7 @@ def test_a_namespace_ttl_named_twice_is_refused() -> None:
         SemanticCacheSettings.from_env(env, OperatingPoint.load())
     env = Env({"SEMANTIC_CACHE_NAMESPACE_TTL_S": "news=604800,sport=60"})
     policy = SemanticCacheSettings.from_env(env, OperatingPoint.load()).policy
-    assert policy.namespace_ttl_s == {"news": 604800.0, "sport": 60.0}
+    assert policy is not None and policy.namespace_ttl_s == {"news": 604800.0, "sport": 60.0}
 
 
 def test_one_replica_listed_twice_for_a_model_is_refused() -> None:
@@ -83,7 +83,8 @@ def test_an_output_cap_of_non_ascii_digits_is_one_line_not_a_traceback(figure: s
 
 
 def test_a_stack_port_of_non_ascii_digits_is_refused_not_a_traceback() -> None:
-    from services.tools.stack.environment import EnvFileError, port_of
+    from cachemesh.envfile import EnvFileError
+    from services.tools.stack.environment import port_of
 
     with pytest.raises(EnvFileError, match="expected host:port"):
         port_of("127.0.0.1:²")
