@@ -63,7 +63,7 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
         for key, value in trailers:
             if key == RETRY_AFTER:
                 text = value.decode() if isinstance(value, bytes) else value
-                retry_after = int(text) if text.isdigit() else 1
+                retry_after = int(text) if text.isascii() and text.isdigit() else 1
     return from_gateway(code_of(error.code()), error.details() or "", retry_after)
 
 

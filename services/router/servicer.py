@@ -508,7 +508,7 @@ def _marks_retry(key: str, value: str | bytes) -> bool:
     if key == mark:
         return value == "1"
     if key == attempts:
-        return isinstance(value, str) and value.isdigit() and int(value) > 0
+        return isinstance(value, str) and value.isascii() and value.isdigit() and int(value) > 0
     return False
 
 
