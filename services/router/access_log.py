@@ -3,7 +3,9 @@
 The line (logger ``cachemesh.access``, INFO) is JSON like every line (``services.common.logs``)
 and carries the request's trace id; its fields: tenant, request_id, method, the model asked
 and the one that answered, tier, served_by, status (the gRPC code), the four token counts,
-cost, baseline and saved in nano-dollars, whether the cost is an estimate, and the duration.
+cost, baseline and saved in nano-dollars, whether the cost is an estimate, and the duration;
+a DEADLINE_EXCEEDED line says whose deadline it was (``deadline``: ``client``, or ``router``
+for ROUTER_MODEL_TIMEOUT_S).
 A model call billed without its answer (the caller cancelled, or its replica was cut before
 another answered) is on the line as ``unanswered_cost_nanos``; a call that ended with no answer
 carries those calls' bills as its usage and cost. Such a line is written once the bills are
@@ -26,7 +28,7 @@ from json.encoder import encode_basestring as _escape
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.logs import JsonLines
 from services.common.models import AUTO, ModelTable
-from services.router.metrics import LAYERS, RouterMetrics
+from services.router.metrics import LAYERS, RouterMetrics, deadline_label
 from services.router.pipeline import Bill, Bills
 
 access = logging.getLogger("cachemesh.access")
@@ -42,6 +44,9 @@ class Call:
     end: pb.CompleteResponse | None = None
     replayed: bool = False
     bills: Bills = field(default_factory=list)  # its model calls billed without an answer
+    # it failed DEADLINE_EXCEEDED at the router's ROUTER_MODEL_TIMEOUT_S, not the caller's
+    # deadline (``pipeline.DeadlineCut``): the server's fault
+    routers_deadline: bool = False
 
 
 class RequestLog:
@@ -73,7 +78,7 @@ class RequestLog:
         seconds = self.clock() - call.began
         end = call.end
         if code != "OK" or end is None:
-            self._metrics.failed(call.tenant, code, seconds)
+            self._metrics.failed(call.tenant, code, seconds, routers_deadline=call.routers_deadline)
             if end is not None and not call.replayed:
                 # billed in full, but the caller left before it reached it: still its money
                 self._metrics.unreceived(call.tenant, end)
@@ -99,6 +104,8 @@ class RequestLog:
             f'"method":"{call.method}","requested_model":{_escape(asked)},"status":"{code}",'
             f'"duration_ms":{round(seconds * 1000, 3)!r}'
         )
+        if code == "DEADLINE_EXCEEDED":  # whose deadline cut it
+            members += f',"deadline":"{deadline_label(code, call.routers_deadline)}"'
         billed = _billed(call.bills)
         if billed is not None:
             members += f',"unanswered_cost_nanos":{billed.cost.cost_nanos}'

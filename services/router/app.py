@@ -74,6 +74,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     local = LocalEmbedder(load_minilm_embedder) if settings.local_embedder else None
     registry = new_registry()
     metrics = RouterMetrics(registry, TenantLabels(settings.metrics.max_tenants))
+    # the key file's tenants and the served rows at 0 from the start, so rate() sees each
+    # series' first event (tenants keyed later appear at their first request)
+    metrics.known(
+        (record.tenant for record in keys.records() if record.active),
+        (table.models[model] for model in settings.replicas),
+    )
     connected = connect(
         settings, provider.get_tracer("cachemesh.grpc"), CallTiming(metrics.dependency)
     )

@@ -116,6 +116,9 @@ class Attempt:
     # reported is billed (``GenerateStart.cut_before_first_token``): no first report, the
     # replica judged already as for a deadline before a start, no sign of life in its chunks
     cut_before_first_token: bool = False
+    # ``timeout_s`` is the router's ROUTER_MODEL_TIMEOUT_S, sooner than what the caller's
+    # deadline left (or the caller set none): a cut at it is the server's fault, not the caller's
+    routers_deadline: bool = False
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"
@@ -433,6 +436,7 @@ class Dispatcher:
                     planned_at,
                     takers=takers,
                     cut_before_first_token=start.cut_before_first_token,
+                    routers_deadline=remaining_s is None or remaining_s > timeout_s,
                 )
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:

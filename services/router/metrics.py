@@ -6,9 +6,12 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
 - ``cachemesh_router_requests_total{tenant,model,tier,served_by}``: answered requests (a retry
   answered from the answer-once table is ``cachemesh_router_replays_total{tenant}`` instead:
   it is neither served nor billed again);
-- ``cachemesh_router_errors_total{tenant,code}``: refused or failed requests by gRPC status
-  (``tenant="_none"`` before a key was recognised, as a request that did not parse:
+- ``cachemesh_router_errors_total{tenant,code,deadline}``: refused or failed requests by gRPC
+  status (``tenant="_none"`` before a key was recognised, as a request that did not parse:
   ``INVALID_ARGUMENT``; not one over ``ROUTER_MAX_REQUEST_BYTES``, which gRPC refuses itself);
+  ``deadline`` only on DEADLINE_EXCEEDED: ``router`` when the router's own
+  ``ROUTER_MODEL_TIMEOUT_S`` cut a model call still answering (the server's fault, alerted on),
+  ``client`` when the caller's deadline did;
 - ``cachemesh_router_request_duration_seconds{served_by}`` (``error`` for failures),
   ``cachemesh_router_ttft_seconds{tier}`` (a model call's first token),
   ``cachemesh_router_dependency_duration_seconds{method,code}`` (each call to semantic-cache,
@@ -84,12 +87,14 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.metrics import LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
+from services.common.metrics import NONE, LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
+from services.common.models import ModelSpec
 from services.router.answer_ledger import LEDGER_OPERATIONS, LedgerOperation
 from services.router.breaker import DEPENDENCIES, REDIS_CLIENTS, Dependency, RedisClient
 from services.router.routing.decision import Decision
@@ -101,6 +106,22 @@ LAYERS = {
     pb.LAYER_MODEL: "model",
 }
 ERROR_LAYER = "error"
+# the layers an answer is served by (``known`` creates them at 0 for each tenant and model)
+SERVED_LAYERS = ("semantic_cache", "prefix_cache", "model")
+# the statuses a tenant's Gateway calls end with, created at 0 (``known``): the server's
+# faults alerts.yml counts, and the callers' own the dashboard shows
+TENANT_CODES = (
+    "UNAVAILABLE", "INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMENTED", "DEADLINE_EXCEEDED",
+    "CANCELLED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+)  # fmt: skip
+# ``cachemesh_router_degraded_total``'s dependency for the limits store, and the reasons a
+# degraded call counts under (UNAVAILABLE: it failed or refused; DEADLINE_EXCEEDED: too slow,
+# or not called while its breaker is open)
+LIMITS = "limits"
+DEGRADED_REASONS = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+# ``cachemesh_router_errors_total{code="DEADLINE_EXCEEDED"}``'s ``deadline``: whose it was
+ROUTER_DEADLINE = "router"
+CLIENT_DEADLINE = "client"
 # the money of model calls billed without an answer (cancelled, or cut before a retry)
 UNANSWERED = "unanswered"
 # the GenAI semantic conventions' explicit bucket boundaries
@@ -148,8 +169,9 @@ class RouterMetrics:
         )
         self._errors = m.counter(
             "cachemesh_router_errors",
-            "Requests refused or failed, by gRPC status code",
-            ("tenant", "code"),
+            "Requests refused or failed, by gRPC status code (DEADLINE_EXCEEDED: deadline, "
+            "whose: client, or router for ROUTER_MODEL_TIMEOUT_S)",
+            ("tenant", "code", "deadline"),
         )
         self._duration = m.histogram(
             "cachemesh_router_request_duration_seconds",
@@ -267,6 +289,35 @@ class RouterMetrics:
         )
         self._answered: dict[tuple[str, str, str, str], _Answered] = {}
 
+    def known(self, tenants: Iterable[str], models: Iterable[ModelSpec]) -> None:
+        """The series whose labels are known at start-up, each at 0 from then on (as
+        ``answer_ledger_failures`` and the breakers' opens are): Prometheus's ``rate`` and
+        ``increase`` see a series' first event only as a step from a sample before it, so a
+        series that first shows at 1 loses that event (a dashboard undercounts, an alert on
+        one event stays silent). ``tenants``: the key file's, up to the tenant cap (those past
+        it are ``_other``'s, created here too once the cap is reached); ``models``: the served
+        rows (their layers' answers, their replicas' ejections)."""
+        specs = list(models)
+        labels = list(dict.fromkeys(self._tenants(tenant) for tenant in tenants))
+        for tenant in labels:
+            for spec in specs:
+                for layer in SERVED_LAYERS:
+                    key = (tenant, spec.id, spec.tier, layer)
+                    if key not in self._answered:
+                        self._answered[key] = self._bundle(*key)
+            for code in TENANT_CODES:
+                self._errors(tenant, code, deadline_label(code, False))
+            self._errors(tenant, "DEADLINE_EXCEEDED", ROUTER_DEADLINE)
+            self._cost(tenant, UNANSWERED)
+        for code in ("UNAUTHENTICATED", "INVALID_ARGUMENT"):  # before a key is recognised
+            self._errors(NONE, code, "")
+        self._duration(ERROR_LAYER)
+        for spec in specs:
+            self._ejections(spec.id)
+        for dependency in (*DEPENDENCIES, LIMITS):
+            for reason in DEGRADED_REASONS:
+                self._degraded(dependency, reason)
+
     def answered(self, tenant: str, end: pb.CompleteResponse, seconds: float) -> None:
         bundle = self._money(tenant, end)
         bundle.requests.value += 1
@@ -326,8 +377,12 @@ class RouterMetrics:
     def replayed(self, tenant: str) -> None:
         self._replays(self._tenants(tenant)).inc()
 
-    def failed(self, tenant: str, code: str, seconds: float) -> None:
-        self._errors(self._tenants(tenant), code).inc()
+    def failed(
+        self, tenant: str, code: str, seconds: float, *, routers_deadline: bool = False
+    ) -> None:
+        """A Gateway call that failed with ``code``; ``routers_deadline``: a DEADLINE_EXCEEDED
+        at the router's ROUTER_MODEL_TIMEOUT_S (``pipeline.DeadlineCut``), not the caller's."""
+        self._errors(self._tenants(tenant), code, deadline_label(code, routers_deadline)).inc()
         self._duration(ERROR_LAYER).observe(seconds)
 
     def first_token(self, tier: str, seconds: float) -> None:
@@ -393,6 +448,15 @@ class RouterMetrics:
             prompt += usage.cache_read_input_tokens
             self._token_usage(*names, "input").observe(prompt)
             self._token_usage(*names, "output").observe(usage.output_tokens)
+
+
+def deadline_label(code: str, routers_deadline: bool) -> str:
+    """``cachemesh_router_errors_total``'s ``deadline``: whose deadline a DEADLINE_EXCEEDED was
+    (``router``: ROUTER_MODEL_TIMEOUT_S cut a model call still answering; ``client``: the
+    caller's own), empty (no label) for every other code."""
+    if code != "DEADLINE_EXCEEDED":
+        return ""
+    return ROUTER_DEADLINE if routers_deadline else CLIENT_DEADLINE
 
 
 def decision_reason(tier_reason: str, decision: Decision | None) -> str:

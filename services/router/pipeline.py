@@ -73,7 +73,7 @@ def _kv_cached(attempt: Attempt, usage: prefix_cache_pb2.ProviderUsage | None) -
 
 def _answer_outlasted(
     attempt: Attempt, output_tokens: int | None, reported: bool = False
-) -> RequestError:
+) -> DeadlineCut:
     """A model call still answering at its deadline: another replica would take as long, so
     it is not retried (it is billed for what it produced, never stored). ``reported``: its
     provider reported its usage so far (Anthropic's prompt, from message_start)."""
@@ -82,13 +82,29 @@ def _answer_outlasted(
     if output_tokens == 0:  # its prompt was prefilled (a start came), no token yet
         produced = " before its first token"
         billed = "its prompt" + (", as the provider reported it" if reported else "")
-    return RequestError(
-        Code.DEADLINE_EXCEEDED,
-        f"the {attempt.model.id} answer was still running at its deadline "
-        f"({attempt.timeout_s:.1f} s: the request's deadline or ROUTER_MODEL_TIMEOUT_S, the "
-        f"sooner) and was cut{produced}; billed for {billed}, not cached. Allow a "
-        "longer deadline or a smaller max_tokens",
+    if attempt.routers_deadline:
+        whose = "the router's ROUTER_MODEL_TIMEOUT_S"
+        allow = "A retry would be cut the same way; ask for a smaller max_tokens"
+    else:
+        whose = "the request's deadline"
+        allow = "Allow a longer deadline or a smaller max_tokens"
+    return DeadlineCut(
+        attempt.routers_deadline,
+        f"the {attempt.model.id} answer was still running at its deadline, {whose} "
+        f"({attempt.timeout_s:.1f} s), and was cut{produced}; billed for {billed}, not "
+        f"cached. {allow}",
     )
+
+
+class DeadlineCut(RequestError):
+    """A model call cut while still answering at its deadline (DEADLINE_EXCEEDED, never
+    retried: a retry is a second bill, cut again). ``routers``: the deadline was the router's
+    ROUTER_MODEL_TIMEOUT_S, sooner than the caller's own (or the caller set none): the server's
+    fault, counted as ``cachemesh_router_errors_total{deadline="router"}`` and alerted on."""
+
+    def __init__(self, routers: bool, message: str) -> None:
+        super().__init__(Code.DEADLINE_EXCEEDED, message)
+        self.routers = routers
 
 
 class ReplicaCut(RequestError):

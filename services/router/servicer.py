@@ -41,7 +41,7 @@ from services.router.idempotency import (
     fingerprint,
 )
 from services.router.limits import Denial, Limiter, Ticket
-from services.router.pipeline import Pipeline, chunks_of
+from services.router.pipeline import DeadlineCut, Pipeline, chunks_of
 from services.router.prompt_counts import counting
 from services.router.validation import validate_request
 
@@ -146,6 +146,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             ended = "OK"
                             return chunk.end
             except RequestError as exc:
+                call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
                 await context.abort(grpc_code(exc.code), exc.message)
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
@@ -182,6 +183,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         yield chunk
                 ended = "OK"
             except RequestError as exc:
+                call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
                 await context.abort(grpc_code(exc.code), exc.message)
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
@@ -474,6 +476,8 @@ def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
     """A fresh instance of a refusal, for another task to raise."""
     if isinstance(exc, _Denied):
         return _Denied(exc.denial)
+    if isinstance(exc, DeadlineCut):
+        return DeadlineCut(exc.routers, exc.message)
     return RequestError(exc.code, exc.message, exc.reason)
 
 

@@ -43,6 +43,11 @@ from services.common.metrics import OTHER, LoopMetrics, TenantLabels
 from services.semantic_cache.records import CheckResult
 from services.semantic_cache.stats import StoreStats
 
+# the embedder's callers (``batcher``'s lanes) and the ends the write-ahead log cuts at start
+# (``wal.TailCut.kind``): their counters' label values
+EMBED_CALLS = ("lookup", "store")
+TAIL_CUT_KINDS = ("torn", "damaged")
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -115,6 +120,14 @@ class SemanticCacheMetrics:
             "damaged (a whole record failing its checksum, moved aside)",
             ("kind",),
         )
+        # each at 0 from the start, so rate() and increase() see a first event (a series that
+        # first shows at 1 is not a step for them), as the dashboard's panels and the alerts
+        # read them
+        for call in EMBED_CALLS:
+            self._embed_shed(call)
+            self._embed_dropped(call)
+        for kind in TAIL_CUT_KINDS:
+            self._wal_tail_cuts(kind)
 
     def looked_up(self, tenant: str, result: CheckResult) -> None:
         label = self._tenants(tenant)

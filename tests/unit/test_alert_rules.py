@@ -356,13 +356,23 @@ def written_values() -> dict[tuple[str, str], frozenset[str]]:
     are not gRPC status names): a semantic-cache miss's ``result``, and the ``dependency`` the
     router counts when semantic-cache (a Store) and prefix-cache (a Plan) fail."""
     registry = _Recording()
-    SemanticCacheMetrics(registry, TenantLabels(1)).looked_up("t", CheckResult(None))
-    results = {
-        sample.labels["result"]
-        for metric in registry.collect()
-        for sample in metric.samples
-        if sample.name == "cachemesh_semantic_cache_lookups_total"
-    }
+    semantic = SemanticCacheMetrics(registry, TenantLabels(1))  # its own series at 0 too
+    semantic.looked_up("t", CheckResult(None))
+    semantic.stored("t", True)
+    semantic.stored("t", False)
+    router = _Recording()
+    router_metrics = RouterMetrics(router, TenantLabels(1))
+    for routers_deadline in (False, True):
+        router_metrics.failed("t", "DEADLINE_EXCEEDED", 1.0, routers_deadline=routers_deadline)
+
+    def values(registry: _Recording, name: str, label: str) -> frozenset[str]:
+        return frozenset(
+            sample.labels[label]
+            for metric in registry.collect()
+            for sample in metric.samples
+            if sample.name == name
+        )
+
     env = Env(
         {
             "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
@@ -389,9 +399,20 @@ def written_values() -> dict[tuple[str, str], frozenset[str]]:
 
     asyncio.run(fail_both())
     assert {reason for _, reason in counted} == {"UNAVAILABLE"}
-    return {
-        ("cachemesh_semantic_cache_lookups_total", "result"): frozenset(results),
+    semantic_values = {
+        (name, label): values(registry, name, label)
+        for name, label in (
+            ("cachemesh_semantic_cache_lookups_total", "result"),
+            ("cachemesh_semantic_cache_stores_total", "outcome"),
+            ("cachemesh_semantic_cache_wal_tail_cuts_total", "kind"),
+            ("cachemesh_semantic_cache_embed_shed_total", "call"),
+        )
+    }
+    return semantic_values | {
         ("cachemesh_router_degraded_total", "dependency"): frozenset(d for d, _ in counted),
+        ("cachemesh_router_errors_total", "deadline"): values(
+            router, "cachemesh_router_errors_total", "deadline"
+        ),
     }
 
 
@@ -426,7 +447,11 @@ def test_the_definitions_are_read_with_their_labels() -> None:
 def test_the_values_matched_on_are_read_from_the_code() -> None:
     assert written_values() == {
         ("cachemesh_semantic_cache_lookups_total", "result"): {"miss"},
+        ("cachemesh_semantic_cache_stores_total", "outcome"): {"stored", "skipped"},
+        ("cachemesh_semantic_cache_wal_tail_cuts_total", "kind"): {"torn", "damaged"},
+        ("cachemesh_semantic_cache_embed_shed_total", "call"): {"lookup", "store"},
         ("cachemesh_router_degraded_total", "dependency"): {"semantic-cache", "prefix-cache"},
+        ("cachemesh_router_errors_total", "deadline"): {"client", "router"},
     }
 
 

@@ -9,6 +9,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
 from services.router.dependencies import CallFailed
+from services.router.pipeline import DeadlineCut
 from tests.unit.test_router_pipeline import FakeClock, FakeModels, FakeStream, Rig, _request
 
 
@@ -50,11 +51,12 @@ class LongAnswers(FakeModels):
         )
 
 
-async def _run(rig: Rig) -> RequestError:
+async def _run(rig: Rig, remaining_s: float | None = 600) -> RequestError:
     pipeline = rig.pipeline()
     with pytest.raises(RequestError) as caught:
         # through the HTTP front: 600 s for the request, 300 s (ROUTER_MODEL_TIMEOUT_S) a call
-        _ = [c async for c in pipeline.run("t", _request(), streamed=False, time_remaining_s=600)]
+        run = pipeline.run("t", _request(), streamed=False, time_remaining_s=remaining_s)
+        _ = [c async for c in run]
     await pipeline.drain()
     return caught.value
 
@@ -119,3 +121,16 @@ async def test_a_call_cut_before_its_first_token_bills_the_reported_prompt() -> 
     assert len(finals) == 1 and finals[0].output_tokens == 0
     reported = finals[0].provider_usage.anthropic
     assert (reported.input_tokens, reported.cache_creation_input_tokens) == (12, 5000)
+
+
+@pytest.mark.parametrize(("remaining_s", "routers"), [(600.0, True), (None, True), (100.0, False)])
+async def test_a_cut_says_whose_deadline_it_was(remaining_s: float | None, routers: bool) -> None:
+    """ROUTER_MODEL_TIMEOUT_S (300 s) before the caller's deadline (or none): the router's, a
+    server fault its alert counts; the caller's sooner deadline: the caller's own."""
+    clock = FakeClock()
+    rig = Rig(models=LongAnswers(clock, "provider"), clock=clock)
+    error = await _run(rig, remaining_s)
+    assert isinstance(error, DeadlineCut) and error.code == Code.DEADLINE_EXCEEDED
+    assert error.routers is routers
+    named = "ROUTER_MODEL_TIMEOUT_S" if routers else "the request's deadline"
+    assert named in error.message
