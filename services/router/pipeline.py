@@ -108,12 +108,38 @@ class DeadlineCut(RequestError):
 
 
 class ReplicaCut(RequestError):
-    """The replica serving the request died, or its provider's stream broke off, mid-answer
+    """The replica serving the request died, or its provider's stream broke off, mid-answer,
+    or its provider gave no token by ``ROUTER_MODEL_TIMEOUT_S`` after reporting the prompt
     (UNAVAILABLE). The cut call is billed for what it produced and never stored."""
 
     def __init__(self, replica: str, message: str) -> None:
         super().__init__(Code.UNAVAILABLE, message)
         self.replica = replica
+
+
+def _another_has_time(attempt: Attempt, deadline: float | None) -> bool:
+    """Whether the request's ``deadline`` (None: the client gave none) leaves another replica
+    time once ``attempt``'s call reached its own deadline: more than ``_DEADLINE_SLACK_S``
+    past it. The call's deadline was the request's when the client's was the sooner
+    (``Calls.model_timeout_s``): none past it, a cut that another replica would only repeat."""
+    if deadline is None:
+        return True
+    return deadline - (attempt.opened_at + attempt.timeout_s) > _DEADLINE_SLACK_S
+
+
+def _cut_unstarted(attempt: Attempt, reported: bool) -> ReplicaCut:
+    """A call cut at ``ROUTER_MODEL_TIMEOUT_S`` before its first token, after its provider
+    reported the prompt (``Attempt.cut_before_first_token``), with time left for another
+    replica: nothing of it reached the caller, so the request goes there, as it would for a
+    call with no start by its deadline. ``reported``: the provider's report came with the
+    end (else the prompt is billed as the router estimated it)."""
+    return ReplicaCut(
+        attempt.replica,
+        f"the {attempt.model.id} provider reported the prompt but gave no token within the "
+        f"call's deadline ({attempt.timeout_s:.1f} s, ROUTER_MODEL_TIMEOUT_S); billed for its "
+        f"prompt{', as the provider reported it' if reported else ''}, not cached; retry with "
+        "the same request_id",
+    )
 
 
 CommitReply = prefix_cache_pb2.CommitResponse | None
@@ -325,7 +351,10 @@ class Pipeline:
                         raise
                     cut.add(exc.replica)
                     last_cut = exc
-                    log.warning("retrying on another replica: %s cut mid-answer", exc.replica)
+                    log.warning(
+                        "retrying on another replica: %s cut before its answer reached the caller",
+                        exc.replica,
+                    )
                     root.add_event("cachemesh.replica_retry", {"replica": exc.replica})
                 except RequestError as exc:
                     if last_cut is not None and exc.code == Code.UNAVAILABLE and not emitted:
@@ -464,10 +493,11 @@ class Pipeline:
             if end_chunk.interrupted:
                 answer.partial_usage = end_chunk.provider_usage
                 answer.partial_output_tokens = end_chunk.output_tokens
+                reported = end_chunk.HasField("provider_usage")
+                if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
+                    raise _cut_unstarted(attempt, reported)
                 if self._clock() >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
-                    raise _answer_outlasted(
-                        attempt, end_chunk.output_tokens, end_chunk.HasField("provider_usage")
-                    )
+                    raise _answer_outlasted(attempt, end_chunk.output_tokens, reported)
                 raise ReplicaCut(
                     attempt.replica,
                     f"the {attempt.model.id} provider's answer broke off after "
@@ -513,6 +543,8 @@ class Pipeline:
         except CallFailed as exc:
             log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
             if exc.code == Code.DEADLINE_EXCEEDED:
+                if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
+                    raise _cut_unstarted(attempt, reported=False) from exc  # its end was late
                 raise _answer_outlasted(attempt, None) from exc
             raise ReplicaCut(
                 attempt.replica,
