@@ -141,6 +141,42 @@ def test_a_replica_stalling_after_every_usage_report_is_ejected(providers: Provi
     assert after == before + 1
 
 
+def test_a_stall_cut_at_the_model_timeout_is_handed_on_not_a_client_deadline(
+    providers: ProviderStack,
+) -> None:
+    """A client's 60 s deadline against ROUTER_MODEL_TIMEOUT_S (4 s): the call cut there sent
+    the client nothing, so the router hands the request on, as for a call with no start by its
+    deadline; claude-sonnet-4-5 has no other replica, so the client gets UNAVAILABLE naming the
+    stall (before: DEADLINE_EXCEEDED, its own deadline 56 s away, and a second replica would
+    never have been tried), the prompt billed as the provider reported it."""
+    key = providers.keys["anthropic-1"]
+    tag = f"Prestart handed on {uuid.uuid4().hex[:8]}"
+    providers.server.script("anthropic", replace(_stalled_before_content(), key=key))
+    before = providers.stack.totals("tenant-b")
+    client = Client(
+        providers.stack.target,
+        api_key=providers.stack.keys["tenant-b"],
+        max_attempts=1,
+        timeout_s=60.0,
+    )
+    with client:
+        with pytest.raises(CachemeshError) as caught:
+            list(client.stream(ask("claude-sonnet-4-5", f"{tag} stalled")))
+        providers.errors.append(str(caught.value))
+        print(f"\n{caught.value.code.name}: {caught.value}")
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE, caught.value
+        assert "ROUTER_MODEL_TIMEOUT_S" in str(caught.value), caught.value
+        assert "as the provider reported it" in str(caught.value), caught.value
+        deadline = time.monotonic() + 20
+        while (after := providers.stack.totals("tenant-b")).requests == before.requests:
+            assert time.monotonic() < deadline, "the stalled call was never billed"
+            time.sleep(0.1)
+        written = after.usage.cache_creation_input_tokens - before.usage.cache_creation_input_tokens
+        assert written == CACHE_WRITE
+        # one whole answer clears the failure it counted, for the tests that follow
+        assert client.complete(ask("claude-sonnet-4-5", f"{tag} answered")).content
+
+
 async def test_an_openai_call_cut_before_its_first_token_has_no_usage_to_bill(
     providers: ProviderStack,
 ) -> None:
