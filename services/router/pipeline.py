@@ -110,11 +110,14 @@ class DeadlineCut(RequestError):
 class ReplicaCut(RequestError):
     """The replica serving the request died, or its provider's stream broke off, mid-answer,
     or its provider gave no token by ``ROUTER_MODEL_TIMEOUT_S`` after reporting the prompt
-    (UNAVAILABLE). The cut call is billed for what it produced and never stored."""
+    (UNAVAILABLE). The cut call is billed for what it produced and never stored.
+    ``unretried``: what the caller is told when no other replica takes the request over
+    (None: this cut)."""
 
-    def __init__(self, replica: str, message: str) -> None:
+    def __init__(self, replica: str, message: str, unretried: RequestError | None = None) -> None:
         super().__init__(Code.UNAVAILABLE, message)
         self.replica = replica
+        self.unretried = unretried
 
 
 def _another_has_time(attempt: Attempt, deadline: float | None) -> bool:
@@ -127,18 +130,18 @@ def _another_has_time(attempt: Attempt, deadline: float | None) -> bool:
     return deadline - (attempt.opened_at + attempt.timeout_s) > _DEADLINE_SLACK_S
 
 
-def _cut_unstarted(attempt: Attempt, reported: bool) -> ReplicaCut:
+def _cut_unstarted(attempt: Attempt, outlasted: DeadlineCut) -> ReplicaCut:
     """A call cut at ``ROUTER_MODEL_TIMEOUT_S`` before its first token, after its provider
     reported the prompt (``Attempt.cut_before_first_token``), with time left for another
     replica: nothing of it reached the caller, so the request goes there, as it would for a
-    call with no start by its deadline. ``reported``: the provider's report came with the
-    end (else the prompt is billed as the router estimated it)."""
+    call with no start by its deadline. With none to take it the caller gets ``outlasted``
+    (DEADLINE_EXCEEDED, the router's: an UNAVAILABLE would have the client retry into a
+    second bill, cut the same way)."""
     return ReplicaCut(
         attempt.replica,
-        f"the {attempt.model.id} provider reported the prompt but gave no token within the "
-        f"call's deadline ({attempt.timeout_s:.1f} s, ROUTER_MODEL_TIMEOUT_S); billed for its "
-        f"prompt{', as the provider reported it' if reported else ''}, not cached; retry with "
-        "the same request_id",
+        f"the {attempt.model.id} provider reported the prompt but gave no token within "
+        f"ROUTER_MODEL_TIMEOUT_S ({attempt.timeout_s:.1f} s)",
+        outlasted,
     )
 
 
@@ -348,6 +351,8 @@ class Pipeline:
                 except ReplicaCut as exc:
                     # nothing of this answer reached the caller: another replica answers it
                     if emitted or len(cut) >= _MAX_REPLICA_RETRIES:
+                        if exc.unretried is not None:
+                            raise exc.unretried from exc
                         raise
                     cut.add(exc.replica)
                     last_cut = exc
@@ -358,7 +363,8 @@ class Pipeline:
                     root.add_event("cachemesh.replica_retry", {"replica": exc.replica})
                 except RequestError as exc:
                     if last_cut is not None and exc.code == Code.UNAVAILABLE and not emitted:
-                        raise last_cut from exc  # no other replica: the cut is what happened
+                        # no other replica: the cut is what happened
+                        raise (last_cut.unretried or last_cut) from exc
                     raise
         finally:
             if keeper is not None:  # failed or cancelled: the Release ends the lease now
@@ -495,7 +501,8 @@ class Pipeline:
                 answer.partial_output_tokens = end_chunk.output_tokens
                 reported = end_chunk.HasField("provider_usage")
                 if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
-                    raise _cut_unstarted(attempt, reported)
+                    outlasted = _answer_outlasted(attempt, end_chunk.output_tokens, reported)
+                    raise _cut_unstarted(attempt, outlasted)
                 if self._clock() >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
                     raise _answer_outlasted(attempt, end_chunk.output_tokens, reported)
                 raise ReplicaCut(
@@ -544,7 +551,8 @@ class Pipeline:
             log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
             if exc.code == Code.DEADLINE_EXCEEDED:
                 if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
-                    raise _cut_unstarted(attempt, reported=False) from exc  # its end was late
+                    # (its end came too late)
+                    raise _cut_unstarted(attempt, _answer_outlasted(attempt, None)) from exc
                 raise _answer_outlasted(attempt, None) from exc
             raise ReplicaCut(
                 attempt.replica,

@@ -20,7 +20,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
 from services.router.dependencies import CallFailed, Dependencies
-from services.router.pipeline import Bills, Pipeline
+from services.router.pipeline import Bills, DeadlineCut, Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
 from tests.unit.test_router_prestart_cut_health import PROVIDER, StallsAfterTheReport
@@ -97,11 +97,14 @@ async def test_a_stall_cut_at_the_model_timeout_goes_to_another_replica(
     assert len(bills) == 1  # the cut call's, billed without its answer
 
 
-@pytest.mark.parametrize("remaining_s", [4.0, MODEL_TIMEOUT_S + 0.2])
-async def test_a_stall_cut_at_the_clients_deadline_is_not_retried(remaining_s: float) -> None:
+@pytest.mark.parametrize(("remaining_s", "routers"), [(4.0, False), (MODEL_TIMEOUT_S + 0.2, True)])
+async def test_a_stall_cut_at_the_clients_deadline_is_not_retried(
+    remaining_s: float, routers: bool
+) -> None:
     """The call's deadline was the client's (4 s against the 5 s timeout), or the client's
-    leaves too little past it for another call (5.2 s: 0.1 s, less the reply margin):
-    DEADLINE_EXCEEDED, the prompt billed as reported, no other replica called."""
+    leaves too little past it for another call (5.2 s: 0.1 s, less the reply margin; the cut
+    is the router's timeout's): DEADLINE_EXCEEDED, the prompt billed as reported, no other
+    replica called."""
     clock = Clock()
     models = StallsAfterTheReport(clock, {}, stalled={"anthropic-1"})
     commits = Commits()
@@ -110,7 +113,7 @@ async def test_a_stall_cut_at_the_clients_deadline_is_not_retried(remaining_s: f
     with pytest.raises(RequestError) as caught:
         await _chunks(pipeline, remaining_s, True, bills)
     await pipeline.drain()
-    assert caught.value.code == Code.DEADLINE_EXCEEDED, caught.value
+    assert isinstance(caught.value, DeadlineCut) and caught.value.routers == routers
     assert "billed for its prompt, as the provider reported it" in caught.value.message
     assert models.calls == ["anthropic-1"]
     assert len(bills) == 1  # (the fake's cut comes at the deadline: its FINAL to the outbox)
@@ -118,7 +121,7 @@ async def test_a_stall_cut_at_the_clients_deadline_is_not_retried(remaining_s: f
 
 async def test_every_replica_stalling_ends_unavailable_after_each_was_tried() -> None:
     """Both replicas stall so (no client deadline): each tried once, each billed its prompt,
-    then UNAVAILABLE saying why (not the client's deadline, which it did not have)."""
+    then DEADLINE_EXCEEDED, the router's (an UNAVAILABLE would have the client retry it)."""
     clock = Clock()
     models = StallsAfterTheReport(clock, {}, stalled={"anthropic-1", "anthropic-2"})
     commits = Commits()
@@ -127,8 +130,9 @@ async def test_every_replica_stalling_ends_unavailable_after_each_was_tried() ->
         await _chunks(pipeline, None, True, [])
     await pipeline.drain()
     print(f"\n{caught.value.code.name}: {caught.value.message}")
-    assert caught.value.code == Code.UNAVAILABLE
-    assert "no token" in caught.value.message and "ROUTER_MODEL_TIMEOUT_S" in caught.value.message
+    assert isinstance(caught.value, DeadlineCut) and caught.value.routers
+    assert "ROUTER_MODEL_TIMEOUT_S" in caught.value.message
+    assert "billed for its prompt, as the provider reported it" in caught.value.message
     assert sorted(models.calls) == ["anthropic-1", "anthropic-2"]
     assert len(_finals(commits, "anthropic-1")) == len(_finals(commits, "anthropic-2")) == 1
 
@@ -147,7 +151,7 @@ async def test_an_auto_request_goes_to_the_next_tier() -> None:
 
 async def test_a_stall_cut_is_handed_over_at_most_as_often_as_a_cut_mid_answer() -> None:
     """Four replicas all stalling so: the request tries three (the first and two retries,
-    ``_MAX_REPLICA_RETRIES``), then ends with the last one's cut."""
+    ``_MAX_REPLICA_RETRIES``), then ends DEADLINE_EXCEEDED, the router's."""
     clock = Clock()
     four = tuple(f"anthropic-{n}" for n in range(1, 5))
     models = StallsAfterTheReport(clock, {}, stalled=set(four))
@@ -160,7 +164,7 @@ async def test_a_stall_cut_is_handed_over_at_most_as_often_as_a_cut_mid_answer()
     with pytest.raises(RequestError) as caught:
         await _chunks(pipeline, None, False, [])
     await pipeline.drain()
-    assert caught.value.code == Code.UNAVAILABLE
+    assert isinstance(caught.value, DeadlineCut) and caught.value.routers
     assert len(models.calls) == 3 == len(set(models.calls))
 
 
