@@ -85,6 +85,8 @@ def _answer_outlasted(
     if attempt.routers_deadline:
         whose = "the router's ROUTER_MODEL_TIMEOUT_S"
         allow = "A retry would be cut the same way; ask for a smaller max_tokens"
+        if output_tokens == 0:  # no token at all: its provider stalled, max_tokens is not why
+            allow = "Its provider gave no token in that time; retry later"
     else:
         whose = "the request's deadline"
         allow = "Allow a longer deadline or a smaller max_tokens"

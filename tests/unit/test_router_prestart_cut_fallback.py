@@ -119,7 +119,7 @@ async def test_a_stall_cut_at_the_clients_deadline_is_not_retried(
     assert len(bills) == 1  # (the fake's cut comes at the deadline: its FINAL to the outbox)
 
 
-async def test_every_replica_stalling_ends_unavailable_after_each_was_tried() -> None:
+async def test_every_replica_stalling_ends_deadline_exceeded_after_each_was_tried() -> None:
     """Both replicas stall so (no client deadline): each tried once, each billed its prompt,
     then DEADLINE_EXCEEDED, the router's (an UNAVAILABLE would have the client retry it)."""
     clock = Clock()
@@ -133,6 +133,9 @@ async def test_every_replica_stalling_ends_unavailable_after_each_was_tried() ->
     assert isinstance(caught.value, DeadlineCut) and caught.value.routers
     assert "ROUTER_MODEL_TIMEOUT_S" in caught.value.message
     assert "billed for its prompt, as the provider reported it" in caught.value.message
+    # no token at all: a smaller max_tokens would not help, so the message does not ask for one
+    assert "gave no token" in caught.value.message
+    assert "max_tokens" not in caught.value.message
     assert sorted(models.calls) == ["anthropic-1", "anthropic-2"]
     assert len(_finals(commits, "anthropic-1")) == len(_finals(commits, "anthropic-2")) == 1
 
