@@ -83,8 +83,12 @@ from services.tools.stack.service_table import SERVICES
 # run's midnight fell (the estimate says so). 2024-01-01T00:00:00Z.
 REPLAY_START_MS = 1_704_067_200_000
 
-# Secrets the settings require; nothing authenticates in-process.
-_OFFLINE = {"CACHEMESH_INTERNAL_TOKEN": "offline", "CACHEMESH_API_KEYS_FILE": "/dev/null"}
+# Secrets the settings require (the token as long as every service's start-up check asks);
+# nothing authenticates in-process.
+_OFFLINE = {
+    "CACHEMESH_INTERNAL_TOKEN": "offline-estimator-in-process",
+    "CACHEMESH_API_KEYS_FILE": "/dev/null",
+}
 
 
 async def _no_sleep(_: float) -> None:
