@@ -15,21 +15,13 @@ from collections.abc import Awaitable, Callable
 
 from opentelemetry import trace
 from redis.asyncio import Redis
-from redis.exceptions import (
-    AuthenticationError,
-    AuthorizationError,
-    ClusterDownError,
-    OutOfMemoryError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError, ResponseError
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url
 from services.common.models import ModelTable
-from services.common.redis_pool import bounded_redis
+from services.common.redis_pool import bounded_redis, refused_for_now
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
 from services.router.breaker import MEANWHILE, Breaker, RedisClient, redis_breaker
@@ -135,26 +127,25 @@ async def _first_call(
 ) -> None:
     """``call``, the first of ``redis`` (a client of the Redis at ``url``, ``var``'s value),
     waited for up to ``timeout_s``. Refused (the credentials, a permission, a read-only
-    replica): ``ConfigError``. No answer, or an answer that it cannot serve for now (out of
-    memory under ``noeviction``, MASTERDOWN during a failover, TRYAGAIN): a WARNING, and the
-    router starts without it."""
+    replica, a database it does not have): ``ConfigError``. No answer, or an answer that it
+    cannot serve for now (``refused_for_now``: out of memory under ``noeviction``, MASTERDOWN
+    during a failover, BUSY with another client's script, TRYAGAIN; LOADING is a connection
+    error): a WARNING, and the router starts without it. Before, BUSY was taken for a
+    refusal: the router exited 2 at every restart for as long as the script ran."""
     where = redacted_url(url)  # never its password
     try:
         async with asyncio.timeout(timeout_s):
             await call
-    except _FOR_NOW as exc:  # before ResponseError, of which these are kinds
-        _starts_without(var, where, client, exc)
     except (AuthenticationError, AuthorizationError, ResponseError) as exc:
+        if refused_for_now(exc):  # the one list prefix-cache's start-up reads too
+            _starts_without(var, where, client, exc)
+            return
         await redis.aclose()
         raise ConfigError(f"{var}: Redis at {where} refused ({exc})") from None
     except (RedisError, OSError, TimeoutError) as exc:
         if isinstance(exc, TimeoutError):  # asyncio's, with no message
             exc = TimeoutError(f"no answer within {timeout_s:g} s")
         _starts_without(var, where, client, exc)
-
-
-# Refusals a Redis makes for now, not for the router's configuration: it starts without it
-_FOR_NOW = (OutOfMemoryError, ClusterDownError, TryAgainError)  # MASTERDOWN: a ClusterDownError
 
 
 def _starts_without(var: str, where: str, client: RedisClient, exc: BaseException) -> None:
