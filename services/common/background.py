@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 log = logging.getLogger("cachemesh.server")
 
@@ -16,9 +17,10 @@ log = logging.getLogger("cachemesh.server")
 TASKS_END_S = 1.0
 
 
-async def cancel_within(
-    tasks: Sequence[asyncio.Task[None]], bound_s: float, what: str
-) -> list[asyncio.Task[None]]:
+_Task = TypeVar("_Task", bound="asyncio.Future[Any]")
+
+
+async def cancel_within(tasks: Sequence[_Task], bound_s: float, what: str) -> list[_Task]:
     """Cancels ``tasks`` and waits at most ``bound_s`` for them to end; returns those still
     running then (abandoned: left to the event loop's close). ``what``: the stop, for the
     log. A task that had failed is logged with its error (its error is not the stop's)."""
@@ -29,7 +31,7 @@ async def cancel_within(
     done, running = await asyncio.wait(tasks, timeout=bound_s)
     for task in done:
         if not task.cancelled() and task.exception() is not None:
-            log.error("%s: task %s had failed: %s", what, task.get_name(), task.exception())
+            log.error("%s: task %s had failed: %s", what, _name(task), task.exception())
     left = [task for task in tasks if task in running]
     if left:
         log.error(
@@ -37,6 +39,10 @@ async def cancel_within(
             what,
             len(left),
             bound_s,
-            ", ".join(task.get_name() for task in left),
+            ", ".join(_name(task) for task in left),
         )
     return left
+
+
+def _name(task: asyncio.Future[Any]) -> str:
+    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)

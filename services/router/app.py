@@ -11,6 +11,7 @@ import grpc
 
 from cachemesh.v1 import admin_pb2, admin_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.auth import internal_metadata
+from services.common.background import TASKS_END_S, cancel_within
 from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env
 from services.common.logs import configure_logging
@@ -176,7 +177,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     replays: list[asyncio.Task[None]] = []
 
     async def warmup() -> None:
-        replays.append(asyncio.ensure_future(outbox.run()))
+        replays.append(asyncio.create_task(outbox.run(), name="billing-outbox-replay"))
 
     def malformed(method: str) -> None:
         service, _, name = method.rpartition("/")
@@ -184,9 +185,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             requests.refused(name, "INVALID_ARGUMENT")
 
     async def stop_replays() -> None:
-        for task in replays:
-            task.cancel()
-        await asyncio.gather(*replays, return_exceptions=True)
+        # bounded: a replay that took its cancel and went on held the stop forever, past the
+        # SIGKILL, and with it the outbox's last flush, the limits' last settles, the spans
+        await cancel_within(replays, TASKS_END_S, "router stop")
 
     async def close_ledger() -> None:
         if ledger is not None:

@@ -47,11 +47,12 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.background import TASKS_END_S, cancel_within
 from services.common.clock import Clock, Throttle, Throttles, suppressed
 from services.common.prompt import prompt_chars
 from services.common.span_events import record_event
@@ -508,6 +509,8 @@ class Limiter:
         self._tracer = tracer
         self._timeout_s = timeout_s
         self._background: set[asyncio.Task[None]] = set()
+        # settles a drain gave up on (``drain``): not waited for again by the next one
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:
         """The request's ticket, or its denial. Every limit is checked at once by the store's
@@ -654,7 +657,7 @@ class Limiter:
                 count.failed(exc, now)
                 self._queue(count)
 
-        task = asyncio.ensure_future(first_try())
+        task = asyncio.create_task(first_try(), name=f"limits-settle-{count.settle_id[:8]}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -686,7 +689,7 @@ class Limiter:
             return
         self._pending.append(count)
         if self._replaying is None or self._replaying.done():
-            self._replaying = asyncio.ensure_future(self._replay())
+            self._replaying = asyncio.create_task(self._replay(), name="limits-settle-replay")
 
     async def _replay(self) -> None:
         while self._pending:
@@ -771,15 +774,24 @@ class Limiter:
             log.warning(line, what, kind, exc, suppressed(due, FAILED_LOG_INTERVAL_MS))
 
     async def drain(self) -> None:
-        """Waits for the settles' first tries (not for a store that is down to come back)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Waits for the settles' first tries (not for a store that is down to come back),
+        those started while it waits too. Each ends within ``timeout_s``; one still running
+        ``TASKS_END_S`` after that (a store call that took its timeout's cancel and went on) is
+        cancelled, and abandoned (logged, its settle counted lost) if it goes on: waiting for it
+        with no bound held the router's stop forever."""
+        abandoned = self._abandoned
+        while pending := [t for t in self._background if not t.done() and t not in abandoned]:
+            _, late = await asyncio.wait(pending, timeout=self._timeout_s + TASKS_END_S)
+            if late:
+                left = await cancel_within(list(late), TASKS_END_S, "limits store drain")
+                abandoned.update(left)
+                if left:
+                    self._drop(len(left), "their first try did not end at the stop", force=True)
 
     async def close(self) -> None:
         await self.drain()
-        if self._replaying is not None:
-            self._replaying.cancel()
-            await asyncio.gather(self._replaying, return_exceptions=True)
+        if self._replaying is not None:  # bounded, as the drain is
+            await cancel_within([self._replaying], TASKS_END_S, "limits store close")
         await self.replay_pending()  # a last try; what is left is lost with the process
         if self._pending:
             self._drop(len(self._pending), "the router stopped", force=True)

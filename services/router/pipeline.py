@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from services.common.background import TASKS_END_S, cancel_within
 from services.common.clock import Clock
 from services.common.deadlines import END_MARGIN_S
 from services.common.errors import Code, RequestError
@@ -1046,9 +1047,9 @@ class Pipeline:
         if not pending:
             return
         _, late = await asyncio.wait(pending, timeout=within_s)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        # their cancel waited for at most TASKS_END_S: a Store that took it and went on held
+        # the stop forever (abandoned, named in an ERROR line)
+        await cancel_within(list(late), TASKS_END_S, "router stop: semantic Stores")
         if late:
             log.warning(
                 "router stop: %d semantic Store(s) still running after %.1f s cancelled; "
