@@ -25,6 +25,16 @@ C_INT_MAX = 2**31 - 1
 # start-up and broke every call later.
 MAX_DURATION_S = 10 * 365 * 86_400
 
+# The most each kind of whole-number setting may give, far beyond any use: a larger value was
+# taken at start-up (``99999999999999999999999`` entries, connections, bytes) and either
+# failed later, naming no variable, or meant nothing (no process holds that many).
+MAX_COUNT = C_INT_MAX  # entries, connections, a queue, requests or tokens a minute, blocks
+MAX_BYTES = 2**40  # 1 TiB: a memory or disk bound of one process
+# A token count of one request (a context window, an output cap): 100M, ten times the longest
+# context window offered. With MAX_PRICE_NANOS (services.common.models) a request's bill
+# stays below 2**53 nano-dollars, so it is exact in the Lua doubles of the limits' Redis.
+MAX_TOKENS = 100_000_000
+
 
 class ConfigError(ValueError):
     """A configuration variable is missing or malformed."""
@@ -59,18 +69,70 @@ class Env:
         default: builtins.int,
         *,
         minimum: builtins.int | None = None,
-        maximum: builtins.int | None = None,
+        maximum: builtins.int,
     ) -> builtins.int:
-        value = self._raw(name)
-        if value is None:
-            result = default
-        else:
-            try:
-                result = int(value)
-            except ValueError:
-                raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        """A whole number, at most ``maximum`` (every integer setting has one: see
+        ``count``, ``bytes`` and ``tokens`` for the usual kinds)."""
+        result = self._whole(name, default)
         _check_range(name, result, minimum, maximum)
         return result
+
+    def _whole(self, name: builtins.str, default: builtins.int) -> builtins.int:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+    def count(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = 0,
+        maximum: builtins.int = MAX_COUNT,
+    ) -> builtins.int:
+        """A number of things (entries, connections, requests a minute): at most ``maximum``,
+        by default ``MAX_COUNT``."""
+        return self._most(name, default, minimum, maximum, "a count")
+
+    def bytes(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = 0,
+        maximum: builtins.int = MAX_BYTES,
+    ) -> builtins.int:
+        """A size in bytes: at most ``maximum``, by default ``MAX_BYTES`` (1 TiB)."""
+        return self._most(name, default, minimum, maximum, "bytes")
+
+    def tokens(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = 1,
+        maximum: builtins.int = MAX_TOKENS,
+    ) -> builtins.int:
+        """A number of tokens of one request or one cache: at most ``maximum``, by default
+        ``MAX_TOKENS``."""
+        return self._most(name, default, minimum, maximum, "tokens")
+
+    def _most(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        minimum: builtins.int | None,
+        maximum: builtins.int,
+        kind: builtins.str,
+    ) -> builtins.int:
+        value = self._whole(name, default)
+        _check_range(name, value, minimum, None)
+        check_most(name, value, maximum, kind)
+        return value
 
     def float(
         self,
@@ -117,7 +179,8 @@ class Env:
         maximum: builtins.int = MAX_DURATION_S,
     ) -> builtins.int:
         """``seconds`` for a duration given in whole seconds."""
-        value = self.int(name, default, minimum=minimum)
+        value = self._whole(name, default)
+        _check_range(name, value, minimum, None)
         _check_duration(name, value, maximum)
         return value
 
@@ -163,6 +226,32 @@ def address_error(value: builtins.str) -> builtins.str:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         return "an IPv6 host goes in brackets, [::1]:port"
     return ""
+
+
+def check_most(
+    name: builtins.str, value: builtins.int, maximum: builtins.int, kind: builtins.str
+) -> None:
+    """``name``'s ``value`` (of ``kind``: "a count", "bytes", "tokens") is at most
+    ``maximum``; a refusal names both (the value cut to its first digits)."""
+    if value > maximum:
+        shown = str(value)
+        shown = shown if len(shown) <= 24 else f"{shown[:20]}... ({len(shown)} digits)"
+        raise ConfigError(f"{name} must be at most {maximum:,} ({kind}), got {shown}")
+
+
+def digits_at_most(
+    name: builtins.str, digits: builtins.str, maximum: builtins.int, kind: builtins.str
+) -> builtins.int:
+    """``digits`` (ASCII digits, checked by the caller: part of a list setting) as a number at
+    most ``maximum``. Its length is checked before ``int()``, which raises ValueError (a
+    traceback naming no variable) past 4300 digits."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(maximum)):
+        shown = f"{significant[:20]}... ({len(significant)} digits)"
+        raise ConfigError(f"{name} must be at most {maximum:,} ({kind}), got {shown}")
+    value = int(significant)
+    check_most(name, value, maximum, kind)
+    return value
 
 
 def _check_duration(name: builtins.str, value: builtins.float, maximum: builtins.float) -> None:
@@ -251,8 +340,10 @@ def _redacted_redis_url(url: builtins.str) -> builtins.str:
 
 def redis_url_error(name: builtins.str, url: builtins.str) -> ConfigError:
     """``name``'s value is not a URL redis-py can read (the value is not shown)."""
+    shown = redacted_url(url)
+    shown = shown if shown.startswith("(") else f"({shown})"  # "(not a ... URL; not shown)"
     return ConfigError(
-        f"{name}: not a Redis URL redis-py can read ({redacted_url(url)}): expected "
+        f"{name}: not a Redis URL redis-py can read {shown}: expected "
         "redis://[user:password@]host[:port][/db], rediss://... or unix:///path"
     )
 

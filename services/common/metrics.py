@@ -62,7 +62,7 @@ class MetricsSettings:
         return cls(
             listen=env.address(var, default_listen),
             listen_var=var,
-            max_tenants=env.int(MAX_TENANTS_VAR, DEFAULT_MAX_TENANTS, minimum=0),
+            max_tenants=env.count(MAX_TENANTS_VAR, DEFAULT_MAX_TENANTS),
         )
 
 

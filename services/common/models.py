@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.common.env import ConfigError, Env
+from services.common.env import MAX_TOKENS, ConfigError, Env, digits_at_most
 from services.common.output_caps import with_output_caps
 
 AUTO = "auto"
@@ -48,6 +48,12 @@ _RULE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 KV_BLOCK_TOKENS = 16  # the simulated engine's and vLLM's default block size
 # The cache prices a row may have, each needing its long-context rate when the row has one.
 _CACHE_RATES = ("cache_write_5m_nanos", "cache_write_1h_nanos", "cache_read_nanos")
+# The dearest price a token may have: 10M nano-dollars ($10,000 a million tokens; the dearest
+# shipped row is $75). With a request's tokens at most MAX_TOKENS of prompt and as many of
+# output, its bill is under 2 * 10**15 nano-dollars, below 2**53: exact where the limits'
+# Redis adds it (a Lua double; past 10**17 its INCRBY failed "not an integer", nothing was
+# counted) and far inside the int64 fields that carry it. 10**23 was taken before.
+MAX_PRICE_NANOS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,12 @@ class LongContext(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    above_tokens: int = Field(gt=0)
-    input_nanos: int = Field(ge=0)
-    output_nanos: int = Field(ge=0)
-    cache_write_5m_nanos: int | None = Field(default=None, ge=0)
-    cache_write_1h_nanos: int | None = Field(default=None, ge=0)
-    cache_read_nanos: int | None = Field(default=None, ge=0)
+    above_tokens: int = Field(gt=0, le=MAX_TOKENS)
+    input_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
+    output_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
+    cache_write_5m_nanos: int | None = Field(default=None, ge=0, le=MAX_PRICE_NANOS)
+    cache_write_1h_nanos: int | None = Field(default=None, ge=0, le=MAX_PRICE_NANOS)
+    cache_read_nanos: int | None = Field(default=None, ge=0, le=MAX_PRICE_NANOS)
 
 
 class ModelSpec(BaseModel):
@@ -106,11 +112,11 @@ class ModelSpec(BaseModel):
     # setting and no adapter sends one, so cachemesh cannot turn it off: the HTTP front
     # refuses an Anthropic `thinking: {"type": "disabled"}` to such a model, never drops it.
     thinks_by_default: bool = False
-    input_nanos: int = Field(ge=0)
-    output_nanos: int = Field(ge=0)
-    cache_write_5m_nanos: int = Field(default=0, ge=0)
-    cache_write_1h_nanos: int = Field(default=0, ge=0)
-    cache_read_nanos: int = Field(default=0, ge=0)
+    input_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
+    output_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
+    cache_write_5m_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)
+    cache_write_1h_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)
+    cache_read_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)
     # anthropic / openai: the shortest prefix the provider caches. self_hosted (optional): the
     # shortest KV reuse reported as served by the prefix cache (default: one KV block)
     min_cacheable_tokens: int = Field(default=0, ge=0)
@@ -120,8 +126,8 @@ class ModelSpec(BaseModel):
     # the rates of a prompt over a length (OpenAI's GPT-5.4 over 272K input tokens); None: one
     # price at any length
     long_context: LongContext | None = None
-    context_window_tokens: int = Field(gt=0)
-    max_output_tokens: int = Field(gt=0)
+    context_window_tokens: int = Field(gt=0, le=MAX_TOKENS)
+    max_output_tokens: int = Field(gt=0, le=MAX_TOKENS)
     prefill_tokens_per_s: float | None = Field(default=None, gt=0)  # simulated engines only
     decode_tokens_per_s: float | None = Field(default=None, gt=0)
     # The prefill rate the router's TTFT replica policy assumes for a replica of this model
@@ -479,16 +485,19 @@ def with_context_windows(table: ModelTable, value: str) -> ModelTable:
     seen: set[str] = set()
     for item in value.split(","):
         model_id, sep, figure = (part.strip() for part in item.partition("="))
-        if not sep or not (figure.isascii() and figure.isdigit()) or int(figure) < 1:
+        if not sep or not (figure.isascii() and figure.isdigit()) or not figure.strip("0"):
             raise ConfigError(
                 f"{WINDOW_VARIABLE}: expected model=tokens with tokens >= 1 "
                 f"(e.g. local-small=4096), got {item.strip()[:64]!r}"
             )
+        tokens = digits_at_most(
+            f"{WINDOW_VARIABLE} ({model_id[:64]})", figure, MAX_TOKENS, "tokens"
+        )
         spec = models.get(model_id)
         if spec is None:
             raise ConfigError(f"{WINDOW_VARIABLE}: {model_id[:64]!r} is not in the model table")
         _once(WINDOW_VARIABLE, model_id, seen)
-        models[model_id] = spec.model_copy(update={"context_window_tokens": int(figure)})
+        models[model_id] = spec.model_copy(update={"context_window_tokens": tokens})
     return ModelTable(models=models, auto=table.auto)
 
 
@@ -585,7 +594,15 @@ def with_prices(table: ModelTable, value: str) -> ModelTable:
         if spec is None:
             raise ConfigError(f"CACHEMESH_PRICES: {model_id[:64]!r} is not in the model table")
         _once("CACHEMESH_PRICES", model_id, seen)
-        update = {name: int(p) for name, p in zip(_PRICE_FIELDS, parts, strict=False)}
+        update = {
+            name: digits_at_most(
+                f"CACHEMESH_PRICES ({model_id[:64]} {name})",
+                p,
+                MAX_PRICE_NANOS,
+                "nano-dollars a token",
+            )
+            for name, p in zip(_PRICE_FIELDS, parts, strict=False)
+        }
         update |= _priced_from_input(spec, update)
         row = {**spec.model_dump(exclude_unset=True), **update}
         row |= _long_context_priced(spec, update)

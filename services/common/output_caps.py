@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from services.common.env import ConfigError
+from services.common.env import MAX_TOKENS, ConfigError, digits_at_most
 
 if TYPE_CHECKING:  # models.py applies the caps: no import back at run time
     from services.common.models import ModelTable
@@ -25,7 +25,12 @@ def parse_caps(value: str, table: ModelTable) -> dict[str, int]:
     for item in value.split(","):
         model, sep, tokens = item.strip().partition("=")
         model, tokens = model.strip(), tokens.strip()
-        if not sep or not model or not (tokens.isascii() and tokens.isdigit()) or int(tokens) < 1:
+        if (
+            not sep
+            or not model
+            or not (tokens.isascii() and tokens.isdigit())
+            or not tokens.strip("0")
+        ):
             raise ConfigError(
                 f"{VARIABLE}: expected model=tokens (tokens >= 1, '*' for every model, e.g. "
                 f"*=8192,sim-large=4096), got {item.strip()[:64]!r}"
@@ -34,7 +39,7 @@ def parse_caps(value: str, table: ModelTable) -> dict[str, int]:
             raise ConfigError(f"{VARIABLE}: {model[:64]!r} is not in the model table")
         if model in caps:
             raise ConfigError(f"{VARIABLE}: {model[:64]!r} is named twice")
-        caps[model] = int(tokens)
+        caps[model] = digits_at_most(f"{VARIABLE} ({model[:64]})", tokens, MAX_TOKENS, "tokens")
     for model, cap in caps.items():
         if model == "*":
             continue

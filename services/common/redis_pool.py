@@ -33,7 +33,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 
 def max_connections(env: Env, name: str) -> int:
     """``name``: the most connections each of a service's Redis clients may hold (>= 1)."""
-    return env.int(name, DEFAULT_MAX_CONNECTIONS, minimum=1)
+    return env.count(name, DEFAULT_MAX_CONNECTIONS, minimum=1)
 
 
 def bounded_redis(var: str, url: str, max_connections: int, timeout_s: float | None) -> Redis:

@@ -57,7 +57,7 @@ class HttpFrontSettings:
             keys=KeyStoreSettings.from_env(env),
             max_body_bytes=max_body_bytes(env, message_bytes),
             max_message_bytes=message_bytes,
-            max_in_flight_per_key=env.int("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", 64, minimum=1),
+            max_in_flight_per_key=env.count("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", 64, minimum=1),
             ping_s=env.seconds("HTTP_FRONT_PING_S", 10.0, minimum=0.01),
             write_timeout_s=env.seconds("HTTP_FRONT_WRITE_TIMEOUT_S", 30.0, minimum=0.001),
             gateway_timeout_s=env.seconds("HTTP_FRONT_GATEWAY_TIMEOUT_S", 600.0, minimum=0.001),
@@ -89,7 +89,7 @@ def max_body_bytes(env: Env, message_bytes: int) -> int:
             f"CACHEMESH_MAX_MESSAGE_BYTES (every service's) to at least "
             f"{MIN_BODY_BYTES * REQUEST_SHARE}"
         )
-    value = env.int(name, default, minimum=MIN_BODY_BYTES)
+    value = env.bytes(name, default, minimum=MIN_BODY_BYTES)
     if value > message_bytes:
         raise ConfigError(
             f"{name} ({value}) must be at most CACHEMESH_MAX_MESSAGE_BYTES ({message_bytes}): "

@@ -16,6 +16,10 @@ DEFAULT_LISTEN = "127.0.0.1:50054"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9104"  # model-2: MODEL_2_METRICS_LISTEN, renamed by the stack
 DEFAULT_MODEL_IDS = "sim-small,sim-large"
 DEFAULT_KV_CAPACITY_BLOCKS = 65536
+# The slowest the simulator may run: each simulated second lasts at most 1000 (a 100-token
+# answer at 1000 takes minutes). 1e300 was taken: every sleep (to inf past 1e308) never ended,
+# the replica SERVING and never answering.
+MAX_TIME_SCALE = 1000.0
 # MODEL_BACKEND -> the table's providers it may serve
 BACKENDS: dict[str, tuple[str, ...]] = {
     "simulated": ("simulated",),
@@ -62,8 +66,8 @@ class ModelSettings:
             models=models,
             backend=backend,
             provider=provider,
-            time_scale=env.float("SIM_TIME_SCALE", 1.0, minimum=0.0),
-            kv_capacity_blocks=env.int(
+            time_scale=env.float("SIM_TIME_SCALE", 1.0, minimum=0.0, maximum=MAX_TIME_SCALE),
+            kv_capacity_blocks=env.count(
                 "MODEL_KV_CAPACITY_BLOCKS", DEFAULT_KV_CAPACITY_BLOCKS, minimum=0
             ),
             drafting=_drafting(env, table, models),

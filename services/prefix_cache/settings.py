@@ -39,15 +39,15 @@ class PrefixCacheSettings:
             internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
             lookback_blocks=_lookback_blocks(env),
             record_ttl_s=_record_ttl_s(env),
-            max_warm_entries=env.int("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
-            max_records=env.int("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
+            max_warm_entries=env.count("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
+            max_records=env.count("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
             redis_url=env.optional_str("PREFIX_CACHE_REDIS_URL"),
             redis_max_connections=max_connections(env, "PREFIX_CACHE_REDIS_MAX_CONNECTIONS"),
-            replica_capacity_blocks=env.int(
+            replica_capacity_blocks=env.count(
                 "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS", 65536, minimum=1
             ),
             plan_ttl_s=env.whole_seconds("PREFIX_CACHE_PLAN_TTL_S", 600),
-            plan_memo_blocks=env.int("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000, minimum=0),
+            plan_memo_blocks=env.count("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000),
         )
 
 
@@ -64,7 +64,7 @@ def _record_ttl_s(env: Env) -> int:
 
 
 def _lookback_blocks(env: Env) -> int:
-    blocks = env.int("PREFIX_CACHE_LOOKBACK_BLOCKS", 20)
+    blocks = env.count("PREFIX_CACHE_LOOKBACK_BLOCKS", 20, minimum=None)
     if blocks < 1:
         raise ConfigError(
             f"PREFIX_CACHE_LOOKBACK_BLOCKS must be >= 1, got {blocks}: it counts the block "

@@ -24,6 +24,11 @@ TIMEOUT_S = "ROUTER_LIMITS_TIMEOUT_S"
 REDIS_MAX_CONNECTIONS = "ROUTER_REDIS_MAX_CONNECTIONS"  # each of the router's Redis clients
 REDIS_BREAKER_S = "ROUTER_REDIS_BREAKER_S"  # each of the router's Redis clients
 DEFAULT_REDIS_BREAKER_S = 5.0
+# The largest budget: $9M, under 2**53 nano-dollars ($9,007,199.25). The limits' Redis compares
+# a period's spend with the budget in its Lua doubles, exact only below 2**53: past it a
+# budget one nano-dollar above the spend read as reached (measured on Redis 7: a spend of
+# 2**53 "reached" a budget of 2**53 + 1), and a budget of 10**23 dollars was taken.
+MAX_BUDGET_USD = 9_000_000
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class LimitSettings:
 def _rate(env: Env, name: str) -> int | None:
     if env.optional_str(name) is None:
         return None
-    return env.int(name, 0, minimum=1)
+    return env.count(name, 0, minimum=1)
 
 
 def _dollars(env: Env, name: str) -> int | None:
@@ -71,6 +76,11 @@ def _dollars(env: Env, name: str) -> int | None:
         ) from None
     if not amount.is_finite() or amount < 0:
         raise ConfigError(f"{name} must be a finite amount >= 0 US dollars, got {value!r}")
+    if amount > MAX_BUDGET_USD:
+        raise ConfigError(
+            f"{name} must be at most {MAX_BUDGET_USD:,} US dollars (the limits' arithmetic is "
+            f"exact up to there), got {value[:32]!r}"
+        )
     nanos = amount * NANOS_PER_DOLLAR
     if nanos != nanos.to_integral_value():
         raise ConfigError(f"{name}: at most 9 decimal places (nano-dollars), got {value!r}")

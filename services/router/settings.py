@@ -97,7 +97,7 @@ class RouterSettings:
             prefix_breaker_s=env.seconds("ROUTER_PREFIX_BREAKER_S", 5.0, minimum=0.0),
             model_timeout_s=env.seconds("ROUTER_MODEL_TIMEOUT_S", 300.0, minimum=0.001),
             idempotency_ttl_s=idempotency_ttl_s(env),
-            idempotency_max=env.int("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
+            idempotency_max=env.count("ROUTER_IDEMPOTENCY_MAX", 100_000, minimum=1),
             idempotency_max_bytes=idempotency_max_bytes(env),
             choice=choice_from_env(env),
             limits=LimitSettings.from_env(env),
@@ -109,11 +109,11 @@ class RouterSettings:
             local_embedder=env.bool("ROUTER_LOCAL_EMBEDDER", True),
             cost_aware=env.bool("ROUTER_COST_AWARE", False),
             tier_thresholds=parse_tier_thresholds(env, table),
-            write_amortize_turns=env.int("ROUTER_WRITE_AMORTIZE_TURNS", 0, minimum=0),
+            write_amortize_turns=env.count("ROUTER_WRITE_AMORTIZE_TURNS", 0),
             data_dir=Path(data_dir) if (data_dir := env.optional_str("ROUTER_DATA_DIR")) else None,
             outbox_retry_s=env.seconds("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
             journal_sync_s=env.seconds("ROUTER_JOURNAL_SYNC_S", 1.0, minimum=0.0),
-            outbox_max_bytes=env.int("ROUTER_OUTBOX_MAX_BYTES", 256 * 1024 * 1024, minimum=0),
+            outbox_max_bytes=env.bytes("ROUTER_OUTBOX_MAX_BYTES", 256 * 1024 * 1024),
             semantic_store_timeout_s=env.seconds(
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
             ),
@@ -163,7 +163,7 @@ def max_request_bytes(env: Env, max_message_bytes: int) -> int:
             f"{name} ({MIN_REQUEST_BYTES}): raise CACHEMESH_MAX_MESSAGE_BYTES to at least "
             f"{MIN_REQUEST_BYTES * REQUEST_SHARE}"
         )
-    value = env.int(name, default_request_bytes(max_message_bytes), minimum=MIN_REQUEST_BYTES)
+    value = env.bytes(name, default_request_bytes(max_message_bytes), minimum=MIN_REQUEST_BYTES)
     if value > most:
         raise ConfigError(
             f"{name} ({value}) must be at most half of CACHEMESH_MAX_MESSAGE_BYTES "
@@ -176,7 +176,7 @@ def max_request_bytes(env: Env, max_message_bytes: int) -> int:
 def idempotency_max_bytes(env: Env) -> int:
     """ROUTER_IDEMPOTENCY_MAX_BYTES: the answer-once table's answers, in serialized bytes
     (``0``: an answer is kept only while its call runs, for the duplicates awaiting it)."""
-    return env.int("ROUTER_IDEMPOTENCY_MAX_BYTES", DEFAULT_MAX_BYTES, minimum=0)
+    return env.bytes("ROUTER_IDEMPOTENCY_MAX_BYTES", DEFAULT_MAX_BYTES)
 
 
 def choice_from_env(env: Env) -> ChoiceSettings:
@@ -188,7 +188,7 @@ def choice_from_env(env: Env) -> ChoiceSettings:
     return ChoiceSettings(
         policy=policy,
         sglang=BalancePolicy(
-            abs_threshold=env.int("ROUTER_BALANCE_ABS_THRESHOLD", 64, minimum=0),
+            abs_threshold=env.count("ROUTER_BALANCE_ABS_THRESHOLD", 64),
             rel_threshold=env.float("ROUTER_BALANCE_REL_THRESHOLD", 1.5, minimum=1.0),
             cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
         ),
@@ -201,7 +201,7 @@ def choice_from_env(env: Env) -> ChoiceSettings:
             kv_capacity_tokens=(
                 None
                 if env.optional_str("ROUTER_KV_CAPACITY_TOKENS") is None
-                else env.int("ROUTER_KV_CAPACITY_TOKENS", 0, minimum=1)
+                else env.tokens("ROUTER_KV_CAPACITY_TOKENS", 0)
             ),
         ),
         ejection=ejection_from_env(env),
@@ -217,7 +217,7 @@ def ejection_from_env(env: Env) -> EjectionPolicy:
             "the cool-off starts at the base and doubles up to the max"
         )
     return EjectionPolicy(
-        after_failures=env.int("ROUTER_EJECT_AFTER_FAILURES", 3, minimum=0),
+        after_failures=env.count("ROUTER_EJECT_AFTER_FAILURES", 3),
         base_s=base_s,
         max_s=max_s,
     )

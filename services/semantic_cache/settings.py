@@ -54,7 +54,7 @@ class SemanticCacheSettings:
                 f"SEMANTIC_CACHE_TTL_S must be > 0 and at most {MAX_TTL_S:.0f} seconds "
                 f"(10 years), got {ttl_s}"
             )
-        max_queue = env.int("SEMANTIC_CACHE_EMBED_MAX_QUEUE", 512, minimum=1)
+        max_queue = env.count("SEMANTIC_CACHE_EMBED_MAX_QUEUE", 512, minimum=1)
         return cls(
             threshold=env.float(
                 "SEMANTIC_CACHE_THRESHOLD", shipped.threshold, minimum=0.0, maximum=1.0
@@ -66,9 +66,9 @@ class SemanticCacheSettings:
                 "SEMANTIC_CACHE_AMBIGUITY_MARGIN", shipped.margin, minimum=0.0, maximum=1.0
             ),
             ttl_s=ttl_s,
-            max_entries=env.int("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
+            max_entries=env.count("SEMANTIC_CACHE_MAX_ENTRIES", 100_000, minimum=1),
             # at least one entry's worth once the embedder is known (``check_max_bytes``)
-            max_bytes=env.int(MAX_BYTES, DEFAULT_MAX_BYTES, minimum=1),
+            max_bytes=env.bytes(MAX_BYTES, DEFAULT_MAX_BYTES, minimum=1),
             faiss_threads=env.int(
                 "SEMANTIC_CACHE_FAISS_THREADS", 1, minimum=1, maximum=MAX_THREADS
             ),
@@ -81,7 +81,7 @@ class SemanticCacheSettings:
             policy=NamespacePolicy.from_env(env, ttl_s),
             lease_s=_positive(env, "SEMANTIC_CACHE_LEASE_S", 30.0),
             lease_wait_s=env.seconds("SEMANTIC_CACHE_LEASE_WAIT_S", 30.0, minimum=0.0),
-            embed_max_batch=env.int("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
+            embed_max_batch=env.count("SEMANTIC_CACHE_EMBED_MAX_BATCH", 32, minimum=1),
             embed_max_queue=max_queue,
             embed_max_queue_per_tenant=_embed_max_queue_per_tenant(env, max_queue),
             ann_min_entries=_ann_min_entries(env),
@@ -107,7 +107,7 @@ def _embed_max_queue_per_tenant(env: Env, max_queue: int) -> int:
     """At most the whole queue; by default half of it (one tenant's burst leaves the other
     half to the others)."""
     name = "SEMANTIC_CACHE_EMBED_MAX_QUEUE_PER_TENANT"
-    value = env.int(name, max(1, max_queue // 2), minimum=1)
+    value = env.count(name, max(1, max_queue // 2), minimum=1)
     if value > max_queue:
         raise ConfigError(
             f"{name} must be at most SEMANTIC_CACHE_EMBED_MAX_QUEUE ({max_queue}), got {value}"
@@ -117,7 +117,7 @@ def _embed_max_queue_per_tenant(env: Env, max_queue: int) -> int:
 
 def _ann_min_entries(env: Env) -> int:
     """0 (always exact) or at least 16: an IVF trains a point for each of its >= 16 lists."""
-    value = env.int("SEMANTIC_CACHE_ANN_MIN_ENTRIES", 20_000, minimum=0)
+    value = env.count("SEMANTIC_CACHE_ANN_MIN_ENTRIES", 20_000)
     if 0 < value < 16:
         raise ConfigError(
             f"SEMANTIC_CACHE_ANN_MIN_ENTRIES must be 0 (always exact) or at least 16 (an IVF "

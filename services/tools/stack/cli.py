@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cachemesh.envfile import EnvFileError
+from services.common.env import MAX_DURATION_S
 from services.tools.engine.cache import engine_paths
 from services.tools.engine.servers import (
     EngineError,
@@ -137,6 +138,10 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    if not value <= MAX_DURATION_S:  # inf: `up` waited forever for a stack that never came up
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_DURATION_S} seconds (10 years), got {text[:32]!r}"
+        )
     return value
 
 
