@@ -16,15 +16,17 @@ from collections.abc import Awaitable, Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from services.common.clock import MonotonicClock
 from services.common.env import ConfigError, Env
 from services.common.heap import freeze_startup_heap
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import run_main
 from services.common.telemetry import build_tracer_provider, stop_tracing
+from services.http_front.connections import AcceptErrors, fit_open_files
 from services.http_front.gateway import Gateway
 from services.http_front.handlers import Front
-from services.http_front.http_server import Runner
+from services.http_front.http_server import MAX_FIELD_SIZE, MAX_HEADERS, SERVER, Runner
 from services.http_front.limits import InFlight
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.settings import HttpFrontSettings
@@ -39,8 +41,12 @@ def build_app(front: Front, max_body_bytes: int) -> web.Application:
             return front.no_route(request, request.match_info.http_exception)
         return await handler(request)
 
+    async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER  # not aiohttp's, which names its and Python's version
+
     # aiohttp refuses a larger body itself on read; the front turns that into each API's 413
     app = web.Application(client_max_size=max_body_bytes, middlewares=[no_route])
+    app.on_response_prepare.append(server_header)
     app.router.add_post("/v1/messages", front.messages)
     app.router.add_post("/v1/chat/completions", front.chat_completions)
     app.router.add_get("/v1/models", front.models)
@@ -79,6 +85,7 @@ async def drain(runner: web.BaseRunner, grace: Awaitable[object]) -> None:
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     configure_logging(Env(environ))
     settings = HttpFrontSettings.from_env(environ)
+    max_connections = fit_open_files(settings.max_connections, settings.max_connections_set)
     keys = settings.keys.open(time.monotonic, time.time)
     provider = build_tracer_provider(environ, "http-front")
     gateway = Gateway(
@@ -97,13 +104,22 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics=HttpFrontMetrics(registry, time.perf_counter),
     )
     endpoint = MetricsEndpoint(settings.metrics, registry, ready=front.ready)
+    clock = MonotonicClock()
     runner = Runner(
         build_app(front, settings.max_body_bytes),
+        max_connections=max_connections,
+        clock=clock,
         handle_signals=False,
         access_log=None,
         handler_cancellation=True,  # a caller that disconnects cancels its Gateway call
         shutdown_timeout=settings.grace_s,
+        # also the deadline for a request's headers: aiohttp's default held a connection that
+        # never finished them for an hour
+        keepalive_timeout=settings.idle_timeout_s,
+        max_headers=MAX_HEADERS,
+        max_field_size=MAX_FIELD_SIZE,
     )
+    accept_errors = AcceptErrors(clock)
     await runner.setup()
     host, _, port = settings.listen.rpartition(":")
     ssl_context = settings.tls.ssl_context() if settings.tls is not None else None
@@ -128,6 +144,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     log.info("http-front: %d start-up objects frozen (gc.freeze)", freeze_startup_heap())
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    accept_errors.install(loop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
@@ -139,6 +156,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        accept_errors.uninstall()
         await gateway.close()
         await endpoint.stop()
         await stop_tracing(provider)  # last: bounded, whatever the collector does

@@ -8,11 +8,14 @@ the kind of fault."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from http import HTTPStatus
+from typing import Any, cast
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import (
+    BadHttpMessage,
     BadHttpMethod,
     BadStatusLine,
     HttpProcessingError,
@@ -22,7 +25,23 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_request import BaseRequest
 
+from services.common.clock import Clock, SystemClock, Throttle, suppressed
+
 log = logging.getLogger("cachemesh.http_front")
+
+# what every response says of the server (aiohttp's default names Python's and its own version)
+SERVER = "cachemesh"
+# the parser's bounds on a request's head: an API client sends a dozen short headers. aiohttp's
+# defaults (128 headers of 8,190 bytes) let a connection hold ~1 MB of unfinished headers.
+MAX_HEADERS = 48
+MAX_FIELD_SIZE = 4096
+FULL_LOG_EVERY_MS = 10_000
+_FULL_TEXT = b"503 Service Unavailable: the front has all the connections it takes open; retry\n"
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nServer: " + SERVER.encode() + b"\r\n"
+    b"Content-Length: " + str(len(_FULL_TEXT)).encode() + b"\r\n\r\n" + _FULL_TEXT
+)
 
 # the kind of each parser fault, in words that hold none of the request's bytes
 _KINDS: tuple[tuple[type[HttpProcessingError], str], ...] = (
@@ -35,7 +54,9 @@ _KINDS: tuple[tuple[type[HttpProcessingError], str], ...] = (
 _ANY = "a malformed request line or header (e.g. a control character in a header value)"
 
 
-def fault_kind(exc: HttpProcessingError) -> str:
+def fault_kind(exc: HttpProcessingError, max_headers: int = MAX_HEADERS) -> str:
+    if type(exc) is BadHttpMessage and "too many headers" in exc.message.lower():
+        return f"more than {max_headers} headers"
     return next((kind for cls, kind in _KINDS if isinstance(exc, cls)), _ANY)
 
 
@@ -55,8 +76,10 @@ class _Handler(web_protocol.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError):  # not the parser's: aiohttp's own answer
-            return super().handle_error(request, status, exc, message)
-        kind = fault_kind(exc)
+            answer = super().handle_error(request, status, exc, message)
+            answer.headers["Server"] = SERVER
+            return answer
+        kind = fault_kind(exc, self.max_headers)
         log.warning(
             "the HTTP parser refused a request from %s: %s (%s, %d); its bytes are not logged",
             request.remote,
@@ -68,18 +91,69 @@ class _Handler(web_protocol.RequestHandler):
             status=status,
             text=f"{status} {_phrase(status)}: the request is not valid HTTP/1.1: {kind}\n",
             content_type="text/plain",
+            headers={"Server": SERVER},
         )
         response.force_close()
         return response
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = cast(_Server, self._manager)
+        if not server.takes_one_more():
+            # not counted, no task: its connection_lost finds no manager and does nothing
+            self._manager = None
+            self._force_close = True
+            cast(asyncio.Transport, transport).write(_FULL)
+            transport.close()  # after the 503 has gone out
+            return
+        super().connection_made(transport)
+
 
 class _Server(web.Server):
+    """aiohttp's server, its connections handled by ``_Handler``; at most ``max_connections``
+    open at once (``HTTP_FRONT_MAX_CONNECTIONS``)."""
+
+    max_connections: int
+    _full: Throttle
+
     def __call__(self) -> web_protocol.RequestHandler:
         return _Handler(self, loop=self._loop, **self._kwargs)
 
+    def takes_one_more(self) -> bool:
+        open_now = len(self._connections)
+        if open_now < self.max_connections:
+            return True
+        refused = self._full.due()
+        if refused:
+            log.warning(
+                "http-front: a new connection answered 503 and closed: %d open, at "
+                "HTTP_FRONT_MAX_CONNECTIONS (%d)%s",
+                open_now,
+                self.max_connections,
+                suppressed(refused, FULL_LOG_EVERY_MS),
+            )
+        return False
+
 
 class Runner(web.AppRunner):
+    """``max_connections``: connections open at once, one more is answered 503 and closed;
+    ``clock``: times the warning that says so (one an interval)."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        max_connections: int,
+        clock: Clock | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+        self._clock = clock if clock is not None else SystemClock()
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _Server  # the same server, its connections handled by _Handler
+        assert isinstance(server, _Server)
+        server.max_connections = self._max_connections
+        server._full = Throttle(self._clock, FULL_LOG_EVERY_MS)
         return server

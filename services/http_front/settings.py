@@ -10,12 +10,14 @@ from services.common.metrics import MetricsSettings
 from services.common.models import AUTO, ModelTable, model_table_from_env
 from services.common.server import REQUEST_SHARE, default_request_bytes, max_message_bytes
 from services.common.tls import ClientTls, ServerTls
+from services.http_front.connections import MAX_CONNECTIONS
 from services.router.key_settings import KeyStoreSettings
 from services.router.settings import parse_replicas
 
 DEFAULT_LISTEN = "127.0.0.1:8088"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9106"
 MIN_BODY_BYTES = 1024
+DEFAULT_MAX_CONNECTIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,16 @@ class HttpFrontSettings:
     write_timeout_s: float
     gateway_timeout_s: float
     grace_s: float
+    # a connection that has not finished a request's headers this long after it opened or after
+    # its last response (idle or dribbling them) is closed
+    idle_timeout_s: float
+    # a body not whole this long after its headers: 408, the connection closed
+    body_timeout_s: float
+    # connections open at once; one more is answered 503 and closed (below RLIMIT_NOFILE)
+    max_connections: int
+    # HTTP_FRONT_MAX_CONNECTIONS was set: an open-file limit too low for it stops the start
+    # (unset: the default is lowered to what the limit holds, with a WARNING)
+    max_connections_set: bool
     models: tuple[str, ...]  # what /v1/models lists: "auto" and the deployed models
     default_max_tokens: dict[
         str, int
@@ -62,6 +74,10 @@ class HttpFrontSettings:
             write_timeout_s=env.seconds("HTTP_FRONT_WRITE_TIMEOUT_S", 30.0, minimum=0.001),
             gateway_timeout_s=env.seconds("HTTP_FRONT_GATEWAY_TIMEOUT_S", 600.0, minimum=0.001),
             grace_s=env.seconds("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
+            idle_timeout_s=env.seconds("HTTP_FRONT_IDLE_TIMEOUT_S", 15.0, minimum=0.001),
+            body_timeout_s=env.seconds("HTTP_FRONT_BODY_TIMEOUT_S", 30.0, minimum=0.001),
+            max_connections=env.count(MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, minimum=1),
+            max_connections_set=bool(environ.get(MAX_CONNECTIONS, "").strip()),
             models=models,
             default_max_tokens={m: _output_limit(table, m) for m in models},
             thinks_by_default=frozenset(m for m in models if _thinks(table, m)),

@@ -44,7 +44,13 @@ async def test_a_stream_still_running_at_the_end_of_the_grace_is_cancelled() -> 
     app.router.add_get("/endless", endless)
     app.router.add_get("/short", short)
     # aiohttp's own timeout far past the grace: only the grace may end the drain
-    runner = Runner(app, handle_signals=False, handler_cancellation=True, shutdown_timeout=3600)
+    runner = Runner(
+        app,
+        max_connections=100,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=3600,
+    )
     await runner.setup()
     port = _free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
