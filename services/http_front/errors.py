@@ -31,6 +31,7 @@ Kind = Literal[
     "no_route",
     "no_method",
     "request_too_large",
+    "request_timeout",
     "rate_limit",
     "overloaded",
     "timeout",
@@ -45,6 +46,7 @@ _ANTHROPIC_TYPE: dict[Kind, str] = {
     "no_route": "not_found_error",
     "no_method": "invalid_request_error",
     "request_too_large": "request_too_large",
+    "request_timeout": "invalid_request_error",  # the caller's body came too slowly
     "rate_limit": "rate_limit_error",
     "overloaded": "overloaded_error",
     "timeout": "timeout_error",
@@ -60,6 +62,7 @@ _OPENAI_TYPE: dict[Kind, tuple[str, str | None]] = {
     "no_route": ("invalid_request_error", None),
     "no_method": ("invalid_request_error", None),
     "request_too_large": ("invalid_request_error", "request_too_large"),
+    "request_timeout": ("invalid_request_error", "request_timeout"),
     "rate_limit": ("rate_limit_exceeded", "rate_limit_exceeded"),
     "overloaded": ("server_error", "overloaded"),
     "timeout": ("server_error", "timeout"),
@@ -73,6 +76,7 @@ _STATUS: dict[Kind, int] = {
     "no_route": 404,
     "no_method": 405,
     "request_too_large": 413,
+    "request_timeout": 408,
     "rate_limit": 429,
     "overloaded": 529,  # Anthropic's overloaded; OpenAI's is 503 (status_for)
     "timeout": 504,

@@ -23,6 +23,7 @@ from services.http_front.fields import parse_body
 from services.http_front.gateway import Gateway
 from services.http_front.limits import InFlight
 from services.http_front.metrics import HttpFrontMetrics
+from services.http_front.readiness import CachedVerdict
 from services.http_front.settings import HttpFrontSettings
 
 log = logging.getLogger("cachemesh.http_front")
@@ -37,6 +38,9 @@ _STALLED = web.RequestKey("cachemesh.stalled", bool)
 # on the request once the Gateway has answered (its end, or a stream's start: the model call
 # is then billed, cut or not): a failure of the front after that says x-should-retry: false
 _ANSWERED = web.RequestKey("cachemesh.answered", bool)
+# on the request once its body outlasted HTTP_FRONT_BODY_TIMEOUT_S: its 408 goes out, then its
+# connection is closed (aiohttp would read what is left of the body for up to 10 s more)
+_BODY_CUT = web.RequestKey("cachemesh.body_cut", bool)
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 _NO_KEY = {
@@ -87,6 +91,7 @@ class Front:
         tracer: trace.Tracer,
         clock: Callable[[], float] = time.time,
         metrics: HttpFrontMetrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,  # ages the cached readiness verdict
     ) -> None:
         self._settings = settings
         self._keys = keys
@@ -96,6 +101,7 @@ class Front:
         self._clock = clock
         self._metrics = metrics
         self.draining = False
+        self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
 
     # --- routes -------------------------------------------------------------------------------
     async def messages(self, request: web.Request) -> web.StreamResponse:
@@ -113,15 +119,13 @@ class Front:
 
     async def ready(self) -> bool:
         """What the metrics port's ``GET /readyz`` answers (plaintext, whatever this port is)."""
-        return not self.draining and await self._gateway.serving()
+        return not self.draining and await self._gateway_ready.serving()
 
     async def readyz(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
             return _json({"status": "draining"}, 503)
-        if not await self._gateway.serving():
-            return _json(
-                {"status": "gateway not serving", "gateway": self._settings.gateway_addr}, 503
-            )
+        if not await self._gateway_ready.serving():  # its address: in the log, not here
+            return _json({"status": "gateway not serving"}, 503)
         return _json({"status": "ready"})
 
     # --- the common path ----------------------------------------------------------------------
@@ -197,6 +201,8 @@ class Front:
                 # the write still waiting on the caller is dropped with its connection (aiohttp
                 # would otherwise wait on it to end the response)
                 request.transport.abort()
+            if request.get(_BODY_CUT) and request.transport is not None:
+                await _answer_and_close(request, response)
             span.set_attribute("http.response.status_code", response.status)
             log.debug("%s answered %d", name, response.status)
             return response
@@ -282,98 +288,120 @@ class Front:
         limit = self._settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(request.content_length, limit)
+        wait_s = self._settings.body_timeout_s
         try:
-            raw = await request.read()
+            async with asyncio.timeout(wait_s):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(None, limit) from None
+        except TimeoutError:
+            # a body dripped a byte at a time held its buffer and its connection for ever
+            request[_BODY_CUT] = True
+            raise ApiError(
+                "request_timeout",
+                f"request body not received whole within {wait_s:g} s of its headers; send "
+                "it without pauses (the connection is closed)",
+            ) from None
         return parse_body(raw)
 
     # --- Anthropic ----------------------------------------------------------------------------
     async def _messages(
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
-        gw, stream = anthropic_api.parse_request(
-            await self._body(request), thinks_by_default=self._settings.thinks_by_default
-        )
-        facts.cache_options(request.headers, gw)
-        with self._in_flight.slot(tenant):
-            if not stream:
-                end = await self._gateway.complete(gw, key, traceparent)
-                request[_ANSWERED] = True
-                headers = facts.end_headers(end, traceparent)
-                headers[_ID_HEADER["anthropic"]] = end.request_id
-                return _json(anthropic_api.response(end), headers=headers)
-            events = anthropic_api.EventStream()
-            ping = sse.event(*anthropic_api.PING)
-            # the pacer closes first (its pending read cancelled), then the call: a write that
-            # fails while a read is pending must not close the call under it
-            async with (
-                aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
-                aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
-            ):
-                start, opened = await self._started(
-                    request, gw, paced, "anthropic", ping, traceparent
-                )
-                response = opened or await self._open_stream(
-                    request, start, "anthropic", traceparent
-                )
-                for name, body in events.start(start.start):
-                    await self._sent(request, response.write(sse.event(name, body)))
-                try:
-                    async for chunk in paced:
-                        for name, body in _anthropic_events(events, chunk):
-                            await self._sent(request, response.write(sse.event(name, body)))
-                except ApiError as error:
-                    _ended_by(request, "anthropic", error)
-                    body = error.body_for("anthropic", start.start.request_id)
-                    await self._sent(request, response.write(sse.event("error", body)))
-            await self._sent(request, response.write_eof())
-            return response
+        with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
+            gw, stream = anthropic_api.parse_request(
+                await self._body(request), thinks_by_default=self._settings.thinks_by_default
+            )
+            facts.cache_options(request.headers, gw)
+            return await self._anthropic(request, gw, stream, key, traceparent)
+
+    async def _anthropic(
+        self, request: web.Request, gw: pb.CompleteRequest, stream: bool, key: str, traceparent: str
+    ) -> web.StreamResponse:
+        if not stream:
+            end = await self._gateway.complete(gw, key, traceparent)
+            request[_ANSWERED] = True
+            headers = facts.end_headers(end, traceparent)
+            headers[_ID_HEADER["anthropic"]] = end.request_id
+            return _json(anthropic_api.response(end), headers=headers)
+        events = anthropic_api.EventStream()
+        ping = sse.event(*anthropic_api.PING)
+        # the pacer closes first (its pending read cancelled), then the call: a write that
+        # fails while a read is pending must not close the call under it
+        async with (
+            aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
+            aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
+        ):
+            start, opened = await self._started(request, gw, paced, "anthropic", ping, traceparent)
+            response = opened or await self._open_stream(request, start, "anthropic", traceparent)
+            for name, body in events.start(start.start):
+                await self._sent(request, response.write(sse.event(name, body)))
+            try:
+                async for chunk in paced:
+                    for name, body in _anthropic_events(events, chunk):
+                        await self._sent(request, response.write(sse.event(name, body)))
+            except ApiError as error:
+                _ended_by(request, "anthropic", error)
+                body = error.body_for("anthropic", start.start.request_id)
+                await self._sent(request, response.write(sse.event("error", body)))
+        await self._sent(request, response.write_eof())
+        return response
 
     # --- OpenAI -------------------------------------------------------------------------------
     async def _chat(
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
-        body = await self._body(request)
-        model = body.get("model")
-        default = self._settings.default_max_tokens.get(
-            model if isinstance(model, str) else "", 1024
-        )
-        gw, stream, include_usage = openai_api.parse_request(body, default)
-        facts.cache_options(request.headers, gw)
+        with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
+            body = await self._body(request)
+            model = body.get("model")
+            default = self._settings.default_max_tokens.get(
+                model if isinstance(model, str) else "", 1024
+            )
+            gw, stream, include_usage = openai_api.parse_request(body, default)
+            facts.cache_options(request.headers, gw)
+            return await self._openai(request, gw, stream, include_usage, key, traceparent)
+
+    async def _openai(
+        self,
+        request: web.Request,
+        gw: pb.CompleteRequest,
+        stream: bool,
+        include_usage: bool,
+        key: str,
+        traceparent: str,
+    ) -> web.StreamResponse:
         created = int(self._clock())
-        with self._in_flight.slot(tenant):
-            if not stream:
-                end = await self._gateway.complete(gw, key, traceparent)
-                request[_ANSWERED] = True
-                headers = facts.end_headers(end, traceparent)
-                headers[_ID_HEADER["openai"]] = end.request_id
-                return _json(openai_api.response(end, created), headers=headers)
-            chunker = openai_api.ChunkStream(created, include_usage)
-            async with (
-                aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
-                aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
-            ):
-                start, opened = await self._started(
-                    request, gw, paced, "openai", sse.COMMENT_PING, traceparent
-                )
-                response = opened or await self._open_stream(request, start, "openai", traceparent)
-                for item in chunker.start(start.start):
-                    await self._sent(request, response.write(sse.data(item)))
-                try:
-                    async for chunk in paced:
-                        if chunk is None:
-                            await self._sent(request, response.write(sse.COMMENT_PING))
-                            continue
-                        for item in _openai_chunks(chunker, chunk):
-                            await self._sent(request, response.write(sse.data(item)))
-                except ApiError as error:
-                    _ended_by(request, "openai", error)
-                    body = error.body_for("openai", start.start.request_id)
-                    await self._sent(request, response.write(sse.data(body)))
-            await self._sent(request, response.write(sse.DONE))
-            await self._sent(request, response.write_eof())
-            return response
+        if not stream:
+            end = await self._gateway.complete(gw, key, traceparent)
+            request[_ANSWERED] = True
+            headers = facts.end_headers(end, traceparent)
+            headers[_ID_HEADER["openai"]] = end.request_id
+            return _json(openai_api.response(end, created), headers=headers)
+        chunker = openai_api.ChunkStream(created, include_usage)
+        async with (
+            aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
+            aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
+        ):
+            start, opened = await self._started(
+                request, gw, paced, "openai", sse.COMMENT_PING, traceparent
+            )
+            response = opened or await self._open_stream(request, start, "openai", traceparent)
+            for item in chunker.start(start.start):
+                await self._sent(request, response.write(sse.data(item)))
+            try:
+                async for chunk in paced:
+                    if chunk is None:
+                        await self._sent(request, response.write(sse.COMMENT_PING))
+                        continue
+                    for item in _openai_chunks(chunker, chunk):
+                        await self._sent(request, response.write(sse.data(item)))
+            except ApiError as error:
+                _ended_by(request, "openai", error)
+                body = error.body_for("openai", start.start.request_id)
+                await self._sent(request, response.write(sse.data(body)))
+        await self._sent(request, response.write(sse.DONE))
+        await self._sent(request, response.write_eof())
+        return response
 
     async def _started(
         self,
@@ -466,6 +494,16 @@ def _key(api: Api, request: web.Request) -> str | None:
     if scheme.lower() == "bearer" and token.strip():
         return token.strip() if token.isascii() else None
     return None
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Sends ``response`` and closes the connection once it has gone out, without reading
+    the rest of the request's body."""
+    response.force_close()
+    with contextlib.suppress(ConnectionError, RuntimeError):  # the caller may be gone
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()
 
 
 def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
