@@ -160,7 +160,21 @@ def test_the_open_file_limit_is_raised_to_fit_the_cap(
 
 def test_a_cap_the_hard_open_file_limit_cannot_hold_is_refused_naming_both() -> None:
     with pytest.raises(ConfigError, match=r"HTTP_FRONT_MAX_CONNECTIONS \(4096\).*at most 1024"):
-        fit_open_files(4096, get=lambda: (1024, 1024), set_soft=lambda _: None)
+        fit_open_files(4096, chosen=True, get=lambda: (1024, 1024), set_soft=lambda _: None)
+
+
+def test_the_default_cap_is_lowered_to_what_a_low_hard_limit_holds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """HTTP_FRONT_MAX_CONNECTIONS unset on a host whose hard limit is 4,096 (some are): the
+    front starts, holding the connections that limit leaves, and says so once."""
+    set_to: list[tuple[int, int]] = []
+    cap = fit_open_files(4096, chosen=False, get=lambda: (1024, 4096), set_soft=set_to.append)
+    assert cap == 4096 - RESERVED_FILES
+    assert set_to == [(4096, 4096)]
+    assert any("HTTP_FRONT_MAX_CONNECTIONS" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError):  # too low to hold even the front's own files
+        fit_open_files(4096, chosen=False, get=lambda: (64, 200), set_soft=set_to.append)
 
 
 async def test_the_accept_error_of_a_full_file_table_is_logged_once_an_interval(
