@@ -20,10 +20,19 @@ INITIAL_RECONNECT_BACKOFF_MS = 100
 MAX_RECONNECT_BACKOFF_MS = 1000
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
-# the shortest interval between a client's pings a server accepts (while it sends nothing):
-# half the shortest of this project's clients' (KEEPALIVE_TIME_MS, which the HTTP front uses
-# to the Gateway too; the Python client's 30 s), so a late timer never makes one a strike
-MIN_PING_INTERVAL_MS = 5_000
+# The shortest interval between a client's pings a server accepts while it sends the client
+# nothing (no headers, data or window update): a tenth of the shortest keepalive of this
+# project's clients (KEEPALIVE_TIME_MS, which the HTTP front uses to the Gateway too; the Python
+# client's 30 s). gRPC clocks a keepalive ping from the answer to the one before, so two arrive
+# at least KEEPALIVE_TIME_MS apart; the BDP probe pings gRPC sends after data it receives come
+# right after the server sent something, which forgives every strike. gRPC's own client never
+# pings more often than every second without data, the same floor.
+MIN_PING_INTERVAL_MS = 1_000
+# The channel argument gRPC reads it from (GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS).
+# gRPC ignores an unknown key: under the key named after the macro the Gateway kept gRPC's
+# default of 5 minutes, and a front quiet for 30 s (idle, or a model still thinking) got
+# GOAWAY too_many_pings on its fourth keepalive ping, failing every call on the connection.
+MIN_PING_INTERVAL_ARG = "grpc.http2.min_ping_interval_without_data_ms"
 
 Options = list[tuple[str, int | str]]
 
@@ -66,6 +75,6 @@ def server_options(policy: ConnectionPolicy | None = None) -> Options:
     return [
         *alone,
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        (MIN_PING_INTERVAL_ARG, MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 0),
     ]

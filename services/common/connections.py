@@ -13,9 +13,10 @@ streams, and their model calls, until TCP gives up (~15 min). Here:
   ``keepalive_time_s`` (with or without calls) and closes it when the ping is not answered
   within ``keepalive_timeout_s``, cancelling its calls. gRPC waits for a ping's answer for
   ``grpc.http2.ping_timeout_ms`` (1 minute) unless told, so both are set. ``0``: no pings.
-- ``max_ping_strikes``: a client pinging more often than every ``MIN_PING_INTERVAL_MS`` (while
-  nothing is sent to it) gets GOAWAY ``too_many_pings`` after this many such pings (gRPC's
-  ping-flood guard). ``0``: any rate is accepted.
+- ``max_ping_strikes``: a client pinging more often than every ``MIN_PING_INTERVAL_MS`` (1 s,
+  a tenth of this project's clients' shortest keepalive; while nothing is sent to it) gets
+  GOAWAY ``too_many_pings`` after this many such pings (gRPC's ping-flood guard: a client
+  pinging in a loop is cut at once). ``0``: any rate is accepted.
 - ``max_connection_idle_s``: a connection without a call for this long is closed (GOAWAY; the
   client reconnects at its next call). ``0``: never. There is no maximum connection age: it
   would cut streams that run for minutes.
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.channels import MIN_PING_INTERVAL_MS, Options
+from services.common.channels import MIN_PING_INTERVAL_ARG, MIN_PING_INTERVAL_MS, Options
 from services.common.env import C_INT_MAX, Env
 
 MOST_S = C_INT_MAX // 1000  # gRPC takes these in milliseconds, as a C int
@@ -44,6 +45,9 @@ class ConnectionPolicy:
     keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S
     max_ping_strikes: int = DEFAULT_MAX_PING_STRIKES  # 0 = pings at any rate accepted
     max_connection_idle_s: float = DEFAULT_MAX_CONNECTION_IDLE_S  # 0 = never closed for idling
+    # the least interval between a client's pings accepted while nothing is sent to it (not
+    # configurable: tests scale it with the clients' keepalive)
+    min_ping_interval_ms: int = MIN_PING_INTERVAL_MS
 
     @classmethod
     def from_env(cls, env: Env, prefix: str) -> ConnectionPolicy:
@@ -75,7 +79,7 @@ class ConnectionPolicy:
         """The server's gRPC options for this policy (beside ``server_options``' own)."""
         options: Options = [
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+            (MIN_PING_INTERVAL_ARG, self.min_ping_interval_ms),
             ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
         ]
         if self.max_concurrent_streams > 0:

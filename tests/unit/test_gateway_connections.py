@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from cachemesh import channel_options
-from services.common.channels import KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, MIN_PING_INTERVAL_MS
+from services.common.channels import (
+    KEEPALIVE_TIME_MS,
+    KEEPALIVE_TIMEOUT_MS,
+    MIN_PING_INTERVAL_ARG,
+    MIN_PING_INTERVAL_MS,
+)
 from services.common.channels import channel_options as internal_channel_options
 from services.common.connections import ConnectionPolicy
 from services.common.env import ConfigError, Env
@@ -39,7 +44,9 @@ def test_the_routers_defaults_reach_its_grpc_server() -> None:
     assert options["grpc.http2.ping_timeout_ms"] == 10_000
     assert options["grpc.http2.max_pings_without_data"] == 0
     assert options["grpc.keepalive_permit_without_calls"] == 1
-    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == MIN_PING_INTERVAL_MS
+    # the key gRPC reads (an unknown one is ignored: gRPC's 5 minutes applied)
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == MIN_PING_INTERVAL_MS == 1000
+    assert "grpc.http2.min_recv_ping_interval_without_data_ms" not in options
     assert options["grpc.http2.max_ping_strikes"] == 2
     assert "grpc.max_connection_idle_ms" not in options
     assert "grpc.max_connection_age_ms" not in options  # long streams are never cut
@@ -101,18 +108,20 @@ def test_a_bad_setting_stops_the_start_up_naming_it(name: str, value: str) -> No
 def test_the_internal_services_keep_accepting_every_ping_with_no_stream_limit() -> None:
     options = dict(grpc_server_options(ServerSettings("127.0.0.1:0", 1.0, 1 << 20)))
     assert options["grpc.http2.max_ping_strikes"] == 0
+    assert options[MIN_PING_INTERVAL_ARG] == MIN_PING_INTERVAL_MS
     assert "grpc.max_concurrent_streams" not in options
     assert "grpc.keepalive_time_ms" not in options
 
 
 def test_the_clients_pings_are_never_strikes_at_the_gateway() -> None:
-    """The Python client and the HTTP front (the internal channel options) ping no more often
-    than the Gateway accepts, with room for a late timer."""
+    """The Python client and the HTTP front (the internal channel options) ping ten times less
+    often than the Gateway accepts (tests/unit/test_ping_policy.py: on real connections)."""
     client = dict(channel_options())
-    assert int(client["grpc.keepalive_time_ms"]) >= 2 * MIN_PING_INTERVAL_MS
+    assert int(client["grpc.keepalive_time_ms"]) >= 10 * MIN_PING_INTERVAL_MS
     assert int(client["grpc.http2.max_pings_without_data"]) == 0  # a quiet stream stays watched
     assert int(client["grpc.keepalive_timeout_ms"]) == int(client["grpc.http2.ping_timeout_ms"])
-    assert KEEPALIVE_TIME_MS >= 2 * MIN_PING_INTERVAL_MS
+    internal = dict(internal_channel_options(1 << 20))
+    assert int(internal["grpc.keepalive_time_ms"]) == KEEPALIVE_TIME_MS >= 10 * MIN_PING_INTERVAL_MS
 
 
 def test_internal_channels_wait_for_a_pings_answer_only_the_keepalive_timeout() -> None:
