@@ -16,7 +16,8 @@ streams, and their model calls, until TCP gives up (~15 min). Here:
 - ``max_ping_strikes``: a client pinging more often than every ``MIN_PING_INTERVAL_MS`` (1 s,
   a tenth of this project's clients' shortest keepalive; while nothing is sent to it) gets
   GOAWAY ``too_many_pings`` after this many such pings (gRPC's ping-flood guard: a client
-  pinging in a loop is cut at once). ``0``: any rate is accepted.
+  pinging in a loop is cut at once). A strike is forgiven only when the server next sends
+  something (headers, data, a window update). ``0``: any rate is accepted.
 - ``max_connection_idle_s``: a connection without a call for this long is closed (GOAWAY; the
   client reconnects at its next call). ``0``: never. There is no maximum connection age: it
   would cut streams that run for minutes.
@@ -34,7 +35,10 @@ MOST_S = C_INT_MAX // 1000  # gRPC takes these in milliseconds, as a C int
 DEFAULT_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_KEEPALIVE_TIME_S = 30.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 10.0
-DEFAULT_MAX_PING_STRIKES = 2  # gRPC's own
+# gRPC's own 2 leaves no room: a strike is forgiven only when the server sends something, and
+# a keepalive ping with two BDP probe pings close behind it (after data the server sent just
+# before the keepalive arrived) can make two. A client pinging in a loop is cut at the 6th.
+DEFAULT_MAX_PING_STRIKES = 5
 DEFAULT_MAX_CONNECTION_IDLE_S = 0.0
 
 

@@ -47,7 +47,7 @@ def test_the_routers_defaults_reach_its_grpc_server() -> None:
     # the key gRPC reads (an unknown one is ignored: gRPC's 5 minutes applied)
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == MIN_PING_INTERVAL_MS == 1000
     assert "grpc.http2.min_recv_ping_interval_without_data_ms" not in options
-    assert options["grpc.http2.max_ping_strikes"] == 2
+    assert options["grpc.http2.max_ping_strikes"] == 5
     assert "grpc.max_connection_idle_ms" not in options
     assert "grpc.max_connection_age_ms" not in options  # long streams are never cut
     assert options["grpc.so_reuseport"] == 0
