@@ -42,6 +42,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from services.common.background import end_if_cancelled
 from services.common.env import ConfigError, redacted_url
 from services.common.redis_pool import refused_for_now
 
@@ -103,13 +104,15 @@ class RedisHealth:
             self._wake.set()
 
     async def run(self, every_s: float = PING_EVERY_S) -> None:
-        """PINGs every ``every_s``, or at once when a call failed, until cancelled."""
+        """PINGs every ``every_s``, or at once when a call failed, until cancelled (also when
+        the cancel came during a PING that swallowed it: ``end_if_cancelled``)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every_s):
                     await self._wake.wait()
             self._wake.clear()
             await self.check()
+            end_if_cancelled()  # a cancel redis-py's send swallowed (background.py)
 
     async def _ping(self) -> None:
         """A PING, then a write that changes nothing (``WRITE_PROBE_KEY``); raises what Redis

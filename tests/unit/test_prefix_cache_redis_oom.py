@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.background import cancel_within
 from services.common.clock import ManualClock
 from services.common.env import Env
 from services.common.errors import Code, RequestError
@@ -32,6 +33,8 @@ from services.prefix_cache.wiring import build_core
 from tests.redis_server import redis_server
 
 TOKEN = "test-internal-token-0123456789"
+DEADLINE_S = 60.0  # the most a test here may take: each step is a few ms against a local Redis
+ENDS_WITHIN_S = 5.0  # the most a cancelled health loop may take to end (its next step)
 SYSTEM = " ".join(f"Rule {i}: answer from the refund policy." for i in range(120))
 
 
@@ -103,33 +106,33 @@ async def test_commits_on_a_redis_out_of_memory_say_so_and_health_is_not_serving
 ) -> None:
     """Before: SERVING throughout (PING answered), and each commit failed UNAVAILABLE with
     "prefix-cache's Redis is unreachable (OutOfMemoryError)": a Redis that answered."""
-    api, watch, admin = served.api, served.watch, served.admin
-    await watch.start()
-    served.changed.clear()
-    await api.commit(_warm("before"))  # WARM made; its FINAL comes once Redis is full
-    await admin.config_set("maxmemory", "1")  # under what it holds: every write refused
-    watching = asyncio.ensure_future(watch.run(every_s=3600))  # no PING of its own meanwhile
-    try:
-        for commit in (_final("before"), _warm("during")):
-            refused = await _refused(api.commit(commit))
-            assert refused.code == Code.UNAVAILABLE  # the router keeps the bill, replays it
-            assert "Redis is out of memory" in refused.message, refused.message
-            assert "maxmemory" in refused.message and "unreachable" not in refused.message
-        await asyncio.wait_for(served.changed.wait(), 10)  # the failed call checks at once
-        assert served.told == [True, False]
-        (line,) = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
-        assert "NOT_SERVING" in line and "maxmemory" in line
-        # reads still answer meanwhile
-        totals = await api.totals(pc.TotalsRequest(tenant="acme"))
-        assert totals.requests == 0
-    finally:
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
-    await admin.config_set("maxmemory", "0")
-    await watch.check()
-    assert served.told == [True, False, True]
-    await api.commit(_final("before"))  # the replay bills it
-    assert (await api.totals(pc.TotalsRequest(tenant="acme"))).requests == 1
+    async with asyncio.timeout(DEADLINE_S):  # a regression fails instead of hanging
+        api, watch, admin = served.api, served.watch, served.admin
+        await watch.start()
+        served.changed.clear()
+        await api.commit(_warm("before"))  # WARM made; its FINAL comes once Redis is full
+        await admin.config_set("maxmemory", "1")  # under what it holds: every write refused
+        watching = asyncio.ensure_future(watch.run(every_s=3600))  # no PING of its own meanwhile
+        try:
+            for commit in (_final("before"), _warm("during")):
+                refused = await _refused(api.commit(commit))
+                assert refused.code == Code.UNAVAILABLE  # the router keeps the bill, replays it
+                assert "Redis is out of memory" in refused.message, refused.message
+                assert "maxmemory" in refused.message and "unreachable" not in refused.message
+            await asyncio.wait_for(served.changed.wait(), 10)  # the failed call checks at once
+            assert served.told == [True, False]
+            (line,) = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+            assert "NOT_SERVING" in line and "maxmemory" in line
+            # reads still answer meanwhile
+            totals = await api.totals(pc.TotalsRequest(tenant="acme"))
+            assert totals.requests == 0
+        finally:  # bounded: a cancel lost under a PING left it running (and this test hanging)
+            assert not await cancel_within([watching], ENDS_WITHIN_S, "the test's health loop")
+        await admin.config_set("maxmemory", "0")
+        await watch.check()
+        assert served.told == [True, False, True]
+        await api.commit(_final("before"))  # the replay bills it
+        assert (await api.totals(pc.TotalsRequest(tenant="acme"))).requests == 1
 
 
 async def test_a_redis_out_of_memory_at_start_up_starts_not_serving(
