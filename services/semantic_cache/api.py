@@ -60,7 +60,8 @@ class SemanticCacheApi:
         on_drop: Callable[[], None] | None = None,
     ) -> None:
         """``policies``: each tenant's L1 policy (None: in memory, every tenant's L1 on);
-        ``on_drop`` hears of each Drop that removed entries (a snapshot soon after it)."""
+        ``on_drop`` hears of each Drop taken, whether or not it counted entries (a snapshot
+        soon after it: what had expired is still on the disk until then)."""
         self._cache = cache
         self._on_drop = on_drop
         self._metrics = metrics  # None: the offline estimator
@@ -230,7 +231,10 @@ class SemanticCacheApi:
                 dropped = await self._cache.drop(request.tenant, namespace)
         except NotDurable as exc:  # nothing removed: the entries are still served, say so
             raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
-        if dropped and self._on_drop is not None:
+        if self._on_drop is not None:
+            # after every Drop taken, whatever it counted: entries already expired (not yet
+            # collected) count 0 but their text is still in the log and the snapshot; a save
+            # that finds nothing changed writes nothing
             self._on_drop()  # their text leaves the disk at the next snapshot: soon
         return sc.DropResponse(dropped=dropped)
 

@@ -85,7 +85,8 @@ def build_api(
     on_drop: Callable[[], None] | None = None,
 ) -> SemanticCacheApi:
     """``policies``: the tenants' L1 policies (None: in memory, as for the offline estimator);
-    ``on_drop``: hears of each Drop that removed entries (the snapshotter's ``dropped``)."""
+    ``on_drop``: hears of each Drop taken, even one that counted none (the snapshotter's
+    ``dropped``)."""
     return SemanticCacheApi(
         cache,
         lease_wait_s=config.lease_wait_s,

@@ -15,7 +15,7 @@ from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WriteAheadLog
-from tests.unit.test_semantic_cache_persistence import new_cache, q
+from tests.unit.test_semantic_cache_persistence import TTL_S, new_cache, q
 from tests.unit.test_semantic_cache_rules import answer
 
 QUESTION = "what is the door code of the east warehouse"
@@ -53,6 +53,28 @@ async def test_a_drop_takes_the_dropped_text_off_the_disk_soon(tmp_path: Path, t
     elif target == "entry":
         drop.entry_id = entry.entry_id
     assert (await api.drop(drop)).dropped >= 1
+    await snapshots.settled()
+    assert on_disk(tmp_path) == []
+    await snapshots.stop()
+
+
+@pytest.mark.parametrize("target", ["all", "entry"])
+async def test_a_drop_of_entries_already_expired_takes_their_text_off_the_disk_too(
+    tmp_path: Path, target: str
+) -> None:
+    """Expired but not yet collected, they count as 0 dropped, yet the log still holds their
+    text. Before: no snapshot followed a Drop that counted 0, and the log kept it until the
+    next periodic save (with SEMANTIC_CACHE_SNAPSHOT_S=0, until a clean stop)."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    wal = WriteAheadLog(tmp_path / "wal")
+    snapshots = Snapshotter(SnapshotStore(tmp_path), clock, 0, wal, save_after_drop_s=0)
+    await snapshots.open(cache)
+    api = SemanticCacheApi(cache, on_drop=snapshots.dropped)
+    entry = await cache.store(q(QUESTION), answer(ANSWER))
+    clock.advance(s=TTL_S + 1)  # expired, not yet collected
+    drop = sc.DropRequest(tenant="a", entry_id=entry.entry_id if target == "entry" else "")
+    assert (await api.drop(drop)).dropped == 0
     await snapshots.settled()
     assert on_disk(tmp_path) == []
     await snapshots.stop()
