@@ -2,8 +2,14 @@
 adapter's alike), labelled by the model served (a model this replica serves, else ``other``):
 
 - ``cachemesh_model_in_flight{model}``: Generate calls in progress;
-- ``cachemesh_model_generations_total{model,outcome}``: ``ok``, ``refused`` (a RequestError:
-  the request's fault or the provider's refusal), ``failed``, ``cancelled``;
+- ``cachemesh_model_generations_total{model,outcome}``: ``ok``, ``interrupted`` (the stream
+  ended with an ``interrupted`` end: the provider's stream broke, or the caller's deadline came,
+  before the first token or mid-way; the part produced is billed, the answer is not whole),
+  ``refused`` (a RequestError: the request's fault or the provider's refusal), ``failed``,
+  ``cancelled``. An interrupted end counted ``ok`` before, so a cut answer showed nowhere but
+  in the router (and a call cut before its first token, which failed DEADLINE_EXCEEDED and
+  counted ``refused`` until it was made to end with a start that bills its prompt, turned
+  ``ok``); the decode rate still takes a sample of one cut mid-way, as before;
 - ``cachemesh_model_prompt_tokens_total{model}`` and
   ``cachemesh_model_kv_cached_tokens_total{model}``: the prompts and the part the engine's
   KV cache reused (L3: their ratio is the KV reuse), ``cachemesh_model_output_tokens_total``.
@@ -31,6 +37,8 @@ from prometheus_client import CollectorRegistry
 from cachemesh.v1 import model_pb2
 from services.common.metrics import OTHER, LoopMetrics
 
+OK = "ok"  # a stream that ended with a whole answer
+INTERRUPTED = "interrupted"  # one whose end is interrupted: the answer was cut
 TPS_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 
 
@@ -43,6 +51,7 @@ class Generation:
     first: float | None = None  # when the first output arrived (text, block or progress)
     last: float | None = None  # when the last chunk arrived
     output_tokens: int = 0
+    interrupted: bool = False  # its end says the answer was cut (``outcome``)
     # a start that could not report its prompt: its estimate, counted at the end unless the
     # end reports the provider's figures
     unreported_prompt: int | None = None
@@ -60,7 +69,7 @@ class ModelMetrics:
         )
         self._generations = m.counter(
             "cachemesh_model_generations",
-            "Generate calls ended: ok, refused, failed, cancelled",
+            "Generate calls ended: ok, interrupted, refused, failed, cancelled",
             ("model", "outcome"),
         )
         self._prompt = m.counter(
@@ -101,6 +110,7 @@ class ModelMetrics:
                 self._kv(call.model).inc(chunk.start.kv_cached_tokens)
         elif part == "end":
             call.output_tokens = chunk.end.output_tokens
+            call.interrupted = chunk.end.interrupted
             self._output(call.model).inc(chunk.end.output_tokens)
             if call.unreported_prompt is not None:
                 reported = _reported_prompt(chunk.end)
@@ -112,6 +122,12 @@ class ModelMetrics:
             call.first = now
             self._ttft(call.model).observe(now - call.began)
 
+    @staticmethod
+    def streamed(call: Generation) -> str:
+        """The outcome of a stream that ran to its end: ``ok``, or ``interrupted`` when its
+        end says the answer was cut."""
+        return INTERRUPTED if call.interrupted else OK
+
     def end(self, call: Generation, outcome: str) -> None:
         self._in_flight(call.model).dec()
         if call.unreported_prompt is not None:  # nothing reported: the estimate, no reuse
@@ -120,7 +136,7 @@ class ModelMetrics:
             call.unreported_prompt = None
         self._generations(call.model, outcome).inc()
         first, last = call.first, call.last
-        if outcome != "ok" or first is None or last is None or last <= first:
+        if outcome not in (OK, INTERRUPTED) or first is None or last is None or last <= first:
             return
         if call.output_tokens >= 2:
             self._tps(call.model).observe((call.output_tokens - 1) / (last - first))

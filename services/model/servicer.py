@@ -88,7 +88,7 @@ class ModelService(model_pb2_grpc.ModelServicer):
                 metrics.chunk(call, chunk)
                 _log_chunk(request.model, chunk)
                 yield chunk
-            outcome = "ok"
+            outcome = metrics.streamed(call)  # "interrupted" if its end says it was cut
         except RequestError as error:
             outcome = "refused"
             trailer = ((REASON_KEY, error.reason),) if error.reason else ()
