@@ -36,9 +36,9 @@ RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 MAX_REQUEST_BYTES = 1 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
-RETRY_MARK = ("cachemesh-retry", "1")
+RETRY_MARK = ("cachemesh-retry", "1")  # the router's RETRY_HEADERS: read the answer ledger
 KEEPALIVE_TIME_MS = 30_000
-KEEPALIVE_TIMEOUT_MS = 10_000  # the router's RETRY_HEADERS: read the answer ledger
+KEEPALIVE_TIMEOUT_MS = 10_000
 
 
 def service_config(wait_for_ready: bool, max_attempts: int = MAX_ATTEMPTS) -> str:
