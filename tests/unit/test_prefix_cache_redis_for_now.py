@@ -8,6 +8,7 @@ the service (a wrong password, a database index Redis does not have) still stops
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -112,10 +113,19 @@ async def test_a_redis_busy_with_a_script_at_start_up_does_not_stop_prefix_cache
                 await asyncio.sleep(0.05)
             down, _ = await _serve_until(url, caplog, admin.script_kill)
             assert "BUSY" in down
-        finally:
-            await asyncio.gather(script, return_exceptions=True)
+        finally:  # bounded: the script runs until killed, and a failure above left it running
+            await _end_script(script, admin)
             await looping.aclose()
             await admin.aclose()
+
+
+async def _end_script(script: asyncio.Future[object], admin: Redis) -> None:
+    """Kills the script if it still runs, then waits for its call to end (at most 10 s: an
+    await with no bound hung the test when it failed before killing it)."""
+    if not script.done():
+        with contextlib.suppress(ResponseError):  # NOTBUSY: it had ended meanwhile
+            await admin.script_kill()
+    await asyncio.wait_for(asyncio.gather(script, return_exceptions=True), 10)
 
 
 async def _busy(url: str) -> bool:

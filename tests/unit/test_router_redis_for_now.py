@@ -89,7 +89,8 @@ async def _script_running(url: str) -> AsyncIterator[Redis]:
     finally:
         if not script.done():
             await admin.script_kill()
-        await asyncio.gather(script, return_exceptions=True)
+        # bounded: an await with no bound on a script never killed hangs the test
+        await asyncio.wait_for(asyncio.gather(script, return_exceptions=True), 10)
         await looping.aclose()
         await admin.aclose()
 
