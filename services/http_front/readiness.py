@@ -44,7 +44,10 @@ class CachedVerdict:
             verdict = await self._check()
         finally:
             self._pending = None
-        if verdict != self._verdict:
+        # the first verdict is said only when it is bad: a Gateway serving from the start is
+        # what the front's own start-up line already implies (the verdict is first asked by a
+        # health probe, at any time, perhaps beside a request)
+        if verdict != self._verdict and (self._verdict is not None or not verdict):
             if verdict:
                 log.info("http-front: the Gateway at %s is serving", self._address)
             else:

@@ -93,7 +93,8 @@ def _errors(stack: RunningStack) -> float:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == "cachemesh_router_errors_total"
-        and sample.labels == {"tenant": NONE, "code": "INVALID_ARGUMENT"}
+        and sample.labels.get("tenant") == NONE
+        and sample.labels.get("code") == "INVALID_ARGUMENT"
     )
 
 
