@@ -47,7 +47,9 @@ def channel_options(max_message_bytes: int) -> Options:
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         # gRPC waits a minute for a ping's answer unless told (measured through a relay that
-        # stopped forwarding: the call failed after 70 s, not 15)
+        # stopped forwarding: the call failed after 70 s, not 15). It bounds every ping, the
+        # BDP probes sent after data too: a peer stopped mid-stream (SIGSTOP) is dropped 5 s
+        # on; one merely busy is not (gRPC's threads answer while Python holds the GIL)
         ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
