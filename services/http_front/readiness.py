@@ -28,6 +28,7 @@ class CachedVerdict:
         self._address = address
         self._ttl_s = ttl_s
         self._verdict: bool | None = None
+        self._served = False  # the Gateway has been serving once: its changes are logged
         self._at = 0.0
         self._pending: asyncio.Future[bool] | None = None
 
@@ -44,10 +45,13 @@ class CachedVerdict:
             verdict = await self._check()
         finally:
             self._pending = None
-        # the first verdict is said only when it is bad: a Gateway serving from the start is
-        # what the front's own start-up line already implies (the verdict is first asked by a
-        # health probe, at any time, perhaps beside a request)
-        if verdict != self._verdict and (self._verdict is not None or not verdict):
+        # a Gateway not serving is said (with its address, which /readyz no longer names); its
+        # serving only once it had served before: the start-up's first serving verdict is asked
+        # by a health probe at any time, perhaps beside a request, where every line must be the
+        # request's (the log contract), and the stack says SERVING itself
+        served = self._served
+        self._served = self._served or verdict
+        if verdict != self._verdict and (served or not verdict):
             if verdict:
                 log.info("http-front: the Gateway at %s is serving", self._address)
             else:

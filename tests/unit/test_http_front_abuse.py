@@ -357,23 +357,23 @@ async def test_a_bad_setting_stops_the_start_naming_it(
 async def test_the_gateways_verdict_is_logged_when_it_changes_not_when_first_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A Gateway serving from the start says nothing (the first ask comes from a health probe,
-    at any time, perhaps beside a request, where every line must carry a trace id); one not
-    serving is said, and so is its coming back."""
+    """A Gateway not serving is said, with its address; its first serving verdict is not (asked
+    by a health probe at any time, perhaps beside a request, where every line must carry a trace
+    id); once it has served, its going away is said, and so is its coming back."""
     caplog.set_level(logging.INFO, logger="cachemesh.http_front")
     now = [0.0]
-    answers = [True, False, True]
+    answers = [False, True, False, True]
 
     async def check() -> bool:
         return answers.pop(0)
 
     verdict = CachedVerdict(check, lambda: now[0], "127.0.0.1:50051", ttl_s=1.0)
     said: list[str] = []
-    for _ in range(3):
+    for _ in range(4):
         await verdict.serving()
         said.append(" | ".join(r.getMessage() for r in caplog.records))
         caplog.clear()
         now[0] += 2.0
-    assert said[0] == ""
-    assert "not serving" in said[1] and "127.0.0.1:50051" in said[1]
-    assert said[2].endswith("is serving")
+    assert "not serving" in said[0] and said[1] == ""
+    assert "not serving" in said[2] and "127.0.0.1:50051" in said[2]
+    assert said[3].endswith("is serving")
