@@ -94,62 +94,69 @@ class Breaker:
         self._trial_until = -math.inf
 
 
-def prefix_breaker(
-    open_s: float, clock: Callable[[], float], hung: Callable[[Dependency], None] = _nothing
+def _dependency_breaker(
+    dependency: Dependency,
+    retried: str,
+    opening: str,
+    answering: str,
+    open_s: float,
+    clock: Callable[[], float],
+    hung: Callable[[Dependency], None],
 ) -> Breaker:
-    """prefix-cache left alone across requests after timeouts in a row (``open_s``:
-    ROUTER_PREFIX_BREAKER_S): one WARNING line as a run of them first leaves it alone (not
-    again at each trial that times out), one INFO line when it answers again; ``hung``: told
-    as a hang starts (the metric), not at its re-opens."""
+    """``dependency`` left alone across requests after timeouts in a row (``open_s``): one
+    WARNING line (``opening``, with the run's length and ``open_s``) as a run of them first
+    leaves it alone, DEBUG (``retried``, with ``open_s``) at each trial that times out, one
+    INFO line (``answering``, with the run's length) when it answers again; ``hung``: told as a
+    hang starts (the metric), not at its re-opens."""
 
     def opened(timeouts: int, again: bool) -> None:
         if again:
-            log.debug("prefix-cache: a call tried after %g s timed out; left alone", open_s)
+            log.debug(retried, open_s)
             return
-        hung("prefix-cache")
-        log.warning(
-            "prefix-cache: %d calls timed out in a row; no calls for %g s at a time "
-            "(ROUTER_PREFIX_BREAKER_S) until one answers: answers are estimated, their bills "
-            "kept in the billing outbox",
-            timeouts,
-            open_s,
-        )
+        hung(dependency)
+        log.warning(opening, timeouts, open_s)
 
     def closed(timeouts: int) -> None:
-        log.info("prefix-cache answers again after %d timeouts in a row", timeouts)
+        log.info(answering, timeouts)
 
     return Breaker(open_s, clock, opened, closed)
+
+
+def prefix_breaker(
+    open_s: float, clock: Callable[[], float], hung: Callable[[Dependency], None] = _nothing
+) -> Breaker:
+    """prefix-cache left alone (ROUTER_PREFIX_BREAKER_S): its answers estimated meanwhile, their
+    bills kept in the billing outbox."""
+    return _dependency_breaker(
+        "prefix-cache",
+        "prefix-cache: a call tried after %g s timed out; left alone",
+        "prefix-cache: %d calls timed out in a row; no calls for %g s at a time "
+        "(ROUTER_PREFIX_BREAKER_S) until one answers: answers are estimated, their bills "
+        "kept in the billing outbox",
+        "prefix-cache answers again after %d timeouts in a row",
+        open_s,
+        clock,
+        hung,
+    )
 
 
 def semantic_breaker(
     open_s: float, clock: Callable[[], float], hung: Callable[[Dependency], None] = _nothing
 ) -> Breaker:
-    """semantic-cache's Lookups left alone across requests after timeouts in a row (``open_s``:
-    ROUTER_SEMANTIC_BREAKER_S): one WARNING line as a run of them first leaves L1 alone (not
-    again at each trial that times out), one INFO line when L1 answers again; ``hung``: told
-    as a hang starts (the metric), not at its re-opens."""
-
-    def opened(timeouts: int, again: bool) -> None:
-        if again:
-            log.debug("semantic-cache: a Lookup tried after %g s timed out; left alone", open_s)
-            return
-        hung("semantic-cache")
-        log.warning(
-            "semantic-cache: %d Lookups in a row timed out; no Lookup sent for %g s at a time "
-            "(ROUTER_SEMANTIC_BREAKER_S) until one answers: requests are answered by the model, "
-            "their answers not stored (no L1 hits meanwhile)",
-            timeouts,
-            open_s,
-        )
-
-    def closed(timeouts: int) -> None:
-        log.info(
-            "semantic-cache answers again after %d Lookups in a row timed out; Lookups and "
-            "Stores sent as usual",
-            timeouts,
-        )
-
-    return Breaker(open_s, clock, opened, closed)
+    """semantic-cache's Lookups left alone (ROUTER_SEMANTIC_BREAKER_S): requests answered by
+    the model meanwhile, their answers not stored."""
+    return _dependency_breaker(
+        "semantic-cache",
+        "semantic-cache: a Lookup tried after %g s timed out; left alone",
+        "semantic-cache: %d Lookups in a row timed out; no Lookup sent for %g s at a time "
+        "(ROUTER_SEMANTIC_BREAKER_S) until one answers: requests are answered by the model, "
+        "their answers not stored (no L1 hits meanwhile)",
+        "semantic-cache answers again after %d Lookups in a row timed out; Lookups and "
+        "Stores sent as usual",
+        open_s,
+        clock,
+        hung,
+    )
 
 
 # what the requests go without while a client's Redis is left alone, as when it fails
