@@ -34,6 +34,10 @@ MAX_BYTES = 2**40  # 1 TiB: a memory or disk bound of one process
 # context window offered. With MAX_PRICE_NANOS (services.common.models) a request's bill
 # stays below 2**53 nano-dollars, so it is exact in the Lua doubles of the limits' Redis.
 MAX_TOKENS = 100_000_000
+# The fastest rate of tokens a second (a prefill or a decode rate) a setting may give: ten
+# million, a hundred times the fastest prefill any engine or provider offers. 1e23 was taken
+# (a prior of that rate predicted no prefill at all), and a models file's ``inf``.
+MAX_TOKENS_PER_S = 10_000_000.0
 
 
 class ConfigError(ValueError):
@@ -140,20 +144,43 @@ class Env:
         default: builtins.float,
         *,
         minimum: builtins.float | None = None,
-        maximum: builtins.float | None = None,
+        maximum: builtins.float,
     ) -> builtins.float:
-        value = self._raw(name)
-        if value is None:
-            result = default
-        else:
-            try:
-                result = float(value)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, got {value!r}") from None
-            if result != result or result in (float("inf"), float("-inf")):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        """A finite decimal number, at most ``maximum`` (every decimal setting has one: see
+        ``within`` and ``fraction``, whose refusal states the whole range)."""
+        result = self._decimal(name, default)
         _check_range(name, result, minimum, maximum)
         return result
+
+    def _decimal(self, name: builtins.str, default: builtins.float) -> builtins.float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            result = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value[:64]!r}") from None
+        if result != result or result in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name} must be a finite number, got {value[:64]!r}")
+        return result
+
+    def within(
+        self,
+        name: builtins.str,
+        default: builtins.float,
+        minimum: builtins.float,
+        maximum: builtins.float,
+        kind: builtins.str,
+    ) -> builtins.float:
+        """A finite decimal number in [``minimum``, ``maximum``] (``kind`` says what it is, in
+        the refusal: "a fraction", "tokens a second"...); NaN and infinity are refused."""
+        value = self._decimal(name, default)
+        check_within(name, value, minimum, maximum, kind)
+        return value
+
+    def fraction(self, name: builtins.str, default: builtins.float) -> builtins.float:
+        """A share of something: in [0, 1]."""
+        return self.within(name, default, 0.0, 1.0, "a fraction")
 
     def seconds(
         self,
@@ -166,7 +193,8 @@ class Env:
         """A duration in seconds (a timeout, a TTL, an interval): finite, at least
         ``minimum`` (``None``: the caller checks it, with a reason of its own), at most
         ``maximum`` (by default ``MAX_DURATION_S``, ten years)."""
-        value = self.float(name, default, minimum=minimum)
+        value = self._decimal(name, default)
+        _check_range(name, value, minimum, None)
         _check_duration(name, value, maximum)
         return value
 
@@ -252,6 +280,30 @@ def digits_at_most(
     value = int(significant)
     check_most(name, value, maximum, kind)
     return value
+
+
+def check_within(
+    name: builtins.str,
+    value: builtins.float,
+    minimum: builtins.float,
+    maximum: builtins.float,
+    kind: builtins.str,
+) -> None:
+    """``name``'s ``value`` is in [``minimum``, ``maximum``] (a NaN is not); a refusal states
+    the range and what the value is (``kind``)."""
+    if not minimum <= value <= maximum:
+        raise ConfigError(
+            f"{name} must be within [{figure(minimum)}, {figure(maximum)}] ({kind}), "
+            f"got {figure(value)}"
+        )
+
+
+def figure(value: builtins.float) -> builtins.str:
+    """A decimal as a person writes it: ``1`` not ``1.0``, ``10000000`` not ``1e+07``; a
+    value past 16 digits or a fraction as ``%g`` does."""
+    if value == value and abs(value) < 1e16 and value == int(value):
+        return f"{int(value)}"
+    return f"{value:g}"
 
 
 def _check_duration(name: builtins.str, value: builtins.float, maximum: builtins.float) -> None:

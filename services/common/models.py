@@ -11,7 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.common.env import MAX_TOKENS, ConfigError, Env, digits_at_most
+from services.common.env import (
+    MAX_TOKENS,
+    MAX_TOKENS_PER_S,
+    ConfigError,
+    Env,
+    digits_at_most,
+    figure,
+)
 from services.common.output_caps import with_output_caps
 
 AUTO = "auto"
@@ -128,13 +135,14 @@ class ModelSpec(BaseModel):
     long_context: LongContext | None = None
     context_window_tokens: int = Field(gt=0, le=MAX_TOKENS)
     max_output_tokens: int = Field(gt=0, le=MAX_TOKENS)
-    prefill_tokens_per_s: float | None = Field(default=None, gt=0)  # simulated engines only
-    decode_tokens_per_s: float | None = Field(default=None, gt=0)
+    # simulated engines only; each rate at most MAX_TOKENS_PER_S (a TOML ``inf`` was taken)
+    prefill_tokens_per_s: float | None = Field(default=None, gt=0, le=MAX_TOKENS_PER_S)
+    decode_tokens_per_s: float | None = Field(default=None, gt=0, le=MAX_TOKENS_PER_S)
     # The prefill rate the router's TTFT replica policy assumes for a replica of this model
     # until it has measured that replica (a non-simulated row: a self-hosted engine is often
     # far slower than the hosted providers ROUTER_TTFT_PRIOR_PREFILL_TPS is meant for). Unset:
     # that global. A simulated row's prior is its prefill_tokens_per_s.
-    prior_prefill_tokens_per_s: float | None = Field(default=None, gt=0)
+    prior_prefill_tokens_per_s: float | None = Field(default=None, gt=0, le=MAX_TOKENS_PER_S)
     # self_hosted: the requests a replica's engine serves at once (llama-server's --parallel
     # slots), so the router counts a call decoding there as occupying a slot: a request sent
     # to a full replica waits for a decode to end. Unset: the engine batches (vLLM, SGLang),
@@ -448,15 +456,15 @@ def with_prior_prefill(table: ModelTable, value: str) -> ModelTable:
     models = dict(table.models)
     seen: set[str] = set()
     for item in value.split(","):
-        model_id, sep, figure = item.strip().partition("=")
+        model_id, sep, given = item.strip().partition("=")
         try:
-            rate = float(figure) if sep else 0.0
+            rate = float(given) if sep else 0.0
         except ValueError:
             rate = 0.0
-        if not rate > 0 or rate == float("inf"):
+        if not 0 < rate <= MAX_TOKENS_PER_S:  # a NaN is not
             raise ConfigError(
-                f"{PRIOR_VARIABLE}: expected model=tokens_per_s with a rate > 0 "
-                f"(e.g. local-small=150), got {item.strip()[:64]!r}"
+                f"{PRIOR_VARIABLE}: expected model=tokens_per_s with a rate > 0 and at most "
+                f"{figure(MAX_TOKENS_PER_S)} (e.g. local-small=150), got {item.strip()[:64]!r}"
             )
         spec = models.get(model_id)
         if spec is None:

@@ -17,6 +17,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+# The largest balance_rel_threshold (ROUTER_BALANCE_REL_THRESHOLD): one replica carrying a
+# thousand times another's load is imbalanced at any setting; past it the rule only ever fires
+# with an idle replica (1e23 was taken).
+MAX_LOAD_RATIO = 1000.0
+
 
 @dataclass(frozen=True)
 class BalancePolicy:

@@ -40,6 +40,12 @@ REASONS = {
 }
 
 
+# The largest ``work_weight`` (ROUTER_TTFT_WORK_WEIGHT): the prefill a choice adds counted a
+# hundred times the mean queue already makes the work decide every choice (0.5 to 2 measured
+# in the README's replay); 1e23 was taken.
+MAX_WORK_WEIGHT = 100.0
+
+
 @dataclass(frozen=True)
 class TtftPolicy:
     tie_fraction: float = 0.0  # a near-tie: within this fraction of the fastest prediction ...

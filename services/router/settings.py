@@ -7,17 +7,17 @@ from pathlib import Path
 
 from services.common.auth import internal_token_from_env
 from services.common.connections import ConnectionPolicy
-from services.common.env import ConfigError, Env
+from services.common.env import MAX_TOKENS_PER_S, ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import LARGEST, SMALLEST, ModelTable, Tier
 from services.common.server import REQUEST_SHARE, ServerSettings, default_request_bytes
 from services.common.tls import ServerTls
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
-from services.router.balance import BalancePolicy
+from services.router.balance import MAX_LOAD_RATIO, BalancePolicy
 from services.router.idempotency import DEFAULT_MAX_BYTES
 from services.router.key_settings import KeyStoreSettings
 from services.router.limit_settings import LimitSettings
-from services.router.replica_choice import POLICIES, ChoiceSettings, TtftPolicy
+from services.router.replica_choice import MAX_WORK_WEIGHT, POLICIES, ChoiceSettings, TtftPolicy
 from services.router.replica_health import EjectionPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -189,14 +189,20 @@ def choice_from_env(env: Env) -> ChoiceSettings:
         policy=policy,
         sglang=BalancePolicy(
             abs_threshold=env.count("ROUTER_BALANCE_ABS_THRESHOLD", 64),
-            rel_threshold=env.float("ROUTER_BALANCE_REL_THRESHOLD", 1.5, minimum=1.0),
+            rel_threshold=env.within(
+                "ROUTER_BALANCE_REL_THRESHOLD", 1.5, 1.0, MAX_LOAD_RATIO, "a ratio of loads"
+            ),
             cache_threshold=env.float("ROUTER_CACHE_THRESHOLD", 0.3, minimum=0.0, maximum=1.0),
         ),
         ttft=TtftPolicy(
-            tie_fraction=env.float("ROUTER_TTFT_TIE_FRACTION", 0.0, minimum=0.0),
+            tie_fraction=env.fraction("ROUTER_TTFT_TIE_FRACTION", 0.0),
             tie_floor_s=env.seconds("ROUTER_TTFT_TIE_FLOOR_S", 0.02, minimum=0.0),
-            prior_prefill_tps=env.float("ROUTER_TTFT_PRIOR_PREFILL_TPS", 10_000.0, minimum=1.0),
-            work_weight=env.float("ROUTER_TTFT_WORK_WEIGHT", 1.0, minimum=0.0),
+            prior_prefill_tps=env.within(
+                "ROUTER_TTFT_PRIOR_PREFILL_TPS", 10_000.0, 1.0, MAX_TOKENS_PER_S, "tokens a second"
+            ),
+            work_weight=env.within(
+                "ROUTER_TTFT_WORK_WEIGHT", 1.0, 0.0, MAX_WORK_WEIGHT, "a weight of the queue"
+            ),
             # each replica's KV cache (the engines'): unset, no eviction model
             kv_capacity_tokens=(
                 None

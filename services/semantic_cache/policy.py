@@ -27,6 +27,9 @@ NAMESPACE_TTL = "SEMANTIC_CACHE_NAMESPACE_TTL_S"
 TOOL_USE_NAMESPACES = "SEMANTIC_CACHE_TOOL_USE_NAMESPACES"
 PRESENT_TIME_NAMESPACES = "SEMANTIC_CACHE_PRESENT_TIME_NAMESPACES"
 MAX_TEMPERATURE = "SEMANTIC_CACHE_MAX_TEMPERATURE"
+# The highest sampling temperature a provider takes (OpenAI's 2; Anthropic's 1): a limit past
+# it meant nothing (1e23 was taken). Answers sampled above the limit are never stored.
+MOST_TEMPERATURE = 2.0
 
 
 # Words that tie a question's answer to the moment it is asked (English only): a question
@@ -84,8 +87,11 @@ class NamespacePolicy:
                     f"ttl_s of namespace {name!r} must be > 0 and at most {MAX_TTL_S:.0f} "
                     f"seconds (10 years), got {ttl}"
                 )
-        if not (math.isfinite(self.max_temperature) and self.max_temperature >= 0):
-            raise ValueError(f"max_temperature must be >= 0, got {self.max_temperature}")
+        if not 0 <= self.max_temperature <= MOST_TEMPERATURE:  # a NaN is not
+            raise ValueError(
+                f"max_temperature must be within [0, {MOST_TEMPERATURE:g}], "
+                f"got {self.max_temperature}"
+            )
 
     def ttl_ms(self, namespace: str, default_s: float | None = None) -> int:
         """The namespace's own TTL, else ``default_s`` (a tenant's policy), else ``ttl_s``."""
@@ -126,7 +132,9 @@ class NamespacePolicy:
         return cls(
             ttl_s=ttl_s,
             namespace_ttl_s=overrides,
-            max_temperature=env.float(MAX_TEMPERATURE, 1.0, minimum=0.0),
+            max_temperature=env.within(
+                MAX_TEMPERATURE, 1.0, 0.0, MOST_TEMPERATURE, "a sampling temperature"
+            ),
             tool_use_namespaces=frozenset(_items(env.optional_str(TOOL_USE_NAMESPACES))),
             present_time_namespaces=frozenset(_items(env.optional_str(PRESENT_TIME_NAMESPACES))),
         )

@@ -48,7 +48,7 @@ class SemanticCacheSettings:
     @classmethod
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheSettings:
         """``shipped`` (the calibrated operating point) gives the defaults of the first three."""
-        ttl_s = env.float("SEMANTIC_CACHE_TTL_S", 86_400.0)  # valid_ttl: at most MAX_TTL_S
+        ttl_s = env.seconds("SEMANTIC_CACHE_TTL_S", 86_400.0, minimum=None)  # valid_ttl: > 0
         if not valid_ttl(ttl_s):
             raise ConfigError(
                 f"SEMANTIC_CACHE_TTL_S must be > 0 and at most {MAX_TTL_S:.0f} seconds "
