@@ -18,6 +18,10 @@ adapter's alike), labelled by the model served (a model this replica serves, els
   (OpenAI's or the engine's ``prompt_tokens`` and ``prompt_tokens_details.cached_tokens``,
   Anthropic's input + cache writes + ``cache_read_input_tokens`` and the reads), else, when
   nothing was reported (no usage, no end), the start's estimate with no reuse;
+- ``cachemesh_model_provider_usage_distrusted_total{model,field}``: a field of a provider's
+  usage report with a count no call has (negative, not a whole number, past ten times the
+  row's context window and output cap: ``providers.usage_check``), which the call was billed
+  without (its end's ``distrusted_usage``); ``field`` is one of the usage object's few names;
 - ``cachemesh_model_time_to_first_token_seconds{model}``: from the call to the model's first
   output token of any kind, the first chunk after ``start``: text, a piece of a tool call or
   of a reasoning model's thinking (both ``progress`` chunks), not the first text the client
@@ -81,6 +85,11 @@ class ModelMetrics:
             ("model",),
         )
         self._output = m.counter("cachemesh_model_output_tokens", "Tokens generated", ("model",))
+        self._distrusted = m.counter(
+            "cachemesh_model_provider_usage_distrusted",
+            "Usage fields a provider reported with a count no call has, billed as not reported",
+            ("model", "field"),
+        )
         self._ttft = m.histogram(
             "cachemesh_model_time_to_first_token_seconds",
             "From the Generate call to its first output token (text, tool call or thinking)",
@@ -112,6 +121,8 @@ class ModelMetrics:
             call.output_tokens = chunk.end.output_tokens
             call.interrupted = chunk.end.interrupted
             self._output(call.model).inc(chunk.end.output_tokens)
+            for name in chunk.end.distrusted_usage:
+                self._distrusted(call.model, name).inc()
             if call.unreported_prompt is not None:
                 reported = _reported_prompt(chunk.end)
                 if reported is not None:

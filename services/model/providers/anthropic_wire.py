@@ -32,6 +32,7 @@ from services.model.providers.failures import (
     never_sent,
 )
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
+from services.model.providers.usage_check import most_tokens, token_count
 
 # Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
 STOP_REASONS = {
@@ -106,12 +107,15 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
     return params
 
 
-def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> set[str]:
+def _merge_usage(
+    target: pc.AnthropicUsage, usage: Any, most: int, distrusted: dict[str, str]
+) -> set[str]:
     """Folds a usage object of the stream into ``target``: message_start's, then
     message_delta's (cumulative counts: a field it leaves null keeps its value, and an input
     count lower than before, e.g. a proxy's 0 for a count it does not have, is not believed;
-    the output count is message_delta's, message_start's being a placeholder). Returns the
-    counts it reported."""
+    the output count is message_delta's, message_start's being a placeholder). A count no call
+    has (``usage_check``) is not folded: it goes in ``distrusted``. Returns the counts it
+    reported."""
     reported: set[str] = set()
     if usage is None:
         return reported
@@ -123,16 +127,47 @@ def _merge_usage(target: pc.AnthropicUsage, usage: Any) -> set[str]:
     ):
         value = getattr(usage, name, None)
         if value is not None:
+            count, why = token_count(value, most)
+            if count is None:
+                distrusted[name] = why
+                continue
             kept = getattr(target, name) if name != "output_tokens" else 0  # start's: a guess
-            setattr(target, name, max(int(value), kept))
+            setattr(target, name, max(count, kept))
             reported.add(name)
     creation = getattr(usage, "cache_creation", None)
     if creation is not None:
         for name in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"):
             value = getattr(creation, name, None)
             if value is not None:
-                setattr(target.cache_creation, name, int(value))
+                count, why = token_count(value, most)
+                if count is None:
+                    distrusted[f"cache_creation.{name}"] = why
+                else:
+                    setattr(target.cache_creation, name, count)
     return reported
+
+
+# the fields of the prompt's report: one not believed, and none of them is (their split)
+_PROMPT_FIELDS = frozenset(
+    {
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "cache_creation.ephemeral_5m_input_tokens",
+        "cache_creation.ephemeral_1h_input_tokens",
+    }
+)
+
+
+def _settle_prompt(usage: pc.AnthropicUsage, progress: Progress, input_reported: bool) -> None:
+    """The prompt's counts the bill takes: as reported, else (not reported, or a part of the
+    report no call has) Plan's count."""
+    if progress.distrusted.keys() & _PROMPT_FIELDS:
+        usage.input_tokens = usage.cache_creation_input_tokens = usage.cache_read_input_tokens = 0
+        usage.ClearField("cache_creation")
+        input_reported = False
+    if not input_reported or prompt_of(usage) == 0:
+        _unreported_input(usage, progress.estimated_prompt_tokens)
 
 
 def _unreported_input(usage: pc.AnthropicUsage, planned_prompt: int) -> None:
@@ -173,6 +208,7 @@ class AnthropicAdapter:
             )
         usage = pc.AnthropicUsage()
         input_reported = output_reported = False
+        most, distrusted = most_tokens(spec), progress.distrusted
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
         stop_reason: str | None = None  # set by the final event; None: the stream was cut
         try:
@@ -180,9 +216,9 @@ class AnthropicAdapter:
                 async for event in events:
                     kind = event.type
                     if kind == "message_start":
-                        input_reported = "input_tokens" in _merge_usage(usage, event.message.usage)
-                        if not input_reported or prompt_of(usage) == 0:
-                            _unreported_input(usage, progress.estimated_prompt_tokens)
+                        merged = _merge_usage(usage, event.message.usage, most, distrusted)
+                        input_reported = "input_tokens" in merged
+                        _settle_prompt(usage, progress, input_reported)
                         report = progress.reported(pc.ProviderUsage(anthropic=usage))
                         if not progress.started:  # (a second message_start: nothing new)
                             yield report
@@ -210,7 +246,7 @@ class AnthropicAdapter:
                         call_id, name, pieces = tools.pop(event.index)
                         yield tool_use_chunk(call_id, name, "".join(pieces))
                     elif kind == "message_delta":
-                        reported = _merge_usage(usage, event.usage)
+                        reported = _merge_usage(usage, event.usage, most, distrusted)
                         # the answer's output count is message_delta's (message_start's is
                         # a placeholder)
                         output_reported = output_reported or "output_tokens" in reported
@@ -225,8 +261,7 @@ class AnthropicAdapter:
             lost_after_end(self.backend, spec.id, exc)
         if stop_reason is None:
             raise StreamCut("the stream ended without its message_delta's stop_reason")
-        if not input_reported or prompt_of(usage) == 0:
-            _unreported_input(usage, progress.estimated_prompt_tokens)
+        _settle_prompt(usage, progress, input_reported)
         if not output_reported:  # the provider reported no output count: this adapter's
             usage.output_tokens = progress.output_tokens()
         if not progress.started:

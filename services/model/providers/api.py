@@ -306,6 +306,7 @@ class ProviderApi:
     ) -> model_pb2.GenerateChunk:
         if chunk.WhichOneof("part") == "end":
             end = chunk.end
+            self._distrusted(span, end, progress, spec)
             if not end.HasField("provider_usage"):
                 # the engine reported no usage (no stream_options support): count what it
                 # wrote, text, tool calls and thinking
@@ -348,7 +349,29 @@ class ProviderApi:
                     report.completion_tokens = produced
                     report.total_tokens = report.prompt_tokens + produced
                 end.output_tokens = report.completion_tokens
+        self._distrusted(trace.get_current_span(), end, progress, spec)
         return model_pb2.GenerateChunk(end=end)
+
+    def _distrusted(
+        self, span: trace.Span, end: model_pb2.GenerateEnd, progress: Progress, spec: ModelSpec
+    ) -> None:
+        """The usage fields the provider reported with a count no call has (``usage_check``),
+        on the end (the replica's metrics count them) and the span, and in a line (once a
+        ``FAILED_LOG_EVERY_MS`` for each model at most): each field and why, never its value."""
+        if not progress.distrusted:
+            return
+        fields = sorted(progress.distrusted)
+        end.distrusted_usage[:] = fields
+        span.set_attribute("cachemesh.usage_distrusted", fields)
+        if due := self._failed_log.due(spec.id, "distrusted usage"):
+            log.warning(
+                "%s: %s reported usage no call has, billed as not reported (Plan's prompt "
+                "count, the replica's output count): %s%s",
+                spec.id,
+                self._adapter.backend,
+                "; ".join(f"{name} {progress.distrusted[name]}" for name in fields),
+                suppressed(due, FAILED_LOG_EVERY_MS),
+            )
 
     def _redacted(self, failure: Failure) -> Failure:
         """``failure`` as it may leave the adapter: its type and message, the provider's text,

@@ -35,6 +35,7 @@ from services.model.providers.failures import (
     never_sent,
 )
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
+from services.model.providers.usage_check import most_tokens, token_count
 
 # finish reasons in the Gateway's words: OpenAI's, and OpenAI-compatible engines' own (TGI
 # before 2.2.1 "eos_token", Together "eos", others "end", "stop_sequence"); see stop_reason_of
@@ -134,34 +135,65 @@ def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
     return params
 
 
-def cached_tokens_of(usage: Any) -> int:
-    """The prompt's tokens read from the provider's cache: OpenAI's
-    ``prompt_tokens_details.cached_tokens``, else DeepSeek's ``prompt_cache_hit_tokens``
-    (its prompt_tokens = prompt_cache_hit_tokens + prompt_cache_miss_tokens;
-    https://api-docs.deepseek.com/guides/kv_cache). Never both: they count the same tokens."""
+def cached_field(usage: Any) -> tuple[str, Any]:
+    """The prompt's tokens read from the provider's cache, and the field that reports them:
+    OpenAI's ``prompt_tokens_details.cached_tokens``, else DeepSeek's
+    ``prompt_cache_hit_tokens`` (its prompt_tokens = prompt_cache_hit_tokens +
+    prompt_cache_miss_tokens; https://api-docs.deepseek.com/guides/kv_cache). Never both: they
+    count the same tokens."""
     cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
-    if cached is None:
-        cached = getattr(usage, "prompt_cache_hit_tokens", None)
-    return int(cached or 0)
+    if cached is not None:
+        return "prompt_tokens_details.cached_tokens", cached
+    return "prompt_cache_hit_tokens", getattr(usage, "prompt_cache_hit_tokens", None)
 
 
-def _usage(usage: Any, planned_prompt: int) -> tuple[pc.OpenAIUsage, int]:
-    """The usage chunk as the contract carries it. A prompt count not reported (null,
-    missing, or 0: Ollama's for a prompt it had cached; a prompt is never empty) is
-    ``planned_prompt``, Plan's count (at least the cached tokens); a null ``completion_tokens``
-    is left 0 for the stream's end to count (``completion_reported``); total_tokens is then
-    their sum. Before, such a count went on as 0: a prompt of 0 prefix-cache refuses (the
-    answer unbilled) or an answer billed 0 output tokens."""
+_CACHED_FIELDS = ("prompt_tokens_details.cached_tokens", "prompt_cache_hit_tokens")
+
+
+def _believed(name: str, value: Any, most: int, distrusted: dict[str, str]) -> int:
+    """A count of the usage chunk as reported (null: 0); one no call has (``usage_check``)
+    is 0 too, and named in ``distrusted``."""
+    if value is None:
+        return 0
+    count, why = token_count(value, most)
+    if count is None:
+        distrusted[name] = why
+        return 0
+    return count
+
+
+def _usage(
+    usage: Any, planned_prompt: int, most: int, distrusted: dict[str, str]
+) -> tuple[pc.OpenAIUsage, int, bool]:
+    """The usage chunk as the contract carries it, with whether it reported the output's
+    count. A prompt count not reported (null, missing, or 0: Ollama's for a prompt it had
+    cached; a prompt is never empty) is ``planned_prompt``, Plan's count (at least the cached
+    tokens); a null ``completion_tokens`` is left 0 for the stream's end to count;
+    total_tokens is then their sum. Before, such a count went on as 0: a prompt of 0
+    prefix-cache refuses (the answer unbilled) or an answer billed 0 output tokens. A count no
+    call has (negative, not whole, past ``most``) is taken as not reported, and named in
+    ``distrusted``: the prompt's or its cached part's, and the prompt is Plan's count with
+    nothing cached."""
+
+    def count(name: str, value: Any) -> int:
+        return _believed(name, value, most, distrusted)
+
     completion_details = getattr(usage, "completion_tokens_details", None)
-    reasoning = int(getattr(completion_details, "reasoning_tokens", None) or 0)
-    cached = cached_tokens_of(usage)
-    prompt = int(getattr(usage, "prompt_tokens", None) or 0)
-    completion = int(getattr(usage, "completion_tokens", None) or 0)
-    total = int(getattr(usage, "total_tokens", None) or 0)
+    reasoning = count(
+        "completion_tokens_details.reasoning_tokens",
+        getattr(completion_details, "reasoning_tokens", None),
+    )
+    cached = count(*cached_field(usage))
+    prompt = count("prompt_tokens", getattr(usage, "prompt_tokens", None))
+    completion = count("completion_tokens", getattr(usage, "completion_tokens", None))
+    completion_known = completion_reported(usage) and "completion_tokens" not in distrusted
+    total = count("total_tokens", getattr(usage, "total_tokens", None))
+    if distrusted.keys() & {"prompt_tokens", *_CACHED_FIELDS}:
+        prompt = cached = 0
     if prompt == 0:
         prompt = max(planned_prompt, cached)
         total = prompt + completion
-    if not completion_reported(usage):
+    if not completion_known or distrusted:
         total = prompt + completion
     report = pc.OpenAIUsage(
         prompt_tokens=prompt,
@@ -170,7 +202,7 @@ def _usage(usage: Any, planned_prompt: int) -> tuple[pc.OpenAIUsage, int]:
         prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached),
         completion_tokens_details=pc.OpenAICompletionTokensDetails(reasoning_tokens=reasoning),
     )
-    return report, reasoning
+    return report, reasoning, completion_known
 
 
 def completion_reported(usage: Any) -> bool:
@@ -220,12 +252,15 @@ class OpenAIAdapter:
         report: pc.OpenAIUsage | None = None
         counted_output = False  # the report's completion_tokens was null: counted here
         reasoning = 0
+        most, distrusted = most_tokens(spec), progress.distrusted
         try:
             async with chunks:
                 async for chunk in chunks:
                     if chunk.usage is not None:
-                        report, reasoning = _usage(chunk.usage, progress.estimated_prompt_tokens)
-                        counted_output = not completion_reported(chunk.usage)
+                        report, reasoning, known = _usage(
+                            chunk.usage, progress.estimated_prompt_tokens, most, distrusted
+                        )
+                        counted_output = not known
                         progress.usage = pc.ProviderUsage(openai=report)  # kept as it comes
                     for choice in chunk.choices:
                         delta = choice.delta

@@ -42,6 +42,9 @@ class Progress:
     # the model's thinking as streamed (never passed on): output tokens too
     reasoning_pieces: list[str] = field(default_factory=list)
     usage: pc.ProviderUsage | None = None
+    # the usage fields the provider reported with a figure no call has, and why
+    # (``usage_check``): taken as not reported
+    distrusted: dict[str, str] = field(default_factory=dict)
     # the row's tokenizer's count (``ProviderApi``'s): each ``progress`` chunk then carries the
     # running count of what the model wrote (None: it carries none)
     count: Callable[[str], int] | None = None

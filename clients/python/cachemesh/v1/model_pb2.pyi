@@ -9,8 +9,10 @@ an OpenAI-compatible engine), behind the same contract.
 from cachemesh.v1 import gateway_pb2 as _gateway_pb2
 from cachemesh.v1 import prefix_cache_pb2 as _prefix_cache_pb2
 from cachemesh.v1 import prompt_pb2 as _prompt_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -114,6 +116,7 @@ class GenerateEnd(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
+    DISTRUSTED_USAGE_FIELD_NUMBER: _builtins.int
     output_tokens: _builtins.int
     stop_reason: _builtins.str
     """end_turn | max_tokens | tool_use (| refusal from a provider)"""
@@ -133,6 +136,14 @@ class GenerateEnd(_message.Message):
         prefix-cache's estimate at the FINAL commit.
         """
 
+    @_builtins.property
+    def distrusted_usage(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The fields of the provider's usage report with a count no call has (negative, not a whole
+        number, past ten times the row's context window and output cap): taken as not reported,
+        so `provider_usage` holds Plan's count of the prompt and the replica's count of the output
+        in their place, e.g. "input_tokens", "prompt_tokens_details.cached_tokens".
+        """
+
     def __init__(
         self,
         *,
@@ -143,10 +154,11 @@ class GenerateEnd(_message.Message):
         error: _builtins.str = ...,
         reasoning_tokens: _builtins.int = ...,
         draft_accepted_tokens: _builtins.int = ...,
+        distrusted_usage: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provider_usage", b"provider_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draft_accepted_tokens", b"draft_accepted_tokens", "error", b"error", "interrupted", b"interrupted", "output_tokens", b"output_tokens", "provider_usage", b"provider_usage", "reasoning_tokens", b"reasoning_tokens", "stop_reason", b"stop_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distrusted_usage", b"distrusted_usage", "draft_accepted_tokens", b"draft_accepted_tokens", "error", b"error", "interrupted", b"interrupted", "output_tokens", b"output_tokens", "provider_usage", b"provider_usage", "reasoning_tokens", b"reasoning_tokens", "stop_reason", b"stop_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
