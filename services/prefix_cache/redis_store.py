@@ -29,8 +29,9 @@ WARM_PREFIX = "cachemesh:warm"  # of every entry's key (make reset-l2 deletes th
 
 # KEYS: the probes' keys, then the writes' keys. ARGV: now_ms, number of probes, GC slack,
 # read_at_ms (probes are judged live then), started_ms (lifetimes start then, and a probe
-# created after it is not read), then per write: tokens, ttl_ms. Returns {} or {index of the
-# hit among the probes, tokens, ttl_ms, expires_at_ms as found, created_at_ms}.
+# created after it and by now_ms is not read: ``created_after``), then per write: tokens,
+# ttl_ms. Returns {} or {index of the hit among the probes, tokens, ttl_ms, expires_at_ms as
+# found, created_at_ms}.
 _SETTLE = """
 local now = tonumber(ARGV[1])
 local probes = tonumber(ARGV[2])
@@ -41,7 +42,10 @@ local best, best_tokens, best_ttl, best_exp, best_created = 0, -1, 0, 0, 0
 for i = 1, probes do
   local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms', 'created_at_ms')
   local created = tonumber(v[4]) or 0
-  if v[1] and tonumber(v[3]) > read_at and created <= start and tonumber(v[1]) > best_tokens then
+  -- created after the arrival (start) and by now: no read (warm.created_after); later than
+  -- now: written by a clock ahead of this one (or before it stepped back), read
+  local after = created > start and created <= now
+  if v[1] and tonumber(v[3]) > read_at and not after and tonumber(v[1]) > best_tokens then
     best, best_tokens, best_ttl, best_exp = i, tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
     best_created = created
   end
@@ -71,14 +75,15 @@ if best == 0 then return {} end
 return {best, best_tokens, best_ttl, best_exp, best_created}
 """
 
-# The longest live probe, read only: same KEYS and first ARGV as _SETTLE.
+# The longest live probe, read only: same KEYS and first ARGV as _SETTLE. Whenever created, as
+# the in-memory store's (a first-readable time past now is a clock ahead of this one's).
 _LONGEST = """
 local now = tonumber(ARGV[1])
 local best, best_tokens, best_ttl, best_exp, best_created = 0, -1, 0, 0, 0
 for i = 1, #KEYS do
   local v = redis.call('HMGET', KEYS[i], 'tokens', 'ttl_ms', 'expires_at_ms', 'created_at_ms')
   local created = tonumber(v[4]) or 0
-  if v[1] and tonumber(v[3]) > now and created <= now and tonumber(v[1]) > best_tokens then
+  if v[1] and tonumber(v[3]) > now and tonumber(v[1]) > best_tokens then
     best, best_tokens, best_ttl, best_exp = i, tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
     best_created = created
   end

@@ -21,6 +21,10 @@ from its first token (Anthropic's rule): a refresh or write made at ``now_ms`` e
 The entry exists (is readable) only from ``now_ms``, the first token of the request that wrote
 it (``created_at_ms``, kept by refreshes while it stays live): a request that arrived before
 that (``started_ms``) does not read it, as the provider looked its cache up before it existed.
+That is judged with the judging process's own clock, which may be behind the writer's (another
+replica sharing Redis) or stepped back since the write: an entry created later than the judging
+clock's ``now_ms`` is read (``created_after``), as no request can have arrived before it in any
+honest sense; the guard holds where the clocks agree.
 """
 
 from __future__ import annotations
@@ -65,6 +69,15 @@ class WarmEntry:
     created_at_ms: int = 0
 
 
+def created_after(entry: WarmEntry, arrived_ms: int, now_ms: int) -> bool:
+    """Whether ``entry`` was created after a request's arrival, so it is no read for it: its
+    first-readable time is past the arrival and no later than the judging clock's ``now_ms``.
+    One created later than that now was written by a process whose clock is ahead (another
+    replica sharing Redis) or before this clock stepped back: it cannot have been created after
+    the arrival in any honest sense, and is read rather than billed as a phantom write."""
+    return arrived_ms < entry.created_at_ms <= now_ms
+
+
 class WarmStore(Protocol):
     async def count(self) -> int:
         """Entries held, live or not yet collected (the in-memory gauge, and tests)."""
@@ -84,11 +97,12 @@ class WarmStore(Protocol):
         started_ms: int | None = None,
     ) -> WarmEntry | None:
         """Atomically: find the longest probe unexpired at ``read_at_ms`` (the request's
-        arrival, ``read_time``; None = ``now_ms``) and created by ``started_ms`` (the request's
-        start, its arrival, ``start_time``; None = ``now_ms``: an entry written after it is
-        not read), refresh it to ``started_ms`` + its ttl, then create (readable from
-        ``now_ms``) or refresh every write likewise; a refresh never moves an expiry earlier.
-        Returns the hit as found before any change (None when nothing was warm)."""
+        arrival, ``read_time``; None = ``now_ms``) and not created after ``started_ms`` (the
+        request's start, its arrival, ``start_time``; None = ``now_ms``: an entry written after
+        it and by ``now_ms`` is not read, ``created_after``), refresh it to ``started_ms`` +
+        its ttl, then create (readable from ``now_ms``) or refresh every write likewise; a
+        refresh never moves an expiry earlier. Returns the hit as found before any change
+        (None when nothing was warm)."""
         ...
 
 
@@ -138,7 +152,8 @@ class InMemoryWarmStore:
         started_ms: int | None = None,
     ) -> WarmEntry | None:
         start = start_time(started_ms, now_ms)
-        hit = self._find(scope, probes, now_ms if read_at_ms is None else read_at_ms, start)
+        live_at = now_ms if read_at_ms is None else read_at_ms
+        hit = self._find(scope, probes, live_at, (start, now_ms))
         if hit is not None:
             expires = max(hit.expires_at_ms, start + hit.ttl_ms)
             self._put(scope, hit.digest, hit.tokens, hit.ttl_ms, expires, hit.created_at_ms)
@@ -157,13 +172,18 @@ class InMemoryWarmStore:
         return entry if entry is not None and entry.expires_at_ms > now_ms else None
 
     def _find(
-        self, scope: Scope, probes: Sequence[Probe], now_ms: int, arrived_ms: int | None = None
+        self,
+        scope: Scope,
+        probes: Sequence[Probe],
+        live_at_ms: int,
+        arrived: tuple[int, int] | None = None,
     ) -> WarmEntry | None:
-        """The longest entry live at ``now_ms`` and created by ``arrived_ms`` (None: any)."""
+        """The longest entry live at ``live_at_ms`` and readable by a request that arrived at
+        ``arrived`` = (arrival, judging clock's now) (None: any; ``created_after``)."""
         best: WarmEntry | None = None
         for probe in probes:
-            entry = self._live(scope, probe.digest, now_ms)
-            if entry is None or (arrived_ms is not None and entry.created_at_ms > arrived_ms):
+            entry = self._live(scope, probe.digest, live_at_ms)
+            if entry is None or (arrived is not None and created_after(entry, *arrived)):
                 continue
             if best is None or entry.tokens > best.tokens:
                 best = entry
