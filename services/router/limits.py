@@ -53,7 +53,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.background import TASKS_END_S, cancel_within
-from services.common.clock import Clock, Throttle, Throttles, suppressed
+from services.common.clock import Clock, MonotonicClock, Throttle, Throttles, suppressed
 from services.common.prompt import prompt_chars
 from services.common.span_events import record_event
 from services.router.breaker import Breaker
@@ -387,9 +387,10 @@ class _Settle:
     refund: int
     cost_nanos: int
     settle_id: str
-    at_ms: int  # when it was first sent
-    incurred_ms: int | None = None  # when its cost was incurred (None: when it is sent)
-    # when a try that may have counted it was sent (None: no such try, each surely not sent)
+    at_ms: int  # when it was first sent (the limiter's ``ages``: monotonic)
+    incurred_ms: int | None = None  # when its cost was incurred (the wall; None: when sent)
+    # when a try that may have counted it was sent (``ages``; None: no such try, each surely
+    # not sent)
     ambiguous_ms: int | None = None
 
     def failed(self, exc: Exception, sent_ms: int) -> None:
@@ -480,8 +481,13 @@ class Limiter:
         max_pending: int = MAX_PENDING_SETTLES,
         replay_every_s: float = SETTLE_REPLAY_S,
         breaker: Breaker | None = None,
+        ages: Clock | None = None,
     ) -> None:
-        """``prompt_tokens``: a request's prompt tokens (the router's tokenizer; the pipeline
+        """``clock``: the wall clock, for the budget periods and when a cost was incurred.
+        ``ages``: what this process's own windows run on (a settle's replay window and its
+        ambiguous one, the throttled log lines), which a step of the wall clock (NTP, a VM
+        resumed) must neither stretch nor cut (None: a ``MonotonicClock``).
+        ``prompt_tokens``: a request's prompt tokens (the router's tokenizer; the pipeline
         reuses the count, ``prompt_counts``), counted off the event loop and only under a
         token rate. ``tracer``: for a settle that fails after its request's span ended.
         ``timeout_s``: how long a store's answer is waited for before it counts as failed (a
@@ -500,8 +506,9 @@ class Limiter:
         self._replay_every_s = replay_every_s
         self._pending: deque[_Settle] = deque()
         self._replaying: asyncio.Task[None] | None = None
-        self._lost_log = Throttle(clock, LOST_LOG_INTERVAL_MS)
-        self._failed_log = Throttles(clock, FAILED_LOG_INTERVAL_MS)
+        self._ages = ages if ages is not None else MonotonicClock()
+        self._lost_log = Throttle(self._ages, LOST_LOG_INTERVAL_MS)
+        self._failed_log = Throttles(self._ages, FAILED_LOG_INTERVAL_MS)
         self._store = store
         self._policies = policies
         self._clock = clock
@@ -644,7 +651,7 @@ class Limiter:
         those it is sent in)."""
         if refund == 0 and cost_nanos == 0:
             return
-        now = self._clock.now_ms()
+        now = self._ages.now_ms()
         count = _Settle(
             ticket.tenant, ticket.policy, refund, cost_nanos, uuid.uuid4().hex, now, incurred_ms
         )
@@ -702,7 +709,7 @@ class Limiter:
         may have counted whose id the store may have forgotten (``AMBIGUOUS_REPLAY_MS``)."""
         while self._pending:
             count = self._pending[0]
-            now = self._clock.now_ms()
+            now = self._ages.now_ms()
             if now - count.at_ms > SETTLE_REPLAY_WINDOW_MS:
                 self._pending.popleft()
                 self._drop(1, "not sent within the replay window")

@@ -1044,31 +1044,32 @@ class AnsweredTooLate(RedisLimitStore):
 
 async def _settled_too_late(redis_url: str) -> tuple[Redis, Limiter, ManualClock, list[int]]:
     """A limiter on Redis whose one settle (1,000 nanos against a day budget) timed out after
-    Redis ran it: the settle is pending, ambiguous. Returns the client, the limiter, its clock
-    and the list its lost settles are counted in."""
+    Redis ran it: the settle is pending, ambiguous. Returns the client, the limiter, the clock
+    its replay windows run on (its ``ages``) and the list its lost settles are counted in."""
     client = Redis.from_url(redis_url)
     await client.flushdb()
     lost: list[int] = []
-    clock = ManualClock(START_MS)
+    ages = ManualClock(0)
     limiter = Limiter(
         AnsweredTooLate(client, server_time=False),
         UniformPolicies(LimitPolicy(day_budget_nanos=100 * NANOS)),
-        clock,
+        ManualClock(START_MS),
         _count,
         lost=lost.append,
+        ages=ages,
     )
     ticket = await _admitted(limiter)
     limiter.settle(ticket, _answer(10, 10, cost_nanos=1_000))
     await limiter.drain()
-    return client, limiter, clock, lost
+    return client, limiter, ages, lost
 
 
 @pytest.mark.parametrize("replayed_after_ms", [0, AMBIGUOUS_REPLAY_MS])
 async def test_a_settle_replayed_after_an_ambiguous_timeout_counts_once(
     redis_url: str, replayed_after_ms: int
 ) -> None:
-    client, limiter, clock, lost = await _settled_too_late(redis_url)
-    clock.advance(ms=replayed_after_ms)
+    client, limiter, ages, lost = await _settled_too_late(redis_url)
+    ages.advance(ms=replayed_after_ms)
     await limiter.replay_pending()
     assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000
     assert limiter.pending == 0 and lost == []
@@ -1081,8 +1082,8 @@ async def test_an_ambiguous_settle_is_given_up_once_its_marker_may_have_lapsed(
     """A settle whose try timed out after Redis ran it is replayed only while its marker is
     surely kept: past that, a replay could count it twice, so it is dropped and counted lost
     (what the try counted stays counted)."""
-    client, limiter, clock, lost = await _settled_too_late(redis_url)
-    clock.advance(ms=AMBIGUOUS_REPLAY_MS + 1)
+    client, limiter, ages, lost = await _settled_too_late(redis_url)
+    ages.advance(ms=AMBIGUOUS_REPLAY_MS + 1)
     await limiter.replay_pending()
     assert limiter.pending == 0 and lost == [1]
     assert int(await _spent(client, Periods.at(START_MS).day)) == 1_000  # the timed-out try's
@@ -1150,21 +1151,22 @@ async def test_pending_settles_are_bounded_in_number_and_age_and_losses_counted(
     """Past the bound (or the replay window) a settle is dropped: counted, logged once an
     interval, and no request waits for it."""
     lost: list[int] = []
-    clock = ManualClock(START_MS)
+    ages = ManualClock(0)  # the replay window's and the log line's clock (monotonic)
     limiter = Limiter(
         DownStore(),
         UniformPolicies(LimitPolicy(day_budget_nanos=NANOS)),
-        clock,
+        ManualClock(START_MS),
         _count,
         lost=lost.append,
         max_pending=2,
+        ages=ages,
     )
     for _ in range(4):
         limiter.settle(await _admitted(limiter), _answer(1, 1, cost_nanos=5))
     await limiter.drain()
     assert sum(lost) == 2 and limiter.pending == 2
     assert len([r for r in caplog.records if "settles lost" in r.message]) == 1
-    clock.advance(ms=SETTLE_REPLAY_WINDOW_MS + 1)  # Redis down past the window
+    ages.advance(ms=SETTLE_REPLAY_WINDOW_MS + 1)  # Redis down past the window
     await limiter.replay_pending()
     assert sum(lost) == 4 and limiter.pending == 0
     assert len([r for r in caplog.records if "settles lost" in r.message]) == 2

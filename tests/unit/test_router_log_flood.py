@@ -164,7 +164,7 @@ async def test_a_failing_limits_store_logs_once_an_interval_each_operation(
     counted: list[tuple[str, str]] = []
     limiter = Limiter(
         DownStore(), UniformPolicies(LimitPolicy(requests_per_min=1)), clock, _count,
-        counted=lambda what, why: counted.append((what, why)),
+        counted=lambda what, why: counted.append((what, why)), ages=clock,  # one clock for both
     )  # fmt: skip
     for _ in range(REQUESTS):
         ticket = await limiter.admit("t", _request())

@@ -1,0 +1,138 @@
+"""The limiter's windows over what lives in this process (the settle replay's, a throttled log
+line's) run on a monotonic clock, its budgets on the wall clock: a step of the wall clock (NTP,
+a VM resumed) neither drops settles nor replays an ambiguous one past its marker, nor silences
+warnings. Time is injected ManualClocks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.router.limits import (
+    AMBIGUOUS_REPLAY_MS,
+    NANOS_PER_DOLLAR,
+    SETTLE_REPLAY_WINDOW_MS,
+    Denial,
+    Limiter,
+    LimitPolicy,
+    MemoryLimitStore,
+    SettleNotSent,
+    Ticket,
+    UniformPolicies,
+)
+
+START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+
+
+def _request() -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model="sim-small",
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="hi")])],
+        max_tokens=10,
+    )
+
+
+def _answer(cost_nanos: int) -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        served_by=pb.LAYER_MODEL,
+        usage=pb.Usage(input_tokens=4, output_tokens=10),
+        cost=pb.Cost(cost_nanos=cost_nanos),
+    )
+
+
+def _count(request: pb.CompleteRequest) -> int:
+    return 4
+
+
+class Outage(MemoryLimitStore):
+    """Settles fail while ``down``: surely not sent (no connection), or, ``late`` times first,
+    counted but answered too late (ambiguous: the try may have counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.late = 0
+
+    async def settle(self, *args: Any, **kwargs: Any) -> None:
+        if self.late:
+            self.late -= 1
+            await super().settle(*args, **kwargs)
+            raise TimeoutError("no answer in time")
+        if self.down:
+            raise SettleNotSent("no connection to Redis")
+        await super().settle(*args, **kwargs)
+
+
+async def _admitted(limiter: Limiter) -> Ticket:
+    ticket = await limiter.admit("t", _request())
+    assert isinstance(ticket, Ticket), ticket
+    return ticket
+
+
+async def test_a_wall_clock_step_forward_drops_no_pending_settle() -> None:
+    """Five $0.30 settles pending through a 2 s outage while the wall clock stepped forward
+    16 min: all were dropped past the 15-min replay window ($1.50 lost) and the tenant was
+    admitted over its $1 day budget. The window runs on the limiter's own monotonic clock
+    (its default: the real one, which moves milliseconds here)."""
+    store, clock, lost = Outage(), ManualClock(START_MS), list[int]()
+    policy = LimitPolicy(day_budget_nanos=NANOS_PER_DOLLAR)
+    limiter = Limiter(store, UniformPolicies(policy), clock, _count, lost=lost.append)
+    for _ in range(5):
+        limiter.settle(await _admitted(limiter), _answer(300_000_000))
+    await limiter.drain()
+    assert limiter.pending == 5
+    clock.advance(ms=2_000 + SETTLE_REPLAY_WINDOW_MS + 60_000)
+    store.down = False
+    await limiter.replay_pending()
+    assert lost == [] and limiter.pending == 0
+    assert isinstance(await limiter.admit("t", _request()), Denial)
+    await limiter.close()
+
+
+async def test_an_ambiguous_settle_is_given_up_on_the_monotonic_clock_whatever_the_wall() -> None:
+    """A settle whose try timed out after the store counted it, the wall clock then stepped
+    back 300 s: the replay, judged on the wall, was sent though the marker that makes it count
+    once may have lapsed (counted twice). Past ``AMBIGUOUS_REPLAY_MS`` on the monotonic
+    clock it is given up, whatever the wall clock says."""
+    store, clock, ages, lost = Outage(), ManualClock(START_MS), ManualClock(0), list[int]()
+    store.late = 1
+    policy = LimitPolicy(day_budget_nanos=100 * NANOS_PER_DOLLAR)
+    limiter = Limiter(store, UniformPolicies(policy), clock, _count, lost=lost.append, ages=ages)
+    limiter.settle(await _admitted(limiter), _answer(1_000))
+    await limiter.drain()
+    assert limiter.pending == 1
+    clock.advance(ms=-300_000)
+    ages.advance(ms=AMBIGUOUS_REPLAY_MS + 1)
+    store.down = False
+    await limiter.replay_pending()
+    assert lost == [1] and limiter.pending == 0  # not sent again: the late try's count stays
+    await limiter.close()
+
+
+async def test_a_wall_clock_step_back_does_not_silence_the_failure_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Admits failing once a minute for an hour after the wall clock stepped back 60 min:
+    none was logged (the throttle's last line was 'in the future'); one a minute now."""
+
+    class Broken(MemoryLimitStore):
+        async def admit(self, *args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("Redis is down")
+
+    clock, ages = ManualClock(START_MS), ManualClock(0)
+    policy = UniformPolicies(LimitPolicy(requests_per_min=10))
+    limiter = Limiter(Broken(), policy, clock, _count, ages=ages)
+    with caplog.at_level(logging.WARNING, logger="cachemesh.router"):
+        await limiter.admit("t", _request())
+        clock.advance(ms=-3_600_000)
+        for _ in range(60):
+            clock.advance(ms=60_000)
+            ages.advance(ms=60_000)
+            await limiter.admit("t", _request())
+    warned = [r for r in caplog.records if "limits store failed on admit" in r.getMessage()]
+    assert len(warned) == 61
+    await limiter.close()
