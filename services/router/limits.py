@@ -112,6 +112,12 @@ class Periods:
             month_end_ms=calendar.timegm((year, month, 1, 0, 0, 0)) * 1000,
         )
 
+    def previous(self) -> tuple[str, str]:
+        """The ids of the day and the month before these."""
+        year, month = (int(part) for part in self.month.split("-"))
+        year, month = (year - 1, 12) if month == 1 else (year, month - 1)
+        return Periods.at(self.day_end_ms - 86_400_000 - 1).day, f"{year:04d}-{month:02d}"
+
 
 # What ``LimitStore.admit`` found over its limit (None: admitted).
 DAY_BUDGET = "day_budget"
@@ -358,8 +364,11 @@ class MemoryLimitStore:
             self._forget_old(periods)
 
     def _forget_old(self, periods: Periods) -> None:
-        current = {periods.day, periods.month}
-        for key in [k for k in self._spent if k[1] not in current]:
+        """Drops the spend of periods before the previous day and month: those are kept, so a
+        wall clock stepped back over midnight (NTP, a VM resumed) finds the spent day still
+        spent, not a new budget for it; the in-process memory is bounded all the same."""
+        kept = {periods.day, periods.month, *periods.previous()}
+        for key in [k for k in self._spent if k[1] not in kept]:
             del self._spent[key]
 
     async def close(self) -> None:

@@ -1,7 +1,8 @@
 """The limiter's windows over what lives in this process (the settle replay's, a throttled log
 line's) run on a monotonic clock, its budgets on the wall clock: a step of the wall clock (NTP,
 a VM resumed) neither drops settles nor replays an ambiguous one past its marker, nor silences
-warnings. Time is injected ManualClocks."""
+warnings; and the in-process store keeps the previous day's and month's spend, so a step back
+over midnight does not grant a spent day again. Time is injected ManualClocks."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ from services.router.limits import (
     Limiter,
     LimitPolicy,
     MemoryLimitStore,
+    Periods,
     SettleNotSent,
     Ticket,
     UniformPolicies,
 )
 
 START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+MIDNIGHT_MS = 1_700_006_400_000  # 2023-11-15 00:00:00 UTC
 
 
 def _request() -> pb.CompleteRequest:
@@ -136,3 +139,27 @@ async def test_a_wall_clock_step_back_does_not_silence_the_failure_warnings(
     warned = [r for r in caplog.records if "limits store failed on admit" in r.getMessage()]
     assert len(warned) == 61
     await limiter.close()
+
+
+async def test_a_step_back_over_midnight_finds_the_spent_day_still_spent() -> None:
+    """$1 of a $1 day spent at 23:59:50, a $0.01 request settled at 00:00:05, then the wall
+    clock stepped back 30 s: the in-process store had forgotten the first day's spend at the
+    second day's first settle and admitted 10 requests of $0.10 ($1 more) on the spent day."""
+    clock = ManualClock(MIDNIGHT_MS - 10_000)
+    store = MemoryLimitStore()
+    policy = LimitPolicy(day_budget_nanos=NANOS_PER_DOLLAR)
+    limiter = Limiter(store, UniformPolicies(policy), clock, _count)
+    limiter.settle(await _admitted(limiter), _answer(NANOS_PER_DOLLAR))
+    await limiter.drain()
+    clock.advance(ms=15_000)
+    limiter.settle(await _admitted(limiter), _answer(10_000_000))
+    await limiter.drain()
+    clock.advance(ms=-30_000)
+    assert isinstance(await limiter.admit("t", _request()), Denial)
+    await limiter.close()
+
+
+def test_the_previous_periods_cross_a_year() -> None:
+    new_year = Periods.at(1_704_067_200_000 + 5 * 3_600_000)  # 2024-01-01 05:00 UTC
+    assert new_year.previous() == ("2023-12-31", "2023-12")
+    assert Periods.at(START_MS).previous() == ("2023-11-13", "2023-10")
