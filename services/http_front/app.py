@@ -88,10 +88,12 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     max_connections = fit_open_files(settings.max_connections, settings.max_connections_set)
     keys = settings.keys.open(time.monotonic, time.time)
     provider = build_tracer_provider(environ, "http-front")
+    clock = MonotonicClock()  # this process's intervals (log throttles, accept errors)
     gateway = Gateway(
         settings.gateway_addr,
         settings.gateway_timeout_s,
         settings.gateway_tls,
+        clock=clock,
         max_message_bytes=settings.max_message_bytes,
     )
     registry = new_registry()
@@ -104,7 +106,6 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics=HttpFrontMetrics(registry, time.perf_counter),
     )
     endpoint = MetricsEndpoint(settings.metrics, registry, ready=front.ready)
-    clock = MonotonicClock()
     runner = Runner(
         build_app(front, settings.max_body_bytes),
         max_connections=max_connections,

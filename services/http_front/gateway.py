@@ -21,7 +21,7 @@ from cachemesh.retry_info import retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
-from services.common.clock import Clock, SystemClock, Throttle
+from services.common.clock import Clock, MonotonicClock, Throttle
 from services.common.errors import Code
 from services.common.server import MAX_MESSAGE_BYTES_DEFAULT
 from services.common.status import code_of
@@ -101,8 +101,10 @@ class Gateway:
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)
         self._timeout_s = timeout_s
+        # the interval of its log line is this process's own: a wall clock stepped back
+        # (NTP) silenced it for the step's length
         self._unreachable = Throttle(
-            clock if clock is not None else SystemClock(), UNREACHABLE_LOG_EVERY_MS
+            clock if clock is not None else MonotonicClock(), UNREACHABLE_LOG_EVERY_MS
         )
 
     async def complete(

@@ -106,7 +106,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
-from services.common.clock import Clock, SystemClock, Throttles, suppressed
+from services.common.clock import Clock, MonotonicClock, SystemClock, Throttles, suppressed
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, PrefixPort, without_refused_report
 from services.router.outbox_journal import (
@@ -330,6 +330,7 @@ class BillingOutbox:
         journal_sync_failed: Callable[[int], None] | None = None,
         estimate_kept: EstimateKept | None = None,
         prefix_serving: PrefixServing | None = None,
+        ages: Clock | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -358,7 +359,8 @@ class BillingOutbox:
         ``prefix_serving``: prefix-cache's health, asked before each try of an entry whose last
         try found it unreachable: the try is sent when it says SERVING, recorded (a replay span,
         its Commit calls sampled), else not sent this round (None: never asked, each such try
-        sent unsampled)."""
+        sent unsampled). ``ages``: what the throttled log lines' intervals run on (None: a
+        ``MonotonicClock``; never the wall, whose step back silenced them for its length)."""
         self._prefix = prefix
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -370,7 +372,11 @@ class BillingOutbox:
         self._dropped = dropped
         self._open_call_billed = open_call_billed
         self._wall = wall if wall is not None else SystemClock()
-        self._kept_log = Throttles(self._wall, KEPT_LOG_EVERY_MS)
+        # a log line's interval is this process's own: a step of the wall clock (NTP) must
+        # not silence it for the step's length
+        self._kept_log = Throttles(
+            ages if ages is not None else MonotonicClock(), KEPT_LOG_EVERY_MS
+        )
         # the open calls of this process's model calls running, and when each started
         self._live: dict[str, int] = {}
         self._estimate_billed = estimate_billed
