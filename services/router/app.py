@@ -133,8 +133,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics=metrics,
         wall=wall,  # the arrival a WARM without a Plan carries, on prefix-cache's time of day
     )
-    answers = IdempotencyTable(
-        SystemClock(),
+    answers = IdempotencyTable.in_process(
         settings.idempotency_ttl_s,
         settings.idempotency_max,
         settings.idempotency_max_bytes,

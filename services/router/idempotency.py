@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.clock import Clock
+from services.common.clock import Clock, MonotonicClock
 from services.common.holdings import Holdings
 
 
@@ -51,6 +51,15 @@ def fingerprint(request: pb.CompleteRequest) -> str:
 
 
 class IdempotencyTable:
+    @classmethod
+    def in_process(
+        cls, ttl_s: float, max_records: int, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> IdempotencyTable:
+        """The router's table: its records live in this process only, so their TTL is an age
+        on a ``MonotonicClock``. On the wall clock a step forward of a day (NTP, a VM resumed)
+        expired every answer at once, and a retry seconds later ran the model again."""
+        return cls(MonotonicClock(), ttl_s, max_records, max_bytes)
+
     def __init__(
         self, clock: Clock, ttl_s: float, max_records: int, max_bytes: int = DEFAULT_MAX_BYTES
     ) -> None:

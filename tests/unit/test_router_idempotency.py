@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -196,3 +198,25 @@ async def test_a_tenant_alone_has_the_whole_bound_and_tenants_share_it() -> None
         table.kept("b", f"b{i}")
     kept = [i for i in range(10) if not table.claim("a", _req(f"a{i}"))[0]]
     assert kept == [5, 6, 7, 8, 9]  # a's newest five: half the table, the oldest out first
+
+
+async def test_the_router_s_table_ages_on_the_monotonic_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The table the router builds (``in_process``): a retry 5 s after its answer, the wall
+    clock stepped forward a day meanwhile, ran the model again (its answer expired on the
+    wall's 24 h TTL). The process's two clocks are faked where the clocks read them."""
+    now = {"wall_ns": 1_700_000_000_000 * 1_000_000, "monotonic_ns": 0}
+    fake = SimpleNamespace(time_ns=lambda: now["wall_ns"], monotonic_ns=lambda: now["monotonic_ns"])
+    monkeypatch.setattr("services.common.clock.time", fake)
+    table = IdempotencyTable.in_process(ttl_s=86_400, max_records=1000)
+    run, future = table.claim("t", _req("r1"))
+    assert run
+    future.set_result(pb.CompleteResponse(request_id="r1"))
+    table.kept("t", "r1")
+    now["wall_ns"] += 86_400 * 1_000_000_000
+    now["monotonic_ns"] += 5 * 1_000_000_000
+    run, again = table.claim("t", _req("r1"))
+    assert not run and again.result().request_id == "r1"
+    now["monotonic_ns"] += 86_400 * 1_000_000_000  # a day of this process's time: expired
+    assert table.claim("t", _req("r1"))[0]
