@@ -106,6 +106,7 @@ class SemanticCacheApi:
                 within_s=within_s,
                 waits=wait,
                 lease_id=request.lease_id,
+                retry=request.retry,
             )
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc

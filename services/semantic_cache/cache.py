@@ -133,6 +133,7 @@ class SemanticCache(EntryStore):
         within_s: float | None = None,
         waits: bool = True,
         lease_id: str = "",
+        retry: bool = False,
     ) -> CheckResult:
         """The best servable entry of the query's scope with similarity >= the threshold.
 
@@ -149,7 +150,11 @@ class SemanticCache(EntryStore):
         embedding (a late one is a miss). ``waits=False`` (the offline replay, which waits on
         its virtual clock): no wait at all, neither for Stores nor a lease, and no bound on the
         embedding (``within_s`` and ``wait_s`` are not read). ``lease_id``: the id the caller
-        chose for a lease this check takes (``Leases.take``; "" = ours).
+        chose for a lease this check takes (``Leases.take``; "" = ours). ``retry``: the
+        Lookup may be a retry of its request (the router's call was marked as one): only then
+        does it take over the live lease its request_id took and lead at once; another check
+        with that request_id (a duplicate sent at the same time, maybe through another router)
+        waits on the lease like any identical request.
         """
         if not waits:
             wait_s, within_s = 0.0, None
@@ -162,7 +167,11 @@ class SemanticCache(EntryStore):
         if not lead or not self._may_be_stored(query):  # never stored: nobody to wait
             return result
         key = (query.tenant, query.scope, query.normalised)  # _check has required the text
-        retried = query.mode == "use" and self._leases.take_over(key, query.request_id, lease_id)
+        retried = (
+            retry
+            and query.mode == "use"
+            and self._leases.take_over(key, query.request_id, lease_id)
+        )
         if retried:
             return dataclasses.replace(result, leader=True, lease_id=retried)  # a retry of its own
         if self._leases.uncacheable(key, query.max_tokens):

@@ -15,10 +15,11 @@ on. A waiter whose budget runs out gets a miss and calls the model itself: a lea
 loses a request.
 
 A lease is owned by the ``request_id`` that took it: a retry of that request (its router died
-mid-call and the client sent it again) takes the lease over and leads, instead of waiting out
-the age limit of its own dead call. The lease taken over gets a new ``lease_id`` (its waiters
-wait on): the first call's late Release or renewal names the old one, and ends or renews
-nothing.
+mid-call and the client sent it again; the router marks its Lookup ``retry``) takes the lease
+over and leads, instead of waiting out the age limit of its own dead call; a Lookup with that
+id not marked a retry (a duplicate sent to another router at once) waits like any other. The
+lease taken over gets a new ``lease_id`` (its waiters wait on): the first call's late Release
+or renewal names the old one, and ends or renews nothing.
 
 A lease's id may be the caller's (a fresh random id per Lookup, which it can Release by when
 the reply never reaches it), unless a live lease has that id already: ids are unique among

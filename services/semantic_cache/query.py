@@ -52,7 +52,8 @@ class Query:
     max_tokens: int
     temperature: float = 1.0  # unset = 1.0
     # not part of the scope: names the single-flight lease a miss takes, so that a retry of
-    # the same request (its router died mid-call) leads again instead of waiting on itself
+    # the same request (its router died mid-call; its Lookup marked ``retry``) leads again
+    # instead of waiting on itself
     request_id: str = ""
     # not part of the scope either: the answer tiers the Lookup accepts (empty: any); an
     # answer of another tier is never served (``tier_refusal``)

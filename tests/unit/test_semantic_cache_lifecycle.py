@@ -229,7 +229,7 @@ async def test_a_retry_of_the_leaders_own_request_leads_again_instead_of_waiting
     first = await cache.check(mine, wait_s=5.0)
     assert first.leader
     clock.advance(s=20.0)
-    retry = await cache.check(mine, wait_s=5.0)  # would wait otherwise: the lease is live
+    retry = await cache.check(mine, wait_s=5.0, retry=True)  # else it waits: the lease is live
     assert retry.leader and retry.lease_id != first.lease_id  # its lease, under a new id
     waiter = asyncio.create_task(cache.check(other, wait_s=5.0))
     await asyncio.sleep(0)
@@ -243,3 +243,23 @@ async def test_a_retry_of_the_leaders_own_request_leads_again_instead_of_waiting
     unnamed = await cache.check(q("what is the baggage allowance"), wait_s=0.0)
     assert unnamed.leader  # no request_id: nothing to take over, as before
     assert not (await cache.check(q("what is the baggage allowance"), wait_s=0.0)).leader
+
+
+async def test_a_duplicate_with_the_leaders_request_id_not_marked_a_retry_waits_on_its_lease() -> (
+    None
+):
+    """Two routers got the same request_id at once, neither marked a retry (grpcurl sends it
+    twice): the second took the first's lease over and led a second model call, where two
+    different ids made one. Now it waits on the lease like any identical request and is
+    served the first call's Store; only a Lookup marked a retry takes the lease over."""
+    cache, _ = new_cache(hold_s=30.0)
+    mine = dataclasses.replace(q("how do i reset my password"), request_id="req-1")
+    first = await cache.check(mine, wait_s=5.0)
+    assert first.leader
+    duplicate = asyncio.create_task(cache.check(mine, wait_s=5.0))
+    await asyncio.sleep(0)
+    assert not duplicate.done()  # waits: it does not lead a call of its own
+    await cache.store(mine, answer(b"the first call's answer"), lease_id=first.lease_id)
+    served = await duplicate
+    assert served.hit and not served.leader and served.entry is not None
+    assert served.entry.answer.payload == b"the first call's answer"

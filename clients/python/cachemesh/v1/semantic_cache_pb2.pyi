@@ -28,6 +28,7 @@ class LookupRequest(_message.Message):
     WANT_EMBEDDING_FIELD_NUMBER: _builtins.int
     ACCEPTED_TIERS_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     want_embedding: _builtins.bool
     """The router's tier choice needs the last user turn's embedding: a miss returns the vector
@@ -44,6 +45,15 @@ class LookupRequest(_message.Message):
     alone (as Renew does), so the id must be fresh and random (the router's: a uuid4): an id
     that a live lease already has is not given to a second one (L1 chooses the id, as when
     empty; the reply says which), and a Release naming it would end the lease that has it.
+    """
+    retry: _builtins.bool
+    """The Lookup may be a retry of its request (the router's call was marked as one: gRPC's
+    `grpc-previous-rpc-attempts` >= 1, or `cachemesh-retry: 1`). Only such a Lookup takes over
+    the live lease its request_id took (its first call's router died mid-call) and leads at
+    once; any other Lookup with that request_id (an unmarked duplicate, which may reach another
+    router at the same time) waits on the lease like any identical request. Unset (false, as
+    from a router older than this field): never taken over; a retry waits on its own first
+    call's lease up to its lease wait, or the lease's age limit (SEMANTIC_CACHE_LEASE_S).
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -64,10 +74,11 @@ class LookupRequest(_message.Message):
         want_embedding: _builtins.bool = ...,
         accepted_tiers: _abc.Iterable[_builtins.str] | None = ...,
         lease_id: _builtins.str = ...,
+        retry: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_tiers", b"accepted_tiers", "lease_id", b"lease_id", "request", b"request", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_tiers", b"accepted_tiers", "lease_id", b"lease_id", "request", b"request", "retry", b"retry", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
