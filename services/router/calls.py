@@ -256,12 +256,15 @@ class Calls:
         want_embedding: bool = False,
         deadline: float | None = None,
         accepted_tiers: Sequence[str] = (),
+        retry: bool = False,
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's answer; when an identical request's model call is in flight (``pending``) and
         outlasted the lookup's deadline, one more lookup waits for it (``lease_wait_s``), so
         concurrent identical misses share one model call. ``deadline``: when the request's
         model call must end, on ``clock`` (None: the client set no deadline).
-        ``accepted_tiers``: the answer tiers the request accepts (empty: any)."""
+        ``accepted_tiers``: the answer tiers the request accepts (empty: any). ``retry``: the
+        call was marked as a possible retry, so it may take over the lease its request_id
+        holds (its first call's router died); any other waits on that lease."""
         lookup_s = self.lookup_timeout_s(deadline)
         if lookup_s <= 0:
             return None  # the deadline has passed: nothing to wait for
@@ -276,6 +279,7 @@ class Calls:
             want_embedding=want_embedding,
             accepted_tiers=accepted_tiers,
             lease_id=uuid.uuid4().hex,
+            retry=retry,
         )
         # its timeout counts toward leaving L1 alone unless the client's deadline cut it short
         counts = lookup_s >= self._s.semantic_timeout_s * _BREAKER_MIN_SHARE

@@ -596,6 +596,13 @@ class Limiter:
         refund = back - used_tokens(end) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, 0 if end.cost.estimated else end.cost.cost_nanos)
 
+    def unused(self, ticket: Ticket) -> None:
+        """Gives an admitted request's reservation back whole, counting no cost: it called no
+        model (served another call's answer, billed to that call, or refused before its
+        model call). Its place in the request rate stays taken, as an L1 hit's does."""
+        if ticket.policy.active and ticket.policy.tokens_per_min:
+            self._count(ticket, ticket.replace_reservation(), 0)
+
     def charge(self, ticket: Ticket, usage: pb.Usage, cost_nanos: int) -> None:
         """Counts a model call billed without an answer (cancelled or cut after its prefill):
         its cost against the budgets, and its tokens against the token rate in place of the

@@ -160,6 +160,9 @@ class Charge(Protocol):
 
 # told a request's answer as soon as its bill is made or kept, before its chunks go out
 AnswerBilled = Callable[[pb.CompleteResponse], None]
+# awaited once L1 did not answer a request, before its first model call: an answer it returns
+# (another call's, for the same request_id) is served instead of calling the model
+BeforeModel = Callable[[], Awaitable[pb.CompleteResponse | None]]
 _T = TypeVar("_T")
 
 
@@ -265,6 +268,8 @@ class Pipeline:
         charge: Charge | None = None,
         bills: Bills | None = None,
         answer_billed: AnswerBilled | None = None,
+        retried: bool = False,
+        before_model: BeforeModel | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
@@ -277,7 +282,12 @@ class Pipeline:
         pending bill of each such call (the access log's line waits for them).
         ``answer_billed``: told the answer (its end) once its bill is made or kept, before any of
         its chunks that follow go out: a caller that leaves before it reads the end was
-        answered and billed all the same (the limits count it)."""
+        answered and billed all the same (the limits count it).
+        ``retried``: the call was marked as a possible retry: its L1 Lookup may take over the
+        single-flight lease its request_id holds. ``before_model``: awaited once L1 did not
+        answer, before the first model call (an L1 hit never awaits it), with this request's
+        L1 lease (if it leads) kept meanwhile; an answer it returns is served as it is, with no
+        model call and no Store (it is another call's: billed, and stored, by that call)."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -288,7 +298,7 @@ class Pipeline:
         )
         baseline = self._table.baseline_for(request.model)
 
-        lookup = await self._lookup(tenant, request, deadline)
+        lookup = await self._lookup(tenant, request, deadline, retried)
         if lookup is not None:
             log.debug("L1 lookup: %s", _lookup_result(lookup))
         refused = self._below_lowest_tier(request, lookup)
@@ -324,6 +334,10 @@ class Pipeline:
         if lookup is not None and lookup.leader:
             keeper = asyncio.ensure_future(self._calls.keep_lease(tenant, request, lookup))
         try:
+            if before_model is not None and (replayed := await before_model()) is not None:
+                for served in chunks_of(replayed):
+                    yield served
+                return
             self._refuse_if_outbox_full()
             while True:
                 emitted = False
@@ -391,6 +405,8 @@ class Pipeline:
         bills: Bills | None = None,
         unanswered: spans.UnansweredBills | None = None,
         answer_billed: AnswerBilled | None = None,
+        retried: bool = False,
+        before_model: BeforeModel | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole. A call that ends without its answer is billed in
@@ -622,7 +638,7 @@ class Pipeline:
             health.released(attempt.replica, attempt.probe)
 
     async def _lookup(
-        self, tenant: str, request: pb.CompleteRequest, deadline: float | None
+        self, tenant: str, request: pb.CompleteRequest, deadline: float | None, retried: bool
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's answer; for ``auto`` also the question's embedding (the tier router's input),
         which the semantic cache returns without a lookup when the request bypasses L1.
@@ -640,6 +656,7 @@ class Pipeline:
             want_embedding=auto,
             deadline=deadline,
             accepted_tiers=self._accepted_tiers(request),
+            retry=retried,
         )
 
     def _accepted_tiers(self, request: pb.CompleteRequest) -> list[str]:

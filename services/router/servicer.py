@@ -8,6 +8,7 @@ import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -239,7 +240,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         push another request's answer out of it. ``time_remaining_s``: the client's deadline
         (None: it set none), which bounds the model call. ``own_id``: the caller sent the
         request_id; one the router made up (``_accept``) no caller can retry with, so such a
-        request is neither claimed nor recorded in the answer ledger."""
+        request is neither claimed nor recorded in the answer ledger.
+
+        Across routers (the answer ledger): a call marked as a possible retry (``retried``)
+        claims its id before anything else, as its answer may be recorded already; any other
+        call with its own id claims it only once L1 did not answer it, just before its first
+        model call (the pipeline's ``before_model``), so an L1 hit costs no Redis round trip:
+        an answer recorded for the id (an unmarked repeat that reached another router) is
+        served instead, and another router's call holding the id is waited for. Admitted by
+        the limits first, such a replay gives its reservation back (``Limiter.unused``)."""
         try:
             mark = fingerprint(request)  # once: the table and the ledger both key on it
             claimed, future = self._answers.claim(tenant, request, mark)
@@ -255,34 +264,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             for chunk in chunks_of(call.end):
                 yield chunk
             return
+        loop = asyncio.get_running_loop()
+        # how long a wait on another router's call for this id may last: the call's deadline
+        wait_until = None if time_remaining_s is None else loop.time() + time_remaining_s
         end: pb.CompleteResponse | None = None
         # the answer, told by the pipeline once billed: its end may never be read
         billed: list[pb.CompleteResponse] = []
         ticket: Ticket | None = None
         failure: Exception | None = None  # the first call's refusal, for its duplicates
-        claim: Claimed | None = None  # this call's claim on the id in the ledger
-        holding: asyncio.Task[None] | None = None
+        held = _Held()  # this call's claim on the id in the ledger
         recorded = False
         try:
             if retried and own_id:
-                found = await self._claim(tenant, request, mark, time_remaining_s)
-                if isinstance(found, pb.CompleteResponse):
+                found = await self._take(tenant, request, mark, wait_until, held)
+                if found is not None:
                     end = found  # kept unmarked, for this router's own replays of it
                     call.end = _replayed(found)
                     call.replayed = True
                     for chunk in chunks_of(call.end):
                         yield chunk
                     return
-                claim = found
-                if claim is not None and self._ledger is not None:
-                    holding = asyncio.ensure_future(
-                        self._ledger.hold(tenant, request.request_id, claim)
-                    )
             counting(request)  # the limits' count of the prompt serves the pipeline too
             admitted = await self._limiter.admit(tenant, request)
             if isinstance(admitted, Denial):
                 raise _Denied(admitted)
             ticket = admitted
+
+            async def before_model() -> pb.CompleteResponse | None:
+                try:
+                    held.replay = await self._take(tenant, request, mark, wait_until, held)
+                except RequestError:
+                    held.modelless = True  # refused before any model call: nothing used
+                    raise
+                if held.replay is None:
+                    return None
+                held.modelless = True
+                call.replayed = True
+                return _replayed(held.replay)
+
+            unmarked = own_id and not retried and self._ledger is not None
             run = self._pipeline.run(
                 tenant,
                 request,
@@ -291,13 +311,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 charge=partial(self._limiter.charge, ticket),
                 bills=call.bills,
                 answer_billed=billed.append,
+                retried=retried,
+                before_model=before_model if unmarked else None,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
                     if chunk.WhichOneof("part") == "end":
-                        end = call.end = chunk.end
-                        if own_id:
-                            recorded = await self._record(tenant, request, end, mark)
+                        call.end = chunk.end
+                        if held.replay is not None:
+                            end = held.replay  # kept unmarked, as above
+                        else:
+                            end = chunk.end
+                            if own_id:
+                                recorded = await self._record(tenant, request, end, mark)
                     yield chunk
         except (_Denied, RequestError) as exc:
             if isinstance(exc, _Denied) or exc.code in _THE_REQUESTS_OWN:
@@ -305,31 +331,54 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         finally:
             _settle(self._answers, tenant, request, future, end, failure)
-            if ticket is not None:
+            if ticket is not None and held.modelless:
+                self._limiter.unused(ticket)  # another call's answer, or none: nothing used
+            elif ticket is not None:
                 # the answer counts once it is billed, whether or not its caller read its end
                 # (one with no text has its start sent after its bill, and its end after that)
                 self._limiter.settle(ticket, end if end is not None or not billed else billed[0])
-            if holding is not None:
-                holding.cancel()
-            if claim is not None and not recorded:  # failed, refused, or an unbilled answer
-                self._give_back(tenant, request.request_id, claim)
+            if held.renewing is not None:
+                held.renewing.cancel()
+            if held.claim is not None and not recorded:  # failed, refused, or an unbilled answer
+                self._give_back(tenant, request.request_id, held.claim)
+
+    async def _take(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        mark: str,
+        wait_until: float | None,
+        held: _Held,
+    ) -> pb.CompleteResponse | None:
+        """The answer the ledger recorded for the request's id (served instead of a model
+        call), else None, with this call's claim on the id in ``held`` (renewed until the
+        call ends) when it took one (not when the ledger is absent or failed)."""
+        found = await self._claim(tenant, request, mark, wait_until)
+        if isinstance(found, pb.CompleteResponse):
+            return found
+        if found is not None and self._ledger is not None:
+            held.claim = found
+            held.renewing = asyncio.ensure_future(
+                self._ledger.hold(tenant, request.request_id, found)
+            )
+        return None
 
     async def _claim(
         self,
         tenant: str,
         request: pb.CompleteRequest,
         mark: str,
-        time_remaining_s: float | None,
+        wait_until: float | None,
     ) -> pb.CompleteResponse | Claimed | None:
         """For a call that may be a retry: the answer another router recorded for it, or this
         call's claim on the id (it makes the model call). While another router's call holds
-        the id, waits for its answer (within this call's deadline); when that claim goes (the
-        call failed, or its router died and the lease lapsed) takes it. None: no ledger, or it
-        failed (the call is served anew: only the protection across routers is lost)."""
+        the id, waits for its answer (until ``wait_until``, the event loop's time of this
+        call's deadline; None: it has none); when that claim goes (the call failed, or its
+        router died and the lease lapsed) takes it. None: no ledger, or it failed (the call is
+        served anew: only the protection across routers is lost)."""
         if self._ledger is None:
             return None
         loop = asyncio.get_running_loop()
-        deadline = None if time_remaining_s is None else loop.time() + time_remaining_s
         while True:
             if self._left_alone("claim"):
                 return None
@@ -350,7 +399,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if isinstance(found, Recorded):
                 return found.answer
             assert isinstance(found, Running)
-            left_s = math.inf if deadline is None else deadline - loop.time()
+            left_s = math.inf if wait_until is None else wait_until - loop.time()
             if left_s <= 0:
                 raise RequestError(
                     Code.DEADLINE_EXCEEDED,
@@ -452,6 +501,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 _BILLED_LAYERS = frozenset((pb.LAYER_MODEL, pb.LAYER_PREFIX_CACHE))
+
+
+@dataclass
+class _Held:
+    """One call's place in the answer ledger: its claim on the id and the task renewing it
+    (None: it took none); ``replay``: the answer another call recorded for the id, served in
+    place of a model call; ``modelless``: the call ended before any model call of its own (a
+    replay, or refused while it claimed), so its admission gives its reservation back."""
+
+    claim: Claimed | None = None
+    renewing: asyncio.Future[None] | None = None
+    replay: pb.CompleteResponse | None = None
+    modelless: bool = False
 
 
 # A first call's refusals its identical duplicates would meet too (anything else, e.g. its own

@@ -12,7 +12,7 @@ import time
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -47,7 +47,7 @@ from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_answer_ledger
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import AnswerBilled, Bills, Charge, chunks_of
+from services.router.pipeline import AnswerBilled, BeforeModel, Bills, Charge, chunks_of
 from services.router.servicer import GatewayServicer
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
@@ -67,6 +67,8 @@ class FakePipeline:
     def __init__(self, layer: pb.Layer.ValueType = pb.LAYER_MODEL) -> None:
         self.runs = 0
         self.layer = layer
+        self.before_model = 0  # the times it was awaited
+        self.replays = 0  # answers served from it
 
     async def run(
         self,
@@ -77,7 +79,19 @@ class FakePipeline:
         charge: Charge | None = None,
         bills: Bills | None = None,
         answer_billed: AnswerBilled | None = None,
+        retried: bool = False,
+        before_model: BeforeModel | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
+        """An L1 hit (``layer``) never awaits ``before_model``; a model call awaits it first
+        and serves what it returns instead (counted in ``replays``, not ``runs``)."""
+        if self.layer != pb.LAYER_SEMANTIC_CACHE and before_model is not None:
+            self.before_model += 1
+            replayed = await before_model()
+            if replayed is not None:
+                self.replays += 1
+                for chunk in chunks_of(replayed):
+                    yield chunk
+                return
         self.runs += 1
         answer = pb.CompleteResponse(
             served_by=self.layer, model=request.model, request_id=request.request_id
@@ -173,10 +187,11 @@ def test_a_retry_on_another_router_gets_the_recorded_answer(redis_url: str) -> N
         # and the second router now answers it from memory, retry mark or not
         again = await second.Complete(_request(), FakeContext())  # type: ignore[arg-type]
         assert _replay_of(answer, again) and second_pipe.runs == 0
-        # without the retry mark a third router serves it anew (the ledger is read for retries)
+        # without the retry mark a third router reads the ledger too, once L1 missed (an
+        # unmarked repeat of the id, as grpcurl sends it): the answer again, no model call
         third, third_pipe, third_ledger = _router(redis_url)
         fresh = await third.Complete(_request(), FakeContext())  # type: ignore[arg-type]
-        assert fresh.content[0].text == "answer 1" and third_pipe.runs == 1
+        assert _replay_of(answer, fresh) and (third_pipe.runs, third_pipe.replays) == (0, 1)
         for ledger in (first_ledger, second_ledger, third_ledger):
             await ledger.close()
 
@@ -201,8 +216,9 @@ def test_a_call_is_a_retry_by_the_marks_value_not_its_presence(
         second, second_pipe, second_ledger = _router(redis_url)
         await first.Complete(_request(), FakeContext())  # type: ignore[arg-type]
         await second.Complete(_request(), FakeContext(mark))  # type: ignore[arg-type]
-        assert first_pipe.runs == 1
-        assert second_pipe.runs == (0 if read else 1)  # the ledger's answer, or served anew
+        assert first_pipe.runs == 1 and second_pipe.runs == 0  # the ledger's answer, either way
+        # read before anything else, or only once L1 missed (just before the model call)
+        assert second_pipe.before_model == (0 if read else 1)
         for ledger in (first_ledger, second_ledger):
             await ledger.close()
 
@@ -546,6 +562,12 @@ class GatedPipeline(FakePipeline):
     async def run(
         self, tenant: str, request: pb.CompleteRequest, *args: Any, **kwargs: Any
     ) -> AsyncIterator[pb.CompleteChunk]:
+        before_model = kwargs.get("before_model")  # as the real pipeline, once L1 missed
+        if before_model is not None and (replayed := await before_model()) is not None:
+            self.replays += 1
+            for chunk in chunks_of(replayed):
+                yield chunk
+            return
         self.runs += 1
         self.started.set()
         if self.gate is not None:
@@ -687,8 +709,10 @@ def test_a_conflicting_retry_is_refused_while_the_first_call_runs(redis_url: str
     asyncio.run(run())
 
 
-def test_an_unmarked_call_claims_nothing_before_its_model_call(redis_url: str) -> None:
-    """Its cost is unchanged: no Redis round trip before the model call (the record after)."""
+def test_an_unmarked_call_claims_its_id_just_before_its_model_call(redis_url: str) -> None:
+    """Once L1 missed (an L1 hit makes no Redis round trip: test_router_unmarked_ledger), it
+    claims its id, so that a repeat of it on another router waits for its answer; the record
+    after its model call replaces the claim."""
 
     async def run() -> None:
         gate = asyncio.Event()
@@ -697,7 +721,8 @@ def test_an_unmarked_call_claims_nothing_before_its_model_call(redis_url: str) -
         one = asyncio.ensure_future(servicer.Complete(_request(), FakeContext()))  # type: ignore[arg-type]
         await pipe.started.wait()
         client = Redis.from_url(redis_url)
-        assert not await client.exists(ledger_key("tenant-a", "req-1"))
+        held = cast(bytes | None, await client.get(ledger_key("tenant-a", "req-1")))
+        assert held is not None and held.startswith(b"?")  # claimed
         gate.set()
         await one
         assert await client.exists(ledger_key("tenant-a", "req-1"))  # the answer, recorded
@@ -751,7 +776,7 @@ def test_only_a_request_with_its_callers_own_id_is_claimed_and_recorded(
         assert ([k async for k in client.scan_iter()], ledger.calls) == ([], [])
         await complete(_request())  # the caller's own id, unmarked
         assert [k async for k in client.scan_iter()] == [ledger_key("tenant-a", "req-1")]
-        assert ledger.calls == ["record"]
+        assert ledger.calls == ["claim", "record"]  # claimed once L1 missed, then recorded
         other, other_pipe, other_ledger = _router(redis_url)
         again = await other.Complete(_request(), FakeContext(RETRY))  # type: ignore[arg-type]
         assert again.replayed and other_pipe.runs == 0 and pipe.runs == 4
@@ -1008,9 +1033,12 @@ class TracedPipeline(FakePipeline):
         charge: Charge | None = None,
         bills: Bills | None = None,
         answer_billed: AnswerBilled | None = None,
+        retried: bool = False,
+        before_model: BeforeModel | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         context = trace.get_current_span().get_span_context()
-        async for chunk in super().run(tenant, request, streamed, time_remaining_s):
+        run = super().run(tenant, request, streamed, time_remaining_s, before_model=before_model)
+        async for chunk in run:
             kind = chunk.WhichOneof("part")
             if kind != "delta":
                 part = chunk.start if kind == "start" else chunk.end
