@@ -1,16 +1,19 @@
 """Answer-once across routers and restarts: a billed answer recorded by (tenant, request_id),
-and a claim on the id while a marked call's model call runs.
+and a claim on the id while its call's model call runs.
 
 The in-process table (``idempotency.py``) answers a retry that reaches the same router. A
 retry that reaches another router (gRPC's retry policy resends the same request_id; a caller
-that resends it marks it ``cachemesh-retry: 1``) must neither call the model nor bill again:
+that resends it marks it ``cachemesh-retry: 1``, or sends it unmarked, as grpcurl does) must
+neither call the model nor bill again:
 
-- A marked call (one that may be a retry) claims its id in Redis before its model call: one
-  script that either takes the claim (``SET NX`` with a lease, renewed every third of it while
-  the call runs) or returns what holds the id, a recorded answer (served instead of a second
-  call) or another router's live claim (the call waits, polling, within its own deadline, for
-  that call's answer; when the claim goes, given back by a call that failed or lapsed with a
-  router that died, it takes the claim and calls the model itself).
+- A marked call (one that may be a retry) claims its id in Redis before anything else, and an
+  unmarked call with its own request_id once L1 did not answer it, just before its model call
+  (an L1 hit makes no Redis round trip): one script that either takes the claim (``SET NX``
+  with a lease, renewed every third of it while the call runs) or returns what holds the id,
+  a recorded answer (served instead of a second call) or another router's live claim (the
+  call waits, polling, within its own deadline, for that call's answer; when the claim goes,
+  given back by a call that failed or lapsed with a router that died, it takes the claim and
+  calls the model itself).
 - Each answer the model served is recorded before it goes out (for the idempotency TTL), over
   a claim (its own, or one that lapsed and was taken since: the first answer recorded stays),
   when its request came with its own request_id: an id the router made up for a request sent
@@ -54,7 +57,7 @@ CLAIM_LEASE_S = 10.0  # a claim lapses this long after its holder last renewed i
 # A claim is renewed on ``Renewals``' schedule, then given up: a renewal after the lapse could
 # only find it gone (``_RENEW`` renews only a claim that is still there and still this call's).
 # What a failure is counted under (``cachemesh_router_answer_ledger_failures_total``): the
-# claim before a marked call's model call, each try of its renewal, the answer's record, and
+# claim before a call's model call, each try of its renewal, the answer's record, and
 # the claim given back after a call that recorded nothing.
 LedgerOperation = Literal["claim", "renew", "record", "give_back"]
 LEDGER_OPERATIONS: tuple[LedgerOperation, ...] = get_args(LedgerOperation)

@@ -329,7 +329,14 @@ class CompleteRequest(_message.Message):
     tiers) is Anthropic's: outside it INVALID_ARGUMENT, never clamped
     """
     request_id: _builtins.str
-    """idempotency key: a retry with the same id is answered and billed once"""
+    """Idempotency key: a retry with the same id is answered and billed once (the response
+    `replayed`), on whichever router it reaches when the routers share an answer ledger
+    (ROUTER_ANSWERS_REDIS_URL), whether or not it is marked a retry (`cachemesh-retry: 1`, or
+    gRPC's `grpc-previous-rpc-attempts`): a marked call reads the ledger first; an unmarked one
+    once L1 did not answer it, just before its model call, so a duplicate sent to two routers
+    at once makes one model call (the second waits for the first's answer). Not covered: a
+    ledger that is down or absent (each router then answers the id once).
+    """
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]: ...
     @_builtins.property
