@@ -567,7 +567,18 @@ class Pipeline:
                 "cached; retry with the same request_id",
             ) from exc
         except CallFailed as exc:
-            log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
+            if exc.code == Code.DEADLINE_EXCEEDED and not attempt.routers_deadline:
+                # the request's own deadline, sooner than the router's: the client's choice,
+                # no fault of the replica (nor counted toward its ejection); its access line
+                # says "deadline":"client"
+                log.debug(
+                    "the request's own deadline (%.1f s) passed mid-answer on replica %s of %s",
+                    attempt.timeout_s,
+                    attempt.replica,
+                    attempt.model.id,
+                )
+            else:
+                log.warning("replica %s failed mid-answer: %s", attempt.replica, exc.code.name)
             if exc.code == Code.DEADLINE_EXCEEDED:
                 if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
                     # (its end came too late)

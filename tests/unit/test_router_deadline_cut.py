@@ -3,6 +3,8 @@ that replica would run into the same deadline, and each attempt is billed."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from cachemesh.v1 import model_pb2
@@ -17,9 +19,15 @@ class LongAnswers(FakeModels):
     """Each replica streams healthily until ``ends_at`` of its deadline (1.0: at it), then
     ends with ``ending``: the gRPC deadline's failure or the provider's interrupted end."""
 
-    def __init__(self, clock: FakeClock, ending: str, ends_at: float = 1.0) -> None:
+    def __init__(
+        self,
+        clock: FakeClock,
+        ending: str,
+        ends_at: float = 1.0,
+        code: Code = Code.DEADLINE_EXCEEDED,
+    ) -> None:
         super().__init__(clock=clock)
-        self.ending, self.ends_at = ending, ends_at
+        self.ending, self.ends_at, self.code = ending, ends_at, code
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
@@ -29,7 +37,7 @@ class LongAnswers(FakeModels):
         assert self.clock is not None
         self.clock.now += deadline_s * self.ends_at
         last: model_pb2.GenerateChunk | CallFailed = (
-            CallFailed(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            CallFailed(self.code, self.code.name)
             if self.ending == "grpc"
             else model_pb2.GenerateChunk(
                 end=model_pb2.GenerateEnd(
@@ -134,3 +142,37 @@ async def test_a_cut_says_whose_deadline_it_was(remaining_s: float | None, route
     assert error.routers is routers
     named = "ROUTER_MODEL_TIMEOUT_S" if routers else "the request's deadline"
     assert named in error.message
+
+
+async def test_a_callers_own_deadline_mid_answer_is_no_replica_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """20 requests whose own deadline (0.15 s, sooner than ROUTER_MODEL_TIMEOUT_S) passes
+    mid-answer logged 20 WARNINGs "replica X failed mid-answer: DEADLINE_EXCEEDED", though
+    the replica did nothing wrong (nor is it counted toward its ejection): now DEBUG."""
+    clock = FakeClock()
+    rig = Rig(models=LongAnswers(clock, "grpc"), clock=clock)
+    caplog.set_level(logging.DEBUG, logger="cachemesh")
+    for _ in range(20):
+        error = await _run(rig, remaining_s=0.15)
+        assert isinstance(error, DeadlineCut) and not error.routers
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [], [r.getMessage() for r in warned]
+    said = [r.getMessage() for r in caplog.records if "mid-answer" in r.getMessage()]
+    assert len(said) == 20 and all("the request's own deadline" in m for m in said), said
+
+
+@pytest.mark.parametrize(
+    ("code", "remaining_s"), [(Code.UNAVAILABLE, 0.15), (Code.DEADLINE_EXCEEDED, 600.0)]
+)
+async def test_a_replicas_own_failure_mid_answer_stays_a_warning(
+    caplog: pytest.LogCaptureFixture, code: Code, remaining_s: float
+) -> None:
+    """A replica that broke off mid-answer, or outlasted the router's ROUTER_MODEL_TIMEOUT_S
+    (a server fault its alert counts), is still said as a WARNING."""
+    clock = FakeClock()
+    rig = Rig(models=LongAnswers(clock, "grpc", code=code), clock=clock)
+    caplog.set_level(logging.DEBUG, logger="cachemesh")
+    await _run(rig, remaining_s=remaining_s)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("mid-answer" in m and code.name in m for m in warned), warned
