@@ -22,6 +22,7 @@ from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_p
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import bearer_token
+from services.common.errors import shown
 from services.common.key_store import (
     KeyRevoked,
     KeyStore,
@@ -33,7 +34,7 @@ from services.common.keyfile import KeyFileError
 from services.common.status import abort
 from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
 from services.router.admin_messages import key_info, policy_message, tenant_row
-from services.router.validation import MAX_ID_CHARS, shown
+from services.router.validation import MAX_ID_CHARS
 
 log = logging.getLogger("cachemesh.admin")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -172,6 +173,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     # --- keys -------------------------------------------------------------------------------
     async def CreateKey(self, request: adm.CreateKeyRequest, context: Context) -> adm.IssuedKey:
         await self._authorize(context)
+        await _valid_tenant(context, request.tenant)  # an empty one too: a tenant, not an id
         record, key = await self._changed(context, self._keys.create, request.tenant, request.name)
         log.info("admin: key %s created for tenant %s", record.id, record.tenant)
         return adm.IssuedKey(key=key_info(record), api_key=key)

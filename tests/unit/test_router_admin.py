@@ -171,6 +171,10 @@ async def test_key_refusals_name_what_is_wrong(rig: Rig) -> None:
     invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     bad = rig.stub.CreateKey(adm.CreateKeyRequest(tenant="has space"), metadata=ADMIN)
     assert "tenant" in await expect(invalid, bad)
+    # no tenant is the tenant's refusal, not a key id's (CreateKey takes no id)
+    unnamed = rig.stub.CreateKey(adm.CreateKeyRequest(name="ci"), metadata=ADMIN)
+    details = await expect(invalid, unnamed)
+    assert details.startswith("tenant must be") and "id is required" not in details, details
     gone = rig.stub.RevokeKey(adm.RevokeKeyRequest(id="key_000000000000"), metadata=ADMIN)
     assert "key_000000000000" in await expect(missing, gone)
     # no id is the request's fault (it was NOT_FOUND), and rotating a revoked key is refused
