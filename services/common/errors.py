@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import enum
 
+SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
+
+
+def shown(value: str) -> str:
+    """``value`` as an error message may repeat it: quoted (a NUL or a right-to-left mark is
+    escaped), and cut when long (a caller's 1 MB model id is neither echoed back,
+    where it overflows the reply's metadata limit, nor written into the log)."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
+
 
 class Code(enum.Enum):
     OK = 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1.prompt_pb2 import PromptFacts
-from services.common.errors import Code, RequestError
+from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
@@ -133,7 +133,8 @@ class SimEngine:
             served = ", ".join(self._models)
             raise RequestError(
                 Code.INVALID_ARGUMENT,
-                f"model {model!r} is not served by replica {self.replica_id}; it serves: {served}",
+                f"model {shown(model)} is not served by replica {self.replica_id}; it serves: "
+                f"{served}",
             )
         if not 0 < request.max_tokens <= spec.max_output_tokens:
             raise RequestError(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
+from services.common.errors import shown
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
@@ -235,8 +236,8 @@ class PrefixCacheCore:
             if prompt is None:
                 if request is None and plan_id:
                     raise PlanGone(
-                        f"plan_id {plan_id!r} is not held by this prefix-cache (expired, or made "
-                        "by another process): send the request with the WARM commit"
+                        f"plan_id {shown(plan_id)} is not held by this prefix-cache (expired, or "
+                        "made by another process): send the request with the WARM commit"
                     )
                 prompt = await self._prompt(tenant, request, spec)
             plan = prompt.plan
@@ -357,8 +358,8 @@ class PrefixCacheCore:
                 raise _no_warm(request_id)
             if model and model != record.model:
                 raise BadRequest(
-                    f"model {model!r} differs from {record.model!r} of the WARM commit for "
-                    f"request_id {request_id!r}; send the same model or leave it empty"
+                    f"model {shown(model)} differs from {record.model!r} of the WARM commit for "
+                    f"request_id {shown(request_id)}; send the same model or leave it empty"
                 )
             if record.final is not None:
                 return Stood(record.final, repeated=True)
@@ -437,7 +438,7 @@ class PrefixCacheCore:
             known = ", ".join(sorted(self._table.models))
             hint = " (resolve 'auto' to a tier's model first)" if model_id == AUTO else ""
             raise BadRequest(
-                f"{field} {model_id!r} is not a known model{hint}; use one of: {known}"
+                f"{field} {shown(model_id)} is not a known model{hint}; use one of: {known}"
             )
         return spec
 
@@ -498,6 +499,6 @@ def _require(value: str, field: str) -> None:
 
 def _no_warm(request_id: str) -> NoWarmCommit:
     return NoWarmCommit(
-        f"no WARM commit for request_id {request_id!r} of this tenant (never made, or "
+        f"no WARM commit for request_id {shown(request_id)} of this tenant (never made, or "
         "expired): commit phase WARM with the request before FINAL"
     )

@@ -11,7 +11,7 @@ import math
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common import strict_json
-from services.common.errors import Code, RequestError
+from services.common.errors import Code, RequestError, shown
 from services.common.models import AUTO, ModelTable
 
 MAX_BREAKPOINTS = 4
@@ -22,17 +22,6 @@ MAX_PROMPT_CACHE_KEY_CHARS = 64
 
 def _invalid(message: str) -> RequestError:
     return RequestError(Code.INVALID_ARGUMENT, message)
-
-
-SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
-
-
-def shown(value: str) -> str:
-    """``value`` as an error message may repeat it: quoted, and cut when long (a caller's
-    900 KB model id is not echoed back, nor written into the log)."""
-    if len(value) <= SHOWN_CHARS:
-        return repr(value)
-    return f"{value[:SHOWN_CHARS]!r}... ({len(value):,} characters)"
 
 
 def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:

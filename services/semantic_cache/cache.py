@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.clock import Clock
+from services.common.errors import shown
 from services.semantic_cache.batcher import MicroBatcher, QueueFull
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import PURGE_GUARD_MS, EntryStore
@@ -620,7 +621,9 @@ def _answer_skip_reason(query: Query, answer: Answer, policy: NamespacePolicy) -
         )
     tools = policy.allows_tool_use(query.namespace)
     if answer.has_tool_use and not tools:
-        return f"the answer holds a tool call (namespace {query.namespace!r} does not allow it)"
+        return (
+            f"the answer holds a tool call (namespace {shown(query.namespace)} does not allow it)"
+        )
     if not _whole(answer, tools):
         return (
             f"stop_reason {answer.stop_reason or '(unset)'}: only end_turn answers are stored "

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.common.env import MAX_DURATION_S, ConfigError, Env
+from services.common.errors import shown
 
 NAMESPACE_TTL = "SEMANTIC_CACHE_NAMESPACE_TTL_S"
 TOOL_USE_NAMESPACES = "SEMANTIC_CACHE_TOOL_USE_NAMESPACES"
@@ -108,7 +109,7 @@ class NamespacePolicy:
             return ""
         return (
             f"the question asks about the present ({marker!r}): its answer changes with time, "
-            f"so it is neither stored nor looked up (namespace {namespace!r} is not in "
+            f"so it is neither stored nor looked up (namespace {shown(namespace)} is not in "
             f"{PRESENT_TIME_NAMESPACES})"
         )
 

@@ -69,7 +69,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.deadlines import end_margin_s
-from services.common.errors import Code, RequestError
+from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.providers.config import ProviderSettings
@@ -284,7 +284,7 @@ class ProviderApi:
             served = ", ".join(self._models)
             raise RequestError(
                 Code.INVALID_ARGUMENT,
-                f"model {request.model[:64]!r} is not served by replica {self._replica}; "
+                f"model {shown(request.model)} is not served by replica {self._replica}; "
                 f"it serves: {served}",
             )
         if not 0 < request.request.max_tokens <= spec.max_output_tokens:
