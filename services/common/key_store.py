@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.keyfile import (
-    TENANT_PATTERN,
-    TENANT_RULE,
     KeyFile,
     KeyFileError,
     KeyFileUnreadable,
@@ -35,6 +33,7 @@ from services.common.keyfile import (
     hash_key,
     issue,
     parse,
+    tenant_error,
 )
 
 log = logging.getLogger("cachemesh.keys")
@@ -72,8 +71,8 @@ def _snapshot(records: list[KeyRecord], signature: Signature | None) -> _Snapsho
 
 
 def check_tenant(tenant: str) -> None:
-    if not TENANT_PATTERN.match(tenant):
-        raise KeyStoreError(f"tenant must be {TENANT_RULE}, got {tenant[:80]!r}")
+    if error := tenant_error(tenant):
+        raise KeyStoreError(error)
 
 
 class KeyStore:

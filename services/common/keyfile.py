@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from services.common.errors import shown
+
 KEY_PREFIX = "cm_"
 HEADER = (
     "# cachemesh API keys: the sha256 of each key, never the key (written by the Admin API"
@@ -38,6 +40,18 @@ HEADER = (
 # \Z, not $: "$" also matches before a final newline ("acme\n" would be another tenant)
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 TENANT_RULE = "1 to 64 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+
+
+def tenant_error(tenant: str) -> str:
+    """What is wrong with ``tenant`` as a tenant's name ("" when nothing): the one rule for
+    the key file, the Admin API and the caches that keep data under a tenant's name (a
+    name the key file could not hold is no caller's, and a 1 MB, NUL or right-to-left one
+    spoils every listing of tenants)."""
+    if TENANT_PATTERN.match(tenant):
+        return ""
+    return f"tenant must be {TENANT_RULE}, got {shown(tenant)}"
+
+
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _FIELDS = ("id", "tenant", "sha256", "name", "created_at", "rotated_at", "revoked_at")
 
@@ -117,8 +131,8 @@ def _legacy(line: str, where: str) -> KeyRecord:
 
 def _tenant(tenant: str, where: str) -> str:
     """A tenant the Admin API can name (purge, stats, policy) and Redis keys can hold."""
-    if not TENANT_PATTERN.match(tenant):
-        raise KeyFileError(f"{where}: tenant must be {TENANT_RULE}, got {tenant[:80]!r}")
+    if error := tenant_error(tenant):
+        raise KeyFileError(f"{where}: {error}")
     return tenant
 
 

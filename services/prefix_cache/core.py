@@ -15,6 +15,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
 from services.common.errors import shown
+from services.common.keyfile import tenant_error
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
@@ -148,7 +149,7 @@ class PrefixCacheCore:
     async def plan(
         self, tenant: str, model: str, request: pb.CompleteRequest | None, replicas: Sequence[str]
     ) -> PlanResult:
-        _require(tenant, "tenant")
+        _require_tenant(tenant)
         spec = self._spec(model, "model")
         prompt = await self._prompt(tenant, request, spec)
         total = prompt.plan.prompt_tokens
@@ -223,7 +224,7 @@ class PrefixCacheCore:
                 )
         if arrived_at_ms is not None and arrived_at_ms < 0:
             raise BadRequest(f"arrived_at_ms must be >= 0, got {arrived_at_ms}")
-        _require(tenant, "tenant")
+        _require_tenant(tenant)
         _require(request_id, "request_id")
         spec = self._spec(model, "model")
         # one ledger read, under the request's lock: a retry (or a concurrent twin) finds the
@@ -346,7 +347,7 @@ class PrefixCacheCore:
     ) -> Stood:
         """Bills the commit key once: the first FINAL (of any replica) is priced, recorded
         and totalled; a later one gets that bill back, ``repeated``."""
-        _require(tenant, "tenant")
+        _require_tenant(tenant)
         _require(request_id, "request_id")
         _count(output_tokens, "output_tokens")
         _count(kv_cached_tokens, "kv_cached_tokens")
@@ -429,7 +430,7 @@ class PrefixCacheCore:
         return await self._cache.count()
 
     async def totals(self, tenant: str) -> TenantTotals:
-        _require(tenant, "tenant")
+        _require_tenant(tenant)
         return await self._ledger.totals(tenant)
 
     def _spec(self, model_id: str, field: str) -> ModelSpec:
@@ -495,6 +496,14 @@ def _past_grace(planned_at_ms: int | None, now_ms: int) -> int | None:
 def _require(value: str, field: str) -> None:
     if not value:
         raise BadRequest(f"{field} is required and must not be empty")
+
+
+def _require_tenant(tenant: str) -> None:
+    """A tenant named as the key file names them (``tenant_error``): nothing is warmed,
+    recorded or billed under a name no caller can have."""
+    _require(tenant, "tenant")
+    if error := tenant_error(tenant):
+        raise BadRequest(error)
 
 
 def _no_warm(request_id: str) -> NoWarmCommit:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
+from services.common.keyfile import tenant_error
 from services.common.span_events import record_event
 from services.semantic_cache.answers import unparsed_tool_call
 from services.semantic_cache.batcher import QueueFull
@@ -355,10 +356,14 @@ class SemanticCacheApi:
 
 
 def _require_tenant(tenant: str) -> None:
+    """A tenant named as the key file names them (``tenant_error``): no entry, lease, count
+    or policy is kept under a name no caller can have."""
     if not tenant:
         raise RequestError(
             Code.INVALID_ARGUMENT, "tenant is required: the router must pass the caller's tenant"
         )
+    if error := tenant_error(tenant):
+        raise RequestError(Code.INVALID_ARGUMENT, error)
 
 
 def _check_lease_id(lease_id: str) -> None:

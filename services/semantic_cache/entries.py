@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common.clock import Clock
+from services.common.errors import shown
 from services.semantic_cache.ann import Ids, Rows, use_threads
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings, ScopeIndex
@@ -233,7 +234,7 @@ class EntryStore:
             )
         for (tenant, _), rows in groups.items():
             if len({contents.entries[r].query for r in rows}) != len(rows):
-                raise ValueError(f"tenant {tenant!r}: a scope holds the same query twice")
+                raise ValueError(f"tenant {shown(tenant)}: a scope holds the same query twice")
         kept = np.array(sorted(r for g in groups.values() for r in g), dtype=np.int64)
         vid_at = np.full(len(contents.entries), -1, dtype=np.int64)  # row -> id (-1: skipped)
         vid_at[kept] = np.arange(self._next_id, self._next_id + len(kept), dtype=np.int64)

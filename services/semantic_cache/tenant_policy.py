@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from services.common.errors import shown
 from services.common.private_files import open_private
 from services.semantic_cache.policy import MAX_TTL_S, valid_ttl
 
@@ -100,7 +101,7 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
         enabled = value.get("l1_enabled", True) if isinstance(value, dict) else None
         valid_ttl = ttl is None or (isinstance(ttl, int | float) and not isinstance(ttl, bool))
         if not isinstance(enabled, bool) or not valid_ttl:
-            raise PolicyError(f"{path}: tenant {tenant!r}: l1_enabled (bool), default_ttl_s")
+            raise PolicyError(f"{path}: tenant {shown(tenant)}: l1_enabled (bool), default_ttl_s")
         policies[tenant] = PolicyChange(enabled, None if ttl is None else float(ttl)).apply(
             TenantPolicy()
         )

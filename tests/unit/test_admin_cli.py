@@ -50,6 +50,18 @@ def test_stats_show_rates_dollars_and_who_did_not_answer() -> None:
     assert "NOT ANSWERING: prefix-cache" in text
 
 
+def test_stats_escape_and_cut_tenant_names_an_older_cache_kept() -> None:
+    """Tenants an older semantic-cache kept under any name (1 MB, a NUL, a right-to-left
+    override) made an 18.8 MB table with the raw characters: now each is escaped and cut."""
+    names = ["t" * 1_000_000, "a\x00b", "\u202eevil", "acme"]
+    text = stats_table(adm.GetStatsResponse(tenants=[adm.TenantStats(tenant=n) for n in names]))
+    assert len(text) < 2_000 and text.isprintable() is False  # newlines only
+    assert all(line.isprintable() for line in text.splitlines())
+    assert "t" * 64 + "... (1,000,000 characters)" in text
+    assert "a\\x00b" in text and "\\u202eevil" in text
+    assert any(line.startswith("acme ") for line in text.splitlines())
+
+
 def test_keys_show_dates_never_secrets() -> None:
     info = adm.ApiKeyInfo(id="key_0123456789ab", tenant="acme", name="ci")
     info.created_at.FromSeconds(1_700_000_000)

@@ -6,10 +6,12 @@ instead of a read, and whose FINAL would find no WARM, or whose replay would be 
 
 from __future__ import annotations
 
+import pytest
+
 from services.common.clock import ManualClock
 from services.common.tokens import load_cl100k
 from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS, CommitRecords
-from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TotalsLedger
@@ -92,3 +94,28 @@ async def test_after_another_tenants_flood_a_tenants_final_bills_and_its_replay_
     # ... and its next turn reads the system prompt it wrote
     next_turn = await core.warm("b", "b-next", "sim-large", ask("B's third question?"), "")
     assert next_turn.read_tokens > 0
+
+
+async def test_a_tenant_the_key_file_could_not_hold_is_refused_and_nothing_kept() -> None:
+    """prefix-cache warmed, recorded and billed under any non-empty tenant (1 MB, a NUL,
+    "../..", a right-to-left override): now the key store's rule, INVALID_ARGUMENT."""
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(load_cl100k()),
+        cache=(store := InMemoryWarmStore()),
+        views=ReplicaViews(65536),
+        ledger=InMemoryLedger(CommitRecords(MIN_RECORD_TTL_MS), TotalsLedger()),
+        clock=ManualClock(),
+        lookback=20,
+    )
+    for tenant in ("../..", "a\x00b", "\u202eevil", "t" * 1_000_000):
+        for call in (
+            core.plan(tenant, "sim-large", ask("Q?"), []),
+            core.warm(tenant, "r1", "sim-large", ask("Q?"), ""),
+            core.final(tenant, "r1", "sim-large", 1, 0, ""),
+            core.totals(tenant),
+        ):
+            with pytest.raises(BadRequest, match=r"^tenant must be 1 to 64") as caught:
+                await call
+            assert len(str(caught.value)) < 300
+    assert len(store) == 0

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -27,6 +27,8 @@ from services.router.admin import AdminServicer
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.query import query_from_request
+from services.semantic_cache.records import Answer
 from services.semantic_cache.servicer import SemanticCacheService
 from tests.unit.semantic_cache_support import FakeEmbedder
 
@@ -45,9 +47,11 @@ class Totals(prefix_cache_pb2_grpc.PrefixCacheServicer):
 
     in_flight = 0
     peak = 0
+    asked: ClassVar[list[str]] = []  # the tenants asked for
     hang = False  # no answer: each call waits out its timeout
 
     async def Totals(self, request: pc.TotalsRequest, context: Context) -> pc.TotalsResponse:
+        Totals.asked.append(request.tenant)
         Totals.in_flight += 1
         Totals.peak = max(Totals.peak, Totals.in_flight)
         try:
@@ -68,6 +72,7 @@ class Rig:
     keys: KeyStore
     key_file: Path
     demo_key: str
+    cache: SemanticCache
 
 
 async def _rig(
@@ -104,7 +109,7 @@ async def _rig(
         router_port = router.add_insecure_port("127.0.0.1:0")
         await router.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{router_port}") as front:
-            yield Rig(admin_pb2_grpc.AdminStub(front), keys, key_file, demo_key)
+            yield Rig(admin_pb2_grpc.AdminStub(front), keys, key_file, demo_key, cache)
         await router.stop(None)
     await internal.stop(None)
 
@@ -207,6 +212,20 @@ async def test_invalidate_needs_a_target(rig: Rig) -> None:
     assert purge.dropped == 0
     no_tenant = rig.stub.Invalidate(adm.InvalidateRequest(all=True), metadata=ADMIN)
     assert "tenant" in await expect(invalid, no_tenant)
+
+
+async def test_stats_of_a_tenant_name_an_older_cache_kept_asks_no_totals(rig: Rig) -> None:
+    """An entry an older semantic-cache stored under a name the key file could not hold is
+    listed (escaped by the CLI) without asking prefix-cache, which refuses such a name: it
+    is not "prefix-cache NOT ANSWERING" for every tenant."""
+    request = pb.CompleteRequest(model="sim-small")
+    request.messages.add(role=pb.ROLE_USER).content.add(text="how do i reset my password")
+    legacy = query_from_request("a\x00b", request)
+    assert (await rig.cache.store(legacy, Answer(b"x", "end_turn", 1, False))).stored
+    Totals.asked.clear()
+    stats = await rig.stub.GetStats(adm.GetStatsRequest(), metadata=ADMIN)
+    assert sorted(row.tenant for row in stats.tenants) == ["a\x00b", "acme"]
+    assert Totals.asked == ["acme"] and list(stats.unavailable) == []
 
 
 async def test_stats_join_keys_l1_and_the_billed_totals(rig: Rig) -> None:

@@ -140,7 +140,7 @@ def _text(args: argparse.Namespace, reply: Any) -> str:
     if isinstance(reply, adm.GetStatsResponse):
         return stats_table(reply)
     if isinstance(reply, adm.InvalidateResponse):
-        return f"dropped {reply.dropped} L1 entries of tenant {args.tenant}"
+        return f"dropped {reply.dropped} L1 entries of tenant {printable(args.tenant)}"
     if isinstance(reply, adm.IssuedKey):
         return (
             keys_table([reply.key])
@@ -151,6 +151,20 @@ def _text(args: argparse.Namespace, reply: Any) -> str:
     if isinstance(reply, adm.ApiKeyInfo):
         return keys_table([reply])
     return policy_table(reply)
+
+
+NAME_CHARS = 64  # the most of a name from the server a table shows (a tenant's: 64 at most)
+
+
+def printable(name: str) -> str:
+    """A name from the server as a terminal may show it: each control, format or other
+    unprintable character escaped (a NUL, a right-to-left override that would reverse the
+    line) and a long one cut, saying its length (a 1 MB tenant name kept by an older
+    semantic-cache made an 18.8 MB table)."""
+    escaped = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in name[:NAME_CHARS])
+    if len(name) <= NAME_CHARS:
+        return escaped
+    return f"{escaped}... ({len(name):,} characters)"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: int = 1) -> str:
@@ -175,7 +189,7 @@ def stats_table(reply: adm.GetStatsResponse) -> str:
                "model calls", "cost", "saved"]  # fmt: skip
     rows = [
         [
-            t.tenant,
+            printable(t.tenant),
             str(t.active_keys),
             "on" if t.l1_enabled else "off",
             str(t.l1_entries),
@@ -205,9 +219,9 @@ def keys_table(keys: Sequence[adm.ApiKeyInfo]) -> str:
     headers = ["id", "tenant", "name", "created", "rotated", "revoked"]
     rows = [
         [
-            k.id,
-            k.tenant,
-            k.name or "-",
+            printable(k.id),
+            printable(k.tenant),
+            printable(k.name) or "-",
             _when(k.created_at, k.HasField("created_at")),
             _when(k.rotated_at, k.HasField("rotated_at")),
             _when(k.revoked_at, k.HasField("revoked_at")),
@@ -221,4 +235,4 @@ def policy_table(policy: adm.CachePolicy) -> str:
     own = policy.HasField("default_ttl_s")
     ttl = f"{policy.effective_default_ttl_s:g} s" + ("" if own else " (semantic-cache's default)")
     rows = [["L1", "on" if policy.l1_enabled else "off"], ["default TTL", ttl]]
-    return f"tenant {policy.tenant}\n" + table(["setting", "value"], rows, right=2)
+    return f"tenant {printable(policy.tenant)}\n" + table(["setting", "value"], rows, right=2)
