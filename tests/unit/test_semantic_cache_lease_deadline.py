@@ -267,3 +267,35 @@ async def test_a_wall_clock_step_neither_cuts_nor_stretches_a_lease_wait(
     reply = await api.lookup(lookup("Reset my password"), None)
     assert reply.pending
     assert budgets == [30.0, pytest.approx(29.0)]  # before: [30.0], the wait cut short
+
+
+@pytest.mark.parametrize("age_s", [0.0, 13.5, 15.3, 28.0, 29.5, 29.99])
+async def test_a_lease_near_its_age_limit_bounds_no_wait_past_the_deadline(age_s: float) -> None:
+    """A fuzz review saw a Lookup on a 28-30 s old lease answer after its 15 s deadline.
+    Whatever the lease's age, on both clocks (the leases' and the deadlines'), the wait ends
+    within the caller's deadline less the reply margin: pending while the lease lives, the
+    lead once it reached its age limit."""
+    clock, deadlines = ManualClock(), FakeClock()
+    budgets: list[float] = []
+
+    async def timed_out(event: asyncio.Event, budget_s: float) -> bool:
+        budgets.append(budget_s)
+        deadlines.now += budget_s
+        clock.advance(s=budget_s)
+        return event.is_set()
+
+    cache = SemanticCache(
+        FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0), deadline_clock=deadlines
+    )
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache_module, "wait", timed_out)
+        assert (await api.lookup(lookup("Reset my password"), 5.0)).leader
+        clock.advance(s=age_s)
+        deadlines.now += age_s
+        began = deadlines.now
+        reply = await api.lookup(lookup("Reset my password"), 15.0)
+    assert deadlines.now - began <= 15.0 - 0.1 + 1e-9
+    lives = age_s + 14.9 < 30.0
+    assert (reply.pending, reply.leader) == (lives, not lives)
+    assert deadlines.now - began == pytest.approx(14.9 if lives else 30.0 - age_s)
