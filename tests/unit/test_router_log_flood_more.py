@@ -71,7 +71,7 @@ async def test_entries_kept_while_prefix_cache_refuses_are_a_line_each_ten_secon
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     prefix, wall = OutboxPrefix(), ManualClock()
-    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 1.0, wall=wall)
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 1.0, wall=wall, ages=wall)
     await outbox.keep([pc.CommitRequest(tenant="t", request_id="a#1", phase=pc.COMMIT_PHASE_FINAL)])
     prefix.down, prefix.refuse = False, Code.RESOURCE_EXHAUSTED
     for _ in range(60):  # a minute of replay rounds (ROUTER_OUTBOX_RETRY_S=1)
