@@ -1,10 +1,12 @@
 """CPU per exact L1 hit, service by service: what metrics, logs and tracing cost a request.
 
 Starts a stack of its own (free loopback ports, a run dir under ``<root>/.run``, the
-simulator's sleeps at 0, no trace export), asks one question once (a miss that stores it),
-then asks it ``--requests`` more times at ``--concurrency`` in flight (each an exact hit:
-one Lookup), reading every service's utime + stime from ``/proc/<pid>/stat`` around those
-hits; repeats it ``--rounds`` times and writes the per-round figures and their median.
+simulator's sleeps at 0, no trace export unless ``--traced``: then every stack exports its
+spans over OTLP to one real receiver in a process of its own, as ``make bench`` does), asks
+one question once (a miss that stores it), then asks it ``--requests`` more times at
+``--concurrency`` in flight (each an exact hit: one Lookup), reading every service's utime +
+stime from ``/proc/<pid>/stat`` around those hits; repeats it ``--rounds`` times and writes
+the per-round figures and their median.
 
 ``--root`` runs another checkout's services with this one's runner; ``--compare`` starts a
 second checkout's stack beside the first and alternates their rounds (A B B A ...), so a
@@ -38,6 +40,8 @@ from services.tools.bench.gateway.cpu import (
     read_proc_stat,
     ticks_between,
 )
+from services.tools.bench.gateway.sink_process import SinkProcess
+from services.tools.bench.gateway.stacks import traces_to
 from services.tools.keys import ensure_keys
 from services.tools.stack.lifecycle import Stack
 
@@ -153,14 +157,27 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="a setting of this checkout's stack only (e.g. CACHEMESH_LOG_LEVEL=WARNING)",
     )
+    parser.add_argument(
+        "--traced",
+        action="store_true",
+        help="every stack exports its spans over OTLP to one real receiver (its own process)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     roots = {"this": args.root.resolve()}
     if args.compare is not None:
         roots["compared"] = args.compare.resolve()
     own = dict(item.split("=", 1) for item in args.set)
-    report = measure(roots, args.requests, args.concurrency, args.rounds, {"this": own})
+    with contextlib.ExitStack() as receiver:
+        shared: dict[str, str] = {}
+        if args.traced:
+            sink = SinkProcess()
+            shared = traces_to(sink.start())
+            receiver.callback(sink.stop)
+        settings = {name: {**shared, **(own if name == "this" else {})} for name in roots}
+        report = measure(roots, args.requests, args.concurrency, args.rounds, settings)
     report["settings"] = own
+    report["traced"] = args.traced
     text = json.dumps(report, indent=2)
     if "router_ratio_median" in report:
         print(
