@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_instrumentation_scope,
     _encode_key_value,
@@ -75,6 +76,7 @@ class SpanWire:
 
     def __init__(self) -> None:
         self._attributes: dict[tuple[str, type, object], bytes] = {}
+        self._statuses: dict[tuple[object, str | None], bytes] = {}
         self._resources: dict[object, bytes] = {}
         self._scopes: dict[object, bytes] = {}
 
@@ -130,29 +132,48 @@ class SpanWire:
             out += b"\x39" + _FIXED64.pack(span.start_time)
         if span.end_time:
             out += b"\x41" + _FIXED64.pack(span.end_time)
-        for key, value in (span.attributes or {}).items():
+        for key, value in _attribute_items(span):
             out += self._key_value(key, value)
         if span.dropped_attributes:
             out += b"\x50" + _varint(span.dropped_attributes)
-        for event in _encode_events(span.events) or ():
-            out += _field(0x5A, event.SerializeToString())
+        events = span.events
+        if events:
+            for event in _encode_events(events) or ():
+                out += _field(0x5A, event.SerializeToString())
         if span.dropped_events:
             out += b"\x60" + _varint(span.dropped_events)
-        for link in _encode_links(span.links) or ():
-            out += _field(0x6A, link.SerializeToString())
+        links = span.links
+        if links:
+            for link in _encode_links(links) or ():
+                out += _field(0x6A, link.SerializeToString())
         if span.dropped_links:
             out += b"\x70" + _varint(span.dropped_links)
-        status = _encode_status(span.status)
-        if status is not None:
-            out += _field(0x7A, status.SerializeToString())
+        out += self._status(span)
         out += b"\x85\x01" + _FIXED32.pack(_flags(parent))
         return bytes(out)
 
+    def _status(self, span: ReadableSpan) -> bytes:
+        """The span's ``status`` field (tag 15), kept by code and description: nearly every
+        span's is the same (unset, or an RPC's error code without details)."""
+        status = span.status
+        if status is None:
+            return b""
+        key = (status.status_code, status.description)
+        if (encoded := self._statuses.get(key)) is None:
+            message = _encode_status(status)
+            encoded = b"" if message is None else _field(0x7A, message.SerializeToString())
+            if len(self._statuses) >= _CACHED_MAX:
+                self._statuses.clear()
+            self._statuses[key] = encoded
+        return encoded
+
     def _key_value(self, key: str, value: Any) -> bytes:
-        """One attribute as a repeated ``KeyValue`` field of the span (tag 9). A string's or
-        boolean's encoding is kept: most of them repeat from span to span."""
+        """One attribute as a repeated ``KeyValue`` field of the span (tag 9). A string's,
+        boolean's or integer's encoding is kept: most of them (tenant, model, tier, method,
+        status code, a hit's zero cost) repeat from span to span. Not a float's: -0.0 and 0.0
+        are one key of a dict and two encodings."""
         kind = type(value)
-        cacheable = kind is str or kind is bool
+        cacheable = kind is str or kind is bool or kind is int
         if cacheable and (cached := self._attributes.get((key, kind, value))) is not None:
             return cached
         try:
@@ -188,6 +209,16 @@ class SpanWire:
             message = _encode_instrumentation_scope(scope).SerializeToString()
             encoded = self._scopes[scope] = _field(0x0A, message)
         return encoded
+
+
+def _attribute_items(span: ReadableSpan) -> Iterable[tuple[str, Any]]:
+    """The span's attributes, in order, from the SDK's own dict when it holds one (the
+    ``BoundedAttributes`` of opentelemetry-sdk, pinned in constraints.txt): through
+    ``span.attributes``, a read-only view of a Python mapping, each one took two calls more."""
+    held = getattr(span, "_attributes", None)
+    if isinstance(held, BoundedAttributes):
+        return held._dict.items()
+    return (span.attributes or {}).items()
 
 
 def _exporters(key: str, value: Any) -> bytes:

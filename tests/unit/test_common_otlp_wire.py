@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -22,6 +23,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
+from services.common import otlp_wire
 from services.common.otlp_wire import SpanWire, WireSpanExporter
 
 ATTRIBUTES: dict[str, object] = {
@@ -122,3 +124,41 @@ def test_the_exporter_sends_what_the_wire_encodes() -> None:
         assert exporter._translate_data(spans) == encode_spans(spans)
     finally:
         exporter.shutdown(timeout_millis=0)
+
+
+def test_attributes_are_read_from_the_sdks_dict_not_one_mapping_lookup_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through ``span.attributes`` (a view of the SDK's Python mapping) every attribute cost
+    two calls more, on the export thread that shares the service's GIL."""
+    spans = _spans()
+    looked_up: list[str] = []
+    lookup = BoundedAttributes.__getitem__
+
+    def counted(self: BoundedAttributes, key: str) -> object:
+        looked_up.append(key)
+        return lookup(self, key)
+
+    monkeypatch.setattr(BoundedAttributes, "__getitem__", counted)
+    assert SpanWire().encode(spans) == _official_unpatched(spans, monkeypatch, lookup)
+    assert not set(looked_up) & set(ATTRIBUTES)  # (events', links', the resource's: some)
+
+
+def test_a_status_seen_before_is_not_encoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    spans = _spans()
+    wire = SpanWire()
+    first = wire.encode(spans)
+    encoded: list[object] = []
+    monkeypatch.setattr(otlp_wire, "_encode_status", lambda status: encoded.append(status))
+    assert wire.encode(spans) == first
+    assert encoded == []
+
+
+def _official_unpatched(
+    spans: Sequence[ReadableSpan],
+    monkeypatch: pytest.MonkeyPatch,
+    lookup: object,
+) -> bytes:
+    with monkeypatch.context() as m:
+        m.setattr(BoundedAttributes, "__getitem__", lookup)
+        return _official(spans)
