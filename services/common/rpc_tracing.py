@@ -7,7 +7,8 @@ they were the largest single item of the router's and the caches' CPU. These spa
 a trace needs and the semantic conventions name: the full method as the span name, the kind,
 ``rpc.system`` / ``rpc.service`` / ``rpc.method`` / ``rpc.grpc.status_code``, an error status
 with the call's details, and the W3C context in the call's metadata through the configured
-propagator (``OTEL_PROPAGATORS``, tracecontext and baggage by default).
+propagator (``OTEL_PROPAGATORS``, tracecontext and baggage by default). The spans themselves
+are ``call_spans.CallSpan``s: the SDK's span, made for any use, cost more than the rest.
 
 A handler can hold its SERVER span open past the call's end (``end_after``) for what it
 learns only then (the router's bill of a model call the caller cancelled): the span ends when
@@ -27,6 +28,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
+
+from services.common.call_spans import start_call_span
 
 Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 Metadata = tuple[tuple[str, str], ...]
@@ -88,9 +91,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
             attributes = self._attributes.setdefault(method, method_attributes(method))
 
         def start() -> tuple[trace.Span, Held, otel_context.Context]:
-            span = self._tracer.start_span(
-                method, parent, SpanKind.SERVER, attributes, record_exception=False
-            )
+            span = start_call_span(self._tracer, method, attributes, SpanKind.SERVER, parent)
             held: Held = []
             current = otel_context.set_value(_HELD, held, trace.set_span_in_context(span, parent))
             return span, held, current
@@ -214,7 +215,7 @@ class ClientSpans:
         attributes = self._attributes.get(method)
         if attributes is None:
             attributes = self._attributes.setdefault(method, method_attributes(method))
-        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+        span = start_call_span(self._tracer, method, attributes)
         carrier: dict[str, str] = {}
         propagate.inject(carrier, trace.set_span_in_context(span))
         return span, self._metadata + tuple(carrier.items())
