@@ -172,6 +172,7 @@ def _snapshotter(
         wal,
         on_save=metrics.snapshot.observe,
         on_tail_cut=metrics.wal_tail_cut,
+        on_failure=metrics.snapshot_failed,
     )
 
 

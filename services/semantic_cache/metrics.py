@@ -26,6 +26,9 @@
   (texts whose caller went, past its deadline or cancelled, before their batch: never
   embedded);
 - ``cachemesh_semantic_cache_wal_fsync_seconds`` and ``..._snapshot_seconds``;
+  ``..._snapshot_failures_total``: saves that failed (a full disk, an I/O error), each retried
+  the next period or drop; until one succeeds, what was dropped since the last saved snapshot
+  is still on the disk;
   ``..._wal_tail_cuts_total{kind}``: a bad end cut off the write-ahead log at start, ``torn``
   (a crash mid-append, never acknowledged) or ``damaged`` (a whole record failing its
   checksum, moved aside: it may have been acknowledged; the log says where).
@@ -114,6 +117,11 @@ class SemanticCacheMetrics:
             "cachemesh_semantic_cache_snapshot_seconds",
             "One snapshot save: the copy, the write and the fsyncs",
         )()
+        self._snapshot_failures = m.counter(
+            "cachemesh_semantic_cache_snapshot_failures",
+            "Snapshot saves that failed (a full disk, an I/O error): retried the next period or "
+            "drop; until one succeeds what was dropped since the last saved one is on the disk",
+        )()  # unlabelled: at 0 from the start
         self._wal_tail_cuts = m.counter(
             "cachemesh_semantic_cache_wal_tail_cuts",
             "Bad ends cut off the write-ahead log at start: torn (a crash mid-append) or "
@@ -161,6 +169,9 @@ class SemanticCacheMetrics:
 
     def embed_dropped(self, call: str) -> None:
         self._embed_dropped(call).inc()
+
+    def snapshot_failed(self) -> None:
+        self._snapshot_failures.inc()
 
     def wal_tail_cut(self, kind: str) -> None:
         self._wal_tail_cuts(kind).inc()

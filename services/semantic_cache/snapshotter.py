@@ -16,6 +16,12 @@ replay checks between records, and before it opens the log or saves, whether the
 and stops there (the directory as the crash left it: the next start replays the records);
 ``stop`` and ``join`` return only once the thread has ended, so the data directory's lock is
 never released while a thread of this process still changes the directory.
+
+A save that fails (a full disk, an I/O error, the log's directory gone) is retried by the
+next period or the next drop; each failure is counted (``on_failure``: the metric) and said
+in one ERROR line with its reason, at most once every ``FAILURE_LOG_INTERVAL_S`` seconds (a
+new reason at once), with how many failed in a row; the first save after them says so. Until
+a save succeeds the snapshot file and the log keep what was dropped since the last one.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from services.common.clock import Clock
+from services.common.clock import Clock, SecondsClock, Throttle
+from services.common.files import os_error_text
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.journal import WalJournal, replay
 from services.semantic_cache.persistence import SnapshotError, SnapshotStore
@@ -45,6 +52,9 @@ SNAPSHOT_AFTER_REPLAY = 10_000
 # SEMANTIC_CACHE_SNAPSHOT_S=0 until a clean stop). A purge script dropping every tenant's L1
 # costs one save per this many seconds, not one per tenant.
 SAVE_AFTER_DROP_S = 5.0
+# A failing save is said at most once this often (the first at once, a new reason at once):
+# with the default period every minute's retry would log a line, a traceback before.
+FAILURE_LOG_INTERVAL_S = 600.0
 T = TypeVar("T")
 
 
@@ -67,11 +77,14 @@ class Snapshotter:
         snapshot_after_replay: int = SNAPSHOT_AFTER_REPLAY,
         on_tail_cut: Callable[[str], None] | None = None,
         save_after_drop_s: float = SAVE_AFTER_DROP_S,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
-        """``on_save(seconds)`` hears of each snapshot written, ``on_tail_cut(kind)`` of a bad
-        end cut off the log at start, ``torn`` or ``damaged`` (the metrics); a replay of more
-        than ``snapshot_after_replay`` log records is saved as a snapshot before serving;
-        ``dropped`` saves one ``save_after_drop_s`` seconds later."""
+        """``on_save(seconds)`` hears of each snapshot written, ``on_failure()`` of each save
+        that failed, ``on_tail_cut(kind)`` of a bad end cut off the log at start, ``torn`` or
+        ``damaged`` (the metrics); a replay of more than ``snapshot_after_replay`` log records
+        is saved as a snapshot before serving; ``dropped`` saves one ``save_after_drop_s``
+        seconds later. ``timer`` (monotonic seconds) times the saves and paces the failure
+        lines."""
         if period_s < 0:
             raise ValueError(f"period_s must be >= 0, got {period_s}")
         if save_after_drop_s < 0:
@@ -86,6 +99,10 @@ class Snapshotter:
         self._period_s = period_s
         self._snapshot_after_replay = snapshot_after_replay
         self._on_tail_cut = on_tail_cut
+        self._on_failure = on_failure
+        self._failure_log = self._new_failure_log()
+        self._failed_reason: str | None = None  # the last failure said, until a save succeeds
+        self._failures = 0  # saves failed in a row
         self._cache: SemanticCache | None = None
         self._saved_changes: int | None = None  # the cache's ``changes`` at the last save
         self._lock = asyncio.Lock()
@@ -106,7 +123,9 @@ class Snapshotter:
         report, wal_seq = await self._in_thread(self._restore, cache)
         if self._wal is not None:
             saved_s = await self._in_thread(self._replay, cache, wal_seq)
-            if saved_s is not None and self._on_save is not None:
+            if isinstance(saved_s, Exception):  # the log still holds them: the next save
+                self._failed("after the replay", saved_s)
+            elif saved_s is not None and self._on_save is not None:
                 self._on_save(saved_s)
             cut = self._wal.tail_cut
             if cut is not None and self._on_tail_cut is not None:
@@ -138,11 +157,12 @@ class Snapshotter:
         if self._abandon.is_set():
             raise ReplayStopped("stopped during the replay of the write-ahead log")
 
-    def _replay(self, cache: SemanticCache, wal_seq: int) -> float | None:
+    def _replay(self, cache: SemanticCache, wal_seq: int) -> float | Exception | None:
         """Applies the log records after ``wal_seq``, a record at a time, and opens the log
         for appends; more than ``snapshot_after_replay`` of them are saved as a snapshot at
-        once: how long that save took (None: none was). ``ReplayStopped`` between records
-        once the stop came (nothing opened or saved)."""
+        once: how long that save took (None: none was; the exception: it failed, said on the
+        loop). ``ReplayStopped`` between records once the stop came (nothing opened or
+        saved)."""
         assert self._wal is not None
         cache.use_faiss_threads()
         records = self._unless_stopped(self._wal.records(wal_seq))
@@ -165,9 +185,8 @@ class Snapshotter:
         self._check_stopped()
         try:
             size = self._store.save(contents, self._clock.now_ms(), last)
-        except Exception:  # the log still holds them: serve, and the next save retries
-            log.exception("a snapshot after the replay to %s failed", self._store.path)
-            return None
+        except Exception as exc:  # the log still holds them: serve, and the next save retries
+            return exc
         self._wal.drop_through(last)
         self._saved_changes = cache.changes
         log.info(
@@ -233,6 +252,7 @@ class Snapshotter:
                 self._wal.superseded(wal_seq)
                 await asyncio.to_thread(self._wal.drop_through, wal_seq)
             self._saved_changes = changes
+            self._saved_again()
             if self._on_save is not None:
                 self._on_save(self._timer() - began)
             log.info(
@@ -259,8 +279,8 @@ class Snapshotter:
         self._after_drop = None  # a drop from now on is not in this copy: it asks again
         try:
             await self.save()
-        except Exception:  # a full disk: the next period, or the next drop, tries again
-            log.exception("a snapshot after a drop to %s failed", self._store.path)
+        except Exception as exc:  # a full disk: the next period, or the next drop, tries again
+            self._failed("after a drop", exc)
 
     async def settled(self) -> None:
         """Waits for the save a drop asked for, if one is waiting (tests, and ``stop``)."""
@@ -300,8 +320,8 @@ class Snapshotter:
         else:
             try:
                 await self.save()
-            except Exception:
-                log.exception("the final snapshot to %s failed", self._store.path)
+            except Exception as exc:
+                self._failed("at the stop", exc, last=True)
                 raise
             finally:
                 if self._wal is not None:
@@ -314,5 +334,48 @@ class Snapshotter:
             except TimeoutError:
                 try:
                     await self.save()
-                except Exception:  # a full disk must not stop the service: retried next period
-                    log.exception("a periodic snapshot to %s failed", self._store.path)
+                except Exception as exc:  # a full disk must not stop the service: next period
+                    self._failed("periodic", exc)
+
+    def _failed(self, when: str, exc: Exception, *, last: bool = False) -> None:
+        """A save failed: counted, and said with its reason at most once an interval (a new
+        reason, or the ``last`` save, at once); a traceback only for what is not an OSError
+        (a bug, not the disk)."""
+        self._failures += 1
+        if self._on_failure is not None:
+            self._on_failure()
+        reason = _reason(exc)
+        if not self._failure_log.due(force=last or reason != self._failed_reason):
+            return
+        self._failed_reason = reason
+        log.error(
+            "a snapshot (%s) to %s failed (%s; %d in a row): the write-ahead log keeps the "
+            "changes, and the entries dropped since the last saved snapshot are still in the "
+            "snapshot file and the log until one is saved; retried each period and after each "
+            "drop (check the disk of SEMANTIC_CACHE_DATA_DIR: full, or failing?)",
+            when,
+            self._store.path,
+            reason,
+            self._failures,
+            exc_info=None if isinstance(exc, OSError) else exc,
+        )
+
+    def _saved_again(self) -> None:
+        """A save succeeded: after failures, says so, and the next failure is said at once."""
+        if not self._failures:
+            return
+        log.info("a snapshot to %s saved again after %d failed", self._store.path, self._failures)
+        self._failures = 0
+        self._failed_reason = None
+        self._failure_log = self._new_failure_log()
+
+    def _new_failure_log(self) -> Throttle:
+        return Throttle(SecondsClock(self._timer), round(FAILURE_LOG_INTERVAL_S * 1000))
+
+
+def _reason(exc: Exception) -> str:
+    """What failed, for the log: an OSError's errno name and text (and file), else the
+    exception's type and message."""
+    if isinstance(exc, OSError):
+        return os_error_text(exc) + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"

@@ -103,6 +103,29 @@ def test_not_storing_stays_silent_while_answers_are_stored() -> None:
     assert not _fires("CachemeshSemanticCacheNotStoring", series)
 
 
+def _snapshots(failed_from_min: int, saved_until_min: int) -> list[Series]:
+    """semantic-cache saving a snapshot a minute until ``saved_until_min``, each save failing
+    from ``failed_from_min`` on (a full disk), its series at 0 from the start."""
+    cache = {"job": "semantic-cache", "instance": "semantic-cache:9102"}
+    saved = [float(min(m, saved_until_min)) for m in range(MINUTES)]
+    failed = [float(max(0, m - failed_from_min + 1)) for m in range(MINUTES)]
+    return [
+        Series("cachemesh_semantic_cache_snapshot_seconds_count", cache, saved),
+        Series("cachemesh_semantic_cache_snapshot_failures_total", cache, failed),
+    ]
+
+
+def test_snapshot_failing_fires_when_no_save_succeeds_any_more() -> None:
+    assert _fires("CachemeshSemanticCacheSnapshotFailing", _snapshots(20, 19))
+
+
+def test_snapshot_failing_stays_silent_on_a_failure_the_next_save_recovers_from() -> None:
+    series = _snapshots(20, MINUTES)  # failures from 20 on, yet saves go on succeeding
+    series[1] = Series(series[1].name, series[1].labels, [float(m >= 20) for m in range(MINUTES)])
+    assert not _fires("CachemeshSemanticCacheSnapshotFailing", series)
+    assert not _fires("CachemeshSemanticCacheSnapshotFailing", _snapshots(MINUTES, MINUTES))
+
+
 def test_a_series_that_first_shows_at_one_loses_that_event_to_increase() -> None:
     """Why the router creates its series at 0: one ejection 20 minutes in, exposed from then
     (at 1) or from the start (at 0)."""
