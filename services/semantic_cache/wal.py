@@ -375,6 +375,18 @@ class WriteAheadLog:
             self._out = None
 
     def _start_segment(self) -> None:
+        if not self.directory.is_dir():
+            # removed under the running service (an operator's rm -rf, a cleanup job): the
+            # records since the last snapshot went to an unlinked file. Made again here, so
+            # the snapshot this rotation is for holds them and the log goes on beside it.
+            private_directory(self.directory)
+            fsync_directory(self.directory.parent)
+            log.error(
+                "%s: the write-ahead log's directory was gone (removed while semantic-cache "
+                "ran): made it again; the changes since the last snapshot are kept by the "
+                "snapshot this rotation is for (a crash before it is saved loses them)",
+                self.directory,
+            )
         path = self.directory / f"{self._next_seq:020d}{_SUFFIX}"
         # 0600: every tenant's prompts and answers, in clear
         self._out = os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab", buffering=0)

@@ -1,5 +1,5 @@
-"""semantic-cache's durable state under a failing disk: snapshots that cannot be written (a
-full disk).
+"""semantic-cache's durable state under a failing disk: the log's directory removed while it
+runs, snapshots that cannot be written (a full disk).
 
 The disk is simulated: a snapshot store whose ``save`` fails with ENOSPC while ``full``.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,29 @@ class Shard:
 
 def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_log_directory_removed_while_serving_is_made_again_and_nothing_acknowledged_is_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``rm -rf <data>/wal`` while it runs: the Stores after it are acknowledged (their records
+    go to the open segment, now unlinked); the next snapshot makes the directory again (0700,
+    one ERROR saying so) and holds them, so a crash after it loses none."""
+    clock = ManualClock()
+    shard = await Shard.open(tmp_path, clock)
+    assert await shard.store_answer(QUESTIONS[0], "kept before")
+    shutil.rmtree(tmp_path / "wal")
+    for i, question in enumerate(QUESTIONS[1:]):
+        assert await shard.store_answer(question, f"acknowledged #{i}")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert await shard.snapshots.save()
+        assert await shard.store_answer("is there a student discount", "after the repair")
+        assert await shard.snapshots.save()
+    (line,) = errors(caplog)
+    assert str(tmp_path / "wal") in line.getMessage() and "made it again" in line.getMessage()
+    assert stat.S_IMODE((tmp_path / "wal").stat().st_mode) == 0o700
+    crashed = await Shard.open(tmp_path, clock)  # kill -9: the snapshot, then the log
+    assert crashed.entries() == len(QUESTIONS) + 1
 
 
 def secret_on_disk(directory: Path) -> list[str]:
