@@ -24,7 +24,12 @@ from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.query import Query, RecentQueries
 from services.semantic_cache.records import Answer, CheckResult, InvalidQuery, StoreResult
-from services.semantic_cache.tenant_policy import PolicyChange, PolicyError, TenantPolicies
+from services.semantic_cache.tenant_policy import (
+    PolicyChange,
+    PolicyError,
+    PolicyNotDurable,
+    TenantPolicies,
+)
 from services.semantic_cache.tenant_stats import TenantCounters
 from services.semantic_cache.wal import NotDurable
 
@@ -304,6 +309,8 @@ class SemanticCacheApi:
             await self._policies.set(request.tenant, change)
         except PolicyError as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        except PolicyNotDurable as exc:  # a full disk: not applied, the caller retries
+            raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
         if change.l1_enabled is False:  # a Store already on its way stores nothing either
             self._cache.stop_pending_stores(request.tenant)
         return self._policy_message(request.tenant)

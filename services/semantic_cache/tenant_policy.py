@@ -11,20 +11,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.common.errors import shown
+from services.common.files import fsync_directory, os_error_text
 from services.common.private_files import open_private
 from services.semantic_cache.policy import MAX_TTL_S, valid_ttl
 
+log = logging.getLogger("cachemesh.semantic_cache.policies")
 FILE_NAME = "tenant-policies.json"
 _VERSION = 1
 
 
 class PolicyError(ValueError):
     """A refused change (the message names the field) or an unreadable policy file."""
+
+
+class PolicyNotDurable(RuntimeError):
+    """The policy file could not be written (a full disk, an I/O error): the change is not
+    applied. ``reason`` says it for the caller, without the path."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"{path}: cannot write the tenant policies ({exc})")
+        self.reason = (
+            "semantic-cache cannot write its tenant policies on the disk of "
+            f"SEMANTIC_CACHE_DATA_DIR ({os_error_text(exc)}): the policy is not applied; "
+            "retry once space is freed there"
+        )
 
 
 @dataclass(frozen=True)
@@ -71,14 +87,20 @@ class TenantPolicies:
         return set(self._by_tenant)
 
     async def set(self, tenant: str, change: PolicyChange) -> TenantPolicy:
-        """Applies ``change``; durable (with a file) before it returns and takes effect."""
+        """Applies ``change``; durable (with a file) before it returns and takes effect
+        (``PolicyNotDurable``, not applied, when the file cannot be written)."""
         async with self._lock:
             policy = change.apply(self.get(tenant))
             updated = {**self._by_tenant, tenant: policy}
             if policy == TenantPolicy():
                 del updated[tenant]  # the defaults need no line
             if self._path is not None:
-                await asyncio.to_thread(_write, self._path, updated)
+                try:
+                    await asyncio.to_thread(_write, self._path, updated)
+                except OSError as exc:
+                    refused = PolicyNotDurable(self._path, exc)
+                    log.error("%s: the change of tenant %s is not applied", refused, shown(tenant))
+                    raise refused from exc
             self._by_tenant = updated
             return policy
 
@@ -119,13 +141,13 @@ def _write(path: Path, policies: dict[str, TenantPolicy]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)  # a crashed write's, whatever its mode
     fd = open_private(tmp, os.O_WRONLY | os.O_EXCL)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(doc, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(doc, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no empty temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)

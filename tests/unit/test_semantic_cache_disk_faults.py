@@ -1,7 +1,8 @@
 """semantic-cache's durable state under a failing disk: the log's directory removed while it
-runs, snapshots that cannot be written (a full disk).
+runs, snapshots that cannot be written (a full disk), a tenant policy the disk refuses.
 
-The disk is simulated: a snapshot store whose ``save`` fails with ENOSPC while ``full``.
+The disk is simulated: a snapshot store whose ``save`` fails with ENOSPC while ``full``, the
+policy file's fsync failing as a full filesystem's write does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
+from services.common.errors import Code, RequestError
 from services.common.metrics import TenantLabels
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
@@ -26,6 +28,7 @@ from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.records import CacheContents
 from services.semantic_cache.snapshotter import FAILURE_LOG_INTERVAL_S, Snapshotter
+from services.semantic_cache.tenant_policy import FILE_NAME, TenantPolicies
 from services.semantic_cache.wal import WriteAheadLog
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 
@@ -167,3 +170,31 @@ async def test_failing_snapshots_are_counted_and_said_once_a_while_with_the_reas
     assert shard.failures() == 5
     assert secret_on_disk(tmp_path) == []
     assert any("saved again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_policy_the_disk_refuses_is_unavailable_not_applied_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SetPolicy on a full disk: UNAVAILABLE naming SEMANTIC_CACHE_DATA_DIR and the reason
+    (not INTERNAL), the policy not applied, the file as it was, no temp file left behind."""
+    path = tmp_path / FILE_NAME
+    policies = TenantPolicies(path)
+    api = SemanticCacheApi(SemanticCache(FakeEmbedder(), ManualClock()), policies=policies)
+    await api.set_policy(sc.SetL1PolicyRequest(tenant="acme", default_ttl_s=60))
+    before = path.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(RequestError) as caught:
+        await api.set_policy(sc.SetL1PolicyRequest(tenant="acme", l1_enabled=False))
+    monkeypatch.undo()
+    assert caught.value.code == Code.UNAVAILABLE
+    message = caught.value.message
+    assert "SEMANTIC_CACHE_DATA_DIR" in message and "No space left on device" in message
+    assert str(tmp_path) not in message
+    assert sorted(os.listdir(tmp_path)) == [FILE_NAME]
+    assert path.read_bytes() == before
+    policy = await api.get_policy(sc.L1PolicyRequest(tenant="acme"))
+    assert policy.l1_enabled and policy.default_ttl_s == 60
