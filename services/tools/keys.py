@@ -264,7 +264,9 @@ def _read_demo_keys(path: Path) -> dict[str, str] | None:
 
 
 def write_secret(path: Path, content: str) -> None:
-    """Writes ``content`` with mode 0600 from the start, replacing the file atomically."""
+    """Writes ``content`` with mode 0600 from the start, replacing the file atomically and
+    durably, as the key store's writer does (``keyfile.KeyFile``): the data fsynced before the
+    rename (a crash never leaves an empty secret under the name), the directory after it."""
     if path.is_file() and path.read_text() == content:
         os.chmod(path, 0o600)
         return
@@ -273,11 +275,18 @@ def write_secret(path: Path, content: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(content)
-        os.chmod(tmp, 0o600)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o600)
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def main(argv: list[str] | None = None) -> int:

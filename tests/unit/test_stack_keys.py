@@ -272,3 +272,29 @@ def test_make_keys_writes_the_run_dirs_keys(tmp_path: Path) -> None:
     demo = read_env_file(run / "demo-keys.env")
     assert demo["CACHEMESH_KEY_A"] in done.stdout  # the keys it printed are that stack's
     assert (run / "api-keys").is_file()
+
+
+def test_a_secret_is_durable_before_it_replaces_the_old_one_and_its_name_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the key store's writer: the new file's data is fsynced before the rename (a crash
+    after it never leaves an empty secret under the name), the directory after it (the
+    rename itself survives a crash)."""
+    done: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def fsynced(fd: int) -> None:
+        info = os.fstat(fd)
+        done.append("fsync directory" if stat.S_ISDIR(info.st_mode) else f"fsync {info.st_size}")
+        fsync(fd)
+
+    def replaced(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        done.append("rename")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsynced)
+    monkeypatch.setattr(os, "replace", replaced)
+    keys_module.write_secret(tmp_path / "admin-token", "s3cret-token\n")
+    assert done == ["fsync 13", "rename", "fsync directory"]
+    assert (tmp_path / "admin-token").read_text() == "s3cret-token\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["admin-token"]
