@@ -11,6 +11,12 @@ and goes on as with prefix-cache down. After ``breaker.BREAKER_AFTER`` timeouts 
 requests (of calls not cut short by a client's deadline), no request calls it for
 ``ROUTER_PREFIX_BREAKER_S``.
 
+A call cut short by its request's own (the client's) deadline, given less than half of the
+router's own limit for it (``_BREAKER_MIN_SHARE``), or not made because that deadline left no
+time (or an earlier call of the request was so cut), is no fault of the dependency: it counts
+as ``CLIENT_DEADLINE``, not its status, at DEBUG, and toward no breaker (a soak of 300 calls
+with a 30 ms deadline counted 92 prefix-cache degradations and fired their alert).
+
 semantic-cache has a breaker of its own, by the same rule: after ``breaker.BREAKER_AFTER``
 first Lookups in a row timed out (each given at least half of ``ROUTER_SEMANTIC_TIMEOUT_S``;
 a request counts once), no Lookup is sent for ``ROUTER_SEMANTIC_BREAKER_S`` (the request goes
@@ -42,7 +48,9 @@ from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
 from services.router.breaker import Dependency, prefix_breaker, semantic_breaker
 from services.router.dependencies import (
+    CLIENT_DEADLINE,
     CallFailed,
+    CutByClient,
     Dependencies,
     ModelStream,
     without_refused_report,
@@ -109,10 +117,26 @@ class PrefixWindow:
     # every tier at once) counts once, so that one request cannot leave prefix-cache alone
     # for every tenant
     counted: bool = False
+    # ``off`` because the request's own deadline cut a call short or left it no time: the
+    # calls skipped since are no prefix-cache fault either (``CLIENT_DEADLINE``)
+    clients: bool = False
+
+    def turned_off(self, clients: bool) -> None:
+        """No more calls for this request; the first reason stands."""
+        if not self.off:
+            self.off, self.clients = True, clients
 
 
 def _uncounted(dependency: Dependency) -> None:
     pass
+
+
+def _cut_by_client(exc: CallFailed, short: bool) -> CallFailed:
+    """``exc`` as ``CutByClient`` when it is a timeout of a call its client's deadline left
+    ``short`` (under half of the router's own limit for it)."""
+    if short and exc.code == Code.DEADLINE_EXCEEDED:
+        return CutByClient.of(exc)
+    return exc
 
 
 def _client_fault(exc: CallFailed) -> RequestError | None:
@@ -195,16 +219,23 @@ class Calls:
         logs). The first failure of ``what`` with its status code is a WARNING line, then one
         a ``DEGRADED_LOG_EVERY_MS`` saying how many were not logged; a timeout while the
         dependency's breaker has left it alone (its trials) is DEBUG: the breaker's WARNING
-        said so."""
-        if logged:
+        said so. A call its client's deadline cut short (``CutByClient``) is DEBUG and counts
+        as ``CLIENT_DEADLINE``: no fault of ``what``."""
+        clients = isinstance(exc, CutByClient)
+        if clients:
+            log.debug(
+                "%s call cut short by the request's own deadline (%s); going on without it",
+                what,
+                exc.code.name,
+            )
+        elif logged:
             self._log_degraded(what, exc)
-        record_event(
-            self._tracer,
-            "cachemesh.degraded",
-            {"dependency": what, "grpc.status": exc.code.name},
-        )
+        attributes: dict[str, str | bool] = {"dependency": what, "grpc.status": exc.code.name}
+        if clients:
+            attributes["cachemesh.client_deadline"] = True
+        record_event(self._tracer, "cachemesh.degraded", attributes)
         if self._counted is not None:
-            self._counted(what, exc.code.name)
+            self._counted(what, CLIENT_DEADLINE if clients else exc.code.name)
 
     def _log_degraded(self, what: str, exc: CallFailed) -> None:
         breaker = self._breaker if what == "prefix-cache" else self._l1
@@ -218,21 +249,22 @@ class Calls:
                 "%s unavailable (%s: %s); degrading%s", what, exc.code.name, exc.details, more
             )
 
-    def _not_made(self, what: str, why: str) -> None:
+    def _not_made(self, what: str, why: str, *, clients: bool = False) -> None:
         """A call to ``what`` not made (``why``): a degradation as a timeout is (the metric and
-        its alert count it as one), its span event saying why it was not even tried."""
+        its alert count it as one), its span event saying why it was not even tried;
+        ``clients``: for the request's own deadline, ``CLIENT_DEADLINE``, no fault of
+        ``what``."""
         log.debug("%s call skipped: %s", what, why)
-        record_event(
-            self._tracer,
-            "cachemesh.degraded",
-            {
-                "dependency": what,
-                "grpc.status": Code.DEADLINE_EXCEEDED.name,
-                "cachemesh.skipped": why,
-            },
-        )
+        attributes: dict[str, str | bool] = {
+            "dependency": what,
+            "grpc.status": Code.DEADLINE_EXCEEDED.name,
+            "cachemesh.skipped": why,
+        }
+        if clients:
+            attributes["cachemesh.client_deadline"] = True
+        record_event(self._tracer, "cachemesh.degraded", attributes)
         if self._counted is not None:
-            self._counted(what, Code.DEADLINE_EXCEEDED.name)
+            self._counted(what, CLIENT_DEADLINE if clients else Code.DEADLINE_EXCEEDED.name)
 
     async def _degrading(
         self, what: str, call: Awaitable[T], *, client_faults: bool = True
@@ -282,8 +314,9 @@ class Calls:
             retry=retry,
         )
         # its timeout counts toward leaving L1 alone unless the client's deadline cut it short
+        # (then it is no degradation of L1 either)
         counts = lookup_s >= self._s.semantic_timeout_s * _BREAKER_MIN_SHARE
-        first = await self._lookup(call, lookup_s, counts=counts)
+        first = await self._lookup(call, lookup_s, counts=counts, short=not counts)
         if first is None or not first.pending:
             return first
         wait_s = self.lease_wait_s(deadline)
@@ -291,7 +324,8 @@ class Calls:
             return first  # no time to wait: the request calls the model itself
         trace.get_current_span().add_event("cachemesh.semantic.await_lease")
         call.lease_id = uuid.uuid4().hex  # a lease of its own: never the first Lookup's id
-        second = await self._lookup(call, wait_s)
+        short = wait_s < self._s.semantic_lease_wait_s * _BREAKER_MIN_SHARE
+        second = await self._lookup(call, wait_s, short=short)
         return first if second is None else second
 
     def lookup_timeout_s(self, deadline: float | None) -> float:
@@ -392,7 +426,12 @@ class Calls:
             schedule.renewed(tried, reply.lease_s if reply.lease_s > 0 else None)
 
     async def _lookup(
-        self, call: semantic_cache_pb2.LookupRequest, deadline_s: float, *, counts: bool = False
+        self,
+        call: semantic_cache_pb2.LookupRequest,
+        deadline_s: float,
+        *,
+        counts: bool = False,
+        short: bool = False,
     ) -> semantic_cache_pb2.LookupResponse | None:
         """L1's reply, or None (degraded). A Lookup whose reply may have been lost on its way
         (``_REPLY_MAY_BE_LOST``, or this request cancelled meanwhile) may have left L1 holding
@@ -400,7 +439,9 @@ class Calls:
         and identical requests would wait on it up to its age limit. So its lease is released,
         by the id the Lookup gave it, in the background (``_release_lost``). ``counts``: a
         timeout counts toward leaving L1 alone (a request's first Lookup, given enough time; a
-        wait on a lease is no sign of a hung L1); any reply ends a run of them."""
+        wait on a lease is no sign of a hung L1); any reply ends a run of them. ``short``: the
+        client's deadline cut ``deadline_s`` under half of the router's own limit, so a timeout
+        is no degradation of L1 (``CutByClient``)."""
         try:
             reply = await self._d.semantic.lookup(call, deadline_s)
         except CallFailed as exc:
@@ -410,7 +451,7 @@ class Calls:
                 self._release_lost(call)
             if (fault := _client_fault(exc)) is not None:
                 raise fault from exc
-            self._degraded("semantic-cache", exc)
+            self._degraded("semantic-cache", _cut_by_client(exc, short))
             return None
         except asyncio.CancelledError:
             self._release_lost(call)
@@ -500,25 +541,34 @@ class Calls:
         """``send``'s reply, given the call's deadline (``prefix_timeout_s``); None when the
         call is not made: the request goes on as with prefix-cache down. A call that fails
         raises ``CallFailed``; a skip or a timeout ends the request's prefix-cache calls, and a
-        timeout counts toward leaving prefix-cache alone (``breaker.Breaker``)."""
+        timeout counts toward leaving prefix-cache alone (``breaker.Breaker``) unless the
+        request's own deadline cut the call short: then it raises ``CutByClient``, and the
+        skips it leads to are the client's too."""
         timeout_s = self.prefix_timeout_s(window)
         if timeout_s <= 0:
-            why = self._skipped(window) or "no time left in the request's deadline"
+            why = self._skipped(window)
+            clients = window is not None and window.clients if why else True
             if window is not None:
-                window.off = True
-            self._not_made("prefix-cache", why)
+                window.turned_off(clients)
+            self._not_made(
+                "prefix-cache", why or "no time left in the request's deadline", clients=clients
+            )
             return None
         try:
             reply = await send(timeout_s)
         except CallFailed as exc:
-            if exc.code == Code.DEADLINE_EXCEEDED:
+            if exc.code != Code.DEADLINE_EXCEEDED:
+                raise
+            short = timeout_s < self._s.prefix_timeout_s * _BREAKER_MIN_SHARE
+            if window is not None:
+                window.turned_off(short)
+            counted = window is not None and window.counted
+            if not short and not counted:
+                self._breaker.failed()
                 if window is not None:
-                    window.off = True
-                counted = window is not None and window.counted
-                if timeout_s >= self._s.prefix_timeout_s * _BREAKER_MIN_SHARE and not counted:
-                    self._breaker.failed()
-                    if window is not None:
-                        window.counted = True
+                    window.counted = True
+            if short:
+                raise CutByClient.of(exc) from exc
             raise
         self._breaker.answered()
         return reply

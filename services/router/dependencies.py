@@ -33,6 +33,23 @@ class CallFailed(Exception):
         self.reason = reason
 
 
+# ``cachemesh_router_degraded_total``'s reason for a call its request's own (the client's)
+# deadline cut short or left no time for: no fault of the dependency, which alerts leave out
+CLIENT_DEADLINE = "client_deadline"
+
+
+class CutByClient(CallFailed):
+    """A call that timed out given less than half of the router's own limit for it, the rest
+    of that limit cut by its request's own (the client's) deadline: it says little about the
+    dependency (``CLIENT_DEADLINE``), and counts toward no breaker."""
+
+    @classmethod
+    def of(cls, exc: CallFailed) -> CutByClient:
+        cut = cls(exc.code, exc.details, exc.reason)
+        cut.__cause__ = exc
+        return cut
+
+
 class SemanticPort(Protocol):
     async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse: ...
 

@@ -35,7 +35,10 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   else UNAVAILABLE, and the request was admitted with no limit;
   ``prefix-cache``: a call not made after timeouts, ``calls.PrefixWindow``, counts as
   DEADLINE_EXCEEDED; ``semantic-cache``: a Lookup, or a Store without a lease, not made while
-  ``ROUTER_SEMANTIC_BREAKER_S`` leaves L1 alone, too);
+  ``ROUTER_SEMANTIC_BREAKER_S`` leaves L1 alone, too; ``client_deadline``, no status: a
+  prefix-cache call or a Lookup the request's own deadline cut short, given under half of
+  the router's limit for it, or left no time for, no fault of the dependency and left out
+  of its alert);
   ``cachemesh_router_decisions_total{tier,reason}``: the
   tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``: the
   prefix cache's costs moved the threshold or band edges, ``fallback``);
@@ -97,6 +100,7 @@ from services.common.metrics import NONE, LoopCounter, LoopHistogram, LoopMetric
 from services.common.models import ModelSpec
 from services.router.answer_ledger import LEDGER_OPERATIONS, LedgerOperation
 from services.router.breaker import DEPENDENCIES, REDIS_CLIENTS, Dependency, RedisClient
+from services.router.dependencies import CLIENT_DEADLINE as CUT_BY_CLIENT
 from services.router.routing.decision import Decision
 
 LAYERS = {
@@ -317,6 +321,8 @@ class RouterMetrics:
         for dependency in (*DEPENDENCIES, LIMITS):
             for reason in DEGRADED_REASONS:
                 self._degraded(dependency, reason)
+        for dependency in DEPENDENCIES:
+            self._degraded(dependency, CUT_BY_CLIENT)
 
     def answered(self, tenant: str, end: pb.CompleteResponse, seconds: float) -> None:
         bundle = self._money(tenant, end)

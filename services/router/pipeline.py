@@ -864,7 +864,7 @@ class Pipeline:
                         output_tokens,
                         baseline.id,
                         reported,
-                        PrefixWindow(off=window.off),
+                        PrefixWindow(off=window.off, clients=window.clients),
                         open_call,
                     )
             except RequestError:

@@ -37,7 +37,7 @@ from services.http_front.metrics import HttpFrontMetrics
 from services.model.metrics import ModelMetrics
 from services.prefix_cache.metrics import PrefixCacheMetrics
 from services.router.calls import Calls
-from services.router.dependencies import CallFailed, Dependencies
+from services.router.dependencies import CLIENT_DEADLINE, CallFailed, Dependencies
 from services.router.metrics import RouterMetrics
 from services.router.settings import RouterSettings
 from services.semantic_cache.metrics import SemanticCacheMetrics, StoreCollector
@@ -60,6 +60,8 @@ STATUS_LABELS = {
     ("cachemesh_router_dependency_duration_seconds_bucket", "code"),
     ("cachemesh_router_dependency_duration_seconds_count", "code"),
 }
+# the values of those that are no gRPC status: a degraded call the client's deadline cut short
+NOT_STATUSES = {("cachemesh_router_degraded_total", "reason"): frozenset({CLIENT_DEADLINE})}
 SEVERITIES = {"critical", "warning"}
 RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
 
@@ -306,7 +308,8 @@ def unknown_names(expr: str, defined: dict[str, frozenset[str]] = DEFINED) -> li
                 problems.append(f"{selector.name} has no label {label}")
             values = value.split("|") if op in ("=~", "!~") else [value]
             if (selector.name, label) in STATUS_LABELS:
-                problems += [f"{v} is no gRPC status" for v in values if v not in GRPC_CODES]
+                known = GRPC_CODES | NOT_STATUSES.get((selector.name, label), frozenset())
+                problems += [f"{v} is no gRPC status" for v in values if v not in known]
             if label == "job":
                 problems += [f"{v} is no scrape job" for v in values if v not in jobs]
             elif (selector.name, label) not in STATUS_LABELS and op in ("=", "!="):
