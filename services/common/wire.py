@@ -14,6 +14,7 @@ malformed request it refused (``refused``, with the method's full name).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from services.common.aborts import call_over, raised_by_grpc
 
 Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 
@@ -141,7 +144,16 @@ def _checked_stream(
 
 async def _internal(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
     """An exception no servicer mapped: grpc would answer UNKNOWN with its text (a file path, a
-    host), so the caller gets INTERNAL and its type only; the service's log has the rest."""
+    host), so the caller gets INTERNAL and its type only; the service's log has the rest. A call
+    already over gets nothing (``aborts``): gRPC's own error of a status sent to it (a handler's
+    abort after its deadline passed) is DEBUG, and no abort follows it (gRPC's second ERROR,
+    "Abort already called!")."""
+    if call_over(context):
+        if raised_by_grpc(exc):
+            log.debug("a status not sent to a call already over (%s)", type(exc).__name__)
+        else:
+            log.error("unexpected %s in a request's handling", type(exc).__name__, exc_info=exc)
+        raise asyncio.CancelledError from exc
     log.error("unexpected %s in a request's handling", type(exc).__name__, exc_info=exc)
     await context.abort(
         grpc.StatusCode.INTERNAL,

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common import rpc_tracing
+from services.common.aborts import abort
 from services.common.auth import KeyLookup, bearer_token
 from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
@@ -148,10 +149,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             return chunk.end
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await context.abort(grpc_code(exc.code), exc.message)
+                await abort(context, grpc_code(exc.code), exc.message)
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
-            await context.abort(grpc.StatusCode.INTERNAL, "the request ended without an answer")
+            await abort(context, grpc.StatusCode.INTERNAL, "the request ended without an answer")
             raise AssertionError("unreachable: abort raises")
         except asyncio.CancelledError:
             ended = "CANCELLED"
@@ -185,7 +186,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ended = "OK"
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await context.abort(grpc_code(exc.code), exc.message)
+                await abort(context, grpc_code(exc.code), exc.message)
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
         except (asyncio.CancelledError, GeneratorExit):
@@ -200,11 +201,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         a retry of an answered request is served its answer whatever they say now)."""
         token = bearer_token(context.invocation_metadata())
         if token is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
         tenant = self._keys.tenant_for(token or "")
         if tenant is None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED
+            await abort(
+                context, grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED
             )
         call.tenant = tenant or ""
         # the root span names the tenant of every request, a refused one too (invalid, over
@@ -214,7 +215,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             validate_request(request, self._table, self._deployed)
         except RequestError as exc:
-            await context.abort(grpc_code(exc.code), exc.message)
+            await abort(context, grpc_code(exc.code), exc.message)
         if not request.request_id:  # its answer goes in no ledger: no caller knows this id
             request.request_id = uuid.uuid4().hex
         spans.request_attributes(root, call.tenant, request)
@@ -552,7 +553,8 @@ class _Denied(Exception):
 
 
 async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
-    await context.abort(
+    await abort(
+        context,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         denial.message,
         trailing_metadata=retry_trailers(

@@ -3,7 +3,9 @@ own answer is UNKNOWN with the exception's text (a file path, a host)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +31,26 @@ async def _refusing(request: bytes, context: Any) -> bytes:
     return b""
 
 
+def _held_past_the_deadline(context: Any) -> None:
+    """Holds the event loop until the call's deadline has passed (and gRPC's own threads have
+    had 50 ms to finish the call): gRPC has finished the call but not yet cancelled its
+    handler (a busy loop), as a short client deadline meets."""
+    until = time.monotonic() + context.time_remaining() + 0.05
+    while time.monotonic() < until:
+        pass
+
+
+async def _refusing_late(request: bytes, context: Any) -> bytes:
+    _held_past_the_deadline(context)
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours")
+    return b""
+
+
+async def _failing_late(request: bytes, context: Any) -> bytes:
+    _held_past_the_deadline(context)
+    raise PermissionError(13, "Permission denied", SECRET_PATH)
+
+
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
     server = grpc.aio.server(interceptors=[MalformedRequests()])
@@ -41,6 +63,12 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         ),
         "Refusing": grpc.unary_unary_rpc_method_handler(
             _refusing, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "RefusingLate": grpc.unary_unary_rpc_method_handler(
+            _refusing_late, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "FailingLate": grpc.unary_unary_rpc_method_handler(
+            _failing_late, request_deserializer=bytes, response_serializer=bytes
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", handlers),))
@@ -89,3 +117,37 @@ async def test_a_servicers_own_status_passes_unchanged(channel: grpc.aio.Channel
         await _call(channel, "Refusing")(b"x")
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert caught.value.details() == "not yours"
+
+
+async def _late(channel: grpc.aio.Channel, method: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Calls ``method`` with a 50 ms deadline (the only wait) and lets its handler end."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _call(channel, method)(b"x", timeout=0.05)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):  # the server's handler may end after the client's call did
+        if any("cancelled" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0)
+
+
+async def test_an_abort_of_a_call_over_is_no_error(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The abort of a call whose deadline passed under its handler raised gRPC's
+    ExecuteBatchError: the last resort logged it at ERROR and aborted again, and gRPC logged
+    "Abort already called!" at ERROR. Now a DEBUG line."""
+    caplog.set_level(logging.DEBUG)
+    await _late(channel, "RefusingLate", caplog)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("not sent to a call already over" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_bug_after_the_deadline_is_still_an_error_but_aborts_nothing(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await _late(channel, "FailingLate", caplog)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.name, r.getMessage()) for r in errors] == [
+        ("cachemesh.wire", "unexpected PermissionError in a request's handling")
+    ]

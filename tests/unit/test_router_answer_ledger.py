@@ -121,6 +121,9 @@ class FakeContext:
     def time_remaining(self) -> float | None:
         return None  # the client set no deadline
 
+    def done(self) -> bool:
+        return False  # the call is open: a status is sent (``aborts.call_over``)
+
     async def abort(self, code: grpc.StatusCode, message: str, **_: Any) -> None:
         self.status, self.message = code, message
         raise Aborted(message)
