@@ -20,7 +20,9 @@ with a 30 ms deadline counted 92 prefix-cache degradations and fired their alert
 semantic-cache has a breaker of its own, by the same rule: after ``breaker.BREAKER_AFTER``
 first Lookups in a row timed out (each given at least half of ``ROUTER_SEMANTIC_TIMEOUT_S``;
 a request counts once), no Lookup is sent for ``ROUTER_SEMANTIC_BREAKER_S`` (the request goes
-on as with L1 down; the skip is a degradation), then one request tries it. Until a Lookup
+on as with L1 down; the skip is a degradation), then one request tries it: for every tenant
+when no other tenant's Lookup was answered while those waited (a hang), else for their tenant
+alone (its own backlog in L1: ``l1_breaker.SemanticBreakers``). Until a Lookup
 answers again, a Store without a lease is not sent either (it would wait
 ``ROUTER_SEMANTIC_STORE_TIMEOUT_S`` in the background for each answer, and hold up a drain: a
 lost future hit); a leader's Store, Releases and lease renewals are, as before (their leases
@@ -46,7 +48,7 @@ from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.span_events import record_event
-from services.router.breaker import Dependency, prefix_breaker, semantic_breaker
+from services.router.breaker import Dependency, prefix_breaker
 from services.router.dependencies import (
     CLIENT_DEADLINE,
     CallFailed,
@@ -55,6 +57,7 @@ from services.router.dependencies import (
     ModelStream,
     without_refused_report,
 )
+from services.router.l1_breaker import SemanticBreakers
 from services.router.renewals import Renewals
 from services.router.settings import RouterSettings
 
@@ -211,16 +214,19 @@ class Calls:
         self._sleep = sleep
         told = hung if hung is not None else _uncounted
         self._breaker = prefix_breaker(settings.prefix_breaker_s, clock, told)
-        self._l1 = semantic_breaker(settings.semantic_breaker_s, clock, told)
+        self._l1 = SemanticBreakers(settings.semantic_breaker_s, clock, told)
         self._unavailable = Throttles(SecondsClock(clock), DEGRADED_LOG_EVERY_MS)
 
-    def _degraded(self, what: str, exc: CallFailed, *, logged: bool = True) -> None:
+    def _degraded(
+        self, what: str, exc: CallFailed, *, logged: bool = True, tenant: str = ""
+    ) -> None:
         """Each degradation counted and on the span; ``logged`` False: no log line (the caller
         logs). The first failure of ``what`` with its status code is a WARNING line, then one
         a ``DEGRADED_LOG_EVERY_MS`` saying how many were not logged; a timeout while the
-        dependency's breaker has left it alone (its trials) is DEBUG: the breaker's WARNING
-        said so. A call its client's deadline cut short (``CutByClient``) is DEBUG and counts
-        as ``CLIENT_DEADLINE``: no fault of ``what``."""
+        dependency's breaker has left it alone (its trials; semantic-cache's for ``tenant``,
+        or for every tenant) is DEBUG: the breaker's WARNING said so. A call its client's
+        deadline cut short (``CutByClient``) is DEBUG and counts as ``CLIENT_DEADLINE``: no
+        fault of ``what``."""
         clients = isinstance(exc, CutByClient)
         if clients:
             log.debug(
@@ -229,7 +235,7 @@ class Calls:
                 exc.code.name,
             )
         elif logged:
-            self._log_degraded(what, exc)
+            self._log_degraded(what, exc, tenant)
         attributes: dict[str, str | bool] = {"dependency": what, "grpc.status": exc.code.name}
         if clients:
             attributes["cachemesh.client_deadline"] = True
@@ -237,9 +243,9 @@ class Calls:
         if self._counted is not None:
             self._counted(what, CLIENT_DEADLINE if clients else exc.code.name)
 
-    def _log_degraded(self, what: str, exc: CallFailed) -> None:
-        breaker = self._breaker if what == "prefix-cache" else self._l1
-        if exc.code == Code.DEADLINE_EXCEEDED and breaker.tripped:
+    def _log_degraded(self, what: str, exc: CallFailed, tenant: str) -> None:
+        tripped = self._breaker.tripped if what == "prefix-cache" else self._l1.tripped(tenant)
+        if exc.code == Code.DEADLINE_EXCEEDED and tripped:
             log.debug("%s unavailable (%s: %s); degrading", what, exc.code.name, exc.details)
             return
         due = self._unavailable.due(what, exc.code.name)
@@ -300,7 +306,7 @@ class Calls:
         lookup_s = self.lookup_timeout_s(deadline)
         if lookup_s <= 0:
             return None  # the deadline has passed: nothing to wait for
-        if self._l1.open():
+        if self._l1.open(tenant):
             self._not_made("semantic-cache", L1_LEFT_ALONE)
             return None
         # each Lookup names the lease it may take, so that one whose reply is lost can be
@@ -442,21 +448,22 @@ class Calls:
         wait on a lease is no sign of a hung L1); any reply ends a run of them. ``short``: the
         client's deadline cut ``deadline_s`` under half of the router's own limit, so a timeout
         is no degradation of L1 (``CutByClient``)."""
+        sent = self._clock()
         try:
             reply = await self._d.semantic.lookup(call, deadline_s)
         except CallFailed as exc:
             if counts and exc.code == Code.DEADLINE_EXCEEDED:
-                self._l1.failed()
+                self._l1.failed(call.tenant, sent)
             if exc.code in _REPLY_MAY_BE_LOST:
                 self._release_lost(call)
             if (fault := _client_fault(exc)) is not None:
                 raise fault from exc
-            self._degraded("semantic-cache", _cut_by_client(exc, short))
+            self._degraded("semantic-cache", _cut_by_client(exc, short), tenant=call.tenant)
             return None
         except asyncio.CancelledError:
             self._release_lost(call)
             raise
-        self._l1.answered()
+        self._l1.answered(call.tenant)
         return reply
 
     def _release_lost(self, call: semantic_cache_pb2.LookupRequest) -> None:
@@ -502,7 +509,7 @@ class Calls:
         """``lease_id``: the lease this request's Lookup took ("": it did not lead); L1 ends
         that lease only, not one another request took after this one's aged out. Not sent
         without a lease while L1 is left alone (a lost future hit)."""
-        if not lease_id and self._l1.tripped:
+        if not lease_id and self._l1.tripped(tenant):
             self._not_made("semantic-cache", L1_NOT_BACK)
             return None
         return await self._degrading(

@@ -78,7 +78,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   calling it (``ROUTER_PREFIX_BREAKER_S``, ``ROUTER_SEMANTIC_BREAKER_S``), once a hang, not
   again at each trial that times out meanwhile (a family of its own: the Redis one's name and
   ``client`` label are Redis's, and it counts those re-opens too); the calls not made count
-  as ``degraded_total`` DEADLINE_EXCEEDED;
+  as ``degraded_total`` DEADLINE_EXCEEDED; one tenant's Lookups timing out while other
+  tenants' are answered (its own backlog) leave L1 alone for that tenant alone, not counted
+  here (no hang; its WARNING line names the tenant);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
