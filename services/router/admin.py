@@ -33,7 +33,13 @@ from services.common.key_store import (
 from services.common.keyfile import KeyFileError, tenant_error
 from services.common.status import abort
 from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
-from services.router.admin_messages import key_info, policy_message, tenant_row
+from services.router.admin_messages import (
+    key_info,
+    policy_message,
+    same_but_case,
+    tenant_row,
+    unknown_tenant,
+)
 from services.router.validation import MAX_ID_CHARS
 
 log = logging.getLogger("cachemesh.admin")
@@ -163,14 +169,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 'say what to invalidate: entry_id, namespace ("" = the default namespace) '
                 "or all=true (every L1 entry of the tenant)",
             )
+        known, known_as = await self._known(context, request.tenant)
         dropped = await self._l1(context, self._semantic.Drop(drop, **self._options()))
         log.info(
-            "admin: invalidated %d L1 entries of tenant %s (%s)",
+            "admin: invalidated %d L1 entries of tenant %s (%s)%s",
             dropped.dropped,
             request.tenant,
             target,
+            "" if known else " (an unknown tenant)",
         )
-        return adm.InvalidateResponse(dropped=dropped.dropped)
+        reply = adm.InvalidateResponse(dropped=dropped.dropped, unknown_tenant=not known)
+        if known_as is not None:
+            reply.known_as = known_as
+        return reply
 
     # --- keys -------------------------------------------------------------------------------
     async def CreateKey(self, request: adm.CreateKeyRequest, context: Context) -> adm.IssuedKey:
@@ -209,11 +220,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def GetPolicy(self, request: adm.GetPolicyRequest, context: Context) -> adm.CachePolicy:
         await self._authorize(context)
         await _valid_tenant(context, request.tenant)
+        known, known_as = await self._known(context, request.tenant)
         policy = await self._l1(
             context,
             self._semantic.GetPolicy(sc.L1PolicyRequest(tenant=request.tenant), **self._options()),
         )
-        return policy_message(policy)
+        return policy_message(policy, known, known_as)
 
     async def SetPolicy(self, request: adm.SetPolicyRequest, context: Context) -> adm.CachePolicy:
         await self._authorize(context)
@@ -225,14 +237,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             change.l1_enabled = request.l1_enabled
         if request.HasField("default_ttl_s"):
             change.default_ttl_s = request.default_ttl_s
+        known, known_as = await self._known(context, request.tenant)
+        if not known and not request.new_tenant:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{unknown_tenant(request.tenant, known_as)}; nothing changed: to set the "
+                "policy of a tenant before its first key, send new_tenant=true "
+                "(cachemesh admin policy set --new-tenant)",
+            )
         policy = await self._l1(context, self._semantic.SetPolicy(change, **self._options()))
         log.info(
-            "admin: cache policy of tenant %s: L1 %s, default TTL %s",
+            "admin: cache policy of tenant %s: L1 %s, default TTL %s%s",
             request.tenant,
             "on" if policy.l1_enabled else "off",
             f"{policy.default_ttl_s:g} s" if policy.HasField("default_ttl_s") else "the default",
+            "" if known else " (a new tenant: no key, L1 entry or policy before)",
         )
-        return policy_message(policy)
+        return policy_message(policy, known, known_as)
 
     # --- inside -----------------------------------------------------------------------------
     async def _authorize(self, context: Context) -> None:
@@ -241,6 +263,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         assert self._credential is not None
         if not self._credential.matches(bearer_token(context.invocation_metadata())):
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+    async def _known(self, context: Context, tenant: str) -> tuple[bool, str | None]:
+        """Whether ``tenant`` has an API key (active or revoked), or L1 entries, counts or a
+        policy; when it has none, a known tenant whose name differs from it only in case (or
+        None). Asks semantic-cache only for a tenant without a key (its refusal is this
+        call's: the call it precedes would fail alike)."""
+        tenants = {record.tenant for record in self._keys.records()}
+        if tenant in tenants:
+            return True, None
+        stats = await self._l1(
+            context, self._semantic.Stats(sc.L1StatsRequest(), **self._options())
+        )
+        tenants.update(row.tenant for row in stats.tenants)
+        if tenant in tenants:
+            return True, None
+        return False, same_but_case(tenant, tenants)
 
     def _options(self) -> dict[str, Any]:
         return {"timeout": self._timeout_s, "metadata": self._internal}

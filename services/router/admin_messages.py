@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -59,12 +59,34 @@ def tenant_row(
     return row
 
 
-def policy_message(policy: sc.L1Policy) -> adm.CachePolicy:
+def policy_message(
+    policy: sc.L1Policy, known: bool = True, known_as: str | None = None
+) -> adm.CachePolicy:
+    """``known`` False: the tenant had no key, L1 entry, count or policy (``known_as``: a known
+    tenant whose name differs only in case)."""
     message = adm.CachePolicy(
         tenant=policy.tenant,
         l1_enabled=policy.l1_enabled,
         effective_default_ttl_s=policy.effective_default_ttl_s,
+        unknown_tenant=not known,
     )
+    if known_as is not None:
+        message.known_as = known_as
     if policy.HasField("default_ttl_s"):
         message.default_ttl_s = policy.default_ttl_s
     return message
+
+
+def same_but_case(tenant: str, known: Iterable[str]) -> str | None:
+    """A tenant of ``known`` whose name differs from ``tenant`` only in case (the first in
+    order, of several), or None."""
+    folded = tenant.casefold()
+    return min((t for t in known if t != tenant and t.casefold() == folded), default=None)
+
+
+def unknown_tenant(tenant: str, known_as: str | None) -> str:
+    """Says that ``tenant`` is unknown, naming ``known_as`` (a tenant differing in case)."""
+    said = f"tenant {tenant} is unknown (no API key, no L1 entry, no cache policy of its own)"
+    if known_as is not None:
+        said += f": tenant names are case-sensitive, did you mean '{known_as}'?"
+    return said

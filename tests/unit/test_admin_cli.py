@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from cachemesh.admin_cli import as_json, keys_table, policy_table, stats_table, table
+from cachemesh.admin_cli import (
+    as_json,
+    invalidate_text,
+    keys_table,
+    policy_table,
+    stats_table,
+    table,
+)
 from cachemesh.cli import main
 from cachemesh.v1 import admin_pb2 as adm
 
@@ -94,6 +101,29 @@ def test_json_keeps_zero_and_false_fields() -> None:
     """``--json`` printed ``{}`` for "dropped 0", and a policy with L1 off had no
     ``l1Enabled``: a script reading the field found nothing. A field with presence that is
     unset (a tenant without a default TTL of its own) stays out: unset is what it says."""
-    assert json.loads(as_json(adm.InvalidateResponse(dropped=0))) == {"dropped": "0"}
+    assert json.loads(as_json(adm.InvalidateResponse(dropped=0))) == {
+        "dropped": "0",
+        "unknownTenant": False,
+    }
     policy = json.loads(as_json(adm.CachePolicy(tenant="acme", effective_default_ttl_s=600)))
-    assert policy == {"tenant": "acme", "l1Enabled": False, "effectiveDefaultTtlS": 600.0}
+    assert policy == {
+        "tenant": "acme",
+        "l1Enabled": False,
+        "effectiveDefaultTtlS": 600.0,
+        "unknownTenant": False,
+    }
+
+
+def test_an_unknown_tenant_is_said_so_naming_the_known_one() -> None:
+    """``admin invalidate Tenant-A --all`` printed "dropped 0 L1 entries of tenant Tenant-A",
+    as if a purge had been done, and a policy set for an unknown tenant printed as done."""
+    unknown = adm.InvalidateResponse(dropped=0, unknown_tenant=True, known_as="tenant-a")
+    text = invalidate_text("Tenant-A", unknown)
+    assert "tenant Tenant-A is unknown" in text and "nothing dropped" in text
+    assert "did you mean tenant-a" in text
+    assert invalidate_text("acme", adm.InvalidateResponse(dropped=3)) == (
+        "dropped 3 L1 entries of tenant acme"
+    )
+    policy = adm.CachePolicy(tenant="globex", unknown_tenant=True, effective_default_ttl_s=60)
+    assert "tenant globex was unknown" in policy_table(policy)
+    assert "unknown" not in policy_table(adm.CachePolicy(tenant="acme"))

@@ -369,3 +369,36 @@ async def test_invalidate_takes_only_a_tenant_the_key_file_could_name(
         grpc.StatusCode.INVALID_ARGUMENT, rig.stub.Invalidate(request, metadata=ADMIN)
     )
     assert details.startswith("tenant must be 1 to 64 letters"), details
+
+
+async def test_a_policy_for_an_unknown_tenant_is_refused_naming_the_known_one(rig: Rig) -> None:
+    """``policy set Tenant-B --l1 off`` printed "L1 off" while tenant-b stayed on: the policy
+    went to a tenant with no key, no L1 entry and no policy. Now that needs new_tenant (a policy
+    set before a tenant's first key is legitimate), and the refusal names the tenant that
+    differs only in case."""
+    typo = adm.SetPolicyRequest(tenant="ACME", l1_enabled=False)
+    refused = await expect(
+        grpc.StatusCode.FAILED_PRECONDITION, rig.stub.SetPolicy(typo, metadata=ADMIN)
+    )
+    assert "tenant ACME is unknown" in refused and "'acme'" in refused
+    assert "new_tenant" in refused
+    acme = await rig.stub.GetPolicy(adm.GetPolicyRequest(tenant="acme"), metadata=ADMIN)
+    assert acme.l1_enabled and not acme.unknown_tenant
+    early = adm.SetPolicyRequest(tenant="globex", l1_enabled=False, new_tenant=True)
+    policy = await rig.stub.SetPolicy(early, metadata=ADMIN)
+    assert not policy.l1_enabled and policy.unknown_tenant and not policy.known_as
+    # once it has a policy, it is known
+    again = await rig.stub.SetPolicy(adm.SetPolicyRequest(tenant="globex"), metadata=ADMIN)
+    assert not again.l1_enabled and not again.unknown_tenant
+
+
+async def test_invalidate_of_an_unknown_tenant_says_so(rig: Rig) -> None:
+    purge = adm.InvalidateRequest(tenant="Acme", all=True)
+    reply = await rig.stub.Invalidate(purge, metadata=ADMIN)
+    assert (reply.dropped, reply.unknown_tenant, reply.known_as) == (0, True, "acme")
+    known = await rig.stub.Invalidate(
+        adm.InvalidateRequest(tenant="acme", all=True), metadata=ADMIN
+    )
+    assert (known.dropped, known.unknown_tenant, known.HasField("known_as")) == (0, False, False)
+    got = await rig.stub.GetPolicy(adm.GetPolicyRequest(tenant="Acme"), metadata=ADMIN)
+    assert got.unknown_tenant and got.known_as == "acme"

@@ -68,7 +68,22 @@ class AdminClient:
         everything: bool = False,
     ) -> int:
         """Drops one entry, one namespace (``""`` = the default one) or, with ``everything``,
-        every L1 entry of ``tenant``; returns how many. Exactly one target."""
+        every L1 entry of ``tenant``; returns how many. Exactly one target. (0 for a tenant
+        the router does not know, too: ``invalidate_reply`` tells.)"""
+        return self.invalidate_reply(
+            tenant, entry_id=entry_id, namespace=namespace, everything=everything
+        ).dropped
+
+    def invalidate_reply(
+        self,
+        tenant: str,
+        *,
+        entry_id: str | None = None,
+        namespace: str | None = None,
+        everything: bool = False,
+    ) -> adm.InvalidateResponse:
+        """``invalidate``'s whole reply: how many were dropped, and whether the tenant is
+        unknown (no API key, L1 entry or policy; ``known_as``: a tenant differing in case)."""
         if sum((entry_id is not None, namespace is not None, everything)) != 1:
             raise ValueError("name exactly one of entry_id, namespace, everything")
         request = adm.InvalidateRequest(tenant=tenant)
@@ -79,7 +94,7 @@ class AdminClient:
         else:
             request.all = True
         reply: adm.InvalidateResponse = self._call(self._stub.Invalidate, request)
-        return reply.dropped
+        return reply
 
     def create_key(self, tenant: str, name: str = "") -> adm.IssuedKey:
         return self._call(self._stub.CreateKey, adm.CreateKeyRequest(tenant=tenant, name=name))
@@ -105,8 +120,14 @@ class AdminClient:
         l1_enabled: bool | None = None,
         default_ttl_s: float | None = None,
         reset_default_ttl: bool = False,
+        new_tenant: bool = False,
     ) -> adm.CachePolicy:
-        request = adm.SetPolicyRequest(tenant=tenant, reset_default_ttl=reset_default_ttl)
+        """``new_tenant``: ``tenant`` may be unknown to the router (no API key, L1 entry or
+        policy yet: a policy set before its first key); without it such a tenant is refused
+        (``FAILED_PRECONDITION``), so that a misspelt name changes nothing."""
+        request = adm.SetPolicyRequest(
+            tenant=tenant, reset_default_ttl=reset_default_ttl, new_tenant=new_tenant
+        )
         if l1_enabled is not None:
             request.l1_enabled = l1_enabled
         if default_ttl_s is not None:

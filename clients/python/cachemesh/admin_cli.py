@@ -70,6 +70,12 @@ def add_parser(commands: Any) -> None:
     ttl = setting.add_mutually_exclusive_group()
     ttl.add_argument("--default-ttl", type=float, metavar="SECONDS", help="> 0")
     ttl.add_argument("--reset-default-ttl", action="store_true", help="back to the default")
+    setting.add_argument(
+        "--new-tenant",
+        action="store_true",
+        help="the tenant may have no key, L1 entry or policy yet (else refused: a misspelt "
+        "name, tenant names being case-sensitive, would change nothing)",
+    )
 
 
 def admin_token(args: argparse.Namespace) -> str:
@@ -97,7 +103,8 @@ def run(args: argparse.Namespace, target: str, tls: Tls | None) -> int:
         print(as_json(reply))
     else:
         print(_text(args, reply))
-    return 0
+    # a purge of a tenant the router does not know did nothing: not a success for a script
+    return 1 if isinstance(reply, adm.InvalidateResponse) and reply.unknown_tenant else 0
 
 
 def as_json(reply: Message) -> str:
@@ -111,10 +118,9 @@ def _call(client: AdminClient, args: argparse.Namespace) -> Any:
     if command == "stats":
         return client.stats(args.tenant)
     if command == "invalidate":
-        dropped = client.invalidate(
+        return client.invalidate_reply(
             args.tenant, entry_id=args.entry, namespace=args.namespace, everything=args.all
         )
-        return adm.InvalidateResponse(dropped=dropped)
     if command == "keys":
         verb = args.keys_command
         if verb == "create":
@@ -133,6 +139,7 @@ def _call(client: AdminClient, args: argparse.Namespace) -> Any:
         l1_enabled=None if args.l1 is None else args.l1 == "on",
         default_ttl_s=args.default_ttl,
         reset_default_ttl=args.reset_default_ttl,
+        new_tenant=args.new_tenant,
     )
 
 
@@ -140,7 +147,7 @@ def _text(args: argparse.Namespace, reply: Any) -> str:
     if isinstance(reply, adm.GetStatsResponse):
         return stats_table(reply)
     if isinstance(reply, adm.InvalidateResponse):
-        return f"dropped {reply.dropped} L1 entries of tenant {printable(args.tenant)}"
+        return invalidate_text(args.tenant, reply)
     if isinstance(reply, adm.IssuedKey):
         return (
             keys_table([reply.key])
@@ -231,8 +238,31 @@ def keys_table(keys: Sequence[adm.ApiKeyInfo]) -> str:
     return table(headers, rows, right=len(headers))
 
 
+def _did_you_mean(known_as: str | None) -> str:
+    if known_as is None:
+        return ""
+    return f"; did you mean {printable(known_as)}? (tenant names are case-sensitive)"
+
+
+def invalidate_text(tenant: str, reply: adm.InvalidateResponse) -> str:
+    if reply.unknown_tenant:
+        known_as = reply.known_as if reply.HasField("known_as") else None
+        return (
+            f"tenant {printable(tenant)} is unknown (no API key, no L1 entry, no cache "
+            f"policy): nothing dropped{_did_you_mean(known_as)}"
+        )
+    return f"dropped {reply.dropped} L1 entries of tenant {printable(tenant)}"
+
+
 def policy_table(policy: adm.CachePolicy) -> str:
     own = policy.HasField("default_ttl_s")
     ttl = f"{policy.effective_default_ttl_s:g} s" + ("" if own else " (semantic-cache's default)")
     rows = [["L1", "on" if policy.l1_enabled else "off"], ["default TTL", ttl]]
-    return f"tenant {printable(policy.tenant)}\n" + table(["setting", "value"], rows, right=2)
+    head = f"tenant {printable(policy.tenant)}\n"
+    if policy.unknown_tenant:
+        known_as = policy.known_as if policy.HasField("known_as") else None
+        head = (
+            f"tenant {printable(policy.tenant)} was unknown (no API key, no L1 entry, no cache "
+            f"policy before): this policy applies once it has a key{_did_you_mean(known_as)}\n"
+        )
+    return head + table(["setting", "value"], rows, right=2)

@@ -26,7 +26,7 @@ from cachemesh.v1 import gateway_pb2 as cachemesh_dot_v1_dot_gateway__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61\x63hemesh/v1/admin.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x0fGetStatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"S\n\x10GetStatsResponse\x12*\n\x07tenants\x18\x01 \x03(\x0b\x32\x19.cachemesh.v1.TenantStats\x12\x13\n\x0bunavailable\x18\x02 \x03(\t\"\xd5\x02\n\x0bTenantStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_keys\x18\x02 \x01(\x03\x12\x14\n\x0crevoked_keys\x18\x03 \x01(\x03\x12\x12\n\nl1_entries\x18\x04 \x01(\x03\x12\x15\n\rl1_namespaces\x18\x05 \x01(\x03\x12\x12\n\nl1_lookups\x18\x06 \x01(\x03\x12\x0f\n\x07l1_hits\x18\x07 \x01(\x03\x12\x15\n\rl1_exact_hits\x18\x08 \x01(\x03\x12\x13\n\x0bl1_hit_rate\x18\t \x01(\x01\x12\x16\n\x0emodel_requests\x18\n \x01(\x03\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x12\n\ncost_nanos\x18\x0c \x01(\x03\x12\x16\n\x0e\x62\x61seline_nanos\x18\r \x01(\x03\x12\x13\n\x0bsaved_nanos\x18\x0e \x01(\x03\x12\x12\n\nl1_enabled\x18\x0f \x01(\x08\"e\n\x11InvalidateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\x08\x65ntry_id\x18\x02 \x01(\tH\x00\x12\x13\n\tnamespace\x18\x03 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x04 \x01(\x08H\x00\x42\x08\n\x06target\"%\n\x12InvalidateResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x03\"0\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xc6\x01\n\nApiKeyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\tIssuedKey\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.cachemesh.v1.ApiKeyInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\":\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\":\n\x10ListKeysResponse\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.cachemesh.v1.ApiKeyInfo\"\x1e\n\x10RevokeKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10RotateKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x10GetPolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x93\x01\n\x10SetPolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\nl1_enabled\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11reset_default_ttl\x18\x04 \x01(\x08\x42\r\n\x0b_l1_enabledB\x10\n\x0e_default_ttl_s\"\x80\x01\n\x0b\x43\x61\x63hePolicy\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nl1_enabled\x18\x02 \x01(\x08\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x17\x65\x66\x66\x65\x63tive_default_ttl_s\x18\x04 \x01(\x01\x42\x10\n\x0e_default_ttl_s2\xd1\x04\n\x05\x41\x64min\x12I\n\x08GetStats\x12\x1d.cachemesh.v1.GetStatsRequest\x1a\x1e.cachemesh.v1.GetStatsResponse\x12O\n\nInvalidate\x12\x1f.cachemesh.v1.InvalidateRequest\x1a .cachemesh.v1.InvalidateResponse\x12\x44\n\tCreateKey\x12\x1e.cachemesh.v1.CreateKeyRequest\x1a\x17.cachemesh.v1.IssuedKey\x12I\n\x08ListKeys\x12\x1d.cachemesh.v1.ListKeysRequest\x1a\x1e.cachemesh.v1.ListKeysResponse\x12\x45\n\tRevokeKey\x12\x1e.cachemesh.v1.RevokeKeyRequest\x1a\x18.cachemesh.v1.ApiKeyInfo\x12\x44\n\tRotateKey\x12\x1e.cachemesh.v1.RotateKeyRequest\x1a\x17.cachemesh.v1.IssuedKey\x12\x46\n\tGetPolicy\x12\x1e.cachemesh.v1.GetPolicyRequest\x1a\x19.cachemesh.v1.CachePolicy\x12\x46\n\tSetPolicy\x12\x1e.cachemesh.v1.SetPolicyRequest\x1a\x19.cachemesh.v1.CachePolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61\x63hemesh/v1/admin.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"!\n\x0fGetStatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"S\n\x10GetStatsResponse\x12*\n\x07tenants\x18\x01 \x03(\x0b\x32\x19.cachemesh.v1.TenantStats\x12\x13\n\x0bunavailable\x18\x02 \x03(\t\"\xd5\x02\n\x0bTenantStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_keys\x18\x02 \x01(\x03\x12\x14\n\x0crevoked_keys\x18\x03 \x01(\x03\x12\x12\n\nl1_entries\x18\x04 \x01(\x03\x12\x15\n\rl1_namespaces\x18\x05 \x01(\x03\x12\x12\n\nl1_lookups\x18\x06 \x01(\x03\x12\x0f\n\x07l1_hits\x18\x07 \x01(\x03\x12\x15\n\rl1_exact_hits\x18\x08 \x01(\x03\x12\x13\n\x0bl1_hit_rate\x18\t \x01(\x01\x12\x16\n\x0emodel_requests\x18\n \x01(\x03\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x12\n\ncost_nanos\x18\x0c \x01(\x03\x12\x16\n\x0e\x62\x61seline_nanos\x18\r \x01(\x03\x12\x13\n\x0bsaved_nanos\x18\x0e \x01(\x03\x12\x12\n\nl1_enabled\x18\x0f \x01(\x08\"e\n\x11InvalidateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\x08\x65ntry_id\x18\x02 \x01(\tH\x00\x12\x13\n\tnamespace\x18\x03 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x04 \x01(\x08H\x00\x42\x08\n\x06target\"a\n\x12InvalidateResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x03\x12\x16\n\x0eunknown_tenant\x18\x02 \x01(\x08\x12\x15\n\x08known_as\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_known_as\"0\n\x10\x43reateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xc6\x01\n\nApiKeyInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrotated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\tIssuedKey\x12%\n\x03key\x18\x01 \x01(\x0b\x32\x18.cachemesh.v1.ApiKeyInfo\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\":\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\x0finclude_revoked\x18\x02 \x01(\x08\":\n\x10ListKeysResponse\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.cachemesh.v1.ApiKeyInfo\"\x1e\n\x10RevokeKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10RotateKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x10GetPolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xa7\x01\n\x10SetPolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\nl1_enabled\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11reset_default_ttl\x18\x04 \x01(\x08\x12\x12\n\nnew_tenant\x18\x05 \x01(\x08\x42\r\n\x0b_l1_enabledB\x10\n\x0e_default_ttl_s\"\xbc\x01\n\x0b\x43\x61\x63hePolicy\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nl1_enabled\x18\x02 \x01(\x08\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x17\x65\x66\x66\x65\x63tive_default_ttl_s\x18\x04 \x01(\x01\x12\x16\n\x0eunknown_tenant\x18\x05 \x01(\x08\x12\x15\n\x08known_as\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x10\n\x0e_default_ttl_sB\x0b\n\t_known_as2\xd1\x04\n\x05\x41\x64min\x12I\n\x08GetStats\x12\x1d.cachemesh.v1.GetStatsRequest\x1a\x1e.cachemesh.v1.GetStatsResponse\x12O\n\nInvalidate\x12\x1f.cachemesh.v1.InvalidateRequest\x1a .cachemesh.v1.InvalidateResponse\x12\x44\n\tCreateKey\x12\x1e.cachemesh.v1.CreateKeyRequest\x1a\x17.cachemesh.v1.IssuedKey\x12I\n\x08ListKeys\x12\x1d.cachemesh.v1.ListKeysRequest\x1a\x1e.cachemesh.v1.ListKeysResponse\x12\x45\n\tRevokeKey\x12\x1e.cachemesh.v1.RevokeKeyRequest\x1a\x18.cachemesh.v1.ApiKeyInfo\x12\x44\n\tRotateKey\x12\x1e.cachemesh.v1.RotateKeyRequest\x1a\x17.cachemesh.v1.IssuedKey\x12\x46\n\tGetPolicy\x12\x1e.cachemesh.v1.GetPolicyRequest\x1a\x19.cachemesh.v1.CachePolicy\x12\x46\n\tSetPolicy\x12\x1e.cachemesh.v1.SetPolicyRequest\x1a\x19.cachemesh.v1.CachePolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVALIDATEREQUEST']._serialized_start=567
   _globals['_INVALIDATEREQUEST']._serialized_end=668
   _globals['_INVALIDATERESPONSE']._serialized_start=670
-  _globals['_INVALIDATERESPONSE']._serialized_end=707
-  _globals['_CREATEKEYREQUEST']._serialized_start=709
-  _globals['_CREATEKEYREQUEST']._serialized_end=757
-  _globals['_APIKEYINFO']._serialized_start=760
-  _globals['_APIKEYINFO']._serialized_end=958
-  _globals['_ISSUEDKEY']._serialized_start=960
-  _globals['_ISSUEDKEY']._serialized_end=1027
-  _globals['_LISTKEYSREQUEST']._serialized_start=1029
-  _globals['_LISTKEYSREQUEST']._serialized_end=1087
-  _globals['_LISTKEYSRESPONSE']._serialized_start=1089
-  _globals['_LISTKEYSRESPONSE']._serialized_end=1147
-  _globals['_REVOKEKEYREQUEST']._serialized_start=1149
-  _globals['_REVOKEKEYREQUEST']._serialized_end=1179
-  _globals['_ROTATEKEYREQUEST']._serialized_start=1181
-  _globals['_ROTATEKEYREQUEST']._serialized_end=1211
-  _globals['_GETPOLICYREQUEST']._serialized_start=1213
-  _globals['_GETPOLICYREQUEST']._serialized_end=1247
-  _globals['_SETPOLICYREQUEST']._serialized_start=1250
-  _globals['_SETPOLICYREQUEST']._serialized_end=1397
-  _globals['_CACHEPOLICY']._serialized_start=1400
-  _globals['_CACHEPOLICY']._serialized_end=1528
-  _globals['_ADMIN']._serialized_start=1531
-  _globals['_ADMIN']._serialized_end=2124
+  _globals['_INVALIDATERESPONSE']._serialized_end=767
+  _globals['_CREATEKEYREQUEST']._serialized_start=769
+  _globals['_CREATEKEYREQUEST']._serialized_end=817
+  _globals['_APIKEYINFO']._serialized_start=820
+  _globals['_APIKEYINFO']._serialized_end=1018
+  _globals['_ISSUEDKEY']._serialized_start=1020
+  _globals['_ISSUEDKEY']._serialized_end=1087
+  _globals['_LISTKEYSREQUEST']._serialized_start=1089
+  _globals['_LISTKEYSREQUEST']._serialized_end=1147
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1149
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1207
+  _globals['_REVOKEKEYREQUEST']._serialized_start=1209
+  _globals['_REVOKEKEYREQUEST']._serialized_end=1239
+  _globals['_ROTATEKEYREQUEST']._serialized_start=1241
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1271
+  _globals['_GETPOLICYREQUEST']._serialized_start=1273
+  _globals['_GETPOLICYREQUEST']._serialized_end=1307
+  _globals['_SETPOLICYREQUEST']._serialized_start=1310
+  _globals['_SETPOLICYREQUEST']._serialized_end=1477
+  _globals['_CACHEPOLICY']._serialized_start=1480
+  _globals['_CACHEPOLICY']._serialized_end=1668
+  _globals['_ADMIN']._serialized_start=1671
+  _globals['_ADMIN']._serialized_end=2264
 # @@protoc_insertion_point(module_scope)

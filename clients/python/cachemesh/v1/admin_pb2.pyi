@@ -183,18 +183,30 @@ class InvalidateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DROPPED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_TENANT_FIELD_NUMBER: _builtins.int
+    KNOWN_AS_FIELD_NUMBER: _builtins.int
     dropped: _builtins.int
     """live entries removed (expired ones are not counted)"""
+    unknown_tenant: _builtins.bool
+    """The tenant has no API key (active or revoked), no L1 entry, count or policy: the name may
+    be a typo (tenant names are case-sensitive), nothing of it was there to drop.
+    """
+    known_as: _builtins.str
+    """With unknown_tenant: a known tenant whose name differs from it only in case."""
     def __init__(
         self,
         *,
         dropped: _builtins.int = ...,
+        unknown_tenant: _builtins.bool = ...,
+        known_as: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_known_as", b"_known_as", "known_as", b"known_as"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_known_as", b"_known_as", "dropped", b"dropped", "known_as", b"known_as", "unknown_tenant", b"unknown_tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__known_as: _TypeAlias = _typing.Literal["known_as"]  # noqa: Y015
+    _WhichOneofArgType__known_as: _TypeAlias = _typing.Literal["_known_as", b"_known_as"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__known_as) -> _WhichOneofReturnType__known_as | None: ...
 
 Global___InvalidateResponse: _TypeAlias = InvalidateResponse  # noqa: Y015
 
@@ -398,6 +410,7 @@ class SetPolicyRequest(_message.Message):
     L1_ENABLED_FIELD_NUMBER: _builtins.int
     DEFAULT_TTL_S_FIELD_NUMBER: _builtins.int
     RESET_DEFAULT_TTL_FIELD_NUMBER: _builtins.int
+    NEW_TENANT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     l1_enabled: _builtins.bool
     """unset = unchanged"""
@@ -405,6 +418,11 @@ class SetPolicyRequest(_message.Message):
     """unset = unchanged; > 0 seconds"""
     reset_default_ttl: _builtins.bool
     """back to semantic-cache's SEMANTIC_CACHE_TTL_S"""
+    new_tenant: _builtins.bool
+    """The tenant may be unknown (no API key, no L1 entry, count or policy yet): a policy set
+    before its first key. Without it such a tenant is refused (FAILED_PRECONDITION), so that
+    a misspelt name (tenant names are case-sensitive) changes nothing.
+    """
     def __init__(
         self,
         *,
@@ -412,10 +430,11 @@ class SetPolicyRequest(_message.Message):
         l1_enabled: _builtins.bool | None = ...,
         default_ttl_s: _builtins.float | None = ...,
         reset_default_ttl: _builtins.bool = ...,
+        new_tenant: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "_l1_enabled", b"_l1_enabled", "default_ttl_s", b"default_ttl_s", "l1_enabled", b"l1_enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "_l1_enabled", b"_l1_enabled", "default_ttl_s", b"default_ttl_s", "l1_enabled", b"l1_enabled", "reset_default_ttl", b"reset_default_ttl", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "_l1_enabled", b"_l1_enabled", "default_ttl_s", b"default_ttl_s", "l1_enabled", b"l1_enabled", "new_tenant", b"new_tenant", "reset_default_ttl", b"reset_default_ttl", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_ttl_s: _TypeAlias = _typing.Literal["default_ttl_s"]  # noqa: Y015
     _WhichOneofArgType__default_ttl_s: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s"]  # noqa: Y015
@@ -436,6 +455,8 @@ class CachePolicy(_message.Message):
     L1_ENABLED_FIELD_NUMBER: _builtins.int
     DEFAULT_TTL_S_FIELD_NUMBER: _builtins.int
     EFFECTIVE_DEFAULT_TTL_S_FIELD_NUMBER: _builtins.int
+    UNKNOWN_TENANT_FIELD_NUMBER: _builtins.int
+    KNOWN_AS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     l1_enabled: _builtins.bool
     """false: L1 neither serves nor stores the tenant's answers; its entries stay (served again
@@ -447,6 +468,12 @@ class CachePolicy(_message.Message):
     """
     effective_default_ttl_s: _builtins.float
     """what applies now"""
+    unknown_tenant: _builtins.bool
+    """The tenant had no API key, no L1 entry, count or policy (before this call, for
+    SetPolicy): GetPolicy answers the default policy.
+    """
+    known_as: _builtins.str
+    """With unknown_tenant: a known tenant whose name differs from it only in case."""
     def __init__(
         self,
         *,
@@ -454,13 +481,20 @@ class CachePolicy(_message.Message):
         l1_enabled: _builtins.bool = ...,
         default_ttl_s: _builtins.float | None = ...,
         effective_default_ttl_s: _builtins.float = ...,
+        unknown_tenant: _builtins.bool = ...,
+        known_as: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "default_ttl_s", b"default_ttl_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "_known_as", b"_known_as", "default_ttl_s", b"default_ttl_s", "known_as", b"known_as"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "default_ttl_s", b"default_ttl_s", "effective_default_ttl_s", b"effective_default_ttl_s", "l1_enabled", b"l1_enabled", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s", "_known_as", b"_known_as", "default_ttl_s", b"default_ttl_s", "effective_default_ttl_s", b"effective_default_ttl_s", "known_as", b"known_as", "l1_enabled", b"l1_enabled", "tenant", b"tenant", "unknown_tenant", b"unknown_tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_ttl_s: _TypeAlias = _typing.Literal["default_ttl_s"]  # noqa: Y015
     _WhichOneofArgType__default_ttl_s: _TypeAlias = _typing.Literal["_default_ttl_s", b"_default_ttl_s"]  # noqa: Y015
+    _WhichOneofReturnType__known_as: _TypeAlias = _typing.Literal["known_as"]  # noqa: Y015
+    _WhichOneofArgType__known_as: _TypeAlias = _typing.Literal["_known_as", b"_known_as"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_ttl_s) -> _WhichOneofReturnType__default_ttl_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__known_as) -> _WhichOneofReturnType__known_as | None: ...
 
 Global___CachePolicy: _TypeAlias = CachePolicy  # noqa: Y015
