@@ -54,16 +54,17 @@ def _admin_token(stack: RunningStack) -> str:
     return (stack.stack.run_dir / "admin-token").read_text().strip()
 
 
-def _cli(stack: RunningStack, *args: str) -> str:
-    """``cachemesh --target <router> admin ...`` as a person runs it (the token by its file)."""
+def _cli(stack: RunningStack, *args: str, exits: int = 0) -> str:
+    """``cachemesh --target <router> admin ...`` as a person runs it (the token by its file);
+    its output (and its errors'), having exited ``exits``."""
     env = {**os.environ, "CACHEMESH_ADMIN_TOKEN_FILE": str(stack.stack.run_dir / "admin-token")}
     env.pop("CACHEMESH_ADMIN_TOKEN", None)
     done = subprocess.run(
         [sys.executable, "-m", "cachemesh.cli", "--target", stack.target, "admin", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    assert done.returncode == exits, done.stderr
+    return done.stdout + done.stderr
 
 
 def _ask(address: str, key: str, question: str, namespace: str) -> pb.CompleteResponse:
@@ -189,3 +190,17 @@ def test_the_cli_needs_an_admin_token(tmp_path: Path, stack: RunningStack) -> No
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2 and "CACHEMESH_ADMIN_TOKEN_FILE" in done.stderr
+
+
+def test_a_tenant_differing_only_in_case_is_said_unknown(stack: RunningStack) -> None:
+    """``policy set Tenant-B --l1 off`` printed "L1 off" while tenant-b stayed on, and
+    ``invalidate Tenant-A --all`` "dropped 0 L1 entries of tenant Tenant-A"."""
+    purged = _cli(stack, "invalidate", "Tenant-A", "--all", exits=1)
+    assert "tenant Tenant-A is unknown" in purged and "did you mean tenant-a?" in purged
+    refused = _cli(stack, "policy", "set", "Tenant-B", "--l1", "off", exits=1)
+    assert "FAILED_PRECONDITION" in refused and "did you mean 'tenant-b'?" in refused
+    assert re.search(r"^L1 +on$", _cli(stack, "policy", "get", "tenant-b"), re.M)
+    tenant = f"admin-early-{uuid.uuid4().hex[:6]}"  # a policy before the tenant's first key
+    early = _cli(stack, "policy", "set", tenant, "--l1", "off", "--new-tenant")
+    assert f"tenant {tenant} was unknown" in early and re.search(r"^L1 +off$", early, re.M)
+    assert "unknown" not in _cli(stack, "policy", "get", tenant)
