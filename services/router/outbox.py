@@ -38,6 +38,15 @@ first-wins by their key, so a FINAL that landed before the kill stands), counted
 ``cachemesh_router_open_calls_settled_total``. Without a journal nothing is opened: a call in
 flight when the router is killed stays unbilled (a WARM with no FINAL).
 
+A full disk: a bill the journal cannot write (``ENOSPC``; the answer's, or a call's billed
+without its answer) is ``held`` in memory rather than dropped, its answer refused as after a
+failed fsync (``JournalError``, ``written``: billed if the router lives); each replay round
+sends it as any entry and, while the journal fails, first tries to write it into the journal
+(``retry_held``). While the journal fails and prefix-cache takes no bill (``cannot_keep``), or
+the bills held exceed ``max_memory_bytes``, the pipeline calls no model (its bill could be
+neither sent nor kept durably); held bills the router stops with are logged at ERROR with their
+tenant and estimate, and counted as ``dropped``.
+
 A replayed FINAL whose reply is ``repeated`` (prefix-cache had recorded that key's FINAL
 before) is told to the limiter (``open_call_billed``, ``estimate_billed``) only for an entry
 this process kept: it is in the outbox only because no reply to its FINAL reached this process
@@ -113,6 +122,7 @@ from services.router.outbox_journal import (
     Counted,
     Journal,
     JournalEntry,
+    JournalError,
     JournalThread,
     UnreadableEntry,
 )
@@ -222,10 +232,28 @@ class _InMemory:
         counted: Counted,
         written: Callable[[], None],
     ) -> None:
+        self.put(entry_id, commits, carrier, counted)
+        written()
+
+    def put(
+        self,
+        entry_id: str,
+        commits: tuple[pc.CommitRequest, ...],
+        carrier: dict[str, str],
+        counted: Counted,
+    ) -> None:
+        if (before := self._entries.get(entry_id)) is not None:
+            self.held_bytes -= _size(before[0])
         self._entries[entry_id] = (commits, carrier)
         self._estimates[entry_id] = counted
         self.held_bytes += _size(commits)
-        written()
+
+    def holds(self, entry_id: str) -> bool:
+        return entry_id in self._entries
+
+    def entry(self, entry_id: str) -> tuple[tuple[pc.CommitRequest, ...], dict[str, str], Counted]:
+        commits, carrier = self._entries[entry_id]
+        return commits, carrier, self._estimates[entry_id]
 
     def held(self) -> list[tuple[tuple[pc.CommitRequest, ...], int]]:
         """Each pending entry's commits and estimated cost."""
@@ -235,6 +263,9 @@ class _InMemory:
         ]
 
     async def ids(self) -> list[str]:
+        return list(self._entries)
+
+    def ids_now(self) -> list[str]:
         return list(self._entries)
 
     async def read(self, entry_id: str) -> _Read:
@@ -251,7 +282,9 @@ class _InMemory:
 
 
 class _OnDisk:
-    """The pending entries in the journal, the one record of them, run on its thread."""
+    """The pending entries in the journal, the one record of them, run on its thread; and
+    the bills it could not write (a full disk), ``held`` in memory until prefix-cache takes
+    them or a replay round writes them into the journal (``retry_held``)."""
 
     def __init__(
         self,
@@ -261,10 +294,60 @@ class _OnDisk:
     ) -> None:
         self._thread = JournalThread(journal, sync_within_s, sync_failed=sync_failed)
         self._journal = journal
+        # an entry held here may also be in the journal as its call's open call (the same
+        # id): it is one entry, replayed from here
+        self.held = _InMemory()
 
     @property
     def count(self) -> int:
-        return self._journal.pending_count
+        held = sum(1 for entry_id in self.held.ids_now() if not self._journal.holds(entry_id))
+        return self._journal.pending_count + held
+
+    @property
+    def failing(self) -> bool:
+        """The journal's writes or syncs fail (a full or failing disk), not yet back."""
+        return self._thread.failing
+
+    def _hold_if_unwritten(
+        self,
+        entry_id: str,
+        entry: tuple[tuple[pc.CommitRequest, ...], dict[str, str], Counted],
+        written: Callable[[], None],
+        added: asyncio.Future[None],
+    ) -> None:
+        """An entry whose line could not be written is held in memory (not dropped), its
+        estimate counted as a written line's is: whether or not its caller still waits."""
+        if added.cancelled():
+            return
+        exc = added.exception()
+        if isinstance(exc, JournalError) and not exc.written:
+            self.held.put(entry_id, *entry)
+            written()
+
+    async def retry_held(self) -> None:
+        """While the journal fails: the bills held in memory written into it, oldest first
+        (a write that fails stops the round: the disk is still full); with none held, a
+        durable no-op (a failed fsync's rewrite tried, per its delay). Either succeeding is
+        what tells the journal is back (``failing``)."""
+        if not self.held.count:
+            if self._thread.failing:
+                with contextlib.suppress(JournalError):
+                    await self._thread.call(_nothing_to_write, durable=True)
+            return
+        moved = 0
+        for entry_id in self.held.ids_now():
+            commits, carrier, counted = self.held.entry(entry_id)
+            add = partial(self._journal.add, entry_id, commits, carrier, counted=counted)
+            try:
+                await self._thread.call(add, durable=True)
+            except JournalError as exc:
+                if exc.written:  # in the journal, not durable: the journal bills it
+                    self.held.done(entry_id)
+                break
+            self.held.done(entry_id)
+            moved += 1
+        if moved:
+            log.info("billing outbox: %d bills held in memory are in the journal now", moved)
 
     async def add(
         self,
@@ -283,12 +366,30 @@ class _OnDisk:
             with contextlib.suppress(RuntimeError):  # the loop closed: the process ends
                 loop.call_soon_threadsafe(written)
 
-        await self._thread.call(add, durable=True)
+        added = self._thread.submit(add, durable=True)
+        entry = (commits, carrier, counted)
+        added.add_done_callback(partial(self._hold_if_unwritten, entry_id, entry, written))
+        try:
+            await asyncio.shield(added)
+        except JournalError as exc:
+            if exc.written:
+                raise
+            raise JournalError(
+                f"{exc}: the bill is held in memory until prefix-cache or the journal takes "
+                "it (lost if the router stops first)",
+                written=True,  # billed if the router lives, as a written line not fsynced
+            ) from exc
 
     async def ids(self) -> list[str]:
-        return await self._thread.call(self._journal.pending)
+        journalled = await self._thread.call(self._journal.pending)
+        known = set(journalled)
+        held = (entry_id for entry_id in self.held.ids_now() if entry_id not in known)
+        return [*journalled, *held]
 
     async def read(self, entry_id: str) -> _Read:
+        if self.held.holds(entry_id):
+            return await self.held.read(entry_id)
+
         def read() -> _Read:
             return _Read(self._journal.read_traced(entry_id), self._journal.is_open(entry_id))
 
@@ -308,7 +409,9 @@ class _OnDisk:
         return self._thread.submit(added, written=True)
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
-        """Its line need not be durable (a replay bills once): not awaited one by one."""
+        """Its line need not be durable (a replay bills once): not awaited one by one. An
+        entry held in memory is done there, and in the journal too (its call's open call)."""
+        self.held.done(entry_id)
         return self._thread.submit(partial(self._journal.done, entry_id))
 
 
@@ -334,7 +437,8 @@ class BillingOutbox:
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
-        commits wait on disk and are not bounded by it. ``open_calls_settled``: told how many
+        commits wait on disk and are not bounded by it, only the bills it could not write, held
+        in memory (``cannot_keep`` past it). ``open_calls_settled``: told how many
         open calls a replay round billed (a killed router's, the metric); ``dropped``: how
         many entries prefix-cache refused for good (their bills lost, the metric);
         ``open_call_billed``: told of each open call billed (its tenant, cost and start; not
@@ -397,6 +501,8 @@ class BillingOutbox:
         # once it says it serves, recorded (``_replay``)
         self._unreachable: dict[str, _Unreachable] = {}
         self._prefix_serving = prefix_serving
+        # prefix-cache did not take a bill (kept since), and no replay reached it since
+        self._prefix_down = False
         self._entries: _InMemory | _OnDisk
         if journal is not None:
             self._inherited = set(journal.load())
@@ -446,8 +552,21 @@ class BillingOutbox:
         _PROPAGATOR.inject(carrier)
         written = self._entries.open(entry_id, tuple(commits), carrier, self._live[entry_id])
         # the first write's failure is said; a rewrite's leaves the line before it in place
-        written.add_done_callback(_rewrite_failed if rewrite else _open_failed)
+        written.add_done_callback(_rewrite_failed if rewrite else self._open_failed)
         return entry_id, written
+
+    def _open_failed(self, written: asyncio.Future[None]) -> None:
+        """An open call not journalled: said once an interval, not once a model call (the
+        journal's thread counts the write and says the disk's failure itself)."""
+        if written.cancelled() or (exc := written.exception()) is None:
+            return
+        if due := self._kept_log.due("open", ""):
+            log.warning(
+                "billing outbox: journalling a running model call failed (%s): it is billed "
+                "when it ends, but not if this router is killed before%s",
+                exc,
+                suppressed(due, KEPT_LOG_EVERY_MS),
+            )
 
     def settle(self, entry_id: str) -> None:
         """The open call's FINAL was made: its entry is settled (not awaited: a replay of it
@@ -473,6 +592,21 @@ class BillingOutbox:
         (its answer could be kept only past the bound)."""
         entries, bound = self._entries, self._max_memory_bytes
         return isinstance(entries, _InMemory) and bound is not None and entries.held_bytes > bound
+
+    @property
+    def cannot_keep(self) -> bool:
+        """The journal cannot write (a full or failing disk, not back since) while
+        prefix-cache does not take bills (one was kept, is pending, and no replay reached
+        prefix-cache since: a round each ``retry_s`` tries it, and the journal), or
+        bills are held in memory for it past ``max_memory_bytes``: a new model call must not
+        start (its bill could be neither sent nor kept durably; ``pipeline.py``)."""
+        entries = self._entries
+        if not isinstance(entries, _OnDisk):
+            return False
+        bound = self._max_memory_bytes
+        if bound is not None and entries.held.held_bytes > bound:
+            return True
+        return entries.failing and self._prefix_down and self.pending > 0
 
     def _say_if_full(self) -> None:
         """One line when the outbox fills up, one when it is back under its bound."""
@@ -501,7 +635,10 @@ class BillingOutbox:
     ) -> None:
         """Records the commits durably (fsync) before the answer they bill is sent. Raises
         ``JournalError`` when they are not known durable (they may still be billed: an
-        entry written to the journal is, whatever becomes of this call). ``estimate_nanos``:
+        entry written to the journal is, whatever becomes of this call; one whose line could
+        not be written, a full disk, is held in memory for the replay, ``written`` all the
+        same: billed if the router lives, said and counted as dropped if it stops first).
+        ``estimate_nanos``:
         the bill's estimated cost, journalled with the time it counts in, and counted against
         its tenant's budgets (``estimate_kept``) as soon as the line is in the file, before its
         fsync and whether or not this call is still awaited: a router stopped once the line
@@ -520,6 +657,7 @@ class BillingOutbox:
         counted = Counted(estimate_nanos, self._kept_at.setdefault(entry_id, self._wall.now_ms()))
         tenant = commits[-1].tenant if commits else ""
         written = partial(self._estimate_written, entry_id, _Estimate(tenant, counted))
+        self._prefix_down = True  # it did not take this bill (why it is kept)
         await self._entries.add(entry_id, tuple(commits), carrier, counted, written)
         self._say_if_full()
 
@@ -538,24 +676,30 @@ class BillingOutbox:
 
     async def close(self) -> None:
         """The last flush, at shutdown (the calls that billed are over). A journal keeps what
-        prefix-cache did not take; an outbox in memory loses it with the process, so each bill
-        still held is logged at ERROR with its key, tenant and estimated cost (never silent)."""
+        prefix-cache did not take; an outbox in memory, and the bills a journal could not write
+        (held in memory), lose it with the process, so each bill still held is logged at ERROR
+        with its key, tenant and estimated cost, and counted (``dropped``): never silent."""
         try:
             await self.flush()
         finally:
-            if isinstance(self._entries, _InMemory):
-                for commits, nanos in self._entries.held():
-                    final = commits[-1]
-                    log.error(
-                        "billing outbox: the router stops with prefix-cache unreachable and no "
-                        "ROUTER_DATA_DIR: the bill of %s (tenant %s, model %s, %d output "
-                        "tokens, estimated cost_nanos=%d) is lost",
-                        final.request_id,
-                        final.tenant,
-                        final.model,
-                        final.output_tokens,
-                        nanos,
-                    )
+            entries = self._entries
+            held = entries if isinstance(entries, _InMemory) else entries.held
+            why = "no ROUTER_DATA_DIR" if held is entries else "its journal unwritable"
+            for commits, nanos in held.held():
+                final = commits[-1]
+                log.error(
+                    "billing outbox: the router stops with prefix-cache unreachable and %s: "
+                    "the bill of %s (tenant %s, model %s, %d output tokens, estimated "
+                    "cost_nanos=%d) is lost",
+                    why,
+                    final.request_id,
+                    final.tenant,
+                    final.model,
+                    final.output_tokens,
+                    nanos,
+                )
+            if held.count and self._dropped is not None:
+                self._dropped(held.count)  # never billed
 
     async def flush(self) -> int:
         """Sends what is pending, in order, until prefix-cache is unreachable; an entry it
@@ -567,6 +711,8 @@ class BillingOutbox:
         dropped = 0  # entries refused for good: done, never billed
         done_lines: list[tuple[str, asyncio.Future[None]]] = []
         async with self._lock:
+            if isinstance(self._entries, _OnDisk):
+                await self._entries.retry_held()  # held bills into the journal, if it is back
             ids = await self._entries.ids()
             self._undone.intersection_update(ids)  # the others' "done" ran (not its write)
             for gone in self._unreachable.keys() - set(ids):
@@ -589,7 +735,9 @@ class BillingOutbox:
                     (commits, carrier, started_ms, counted), open_call = _UNREADABLE
                 outcome, reply = await self._replay(entry_id, commits, carrier)
                 if outcome is _Sent.UNREACHABLE:
+                    self._prefix_down = True
                     break
+                self._prefix_down = False  # it answered
                 if outcome is _Sent.KEPT:
                     continue
                 if outcome is _Sent.DROPPED:
@@ -781,13 +929,8 @@ def _unsampled(parent: Context | None) -> trace.Span:
     )
 
 
-def _open_failed(written: asyncio.Future[None]) -> None:
-    if not written.cancelled() and (exc := written.exception()) is not None:
-        log.warning(
-            "billing outbox: journalling a running model call failed (%s): it is billed when it "
-            "ends, but not if this router is killed before",
-            exc,
-        )
+def _nothing_to_write() -> None:
+    return None
 
 
 def _rewrite_failed(written: asyncio.Future[None]) -> None:

@@ -34,13 +34,20 @@ Meanwhile the file itself is not fsynced again (that would prove nothing, and a 
 may take long over each), and the rewrite is tried at a write ``REWRITE_RETRY_S`` after a
 failed one, the delay doubling up to ``REWRITE_RETRY_MAX_S``; ``JournalThread`` says the
 failure once as it starts, then once every ``FAILING_LOG_S`` with how many syncs failed, and
-once when the writes are durable again.
+once when the writes are durable again. A write that fails (a full disk: ENOSPC) is a failure
+of the same kind, counted and said the same way (before, only fsyncs were: a full disk left the
+metric at 0). A journal file removed or replaced while the router runs (its descriptor writes
+to a file no longer at ``billing-outbox.jsonl``, lost at the next start) is found at the next
+sync (``fstat``'s link count 0, or another inode at the path), said at ERROR once, counted
+(``lost``), and rewritten from the pending entries the descriptor still holds (a rewrite, as
+after a failed fsync: until it succeeds no write is acknowledged as durable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import fcntl
 import json
 import logging
@@ -148,6 +155,8 @@ class Journal:
         self._monotonic = monotonic
         self._retry_rewrite_at = -math.inf  # after a failed rewrite: when to try again
         self._rewrite_retry_s = REWRITE_RETRY_S  # the wait after the next rewrite that fails
+        self._file_lost = False  # the file was found removed or replaced, not rewritten yet
+        self.lost = 0  # the times the file was found removed or replaced (read by its thread)
 
     def load(self) -> list[str]:
         """The pending entries' ids, oldest first. A torn last line (a crash mid-append: its
@@ -252,6 +261,10 @@ class Journal:
     def pending_count(self) -> int:
         return len(self._lines)
 
+    def holds(self, entry_id: str) -> bool:
+        """The entry is pending (a read of the pending ids, safe from another thread)."""
+        return entry_id in self._lines
+
     def read(self, entry_id: str) -> tuple[pc.CommitRequest, ...]:
         return self.read_traced(entry_id).commits
 
@@ -290,6 +303,9 @@ class Journal:
         when it is due. Raises ``JournalError`` if they may not be. ``fsync`` False: only the
         emptying or compacting, for a batch none of whose writes waits to be durable (open
         calls, "done" lines): their fsync comes with the next batch that needs one."""
+        if self._gone():
+            self._rewrite_lost(fsync)
+            return
         if not self._lines and self._size:
             os.ftruncate(self._fd, 0)
             self._size, self._live_bytes, self._dirty = 0, 0, True
@@ -316,6 +332,47 @@ class Journal:
                 "until a rewrite of the journal succeeds or every pending entry is billed",
                 written=True,
             ) from self._failed
+
+    def _gone(self) -> bool:
+        """The file this journal writes is no longer the one at its path (removed, or another
+        put there): what is written to it would be lost at the next start."""
+        try:
+            held = os.fstat(self._fd)
+            if held.st_nlink == 0:
+                return True
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell (the disk's fault): the writes and fsyncs will say
+        return (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino)
+
+    def _rewrite_lost(self, fsync: bool) -> None:
+        """The file was removed or replaced: rewritten from the pending lines the descriptor
+        still holds (said once, counted once). Until the rewrite succeeds no write is durable
+        (sticky, as a failed fsync; tried again as a failed rewrite is)."""
+        if not self._file_lost:
+            self._file_lost = True
+            self.lost += 1
+            self._retry_rewrite_at, self._rewrite_retry_s = -math.inf, REWRITE_RETRY_S
+            log.error(
+                "billing outbox: %s was removed or replaced while the router runs: its %d "
+                "pending bills are held only by this process; rewriting it from them (do not "
+                "remove files under ROUTER_DATA_DIR while the router runs)",
+                self.path,
+                len(self._lines),
+            )
+        if self._failed is None:
+            self._failed = OSError(errno.ENOENT, "the journal file was removed", str(self.path))
+        self._compact()
+        if not self._gone():
+            self._file_lost = False
+        if self._failed is not None and fsync:
+            raise JournalError(
+                f"{self.path} was removed or replaced and its rewrite has not succeeded "
+                f"({self._failed}): no write is durable until it does",
+                written=True,
+            )
 
     @property
     def dirty(self) -> bool:
@@ -472,10 +529,12 @@ class JournalThread:
     that is fsynced itself, so a queue that never empties (the timer waits for it to) does not
     put the fsync off.
 
-    A sync that fails (a failed fsync stays so until a rewrite succeeds: ``Journal.sync``) is
-    counted (``sync_failed``: the metric) and said at ERROR as the failure starts, then at most
-    once every ``FAILING_LOG_S`` with how many failed since, and at INFO once a durable sync
-    succeeds again: not once a sync (the delayed one comes each ``sync_within_s``)."""
+    A sync that fails (a failed fsync stays so until a rewrite succeeds: ``Journal.sync``), a
+    write that fails (a full disk), and a journal file found removed are each counted
+    (``sync_failed``: the metric) and said at ERROR as the failure starts, then at most once
+    every ``FAILING_LOG_S`` with how many failed since, and at INFO once a durable sync of a
+    batch none of whose writes failed succeeds again: not once a sync (the delayed one comes
+    each ``sync_within_s``). ``failing``: between the two."""
 
     def __init__(
         self,
@@ -499,6 +558,13 @@ class JournalThread:
         self._failing_since: float | None = None
         self._failing_said_at = 0.0
         self._failed_syncs = 0
+        self._lost_seen = 0  # the journal's ``lost`` count already reported
+
+    @property
+    def failing(self) -> bool:
+        """The journal's last writes or sync failed, and no durable batch succeeded since
+        (read from the loop: a flag the thread sets)."""
+        return self._failing_since is not None
 
     def submit(
         self, run: Callable[[], T], *, durable: bool = False, written: bool = False
@@ -551,11 +617,14 @@ class JournalThread:
         self, batch: list[_Call], loop: asyncio.AbstractEventLoop
     ) -> list[tuple[bool, object]]:
         outcomes: list[tuple[bool, object]] = []
+        write_failed: OSError | None = None
         for call in batch:
             try:
                 outcomes.append((True, call.run()))
             except OSError as exc:  # the disk's fault: nothing of this call was kept
                 outcomes.append((False, JournalError(str(exc), written=False)))
+                self._failing(exc)  # a write is the journal failing as a sync is
+                write_failed = exc
             except Exception as exc:  # handed to its caller
                 outcomes.append((False, exc))
             if call.written:
@@ -564,10 +633,14 @@ class JournalThread:
             # a batch of open calls and "done" lines only (every model call writes them) costs
             # no fsync: an fsync a batch made the journal a sixth of the router's CPU per miss
             durable = any(call.durable for call in batch) or self._sync_overdue()
-            self.journal.sync(fsync=durable)
+            try:
+                self.journal.sync(fsync=durable)
+            finally:
+                self._count_lost()
             if durable:
                 self._unsynced_since = None
-                self._durable_again()
+                if write_failed is None:
+                    self._durable_again()
             elif self.journal.dirty and self._unsynced_since is None:
                 self._unsynced_since = self._monotonic()
         except OSError as exc:
@@ -581,6 +654,14 @@ class JournalThread:
             ]
         return outcomes
 
+    def _count_lost(self) -> None:
+        """The journal file found removed since the last batch: counted (it said it)."""
+        lost = self.journal.lost - self._lost_seen
+        if lost:
+            self._lost_seen = self.journal.lost
+            if self._sync_failed is not None:
+                self._sync_failed(lost)
+
     def _failing(self, exc: OSError) -> None:
         """A sync failed: counted, and said as the failure starts, then once a while."""
         if self._sync_failed is not None:
@@ -590,10 +671,13 @@ class JournalThread:
             self._failing_since = self._failing_said_at = now
             self._failed_syncs = 0
             log.error(
-                "billing outbox: the journal cannot make its writes durable (%s): a bill that "
-                "must be kept (prefix-cache down) is refused, its answer UNAVAILABLE, until the "
-                "journal is rewritten into a fresh file (tried again %.0f s later, then up to "
-                "every %.0f s); said again every %.0f s while it lasts",
+                "billing outbox: the journal cannot write or make its writes durable (%s; "
+                "free space on ROUTER_DATA_DIR's volume, or fix its disk): a bill that must be "
+                "kept (prefix-cache down) is held in memory and its answer refused "
+                "(UNAVAILABLE), and while prefix-cache is also unreachable requests that need "
+                "a model call are refused before it; a failed fsync is put behind by rewriting "
+                "the journal into a fresh file (tried again %.0f s later, then up to every "
+                "%.0f s); said again every %.0f s while it lasts",
                 exc,
                 REWRITE_RETRY_S,
                 REWRITE_RETRY_MAX_S,
@@ -603,8 +687,8 @@ class JournalThread:
         self._failed_syncs += 1
         if now - self._failing_said_at >= FAILING_LOG_S:
             log.error(
-                "billing outbox: the journal still cannot make its writes durable, for %.0f s: "
-                "%d syncs failed in the last %.0f s (%s)",
+                "billing outbox: the journal still cannot write or make its writes durable, "
+                "for %.0f s: %d writes or syncs failed in the last %.0f s (%s)",
                 now - self._failing_since,
                 self._failed_syncs,
                 now - self._failing_said_at,

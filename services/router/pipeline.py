@@ -618,19 +618,33 @@ class Pipeline:
 
     def _refuse_if_outbox_full(self) -> None:
         """No model call while the billing outbox in memory is over its bound: its answer
-        could not be kept for billing without growing the router past it (refused before the
-        provider is paid, so nothing is served unbilled and nothing kept is dropped)."""
-        if self._outbox is None or not self._outbox.full:
+        could not be kept for billing without growing the router past it; nor while the
+        outbox's journal cannot write (a full disk) and prefix-cache takes no bill: its bill
+        could be neither sent nor kept durably, and its answer would be refused after the
+        provider is paid (before: one model call a client's retry, none billed). Refused
+        before the provider is paid, so nothing is served unbilled and nothing kept is
+        dropped."""
+        if self._outbox is None:
+            return
+        if self._outbox.full:
+            message = (
+                "prefix-cache has not taken the bills of this router's earlier answers and its "
+                "billing outbox in memory is full (ROUTER_OUTBOX_MAX_BYTES): no model call can "
+                "be billed now; retry later (an operator can set ROUTER_DATA_DIR to keep the "
+                "outbox on disk)"
+            )
+        elif self._outbox.cannot_keep:
+            message = (
+                "prefix-cache is not taking bills and this router's billing journal cannot "
+                "write (its ROUTER_DATA_DIR volume is full or failing): no model call can be "
+                "billed now; retry later (an operator must free space on ROUTER_DATA_DIR or "
+                "bring prefix-cache back)"
+            )
+        else:
             return
         if self._metrics is not None:
             self._metrics.outbox_refused()
-        raise RequestError(
-            Code.UNAVAILABLE,
-            "prefix-cache has not taken the bills of this router's earlier answers and its "
-            "billing outbox in memory is full (ROUTER_OUTBOX_MAX_BYTES): no model call can be "
-            "billed now; retry later (an operator can set ROUTER_DATA_DIR to keep the outbox "
-            "on disk)",
-        )
+        raise RequestError(Code.UNAVAILABLE, message)
 
     def _judged(self, attempt: Attempt, finished: bool, error: BaseException | None) -> None:
         """The call's verdict on its replica's health (``replica_health``): a cut counts
@@ -869,6 +883,21 @@ class Pipeline:
                     )
             except RequestError:
                 if attempt.kept_output_tokens is None:
+                    # neither sent nor kept (the outbox keeps what it cannot write in memory:
+                    # this is a fault past that): never silent
+                    estimate = attempt.model.baseline_nanos(
+                        attempt.start.prompt_tokens, output_tokens
+                    )
+                    log.error(
+                        "billing outbox: the bill of %s (tenant %s, estimated cost_nanos=%d), "
+                        "a model call ended without its answer, could be neither sent nor "
+                        "kept: lost",
+                        attempt.commit_key(request.request_id),
+                        tenant,
+                        estimate,
+                    )
+                    if self._metrics is not None:
+                        self._metrics.outbox_dropped(1)
                     raise
             finally:
                 if open_call is not None:  # not settled nor replaced: the replay bills it

@@ -313,7 +313,7 @@ async def test_a_short_write_is_finished_not_acknowledged_half_written(
     assert _kept(tmp_path) == ["a#1", "b#1"]
 
 
-async def test_a_full_disk_refuses_the_keep_and_leaves_no_half_line(
+async def test_a_full_disk_holds_the_keep_in_memory_and_leaves_no_half_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prefix = FakePrefix()
@@ -329,11 +329,14 @@ async def test_a_full_disk_refuses_the_keep_and_leaves_no_half_line(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    with pytest.raises(JournalError, match="No space left") as caught:
+    with pytest.raises(JournalError, match=r"No space left.*held in memory") as caught:
         await outbox.keep(_commits("b#1"))
-    assert not caught.value.written
+    assert caught.value.written  # not durable (its answer refused), but billed if it lives
     await outbox.keep(_commits("c#1"))
     assert _kept(tmp_path) == ["a#1", "c#1"]
+    assert outbox.pending == 3
+    prefix.down = False
+    assert await outbox.flush() == 3
 
 
 async def test_an_entry_whose_caller_left_during_its_write_is_billed(tmp_path: Path) -> None:
@@ -355,8 +358,9 @@ async def test_an_entry_whose_caller_left_during_its_write_is_billed(tmp_path: P
 async def test_a_batch_that_cannot_start_fails_its_calls_not_the_queue_nor_the_replays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No thread to run a batch on (thread exhaustion): its calls fail, the calls queued
-    behind it still run, and the replay loop lives on."""
+    """No thread to run a batch on (thread exhaustion): its calls fail (a bill then held in
+    memory for the replay), the calls queued behind it still run, and the replay loop lives
+    on."""
     prefix = FakePrefix()
     outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
     real = asyncio.to_thread
@@ -381,6 +385,8 @@ async def test_a_batch_that_cannot_start_fails_its_calls_not_the_queue_nor_the_r
     assert not runner.done() and prefix.sent == [
         ("b#1", pc.COMMIT_PHASE_WARM),
         ("b#1", pc.COMMIT_PHASE_FINAL),
+        ("a#1", pc.COMMIT_PHASE_WARM),
+        ("a#1", pc.COMMIT_PHASE_FINAL),
     ]
     runner.cancel()
 

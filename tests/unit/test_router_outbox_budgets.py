@@ -688,10 +688,10 @@ async def test_a_call_whose_bill_was_made_after_its_keep_failed_is_not_replayed(
     tmp_path: Path, store: LimitStore
 ) -> None:
     """The answer's FINAL is refused (prefix-cache restarting) and the outbox cannot write its
-    bill (disk full): the answer is refused, and the call's bill without it sends the FINAL
-    again, which prefix-cache answers (the tenant's budgets count that bill). The call's open
-    call is then settled, not left to the replay, whose reply (a repeat) would count it again
-    now that a repeat of an entry this process kept is a first reply lost."""
+    bill (disk full): the answer is refused and its bill held in memory (its estimate counted),
+    which the replay bills once, the budgets corrected to that bill; the call's open call is
+    the same entry, not replayed beside it (its reply, a repeat, would count it again now that
+    a repeat of an entry this process kept is a first reply lost)."""
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     port = HungFinalPort(outage.port.api, Code.UNAVAILABLE)
     outbox = _outbox(port, FullOnce(tmp_path / "full"), outage.limiter, outage.clock)
@@ -701,14 +701,16 @@ async def test_a_call_whose_bill_was_made_after_its_keep_failed_is_not_replayed(
     with pytest.raises(RequestError):
         run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
         [chunk async for chunk in run]
-    await pipeline.drain()  # its bill without an answer: made
+    await pipeline.drain()  # its bill without an answer: the one held
     outage.limiter.settle(ticket, None)
     await outage.limiter.drain()
-    billed = await outage.billed()
-    assert billed > 0
+    before = await outage.billed()
 
+    assert await outbox.flush() == 1  # the held bill, once
     assert await outbox.flush() == 0  # nothing left to bill
     await outage.limiter.drain()
+    billed = await outage.billed()
+    assert billed > before
     spent = await _spent(store, Periods.at(outage.clock.now_ms()).month)
     assert spent == billed, f"billed {billed}: spend {spent}"
 
