@@ -46,17 +46,21 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cachemesh_router_replica_ejections_total{model}``: replicas left out for a cool-off after
   failing calls in a row (``replica_health``; a re-ejection after a failed probe counts too);
   ``cachemesh_router_outbox_refused_total``: requests refused before their model call because
-  the billing outbox in memory was over ``ROUTER_OUTBOX_MAX_BYTES`` (prefix-cache down long);
+  the billing outbox in memory was over ``ROUTER_OUTBOX_MAX_BYTES`` (prefix-cache down long),
+  or its journal could not write (a full disk) while prefix-cache took no bill;
   ``cachemesh_router_open_calls_settled_total``: model calls whose FINAL the router never
   made (it was killed mid-call, or their bill failed) billed from its journal's open calls at
   prefix-cache's estimate (a call whose FINAL had landed before the kill is counted, and
   billed once);
   ``cachemesh_router_outbox_dropped_total``: billing-outbox entries prefix-cache refused for
   good, their bills never made (an open call of a killed router whose Plan prefix-cache no
-  longer holds: restarted with its state in memory, another replica, or past its plan TTL);
-  ``cachemesh_router_journal_sync_failures_total``: syncs of the billing outbox's journal
-  that could not make its writes durable (a failed fsync stays so until the journal is
-  rewritten into a fresh file: meanwhile an answer whose bill must be kept is refused);
+  longer holds: restarted with its state in memory, another replica, or past its plan TTL),
+  and bills held in memory (an outbox without a journal, or bills the journal could not
+  write) lost as the router stopped;
+  ``cachemesh_router_journal_sync_failures_total``: syncs and writes of the billing outbox's
+  journal that failed (a failed fsync stays so until the journal is rewritten into a fresh
+  file; a write fails on a full disk: meanwhile an answer whose bill must be kept is refused),
+  and its file found removed or replaced while the router ran (rewritten then);
   ``cachemesh_router_limits_settles_lost_total``: requests' costs and tokens never counted
   against the limits (their settle failed and was dropped: the queue of pending ones full,
   past its replay window, an ambiguous try past ``AMBIGUOUS_REPLAY_MS``, or the router
@@ -229,7 +233,8 @@ class RouterMetrics:
         )
         self._outbox_refused = m.counter(
             "cachemesh_router_outbox_refused",
-            "Requests refused before their model call: the billing outbox in memory was full",
+            "Requests refused before their model call: the billing outbox in memory was full, "
+            "or its journal could not write while prefix-cache took no bill",
         )()
         self._open_calls_settled = m.counter(
             "cachemesh_router_open_calls_settled",
@@ -237,12 +242,14 @@ class RouterMetrics:
         )()
         self._outbox_dropped = m.counter(
             "cachemesh_router_outbox_dropped",
-            "Billing-outbox entries prefix-cache refused for good (their bills never made)",
+            "Billing-outbox entries refused for good by prefix-cache, or held in memory and "
+            "lost at shutdown (their bills never made)",
         )()
         self._journal_sync_failed = m.counter(
             "cachemesh_router_journal_sync_failures",
-            "Billing-outbox journal syncs that could not make its writes durable (a failed "
-            "fsync, until a rewrite succeeds: bills that had to be kept were refused)",
+            "Billing-outbox journal syncs and writes that failed (a failed fsync, until a "
+            "rewrite succeeds; a full disk), or its file found removed: bills that had to be "
+            "kept were refused",
         )()
         self._settles_lost = m.counter(
             "cachemesh_router_limits_settles_lost",
