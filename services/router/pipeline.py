@@ -1023,15 +1023,26 @@ class Pipeline:
                 written = True
             except JournalError as exc:
                 written = exc.written
-                if exc.written:  # in the journal all the same: replayed and billed once
-                    attempt.kept_output_tokens = output_tokens
-                log.error("billing outbox: %s; the answer to %s is refused", exc, key)
-                raise RequestError(
-                    Code.UNAVAILABLE,
-                    "prefix-cache did not take this answer's bill and the router's billing "
-                    "outbox cannot keep it durably (a disk fault on this router, in its log); "
-                    "retry with the same request_id",
-                ) from exc
+                if not exc.written:
+                    log.error("billing outbox: %s; the answer to %s is refused", exc, key)
+                    raise RequestError(
+                        Code.UNAVAILABLE,
+                        "prefix-cache did not take this answer's bill and the router's billing "
+                        "outbox cannot keep it (a disk fault on this router, in its log); "
+                        "retry with the same request_id",
+                    ) from exc
+                # kept all the same (a line not fsynced, or held in memory while the disk is
+                # full): billed once if the router lives, as an outbox without ROUTER_DATA_DIR
+                # bills. The caller pays for this answer, so it gets it (refused, it was billed
+                # for nothing and its retry was a second model call and a second bill).
+                attempt.kept_output_tokens = output_tokens
+                log.error(
+                    "billing outbox: %s; the answer to %s is served, its bill kept but not "
+                    "durably (lost if the router stops before prefix-cache or the journal "
+                    "takes it)",
+                    exc,
+                    key,
+                )
             finally:
                 # the entry the outbox replays is now the kept one; else (not written, or the
                 # request cancelled meanwhile) the call's bill without its answer sends the

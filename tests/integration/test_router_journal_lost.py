@@ -142,11 +142,14 @@ def test_a_full_journal_disk_with_prefix_cache_down_pays_one_model_call_and_bill
         while True:  # until ENOSPC
             out.write(b"\0" * 65536)
             out.flush()
-    with _client(stack, run_dir, 5) as client, pytest.raises(CachemeshError) as refused:
-        _ask(client)
-    assert "ROUTER_DATA_DIR" in str(refused.value)  # the retries' refusal, before the model
+    with _client(stack, run_dir, 5) as client:
+        _ask(client)  # served: its bill is held in memory, and its caller pays for it
+        with pytest.raises(CachemeshError) as refused:
+            _ask(client)  # the next one, and its retries, refused before the model
+    assert "ROUTER_DATA_DIR" in str(refused.value)
     log = (run_dir / "logs" / "router.log").read_text()
-    assert log.count("the answer to") == 1, "more than one model call's answer was refused"
+    assert log.count("the answer to") == 1, "more than one model call was paid"
+    assert "is served, its bill kept but not durably" in log
 
     filler.unlink()
     stack.start(timeout_s=240)  # prefix-cache back: the bill held in memory is replayed

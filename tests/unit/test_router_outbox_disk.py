@@ -50,23 +50,26 @@ def _finals(commits: list[pc.CommitRequest]) -> list[str]:
 async def test_a_full_journal_with_prefix_cache_down_pays_one_model_call_and_bills_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The reviewed outage: ROUTER_DATA_DIR full (ENOSPC) and prefix-cache down. The Python
-    client retries UNAVAILABLE 5 times with the same request_id. Before: 5 model calls, each
-    answer refused after it, no bill kept (0 billed once both came back). Now the first call's
-    bill is held in memory and billed once prefix-cache is back; the retries are refused
-    before their model call, naming ROUTER_DATA_DIR."""
+    """The reviewed outage: ROUTER_DATA_DIR full (ENOSPC) and prefix-cache down. Before: each
+    answer was refused after its model call, no bill kept, and the Python client's 5 tries of
+    one ask() were 5 model calls (0 billed once both came back). Now the first call's bill is
+    held in memory and its answer served (its caller pays for it; billed once prefix-cache is
+    back); the requests after it are refused before their model call, naming
+    ROUTER_DATA_DIR."""
     prefix = FakePrefix(down=True)
     outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01)
     rig = Rig(prefix=prefix, outbox=outbox)
     pipeline = rig.pipeline()
     disk = FullDisk(monkeypatch)
+    first = await _answer(pipeline)
+    assert first.served_by == pb.LAYER_MODEL and first.cost.estimated
     refusals: list[RequestError] = []
-    for _ in range(5):  # one ask(): its first try and the client's retries
+    for _ in range(4):  # the next requests, while the disk is full and prefix-cache down
         with pytest.raises(RequestError) as caught:
             [chunk async for chunk in pipeline.run("tenant-a", _request())]
         refusals.append(caught.value)
     await pipeline.drain()
-    assert [r.code for r in refusals] == [Code.UNAVAILABLE] * 5
+    assert [r.code for r in refusals] == [Code.UNAVAILABLE] * 4
     assert len(rig.models.calls) == 1, f"{len(rig.models.calls)} model calls paid"
     assert "ROUTER_DATA_DIR" in refusals[-1].message
     assert str(tmp_path) not in refusals[-1].message  # the router's paths stay in its log
