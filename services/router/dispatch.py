@@ -36,6 +36,7 @@ from services.router import spans
 from services.router.balance import Route
 from services.router.calls import CLIENT_FAULTS, Calls, PrefixWindow
 from services.router.dependencies import CallFailed, Dependencies, ModelStream
+from services.router.own_pause import paused_s
 from services.router.prompt_counts import count_prompt
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_health import ReplicaHealth
@@ -675,6 +676,7 @@ class SilenceWatch:
         self._window: float = 0.0  # loop time since which no sign of life is seen
         self._seen = 0  # the replica's progress then
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0  # loop time the timer was set for
         self._silent_s: float | None = None
 
     def limit_s(self) -> float:
@@ -687,7 +689,7 @@ class SilenceWatch:
         self._reading_since = self._window = loop.time()
         self._seen = self._progress()
         if self._timer is None and self._may_cut is not False:
-            self._timer = loop.call_at(self._window + self.limit_s() / _SILENCE_LOOKS, self._check)
+            self._arm(loop, self._window + self.limit_s() / _SILENCE_LOOKS)
         try:
             chunk = await stream.read()
         except asyncio.CancelledError:
@@ -709,6 +711,10 @@ class SilenceWatch:
         if self._asking is not None:
             self._asking.cancel()
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        self._due = at
+        self._timer = loop.call_at(at, self._check)
+
     def _check(self) -> None:
         self._timer = None
         since = self._reading_since
@@ -716,13 +722,19 @@ class SilenceWatch:
             return  # no read waiting: the next one arms the timer again
         loop = asyncio.get_running_loop()
         now = loop.time()
+        limit_s = self.limit_s()
+        look_s = limit_s / _SILENCE_LOOKS
+        paused = paused_s(self._due, now, limit_s)
+        if paused:  # the router did not run (``own_pause``): no silence of the replica's
+            self._window += paused  # and a look again once the stream could hand chunks over
+            self._arm(loop, now + look_s)
+            return
         progress = self._progress()
         if progress != self._seen:  # a sign of life on another call since the last look
             self._seen, self._window = progress, now
-        limit_s = self.limit_s()
         due = self._window + limit_s
         if now < due:
-            self._timer = loop.call_at(min(due, now + limit_s / _SILENCE_LOOKS), self._check)
+            self._arm(loop, min(due, now + look_s))
             return
         if self._may_cut is None:  # silent: asked once whether another tier could take over
             if self._asking is None:
@@ -744,7 +756,7 @@ class SilenceWatch:
             self._may_cut = False
         if self._may_cut and self._timer is None and self._reading_since is not None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time(), self._check)
+            self._arm(loop, loop.time())
 
 
 async def _stalled_after(
@@ -764,14 +776,18 @@ async def _stalled_after(
     if handover_s is None:
         return await call
     task = asyncio.ensure_future(call)
+    loop = asyncio.get_running_loop()
     try:
         while True:
             seen = progress()
+            due = loop.time() + handover_s
             done, _ = await asyncio.wait((task,), timeout=handover_s)
             if done:
                 return task.result()
             if progress() != seen:
                 continue
+            if paused_s(due, loop.time(), handover_s):
+                continue  # the router did not run (``own_pause``): its reports may be unread
             if hand_over is not None and not await hand_over():
                 return await task  # no other replica could take the request: it waits on
             if task.done():
