@@ -363,7 +363,8 @@ class Dispatcher:
                     chat_span.end()
                     raise
                 except CallFailed as exc:
-                    if isinstance(exc, _Stalled):  # its rate is at most what it showed
+                    # its rate is at most what it showed, unless it waited for a slot
+                    if isinstance(exc, _Stalled) and not self.loads.slots_taken(replica):
                         self.loads.stalled(replica, ticket, self._clock())
                     if exc.code == Code.DEADLINE_EXCEEDED:
                         self._left(spec, wanted, replica, ticket)
@@ -618,9 +619,11 @@ class Dispatcher:
 
     def _busy(self, replica: str, opened_at: float, needs_s: float) -> bool:
         """Whether ``replica`` gave a sign of life on its other calls (a first report, a
-        token) since a call opened at ``opened_at``, within the stall window before now."""
+        token) since a call opened at ``opened_at``, within the stall window before now, or
+        its slots are all taken by answers decoding there (``ReplicaStates.slots_taken``: the
+        router reads them only as their callers do)."""
         since = max(opened_at, self._clock() - stalled_after_s(needs_s))
-        return self.loads.progressed_since(replica, since)
+        return self.loads.progressed_since(replica, since) or self.loads.slots_taken(replica)
 
     def _remaining_s(self, deadline: float | None) -> float | None:
         """The time a model call may take now (None: no client deadline)."""

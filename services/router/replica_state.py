@@ -231,6 +231,14 @@ class ReplicaStates:
         state = self._replicas.get(replica)
         return state is not None and state.progress_at > since
 
+    def slots_taken(self, replica: str) -> bool:
+        """Whether every slot of a replica that serves a few requests at a time is taken by a
+        call decoding its answer there (started, not ended): a call sent there waits for one
+        to end, whether or not the router reads those answers meanwhile (a caller reading
+        slowly holds its answer's chunks, and the replica's signs of life with them)."""
+        state = self._replicas.get(replica)
+        return state is not None and state.slots is not None and len(state.decoding) >= state.slots
+
     def failed(self, replica: str, ticket: int) -> None:
         """The call ended before its first report (the replica failed or the caller left)."""
         state = self._get(replica)
