@@ -44,6 +44,7 @@ from services.router.open_calls import OpenCall
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JournalError
 from services.router.prompt_counts import count_prompt
+from services.router.read_ahead import ReadAhead
 from services.router.routing.model import RouterModel
 from services.router.routing.router import LocalEmbedder, Routed, TierRouter
 from services.router.settings import RouterSettings
@@ -481,21 +482,21 @@ class Pipeline:
         retry = len(exclude) < _MAX_REPLICA_RETRIES
         watch = self._dispatch.watch(attempt, exclude) if retry else None
         read = attempt.stream.read if watch is None else partial(watch.read, attempt.stream)
+        # read on the model's time, whatever the caller's pace (``read_ahead``)
+        arrived = partial(self._arrived, attempt, open_call)
+        ahead = ReadAhead(read, request.max_tokens, self._clock, arrived)
         try:
             # the start goes out with the first token: until then a replica that dies leaves
             # nothing sent, and the request can go to another replica
             end_chunk: model_pb2.GenerateEnd | None = None
-            while (chunk := await read()) is not None:
-                # a sign of life: a call waiting behind this answer there is not stalled (a
-                # `progress` chunk is nothing else: a piece of a tool call its replica holds,
-                # or of the model's thinking)
-                if not attempt.cut_before_first_token:  # (its end at the deadline is none)
-                    self.loads.progressed(attempt.replica, self._clock())
+            end_at = 0.0  # when the end came
+            while True:
+                chunk, at = await ahead.read()
+                if chunk is None:
+                    break
                 part = chunk.WhichOneof("part")
                 if part == "text" or part == "block":
                     delta = answer.add(chunk)
-                    # a block's pieces are in the model service's running count already
-                    open_call.produced(_output_text(chunk), after_count=part == "text")
                     if answer.first:
                         ttft = self._clock() - began
                         spans.first_token(root, attempt.chat_span, ttft)
@@ -508,11 +509,10 @@ class Pipeline:
                         yield pb.CompleteChunk(delta=delta)
                 elif part == "progress":
                     answer.progressed(chunk.progress)
-                    open_call.progressed(chunk.progress.output_tokens)
                 elif part == "end":
-                    end_chunk = chunk.end
+                    end_chunk, end_at = chunk.end, at
                     if not end_chunk.interrupted:
-                        decoded = (self._clock(), end_chunk.output_tokens)
+                        decoded = (at, end_chunk.output_tokens)
             if end_chunk is None:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
@@ -522,7 +522,7 @@ class Pipeline:
                 if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
                     outlasted = _answer_outlasted(attempt, end_chunk.output_tokens, reported)
                     raise _cut_unstarted(attempt, outlasted)
-                if self._clock() >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
+                if end_at >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
                     raise _answer_outlasted(attempt, end_chunk.output_tokens, reported)
                 raise ReplicaCut(
                     attempt.replica,
@@ -590,6 +590,7 @@ class Pipeline:
                 "with the same request_id",
             ) from exc
         finally:
+            ahead.close()
             if watch is not None:
                 watch.close()
             if not finished:
@@ -607,14 +608,34 @@ class Pipeline:
                 self._model_call(attempt, ended.usage, seconds, error_type)
             if not finished:
                 # Cancelled or cut after the prefill: bill what the provider would bill (the
-                # prompt and the tokens produced so far; to the outbox if prefix-cache is
-                # down), never store. Its span and GenAI metrics wait for that bill.
+                # prompt and the tokens produced so far, those its caller did not take too;
+                # to the outbox if prefix-cache is down), never store. Its span and GenAI
+                # metrics wait for that bill.
+                for left in ahead.left():
+                    _untaken(answer, left)
                 billed = self._bill_partial(
                     tenant, request, attempt, answer, baseline, warm_call, charge, window, open_call
                 )
                 self._trace_bill(attempt, request, billed, seconds, error_type, unanswered)
                 if bills is not None:
                     bills.append(billed)
+
+    def _arrived(
+        self, attempt: Attempt, open_call: OpenCall, chunk: model_pb2.GenerateChunk, at: float
+    ) -> None:
+        """A chunk of ``attempt``'s answer came (``ReadAhead``), whenever its caller takes it:
+        journalled as produced (a router killed meanwhile bills it), and a sign of life, so a
+        call waiting behind this answer there is not stalled (a `progress` chunk is nothing
+        else: a piece of a tool call its replica holds, or of the model's thinking); the end
+        at the deadline of a call cut before its first token is none."""
+        part = chunk.WhichOneof("part")
+        if part == "text" or part == "block":
+            # a block's pieces are in the model service's running count already
+            open_call.produced(_output_text(chunk), after_count=part == "text")
+        elif part == "progress":
+            open_call.progressed(chunk.progress.output_tokens)
+        if not attempt.cut_before_first_token:
+            self.loads.progressed(attempt.replica, at)
 
     def _refuse_if_outbox_full(self) -> None:
         """No model call while the billing outbox in memory is over its bound: its answer
@@ -1203,6 +1224,16 @@ def _reported_output(usage: prefix_cache_pb2.ProviderUsage) -> int:
     if usage.WhichOneof("report") == "anthropic":
         return usage.anthropic.output_tokens
     return usage.openai.completion_tokens
+
+
+def _untaken(answer: Answer, chunk: model_pb2.GenerateChunk) -> None:
+    """A chunk the model produced that the caller did not take (it left, or the answer was
+    cut meanwhile): in the answer's count, for its bill."""
+    part = chunk.WhichOneof("part")
+    if part == "text" or part == "block":
+        answer.add(chunk)
+    elif part == "progress":
+        answer.progressed(chunk.progress)
 
 
 def _output_text(chunk: model_pb2.GenerateChunk) -> str:
