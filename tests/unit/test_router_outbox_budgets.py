@@ -255,14 +255,14 @@ async def test_an_entry_journalled_without_its_estimate_corrects_nothing(
     journal.close()
 
 
-async def test_an_answer_refused_once_its_bill_was_written_counts_its_estimate(
+async def test_an_answer_served_once_its_bill_was_written_counts_its_estimate(
     tmp_path: Path, store: LimitStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """prefix-cache down and the journal's fsync failing: the answer's bill is written to the
-    journal but not known durable, so the answer is refused (UNAVAILABLE), yet the entry stays
-    and is billed once prefix-cache is back. Its estimate must count as a call billed without
-    its answer does, so that the replay's correction lands on it: before, nothing was counted
-    and the correction took the month's spend below zero (billed 501,000, spend -3,888,000)."""
+    journal but not known durable; the answer is served (its caller pays for it) and the entry
+    is billed once prefix-cache is back. Its estimate must count, so that the replay's
+    correction lands on it: before, nothing was counted and the correction took the month's
+    spend below zero (billed 501,000, spend -3,888,000)."""
     outage = await _outage(store, Journal(tmp_path), BEFORE_MIDNIGHT_MS - 3_600_000)
     request, ticket = await outage.admitted("r-next")
     request.cache.ClearField("semantic")  # L1 on: a model answer would be cached
@@ -273,15 +273,13 @@ async def test_an_answer_refused_once_its_bill_was_written_counts_its_estimate(
     pipeline = outage.rig.pipeline()
     with monkeypatch.context() as patched:
         patched.setattr("services.router.outbox_journal.os.fsync", failing_fsync)
-        with pytest.raises(RequestError) as refused:
-            run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
-            [chunk async for chunk in run]
-        assert refused.value.code is Code.UNAVAILABLE
-        await pipeline.drain()  # what runs past the request: its bill without an answer
-    outage.limiter.settle(ticket, None)  # the servicer's, for a request with no answer
+        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
+        end = [chunk async for chunk in run][-1].end
+        assert end.cost.estimated
+        await pipeline.drain()
+    outage.limiter.settle(ticket, end)
     await outage.limiter.drain()
     assert outage.outbox.pending == 1  # written, so billed later, and kept once
-    assert outage.rig.semantic.stores == []  # a refused answer is not cached
     month = Periods.at(outage.clock.now_ms()).month
 
     outage.clock.advance(s=60)
@@ -623,9 +621,9 @@ class HungFinalPort(DownPort):
 async def test_an_answer_whose_bill_could_not_be_written_is_billed_once_as_produced(
     tmp_path: Path, store: LimitStore
 ) -> None:
-    """The answer's FINAL times out and the outbox cannot write its bill (disk full): the answer
-    is refused (UNAVAILABLE) and billed as a call that ended without it, whose bill goes to the
-    outbox once the disk has room again. Before, the call's open call (journalled as it started,
+    """The answer's FINAL times out and the outbox cannot write its bill (disk full): the bill
+    is held in memory and the answer served (its caller pays for it), billed once as
+    produced. Before, the call's open call (journalled as it started,
     with the output tokens then: none) was left to the replay beside that second entry: the
     replay billed the call at the open call's 0 output tokens and counted it, and the second
     entry, a repeat, kept its estimate counted as well (the spend the estimate plus the bill)."""
@@ -635,12 +633,11 @@ async def test_an_answer_whose_bill_could_not_be_written_is_billed_once_as_produ
     rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models, wall=outage.clock)  # type: ignore[arg-type]
     request, ticket = await outage.admitted("r-next")
     pipeline = rig.pipeline()
-    with pytest.raises(RequestError) as refused:
-        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
-        [chunk async for chunk in run]
-    assert refused.value.code is Code.UNAVAILABLE
-    await pipeline.drain()  # its bill without an answer: kept
-    outage.limiter.settle(ticket, None)  # the servicer's, for a request with no answer
+    run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
+    end = [chunk async for chunk in run][-1].end
+    assert end.cost.estimated
+    await pipeline.drain()
+    outage.limiter.settle(ticket, end)
     await outage.limiter.drain()
     month = Periods.at(outage.clock.now_ms()).month
 
@@ -688,7 +685,7 @@ async def test_a_call_whose_bill_was_made_after_its_keep_failed_is_not_replayed(
     tmp_path: Path, store: LimitStore
 ) -> None:
     """The answer's FINAL is refused (prefix-cache restarting) and the outbox cannot write its
-    bill (disk full): the answer is refused and its bill held in memory (its estimate counted),
+    bill (disk full): the answer is served and its bill held in memory (its estimate counted),
     which the replay bills once, the budgets corrected to that bill; the call's open call is
     the same entry, not replayed beside it (its reply, a repeat, would count it again now that
     a repeat of an entry this process kept is a first reply lost)."""
@@ -698,11 +695,11 @@ async def test_a_call_whose_bill_was_made_after_its_keep_failed_is_not_replayed(
     rig = Rig(prefix=port, outbox=outbox, models=outage.rig.models, wall=outage.clock)  # type: ignore[arg-type]
     request, ticket = await outage.admitted("r-next")
     pipeline = rig.pipeline()
-    with pytest.raises(RequestError):
-        run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
-        [chunk async for chunk in run]
-    await pipeline.drain()  # its bill without an answer: the one held
-    outage.limiter.settle(ticket, None)
+    run = pipeline.run(TENANT, request, charge=partial(outage.limiter.charge, ticket))
+    end = [chunk async for chunk in run][-1].end
+    assert end.cost.estimated
+    await pipeline.drain()  # the bill held
+    outage.limiter.settle(ticket, end)
     await outage.limiter.drain()
     before = await outage.billed()
 
