@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.tokens import Tokenizer
 
 Section = Literal["tools", "system", "messages"]
+# What a block is: a tool definition, text, a tool call or a tool result. Anthropic's lookback
+# counts a run of consecutive tool_use (or tool_result) blocks as one position.
+BlockKind = Literal["tool", "text", "tool_use", "tool_result"]
 TTL_5M = "5m"
 TTL_1H = "1h"
 
@@ -30,6 +33,7 @@ class Block:
     token_ids: tuple[int, ...]
     breakpoint: str | None  # "5m" | "1h" when the block carries cache_control
     digest: str  # hex sha256 chained over every block up to and including this one
+    kind: BlockKind = "text"
 
     @property
     def tokens(self) -> int:
@@ -56,29 +60,42 @@ def block_text(block: pb.ContentBlock) -> str:
     return ""
 
 
-def _parts(request: pb.CompleteRequest) -> list[tuple[Section, str, str | None]]:
-    parts: list[tuple[Section, str, str | None]] = []
+class _Part(NamedTuple):
+    section: Section
+    text: str
+    ttl: str | None
+    kind: BlockKind
+
+
+def _kind(block: pb.ContentBlock) -> BlockKind:
+    kind = block.WhichOneof("kind")
+    if kind == "tool_use" or kind == "tool_result":
+        return kind
+    return "text"
+
+
+def _parts(request: pb.CompleteRequest) -> list[_Part]:
+    parts: list[_Part] = []
     for tool in request.tools:
         text = f"<tool name={tool.name}>\n{tool.description}\n{tool.input_schema_json}\n</tool>\n"
-        parts.append(
-            ("tools", text, breakpoint_ttl(tool.HasField("cache_control"), tool.cache_control.ttl))
-        )
+        ttl = breakpoint_ttl(tool.HasField("cache_control"), tool.cache_control.ttl)
+        parts.append(_Part("tools", text, ttl, "tool"))
     for block in request.system:
         ttl = breakpoint_ttl(block.HasField("cache_control"), block.cache_control.ttl)
-        parts.append(("system", block_text(block) + "\n", ttl))
+        parts.append(_Part("system", block_text(block) + "\n", ttl, _kind(block)))
     for message in request.messages:
         role = _ROLE.get(message.role, "unknown")
         for i, block in enumerate(message.content):
             header = f"\n\n{role}: " if i == 0 else "\n"
             ttl = breakpoint_ttl(block.HasField("cache_control"), block.cache_control.ttl)
-            parts.append(("messages", header + block_text(block), ttl))
+            parts.append(_Part("messages", header + block_text(block), ttl, _kind(block)))
     return parts
 
 
 def canonical_blocks(request: pb.CompleteRequest, tokenizer: Tokenizer) -> list[Block]:
     blocks: list[Block] = []
     chain = hashlib.sha256(b"cachemesh.prompt.v1").hexdigest()
-    for index, (section, text, ttl) in enumerate(_parts(request)):
+    for index, (section, text, ttl, kind) in enumerate(_parts(request)):
         chain = hashlib.sha256(f"{chain}\x00{section}\x00{text}".encode()).hexdigest()
         blocks.append(
             Block(
@@ -88,6 +105,7 @@ def canonical_blocks(request: pb.CompleteRequest, tokenizer: Tokenizer) -> list[
                 token_ids=tokenizer.encode(text),
                 breakpoint=ttl,
                 digest=chain,
+                kind=kind,
             )
         )
     return blocks
@@ -99,13 +117,13 @@ def prompt_tokens(request: pb.CompleteRequest, tokenizer: Tokenizer) -> int:
     Equal to ``sum(b.tokens for b in canonical_blocks(request, tokenizer))``: what an L1 hit
     needs for its baseline price, so a hit costs no PrefixCache.Plan call.
     """
-    return sum(tokenizer.count(text) for _, text, _ in _parts(request))
+    return sum(tokenizer.count(part.text) for part in _parts(request))
 
 
 def prompt_chars(request: pb.CompleteRequest) -> int:
     """The characters of the canonical prompt: what ``prompt_tokens`` would tokenize, read
     without tokenizing (a cost in proportion to it, without the tokenizer's)."""
-    return sum(len(text) for _, text, _ in _parts(request))
+    return sum(len(part.text) for part in _parts(request))
 
 
 def prompt_digest(blocks: list[Block]) -> str:

@@ -6,7 +6,10 @@ Source: https://docs.claude.com/en/docs/build-with-claude/prompt-caching
 - A prefix shorter than the model's minimum cacheable length is processed without caching.
 - At each breakpoint the system also checks for hits at earlier block boundaries: the lookback
   checks 20 block positions, the breakpoint itself included (a breakpoint on block 30 checks
-  blocks 30 down to 11); the longest warm prefix is read.
+  blocks 30 down to 11); the longest warm prefix is read. A run of consecutive ``tool_use``
+  blocks counts as one position, and so does a run of consecutive ``tool_result`` blocks (each
+  of the run's blocks is checked): a turn of many parallel tool calls does not push the
+  previous request's entry out of the window on its own.
 - 1-hour and 5-minute entries may be mixed, but 1-hour entries must come before 5-minute ones;
   billing goes by position: reads, then 1-hour writes, then 5-minute writes, then input.
 - The prefix is cached once the response begins; each read refreshes the entry's lifetime.
@@ -27,6 +30,7 @@ from services.common.models import ModelSpec
 from services.common.prompt import TTL_1H, Block
 
 MAX_BREAKPOINTS = 4
+_RUN_KINDS = ("tool_use", "tool_result")  # a run of consecutive blocks of one is one position
 TTL_MS = {"5m": 300_000, TTL_1H: 3_600_000}
 
 
@@ -116,14 +120,28 @@ def check_breakpoints(blocks: Sequence[Block], sites: Sequence[Site]) -> None:
             seen_5m = sites[i].field
 
 
+def lookback_positions(blocks: Sequence[Block]) -> list[int]:
+    """Each block's lookback position (0-based): every block is a position of its own, except
+    that a run of consecutive tool_use blocks shares one, and so does a run of tool_result."""
+    positions: list[int] = []
+    position = -1
+    for i, block in enumerate(blocks):
+        if i == 0 or block.kind not in _RUN_KINDS or blocks[i - 1].kind != block.kind:
+            position += 1
+        positions.append(position)
+    return positions
+
+
 def plan_prompt(
     blocks: Sequence[Block], sites: Sequence[Site], spec: ModelSpec, lookback: int
 ) -> PromptPlan:
     """The probes and writes of a prompt under ``spec``'s caching rules. ``lookback``: the
-    block positions checked at each breakpoint, the breakpoint included (>= 1)."""
+    block positions (``lookback_positions``) checked at each breakpoint, the breakpoint's
+    included (>= 1)."""
     if lookback < 1:
         raise ValueError(f"lookback must be >= 1 (the breakpoint itself), got {lookback}")
     check_breakpoints(blocks, sites)
+    positions = lookback_positions(blocks)
     ends: list[int] = []
     total = 0
     for block in blocks:
@@ -140,9 +158,11 @@ def plan_prompt(
         cached_end = ends[i]
         if block.breakpoint == TTL_1H:
             end_1h = ends[i]
-        for j in range(i, max(-1, i - lookback), -1):  # the breakpoint, then earlier ones
+        j = i  # the breakpoint, then earlier blocks while their position is in the window
+        while j >= 0 and positions[i] - positions[j] < lookback:
             if ends[j] >= spec.min_cacheable_tokens:
                 probes.setdefault(blocks[j].digest, Probe(blocks[j].digest, ends[j]))
+            j -= 1
     ordered = tuple(sorted(probes.values(), key=lambda p: p.tokens))
     return PromptPlan(total, ordered, tuple(writes), cached_end, end_1h)
 
