@@ -89,31 +89,49 @@ def parse_request(
 
 def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> None:
     """Automatic caching (a top-level ``cache_control``): the breakpoint goes on the request's
-    last cacheable block (tools, system, messages in that order), as the API places it; a
-    block marked already keeps one breakpoint, the longer-lived."""
-    last: pb.ContentBlock | pb.Tool | None = None
-    for message in reversed(request.messages):
-        if message.content:
-            last = message.content[-1]
-            break
-    else:
-        if request.system:
-            last = request.system[-1]
-        elif request.tools:
-            last = request.tools[-1]
+    last cacheable block (tools, system, messages in that order), as the API places it. A block
+    marked already with the same TTL keeps its one breakpoint (a no-op); with another TTL the
+    request is refused, as the API refuses it (prompt caching docs, automatic caching, edge
+    cases: "the API returns a 400 error")."""
+    last, where = _last_block(request)
     if last is None:
         return
-    kept = last.cache_control if last.HasField("cache_control") else None
-    if kept is None and len(breakpoints(request)) >= MAX_BREAKPOINTS:
+    if last.HasField("cache_control"):
+        kept = _ttl_name(last.cache_control)
+        if kept != _ttl_name(control):
+            raise invalid(
+                f"cache_control: automatic caching puts a {_ttl_name(control)!r} breakpoint on "
+                f"the request's last block, which has its own of another TTL "
+                f"({where}.cache_control: {kept!r}); the API refuses the two: give them the "
+                "same ttl, or remove one of them",
+                "cache_control",
+            )
+        return
+    if len(breakpoints(request)) >= MAX_BREAKPOINTS:
         raise invalid(
             f"cache_control: automatic caching puts a breakpoint on the request's last block, "
             f"and its blocks already hold {MAX_BREAKPOINTS} (the most a request may have): "
             "remove one of them, or the top-level cache_control",
             "cache_control",
         )
-    marked = longest(kept, control)
-    assert marked is not None
-    last.cache_control.CopyFrom(marked)
+    last.cache_control.CopyFrom(control)
+
+
+def _last_block(request: pb.CompleteRequest) -> tuple[pb.ContentBlock | pb.Tool | None, str]:
+    """The request's last cacheable block and its field (tools, system, messages order)."""
+    for m in range(len(request.messages) - 1, -1, -1):
+        content = request.messages[m].content
+        if content:
+            return content[-1], f"messages.{m}.content.{len(content) - 1}"
+    if request.system:
+        return request.system[-1], f"system.{len(request.system) - 1}"
+    if request.tools:
+        return request.tools[-1], f"tools.{len(request.tools) - 1}"
+    return None, ""
+
+
+def _ttl_name(control: pb.CacheControl) -> str:
+    return "1h" if control.ttl == pb.CACHE_TTL_1H else "5m"
 
 
 def _int32(value: int, where: str) -> int:

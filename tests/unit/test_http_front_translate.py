@@ -591,14 +591,40 @@ def test_a_top_level_cache_control_marks_the_requests_last_block() -> None:
         _anthropic(cache_control={"type": "ephemeral", "ttl": "1h"})
     )
     assert hour.messages[0].content[0].cache_control.ttl == pb.CACHE_TTL_1H
-    # the last block already marked keeps one breakpoint, the longer-lived of the two
-    both, _ = anthropic_api.parse_request(
-        _anthropic(
-            messages=[{"role": "user", "content": [MARKED_Q]}],
-            cache_control={"type": "ephemeral", "ttl": "1h"},
-        )
+    # the last block already marked with the same TTL: automatic caching is a no-op
+    cases: tuple[tuple[dict[str, str], dict[str, str], int], ...] = (
+        ({}, {"ttl": "5m"}, pb.CACHE_TTL_UNSPECIFIED),
+        ({"ttl": "1h"}, {"ttl": "1h"}, pb.CACHE_TTL_1H),
     )
-    assert both.messages[0].content[0].cache_control.ttl == pb.CACHE_TTL_1H
+    for explicit, top, kept in cases:
+        marked_q = {**MARKED_Q, "cache_control": {"type": "ephemeral", **explicit}}
+        same, _ = anthropic_api.parse_request(
+            _anthropic(
+                messages=[{"role": "user", "content": [marked_q]}],
+                cache_control={"type": "ephemeral", **top},
+            )
+        )
+        assert same.messages[0].content[0].cache_control.ttl == kept
+
+
+@pytest.mark.parametrize(("explicit", "top"), [("5m", "1h"), ("1h", "5m")])
+def test_automatic_caching_over_an_explicit_breakpoint_of_another_ttl_is_refused(
+    explicit: str, top: str
+) -> None:
+    """The docs (automatic caching, edge cases): "If the last block has an explicit
+    cache_control with a different TTL, the API returns a 400 error." It was served, billed as
+    the longer TTL, where the provider bills nothing."""
+    marked_q = {**MARKED_Q, "cache_control": {"type": "ephemeral", "ttl": explicit}}
+    body = _anthropic(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, marked_q]}],
+        cache_control={"type": "ephemeral", "ttl": top},
+    )
+    with pytest.raises(ApiError) as raised:
+        anthropic_api.parse_request(body)
+    error = raised.value
+    assert error.kind == "invalid_request" and error.param == "cache_control"
+    assert "messages.0.content.1.cache_control" in error.message
+    assert f"'{explicit}'" in error.message and f"'{top}'" in error.message
 
 
 @pytest.mark.parametrize(
