@@ -234,8 +234,9 @@ def _block(raw: object, path: str) -> pb.ContentBlock:
         parts = _result_parts(obj)
         block.tool_result.content = "\n".join(part.text for part in parts)
         block.tool_result.is_error = bool(obj.flag("is_error"))
-        # the Gateway's tool result is one text: a breakpoint on one of its parts marks the
-        # prefix through the whole result
+        # the Gateway's tool result is one text: a breakpoint on its last part marks the
+        # prefix through the whole result; one on an earlier part cannot be kept where it is
+        _only_last_part_marked(obj, parts)
         nested = parts_controls(parts)
     else:
         raise invalid(
@@ -260,6 +261,23 @@ def _result_parts(obj: Obj) -> list[pb.ContentBlock]:
             raise invalid(f"{obj.at('content')}.{i}: a tool result holds text blocks")
         parts.append(part)
     return parts
+
+
+def _only_last_part_marked(obj: Obj, parts: list[pb.ContentBlock]) -> None:
+    """Anthropic caches the prefix through a marked part of a tool result's content and counts
+    each marked part as a breakpoint; cachemesh holds a tool result as one text, so a
+    breakpoint on a part before its last would move to the result's end: refused."""
+    for i, part in enumerate(parts[:-1]):
+        if part.HasField("cache_control"):
+            where = f"{obj.at('content')}.{i}"
+            last = f"{obj.at('content')}.{len(parts) - 1}"
+            raise invalid(
+                f"{where}.cache_control: cachemesh holds a tool result as one text, so a "
+                "breakpoint inside it must be on its last part (it caches the prefix through "
+                f"the whole result); move it to {last}, or onto the tool_result itself, or "
+                "join the parts it should cover into one",
+                where,
+            )
 
 
 def parts_controls(parts: list[pb.ContentBlock]) -> list[pb.CacheControl]:

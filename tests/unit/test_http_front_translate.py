@@ -503,34 +503,39 @@ def test_tool_call_arguments_the_gateway_cannot_hold_are_refused_naming_them(
     assert refused.value.kind == "invalid_request" and says in refused.value.message
 
 
+def _tool_results(*results: dict[str, Any]) -> list[dict[str, Any]]:
+    use = {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+    return [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": list(results)},
+    ]
+
+
 def test_a_breakpoint_inside_a_tool_results_parts_marks_the_tool_result() -> None:
-    """The Gateway's tool result is one text: a ``cache_control`` on one of its parts (valid in
-    both APIs) becomes the tool result's own breakpoint, the longest TTL of them, not lost."""
+    """The Gateway's tool result is one text: a ``cache_control`` on its last part (valid in
+    both APIs) becomes the tool result's own breakpoint, not lost."""
     five, hour = {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}
     parts = [
         {"type": "text", "text": "a", "cache_control": five},
         {"type": "text", "text": "b", "cache_control": hour},
     ]
-    use = {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
     request, _ = anthropic_api.parse_request(
         _anthropic(
-            messages=[
-                {"role": "user", "content": "q"},
-                {"role": "assistant", "content": [use]},
+            messages=_tool_results(
+                {"type": "tool_result", "tool_use_id": "t1", "content": parts[:1]},
                 {
-                    "role": "user",
-                    "content": [
-                        {"type": "tool_result", "tool_use_id": "t1", "content": parts[:1]},
-                        {"type": "tool_result", "tool_use_id": "t2", "content": parts},
-                        {"type": "tool_result", "tool_use_id": "t3", "content": "plain"},
-                    ],
+                    "type": "tool_result",
+                    "tool_use_id": "t2",
+                    "content": [{"type": "text", "text": "a"}, parts[1]],
                 },
-            ]
+                {"type": "tool_result", "tool_use_id": "t3", "content": "plain"},
+            )
         )
     )
-    first, both, plain = request.messages[2].content
+    first, last, plain = request.messages[2].content
     assert first.HasField("cache_control") and first.cache_control.ttl == pb.CACHE_TTL_UNSPECIFIED
-    assert both.cache_control.ttl == pb.CACHE_TTL_1H and both.tool_result.content == "a\nb"
+    assert last.cache_control.ttl == pb.CACHE_TTL_1H and last.tool_result.content == "a\nb"
     assert not plain.HasField("cache_control")
     request, _, _ = openai_api.parse_request(
         {
@@ -550,6 +555,25 @@ def test_a_breakpoint_inside_a_tool_results_parts_marks_the_tool_result() -> Non
     )
     (result,) = request.messages[2].content
     assert result.cache_control.ttl == pb.CACHE_TTL_1H and result.tool_result.content == "ab"
+
+
+@pytest.mark.parametrize("marks", [(0,), (0, 1)])
+def test_a_breakpoint_on_a_tool_results_part_before_its_last_is_refused(
+    marks: tuple[int, ...],
+) -> None:
+    """Anthropic caches the prefix through a marked part, and counts each marked part as a
+    breakpoint; the Gateway holds a tool result as one text, so such a breakpoint was moved to
+    the end of the result (writing the parts after it) and several counted as one."""
+    parts: list[dict[str, Any]] = [{"type": "text", "text": t} for t in ("doc", "tail")]
+    for i in marks:
+        parts[i]["cache_control"] = {"type": "ephemeral"}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": parts}
+    with pytest.raises(ApiError) as raised:
+        anthropic_api.parse_request(_anthropic(messages=_tool_results(result)))
+    error = raised.value
+    assert error.kind == "invalid_request" and error.param == "messages.2.content.0.content.0"
+    assert "messages.2.content.0.content.0.cache_control" in error.message
+    assert "last part" in error.message
 
 
 def test_the_messages_api_takes_anthropics_temperature_range_the_chat_api_openais() -> None:
