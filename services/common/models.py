@@ -53,6 +53,8 @@ _RULE_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 KV_BLOCK_TOKENS = 16  # the simulated engine's and vLLM's default block size
+# OpenAI's extended prompt cache retention ("24h"): "up to a maximum of 24 hours"
+EXTENDED_RETENTION_S = 86_400
 # The cache prices a row may have, each needing its long-context rate when the row has one.
 _CACHE_RATES = ("cache_write_5m_nanos", "cache_write_1h_nanos", "cache_read_nanos")
 # The dearest price a token may have: 10M nano-dollars ($10,000 a million tokens; the dearest
@@ -129,6 +131,12 @@ class ModelSpec(BaseModel):
     min_cacheable_tokens: int = Field(default=0, ge=0)
     cache_increment_tokens: int = Field(default=0, ge=0)  # openai: hits in these increments
     idle_retention_s: int = Field(default=0, ge=0)  # openai: an unused prefix lives this long
+    # openai: the retention policy sent as `prompt_cache_retention` (None: the field is not
+    # sent, for models without the choice). "in_memory" keeps idle_retention_s; "24h" (extended
+    # retention) keeps an unused prefix EXTENDED_RETENTION_S. A model that has the choice may
+    # default to "24h" (OpenAI: for organisations without Zero Data Retention), so its row names
+    # its policy: the provider then keeps the prefix as long as prefix-cache predicts.
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     kv_block_tokens: int = Field(default=0, ge=0)  # self_hosted: full blocks only
     # the rates of a prompt over a length (OpenAI's GPT-5.4 over 272K input tokens); None: one
     # price at any length
@@ -165,6 +173,11 @@ class ModelSpec(BaseModel):
         if extra:
             raise ValueError(
                 f"models.{self.id}: rules {self.rules!r} do not use {', '.join(extra)}"
+            )
+        if self.prompt_cache_retention is not None and self.rules != "openai":
+            raise ValueError(
+                f"models.{self.id}: prompt_cache_retention is OpenAI's; rules "
+                f"{self.rules!r} do not use it, remove it"
             )
         if self.rules == "openai" and self.cache_increment_tokens <= 0:
             raise ValueError(f"models.{self.id}: cache_increment_tokens must be > 0")
@@ -228,6 +241,13 @@ class ModelSpec(BaseModel):
     @property
     def upstream(self) -> str:
         return self.upstream_id or self.id
+
+    @property
+    def cache_lifetime_s(self) -> int:
+        """openai: how long an unused prefix is kept, under the row's retention policy."""
+        if self.prompt_cache_retention == "24h":
+            return EXTENDED_RETENTION_S
+        return self.idle_retention_s
 
     @property
     def min_prefix_hit_tokens(self) -> int:

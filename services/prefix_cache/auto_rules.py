@@ -6,8 +6,10 @@ OpenAI (https://platform.openai.com/docs/guides/prompt-caching):
 - a hit is the longest previously seen exact prefix, counted in increments of 128 tokens
   (``cache_increment_tokens``): 1024, 1152, 1280, ... (a 2006-token prompt reads at most 1920);
 - cached input is billed at the model's discounted price; there is no write premium;
-- an unused prefix is kept ``idle_retention_s`` (documented: 5-10 minutes of inactivity), and
-  each use refreshes it;
+- an unused prefix is kept ``cache_lifetime_s``: ``idle_retention_s`` under in-memory retention
+  (documented: "typically ... within 5 to 10 minutes of inactivity", modelled as the row's
+  300 s), 24 hours under extended retention (a row's ``prompt_cache_retention = "24h"``, which
+  the OpenAI adapter sends); each use refreshes it;
 - ``prompt_cache_key`` takes part in the routing to a cache: requests with different keys do
   not share a cache (the key is part of the scope, see ``scope_for``).
 
@@ -47,7 +49,7 @@ def openai_boundaries(prompt_tokens: int, spec: ModelSpec) -> list[int]:
 
 def plan_openai(token_ids: Sequence[int], spec: ModelSpec) -> PromptPlan:
     bounds = openai_boundaries(len(token_ids), spec)
-    ttl_ms = spec.idle_retention_s * 1000
+    ttl_ms = spec.cache_lifetime_s * 1000
     probes: list[Probe] = []
     digest = hashlib.sha256(_OPENAI_ROOT).digest()
     start = 0

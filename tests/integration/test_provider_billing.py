@@ -296,6 +296,7 @@ def test_openai_agent_turn_sends_the_documented_body_streams_and_bills_the_repor
         ],
         "max_completion_tokens": 256,
         "prompt_cache_key": "agent-weather-v1",
+        "prompt_cache_retention": "in_memory",  # the row's policy, not OpenAI's default
         "stream": True,
         "stream_options": {"include_usage": True},
     }

@@ -6,13 +6,15 @@ one system message, tools become functions, an assistant's ``tool_use`` blocks i
 ``tool_calls``, a user's ``tool_result`` blocks ``tool`` messages (placed right after the
 assistant turn that called them, as the API requires; a ``tool`` message has no error flag, so
 a result with ``is_error`` is sent as ``TOOL_ERROR_PREFIX`` + its content);
-``prompt_cache_key`` is passed through, the output limit goes in the model's own parameter
-(``max_completion_tokens`` for OpenAI's current models), and ``stream_options.include_usage``
-asks for the usage chunk that ends the stream before ``[DONE]`` (its cache reads are
-``prompt_tokens_details.cached_tokens``, or DeepSeek's ``prompt_cache_hit_tokens``). Cache
-breakpoints have no meaning here (OpenAI caches automatically) and are not sent. A reasoning
-model's thinking, which an engine streams apart from the answer (``reasoning_of``), goes on
-only as ``progress`` chunks, as a tool call's pieces do until the call is whole.
+``prompt_cache_key`` is passed through, a row's ``prompt_cache_retention`` is sent (so OpenAI
+keeps a prefix as long as prefix-cache predicts, not its own default), the output limit goes in
+the model's own parameter (``max_completion_tokens`` for OpenAI's current models), and
+``stream_options.include_usage`` asks for the usage chunk that ends the stream before
+``[DONE]`` (its cache reads are ``prompt_tokens_details.cached_tokens``, or DeepSeek's
+``prompt_cache_hit_tokens``). Cache breakpoints have no meaning here (OpenAI caches
+automatically) and are not sent. A reasoning model's thinking, which an engine streams apart
+from the answer (``reasoning_of``), goes on only as ``progress`` chunks, as a tool call's
+pieces do until the call is whole.
 https://platform.openai.com/docs/api-reference/chat/create
 """
 
@@ -132,6 +134,8 @@ def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
         params["temperature"] = request.temperature
     if request.cache.prompt_cache_key:
         params["prompt_cache_key"] = request.cache.prompt_cache_key
+    if spec.prompt_cache_retention is not None:
+        params["prompt_cache_retention"] = spec.prompt_cache_retention
     return params
 
 
