@@ -8,9 +8,6 @@ docker-compose fails the test: the compose file is never left unchecked.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,70 +15,18 @@ from typing import Any
 import pytest
 import yaml
 
-from cachemesh.envfile import read_env_file
-from services.tools.keys import StackKeys, ensure_keys
 from services.tools.stack.environment import port_of
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.ports import relocate
 from services.tools.stack.service_table import SERVICES, ServiceDef
+from tests.unit.compose_config import ROOT, Resolved, resolve
 
-ROOT = Path(__file__).resolve().parents[2]
 JAEGER_OTLP = "http://jaeger:4317"
-
-
-class Resolved:
-    def __init__(self, config: dict[str, Any], work: Path, keys: StackKeys) -> None:
-        self.config, self.work, self.keys = config, work, keys
-        self.dotenv = read_env_file(work / ".env")
-
-    def service(self, name: str) -> dict[str, Any]:
-        services: dict[str, dict[str, Any]] = self.config["services"]
-        return services[name]
-
-    def port(self, spec: ServiceDef) -> int:
-        return port_of(self.dotenv[spec.listen_var])
-
-    def metrics_port(self, spec: ServiceDef) -> int:
-        return port_of(self.dotenv[spec.metrics_var])
-
-    def mounts(self, name: str) -> dict[str, Path]:
-        """Container path -> the file or folder of this repository mounted there."""
-        found: dict[str, Path] = {}
-        for volume in self.service(name).get("volumes", []):
-            source, _, rest = volume.partition(":")
-            if source.startswith(str(self.work)):
-                found[rest.split(":")[0]] = ROOT / Path(source).relative_to(self.work)
-        return found
-
-
-def _resolve(work: Path, dotenv_extra: str = "") -> Resolved:
-    """``docker-compose config`` on a copy of the compose file and ``.env`` (with
-    ``dotenv_extra`` appended) in ``work``, so this install's .run/ is untouched."""
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.fail(
-            "docker-compose is not installed, so docker-compose.yml cannot be validated: "
-            "run `make test-deps` (apt-get install docker-compose)"
-        )
-    shutil.copy(ROOT / "docker-compose.yml", work)
-    (work / ".env").write_text((ROOT / ".env").read_text() + dotenv_extra)
-    keys = ensure_keys(work / ".run")
-    result = subprocess.run(
-        [exe, "--project-directory", str(work), "-f", str(work / "docker-compose.yml"), "config"],
-        cwd=work,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
-    return Resolved(yaml.safe_load(result.stdout), work, keys)
 
 
 @pytest.fixture(scope="module")
 def resolved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Resolved]:
-    yield _resolve(tmp_path_factory.mktemp("compose"))
+    yield resolve(tmp_path_factory.mktemp("compose"))
 
 
 # The README's "Real models" settings for Anthropic, put in .env (which compose reads too)
@@ -100,7 +45,7 @@ def test_compose_serves_the_simulator_whatever_dotenv_says_of_models(tmp_path: P
     # With the Anthropic settings in .env, model-2 kept MODEL_IDS=sim-large under
     # MODEL_BACKEND=anthropic (exit, restart, forever) and the router routed `auto` to models
     # no replica of its MODEL_REPLICAS serves: compose runs the simulator only, wired together.
-    resolved = _resolve(tmp_path, ANTHROPIC_DOTENV)
+    resolved = resolve(tmp_path, ANTHROPIC_DOTENV)
     ids = {"model": "sim-small,sim-large", "model-2": "sim-large"}
     for name, served in ids.items():
         env = resolved.service(name)["environment"]
@@ -158,7 +103,8 @@ def test_compose_redis_requires_the_password_only_the_services_using_it_hold(
     # the password into the config on stdin, never onto the command line (ps shows argv)
     assert script.startswith("exec docker-entrypoint.sh redis-server - ")
     assert "<<EOF\nrequirepass $REDISCLI_AUTH\nEOF" in script and password not in script
-    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]  # REDISCLI_AUTH
+    # REDISCLI_AUTH; PONG only with the password (test_compose_healthchecks.py runs it)
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -qx PONG"]
     urls = {
         "prefix-cache": {"PREFIX_CACHE_REDIS_URL": 0},
         "router": {"ROUTER_LIMITS_REDIS_URL": 1, "ROUTER_ANSWERS_REDIS_URL": 2},
@@ -283,8 +229,8 @@ def test_healthcheck_probes_readiness_on_the_plaintext_metrics_port(
     # plaintext probe there says UNREACHABLE and what depends on the service never starts
     test = resolved.service(spec.name)["healthcheck"]["test"]
     port = port_of(resolved.service(spec.name)["environment"][spec.metrics_var])
-    probe = ["python", "-m", "services.tools.stack", "probe", f"127.0.0.1:{port}", "--http"]
-    assert test == ["CMD", *probe]  # GET /readyz
+    # GET /readyz (tests/unit/test_compose_healthchecks.py runs it)
+    assert test == ["CMD", "python", "-m", "services.tools.readyz", f"127.0.0.1:{port}"]
 
 
 @pytest.mark.parametrize("spec", SERVICES, ids=lambda s: s.name)

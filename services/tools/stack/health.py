@@ -5,16 +5,15 @@ PING for the stack's Redis."""
 
 from __future__ import annotations
 
-import http.client
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.tools.readyz import SERVING, UNREACHABLE, probe_http
 from services.tools.stack.redis_process import probe_redis
 
-SERVING = "SERVING"
-UNREACHABLE = "UNREACHABLE"
+__all__ = ["SERVING", "UNREACHABLE", "probe", "probe_as", "probe_http"]
 
 
 def probe(address: str, timeout_s: float = 1.0) -> str:
@@ -27,20 +26,6 @@ def probe(address: str, timeout_s: float = 1.0) -> str:
         except grpc.RpcError:
             return UNREACHABLE
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-
-
-def probe_http(address: str, timeout_s: float = 1.0) -> str:
-    """SERVING when ``GET /readyz`` at ``address`` answers 200, NOT_SERVING on another status."""
-    host, _, port = address.rpartition(":")
-    connection = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
-    try:
-        connection.request("GET", "/readyz")
-        status = connection.getresponse().status
-    except OSError:
-        return UNREACHABLE
-    finally:
-        connection.close()
-    return SERVING if status == 200 else "NOT_SERVING"
 
 
 def probe_as(protocol: str, address: str, timeout_s: float = 1.0) -> str:
