@@ -20,8 +20,10 @@ from the checkout's client package when it is not installed), so it needs no vir
   operator revoked stays revoked;
 - ``internal-token``: the credential between the router and the internal services
   (CACHEMESH_INTERNAL_TOKEN), and ``internal.env`` holding it for docker compose's env_file;
-- ``admin-token``: the Admin API's credential (CACHEMESH_ADMIN_TOKEN_FILE), and ``admin.env``
-  holding it for docker compose's env_file (the router's only);
+- ``admin-token``: the Admin API's credential (CACHEMESH_ADMIN_TOKEN_FILE), for ``make up``
+  and compose alike (mounted into the router's container as a secret, never put in an
+  environment: ``docker inspect`` shows that). An ``admin.env`` an older version wrote for
+  compose's env_file is left as it is (0600, no longer read: harmless; delete it at will);
 - ``redis-password``: the password of the stack's own Redis (``make up``'s redis-server reads
   it from ``redis.conf`` in the run dir, never from its command line; the stack puts it into
   the Redis URLs of the services that use that Redis), ``redis.env`` holding it for compose's
@@ -30,8 +32,10 @@ from the checkout's client package when it is not installed), so it needs no vir
   env_file; never the HTTP front's). A run dir made before it existed gets it on the next
   ``make keys`` or ``make up``.
 
-Every file is mode 0600 in a 0700 directory, but ``api-keys`` (0644: hashes only, and compose
-mounts it as the seed of the routers' key volume, read by the containers' non-root user).
+Every file is mode 0600 in a 0700 directory, but the two compose mounts into the containers,
+read there by their non-root user (uid 10001; compose v1 mounts a secret with the host file's
+owner and mode): ``api-keys`` (0644: hashes only, the seed of the routers' key volume) and
+``admin-token`` (0644: only the 0700 directory keeps it from this host's other users).
 Running again keeps the existing secrets.
 """
 
@@ -66,7 +70,6 @@ API_KEYS_FILE = "api-keys"
 INTERNAL_TOKEN_FILE = "internal-token"
 INTERNAL_ENV_FILE = "internal.env"
 ADMIN_TOKEN_FILE = "admin-token"
-ADMIN_ENV_FILE = "admin.env"
 REDIS_PASSWORD_FILE = "redis-password"
 REDIS_ENV_FILE = "redis.env"
 REDIS_URLS_ENV_FILE = "redis-urls.env"
@@ -156,8 +159,8 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
     _ensure_key_file(keys)
     write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n")
     write_secret(run_dir / INTERNAL_ENV_FILE, f"CACHEMESH_INTERNAL_TOKEN={token}\n")
-    write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n")
-    write_secret(run_dir / ADMIN_ENV_FILE, f"CACHEMESH_ADMIN_TOKEN={admin}\n")
+    # read by the router's container user through compose's secret mount (.run stays 0700)
+    write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n", mode=0o644)
     write_secret(run_dir / REDIS_PASSWORD_FILE, redis_password + "\n")
     write_secret(run_dir / REDIS_ENV_FILE, f"REDISCLI_AUTH={redis_password}\n")
     urls = {var: url_with_password(url, redis_password) for var, url in COMPOSE_REDIS_URLS.items()}
@@ -263,12 +266,13 @@ def _read_demo_keys(path: Path) -> dict[str, str] | None:
     return keys if all(keys.values()) else None
 
 
-def write_secret(path: Path, content: str) -> None:
-    """Writes ``content`` with mode 0600 from the start, replacing the file atomically and
-    durably, as the key store's writer does (``keyfile.KeyFile``): the data fsynced before the
-    rename (a crash never leaves an empty secret under the name), the directory after it."""
+def write_secret(path: Path, content: str, mode: int = 0o600) -> None:
+    """Writes ``content`` with ``mode`` (0600 unless a container's user must read it) from the
+    start, replacing the file atomically and durably, as the key store's writer does
+    (``keyfile.KeyFile``): the data fsynced before the rename (a crash never leaves an empty
+    secret under the name), the directory after it."""
     if path.is_file() and path.read_text() == content:
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -276,7 +280,7 @@ def write_secret(path: Path, content: str) -> None:
         with os.fdopen(fd, "w") as handle:
             handle.write(content)
             handle.flush()
-            os.fchmod(handle.fileno(), 0o600)
+            os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

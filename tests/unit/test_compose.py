@@ -186,18 +186,16 @@ def test_environment_is_the_local_one_but_for_container_overrides(
         expected["CACHEMESH_API_KEYS_FILE"] = KEY_FILE
         expected["CACHEMESH_API_KEYS_SEED_FILE"] = env.get("CACHEMESH_API_KEYS_SEED_FILE")
     if "CACHEMESH_ADMIN_TOKEN_FILE" in expected:
-        # compose gives the token itself, from .run/admin.env (a mounted 0600 file would be
-        # unreadable to the containers' non-root user)
-        del expected["CACHEMESH_ADMIN_TOKEN_FILE"]
-        assert "CACHEMESH_ADMIN_TOKEN_FILE" not in env
-        assert env["CACHEMESH_ADMIN_TOKEN"] == resolved.keys.admin_token
-    else:
-        assert "CACHEMESH_ADMIN_TOKEN" not in env, f"{spec.name} gets the admin token"
+        # the same file, mounted as a secret (tests/unit/test_compose_secrets.py)
+        expected["CACHEMESH_ADMIN_TOKEN_FILE"] = "/run/secrets/cachemesh-admin-token"
+    else:  # empty: unset (services.common.env.Env)
+        assert not env.get("CACHEMESH_ADMIN_TOKEN_FILE"), f"{spec.name} gets the admin token"
+    assert not env.get("CACHEMESH_ADMIN_TOKEN"), f"{spec.name} gets the admin token"
     assert {key: env.get(key) for key in expected} == expected
     if spec.internal:
         assert env["CACHEMESH_INTERNAL_TOKEN"] == resolved.keys.internal_token
     else:  # the internet-facing front calls only the Gateway, with the caller's own key
-        assert "CACHEMESH_INTERNAL_TOKEN" not in env, f"{spec.name} gets the internal token"
+        assert not env.get("CACHEMESH_INTERNAL_TOKEN"), f"{spec.name} gets the internal token"
         assert "CACHEMESH_INTERNAL_TOKEN" not in local
 
 

@@ -156,7 +156,7 @@ def test_internal_token_file_and_compose_env_file_agree(tmp_path: Path) -> None:
     assert compose_env == {"CACHEMESH_INTERNAL_TOKEN": keys.internal_token}
     assert len(keys.admin_token) >= 16 and keys.admin_token != keys.internal_token
     assert (tmp_path / "admin-token").read_text().strip() == keys.admin_token
-    assert read_env_file(tmp_path / "admin.env") == {"CACHEMESH_ADMIN_TOKEN": keys.admin_token}
+    assert not (tmp_path / "admin.env").exists()  # compose mounts admin-token itself
     assert keys.env() == {
         "CACHEMESH_API_KEYS_FILE": str(tmp_path / "api-keys"),
         "CACHEMESH_INTERNAL_TOKEN": keys.internal_token,
@@ -168,15 +168,16 @@ def test_every_secret_is_private(tmp_path: Path) -> None:
     run = tmp_path / ".run"
     ensure_keys(run)
     assert _mode(run) == 0o700
-    secrets = ("demo-keys.env", "internal-token", "internal.env", "admin-token", "admin.env")
+    secrets = ("demo-keys.env", "internal-token", "internal.env")
     for name in (*secrets, "redis-password", "redis.env", "redis-urls.env"):
         assert _mode(run / name) == 0o600, name
-    # hashes only, readable by a container's non-root user (compose mounts it); .run is 0700
-    assert _mode(run / "api-keys") == 0o644
+    # readable by a container's non-root user (compose mounts them); .run (0700) keeps them
+    # from this host's other users
+    assert _mode(run / "api-keys") == 0o644  # hashes only
+    assert _mode(run / "admin-token") == 0o644
     assert sorted(p.name for p in run.iterdir()) == [
         ".api-keys.lock",
         "admin-token",
-        "admin.env",
         "api-keys",
         "demo-keys.env",
         "internal-token",
@@ -185,6 +186,25 @@ def test_every_secret_is_private(tmp_path: Path) -> None:
         "redis-urls.env",
         "redis.env",
     ]  # no temporary file left behind
+
+
+def test_an_older_install_keeps_its_admin_token_readable_by_compose_and_its_admin_env(
+    tmp_path: Path,
+) -> None:
+    """An older version wrote the token 0600 (unreadable through compose's secret mount by the
+    containers' uid 10001) and admin.env for compose's env_file: make keys keeps the token,
+    opens it to the containers' user inside the 0700 run dir, and leaves admin.env alone (no
+    longer read by anything)."""
+    first = ensure_keys(tmp_path)
+    (tmp_path / "admin-token").chmod(0o600)
+    older = f"CACHEMESH_ADMIN_TOKEN={first.admin_token}\n"
+    (tmp_path / "admin.env").write_text(older)
+    (tmp_path / "admin.env").chmod(0o600)
+    again = ensure_keys(tmp_path)
+    assert again.admin_token == first.admin_token and not again.created
+    assert _mode(tmp_path / "admin-token") == 0o644 and _mode(tmp_path) == 0o700
+    assert (tmp_path / "admin.env").read_text() == older
+    assert _mode(tmp_path / "admin.env") == 0o600
 
 
 def test_running_again_keeps_the_secrets(tmp_path: Path) -> None:

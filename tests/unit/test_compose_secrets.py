@@ -1,0 +1,96 @@
+"""What docker-compose.yml puts into the containers' environment: no admin token (a mounted
+secret instead, as ``make up`` gives it), none of the credentials ``make up`` keeps from a
+service (``OUTSIDE_SECRETS``) whatever ``.env`` holds. The environment is what
+``docker inspect`` shows to anyone allowed to run it."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from services.common.env import Env
+from services.router.admin_auth import admin_credential_from_env
+from services.tools.stack.lifecycle import OUTSIDE_SECRETS
+from services.tools.stack.service_table import SERVICES
+from tests.unit.compose_config import Resolved, resolve
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory: pytest.TempPathFactory) -> Resolved:
+    return resolve(tmp_path_factory.mktemp("compose-secrets"))
+
+
+def _secret_sources(resolved: Resolved, name: str) -> dict[str, Path]:
+    """Container path -> the host file compose mounts there (a file-based secret)."""
+    files = resolved.config.get("secrets", {})
+    return {
+        f"/run/secrets/{s['target']}": Path(files[s["source"]]["file"])
+        for s in resolved.service(name).get("secrets", [])
+    }
+
+
+def test_the_admin_token_reaches_the_router_as_a_mounted_file_only(resolved: Resolved) -> None:
+    token = resolved.keys.admin_token
+    for name, svc in resolved.config["services"].items():
+        shown = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+        assert not any(token in v for v in shown.values()), f"{name}: the token in its env"
+    env = resolved.service("router")["environment"]
+    path = env["CACHEMESH_ADMIN_TOKEN_FILE"]
+    assert _secret_sources(resolved, "router")[path] == resolved.keys.admin_token_file
+    # what the router makes of it, the mounted file read where it lies on this host
+    here = {k: str(v) for k, v in env.items()} | {
+        "CACHEMESH_ADMIN_TOKEN_FILE": str(resolved.keys.admin_token_file)
+    }
+    credential = admin_credential_from_env(Env(here))
+    assert credential is not None and credential.matches(token)
+    for spec in SERVICES:
+        if spec.name != "router":
+            assert path not in _secret_sources(resolved, spec.name), spec.name
+
+
+def test_the_mounted_admin_token_is_readable_in_the_container_and_private_here(
+    resolved: Resolved,
+) -> None:
+    # compose v1 bind-mounts a secret as it is on the host (its mode/uid settings ignored):
+    # the containers' user (uid 10001) reads it only if others may; .run (0700) keeps it
+    # from this host's other users, as for api-keys
+    run_dir = resolved.keys.admin_token_file.parent
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(resolved.keys.admin_token_file.stat().st_mode) == 0o644
+
+
+# what an operator's .env may hold for `make up` (or by mistake): none of it reaches a
+# container that `make up` would not give it
+DOTENV_SECRETS = {
+    "ANTHROPIC_API_KEY": "sk-ant-in-dotenv-0123456789",
+    "ANTHROPIC_API_KEY_FILE": "/etc/cachemesh/anthropic-key-in-dotenv",
+    "OPENAI_API_KEY": "sk-openai-in-dotenv-0123456789",
+    "OPENAI_API_KEY_FILE": "/etc/cachemesh/openai-key-in-dotenv",
+    "CACHEMESH_ADMIN_TOKEN": "admin-token-in-dotenv-0123456789",
+    "CACHEMESH_ADMIN_TOKEN_FILE": "/etc/cachemesh/admin-token-in-dotenv",
+    "CACHEMESH_INTERNAL_TOKEN": "internal-token-in-dotenv-0123456789",
+}
+
+
+def test_outside_secrets_in_dotenv_reach_no_container(tmp_path: Path) -> None:
+    assert set(DOTENV_SECRETS) == set(OUTSIDE_SECRETS)
+    extra = "".join(f"\n{k}={v}" for k, v in DOTENV_SECRETS.items()) + "\n"
+    resolved = resolve(tmp_path, extra)
+    for name, svc in resolved.config["services"].items():
+        shown = [str(v) for v in (svc.get("environment") or {}).values()]
+        leaked = [k for k, v in DOTENV_SECRETS.items() if any(v in s for s in shown)]
+        assert not leaked, f"{name} gets {leaked} from .env"
+    given = {"router": {"CACHEMESH_ADMIN_TOKEN_FILE"}}
+    for spec in SERVICES:
+        env = Env({k: str(v) for k, v in resolved.service(spec.name)["environment"].items()})
+        own = given.get(spec.name, set())
+        if spec.internal:
+            own = own | {"CACHEMESH_INTERNAL_TOKEN"}
+        # empty reads as unset (services.common.env.Env)
+        assert {k for k in OUTSIDE_SECRETS if env.optional_str(k) is not None} == own, spec.name
+    # the router still starts: the .env token is blanked, the mounted one read
+    router = {k: str(v) for k, v in resolved.service("router")["environment"].items()}
+    router["CACHEMESH_ADMIN_TOKEN_FILE"] = str(resolved.keys.admin_token_file)
+    assert admin_credential_from_env(Env(router)) is not None
