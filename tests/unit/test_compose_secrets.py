@@ -1,12 +1,14 @@
 """What docker-compose.yml puts into the containers' environment: no admin token (a mounted
 secret instead, as ``make up`` gives it), none of the credentials ``make up`` keeps from a
-service (``OUTSIDE_SECRETS``) whatever ``.env`` holds. The environment is what
+service (``OUTSIDE_SECRETS``) whatever ``.env`` holds, and the proxy exceptions that keep the
+traces to Jaeger off a proxy Docker's client configured. The environment is what
 ``docker inspect`` shows to anyone allowed to run it."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -94,3 +96,21 @@ def test_outside_secrets_in_dotenv_reach_no_container(tmp_path: Path) -> None:
     router = {k: str(v) for k, v in resolved.service("router")["environment"].items()}
     router["CACHEMESH_ADMIN_TOKEN_FILE"] = str(resolved.keys.admin_token_file)
     assert admin_credential_from_env(Env(router)) is not None
+
+
+def _no_proxy(env: dict[str, object], name: str) -> set[str]:
+    return {h.strip() for h in str(env.get(name, "")).split(",") if h.strip()}
+
+
+def test_calls_inside_the_network_bypass_a_proxy_docker_configured(resolved: Resolved) -> None:
+    """docker-compose puts the client's proxies (~/.docker/config.json) into every container;
+    gRPC follows https_proxy unless no_proxy names the host: model-2's spans to
+    http://jaeger:4317 went to the proxy and were lost."""
+    names = set(resolved.config["services"])
+    for spec in SERVICES:
+        env = resolved.service(spec.name)["environment"]
+        collector = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"]).hostname
+        for var in ("no_proxy", "NO_PROXY"):  # gRPC reads the first, other clients the second
+            hosts = _no_proxy(env, var)
+            assert collector in hosts, (spec.name, var)
+            assert names | {"localhost", "127.0.0.1"} <= hosts, (spec.name, var)
