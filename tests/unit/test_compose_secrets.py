@@ -16,7 +16,7 @@ from services.common.env import Env
 from services.router.admin_auth import admin_credential_from_env
 from services.tools.stack.lifecycle import OUTSIDE_SECRETS
 from services.tools.stack.service_table import SERVICES
-from tests.unit.compose_config import Resolved, resolve
+from tests.unit.compose_config import ROOT, Resolved, resolve
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,16 @@ def test_calls_inside_the_network_bypass_a_proxy_docker_configured(resolved: Res
             hosts = _no_proxy(env, var)
             assert collector in hosts, (spec.name, var)
             assert names | {"localhost", "127.0.0.1"} <= hosts, (spec.name, var)
+
+
+def test_the_stop_grace_covers_the_drain_and_says_how_to_keep_it_so(resolved: Resolved) -> None:
+    """``stop_grace_period`` is fixed while ``CACHEMESH_GRACE_S`` comes from ``.env``: the
+    default fits (the runner's ``max(15, grace + 5)``), and the README's compose section says
+    to raise it with the grace, or a raised drain is cut by SIGKILL."""
+    grace = float(resolved.dotenv["CACHEMESH_GRACE_S"])
+    for spec in SERVICES:
+        period = resolved.service(spec.name)["stop_grace_period"]
+        assert float(period.removesuffix("s")) >= max(15.0, grace + 5), spec.name
+    readme = (ROOT / "README.md").read_text()
+    compose = readme.split("## Docker compose", 1)[1].split("\n## ", 1)[0]
+    assert "`stop_grace_period`" in compose and "`CACHEMESH_GRACE_S + 5`" in compose
