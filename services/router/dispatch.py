@@ -358,8 +358,9 @@ class Dispatcher:
                     self.loads.failed(replica, ticket)
                     if exc.code in CLIENT_FAULTS:
                         health.released(replica, probe)  # its refusal is the request's
-                    else:
+                    else:  # the replica's fault (it sent no start): its span says so
                         self.replica_failed(spec.id, replica, probe)
+                        spans.record_failure(chat_span, exc)
                     chat_span.end()
                     raise
                 except CallFailed as exc:

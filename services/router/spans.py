@@ -8,6 +8,7 @@ from opentelemetry.util.types import AttributeValue
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import RequestError
 from services.router.balance import Route
 from services.router.dependencies import CallFailed
 from services.router.routing.decision import Decision
@@ -169,7 +170,9 @@ def chat_failed(span: trace.Span, error_type: str) -> None:
     span.set_attribute("error.type", error_type)
 
 
-def record_failure(span: trace.Span, exc: CallFailed) -> None:
+def record_failure(span: trace.Span, exc: CallFailed | RequestError) -> None:
+    """A model call that failed for its replica's fault (not the request's): an ERROR with
+    its gRPC status name as ``error.type``."""
     span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code.name))
     span.set_attribute("error.type", exc.code.name)
 

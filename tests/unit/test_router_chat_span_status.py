@@ -6,15 +6,27 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from cachemesh.v1 import model_pb2
+from services.common.errors import Code, RequestError
 from services.router.dependencies import Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
-from tests.unit.test_router_pipeline import REPLICAS, TABLE, TOKENIZER, Rig, _request, _settings
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    FakeModels,
+    FakeStream,
+    Rig,
+    _request,
+    _settings,
+)
 from tests.unit.test_router_unanswered_money import CutFirst, HeldModels
 
 
@@ -58,3 +70,29 @@ async def test_a_cancelled_calls_chat_span_stays_unset() -> None:
     (chat,) = _chats(exported)
     assert chat.status.status_code == StatusCode.UNSET
     assert chat.attributes is not None and "error.type" not in chat.attributes
+
+
+class NoStart(FakeModels):
+    """Each replica ends its stream without a start (an empty answer, or a text first)."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        return FakeStream([model_pb2.GenerateChunk(text="no start first")])
+
+
+async def test_a_replica_sending_no_start_ends_its_chat_span_as_an_error() -> None:
+    rig = Rig(models=NoStart())
+    pipeline, exported = _traced(rig)
+    with pytest.raises(RequestError) as raised:
+        async for _ in pipeline.run("tenant-a", _request(), streamed=False):
+            pass
+    await pipeline.drain()
+    assert raised.value.code == Code.UNAVAILABLE
+    chats = _chats(exported)
+    assert chats
+    for chat in chats:  # a replica's fault, not the request's: as record_failure marks it
+        assert chat.status.status_code == StatusCode.ERROR
+        assert chat.status.description == "UNAVAILABLE"
+        assert chat.attributes is not None and chat.attributes["error.type"] == "UNAVAILABLE"
