@@ -52,6 +52,15 @@ def end_call_span(span: trace.Span, code: grpc.StatusCode, details: str = "") ->
     span.end()
 
 
+def end_cancelled_call_span(span: trace.Span) -> None:
+    """Ends the span of a call this process gave up itself (its own caller left, or it no
+    longer wants the rest of a stream): ``rpc.grpc.status_code`` CANCELLED, and no ERROR
+    status, which would blame the callee for what it did not do (as a SERVER span leaves a
+    caller's cancel)."""
+    span.set_attribute(_STATUS, grpc.StatusCode.CANCELLED.value[0])
+    span.end()
+
+
 def _call_status(span: trace.Span, code: grpc.StatusCode, details: str) -> None:
     span.set_attribute(_STATUS, code.value[0])
     if code is not grpc.StatusCode.OK:

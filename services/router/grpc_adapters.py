@@ -21,7 +21,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import internal_metadata
 from services.common.channels import channel_options
-from services.common.rpc_tracing import ClientSpans, end_call_span
+from services.common.rpc_tracing import ClientSpans, end_call_span, end_cancelled_call_span
 from services.common.status import code_of
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings
@@ -93,8 +93,8 @@ async def _unary(
         code = exc.code()
         end_call_span(span, code, exc.details() or "")
         raise failed(exc) from exc
-    except BaseException:
-        end_call_span(span, grpc.StatusCode.CANCELLED)
+    except BaseException:  # the router's caller left: the router gave the call up
+        end_cancelled_call_span(span)
         raise
     finally:
         timing.timer(_short(method), code.name, timing.clock() - began)
@@ -186,12 +186,18 @@ class GrpcModelStream:
         return chunk
 
     def cancel(self) -> None:
+        """The router gives the stream up (its caller left, or it wants no more of it): no
+        failure of the replica's."""
         self._call.cancel()
-        self._end(grpc.StatusCode.CANCELLED)
+        self._end(grpc.StatusCode.CANCELLED, own=True)
 
-    def _end(self, code: grpc.StatusCode, details: str = "") -> None:
+    def _end(self, code: grpc.StatusCode, details: str = "", own: bool = False) -> None:
+        """``own``: the router cancelled the call itself."""
         if self._span is not None:
-            end_call_span(self._span, code, details)
+            if own:
+                end_cancelled_call_span(self._span)
+            else:
+                end_call_span(self._span, code, details)
             self._span = None
             self._timing.timer("Generate", code.name, self._timing.clock() - self._began)
 
