@@ -204,6 +204,8 @@ class Front:
             if request.get(_BODY_CUT) and request.transport is not None:
                 await _answer_and_close(request, response)
             span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:  # the server's failure (a 4xx is the caller's)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"HTTP {response.status}"))
             log.debug("%s answered %d", name, response.status)
             return response
 
