@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from services.router.limit_wiring import build_answer_ledger, build_limiter, led
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
-from services.router.pipeline import Pipeline
+from services.router.pipeline import Pipeline, billed_layer
 from services.router.routing.model import RouterCard, RouterModelError, load_router_model
 from services.router.routing.router import LocalEmbedder
 from services.router.servicer import LEDGER_TIMEOUT_S, GatewayServicer
@@ -121,6 +122,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         estimate_kept=limiter.count_estimate,
         # once prefix-cache says SERVING, the try of a bill that found it down is traced again
         prefix_serving=connected.prefix_health.serving,
+        # a replayed bill's layer, on its replay span with what it was billed
+        billed_layer=functools.partial(billed_layer, table),
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -126,6 +126,7 @@ from services.router.outbox_journal import (
     JournalThread,
     UnreadableEntry,
 )
+from services.router.spans import replay_billed
 
 log = logging.getLogger("cachemesh.router.outbox")
 
@@ -180,6 +181,9 @@ class EstimateBilled(Protocol):
 # asks prefix-cache's health (grpc.health.v1) within the seconds given: True if it says
 # SERVING (or has no health to say), False for any other answer or none
 PrefixServing = Callable[[float], Awaitable[bool]]
+# the layer (``LAYER_PREFIX_CACHE``, ``LAYER_MODEL``) a bill of the model named, reading the
+# cached prompt tokens given, is served by (the pipeline's ``served_by``)
+BilledLayer = Callable[[str, int], str]
 
 
 @dataclass
@@ -434,6 +438,7 @@ class BillingOutbox:
         estimate_kept: EstimateKept | None = None,
         prefix_serving: PrefixServing | None = None,
         ages: Clock | None = None,
+        billed_layer: BilledLayer | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -464,8 +469,11 @@ class BillingOutbox:
         try found it unreachable: the try is sent when it says SERVING, recorded (a replay span,
         its Commit calls sampled), else not sent this round (None: never asked, each such try
         sent unsampled). ``ages``: what the throttled log lines' intervals run on (None: a
-        ``MonotonicClock``; never the wall, whose step back silenced them for its length)."""
+        ``MonotonicClock``; never the wall, whose step back silenced them for its length).
+        ``billed_layer``: the layer a replayed bill is served by, written on its replay span
+        with the bill (None: the layer is left out)."""
         self._prefix = prefix
+        self._billed_layer = billed_layer
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
         self._tracer = tracer if tracer is not None else trace.get_tracer("cachemesh.router")
@@ -733,7 +741,8 @@ class BillingOutbox:
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
                     (commits, carrier, started_ms, counted), open_call = _UNREADABLE
-                outcome, reply = await self._replay(entry_id, commits, carrier)
+                estimate = counted.estimate_nanos if counted is not None else None
+                outcome, reply = await self._replay(entry_id, commits, carrier, estimate)
                 if outcome is _Sent.UNREACHABLE:
                     self._prefix_down = True
                     break
@@ -753,6 +762,8 @@ class BillingOutbox:
                     # first was lost, and this one is told
                     final = commits[-1] if commits else None
                     inherited = entry_id in self._inherited
+                    if final is not None and reply is not None:
+                        _said_billed(final, reply, estimate)
                     if (
                         final is not None
                         and reply is not None
@@ -810,13 +821,18 @@ class BillingOutbox:
             await asyncio.sleep(self._retry_s)
 
     async def _replay(
-        self, entry_id: str, commits: Sequence[pc.CommitRequest], carrier: dict[str, str]
+        self,
+        entry_id: str,
+        commits: Sequence[pc.CommitRequest],
+        carrier: dict[str, str],
+        estimate_nanos: int | None = None,
     ) -> tuple[_Sent, pc.CommitResponse | None]:
         """One entry's commits under a span in the trace of the request they bill; with the
-        last commit's reply when every one was taken. After a recorded try that found
-        prefix-cache unreachable, the next is sent only once it says it serves, and recorded
-        (``prefix_serving``); with no one to ask, or once ``_RECORDED_UNREACHABLE`` tries were
-        recorded, sent unsampled (``_send_unsampled``)."""
+        last commit's reply when every one was taken, whose bill the span carries (the
+        request's own span and access line have only its estimate, ``estimate_nanos``).
+        After a recorded try that found prefix-cache unreachable, the next is sent only once
+        it says it serves, and recorded (``prefix_serving``); with no one to ask, or once
+        ``_RECORDED_UNREACHABLE`` tries were recorded, sent unsampled (``_send_unsampled``)."""
         if not commits:
             return _Sent.SETTLED, None
         parent = _PROPAGATOR.extract(carrier) if carrier else None
@@ -827,7 +843,7 @@ class BillingOutbox:
             serving = self._prefix_serving
             if serving is None or unreachable.recorded >= _RECORDED_UNREACHABLE:
                 return await self._send_unsampled(
-                    entry_id, commits, parent, attributes, unreachable
+                    entry_id, commits, parent, attributes, unreachable, estimate_nanos
                 )
             if not await serving(self._deadline_s):
                 unreachable.rounds += 1  # not sent: it says it does not serve, or says nothing
@@ -837,6 +853,7 @@ class BillingOutbox:
         ) as span:
             outcome, reply = await self._send(commits)
             span.set_attribute("cachemesh.outcome", outcome.value)
+            self._bill_on(span, commits, reply, estimate_nanos)
         if outcome is not _Sent.UNREACHABLE:
             self._unreachable.pop(entry_id, None)
         elif unreachable is None:
@@ -853,6 +870,7 @@ class BillingOutbox:
         parent: Context | None,
         attributes: dict[str, str | int],
         unreachable: _Unreachable,
+        estimate_nanos: int | None,
     ) -> tuple[_Sent, pc.CommitResponse | None]:
         """The commits sent unsampled (no span here or in prefix-cache; the trace id still
         reaches its logs); the try that reaches prefix-cache is a replay span made after it,
@@ -868,8 +886,24 @@ class BillingOutbox:
             "cachemesh.billing_replay", parent, attributes=attributes, start_time=started_ns
         )
         span.set_attribute("cachemesh.outcome", outcome.value)
+        self._bill_on(span, commits, reply, estimate_nanos)
         span.end()
         return outcome, reply
+
+    def _bill_on(
+        self,
+        span: trace.Span,
+        commits: Sequence[pc.CommitRequest],
+        reply: pc.CommitResponse | None,
+        estimate_nanos: int | None,
+    ) -> None:
+        """The bill prefix-cache made of a replayed FINAL, on its replay span."""
+        if reply is None or not commits or commits[-1].phase != pc.COMMIT_PHASE_FINAL:
+            return
+        layer = None
+        if self._billed_layer is not None:
+            layer = self._billed_layer(commits[-1].model, reply.usage.cache_read_input_tokens)
+        replay_billed(span, reply, estimate_nanos, layer)
 
     async def _send(
         self, commits: Sequence[pc.CommitRequest]
@@ -926,6 +960,26 @@ def _unsampled(parent: Context | None) -> trace.Span:
             is_remote=False,
             trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
         )
+    )
+
+
+def _said_billed(
+    final: pc.CommitRequest, reply: pc.CommitResponse, estimate_nanos: int | None
+) -> None:
+    """One INFO line per replayed bill: the estimate its request's trace and access line
+    carry, and what it was billed (an operator reconciles the two by the request's key)."""
+    if final.phase != pc.COMMIT_PHASE_FINAL:
+        return
+    estimated = "none kept" if estimate_nanos is None else str(estimate_nanos)
+    log.info(
+        "billing outbox: replayed the bill of %s (tenant %s, model %s): estimated "
+        "cost_nanos=%s, billed cost_nanos=%d%s",
+        final.request_id,
+        final.tenant,
+        final.model,
+        estimated,
+        reply.cost.cost_nanos,
+        " (billed before: a repeated FINAL)" if reply.repeated else "",
     )
 
 

@@ -1261,6 +1261,14 @@ def _headed(head: pb.CompleteResponse, model: ModelSpec, warm: CommitReply) -> N
             head.usage.cache_creation.CopyFrom(warm.usage.cache_creation)
 
 
+def billed_layer(table: ModelTable, model: str, cache_read_tokens: int) -> str:
+    """The name of the layer a bill of ``model`` (an id of ``table``) reading
+    ``cache_read_tokens`` is served by (a replayed bill's: ``BillingOutbox``'s
+    ``billed_layer``); "" for a model the table no longer has."""
+    spec = table.get(model)
+    return "" if spec is None else pb.Layer.Name(served_by(spec, cache_read_tokens))
+
+
 def served_by(spec: ModelSpec, cache_read_tokens: int) -> pb.Layer.ValueType:
     """A model call is served by the prefix cache only when what it read from cache is a real
     prefix reuse (``ModelSpec.min_prefix_hit_tokens``): a llama.cpp engine reports the 3 tokens

@@ -125,6 +125,23 @@ def chat_billed(
         )
 
 
+def replay_billed(
+    span: trace.Span, reply: pc.CommitResponse, estimate_nanos: int | None, layer: str | None
+) -> None:
+    """A bill kept while prefix-cache was down, billed by a replay: on the replay's span (a
+    child of the request's, whose own span and access line keep the estimate,
+    ``estimate_nanos``) what it was billed, and the layer it is served by."""
+    if not span.is_recording():
+        return
+    attributes = _billed(reply.usage, reply.cost)
+    if estimate_nanos is not None:
+        attributes["cachemesh.estimate_nanos"] = estimate_nanos
+    if layer:
+        attributes["cachemesh.billed_layer"] = layer
+    attributes["cachemesh.billed_before"] = reply.repeated
+    span.set_attributes(attributes)
+
+
 def _billed(usage: pb.Usage, cost: pb.Cost) -> dict[str, AttributeValue]:
     """A model call's usage (the GenAI conventions' names) and what it was billed. The
     conventions' ``input_tokens`` is the whole prompt, cached tokens included (as the model
