@@ -30,6 +30,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from services.common.call_spans import start_call_span
+from services.common.grace import GRACE_ENDED, GraceEnd
 
 Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 Metadata = tuple[tuple[str, str], ...]
@@ -82,8 +83,11 @@ def end_after(pending: Sequence[asyncio.Future[Any]]) -> None:
 class ServerTracing(grpc.aio.ServerInterceptor):
     """A SERVER span around each call, child of the caller's span when the call carries one."""
 
-    def __init__(self, tracer: trace.Tracer) -> None:
+    def __init__(self, tracer: trace.Tracer, grace_end: GraceEnd | None = None) -> None:
+        """``grace_end``: the server's, set when its drain's grace ends: a call cut then is
+        recorded UNAVAILABLE (an error, as its caller saw it), not as its caller's cancel."""
         self._tracer = tracer
+        self._grace_end = grace_end
         self._attributes: dict[str, dict[str, AttributeValue]] = {}
 
     async def intercept_service(
@@ -107,13 +111,13 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _traced_unary(handler.unary_unary, start),
+                _traced_unary(handler.unary_unary, start, self._grace_end),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
-                _traced_stream(handler.unary_stream, start),
+                _traced_stream(handler.unary_stream, start, self._grace_end),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -125,13 +129,17 @@ def _ended(
     held: Held,
     context: grpc.aio.ServicerContext[Any, Any],
     outcome: grpc.StatusCode,
+    grace_end: GraceEnd | None,
 ) -> None:
-    """``outcome``: the status when the servicer set none (OK; CANCELLED when the caller left;
-    INTERNAL for an exception, as ``wire``'s last resort answers it)."""
+    """``outcome``: the status when the servicer set none (OK; CANCELLED when the caller left,
+    or UNAVAILABLE when the server's grace ended; INTERNAL for an exception, as ``wire``'s
+    last resort answers it)."""
     code = context.code()
     if not isinstance(code, grpc.StatusCode):
         code = outcome
-    if code is grpc.StatusCode.CANCELLED:  # the caller's choice: no error on the server's span
+    if code is grpc.StatusCode.CANCELLED and grace_end is not None and grace_end.ended:
+        _call_status(span, grpc.StatusCode.UNAVAILABLE, GRACE_ENDED)  # the server cut it
+    elif code is grpc.StatusCode.CANCELLED:  # the caller's choice: no error on the server's span
         span.set_attribute(_STATUS, code.value[0])
     else:
         details = context.details()
@@ -150,6 +158,7 @@ def _ended(
 def _traced_unary(
     behavior: Callable[..., Awaitable[Any]],
     start: Callable[[], tuple[trace.Span, Held, otel_context.Context]],
+    grace_end: GraceEnd | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         span, held, current = start()
@@ -164,7 +173,7 @@ def _traced_unary(
             raise
         finally:
             otel_context.detach(token)
-            _ended(span, held, context, outcome)
+            _ended(span, held, context, outcome, grace_end)
 
     return unary
 
@@ -172,6 +181,7 @@ def _traced_unary(
 def _traced_stream(
     behavior: Callable[..., AsyncGenerator[Any, None]],
     start: Callable[[], tuple[trace.Span, Held, otel_context.Context]],
+    grace_end: GraceEnd | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     """The span's context is current for each step of the handler's generator (its next item,
     its close), attached and detached around that step, never across a yield: a caller that
@@ -207,7 +217,7 @@ def _traced_stream(
                 await items.aclose()
             finally:
                 otel_context.detach(token)
-                _ended(span, held, context, outcome)
+                _ended(span, held, context, outcome, grace_end)
 
     return stream
 

@@ -12,6 +12,9 @@ A drain (SIGTERM, SIGINT or ``stop``) has two phases, both within ``CACHEMESH_GR
    calls. A call racing the signal thus reaches the
    servicer and gets its answer, instead of being cut off by gRPC with CANCELLED.
 2. ``server.stop`` with the rest of the grace: no new calls, in-flight calls may finish.
+   At its end gRPC cancels the calls left; the spec's ``GraceEnd`` is set just before, so
+   they are recorded as the server cut them (UNAVAILABLE, what their callers see), not as a
+   caller's cancel.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.channels import server_options
 from services.common.connections import ConnectionPolicy
 from services.common.env import C_INT_MAX, ConfigError, Env, address_error
+from services.common.grace import GraceEnd
 from services.common.heap import freeze_startup_heap
 from services.common.metrics import MetricsEndpoint
 from services.common.tls import ServerTls
@@ -171,6 +175,8 @@ class ServiceSpec:
     metrics: MetricsEndpoint | None = None  # GET /metrics, served while the service runs
     # told the method (full name) of each request refused as malformed, before any servicer
     malformed: Callable[[str], None] | None = None
+    # set when the drain's grace ends, before gRPC cancels the calls left (None: not told)
+    grace_end: GraceEnd | None = None
 
 
 def grpc_server_options(settings: ServerSettings) -> list[tuple[str, int | str]]:
@@ -300,7 +306,26 @@ async def _drain(
         # Still taking calls: one that raced the signal reaches the servicer and is refused
         # with UNAVAILABLE (and why) rather than CANCELLED by a server that has stopped.
         await asyncio.sleep(window)
-    await server.stop(max(0.0, settings.grace_s - window))  # in-flight calls may finish
+    remaining = max(0.0, settings.grace_s - window)
+    await _stop(server, remaining, spec.grace_end)  # in-flight calls may finish
+
+
+async def _stop(server: grpc.aio.Server, grace_s: float, grace_end: GraceEnd | None) -> None:
+    """``server.stop(grace_s)``, with ``grace_end`` set as the grace ends: on the event
+    loop's clock, which gRPC's own timeout runs on, at a time no later than gRPC's (its
+    timeout starts after this one), so before it cancels the calls left."""
+    if grace_end is None:
+        await server.stop(grace_s)
+        return
+    if grace_s <= 0:
+        grace_end.end()  # gRPC cancels every call left at once
+        await server.stop(grace_s)
+        return
+    marked = asyncio.get_running_loop().call_later(grace_s, grace_end.end)
+    try:
+        await server.stop(grace_s)
+    finally:
+        marked.cancel()  # every call ended within the grace: none was cut
 
 
 def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]]) -> None:

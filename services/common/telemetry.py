@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from services.common.env import ConfigError, Env
+from services.common.grace import GraceEnd
 from services.common.rpc_tracing import ServerTracing
 
 _EXPORTERS = ("otlp", "console", "none")
@@ -153,9 +154,13 @@ def _resource_attribute(environ: Mapping[str, str], key: str) -> str | None:
     return None
 
 
-def server_interceptors(provider: TracerProvider) -> list[grpc.aio.ServerInterceptor]:
-    """A SERVER span for each call received (the router's CLIENT spans: ``grpc_adapters``)."""
-    return [ServerTracing(provider.get_tracer("cachemesh.grpc"))]
+def server_interceptors(
+    provider: TracerProvider, grace_end: GraceEnd | None = None
+) -> list[grpc.aio.ServerInterceptor]:
+    """A SERVER span for each call received (the router's CLIENT spans: ``grpc_adapters``);
+    ``grace_end``: the server's (``ServiceSpec.grace_end``), so that a call its shutdown cuts
+    is an UNAVAILABLE error, not a caller's cancel."""
+    return [ServerTracing(provider.get_tracer("cachemesh.grpc"), grace_end)]
 
 
 def current_trace_id() -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from cachemesh.v1 import model_pb2, model_pb2_grpc
 from services.common.auth import InternalAuthInterceptor
 from services.common.env import Env
+from services.common.grace import GraceEnd
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import (
@@ -86,13 +87,15 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             settings.provider.shown_url,  # never its password
             "set" if settings.provider.api_key is not None else "none",
         )
+    grace = GraceEnd()
     await run_service(
         ServiceSpec(
             name="model",
             settings=settings.server,
             service_names=[SERVICE_NAME],
             register=lambda server: model_pb2_grpc.add_ModelServicer_to_server(service, server),
-            interceptors=[*server_interceptors(provider), auth],
+            interceptors=[*server_interceptors(provider, grace), auth],
+            grace_end=grace,  # a call cut when the grace ends: UNAVAILABLE on its span
             warmup=warmup,
             on_stop=[close_apis, shutdown_tracing],
             health=health,

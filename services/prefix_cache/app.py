@@ -12,6 +12,7 @@ from services.common.auth import InternalAuthInterceptor
 from services.common.background import TASKS_END_S, cancel_within
 from services.common.clock import SystemClock
 from services.common.env import Env
+from services.common.grace import GraceEnd
 from services.common.logs import configure_logging
 from services.common.metrics import LoopCounter, MetricsEndpoint, new_registry
 from services.common.models import model_table_from_env
@@ -83,6 +84,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def shutdown_tracing() -> None:
         await stop_tracing(provider)  # last: bounded, whatever the collector does
 
+    grace = GraceEnd()
     await run_service(
         ServiceSpec(
             name="prefix-cache",
@@ -91,7 +93,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             register=lambda server: prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(
                 servicer, server
             ),
-            interceptors=[*server_interceptors(provider), auth],
+            interceptors=[*server_interceptors(provider, grace), auth],
+            grace_end=grace,  # a call cut when the grace ends: UNAVAILABLE on its span
             warmup=warmup,
             on_stop=[close, shutdown_tracing],
             health=health,

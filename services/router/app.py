@@ -15,6 +15,7 @@ from services.common.auth import internal_metadata
 from services.common.background import TASKS_END_S, cancel_within
 from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env
+from services.common.grace import GraceEnd
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.models import model_table_from_env
@@ -151,6 +152,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     if ledger is None:
         log.info("ROUTER_ANSWERS_REDIS_URL unset: retries are answered once per router only")
     requests = RequestLog(metrics, table, time.perf_counter, lines)
+    # set when the drain's grace ends: the calls gRPC cuts then are UNAVAILABLE (span, access
+    # line, metric), as their callers see them, not a caller's CANCELLED
+    grace = GraceEnd()
     servicer = GatewayServicer(
         keys,
         table,
@@ -162,6 +166,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         ledger,
         ledger_failed=metrics.ledger_failed,
         ledger_breaker=ledger_breaker(settings.limits, metrics.redis_breaker_opened),
+        grace_end=grace,
     )
     admin = AdminServicer(
         settings.admin,
@@ -235,7 +240,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             settings=settings.server,
             service_names=[GATEWAY, ADMIN],
             register=register,
-            interceptors=server_interceptors(provider),
+            interceptors=server_interceptors(provider, grace),
+            grace_end=grace,
             warmup=warmup,
             on_stop=[close],
             metrics=MetricsEndpoint(settings.metrics, registry),

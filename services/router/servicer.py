@@ -22,6 +22,7 @@ from services.common.aborts import abort
 from services.common.auth import KeyLookup, bearer_token
 from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
+from services.common.grace import GraceEnd
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
 from services.common.status import grpc_code
@@ -80,8 +81,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ledger_failed: Callable[[LedgerOperation], None] = lambda operation: None,
         ledger_breaker: Breaker | None = None,
         clock: Clock | None = None,
+        grace_end: GraceEnd | None = None,
     ) -> None:
-        """``ledger_failed``: told of each call to ``ledger`` that failed or did not answer in
+        """``grace_end``: the server's, set when its drain's grace ends: a call cut then is
+        recorded UNAVAILABLE (what its caller got), not as its caller's cancel.
+        ``ledger_failed``: told of each call to ``ledger`` that failed or did not answer in
         ``LEDGER_TIMEOUT_S``, or was not made while ``ledger_breaker`` left its Redis alone
         (its renewals' failures: the ledger's own ``failed``); ``ledger_breaker``: None, the
         ledger is called whatever its earlier calls did; ``clock``: paces the ledger's failure
@@ -99,10 +103,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._ledger = ledger
         self._ledger_failed = ledger_failed
         self._ledger_breaker = ledger_breaker
+        self._grace_end = grace_end
         self._background: set[asyncio.Task[None]] = set()  # claims given back
         self._handlers = 0  # Complete and StreamComplete calls whose handler has not ended
         self._no_handlers = asyncio.Event()
         self._no_handlers.set()
+
+    def _cancelled(self) -> str:
+        """How a cancelled call ended: UNAVAILABLE when the router's own shutdown cut it (the
+        grace ended; its caller got UNAVAILABLE), else CANCELLED (its caller left)."""
+        if self._grace_end is not None and self._grace_end.ended:
+            return "UNAVAILABLE"
+        return "CANCELLED"
 
     async def handlers_ended(self, timeout_s: float) -> bool:
         """Waits, at most ``timeout_s``, until no Complete or StreamComplete handler runs;
@@ -155,7 +167,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await abort(context, grpc.StatusCode.INTERNAL, "the request ended without an answer")
             raise AssertionError("unreachable: abort raises")
         except asyncio.CancelledError:
-            ended = "CANCELLED"
+            ended = self._cancelled()
             raise
         finally:
             self._left()
@@ -190,7 +202,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
         except (asyncio.CancelledError, GeneratorExit):
-            ended = "CANCELLED"
+            ended = self._cancelled()
             raise
         finally:
             self._left()
