@@ -15,6 +15,7 @@ output billed to nobody, while the provider was paid.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -133,6 +134,15 @@ def test_router_sigterm_bills_every_call_it_cut(slow_stack: tuple[Stack, Path]) 
     # each delta carried at least one token, each billed with the prompt
     assert after.usage.output_tokens - before.usage.output_tokens >= sum(cut.deltas)
     assert after.usage.input_tokens > before.usage.input_tokens
+    # the callers got UNAVAILABLE; their access lines say so, not a caller's CANCELLED
+    assert cut.outcomes == ["UNAVAILABLE"] * STREAMS, cut
+    lines = [
+        json.loads(line)
+        for line in (run_dir / "logs" / "router.log").read_text().splitlines()
+        if '"cachemesh.access"' in line
+    ]
+    statuses = [line["status"] for line in lines if line.get("method") == "StreamComplete"]
+    assert statuses == ["UNAVAILABLE"] * STREAMS, statuses
 
 
 # each stream has had this many deltas when the router is killed, a second and a half after
