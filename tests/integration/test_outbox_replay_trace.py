@@ -81,6 +81,7 @@ def test_the_replay_that_bills_after_a_prefix_cache_restart_is_in_the_requests_t
             time.sleep(0.2)
         spans = sink.spans_of(trace_id)
         replays = _replays(sink, trace_id)
+        billed = prefix_totals(address, token, "tenant-a")  # this stack's one request
     assert [_outcome(r) for r in replays] == ["unreachable", "settled"], replays
     settled = replays[1]
     rounds = settled.attributes["cachemesh.unreachable_rounds"]
@@ -92,4 +93,21 @@ def test_the_replay_that_bills_after_a_prefix_cache_restart_is_in_the_requests_t
         sorted((s.service, s.name.rpartition("/")[2]) for s in served)
         == [("prefix-cache", "Commit")] * 2
     ), [(s.service, s.name) for s in spans]
-    print(f"\n{rounds} rounds down: {len(replays)} replay spans, the bill's WARM and FINAL traced")
+    # the bill made of the estimate the answer carried: on the replay span, and said once
+    assert billed.requests == 1
+    assert settled.attributes["cachemesh.cost_nanos"] == billed.cost_nanos
+    assert settled.attributes["cachemesh.estimate_nanos"] == answer.cost.cost_nanos
+    assert settled.attributes["cachemesh.billed_layer"] in ("LAYER_MODEL", "LAYER_PREFIX_CACHE")
+    said = [
+        line
+        for line in (run_dir / "logs" / "router.log").read_text().splitlines()
+        if "replayed the bill of" in line and answer.request_id in line
+    ]
+    assert len(said) == 1, said
+    assert f"estimated cost_nanos={answer.cost.cost_nanos}" in said[0]
+    assert f"billed cost_nanos={billed.cost_nanos}" in said[0]
+    print(
+        f"\n{rounds} rounds down: {len(replays)} replay spans, the bill's WARM and FINAL traced;"
+        f" estimated {answer.cost.cost_nanos}, billed {billed.cost_nanos} nanos"
+        f" ({settled.attributes['cachemesh.billed_layer']})"
+    )
