@@ -7,6 +7,7 @@ CLIENT span (``services.common.rpc_tracing``), the parent of the callee's SERVER
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -93,8 +94,12 @@ async def _unary(
         code = exc.code()
         end_call_span(span, code, exc.details() or "")
         raise failed(exc) from exc
-    except BaseException:  # the router's caller left: the router gave the call up
+    except asyncio.CancelledError:  # the router's caller left: the router gave the call up
         end_cancelled_call_span(span)
+        raise
+    except BaseException as exc:  # not the callee's answer: the router's own failure
+        code = grpc.StatusCode.UNKNOWN
+        end_call_span(span, code, type(exc).__name__)
         raise
     finally:
         timing.timer(_short(method), code.name, timing.clock() - began)

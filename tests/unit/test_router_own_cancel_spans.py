@@ -94,3 +94,19 @@ def test_a_model_stream_the_router_cancels_is_no_error() -> None:
     ended = _one(exported)
     assert ended.attributes is not None and ended.attributes["rpc.grpc.status_code"] == _CANCELLED
     assert ended.status.status_code == StatusCode.UNSET
+
+
+class _BrokenStub:
+    async def Lookup(self, request: Any, **call: Any) -> Any:
+        raise ValueError("not a call's answer")
+
+
+async def test_a_lookup_the_router_itself_failed_is_an_unknown_error() -> None:
+    spans, exported = _spans()
+    semantic = GrpcSemantic(_BrokenStub(), spans)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await semantic.lookup(sc.LookupRequest(), 5.0)
+    span = _one(exported)
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNKNOWN.value[0]
