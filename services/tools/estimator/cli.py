@@ -30,9 +30,11 @@ from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.workloads import DEFAULT_MIX, NAMES, DataMissing, WorkloadSpec, build
 from services.common.clock import ManualClock
 from services.common.env import ConfigError
+from services.common.keyfile import TENANT_RULE
 from services.tools.bench.gateway.redact import own_settings, setting_names
 from services.tools.estimator.offline import REPLAY_START_MS, OfflineStack
 from services.tools.estimator.replay import WhatIf, log_timing, replay
+from services.tools.estimator.tenants import described, stand_ins
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.service_table import SERVICES
 
@@ -147,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
             "latency_ms (a log written before cachemesh-load logged it): each is replayed as "
             "if its answer took no time, so requests that overlapped live are estimated as "
             "sequential (optimistic: a prompt's prefix and L1 entry ready for the next one)",
+            file=sys.stderr,
+        )
+    if renamed := stand_ins(r.item.tenant for r in records):
+        print(
+            f"estimator: {len(renamed)} tenant(s) of the log are not names the caches keep data "
+            f"under ({TENANT_RULE}; live, the caller's key names the tenant), so they are "
+            f"replayed as {described(renamed)}: each still apart from every other",
             file=sys.stderr,
         )
     samples = asyncio.run(replay(stack, records, what_if))

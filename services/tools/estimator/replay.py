@@ -15,6 +15,7 @@ from cachemesh.loadtest.samples import Sample, from_error, from_response
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelSpec
 from services.tools.estimator.offline import OfflineStack
+from services.tools.estimator.tenants import stand_ins
 from services.tools.estimator.timeline import CURRENT, Timeline, VirtualTime
 
 TtlChoice = Literal["logged", "5m", "1h"]
@@ -69,8 +70,10 @@ async def replay(
     ends at ``t_ms + latency_ms``, its first token at ``t_ms + ttft_ms`` when logged (else at
     the simulator's prefill share of that time). A record without ``latency_ms`` ends as it
     starts. A record that reaches the model in a what-if but was not a model answer live (an
-    L1 hit then) has no logged model time: its answer ends at its logged end all the same."""
+    L1 hit then) has no logged model time: its answer ends at its logged end all the same.
+    A tenant the caches would refuse is served under its stand-in (``tenants.stand_ins``)."""
     logged = list(records)
+    names = stand_ins(r.item.tenant for r in logged)
     time = VirtualTime(stack.clock)
     start = stack.clock.now_ms()
     samples: list[Sample | None] = [None] * len(logged)
@@ -80,7 +83,8 @@ async def replay(
         end = at + round(record.latency_ms) if record.latency_ms is not None else at
         first = at + round(record.ttft_ms) if record.ttft_ms is not None else None
         CURRENT.set(Timeline(time, at, end, first))
-        samples[i] = await _serve(stack, i, record, what_if, time, end)
+        tenant = names.get(record.item.tenant, record.item.tenant)
+        samples[i] = await _serve(stack, i, record, tenant, what_if, time, end)
 
     arrivals = [(start + round(r.t_ms), partial(serve, i, r)) for i, r in enumerate(logged)]
     await time.run(arrivals)
@@ -91,6 +95,7 @@ async def _serve(
     stack: OfflineStack,
     i: int,
     record: LogRecord,
+    tenant: str,
     what_if: WhatIf,
     time: VirtualTime,
     end_ms: int,
@@ -100,9 +105,9 @@ async def _serve(
         request.request_id = f"replay-{i}"
     at = record.t_ms / 1000
     if record.code is not None and record.code not in REPLAYED_CODES:
-        await _cut(stack, record.item.tenant, request, time, end_ms)
+        await _cut(stack, tenant, request, time, end_ms)
         return from_error(record.item, record.code, at, 0.0, warmup=record.warmup)
-    outcome = await stack.complete(record.item.tenant, request)
+    outcome = await stack.complete(tenant, request)
     if outcome.response is None:
         return from_error(record.item, outcome.code, at, 0.0, warmup=record.warmup)
     logged = stack.table.get(record.item.request.model)
