@@ -44,7 +44,7 @@ from services.router.open_calls import OpenCall
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JournalError
 from services.router.prompt_counts import count_prompt
-from services.router.read_ahead import ReadAhead
+from services.router.read_ahead import ReadAhead, ReadInTurn
 from services.router.routing.model import RouterModel
 from services.router.routing.router import LocalEmbedder, Routed, TierRouter
 from services.router.settings import RouterSettings
@@ -198,6 +198,7 @@ class Pipeline:
         hand_over_stalls: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         wall: Clock | None = None,
+        read_ahead: bool = True,
     ) -> None:
         """``tokenizer``: each row's (one ``Tokenizer``: the only vocabulary, for tests and
         tools whose rows all use it), for the router's own counts of a row's prompt and output.
@@ -211,7 +212,11 @@ class Pipeline:
         ``sleep``: waits seconds on ``clock`` (between the renewals of a leading Lookup's
         lease); a replay's parks the task on its virtual clock.
         ``wall``: prefix-cache's clock (the time of day; a replay's virtual one), for the arrival
-        a WARM without a Plan carries (None: the system's)."""
+        a WARM without a Plan carries (None: the system's).
+        ``read_ahead``: a model's stream is read in a task of its own ahead of its caller
+        (``read_ahead``); False: in the request's own task as its caller asks (an offline
+        replay, whose caller takes each chunk at once and whose virtual clock would count a
+        request waiting on that task as running, so it never advanced)."""
         self._metrics = metrics
         counted = metrics.degraded if metrics is not None else None
         self._background: set[asyncio.Future[Any]] = set()
@@ -230,6 +235,7 @@ class Pipeline:
         self._table = table
         self._tokenizers = Tokenizers.of(tokenizer)
         self._clock = clock
+        self._read_ahead = read_ahead
         self._dispatch = Dispatcher(
             self._calls,
             dependencies,
@@ -484,7 +490,11 @@ class Pipeline:
         read = attempt.stream.read if watch is None else partial(watch.read, attempt.stream)
         # read on the model's time, whatever the caller's pace (``read_ahead``)
         arrived = partial(self._arrived, attempt, open_call)
-        ahead = ReadAhead(read, request.max_tokens, self._clock, arrived)
+        ahead: ReadAhead | ReadInTurn = (
+            ReadAhead(read, request.max_tokens, self._clock, arrived)
+            if self._read_ahead
+            else ReadInTurn(read, self._clock, arrived)
+        )
         try:
             # the start goes out with the first token: until then a replica that dies leaves
             # nothing sent, and the request can go to another replica

@@ -82,3 +82,32 @@ class ReadAhead:
 
     def close(self) -> None:
         self._task.cancel()
+
+
+class ReadInTurn:
+    """``ReadAhead``'s interface with no task of its own: each chunk read when its caller asks
+    (an offline replay, whose caller takes each chunk as it comes and whose virtual clock
+    would count a request waiting on another task as running, never idle)."""
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[Chunk | None]],
+        clock: Callable[[], float],
+        arrived: Callable[[Chunk, float], None],
+    ) -> None:
+        self._read = read
+        self._clock = clock
+        self._arrived = arrived
+
+    async def read(self) -> tuple[Chunk | None, float]:
+        chunk = await self._read()
+        at = self._clock()
+        if chunk is not None:
+            self._arrived(chunk, at)
+        return chunk, at
+
+    def left(self) -> list[Chunk]:
+        return []
+
+    def close(self) -> None:
+        return None

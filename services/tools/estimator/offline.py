@@ -160,6 +160,8 @@ class OfflineStack:
             # a leader's lease renewals, on the virtual clock its lease ages on
             sleep=replay_sleep,
             wall=clock,  # a WARM without a Plan: its arrival on prefix-cache's virtual clock
+            # the replay takes each chunk as it comes: no slow caller to read ahead of
+            read_ahead=False,
         )
 
     @staticmethod
