@@ -495,10 +495,10 @@ class Pipeline:
             if self._read_ahead
             else ReadInTurn(read, self._clock, arrived)
         )
+        end_chunk: model_pb2.GenerateEnd | None = None
         try:
             # the start goes out with the first token: until then a replica that dies leaves
             # nothing sent, and the request can go to another replica
-            end_chunk: model_pb2.GenerateEnd | None = None
             end_at = 0.0  # when the end came
             while True:
                 chunk, at = await ahead.read()
@@ -526,8 +526,7 @@ class Pipeline:
             if end_chunk is None:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
-                answer.partial_usage = end_chunk.provider_usage
-                answer.partial_output_tokens = end_chunk.output_tokens
+                _ended(answer, end_chunk)
                 reported = end_chunk.HasField("provider_usage")
                 if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
                     outlasted = _answer_outlasted(attempt, end_chunk.output_tokens, reported)
@@ -621,6 +620,8 @@ class Pipeline:
                 # prompt and the tokens produced so far, those its caller did not take too;
                 # to the outbox if prefix-cache is down), never store. Its span and GenAI
                 # metrics wait for that bill.
+                if end_chunk is not None and answer.partial_usage is None:
+                    _ended(answer, end_chunk)  # taken, then the caller left before the bill
                 for left in ahead.left():
                     _untaken(answer, left)
                 billed = self._bill_partial(
@@ -1244,6 +1245,16 @@ def _untaken(answer: Answer, chunk: model_pb2.GenerateChunk) -> None:
         answer.add(chunk)
     elif part == "progress":
         answer.progressed(chunk.progress)
+    elif part == "end":  # the model's end came, read ahead: its count and report are the bill
+        _ended(answer, chunk.end)
+
+
+def _ended(answer: Answer, end: model_pb2.GenerateEnd) -> None:
+    """The model's ``end`` of a call billed without its answer (interrupted, or its caller
+    left after the end came): the provider's report and its model service's count bill it
+    (``_bill_partial``), not the router's count of the text."""
+    answer.partial_usage = end.provider_usage
+    answer.partial_output_tokens = end.output_tokens
 
 
 def _output_text(chunk: model_pb2.GenerateChunk) -> str:

@@ -8,16 +8,34 @@ chunks the router left in the transport. The clock is injected."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
 from cachemesh import build_request
+from opentelemetry import trace
+
 from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
-from services.router.dependencies import CallFailed
-from tests.unit.test_router_replica_ejection import Clock, Models, Stream, _pipeline
+from services.router.dependencies import CallFailed, Dependencies
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_replica_ejection import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    Clock,
+    FakeSemantic,
+    Models,
+    Stream,
+    WarmOnLargeOne,
+    _pipeline,
+    _settings,
+)
 
 TOKENS = 6
+REPORTED_TOKENS = 50  # a provider's count of an answer the router saw 6 pieces of
 
 
 class Deadlined(Stream):
@@ -75,3 +93,79 @@ async def test_an_answer_its_caller_reads_slower_than_the_deadline_is_whole_and_
     (end,) = ends
     assert isinstance(end, type(chunk.end)) and end.usage.output_tokens == TOKENS
     assert models.calls == ["large-1"]
+
+
+REPORT = pc.ProviderUsage(
+    anthropic=pc.AnthropicUsage(
+        input_tokens=16, cache_read_input_tokens=1984, output_tokens=REPORTED_TOKENS
+    )
+)
+
+
+class Reporting(Models):
+    """A provider's whole answer: ``TOKENS`` pieces of text, its end counting
+    ``REPORTED_TOKENS`` with the provider's report."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> Stream:
+        self.calls.append(replica)
+        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
+        end = model_pb2.GenerateEnd(
+            output_tokens=REPORTED_TOKENS, stop_reason="end_turn", provider_usage=REPORT
+        )
+        return Stream(
+            [
+                model_pb2.GenerateChunk(start=start),
+                *(model_pb2.GenerateChunk(text=f"t{i} ") for i in range(TOKENS)),
+                model_pb2.GenerateChunk(end=end),
+            ]
+        )
+
+
+class Finals(WarmOnLargeOne):
+    def __init__(self) -> None:
+        self.finals: list[pc.CommitRequest] = []
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if request.phase == pc.COMMIT_PHASE_FINAL:
+            self.finals.append(request)
+        return await super().commit(request, deadline_s)
+
+
+async def test_a_caller_leaving_after_the_end_was_read_ahead_is_billed_by_the_end() -> None:
+    # the model's end (50 tokens, the provider's report) is in the buffer when its caller
+    # leaves at its first token: the bill is the end's, not a count of the text taken (13)
+    models = Reporting(Clock(), {})
+    prefix = Finals()
+    deps = Dependencies(FakeSemantic(), prefix, models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=models.clock
+    )
+    request = build_request("a long answer", model="sim-large", request_id="left")
+    async with contextlib.aclosing(pipeline.run("tenant-a", request)) as run:
+        async for chunk in run:
+            if chunk.WhichOneof("part") == "delta":
+                for _ in range(20):  # the reading runs ahead to the model's end
+                    await asyncio.sleep(0)
+                break
+    await pipeline.drain()
+    (final,) = prefix.finals
+    assert final.output_tokens == REPORTED_TOKENS
+    assert final.provider_usage.anthropic.cache_read_input_tokens == 1984
+
+
+async def test_an_answer_read_ahead_to_its_end_frees_its_slot_before_its_caller_reads_it() -> None:
+    # a one-slot replica (llama-server --parallel 1): its answer ended; a call sent there now
+    # need not wait for this one's caller to read the rest
+    clock = Clock()
+    models = Models(clock, {})
+    pipeline = _pipeline(models, {"local-small": ("local-1",)})
+    request = build_request("q", model="local-small", request_id="slot")
+    async with contextlib.aclosing(pipeline.run("tenant-a", request)) as run:
+        async for _chunk in run:
+            break  # the caller reads slowly: it holds the rest
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not pipeline.loads.slots_taken("local-1")
