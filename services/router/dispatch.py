@@ -120,6 +120,7 @@ class Attempt:
     # ``timeout_s`` is the router's ROUTER_MODEL_TIMEOUT_S, sooner than what the caller's
     # deadline left (or the caller set none): a cut at it is the server's fault, not the caller's
     routers_deadline: bool = False
+    released: bool = False  # its end came: its replica's slot is free (``ReplicaStates.ended``)
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"

@@ -482,7 +482,6 @@ class Pipeline:
         answer = Answer()
         finished = False
         ended: pb.CompleteResponse | None = None
-        decoded: tuple[float, int] | None = None  # when the whole answer ended, its tokens
         # a call silent mid-answer is cut (as one whose replica died) while another replica
         # could take the request over: this request may be handed on once more
         retry = len(exclude) < _MAX_REPLICA_RETRIES
@@ -521,8 +520,6 @@ class Pipeline:
                     answer.progressed(chunk.progress)
                 elif part == "end":
                     end_chunk, end_at = chunk.end, at
-                    if not end_chunk.interrupted:
-                        decoded = (at, end_chunk.output_tokens)
             if end_chunk is None:
                 raise RequestError(Code.UNAVAILABLE, "the model ended without an answer")
             if end_chunk.interrupted:
@@ -604,8 +601,8 @@ class Pipeline:
                 watch.close()
             if not finished:
                 attempt.stream.cancel()
-            at, tokens = decoded if decoded is not None else (self._clock(), None)
-            self.loads.ended(attempt.replica, attempt.ticket, at, tokens)
+            if not attempt.released:  # no end came (cut, failed, or its caller left before)
+                self._released(attempt, self._clock(), None)
             error = sys.exc_info()[1]
             error_type = "" if ended is not None else _error_type(error)
             if error_type:
@@ -647,6 +644,17 @@ class Pipeline:
             open_call.progressed(chunk.progress.output_tokens)
         if not attempt.cut_before_first_token:
             self.loads.progressed(attempt.replica, at)
+        if part == "end":  # the model is done: its slot is free, whenever its caller reads it
+            whole = not chunk.end.interrupted
+            self._released(attempt, at, chunk.end.output_tokens if whole else None)
+
+    def _released(self, attempt: Attempt, at: float, output_tokens: int | None) -> None:
+        """``attempt``'s call no longer holds its replica's slot (once): its end came at
+        ``at`` (``output_tokens``: a whole answer's, a measure of its decode), or it ended
+        without one."""
+        if not attempt.released:
+            attempt.released = True
+            self.loads.ended(attempt.replica, attempt.ticket, at, output_tokens)
 
     def _refuse_if_outbox_full(self) -> None:
         """No model call while the billing outbox in memory is over its bound: its answer
