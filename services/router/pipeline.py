@@ -44,7 +44,7 @@ from services.router.open_calls import OpenCall
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JournalError
 from services.router.prompt_counts import count_prompt
-from services.router.read_ahead import ReadAhead, ReadInTurn
+from services.router.read_ahead import ReadAhead, ReadAheadBudget, ReadInTurn
 from services.router.routing.model import RouterModel
 from services.router.routing.router import LocalEmbedder, Routed, TierRouter
 from services.router.settings import RouterSettings
@@ -233,6 +233,8 @@ class Pipeline:
         )
         self._tracer = tracer
         self._table = table
+        # the bytes of the model streams read ahead of their callers, all calls together
+        self._ahead_budget = ReadAheadBudget(settings.read_ahead_max_bytes)
         self._tokenizers = Tokenizers.of(tokenizer)
         self._clock = clock
         self._read_ahead = read_ahead
@@ -490,7 +492,7 @@ class Pipeline:
         # read on the model's time, whatever the caller's pace (``read_ahead``)
         arrived = partial(self._arrived, attempt, open_call)
         ahead: ReadAhead | ReadInTurn = (
-            ReadAhead(read, request.max_tokens, self._clock, arrived)
+            ReadAhead(read, request.max_tokens, self._clock, arrived, self._ahead_budget)
             if self._read_ahead
             else ReadInTurn(read, self._clock, arrived)
         )

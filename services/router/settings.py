@@ -22,6 +22,8 @@ from services.router.replica_health import EjectionPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9101"
+# the read-ahead buffers' budget: past this a typo (a byte count meant as KiB) more than memory
+READ_AHEAD_MAX_BYTES = 4 * 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class RouterSettings:
     journal_sync_s: float = 1.0
     # the billing outbox in memory (no data_dir): past this, model calls are refused
     outbox_max_bytes: int = 256 * 1024 * 1024
+    # the model streams read ahead of their callers, all calls together (``read_ahead``)
+    read_ahead_max_bytes: int = 64 * 1024 * 1024
     # a Store's deadline: off the answer's path, and it waits for L1's write-ahead log fsync
     semantic_store_timeout_s: float = 10.0
     # where billed answers are recorded for retries that reach another router; None = none
@@ -114,6 +118,9 @@ class RouterSettings:
             outbox_retry_s=env.seconds("ROUTER_OUTBOX_RETRY_S", 1.0, minimum=0.01),
             journal_sync_s=env.seconds("ROUTER_JOURNAL_SYNC_S", 1.0, minimum=0.0),
             outbox_max_bytes=env.bytes("ROUTER_OUTBOX_MAX_BYTES", 256 * 1024 * 1024),
+            read_ahead_max_bytes=env.bytes(
+                "ROUTER_READ_AHEAD_MAX_BYTES", 64 * 1024 * 1024, maximum=READ_AHEAD_MAX_BYTES
+            ),
             semantic_store_timeout_s=env.seconds(
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
             ),

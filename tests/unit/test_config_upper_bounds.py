@@ -20,7 +20,7 @@ from services.prefix_cache.settings import PrefixCacheSettings
 from services.router.key_settings import KeyStoreSettings
 from services.router.limit_settings import MAX_BUDGET_USD
 from services.router.limits import NANOS_PER_DOLLAR
-from services.router.settings import RouterSettings
+from services.router.settings import READ_AHEAD_MAX_BYTES, RouterSettings
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.tools.stack import cli
@@ -113,6 +113,9 @@ def test_a_byte_limit_past_its_maximum_is_refused_naming_it(service: str, variab
 def test_the_maxima_themselves_are_taken() -> None:
     _taken("router", "ROUTER_IDEMPOTENCY_MAX", str(MAX_COUNT))
     _taken("router", "ROUTER_OUTBOX_MAX_BYTES", str(MAX_BYTES))
+    _taken("router", "ROUTER_READ_AHEAD_MAX_BYTES", str(READ_AHEAD_MAX_BYTES))
+    _refusal("router", "ROUTER_READ_AHEAD_MAX_BYTES", str(READ_AHEAD_MAX_BYTES + 1))
+    _refusal("router", "ROUTER_READ_AHEAD_MAX_BYTES", "-1")
     _taken("router", "ROUTER_KV_CAPACITY_TOKENS", str(MAX_TOKENS))
     _refusal("router", "ROUTER_KV_CAPACITY_TOKENS", str(MAX_TOKENS + 1))
     _taken("router", "ROUTER_BUDGET_USD_PER_DAY", f"{MAX_BUDGET_USD}")

@@ -12,26 +12,23 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from cachemesh import build_request
 from opentelemetry import trace
 
+from cachemesh import build_request
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
 from tests.unit.test_router_replica_ejection import (
     REPLICAS,
-    TABLE,
-    TOKENIZER,
     Clock,
-    FakeSemantic,
     Models,
     Stream,
     WarmOnLargeOne,
     _pipeline,
-    _settings,
 )
 
 TOKENS = 6
