@@ -266,6 +266,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_OUTBOX_RETRY_S",
             "ROUTER_JOURNAL_SYNC_S",
             "ROUTER_OUTBOX_MAX_BYTES",
+            "ROUTER_READ_AHEAD_MAX_BYTES",
             "ROUTER_ANSWERS_REDIS_URL",
         ),
         peers=MappingProxyType(
