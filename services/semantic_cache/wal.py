@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.common.files import fsync_directory
+from services.common.files import fsync_directory, os_error_text
 from services.common.private_files import open_private, private_directory
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
@@ -321,8 +321,7 @@ class WriteAheadLog:
 
     def _fail(self, exc: OSError) -> None:
         """Every record not yet durable is lost: not applied, cut off the segment."""
-        name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-        self._failed = f"{name}: {exc.strerror or exc}"
+        self._failed = os_error_text(exc)
         log.error(
             "%s: a write or fsync of the write-ahead log failed (%s): Stores and Drops are "
             "refused until a snapshot is saved",
