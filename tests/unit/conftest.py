@@ -6,11 +6,13 @@ from it, so every test using either runs twice: all in memory, then all in one r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from redis.asyncio import Redis
 
+from services.common.logs import _Handler as ServiceLogHandler
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
 from services.prefix_cache.redis_ledger import RedisCommitLedger
@@ -20,6 +22,25 @@ from services.prefix_cache.warm import InMemoryWarmStore, WarmStore
 from tests.redis_server import redis_server
 
 LedgerFactory = Callable[[int], CommitLedger]  # record TTL in ms -> a ledger
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found() -> Iterator[None]:
+    """Each test ends with the logging set-up it began with. ``configure_logging`` sets the
+    root's and the ``cachemesh`` logger's levels and installs its handler for the whole process,
+    as a service's start must; a test that starts a service in process would otherwise leave
+    them to every later test (a level above DEBUG on ``cachemesh`` hid later tests' lines)."""
+    root, ours = logging.getLogger(), logging.getLogger("cachemesh")
+    levels = (root.level, ours.level)
+    handlers = list(root.handlers)
+    flags = (logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    yield
+    for handler in [h for h in root.handlers if isinstance(h, ServiceLogHandler)]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
+    logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
 
 
 @pytest.fixture(scope="session")

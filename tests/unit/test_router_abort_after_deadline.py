@@ -111,7 +111,6 @@ async def test_a_cut_the_caller_can_no_longer_receive_logs_no_error(
     channel: grpc.aio.Channel, cut: LateCut, caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.DEBUG, logger="cachemesh.wire")  # whatever an earlier test set
     stub = gateway_pb2_grpc.GatewayStub(channel)
     metadata = (("authorization", f"Bearer {KEY}"),)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
