@@ -130,6 +130,10 @@ class PrefixWindow:
             self.off, self.clients = True, clients
 
 
+def _uncounted_tenant() -> None:
+    pass
+
+
 def _uncounted(dependency: Dependency) -> None:
     pass
 
@@ -196,6 +200,7 @@ class Calls:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         background: Callable[[Awaitable[None]], object] | None = None,
         hung: Callable[[Dependency], None] | None = None,
+        tenant_left_alone: Callable[[], None] | None = None,
     ) -> None:
         """``counted``: the degradations' metric (None: a router built without metrics);
         ``tracer``: for a call that degrades after its request's span ended (a Store);
@@ -203,7 +208,8 @@ class Calls:
         seconds on that clock (between a lease's renewals); ``background``: runs a call past
         the request (the Release of a lost Lookup's lease; None: a task of its own);
         ``hung``: told as a hang of prefix-cache or semantic-cache starts, its breaker first
-        leaving it alone (the metric; None: not counted)."""
+        leaving it alone (the metric; None: not counted); ``tenant_left_alone``: told as L1 is
+        first left alone for one tenant's Lookups (the metric; None: not counted)."""
         self._background = background if background is not None else self._in_background
         self._tasks: set[asyncio.Future[Any]] = set()
         self._d = dependencies
@@ -214,7 +220,12 @@ class Calls:
         self._sleep = sleep
         told = hung if hung is not None else _uncounted
         self._breaker = prefix_breaker(settings.prefix_breaker_s, clock, told)
-        self._l1 = SemanticBreakers(settings.semantic_breaker_s, clock, told)
+        self._l1 = SemanticBreakers(
+            settings.semantic_breaker_s,
+            clock,
+            told,
+            tenant_left_alone if tenant_left_alone is not None else _uncounted_tenant,
+        )
         self._unavailable = Throttles(SecondsClock(clock), DEGRADED_LOG_EVERY_MS)
 
     def _degraded(

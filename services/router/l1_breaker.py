@@ -12,8 +12,10 @@ no other tenant's Lookup was answered while it waited: L1 answered nobody else, 
 tenant is the only one L1 served meanwhile. Every timeout also counts toward leaving L1 alone
 for its tenant alone, by the same rule (``BREAKER_AFTER`` in a row, ``ROUTER_SEMANTIC_BREAKER_S``,
 then one of its requests tries it): its requests stop paying a timeout each, and stop adding to
-their own backlog. That tenant's WARNING line names it; no metric counts it by tenant (the
-skips are ``cachemesh_router_degraded_total``'s, as every skip is).
+their own backlog. That tenant's WARNING line names it; ``tenant_left_alone`` counts it
+(``cachemesh_router_l1_tenant_breaker_opens_total``, without the tenant: tenant names are
+unbounded) once a run, not at each trial that times out meanwhile; the skips are
+``cachemesh_router_degraded_total``'s, as every skip is.
 
 Only the tenants whose Lookups are timing out have a breaker of their own, at most
 ``TENANT_BREAKERS`` (the least recently failed forgotten first: it tries L1 again), so a flood
@@ -46,10 +48,14 @@ class SemanticBreakers:
         open_s: float,
         clock: Callable[[], float],
         hung: Callable[[Dependency], None] = _nothing,
+        tenant_left_alone: Callable[[], None] = lambda: None,
     ) -> None:
         """``open_s``: ROUTER_SEMANTIC_BREAKER_S (0: never left alone); ``clock``: seconds
-        (monotonic); ``hung``: told as a hang of L1 starts (its breaker for every tenant)."""
+        (monotonic); ``hung``: told as a hang of L1 starts (its breaker for every tenant);
+        ``tenant_left_alone``: told as L1 is first left alone for one tenant (not at a failed
+        trial after, nor while L1 is left alone for everyone)."""
         self._open_s = open_s
+        self._tenant_left_alone = tenant_left_alone
         self._clock = clock
         self._all = semantic_breaker(open_s, clock, hung)
         self._tenants: OrderedDict[str, Breaker] = OrderedDict()
@@ -123,6 +129,7 @@ class SemanticBreakers:
                     open_s,
                 )
                 return
+            self._tenant_left_alone()
             log.warning(
                 "semantic-cache: %d Lookups of tenant %s in a row timed out while other "
                 "tenants' were answered (its own backlog in L1); no Lookup of tenant %s sent "

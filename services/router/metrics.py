@@ -84,7 +84,10 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``client`` label are Redis's, and it counts those re-opens too); the calls not made count
   as ``degraded_total`` DEADLINE_EXCEEDED; one tenant's Lookups timing out while other
   tenants' are answered (its own backlog) leave L1 alone for that tenant alone, not counted
-  here (no hang; its WARNING line names the tenant);
+  here (no hang; its WARNING line names the tenant) but in
+  ``cachemesh_router_l1_tenant_breaker_opens_total``: times L1 was left alone for one tenant
+  (once a run of its timeouts, not at each failed trial; no tenant label, tenant names being
+  unbounded: the WARNING line names it);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -285,6 +288,11 @@ class RouterMetrics:
         )
         for dependency in DEPENDENCIES:
             self._hangs(dependency)
+        self._tenant_l1_opens = m.counter(
+            "cachemesh_router_l1_tenant_breaker_opens",
+            "Times semantic-cache was left alone for one tenant after its Lookups timed out in "
+            "a row while other tenants' were answered (its own backlog in L1)",
+        )()
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -441,6 +449,10 @@ class RouterMetrics:
     def breaker_opened(self, dependency: Dependency) -> None:
         """A hang of ``dependency`` starts: its breaker first leaves it alone."""
         self._hangs(dependency).inc()
+
+    def l1_tenant_left_alone(self) -> None:
+        """L1 is left alone for one tenant's Lookups (its breaker of its own opened)."""
+        self._tenant_l1_opens.inc()
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

@@ -230,6 +230,7 @@ class Pipeline:
             sleep,
             background=self._in_background,
             hung=metrics.breaker_opened if metrics is not None else None,
+            tenant_left_alone=metrics.l1_tenant_left_alone if metrics is not None else None,
         )
         self._tracer = tracer
         self._table = table

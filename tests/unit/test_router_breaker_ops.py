@@ -45,6 +45,7 @@ from tests.unit.test_router_semantic_hang import HungSemantic, _env
 BREAKER_S = 5.0
 TRIALS = 720  # an hour's hang, tried again every BREAKER_S
 OPENS = "cachemesh_router_breaker_opens_total"
+TENANT_OPENS = "cachemesh_router_l1_tenant_breaker_opens_total"
 # what each breaker's lines name (the re-opens', the WARNING's, the INFO's)
 BREAKER_WORDS = ("left alone", "BREAKER_S", "answers again")
 
@@ -124,6 +125,7 @@ async def test_an_hour_long_hang_logs_one_warning_and_is_counted_once(
     await stack.hang()
     assert _levels(caplog, dependency) == {"WARNING": 1, "DEBUG": TRIALS, "INFO": 1}
     assert stack.opens(dependency) == 1  # one hang, however often it was tried meanwhile
+    assert stack.registry.get_sample_value(TENANT_OPENS) == 0  # L1's hang, no tenant's
     other = "semantic-cache" if dependency == "prefix-cache" else "prefix-cache"
     assert stack.opens(other) == 0
     await stack.ask()
@@ -140,6 +142,7 @@ async def test_an_hour_long_hang_logs_one_warning_and_is_counted_once(
 def test_each_dependency_is_counted_from_zero_at_start() -> None:
     stack = Stack("prefix-cache")  # for rate() and alerts: a series before its first hang
     assert stack.opens("prefix-cache") == stack.opens("semantic-cache") == 0
+    assert stack.registry.get_sample_value(TENANT_OPENS) == 0
 
 
 def _redis_hang(open_s: float, opened: Callable[[str], None]) -> None:

@@ -70,11 +70,21 @@ class Rig:
     clock: FakeClock = field(default_factory=FakeClock)
     semantic: BackloggedSemantic = field(default_factory=BackloggedSemantic)
     hangs: list[Dependency] = field(default_factory=list)  # breaker_opens_total's steps
+    tenant_opens: int = 0  # l1_tenant_breaker_opens_total's steps
 
     def __post_init__(self) -> None:
         settings = RouterSettings.from_env(_env(ROUTER_SEMANTIC_BREAKER_S="5"), TABLE)
         deps = Dependencies(self.semantic, FakePrefix(), FakeModels(), dict(REPLICAS))
-        self.calls = Calls(deps, settings, clock=self.clock, hung=self.hangs.append)
+        self.calls = Calls(
+            deps,
+            settings,
+            clock=self.clock,
+            hung=self.hangs.append,
+            tenant_left_alone=self._tenant_opened,
+        )
+
+    def _tenant_opened(self) -> None:
+        self.tenant_opens += 1
 
     def sent(self, tenant: str) -> int:
         return sum(1 for lookup in self.semantic.lookups if lookup.tenant == tenant)
@@ -109,8 +119,9 @@ async def test_one_tenants_timeouts_leave_l1_alone_for_that_tenant_only(
     # tenant-b's are not, for ROUTER_SEMANTIC_BREAKER_S
     assert await rig.lookup(SLOW) is None
     assert rig.sent(SLOW) == 3
-    # no hang of semantic-cache counted; the log names the tenant
+    # no hang of semantic-cache counted, one tenant left alone; the log names the tenant
     assert rig.hangs == []
+    assert rig.tenant_opens == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(SLOW in line and "ROUTER_SEMANTIC_BREAKER_S" in line for line in warnings)
     assert not any("no L1 hits meanwhile" in line for line in warnings)  # no hang
@@ -124,6 +135,20 @@ async def test_a_tenants_trial_after_the_wait_answered_sends_its_lookups_again()
     assert await rig.lookup(SLOW) is not None  # the trial
     assert await rig.lookup(SLOW) is not None
     assert rig.sent(SLOW) == 5
+
+
+async def test_a_tenants_failed_trial_is_not_counted_again_and_a_new_run_is() -> None:
+    rig = Rig()
+    await rig.slow_lookups(SLOW, 3, answered="tenant-a")
+    rig.clock.now += 5.0
+    await rig.slow_lookups(SLOW, 1, answered="tenant-a")  # the trial times out
+    assert rig.tenant_opens == 1
+    rig.clock.now += 5.0
+    rig.semantic.slow.clear()
+    assert await rig.lookup(SLOW) is not None  # closed
+    rig.semantic.slow.add(SLOW)
+    await rig.slow_lookups(SLOW, 3, answered="tenant-a")
+    assert rig.tenant_opens == 2
 
 
 async def test_stores_without_a_lease_are_skipped_for_the_slow_tenant_only() -> None:
@@ -143,6 +168,7 @@ async def test_a_hang_leaves_l1_alone_for_every_tenant_after_three_timeouts(
     with caplog.at_level(logging.WARNING, logger="cachemesh.router"):
         await rig.slow_lookups(SLOW, 3)  # nothing answered while they waited
     assert rig.hangs == ["semantic-cache"]
+    assert rig.tenant_opens == 0  # a hang is L1's, not the tenant's
     assert await rig.lookup("tenant-a") is None
     assert await rig.lookup("tenant-c") is None
     assert rig.sent("tenant-a") == rig.sent("tenant-c") == 0
