@@ -214,6 +214,7 @@ class SemanticCacheApi:
         except QueueFull as exc:  # L1 is busy: this answer is not kept (a later one may be)
             result = StoreResult(False, skip_reason=str(exc))
         except NotDurable as exc:  # not stored: never served, nor after a restart
+            self._refused("store")
             raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
         if result.stored:
             self._counts.stored(request.tenant)
@@ -237,6 +238,7 @@ class SemanticCacheApi:
                 namespace = request.namespace if request.HasField("namespace") else None
                 dropped = await self._cache.drop(request.tenant, namespace)
         except NotDurable as exc:  # nothing removed: the entries are still served, say so
+            self._refused("drop")
             raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
         if self._on_drop is not None:
             # after every Drop taken, whatever it counted: entries already expired (not yet
@@ -310,10 +312,16 @@ class SemanticCacheApi:
         except PolicyError as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         except PolicyNotDurable as exc:  # a full disk: not applied, the caller retries
+            self._refused("policy")
             raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
         if change.l1_enabled is False:  # a Store already on its way stores nothing either
             self._cache.stop_pending_stores(request.tenant)
         return self._policy_message(request.tenant)
+
+    def _refused(self, write: str) -> None:
+        """A write that could not be made durable was refused (the metric)."""
+        if self._metrics is not None:
+            self._metrics.write_refused(write)
 
     def _policy_message(self, tenant: str) -> sc.L1Policy:
         policy = self._policies.get(tenant)

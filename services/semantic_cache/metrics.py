@@ -29,6 +29,10 @@
   ``..._snapshot_failures_total``: saves that failed (a full disk, an I/O error), each retried
   the next period or drop; until one succeeds, what was dropped since the last saved snapshot
   is still on the disk;
+  ``..._writes_refused_total{write}``: Stores, Drops (``drop``: a purge) and policy changes
+  refused UNAVAILABLE because they could not be made durable (the write-ahead log failed and no
+  snapshot has been saved since, a full disk under the policy file): each refused write was not
+  applied (an answer not kept, a purge not done: its caller must retry);
   ``..._wal_tail_cuts_total{kind}``: a bad end cut off the write-ahead log at start, ``torn``
   (a crash mid-append, never acknowledged) or ``damaged`` (a whole record failing its
   checksum, moved aside: it may have been acknowledged; the log says where).
@@ -50,6 +54,8 @@ from services.semantic_cache.stats import StoreStats
 # (``wal.TailCut.kind``): their counters' label values
 EMBED_CALLS = ("lookup", "store")
 TAIL_CUT_KINDS = ("torn", "damaged")
+# the writes refused when they cannot be made durable: ``..._writes_refused_total``'s label
+REFUSED_WRITES = ("store", "drop", "policy")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -122,6 +128,12 @@ class SemanticCacheMetrics:
             "Snapshot saves that failed (a full disk, an I/O error): retried the next period or "
             "drop; until one succeeds what was dropped since the last saved one is on the disk",
         )()  # unlabelled: at 0 from the start
+        self._writes_refused = m.counter(
+            "cachemesh_semantic_cache_writes_refused",
+            "Stores, Drops and policy changes refused because they could not be made durable "
+            "(a failed write-ahead log, a full disk): not applied",
+            ("write",),
+        )
         self._wal_tail_cuts = m.counter(
             "cachemesh_semantic_cache_wal_tail_cuts",
             "Bad ends cut off the write-ahead log at start: torn (a crash mid-append) or "
@@ -136,6 +148,8 @@ class SemanticCacheMetrics:
             self._embed_dropped(call)
         for kind in TAIL_CUT_KINDS:
             self._wal_tail_cuts(kind)
+        for write in REFUSED_WRITES:
+            self._writes_refused(write)
 
     def looked_up(self, tenant: str, result: CheckResult) -> None:
         label = self._tenants(tenant)
@@ -172,6 +186,10 @@ class SemanticCacheMetrics:
 
     def snapshot_failed(self) -> None:
         self._snapshot_failures.inc()
+
+    def write_refused(self, write: str) -> None:
+        """A ``write`` (one of ``REFUSED_WRITES``) was refused: it could not be made durable."""
+        self._writes_refused(write).inc()
 
     def wal_tail_cut(self, kind: str) -> None:
         self._wal_tail_cuts(kind).inc()

@@ -179,7 +179,10 @@ async def test_a_policy_the_disk_refuses_is_unavailable_not_applied_and_leaves_n
     (not INTERNAL), the policy not applied, the file as it was, no temp file left behind."""
     path = tmp_path / FILE_NAME
     policies = TenantPolicies(path)
-    api = SemanticCacheApi(SemanticCache(FakeEmbedder(), ManualClock()), policies=policies)
+    registry = CollectorRegistry()
+    metrics = SemanticCacheMetrics(registry, TenantLabels(10))
+    cache = SemanticCache(FakeEmbedder(), ManualClock())
+    api = SemanticCacheApi(cache, policies=policies, metrics=metrics)
     await api.set_policy(sc.SetL1PolicyRequest(tenant="acme", default_ttl_s=60))
     before = path.read_bytes()
 
@@ -196,5 +199,7 @@ async def test_a_policy_the_disk_refuses_is_unavailable_not_applied_and_leaves_n
     assert str(tmp_path) not in message
     assert sorted(os.listdir(tmp_path)) == [FILE_NAME]
     assert path.read_bytes() == before
+    refused = "cachemesh_semantic_cache_writes_refused_total"
+    assert registry.get_sample_value(refused, {"write": "policy"}) == 1
     policy = await api.get_policy(sc.L1PolicyRequest(tenant="acme"))
     assert policy.l1_enabled and policy.default_ttl_s == 60

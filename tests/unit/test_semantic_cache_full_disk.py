@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
 from services.common.errors import Code, RequestError
+from services.common.metrics import TenantLabels
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import NotDurable, WriteAheadLog
@@ -69,7 +72,9 @@ class Shard:
         self.cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8)
         self.wal = WriteAheadLog(directory / "wal")
         self.snapshots = Snapshotter(SnapshotStore(directory), clock, 0, self.wal)
-        self.api = SemanticCacheApi(self.cache)
+        self.registry = CollectorRegistry()
+        metrics = SemanticCacheMetrics(self.registry, TenantLabels(10))
+        self.api = SemanticCacheApi(self.cache, metrics=metrics)
 
     @classmethod
     async def open(cls, directory: Path, clock: ManualClock) -> Shard:
@@ -86,6 +91,11 @@ class Shard:
         lookup = sc.LookupRequest(tenant=tenant, request=make_request(question))
         reply = await self.api.lookup(lookup, None)
         return reply.answer.content[0].text if reply.hit else None
+
+    def refused(self, write: str) -> float | None:
+        """``cachemesh_semantic_cache_writes_refused_total{write}``."""
+        name = "cachemesh_semantic_cache_writes_refused_total"
+        return self.registry.get_sample_value(name, {"write": write})
 
     def entries(self, tenant: str = "acme") -> int:
         (stats,) = self.api.stats(sc.L1StatsRequest(tenant=tenant)).tenants
@@ -109,9 +119,11 @@ async def test_a_purge_the_full_disk_refuses_is_not_applied_nor_brought_back(
     shard = await Shard.open(tmp_path, clock)
     for i, question in enumerate(QUESTIONS):
         assert (await shard.store(question, f"9-5 #{i}")).stored
+    assert shard.refused("drop") == 0  # a series from the start
     disk = fill(shard.wal)
     message = await refused(shard.api.drop(sc.DropRequest(tenant="acme")))
     assert "No space left on device" in message and "SEMANTIC_CACHE_DATA_DIR" in message
+    assert shard.refused("drop") == 1 and shard.refused("store") == 0
     assert shard.entries() == 3 and await shard.served(QUESTIONS[0]) == "9-5 #0"
     crashed = await Shard.open(tmp_path, clock)  # kill -9: no snapshot, the log replayed
     assert crashed.entries() == 3
@@ -137,6 +149,7 @@ async def test_a_store_the_full_disk_refuses_is_never_served(tmp_path: Path, roo
     message = await refused(shard.store(QUESTIONS[1], "refused"))
     assert "No space left on device" in message
     await refused(shard.store(QUESTIONS[2], "refused too"))  # the log stays failed
+    assert shard.refused("store") == 2 and shard.refused("drop") == 0
     assert shard.entries() == 1
     assert await shard.served(QUESTIONS[1]) is None and await shard.served(QUESTIONS[2]) is None
     crashed = await Shard.open(tmp_path, clock)
