@@ -40,7 +40,10 @@ metric at 0). A journal file removed or replaced while the router runs (its desc
 to a file no longer at ``billing-outbox.jsonl``, lost at the next start) is found at the next
 sync (``fstat``'s link count 0, or another inode at the path), said at ERROR once, counted
 (``lost``), and rewritten from the pending entries the descriptor still holds (a rewrite, as
-after a failed fsync: until it succeeds no write is acknowledged as durable).
+after a failed fsync: until it succeeds no write is acknowledged as durable). The whole
+``ROUTER_DATA_DIR`` removed (an ``rm -rf``, a clean-up job) is made again (0700) by that
+rewrite, and its lock file taken again, so that another router started meanwhile cannot take
+the directory (one that already did makes the rewrite fail, said at ERROR, and tried again).
 """
 
 from __future__ import annotations
@@ -374,6 +377,24 @@ class Journal:
                 written=True,
             )
 
+    def _relock(self) -> None:
+        """The directory and the lock file made again if they were removed, the lock taken
+        again (an ``OSError`` if it cannot be: another router now holds it)."""
+        if os.fstat(self._lock_fd).st_nlink:
+            return  # the lock file is still the one at its path's place, and so the directory
+        private_directory(self.path.parent)
+        try:
+            fd = _lock(self.path.parent / LOCK_NAME)
+        except ConfigError as exc:
+            raise OSError(errno.EBUSY, str(exc)) from None
+        log.error(
+            "billing outbox: %s was removed while the router runs; made again, its lock taken "
+            "again (do not remove ROUTER_DATA_DIR while the router runs)",
+            self.path.parent,
+        )
+        os.close(self._lock_fd)
+        self._lock_fd = fd
+
     @property
     def dirty(self) -> bool:
         """Some write is not fsynced yet (read between batches, not during one)."""
@@ -412,6 +433,7 @@ class Journal:
         lines: dict[str, _Line] = {}
         size = 0
         try:
+            self._relock()
             fresh.unlink(missing_ok=True)  # a crashed rewrite's, whatever its mode
             fd = open_private(fresh, os.O_RDWR | os.O_EXCL)
             try:

@@ -9,6 +9,8 @@ import asyncio
 import errno
 import logging
 import os
+import shutil
+import stat
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
+from services.common.env import ConfigError
 from services.common.errors import Code, RequestError
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError, JournalThread
@@ -212,3 +215,29 @@ async def test_a_journal_file_removed_while_the_router_runs_is_rewritten_from_wh
     said = [r for r in caplog.records if "removed or replaced" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
     assert sum(failed) >= 1
+
+
+async def test_a_data_directory_removed_while_the_router_runs_is_made_again_and_locked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """prefix-cache down, two answers kept, then the whole ROUTER_DATA_DIR is removed. Before:
+    every rewrite failed (its directory gone), no write was durable again until a restart,
+    which found no bills, and a second router could start on the directory. Now the next
+    journal batch makes it again (0700), rewrites the bills it holds and takes the lock again."""
+    data = tmp_path / "router"
+    journal = Journal(data)
+    outbox = BillingOutbox(OutboxPrefix(), journal, 1.0, 0.01)
+    await outbox.keep(_commits("a#1"))
+    await outbox.keep(_commits("b#1"))
+    shutil.rmtree(data)
+    with caplog.at_level(logging.ERROR, logger="cachemesh.router.outbox"):
+        await outbox.keep(_commits("c#1"))
+        await outbox.keep(_commits("d#1"))
+    assert _kept(data) == ["a#1", "b#1", "c#1", "d#1"]
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    said = [r.getMessage() for r in caplog.records if "made again" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    with pytest.raises(ConfigError, match="another router is using"):
+        Journal(data)
+    await outbox.close()
+    journal.close()
