@@ -636,7 +636,10 @@ async def test_the_warm_commit_runs_beside_the_answer_and_the_start_waits_for_it
     )
     run = rig.pipeline().run("tenant-a", _request())
     first = asyncio.ensure_future(run.__anext__())
-    await asyncio.sleep(0.01)
+    for _ in range(500):  # the read-ahead task's turns, however loaded the machine
+        if "read text" in prefix.events:
+            break
+        await asyncio.sleep(0.01)
     # the first token was read while the WARM was still out; nothing reached the caller
     assert "read text" in prefix.events and "COMMIT_PHASE_WARM sent" in prefix.events
     assert "COMMIT_PHASE_WARM done" not in prefix.events and not first.done()
@@ -713,7 +716,10 @@ async def test_complete_reads_the_whole_answer_while_the_warm_commit_is_out() ->
     )
     run = rig.pipeline().run("tenant-a", _request(), streamed=False)
     first = asyncio.ensure_future(run.__anext__())
-    await asyncio.sleep(0.01)
+    for _ in range(500):  # the read-ahead task's turns, however loaded the machine
+        if "read eof" in prefix.events:
+            break
+        await asyncio.sleep(0.01)
     assert "read eof" in prefix.events and "COMMIT_PHASE_WARM done" not in prefix.events
     prefix.warm_may_answer.set()
     chunks = [await first] + [chunk async for chunk in run]
