@@ -14,6 +14,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import model_pb2
 from services.model.engine import Delta, Event, Finished, SimEngine, Started
+from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE
 
 log = logging.getLogger("cachemesh.model")
 
@@ -54,6 +55,8 @@ class ModelApi:
 def _annotate(span: trace.Span, event: Event) -> None:
     if isinstance(event, Started):
         span.set_attribute("cachemesh.kv_cached_tokens", event.kv_cached_tokens)
+        # its wait for its turn in the replica's prefill queue (``fair_queue``)
+        span.set_attribute(QUEUE_WAIT_ATTRIBUTE, round(event.queue_wait_s * 1000, 3))
     elif isinstance(event, Finished):
         span.set_attribute("gen_ai.usage.output_tokens", event.output_tokens)
         span.set_attribute("cachemesh.draft_accepted_tokens", event.draft_accepted_tokens)

@@ -14,7 +14,7 @@ from services.common.auth import InternalAuthInterceptor
 from services.common.env import Env
 from services.common.grace import GraceEnd
 from services.common.logs import configure_logging
-from services.common.metrics import MetricsEndpoint, new_registry
+from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
 from services.common.server import (
     HealthSwitch,
     ServiceSpec,
@@ -43,7 +43,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     provider = build_tracer_provider(environ, "model")
     auth = InternalAuthInterceptor(settings.internal_token)
     registry = new_registry()
-    metrics = ModelMetrics(registry, settings.models, time.perf_counter)
+    tenants = TenantLabels(settings.metrics.max_tenants)
+    metrics = ModelMetrics(registry, settings.models, time.perf_counter, tenants)
     service = ModelService(settings.replica_id, metrics=metrics)
     kv_cache = KvBlockCache(settings.kv_capacity_blocks)
     health = HealthSwitch()
@@ -53,7 +54,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         # the vocabularies of the rows this replica serves, each once
         tokenizer = await asyncio.to_thread(load_tokenizers, settings.models.values())
         if settings.provider is None:
-            service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache)))
+            service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache, metrics=metrics)))
         else:
             # only a provider replica loads the SDKs (anthropic, openai): importing them took
             # most of a simulated replica's start (seconds on a busy machine) for nothing

@@ -3,19 +3,22 @@
 Nothing here knows about gRPC servicers. ``prepare`` validates a request and computes
 everything that is a pure function of it (tokens, block hashes, the answer) without touching
 state, so it can run in a worker thread. ``run`` then owns the replica's time: it waits for the
-replica's prefill queue (one prefill at a time, first come first served, as continuous-batching
-engines schedule prefill and as the router's replica model assumes), sleeps the prefill of the
-tokens the KV cache does not hold when its turn comes, records the prompt's blocks, and yields
-the answer in deltas of a few tokens, sleeping the decode time of each (decodes run alongside
-each other and the prefill, each at the model's full rate). Every sleep goes through the
-injected ``sleep`` and is scaled by ``time_scale`` (0 = no waiting, and no queue). A model with a
-``Drafting`` decodes speculatively (``speculative.py``): a delta a step, each step's time
-that of k draft tokens and one target pass; the answer's tokens are the same either way.
+replica's prefill queue (one prefill at a time, as the router's replica model assumes; the
+turn is tenant-fair, ``fair_queue``: deficit round robin by the uncached prompt tokens each
+prefill asks, first come first served within a tenant, so one tenant's flood does not starve
+the others), sleeps the prefill of the tokens the KV cache does not hold when its turn comes,
+records the prompt's blocks, and yields the answer in deltas of a few tokens, sleeping the
+decode time of each (decodes run alongside each other and the prefill, each at the model's
+full rate). Every sleep goes through the injected ``sleep`` and is scaled by ``time_scale``
+(0 = no waiting, and no queue). A model with a ``Drafting`` decodes speculatively
+(``speculative.py``): a delta a step, each step's time that of k draft tokens and one target
+pass; the answer's tokens are the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,11 +28,14 @@ from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
+from services.model.fair_queue import FairQueue, QueueWatcher
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache, block_hashes
 from services.model.speculative import Drafting, plan_steps, step_seconds
 from services.model.text import Answer, compose_answer, seed_of
 
 Sleep = Callable[[float], Awaitable[None]]
+# how long a call waited for its turn, by model: a histogram (``ModelMetrics``)
+QueueWaits = Callable[[str, float], None]
 DEFAULT_DELTA_TOKENS = 4
 
 
@@ -38,6 +44,7 @@ class Started:
     replica: str
     prompt_tokens: int
     kv_cached_tokens: int
+    queue_wait_s: float = 0.0  # waited in the replica's prefill queue for its turn
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,14 @@ class SimEngine:
         sleep: Sleep = asyncio.sleep,
         delta_tokens: int = DEFAULT_DELTA_TOKENS,
         drafting: Mapping[str, Drafting] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        watcher: QueueWatcher | None = None,
+        waits: QueueWaits | None = None,
     ) -> None:
         """``tokenizer``: each row's (one ``Tokenizer``: the only vocabulary, its rows'
-        all); ``drafting``: the models (by id) that decode speculatively, and how."""
+        all); ``drafting``: the models (by id) that decode speculatively, and how;
+        ``watcher`` and ``waits``: the prefill queue's calls waiting by tenant, and each
+        call's wait by model (the replica's metrics)."""
         if not models:
             raise ValueError("a replica must serve at least one model")
         if time_scale < 0:
@@ -106,8 +118,9 @@ class SimEngine:
         self._sleep = sleep
         self._delta_tokens = delta_tokens
         self._drafting = dict(drafting or {})
-        # the replica's prefill queue: asyncio's lock wakes its waiters in arrival order
-        self._prefill_queue = asyncio.Lock()
+        # the replica's prefill queue: one prefill at a time, tenant-fair
+        self._prefill_queue = FairQueue(1, clock, watcher=watcher)
+        self._waits = waits
 
     @property
     def serves(self) -> tuple[str, ...]:
@@ -178,12 +191,19 @@ class SimEngine:
         sleep (in the queue too: it leaves it)."""
         spec = prepared.spec
         tokenizer = self._tokenizers.for_spec(spec)
+        waited = 0.0
         if self._time_scale == 0:
             cached = await self._prefill(prepared)  # no time passes: nothing to queue for
         else:
-            async with self._prefill_queue:
+            # its cost: the tokens to prefill as the cache holds them now (a prompt queued
+            # behind one with the same prefix may find more of it cached when its turn comes)
+            uncached = prepared.prompt_tokens - self._cached(prepared)
+            async with self._prefill_queue.slot(prepared.tenant, uncached) as admission:
+                waited = admission.waited_s
+                if self._waits is not None:
+                    self._waits(spec.id, waited)
                 cached = await self._prefill(prepared)
-        yield Started(self.replica_id, prepared.prompt_tokens, cached)
+        yield Started(self.replica_id, prepared.prompt_tokens, cached, waited)
         ids = prepared.answer.token_ids
         drafting = self._drafting.get(spec.id)
         steps = plan_steps(prepared.seed, len(ids), drafting) if drafting is not None else None
@@ -206,10 +226,13 @@ class SimEngine:
         accepted = sum(step.accepted for step in steps) if steps is not None else 0
         yield Finished(prepared.answer.tokens, prepared.answer.stop_reason, accepted)
 
+    def _cached(self, prepared: Prepared) -> int:
+        return self._kv.cached_tokens(prepared.block_hashes, prepared.prompt_tokens)
+
     async def _prefill(self, prepared: Prepared) -> int:
         """The prompt's prefill, from the KV cache as it is when it begins (a request queued
         behind one with the same prefix reuses it); the tokens read from the cache."""
-        cached = self._kv.cached_tokens(prepared.block_hashes, prepared.prompt_tokens)
+        cached = self._cached(prepared)
         uncached = prepared.prompt_tokens - cached
         await self._sleep(prefill_seconds(prepared.spec, uncached, self._time_scale))
         self._kv.insert(prepared.block_hashes)

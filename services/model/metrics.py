@@ -28,7 +28,12 @@ adapter's alike), labelled by the model served (a model this replica serves, els
   sees (that is the router's ``cachemesh_router_ttft_seconds``: a model thinking 20 s before
   its text has its first token here at the end of its prefill), and
   ``cachemesh_model_decode_tokens_per_second{model}`` (output tokens, the thinking in them,
-  over the time from that first chunk to the last, for answers of two tokens or more).
+  over the time from that first chunk to the last, for answers of two tokens or more);
+- ``cachemesh_model_queue_wait_seconds{model}``: how long each call admitted to the engine
+  waited for its turn in the replica's tenant-fair queue (``fair_queue``: the simulator's
+  prefill queue, a provider engine's ``MODEL_MAX_CONCURRENT_CALLS`` gate), and
+  ``cachemesh_model_queue_waiting{tenant}``: the calls waiting there now, by tenant (bounded
+  as the router's: the first ``CACHEMESH_METRICS_MAX_TENANTS`` tenants, then ``_other``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import model_pb2
-from services.common.metrics import OTHER, LoopMetrics
+from services.common.metrics import DEFAULT_MAX_TENANTS, OTHER, LoopMetrics, TenantLabels
 
 OK = "ok"  # a stream that ended with a whole answer
 INTERRUPTED = "interrupted"  # one whose end is interrupted: the answer was cut
@@ -63,10 +68,15 @@ class Generation:
 
 class ModelMetrics:
     def __init__(
-        self, registry: CollectorRegistry, models: Collection[str], clock: Callable[[], float]
+        self,
+        registry: CollectorRegistry,
+        models: Collection[str],
+        clock: Callable[[], float],
+        tenants: TenantLabels | None = None,
     ) -> None:
         self._models = frozenset(models)
         self._clock = clock
+        self._tenants = tenants if tenants is not None else TenantLabels(DEFAULT_MAX_TENANTS)
         m = LoopMetrics(registry)
         self._in_flight = m.gauge(
             "cachemesh_model_in_flight", "Generate calls in progress", ("model",)
@@ -101,6 +111,24 @@ class ModelMetrics:
             ("model",),
             TPS_BUCKETS,
         )
+        self._queue_wait = m.histogram(
+            "cachemesh_model_queue_wait_seconds",
+            "How long a call waited for its turn at the engine in the replica's fair queue",
+            ("model",),
+        )
+        self._queue_waiting = m.gauge(
+            "cachemesh_model_queue_waiting",
+            "Calls waiting for their turn at the engine in the replica's fair queue",
+            ("tenant",),
+        )
+
+    def waiting(self, tenant: str, change: int) -> None:
+        """A tenant's calls waiting in the replica's queue changed (``QueueWatcher``)."""
+        self._queue_waiting(self._tenants(tenant)).inc(change)
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        """A call admitted to the engine after waiting ``seconds`` for its turn."""
+        self._queue_wait(model if model in self._models else OTHER).observe(seconds)
 
     def begin(self, model: str) -> Generation:
         label = model if model in self._models else OTHER  # a model not in the table

@@ -8,6 +8,7 @@ import asyncio
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.engine import SimEngine, Sleep
 from services.model.kv_cache import KvBlockCache
+from services.model.metrics import ModelMetrics
 from services.model.settings import ModelSettings
 
 
@@ -16,6 +17,7 @@ def build_engine(
     tokenizer: Tokenizers | Tokenizer,
     kv_cache: KvBlockCache | None = None,
     sleep: Sleep = asyncio.sleep,
+    metrics: ModelMetrics | None = None,
 ) -> SimEngine:
     return SimEngine(
         models=settings.models,
@@ -25,4 +27,6 @@ def build_engine(
         time_scale=settings.time_scale,
         sleep=sleep,
         drafting=settings.drafting,
+        watcher=metrics,
+        waits=metrics.queue_wait if metrics is not None else None,
     )
