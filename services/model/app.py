@@ -60,7 +60,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             # most of a simulated replica's start (seconds on a busy machine) for nothing
             from services.model.providers.wiring import build_provider_api
 
-            apis.append(build_provider_api(settings, tokenizer, health.set))
+            apis.append(build_provider_api(settings, tokenizer, health.set, metrics))
             service.attach(apis[0])
 
     async def close_apis() -> None:

@@ -20,6 +20,10 @@ DEFAULT_KV_CAPACITY_BLOCKS = 65536
 # answer at 1000 takes minutes). 1e300 was taken: every sleep (to inf past 1e308) never ended,
 # the replica SERVING and never answering.
 MAX_TIME_SCALE = 1000.0
+# MODEL_MAX_CONCURRENT_CALLS: the calls a provider replica lets through to its engine at once
+# (the rest wait in its tenant-fair queue); 0 = no gate
+MAX_CONCURRENT_CALLS_VAR = "MODEL_MAX_CONCURRENT_CALLS"
+MAX_CONCURRENT_CALLS = 10_000
 # MODEL_BACKEND -> the table's providers it may serve
 BACKENDS: dict[str, tuple[str, ...]] = {
     "simulated": ("simulated",),
@@ -41,6 +45,9 @@ class ModelSettings:
     provider: ProviderSettings | None = None  # set for a provider backend
     # SIM_SPECULATIVE: the simulated models that decode with a draft
     drafting: Mapping[str, Drafting] = field(default_factory=dict)
+    # a provider replica's gate (``max_concurrent_calls``); 0: none (the simulator has its own
+    # one-prefill-at-a-time queue and reads nothing of it)
+    max_concurrent_calls: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ModelSettings:
@@ -71,7 +78,19 @@ class ModelSettings:
                 "MODEL_KV_CAPACITY_BLOCKS", DEFAULT_KV_CAPACITY_BLOCKS, minimum=0
             ),
             drafting=_drafting(env, table, models),
+            max_concurrent_calls=max_concurrent_calls(env, models) if provider else 0,
         )
+
+
+def max_concurrent_calls(env: Env, models: Mapping[str, ModelSpec]) -> int:
+    """``MODEL_MAX_CONCURRENT_CALLS``, else the default: a self-hosted engine's slot count
+    (its rows' ``replica_slots``, llama-server's ``--parallel``; the smallest, if the rows
+    served differ), so that the calls wait in the replica's tenant-fair queue rather than in
+    the engine's first-come-first-served one; else 0, no gate (a hosted provider, or an
+    engine that batches every call, vLLM or SGLang: set it to what the engine runs at once)."""
+    slots = [spec.replica_slots for spec in models.values() if spec.replica_slots is not None]
+    default = min(slots) if slots else 0
+    return env.count(MAX_CONCURRENT_CALLS_VAR, default, maximum=MAX_CONCURRENT_CALLS)
 
 
 def _drafting(env: Env, table: ModelTable, models: Mapping[str, ModelSpec]) -> dict[str, Drafting]:

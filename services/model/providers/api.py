@@ -72,6 +72,7 @@ from services.common.deadlines import end_margin_s
 from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
 from services.common.tokens import Tokenizer, Tokenizers
+from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE, FairQueue, QueueWatcher
 from services.model.providers.config import ProviderSettings
 from services.model.providers.failures import (
     UNSENDABLE,
@@ -86,6 +87,8 @@ from services.model.providers.redact import Redactor
 log = logging.getLogger("cachemesh.model")
 Sleep = Callable[[float], Awaitable[None]]
 HealthSetter = Callable[[bool], Awaitable[None]]
+QueueWaits = Callable[[str, float], None]  # a call's wait for the gate, by model (metrics)
+_BYTES_A_TOKEN = 4  # a request without Plan's prompt count: its size, for the gate's cost
 _DEADLINE_MARGIN_S = 0.05  # a retry must be able to start this long before the deadline
 _NO_DEADLINE_S = 300.0  # a call that came without a deadline
 _OUT = (Kind.AUTH, Kind.ACCOUNT)  # the replica's key or account: NOT_SERVING until rechecked
@@ -121,7 +124,22 @@ class ProviderApi:
         set_health: HealthSetter,
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        max_concurrent_calls: int = 0,
+        watcher: QueueWatcher | None = None,
+        waits: QueueWaits | None = None,
     ) -> None:
+        """``max_concurrent_calls``: the calls let through to the engine at once, the rest
+        waiting in a tenant-fair queue (``fair_queue``; 0: no gate); ``watcher`` and
+        ``waits``: that queue's calls waiting by tenant, and each call's wait by model."""
+        if max_concurrent_calls < 0:
+            raise ValueError(f"max_concurrent_calls must be >= 0, got {max_concurrent_calls}")
+        self._gate = (
+            FairQueue(max_concurrent_calls, clock, watcher=watcher)
+            if max_concurrent_calls
+            else None
+        )
+        self._gate_size = max_concurrent_calls
+        self._waits = waits
         self._adapter = adapter
         self._models = dict(models)  # under their upstream names (ModelSettings)
         self._replica = replica_id
@@ -154,7 +172,11 @@ class ProviderApi:
         span.set_attribute("gen_ai.request.model", spec.upstream)
         span.set_attribute("cachemesh.replica", self._replica)
         recheck = self._refuse_while_out()
+        gate, held = self._gate, False
         try:
+            if gate is not None:
+                time_remaining_s = await self._admitted(gate, request, spec, span, time_remaining_s)
+                held = True
             async with contextlib.aclosing(
                 self._generate(request, spec, span, time_remaining_s)
             ) as chunks:
@@ -162,10 +184,49 @@ class ProviderApi:
                     if recheck:  # the provider answers: it took the key (or account)
                         await self._healthy()
                         recheck = self._rechecking = False
+                    if held and gate is not None and chunk.WhichOneof("part") == "end":
+                        held = False  # the engine is done with it, however slowly it is read
+                        gate.release()
                     yield chunk
         finally:
+            if held and gate is not None:
+                gate.release()  # failed, refused or left: the next call's turn
             if recheck:  # refused again, failed otherwise, or left: the next recheck may go
                 self._rechecking = False
+
+    async def _admitted(
+        self,
+        gate: FairQueue,
+        request: model_pb2.GenerateRequest,
+        spec: ModelSpec,
+        span: trace.Span,
+        time_remaining_s: float | None,
+    ) -> float | None:
+        """Waits for the call's turn at the engine (``MODEL_MAX_CONCURRENT_CALLS``), within
+        its deadline; the time it then has left. Its cost: Plan's prompt tokens (the engine's
+        KV reuse is known only at its end), else the request's size at 4 bytes a token."""
+        if request.HasField("prompt"):
+            cost = request.prompt.prompt_tokens
+        else:
+            cost = request.request.ByteSize() // _BYTES_A_TOKEN
+        ahead = gate.running + gate.waiting
+        try:
+            async with asyncio.timeout(time_remaining_s):
+                admission = await gate.acquire(request.tenant, cost)
+        except TimeoutError:
+            raise RequestError(
+                Code.DEADLINE_EXCEEDED,
+                f"replica {self._replica}: the request's deadline ({time_remaining_s:.1f}s) "
+                f"passed while it waited for one of the engine's {self._gate_size} places "
+                f"(MODEL_MAX_CONCURRENT_CALLS), {ahead} calls ahead of it",
+                f"no place at the engine within the request's deadline ({time_remaining_s:.1f} s)",
+            ) from None
+        span.set_attribute(QUEUE_WAIT_ATTRIBUTE, round(admission.waited_s * 1000, 3))
+        if self._waits is not None:
+            self._waits(spec.id, admission.waited_s)
+        if time_remaining_s is None:
+            return None
+        return max(time_remaining_s - admission.waited_s, 0.001)
 
     async def _generate(
         self,

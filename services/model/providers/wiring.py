@@ -9,6 +9,7 @@ import anthropic
 import openai
 
 from services.common.tokens import Tokenizer, Tokenizers
+from services.model.metrics import ModelMetrics
 from services.model.providers.anthropic_wire import AnthropicAdapter
 from services.model.providers.api import Adapter, HealthSetter, ProviderApi
 from services.model.providers.config import ProviderSettings
@@ -39,7 +40,10 @@ def build_adapter(provider: ProviderSettings) -> Adapter:
 
 
 def build_provider_api(
-    settings: ModelSettings, tokenizer: Tokenizers | Tokenizer, set_health: HealthSetter
+    settings: ModelSettings,
+    tokenizer: Tokenizers | Tokenizer,
+    set_health: HealthSetter,
+    metrics: ModelMetrics | None = None,
 ) -> ProviderApi:
     provider = settings.provider
     if provider is None:
@@ -52,6 +56,9 @@ def build_provider_api(
         settings=provider,
         tokenizer=tokenizer,
         set_health=set_health,
+        max_concurrent_calls=settings.max_concurrent_calls,
+        watcher=metrics,
+        waits=metrics.queue_wait if metrics is not None else None,
     )
 
 
