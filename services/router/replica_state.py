@@ -4,21 +4,28 @@ reports.
 For every request it sends, the router records the prefill it expects the replica to do (the
 prompt minus the predicted warm prefix) until the replica's first report (``GenerateStart``,
 which comes when its prefill is done). From those reports it measures each replica's prefill
-rate: a replica serves its prefills one at a time in arrival order (continuous-batching engines
-schedule prefill first-come first-served), so a request's prefill began when it was sent or when
-the previous request's first report came, whichever is later, and its measured duration covers
+rate: a replica serves its prefills one at a time (continuous-batching engines schedule prefill
+one after another; the model replica's queue is tenant-fair, ``services/model/fair_queue.py``,
+so first reports need not come in the order the calls were sent: a light tenant's prompt
+overtakes a flood's), so a request's prefill began when it was sent or when the previous first
+report came, whichever is later, whatever the order, and its measured duration covers
 ``prompt_tokens - kv_cached_tokens`` (the replica's own count). The rate is a ratio of
 exponentially weighted sums (tokens over seconds), so a slow or fast spell moves it within a
 few requests; until a replica has reported, the model table's rate (or a configured prior)
 stands in.
 
 The prefill queued ahead of a new request is the predicted prefill of the requests still
-waiting for their first report, less what the one in progress has already done. Their prompts'
+waiting for their first report (a call waiting in the replica's fair queue, or at its
+``MODEL_MAX_CONCURRENT_CALLS`` gate, has sent none: it counts), less what the one in progress
+has already done (the oldest taken as that one: the sum is the same whichever it is). It is
+every tenant's work: a light tenant's request waits less there (about one prefill of each
+other tenant's), so for it this is an upper bound. Their prompts'
 blocks count as held by the replica for the next request (it runs after them, so it finds them
 there), which prefix-cache's view only learns at their WARM commit. A request whose caller
 left before its first report stays in that queue until its predicted end where its engine
 prefills it all the same (``abandoned``: llama-server runs a batch to its end), its prompt no
-longer counted as warm.
+longer counted as warm (one left while it waited at the replica's gate never reached the
+engine: counted all the same until its predicted end, an over-estimate the router cannot tell).
 
 That is a batching engine's queue (vLLM, SGLang, the simulator: a request's prefill runs
 beside the others' decodes). An engine that serves ``slots`` requests at a time (the model
