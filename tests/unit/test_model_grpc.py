@@ -136,6 +136,7 @@ async def test_server_span_carries_gen_ai_attributes(harness: Harness) -> None:
     assert attributes["gen_ai.usage.output_tokens"] == 9
     assert attributes["cachemesh.replica"] == "replica-a"
     assert attributes["cachemesh.kv_cached_tokens"] == 0
+    assert attributes["cachemesh.queue_wait_ms"] == 0.0  # no prefill ahead: no wait
     assert chunks[-1].end.stop_reason == "max_tokens"
 
 

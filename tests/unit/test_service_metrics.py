@@ -341,6 +341,21 @@ async def test_model_metrics_follow_the_generate_stream() -> None:
     assert value(registry, "cachemesh_model_generations_total", model=OTHER, outcome="refused")
 
 
+def test_model_metrics_count_the_fair_queue_by_model_and_bounded_tenants() -> None:
+    registry = new_registry()
+    metrics = ModelMetrics(registry, ["sim-small"], Ticks(), TenantLabels(1))
+    metrics.waiting("tenant-b", 1)
+    metrics.waiting("tenant-b", 1)
+    metrics.waiting("tenant-c", 1)  # past the cap: _other
+    metrics.waiting("tenant-b", -1)
+    metrics.queue_wait("sim-small", 0.2)
+    metrics.queue_wait("gpt-unknown", 0.5)
+    assert value(registry, "cachemesh_model_queue_waiting", tenant="tenant-b") == 1
+    assert value(registry, "cachemesh_model_queue_waiting", tenant=OTHER) == 1
+    assert value(registry, "cachemesh_model_queue_wait_seconds_sum", model="sim-small") == 0.2
+    assert value(registry, "cachemesh_model_queue_wait_seconds_count", model=OTHER) == 1
+
+
 async def test_a_thinking_models_first_token_is_its_first_piece_of_thinking() -> None:
     """The model's time to first token is its first output of any kind (its thinking here, a
     ``progress`` chunk), not the first text the client sees; the decode rate counts the
