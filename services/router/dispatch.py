@@ -345,7 +345,14 @@ class Dispatcher:
                     spec.replica_slots,
                 )
                 try:
-                    with trace.use_span(chat_span, end_on_exit=False):
+                    # current for the call, its status set below: use_span's default would
+                    # make a refusal of the request (a 400 of the provider) an ERROR
+                    with trace.use_span(
+                        chat_span,
+                        end_on_exit=False,
+                        record_exception=False,
+                        set_status_on_exception=False,
+                    ):
                         stream, start = await _stalled_after(
                             self._calls.generate(
                                 tenant, spec.id, request, replica, facts, timeout_s
@@ -359,8 +366,10 @@ class Dispatcher:
                     self.loads.failed(replica, ticket)
                     if exc.code in CLIENT_FAULTS:
                         health.released(replica, probe)  # its refusal is the request's
+                        spans.chat_refused(chat_span, exc)  # error.type, no ERROR
                     else:  # the replica's fault (it sent no start): its span says so
                         self.replica_failed(spec.id, replica, probe)
+                        chat_span.record_exception(exc)
                         spans.record_failure(chat_span, exc)
                     chat_span.end()
                     raise
@@ -374,6 +383,7 @@ class Dispatcher:
                     else:
                         self.loads.failed(replica, ticket)
                         self.replica_failed(spec.id, replica, probe)
+                    chat_span.record_exception(exc)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
                     self._log_failed(replica, spec.id, exc.code)
@@ -382,9 +392,13 @@ class Dispatcher:
                         why = f"no answer within {timeout_s:.1f} s"
                     failures.append(f"{spec.id}: {exc.code.name}" + (f" ({why})" if why else ""))
                     continue
-                except BaseException:
+                except BaseException as exc:
                     self._left(spec, wanted, replica, ticket)
                     health.released(replica, probe)  # the caller left: no verdict
+                    if isinstance(exc, Exception):  # not a cancel: as use_span records it
+                        chat_span.record_exception(exc)
+                        why = f"{type(exc).__name__}: {exc}"
+                        chat_span.set_status(trace.Status(trace.StatusCode.ERROR, why))
                     chat_span.end()
                     raise
                 if start.cut_before_first_token:

@@ -187,6 +187,14 @@ def chat_failed(span: trace.Span, error_type: str) -> None:
     span.set_attribute("error.type", error_type)
 
 
+def chat_refused(span: trace.Span, exc: RequestError) -> None:
+    """A model call its replica refused as the request's fault (``calls.CLIENT_FAULTS``: a
+    provider's 400-class, a prompt over the context window): its ``error.type`` is the gRPC
+    status name, its status stays UNSET, as the HTTP front leaves a 4xx (a server span is an
+    ERROR for the server's failures only): dashboards count no server error for it."""
+    span.set_attribute("error.type", exc.code.name)
+
+
 def record_failure(span: trace.Span, exc: CallFailed | RequestError) -> None:
     """A model call that failed for its replica's fault (not the request's): an ERROR with
     its gRPC status name as ``error.type``."""

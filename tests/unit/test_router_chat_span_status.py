@@ -14,7 +14,7 @@ from opentelemetry.trace import StatusCode
 
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
-from services.router.dependencies import Dependencies
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import (
@@ -96,3 +96,29 @@ async def test_a_replica_sending_no_start_ends_its_chat_span_as_an_error() -> No
         assert chat.status.status_code == StatusCode.ERROR
         assert chat.status.description == "UNAVAILABLE"
         assert chat.attributes is not None and chat.attributes["error.type"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (Code.INVALID_ARGUMENT, "messages.0.content: unsupported block (the provider's 400)"),
+        (Code.RESOURCE_EXHAUSTED, "prompt is too long: 210000 tokens > 200000 maximum"),
+    ],
+)
+async def test_a_replicas_refusal_of_the_request_keeps_its_chat_span_unset(
+    code: Code, message: str
+) -> None:
+    """A replica refusing the request as the caller's fault (a provider's 400, a prompt over
+    the context window) is no server error: its span says the refusal's ``error.type`` and
+    stays UNSET, as the front's span of a 4xx does; it is not an ERROR a dashboard counts."""
+    rig = Rig(models=FakeModels(failing={"large-1", "large-2"}, failure=CallFailed(code, message)))
+    pipeline, exported = _traced(rig)
+    with pytest.raises(RequestError) as raised:
+        async for _ in pipeline.run("tenant-a", _request(), streamed=False):
+            pass
+    await pipeline.drain()
+    assert raised.value.code == code
+    (chat,) = _chats(exported)  # the request's own fault: no other replica is asked
+    assert chat.status.status_code == StatusCode.UNSET, chat.status
+    assert chat.attributes is not None and chat.attributes["error.type"] == code.name
+    assert not [e for e in chat.events if e.name == "exception"]  # no stack trace of a 400
