@@ -203,9 +203,14 @@ class Front:
                 request.transport.abort()
             if request.get(_BODY_CUT) and request.transport is not None:
                 await _answer_and_close(request, response)
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:  # the server's failure (a 4xx is the caller's)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, f"HTTP {response.status}"))
+            span.set_attribute("http.response.status_code", response.status)  # as sent
+            # a stream whose head went out ends by its error event's status (``_ENDED``)
+            ended = request.get(_ENDED, response.status)
+            if ended >= 500:  # the server's failure (a 4xx is the caller's)
+                why = f"HTTP {ended}"
+                if ended != response.status:
+                    why += f" after the {response.status}'s head: the stream ended in its error"
+                span.set_status(trace.Status(trace.StatusCode.ERROR, why))
             log.debug("%s answered %d", name, response.status)
             return response
 

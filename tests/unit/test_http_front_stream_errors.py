@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from services.http_front import app
 from tests.unit.test_http_front_app import ASK, CLAUDE_HEADERS, KEY, FakeGateway, serving
@@ -56,6 +57,13 @@ async def test_a_stream_cut_by_the_gateway_is_counted_and_traced_with_its_error(
     ]
     served: list[Any] = [s for s in spans.get_finished_spans() if s.name.startswith("POST")]
     assert [s.attributes.get("error.type") for s in served] == ["overloaded", "overloaded"]
+    # the server's failure after the 200 went out: an ERROR, as a 5xx before it would be; the
+    # status code on the span stays the one the caller received
+    assert [s.attributes["http.response.status_code"] for s in served] == [200, 200]
+    assert [(s.status.status_code, s.status.description) for s in served] == [
+        (StatusCode.ERROR, "HTTP 529 after the 200's head: the stream ended in its error"),
+        (StatusCode.ERROR, "HTTP 503 after the 200's head: the stream ended in its error"),
+    ]
 
 
 @pytest.mark.parametrize("stream", [False, True])
