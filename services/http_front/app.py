@@ -23,6 +23,7 @@ from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import run_main
 from services.common.telemetry import build_tracer_provider, stop_tracing
+from services.http_front.access_log import RefusalLog
 from services.http_front.connections import AcceptErrors, fit_open_files
 from services.http_front.gateway import Gateway
 from services.http_front.handlers import Front
@@ -83,7 +84,7 @@ async def drain(runner: web.BaseRunner, grace: Awaitable[object]) -> None:
 
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
-    configure_logging(Env(environ))
+    lines = configure_logging(Env(environ))
     settings = HttpFrontSettings.from_env(environ)
     max_connections = fit_open_files(settings.max_connections, settings.max_connections_set)
     keys = settings.keys.open(time.monotonic, time.time)
@@ -104,6 +105,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         InFlight(settings.max_in_flight_per_key),
         provider.get_tracer("cachemesh.http_front"),
         metrics=HttpFrontMetrics(registry, time.perf_counter),
+        refusals=RefusalLog(lines),
     )
     endpoint = MetricsEndpoint(settings.metrics, registry, ready=front.ready)
     runner = Runner(

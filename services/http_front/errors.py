@@ -82,6 +82,22 @@ _STATUS: dict[Kind, int] = {
     "timeout": 504,
     "api": 500,
 }
+# the gRPC code of each kind's meaning: the ``status`` of the access line of a request the
+# front refused itself (``access_log``), in the router's lines' words
+_CODE: dict[Kind, Code] = {
+    "invalid_request": Code.INVALID_ARGUMENT,
+    "authentication": Code.UNAUTHENTICATED,
+    "permission": Code.PERMISSION_DENIED,
+    "not_found": Code.NOT_FOUND,
+    "no_route": Code.NOT_FOUND,
+    "no_method": Code.UNIMPLEMENTED,
+    "request_too_large": Code.RESOURCE_EXHAUSTED,
+    "request_timeout": Code.DEADLINE_EXCEEDED,  # the caller's body came too slowly
+    "rate_limit": Code.RESOURCE_EXHAUSTED,
+    "overloaded": Code.UNAVAILABLE,
+    "timeout": Code.DEADLINE_EXCEEDED,
+    "api": Code.INTERNAL,
+}
 # the refusals a retry would only repeat (see the module's docstring)
 _FINAL: frozenset[Kind] = frozenset(
     (
@@ -114,6 +130,10 @@ class ApiError(Exception):
         if self.kind == "overloaded" and api == "openai":
             return 503
         return _STATUS[self.kind]
+
+    @property
+    def code(self) -> Code:
+        return _CODE[self.kind]
 
     def headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}

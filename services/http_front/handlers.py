@@ -18,6 +18,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import KeyLookup
 from services.http_front import anthropic_api, facts, openai_api, sse
+from services.http_front.access_log import RefusalLog
 from services.http_front.errors import Api, ApiError, invalid
 from services.http_front.fields import parse_body
 from services.http_front.gateway import Gateway
@@ -41,6 +42,11 @@ _ANSWERED = web.RequestKey("cachemesh.answered", bool)
 # on the request once its body outlasted HTTP_FRONT_BODY_TIMEOUT_S: its 408 goes out, then its
 # connection is closed (aiohttp would read what is left of the body for up to 10 s more)
 _BODY_CUT = web.RequestKey("cachemesh.body_cut", bool)
+# on the request once its key names a tenant: the tenant (its refusal's access line says it)
+_TENANT = web.RequestKey("cachemesh.tenant", str)
+# on the request once its Gateway call begins: the router writes its access line from then on;
+# a refusal before that is the front's own, and the front writes its line (``access_log``)
+_CALLED = web.RequestKey("cachemesh.called", bool)
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 _NO_KEY = {
@@ -91,7 +97,9 @@ class Front:
         tracer: trace.Tracer,
         clock: Callable[[], float] = time.time,
         metrics: HttpFrontMetrics | None = None,
-        monotonic: Callable[[], float] = time.monotonic,  # ages the cached readiness verdict
+        # ages the cached readiness verdict; times a refusal's access line
+        monotonic: Callable[[], float] = time.monotonic,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
@@ -100,6 +108,8 @@ class Front:
         self._tracer = tracer
         self._clock = clock
         self._metrics = metrics
+        self._monotonic = monotonic
+        self._refusals = refusals if refusals is not None else RefusalLog()
         self.draining = False
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
 
@@ -159,17 +169,20 @@ class Front:
         parent = _PROPAGATOR.extract(carrier=request.headers)
         route = _route(request)
         name = f"{request.method} {route}"  # the route's pattern: a bounded set of names
+        began = self._monotonic()
         with self._tracer.start_as_current_span(name, parent, trace.SpanKind.SERVER) as span:
             span.set_attribute("http.request.method", request.method)
             span.set_attribute("http.route", route)
             span.set_attribute("url.path", request.path)
             traceparent = _traceparent(span)
+            refused: ApiError | None = None  # the front's own refusal (its access line)
             try:
                 tenant, key = self._admit(api, request)
                 response = await answer(request, tenant, key, traceparent)
             except ApiError as error:
                 span.set_attribute("error.type", error.kind)
                 response = await self._failed(api, request, error, traceparent)
+                refused = error
             except ConnectionError as exc:
                 if _STREAM not in request:
                     raise
@@ -197,6 +210,7 @@ class Front:
                     why += " (the Gateway had answered it, and billed the answer)"
                 failed = ApiError("api", why, final=answered)
                 response = await self._failed(api, request, failed, traceparent)
+                refused = failed
             if request.get(_STALLED) and request.transport is not None:
                 # the write still waiting on the caller is dropped with its connection (aiohttp
                 # would otherwise wait on it to end the response)
@@ -211,6 +225,15 @@ class Front:
                 if ended != response.status:
                     why += f" after the {response.status}'s head: the stream ended in its error"
                 span.set_status(trace.Status(trace.StatusCode.ERROR, why))
+            if refused is not None and not request.get(_CALLED):  # the router never saw it
+                self._refusals.refused(
+                    request.get(_TENANT, ""),
+                    response.headers.get("x-cachemesh-request-id", ""),
+                    name,
+                    refused.code,
+                    ended,
+                    self._monotonic() - began,
+                )
             log.debug("%s answered %d", name, response.status)
             return response
 
@@ -280,6 +303,7 @@ class Front:
         tenant = self._keys.tenant_for(key)
         if tenant is None:
             raise ApiError("authentication", _UNKNOWN_KEY[api])
+        request[_TENANT] = tenant
         if api == "anthropic" and request.method == "POST":
             version = request.headers.get("anthropic-version")
             if version is None:
@@ -325,6 +349,7 @@ class Front:
     async def _anthropic(
         self, request: web.Request, gw: pb.CompleteRequest, stream: bool, key: str, traceparent: str
     ) -> web.StreamResponse:
+        request[_CALLED] = True
         if not stream:
             end = await self._gateway.complete(gw, key, traceparent)
             request[_ANSWERED] = True
@@ -378,6 +403,7 @@ class Front:
         traceparent: str,
     ) -> web.StreamResponse:
         created = int(self._clock())
+        request[_CALLED] = True
         if not stream:
             end = await self._gateway.complete(gw, key, traceparent)
             request[_ANSWERED] = True
