@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -68,6 +69,8 @@ class Run:
     windows: list[tuple[float, float]] = field(default_factory=list)  # each call's wall time
     questions: list[str] = field(default_factory=list)
     http_trace_id: str = ""
+    http_refused_id: str = ""  # the request id of the front's own refusal (a wrong key)
+    http_wrong_key: str = ""
 
     def timed(self, call: Callable[[], Any]) -> Any:
         began = time.time()
@@ -123,6 +126,23 @@ def _drive(run: Run) -> None:
     ):
         run.timed(lambda: client.complete(build_request("Too short?", max_tokens=0)))
     _http_ask(run, "What colour is the sky on a clear day?")
+    _http_refused(run)
+
+
+def _http_refused(run: Run) -> None:
+    """A call the HTTP front refuses itself (a key one character off): the router never sees
+    it; the front writes its access line."""
+    key = run.keys["tenant-b"]
+    run.http_wrong_key = key[:-1] + ("A" if key[-1] != "A" else "B")
+    request = urllib.request.Request(
+        f"http://{run.stack.addresses['http-front']}/v1/messages",
+        data=b'{"model": "sim-small", "max_tokens": 8, "messages": []}',
+        headers={"x-api-key": run.http_wrong_key, "anthropic-version": "2023-06-01"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        run.timed(lambda: urllib.request.urlopen(request, timeout=60))
+    assert refused.value.code == 401
+    run.http_refused_id = refused.value.headers["request-id"]
 
 
 def _http_ask(run: Run, question: str) -> None:
@@ -396,7 +416,9 @@ def test_each_service_counts_what_the_router_asked_of_it(run: Run) -> None:
     answered = front.value(
         "cachemesh_http_front_requests_total", api="anthropic", route="/v1/messages"
     )
-    assert answered == front.value("cachemesh_http_front_requests_total", status="200") == 1
+    assert answered == 2  # and its refusal of a wrong key
+    assert front.value("cachemesh_http_front_requests_total", status="200") == 1
+    assert front.value("cachemesh_http_front_requests_total", status="401") == 1
 
 
 def test_every_process_serves_its_own_metrics_with_process_figures(run: Run) -> None:
@@ -501,6 +523,21 @@ def test_each_answer_has_one_access_line_and_its_trace_reaches_every_service(run
     refused = {(x["tenant"], x["status"]) for x in access if x["status"] != "OK"}
     assert refused == {("", "UNAUTHENTICATED"), ("tenant-a", "INVALID_ARGUMENT")}
     assert all(x.get("trace_id") for x in access)
+    # the front's own refusal: its line in the front's log, in the router's format, no key
+    [front] = [x for x in lines["http-front"] if x["logger"] == "cachemesh.access"]
+    assert set(access[0]) - set(front) <= {
+        "model", "tier", "served_by", "replayed", "input_tokens", "cache_creation_input_tokens",
+        "cache_read_input_tokens", "output_tokens", "cost_nanos", "baseline_nanos",
+        "saved_nanos", "cost_estimated", "unanswered_cost_nanos",
+    }  # fmt: skip
+    assert (front["tenant"], front["status"], front["http_status"], front["request_id"]) == (
+        "", "UNAUTHENTICATED", 401, run.http_refused_id,
+    )  # fmt: skip
+    assert front["refused_by"] == "http-front" and front.get("trace_id")
+    front_log = run.stack.log_path(next(s for s in SERVICES if s.name == "http-front"))
+    text = front_log.read_text()
+    for part in (run.http_wrong_key, run.http_wrong_key[:12], run.http_wrong_key[-10:]):
+        assert part not in text
 
 
 def test_no_question_key_or_token_in_any_log_or_metric(run: Run) -> None:
