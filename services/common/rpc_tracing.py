@@ -62,9 +62,28 @@ def end_cancelled_call_span(span: trace.Span) -> None:
     span.end()
 
 
-def _call_status(span: trace.Span, code: grpc.StatusCode, details: str) -> None:
+# The codes that make a SERVER span an error (OpenTelemetry's RPC conventions for gRPC): the
+# server's own failures. The others (INVALID_ARGUMENT, UNAUTHENTICATED, RESOURCE_EXHAUSTED,
+# NOT_FOUND, FAILED_PRECONDITION, ...) are the caller's request refused, as an HTTP server's
+# 4xx: the status stays unset, ``rpc.grpc.status_code`` tells them. A CLIENT span is an error
+# for every code but OK.
+SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _call_status(
+    span: trace.Span, code: grpc.StatusCode, details: str, *, server: bool = False
+) -> None:
     span.set_attribute(_STATUS, code.value[0])
-    if code is not grpc.StatusCode.OK:
+    if code is not grpc.StatusCode.OK and (not server or code in SERVER_ERRORS):
         description = f"{code.name}: {details}" if details else code.name
         span.set_status(Status(StatusCode.ERROR, description))
 
@@ -143,7 +162,8 @@ def _ended(
         span.set_attribute(_STATUS, code.value[0])
     else:
         details = context.details()
-        _call_status(span, code, details.decode() if isinstance(details, bytes) else details or "")
+        text = details.decode() if isinstance(details, bytes) else details or ""
+        _call_status(span, code, text, server=True)
     # Done ones too: a future done this very turn may still have its done-callbacks (what it
     # writes on the span) queued; gather's own callbacks on it run after them.
     pending = [future for futures in held for future in futures]

@@ -61,6 +61,12 @@ async def _broken(request: bytes, context: Any) -> bytes:
     raise KeyError("boom")
 
 
+async def _refused(request: bytes, context: Any) -> bytes:
+    """Aborts with the status named by the request (``INVALID_ARGUMENT``, ...)."""
+    await context.abort(grpc.StatusCode[request.decode()], "refused")
+    raise AssertionError("abort returns no more")
+
+
 class Bill:
     """The bill of a ``_billed`` call, known after the call ended."""
 
@@ -123,6 +129,9 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter
         ),
         "Broken": grpc.unary_unary_rpc_method_handler(
             _broken, request_deserializer=bytes, response_serializer=bytes
+        ),
+        "Refused": grpc.unary_unary_rpc_method_handler(
+            _refused, request_deserializer=bytes, response_serializer=bytes
         ),
         "Billed": grpc.unary_stream_rpc_method_handler(
             _billed, request_deserializer=bytes, response_serializer=bytes
@@ -242,3 +251,35 @@ async def test_a_bill_done_as_the_call_ends_is_on_its_span_all_the_same(
     assert span.attributes is not None
     assert span.attributes.get("billed") == 123  # its callback ran before the span's end
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        ("INVALID_ARGUMENT", False),
+        ("UNAUTHENTICATED", False),
+        ("RESOURCE_EXHAUSTED", False),
+        ("FAILED_PRECONDITION", False),
+        ("NOT_FOUND", False),
+        ("UNAVAILABLE", True),
+        ("INTERNAL", True),
+        ("DEADLINE_EXCEEDED", True),
+    ],
+)
+async def test_a_refused_request_is_no_server_error_a_server_failure_is(
+    served: tuple[grpc.aio.Channel, InMemorySpanExporter], code: str, error: bool
+) -> None:
+    """OpenTelemetry's gRPC server-span rule: the caller's request refused (an HTTP server's
+    4xx) leaves the status unset, with its code on ``rpc.grpc.status_code``; the server's own
+    failures are errors. Before, every code but OK made the server span an ERROR."""
+    channel, exporter = served
+    refused = channel.unary_unary(
+        "/t.S/Refused", request_serializer=bytes, response_deserializer=bytes
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await refused(code.encode())
+    assert caught.value.code() is grpc.StatusCode[code]
+    (span,) = await _spans(exporter, 1)
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode[code].value[0]
+    assert (span.status.status_code is StatusCode.ERROR) is error
