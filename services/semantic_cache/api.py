@@ -273,7 +273,8 @@ class SemanticCacheApi:
 
     def stats(self, request: sc.L1StatsRequest) -> sc.L1StatsResponse:
         sizes = self._cache.tenant_sizes()
-        if request.tenant:
+        if request.tenant:  # refused as every other call refuses it: its row echoed it back
+            _require_tenant(request.tenant)
             tenants = [request.tenant]
         else:
             known = set(sizes) | self._counts.tenants() | self._policies.tenants()

@@ -8,7 +8,8 @@ import grpc
 
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
-from services.common.status import abort, answered
+from services.common.errors import RequestError
+from services.common.status import abort, answered, grpc_code
 from services.semantic_cache.api import SemanticCacheApi
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -51,7 +52,10 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
 
     async def Stats(self, request: sc.L1StatsRequest, context: Context) -> sc.L1StatsResponse:
         api = await self._ready(context)
-        return api.stats(request)
+        try:
+            return api.stats(request)
+        except RequestError as exc:  # a tenant named as no key file could name it
+            await abort(context, grpc_code(exc.code), exc.message)
 
     async def GetPolicy(self, request: sc.L1PolicyRequest, context: Context) -> sc.L1Policy:
         api = await self._ready(context)

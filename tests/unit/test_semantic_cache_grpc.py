@@ -72,6 +72,18 @@ async def expect(code: grpc.StatusCode, call: Awaitable[object]) -> str:
     return caught.value.details() or ""
 
 
+@pytest.mark.parametrize("tenant", ["\u202eevil", "a\x00b", "t" * 100_000])
+async def test_stats_refuses_a_bad_tenant_name_and_does_not_echo_it(
+    stub: sc_grpc.SemanticCacheAsyncStub, tenant: str
+) -> None:
+    """Stats answered OK with a row named by whatever it was sent (100 kB, a NUL, a
+    right-to-left override): it refuses the name as every other call does."""
+    stats = stub.Stats(sc.L1StatsRequest(tenant=tenant), metadata=AUTH)
+    details = await expect(grpc.StatusCode.INVALID_ARGUMENT, stats)
+    assert details.startswith("tenant must be 1 to 64"), details
+    assert len(details) < 300 and "\x00" not in details and "\u202e" not in details
+
+
 async def test_an_empty_tenant_is_invalid(stub: sc_grpc.SemanticCacheAsyncStub) -> None:
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     lookup = stub.Lookup(sc.LookupRequest(request=make_request()), metadata=AUTH)

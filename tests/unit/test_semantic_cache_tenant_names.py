@@ -47,6 +47,10 @@ async def test_every_call_refuses_a_tenant_the_key_file_could_not_hold(tenant: s
         assert caught.value.code == Code.INVALID_ARGUMENT
         assert caught.value.message.startswith("tenant must be 1 to 64"), caught.value.message
         assert len(caught.value.message) < 300
+    with pytest.raises(RequestError) as caught:  # Stats answered a row under the name
+        api.stats(sc.L1StatsRequest(tenant=tenant))
+    assert caught.value.code == Code.INVALID_ARGUMENT
+    assert caught.value.message.startswith("tenant must be 1 to 64"), caught.value.message
     assert api.stats(sc.L1StatsRequest()).tenants == []  # nothing kept, nothing counted
 
 
