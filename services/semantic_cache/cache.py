@@ -33,7 +33,7 @@ from services.semantic_cache.index import AnnSettings, ScopeIndex, folded_key
 from services.semantic_cache.inflight import StoresInFlight
 from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import Candidate, decide, shortlist
-from services.semantic_cache.policy import NamespacePolicy
+from services.semantic_cache.policy import TTL_RANGE, NamespacePolicy, valid_ttl
 from services.semantic_cache.query import Query
 from services.semantic_cache.reading import folding_refusal
 from services.semantic_cache.recent import TenantRecent
@@ -99,8 +99,8 @@ class SemanticCache(EntryStore):
         stretch a wait past one)."""
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be within [0, 1], got {threshold}")
-        if not (math.isfinite(ttl_s) and ttl_s > 0):
-            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        if not valid_ttl(ttl_s):
+            raise ValueError(f"ttl_s must be {TTL_RANGE}, got {ttl_s}")
         if top_k < 1:
             raise ValueError("top_k must be >= 1")
         if not (math.isfinite(margin) and 0.0 <= margin <= 1.0):

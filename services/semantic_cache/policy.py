@@ -42,6 +42,11 @@ _PRESENT = re.compile(
 )
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
 MAX_TTL_S = float(MAX_DURATION_S)  # ten years: a TTL beyond any use, well within int64 ms
+# The shortest TTL: one second. A shorter one is a mistake, not a policy: 5e-324 s was taken,
+# and an entry's expiry (whole milliseconds) was then its creation, so nothing was ever served
+# (and every Store still paid for its embedding and its write). To cache nothing, turn L1 off.
+MIN_TTL_S = 1.0
+TTL_RANGE = f"at least {MIN_TTL_S:g} s and at most {MAX_TTL_S:.0f} s (10 years)"
 
 
 def present_time(turn: str) -> str:
@@ -69,8 +74,8 @@ def _opens_sentence(text: str, start: int) -> bool:
 
 
 def valid_ttl(ttl_s: float) -> bool:
-    """A TTL in seconds: finite, > 0, at most ``MAX_TTL_S``."""
-    return math.isfinite(ttl_s) and 0 < ttl_s <= MAX_TTL_S
+    """A TTL in seconds: finite, at least ``MIN_TTL_S`` (1 s), at most ``MAX_TTL_S``."""
+    return math.isfinite(ttl_s) and MIN_TTL_S <= ttl_s <= MAX_TTL_S
 
 
 @dataclass(frozen=True)
@@ -84,10 +89,7 @@ class NamespacePolicy:
     def __post_init__(self) -> None:
         for name, ttl in {"": self.ttl_s, **self.namespace_ttl_s}.items():
             if not valid_ttl(ttl):
-                raise ValueError(
-                    f"ttl_s of namespace {name!r} must be > 0 and at most {MAX_TTL_S:.0f} "
-                    f"seconds (10 years), got {ttl}"
-                )
+                raise ValueError(f"ttl_s of namespace {name!r} must be {TTL_RANGE}, got {ttl}")
         if not 0 <= self.max_temperature <= MOST_TEMPERATURE:  # a NaN is not
             raise ValueError(
                 f"max_temperature must be within [0, {MOST_TEMPERATURE:g}], "
@@ -124,8 +126,7 @@ class NamespacePolicy:
                 seconds = math.nan
             if not sep or not name.strip() or not valid_ttl(seconds):
                 raise ConfigError(
-                    f"{NAMESPACE_TTL}: {item!r} must be namespace=seconds with seconds > 0 "
-                    f"and at most {MAX_TTL_S:.0f} (10 years)"
+                    f"{NAMESPACE_TTL}: {item!r} must be namespace=seconds, the seconds {TTL_RANGE}"
                 )
             if name.strip() in overrides:  # the last one won, silently
                 raise ConfigError(f"{NAMESPACE_TTL}: namespace {name.strip()!r} is named twice")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.common.env import C_INT_MAX, ConfigError, Env
 from services.semantic_cache.operating_point import OperatingPoint
-from services.semantic_cache.policy import MAX_TTL_S, NamespacePolicy, valid_ttl
+from services.semantic_cache.policy import TTL_RANGE, NamespacePolicy, valid_ttl
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 MAX_BYTES = "SEMANTIC_CACHE_MAX_BYTES"
@@ -48,12 +48,9 @@ class SemanticCacheSettings:
     @classmethod
     def from_env(cls, env: Env, shipped: OperatingPoint) -> SemanticCacheSettings:
         """``shipped`` (the calibrated operating point) gives the defaults of the first three."""
-        ttl_s = env.seconds("SEMANTIC_CACHE_TTL_S", 86_400.0, minimum=None)  # valid_ttl: > 0
+        ttl_s = env.seconds("SEMANTIC_CACHE_TTL_S", 86_400.0, minimum=None)  # valid_ttl
         if not valid_ttl(ttl_s):
-            raise ConfigError(
-                f"SEMANTIC_CACHE_TTL_S must be > 0 and at most {MAX_TTL_S:.0f} seconds "
-                f"(10 years), got {ttl_s}"
-            )
+            raise ConfigError(f"SEMANTIC_CACHE_TTL_S must be {TTL_RANGE}, got {ttl_s}")
         max_queue = env.count("SEMANTIC_CACHE_EMBED_MAX_QUEUE", 512, minimum=1)
         return cls(
             threshold=env.float(

@@ -19,7 +19,7 @@ from pathlib import Path
 from services.common.errors import shown
 from services.common.files import fsync_directory, os_error_text
 from services.common.private_files import open_private
-from services.semantic_cache.policy import MAX_TTL_S, valid_ttl
+from services.semantic_cache.policy import MIN_TTL_S, TTL_RANGE, valid_ttl
 
 log = logging.getLogger("cachemesh.semantic_cache.policies")
 FILE_NAME = "tenant-policies.json"
@@ -61,8 +61,8 @@ class PolicyChange:
         ttl = self.default_ttl_s
         if ttl is not None and not valid_ttl(ttl):
             raise PolicyError(
-                f"default_ttl_s must be a number of seconds > 0 and at most {MAX_TTL_S:.0f} "
-                f"(10 years), got {ttl}"
+                f"default_ttl_s must be a number of seconds {TTL_RANGE}, got {ttl} (to cache "
+                "nothing for the tenant, turn its L1 off)"
             )
         if self.l1_enabled is not None:
             policy = replace(policy, l1_enabled=self.l1_enabled)
@@ -124,6 +124,17 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
         valid_ttl = ttl is None or (isinstance(ttl, int | float) and not isinstance(ttl, bool))
         if not isinstance(enabled, bool) or not valid_ttl:
             raise PolicyError(f"{path}: tenant {shown(tenant)}: l1_enabled (bool), default_ttl_s")
+        if ttl is not None and 0 < ttl < MIN_TTL_S:  # an older version's: it took any TTL > 0
+            log.warning(
+                "%s: tenant %s: default_ttl_s %g s is below the %g s now the least; %g s is "
+                "used (Admin SetPolicy sets another)",
+                path,
+                shown(tenant),
+                ttl,
+                MIN_TTL_S,
+                MIN_TTL_S,
+            )
+            ttl = MIN_TTL_S
         policies[tenant] = PolicyChange(enabled, None if ttl is None else float(ttl)).apply(
             TenantPolicy()
         )

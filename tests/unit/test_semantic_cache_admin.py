@@ -4,6 +4,7 @@ policy (on/off, default TTL; durable in the data directory), drops by namespace.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,9 @@ async def test_a_tenants_default_ttl_applies_to_its_new_entries(served: Served) 
         ({"tenant": "a", "default_ttl_s": 0.0}, "default_ttl_s"),
         ({"tenant": "a", "default_ttl_s": -5.0}, "default_ttl_s"),
         ({"tenant": "a", "default_ttl_s": 1e306}, "at most"),  # every Store would fail
+        # taken: every entry expired as it was stored (whole milliseconds), never served
+        ({"tenant": "a", "default_ttl_s": 5e-324}, "at least 1 s and at most 315360000 s"),
+        ({"tenant": "a", "default_ttl_s": 0.5}, "at least 1 s"),
         ({"tenant": "a", "default_ttl_s": 5.0, "reset_default_ttl": True}, "not both"),
         ({"l1_enabled": False}, "tenant"),
     ],
@@ -182,3 +186,19 @@ def test_a_malformed_policy_file_is_refused_naming_it(tmp_path: Path, doc: str) 
     path.write_text(doc)
     with pytest.raises(PolicyError, match=r"tenant-policies\.json"):
         TenantPolicies(path)
+
+
+def test_a_ttl_below_a_second_an_older_version_kept_loads_as_one_second(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older version took any default TTL > 0 (5e-324 s): its file still starts the
+    service, with the least TTL now taken, and says so."""
+    path = tmp_path / "tenant-policies.json"
+    path.write_text(
+        '{"version": 1, "tenants": {"a": {"l1_enabled": true, "default_ttl_s": 5e-324},'
+        ' "b": {"l1_enabled": true, "default_ttl_s": 60}}}'
+    )
+    with caplog.at_level(logging.WARNING, "cachemesh.semantic_cache.policies"):
+        policies = TenantPolicies(path)
+    assert policies.get("a").default_ttl_s == 1.0 and policies.get("b").default_ttl_s == 60.0
+    assert "below the 1 s" in caplog.text

@@ -67,6 +67,10 @@ def test_the_shipped_operating_point_file_loads() -> None:
         ("SEMANTIC_CACHE_ANN_NPROBE", str(2**64)),  # FAISS's size_t: every IVF build failed
         ("SEMANTIC_CACHE_TTL_S", "1e306"),  # would overflow every Store's expiry
         ("SEMANTIC_CACHE_NAMESPACE_TTL_S", "docs=1e306"),
+        # nothing was ever served: an entry expired as it was stored (whole milliseconds)
+        ("SEMANTIC_CACHE_TTL_S", "5e-324"),
+        ("SEMANTIC_CACHE_TTL_S", "0.5"),
+        ("SEMANTIC_CACHE_NAMESPACE_TTL_S", "docs=5e-324"),
     ],
 )
 def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:

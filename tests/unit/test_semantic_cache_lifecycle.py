@@ -179,7 +179,7 @@ def test_policy_from_env_names_the_variable() -> None:
     policy = NamespacePolicy.from_env(
         Env(
             {
-                "SEMANTIC_CACHE_NAMESPACE_TTL_S": "news=600, faq=0.5",
+                "SEMANTIC_CACHE_NAMESPACE_TTL_S": "news=600, faq=1.5",
                 "SEMANTIC_CACHE_TOOL_USE_NAMESPACES": "agent,ops",
                 "SEMANTIC_CACHE_PRESENT_TIME_NAMESPACES": "news",
                 "SEMANTIC_CACHE_MAX_TEMPERATURE": "0",
@@ -187,15 +187,18 @@ def test_policy_from_env_names_the_variable() -> None:
         ),
         86_400.0,
     )
-    assert policy.ttl_ms("news") == 600_000 and policy.ttl_ms("faq") == 500
+    assert policy.ttl_ms("news") == 600_000 and policy.ttl_ms("faq") == 1500
     assert policy.ttl_ms("other") == 86_400_000
     assert policy.allows_tool_use("ops") and not policy.allows_tool_use("faq")
     assert not policy.present_time_reason("news", "latest headlines today")
     assert "present" in policy.present_time_reason("faq", "latest headlines today")
     assert policy.max_temperature == 0.0
-    for bad in ("news", "news=0", "=5", "news=abc"):
-        with pytest.raises(ConfigError, match="SEMANTIC_CACHE_NAMESPACE_TTL_S"):
+    # 5e-324 and 0.5 s were taken: entries that expired as they were stored (whole ms)
+    for bad in ("news", "news=0", "=5", "news=abc", "news=5e-324", "news=0.5"):
+        with pytest.raises(ConfigError, match="SEMANTIC_CACHE_NAMESPACE_TTL_S") as caught:
             NamespacePolicy.from_env(Env({"SEMANTIC_CACHE_NAMESPACE_TTL_S": bad}), 1.0)
+        if "=" in bad and bad[0] != "=":
+            assert "at least 1 s and at most 315360000 s" in str(caught.value)
 
 
 async def test_a_query_whose_answer_could_never_be_stored_takes_no_lease() -> None:

@@ -68,7 +68,7 @@ def add_parser(commands: Any) -> None:
     setting.add_argument("tenant")
     setting.add_argument("--l1", choices=("on", "off"), help="L1 serves and stores, or not")
     ttl = setting.add_mutually_exclusive_group()
-    ttl.add_argument("--default-ttl", type=float, metavar="SECONDS", help="> 0")
+    ttl.add_argument("--default-ttl", type=float, metavar="SECONDS", help="1 to 315360000")
     ttl.add_argument("--reset-default-ttl", action="store_true", help="back to the default")
     setting.add_argument(
         "--new-tenant",

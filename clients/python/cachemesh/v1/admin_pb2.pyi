@@ -415,7 +415,7 @@ class SetPolicyRequest(_message.Message):
     l1_enabled: _builtins.bool
     """unset = unchanged"""
     default_ttl_s: _builtins.float
-    """unset = unchanged; > 0 seconds"""
+    """unset = unchanged; 1 s to 10 years"""
     reset_default_ttl: _builtins.bool
     """back to semantic-cache's SEMANTIC_CACHE_TTL_S"""
     new_tenant: _builtins.bool

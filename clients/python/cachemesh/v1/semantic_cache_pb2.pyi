@@ -545,7 +545,7 @@ class SetL1PolicyRequest(_message.Message):
     l1_enabled: _builtins.bool
     """unset = unchanged"""
     default_ttl_s: _builtins.float
-    """unset = unchanged; > 0"""
+    """unset = unchanged; 1 s to 10 years"""
     reset_default_ttl: _builtins.bool
     """back to SEMANTIC_CACHE_TTL_S (not with default_ttl_s)"""
     def __init__(
