@@ -40,14 +40,29 @@ class ApiKeys:
         return self._tenant_by_hash.get(hash_key(key))
 
 
+class AmbiguousCredential(Exception):
+    """A call carries its credential's header more than once: which copy to check would be a
+    guess (the first, the last), made unseen by whatever added a copy, so the call is refused
+    (UNAUTHENTICATED). The message names the header and the count, never a value."""
+
+    def __init__(self, header: str, count: int) -> None:
+        super().__init__(
+            f"the {header} header is sent {count} times: send the credential once (a call "
+            "carrying two is refused, whichever of them is right)"
+        )
+
+
 def bearer_token(metadata: Any) -> str | None:
-    """The token of an ``authorization: Bearer <token>`` header, if any."""
-    for item in metadata or ():
-        if item.key.lower() == "authorization":
-            value = item.value if isinstance(item.value, str) else item.value.decode()
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+    """The token of an ``authorization: Bearer <token>`` header, if any;
+    ``AmbiguousCredential`` when the call carries more than one ``authorization``."""
+    values = [item.value for item in metadata or () if item.key.lower() == "authorization"]
+    if len(values) > 1:
+        raise AmbiguousCredential("authorization", len(values))
+    for raw in values:
+        value = raw if isinstance(raw, str) else raw.decode()
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
     return None
 
 
@@ -90,19 +105,24 @@ class InternalAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
-        presented = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == INTERNAL_METADATA_KEY:
-                presented = value.encode() if isinstance(value, str) else value
-        if hmac.compare_digest(presented, self._token):
+        values = [
+            value.encode() if isinstance(value, str) else value
+            for key, value in handler_call_details.invocation_metadata or ()
+            if key == INTERNAL_METADATA_KEY
+        ]
+        if len(values) > 1:  # the last one was read: a wrong one and the right one passed
+            return _denied(handler, str(AmbiguousCredential(INTERNAL_METADATA_KEY, len(values))))
+        if values and hmac.compare_digest(values[0], self._token):
             return handler
-        return _denied(handler)
+        return _denied(handler, _DENIED)
 
 
 _DENIED = "missing or wrong internal credential: only the cachemesh router may call this service"
 
 
-def _denied(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+def _denied(
+    handler: grpc.RpcMethodHandler[Any, Any], message: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -110,12 +130,12 @@ def _denied(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[A
     if handler.response_streaming:
 
         async def deny_stream(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
             yield  # pragma: no cover - makes this an async generator
 
         return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
 
     async def deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)

@@ -21,7 +21,7 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.auth import bearer_token
+from services.common.auth import AmbiguousCredential, bearer_token
 from services.common.errors import shown
 from services.common.key_store import (
     KeyRevoked,
@@ -261,7 +261,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if self._credential is None:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, _OFF)
         assert self._credential is not None
-        if not self._credential.matches(bearer_token(context.invocation_metadata())):
+        try:
+            token = bearer_token(context.invocation_metadata())
+        except AmbiguousCredential as exc:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"{exc}; {_UNAUTHENTICATED}")
+        if not self._credential.matches(token):
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
 
     async def _known(self, context: Context, tenant: str) -> tuple[bool, str | None]:

@@ -19,7 +19,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common import rpc_tracing
 from services.common.aborts import abort
-from services.common.auth import KeyLookup, bearer_token
+from services.common.auth import AmbiguousCredential, KeyLookup, bearer_token
 from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.grace import GraceEnd
@@ -211,7 +211,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _accept(self, request: pb.CompleteRequest, context: Context, call: Call) -> str:
         """The caller's tenant, once its key and its request are valid (the limits come later:
         a retry of an answered request is served its answer whatever they say now)."""
-        token = bearer_token(context.invocation_metadata())
+        try:
+            token = bearer_token(context.invocation_metadata())
+        except AmbiguousCredential as exc:
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"{exc}; {_UNAUTHENTICATED}")
         if token is None:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
         tenant = self._keys.tenant_for(token or "")
