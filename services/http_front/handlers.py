@@ -53,6 +53,11 @@ _NO_KEY = {
     "anthropic": "no API key: send it in the x-api-key header",
     "openai": "no API key: send 'Authorization: Bearer <key>'",
 }
+# the headers each API reads the caller's key from (``_key``)
+_KEY_HEADERS: dict[Api, tuple[str, ...]] = {
+    "anthropic": ("x-api-key", "authorization"),
+    "openai": ("authorization",),
+}
 _UNKNOWN_KEY = {
     "anthropic": "invalid x-api-key: no tenant has this key",
     "openai": "Incorrect API key provided: no tenant has this key",
@@ -297,6 +302,14 @@ class Front:
 
     def _admit(self, api: Api, request: web.Request) -> tuple[str, str]:
         """The caller's tenant and key; the Gateway checks the same key again."""
+        for header in _KEY_HEADERS[api]:  # the first was read: whatever added one chose
+            sent = len(request.headers.getall(header, ()))
+            if sent > 1:
+                raise ApiError(
+                    "authentication",
+                    f"the {header} header is sent {sent} times: send the API key once (a "
+                    "request carrying two is refused, whichever of them is right)",
+                )
         key = _key(api, request)
         if key is None:
             raise ApiError("authentication", _NO_KEY[api])

@@ -689,6 +689,23 @@ async def test_header_bytes_that_are_not_utf8_are_a_4xx_not_a_500(
     assert front.gateway.calls == 0
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-api-key", KEY), ("x-api-key", "cm_someone_else")],  # the first was read: served
+        [("x-api-key", "cm_someone_else"), ("x-api-key", KEY)],
+        [("authorization", f"Bearer {KEY}"), ("authorization", "Bearer cm_someone_else")],
+    ],
+)
+async def test_an_api_key_header_sent_twice_is_refused(
+    front: Front, headers: list[tuple[str, str]]
+) -> None:
+    got, body = await _raw_headers(front, [(name, value.encode()) for name, value in headers])
+    assert got == 401 and b"authentication_error" in body and b"sent 2 times" in body
+    assert KEY.encode() not in body and b"someone_else" not in body
+    assert front.gateway.calls == 0
+
+
 async def test_a_long_wait_in_a_stream_sends_pings(front: Front) -> None:
     front.gateway.pause_s = 0.3
     body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
