@@ -79,14 +79,24 @@ def checked_internal_token(token: str) -> str:
     then failed ``INTERNAL Invalid metadata``)."""
     if len(token) < 16 or not all("!" <= c <= "~" for c in token):
         raise ConfigError(
-            f"{INTERNAL_TOKEN} must be at least 16 characters of printable ASCII, "
+            f"{INTERNAL_TOKEN} (or its _FILE's content) must be at least 16 characters of "
+            "printable ASCII, "
             "no whitespace (what gRPC metadata carries; the value is not shown)"
         )
     return token
 
 
 def internal_token_from_env(env: Env) -> str:
-    return checked_internal_token(env.str(INTERNAL_TOKEN))
+    """The internal credential: ``CACHEMESH_INTERNAL_TOKEN_FILE`` (a file holding it: a
+    mounted secret, out of the environment ``docker inspect`` shows) or
+    ``CACHEMESH_INTERNAL_TOKEN``, not both (``Env.secret``), checked as above."""
+    token = env.secret(INTERNAL_TOKEN)
+    if token is None:
+        raise ConfigError(
+            f"{INTERNAL_TOKEN} (or {INTERNAL_TOKEN}_FILE, the path of a file holding it) is "
+            "required but not set: the credential every call between the services carries"
+        )
+    return checked_internal_token(token)
 
 
 Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]

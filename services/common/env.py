@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 # The largest value a C ``int`` holds: the most a setting handed to gRPC, FAISS or onnxruntime
 # as one may be (past it they raise OverflowError, naming no variable).
@@ -66,6 +66,34 @@ class Env:
 
     def optional_str(self, name: builtins.str) -> builtins.str | None:
         return self._raw(name)
+
+    def secret(self, name: builtins.str) -> builtins.str | None:
+        """A secret given as ``name`` or as ``name_FILE``, the path of a file holding it on one
+        line (a mounted secret: it stays out of the environment, which ``docker inspect`` and
+        /proc/PID/environ show). Both set is refused, and so is a file that is missing,
+        unreadable, empty, larger than ``MAX_SECRET_BYTES`` or of more than one line: each
+        names the variable and the path, never the value. None when neither is set."""
+        file_var = f"{name}_FILE"
+        direct = self._raw(name)
+        path = self._raw(file_var)
+        if direct is not None and path is not None:
+            raise ConfigError(f"set {file_var} or {name}, not both")
+        if path is None:
+            return direct
+        return read_secret_file(file_var, path)
+
+    def redis_url(self, name: builtins.str) -> builtins.str | None:
+        """``name``'s Redis URL, given the password in ``CACHEMESH_REDIS_PASSWORD_FILE`` when
+        that is set (checked at start-up even when no URL is: a file a deployment names must
+        be there). A URL that carries a password of its own, with the file set too, is refused:
+        which one is meant is a guess. The file's password applies to ``redis://`` and
+        ``rediss://`` URLs (a ``unix://`` one is refused with it)."""
+        url = self._raw(name)
+        path = self._raw(REDIS_PASSWORD_FILE)
+        if path is None:
+            return url
+        password = read_secret_file(REDIS_PASSWORD_FILE, path)
+        return None if url is None else url_with_password(name, url, password)
 
     def int(
         self,
@@ -336,6 +364,66 @@ def is_loopback(address: builtins.str) -> builtins.bool:
 
 
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+REDIS_PASSWORD_FILE = "CACHEMESH_REDIS_PASSWORD_FILE"
+
+
+def url_with_password(
+    name: builtins.str, url: builtins.str, password: builtins.str
+) -> builtins.str:
+    """``url`` (``redis://[user@]host[:port][/db]``, ``name``'s value) giving ``password``
+    (percent-encoded: redis-py decodes it); its user, host, port, database and query kept."""
+    scheme = url.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss"):
+        raise ConfigError(
+            f"{REDIS_PASSWORD_FILE} gives the password of redis:// and rediss:// URLs; {name} "
+            f"is a {scheme or 'scheme-less'} URL: unset {REDIS_PASSWORD_FILE} for it, or use "
+            "redis://host:port/db"
+        )
+    try:
+        parts = urlsplit(url)
+        has_password = bool(parts.password)
+        user = parts.username or ""
+    except ValueError:
+        raise redis_url_error(name, url) from None
+    if has_password:
+        raise ConfigError(
+            f"{name} carries a password and {REDIS_PASSWORD_FILE} is set: give it one way "
+            f"(the URL without it, e.g. redis://host:6379/0, and the password in the file)"
+        )
+    address = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{address}"))
+
+
+# The most a secret's file may hold: a token, a password or a key is far shorter; a path to
+# something else (a log, /dev/zero) is refused instead of read whole at start-up.
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def read_secret_file(variable: builtins.str, path: builtins.str) -> builtins.str:
+    """The secret in the file at ``path`` (``variable`` names it in errors), stripped of the
+    spaces and line break around it; see ``Env.secret``."""
+    where = repr(path[:200])
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {where} ({exc.strerror})") from None
+    if len(raw) > MAX_SECRET_BYTES:
+        raise ConfigError(
+            f"{variable}: {where} is larger than {MAX_SECRET_BYTES // 1024} KiB: not a secret's "
+            "file (it holds the secret alone, on one line)"
+        )
+    try:
+        value = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}: {where} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"{variable}: {where} is empty")
+    if "\n" in value or "\r" in value:
+        raise ConfigError(f"{variable}: {where} must hold the secret alone, on one line")
+    return value
 
 
 def redacted_url(url: builtins.str) -> builtins.str:

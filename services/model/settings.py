@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from services.common.auth import internal_token_from_env
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import ModelSpec, ModelTable, model_table_from_env
@@ -69,7 +70,7 @@ class ModelSettings:
             server=server,
             metrics=MetricsSettings.from_env(env, "MODEL", DEFAULT_METRICS_LISTEN),
             replica_id=env.str("MODEL_REPLICA_ID", server.listen),
-            internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
+            internal_token=internal_token_from_env(env),
             models=models,
             backend=backend,
             provider=provider,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.auth import internal_token_from_env
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.redis_pool import max_connections
@@ -36,12 +37,12 @@ class PrefixCacheSettings:
         return cls(
             server=ServerSettings.from_env(env, "PREFIX_CACHE", DEFAULT_LISTEN),
             metrics=MetricsSettings.from_env(env, "PREFIX_CACHE", DEFAULT_METRICS_LISTEN),
-            internal_token=env.str("CACHEMESH_INTERNAL_TOKEN"),
+            internal_token=internal_token_from_env(env),
             lookback_blocks=_lookback_blocks(env),
             record_ttl_s=_record_ttl_s(env),
             max_warm_entries=env.count("PREFIX_CACHE_MAX_WARM_ENTRIES", 1_000_000, minimum=1),
             max_records=env.count("PREFIX_CACHE_MAX_RECORDS", 1_000_000, minimum=1),
-            redis_url=env.optional_str("PREFIX_CACHE_REDIS_URL"),
+            redis_url=env.redis_url("PREFIX_CACHE_REDIS_URL"),
             redis_max_connections=max_connections(env, "PREFIX_CACHE_REDIS_MAX_CONNECTIONS"),
             replica_capacity_blocks=env.count(
                 "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS", 65536, minimum=1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 
 from services.common.env import ConfigError, Env
 
@@ -42,16 +41,7 @@ class AdminCredential:
 
 
 def admin_credential_from_env(env: Env) -> AdminCredential | None:
-    direct = env.optional_str(TOKEN_VAR)
-    path = env.optional_str(FILE_VAR)
-    if direct and path:
-        raise ConfigError(f"set {FILE_VAR} or {TOKEN_VAR}, not both")
-    if path is None:
-        return AdminCredential(direct) if direct else None
-    try:
-        value = Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"{FILE_VAR}: cannot read {path[:200]!r} ({exc.strerror})") from None
-    if not value:
-        raise ConfigError(f"{FILE_VAR}: {path[:200]!r} is empty")
-    return AdminCredential(value)
+    """From ``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN`` (``Env.secret``: not
+    both; a missing, unreadable or empty file stops the start naming the variable)."""
+    token = env.secret(TOKEN_VAR)
+    return AdminCredential(token) if token is not None else None

@@ -50,7 +50,7 @@ class LimitSettings:
                 day_budget_nanos=_dollars(env, BUDGET_DAY),
                 month_budget_nanos=_dollars(env, BUDGET_MONTH),
             ),
-            redis_url=env.optional_str(REDIS_URL),
+            redis_url=env.redis_url(REDIS_URL),
             timeout_s=env.seconds(TIMEOUT_S, DEFAULT_TIMEOUT_S, minimum=0.001),
             redis_max_connections=max_connections(env, REDIS_MAX_CONNECTIONS),
             redis_breaker_s=env.seconds(REDIS_BREAKER_S, DEFAULT_REDIS_BREAKER_S, minimum=0.0),

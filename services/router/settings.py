@@ -124,7 +124,7 @@ class RouterSettings:
             semantic_store_timeout_s=env.seconds(
                 "ROUTER_SEMANTIC_STORE_TIMEOUT_S", 10.0, minimum=0.001
             ),
-            answers_redis_url=env.optional_str("ROUTER_ANSWERS_REDIS_URL"),
+            answers_redis_url=env.redis_url("ROUTER_ANSWERS_REDIS_URL"),
             admin=admin_credential_from_env(env),
             admin_timeout_s=env.seconds("ROUTER_ADMIN_TIMEOUT_S", 10.0, minimum=0.001),
             mid_answer_stall_s=env.seconds("ROUTER_MID_ANSWER_STALL_S", 10.0, minimum=0.0),

@@ -11,7 +11,7 @@ import faiss
 import grpc
 
 from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
-from services.common.auth import InternalAuthInterceptor
+from services.common.auth import InternalAuthInterceptor, internal_token_from_env
 from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env
 from services.common.logs import configure_logging
@@ -58,7 +58,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN), refusal_s=DRAIN_REFUSAL_S
     )
     metrics_settings = MetricsSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_METRICS_LISTEN)
-    auth = InternalAuthInterceptor(env.str("CACHEMESH_INTERNAL_TOKEN"))
+    auth = InternalAuthInterceptor(internal_token_from_env(env))
     config = SemanticCacheSettings.from_env(env, OperatingPoint.load())
     clock = SystemClock()
     registry = new_registry()

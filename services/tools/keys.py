@@ -19,24 +19,27 @@ from the checkout's client package when it is not installed), so it needs no vir
   it. It is created with the demo keys when missing, and never rewritten after: a key an
   operator revoked stays revoked;
 - ``internal-token``: the credential between the router and the internal services
-  (CACHEMESH_INTERNAL_TOKEN), and ``internal.env`` holding it for docker compose's env_file;
+  (CACHEMESH_INTERNAL_TOKEN for ``make up``; compose mounts the file into their containers as
+  a secret, CACHEMESH_INTERNAL_TOKEN_FILE);
 - ``admin-token``: the Admin API's credential (CACHEMESH_ADMIN_TOKEN_FILE), for ``make up``
   and compose alike (mounted into the router's container as a secret, never put in an
   environment: ``docker inspect`` shows that). An ``admin.env`` an older version wrote for
   compose's env_file is left as it is (0600, no longer read: harmless; delete it at will);
 - ``redis-password``: the password of the stack's own Redis (``make up``'s redis-server reads
   it from ``redis.conf`` in the run dir, never from its command line; the stack puts it into
-  the Redis URLs of the services that use that Redis), ``redis.env`` holding it for compose's
-  ``redis`` service (REDISCLI_AUTH: its server and its health check's redis-cli read it), and
-  ``redis-urls.env`` holding compose's Redis URLs with it (the router's and prefix-cache's
-  env_file; never the HTTP front's). A run dir made before it existed gets it on the next
-  ``make keys`` or ``make up``.
+  the Redis URLs of the services that use that Redis); compose mounts the file into its
+  ``redis`` service (the server and its health check's redis-cli read it) and into the
+  router's and prefix-cache's containers (CACHEMESH_REDIS_PASSWORD_FILE: put into their Redis
+  URLs; never the HTTP front's). A run dir made before it existed gets it on the next
+  ``make keys`` or ``make up``. The ``internal.env``, ``redis.env`` and ``redis-urls.env`` an
+  older version wrote for compose's env_file are left as they are (0600, no longer read:
+  delete them at will).
 
-Every file is mode 0600 in a 0700 directory, but the two compose mounts into the containers,
+Every file is mode 0600 in a 0700 directory, but those compose mounts into the containers,
 read there by their non-root user (uid 10001; compose v1 mounts a secret with the host file's
-owner and mode): ``api-keys`` (0644: hashes only, the seed of the routers' key volume) and
-``admin-token`` (0644: only the 0700 directory keeps it from this host's other users).
-Running again keeps the existing secrets.
+owner and mode): ``api-keys`` (0644: hashes only, the seed of the routers' key volume),
+``admin-token``, ``internal-token`` and ``redis-password`` (0644: only the 0700 directory
+keeps them from this host's other users). Running again keeps the existing secrets.
 """
 
 from __future__ import annotations
@@ -68,18 +71,8 @@ TENANTS: tuple[tuple[str, str], ...] = (
 DEMO_KEYS_FILE = "demo-keys.env"
 API_KEYS_FILE = "api-keys"
 INTERNAL_TOKEN_FILE = "internal-token"
-INTERNAL_ENV_FILE = "internal.env"
 ADMIN_TOKEN_FILE = "admin-token"
 REDIS_PASSWORD_FILE = "redis-password"
-REDIS_ENV_FILE = "redis.env"
-REDIS_URLS_ENV_FILE = "redis-urls.env"
-# compose's Redis URLs (docker-compose.yml's ``redis`` service), given the password in
-# ``redis-urls.env``: prefix-cache's records and totals, the limits' counts, the answer ledger
-COMPOSE_REDIS_URLS = {
-    "PREFIX_CACHE_REDIS_URL": "redis://redis:6379/0",
-    "ROUTER_LIMITS_REDIS_URL": "redis://redis:6379/1",
-    "ROUTER_ANSWERS_REDIS_URL": "redis://redis:6379/2",
-}
 # where the run dir's stack listens, for its clients (written by ``stack up``, kept by keys)
 TARGET_VAR = "CACHEMESH_TARGET"
 HTTP_URL_VAR = "CACHEMESH_HTTP_URL"
@@ -157,14 +150,10 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
     if keys.has_demo_keys:
         write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
     _ensure_key_file(keys)
-    write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n")
-    write_secret(run_dir / INTERNAL_ENV_FILE, f"CACHEMESH_INTERNAL_TOKEN={token}\n")
-    # read by the router's container user through compose's secret mount (.run stays 0700)
+    # each read by a container's user through compose's secret mount (.run stays 0700)
+    write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n", mode=0o644)
     write_secret(run_dir / ADMIN_TOKEN_FILE, admin + "\n", mode=0o644)
-    write_secret(run_dir / REDIS_PASSWORD_FILE, redis_password + "\n")
-    write_secret(run_dir / REDIS_ENV_FILE, f"REDISCLI_AUTH={redis_password}\n")
-    urls = {var: url_with_password(url, redis_password) for var, url in COMPOSE_REDIS_URLS.items()}
-    write_secret(run_dir / REDIS_URLS_ENV_FILE, "".join(f"{k}={v}\n" for k, v in urls.items()))
+    write_secret(run_dir / REDIS_PASSWORD_FILE, redis_password + "\n", mode=0o644)
     return keys
 
 

@@ -25,6 +25,10 @@ class Resolved:
         self.config, self.work, self.keys = config, work, keys
         self.dotenv = read_env_file(work / ".env")
 
+    @property
+    def run_dir(self) -> Path:
+        return self.work / ".run"
+
     def service(self, name: str) -> dict[str, Any]:
         services: dict[str, dict[str, Any]] = self.config["services"]
         return services[name]

@@ -74,8 +74,7 @@ def test_prefix_cache_keeps_its_bills_in_redis_that_fsyncs_every_write(
     resolved: Resolved,
 ) -> None:
     prefix = resolved.service("prefix-cache")
-    password = resolved.keys.redis_password
-    assert prefix["environment"]["PREFIX_CACHE_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+    assert prefix["environment"]["PREFIX_CACHE_REDIS_URL"] == "redis://redis:6379/0"
     assert prefix["depends_on"]["redis"] == {"condition": "service_healthy"}
     redis = resolved.service("redis")
     script = _redis_script(redis)
@@ -98,13 +97,16 @@ def test_compose_redis_requires_the_password_only_the_services_using_it_hold(
     could read every tenant's answers and rewrite bills."""
     password = resolved.keys.redis_password
     redis = resolved.service("redis")
-    assert redis["environment"]["REDISCLI_AUTH"] == password  # the server and redis-cli ping
+    # a mounted file (tests/unit/test_compose_secrets.py), never in an environment
+    assert not any(password in str(v) for v in (redis.get("environment") or {}).values())
     script = _redis_script(redis)
     # the password into the config on stdin, never onto the command line (ps shows argv)
     assert script.startswith("exec docker-entrypoint.sh redis-server - ")
-    assert "<<EOF\nrequirepass $REDISCLI_AUTH\nEOF" in script and password not in script
-    # REDISCLI_AUTH; PONG only with the password (test_compose_healthchecks.py runs it)
-    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -qx PONG"]
+    assert f"<<EOF\nrequirepass $(cat {REDIS_SECRET})\nEOF" in script
+    assert password not in script
+    # PONG only with the password (test_compose_healthchecks.py runs it)
+    check = f'REDISCLI_AUTH="$$(cat {REDIS_SECRET})" redis-cli ping | grep -qx PONG'
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", check]
     urls = {
         "prefix-cache": {"PREFIX_CACHE_REDIS_URL": 0},
         "router": {"ROUTER_LIMITS_REDIS_URL": 1, "ROUTER_ANSWERS_REDIS_URL": 2},
@@ -112,9 +114,15 @@ def test_compose_redis_requires_the_password_only_the_services_using_it_hold(
     for spec in SERVICES:
         env = resolved.service(spec.name)["environment"]
         for var, db in urls.get(spec.name, {}).items():
-            assert env[var] == f"redis://:{password}@redis:6379/{db}", var
+            assert env[var] == f"redis://redis:6379/{db}", var  # the password from the file
+            assert env["CACHEMESH_REDIS_PASSWORD_FILE"] == REDIS_SECRET
         if spec.name not in urls:
-            assert not any(password in str(v) for v in env.values()), spec.name
+            assert not env.get("CACHEMESH_REDIS_PASSWORD_FILE"), spec.name
+        assert not any(password in str(v) for v in env.values()), spec.name
+
+
+REDIS_SECRET = "/run/secrets/cachemesh-redis-password"
+INTERNAL_SECRET = "/run/secrets/cachemesh-internal-token"
 
 
 def test_router_keeps_its_billing_outbox_in_a_named_volume(resolved: Resolved) -> None:
@@ -150,11 +158,18 @@ def _container_overrides(resolved: Resolved, spec: ServiceDef) -> dict[str, str]
     container_paths = {
         "SEMANTIC_CACHE_DATA_DIR": "/var/lib/cachemesh/semantic-cache",
         "ROUTER_DATA_DIR": "/var/lib/cachemesh/router",
-        "PREFIX_CACHE_REDIS_URL": f"redis://:{resolved.keys.redis_password}@redis:6379/0",
-        "ROUTER_ANSWERS_REDIS_URL": f"redis://:{resolved.keys.redis_password}@redis:6379/2",
-        "ROUTER_LIMITS_REDIS_URL": f"redis://:{resolved.keys.redis_password}@redis:6379/1",
+        # the password in the mounted file (CACHEMESH_REDIS_PASSWORD_FILE), not in the URLs
+        "PREFIX_CACHE_REDIS_URL": "redis://redis:6379/0",
+        "ROUTER_ANSWERS_REDIS_URL": "redis://redis:6379/2",
+        "ROUTER_LIMITS_REDIS_URL": "redis://redis:6379/1",
+        "CACHEMESH_REDIS_PASSWORD_FILE": REDIS_SECRET,
     }
     overrides |= {k: v for k, v in container_paths.items() if k in spec.env_keys}
+    if spec.internal:  # the internal token, a mounted file too: none in the environment
+        overrides |= {
+            "CACHEMESH_INTERNAL_TOKEN": "",
+            "CACHEMESH_INTERNAL_TOKEN_FILE": INTERNAL_SECRET,
+        }
     # compose serves the simulator only, whatever .env says of models (tested below)
     simulator = {
         "MODEL_BACKEND": "simulated",
@@ -192,10 +207,11 @@ def test_environment_is_the_local_one_but_for_container_overrides(
         assert not env.get("CACHEMESH_ADMIN_TOKEN_FILE"), f"{spec.name} gets the admin token"
     assert not env.get("CACHEMESH_ADMIN_TOKEN"), f"{spec.name} gets the admin token"
     assert {key: env.get(key) for key in expected} == expected
-    if spec.internal:
-        assert env["CACHEMESH_INTERNAL_TOKEN"] == resolved.keys.internal_token
+    assert not env.get("CACHEMESH_INTERNAL_TOKEN"), f"{spec.name}: the internal token in its env"
+    if spec.internal:  # a mounted file (tests/unit/test_compose_secrets.py)
+        assert env["CACHEMESH_INTERNAL_TOKEN_FILE"] == INTERNAL_SECRET
     else:  # the internet-facing front calls only the Gateway, with the caller's own key
-        assert not env.get("CACHEMESH_INTERNAL_TOKEN"), f"{spec.name} gets the internal token"
+        assert not env.get("CACHEMESH_INTERNAL_TOKEN_FILE"), f"{spec.name} gets the internal token"
         assert "CACHEMESH_INTERNAL_TOKEN" not in local
 
 

@@ -106,17 +106,23 @@ def test_redis_is_healthy_only_when_its_password_answers_pong(tmp_path: Path) ->
     assert server.stdin is not None
     server.stdin.write(conf)
     server.stdin.close()
-    here = script.replace("redis-cli", f"redis-cli -p {port}")
+    secret = tmp_path / "redis-password"  # where compose mounts .run/redis-password
+    here = script.replace("redis-cli", f"redis-cli -p {port}").replace("$$", "$")
+    here = here.replace("/run/secrets/cachemesh-redis-password", str(secret))
     try:
         wait = f"until redis-cli -p {port} ping >/dev/null 2>&1; do sleep 0.05; done"
         subprocess.run(["sh", "-c", wait], timeout=20, check=True)
 
         def health(auth: str | None) -> int:
-            env = {"PATH": "/usr/bin:/bin"} | ({"REDISCLI_AUTH": auth} if auth else {})
+            if auth is None:
+                secret.unlink(missing_ok=True)
+            else:
+                secret.write_text(auth + "\n")
+            env = {"PATH": "/usr/bin:/bin"}
             return subprocess.run(["sh", "-c", here], env=env, timeout=10).returncode
 
         assert health(password) == 0
-        assert health(None) != 0  # NOAUTH
+        assert health(None) != 0  # NOAUTH (no file: cat fails, no password sent)
         assert health("not-the-password-0123456") != 0  # WRONGPASS
     finally:
         server.terminate()

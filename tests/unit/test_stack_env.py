@@ -100,6 +100,28 @@ def test_process_environment_layers_dotenv_environ_secrets_overrides(tmp_path: P
     assert stack.environment(service("router"), keys)["OTEL_SERVICE_NAME"] == "router"
 
 
+def test_the_stack_gives_its_own_secrets_over_files_named_in_the_shell(tmp_path: Path) -> None:
+    """A token file or Redis password file named in .env or the shell (for compose) beside
+    what the stack gives itself (the run dir's token, its Redis's URLs with the password)
+    was "both set": each service refused to start."""
+    stack = _stack(
+        tmp_path,
+        overrides={"PREFIX_CACHE_REDIS_URL": "redis://127.0.0.1:50056/0"},
+        environ={
+            "CACHEMESH_INTERNAL_TOKEN_FILE": "/run/secrets/cachemesh-internal-token",
+            "CACHEMESH_REDIS_PASSWORD_FILE": "/run/secrets/cachemesh-redis-password",
+        },
+    )
+    keys = ensure_keys(tmp_path / "run")
+    prefix = stack.environment(service("prefix-cache"), keys)
+    assert prefix["CACHEMESH_INTERNAL_TOKEN"] == keys.internal_token
+    assert "CACHEMESH_INTERNAL_TOKEN_FILE" not in prefix
+    assert f":{keys.redis_password}@" in prefix["PREFIX_CACHE_REDIS_URL"]
+    assert "CACHEMESH_REDIS_PASSWORD_FILE" not in prefix
+    front = stack.environment(service("http-front"), keys)  # never a secret of the mesh's
+    assert not {"CACHEMESH_INTERNAL_TOKEN_FILE", "CACHEMESH_REDIS_PASSWORD_FILE"} & set(front)
+
+
 def test_addresses_follow_the_listen_settings(tmp_path: Path) -> None:
     stack = _stack(tmp_path, {"ROUTER_LISTEN": "0.0.0.0:6000"}, environ={})
     assert stack.addresses == {

@@ -148,12 +148,12 @@ def test_make_keys_needs_only_the_standard_library(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "api-keys").is_file()
 
 
-def test_internal_token_file_and_compose_env_file_agree(tmp_path: Path) -> None:
+def test_internal_token_file_holds_the_token_compose_mounts(tmp_path: Path) -> None:
     keys = ensure_keys(tmp_path)
     assert len(keys.internal_token) >= 16
     assert (tmp_path / "internal-token").read_text().strip() == keys.internal_token
-    compose_env = read_env_file(tmp_path / "internal.env")
-    assert compose_env == {"CACHEMESH_INTERNAL_TOKEN": keys.internal_token}
+    # compose mounts the file (CACHEMESH_INTERNAL_TOKEN_FILE): no env file holds it now
+    assert not (tmp_path / "internal.env").exists()
     assert len(keys.admin_token) >= 16 and keys.admin_token != keys.internal_token
     assert (tmp_path / "admin-token").read_text().strip() == keys.admin_token
     assert not (tmp_path / "admin.env").exists()  # compose mounts admin-token itself
@@ -168,24 +168,43 @@ def test_every_secret_is_private(tmp_path: Path) -> None:
     run = tmp_path / ".run"
     ensure_keys(run)
     assert _mode(run) == 0o700
-    secrets = ("demo-keys.env", "internal-token", "internal.env")
-    for name in (*secrets, "redis-password", "redis.env", "redis-urls.env"):
-        assert _mode(run / name) == 0o600, name
+    assert _mode(run / "demo-keys.env") == 0o600
     # readable by a container's non-root user (compose mounts them); .run (0700) keeps them
     # from this host's other users
     assert _mode(run / "api-keys") == 0o644  # hashes only
-    assert _mode(run / "admin-token") == 0o644
+    for name in ("admin-token", "internal-token", "redis-password"):
+        assert _mode(run / name) == 0o644, name
     assert sorted(p.name for p in run.iterdir()) == [
         ".api-keys.lock",
         "admin-token",
         "api-keys",
         "demo-keys.env",
         "internal-token",
-        "internal.env",
         "redis-password",
-        "redis-urls.env",
-        "redis.env",
     ]  # no temporary file left behind
+
+
+def test_an_older_install_keeps_its_compose_env_files_and_opens_the_mounted_ones(
+    tmp_path: Path,
+) -> None:
+    """An older version wrote internal.env, redis.env and redis-urls.env for compose's
+    env_file (no longer read: left as they are) and the token and password 0600 (unreadable
+    through compose's secret mount by the containers' uid 10001)."""
+    first = ensure_keys(tmp_path)
+    for name in ("internal-token", "redis-password"):
+        (tmp_path / name).chmod(0o600)
+    older = {"internal.env": f"CACHEMESH_INTERNAL_TOKEN={first.internal_token}\n"}
+    older["redis.env"] = f"REDISCLI_AUTH={first.redis_password}\n"
+    for name, text in older.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o600)
+    again = ensure_keys(tmp_path)
+    assert again.internal_token == first.internal_token
+    assert again.redis_password == first.redis_password
+    for name in ("internal-token", "redis-password"):
+        assert _mode(tmp_path / name) == 0o644, name
+    for name, text in older.items():
+        assert (tmp_path / name).read_text() == text and _mode(tmp_path / name) == 0o600
 
 
 def test_an_older_install_keeps_its_admin_token_readable_by_compose_and_its_admin_env(
@@ -221,15 +240,11 @@ def test_running_again_keeps_the_secrets(tmp_path: Path) -> None:
 def test_a_lost_derived_file_is_rebuilt_from_the_kept_secrets(tmp_path: Path) -> None:
     first = ensure_keys(tmp_path)
     (tmp_path / "api-keys").unlink()
-    (tmp_path / "internal.env").unlink()
     (tmp_path / "demo-keys.env").chmod(0o644)
     second = ensure_keys(tmp_path)
     assert not second.created
     assert second.api_keys == first.api_keys
     assert _store(tmp_path / "api-keys").tenant_for(first.key_for("tenant-b"))
-    assert read_env_file(tmp_path / "internal.env")["CACHEMESH_INTERNAL_TOKEN"] == (
-        first.internal_token
-    )
     assert _mode(tmp_path / "demo-keys.env") == 0o600
 
 

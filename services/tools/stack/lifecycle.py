@@ -74,9 +74,14 @@ MOVE_THE_STACK = (
 )
 
 
+# the secrets' files the services read (services.common.env.Env.secret, .redis_url)
+INTERNAL_TOKEN_FILE_VAR = "CACHEMESH_INTERNAL_TOKEN_FILE"
+REDIS_PASSWORD_FILE_VAR = "CACHEMESH_REDIS_PASSWORD_FILE"
 # the credentials a process outside the mesh (the HTTP front) never holds, whoever set them
 OUTSIDE_SECRETS = (
     "CACHEMESH_INTERNAL_TOKEN",
+    INTERNAL_TOKEN_FILE_VAR,
+    REDIS_PASSWORD_FILE_VAR,
     "CACHEMESH_ADMIN_TOKEN",
     "CACHEMESH_ADMIN_TOKEN_FILE",
     "ANTHROPIC_API_KEY",
@@ -161,10 +166,15 @@ class Stack:
 
     def environment(self, service: ServiceDef, keys: StackKeys) -> dict[str, str]:
         merged = merge_env(self._dotenv, self._environ, keys.env(), self._overrides)
+        # the run dir's internal token is given (keys.env): a token file named in .env or the
+        # shell beside it was "both set", and the service refused to start
+        merged.pop(INTERNAL_TOKEN_FILE_VAR, None)
         # the stack's own Redis wants its password: in the URLs of those that use it only
+        # (and then no password file as well: a URL carrying one beside it is refused)
         for variable, url in stack_redis_urls(merged, keys.redis_password).items():
             if variable in service.env_keys:
                 merged[variable] = url
+                merged.pop(REDIS_PASSWORD_FILE_VAR, None)
         if not service.internal:  # not even from the shell or .env
             for name in OUTSIDE_SECRETS:
                 merged.pop(name, None)

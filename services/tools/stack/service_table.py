@@ -15,6 +15,7 @@ from types import MappingProxyType
 # Read by every service through services.common (server, telemetry, models, auth).
 COMMON_ENV_KEYS: tuple[str, ...] = (
     "CACHEMESH_INTERNAL_TOKEN",
+    "CACHEMESH_INTERNAL_TOKEN_FILE",
     "CACHEMESH_GRACE_S",
     "CACHEMESH_LOG_LEVEL",
     "CACHEMESH_LOG_FORMAT",
@@ -167,6 +168,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "PREFIX_CACHE_MAX_WARM_ENTRIES",
             "PREFIX_CACHE_MAX_RECORDS",
             "PREFIX_CACHE_REDIS_URL",
+            "CACHEMESH_REDIS_PASSWORD_FILE",
             "PREFIX_CACHE_REDIS_MAX_CONNECTIONS",
             "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS",
             "PREFIX_CACHE_PLAN_TTL_S",
@@ -269,6 +271,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_OUTBOX_MAX_BYTES",
             "ROUTER_READ_AHEAD_MAX_BYTES",
             "ROUTER_ANSWERS_REDIS_URL",
+            "CACHEMESH_REDIS_PASSWORD_FILE",
         ),
         peers=MappingProxyType(
             {
