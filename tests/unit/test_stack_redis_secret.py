@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cachemesh.envfile import EnvFileError, read_env_file
+from cachemesh.envfile import EnvFileError
 from services.tools.keys import ensure_keys
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.redis_process import REDIS, REDIS_UMASK, private_data_dir
@@ -46,16 +46,13 @@ def test_the_password_is_made_once_private_and_an_older_run_dir_gets_one(tmp_pat
     keys = ensure_keys(run)
     password = keys.redis_password
     assert len(password) >= 32 and (run / "redis-password").read_text() == password + "\n"
-    assert read_env_file(run / "redis.env") == {"REDISCLI_AUTH": password}  # compose's redis
-    assert read_env_file(run / "redis-urls.env") == {  # compose's URLs
-        var: url.replace("127.0.0.1:50056", f":{password}@redis:6379") for var, url in URLS.items()
-    }
-    for name in ("redis-password", "redis.env", "redis-urls.env"):
-        assert _mode(run / name) == 0o600, name
+    # compose mounts this file (its redis service, the router's and prefix-cache's
+    # CACHEMESH_REDIS_PASSWORD_FILE): no env file holds the password any more
+    assert not (run / "redis.env").exists() and not (run / "redis-urls.env").exists()
+    assert _mode(run / "redis-password") == 0o644  # the containers' user; .run is 0700
     assert ensure_keys(run).redis_password == password  # kept
     # a run dir made before the password existed: the next make keys / make up makes it
-    for name in ("redis-password", "redis.env", "redis-urls.env"):
-        (run / name).unlink()
+    (run / "redis-password").unlink()
     again = ensure_keys(run)
     assert again.redis_password not in ("", password)
     assert not again.created  # make up does not print the demo keys as "generated" again
