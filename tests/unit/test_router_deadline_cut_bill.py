@@ -1,0 +1,110 @@
+"""A call cut by its caller's own short deadline is billed by prefix-cache, not the outbox.
+
+The request's prefix-cache calls (Plan, WARM) are bounded by half of what the caller's deadline
+leaves; a short deadline (0.1 s) cuts them, which turns the request's prefix-cache calls off
+(``PrefixWindow``, ``clients``). The bill of a call that ended early is made after the caller
+left: it goes to prefix-cache under the router's own ``ROUTER_PREFIX_TIMEOUT_S`` (the caller's
+deadline is no bound on it), so its money counters count what prefix-cache billed, not the
+router's estimate at base prices (a review found a cut call's estimate 9.4x its bill, and a
+tenant's cost counters 8.3% over prefix-cache's and the limits' after 2 such calls of 263).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
+
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.errors import Code
+from services.common.metrics import TenantLabels, new_registry
+from services.router.dependencies import CallFailed, Dependencies
+from services.router.metrics import RouterMetrics
+from services.router.outbox import BillingOutbox
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    FakePrefix,
+    Rig,
+    _request,
+    _settings,
+)
+from tests.unit.test_router_unanswered_money import HeldModels
+
+# how long prefix-cache takes to answer a call (a long cached system prompt's Plan and WARM)
+_PREFIX_TAKES_S = 0.2
+
+
+@dataclass
+class SlowPrefix(FakePrefix):
+    """Answers a call given at least ``_PREFIX_TAKES_S``; a call given less times out."""
+
+    def _in_time(self, deadline_s: float) -> None:
+        if deadline_s < _PREFIX_TAKES_S:
+            raise CallFailed(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        reply = await super().plan(request, deadline_s)
+        self._in_time(deadline_s)
+        return reply
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        reply = await super().commit(request, deadline_s)
+        self._in_time(deadline_s)
+        return reply
+
+
+def _cost_sum(registry: CollectorRegistry) -> float:
+    """What the router's cost counters say the tenant was billed: every ``served_by``, plus
+    the outbox replays' corrections (up) minus theirs (down)."""
+    total = 0.0
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == "cachemesh_router_cost_nanos_total":
+                total += sample.value
+            elif sample.name == "cachemesh_router_cost_corrections_nanos_total":
+                sign = 1 if sample.labels["direction"] == "up" else -1
+                total += sign * sample.value
+    return total
+
+
+def _billed(prefix: FakePrefix, since: int = 0) -> int:
+    """What prefix-cache billed: 123 nano-dollars a FINAL it took (``FakePrefix``), of its
+    commits from ``since`` on (those before it refused while down)."""
+    return 123 * sum(1 for c in prefix.commits[since:] if c.phase == pc.COMMIT_PHASE_FINAL)
+
+
+async def test_a_call_cut_by_the_callers_short_deadline_is_billed_by_prefix_cache() -> None:
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    rig = Rig(prefix=SlowPrefix(), models=HeldModels())
+    outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=rig.clock,
+        metrics=metrics, outbox=outbox,
+    )  # fmt: skip
+    run = pipeline.run("tenant-a", _request(), time_remaining_s=0.1)
+    async with contextlib.aclosing(run) as chunks:
+        async for chunk in chunks:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the caller's deadline: it leaves after the first words
+    await pipeline.drain()
+    kept = outbox.pending
+    await outbox.flush()  # the replay of a kept bill (the old way: ~1 s later)
+    # the router's cost counters, what prefix-cache billed, and the bills kept in the outbox
+    assert (_cost_sum(registry), _billed(rig.prefix), kept) == (123, 123, 0)
+    # the Plan was cut by the caller's deadline (its prefix-cache calls were off since); the
+    # WARM and FINAL were sent after the caller left, under the router's own timeout
+    assert rig.prefix.plans
+    phases = [c.phase for c in rig.prefix.commits]
+    assert phases == [pc.COMMIT_PHASE_WARM, pc.COMMIT_PHASE_FINAL]
+    assert all(c.request.messages for c in rig.prefix.commits[:1])  # the WARM with its request
+    unanswered = {"tenant": "tenant-a", "served_by": "unanswered"}
+    assert registry.get_sample_value("cachemesh_router_cost_nanos_total", unanswered) == 123
