@@ -125,6 +125,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         prefix_serving=connected.prefix_health.serving,
         # a replayed bill's layer, on its replay span with what it was billed
         billed_layer=functools.partial(billed_layer, table),
+        # the cost counters counted a kept bill's estimate (a killed router's call, nothing):
+        # the replay's bill corrects them, so they sum to what was billed
+        cost_corrected=metrics.cost_corrected,
     )
     pipeline = Pipeline(
         connected.dependencies,

@@ -26,7 +26,15 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``requests_total``. ``served_by="unanswered"``: model calls billed without an
   answer (the caller cancelled, or the replica was cut, also before another one answered), as
   prefix-cache billed them (or the estimate at base prices when the bill went to the outbox);
-  they are in no ``requests_total``. The counters' sum is what the requests were billed;
+  they are in no ``requests_total``. A bill the billing outbox kept (prefix-cache down or
+  failing; not a caller's short deadline: its bill is made after it left, under the router's
+  own limits) counts at that estimate, and once its replay is billed
+  ``cachemesh_router_cost_corrections_nanos_total{tenant,direction}`` counts the bill minus
+  the estimate, ``up`` or ``down`` by its sign (a counter never decreases; a killed router's
+  call billed from its journal, which no cost counter counted, ``up`` by its whole bill). The
+  cost counters plus ``up`` minus ``down`` are what the requests were billed (the baseline,
+  saved and token counters keep the estimate's; a bill prefix-cache refused for good keeps
+  its estimate, as the budgets do);
 - ``cachemesh_router_tokens_total{tenant,served_by,type}``: the responses' usage (``input``,
   ``cache_creation``, ``cache_read``, ``output``), and the unanswered calls' bills';
 - ``cachemesh_router_degraded_total{dependency,reason}``: calls that failed and degraded the
@@ -137,6 +145,10 @@ ROUTER_DEADLINE = "router"
 CLIENT_DEADLINE = "client"
 # the money of model calls billed without an answer (cancelled, or cut before a retry)
 UNANSWERED = "unanswered"
+# ``cachemesh_router_cost_corrections_nanos_total``'s directions: billed more, or less, than
+# the cost counters counted
+UP = "up"
+DOWN = "down"
 # the GenAI semantic conventions' explicit bucket boundaries
 TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67,108,864
 DURATION_BUCKETS = (
@@ -203,6 +215,13 @@ class RouterMetrics:
         )
         self._cost = m.counter(
             "cachemesh_router_cost_nanos", "What the answers cost, in nano-dollars", tenant_layer
+        )
+        self._corrections = m.counter(
+            "cachemesh_router_cost_corrections_nanos",
+            "Bills made by the billing outbox's replays minus the estimates the cost counters "
+            "counted for them, in nano-dollars, by direction (up: billed more; down: billed "
+            "less): cost plus up minus down is what was billed",
+            ("tenant", "direction"),
         )
         self._baseline = m.counter(
             "cachemesh_router_baseline_nanos",
@@ -330,6 +349,7 @@ class RouterMetrics:
                 self._errors(tenant, code, deadline_label(code, False))
             self._errors(tenant, "DEADLINE_EXCEEDED", ROUTER_DEADLINE)
             self._cost(tenant, UNANSWERED)
+            self._corrected(tenant)
         for code in ("UNAUTHENTICATED", "INVALID_ARGUMENT"):  # before a key is recognised
             self._errors(NONE, code, "")
         self._duration(ERROR_LAYER)
@@ -371,6 +391,8 @@ class RouterMetrics:
         def tokens(kind: str) -> LoopCounter:
             return self._tokens(tenant, layer, kind)
 
+        self._corrected(tenant)
+
         return _Answered(
             requests=self._requests(tenant, model, tier, layer),
             cost=self._cost(tenant, layer),
@@ -386,6 +408,7 @@ class RouterMetrics:
     def unanswered(self, tenant: str, usage: pb.Usage, cost: pb.Cost) -> None:
         """A model call billed without an answer: its money and tokens, no request."""
         labels = (self._tenants(tenant), UNANSWERED)
+        self._corrected(labels[0])
         self._cost(*labels).inc(cost.cost_nanos)
         self._baseline(*labels).inc(cost.baseline_nanos)
         self._saved(*labels).inc(cost.saved_nanos)
@@ -396,6 +419,22 @@ class RouterMetrics:
             ("output", usage.output_tokens),
         ):
             self._tokens(*labels, kind).inc(count)
+
+    def cost_corrected(self, tenant: str, correction_nanos: int) -> None:
+        """A bill the billing outbox's replay made: what it cost minus what the cost counters
+        counted for it (the router's estimate, or nothing for a call no bill of the router's
+        counted: a killed router's), counted by its sign (a counter never decreases)."""
+        up, down = self._corrected(self._tenants(tenant))
+        if correction_nanos > 0:
+            up.inc(correction_nanos)
+        elif correction_nanos < 0:
+            down.inc(-correction_nanos)
+
+    def _corrected(self, label: str) -> tuple[LoopCounter, LoopCounter]:
+        """A tenant's correction counters (``label``: its capped label), created at 0 with its
+        first cost counter: a dashboard's cost adds them by tenant, and a tenant missing
+        either series would drop out of the sum."""
+        return self._corrections(label, UP), self._corrections(label, DOWN)
 
     def replayed(self, tenant: str) -> None:
         self._replays(self._tenants(tenant)).inc()

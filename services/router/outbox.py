@@ -77,7 +77,10 @@ that time, so the limiter corrects the budgets of the period the estimate was co
 (``Limiter.reconcile``), once: on the first reply to the entry's FINAL a process had. An entry
 whose call's FINAL is made after all (its keep cancelled after its line went in) takes its
 estimate back as it is settled. An entry journalled without them (by an older router)
-corrects nothing: its estimate stays counted, as before.
+corrects nothing: its estimate stays counted, as before. The router's cost counters, which
+counted the estimate too, are told the same correction (``cost_corrected``: a counter of its
+own, by sign, a counter never decreasing), and an open call's whole bill (counted by none), so
+that they sum to what was billed.
 
 Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
 with it: an entry from before it was kept has none); a replay sends an entry's commits under
@@ -194,6 +197,9 @@ class _Unreachable:
     recorded: int  # of those, its tries recorded (the first; then after it said SERVING)
 
 
+# told a replayed bill's cost minus what the router's cost counters counted for it:
+# (tenant, nano-dollars, either sign)
+CostCorrected = Callable[[str, int], None]
 # told a kept bill's estimate as its line is written: (tenant, nano-dollars, when it counts in
 # epoch ms); negative, one counted before taken back or replaced (``Limiter.count_estimate``)
 EstimateKept = Callable[[str, int, int], None]
@@ -439,6 +445,7 @@ class BillingOutbox:
         prefix_serving: PrefixServing | None = None,
         ages: Clock | None = None,
         billed_layer: BilledLayer | None = None,
+        cost_corrected: CostCorrected | None = None,
     ) -> None:
         """``tracer``: the replays' spans (None: the global provider's). ``max_memory_bytes``:
         the bound of an outbox in memory (``full`` past it; None: unbounded); a journal's
@@ -471,8 +478,15 @@ class BillingOutbox:
         sent unsampled). ``ages``: what the throttled log lines' intervals run on (None: a
         ``MonotonicClock``; never the wall, whose step back silenced them for its length).
         ``billed_layer``: the layer a replayed bill is served by, written on its replay span
-        with the bill (None: the layer is left out)."""
+        with the bill (None: the layer is left out).
+        ``cost_corrected``: told each bill a replay made, on the reply ``estimate_billed`` or
+        ``open_call_billed`` is told on, as ``(tenant, nano-dollars)``: a kept bill's cost
+        minus its estimate, which the router's cost counters counted as it was kept (either
+        sign); an open call's whole cost, which no counter counted (its router was killed, or
+        its bill failed): the router's cost counters then sum to what was billed (the
+        metrics' ``cost_corrected``)."""
         self._prefix = prefix
+        self._cost_corrected = cost_corrected
         self._billed_layer = billed_layer
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
@@ -769,18 +783,7 @@ class BillingOutbox:
                         and reply is not None
                         and (not reply.repeated or not inherited)
                     ):
-                        if open_call and self._open_call_billed is not None:
-                            cost = reply.cost.cost_nanos
-                            bill = OpenCallBill(final.tenant, cost, started_ms)
-                            self._open_call_billed(bill)
-                        elif counted is not None and self._estimate_billed is not None:
-                            correction = reply.cost.cost_nanos - counted.estimate_nanos
-                            self._estimate_billed(
-                                final.tenant,
-                                correction,
-                                counted.at_ms,
-                                inherited=inherited,
-                            )
+                        self._told(final.tenant, reply, open_call, started_ms, counted, inherited)
                 self._inherited.discard(entry_id)
                 self._kept_at.pop(entry_id, None)  # its estimate and correction counted
                 self._counted.pop(entry_id, None)
@@ -802,6 +805,30 @@ class BillingOutbox:
             log.info("billing outbox: billed %d answers, %d pending", settled, self.pending)
             self._say_if_full()
         return settled
+
+    def _told(
+        self,
+        tenant: str,
+        reply: pc.CommitResponse,
+        open_call: bool,
+        started_ms: int | None,
+        counted: Counted | None,
+        inherited: bool,
+    ) -> None:
+        """A replayed bill, the first reply to its FINAL, told to the limits (an open call's
+        cost, or a kept bill's correction) and to the cost counters (``cost_corrected``)."""
+        cost = reply.cost.cost_nanos
+        if open_call:
+            if self._open_call_billed is not None:
+                self._open_call_billed(OpenCallBill(tenant, cost, started_ms))
+            if self._cost_corrected is not None:
+                self._cost_corrected(tenant, cost)
+        elif counted is not None:
+            correction = cost - counted.estimate_nanos
+            if self._estimate_billed is not None:
+                self._estimate_billed(tenant, correction, counted.at_ms, inherited=inherited)
+            if self._cost_corrected is not None:
+                self._cost_corrected(tenant, correction)
 
     def _done_failed(self, entry_id: str, written: asyncio.Future[None]) -> None:
         """A settled entry's "done", once it ran: one that failed is remembered, not replayed."""

@@ -108,3 +108,40 @@ async def test_a_call_cut_by_the_callers_short_deadline_is_billed_by_prefix_cach
     assert all(c.request.messages for c in rig.prefix.commits[:1])  # the WARM with its request
     unanswered = {"tenant": "tenant-a", "served_by": "unanswered"}
     assert registry.get_sample_value("cachemesh_router_cost_nanos_total", unanswered) == 123
+
+
+async def test_with_prefix_cache_down_a_replays_correction_makes_the_counters_the_bill() -> None:
+    """prefix-cache down at the bill: the estimate is counted and the bill kept; once a replay
+    bills it, the correction (billed minus estimate) is counted, and the counters sum to what
+    prefix-cache billed."""
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    rig = Rig(models=HeldModels())
+    outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01, cost_corrected=metrics.cost_corrected)
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=rig.clock,
+        metrics=metrics, outbox=outbox,
+    )  # fmt: skip
+    rig.prefix.down = True
+    async with contextlib.aclosing(pipeline.run("tenant-a", _request())) as chunks:
+        async for chunk in chunks:
+            if chunk.WhichOneof("part") == "delta":
+                break
+    await pipeline.drain()
+    assert outbox.pending == 1
+    spec = TABLE.get("sim-large")
+    assert spec is not None
+    unanswered = {"tenant": "tenant-a", "served_by": "unanswered"}
+    estimate = registry.get_sample_value("cachemesh_router_cost_nanos_total", unanswered)
+    assert estimate is not None and estimate > 123  # the estimate at base prices
+    refused = len(rig.prefix.commits)
+    rig.prefix.down = False
+    assert await outbox.flush() == 1
+    assert _cost_sum(registry) == _billed(rig.prefix, refused) == 123
+    down = {"tenant": "tenant-a", "direction": "down"}
+    assert (
+        registry.get_sample_value("cachemesh_router_cost_corrections_nanos_total", down)
+        == estimate - 123
+    )

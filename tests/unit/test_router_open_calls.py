@@ -116,6 +116,7 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
 
     settled: list[int] = []
     billed: list[OpenCallBill] = []
+    corrected: list[tuple[str, int]] = []
     again = FakePrefix()
     with caplog.at_level(logging.INFO, "cachemesh.router.outbox"):
         restarted = BillingOutbox(
@@ -125,6 +126,7 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
             0.01,
             open_calls_settled=settled.append,
             open_call_billed=billed.append,
+            cost_corrected=lambda tenant, nanos: corrected.append((tenant, nanos)),
         )
         assert restarted.pending == 1
         assert await restarted.flush() == 1
@@ -145,6 +147,8 @@ async def test_a_call_running_when_the_router_is_killed_is_billed_at_its_next_st
     # its tenant and its cost, for the tenant's budgets (before: counted against none), and
     # when it started (its budget periods: not those of this start)
     assert billed == [OpenCallBill("tenant-a", 123, started_ms)]
+    # and for the router's cost counters, which the killed process never counted it in
+    assert corrected == [("tenant-a", 123)]
     said = [r.getMessage() for r in caplog.records]
     assert any("1 model calls were still running" in line for line in said), said
     assert any("billed 1 open calls" in line for line in said), said

@@ -12,6 +12,8 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
+from services.common.metrics import TenantLabels, new_registry
+from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.pipeline import billed_layer
 from tests.unit.test_router_outbox import _commits
@@ -97,3 +99,27 @@ def test_the_layer_billed_is_the_pipelines_and_none_for_a_model_gone() -> None:
     assert billed_layer(TABLE, "sim-large", at_least) == "LAYER_PREFIX_CACHE"
     assert billed_layer(TABLE, "sim-large", at_least - 1) == "LAYER_MODEL"
     assert billed_layer(TABLE, "no-such-model", at_least) == ""
+
+
+async def test_a_replays_bill_corrects_the_cost_counters_by_its_difference_either_way() -> None:
+    """The cost counters counted each kept bill's estimate; the replay's bill corrects them
+    by the difference, by its sign (a counter never decreases): counted cost plus ``up``
+    minus ``down`` is what prefix-cache billed."""
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    prefix = BilledPrefix()
+    outbox = BillingOutbox(prefix, None, 1.0, 0.01, cost_corrected=metrics.cost_corrected)
+    # an estimate at base prices over the bill (a cached prompt priced as input), and one
+    # under it (a cache write billed at 1.25x)
+    await outbox.keep(_commits("over#1"), estimate_nanos=3_880_000)
+    await outbox.keep(_commits("under#1"), estimate_nanos=500_000)
+    prefix.down = False
+    assert await outbox.flush() == 2
+
+    def corrected(direction: str) -> float | None:
+        labels = {"tenant": "t", "direction": direction}
+        return registry.get_sample_value("cachemesh_router_cost_corrections_nanos_total", labels)
+
+    assert (corrected("down"), corrected("up")) == (3_258_000, 122_000)
+    counted = 3_880_000 + 500_000  # what the pipeline's counters counted as it kept them
+    assert counted - 3_258_000 + 122_000 == 2 * 622_000
