@@ -112,7 +112,9 @@ class PrefixWindow:
     end, on the calls' clock (None: no client deadline, or a bill after the caller left);
     ``off``: one of them timed out or was not made, so the rest of the request makes none (no
     Plan: it goes on as with prefix-cache down; WARM and FINAL: to the billing outbox; a FINAL
-    sent without its WARM would only be refused)."""
+    sent without its WARM would only be refused; the bill of a call that ended early, made
+    after it, gets a window of its own when only the request's deadline turned this one off:
+    ``pipeline.Pipeline._billing_window``)."""
 
     deadline: float | None = None
     off: bool = False
