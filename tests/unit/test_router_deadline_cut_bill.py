@@ -11,7 +11,11 @@ tenant's cost counters 8.3% over prefix-cache's and the limits' after 2 such cal
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -19,7 +23,9 @@ from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
+from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
+from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
@@ -35,6 +41,7 @@ from tests.unit.test_router_pipeline import (
     _settings,
 )
 from tests.unit.test_router_unanswered_money import HeldModels
+from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
 
 # how long prefix-cache takes to answer a call (a long cached system prompt's Plan and WARM)
 _PREFIX_TAKES_S = 0.2
@@ -79,9 +86,15 @@ def _billed(prefix: FakePrefix, since: int = 0) -> int:
     return 123 * sum(1 for c in prefix.commits[since:] if c.phase == pc.COMMIT_PHASE_FINAL)
 
 
-async def test_a_call_cut_by_the_callers_short_deadline_is_billed_by_prefix_cache() -> None:
+async def test_a_call_cut_by_the_callers_short_deadline_is_billed_by_prefix_cache(
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
+) -> None:
     registry = new_registry()
     metrics = RouterMetrics(registry, TenantLabels(4))
+    out, lines = logs({})
+    access = RequestLog(metrics, TABLE, lambda: 0.0, lines)
+    call = access.begin("StreamComplete")
+    call.tenant = "tenant-a"
     rig = Rig(prefix=SlowPrefix(), models=HeldModels())
     outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
     deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
@@ -90,12 +103,15 @@ async def test_a_call_cut_by_the_callers_short_deadline_is_billed_by_prefix_cach
         deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=rig.clock,
         metrics=metrics, outbox=outbox,
     )  # fmt: skip
-    run = pipeline.run("tenant-a", _request(), time_remaining_s=0.1)
+    request = _request()
+    run = pipeline.run("tenant-a", request, time_remaining_s=0.1, bills=call.bills)
     async with contextlib.aclosing(run) as chunks:
         async for chunk in chunks:
             if chunk.WhichOneof("part") == "delta":
                 break  # the caller's deadline: it leaves after the first words
+    access.finish(call, request, "DEADLINE_EXCEEDED")
     await pipeline.drain()
+    await asyncio.sleep(0)  # the access line's callback
     kept = outbox.pending
     await outbox.flush()  # the replay of a kept bill (the old way: ~1 s later)
     # the router's cost counters, what prefix-cache billed, and the bills kept in the outbox
@@ -108,6 +124,10 @@ async def test_a_call_cut_by_the_callers_short_deadline_is_billed_by_prefix_cach
     assert all(c.request.messages for c in rig.prefix.commits[:1])  # the WARM with its request
     unanswered = {"tenant": "tenant-a", "served_by": "unanswered"}
     assert registry.get_sample_value("cachemesh_router_cost_nanos_total", unanswered) == 123
+    # its access line says the bill, not an estimate
+    (line,) = [json.loads(text) for text in out.getvalue().splitlines() if '"access"' in text]
+    assert (line["cost_nanos"], line["unanswered_cost_nanos"]) == (123, 123)
+    assert not line.get("cost_estimated")
 
 
 async def test_with_prefix_cache_down_a_replays_correction_makes_the_counters_the_bill() -> None:
