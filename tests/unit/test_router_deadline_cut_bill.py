@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
@@ -165,3 +166,45 @@ async def test_with_prefix_cache_down_a_replays_correction_makes_the_counters_th
         registry.get_sample_value("cachemesh_router_cost_corrections_nanos_total", down)
         == estimate - 123
     )
+
+
+@dataclass
+class FailingCommits(SlowPrefix):
+    """As ``SlowPrefix``, and each commit fails with ``code`` (prefix-cache failing after the
+    caller left, or hung: a real failure)."""
+
+    code: Code = Code.UNAVAILABLE
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.commits.append(request)
+        raise CallFailed(self.code, "prefix-cache failed")
+
+
+@pytest.mark.parametrize("code", [Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED])
+async def test_the_bill_of_a_deadline_cut_call_goes_to_the_outbox_on_a_real_failure(
+    code: Code,
+) -> None:
+    """The bill made under the router's own timeout falls back to the outbox when prefix-cache
+    fails it (a timeout given the whole ROUTER_PREFIX_TIMEOUT_S sends no FINAL after it)."""
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    rig = Rig(prefix=FailingCommits(code=code), models=HeldModels())
+    outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, REPLICAS)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=rig.clock,
+        metrics=metrics, outbox=outbox,
+    )  # fmt: skip
+    run = pipeline.run("tenant-a", _request(), time_remaining_s=0.1)
+    async with contextlib.aclosing(run) as chunks:
+        async for chunk in chunks:
+            if chunk.WhichOneof("part") == "delta":
+                break
+    await pipeline.drain()
+    assert outbox.pending == 1  # kept: billed by the replay
+    sent = [c.phase for c in rig.prefix.commits]
+    if code == Code.UNAVAILABLE:  # the FINAL tried too, as with any bill
+        assert sent == [pc.COMMIT_PHASE_WARM, pc.COMMIT_PHASE_FINAL]
+    else:  # timed out at the router's own limit: no more calls for this bill
+        assert sent == [pc.COMMIT_PHASE_WARM]
