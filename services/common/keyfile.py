@@ -174,8 +174,10 @@ def _check_unique(records: Sequence[KeyRecord], source: str) -> None:
         raise KeyFileError(f"{source}: the same key (sha256) appears twice")
 
 
-class KeyFile:
-    """The file at ``path``: read it, see that it changed, change it safely."""
+class LockedFile:
+    """A file shared by several processes (module doc): its signature, an exclusive ``flock``
+    of ``.<name>.lock`` beside it for a change, and an atomic, durable write. The key file,
+    and the routers' per-tenant limits file beside it (``services.router.tenant_limits``)."""
 
     def __init__(self, path: Path, mode: int = 0o600) -> None:
         """``mode``: of a file this creates (a replaced file keeps its own)."""
@@ -189,37 +191,6 @@ class KeyFile:
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def read(self) -> tuple[list[KeyRecord], Signature]:
-        """The records and the signature of the file they were read from."""
-        try:
-            with open(self.path, "rb") as handle:
-                st = os.fstat(handle.fileno())
-                text = handle.read().decode("utf-8")
-        except FileNotFoundError:
-            raise KeyFileError(f"API key file {self.path} does not exist") from None
-        except OSError as exc:
-            raise KeyFileUnreadable(f"cannot read the API key file {self.path}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise KeyFileError(f"the API key file {self.path} is not UTF-8: {exc}") from None
-        return parse(text, str(self.path)), (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def update(
-        self, change: Callable[[list[KeyRecord]], list[KeyRecord]], *, create: bool = False
-    ) -> tuple[list[KeyRecord], Signature | None]:
-        """Applies ``change`` to the records under the lock and writes the result; a missing
-        file is an error unless ``create`` (then ``change`` gets no records). Returns the
-        records written and the file's signature taken under the same lock: one taken after
-        it could be another process's next change, whose records this one never read."""
-        with self._locked():
-            if create and not self.path.exists():
-                records: list[KeyRecord] = []
-            else:
-                records = self.read()[0]
-            changed = change(list(records))
-            _check_unique(changed, str(self.path))
-            self._write(render(changed))
-            return changed, self.signature()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -253,3 +224,38 @@ class KeyFile:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+class KeyFile(LockedFile):
+    """The key file at ``path``: read it, see that it changed, change it safely."""
+
+    def read(self) -> tuple[list[KeyRecord], Signature]:
+        """The records and the signature of the file they were read from."""
+        try:
+            with open(self.path, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                text = handle.read().decode("utf-8")
+        except FileNotFoundError:
+            raise KeyFileError(f"API key file {self.path} does not exist") from None
+        except OSError as exc:
+            raise KeyFileUnreadable(f"cannot read the API key file {self.path}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise KeyFileError(f"the API key file {self.path} is not UTF-8: {exc}") from None
+        return parse(text, str(self.path)), (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def update(
+        self, change: Callable[[list[KeyRecord]], list[KeyRecord]], *, create: bool = False
+    ) -> tuple[list[KeyRecord], Signature | None]:
+        """Applies ``change`` to the records under the lock and writes the result; a missing
+        file is an error unless ``create`` (then ``change`` gets no records). Returns the
+        records written and the file's signature taken under the same lock: one taken after
+        it could be another process's next change, whose records this one never read."""
+        with self._locked():
+            if create and not self.path.exists():
+                records: list[KeyRecord] = []
+            else:
+                records = self.read()[0]
+            changed = change(list(records))
+            _check_unique(changed, str(self.path))
+            self._write(render(changed))
+            return changed, self.signature()

@@ -1,6 +1,7 @@
 """The Gateway's per-tenant limits, read from the environment once at start-up.
 
-Each limit applies to every tenant, each tenant with its own count; unset = no such limit.
+Each limit applies to every tenant, each tenant with its own count; unset = no such limit. A
+tenant may have limits of its own over these (``tenant_limits``: the Admin API's SetLimits).
 Rates are at least 1 (to refuse a tenant, remove its key); a budget of 0 refuses every request
 of the period (a request is admitted while the period's bill is below the budget, before it is
 known whether L1 will answer it for free).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 from services.common.env import ConfigError, Env
 from services.common.redis_pool import DEFAULT_MAX_CONNECTIONS, max_connections
@@ -21,6 +23,9 @@ BUDGET_DAY = "ROUTER_BUDGET_USD_PER_DAY"
 BUDGET_MONTH = "ROUTER_BUDGET_USD_PER_MONTH"
 REDIS_URL = "ROUTER_LIMITS_REDIS_URL"
 TIMEOUT_S = "ROUTER_LIMITS_TIMEOUT_S"
+# each tenant's own limits over these (``tenant_limits``); unset: ``tenant-limits`` beside the
+# API key file (CACHEMESH_API_KEYS_FILE)
+TENANT_LIMITS_FILE = "ROUTER_TENANT_LIMITS_FILE"
 REDIS_MAX_CONNECTIONS = "ROUTER_REDIS_MAX_CONNECTIONS"  # each of the router's Redis clients
 REDIS_BREAKER_S = "ROUTER_REDIS_BREAKER_S"  # each of the router's Redis clients
 DEFAULT_REDIS_BREAKER_S = 5.0
@@ -29,6 +34,7 @@ DEFAULT_REDIS_BREAKER_S = 5.0
 # budget one nano-dollar above the spend read as reached (measured on Redis 7: a spend of
 # 2**53 "reached" a budget of 2**53 + 1), and a budget of 10**23 dollars was taken.
 MAX_BUDGET_USD = 9_000_000
+TENANT_LIMITS_FILE_NAME = "tenant-limits"
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,14 @@ class LimitSettings:
     redis_max_connections: int = DEFAULT_MAX_CONNECTIONS
     # each of those clients: no call for this long after its calls failed in a row (0 = never)
     redis_breaker_s: float = DEFAULT_REDIS_BREAKER_S
+    # the per-tenant limits file (None: ``tenant-limits`` beside the API key file)
+    tenant_limits_file: Path | None = None
+
+    def tenant_limits_path(self, key_file: Path) -> Path:
+        """The per-tenant limits file: its setting, else beside ``key_file``."""
+        if self.tenant_limits_file is not None:
+            return self.tenant_limits_file
+        return key_file.with_name(TENANT_LIMITS_FILE_NAME)
 
     @classmethod
     def from_env(cls, env: Env) -> LimitSettings:
@@ -54,7 +68,13 @@ class LimitSettings:
             timeout_s=env.seconds(TIMEOUT_S, DEFAULT_TIMEOUT_S, minimum=0.001),
             redis_max_connections=max_connections(env, REDIS_MAX_CONNECTIONS),
             redis_breaker_s=env.seconds(REDIS_BREAKER_S, DEFAULT_REDIS_BREAKER_S, minimum=0.0),
+            tenant_limits_file=_optional_path(env, TENANT_LIMITS_FILE),
         )
+
+
+def _optional_path(env: Env, name: str) -> Path | None:
+    value = env.optional_str(name)
+    return None if value is None else Path(value)
 
 
 def _rate(env: Env, name: str) -> int | None:

@@ -25,14 +25,39 @@ from services.common.redis_pool import bounded_redis, refused_for_now
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
 from services.router.breaker import MEANWHILE, Breaker, RedisClient, redis_breaker
-from services.router.limit_settings import REDIS_URL, LimitSettings
-from services.router.limits import Limiter, LimitStore, MemoryLimitStore, UniformPolicies
+from services.router.key_settings import KeyStoreSettings
+from services.router.limit_settings import REDIS_URL, TENANT_LIMITS_FILE, LimitSettings
+from services.router.limits import (
+    Limiter,
+    LimitStore,
+    MemoryLimitStore,
+    Policies,
+    UniformPolicies,
+)
 from services.router.prompt_counts import count_prompt
 from services.router.redis_limits import RedisLimitStore
+from services.router.tenant_limits import LimitsFileError, PerTenantPolicies, TenantLimitStore
 
 ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
 
 log = logging.getLogger("cachemesh.router")
+
+
+def tenant_policies(
+    settings: LimitSettings,
+    keys: KeyStoreSettings,
+    monotonic: Callable[[], float],
+    wall: Callable[[], float],
+) -> PerTenantPolicies:
+    """Each tenant's limits: the settings', over which the per-tenant limits file (read now,
+    polled as the key file is, CACHEMESH_API_KEYS_POLL_S) gives a tenant its own. A malformed
+    file stops the router, naming the line and the variable."""
+    path = settings.tenant_limits_path(keys.path)
+    try:
+        store = TenantLimitStore(path, monotonic, wall, keys.poll_s)
+    except LimitsFileError as exc:
+        raise ConfigError(f"{exc} ({TENANT_LIMITS_FILE})") from None
+    return PerTenantPolicies(settings.policy, store)
 
 
 async def build_limiter(
@@ -45,12 +70,14 @@ async def build_limiter(
     lost: Callable[[int], None] | None = None,
     reset: Callable[[], None] | None = None,
     breaker_opened: Callable[[RedisClient], None] | None = None,
+    policies: Policies | None = None,
 ) -> Limiter:
     """``tokenizers``: the pipeline's (one load, one cache), to count what a request's prompt
     reserves of the token rate, with the requested row's tokenizer (``auto``'s: its large
     tier's, whose price is its baseline). ``reset``: told each time the limits' Redis is
     found to have lost its counts (``RedisLimitStore``). ``breaker_opened``: each time the
-    limits' Redis is left alone after its admits failed in a row (ROUTER_REDIS_BREAKER_S)."""
+    limits' Redis is left alone after its admits failed in a row (ROUTER_REDIS_BREAKER_S).
+    ``policies``: each tenant's limits (None: the settings' for every tenant)."""
     store: LimitStore = MemoryLimitStore()
     breaker = None
     if settings.redis_url is not None:
@@ -61,7 +88,9 @@ async def build_limiter(
         await _first_call(REDIS_URL, url, redis, "limits", shared.start(), settings.timeout_s)
         store = shared
         breaker = redis_breaker("limits", settings.redis_breaker_s, breaker_opened or _no_count)
-    return limiter_on(store, settings, clock, table, tokenizers, tracer, counted, lost, breaker)
+    return limiter_on(
+        store, settings, clock, table, tokenizers, tracer, counted, lost, breaker, policies
+    )
 
 
 def limiter_on(
@@ -74,15 +103,18 @@ def limiter_on(
     counted: Callable[[str, str], None] | None = None,
     lost: Callable[[int], None] | None = None,
     breaker: Breaker | None = None,
+    policies: Policies | None = None,
 ) -> Limiter:
     """The ``Limiter`` of ``settings`` over ``store`` (``build_limiter``'s, and the offline
-    estimator's, whose counts are in its own process); ``breaker``: over the store's Redis."""
+    estimator's, whose counts are in its own process); ``breaker``: over the store's Redis;
+    ``policies``: each tenant's limits (None: ``settings.policy`` for every tenant)."""
 
     def count(request: pb.CompleteRequest) -> int:
         spec = table.baseline_for(request.model)
         return count_prompt(request, tokenizers.for_spec(spec))
 
-    policies = UniformPolicies(settings.policy)
+    if policies is None:
+        policies = UniformPolicies(settings.policy)
     return Limiter(
         store, policies, clock, count, tracer, settings.timeout_s, counted, lost, breaker=breaker
     )

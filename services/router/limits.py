@@ -417,6 +417,13 @@ class Ticket:
     reserved_tokens: int
     # its reservation replaced by what was counted (an answer, or a call billed without one)
     replaced: bool = False
+    # its cost counted although its own policy sets no limit (``Policies.counts_every_spend``)
+    counts_spend: bool = False
+
+    @property
+    def counted(self) -> bool:
+        """Whether its end is counted: it has a limit, or its spend counts all the same."""
+        return self.policy.active or self.counts_spend
 
     def replace_reservation(self) -> int:
         """The reserved tokens to give back now: all of them the first time, then none."""
@@ -428,6 +435,11 @@ class Ticket:
 class Policies(Protocol):
     def for_tenant(self, tenant: str) -> LimitPolicy: ...
 
+    def counts_every_spend(self) -> bool:
+        """Whether a tenant with no limit has its cost counted all the same: a budget may be
+        given to it at any time (``tenant_limits``), and applies to what it spent already."""
+        ...
+
 
 @dataclass(frozen=True)
 class UniformPolicies:
@@ -437,6 +449,9 @@ class UniformPolicies:
 
     def for_tenant(self, tenant: str) -> LimitPolicy:
         return self.policy
+
+    def counts_every_spend(self) -> bool:
+        return False  # every tenant's the same: no limit is no limit for anyone
 
 
 def used_tokens(end: pb.CompleteResponse) -> int:
@@ -536,7 +551,7 @@ class Limiter:
         before: a request over the rate or a spent budget is refused uncounted."""
         policy = self._policies.for_tenant(tenant)
         if not policy.active:
-            return Ticket(tenant, policy, 0)
+            return Ticket(tenant, policy, 0, counts_spend=self._policies.counts_every_spend())
         if self._breaker is not None and self._breaker.open():
             self._left_alone()
             return Ticket(tenant, policy, 0)  # nothing reserved: as when the store fails
@@ -590,7 +605,7 @@ class Limiter:
         is not counted here: the billing outbox counted its estimate as it journalled its bill
         (``count_estimate``), so that a router stopped before this settle (a slow caller
         reading the end) leaves no estimate uncounted under the replay's correction."""
-        if not ticket.policy.active or end is None:
+        if not ticket.counted or end is None:
             return
         back = ticket.replace_reservation()
         refund = back - used_tokens(end) if ticket.policy.tokens_per_min else 0
@@ -610,7 +625,7 @@ class Limiter:
         from another replica, adds its own tokens). In whichever order they come. A bill kept
         in the outbox comes with no cost: its estimate was counted as it was journalled
         (``count_estimate``)."""
-        if not ticket.policy.active:
+        if not ticket.counted:
             return
         back = ticket.replace_reservation()
         refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
@@ -627,7 +642,7 @@ class Limiter:
         reply). In the budget periods it started in (``started_ms``, this clock's; None:
         those of now): a call cut just before midnight UTC is the day's, not the next's."""
         policy = self._policies.for_tenant(tenant)
-        if policy.active:
+        if policy.active or self._policies.counts_every_spend():
             self._count(Ticket(tenant, policy, 0), 0, cost_nanos, started_ms)
 
     def count_estimate(self, tenant: str, estimate_nanos: int, counted_ms: int) -> None:
@@ -637,7 +652,7 @@ class Limiter:
         Negative: an estimate counted before is taken back (its call's FINAL was made after
         all, and the entry settled unreplayed) or replaced by a larger or smaller one."""
         policy = self._policies.for_tenant(tenant)
-        if policy.active:
+        if policy.active or self._policies.counts_every_spend():
             self._count(Ticket(tenant, policy, 0), 0, estimate_nanos, counted_ms)
 
     def reconcile(
@@ -655,7 +670,7 @@ class Limiter:
         if inherited and not self._store.outlives_process:
             return
         policy = self._policies.for_tenant(tenant)
-        if policy.active:
+        if policy.active or self._policies.counts_every_spend():
             self._count(Ticket(tenant, policy, 0), 0, correction_nanos, counted_ms)
 
     def _count(
