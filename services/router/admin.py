@@ -35,10 +35,20 @@ from services.common.status import abort
 from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
 from services.router.admin_messages import (
     key_info,
+    limits_message,
     policy_message,
     same_but_case,
     tenant_row,
     unknown_tenant,
+)
+from services.router.tenant_limits import (
+    DEFAULT,
+    LIMITS,
+    UNLIMITED,
+    Change,
+    LimitsFileError,
+    LimitValueError,
+    PerTenantPolicies,
 )
 from services.router.validation import MAX_ID_CHARS
 
@@ -69,8 +79,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         prefix: prefix_cache_pb2_grpc.PrefixCacheAsyncStub,
         internal: tuple[tuple[str, str], ...],
         timeout_s: float,
+        *,
+        limits: PerTenantPolicies | None = None,
     ) -> None:
-        """``internal``: the internal credential's metadata, for ``semantic`` and ``prefix``."""
+        """``internal``: the internal credential's metadata, for ``semantic`` and ``prefix``;
+        ``limits``: each tenant's limits at the Gateway (None: GetLimits and SetLimits are
+        refused)."""
+        self._limits = limits
         self._credential = credential
         self._keys = keys
         self._semantic = semantic
@@ -256,7 +271,103 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         )
         return policy_message(policy, known, known_as)
 
+    # --- limits -----------------------------------------------------------------------------
+    async def GetLimits(self, request: adm.GetLimitsRequest, context: Context) -> adm.TenantLimits:
+        await self._authorize(context)
+        await _valid_tenant(context, request.tenant)
+        limits = await self._tenant_limits(context)
+        known, known_as = self._known_to_limits(request.tenant, limits)
+        own = limits.store.override(request.tenant)
+        return limits_message(request.tenant, limits.defaults, own, known, known_as)
+
+    async def ListLimits(
+        self, request: adm.ListLimitsRequest, context: Context
+    ) -> adm.ListLimitsResponse:
+        await self._authorize(context)
+        limits = await self._tenant_limits(context)
+        return adm.ListLimitsResponse(
+            tenants=[
+                limits_message(own.tenant, limits.defaults, own) for own in limits.store.overrides()
+            ],
+            defaults=limits_message("", limits.defaults, None),
+        )
+
+    async def SetLimits(self, request: adm.SetLimitsRequest, context: Context) -> adm.TenantLimits:
+        await self._authorize(context)
+        await _valid_tenant(context, request.tenant)
+        limits = await self._tenant_limits(context)
+        changes: dict[str, Change] = {}
+        for name in LIMITS:
+            change: adm.LimitChange = getattr(request, name)
+            which = change.WhichOneof("change")
+            if which == "value":
+                changes[name] = change.value
+            elif which == "unlimited" and change.unlimited:
+                changes[name] = UNLIMITED
+            elif which == "use_default" and change.use_default:
+                changes[name] = DEFAULT
+        if not changes:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"say what to change: one or more of {', '.join(LIMITS)}, each a value, "
+                "unlimited=true or use_default=true (the router's setting)",
+            )
+        known, known_as = self._known_to_limits(request.tenant, limits)
+        if not known and not request.new_tenant:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tenant {request.tenant} is unknown (no API key, no limit of its own)"
+                + (
+                    f": tenant names are case-sensitive, did you mean '{known_as}'?"
+                    if known_as is not None
+                    else ""
+                )
+                + "; nothing changed: to set the limits of a tenant before its first key, "
+                "send new_tenant=true (cachemesh admin limits set --new-tenant)",
+            )
+        try:
+            own = await asyncio.to_thread(limits.store.change, request.tenant, changes)
+        except LimitValueError as exc:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (LimitsFileError, OSError) as exc:
+            log.error("admin: the tenant limits file could not be changed: %s", exc)
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the tenant limits file could not be changed ({exc}); it must be writable by "
+                "the router (ROUTER_TENANT_LIMITS_FILE, by default beside "
+                "CACHEMESH_API_KEYS_FILE)",
+            )
+        log.info(
+            "admin: limits of tenant %s: %s%s",
+            request.tenant,
+            ", ".join(f"{name} {value}" for name, value in changes.items()),
+            "" if known else " (a new tenant: no key or limit before)",
+        )
+        return limits_message(request.tenant, limits.defaults, own, known, known_as)
+
     # --- inside -----------------------------------------------------------------------------
+    async def _tenant_limits(self, context: Context) -> PerTenantPolicies:
+        if self._limits is None:
+            await abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this router serves no per-tenant limits",
+            )
+        assert self._limits is not None
+        return self._limits
+
+    def _known_to_limits(self, tenant: str, limits: PerTenantPolicies) -> tuple[bool, str | None]:
+        """Whether ``tenant`` has an API key (active or revoked) or a limit of its own; when
+        neither, a tenant that has one and differs from it only in case (or None)."""
+        tenants = {record.tenant for record in self._keys.records()}
+        tenants.update(own.tenant for own in limits.store.overrides())
+        if tenant in tenants:
+            return True, None
+        return False, same_but_case(tenant, tenants)
+
     async def _authorize(self, context: Context) -> None:
         if self._credential is None:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, _OFF)

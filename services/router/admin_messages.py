@@ -10,6 +10,8 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.keyfile import KeyRecord
+from services.router.limits import LimitPolicy
+from services.router.tenant_limits import LIMITS, TenantOverride
 
 
 def _stamp(at: float) -> Timestamp:
@@ -90,3 +92,27 @@ def unknown_tenant(tenant: str, known_as: str | None) -> str:
     if known_as is not None:
         said += f": tenant names are case-sensitive, did you mean '{known_as}'?"
     return said
+
+
+def limits_message(
+    tenant: str,
+    defaults: LimitPolicy,
+    own: TenantOverride | None,
+    known: bool = True,
+    known_as: str | None = None,
+) -> adm.TenantLimits:
+    """The limits ``tenant`` is held to: each its own (``own``) where it has one, else the
+    router's (``defaults``); ``known`` False: it had no key and no limit of its own."""
+    applied = defaults if own is None else own.applied_to(defaults)
+    message = adm.TenantLimits(tenant=tenant, unknown_tenant=not known)
+    for name in LIMITS:
+        limit: adm.Limit = getattr(message, name)
+        limit.own = own is not None and own.setting(name) is not None
+        value = getattr(applied, name)
+        if value is not None:
+            limit.value = value
+    if own is not None and own.updated_at is not None:
+        message.updated_at.CopyFrom(_stamp(own.updated_at))
+    if known_as is not None:
+        message.known_as = known_as
+    return message

@@ -26,7 +26,12 @@ from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
 from services.router.grpc_adapters import CallTiming, connect
 from services.router.idempotency import IdempotencyTable
-from services.router.limit_wiring import build_answer_ledger, build_limiter, ledger_breaker
+from services.router.limit_wiring import (
+    build_answer_ledger,
+    build_limiter,
+    ledger_breaker,
+    tenant_policies,
+)
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
@@ -58,6 +63,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     # (held until the process exits)
     journal = Journal(settings.data_dir) if settings.data_dir is not None else None
     keys = settings.keys.open(time.monotonic, time.time)
+    # each tenant's limits: the settings', or its own (the per-tenant limits file)
+    policies = tenant_policies(settings.limits, settings.keys, time.monotonic, time.time)
     if settings.admin is None:
         log.warning("the Admin API is off: no CACHEMESH_ADMIN_TOKEN_FILE or CACHEMESH_ADMIN_TOKEN")
     provider = build_tracer_provider(environ, "router")
@@ -98,6 +105,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         metrics.settles_lost,
         reset=metrics.limits_store_reset,
         breaker_opened=metrics.redis_breaker_opened,
+        policies=policies,
     )
     outbox = BillingOutbox(
         connected.dependencies.prefix,
@@ -178,6 +186,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         connected.prefix,
         internal_metadata(settings.internal_token),
         settings.admin_timeout_s,
+        limits=policies,
     )
 
     def register(server: grpc.aio.Server) -> None:

@@ -3,16 +3,22 @@ against a real router in tests/integration/test_admin_api.py)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from cachemesh.admin_cli import (
     as_json,
+    budget_change,
     invalidate_text,
     keys_table,
+    limits_list,
+    limits_table,
     policy_table,
+    rate_change,
     stats_table,
     table,
 )
@@ -127,3 +133,51 @@ def test_an_unknown_tenant_is_said_so_naming_the_known_one() -> None:
     policy = adm.CachePolicy(tenant="globex", unknown_tenant=True, effective_default_ttl_s=60)
     assert "tenant globex was unknown" in policy_table(policy)
     assert "unknown" not in policy_table(adm.CachePolicy(tenant="acme"))
+
+
+def _limits(tenant: str, own: bool) -> adm.TenantLimits:
+    return adm.TenantLimits(
+        tenant=tenant,
+        requests_per_min=adm.Limit(value=10, own=own),
+        tokens_per_min=adm.Limit(own=own),  # unlimited
+        day_budget_nanos=adm.Limit(value=5_000_000_000),
+        month_budget_nanos=adm.Limit(value=150_000, own=own),
+    )
+
+
+def test_limits_say_each_value_in_its_unit_and_whose_it_is() -> None:
+    lines = limits_table(_limits("free", True)).splitlines()
+    assert lines[0] == "tenant free"
+    rows = {re.split(r"\s{2,}", line)[0]: line for line in lines[3:]}
+    assert re.split(r"\s{2,}", rows["request rate"])[1:] == ["10 requests/min", "its own"]
+    assert "unlimited" in rows["token rate"] and "its own" in rows["token rate"]
+    assert "$5.00 a day" in rows["daily budget"] and "the router's setting" in rows["daily budget"]
+    assert "$0.00015 a month" in rows["monthly budget"]
+    unknown = _limits("globex", True)
+    unknown.unknown_tenant = True
+    unknown.known_as = "Globex"
+    text = limits_table(unknown)
+    assert "tenant globex was unknown" in text and "did you mean Globex?" in text
+
+
+def test_the_list_marks_each_tenants_own_limits() -> None:
+    reply = adm.ListLimitsResponse(tenants=[_limits("free", True)], defaults=_limits("", False))
+    text = limits_list(reply)
+    every, free = (re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[2:4])
+    assert every[0] == "(every other)" and "*" not in "".join(every)
+    assert free[0] == "free" and "10 requests/min*" in free and "$5.00 a day" in free
+    assert "* the tenant's own" in text
+
+
+def test_limit_values_from_the_command_line() -> None:
+    assert rate_change("600") == 600 and rate_change("unlimited") == "unlimited"
+    assert rate_change("default") == "default"
+    assert budget_change("5") == 5_000_000_000 and budget_change("0.25") == 250_000_000
+    assert budget_change("0.000000001") == 1 and budget_change("0") == 0
+    for wrong in ("-1", "1.5", "ten", "", "10" * 20):
+        with pytest.raises(argparse.ArgumentTypeError, match="a whole number a minute"):
+            rate_change(wrong)
+    for wrong in ("0.0000000001", "five", "nan", "inf", "1e30"):
+        with pytest.raises(argparse.ArgumentTypeError, match="at most 9 decimal places"):
+            budget_change(wrong)
+    assert budget_change("-1") == -1_000_000_000  # the router refuses it, naming the range

@@ -25,6 +25,8 @@ from services.common.key_store import KeyStore
 from services.common.keyfile import hash_key, new_api_key
 from services.router.admin import AdminServicer
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
+from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
+from services.router.tenant_limits import PerTenantPolicies, TenantLimitStore
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import query_from_request
@@ -36,6 +38,8 @@ ADMIN_TOKEN = "admin-token-for-the-unit-tests-0123"
 INTERNAL = "internal-token-0123456789abcdef"
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 Context = grpc.aio.ServicerContext[Any, Any]
+# the router's own limits (ROUTER_LIMIT_*, ROUTER_BUDGET_*) in the rig
+LIMIT_DEFAULTS = LimitPolicy(requests_per_min=600, day_budget_nanos=50 * NANOS_PER_DOLLAR)
 
 
 class Totals(prefix_cache_pb2_grpc.PrefixCacheServicer):
@@ -73,6 +77,7 @@ class Rig:
     key_file: Path
     demo_key: str
     cache: SemanticCache
+    limits: PerTenantPolicies
 
 
 async def _rig(
@@ -86,6 +91,9 @@ async def _rig(
     key_file = tmp_path / "api-keys"
     key_file.write_text(f"acme:{hash_key(demo_key)}\n")
     keys = KeyStore.open(key_file, time.monotonic, time.time, 0.0)
+    limits = PerTenantPolicies(
+        LIMIT_DEFAULTS, TenantLimitStore(tmp_path / "tenant-limits", time.monotonic, time.time, 0)
+    )
     internal = grpc.aio.server(interceptors=[InternalAuthInterceptor(INTERNAL)])
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
     if semantic_up:
@@ -104,12 +112,13 @@ async def _rig(
             prefix_cache_pb2_grpc.PrefixCacheStub(channel),
             internal_metadata(router_internal),
             timeout_s,
+            limits=limits,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(admin, router)
         router_port = router.add_insecure_port("127.0.0.1:0")
         await router.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{router_port}") as front:
-            yield Rig(admin_pb2_grpc.AdminStub(front), keys, key_file, demo_key, cache)
+            yield Rig(admin_pb2_grpc.AdminStub(front), keys, key_file, demo_key, cache, limits)
         await router.stop(None)
     await internal.stop(None)
 
@@ -402,3 +411,117 @@ async def test_invalidate_of_an_unknown_tenant_says_so(rig: Rig) -> None:
     assert (known.dropped, known.unknown_tenant, known.HasField("known_as")) == (0, False, False)
     got = await rig.stub.GetPolicy(adm.GetPolicyRequest(tenant="Acme"), metadata=ADMIN)
     assert got.unknown_tenant and got.known_as == "acme"
+
+
+def _change(value: int = 0, *, unlimited: bool = False, default: bool = False) -> adm.LimitChange:
+    if unlimited:
+        return adm.LimitChange(unlimited=True)
+    if default:
+        return adm.LimitChange(use_default=True)
+    return adm.LimitChange(value=value)
+
+
+async def test_a_tenants_limits_are_set_read_listed_and_taken_back(rig: Rig) -> None:
+    got = await rig.stub.GetLimits(adm.GetLimitsRequest(tenant="acme"), metadata=ADMIN)
+    assert got.requests_per_min == adm.Limit(value=600, own=False)  # the router's
+    assert not got.tokens_per_min.HasField("value") and not got.tokens_per_min.own
+    assert not got.unknown_tenant and not got.HasField("updated_at")
+    change = adm.SetLimitsRequest(
+        tenant="acme",
+        requests_per_min=_change(10),
+        tokens_per_min=_change(5000),
+        day_budget_nanos=_change(unlimited=True),
+        month_budget_nanos=_change(0),
+    )
+    limits = await rig.stub.SetLimits(change, metadata=ADMIN)
+    assert limits.requests_per_min == adm.Limit(value=10, own=True)
+    assert limits.tokens_per_min == adm.Limit(value=5000, own=True)
+    assert limits.day_budget_nanos == adm.Limit(own=True)  # its own: unlimited
+    assert limits.month_budget_nanos == adm.Limit(value=0, own=True)
+    assert limits.HasField("updated_at")
+    assert rig.limits.for_tenant("acme") == LimitPolicy(10, 5000, None, 0)
+    assert rig.limits.for_tenant("globex") == LIMIT_DEFAULTS
+    assert await rig.stub.GetLimits(adm.GetLimitsRequest(tenant="acme"), metadata=ADMIN) == limits
+    listed = await rig.stub.ListLimits(adm.ListLimitsRequest(), metadata=ADMIN)
+    assert [t.tenant for t in listed.tenants] == ["acme"] and listed.tenants[0] == limits
+    assert listed.defaults.requests_per_min == adm.Limit(value=600)
+    back = adm.SetLimitsRequest(
+        tenant="acme",
+        requests_per_min=_change(default=True),
+        tokens_per_min=_change(default=True),
+        day_budget_nanos=_change(default=True),
+        month_budget_nanos=_change(default=True),
+    )
+    cleared = await rig.stub.SetLimits(back, metadata=ADMIN)
+    assert cleared.requests_per_min == adm.Limit(value=600) and not cleared.HasField("updated_at")
+    assert rig.limits.for_tenant("acme") == LIMIT_DEFAULTS
+    assert not (await rig.stub.ListLimits(adm.ListLimitsRequest(), metadata=ADMIN)).tenants
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (adm.SetLimitsRequest(tenant="acme"), "say what to change: one or more of"),
+        (
+            adm.SetLimitsRequest(tenant="acme", requests_per_min=_change(0)),
+            "requests_per_min must be whole requests a minute, from 1",
+        ),
+        (
+            adm.SetLimitsRequest(tenant="acme", tokens_per_min=_change(-1)),
+            "tokens_per_min must be whole tokens a minute",
+        ),
+        (
+            adm.SetLimitsRequest(tenant="acme", day_budget_nanos=_change(-5)),
+            "day_budget_nanos must be whole nano-dollars a UTC day (1 US dollar = ",
+        ),
+        (
+            adm.SetLimitsRequest(tenant="acme", month_budget_nanos=_change(10**19 // 2)),
+            "($9,000,000",
+        ),
+        (adm.SetLimitsRequest(tenant="a b", requests_per_min=_change(1)), "tenant must be"),
+    ],
+)
+async def test_a_limit_out_of_range_is_refused_with_its_unit(
+    rig: Rig, change: adm.SetLimitsRequest, said: str
+) -> None:
+    details = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, rig.stub.SetLimits(change, metadata=ADMIN)
+    )
+    assert said in details
+    assert rig.limits.store.overrides() == []  # nothing written
+
+
+async def test_limits_for_an_unknown_tenant_need_new_tenant(rig: Rig) -> None:
+    typo = adm.SetLimitsRequest(tenant="ACME", requests_per_min=_change(1))
+    details = await expect(
+        grpc.StatusCode.FAILED_PRECONDITION, rig.stub.SetLimits(typo, metadata=ADMIN)
+    )
+    assert "did you mean 'acme'?" in details and "--new-tenant" in details
+    assert rig.limits.store.overrides() == []
+    early = adm.SetLimitsRequest(tenant="globex", day_budget_nanos=_change(5), new_tenant=True)
+    limits = await rig.stub.SetLimits(early, metadata=ADMIN)
+    assert limits.unknown_tenant and limits.day_budget_nanos == adm.Limit(value=5, own=True)
+    # once it has limits of its own, it is known
+    again = adm.SetLimitsRequest(tenant="globex", day_budget_nanos=_change(6))
+    assert not (await rig.stub.SetLimits(again, metadata=ADMIN)).unknown_tenant
+    got = await rig.stub.GetLimits(adm.GetLimitsRequest(tenant="initech"), metadata=ADMIN)
+    assert got.unknown_tenant and got.requests_per_min == adm.Limit(value=600)
+
+
+async def test_limits_need_the_admin_token(rig: Rig) -> None:
+    for call in (
+        rig.stub.GetLimits(adm.GetLimitsRequest(tenant="acme")),
+        rig.stub.ListLimits(adm.ListLimitsRequest()),
+        rig.stub.SetLimits(adm.SetLimitsRequest(tenant="acme", requests_per_min=_change(1))),
+    ):
+        await expect(grpc.StatusCode.UNAUTHENTICATED, call)
+
+
+async def test_a_limits_file_it_cannot_write_is_said_so(rig: Rig, tmp_path: Path) -> None:
+    (tmp_path / "tenant-limits").mkdir()  # a directory where the file goes: its read fails
+    change = adm.SetLimitsRequest(tenant="acme", requests_per_min=_change(1))
+    details = await expect(
+        grpc.StatusCode.FAILED_PRECONDITION, rig.stub.SetLimits(change, metadata=ADMIN)
+    )
+    assert "tenant limits file could not be changed" in details
+    assert "ROUTER_TENANT_LIMITS_FILE" in details

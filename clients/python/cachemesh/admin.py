@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import grpc
 
@@ -26,6 +26,9 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc
 
 T = TypeVar("T")
+# One limit's change in ``set_limits``: the tenant's own value (requests or tokens a minute;
+# a budget in nano-dollars), "unlimited", or "default" (back to the router's setting)
+LimitChange = int | Literal["unlimited", "default"]
 
 
 def read_admin_token(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -133,6 +136,43 @@ class AdminClient:
         if default_ttl_s is not None:
             request.default_ttl_s = default_ttl_s
         return self._call(self._stub.SetPolicy, request)
+
+    def limits(self, tenant: str) -> adm.TenantLimits:
+        """The limits ``tenant`` is held to: each its own, or the router's setting."""
+        return self._call(self._stub.GetLimits, adm.GetLimitsRequest(tenant=tenant))
+
+    def list_limits(self) -> adm.ListLimitsResponse:
+        """Every tenant with a limit of its own, and the router's settings."""
+        return self._call(self._stub.ListLimits, adm.ListLimitsRequest())
+
+    def set_limits(
+        self,
+        tenant: str,
+        *,
+        requests_per_min: LimitChange | None = None,
+        tokens_per_min: LimitChange | None = None,
+        day_budget_nanos: LimitChange | None = None,
+        month_budget_nanos: LimitChange | None = None,
+        new_tenant: bool = False,
+    ) -> adm.TenantLimits:
+        """Changes ``tenant``'s own limits (None: unchanged); in force on every router within
+        a second. ``new_tenant``: as ``set_policy``'s."""
+        request = adm.SetLimitsRequest(tenant=tenant, new_tenant=new_tenant)
+        changes = {
+            "requests_per_min": requests_per_min,
+            "tokens_per_min": tokens_per_min,
+            "day_budget_nanos": day_budget_nanos,
+            "month_budget_nanos": month_budget_nanos,
+        }
+        for name, change in changes.items():
+            field: adm.LimitChange = getattr(request, name)
+            if change == "unlimited":
+                field.unlimited = True
+            elif change == "default":
+                field.use_default = True
+            elif change is not None:
+                field.value = change
+        return self._call(self._stub.SetLimits, request)
 
     def _call(self, method: Callable[..., T], request: object) -> T:
         try:

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -21,10 +22,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cachemesh._errors import CachemeshError
 from cachemesh._tls import Tls
-from cachemesh.admin import AdminClient, read_admin_token
+from cachemesh.admin import AdminClient, LimitChange, read_admin_token
 from cachemesh.v1 import admin_pb2 as adm
 
 NANOS_PER_DOLLAR = 1_000_000_000
+MAX_INT64 = 2**63 - 1
+LIMIT_WORDS = ("unlimited", "default")
 
 
 def add_parser(commands: Any) -> None:
@@ -76,6 +79,63 @@ def add_parser(commands: Any) -> None:
         help="the tenant may have no key, L1 entry or policy yet (else refused: a misspelt "
         "name, tenant names being case-sensitive, would change nothing)",
     )
+
+    limits = what.add_parser("limits", help="a tenant's rates and budgets at the Gateway")
+    limit_commands = limits.add_subparsers(dest="limits_command", required=True)
+    limit_commands.add_parser("get").add_argument("tenant")
+    limit_commands.add_parser("list", help="every tenant with limits of its own")
+    limit_set = limit_commands.add_parser(
+        "set",
+        help="a tenant's own limits; each a value, 'unlimited' or 'default' (the router's)",
+    )
+    limit_set.add_argument("tenant")
+    for flag, kind, text in (
+        ("--requests-per-min", rate_change, "requests a minute (at least 1)"),
+        ("--tokens-per-min", rate_change, "tokens a minute (at least 1)"),
+        ("--day-budget", budget_change, "US dollars a UTC day (0 refuses every request)"),
+        ("--month-budget", budget_change, "US dollars a UTC month (0 refuses every request)"),
+    ):
+        limit_set.add_argument(
+            flag,
+            type=kind,
+            metavar=("DOLLARS" if kind is budget_change else "N") + "|unlimited|default",
+            help=f"{text}; unlimited: none for this tenant; default: the router's setting",
+        )
+    limit_set.add_argument(
+        "--new-tenant",
+        action="store_true",
+        help="the tenant may have no key or limit yet (else refused: a misspelt name would "
+        "change nothing)",
+    )
+
+
+def rate_change(text: str) -> LimitChange:
+    """``--requests-per-min``'s and ``--tokens-per-min``'s value: a whole number a minute,
+    'unlimited' or 'default' (the server checks the range)."""
+    if text in LIMIT_WORDS:
+        return text  # type: ignore[return-value]
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_INT64:
+        raise argparse.ArgumentTypeError(
+            f"a whole number a minute, 'unlimited' or 'default', got {text[:32]!r}"
+        )
+    return int(text)
+
+
+def budget_change(text: str) -> LimitChange:
+    """A budget's value: US dollars (to the nano-dollar) as nano-dollars, 'unlimited' or
+    'default' (the server checks the range)."""
+    if text in LIMIT_WORDS:
+        return text  # type: ignore[return-value]
+    try:
+        nanos = Decimal(text) * NANOS_PER_DOLLAR
+    except InvalidOperation:
+        nanos = Decimal("NaN")
+    if not nanos.is_finite() or nanos != nanos.to_integral_value() or abs(nanos) > MAX_INT64:
+        raise argparse.ArgumentTypeError(
+            "US dollars with at most 9 decimal places (e.g. 5 or 0.25), 'unlimited' or "
+            f"'default', got {text[:32]!r}"
+        )
+    return int(nanos)
 
 
 def admin_token(args: argparse.Namespace) -> str:
@@ -132,6 +192,8 @@ def _call(client: AdminClient, args: argparse.Namespace) -> Any:
         return (
             client.rotate_key(args.key_id) if verb == "rotate" else client.revoke_key(args.key_id)
         )
+    if command == "limits":
+        return _limits_call(client, args)
     if args.policy_command == "get":
         return client.policy(args.tenant)
     return client.set_policy(
@@ -139,6 +201,22 @@ def _call(client: AdminClient, args: argparse.Namespace) -> Any:
         l1_enabled=None if args.l1 is None else args.l1 == "on",
         default_ttl_s=args.default_ttl,
         reset_default_ttl=args.reset_default_ttl,
+        new_tenant=args.new_tenant,
+    )
+
+
+def _limits_call(client: AdminClient, args: argparse.Namespace) -> Any:
+    verb = args.limits_command
+    if verb == "get":
+        return client.limits(args.tenant)
+    if verb == "list":
+        return client.list_limits()
+    return client.set_limits(
+        args.tenant,
+        requests_per_min=args.requests_per_min,
+        tokens_per_min=args.tokens_per_min,
+        day_budget_nanos=args.day_budget,
+        month_budget_nanos=args.month_budget,
         new_tenant=args.new_tenant,
     )
 
@@ -157,6 +235,10 @@ def _text(args: argparse.Namespace, reply: Any) -> str:
         return keys_table(list(reply.keys)) if reply.keys else "no keys"
     if isinstance(reply, adm.ApiKeyInfo):
         return keys_table([reply])
+    if isinstance(reply, adm.TenantLimits):
+        return limits_table(reply)
+    if isinstance(reply, adm.ListLimitsResponse):
+        return limits_list(reply)
     return policy_table(reply)
 
 
@@ -266,3 +348,63 @@ def policy_table(policy: adm.CachePolicy) -> str:
             f"policy before): this policy applies once it has a key{_did_you_mean(known_as)}\n"
         )
     return head + table(["setting", "value"], rows, right=2)
+
+
+_LIMIT_ROWS = (
+    ("requests_per_min", "request rate"),
+    ("tokens_per_min", "token rate"),
+    ("day_budget_nanos", "daily budget"),
+    ("month_budget_nanos", "monthly budget"),
+)
+
+
+def limit_text(name: str, limit: adm.Limit) -> str:
+    """One limit as people read it: "600 requests/min", "$5.00 a day", "unlimited"."""
+    if not limit.HasField("value"):
+        return "unlimited"
+    if name == "requests_per_min":
+        return f"{limit.value:,} requests/min"
+    if name == "tokens_per_min":
+        return f"{limit.value:,} tokens/min"
+    return f"{exact_dollars(limit.value)} a {'day' if name == 'day_budget_nanos' else 'month'}"
+
+
+def exact_dollars(nanos: int) -> str:
+    """Cents when whole, else down to the nano-dollar ($0.00015): a budget exactly."""
+    whole, part = divmod(nanos, NANOS_PER_DOLLAR)
+    return f"${whole:,}.{f'{part:09d}'.rstrip('0').ljust(2, '0')}"
+
+
+def limits_table(limits: adm.TenantLimits) -> str:
+    rows = [
+        [label, limit_text(name, getattr(limits, name)),
+         "its own" if getattr(limits, name).own else "the router's setting"]
+        for name, label in _LIMIT_ROWS
+    ]  # fmt: skip
+    head = f"tenant {printable(limits.tenant)}\n"
+    if limits.unknown_tenant:
+        known_as = limits.known_as if limits.HasField("known_as") else None
+        head = (
+            f"tenant {printable(limits.tenant)} was unknown (no API key, no limit of its own "
+            f"before): these limits apply once it has a key{_did_you_mean(known_as)}\n"
+        )
+    return head + table(["limit", "value", "from"], rows, right=3)
+
+
+def limits_list(reply: adm.ListLimitsResponse) -> str:
+    headers = ["tenant", *(label for _, label in _LIMIT_ROWS)]
+
+    def row(tenant: str, limits: adm.TenantLimits, mark: bool) -> list[str]:
+        cells = [tenant]
+        for name, _ in _LIMIT_ROWS:
+            limit = getattr(limits, name)
+            cells.append(limit_text(name, limit) + ("*" if mark and limit.own else ""))
+        return cells
+
+    rows = [row("(every other)", reply.defaults, False)]
+    rows += [row(printable(t.tenant), t, True) for t in reply.tenants]
+    return (
+        table(headers, rows, right=1)
+        + "\n\n* the tenant's own; the rest: this router's settings (ROUTER_LIMIT_*, "
+        "ROUTER_BUDGET_*)"
+    )

@@ -498,3 +498,226 @@ class CachePolicy(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__known_as) -> _WhichOneofReturnType__known_as | None: ...
 
 Global___CachePolicy: _TypeAlias = CachePolicy  # noqa: Y015
+
+@_typing.final
+class GetLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLimitsRequest: _TypeAlias = GetLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLimitsRequest: _TypeAlias = ListLimitsRequest  # noqa: Y015
+
+@_typing.final
+class ListLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    DEFAULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantLimits]:
+        """by tenant name: those with a limit of their own"""
+
+    @_builtins.property
+    def defaults(self) -> Global___TenantLimits:
+        """this router's settings (its tenant is empty)"""
+
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[Global___TenantLimits] | None = ...,
+        defaults: Global___TenantLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLimitsResponse: _TypeAlias = ListLimitsResponse  # noqa: Y015
+
+@_typing.final
+class Limit(_message.Message):
+    """One of a tenant's limits as it applies now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    OWN_FIELD_NUMBER: _builtins.int
+    value: _builtins.int
+    """The limit: unset = none (unlimited). Requests or tokens a minute; budgets in nano-dollars
+    (1 US dollar = 1,000,000,000) a UTC day or month.
+    """
+    own: _builtins.bool
+    """true: the tenant's own (SetLimits); false: the answering router's setting."""
+    def __init__(
+        self,
+        *,
+        value: _builtins.int | None = ...,
+        own: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "own", b"own", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___Limit: _TypeAlias = Limit  # noqa: Y015
+
+@_typing.final
+class TenantLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MIN_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MIN_FIELD_NUMBER: _builtins.int
+    DAY_BUDGET_NANOS_FIELD_NUMBER: _builtins.int
+    MONTH_BUDGET_NANOS_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    UNKNOWN_TENANT_FIELD_NUMBER: _builtins.int
+    KNOWN_AS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    unknown_tenant: _builtins.bool
+    """The tenant had no API key (active or revoked) and no limit of its own (before this call,
+    for SetLimits).
+    """
+    known_as: _builtins.str
+    """With unknown_tenant: a known tenant whose name differs from it only in case."""
+    @_builtins.property
+    def requests_per_min(self) -> Global___Limit: ...
+    @_builtins.property
+    def tokens_per_min(self) -> Global___Limit: ...
+    @_builtins.property
+    def day_budget_nanos(self) -> Global___Limit: ...
+    @_builtins.property
+    def month_budget_nanos(self) -> Global___Limit: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """its own limits' last change; unset = none"""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        requests_per_min: Global___Limit | None = ...,
+        tokens_per_min: Global___Limit | None = ...,
+        day_budget_nanos: Global___Limit | None = ...,
+        month_budget_nanos: Global___Limit | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        unknown_tenant: _builtins.bool = ...,
+        known_as: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_known_as", b"_known_as", "day_budget_nanos", b"day_budget_nanos", "known_as", b"known_as", "month_budget_nanos", b"month_budget_nanos", "requests_per_min", b"requests_per_min", "tokens_per_min", b"tokens_per_min", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_known_as", b"_known_as", "day_budget_nanos", b"day_budget_nanos", "known_as", b"known_as", "month_budget_nanos", b"month_budget_nanos", "requests_per_min", b"requests_per_min", "tenant", b"tenant", "tokens_per_min", b"tokens_per_min", "unknown_tenant", b"unknown_tenant", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__known_as: _TypeAlias = _typing.Literal["known_as"]  # noqa: Y015
+    _WhichOneofArgType__known_as: _TypeAlias = _typing.Literal["_known_as", b"_known_as"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__known_as) -> _WhichOneofReturnType__known_as | None: ...
+
+Global___TenantLimits: _TypeAlias = TenantLimits  # noqa: Y015
+
+@_typing.final
+class LimitChange(_message.Message):
+    """What SetLimits does to one limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    UNLIMITED_FIELD_NUMBER: _builtins.int
+    USE_DEFAULT_FIELD_NUMBER: _builtins.int
+    value: _builtins.int
+    """The tenant's own limit: requests or tokens a minute, at least 1; a budget in
+    nano-dollars, 0 (refuses every request of the period) to 9,000,000,000,000,000 ($9M).
+    """
+    unlimited: _builtins.bool
+    """no such limit for this tenant, whatever the router's setting"""
+    use_default: _builtins.bool
+    """back to the router's setting (its own limit removed)"""
+    def __init__(
+        self,
+        *,
+        value: _builtins.int = ...,
+        unlimited: _builtins.bool = ...,
+        use_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "unlimited", b"unlimited", "use_default", b"use_default", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "unlimited", b"unlimited", "use_default", b"use_default", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["value", "unlimited", "use_default"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___LimitChange: _TypeAlias = LimitChange  # noqa: Y015
+
+@_typing.final
+class SetLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MIN_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MIN_FIELD_NUMBER: _builtins.int
+    DAY_BUDGET_NANOS_FIELD_NUMBER: _builtins.int
+    MONTH_BUDGET_NANOS_FIELD_NUMBER: _builtins.int
+    NEW_TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    new_tenant: _builtins.bool
+    """The tenant may be unknown (no API key, no limit of its own yet): limits set before its
+    first key. Without it such a tenant is refused (FAILED_PRECONDITION), so that a misspelt
+    name (tenant names are case-sensitive) changes nothing.
+    """
+    @_builtins.property
+    def requests_per_min(self) -> Global___LimitChange:
+        """Each unset = unchanged; at least one is set."""
+
+    @_builtins.property
+    def tokens_per_min(self) -> Global___LimitChange: ...
+    @_builtins.property
+    def day_budget_nanos(self) -> Global___LimitChange: ...
+    @_builtins.property
+    def month_budget_nanos(self) -> Global___LimitChange: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        requests_per_min: Global___LimitChange | None = ...,
+        tokens_per_min: Global___LimitChange | None = ...,
+        day_budget_nanos: Global___LimitChange | None = ...,
+        month_budget_nanos: Global___LimitChange | None = ...,
+        new_tenant: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["day_budget_nanos", b"day_budget_nanos", "month_budget_nanos", b"month_budget_nanos", "requests_per_min", b"requests_per_min", "tokens_per_min", b"tokens_per_min"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day_budget_nanos", b"day_budget_nanos", "month_budget_nanos", b"month_budget_nanos", "new_tenant", b"new_tenant", "requests_per_min", b"requests_per_min", "tenant", b"tenant", "tokens_per_min", b"tokens_per_min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLimitsRequest: _TypeAlias = SetLimitsRequest  # noqa: Y015

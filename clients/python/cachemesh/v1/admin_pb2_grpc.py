@@ -74,6 +74,21 @@ class AdminStub:
                 request_serializer=cachemesh_dot_v1_dot_admin__pb2.SetPolicyRequest.SerializeToString,
                 response_deserializer=cachemesh_dot_v1_dot_admin__pb2.CachePolicy.FromString,
                 _registered_method=True)
+        self.GetLimits = channel.unary_unary(
+                '/cachemesh.v1.Admin/GetLimits',
+                request_serializer=cachemesh_dot_v1_dot_admin__pb2.GetLimitsRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_admin__pb2.TenantLimits.FromString,
+                _registered_method=True)
+        self.ListLimits = channel.unary_unary(
+                '/cachemesh.v1.Admin/ListLimits',
+                request_serializer=cachemesh_dot_v1_dot_admin__pb2.ListLimitsRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_admin__pb2.ListLimitsResponse.FromString,
+                _registered_method=True)
+        self.SetLimits = channel.unary_unary(
+                '/cachemesh.v1.Admin/SetLimits',
+                request_serializer=cachemesh_dot_v1_dot_admin__pb2.SetLimitsRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_admin__pb2.TenantLimits.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -139,6 +154,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLimits(self, request, context):
+        """A tenant's limits at the Gateway: its own request rate, token rate, daily and monthly
+        budgets where it has them, else this router's settings (ROUTER_LIMIT_*, ROUTER_BUDGET_*).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLimits(self, request, context):
+        """Every tenant with a limit of its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLimits(self, request, context):
+        """Changes a tenant's own limits, in the per-tenant limits file every router reads: in force
+        on this router at once, on every other within CACHEMESH_API_KEYS_POLL_S (at most 1 s).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +219,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetPolicy,
                     request_deserializer=cachemesh_dot_v1_dot_admin__pb2.SetPolicyRequest.FromString,
                     response_serializer=cachemesh_dot_v1_dot_admin__pb2.CachePolicy.SerializeToString,
+            ),
+            'GetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimits,
+                    request_deserializer=cachemesh_dot_v1_dot_admin__pb2.GetLimitsRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_admin__pb2.TenantLimits.SerializeToString,
+            ),
+            'ListLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLimits,
+                    request_deserializer=cachemesh_dot_v1_dot_admin__pb2.ListLimitsRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_admin__pb2.ListLimitsResponse.SerializeToString,
+            ),
+            'SetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLimits,
+                    request_deserializer=cachemesh_dot_v1_dot_admin__pb2.SetLimitsRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_admin__pb2.TenantLimits.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +452,87 @@ class Admin:
             '/cachemesh.v1.Admin/SetPolicy',
             cachemesh_dot_v1_dot_admin__pb2.SetPolicyRequest.SerializeToString,
             cachemesh_dot_v1_dot_admin__pb2.CachePolicy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.Admin/GetLimits',
+            cachemesh_dot_v1_dot_admin__pb2.GetLimitsRequest.SerializeToString,
+            cachemesh_dot_v1_dot_admin__pb2.TenantLimits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.Admin/ListLimits',
+            cachemesh_dot_v1_dot_admin__pb2.ListLimitsRequest.SerializeToString,
+            cachemesh_dot_v1_dot_admin__pb2.ListLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.Admin/SetLimits',
+            cachemesh_dot_v1_dot_admin__pb2.SetLimitsRequest.SerializeToString,
+            cachemesh_dot_v1_dot_admin__pb2.TenantLimits.FromString,
             options,
             channel_credentials,
             insecure,

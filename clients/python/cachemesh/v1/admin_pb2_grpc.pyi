@@ -58,6 +58,16 @@ class AdminStub:
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.CachePolicy]
     """A tenant's cache policy: whether L1 serves and stores its answers, its default L1 TTL."""
     SetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPolicyRequest, _admin_pb2.CachePolicy]
+    GetLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetLimitsRequest, _admin_pb2.TenantLimits]
+    """A tenant's limits at the Gateway: its own request rate, token rate, daily and monthly
+    budgets where it has them, else this router's settings (ROUTER_LIMIT_*, ROUTER_BUDGET_*).
+    """
+    ListLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListLimitsRequest, _admin_pb2.ListLimitsResponse]
+    """Every tenant with a limit of its own."""
+    SetLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetLimitsRequest, _admin_pb2.TenantLimits]
+    """Changes a tenant's own limits, in the per-tenant limits file every router reads: in force
+    on this router at once, on every other within CACHEMESH_API_KEYS_POLL_S (at most 1 s).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -84,6 +94,16 @@ class AdminAsyncStub(AdminStub):
     GetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.CachePolicy]  # type: ignore[assignment]
     """A tenant's cache policy: whether L1 serves and stores its answers, its default L1 TTL."""
     SetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPolicyRequest, _admin_pb2.CachePolicy]  # type: ignore[assignment]
+    GetLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetLimitsRequest, _admin_pb2.TenantLimits]  # type: ignore[assignment]
+    """A tenant's limits at the Gateway: its own request rate, token rate, daily and monthly
+    budgets where it has them, else this router's settings (ROUTER_LIMIT_*, ROUTER_BUDGET_*).
+    """
+    ListLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLimitsRequest, _admin_pb2.ListLimitsResponse]  # type: ignore[assignment]
+    """Every tenant with a limit of its own."""
+    SetLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetLimitsRequest, _admin_pb2.TenantLimits]  # type: ignore[assignment]
+    """Changes a tenant's own limits, in the per-tenant limits file every router reads: in force
+    on this router at once, on every other within CACHEMESH_API_KEYS_POLL_S (at most 1 s).
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -155,5 +175,33 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CachePolicy, _abc.Awaitable[_admin_pb2.CachePolicy]]: ...
+
+    @_abc_1.abstractmethod
+    def GetLimits(
+        self,
+        request: _admin_pb2.GetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TenantLimits, _abc.Awaitable[_admin_pb2.TenantLimits]]:
+        """A tenant's limits at the Gateway: its own request rate, token rate, daily and monthly
+        budgets where it has them, else this router's settings (ROUTER_LIMIT_*, ROUTER_BUDGET_*).
+        """
+
+    @_abc_1.abstractmethod
+    def ListLimits(
+        self,
+        request: _admin_pb2.ListLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListLimitsResponse, _abc.Awaitable[_admin_pb2.ListLimitsResponse]]:
+        """Every tenant with a limit of its own."""
+
+    @_abc_1.abstractmethod
+    def SetLimits(
+        self,
+        request: _admin_pb2.SetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TenantLimits, _abc.Awaitable[_admin_pb2.TenantLimits]]:
+        """Changes a tenant's own limits, in the per-tenant limits file every router reads: in force
+        on this router at once, on every other within CACHEMESH_API_KEYS_POLL_S (at most 1 s).
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
