@@ -121,6 +121,7 @@ def test_readme_commands_run_as_printed(stack: RunningStack, tmp_path: Path) -> 
     assert "simulated" in front.lower()
     assert "API key (shown this once" in admin and "hit rate" in admin
     assert "dropped " in admin and "default TTL" in admin
+    assert "10 requests/min" in admin and "$5.00 a day" in admin  # a tenant's own limits
 
 
 def test_each_grpcurl_request_is_a_valid_message() -> None:
@@ -138,5 +139,5 @@ def test_each_grpcurl_request_is_a_valid_message() -> None:
             request = message_factory.GetMessageClass(descriptor.input_type)()
             json_format.Parse(data, request)  # an unknown field or enum value raises
             checked += 1
-    assert checked == 3
+    assert checked == 5
     assert cachemesh.v1.admin_pb2.DESCRIPTOR.services_by_name["Admin"]

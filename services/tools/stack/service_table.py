@@ -253,6 +253,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "ROUTER_LIMIT_TOKENS_PER_MIN",
             "ROUTER_BUDGET_USD_PER_DAY",
             "ROUTER_BUDGET_USD_PER_MONTH",
+            "ROUTER_TENANT_LIMITS_FILE",
             "ROUTER_LIMITS_REDIS_URL",
             "ROUTER_LIMITS_TIMEOUT_S",
             "ROUTER_REDIS_MAX_CONNECTIONS",
