@@ -143,12 +143,12 @@ class TenantOverride:
 
     def changed(self, changes: Mapping[str, Change], at: float) -> TenantOverride:
         """This override with ``changes`` made (each value checked: ``LimitValueError``)."""
-        values: dict[str, Setting] = {}
+        values: dict[str, Setting] = {name: self.setting(name) for name in LIMITS}
         for name, change in changes.items():
             if name not in LIMITS:
                 raise LimitValueError(f"no such limit: {name} (one of {', '.join(LIMITS)})")
             values[name] = None if change == DEFAULT else check_value(name, change)
-        return replace(self, updated_at=at, **values)  # type: ignore[arg-type]
+        return TenantOverride(self.tenant, updated_at=at, **values)
 
     def to_json(self) -> str:
         line: dict[str, object] = {"tenant": self.tenant}

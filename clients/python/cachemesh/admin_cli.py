@@ -27,7 +27,8 @@ from cachemesh.v1 import admin_pb2 as adm
 
 NANOS_PER_DOLLAR = 1_000_000_000
 MAX_INT64 = 2**63 - 1
-LIMIT_WORDS = ("unlimited", "default")
+# the words a limit's flag takes besides a value: none for this tenant, the router's setting
+LIMIT_WORDS: dict[str, LimitChange] = {"unlimited": "unlimited", "default": "default"}
 
 
 def add_parser(commands: Any) -> None:
@@ -113,7 +114,7 @@ def rate_change(text: str) -> LimitChange:
     """``--requests-per-min``'s and ``--tokens-per-min``'s value: a whole number a minute,
     'unlimited' or 'default' (the server checks the range)."""
     if text in LIMIT_WORDS:
-        return text  # type: ignore[return-value]
+        return LIMIT_WORDS[text]
     if not text.isascii() or not text.isdigit() or int(text) > MAX_INT64:
         raise argparse.ArgumentTypeError(
             f"a whole number a minute, 'unlimited' or 'default', got {text[:32]!r}"
@@ -125,7 +126,7 @@ def budget_change(text: str) -> LimitChange:
     """A budget's value: US dollars (to the nano-dollar) as nano-dollars, 'unlimited' or
     'default' (the server checks the range)."""
     if text in LIMIT_WORDS:
-        return text  # type: ignore[return-value]
+        return LIMIT_WORDS[text]
     try:
         nanos = Decimal(text) * NANOS_PER_DOLLAR
     except InvalidOperation:
