@@ -180,6 +180,8 @@ def _override(line: str, where: str) -> TenantOverride:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         raise LimitsFileError(f"{where}: not JSON ({exc.msg})") from None
+    except ValueError as exc:  # a number of over 4,300 digits (int_max_str_digits)
+        raise LimitsFileError(f"{where}: not a limit ({exc})") from None
     if not isinstance(value, dict) or set(value) - set(_FIELDS) or "tenant" not in value:
         raise LimitsFileError(
             f"{where}: a line is a JSON object with a tenant and some of the fields "

@@ -99,6 +99,7 @@ def test_a_line_overrides_the_limits_it_names_and_keeps_the_routers_for_the_rest
         ('{"tenant":"a b","requests_per_min":5}', "tenant must be 1 to 64"),
         ('{"tenant":"a","updated_at":"now"}', "updated_at must be Unix seconds"),
         ("tenant: a", "not JSON"),
+        ('{"tenant":"a","day_budget_nanos":' + "9" * 5000 + "}", "not a limit (Exceeds"),
     ],
 )
 def test_a_malformed_line_is_named_with_its_unit(line: str, said: str) -> None:
