@@ -141,6 +141,8 @@ def _json_record(line: str, where: str) -> KeyRecord:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         raise KeyFileError(f"{where}: not JSON ({exc.msg})") from None
+    except ValueError as exc:  # a number of over 4,300 digits (int_max_str_digits)
+        raise KeyFileError(f"{where}: not a key record ({exc})") from None
     if not isinstance(value, dict) or set(value) - set(_FIELDS):
         raise KeyFileError(f"{where}: a key record has exactly the fields {', '.join(_FIELDS)}")
     texts = {name: value.get(name, "") for name in ("id", "tenant", "sha256", "name")}

@@ -261,6 +261,16 @@ def test_a_tenant_the_admin_api_could_not_name_is_refused_in_the_file(
         KeyFile(tmp_path / "keys").read()
 
 
+def test_a_number_too_long_for_python_is_a_malformed_line_not_a_crash(tmp_path: Path) -> None:
+    """json.loads raises a plain ValueError (int_max_str_digits) for a number of over 4,300
+    digits, which the re-read on the key-check path did not catch: one hand edit raised out of
+    every request's key check. Now the line is named, as any malformed line is."""
+    line = '{"id":"key_1","tenant":"acme","sha256":"' + hash_key("x") + '","created_at":'
+    (tmp_path / "keys").write_text("# keys\n" + line + "9" * 5000 + "}\n")
+    with pytest.raises(KeyFileError, match="keys:2: not a key record"):
+        KeyFile(tmp_path / "keys").read()
+
+
 def test_a_file_that_could_not_be_read_is_read_again_at_the_next_poll(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
