@@ -20,6 +20,7 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common import rpc_tracing
 from services.common.aborts import abort
 from services.common.auth import AmbiguousCredential, KeyLookup, bearer_token
+from services.common.background import end_if_cancelled
 from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.grace import GraceEnd
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 # ``cachemesh-retry: 1`` to get the same protection. By value: "0" or "" marks no retry.
 RETRY_HEADERS = ("grpc-previous-rpc-attempts", "cachemesh-retry")
 LEDGER_TIMEOUT_S = 0.5  # the longest the answer ledger may hold an answer back
+# (by ``asyncio.timeout``: Python 3.11's ``asyncio.wait_for`` drops a cancel that comes as the
+# call it bounds ends, ``services.common.background``; a repeat whose caller left while it
+# waited on another router's call went on waiting, 8 cancels at random instants of 200)
 # a ledger call's failures (claim, give_back, record) logged at most once this often for each
 # kind (the first at once): a Redis down was a WARNING line each request
 LEDGER_FAILED_LOG_EVERY_MS = 10_000
@@ -399,9 +403,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if self._left_alone("claim"):
                 return None
             try:
-                found = await asyncio.wait_for(
-                    self._ledger.claim(tenant, request.request_id, mark), LEDGER_TIMEOUT_S
-                )
+                async with asyncio.timeout(LEDGER_TIMEOUT_S):
+                    found = await self._ledger.claim(tenant, request.request_id, mark)
             except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
                 self._ledger_failed("claim")
                 self._ledger_broke(exc)
@@ -415,6 +418,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if isinstance(found, Recorded):
                 return found.answer
             assert isinstance(found, Running)
+            end_if_cancelled()  # a cancel redis-py dropped (background.py): its caller left
             left_s = math.inf if wait_until is None else wait_until - loop.time()
             if left_s <= 0:
                 raise RequestError(
@@ -434,9 +438,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         async def give_back() -> None:
             try:
-                await asyncio.wait_for(
-                    ledger.give_back(tenant, request_id, claimed), LEDGER_TIMEOUT_S
-                )
+                async with asyncio.timeout(LEDGER_TIMEOUT_S):
+                    await ledger.give_back(tenant, request_id, claimed)
             except (LedgerUnavailable, TimeoutError) as exc:
                 self._ledger_failed("give_back")
                 self._ledger_broke(exc)
@@ -465,10 +468,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self._left_alone("record"):
             return False
         try:
-            await asyncio.wait_for(
-                self._ledger.record(tenant, request.request_id, mark, end),
-                LEDGER_TIMEOUT_S,
-            )
+            async with asyncio.timeout(LEDGER_TIMEOUT_S):
+                await self._ledger.record(tenant, request.request_id, mark, end)
         except (LedgerUnavailable, TimeoutError) as exc:  # the answer is served all the same
             self._ledger_failed("record")
             self._ledger_broke(exc)
