@@ -313,8 +313,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async def before_model() -> pb.CompleteResponse | None:
                 try:
                     held.replay = await self._take(tenant, request, mark, wait_until, held)
-                except RequestError:
-                    held.modelless = True  # refused before any model call: nothing used
+                except BaseException:
+                    # refused, or ended while it waited on another router's call (its caller
+                    # left, its deadline passed): no model call, nothing used
+                    held.modelless = True
                     raise
                 if held.replay is None:
                     return None
@@ -525,7 +527,8 @@ class _Held:
     """One call's place in the answer ledger: its claim on the id and the task renewing it
     (None: it took none); ``replay``: the answer another call recorded for the id, served in
     place of a model call; ``modelless``: the call ended before any model call of its own (a
-    replay, or refused while it claimed), so its admission gives its reservation back."""
+    replay, or refused, cancelled or out of time while it claimed or waited on another
+    router's call), so its admission gives its reservation back."""
 
     claim: Claimed | None = None
     renewing: asyncio.Future[None] | None = None

@@ -1,7 +1,9 @@
 """An unmarked repeat of a request_id (no ``cachemesh-retry`` mark) that reaches a second
 router while the first router's call holds the id's claim in the answer ledger waits there,
-admitted by the limits already (its prompt + max_tokens reserved). Its caller's cancel ends
-the wait, whenever it comes.
+admitted by the limits already (its prompt + max_tokens reserved). A wait that ends with no
+model call of its own (the first call's answer replayed, its caller's cancel, its deadline)
+gives that reservation back; a wait that ends in a take-over (the first router's claim lapsed)
+makes the model call, and its reservation counts as any model call's does.
 
 Two real grpc.aio servers (a caller's cancel and its deadline reach the handler as in
 production), one real Redis holding both the answer ledger and the limits' buckets
@@ -38,7 +40,7 @@ from services.router.metrics import RouterMetrics
 from services.router.pipeline import chunks_of
 from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer
-from tests.unit.test_router_answer_ledger import TABLE
+from tests.unit.test_router_answer_ledger import TABLE, Aborted, FakeContext
 
 KEY = "k-test-0123456789"
 TENANT = "tenant-a"
@@ -241,6 +243,116 @@ async def _second_waits(
 
 
 @pytest.mark.parametrize("method", METHODS)
+async def test_a_repeat_cancelled_while_it_waits_gives_its_reservation_back(
+    routers: Routers, method: str
+) -> None:
+    """It kept its 522 tokens (prompt + max_tokens) after its caller left, for a call that
+    never reached a model; its place in the request rate stays taken, as an L1 hit's does."""
+    one = await _first_holds_the_id(routers)
+    before = await routers.level()  # the first call's reservation taken
+    two = await _second_waits(routers, method)
+    assert await routers.level() == before - RESERVED  # the repeat's, while it waits
+    two.cancel()  # its caller leaves: the client cancels the RPC
+    with pytest.raises(asyncio.CancelledError):
+        await two
+    assert await routers.second.servicer.handlers_ended(ENDED_S)
+    assert await routers.level() == before  # given back whole
+    assert (routers.second.pipeline.runs, routers.second.pipeline.replays) == (0, 0)
+    routers.gate.set()
+    assert (await one).content[0].text == "answer 1"
+    assert await routers.level() == before + RESERVED - USED  # the first call's, settled
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_a_repeat_whose_wait_ends_with_the_answer_is_its_replay_billed_once(
+    routers: Routers, method: str
+) -> None:
+    one = await _first_holds_the_id(routers)
+    before = await routers.level()
+    two = await _second_waits(routers, method)
+    routers.gate.set()
+    first, again = await asyncio.gather(one, two)
+    assert again.replayed and not first.replayed and again.content == first.content
+    assert (routers.second.pipeline.runs, routers.second.pipeline.replays) == (0, 1)
+    # the first call counts what it used; the replay gives its reservation back whole
+    assert await routers.level() == before + RESERVED - USED
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_a_repeat_that_takes_over_a_lapsed_claim_counts_its_reservation(
+    routers: Routers, method: str
+) -> None:
+    """The first router died mid-call (its claim lapses): the repeat makes the model call, its
+    reservation held while it runs and replaced by what it used, as any model call's."""
+    one = await _first_holds_the_id(routers)
+    second_gate = asyncio.Event()
+    routers.second.pipeline.gate = second_gate
+    before = await routers.level()
+    two = await _second_waits(routers, method)
+    await routers.redis.delete(ledger_key(TENANT, "req-1"))  # the lease lapsed
+    await asyncio.wait_for(routers.second.pipeline.started.wait(), 5)
+    assert await routers.level() == before - RESERVED  # held by its model call
+    second_gate.set()
+    answer = await two
+    assert not answer.replayed and routers.second.pipeline.runs == 1
+    assert await routers.level() == before - USED
+    one.cancel()
+    await asyncio.gather(one, return_exceptions=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("ended_by", ["either", "grpc"])
+async def test_a_repeat_whose_deadline_passes_while_it_waits_gives_its_reservation_back(
+    routers: Routers, method: str, ended_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's gRPC deadline: whichever ends the wait first (gRPC cancelling the handler,
+    or the wait's own check of the deadline: the latter, mostly, on an idle machine), no model
+    call, nothing kept. ``grpc``: the wait is told of no deadline, so gRPC's cancel ends it, as
+    it may on a loaded router."""
+    if ended_by == "grpc":
+        servicer = routers.second.servicer
+        answered = servicer._answered
+
+        def unbounded(*args: Any, **kwargs: Any) -> Any:
+            tenant, request, call, retried, _ = args
+            return answered(tenant, request, call, retried, None, **kwargs)
+
+        monkeypatch.setattr(servicer, "_answered", unbounded)
+    one = await _first_holds_the_id(routers)
+    before = await routers.level()
+    two = await _second_waits(routers, method, deadline_s=1.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await two
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await routers.second.servicer.handlers_ended(ENDED_S)
+    assert await routers.level() == before
+    routers.gate.set()
+    await one
+
+
+async def test_a_repeat_refused_at_its_own_deadline_gives_its_reservation_back(
+    routers: Routers,
+) -> None:
+    """The wait's own check of the deadline, before gRPC cancelled the handler (called here
+    directly, with a deadline gRPC does not enforce)."""
+
+    class Deadlined(FakeContext):
+        def time_remaining(self) -> float | None:
+            return 0.3
+
+    one = await _first_holds_the_id(routers)
+    before = await routers.level()
+    context = Deadlined()
+    with pytest.raises(Aborted):
+        await routers.second.servicer.Complete(_request(), context)  # type: ignore[arg-type]
+    assert context.status == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "still running on another router" in context.message
+    assert await routers.level() == before
+    routers.gate.set()
+    await one
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dropped", [False, True], ids=["servicers-wait-for", "under-the-claim"])
 async def test_a_cancel_that_lands_as_a_polls_reply_is_in_ends_the_call(
     routers: Routers, method: str, dropped: bool
@@ -253,12 +365,14 @@ async def test_a_cancel_that_lands_as_a_polls_reply_is_in_ends_the_call(
     with a fake ledger that answers at once, 2 of 200 on a real Redis, and still 8 of 200
     there with only the servicer's own ``wait_for`` gone (redis-py's); now none."""
     one = await _first_holds_the_id(routers)
+    before = await routers.level()
     two = await _second_waits(routers, method)
     task = routers.second.pipeline.task
     assert task is not None  # the handler's task: the one gRPC cancels when its caller leaves
     routers.second.ledger.drops_it = dropped
     routers.second.ledger.cancel_at_reply = task
     assert await routers.second.servicer.handlers_ended(ENDED_S), "the cancel was lost"
+    assert await routers.level() == before
     two.cancel()
     await asyncio.gather(two, return_exceptions=True)
     routers.gate.set()
