@@ -22,6 +22,7 @@ from services.prefix_cache.commit_records import Final
 from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PlanGone, PrefixCacheCore
 from services.prefix_cache.reconcile import BadUsage
 from services.prefix_cache.rules import RuleViolation, Split
+from services.prefix_cache.totals import TenantTotals
 
 T = TypeVar("T")
 log = logging.getLogger("cachemesh.prefix_cache")
@@ -175,27 +176,12 @@ class PrefixCacheApi:
         )
 
     async def totals(self, request: pc.TotalsRequest) -> pc.TotalsResponse:
-        t = await self._refused(self._core.totals(request.tenant))
-        return pc.TotalsResponse(
-            requests=t.requests,
-            usage=pb.Usage(
-                input_tokens=t.input_tokens,
-                cache_creation_input_tokens=t.cache_creation_input_tokens,
-                cache_read_input_tokens=t.cache_read_input_tokens,
-                output_tokens=t.output_tokens,
-                kv_cached_tokens=t.kv_cached_tokens,
-            ),
-            cost_nanos=t.cost_nanos,
-            baseline_nanos=t.baseline_nanos,
-            reconciled_requests=t.reconciled_requests,
-            drift=pc.UsageDrift(
-                prompt_tokens=t.drift_prompt_tokens,
-                input_tokens=t.drift_input_tokens,
-                cache_creation_input_tokens=t.drift_cache_creation_tokens,
-                cache_read_input_tokens=t.drift_cache_read_tokens,
-                cost_nanos=t.drift_cost_nanos,
-            ),
-            drift_abs_prompt_tokens=t.drift_abs_prompt_tokens,
+        return totals_response(await self._refused(self._core.totals(request.tenant)))
+
+    async def totals_batch(self, request: pc.TotalsBatchRequest) -> pc.TotalsBatchResponse:
+        found = await self._refused(self._core.totals_of(list(request.tenants)))
+        return pc.TotalsBatchResponse(
+            tenants=[pc.TenantTotals(tenant=t, totals=totals_response(v)) for t, v in found]
         )
 
     async def _refused(self, work: Awaitable[T]) -> T:
@@ -257,3 +243,27 @@ def final_response(final: Final) -> pc.CommitResponse:
             )
         )
     return response
+
+
+def totals_response(t: TenantTotals) -> pc.TotalsResponse:
+    return pc.TotalsResponse(
+        requests=t.requests,
+        usage=pb.Usage(
+            input_tokens=t.input_tokens,
+            cache_creation_input_tokens=t.cache_creation_input_tokens,
+            cache_read_input_tokens=t.cache_read_input_tokens,
+            output_tokens=t.output_tokens,
+            kv_cached_tokens=t.kv_cached_tokens,
+        ),
+        cost_nanos=t.cost_nanos,
+        baseline_nanos=t.baseline_nanos,
+        reconciled_requests=t.reconciled_requests,
+        drift=pc.UsageDrift(
+            prompt_tokens=t.drift_prompt_tokens,
+            input_tokens=t.drift_input_tokens,
+            cache_creation_input_tokens=t.drift_cache_creation_tokens,
+            cache_read_input_tokens=t.drift_cache_read_tokens,
+            cost_nanos=t.drift_cost_nanos,
+        ),
+        drift_abs_prompt_tokens=t.drift_abs_prompt_tokens,
+    )

@@ -50,6 +50,8 @@ MAX_TOKENS = 1 << 31
 # or write (a dataclass with its 64-character digest) ~160-185 bytes.
 PLAN_OVERHEAD_BLOCKS = 11
 PROBE_BLOCKS = 3
+# TotalsBatch: the most tenants one call may ask for (a reply of ~100 bytes a tenant)
+TOTALS_BATCH_MAX = 1000
 
 
 class BadRequest(ValueError):
@@ -432,6 +434,24 @@ class PrefixCacheCore:
     async def totals(self, tenant: str) -> TenantTotals:
         _require_tenant(tenant)
         return await self._ledger.totals(tenant)
+
+    async def totals_of(self, tenants: Sequence[str]) -> list[tuple[str, TenantTotals]]:
+        """The totals of each distinct tenant of ``tenants`` (1 to ``TOTALS_BATCH_MAX``), in
+        the order asked, read at once; a bad name refuses them all, naming it."""
+        if not tenants:
+            raise BadRequest(f"tenants is required: 1 to {TOTALS_BATCH_MAX:,} tenant names")
+        if len(tenants) > TOTALS_BATCH_MAX:
+            raise BadRequest(
+                f"tenants: at most {TOTALS_BATCH_MAX:,} a call, got {len(tenants):,}; "
+                "ask for the rest in further calls"
+            )
+        distinct = list(dict.fromkeys(tenants))
+        for tenant in distinct:
+            try:
+                _require_tenant(tenant)
+            except BadRequest as exc:
+                raise BadRequest(f"tenants[{tenants.index(tenant)}]: {exc}") from None
+        return list(zip(distinct, await self._ledger.totals_of(distinct), strict=True))
 
     def _spec(self, model_id: str, field: str) -> ModelSpec:
         spec = self._table.get(model_id)

@@ -15,6 +15,7 @@ bill the totals lack (or the reverse).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from services.prefix_cache.commit_records import CommitRecord, CommitRecords, Final, Stood
@@ -45,6 +46,11 @@ class CommitLedger(Protocol):
 
     async def totals(self, tenant: str) -> TenantTotals:
         """The tenant's running totals (all zero for an unknown tenant)."""
+        ...
+
+    async def totals_of(self, tenants: Sequence[str]) -> list[TenantTotals]:
+        """The running totals of each of ``tenants``, in their order, read at once (one
+        round trip to a shared store)."""
         ...
 
 
@@ -78,3 +84,6 @@ class InMemoryLedger:
 
     async def totals(self, tenant: str) -> TenantTotals:
         return self._totals.get(tenant)
+
+    async def totals_of(self, tenants: Sequence[str]) -> list[TenantTotals]:
+        return [self._totals.get(tenant) for tenant in tenants]

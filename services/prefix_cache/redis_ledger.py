@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any, cast
 
@@ -113,9 +114,22 @@ class RedisCommitLedger:
         return Stood(_final(found[1]), repeated=found[0] == b"done")
 
     async def totals(self, tenant: str) -> TenantTotals:
-        raw = await self._client.hgetall(self.totals_key(tenant))
-        values = {k.decode(): int(v) for k, v in cast(dict[bytes, bytes], raw).items()}
-        return TenantTotals(**{k: v for k, v in values.items() if k in _TOTAL_FIELDS})
+        return _totals(await self._client.hgetall(self.totals_key(tenant)))
+
+    async def totals_of(self, tenants: Sequence[str]) -> list[TenantTotals]:
+        """One pipeline of ``HGETALL`` (no transaction: each hash is read as it stands)."""
+        if not tenants:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.hgetall(self.totals_key(tenant))
+            replies = await pipe.execute()
+        return [_totals(raw) for raw in replies]
+
+
+def _totals(raw: object) -> TenantTotals:
+    values = {k.decode(): int(v) for k, v in cast(dict[bytes, bytes], raw).items()}
+    return TenantTotals(**{k: v for k, v in values.items() if k in _TOTAL_FIELDS})
 
 
 def _tenant_tag(tenant: str) -> str:

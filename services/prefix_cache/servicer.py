@@ -26,3 +26,8 @@ class PrefixCacheServicer(prefix_cache_pb2_grpc.PrefixCacheServicer):
 
     async def Totals(self, request: pc.TotalsRequest, context: Context) -> pc.TotalsResponse:
         return await answered(context, self._api.totals(request))
+
+    async def TotalsBatch(
+        self, request: pc.TotalsBatchRequest, context: Context
+    ) -> pc.TotalsBatchResponse:
+        return await answered(context, self._api.totals_batch(request))

@@ -198,3 +198,16 @@ def test_a_record_ttl_under_an_hour_is_refused(make_ledger: LedgerFactory, ttl_m
     "no WARM commit", the router's replays too, and nothing was ever billed."""
     with pytest.raises(ValueError, match=f">= {MIN_RECORD_TTL_MS} ms"):
         make_ledger(ttl_ms)
+
+
+async def test_the_totals_of_many_tenants_are_read_at_once_as_each_alone(pair: Pair) -> None:
+    """GetStats of every tenant asked for one tenant's totals at a time: 10,000 calls, which
+    ran out its deadline past ~6,000 tenants. TotalsBatch reads a page of tenants in one go
+    (one Redis pipeline), each as Totals reads it, repeats once, in the order asked."""
+    await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    await pair.other.final("a", "r1", "sim-large", 30, 0, "")
+    many = [f"t{i}" for i in range(997)]  # with a, b and a repeat: the most a call takes
+    got = await pair.other.totals_of(["a", "b", "a", *many])
+    assert [tenant for tenant, _ in got] == ["a", "b", *many]
+    assert got[0][1] == await pair.one.totals("a") and got[0][1].requests == 1
+    assert all(totals == TenantTotals() for _, totals in got[1:])

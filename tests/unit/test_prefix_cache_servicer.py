@@ -138,6 +138,13 @@ async def test_warm_final_totals_round_trip(served: Served, tokenizer: Tokenizer
 
     totals = await served.stub.Totals(pc.TotalsRequest(tenant="acme"), metadata=AUTH)
     assert (totals.requests, totals.cost_nanos, totals.usage.output_tokens) == (1, cost, 30)
+    batch = await served.stub.TotalsBatch(
+        pc.TotalsBatchRequest(tenants=["globex", "acme"]), metadata=AUTH
+    )
+    assert [(row.tenant, row.totals) for row in batch.tenants] == [
+        ("globex", pc.TotalsResponse(usage=pb.Usage(), drift=pc.UsageDrift())),
+        ("acme", totals),
+    ]
     ranked = await served.stub.Plan(
         pc.PlanRequest(
             tenant="acme", model="sim-small", request=request(), replicas=["x", "replica-1"]
@@ -188,6 +195,9 @@ def _with(commit: pc.CommitRequest, **fields: int) -> pc.CommitRequest:
         (_with(warm("p"), planned_at_ms=1), "INVALID_ARGUMENT", "planned_at_ms"),
         (_with(warm("a"), arrived_at_ms=-1), "INVALID_ARGUMENT", "arrived_at_ms"),
         (pc.TotalsRequest(), "INVALID_ARGUMENT", "tenant"),
+        (pc.TotalsBatchRequest(), "INVALID_ARGUMENT", "tenants is required"),
+        (pc.TotalsBatchRequest(tenants=["acme", "a b"]), "INVALID_ARGUMENT", "tenants[1]: tenant"),
+        (pc.TotalsBatchRequest(tenants=["t"] * 1001), "INVALID_ARGUMENT", "at most 1,000"),
     ],
 )
 async def test_errors_map_to_status_codes_naming_the_field(
@@ -197,6 +207,7 @@ async def test_errors_map_to_status_codes_naming_the_field(
         pc.PlanRequest: served.stub.Plan,
         pc.CommitRequest: served.stub.Commit,
         pc.TotalsRequest: served.stub.Totals,
+        pc.TotalsBatchRequest: served.stub.TotalsBatch,
     }[type(call)]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await method(call, metadata=AUTH)  # type: ignore[operator]

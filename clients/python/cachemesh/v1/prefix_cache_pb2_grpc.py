@@ -49,6 +49,11 @@ class PrefixCacheStub:
                 request_serializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsRequest.SerializeToString,
                 response_deserializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsResponse.FromString,
                 _registered_method=True)
+        self.TotalsBatch = channel.unary_unary(
+                '/cachemesh.v1.PrefixCache/TotalsBatch',
+                request_serializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsBatchRequest.SerializeToString,
+                response_deserializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsBatchResponse.FromString,
+                _registered_method=True)
 
 
 class PrefixCacheServicer:
@@ -76,6 +81,14 @@ class PrefixCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TotalsBatch(self, request, context):
+        """Many tenants' running totals in one call (one Redis round trip): the router's GetStats of
+        every tenant, which made one Totals call a tenant (10,000 calls, over its deadline).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefixCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_PrefixCacheServicer_to_server(servicer, server):
                     servicer.Totals,
                     request_deserializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsRequest.FromString,
                     response_serializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsResponse.SerializeToString,
+            ),
+            'TotalsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.TotalsBatch,
+                    request_deserializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsBatchRequest.FromString,
+                    response_serializer=cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class PrefixCache:
             '/cachemesh.v1.PrefixCache/Totals',
             cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsRequest.SerializeToString,
             cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TotalsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cachemesh.v1.PrefixCache/TotalsBatch',
+            cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsBatchRequest.SerializeToString,
+            cachemesh_dot_v1_dot_prefix__cache__pb2.TotalsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class PrefixCacheStub:
     """
     Totals: _grpc.UnaryUnaryMultiCallable[_prefix_cache_pb2.TotalsRequest, _prefix_cache_pb2.TotalsResponse]
     """The tenant's running totals."""
+    TotalsBatch: _grpc.UnaryUnaryMultiCallable[_prefix_cache_pb2.TotalsBatchRequest, _prefix_cache_pb2.TotalsBatchResponse]
+    """Many tenants' running totals in one call (one Redis round trip): the router's GetStats of
+    every tenant, which made one Totals call a tenant (10,000 calls, over its deadline).
+    """
 
 @_typing.type_check_only
 class PrefixCacheAsyncStub(PrefixCacheStub):
@@ -51,6 +55,10 @@ class PrefixCacheAsyncStub(PrefixCacheStub):
     """
     Totals: _aio.UnaryUnaryMultiCallable[_prefix_cache_pb2.TotalsRequest, _prefix_cache_pb2.TotalsResponse]  # type: ignore[assignment]
     """The tenant's running totals."""
+    TotalsBatch: _aio.UnaryUnaryMultiCallable[_prefix_cache_pb2.TotalsBatchRequest, _prefix_cache_pb2.TotalsBatchResponse]  # type: ignore[assignment]
+    """Many tenants' running totals in one call (one Redis round trip): the router's GetStats of
+    every tenant, which made one Totals call a tenant (10,000 calls, over its deadline).
+    """
 
 class PrefixCacheServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -78,5 +86,15 @@ class PrefixCacheServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_prefix_cache_pb2.TotalsResponse, _abc.Awaitable[_prefix_cache_pb2.TotalsResponse]]:
         """The tenant's running totals."""
+
+    @_abc_1.abstractmethod
+    def TotalsBatch(
+        self,
+        request: _prefix_cache_pb2.TotalsBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_prefix_cache_pb2.TotalsBatchResponse, _abc.Awaitable[_prefix_cache_pb2.TotalsBatchResponse]]:
+        """Many tenants' running totals in one call (one Redis round trip): the router's GetStats of
+        every tenant, which made one Totals call a tenant (10,000 calls, over its deadline).
+        """
 
 def add_PrefixCacheServicer_to_server(servicer: PrefixCacheServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
