@@ -31,16 +31,27 @@ class GetStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """empty = every tenant that has a key or L1 figures"""
+    page_size: _builtins.int
+    """Every tenant comes in pages, by tenant name: at most page_size rows a reply (0 = 1000,
+    the most; more is taken as 1000; fewer when tenant names kept by an older semantic-cache
+    are long), from page_token: a reply's next_page_token ("" = the first page), sent with
+    the same tenant.
+    """
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -52,23 +63,29 @@ class GetStatsResponse(_message.Message):
 
     TENANTS_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """More tenants follow: send it as page_token for the next page. "" = the last page."""
     @_builtins.property
     def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
         """by tenant name"""
 
     @_builtins.property
     def unavailable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Services that did not answer: their figures are missing (zero) in every row."""
+        """Services that did not answer for some row: the rows' own unavailable name which.
+        (A router without it: their figures were missing, zero, in every row.)
+        """
 
     def __init__(
         self,
         *,
         tenants: _abc.Iterable[Global___TenantStats] | None = ...,
         unavailable: _abc.Iterable[_builtins.str] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenants", b"tenants", "unavailable", b"unavailable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tenants", b"tenants", "unavailable", b"unavailable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -93,6 +110,7 @@ class TenantStats(_message.Message):
     BASELINE_NANOS_FIELD_NUMBER: _builtins.int
     SAVED_NANOS_FIELD_NUMBER: _builtins.int
     L1_ENABLED_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     active_keys: _builtins.int
     revoked_keys: _builtins.int
@@ -117,6 +135,13 @@ class TenantStats(_message.Message):
     """the tenant's policy"""
     @_builtins.property
     def usage(self) -> _gateway_pb2.Usage: ...
+    @_builtins.property
+    def unavailable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Services whose figures this row lacks (they did not answer for it): those figures are
+        unknown, not zero. "prefix-cache": model_requests, usage, cost_nanos, baseline_nanos and
+        saved_nanos; "semantic-cache": the l1_ figures and l1_enabled.
+        """
+
     def __init__(
         self,
         *,
@@ -135,10 +160,11 @@ class TenantStats(_message.Message):
         baseline_nanos: _builtins.int = ...,
         saved_nanos: _builtins.int = ...,
         l1_enabled: _builtins.bool = ...,
+        unavailable: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_keys", b"active_keys", "baseline_nanos", b"baseline_nanos", "cost_nanos", b"cost_nanos", "l1_enabled", b"l1_enabled", "l1_entries", b"l1_entries", "l1_exact_hits", b"l1_exact_hits", "l1_hit_rate", b"l1_hit_rate", "l1_hits", b"l1_hits", "l1_lookups", b"l1_lookups", "l1_namespaces", b"l1_namespaces", "model_requests", b"model_requests", "revoked_keys", b"revoked_keys", "saved_nanos", b"saved_nanos", "tenant", b"tenant", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_keys", b"active_keys", "baseline_nanos", b"baseline_nanos", "cost_nanos", b"cost_nanos", "l1_enabled", b"l1_enabled", "l1_entries", b"l1_entries", "l1_exact_hits", b"l1_exact_hits", "l1_hit_rate", b"l1_hit_rate", "l1_hits", b"l1_hits", "l1_lookups", b"l1_lookups", "l1_namespaces", b"l1_namespaces", "model_requests", b"model_requests", "revoked_keys", b"revoked_keys", "saved_nanos", b"saved_nanos", "tenant", b"tenant", "unavailable", b"unavailable", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,18 +333,28 @@ class ListKeysRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """empty = every tenant"""
     include_revoked: _builtins.bool
+    page_size: _builtins.int
+    """The keys come in pages: at most page_size a reply (0 = 1000, the most; more is taken as
+    1000), from page_token: a reply's next_page_token ("" = the first page), sent with the
+    same tenant and include_revoked.
+    """
+    page_token: _builtins.str
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         include_revoked: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_revoked", b"include_revoked", "page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,6 +365,9 @@ class ListKeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """More keys follow: send it as page_token for the next page. "" = the last page."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKeyInfo]:
         """by tenant, then creation"""
@@ -337,10 +376,11 @@ class ListKeysResponse(_message.Message):
         self,
         *,
         keys: _abc.Iterable[Global___ApiKeyInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
