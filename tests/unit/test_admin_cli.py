@@ -51,7 +51,7 @@ def test_stats_show_rates_dollars_and_who_did_not_answer() -> None:
                 cost_nanos=1_500_000,
                 saved_nanos=4_000_000_000,
             ),
-            adm.TenantStats(tenant="globex", l1_enabled=False),
+            adm.TenantStats(tenant="globex", l1_enabled=False, unavailable=["prefix-cache"]),
         ],
         unavailable=["prefix-cache"],
     )
@@ -60,7 +60,20 @@ def test_stats_show_rates_dollars_and_who_did_not_answer() -> None:
     assert acme.split() == ["acme", "2", "on", "5", "8", "2", "25.0%", "6", "$0.0015", "$4.0000"]
     globex = next(line for line in text.splitlines() if line.startswith("globex"))
     assert globex.split()[2] == "off" and globex.split()[6] == "-"  # no lookup: no rate
-    assert "NOT ANSWERING: prefix-cache" in text
+    # its totals did not come: unknown, not 0 (5,309 of 10,000 tenants were printed 0)
+    assert globex.split()[7:] == ["unknown"] * 3
+    assert "NOT ANSWERING: prefix-cache (its figures are unknown for 1 of 2 tenants)" in text
+
+
+def test_stats_of_a_router_naming_no_row_are_unknown_in_every_row() -> None:
+    """A router older than the rows' own unavailable said only that prefix-cache did not
+    answer, for some rows: none of its zeros can be told from a real one."""
+    reply = adm.GetStatsResponse(
+        tenants=[adm.TenantStats(tenant="acme", model_requests=6, l1_lookups=3, l1_hits=1)],
+        unavailable=["semantic-cache", "prefix-cache"],
+    )
+    (acme,) = (line for line in stats_table(reply).splitlines() if line.startswith("acme"))
+    assert acme.split() == ["acme", "0", *["unknown"] * 8]
 
 
 def test_stats_escape_and_cut_tenant_names_an_older_cache_kept() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from cachemesh.retry_info import retry_delay_s
@@ -44,6 +46,17 @@ class RateLimitError(CachemeshError):
     retry_after_s: float | None = None
 
 
+class MessageTooLargeError(CachemeshError):
+    """A message was over gRPC's size limit (RESOURCE_EXHAUSTED with gRPC's own "message
+    larger than max"): the reply or the request is too large to pass, which no wait fixes. Not
+    a ``RateLimitError``: ask for less (a smaller page, one tenant) or raise the limit
+    (``CACHEMESH_MAX_MESSAGE_BYTES`` on the stack, the client's channel options).
+    ``size_bytes`` and ``limit_bytes``: as gRPC said them (None when it did not)."""
+
+    size_bytes: int | None = None
+    limit_bytes: int | None = None
+
+
 class UnavailableError(CachemeshError):
     """No layer could serve the request (UNAVAILABLE, DEADLINE_EXCEEDED), or it did not reach
     you in time: its answer may have been made (and billed), so its text names the
@@ -64,15 +77,40 @@ _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
 }
 
 
+# gRPC's own words for a message over its limit: "SERVER: Sent message larger than max
+# (4413096 vs. 4194304)" (the server's reply), "Received message larger than max (...)"
+_TOO_LARGE = re.compile(r"(?:Sent|Received) message larger than max(?: \((\d+) vs\. (\d+)\))?")
+
+
 def from_rpc_error(error: grpc.RpcError, request_id: str = "") -> CachemeshError:
     # grpc.aio's AioRpcError carries code() and details() but is not a grpc.Call
     call = isinstance(error, grpc.Call | grpc.aio.AioRpcError)
     code = error.code() if call else grpc.StatusCode.UNKNOWN
     details = (error.details() if call else None) or str(error)
+    too_large = _TOO_LARGE.search(details) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if too_large is not None:
+        return _too_large(code, details, request_id, too_large)
     result = _BY_CODE.get(code, CachemeshError)(code, details, request_id)
     if isinstance(result, RateLimitError) and call:
         result.retry_after_s = retry_delay_s(error.trailing_metadata())
     return result
+
+
+def _too_large(
+    code: grpc.StatusCode, details: str, request_id: str, found: re.Match[str]
+) -> MessageTooLargeError:
+    size, limit = (int(n) if n else None for n in found.groups())
+    said = f"{size:,} bytes over the limit of {limit:,}" if size and limit else "over the limit"
+    error = MessageTooLargeError(
+        code,
+        f"a message was larger than gRPC's message size limit ({said}): not a rate limit, "
+        "waiting will not help; ask for less (a smaller page_size, one tenant, a shorter "
+        "request) or raise the limit (CACHEMESH_MAX_MESSAGE_BYTES). gRPC said: "
+        f"{details}",
+        request_id,
+    )
+    error.size_bytes, error.limit_bytes = size, limit
+    return error
 
 
 def incomplete(request_id: str) -> UnavailableError:

@@ -12,7 +12,7 @@ A refusal raises ``CachemeshError`` (``AuthenticationError`` for a wrong admin t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -20,7 +20,7 @@ from typing import Literal, TypeVar
 import grpc
 
 from cachemesh._auth import bearer_metadata
-from cachemesh._errors import from_rpc_error
+from cachemesh._errors import CachemeshError, from_rpc_error
 from cachemesh._tls import Tls, sync_channel
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc
@@ -29,6 +29,8 @@ T = TypeVar("T")
 # One limit's change in ``set_limits``: the tenant's own value (requests or tokens a minute;
 # a budget in nano-dollars), "unlimited", or "default" (back to the router's setting)
 LimitChange = int | Literal["unlimited", "default"]
+P = TypeVar("P", adm.GetStatsResponse, adm.ListKeysResponse)  # a page
+Q = TypeVar("Q", adm.GetStatsRequest, adm.ListKeysRequest)  # its request
 
 
 def read_admin_token(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -59,8 +61,17 @@ class AdminClient:
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
         self._timeout_s = timeout_s
 
-    def stats(self, tenant: str = "") -> adm.GetStatsResponse:
-        return self._call(self._stub.GetStats, adm.GetStatsRequest(tenant=tenant))
+    def stats(self, tenant: str = "", *, page_size: int = 0) -> adm.GetStatsResponse:
+        """Every tenant's figures (or ``tenant``'s), every page of them in one reply (each
+        page a call of ``page_size`` rows, 0: the router's default). A row whose service did
+        not answer names it in its ``unavailable``: those figures are unknown, not zero."""
+        whole = adm.GetStatsResponse()
+        for page in self._pages(
+            self._stub.GetStats, adm.GetStatsRequest(tenant=tenant, page_size=page_size)
+        ):
+            whole.tenants.extend(page.tenants)
+            whole.unavailable.extend(s for s in page.unavailable if s not in whole.unavailable)
+        return whole
 
     def invalidate(
         self,
@@ -102,10 +113,15 @@ class AdminClient:
     def create_key(self, tenant: str, name: str = "") -> adm.IssuedKey:
         return self._call(self._stub.CreateKey, adm.CreateKeyRequest(tenant=tenant, name=name))
 
-    def list_keys(self, tenant: str = "", *, include_revoked: bool = False) -> list[adm.ApiKeyInfo]:
-        request = adm.ListKeysRequest(tenant=tenant, include_revoked=include_revoked)
-        reply: adm.ListKeysResponse = self._call(self._stub.ListKeys, request)
-        return list(reply.keys)
+    def list_keys(
+        self, tenant: str = "", *, include_revoked: bool = False, page_size: int = 0
+    ) -> list[adm.ApiKeyInfo]:
+        """Every key (of ``tenant``), every page of them (a call of ``page_size`` keys each,
+        0: the router's default)."""
+        request = adm.ListKeysRequest(
+            tenant=tenant, include_revoked=include_revoked, page_size=page_size
+        )
+        return [key for page in self._pages(self._stub.ListKeys, request) for key in page.keys]
 
     def revoke_key(self, key_id: str) -> adm.ApiKeyInfo:
         return self._call(self._stub.RevokeKey, adm.RevokeKeyRequest(id=key_id))
@@ -173,6 +189,22 @@ class AdminClient:
             elif change is not None:
                 field.value = change
         return self._call(self._stub.SetLimits, request)
+
+    def _pages(self, method: Callable[..., P], request: Q) -> Iterator[P]:
+        """Each reply to ``request``, sent again with each reply's ``next_page_token`` until
+        one has none (a router without pages: its one reply)."""
+        while True:
+            page = self._call(method, request)
+            yield page
+            if not page.next_page_token:
+                return
+            if page.next_page_token == request.page_token:  # a router that would loop forever
+                raise CachemeshError(
+                    grpc.StatusCode.INTERNAL,
+                    "the router answered the same next_page_token again: a fault of the "
+                    "router; report it",
+                )
+            request.page_token = page.next_page_token
 
     def _call(self, method: Callable[..., T], request: object) -> T:
         try:

@@ -274,28 +274,45 @@ def dollars(nanos: int) -> str:
     return f"${nanos / NANOS_PER_DOLLAR:,.4f}"
 
 
+UNKNOWN = "unknown"  # a figure whose service did not answer: not a zero
+
+
+def missing_figures(reply: adm.GetStatsResponse) -> list[set[str]]:
+    """The services whose figures each row lacks: the row's own ``unavailable``; from a router
+    that names them only for the whole reply, every row lacks those (it did not say which)."""
+    if any(t.unavailable for t in reply.tenants):
+        return [set(t.unavailable) for t in reply.tenants]
+    return [set(reply.unavailable) for _ in reply.tenants]
+
+
 def stats_table(reply: adm.GetStatsResponse) -> str:
     headers = ["tenant", "keys", "L1", "entries", "lookups", "hits", "hit rate",
                "model calls", "cost", "saved"]  # fmt: skip
-    rows = [
-        [
-            printable(t.tenant),
-            str(t.active_keys),
+    rows = []
+    lacking = missing_figures(reply)
+    for t, missing in zip(reply.tenants, lacking, strict=True):
+        l1 = [
             "on" if t.l1_enabled else "off",
             str(t.l1_entries),
             str(t.l1_lookups),
             str(t.l1_hits),
             f"{t.l1_hit_rate:.1%}" if t.l1_lookups else "-",
-            str(t.model_requests),
-            dollars(t.cost_nanos),
-            dollars(t.saved_nanos),
         ]
-        for t in reply.tenants
-    ]
+        billed = [str(t.model_requests), dollars(t.cost_nanos), dollars(t.saved_nanos)]
+        if "semantic-cache" in missing:
+            l1 = [UNKNOWN] * len(l1)
+        if "prefix-cache" in missing:
+            billed = [UNKNOWN] * len(billed)
+        rows.append([printable(t.tenant), str(t.active_keys), *l1, *billed])
     text = table(headers, rows) if rows else "no tenants"
     notes = ["lookups and hits: since semantic-cache started; cost and saved: model calls"]
-    if reply.unavailable:
-        notes.insert(0, f"NOT ANSWERING: {', '.join(reply.unavailable)} (their figures are 0)")
+    for service in reply.unavailable:
+        rows_lacking = sum(1 for missing in lacking if service in missing)
+        notes.insert(
+            0,
+            f"NOT ANSWERING: {service} (its figures are unknown for {rows_lacking:,} of "
+            f"{len(reply.tenants):,} tenants)",
+        )
     return text + "\n\n" + "\n".join(notes)
 
 
