@@ -204,3 +204,31 @@ def test_a_tenant_differing_only_in_case_is_said_unknown(stack: RunningStack) ->
     early = _cli(stack, "policy", "set", tenant, "--l1", "off", "--new-tenant")
     assert f"tenant {tenant} was unknown" in early and re.search(r"^L1 +off$", early, re.M)
     assert "unknown" not in _cli(stack, "policy", "get", tenant)
+
+
+def test_keys_and_stats_come_in_pages_with_the_billed_totals_of_each(
+    stack: RunningStack,
+) -> None:
+    """Pages through the stack's router, and each page's totals from the real prefix-cache
+    in one TotalsBatch call (its Redis pipeline): every row's totals come, none is unknown,
+    and they are what prefix-cache's Totals says of each tenant."""
+    _ask(stack.target, stack.keys["tenant-a"], f"What is paging? {uuid.uuid4().hex}", "pages")
+    _until(lambda: stack.totals("tenant-a").requests > 0, "tenant-a's bill")
+    with AdminClient(stack.target, admin_token=_admin_token(stack)) as admin:
+        for i in range(3):
+            admin.create_key(f"paged-{i}", name="pages")
+        every = admin.list_keys(include_revoked=True)
+        assert [k.id for k in admin.list_keys(include_revoked=True, page_size=1)] == [
+            k.id for k in every
+        ]
+        paged = admin.stats(page_size=2)
+        whole = admin.stats()
+    tenants = [row.tenant for row in paged.tenants]
+    assert tenants == sorted(set(tenants)) and {"paged-0", "paged-2", "tenant-a"} <= set(tenants)
+    assert not paged.unavailable and not any(row.unavailable for row in paged.tenants)
+    rows = {row.tenant: row for row in paged.tenants}
+    assert rows["tenant-a"].model_requests > 0
+    assert all(rows[f"paged-{i}"].model_requests == 0 for i in range(3))
+    for tenant in ("tenant-a", "tenant-b"):  # prefix-cache's own, read after (only grows)
+        assert rows[tenant].model_requests <= stack.totals(tenant).requests
+    assert [row.tenant for row in whole.tenants] == tenants
