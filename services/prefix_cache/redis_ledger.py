@@ -30,6 +30,7 @@ from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, increments
 
 GC_SLACK_MS = 60_000
+TOTALS_PIPELINE = 100  # tenants' totals read in one pipeline (totals_of)
 _TOTAL_FIELDS = frozenset(f.name for f in fields(TenantTotals))
 
 # KEYS: the record. ARGV: now_ms, warm JSON, expires_at_ms, GC slack.
@@ -117,14 +118,18 @@ class RedisCommitLedger:
         return _totals(await self._client.hgetall(self.totals_key(tenant)))
 
     async def totals_of(self, tenants: Sequence[str]) -> list[TenantTotals]:
-        """One pipeline of ``HGETALL`` (no transaction: each hash is read as it stands)."""
-        if not tenants:
-            return []
-        async with self._client.pipeline(transaction=False) as pipe:
-            for tenant in tenants:
-                pipe.hgetall(self.totals_key(tenant))
-            replies = await pipe.execute()
-        return [_totals(raw) for raw in replies]
+        """Pipelines of ``HGETALL`` (no transaction: each hash is read as it stands), of
+        ``TOTALS_PIPELINE`` tenants each: packing and parsing 1,000 in one held the event
+        loop serving Plan and Commit for up to 114 ms (a loaded host, no hiredis); pipelines
+        of 100, the loop served between two, for 15-43 ms."""
+        found: list[TenantTotals] = []
+        for start in range(0, len(tenants), TOTALS_PIPELINE):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for tenant in tenants[start : start + TOTALS_PIPELINE]:
+                    pipe.hgetall(self.totals_key(tenant))
+                replies = await pipe.execute()
+            found += map(_totals, replies)
+        return found
 
 
 def _totals(raw: object) -> TenantTotals:
