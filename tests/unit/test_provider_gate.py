@@ -178,7 +178,7 @@ async def test_no_gate_lets_every_call_through(tokenizer: Tokenizer) -> None:
 
 def _settings(**extra: str) -> ModelSettings:
     env = {
-        "CACHEMESH_INTERNAL_TOKEN": "t",
+        "CACHEMESH_INTERNAL_TOKEN": "internal-token-of-16+",
         "MODEL_BACKEND": "openai",
         "OPENAI_BASE_URL": "http://127.0.0.1:8080/v1",
         "MODEL_IDS": MODEL,
