@@ -5,11 +5,14 @@ Why a file and not Redis: the key file is what the router and the HTTP front alr
 no network call and no service that could be down (the stack's Redis is optional, keys are
 not), and a shared volume is all several routers on one host (or compose) need. Each process
 looks at the file's (inode, size, mtime) at most every ``poll_s`` (at most 1 s), on the path of
-a key check, and re-reads it when it changed: a key created, revoked or rotated by any router's
-Admin API is accepted or refused everywhere within ``poll_s``, and at once by that router (its
-changes, made in worker threads, and its re-reads take turns: none shows an older file over a
-newer one). Writers take the file's lock (``keyfile.KeyFile``), so concurrent Admin calls on
-several routers never lose a change.
+a key check, and when it changed re-reads it in a worker thread (``polled_file.PolledFile``):
+the key check never waits for the file, the keys read last answer until the new ones are
+complete. A key created, revoked or rotated by any router's Admin API is accepted or refused
+everywhere within ``poll_s`` plus one re-read (two when the change lands during one; a re-read
+parses only the lines that changed), and at once by that router (its changes, made in worker
+threads, and its re-reads take turns: none shows an older file over a newer one; a change does
+not parse the file again when this router holds it as it is). Writers take the file's lock
+(``keyfile.KeyFile``), so concurrent Admin calls on several routers never lose a change.
 
 A file that turns malformed (a bad hand edit) is logged at ERROR, naming the line, and the
 keys read last stay in force until it is fixed.
@@ -18,7 +21,6 @@ keys read last stay in force until it is fixed.
 from __future__ import annotations
 
 import logging
-import threading
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +31,14 @@ from services.common.keyfile import (
     KeyFileError,
     KeyFileUnreadable,
     KeyRecord,
+    Parsed,
     Signature,
     hash_key,
     issue,
     parse,
     tenant_error,
 )
+from services.common.polled_file import PolledFile, Start, in_a_thread
 
 log = logging.getLogger("cachemesh.keys")
 
@@ -60,14 +64,30 @@ class SeedFileError(KeyFileError):
 
 @dataclass(frozen=True)
 class _Snapshot:
-    signature: Signature | None
-    records: tuple[KeyRecord, ...]
+    parsed: Parsed
     tenant_by_hash: dict[str, str]  # active keys only
 
 
-def _snapshot(records: list[KeyRecord], signature: Signature | None) -> _Snapshot:
-    active = {r.sha256: r.tenant for r in records if r.active}
-    return _Snapshot(signature, tuple(records), active)
+def _snapshot(parsed: Parsed) -> _Snapshot:
+    return _Snapshot(parsed, {r.sha256: r.tenant for r in parsed.records if r.active})
+
+
+class _Source:
+    """The key file as ``PolledFile`` reads it: each re-read parses only the changed lines."""
+
+    def __init__(self, keyfile: KeyFile) -> None:
+        self.file = keyfile
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def signature(self) -> Signature | None:
+        return self.file.signature()
+
+    def load(self, last: _Snapshot) -> tuple[_Snapshot, Signature | None]:
+        parsed = self.file.load(last.parsed)
+        return _snapshot(parsed), parsed.signature
 
 
 def check_tenant(tenant: str) -> None:
@@ -82,21 +102,29 @@ class KeyStore:
         monotonic: Callable[[], float],
         wall: Callable[[], float],
         poll_s: float,
+        start: Start | None = None,
     ) -> None:
-        """``monotonic`` paces the checks for changes, ``wall`` stamps the records."""
-        if not 0.0 <= poll_s <= 1.0:
-            raise ValueError(f"poll_s must be within [0, 1], got {poll_s}")
+        """``monotonic`` paces the checks for changes, ``wall`` stamps the records; ``start``
+        runs a re-read off the event loop (default: in a thread of its own)."""
         self._file = keyfile
-        self._monotonic = monotonic
         self._wall = wall
-        self._poll_s = poll_s
-        records, signature = keyfile.read()  # start-up: a bad file stops the process
-        self._state = _snapshot(records, signature)
-        self._checked = monotonic()
+        parsed = keyfile.load()  # start-up: a bad file stops the process
         # One change or re-read of the file at a time, each showing the file as it was then:
         # two Admin changes run in worker threads, and one that showed its (older) file after
         # the other had shown its own put a revoked key back in force until the next poll.
-        self._lock = threading.Lock()
+        self._keys: PolledFile[_Snapshot] = PolledFile(
+            _Source(keyfile),
+            (_snapshot(parsed), parsed.signature),
+            monotonic=monotonic,
+            poll_s=poll_s,
+            start=start or in_a_thread("cachemesh-keys-reload"),
+            log=log,
+            what="API key file",
+            contents="keys",
+            unreadable=KeyFileUnreadable,
+            malformed=KeyFileError,
+            loaded=lambda keys: f"API keys reloaded: {len(keys.tenant_by_hash)} active",
+        )
 
     @classmethod
     def open(
@@ -106,6 +134,7 @@ class KeyStore:
         wall: Callable[[], float],
         poll_s: float,
         seed: Path | None = None,
+        start: Start | None = None,
     ) -> KeyStore:
         """The store of ``path``; when it does not exist and ``seed`` is given, it is created
         with the seed file's keys (compose: a volume seeded from the mounted secret)."""
@@ -116,21 +145,19 @@ class KeyStore:
             except KeyFileError as exc:
                 raise SeedFileError(str(exc)) from None
             keyfile.update(lambda records: records or seeded, create=True)
-        store = cls(keyfile, monotonic, wall, poll_s)
-        if not store._state.records:
+        store = cls(keyfile, monotonic, wall, poll_s, start)
+        if not store._keys.held().parsed.records:
             raise KeyFileError(f"API key file {path} holds no keys")
         return store
 
     # --- the Gateway's question -------------------------------------------------------------
     def tenant_for(self, key: str) -> str | None:
         """The tenant of an active key, or None (unknown, revoked, replaced by a rotation)."""
-        self._refresh()
-        return self._state.tenant_by_hash.get(hash_key(key))
+        return self._keys.current().tenant_by_hash.get(hash_key(key))
 
     # --- the Admin API's --------------------------------------------------------------------
     def records(self) -> tuple[KeyRecord, ...]:
-        self._refresh()
-        return self._state.records
+        return self._keys.current().parsed.records
 
     def create(self, tenant: str, name: str) -> tuple[KeyRecord, str]:
         """A new key of ``tenant``: its record and the key itself (shown once, stored nowhere)."""
@@ -182,53 +209,11 @@ class KeyStore:
         return changed[-1]
 
     def _update(self, change: Callable[[list[KeyRecord]], list[KeyRecord]]) -> None:
-        with self._lock:
-            records, signature = self._file.update(change)
-            self._state = _snapshot(records, signature)
-            self._checked = self._monotonic()
+        def written(last: _Snapshot) -> tuple[_Snapshot, Signature | None]:
+            parsed = self._file.update(change, last=last.parsed)
+            return _snapshot(parsed), parsed.signature
 
-    def _refresh(self) -> None:
-        now = self._monotonic()
-        if now - self._checked < self._poll_s:
-            return
-        # never waits (a key check runs on the event loop): a change being made shows the
-        # file as it leaves it, and the next key check looks again
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._checked = now
-            self._reload()
-        finally:
-            self._lock.release()
-
-    def _reload(self) -> None:
-        try:
-            signature = self._file.signature()
-        except OSError as exc:  # EACCES, ESTALE on a shared volume: it may pass
-            log.error(
-                "API key file %s cannot be checked (%s); keeping the keys read last, checking "
-                "again",
-                self._file.path,
-                exc.strerror or type(exc).__name__,
-            )
-            return
-        if signature == self._state.signature:
-            return
-        if signature is None:
-            log.error("API key file %s is gone: keeping the keys read last", self._file.path)
-            self._state = _Snapshot(None, self._state.records, self._state.tenant_by_hash)
-            return
-        try:
-            records, signature = self._file.read()
-        except KeyFileUnreadable as exc:  # it may pass: read it again at the next poll
-            log.error("%s; keeping the keys read last, reading again", exc)
-            return
-        except KeyFileError as exc:
-            log.error("%s; keeping the keys read last until it is fixed", exc)
-            self._state = _Snapshot(signature, self._state.records, self._state.tenant_by_hash)
-            return
-        self._state = _snapshot(records, signature)
-        log.info("API keys reloaded: %d active", len(self._state.tenant_by_hash))
+        self._keys.write(written)
 
 
 # Unicode's control (Cc) and format (Cf) characters, surrogates and line / paragraph

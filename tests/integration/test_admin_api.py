@@ -6,8 +6,9 @@ refused everywhere, the new one accepted), revoked (refused by both routers and 
 front); one tenant's L1 is purged (its next question is a miss, the other tenant's the same
 question still a hit); a tenant's L1 is turned off and on. The pid of every process is the same
 at the end: nothing was restarted. How long a change took to reach the other router is printed
-(pytest -s), not asserted: the bound (CACHEMESH_API_KEYS_POLL_S, at most 1 s) is the key
-store's, tested with an injected clock in tests/unit/test_key_store.py.
+(pytest -s), not asserted: the bound (CACHEMESH_API_KEYS_POLL_S, at most 1 s, plus one re-read
+in a worker thread) is the key store's, tested with an injected clock and re-read in
+tests/unit/test_key_store.py.
 """
 
 from __future__ import annotations
