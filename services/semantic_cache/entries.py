@@ -415,7 +415,7 @@ class EntryStore:
     def _add(self, vid: int, entry: Entry) -> None:
         entry = self._stamped(entry)
         self._entries[vid] = entry
-        self._lru.used(entry.tenant, vid)
+        self._lru.used(entry.tenant, vid, entry_bytes(entry, self._embedder.dim))
         self._by_entry_id[entry.entry_id] = vid
         heapq.heappush(self._expiry, (self._expires_at(entry), vid))
         self.stats.added(entry, self._embedder.dim)
@@ -452,14 +452,7 @@ class EntryStore:
         freed = entry_bytes(self._entries[old], self._embedder.dim) if old is not None else 0
         if self.stats.held_bytes + size - freed <= self._max_bytes:
             return True
-        held = dict(self.stats.bytes)
-        held[entry.tenant] = held.get(entry.tenant, 0) + size - freed
-        left, sizes = self._max_bytes, sorted(held.values())
-        for k, holding in enumerate(sizes):
-            if holding * (len(sizes) - k) > left:
-                return size * (len(sizes) - k) <= left  # size <= the level L
-            left -= holding
-        return True
+        return self._lru.within_level(entry.tenant, size, self._max_bytes)
 
     def _evict_over_capacity(self) -> None:
         while len(self._entries) > self._max_entries:
@@ -470,7 +463,7 @@ class EntryStore:
         # by bytes, as by entries: the least recently used entry of the tenant holding the
         # most bytes, so one tenant's large answers evict its own entries, not another's
         while self.stats.held_bytes > self._max_bytes and self._entries:
-            self._remove(self._lru.victim(self.stats.bytes))
+            self._remove(self._lru.victim_by_bytes())
             self.stats.evictions += 1
 
     def _remove(self, vid: int) -> None:
@@ -485,7 +478,7 @@ class EntryStore:
     def _forget(self, vid: int) -> Entry:
         self._changes += 1
         entry = self._entries.pop(vid)
-        self._lru.forget(entry.tenant, vid)
+        self._lru.forget(entry.tenant, vid, entry_bytes(entry, self._embedder.dim))
         self._by_entry_id.pop(entry.entry_id, None)
         self.stats.removed(entry, self._embedder.dim)
         return entry
