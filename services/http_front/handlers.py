@@ -561,7 +561,11 @@ def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
 
 def _too_large(size: int | None, limit: int) -> ApiError:
     got = f" ({size:,} bytes)" if size is not None else ""
-    return ApiError("request_too_large", f"request body too large{got}: at most {limit:,} bytes")
+    return ApiError(
+        "request_too_large",
+        f"request body too large{got}: at most {limit:,} bytes (the HTTP front's "
+        "HTTP_FRONT_MAX_BODY_BYTES): send a shorter prompt, or ask the operator to raise it",
+    )
 
 
 def _anthropic_events(

@@ -445,6 +445,9 @@ async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(
     assert got == status
     error = reply["error"]
     assert error["type"] == kind and error["message"]
+    if status == 413:  # the size, the limit, and the setting to raise: "at most 1,048,576 bytes"
+        assert "(5,0" in error["message"] and "at most 4,096 bytes" in error["message"]
+        assert "HTTP_FRONT_MAX_BODY_BYTES" in error["message"]
     if path == "/v1/messages":
         assert reply["type"] == "error"
     assert front.gateway.calls == 0
