@@ -86,12 +86,21 @@ class ServerSettings:
 # ROUTER_MAX_REQUEST_BYTES): each call that passes a request on carries it beside fields of
 # its own, and prefix-cache's Plan answers with the prompt's KV block hashes, 2 bytes a token.
 REQUEST_SHARE = 2  # at most 1/2
-DEFAULT_REQUEST_BYTES = 1024 * 1024
+# The Gateway's gRPC transport reads requests up to this many times ROUTER_MAX_REQUEST_BYTES
+# (and at most CACHEMESH_MAX_MESSAGE_BYTES, every service's limit): the router refuses
+# one over its limit itself, RESOURCE_EXHAUSTED naming the setting, counted and logged; only
+# a larger one gets gRPC's own "Received message larger than max", before the router's code.
+REQUEST_READ_SHARE = 2
+# 2 MiB: a 200k-token prompt of ordinary text fits with room (cl100k, measured on
+# ../shared/data and this repository: tau-bench conversations 3.78 bytes a token, tool
+# schemas 3.85-4.12, Python 4.12, Markdown 3.73, prose 4.90: 0.75 to 0.98 MB); 1 MiB held
+# no text over 5.24 bytes a token (a 1.19 MB prompt of 136k tokens was refused).
+DEFAULT_REQUEST_BYTES = 2 * 1024 * 1024
 
 
 def default_request_bytes(max_message_bytes: int) -> int:
     """The largest request the Gateway takes by default (ROUTER_MAX_REQUEST_BYTES unset; the
-    HTTP front's body limit follows it): 1 MiB, or the message limit's share when lower."""
+    HTTP front's body limit follows it): 2 MiB, or the message limit's share when lower."""
     return min(DEFAULT_REQUEST_BYTES, max_message_bytes // REQUEST_SHARE)
 
 

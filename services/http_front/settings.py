@@ -89,7 +89,7 @@ class HttpFrontSettings:
 
 def max_body_bytes(env: Env, message_bytes: int) -> int:
     """HTTP_FRONT_MAX_BODY_BYTES, at most CACHEMESH_MAX_MESSAGE_BYTES (``message_bytes``;
-    unset: the Gateway's own default, 1 MiB or half that limit when lower, so that a body the
+    unset: the Gateway's own default, 2 MiB or half that limit when lower, so that a body the
     front takes is one the Gateway takes too). A body goes to the Gateway as one message no
     larger than its JSON (names, quotes and escapes drop out; the text is as long): above the
     message limit, a body the front took was refused by gRPC (a 413 quoting "CLIENT: Sent

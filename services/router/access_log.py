@@ -13,7 +13,8 @@ known (prefix-cache's FINAL, or the outbox's estimate), after the call's end.
 Never the prompt, the answer or the key. A requested model the table does not know is written
 as ``?`` (it is the caller's free text). A request refused before the servicer because it did
 not parse has its line too (``INVALID_ARGUMENT``, no tenant, no trace: ``refused``); one over
-``ROUTER_MAX_REQUEST_BYTES`` has none (gRPC refuses it before any code of the router runs).
+``ROUTER_MAX_REQUEST_BYTES`` is ``RESOURCE_EXHAUSTED`` with its tenant; only one over twice it
+has none (gRPC refuses it before any code of the router runs).
 """
 
 from __future__ import annotations

@@ -178,6 +178,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         ledger_failed=metrics.ledger_failed,
         ledger_breaker=ledger_breaker(settings.limits, metrics.redis_breaker_opened),
         grace_end=grace,
+        max_request_bytes=settings.max_request_bytes,
     )
     admin = AdminServicer(
         settings.admin,

@@ -8,7 +8,8 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   it is neither served nor billed again);
 - ``cachemesh_router_errors_total{tenant,code,deadline}``: refused or failed requests by gRPC
   status (``tenant="_none"`` before a key was recognised, as a request that did not parse:
-  ``INVALID_ARGUMENT``; not one over ``ROUTER_MAX_REQUEST_BYTES``, which gRPC refuses itself);
+  ``INVALID_ARGUMENT``; one over ``ROUTER_MAX_REQUEST_BYTES`` is its tenant's
+  ``RESOURCE_EXHAUSTED``, unless over twice it, which gRPC refuses itself);
   ``deadline`` only on DEADLINE_EXCEEDED: ``router`` when the router's own
   ``ROUTER_MODEL_TIMEOUT_S`` cut a model call still answering (the server's fault, alerted on),
   ``client`` when the caller's deadline did;

@@ -26,6 +26,7 @@ from services.common.errors import Code, RequestError
 from services.common.grace import GraceEnd
 from services.common.models import ModelTable
 from services.common.retry_info import retry_trailers
+from services.common.server import DEFAULT_REQUEST_BYTES
 from services.common.status import grpc_code
 from services.router import spans
 from services.router.access_log import Call, RequestLog
@@ -86,8 +87,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ledger_breaker: Breaker | None = None,
         clock: Clock | None = None,
         grace_end: GraceEnd | None = None,
+        max_request_bytes: int = DEFAULT_REQUEST_BYTES,
     ) -> None:
-        """``grace_end``: the server's, set when its drain's grace ends: a call cut then is
+        """``max_request_bytes``: ROUTER_MAX_REQUEST_BYTES, a larger request (serialized) is
+        refused RESOURCE_EXHAUSTED naming it (gRPC reads larger ones, up to twice it, so that
+        the router, not gRPC, refuses them).
+        ``grace_end``: the server's, set when its drain's grace ends: a call cut then is
         recorded UNAVAILABLE (what its caller got), not as its caller's cancel.
         ``ledger_failed``: told of each call to ``ledger`` that failed or did not answer in
         ``LEDGER_TIMEOUT_S``, or was not made while ``ledger_breaker`` left its Redis alone
@@ -108,6 +113,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._ledger_failed = ledger_failed
         self._ledger_breaker = ledger_breaker
         self._grace_end = grace_end
+        self._max_request_bytes = max_request_bytes
         self._background: set[asyncio.Task[None]] = set()  # claims given back
         self._handlers = 0  # Complete and StreamComplete calls whose handler has not ended
         self._no_handlers = asyncio.Event()
@@ -231,6 +237,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # its limits); the request's fields once they are valid (the pipeline writes none)
         root = trace.get_current_span()
         root.set_attribute("cachemesh.tenant", call.tenant)
+        size = request.ByteSize()  # before validation reads it all
+        if size > self._max_request_bytes:
+            root.set_attribute("cachemesh.request_bytes", size)
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                too_large(size, self._max_request_bytes),
+            )
         try:
             validate_request(request, self._table, self._deployed)
         except RequestError as exc:
@@ -541,6 +555,16 @@ class _Held:
 _THE_REQUESTS_OWN = frozenset(
     (Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.FAILED_PRECONDITION)
 )
+
+
+def too_large(size: int, limit: int) -> str:
+    """The refusal of a request over ROUTER_MAX_REQUEST_BYTES: its size, the limit, what to do."""
+    return (
+        f"request too large: {size:,} bytes serialized, over the Gateway's limit of {limit:,} "
+        "bytes (the router's ROUTER_MAX_REQUEST_BYTES): send a shorter prompt (fewer or "
+        "shorter messages, tools or documents), or ask the operator to raise "
+        "ROUTER_MAX_REQUEST_BYTES (at most half of CACHEMESH_MAX_MESSAGE_BYTES)"
+    )
 
 
 def _replayed(first: pb.CompleteResponse) -> pb.CompleteResponse:

@@ -10,7 +10,13 @@ from services.common.connections import ConnectionPolicy
 from services.common.env import MAX_TOKENS_PER_S, ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import LARGEST, SMALLEST, ModelTable, Tier
-from services.common.server import REQUEST_SHARE, ServerSettings, default_request_bytes
+from services.common.server import (
+    DEFAULT_REQUEST_BYTES,
+    REQUEST_READ_SHARE,
+    REQUEST_SHARE,
+    ServerSettings,
+    default_request_bytes,
+)
 from services.common.tls import ServerTls
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.balance import MAX_LOAD_RATIO, BalancePolicy
@@ -28,6 +34,8 @@ READ_AHEAD_MAX_BYTES = 4 * 1024 * 1024 * 1024
 
 @dataclass(frozen=True)
 class RouterSettings:
+    # ``server.max_message_bytes``, what gRPC reads of a call, is REQUEST_READ_SHARE times
+    # ``max_request_bytes``: a request between the two is refused by the router itself
     server: ServerSettings
     metrics: MetricsSettings
     semantic_cache_addr: str
@@ -44,6 +52,8 @@ class RouterSettings:
     idempotency_max_bytes: int  # the kept answers' serialized bytes
     choice: ChoiceSettings  # which replica serves a model call (L3)
     limits: LimitSettings
+    # ROUTER_MAX_REQUEST_BYTES: a larger Gateway request (serialized) is refused, naming it
+    max_request_bytes: int = DEFAULT_REQUEST_BYTES
     routing_threshold: float | None = None  # None = the router card's calibrated default
     local_embedder: bool = True  # embed in the router when the semantic cache is unreachable
     cost_aware: bool = False  # weigh the tiers' Plan costs when a prefix may be warm
@@ -78,12 +88,15 @@ class RouterSettings:
         server = ServerSettings.from_env(env, "ROUTER", DEFAULT_LISTEN)
         max_request = max_request_bytes(env, server.max_message_bytes)
         return cls(
-            # ROUTER_MAX_REQUEST_BYTES bounds what callers send; answers go out under
-            # CACHEMESH_MAX_MESSAGE_BYTES like every service's (an L1 answer over the request
-            # bound was refused RESOURCE_EXHAUSTED on every hit)
+            # ROUTER_MAX_REQUEST_BYTES bounds what callers send: the servicer refuses a larger
+            # request itself, naming the setting (counted, logged, traced), so gRPC reads
+            # messages up to twice it (at most CACHEMESH_MAX_MESSAGE_BYTES) and refuses only
+            # larger ones, with its own words, before any code of the router runs. Answers go
+            # out under CACHEMESH_MAX_MESSAGE_BYTES like every service's (an L1 answer over
+            # the request bound was refused RESOURCE_EXHAUSTED on every hit)
             server=replace(
                 server,
-                max_message_bytes=max_request,
+                max_message_bytes=min(max_request * REQUEST_READ_SHARE, server.max_message_bytes),
                 max_send_bytes=server.max_message_bytes,
                 tls=ServerTls.read(env, "ROUTER"),
                 connections=ConnectionPolicy.from_env(env, "ROUTER"),
@@ -105,6 +118,7 @@ class RouterSettings:
             idempotency_max_bytes=idempotency_max_bytes(env),
             choice=choice_from_env(env),
             limits=LimitSettings.from_env(env),
+            max_request_bytes=max_request,
             routing_threshold=(
                 env.float("ROUTER_THRESHOLD", 0.0, minimum=-1.0, maximum=1.0)
                 if env.optional_str("ROUTER_THRESHOLD") is not None
@@ -151,7 +165,7 @@ MIN_REQUEST_BYTES = 1024
 
 def max_request_bytes(env: Env, max_message_bytes: int) -> int:
     """ROUTER_MAX_REQUEST_BYTES, at most half of CACHEMESH_MAX_MESSAGE_BYTES
-    (``max_message_bytes``; unset: 1 MiB, or that half when it is lower). At the message limit
+    (``max_message_bytes``; unset: 2 MiB, or that half when it is lower). At the message limit
     itself (the default when it was lowered) the router took a request whose model call (the
     request and its KV block hashes) was over it: every request over ~73% of the limit
     failed RESOURCE_EXHAUSTED with gRPC's own text from inside the stack."""

@@ -15,18 +15,25 @@ alone, over the limit: prefix-cache now answers without them, and the request is
 
 from __future__ import annotations
 
+import json
 import random
 import string
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from cachemesh import CachemeshError, Client, build_request
+from cachemesh import CachemeshError, Client, RateLimitError, build_request
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.env import Env
 from services.router.settings import max_request_bytes
+from services.tools.stack import Stack
+from services.tools.stack.otlp_sink import OtlpSink
+from services.tools.stack.service_table import SERVICES
 from tests.integration.harness import started_stack
 
 pytestmark = pytest.mark.integration
@@ -40,20 +47,28 @@ REQUEST_BYTES = max_request_bytes(
 PROSE = ("the", "quarterly", "report", "shows", "revenue", "growth", "of", "percent", "in", "asia")
 
 
+Served = tuple[Client, Stack, OtlpSink]
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     run_dir = tmp_path_factory.mktemp("lowered-messages")
     # .env pins the HTTP front's body limit at 1 MiB, which it refuses over the message limit
     lowered = {
         "CACHEMESH_MAX_MESSAGE_BYTES": str(MESSAGE_BYTES),
         "HTTP_FRONT_MAX_BODY_BYTES": str(REQUEST_BYTES),
     }
-    with started_stack(run_dir, lowered) as (stack, _sink):
+    with started_stack(run_dir, lowered) as (stack, sink):
         keys = read_env_file(run_dir / "demo-keys.env")
         with Client(
             stack.router_address, api_key=keys["CACHEMESH_KEY_A"], max_attempts=1, timeout_s=120
         ) as answering:
-            yield answering
+            yield answering, stack, sink
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> Client:
+    return served[0]
 
 
 def _near_the_limit(words: list[str]) -> pb.CompleteRequest:
@@ -113,3 +128,58 @@ def test_a_request_of_many_small_tools_just_under_the_gateways_limit_is_answered
     assert REQUEST_BYTES - 512 < request.ByteSize() <= REQUEST_BYTES
     reply = _answered(client, request)
     assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens > REQUEST_BYTES
+
+
+def _errors(stack: Stack, code: str) -> float:
+    address = stack.metrics_addresses["router"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "cachemesh_router_errors_total" and sample.labels.get("code") == code
+    )
+
+
+def test_a_request_just_over_the_gateways_limit_gets_the_routers_refusal(served: Served) -> None:
+    # gRPC's transport refused it, at the limit itself, before any code of the router ran:
+    # "Received message larger than max (131073 vs. 131072)", naming no setting, in no metric,
+    # no access-log line and no span
+    client, stack, sink = served
+    before = _errors(stack, "RESOURCE_EXHAUSTED")
+    request_id = uuid.uuid4().hex
+    request = build_request("x", model="sim-large", max_tokens=16, request_id=request_id)
+    block = request.messages[-1].content[0]
+    while (short := REQUEST_BYTES + 1 - request.ByteSize()) != 0:  # the lengths' varints grow
+        block.text = "x" * (len(block.text) + short)
+    size = request.ByteSize()
+    assert size == REQUEST_BYTES + 1
+    with pytest.raises(RateLimitError) as refused:
+        client.complete(request)
+    message = str(refused.value)
+    assert f"{size:,} bytes" in message and f"limit of {REQUEST_BYTES:,} bytes" in message
+    assert "ROUTER_MAX_REQUEST_BYTES" in message and "larger than max" not in message
+    # counted, with its access-log line and its span, as every refused call
+    assert _errors(stack, "RESOURCE_EXHAUSTED") == before + 1
+    router = next(spec for spec in SERVICES if spec.name == "router")
+    deadline = time.monotonic() + 30
+    line: dict[str, object] | None = None
+    spans = []
+    while time.monotonic() < deadline:
+        text = stack.log_path(router).read_text()
+        lines = [json.loads(row) for row in text.splitlines() if request_id in row]
+        access = [x for x in lines if x.get("logger") == "cachemesh.access"]
+        line = access[0] if access else None
+        spans = [
+            span
+            for span in sink.all_spans()
+            if span.service == "router" and span.attributes.get("cachemesh.request_bytes") == size
+        ]
+        if line is not None and spans:
+            break
+        time.sleep(0.1)
+    assert line is not None and line["status"] == "RESOURCE_EXHAUSTED"
+    (span,) = spans
+    assert span.name == "/cachemesh.v1.Gateway/Complete"
+    assert span.attributes["rpc.grpc.status_code"] == 8  # RESOURCE_EXHAUSTED

@@ -218,9 +218,10 @@ def _big_answers(server: grpc.aio.Server) -> None:
 
 
 async def test_answers_go_out_under_the_send_limit_requests_in_under_the_receive_limit() -> None:
-    """The router receives at most ROUTER_MAX_REQUEST_BYTES (1 MiB) but must send answers up
-    to CACHEMESH_MAX_MESSAGE_BYTES: one limit for both refused every L1 hit of an answer over
-    1 MiB (RESOURCE_EXHAUSTED, a 413 at the HTTP front), on every ask."""
+    """The router receives less than it sends (twice ROUTER_MAX_REQUEST_BYTES; 1 MiB here)
+    but must send answers up to CACHEMESH_MAX_MESSAGE_BYTES: one limit for both refused every
+    L1 hit of an answer over 1 MiB (RESOURCE_EXHAUSTED, a 413 at the HTTP front), on every
+    ask."""
     port, stop = free_port(), asyncio.Event()
     settings = ServerSettings(
         f"127.0.0.1:{port}", grace_s=0.5, max_message_bytes=1 << 20, max_send_bytes=4 << 20
@@ -258,5 +259,7 @@ def test_the_router_sends_under_the_services_message_limit_not_its_request_limit
             "ROUTER_MAX_REQUEST_BYTES": str(1 << 20),
         }
     )
-    server = RouterSettings.from_env(env, load_model_table()).server
-    assert server.max_message_bytes == 1 << 20 and server.send_limit == 4 << 20
+    router = RouterSettings.from_env(env, load_model_table())
+    # gRPC reads up to twice the request limit (the router refuses those between itself)
+    assert router.max_request_bytes == 1 << 20 and router.server.max_message_bytes == 2 << 20
+    assert router.server.send_limit == 4 << 20

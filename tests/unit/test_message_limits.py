@@ -16,19 +16,25 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.channels import server_options
 from services.common.env import ConfigError, Env
 from services.common.models import load_model_table
+from services.common.server import ServerSettings
+from services.http_front.settings import HttpFrontSettings
+from services.model.settings import ModelSettings
+from services.prefix_cache.settings import PrefixCacheSettings
 from services.router.grpc_adapters import connect
 from services.router.settings import RouterSettings
 
 MIB = 1 << 20
 
 
+BASE = {
+    "MODEL_REPLICAS": "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50055",
+    "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+    "CACHEMESH_API_KEYS_FILE": "/dev/null",
+}
+
+
 def _router(**env: str) -> RouterSettings:
-    base = {
-        "MODEL_REPLICAS": "sim-small=127.0.0.1:50054,sim-large=127.0.0.1:50055",
-        "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
-        "CACHEMESH_API_KEYS_FILE": "/dev/null",
-    }
-    return RouterSettings.from_env(Env({**base, **env}), load_model_table())
+    return RouterSettings.from_env(Env({**BASE, **env}), load_model_table())
 
 
 def test_a_request_limit_over_the_services_message_limit_is_refused_naming_both() -> None:
@@ -43,7 +49,9 @@ def test_a_request_limit_over_the_services_message_limit_is_refused_naming_both(
     raised = _router(
         ROUTER_MAX_REQUEST_BYTES=str(8 * MIB), CACHEMESH_MAX_MESSAGE_BYTES=str(16 * MIB)
     )
-    assert raised.server.max_message_bytes == 8 * MIB and raised.server.send_limit == 16 * MIB
+    assert raised.max_request_bytes == 8 * MIB and raised.server.send_limit == 16 * MIB
+    # gRPC reads twice the request limit: the router refuses a request between them itself
+    assert raised.server.max_message_bytes == 16 * MIB
 
 
 def test_a_request_limit_over_half_the_message_limit_is_refused_saying_why() -> None:
@@ -63,15 +71,53 @@ def test_a_request_limit_over_half_the_message_limit_is_refused_saying_why() -> 
         _router(CACHEMESH_MAX_MESSAGE_BYTES="2047")
     assert "CACHEMESH_MAX_MESSAGE_BYTES (2047)" in str(tiny.value)
     assert "to at least 2048" in str(tiny.value)
-    assert _router(CACHEMESH_MAX_MESSAGE_BYTES="2048").server.max_message_bytes == 1024
-    assert _router(ROUTER_MAX_REQUEST_BYTES=str(2 * MIB)).server.max_message_bytes == 2 * MIB
+    assert _router(CACHEMESH_MAX_MESSAGE_BYTES="2048").max_request_bytes == 1024
+    assert _router(ROUTER_MAX_REQUEST_BYTES=str(2 * MIB)).max_request_bytes == 2 * MIB
 
 
 def test_the_default_request_limit_is_half_a_lowered_message_limit() -> None:
-    lowered = _router(CACHEMESH_MAX_MESSAGE_BYTES=str(MIB // 2)).server
-    assert lowered.max_message_bytes == MIB // 4 and lowered.send_limit == MIB // 2
-    assert _router(CACHEMESH_MAX_MESSAGE_BYTES=str(2 * MIB)).server.max_message_bytes == MIB
-    assert _router().server.max_message_bytes == MIB
+    lowered = _router(CACHEMESH_MAX_MESSAGE_BYTES=str(MIB // 2))
+    assert lowered.max_request_bytes == MIB // 4 and lowered.server.send_limit == MIB // 2
+    assert _router(CACHEMESH_MAX_MESSAGE_BYTES=str(2 * MIB)).max_request_bytes == MIB
+    # 2 MiB: a 200k-token prompt of ordinary text (3.7-4.9 bytes a cl100k token) fits
+    assert _router().max_request_bytes == 2 * MIB
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"CACHEMESH_MAX_MESSAGE_BYTES": str(MIB // 4)},
+        {"CACHEMESH_MAX_MESSAGE_BYTES": str(3 * MIB)},
+        {"CACHEMESH_MAX_MESSAGE_BYTES": str(16 * MIB)},
+        {"CACHEMESH_MAX_MESSAGE_BYTES": str(16 * MIB), "ROUTER_MAX_REQUEST_BYTES": str(8 * MIB)},
+        {"ROUTER_MAX_REQUEST_BYTES": str(MIB), "HTTP_FRONT_MAX_BODY_BYTES": str(MIB)},
+    ],
+)
+def test_the_message_limits_agree_along_the_path(env: dict[str, str]) -> None:
+    """HTTP front -> router -> semantic-cache, prefix-cache's Plan, a model's Generate: a
+    request one hop takes is never refused by the next hop's transport, and the router reads
+    (gRPC's limit) more than it takes, so that it refuses a request over its own limit
+    itself, naming the setting."""
+    router = _router(**env)
+    full = {**BASE, **env}
+    front = HttpFrontSettings.from_env(full)
+    hops = [
+        ServerSettings.from_env(Env(full), "SEMANTIC_CACHE", "127.0.0.1:0"),
+        PrefixCacheSettings.from_env(Env(full)).server,
+        ModelSettings.from_env(full).server,
+    ]
+    # the front's body becomes a message no larger than its JSON, which the router reads
+    assert front.max_body_bytes <= router.max_request_bytes
+    assert front.max_body_bytes <= front.max_message_bytes
+    # the router reads twice what it takes, no more than any service's message limit
+    assert router.server.max_message_bytes == 2 * router.max_request_bytes
+    assert router.server.max_message_bytes <= router.server.send_limit
+    for hop in hops:
+        # each call on carries the request with fields of its own (Plan's answer, 2 bytes a
+        # token of hashes): half the next hop's limit is the request's share
+        assert 2 * router.max_request_bytes <= hop.max_message_bytes
+        assert router.server.send_limit == hop.max_message_bytes
 
 
 async def test_the_routers_calls_to_its_dependencies_carry_what_it_accepts() -> None:
