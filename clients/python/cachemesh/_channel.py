@@ -35,7 +35,7 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-MAX_REQUEST_BYTES = 1 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
+MAX_REQUEST_BYTES = 2 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
 RETRY_MARK = ("cachemesh-retry", "1")  # the router's RETRY_HEADERS: read the answer ledger
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
