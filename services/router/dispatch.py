@@ -201,6 +201,7 @@ class Dispatcher:
         deadline: float | None = None,
         window: PrefixWindow | None = None,
         accepted: Sequence[str] = (),
+        sent: Callable[[], None] | None = None,
     ) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done); an
         ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made; replicas
@@ -210,7 +211,9 @@ class Dispatcher:
         replica is tried (DEADLINE_EXCEEDED). ``window``: the request's prefix-cache calls (None:
         this call's own, within ``deadline``). ``accepted``: the tiers an ``auto`` request
         accepts an answer of (empty: any; ``routing.threshold`` -1: the large tier alone, as
-        L1's lookup), the only ones it falls back to."""
+        L1's lookup), the only ones it falls back to. ``sent``: told just before each
+        Generate is sent to a replica (not for the Plans before it, nor for a request refused
+        before any replica is called)."""
         if window is None:
             window = PrefixWindow(deadline)
         # the Plans at hand, by model id: routed's, and those made here (None: prefix-cache down)
@@ -344,6 +347,8 @@ class Dispatcher:
                     request.max_tokens,
                     spec.replica_slots,
                 )
+                if sent is not None:
+                    sent()  # from here the replica may prefill, and its provider bill
                 try:
                     # current for the call, its status set below: use_span's default would
                     # make a refusal of the request (a 400 of the provider) an ERROR

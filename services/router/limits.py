@@ -22,9 +22,12 @@ is checked, and the wait is the longest), which the servicer turns into
   what it used: input tokens, cache writes and output tokens that reached a model (cache reads
   are not counted, as Anthropic's cache-aware limits do not; a semantic-cache hit counts as a
   request, no tokens).
-  A request that fails or is cut keeps its reservation, unless its call was billed without
-  an answer (the caller left, or the replica was cut, after the prefill): the billed tokens
-  replace it.
+  A request that ends with no answer before its first model call was sent (cancelled, out of
+  time or refused during its L1 Lookup, a wait on an identical request's call, its Plan, or
+  its admit itself) gives its reservation back whole (``Limiter.unused``): it used no model
+  tokens. One that fails or is cut after that keeps its reservation, unless its call was
+  billed without an answer (the caller left, or the replica was cut, after the prefill): the
+  billed tokens replace it.
 - Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
   below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
   estimate the router serves when prefix-cache is down, counted as the outbox journals the
@@ -570,7 +573,8 @@ class Limiter:
                 prompt = await asyncio.to_thread(self._prompt_tokens, request)
                 reserve = prompt + request.max_tokens
             refusal = await self._ask(
-                lambda now, periods: self._store.admit(tenant, policy, reserve, now, periods)
+                lambda now, periods: self._store.admit(tenant, policy, reserve, now, periods),
+                Ticket(tenant, policy, reserve),
             )
         except _StoreFailed:
             # nothing known reserved, so nothing to give back: the request's end takes what it
@@ -582,15 +586,28 @@ class Limiter:
         return _denial(refusal, policy, prompt, request.max_tokens)
 
     async def _ask(
-        self, call: Callable[[int, Periods], Awaitable[Refusal | None]]
+        self,
+        call: Callable[[int, Periods], Awaitable[Refusal | None]],
+        taking: Ticket | None = None,
     ) -> Refusal | None:
         """The store's verdict on an admit, at the clock's time now; ``_StoreFailed`` when it
-        fails or is silent (the store's own failure, never the request's)."""
+        fails or is silent (the store's own failure, never the request's). ``taking``: what
+        the call reserves when it admits; a caller that leaves (cancelled) while it is out
+        leaves it to end in the background, and gives its reservation back once it admitted
+        (before, a request cancelled then kept its prompt and ``max_tokens`` reserved)."""
         now = self._clock.now_ms()
+        asked = asyncio.ensure_future(call(now, Periods.at(now)))
         try:
             async with asyncio.timeout(self._timeout_s):
-                refusal = await call(now, Periods.at(now))
+                refusal = await asyncio.shield(asked)
+        except asyncio.CancelledError:  # the caller left (the timeout's is a TimeoutError)
+            if taking is None or not taking.reserved_tokens:
+                asked.cancel()
+            else:
+                self._give_back_when_admitted(asked, taking)
+            raise
         except Exception as exc:
+            asked.cancel()
             if self._breaker is not None:
                 self._breaker.failed()
             self._degraded("admit", exc)
@@ -599,12 +616,35 @@ class Limiter:
             self._breaker.answered()
         return refusal
 
+    def _give_back_when_admitted(
+        self, asked: asyncio.Future[Refusal | None], ticket: Ticket
+    ) -> None:
+        """Gives ``ticket``'s reservation back once the store's admit ``asked`` (its request
+        gone) admitted it; in the background, within ``timeout_s`` (``drain`` awaits it). One
+        that fails or does not answer in time gives nothing back: it may have reserved or not,
+        as when an admit times out, and the error is against the tenant."""
+
+        async def when_admitted() -> None:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    refusal = await asked
+            except Exception as exc:  # the store's failure: counted by the next request's
+                log.debug("limits store: the admit of a request that left failed (%s)", exc)
+                return
+            if refusal is None:
+                self._count(ticket, ticket.replace_reservation(), 0)
+
+        task = asyncio.create_task(when_admitted(), name="limits-admit-left")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
-        reservation. Runs past the request (``drain`` awaits it). An estimated answer's cost
-        is not counted here: the billing outbox counted its estimate as it journalled its bill
-        (``count_estimate``), so that a router stopped before this settle (a slow caller
-        reading the end) leaves no estimate uncounted under the replay's correction."""
+        reservation (one that sent no model call has it back: ``unused``). Runs past the
+        request (``drain`` awaits it). An estimated answer's cost is not counted here: the
+        billing outbox counted its estimate as it journalled its bill (``count_estimate``), so
+        that a router stopped before this settle (a slow caller reading the end) leaves no
+        estimate uncounted under the replay's correction."""
         if not ticket.counted or end is None:
             return
         back = ticket.replace_reservation()

@@ -164,6 +164,9 @@ AnswerBilled = Callable[[pb.CompleteResponse], None]
 # awaited once L1 did not answer a request, before its first model call: an answer it returns
 # (another call's, for the same request_id) is served instead of calling the model
 BeforeModel = Callable[[], Awaitable[pb.CompleteResponse | None]]
+# told as a model call of the request is about to be sent to a replica (its Generate): until
+# the first time, the request used no model tokens, whatever ended it
+ModelSent = Callable[[], None]
 _T = TypeVar("_T")
 
 
@@ -280,6 +283,7 @@ class Pipeline:
         answer_billed: AnswerBilled | None = None,
         retried: bool = False,
         before_model: BeforeModel | None = None,
+        model_sent: ModelSent | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
@@ -297,7 +301,11 @@ class Pipeline:
         single-flight lease its request_id holds. ``before_model``: awaited once L1 did not
         answer, before the first model call (an L1 hit never awaits it), with this request's
         L1 lease (if it leads) kept meanwhile; an answer it returns is served as it is, with no
-        model call and no Store (it is another call's: billed, and stored, by that call)."""
+        model call and no Store (it is another call's: billed, and stored, by that call).
+        ``model_sent``: told (once or more) just before a model call is sent to a replica; a
+        request that ends before that (cancelled, out of time or refused during its Lookup,
+        a wait on an identical request's call, its Plan, or ``before_model``) used no model
+        tokens (the servicer gives its limits' reservation back whole)."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -366,6 +374,7 @@ class Pipeline:
                             bills,
                             unanswered,
                             answer_billed,
+                            model_sent=model_sent,
                         )
                     ) as it:
                         async for chunk in it:
@@ -417,11 +426,12 @@ class Pipeline:
         answer_billed: AnswerBilled | None = None,
         retried: bool = False,
         before_model: BeforeModel | None = None,
+        model_sent: ModelSent | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole. A call that ends without its answer is billed in
         the background (``_bill_partial``), its bill added to ``unanswered``. ``window``: the
-        request's deadline and its prefix-cache calls."""
+        request's deadline and its prefix-cache calls. ``model_sent``: as ``run``'s."""
         root = trace.get_current_span()
         began = self._clock()
         routed: Routed | None = None
@@ -436,6 +446,7 @@ class Pipeline:
             window.deadline,
             window,
             accepted=self._accepted_tiers(request),
+            sent=model_sent,
         )
         if routed is not None and attempt.tier_reason.startswith("fallback"):
             # the routed tier could not answer: the reason says why another tier did

@@ -282,7 +282,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         model call (the pipeline's ``before_model``), so an L1 hit costs no Redis round trip:
         an answer recorded for the id (an unmarked repeat that reached another router) is
         served instead, and another router's call holding the id is waited for. Admitted by
-        the limits first, such a replay gives its reservation back (``Limiter.unused``)."""
+        the limits first, such a replay gives its reservation back (``Limiter.unused``), as
+        does any call that ends before its first model call was sent (cancelled, out of time
+        or refused during its L1 Lookup, its Plan, or a wait on an identical request's call):
+        it used no model tokens."""
         try:
             mark = fingerprint(request)  # once: the table and the ledger both key on it
             claimed, future = self._answers.claim(tenant, request, mark)
@@ -349,6 +352,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 answer_billed=billed.append,
                 retried=retried,
                 before_model=before_model if unmarked else None,
+                model_sent=held.model_sent,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
@@ -367,8 +371,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         finally:
             _settle(self._answers, tenant, request, future, end, failure)
-            if ticket is not None and held.modelless:
-                self._limiter.unused(ticket)  # another call's answer, or none: nothing used
+            if ticket is not None and held.unused(end is not None or bool(billed)):
+                # another call's answer, or none before a model call was sent: nothing used
+                self._limiter.unused(ticket)
             elif ticket is not None:
                 # the answer counts once it is billed, whether or not its caller read its end
                 # (one with no text has its start sent after its bill, and its end after that)
@@ -542,12 +547,24 @@ class _Held:
     (None: it took none); ``replay``: the answer another call recorded for the id, served in
     place of a model call; ``modelless``: the call ended before any model call of its own (a
     replay, or refused, cancelled or out of time while it claimed or waited on another
-    router's call), so its admission gives its reservation back."""
+    router's call), so its admission gives its reservation back; ``sent``: a model call of its
+    own was sent (the pipeline's ``model_sent``): from then on its reservation is replaced by
+    what it was billed, or kept."""
 
     claim: Claimed | None = None
     renewing: asyncio.Future[None] | None = None
     replay: pb.CompleteResponse | None = None
     modelless: bool = False
+    sent: bool = False
+
+    def model_sent(self) -> None:
+        self.sent = True
+
+    def unused(self, answered: bool) -> bool:
+        """Whether the call used no model tokens, so its whole reservation goes back: a replay,
+        or a call that ended with no answer (``answered``: its answer was made or billed, an
+        L1 hit's too) before any model call of its own was sent."""
+        return self.modelless or not (self.sent or answered)
 
 
 # A first call's refusals its identical duplicates would meet too (anything else, e.g. its own

@@ -47,7 +47,14 @@ from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_answer_ledger
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import AnswerBilled, BeforeModel, Bills, Charge, chunks_of
+from services.router.pipeline import (
+    AnswerBilled,
+    BeforeModel,
+    Bills,
+    Charge,
+    ModelSent,
+    chunks_of,
+)
 from services.router.servicer import GatewayServicer
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
@@ -81,9 +88,11 @@ class FakePipeline:
         answer_billed: AnswerBilled | None = None,
         retried: bool = False,
         before_model: BeforeModel | None = None,
+        model_sent: ModelSent | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         """An L1 hit (``layer``) never awaits ``before_model``; a model call awaits it first
-        and serves what it returns instead (counted in ``replays``, not ``runs``)."""
+        and serves what it returns instead (counted in ``replays``, not ``runs``), else tells
+        ``model_sent``."""
         if self.layer != pb.LAYER_SEMANTIC_CACHE and before_model is not None:
             self.before_model += 1
             replayed = await before_model()
@@ -92,6 +101,8 @@ class FakePipeline:
                 for chunk in chunks_of(replayed):
                     yield chunk
                 return
+        if self.layer != pb.LAYER_SEMANTIC_CACHE and model_sent is not None:
+            model_sent()
         self.runs += 1
         answer = pb.CompleteResponse(
             served_by=self.layer, model=request.model, request_id=request.request_id
@@ -571,6 +582,8 @@ class GatedPipeline(FakePipeline):
             for chunk in chunks_of(replayed):
                 yield chunk
             return
+        if (model_sent := kwargs.get("model_sent")) is not None:
+            model_sent()  # as the real pipeline does as it sends its model call
         self.runs += 1
         self.started.set()
         if self.gate is not None:
@@ -1038,9 +1051,17 @@ class TracedPipeline(FakePipeline):
         answer_billed: AnswerBilled | None = None,
         retried: bool = False,
         before_model: BeforeModel | None = None,
+        model_sent: ModelSent | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         context = trace.get_current_span().get_span_context()
-        run = super().run(tenant, request, streamed, time_remaining_s, before_model=before_model)
+        run = super().run(
+            tenant,
+            request,
+            streamed,
+            time_remaining_s,
+            before_model=before_model,
+            model_sent=model_sent,
+        )
         async for chunk in run:
             kind = chunk.WhichOneof("part")
             if kind != "delta":

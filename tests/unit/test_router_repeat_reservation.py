@@ -81,6 +81,8 @@ class Pipeline:
             for chunk in chunks_of(replayed):
                 yield chunk
             return
+        if (model_sent := kwargs.get("model_sent")) is not None:
+            model_sent()  # as the real pipeline does as it sends its model call
         self.runs += 1
         self.started.set()
         if self.gate is not None:

@@ -48,6 +48,8 @@ class BilledPipeline(FakePipeline):
             for chunk in chunks_of(replayed):
                 yield chunk
             return
+        if (model_sent := kwargs.get("model_sent")) is not None:
+            model_sent()  # as the real pipeline does as it sends its model call
         self.runs += 1
         answer = pb.CompleteResponse(
             served_by=pb.LAYER_MODEL,

@@ -1,0 +1,366 @@
+"""A Gateway call that ends before its first model call was sent used no model tokens: its
+limits' reservation (prompt + max_tokens) goes back whole, whether its caller cancelled it
+during the limits' admit, its L1 Lookup, a wait on an identical request's call (L1's single
+flight) or its Plan. Once a model call was sent, a cut call is billed what the model produced,
+as before.
+
+The real servicer, pipeline and limiter (its store a real Redis on a clock that does not move:
+no refill blurs the counts); L1, prefix-cache and the model replicas are fakes that stop where a
+test holds them, so each cancel lands where it says (events, no sleeps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from redis.asyncio import Redis
+
+from cachemesh import build_request
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.auth import ApiKeys, hash_key
+from services.common.clock import ManualClock
+from services.common.env import Env
+from services.common.metrics import TenantLabels, new_registry
+from services.router.access_log import RequestLog
+from services.router.dependencies import Dependencies
+from services.router.idempotency import IdempotencyTable
+from services.router.limits import (
+    TOKENS,
+    Limiter,
+    LimitPolicy,
+    Periods,
+    Refusal,
+    UniformPolicies,
+)
+from services.router.metrics import RouterMetrics
+from services.router.pipeline import Pipeline
+from services.router.redis_limits import RedisLimitStore
+from services.router.routing.model import RouterCard, load_router_model
+from services.router.servicer import GatewayServicer
+from services.router.settings import RouterSettings
+from tests.unit.test_router_answer_ledger import KEY, FakeContext
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    FakeClock,
+    FakeModels,
+    FakePrefix,
+    FakeSemantic,
+    FakeStream,
+)
+
+TENANT = "tenant-a"
+PROMPT_TOKENS = 10  # the limits' count of the prompt
+MAX_TOKENS = 512
+RESERVED = PROMPT_TOKENS + MAX_TOKENS
+TOKENS_PER_MIN = 60_000
+PLANNED_PROMPT = 40  # the fake Plan's, and so the model call's bill
+
+
+def _settings() -> RouterSettings:
+    env = Env(
+        {
+            "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:2",
+            "CACHEMESH_API_KEYS_FILE": "/nonexistent",
+            "CACHEMESH_INTERNAL_TOKEN": "t" * 32,
+            "ROUTER_SEMANTIC_LEASE_WAIT_S": "30",  # a pending Lookup waits on the leader
+        }
+    )
+    return RouterSettings.from_env(env, TABLE)
+
+
+@dataclass
+class HeldSemantic(FakeSemantic):
+    """L1: a miss, once ``gate`` opens (``entered``: a Lookup waits on it). ``pending``: the
+    first Lookup finds an identical request's model call in flight, and the second one (the
+    single-flight wait) is the one held."""
+
+    pending: bool = False
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def lookup(self, request: sc.LookupRequest, deadline_s: float) -> sc.LookupResponse:
+        self.lookups.append(request)
+        if self.pending and len(self.lookups) == 1:
+            return sc.LookupResponse(pending=True)
+        self.entered.set()
+        await self.gate.wait()
+        return sc.LookupResponse()
+
+
+@dataclass
+class HeldPrefix(FakePrefix):
+    """prefix-cache whose Plan answers once ``gate`` opens (``entered``: one waits on it)."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().plan(request, deadline_s)
+
+
+class HeldStream(FakeStream):
+    """A model's answer that stops after its first token until ``gate`` opens."""
+
+    def __init__(self, gate: asyncio.Event, held: asyncio.Event) -> None:
+        super().__init__([])
+        self._gate = gate
+        self._held = held
+        self._chunks_left = [
+            model_pb2.GenerateChunk(
+                start=model_pb2.GenerateStart(replica="large-1", prompt_tokens=PLANNED_PROMPT)
+            ),
+            model_pb2.GenerateChunk(text="Hello"),
+            None,  # held here
+            model_pb2.GenerateChunk(text=" there."),
+            model_pb2.GenerateChunk(
+                end=model_pb2.GenerateEnd(output_tokens=3, stop_reason="end_turn")
+            ),
+        ]
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        while self._chunks_left:
+            chunk = self._chunks_left.pop(0)
+            if chunk is not None:
+                return chunk
+            self._held.set()
+            await self._gate.wait()
+        return None
+
+
+@dataclass
+class HeldModels(FakeModels):
+    """Replicas whose answers stop after the first token until ``gate`` opens (``held``: an
+    answer stopped there)."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        return HeldStream(self.gate, self.held)
+
+
+class WatchedTable(IdempotencyTable):
+    """The answer-once table, telling when duplicates wait on a first call (``waited``)."""
+
+    def __init__(self) -> None:
+        super().__init__(ManualClock(), 60, 100)
+        self._waits = 0
+        self._waited = asyncio.Event()
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        claimed, future = super().claim(*args, **kwargs)
+        if not claimed:
+            self._waits += 1
+            self._waited.set()
+        return claimed, future
+
+    async def waited(self, waits: int = 1) -> None:
+        """Until ``waits`` calls in all have waited on a first call."""
+        while self._waits < waits:
+            self._waited.clear()
+            await asyncio.wait_for(self._waited.wait(), 10)
+
+
+class AnsweredLate(RedisLimitStore):
+    """A store whose admit's reply comes once ``gate`` opens, after Redis took the
+    reservation (``entered``): the caller may leave while it is on the way."""
+
+    def __init__(self, client: Redis) -> None:
+        super().__init__(client, server_time=False)
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def admit(
+        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+    ) -> Refusal | None:
+        refusal = await super().admit(tenant, policy, reserve_tokens, now_ms, periods)
+        self.entered.set()
+        await self.gate.wait()
+        return refusal
+
+
+@dataclass
+class Router:
+    servicer: GatewayServicer
+    pipeline: Pipeline
+    limiter: Limiter
+    table: WatchedTable
+    redis: Redis
+    semantic: FakeSemantic
+    prefix: FakePrefix
+    models: FakeModels
+
+    async def level(self) -> float:
+        """The tenant's token bucket, once every count reached the store."""
+        await self.pipeline.drain_bills()  # the bills of calls cut, charged to the limits
+        await self.limiter.drain()
+        level = await self.redis.hget(f"cachemesh:limits:{{{TENANT}}}:{TOKENS}", "level")
+        return TOKENS_PER_MIN if level is None else float(level)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+def _router(
+    redis: Redis,
+    semantic: FakeSemantic | None = None,
+    prefix: FakePrefix | None = None,
+    models: FakeModels | None = None,
+    store: RedisLimitStore | None = None,
+) -> Router:
+    semantic = semantic if semantic is not None else FakeSemantic()
+    prefix = prefix if prefix is not None else FakePrefix()
+    models = models if models is not None else HeldModels()
+    pipeline = Pipeline(
+        Dependencies(semantic, prefix, models, dict(REPLICAS)),
+        TABLE,
+        TOKENIZER,
+        trace.NoOpTracer(),
+        _settings(),
+        (load_router_model(), RouterCard.load().default_threshold, None),
+        clock=FakeClock(),
+        wall=ManualClock(),
+    )
+    limiter = Limiter(
+        store if store is not None else RedisLimitStore(redis, server_time=False),
+        UniformPolicies(LimitPolicy(tokens_per_min=TOKENS_PER_MIN)),
+        ManualClock(),  # frozen: no refill
+        lambda request: PROMPT_TOKENS,
+    )
+    table = WatchedTable()
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): TENANT}),
+        TABLE,
+        {"sim-small", "sim-large"},
+        pipeline,
+        table,
+        limiter,
+        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
+    )
+    return Router(servicer, pipeline, limiter, table, redis, semantic, prefix, models)
+
+
+def _grpc(context: FakeContext) -> Any:
+    """The fake as the servicer's gRPC context (it has what the servicer reads of one)."""
+    return context
+
+
+def _request() -> pb.CompleteRequest:
+    return build_request(
+        "How do I reset my password?", model="sim-large", max_tokens=MAX_TOKENS, request_id="r1"
+    )
+
+
+async def _cancelled_at(router: Router, reached: asyncio.Event) -> None:
+    """A Complete call whose caller leaves once it reached ``reached``."""
+    call = asyncio.ensure_future(router.servicer.Complete(_request(), _grpc(FakeContext())))
+    await asyncio.wait_for(reached.wait(), 10)
+    assert not call.done()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+async def test_a_call_cancelled_during_its_l1_lookup_gives_its_reservation_back(
+    redis: Redis,
+) -> None:
+    """Before: it kept its 522 tokens for a call that never reached a model."""
+    semantic = HeldSemantic()
+    router = _router(redis, semantic=semantic)
+    await _cancelled_at(router, semantic.entered)
+    assert await router.level() == TOKENS_PER_MIN
+    assert router.prefix.plans == [] and router.models.calls == []
+
+
+async def test_a_call_cancelled_while_it_waits_on_an_identical_requests_call_gives_it_back(
+    redis: Redis,
+) -> None:
+    """L1's single flight: its Lookup waits on the lease of an identical request's call."""
+    semantic = HeldSemantic(pending=True)
+    router = _router(redis, semantic=semantic)
+    await _cancelled_at(router, semantic.entered)
+    assert len(semantic.lookups) == 2  # the second one waited
+    assert await router.level() == TOKENS_PER_MIN
+    assert router.models.calls == []
+
+
+async def test_a_call_cancelled_during_its_plan_gives_its_reservation_back(redis: Redis) -> None:
+    prefix = HeldPrefix()
+    router = _router(redis, prefix=prefix)
+    await _cancelled_at(router, prefix.entered)
+    assert await router.level() == TOKENS_PER_MIN
+    assert router.models.calls == []
+
+
+async def test_a_call_cancelled_while_its_admit_is_on_the_way_gives_its_reservation_back(
+    redis: Redis,
+) -> None:
+    """Redis took the reservation, and the caller left before its reply was read: the reply
+    is still read (in the background), and the reservation given back."""
+    store = AnsweredLate(redis)
+    router = _router(redis, store=store)
+    call = asyncio.ensure_future(router.servicer.Complete(_request(), _grpc(FakeContext())))
+    await asyncio.wait_for(store.entered.wait(), 10)
+    assert await router.level() == TOKENS_PER_MIN - RESERVED  # taken, the reply on its way
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    store.gate.set()
+    assert await router.level() == TOKENS_PER_MIN
+    assert router.semantic.lookups == [] and router.models.calls == []
+
+
+async def test_a_call_cancelled_during_its_models_answer_is_billed_what_it_produced(
+    redis: Redis,
+) -> None:
+    """Once the model call was sent, as before: the bill of what the model produced (its
+    prompt and the token it gave) replaces the reservation."""
+    models = HeldModels()
+    router = _router(redis, models=models)
+    await _cancelled_at(router, models.held)
+    level = await router.level()
+    final = [c for c in router.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert len(final) == 1 and final[0].output_tokens >= 1
+    assert level == TOKENS_PER_MIN - PLANNED_PROMPT - final[0].output_tokens
+
+
+async def test_an_answered_call_and_an_l1_hit_count_as_before(redis: Redis) -> None:
+    """A model's answer counts its usage (prompt 40 + 3 output); an L1 hit counts none."""
+    models = HeldModels()
+    models.gate.set()
+    router = _router(redis, models=models)
+    end = await router.servicer.Complete(_request(), _grpc(FakeContext()))
+    assert end.served_by == pb.LAYER_MODEL
+    assert await router.level() == TOKENS_PER_MIN - PLANNED_PROMPT - 3
+    hit = sc.CachedAnswer(
+        content=[pb.ContentBlock(text="Use the reset link.")],
+        model="sim-large",
+        tier="large",
+        stop_reason="end_turn",
+    )
+    router.semantic.reply = sc.LookupResponse(hit=True, answer=hit)
+    again = build_request("Another?", model="sim-large", max_tokens=MAX_TOKENS, request_id="r2")
+    end = await router.servicer.Complete(again, _grpc(FakeContext()))
+    assert end.served_by == pb.LAYER_SEMANTIC_CACHE
+    assert await router.level() == TOKENS_PER_MIN - PLANNED_PROMPT - 3
