@@ -285,16 +285,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         the limits first, such a replay gives its reservation back (``Limiter.unused``), as
         does any call that ends before its first model call was sent (cancelled, out of time
         or refused during its L1 Lookup, its Plan, or a wait on an identical request's call):
-        it used no model tokens."""
-        try:
-            mark = fingerprint(request)  # once: the table and the ledger both key on it
-            claimed, future = self._answers.claim(tenant, request, mark)
-        except IdempotencyConflict as exc:
-            raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if not claimed:
+        it used no model tokens.
+
+        A duplicate waiting on a first call whose caller left (cancelled it, or its deadline
+        cut it) before its answer takes the id and runs as a new call, as one arriving after
+        it would; only the first call's own failure is its answer."""
+        mark = fingerprint(request)  # once: the table and the ledger both key on it
+        while True:
+            try:
+                claimed, future = self._answers.claim(tenant, request, mark)
+            except IdempotencyConflict as exc:
+                raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+            if claimed:
+                break
             call.replayed = True
             try:
                 first = await asyncio.shield(future)
+            except _FirstLeft:
+                call.replayed = False  # its caller left it: claimed again, or waited on again
+                continue
             except (_Denied, RequestError) as exc:
                 raise _own_copy(exc) from None  # not the first call's instance and frames
             call.end = _replayed(first)
@@ -311,6 +320,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         failure: Exception | None = None  # the first call's refusal, for its duplicates
         held = _Held()  # this call's claim on the id in the ledger
         recorded = False
+        left = False  # its caller left before its answer (cancelled it, or its deadline cut it)
         try:
             if retried and own_id:
                 found = await self._take(tenant, request, mark, wait_until, held)
@@ -368,9 +378,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except (_Denied, RequestError) as exc:
             if isinstance(exc, _Denied) or exc.code in _THE_REQUESTS_OWN:
                 failure = _own_copy(exc)  # without this call's frames
+            else:
+                left = _callers_deadline(exc)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            left = True  # its caller cancelled it, or gRPC did at the caller's deadline
             raise
         finally:
-            _settle(self._answers, tenant, request, future, end, failure)
+            _settle(self._answers, tenant, request, future, end, failure, left)
             if ticket is not None and held.unused(end is not None or bool(billed)):
                 # another call's answer, or none before a model call was sent: nothing used
                 self._limiter.unused(ticket)
@@ -595,6 +610,14 @@ def _replayed(first: pb.CompleteResponse) -> pb.CompleteResponse:
     return answer
 
 
+def _callers_deadline(exc: RequestError) -> bool:
+    """Whether ``exc`` is the call's own deadline passing (the caller's; not the router's
+    ROUTER_MODEL_TIMEOUT_S cutting a model call)."""
+    if exc.code != Code.DEADLINE_EXCEEDED:
+        return False
+    return not (isinstance(exc, DeadlineCut) and exc.routers)
+
+
 def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
     """A fresh instance of a refusal, for another task to raise."""
     if isinstance(exc, _Denied):
@@ -602,6 +625,11 @@ def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
     if isinstance(exc, DeadlineCut):
         return DeadlineCut(exc.routers, exc.message)
     return RequestError(exc.code, exc.message, exc.reason)
+
+
+class _FirstLeft(Exception):
+    """The first call with a request_id ended without its answer because its caller left (it
+    cancelled it, or its deadline cut it): a duplicate waiting on it runs as a new call."""
 
 
 class _Denied(Exception):
@@ -660,10 +688,12 @@ def _settle(
     future: asyncio.Future[pb.CompleteResponse],
     end: pb.CompleteResponse | None,
     failure: Exception | None = None,
+    left: bool = False,
 ) -> None:
     """Resolves the answer-once record: the answer (kept, the table bounded), or the id
     released for a retry, its waiting duplicates told why: the first call's own refusal (the
-    limits', an invalid or conflicting request), else to retry."""
+    limits', an invalid or conflicting request); that its caller left it (``left``: cancelled,
+    or its deadline passed), so they run as new calls; else to retry."""
     if future.done():
         return
     if end is not None:
@@ -671,11 +701,14 @@ def _settle(
         answers.kept(tenant, request.request_id)
         return
     answers.release(tenant, request.request_id, future)
-    future.set_exception(
-        failure
-        or RequestError(
-            Code.UNAVAILABLE,
-            f"the first call with request_id {request.request_id!r} failed; retry it",
+    if failure is None and left:
+        future.set_exception(_FirstLeft())
+    else:
+        future.set_exception(
+            failure
+            or RequestError(
+                Code.UNAVAILABLE,
+                f"the first call with request_id {request.request_id!r} failed; retry it",
+            )
         )
-    )
     future.exception()  # mark retrieved: a failure with no waiter is not an error

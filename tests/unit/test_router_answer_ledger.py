@@ -429,7 +429,9 @@ def test_a_duplicate_of_a_conflicting_retry_gets_the_conflict(redis_url: str) ->
 
 def test_a_duplicate_is_not_told_the_first_calls_deadline_passed() -> None:
     """The first call's own deadline passing is not the duplicate's refusal (it set none): it
-    is told to retry; a refusal of the request itself reaches it as a fresh error of its own."""
+    takes the id and runs as a new call, as one arriving after would (it was told UNAVAILABLE
+    "retry it", an error of the Gateway's own); a refusal of the request itself reaches it as
+    a fresh error of its own."""
 
     class Deadlined(FakeContext):
         def __init__(self, remaining_s: float | None) -> None:
@@ -456,15 +458,17 @@ def test_a_duplicate_is_not_told_the_first_calls_deadline_passed() -> None:
         servicer, _ = _servicer(
             Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt)
         )
-        servicer._pipeline = DeadlinePipeline()  # type: ignore[assignment]
+        pipeline = DeadlinePipeline()
+        servicer._pipeline = pipeline  # type: ignore[assignment]
         request = build_request("Once", model="sim-small", request_id="dl")
         short, patient = Deadlined(0.01), Deadlined(None)
         first = asyncio.ensure_future(servicer.Complete(request, short))  # type: ignore[arg-type]
         await asyncio.sleep(0.01)
         duplicate = servicer.Complete(request, patient)  # type: ignore[arg-type]
-        await asyncio.gather(first, duplicate, return_exceptions=True)
+        outcomes = await asyncio.gather(first, duplicate, return_exceptions=True)
         assert short.status == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert patient.status == grpc.StatusCode.UNAVAILABLE and "retry it" in patient.message
+        assert patient.status is None and isinstance(outcomes[1], pb.CompleteResponse)
+        assert not outcomes[1].replayed and pipeline.runs == 2
         bad = build_request("Too long", model="sim-large", request_id="bad")
         contexts = (Deadlined(None), Deadlined(None))
         calls = [servicer.Complete(bad, c) for c in contexts]  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 limits' reservation (prompt + max_tokens) goes back whole, whether its caller cancelled it
 during the limits' admit, its L1 Lookup, a wait on an identical request's call (L1's single
 flight) or its Plan. Once a model call was sent, a cut call is billed what the model produced,
-as before.
+as before. And a duplicate of a request_id waiting on a first call whose caller cancelled it
+runs as a new call, where it was told UNAVAILABLE "the first call ... failed; retry it".
 
 The real servicer, pipeline and limiter (its store a real Redis on a clock that does not move:
 no refill blurs the counts); L1, prefix-cache and the model replicas are fakes that stop where a
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry import trace
 from redis.asyncio import Redis
@@ -37,6 +39,7 @@ from services.router.limits import (
     TOKENS,
     Limiter,
     LimitPolicy,
+    MemoryLimitStore,
     Periods,
     Refusal,
     UniformPolicies,
@@ -47,7 +50,7 @@ from services.router.redis_limits import RedisLimitStore
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
-from tests.unit.test_router_answer_ledger import KEY, FakeContext
+from tests.unit.test_router_answer_ledger import KEY, Aborted, FakeContext, GatedPipeline
 from tests.unit.test_router_pipeline import (
     REPLICAS,
     TABLE,
@@ -364,3 +367,95 @@ async def test_an_answered_call_and_an_l1_hit_count_as_before(redis: Redis) -> N
     end = await router.servicer.Complete(again, _grpc(FakeContext()))
     assert end.served_by == pb.LAYER_SEMANTIC_CACHE
     assert await router.level() == TOKENS_PER_MIN - PLANNED_PROMPT - 3
+
+
+async def _stream(
+    router: Router, context: FakeContext, token: asyncio.Event
+) -> pb.CompleteResponse:
+    """A StreamComplete call of ``_request``: its end (``token``: its first token came)."""
+    async for chunk in router.servicer.StreamComplete(_request(), _grpc(context)):
+        if chunk.WhichOneof("part") == "delta":
+            token.set()
+        if chunk.WhichOneof("part") == "end":
+            return chunk.end
+    raise AssertionError("the stream ended without its end")
+
+
+async def test_a_duplicate_waiting_on_a_cancelled_call_runs_as_a_new_call(redis: Redis) -> None:
+    """The review's repro, its ordering held: the caller cancels its stream at the first
+    token and sends the same request_id again at once, before the router saw the cancel, so
+    the repeat waits on the first call. Before: UNAVAILABLE "the first call with request_id
+    'r1' failed; retry it" (1 in 10 tries in the review); now it is a new model call."""
+    models = HeldModels()
+    router = _router(redis, models=models)
+    first_token = asyncio.Event()
+    first = asyncio.ensure_future(_stream(router, FakeContext(), first_token))
+    await asyncio.wait_for(first_token.wait(), 10)
+    repeat_context = FakeContext()
+    repeat = asyncio.ensure_future(_stream(router, repeat_context, asyncio.Event()))
+    await router.table.waited()  # it waits on the first call
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    models.gate.set()  # the repeat's own model call answers
+    end = await asyncio.wait_for(repeat, 10)
+    assert repeat_context.status is None
+    assert not end.replayed and end.served_by == pb.LAYER_MODEL
+    assert len(models.calls) == 2  # the cancelled call's, and the repeat's own
+
+
+async def test_two_duplicates_waiting_on_a_cancelled_call_make_one_new_call(
+    redis: Redis,
+) -> None:
+    """One takes the id and runs; the other waits on it and gets its answer, replayed."""
+    models = HeldModels()
+    router = _router(redis, models=models)
+    first_token = asyncio.Event()
+    first = asyncio.ensure_future(_stream(router, FakeContext(), first_token))
+    await asyncio.wait_for(first_token.wait(), 10)
+    contexts = (FakeContext(), FakeContext())
+    repeats = [
+        asyncio.ensure_future(router.servicer.Complete(_request(), _grpc(c))) for c in contexts
+    ]
+    await router.table.waited(2)  # both wait on the first call
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    models.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(*repeats), 10)
+    assert [c.status for c in contexts] == [None, None]
+    assert sorted(a.replayed for a in answers) == [False, True]
+    assert len(models.calls) == 2
+
+
+async def test_a_duplicate_waiting_on_a_failed_call_is_told_it_failed() -> None:
+    """Only a failure of the first call itself answers its waiting duplicate: UNAVAILABLE,
+    retry it (a first call that fails is not its caller leaving)."""
+    gate = asyncio.Event()
+    pipeline = GatedPipeline(gate, fails=True)
+    table = WatchedTable()
+    limiter = Limiter(
+        MemoryLimitStore(),
+        UniformPolicies(LimitPolicy()),
+        ManualClock(),
+        lambda request: PROMPT_TOKENS,
+    )
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): TENANT}),
+        TABLE,
+        {"sim-small", "sim-large"},
+        pipeline,  # type: ignore[arg-type]
+        table,
+        limiter,
+        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
+    )
+    contexts = (FakeContext(), FakeContext())
+    first = asyncio.ensure_future(servicer.Complete(_request(), _grpc(contexts[0])))
+    await asyncio.wait_for(pipeline.started.wait(), 10)
+    duplicate = asyncio.ensure_future(servicer.Complete(_request(), _grpc(contexts[1])))
+    await table.waited()
+    gate.set()
+    outcomes = await asyncio.gather(first, duplicate, return_exceptions=True)
+    assert all(isinstance(o, Aborted) for o in outcomes)
+    assert [c.status for c in contexts] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert "failed; retry it" in contexts[1].message and pipeline.runs == 1
