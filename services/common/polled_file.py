@@ -78,10 +78,14 @@ class PolledFile(Generic[T]):
         unreadable: type[Exception],
         malformed: type[Exception],
         loaded: Callable[[T], str] = lambda _: "",
+        gone_is_read: bool = False,
     ) -> None:
         """``first``: the value read at start-up (its errors are the caller's to report);
         ``what`` and ``contents``: the file and what it holds, as logs name them ("API key
-        file", "keys"); ``loaded``: what the log line of a re-read says of its value."""
+        file", "keys"); ``loaded``: what the log line of a re-read says of its value;
+        ``gone_is_read``: a file that is gone is read as any change is (its source's ``load``
+        says what no file means: the limits file's, no override), where by default the value
+        read last stays (a key file that is gone is an error)."""
         if not 0.0 <= poll_s <= 1.0:
             raise ValueError(f"poll_s must be within [0, 1], got {poll_s}")
         self._source = source
@@ -95,6 +99,7 @@ class PolledFile(Generic[T]):
         self._unreadable = unreadable
         self._malformed = malformed
         self._loaded = loaded
+        self._gone_is_read = gone_is_read
         self._checked = monotonic()
         # held while the file is read or written (in worker threads), never by ``current``
         self._lock = threading.Lock()
@@ -187,7 +192,7 @@ class PolledFile(Generic[T]):
         held = self._held
         if signature is _Unchecked.UNCHECKED or signature == held.signature:
             return
-        if signature is None:
+        if signature is None and not self._gone_is_read:
             self._log.error(
                 "%s %s is gone: keeping the %s read last", self._what, self._source.path, noun
             )

@@ -13,10 +13,12 @@ The file is the key file's kind (``keyfile.LockedFile``): JSON lines, one tenant
 "updated_at"}`` (budgets in nano-dollars, exact; ``updated_at`` Unix seconds), ``#`` comments
 and blank lines skipped. The Admin API of any router changes it under the file's ``flock`` (read,
 change, write a new file, fsync, rename); every router looks at its (inode, size, mtime) at
-most every CACHEMESH_API_KEYS_POLL_S on the path of an admit and re-reads it when it changed.
-A missing file holds no override (no router has set one yet). A file that turns malformed is
-logged at ERROR naming the line, and the limits read last stay in force until it is fixed;
-malformed at start-up, it stops the router.
+most every CACHEMESH_API_KEYS_POLL_S on the path of an admit and, when it changed, re-reads
+it in a worker thread (the admit never waits for it: the limits read last hold until the new
+ones are complete; a change is in force within the poll plus one re-read, at once on the
+router that made it). A missing file holds no override (no router has set one yet). A file
+that turns malformed is logged at ERROR naming the line, and the limits read last stay in
+force until it is fixed; malformed at start-up, it stops the router.
 
 Why a file of its own, not lines in the key file: the key file's readers (every HTTP front,
 ``make keys``, routers of an older version) refuse a line that is not a key, so an override
@@ -29,13 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from services.common.keyfile import LockedFile, Signature, tenant_error
+from services.common.polled_file import PolledFile, Start, in_a_thread
 from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
 
 log = logging.getLogger("cachemesh.router.limits")
@@ -240,19 +242,38 @@ class LimitsFile(LockedFile):
 
 @dataclass(frozen=True)
 class _Snapshot:
-    signature: Signature | None
     by_tenant: Mapping[str, TenantOverride]
     budgeted: bool  # a tenant has a budget of its own
 
 
-def _snapshot(overrides: list[TenantOverride], signature: Signature | None) -> _Snapshot:
+def _snapshot(overrides: list[TenantOverride]) -> _Snapshot:
     budgeted = any(o.setting(name) not in (None, UNLIMITED) for o in overrides for name in BUDGETS)
-    return _Snapshot(signature, {o.tenant: o for o in overrides}, budgeted)
+    return _Snapshot({o.tenant: o for o in overrides}, budgeted)
+
+
+class _Source:
+    """The limits file as ``PolledFile`` reads it (a missing one: no override)."""
+
+    def __init__(self, limits_file: LimitsFile) -> None:
+        self.file = limits_file
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def signature(self) -> Signature | None:
+        return self.file.signature()
+
+    def load(self, last: _Snapshot) -> tuple[_Snapshot, Signature | None]:
+        overrides, signature = self.file.read()
+        return _snapshot(overrides), signature
 
 
 class TenantLimitStore:
-    """The limits file as this router last read it, re-read when it changed (as ``KeyStore``
-    reads the key file: at most every ``poll_s``, on the path of an admit, never waiting)."""
+    """The limits file as this router last read it, re-read when it changed as ``KeyStore``
+    reads the key file (``polled_file.PolledFile``): an admit looks at the file at most every
+    ``poll_s`` (one ``stat``) and never waits for it; a change is re-read in a worker thread,
+    the limits read last in force until the new ones are swapped in whole."""
 
     def __init__(
         self,
@@ -260,35 +281,46 @@ class TenantLimitStore:
         monotonic: Callable[[], float],
         wall: Callable[[], float],
         poll_s: float,
+        start: Start | None = None,
     ) -> None:
-        """``monotonic`` paces the checks for changes, ``wall`` stamps the changes. Reads the
-        file now: a malformed one raises ``LimitsFileError`` (the router stops)."""
-        if not 0.0 <= poll_s <= 1.0:
-            raise ValueError(f"poll_s must be within [0, 1], got {poll_s}")
+        """``monotonic`` paces the checks for changes, ``wall`` stamps the changes; ``start``
+        runs a re-read off the event loop (default: in a thread of its own). Reads the file
+        now: a malformed one raises ``LimitsFileError`` (the router stops)."""
         self._file = LimitsFile(path)
-        self._monotonic = monotonic
         self._wall = wall
-        self._poll_s = poll_s
-        self._state = _snapshot(*self._file.read())
-        self._checked = monotonic()
-        self._lock = threading.Lock()  # one change or re-read at a time (KeyStore's reason)
+        overrides, signature = self._file.read()
+        # One change or re-read at a time, each showing the file as it was then (KeyStore's
+        # reason: a slower one must not show an older file over a newer one)
+        self._limits: PolledFile[_Snapshot] = PolledFile(
+            _Source(self._file),
+            (_snapshot(overrides), signature),
+            monotonic=monotonic,
+            poll_s=poll_s,
+            start=start or in_a_thread("cachemesh-limits-reload"),
+            log=log,
+            what="tenant limits file",
+            contents="limits",
+            unreadable=LimitsFileUnreadable,
+            malformed=LimitsFileError,
+            loaded=lambda limits: (
+                f"tenant limits reloaded: {len(limits.by_tenant)} tenants with limits of their own"
+            ),
+            gone_is_read=True,  # a limits file removed: no tenant has limits of its own
+        )
 
     @property
     def path(self) -> Path:
         return self._file.path
 
     def override(self, tenant: str) -> TenantOverride | None:
-        self._refresh()
-        return self._state.by_tenant.get(tenant)
+        return self._limits.current().by_tenant.get(tenant)
 
     def overrides(self) -> list[TenantOverride]:
-        self._refresh()
-        return sorted(self._state.by_tenant.values(), key=lambda o: o.tenant)
+        return sorted(self._limits.current().by_tenant.values(), key=lambda o: o.tenant)
 
     def any_budget(self) -> bool:
         """Whether a tenant has a daily or monthly budget of its own."""
-        self._refresh()
-        return self._state.budgeted
+        return self._limits.current().budgeted
 
     def change(self, tenant: str, changes: Mapping[str, Change]) -> TenantOverride | None:
         """Makes ``changes`` to ``tenant``'s override (its line removed once it overrides
@@ -306,45 +338,12 @@ class TenantLimitStore:
             result.append(None if new.empty else new)
             return others if new.empty else [*others, new]
 
-        with self._lock:
+        def written(_: _Snapshot) -> tuple[_Snapshot, Signature | None]:
             overrides, signature = self._file.update(apply)
-            self._state = _snapshot(overrides, signature)
-            self._checked = self._monotonic()
+            return _snapshot(overrides), signature
+
+        self._limits.write(written)
         return result[-1]
-
-    def _refresh(self) -> None:
-        now = self._monotonic()
-        if now - self._checked < self._poll_s or not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._checked = now
-            self._reload()
-        finally:
-            self._lock.release()
-
-    def _reload(self) -> None:
-        try:
-            signature = self._file.signature()
-        except OSError as exc:
-            log.error(
-                "tenant limits file %s cannot be checked (%s); keeping the limits read last",
-                self._file.path,
-                exc.strerror or type(exc).__name__,
-            )
-            return
-        if signature == self._state.signature:
-            return
-        try:
-            overrides, signature = self._file.read()
-        except LimitsFileUnreadable as exc:  # it may pass: read again at the next poll
-            log.error("%s; keeping the limits read last, reading again", exc)
-            return
-        except LimitsFileError as exc:
-            log.error("%s; keeping the limits read last until it is fixed", exc)
-            self._state = replace(self._state, signature=signature)
-            return
-        self._state = _snapshot(overrides, signature)
-        log.info("tenant limits reloaded: %d tenants with limits of their own", len(overrides))
 
 
 @dataclass(frozen=True)

@@ -122,11 +122,14 @@ async def _rig(
     demo_key = new_api_key()
     key_file = tmp_path / "api-keys"
     key_file.write_text(f"acme:{hash_key(demo_key)}\n")
-    # re-reads on the caller's thread: these tests edit the file by hand and ask at once (the
-    # worker thread a store re-reads in is tests/unit/test_key_store.py's)
+    # re-reads on the caller's thread: these tests edit the files by hand and ask at once (the
+    # worker thread a store re-reads in is test_key_store.py's and test_tenant_limits.py's)
     keys = KeyStore.open(key_file, time.monotonic, time.time, 0.0, start=lambda job: job())
     limits = PerTenantPolicies(
-        LIMIT_DEFAULTS, TenantLimitStore(tmp_path / "tenant-limits", time.monotonic, time.time, 0)
+        LIMIT_DEFAULTS,
+        TenantLimitStore(
+            tmp_path / "tenant-limits", time.monotonic, time.time, 0, start=lambda job: job()
+        ),
     )
     internal = grpc.aio.server(interceptors=[InternalAuthInterceptor(INTERNAL)])
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)

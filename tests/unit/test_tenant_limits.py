@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
+from services.router import tenant_limits
 from services.router.key_settings import KeyStoreSettings
 from services.router.limit_settings import LimitSettings
 from services.router.limit_wiring import tenant_policies
@@ -27,6 +30,7 @@ from services.router.limits import (
     Limiter,
     LimitPolicy,
     LimitStore,
+    MemoryLimitStore,
     Ticket,
 )
 from services.router.tenant_limits import (
@@ -133,8 +137,16 @@ def test_a_change_back_to_default_removes_the_override() -> None:
         own.changed({"budget": 5}, 3.0)
 
 
+def _inline(job: Callable[[], None]) -> None:
+    """A re-read run as soon as it is started: these tests are about what the file says (the
+    worker thread a store re-reads in has a test of its own, below)."""
+    job()
+
+
 def _stores(path: Path, ticks: Ticks, poll_s: float = 0.25) -> tuple[TenantLimitStore, ...]:
-    return tuple(TenantLimitStore(path, ticks, lambda: 1_700_000_000.0, poll_s) for _ in "ab")
+    return tuple(
+        TenantLimitStore(path, ticks, lambda: 1_700_000_000.0, poll_s, _inline) for _ in "ab"
+    )
 
 
 def test_a_change_made_by_one_router_reaches_the_other_at_its_next_poll(tmp_path: Path) -> None:
@@ -182,6 +194,19 @@ def test_a_file_broken_by_hand_keeps_the_limits_read_last(
     path.write_text('{"tenant":"acme","requests_per_min":20}\n')
     ticks.now += 1
     assert one.override("acme") == TenantOverride("acme", 20)
+
+
+def test_a_file_removed_holds_no_override(tmp_path: Path) -> None:
+    """As a missing file at start: every tenant is held to the router's settings again."""
+    path = tmp_path / "limits"
+    ticks = Ticks()
+    one, two = _stores(path, ticks)
+    one.change("acme", {"day_budget_nanos": 0})
+    ticks.now += 1
+    assert two.override("acme") is not None and two.any_budget()
+    path.unlink()
+    ticks.now += 1
+    assert two.overrides() == [] and not two.any_budget()
 
 
 def test_a_router_stops_on_a_malformed_file_naming_its_variable(tmp_path: Path) -> None:
@@ -252,3 +277,66 @@ async def test_with_no_budget_anywhere_an_unlimited_tenants_spend_is_not_counted
     one.change("free", {"month_budget_nanos": 1})
     assert policies.counts_every_spend()
     assert PerTenantPolicies(LimitPolicy(day_budget_nanos=0), one).counts_every_spend()
+
+
+class _Threads:
+    """Starts each re-read in a thread, as a store does, and keeps it for the test to join."""
+
+    def __init__(self) -> None:
+        self.started: list[threading.Thread] = []
+
+    def __call__(self, job: Callable[[], None]) -> None:
+        thread = threading.Thread(target=job, daemon=True)
+        self.started.append(thread)
+        thread.start()
+
+    def join(self) -> None:
+        for thread in self.started:
+            thread.join(10)
+            assert not thread.is_alive()
+
+
+async def test_an_admit_never_waits_for_a_reread_and_holds_to_the_new_limits_once_swapped_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change of the limits file made every other router re-read and parse it on its event
+    loop, in a request's admit (10k tenants: 180-270 ms). The re-read runs in a worker
+    thread, here held once the file is read (not yet parsed nor swapped in): the admits
+    meanwhile are answered by the limits read last; once it is swapped in, by the new ones."""
+    path = tmp_path / "limits"
+    ticks = Ticks()
+    admin, _ = _stores(path, ticks)
+    threads = _Threads()
+    reader = TenantLimitStore(path, ticks, lambda: 1_700_000_000.0, 0.25, threads)
+    limiter = Limiter(
+        MemoryLimitStore(),
+        PerTenantPolicies(LimitPolicy(requests_per_min=100), reader),
+        ManualClock(START_MS),
+        _count,
+    )
+    here, go = threading.Event(), threading.Event()
+    real = tenant_limits.parse
+
+    def held(text: str, source: str) -> list[TenantOverride]:
+        here.set()
+        go.wait(5)  # on the admit's own thread (the fault), it waits here and fails below
+        return real(text, source)
+
+    admin.change("acme", {"requests_per_min": 1})  # another router's change
+    monkeypatch.setattr(tenant_limits, "parse", held)
+    ticks.now += 1  # past poll_s: this admit notices the change and starts a re-read
+    first = await _admit(limiter, "acme")
+    assert isinstance(first, Ticket) and first.policy.requests_per_min == 100  # the router's
+    assert here.wait(10)  # the re-read has read the file and is held
+    for _ in range(3):
+        ticks.now += 1  # polls while it runs start no other re-read
+        held_to = await _admit(limiter, "acme")
+        assert isinstance(held_to, Ticket) and held_to.policy.requests_per_min == 100
+    assert len(threads.started) == 1
+    go.set()
+    threads.join()
+    swapped = await _admit(limiter, "acme")  # its bucket capped at the new rate: one left
+    assert isinstance(swapped, Ticket) and swapped.policy.requests_per_min == 1
+    denial = await _admit(limiter, "acme")
+    assert isinstance(denial, Denial) and denial.limit == REQUESTS
+    assert "may send 1 requests a minute" in denial.message
