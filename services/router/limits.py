@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import itertools
 import logging
 import math
 import time
@@ -275,6 +276,23 @@ def requests_refusal(level: float, capacity: int) -> Refusal:
     return Refusal(REQUESTS, refill_wait_ms(level, 1, capacity))
 
 
+# Buckets a write of one looks at for ones to forget (``MemoryLimitStore._sweep``): more
+# than the one it writes, so the map shrinks back after a burst of tenants.
+SWEEP_BUCKETS = 4
+
+
+def refilled_at_any_rate(level: float, at_ms: int, now_ms: int) -> bool:
+    """Whether a bucket at ``level`` since ``at_ms`` is full at ``now_ms`` whatever its rate
+    (at least 1 a minute: a tenant's own rate may change), with a whole unit to spare (no
+    rounding of the refill leaves it short), and still is at a time up to
+    ``CLOCK_STEP_BACK_MS`` behind (calls out of order): it is then the same as a fresh
+    bucket. With m the minutes from ``at_ms`` to that earlier time: m >= 1 and level + m >= 2
+    (at a rate r >= 1, level + m * r >= r + 1). Not the same after a larger step back: the
+    bucket kept would be taken back to ``level`` (``_level``'s rebase), a fresh one is full."""
+    minutes = (now_ms - CLOCK_STEP_BACK_MS - at_ms) / MS_PER_MIN
+    return minutes >= 1 and level + minutes >= 2
+
+
 @dataclass
 class _Bucket:
     level: float
@@ -287,11 +305,15 @@ class MemoryLimitStore:
     outlives_process = False
 
     def __init__(self) -> None:
+        # (tenant, kind) -> its bucket, those written longest ago first; a bucket refilled is
+        # forgotten (a fresh one is the same), on access and by the sweep of each write: every
+        # tenant ever seen was kept for the life of the process
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._spent: dict[tuple[str, str], int] = {}  # (tenant, period id) -> nanos
 
     def _level(self, tenant: str, kind: str, capacity: int, now_ms: int) -> float:
-        bucket = self._buckets.get((tenant, kind))
+        key = (tenant, kind)
+        bucket = self._buckets.get(key)
         if bucket is None:
             return float(capacity)
         # The clock stepped back (NTP, a VM resumed): the bucket's time follows it, with no
@@ -301,7 +323,25 @@ class MemoryLimitStore:
         # applied out of order) and refills nothing.
         if now_ms < bucket.at_ms - CLOCK_STEP_BACK_MS:
             bucket.at_ms = now_ms
+        if refilled_at_any_rate(bucket.level, bucket.at_ms, now_ms):
+            del self._buckets[key]
+            return float(capacity)
         return bucket_level(bucket.level, bucket.at_ms, capacity, now_ms)
+
+    def _put(self, tenant: str, kind: str, bucket: _Bucket) -> None:
+        """Writes a bucket (last in the map) and sweeps."""
+        key = (tenant, kind)
+        self._buckets.pop(key, None)
+        self._buckets[key] = bucket
+        self._sweep(bucket.at_ms)
+
+    def _sweep(self, now_ms: int) -> None:
+        """Forgets the refilled among the ``SWEEP_BUCKETS`` first in the map; the others go
+        last (one whose time is ahead of a clock stepped back must not stop the sweep)."""
+        for key in list(itertools.islice(self._buckets, SWEEP_BUCKETS)):
+            bucket = self._buckets.pop(key)
+            if not refilled_at_any_rate(bucket.level, bucket.at_ms, now_ms):
+                self._buckets[key] = bucket
 
     def _budgets_spent(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
@@ -338,9 +378,9 @@ class MemoryLimitStore:
         if over:
             return longest(over)
         if policy.requests_per_min is not None:
-            self._buckets[(tenant, REQUESTS)] = _Bucket(requests - 1, now_ms)
+            self._put(tenant, REQUESTS, _Bucket(requests - 1, now_ms))
         if policy.tokens_per_min is not None:
-            self._buckets[(tenant, TOKENS)] = _Bucket(tokens - reserve_tokens, now_ms)
+            self._put(tenant, TOKENS, _Bucket(tokens - reserve_tokens, now_ms))
         return None
 
     async def settle(
@@ -359,7 +399,7 @@ class MemoryLimitStore:
         if policy.tokens_per_min is not None and refund_tokens:
             level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
             refunded = min(float(policy.tokens_per_min), level + refund_tokens)
-            self._buckets[(tenant, TOKENS)] = _Bucket(refunded, now_ms)
+            self._put(tenant, TOKENS, _Bucket(refunded, now_ms))
         if cost_nanos:
             for period in (spent.day, spent.month):
                 key = (tenant, period)

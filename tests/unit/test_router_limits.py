@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
@@ -27,6 +28,7 @@ from services.common.models import load_model_table
 from services.common.prompt import prompt_tokens
 from services.common.retry_info import retry_trailers
 from services.common.tokens import load_cl100k, load_tokenizers
+from services.router import limits as limits_module
 from services.router.limit_settings import LimitSettings
 from services.router.limit_wiring import build_limiter
 from services.router.limits import (
@@ -1235,3 +1237,55 @@ async def test_a_limits_redis_out_of_memory_at_start_up_does_not_stop_the_router
         finally:
             await redis.config_set("maxmemory", "0")
             await redis.aclose()
+
+
+async def _workload(store: MemoryLimitStore) -> tuple[list[object], list[int]]:
+    """5,000 calls of 8 tenants and 1,334 seen once, on an injected clock (seeded): admits,
+    refusal checks and refunds, rates that change (a tenant's own limits), reservations over
+    the rate (a bucket below 0), pauses of ms to minutes, calls out of order by less than a
+    clock step (after a larger step back a forgotten bucket is full, where a kept one was
+    taken back to its last level: the one difference, the router README's). What each call
+    answered, and how many buckets the store held after each 500."""
+    rng = random.Random(7)
+    now = START_MS
+    answers: list[object] = []
+    held: list[int] = []
+    for i in range(5_000):
+        now += rng.choice((0, 10, 50, 400, 1_000, 3_000, 90_000))
+        if i % 7 == 0:
+            now -= rng.randrange(CLOCK_STEP_BACK_MS)  # calls out of order (not a step)
+        # 8 tenants, and one a third of the calls that is never seen again (until the last
+        # 1,000 calls)
+        tenant = f"once {i}" if i < 4_000 and i % 3 == 0 else f"t{rng.randrange(8)}"
+        rate = rng.choice((1, 2, 7, 60))
+        policy = LimitPolicy(requests_per_min=rate, tokens_per_min=rate * 10)
+        periods = Periods.at(now)
+        call = rng.random()
+        if call < 0.7:
+            answers.append(await store.admit(tenant, policy, rng.randrange(1, 90), now, periods))
+        elif call < 0.85:
+            answers.append(await store.refusal_before_count(tenant, policy, now, periods))
+        else:
+            await store.settle(tenant, policy, rng.randrange(1, 40), 0, now, periods)
+        if i % 500 == 499:
+            held.append(len(store._buckets))
+    return answers, held
+
+
+async def test_a_refilled_bucket_is_forgotten_and_every_answer_is_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ROUTER_LIMIT_* set and no limits Redis, the store kept a bucket per tenant and
+    kind for ever, full ones too: every tenant name ever seen stayed in memory. A bucket full
+    whatever its rate is the same as a fresh one: forgotten on access and by the sweep of
+    each write, the map shrinks back when tenants go quiet, and not one answer changes."""
+    forgetting = MemoryLimitStore()
+    answers, held = await _workload(forgetting)
+    monkeypatch.setattr(limits_module, "refilled_at_any_rate", lambda *_: False)
+    keeping = MemoryLimitStore()  # as before: no bucket ever forgotten
+    kept_answers, kept = await _workload(keeping)
+    assert answers == kept_answers
+    print(f"buckets after each 500 calls: kept {kept}, forgetting {held}")
+    assert sum(isinstance(a, Refusal) for a in answers) > 500  # the limits did refuse
+    assert kept[-1] > 2_000  # every tenant seen, both kinds
+    assert max(held) < 200 and held[-1] <= 2 * 8 + 8, held  # those of the last minutes
