@@ -24,6 +24,7 @@ One event loop owns it: no lock. Times come from the injected clock (seconds).
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -125,6 +126,9 @@ class FairQueue:
         queue.calls.append(call)
         self._waiting += 1
         self._tell(tenant, 1)
+        # leaves the queue as its future is cancelled (the task's cancel cancels it at once),
+        # not later when the task runs its except: a release in between would admit it
+        call.admitted.add_done_callback(functools.partial(self._left_if_cancelled, call))
         try:
             await call.admitted
         except asyncio.CancelledError:
@@ -147,6 +151,8 @@ class FairQueue:
             call = self._next()
             self._waiting -= 1
             self._tell(call.tenant, -1)
+            if call.admitted.done():
+                continue  # cancelled and not yet gone: never given a place (it would be lost)
             self._running += 1
             call.admitted.set_result(None)
 
@@ -177,6 +183,10 @@ class FairQueue:
                 for t in tenants.values():
                     t.deficit += rounds * self._quantum
                 visited = 0
+
+    def _left_if_cancelled(self, call: _Call, admitted: asyncio.Future[None]) -> None:
+        if admitted.cancelled():
+            self._leave(call)
 
     def _leave(self, call: _Call) -> None:
         tenant = self._tenants.get(call.tenant)

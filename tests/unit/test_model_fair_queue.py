@@ -140,6 +140,27 @@ async def test_a_call_cancelled_as_it_is_admitted_hands_its_place_on() -> None:
     assert queue.running == 1 and queue.waiting == 0
 
 
+async def test_a_waiting_call_cancelled_as_another_is_released_takes_no_place() -> None:
+    """The caller of a waiting call leaves (its task cancelled: its future at once, its except
+    only at the task's next step) and, in the same turn, the running call ends: the release
+    must not admit the cancelled call. Before, it did: ``set_result`` on the cancelled future
+    raised InvalidStateError out of the finished call's release, and the place stayed counted
+    as running for good (a one-place simulator never answered again)."""
+    queue = FairQueue(1, Clock())
+    driver = await _busy(queue)
+    await driver.submit("b0", "b", 100)
+    await driver.submit("c0", "c", 100)
+    driver.tasks["b0"].cancel()  # its deadline passes ...
+    queue.release()  # ... as the running call ends, before b0's task runs again
+    await _settle()
+    assert driver.order == ["running", "c0"]
+    assert queue.running == 1 and queue.waiting == 0
+    with pytest.raises(asyncio.CancelledError):
+        await driver.tasks["b0"]
+    queue.release()  # c0 ends: the place is free again, none lost
+    assert queue.running == 0
+
+
 async def test_the_wait_is_measured_on_the_injected_clock() -> None:
     clock = Clock()
     queue = FairQueue(2, clock)
