@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -35,6 +35,9 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from services.common.env import ConfigError, Env
+
+if TYPE_CHECKING:
+    from services.common.tokens import Tokenizer
 
 # Both start with "_", which no tenant's name may (keyfile.TENANT_PATTERN): a tenant called
 # "other" or "none" keeps a series of its own.
@@ -288,3 +291,40 @@ class LoopMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         for family in list(self._families):
             yield family.export()
+
+
+class TokenizerCacheCollector(Collector):
+    """Each loaded vocabulary's encoding cache (``Tokenizer.cache_stats``), read at each
+    scrape: ``cachemesh_tokenizer_cache_{hits,misses}_total{vocabulary}``,
+    ``cachemesh_tokenizer_cache_held_tokens`` and ``..._budget_tokens``. A hit share falling
+    while held stays at the budget: more sessions in turn than the budget holds (raise
+    CACHEMESH_TOKENIZER_CACHE_TOKENS). Nothing before the tokenizers are loaded."""
+
+    def __init__(self, loaded: Callable[[], Iterable[Tokenizer]]) -> None:
+        self._loaded = loaded
+
+    def collect(self) -> Iterator[Metric]:
+        label = ["vocabulary"]
+        hits = CounterMetricFamily(
+            "cachemesh_tokenizer_cache_hits", "Texts whose encoding was cached", labels=label
+        )
+        misses = CounterMetricFamily(
+            "cachemesh_tokenizer_cache_misses", "Texts encoded (not cached)", labels=label
+        )
+        held = GaugeMetricFamily(
+            "cachemesh_tokenizer_cache_held_tokens",
+            "What the cached encodings hold, in tokens' worth (ids, texts, overhead)",
+            labels=label,
+        )
+        budget = GaugeMetricFamily(
+            "cachemesh_tokenizer_cache_budget_tokens",
+            "The most the cached encodings may hold (CACHEMESH_TOKENIZER_CACHE_TOKENS)",
+            labels=label,
+        )
+        for tokenizer in self._loaded():
+            stats = tokenizer.cache_stats()
+            hits.add_metric([tokenizer.name], stats.hits)
+            misses.add_metric([tokenizer.name], stats.misses)
+            held.add_metric([tokenizer.name], stats.held_tokens)
+            budget.add_metric([tokenizer.name], stats.budget_tokens)
+        yield from (hits, misses, held, budget)

@@ -21,12 +21,14 @@ import hashlib
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
 
 import tiktoken
+
+from services.common.env import Env
 
 if TYPE_CHECKING:
     from services.common.models import ModelSpec
@@ -79,6 +81,10 @@ VOCABULARIES: Mapping[str, Vocabulary] = {
 # "=" is ~64 characters a token: charged by tokens alone, texts held 2.5x the budget): ~70-100
 # MB; a text of more than an eighth of it is encoded each time
 CACHED_TOKENS = 2_000_000
+# each service that tokenizes (router, prefix-cache, model) reads its budget from here: one
+# 200k-token agent session holds ~137k of it (a service serving many sessions at once in turn
+# wants room for all of them, else each turn re-encodes the prompts it no longer holds)
+CACHE_TOKENS_VAR = "CACHEMESH_TOKENIZER_CACHE_TOKENS"
 ENTRY_COST = 8
 TOKEN_BYTES = 36
 
@@ -89,8 +95,101 @@ def cached_cost(text: str, ids: Sequence[int]) -> int:
     return len(ids) + ENTRY_COST + sys.getsizeof(text) // TOKEN_BYTES
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int  # encodings found cached
+    misses: int  # encodings computed (kept or not)
+    held_tokens: int  # what the cached encodings hold, in tokens' worth (cached_cost)
+    budget_tokens: int  # CACHE_TOKENS_VAR: the most they may hold
+
+
 class TokenizerError(RuntimeError):
     """The offline vocabulary is missing or does not match its pinned hash."""
+
+
+class EncodingCache:
+    """The encodings of recent texts, bounded by ``budget`` (``cached_cost``); not thread-safe.
+
+    A segmented LRU: a text enters on probation and is protected once it is asked for again
+    (the same tools and system prompt come with every request, and a session's earlier
+    messages with each of its turns). Protected texts, at most ``PROTECTED_SHARE`` of the
+    budget, make way only for other protected ones (the least recently used is put back on
+    probation). Most new texts enter probation at its cold end, the first evicted, and one in
+    ``WARM_EVERY`` at its warm end: sessions taken in turn whose texts outgrow the budget keep
+    a stable part of them cached (a plain LRU evicts each text just before it is asked for
+    again: 0 hits), and a new working set still comes in, one text in ``WARM_EVERY`` a pass.
+    """
+
+    PROTECTED_SHARE = 0.8
+    WARM_EVERY = 16
+
+    def __init__(self, budget: int) -> None:
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0 tokens, got {budget}")
+        self.budget = budget
+        self._protected_most = int(budget * self.PROTECTED_SHARE)
+        self._probation: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._protected: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._probation_tokens = 0
+        self._protected_tokens = 0
+        self._entered = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def held_tokens(self) -> int:
+        return self._probation_tokens + self._protected_tokens
+
+    def __len__(self) -> int:
+        return len(self._probation) + len(self._protected)
+
+    def __contains__(self, text: object) -> bool:
+        return text in self._probation or text in self._protected
+
+    def items(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every text held and its ids (for tests and tools: a copy)."""
+        return [*self._protected.items(), *self._probation.items()]
+
+    def get(self, text: str) -> tuple[int, ...] | None:
+        ids = self._protected.get(text)
+        if ids is not None:
+            self._protected.move_to_end(text)
+            self.hits += 1
+            return ids
+        ids = self._probation.pop(text, None)
+        if ids is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        cost = cached_cost(text, ids)
+        self._probation_tokens -= cost
+        self._protected[text] = ids
+        self._protected_tokens += cost
+        while self._protected_tokens > self._protected_most:
+            text_out, ids_out = self._protected.popitem(last=False)
+            cost_out = cached_cost(text_out, ids_out)
+            self._protected_tokens -= cost_out
+            self._probation[text_out] = ids_out  # the warm end: it was asked for twice
+            self._probation_tokens += cost_out
+        return ids
+
+    def put(self, text: str, ids: tuple[int, ...]) -> None:
+        """Keeps ``ids`` for ``text`` unless held already or over an eighth of the budget."""
+        cost = cached_cost(text, ids)
+        if cost > self.budget // 8 or text in self._probation or text in self._protected:
+            return
+        while self.held_tokens + cost > self.budget:
+            if self._probation:
+                text_out, ids_out = self._probation.popitem(last=False)
+                self._probation_tokens -= cached_cost(text_out, ids_out)
+            else:
+                text_out, ids_out = self._protected.popitem(last=False)
+                self._protected_tokens -= cached_cost(text_out, ids_out)
+        self._probation[text] = ids
+        self._probation_tokens += cost
+        self._entered += 1
+        if self._entered % self.WARM_EVERY:
+            self._probation.move_to_end(text, last=False)  # the cold end: evicted first
 
 
 class Tokenizer:
@@ -100,35 +199,30 @@ class Tokenizer:
         self._encoding = encoding
         self.name = encoding.name
         # The encodings of recent texts (the same tools and system prompt come with every
-        # request, and a document's blocks with every question on it), least recently used out
-        # first, bounded by the tokens they hold. Shared with worker threads.
-        self._cached: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._cached_tokens = 0
-        self._budget = cached_tokens
+        # request, and a document's blocks with every question on it), bounded by the tokens
+        # they hold. Shared with worker threads.
+        self._cache = EncodingCache(cached_tokens)
         self._lock = threading.Lock()
 
     def encode(self, text: str) -> tuple[int, ...]:
         with self._lock:
-            ids = self._cached.get(text)
-            if ids is not None:
-                self._cached.move_to_end(text)
-                return ids
-        ids = tuple(self._encoding.encode(text, disallowed_special=()))
-        cost = cached_cost(text, ids)
-        if cost > self._budget // 8:
+            ids = self._cache.get(text)
+        if ids is not None:
             return ids
+        ids = tuple(self._encoding.encode(text, disallowed_special=()))
         with self._lock:
-            if text not in self._cached:
-                self._cached[text] = ids
-                self._cached_tokens += cost
-                while self._cached_tokens > self._budget:
-                    text_out, dropped = self._cached.popitem(last=False)
-                    self._cached_tokens -= cached_cost(text_out, dropped)
+            self._cache.put(text, ids)
         return ids
+
+    def cache_stats(self) -> CacheStats:
+        """The encoding cache's hits, misses, tokens held and budget, read together."""
+        with self._lock:
+            cache = self._cache
+            return CacheStats(cache.hits, cache.misses, cache.held_tokens, cache.budget)
 
     @property
     def cached_tokens(self) -> int:
-        return self._cached_tokens
+        return self._cache.held_tokens
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
@@ -142,20 +236,25 @@ class Tokenizer:
         return self._encoding.decode(ids)
 
 
-_loaded: dict[str, Tokenizer] = {}
+_loaded: dict[tuple[str, int], Tokenizer] = {}
+_encodings: dict[str, tiktoken.Encoding] = {}
 _loading = threading.Lock()
 
 
-def load_vocabulary(name: str) -> Tokenizer:
-    """The tokenizer of vocabulary ``name``, loaded and checked once per process (blocking:
-    call it in a thread from the event loop)."""
+def load_vocabulary(name: str, cached_tokens: int = CACHED_TOKENS) -> Tokenizer:
+    """The tokenizer of vocabulary ``name`` with an encoding cache of ``cached_tokens``; the
+    vocabulary is loaded and checked once per process, and one tokenizer kept per budget
+    (blocking: call it in a thread from the event loop)."""
     vocabulary = VOCABULARIES.get(name)
     if vocabulary is None:
         raise TokenizerError(f"unknown vocabulary {name!r}; known: {', '.join(VOCABULARIES)}")
     with _loading:
-        tokenizer = _loaded.get(name)
+        tokenizer = _loaded.get((name, cached_tokens))
         if tokenizer is None:
-            tokenizer = _loaded[name] = Tokenizer(_encoding(name, vocabulary))
+            encoding = _encodings.get(name)
+            if encoding is None:
+                encoding = _encodings[name] = _encoding(name, vocabulary)
+            tokenizer = _loaded[(name, cached_tokens)] = Tokenizer(encoding, cached_tokens)
         return tokenizer
 
 
@@ -211,6 +310,9 @@ class Tokenizers:
     def names(self) -> tuple[str, ...]:
         return tuple(self._by_name)
 
+    def __iter__(self) -> Iterator[Tokenizer]:
+        return iter(self._by_name.values())
+
     def for_spec(self, spec: ModelSpec) -> Tokenizer:
         tokenizer = self._by_name.get(spec.tokenizer)
         if tokenizer is None:
@@ -222,7 +324,13 @@ class Tokenizers:
         return tokenizer
 
 
-def load_tokenizers(rows: Iterable[ModelSpec]) -> Tokenizers:
-    """The vocabularies ``rows`` name, each loaded once (blocking: call it in a thread)."""
+def load_tokenizers(rows: Iterable[ModelSpec], cached_tokens: int = CACHED_TOKENS) -> Tokenizers:
+    """The vocabularies ``rows`` name, each loaded once, each with an encoding cache of
+    ``cached_tokens`` (``cache_tokens_from_env``; blocking: call it in a thread)."""
     names = sorted({spec.tokenizer for spec in rows})
-    return Tokenizers(load_vocabulary(name) for name in names)
+    return Tokenizers(load_vocabulary(name, cached_tokens) for name in names)
+
+
+def cache_tokens_from_env(env: Env) -> int:
+    """CACHE_TOKENS_VAR: each vocabulary's encoding-cache budget (0 keeps none)."""
+    return env.tokens(CACHE_TOKENS_VAR, CACHED_TOKENS, minimum=0)

@@ -14,7 +14,12 @@ from services.common.auth import InternalAuthInterceptor
 from services.common.env import Env
 from services.common.grace import GraceEnd
 from services.common.logs import configure_logging
-from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
+from services.common.metrics import (
+    MetricsEndpoint,
+    TenantLabels,
+    TokenizerCacheCollector,
+    new_registry,
+)
 from services.common.server import (
     HealthSwitch,
     ServiceSpec,
@@ -22,7 +27,7 @@ from services.common.server import (
     run_service,
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
-from services.common.tokens import load_tokenizers
+from services.common.tokens import Tokenizers, load_tokenizers
 from services.model.api import ModelApi
 from services.model.kv_cache import KvBlockCache
 from services.model.metrics import ModelMetrics
@@ -43,6 +48,8 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     provider = build_tracer_provider(environ, "model")
     auth = InternalAuthInterceptor(settings.internal_token)
     registry = new_registry()
+    loaded: list[Tokenizers] = []  # the warm-up's
+    registry.register(TokenizerCacheCollector(lambda: loaded[0] if loaded else ()))
     tenants = TenantLabels(settings.metrics.max_tenants)
     metrics = ModelMetrics(registry, settings.models, time.perf_counter, tenants)
     service = ModelService(settings.replica_id, metrics=metrics)
@@ -52,7 +59,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
 
     async def warmup() -> None:
         # the vocabularies of the rows this replica serves, each once
-        tokenizer = await asyncio.to_thread(load_tokenizers, settings.models.values())
+        tokenizer = await asyncio.to_thread(
+            load_tokenizers, settings.models.values(), settings.tokenizer_cache_tokens
+        )
+        loaded.append(tokenizer)
         if settings.provider is None:
             service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache, metrics=metrics)))
         else:

@@ -10,6 +10,7 @@ from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.models import ModelSpec, ModelTable, model_table_from_env
 from services.common.server import ServerSettings
+from services.common.tokens import CACHED_TOKENS, cache_tokens_from_env
 from services.model.providers.config import Backend, ProviderSettings
 from services.model.speculative import Drafting, drafting_for
 
@@ -49,6 +50,8 @@ class ModelSettings:
     # a provider replica's gate (``max_concurrent_calls``); 0: none (the simulator has its own
     # one-prefill-at-a-time queue and reads nothing of it)
     max_concurrent_calls: int = 0
+    # each vocabulary's encoding cache, in tokens' worth (CACHEMESH_TOKENIZER_CACHE_TOKENS)
+    tokenizer_cache_tokens: int = CACHED_TOKENS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ModelSettings:
@@ -80,6 +83,7 @@ class ModelSettings:
             ),
             drafting=_drafting(env, table, models),
             max_concurrent_calls=max_concurrent_calls(env, models) if provider else 0,
+            tokenizer_cache_tokens=cache_tokens_from_env(env),
         )
 
 

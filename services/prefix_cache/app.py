@@ -14,7 +14,12 @@ from services.common.clock import SystemClock
 from services.common.env import Env
 from services.common.grace import GraceEnd
 from services.common.logs import configure_logging
-from services.common.metrics import LoopCounter, MetricsEndpoint, new_registry
+from services.common.metrics import (
+    LoopCounter,
+    MetricsEndpoint,
+    TokenizerCacheCollector,
+    new_registry,
+)
 from services.common.models import model_table_from_env
 from services.common.redis_pool import bounded_redis, own_connection_redis
 from services.common.server import HealthSwitch, ServiceSpec, run_main, run_service
@@ -54,6 +59,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         watch = RedisHealth(own, settings.redis_url, health.set, REDIS_CONNECTION_WAIT_S)
         clients = [redis, own]
     registry = new_registry()
+    registry.register(TokenizerCacheCollector(tokenizer.loaded))
     metrics = PrefixCacheMetrics(registry, warm_gauge=redis is None)  # no SCAN of Redis
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
     sent = settings.server.send_limit  # a Plan's answer without its KV block hashes over it
@@ -70,7 +76,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             await watch.start()
             background.append(asyncio.create_task(watch.run(), name="redis-health"))
         # every vocabulary a row of the table names, each once (o200k_base: ~0.3 s, ~75 MB)
-        tokenizer.set(await asyncio.to_thread(load_tokenizers, table.models.values()))
+        loaded = await asyncio.to_thread(
+            load_tokenizers, table.models.values(), settings.tokenizer_cache_tokens
+        )
+        tokenizer.set(loaded)
         if metrics.warm_prefixes is not None:
             gauge = _count_warm(core, metrics.warm_prefixes)
             background.append(asyncio.create_task(gauge, name="warm-prefix-gauge"))

@@ -8,7 +8,7 @@ UNAVAILABLE. Every check runs before any state changes, so bad input changes not
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -80,6 +80,10 @@ class TokenizerSlot:
 
     def set(self, tokenizers: Tokenizers | Tokenizer) -> None:
         self._tokenizer = Tokenizers.of(tokenizers)
+
+    def loaded(self) -> Iterable[Tokenizer]:
+        """Every tokenizer set (none before the warm-up): what the metrics read."""
+        return self._tokenizer if self._tokenizer is not None else ()
 
     def get(self, spec: ModelSpec) -> Tokenizer:
         """The tokenizer ``spec``'s prompts are counted with."""

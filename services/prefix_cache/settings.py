@@ -9,6 +9,7 @@ from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
 from services.common.redis_pool import max_connections
 from services.common.server import ServerSettings
+from services.common.tokens import CACHED_TOKENS, cache_tokens_from_env
 from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS
 
 MIN_RECORD_TTL_S = MIN_RECORD_TTL_MS // 1000
@@ -31,6 +32,8 @@ class PrefixCacheSettings:
     replica_capacity_blocks: int  # the KV capacity assumed per model replica (L3 view)
     plan_ttl_s: int  # how long a Plan's computed prompt waits for its WARM commit (0 = off)
     plan_memo_blocks: int  # the kept plans' budget, in KV block hashes' worth (core.Prompt.weight)
+    # each vocabulary's encoding cache, in tokens' worth (CACHEMESH_TOKENIZER_CACHE_TOKENS)
+    tokenizer_cache_tokens: int = CACHED_TOKENS
 
     @classmethod
     def from_env(cls, env: Env) -> PrefixCacheSettings:
@@ -49,6 +52,7 @@ class PrefixCacheSettings:
             ),
             plan_ttl_s=env.whole_seconds("PREFIX_CACHE_PLAN_TTL_S", 600),
             plan_memo_blocks=env.count("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000),
+            tokenizer_cache_tokens=cache_tokens_from_env(env),
         )
 
 

@@ -17,7 +17,12 @@ from services.common.clock import SystemClock
 from services.common.env import ConfigError, Env
 from services.common.grace import GraceEnd
 from services.common.logs import configure_logging
-from services.common.metrics import MetricsEndpoint, TenantLabels, new_registry
+from services.common.metrics import (
+    MetricsEndpoint,
+    TenantLabels,
+    TokenizerCacheCollector,
+    new_registry,
+)
 from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, run_every, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
@@ -70,7 +75,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     provider = build_tracer_provider(environ, "router")
     # the vocabularies of the rows this router serves (MODEL_REPLICAS, auto's tiers among
     # them), each loaded once: o200k_base only when an OpenAI row is deployed
-    tokenizer = load_tokenizers(table.models[model] for model in settings.replicas)
+    tokenizer = load_tokenizers(
+        (table.models[model] for model in settings.replicas), settings.tokenizer_cache_tokens
+    )
     try:
         card = RouterCard.load()
         router_model = load_router_model(card=card)  # weights the card does not pin: refused
@@ -83,6 +90,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     local = LocalEmbedder(load_minilm_embedder) if settings.local_embedder else None
     registry = new_registry()
+    registry.register(TokenizerCacheCollector(lambda: tokenizer))
     metrics = RouterMetrics(registry, TenantLabels(settings.metrics.max_tenants))
     # the key file's tenants and the served rows at 0 from the start, so rate() sees each
     # series' first event (tenants keyed later appear at their first request)

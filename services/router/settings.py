@@ -18,6 +18,7 @@ from services.common.server import (
     default_request_bytes,
 )
 from services.common.tls import ServerTls
+from services.common.tokens import CACHED_TOKENS, cache_tokens_from_env
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.balance import MAX_LOAD_RATIO, BalancePolicy
 from services.router.idempotency import DEFAULT_MAX_BYTES
@@ -82,6 +83,8 @@ class RouterSettings:
     semantic_breaker_s: float = 5.0
     # the least silence mid-answer that cuts a simulated or self-hosted call (0 = never cut)
     mid_answer_stall_s: float = 10.0
+    # each vocabulary's encoding cache, in tokens' worth (CACHEMESH_TOKENIZER_CACHE_TOKENS)
+    tokenizer_cache_tokens: int = CACHED_TOKENS
 
     @classmethod
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
@@ -101,6 +104,7 @@ class RouterSettings:
                 tls=ServerTls.read(env, "ROUTER"),
                 connections=ConnectionPolicy.from_env(env, "ROUTER"),
             ),
+            tokenizer_cache_tokens=cache_tokens_from_env(env),
             metrics=MetricsSettings.from_env(env, "ROUTER", DEFAULT_METRICS_LISTEN),
             semantic_cache_addr=env.address("SEMANTIC_CACHE_ADDR", "127.0.0.1:50052"),
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
