@@ -16,6 +16,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
 from services.common.errors import shown
 from services.common.keyfile import tenant_error
+from services.common.kv_blocks import KvHashMemo
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
@@ -139,8 +140,10 @@ class PrefixCacheCore:
         lookback: int,
         plans: PlanMemo[Prompt] | None = None,
         metrics: PrefixCacheMetrics | None = None,
+        kv_memo: KvHashMemo | None = None,
     ) -> None:
-        """``metrics``: the service's (None: the offline estimator's core)."""
+        """``metrics``: the service's (None: the offline estimator's core); ``kv_memo``: the
+        recent prompts' KV block hashes (None: each prompt hashed in full)."""
         self._metrics = metrics
         self._table = table
         self._tokenizer = tokenizer
@@ -151,6 +154,7 @@ class PrefixCacheCore:
         self._lookback = lookback
         self._plans = plans if plans is not None else PlanMemo(clock, ttl_ms=0, max_blocks=0)
         self._commit_locks = KeyedLock()  # per (tenant, request id)
+        self._kv_memo = kv_memo if kv_memo is not None else KvHashMemo(0)
 
     async def plan(
         self, tenant: str, model: str, request: pb.CompleteRequest | None, replicas: Sequence[str]
@@ -483,7 +487,9 @@ class PrefixCacheCore:
     ) -> Prompt:
         blocks = canonical_blocks(request, tokenizer)
         plan = plan_for(blocks, sites_of(request), spec, self._lookback)
-        hashes = ReplicaViews.hashes(tenant, spec.id, prompt_token_ids(blocks))
+        # the same hashes as ReplicaViews.hashes of the whole prompt, computed only past the
+        # longest prefix whose hashes the memo holds (the session's previous turn)
+        hashes = self._kv_memo.hashes(tenant, spec.id, blocks, prompt_token_ids(blocks))
         return Prompt(plan, scope_for(spec, tenant, request), hashes, prompt_digest(blocks))
 
 

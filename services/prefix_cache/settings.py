@@ -32,6 +32,8 @@ class PrefixCacheSettings:
     replica_capacity_blocks: int  # the KV capacity assumed per model replica (L3 view)
     plan_ttl_s: int  # how long a Plan's computed prompt waits for its WARM commit (0 = off)
     plan_memo_blocks: int  # the kept plans' budget, in KV block hashes' worth (core.Prompt.weight)
+    # the recent prompts' KV block hashes kept, so a next turn hashes only its new blocks
+    kv_memo_hashes: int = 1_000_000
     # each vocabulary's encoding cache, in tokens' worth (CACHEMESH_TOKENIZER_CACHE_TOKENS)
     tokenizer_cache_tokens: int = CACHED_TOKENS
 
@@ -52,6 +54,7 @@ class PrefixCacheSettings:
             ),
             plan_ttl_s=env.whole_seconds("PREFIX_CACHE_PLAN_TTL_S", 600),
             plan_memo_blocks=env.count("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000),
+            kv_memo_hashes=env.count("PREFIX_CACHE_KV_MEMO_HASHES", 1_000_000),
             tokenizer_cache_tokens=cache_tokens_from_env(env),
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from services.common.clock import Clock
+from services.common.kv_blocks import KvHashMemo
 from services.common.models import ModelTable
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PrefixCacheCore, Prompt, TokenizerSlot
@@ -51,4 +52,5 @@ def build_core(
         lookback=settings.lookback_blocks,
         plans=plans,
         metrics=metrics,
+        kv_memo=KvHashMemo(settings.kv_memo_hashes),
     )

@@ -174,6 +174,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "PREFIX_CACHE_REPLICA_CAPACITY_BLOCKS",
             "PREFIX_CACHE_PLAN_TTL_S",
             "PREFIX_CACHE_PLAN_MEMO_BLOCKS",
+            "PREFIX_CACHE_KV_MEMO_HASHES",
         ),
     ),
     ServiceDef(
