@@ -4,8 +4,6 @@ that grow, branch, edit an earlier turn, change tenant or model, and outgrow the
 
 from __future__ import annotations
 
-import time
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,21 +80,16 @@ def _session(turns: int) -> list[pb.CompleteRequest]:
 
 def test_a_session_s_next_turn_hashes_only_its_new_blocks() -> None:
     """block_hashes re-hashed a whole agent prompt every turn (198k tokens: 12.4k sha256,
-    ~7 ms, 15% of prefix-cache's CPU), though a turn adds ~440 tokens."""
+    ~7 ms, 15% of prefix-cache's CPU), though a turn adds ~440 tokens: the memo hashes only
+    the new blocks, and gives the same hashes."""
     requests = [canonical_blocks(r, TOKENIZER) for r in _session(200)]
     prompts = [(blocks, prompt_token_ids(blocks)) for blocks in requests]
     memo = KvHashMemo(1_000_000)
-    started = time.process_time()
-    for _, ids in prompts[-40:]:
-        block_hashes("t", "m", ids)
-    full = time.process_time() - started
     for blocks, ids in prompts[:-40]:
         memo.hashes("t", "m", blocks, ids)
     reused = memo.reused_hashes
-    started = time.process_time()
     for blocks, ids in prompts[-40:]:
-        memo.hashes("t", "m", blocks, ids)
-    memoized = time.process_time() - started
+        assert memo.hashes("t", "m", blocks, ids) == block_hashes("t", "m", ids)
+    # counted, not timed (speed is the bench's): under 5% of the last 40 turns' hashes computed
     new = sum(len(ids) // 16 for _, ids in prompts[-40:]) - (memo.reused_hashes - reused)
     assert new < 0.05 * sum(len(ids) // 16 for _, ids in prompts[-40:])
-    assert memoized * 4 < full, f"memo {memoized * 25:.2f} ms, full {full * 25:.2f} ms a turn"
