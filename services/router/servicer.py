@@ -291,6 +291,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         cut it) before its answer takes the id and runs as a new call, as one arriving after
         it would; only the first call's own failure is its answer."""
         mark = fingerprint(request)  # once: the table and the ledger both key on it
+        loop = asyncio.get_running_loop()
+        # the client's deadline on the loop's clock: a duplicate that waited on a first call
+        # runs with what is left of it, not what it had when it came
+        deadline = None if time_remaining_s is None else loop.time() + time_remaining_s
         while True:
             try:
                 claimed, future = self._answers.claim(tenant, request, mark)
@@ -310,9 +314,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             for chunk in chunks_of(call.end):
                 yield chunk
             return
-        loop = asyncio.get_running_loop()
+        if deadline is not None:
+            time_remaining_s = deadline - loop.time()
+            if time_remaining_s <= 0:
+                raise RequestError(
+                    Code.DEADLINE_EXCEEDED,
+                    "the request's deadline passed while it waited on an identical call "
+                    "(same request_id) whose caller left it",
+                )
         # how long a wait on another router's call for this id may last: the call's deadline
-        wait_until = None if time_remaining_s is None else loop.time() + time_remaining_s
+        wait_until = deadline
         end: pb.CompleteResponse | None = None
         # the answer, told by the pipeline once billed: its end may never be read
         billed: list[pb.CompleteResponse] = []

@@ -1334,3 +1334,50 @@ async def test_a_wrong_password_for_the_ledger_redis_still_stops_the_router(
     message = str(refused.value)
     assert message.startswith("ROUTER_ANSWERS_REDIS_URL: ") and "redis://:***@127.0.0.1" in message
     assert "Not-The-Password" not in message
+
+
+def test_a_duplicate_that_waited_runs_with_what_is_left_of_its_deadline() -> None:
+    """A duplicate waits on a first call until its caller's deadline cuts it, then runs as a
+    new call: with what is left of its own deadline, not what it had when it came (the router's
+    model timeout, its reply margin and a deadline cut's bill all read it). Before, it ran with
+    its whole 2 s after waiting 0.3 s of it."""
+
+    class Deadlined(FakeContext):
+        def __init__(self, remaining_s: float) -> None:
+            super().__init__()
+            self.until = time.monotonic() + remaining_s
+
+        def time_remaining(self) -> float:
+            return self.until - time.monotonic()
+
+    class FirstCut(FakePipeline):
+        def __init__(self) -> None:
+            super().__init__()
+            self.given: list[float | None] = []
+
+        async def run(
+            self, tenant: str, request: pb.CompleteRequest, *args: Any, **kwargs: Any
+        ) -> AsyncIterator[pb.CompleteChunk]:
+            self.given.append(kwargs.get("time_remaining_s"))
+            if len(self.given) == 1:
+                await asyncio.sleep(0.3)  # until its caller's deadline cuts it
+                raise RequestError(Code.DEADLINE_EXCEEDED, "the request's deadline passed")
+            for chunk in chunks_of(pb.CompleteResponse(request_id=request.request_id)):
+                yield chunk
+
+    async def run() -> None:
+        servicer, _ = _servicer(
+            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt)
+        )
+        pipeline = FirstCut()
+        servicer._pipeline = pipeline  # type: ignore[assignment]
+        request = build_request("Once", model="sim-small", request_id="dl")
+        first = asyncio.ensure_future(servicer.Complete(request, Deadlined(0.3)))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        duplicate = servicer.Complete(request, Deadlined(2.0))  # type: ignore[arg-type]
+        outcomes = await asyncio.gather(first, duplicate, return_exceptions=True)
+        assert isinstance(outcomes[1], pb.CompleteResponse) and not outcomes[1].replayed
+        given = pipeline.given[1]
+        assert given is not None and given <= 2.0 - 0.3  # at least the wait's 0.3 s gone
+
+    asyncio.run(run())
