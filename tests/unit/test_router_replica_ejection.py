@@ -4,7 +4,8 @@ their deadlines); after the cool-off one probe answering whole brings it back; w
 ejected they still serve; a request's own fault (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), a
 deadline shorter than its prefill or a caller that leaves counts for nothing; a simulated
 replica that stalls hands its request over, a provider's does not. The clock is injected; a
-stall's hand-over runs on the event loop's timer (a 10 ms floor here, ``fast_stall``)."""
+stall's hand-over runs on the event loop's timer (a 10 ms floor here, ``fast_stall``): a test
+that measures a stall (``Slow``) runs on a loop whose time is its clock (``run_on_clock``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
+from tests.unit.virtual_loop import run_on_clock
 
 REPLICAS = {
     "sim-small": ("small-1",),
@@ -179,8 +181,9 @@ TICK_S = 0.002  # a long answer's token every 2 ms (real time): far within the s
 
 
 class Slow(Stream):
-    """A slow, live replica's call (a loaded engine): its first report after ``after_s``,
-    real time and on the clock alike, then its answer."""
+    """A slow, live replica's call (a loaded engine): its first report after ``after_s`` on
+    the event loop's clock, which must be the test's (``run_on_clock``: the router's stall
+    timer and its measure of the stall then see one time), then its answer."""
 
     def __init__(self, models: Models, replica: str, after_s: float) -> None:
         end = model_pb2.GenerateEnd(output_tokens=1, stop_reason="end_turn")
@@ -190,11 +193,7 @@ class Slow(Stream):
 
     async def read(self) -> model_pb2.GenerateChunk | None:
         if not self._waited:
-            waited = 0.0
-            while waited < self._after_s:
-                await asyncio.sleep(TICK_S)
-                self._models.clock.now += TICK_S
-                waited += TICK_S
+            await asyncio.sleep(self._after_s)
             self._waited = True
             start = model_pb2.GenerateStart(replica=self._replica, prompt_tokens=2000)
             return model_pb2.GenerateChunk(start=start)
@@ -445,26 +444,39 @@ async def test_a_self_hosted_prefill_whose_caller_left_keeps_its_replica_busy() 
     await pipeline.drain()
 
 
-async def test_a_slow_replica_is_given_the_time_its_stall_showed_not_ejected(
+def test_a_slow_replica_is_given_the_time_its_stall_showed_not_ejected(
     fast_stall: None,
 ) -> None:
     """Self-hosted replicas measured while idle (2,000 tokens in 0.01 s), then 4x slower (a
     loaded machine): a first call past the stall window is handed over, and the rate that
     stall showed (at most 2,000 tokens in the window) gives the next call twice that time:
-    it answers, and a live replica is not stalled on every call until it is ejected."""
+    it answers, and a live replica is not stalled on every call until it is ejected. On the
+    test's clock (``run_on_clock``): with the stall timer on real time and the slow replica's
+    wait on the clock, a loaded machine let the timer fire after 30 ms of real time when the
+    clock had moved 4-24 ms, so each stall showed a rate too fast and the next call stalled
+    too (local-1 cancelled four times in a run in four)."""
     clock = Clock()
-    models = Models(clock, {}, prefill_s=0.01)
-    pipeline = _pipeline(models)
-    for i in range(4):
-        await _ask(pipeline, i, model="local-small")
-    models.slow["local-1"] = 0.04
-    models.slow["local-2"] = 0.04  # the machine is loaded: both are 4x slower
-    for i in range(4, 10):
-        assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
-    await pipeline.drain()
-    assert len(models.cancelled) <= 2  # at most one stall each, then the time they need
+
+    async def scenario() -> tuple[Models, Pipeline]:
+        models = Models(clock, {}, prefill_s=0.01)
+        pipeline = _pipeline(models)
+        for i in range(4):
+            await _ask(pipeline, i, model="local-small")
+        models.slow["local-1"] = 0.04
+        models.slow["local-2"] = 0.04  # the machine is loaded: both are 4x slower
+        for i in range(4, 10):
+            assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
+        await pipeline.drain()
+        return models, pipeline
+
+    began = clock()
+    models, pipeline = run_on_clock(clock, scenario)
+    # the first slow call stalled (handed over); then at most one stall each, then the time
+    # they need
+    assert 1 <= len(models.cancelled) <= 2
     assert not pipeline._dispatch.health("local-small").ejected("local-1", clock())
     assert not pipeline._dispatch.health("local-small").ejected("local-2", clock())
+    assert clock() - began < 1.0  # the calls' time only: no cool-off passed unseen
 
 
 async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:
@@ -672,7 +684,7 @@ async def test_an_auto_tier_whose_replicas_are_all_ejected_comes_after_the_next_
     assert pipeline._dispatch.health("sim-small").ejected("small-1", clock())
 
 
-async def test_an_auto_tiers_last_replica_is_not_handed_over_to_a_tier_too_small(
+def test_an_auto_tiers_last_replica_is_not_handed_over_to_a_tier_too_small(
     fast_stall: None,
 ) -> None:
     """Routed to sim-large (threshold -0.999: sim-small accepted too) with a prompt of 2,000
@@ -684,8 +696,14 @@ async def test_an_auto_tiers_last_replica_is_not_handed_over_to_a_tier_too_small
     models = Models(clock, {}, slow={"large-1": 0.5})
     one_each: dict[str, tuple[str, ...]] = {"sim-small": ("small-1",), "sim-large": ("large-1",)}
     table = with_context_windows(TABLE, "sim-small=1000")
-    pipeline = _pipeline(models, one_each, table)
-    answer = await _ask_auto(pipeline, 0, threshold=-0.999, remaining_s=60.0, text="clause " * 2000)
-    await pipeline.drain()
+
+    async def scenario() -> pb.CompleteResponse:
+        pipeline = _pipeline(models, one_each, table)
+        prompt = "clause " * 2000
+        answer = await _ask_auto(pipeline, 0, threshold=-0.999, remaining_s=60.0, text=prompt)
+        await pipeline.drain()
+        return answer
+
+    answer = run_on_clock(clock, scenario)  # ``Slow`` waits on the loop's clock
     assert answer.model == "sim-large" and answer.content[0].text == "ok"
     assert models.calls == ["large-1"] and models.cancelled == []
