@@ -119,8 +119,9 @@ def test_internal_services_refuse_calls_without_the_internal_credential(
 
 
 def test_a_request_over_the_size_limit_is_resource_exhausted(client_a: Client) -> None:
-    with pytest.raises(RateLimitError):
-        client_a.ask("x" * (1024 * 1024 + 10))
+    # over ROUTER_MAX_REQUEST_BYTES (2 MiB by default): the router's own refusal, naming it
+    with pytest.raises(RateLimitError, match="ROUTER_MAX_REQUEST_BYTES"):
+        client_a.ask("x" * (2 * 1024 * 1024 + 10))
 
 
 def test_retry_id_reused_for_another_request_is_refused(client_a: Client) -> None:

@@ -369,7 +369,7 @@ def test_anthropic_errors_are_the_sdks_own_exceptions(base: str, key: str) -> No
         client.messages.create(
             model="sim-small",
             max_tokens=10,
-            messages=[{"role": "user", "content": "x" * 1_100_000}],
+            messages=[{"role": "user", "content": "x" * 2_200_000}],
         )
     assert large.value.status_code == 413
 
