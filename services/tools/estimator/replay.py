@@ -126,7 +126,7 @@ async def _cut(
     tokens are handed over only at the logged end) and charged to the tenant's limits. A
     request that failed before its model call's prefill (or with no logged end) is billed
     nothing and keeps its reservation (the live router gives it back when the call ended
-    before its model call was sent, a99938a: the replay does not model that yet, so a replay
+    before its model call was sent, f0b22cf: the replay does not model that yet, so a replay
     with tight token rates refuses a little more than live). A request the replay answers
     before then (an L1 hit in a what-if) is counted as it was answered."""
     served = asyncio.ensure_future(stack.complete(tenant, request))
