@@ -38,7 +38,7 @@ from services.common.keyfile import (
     parse,
     tenant_error,
 )
-from services.common.polled_file import PolledFile, Start, in_a_thread
+from services.common.polled_file import FileSource, PolledFile, Start, in_a_thread
 
 log = logging.getLogger("cachemesh.keys")
 
@@ -72,22 +72,10 @@ def _snapshot(parsed: Parsed) -> _Snapshot:
     return _Snapshot(parsed, {r.sha256: r.tenant for r in parsed.records if r.active})
 
 
-class _Source:
-    """The key file as ``PolledFile`` reads it: each re-read parses only the changed lines."""
-
-    def __init__(self, keyfile: KeyFile) -> None:
-        self.file = keyfile
-
-    @property
-    def path(self) -> Path:
-        return self.file.path
-
-    def signature(self) -> Signature | None:
-        return self.file.signature()
-
-    def load(self, last: _Snapshot) -> tuple[_Snapshot, Signature | None]:
-        parsed = self.file.load(last.parsed)
-        return _snapshot(parsed), parsed.signature
+def _reloaded(keyfile: KeyFile, last: _Snapshot) -> tuple[_Snapshot, Signature | None]:
+    """The key file read again, parsing only the lines that changed since ``last``."""
+    parsed = keyfile.load(last.parsed)
+    return _snapshot(parsed), parsed.signature
 
 
 def check_tenant(tenant: str) -> None:
@@ -113,7 +101,7 @@ class KeyStore:
         # two Admin changes run in worker threads, and one that showed its (older) file after
         # the other had shown its own put a revoked key back in force until the next poll.
         self._keys: PolledFile[_Snapshot] = PolledFile(
-            _Source(keyfile),
+            FileSource(keyfile, lambda last: _reloaded(keyfile, last)),
             (_snapshot(parsed), parsed.signature),
             monotonic=monotonic,
             poll_s=poll_s,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
-from services.common.keyfile import Signature
+from services.common.keyfile import LockedFile, Signature
 
 Start = Callable[[Callable[[], None]], None]  # runs a job off the caller's thread
 T = TypeVar("T")
@@ -49,6 +49,23 @@ class Source(Protocol[T]):
     def signature(self) -> Signature | None: ...
 
     def load(self, last: T) -> tuple[T, Signature | None]: ...
+
+
+class FileSource(Generic[T]):
+    """A ``Source`` over a ``LockedFile``: its path and signature, and ``load`` (given the value
+    read last) for its contents. The key file and the per-tenant limits file each give their
+    own ``load``."""
+
+    def __init__(self, file: LockedFile, load: Callable[[T], tuple[T, Signature | None]]) -> None:
+        self._file = file
+        self.load = load
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def signature(self) -> Signature | None:
+        return self._file.signature()
 
 
 class _Unchecked(enum.Enum):

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.common.keyfile import LockedFile, Signature, tenant_error
-from services.common.polled_file import PolledFile, Start, in_a_thread
+from services.common.polled_file import FileSource, PolledFile, Start, in_a_thread
 from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
 
 log = logging.getLogger("cachemesh.router.limits")
@@ -251,22 +251,10 @@ def _snapshot(overrides: list[TenantOverride]) -> _Snapshot:
     return _Snapshot({o.tenant: o for o in overrides}, budgeted)
 
 
-class _Source:
-    """The limits file as ``PolledFile`` reads it (a missing one: no override)."""
-
-    def __init__(self, limits_file: LimitsFile) -> None:
-        self.file = limits_file
-
-    @property
-    def path(self) -> Path:
-        return self.file.path
-
-    def signature(self) -> Signature | None:
-        return self.file.signature()
-
-    def load(self, last: _Snapshot) -> tuple[_Snapshot, Signature | None]:
-        overrides, signature = self.file.read()
-        return _snapshot(overrides), signature
+def _reloaded(limits_file: LimitsFile) -> tuple[_Snapshot, Signature | None]:
+    """The limits file read again (a missing one: no override)."""
+    overrides, signature = limits_file.read()
+    return _snapshot(overrides), signature
 
 
 class TenantLimitStore:
@@ -286,13 +274,13 @@ class TenantLimitStore:
         """``monotonic`` paces the checks for changes, ``wall`` stamps the changes; ``start``
         runs a re-read off the event loop (default: in a thread of its own). Reads the file
         now: a malformed one raises ``LimitsFileError`` (the router stops)."""
-        self._file = LimitsFile(path)
+        self._file = limits_file = LimitsFile(path)
         self._wall = wall
         overrides, signature = self._file.read()
         # One change or re-read at a time, each showing the file as it was then (KeyStore's
         # reason: a slower one must not show an older file over a newer one)
         self._limits: PolledFile[_Snapshot] = PolledFile(
-            _Source(self._file),
+            FileSource(self._file, lambda _last: _reloaded(limits_file)),
             (_snapshot(overrides), signature),
             monotonic=monotonic,
             poll_s=poll_s,
