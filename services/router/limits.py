@@ -24,10 +24,11 @@ is checked, and the wait is the longest), which the servicer turns into
   request, no tokens).
   A request that ends with no answer before its first model call was sent (cancelled, out of
   time or refused during its L1 Lookup, a wait on an identical request's call, its Plan, or
-  its admit itself) gives its reservation back whole (``Limiter.unused``): it used no model
-  tokens. One that fails or is cut after that keeps its reservation, unless its call was
-  billed without an answer (the caller left, or the replica was cut, after the prefill): the
-  billed tokens replace it.
+  its admit itself) gives its reservation back whole (``Limiter.unused``, by the rule of
+  ``Limiter.finish`` that the Gateway and the estimator's replay both count an end with): it
+  used no model tokens. One that fails or is cut after that keeps its reservation, unless its
+  call was billed without an answer (the caller left, or the replica was cut, after the
+  prefill): the billed tokens replace it.
 - Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
   below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
   estimate the router serves when prefix-cache is down, counted as the outbox journals the
@@ -475,6 +476,25 @@ class Ticket:
         return back
 
 
+@dataclass
+class ModelUse:
+    """What an admitted request's pipeline told of its own model calls as it ran, for the count
+    of its end (``Limiter.finish``): ``sent``, a model call of its was sent to a replica (the
+    pipeline's ``model_sent``); ``billed``, its answer once billed (the pipeline's
+    ``answer_billed``: counted even when its end is never read). The Gateway's call and the
+    estimator's replay of one both count their end through it."""
+
+    sent: bool = False
+    billed: pb.CompleteResponse | None = None
+
+    def model_sent(self) -> None:
+        self.sent = True
+
+    def answer_billed(self, answer: pb.CompleteResponse) -> None:
+        if self.billed is None:
+            self.billed = answer
+
+
 class Policies(Protocol):
     def for_tenant(self, tenant: str) -> LimitPolicy: ...
 
@@ -690,6 +710,29 @@ class Limiter:
         back = ticket.replace_reservation()
         refund = back - used_tokens(end) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, 0 if end.cost.estimated else end.cost.cost_nanos)
+
+    def finish(
+        self,
+        ticket: Ticket,
+        end: pb.CompleteResponse | None,
+        use: ModelUse,
+        *,
+        modelless: bool = False,
+    ) -> None:
+        """Counts an admitted request's end: ``end``, its answer as read (None: none read);
+        ``use``, what its pipeline told of its model calls; ``modelless``, it was served
+        another call's answer, or ended while it waited on another call, with no model call of
+        its own. One that used no model tokens (modelless, or ended with no answer made or
+        billed before a model call of its own was sent: cancelled, out of time or refused in
+        its L1 Lookup, a wait on an identical request's call, its Plan) has its reservation
+        back whole (``unused``); else its answer is counted (``settle``; the billed one when
+        its end was not read), or, with none, its reservation is kept (unless a cut call's
+        bill, told by ``charge``, replaced it)."""
+        answer = end if end is not None else use.billed
+        if modelless or not (use.sent or answer is not None):
+            self.unused(ticket)
+        else:
+            self.settle(ticket, answer)
 
     def unused(self, ticket: Ticket) -> None:
         """Gives an admitted request's reservation back whole, counting no cost: it called no

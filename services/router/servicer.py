@@ -45,7 +45,7 @@ from services.router.idempotency import (
     conflict,
     fingerprint,
 )
-from services.router.limits import Denial, Limiter, Ticket
+from services.router.limits import Denial, Limiter, ModelUse, Ticket
 from services.router.pipeline import DeadlineCut, Pipeline, chunks_of
 from services.router.prompt_counts import counting
 from services.router.validation import validate_request
@@ -325,8 +325,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # how long a wait on another router's call for this id may last: the call's deadline
         wait_until = deadline
         end: pb.CompleteResponse | None = None
-        # the answer, told by the pipeline once billed: its end may never be read
-        billed: list[pb.CompleteResponse] = []
+        # its model calls sent, and its answer once billed (its end may never be read)
+        use = ModelUse()
         ticket: Ticket | None = None
         failure: Exception | None = None  # the first call's refusal, for its duplicates
         held = _Held()  # this call's claim on the id in the ledger
@@ -370,10 +370,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 time_remaining_s=time_remaining_s,
                 charge=partial(self._limiter.charge, ticket),
                 bills=call.bills,
-                answer_billed=billed.append,
+                answer_billed=use.answer_billed,
                 retried=retried,
                 before_model=before_model if unmarked else None,
-                model_sent=held.model_sent,
+                model_sent=use.model_sent,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
@@ -397,13 +397,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         finally:
             _settle(self._answers, tenant, request, future, end, failure, left)
-            if ticket is not None and held.unused(end is not None or bool(billed)):
-                # another call's answer, or none before a model call was sent: nothing used
-                self._limiter.unused(ticket)
-            elif ticket is not None:
+            if ticket is not None:
                 # the answer counts once it is billed, whether or not its caller read its end
-                # (one with no text has its start sent after its bill, and its end after that)
-                self._limiter.settle(ticket, end if end is not None or not billed else billed[0])
+                # (one with no text has its start sent after its bill, and its end after that);
+                # another call's answer, or none before a model call was sent: nothing used
+                self._limiter.finish(ticket, end, use, modelless=held.modelless)
             if held.renewing is not None:
                 held.renewing.cancel()
             if held.claim is not None and not recorded:  # failed, refused, or an unbilled answer
@@ -573,24 +571,12 @@ class _Held:
     (None: it took none); ``replay``: the answer another call recorded for the id, served in
     place of a model call; ``modelless``: the call ended before any model call of its own (a
     replay, or refused, cancelled or out of time while it claimed or waited on another
-    router's call), so its admission gives its reservation back; ``sent``: a model call of its
-    own was sent (the pipeline's ``model_sent``): from then on its reservation is replaced by
-    what it was billed, or kept."""
+    router's call), so its admission gives its reservation back (``Limiter.finish``)."""
 
     claim: Claimed | None = None
     renewing: asyncio.Future[None] | None = None
     replay: pb.CompleteResponse | None = None
     modelless: bool = False
-    sent: bool = False
-
-    def model_sent(self) -> None:
-        self.sent = True
-
-    def unused(self, answered: bool) -> bool:
-        """Whether the call used no model tokens, so its whole reservation goes back: a replay,
-        or a call that ended with no answer (``answered``: its answer was made or billed, an
-        L1 hit's too) before any model call of its own was sent."""
-        return self.modelless or not (self.sent or answered)
 
 
 # A first call's refusals its identical duplicates would meet too (anything else, e.g. its own
