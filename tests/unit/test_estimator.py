@@ -333,3 +333,28 @@ def test_a_log_without_live_statuses_still_reads_and_a_bad_one_is_named(tmp_path
     path.write_text('{"t_ms": 0, "tenant": "x", "code": 8, "request": {}}\n')
     with pytest.raises(LogError, match="code must be a status name"):
         list(read_log(path))
+
+
+@pytest.mark.parametrize("waits_on_its_twin", [True, False])
+def test_a_request_cut_before_its_model_call_gives_its_reservation_back_as_live(
+    settings: dict[str, str], waits_on_its_twin: bool
+) -> None:
+    """Live (f0b22cf), a call that ends before its model call was sent gives its token
+    reservation (prompt + max_tokens) back whole; the replay, through the Gateway's own rule
+    (``Limiter.finish``), does too. The second request, cut by its deadline at 110 ms while it
+    waited on the first's identical call (L1's single flight), kept its ~208 tokens in the
+    replay: under 500 tokens a minute the third request, at 120 ms, found ~85 left and was
+    refused; live it is admitted. One cut after its model call was sent, before its prefill
+    was reported (SIM_TIME_SCALE=0: the replica reports it at the logged end), was billed
+    nothing and keeps its reservation, as live: the third is refused."""
+    q = "How do I reset my password?"
+    second = q if waits_on_its_twin else "Something else entirely, please?"
+    records = [
+        LogRecord(0, _ask(q), 1000.0, code="OK"),
+        LogRecord(10, _ask(second), 100.0, code="DEADLINE_EXCEEDED"),
+        LogRecord(120, _ask("A third question?"), 100.0, code="OK"),
+    ]
+    over = {"ROUTER_LIMIT_TOKENS_PER_MIN": "500", "SIM_TIME_SCALE": "0"}
+    layers = _replay(settings, records, **over)
+    third = "model" if waits_on_its_twin else "RESOURCE_EXHAUSTED"
+    assert layers == ["model", "DEADLINE_EXCEEDED", third]

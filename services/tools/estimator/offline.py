@@ -56,7 +56,7 @@ from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.limit_wiring import limiter_on
-from services.router.limits import Denial, MemoryLimitStore
+from services.router.limits import Denial, MemoryLimitStore, ModelUse
 from services.router.pipeline import Pipeline
 from services.router.prompt_counts import counting
 from services.router.routing.model import RouterCard, load_router_model
@@ -206,8 +206,11 @@ class OfflineStack:
 
     async def complete(self, tenant: str, request: pb.CompleteRequest) -> Outcome:
         """One request as the Gateway's ``Complete`` would answer it: validated, admitted by
-        the tenant's limits (a refusal is ``RESOURCE_EXHAUSTED``), served, and settled."""
+        the tenant's limits (a refusal is ``RESOURCE_EXHAUSTED``), served, and its end counted
+        by the Gateway's rule (``Limiter.finish``): one that ends before its model call was
+        sent (cut while it waited on an identical request's call) gives its reservation back."""
         end: pb.CompleteResponse | None = None
+        use = ModelUse()  # its model calls sent, and its answer once billed
         try:
             validate_request(request, self.table, set(self.router.replicas))
             counting(request)
@@ -216,7 +219,14 @@ class OfflineStack:
                 return Outcome(None, Code.RESOURCE_EXHAUSTED.name)
             try:
                 charge = partial(self._limiter.charge, admitted)
-                run = self._pipeline.run(tenant, request, streamed=False, charge=charge)
+                run = self._pipeline.run(
+                    tenant,
+                    request,
+                    streamed=False,
+                    charge=charge,
+                    answer_billed=use.answer_billed,
+                    model_sent=use.model_sent,
+                )
                 async for chunk in run:  # as Complete
                     if chunk.WhichOneof("part") == "end":
                         end = chunk.end
@@ -225,7 +235,7 @@ class OfflineStack:
                 # for it here, and for its count against the limits.
                 await self._pipeline.drain()
             finally:
-                self._limiter.settle(admitted, end)
+                self._limiter.finish(admitted, end, use)
                 await self._limiter.drain()
         except RequestError as exc:
             return Outcome(None, exc.code.name)

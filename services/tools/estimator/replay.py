@@ -125,10 +125,10 @@ async def _cut(
     past its prefill is billed for what it had produced by then (its prompt: the held answer's
     tokens are handed over only at the logged end) and charged to the tenant's limits. A
     request that failed before its model call's prefill (or with no logged end) is billed
-    nothing and keeps its reservation (the live router gives it back when the call ended
-    before its model call was sent, f0b22cf: the replay does not model that yet, so a replay
-    with tight token rates refuses a little more than live). A request the replay answers
-    before then (an L1 hit in a what-if) is counted as it was answered."""
+    nothing: one cut before its model call was sent (while it waited on an identical request's
+    call) gives its reservation back whole, one cut after that keeps it, by the Gateway's own
+    rule (``Limiter.finish``), as live. A request the replay answers before then (an L1 hit in
+    a what-if) is counted as it was answered."""
     served = asyncio.ensure_future(stack.complete(tenant, request))
     await time.until(end_ms)  # parked first: released before the answer held until then
     served.cancel()
