@@ -30,7 +30,7 @@ from services.semantic_cache.tenant_policy import (
     PolicyNotDurable,
     TenantPolicies,
 )
-from services.semantic_cache.tenant_stats import TenantCounters
+from services.semantic_cache.tenant_stats import STATS_PAGE_MAX, TenantCounters, stats_page
 from services.semantic_cache.wal import NotDurable
 
 log = logging.getLogger("cachemesh.semantic_cache")
@@ -272,14 +272,28 @@ class SemanticCacheApi:
         return sc.RenewResponse(renewed=True, lease_s=self._cache.lease_s)
 
     def stats(self, request: sc.L1StatsRequest) -> sc.L1StatsResponse:
+        """One tenant's row; without one, a page of tenants (page_size > 0), or every tenant's
+        (0: a router older than pages; its reply passes gRPC's 4 MiB limit at ~57,000
+        tenants)."""
         sizes = self._cache.tenant_sizes()
+        response = sc.L1StatsResponse()
         if request.tenant:  # refused as every other call refuses it: its row echoed it back
             _require_tenant(request.tenant)
             tenants = [request.tenant]
+        elif request.page_size < 0:
+            raise RequestError(
+                Code.INVALID_ARGUMENT,
+                f"page_size: must be 0 (every tenant) or 1 to {STATS_PAGE_MAX:,} (a page), got "
+                f"{request.page_size}",
+            )
         else:
             known = set(sizes) | self._counts.tenants() | self._policies.tenants()
-            tenants = sorted(known)
-        response = sc.L1StatsResponse()
+            if request.page_size == 0:
+                tenants = sorted(known)
+            else:
+                size = min(request.page_size, STATS_PAGE_MAX)
+                tenants, response.more = stats_page(known, request.after, size)
+                response.paged = True
         for tenant in tenants:
             entries, namespaces = sizes.get(tenant, (0, 0))
             counts = self._counts.get(tenant)

@@ -19,6 +19,7 @@ from services.semantic_cache.api import L1_OFF, SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.tenant_policy import PolicyError, TenantPolicies
+from services.semantic_cache.tenant_stats import STATS_PAGE_MAX, stats_page
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 from tests.unit.test_semantic_cache_grpc import ANSWER, AUTH, expect, start
 
@@ -80,6 +81,45 @@ async def test_stats_count_each_tenants_entries_lookups_and_hits(served: Served)
     assert (rows["b"].entries, rows["b"].lookups) == (1, 0)
     only_b = await served.stub.Stats(sc.L1StatsRequest(tenant="b"), metadata=AUTH)
     assert [row.tenant for row in only_b.tenants] == ["b"]
+
+
+async def test_stats_come_a_page_of_tenants_at_a_time(served: Served) -> None:
+    """The router's GetStats asks for one page of tenants (every tenant's rows in each reply
+    passed gRPC's 4 MiB limit at ~57,000 tenants); a router older than pages still gets every
+    tenant's rows in one reply."""
+    for tenant in ("e", "c", "a"):
+        await served.store(tenant, "reset my password")
+    await served.set(tenant="b", l1_enabled=False)  # a policy alone
+    assert not await served.hit("d", "reset my password")  # a lookup alone
+    pages: list[list[str]] = []
+    after, more = "", True
+    while more:
+        request = sc.L1StatsRequest(page_size=2, after=after)
+        reply = await served.stub.Stats(request, metadata=AUTH)
+        assert reply.paged
+        pages.append([row.tenant for row in reply.tenants])
+        after, more = reply.tenants[-1].tenant, reply.more
+    assert pages == [["a", "b"], ["c", "d"], ["e"]]
+    every = await served.stub.Stats(sc.L1StatsRequest(), metadata=AUTH)  # an older router's
+    assert [row.tenant for row in every.tenants] == ["a", "b", "c", "d", "e"]
+    assert not every.paged and not every.more
+    one = sc.L1StatsRequest(tenant="b", page_size=1, after="z")  # the page is ignored
+    (row,) = (await served.stub.Stats(one, metadata=AUTH)).tenants
+    assert (row.tenant, row.l1_enabled) == ("b", False)
+    bad = served.stub.Stats(sc.L1StatsRequest(page_size=-1), metadata=AUTH)
+    assert (await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)).startswith("page_size: ")
+
+
+def test_a_stats_page_holds_1000_tenants_at_most_and_1_mib_of_names() -> None:
+    tenants = [f"t{i:05d}" for i in range(2_500)]
+    page, more = stats_page(reversed(tenants), "t00999", 5_000)
+    assert (page, more) == (tenants[1000:2500], False)  # the caller caps the size
+    page, more = stats_page(tenants, "", STATS_PAGE_MAX)
+    assert (page, more) == (tenants[:1000], True)
+    long = ["a" * 400_000, "b" * 400_000, "c" * 400_000, "d"]  # an older version's names
+    assert stats_page(long, "", 10) == (long[:2], True)
+    assert stats_page(["x" * 2_000_000, "y"], "", 10) == (["x" * 2_000_000], True)
+    assert stats_page(long, "d", 10) == ([], False)
 
 
 async def test_a_drop_of_one_namespace_keeps_the_others(served: Served) -> None:

@@ -430,16 +430,30 @@ class L1StatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """empty = every tenant with entries, counts or a policy"""
+    page_size: _builtins.int
+    """Without tenant, one page of them (the router's Admin GetStats asks for one a page): the
+    first page_size tenants by name after `after` ("" = from the first), at most 1000
+    (STATS_PAGE_MAX; more is taken as it), fewer once their names pass 1 MiB (names kept by
+    an older version may be long), at least one; the reply says paged, and more when tenants
+    follow its last row. 0 (a router older than this field): every tenant in one reply, over
+    gRPC's 4 MiB message limit from ~57,000 tenants (names of 64 characters; ~190,000 of 13).
+    Negative: INVALID_ARGUMENT. Both ignored with tenant.
+    """
+    after: _builtins.str
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "page_size", b"page_size", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,6 +464,14 @@ class L1StatsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANTS_FIELD_NUMBER: _builtins.int
+    PAGED_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    paged: _builtins.bool
+    """The reply is the page asked for (page_size). False from an L1 older than pages: its rows
+    are every tenant's, whatever page was asked.
+    """
+    more: _builtins.bool
+    """paged: more tenants follow the last row (send it as `after`)"""
     @_builtins.property
     def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___L1TenantStats]:
         """by tenant name"""
@@ -458,10 +480,12 @@ class L1StatsResponse(_message.Message):
         self,
         *,
         tenants: _abc.Iterable[Global___L1TenantStats] | None = ...,
+        paged: _builtins.bool = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenants", b"tenants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "paged", b"paged", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
