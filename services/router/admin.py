@@ -2,10 +2,10 @@
 
 Every call is checked against the admin credential first (``admin_auth``). Keys are changed in
 the shared key file (``KeyStore``: every router and HTTP front sees a change within a second);
-L1 invalidation, stats and policy are semantic-cache's (its Drop, Stats, GetPolicy and
-SetPolicy, with the internal credential); the billed totals are prefix-cache's (TotalsBatch: a
-page of tenants in one call; Totals of each from a prefix-cache without it). Each change is
-logged by key id and tenant, never with a key or a token.
+L1 invalidation, stats and policy are semantic-cache's (its Drop, Stats: a page of tenants in
+one call, GetPolicy and SetPolicy, with the internal credential); the billed totals are
+prefix-cache's (TotalsBatch: a page of tenants in one call; Totals of each from a prefix-cache
+without it). Each change is logged by key id and tenant, never with a key or a token.
 """
 
 from __future__ import annotations
@@ -118,19 +118,26 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         size, after = await _paging(context, "stats", filters, request, tenant_cursor)
         response = adm.GetStatsResponse()
         l1: dict[str, sc.L1TenantStats] = {}
+        l1_through: str | None = None
         l1_answered = True
         try:
+            # only this page's tenants of L1's: every tenant's rows in one reply, asked for
+            # each page, passed gRPC's 4 MiB limit at ~57,000 tenants (every row then said
+            # semantic-cache unavailable)
             stats = await self._semantic.Stats(
-                sc.L1StatsRequest(tenant=request.tenant), **self._options()
+                sc.L1StatsRequest(tenant=request.tenant, page_size=size, after=after or ""),
+                **self._options(),
             )
             l1 = {row.tenant: row for row in stats.tenants}
+            if stats.paged and stats.more and stats.tenants:
+                l1_through = stats.tenants[-1].tenant
         except grpc.aio.AioRpcError:
             l1_answered = False
             response.unavailable.append("semantic-cache")
         # the tenants and their keys, grouped in one pass (a scan of every key for each
         # tenant was 3.4 s on the event loop at 10,000 of each), off the event loop
         page = await asyncio.to_thread(
-            stats_page, self._keys.records(), l1, request.tenant, after, size
+            stats_page, self._keys.records(), l1, request.tenant, after, size, l1_through
         )
         billed = await self._billed(page.tenants)
         # a tenant whose totals did not come is said to be unknown, never shown as zero: 5,309
@@ -144,7 +151,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             response.tenants.append(row)
         if any("prefix-cache" in row.unavailable for row in response.tenants):
             response.unavailable.append("prefix-cache")
-        if page.more:
+        if page.more and page.tenants:
             response.next_page_token = token("stats", filters, [page.tenants[-1]])
         return response
 

@@ -141,15 +141,23 @@ def stats_page(
     tenant: str,
     after: str | None,
     size: int,
+    l1_through: str | None = None,
 ) -> StatsPage:
     """The page's tenants (``tenant`` alone, or every one with a key or L1 figures, by name,
     after ``after``) and their keys, grouped in one pass over the records. O(keys + tenants
-    log size)."""
+    log size).
+
+    ``l1_tenants``: L1's tenants after ``after`` up to ``l1_through`` (its page: more follow),
+    or through the last when None (its last page, or every tenant's from an L1 without
+    pages). The page ends at ``l1_through``: a tenant with a key past it may come after L1
+    tenants not yet read, in the next page."""
     if tenant:
         every: Iterable[str] = [tenant]
     else:
         every = {r.tenant for r in records}.union(l1_tenants)
-    following = (t for t in every if after is None or t > after)
+    following = (
+        t for t in every if (after is None or t > after) and (l1_through is None or t <= l1_through)
+    )
     first = heapq.nsmallest(size + 1, following)
     chosen: list[str] = []
     name_bytes = 0
@@ -163,4 +171,5 @@ def stats_page(
     for record in records:
         if record.tenant in wanted:
             keys.setdefault(record.tenant, []).append(record)
-    return StatsPage(chosen, keys, more=len(first) > len(chosen))
+    more = len(first) > len(chosen) or l1_through is not None
+    return StatsPage(chosen, keys, more=more)

@@ -5,6 +5,7 @@ the unit under test is the Admin API)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
@@ -32,6 +34,7 @@ from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import query_from_request
 from services.semantic_cache.records import Answer
 from services.semantic_cache.servicer import SemanticCacheService
+from services.semantic_cache.tenant_policy import TenantPolicies
 from tests.unit.semantic_cache_support import FakeEmbedder
 
 ADMIN_TOKEN = "admin-token-for-the-unit-tests-0123"
@@ -118,7 +121,11 @@ async def _rig(
     semantic_up: bool = True,
     router_internal: str = INTERNAL,
     timeout_s: float = 5.0,
+    l1_policies: TenantPolicies | None = None,
+    l1_service: type[SemanticCacheService] = SemanticCacheService,
 ) -> AsyncIterator[Rig]:
+    """``l1_policies``: semantic-cache's tenant policies (None: none); ``l1_service``: its
+    servicer (an older one, without pages)."""
     demo_key = new_api_key()
     key_file = tmp_path / "api-keys"
     key_file.write_text(f"acme:{hash_key(demo_key)}\n")
@@ -135,7 +142,7 @@ async def _rig(
     cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
     if semantic_up:
         semantic_cache_pb2_grpc.add_SemanticCacheServicer_to_server(
-            SemanticCacheService(SemanticCacheApi(cache)), internal
+            l1_service(SemanticCacheApi(cache, policies=l1_policies)), internal
         )
     prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(Totals(), internal)
     port = internal.add_insecure_port("127.0.0.1:0")
@@ -386,6 +393,71 @@ async def test_stats_pages_follow_one_another_and_refuse_a_bad_token(rig: Rig) -
     ).next_page_token
     wrong_kind = rig.stub.GetStats(adm.GetStatsRequest(page_token=keys_token), metadata=ADMIN)
     assert "not one this call made" in await expect(invalid, wrong_kind)
+
+
+class OlderL1(SemanticCacheService):
+    """A semantic-cache older than Stats pages: it reads no page_size, answers every tenant."""
+
+    async def Stats(self, request: sc.L1StatsRequest, context: Context) -> sc.L1StatsResponse:
+        return await super().Stats(sc.L1StatsRequest(tenant=request.tenant), context)
+
+
+def _l1_policies(path: Path, tenants: list[str]) -> TenantPolicies:
+    """L1 figures of ``tenants``: a policy each (L1 off), as semantic-cache reads its file."""
+    doc = {"version": 1, "tenants": {t: {"l1_enabled": False} for t in tenants}}
+    path.write_text(json.dumps(doc))
+    return TenantPolicies(path)
+
+
+async def test_stats_of_70000_l1_tenants_ask_l1_for_a_page_not_every_tenant(
+    tmp_path: Path,
+) -> None:
+    """Each GetStats page asked semantic-cache for every tenant's row: at 70,000 tenants of
+    64-character names that reply was 4,760,002 bytes, over gRPC's 4 MiB limit, and every row
+    of every page said semantic-cache unavailable (its figures unknown). Now L1 is asked for
+    the page's tenants only (L1StatsRequest.page_size)."""
+    tenants = [f"t{i:063d}" for i in range(70_000)]
+    policies = _l1_policies(tmp_path / "tenant-policies.json", tenants)
+    async for rig in _rig(tmp_path, AdminCredential(ADMIN_TOKEN), l1_policies=policies):
+        rows: list[adm.TenantStats] = []
+        page_token = ""
+        for _ in range(3):
+            request = adm.GetStatsRequest(page_token=page_token)
+            reply = await rig.stub.GetStats(request, metadata=ADMIN)
+            assert list(reply.unavailable) == [] and len(reply.tenants) == 1000
+            rows += reply.tenants
+            page_token = reply.next_page_token
+        assert [row.tenant for row in rows] == ["acme", *tenants[:2_999]]
+        assert not any(row.unavailable or row.l1_enabled for row in rows[1:])
+
+
+@pytest.mark.parametrize("l1_service", [SemanticCacheService, OlderL1])
+async def test_stats_pages_merge_the_keys_and_l1s_pages_each_tenant_once(
+    tmp_path: Path, l1_service: type[SemanticCacheService]
+) -> None:
+    """L1's page ends before the keys' (a key's tenant past it comes in a later page, after
+    L1's tenants before it), and the other way round; an L1 without pages (its every tenant
+    in each reply) gives the same pages."""
+    policies = _l1_policies(tmp_path / "tenant-policies.json", ["a", "c", "e", "g", "h"])
+    credential = AdminCredential(ADMIN_TOKEN)
+    async for rig in _rig(tmp_path, credential, l1_policies=policies, l1_service=l1_service):
+        with rig.key_file.open("a") as keys:  # acme's key is there already
+            keys.writelines(f"{t}:{hash_key(new_api_key())}\n" for t in ("b", "d", "f"))
+        pages: list[list[str]] = []
+        page_token = ""
+        while True:
+            request = adm.GetStatsRequest(page_size=2, page_token=page_token)
+            reply = await rig.stub.GetStats(request, metadata=ADMIN)
+            assert list(reply.unavailable) == []
+            pages.append([row.tenant for row in reply.tenants])
+            for row in reply.tenants:
+                assert (row.active_keys, row.l1_enabled) == (
+                    (1, True) if row.tenant in ("acme", "b", "d", "f") else (0, False)
+                )
+            page_token = reply.next_page_token
+            if not page_token:
+                break
+        assert pages == [["a", "acme"], ["b", "c"], ["d", "e"], ["f", "g"], ["h"]]
 
 
 async def test_keys_come_in_pages_far_below_the_message_limit(rig: Rig) -> None:

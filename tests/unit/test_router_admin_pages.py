@@ -63,3 +63,14 @@ def test_a_stats_page_ends_early_on_long_tenant_names() -> None:
     rest = stats_page([_key(1, "short")], long_names, "", "e" * 600_000, 1000)
     assert rest.tenants == ["short"] and rest.keys == {"short": [_key(1, "short")]}
     assert not rest.more
+
+
+def test_a_stats_page_ends_where_l1s_page_ends() -> None:
+    """L1 answered a page (more follow its last row, "c"): a key's tenant past it is not in
+    this page (L1 tenants before it are not read yet), and more follow whatever is left."""
+    records = [_key(1, "b"), _key(2, "d")]
+    page = stats_page(records, ["a", "c"], "", None, 10, l1_through="c")
+    assert (page.tenants, page.more) == (["a", "b", "c"], True)
+    assert page.keys == {"b": [_key(1, "b")]}
+    last = stats_page(records, ["e"], "", "c", 10)  # L1's last page: through its last row
+    assert (last.tenants, last.more) == (["d", "e"], False)
