@@ -5,8 +5,9 @@ once, so it has a row) on loopback, asked over a channel with the router's optio
 CACHEMESH_MAX_MESSAGE_BYTES's default (4 MiB); the router's Admin servicer in the same process
 with one key (every other tenant is only L1's) and a prefix-cache answering TotalsBatch at once.
 For each tenant count: the reply of the whole Stats (the request of a router older than its
-pages) in bytes and seconds, or how it failed; L1's event loop held by one Stats call; the first
-GetStats page and, with ``--walk``, every page (seconds, and the bytes L1 sent for them).
+pages) in bytes and seconds, or how it failed; L1's event loop held by one such Stats call,
+and by one page of 1,000; the first GetStats page and, with ``--walk``, every page (seconds,
+and the bytes L1 sent for them). ``--limit``: the fewest tenants whose whole reply fails.
 
     .venv/bin/python -m services.tools.bench.l1_stats [--tenants 10000 100000] [--walk]
 """
@@ -111,6 +112,9 @@ async def _measure(tenants: int, chars: int, walk: bool, work: Path) -> dict[str
     whole = api.stats(sc.L1StatsRequest())
     result["l1_loop_held_s"] = round(time.perf_counter() - started, 3)
     result["whole_reply_bytes"] = whole.ByteSize()
+    started = time.perf_counter()
+    api.stats(sc.L1StatsRequest(page_size=1000, after=_name(tenants // 2, chars)))
+    result["l1_loop_held_by_a_page_s"] = round(time.perf_counter() - started, 3)
     internal = grpc.aio.server(
         interceptors=[InternalAuthInterceptor(_INTERNAL)],
         options=channel_options(MAX_MESSAGE_BYTES_DEFAULT),
