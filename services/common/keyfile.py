@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +50,13 @@ def tenant_error(tenant: str) -> str:
     if TENANT_PATTERN.match(tenant):
         return ""
     return f"tenant must be {TENANT_RULE}, got {shown(tenant)}"
+
+
+def same_but_case(tenant: str, known: Iterable[str]) -> str | None:
+    """A tenant of ``known`` whose name differs from ``tenant`` only in case (the first in
+    order, of several), or None: what the Admin API names for a tenant no one knows."""
+    folded = tenant.casefold()
+    return min((t for t in known if t != tenant and t.casefold() == folded), default=None)
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")

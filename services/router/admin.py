@@ -31,14 +31,13 @@ from services.common.key_store import (
     UnknownKey,
     check_tenant,
 )
-from services.common.keyfile import KeyFileError, tenant_error
+from services.common.keyfile import KeyFileError, same_but_case, tenant_error
 from services.common.status import abort
 from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
 from services.router.admin_messages import (
     key_info,
     limits_message,
     policy_message,
-    same_but_case,
     tenant_row,
     unknown_tenant,
 )
@@ -461,6 +460,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         tenants = {record.tenant for record in self._keys.records()}
         if tenant in tenants:
             return True, None
+        # L1 is asked about this tenant alone: every tenant's rows passed gRPC's 4 MiB limit
+        # at ~57,000 tenants, and the call failed RESOURCE_EXHAUSTED
+        stats = await self._l1(
+            context,
+            self._semantic.Stats(sc.L1StatsRequest(tenant=tenant), **self._options()),
+        )
+        if stats.HasField("known"):
+            if stats.known:
+                return True, None
+            twins = [same_but_case(tenant, tenants)]
+            if stats.HasField("known_as"):
+                twins.append(stats.known_as)
+            return False, min((t for t in twins if t is not None), default=None)
+        # an L1 older than `known`: every tenant's rows, as before
         stats = await self._l1(
             context, self._semantic.Stats(sc.L1StatsRequest(), **self._options())
         )

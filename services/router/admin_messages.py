@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -77,13 +77,6 @@ def policy_message(
     if policy.HasField("default_ttl_s"):
         message.default_ttl_s = policy.default_ttl_s
     return message
-
-
-def same_but_case(tenant: str, known: Iterable[str]) -> str | None:
-    """A tenant of ``known`` whose name differs from ``tenant`` only in case (the first in
-    order, of several), or None."""
-    folded = tenant.casefold()
-    return min((t for t in known if t != tenant and t.casefold() == folded), default=None)
 
 
 def unknown_tenant(tenant: str, known_as: str | None) -> str:

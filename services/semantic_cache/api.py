@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import re
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.errors import Code, RequestError
-from services.common.keyfile import tenant_error
+from services.common.keyfile import same_but_case, tenant_error
 from services.common.span_events import record_event
 from services.semantic_cache.answers import unparsed_tool_call
 from services.semantic_cache.batcher import QueueFull
@@ -280,6 +281,12 @@ class SemanticCacheApi:
         if request.tenant:  # refused as every other call refuses it: its row echoed it back
             _require_tenant(request.tenant)
             tenants = [request.tenant]
+            held = (sizes, self._counts.tenants(), self._policies.tenants())
+            response.known = any(request.tenant in names for names in held)
+            if not response.known:
+                twin = same_but_case(request.tenant, itertools.chain.from_iterable(held))
+                if twin is not None:
+                    response.known_as = twin
         elif request.page_size < 0:
             raise RequestError(
                 Code.INVALID_ARGUMENT,

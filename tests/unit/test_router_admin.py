@@ -396,10 +396,14 @@ async def test_stats_pages_follow_one_another_and_refuse_a_bad_token(rig: Rig) -
 
 
 class OlderL1(SemanticCacheService):
-    """A semantic-cache older than Stats pages: it reads no page_size, answers every tenant."""
+    """A semantic-cache older than Stats pages: it reads no page_size, answers every tenant,
+    and says nothing of whether it knows a tenant (known, known_as)."""
 
     async def Stats(self, request: sc.L1StatsRequest, context: Context) -> sc.L1StatsResponse:
-        return await super().Stats(sc.L1StatsRequest(tenant=request.tenant), context)
+        reply = await super().Stats(sc.L1StatsRequest(tenant=request.tenant), context)
+        reply.ClearField("known")
+        reply.ClearField("known_as")
+        return reply
 
 
 def _l1_policies(path: Path, tenants: list[str]) -> TenantPolicies:
@@ -429,6 +433,35 @@ async def test_stats_of_70000_l1_tenants_ask_l1_for_a_page_not_every_tenant(
             page_token = reply.next_page_token
         assert [row.tenant for row in rows] == ["acme", *tenants[:2_999]]
         assert not any(row.unavailable or row.l1_enabled for row in rows[1:])
+
+
+@pytest.mark.parametrize("l1_service", [SemanticCacheService, OlderL1])
+async def test_a_tenant_without_a_key_is_found_known_or_not_among_70000_l1_tenants(
+    tmp_path: Path, l1_service: type[SemanticCacheService]
+) -> None:
+    """Invalidate, GetPolicy and SetPolicy of a tenant without a key asked L1 for every
+    tenant's row to learn whether it knew the tenant (or one differing in case): at 70,000
+    tenants of 64-character names that reply was over gRPC's 4 MiB limit and the call failed
+    RESOURCE_EXHAUSTED. Now L1 is asked about that tenant alone (an older L1: every row, as
+    before, tried here with 3 tenants)."""
+    count = 70_000 if l1_service is SemanticCacheService else 3
+    tenants = [f"t{i:063d}" for i in range(count)]
+    policies = _l1_policies(tmp_path / "tenant-policies.json", tenants)
+    credential = AdminCredential(ADMIN_TOKEN)
+    async for rig in _rig(tmp_path, credential, l1_policies=policies, l1_service=l1_service):
+        known = await rig.stub.GetPolicy(adm.GetPolicyRequest(tenant=tenants[1]), metadata=ADMIN)
+        assert (known.l1_enabled, known.unknown_tenant) == (False, False)
+        typo = tenants[2].upper()
+        purge = await rig.stub.Invalidate(
+            adm.InvalidateRequest(tenant=typo, all=True), metadata=ADMIN
+        )
+        assert (purge.unknown_tenant, purge.known_as) == (True, tenants[2])
+        purge = await rig.stub.Invalidate(
+            adm.InvalidateRequest(tenant="ACME", all=True), metadata=ADMIN
+        )
+        assert (purge.unknown_tenant, purge.known_as) == (True, "acme")  # a key's tenant
+        nobody = await rig.stub.GetPolicy(adm.GetPolicyRequest(tenant="nobody"), metadata=ADMIN)
+        assert nobody.unknown_tenant and not nobody.HasField("known_as")
 
 
 @pytest.mark.parametrize("l1_service", [SemanticCacheService, OlderL1])

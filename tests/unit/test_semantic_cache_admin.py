@@ -110,6 +110,27 @@ async def test_stats_come_a_page_of_tenants_at_a_time(served: Served) -> None:
     assert (await expect(grpc.StatusCode.INVALID_ARGUMENT, bad)).startswith("page_size: ")
 
 
+async def test_stats_of_one_tenant_say_whether_l1_knows_it_or_one_differing_in_case(
+    served: Served,
+) -> None:
+    """What the router's Admin asks of a tenant without a key (it read every tenant's rows)."""
+    await served.store("Acme", "reset my password")
+    await served.set(tenant="acme", l1_enabled=False)  # a policy alone
+    assert not await served.hit("globex", "reset my password")  # a lookup alone
+
+    async def known(tenant: str) -> tuple[bool, str | None]:
+        reply = await served.stub.Stats(sc.L1StatsRequest(tenant=tenant), metadata=AUTH)
+        assert reply.HasField("known") and [row.tenant for row in reply.tenants] == [tenant]
+        return reply.known, reply.known_as if reply.HasField("known_as") else None
+
+    assert await known("Acme") == (True, None) == await known("acme") == await known("globex")
+    assert await known("ACME") == (False, "Acme")  # the first by name of Acme and acme
+    assert await known("GloBex") == (False, "globex")
+    assert await known("initech") == (False, None)
+    every = await served.stub.Stats(sc.L1StatsRequest(), metadata=AUTH)
+    assert not every.HasField("known")
+
+
 def test_a_stats_page_holds_1000_tenants_at_most_and_1_mib_of_names() -> None:
     tenants = [f"t{i:05d}" for i in range(2_500)]
     page, more = stats_page(reversed(tenants), "t00999", 5_000)

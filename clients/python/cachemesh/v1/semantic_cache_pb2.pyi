@@ -466,12 +466,21 @@ class L1StatsResponse(_message.Message):
     TENANTS_FIELD_NUMBER: _builtins.int
     PAGED_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    KNOWN_FIELD_NUMBER: _builtins.int
+    KNOWN_AS_FIELD_NUMBER: _builtins.int
     paged: _builtins.bool
     """The reply is the page asked for (page_size). False from an L1 older than pages: its rows
     are every tenant's, whatever page was asked.
     """
     more: _builtins.bool
     """paged: more tenants follow the last row (send it as `after`)"""
+    known: _builtins.bool
+    """With tenant: whether semantic-cache holds anything of it (entries, counts or a policy)
+    and, when not, the first by name of those it holds whose name differs only in case. What
+    the router's Admin asks of a tenant without an API key, which took every tenant's rows
+    (over gRPC's 4 MiB limit from ~57,000 tenants). Unset from an L1 older than them.
+    """
+    known_as: _builtins.str
     @_builtins.property
     def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___L1TenantStats]:
         """by tenant name"""
@@ -482,12 +491,21 @@ class L1StatsResponse(_message.Message):
         tenants: _abc.Iterable[Global___L1TenantStats] | None = ...,
         paged: _builtins.bool = ...,
         more: _builtins.bool = ...,
+        known: _builtins.bool | None = ...,
+        known_as: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_known", b"_known", "_known_as", b"_known_as", "known", b"known", "known_as", b"known_as"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "paged", b"paged", "tenants", b"tenants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_known", b"_known", "_known_as", b"_known_as", "known", b"known", "known_as", b"known_as", "more", b"more", "paged", b"paged", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__known: _TypeAlias = _typing.Literal["known"]  # noqa: Y015
+    _WhichOneofArgType__known: _TypeAlias = _typing.Literal["_known", b"_known"]  # noqa: Y015
+    _WhichOneofReturnType__known_as: _TypeAlias = _typing.Literal["known_as"]  # noqa: Y015
+    _WhichOneofArgType__known_as: _TypeAlias = _typing.Literal["_known_as", b"_known_as"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__known) -> _WhichOneofReturnType__known | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__known_as) -> _WhichOneofReturnType__known_as | None: ...
 
 Global___L1StatsResponse: _TypeAlias = L1StatsResponse  # noqa: Y015
 
