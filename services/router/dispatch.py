@@ -202,6 +202,7 @@ class Dispatcher:
         window: PrefixWindow | None = None,
         accepted: Sequence[str] = (),
         sent: Callable[[], None] | None = None,
+        declined: Callable[[], None] | None = None,
     ) -> Attempt:
         """Starts the model call on the first replica that answers (prefill done); an
         ``auto`` request goes to ``routed``'s tier first, reusing the Plans it made; replicas
@@ -213,7 +214,10 @@ class Dispatcher:
         accepts an answer of (empty: any; ``routing.threshold`` -1: the large tier alone, as
         L1's lookup), the only ones it falls back to. ``sent``: told just before each
         Generate is sent to a replica (not for the Plans before it, nor for a request refused
-        before any replica is called)."""
+        before any replica is called). ``declined``: told when a Generate told ``sent`` ended
+        with its replica's refusal before its start (a status of its own, not a deadline or a
+        stall hand-over: the replica may have been prefilling then), so it produced nothing
+        and is billed nothing."""
         if window is None:
             window = PrefixWindow(deadline)
         # the Plans at hand, by model id: routed's, and those made here (None: prefix-cache down)
@@ -368,6 +372,8 @@ class Dispatcher:
                             hand_over,
                         )
                 except RequestError as exc:
+                    if declined is not None:
+                        declined()  # its refusal, or an end with no start: nothing produced
                     self.loads.failed(replica, ticket)
                     if exc.code in CLIENT_FAULTS:
                         health.released(replica, probe)  # its refusal is the request's
@@ -379,6 +385,8 @@ class Dispatcher:
                     chat_span.end()
                     raise
                 except CallFailed as exc:
+                    if declined is not None and exc.code != Code.DEADLINE_EXCEEDED:
+                        declined()  # the replica's own status before its start
                     # its rate is at most what it showed, unless it waited for a slot
                     if isinstance(exc, _Stalled) and not self.loads.slots_taken(replica):
                         self.loads.stalled(replica, ticket, self._clock())

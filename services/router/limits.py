@@ -479,16 +479,22 @@ class Ticket:
 @dataclass
 class ModelUse:
     """What an admitted request's pipeline told of its own model calls as it ran, for the count
-    of its end (``Limiter.finish``): ``sent``, a model call of its was sent to a replica (the
-    pipeline's ``model_sent``); ``billed``, its answer once billed (the pipeline's
-    ``answer_billed``: counted even when its end is never read). The Gateway's call and the
-    estimator's replay of one both count their end through it."""
+    of its end (``Limiter.finish``): ``sent``, the model calls of its sent to a replica (the
+    pipeline's ``model_sent``); ``refused``, those of them their replica refused before their
+    start (the pipeline's ``model_refused``: nothing produced, nothing billed); ``billed``,
+    its answer once billed (the pipeline's ``answer_billed``: counted even when its end is
+    never read). The Gateway's call and the estimator's replay of one both count their end
+    through it."""
 
-    sent: bool = False
+    sent: int = 0
+    refused: int = 0
     billed: pb.CompleteResponse | None = None
 
     def model_sent(self) -> None:
-        self.sent = True
+        self.sent += 1
+
+    def model_refused(self) -> None:
+        self.refused += 1
 
     def answer_billed(self, answer: pb.CompleteResponse) -> None:
         if self.billed is None:
@@ -724,12 +730,13 @@ class Limiter:
         another call's answer, or ended while it waited on another call, with no model call of
         its own. One that used no model tokens (modelless, or ended with no answer made or
         billed before a model call of its own was sent: cancelled, out of time or refused in
-        its L1 Lookup, a wait on an identical request's call, its Plan) has its reservation
-        back whole (``unused``); else its answer is counted (``settle``; the billed one when
-        its end was not read), or, with none, its reservation is kept (unless a cut call's
-        bill, told by ``charge``, replaced it)."""
+        its L1 Lookup, a wait on an identical request's call, its Plan; or with every model
+        call it sent refused by its replica before its start) has its reservation back whole
+        (``unused``); else its answer is counted (``settle``; the billed one when its end was
+        not read), or, with none, its reservation is kept (unless a cut call's bill, told by
+        ``charge``, replaced it)."""
         answer = end if end is not None else use.billed
-        if modelless or not (use.sent or answer is not None):
+        if modelless or not (answer is not None or use.sent > use.refused):
             self.unused(ticket)
         else:
             self.settle(ticket, answer)

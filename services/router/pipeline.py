@@ -167,6 +167,10 @@ BeforeModel = Callable[[], Awaitable[pb.CompleteResponse | None]]
 # told as a model call of the request is about to be sent to a replica (its Generate): until
 # the first time, the request used no model tokens, whatever ended it
 ModelSent = Callable[[], None]
+# told as a model call told ``ModelSent`` ended with its replica's refusal before its start (a
+# status of the replica's own, not a deadline): it produced nothing and is billed nothing, so a
+# request whose every model call was refused used no model tokens either
+ModelRefused = Callable[[], None]
 _T = TypeVar("_T")
 
 
@@ -284,6 +288,7 @@ class Pipeline:
         retried: bool = False,
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
+        model_refused: ModelRefused | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
@@ -305,7 +310,10 @@ class Pipeline:
         ``model_sent``: told (once or more) just before a model call is sent to a replica; a
         request that ends before that (cancelled, out of time or refused during its Lookup,
         a wait on an identical request's call, its Plan, or ``before_model``) used no model
-        tokens (the servicer gives its limits' reservation back whole)."""
+        tokens (the servicer gives its limits' reservation back whole). ``model_refused``:
+        told when such a call ended with its replica's refusal before its start (nothing
+        produced, nothing billed): a request whose every model call was refused so used no
+        model tokens either."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -375,6 +383,7 @@ class Pipeline:
                             unanswered,
                             answer_billed,
                             model_sent=model_sent,
+                            model_refused=model_refused,
                         )
                     ) as it:
                         async for chunk in it:
@@ -427,11 +436,13 @@ class Pipeline:
         retried: bool = False,
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
+        model_refused: ModelRefused | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole. A call that ends without its answer is billed in
         the background (``_bill_partial``), its bill added to ``unanswered``. ``window``: the
-        request's deadline and its prefix-cache calls. ``model_sent``: as ``run``'s."""
+        request's deadline and its prefix-cache calls. ``model_sent``, ``model_refused``: as
+        ``run``'s."""
         root = trace.get_current_span()
         began = self._clock()
         routed: Routed | None = None
@@ -447,6 +458,7 @@ class Pipeline:
             window,
             accepted=self._accepted_tiers(request),
             sent=model_sent,
+            declined=model_refused,
         )
         if routed is not None and attempt.tier_reason.startswith("fallback"):
             # the routed tier could not answer: the reason says why another tier did

@@ -284,8 +284,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         served instead, and another router's call holding the id is waited for. Admitted by
         the limits first, such a replay gives its reservation back (``Limiter.unused``), as
         does any call that ends before its first model call was sent (cancelled, out of time
-        or refused during its L1 Lookup, its Plan, or a wait on an identical request's call):
-        it used no model tokens.
+        or refused during its L1 Lookup, its Plan, or a wait on an identical request's call),
+        or with every model call it sent refused by its replica before its start (the
+        pipeline's ``model_refused``): it used no model tokens.
 
         A duplicate waiting on a first call whose caller left (cancelled it, or its deadline
         cut it) before its answer takes the id and runs as a new call, as one arriving after
@@ -325,7 +326,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # how long a wait on another router's call for this id may last: the call's deadline
         wait_until = deadline
         end: pb.CompleteResponse | None = None
-        # its model calls sent, and its answer once billed (its end may never be read)
+        # its model calls sent and refused, and its answer once billed (its end may never
+        # be read)
         use = ModelUse()
         ticket: Ticket | None = None
         failure: Exception | None = None  # the first call's refusal, for its duplicates
@@ -374,6 +376,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 retried=retried,
                 before_model=before_model if unmarked else None,
                 model_sent=use.model_sent,
+                model_refused=use.model_refused,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
@@ -400,7 +403,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if ticket is not None:
                 # the answer counts once it is billed, whether or not its caller read its end
                 # (one with no text has its start sent after its bill, and its end after that);
-                # another call's answer, or none before a model call was sent: nothing used
+                # another call's answer, or none before a model call was sent or with every
+                # one sent refused before its start: nothing used
                 self._limiter.finish(ticket, end, use, modelless=held.modelless)
             if held.renewing is not None:
                 held.renewing.cancel()

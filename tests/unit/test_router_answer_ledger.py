@@ -52,6 +52,7 @@ from services.router.pipeline import (
     BeforeModel,
     Bills,
     Charge,
+    ModelRefused,
     ModelSent,
     chunks_of,
 )
@@ -89,10 +90,11 @@ class FakePipeline:
         retried: bool = False,
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
+        model_refused: ModelRefused | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         """An L1 hit (``layer``) never awaits ``before_model``; a model call awaits it first
         and serves what it returns instead (counted in ``replays``, not ``runs``), else tells
-        ``model_sent``."""
+        ``model_sent`` (its model call is never refused: ``model_refused`` is not told)."""
         if self.layer != pb.LAYER_SEMANTIC_CACHE and before_model is not None:
             self.before_model += 1
             replayed = await before_model()
@@ -1056,6 +1058,7 @@ class TracedPipeline(FakePipeline):
         retried: bool = False,
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
+        model_refused: ModelRefused | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         context = trace.get_current_span().get_span_context()
         run = super().run(
@@ -1065,6 +1068,7 @@ class TracedPipeline(FakePipeline):
             time_remaining_s,
             before_model=before_model,
             model_sent=model_sent,
+            model_refused=model_refused,
         )
         async for chunk in run:
             kind = chunk.WhichOneof("part")
