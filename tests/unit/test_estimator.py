@@ -358,3 +358,23 @@ def test_a_request_cut_before_its_model_call_gives_its_reservation_back_as_live(
     layers = _replay(settings, records, **over)
     third = "model" if waits_on_its_twin else "RESOURCE_EXHAUSTED"
     assert layers == ["model", "DEADLINE_EXCEEDED", third]
+
+
+def test_a_request_its_replica_refused_gives_its_reservation_back_as_live(
+    settings: dict[str, str],
+) -> None:
+    """Live, a call whose every model call its replica refused before its start (nothing
+    produced, nothing billed) gives its token reservation back whole; the replay, through the
+    Gateway's own rule (``ModelUse.model_refused``, ``Limiter.finish``), does too. sim-large's
+    context window shrunk to 8 tokens, its replica refuses the first request's prompt
+    (RESOURCE_EXHAUSTED): before, its ~310 tokens (prompt + max_tokens 300) stayed reserved,
+    and under 500 tokens a minute the second request, 10 ms later, was refused too."""
+    ask = "How do I reset my password?"
+    refused = pb.CompleteRequest(model="sim-large", max_tokens=300, messages=[user(ask)])
+    second = pb.CompleteRequest(model="sim-small", max_tokens=300, messages=[user("Another?")])
+    records = [
+        LogRecord(0, Item("t", TENANT_A, refused), 100.0, code="RESOURCE_EXHAUSTED"),
+        LogRecord(10, Item("t", TENANT_A, second), 100.0, code="OK"),
+    ]
+    over = {"ROUTER_LIMIT_TOKENS_PER_MIN": "500", "CACHEMESH_CONTEXT_WINDOWS": "sim-large=8"}
+    assert _replay(settings, records, **over) == ["RESOURCE_EXHAUSTED", "model"]

@@ -208,9 +208,10 @@ class OfflineStack:
         """One request as the Gateway's ``Complete`` would answer it: validated, admitted by
         the tenant's limits (a refusal is ``RESOURCE_EXHAUSTED``), served, and its end counted
         by the Gateway's rule (``Limiter.finish``): one that ends before its model call was
-        sent (cut while it waited on an identical request's call) gives its reservation back."""
+        sent (cut while it waited on an identical request's call), or whose every model call
+        its replica refused before its start, gives its reservation back."""
         end: pb.CompleteResponse | None = None
-        use = ModelUse()  # its model calls sent, and its answer once billed
+        use = ModelUse()  # its model calls sent and refused, and its answer once billed
         try:
             validate_request(request, self.table, set(self.router.replicas))
             counting(request)
@@ -226,6 +227,7 @@ class OfflineStack:
                     charge=charge,
                     answer_billed=use.answer_billed,
                     model_sent=use.model_sent,
+                    model_refused=use.model_refused,
                 )
                 async for chunk in run:  # as Complete
                     if chunk.WhichOneof("part") == "end":
