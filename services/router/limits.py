@@ -26,7 +26,9 @@ is checked, and the wait is the longest), which the servicer turns into
   time or refused during its L1 Lookup, a wait on an identical request's call, its Plan, or
   its admit itself) gives its reservation back whole (``Limiter.unused``, by the rule of
   ``Limiter.finish`` that the Gateway and the estimator's replay both count an end with): it
-  used no model tokens. One that fails or is cut after that keeps its reservation, unless its
+  used no model tokens; so does one whose model calls were all refused by their replicas
+  before their start (nothing produced, nothing billed: ``ModelUse.model_refused``). One that
+  fails or is cut after a model call that was not refused so keeps its reservation, unless its
   call was billed without an answer (the caller left, or the replica was cut, after the
   prefill): the billed tokens replace it.
 - Budgets: a request is admitted while the tenant's bill for the current UTC day (month) is
@@ -706,8 +708,9 @@ class Limiter:
 
     def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
-        reservation (one that sent no model call has it back: ``unused``). Runs past the
-        request (``drain`` awaits it). An estimated answer's cost is not counted here: the
+        reservation (one that sent no model call, or whose every model call was refused
+        before its start, has it back: ``unused``, by ``finish``). Runs past the request
+        (``drain`` awaits it). An estimated answer's cost is not counted here: the
         billing outbox counted its estimate as it journalled its bill (``count_estimate``), so
         that a router stopped before this settle (a slow caller reading the end) leaves no
         estimate uncounted under the replay's correction."""
@@ -744,7 +747,8 @@ class Limiter:
     def unused(self, ticket: Ticket) -> None:
         """Gives an admitted request's reservation back whole, counting no cost: it called no
         model (served another call's answer, billed to that call, or refused before its
-        model call). Its place in the request rate stays taken, as an L1 hit's does."""
+        model call), or every model call it sent was refused by its replica before its
+        start. Its place in the request rate stays taken, as an L1 hit's does."""
         if ticket.policy.active and ticket.policy.tokens_per_min:
             self._count(ticket, ticket.replace_reservation(), 0)
 
