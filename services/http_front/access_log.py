@@ -2,7 +2,7 @@
 
 The router writes one line per Gateway call (``services.router.access_log``). A request the
 front answers with its own refusal never reaches it: no or an unknown key (401), the
-tenant's in-flight cap on this front (429), a body over ``HTTP_FRONT_MAX_BODY_BYTES`` (413)
+tenant's in-flight cap on this front (429), a request over ``HTTP_FRONT_MAX_BODY_BYTES`` (413)
 or too slow to come (408), a body or header it cannot read (400), a model it does not list
 (404), its own failure before the call (500). Such a request had only its span and metric;
 its line here has the router's logger (``cachemesh.access``), message (``access``) and

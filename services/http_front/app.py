@@ -35,7 +35,7 @@ from services.http_front.settings import HttpFrontSettings
 log = logging.getLogger("cachemesh.http_front")
 
 
-def build_app(front: Front, max_body_bytes: int) -> web.Application:
+def build_app(front: Front, max_json_bytes: int) -> web.Application:
     @web.middleware
     async def no_route(request: web.Request, handler: Handler) -> web.StreamResponse:
         if isinstance(request.match_info.http_exception, web.HTTPException):
@@ -45,8 +45,9 @@ def build_app(front: Front, max_body_bytes: int) -> web.Application:
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = SERVER  # not aiohttp's, which names its and Python's version
 
-    # aiohttp refuses a larger body itself on read; the front turns that into each API's 413
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[no_route])
+    # the front reads a body itself, up to ``max_json_bytes`` (``Front._body``); aiohttp's own
+    # reads (none today) stop there too
+    app = web.Application(client_max_size=max_json_bytes, middlewares=[no_route])
     app.on_response_prepare.append(server_header)
     app.router.add_post("/v1/messages", front.messages)
     app.router.add_post("/v1/chat/completions", front.chat_completions)
@@ -109,7 +110,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     )
     endpoint = MetricsEndpoint(settings.metrics, registry, ready=front.ready)
     runner = Runner(
-        build_app(front, settings.max_body_bytes),
+        build_app(front, settings.max_json_bytes),
         max_connections=max_connections,
         clock=clock,
         handle_signals=False,

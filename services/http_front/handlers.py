@@ -25,7 +25,7 @@ from services.http_front.gateway import Gateway
 from services.http_front.limits import InFlight
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.readiness import CachedVerdict
-from services.http_front.settings import HttpFrontSettings
+from services.http_front.settings import ESCAPE_EXPANSION, HttpFrontSettings
 
 log = logging.getLogger("cachemesh.http_front")
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -329,15 +329,18 @@ class Front:
         return tenant, key
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        limit = self._settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise _too_large(request.content_length, limit)
-        wait_s = self._settings.body_timeout_s
+        """The body's JSON, read up to ``max_json_bytes``: the size that counts is its
+        request's (``_sized``), which escapes do not swell. One over ``max_body_bytes`` is
+        parsed only when it holds no more JSON values than one under it could (parsing is the
+        cost that grows with them, not with its text's escapes)."""
+        settings = self._settings
+        most = settings.max_json_bytes
+        if request.content_length is not None and request.content_length > most:
+            raise _json_too_large(request.content_length, settings.max_body_bytes)
+        wait_s = settings.body_timeout_s
         try:
             async with asyncio.timeout(wait_s):
-                raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _too_large(None, limit) from None
+                raw = await _read(request, most)
         except TimeoutError:
             # a body dripped a byte at a time held its buffer and its connection for ever
             request[_BODY_CUT] = True
@@ -346,7 +349,27 @@ class Front:
                 f"request body not received whole within {wait_s:g} s of its headers; send "
                 "it without pauses (the connection is closed)",
             ) from None
+        if raw is None:
+            raise _json_too_large(None, settings.max_body_bytes)
+        if len(raw) > settings.max_body_bytes:
+            _few_values(raw, settings.max_body_bytes)
         return parse_body(raw)
+
+    def _sized(self, gw: pb.CompleteRequest) -> pb.CompleteRequest:
+        """``gw`` when the Gateway takes its size: it is measured as the router measures
+        ROUTER_MAX_REQUEST_BYTES (serialized), against HTTP_FRONT_MAX_BODY_BYTES."""
+        size = gw.ByteSize()
+        limit = self._settings.max_body_bytes
+        if size > limit:
+            raise ApiError(
+                "request_too_large",
+                f"request too large: {size:,} bytes as the Gateway's request (serialized, as "
+                f"the router measures it; the text, not its JSON escapes), at most {limit:,} "
+                "bytes (the HTTP front's HTTP_FRONT_MAX_BODY_BYTES, the Gateway's "
+                "ROUTER_MAX_REQUEST_BYTES): send a shorter prompt (fewer or shorter messages, "
+                "tools or documents), or ask the operator to raise both",
+            )
+        return gw
 
     # --- Anthropic ----------------------------------------------------------------------------
     async def _messages(
@@ -357,7 +380,7 @@ class Front:
                 await self._body(request), thinks_by_default=self._settings.thinks_by_default
             )
             facts.cache_options(request.headers, gw)
-            return await self._anthropic(request, gw, stream, key, traceparent)
+            return await self._anthropic(request, self._sized(gw), stream, key, traceparent)
 
     async def _anthropic(
         self, request: web.Request, gw: pb.CompleteRequest, stream: bool, key: str, traceparent: str
@@ -397,14 +420,20 @@ class Front:
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
-            body = await self._body(request)
-            model = body.get("model")
-            default = self._settings.default_max_tokens.get(
-                model if isinstance(model, str) else "", 1024
-            )
-            gw, stream, include_usage = openai_api.parse_request(body, default)
-            facts.cache_options(request.headers, gw)
+            gw, stream, include_usage = await self._chat_request(request)
             return await self._openai(request, gw, stream, include_usage, key, traceparent)
+
+    async def _chat_request(self, request: web.Request) -> tuple[pb.CompleteRequest, bool, bool]:
+        """The Gateway request of a chat completion, its body's JSON dropped (not held through
+        the call)."""
+        body = await self._body(request)
+        model = body.get("model")
+        default = self._settings.default_max_tokens.get(
+            model if isinstance(model, str) else "", 1024
+        )
+        gw, stream, include_usage = openai_api.parse_request(body, default)
+        facts.cache_options(request.headers, gw)
+        return self._sized(gw), stream, include_usage
 
     async def _openai(
         self,
@@ -559,13 +588,49 @@ def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
     trace.get_current_span().set_attribute("error.type", error.kind)
 
 
-def _too_large(size: int | None, limit: int) -> ApiError:
+async def _read(request: web.Request, most: int) -> bytes | None:
+    """The body, or None once it is over ``most`` bytes (decompressed). Not kept on the request,
+    as aiohttp's ``read`` keeps it until the response: through a call of minutes."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > most:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_too_large(size: int | None, limit: int) -> ApiError:
     got = f" ({size:,} bytes)" if size is not None else ""
     return ApiError(
         "request_too_large",
-        f"request body too large{got}: at most {limit:,} bytes (the HTTP front's "
-        "HTTP_FRONT_MAX_BODY_BYTES): send a shorter prompt, or ask the operator to raise it",
+        f"request body too large{got}: at most {limit * ESCAPE_EXPANSION:,} bytes of JSON "
+        f"({ESCAPE_EXPANSION} times the HTTP front's HTTP_FRONT_MAX_BODY_BYTES, a request of "
+        f"{limit:,} bytes, its text all written as \\uXXXX escapes): send a shorter prompt, or "
+        "ask the operator to raise it",
     )
+
+
+def _few_values(raw: bytes, limit: int) -> None:
+    """A 413 unless ``raw``, a body over ``limit``, holds at most ``limit`` commas and opening
+    brackets and braces. Each JSON value or member but the first follows one (a member's
+    value, its name's colon), so their count bounds what parsing builds: at most 1.5 times
+    what a body at the limit can (``[{},{},...]``: ``limit / 3`` objects there, ``limit / 2``
+    here). Unchecked, a body of ``ESCAPE_EXPANSION`` times the limit built six times as much
+    (``{},`` in 12 MiB: 300 MiB, seconds of the event loop). Each one in a request the Gateway
+    takes stands for a byte of it at least (a comma of its text; the tag of a message, a block,
+    a tool), so a request refused here is one the router refuses too (but for one padded with
+    fields the front drops, such as OpenAI's ``metadata``)."""
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    if values > limit:
+        raise ApiError(
+            "request_too_large",
+            f"request too large: its JSON holds {values:,} values (commas, brackets and "
+            f"braces) in {len(raw):,} bytes, over {limit:,}, the HTTP front's "
+            "HTTP_FRONT_MAX_BODY_BYTES (a request of that many bytes holds fewer): send a "
+            "shorter prompt (fewer messages, tools or items), or ask the operator to raise it",
+        )
 
 
 def _anthropic_events(

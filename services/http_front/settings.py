@@ -17,6 +17,11 @@ from services.router.settings import parse_replicas
 DEFAULT_LISTEN = "127.0.0.1:8088"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9106"
 MIN_BODY_BYTES = 1024
+# JSON may write any character as a ``\uXXXX`` escape, 6 bytes, where the Gateway's request
+# (UTF-8 in protobuf) holds it in 1 to 3 (a control character; é; 東; an emoji, 4 bytes, is a
+# pair of escapes, 12): a request of N bytes, its text all escapes, is up to this many times N.
+# Python's ``json.dumps`` and ``requests``' ``json=`` escape everything not ASCII: 2 to 3 times.
+ESCAPE_EXPANSION = 6
 DEFAULT_MAX_CONNECTIONS = 4096
 
 
@@ -25,7 +30,10 @@ class HttpFrontSettings:
     listen: str
     gateway_addr: str
     keys: KeyStoreSettings  # the shared API key file, as the router's
-    max_body_bytes: int  # a larger body is refused with 413 before it is read
+    # HTTP_FRONT_MAX_BODY_BYTES: the largest request the front passes on, measured as the router
+    # measures its ROUTER_MAX_REQUEST_BYTES (the Gateway request serialized: the text, not its
+    # JSON escapes); a body's JSON may be ``max_json_bytes`` (``ESCAPE_EXPANSION`` times it)
+    max_body_bytes: int
     # CACHEMESH_MAX_MESSAGE_BYTES: the largest message to and from the Gateway
     max_message_bytes: int
     max_in_flight_per_key: int  # per tenant (all its keys): one more concurrent request: 429
@@ -55,6 +63,12 @@ class HttpFrontSettings:
     metrics: MetricsSettings
     tls: ServerTls | None = None  # HTTP_FRONT_TLS_*: HTTPS, optionally client certificates
     gateway_tls: ClientTls | None = None  # HTTP_FRONT_GATEWAY_TLS_*: how it dials the Gateway
+
+    @property
+    def max_json_bytes(self) -> int:
+        """The most a body's JSON may be: a longer one is refused (413) before it is read
+        whole. A request under ``max_body_bytes`` written in escapes is this long."""
+        return self.max_body_bytes * ESCAPE_EXPANSION
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> HttpFrontSettings:
@@ -89,11 +103,12 @@ class HttpFrontSettings:
 
 def max_body_bytes(env: Env, message_bytes: int) -> int:
     """HTTP_FRONT_MAX_BODY_BYTES, at most CACHEMESH_MAX_MESSAGE_BYTES (``message_bytes``;
-    unset: the Gateway's own default, 2 MiB or half that limit when lower, so that a body the
-    front takes is one the Gateway takes too). A body goes to the Gateway as one message no
-    larger than its JSON (names, quotes and escapes drop out; the text is as long): above the
-    message limit, a body the front took was refused by gRPC (a 413 quoting "CLIENT: Sent
-    message larger than max")."""
+    unset: the Gateway's own default, 2 MiB or half that limit when lower, so that a request the
+    front takes is one the Gateway takes too). It bounds the request the front sends on, as the
+    router's ROUTER_MAX_REQUEST_BYTES does (``CompleteRequest.ByteSize()``), not the body's JSON:
+    a body of text written as ``\\uXXXX`` escapes is several times its request (a body bound
+    at this refused requests the router takes). Above the message limit, a request the front
+    took was refused by gRPC (a 413 quoting "CLIENT: Sent message larger than max")."""
     name = "HTTP_FRONT_MAX_BODY_BYTES"
     default = default_request_bytes(message_bytes)
     if env.optional_str(name) is None and default < MIN_BODY_BYTES:
@@ -109,10 +124,10 @@ def max_body_bytes(env: Env, message_bytes: int) -> int:
     if value > message_bytes:
         raise ConfigError(
             f"{name} ({value}) must be at most CACHEMESH_MAX_MESSAGE_BYTES ({message_bytes}): "
-            "the front sends each body to the Gateway as one gRPC message under that limit, "
-            "no larger than the body's JSON; raise CACHEMESH_MAX_MESSAGE_BYTES (and the "
-            "router's ROUTER_MAX_REQUEST_BYTES, which bounds what the Gateway takes), or "
-            "lower this"
+            "the front sends each request to the Gateway as one gRPC message under that limit "
+            "(this bounds the request, as the router measures it); raise "
+            "CACHEMESH_MAX_MESSAGE_BYTES (and the router's ROUTER_MAX_REQUEST_BYTES, which "
+            "bounds what the Gateway takes), or lower this"
         )
     return value
 

@@ -53,7 +53,8 @@ async def test_each_refusal_of_the_front_has_one_access_line_without_the_key(
 
         await post(ASK, {**CLAUDE_HEADERS, "x-api-key": WRONG_KEY})  # 401 unknown key
         await post(ASK, {"anthropic-version": "2023-06-01"})  # 401 no key
-        await post(b"{" + b" " * 5000 + b"}", CLAUDE_HEADERS)  # 413 over 4096 bytes
+        too_long = b'[{"role": "user", "content": "' + b"m" * 5000 + b'"}]}'
+        await post(ASK[: -len(HI)] + too_long, CLAUDE_HEADERS)  # 413 over 4096 bytes
         await post(b'{"model": "sim-large", "max', CLAUDE_HEADERS)  # 400 not JSON
         chat = f"{front.base}/v1/chat/completions"
         await post(b'{"model": "sim-large", "messages": 7}', GPT_HEADERS, chat)  # 400 its shape

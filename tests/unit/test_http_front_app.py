@@ -395,6 +395,8 @@ DEEP_ARGUMENTS = json.dumps(
         ],
     }
 ).encode()
+# a request of 5,0xx bytes (the Gateway's measure: its text), over HTTP_FRONT_MAX_BODY_BYTES here
+LONG = b'[{"role": "user", "content": "' + b"m" * 5000 + b'"}]}'
 CLAUDE_HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
 GPT_HEADERS = {"authorization": f"Bearer {KEY}"}
 # numbers Python's json reads but JSON has not (the provider SDKs then refuse to send the body;
@@ -420,13 +422,13 @@ NAN_ARGUMENTS = DEEP_ARGUMENTS.replace(
         ("/v1/messages", b'{"model": "m"}', {"anthropic-version": "2023-06-01"}, 401,
          "authentication_error"),
         ("/v1/messages", b'{"model": "m"}', {"x-api-key": KEY}, 400, "invalid_request_error"),
-        ("/v1/messages", b'{"model": "' + b"m" * 5000 + b'"}', CLAUDE_HEADERS, 413,
-         "request_too_large"),
+        ("/v1/messages", b'{"model": "sim-large", "max_tokens": 5, "messages": ' + LONG,
+         CLAUDE_HEADERS, 413, "request_too_large"),
         ("/v1/chat/completions", b"[]", GPT_HEADERS, 400, "invalid_request_error"),
         ("/v1/chat/completions", b"{}", {"authorization": "Bearer cm_nope"}, 401,
          "invalid_request_error"),
-        ("/v1/chat/completions", b"{" + b" " * 5000 + b"}", GPT_HEADERS, 413,
-         "invalid_request_error"),
+        ("/v1/chat/completions", b'{"model": "sim-large", "messages": ' + LONG, GPT_HEADERS,
+         413, "invalid_request_error"),
         ("/v1/messages", LONE_SURROGATE, CLAUDE_HEADERS, 400, "invalid_request_error"),
         ("/v1/chat/completions", LONE_SURROGATE, GPT_HEADERS, 400, "invalid_request_error"),
         ("/v1/messages", LONE_SURROGATE.decode().encode("utf-16"), CLAUDE_HEADERS, 400,
@@ -446,7 +448,7 @@ async def test_bad_input_is_refused_in_the_apis_shape_before_the_gateway(
     error = reply["error"]
     assert error["type"] == kind and error["message"]
     if status == 413:  # the size, the limit, and the setting to raise: "at most 1,048,576 bytes"
-        assert "(5,0" in error["message"] and "at most 4,096 bytes" in error["message"]
+        assert "too large: 5,0" in error["message"] and "at most 4,096 bytes" in error["message"]
         assert "HTTP_FRONT_MAX_BODY_BYTES" in error["message"]
     if path == "/v1/messages":
         assert reply["type"] == "error"
