@@ -361,6 +361,8 @@ class Front:
         size = gw.ByteSize()
         limit = self._settings.max_body_bytes
         if size > limit:
+            # as the router's span of a request over its limit says it
+            trace.get_current_span().set_attribute("cachemesh.request_bytes", size)
             raise ApiError(
                 "request_too_large",
                 f"request too large: {size:,} bytes as the Gateway's request (serialized, as "

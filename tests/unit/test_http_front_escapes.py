@@ -15,8 +15,12 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.http_front import app
 from tests.unit.test_http_front_app import (
     CLAUDE_HEADERS,
     GPT_HEADERS,
@@ -162,3 +166,21 @@ async def test_a_body_over_the_limit_of_many_values_is_refused_before_it_is_pars
         else:
             assert said.startswith("messages.0")
     assert front.gateway.calls == 0
+
+
+async def test_the_refusals_span_says_the_requests_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the router's span of a request over ROUTER_MAX_REQUEST_BYTES says it."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    body = json.dumps(_request("/v1/messages", _prose(LIMIT + 1000))).encode()
+    async with serving(tmp_path, FakeGateway(), HTTP_FRONT_MAX_BODY_BYTES=str(LIMIT)) as served:
+        front = Front(served.base, served.stop, served.metrics, FakeGateway())
+        status, reply = await _raw(front, "/v1/messages", body, CLAUDE_HEADERS)
+    assert status == 413
+    served_spans: list[Any] = [s for s in spans.get_finished_spans() if s.name.startswith("POST")]
+    (span,) = served_spans
+    assert span.attributes["cachemesh.request_bytes"] == _measured(reply["error"]["message"])

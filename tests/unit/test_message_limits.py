@@ -107,7 +107,8 @@ def test_the_message_limits_agree_along_the_path(env: dict[str, str]) -> None:
         PrefixCacheSettings.from_env(Env(full)).server,
         ModelSettings.from_env(full).server,
     ]
-    # the front's body becomes a message no larger than its JSON, which the router reads
+    # the front sends a request of at most its limit, measured as the router measures its own
+    # (serialized), as one message
     assert front.max_body_bytes <= router.max_request_bytes
     assert front.max_body_bytes <= front.max_message_bytes
     # the router reads twice what it takes, no more than any service's message limit
