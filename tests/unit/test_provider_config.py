@@ -243,3 +243,27 @@ def test_own_prices_keep_the_long_context_rates_ratio_to_the_prices() -> None:
     long = table.models["gpt-5-4"].long_context
     assert long is not None and long.above_tokens == 272_000
     assert (long.input_nanos, long.output_nanos, long.cache_read_nanos) == (2500, 11250, 250)
+
+
+@pytest.mark.parametrize("given", ["direct", "file"])
+def test_a_key_with_a_space_is_refused_naming_the_variable_not_the_key(
+    tmp_path: Path, given: str
+) -> None:
+    spaced = "sk-ant-api03 secret"
+    path = tmp_path / "key"
+    path.write_text(spaced + "\n")
+    env = (
+        {"ANTHROPIC_API_KEY": spaced}
+        if given == "direct"
+        else {"ANTHROPIC_API_KEY_FILE": str(path)}
+    )
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY: must be one key") as caught:
+        ProviderSettings.from_env(Env(env), "anthropic")
+    assert "secret" not in str(caught.value)
+
+
+def test_a_key_file_too_large_to_be_a_key_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"x" * (1 << 20))
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY_FILE: .* is larger than"):
+        ProviderSettings.from_env(Env({"ANTHROPIC_API_KEY_FILE": str(path)}), "anthropic")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
@@ -98,25 +97,13 @@ class ProviderSettings:
 
 
 def read_api_key(env: Env, prefix: str) -> Secret | None:
-    direct = env.optional_str(f"{prefix}_API_KEY")
-    path = env.optional_str(f"{prefix}_API_KEY_FILE")
-    if direct and path:
-        raise ConfigError(f"set {prefix}_API_KEY or {prefix}_API_KEY_FILE, not both")
-    if path:
-        try:
-            value = Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"{prefix}_API_KEY_FILE: cannot read {path[:200]!r} ({exc.strerror})"
-            ) from None
-        if not value:
-            raise ConfigError(f"{prefix}_API_KEY_FILE: {path[:200]!r} is empty")
-        if any(c.isspace() for c in value):
-            raise ConfigError(
-                f"{prefix}_API_KEY_FILE: {path[:200]!r} must hold one key on one line"
-            )
-        return Secret(value)
-    return Secret(direct) if direct else None
+    """``<prefix>_API_KEY``, or the file ``<prefix>_API_KEY_FILE`` names (read as every
+    secret file is: ``Env.secret``), one key without spaces; None when neither is set."""
+    name = f"{prefix}_API_KEY"
+    value = env.secret(name)
+    if value is not None and any(c.isspace() for c in value):
+        raise ConfigError(f"{name}: must be one key, without spaces or line breaks (not shown)")
+    return Secret(value) if value is not None else None
 
 
 def parse_upstream_ids(value: str) -> dict[str, str]:
