@@ -118,11 +118,20 @@ class Recorded:
     answer: pb.CompleteResponse
 
 
+def new_claim(fingerprint: str) -> Claimed:
+    """A claim on an id for one call (``fingerprint``: its request's), not yet taken: its
+    value is unique to the call, so the call can give it back (``give_back`` deletes only a
+    claim that is still this value) even when the reply of the ``claim`` that took it never
+    reached it (its caller's cancel cut it)."""
+    return Claimed(_CLAIM + fingerprint.encode() + uuid.uuid4().hex.encode())
+
+
 class AnswerLedger(Protocol):
     async def claim(
-        self, tenant: str, request_id: str, fingerprint: str
+        self, tenant: str, request_id: str, fingerprint: str, mine: Claimed | None = None
     ) -> Claimed | Running | Recorded:
-        """Takes the id for this call, or says what holds it."""
+        """Takes the id for this call (as ``mine``, from ``new_claim(fingerprint)``; None: a
+        new one), or says what holds it."""
         ...
 
     async def hold(self, tenant: str, request_id: str, claimed: Claimed) -> None:
@@ -171,17 +180,17 @@ class RedisAnswerLedger:
         self._record = redis.register_script(_RECORD)
 
     async def claim(
-        self, tenant: str, request_id: str, fingerprint: str
+        self, tenant: str, request_id: str, fingerprint: str, mine: Claimed | None = None
     ) -> Claimed | Running | Recorded:
-        value = _CLAIM + fingerprint.encode() + uuid.uuid4().hex.encode()
+        mine = mine if mine is not None else new_claim(fingerprint)
         try:
             held = await self._take(
-                keys=[ledger_key(tenant, request_id)], args=[value, self._lease_ms]
+                keys=[ledger_key(tenant, request_id)], args=[mine.value, self._lease_ms]
             )
         except RedisError as exc:
             raise LedgerUnavailable(f"{type(exc).__name__}: {exc}") from None
         if not isinstance(held, bytes):  # 1: taken
-            return Claimed(value)
+            return mine
         if held.startswith(_CLAIM):
             return Running(held[1 : 1 + _FINGERPRINT_BYTES].decode())
         try:

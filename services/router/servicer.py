@@ -37,6 +37,7 @@ from services.router.answer_ledger import (
     LedgerUnavailable,
     Recorded,
     Running,
+    new_claim,
 )
 from services.router.breaker import Breaker
 from services.router.idempotency import (
@@ -451,14 +452,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         while True:
             if self._left_alone("claim"):
                 return None
+            mine = new_claim(mark)  # this call's, should the reply never reach it
             try:
                 async with asyncio.timeout(LEDGER_TIMEOUT_S):
-                    found = await self._ledger.claim(tenant, request.request_id, mark)
+                    found = await self._ledger.claim(tenant, request.request_id, mark, mine)
             except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
                 self._ledger_failed("claim")
                 self._ledger_broke(exc)
                 self._log_ledger("claim", "claim failed (%s); serving the call anew", exc)
                 return None
+            except asyncio.CancelledError:
+                # its caller left as the claim was out: Redis may hold it for this call, which
+                # never learnt so (it was held until its lease lapsed, and a repeat of the id
+                # on another router waited on it): given back, if it is still this call's
+                self._give_back(tenant, request.request_id, mine)
+                raise
             self._ledger_answered()
             if isinstance(found, Claimed):
                 return found

@@ -761,9 +761,9 @@ class CountingLedger(RedisAnswerLedger):
         super().__init__(Redis.from_url(url), ttl_s=60)
         self.calls: list[str] = []
 
-    async def claim(self, tenant: str, request_id: str, fingerprint: str) -> Any:
+    async def claim(self, tenant: str, request_id: str, fingerprint: str, *mine: Any) -> Any:
         self.calls.append("claim")
-        return await super().claim(tenant, request_id, fingerprint)
+        return await super().claim(tenant, request_id, fingerprint, *mine)
 
     async def record(self, tenant: str, request_id: str, fingerprint: str, answer: Any) -> None:
         self.calls.append("record")

@@ -112,8 +112,8 @@ class WatchedLedger(RedisAnswerLedger):
         self.cancel_at_reply: asyncio.Task[Any] | None = None
         self.drops_it = False
 
-    async def claim(self, tenant: str, request_id: str, fingerprint: str) -> Any:
-        found = await super().claim(tenant, request_id, fingerprint)
+    async def claim(self, tenant: str, request_id: str, fingerprint: str, *mine: Any) -> Any:
+        found = await super().claim(tenant, request_id, fingerprint, *mine)
         if isinstance(found, Running):
             self.waiting.set()
             if self.cancel_at_reply is not None:
