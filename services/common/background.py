@@ -8,13 +8,15 @@ library call may swallow one. redis-py sends each command under ``asyncio.wait_f
 socket timeout), and Python 3.11's ``wait_for`` returns the inner call's outcome, dropping the
 cancel, when that call ends in the same turn of the event loop as the cancel comes (fixed in
 3.12). The task then reads ``cancelling()`` but is thrown nothing more: a loop went on for
-ever (prefix-cache's Redis health: a test awaiting its end hung in 3 of 5 runs)."""
+ever (prefix-cache's Redis health: a test awaiting its end hung in 3 of 5 runs). A request on
+its way to a model call checks the same way right after each such call (``unless_cancelled``),
+or goes on to the model call for a caller that left."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 log = logging.getLogger("cachemesh.server")
@@ -25,6 +27,7 @@ TASKS_END_S = 1.0
 
 
 _Task = TypeVar("_Task", bound="asyncio.Future[Any]")
+_T = TypeVar("_T")
 
 
 async def cancel_within(tasks: Sequence[_Task], bound_s: float, what: str) -> list[_Task]:
@@ -57,6 +60,19 @@ def end_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def unless_cancelled(call: Awaitable[_T]) -> _T:
+    """``call``'s outcome, unless the running task was cancelled while it ran and that cancel
+    was lost under it (module doc): then ``CancelledError``, whatever ``call`` returned or
+    raised, so its caller ends here, not after what it does next with that outcome."""
+    try:
+        result = await call
+    except Exception:
+        end_if_cancelled()
+        raise
+    end_if_cancelled()
+    return result
 
 
 def _name(task: asyncio.Future[Any]) -> str:

@@ -20,7 +20,7 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common import rpc_tracing
 from services.common.aborts import abort
 from services.common.auth import AmbiguousCredential, KeyLookup, bearer_token
-from services.common.background import end_if_cancelled
+from services.common.background import unless_cancelled
 from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.grace import GraceEnd
@@ -455,7 +455,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             mine = new_claim(mark)  # this call's, should the reply never reach it
             try:
                 async with asyncio.timeout(LEDGER_TIMEOUT_S):
-                    found = await self._ledger.claim(tenant, request.request_id, mark, mine)
+                    # a cancel lost under the claim (redis-py sends under ``wait_for``,
+                    # ``services.common.background``) ends the call here: it went on to its
+                    # model call, for a caller that had left
+                    found = await unless_cancelled(
+                        self._ledger.claim(tenant, request.request_id, mark, mine)
+                    )
             except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
                 self._ledger_failed("claim")
                 self._ledger_broke(exc)
@@ -475,7 +480,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if isinstance(found, Recorded):
                 return found.answer
             assert isinstance(found, Running)
-            end_if_cancelled()  # a cancel redis-py dropped (background.py): its caller left
             left_s = math.inf if wait_until is None else wait_until - loop.time()
             if left_s <= 0:
                 raise RequestError(

@@ -4,23 +4,37 @@ model call: the claim's script has run in Redis (the id is claimed for this call
 - ``cut``: the cancel cuts the reply (``CancelledError`` out of the claim, as when it lands
   while redis-py reads the reply). The call never learnt it held the claim: it stayed in Redis
   until its 10 s lease lapsed, and a repeat of the id on another router waited on a call that
-  was gone. It is given back (compare-and-delete by the claim's own token).
+  was gone. It is given back (compare-and-delete by the claim's own token);
+- ``dropped``: the cancel is dropped under the claim, which returns its reply (Python 3.11's
+  ``asyncio.wait_for``, which redis-py sends each command under, does so when the cancel comes
+  in the same turn of the event loop as the reply: ``services.common.background``). The call
+  went on to its model call for a caller that had left. It ends at the claim.
 
 Both for a call marked as a retry (it claims before anything else) and an unmarked one with
 its own request_id (it claims once L1 missed, just before its model call), each RPC. The
 ledger is a real Redis; the cancel is made by the ledger in the same loop turn as its reply,
 so each case is deterministic.
+
+The other Redis call on the way to the model call, the limits' admit, is made in a task of its
+own that the call awaits shielded (``Limiter._ask``): a cancel its redis-py drops is not the
+call's. Checked here all the same, the cancel landing at each of the turns around its reply
+(with ``wait_for`` in place of that shield each of them made the model call).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from functools import partial
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from cachemesh import build_request
+from services.common.clock import SystemClock
 from services.router.answer_ledger import Running, ledger_key
+from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from tests.unit.test_router_answer_ledger import (
     RETRY,
     FakeContext,
@@ -29,7 +43,7 @@ from tests.unit.test_router_answer_ledger import (
     _router,
 )
 
-CASES = ["cut"]
+CASES = ["cut", "dropped"]
 METHODS = ["Complete", "StreamComplete"]
 MARKS = {"marked": (RETRY,), "unmarked": ()}
 
@@ -46,9 +60,12 @@ async def _cancelled_at_the_claims_reply(ledger: Any, how: str) -> Any:
         task = asyncio.current_task()
         assert task is not None
         task.cancel()  # the caller leaves, in the same turn as the reply came
-        assert how == "cut"
-        await asyncio.sleep(0)  # raises CancelledError: the reply is lost with it
-        raise AssertionError("unreachable: the cancel is thrown in")
+        if how == "cut":
+            await asyncio.sleep(0)  # raises CancelledError: the reply is lost with it
+            raise AssertionError("unreachable: the cancel is thrown in")
+        with contextlib.suppress(asyncio.CancelledError):  # thrown nothing more
+            await asyncio.sleep(0)
+        return found
 
     ledger.claim = cancelled
     return ledger
@@ -67,7 +84,8 @@ async def test_a_call_cancelled_as_its_claims_reply_comes_ends_there_and_leaves_
     redis_url: str, method: str, marked: str, how: str
 ) -> None:
     """Before: ``cut`` left the claim held for its lease (the key's TTL ~10,000 ms after the
-    call ended). Now: the id is free for a repeat at once."""
+    call ended); ``dropped`` made the model call (1 run) and recorded its answer, for a caller
+    that had left. Now: no model call, and the id is free for a repeat at once."""
     client = Redis.from_url(redis_url)
     await client.flushdb()
     pipeline = FakePipeline()
@@ -85,4 +103,59 @@ async def test_a_call_cancelled_as_its_claims_reply_comes_ends_there_and_leaves_
         )
     finally:
         await client.aclose()
+        await ledger.close()
+
+
+class CancellingStore(MemoryLimitStore):
+    """Admits (reserving the request's tokens), and has ``caller`` cancelled ``turns`` turns of
+    the event loop after its reply is made (0: in the same one); records each settle's
+    refund."""
+
+    def __init__(self, turns: int) -> None:
+        super().__init__()
+        self.turns = turns
+        self.caller: asyncio.Future[Any] | None = None
+        self.refunds: list[int] = []
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Any:
+        refusal = await super().admit(*args, **kwargs)
+        assert self.caller is not None
+        cancel: Any = self.caller.cancel
+        for _ in range(self.turns):
+            cancel = partial(asyncio.get_running_loop().call_soon, cancel)
+        cancel()
+        return refusal
+
+    async def settle(
+        self, tenant: str, policy: Any, refund_tokens: int, *args: Any, **kw: Any
+    ) -> None:
+        self.refunds.append(refund_tokens)
+        await super().settle(tenant, policy, refund_tokens, *args, **kw)
+
+
+# 0: as the store's reply is made; 1: before the shield hands it over; 2: once it did, before
+# the call reads it (where Python 3.11's ``wait_for`` drops a cancel); 3 would be after the
+# call ended (the fake pipeline makes no await)
+@pytest.mark.parametrize("turns", [0, 1, 2])
+async def test_a_call_cancelled_as_its_limits_admit_it_ends_there_and_gives_back(
+    redis_url: str, turns: int
+) -> None:
+    store = CancellingStore(turns)
+    limiter = Limiter(
+        store, UniformPolicies(LimitPolicy(tokens_per_min=100_000)), SystemClock(), lambda _: 10
+    )
+    pipeline = FakePipeline()
+    servicer, _, ledger = _router(redis_url, limits=limiter, pipeline=pipeline)
+    try:
+        # no request_id of its own: no claim (whose check would end it) after the admit
+        anonymous = build_request("What is a KV cache?", model="sim-small")
+        call = store.caller = asyncio.ensure_future(
+            servicer.Complete(anonymous, FakeContext())  # type: ignore[arg-type]
+        )
+        await asyncio.gather(call, return_exceptions=True)
+        await limiter.drain()
+        assert pipeline.runs == 0 and call.cancelled()
+        assert store.refunds == [10 + _request().max_tokens]  # its reservation, given back
+    finally:
+        await limiter.close()
         await ledger.close()
