@@ -45,6 +45,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.background import unless_cancelled
 from services.router.renewals import Renewals
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,12 @@ class RedisAnswerLedger:
             timeout_s = min(schedule.normal_s, max(schedule.wait_s, schedule.least_s))
             try:
                 async with asyncio.timeout(timeout_s):
-                    ours = await self._renew(keys=[key], args=[claimed.value, self._lease_ms])
+                    # its call's end cancels it: a cancel lost under the renewal (redis-py's
+                    # ``wait_for``, ``services.common.background``) ends it here, or it went on
+                    # renewing the claim for as long as it was there
+                    ours = await unless_cancelled(
+                        self._renew(keys=[key], args=[claimed.value, self._lease_ms])
+                    )
             except (RedisError, TimeoutError) as exc:
                 self._failed("renew")
                 again = schedule.failed()

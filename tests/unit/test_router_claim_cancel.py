@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 
 from cachemesh import build_request
 from services.common.clock import SystemClock
-from services.router.answer_ledger import Running, ledger_key
+from services.router.answer_ledger import Claimed, RedisAnswerLedger, Running, ledger_key
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from tests.unit.test_router_answer_ledger import (
     RETRY,
@@ -41,6 +41,7 @@ from tests.unit.test_router_answer_ledger import (
     FakePipeline,
     _request,
     _router,
+    _virtual_time,
 )
 
 CASES = ["cut", "dropped"]
@@ -158,4 +159,36 @@ async def test_a_call_cancelled_as_its_limits_admit_it_ends_there_and_gives_back
         assert store.refunds == [10 + _request().max_tokens]  # its reservation, given back
     finally:
         await limiter.close()
+        await ledger.close()
+
+
+async def test_a_cancel_dropped_under_a_renewal_ends_the_claims_holder(redis_url: str) -> None:
+    """The call ended: its claim's renewing task is cancelled as a renewal's reply comes, and
+    redis-py's ``wait_for`` drops the cancel. Before, the holder slept and renewed again, each
+    third of the lease, for as long as its claim was there (a call whose give-back failed, its
+    Redis failing at that moment: until the router stopped, a repeat on another router waiting
+    on a call that was gone): here 5 renewals after its cancel, until the test stopped it. Now
+    it ends at the renewal."""
+    slept, sleep, clock = _virtual_time(sleeps=5)
+    client = Redis.from_url(redis_url)
+    ledger = RedisAnswerLedger(client, ttl_s=60, lease_s=30, sleep=sleep, clock=clock)
+    try:
+        claimed = await ledger.claim("tenant-a", "req-d", "f" * 64)
+        assert isinstance(claimed, Claimed)
+        renew = ledger._renew
+
+        async def dropping(*args: Any, **kwargs: Any) -> Any:
+            ours = await renew(*args, **kwargs)
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # the call ended, in the same turn as the reply came
+            with contextlib.suppress(asyncio.CancelledError):  # thrown nothing more
+                await asyncio.sleep(0)
+            return ours
+
+        ledger._renew = dropping  # type: ignore[assignment]
+        with pytest.raises(asyncio.CancelledError):
+            await ledger.hold("tenant-a", "req-d", claimed)
+        assert len(slept) == 1, f"renewed {len(slept) - 1} times after its cancel"
+    finally:
         await ledger.close()
