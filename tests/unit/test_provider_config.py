@@ -265,5 +265,5 @@ def test_a_key_with_a_space_is_refused_naming_the_variable_not_the_key(
 def test_a_key_file_too_large_to_be_a_key_is_refused_unread(tmp_path: Path) -> None:
     path = tmp_path / "key"
     path.write_bytes(b"x" * (1 << 20))
-    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY_FILE: .* is larger than"):
+    with pytest.raises(ConfigError, match=r"ANTHROPIC_API_KEY_FILE: .* is larger than"):
         ProviderSettings.from_env(Env({"ANTHROPIC_API_KEY_FILE": str(path)}), "anthropic")
