@@ -33,9 +33,10 @@ async def _refusing(request: bytes, context: Any) -> bytes:
 
 def _held_past_the_deadline(context: Any) -> None:
     """Holds the event loop until the call's deadline has passed (and gRPC's own threads have
-    had 50 ms to finish the call): gRPC has finished the call but not yet cancelled its
-    handler (a busy loop), as a short client deadline meets."""
-    until = time.monotonic() + context.time_remaining() + 0.05
+    had 250 ms to finish the call: 50 ms were too few once, with two test workers on two
+    cores): gRPC has finished the call but not yet cancelled its handler (a busy loop), as a
+    short client deadline meets."""
+    until = time.monotonic() + context.time_remaining() + 0.25
     while time.monotonic() < until:
         pass
 
@@ -124,10 +125,10 @@ async def _late(channel: grpc.aio.Channel, method: str, caplog: pytest.LogCaptur
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _call(channel, method)(b"x", timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(100):  # the server's handler may end after the client's call did
+    for _ in range(500):  # the server's handler may end after the client's call did
         if any("cancelled" in r.getMessage() for r in caplog.records):
             break
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
 
 
 async def test_an_abort_of_a_call_over_is_no_error(
