@@ -3,8 +3,9 @@
 The router writes one line per Gateway call (``services.router.access_log``). A request the
 front answers with its own refusal never reaches it: no or an unknown key (401), the
 tenant's in-flight cap on this front (429), a request over ``HTTP_FRONT_MAX_BODY_BYTES`` (413)
-or too slow to come (408), a body or header it cannot read (400), a model it does not list
-(404), its own failure before the call (500). Such a request had only its span and metric;
+or too slow to come (408), a body with no room in ``HTTP_FRONT_BODY_BUDGET_BYTES`` (529 /
+503), a body or header it cannot read (400), a model it does not list (404), its own failure
+before the call (500). Such a request had only its span and metric;
 its line here has the router's logger (``cachemesh.access``), message (``access``) and
 fields: ``tenant`` (empty when the key was refused), ``request_id`` (the id the refusal's
 response carries in ``request-id`` / ``x-request-id``), ``method`` (the HTTP method and

@@ -28,7 +28,7 @@ from services.http_front.connections import AcceptErrors, fit_open_files
 from services.http_front.gateway import Gateway
 from services.http_front.handlers import Front
 from services.http_front.http_server import MAX_FIELD_SIZE, MAX_HEADERS, SERVER, Runner
-from services.http_front.limits import InFlight
+from services.http_front.limits import BodyBudget, InFlight
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.settings import HttpFrontSettings
 
@@ -99,14 +99,16 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         max_message_bytes=settings.max_message_bytes,
     )
     registry = new_registry()
+    metrics = HttpFrontMetrics(registry, time.perf_counter)
     front = Front(
         settings,
         keys,
         gateway,
         InFlight(settings.max_in_flight_per_key),
         provider.get_tracer("cachemesh.http_front"),
-        metrics=HttpFrontMetrics(registry, time.perf_counter),
+        metrics=metrics,
         refusals=RefusalLog(lines),
+        body_budget=BodyBudget(settings.body_budget_bytes, metrics.body_bytes),
     )
     endpoint = MetricsEndpoint(settings.metrics, registry, ready=front.ready)
     runner = Runner(

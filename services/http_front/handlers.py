@@ -19,10 +19,10 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import KeyLookup
 from services.http_front import anthropic_api, facts, openai_api, sse
 from services.http_front.access_log import RefusalLog
-from services.http_front.errors import Api, ApiError, invalid
+from services.http_front.errors import RATE_LIMIT_RETRY_AFTER_S, Api, ApiError, invalid
 from services.http_front.fields import parse_body
 from services.http_front.gateway import Gateway
-from services.http_front.limits import InFlight
+from services.http_front.limits import BODY_WAIT_S, BodyBudget, BodyFull, InFlight, Reading
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.readiness import CachedVerdict
 from services.http_front.settings import ESCAPE_EXPANSION, HttpFrontSettings
@@ -105,6 +105,8 @@ class Front:
         # ages the cached readiness verdict; times a refusal's access line
         monotonic: Callable[[], float] = time.monotonic,
         refusals: RefusalLog | None = None,
+        # the bytes of bodies being read, all requests together (HTTP_FRONT_BODY_BUDGET_BYTES)
+        body_budget: BodyBudget | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
@@ -115,6 +117,12 @@ class Front:
         self._metrics = metrics
         self._monotonic = monotonic
         self._refusals = refusals if refusals is not None else RefusalLog()
+        if body_budget is None:
+            gauge = metrics.body_bytes if metrics is not None else None
+            body_budget = BodyBudget(settings.body_budget_bytes, gauge)
+        self._body_budget = body_budget
+        # how long a body waits for room in the budget before its refusal
+        self._body_wait_s = min(BODY_WAIT_S, settings.body_timeout_s)
         self.draining = False
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
 
@@ -328,19 +336,34 @@ class Front:
                 )
         return tenant, key
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _body(self, api: Api, request: web.Request) -> dict[str, Any]:
         """The body's JSON, read up to ``max_json_bytes``: the size that counts is its
         request's (``_sized``), which escapes do not swell. One over ``max_body_bytes`` is
         parsed only when it holds no more JSON values than one under it could (parsing is the
-        cost that grows with them, not with its text's escapes)."""
+        cost that grows with them, not with its text's escapes). Its bytes are taken of the
+        front's ``BodyBudget`` from before they are read until it is parsed: no room, a 529 /
+        503 the SDKs retry (``_no_room``)."""
         settings = self._settings
         most = settings.max_json_bytes
         if request.content_length is not None and request.content_length > most:
             raise _json_too_large(request.content_length, settings.max_body_bytes)
+        with self._body_budget.reading() as held:
+            try:
+                # before the body's deadline: a wait here is the front's, not the caller's
+                await held.reserve(request.content_length or 0, self._body_wait_s)
+                raw = await self._read_in_time(request, held)
+            except BodyFull:
+                raise self._no_room(api, request) from None
+            if len(raw) > settings.max_body_bytes:
+                _few_values(raw, settings.max_body_bytes)
+            return parse_body(raw)
+
+    async def _read_in_time(self, request: web.Request, held: Reading) -> bytes:
+        settings = self._settings
         wait_s = settings.body_timeout_s
         try:
             async with asyncio.timeout(wait_s):
-                raw = await _read(request, most)
+                raw = await _read(request, settings.max_json_bytes, held)
         except TimeoutError:
             # a body dripped a byte at a time held its buffer and its connection for ever
             request[_BODY_CUT] = True
@@ -351,9 +374,26 @@ class Front:
             ) from None
         if raw is None:
             raise _json_too_large(None, settings.max_body_bytes)
-        if len(raw) > settings.max_body_bytes:
-            _few_values(raw, settings.max_body_bytes)
-        return parse_body(raw)
+        return raw
+
+    def _no_room(self, api: Api, request: web.Request) -> ApiError:
+        """The refusal of a body the front's ``BodyBudget`` had no room for: the front's
+        overload (529 / 503, ``retry-after``), which both SDKs retry. The rest of its body is
+        read and dropped after the refusal (aiohttp's lingering read, up to 10 s): closed at
+        once, a connection whose caller is still sending is reset, and its SDK may see no
+        answer but the reset."""
+        if self._metrics is not None:
+            self._metrics.body_refused(api)
+        size = request.content_length
+        sized = f"its {size:,} bytes" if size is not None else "its bytes"
+        return ApiError(
+            "overloaded",
+            f"the HTTP front is busy reading other requests' bodies: no room for {sized} "
+            f"within {self._body_wait_s:g} s (it reads at most "
+            f"{self._body_budget.limit:,} bytes of bodies at once, its "
+            "HTTP_FRONT_BODY_BUDGET_BYTES); retry shortly",
+            retry_after_s=RATE_LIMIT_RETRY_AFTER_S,
+        )
 
     def _sized(self, gw: pb.CompleteRequest) -> pb.CompleteRequest:
         """``gw`` when the Gateway takes its size: it is measured as the router measures
@@ -379,7 +419,8 @@ class Front:
     ) -> web.StreamResponse:
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
             gw, stream = anthropic_api.parse_request(
-                await self._body(request), thinks_by_default=self._settings.thinks_by_default
+                await self._body("anthropic", request),
+                thinks_by_default=self._settings.thinks_by_default,
             )
             facts.cache_options(request.headers, gw)
             return await self._anthropic(request, self._sized(gw), stream, key, traceparent)
@@ -428,7 +469,7 @@ class Front:
     async def _chat_request(self, request: web.Request) -> tuple[pb.CompleteRequest, bool, bool]:
         """The Gateway request of a chat completion, its body's JSON dropped (not held through
         the call)."""
-        body = await self._body(request)
+        body = await self._body("openai", request)
         model = body.get("model")
         default = self._settings.default_max_tokens.get(
             model if isinstance(model, str) else "", 1024
@@ -590,15 +631,17 @@ def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
     trace.get_current_span().set_attribute("error.type", error.kind)
 
 
-async def _read(request: web.Request, most: int) -> bytes | None:
+async def _read(request: web.Request, most: int, held: Reading) -> bytes | None:
     """The body, or None once it is over ``most`` bytes (decompressed). Not kept on the request,
-    as aiohttp's ``read`` keeps it until the response: through a call of minutes."""
+    as aiohttp's ``read`` keeps it until the response: through a call of minutes. Each chunk
+    kept is covered by ``held`` (``BodyFull`` when it cannot be)."""
     chunks: list[bytes] = []
     size = 0
     while chunk := await request.content.readany():
         size += len(chunk)
         if size > most:
             return None
+        held.cover(size)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -5,7 +5,12 @@ pattern, e.g. ``/v1/models/{model}``: never the path itself):
   stream that ends in an error event, that error's status, e.g. 529 for a replica lost
   mid-answer; 499 for a caller gone);
 - ``cachemesh_http_front_request_duration_seconds{api,route}`` (a stream: until its end);
-- ``cachemesh_http_front_requests_in_flight``.
+- ``cachemesh_http_front_requests_in_flight``;
+- ``cachemesh_http_front_body_bytes_reading``: bytes of request bodies being read, as taken
+  of ``HTTP_FRONT_BODY_BUDGET_BYTES`` (a body's ``Content-Length`` from before its first
+  byte);
+- ``cachemesh_http_front_body_budget_refusals_total{api}``: requests refused (529 / 503,
+  retried by the SDKs) because their body found no room in that budget.
 """
 
 from __future__ import annotations
@@ -34,6 +39,18 @@ class HttpFrontMetrics:
         self.in_flight = m.gauge(
             "cachemesh_http_front_requests_in_flight", "HTTP requests in progress"
         )()
+        self.body_bytes = m.gauge(
+            "cachemesh_http_front_body_bytes_reading",
+            "bytes of request bodies being read, as taken of HTTP_FRONT_BODY_BUDGET_BYTES",
+        )()
+        self._budget_refusals = m.counter(
+            "cachemesh_http_front_body_budget_refusals",
+            "requests refused because their body found no room in HTTP_FRONT_BODY_BUDGET_BYTES",
+            ("api",),
+        )
+
+    def body_refused(self, api: str) -> None:
+        self._budget_refusals(api).inc()
 
     def answered(self, api: str, route: str, status: int, began: float) -> None:
         self._requests(api, route, str(status)).inc()

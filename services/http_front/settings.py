@@ -23,6 +23,10 @@ MIN_BODY_BYTES = 1024
 # Python's ``json.dumps`` and ``requests``' ``json=`` escape everything not ASCII: 2 to 3 times.
 ESCAPE_EXPANSION = 6
 DEFAULT_MAX_CONNECTIONS = 4096
+# HTTP_FRONT_BODY_BUDGET_BYTES unset: this many requests at HTTP_FRONT_MAX_BODY_BYTES (128 MiB
+# at 2 MiB), a tenant's default in-flight cap's worth of bodies written in plain ASCII; ten
+# bodies at the worst case of their JSON (escapes, 12 MiB each)
+BODY_BUDGET_BODIES = 64
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class HttpFrontSettings:
     idle_timeout_s: float
     # a body not whole this long after its headers: 408, the connection closed
     body_timeout_s: float
+    # HTTP_FRONT_BODY_BUDGET_BYTES: bytes of bodies the front holds while it reads them, all
+    # requests together; a body finding no room within a short wait gets 529 / 503 (retry)
+    body_budget_bytes: int
     # connections open at once; one more is answered 503 and closed (below RLIMIT_NOFILE)
     max_connections: int
     # HTTP_FRONT_MAX_CONNECTIONS was set: an open-file limit too low for it stops the start
@@ -77,11 +84,12 @@ class HttpFrontSettings:
         deployed = parse_replicas(env.str("MODEL_REPLICAS"), table)
         models = (AUTO, *sorted(deployed))
         message_bytes = max_message_bytes(env)
+        body_bytes = max_body_bytes(env, message_bytes)
         return cls(
             listen=env.address("HTTP_FRONT_LISTEN", DEFAULT_LISTEN),
             gateway_addr=env.address("HTTP_FRONT_GATEWAY_ADDR", "127.0.0.1:50051"),
             keys=KeyStoreSettings.from_env(env),
-            max_body_bytes=max_body_bytes(env, message_bytes),
+            max_body_bytes=body_bytes,
             max_message_bytes=message_bytes,
             max_in_flight_per_key=env.count("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", 64, minimum=1),
             ping_s=env.seconds("HTTP_FRONT_PING_S", 10.0, minimum=0.01),
@@ -90,6 +98,7 @@ class HttpFrontSettings:
             grace_s=env.seconds("CACHEMESH_GRACE_S", 10.0, minimum=0.0),
             idle_timeout_s=env.seconds("HTTP_FRONT_IDLE_TIMEOUT_S", 15.0, minimum=0.001),
             body_timeout_s=env.seconds("HTTP_FRONT_BODY_TIMEOUT_S", 30.0, minimum=0.001),
+            body_budget_bytes=body_budget_bytes(env, body_bytes),
             max_connections=env.count(MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS, minimum=1),
             max_connections_set=bool(environ.get(MAX_CONNECTIONS, "").strip()),
             models=models,
@@ -128,6 +137,23 @@ def max_body_bytes(env: Env, message_bytes: int) -> int:
             "(this bounds the request, as the router measures it); raise "
             "CACHEMESH_MAX_MESSAGE_BYTES (and the router's ROUTER_MAX_REQUEST_BYTES, which "
             "bounds what the Gateway takes), or lower this"
+        )
+    return value
+
+
+def body_budget_bytes(env: Env, body_bytes: int) -> int:
+    """HTTP_FRONT_BODY_BUDGET_BYTES: at least the largest body's JSON (``ESCAPE_EXPANSION``
+    times HTTP_FRONT_MAX_BODY_BYTES, ``body_bytes``), which could never be read under less;
+    unset, ``BODY_BUDGET_BODIES`` times ``body_bytes``."""
+    name = "HTTP_FRONT_BODY_BUDGET_BYTES"
+    least = body_bytes * ESCAPE_EXPANSION
+    value = env.bytes(name, body_bytes * BODY_BUDGET_BODIES)
+    if value < least:
+        raise ConfigError(
+            f"{name} ({value}) must be at least {least}: {ESCAPE_EXPANSION} times "
+            f"HTTP_FRONT_MAX_BODY_BYTES ({body_bytes}), the largest body the front reads (a "
+            "request at that limit written in JSON escapes), which could never be read under "
+            "less; raise it, or lower HTTP_FRONT_MAX_BODY_BYTES"
         )
     return value
 

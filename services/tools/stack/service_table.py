@@ -301,6 +301,7 @@ SERVICES: tuple[ServiceDef, ...] = (
             "HTTP_FRONT_WRITE_TIMEOUT_S",
             "HTTP_FRONT_IDLE_TIMEOUT_S",
             "HTTP_FRONT_BODY_TIMEOUT_S",
+            "HTTP_FRONT_BODY_BUDGET_BYTES",
             "HTTP_FRONT_MAX_CONNECTIONS",
             "HTTP_FRONT_TLS_CERT_FILE",
             "HTTP_FRONT_TLS_KEY_FILE",
