@@ -48,6 +48,12 @@ class Call:
     # it failed DEADLINE_EXCEEDED at the router's ROUTER_MODEL_TIMEOUT_S, not the caller's
     # deadline (``pipeline.DeadlineCut``): the server's fault
     routers_deadline: bool = False
+    # its answer went at the router's estimate before its FINAL answered: the end as billed,
+    # to come (``pipeline.LateBill``); its metrics and line wait for it
+    late: asyncio.Future[pb.CompleteResponse] | None = None
+
+    def late_bill(self, billed: asyncio.Future[pb.CompleteResponse]) -> None:
+        self.late = billed
 
 
 class RequestLog:
@@ -77,6 +83,15 @@ class RequestLog:
     def finish(self, call: Call, request: pb.CompleteRequest, code: str) -> None:
         self._metrics.in_flight.dec()
         seconds = self.clock() - call.began
+        late = call.late
+        if late is not None and not late.done():  # counted as billed, once it is
+            late.add_done_callback(lambda _: self._finished(call, request, code, seconds))
+            return
+        self._finished(call, request, code, seconds)
+
+    def _finished(self, call: Call, request: pb.CompleteRequest, code: str, seconds: float) -> None:
+        if call.end is not None and (billed := _late(call.late)) is not None:
+            call.end = billed
         end = call.end
         if code != "OK" or end is None:
             self._metrics.failed(call.tenant, code, seconds, routers_deadline=call.routers_deadline)
@@ -124,6 +139,13 @@ class RequestLog:
             self._lines.write(access.name, "access", members)
         else:  # the text format: the same fields, through the logging module
             access.info("access", extra={"fields": json.loads("{" + members[1:] + "}")})
+
+
+def _late(late: asyncio.Future[pb.CompleteResponse] | None) -> pb.CompleteResponse | None:
+    """An answer's end as billed after it went (None: none came, or it was cancelled)."""
+    if late is None or not late.done() or late.cancelled() or late.exception() is not None:
+        return None
+    return late.result()
 
 
 def _money(usage: pb.Usage, cost: pb.Cost) -> str:

@@ -113,8 +113,9 @@ class PrefixWindow:
     ``off``: one of them timed out or was not made, so the rest of the request makes none (no
     Plan: it goes on as with prefix-cache down; WARM and FINAL: to the billing outbox; a FINAL
     sent without its WARM would only be refused; the bill of a call that ended early, made
-    after it, gets a window of its own when only the request's deadline turned this one off:
-    ``pipeline.Pipeline._billing_window``)."""
+    after it, and a whole answer's, get a window of their own, without the request's deadline,
+    unless prefix-cache's own fault turned this one off: ``pipeline.Pipeline._billing_window``,
+    ``_bill_answer``)."""
 
     deadline: float | None = None
     off: bool = False
@@ -546,6 +547,14 @@ class Calls:
             return 0.0
         deadline = window.deadline if window is not None else None
         return _capped(self._s.prefix_timeout_s, deadline, _PREFIX_SHARE, self._clock())
+
+    def prefix_faulted(self, window: PrefixWindow | None) -> bool:
+        """Whether prefix-cache's own state skips a call of ``window``'s request: an earlier
+        call of it timed out or was skipped for a fault of prefix-cache's (not the request's
+        own deadline: ``clients``), or the breaker is open."""
+        if window is not None and window.off and not window.clients:
+            return True
+        return self._breaker.open()
 
     def _skipped(self, window: PrefixWindow | None) -> str:
         """Why a prefix-cache call is not made ("" = it is)."""

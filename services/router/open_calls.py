@@ -101,6 +101,19 @@ class OpenCall:
         self._count_output()
         self._write()
 
+    def answered(self, final: pc.CommitRequest) -> asyncio.Future[None]:
+        """The whole answer goes out before its ``final`` (its whole output count, and the
+        provider's report) was answered: the open call carries it, rewritten now, so that a
+        router killed before that reply has the answer billed whole at its next start, as the
+        outbox would have kept it. The future is set once the line is in the file."""
+        if self._ended:
+            return self._write()  # (settled: nothing is written)
+        self._final = final
+        self._output_tokens, self._reported, self._after_report = final.output_tokens, 0, 0
+        self._uncounted.clear()
+        self._uncounted_after_report.clear()
+        return self._write()
+
     def settled(self, *, final_made: bool) -> None:
         """The call's FINAL was made (``final_made``: the entry is done), or its outbox entry
         replaced the open call (or could not be written, by the answer nor by the call's bill

@@ -171,6 +171,11 @@ ModelSent = Callable[[], None]
 # status of the replica's own, not a deadline): it produced nothing and is billed nothing, so a
 # request whose every model call was refused used no model tokens either
 ModelRefused = Callable[[], None]
+# told, before its end goes out, the bill to come of an answer that goes at the router's
+# estimate because its FINAL (sent under the router's own ROUTER_PREFIX_TIMEOUT_S) had not
+# answered by the time the caller's deadline let the answer wait: the answer's end as billed
+# (prefix-cache's bill; the estimate, marked so, when the FINAL failed and the outbox kept it)
+LateBill = Callable[[asyncio.Future[pb.CompleteResponse]], None]
 _T = TypeVar("_T")
 
 
@@ -289,6 +294,7 @@ class Pipeline:
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
         model_refused: ModelRefused | None = None,
+        late_bill: LateBill | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
@@ -313,7 +319,9 @@ class Pipeline:
         tokens (the servicer gives its limits' reservation back whole). ``model_refused``:
         told when such a call ended with its replica's refusal before its start (nothing
         produced, nothing billed): a request whose every model call was refused so used no
-        model tokens either."""
+        model tokens either. ``late_bill``: told the bill to come of an answer that goes out
+        at the router's estimate before its FINAL answered (``_bill_answer``); the answer's
+        accounting (limits, cost counters, access line) waits for it."""
         deadline = None
         if time_remaining_s is not None:
             margin = min(_REPLY_MARGIN_S, _REPLY_MARGIN_FRACTION * max(time_remaining_s, 0.0))
@@ -384,6 +392,7 @@ class Pipeline:
                             answer_billed,
                             model_sent=model_sent,
                             model_refused=model_refused,
+                            late_bill=late_bill,
                         )
                     ) as it:
                         async for chunk in it:
@@ -437,12 +446,13 @@ class Pipeline:
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
         model_refused: ModelRefused | None = None,
+        late_bill: LateBill | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The model's answer as chunks; not ``streamed`` (``Complete``): only the start and
         the end, once the answer is whole. A call that ends without its answer is billed in
         the background (``_bill_partial``), its bill added to ``unanswered``. ``window``: the
-        request's deadline and its prefix-cache calls. ``model_sent``, ``model_refused``: as
-        ``run``'s."""
+        request's deadline and its prefix-cache calls. ``model_sent``, ``model_refused``,
+        ``late_bill``: as ``run``'s."""
         root = trace.get_current_span()
         began = self._clock()
         routed: Routed | None = None
@@ -576,6 +586,8 @@ class Pipeline:
                 window,
                 open_call,
                 lookup.lease_id if lookup is not None and lookup.leader else "",
+                warm_call,
+                late_bill,
             )
             finished = True
             ended = end
@@ -819,17 +831,21 @@ class Pipeline:
         window: PrefixWindow,
         open_call: OpenCall | None = None,
         lease_id: str = "",
+        warm_call: asyncio.Future[CommitReply] | None = None,
+        late_bill: LateBill | None = None,
     ) -> pb.CompleteResponse:
         """``lease_id``: the L1 lease this request's Lookup took ("" = it did not lead), which
         its Store names, so that L1 ends that lease only (not one another request took since
-        this one's aged out)."""
+        this one's aged out). ``warm_call``: the call's WARM, with which its FINAL goes under
+        the router's own timeout (``_bill_answer``; None: under the request's ``window``).
+        ``late_bill``: as ``run``'s."""
         usage = end_chunk.provider_usage if end_chunk.HasField("provider_usage") else None
         if usage is not None and not usage.WhichOneof("report"):
             usage = None
         # with a provider's report, its count (prefix-cache refuses a FINAL that differs);
         # the model service's end carries that count
         output_tokens = end_chunk.output_tokens if usage is None else _reported_output(usage)
-        final = await self._commit_final(
+        final, sent = await self._bill_answer(
             tenant,
             request,
             attempt,
@@ -838,6 +854,7 @@ class Pipeline:
             usage,
             window,
             open_call,
+            warm_call,
         )
         if final is not None:
             spans.reconciled(trace.get_current_span(), final)
@@ -891,7 +908,150 @@ class Pipeline:
         end.usage.draft_accepted_tokens = end_chunk.draft_accepted_tokens
         end.usage.reasoning_tokens = end_chunk.reasoning_tokens
         spans.end_chat_span(attempt.chat_span, request, end)
+        if sent is not None:  # the answer goes at the estimate; its bill comes after it
+            estimate = pb.CompleteResponse()
+            estimate.CopyFrom(end)
+            bill = self._late_bill(
+                tenant,
+                request,
+                attempt,
+                output_tokens,
+                baseline.id,
+                usage,
+                open_call,
+                sent,
+                estimate,
+            )
+            late = self._in_background(bill)
+            if late_bill is not None:
+                late_bill(late)
         return end
+
+    async def _bill_answer(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: Attempt,
+        output_tokens: int,
+        baseline_id: str,
+        usage: prefix_cache_pb2.ProviderUsage | None,
+        window: PrefixWindow,
+        open_call: OpenCall | None,
+        warm_call: asyncio.Future[CommitReply] | None,
+    ) -> tuple[
+        prefix_cache_pb2.CommitResponse | None,
+        asyncio.Future[prefix_cache_pb2.CommitResponse | None] | None,
+    ]:
+        """The FINAL of a whole answer, sent under the router's own ``ROUTER_PREFIX_TIMEOUT_S``
+        and breaker, as the bill of a call that ended early is (``_billing_window``): not under
+        what the caller's deadline leaves, which, short once the answer is whole, timed the
+        FINAL out and sent the bill to the outbox at the router's estimate (corrected a replay
+        later). The answer waits for it as long as it did when the FINAL had that share of the
+        caller's deadline (``prefix_timeout_s``), no longer: then (the FINAL, None when it was
+        not made, and None) the answer carries prefix-cache's bill, or the outbox's estimate
+        when prefix-cache failed it (kept before the answer goes, as any bill prefix-cache
+        does not take). Past it (None and the FINAL still running) the answer goes at the
+        estimate and its bill follows (``_late_bill``). A FINAL prefix-cache's own state skips
+        (an earlier call of the request timed out, or its breaker is open) goes to the outbox
+        at once, as before; so does one without ``warm_call``."""
+        if warm_call is None or self._calls.prefix_faulted(window):
+            final = await self._commit_final(
+                tenant, request, attempt, output_tokens, baseline_id, usage, window, open_call
+            )
+            return final, None
+        waits_s = self._calls.prefix_timeout_s(window)  # the answer's wait, as it was
+
+        async def send() -> prefix_cache_pb2.CommitResponse | None:
+            own = await self._billing_window(tenant, request, attempt, warm_call, window)
+            try:
+                return await self._calls.commit_final(
+                    tenant,
+                    request,
+                    attempt.commit_key(request.request_id),
+                    attempt.model.id,
+                    attempt.replica,
+                    output_tokens,
+                    _kv_cached(attempt, usage),
+                    baseline_id,
+                    usage,
+                    own,
+                )
+            finally:  # a timeout of its own ends the request's calls, as one of the window's
+                if own.off:
+                    window.turned_off(own.clients)
+                window.counted |= own.counted
+
+        sent = self._in_background(send())
+        try:
+            if waits_s > 0:
+                await asyncio.wait((sent,), timeout=waits_s)
+            if not sent.done() and open_call is not None:
+                # the answer's bill, whole, journalled before the answer goes (as the outbox
+                # would have kept it): a router killed before the FINAL's reply bills it whole
+                line = _final(tenant, request, attempt, output_tokens, baseline_id, usage)
+                with contextlib.suppress(Exception):  # a failed write is logged
+                    await open_call.answered(line)
+        except asyncio.CancelledError:
+            sent.cancel()  # its caller left: the call's bill without its answer sends it
+            raise
+        if not sent.done():
+            return None, sent
+        final = sent.result()
+        if final is not None:
+            if open_call is not None:
+                open_call.settled(final_made=True)
+            return final, None
+        await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+        return None, None
+
+    async def _late_bill(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: Attempt,
+        output_tokens: int,
+        baseline_id: str,
+        usage: prefix_cache_pb2.ProviderUsage | None,
+        open_call: OpenCall | None,
+        sent: asyncio.Future[prefix_cache_pb2.CommitResponse | None],
+        estimate: pb.CompleteResponse,
+    ) -> pb.CompleteResponse:
+        """The end of an answer that went at the router's ``estimate`` as billed, once its
+        FINAL (``sent``) is answered: prefix-cache's bill; or, when prefix-cache failed it,
+        ``estimate`` with its bill kept in the outbox (counted at that estimate as its line
+        is written, corrected by the replay, as any bill prefix-cache does not take). Until
+        the answer's FINAL is made or kept its open call stays journalled (a router killed
+        meanwhile has it billed at its next start)."""
+        try:
+            final = await sent
+        except Exception as exc:  # a fault past prefix-cache's failures, which give None
+            log.error("the FINAL of %s failed: %s", attempt.commit_key(request.request_id), exc)
+            final = None
+        if final is not None:
+            if open_call is not None:
+                open_call.settled(final_made=True)
+            billed = pb.CompleteResponse()
+            billed.CopyFrom(estimate)
+            billed.usage.CopyFrom(final.usage)
+            billed.usage.draft_accepted_tokens = estimate.usage.draft_accepted_tokens
+            billed.usage.reasoning_tokens = estimate.usage.reasoning_tokens
+            billed.cost.CopyFrom(final.cost)
+            if final.reconciled:  # the provider's report decides what its cache served
+                billed.served_by = served_by(attempt.model, final.usage.cache_read_input_tokens)
+            return billed
+        try:
+            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+        except RequestError:  # neither sent nor kept, its answer gone: never silent
+            log.error(
+                "billing outbox: the bill of %s (tenant %s, estimated cost_nanos=%d), an answer "
+                "served at its estimate, could be neither sent nor kept: lost",
+                attempt.commit_key(request.request_id),
+                tenant,
+                estimate.cost.cost_nanos,
+            )
+            if self._metrics is not None:
+                self._metrics.outbox_dropped(1)
+        return estimate
 
     def _bill_partial(
         self,
@@ -1007,9 +1167,10 @@ class Pipeline:
         window: PrefixWindow,
     ) -> PrefixWindow:
         """The prefix-cache calls of the bill of a call that ended early (its caller gone, or
-        the call cut), made once its WARM is done: no deadline (the caller's bounds nothing
-        now), and off as the request's were, unless only the request's own deadline turned
-        them off (``clients``: a short deadline cut its Plan or WARM). Then the bill goes to
+        the call cut), or of a whole answer (``_bill_answer``), made once its WARM is done: no
+        deadline (the caller's bounds nothing now), and off as the request's were, unless only
+        the request's own deadline turned them off (``clients``: a short deadline cut its Plan
+        or WARM). Then the bill goes to
         prefix-cache under the router's own ``ROUTER_PREFIX_TIMEOUT_S``, and its breaker, like
         any bill: its WARM first, again with the request, when the first was not made or not
         answered (a no-op if prefix-cache recorded it); to the outbox only if prefix-cache
@@ -1101,7 +1262,25 @@ class Pipeline:
         )
         if final is not None and open_call is not None:
             open_call.settled(final_made=True)
-        if final is None and self._outbox is not None:
+        if final is None:
+            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+        return final
+
+    async def _keep(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: Attempt,
+        output_tokens: int,
+        baseline_id: str,
+        usage: prefix_cache_pb2.ProviderUsage | None,
+        open_call: OpenCall | None,
+    ) -> None:
+        """The commits of a FINAL prefix-cache did not acknowledge (or that was not sent), kept
+        in the outbox (durably) at the router's estimate, which its replay bills; without an
+        outbox, nothing. ``RequestError`` when it cannot be kept at all."""
+        key = attempt.commit_key(request.request_id)
+        if self._outbox is not None:
             # the WARM again, with the request: a no-op if the first one was recorded; else it
             # records the prompt with the read the call's Plan predicted on arrival and the
             # arrival's time (the provider looked its cache up then): a prefix that was warm is
@@ -1148,7 +1327,6 @@ class Pipeline:
                 if open_call is not None and written:
                     open_call.settled(final_made=False)
             record_event(self._tracer, "cachemesh.billing_deferred", {"commit": key})
-        return final
 
     def _open(
         self,

@@ -378,6 +378,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 before_model=before_model if unmarked else None,
                 model_sent=use.model_sent,
                 model_refused=use.model_refused,
+                late_bill=call.late_bill,
             )
             async with aclosing(run) as chunks:
                 async for chunk in chunks:
@@ -405,12 +406,36 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 # the answer counts once it is billed, whether or not its caller read its end
                 # (one with no text has its start sent after its bill, and its end after that);
                 # another call's answer, or none before a model call was sent or with every
-                # one sent refused before its start: nothing used
-                self._limiter.finish(ticket, end, use, modelless=held.modelless)
+                # one sent refused before its start: nothing used; one that went at the
+                # router's estimate before its FINAL answered, as billed once that comes
+                self._finish_when_billed(ticket, end, use, call.late, held.modelless)
             if held.renewing is not None:
                 held.renewing.cancel()
             if held.claim is not None and not recorded:  # failed, refused, or an unbilled answer
                 self._give_back(tenant, request.request_id, held.claim)
+
+    def _finish_when_billed(
+        self,
+        ticket: Ticket,
+        end: pb.CompleteResponse | None,
+        use: ModelUse,
+        late: asyncio.Future[pb.CompleteResponse] | None,
+        modelless: bool,
+    ) -> None:
+        """``Limiter.finish`` of the request's end, or of its answer as billed when it went at
+        the router's estimate before its bill (``late``): prefix-cache's bill counted, not the
+        estimate (which the limits count only when the outbox keeps the bill)."""
+
+        def billed(_: object = None) -> None:
+            answer = end
+            if late is not None and not late.cancelled() and late.exception() is None:
+                answer = late.result()
+            self._limiter.finish(ticket, answer, use, modelless=modelless)
+
+        if late is not None and not late.done():
+            late.add_done_callback(billed)
+        else:
+            billed()
 
     async def _take(
         self,

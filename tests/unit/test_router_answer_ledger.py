@@ -52,6 +52,7 @@ from services.router.pipeline import (
     BeforeModel,
     Bills,
     Charge,
+    LateBill,
     ModelRefused,
     ModelSent,
     chunks_of,
@@ -91,6 +92,7 @@ class FakePipeline:
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
         model_refused: ModelRefused | None = None,
+        late_bill: LateBill | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         """An L1 hit (``layer``) never awaits ``before_model``; a model call awaits it first
         and serves what it returns instead (counted in ``replays``, not ``runs``), else tells
@@ -1059,6 +1061,7 @@ class TracedPipeline(FakePipeline):
         before_model: BeforeModel | None = None,
         model_sent: ModelSent | None = None,
         model_refused: ModelRefused | None = None,
+        late_bill: LateBill | None = None,
     ) -> AsyncIterator[pb.CompleteChunk]:
         context = trace.get_current_span().get_span_context()
         run = super().run(

@@ -275,15 +275,32 @@ async def test_a_request_that_skipped_prefix_cache_skips_it_to_its_end() -> None
     assert outbox.pending == 4
 
 
+@dataclass
+class HungPlans(HungPrefix):
+    """As ``HungPrefix`` for its Plans; its commits are answered."""
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.calls.append((pc.CommitPhase.Name(request.phase), deadline_s))
+        return await self.inner.commit(request, deadline_s)
+
+
 async def test_timeouts_cut_short_by_the_clients_deadline_do_not_leave_it_alone() -> None:
     """A 0.5 s client deadline gives the Plan 0.225 s: its timeout is the client's hurry, not
-    proof that prefix-cache is hung, and leaves the next requests' calls alone."""
-    rig, prefix, _, _ = _rig()
+    proof that prefix-cache is hung, and leaves the next requests' calls alone. (Each answer
+    goes at once at the estimate, the request's prefix-cache calls off; its bill, a WARM again
+    with the request and the FINAL, under the router's own ROUTER_PREFIX_TIMEOUT_S: timeouts
+    there would be prefix-cache's, and count.)"""
+    rig, _, _, outbox = _rig()
+    prefix = HungPlans(rig.clock)
+    rig.prefix = prefix  # type: ignore[assignment]
     pipeline = _pipeline(rig, "5")
     for _ in range(5):
         assert (await _ask(pipeline, 0.5)).cost.estimated
-    assert len(prefix.calls) == 5
-    assert prefix.calls[0][1] == pytest.approx(0.225)  # (0.5 s less its 0.05 s margin) / 2
+    await pipeline.drain()
+    plans = [deadline_s for method, deadline_s in prefix.calls if method == "Plan"]
+    assert len(plans) == 5
+    assert plans[0] == pytest.approx(0.225)  # (0.5 s less its 0.05 s margin) / 2
+    assert outbox.pending == 0  # billed by prefix-cache, after the answers
 
 
 async def test_a_breaker_of_zero_seconds_never_leaves_prefix_cache_alone() -> None:

@@ -1,0 +1,266 @@
+"""A whole answer's bill is made by prefix-cache under the router's own timeout, not the outbox.
+
+A complete answer's FINAL was sent under what was left of its caller's deadline (half of it):
+an answer that came with little left (10 ms) gave its FINAL 5 ms, which a prefix-cache taking
+30 ms could not answer, so the bill went to the billing outbox at the router's estimate at base
+prices (the budgets counted the estimate, the replay corrected it a second later, the
+corrections counter moved). The FINAL now goes under ``ROUTER_PREFIX_TIMEOUT_S`` (the bill of a
+call cut by its caller's deadline does too: ``test_router_deadline_cut_bill``); the answer waits
+for it no longer than before (that share of the caller's deadline), and when it must go first
+it goes at the estimate, marked so, and its bill (prefix-cache's) follows (``late_bill``):
+the limits, the cost counters and the access line count that bill, and the answer's open
+call, rewritten with its whole output before the answer goes, covers a router killed meanwhile.
+
+Figures (20 answers, each with 10 ms of its 1 s deadline left, prefix-cache's FINAL taking
+30 ms): before, 20 of 20 bills kept in the outbox at the estimate; after, 0 (20 FINALs made by
+prefix-cache). Through the Gateway, one answer: the day's and month's spend, the cost counters,
+the access line's cost_nanos and cost_estimated, before 330,000 / 165,000 / 165,000 / true
+(until a replay corrects them), after 246 / 123 / 123 / false, no correction counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.auth import ApiKeys, hash_key
+from services.common.clock import ManualClock
+from services.common.errors import Code
+from services.common.logs import JsonLines
+from services.common.metrics import TenantLabels, new_registry
+from services.router.access_log import RequestLog
+from services.router.dependencies import CallFailed
+from services.router.idempotency import IdempotencyTable
+from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.metrics import RouterMetrics
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import Journal
+from services.router.servicer import GatewayServicer
+from tests.unit.test_router_answer_ledger import KEY, FakeContext
+from tests.unit.test_router_deadline_cut_bill import _cost_sum
+from tests.unit.test_router_open_calls import _restarted
+from tests.unit.test_router_pipeline import (
+    TABLE,
+    FakeClock,
+    FakeModels,
+    FakePrefix,
+    FakeStream,
+    Rig,
+)
+from tests.unit.test_router_pipeline import _request as _one_request
+from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
+
+# how long prefix-cache takes to answer a FINAL, and what the caller's deadline leaves once the
+# answer is whole (the FINAL was given half of it)
+_FINAL_TAKES_S = 0.030
+_LEFT_S = 0.010
+_ANSWERS = 20
+
+
+@dataclass
+class SlowFinals(FakePrefix):
+    """A FINAL takes ``_FINAL_TAKES_S`` (real time); given less, it times out at its deadline
+    as gRPC's would."""
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if request.phase == pc.COMMIT_PHASE_FINAL:
+            await asyncio.sleep(min(deadline_s, _FINAL_TAKES_S))
+            if deadline_s < _FINAL_TAKES_S:
+                self.commits.append(request)
+                raise CallFailed(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return await super().commit(request, deadline_s)
+
+
+class _EndsLate(FakeStream):
+    """The answer's end comes when ``at()`` (the clock's time) is ``_LEFT_S`` before the
+    request's deadline."""
+
+    def __init__(self, chunks: list[model_pb2.GenerateChunk | CallFailed], at: Callable[[], None]):
+        super().__init__(chunks)
+        self._at = at
+
+    async def read(self) -> model_pb2.GenerateChunk | None:
+        chunk = await super().read()
+        if chunk is not None and chunk.WhichOneof("part") == "end":
+            self._at()
+        return chunk
+
+
+@dataclass
+class LateAnswers(FakeModels):
+    """Each answer ends ``_LEFT_S`` before the deadline of a request sent at ``sent`` with
+    ``time_remaining_s`` of 1 s (the pipeline's margin for its reply is 0.1 s of it)."""
+
+    sent: float = 0.0
+    ended: list[float] = field(default_factory=list)
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        stream = super().generate(replica, request, deadline_s)
+        clock = self.clock
+        assert clock is not None
+
+        def at() -> None:
+            clock.now = self.sent + 0.9 - _LEFT_S
+
+        return _EndsLate(list(stream._chunks), at)
+
+
+async def _answer(rig: Rig, outbox: BillingOutbox, n: int) -> tuple[pb.CompleteResponse, ...]:
+    """The end the caller got, and the answer's end as billed (the same when no bill came
+    after it)."""
+    models = rig.models
+    assert isinstance(models, LateAnswers)
+    models.sent = rig.clock.now
+    late: list[asyncio.Future[pb.CompleteResponse]] = []
+    request = _one_request()
+    request.request_id = f"r{n}"
+    pipeline = rig.pipeline()
+    run = pipeline.run("tenant-a", request, time_remaining_s=1.0, late_bill=late.append)
+    chunks = [chunk async for chunk in run]
+    sent = chunks[-1].end
+    await pipeline.drain()
+    billed = await late[0] if late else sent
+    rig.clock.now += 10.0
+    return sent, billed
+
+
+async def test_a_whole_answer_with_little_of_its_deadline_left_is_billed_by_prefix_cache() -> None:
+    clock = FakeClock()
+    rig = Rig(prefix=SlowFinals(), models=LateAnswers(clock=clock), clock=clock)
+    outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
+    rig.outbox = outbox
+    answers = [await _answer(rig, outbox, n) for n in range(_ANSWERS)]
+    kept = outbox.pending
+    made = sum(
+        1 for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL and c.output_tokens
+    )
+    estimated = sum(1 for _, billed in answers if billed.cost.estimated)
+    # of N answers: billed by the outbox's estimate, and prefix-cache's bills
+    assert (kept, estimated) == (0, 0), f"{kept} of {_ANSWERS} kept at an estimate"
+    assert all(billed.cost.cost_nanos == 123 for _, billed in answers)
+    assert made >= _ANSWERS
+
+
+async def test_an_answer_whose_final_answers_in_the_callers_time_carries_its_bill() -> None:
+    """With the caller's time for it (1 s left: the FINAL had 0.5 s, and takes 30 ms) the
+    answer waits for its FINAL, as before: its end is prefix-cache's bill, none comes after."""
+    clock = FakeClock()
+    rig = Rig(prefix=SlowFinals(), clock=clock)
+    rig.outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
+    late: list[asyncio.Future[pb.CompleteResponse]] = []
+    pipeline = rig.pipeline()
+    run = pipeline.run("tenant-a", _one_request(), time_remaining_s=2.0, late_bill=late.append)
+    end = [chunk async for chunk in run][-1].end
+    await pipeline.drain()
+    assert (end.cost.cost_nanos, end.cost.estimated, late, rig.outbox.pending) == (
+        123,
+        False,
+        [],
+        0,
+    )
+
+
+class _Deadline(FakeContext):
+    """A call whose client's deadline leaves 1 s."""
+
+    def time_remaining(self) -> float | None:
+        return 1.0
+
+
+@pytest.mark.parametrize("method", ["Complete", "StreamComplete"])
+async def test_the_limits_cost_counters_and_access_line_count_the_bill_not_the_estimate(
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
+    method: str,
+) -> None:
+    """Through the Gateway: the answer goes at the estimate (the caller's deadline leaves it
+    no time to wait for its bill), and what the router counts is prefix-cache's bill: the
+    tenant's spend, the cost counters (no correction after), the access line."""
+    clock = FakeClock()
+    rig = Rig(prefix=SlowFinals(), models=LateAnswers(clock=clock), clock=clock)
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    store = MemoryLimitStore()
+    limiter = Limiter(
+        store,
+        UniformPolicies(LimitPolicy(tokens_per_min=60_000, day_budget_nanos=10**12)),
+        ManualClock(),
+        lambda request: 40,
+    )
+    outbox = BillingOutbox(
+        rig.prefix, None, 2.0, 0.01, cost_corrected=metrics.cost_corrected,
+        estimate_kept=limiter.count_estimate, estimate_billed=limiter.reconcile,
+    )  # fmt: skip
+    rig.outbox = outbox
+    pipeline = rig.pipeline()
+    out, lines = logs({})
+    servicer = GatewayServicer(
+        ApiKeys({hash_key(KEY): "tenant-a"}),
+        TABLE,
+        {"sim-large"},
+        pipeline,
+        IdempotencyTable(ManualClock(), 60, 100),
+        limiter,
+        RequestLog(metrics, TABLE, lambda: 0.0, lines),
+    )
+    assert isinstance(rig.models, LateAnswers)
+    rig.models.sent = clock.now
+    context: Any = _Deadline()
+    if method == "Complete":
+        sent = await servicer.Complete(_one_request(), context)
+    else:
+        chunks = [chunk async for chunk in servicer.StreamComplete(_one_request(), context)]
+        sent = chunks[-1].end
+    assert sent.cost.estimated  # it went before its bill
+    await pipeline.drain()
+    await asyncio.sleep(0)  # the callbacks of the bill that came
+    await limiter.drain()
+    spent = sum(v for (tenant, _), v in store._spent.items() if tenant == "tenant-a")
+    (line,) = [json.loads(text) for text in out.getvalue().splitlines() if '"access"' in text]
+    counted = (spent, _cost_sum(registry), line["cost_nanos"], line["cost_estimated"])
+    assert counted == (2 * 123, 123, 123, False)  # the day's spend and the month's
+    assert outbox.pending == 0
+    for direction in ("up", "down"):
+        labels = {"tenant": "tenant-a", "direction": direction}
+        assert not registry.get_sample_value(
+            "cachemesh_router_cost_corrections_nanos_total", labels
+        )
+
+
+async def test_an_answer_gone_before_its_bill_is_journalled_whole(tmp_path: Path) -> None:
+    """A router killed after the answer went at its estimate, before its FINAL's reply: its
+    next start bills the answer whole (its open call rewritten with the answer's output
+    count before the answer goes, as the outbox kept it before), not the open call's count
+    of the answer's first second (0 here)."""
+    clock = FakeClock()
+    models = LateAnswers(clock=clock, sent=clock.now)
+    prefix = SlowFinals()
+    outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01)
+    rig = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox)
+    pipeline = rig.pipeline()
+    run = pipeline.run("tenant-a", _one_request(), time_remaining_s=1.0)
+    async with contextlib.aclosing(run) as chunks:
+        async for chunk in chunks:
+            if chunk.WhichOneof("part") == "end":
+                assert chunk.end.cost.estimated
+                # the router is killed now: its FINAL sent, not answered
+                journal = _restarted(tmp_path / "data", tmp_path / "restarted")
+    await pipeline.drain()  # (the test's own router)
+    again = FakePrefix()
+    restarted = BillingOutbox(again, journal, 1.0, 0.01)
+    assert await restarted.flush() == 1
+    finals = [c.output_tokens for c in again.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert finals == [chunk.end.usage.output_tokens] == [3]
+    journal.close()
