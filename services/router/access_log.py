@@ -9,7 +9,9 @@ for ROUTER_MODEL_TIMEOUT_S).
 A model call billed without its answer (the caller cancelled, or its replica was cut before
 another answered) is on the line as ``unanswered_cost_nanos``; a call that ended with no answer
 carries those calls' bills as its usage and cost. Such a line is written once the bills are
-known (prefix-cache's FINAL, or the outbox's estimate), after the call's end.
+known (prefix-cache's FINAL, or the outbox's estimate), after the call's end; so is the line of
+an answer that went at the router's estimate before its FINAL answered (``pipeline.LateBill``),
+with that FINAL's bill, which its metrics count too.
 Never the prompt, the answer or the key. A requested model the table does not know is written
 as ``?`` (it is the caller's free text). A request refused before the servicer because it did
 not parse has its line too (``INVALID_ARGUMENT``, no tenant, no trace: ``refused``); one over
