@@ -25,7 +25,7 @@ import contextlib
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from tests.unit.test_router_pipeline import (
     FakePrefix,
     FakeStream,
     Rig,
+    _answer,
 )
 from tests.unit.test_router_pipeline import _request as _one_request
 from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
@@ -103,22 +104,21 @@ class LateAnswers(FakeModels):
     ``time_remaining_s`` of 1 s (the pipeline's margin for its reply is 0.1 s of it)."""
 
     sent: float = 0.0
-    ended: list[float] = field(default_factory=list)
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
     ) -> FakeStream:
-        stream = super().generate(replica, request, deadline_s)
+        self.calls.append((replica, request))
         clock = self.clock
         assert clock is not None
 
         def at() -> None:
             clock.now = self.sent + 0.9 - _LEFT_S
 
-        return _EndsLate(list(stream._chunks), at)
+        return _EndsLate(_answer(replica), at)
 
 
-async def _answer(rig: Rig, outbox: BillingOutbox, n: int) -> tuple[pb.CompleteResponse, ...]:
+async def _ask(rig: Rig, n: int) -> tuple[pb.CompleteResponse, ...]:
     """The end the caller got, and the answer's end as billed (the same when no bill came
     after it)."""
     models = rig.models
@@ -142,7 +142,7 @@ async def test_a_whole_answer_with_little_of_its_deadline_left_is_billed_by_pref
     rig = Rig(prefix=SlowFinals(), models=LateAnswers(clock=clock), clock=clock)
     outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
     rig.outbox = outbox
-    answers = [await _answer(rig, outbox, n) for n in range(_ANSWERS)]
+    answers = [await _ask(rig, n) for n in range(_ANSWERS)]
     kept = outbox.pending
     made = sum(
         1 for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL and c.output_tokens
