@@ -959,7 +959,10 @@ class Pipeline:
                 tenant, request, attempt, output_tokens, baseline_id, usage, window, open_call
             )
             return final, None
-        waits_s = self._calls.prefix_timeout_s(window)  # the answer's wait, as it was
+        # the answer's wait, as it was: the FINAL's share of the caller's deadline; when that
+        # is the router's own limit, the FINAL's own timeout bounds it (no race with it)
+        share_s = self._calls.prefix_timeout_s(window)
+        waits_s = share_s if share_s < self._calls.prefix_timeout_s() else None
 
         async def send() -> prefix_cache_pb2.CommitResponse | None:
             own = await self._billing_window(tenant, request, attempt, warm_call, window)
@@ -983,7 +986,7 @@ class Pipeline:
 
         sent = self._in_background(send())
         try:
-            if waits_s > 0:
+            if waits_s is None or waits_s > 0:
                 await asyncio.wait((sent,), timeout=waits_s)
             if not sent.done() and open_call is not None:
                 # the answer's bill, whole, journalled before the answer goes (as the outbox
