@@ -967,17 +967,8 @@ class Pipeline:
         async def send() -> prefix_cache_pb2.CommitResponse | None:
             own = await self._billing_window(tenant, request, attempt, warm_call, window)
             try:
-                return await self._calls.commit_final(
-                    tenant,
-                    request,
-                    attempt.commit_key(request.request_id),
-                    attempt.model.id,
-                    attempt.replica,
-                    output_tokens,
-                    _kv_cached(attempt, usage),
-                    baseline_id,
-                    usage,
-                    own,
+                return await self._send_final(
+                    tenant, request, attempt, output_tokens, baseline_id, usage, own
                 )
             finally:  # a timeout of its own ends the request's calls, as one of the window's
                 if own.off:
@@ -1250,11 +1241,30 @@ class Pipeline:
         the outbox keeps the commits (durably, before the answer is sent) and bills them once
         prefix-cache is back. Either settles the call's ``open_call`` (cancelled before: it is
         left to the next FINAL, or to the next start of the router)."""
-        key = attempt.commit_key(request.request_id)
-        final = await self._calls.commit_final(
+        final = await self._send_final(
+            tenant, request, attempt, output_tokens, baseline_id, usage, window
+        )
+        if final is not None and open_call is not None:
+            open_call.settled(final_made=True)
+        if final is None:
+            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+        return final
+
+    async def _send_final(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        attempt: Attempt,
+        output_tokens: int,
+        baseline_id: str,
+        usage: prefix_cache_pb2.ProviderUsage | None,
+        window: PrefixWindow,
+    ) -> prefix_cache_pb2.CommitResponse | None:
+        """The answer's FINAL, sent under ``window`` (None: not acknowledged, or not sent)."""
+        return await self._calls.commit_final(
             tenant,
             request,
-            key,
+            attempt.commit_key(request.request_id),
             attempt.model.id,
             attempt.replica,
             output_tokens,
@@ -1263,11 +1273,6 @@ class Pipeline:
             usage,
             window,
         )
-        if final is not None and open_call is not None:
-            open_call.settled(final_made=True)
-        if final is None:
-            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
-        return final
 
     async def _keep(
         self,
