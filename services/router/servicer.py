@@ -413,6 +413,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 held.renewing.cancel()
             if held.claim is not None and not recorded:  # failed, refused, or an unbilled answer
                 self._give_back(tenant, request.request_id, held.claim)
+            if held.unconfirmed is not None and not recorded:  # (recorded: over it)
+                self._give_back(tenant, request.request_id, held.unconfirmed)
 
     def _finish_when_billed(
         self,
@@ -448,7 +450,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """The answer the ledger recorded for the request's id (served instead of a model
         call), else None, with this call's claim on the id in ``held`` (renewed until the
         call ends) when it took one (not when the ledger is absent or failed)."""
-        found = await self._claim(tenant, request, mark, wait_until)
+        found = await self._claim(tenant, request, mark, wait_until, held)
         if isinstance(found, pb.CompleteResponse):
             return found
         if found is not None and self._ledger is not None:
@@ -464,13 +466,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         request: pb.CompleteRequest,
         mark: str,
         wait_until: float | None,
+        held: _Held,
     ) -> pb.CompleteResponse | Claimed | None:
         """For a call that may be a retry: the answer another router recorded for it, or this
         call's claim on the id (it makes the model call). While another router's call holds
         the id, waits for its answer (until ``wait_until``, the event loop's time of this
         call's deadline; None: it has none); when that claim goes (the call failed, or its
         router died and the lease lapsed) takes it. None: no ledger, or it failed (the call is
-        served anew: only the protection across routers is lost)."""
+        served anew: only the protection across routers is lost; a claim whose reply did not
+        come may still have been taken, so it is kept in ``held.unconfirmed``, to be given back
+        at the call's end)."""
         if self._ledger is None:
             return None
         loop = asyncio.get_running_loop()
@@ -487,6 +492,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         self._ledger.claim(tenant, request.request_id, mark, mine)
                     )
             except (LedgerUnavailable, TimeoutError) as exc:  # costs only the retry protection
+                # Redis may hold it all the same (the reply, not the claim, was lost): a call
+                # that then failed left it held for its whole lease, not renewed, and a retry on
+                # another router waited on it ~10 s
+                held.unconfirmed = mine
                 self._ledger_failed("claim")
                 self._ledger_broke(exc)
                 self._log_ledger("claim", "claim failed (%s); serving the call anew", exc)
@@ -616,6 +625,9 @@ class _Held:
 
     claim: Claimed | None = None
     renewing: asyncio.Future[None] | None = None
+    # a claim whose reply never came (the ledger timed out or failed): maybe taken, not renewed,
+    # given back at the call's end unless its answer was recorded (over it)
+    unconfirmed: Claimed | None = None
     replay: pb.CompleteResponse | None = None
     modelless: bool = False
 

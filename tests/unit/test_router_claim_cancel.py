@@ -33,6 +33,8 @@ from redis.asyncio import Redis
 
 from cachemesh import build_request
 from services.common.clock import SystemClock
+from services.common.errors import Code, RequestError
+from services.router import servicer as servicer_module
 from services.router.answer_ledger import Claimed, RedisAnswerLedger, Running, ledger_key
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from tests.unit.test_router_answer_ledger import (
@@ -191,4 +193,47 @@ async def test_a_cancel_dropped_under_a_renewal_ends_the_claims_holder(redis_url
             await ledger.hold("tenant-a", "req-d", claimed)
         assert len(slept) == 1, f"renewed {len(slept) - 1} times after its cancel"
     finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize("how", ["slow", "dropped"])
+async def test_a_claim_whose_reply_timed_out_is_given_back_when_its_call_fails(
+    redis_url: str, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's script ran (the id is this call's in Redis), but its reply came after the
+    ledger's timeout (``slow``), or the timeout's cancel was dropped under it (``dropped``): the
+    call serves the request anew without the claim. It failed, and the claim stayed for its
+    10 s lease: a retry on another router waited on it. Given back at the call's end now."""
+    monkeypatch.setattr(servicer_module, "LEDGER_TIMEOUT_S", 0.05)
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    pipeline = FakePipeline()
+    servicer, _, ledger = _router(redis_url, pipeline=pipeline)
+    claim = ledger.claim
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        found = await claim(*args, **kwargs)
+        if how == "slow":
+            await asyncio.sleep(0.2)  # its reply comes after LEDGER_TIMEOUT_S
+        else:  # the timeout's cancel comes, and is swallowed
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.2)
+        return found
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("before_model") is not None:
+            await kwargs["before_model"]()  # the claim, just before the model call
+        raise RequestError(Code.UNAVAILABLE, "every replica failed")
+        yield  # a generator, as the pipeline's run
+
+    ledger.claim = late  # type: ignore[method-assign]
+    pipeline.run = failing  # type: ignore[method-assign]
+    try:
+        with contextlib.suppress(Exception):
+            await servicer.Complete(_request(), FakeContext())  # type: ignore[arg-type]
+        await asyncio.gather(*servicer._background)
+        key = ledger_key("tenant-a", "req-1")
+        assert not await client.exists(key), f"held for {await client.pttl(key)} ms more"
+    finally:
+        await client.aclose()
         await ledger.close()
