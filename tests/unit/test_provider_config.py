@@ -257,7 +257,8 @@ def test_a_key_with_a_space_is_refused_naming_the_variable_not_the_key(
         if given == "direct"
         else {"ANTHROPIC_API_KEY_FILE": str(path)}
     )
-    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY: must be one key") as caught:
+    named = "ANTHROPIC_API_KEY" if given == "direct" else "ANTHROPIC_API_KEY_FILE"
+    with pytest.raises(ConfigError, match=f"^{named}: must be one key") as caught:
         ProviderSettings.from_env(Env(env), "anthropic")
     assert "secret" not in str(caught.value)
 

@@ -102,7 +102,8 @@ def read_api_key(env: Env, prefix: str) -> Secret | None:
     name = f"{prefix}_API_KEY"
     value = env.secret(name)
     if value is not None and any(c.isspace() for c in value):
-        raise ConfigError(f"{name}: must be one key, without spaces or line breaks (not shown)")
+        given = name if env.optional_str(name) is not None else f"{name}_FILE"
+        raise ConfigError(f"{given}: must be one key, without spaces or line breaks (not shown)")
     return Secret(value) if value is not None else None
 
 
