@@ -5,7 +5,10 @@ ejected they still serve; a request's own fault (INVALID_ARGUMENT, RESOURCE_EXHA
 deadline shorter than its prefill or a caller that leaves counts for nothing; a simulated
 replica that stalls hands its request over, a provider's does not. The clock is injected; a
 stall's hand-over runs on the event loop's timer (a 10 ms floor here, ``fast_stall``): a test
-that measures a stall (``Slow``) runs on a loop whose time is its clock (``run_on_clock``)."""
+whose fakes wait (``Hung``, ``Slow``, ``LongAnswer``, ``Behind``) runs on a loop whose time is
+its clock (``run_on_clock``), so the timer and the router's measures see one time, however
+loaded the machine (a 10 ms window's timer 1 ms late on real time reads as the router's own
+pause, ``own_pause``, and the stall was not handed over before a real-time hang ended)."""
 
 from __future__ import annotations
 
@@ -35,9 +38,6 @@ REPLICAS = {
     "claude-sonnet-4-5": ("anthropic-1", "anthropic-2"),
     "local-small": ("local-1", "local-2"),  # self-hosted, no prior prefill rate in its row
 }
-# how long (real time) a hung call takes to end in DEADLINE_EXCEEDED: far longer than a
-# stalled call's hand-over once the stall floor is made 10 ms (``fast_stall``)
-HANG_S = 0.5
 
 
 @pytest.fixture
@@ -111,6 +111,7 @@ class Models:
     # answer until its slot is done, a call sent meanwhile waits for its end
     one_slot: dict[str, Slot] = field(default_factory=dict)
     behind_s: float | None = None  # a call waiting there ends DEADLINE_EXCEEDED after this
+    # (on the loop's clock)
     called: asyncio.Event = field(default_factory=asyncio.Event)  # a call was made
 
     def generate(
@@ -130,7 +131,7 @@ class Models:
         if slot is not None:
             if not slot.taken:
                 slot.taken = True
-                return LongAnswer(self.clock, replica, slot)
+                return LongAnswer(replica, slot)
             return Behind(self, replica, slot.done)
         self.clock.now += self.prefill_s
         start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
@@ -162,22 +163,22 @@ class Held(Stream):
 
 
 class Hung(Stream):
-    """A hung replica's call: nothing, then its deadline (the whole of it on the clock)."""
+    """A hung replica's call: nothing, then its deadline: the whole of it on the event loop's
+    clock, which must be the test's (``run_on_clock``)."""
 
     def __init__(self, models: Models, replica: str, deadline_s: float) -> None:
         super().__init__([])
         self._models, self._replica, self._deadline_s = models, replica, deadline_s
 
     async def read(self) -> model_pb2.GenerateChunk | None:
-        await asyncio.sleep(HANG_S)
-        self._models.clock.now += self._deadline_s
+        await asyncio.sleep(self._deadline_s)
         raise CallFailed(Code.DEADLINE_EXCEEDED, "deadline")
 
     def cancel(self) -> None:
         self._models.cancelled.append(self._replica)
 
 
-TICK_S = 0.002  # a long answer's token every 2 ms (real time): far within the stall
+TICK_S = 0.002  # a long answer's token every 2 ms (on the loop's clock): far within the stall
 
 
 class Slow(Stream):
@@ -205,12 +206,12 @@ class Slow(Stream):
 
 
 class LongAnswer(Stream):
-    """A long answer: its start, then a token every ``TICK_S`` (on the clock too) until
-    its slot is done."""
+    """A long answer: its start, then a token every ``TICK_S`` on the event loop's clock,
+    which must be the test's (``run_on_clock``), until its slot is done."""
 
-    def __init__(self, clock: Clock, replica: str, slot: Slot) -> None:
+    def __init__(self, replica: str, slot: Slot) -> None:
         super().__init__([])
-        self._clock, self._replica, self._slot = clock, replica, slot
+        self._replica, self._slot = replica, slot
         self._started, self._ended = False, False
 
     async def read(self) -> model_pb2.GenerateChunk | None:
@@ -225,7 +226,6 @@ class LongAnswer(Stream):
             end = model_pb2.GenerateEnd(output_tokens=400, stop_reason="end_turn")
             return model_pb2.GenerateChunk(end=end)
         await asyncio.sleep(TICK_S)
-        self._clock.now += TICK_S
         self._slot.streaming.set()
         return model_pb2.GenerateChunk(text="o")
 
@@ -303,145 +303,180 @@ async def test_a_failing_replica_is_ejected_after_three_failures() -> None:
     assert models.calls.count("large-1") == 3  # then ejected: 17 requests straight to large-2
 
 
-async def test_a_hung_replica_hands_its_requests_over_and_is_ejected(fast_stall: None) -> None:
+def test_a_hung_replica_hands_its_requests_over_and_is_ejected(fast_stall: None) -> None:
     """A simulated (or self-hosted) replica with no first report long past its predicted
     prefill: the call is cancelled, billed to no one, and the next replica answers within the
     client's deadline; after three such stalls the hung replica is left out."""
     clock = Clock()
-    models = Models(clock, {}, hung={"large-1"})
-    pipeline = _pipeline(models)
-    for i in range(20):
-        assert (await _ask(pipeline, i, remaining_s=30.0)).content[0].text == "ok"
-    await pipeline.drain()
-    assert models.calls.count("large-1") == 3 and models.cancelled == ["large-1"] * 3
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"large-1"})
+        pipeline = _pipeline(models)
+        for i in range(20):
+            assert (await _ask(pipeline, i, remaining_s=30.0)).content[0].text == "ok"
+        await pipeline.drain()
+        assert models.calls.count("large-1") == 3 and models.cancelled == ["large-1"] * 3
+
+    run_on_clock(clock, scenario)
 
 
-async def test_a_hung_providers_requests_wait_their_deadline_until_it_is_ejected(
+def test_a_hung_providers_requests_wait_their_deadline_until_it_is_ejected(
     fast_stall: None,
 ) -> None:
     """A provider may bill the prompt of a call cancelled before its first token: such a call
     is not abandoned for another replica (paid twice), it runs to its deadline."""
     clock = Clock()
-    models = Models(clock, {}, hung={"anthropic-1"})
-    pipeline = _pipeline(models)
-    failed = 0
-    for i in range(20):
-        try:
-            await _ask(pipeline, i, remaining_s=30.0, model="claude-sonnet-4-5")
-        except RequestError as exc:
-            assert exc.code == Code.DEADLINE_EXCEEDED
-            failed += 1
-    await pipeline.drain()
-    assert failed == 3 and models.calls.count("anthropic-1") == 3
-    assert models.cancelled == []  # each ran out its own deadline
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"anthropic-1"})
+        pipeline = _pipeline(models)
+        failed = 0
+        for i in range(20):
+            try:
+                await _ask(pipeline, i, remaining_s=30.0, model="claude-sonnet-4-5")
+            except RequestError as exc:
+                assert exc.code == Code.DEADLINE_EXCEEDED
+                failed += 1
+        await pipeline.drain()
+        assert failed == 3 and models.calls.count("anthropic-1") == 3
+        assert models.cancelled == []  # each ran out its own deadline
+
+    run_on_clock(clock, scenario)
 
 
-async def test_a_self_hosted_replica_hands_over_once_its_prefill_rate_is_measured(
+def test_a_self_hosted_replica_hands_over_once_its_prefill_rate_is_measured(
     fast_stall: None,
 ) -> None:
     """local-small's row sets no prior rate: until a replica's rate is measured its
     predicted prefill is the router's global prior (hosted providers'), no ground to call a
-    slow engine stalled, and a call to it has its whole deadline."""
+    slow engine stalled, and a call to it has its whole deadline. Once measured, a call there
+    with no first report is handed over at its stall, and the rate that stall showed (2,000
+    tokens in the 0.41 s waited, ``ReplicaStates.stalled``) sends the next calls to local-2.
+    (With the hung call's wait on real time the stall took no time on the clock, so it showed
+    no rate, local-1 stayed the pick and stalled three times: that was the clocks' drift.)"""
     clock = Clock()
-    models = Models(clock, {}, hung={"local-1"})
-    pipeline = _pipeline(models)
-    with pytest.raises(RequestError) as caught:
-        for i in range(2):  # one of the two goes to local-1 first
-            await _ask(pipeline, i, remaining_s=30.0, model="local-small")
-    assert caught.value.code == Code.DEADLINE_EXCEEDED and models.cancelled == []
-    models = Models(clock, {}, prefill_s=0.2)  # 2,000 tokens in 0.2 s: a measured rate
-    pipeline = _pipeline(models)
-    for i in range(4):
-        await _ask(pipeline, i, model="local-small")
-    models.hung.add("local-1")
-    for i in range(4, 10):
-        assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
-    await pipeline.drain()
-    assert models.cancelled == ["local-1"] * 3  # handed over, then ejected
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"local-1"})
+        pipeline = _pipeline(models)
+        with pytest.raises(RequestError) as caught:
+            for i in range(2):  # one of the two goes to local-1 first
+                await _ask(pipeline, i, remaining_s=30.0, model="local-small")
+        assert caught.value.code == Code.DEADLINE_EXCEEDED and models.cancelled == []
+        models = Models(clock, {}, prefill_s=0.2)  # 2,000 tokens in 0.2 s: a measured rate
+        pipeline = _pipeline(models)
+        for i in range(4):
+            await _ask(pipeline, i, model="local-small")
+        models.hung.add("local-1")
+        sent = len(models.calls)
+        for i in range(4, 10):
+            assert (await _ask(pipeline, i, remaining_s=30.0, model="local-small")).content
+        await pipeline.drain()
+        assert models.cancelled == ["local-1"]  # handed over at its stall
+        # the first to local-1 (as fast as local-2 till then), handed over; then local-2's
+        assert models.calls[sent:] == ["local-1"] + ["local-2"] * 6
+
+    run_on_clock(clock, scenario)
 
 
-async def test_a_replica_streaming_another_answer_is_busy_not_stalled(fast_stall: None) -> None:
+def test_a_replica_streaming_another_answer_is_busy_not_stalled(fast_stall: None) -> None:
     """A one-slot replica (llama-server --parallel 1) decoding a long answer: a warm turn
     sent there waits for that answer's end with no first report, far past its predicted
     prefill, but the replica streams tokens all along: it is alive. The turn waits for it
     (not handed to a cold replica, its prompt prefilled again) and the wait counts nothing
     against the replica (three such would have ejected it)."""
     clock = Clock()
-    models = Models(clock, {})
-    pipeline = _pipeline(models)
-    for i in range(3):
-        slot = models.one_slot["large-1"] = Slot()
-        long_answer = asyncio.create_task(_ask(pipeline, 2 * i, remaining_s=30.0))
-        await slot.streaming.wait()
-        turn = asyncio.create_task(_ask(pipeline, 2 * i + 1, remaining_s=30.0))
-        await asyncio.sleep(0.1)  # 50 tokens of the long answer; the stall is at ~10 ms
-        slot.done.set()
-        assert (await turn).content[0].text == "ok"
-        await long_answer
-    await pipeline.drain()
-    assert models.calls == ["large-1"] * 6 and models.cancelled == []
-    assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
+
+    async def scenario() -> None:
+        models = Models(clock, {})
+        pipeline = _pipeline(models)
+        for i in range(3):
+            slot = models.one_slot["large-1"] = Slot()
+            long_answer = asyncio.create_task(_ask(pipeline, 2 * i, remaining_s=30.0))
+            await slot.streaming.wait()
+            turn = asyncio.create_task(_ask(pipeline, 2 * i + 1, remaining_s=30.0))
+            await asyncio.sleep(0.1)  # 50 tokens of the long answer; the stall is at ~10 ms
+            slot.done.set()
+            assert (await turn).content[0].text == "ok"
+            await long_answer
+        await pipeline.drain()
+        assert models.calls == ["large-1"] * 6 and models.cancelled == []
+        assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
+
+    run_on_clock(clock, scenario)
 
 
-async def test_a_deadline_spent_waiting_behind_another_answer_is_not_the_replicas_fault() -> None:
+def test_a_deadline_spent_waiting_behind_another_answer_is_not_the_replicas_fault() -> None:
     """The one replica (never handed over from) decodes a long answer while the call sent
     there runs out of its deadline: the replica was streaming all along, busy, not failing."""
     clock = Clock()
-    models = Models(clock, {}, behind_s=0.05)
-    pipeline = _pipeline(models)
-    slot = models.one_slot["small-1"] = Slot()
-    long_answer = asyncio.create_task(_ask(pipeline, 0, model="sim-small"))
-    await slot.streaming.wait()
-    for i in range(1, 4):  # three in a row would eject a failing replica
-        with pytest.raises(RequestError, match="DEADLINE_EXCEEDED"):
-            await _ask(pipeline, i, remaining_s=30.0, model="sim-small")
-    assert not pipeline._dispatch.health("sim-small").ejected("small-1", clock())
-    slot.done.set()
-    await long_answer
-    await pipeline.drain()
+
+    async def scenario() -> None:
+        models = Models(clock, {}, behind_s=0.05)
+        pipeline = _pipeline(models)
+        slot = models.one_slot["small-1"] = Slot()
+        long_answer = asyncio.create_task(_ask(pipeline, 0, model="sim-small"))
+        await slot.streaming.wait()
+        for i in range(1, 4):  # three in a row would eject a failing replica
+            with pytest.raises(RequestError, match="DEADLINE_EXCEEDED"):
+                await _ask(pipeline, i, remaining_s=30.0, model="sim-small")
+        assert not pipeline._dispatch.health("sim-small").ejected("small-1", clock())
+        slot.done.set()
+        await long_answer
+        await pipeline.drain()
+
+    run_on_clock(clock, scenario)
 
 
-async def test_a_call_decoding_on_a_one_slot_engine_occupies_its_replica() -> None:
+def test_a_call_decoding_on_a_one_slot_engine_occupies_its_replica() -> None:
     """local-small's engine serves one request at a time (its row's replica_slots): while an
     answer decodes there, a request sent to that replica would wait for its end, and the
     queue model says so; the answer's end frees the replica."""
     clock = Clock()
-    models = Models(clock, {})
-    pipeline = _pipeline(models)
-    slots = models.one_slot = {"local-1": Slot(), "local-2": Slot()}
-    long_answer = asyncio.create_task(_ask(pipeline, 0, model="local-small"))
-    streaming = [asyncio.create_task(slot.streaming.wait()) for slot in slots.values()]
-    await asyncio.wait(streaming, return_when=asyncio.FIRST_COMPLETED)
-    replica = next(r for r, slot in slots.items() if slot.streaming.is_set())
-    assert pipeline.loads.queued_s(replica, 1_000.0, clock()) > 0.0
-    slots[replica].done.set()
-    await long_answer
-    for task in streaming:
-        task.cancel()
-    await pipeline.drain()
-    assert pipeline.loads.queued_s(replica, 1_000.0, clock()) == 0.0
-    assert pipeline.loads.loads() == {}
+
+    async def scenario() -> None:
+        models = Models(clock, {})
+        pipeline = _pipeline(models)
+        slots = models.one_slot = {"local-1": Slot(), "local-2": Slot()}
+        long_answer = asyncio.create_task(_ask(pipeline, 0, model="local-small"))
+        streaming = [asyncio.create_task(slot.streaming.wait()) for slot in slots.values()]
+        await asyncio.wait(streaming, return_when=asyncio.FIRST_COMPLETED)
+        replica = next(r for r, slot in slots.items() if slot.streaming.is_set())
+        assert pipeline.loads.queued_s(replica, 1_000.0, clock()) > 0.0
+        slots[replica].done.set()
+        await long_answer
+        for task in streaming:
+            task.cancel()
+        await pipeline.drain()
+        assert pipeline.loads.queued_s(replica, 1_000.0, clock()) == 0.0
+        assert pipeline.loads.loads() == {}
+
+    run_on_clock(clock, scenario)
 
 
-async def test_a_self_hosted_prefill_whose_caller_left_keeps_its_replica_busy() -> None:
+def test_a_self_hosted_prefill_whose_caller_left_keeps_its_replica_busy() -> None:
     """llama-server prefills a prompt to its end after its caller gave up on it before its
     first token: the replica stays busy for the predicted rest of that prefill, so the next
     turn is not sent there as to an idle replica (to wait, or be handed over as a stall)."""
     clock = Clock()
-    models = Models(clock, {}, hung={"local-1", "local-2"})
-    pipeline = _pipeline(models)
-    asked = asyncio.create_task(_ask(pipeline, 0, model="local-small"))
-    await models.called.wait()
-    asked.cancel()  # the caller leaves before the first token
-    with contextlib.suppress(asyncio.CancelledError):
-        await asked
-    replica = models.calls[0]
-    assert models.cancelled == [replica] and pipeline.loads.loads() == {}
-    # 2,000 tokens at the router's prior of 10,000 tokens/s: 0.2 s of prefill left there
-    assert pipeline.loads.queued_s(replica, 10_000.0, clock()) == pytest.approx(0.2)
-    clock.now += 0.2
-    assert pipeline.loads.queued_s(replica, 10_000.0, clock()) == 0.0
-    await pipeline.drain()
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"local-1", "local-2"})
+        pipeline = _pipeline(models)
+        asked = asyncio.create_task(_ask(pipeline, 0, model="local-small"))
+        await models.called.wait()
+        asked.cancel()  # the caller leaves before the first token
+        with contextlib.suppress(asyncio.CancelledError):
+            await asked
+        replica = models.calls[0]
+        assert models.cancelled == [replica] and pipeline.loads.loads() == {}
+        # 2,000 tokens at the router's prior of 10,000 tokens/s: 0.2 s of prefill left there
+        assert pipeline.loads.queued_s(replica, 10_000.0, clock()) == pytest.approx(0.2)
+        clock.now += 0.2
+        assert pipeline.loads.queued_s(replica, 10_000.0, clock()) == 0.0
+        await pipeline.drain()
+
+    run_on_clock(clock, scenario)
 
 
 def test_a_slow_replica_is_given_the_time_its_stall_showed_not_ejected(
@@ -479,15 +514,19 @@ def test_a_slow_replica_is_given_the_time_its_stall_showed_not_ejected(
     assert clock() - began < 1.0  # the calls' time only: no cool-off passed unseen
 
 
-async def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:
+def test_the_last_replica_is_never_handed_over_from(fast_stall: None) -> None:
     clock = Clock()
-    models = Models(clock, {}, hung={"large-1", "large-2"})
-    pipeline = _pipeline(models)
-    with pytest.raises(RequestError) as caught:
-        await _ask(pipeline, 0, remaining_s=30.0)
-    assert caught.value.code == Code.DEADLINE_EXCEEDED
-    assert "handed over to the next replica" in str(caught.value)  # large-1's stall
-    assert models.calls == ["large-1", "large-2"] and models.cancelled == ["large-1"]
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"large-1", "large-2"})
+        pipeline = _pipeline(models)
+        with pytest.raises(RequestError) as caught:
+            await _ask(pipeline, 0, remaining_s=30.0)
+        assert caught.value.code == Code.DEADLINE_EXCEEDED
+        assert "handed over to the next replica" in str(caught.value)  # large-1's stall
+        assert models.calls == ["large-1", "large-2"] and models.cancelled == ["large-1"]
+
+    run_on_clock(clock, scenario)
 
 
 async def test_a_replica_that_cuts_every_call_after_its_first_token_is_ejected() -> None:
@@ -653,7 +692,7 @@ async def _ask_auto(
     return chunks[-1].end
 
 
-async def test_an_auto_request_on_a_hung_one_replica_tier_is_handed_to_the_next_tier(
+def test_an_auto_request_on_a_hung_one_replica_tier_is_handed_to_the_next_tier(
     fast_stall: None,
 ) -> None:
     """sim-small's one replica hung: its tier's last replica is not the last option of an
@@ -661,13 +700,17 @@ async def test_an_auto_request_on_a_hung_one_replica_tier_is_handed_to_the_next_
     within the client's deadline (it waited the whole deadline there: DEADLINE_EXCEEDED on
     every small-routed request, even once small-1 was ejected)."""
     clock = Clock()
-    models = Models(clock, {}, hung={"small-1"})
-    pipeline = _pipeline(models)
-    for i in range(6):
-        answer = await _ask_auto(pipeline, i, threshold=1.0, remaining_s=30.0)
-        assert answer.model == "sim-large" and answer.content[0].text == "ok"
-    await pipeline.drain()
-    assert models.cancelled == ["small-1"] * 3  # stalled and handed over; then ejected
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"small-1"})
+        pipeline = _pipeline(models)
+        for i in range(6):
+            answer = await _ask_auto(pipeline, i, threshold=1.0, remaining_s=30.0)
+            assert answer.model == "sim-large" and answer.content[0].text == "ok"
+        await pipeline.drain()
+        assert models.cancelled == ["small-1"] * 3  # stalled and handed over; then ejected
+
+    run_on_clock(clock, scenario)
 
 
 async def test_an_auto_tier_whose_replicas_are_all_ejected_comes_after_the_next_tiers() -> None:
