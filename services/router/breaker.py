@@ -71,6 +71,16 @@ class Breaker:
         self._trial_until = now + self._open_s
         return False
 
+    def skips(self) -> bool:
+        """Whether a call now would be skipped, as ``open`` would say, without claiming the
+        half-open trial: a check before the call that ``open`` then gates (asking ``open``
+        twice would give the trial to the check and skip the call, the breaker tripped
+        another ``open_s``)."""
+        now = self._clock()
+        if now < self._until:
+            return True
+        return self._tripped and now < self._trial_until
+
     @property
     def tripped(self) -> bool:
         """A run of failures left the dependency alone and no call has answered since (also

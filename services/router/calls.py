@@ -551,10 +551,11 @@ class Calls:
     def prefix_faulted(self, window: PrefixWindow | None) -> bool:
         """Whether prefix-cache's own state skips a call of ``window``'s request: an earlier
         call of it timed out or was skipped for a fault of prefix-cache's (not the request's
-        own deadline: ``clients``), or the breaker is open."""
+        own deadline: ``clients``), or the breaker is open. Asks the breaker without taking
+        its half-open trial, which the call this check lets through (``_skipped``) takes."""
         if window is not None and window.off and not window.clients:
             return True
-        return self._breaker.open()
+        return self._breaker.skips()
 
     def _skipped(self, window: PrefixWindow | None) -> str:
         """Why a prefix-cache call is not made ("" = it is)."""

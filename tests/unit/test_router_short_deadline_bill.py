@@ -40,6 +40,7 @@ from services.common.errors import Code
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
+from services.router.calls import PrefixWindow
 from services.router.dependencies import CallFailed
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
@@ -264,3 +265,25 @@ async def test_an_answer_gone_before_its_bill_is_journalled_whole(tmp_path: Path
     finals = [c.output_tokens for c in again.commits if c.phase == pc.COMMIT_PHASE_FINAL]
     assert finals == [chunk.end.usage.output_tokens] == [3]
     journal.close()
+
+
+def test_the_check_before_a_final_leaves_the_breakers_trial_to_the_final() -> None:
+    """Once prefix-cache's breaker has been open ``ROUTER_PREFIX_BREAKER_S``, its next call is
+    the trial. ``_bill_answer`` asks ``prefix_faulted`` before it sends the FINAL, whose own
+    check (``_skipped``) asks the breaker again: the first ask took the trial, so the FINAL
+    was skipped (no call reached prefix-cache, the breaker tripped another period, each time
+    a finishing answer asked first). Before: prefix_faulted False, then the FINAL skipped;
+    after: the FINAL is the trial."""
+    clock = FakeClock()
+    calls = Rig(clock=clock).pipeline()._calls
+    breaker = calls._breaker
+    for _ in range(3):
+        breaker.failed()  # prefix-cache hung: left alone
+    assert calls.prefix_faulted(PrefixWindow())  # open: the bill goes to the outbox at once
+    clock.now += 3600  # long past ROUTER_PREFIX_BREAKER_S: the next call is the trial
+    window = PrefixWindow()
+    assert not calls.prefix_faulted(window)  # _bill_answer's check
+    assert calls._skipped(window) == ""  # the FINAL's own: it is sent (the trial)
+    # and the trial taken, another call meanwhile skips until it reports
+    assert calls._skipped(PrefixWindow()) != ""
+    assert calls.prefix_faulted(PrefixWindow())
