@@ -53,9 +53,12 @@ class Call:
     # its answer went at the router's estimate before its FINAL answered: the end as billed,
     # to come (``pipeline.LateBill``); its metrics and line wait for it
     late: asyncio.Future[pb.CompleteResponse] | None = None
+    # that bill, for which the call's span waits (``rpc_tracing.end_after``) to carry it
+    late_bills: list[asyncio.Future[pb.CompleteResponse]] = field(default_factory=list)
 
     def late_bill(self, billed: asyncio.Future[pb.CompleteResponse]) -> None:
         self.late = billed
+        self.late_bills.append(billed)
 
 
 class RequestLog:

@@ -647,7 +647,9 @@ class Pipeline:
                 spans.chat_failed(attempt.chat_span, error_type)
             self._judged(attempt, finished, error)
             seconds = self._clock() - attempt.opened_at
-            if ended is not None:
+            if ended is not None and attempt.late is not None:
+                self._trace_late_bill(attempt, request, attempt.late, root, seconds)
+            elif ended is not None:
                 attempt.chat_span.end()
                 self._model_call(attempt, ended.usage, seconds, error_type)
             if not finished:
@@ -923,6 +925,7 @@ class Pipeline:
                 estimate,
             )
             late = self._in_background(bill)
+            attempt.late = late
             if late_bill is not None:
                 late_bill(late)
         return end
@@ -1211,6 +1214,41 @@ class Pipeline:
             )
 
         bill.add_done_callback(billed)
+
+    def _trace_late_bill(
+        self,
+        attempt: Attempt,
+        request: pb.CompleteRequest,
+        late: asyncio.Future[pb.CompleteResponse],
+        root: trace.Span,
+        seconds: float,
+    ) -> None:
+        """A whole answer that went at the router's estimate, once its bill (``late``) is
+        known: its ``chat <model>`` span, held open until then, gets the bill's usage and cost
+        and ends at the time the answer ended (now); the request's span (``root``), if still
+        open (the Gateway's waits for the bill: ``access_log.Call.late_bill``), gets the
+        bill's outcome, and either says the bill came after the answer
+        (``cachemesh.billed_after_answer``); the GenAI metrics count the billed tokens. Also
+        when the bill failed or was cancelled (a forced shutdown): the spans keep the
+        estimate."""
+        ended_ns = time.time_ns()  # the spans' clock
+        span = attempt.chat_span
+
+        def billed(_: asyncio.Future[pb.CompleteResponse]) -> None:
+            known = None
+            if not late.cancelled() and late.exception() is None:
+                known = late.result()
+            if known is not None:
+                spans.chat_billed(span, request, known.usage, known.cost)
+                if root.is_recording():
+                    spans.outcome_attributes(root, known)
+                    root.set_attribute("cachemesh.billed_after_answer", True)
+            if span.is_recording():
+                span.set_attribute("cachemesh.billed_after_answer", True)
+            span.end(end_time=ended_ns)
+            self._model_call(attempt, known.usage if known is not None else None, seconds, "")
+
+        late.add_done_callback(billed)
 
     def _model_call(
         self, attempt: Attempt, usage: pb.Usage | None, seconds: float, error_type: str

@@ -150,6 +150,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         call = self._log.begin("Complete")
         rpc_tracing.end_after(call.bills)  # its root span carries the bills that come after
+        rpc_tracing.end_after(call.late_bills)
         ended = ""
         self._entered()
         try:
@@ -189,6 +190,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[pb.CompleteChunk]:
         call = self._log.begin("StreamComplete")
         rpc_tracing.end_after(call.bills)  # its root span carries the bills that come after
+        rpc_tracing.end_after(call.late_bills)
         ended = ""
         self._entered()
         try:

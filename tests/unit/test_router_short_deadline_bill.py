@@ -15,7 +15,8 @@ Figures (20 answers, each with 10 ms of its 1 s deadline left, prefix-cache's FI
 30 ms): before, 20 of 20 bills kept in the outbox at the estimate; after, 0 (20 FINALs made by
 prefix-cache). Through the Gateway, one answer: the day's and month's spend, the cost counters,
 the access line's cost_nanos and cost_estimated, before 330,000 / 165,000 / 165,000 / true
-(until a replay corrects them), after 246 / 123 / 123 / false, no correction counted.
+(until a replay corrects them), after 246 / 123 / 123 / false, no correction counted. Its trace
+(the ``chat`` span, the request's span) carried the estimate, 165,000, too; now the bill, 123.
 """
 
 from __future__ import annotations
@@ -30,10 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common import rpc_tracing
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
 from services.common.errors import Code
@@ -41,12 +48,14 @@ from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
 from services.router.calls import PrefixWindow
-from services.router.dependencies import CallFailed
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
 from services.router.servicer import GatewayServicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_deadline_cut_bill import _cost_sum
@@ -59,9 +68,14 @@ from tests.unit.test_router_pipeline import (
     FakeStream,
     Rig,
     _answer,
+    _settings,
 )
 from tests.unit.test_router_pipeline import _request as _one_request
-from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
+from tests.unit.test_router_unanswered_trace import NAMES, USAGE
+from tests.unit.test_service_metrics import (
+    logs,  # noqa: F401 (a fixture)
+    value,
+)
 
 # how long prefix-cache takes to answer a FINAL, and what the caller's deadline leaves once the
 # answer is whole (the FINAL was given half of it)
@@ -219,12 +233,19 @@ async def test_the_limits_cost_counters_and_access_line_count_the_bill_not_the_e
     assert isinstance(rig.models, LateAnswers)
     rig.models.sent = clock.now
     context: Any = _Deadline()
-    if method == "Complete":
-        sent = await servicer.Complete(_one_request(), context)
-    else:
-        chunks = [chunk async for chunk in servicer.StreamComplete(_one_request(), context)]
-        sent = chunks[-1].end
+    held: rpc_tracing.Held = []  # what the call's span waits for (``ServerTracing``)
+    token = otel_context.attach(otel_context.set_value(rpc_tracing._HELD, held))
+    try:
+        if method == "Complete":
+            sent = await servicer.Complete(_one_request(), context)
+        else:
+            chunks = [chunk async for chunk in servicer.StreamComplete(_one_request(), context)]
+            sent = chunks[-1].end
+    finally:
+        otel_context.detach(token)
     assert sent.cost.estimated  # it went before its bill
+    # the call's span waits for the bill, which it then carries
+    assert [len(futures) for futures in held] == [0, 1]
     await pipeline.drain()
     await asyncio.sleep(0)  # the callbacks of the bill that came
     await limiter.drain()
@@ -287,3 +308,55 @@ def test_the_check_before_a_final_leaves_the_breakers_trial_to_the_final() -> No
     # and the trial taken, another call meanwhile skips until it reports
     assert calls._skipped(PrefixWindow()) != ""
     assert calls.prefix_faulted(PrefixWindow())
+
+
+async def test_a_late_bill_is_on_the_chat_span_the_requests_span_and_the_token_metric() -> None:
+    """An answer that went at its estimate: its trace tells its bill as the access line does.
+    Before: its ``chat <model>`` span and the request's span kept the estimate (cost_nanos
+    165,000, cost_estimated true) while the bill was 123; after: both carry the bill, and say
+    it came after the answer; the GenAI token metric counts the billed input (40, not the
+    engine's prompt count)."""
+    clock = FakeClock()
+    rig = Rig(prefix=SlowFinals(), models=LateAnswers(clock=clock), clock=clock)
+    rig.outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracer = provider.get_tracer("test")
+    registry = new_registry()
+    deps = Dependencies(rig.semantic, rig.prefix, rig.models, rig.replicas)
+    router = (load_router_model(), RouterCard.load().default_threshold, None)
+    pipeline = Pipeline(
+        deps, TABLE, rig.tokenizers, tracer, _settings(), router, clock=clock,
+        outbox=rig.outbox, wall=rig.wall, metrics=RouterMetrics(registry, TenantLabels(4)),
+    )  # fmt: skip
+    assert isinstance(rig.models, LateAnswers)
+    rig.models.sent = clock.now
+    late: list[asyncio.Future[pb.CompleteResponse]] = []
+    root = tracer.start_span("request")  # the Gateway call's, which waits for the late bill
+    with trace.use_span(root, end_on_exit=False):
+        run = pipeline.run("tenant-a", _one_request(), time_remaining_s=1.0, late_bill=late.append)
+        sent = [chunk async for chunk in run][-1].end
+    assert sent.cost.estimated  # it went before its bill
+    await pipeline.drain()
+    billed = await late[0]
+    await asyncio.sleep(0)  # the bill's callbacks
+    root.end()
+    assert (billed.cost.cost_nanos, billed.cost.estimated) == (123, False)
+    spans_by_name = {span.name: span for span in exported.get_finished_spans()}
+    chat = spans_by_name["chat sim-large"]
+    request_span = spans_by_name["request"]
+    told = [
+        (
+            span.attributes["cachemesh.cost_nanos"],
+            span.attributes["cachemesh.cost_estimated"],
+            span.attributes.get("cachemesh.billed_after_answer"),
+        )
+        for span in (chat, request_span)
+        if span.attributes is not None
+    ]
+    assert told == [(123, False, True), (123, False, True)]
+    assert chat.attributes is not None
+    assert chat.attributes["gen_ai.usage.input_tokens"] == billed.usage.input_tokens
+    usage = value(registry, USAGE, gen_ai_token_type="input", **NAMES)
+    assert usage == billed.usage.input_tokens
