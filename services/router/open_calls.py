@@ -104,15 +104,16 @@ class OpenCall:
     def answered(self, final: pc.CommitRequest) -> asyncio.Future[None]:
         """The whole answer goes out before its ``final`` (its whole output count, and the
         provider's report) was answered: the open call carries it, rewritten now, so that a
-        router killed before that reply has the answer billed whole at its next start, as the
-        outbox would have kept it. The future is set once the line is in the file."""
+        router killed before that reply, or its host crashed, has the answer billed whole at
+        its next start, as the outbox would have kept it. The future is set once the line is
+        fsynced (as the outbox's keep), or failed with the sync."""
         if self._ended:
             return self._write()  # (settled: nothing is written)
         self._final = final
         self._output_tokens, self._reported, self._after_report = final.output_tokens, 0, 0
         self._uncounted.clear()
         self._uncounted_after_report.clear()
-        return self._write()
+        return self._write(durable=True)
 
     def settled(self, *, final_made: bool) -> None:
         """The call's FINAL was made (``final_made``: the entry is done), or its outbox entry
@@ -136,7 +137,7 @@ class OpenCall:
             self._uncounted_after_report.clear()
         self._next_update = self._clock() + UPDATE_EVERY_S
 
-    def _write(self) -> asyncio.Future[None]:
+    def _write(self, *, durable: bool = False) -> asyncio.Future[None]:
         opened = None
         if self._outbox is not None and not self._ended:
             final = pc.CommitRequest()
@@ -144,7 +145,7 @@ class OpenCall:
             # the larger of the router's count and the model service's (with what came after)
             final.output_tokens = max(self._output_tokens, self._reported + self._after_report)
             commits = [final] if self._warm is None else [self._warm, final]
-            opened = self._outbox.open(commits, self.entry)
+            opened = self._outbox.open(commits, self.entry, durable=durable)
         if opened is None:
             written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             written.set_result(None)

@@ -411,12 +411,14 @@ class _OnDisk:
         commits: tuple[pc.CommitRequest, ...],
         carrier: dict[str, str],
         started_ms: int,
+        durable: bool = False,
     ) -> asyncio.Future[None]:
-        """Written with the next batch (fsynced with it); the future is set once written."""
+        """Written with the next batch (fsynced with it); the future is set once written, or
+        (``durable``) once fsynced, when it fails with the sync."""
         added = partial(
             self._journal.add, entry_id, commits, carrier, open_call=True, started_ms=started_ms
         )
-        return self._thread.submit(added, written=True)
+        return self._thread.submit(added, durable=durable, written=not durable)
 
     def done(self, entry_id: str) -> asyncio.Future[None]:
         """Its line need not be durable (a replay bills once): not awaited one by one. An
@@ -554,14 +556,20 @@ class BillingOutbox:
         return max(self._entries.count - len(self._live), 0)
 
     def open(
-        self, commits: Sequence[pc.CommitRequest], entry_id: str | None = None
+        self,
+        commits: Sequence[pc.CommitRequest],
+        entry_id: str | None = None,
+        *,
+        durable: bool = False,
     ) -> tuple[str, asyncio.Future[None]] | None:
         """Journals the commits that bill a model call still running (its open call), or,
         with ``entry_id``, replaces that open call's (its output count grew). Returns the
         entry's id and a future set once its line is in the file (it then survives this
-        process being killed; its fsync comes with its batch's, not waited for); a write that
-        fails is logged (the call is then billed as usual, unless the router is killed before
-        it ends). None: no journal (nothing is opened), or the open call is settled already."""
+        process being killed; its fsync comes with its batch's, not waited for), or, when
+        ``durable``, once fsynced (it then survives a host crash: the bill of an answer that
+        goes before its FINAL answered, as the outbox keeps one); a write that fails is
+        logged (the call is then billed as usual, unless the router is killed before it
+        ends). None: no journal (nothing is opened), or the open call is settled already."""
         if not isinstance(self._entries, _OnDisk):
             return None
         rewrite = entry_id is not None
@@ -572,7 +580,9 @@ class BillingOutbox:
             return None  # settled or released already: no longer the call's to rewrite
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
-        written = self._entries.open(entry_id, tuple(commits), carrier, self._live[entry_id])
+        written = self._entries.open(
+            entry_id, tuple(commits), carrier, self._live[entry_id], durable
+        )
         # the first write's failure is said; a rewrite's leaves the line before it in place
         written.add_done_callback(_rewrite_failed if rewrite else self._open_failed)
         return entry_id, written

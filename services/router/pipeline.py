@@ -983,8 +983,9 @@ class Pipeline:
             if waits_s is None or waits_s > 0:
                 await asyncio.wait((sent,), timeout=waits_s)
             if not sent.done() and open_call is not None:
-                # the answer's bill, whole, journalled before the answer goes (as the outbox
-                # would have kept it): a router killed before the FINAL's reply bills it whole
+                # the answer's bill, whole, journalled and fsynced before the answer goes (as
+                # the outbox would have kept it): a router killed, or its host crashed, before
+                # the FINAL's reply bills it whole at its next start
                 line = _final(tenant, request, attempt, output_tokens, baseline_id, usage)
                 with contextlib.suppress(Exception):  # a failed write is logged
                     await open_call.answered(line)

@@ -360,3 +360,27 @@ async def test_a_late_bill_is_on_the_chat_span_the_requests_span_and_the_token_m
     assert chat.attributes["gen_ai.usage.input_tokens"] == billed.usage.input_tokens
     usage = value(registry, USAGE, gen_ai_token_type="input", **NAMES)
     assert usage == billed.usage.input_tokens
+
+
+async def test_an_answer_gone_before_its_bill_has_its_whole_bill_fsynced_first(
+    tmp_path: Path,
+) -> None:
+    """The open call rewritten with the answer's whole output is fsynced before the answer
+    goes at its estimate, as the outbox kept a bill before (a host crash within the journal's
+    sync interval lost the bill of an answer delivered). Before: the journal held the line
+    unsynced as the answer went (dirty); after: synced."""
+    clock = FakeClock()
+    models = LateAnswers(clock=clock, sent=clock.now)
+    prefix = SlowFinals()
+    journal = Journal(tmp_path / "data")
+    outbox = BillingOutbox(prefix, journal, 1.0, 0.01)
+    rig = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox)
+    pipeline = rig.pipeline()
+    unsynced: list[bool] = []
+    async for chunk in pipeline.run("tenant-a", _one_request(), time_remaining_s=1.0):
+        if chunk.WhichOneof("part") == "end":
+            assert chunk.end.cost.estimated
+            unsynced.append(journal.dirty)
+    await pipeline.drain()
+    await outbox.close()
+    assert unsynced == [False]
