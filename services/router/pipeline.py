@@ -869,8 +869,11 @@ class Pipeline:
                 output_tokens=output_tokens,
             )
             # Once its bill is made or kept (an answer refused for its bill is a failed call:
-            # never stored). The answer does not wait for its Store (half a miss's latency:
-            # the embedding).
+            # never stored), or, for an answer that goes at its estimate before its FINAL
+            # answered (``sent``), once it goes: it is refused for nothing after, and holding
+            # the Store (the lease an identical request waits on) for a bill that may take
+            # ROUTER_PREFIX_TIMEOUT_S would only delay those requests. The answer does not
+            # wait for its Store (half a miss's latency: the embedding).
             # An identical request arriving meanwhile waits on this one's lease, which the
             # Store ends, and is served the stored answer; shutdown drains the Store.
             store = self._calls.store(tenant, request, answer, lease_id)
