@@ -108,7 +108,9 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         provider.get_tracer("cachemesh.http_front"),
         metrics=metrics,
         refusals=RefusalLog(lines),
-        body_budget=BodyBudget(settings.body_budget_bytes, metrics.body_bytes),
+        body_budget=BodyBudget(
+            settings.body_budget_bytes, settings.body_tenant_bytes, metrics.body_bytes
+        ),
     )
     endpoint = MetricsEndpoint(settings.metrics, registry, ready=front.ready)
     runner = Runner(

@@ -22,7 +22,7 @@ from services.http_front.access_log import RefusalLog
 from services.http_front.errors import RATE_LIMIT_RETRY_AFTER_S, Api, ApiError, invalid
 from services.http_front.fields import parse_body
 from services.http_front.gateway import Gateway
-from services.http_front.limits import BODY_WAIT_S, BodyBudget, BodyFull, InFlight, Reading
+from services.http_front.limits import BodyBudget, BodyFull, InFlight, Reading
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.readiness import CachedVerdict
 from services.http_front.settings import ESCAPE_EXPANSION, HttpFrontSettings
@@ -119,10 +119,8 @@ class Front:
         self._refusals = refusals if refusals is not None else RefusalLog()
         if body_budget is None:
             gauge = metrics.body_bytes if metrics is not None else None
-            body_budget = BodyBudget(settings.body_budget_bytes, gauge)
+            body_budget = BodyBudget(settings.body_budget_bytes, settings.body_tenant_bytes, gauge)
         self._body_budget = body_budget
-        # how long a body waits for room in the budget before its refusal
-        self._body_wait_s = min(BODY_WAIT_S, settings.body_timeout_s)
         self.draining = False
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
 
@@ -336,21 +334,22 @@ class Front:
                 )
         return tenant, key
 
-    async def _body(self, api: Api, request: web.Request) -> dict[str, Any]:
+    async def _body(self, api: Api, request: web.Request, tenant: str) -> dict[str, Any]:
         """The body's JSON, read up to ``max_json_bytes``: the size that counts is its
         request's (``_sized``), which escapes do not swell. One over ``max_body_bytes`` is
         parsed only when it holds no more JSON values than one under it could (parsing is the
-        cost that grows with them, not with its text's escapes). Its bytes are taken of the
-        front's ``BodyBudget`` from before they are read until it is parsed: no room, a 529 /
-        503 the SDKs retry (``_no_room``)."""
+        cost that grows with them, not with its text's escapes).
+        Its bytes are taken of the front's ``BodyBudget`` (and ``tenant``'s share of it) as they
+        arrive, until it is parsed: no room for them (or for its declared length, checked
+        before it is read), a 529 / 503 the SDKs retry (``_no_room``)."""
         settings = self._settings
         most = settings.max_json_bytes
         if request.content_length is not None and request.content_length > most:
             raise _json_too_large(request.content_length, settings.max_body_bytes)
-        with self._body_budget.reading() as held:
+        with self._body_budget.reading(tenant) as held:
             try:
-                # before the body's deadline: a wait here is the front's, not the caller's
-                await held.reserve(request.content_length or 0, self._body_wait_s)
+                if not held.fits(request.content_length or 0):
+                    raise BodyFull
                 raw = await self._read_in_time(request, held)
             except BodyFull:
                 raise self._no_room(api, request) from None
@@ -386,12 +385,13 @@ class Front:
             self._metrics.body_refused(api)
         size = request.content_length
         sized = f"its {size:,} bytes" if size is not None else "its bytes"
+        budget = self._body_budget
         return ApiError(
             "overloaded",
-            f"the HTTP front is busy reading other requests' bodies: no room for {sized} "
-            f"within {self._body_wait_s:g} s (it reads at most "
-            f"{self._body_budget.limit:,} bytes of bodies at once, its "
-            "HTTP_FRONT_BODY_BUDGET_BYTES); retry shortly",
+            f"the HTTP front is busy reading other requests' bodies: no room for {sized} (it "
+            f"reads at most {budget.limit:,} bytes of bodies at once, its "
+            f"HTTP_FRONT_BODY_BUDGET_BYTES, at most {budget.tenant_limit:,} of them one "
+            "tenant's); retry shortly",
             retry_after_s=RATE_LIMIT_RETRY_AFTER_S,
         )
 
@@ -419,7 +419,7 @@ class Front:
     ) -> web.StreamResponse:
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
             gw, stream = anthropic_api.parse_request(
-                await self._body("anthropic", request),
+                await self._body("anthropic", request, tenant),
                 thinks_by_default=self._settings.thinks_by_default,
             )
             facts.cache_options(request.headers, gw)
@@ -463,13 +463,15 @@ class Front:
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
-            gw, stream, include_usage = await self._chat_request(request)
+            gw, stream, include_usage = await self._chat_request(request, tenant)
             return await self._openai(request, gw, stream, include_usage, key, traceparent)
 
-    async def _chat_request(self, request: web.Request) -> tuple[pb.CompleteRequest, bool, bool]:
+    async def _chat_request(
+        self, request: web.Request, tenant: str
+    ) -> tuple[pb.CompleteRequest, bool, bool]:
         """The Gateway request of a chat completion, its body's JSON dropped (not held through
         the call)."""
-        body = await self._body("openai", request)
+        body = await self._body("openai", request, tenant)
         model = body.get("model")
         default = self._settings.default_max_tokens.get(
             model if isinstance(model, str) else "", 1024

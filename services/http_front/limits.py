@@ -5,8 +5,6 @@ together (``BodyBudget``, ``HTTP_FRONT_BODY_BUDGET_BYTES``)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,131 +42,101 @@ class InFlight:
         return self._count.get(tenant, 0)
 
 
-# how long a body waits for room in the ``BodyBudget`` before it is refused (a retry, which
-# both SDKs make after ``retry-after``, tries again): short, since a waiting connection is one
-# more open, and its caller's bytes wait in the socket's buffers
-BODY_WAIT_S = 1.0
-
-
 class BodyFull(Exception):
-    """No room for a body's bytes in the front's ``BodyBudget`` (within the wait it had)."""
+    """No room for a body's bytes in the front's ``BodyBudget`` (or its tenant's share)."""
 
 
 class BodyBudget:
     """The bytes of request bodies the front holds while it reads them, all tenants together:
-    at most ``limit`` (``HTTP_FRONT_BODY_BUDGET_BYTES``). A body takes its declared
-    ``Content-Length`` before its first byte is read, waiting its turn (first come, first
-    served) up to a short wait; a body without one (chunked) or that grows past it
-    (decompressed) takes each further chunk as it comes, without waiting (and, bodies
-    waiting, without going before them: a body holding bytes is refused rather than wait on
-    others holding theirs). No room:
-    ``BodyFull`` (the caller's refusal says retry). What a body took is given back once it
-    is parsed (``Reading.close``), or dropped."""
+    at most ``limit`` (``HTTP_FRONT_BODY_BUDGET_BYTES``), and one tenant's bodies at most
+    ``tenant_limit``. A body takes its bytes as they arrive, never before (a declared
+    ``Content-Length`` is only checked against the room there is now): an upload whose bytes
+    have not come holds nothing, however long it declares itself. No room for a body's next
+    chunk (or its declared length): ``BodyFull``, at once, without waiting (a body holding
+    bytes must not wait on others holding theirs; the caller's refusal says retry). What a
+    body took is given back once it is parsed (``Reading.close``), or dropped."""
 
-    def __init__(self, limit: int, gauge: LoopCounter | None = None) -> None:
+    def __init__(self, limit: int, tenant_limit: int, gauge: LoopCounter | None = None) -> None:
         """``gauge``: set to the bytes taken at each change (the front's metric)."""
         self._limit = limit
+        self._tenant_limit = min(tenant_limit, limit)
         self._used = 0
+        self._by_tenant: dict[str, int] = {}
         self._gauge = gauge
-        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def limit(self) -> int:
         return self._limit
 
     @property
+    def tenant_limit(self) -> int:
+        return self._tenant_limit
+
+    @property
     def used(self) -> int:
         """Bytes taken by the bodies being read now."""
         return self._used
 
+    def used_by(self, tenant: str) -> int:
+        return self._by_tenant.get(tenant, 0)
+
+    def room(self, tenant: str) -> int:
+        """The bytes ``tenant``'s bodies may take now."""
+        return min(self._limit - self._used, self._tenant_limit - self.used_by(tenant))
+
     @contextmanager
-    def reading(self) -> Iterator[Reading]:
-        """One body's bytes: all that it took given back at the end of the block."""
-        held = Reading(self)
+    def reading(self, tenant: str) -> Iterator[Reading]:
+        """One body of ``tenant``'s: all that it took given back at the end of the block."""
+        held = Reading(self, tenant)
         try:
             yield held
         finally:
             held.close()
 
-    def take_now(self, size: int) -> bool:
-        """Takes ``size`` bytes if they fit now and no body waits before; else False."""
-        if self._waiting or self._used + size > self._limit:
+    def take_now(self, size: int, tenant: str) -> bool:
+        """Takes ``size`` bytes for ``tenant`` if they fit now; else False."""
+        if size > self.room(tenant):
             return False
-        self._add(size)
+        self._add(size, tenant)
         return True
 
-    async def take(self, size: int, wait_s: float) -> None:
-        """Takes ``size`` bytes, waiting up to ``wait_s`` for room after the bodies already
-        waiting; ``BodyFull`` when none came."""
-        if self.take_now(size):
-            return
-        if wait_s <= 0 or size > self._limit:
-            raise BodyFull
-        entry = (size, asyncio.get_running_loop().create_future())
-        self._waiting.append(entry)
-        granted = entry[1]
-        try:
-            async with asyncio.timeout(wait_s):
-                await granted
-        except BaseException as exc:
-            if granted.done() and not granted.cancelled():
-                self.give(size)  # granted as the wait ended: given back, as if not
-            else:
-                granted.cancel()
-                if entry in self._waiting:  # else ``_grant`` dropped it, as cancelled
-                    self._waiting.remove(entry)
-                self._grant()  # the one behind it may fit
-            if isinstance(exc, TimeoutError):
-                raise BodyFull from None
-            raise
+    def give(self, size: int, tenant: str) -> None:
+        self._add(-size, tenant)
 
-    def give(self, size: int) -> None:
-        self._add(-size)
-        self._grant()
-
-    def _add(self, size: int) -> None:
+    def _add(self, size: int, tenant: str) -> None:
         self._used += size
+        left = self.used_by(tenant) + size
+        if left:
+            self._by_tenant[tenant] = left
+        else:
+            self._by_tenant.pop(tenant, None)
         if self._gauge is not None:
             self._gauge.set(self._used)
-
-    def _grant(self) -> None:
-        """Wakes the waiting bodies, first come first, while the first one fits."""
-        while self._waiting:
-            size, granted = self._waiting[0]
-            if granted.done():  # cancelled: dropped here (its waiter finds it gone)
-                self._waiting.popleft()
-                continue
-            if self._used + size > self._limit:
-                return
-            self._waiting.popleft()
-            self._add(size)
-            granted.set_result(None)
 
 
 class Reading:
     """The bytes one body has taken of its ``BodyBudget``."""
 
-    def __init__(self, budget: BodyBudget) -> None:
+    def __init__(self, budget: BodyBudget, tenant: str) -> None:
         self._budget = budget
+        self._tenant = tenant
         self.taken = 0
 
-    async def reserve(self, size: int, wait_s: float) -> None:
-        """Takes ``size`` bytes (a declared ``Content-Length``), waiting up to ``wait_s`` for
-        room; ``BodyFull`` when none came."""
-        if size > 0:
-            await self._budget.take(size, wait_s)
-            self.taken += size
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` bytes (a declared ``Content-Length``) would fit now: nothing is
+        taken (a body that would not is refused before it is read)."""
+        return size - self.taken <= self._budget.room(self._tenant)
 
     def cover(self, size: int) -> None:
-        """Takes what ``size`` bytes read so far need beyond what was taken, without waiting
-        (a body holding bytes must not wait on others holding theirs); ``BodyFull``."""
+        """Takes what ``size`` bytes read so far need beyond what was taken, without waiting;
+        ``BodyFull``."""
         more = size - self.taken
         if more > 0:
-            if not self._budget.take_now(more):
+            if not self._budget.take_now(more, self._tenant):
                 raise BodyFull
             self.taken += more
 
     def close(self) -> None:
         if self.taken:
-            self._budget.give(self.taken)
+            self._budget.give(self.taken, self._tenant)
             self.taken = 0

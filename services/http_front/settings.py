@@ -27,6 +27,9 @@ DEFAULT_MAX_CONNECTIONS = 4096
 # at 2 MiB), a tenant's default in-flight cap's worth of bodies written in plain ASCII; ten
 # bodies at the worst case of their JSON (escapes, 12 MiB each)
 BODY_BUDGET_BODIES = 64
+# one tenant's bodies hold at most this fraction of HTTP_FRONT_BODY_BUDGET_BYTES (a quarter), or
+# the largest body's JSON when that is more: one tenant's uploads cannot fill the front's budget
+BODY_TENANT_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,13 @@ class HttpFrontSettings:
         """The most a body's JSON may be: a longer one is refused (413) before it is read
         whole. A request under ``max_body_bytes`` written in escapes is this long."""
         return self.max_body_bytes * ESCAPE_EXPANSION
+
+    @property
+    def body_tenant_bytes(self) -> int:
+        """The most of ``body_budget_bytes`` one tenant's bodies hold at once: a
+        ``BODY_TENANT_SHARE``th of it, or the largest body's JSON (``max_json_bytes``) when
+        that is more (one body as long as the front reads is always read)."""
+        return max(self.body_budget_bytes // BODY_TENANT_SHARE, self.max_json_bytes)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> HttpFrontSettings:

@@ -3,8 +3,9 @@
 times ``HTTP_FRONT_MAX_BODY_BYTES`` (12 MiB), and a body still coming held what it had sent
 until ``HTTP_FRONT_BODY_TIMEOUT_S``: 80 uploads of 11 MiB (two tenants' in-flight slots) held
 a front process at 976 MB, measured; under the budget's default, 205 MB (10 read, 70
-refused). A body finding no room within a short wait gets the front's overload, 529 / 503
-with ``retry-after``, which both SDKs retry."""
+refused). A body takes its bytes as they arrive (one tenant's bodies a quarter of the budget
+at most); one finding no room gets the front's overload, 529 / 503 with ``retry-after``,
+which both SDKs retry."""
 
 from __future__ import annotations
 
@@ -35,98 +36,51 @@ BODY = b'{"model": "sim-large", "max_tokens": 5, "messages": [{"role": "user", "
 # a valid request as long as a body may be (JSON's whitespace: its request stays small)
 LONGEST = BODY[:-1] + b" " * (MOST_JSON - len(BODY)) + b"}"
 OUTCOME_S = 10.0  # how long a test waits for an outcome at most (a hang fails it)
-WAIT_S = 0.05  # a budget wait in the class's tests (loop time)
 
 
 # --- the budget itself -------------------------------------------------------------------------
-async def test_a_body_waits_for_room_and_takes_it_when_given_back() -> None:
+async def test_a_body_takes_its_bytes_as_they_arrive_and_gives_them_back() -> None:
+    """A declared length is only checked against the room there is (``fits``): nothing is
+    taken before a byte comes, so an upload whose bytes never come holds nothing."""
     gauge = LoopCounter()
-    budget = BodyBudget(100, gauge)
-    with budget.reading() as first:
-        await first.reserve(70, WAIT_S)
-        assert (budget.used, gauge.value) == (70, 70)
-        with budget.reading() as second:
-            waiting = asyncio.ensure_future(second.reserve(50, OUTCOME_S))
-            await asyncio.sleep(0)
-            assert not waiting.done() and budget.used == 70
-            first.close()  # its body parsed
-            await waiting
-            assert (budget.used, gauge.value) == (50, 50)
-    assert (budget.used, gauge.value) == (0, 0)
-
-
-async def test_a_body_finding_no_room_within_its_wait_is_refused_and_leaves_no_trace() -> None:
-    budget = BodyBudget(100)
-    with budget.reading() as holder:
-        await holder.reserve(100, WAIT_S)
-        with budget.reading() as late, pytest.raises(BodyFull):
-            await late.reserve(1, WAIT_S)
-        assert budget.used == 100
-    assert budget.used == 0
-    with budget.reading() as after:  # nothing left queued: the next one takes at once
-        await after.reserve(100, 0)
-
-
-async def test_many_bodies_refused_at_once_each_get_their_refusal() -> None:
-    """Many waits ending in one loop turn: each waiter's future is cancelled before it runs;
-    the first to run dropped the others from the queue, and they failed with a ValueError
-    (a 500 each), not their refusal."""
-    budget = BodyBudget(100)
-    with budget.reading() as holder:
-        await holder.reserve(100, WAIT_S)
-
-        async def late() -> str:
-            with budget.reading() as one:
-                try:
-                    await one.reserve(10, WAIT_S)
-                except BodyFull:
-                    return "refused"
-                return "taken"
-
-        assert await asyncio.gather(*(late() for _ in range(20))) == ["refused"] * 20
-        assert budget.used == 100
-
-
-async def test_first_come_first_served_and_a_cancelled_wait_lets_the_next_in() -> None:
-    budget = BodyBudget(100)
-    order: list[str] = []
-
-    async def body(name: str, size: int) -> None:
-        with budget.reading() as one:
-            await one.reserve(size, OUTCOME_S)
-            order.append(name)
-            await asyncio.sleep(0)
-
-    with budget.reading() as holder:
-        await holder.reserve(90, WAIT_S)
-        big = asyncio.ensure_future(body("big", 60))
-        await asyncio.sleep(0)
-        small = asyncio.ensure_future(body("small", 5))  # fits, but comes after a waiting one
-        gone = asyncio.ensure_future(body("gone", 50))
-        await asyncio.sleep(0)
-        assert order == [] and budget.used == 90
-        gone.cancel()  # its caller left
-        holder.close()
-        await asyncio.wait_for(asyncio.gather(big, small), OUTCOME_S)
-    assert order == ["big", "small"]
-    assert budget.used == 0
-
-
-async def test_a_body_without_its_length_takes_each_chunk_without_waiting() -> None:
-    """A chunked body (or one growing past its Content-Length as it is decompressed) holds
-    bytes already: it is refused at once rather than wait on others holding theirs."""
-    budget = BodyBudget(100)
-    with budget.reading() as declared:
-        await declared.reserve(40, WAIT_S)
-        declared.cover(30)  # within what it took
-        declared.cover(60)  # 20 more
-        assert (declared.taken, budget.used) == (60, 60)
-        with budget.reading() as chunked:
-            chunked.cover(40)
+    budget = BodyBudget(100, 100, gauge)
+    with budget.reading("a") as first:
+        assert first.fits(100) and budget.used == 0
+        first.cover(30)
+        first.cover(70)
+        assert (first.taken, budget.used, gauge.value) == (70, 70, 70)
+        with budget.reading("b") as second:
+            assert not second.fits(31) and second.fits(30)
             with pytest.raises(BodyFull):
-                chunked.cover(41)
+                second.cover(31)
+            second.cover(30)
             assert budget.used == 100
+        assert budget.used == 70
+    assert (budget.used, gauge.value, budget.used_by("a")) == (0, 0, 0)
+
+
+async def test_one_tenants_bodies_hold_at_most_its_share_and_others_still_have_room() -> None:
+    """Its share: the whole budget once was (11 idle uploads of one tenant held it all, and
+    every other request got 529 for ``HTTP_FRONT_BODY_TIMEOUT_S``)."""
+    budget = BodyBudget(100, 25)
+    assert budget.tenant_limit == 25
+    with budget.reading("a") as one, budget.reading("a") as two:
+        one.cover(20)
+        assert not two.fits(6) and two.fits(5)
+        with pytest.raises(BodyFull):
+            two.cover(6)
+        assert (budget.used_by("a"), budget.room("a"), budget.room("b")) == (20, 5, 25)
+        with budget.reading("b") as other:
+            other.cover(25)
+        assert budget.used == 20
     assert budget.used == 0
+
+
+def test_a_tenants_share_is_a_quarter_or_the_longest_body() -> None:
+    settings = HttpFrontSettings.from_env(ENV)
+    assert settings.body_tenant_bytes == settings.body_budget_bytes // 4 == 32 << 20
+    least = HttpFrontSettings.from_env({**ENV, "HTTP_FRONT_BODY_BUDGET_BYTES": str(12 << 20)})
+    assert least.body_tenant_bytes == least.max_json_bytes == 12 << 20
 
 
 # --- through the front -------------------------------------------------------------------------
@@ -135,20 +89,23 @@ async def _connect(base: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
     return await asyncio.open_connection(host, int(port))
 
 
-async def _hold_upload(front: Served) -> asyncio.StreamWriter:
-    """An upload declaring the longest body the front reads, its first bytes sent, the rest not
-    (a slow client): it holds all of the budget once the front has read its head."""
+async def _hold_upload(
+    front: Served, sent: int = MOST_JSON - 1, reading: int | None = None
+) -> asyncio.StreamWriter:
+    """An upload declaring the longest body the front reads, its first ``sent`` bytes sent, the
+    rest not (a slow client): it holds them once the front has read them (all of the budget
+    but a byte, unless told), until the front's bodies hold ``reading`` (``sent``)."""
     _, writer = await _connect(front.base)
     writer.write(
         b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\n"
         b"x-api-key: " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(LONGEST)
     )
-    writer.write(LONGEST[:100])
+    writer.write(LONGEST[:sent])
     await writer.drain()
     async with aiohttp.ClientSession() as session:
         for _ in range(500):  # until the front has taken the budget for it (one try, usually)
             async with session.get(front.metrics) as reply:
-                if f"cachemesh_http_front_body_bytes_reading {float(MOST_JSON)}" in (
+                if f"cachemesh_http_front_body_bytes_reading {float(reading or sent)}" in (
                     await reply.text()
                 ):
                     return writer
@@ -201,6 +158,7 @@ async def test_a_body_with_no_room_is_refused_529_in_anthropics_shape_and_counte
     assert (body["type"], body["error"]["type"]) == ("error", "overloaded_error")
     assert "HTTP_FRONT_BODY_BUDGET_BYTES" in body["error"]["message"]
     assert f"{MOST_JSON:,} bytes of bodies at once" in body["error"]["message"]
+    assert f"at most {MOST_JSON:,} of them one tenant's" in body["error"]["message"]
     assert gateway.calls == 0
     assert counted == 'cachemesh_http_front_body_budget_refusals_total{api="anthropic"} 1.0'
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
@@ -279,6 +237,59 @@ async def test_a_chunked_body_past_the_budget_is_refused_at_once(
     assert reply.split(b" ", 2)[1] == b"503", reply[:300]
     assert b"HTTP_FRONT_BODY_BUDGET_BYTES" in reply
     assert gateway.calls == 0
+
+
+async def test_idle_uploads_declaring_the_longest_body_hold_nothing_and_others_are_served(
+    tmp_path: Path,
+) -> None:
+    """11 uploads declaring the longest body, their bytes not sent: they took the whole
+    budget before a byte came, and every other request got 529 (at t+0, +5, +10 s; 0 Gateway
+    calls) until ``HTTP_FRONT_BODY_TIMEOUT_S``. Now they hold the byte each sent."""
+    env = {"HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY": "64", "HTTP_FRONT_BODY_TIMEOUT_S": "30"}
+    async with serving(tmp_path, gateway := FakeGateway(), **env) as front:
+        held = [await _hold_upload(front, sent=1, reading=n) for n in range(1, 12)]
+        claude = anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY, max_retries=0)
+        try:
+            answer = await claude.messages.create(
+                model="sim-large", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+            )
+        finally:
+            await claude.close()
+            for writer in held:
+                writer.close()
+    assert answer.content and gateway.calls == 1
+
+
+async def test_a_chunked_body_with_room_is_read_while_a_declared_one_finds_none(
+    budget_front: tuple[Served, FakeGateway],
+) -> None:
+    """A declared body over the room there is is refused at once; it waited its turn (1 s),
+    and while it waited every chunked body was refused, even one with room."""
+    front, gateway = budget_front
+    held = await _hold_upload(front, sent=MOST_JSON // 2)
+    _, waiting = await _connect(front.base)
+    waiting.write(
+        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\n"
+        b"x-api-key: " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(LONGEST)
+    )
+    await waiting.drain()
+    await asyncio.sleep(0.1)  # its head read
+    reader, writer = await _connect(front.base)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nauthorization: Bearer "
+        + KEY.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunked
+    )
+    try:
+        reply = await asyncio.wait_for(reader.read(), OUTCOME_S)
+    finally:
+        writer.close()
+        waiting.close()
+        held.close()
+    assert reply.split(b" ", 2)[1] == b"200", reply[:300]
+    assert gateway.calls == 1
 
 
 async def test_bodies_within_the_budget_are_all_read_and_its_bytes_given_back(
