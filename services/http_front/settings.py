@@ -56,7 +56,8 @@ class HttpFrontSettings:
     # a body not whole this long after its headers: 408, the connection closed
     body_timeout_s: float
     # HTTP_FRONT_BODY_BUDGET_BYTES: bytes of bodies the front holds while it reads them, all
-    # requests together; a body finding no room within a short wait gets 529 / 503 (retry)
+    # requests together (a body takes its bytes as they arrive, one tenant a quarter at most);
+    # a body finding no room gets 529 / 503 (retry)
     body_budget_bytes: int
     # connections open at once; one more is answered 503 and closed (below RLIMIT_NOFILE)
     max_connections: int
