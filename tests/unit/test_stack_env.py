@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,13 @@ def test_down_stops_the_stack_whatever_became_of_its_env_file(tmp_path: Path) ->
     sleep = [sys.executable, "-c", "import time; time.sleep(60)", router.module]
     sleeper = subprocess.Popen(sleep)
     try:
+        # until its exec, the child's command line is this test process's, which the pid
+        # check rightly refuses to stop (a loaded machine let ``down`` look that early)
+        cmdline = Path(f"/proc/{sleeper.pid}/cmdline")
+        for _ in range(500):
+            if router.module.encode() in cmdline.read_bytes():
+                break
+            time.sleep(0.01)
         pid_file = run_dir / "pids" / f"{router.name}.pid"
         processes.write_pid(pid_file, sleeper.pid)
         with pytest.raises(SystemExit) as exit_:
