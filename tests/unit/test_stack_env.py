@@ -215,10 +215,8 @@ def test_down_stops_the_stack_whatever_became_of_its_env_file(tmp_path: Path) ->
     try:
         # until its exec, the child's command line is this test process's, which the pid
         # check rightly refuses to stop (a loaded machine let ``down`` look that early)
-        cmdline = Path(f"/proc/{sleeper.pid}/cmdline")
-        for _ in range(500):
-            if router.module.encode() in cmdline.read_bytes():
-                break
+        while not processes.is_alive(sleeper.pid, router.module):  # until it has exec'd
+            assert sleeper.poll() is None
             time.sleep(0.01)
         pid_file = run_dir / "pids" / f"{router.name}.pid"
         processes.write_pid(pid_file, sleeper.pid)
