@@ -545,6 +545,13 @@ class Calls:
         not made (``_skipped``)."""
         if self._skipped(window):
             return 0.0
+        return self.prefix_share_s(window)
+
+    def prefix_share_s(self, window: PrefixWindow | None = None) -> float:
+        """``prefix_timeout_s`` of a call that is made, without asking whether it is: the
+        breaker is not asked, so its half-open trial stays for the call itself (asked before
+        the call, ``prefix_timeout_s`` gave the trial to the question, and the call, asking
+        again, was skipped)."""
         deadline = window.deadline if window is not None else None
         return _capped(self._s.prefix_timeout_s, deadline, _PREFIX_SHARE, self._clock())
 

@@ -967,8 +967,9 @@ class Pipeline:
             return final, None
         # the answer's wait, as it was: the FINAL's share of the caller's deadline; when that
         # is the router's own limit, the FINAL's own timeout bounds it (no race with it)
-        share_s = self._calls.prefix_timeout_s(window)
-        waits_s = share_s if share_s < self._calls.prefix_timeout_s() else None
+        # (asked without the breaker: its half-open trial is the FINAL's own)
+        share_s = 0.0 if window.off else self._calls.prefix_share_s(window)
+        waits_s = share_s if share_s < self._calls.prefix_share_s() else None
 
         async def send() -> prefix_cache_pb2.CommitResponse | None:
             own = await self._billing_window(tenant, request, attempt, warm_call, window)
@@ -990,8 +991,7 @@ class Pipeline:
                 # the outbox would have kept it): a router killed, or its host crashed, before
                 # the FINAL's reply bills it whole at its next start
                 line = _final(tenant, request, attempt, output_tokens, baseline_id, usage)
-                with contextlib.suppress(Exception):  # a failed write is logged
-                    await open_call.answered(line)
+                await self._written_in_time(open_call.answered(line), window)
         except asyncio.CancelledError:
             sent.cancel()  # its caller left: the call's bill without its answer sends it
             raise
@@ -1004,6 +1004,23 @@ class Pipeline:
             return final, None
         await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
         return None, None
+
+    async def _written_in_time(self, written: asyncio.Future[None], window: PrefixWindow) -> None:
+        """Waits for an answer's journal line to be fsynced (``written``), no longer than the
+        request's deadline leaves: a slow or hung disk made the answer, whole and paid for,
+        miss its caller's deadline (an fsync of 0.5 s: the caller had no end). Past it the
+        answer goes: its line is in the file (a killed router bills it; a host crash in that gap
+        loses it), and the late sync is told. A failed write is logged by the journal."""
+        written.add_done_callback(_retrieved)
+        left_s = None if window.deadline is None else max(window.deadline - self._clock(), 0.0)
+        await asyncio.wait((written,), timeout=left_s)
+        if not written.done():
+            log.warning(
+                "an answer went before its bill's journal line was synced to disk (the disk "
+                "is slow: %.3f s of the request's deadline were left); a host crash now would "
+                "lose that bill",
+                left_s or 0.0,
+            )
 
     async def _late_bill(
         self,
@@ -1638,3 +1655,10 @@ def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
         *(pb.CompleteChunk(delta=block) for block in end.content),
         pb.CompleteChunk(end=end),
     ]
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Reads a future's outcome, so a failure already logged is not logged again as never
+    retrieved."""
+    if not future.cancelled():
+        future.exception()

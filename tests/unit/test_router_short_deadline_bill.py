@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,21 +87,23 @@ _ANSWERS = 20
 
 @dataclass
 class SlowFinals(FakePrefix):
-    """A FINAL takes ``_FINAL_TAKES_S`` (real time); given less, it times out at its deadline
-    as gRPC's would."""
+    """A FINAL takes ``takes_s`` (real time); given less, it times out at its deadline as
+    gRPC's would."""
+
+    takes_s: float = _FINAL_TAKES_S
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         if request.phase == pc.COMMIT_PHASE_FINAL:
-            await asyncio.sleep(min(deadline_s, _FINAL_TAKES_S))
-            if deadline_s < _FINAL_TAKES_S:
+            await asyncio.sleep(min(deadline_s, self.takes_s))
+            if deadline_s < self.takes_s:
                 self.commits.append(request)
                 raise CallFailed(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
         return await super().commit(request, deadline_s)
 
 
 class _EndsLate(FakeStream):
-    """The answer's end comes when ``at()`` (the clock's time) is ``_LEFT_S`` before the
-    request's deadline."""
+    """The answer's end comes once ``at()`` ran (it sets the clock ``left_s`` before the
+    request's deadline, or trips prefix-cache's breaker meanwhile)."""
 
     def __init__(self, chunks: list[model_pb2.GenerateChunk | CallFailed], at: Callable[[], None]):
         super().__init__(chunks)
@@ -115,10 +118,11 @@ class _EndsLate(FakeStream):
 
 @dataclass
 class LateAnswers(FakeModels):
-    """Each answer ends ``_LEFT_S`` before the deadline of a request sent at ``sent`` with
+    """Each answer ends ``left_s`` before the deadline of a request sent at ``sent`` with
     ``time_remaining_s`` of 1 s (the pipeline's margin for its reply is 0.1 s of it)."""
 
     sent: float = 0.0
+    left_s: float = _LEFT_S
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
@@ -128,7 +132,7 @@ class LateAnswers(FakeModels):
         assert clock is not None
 
         def at() -> None:
-            clock.now = self.sent + 0.9 - _LEFT_S
+            clock.now = self.sent + 0.9 - self.left_s
 
         return _EndsLate(_answer(replica), at)
 
@@ -368,10 +372,11 @@ async def test_an_answer_gone_before_its_bill_has_its_whole_bill_fsynced_first(
     """The open call rewritten with the answer's whole output is fsynced before the answer
     goes at its estimate, as the outbox kept a bill before (a host crash within the journal's
     sync interval lost the bill of an answer delivered). Before: the journal held the line
-    unsynced as the answer went (dirty); after: synced."""
+    unsynced as the answer went (dirty); after: synced. (0.4 s of the deadline left, the FINAL
+    taking 1 s: the fsync has all of the 0.4 s.)"""
     clock = FakeClock()
-    models = LateAnswers(clock=clock, sent=clock.now)
-    prefix = SlowFinals()
+    models = LateAnswers(clock=clock, sent=clock.now, left_s=0.4)
+    prefix = SlowFinals(takes_s=1.0)
     journal = Journal(tmp_path / "data")
     outbox = BillingOutbox(prefix, journal, 1.0, 0.01)
     rig = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox)
@@ -384,3 +389,77 @@ async def test_an_answer_gone_before_its_bill_has_its_whole_bill_fsynced_first(
     await pipeline.drain()
     await outbox.close()
     assert unsynced == [False]
+
+
+async def test_an_answer_whose_bills_sync_is_slow_goes_within_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The wait for the line's fsync is bounded by what the caller's deadline leaves (10 ms
+    here): a disk taking 0.5 s a sync held the answer, whole and paid for, past its caller's
+    deadline (the caller got no end). Before: the answer went with its line synced, after
+    the sync; after: it goes with the line in the file, not yet synced, and says so."""
+    real_fsync = os.fsync
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_fsync(fd: int) -> None:  # on the journal's thread: until the test lets it end
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)  # the journal's thread's
+    clock = FakeClock()
+    models = LateAnswers(clock=clock, sent=clock.now)
+    prefix = SlowFinals()
+    journal = Journal(tmp_path / "data")
+    outbox = BillingOutbox(prefix, journal, 1.0, 0.01)
+    rig = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox)
+    pipeline = rig.pipeline()
+    unsynced: list[bool] = []
+    async for chunk in pipeline.run("tenant-a", _one_request(), time_remaining_s=1.0):
+        if chunk.WhichOneof("part") == "end":
+            assert chunk.end.cost.estimated
+            unsynced.append(journal.dirty)
+    release.set()
+    await pipeline.drain()
+    await outbox.close()
+    assert unsynced == [True]
+    assert "before its bill's journal line was synced" in caplog.text
+
+
+async def test_a_finishing_answers_final_is_the_breakers_trial_through_the_pipeline() -> None:
+    """The request's WARM reached prefix-cache; during its answer the breaker tripped (other
+    requests' calls timed out) and ``ROUTER_PREFIX_BREAKER_S`` passed. ``_bill_answer`` asked
+    the breaker through ``prefix_timeout_s`` for the answer's wait, which took the half-open
+    trial; the FINAL, asking again, was skipped: 0 FINALs, the bill in the outbox at the
+    estimate (165,000), the breaker tripped another period. Now the FINAL is the trial: 1
+    FINAL, the bill 123, the breaker closed."""
+    clock = FakeClock()
+    breakers: list[Any] = []
+
+    @dataclass
+    class TripMidAnswer(FakeModels):
+        def generate(
+            self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+        ) -> FakeStream:
+            self.calls.append((replica, request))
+
+            def at() -> None:
+                for _ in range(3):
+                    breakers[0].failed()  # prefix-cache left alone
+                clock.now += 3600  # long past ROUTER_PREFIX_BREAKER_S: the next call is the trial
+
+            return _EndsLate(_answer(replica), at)
+
+    rig = Rig(models=TripMidAnswer(clock=clock), clock=clock)
+    rig.outbox = BillingOutbox(rig.prefix, None, 2.0, 0.01)
+    pipeline = rig.pipeline()
+    breakers.append(pipeline._calls._breaker)
+    late: list[asyncio.Future[pb.CompleteResponse]] = []
+    run = pipeline.run("tenant-a", _one_request(), time_remaining_s=7200.0, late_bill=late.append)
+    chunks = [chunk async for chunk in run]
+    await pipeline.drain()
+    finals = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
+    assert len(finals) == 1 and rig.outbox.pending == 0
+    end = chunks[-1].end
+    assert not end.cost.estimated
+    assert not breakers[0].tripped
