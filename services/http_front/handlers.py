@@ -339,17 +339,17 @@ class Front:
         request's (``_sized``), which escapes do not swell. One over ``max_body_bytes`` is
         parsed only when its request could be under it (``_least_request``) and it holds no
         more JSON values than one under it could (parsing is the cost that grows with them).
-        Its bytes are taken of the front's ``BodyBudget`` (and ``tenant``'s share of it) as they
-        arrive, until it is parsed: no room for them (or for its declared length, checked
-        before it is read), a 529 / 503 the SDKs retry (``_no_room``)."""
+        Its declared length is reserved of ``tenant``'s share of the front's ``BodyBudget``
+        before it is read, and its bytes taken of the budget as they arrive, until it is
+        parsed: no room for them (or its share none for its declared length), a 529 / 503 the
+        SDKs retry (``_no_room``)."""
         settings = self._settings
         most = settings.max_json_bytes
         if request.content_length is not None and request.content_length > most:
             raise _json_too_large(request.content_length, settings.max_body_bytes)
         with self._body_budget.reading(tenant) as held:
             try:
-                if not held.fits(request.content_length or 0):
-                    raise BodyFull
+                held.reserve(request.content_length or 0)
                 raw = await self._read_in_time(request, held)
             except BodyFull:
                 raise self._no_room(api, request) from None
