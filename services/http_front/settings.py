@@ -24,11 +24,14 @@ MIN_BODY_BYTES = 1024
 ESCAPE_EXPANSION = 6
 DEFAULT_MAX_CONNECTIONS = 4096
 # HTTP_FRONT_BODY_BUDGET_BYTES unset: this many requests at HTTP_FRONT_MAX_BODY_BYTES (128 MiB
-# at 2 MiB), a tenant's default in-flight cap's worth of bodies written in plain ASCII; ten
-# bodies at the worst case of their JSON (escapes, 12 MiB each)
+# at 2 MiB) written in plain ASCII, all tenants together; ten bodies at the worst case of their
+# JSON (escapes, 12 MiB each). One tenant's share (BODY_TENANT_SHARE) holds 16 such bodies (two
+# at the worst case): its default in-flight cap's worth of uploads (64) is not all read at once,
+# those past its share are refused (529 / 503, retried) before their bodies are read
 BODY_BUDGET_BODIES = 64
 # one tenant's bodies hold at most this fraction of HTTP_FRONT_BODY_BUDGET_BYTES (a quarter), or
-# the largest body's JSON when that is more: one tenant's uploads cannot fill the front's budget
+# the largest body's JSON when that is more, their declared lengths reserved before they are
+# read: one tenant's uploads cannot fill the front's budget
 BODY_TENANT_SHARE = 4
 
 
@@ -56,8 +59,9 @@ class HttpFrontSettings:
     # a body not whole this long after its headers: 408, the connection closed
     body_timeout_s: float
     # HTTP_FRONT_BODY_BUDGET_BYTES: bytes of bodies the front holds while it reads them, all
-    # requests together (a body takes its bytes as they arrive, one tenant a quarter at most);
-    # a body finding no room gets 529 / 503 (retry)
+    # requests together (a body takes its bytes as they arrive; one tenant's bodies a quarter at
+    # most, their declared lengths reserved of it up front); a body finding no room gets 529 /
+    # 503 (retry)
     body_budget_bytes: int
     # connections open at once; one more is answered 503 and closed (below RLIMIT_NOFILE)
     max_connections: int

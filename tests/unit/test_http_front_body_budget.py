@@ -2,9 +2,10 @@
 (``HTTP_FRONT_BODY_BUDGET_BYTES``, ``limits.BodyBudget``). The front reads a body's JSON up to 6
 times ``HTTP_FRONT_MAX_BODY_BYTES`` (12 MiB), and a body still coming held what it had sent
 until ``HTTP_FRONT_BODY_TIMEOUT_S``: 80 uploads of 11 MiB (two tenants' in-flight slots) held
-a front process at 976 MB, measured; under the budget's default, 205 MB (10 read, 70
-refused). A body takes its bytes as they arrive (one tenant's bodies a quarter of the budget
-at most); one finding no room gets the front's overload, 529 / 503 with ``retry-after``,
+a front process at 976 MB, measured; under the budget's first default, 205 MB (10 read, 70
+refused; before the tenant's share). A body takes its bytes as they arrive (one tenant's
+bodies a quarter of the budget at most, a declared length reserved of that quarter before it
+is read); one finding no room gets the front's overload, 529 / 503 with ``retry-after``,
 which both SDKs retry."""
 
 from __future__ import annotations
