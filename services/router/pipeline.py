@@ -1012,6 +1012,8 @@ class Pipeline:
         answer goes: its line is in the file (a killed router bills it; a host crash in that gap
         loses it), and the late sync is told. A failed write is logged by the journal."""
         written.add_done_callback(_retrieved)
+        if written.done():  # (no journal: nothing to wait for, not even a turn of the loop)
+            return
         left_s = None if window.deadline is None else max(window.deadline - self._clock(), 0.0)
         await asyncio.wait((written,), timeout=left_s)
         if not written.done():
