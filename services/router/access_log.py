@@ -95,7 +95,7 @@ class RequestLog:
         self._finished(call, request, code, seconds)
 
     def _finished(self, call: Call, request: pb.CompleteRequest, code: str, seconds: float) -> None:
-        if call.end is not None and (billed := _late(call.late)) is not None:
+        if call.end is not None and (billed := billed_late(call.late)) is not None:
             call.end = billed
         end = call.end
         if code != "OK" or end is None:
@@ -146,7 +146,9 @@ class RequestLog:
             access.info("access", extra={"fields": json.loads("{" + members[1:] + "}")})
 
 
-def _late(late: asyncio.Future[pb.CompleteResponse] | None) -> pb.CompleteResponse | None:
+def billed_late(
+    late: asyncio.Future[pb.CompleteResponse] | None,
+) -> pb.CompleteResponse | None:
     """An answer's end as billed after it went (None: none came, or it was cancelled)."""
     if late is None or not late.done() or late.cancelled() or late.exception() is not None:
         return None

@@ -883,10 +883,7 @@ class Pipeline:
         end.content.extend(content)
         end.stop_reason = end_chunk.stop_reason
         if final is not None:
-            end.usage.CopyFrom(final.usage)
-            end.cost.CopyFrom(final.cost)
-            if final.reconciled:  # the provider's report decides what its cache served
-                end.served_by = served_by(attempt.model, final.usage.cache_read_input_tokens)
+            _with_bill(end, final, attempt.model)
         else:
             # prefix-cache unreachable: the engine's prompt count at the base prices, no cache
             # discount claimed, marked estimated; the outbox bills it when prefix-cache is back.
@@ -1052,12 +1049,7 @@ class Pipeline:
                 open_call.settled(final_made=True)
             billed = pb.CompleteResponse()
             billed.CopyFrom(estimate)
-            billed.usage.CopyFrom(final.usage)
-            billed.usage.draft_accepted_tokens = estimate.usage.draft_accepted_tokens
-            billed.usage.reasoning_tokens = estimate.usage.reasoning_tokens
-            billed.cost.CopyFrom(final.cost)
-            if final.reconciled:  # the provider's report decides what its cache served
-                billed.served_by = served_by(attempt.model, final.usage.cache_read_input_tokens)
+            _with_bill(billed, final, attempt.model)
             return billed
         try:
             await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
@@ -1657,6 +1649,21 @@ def chunks_of(end: pb.CompleteResponse) -> list[pb.CompleteChunk]:
         *(pb.CompleteChunk(delta=block) for block in end.content),
         pb.CompleteChunk(end=end),
     ]
+
+
+def _with_bill(
+    end: pb.CompleteResponse, final: prefix_cache_pb2.CommitResponse, model: ModelSpec
+) -> None:
+    """``end`` carries ``final``'s bill: its usage (the answer's own draft and reasoning counts
+    kept), its cost, and, when the provider's report reconciled it, the layer its cache
+    served."""
+    draft, reasoning = end.usage.draft_accepted_tokens, end.usage.reasoning_tokens
+    end.usage.CopyFrom(final.usage)
+    end.usage.draft_accepted_tokens = draft
+    end.usage.reasoning_tokens = reasoning
+    end.cost.CopyFrom(final.cost)
+    if final.reconciled:  # the provider's report decides what its cache served
+        end.served_by = served_by(model, final.usage.cache_read_input_tokens)
 
 
 def _retrieved(future: asyncio.Future[None]) -> None:

@@ -29,7 +29,7 @@ from services.common.retry_info import retry_trailers
 from services.common.server import DEFAULT_REQUEST_BYTES
 from services.common.status import grpc_code
 from services.router import spans
-from services.router.access_log import Call, RequestLog
+from services.router.access_log import Call, RequestLog, billed_late
 from services.router.answer_ledger import (
     AnswerLedger,
     Claimed,
@@ -431,9 +431,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         estimate (which the limits count only when the outbox keeps the bill)."""
 
         def billed(_: object = None) -> None:
-            answer = end
-            if late is not None and not late.cancelled() and late.exception() is None:
-                answer = late.result()
+            billed = billed_late(late)
+            answer = billed if billed is not None else end
             self._limiter.finish(ticket, answer, use, modelless=modelless)
 
         if late is not None and not late.done():
