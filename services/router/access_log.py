@@ -31,8 +31,8 @@ from json.encoder import encode_basestring as _escape
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.logs import JsonLines
 from services.common.models import AUTO, ModelTable
+from services.router.billing import Bill, Bills
 from services.router.metrics import LAYERS, RouterMetrics, deadline_label
-from services.router.pipeline import Bill, Bills
 
 access = logging.getLogger("cachemesh.access")
 

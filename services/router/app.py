@@ -29,6 +29,7 @@ from services.common.telemetry import build_tracer_provider, server_interceptors
 from services.common.tokens import load_tokenizers
 from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
+from services.router.billing import billed_layer
 from services.router.grpc_adapters import CallTiming, connect
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import (
@@ -40,7 +41,7 @@ from services.router.limit_wiring import (
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
-from services.router.pipeline import Pipeline, billed_layer
+from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, RouterModelError, load_router_model
 from services.router.routing.router import LocalEmbedder
 from services.router.servicer import LEDGER_TIMEOUT_S, GatewayServicer

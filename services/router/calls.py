@@ -114,7 +114,7 @@ class PrefixWindow:
     Plan: it goes on as with prefix-cache down; WARM and FINAL: to the billing outbox; a FINAL
     sent without its WARM would only be refused; the bill of a call that ended early, made
     after it, and a whole answer's, get a window of their own, without the request's deadline,
-    unless prefix-cache's own fault turned this one off: ``pipeline.Pipeline._billing_window``,
+    unless prefix-cache's own fault turned this one off: ``billing.Billing._billing_window``,
     ``_bill_answer``)."""
 
     deadline: float | None = None

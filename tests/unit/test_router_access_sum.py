@@ -20,8 +20,8 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
+from services.router.billing import Bill
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import Bill
 from tests.unit.test_router_pipeline import TABLE, _request
 from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
 

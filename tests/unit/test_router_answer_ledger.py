@@ -43,6 +43,7 @@ from services.router.answer_ledger import (
     Running,
     ledger_key,
 )
+from services.router.billing import Bills, Charge, LateBill
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_answer_ledger
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
@@ -50,9 +51,6 @@ from services.router.metrics import RouterMetrics
 from services.router.pipeline import (
     AnswerBilled,
     BeforeModel,
-    Bills,
-    Charge,
-    LateBill,
     ModelRefused,
     ModelSent,
     chunks_of,

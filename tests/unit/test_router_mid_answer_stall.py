@@ -28,9 +28,10 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelTable, with_context_windows
 from services.common.tokens import Tokenizer
 from services.router import dispatch
+from services.router.billing import Bills
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import SILENT_FACTOR, silent_after_s
-from services.router.pipeline import Bills, Pipeline
+from services.router.pipeline import Pipeline
 from services.router.prompt_counts import count_prompt
 from services.router.replica_state import ReplicaStates
 from services.router.routing.model import RouterCard, load_router_model

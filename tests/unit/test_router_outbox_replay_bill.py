@@ -13,9 +13,9 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.common.metrics import TenantLabels, new_registry
+from services.router.billing import billed_layer
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
-from services.router.pipeline import billed_layer
 from tests.unit.test_router_outbox import _commits
 from tests.unit.test_router_outbox_trace import TracedPrefix, _replays, _tracing
 from tests.unit.test_router_pipeline import TABLE

@@ -30,12 +30,13 @@ from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
 from services.common.tokens import Tokenizer, Tokenizers, load_cl100k
+from services.router.billing import Charge
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.dispatch import Dispatcher
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
-from services.router.pipeline import Charge, Pipeline
+from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 

@@ -19,8 +19,9 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
+from services.router.billing import Bills
 from services.router.dependencies import CallFailed, Dependencies
-from services.router.pipeline import Bills, DeadlineCut, Pipeline
+from services.router.pipeline import DeadlineCut, Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
 from tests.unit.test_router_prestart_cut_health import PROVIDER, StallsAfterTheReport
