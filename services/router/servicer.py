@@ -47,7 +47,8 @@ from services.router.idempotency import (
     fingerprint,
 )
 from services.router.limits import Denial, Limiter, ModelUse, Ticket
-from services.router.pipeline import DeadlineCut, Pipeline, chunks_of
+from services.router.model_answer import DeadlineCut
+from services.router.pipeline import Pipeline, chunks_of
 from services.router.prompt_counts import counting
 from services.router.validation import validate_request
 

@@ -33,7 +33,7 @@ from services.router.access_log import RequestLog
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import DeadlineCut
+from services.router.model_answer import DeadlineCut
 from services.router.servicer import GatewayServicer
 from tests.unit.test_router_answer_ledger import TABLE
 

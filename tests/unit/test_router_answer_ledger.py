@@ -48,13 +48,8 @@ from services.router.idempotency import IdempotencyTable
 from services.router.limit_wiring import build_answer_ledger
 from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
 from services.router.metrics import RouterMetrics
-from services.router.pipeline import (
-    AnswerBilled,
-    BeforeModel,
-    ModelRefused,
-    ModelSent,
-    chunks_of,
-)
+from services.router.model_answer import AnswerBilled, ModelRefused, ModelSent
+from services.router.pipeline import BeforeModel, chunks_of
 from services.router.servicer import GatewayServicer
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole

@@ -11,7 +11,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
 from services.router.dependencies import CallFailed
-from services.router.pipeline import DeadlineCut
+from services.router.model_answer import DeadlineCut
 from tests.unit.test_router_pipeline import FakeClock, FakeModels, FakeStream, Rig, _request
 
 

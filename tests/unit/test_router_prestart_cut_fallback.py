@@ -21,7 +21,8 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
 from services.router.billing import Bills
 from services.router.dependencies import CallFailed, Dependencies
-from services.router.pipeline import DeadlineCut, Pipeline
+from services.router.model_answer import DeadlineCut
+from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
 from tests.unit.test_router_prestart_cut_health import PROVIDER, StallsAfterTheReport
