@@ -10,7 +10,7 @@ A model call billed without its answer (the caller cancelled, or its replica was
 another answered) is on the line as ``unanswered_cost_nanos``; a call that ended with no answer
 carries those calls' bills as its usage and cost. Such a line is written once the bills are
 known (prefix-cache's FINAL, or the outbox's estimate), after the call's end; so is the line of
-an answer that went at the router's estimate before its FINAL answered (``pipeline.LateBill``),
+an answer that went at the router's estimate before its FINAL answered (``billing.LateBill``),
 with that FINAL's bill, which its metrics count too.
 Never the prompt, the answer or the key. A requested model the table does not know is written
 as ``?`` (it is the caller's free text). A request refused before the servicer because it did
@@ -48,10 +48,10 @@ class Call:
     replayed: bool = False
     bills: Bills = field(default_factory=list)  # its model calls billed without an answer
     # it failed DEADLINE_EXCEEDED at the router's ROUTER_MODEL_TIMEOUT_S, not the caller's
-    # deadline (``pipeline.DeadlineCut``): the server's fault
+    # deadline (``model_answer.DeadlineCut``): the server's fault
     routers_deadline: bool = False
     # its answer went at the router's estimate before its FINAL answered: the end as billed,
-    # to come (``pipeline.LateBill``); its metrics and line wait for it
+    # to come (``billing.LateBill``); its metrics and line wait for it
     late: asyncio.Future[pb.CompleteResponse] | None = None
     # that bill, for which the call's span waits (``rpc_tracing.end_after``) to carry it
     late_bills: list[asyncio.Future[pb.CompleteResponse]] = field(default_factory=list)

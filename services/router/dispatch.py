@@ -121,7 +121,7 @@ class Attempt:
     # deadline left (or the caller set none): a cut at it is the server's fault, not the caller's
     routers_deadline: bool = False
     released: bool = False  # its end came: its replica's slot is free (``ReplicaStates.ended``)
-    # its answer went at the router's estimate, its bill to come (``pipeline.LateBill``): its
+    # its answer went at the router's estimate, its bill to come (``billing.LateBill``): its
     # span and GenAI metrics wait for that bill
     late: asyncio.Future[pb.CompleteResponse] | None = None
 

@@ -444,7 +444,7 @@ class RouterMetrics:
         self, tenant: str, code: str, seconds: float, *, routers_deadline: bool = False
     ) -> None:
         """A Gateway call that failed with ``code``; ``routers_deadline``: a DEADLINE_EXCEEDED
-        at the router's ROUTER_MODEL_TIMEOUT_S (``pipeline.DeadlineCut``), not the caller's."""
+        at the router's ROUTER_MODEL_TIMEOUT_S (``model_answer.DeadlineCut``), not the caller's."""
         self._errors(self._tenants(tenant), code, deadline_label(code, routers_deadline)).inc()
         self._duration(ERROR_LAYER).observe(seconds)
 

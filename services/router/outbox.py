@@ -54,7 +54,7 @@ this process kept: it is in the outbox only because no reply to its FINAL reache
 deadline, a cancel, a connection reset, an internal fault; or a replay of it did: an entry is
 done on its first reply), so no one had the first reply, and this one is told. An entry whose
 FINAL had its reply is never sent again: an open call is left to a replay only when no bill of
-its call was made or kept (``pipeline.py``), and a settled entry whose "done" did not run is
+its call was made or kept (``billing.py``), and a settled entry whose "done" did not run is
 done again by the next round, not sent. Entries journalled by an earlier process are
 ``inherited``: whoever had the first reply (that process's answer, whose "done" line a host
 crash lost, or its replay) counted it then, so their repeat is not told (and one whose first
