@@ -32,8 +32,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-MIN_COST = 16  # tokens: one KV block; a call whose prompt the cache holds whole is not free
-DEFAULT_QUANTUM = 256  # tokens added to a waiting tenant's deficit at each of its turns
+from services.common.fair_share import MIN_COST as MIN_COST
+from services.common.fair_share import QUANTUM
+
+# tokens added to a waiting tenant's deficit at each of its turns (the router predicts a
+# request's turn with the same, ``services/router/replica_state.py``)
+DEFAULT_QUANTUM = QUANTUM
 # the replica's span attribute: how long the call waited for its turn, in milliseconds
 QUEUE_WAIT_ATTRIBUTE = "cachemesh.queue_wait_ms"
 
