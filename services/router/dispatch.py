@@ -314,7 +314,7 @@ class Dispatcher:
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
             raw = facts.kv_block_hashes if facts is not None else b""
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
-            wanted = Request(spec.id, prompt_tokens, hashes, spec.prior_prefill_rate)
+            wanted = Request(spec.id, prompt_tokens, hashes, spec.prior_prefill_rate, tenant)
             # the ejected replicas only when all are (then the choice is among them), else
             # after the others, as a last resort
             now = self._clock()
@@ -353,6 +353,7 @@ class Dispatcher:
                     opened_at,
                     request.max_tokens,
                     spec.replica_slots,
+                    tenant=tenant,
                 )
                 if sent is not None:
                     sent()  # from here the replica may prefill, and its provider bill

@@ -3,7 +3,11 @@ prefixes and queues. The router's dispatcher and ``make bench-prefix``'s replay 
 
 ``ttft`` (the default): each replica's time to first token for this request is predicted as
 the prefill queued ahead of it there plus the prefill of the prompt minus that replica's warm
-prefix, both at the replica's measured prefill rate (``replica_state``). The choice minimises
+prefix, both at the replica's measured prefill rate (``replica_state``). Ahead of it is what
+the replica's tenant-fair queue serves first (``ReplicaStates.queued_s``): the call in
+progress, the request's tenant's own, and about one quantum of each other tenant's backlog
+(deficit round robin, its deficits taken as none), so one tenant's flood on the replica that
+holds another's prefix does not steer that tenant's light request away from it. The choice minimises
 that prediction plus the prefill the choice adds times the requests that will wait behind it
 (``work_weight`` times the replicas' mean queue, in requests): idle replicas make it the
 fastest first token, a backlog makes reuse count (under overload the total prefill decides
@@ -76,12 +80,15 @@ class ChoiceSettings:
 
 @dataclass(frozen=True)
 class Request:
-    """What the chooser knows of the request: its prompt's size and KV block hashes."""
+    """What the chooser knows of the request: its prompt's size and KV block hashes, and
+    whose it is (its turn in a replica's tenant-fair queue; requests that name no tenant are
+    all one tenant's, as ``ReplicaStates.sent``'s)."""
 
     model: str
     prompt_tokens: int
     hashes: Sequence[bytes]
     prior_prefill_tps: float | None  # the model row's prior rate (None: the global prior)
+    tenant: str = ""
 
 
 class ReplicaChooser:
@@ -140,8 +147,25 @@ class ReplicaChooser:
         """The TTFT policy's prediction for ``replica`` with a warm prefix of ``match``: the
         prefill queued there plus the prompt's uncached prefill, at its measured rate."""
         rate = self.states.rate(replica, self.prior(request)).prefill_tokens_per_s
-        queued = self.states.queued_s(replica, rate, now)
-        return queued + max(request.prompt_tokens - match, 0) / rate
+        queued = self._queued_s(request, replica, match, rate, now)
+        return queued + self._uncached(request, match) / rate
+
+    def _queued_s(
+        self, request: Request, replica: str, match: int, rate: float, now: float
+    ) -> float:
+        """The prefill ahead of the request there, as the replica's fair queue serves it."""
+        return self.states.queued_s(
+            replica,
+            rate,
+            now,
+            tenant=request.tenant,
+            prompt_tokens=request.prompt_tokens,
+            uncached_tokens=self._uncached(request, match),
+        )
+
+    @staticmethod
+    def _uncached(request: Request, match: int) -> int:
+        return max(request.prompt_tokens - match, 0)
 
     def _surviving(self, request: Request, replica: str, view: int) -> int:
         """The warm prefix the replica will still hold when this request's prefill begins
@@ -160,7 +184,7 @@ class ReplicaChooser:
         rates: dict[str, float] = {}
         for r in replicas:
             rate = rates[r] = self.states.rate(r, prior).prefill_tokens_per_s
-            queued[r] = self.states.queued_s(r, rate, now)
+            queued[r] = self._queued_s(request, r, match[r], rate, now)
             ttft[r] = queued[r] + max(request.prompt_tokens - match[r], 0) / rate
         # Prefill added to a replica delays the requests that queue behind it; the shortest
         # queue first takes the new arrivals, so the delay is shared by all replicas (1/n of

@@ -16,14 +16,26 @@ stands in.
 
 The prefill queued ahead of a new request is the predicted prefill of the requests still
 waiting for their first report (a call waiting in the replica's fair queue, or at its
-``MODEL_MAX_CONCURRENT_CALLS`` gate, has sent none: it counts), less what the one in progress
-has already done (the oldest taken as that one: the sum is the same whichever it is). It is
-every tenant's work: a light tenant's request waits less there (about one prefill of each
-other tenant's), so for it this is an upper bound. Their prompts'
+``MODEL_MAX_CONCURRENT_CALLS`` gate, has sent none: it counts) that the replica's fair queue
+serves before it (``_overtaken``), less what the one in progress has already done (the oldest
+taken as that one). Those are the one in progress, the request's own tenant's (first come
+first served within a tenant) and, of each other tenant's, as many as deficit round robin lets
+through before the request's turn: the rounds its tenant needs for its own backlog and its
+prompt (``QUANTUM`` tokens of credit a round, ``services/common/fair_share.py``) give each other
+tenant as much credit (one round less for a tenant that entered the round after it), each of
+its calls costing its uncached prompt tokens where the engine batches (the simulator's queue)
+or its prompt tokens where it serves a few at a time (the provider adapter's gate). So a light
+tenant's request waits behind the call in progress and about one quantum of each other
+tenant's backlog, not all of it; one tenant's requests wait behind all of their own, as every
+request did before the prediction was per tenant (a replay of one tenant, as ``make
+bench-prefix``'s, is predicted the same to the bit). It assumes what a fresh queue does: the
+deficits tenants carry over from earlier turns are not known here (taken as none), nor which
+call the engine really took (the oldest is taken as in progress). Their prompts'
 blocks count as held by the replica for the next request (it runs after them, so it finds them
 there), which prefix-cache's view only learns at their WARM commit. A request whose caller
 left before its first report stays in that queue until its predicted end where its engine
-prefills it all the same (``abandoned``: llama-server runs a batch to its end), its prompt no
+prefills it all the same (``abandoned``: llama-server runs a batch to its end), ahead of every
+tenant's request (the engine has it: no turn left to wait for), its prompt no
 longer counted as warm (one left while it waited at the replica's gate never reached the
 engine: counted all the same until its predicted end, an over-estimate the router cannot tell).
 
@@ -31,7 +43,7 @@ That is a batching engine's queue (vLLM, SGLang, the simulator: a request's pref
 beside the others' decodes). An engine that serves ``slots`` requests at a time (the model
 row's ``replica_slots``: llama-server's ``--parallel``) starts a request only when one of its
 slots is free, so there a call decoding its answer occupies a slot until its end: each
-pending request takes the first slot to free up (its prefill after the prefill ahead), and
+request ahead takes the first slot to free up (its prefill after the prefill ahead), and
 keeps it for its predicted decode. A decode's length is measured there too (weighted sums of
 whole answers' tokens and seconds from the first report to the end); a call decoding past
 the typical answer counts as running as long again as it has run, up to its ``max_tokens``
@@ -48,6 +60,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from services.common.fair_share import MIN_COST, QUANTUM
 from services.common.kv_blocks import BLOCK_SIZE, reusable_blocks
 
 # a report of fewer prefilled tokens than this is mostly fixed overhead: no rate sample
@@ -71,9 +84,21 @@ class _Pending:
     hashes: Sequence[bytes]
     sent_at: float
     max_tokens: int = 0  # its answer's limit (0: not known)
+    tenant: str = ""
+    cost: int = MIN_COST  # what its turn in the replica's fair queue costs (``_turn_cost``)
     # its caller left before its first report, the engine prefilling it all the same: when
     # that prefill is predicted to end (None: its caller waits)
     abandoned_until: float | None = None
+
+
+@dataclass
+class _Tenant:
+    """A tenant's requests waiting for their first report on a replica, whose fair queue
+    serves them in turn with the other tenants' (not those whose caller left: ``abandoned``)."""
+
+    calls: OrderedDict[int, _Pending] = field(default_factory=OrderedDict)
+    tokens: int = 0  # their predicted prefill
+    cost: int = 0  # their turns' cost
 
 
 @dataclass
@@ -91,6 +116,7 @@ class _Replica:
     pending_tokens: int = 0  # predicted prefill of the requests waiting for their first report
     pending_prompt_tokens: int = 0  # their prompts' tokens (the KV blocks they will touch)
     pending_blocks: Counter[bytes] = field(default_factory=Counter)
+    waiting: dict[str, _Tenant] = field(default_factory=dict)  # the same, by tenant
     last_start_at: float = float("-inf")
     tokens_avg: float = 0.0  # weighted sums of prefilled tokens and their seconds
     seconds_avg: float = 0.0
@@ -154,22 +180,31 @@ class ReplicaStates:
         now: float,
         max_tokens: int = 0,
         slots: int | None = None,
+        tenant: str = "",
     ) -> int:
-        """The request went to ``replica`` expecting ``uncached_tokens`` of prefill; returns
-        its ticket for ``started``/``failed``/``ended``. ``slots``: the requests the replica's
-        engine serves at once (its model row's ``replica_slots``; None: it batches)."""
+        """The request of ``tenant`` went to ``replica`` expecting ``uncached_tokens`` of
+        prefill; returns its ticket for ``started``/``failed``/``ended``. ``slots``: the
+        requests the replica's engine serves at once (its model row's ``replica_slots``; None:
+        it batches). Requests that name no tenant are all one tenant's ("")."""
         state = self._get(replica)
         self._expire(state, now)
         state.slots = slots if slots is None else max(slots, 1)
         self._tickets += 1
         state.inflight += 1
-        uncached = min(max(uncached_tokens, 0), max(prompt_tokens, 0))
-        state.pending[self._tickets] = _Pending(
-            uncached, max(prompt_tokens, 0), hashes, now, max(max_tokens, 0)
-        )
+        prompt = max(prompt_tokens, 0)
+        uncached = min(max(uncached_tokens, 0), prompt)
+        cost = _turn_cost(state, prompt, uncached)
+        pending = _Pending(uncached, prompt, hashes, now, max(max_tokens, 0), tenant, cost)
+        state.pending[self._tickets] = pending
         state.pending_tokens += uncached
-        state.pending_prompt_tokens += max(prompt_tokens, 0)
+        state.pending_prompt_tokens += prompt
         state.pending_blocks.update(hashes)
+        waiting = state.waiting.get(tenant)
+        if waiting is None:
+            waiting = state.waiting[tenant] = _Tenant()
+        waiting.calls[self._tickets] = pending
+        waiting.tokens += uncached
+        waiting.cost += cost
         return self._tickets
 
     def started(
@@ -294,6 +329,7 @@ class ReplicaStates:
         if pending.abandoned_until is None:
             self._expire(state, now)
             end_s = self._ahead_s(state, tokens_per_s, now, ticket)
+            _unwait(state, ticket, pending)  # the engine has it: no longer a turn to wait for
             hashes, pending.hashes = pending.hashes, ()
             _uncount(state.pending_blocks, hashes)
             state.pending_prompt_tokens -= pending.prompt_tokens
@@ -356,6 +392,7 @@ class ReplicaStates:
     def _forget(state: _Replica, ticket: int) -> _Pending | None:
         pending = state.pending.pop(ticket, None)
         if pending is not None:
+            _unwait(state, ticket, pending)
             state.pending_tokens -= pending.uncached_tokens
             state.pending_prompt_tokens -= pending.prompt_tokens
             _uncount(state.pending_blocks, pending.hashes)
@@ -388,20 +425,47 @@ class ReplicaStates:
             return ReplicaRate(prior_tokens_per_s, 0)
         return ReplicaRate(state.tokens_avg / state.seconds_avg, state.samples)
 
-    def queued_s(self, replica: str, tokens_per_s: float, now: float) -> float:
-        """Seconds of prefill ahead of a request sent now (a stalled head counts as busy
-        for as long again as it has overrun its predicted prefill); on a replica of a few
-        slots, until one is free for it (the calls decoding there and those ahead of it)."""
+    def queued_s(
+        self,
+        replica: str,
+        tokens_per_s: float,
+        now: float,
+        *,
+        tenant: str = "",
+        prompt_tokens: int = 0,
+        uncached_tokens: int = 0,
+    ) -> float:
+        """Seconds of prefill ahead of a request of ``tenant`` sent now (a stalled head counts
+        as busy for as long again as it has overrun its predicted prefill); on a replica of a
+        few slots, until one is free for it (the calls decoding there and those ahead of it).
+        Ahead of it, as the replica's fair queue serves them (``_overtaken``): the one in
+        progress, its tenant's, and the other tenants' that their turns let through before its
+        own (``prompt_tokens`` and ``uncached_tokens``: its size there, for its turns' cost)."""
         state = self._replicas.get(replica)
         if state is None:
             return 0.0
         self._expire(state, now)
-        return self._ahead_s(state, tokens_per_s, now, None)
+        cost = _turn_cost(state, max(prompt_tokens, 0), max(uncached_tokens, 0))
+        return self._ahead_s(state, tokens_per_s, now, None, (tenant, cost))
 
     @staticmethod
-    def _ahead_s(state: _Replica, tokens_per_s: float, now: float, until: int | None) -> float:
+    def _ahead_s(
+        state: _Replica,
+        tokens_per_s: float,
+        now: float,
+        until: int | None,
+        turn: tuple[str, int] | None = None,
+    ) -> float:
         """Seconds from now until the prefill of the request ``until`` ends (None: until a
-        request sent now can begin its own)."""
+        request sent now can begin its own; ``turn``: its tenant and cost, which leave the
+        other tenants' requests it overtakes out, else every request sent before counts)."""
+        if not state.pending:
+            skipped_tokens, skipped = 0, frozenset[int]()
+        else:
+            head_ticket = next(iter(state.pending))
+            skipped_tokens, skipped = (
+                (0, frozenset[int]()) if turn is None else _overtaken(state, head_ticket, *turn)
+            )
         if state.slots is None:
             if not state.pending:
                 return 0.0
@@ -413,7 +477,8 @@ class ReplicaStates:
             # replica keeps a request without a first report the less it is chosen.
             queued = max(head_s - done_s, done_s - stalled_after_s(head_s), 0.0)
             if until is None:  # the rest of the queue, without a walk through it
-                return queued + (state.pending_tokens - head.uncached_tokens) / tokens_per_s
+                rest = state.pending_tokens - head.uncached_tokens - skipped_tokens
+                return queued + rest / tokens_per_s
             if until != head_ticket:
                 for ticket, pending in itertools.islice(state.pending.items(), 1, None):
                     queued += pending.uncached_tokens / tokens_per_s
@@ -430,7 +495,8 @@ class ReplicaStates:
         free += [0.0] * max(state.slots - len(free), 0)
         heapq.heapify(free)
         prefilled = 0.0  # when the prefill queued so far is done, seconds from now
-        for n, (ticket, pending) in enumerate(state.pending.items()):
+        ahead = (item for item in state.pending.items() if item[0] not in skipped)
+        for n, (ticket, pending) in enumerate(ahead):
             own_s = pending.uncached_tokens / tokens_per_s
             slot_s = heapq.heappop(free)
             if n == 0 and slot_s <= 0.0:  # its prefill is under way (or stalled)
@@ -502,6 +568,80 @@ class ReplicaStates:
                 break
             matched += 1
         return matched * BLOCK_SIZE
+
+
+def _overtaken(state: _Replica, head: int, tenant: str, cost: int) -> tuple[int, frozenset[int]]:
+    """The requests waiting on the replica that a request of ``tenant`` costing ``cost``
+    would overtake in its fair queue (deficit round robin, ``services/model/fair_queue.py``):
+    (their predicted prefill in tokens, their tickets where the replica serves a few at a
+    time, else none). The one in progress (``head``, the oldest) and those of ``tenant``
+    (first come first served within a tenant) go first; the request's turn comes in the
+    round where its tenant's credit (``QUANTUM`` a round, from none) covers their cost and its
+    own; each other tenant's requests go first as far as the same rounds' credit covers their
+    cost, one round's less for a tenant that entered the round after the request's (its
+    oldest request waiting sent later). So a light tenant waits behind about one quantum of
+    each other tenant's work, not all of it, and a tenant with a backlog behind an equal share
+    of the others'. Deficits left over from earlier turns are not known here (taken as none).
+    With one tenant waiting, and for it, none is overtaken."""
+    waiting = state.waiting
+    own = waiting.get(tenant)
+    if not waiting or (own is not None and len(waiting) == 1):
+        return 0, frozenset()
+    work, place = cost, None  # ``place``: its tenant's oldest request waiting, its turn's order
+    if own is not None:
+        work += own.cost
+        for ticket, pending in own.calls.items():
+            if ticket != head:
+                place = ticket
+                break
+            work -= pending.cost  # in progress: no longer a turn to wait for
+    rounds = -(-work // QUANTUM)  # the rounds until its tenant's credit covers it
+    tokens, tickets = 0, set[int]()
+    for name, other in waiting.items():
+        if name == tenant:
+            continue
+        calls = iter(other.calls.items())
+        first: tuple[int, _Pending] | None = next(calls)
+        left_tokens, left_cost = other.tokens, other.cost
+        if first is not None and first[0] == head:  # in progress: no turn to wait for
+            left_tokens -= first[1].uncached_tokens
+            left_cost -= first[1].cost
+            first = next(calls, None)
+        if first is None:
+            continue
+        credit = rounds * QUANTUM
+        if place is not None and first[0] > place:
+            credit -= QUANTUM  # it entered the round after the request's tenant
+        if left_cost <= credit:
+            continue  # all of its requests go first
+        for ticket, pending in itertools.chain((first,), calls):
+            if pending.cost > credit:  # from this one on, after the request
+                tokens += left_tokens
+                if state.slots is not None:
+                    tickets.add(ticket)
+                    tickets.update(later for later, _ in calls)
+                break
+            credit -= pending.cost
+            left_tokens -= pending.uncached_tokens
+    return tokens, frozenset(tickets)
+
+
+def _turn_cost(state: _Replica, prompt_tokens: int, uncached_tokens: int) -> int:
+    """What a request's turn costs in the replica's fair queue: its uncached prompt tokens
+    where the engine batches (the simulator's prefill queue), its prompt tokens where it serves
+    a few at a time (the provider adapter's gate of ``MODEL_MAX_CONCURRENT_CALLS``, which
+    cannot know the engine's reuse before the call); ``MIN_COST`` at the least."""
+    return max(uncached_tokens if state.slots is None else prompt_tokens, MIN_COST)
+
+
+def _unwait(state: _Replica, ticket: int, pending: _Pending) -> None:
+    waiting = state.waiting.get(pending.tenant)
+    if waiting is None or waiting.calls.pop(ticket, None) is None:
+        return  # its caller left: it left its tenant's turns then (``abandoned``)
+    waiting.tokens -= pending.uncached_tokens
+    waiting.cost -= pending.cost
+    if not waiting.calls:
+        del state.waiting[pending.tenant]
 
 
 def _uncount(blocks: Counter[bytes], hashes: Sequence[bytes]) -> None:

@@ -5,9 +5,21 @@ at the previous first report: the measured rate and the queued work stay true.""
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
 import pytest
 
+from cachemesh import build_request
+from services.model.fair_queue import FairQueue
+from services.router.balance import Route
+from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_state import ReplicaStates
+from tests.unit.test_router_replica_ejection import Clock, Models, _pipeline
+from tests.unit.virtual_loop import run_on_clock
 
 RATE = 1_000.0  # tokens a second: the replica's true prefill rate
 
@@ -27,3 +39,172 @@ def test_an_overtaking_first_report_keeps_the_rate_and_the_queue_true() -> None:
     assert rate.samples == 4
     assert rate.prefill_tokens_per_s == pytest.approx(RATE)  # each timed from the report before
     assert states.queued_s("r", RATE, now=6.5) == 0.0
+
+
+# -- the queue ahead of a request, as the replica's fair queue serves it ------------------------
+
+
+async def _fair_order(calls: list[tuple[str, int]]) -> list[int]:
+    """The order in which the model replica's own fair queue (one call at the engine at a time)
+    serves ``calls`` sent in that order (the first at once, the rest waiting), by index."""
+    queue = FairQueue(1, lambda: 0.0)
+    served: list[int] = []
+
+    async def call(i: int, tenant: str, cost: int) -> None:
+        await queue.acquire(tenant, cost)
+        served.append(i)
+
+    tasks = []
+    for i, (tenant, cost) in enumerate(calls):
+        tasks.append(asyncio.ensure_future(call(i, tenant, cost)))
+        await _settle()
+    for _ in calls:
+        queue.release()
+        await _settle()
+    await asyncio.gather(*tasks)
+    return served
+
+
+async def _settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)  # the calls run up to their next wait; no time passes
+
+
+async def test_a_light_tenant_keeps_its_warm_replica_under_another_tenant_s_flood() -> None:
+    """Tenant a floods r1 with eight cold 8,000-token prompts; tenant b's session prefix
+    (9,600 of its 10,000 tokens) is warm on r1, r2 is idle. r1's fair queue gives b's call
+    the turn after a's prefill in progress: its first token 0.34 s after it arrives, against
+    1.0 s on r2 for a 10,000-token prefill (and, on a hosted provider, a new cache write).
+    Counting all of a's queue predicted 5.94 s on r1 and sent b to r2."""
+    rate, flood, arrives = 10_000.0, [("a", 8_000)] * 8, 0.5
+    chooser = ReplicaChooser(ChoiceSettings(), ReplicaStates())
+    for tenant, tokens in flood:
+        chooser.states.sent("r1", tokens, tokens, [], now=0.0, tenant=tenant)
+    wanted = Request("m", 10_000, [], rate, tenant="b")
+    route = chooser.choose(wanted, ["r1", "r2"], {"r1": 9_600}, now=arrives)
+    # the real fair queue: b's call, sent during a's first prefill, and its turn
+    served = await _fair_order([*flood, ("b", 400)])
+    ahead = served[: served.index(len(flood))]
+    first_token_s = sum(flood[i][1] for i in ahead) / rate - arrives + 400 / rate
+    assert ahead == [0] and first_token_s == pytest.approx(0.34)
+    assert (route.order[0], route.reason) == ("r1", "ttft_warm")
+    assert route.predicted_ttft_s == pytest.approx(first_token_s)
+    assert route.queued_s == pytest.approx(0.3)
+    # a's own next request still waits behind all of a's queue
+    own = chooser.predicted_ttft_s(replace(wanted, tenant="a"), "r1", 9_600, arrives)
+    assert own == pytest.approx(8 * 0.8 - arrives + 0.04)
+
+
+@pytest.mark.parametrize("slots", [None, 1])
+async def test_the_queue_ahead_is_what_the_fair_queue_serves_first(slots: int | None) -> None:
+    """Random mixes of three tenants' calls queued on a replica (the first in progress) and one
+    more call of any tenant: the prefill the router predicts ahead of it is the prefill of the
+    calls the model replica's fair queue serves before it, exactly (its deficits start from
+    none here, as the router assumes). Where the engine batches, a call's turn costs its
+    uncached tokens (the simulator's queue); where it serves a few at a time, its prompt
+    tokens (the provider adapter's gate)."""
+    rng = random.Random(7)
+    sizes = (16, 100, 300, 1_000, 2_500)
+    for _ in range(150):
+        calls = [(rng.choice("abc"), rng.choice(sizes)) for _ in range(rng.randint(1, 12))]
+        prompts = [tokens for _, tokens in calls]
+        uncached = prompts if slots is None else [rng.randint(0, t) for t in prompts]
+        new_tenant, new_prompt = rng.choice("abcd"), rng.choice(sizes)
+        costs = uncached if slots is None else prompts
+        served = await _fair_order(
+            [(t, c) for (t, _), c in zip(calls, costs, strict=True)] + [(new_tenant, new_prompt)]
+        )
+        ahead = sum(uncached[i] for i in served[: served.index(len(calls))])
+        states = ReplicaStates()
+        for (tenant, prompt), own in zip(calls, uncached, strict=True):
+            states.sent("r", prompt, own, [], now=0.0, slots=slots, tenant=tenant)
+        queued = states.queued_s(
+            "r", RATE, 0.0, tenant=new_tenant, prompt_tokens=new_prompt, uncached_tokens=new_prompt
+        )
+        assert queued * RATE == pytest.approx(ahead), (calls, uncached, new_tenant, new_prompt)
+
+
+def test_one_tenant_s_queue_is_predicted_as_before() -> None:
+    """The tenant's own calls all go first (first come first served within a tenant), as every
+    call did before the queue was predicted per tenant: the same figure, to the bit, named or
+    not; another tenant's call goes after the one in progress and a quantum of each backlog."""
+    named, unnamed = ReplicaStates(), ReplicaStates()
+    for n, tokens in enumerate((2_000, 700, 3_100, 16, 1_234)):
+        named.sent("r", tokens + 50, tokens, [], now=0.1 * n, tenant="a")
+        unnamed.sent("r", tokens + 50, tokens, [], now=0.1 * n)
+    every = (2_000 - 1_500) / RATE + (700 + 3_100 + 16 + 1_234) / RATE  # the head 1.5 s in
+    assert named.queued_s("r", RATE, 1.5, tenant="a", prompt_tokens=900) == every
+    assert unnamed.queued_s("r", RATE, 1.5) == every
+    # b's 200 tokens fit its first turn's 256: after a's call in progress, before a's next
+    # (700 tokens: a's third turn); b's 1,000 tokens take four turns, in which a's 700 go
+    assert named.queued_s("r", RATE, 1.5, tenant="b", uncached_tokens=200) == pytest.approx(0.5)
+    assert named.queued_s("r", RATE, 1.5, tenant="b", uncached_tokens=1_000) == pytest.approx(
+        0.5 + 0.7
+    )
+
+
+def test_a_stalled_head_still_counts_for_every_tenant() -> None:
+    """The call in progress is ahead of every tenant's, and a stalled one (far past its
+    predicted prefill: a hung replica) counts as busy for as long again as it has overrun
+    that, whoever asks."""
+    states = ReplicaStates()
+    states.sent("r", 1_000, 1_000, [], now=0.0, tenant="a")  # 1 s predicted: stalled after 3 s
+    states.sent("r", 5_000, 5_000, [], now=0.0, tenant="a")
+    at = 10.0  # 7 s past the stall
+    assert states.queued_s("r", RATE, at, tenant="b", uncached_tokens=100) == pytest.approx(7.0)
+    assert states.queued_s("r", RATE, at, tenant="a", uncached_tokens=100) == pytest.approx(12.0)
+
+
+def test_a_prefill_whose_caller_left_is_ahead_of_every_tenant() -> None:
+    """A self-hosted engine prefills a prompt whose caller left (``abandoned``): it holds the
+    engine until its predicted end whoever asks, and leaves its tenant's turns."""
+    states = ReplicaStates()
+    states.sent("r", 1_000, 1_000, [], now=0.0, tenant="a")
+    left = states.sent("r", 3_000, 3_000, [], now=0.0, tenant="a")
+    states.abandoned("r", left, RATE, now=0.0)  # predicted to end at 4 s
+    states.sent("r", 2_000, 2_000, [], now=0.0, tenant="a")
+    assert states.queued_s("r", RATE, 0.0, tenant="b", uncached_tokens=100) == pytest.approx(4.0)
+    assert states.queued_s("r", RATE, 0.0, tenant="a", uncached_tokens=100) == pytest.approx(6.0)
+
+
+def test_the_router_threads_each_request_s_tenant_to_its_replica_s_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through the router's request path: a request's tenant reaches the chooser and the
+    replica's queue, so another tenant's call is predicted to overtake a's backlog there."""
+    clock = Clock()
+    asked: list[str] = []
+    choose = ReplicaChooser.choose
+
+    def recording(self: ReplicaChooser, request: Request, *args: Any) -> Route:
+        asked.append(request.tenant)
+        return choose(self, request, *args)
+
+    monkeypatch.setattr(ReplicaChooser, "choose", recording)
+
+    async def scenario() -> None:
+        models = Models(clock, {}, slow={"small-1": 30.0})  # sim-small's one replica
+        pipeline = _pipeline(models)
+        calls = []
+        for i in range(2):
+            request = build_request(f"question {i}", model="sim-small", request_id=f"r{i}")
+            run = pipeline.run("tenant-a", request, streamed=True)
+            models.called.clear()
+            calls.append(asyncio.create_task(_drain(run)))
+            await models.called.wait()
+        assert asked == ["tenant-a", "tenant-a"] and models.calls == ["small-1", "small-1"]
+        # both 2,000-token prompts wait for their first report: tenant-a's next waits for
+        # both, tenant-b's only for the one in progress
+        loads, now = pipeline.loads, clock()
+        own = loads.queued_s("small-1", 1_000.0, now, tenant="tenant-a", uncached_tokens=100)
+        other = loads.queued_s("small-1", 1_000.0, now, tenant="tenant-b", uncached_tokens=100)
+        assert (own, other) == pytest.approx((4.0, 2.0))
+        await asyncio.gather(*calls)
+        await pipeline.drain()
+
+    run_on_clock(clock, scenario)
+
+
+async def _drain(run: AsyncIterator[object]) -> None:
+    async for _ in run:
+        pass
