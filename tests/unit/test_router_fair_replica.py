@@ -14,10 +14,14 @@ from typing import Any
 import pytest
 
 from cachemesh import build_request
+from services.common.tokens import load_cl100k
 from services.model.fair_queue import FairQueue
 from services.router.balance import Route
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_state import ReplicaStates
+from tests.unit import test_model_engine_fair as engine_fair
+from tests.unit.model_support import VirtualTime
+from tests.unit.test_model_engine_fair import Waits, _first, _prompt
 from tests.unit.test_router_replica_ejection import Clock, Models, _pipeline
 from tests.unit.virtual_loop import run_on_clock
 
@@ -208,3 +212,38 @@ def test_the_router_threads_each_request_s_tenant_to_its_replica_s_queue(
 async def _drain(run: AsyncIterator[object]) -> None:
     async for _ in run:
         pass
+
+
+async def test_the_prediction_is_the_simulated_replica_s_first_token() -> None:
+    """Replayed through the model service's own simulated replica (``SimEngine``, its fair
+    prefill queue, its KV cache, on virtual time): tenant b floods it with twelve cold
+    ~1,200-word prompts; tenant a's next turn, its session prefix warm there, arrives during
+    b's first prefill. The router, told the same calls, predicts a's first token when the
+    replica gives it; counting all of b's queue it predicted twelve prefills more."""
+    tokenizer, clock, waits = load_cl100k(), VirtualTime(), Waits()
+    engine = engine_fair._engine(tokenizer, clock, waits)
+    spec = engine_fair._spec()
+    await clock.run([asyncio.create_task(_first(engine, clock, "a", _prompt("a", 800)))])
+    states = ReplicaStates()
+    chooser = ReplicaChooser(ChoiceSettings(), states)
+    flood = []
+    for i in range(12):
+        prepared = engine.prepare("b", "sim-small", _prompt(f"b{i}", 1200))
+        tokens = prepared.prompt_tokens
+        states.sent("replica-1", tokens, tokens, [], now=clock.now, tenant="b")
+        flood.append(asyncio.create_task(_first(engine, clock, "b", _prompt(f"b{i}", 1200))))
+    await clock.settle()  # b's first prompt prefilling, the rest waiting their turn
+    sent_at = clock.now
+    turn = engine.prepare("a", "sim-small", _prompt("a", 820))
+    light = asyncio.create_task(_first(engine, clock, "a", _prompt("a", 820)))
+    results = await clock.run([*flood, light])
+    a_at, a_start = results[-1]
+    assert a_start.kv_cached_tokens > 0.9 * a_start.prompt_tokens  # its session prefix held
+    warm = a_start.kv_cached_tokens
+    wanted = Request("sim-small", turn.prompt_tokens, [], spec.prefill_rate, tenant="a")
+    predicted = chooser.predicted_ttft_s(wanted, "replica-1", warm, sent_at)
+    assert predicted == pytest.approx(a_at - sent_at)
+    # as one tenant's request, it waits for the whole backlog: b's eleven prompts waiting
+    every = chooser.predicted_ttft_s(replace(wanted, tenant="b"), "replica-1", warm, sent_at)
+    backlog = sum(start.prompt_tokens for _, start in results[1:-1])
+    assert every == pytest.approx(predicted + backlog / spec.prefill_rate)
