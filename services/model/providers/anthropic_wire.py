@@ -26,7 +26,6 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
 from services.model.providers.failures import (
-    CONNECTION_LOST,
     StreamCut,
     lost_after_end,
     never_sent,
@@ -254,10 +253,11 @@ class AnthropicAdapter:
                         reason = event.delta.stop_reason
                         if reason:
                             stop_reason = contract_stop_reason("anthropic", reason, STOP_REASONS)
-        except CONNECTION_LOST as exc:
+        except Exception as exc:  # (a CancelledError passes)
             if stop_reason is None:
-                raise  # cut before message_delta: a broken stream
-            # only message_stop was lost: message_delta brought the answer's end and its usage
+                raise  # broken before message_delta: a broken stream
+            # only message_stop was lost (the connection, or an ``error`` event in its place):
+            # message_delta brought the answer's end and its usage
             lost_after_end(self.backend, spec.id, exc)
         if stop_reason is None:
             raise StreamCut("the stream ended without its message_delta's stop_reason")

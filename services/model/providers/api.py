@@ -45,10 +45,10 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   token, so the router counts the call for the replica's health as a deadline before any
   start, and takes no prefill-rate sample from it), then that end; before, it failed
   DEADLINE_EXCEEDED without one and the router billed nothing. OpenAI reports nothing before
-  its first token (its usage chunk comes last): there is nothing to bill it by. A connection
-  lost after the final event (OpenAI's finish_reason and usage chunk, Anthropic's
-  message_delta, came; only ``[DONE]`` / ``message_stop`` did not) is no break: the adapter
-  ends the answer as the provider reported it.
+  its first token (its usage chunk comes last): there is nothing to bill it by. A failure
+  after the final event (OpenAI's finish_reason and usage chunk, Anthropic's message_delta,
+  came; only ``[DONE]`` / ``message_stop`` did not: the connection lost, an error event or
+  chunk in its place) is no break: the adapter ends the answer as the provider reported it.
 """
 
 from __future__ import annotations

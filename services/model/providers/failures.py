@@ -7,10 +7,12 @@ stream (Anthropic's ``event: error``, an OpenAI chunk carrying ``error``) is an
 which counts as the status: a 400 is the request's, a 500 is retried. The anthropic SDK does
 not wrap an error of its HTTP stack while it reads a stream (the connection lost mid-stream): an
 ``httpx2.TransportError`` is a lost connection too. A stream that ends without its final event
-(``StreamCut``) was cut as well, however cleanly its connection closed. A connection lost after
-the final event (only ``[DONE]`` / ``message_stop`` missing) is no failure: the adapters end
-such a stream as answered (``lost_after_end``). A request the adapter or the SDK cannot encode
-as the provider's body (``Unsendable``) was never sent: the request's fault, like a 400.
+(``StreamCut``) was cut as well, however cleanly its connection closed. A stream that breaks
+after the final event (only ``[DONE]`` / ``message_stop`` missing: the connection lost, an
+error event or chunk, a chunk the adapter could not read) is no failure: the answer and its
+usage came whole, and the adapters end such a stream as answered (``lost_after_end``). A
+request the adapter or the SDK cannot encode as the provider's body (``Unsendable``) was never
+sent: the request's fault, like a 400.
 
 Only a 401 or an error whose type (or OpenAI ``code``) names our credentials
 (``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Of the other
@@ -134,11 +136,11 @@ log = logging.getLogger("cachemesh.model")
 
 
 def lost_after_end(backend: str, model: str, exc: Exception) -> None:
-    """The connection was lost after the stream's final event (the end and the usage came,
-    only the end marker did not): the answer ends as answered; one line says so."""
+    """The stream broke after its final event (the end and the usage came, only the end
+    marker did not: the connection lost, an error event, a chunk not read): the answer ends as
+    answered; one line says so (the exception's type only: its text may quote the provider)."""
     log.info(
-        "%s stream of %s lost its connection after its final event (%s): answered, billed as "
-        "reported",
+        "%s stream of %s broke after its final event (%s): answered, billed as reported",
         backend,
         model,
         type(exc).__name__,

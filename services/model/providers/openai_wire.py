@@ -31,7 +31,6 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
 from services.model.providers.failures import (
-    CONNECTION_LOST,
     StreamCut,
     lost_after_end,
     never_sent,
@@ -266,7 +265,9 @@ class OpenAIAdapter:
                         )
                         counted_output = not known
                         progress.usage = pc.ProviderUsage(openai=report)  # kept as it comes
-                    for choice in chunk.choices:
+                    # ``or ()``: some OpenAI-compatible engines send ``"choices": null`` (on the
+                    # usage chunk, on a heartbeat); before, a TypeError broke the answer there
+                    for choice in chunk.choices or ():
                         delta = choice.delta
                         if delta is not None and (thinking := reasoning_of(delta)):
                             # the model thinks (its first token: the prefill is done); the
@@ -293,10 +294,11 @@ class OpenAIAdapter:
                                     yield progress.tool_piece(call.function.arguments)
                         if choice.finish_reason:
                             finish = choice.finish_reason
-        except CONNECTION_LOST as exc:
+        except Exception as exc:  # (a CancelledError passes)
             if finish is None or report is None:
-                raise  # cut before the answer and its usage were whole: a broken stream
-            # only [DONE] was lost: the answer and its bill are whole
+                raise  # broken before the answer and its usage were whole: a broken stream
+            # the answer and its bill are whole: only [DONE] was lost (the connection, an
+            # error chunk, a chunk this adapter could not read after them)
             lost_after_end(self.backend, spec.id, exc)
         if finish is None:
             raise StreamCut("the stream ended without a choice's finish_reason")

@@ -1,0 +1,145 @@
+"""Stream shapes real engines send that the providers' documentation does not show, read by
+the adapters through the real SDKs against the loopback server: OpenAI-compatible chunks with
+``"choices": null`` and a failure after an answer's final event."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cachemesh.v1 import model_pb2
+from tests.integration.test_provider_streams import (
+    CLAUDE,
+    GPT,
+    _api,
+    _ends,
+    _generate,
+    loopback_providers,
+)
+from tests.providers import anthropic_wire, openai_wire
+from tests.providers.wire_server import Event, Reply, WireServer, dumps
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    yield from loopback_providers()
+
+
+def _chunk(choices: list[dict[str, Any]] | None, usage: dict[str, Any] | None = None) -> Event:
+    """A chat.completion.chunk; ``choices`` None is sent as ``"choices": null``."""
+    body = {
+        "id": "chatcmpl-loopback",
+        "object": "chat.completion.chunk",
+        "created": 1767225600,
+        "model": GPT,
+        "choices": choices,
+        "usage": usage,
+    }
+    return None, dumps(body)
+
+
+def _choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+    return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+
+DONE: Event = (None, "[DONE]")
+USAGE = openai_wire.usage(30, 0, 3)
+
+
+def _text(chunks: list[model_pb2.GenerateChunk]) -> str:
+    return "".join(c.text for c in chunks if c.WhichOneof("part") == "text")
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        # the usage chunk with choices null (pydantic-ai #5165, pipecat #1060), not []
+        [
+            _chunk(_choice({"content": "Paris is "})),
+            _chunk(_choice({"content": "the capital."})),
+            _chunk(_choice({}, "stop")),
+            _chunk(None, USAGE),
+            DONE,
+        ],
+        # a heartbeat mid-answer: choices null, nothing else
+        [
+            _chunk(_choice({"content": "Paris is "})),
+            _chunk(None),
+            _chunk(_choice({"content": "the capital."})),
+            _chunk(_choice({}, "stop")),
+            _chunk([], USAGE),
+            DONE,
+        ],
+    ],
+    ids=["usage-chunk", "heartbeat"],
+)
+def test_an_openai_chunk_with_null_choices_carries_no_choice(
+    server: WireServer, events: list[Event]
+) -> None:
+    """Before, ``for choice in chunk.choices`` raised TypeError on it: after the first token
+    an interrupted end, which the router re-runs on another replica (one SDK call was 6
+    engine calls, billed 6 times, ending in a 503)."""
+    server.script("openai", Reply(events=events))
+    before = len(server.seen_by("openai"))
+    chunks = _generate(_api(server, "openai"), GPT)
+    (end,) = _ends(chunks)
+    assert not end.interrupted and end.stop_reason == "end_turn", end
+    assert _text(chunks) == "Paris is the capital."
+    assert (end.output_tokens, end.provider_usage.openai.prompt_tokens) == (3, 30)
+    assert len(server.seen_by("openai")) == before + 1
+
+
+def test_an_openai_failure_after_the_finish_reason_and_the_usage_ends_the_answer(
+    server: WireServer,
+) -> None:
+    """An error chunk (an engine's, as vLLM sends one) after the answer's finish_reason and its
+    usage chunk: the answer and its bill are whole, as when only the connection is lost there;
+    it ends as answered (before: interrupted, and the router ran it again elsewhere)."""
+    error = {"message": "engine shutting down", "type": "InternalServerError", "code": 500}
+    events = [
+        _chunk(_choice({"content": "Paris."})),
+        _chunk(_choice({}, "stop")),
+        _chunk([], USAGE),
+        (None, dumps({"error": error})),
+    ]
+    server.script("openai", Reply(events=events))
+    chunks = _generate(_api(server, "openai"), GPT)
+    (end,) = _ends(chunks)
+    assert not end.interrupted and end.stop_reason == "end_turn", end
+    assert end.output_tokens == 3 and _text(chunks) == "Paris."
+
+
+def test_an_openai_failure_after_the_finish_reason_but_before_the_usage_is_interrupted(
+    server: WireServer,
+) -> None:
+    """The bill is not whole yet: the break stays a break."""
+    error = {"message": "engine shutting down", "type": "InternalServerError", "code": 500}
+    events = [
+        _chunk(_choice({"content": "Paris."})),
+        _chunk(_choice({}, "stop")),
+        (None, dumps({"error": error})),
+    ]
+    server.script("openai", Reply(events=events))
+    (end,) = _ends(_generate(_api(server, "openai"), GPT))
+    assert end.interrupted and not end.HasField("provider_usage")
+
+
+def test_an_anthropic_error_event_after_message_delta_ends_the_answer(
+    server: WireServer,
+) -> None:
+    """message_delta brought the stop reason and the usage; an ``error`` event then, instead of
+    message_stop, ends the answer as answered, as a connection lost there does. Before: an
+    interrupted end (the router ran the whole answer again on another replica), its output
+    the adapter's count, not the reported 3."""
+    events = anthropic_wire.stream(CLAUDE, ["Paris."], anthropic_wire.Usage(20, output_tokens=3))
+    assert events[-1][0] == "message_stop"
+    events[-1] = ("error", dumps(anthropic_wire.overloaded_body()))
+    server.script("anthropic", Reply(events=events))
+    before = len(server.seen_by("anthropic"))
+    chunks = _generate(_api(server, "anthropic"), CLAUDE)
+    (end,) = _ends(chunks)
+    assert not end.interrupted and end.stop_reason == "end_turn", end
+    assert end.output_tokens == 3 and _text(chunks) == "Paris."
+    assert len(server.seen_by("anthropic")) == before + 1
