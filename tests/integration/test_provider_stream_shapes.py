@@ -1,9 +1,11 @@
 """Stream shapes real engines send that the providers' documentation does not show, read by
 the adapters through the real SDKs against the loopback server: OpenAI-compatible chunks with
-``"choices": null`` and a failure after an answer's final event."""
+``"choices": null``, parallel tool calls under one index or none, and a failure after an
+answer's final event."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,6 +126,102 @@ def test_an_openai_failure_after_the_finish_reason_but_before_the_usage_is_inter
     server.script("openai", Reply(events=events))
     (end,) = _ends(_generate(_api(server, "openai"), GPT))
     assert end.interrupted and not end.HasField("provider_usage")
+
+
+def _call(index: int | None, call_id: str | None, name: str | None, arguments: str) -> Event:
+    call: dict[str, Any] = {"type": "function", "function": {"arguments": arguments}}
+    if index is not None:
+        call["index"] = index
+    if call_id is not None:
+        call["id"] = call_id
+    if name is not None:
+        call["function"]["name"] = name
+    return _chunk(_choice({"tool_calls": [call]}))
+
+
+def _calls(chunks: list[model_pb2.GenerateChunk]) -> list[tuple[str, str, Any]]:
+    uses = [c.block.tool_use for c in chunks if c.WhichOneof("part") == "block"]
+    return [(use.id, use.name, json.loads(use.input_json)) for use in uses]
+
+
+def _tool_turn(*calls: Event) -> Reply:
+    return Reply(events=[*calls, _chunk(_choice({}, "tool_calls")), _chunk([], USAGE), DONE])
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        # Ollama (#15457) sends every call of a turn as index 0
+        (
+            _tool_turn(
+                _call(0, "call_a", "file_write", '{"filePath":"hello.py"}'),
+                _call(0, "call_b", "file_write", '{"filePath":"world.py"}'),
+            ),
+            [
+                ("call_a", "file_write", {"filePath": "hello.py"}),
+                ("call_b", "file_write", {"filePath": "world.py"}),
+            ],
+        ),
+        # and in pieces, each call's later pieces under its index without an id
+        (
+            _tool_turn(
+                _call(0, "call_a", "add", ""),
+                _call(0, None, None, '{"a":'),
+                _call(0, None, None, "1}"),
+                _call(0, "call_b", "mul", '{"b":'),
+                _call(0, None, None, "2}"),
+            ),
+            [("call_a", "add", {"a": 1}), ("call_b", "mul", {"b": 2})],
+        ),
+        # an engine that leaves the index out
+        (
+            _tool_turn(
+                _call(None, "call_a", "add", '{"a":1}'),
+                _call(None, "call_b", "mul", '{"b":2}'),
+            ),
+            [("call_a", "add", {"a": 1}), ("call_b", "mul", {"b": 2})],
+        ),
+        # ... its later pieces without an id continue the call they follow
+        (
+            _tool_turn(
+                _call(None, "call_a", "add", '{"a":'),
+                _call(None, None, None, "1}"),
+                _call(None, "call_b", "mul", '{"b":2}'),
+            ),
+            [("call_a", "add", {"a": 1}), ("call_b", "mul", {"b": 2})],
+        ),
+        # OpenAI's own: one index a call, the id on its first piece only (as before)
+        (
+            _tool_turn(
+                _call(0, "call_a", "add", ""),
+                _call(0, None, None, '{"a":1}'),
+                _call(1, "call_b", "mul", ""),
+                _call(1, None, None, '{"b":2}'),
+            ),
+            [("call_a", "add", {"a": 1}), ("call_b", "mul", {"b": 2})],
+        ),
+        # an engine repeating the call's id on each of its pieces: still one call
+        (
+            _tool_turn(
+                _call(0, "call_a", "add", '{"a":'),
+                _call(0, "call_a", None, "1}"),
+            ),
+            [("call_a", "add", {"a": 1})],
+        ),
+    ],
+    ids=["same-index", "same-index-pieces", "no-index", "no-index-pieces", "openai", "id-repeated"],
+)
+def test_parallel_tool_calls_under_one_index_or_none_stay_apart(
+    server: WireServer, reply: Reply, expected: list[tuple[str, str, Any]]
+) -> None:
+    """A piece carrying an id other than the one held at its index, or an id and no index,
+    starts a new call (vercel/ai #14277's rule). Before, such calls merged into one: the last
+    id, the last name, the arguments of all run together (``_unparsed_arguments``)."""
+    server.script("openai", reply)
+    chunks = _generate(_api(server, "openai"), GPT)
+    assert _calls(chunks) == expected
+    (end,) = _ends(chunks)
+    assert end.stop_reason == "tool_use" and not end.interrupted
 
 
 def test_an_anthropic_error_event_after_message_delta_ends_the_answer(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -229,6 +230,40 @@ def reasoning_of(delta: Any) -> str:
     return ""
 
 
+@dataclass
+class ToolCall:
+    """A tool call as streamed so far: its id and name (empty until a piece names them) and
+    its argument pieces."""
+
+    id: str = ""
+    name: str = ""
+    pieces: list[str] = field(default_factory=list)
+
+
+class ToolCalls:
+    """The tool calls of one streamed turn, in the order they began. A piece belongs to the
+    call held at its ``index``; one carrying an id other than that call's starts a new call
+    (Ollama sends every call of a turn as index 0, ollama/ollama#15457; vercel/ai#14277's
+    rule), and so does the first piece at an index. An engine that sends no index is read the
+    same way, as if every piece had one index: a piece with a new id starts a call, one
+    without an id continues the call before it. Before, such calls merged into one: the last
+    id and name, every call's arguments run together (``_unparsed_arguments``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self._held: dict[int | None, ToolCall] = {}  # index (None: none) -> its call now
+
+    def piece(self, index: int | None, call_id: str | None) -> ToolCall:
+        """The call a streamed piece (its ``index`` and ``id``) belongs to, begun if new."""
+        held = self._held.get(index)
+        if held is None or (call_id and held.id and call_id != held.id):
+            held = self._held[index] = ToolCall()
+            self.calls.append(held)
+        if call_id:
+            held.id = call_id
+        return held
+
+
 class OpenAIAdapter:
     backend = "openai"
 
@@ -250,7 +285,7 @@ class OpenAIAdapter:
             chunks = await self._client.chat.completions.create(
                 **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
             )
-        calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
+        calls = ToolCalls()
         finish: str | None = None  # set by the final event; None: the stream was cut
         report: pc.OpenAIUsage | None = None
         counted_output = False  # the report's completion_tokens was null: counted here
@@ -282,15 +317,13 @@ class OpenAIAdapter:
                         for call in (delta.tool_calls if delta is not None else None) or []:
                             if not progress.started:
                                 yield progress.start()
-                            entry = calls.setdefault(call.index, ["", "", []])
-                            if call.id:
-                                entry[0] = call.id
+                            entry = calls.piece(call.index, call.id)
                             if call.function is not None:
                                 if call.function.name:
-                                    entry[1] = call.function.name
+                                    entry.name = call.function.name
                                     yield progress.tool_piece(call.function.name)
                                 if call.function.arguments:
-                                    entry[2].append(call.function.arguments)
+                                    entry.pieces.append(call.function.arguments)
                                     yield progress.tool_piece(call.function.arguments)
                         if choice.finish_reason:
                             finish = choice.finish_reason
@@ -304,10 +337,9 @@ class OpenAIAdapter:
             raise StreamCut("the stream ended without a choice's finish_reason")
         if not progress.started:
             yield progress.start()
-        for index in sorted(calls):
-            call_id, name, pieces = calls[index]
-            yield tool_use_chunk(call_id or f"call_{index}", name, "".join(pieces))
-        stop_reason = stop_reason_of(finish, bool(calls))
+        for n, call in enumerate(calls.calls):
+            yield tool_use_chunk(call.id or f"call_{n}", call.name, "".join(call.pieces))
+        stop_reason = stop_reason_of(finish, bool(calls.calls))
         end = model_pb2.GenerateEnd(stop_reason=stop_reason, reasoning_tokens=reasoning)
         if report is not None:
             if counted_output:  # the provider reported no output count: this adapter's
