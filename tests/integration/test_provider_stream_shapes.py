@@ -1,17 +1,20 @@
 """Stream shapes real engines send that the providers' documentation does not show, read by
 the adapters through the real SDKs against the loopback server: OpenAI-compatible chunks with
-``"choices": null``, parallel tool calls under one index or none, and a failure after an
-answer's final event."""
+``"choices": null``, parallel tool calls under one index or none, a failure after an answer's
+final event, and an Anthropic-compatible engine's input count reported only at message_delta."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
+from cachemesh.v1.prompt_pb2 import PromptFacts
 from tests.integration.test_provider_streams import (
     CLAUDE,
     GPT,
@@ -222,6 +225,46 @@ def test_parallel_tool_calls_under_one_index_or_none_stay_apart(
     assert _calls(chunks) == expected
     (end,) = _ends(chunks)
     assert end.stop_reason == "tool_use" and not end.interrupted
+
+
+def _anthropic_input_at_delta(start_input: int | None) -> list[Event]:
+    """An Anthropic-compatible engine (SGLang #20678, mlx-node) whose message_start reports
+    ``input_tokens`` 0 or null and whose message_delta reports the real count, 25."""
+    events = anthropic_wire.stream(CLAUDE, ["Paris."], anthropic_wire.Usage(25, output_tokens=5))
+    for n, (name, data) in enumerate(events):
+        body = json.loads(data)
+        if name == "message_start":
+            body["message"]["usage"]["input_tokens"] = start_input
+        elif name == "message_delta":
+            body["usage"]["input_tokens"] = 25
+        events[n] = (name, dumps(body))
+    return events
+
+
+@pytest.mark.parametrize("start_input", [0, None])
+@pytest.mark.parametrize("planned", [1000, 10])
+def test_an_anthropic_input_count_reported_at_message_delta_is_billed_as_reported(
+    server: WireServer, start_input: int | None, planned: int
+) -> None:
+    """Plan's count fills in only a count the provider never reported. Before, it was filled
+    in at message_start and the real count of message_delta lost to it (the larger kept):
+    25 reported, Plan's 1,000 billed."""
+    server.script("anthropic", Reply(events=_anthropic_input_at_delta(start_input)))
+    api = _api(server, "anthropic")
+    question = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital of France?")])
+    request = model_pb2.GenerateRequest(
+        tenant="t",
+        model=CLAUDE,
+        request=pb.CompleteRequest(model=CLAUDE, max_tokens=16, messages=[question]),
+        prompt=PromptFacts(prompt_tokens=planned),
+    )
+
+    async def run() -> list[model_pb2.GenerateChunk]:
+        return [chunk async for chunk in api.generate(request, 5.0)]
+
+    (end,) = _ends(asyncio.run(run()))
+    assert not end.interrupted
+    assert end.provider_usage.anthropic.input_tokens == 25
 
 
 def test_an_anthropic_error_event_after_message_delta_ends_the_answer(

@@ -111,7 +111,8 @@ def _merge_usage(
 ) -> set[str]:
     """Folds a usage object of the stream into ``target``: message_start's, then
     message_delta's (cumulative counts: a field it leaves null keeps its value, and an input
-    count lower than before, e.g. a proxy's 0 for a count it does not have, is not believed;
+    count lower than the provider reported before, e.g. a proxy's 0 for a count it does not
+    have, is not believed; ``target`` holds the provider's counts only, never Plan's;
     the output count is message_delta's, message_start's being a placeholder). A count no call
     has (``usage_check``) is not folded: it goes in ``distrusted``. Returns the counts it
     reported."""
@@ -158,9 +159,24 @@ _PROMPT_FIELDS = frozenset(
 )
 
 
+def _settled(
+    usage: pc.AnthropicUsage, progress: Progress, input_reported: bool
+) -> pc.AnthropicUsage:
+    """A copy of ``usage`` with the prompt's counts settled (``_settle_prompt``): the bill of
+    message_start's report, while ``usage`` itself keeps the provider's counts only. Before,
+    Plan's count was filled into ``usage`` at message_start, and the count message_delta then
+    reported (an engine whose message_start says 0 or null, SGLang's, mlx-node's) lost to it,
+    the larger kept: 25 reported, Plan's 1,000 billed."""
+    settled = pc.AnthropicUsage()
+    settled.CopyFrom(usage)
+    _settle_prompt(settled, progress, input_reported)
+    return settled
+
+
 def _settle_prompt(usage: pc.AnthropicUsage, progress: Progress, input_reported: bool) -> None:
     """The prompt's counts the bill takes: as reported, else (not reported, or a part of the
-    report no call has) Plan's count."""
+    report no call has) Plan's count. Done at the stream's end (and on a copy for
+    message_start's report): Plan's count fills in only what the provider never reported."""
     if progress.distrusted.keys() & _PROMPT_FIELDS:
         usage.input_tokens = usage.cache_creation_input_tokens = usage.cache_read_input_tokens = 0
         usage.ClearField("cache_creation")
@@ -205,7 +221,8 @@ class AnthropicAdapter:
             events = await self._client.messages.create(
                 **params, stream=True, timeout=timeout_s, extra_body=extra
             )
-        usage = pc.AnthropicUsage()
+        usage = pc.AnthropicUsage()  # the counts as reported
+        prompt = pc.AnthropicUsage()  # and as message_start's report is billed
         input_reported = output_reported = False
         most, distrusted = most_tokens(spec), progress.distrusted
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
@@ -217,13 +234,15 @@ class AnthropicAdapter:
                     if kind == "message_start":
                         merged = _merge_usage(usage, event.message.usage, most, distrusted)
                         input_reported = "input_tokens" in merged
-                        _settle_prompt(usage, progress, input_reported)
-                        report = progress.reported(pc.ProviderUsage(anthropic=usage))
+                        # the prompt as billed so far; ``usage`` keeps the provider's own
+                        # counts, which message_delta's fold into
+                        prompt = _settled(usage, progress, input_reported)
+                        report = progress.reported(pc.ProviderUsage(anthropic=prompt))
                         if not progress.started:  # (a second message_start: nothing new)
                             yield report
                     elif kind == "content_block_start":
                         if not progress.started:
-                            yield progress.start(prompt_of(usage) or None)
+                            yield progress.start(prompt_of(prompt) or None)
                         block = event.content_block
                         if block.type == "tool_use":
                             tools[event.index] = [block.id, block.name, []]
