@@ -1,9 +1,17 @@
-"""Drives the demo workload and prints what each layer served and what it cost."""
+"""Drives the demo workload and prints what each layer served and what it cost.
+
+Each run asks in a semantic-cache namespace of its own (``demo-<time>``, as cachemesh-load's
+runs do), so a second run on the same stack shows the same L1 hits as the first, not the first
+run's answers replayed. The namespace scopes L1 only: the prefix cache (L2) stays warm per
+tenant and model (for 5 minutes after a prefix's last read), so a run soon after another reads
+the agent's prompt from its first turn; the closing note says so, and how to start L2 cold.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import time
 
 from cachemesh._client import DEFAULT_TARGET, Client
@@ -25,7 +33,17 @@ def _require(name: str) -> str:
     return value
 
 
-def _agent(client: Client, table: LayerTable, model: str | None) -> None:
+# printed under the table: what one run leaves warm for the next
+WARM_NOTE = (
+    "Each run asks in a semantic-cache (L1) namespace of its own: the L1 hits above are this "
+    "run's repeats and paraphrases. The prefix cache (L2) stays warm between runs, per tenant "
+    "and model, for 5 minutes after a prefix's last read (an hour for a 1h breakpoint), across "
+    "make down too: a run soon after another reads the agent's prompt from its first turn "
+    "(cache read instead of cache write). To start L2 cold: make down; make reset-l2."
+)
+
+
+def _agent(client: Client, table: LayerTable, model: str | None, namespace: str) -> None:
     agent_model = model or workload.AGENT_MODEL
     print(f"\n== agent conversation ({agent_model}, long system prompt + 8 tools, cache_control)")
     history: list[pb.Message] = []
@@ -36,6 +54,7 @@ def _agent(client: Client, table: LayerTable, model: str | None) -> None:
             tools=workload.TOOLS,
             system=workload.agent_system(),
             messages=[*history, user_message(text, cache=True)],
+            cache=pb.CacheOptions(namespace=namespace),
         )
         response = client.complete(request)
         table.add(response)
@@ -43,21 +62,28 @@ def _agent(client: Client, table: LayerTable, model: str | None) -> None:
         history += [user_message(text), assistant_message(answer_text(response))]
 
 
-def _faq(clients: dict[str, Client], table: LayerTable, model: str | None) -> None:
+def _faq(clients: dict[str, Client], table: LayerTable, model: str | None, namespace: str) -> None:
     print(f"\n== FAQ bot ({model or 'auto tier'}; exact repeats, paraphrases, a second tenant)")
     for tenant, question in workload.FAQ:
         request = build_request(
-            question, system=workload.FAQ_SYSTEM, max_tokens=200, model=model or "auto"
+            question,
+            system=workload.FAQ_SYSTEM,
+            max_tokens=200,
+            model=model or "auto",
+            namespace=namespace,
         )
         response = clients[tenant].complete(request)
         table.add(response)
         print(f"  [{tenant}] {question!r:58} {table.describe(response)}")
 
 
-def _unrelated(client: Client, table: LayerTable, model: str | None) -> None:
+def _unrelated(client: Client, table: LayerTable, model: str | None, namespace: str) -> None:
     print(f"\n== unrelated questions ({model or 'auto tier'})")
     for question in workload.UNRELATED:
-        response = client.complete(build_request(question, max_tokens=300, model=model or "auto"))
+        request = build_request(
+            question, max_tokens=300, model=model or "auto", namespace=namespace
+        )
+        response = client.complete(request)
         table.add(response)
         print(f"  {question[:58]!r:60} {table.describe(response)}")
 
@@ -72,11 +98,13 @@ def main() -> int:
     # CACHEMESH_DEMO_MODEL: one model for every request (make demo-local: local-small)
     model = os.environ.get("CACHEMESH_DEMO_MODEL") or None
     table = LayerTable()
+    namespace = f"demo-{time.time_ns()}"  # L1 only: see WARM_NOTE
+    print(f"semantic-cache namespace of this run: {namespace}")
     started = time.monotonic()
     try:
-        _agent(clients["a"], table, model)
-        _faq(clients, table, model)
-        _unrelated(clients["a"], table, model)
+        _agent(clients["a"], table, model, namespace)
+        _faq(clients, table, model, namespace)
+        _unrelated(clients["a"], table, model, namespace)
     except CachemeshError as error:
         print(f"demo: the gateway at {target} refused a request: {error}", file=sys.stderr)
         if error.code.name == "UNAVAILABLE":
@@ -87,6 +115,7 @@ def main() -> int:
             client.close()
     print(f"\n{table.requests} requests in {time.monotonic() - started:.1f} s\n")
     print(table.render())
+    print("\n" + textwrap.fill(WARM_NOTE, width=100))
     return 0
 
 
