@@ -52,6 +52,7 @@ from services.tools.engine.servers import (
     Replica,
     local_engine_settings,
 )
+from services.tools.stack.environment import tool_settings
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.otlp_sink import OtlpSink
 from services.tools.stack.ports import free_port
@@ -76,7 +77,7 @@ class LlamaStack:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaStack]:
-    paths = engine_paths(os.environ)
+    paths = engine_paths(tool_settings(harness.ROOT, os.environ))  # as make engine
     assert paths.ready(), f"no llama-server build under {paths.root}: run `make engine` first"
     run_dir = tmp_path_factory.mktemp("llama-run")
     options = EngineOptions(2, 1, CONTEXT_TOKENS)

@@ -21,6 +21,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.tools.engine.cache import engine_paths
 from services.tools.engine.servers import EngineOptions, LlamaServers, local_engine_settings
+from services.tools.stack.environment import tool_settings
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.otlp_sink import OtlpSink
 from services.tools.stack.ports import free_port
@@ -60,7 +61,7 @@ async def _read_slowly(target: str, key: str) -> tuple[str, int, int]:
 
 
 async def test_a_long_answer_read_slower_than_the_model_timeout_is_whole(tmp_path: Path) -> None:
-    paths = engine_paths(os.environ)
+    paths = engine_paths(tool_settings(harness.ROOT, os.environ))  # as make engine
     assert paths.ready(), f"no llama-server build under {paths.root}: run `make engine` first"
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -172,12 +172,9 @@ def test_a_time_scale_past_its_maximum_is_refused() -> None:
 
 
 @pytest.mark.parametrize("value", ["inf", "1e300", "nan", "0"])
-def test_an_up_timeout_that_never_ends_is_refused(
-    value: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CACHEMESH_UP_TIMEOUT_S", value)
+def test_an_up_timeout_that_never_ends_is_refused(value: str) -> None:
     with pytest.raises(StackError, match=r"^CACHEMESH_UP_TIMEOUT_S: must be "):
-        cli._up_timeout_from_env()
+        cli._up_timeout({"CACHEMESH_UP_TIMEOUT_S": value})
 
 
 @pytest.mark.parametrize("variable", ["ROUTER_ANSWERS_REDIS_URL", "ROUTER_LIMITS_REDIS_URL"])

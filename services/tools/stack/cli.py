@@ -7,13 +7,14 @@ Used by the Makefile and compose.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cachemesh.envfile import EnvFileError
 from services.common.env import MAX_DURATION_S
-from services.tools.engine.cache import engine_paths
+from services.tools.engine.cache import EnginePaths, engine_paths
 from services.tools.engine.servers import (
     EngineError,
     EngineOptions,
@@ -63,13 +64,17 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     # where the run dir's stack runs: moved by an earlier `up --free-ports`, else the settings'
     stack = Stack(root, run_dir, read_moved(run_dir), detach=True)
-    engines = LlamaServers(engine_paths(os.environ), run_dir, EngineOptions.from_env(os.environ))
+    # stopping the run dir's engines needs only their pid files: no setting is read but up's
+    engines = LlamaServers(engine_paths({}), run_dir, EngineOptions())
     if args.command == "up":
-        timeout_s = args.timeout if args.timeout is not None else _up_timeout_from_env()
+        # .env, the environment over it, as every setting of the stack: a bad .env or a bad
+        # setting of up's own stops up here, before anything starts
+        own = UpSettings.from_settings(stack.settings())
+        timeout_s = args.timeout if args.timeout is not None else own.timeout_s
+        engines = LlamaServers(own.engine_paths, run_dir, own.engine)
         stack = _placed(stack, args.free_ports)
         if args.local_engine:
             _refuse_a_running_stack(stack, engines)
-        # reads .env: a bad one stops up here, before any engine starts
         settings = stack.settings() if args.local_engine else {}
         try:
             if args.local_engine:
@@ -145,9 +150,28 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _up_timeout_from_env() -> float:
-    """``CACHEMESH_UP_TIMEOUT_S``, read only by ``up`` (a bad one must not stop ``down``)."""
-    text = os.environ.get("CACHEMESH_UP_TIMEOUT_S", "")
+@dataclass(frozen=True)
+class UpSettings:
+    """What ``up`` itself reads of the stack's settings (``Stack.settings()``: ``.env``, the
+    environment over it), checked before anything starts. Only ``up`` reads them: a bad one
+    must not stop ``down``."""
+
+    timeout_s: float  # CACHEMESH_UP_TIMEOUT_S
+    engine_paths: EnginePaths  # CACHEMESH_CACHE_DIR (up --local-engine)
+    engine: EngineOptions  # CACHEMESH_LLAMA_REPLICAS, _THREADS, _CONTEXT (up --local-engine)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, str]) -> UpSettings:
+        return cls(
+            timeout_s=_up_timeout(settings),
+            engine_paths=engine_paths(settings),
+            engine=EngineOptions.from_env(settings),
+        )
+
+
+def _up_timeout(settings: Mapping[str, str]) -> float:
+    """``CACHEMESH_UP_TIMEOUT_S``: seconds, else the default."""
+    text = settings.get("CACHEMESH_UP_TIMEOUT_S", "").strip()
     if not text:
         return DEFAULT_START_TIMEOUT_S
     try:
@@ -167,8 +191,8 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_seconds,
         default=None,
-        help=f"seconds to wait for SERVING (env CACHEMESH_UP_TIMEOUT_S; default "
-        f"{DEFAULT_START_TIMEOUT_S:g})",
+        help=f"seconds to wait for SERVING (CACHEMESH_UP_TIMEOUT_S, in .env or the environment; "
+        f"default {DEFAULT_START_TIMEOUT_S:g})",
     )
     up.add_argument(
         "--free-ports",
@@ -180,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
         "--local-engine",
         action="store_true",
         help="put the model processes in front of llama-server replicas (make engine builds "
-        "them; CACHEMESH_LLAMA_REPLICAS, _THREADS, _CONTEXT) serving local-small",
+        "them; CACHEMESH_LLAMA_REPLICAS, _THREADS, _CONTEXT, CACHEMESH_CACHE_DIR, in .env or "
+        "the environment) serving local-small",
     )
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")

@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
-from cachemesh.envfile import EnvFileError
+from cachemesh.envfile import EnvFileError, read_env_file
 
 
 def merge_env(
@@ -26,6 +27,13 @@ def merge_env(
     merged.update(injected)
     merged.update(overrides)
     return merged
+
+
+def tool_settings(root: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """What a tool of the stack reads its own settings from (``make engine``'s cache dir, the
+    llama tests'): ``root``'s ``.env``, ``environ`` over it, as ``Stack.settings()`` merges
+    them for the services."""
+    return merge_env(read_env_file(root / ".env"), environ, {}, {})
 
 
 def dial_address(listen: str) -> str:
