@@ -42,6 +42,18 @@ log = logging.getLogger("cachemesh.model")
 SERVICE_NAME = model_pb2.DESCRIPTOR.services_by_name["Model"].full_name
 
 
+def warn_unused(settings: ModelSettings) -> None:
+    """Names the provider settings set that this replica's backend does not read (checked all
+    the same): a leftover, or a replica meant for another backend. Never their values."""
+    if settings.unused:
+        log.warning(
+            "MODEL_BACKEND=%s does not read %s (set, and valid): they take effect only on a "
+            "replica of another backend",
+            settings.backend,
+            ", ".join(settings.unused),
+        )
+
+
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     configure_logging(Env(environ))
     settings = ModelSettings.from_env(environ)
@@ -80,6 +92,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     async def shutdown_tracing() -> None:
         await stop_tracing(provider)  # last: bounded, whatever the collector does
 
+    warn_unused(settings)
     if settings.provider is None:
         log.info(
             "SIMULATED model engine (not a real LLM): replica %s serves %s; "

@@ -11,7 +11,16 @@ from services.common.metrics import MetricsSettings
 from services.common.models import ModelSpec, ModelTable, model_table_from_env
 from services.common.server import ServerSettings
 from services.common.tokens import CACHED_TOKENS, cache_tokens_from_env
-from services.model.providers.config import Backend, ProviderSettings
+from services.model.providers.config import (
+    ENDPOINT_VARIABLES,
+    RETRY_VARIABLES,
+    UPSTREAM_IDS_VARIABLE,
+    Backend,
+    ProviderSettings,
+    read_endpoint,
+    read_retries,
+    read_upstream_ids,
+)
 from services.model.speculative import Drafting, drafting_for
 
 DEFAULT_LISTEN = "127.0.0.1:50054"
@@ -52,6 +61,9 @@ class ModelSettings:
     max_concurrent_calls: int = 0
     # each vocabulary's encoding cache, in tokens' worth (CACHEMESH_TOKENIZER_CACHE_TOKENS)
     tokenizer_cache_tokens: int = CACHED_TOKENS
+    # provider settings set (and valid) that this backend does not read: named in a warning
+    # at start-up (a simulated replica's ANTHROPIC_API_KEY), never with their values
+    unused: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ModelSettings:
@@ -65,10 +77,14 @@ class ModelSettings:
         provider: ProviderSettings | None = None
         if backend != "simulated":
             provider = ProviderSettings.from_env(env, _backend(backend))
+        _check_unread(env, provider)
         table = model_table_from_env(env)
         models = _served_models(env, table, backend)
+        read = provider.upstream_ids if provider is not None else read_upstream_ids(env)
+        upstream_ids = _checked_upstream_ids(table, dict(read))
+        gate = max_concurrent_calls(env, models)  # checked whatever the backend
         if provider is not None:
-            models = _named_upstream(models, table, provider.upstream_ids)
+            models = _named_upstream(models, upstream_ids)
         return cls(
             server=server,
             metrics=MetricsSettings.from_env(env, "MODEL", DEFAULT_METRICS_LISTEN),
@@ -82,9 +98,36 @@ class ModelSettings:
                 "MODEL_KV_CAPACITY_BLOCKS", DEFAULT_KV_CAPACITY_BLOCKS, minimum=0
             ),
             drafting=_drafting(env, table, models),
-            max_concurrent_calls=max_concurrent_calls(env, models) if provider else 0,
+            max_concurrent_calls=gate if provider else 0,
             tokenizer_cache_tokens=cache_tokens_from_env(env),
+            unused=_unused(env, provider),
         )
+
+
+def _check_unread(env: Env, provider: ProviderSettings | None) -> None:
+    """The provider settings this replica's backend does not read, checked as the backend that
+    reads them would (no key is required): a malformed one is refused now, not when the
+    backend is switched to it (ConfigError names the variable, never a key)."""
+    for backend in ENDPOINT_VARIABLES:
+        if provider is None or provider.backend != backend:
+            read_endpoint(env, backend)
+    if provider is None:
+        read_retries(env)
+
+
+def _unused(env: Env, provider: ProviderSettings | None) -> tuple[str, ...]:
+    """The provider settings set that this backend does not read, in a fixed order."""
+    if provider is None:
+        endpoints = (name for own in ENDPOINT_VARIABLES.values() for name in own)
+        names = (MAX_CONCURRENT_CALLS_VAR, UPSTREAM_IDS_VARIABLE, *endpoints, *RETRY_VARIABLES)
+    else:
+        names = tuple(
+            name
+            for backend, own in ENDPOINT_VARIABLES.items()
+            if backend != provider.backend
+            for name in own
+        )
+    return tuple(name for name in names if env.optional_str(name) is not None)
 
 
 def max_concurrent_calls(env: Env, models: Mapping[str, ModelSpec]) -> int:
@@ -110,19 +153,24 @@ def _backend(name: str) -> Backend:
     return "anthropic" if name == "anthropic" else "openai"
 
 
-def _named_upstream(
-    models: Mapping[str, ModelSpec], table: ModelTable, upstream_ids: Mapping[str, str]
-) -> dict[str, ModelSpec]:
-    """The served models under the engine's names (``MODEL_UPSTREAM_IDS``), what the adapter
-    sends and the start-up line prints. A key must be a model of the table (a typo left the
-    table's id sent, and the engine refused every request): one this replica does not serve
-    is fine, model-2 shares the variable."""
+def _checked_upstream_ids(table: ModelTable, upstream_ids: dict[str, str]) -> dict[str, str]:
+    """``MODEL_UPSTREAM_IDS``, each key a model of the table (a typo left the table's id sent,
+    and the engine refused every request): one this replica does not serve is fine, model-2
+    shares the variable."""
     for model_id in upstream_ids:
         if model_id not in table.models:
             known = ", ".join(table.models)
             raise ConfigError(
                 f"MODEL_UPSTREAM_IDS: {model_id[:64]!r} is not in the model table (known: {known})"
             )
+    return upstream_ids
+
+
+def _named_upstream(
+    models: Mapping[str, ModelSpec], upstream_ids: Mapping[str, str]
+) -> dict[str, ModelSpec]:
+    """The served models under the engine's names (``MODEL_UPSTREAM_IDS``), what the adapter
+    sends and the start-up line prints."""
     return {
         model_id: spec.model_copy(update={"upstream_id": upstream_ids[model_id]})
         if model_id in upstream_ids

@@ -55,26 +55,23 @@ class ProviderSettings:
     @classmethod
     def from_env(cls, env: Env, backend: Backend) -> ProviderSettings:
         prefix = _PREFIX[backend]
-        default_url = DEFAULT_BASE_URLS[backend]
-        base_url = env.str(f"{prefix}_BASE_URL", default_url).rstrip("/")
-        shown = redacted_url(base_url)[:80]  # never its password
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{prefix}_BASE_URL must be an http:// or https:// URL, got {shown}")
-        key = read_api_key(env, prefix)
-        if key is None and (backend == "anthropic" or base_url == default_url):
+        base_url, key = read_endpoint(env, backend)
+        if key is None and (backend == "anthropic" or base_url == DEFAULT_BASE_URLS[backend]):
+            shown = redacted_url(base_url)[:80]  # never its password
             raise ConfigError(
                 f"{prefix}_API_KEY or {prefix}_API_KEY_FILE is required for {shown} "
                 "(a file holding the key is safer: it stays out of the process environment)"
             )
+        retries = read_retries(env)
         return cls(
             backend=backend,
             base_url=base_url,
             api_key=key,
-            max_retries=env.int("PROVIDER_MAX_RETRIES", 2, minimum=0, maximum=10),
-            backoff_s=env.seconds("PROVIDER_BACKOFF_S", 0.5, minimum=0.0),
-            backoff_max_s=env.seconds("PROVIDER_BACKOFF_MAX_S", 8.0, minimum=0.0),
-            auth_recheck_s=env.seconds("PROVIDER_AUTH_RECHECK_S", 60.0, minimum=0.0),
-            upstream_ids=parse_upstream_ids(env.str("MODEL_UPSTREAM_IDS", "")),
+            max_retries=retries.max_retries,
+            backoff_s=retries.backoff_s,
+            backoff_max_s=retries.backoff_max_s,
+            auth_recheck_s=retries.auth_recheck_s,
+            upstream_ids=read_upstream_ids(env),
         )
 
     @property
@@ -94,6 +91,55 @@ class ProviderSettings:
             credential = ""
         found = [key, credential, unquote(credential)]
         return [s for n, s in enumerate(found) if s and s not in found[:n]]
+
+
+# Every variable a provider replica reads (besides MODEL_MAX_CONCURRENT_CALLS, the model
+# settings'): each backend's own, the engine's names of the models, the retries.
+ENDPOINT_VARIABLES: dict[Backend, tuple[str, ...]] = {
+    backend: (f"{prefix}_BASE_URL", f"{prefix}_API_KEY", f"{prefix}_API_KEY_FILE")
+    for backend, prefix in _PREFIX.items()
+}
+UPSTREAM_IDS_VARIABLE = "MODEL_UPSTREAM_IDS"
+RETRY_VARIABLES = (
+    "PROVIDER_MAX_RETRIES",
+    "PROVIDER_BACKOFF_S",
+    "PROVIDER_BACKOFF_MAX_S",
+    "PROVIDER_AUTH_RECHECK_S",
+)
+
+
+@dataclass(frozen=True)
+class Retries:
+    max_retries: int
+    backoff_s: float
+    backoff_max_s: float
+    auth_recheck_s: float
+
+
+def read_endpoint(env: Env, backend: Backend) -> tuple[str, Secret | None]:
+    """``backend``'s base URL (http or https) and key (checked as ``read_api_key`` does), or
+    its defaults; whether a key is required is the caller's rule. A replica of another backend
+    reads them too, only to refuse a malformed one before the backend is switched to it."""
+    prefix = _PREFIX[backend]
+    base_url = env.str(f"{prefix}_BASE_URL", DEFAULT_BASE_URLS[backend]).rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        shown = redacted_url(base_url)[:80]  # never its password
+        raise ConfigError(f"{prefix}_BASE_URL must be an http:// or https:// URL, got {shown}")
+    return base_url, read_api_key(env, prefix)
+
+
+def read_retries(env: Env) -> Retries:
+    """``PROVIDER_*``: the retries of a refused or overloaded call, and the auth re-check."""
+    return Retries(
+        max_retries=env.int("PROVIDER_MAX_RETRIES", 2, minimum=0, maximum=10),
+        backoff_s=env.seconds("PROVIDER_BACKOFF_S", 0.5, minimum=0.0),
+        backoff_max_s=env.seconds("PROVIDER_BACKOFF_MAX_S", 8.0, minimum=0.0),
+        auth_recheck_s=env.seconds("PROVIDER_AUTH_RECHECK_S", 60.0, minimum=0.0),
+    )
+
+
+def read_upstream_ids(env: Env) -> dict[str, str]:
+    return parse_upstream_ids(env.str(UPSTREAM_IDS_VARIABLE, ""))
 
 
 def read_api_key(env: Env, prefix: str) -> Secret | None:
