@@ -47,8 +47,8 @@ def warn_unused(settings: ModelSettings) -> None:
     the same): a leftover, or a replica meant for another backend. Never their values."""
     if settings.unused:
         log.warning(
-            "MODEL_BACKEND=%s does not read %s (set, and valid): they take effect only on a "
-            "replica of another backend",
+            "MODEL_BACKEND=%s does not read %s (set, and valid: only a replica of another "
+            "backend would)",
             settings.backend,
             ", ".join(settings.unused),
         )
