@@ -252,7 +252,11 @@ class Billing:
         does not take). Past it (None and the FINAL still running) the answer goes at the
         estimate and its bill follows (``_late_bill``). A FINAL prefix-cache's own state skips
         (an earlier call of the request timed out, or its breaker is open) goes to the outbox
-        at once, as before; so does one without ``warm_call``."""
+        at once, as before; so does one without ``warm_call``, and one whose WARM prefix-cache
+        did not take (``_unwarmed``: prefix-cache would refuse it) without being sent."""
+        if warm_call is not None and _unwarmed(warm_call, window):
+            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+            return None, None
         if warm_call is None or self._calls.prefix_faulted(window):
             final = await self._commit_final(
                 tenant, request, attempt, output_tokens, baseline_id, usage, window, open_call
@@ -266,6 +270,8 @@ class Billing:
 
         async def send() -> prefix_cache_pb2.CommitResponse | None:
             own = await self._billing_window(tenant, request, attempt, warm_call, window)
+            if own is None:  # its WARM, sent again, was not taken either: the outbox's
+                return None
             try:
                 return await self._send_final(
                     tenant, request, attempt, output_tokens, baseline_id, usage, own
@@ -473,7 +479,7 @@ class Billing:
         attempt: Attempt,
         warm_call: asyncio.Future[CommitReply],
         window: PrefixWindow,
-    ) -> PrefixWindow:
+    ) -> PrefixWindow | None:
         """The prefix-cache calls of the bill of a call that ended early (its caller gone, or
         the call cut), or of a whole answer (``_bill_answer``), made once its WARM is done: no
         deadline (the caller's bounds nothing now), and off as the request's were, unless only
@@ -484,15 +490,18 @@ class Billing:
         answered (a no-op if prefix-cache recorded it); to the outbox only if prefix-cache
         fails them. Kept, the bill was counted at the router's estimate at base prices, which
         prices a cached prompt as uncached input (a review measured one cut call's estimate
-        at 9.4x its bill)."""
+        at 9.4x its bill). None: the call's WARM was not taken (``_unwarmed``), or, sent again,
+        was not taken this time either (failed, not timed out): its FINAL is not sent (it would
+        only be refused), it goes to the outbox behind that WARM (``_keep``)."""
+        if _unwarmed(warm_call, window):
+            return None
         if not (window.off and window.clients):
             return PrefixWindow(off=window.off, clients=window.clients)
         own = PrefixWindow()
-        warm = None
-        if warm_call.done() and not warm_call.cancelled() and warm_call.exception() is None:
-            warm = warm_call.result()
-        if warm is None:
-            await self._calls.commit_warm(_replay_warm(tenant, request, attempt), request, own)
+        if _taken(warm_call) is None:
+            warm = _replay_warm(tenant, request, attempt)
+            if await self._calls.commit_warm(warm, request, own) is None and not own.off:
+                return None
         return own
 
     def trace_bill(
@@ -583,16 +592,19 @@ class Billing:
         output_tokens: int,
         baseline_id: str,
         usage: prefix_cache_pb2.ProviderUsage | None,
-        window: PrefixWindow,
+        window: PrefixWindow | None,
         open_call: OpenCall | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
-        """FINAL; when prefix-cache does not acknowledge it (or it is not sent: ``window``),
-        the outbox keeps the commits (durably, before the answer is sent) and bills them once
-        prefix-cache is back. Either settles the call's ``open_call`` (cancelled before: it is
-        left to the next FINAL, or to the next start of the router)."""
-        final = await self._send_final(
-            tenant, request, attempt, output_tokens, baseline_id, usage, window
-        )
+        """FINAL; when prefix-cache does not acknowledge it (or it is not sent: ``window``
+        off, or None: its WARM was not taken), the outbox keeps the commits (durably, before
+        the answer is sent) and bills them once prefix-cache is back. Either settles the
+        call's ``open_call`` (cancelled before: it is left to the next FINAL, or to the next
+        start of the router)."""
+        final = None
+        if window is not None:
+            final = await self._send_final(
+                tenant, request, attempt, output_tokens, baseline_id, usage, window
+            )
         if final is not None and open_call is not None:
             open_call.settled(final_made=True)
         if final is None:
@@ -731,6 +743,26 @@ async def _after(first: asyncio.Future[CommitReply], then: Callable[[], Awaitabl
     except Exception:
         log.exception("the WARM commit of a call that ended early failed; billing its FINAL")
     return await then()
+
+
+def _taken(warm_call: asyncio.Future[CommitReply]) -> CommitReply:
+    """The WARM's reply (None: not taken, or not done)."""
+    if warm_call.done() and not warm_call.cancelled() and warm_call.exception() is None:
+        return warm_call.result()
+    return None
+
+
+def _unwarmed(warm_call: asyncio.Future[CommitReply], window: PrefixWindow) -> bool:
+    """Whether the call's WARM ended without prefix-cache taking it (it failed: down, its Redis
+    down, an internal fault; counted and logged as degrading, and the open call carries it as
+    a replay sends it) while the request's prefix-cache calls are still on: its FINAL would
+    then be sent, and only refused (FAILED_PRECONDITION, "no WARM commit": a doomed call that
+    a review's Redis outage counted as a second degradation of prefix-cache, with a WARNING,
+    for each such request). It goes to the outbox instead, behind the WARM, which the replay
+    sends first. (A WARM that timed out, or was not made, turned the calls off: the FINAL is
+    not made, as before; one its client's deadline cut is sent again by the bill's own
+    window, ``Billing._billing_window``.)"""
+    return warm_call.done() and not window.off and _taken(warm_call) is None
 
 
 def _replay_warm(

@@ -674,7 +674,8 @@ class Calls:
         window: PrefixWindow | None = None,
     ) -> prefix_cache_pb2.CommitResponse | None:
         """FINAL; a real provider's ``provider_usage`` is the bill (it reconciles the
-        estimate)."""
+        estimate). None when prefix-cache did not take it: a degradation, except a refusal for
+        want of its WARM (``_warm_lost``)."""
         commit = prefix_cache_pb2.CommitRequest(
             tenant=tenant,
             request_id=commit_id,
@@ -685,19 +686,52 @@ class Calls:
             kv_cached_tokens=kv_cached_tokens,
             baseline_model=baseline_model,
         )
-        if provider_usage is not None:
-            commit.provider_usage.CopyFrom(provider_usage)
-            try:
-                return await self._prefix(
-                    lambda deadline_s: self._d.prefix.commit(commit, deadline_s), window
-                )
-            except CallFailed as exc:
-                again = without_refused_report(commit, exc)
-                if again is None:
-                    self._degraded("prefix-cache", exc)
-                    return None
-                commit = again  # a report prefix-cache refuses: billed at its estimate
-        return await self._commit(commit, window)
+        try:
+            if provider_usage is not None:
+                commit.provider_usage.CopyFrom(provider_usage)
+                try:
+                    return await self._prefix(
+                        lambda deadline_s: self._d.prefix.commit(commit, deadline_s), window
+                    )
+                except CallFailed as exc:
+                    again = without_refused_report(commit, exc)
+                    if again is None:
+                        raise
+                    commit = again  # a report prefix-cache refuses: billed at its estimate
+            sent = commit
+            return await self._prefix(
+                lambda deadline_s: self._d.prefix.commit(sent, deadline_s), window
+            )
+        except CallFailed as exc:
+            if exc.code == Code.FAILED_PRECONDITION:
+                self._warm_lost(commit, exc)
+            else:
+                self._degraded("prefix-cache", exc)
+            return None
+
+    def _warm_lost(self, final: prefix_cache_pb2.CommitRequest, exc: CallFailed) -> None:
+        """A FINAL prefix-cache refused FAILED_PRECONDITION ("no WARM commit"): it answered,
+        but no longer holds the WARM it took (restarted with its state in memory, its Redis
+        restarted without persistence or flushed; a FINAL whose WARM it never took is not
+        sent: ``billing._unwarmed``). No degradation of prefix-cache (counted as one, it made
+        ``CachemeshDependencyDegraded`` page for a dependency that answers): not in
+        ``cachemesh_router_degraded_total``; the call is counted as every call is, in
+        ``cachemesh_router_dependency_duration_seconds{method="Commit",
+        code="FAILED_PRECONDITION"}``, a WARNING (at most one a ``DEGRADED_LOG_EVERY_MS``)
+        and its span's ``cachemesh.warm_lost`` event say so, and its bill goes to the billing
+        outbox, whose replay sends the WARM again with the request, then the FINAL."""
+        due = self._unavailable.due("prefix-cache FINAL", exc.code.name)
+        if due:
+            log.warning(
+                "prefix-cache no longer holds the WARM commit of %s (%s: %s); its bill goes to "
+                "the billing outbox, which sends the WARM again with the request%s",
+                final.request_id,
+                exc.code.name,
+                exc.details,
+                suppressed(due, DEGRADED_LOG_EVERY_MS),
+            )
+        attributes = {"commit": final.request_id, "grpc.status": exc.code.name}
+        record_event(self._tracer, "cachemesh.warm_lost", attributes)
 
     async def _commit(
         self, commit: prefix_cache_pb2.CommitRequest, window: PrefixWindow | None

@@ -185,7 +185,10 @@ async def test_the_bill_of_a_deadline_cut_call_goes_to_the_outbox_on_a_real_fail
     code: Code,
 ) -> None:
     """The bill made under the router's own timeout falls back to the outbox when prefix-cache
-    fails it (a timeout given the whole ROUTER_PREFIX_TIMEOUT_S sends no FINAL after it)."""
+    fails it: its WARM, sent again with the request, failed, so no FINAL follows it (a timeout
+    given the whole ROUTER_PREFIX_TIMEOUT_S ends the bill's calls; a failure leaves a FINAL that
+    prefix-cache could only refuse, FAILED_PRECONDITION, it holding no WARM: counted as a
+    second degradation, it was a doomed call)."""
     registry = new_registry()
     metrics = RouterMetrics(registry, TenantLabels(4))
     rig = Rig(prefix=FailingCommits(code=code), models=HeldModels())
@@ -203,8 +206,4 @@ async def test_the_bill_of_a_deadline_cut_call_goes_to_the_outbox_on_a_real_fail
                 break
     await pipeline.drain()
     assert outbox.pending == 1  # kept: billed by the replay
-    sent = [c.phase for c in rig.prefix.commits]
-    if code == Code.UNAVAILABLE:  # the FINAL tried too, as with any bill
-        assert sent == [pc.COMMIT_PHASE_WARM, pc.COMMIT_PHASE_FINAL]
-    else:  # timed out at the router's own limit: no more calls for this bill
-        assert sent == [pc.COMMIT_PHASE_WARM]
+    assert [c.phase for c in rig.prefix.commits] == [pc.COMMIT_PHASE_WARM]

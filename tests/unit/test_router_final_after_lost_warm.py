@@ -1,0 +1,221 @@
+"""A FINAL whose WARM prefix-cache did not take is not sent: it goes to the billing outbox
+behind that WARM; and a FINAL prefix-cache refuses for want of its WARM is no degradation.
+
+A review killed the stack's Redis during 40 requests at 4 in flight: the WARM commits that
+failed meanwhile (UNAVAILABLE, counted and logged as prefix-cache degrading, as they are) were
+each followed by the answer's FINAL, which prefix-cache, its Redis back, refused
+FAILED_PRECONDITION ("no WARM commit for request_id ..."): a doomed call, counted as a second
+degradation (``cachemesh_router_degraded_total{dependency="prefix-cache",
+reason="FAILED_PRECONDITION"} 6``) and logged as a WARNING "prefix-cache unavailable
+(FAILED_PRECONDITION: no WARM commit ...)", which inflated ``CachemeshDependencyDegraded``. The
+outbox then replayed the WARM and the FINAL, in that order, and billed them right.
+
+prefix-cache here is the real core behind a port that refuses WARM commits while its Redis
+is "down" and can be restarted (its state, in memory, lost) before a FINAL; the money is what
+the core's totals say, against a turn whose commits were all taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
+
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import ManualClock
+from services.common.errors import Code, RequestError
+from services.common.metrics import TenantLabels, new_registry
+from services.prefix_cache.api import PrefixCacheApi
+from services.prefix_cache.core import PrefixCacheCore
+from services.router.dependencies import CallFailed, Dependencies
+from services.router.metrics import RouterMetrics
+from services.router.outbox import BillingOutbox
+from services.router.outbox_journal import Journal
+from services.router.pipeline import Pipeline
+from services.router.routing.model import RouterCard, load_router_model
+from tests.unit.test_router_outbox_replay import TENANT, Engine, _ask, _core
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    FakeClock,
+    FakeSemantic,
+    _settings,
+)
+
+_TOTALS = ("requests", "input_tokens", "cache_read_input_tokens", "output_tokens", "cost_nanos")
+
+
+class FlakyPort:
+    """prefix-cache's API as the router's port. ``warm_down``: WARM commits fail UNAVAILABLE
+    (its Redis down; the replay's too while ``replay_down``). ``restart_before_final``: the
+    next FINAL finds a prefix-cache started afresh (its state in memory lost)."""
+
+    def __init__(self, core: PrefixCacheCore, clock: ManualClock) -> None:
+        self.core, self.api, self.clock = core, PrefixCacheApi(core), clock
+        self.warm_down = False
+        self.restart_before_final = False
+        self.sent: list[str] = []  # each commit's phase as the router sent it
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        return await self.api.plan(request)
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.sent.append(pc.CommitPhase.Name(request.phase).removeprefix("COMMIT_PHASE_"))
+        if request.phase == pc.COMMIT_PHASE_WARM and self.warm_down:
+            raise CallFailed(Code.UNAVAILABLE, "prefix-cache's Redis is unreachable")
+        if request.phase == pc.COMMIT_PHASE_FINAL and self.restart_before_final:
+            self.restart_before_final = False
+            self.core, _ = _core(self.clock)
+            self.api = PrefixCacheApi(self.core)
+        try:
+            return await self.api.commit(request)
+        except RequestError as exc:
+            raise CallFailed(exc.code, exc.message) from exc
+
+
+def _degraded(registry: CollectorRegistry) -> dict[str, float]:
+    """``cachemesh_router_degraded_total`` of prefix-cache, by reason (those above 0)."""
+    counts: dict[str, float] = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            named = sample.name == "cachemesh_router_degraded_total"
+            if named and sample.value and sample.labels["dependency"] == "prefix-cache":
+                counts[sample.labels["reason"]] = sample.value
+    return counts
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class Stack:
+    """A router's pipeline (with its metrics and a journalled outbox) on ``FlakyPort``."""
+
+    def __init__(self, tmp: Path) -> None:
+        core, self.clock = _core()
+        self.port = FlakyPort(core, self.clock)
+        self.registry = new_registry()
+        self.outbox = BillingOutbox(self.port, Journal(tmp), 1.0, 0.01)
+        self.prompt_tokens = 0
+
+    async def warm_earlier(self) -> None:
+        """The system prompt warm from a turn a minute before."""
+        core = self.port.core
+        await core.warm(TENANT, "earlier", "sim-large", _ask("Rule 1?", "earlier"), "")
+        await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
+        self.clock.advance(s=60)
+        split = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
+        self.prompt_tokens = split.prompt_tokens
+
+    def pipeline(self) -> Pipeline:
+        models = Engine(self.prompt_tokens)
+        deps = Dependencies(FakeSemantic(), self.port, models, REPLICAS)
+        router = (load_router_model(), RouterCard.load().default_threshold, None)
+        return Pipeline(
+            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=FakeClock(),
+            metrics=RouterMetrics(self.registry, TenantLabels(4)), outbox=self.outbox,
+            wall=self.clock,
+        )  # fmt: skip
+
+    async def totals(self) -> dict[str, int]:
+        totals = await self.port.core.totals(TENANT)
+        return {f: getattr(totals, f) for f in _TOTALS}
+
+
+async def _answered(tmp: Path, *, warm_down: bool, restart: bool = False) -> dict[str, object]:
+    """One whole answer (``Complete``) on a warm prefix; then prefix-cache is well again and
+    the outbox replays what it kept. Returns what the router counted and sent, and what the
+    tenant was billed (the totals' growth)."""
+    stack = Stack(tmp)
+    await stack.warm_earlier()
+    before = await stack.totals()
+    stack.port.warm_down = warm_down
+    stack.port.restart_before_final = restart
+    pipeline = stack.pipeline()
+    run = pipeline.run(TENANT, _ask("And rule 2?", "r-next"), streamed=False)
+    end = [chunk async for chunk in run][-1].end
+    await pipeline.drain()
+    sent, degraded = list(stack.port.sent), _degraded(stack.registry)
+    stack.port.warm_down = False
+    if restart:
+        before = await stack.totals()  # the restarted core's: the earlier turn's bill is gone
+    kept = await stack.outbox.flush()  # the bills it replays
+    replayed = stack.port.sent[len(sent) :]
+    after = await stack.totals()
+    return {
+        "sent": sent,
+        "degraded": degraded,
+        "kept": kept,
+        "replayed": replayed,
+        "estimated": end.cost.estimated,
+        "billed": {f: after[f] - before[f] for f in _TOTALS},
+    }
+
+
+async def test_a_final_whose_warm_failed_goes_to_the_outbox_without_a_doomed_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken = await _answered(tmp_path / "taken", warm_down=False)
+    assert (taken["sent"], taken["degraded"], taken["kept"]) == (["WARM", "FINAL"], {}, 0)
+    caplog.clear()
+    lost = await _answered(tmp_path / "lost", warm_down=True)
+    print("taken:", taken)
+    print("WARM lost:", lost)
+    # the WARM's failure is the one degradation; no FINAL is sent (it would be refused)
+    assert lost["degraded"] == {"UNAVAILABLE": 1}, lost["degraded"]
+    assert lost["sent"] == ["WARM"], lost["sent"]
+    assert not [w for w in _warnings(caplog) if "FAILED_PRECONDITION" in w], _warnings(caplog)
+    # kept, the WARM before the FINAL, and billed by the replay as the taken turn was
+    assert lost["kept"] == 1 and lost["estimated"]
+    assert lost["replayed"] == ["WARM", "FINAL"]
+    assert lost["billed"] == taken["billed"], (lost["billed"], taken["billed"])
+
+
+async def test_the_bill_of_a_call_ended_early_whose_warm_failed_is_kept_without_a_final(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller leaves after the first words: the call's bill without its answer."""
+    stack = Stack(tmp_path)
+    await stack.warm_earlier()
+    before = await stack.totals()
+    stack.port.warm_down = True
+    pipeline = stack.pipeline()
+    run = pipeline.run(TENANT, _ask("And rule 2?", "r-left"))
+    async with contextlib.aclosing(run) as chunks:
+        async for chunk in chunks:
+            if chunk.WhichOneof("part") == "delta":
+                break  # the caller leaves
+    await pipeline.drain()
+    print("left:", stack.port.sent, _degraded(stack.registry))
+    assert _degraded(stack.registry) == {"UNAVAILABLE": 1}
+    assert stack.port.sent == ["WARM"]
+    assert not [w for w in _warnings(caplog) if "FAILED_PRECONDITION" in w], _warnings(caplog)
+    stack.port.warm_down = False
+    assert await stack.outbox.flush() == 1
+    billed = await stack.totals()
+    assert billed["requests"] - before["requests"] == 1
+    assert billed["cache_read_input_tokens"] > before["cache_read_input_tokens"]  # a read
+
+
+async def test_a_final_refused_for_a_warm_prefix_cache_lost_is_no_degradation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The WARM was taken, then prefix-cache restarted with its state in memory before the
+    FINAL: refused FAILED_PRECONDITION. prefix-cache is up and answering: not counted as it
+    degrading; a WARNING says its WARM was lost, and the outbox bills the call once."""
+    caplog.set_level(logging.INFO)
+    result = await _answered(tmp_path, warm_down=False, restart=True)
+    print("restarted:", result)
+    assert result["sent"] == ["WARM", "FINAL"]
+    assert result["degraded"] == {}, result["degraded"]
+    assert result["kept"] == 1 and result["estimated"]
+    warnings = _warnings(caplog)
+    assert any("no longer holds" in w and "r-next" in w for w in warnings), warnings
+    assert not [w for w in warnings if "unavailable" in w], warnings
+    billed = result["billed"]
+    assert isinstance(billed, dict) and billed["requests"] == 1
