@@ -52,8 +52,8 @@ _TOTALS = ("requests", "input_tokens", "cache_read_input_tokens", "output_tokens
 
 class FlakyPort:
     """prefix-cache's API as the router's port. ``warm_down``: WARM commits fail UNAVAILABLE
-    (its Redis down; the replay's too while ``replay_down``). ``restart_before_final``: the
-    next FINAL finds a prefix-cache started afresh (its state in memory lost)."""
+    (its Redis down). ``restart_before_final``: the next FINAL finds a prefix-cache started
+    afresh (its state in memory lost)."""
 
     def __init__(self, core: PrefixCacheCore, clock: ManualClock) -> None:
         self.core, self.api, self.clock = core, PrefixCacheApi(core), clock
