@@ -28,7 +28,7 @@ from services.prefix_cache.metrics import PrefixCacheMetrics
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.pricing import charge
 from services.prefix_cache.reconcile import reported_usage
-from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.prefix_cache.rules import Probe, PromptPlan, Split, settle
 from services.prefix_cache.sites import sites_of
 from services.prefix_cache.totals import TenantTotals
@@ -294,10 +294,10 @@ class PrefixCacheCore:
                     split = settle(plan, hit.tokens if hit else 0)
             if replica:
                 # an engine that reports at the end only: its FINAL scores this prediction
+                # (one that reports now counts as the WARM does: kv_cached_tokens' range)
                 awaiting = (tenant, request_id) if spec.rules == "self_hosted" else None
-                self._views.record(
-                    replica, prompt.kv_hashes, plan.prompt_tokens, reported, awaiting
-                )
+                told = None if reported is None else EngineReuse(reported, plan.prompt_tokens)
+                self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, told, awaiting)
             # another prefix-cache replica may have recorded this request id meanwhile: its
             # record stands (the warm-state refresh made here only repeats the same writes)
             stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)
@@ -380,6 +380,7 @@ class PrefixCacheCore:
             estimate = charge(record.split, output_tokens, spec, base)
             own = spec.rules == "self_hosted"  # a self-hosted read is the tenant's own reuse
             engine_reuse = kv_cached_tokens  # the engine's, for the view and the metric
+            engine_prompt = record.split.prompt_tokens  # its count of the prompt, if told
             told_kv = min(kv_cached_tokens, record.split.read_tokens) if own else kv_cached_tokens
             final = Final(
                 output_tokens,
@@ -402,7 +403,7 @@ class PrefixCacheCore:
                     )
                 split = reported.split
                 if own:  # at most the WARM's read: the reuse this tenant's traffic left
-                    engine_reuse = split.read_tokens
+                    engine_reuse, engine_prompt = split.read_tokens, split.prompt_tokens
                     split = _at_most_read(split, record.split.read_tokens)
                 billed = charge(split, reported.output_tokens, spec, base)
                 final = Final(
@@ -422,11 +423,12 @@ class PrefixCacheCore:
                 raise _no_warm(request_id)
             stood = placed.final
             if record.replica and own:
-                # the engine's reported reuse (not the billed one) scores the view's
-                # prediction at the WARM, and corrects the view when the replica held less
-                # (a restart, unseen traffic)
-                read = engine_reuse if stood.reconciled and final.reconciled else None
-                self._views.report((tenant, request_id), read)
+                # the engine's reported reuse (not the billed one), in its own tokens with its
+                # count of the prompt, scores the view's prediction at the WARM, and corrects
+                # the view when the replica held less (a restart, unseen traffic)
+                told = stood.reconciled and final.reconciled
+                reuse = EngineReuse(engine_reuse, engine_prompt) if told else None
+                self._views.report((tenant, request_id), reuse)
             if self._metrics is not None and not placed.repeated:  # this call billed it
                 self._metrics.billed(record.model, stood)
                 if own:  # the engine's reuse the tenant's own traffic does not account for

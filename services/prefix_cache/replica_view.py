@@ -17,6 +17,14 @@ engine lost every block touched no later than that one with it, so the view evic
 prompt's own blocks, touched again by its prefill, stay). A report of 0 against a prediction
 thus clears what the view held for that replica up to that prefix's last touch.
 
+The engine counts its reuse in its own tokens (``EngineReuse``, with its count of the whole
+prompt), the view in prefix-cache's (cl100k), and the two differ (a large-vocabulary engine
+counts German text ~0.8 of cl100k). So a report is compared in the view's tokens: a reuse of
+every block the engine could reuse of its prompt is a full reuse; any other is scaled by the
+two counts of the prompt, and is known only within their difference plus a block (a text's
+tokens are not spread evenly, and the engine's blocks fall elsewhere), so only the blocks
+from there on are taken as lost. With one count (the same tokenizer) the comparison is exact.
+
 The view lives in this process: with several prefix-cache replicas each keeps its own
 (approximate, by design); the shared state in Redis is the provider prompt cache.
 """
@@ -38,6 +46,26 @@ AWAITED_BLOCKS = 1 << 20
 Awaiting = tuple[str, str]  # (tenant, request id)
 
 
+@dataclass(frozen=True)
+class EngineReuse:
+    """An engine's report of its KV reuse for one prompt, in its own tokens."""
+
+    reused_tokens: int  # the prompt's leading tokens it did not prefill
+    prompt_tokens: int  # its count of the whole prompt
+
+    def in_view(self, prompt_tokens: int) -> tuple[int, int]:
+        """The reuse in the view's tokens of this prompt (``prompt_tokens`` of them), and how
+        many of the view's tokens it may be short by: 0 when both count the prompt alike (one
+        tokenizer); else the difference of the two counts plus a block."""
+        if self.prompt_tokens == prompt_tokens:
+            return self.reused_tokens, 0
+        whole = reusable_blocks(prompt_tokens) * BLOCK_SIZE
+        if self.reused_tokens >= reusable_blocks(self.prompt_tokens) * BLOCK_SIZE:
+            return whole, 0  # every block it could reuse: the whole prompt was held
+        scaled = self.reused_tokens * prompt_tokens // max(self.prompt_tokens, 1)
+        return min(scaled, whole), abs(self.prompt_tokens - prompt_tokens) + BLOCK_SIZE
+
+
 @dataclass
 class ViewStats:
     reports: int = 0
@@ -54,6 +82,7 @@ class _Awaited:
 
     replica: str
     predicted_tokens: int
+    prompt_tokens: int  # the view's count of the prompt
     stamps: array[int]  # the predicted blocks' last touches before this prefill, head first
 
 
@@ -89,7 +118,7 @@ class ReplicaViews:
         replica: str,
         hashes: Sequence[bytes],
         prompt_tokens: int,
-        reported_tokens: int | None,
+        reported: EngineReuse | None,
         awaiting: Awaiting | None = None,
     ) -> int:
         """The replica prefilled this prompt: its blocks are now cached there. A report of the
@@ -97,15 +126,15 @@ class ReplicaViews:
         request's key) keeps a note for ``report`` at its FINAL. Returns the predicted match."""
         view = self._view(replica)
         predicted = view.cached_tokens(hashes, prompt_tokens)
-        if reported_tokens is not None:
-            self._score(predicted, reported_tokens)
+        if reported is not None:
+            self._score(predicted, reported.in_view(prompt_tokens)[0])
         elif awaiting is not None and awaiting not in self._awaited:
             stamps = view.touched(hashes[: reusable_blocks(prompt_tokens)])
-            self._await(awaiting, _Awaited(replica, predicted, array("q", stamps)))
+            self._await(awaiting, _Awaited(replica, predicted, prompt_tokens, array("q", stamps)))
         view.insert(hashes)
         return predicted
 
-    def report(self, awaiting: Awaiting, reported_tokens: int | None) -> None:
+    def report(self, awaiting: Awaiting, reported: EngineReuse | None) -> None:
         """The FINAL of the WARM noted under ``awaiting``, with the tokens its engine reused
         (None: no report, the note is dropped). Scored; below the prediction, the view loses
         the first block the engine did not reuse and every block touched no later."""
@@ -114,15 +143,18 @@ class ReplicaViews:
             return
         self._awaited_order.remove(awaiting[0], awaiting)
         self._awaited_blocks -= max(len(note.stamps), 1)
-        if reported_tokens is None:
+        if reported is None:
             return
-        self._score(note.predicted_tokens, reported_tokens)
-        lost = reported_tokens // BLOCK_SIZE  # the first block not reused whole
+        reused, doubt = reported.in_view(note.prompt_tokens)
+        self._score(note.predicted_tokens, reused)
+        lost = _first_lost(reused, doubt, note.predicted_tokens)
         view = self._views.get(note.replica)
-        if view is not None and lost < len(note.stamps):
-            evicted = view.evict_touched_by(note.stamps[lost])
-            self.stats.corrections += 1
-            self.stats.corrected_blocks += evicted
+        if view is not None and lost is not None:
+            self._correct(view, note.stamps[lost])
+
+    def _correct(self, view: KvBlockCache, stamp: int) -> None:
+        self.stats.corrections += 1
+        self.stats.corrected_blocks += view.evict_touched_by(stamp)
 
     def _score(self, predicted: int, reported: int) -> None:
         self.stats.reports += 1
@@ -139,3 +171,10 @@ class ReplicaViews:
             tenant, out = self._awaited_order.next_out()
             self._awaited_order.remove(tenant, out)
             self._awaited_blocks -= max(len(self._awaited.pop(out).stamps), 1)
+
+
+def _first_lost(reused: int, doubt: int, predicted: int) -> int | None:
+    """The first predicted block the engine surely did not hold, having reused ``reused`` of
+    the view's tokens, maybe ``doubt`` more (``EngineReuse.in_view``); None if none."""
+    lost = (reused + doubt) // BLOCK_SIZE
+    return lost if lost < predicted // BLOCK_SIZE else None

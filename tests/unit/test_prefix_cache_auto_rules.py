@@ -17,7 +17,7 @@ from services.common.kv_blocks import block_hashes
 from services.common.models import load_model_table
 from services.prefix_cache.auto_rules import openai_boundaries, plan_openai, scope_for
 from services.prefix_cache.pricing import cost_nanos
-from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.prefix_cache.rules import Split, settle
 from services.prefix_cache.warm import WarmStore
 
@@ -130,6 +130,7 @@ def test_self_hosted_lru_capacity_in_blocks_evicts_tails_first() -> None:
 def test_replica_reports_score_the_view() -> None:
     views = ReplicaViews(capacity_blocks=100)
     hashes = block_hashes("t", "m", list(range(64)))
-    views.record("r", hashes, 65, 0)
-    assert views.record("r", hashes, 65, 48) == 64  # predicted 64, the replica reported 48
+    views.record("r", hashes, 65, EngineReuse(0, 65))
+    # predicted 64, the replica reported 48
+    assert views.record("r", hashes, 65, EngineReuse(48, 65)) == 64
     assert (views.stats.reports, views.stats.abs_error_tokens) == (2, 16)

@@ -18,10 +18,12 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
+from services.common.kv_blocks import reusable_blocks
 from services.common.metrics import new_registry
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
+from services.prefix_cache.commit_records import Final
 from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.metrics import PrefixCacheMetrics
 from services.prefix_cache.replica_view import ReplicaViews
@@ -236,3 +238,92 @@ async def test_a_tenant_is_billed_only_the_kv_reuse_its_own_traffic_left(
     assert b2.kv_cached_tokens == reusable
     unattributed = "cachemesh_prefix_cache_kv_unattributed_tokens_total"
     assert registry.get_sample_value(unattributed, {"model": MODEL}) == 2 * reusable
+
+
+AGENT = " ".join(f"Step {i}: check the ledger twice before you post it." for i in range(240))
+
+
+async def _engine_turn(
+    core: PrefixCacheCore,
+    tokenizer: Tokenizer,
+    tenant: str,
+    request_id: str,
+    request: pb.CompleteRequest,
+    ratio: float,
+    *,
+    repeat: bool,
+) -> tuple[int, Final]:
+    """One call to an engine behind the OpenAI adapter whose tokenizer counts the prompt
+    ``ratio`` times cl100k's count; a ``repeat`` is reused in full (every block it can reuse,
+    in its own tokens). Returns the engine's prompt count and the FINAL's bill."""
+    await core.warm(tenant, request_id, MODEL, request, "replica-a", kv_cached_unreported=True)
+    engine = round(len(prompt_token_ids(canonical_blocks(request, tokenizer))) * ratio)
+    cached = reusable_blocks(engine) * 16 if repeat else 0
+    final = await core.final(tenant, request_id, MODEL, 0, 0, "", _openai_usage(engine, cached, 5))
+    return engine, final
+
+
+@pytest.mark.parametrize("ratio", [0.99, 0.95, 0.815, 1.2])
+async def test_an_engine_counting_otherwise_than_cl100k_leaves_other_tenants_reads_billed(
+    ratio: float, tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """The engine reports its reuse and its prompt in its own tokens; the view counts cl100k's.
+    A large-vocabulary engine counts German 0.815 and Chinese 0.743 of cl100k: a full reuse
+    then looked like a loss, and the view evicted every block of the replica touched before
+    it, other tenants' too, whose next reads (at most the view's) were billed as input. Tenant
+    A's repeats (two a turn) and tenant B's (one) are reused in full by the engine: before the
+    fix B's turns 2-6 at ratio 0.99 were billed 333,500 nanos instead of 5,500 (read 0 of 3,280
+    tokens; 0.815: 275,000 instead of 3,000) and the view made 11 corrections evicting 205
+    blocks. Now none is made, and B reads what it reused."""
+    views = ReplicaViews(65536)
+    core = _core(tokenizer, warm_store, make_ledger, views)
+    agent, memo = ask_with(AGENT, "Post the ledger."), ask("Where is order 1?")
+    own = reusable_blocks(len(prompt_token_ids(canonical_blocks(memo, tokenizer)))) * 16
+    reads, costs = [], []
+    for turn in range(6):
+        for call in range(2):
+            await _engine_turn(
+                core, tokenizer, "a", f"a{turn}-{call}", agent, ratio, repeat=turn + call > 0
+            )
+        engine, b = await _engine_turn(
+            core, tokenizer, "b", f"b{turn}", memo, ratio, repeat=turn > 0
+        )
+        if turn:
+            reads.append(b.split.read_tokens)
+            costs.append(b.charge.cost_nanos)
+    # the engine's read in its tokens, at most B's own prediction in cl100k's (the bill's rule)
+    read = min(reusable_blocks(engine) * 16, own)
+    assert reads == [read] * 5, (ratio, reads, sum(costs), views.stats)  # the figures above
+    assert costs == [(engine - read) * INPUT_NANOS + 5 * OUTPUT_NANOS] * 5
+    assert views.stats.corrections == 0 and views.stats.corrected_blocks == 0
+    plan = await core.plan("b", MODEL, memo, ["replica-b", "replica-a"])
+    first = plan.candidates[0]
+    assert (first.replica, first.warm_prefix_tokens) == ("replica-a", own)
+
+
+@pytest.mark.parametrize("ratio", [0.815, 1.2])
+async def test_an_engine_counting_otherwise_that_lost_its_cache_still_corrects_the_view(
+    ratio: float, tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """A restarted engine's report of 0 corrects the view whatever its count of the prompt:
+    Plan stops ranking the cold replica warm for what it lost (the other tenant's prefix,
+    touched before)."""
+    views = ReplicaViews(65536)
+    core = _core(tokenizer, warm_store, make_ledger, views)
+    agent, memo = ask_with(AGENT, "Post the ledger."), ask("Where is order 1?")
+    await _engine_turn(core, tokenizer, "b", "b0", memo, ratio, repeat=False)
+    await _engine_turn(core, tokenizer, "a", "a0", agent, ratio, repeat=False)
+    # the engine restarts: A's repeat reuses nothing
+    await _engine_turn(core, tokenizer, "a", "a1", agent, ratio, repeat=False)
+    assert views.stats.corrections == 1 and views.stats.corrected_blocks > 0
+    plan = await core.plan("b", MODEL, memo, ["replica-a"])
+    assert plan.candidates[0].warm_prefix_tokens == 0
+
+
+def ask_with(system: str, question: str) -> pb.CompleteRequest:
+    return pb.CompleteRequest(
+        model=MODEL,
+        system=[pb.ContentBlock(text=system)],
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
+        max_tokens=64,
+    )

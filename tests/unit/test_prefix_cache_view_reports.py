@@ -16,7 +16,7 @@ from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
-from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore
@@ -140,10 +140,44 @@ def test_one_tenants_flood_of_notes_leaves_another_tenants_note_scored() -> None
         flood = views.hashes("a", MODEL, [1000 * (i + 1) + t for t in ids])
         views.record("r1", flood, len(ids), None)
         views.record("r1", flood, len(ids), None, ("a", f"a-{i}"))
-    views.report(("b", "b-1"), 0)
+    none = EngineReuse(0, len(ids))  # the engine reused none of it
+    views.report(("b", "b-1"), none)
     assert views.stats.reports == 1
     assert views.stats.corrections == 1  # B's engine held none of it: the view was corrected
-    views.report(("a", "a-0"), 0)  # A's oldest went: over the bound, A held the most
+    views.report(("a", "a-0"), none)  # A's oldest went: over the bound, A held the most
     assert views.stats.reports == 1
-    views.report(("a", "a-49"), 0)
+    views.report(("a", "a-49"), none)
     assert views.stats.reports == 2
+
+
+@pytest.mark.parametrize(
+    ("engine_prompt", "reused", "corrected"),
+    [
+        (321, 304, True),  # one count (one tokenizer): exact, one block short is a loss
+        (321, 320, False),
+        (300, 288, False),  # counts fewer: every block it could reuse is a full reuse
+        (300, 272, False),  # a block short of it: within the counts' difference and a block
+        (300, 265, False),  # 283 of the view's 320, within 21 + 16 of them
+        (300, 264, True),  # 282: short of the prediction by more than that
+        (400, 384, False),  # counts more: every block it could reuse
+        (400, 281, False),  # 225 of the view's, within 79 + 16
+        (400, 280, True),  # 224
+        (300, 0, True),  # a restart, whatever the counts
+        (400, 0, True),
+    ],
+)
+def test_a_report_in_the_engines_tokens_is_compared_in_the_views(
+    engine_prompt: int, reused: int, corrected: bool
+) -> None:
+    """The engine counts its reuse in its own tokens and the view in cl100k's; a report is
+    compared in the view's: a full reuse of the engine's prompt is the whole prompt, any other
+    is scaled by the two counts, and is a loss only past their difference plus a block."""
+    views = ReplicaViews(4096)
+    ids = list(range(321))  # 20 reusable blocks of 16
+    held = views.hashes("t", MODEL, ids)
+    views.record("r1", held, len(ids), None)
+    assert views.record("r1", held, len(ids), None, ("t", "1")) == 320
+    views.report(("t", "1"), EngineReuse(reused, engine_prompt))
+    assert views.stats.reports == 1 and views.stats.corrections == int(corrected)
+    if engine_prompt != len(ids) and reused >= (engine_prompt - 1) // 16 * 16:
+        assert views.stats.abs_error_tokens == 0  # a full reuse: the view's whole prompt

@@ -27,7 +27,7 @@ from typing import Any
 
 from cachemesh.loadtest.stats import percentile
 from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, reusable_blocks
-from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request, TtftPolicy
 from services.router.replica_state import ReplicaStates
 from services.tools.bench.prefix_cache.ceiling import belady_hit_tokens
@@ -181,7 +181,8 @@ class _Sim:
                 replica.free_at = end
                 replica.truth.insert(row.keys)
                 self.states.started(name, job.ticket, row.input_tokens, cached, end)
-                predicted = self.views.record(name, row.keys, row.input_tokens, cached)
+                reuse = EngineReuse(cached, row.input_tokens)  # one count: the trace's
+                predicted = self.views.record(name, row.keys, row.input_tokens, reuse)
                 tally = self.tally
                 tally.view_errors.append(abs(predicted - cached))
                 tally.route_errors.append(abs(job.predicted_match - cached))
