@@ -144,6 +144,11 @@ class KvBlockCache:
     def capacity_blocks(self) -> int:
         return self._capacity
 
+    @property
+    def touches(self) -> int:
+        """The last touch's count: a block touched after now gets a larger one (``touched``)."""
+        return self._touches
+
     def __len__(self) -> int:
         return len(self._blocks)
 

@@ -8,8 +8,8 @@ UNAVAILABLE. Every check runs before any state changes, so bad input changes not
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
@@ -110,13 +110,17 @@ class Prompt:
     # when its Plan ran: the request's arrival, when the provider looked its cache up (None:
     # computed by the WARM itself, as no Plan of this process holds it)
     planned_at_ms: int | None = None
+    # each candidate replica's view then (ReplicaViews.mark): what the view learned later is
+    # no evidence of what the engine held when it prefilled this request
+    view_marks: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def weight(self) -> int:
         """Its memory in KV block hashes' worth (the plan memo's budget): a fixed overhead
         plus its hashes, probes and writes, so that short prompts are not nearly free."""
         probes = len(self.plan.probes) + len(self.plan.writes)
-        return PLAN_OVERHEAD_BLOCKS + len(self.kv_hashes) + PROBE_BLOCKS * probes
+        overhead = PLAN_OVERHEAD_BLOCKS + len(self.view_marks)  # a mark: ~a hash's memory
+        return overhead + len(self.kv_hashes) + PROBE_BLOCKS * probes
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,8 @@ class PrefixCacheCore:
         else:
             hit = await self._cache.longest(prompt.scope, prompt.plan.probes, now)
             read = hit.tokens if hit else 0
-        prompt = replace(prompt, planned_at_ms=now)
+        marks = {r: self._views.mark(r) for r in replicas}
+        prompt = replace(prompt, planned_at_ms=now, view_marks=marks)
         plan_id = self._plans.put(tenant, spec.id, prompt)
         if self._metrics is not None:
             self._metrics.planned(spec.id)
@@ -297,7 +302,10 @@ class PrefixCacheCore:
                 # (one that reports now counts as the WARM does: kv_cached_tokens' range)
                 awaiting = (tenant, request_id) if spec.rules == "self_hosted" else None
                 told = None if reported is None else EngineReuse(reported, plan.prompt_tokens)
-                self._views.record(replica, prompt.kv_hashes, plan.prompt_tokens, told, awaiting)
+                since = prompt.view_marks.get(replica)  # None: no Plan of it held here
+                self._views.record(
+                    replica, prompt.kv_hashes, plan.prompt_tokens, told, awaiting, since
+                )
             # another prefix-cache replica may have recorded this request id meanwhile: its
             # record stands (the warm-state refresh made here only repeats the same writes)
             stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)

@@ -15,7 +15,10 @@ is scored then. A report below the prediction corrects the view: the engine had 
 block it did not reuse (a restart, or eviction by traffic the view did not see), and an LRU
 engine lost every block touched no later than that one with it, so the view evicts those (the
 prompt's own blocks, touched again by its prefill, stay). A report of 0 against a prediction
-thus clears what the view held for that replica up to that prefix's last touch.
+thus clears what the view held for that replica up to that prefix's last touch. Only a block
+the view held when the request arrived (``mark`` at its Plan) is evidence: one it learned
+since (a concurrent request of the same prefix, recorded first) the engine may not have held
+yet when it prefilled this one (vLLM batches them; two WARMs may arrive in either order).
 
 The engine counts its reuse in its own tokens (``EngineReuse``, with its count of the whole
 prompt), the view in prefix-cache's (cl100k), and the two differ (a large-vocabulary engine
@@ -84,6 +87,7 @@ class _Awaited:
     predicted_tokens: int
     prompt_tokens: int  # the view's count of the prompt
     stamps: array[int]  # the predicted blocks' last touches before this prefill, head first
+    since: int  # the view's last touch when the request arrived: later ones are no evidence
 
 
 class ReplicaViews:
@@ -113,6 +117,12 @@ class ReplicaViews:
         view = self._views.get(replica)
         return 0 if view is None else view.cached_tokens(hashes, prompt_tokens)
 
+    def mark(self, replica: str) -> int:
+        """Where the replica's view stands now (its last touch): a request's Plan keeps it for
+        ``record``'s ``since``."""
+        view = self._views.get(replica)
+        return 0 if view is None else view.touches
+
     def record(
         self,
         replica: str,
@@ -120,17 +130,20 @@ class ReplicaViews:
         prompt_tokens: int,
         reported: EngineReuse | None,
         awaiting: Awaiting | None = None,
+        since: int | None = None,
     ) -> int:
         """The replica prefilled this prompt: its blocks are now cached there. A report of the
         tokens it reused is scored against the prediction; without one, ``awaiting`` (the
-        request's key) keeps a note for ``report`` at its FINAL. Returns the predicted match."""
+        request's key) keeps a note for ``report`` at its FINAL. ``since``: the replica's
+        ``mark`` at the request's Plan (None: not known, now). Returns the predicted match."""
         view = self._view(replica)
         predicted = view.cached_tokens(hashes, prompt_tokens)
         if reported is not None:
             self._score(predicted, reported.in_view(prompt_tokens)[0])
         elif awaiting is not None and awaiting not in self._awaited:
-            stamps = view.touched(hashes[: reusable_blocks(prompt_tokens)])
-            self._await(awaiting, _Awaited(replica, predicted, prompt_tokens, array("q", stamps)))
+            stamps = array("q", view.touched(hashes[: reusable_blocks(prompt_tokens)]))
+            arrived = view.touches if since is None else since
+            self._await(awaiting, _Awaited(replica, predicted, prompt_tokens, stamps, arrived))
         view.insert(hashes)
         return predicted
 
@@ -149,7 +162,7 @@ class ReplicaViews:
         self._score(note.predicted_tokens, reused)
         lost = _first_lost(reused, doubt, note.predicted_tokens)
         view = self._views.get(note.replica)
-        if view is not None and lost is not None:
+        if view is not None and lost is not None and note.stamps[lost] <= note.since:
             self._correct(view, note.stamps[lost])
 
     def _correct(self, view: KvBlockCache, stamp: int) -> None:

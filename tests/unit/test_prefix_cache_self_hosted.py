@@ -26,6 +26,7 @@ from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import Final
 from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.metrics import PrefixCacheMetrics
+from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals
@@ -68,16 +69,21 @@ def _core(
     make_ledger: LedgerFactory,
     views: ReplicaViews,
     metrics: PrefixCacheMetrics | None = None,
+    *,
+    keep_plans: bool = False,
 ) -> PrefixCacheCore:
-    """The core these tests bill through: records kept an hour, a look-back of 20 blocks."""
+    """The core these tests bill through: records kept an hour, a look-back of 20 blocks
+    (``keep_plans``: its Plans kept a minute for their WARMs, as the service does)."""
+    clock = ManualClock()
     return PrefixCacheCore(
         table=TABLE,
         tokenizer=TokenizerSlot(tokenizer),
         cache=warm_store,
         views=views,
         ledger=make_ledger(3_600_000),
-        clock=ManualClock(),
+        clock=clock,
         lookback=20,
+        plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=1 << 20) if keep_plans else None,
         metrics=metrics,
     )
 
@@ -327,3 +333,32 @@ def ask_with(system: str, question: str) -> pb.CompleteRequest:
         messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=question)])],
         max_tokens=64,
     )
+
+
+async def test_two_concurrent_calls_of_one_prefix_leave_other_tenants_reads_billed(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """Tenant A sends one prompt twice at once; the engine prefills both together (vLLM's
+    batch: neither reuses the other), but the second's WARM finds the first's blocks in the
+    view. Its report of 0 is no sign of a loss: the view learned those blocks after the call
+    arrived (its Plan), when the engine may not have held them yet. Before, the view took it
+    for one and evicted every block of the replica touched before, tenant C's too, whose next
+    read was billed as input (67,400 nanos instead of 1,800)."""
+    views = ReplicaViews(65536)
+    core = _core(tokenizer, warm_store, make_ledger, views, keep_plans=True)
+    agent, memo = ask_with(AGENT, "Post the ledger."), ask("Where is order 1?")
+    await _engine_turn(core, tokenizer, "c", "c0", memo, 1.0, repeat=False)
+    # both arrive (their Plans) before either's first token
+    plans = {rid: await core.plan("a", MODEL, agent, ["replica-a"]) for rid in ("a1", "a2")}
+    n = len(prompt_token_ids(canonical_blocks(agent, tokenizer)))
+    for rid, plan in plans.items():
+        await core.warm(
+            "a", rid, MODEL, None, "replica-a", plan_id=plan.plan_id, kv_cached_unreported=True
+        )
+    for rid in ("a1", "a2"):
+        await core.final("a", rid, MODEL, 0, 0, "", _openai_usage(n, 0, 5))
+    engine, c = await _engine_turn(core, tokenizer, "c", "c1", memo, 1.0, repeat=True)
+    own = reusable_blocks(engine) * 16
+    assert c.split.read_tokens == own, (c.charge.cost_nanos, views.stats)
+    assert c.charge.cost_nanos == (engine - own) * INPUT_NANOS + 5 * OUTPUT_NANOS
+    assert views.stats.corrections == 0

@@ -181,3 +181,26 @@ def test_a_report_in_the_engines_tokens_is_compared_in_the_views(
     assert views.stats.reports == 1 and views.stats.corrections == int(corrected)
     if engine_prompt != len(ids) and reused >= (engine_prompt - 1) // 16 * 16:
         assert views.stats.abs_error_tokens == 0  # a full reuse: the view's whole prompt
+
+
+@pytest.mark.parametrize("planned", [True, False])
+def test_blocks_the_view_learned_after_the_request_arrived_are_no_evidence_of_a_loss(
+    planned: bool,
+) -> None:
+    """Two concurrent requests of one prefix: the engine prefilled them together (neither
+    reused the other), the view recorded the twin first. The report of 0 says nothing of what
+    the engine held before the request arrived (``mark`` at its Plan), so nothing is evicted;
+    without the Plan's mark the view as it stands judges (and corrects)."""
+    views = ReplicaViews(4096)
+    ids = list(range(321))
+    other = views.hashes("o", MODEL, ids)
+    held = views.hashes("t", MODEL, ids)
+    views.record("r1", other, len(ids), None)
+    arrived = views.mark("r1")  # both requests' Plans
+    views.record("r1", held, len(ids), None, ("t", "twin"))
+    since = arrived if planned else None
+    assert views.record("r1", held, len(ids), None, ("t", "2"), since) == 320
+    views.report(("t", "2"), EngineReuse(0, len(ids)))
+    assert views.stats.abs_error_tokens == 320  # scored all the same
+    assert views.stats.corrections == (0 if planned else 1)
+    assert views.match("r1", other, len(ids)) == (320 if planned else 0)
