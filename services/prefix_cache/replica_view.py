@@ -11,7 +11,8 @@ when every request goes through one prefix-cache the view is exact.
 
 A self-hosted engine behind a provider adapter (llama-server, vLLM) tells its reuse only at
 the end: its WARM leaves a note (the touch of each block predicted), and the FINAL's report
-is scored then. A report below the prediction corrects the view: the engine had lost the first
+is scored then; an engine that tells it at its first token (the simulator) is scored at the
+WARM. Either report below the prediction corrects the view: the engine had lost the first
 block it did not reuse (a restart, or eviction by traffic the view did not see), and an LRU
 engine lost every block touched no later than that one with it, so the view evicts those (the
 prompt's own blocks, touched again by its prefill, stay). A report of 0 against a prediction
@@ -133,16 +134,24 @@ class ReplicaViews:
         since: int | None = None,
     ) -> int:
         """The replica prefilled this prompt: its blocks are now cached there. A report of the
-        tokens it reused is scored against the prediction; without one, ``awaiting`` (the
-        request's key) keeps a note for ``report`` at its FINAL. ``since``: the replica's
-        ``mark`` at the request's Plan (None: not known, now). Returns the predicted match."""
+        tokens it reused is scored against the prediction and, below it, corrects the view as
+        ``report`` does; without one, ``awaiting`` (the request's key) keeps a note for
+        ``report`` at its FINAL. ``since``: the replica's ``mark`` at the request's Plan
+        (None: not known, now). Returns the predicted match."""
         view = self._view(replica)
         predicted = view.cached_tokens(hashes, prompt_tokens)
-        if reported is not None:
-            self._score(predicted, reported.in_view(prompt_tokens)[0])
-        elif awaiting is not None and awaiting not in self._awaited:
+        arrived = view.touches if since is None else since
+        if reported is not None:  # told at the first token: scored and corrected now
+            reused, doubt = reported.in_view(prompt_tokens)
+            self._score(predicted, reused)
+            lost = _first_lost(reused, doubt, predicted)
+            stamp = None if lost is None else view.touched(hashes[: lost + 1])[lost]
+            view.insert(hashes)
+            if stamp is not None and stamp <= arrived:
+                self._correct(view, stamp)
+            return predicted
+        if awaiting is not None and awaiting not in self._awaited:
             stamps = array("q", view.touched(hashes[: reusable_blocks(prompt_tokens)]))
-            arrived = view.touches if since is None else since
             self._await(awaiting, _Awaited(replica, predicted, prompt_tokens, stamps, arrived))
         view.insert(hashes)
         return predicted

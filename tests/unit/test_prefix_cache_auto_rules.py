@@ -134,3 +134,4 @@ def test_replica_reports_score_the_view() -> None:
     # predicted 64, the replica reported 48
     assert views.record("r", hashes, 65, EngineReuse(48, 65)) == 64
     assert (views.stats.reports, views.stats.abs_error_tokens) == (2, 16)
+    assert views.stats.corrections == 1  # the replica had lost the last block: corrected

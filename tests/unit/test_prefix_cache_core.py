@@ -15,6 +15,7 @@ from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS, CommitRecords
 from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import RuleViolation, Split
 from services.prefix_cache.totals import TenantTotals
@@ -277,3 +278,62 @@ async def test_empty_text_breakpoint_names_the_field(rig: Rig) -> None:
     request.messages[0].content.append(pb.ContentBlock(text="", cache_control=CC))
     with pytest.raises(RuleViolation, match=r"request\.messages\[0\]\.content\[1\]"):
         await rig.core.plan("a", "sim-large", request, [])
+
+
+async def test_a_replica_reporting_a_loss_at_its_first_token_stops_ranking_warm(rig: Rig) -> None:
+    """A replica that reports its reuse at the first token (the simulator) and was restarted
+    reports 0: the view is corrected then, not only on a FINAL's report. Before, Plan kept
+    ranking R1 warm with 1,440 tokens of p2 (corrections 0)."""
+    p1, p2 = (
+        pb.CompleteRequest(
+            model="sim-large",
+            system=[pb.ContentBlock(text=f"Manual {n}. {SYSTEM}")],
+            messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Go on.")])],
+            max_tokens=20,
+        )
+        for n in ("one", "two")
+    )
+    await rig.core.warm("a", "1", "sim-large", p2, "R1", kv_cached_tokens=0)
+    await rig.core.warm("a", "2", "sim-large", p1, "R1", kv_cached_tokens=0)  # touched after p2
+    # R1 restarts: p1 again, the replica reports it reused nothing
+    await rig.core.warm("a", "3", "sim-large", p1, "R1", kv_cached_tokens=0)
+    plan = await rig.core.plan("a", "sim-large", p2, ["R1", "R2"])
+    assert [(c.replica, c.warm_prefix_tokens) for c in plan.candidates] == [("R1", 0), ("R2", 0)]
+    plan = await rig.core.plan("a", "sim-large", p1, ["R2", "R1"])
+    assert plan.candidates[0].replica == "R1" and plan.candidates[0].warm_prefix_tokens > 0
+
+
+async def test_two_concurrent_requests_reported_at_the_first_token_keep_the_view(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """Two concurrent requests of one prefix on R1: the replica prefilled A (nothing cached),
+    then B (all of it), but B's WARM reached prefix-cache first. A's report of 0 is no sign of
+    a loss: the view learned those blocks (B's) after A arrived. Tenant C's prefix stays."""
+    c, p = (
+        pb.CompleteRequest(
+            model="sim-large",
+            system=[pb.ContentBlock(text=f"{head} {SYSTEM}")],
+            messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Go on.")])],
+            max_tokens=20,
+        )
+        for head in ("Tenant C's manual.", "The agent's prompt.")
+    )
+    clock = ManualClock()
+    core = PrefixCacheCore(
+        table=TABLE,
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=ReplicaViews(65536),
+        ledger=make_ledger(3_600_000),
+        clock=clock,
+        lookback=20,
+        plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=1 << 20),  # the WARMs take their Plans
+    )
+    await core.warm("c", "c1", "sim-large", c, "R1", kv_cached_tokens=0)
+    held = (await core.plan("c", "sim-large", c, ["R1"])).candidates[0].warm_prefix_tokens
+    plans = {rid: await core.plan("a", "sim-large", p, ["R1"]) for rid in ("A", "B")}
+    full = (len(prompt_token_ids(canonical_blocks(p, tokenizer))) - 1) // 16 * 16
+    for rid, reused in (("B", full), ("A", 0)):
+        await core.warm("a", rid, "sim-large", None, "R1", reused, plan_id=plans[rid].plan_id)
+    plan = await core.plan("c", "sim-large", c, ["R2", "R1"])
+    assert [(x.replica, x.warm_prefix_tokens) for x in plan.candidates] == [("R1", held), ("R2", 0)]

@@ -204,3 +204,20 @@ def test_blocks_the_view_learned_after_the_request_arrived_are_no_evidence_of_a_
     assert views.stats.abs_error_tokens == 320  # scored all the same
     assert views.stats.corrections == (0 if planned else 1)
     assert views.match("r1", other, len(ids)) == (320 if planned else 0)
+
+
+def test_a_report_at_the_first_token_corrects_the_view_as_one_at_the_final() -> None:
+    """The simulator reports its reuse at the first token: a restarted replica's report of 0
+    corrects the view at once, as a FINAL's report does."""
+    views = ReplicaViews(4096)
+    ids = list(range(321))
+    other = views.hashes("o", MODEL, ids)
+    held = views.hashes("t", MODEL, ids)
+    views.record("r1", other, len(ids), EngineReuse(0, len(ids)))
+    views.record("r1", held, len(ids), EngineReuse(0, len(ids)))  # touched after the other
+    assert views.match("r1", other, len(ids)) == 320
+    assert views.record("r1", held, len(ids), EngineReuse(0, len(ids))) == 320  # a restart
+    assert views.stats.corrections == 1 and views.stats.corrected_blocks == 20
+    assert views.match("r1", other, len(ids)) == 0  # lost with it (LRU)
+    assert views.match("r1", held, len(ids)) == 320  # prefilled again: held
+    assert views.stats.abs_error_tokens == 320
