@@ -182,8 +182,22 @@ def test_an_engines_400_inside_the_stream_is_the_clients_and_no_other_replica_ge
             anthropic.RequestTooLargeError,
             413,
         ),
+        (
+            "openai",
+            "gpt-4-1",
+            openai_wire.error(
+                429,
+                "tokens",
+                "Request too large for gpt-4.1 in organization org-x on tokens per min (TPM): "
+                "Limit 30000, Requested 45000. The input or output tokens must be reduced in "
+                "order to run successfully.",
+                code="rate_limit_exceeded",
+            ),
+            openai.APIStatusError,
+            413,
+        ),
     ],
-    ids=["context-window", "413"],
+    ids=["context-window", "413", "429-alone-over-the-token-rate"],
 )
 def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdks_own_error(
     providers: ProviderStack,
@@ -197,7 +211,9 @@ def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdk
     RESOURCE_EXHAUSTED on the Gateway, as the simulator's (it was INVALID_ARGUMENT, and the
     HTTP front answered a provider's 413 as a 400); through the HTTP front, the SDK's own
     exception for it (400 or 413, never a 429 it would retry). Neither is tried on another
-    replica nor retried by the SDK: one provider call each."""
+    replica nor retried by the SDK: one provider call each. So is a request alone over the
+    account's tokens per minute (OpenAI's 429 "Request too large for ..."), which was retried
+    as a rate limit on each replica, each one ejected, and answered 503 "retry later"."""
     server = providers.server
     server.script(api, reply, reply)
     tag = f"Too large {uuid.uuid4().hex[:8]}"

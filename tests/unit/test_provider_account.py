@@ -323,3 +323,50 @@ async def test_an_in_stream_500_is_retried_like_the_engines_http_500(
     assert await replica.call() is None  # answered on the third call
     assert replica.calls() == 3
     assert "failed unexpectedly" not in caplog.text
+
+
+# OpenAI's 429 for a request that alone is over the account's tokens-per-minute limit (its
+# real wording): no wait makes it pass, unlike the "Rate limit reached ..." of a busy minute
+TPM_TOO_LARGE = openai_wire.error(
+    429,
+    "tokens",
+    "Request too large for gpt-4.1 in organization org-abc on tokens per min (TPM): Limit "
+    "30000, Requested 45000. The input or output tokens must be reduced in order to run "
+    "successfully. Visit https://platform.openai.com/account/rate-limits to learn more.",
+    code="rate_limit_exceeded",
+)
+# the same limit reached by the minute's other requests: waiting makes it pass
+TPM_REACHED = openai_wire.error(
+    429,
+    "tokens",
+    "Rate limit reached for gpt-4.1 in organization org-abc on tokens per min (TPM): Limit "
+    "30000, Used 29000, Requested 2000. Please try again in 2s. Visit "
+    "https://platform.openai.com/account/rate-limits to learn more.",
+    code="rate_limit_exceeded",
+)
+
+
+async def test_a_request_over_the_accounts_token_rate_alone_is_resource_exhausted(
+    server: WireServer, replicas: Callable[[Backend, str], Replica]
+) -> None:
+    """A 429 whose request alone asks more tokens than the account's per-minute limit can never
+    pass by waiting: RESOURCE_EXHAUSTED at once (the request's; no retry, no other replica, no
+    ejection), the provider's words kept. Before, it was retried as a rate limit on every
+    replica (4 calls each), each ejected, and the client got a 503 "retry later"."""
+    replica = replicas("openai", GPT)
+    server.script("openai", TPM_TOO_LARGE)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.RESOURCE_EXHAUSTED, refused
+    assert TPM_TOO_LARGE.body["error"]["message"] in refused.message
+    assert "per-minute" in refused.message and "context window" not in refused.message
+    assert replica.calls() == 1  # not retried
+    assert await replica.call() is None and replica.health == []
+
+
+async def test_a_token_rate_reached_by_other_requests_is_still_retried(
+    server: WireServer, replicas: Callable[[Backend, str], Replica]
+) -> None:
+    replica = replicas("openai", GPT)
+    server.script("openai", TPM_REACHED)
+    assert await replica.call() is None
+    assert replica.calls() == 2  # the 429, then its retry answered

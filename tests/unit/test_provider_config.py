@@ -12,7 +12,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.env import ConfigError, Env, redacted_url
 from services.common.models import load_model_table, model_table_from_env
 from services.model.providers.config import ProviderSettings
-from services.model.providers.failures import Kind, _kind
+from services.model.providers.failures import Failure, Kind, Over, _kind, over
 from services.model.providers.openai_wire import chat_params
 from services.model.providers.redact import Redactor
 from services.model.settings import ModelSettings
@@ -163,6 +163,79 @@ def test_openai_body_for_a_local_engine_uses_max_tokens_and_no_cache_key() -> No
 )
 def test_failures_are_classified(status: int, error_type: str, code: str, kind: Kind) -> None:
     assert _kind(status, error_type, code) == kind
+
+
+# OpenAI's (and Groq's) own words for a request over the account's token rate by itself
+TPM_ALONE = (
+    "Request too large for gpt-4o in organization org-abc on tokens per min (TPM): Limit 30000, "
+    "Requested 45000. The input or output tokens must be reduced in order to run successfully."
+)
+GROQ_ALONE = (
+    "Request too large for model `llama-3.1-8b-instant` in organization `org_x` service tier "
+    "`on_demand` on tokens per minute (TPM): Limit 6000, Requested 6294, please reduce your "
+    "message size and try again."
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "code", "message", "kind"),
+    [
+        (429, "tokens", "rate_limit_exceeded", TPM_ALONE, Kind.TOO_LARGE),
+        # the same figures without the words, and the words without figures
+        (429, "tokens", "rate_limit_exceeded", "Limit: 30,000. Requested: 45,000.", Kind.TOO_LARGE),
+        (429, "error", "", "request too large for this organization's limit", Kind.TOO_LARGE),
+        (0, "tokens", "rate_limit_exceeded", TPM_ALONE, Kind.TOO_LARGE),  # in a stream
+        (413, "tokens", "rate_limit_exceeded", GROQ_ALONE, Kind.TOO_LARGE),
+        # reached by the minute's other requests: a wait makes it pass
+        (
+            429,
+            "tokens",
+            "rate_limit_exceeded",
+            "Rate limit reached for gpt-4o on tokens per min (TPM): Limit 30000, Used 29000, "
+            "Requested 2000. Please try again in 2s.",
+            Kind.RETRY,
+        ),
+        (
+            429,
+            "rate_limit_error",
+            "",
+            "This request would exceed the rate limit for your organization of 30,000 input "
+            "tokens per minute.",
+            Kind.RETRY,
+        ),
+        (429, "insufficient_quota", "insufficient_quota", TPM_ALONE, Kind.ACCOUNT),
+    ],
+)
+def test_failures_are_classified_by_their_message(
+    status: int, error_type: str, code: str, message: str, kind: Kind
+) -> None:
+    assert _kind(status, error_type, code, message) == kind
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "message", "what"),
+    [
+        (429, "tokens", TPM_ALONE, Over.TOKEN_RATE),
+        (413, "tokens", GROQ_ALONE, Over.TOKEN_RATE),
+        (
+            413,
+            "request_too_large",
+            "Request exceeds the maximum allowed number of bytes.",
+            Over.SIZE_LIMIT,
+        ),
+        (413, "error", "Request too large", Over.SIZE_LIMIT),  # a proxy's: no limit named
+        (
+            400,
+            "invalid_request_error",
+            "prompt is too long: 210000 tokens > 200000 maximum",
+            Over.CONTEXT_WINDOW,
+        ),
+    ],
+)
+def test_what_a_request_too_large_is_over(
+    status: int, error_type: str, message: str, what: Over
+) -> None:
+    assert over(Failure(Kind.TOO_LARGE, status, error_type, message, None)) == what
 
 
 def test_only_anthropics_own_no_credit_message_is_the_accounts() -> None:

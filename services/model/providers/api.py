@@ -18,7 +18,9 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   llama-server's ``exceed_context_size_error``, Anthropic's "prompt is too long", vLLM's
   "This model's maximum context length is ...") or a request over the provider's size limit
   (a 413, ``request_too_large``) is RESOURCE_EXHAUSTED, as the simulator's: a size limit, the
-  request's, not retried.
+  request's, not retried. So is a request that alone is over the account's per-minute token
+  limit (OpenAI's 429 "Request too large for ... on tokens per min (TPM): Limit 30000,
+  Requested 45000"): unlike a rate limit reached, no wait makes it pass, on any replica.
 - Another 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
   so is a 403 that concerns one model (OpenAI's ``model_not_found``: the key may not use it),
   which the router hands to the client rather than to every replica. Any other 403 (OpenAI's
@@ -78,8 +80,9 @@ from services.model.providers.failures import (
     UNSENDABLE,
     Failure,
     Kind,
+    Over,
     classify,
-    over_context_window,
+    over,
 )
 from services.model.providers.progress import Progress, reported_prompt_tokens
 from services.model.providers.redact import Redactor
@@ -502,9 +505,13 @@ class ProviderApi:
             )
         if failure.kind == Kind.TOO_LARGE:  # the simulator's status for it, a size limit
             status = f"{failure.status} {failure.error_type}" if failure.status else ""
-            if over_context_window(failure):  # (the HTTP front's 400, not its 413)
+            limit = over(failure)
+            if limit is Over.CONTEXT_WINDOW:  # (the HTTP front's 400, not its 413)
                 what = f"the prompt is over {model}'s context window"
                 fix = "shorten the messages, system or tools, or lower max_tokens"
+            elif limit is Over.TOKEN_RATE:  # no wait makes it pass (the HTTP front's 413)
+                what = f"the request alone is over the {backend} account's per-minute token limit"
+                fix = "shorten the messages, system or tools, or lower max_tokens (it counts too)"
             else:
                 what, fix = "the request is over its size limit", "shorten the request"
             return RequestError(

@@ -28,6 +28,15 @@ as the request's, yet every request of every tenant gets it), its ``billing_erro
 OpenAI's 429 ``insufficient_quota`` ("You exceeded your current quota": a 429 no wait makes
 pass, unlike a rate limit). Like ``AUTH`` it is the replica's, until someone adds credit.
 
+A rate limit (429) is retried, but not one that the request alone is over: OpenAI's 429
+``rate_limit_exceeded`` "Request too large for gpt-4o in organization ... on tokens per min
+(TPM): Limit 30000, Requested 45000. The input or output tokens must be reduced in order to run
+successfully." (Groq's the same, "please reduce your message size"). No wait makes it pass, on
+this replica or another of the account: ``TOO_LARGE`` (``Over.TOKEN_RATE``), the request's. It
+is told by the message's "request too large" or by its own figures, a ``Requested`` count over
+the ``Limit`` (a "Rate limit reached ... Limit 30000, Used 29000, Requested 2000" is waited
+for).
+
 An error's type and code are the provider's text, like its message: a proxy or an
 OpenAI-compatible engine may put anything there (its own words, the key it was sent). Each is
 taken only as a short identifier (``[A-Za-z0-9_.-]{1,64}``: every type and code the providers
@@ -55,11 +64,20 @@ import openai
 class Kind(enum.Enum):
     RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
     CLIENT = "client"  # 400 / 404 / 422, 403 model_not_found: the request is wrong
-    # 413, or a prompt over the model's context window: the request's, RESOURCE_EXHAUSTED
+    # 413, a prompt over the model's context window, or a request alone over the account's
+    # per-minute token limit (a 429 no wait makes pass): the request's, RESOURCE_EXHAUSTED
     TOO_LARGE = "too_large"
     AUTH = "auth"  # 401, or an auth error type: our credentials; the replica is NOT_SERVING
     ACCOUNT = "account"  # no credit / quota on our account: like AUTH, NOT_SERVING
     FATAL = "fatal"  # anything else (another 403 too): no retry, the next replica
+
+
+class Over(enum.Enum):
+    """What a ``TOO_LARGE`` request is over."""
+
+    CONTEXT_WINDOW = "context_window"  # the model's (a 400 on the HTTP front)
+    SIZE_LIMIT = "size_limit"  # the provider's request size (a 413)
+    TOKEN_RATE = "token_rate"  # the account's tokens per minute (or day), by itself
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,13 @@ _ACCOUNT_TYPES = {"billing_error", "insufficient_quota"}
 # that quotes the request, a tool's name say, must not take a replica out)
 _NO_CREDIT = "your credit balance is too low"
 _ONE_MODEL = "model_not_found"  # OpenAI's 403 code when the key may not use this model
+# a rate limit's type or code (Anthropic's type, OpenAI's code; OpenAI's type names the limit)
+_RATE_LIMITED = {"rate_limit_error", "rate_limit_exceeded", "tokens", "requests"}
+# a rate limit's refusal of the request itself: OpenAI's and Groq's "Request too large for ..."
+_REQUEST_TOO_LARGE = re.compile(r"\brequest (?:is )?too large\b", re.IGNORECASE)
+# the figures a rate limit's message names: "Limit 30000, Used 29000, Requested 2000"
+_LIMIT = re.compile(r"\blimit:?\s*(\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_REQUESTED = re.compile(r"\brequested:?\s*(\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 _STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -174,6 +199,10 @@ def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Ki
         or message.lower().startswith(_NO_CREDIT)
     ):
         return Kind.ACCOUNT
+    if (
+        status == 429 or error_type in _RATE_LIMITED or code in _RATE_LIMITED
+    ) and alone_over_a_rate_limit(message):
+        return Kind.TOO_LARGE  # no wait makes it pass
     if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
         return Kind.RETRY
     if status == 403:  # one model's (the request's), else this replica's account's
@@ -190,10 +219,32 @@ def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Ki
     return Kind.FATAL
 
 
-def over_context_window(failure: Failure) -> bool:
-    """A ``TOO_LARGE`` failure's prompt over the model's context window (else the request was
-    over the provider's size limit, a 413)."""
-    return failure.status != 413 and failure.error_type != "request_too_large"
+def alone_over_a_rate_limit(message: str) -> bool:
+    """A rate limit's message saying that the request by itself is over the limit: "Request
+    too large for ...", or a ``Requested`` count over the ``Limit`` it names."""
+    return _REQUEST_TOO_LARGE.search(message) is not None or _requested_over_limit(message)
+
+
+def _requested_over_limit(message: str) -> bool:
+    limit, requested = _LIMIT.search(message), _REQUESTED.search(message)
+    if limit is None or requested is None:
+        return False
+    return _figure(requested[1]) > _figure(limit[1])
+
+
+def _figure(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def over(failure: Failure) -> Over:
+    """What a ``TOO_LARGE`` failure's request is over."""
+    if failure.status == 413 or failure.error_type == "request_too_large":
+        # (Groq answers its "Request too large ... on tokens per minute (TPM): Limit 6000,
+        # Requested 6294" with a 413: its figures tell it from a body over a size limit)
+        return Over.TOKEN_RATE if _requested_over_limit(failure.message) else Over.SIZE_LIMIT
+    if alone_over_a_rate_limit(failure.message):
+        return Over.TOKEN_RATE
+    return Over.CONTEXT_WINDOW
 
 
 def _error_of(body: object, fallback: str) -> tuple[str, str]:
