@@ -242,22 +242,31 @@ def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdk
     assert len(calls) == 2  # one each: no other replica, no retry
 
 
-def test_a_403_for_one_replicas_account_goes_to_the_other_replica(
-    providers: ProviderStack,
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        openai_wire.error(
+            403,
+            "request_forbidden",
+            "Country, region, or territory not supported",
+            code="unsupported_country_region_territory",
+        ),
+        # openai-1's base URL without its /v1, in front of vLLM: FastAPI's own 404
+        Reply(status=404, body={"detail": "Not Found"}),
+    ],
+    ids=["403-region", "404-no-route"],
+)
+def test_a_refusal_of_one_replicas_set_up_goes_to_the_other_replica(
+    providers: ProviderStack, refusal: Reply
 ) -> None:
     """gpt-4-1 has two replicas. OpenAI refuses openai-1's key from where it runs (403
-    ``request_forbidden``): no request is the client's fault, each one openai-1 gets is
-    served by openai-2 (it was INVALID_ARGUMENT for every other request)."""
+    ``request_forbidden``), or openai-1's engine has no such path (a 404 about no model): no
+    request is the client's fault, each one openai-1 gets is served by openai-2 (it was
+    INVALID_ARGUMENT for every other request: a 400 "openai refused the request (404)")."""
     server, key = providers.server, providers.keys["openai-1"]
-    forbidden = openai_wire.error(
-        403,
-        "request_forbidden",
-        "Country, region, or territory not supported",
-        code="unsupported_country_region_territory",
-    )
-    forbidden.key = key
-    server.script("openai", *[forbidden] * 4)
-    tag = f"Forbidden region {uuid.uuid4().hex[:8]}"
+    refusal.key = key
+    server.script("openai", *[refusal] * 4)
+    tag = f"Replica's refusal {uuid.uuid4().hex[:8]}"
     try:
         with _client(providers, max_attempts=1) as client:
             answers = [client.complete(ask("gpt-4-1", f"{tag} #{n}")) for n in range(4)]
@@ -266,7 +275,7 @@ def test_a_403_for_one_replicas_account_goes_to_the_other_replica(
             server.scripts["openai"] = [r for r in server.scripts["openai"] if r.key != key]
     assert all(a.content[0].text == "Paris is the capital of France." for a in answers)
     calls = [s for s in server.seen_by("openai") if tag in str(s.body)]
-    refused = [c for c in calls if c.status == 403]
+    refused = [c for c in calls if c.status == refusal.status]
     assert refused and all(c.key == key for c in refused)  # openai-1 was asked, and refused
     assert len(calls) == 4 + len(refused)  # each refused request was served by openai-2
 

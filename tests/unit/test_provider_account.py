@@ -370,3 +370,82 @@ async def test_a_token_rate_reached_by_other_requests_is_still_retried(
     server.script("openai", TPM_REACHED)
     assert await replica.call() is None
     assert replica.calls() == 2  # the 429, then its retry answered
+
+
+# a base URL without its /v1: vLLM's (FastAPI's) own 404, no error object, no model in it
+NO_ROUTE = Reply(status=404, body={"detail": "Not Found"})
+# the providers' 404 for a model they do not serve: the request's
+NO_MODEL_OPENAI = openai_wire.error(
+    404,
+    "invalid_request_error",
+    "The model `gpt-4.1-x` does not exist or you do not have access to it.",
+    code="model_not_found",
+)
+NO_MODEL_ANTHROPIC = anthropic_wire.error(404, "not_found_error", "model: claude-sonnet-4-x")
+NO_MODEL_VLLM = Reply(
+    status=404,
+    body={
+        "object": "error",
+        "message": "The model `Qwen2.5-1.5B` does not exist.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    },
+)
+# Anthropic's 404 for a path it does not have (ANTHROPIC_BASE_URL with a path of its own)
+NO_ROUTE_ANTHROPIC = anthropic_wire.error(404, "not_found_error", "Not Found")
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "reply", "quoted"),
+    [
+        ("openai", GPT, NO_ROUTE, '"detail": "Not Found"'),
+        ("anthropic", CLAUDE, NO_ROUTE_ANTHROPIC, "Not Found"),
+    ],
+    ids=["vllm-detail", "anthropic-path"],
+)
+async def test_a_404_not_about_a_model_is_the_replicas_and_goes_to_another(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    backend: Backend,
+    model: str,
+    reply: Reply,
+    quoted: str,
+) -> None:
+    """A 404 that names no model (the replica's base URL wrong, a path the engine does not
+    have) fails every request of every client on this replica and none on a replica set up
+    right: UNAVAILABLE (the router's next replica, counted towards this one's ejection), its
+    body quoted for the operator. Before, every caller got a 400 "refused the request (404)"
+    without the engine's words, and no alert watched it."""
+    replica = replicas(backend, model)
+    server.script(backend, reply)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
+    assert "404" in refused.message and quoted in refused.message
+    assert refused.reason and "404" in refused.reason
+    assert replica.calls() == 1  # no retry: the next replica, at once
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "reply"),
+    [
+        ("openai", GPT, NO_MODEL_OPENAI),
+        ("anthropic", CLAUDE, NO_MODEL_ANTHROPIC),
+        ("openai", GPT, NO_MODEL_VLLM),
+    ],
+    ids=["openai", "anthropic", "vllm"],
+)
+async def test_a_404_about_the_model_is_still_the_requests(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    backend: Backend,
+    model: str,
+    reply: Reply,
+) -> None:
+    replica = replicas(backend, model)
+    server.script(backend, reply)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.INVALID_ARGUMENT, refused
+    inner = reply.body.get("error", reply.body)
+    assert inner["message"] in refused.message
+    assert replica.calls() == 1

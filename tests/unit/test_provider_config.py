@@ -204,6 +204,22 @@ GROQ_ALONE = (
             Kind.RETRY,
         ),
         (429, "insufficient_quota", "insufficient_quota", TPM_ALONE, Kind.ACCOUNT),
+        # a 404 about the model: OpenAI's, Anthropic's, vLLM's, Ollama's (typed api_error)
+        (
+            404,
+            "invalid_request_error",
+            "model_not_found",
+            "The model `x` does not exist",
+            Kind.CLIENT,
+        ),
+        (404, "not_found_error", "", "model: claude-sonnet-4-x", Kind.CLIENT),
+        (404, "NotFoundError", "404", "The model `Qwen2.5` does not exist.", Kind.CLIENT),
+        (404, "api_error", "", 'model "llama3" not found, try pulling it first', Kind.CLIENT),
+        # any other 404: the replica's base URL or path
+        (404, "error", "", '{"detail": "Not Found"}', Kind.FATAL),
+        (404, "not_found_error", "", "Not Found", Kind.FATAL),
+        (404, "error", "", "<html><body>404 page not found</body></html>", Kind.FATAL),
+        (0, "not_found_error", "", "Not Found", Kind.FATAL),  # an error event
     ],
 )
 def test_failures_are_classified_by_their_message(

@@ -22,11 +22,12 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   limit (OpenAI's 429 "Request too large for ... on tokens per min (TPM): Limit 30000,
   Requested 45000"): unlike a rate limit reached, no wait makes it pass, on any replica.
 - Another 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
-  so is a 403 that concerns one model (OpenAI's ``model_not_found``: the key may not use it),
-  which the router hands to the client rather than to every replica. Any other 403 (OpenAI's
-  ``request_forbidden``: this account's key may not be used from where the replica runs) is
-  the replica's: UNAVAILABLE at once, so the router hands the request to the next replica and
-  counts it towards this one's ejection.
+  so is a 403 or 404 that concerns the model (OpenAI's ``model_not_found``: the key may not use
+  it, or it does not exist; Anthropic's 404 "model: ..."), which the router hands to the client
+  rather than to every replica. Any other 403 (OpenAI's ``request_forbidden``: this account's
+  key may not be used from where the replica runs) or 404 (a base URL without its ``/v1``:
+  vLLM's ``{"detail": "Not Found"}``, quoted) is the replica's: UNAVAILABLE at once, so the
+  router hands the request to the next replica and counts it towards this one's ejection.
 - A 401, or an error typed as our credentials' (``failures._AUTH_TYPES``), means our key: the
   replica reports NOT_SERVING on its health, says so in one log line, refuses calls
   (UNAVAILABLE, so the router uses another replica) and lets one call through again after

@@ -37,6 +37,13 @@ is told by the message's "request too large" or by its own figures, a ``Requeste
 the ``Limit`` (a "Rate limit reached ... Limit 30000, Used 29000, Requested 2000" is waited
 for).
 
+A 404 about the model (OpenAI's ``model_not_found``, Anthropic's ``not_found_error`` "model:
+claude-...", vLLM's "The model `...` does not exist", Ollama's 'model "..." not found': a
+message that names a model) is the request's: ``CLIENT``. Any other 404 (a base URL without its
+``/v1``, a path the engine does not serve: vLLM's ``{"detail": "Not Found"}``) fails every
+request on this replica and none on one set up right: ``FATAL``, the replica's. A body without
+an error message is quoted (bounded; redacted by the caller like any message).
+
 An error's type and code are the provider's text, like its message: a proxy or an
 OpenAI-compatible engine may put anything there (its own words, the key it was sent). Each is
 taken only as a short identifier (``[A-Za-z0-9_.-]{1,64}``: every type and code the providers
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import json
 import logging
 import re
 import time
@@ -63,13 +71,13 @@ import openai
 
 class Kind(enum.Enum):
     RETRY = "retry"  # 408 / 409 / 429 / 5xx / 529, overloaded or rate limited, connection lost
-    CLIENT = "client"  # 400 / 404 / 422, 403 model_not_found: the request is wrong
+    CLIENT = "client"  # 400 / 422, a 403 or 404 about the model: the request is wrong
     # 413, a prompt over the model's context window, or a request alone over the account's
     # per-minute token limit (a 429 no wait makes pass): the request's, RESOURCE_EXHAUSTED
     TOO_LARGE = "too_large"
     AUTH = "auth"  # 401, or an auth error type: our credentials; the replica is NOT_SERVING
     ACCOUNT = "account"  # no credit / quota on our account: like AUTH, NOT_SERVING
-    FATAL = "fatal"  # anything else (another 403 too): no retry, the next replica
+    FATAL = "fatal"  # anything else (another 403 or 404 too): no retry, the next replica
 
 
 class Over(enum.Enum):
@@ -100,7 +108,7 @@ _RETRY_TYPES = {
     "timeout",
     "InternalServerError",
 }
-_CLIENT_TYPES = {"invalid_request_error", "not_found_error", "BadRequestError"}
+_CLIENT_TYPES = {"invalid_request_error", "BadRequestError"}
 # a request over the provider's size limit (Anthropic's 413) or a prompt over the model's
 # context window (llama-server's type, OpenAI's code)
 _TOO_LARGE_TYPES = {"request_too_large", "exceed_context_size_error", "context_length_exceeded"}
@@ -113,7 +121,12 @@ _ACCOUNT_TYPES = {"billing_error", "insufficient_quota"}
 # the start of Anthropic's 400 for an account without credit (at the start only: a message
 # that quotes the request, a tool's name say, must not take a replica out)
 _NO_CREDIT = "your credit balance is too low"
-_ONE_MODEL = "model_not_found"  # OpenAI's 403 code when the key may not use this model
+_ONE_MODEL = "model_not_found"  # OpenAI's 403 / 404 code when the key may not use this model
+# a 404's type (Anthropic's; vLLM names its exception's class)
+_NOT_FOUND_TYPES = {"not_found_error", "NotFoundError"}
+# a 404's message about a model: Anthropic's "model: claude-...", vLLM's "The model `x` does
+# not exist.", Ollama's 'model "x" not found'
+_ABOUT_A_MODEL = re.compile(r"\bmodel\b", re.IGNORECASE)
 # a rate limit's type or code (Anthropic's type, OpenAI's code; OpenAI's type names the limit)
 _RATE_LIMITED = {"rate_limit_error", "rate_limit_exceeded", "tokens", "requests"}
 # a rate limit's refusal of the request itself: OpenAI's and Groq's "Request too large for ..."
@@ -121,6 +134,9 @@ _REQUEST_TOO_LARGE = re.compile(r"\brequest (?:is )?too large\b", re.IGNORECASE)
 # the figures a rate limit's message names: "Limit 30000, Used 29000, Requested 2000"
 _LIMIT = re.compile(r"\blimit:?\s*(\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 _REQUESTED = re.compile(r"\brequested:?\s*(\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+# a body without an error message, quoted as the message: at most this much of it (the caller
+# cuts it further, to an error message's length, once redacted)
+_QUOTED_BODY_CHARS = 2000
 _STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -203,6 +219,9 @@ def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Ki
         status == 429 or error_type in _RATE_LIMITED or code in _RATE_LIMITED
     ) and alone_over_a_rate_limit(message):
         return Kind.TOO_LARGE  # no wait makes it pass
+    if status == 404 or error_type in _NOT_FOUND_TYPES:  # the model's (the request's), else
+        # this replica's set-up (its base URL): another replica may serve
+        return Kind.CLIENT if _about_a_model(code, message) else Kind.FATAL
     if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
         return Kind.RETRY
     if status == 403:  # one model's (the request's), else this replica's account's
@@ -214,9 +233,14 @@ def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Ki
         or message.lower().startswith(_TOO_LONG)
     ):
         return Kind.TOO_LARGE
-    if error_type in _CLIENT_TYPES or status in (400, 404, 422):
+    if error_type in _CLIENT_TYPES or status in (400, 422):
         return Kind.CLIENT
     return Kind.FATAL
+
+
+def _about_a_model(code: str, message: str) -> bool:
+    """A 404 (or a not-found error) about the model the request names."""
+    return code == _ONE_MODEL or _ABOUT_A_MODEL.search(message) is not None
 
 
 def alone_over_a_rate_limit(message: str) -> bool:
@@ -254,11 +278,24 @@ def _error_of(body: object, fallback: str) -> tuple[str, str]:
     inner: Any = body.get("error", body) if isinstance(body, dict) else None
     if isinstance(inner, dict):
         error_type = _identifier(inner.get("type") or inner.get("code")) or "error"
-        message = str(inner.get("message") or fallback)
-        return error_type, message
+        message = inner.get("message")
+        return error_type, str(message) if message else _quoted(body)
     if isinstance(body, str) and body:
-        return "error", body
+        return "error", _bounded(body)
     return "error", fallback
+
+
+def _quoted(body: object) -> str:
+    """A body without an error message (vLLM's ``{"detail": "Not Found"}``), as the message:
+    its JSON, bounded (the SDK's own text says only "Error code: 404")."""
+    try:
+        return _bounded(json.dumps(body, ensure_ascii=False))
+    except (TypeError, ValueError):  # not JSON's (a value JSON does not have): its repr
+        return _bounded(repr(body))
+
+
+def _bounded(text: str) -> str:
+    return text[:_QUOTED_BODY_CHARS] + "..." if len(text) > _QUOTED_BODY_CHARS else text
 
 
 def _status_in(body: object) -> int:
