@@ -272,6 +272,39 @@ def test_a_key_echoed_whole_or_masked_is_redacted() -> None:
     assert json.dumps(redactor.message("x" * 2000)).count("x") == 500
 
 
+PROJECT_KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYzQ"
+PLAIN_KEY = "abcd1234efgh5678ijklmnop"  # an engine's own key: no sk- shape
+
+
+@pytest.mark.parametrize(
+    ("key", "echo"),
+    [
+        (PROJECT_KEY, "sk-proj-AbCd****xYzQ"),  # the key's head first in it: broke its shape
+        (PROJECT_KEY, "sk-proj-****************************xYzQ"),
+        (PROJECT_KEY, "sk-proj-AbCd...xYzQ"),
+        (PROJECT_KEY, "sk-proj-AbCdEfGh"),  # its head, cut
+        (PROJECT_KEY, "...MnOpQrStUvWxYzQ"),  # its tail
+        (PLAIN_KEY, "abcd1234****mnop"),
+        (PLAIN_KEY, "abcd****mnop"),  # too short a head and tail to find, but masked
+        (PLAIN_KEY, "abcd...mnop"),
+        (PLAIN_KEY, "abcd1234efgh"),
+    ],
+)
+def test_nothing_of_a_key_or_its_masked_form_survives(key: str, echo: str) -> None:
+    """Whichever part of the key a provider echoes, and in whichever order the rules apply:
+    before, the exact head's replacement first turned ``sk-proj-AbCd****xYzQ`` into
+    ``[redacted]AbCd****xYzQ``, which the key-shape rule no longer saw."""
+    cleaned = Redactor([key]).clean(f"Incorrect API key provided: {echo}. Find your key at x.")
+    assert cleaned == "Incorrect API key provided: [redacted] Find your key at x.", cleaned
+
+
+def test_a_mask_alone_or_words_around_a_key_are_kept() -> None:
+    redactor = Redactor([PLAIN_KEY])
+    for text in ("a **bold** word", "wait... then retry", "count: 5 of 10"):
+        assert redactor.clean(text) == text
+    assert redactor.clean(f"forbidden_for_{PLAIN_KEY}") == "forbidden_for_[redacted]"
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

@@ -1,7 +1,9 @@
 """Keeps a credential out of every message a provider adapter writes or returns.
 
 A provider's error body may echo the key it was sent (OpenAI's 401 says "Incorrect API key
-provided: sk-ab...xyz"); every text leaving the adapter passes ``Redactor.clean``. The HTTP
+provided: sk-ab...xyz"); every text leaving the adapter passes ``Redactor.clean``, which takes
+out a key whole, by its head or tail, masked ("sk-proj-AbCd****xYzQ", "abcd...mnop") or
+key-shaped, with the rest of the run of key characters it is in. The HTTP
 stack logs request URLs whole, a base URL's ``user:password@`` included: ``UrlFilter`` shows
 them as ``redacted_url`` does.
 """
@@ -15,6 +17,15 @@ from services.common.env import redacted_url
 
 # a key-shaped token, whole or masked with '*' or '...' as providers print them
 _KEY_SHAPED = re.compile(r"\b(?:sk|key|api)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
+# a run of the characters a key or its masked form is made of: what is redacted whole once
+# any of it shows a key
+_TOKEN = re.compile(r"[A-Za-z0-9_\-*.\u2026]+")
+# the mask in a key shown by its head and tail: "sk-proj-AbCd****xYzQ", "abcd...mnop"
+_MASK = re.compile(r"\*+|\.{2,}|\u2026")
+# a masked form shows at least this much of the key (its head and tail together)
+_MASKED_SHOWS = 4
+# a secret this long may be shown in part: by its head (8 characters) or tail (6)
+_SHOWN_IN_PART = 12
 # a URL as a log line shows it: up to a space, a quote or an angle bracket
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 REDACTED = "[redacted]"
@@ -24,13 +35,39 @@ MAX_MESSAGE_CHARS = 500
 class Redactor:
     def __init__(self, secrets: list[str]) -> None:
         self._secrets = [s for s in secrets if s]
+        self._partial = [s for s in self._secrets if len(s) >= _SHOWN_IN_PART]
 
     def clean(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
-            if len(secret) >= 12:  # a key shown by its head or tail
-                text = text.replace(secret[:8], REDACTED).replace(secret[-6:], REDACTED)
-        return _KEY_SHAPED.sub(REDACTED, text)
+        """``text`` without a secret, whole, by its head or tail, masked, or key-shaped. Each
+        rule marks what it finds in the text as given, and the marks are replaced together:
+        no rule's replacement hides a key from another (replacing a key's head first turned
+        ``sk-proj-AbCd****xYzQ`` into ``[redacted]AbCd****xYzQ``, no longer key-shaped)."""
+        whole = [m.span() for s in self._secrets for m in re.finditer(re.escape(s), text)]
+        spans = whole + [m.span() for m in _KEY_SHAPED.finditer(text)]
+        if self._partial:
+            # a run around a whole key is not taken with it ("forbidden_for_<key>" keeps its
+            # words): the key alone is
+            rest = _blanked(text, whole)
+            spans += [m.span() for m in _TOKEN.finditer(rest) if self._shows_a_key(m[0])]
+        return _marked_out(text, spans)
+
+    def _shows_a_key(self, token: str) -> bool:
+        """A run of key characters holding a secret's head or tail, or its masked form (its
+        head and tail around '*' or '...')."""
+        masks = list(_MASK.finditer(token))
+        head = token[: masks[0].start()] if masks else ""
+        tail = token[masks[-1].end() :].rstrip(".") if masks else ""  # (a sentence's end)
+        for secret in self._partial:
+            if secret[:8] in token or secret[-6:] in token:
+                return True
+            if (
+                masks
+                and len(head) + len(tail) >= _MASKED_SHOWS
+                and secret.startswith(head)
+                and secret.endswith(tail)
+            ):
+                return True
+        return False
 
     def message(self, text: str) -> str:
         """``clean``, and cut to a length an error message may have."""
@@ -38,6 +75,34 @@ class Redactor:
         if len(text) > MAX_MESSAGE_CHARS:
             text = text[:MAX_MESSAGE_CHARS] + "..."
         return text
+
+
+def _blanked(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with ``spans`` blanked out, each character a NUL: no run of key characters
+    goes across one; the others stay where they were."""
+    chars = list(text)
+    for start, end in spans:
+        chars[start:end] = "\0" * (end - start)
+    return "".join(chars)
+
+
+def _marked_out(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with each run of overlapping or touching ``spans`` replaced by one REDACTED."""
+    if not spans:
+        return text
+    parts: list[str] = []
+    at = 0
+    start, end = -1, -1
+    for span_start, span_end in sorted(spans):
+        if span_start <= end:  # overlaps or touches the run: extends it
+            end = max(end, span_end)
+            continue
+        if end >= 0:
+            parts += (text[at:start], REDACTED)
+            at = end
+        start, end = span_start, span_end
+    parts += (text[at:start], REDACTED, text[end:])
+    return "".join(parts)
 
 
 class UrlFilter(logging.Filter):
