@@ -422,7 +422,8 @@ async def test_a_404_not_about_a_model_is_the_replicas_and_goes_to_another(
     refused = await replica.call()
     assert refused is not None and refused.code == Code.UNAVAILABLE, refused
     assert "404" in refused.message and quoted in refused.message
-    assert refused.reason and "404" in refused.reason
+    assert f"is {backend.upper()}_BASE_URL ({replica.server.base}" in refused.message
+    assert refused.reason and "404" in refused.reason and "BASE_URL" not in refused.reason
     assert replica.calls() == 1  # no retry: the next replica, at once
 
 
