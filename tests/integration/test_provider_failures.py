@@ -264,9 +264,11 @@ def test_a_refusal_of_one_replicas_set_up_goes_to_the_other_replica(
     request is the client's fault, each one openai-1 gets is served by openai-2 (it was
     INVALID_ARGUMENT for every other request: a 400 "openai refused the request (404)")."""
     server, key = providers.server, providers.keys["openai-1"]
+    tag = f"Replica's refusal {uuid.uuid4().hex[:8]}"
+    # not ejected by an earlier test's refusals (or the other param's)
+    _answered_by(providers, "openai-1", f"Served first {uuid.uuid4().hex[:8]}")
     refusal.key = key
     server.script("openai", *[refusal] * 4)
-    tag = f"Replica's refusal {uuid.uuid4().hex[:8]}"
     try:
         with _client(providers, max_attempts=1) as client:
             answers = [client.complete(ask("gpt-4-1", f"{tag} #{n}")) for n in range(4)]
