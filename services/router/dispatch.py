@@ -394,16 +394,21 @@ class Dispatcher:
                     # its rate is at most what it showed, unless it waited for a slot
                     if isinstance(exc, _Stalled) and not self.loads.slots_taken(replica):
                         self.loads.stalled(replica, ticket, self._clock())
+                    blamed = True
                     if exc.code == Code.DEADLINE_EXCEEDED:
                         self._left(spec, wanted, replica, ticket)
-                        self._judge_deadline(spec.id, replica, probe, opened_at, timeout_s, needs_s)
+                        blamed = self._judge_deadline(
+                            spec.id, replica, probe, opened_at, timeout_s, needs_s
+                        )
                     else:
                         self.loads.failed(replica, ticket)
                         self.replica_failed(spec.id, replica, probe)
                     chat_span.record_exception(exc)
                     spans.record_failure(chat_span, exc)
                     chat_span.end()
-                    self._log_failed(replica, spec.id, exc.code)
+                    if blamed:  # not a caller's deadline too short for the call, nor one
+                        # spent behind the replica's other answers: an operator's WARNING
+                        self._log_failed(replica, spec.id, exc.code)
                     why = exc.reason
                     if not why and exc.code == Code.DEADLINE_EXCEEDED:
                         why = f"no answer within {timeout_s:.1f} s"
@@ -607,16 +612,18 @@ class Dispatcher:
         opened_at: float,
         timeout_s: float,
         needs_s: float,
-    ) -> None:
+    ) -> bool:
         """The verdict on ``replica`` for a call whose deadline came before its first token
         (no start, or a start only for the prompt its provider reported): a failure when the
         call had the time it was predicted to need (a deadline shorter than that is the
         client's, not the replica's fault) and the replica gave no sign of life meanwhile
-        (one streaming other answers is busy, and this call waited behind them); else none."""
+        (one streaming other answers is busy, and this call waited behind them); else none.
+        Whether the replica was blamed."""
         if timeout_s >= needs_s and not self._busy(replica, opened_at, needs_s):
             self.replica_failed(model, replica, probe)
-        else:
-            self.health(model).released(replica, probe)
+            return True
+        self.health(model).released(replica, probe)
+        return False
 
     def _handover_s(
         self,

@@ -293,14 +293,26 @@ async def _leave_after_the_first_token(pipeline: Pipeline, i: int) -> None:
 UNAVAILABLE = CallFailed(Code.UNAVAILABLE, "anthropic could not serve (529)")
 
 
-async def test_a_failing_replica_is_ejected_after_three_failures() -> None:
+def _replica_failed_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "cachemesh.router" and r.levelname == "WARNING" and "failed:" in r.getMessage()
+    ]
+
+
+async def test_a_failing_replica_is_ejected_after_three_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     clock = Clock()
     models = Models(clock, {"large-1": UNAVAILABLE})
     pipeline = _pipeline(models)
-    for i in range(20):
-        assert (await _ask(pipeline, i)).content[0].text == "ok"
+    with caplog.at_level("WARNING", logger="cachemesh.router"):
+        for i in range(20):
+            assert (await _ask(pipeline, i)).content[0].text == "ok"
     await pipeline.drain()
     assert models.calls.count("large-1") == 3  # then ejected: 17 requests straight to large-2
+    assert _replica_failed_lines(caplog) == ["replica large-1 of sim-large failed: UNAVAILABLE"]
 
 
 def test_a_hung_replica_hands_its_requests_over_and_is_ejected(fast_stall: None) -> None:
@@ -625,16 +637,22 @@ async def test_a_requests_own_fault_does_not_count_against_the_replica(code: Cod
     assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
 
 
-async def test_a_deadline_shorter_than_the_prefill_is_not_the_replicas_fault() -> None:
+async def test_a_deadline_shorter_than_the_prefill_is_not_the_replicas_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nor is it logged as the replica's failure: a WARNING "replica ... failed:
+    DEADLINE_EXCEEDED" for each caller's short --timeout sent operators to healthy replicas."""
     clock = Clock()
     hung = CallFailed(Code.DEADLINE_EXCEEDED, "deadline")
     models = Models(clock, {"large-1": hung, "large-2": hung}, takes_s=None)
     pipeline = _pipeline(models)
-    for i in range(5):  # 1 ms: less than any replica's predicted prefill of 16+ tokens
-        with pytest.raises(RequestError):
-            await _ask(pipeline, i, remaining_s=0.001)
+    with caplog.at_level("WARNING", logger="cachemesh.router"):
+        for i in range(5):  # 1 ms: less than any replica's predicted prefill of 16+ tokens
+            with pytest.raises(RequestError):
+                await _ask(pipeline, i, remaining_s=0.001)
     await pipeline.drain()
     assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
+    assert _replica_failed_lines(caplog) == []
 
 
 @dataclass
