@@ -120,6 +120,15 @@ def prompt_tokens(request: pb.CompleteRequest, tokenizer: Tokenizer) -> int:
     return sum(tokenizer.count(part.text) for part in _parts(request))
 
 
+def cacheable_tokens(request: pb.CompleteRequest, tokenizer: Tokenizer) -> int:
+    """The canonical prompt's tokens up to its last cache breakpoint (0 without one): the most
+    a provider could read from its cache, since a read ends at a breakpoint. Only the prompt
+    after them (``prompt_tokens`` less this) is surely counted as new input."""
+    parts = _parts(request)
+    last = max((i for i, part in enumerate(parts) if part.ttl is not None), default=-1)
+    return sum(tokenizer.count(part.text) for part in parts[: last + 1])
+
+
 def prompt_chars(request: pb.CompleteRequest) -> int:
     """The characters of the canonical prompt: what ``prompt_tokens`` would tokenize, read
     without tokenizing (a cost in proportion to it, without the tokenizer's)."""
