@@ -196,8 +196,29 @@ def test_an_engines_400_inside_the_stream_is_the_clients_and_no_other_replica_ge
             openai.APIStatusError,
             413,
         ),
+        (
+            "anthropic",
+            "claude-sonnet-4-5",
+            anthropic_wire.error(  # Anthropic's words, with no count of the request
+                429,
+                "rate_limit_error",
+                "This request would exceed the rate limit for your organization (org-x) of 5 "
+                "input tokens per minute. For details, refer to: "
+                "https://docs.claude.com/en/api/rate-limits. You can see the response headers "
+                "for current usage. Please reduce the prompt length or the maximum tokens "
+                "requested, or try again later.",
+                headers={"anthropic-ratelimit-input-tokens-limit": "5"},
+            ),
+            anthropic.RequestTooLargeError,
+            413,
+        ),
     ],
-    ids=["context-window", "413", "429-alone-over-the-token-rate"],
+    ids=[
+        "context-window",
+        "413",
+        "429-alone-over-the-token-rate",
+        "anthropic-429-alone-over-the-input-token-rate",
+    ],
 )
 def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdks_own_error(
     providers: ProviderStack,
@@ -212,8 +233,10 @@ def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdk
     HTTP front answered a provider's 413 as a 400); through the HTTP front, the SDK's own
     exception for it (400 or 413, never a 429 it would retry). Neither is tried on another
     replica nor retried by the SDK: one provider call each. So is a request alone over the
-    account's tokens per minute (OpenAI's 429 "Request too large for ..."), which was retried
-    as a rate limit on each replica, each one ejected, and answered 503 "retry later"."""
+    account's tokens per minute (OpenAI's 429 "Request too large for ...", Anthropic's 429 "This
+    request would exceed the rate limit ... of 5 input tokens per minute" for a longer prompt),
+    which was retried as a rate limit on each replica, each one ejected, and answered 503 "retry
+    later"."""
     server = providers.server
     server.script(api, reply, reply)
     tag = f"Too large {uuid.uuid4().hex[:8]}"

@@ -81,11 +81,25 @@ class Replica:
             clock=lambda: self.now,
         )
 
-    async def call(self) -> RequestError | None:
-        """One request; the refusal it got, else None (answered)."""
-        message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
+    async def call(
+        self,
+        text: str = "Capital?",
+        *,
+        planned_tokens: int | None = None,
+        cached_system: str = "",
+    ) -> RequestError | None:
+        """One request (``text`` the user's message; ``planned_tokens``: Plan's count of the
+        prompt, else none sent; ``cached_system``: a system block ending in a cache
+        breakpoint); the refusal it got, else None (answered)."""
+        message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])
         request = pb.CompleteRequest(model=self.model, max_tokens=16, messages=[message])
+        if cached_system:
+            request.system.append(
+                pb.ContentBlock(text=cached_system, cache_control=pb.CacheControl())
+            )
         call = model_pb2.GenerateRequest(tenant="t", model=self.model, request=request)
+        if planned_tokens is not None:
+            call.prompt.prompt_tokens = planned_tokens
         try:
             chunks = [chunk async for chunk in self.api.generate(call, 10.0)]
         except RequestError as refused:
@@ -450,3 +464,89 @@ async def test_a_404_about_the_model_is_still_the_requests(
     inner = reply.body.get("error", reply.body)
     assert inner["message"] in refused.message
     assert replica.calls() == 1
+
+
+# Anthropic's 429 for an account's input tokens a minute (its real wording, the same whether
+# the minute's other requests filled the limit or the request alone is over it), and the rate
+# limit headers its responses carry (``anthropic-ratelimit-input-tokens-limit``: the input
+# tokens a minute the account may send)
+ITPM_MESSAGE = (
+    "This request would exceed the rate limit for your organization "
+    "(4a7a4c1e-0000-4000-8000-000000000000) of 1,000 input tokens per minute. For details, "
+    "refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers "
+    "for current usage. Please reduce the prompt length or the maximum tokens requested, or "
+    "try again later. You may also contact sales at https://www.anthropic.com/contact-sales "
+    "to discuss your options for a rate limit increase."
+)
+ITPM_HEADERS = {
+    "anthropic-ratelimit-input-tokens-limit": "1000",
+    "anthropic-ratelimit-input-tokens-remaining": "0",
+    "anthropic-ratelimit-input-tokens-reset": "2026-12-06T10:41:00Z",
+    "anthropic-ratelimit-output-tokens-limit": "200",
+    "anthropic-ratelimit-tokens-limit": "200",  # the most restrictive: here the output's
+}
+# some 1,800 tokens of cl100k_base (" word" is one token): the request alone is over 1,000
+LONG = " word" * 1800
+
+
+def _itpm(headers: dict[str, str] | None = None) -> Reply:
+    return anthropic_wire.error(429, "rate_limit_error", ITPM_MESSAGE, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("reply", "planned"),
+    [
+        (_itpm(ITPM_HEADERS), None),  # the headers' limit, the replica's own count
+        (_itpm(ITPM_HEADERS), 1800),  # Plan's count
+        (_itpm(), None),  # no headers: the message's figure
+    ],
+    ids=["headers", "plan's-count", "message"],
+)
+async def test_an_anthropic_request_alone_over_the_input_token_rate_is_not_retried(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    reply: Reply,
+    planned: int | None,
+) -> None:
+    """Anthropic answers "This request would exceed the rate limit ... of 1,000 input tokens
+    per minute" whether the minute's other requests or the request alone is over it. A prompt
+    of ~1,800 tokens against 1,000 a minute can never pass: RESOURCE_EXHAUSTED at once (no
+    retry, no other replica, no ejection), the provider's words and both figures kept. Before,
+    it was retried as a rate limit (4 calls), then UNAVAILABLE: the next replica, ejections,
+    a 503 "retry later"."""
+    replica = replicas("anthropic", CLAUDE)
+    server.script("anthropic", *[reply] * 4)  # as often as the replica would try
+    refused = await replica.call(LONG, planned_tokens=planned)
+    assert refused is not None, "answered"
+    assert (refused.code, replica.calls()) == (Code.RESOURCE_EXHAUSTED, 1), refused.message
+    assert ITPM_MESSAGE in refused.message
+    assert "per-minute" in refused.message and "context window" not in refused.message
+    assert "of 1,000 input tokens: its prompt is about 1,80" in refused.message, refused.message
+    assert replica.health == []
+
+
+@pytest.mark.parametrize(
+    ("text", "cached_system", "planned"),
+    [
+        ("Capital?", "", None),  # a small request: the minute's other requests filled it
+        (" word" * 1050, "", None),  # over by less than the estimate's margin
+        ("Capital?", LONG, None),  # its bulk before a breakpoint: may be a cache read
+        ("Capital?", LONG, 1810),  # the same with Plan's count
+    ],
+    ids=["small", "within-the-margin", "cached-prefix", "cached-prefix-plan"],
+)
+async def test_an_anthropic_rate_limit_a_wait_may_pass_is_still_retried(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    text: str,
+    cached_system: str,
+    planned: int | None,
+) -> None:
+    """Only a request whose own input is surely over the limit is refused: a prompt that fits,
+    one over it by less than the estimate's margin (cl100k_base is not Claude's tokenizer),
+    and one whose bulk lies before a cache breakpoint (a cache read, which Anthropic does not
+    count towards the limit) are retried as before."""
+    replica = replicas("anthropic", CLAUDE)
+    server.script("anthropic", _itpm(ITPM_HEADERS))
+    assert await replica.call(text, planned_tokens=planned, cached_system=cached_system) is None
+    assert replica.calls() == 2  # the 429, then its retry answered

@@ -4,15 +4,28 @@ adapter builds; a key never in a message."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
+import anthropic
+import httpx2
+import openai
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.env import ConfigError, Env, redacted_url
 from services.common.models import load_model_table, model_table_from_env
 from services.model.providers.config import ProviderSettings
-from services.model.providers.failures import Failure, Kind, Over, _kind, over
+from services.model.providers.failures import (
+    ESTIMATE_MARGIN,
+    Failure,
+    Kind,
+    Over,
+    _kind,
+    alone_over,
+    classify,
+    over,
+)
 from services.model.providers.openai_wire import chat_params
 from services.model.providers.redact import Redactor
 from services.model.settings import ModelSettings
@@ -252,6 +265,115 @@ def test_what_a_request_too_large_is_over(
     status: int, error_type: str, message: str, what: Over
 ) -> None:
     assert over(Failure(Kind.TOO_LARGE, status, error_type, message, None)) == what
+
+
+ANTHROPIC_ITPM = (
+    "This request would exceed the rate limit for your organization (org-x) of 30,000 input "
+    "tokens per minute. For details, refer to: https://docs.claude.com/en/api/rate-limits. "
+    "Please reduce the prompt length or the maximum tokens requested, or try again later."
+)
+
+
+def _status_error(
+    backend: str, status: int, body: Mapping[str, object], headers: dict[str, str]
+) -> Exception:
+    request = httpx2.Request("POST", "http://127.0.0.1:1/v1/messages")
+    response = httpx2.Response(status, headers=headers, json=body, request=request)
+    if backend == "anthropic":
+        return anthropic.APIStatusError("refused", response=response, body=body)
+    return openai.APIStatusError("refused", response=response, body=body)
+
+
+def _anthropic(status: int, kind: str, message: str, headers: dict[str, str]) -> Exception:
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return _status_error("anthropic", status, body, headers)
+
+
+@pytest.mark.parametrize(
+    ("exc", "limit"),
+    [
+        # the header first (Anthropic's input limit), else the message's figure
+        (_anthropic(429, "rate_limit_error", ANTHROPIC_ITPM, {}), 30_000),
+        (
+            _anthropic(
+                429,
+                "rate_limit_error",
+                ANTHROPIC_ITPM,
+                {
+                    "anthropic-ratelimit-input-tokens-limit": "40000",
+                    # the most restrictive limit in effect, here the output's: never taken
+                    "anthropic-ratelimit-tokens-limit": "8000",
+                },
+            ),
+            40_000,
+        ),
+        (
+            _anthropic(
+                429,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your per-minute rate limit",
+                {"anthropic-ratelimit-tokens-limit": "8000"},
+            ),
+            None,
+        ),
+        (
+            _anthropic(429, "rate_limit_error", "of 500,000 input tokens per day", {"x": "1"}),
+            500_000,
+        ),
+        (
+            _anthropic(
+                429, "rate_limit_error", "slow", {"anthropic-ratelimit-input-tokens-limit": "x"}
+            ),
+            None,  # not a figure
+        ),
+        # OpenAI's header, when its message does not count the request itself
+        (
+            _status_error(
+                "openai",
+                429,
+                {"error": {"message": "Rate limit exceeded", "type": "tokens"}},
+                {"x-ratelimit-limit-tokens": "30000"},
+            ),
+            30_000,
+        ),
+        (
+            _status_error(
+                "openai",
+                429,
+                {
+                    "error": {
+                        "message": "Rate limit reached ... Limit 30000, Used 29000, Requested "
+                        "2000.",
+                        "type": "tokens",
+                    }
+                },
+                {"x-ratelimit-limit-tokens": "30000"},
+            ),
+            None,  # the provider's own count decided: a wait passes it
+        ),
+        # no rate limit: an overload, a 400
+        (_anthropic(529, "overloaded_error", ANTHROPIC_ITPM, {}), None),
+        (_anthropic(400, "invalid_request_error", ANTHROPIC_ITPM, {}), None),
+    ],
+)
+def test_a_rate_limits_token_limit_is_read_from_its_headers_else_its_words(
+    exc: Exception, limit: int | None
+) -> None:
+    assert classify(exc).token_limit == limit
+
+
+def test_a_request_alone_over_the_token_limit_past_the_margin_is_too_large() -> None:
+    """Our count is an estimate (cl100k_base, not Claude's tokenizer): over the limit by less
+    than the margin, the rate limit is retried as before."""
+    failure = classify(_anthropic(429, "rate_limit_error", ANTHROPIC_ITPM, {}))
+    assert failure.kind == Kind.RETRY
+    assert alone_over(failure, 56_000).kind == Kind.TOO_LARGE
+    assert alone_over(failure, 56_000).request_tokens == 56_000
+    assert over(alone_over(failure, 56_000)) == Over.TOKEN_RATE
+    assert alone_over(failure, int(30_000 * ESTIMATE_MARGIN)) == failure
+    assert alone_over(failure, 29_000) == failure
+    no_limit = classify(_anthropic(429, "rate_limit_error", "slow down", {}))
+    assert alone_over(no_limit, 10**9) == no_limit
 
 
 def test_only_anthropics_own_no_credit_message_is_the_accounts() -> None:

@@ -21,6 +21,13 @@ first token, the deadline, the credentials' health, and what an interrupted answ
   request's, not retried. So is a request that alone is over the account's per-minute token
   limit (OpenAI's 429 "Request too large for ... on tokens per min (TPM): Limit 30000,
   Requested 45000"): unlike a rate limit reached, no wait makes it pass, on any replica.
+  Anthropic's 429 "This request would exceed the rate limit for your organization (...) of
+  30,000 input tokens per minute" does not say whether the request alone is over it: its limit
+  (``anthropic-ratelimit-input-tokens-limit``, else the message's figure) is compared with the
+  request's own input (``_own_input``: Plan's count of the prompt, else the row's tokenizer's,
+  less the prompt up to its last cache breakpoint, which may be a cache read Anthropic does not
+  count); over it by more than ``failures.ESTIMATE_MARGIN``, the request is refused so, else
+  retried as a rate limit.
 - Another 400-class refusal is INVALID_ARGUMENT with the provider's message (credentials scrubbed);
   so is a 403 or 404 that concerns the model (OpenAI's ``model_not_found``: the key may not use
   it, or it does not exist; Anthropic's 404 "model: ..."), which the router hands to the client
@@ -74,6 +81,7 @@ from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.deadlines import end_margin_s
 from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
+from services.common.prompt import cacheable_tokens, prompt_tokens
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE, FairQueue, QueueWatcher
 from services.model.providers.config import ProviderSettings
@@ -82,6 +90,7 @@ from services.model.providers.failures import (
     Failure,
     Kind,
     Over,
+    alone_over,
     classify,
     over,
 )
@@ -246,6 +255,7 @@ class ProviderApi:
         ends_by = deadline - (end_margin_s(budget) if time_remaining_s is not None else 0.0)
         span.set_attribute("cachemesh.deadline_ms", round(budget * 1000))
         tries = 0
+        own_input: int | None = None  # counted at the first rate limit that names its tokens
         while True:
             tries += 1
             progress = Progress(
@@ -309,6 +319,10 @@ class ProviderApi:
                     )
                     yield self._interrupted(progress, spec, f"{failure.error_type}: {message}")
                     return
+                if failure.kind == Kind.RETRY and failure.token_limit is not None:
+                    if own_input is None:  # the request alone over it? no wait would pass
+                        own_input = await asyncio.to_thread(self._own_input, request, spec)
+                    failure = alone_over(failure, own_input)
                 # a provider's answer (its status) is no surprise: the refusal's line says it
                 if (
                     failure.kind == Kind.FATAL
@@ -340,6 +354,17 @@ class ProviderApi:
                     wait,
                 )
                 await self._sleep(wait)
+
+    def _own_input(self, request: model_pb2.GenerateRequest, spec: ModelSpec) -> int:
+        """The request's input a provider surely counts towards its input token limit: Plan's
+        count of the prompt (else the row's tokenizer's: cl100k_base for an Anthropic row, an
+        estimate of Claude's count), less the prompt up to its last cache breakpoint (which may
+        be read from the cache: Anthropic does not count a read). Blocking: in a thread."""
+        tokenizer = self._tokenizers.for_spec(spec)
+        whole = request.prompt.prompt_tokens if request.HasField("prompt") else 0
+        if whole <= 0:
+            whole = prompt_tokens(request.request, tokenizer)
+        return max(0, whole - cacheable_tokens(request.request, tokenizer))
 
     def _spec(self, request: model_pb2.GenerateRequest) -> ModelSpec:
         if not request.tenant:
@@ -512,6 +537,11 @@ class ProviderApi:
                 fix = "shorten the messages, system or tools, or lower max_tokens"
             elif limit is Over.TOKEN_RATE:  # no wait makes it pass (the HTTP front's 413)
                 what = f"the request alone is over the {backend} account's per-minute token limit"
+                if failure.token_limit is not None and failure.request_tokens is not None:
+                    what += (  # our estimate against the provider's limit (Anthropic's)
+                        f" of {failure.token_limit:,} input tokens: its prompt is about "
+                        f"{failure.request_tokens:,} tokens outside its cache breakpoints"
+                    )
                 fix = "shorten the messages, system or tools, or lower max_tokens (it counts too)"
             else:
                 what, fix = "the request is over its size limit", "shorten the request"

@@ -37,6 +37,14 @@ is told by the message's "request too large" or by its own figures, a ``Requeste
 the ``Limit`` (a "Rate limit reached ... Limit 30000, Used 29000, Requested 2000" is waited
 for).
 
+Anthropic's 429 ``rate_limit_error`` says the same "This request would exceed the rate limit for
+your organization (...) of 30,000 input tokens per minute" whether the minute's other requests or
+the request alone is over it, with no count of the request. Its limit is in the message and in
+the ``anthropic-ratelimit-input-tokens-limit`` header (OpenAI's ``x-ratelimit-limit-tokens``;
+not ``anthropic-ratelimit-tokens-limit``, which shows the most restrictive limit in effect, the
+output's maybe): ``Failure.token_limit``. The caller, which knows the request's own input, tells
+(``alone_over``) whether it is over that limit by itself: then ``TOO_LARGE`` too, else retried.
+
 A 404 about the model (OpenAI's ``model_not_found``, Anthropic's ``not_found_error`` "model:
 claude-...", vLLM's "The model `...` does not exist", Ollama's 'model "..." not found': a
 message that names a model) is the request's: ``CLIENT``. Any other 404 (a base URL without its
@@ -53,6 +61,7 @@ they leave the adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import enum
 import json
@@ -97,6 +106,11 @@ class Failure:
     error_type: str
     message: str  # the provider's message (not yet redacted)
     retry_after_s: float | None
+    # a rate limit's tokens a minute (or day) by the provider's headers or words, when it does
+    # not count the request itself (Anthropic's): what ``alone_over`` compares the request with
+    token_limit: int | None = None
+    # the request's own input tokens by our estimate, when ``alone_over`` found them over it
+    request_tokens: int | None = None
 
 
 # (vLLM names an error by its exception's class: BadRequestError, InternalServerError)
@@ -134,6 +148,16 @@ _REQUEST_TOO_LARGE = re.compile(r"\brequest (?:is )?too large\b", re.IGNORECASE)
 # the figures a rate limit's message names: "Limit 30000, Used 29000, Requested 2000"
 _LIMIT = re.compile(r"\blimit:?\s*(\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 _REQUESTED = re.compile(r"\brequested:?\s*(\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+# Anthropic's words for its input token limit: "... of 30,000 input tokens per minute" (or day)
+_INPUT_LIMIT = re.compile(r"\b(\d[\d,]*)\s+input tokens per (?:minute|day)\b", re.IGNORECASE)
+# the response headers that name the account's input tokens a minute: Anthropic's input limit,
+# OpenAI's tokens limit (``anthropic-ratelimit-tokens-limit`` is the most restrictive limit in
+# effect, which may be the output's: never taken)
+_TOKEN_LIMIT_HEADERS = ("anthropic-ratelimit-input-tokens-limit", "x-ratelimit-limit-tokens")
+# our estimate of a request's input (the row's tokenizer, not the provider's: cl100k_base is not
+# Claude's) may be over the provider's count by this much before the request counts as over a
+# limit by itself: one within it is retried, as a limit a wait may pass
+ESTIMATE_MARGIN = 1.10
 # a body without an error message, quoted as the message: at most this much of it (the caller
 # cuts it further, to an error message's length, once redacted)
 _QUOTED_BODY_CHARS = 2000
@@ -195,14 +219,17 @@ def classify(exc: Exception) -> Failure:
         status = int(exc.status_code)
         error_type, message = _error_of(exc.body, str(exc))
         kind = _kind(status, error_type, _code_of(exc.body), message)
-        return Failure(kind, status, error_type, message, _retry_after(exc.response.headers))
+        headers = exc.response.headers
+        limit = _token_limit(kind, status, error_type, message, headers)
+        return Failure(kind, status, error_type, message, _retry_after(headers), limit)
     if isinstance(exc, _TRANSPORT_ERRORS):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
     if isinstance(exc, (anthropic.APIError, openai.APIError)):  # an error chunk in a stream
         error_type, message = _error_of(exc.body, str(exc))
         status = _status_in(exc.body)
         kind = _kind(status, error_type, _code_of(exc.body), message)
-        return Failure(kind, status, error_type, message, None)
+        limit = _token_limit(kind, status, error_type, message, None)
+        return Failure(kind, status, error_type, message, None, limit)
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
 
@@ -260,13 +287,46 @@ def _figure(text: str) -> float:
     return float(text.replace(",", ""))
 
 
+def _token_limit(
+    kind: Kind, status: int, error_type: str, message: str, headers: Any
+) -> int | None:
+    """A retried rate limit's tokens a minute (or day), by its headers, else its words; None
+    for any other failure, and for one whose message counts the request itself (OpenAI's
+    ``Requested``: the provider's count, which ``alone_over_a_rate_limit`` already judged)."""
+    if kind != Kind.RETRY or not (status == 429 or error_type in _RATE_LIMITED):
+        return None
+    if _REQUESTED.search(message) is not None:
+        return None
+    for name in _TOKEN_LIMIT_HEADERS:
+        try:
+            value = headers.get(name) if headers is not None else None
+            limit = int(str(value).strip()) if value is not None else 0
+        except (TypeError, ValueError, AttributeError):
+            limit = 0
+        if limit > 0:
+            return limit
+    if (words := _INPUT_LIMIT.search(message)) is not None and (limit := int(_figure(words[1]))):
+        return limit
+    return None
+
+
+def alone_over(failure: Failure, request_tokens: int) -> Failure:
+    """``failure`` as ``TOO_LARGE`` when it is a rate limit (``token_limit``) that the request's
+    own input, ``request_tokens`` by our estimate, is over by itself, past the estimate's margin
+    (``ESTIMATE_MARGIN``): no wait makes it pass. Else ``failure`` as it is, retried."""
+    limit = failure.token_limit
+    if failure.kind != Kind.RETRY or limit is None or request_tokens <= limit * ESTIMATE_MARGIN:
+        return failure
+    return dataclasses.replace(failure, kind=Kind.TOO_LARGE, request_tokens=request_tokens)
+
+
 def over(failure: Failure) -> Over:
     """What a ``TOO_LARGE`` failure's request is over."""
     if failure.status == 413 or failure.error_type == "request_too_large":
         # (Groq answers its "Request too large ... on tokens per minute (TPM): Limit 6000,
         # Requested 6294" with a 413: its figures tell it from a body over a size limit)
         return Over.TOKEN_RATE if _requested_over_limit(failure.message) else Over.SIZE_LIMIT
-    if alone_over_a_rate_limit(failure.message):
+    if failure.request_tokens is not None or alone_over_a_rate_limit(failure.message):
         return Over.TOKEN_RATE
     return Over.CONTEXT_WINDOW
 
