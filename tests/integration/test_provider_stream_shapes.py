@@ -211,15 +211,54 @@ def _tool_turn(*calls: Event) -> Reply:
             ),
             [("call_a", "add", {"a": 1})],
         ),
+        # Poolside (pool#9): the call's later pieces under another id, before its JSON is
+        # whole: one call (the last id kept, as before dedb78c)
+        (
+            _tool_turn(
+                _call(0, "call_A", "get_weather", '{"city":'),
+                _call(0, "call_B", None, ' "Paris"}'),
+            ),
+            [("call_B", "get_weather", {"city": "Paris"})],
+        ),
+        # a fresh id on each piece of one call
+        (
+            _tool_turn(
+                _call(0, "call_1", "get_weather", ""),
+                _call(0, "call_2", None, '{"city":'),
+                _call(0, "call_3", None, ' "Paris"}'),
+            ),
+            [("call_3", "get_weather", {"city": "Paris"})],
+        ),
+        # Atlas (#33): one call opened twice (two ids, its name), then its arguments
+        (
+            _tool_turn(
+                _call(0, "call_2", "web_search", ""),
+                _call(0, "call_3", "web_search", ""),
+                _call(0, None, None, '{"city": "Paris"}'),
+            ),
+            [("call_3", "web_search", {"city": "Paris"})],
+        ),
     ],
-    ids=["same-index", "same-index-pieces", "no-index", "no-index-pieces", "openai", "id-repeated"],
+    ids=[
+        "same-index",
+        "same-index-pieces",
+        "no-index",
+        "no-index-pieces",
+        "openai",
+        "id-repeated",
+        "new-id-mid-call",
+        "new-id-each-piece",
+        "opened-twice",
+    ],
 )
 def test_parallel_tool_calls_under_one_index_or_none_stay_apart(
     server: WireServer, reply: Reply, expected: list[tuple[str, str, Any]]
 ) -> None:
     """A piece carrying an id other than the one held at its index, or an id and no index,
-    starts a new call (vercel/ai #14277's rule). Before, such calls merged into one: the last
-    id, the last name, the arguments of all run together (``_unparsed_arguments``)."""
+    starts a new call once the held call's arguments are whole JSON (vercel/ai #14277's
+    rule); before that it is the same call's. Before dedb78c, parallel calls merged into one:
+    the last id, the last name, the arguments of all run together (``_unparsed_arguments``);
+    at dedb78c, a call whose pieces changed id split into broken ones (a review's repro)."""
     server.script("openai", reply)
     chunks = _generate(_api(server, "openai"), GPT)
     assert _calls(chunks) == expected

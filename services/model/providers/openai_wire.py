@@ -239,15 +239,26 @@ class ToolCall:
     name: str = ""
     pieces: list[str] = field(default_factory=list)
 
+    def whole(self) -> bool:
+        """Whether its arguments so far are one whole JSON value (a call that can end here)."""
+        try:
+            json.loads("".join(self.pieces))
+        except ValueError:
+            return False
+        return True
+
 
 class ToolCalls:
     """The tool calls of one streamed turn, in the order they began. A piece belongs to the
     call held at its ``index``; one carrying an id other than that call's starts a new call
-    (Ollama sends every call of a turn as index 0, ollama/ollama#15457; vercel/ai#14277's
-    rule), and so does the first piece at an index. An engine that sends no index is read the
-    same way, as if every piece had one index: a piece with a new id starts a call, one
-    without an id continues the call before it. Before, such calls merged into one: the last
-    id and name, every call's arguments run together (``_unparsed_arguments``)."""
+    once that call's arguments are whole JSON (Ollama sends every call of a turn whole, as
+    index 0, ollama/ollama#15457; vercel/ai#14277's rule), and so does the first piece at an
+    index. Before its arguments are whole, a new id is the same call's (Poolside gives a
+    call's later pieces another id, poolsideai/pool#9; some engines a new id each piece;
+    Atlas opens a call twice, Avarok-Cybersecurity/atlas#33): the last id is kept. An engine
+    that sends no index is read the same way, as if every piece had one index. Before,
+    parallel calls merged into one: the last id and name, every call's arguments run
+    together (``_unparsed_arguments``)."""
 
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
@@ -256,7 +267,7 @@ class ToolCalls:
     def piece(self, index: int | None, call_id: str | None) -> ToolCall:
         """The call a streamed piece (its ``index`` and ``id``) belongs to, begun if new."""
         held = self._held.get(index)
-        if held is None or (call_id and held.id and call_id != held.id):
+        if held is None or (call_id and held.id and call_id != held.id and held.whole()):
             held = self._held[index] = ToolCall()
             self.calls.append(held)
         if call_id:
