@@ -129,6 +129,7 @@ def test_make_engine_builds_where_up_looks(
     assert json.loads(capsys.readouterr().out)["server"].startswith(f"{tmp_path}/elsewhere/")
 
 
-def test_no_service_is_given_them() -> None:
-    # the stack's tool reads them; a service's env_keys never hold them
+def test_no_service_declares_them() -> None:
+    # the stack's tool reads them; no service's env_keys name them (make up still hands each
+    # service the whole merged .env and environment, these among them, which none reads)
     assert not {name for s in SERVICES for name in s.env_keys} & set(_OWN)
