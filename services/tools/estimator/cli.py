@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     samples = asyncio.run(replay(stack, records, what_if))
     results = summarise(samples, labels, wall_s=0.0)
-    for key in ("latency_ms", "ttft_ms", "wall_s", "throughput_rps"):
+    for key in ("latency_ms", "failed_ms", "ttft_ms", "wall_s", "throughput_rps"):
         results.pop(key)
     doc = {
         "schema": SCHEMA,

@@ -55,15 +55,23 @@ def _latency_lines(results: Mapping[str, Any]) -> list[str]:
     ]
     latency = results["latency_ms"]
     for name, row in [("all", latency["all"]), *latency["by_layer"].items()]:
-        lines.append(
-            f"{name:16}{row['n']:>7}{row['p50']:>9.1f}{row['p90']:>9.1f}{row['p95']:>9.1f}"
-            f"{row['p99']:>9.1f}{row['max']:>9.1f}"
-        )
+        lines.append(_latency_row(name, row))
     if results.get("ttft_ms"):
-        row = results["ttft_ms"]["all"]
-        lines.append(f"{'TTFT (stream)':16}{row['n']:>7}{row['p50']:>9.1f}{row['p90']:>9.1f}"
-                     f"{row['p95']:>9.1f}{row['p99']:>9.1f}{row['max']:>9.1f}")  # fmt: skip
+        lines.append(_latency_row("TTFT (stream)", results["ttft_ms"]["all"]))
+    # the requests the rows above leave out: those that ended in an error, and those still
+    # running at the run's deadline (the time they had run: a lower bound)
+    if results.get("failed_ms"):
+        lines.append(_latency_row("failed", results["failed_ms"]["all"]))
+    if results.get("cut_at_deadline_ms"):
+        lines.append(_latency_row("cut at deadline", results["cut_at_deadline_ms"]))
     return lines
+
+
+def _latency_row(name: str, row: Mapping[str, Any]) -> str:
+    return (
+        f"{name:16}{row['n']:>7}{row['p50']:>9.1f}{row['p90']:>9.1f}{row['p95']:>9.1f}"
+        f"{row['p99']:>9.1f}{row['max']:>9.1f}"
+    )
 
 
 def _cost_lines(results: Mapping[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from cachemesh.loadtest.samples import CUT, ERROR, LOST, Sample
+from cachemesh.loadtest.samples import CUT, ERROR, INTERRUPTED, LOST, Sample
 
 LAYER_ORDER = ("semantic_cache", "prefix_cache", "model")
 QUANTILES = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99}
@@ -77,6 +77,9 @@ def summarise(
         "cut_at_deadline_ms": latency_summary([s.latency_s for s in measured if s.code == CUT])
         if any(s.code == CUT for s in measured)
         else None,
+        # ended in an error (DEADLINE_EXCEEDED at --timeout, UNAVAILABLE, ...): the time each
+        # took to fail, apart from the completed ones' (a run whose slow tail timed out shows it)
+        "failed_ms": _failed(measured),
         "ttft_ms": _by_layer(ok, "ttft_s") if streamed else None,
         "served_by": {layer: served[layer] for layer in _layers(served)},
         "hit_rate": _hit_rates(ok),
@@ -84,6 +87,22 @@ def summarise(
         "tokens": _tokens(ok),
         "cost": _cost(ok, errored=len(measured) - len(ok)),
         "labels": _labels(samples, ok, labels) if labels else None,
+    }
+
+
+def _failed(measured: Sequence[Sample]) -> dict[str, Any] | None:
+    """The requests that ended in an error, ``all`` and ``by_code``; None when none did. Those
+    cut at the run's deadline or interrupted have their own figure or none (their time is a
+    lower bound, not how long they took to fail); a lost process's have no time."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for s in measured:
+        if s.layer == ERROR and s.code not in (CUT, INTERRUPTED, LOST):
+            groups[s.code].append(s.latency_s)
+    if not groups:
+        return None
+    return {
+        "all": latency_summary([v for values in groups.values() for v in values]),
+        "by_code": {code: latency_summary(groups[code]) for code in sorted(groups)},
     }
 
 
