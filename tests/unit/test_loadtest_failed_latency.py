@@ -14,7 +14,6 @@ from cachemesh.loadtest.samples import CUT, Sample
 from cachemesh.loadtest.stats import summarise
 
 
-
 @pytest.fixture(autouse=True)
 def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CACHEMESH_API_KEY", "k")

@@ -14,18 +14,27 @@ from pathlib import Path
 
 import grpc
 
+from cachemesh._argv import file_named
 
-def _pem(what: str, path: str | Path, block: str) -> bytes:
-    """The file's bytes; a ValueError naming the file (never its contents) when it cannot be
-    read or holds no PEM ``block`` (gRPC takes any bytes, then every call waits out its
-    deadline)."""
+# how a message names each file setting: Tls's field, the command lines' flag, the variable
+CA = "ca_file / --ca-file / CACHEMESH_CA_FILE"
+CERT = "cert_file / --cert-file / CACHEMESH_CERT_FILE"
+KEY = "key_file / --key-file / CACHEMESH_KEY_FILE"
+
+
+def _pem(what: str, path: str | Path, block: str, setting: str) -> bytes:
+    """The file's bytes; a ValueError naming the file (never its contents) and ``setting``
+    when it cannot be read or holds no PEM ``block`` (gRPC takes any bytes, then every call
+    waits out its deadline); a value that does not look like a path (a key pasted in place
+    of its file) is not echoed."""
+    named = file_named(path, setting)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read the {what} {path} ({exc.strerror})") from None
+        raise ValueError(f"cannot read the {what} {named} ({exc.strerror})") from None
     if not re.search(rb"-----BEGIN (?:[A-Z0-9]+ )?" + block.encode() + rb"-----", data):
         raise ValueError(
-            f"the {what} {path} is not PEM: it holds no {block} block (-----BEGIN {block}-----)"
+            f"the {what} {named} is not PEM: it holds no {block} block (-----BEGIN {block}-----)"
         )
     return data
 
@@ -47,9 +56,11 @@ class Tls:
             raise ValueError("a client certificate needs both cert_file and key_file")
         ca, cert, key = self.ca_file, self.cert_file, self.key_file
         return grpc.ssl_channel_credentials(
-            root_certificates=None if ca is None else _pem("CA file", ca, "CERTIFICATE"),
-            private_key=None if key is None else _pem("key file", key, "PRIVATE KEY"),
-            certificate_chain=None if cert is None else _pem("cert file", cert, "CERTIFICATE"),
+            root_certificates=None if ca is None else _pem("CA file", ca, "CERTIFICATE", CA),
+            private_key=None if key is None else _pem("key file", key, "PRIVATE KEY", KEY),
+            certificate_chain=None
+            if cert is None
+            else _pem("cert file", cert, "CERTIFICATE", CERT),
         )
 
 

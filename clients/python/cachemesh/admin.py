@@ -19,6 +19,7 @@ from typing import Literal, TypeVar
 
 import grpc
 
+from cachemesh._argv import file_named
 from cachemesh._auth import bearer_metadata
 from cachemesh._errors import CachemeshError, from_rpc_error
 from cachemesh._tls import Tls, sync_channel
@@ -33,15 +34,21 @@ P = TypeVar("P", adm.GetStatsResponse, adm.ListKeysResponse)  # a page
 Q = TypeVar("Q", adm.GetStatsRequest, adm.ListKeysRequest)  # its request
 
 
-def read_admin_token(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+def read_admin_token(
+    path: str | None,
+    environ: Mapping[str, str] = os.environ,
+    setting: str = "CACHEMESH_ADMIN_TOKEN_FILE",
+) -> str | None:
     """The admin token: the file ``path`` names (``CACHEMESH_ADMIN_TOKEN_FILE``), else
     ``CACHEMESH_ADMIN_TOKEN``; None when neither gives one. A file that cannot be read is a
-    ValueError naming it."""
+    ValueError naming ``setting`` and the path, unless ``path`` does not look like one (the
+    token itself given in place of its file: never echoed)."""
     if path:
         try:
             return Path(path).read_text().strip() or None
         except OSError as exc:
-            raise ValueError(f"cannot read the admin token file {path} ({exc.strerror})") from None
+            named = file_named(path, setting)
+            raise ValueError(f"cannot read the admin token file {named} ({exc.strerror})") from None
     return environ.get("CACHEMESH_ADMIN_TOKEN", "").strip() or None
 
 

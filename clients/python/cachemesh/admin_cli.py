@@ -140,7 +140,9 @@ def budget_change(text: str) -> LimitChange:
 
 
 def admin_token(args: argparse.Namespace) -> str:
-    token = read_admin_token(args.admin_token_file)
+    token = read_admin_token(
+        args.admin_token_file, setting="--admin-token-file / CACHEMESH_ADMIN_TOKEN_FILE"
+    )
     if not token:
         raise ValueError(
             "no admin token: set CACHEMESH_ADMIN_TOKEN_FILE (`source .run/demo-keys.env` does, "

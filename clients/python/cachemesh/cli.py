@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from cachemesh._argv import Parser, secret_flag
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, UnavailableError
 from cachemesh._requests import answer_text, build_request
@@ -60,7 +61,7 @@ def _check_utf8(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cachemesh",
         description=__doc__,
         epilog="The API key comes from CACHEMESH_API_KEY (`source .run/demo-keys.env` sets "
@@ -130,10 +131,15 @@ def _key_given(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if _key_given(sys.argv[1:] if argv is None else argv):
-        args = None
-    else:
-        args = _parser().parse_args(argv)
+    given, parser = sys.argv[1:] if argv is None else argv, _parser()
+    if (flag := secret_flag(given, parser)) is not None:  # its value never echoed
+        print(
+            f"cachemesh: {flag} is not an option (its value is not shown): the API key comes "
+            "from CACHEMESH_API_KEY, the admin token from CACHEMESH_ADMIN_TOKEN_FILE",
+            file=sys.stderr,
+        )
+        return 2
+    args = None if _key_given(given) else parser.parse_args(argv)
     if args is None or args.key is not None:  # never echoed: it is in the history and ps
         print(
             "cachemesh: --key is refused: other users' ps would see the API key; "

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from cachemesh._argv import Parser, secret_flag
 from cachemesh._auth import bearer_metadata
 from cachemesh._client import DEFAULT_TARGET
 from cachemesh._tls import Tls, check_plaintext, is_loopback
@@ -63,7 +64,7 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cachemesh-load", description=__doc__)
+    p = Parser(prog="cachemesh-load", description=__doc__)
     p.add_argument("--target", default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET))
     p.add_argument("--allow-non-loopback", action="store_true", help="permit a remote target")
     add_tls_arguments(p)
@@ -162,7 +163,16 @@ def keys_from_env() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    given, p = sys.argv[1:] if argv is None else argv, parser()
+    if (flag := secret_flag(given, p)) is not None:  # --key, --api-key, --token: never echoed
+        print(
+            f"cachemesh-load: {flag} is refused (its value is not shown: other users' ps would "
+            "see it): set CACHEMESH_API_KEY (CACHEMESH_KEY_A, CACHEMESH_KEY_B: source "
+            ".run/demo-keys.env); the admin token: CACHEMESH_ADMIN_TOKEN_FILE",
+            file=sys.stderr,
+        )
+        return 2
+    args = p.parse_args(argv)
     try:
         tls = tls_from_args(args)
         _check(args, tls)

@@ -1,0 +1,103 @@
+"""Command lines that never echo a secret (``cachemesh``, ``cachemesh-load``).
+
+argparse repeats what it cannot place: ``cachemesh ask hi --api-key K`` printed
+"unrecognized arguments: --api-key K", ``cachemesh --api-key K ask hi`` "invalid choice: 'K'",
+and with abbreviations allowed ``--key K`` was taken for ``--key-file K`` and the key shown as
+a file that cannot be read. ``Parser`` allows no abbreviation (its subcommands' parsers too);
+``secret_flag`` finds a flag that looks like a secret's and is none of the parser's, so the
+command refuses it by its name before argparse sees its value, and its usage errors show no
+word that looks like a key or token (``scrubbed``); ``shown_path`` is a file setting's
+value fit for a message: the value when it looks like a path, else a stand-in."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+# a flag's word that names a secret: --api-key, --key, --token, --admin-token, --password, ...
+_SECRET_WORD = re.compile(
+    r"^(?:api|(?:api)?(?:key|token|secret|password|passwd|pass|credentials?|auth|authorization"
+    r"|bearer))$",
+    re.IGNORECASE,
+)
+# a path's part that looks like a key or token: 20+ characters of letters and digits mixed
+_RANDOM = re.compile(r"^(?=.*[a-z])(?=.*[A-Z])(?=.*\d)[A-Za-z0-9_\-+=.~]{20,}$")
+# a word of an error message that may be a key: key-shaped (cm_..., sk-...) or random-looking
+_WORD = re.compile(r"[^\s'\"=,:()\[\]]+")
+_KEY_SHAPED = re.compile(r"^(?:cm|sk|key|api)[-_]\S{6,}$", re.IGNORECASE)
+NOT_SHOWN = "[value not shown]"
+
+
+def scrubbed(message: str) -> str:
+    """``message`` with every word that looks like a key or a token replaced by NOT_SHOWN."""
+
+    def one(word: re.Match[str]) -> str:
+        text = word.group(0)
+        return NOT_SHOWN if _KEY_SHAPED.match(text) or _RANDOM.match(text) else text
+
+    return _WORD.sub(one, message)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser without abbreviations: the subcommands' parsers (made as its own
+    class) too, and ``--key`` or ``--admin-token`` is never taken for a ``-file`` option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """argparse's usage error, any word of it that looks like a key or token not shown
+        (``unrecognized arguments: ...``, ``invalid choice: '...'`` repeat the command line)."""
+        super().error(scrubbed(message))
+
+
+def _options(parser: argparse.ArgumentParser) -> Iterator[str]:
+    """Every option string of ``parser`` and of its subcommands' parsers (argparse has no
+    public listing: its actions are read)."""
+    for action in parser._actions:
+        yield from action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)
+
+
+def secret_flag(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
+    """The first flag in ``argv`` (before ``--``) that none of ``parser``'s options is and
+    whose name has a secret's word (``--api-key``, ``--token=...``): its name, never its value;
+    None when there is none."""
+    known = set(_options(parser))
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-") or arg == "-":
+            continue
+        name = arg.split("=", 1)[0]
+        words = re.split(r"[-_]+", name.lstrip("-"))
+        if name not in known and any(_SECRET_WORD.match(w) for w in [*words, "".join(words)]):
+            return name
+    return None
+
+
+def shown_path(value: str | Path) -> str | None:
+    """``value`` when it looks like a file's path (it holds a ``/`` and no part of it looks
+    like a key or a token), else None: the message then names the setting, not its value (a
+    key or token given in place of its file's path)."""
+    text = str(value)
+    if "/" not in text:
+        return None
+    if any(_RANDOM.match(part) for part in text.split("/")):
+        return None
+    return text
+
+
+def file_named(value: str | Path, setting: str) -> str:
+    """How a message names the file ``setting`` gives: ``/the/path (setting)``, or, when the
+    value does not look like a path, ``named by setting``, the value not shown."""
+    path = shown_path(value)
+    if path is None:
+        return f"named by {setting} (its value is not shown: it does not look like a path)"
+    return f"{path} ({setting})"
