@@ -36,6 +36,7 @@ from cachemesh._tls import from_args as tls_from_args
 from cachemesh.envfile import EnvFileError, read_env_file
 from cachemesh.loadtest import billed, chart, report
 from cachemesh.loadtest.load import (
+    NoGateway,
     NotLoopback,
     check_gateway,
     check_target,
@@ -45,7 +46,7 @@ from cachemesh.loadtest.load import (
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
 from cachemesh.loadtest.runner import Interrupted, LoadShape
-from cachemesh.loadtest.samples import INTERRUPTED, LOST, Sample
+from cachemesh.loadtest.samples import CUT, INTERRUPTED, LOST, Sample
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.warm_l2 import reads_not_written
 from cachemesh.loadtest.workloads import (
@@ -97,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
                    help="replace an existing --out, --chart or --log-out file")  # fmt: skip
     p.add_argument("--stack-config", type=Path, default=Path(".env"),
                    help="env file the stack was started with (recorded in the report)")  # fmt: skip
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="the target stack's run dir (its ports.env: where `up --free-ports` "
+                   "moved it; default: .run beside --stack-config)")  # fmt: skip
     return p
 
 
@@ -146,6 +150,39 @@ def stack_config(path: Path) -> dict[str, str]:
     return {key: mask(key, os.environ.get(key, value)) for key, value in values.items()}
 
 
+MOVED_FILE = "ports.env"  # in a stack's run dir: the addresses `up --free-ports` chose
+LISTEN = "ROUTER_LISTEN"  # where the stack's Gateway listens
+
+
+def target_stack(
+    path: Path, run_dir: Path | None, target: str
+) -> tuple[dict[str, str], str | None]:
+    """The target stack's settings for the report (``stack_config``'s, over them the run
+    dir's moved ones, ``run_dir/ports.env``) and None; or, when the Gateway they name listens
+    on another port than ``target``'s (the cwd's .env of a stack moved to free ports, or
+    another stack's), no settings and why: never another stack's values."""
+    settings = stack_config(path)
+    moved = run_dir / MOVED_FILE if run_dir is not None else None
+    if moved is not None and moved.is_file():
+        try:
+            settings.update({k: mask(k, v) for k, v in read_env_file(moved).items()})
+        except EnvFileError as exc:
+            raise ValueError(f"--run-dir: {exc}") from None
+    listen = settings.get(LISTEN)
+    if listen is None or _port(listen) == _port(target):
+        return settings, None
+    return {}, (
+        f"the target stack's settings are unknown (the report's stack is empty): {path}"
+        + (f" and {moved}" if moved is not None and moved.is_file() else "")
+        + f" say the Gateway listens at {listen}, the target is {target}; give --run-dir "
+        "(the run dir the target stack was started with: its ports.env) and --stack-config"
+    )
+
+
+def _port(address: str) -> str:
+    return address.rsplit(":", 1)[-1]
+
+
 KEY_VARIABLES = {TENANT_A: ("CACHEMESH_API_KEY", "CACHEMESH_KEY_A"), TENANT_B: ("CACHEMESH_KEY_B",)}
 
 
@@ -187,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = {i.tenant for i in [*warmup, *plan]} - set(keys)
         if missing:
             raise ValueError(f"the workload sends as {sorted(missing)}: set CACHEMESH_KEY_B")
-        stack = stack_config(args.stack_config)
+        run_dir = args.run_dir or args.stack_config.parent / ".run"
+        stack, unknown = target_stack(args.stack_config, run_dir, args.target)
         token = billed.admin_token()
         check_gateway(args.target, tls)  # before the warm-up: not --duration of silence
     except (ValueError, NotLoopback, DataMissing) as exc:
@@ -217,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 unread = f"could not read the stack's billed totals: {exc}"
 
     warnings: list[str] = []  # what makes the figures differ from a whole run on a cold stack
+    if unknown is not None:
+        warnings.append(unknown)
     interrupted = False
     try:
         samples = run_load(args.target, keys, warmup, plan, shape, args.processes,
@@ -283,12 +323,25 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return INTERRUPTED_EXIT
     if not results["completed"]:
-        print(
-            f"cachemesh-load: no request completed: is a Gateway running at {args.target}? "
-            "(make up)",
-            file=sys.stderr,
-        )
+        why = _none_completed(args.target, tls, results["errors"])
+        print(f"cachemesh-load: no request completed: {why}", file=sys.stderr)
     return 0 if results["completed"] and not results["errors"] else 1
+
+
+def _none_completed(target: str, tls: Tls | None, errors: dict[str, int]) -> str:
+    """Why no request completed: asked again of the target's health, so "is a Gateway
+    running?" is said only when nothing answers there (a Gateway that answered every request
+    with an error, UNAVAILABLE or a refusal, is running)."""
+    try:
+        check_gateway(target, tls)
+    except NoGateway as exc:
+        return f"{exc} (make up)"
+    if not set(errors) - {CUT, INTERRUPTED, LOST}:  # none of them had an answer
+        return f"the Gateway at {target} serves, yet answered no request before the run ended"
+    return (
+        f"the Gateway at {target} serves, and answered every request with an error (the "
+        "table's errors; the router's log says why: <run dir>/logs/router.log)"
+    )
 
 
 @contextmanager

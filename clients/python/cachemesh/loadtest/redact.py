@@ -1,5 +1,6 @@
-"""Settings fit for a report: a value whose name says key, token, secret, password or
-credential is masked, and so are the values of a ``*HEADERS`` variable (an OTLP exporter's
+"""Settings fit for a report: a value whose name has a word that says key, token, secret,
+password or credential (``ANTHROPIC_API_KEY``, not ``CACHEMESH_TOKENIZER_CACHE_TOKENS``) is
+masked, and so are the values of a ``*HEADERS`` variable (an OTLP exporter's
 ``x-honeycomb-team=...,authorization=...``), any ``authorization=``, ``*-key=``, ``*-token=``
 or ``*-team=`` pair and ``Bearer`` token inside any value, and the user:password part of a URL
 (``make bench``, ``cachemesh-load`` and the estimator record the stack's settings beside their
@@ -11,7 +12,13 @@ import re
 from collections.abc import Iterable
 
 MASK = "***"
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+# a word of a setting's name that says it holds a secret: ANTHROPIC_API_KEY, HF_TOKEN,
+# REDIS_PASSWORD, ... (a whole word: CACHEMESH_TOKENIZER_CACHE_TOKENS or MAX_TOKENS holds none)
+_SECRET_WORD = re.compile(
+    r"^(?:API)?(?:KEYS?|TOKEN|SECRETS?|PASSWORD|PASSWD|PASS|PASSPHRASE|PWD|CREDENTIALS?|AUTH"
+    r"|AUTHORIZATION|BEARER)$",
+    re.IGNORECASE,
+)
 # OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS, ...: "name=value,name=value"
 _HEADERS_NAME = re.compile(r"HEADERS$", re.IGNORECASE)
 # a credential pair inside any value, up to the next "," / ";" / "&" (a value may hold spaces:
@@ -28,7 +35,7 @@ _URL_QUERY_SECRET = re.compile(r"(?P<name>[?&](?:password|passwd|token|key)=)[^&
 
 def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
     """``value`` of the setting ``name``, its secrets masked (``secrets``: known values)."""
-    if _SECRET_NAME.search(name):
+    if secret_name(name):
         return MASK if value else ""
     if _HEADERS_NAME.search(name):  # every header's value: any of them may carry a key
         return ",".join(_masked_header(h) for h in value.split(",")) if value else ""
@@ -40,6 +47,11 @@ def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
         if secret:
             value = value.replace(secret, MASK)
     return value
+
+
+def secret_name(name: str) -> bool:
+    """Whether a word of ``name`` (split at ``_``, ``-``, ``.``) names a secret."""
+    return any(_SECRET_WORD.match(word) for word in re.split(r"[^A-Za-z0-9]+", name))
 
 
 def _masked_header(header: str) -> str:

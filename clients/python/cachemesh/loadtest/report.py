@@ -99,11 +99,11 @@ def _cost_lines(results: Mapping[str, Any]) -> list[str]:
         + (" on the completed requests only)" if errored else ")")
     )
     if billed:
-        lines.append(
-            f"{'billed (stack)':16}{results['requests']:>9}{'':>10}"
+        lines.append(  # its count is the stack's model calls (retries, cut calls), not requests
+            f"{'billed (stack)':16}{'':>9}{'':>10}"
             f"{_usd(billed['cost_nanos']):>13}{_usd(billed['baseline_nanos']):>13}"
-            f"{_usd(billed['saved_nanos']):>13}  ({billed['saved_fraction']:.1%} saved: the "
-            "run's, as the stack billed it)"
+            f"{_usd(billed['saved_nanos']):>13}  ({billed['saved_fraction']:.1%} saved over "
+            f"{billed['model_requests']} model calls: the run's, as the stack billed it)"
         )
     tokens = results["tokens"]
     lines.append(

@@ -1,0 +1,108 @@
+"""cachemesh-load's report says what is true: the billed row counts the stack's model calls,
+"is a Gateway running?" only when nothing answered, the target stack's settings (or none),
+only secrets masked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachemesh.loadtest import cli, report
+from cachemesh.loadtest.redact import mask
+from cachemesh.loadtest.samples import Sample
+from cachemesh.loadtest.stats import summarise
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
+    monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
+    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
+                 "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: None)
+
+
+def _run(tmp_path: Path, *extra: str, target: str = "127.0.0.1:1") -> int:
+    args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
+    return cli.main([*args, "--stack-config", str(tmp_path / "none.env"), *extra])
+
+
+def _billed_results() -> dict[str, Any]:
+    done = [Sample("q", "model", "OK", 0.0, 0.5, None) for _ in range(4)]
+    results = summarise(done, {})
+    results["cost"]["billed"] = {
+        "source": "Admin.GetStats (every tenant)", "model_requests": 40, "cost_nanos": 1,
+        "baseline_nanos": 2, "saved_nanos": 1, "saved_fraction": 0.5, "errored_cost_nanos": 0,
+    }  # fmt: skip
+    return results
+
+
+def test_the_billed_row_counts_the_stacks_model_calls() -> None:
+    (row,) = [x for x in report.table(_billed_results()).splitlines() if x.startswith("billed")]
+    assert "40 model calls" in row and " 4 " not in row, row
+
+
+def test_a_gateway_that_answered_every_request_with_an_error_is_not_said_to_be_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refused(target: str, keys: object, warmup: list[Any], plan: list[Any], *_: object,
+                **__: object) -> list[Sample]:  # fmt: skip
+        return [
+            Sample("q", "error", "UNAVAILABLE", 0.0, 0.1, None, index=i) for i in range(len(plan))
+        ]
+
+    monkeypatch.setattr(cli, "run_load", refused)
+    assert _run(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "no request completed" in err and "is a Gateway running" not in err, err
+    assert "UNAVAILABLE" in err
+
+
+def test_the_stack_section_is_the_run_dirs_moved_settings_or_unknown(tmp_path: Path) -> None:
+    """A FREE_PORTS stack recorded ROUTER_LISTEN 127.0.0.1:50051 (the cwd .env) while the
+    target was :34213."""
+    env = tmp_path / ".env"
+    env.write_text("ROUTER_LISTEN=127.0.0.1:50051\nSIM_TIME_SCALE=0\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ports.env").write_text("ROUTER_LISTEN=127.0.0.1:34213\n")
+    stack, why = cli.target_stack(env, run_dir, "127.0.0.1:34213")
+    assert stack["ROUTER_LISTEN"] == "127.0.0.1:34213" and stack["SIM_TIME_SCALE"] == "0"
+    assert why is None
+    stack, why = cli.target_stack(env, None, "127.0.0.1:34213")
+    assert stack == {} and why is not None and "34213" in why and "--run-dir" in why
+
+
+def test_only_secret_named_settings_are_masked() -> None:
+    assert mask("CACHEMESH_TOKENIZER_CACHE_TOKENS", "4096") == "4096"
+    assert mask("ROUTER_MAX_OUTPUT_TOKENS", "512") == "512"
+    for name in ("ANTHROPIC_API_KEY", "CACHEMESH_ADMIN_TOKEN", "REDIS_PASSWORD", "APP_SECRET",
+                 "GCP_CREDENTIALS", "OPENAI_API_KEY_FILE", "X_AUTH", "HF_TOKEN"):  # fmt: skip
+        assert mask(name, "v") == "***", name
+
+
+def test_a_report_against_a_moved_stack_records_no_other_stacks_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "none.env").write_text("ROUTER_LISTEN=127.0.0.1:50051\nSIM_TIME_SCALE=0\n")
+    _run(tmp_path, "--duration", "0.5", target="127.0.0.1:34213")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["stack"] == {}
+    assert any("settings are unknown" in w and "127.0.0.1:50051" in w for w in doc["warnings"])
+    (tmp_path / ".run").mkdir()
+    (tmp_path / ".run" / "ports.env").write_text("ROUTER_LISTEN=127.0.0.1:34213\n")
+    _run(tmp_path, "--duration", "0.5", "--force", target="127.0.0.1:34213")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["stack"] == {"ROUTER_LISTEN": "127.0.0.1:34213", "SIM_TIME_SCALE": "0"}
+
+
+def test_a_gateway_that_answered_nothing_before_the_end_is_not_said_to_have_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(tmp_path, "--duration", "0.5") == 1  # nothing listens at :1; health faked
+    err = capsys.readouterr().err
+    assert "answered no request before the run ended" in err, err
