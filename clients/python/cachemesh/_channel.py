@@ -127,3 +127,19 @@ def call_metadata(
     """``base`` plus the retry mark when the caller gave ``request`` its ``request_id`` (it may
     be a retry of an answered call); an id the client makes is new, never marked."""
     return (*base, RETRY_MARK) if request.request_id else base
+
+
+# gRPC's own words for an attempt no connection was made for (an earlier attempt of the call,
+# retried by gRPC, may have reached the Gateway before it went away)
+NOT_CONNECTED = (
+    "failed to connect to all addresses",
+    "DNS resolution failed",
+    "Connection refused",
+)
+
+
+def never_connected(code: grpc.StatusCode, message: str) -> bool:
+    """Whether an UNAVAILABLE is gRPC's own for a Gateway its last attempt could not connect
+    to (a refused port, a name that does not resolve, a failed TLS handshake), not a Gateway's
+    answer."""
+    return code is grpc.StatusCode.UNAVAILABLE and any(s in message for s in NOT_CONNECTED)

@@ -9,6 +9,7 @@ import os
 import sys
 
 from cachemesh._argv import Parser, secret_flag
+from cachemesh._channel import never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, UnavailableError
 from cachemesh._requests import answer_text, build_request
@@ -174,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.target, api_key=key, tls=tls, wait_for_ready=False) as client:
             response = client.complete(request)
     except UnavailableError as error:  # its answer may have been made (and billed): retry
+        if never_connected(error.code, error.message):  # the last attempt connected nowhere
+            print(
+                f"cachemesh: could not connect to {args.target} (is the Gateway up: make status? "
+                f"its TLS settings?): {error.message}",
+                file=sys.stderr,
+            )
+            rid = error.request_id  # an earlier attempt may have reached it: billed once
+            print(f"request_id: {rid} (once it is up: --request-id {rid})", file=sys.stderr)
+            return 1
         print(f"cachemesh: {error.code.name}: {error.message}", file=sys.stderr)
         rid = error.request_id
         print(f"request_id: {rid} (retry with --request-id {rid})", file=sys.stderr)

@@ -1,0 +1,32 @@
+"""``cachemesh ask`` against a port where nothing listens printed gRPC's UNAVAILABLE and
+"retry with --request-id", as if the Gateway had failed the call: it says it could not
+connect, where to look, and that the id is for once the Gateway is up."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from cachemesh.cli import main
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as s:  # a port just free: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_a_gateway_that_never_answered_gets_no_retry_advice(
+    closed_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
+    for name in ("CACHEMESH_TLS", "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--target", f"127.0.0.1:{closed_port}", "ask", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert f"could not connect to 127.0.0.1:{closed_port}" in err, err
+    assert "make status" in err and "retry with --request-id" not in err
+    assert "(once it is up: --request-id " in err
