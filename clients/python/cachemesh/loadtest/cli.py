@@ -171,10 +171,10 @@ def target_stack(
     listen = settings.get(LISTEN)
     if listen is None or _port(listen) == _port(target):
         return settings, None
+    said = f"{path} and {moved} say" if moved is not None and moved.is_file() else f"{path} says"
     return {}, (
-        f"the target stack's settings are unknown (the report's stack is empty): {path}"
-        + (f" and {moved}" if moved is not None and moved.is_file() else "")
-        + f" say the Gateway listens at {listen}, the target is {target}; give --run-dir "
+        f"the target stack's settings are unknown (the report's stack is empty): {said} "
+        f"the Gateway listens at {listen}, the target is {target}; give --run-dir "
         "(the run dir the target stack was started with: its ports.env) and --stack-config"
     )
 
