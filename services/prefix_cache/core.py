@@ -16,7 +16,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
 from services.common.errors import shown
 from services.common.keyfile import tenant_error
-from services.common.kv_blocks import KvHashMemo
+from services.common.kv_blocks import BLOCK_SIZE, KvHashMemo, reusable_blocks
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
@@ -389,7 +389,9 @@ class PrefixCacheCore:
             own = spec.rules == "self_hosted"  # a self-hosted read is the tenant's own reuse
             engine_reuse = kv_cached_tokens  # the engine's, for the view and the metric
             engine_prompt = record.split.prompt_tokens  # its count of the prompt, if told
-            told_kv = min(kv_cached_tokens, record.split.read_tokens) if own else kv_cached_tokens
+            told_kv = kv_cached_tokens
+            if own:  # without the engine's count of the prompt, it counts as the WARM's
+                told_kv = min(kv_cached_tokens, _own_read(record.split, engine_prompt))
             final = Final(
                 output_tokens,
                 told_kv,
@@ -410,9 +412,12 @@ class PrefixCacheCore:
                         f"output ({reported.output_tokens}); send 0 or the same count"
                     )
                 split = reported.split
-                if own:  # at most the WARM's read: the reuse this tenant's traffic left
+                if own:  # at most the WARM's read, in the engine's tokens: the reuse this
+                    # tenant's traffic left
                     engine_reuse, engine_prompt = split.read_tokens, split.prompt_tokens
-                    split = _at_most_read(split, record.split.read_tokens)
+                    cap = _own_read(record.split, engine_prompt)
+                    split = _at_most_read(split, cap)
+                    told_kv = min(kv_cached_tokens, cap)
                 billed = charge(split, reported.output_tokens, spec, base)
                 final = Final(
                     reported.output_tokens,
@@ -501,6 +506,19 @@ class PrefixCacheCore:
         # longest prefix whose hashes the memo holds (the session's previous turn)
         hashes = self._kv_memo.hashes(tenant, spec.id, blocks, prompt_token_ids(blocks))
         return Prompt(plan, scope_for(spec, tenant, request), hashes, prompt_digest(blocks))
+
+
+def _own_read(warm: Split, engine_prompt: int) -> int:
+    """The most of a self-hosted engine's reuse that the tenant's own traffic accounts for,
+    in the engine's tokens (its count of the prompt is ``engine_prompt``): the WARM's read
+    (the tenant's own view, in prefix-cache's cl100k tokens) scaled by the two counts of the
+    prompt, rounded down; a WARM that read every full block of the prompt (the tenant's own
+    prompt, whole) lets the engine's reuse of every full block of its count through. With one
+    count, the WARM's read as it is."""
+    whole = reusable_blocks(warm.prompt_tokens) * BLOCK_SIZE
+    if warm.read_tokens >= whole > 0:
+        return reusable_blocks(engine_prompt) * BLOCK_SIZE
+    return warm.read_tokens * engine_prompt // max(warm.prompt_tokens, 1)
 
 
 def _at_most_read(split: Split, read: int) -> Split:

@@ -265,7 +265,8 @@ async def _engine_turn(
     await core.warm(tenant, request_id, MODEL, request, "replica-a", kv_cached_unreported=True)
     engine = round(len(prompt_token_ids(canonical_blocks(request, tokenizer))) * ratio)
     cached = reusable_blocks(engine) * 16 if repeat else 0
-    final = await core.final(tenant, request_id, MODEL, 0, 0, "", _openai_usage(engine, cached, 5))
+    usage = _openai_usage(engine, cached, 5)  # its reuse in kv_cached_tokens too, as the router
+    final = await core.final(tenant, request_id, MODEL, 0, cached, "", usage)
     return engine, final
 
 
@@ -297,8 +298,8 @@ async def test_an_engine_counting_otherwise_than_cl100k_leaves_other_tenants_rea
         if turn:
             reads.append(b.split.read_tokens)
             costs.append(b.charge.cost_nanos)
-    # the engine's read in its tokens, at most B's own prediction in cl100k's (the bill's rule)
-    read = min(reusable_blocks(engine) * 16, own)
+    # the engine's read in its tokens: all of it, B's own prediction being its whole prompt
+    read = reusable_blocks(engine) * 16
     assert reads == [read] * 5, (ratio, reads, sum(costs), views.stats)  # the figures above
     assert costs == [(engine - read) * INPUT_NANOS + 5 * OUTPUT_NANOS] * 5
     assert views.stats.corrections == 0 and views.stats.corrected_blocks == 0
@@ -362,3 +363,79 @@ async def test_two_concurrent_calls_of_one_prefix_leave_other_tenants_reads_bill
     assert c.split.read_tokens == own, (c.charge.cost_nanos, views.stats)
     assert c.charge.cost_nanos == (engine - own) * INPUT_NANOS + 5 * OUTPUT_NANOS
     assert views.stats.corrections == 0
+
+
+@pytest.mark.parametrize("ratio", [1.15, 1.2, 1.28])
+async def test_an_engine_counting_more_than_cl100k_bills_a_tenants_own_repeat_read_in_full(
+    ratio: float, tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """The engine reports its reuse and its prompt in its own tokens; the WARM's read (the
+    tenant's own view) counts cl100k's. An engine counting more (SmolLM2: 15-28% more) reuses
+    the whole of the tenant's own repeat: before, its read was capped at the WARM's cl100k
+    count, the rest billed as input (ratio 1.2: B's five repeats 76,000 nanos instead of
+    4,000, read 656 of the 800 tokens the engine reused; 1.15: 59,000 instead of 3,000; 1.28:
+    102,500 instead of 6,500). Now the cap is in the engine's tokens, and a WARM that read
+    every full block of the prompt (the tenant's own prompt, whole) lets the engine's reuse of
+    every full block of its count through, none of it counted as unattributed."""
+    views = ReplicaViews(65536)
+    registry = new_registry()
+    core = _core(tokenizer, warm_store, make_ledger, views, PrefixCacheMetrics(registry))
+    memo = ask("Where is order 1?")
+    reads, told, costs = [], [], []
+    for turn in range(6):
+        engine, b = await _engine_turn(
+            core, tokenizer, "b", f"b{turn}", memo, ratio, repeat=turn > 0
+        )
+        if turn:
+            reads.append(b.split.read_tokens)
+            told.append(b.kv_cached_tokens)
+            costs.append(b.charge.cost_nanos)
+    reused = reusable_blocks(engine) * 16  # the engine's whole reuse, in its tokens
+    assert reads == [reused] * 5, (ratio, reads, sum(costs))
+    assert told == [reused] * 5
+    assert costs == [(engine - reused) * INPUT_NANOS + 5 * OUTPUT_NANOS] * 5, sum(costs)
+    totals = await core.totals("b")
+    assert totals.cache_read_input_tokens == totals.kv_cached_tokens == 5 * reused
+    unattributed = "cachemesh_prefix_cache_kv_unattributed_tokens_total"
+    assert registry.get_sample_value(unattributed, {"model": MODEL}) == 0
+
+
+LONG_QUESTION = " ".join(
+    f"Question {i}: is the parcel for customer {i} late, and by how many days?" for i in range(45)
+)
+
+
+@pytest.mark.parametrize("ratio", [0.743, 0.815, 0.9, 1.0, 1.2])
+async def test_an_engine_counting_otherwise_bills_and_tells_only_the_tenants_own_prefix(
+    ratio: float, tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """Tenant A sends a long prompt; tenant B's own traffic left only its system prompt (a
+    shorter prefix of it) on the replica. B then sends A's prompt: the engine reuses all of it
+    (A's), in its own tokens. B is billed and told only its own part, in the engine's tokens,
+    within one block rounded toward less. Before, the cap was B's cl100k count (656): an
+    engine counting fewer tokens let B's read reach past its own prefix into A's reuse (0.815:
+    read 656 where B's own part is 534.6 engine tokens, 121 of A's tokens billed as B's read
+    and told in B's kv_cached_tokens; 0.743: 656 for 487.4), and one counting more billed B's
+    own part short (1.2: 656 for 787.2). Now 534, 487 and 786."""
+    views = ReplicaViews(65536)
+    core = _core(tokenizer, warm_store, make_ledger, views)
+    mine, theirs = ask("Where is order 1?"), ask(LONG_QUESTION)
+    ids_mine = prompt_token_ids(canonical_blocks(mine, tokenizer))
+    ids_theirs = prompt_token_ids(canonical_blocks(theirs, tokenizer))
+    n = len(ids_theirs)
+    common = next(i for i, (x, y) in enumerate(zip(ids_mine, ids_theirs, strict=False)) if x != y)
+    own = common // 16 * 16  # B's own blocks of A's prompt, in cl100k's tokens
+    engine = int(n * ratio)  # the engine's count of A's prompt (text counted evenly)
+    assert reusable_blocks(engine) * 16 > own  # the engine's reuse reaches past B's prefix
+
+    await _engine_turn(core, tokenizer, "b", "b0", mine, ratio, repeat=False)
+    await _engine_turn(core, tokenizer, "a", "a0", theirs, ratio, repeat=False)
+    warm = await core.warm("b", "b1", MODEL, theirs, "replica-a", kv_cached_unreported=True)
+    assert warm.read_tokens == own
+    cached = reusable_blocks(engine) * 16  # all of A's prompt, reused
+    b = await core.final("b", "b1", MODEL, 0, cached, "", _openai_usage(engine, cached, 5))
+    own_engine = own * ratio  # B's own part, in the engine's tokens
+    assert own_engine - 16 <= b.split.read_tokens <= own_engine, (ratio, b.split, own_engine)
+    assert b.kv_cached_tokens == b.split.read_tokens
+    assert b.split.prompt_tokens == engine
+    assert (await core.totals("b")).kv_cached_tokens == b.split.read_tokens
