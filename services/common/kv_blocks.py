@@ -128,6 +128,18 @@ def reusable_blocks(prompt_tokens: int) -> int:
     return max(prompt_tokens - 1, 0) // BLOCK_SIZE
 
 
+def own_reuse(read_tokens: int, prompt_tokens: int, engine_prompt_tokens: int) -> int:
+    """The most of a shared engine's KV reuse that a tenant's own traffic accounts for, in
+    the engine's tokens: its own read ``read_tokens`` of a prompt of ``prompt_tokens``, both
+    in prefix-cache's (cl100k) tokens, scaled by the engine's count of the prompt
+    (``engine_prompt_tokens``), rounded down; a read of every full block of the prompt (the
+    tenant's own prompt, whole) lets the engine's reuse of every full block of its own count
+    through. With one count, ``read_tokens`` as it is."""
+    if read_tokens >= reusable_blocks(prompt_tokens) * BLOCK_SIZE > 0:
+        return reusable_blocks(engine_prompt_tokens) * BLOCK_SIZE
+    return read_tokens * engine_prompt_tokens // max(prompt_tokens, 1)
+
+
 class KvBlockCache:
     """Chained block hashes in LRU order; not thread-safe (use it from the event loop)."""
 

@@ -16,7 +16,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
 from services.common.errors import shown
 from services.common.keyfile import tenant_error
-from services.common.kv_blocks import BLOCK_SIZE, KvHashMemo, reusable_blocks
+from services.common.kv_blocks import KvHashMemo, own_reuse
 from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
@@ -509,16 +509,10 @@ class PrefixCacheCore:
 
 
 def _own_read(warm: Split, engine_prompt: int) -> int:
-    """The most of a self-hosted engine's reuse that the tenant's own traffic accounts for,
-    in the engine's tokens (its count of the prompt is ``engine_prompt``): the WARM's read
-    (the tenant's own view, in prefix-cache's cl100k tokens) scaled by the two counts of the
-    prompt, rounded down; a WARM that read every full block of the prompt (the tenant's own
-    prompt, whole) lets the engine's reuse of every full block of its count through. With one
-    count, the WARM's read as it is."""
-    whole = reusable_blocks(warm.prompt_tokens) * BLOCK_SIZE
-    if warm.read_tokens >= whole > 0:
-        return reusable_blocks(engine_prompt) * BLOCK_SIZE
-    return warm.read_tokens * engine_prompt // max(warm.prompt_tokens, 1)
+    """The most of a self-hosted engine's reuse the tenant's own traffic accounts for, in the
+    engine's tokens (its count of the prompt: ``engine_prompt``): the WARM's read (the
+    tenant's own view) in them (``own_reuse``)."""
+    return own_reuse(warm.read_tokens, warm.prompt_tokens, engine_prompt)
 
 
 def _at_most_read(split: Split, read: int) -> Split:

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import Code, RequestError
+from services.common.kv_blocks import own_reuse
 from services.common.models import ModelSpec, ModelTable
 from services.common.prompt import last_user_text
 from services.common.span_events import record_event
@@ -46,6 +47,17 @@ def _kv_cached(attempt: Attempt, usage: prefix_cache_pb2.ProviderUsage | None) -
     if engine and usage is not None and usage.WhichOneof("report") == "openai":
         return usage.openai.prompt_tokens_details.cached_tokens
     return attempt.start.kv_cached_tokens
+
+
+def _own_kv(warm: pb.Usage, usage: prefix_cache_pb2.ProviderUsage | None) -> int:
+    """The most of a self-hosted engine's reuse the WARM found this tenant's own traffic left
+    (its read, in prefix-cache's tokens), in the engine's tokens: scaled by the engine's
+    reported count of the prompt (``own_reuse``); without its report, counted as the WARM's."""
+    prompt = warm.input_tokens + warm.cache_creation_input_tokens + warm.cache_read_input_tokens
+    engine = prompt
+    if usage is not None and usage.WhichOneof("report") == "openai":
+        engine = usage.openai.prompt_tokens
+    return own_reuse(warm.cache_read_input_tokens, prompt, engine)
 
 
 CommitReply = prefix_cache_pb2.CommitResponse | None
@@ -191,8 +203,9 @@ class Billing:
             reused = _kv_cached(attempt, usage)
             if attempt.model.rules == "self_hosted":
                 # the engine's KV cache is shared by every tenant: tell at most the reuse the
-                # WARM found this tenant's own traffic left there (none without a WARM)
-                own = warm.usage.cache_read_input_tokens if warm is not None else 0
+                # WARM found this tenant's own traffic left there (none without a WARM), in
+                # the engine's tokens
+                own = _own_kv(warm.usage, usage) if warm is not None else 0
                 reused = min(reused, own)
             end.usage.kv_cached_tokens = reused
             prompt = attempt.start.prompt_tokens

@@ -2,7 +2,8 @@
 only at the end (``prompt_tokens_details.cached_tokens``; its start is
 ``kv_cached_unreported``): that figure is the FINAL commit's ``kv_cached_tokens`` (prefix-cache
 tells the tenant at most its own traffic's share of it), and when prefix-cache is down the
-Gateway's ``usage.kv_cached_tokens`` is at most the WARM's read (0 without one)."""
+Gateway's ``usage.kv_cached_tokens`` is at most the WARM's read (0 without one), in the
+engine's tokens."""
 
 from __future__ import annotations
 
@@ -63,12 +64,17 @@ async def test_the_engines_reported_kv_reuse_is_committed_and_reaches_the_usage(
 
 
 class FinalDown(FakePrefix):
-    """prefix-cache answers the WARM (its read: the tenant's own reuse), then goes down."""
+    """prefix-cache answers the WARM (its read: the tenant's own reuse, of a prompt it counts
+    ``warm_prompt`` tokens in cl100k's), then goes down."""
+
+    warm_prompt: int = PROMPT
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         if request.phase == pc.COMMIT_PHASE_FINAL:
             self.down = True
-        return await super().commit(request, deadline_s)
+        reply = await super().commit(request, deadline_s)
+        reply.usage.input_tokens = self.warm_prompt - self.read_tokens
+        return reply
 
 
 async def test_with_prefix_cache_down_the_usage_tells_no_reuse_of_other_tenants() -> None:
@@ -82,3 +88,21 @@ async def test_with_prefix_cache_down_the_usage_tells_no_reuse_of_other_tenants(
     rig = Rig(prefix=FinalDown(read_tokens=16), models=EngineReplicas())
     end = (await rig.run(_request("local-small")))[-1].end
     assert end.cost.estimated and end.usage.kv_cached_tokens == 16
+
+
+async def test_with_prefix_cache_down_the_usage_tells_the_own_reuse_in_the_engines_tokens() -> None:
+    """The WARM's read counts prefix-cache's (cl100k) tokens, the engine's report its own. An
+    engine counting fewer (1,203 for cl100k's 1,500) whose reuse reaches past the tenant's own
+    640 tokens: before, the estimated answer told 640 of its 1,195 (the tenant's own part is
+    513 of the engine's tokens: 127 of another tenant's reuse told); now 513. One counting
+    more (1,203 for cl100k's 1,000) reusing the tenant's own prompt whole (the WARM read every
+    full block, 992): before, 992 told; now the engine's 1,195."""
+    fewer = FinalDown(read_tokens=640)
+    fewer.warm_prompt = 1500
+    end = (await Rig(prefix=fewer, models=EngineReplicas()).run(_request("local-small")))[-1].end
+    assert end.cost.estimated and end.usage.kv_cached_tokens == 640 * PROMPT // 1500 == 513
+
+    more = FinalDown(read_tokens=992)
+    more.warm_prompt = 1000
+    end = (await Rig(prefix=more, models=EngineReplicas()).run(_request("local-small")))[-1].end
+    assert end.cost.estimated and end.usage.kv_cached_tokens == CACHED
