@@ -174,7 +174,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             return chunk.end
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await abort(context, grpc_code(exc.code), exc.message)
+                await abort(context, grpc_code(exc.code), exc.message, _after_model_work(call))
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
             await abort(context, grpc.StatusCode.INTERNAL, "the request ended without an answer")
@@ -212,7 +212,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ended = "OK"
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await abort(context, grpc_code(exc.code), exc.message)
+                await abort(context, grpc_code(exc.code), exc.message, _after_model_work(call))
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
         except (asyncio.CancelledError, GeneratorExit):
@@ -705,6 +705,21 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
             denial.exceeded,
         ),
     )
+
+
+# gRPC's server pushback (gRFC A6): a negative delay tells the client's retry policy not to
+# retry the call. The Python client's policy retries UNAVAILABLE (``cachemesh._channel``), and
+# each retry of a call whose model work was billed is a new model call, billed again.
+NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+
+
+def _after_model_work(call: Call) -> tuple[tuple[str, str], ...]:
+    """The trailers of a call that failed: ``NO_RETRY`` once a model call of it was billed
+    without its answer (cut mid-answer, broken off, at its deadline: ``call.bills``), whatever
+    the status (the router's UNAVAILABLE after the replicas' hand-overs, a DEADLINE_EXCEEDED
+    another client's policy may retry). A refusal before any model work (no replica, the
+    outbox full, a hang before any start) stays retryable: a retry costs nothing but time."""
+    return (NO_RETRY,) if call.bills else ()
 
 
 def _is_retry(context: Context) -> bool:

@@ -430,6 +430,45 @@ def test_a_stream_cut_before_anything_reached_the_caller_goes_to_another_replica
     )
 
 
+def test_a_request_cut_on_every_replica_is_not_retried_by_the_client_into_more_bills(
+    providers: ProviderStack,
+) -> None:
+    """gpt-4-1 has two replicas and both cut the answer after its first pieces: the router
+    hands the request over once (MAX_REPLICA_RETRIES, 2 model calls, both billed) and ends it
+    UNAVAILABLE. Its trailer ``grpc-retry-pushback-ms: -1`` tells the default client's gRPC
+    retry policy (5 attempts) not to send it again: each attempt was 2 more billed model calls
+    (10 calls, 10 bills for one ``complete``, still failing)."""
+    server = providers.server
+    tag = f"Cut on every replica {uuid.uuid4().hex[:8]}"
+    _answered_by(providers, "openai-1", tag)  # no failure counted from an earlier test
+    _answered_by(providers, "openai-2", tag)
+    cut = openai_wire.stream("gpt-4.1-2025-04-14", ["Paris", " is the"], None, cut_after=1)
+    scripted = [Reply(events=cut, cut=True) for _ in range(10)]
+    server.script("openai", *scripted)
+    question = f"{tag} the question"
+    before = providers.stack.totals("tenant-b")
+    try:
+        with _client(providers, "tenant-b") as client:  # gRPC's retries on (MAX_ATTEMPTS)
+            error = _refused(providers, client, ask("gpt-4-1", question))
+    finally:
+        with server._lock:  # the cuts not used must not reach the next tests
+            server.scripts["openai"] = [
+                r for r in server.scripts["openai"] if not any(r is s for s in scripted)
+            ]
+    calls = [s for s in server.seen_by("openai") if question in str(s.body)]
+    time.sleep(1.0)  # a bill of a retry, had there been one, lands in the background too
+    after = _billed(providers, "tenant-b", before.requests, len(calls))
+    print(
+        f"\n{len(calls)} provider calls, {after.requests - before.requests} billed model "
+        f"calls, {after.cost_nanos - before.cost_nanos} nanos; the client saw: {error}"
+    )
+    assert error.code == grpc.StatusCode.UNAVAILABLE and "broke off" in str(error)
+    assert len(calls) == 2 and calls[0].key != calls[1].key  # each replica once, no retry
+    assert after.requests - before.requests == 2
+    _answered_by(providers, "openai-1", tag)  # back in service for the tests that follow
+    _answered_by(providers, "openai-2", tag)
+
+
 def test_an_openai_stream_cut_after_its_usage_is_answered_once_as_reported(
     providers: ProviderStack,
 ) -> None:

@@ -5,7 +5,10 @@ gRPC retries a call only while it is uncommitted: before the Gateway has sent an
 (a unary ``Complete``: until its answer; ``StreamComplete``: until its first chunk), so a retry
 never repeats part of an answer. Every call carries a ``request_id`` (the client makes one when
 the request has none), and a retry resends the same bytes, so the Gateway answers a retried
-request once and bills it once (its answer-once table, by ``request_id``).
+request once and bills it once (its answer-once table, by ``request_id``). A call that failed
+after a model call of it was billed (cut mid-answer on every replica it was handed to) made no
+answer: a retry would be a new model call, billed again, so the Gateway ends it with gRPC's
+server pushback trailer ``grpc-retry-pushback-ms: -1`` and gRPC does not retry it.
 
 A request that comes with its own ``request_id`` may be the caller's own retry (the id an error
 named), which can reach another router or a restarted one: such a call carries the retry mark
