@@ -4,6 +4,7 @@ the CLI cannot read is an error naming the variable, never plaintext."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -351,16 +352,15 @@ def failing(
         server.stop(None)
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
 @pytest.mark.parametrize("given", ["", "order-42"])
 def test_a_call_that_may_have_been_answered_names_its_request_id_to_retry_with(
     failing: Callable[[grpc.StatusCode], tuple[FailingGateway, str]],
     capsys: pytest.CaptureFixture[str],
-    code: grpc.StatusCode,
     given: str,
 ) -> None:
     """The README's idempotent retry (``--request-id``) needs the id the failed call was sent
     with: the CLI made one (or took ``--request-id``) and never printed it."""
+    code = grpc.StatusCode.UNAVAILABLE
     fake, target = failing(code)
     argv = ["--target", target, "ask", "hi", *(["--request-id", given] if given else [])]
     assert main(argv) == 1
@@ -369,6 +369,98 @@ def test_a_call_that_may_have_been_answered_names_its_request_id_to_retry_with(
     assert given in ("", sent)
     assert f"request_id: {sent} (retry with --request-id {sent})" in err.splitlines(), err
     assert err.splitlines()[0] == f"cachemesh: {code.name}: fake {code.name}"
+
+
+def test_a_call_cut_at_its_deadline_advises_a_longer_timeout_not_a_retry(
+    failing: Callable[[grpc.StatusCode], tuple[FailingGateway, str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A call cut at its deadline made no answer and was billed for what it produced: a retry
+    with its id is a new model call, billed again, cut the same way (the README's "Errors").
+    It said "retry with --request-id"."""
+    _, target = failing(grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert main(["--target", target, "ask", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "retry with" not in err, err
+    assert "--timeout" in err and "--max-tokens" in err, err
+    assert err.splitlines()[0] == "cachemesh: DEADLINE_EXCEEDED: fake DEADLINE_EXCEEDED"
+
+
+class SlowGateway(FailingGateway):
+    """Answers after ``delay_s`` (a model still answering); records each call's deadline."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(grpc.StatusCode.OK)
+        self.delay_s = delay_s
+        self.remaining: list[float] = []
+
+    def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        self.remaining.append(context.time_remaining())
+        time.sleep(self.delay_s)
+        return pb.CompleteResponse(stop_reason="end_turn")
+
+
+@pytest.fixture
+def slow(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[SlowGateway, str]]:
+    for name in (*SETTINGS, "CACHEMESH_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    fake = SlowGateway(1.0)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_the_deadline_of_ask_is_set_by_timeout_or_cachemesh_timeout_s(
+    slow: tuple[SlowGateway, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+) -> None:
+    """``cachemesh ask`` had a fixed 120 s deadline (the router allows 300 s) and no option."""
+    fake, target = slow
+    if where == "env":
+        monkeypatch.setenv("CACHEMESH_TIMEOUT_S", "0.3")
+        argv = ["--target", target, "ask", "hi"]
+    else:
+        monkeypatch.setenv("CACHEMESH_TIMEOUT_S", "600")  # the flag wins
+        argv = ["--target", target, "ask", "hi", "--timeout", "0.3"]
+    started = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - started < 0.9
+    assert fake.remaining and fake.remaining[0] <= 0.3
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+def test_the_default_deadline_of_ask_is_120_s(
+    slow: tuple[SlowGateway, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake, target = slow
+    fake.delay_s = 0.0
+    assert main(["--target", target, "ask", "hi"]) == 0
+    assert 119 < fake.remaining[0] <= 120
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "1e9"])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_refused_naming_it(
+    slow: tuple[SlowGateway, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+) -> None:
+    fake, target = slow
+    monkeypatch.setenv("CACHEMESH_TIMEOUT_S", value)
+    assert main(["--target", target, "ask", "hi"]) == 2
+    assert "CACHEMESH_TIMEOUT_S" in capsys.readouterr().err
+    monkeypatch.delenv("CACHEMESH_TIMEOUT_S")
+    with pytest.raises(SystemExit) as exited:
+        main(["--target", target, "ask", "hi", "--timeout", value])
+    assert exited.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+    assert fake.remaining == []  # nothing was sent
 
 
 def test_a_refused_request_names_no_retry(

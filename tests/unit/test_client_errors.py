@@ -15,7 +15,14 @@ from typing import Any
 import grpc
 import pytest
 
-from cachemesh import AsyncClient, Client, RateLimitError, UnavailableError, build_request
+from cachemesh import (
+    AsyncClient,
+    Client,
+    DeadlineExceededError,
+    RateLimitError,
+    UnavailableError,
+    build_request,
+)
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
@@ -125,7 +132,29 @@ def test_the_demo_without_a_gateway_fails_at_once_saying_where(
 def test_an_unavailable_error_names_the_request_id_to_retry_with() -> None:
     """Its answer may have been made (and billed): a traceback or a log of ``str(error)``
     keeps the id a retry needs to be answered once."""
-    cut = UnavailableError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "abc123")
-    assert str(cut) == "DEADLINE_EXCEEDED: Deadline Exceeded (request_id abc123)"
+    cut = UnavailableError(grpc.StatusCode.UNAVAILABLE, "connection reset", "abc123")
+    assert str(cut) == "UNAVAILABLE: connection reset (request_id abc123)"
     assert str(UnavailableError(grpc.StatusCode.UNAVAILABLE, "down")) == "UNAVAILABLE: down"
     assert str(pickle.loads(pickle.dumps(cut))) == str(cut)
+
+
+def _status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An RpcError as gRPC raises it: a call's code and details, no trailers."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def test_a_deadline_cut_is_its_own_error_advising_a_longer_deadline_not_a_retry() -> None:
+    """A call cut at its deadline made no answer (billed for what it produced): a retry with
+    its id is a new model call, billed again, cut the same way. It was an UnavailableError
+    whose text named the id "to retry with"; it stays one (``except UnavailableError`` still
+    catches it)."""
+    from cachemesh._errors import from_rpc_error
+
+    error = from_rpc_error(_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), "r1")
+    assert type(error) is DeadlineExceededError and isinstance(error, UnavailableError)
+    text = str(error)
+    assert text.startswith("DEADLINE_EXCEEDED: Deadline Exceeded (request_id r1: ")
+    assert "longer deadline" in text and "smaller max_tokens" in text and "billed" in text
+    assert str(pickle.loads(pickle.dumps(error))) == text
+    unavailable = from_rpc_error(_status(grpc.StatusCode.UNAVAILABLE, "down"), "r2")
+    assert type(unavailable) is UnavailableError

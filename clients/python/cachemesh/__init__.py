@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from cachemesh._errors import (
         AuthenticationError,
         CachemeshError,
+        DeadlineExceededError,
         InvalidRequestError,
         MessageTooLargeError,
         NotFoundError,
@@ -35,6 +36,7 @@ _HOMES = {
     "Client": "cachemesh._client",
     "AuthenticationError": "cachemesh._errors",
     "CachemeshError": "cachemesh._errors",
+    "DeadlineExceededError": "cachemesh._errors",
     "InvalidRequestError": "cachemesh._errors",
     "MessageTooLargeError": "cachemesh._errors",
     "NotFoundError": "cachemesh._errors",
@@ -54,6 +56,7 @@ __all__ = [
     "CachemeshError",
     "ChunkStream",
     "Client",
+    "DeadlineExceededError",
     "InvalidRequestError",
     "MessageTooLargeError",
     "NotFoundError",

@@ -58,13 +58,33 @@ class MessageTooLargeError(CachemeshError):
 
 
 class UnavailableError(CachemeshError):
-    """No layer could serve the request (UNAVAILABLE, DEADLINE_EXCEEDED), or it did not reach
-    you in time: its answer may have been made (and billed), so its text names the
-    ``request_id`` to retry with."""
+    """No layer could serve the request (UNAVAILABLE), or its answer did not reach you: it may
+    have been made (and billed), so its text names the ``request_id`` to retry with (a call
+    that made no answer, cut mid-answer, is a new model call, billed again, on its retry).
+    DEADLINE_EXCEEDED is its subclass ``DeadlineExceededError``."""
 
     def __str__(self) -> str:
         text = super().__str__()
         return f"{text} (request_id {self.request_id})" if self.request_id else text
+
+
+class DeadlineExceededError(UnavailableError):
+    """The call's deadline passed before its answer (DEADLINE_EXCEEDED: the client's
+    ``timeout_s``, or the router's ``ROUTER_MODEL_TIMEOUT_S``, said in the message). The
+    router ends the model call just before the deadline, so no answer was made; what the model
+    produced is billed. A retry, with the id or without, is a new model call, billed again and
+    cut the same way: allow a longer deadline (``timeout_s``; ``cachemesh ask --timeout``) or
+    ask for a smaller ``max_tokens``. An ``UnavailableError`` too (it was one before it had its
+    own class)."""
+
+    def __str__(self) -> str:
+        text = CachemeshError.__str__(self)
+        said = f"request_id {self.request_id}: " if self.request_id else ""
+        return (
+            f"{text} ({said}not answered in time, billed for what the model produced; a retry "
+            "is a new model call, billed again: allow a longer deadline or ask for a smaller "
+            "max_tokens)"
+        )
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
@@ -73,7 +93,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Mapping
 
 from cachemesh._argv import Parser, secret_flag
 from cachemesh._channel import never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
-from cachemesh._errors import CachemeshError, UnavailableError
+from cachemesh._errors import CachemeshError, DeadlineExceededError, UnavailableError
 from cachemesh._requests import answer_text, build_request
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import check_plaintext
@@ -41,6 +43,43 @@ def _max_tokens(text: str) -> int:
             f"must be a whole number from 1 to {MAX_TOKENS_MAX}, got {text!r}"
         )
     return value
+
+
+TIMEOUT_ENV = "CACHEMESH_TIMEOUT_S"
+TIMEOUT_DEFAULT_S = 120.0  # the Client's own default
+TIMEOUT_MAX_S = 86_400.0  # a day: anything longer is a typo (gRPC takes it as no deadline)
+
+
+def _seconds(text: str) -> float:
+    """A deadline in seconds, over 0 and at most a day; a ValueError saying so."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= TIMEOUT_MAX_S:  # nan and inf fail too
+        raise ValueError(f"must be a number of seconds over 0, at most {TIMEOUT_MAX_S:,.0f}")
+    return value
+
+
+def _timeout_arg(text: str) -> float:
+    try:
+        return _seconds(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}, got {text!r}") from None
+
+
+def timeout_s(given: float | None, environ: Mapping[str, str] | None = None) -> float:
+    """The call's deadline: ``--timeout``, else CACHEMESH_TIMEOUT_S, else 120 s. A malformed
+    CACHEMESH_TIMEOUT_S is a ValueError naming it."""
+    if given is not None:
+        return given
+    text = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return TIMEOUT_DEFAULT_S
+    try:
+        return _seconds(text)
+    except ValueError as error:
+        raise ValueError(f"{TIMEOUT_ENV} {error}, got {text!r}") from None
 
 
 def _check_utf8(args: argparse.Namespace) -> None:
@@ -90,6 +129,14 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--system", default=None, help="a system prompt")
     ask.add_argument("--namespace", default="", help="semantic-cache namespace")
     ask.add_argument("--request-id", default="", help="idempotency key")
+    ask.add_argument(
+        "--timeout",
+        type=_timeout_arg,
+        default=None,
+        help=f"the call's deadline in seconds (env {TIMEOUT_ENV}; default "
+        f"{TIMEOUT_DEFAULT_S:.0f}): an answer still running then is cut and billed for what "
+        "was produced",
+    )
     ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
     add_admin_parser(commands)
     return parser
@@ -162,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cachemesh: no API key: set CACHEMESH_API_KEY", file=sys.stderr)
         return 2
     try:
+        timeout = timeout_s(args.timeout)
         _check_utf8(args)
         request = build_request(
             args.question,
@@ -172,8 +220,19 @@ def main(argv: list[str] | None = None) -> int:
             request_id=args.request_id,
         )
         # a person at a terminal: a Gateway that is down is said at once, not waited for
-        with Client(args.target, api_key=key, tls=tls, wait_for_ready=False) as client:
+        with Client(
+            args.target, api_key=key, tls=tls, wait_for_ready=False, timeout_s=timeout
+        ) as client:
             response = client.complete(request)
+    except DeadlineExceededError as error:  # no answer made, billed: a retry is billed again
+        print(f"cachemesh: {error.code.name}: {error.message}", file=sys.stderr)
+        print(
+            f"request_id: {error.request_id} (not answered within its deadline and billed "
+            "for what the model produced: a retry would be billed again; give a longer "
+            "--timeout or a smaller --max-tokens)",
+            file=sys.stderr,
+        )
+        return 1
     except UnavailableError as error:  # its answer may have been made (and billed): retry
         if never_connected(error.code, error.message):  # the last attempt connected nowhere
             print(
