@@ -472,3 +472,42 @@ def test_a_refused_request_names_no_retry(
     assert main(["--target", target, "ask", "hi"]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == ["cachemesh: INVALID_ARGUMENT: fake INVALID_ARGUMENT"]
+
+
+class HitGateway(PlaintextGateway):
+    """Answers as an L1 hit does: cost 0, nothing estimated, no usage."""
+
+    def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        return pb.CompleteResponse(
+            served_by=pb.LAYER_SEMANTIC_CACHE,
+            stop_reason="end_turn",
+            cost=pb.Cost(cost_nanos=0, baseline_nanos=1500, saved_nanos=1500),
+            usage=pb.Usage(),
+        )
+
+
+def test_json_prints_zero_and_false_fields_an_l1_hit_costs_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--json`` dropped every zero or false field: an L1 hit's cost had no costNanos (0 is
+    an answer, not a missing one, as ``cachemesh admin --json`` prints it)."""
+    import json
+
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(HitGateway(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert main(["--target", f"127.0.0.1:{port}", "ask", "hi", "--json"]) == 0
+    finally:
+        server.stop(None)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["cost"] == {
+        "costNanos": "0",
+        "baselineNanos": "1500",
+        "savedNanos": "1500",
+        "estimated": False,
+    }
+    assert printed["replayed"] is False and printed["usage"]["outputTokens"] == "0"

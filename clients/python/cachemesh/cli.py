@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from google.protobuf.json_format import MessageToDict
 
-        print(json.dumps(MessageToDict(response), indent=2))
+        # every field, a zero or false one too (an L1 hit's costNanos: 0 is an answer)
+        whole = MessageToDict(response, always_print_fields_with_no_presence=True)
+        print(json.dumps(whole, indent=2))
     else:
         print(_report(response))
     return 0
