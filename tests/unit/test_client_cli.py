@@ -441,7 +441,7 @@ def test_the_default_deadline_of_ask_is_120_s(
     fake, target = slow
     fake.delay_s = 0.0
     assert main(["--target", target, "ask", "hi"]) == 0
-    assert 119 < fake.remaining[0] <= 120
+    assert 100 < fake.remaining[0] <= 120  # (a loaded machine takes seconds to send it)
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "1e9"])
