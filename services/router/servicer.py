@@ -15,6 +15,12 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from cachemesh.retry_info import (
+    BUDGET_EXHAUSTED,
+    CONTEXT_WINDOW,
+    RATE_LIMITED,
+    REQUEST_TOO_LARGE,
+)
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common import rpc_tracing
@@ -25,7 +31,7 @@ from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.grace import GraceEnd
 from services.common.models import ModelTable
-from services.common.retry_info import retry_trailers
+from services.common.retry_info import refusal_trailers, retry_trailers
 from services.common.server import DEFAULT_REQUEST_BYTES
 from services.common.status import grpc_code
 from services.router import spans
@@ -46,7 +52,7 @@ from services.router.idempotency import (
     conflict,
     fingerprint,
 )
-from services.router.limits import Denial, Limiter, ModelUse, Ticket
+from services.router.limits import DAY_BUDGET, MONTH_BUDGET, Denial, Limiter, ModelUse, Ticket
 from services.router.model_answer import DeadlineCut
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.prompt_counts import counting
@@ -174,7 +180,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             return chunk.end
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await abort(context, grpc_code(exc.code), exc.message, _after_model_work(call))
+                await abort(context, grpc_code(exc.code), exc.message, _trailers(call, exc))
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
             await abort(context, grpc.StatusCode.INTERNAL, "the request ended without an answer")
@@ -212,7 +218,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ended = "OK"
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await abort(context, grpc_code(exc.code), exc.message, _after_model_work(call))
+                await abort(context, grpc_code(exc.code), exc.message, _trailers(call, exc))
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial)
         except (asyncio.CancelledError, GeneratorExit):
@@ -244,10 +250,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         size = request.ByteSize()  # before validation reads it all
         if size > self._max_request_bytes:
             root.set_attribute("cachemesh.request_bytes", size)
+            message = too_large(size, self._max_request_bytes)
             await abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                too_large(size, self._max_request_bytes),
+                message,
+                refusal_trailers(Code.RESOURCE_EXHAUSTED, message, REQUEST_TOO_LARGE),
             )
         try:
             validate_request(request, self._table, self._deployed)
@@ -703,6 +711,7 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
             denial.retry_after_ms,
             f"tenant:{tenant}",
             denial.exceeded,
+            BUDGET_EXHAUSTED if denial.limit in (DAY_BUDGET, MONTH_BUDGET) else RATE_LIMITED,
         ),
     )
 
@@ -713,13 +722,24 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
 NO_RETRY = ("grpc-retry-pushback-ms", "-1")
 
 
-def _after_model_work(call: Call) -> tuple[tuple[str, str], ...]:
-    """The trailers of a call that failed: ``NO_RETRY`` once a model call of it was billed
-    without its answer (cut mid-answer, broken off, at its deadline: ``call.bills``), whatever
-    the status (the router's UNAVAILABLE after the replicas' hand-overs, a DEADLINE_EXCEEDED
-    another client's policy may retry). A refusal before any model work (no replica, the
-    outbox full, a hang before any start) stays retryable: a retry costs nothing but time."""
-    return (NO_RETRY,) if call.bills else ()
+def _trailers(call: Call, exc: RequestError) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailers of a call that failed with ``exc``:
+
+    - ``NO_RETRY`` once a model call of it was billed without its answer (cut mid-answer,
+      broken off, at its deadline: ``call.bills``), whatever the status (the router's
+      UNAVAILABLE after the replicas' hand-overs, a DEADLINE_EXCEEDED another client's policy
+      may retry). A refusal before any model work (no replica, the outbox full, a hang before
+      any start) stays retryable: a retry costs nothing but time.
+    - a RESOURCE_EXHAUSTED here is never a tenant's limit (``_refuse`` sends those): it is the
+      request's size, which no wait lifts (over a context window: the router's tiers, the
+      simulator's count or a provider's refusal, each message naming the "context window";
+      else over a provider's size limit or alone over its account's token rate), said by an
+      ErrorInfo with no RetryInfo, so a client does not take it for a rate limit."""
+    trailers: list[tuple[str, str | bytes]] = [NO_RETRY] if call.bills else []
+    if exc.code == Code.RESOURCE_EXHAUSTED:
+        reason = CONTEXT_WINDOW if "context window" in exc.message else REQUEST_TOO_LARGE
+        trailers.extend(refusal_trailers(exc.code, exc.message, reason))
+    return tuple(trailers)
 
 
 def _is_retry(context: Context) -> bool:

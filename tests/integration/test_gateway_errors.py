@@ -13,6 +13,7 @@ from cachemesh import (
     InvalidRequestError,
     NotFoundError,
     RateLimitError,
+    RequestTooLargeError,
     build_request,
 )
 from cachemesh.v1 import gateway_pb2 as pb
@@ -119,9 +120,13 @@ def test_internal_services_refuse_calls_without_the_internal_credential(
 
 
 def test_a_request_over_the_size_limit_is_resource_exhausted(client_a: Client) -> None:
-    # over ROUTER_MAX_REQUEST_BYTES (2 MiB by default): the router's own refusal, naming it
-    with pytest.raises(RateLimitError, match="ROUTER_MAX_REQUEST_BYTES"):
+    # over ROUTER_MAX_REQUEST_BYTES (2 MiB by default): the router's own refusal, naming it;
+    # not a RateLimitError (no wait lifts it: `except RateLimitError: sleep; retry` looped)
+    with pytest.raises(RequestTooLargeError, match="ROUTER_MAX_REQUEST_BYTES") as refused:
         client_a.ask("x" * (2 * 1024 * 1024 + 10))
+    assert not isinstance(refused.value, RateLimitError)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.reason == "REQUEST_TOO_LARGE"
 
 
 def test_retry_id_reused_for_another_request_is_refused(client_a: Client) -> None:

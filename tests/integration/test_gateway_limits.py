@@ -150,6 +150,7 @@ def test_token_rate_waits_for_the_tokens_an_answer_used(
         error = _refused(router, key, "And now?", max_tokens=1)
         elapsed = time.monotonic() - answered_at
         assert "10 tokens a minute" in error.message
+        assert error.reason == "RATE_LIMITED"  # the Gateway's ErrorInfo
         # its prompt and max_tokens reserve more than a minute's 10 tokens: it waits until the
         # bucket, at per_min - used (plus what refilled since), is full again
         assert "more than a minute's" in error.message
@@ -180,6 +181,7 @@ def test_daily_budget_refuses_once_the_bill_reaches_it_until_midnight_utc(
         assert (totals.requests, totals.cost_nanos) == (answered, billed)
         error = _refused(router, key, "One more?")
         assert "daily budget of $0.00015 is spent" in error.message and "00:00 UTC" in error.message
+        assert error.reason == "BUDGET_EXHAUSTED"  # the Gateway's ErrorInfo
         now = time.time()
         t = time.gmtime(now)
         midnight = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86_400

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachemesh import CachemeshError, Client, RateLimitError, build_request
+from cachemesh import CachemeshError, Client, RequestTooLargeError, build_request
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.env import Env
@@ -155,8 +155,9 @@ def test_a_request_just_over_the_gateways_limit_gets_the_routers_refusal(served:
         block.text = "x" * (len(block.text) + short)
     size = request.ByteSize()
     assert size == REQUEST_BYTES + 1
-    with pytest.raises(RateLimitError) as refused:
+    with pytest.raises(RequestTooLargeError) as refused:  # not a RateLimitError
         client.complete(request)
+    assert refused.value.reason == "REQUEST_TOO_LARGE"
     message = str(refused.value)
     assert f"{size:,} bytes" in message and f"limit of {REQUEST_BYTES:,} bytes" in message
     assert "ROUTER_MAX_REQUEST_BYTES" in message and "larger than max" not in message

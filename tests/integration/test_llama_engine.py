@@ -42,7 +42,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachemesh import Client, RateLimitError
+from cachemesh import Client, RequestTooLargeError
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
@@ -284,9 +284,10 @@ def test_a_prompt_over_the_engines_context_is_refused_with_its_message(
     llama: LlamaStack,
 ) -> None:
     words = " ".join(f"item{i} costs {i % 97} dollars and ships tomorrow." for i in range(500))
-    with pytest.raises(RateLimitError) as info:  # the client's class for a size limit
+    with pytest.raises(RequestTooLargeError) as info:  # not a RateLimitError: no wait helps
         llama.client.complete(_request("", [_user(f"Summarise: {words}")]))
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.reason == "CONTEXT_WINDOW"
     assert "exceeds the available context size" in info.value.message, info.value.message
     assert "context window" in info.value.message  # the HTTP front's 400, not its 413
     print(f"\ncontext overflow: {info.value.message[:300]}")

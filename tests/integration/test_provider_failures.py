@@ -14,7 +14,7 @@ import grpc
 import openai
 import pytest
 
-from cachemesh import CachemeshError, Client
+from cachemesh import CachemeshError, Client, RateLimitError, RequestTooLargeError
 from cachemesh._channel import MAX_ATTEMPTS
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1.prefix_cache_pb2 import TotalsResponse
@@ -248,6 +248,10 @@ def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdk
             error = _refused(providers, client, ask(model, f"{tag} (gRPC)"))
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, error
         assert reply.body["error"]["message"] in str(error)
+        # no wait lifts it: not a RateLimitError (a caller's sleep-and-retry looped forever)
+        assert isinstance(error, RequestTooLargeError) and not isinstance(error, RateLimitError)
+        too_large = "CONTEXT_WINDOW" if "context_length" in str(reply.body) else "REQUEST_TOO_LARGE"
+        assert error.reason == too_large
         with pytest.raises(sdk_error) as raised:  # the SDK's default retries (2) left on
             if api == "openai":
                 openai.OpenAI(base_url=front + "/v1", api_key=key).chat.completions.create(

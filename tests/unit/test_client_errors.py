@@ -158,3 +158,51 @@ def test_a_deadline_cut_is_its_own_error_advising_a_longer_deadline_not_a_retry(
     assert str(pickle.loads(pickle.dumps(error))) == text
     unavailable = from_rpc_error(_status(grpc.StatusCode.UNAVAILABLE, "down"), "r2")
     assert type(unavailable) is UnavailableError
+
+
+def _refused_with(trailers: tuple[tuple[str, str | bytes], ...]) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*trailers),
+        "the prompt has 9000 tokens, over sim-small's context window of 8192",
+    )
+
+
+@pytest.mark.parametrize("reason", ["CONTEXT_WINDOW", "REQUEST_TOO_LARGE"])
+def test_a_request_too_large_is_not_a_rate_limit(reason: str) -> None:
+    """A prompt over the context window or the Gateway's size limit was a RateLimitError with
+    no retry_after and nothing telling it from a rate limit: `except RateLimitError: sleep;
+    retry` looped forever. The Gateway's ErrorInfo reason makes it a RequestTooLargeError."""
+    from cachemesh import CachemeshError, MessageTooLargeError, RequestTooLargeError
+    from cachemesh._errors import from_rpc_error
+    from services.common.errors import Code
+    from services.common.retry_info import refusal_trailers
+
+    trailers = refusal_trailers(Code.RESOURCE_EXHAUSTED, "too large", reason)
+    error = from_rpc_error(_refused_with(trailers), "r1")
+    assert type(error) is RequestTooLargeError and not isinstance(error, RateLimitError)
+    assert isinstance(error, CachemeshError) and error.reason == reason
+    assert error.request_id == "r1" and "context window" in str(error)
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is RequestTooLargeError and back.reason == reason
+    # gRPC's own "message larger than max": the same family (ask for less), one tree
+    assert issubclass(MessageTooLargeError, RequestTooLargeError)
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"), [("requests", "RATE_LIMITED"), ("day_budget", "BUDGET_EXHAUSTED")]
+)
+def test_a_rate_or_budget_refusal_is_a_rate_limit_with_its_reason(limit: str, reason: str) -> None:
+    from cachemesh._errors import from_rpc_error
+    from services.common.errors import Code
+    from services.common.retry_info import retry_trailers
+
+    trailers = retry_trailers(Code.RESOURCE_EXHAUSTED, "wait", 2_500, "tenant:t", (limit,), reason)
+    error = from_rpc_error(_refused_with(trailers), "r2")
+    assert type(error) is RateLimitError
+    assert (error.retry_after_s, error.reason) == (2.5, reason)
+    # a Gateway that sends no ErrorInfo (older): a RateLimitError as before
+    plain = retry_trailers(Code.RESOURCE_EXHAUSTED, "wait", 1_000, "tenant:t", (limit,))
+    older = from_rpc_error(_refused_with(plain), "r3")
+    assert type(older) is RateLimitError and older.reason is None

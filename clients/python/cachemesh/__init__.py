@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         MessageTooLargeError,
         NotFoundError,
         RateLimitError,
+        RequestTooLargeError,
         UnavailableError,
     )
     from cachemesh._requests import answer_text, build_request, user_message
@@ -41,6 +42,7 @@ _HOMES = {
     "MessageTooLargeError": "cachemesh._errors",
     "NotFoundError": "cachemesh._errors",
     "RateLimitError": "cachemesh._errors",
+    "RequestTooLargeError": "cachemesh._errors",
     "Tls": "cachemesh._tls",
     "UnavailableError": "cachemesh._errors",
     "channel_options": "cachemesh._channel",
@@ -61,6 +63,7 @@ __all__ = [
     "MessageTooLargeError",
     "NotFoundError",
     "RateLimitError",
+    "RequestTooLargeError",
     "Tls",
     "UnavailableError",
     "answer_text",

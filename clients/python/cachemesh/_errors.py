@@ -6,7 +6,7 @@ import re
 
 import grpc
 
-from cachemesh.retry_info import retry_delay_s
+from cachemesh.retry_info import TOO_LARGE_REASONS, error_reason, retry_delay_s
 
 
 class CachemeshError(Exception):
@@ -40,18 +40,34 @@ class NotFoundError(InvalidRequestError):
 
 
 class RateLimitError(CachemeshError):
-    """A size or rate limit, or a budget, was hit (RESOURCE_EXHAUSTED); ``retry_after_s`` is
-    the wait the Gateway asked for (google.rpc.RetryInfo), None when it named none."""
+    """A rate limit or a budget was hit (RESOURCE_EXHAUSTED); ``retry_after_s`` is the wait
+    the Gateway asked for (google.rpc.RetryInfo), None when it named none. ``reason``: the
+    Gateway's ErrorInfo reason (``RATE_LIMITED``, ``BUDGET_EXHAUSTED``; None from a Gateway
+    that sends none). A request too large to pass is a ``RequestTooLargeError`` instead."""
 
     retry_after_s: float | None = None
+    reason: str | None = None
 
 
-class MessageTooLargeError(CachemeshError):
+class RequestTooLargeError(CachemeshError):
+    """The request is too large to pass, which no wait fixes (RESOURCE_EXHAUSTED with the
+    Gateway's ErrorInfo reason ``CONTEXT_WINDOW``: the prompt and ``max_tokens`` over the
+    model's context window; ``REQUEST_TOO_LARGE``: over the Gateway's
+    ``ROUTER_MAX_REQUEST_BYTES`` or a provider's size limit, or alone over the provider
+    account's tokens per minute). Not a ``RateLimitError``: retrying it as it is gets the same
+    refusal; shorten the messages, system or tools, or lower ``max_tokens``. ``reason``: the
+    ErrorInfo reason."""
+
+    reason: str | None = None
+
+
+class MessageTooLargeError(RequestTooLargeError):
     """A message was over gRPC's size limit (RESOURCE_EXHAUSTED with gRPC's own "message
     larger than max"): the reply or the request is too large to pass, which no wait fixes. Not
     a ``RateLimitError``: ask for less (a smaller page, one tenant) or raise the limit
     (``CACHEMESH_MAX_MESSAGE_BYTES`` on the stack, the client's channel options).
-    ``size_bytes`` and ``limit_bytes``: as gRPC said them (None when it did not)."""
+    ``size_bytes`` and ``limit_bytes``: as gRPC said them (None when it did not). A
+    ``RequestTooLargeError`` too (asking for less is the fix of both)."""
 
     size_bytes: int | None = None
     limit_bytes: int | None = None
@@ -110,9 +126,15 @@ def from_rpc_error(error: grpc.RpcError, request_id: str = "") -> CachemeshError
     too_large = _TOO_LARGE.search(details) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
     if too_large is not None:
         return _too_large(code, details, request_id, too_large)
+    reason = error_reason(error.trailing_metadata()) if call else None
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason in TOO_LARGE_REASONS:
+        too_large_request = RequestTooLargeError(code, details, request_id)
+        too_large_request.reason = reason
+        return too_large_request
     result = _BY_CODE.get(code, CachemeshError)(code, details, request_id)
     if isinstance(result, RateLimitError) and call:
         result.retry_after_s = retry_delay_s(error.trailing_metadata())
+        result.reason = reason
     return result
 
 

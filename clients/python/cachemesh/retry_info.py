@@ -1,6 +1,8 @@
 """How long a refused call asks its caller to wait: ``google.rpc.RetryInfo`` in the status
 details (the ``grpc-status-details-bin`` trailer), as the Gateway sends with
-``RESOURCE_EXHAUSTED`` when a tenant is over a rate limit or a budget."""
+``RESOURCE_EXHAUSTED`` when a tenant is over a rate limit or a budget; and why it was refused:
+``google.rpc.ErrorInfo`` (domain ``ERROR_DOMAIN``), whose ``reason`` tells a request too large
+to pass (no wait helps) from a limit a wait lifts."""
 
 from __future__ import annotations
 
@@ -11,6 +13,14 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+# google.rpc.ErrorInfo's domain and reasons on the Gateway's RESOURCE_EXHAUSTED
+ERROR_DOMAIN = "cachemesh.dev"
+CONTEXT_WINDOW = "CONTEXT_WINDOW"  # the prompt (and max_tokens) over the model's context window
+REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"  # over a size limit: the Gateway's or a provider's
+RATE_LIMITED = "RATE_LIMITED"  # the tenant's request or token rate: RetryInfo says the wait
+BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"  # the tenant's day or month budget: RetryInfo too
+TOO_LARGE_REASONS = frozenset((CONTEXT_WINDOW, REQUEST_TOO_LARGE))
 
 
 def status_details(trailing_metadata: Iterable[Any] | None) -> status_pb2.Status | None:
@@ -34,4 +44,16 @@ def retry_delay_s(trailing_metadata: Iterable[Any] | None) -> float | None:
         info = error_details_pb2.RetryInfo()
         if detail.Unpack(info):  # False for a detail of another type
             return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
+
+
+def error_reason(trailing_metadata: Iterable[Any] | None) -> str | None:
+    """The ``reason`` of the Gateway's ErrorInfo (``ERROR_DOMAIN``); None when it sent none."""
+    status = status_details(trailing_metadata)
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            return info.reason
     return None
