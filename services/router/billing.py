@@ -89,6 +89,23 @@ class Bill:
 # a request's bills of such calls, each known once its FINAL is (None: it could not be kept)
 Bills = list[asyncio.Future[Bill | None]]
 
+
+@dataclass(frozen=True)
+class BillInputs:
+    """The inputs of a model call's bill, fixed where the bill starts (``Billing.finish``,
+    ``Billing.bill_partial``) and passed through its steps (the FINAL, the outbox, the late
+    bill): whose request and which call, the output tokens billed, the baseline row's id, the
+    provider's report (None: none) and the call's open call in the journal (None: none)."""
+
+    tenant: str
+    request: pb.CompleteRequest
+    attempt: Attempt
+    output_tokens: int
+    baseline_id: str
+    usage: prefix_cache_pb2.ProviderUsage | None
+    open_call: OpenCall | None = None
+
+
 _NO_STORE = (pb.SEMANTIC_MODE_BYPASS, pb.SEMANTIC_MODE_NO_STORE)
 _T = TypeVar("_T")
 
@@ -155,17 +172,8 @@ class Billing:
         # with a provider's report, its count (prefix-cache refuses a FINAL that differs);
         # the model service's end carries that count
         output_tokens = end_chunk.output_tokens if usage is None else _reported_output(usage)
-        final, sent = await self._bill_answer(
-            tenant,
-            request,
-            attempt,
-            output_tokens,
-            baseline.id,
-            usage,
-            window,
-            open_call,
-            warm_call,
-        )
+        inputs = BillInputs(tenant, request, attempt, output_tokens, baseline.id, usage, open_call)
+        final, sent = await self._bill_answer(inputs, window, warm_call)
         if final is not None:
             spans.reconciled(trace.get_current_span(), final)
         if request.cache.semantic not in _NO_STORE and last_user_text(request) is not None:
@@ -222,17 +230,7 @@ class Billing:
         if sent is not None:  # the answer goes at the estimate; its bill comes after it
             estimate = pb.CompleteResponse()
             estimate.CopyFrom(end)
-            bill = self._late_bill(
-                tenant,
-                request,
-                attempt,
-                output_tokens,
-                baseline.id,
-                usage,
-                open_call,
-                sent,
-                estimate,
-            )
+            bill = self._late_bill(inputs, sent, estimate)
             late = self._in_background(bill)
             attempt.late = late
             if late_bill is not None:
@@ -241,14 +239,8 @@ class Billing:
 
     async def _bill_answer(
         self,
-        tenant: str,
-        request: pb.CompleteRequest,
-        attempt: Attempt,
-        output_tokens: int,
-        baseline_id: str,
-        usage: prefix_cache_pb2.ProviderUsage | None,
+        inputs: BillInputs,
         window: PrefixWindow,
-        open_call: OpenCall | None,
         warm_call: asyncio.Future[CommitReply] | None,
     ) -> tuple[
         prefix_cache_pb2.CommitResponse | None,
@@ -268,13 +260,10 @@ class Billing:
         at once, as before; so does one without ``warm_call``, and one whose WARM prefix-cache
         did not take (``_unwarmed``: prefix-cache would refuse it) without being sent."""
         if warm_call is not None and _unwarmed(warm_call, window):
-            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+            await self._keep(inputs)
             return None, None
         if warm_call is None or self._calls.prefix_faulted(window):
-            final = await self._commit_final(
-                tenant, request, attempt, output_tokens, baseline_id, usage, window, open_call
-            )
-            return final, None
+            return await self._commit_final(inputs, window), None
         # the answer's wait, as it was: the FINAL's share of the caller's deadline; when that
         # is the router's own limit, the FINAL's own timeout bounds it (no race with it)
         # (asked without the breaker: its half-open trial is the FINAL's own)
@@ -282,13 +271,11 @@ class Billing:
         waits_s = share_s if share_s < self._calls.prefix_share_s() else None
 
         async def send() -> prefix_cache_pb2.CommitResponse | None:
-            own = await self._billing_window(tenant, request, attempt, warm_call, window)
+            own = await self._billing_window(inputs, warm_call, window)
             if own is None:  # its WARM, sent again, was not taken either: the outbox's
                 return None
             try:
-                return await self._send_final(
-                    tenant, request, attempt, output_tokens, baseline_id, usage, own
-                )
+                return await self._send_final(inputs, own)
             finally:  # a timeout of its own ends the request's calls, as one of the window's
                 if own.off:
                     window.turned_off(own.clients)
@@ -298,12 +285,12 @@ class Billing:
         try:
             if waits_s is None or waits_s > 0:
                 await asyncio.wait((sent,), timeout=waits_s)
-            if not sent.done() and open_call is not None:
+            if not sent.done() and inputs.open_call is not None:
                 # the answer's bill, whole, journalled and fsynced before the answer goes (as
                 # the outbox would have kept it): a router killed, or its host crashed, before
                 # the FINAL's reply bills it whole at its next start
-                line = _final(tenant, request, attempt, output_tokens, baseline_id, usage)
-                await self._written_in_time(open_call.answered(line), window)
+                line = _final(inputs)
+                await self._written_in_time(inputs.open_call.answered(line), window)
         except asyncio.CancelledError:
             sent.cancel()  # its caller left: the call's bill without its answer sends it
             raise
@@ -311,10 +298,10 @@ class Billing:
             return None, sent
         final = sent.result()
         if final is not None:
-            if open_call is not None:
-                open_call.settled(final_made=True)
+            if inputs.open_call is not None:
+                inputs.open_call.settled(final_made=True)
             return final, None
-        await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+        await self._keep(inputs)
         return None, None
 
     async def _written_in_time(self, written: asyncio.Future[None], window: PrefixWindow) -> None:
@@ -338,13 +325,7 @@ class Billing:
 
     async def _late_bill(
         self,
-        tenant: str,
-        request: pb.CompleteRequest,
-        attempt: Attempt,
-        output_tokens: int,
-        baseline_id: str,
-        usage: prefix_cache_pb2.ProviderUsage | None,
-        open_call: OpenCall | None,
+        inputs: BillInputs,
         sent: asyncio.Future[prefix_cache_pb2.CommitResponse | None],
         estimate: pb.CompleteResponse,
     ) -> pb.CompleteResponse:
@@ -354,10 +335,12 @@ class Billing:
         is written, corrected by the replay, as any bill prefix-cache does not take). Until
         the answer's FINAL is made or kept its open call stays journalled (a router killed
         meanwhile has it billed at its next start)."""
+        attempt, open_call = inputs.attempt, inputs.open_call
+        key = attempt.commit_key(inputs.request.request_id)
         try:
             final = await sent
         except Exception as exc:  # a fault past prefix-cache's failures, which give None
-            log.error("the FINAL of %s failed: %s", attempt.commit_key(request.request_id), exc)
+            log.error("the FINAL of %s failed: %s", key, exc)
             final = None
         if final is not None:
             if open_call is not None:
@@ -367,13 +350,13 @@ class Billing:
             _with_bill(billed, final, attempt.model)
             return billed
         try:
-            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+            await self._keep(inputs)
         except RequestError:  # neither sent nor kept, its answer gone: never silent
             log.error(
                 "billing outbox: the bill of %s (tenant %s, estimated cost_nanos=%d), an answer "
                 "served at its estimate, could be neither sent nor kept: lost",
-                attempt.commit_key(request.request_id),
-                tenant,
+                key,
+                inputs.tenant,
                 estimate.cost.cost_nanos,
             )
             if self._metrics is not None:
@@ -421,22 +404,16 @@ class Billing:
             since = "".join(answer.text_since_progress)
             counted = answer.progress_tokens + (tokenizer.count(since) if since else 0)
             output_tokens = max(output_tokens, counted)
+        inputs = BillInputs(
+            tenant, request, attempt, output_tokens, baseline.id, reported, open_call
+        )
 
         async def bill() -> Bill | None:
             final: prefix_cache_pb2.CommitResponse | None = None
             try:
                 if attempt.kept_output_tokens is None:  # else the journal holds its bill
-                    own = await self._billing_window(tenant, request, attempt, warm_call, window)
-                    final = await self._commit_final(
-                        tenant,
-                        request,
-                        attempt,
-                        output_tokens,
-                        baseline.id,
-                        reported,
-                        own,
-                        open_call,
-                    )
+                    own = await self._billing_window(inputs, warm_call, window)
+                    final = await self._commit_final(inputs, own)
             except RequestError:
                 if attempt.kept_output_tokens is None:
                     # neither sent nor kept (the outbox keeps what it cannot write in memory:
@@ -486,12 +463,7 @@ class Billing:
         return self._in_background(_after(warm_call, bill))
 
     async def _billing_window(
-        self,
-        tenant: str,
-        request: pb.CompleteRequest,
-        attempt: Attempt,
-        warm_call: asyncio.Future[CommitReply],
-        window: PrefixWindow,
+        self, inputs: BillInputs, warm_call: asyncio.Future[CommitReply], window: PrefixWindow
     ) -> PrefixWindow | None:
         """The prefix-cache calls of the bill of a call that ended early (its caller gone, or
         the call cut), or of a whole answer (``_bill_answer``), made once its WARM is done: no
@@ -512,8 +484,8 @@ class Billing:
             return PrefixWindow(off=window.off, clients=window.clients)
         own = PrefixWindow()
         if _taken(warm_call) is None:
-            warm = _replay_warm(tenant, request, attempt)
-            if await self._calls.commit_warm(warm, request, own) is None and not own.off:
+            warm = _replay_warm(inputs.tenant, inputs.request, inputs.attempt)
+            if await self._calls.commit_warm(warm, inputs.request, own) is None and not own.off:
                 return None
         return own
 
@@ -598,15 +570,7 @@ class Billing:
             )
 
     async def _commit_final(
-        self,
-        tenant: str,
-        request: pb.CompleteRequest,
-        attempt: Attempt,
-        output_tokens: int,
-        baseline_id: str,
-        usage: prefix_cache_pb2.ProviderUsage | None,
-        window: PrefixWindow | None,
-        open_call: OpenCall | None = None,
+        self, inputs: BillInputs, window: PrefixWindow | None
     ) -> prefix_cache_pb2.CommitResponse | None:
         """FINAL; when prefix-cache does not acknowledge it (or it is not sent: ``window``
         off, or None: its WARM was not taken), the outbox keeps the commits (durably, before
@@ -615,53 +579,37 @@ class Billing:
         start of the router)."""
         final = None
         if window is not None:
-            final = await self._send_final(
-                tenant, request, attempt, output_tokens, baseline_id, usage, window
-            )
-        if final is not None and open_call is not None:
-            open_call.settled(final_made=True)
+            final = await self._send_final(inputs, window)
+        if final is not None and inputs.open_call is not None:
+            inputs.open_call.settled(final_made=True)
         if final is None:
-            await self._keep(tenant, request, attempt, output_tokens, baseline_id, usage, open_call)
+            await self._keep(inputs)
         return final
 
     async def _send_final(
-        self,
-        tenant: str,
-        request: pb.CompleteRequest,
-        attempt: Attempt,
-        output_tokens: int,
-        baseline_id: str,
-        usage: prefix_cache_pb2.ProviderUsage | None,
-        window: PrefixWindow,
+        self, inputs: BillInputs, window: PrefixWindow
     ) -> prefix_cache_pb2.CommitResponse | None:
         """The answer's FINAL, sent under ``window`` (None: not acknowledged, or not sent)."""
+        attempt, request = inputs.attempt, inputs.request
         return await self._calls.commit_final(
-            tenant,
+            inputs.tenant,
             request,
             attempt.commit_key(request.request_id),
             attempt.model.id,
             attempt.replica,
-            output_tokens,
-            _kv_cached(attempt, usage),
-            baseline_id,
-            usage,
+            inputs.output_tokens,
+            _kv_cached(attempt, inputs.usage),
+            inputs.baseline_id,
+            inputs.usage,
             window,
         )
 
-    async def _keep(
-        self,
-        tenant: str,
-        request: pb.CompleteRequest,
-        attempt: Attempt,
-        output_tokens: int,
-        baseline_id: str,
-        usage: prefix_cache_pb2.ProviderUsage | None,
-        open_call: OpenCall | None,
-    ) -> None:
+    async def _keep(self, inputs: BillInputs) -> None:
         """The commits of a FINAL prefix-cache did not acknowledge (or that was not sent), kept
         in the outbox (durably) at the router's estimate, which its replay bills; without an
         outbox, nothing. ``RequestError`` when it cannot be kept at all."""
-        key = attempt.commit_key(request.request_id)
+        attempt, open_call = inputs.attempt, inputs.open_call
+        key = attempt.commit_key(inputs.request.request_id)
         if self._outbox is not None:
             # the WARM again, with the request: a no-op if the first one was recorded; else it
             # records the prompt with the read the call's Plan predicted on arrival and the
@@ -670,12 +618,14 @@ class Billing:
             # however long the outage (the prefix expired since) and across a prefix-cache
             # restart (its warm state lost), and its lifetime runs from the arrival. The
             # answer's estimate claimed no discount, so a read bills at most that estimate.
-            replay_warm = _replay_warm(tenant, request, attempt)
-            replay_final = _final(tenant, request, attempt, output_tokens, baseline_id, usage)
+            replay_warm = _replay_warm(inputs.tenant, inputs.request, attempt)
+            replay_final = _final(inputs)
             opened = open_call.entry if open_call is not None else None
             written = False  # its line in the journal, in place of the open call's
             try:
-                estimate = attempt.model.baseline_nanos(attempt.start.prompt_tokens, output_tokens)
+                estimate = attempt.model.baseline_nanos(
+                    attempt.start.prompt_tokens, inputs.output_tokens
+                )
                 # counted against the budgets as its line is written (the outbox's)
                 await self._outbox.keep([replay_warm, replay_final], estimate, opened)
                 written = True
@@ -693,7 +643,7 @@ class Billing:
                 # full): billed once if the router lives, as an outbox without ROUTER_DATA_DIR
                 # bills. The caller pays for this answer, so it gets it (refused, it was billed
                 # for nothing and its retry was a second model call and a second bill).
-                attempt.kept_output_tokens = output_tokens
+                attempt.kept_output_tokens = inputs.output_tokens
                 log.error(
                     "billing outbox: %s; the answer to %s is served, its bill kept but not "
                     "durably (lost if the router stops before prefix-cache or the journal "
@@ -723,7 +673,9 @@ class Billing:
         future is set once the line is in the journal's file."""
         # without a Plan the WARM carries the request: the FINAL alone
         journalled = warm if warm.plan_id else None
-        return open_call.open(journalled, _final(tenant, request, attempt, 0, baseline.id, None))
+        # the FINAL as it stands before any output: none counted, no provider report
+        opened = BillInputs(tenant, request, attempt, 0, baseline.id, None)
+        return open_call.open(journalled, _final(opened))
 
     async def warm_once_written(
         self,
@@ -804,27 +756,21 @@ def _replay_warm(
     return warm
 
 
-def _final(
-    tenant: str,
-    request: pb.CompleteRequest,
-    attempt: Attempt,
-    output_tokens: int,
-    baseline_id: str,
-    usage: prefix_cache_pb2.ProviderUsage | None,
-) -> prefix_cache_pb2.CommitRequest:
+def _final(inputs: BillInputs) -> prefix_cache_pb2.CommitRequest:
     """The call's FINAL as a replay sends it."""
+    attempt = inputs.attempt
     final = prefix_cache_pb2.CommitRequest(
-        tenant=tenant,
-        request_id=attempt.commit_key(request.request_id),
+        tenant=inputs.tenant,
+        request_id=attempt.commit_key(inputs.request.request_id),
         phase=prefix_cache_pb2.COMMIT_PHASE_FINAL,
         model=attempt.model.id,
         replica=attempt.replica,
-        output_tokens=output_tokens,
-        kv_cached_tokens=_kv_cached(attempt, usage),
-        baseline_model=baseline_id,
+        output_tokens=inputs.output_tokens,
+        kv_cached_tokens=_kv_cached(attempt, inputs.usage),
+        baseline_model=inputs.baseline_id,
     )
-    if usage is not None:
-        final.provider_usage.CopyFrom(usage)
+    if inputs.usage is not None:
+        final.provider_usage.CopyFrom(inputs.usage)
     return final
 
 
