@@ -71,6 +71,7 @@ def _chunk(event: Event) -> model_pb2.GenerateChunk:
                 prompt_tokens=event.prompt_tokens,
                 kv_cached_tokens=event.kv_cached_tokens,
                 backend="simulated",
+                tenant_fair_queue=True,  # its prefill queue (``fair_queue``)
             )
         )
     if isinstance(event, Delta):

@@ -137,6 +137,16 @@ def silent_after_s(pace_s: float, floor_s: float, queued_prefill_s: float) -> fl
     return max(SILENT_FACTOR * pace_s, floor_s) + queued_prefill_s
 
 
+def expects_fair_queue(spec: ModelSpec) -> bool:
+    """Whether a replica of ``spec``'s row is expected to serve its waiting calls' turns by
+    tenant, until it says (``GenerateStart.tenant_fair_queue``): the simulator's prefill queue
+    does; a self-hosted row with ``replica_slots`` has, by default, a model service gate of as
+    many calls (``MODEL_MAX_CONCURRENT_CALLS``) with its fair queue; any other (a hosted
+    provider, a batching engine such as vLLM or SGLang) has none unless that is set, and its
+    engine serves first come first served."""
+    return spec.provider == "simulated" or spec.replica_slots is not None
+
+
 def fallback_tiers(tiers: tuple[str, ...], chosen: str) -> list[str]:
     """The other tiers, nearest in price first; of two as near, the dearer (no loss of
     quality) first."""
@@ -354,6 +364,7 @@ class Dispatcher:
                     request.max_tokens,
                     spec.replica_slots,
                     tenant=tenant,
+                    fair_queue=expects_fair_queue(spec),
                 )
                 if sent is not None:
                     sent()  # from here the replica may prefill, and its provider bill
@@ -423,6 +434,8 @@ class Dispatcher:
                         chat_span.set_status(trace.Status(trace.StatusCode.ERROR, why))
                     chat_span.end()
                     raise
+                if start.HasField("tenant_fair_queue"):  # an older replica does not say
+                    self.loads.queue_reported(replica, start.tenant_fair_queue)
                 if start.cut_before_first_token:
                     # its deadline came before any token, after its provider reported the
                     # prompt (billed by the start and end that follow): no first report

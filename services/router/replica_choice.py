@@ -7,7 +7,10 @@ prefix, both at the replica's measured prefill rate (``replica_state``). Ahead o
 the replica's tenant-fair queue serves first (``ReplicaStates.queued_s``): the call in
 progress, the request's tenant's own, and about one quantum of each other tenant's backlog
 (deficit round robin, its deficits taken as none), so one tenant's flood on the replica that
-holds another's prefix does not steer that tenant's light request away from it. The choice minimises
+holds another's prefix does not steer that tenant's light request away from it; on a replica
+that leaves its calls to its engine's order (no gate: vLLM, SGLang, a hosted provider), every
+call sent before it, whoever's, as that engine serves them (``ReplicaStates.queue_reported``,
+the dispatcher's ``expects_fair_queue``). The choice minimises
 that prediction plus the prefill the choice adds times the requests that will wait behind it
 (``work_weight`` times the replicas' mean queue, in requests): idle replicas make it the
 fastest first token, a backlog makes reuse count (under overload the total prefill decides

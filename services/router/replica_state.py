@@ -39,6 +39,17 @@ tenant's request (the engine has it: no turn left to wait for), its prompt no
 longer counted as warm (one left while it waited at the replica's gate never reached the
 engine: counted all the same until its predicted end, an over-estimate the router cannot tell).
 
+That order holds only where the replica serves its waiting calls' turns by tenant: the
+simulator's prefill queue, or a provider replica's ``MODEL_MAX_CONCURRENT_CALLS`` gate (by
+default a self-hosted row's ``replica_slots``; a gate wider than the engine's own concurrency
+leaves the excess to the engine's order). Without a gate (a hosted provider, a batching engine,
+vLLM or SGLang, with the setting unset) the engine serves them first come first served: a
+light tenant's call waits behind every call sent before it, whoever's, so there every one
+counts (as for one tenant). Which it is, the replica says in each first report
+(``GenerateStart.tenant_fair_queue``, ``queue_reported``); until it has (or a replica too old
+to say), its model row decides (``sent``'s ``fair_queue``: the dispatcher's guess, true for a
+simulated row or one with ``replica_slots``).
+
 That is a batching engine's queue (vLLM, SGLang, the simulator: a request's prefill runs
 beside the others' decodes). An engine that serves ``slots`` requests at a time (the model
 row's ``replica_slots``: llama-server's ``--parallel``) starts a request only when one of its
@@ -141,6 +152,15 @@ class _Replica:
     decode_samples: int = 0
     abandoned: int = 0  # pending prefills whose caller left ...
     abandoned_next: float = float("inf")  # ... and the soonest of their predicted ends
+    # whether it serves its waiting calls' turns by tenant (``fair_queue``): as the replica
+    # last reported it (``GenerateStart.tenant_fair_queue``; None: not reported), else as its
+    # model row suggests (``sent``'s ``fair_queue``)
+    fair_reported: bool | None = None
+    fair_expected: bool = False
+
+    @property
+    def fair(self) -> bool:
+        return self.fair_expected if self.fair_reported is None else self.fair_reported
 
 
 @dataclass(frozen=True)
@@ -181,14 +201,18 @@ class ReplicaStates:
         max_tokens: int = 0,
         slots: int | None = None,
         tenant: str = "",
+        fair_queue: bool = False,
     ) -> int:
         """The request of ``tenant`` went to ``replica`` expecting ``uncached_tokens`` of
         prefill; returns its ticket for ``started``/``failed``/``ended``. ``slots``: the
         requests the replica's engine serves at once (its model row's ``replica_slots``; None:
-        it batches). Requests that name no tenant are all one tenant's ("")."""
+        it batches). Requests that name no tenant are all one tenant's (""). ``fair_queue``:
+        whether the replica is expected to serve its waiting calls' turns by tenant (its model
+        row's guess, until the replica reports it: ``queue_reported``)."""
         state = self._get(replica)
         self._expire(state, now)
         state.slots = slots if slots is None else max(slots, 1)
+        state.fair_expected = fair_queue
         self._tickets += 1
         state.inflight += 1
         prompt = max(prompt_tokens, 0)
@@ -286,6 +310,13 @@ class ReplicaStates:
         state = self._get(replica)
         if self._forget(state, ticket) is not None:
             self.release(replica)
+
+    def queue_reported(self, replica: str, tenant_fair: bool) -> None:
+        """The replica said whether it serves its waiting calls' turns by tenant
+        (``GenerateStart.tenant_fair_queue``: a fair queue in front of its engine) or leaves
+        them to its engine, first come first served: that, not its model row's guess, decides
+        ``queued_s``'s prediction from now on."""
+        self._get(replica).fair_reported = tenant_fair
 
     def cut_unstarted(self, replica: str, ticket: int) -> None:
         """The call's start came with no first token, only so that the prompt its provider
@@ -438,13 +469,17 @@ class ReplicaStates:
         """Seconds of prefill ahead of a request of ``tenant`` sent now (a stalled head counts
         as busy for as long again as it has overrun its predicted prefill); on a replica of a
         few slots, until one is free for it (the calls decoding there and those ahead of it).
-        Ahead of it, as the replica's fair queue serves them (``_overtaken``): the one in
-        progress, its tenant's, and the other tenants' that their turns let through before its
-        own (``prompt_tokens`` and ``uncached_tokens``: its size there, for its turns' cost)."""
+        Ahead of it, where the replica serves its calls' turns by tenant (``fair_queue``), as
+        its fair queue serves them (``_overtaken``): the one in progress, its tenant's, and the
+        other tenants' that their turns let through before its own (``prompt_tokens`` and
+        ``uncached_tokens``: its size there, for its turns' cost); elsewhere (its engine's
+        own order, first come first served) every call sent before it, whoever's."""
         state = self._replicas.get(replica)
         if state is None:
             return 0.0
         self._expire(state, now)
+        if not state.fair:  # its engine's order, first come first served: every call counts
+            return self._ahead_s(state, tokens_per_s, now, None)
         cost = _turn_cost(state, max(prompt_tokens, 0), max(uncached_tokens, 0))
         return self._ahead_s(state, tokens_per_s, now, None, (tenant, cost))
 

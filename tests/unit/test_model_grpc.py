@@ -117,6 +117,8 @@ async def test_streams_start_text_end(harness: Harness, tokenizer: Tokenizer) ->
     text = "".join(chunk.text for chunk in chunks[1:-1])
     assert start.replica == "replica-a"
     assert start.prompt_tokens > 100 and start.kv_cached_tokens == 0
+    # its prefill queue serves calls' turns by tenant: the router predicts its queue so
+    assert start.HasField("tenant_fair_queue") and start.tenant_fair_queue
     assert text.startswith("[simulated sim-small answer]")
     assert end.output_tokens == tokenizer.count(text)
     assert end.stop_reason == "end_turn"

@@ -176,6 +176,23 @@ async def test_no_gate_lets_every_call_through(tokenizer: Tokenizer) -> None:
     await asyncio.gather(*calls)
 
 
+@pytest.mark.parametrize(("gate", "fair"), [(1, True), (4, True), (0, False)])
+async def test_the_start_says_whether_the_calls_wait_their_turn_by_tenant(
+    tokenizer: Tokenizer, gate: int, fair: bool
+) -> None:
+    """The router predicts the queue ahead of a request per tenant only where the replica's
+    fair queue serves it so: behind a gate, its start says so; without one (the engine's own
+    order, first come first served), it says not."""
+    engine = HeldEngine()
+    api = _api(engine, tokenizer, gate)
+    engine.finish("b0")
+    starts = [
+        c.start async for c in api.generate(_generate("b", "b0"), 60.0) if c.HasField("start")
+    ]
+    assert len(starts) == 1 and starts[0].HasField("tenant_fair_queue")
+    assert starts[0].tenant_fair_queue is fair
+
+
 def _settings(**extra: str) -> ModelSettings:
     env = {
         "CACHEMESH_INTERNAL_TOKEN": "internal-token-of-16+",

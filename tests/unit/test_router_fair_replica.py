@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 from cachemesh import build_request
+from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
 from services.model.fair_queue import FairQueue
 from services.router.balance import Route
+from services.router.dispatch import expects_fair_queue
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_state import ReplicaStates
 from tests.unit import test_model_engine_fair as engine_fair
@@ -83,7 +85,7 @@ async def test_a_light_tenant_keeps_its_warm_replica_under_another_tenant_s_floo
     rate, flood, arrives = 10_000.0, [("a", 8_000)] * 8, 0.5
     chooser = ReplicaChooser(ChoiceSettings(), ReplicaStates())
     for tenant, tokens in flood:
-        chooser.states.sent("r1", tokens, tokens, [], now=0.0, tenant=tenant)
+        chooser.states.sent("r1", tokens, tokens, [], now=0.0, tenant=tenant, fair_queue=True)
     wanted = Request("m", 10_000, [], rate, tenant="b")
     route = chooser.choose(wanted, ["r1", "r2"], {"r1": 9_600}, now=arrives)
     # the real fair queue: b's call, sent during a's first prefill, and its turn
@@ -121,7 +123,7 @@ async def test_the_queue_ahead_is_what_the_fair_queue_serves_first(slots: int | 
         ahead = sum(uncached[i] for i in served[: served.index(len(calls))])
         states = ReplicaStates()
         for (tenant, prompt), own in zip(calls, uncached, strict=True):
-            states.sent("r", prompt, own, [], now=0.0, slots=slots, tenant=tenant)
+            states.sent("r", prompt, own, [], now=0.0, slots=slots, tenant=tenant, fair_queue=True)
         queued = states.queued_s(
             "r", RATE, 0.0, tenant=new_tenant, prompt_tokens=new_prompt, uncached_tokens=new_prompt
         )
@@ -134,7 +136,7 @@ def test_one_tenant_s_queue_is_predicted_as_before() -> None:
     not; another tenant's call goes after the one in progress and a quantum of each backlog."""
     named, unnamed = ReplicaStates(), ReplicaStates()
     for n, tokens in enumerate((2_000, 700, 3_100, 16, 1_234)):
-        named.sent("r", tokens + 50, tokens, [], now=0.1 * n, tenant="a")
+        named.sent("r", tokens + 50, tokens, [], now=0.1 * n, tenant="a", fair_queue=True)
         unnamed.sent("r", tokens + 50, tokens, [], now=0.1 * n)
     every = (2_000 - 1_500) / RATE + (700 + 3_100 + 16 + 1_234) / RATE  # the head 1.5 s in
     assert named.queued_s("r", RATE, 1.5, tenant="a", prompt_tokens=900) == every
@@ -152,8 +154,10 @@ def test_a_stalled_head_still_counts_for_every_tenant() -> None:
     predicted prefill: a hung replica) counts as busy for as long again as it has overrun
     that, whoever asks."""
     states = ReplicaStates()
-    states.sent("r", 1_000, 1_000, [], now=0.0, tenant="a")  # 1 s predicted: stalled after 3 s
-    states.sent("r", 5_000, 5_000, [], now=0.0, tenant="a")
+    states.sent(
+        "r", 1_000, 1_000, [], now=0.0, tenant="a", fair_queue=True
+    )  # 1 s predicted: stalled after 3 s
+    states.sent("r", 5_000, 5_000, [], now=0.0, tenant="a", fair_queue=True)
     at = 10.0  # 7 s past the stall
     assert states.queued_s("r", RATE, at, tenant="b", uncached_tokens=100) == pytest.approx(7.0)
     assert states.queued_s("r", RATE, at, tenant="a", uncached_tokens=100) == pytest.approx(12.0)
@@ -163,10 +167,10 @@ def test_a_prefill_whose_caller_left_is_ahead_of_every_tenant() -> None:
     """A self-hosted engine prefills a prompt whose caller left (``abandoned``): it holds the
     engine until its predicted end whoever asks, and leaves its tenant's turns."""
     states = ReplicaStates()
-    states.sent("r", 1_000, 1_000, [], now=0.0, tenant="a")
-    left = states.sent("r", 3_000, 3_000, [], now=0.0, tenant="a")
+    states.sent("r", 1_000, 1_000, [], now=0.0, tenant="a", fair_queue=True)
+    left = states.sent("r", 3_000, 3_000, [], now=0.0, tenant="a", fair_queue=True)
     states.abandoned("r", left, RATE, now=0.0)  # predicted to end at 4 s
-    states.sent("r", 2_000, 2_000, [], now=0.0, tenant="a")
+    states.sent("r", 2_000, 2_000, [], now=0.0, tenant="a", fair_queue=True)
     assert states.queued_s("r", RATE, 0.0, tenant="b", uncached_tokens=100) == pytest.approx(4.0)
     assert states.queued_s("r", RATE, 0.0, tenant="a", uncached_tokens=100) == pytest.approx(6.0)
 
@@ -230,7 +234,7 @@ async def test_the_prediction_is_the_simulated_replica_s_first_token() -> None:
     for i in range(12):
         prepared = engine.prepare("b", "sim-small", _prompt(f"b{i}", 1200))
         tokens = prepared.prompt_tokens
-        states.sent("replica-1", tokens, tokens, [], now=clock.now, tenant="b")
+        states.sent("replica-1", tokens, tokens, [], now=clock.now, tenant="b", fair_queue=True)
         flood.append(asyncio.create_task(_first(engine, clock, "b", _prompt(f"b{i}", 1200))))
     await clock.settle()  # b's first prompt prefilling, the rest waiting their turn
     sent_at = clock.now
@@ -247,3 +251,103 @@ async def test_the_prediction_is_the_simulated_replica_s_first_token() -> None:
     every = chooser.predicted_ttft_s(replace(wanted, tenant="b"), "replica-1", warm, sent_at)
     backlog = sum(start.prompt_tokens for _, start in results[1:-1])
     assert every == pytest.approx(predicted + backlog / spec.prefill_rate)
+
+
+# -- only where the replica's queue is fair ----------------------------------------------------
+
+
+def _flood_and_light(fair_queue: bool) -> tuple[Route, float]:
+    """Tenant a floods r1 with eight cold 8,000-token prompts at 10,000 tokens/s; tenant b's
+    prefix (9,600 of its 10,000 tokens) is warm on r1, r2 idle; b arrives 0.5 s in. Returns
+    b's route and its predicted TTFT on r1."""
+    chooser = ReplicaChooser(ChoiceSettings(), ReplicaStates())
+    for _ in range(8):
+        chooser.states.sent("r1", 8_000, 8_000, [], now=0.0, tenant="a", fair_queue=fair_queue)
+    wanted = Request("m", 10_000, [], 10_000.0, tenant="b")
+    route = chooser.choose(wanted, ["r1", "r2"], {"r1": 9_600}, now=0.5)
+    return route, chooser.predicted_ttft_s(wanted, "r1", 9_600, 0.5)
+
+
+def test_a_replica_that_serves_first_come_first_served_counts_every_tenant_s_queue() -> None:
+    """A batching engine with no gate in front (vLLM or SGLang, MODEL_MAX_CONCURRENT_CALLS
+    unset: models.toml's llama-3-1-8b-vllm) serves its calls in the order they came: b's call
+    waits behind all eight of a's prompts, its first token 5.94 s after it arrives (r2: 1.0 s
+    for its whole prefill). Predicted per tenant there, b was sent to r1 for a predicted
+    0.34 s; counted whole, as the engine serves it, b goes to r2."""
+    fifo_s = 8 * 8_000 / 10_000.0 - 0.5 + 400 / 10_000.0
+    route, predicted = _flood_and_light(fair_queue=False)
+    assert (route.order[0], route.reason) == ("r2", "replicate_prefix")
+    assert predicted == pytest.approx(fifo_s) == pytest.approx(5.94)
+    # the same replica behind a fair queue: b's turn comes after a's call in progress
+    route, predicted = _flood_and_light(fair_queue=True)
+    assert (route.order[0], route.reason) == ("r1", "ttft_warm")
+    assert predicted == pytest.approx(0.34)
+
+
+@pytest.mark.parametrize("expected", [True, False])
+def test_the_replica_s_own_word_on_its_queue_decides_over_its_row(expected: bool) -> None:
+    """The model row's guess (``sent``'s ``fair_queue``) stands until the replica's first
+    report says how it serves its queue (``GenerateStart.tenant_fair_queue``): a self-hosted
+    row with replica_slots whose model service has MODEL_MAX_CONCURRENT_CALLS=0, or a vLLM row
+    behind a gate."""
+    states = ReplicaStates()
+    for _ in range(3):
+        states.sent("r", 2_000, 2_000, [], now=0.0, tenant="a", fair_queue=expected)
+    every, turn = (2.0 + 2.0 + 2.0), 2.0  # the one in progress, then b's 100-token turn
+
+    def light() -> float:
+        return states.queued_s("r", RATE, 0.0, tenant="b", prompt_tokens=100, uncached_tokens=100)
+
+    assert light() == pytest.approx(turn if expected else every)
+    states.queue_reported("r", tenant_fair=not expected)
+    assert light() == pytest.approx(every if expected else turn)
+    states.sent("r", 2_000, 2_000, [], now=0.0, tenant="a", fair_queue=expected)  # the row again
+    assert light() == pytest.approx(every + 2.0 if expected else turn)
+
+
+def test_a_row_is_expected_fair_where_its_replica_has_a_fair_queue_by_default() -> None:
+    """The simulator's prefill queue is tenant-fair; a self-hosted row with replica_slots has
+    a model service gate of as many calls by default (``max_concurrent_calls``); a batching
+    engine's row and a hosted provider's have no gate unless it is set."""
+    models = load_model_table().models
+    expected = {name: expects_fair_queue(models[name]) for name in _ROWS}
+    assert expected == _ROWS
+
+
+_ROWS = {
+    "sim-small": True,
+    "local-small": True,  # replica_slots = 1 (llama-server --parallel 1)
+    "llama-3-1-8b-vllm": False,
+    "claude-haiku-4-5": False,
+    "gpt-4o-mini": False,
+}
+
+
+def test_the_router_takes_the_replica_s_word_on_its_queue() -> None:
+    """Through the router's request path: sim-small's replica says in its first report that
+    it serves first come first served, so another tenant's call no longer overtakes a's
+    backlog in the prediction (as it does when the replica says nothing: ``test_the_router_
+    threads_each_request_s_tenant_to_its_replica_s_queue``)."""
+    clock = Clock()
+
+    async def scenario() -> None:
+        models = Models(clock, {}, fair_queue={"small-1": False})
+        pipeline = _pipeline(models)
+        first = build_request("question", model="sim-small", request_id="r0")
+        await _drain(pipeline.run("tenant-a", first, streamed=True))
+        models.slow["small-1"] = 30.0
+        calls = []
+        for i in range(1, 3):
+            request = build_request(f"question {i}", model="sim-small", request_id=f"r{i}")
+            models.called.clear()
+            calls.append(
+                asyncio.create_task(_drain(pipeline.run("tenant-a", request, streamed=True)))
+            )
+            await models.called.wait()
+        loads, now = pipeline.loads, clock()
+        other = loads.queued_s("small-1", 1_000.0, now, tenant="tenant-b", uncached_tokens=100)
+        assert other == pytest.approx(4.0)  # both 2,000-token prompts, not the first alone
+        await asyncio.gather(*calls)
+        await pipeline.drain()
+
+    run_on_clock(clock, scenario)

@@ -111,6 +111,9 @@ class Models:
     # answer until its slot is done, a call sent meanwhile waits for its end
     one_slot: dict[str, Slot] = field(default_factory=dict)
     behind_s: float | None = None  # a call waiting there ends DEADLINE_EXCEEDED after this
+    # what each replica's first reports say of its queue (``tenant_fair_queue``; absent: unset,
+    # as an older replica's)
+    fair_queue: dict[str, bool] = field(default_factory=dict)
     # (on the loop's clock)
     called: asyncio.Event = field(default_factory=asyncio.Event)  # a call was made
 
@@ -135,6 +138,8 @@ class Models:
             return Behind(self, replica, slot.done)
         self.clock.now += self.prefill_s
         start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
+        if replica in self.fair_queue:
+            start.tenant_fair_queue = self.fair_queue[replica]
         if replica in self.cutting:
             died = CallFailed(Code.UNAVAILABLE, "the replica died mid-answer")
             return Stream(

@@ -263,6 +263,7 @@ class ProviderApi:
                 self._adapter.backend,
                 request.prompt.prompt_tokens if request.HasField("prompt") else 0,
                 count=self._tokenizers.for_spec(spec).count_once,
+                tenant_fair_queue=self._gate is not None,
             )
             try:
                 remaining = deadline - self._clock()

@@ -36,6 +36,9 @@ class Progress:
     backend: str
     estimated_prompt_tokens: int  # Plan's count, until the provider reports its own
     started: bool = False
+    # the replica serves its waiting calls' turns by tenant (its gate's fair queue), told in
+    # the start (``GenerateStart.tenant_fair_queue``); False: no gate, the engine's own order
+    tenant_fair_queue: bool = False
     pieces: list[str] = field(default_factory=list)
     # tool calls' names and argument JSON as streamed, finished or not: output tokens too
     tool_pieces: list[str] = field(default_factory=list)
@@ -76,6 +79,7 @@ class Progress:
                 kv_cached_tokens=0,  # a provider reports its cache reuse at the end
                 kv_cached_unreported=True,
                 backend=self.backend,
+                tenant_fair_queue=self.tenant_fair_queue,
             )
         )
 

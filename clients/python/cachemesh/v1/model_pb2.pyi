@@ -69,6 +69,7 @@ class GenerateStart(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
     CUT_BEFORE_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FAIR_QUEUE_FIELD_NUMBER: _builtins.int
     replica: _builtins.str
     prompt_tokens: _builtins.int
     kv_cached_tokens: _builtins.int
@@ -87,6 +88,13 @@ class GenerateStart(_message.Message):
     from it and judges the replica as for a deadline before any start. An older router reads
     it as a first report; an older replica never sets it.
     """
+    tenant_fair_queue: _builtins.bool
+    """Whether this replica serves its waiting calls' turns by tenant (its fair queue: the
+    simulator's prefill queue, a provider replica's MODEL_MAX_CONCURRENT_CALLS gate): true; or
+    leaves them to its engine, first come first served (no gate): false. The router predicts
+    the queue ahead of a request by it. Unset: an older replica; the router goes by the model
+    row (a simulated row or one with replica_slots: tenant-fair).
+    """
     def __init__(
         self,
         *,
@@ -96,12 +104,15 @@ class GenerateStart(_message.Message):
         backend: _builtins.str = ...,
         kv_cached_unreported: _builtins.bool = ...,
         cut_before_first_token: _builtins.bool = ...,
+        tenant_fair_queue: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tenant_fair_queue", b"_tenant_fair_queue", "tenant_fair_queue", b"tenant_fair_queue"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "cut_before_first_token", b"cut_before_first_token", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "prompt_tokens", b"prompt_tokens", "replica", b"replica"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tenant_fair_queue", b"_tenant_fair_queue", "backend", b"backend", "cut_before_first_token", b"cut_before_first_token", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "tenant_fair_queue", b"tenant_fair_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tenant_fair_queue: _TypeAlias = _typing.Literal["tenant_fair_queue"]  # noqa: Y015
+    _WhichOneofArgType__tenant_fair_queue: _TypeAlias = _typing.Literal["_tenant_fair_queue", b"_tenant_fair_queue"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tenant_fair_queue) -> _WhichOneofReturnType__tenant_fair_queue | None: ...
 
 Global___GenerateStart: _TypeAlias = GenerateStart  # noqa: Y015
 
