@@ -351,3 +351,78 @@ def test_the_router_takes_the_replica_s_word_on_its_queue() -> None:
         await pipeline.drain()
 
     run_on_clock(clock, scenario)
+
+
+async def test_with_history_the_prediction_is_no_worse_than_counting_every_tenant() -> None:
+    """The replica's fair queue with a history (calls arriving while others are served, so
+    tenants carry deficits the router does not know) and then one more call of any tenant:
+    predicted per tenant, the prefill ahead of it is no further from what the real queue
+    serves first, on average, than counting every tenant's, and exact as often at least
+    (measured over these 200 mixes: mean absolute error 587 against 3,843 tokens, the largest
+    6,716 against 20,116; exact in 140 against 78). Not exact: the deficits tenants carry
+    are not known to the router (taken as none)."""
+    rng = random.Random(11)
+    new_errors, old_errors = [], []
+    for _ in range(200):
+        new, old, actual = await _with_history(rng)
+        new_errors.append(abs(new - actual))
+        old_errors.append(abs(old - actual))
+    mean_new, mean_old = sum(new_errors) / 200, sum(old_errors) / 200
+    exact_new = sum(e < 1e-6 for e in new_errors)
+    exact_old = sum(e < 1e-6 for e in old_errors)
+    assert mean_new <= mean_old and exact_new >= exact_old, (mean_new, mean_old)
+
+
+async def _with_history(rng: random.Random) -> tuple[float, float, float]:
+    """One mix: arrivals (tenant a the heaviest) interleaved with the call in progress
+    ending, on the real FairQueue (one call at the engine) and on the router's record of the
+    same calls; then a probe call. Returns the prefill ahead of the probe predicted per tenant,
+    predicted counting every tenant's, and served first by the queue (the call in progress
+    included), in tokens."""
+    queue = FairQueue(1, lambda: 0.0)
+    states = ReplicaStates()
+    admitted: list[int] = []  # the calls in the order the queue let them through
+    calls: dict[int, tuple[int, int | None]] = {}  # each call's tokens and its ticket
+    tasks: list[asyncio.Future[None]] = []
+
+    async def call(n: int, tenant: str, tokens: int) -> None:
+        await queue.acquire(tenant, tokens)
+        admitted.append(n)
+
+    def arrive(tenant: str, tokens: int) -> int:
+        n = len(calls)
+        calls[n] = (tokens, states.sent("r", tokens, tokens, [], 0.0, tenant=tenant))
+        tasks.append(asyncio.ensure_future(call(n, tenant, tokens)))
+        return n
+
+    sizes = (16, 100, 300, 1_000, 2_500)
+    for _ in range(rng.randint(5, 60)):
+        if rng.random() < 0.6 or queue.running == 0:
+            arrive(rng.choice("aaabc"), rng.choice(sizes))
+        else:  # the call in progress reports its first token and leaves the engine
+            tokens, ticket = calls[admitted[-1]]
+            assert ticket is not None
+            states.started("r", ticket, tokens, 0, now=0.0)
+            calls[admitted[-1]] = (tokens, None)
+            queue.release()
+        await _settle()
+    tenant, tokens = rng.choice("abcd"), rng.choice(sizes)
+    old = states.queued_s(
+        "r", 1.0, 0.0, tenant=tenant, prompt_tokens=tokens, uncached_tokens=tokens
+    )
+    states.queue_reported("r", tenant_fair=True)
+    new = states.queued_s(
+        "r", 1.0, 0.0, tenant=tenant, prompt_tokens=tokens, uncached_tokens=tokens
+    )
+    ahead = calls[admitted[-1]][0] if queue.running else 0
+    probe_n = arrive(tenant, tokens)
+    await _settle()
+    while admitted[-1] != probe_n:
+        queue.release()
+        await _settle()
+        if admitted[-1] != probe_n:
+            ahead += calls[admitted[-1]][0]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return new, old, float(ahead)
