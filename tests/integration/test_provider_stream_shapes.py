@@ -238,6 +238,14 @@ def _tool_turn(*calls: Event) -> Reply:
             ),
             [("call_3", "web_search", {"city": "Paris"})],
         ),
+        # a tool without parameters (no arguments sent), then another call under its index
+        (
+            _tool_turn(
+                _call(0, "call_1", "get_time", ""),
+                _call(0, "call_2", "get_weather", '{"city": "Paris"}'),
+            ),
+            [("call_1", "get_time", {}), ("call_2", "get_weather", {"city": "Paris"})],
+        ),
     ],
     ids=[
         "same-index",
@@ -249,6 +257,7 @@ def _tool_turn(*calls: Event) -> Reply:
         "new-id-mid-call",
         "new-id-each-piece",
         "opened-twice",
+        "no-arguments-then-another",
     ],
 )
 def test_parallel_tool_calls_under_one_index_or_none_stay_apart(

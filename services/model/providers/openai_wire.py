@@ -233,19 +233,44 @@ def reasoning_of(delta: Any) -> str:
 @dataclass
 class ToolCall:
     """A tool call as streamed so far: its id and name (empty until a piece names them) and
-    its argument pieces."""
+    its argument pieces, read as they come (``add``) far enough to know when they close."""
 
     id: str = ""
     name: str = ""
     pieces: list[str] = field(default_factory=list)
+    _depth: int = 0  # brackets open outside strings
+    _in_string: bool = False
+    _escaped: bool = False  # the last character was a backslash inside a string
+    _closed: bool = False  # an object or array opened and closed again at the top
+
+    def add(self, piece: str) -> None:
+        """One more piece of its arguments: each character is read once (linear in the
+        arguments, however many pieces and ids they come in)."""
+        self.pieces.append(piece)
+        for char in piece:
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]" and self._depth:
+                self._depth -= 1
+                self._closed = self._depth == 0
 
     def whole(self) -> bool:
-        """Whether its arguments so far are one whole JSON value (a call that can end here)."""
-        try:
-            json.loads("".join(self.pieces))
-        except ValueError:
-            return False
-        return True
+        """Whether its arguments so far are a whole JSON object or array (a call that can end
+        here)."""
+        return self._closed and not self._depth and not self._in_string
+
+    def empty(self) -> bool:
+        """Whether it has no arguments yet (a tool without parameters may send none)."""
+        return not any(piece.strip() for piece in self.pieces)
 
 
 class ToolCalls:
@@ -256,7 +281,9 @@ class ToolCalls:
     index. Before its arguments are whole, a new id is the same call's (Poolside gives a
     call's later pieces another id, poolsideai/pool#9; some engines a new id each piece;
     Atlas opens a call twice, Avarok-Cybersecurity/atlas#33): the last id is kept. An engine
-    that sends no index is read the same way, as if every piece had one index. Before,
+    that sends no index is read the same way, as if every piece had one index. A call with
+    no arguments yet is followed by a new call when a piece with a new id names another
+    function (a tool without parameters, then another call under the same index). Before,
     parallel calls merged into one: the last id and name, every call's arguments run
     together (``_unparsed_arguments``)."""
 
@@ -264,15 +291,23 @@ class ToolCalls:
         self.calls: list[ToolCall] = []
         self._held: dict[int | None, ToolCall] = {}  # index (None: none) -> its call now
 
-    def piece(self, index: int | None, call_id: str | None) -> ToolCall:
-        """The call a streamed piece (its ``index`` and ``id``) belongs to, begun if new."""
+    def piece(self, index: int | None, call_id: str | None, name: str | None = None) -> ToolCall:
+        """The call a streamed piece (its ``index``, ``id`` and function ``name``) belongs to,
+        begun if new."""
         held = self._held.get(index)
-        if held is None or (call_id and held.id and call_id != held.id and held.whole()):
+        if held is None or (call_id and held.id and call_id != held.id and self._ended(held, name)):
             held = self._held[index] = ToolCall()
             self.calls.append(held)
         if call_id:
             held.id = call_id
         return held
+
+    @staticmethod
+    def _ended(held: ToolCall, name: str | None) -> bool:
+        """Whether a piece with a new id, naming ``name``, comes after ``held`` rather than
+        inside it: its arguments are whole, or it has none and the piece names another
+        function (the same name again is the call opened twice)."""
+        return held.whole() or (held.empty() and bool(name) and name != held.name)
 
 
 class OpenAIAdapter:
@@ -328,13 +363,14 @@ class OpenAIAdapter:
                         for call in (delta.tool_calls if delta is not None else None) or []:
                             if not progress.started:
                                 yield progress.start()
-                            entry = calls.piece(call.index, call.id)
+                            named = call.function.name if call.function is not None else None
+                            entry = calls.piece(call.index, call.id, named)
                             if call.function is not None:
                                 if call.function.name:
                                     entry.name = call.function.name
                                     yield progress.tool_piece(call.function.name)
                                 if call.function.arguments:
-                                    entry.pieces.append(call.function.arguments)
+                                    entry.add(call.function.arguments)
                                     yield progress.tool_piece(call.function.arguments)
                         if choice.finish_reason:
                             finish = choice.finish_reason
