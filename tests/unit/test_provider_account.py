@@ -172,8 +172,8 @@ BAD_SCHEMA = anthropic_wire.error(
 
 @pytest.mark.parametrize(
     ("backend", "model", "reply"),
-    [("openai", GPT, NO_ACCESS), ("anthropic", CLAUDE, BAD_SCHEMA)],
-    ids=["openai-403-model-not-found", "schema"],
+    [("anthropic", CLAUDE, BAD_SCHEMA)],
+    ids=["schema"],
 )
 async def test_a_refusal_of_the_request_is_invalid_argument_and_the_replica_serves_on(
     server: WireServer,
@@ -388,7 +388,7 @@ async def test_a_token_rate_reached_by_other_requests_is_still_retried(
 
 # a base URL without its /v1: vLLM's (FastAPI's) own 404, no error object, no model in it
 NO_ROUTE = Reply(status=404, body={"detail": "Not Found"})
-# the providers' 404 for a model they do not serve: the request's
+# the providers' 404 for a model they do not serve: the replica's set-up (its upstream model)
 NO_MODEL_OPENAI = openai_wire.error(
     404,
     "invalid_request_error",
@@ -447,23 +447,31 @@ async def test_a_404_not_about_a_model_is_the_replicas_and_goes_to_another(
         ("openai", GPT, NO_MODEL_OPENAI),
         ("anthropic", CLAUDE, NO_MODEL_ANTHROPIC),
         ("openai", GPT, NO_MODEL_VLLM),
+        ("openai", GPT, NO_ACCESS),
     ],
-    ids=["openai", "anthropic", "vllm"],
+    ids=["openai", "anthropic", "vllm", "openai-403-model-not-found"],
 )
-async def test_a_404_about_the_model_is_still_the_requests(
+async def test_a_404_or_403_about_the_model_is_the_replicas(
     server: WireServer,
     replicas: Callable[[Backend, str], Replica],
     backend: Backend,
     model: str,
     reply: Reply,
 ) -> None:
+    """A caller names a row of the model table, never the provider's model: a replica whose
+    provider does not serve the model it asks for (``MODEL_UPSTREAM_IDS``, an engine that has
+    not loaded it, a retired model, a key that may not use it) fails every request for it and
+    none on a replica set up right: UNAVAILABLE (the router's next replica, counted toward this
+    one's ejection for that model, the Gateway's error alert), the replica's line saying what
+    to check. Before, each caller got a 400 as if it had named a wrong model, and no alert."""
     replica = replicas(backend, model)
     server.script(backend, reply)
     refused = await replica.call()
-    assert refused is not None and refused.code == Code.INVALID_ARGUMENT, refused
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
     inner = reply.body.get("error", reply.body)
     assert inner["message"] in refused.message
-    assert replica.calls() == 1
+    assert "MODEL_UPSTREAM_IDS" in refused.message and "MODEL_UPSTREAM_IDS" not in refused.reason
+    assert replica.calls() == 1  # no retry: the next replica, at once
 
 
 # Anthropic's 429 for an account's input tokens a minute (its real wording, the same whether

@@ -1,7 +1,9 @@
 """A provider's 401 (or an error typed as our credentials') takes the replica NOT_SERVING; a
 403 that concerns one model (OpenAI: ``invalid_request_error`` / ``model_not_found``, "Project
-... does not have access to model ...") is that request's refusal, and every other model the
-key may use keeps being served. The adapter is a fake raising the official SDK's own errors."""
+... does not have access to model ...") is this replica's for that model (``UNAVAILABLE``: the
+router's next replica, counted toward this one's ejection for that model; a caller names a row
+of the table, never the provider's model), and every other model the key may use keeps being
+served. The adapter is a fake raising the official SDK's own errors."""
 
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ async def _stop_reason(api: ProviderApi, model: str) -> str:
     return chunks[-1].end.stop_reason
 
 
-async def test_a_403_for_one_model_refuses_that_request_and_keeps_the_replica_serving(
+async def test_a_403_for_one_model_is_the_replicas_and_keeps_it_serving_the_others(
     tokenizer: Tokenizers,
 ) -> None:
     health: list[bool] = []
@@ -130,8 +132,10 @@ async def test_a_403_for_one_model_refuses_that_request_and_keeps_the_replica_se
     api = _api(adapter, tokenizer, health)
     with pytest.raises(RequestError) as refused:
         await _stop_reason(api, FORBIDDEN_MODEL)
-    assert refused.value.code == Code.INVALID_ARGUMENT  # the client's answer, not a retry
+    assert refused.value.code == Code.UNAVAILABLE  # the next replica's, not the caller's 400
     assert "does not have access to model" in refused.value.message
+    assert "MODEL_UPSTREAM_IDS" in refused.value.message  # the operator's line says what to check
+    assert "MODEL_UPSTREAM_IDS" not in (refused.value.reason or "")  # never the caller's
     assert "403" in refused.value.message
     assert await _stop_reason(api, ALLOWED_MODEL) == "end_turn"
     assert health == []  # never NOT_SERVING

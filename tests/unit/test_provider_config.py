@@ -166,7 +166,7 @@ def test_openai_body_for_a_local_engine_uses_max_tokens_and_no_cache_key() -> No
         (403, "permission_error", "", Kind.AUTH),
         (401, "error", "", Kind.AUTH),  # a proxy's 401 without a typed body
         (0, "authentication_error", "", Kind.AUTH),  # an error event mid-stream
-        (403, "invalid_request_error", "model_not_found", Kind.CLIENT),  # OpenAI: one model
+        (403, "invalid_request_error", "model_not_found", Kind.FATAL),  # OpenAI: one model's key
         # OpenAI: this account's key, from where the replica runs; another replica may serve
         (403, "request_forbidden", "unsupported_country_region_territory", Kind.FATAL),
         (403, "error", "", Kind.FATAL),  # a 403 about no one model: the replica's
@@ -217,17 +217,18 @@ GROQ_ALONE = (
             Kind.RETRY,
         ),
         (429, "insufficient_quota", "insufficient_quota", TPM_ALONE, Kind.ACCOUNT),
-        # a 404 about the model: OpenAI's, Anthropic's, vLLM's, Ollama's (typed api_error)
+        # a 404 about the model: OpenAI's, Anthropic's, vLLM's, Ollama's (typed api_error): the
+        # replica's set-up (a caller names a row of the table, never the provider's model)
         (
             404,
             "invalid_request_error",
             "model_not_found",
             "The model `x` does not exist",
-            Kind.CLIENT,
+            Kind.FATAL,
         ),
-        (404, "not_found_error", "", "model: claude-sonnet-4-x", Kind.CLIENT),
-        (404, "NotFoundError", "404", "The model `Qwen2.5` does not exist.", Kind.CLIENT),
-        (404, "api_error", "", 'model "llama3" not found, try pulling it first', Kind.CLIENT),
+        (404, "not_found_error", "", "model: claude-sonnet-4-x", Kind.FATAL),
+        (404, "NotFoundError", "404", "The model `Qwen2.5` does not exist.", Kind.FATAL),
+        (404, "api_error", "", 'model "llama3" not found, try pulling it first', Kind.FATAL),
         # any other 404: the replica's base URL or path
         (404, "error", "", '{"detail": "Not Found"}', Kind.FATAL),
         (404, "not_found_error", "", "Not Found", Kind.FATAL),

@@ -570,9 +570,15 @@ class ProviderApi:
         status = f"{failure.status} {failure.error_type}" if failure.status else failure.error_type
         after = f"; {why}" if why else ""
         check = ""  # for the operator (the replica's line), not the client (the reason)
-        if failure.kind == Kind.FATAL and failure.status == 404:  # a path it does not serve
-            base = "ends in /v1" if backend == "openai" else "has no /v1: the SDK adds it"
-            check = f"; is {backend.upper()}_BASE_URL ({self._s.shown_url}) right? (it {base})"
+        if failure.kind == Kind.FATAL and failure.status in (403, 404):
+            if failure.about_model:  # not served there, or not to this key
+                check = (
+                    f"; does this replica serve {model}'s upstream model with this key? "
+                    "(MODEL_UPSTREAM_IDS, the engine's loaded model, the model's retirement)"
+                )
+            elif failure.status == 404:  # a path it does not serve
+                base = "ends in /v1" if backend == "openai" else "has no /v1: the SDK adds it"
+                check = f"; is {backend.upper()}_BASE_URL ({self._s.shown_url}) right? (it {base})"
         return RequestError(
             Code.UNAVAILABLE,
             f"{backend} could not serve ({status}: {message}){after}{check}",

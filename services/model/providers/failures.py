@@ -15,12 +15,13 @@ request the adapter or the SDK cannot encode as the provider's body (``Unsendabl
 sent: the request's fault, like a 400.
 
 Only a 401 or an error whose type (or OpenAI ``code``) names our credentials
-(``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Of the other
-403s only OpenAI's ``model_not_found`` ("Project ... does not have access to model ...", a key
-that may not use one model and still serves every other) concerns the request: ``CLIENT``. Any
-other 403 is this replica's account's (OpenAI's ``request_forbidden`` /
-``unsupported_country_region_territory`` for a key used from where it may not be): ``FATAL``,
-another replica may serve the request.
+(``authentication_error``, ``permission_error``, ``invalid_api_key``) is ``AUTH``. Any other 403
+is this replica's: OpenAI's ``model_not_found`` ("Project ... does not have access to model
+...", a key that may not use one model and still serves every other), its
+``request_forbidden`` / ``unsupported_country_region_territory`` (a key used from where it may
+not be): ``FATAL``, another replica may serve the request. A caller names a row of the model
+table, never the provider's model: which model a replica asks for, and with which key, is the
+operator's set-up.
 
 An account that cannot pay is ``ACCOUNT``, whatever status it comes with: Anthropic's 400
 ``invalid_request_error`` "Your credit balance is too low to access the Anthropic API" (typed
@@ -45,12 +46,13 @@ not ``anthropic-ratelimit-tokens-limit``, which shows the most restrictive limit
 output's maybe): ``Failure.token_limit``. The caller, which knows the request's own input, tells
 (``alone_over``) whether it is over that limit by itself: then ``TOO_LARGE`` too, else retried.
 
-A 404 about the model (OpenAI's ``model_not_found``, Anthropic's ``not_found_error`` "model:
-claude-...", vLLM's "The model `...` does not exist", Ollama's 'model "..." not found': a
-message that names a model) is the request's: ``CLIENT``. Any other 404 (a base URL without its
-``/v1``, a path the engine does not serve: vLLM's ``{"detail": "Not Found"}``) fails every
-request on this replica and none on one set up right: ``FATAL``, the replica's. A body without
-an error message is quoted (bounded; redacted by the caller like any message).
+A 404 is the replica's too (``FATAL``): about the model (OpenAI's ``model_not_found``,
+Anthropic's ``not_found_error`` "model: claude-...", vLLM's "The model `...` does not exist",
+Ollama's 'model "..." not found': ``about_a_model``), the model it asks for is not served there
+(``MODEL_UPSTREAM_IDS``, the engine's loaded model, a retired model); else its base URL lacks
+its ``/v1`` or names a path the engine does not serve (vLLM's ``{"detail": "Not Found"}``).
+Either fails every request on this replica and none on one set up right. A body without an
+error message is quoted (bounded; redacted by the caller like any message).
 
 An error's type and code are the provider's text, like its message: a proxy or an
 OpenAI-compatible engine may put anything there (its own words, the key it was sent). Each is
@@ -111,6 +113,8 @@ class Failure:
     token_limit: int | None = None
     # the request's own input tokens by our estimate, when ``alone_over`` found them over it
     request_tokens: int | None = None
+    # its words (or OpenAI's code) are about the model asked for (``about_a_model``)
+    about_model: bool = False
 
 
 # (vLLM names an error by its exception's class: BadRequestError, InternalServerError)
@@ -218,18 +222,24 @@ def classify(exc: Exception) -> Failure:
     if isinstance(exc, _STATUS_ERRORS):
         status = int(exc.status_code)
         error_type, message = _error_of(exc.body, str(exc))
-        kind = _kind(status, error_type, _code_of(exc.body), message)
+        code = _code_of(exc.body)
+        kind = _kind(status, error_type, code, message)
         headers = exc.response.headers
         limit = _token_limit(kind, status, error_type, message, headers)
-        return Failure(kind, status, error_type, message, _retry_after(headers), limit)
+        about = about_a_model(code, message)
+        return Failure(
+            kind, status, error_type, message, _retry_after(headers), limit, about_model=about
+        )
     if isinstance(exc, _TRANSPORT_ERRORS):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
     if isinstance(exc, (anthropic.APIError, openai.APIError)):  # an error chunk in a stream
         error_type, message = _error_of(exc.body, str(exc))
         status = _status_in(exc.body)
-        kind = _kind(status, error_type, _code_of(exc.body), message)
+        code = _code_of(exc.body)
+        kind = _kind(status, error_type, code, message)
         limit = _token_limit(kind, status, error_type, message, None)
-        return Failure(kind, status, error_type, message, None, limit)
+        about = about_a_model(code, message)
+        return Failure(kind, status, error_type, message, None, limit, about_model=about)
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
 
@@ -246,13 +256,13 @@ def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Ki
         status == 429 or error_type in _RATE_LIMITED or code in _RATE_LIMITED
     ) and alone_over_a_rate_limit(message):
         return Kind.TOO_LARGE  # no wait makes it pass
-    if status == 404 or error_type in _NOT_FOUND_TYPES:  # the model's (the request's), else
-        # this replica's set-up (its base URL): another replica may serve
-        return Kind.CLIENT if _about_a_model(code, message) else Kind.FATAL
+    if status == 404 or error_type in _NOT_FOUND_TYPES:  # this replica's set-up (its model,
+        # its base URL): another replica may serve
+        return Kind.FATAL
     if error_type in _RETRY_TYPES or status in (408, 409, 429, 529) or status >= 500:
         return Kind.RETRY
-    if status == 403:  # one model's (the request's), else this replica's account's
-        return Kind.CLIENT if code == _ONE_MODEL else Kind.FATAL
+    if status == 403:  # this replica's account's (a key that may not use this model too)
+        return Kind.FATAL
     if (
         error_type in _TOO_LARGE_TYPES
         or code in _TOO_LARGE_TYPES
@@ -265,8 +275,8 @@ def _kind(status: int, error_type: str, code: str = "", message: str = "") -> Ki
     return Kind.FATAL
 
 
-def _about_a_model(code: str, message: str) -> bool:
-    """A 404 (or a not-found error) about the model the request names."""
+def about_a_model(code: str, message: str) -> bool:
+    """A 404 (or a not-found error, a 403) about the model the replica asked for."""
     return code == _ONE_MODEL or _ABOUT_A_MODEL.search(message) is not None
 
 
