@@ -77,6 +77,31 @@ def test_the_stack_section_is_the_run_dirs_moved_settings_or_unknown(tmp_path: P
     assert stack == {} and why is not None and "34213" in why and "--run-dir" in why
 
 
+@pytest.mark.parametrize(
+    ("listen", "target", "same"),
+    [
+        ("0.0.0.0:50051", "127.0.0.1:50051", True),
+        ("127.0.0.1:50051", "localhost:50051", True),
+        ("[::]:50051", "[::1]:50051", True),
+        ("gpu-box.internal:50051", "gpu-box.internal:50051", True),
+        # another host on the same port: the cwd .env's local stack is not that one
+        ("0.0.0.0:50051", "gpu-box.internal:50051", False),
+        ("127.0.0.1:50051", "10.0.0.7:50051", False),
+        ("127.0.0.1:50051", "127.0.0.1:50052", False),
+    ],
+)
+def test_the_stack_section_is_the_targets_own_host_and_port(
+    tmp_path: Path, listen: str, target: str, same: bool
+) -> None:
+    """Ports alone were compared: a remote target on the local stack's port got the local
+    .env's settings (MODEL_BACKEND=simulator for a GPU box) and no warning."""
+    env = tmp_path / ".env"
+    env.write_text(f"ROUTER_LISTEN={listen}\nMODEL_BACKEND=simulator\n")
+    stack, why = cli.target_stack(env, None, target)
+    assert (stack.get("MODEL_BACKEND") == "simulator" and why is None) is same, (stack, why)
+    assert (stack == {} and why is not None) is not same
+
+
 def test_only_secret_named_settings_are_masked() -> None:
     assert mask("CACHEMESH_TOKENIZER_CACHE_TOKENS", "4096") == "4096"
     assert mask("ROUTER_MAX_OUTPUT_TOKENS", "512") == "512"

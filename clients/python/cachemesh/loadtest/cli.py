@@ -158,9 +158,9 @@ def target_stack(
     path: Path, run_dir: Path | None, target: str
 ) -> tuple[dict[str, str], str | None]:
     """The target stack's settings for the report (``stack_config``'s, over them the run
-    dir's moved ones, ``run_dir/ports.env``) and None; or, when the Gateway they name listens
-    on another port than ``target``'s (the cwd's .env of a stack moved to free ports, or
-    another stack's), no settings and why: never another stack's values."""
+    dir's moved ones, ``run_dir/ports.env``) and None; or, when the Gateway they name is not
+    ``target`` (another port: the cwd's .env of a stack moved to free ports; another host, on
+    any port: another stack's), no settings and why: never another stack's values."""
     settings = stack_config(path)
     moved = run_dir / MOVED_FILE if run_dir is not None else None
     if moved is not None and moved.is_file():
@@ -169,7 +169,7 @@ def target_stack(
         except EnvFileError as exc:
             raise ValueError(f"--run-dir: {exc}") from None
     listen = settings.get(LISTEN)
-    if listen is None or _port(listen) == _port(target):
+    if listen is None or _same_gateway(listen, target):
         return settings, None
     said = f"{path} and {moved} say" if moved is not None and moved.is_file() else f"{path} says"
     return {}, (
@@ -179,8 +179,21 @@ def target_stack(
     )
 
 
-def _port(address: str) -> str:
-    return address.rsplit(":", 1)[-1]
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+_ANY = {"", "0.0.0.0", "*", "::", "[::]"}
+
+
+def _same_gateway(listen: str, target: str) -> bool:
+    """Whether a Gateway listening at ``listen`` is the one ``target`` dials: the same port,
+    and the same host, or a loopback target of one listening on loopback or every address (a
+    target on another host, even on the same port, may be another stack)."""
+    listen_host, _, listen_port = listen.rpartition(":")
+    target_host, _, target_port = target.rpartition(":")
+    if listen_port != target_port:
+        return False
+    if target_host.lower() == listen_host.lower():
+        return True
+    return target_host.lower() in _LOOPBACK and (listen_host in _ANY or listen_host in _LOOPBACK)
 
 
 KEY_VARIABLES = {TENANT_A: ("CACHEMESH_API_KEY", "CACHEMESH_KEY_A"), TENANT_B: ("CACHEMESH_KEY_B",)}
