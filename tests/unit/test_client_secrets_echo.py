@@ -9,32 +9,20 @@ from pathlib import Path
 import pytest
 
 from cachemesh import cli as ask_cli
-from cachemesh.loadtest import cli
+from tests.unit.loadtest_cli import cli_env, run_cli  # noqa: F401 (cli_env: a fixture)
 
 TOKEN = "Zq3xV9kLmN2pR7sT4uW8yA1bC5dE6fG0hJ"  # shaped as secrets.token_urlsafe makes them
 API_KEY = "cm_Zq3xV9kLmN2pR7sT4uW8yA1bC5dE6fG0hJ"
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
-    monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
-    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
-                 "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: None)
-
-
-def _run(tmp_path: Path, *extra: str, target: str = "127.0.0.1:1") -> int:
-    args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
-    return cli.main([*args, "--stack-config", str(tmp_path / "none.env"), *extra])
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def test_an_admin_token_in_place_of_its_file_is_never_echoed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN_FILE", TOKEN)
-    assert _run(tmp_path) == 2
+    assert run_cli(tmp_path) == 2
     err = capsys.readouterr().err
     assert TOKEN not in err and "CACHEMESH_ADMIN_TOKEN_FILE" in err, err
     assert ask_cli.main(["admin", "stats"]) == 2
@@ -46,7 +34,7 @@ def test_a_missing_token_file_that_looks_like_a_path_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN_FILE", str(tmp_path / "admin-token"))
-    assert _run(tmp_path) == 2
+    assert run_cli(tmp_path) == 2
     assert str(tmp_path / "admin-token") in capsys.readouterr().err
 
 
@@ -63,7 +51,7 @@ def test_a_missing_token_file_that_looks_like_a_path_is_named(
 def test_cachemesh_load_refuses_a_key_on_its_command_line_without_echoing_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    assert _run(tmp_path, *argv) == 2
+    assert run_cli(tmp_path, *argv) == 2
     err = capsys.readouterr().err
     assert API_KEY not in err and TOKEN not in err, err
     assert not (tmp_path / "r.json").exists()

@@ -12,21 +12,9 @@ import pytest
 from cachemesh.loadtest import cli, report
 from cachemesh.loadtest.samples import CUT, Sample
 from cachemesh.loadtest.stats import summarise
+from tests.unit.loadtest_cli import cli_env, run_cli  # noqa: F401 (cli_env: a fixture)
 
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
-    monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
-    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
-                 "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: None)
-
-
-def _run(tmp_path: Path, *extra: str, target: str = "127.0.0.1:1") -> int:
-    args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
-    return cli.main([*args, "--stack-config", str(tmp_path / "none.env"), *extra])
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def test_failed_requests_have_their_own_latency_figures_and_table_line() -> None:
@@ -56,6 +44,6 @@ def test_the_failed_latency_is_written_to_the_report(
         ]
 
     monkeypatch.setattr(cli, "run_load", slow)
-    assert _run(tmp_path) == 1
+    assert run_cli(tmp_path) == 1
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     assert results["failed_ms"]["all"] == {**results["failed_ms"]["all"], "n": 1, "max": 2000.0}

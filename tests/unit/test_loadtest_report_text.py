@@ -14,21 +14,9 @@ from cachemesh.loadtest import cli, report
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.stats import summarise
+from tests.unit.loadtest_cli import cli_env, run_cli  # noqa: F401 (cli_env: a fixture)
 
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
-    monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
-    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
-                 "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: None)
-
-
-def _run(tmp_path: Path, *extra: str, target: str = "127.0.0.1:1") -> int:
-    args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
-    return cli.main([*args, "--stack-config", str(tmp_path / "none.env"), *extra])
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def _billed_results() -> dict[str, Any]:
@@ -56,7 +44,7 @@ def test_a_gateway_that_answered_every_request_with_an_error_is_not_said_to_be_m
         ]
 
     monkeypatch.setattr(cli, "run_load", refused)
-    assert _run(tmp_path) == 1
+    assert run_cli(tmp_path) == 1
     err = capsys.readouterr().err
     assert "no request completed" in err and "is a Gateway running" not in err, err
     assert "UNAVAILABLE" in err
@@ -114,13 +102,13 @@ def test_a_report_against_a_moved_stack_records_no_other_stacks_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "none.env").write_text("ROUTER_LISTEN=127.0.0.1:50051\nSIM_TIME_SCALE=0\n")
-    _run(tmp_path, "--duration", "0.5", target="127.0.0.1:34213")
+    run_cli(tmp_path, "--duration", "0.5", target="127.0.0.1:34213")
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["stack"] == {}
     assert any("settings are unknown" in w and "127.0.0.1:50051" in w for w in doc["warnings"])
     (tmp_path / ".run").mkdir()
     (tmp_path / ".run" / "ports.env").write_text("ROUTER_LISTEN=127.0.0.1:34213\n")
-    _run(tmp_path, "--duration", "0.5", "--force", target="127.0.0.1:34213")
+    run_cli(tmp_path, "--duration", "0.5", "--force", target="127.0.0.1:34213")
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["stack"] == {"ROUTER_LISTEN": "127.0.0.1:34213", "SIM_TIME_SCALE": "0"}
 
@@ -128,6 +116,6 @@ def test_a_report_against_a_moved_stack_records_no_other_stacks_settings(
 def test_a_gateway_that_answered_nothing_before_the_end_is_not_said_to_have_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _run(tmp_path, "--duration", "0.5") == 1  # nothing listens at :1; health faked
+    assert run_cli(tmp_path, "--duration", "0.5") == 1  # nothing listens at :1; health faked
     err = capsys.readouterr().err
     assert "answered no request before the run ended" in err, err
