@@ -195,6 +195,19 @@ async def _until_metric(front: Served, line: str) -> None:
     raise AssertionError(f"the front's metrics never showed {line!r}")
 
 
+async def _post_chunked(base: str, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that has sent ``BODY`` chunked (no declared length) as ``key``'s."""
+    reader, writer = await _connect(base)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nauthorization: Bearer "
+        + key.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunked
+    )
+    return reader, writer
+
+
 async def _hold_upload(
     front: Served, sent: int = MOST_JSON - 1, reading: int | None = None
 ) -> asyncio.StreamWriter:
@@ -314,14 +327,7 @@ async def test_a_chunked_body_past_the_budget_is_refused_at_once(
 ) -> None:
     front, gateway = budget_front
     held = await _hold_upload(front)
-    reader, writer = await _connect(front.base)
-    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nauthorization: Bearer "
-        + KEY.encode()
-        + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-        + chunked
-    )
+    reader, writer = await _post_chunked(front.base, KEY)
     try:
         reply = await asyncio.wait_for(reader.read(), OUTCOME_S)
     finally:
@@ -406,14 +412,7 @@ async def test_a_chunked_body_with_room_is_read_while_a_declared_one_finds_none(
     held = await _hold_upload(front, sent=MOST_JSON // 2)
     waiting = await _start_upload(front, sent=0)
     await asyncio.sleep(0.1)  # its head read
-    reader, writer = await _connect(front.base)
-    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY)
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nauthorization: Bearer "
-        + OTHER.encode()
-        + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-        + chunked
-    )
+    reader, writer = await _post_chunked(front.base, OTHER)
     try:
         reply = await asyncio.wait_for(reader.read(), OUTCOME_S)
     finally:

@@ -376,19 +376,7 @@ async def test_an_answer_gone_before_its_bill_has_its_whole_bill_fsynced_first(
     taking 1 s: the fsync has all of the 0.4 s.)"""
     clock = FakeClock()
     models = LateAnswers(clock=clock, sent=clock.now, left_s=0.4)
-    prefix = SlowFinals(takes_s=1.0)
-    journal = Journal(tmp_path / "data")
-    outbox = BillingOutbox(prefix, journal, 1.0, 0.01)
-    rig = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox)
-    pipeline = rig.pipeline()
-    unsynced: list[bool] = []
-    async for chunk in pipeline.run("tenant-a", _one_request(), time_remaining_s=1.0):
-        if chunk.WhichOneof("part") == "end":
-            assert chunk.end.cost.estimated
-            unsynced.append(journal.dirty)
-    await pipeline.drain()
-    await outbox.close()
-    assert unsynced == [False]
+    assert await _unsynced_at_the_end(tmp_path, clock, models, SlowFinals(takes_s=1.0)) == [False]
 
 
 async def test_an_answer_whose_bills_sync_is_slow_goes_within_its_deadline(
@@ -409,21 +397,33 @@ async def test_an_answer_whose_bills_sync_is_slow_goes_within_its_deadline(
     monkeypatch.setattr(os, "fsync", slow_fsync)  # the journal's thread's
     clock = FakeClock()
     models = LateAnswers(clock=clock, sent=clock.now)
-    prefix = SlowFinals()
+    unsynced = await _unsynced_at_the_end(tmp_path, clock, models, SlowFinals(), release.set)
+    assert unsynced == [True]
+    assert "before its bill's journal line was synced" in caplog.text
+
+
+async def _unsynced_at_the_end(
+    tmp_path: Path,
+    clock: FakeClock,
+    models: LateAnswers,
+    prefix: SlowFinals,
+    then: Callable[[], None] = lambda: None,
+) -> list[bool]:
+    """One answer through a pipeline whose outbox journals to ``tmp_path``: whether its
+    journal held an unsynced line as each end (at the estimate) went; ``then`` runs after the
+    answer, before the pipeline drains."""
     journal = Journal(tmp_path / "data")
     outbox = BillingOutbox(prefix, journal, 1.0, 0.01)
-    rig = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox)
-    pipeline = rig.pipeline()
+    pipeline = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox).pipeline()
     unsynced: list[bool] = []
     async for chunk in pipeline.run("tenant-a", _one_request(), time_remaining_s=1.0):
         if chunk.WhichOneof("part") == "end":
             assert chunk.end.cost.estimated
             unsynced.append(journal.dirty)
-    release.set()
+    then()
     await pipeline.drain()
     await outbox.close()
-    assert unsynced == [True]
-    assert "before its bill's journal line was synced" in caplog.text
+    return unsynced
 
 
 async def test_a_finishing_answers_final_is_the_breakers_trial_through_the_pipeline() -> None:
