@@ -113,10 +113,30 @@ def limiter_on(
         spec = table.baseline_for(request.model)
         return count_prompt(request, tokenizers.for_spec(spec))
 
+    def largest_bill(request: pb.CompleteRequest, prompt_tokens: int) -> int:
+        """What a request can be billed at most, held of its tenant's budgets while it runs
+        (``limits.Hold``): its prompt at the dearest of its row's input and cache-write prices
+        (long-context ones over their threshold), its ``max_tokens`` at the output price;
+        ``auto``'s largest tier's, the dearest."""
+        rates = table.baseline_for(request.model).rates(prompt_tokens)
+        dearest_input = max(
+            rates.input_nanos, rates.cache_write_5m_nanos, rates.cache_write_1h_nanos
+        )
+        return prompt_tokens * dearest_input + request.max_tokens * rates.output_nanos
+
     if policies is None:
         policies = UniformPolicies(settings.policy)
     return Limiter(
-        store, policies, clock, count, tracer, settings.timeout_s, counted, lost, breaker=breaker
+        store,
+        policies,
+        clock,
+        count,
+        tracer,
+        settings.timeout_s,
+        counted,
+        lost,
+        breaker=breaker,
+        cost_bound=largest_bill,
     )
 
 

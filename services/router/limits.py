@@ -35,8 +35,15 @@ is checked, and the wait is the longest), which the servicer turns into
   below the budget; each answer adds its ``cost_nanos`` (the prefix-cache bill, or the
   estimate the router serves when prefix-cache is down, counted as the outbox journals the
   bill, ``Limiter.count_estimate``, and corrected by what prefix-cache bills when the outbox
-  replays it: ``Limiter.reconcile``). A request in flight may take the
-  bill past the budget; the next one is refused until the period ends.
+  replays it: ``Limiter.reconcile``). Under a budget each request also holds, while it runs,
+  the largest bill it can make (``Hold``: its prompt at the dearest of the row's input and
+  cache-write prices, and its ``max_tokens`` at the output price; ``auto``'s largest tier's),
+  and is admitted only while the bill plus what the tenant's requests in flight hold is below
+  the budget: N requests racing the last dollar of a budget took it past by N bills (39
+  answers in flight: $0.0449 against a $0.01 budget), now by at most one. Its end gives the
+  hold back (with its cost counted, in one settle); a hold whose router died lapses after
+  ``HOLD_MS``. The last request admitted may still take the bill past the budget (by at most
+  its own bill); the next one is refused until the period ends.
 
 The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
 (``services.router.redis_limits``) so that every router of a deployment shares it.
@@ -144,6 +151,25 @@ class Refusal:
     wait_ms: int
     free_tokens: int = 0
     also: tuple[str, ...] = ()
+    # a budget not spent but held by the tenant's requests in flight: what they hold, and how
+    # many they are (``Hold``)
+    held_nanos: int = 0
+    holding: int = 0
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What an admitted request holds of its tenant's budgets while it runs: the largest bill
+    it can make, under an id of its own (its end releases it once)."""
+
+    id: str
+    nanos: int
+
+
+def held_refusal(limit: str, held_nanos: int, holding: int) -> Refusal:
+    """A budget whose spend is below it, but not with what ``holding`` requests in flight
+    hold: retried when they may have ended, not at the period's end."""
+    return Refusal(limit, HELD_RETRY_MS, held_nanos=held_nanos, holding=holding)
 
 
 def longest(over: list[Refusal]) -> Refusal:
@@ -153,7 +179,12 @@ def longest(over: list[Refusal]) -> Refusal:
     ranked = sorted(over, key=lambda r: -r.wait_ms)  # stable: the check order on a tie
     first = ranked[0]
     return Refusal(
-        first.limit, first.wait_ms, first.free_tokens, tuple(r.limit for r in ranked[1:])
+        first.limit,
+        first.wait_ms,
+        first.free_tokens,
+        tuple(r.limit for r in ranked[1:]),
+        first.held_nanos,
+        first.holding,
     )
 
 
@@ -182,6 +213,11 @@ SETTLE_REPLAY_S = 1.0
 CLOCK_STEP_BACK_MS = 2_000
 SETTLE_MARKER_MS = 2 * 60_000
 AMBIGUOUS_REPLAY_MS = SETTLE_MARKER_MS // 2
+# How long a request's hold on its tenant's budgets (``Hold``) lasts when its end is never told
+# (its router killed): the settles' replay window, so that a request still settling holds.
+HOLD_MS = SETTLE_REPLAY_WINDOW_MS
+# The wait a refusal for budgets held by requests in flight (not spent) tells the caller.
+HELD_RETRY_MS = 5_000
 
 
 class SettleNotSent(Exception):
@@ -202,10 +238,18 @@ class LimitStore(Protocol):
     outlives_process: bool
 
     async def admit(
-        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        reserve_tokens: int,
+        now_ms: int,
+        periods: Periods,
+        hold: Hold | None = None,
     ) -> Refusal | None:
         """Atomically: refuses when a limit is reached (the token bucket holds less than
-        ``tokens_needed``), else takes one request and reserves ``reserve_tokens``."""
+        ``tokens_needed``; with ``hold``, a budget's spend plus the holds of the tenant's
+        requests in flight reaches it), else takes one request, reserves ``reserve_tokens``
+        and keeps ``hold`` for ``HOLD_MS`` or until a settle releases it."""
         ...
 
     async def refusal_before_count(
@@ -230,9 +274,11 @@ class LimitStore(Protocol):
         periods: Periods,
         settle_id: str | None = None,
         age_ms: int = 0,
+        release: Hold | None = None,
     ) -> None:
-        """Gives back ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the
-        day's and the month's bill (``age_ms``: of the periods that long before ``now_ms``,
+        """Releases ``release`` (a hold ``admit`` kept; nothing when it is gone), gives back
+        ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the day's and the
+        month's bill (``age_ms``: of the periods that long before ``now_ms``,
         when the cost was incurred: a killed router's open call, an estimate corrected); once
         per ``settle_id`` (when given) within ``SETTLE_MARKER_MS``: a replay of a settle
         counted already counts nothing. Raises ``SettleNotSent`` when the settle surely did
@@ -271,6 +317,26 @@ def budgets_spent(
         over.append(Refusal(DAY_BUDGET, periods.day_end_ms - now_ms))
     if policy.month_budget_nanos is not None and month_nanos >= policy.month_budget_nanos:
         over.append(Refusal(MONTH_BUDGET, periods.month_end_ms - now_ms))
+    return over
+
+
+def budgets_held(
+    policy: LimitPolicy,
+    day_nanos: int,
+    month_nanos: int,
+    held_nanos: int,
+    holding: int,
+    spent: set[str],
+) -> list[Refusal]:
+    """The budgets (not in ``spent``, those spent already) that a tenant's spend plus what its
+    requests in flight hold (``held_nanos``, ``holding`` of them) reaches."""
+    over: list[Refusal] = []
+    for limit, budget, nanos in (
+        (DAY_BUDGET, policy.day_budget_nanos, day_nanos),
+        (MONTH_BUDGET, policy.month_budget_nanos, month_nanos),
+    ):
+        if budget is not None and limit not in spent and nanos + held_nanos >= budget:
+            over.append(held_refusal(limit, held_nanos, holding))
     return over
 
 
@@ -313,6 +379,37 @@ class MemoryLimitStore:
         # tenant ever seen was kept for the life of the process
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._spent: dict[tuple[str, str], int] = {}  # (tenant, period id) -> nanos
+        # tenant -> its holds (id -> nanos, until when), oldest first, and their sum
+        self._holds: dict[str, dict[str, tuple[int, int]]] = {}
+        self._held: dict[str, int] = {}
+
+    def _holding(self, tenant: str, now_ms: int) -> tuple[int, int]:
+        """What ``tenant``'s requests in flight hold of its budgets, and how many they are,
+        once the lapsed holds are gone (the oldest first: every hold lasts ``HOLD_MS``)."""
+        holds = self._holds.get(tenant)
+        if holds is None:
+            return 0, 0
+        while holds:
+            hold_id = next(iter(holds))
+            nanos, until_ms = holds[hold_id]
+            if until_ms > now_ms:
+                break
+            del holds[hold_id]
+            self._held[tenant] -= nanos
+        if not holds:
+            del self._holds[tenant]
+            self._held.pop(tenant, None)
+            return 0, 0
+        return self._held[tenant], len(holds)
+
+    def _release(self, tenant: str, hold: Hold) -> None:
+        holds = self._holds.get(tenant)
+        if holds is None or holds.pop(hold.id, None) is None:
+            return
+        self._held[tenant] -= hold.nanos
+        if not holds:
+            del self._holds[tenant]
+            self._held.pop(tenant, None)
 
     def _level(self, tenant: str, kind: str, capacity: int, now_ms: int) -> float:
         key = (tenant, kind)
@@ -364,9 +461,21 @@ class MemoryLimitStore:
         return longest(over) if over else None
 
     async def admit(
-        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        reserve_tokens: int,
+        now_ms: int,
+        periods: Periods,
+        hold: Hold | None = None,
     ) -> Refusal | None:
         over = self._budgets_spent(tenant, policy, now_ms, periods)
+        if hold is not None:
+            held, holding = self._holding(tenant, now_ms)
+            spent = {r.limit for r in over}
+            day = self._spent.get((tenant, periods.day), 0)
+            month = self._spent.get((tenant, periods.month), 0)
+            over += budgets_held(policy, day, month, held, holding, spent)
         requests = tokens = 0.0
         if policy.requests_per_min is not None:
             requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
@@ -384,6 +493,9 @@ class MemoryLimitStore:
             self._put(tenant, REQUESTS, _Bucket(requests - 1, now_ms))
         if policy.tokens_per_min is not None:
             self._put(tenant, TOKENS, _Bucket(tokens - reserve_tokens, now_ms))
+        if hold is not None and hold.nanos > 0:
+            self._holds.setdefault(tenant, {})[hold.id] = (hold.nanos, now_ms + HOLD_MS)
+            self._held[tenant] = self._held.get(tenant, 0) + hold.nanos
         return None
 
     async def settle(
@@ -396,8 +508,11 @@ class MemoryLimitStore:
         periods: Periods,
         settle_id: str | None = None,
         age_ms: int = 0,
+        release: Hold | None = None,
     ) -> None:
         # never fails, so never replayed: its settle ids need no memory
+        if release is not None:
+            self._release(tenant, release)
         spent = Periods.at(now_ms - age_ms) if age_ms else periods  # where the cost counts
         if policy.tokens_per_min is not None and refund_tokens:
             level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
@@ -447,6 +562,7 @@ class _Settle:
     # when a try that may have counted it was sent (``ages``; None: no such try, each surely
     # not sent)
     ambiguous_ms: int | None = None
+    release: Hold | None = None  # the hold it releases (its request's, at its end)
 
     def failed(self, exc: Exception, sent_ms: int) -> None:
         """Notes a try sent at ``sent_ms`` that failed with ``exc``."""
@@ -465,6 +581,16 @@ class Ticket:
     replaced: bool = False
     # its cost counted although its own policy sets no limit (``Policies.counts_every_spend``)
     counts_spend: bool = False
+    # what it holds of its tenant's budgets until it ends (None: no budget, or no bound)
+    hold: Hold | None = None
+    released: bool = False
+
+    def take_release(self) -> Hold | None:
+        """Its hold, to release: the first time, then None."""
+        if self.hold is None or self.released:
+            return None
+        self.released = True
+        return self.hold
 
     @property
     def counted(self) -> bool:
@@ -577,14 +703,19 @@ class Limiter:
         replay_every_s: float = SETTLE_REPLAY_S,
         breaker: Breaker | None = None,
         ages: Clock | None = None,
+        cost_bound: Callable[[pb.CompleteRequest, int], int] | None = None,
     ) -> None:
-        """``clock``: the wall clock, for the budget periods and when a cost was incurred.
+        """``cost_bound``: the largest bill a request of so many prompt tokens can make, which
+        it holds of its tenant's budgets while it runs (``Hold``; None: nothing held, and a
+        budget admits every request while the spend is below it). ``clock``: the wall clock,
+        for the budget periods and when a cost was incurred.
         ``ages``: what this process's own windows run on (a settle's replay window and its
         ambiguous one, the throttled log lines), which a step of the wall clock (NTP, a VM
         resumed) must neither stretch nor cut (None: a ``MonotonicClock``).
         ``prompt_tokens``: a request's prompt tokens (the router's tokenizer; the pipeline
         reuses the count, ``prompt_counts``), counted off the event loop and only under a
-        token rate. ``tracer``: for a settle that fails after its request's span ended.
+        token rate or, with ``cost_bound``, a budget. ``tracer``: for a settle that fails
+        after its request's span ended.
         ``timeout_s``: how long a store's answer is waited for before it counts as failed (a
         Redis that hangs would otherwise hold every request for its client's socket
         timeout). ``counted``: each failure, as ``(dependency, reason)`` (the router's
@@ -595,6 +726,7 @@ class Limiter:
         none is sent to the store for a while (each request admitted as when it fails, without
         the wait); None: every admit is sent. Settles are sent (and queued) as ever."""
         self._breaker = breaker
+        self._cost_bound = cost_bound
         self._counted = counted
         self._lost = lost
         self._max_pending = max_pending
@@ -627,8 +759,10 @@ class Limiter:
             self._left_alone()
             return Ticket(tenant, policy, 0)  # nothing reserved: as when the store fails
         prompt = reserve = 0
+        holds = policy.budgeted and self._cost_bound is not None
+        hold: Hold | None = None
         try:
-            if policy.tokens_per_min is not None:
+            if policy.tokens_per_min is not None or holds:
                 readable = policy.requests_per_min is not None or policy.budgeted
                 if readable and read_first(request):
                     over = await self._ask(
@@ -639,18 +773,27 @@ class Limiter:
                     if over is not None:
                         return _denial(over, policy, 0, request.max_tokens)
                 prompt = await asyncio.to_thread(self._prompt_tokens, request)
-                reserve = prompt + request.max_tokens
+                if policy.tokens_per_min is not None:
+                    reserve = prompt + request.max_tokens
+                if holds and self._cost_bound is not None:
+                    hold = Hold(uuid.uuid4().hex, self._cost_bound(request, prompt))
             refusal = await self._ask(
-                lambda now, periods: self._store.admit(tenant, policy, reserve, now, periods),
-                Ticket(tenant, policy, reserve),
+                lambda now, periods: (
+                    self._store.admit(tenant, policy, reserve, now, periods)
+                    if hold is None
+                    else self._store.admit(tenant, policy, reserve, now, periods, hold)
+                ),
+                Ticket(tenant, policy, reserve, hold=hold),
             )
         except _StoreFailed:
             # nothing known reserved, so nothing to give back: the request's end takes what it
             # used. A timeout is ambiguous (the store may have reserved after all); then the
-            # reservation stays taken too, erring against the tenant, not erasing its debt.
-            return Ticket(tenant, policy, 0)
+            # reservation stays taken too, erring against the tenant, not erasing its debt. Its
+            # hold, if taken, is released at its end all the same (nothing when it is not
+            # there), else it lapses (HOLD_MS).
+            return Ticket(tenant, policy, 0, hold=hold)
         if refusal is None:
-            return Ticket(tenant, policy, reserve)
+            return Ticket(tenant, policy, reserve, hold=hold)
         return _denial(refusal, policy, prompt, request.max_tokens)
 
     async def _ask(
@@ -669,7 +812,7 @@ class Limiter:
             async with asyncio.timeout(self._timeout_s):
                 refusal = await asyncio.shield(asked)
         except asyncio.CancelledError:  # the caller left (the timeout's is a TimeoutError)
-            if taking is None or not taking.reserved_tokens:
+            if taking is None or not (taking.reserved_tokens or taking.hold):
                 asked.cancel()
             else:
                 self._give_back_when_admitted(asked, taking)
@@ -698,15 +841,18 @@ class Limiter:
                     refusal = await asked
             except Exception as exc:  # the store's failure: counted by the next request's
                 log.debug("limits store: the admit of a request that left failed (%s)", exc)
+                self._count(ticket, 0, 0, release=True)  # if it held after all
                 return
             if refusal is None:
-                self._count(ticket, ticket.replace_reservation(), 0)
+                self._count(ticket, ticket.replace_reservation(), 0, release=True)
 
         task = asyncio.create_task(when_admitted(), name="limits-admit-left")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def settle(self, ticket: Ticket, end: pb.CompleteResponse | None) -> None:
+    def settle(
+        self, ticket: Ticket, end: pb.CompleteResponse | None, *, release: bool = False
+    ) -> None:
         """Counts what an answered request used (``end``); a request with no answer keeps its
         reservation (one that sent no model call, or whose every model call was refused
         before its start, has it back: ``unused``, by ``finish``). Runs past the request
@@ -718,7 +864,8 @@ class Limiter:
             return
         back = ticket.replace_reservation()
         refund = back - used_tokens(end) if ticket.policy.tokens_per_min else 0
-        self._count(ticket, refund, 0 if end.cost.estimated else end.cost.cost_nanos)
+        cost = 0 if end.cost.estimated else end.cost.cost_nanos
+        self._count(ticket, refund, cost, release=release)
 
     def finish(
         self,
@@ -740,17 +887,18 @@ class Limiter:
         ``charge``, replaced it)."""
         answer = end if end is not None else use.billed
         if modelless or not (answer is not None or use.sent > use.refused):
-            self.unused(ticket)
+            self.unused(ticket, release=True)
         else:
-            self.settle(ticket, answer)
+            self.settle(ticket, answer, release=True)
+        self._count(ticket, 0, 0, release=True)  # its hold, when neither released it
 
-    def unused(self, ticket: Ticket) -> None:
+    def unused(self, ticket: Ticket, *, release: bool = False) -> None:
         """Gives an admitted request's reservation back whole, counting no cost: it called no
         model (served another call's answer, billed to that call, or refused before its
         model call), or every model call it sent was refused by its replica before its
         start. Its place in the request rate stays taken, as an L1 hit's does."""
         if ticket.policy.active and ticket.policy.tokens_per_min:
-            self._count(ticket, ticket.replace_reservation(), 0)
+            self._count(ticket, ticket.replace_reservation(), 0, release=release)
 
     def charge(self, ticket: Ticket, usage: pb.Usage, cost_nanos: int) -> None:
         """Counts a model call billed without an answer (cancelled or cut after its prefill):
@@ -808,24 +956,35 @@ class Limiter:
             self._count(Ticket(tenant, policy, 0), 0, correction_nanos, counted_ms)
 
     def _count(
-        self, ticket: Ticket, refund: int, cost_nanos: int, incurred_ms: int | None = None
+        self,
+        ticket: Ticket,
+        refund: int,
+        cost_nanos: int,
+        incurred_ms: int | None = None,
+        *,
+        release: bool = False,
     ) -> None:
         """Tokens back to the rate (negative: taken) and a cost to the budgets, in the
-        background (``drain`` awaits it), under an id of its own; nothing when both are 0.
-        ``incurred_ms``: when the cost was incurred, whose budget periods it counts in (None:
-        those it is sent in)."""
-        if refund == 0 and cost_nanos == 0:
+        background (``drain`` awaits it), under an id of its own; nothing when both are 0 and
+        nothing is released. ``incurred_ms``: when the cost was incurred, whose budget periods
+        it counts in (None: those it is sent in). ``release``: the request ended, its hold on
+        the budgets (if not released yet) goes with this count, in the same settle."""
+        hold = ticket.take_release() if release else None
+        if refund == 0 and cost_nanos == 0 and hold is None:
             return
         now = self._ages.now_ms()
         count = _Settle(
             ticket.tenant, ticket.policy, refund, cost_nanos, uuid.uuid4().hex, now, incurred_ms
         )
+        count.release = hold
 
         async def first_try() -> None:
             try:
                 await self._send(count)
             except Exception as exc:
                 self._degraded("settle", exc)
+                if count.refund == 0 and count.cost_nanos == 0:
+                    return  # a release alone: its hold lapses by itself (HOLD_MS)
                 count.failed(exc, now)
                 self._queue(count)
 
@@ -837,6 +996,7 @@ class Limiter:
         now = self._clock.now_ms()
         # how long ago its cost was incurred, on this clock (the store's may differ: Redis's)
         age = 0 if count.incurred_ms is None else max(now - count.incurred_ms, 0)
+        released = {} if count.release is None else {"release": count.release}
         async with asyncio.timeout(self._timeout_s):
             await self._store.settle(
                 count.tenant,
@@ -847,6 +1007,7 @@ class Limiter:
                 Periods.at(now),
                 settle_id=count.settle_id,
                 age_ms=age,
+                **released,
             )
 
     @property
@@ -1028,6 +1189,17 @@ def _over(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -
                 f"request of at most {refusal.free_tokens} tokens (prompt and max_tokens)"
             )
         return f"{said}; retry in {wait}"
+    if refusal.holding and refusal.limit in (DAY_BUDGET, MONTH_BUDGET):
+        budget = (
+            policy.day_budget_nanos if refusal.limit == DAY_BUDGET else policy.month_budget_nanos
+        )
+        assert budget is not None
+        return (
+            f"budget: this tenant's {_NAMES[refusal.limit]} of {_dollars(budget)} is spent or "
+            f"held: {refusal.holding} of its requests in flight hold "
+            f"{_dollars(refusal.held_nanos)} of it until they end (each the largest bill it "
+            f"can make: its prompt and max_tokens at its model's prices); retry in {wait}"
+        )
     if refusal.limit == DAY_BUDGET:
         assert policy.day_budget_nanos is not None
         return (

@@ -5,7 +5,10 @@ slot): ``requests`` and ``tokens`` hashes ``{level, at_ms}`` (a bucket as of ``a
 ``spent:<day>`` and ``spent:<month>`` (nano-dollars billed in the period), ``settled:<id>`` (a
 settle counted already, kept ``SETTLE_MARKER_MS``: a settle replayed after an ambiguous
 failure counts once; nothing is kept longer, as a killed router's open call and an estimate's
-correction are told to the limiter once, on prefix-cache's first reply to their FINAL). Each
+correction are told to the limiter once, on prefix-cache's first reply to their FINAL), and
+``held``, ``held:nanos``, ``held:sum`` (what the tenant's requests in flight hold of its budgets,
+``limits.Hold``: each admitted while spend plus holds is below a budget, released by its
+end's settle, lapsing after ``HOLD_MS``). Each
 operation is one Lua script, so checking and taking
 happen atomically with respect to every other router. The one read before it
 (``refusal_before_count``: is the request rate reached or a budget spent, before the prompt is
@@ -52,16 +55,19 @@ from services.common.env import redacted_url
 from services.router.limits import (
     CLOCK_STEP_BACK_MS,
     DAY_BUDGET,
+    HOLD_MS,
     MONTH_BUDGET,
     REQUESTS,
     SETTLE_MARKER_MS,
     TOKENS,
+    Hold,
     LimitPolicy,
     Periods,
     Refusal,
     SettleNotSent,
     bucket_level,
     budgets_spent,
+    held_refusal,
     longest,
     requests_refusal,
 )
@@ -116,29 +122,67 @@ end
 """
 )
 
-# KEYS: requests, tokens, spent:day, spent:month, the store's id. ARGV: now_ms, requests cap,
-# tokens cap, day budget, month budget (-1 = no such limit), tokens to reserve, GC slack, an id
-# for the store when it has none. Returns the store's id, then nothing (admitted) or, for
-# every limit the request is over (each is checked), {limit index, wait ms, free tokens}: 1
-# day budget, 2 month budget, 3 requests, 4 tokens (a budget's wait is computed by the
-# caller). The token bucket must hold the reservation, or be full when the reservation is
-# larger (limits.tokens_needed).
+# A tenant's holds on its budgets (limits.Hold), each its request's largest bill while it runs:
+# ``held`` (a sorted set: each hold's id, scored by when it lapses), ``held:nanos`` (a hash: id
+# -> nanos) and ``held:sum`` (their sum). Lapsed holds (a killed router's) go at the next admit
+# that holds, at most 100 a call; a settle that releases one takes it out of all three.
+_HOLDS = """
+local function holding(zset, amounts, total, now)
+  local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'LIMIT', 0, 100)
+  for _, id in ipairs(gone) do
+    redis.call('DECRBY', total, tonumber(redis.call('HGET', amounts, id) or '0'))
+    redis.call('HDEL', amounts, id)
+    redis.call('ZREM', zset, id)
+  end
+  local n = redis.call('ZCARD', zset)
+  if n == 0 then
+    redis.call('DEL', total, amounts)
+    return 0, 0
+  end
+  return tonumber(redis.call('GET', total) or '0'), n
+end
+"""
+
+# KEYS: requests, tokens, spent:day, spent:month, the store's id, held, held:nanos, held:sum.
+# ARGV: now_ms, requests cap, tokens cap, day budget, month budget (-1 = no such limit), tokens
+# to reserve, GC slack, an id for the store when it has none, the hold's id ('' = none: the
+# budgets are checked against the spend alone), its nanos, its life in ms. Returns the store's
+# id, then nothing (admitted) or, for every limit the request is over (each is checked),
+# {limit index, wait ms, free tokens}: 1 day budget, 2 month budget, 3 requests, 4 tokens (a
+# budget's wait is computed by the caller; -1: not spent, but held by requests in flight,
+# whose nanos and number follow as {5, held nanos, holds}). The token bucket must hold the
+# reservation, or be full when the reservation is larger (limits.tokens_needed).
 _ADMIT = (
     _LEVEL
     + _MARK
+    + _HOLDS
     + """
 local over = {(store_mark(KEYS[5], ARGV[8]))}
 local now = clock(tonumber(ARGV[1]))
 local rcap, tcap = tonumber(ARGV[2]), tonumber(ARGV[3])
 local day, month = tonumber(ARGV[4]), tonumber(ARGV[5])
 local reserve, slack = tonumber(ARGV[6]), tonumber(ARGV[7])
+local hold_id, hold_nanos, hold_ms = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
 local function refuse(limit, wait, free)
   over[#over + 1] = limit
   over[#over + 1] = wait
   over[#over + 1] = free
 end
-if day >= 0 and tonumber(redis.call('GET', KEYS[3]) or '0') >= day then refuse(1, 0, 0) end
-if month >= 0 and tonumber(redis.call('GET', KEYS[4]) or '0') >= month then refuse(2, 0, 0) end
+local held, holds = 0, 0
+if hold_id ~= '' then held, holds = holding(KEYS[6], KEYS[7], KEYS[8], now) end
+local by_holds = false
+local function budget(limit, cap, key)
+  if cap < 0 then return end
+  local spent = tonumber(redis.call('GET', key) or '0')
+  if spent >= cap then
+    refuse(limit, 0, 0)
+  elseif spent + held >= cap then
+    refuse(limit, -1, 0)
+    by_holds = true
+  end
+end
+budget(1, day, KEYS[3])
+budget(2, month, KEYS[4])
 local r, t, rat, tat = 0, 0, now, now
 if rcap > 0 then
   r, rat = level(KEYS[1], rcap, now)
@@ -151,22 +195,39 @@ if tcap > 0 then
     refuse(4, math.max(1, math.ceil((need - t) * 60000 / tcap)), math.max(0, math.floor(t)))
   end
 end
+if by_holds then refuse(5, held, holds) end
 if #over > 1 then return over end
 if rcap > 0 then keep(KEYS[1], r - 1, rat, rcap, slack) end
 if tcap > 0 then keep(KEYS[2], t - reserve, tat, tcap, slack) end
+if hold_id ~= '' and hold_nanos > 0 then
+  redis.call('ZADD', KEYS[6], now + hold_ms, hold_id)
+  redis.call('HSET', KEYS[7], hold_id, hold_nanos)
+  redis.call('INCRBY', KEYS[8], hold_nanos)
+  for i = 6, 8 do redis.call('PEXPIRE', KEYS[i], hold_ms + slack) end
+end
 return over
 """
 )
 
-# KEYS: tokens, spent:day, spent:month, and the settle's marker when it has an id. ARGV:
-# now_ms, tokens cap (0 = none), tokens to give back, cost nanos, ms until the day's end, ms
-# until the month's end, GC slack, the marker's life in ms (0 = no marker). A settle whose
-# marker is there already was counted (a replay after an ambiguous timeout): nothing again.
+# KEYS: tokens, spent:day, spent:month, the settle's marker (unused when it has no id), held,
+# held:nanos, held:sum. ARGV: now_ms, tokens cap (0 = none), tokens to give back, cost nanos, ms
+# until the day's end, ms until the month's end, GC slack, the marker's life in ms (0 = no
+# marker), the id of the hold it releases ('' = none). A settle whose marker is there already
+# was counted (a replay after an ambiguous timeout): nothing again.
 _SETTLE = (
     _LEVEL
     + """
 if tonumber(ARGV[8]) > 0 and not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[8]) then
   return 0
+end
+if ARGV[9] ~= '' and redis.call('ZREM', KEYS[5], ARGV[9]) == 1 then
+  local nanos = tonumber(redis.call('HGET', KEYS[6], ARGV[9]) or '0')
+  redis.call('HDEL', KEYS[6], ARGV[9])
+  if redis.call('ZCARD', KEYS[5]) == 0 then
+    redis.call('DEL', KEYS[7], KEYS[6])
+  else
+    redis.call('DECRBY', KEYS[7], nanos)
+  end
 end
 local now, tcap, refund = clock(tonumber(ARGV[1])), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cost, slack = tonumber(ARGV[4]), tonumber(ARGV[7])
@@ -185,6 +246,7 @@ return 0
 )
 
 _LIMITS = (DAY_BUDGET, MONTH_BUDGET, REQUESTS, TOKENS)
+HELD_INFO = 5  # the admit's {5, held nanos, holds} after the refusals
 
 
 def _bytes(value: bytes | str) -> bytes:
@@ -274,7 +336,13 @@ class RedisLimitStore:
         return server_ms, Periods.at(server_ms), server_ms
 
     async def admit(
-        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        reserve_tokens: int,
+        now_ms: int,
+        periods: Periods,
+        hold: Hold | None = None,
     ) -> Refusal | None:
         if not self._marks:  # not started: Redis did not answer at start-up (module doc)
             await self.start()
@@ -284,6 +352,7 @@ class RedisLimitStore:
             self._key(tenant, TOKENS),
             *self._spent_keys(tenant, periods),
             self._marker,
+            *self._hold_keys(tenant),
         ]
         args: list[int | str] = [
             script_ms,
@@ -294,6 +363,9 @@ class RedisLimitStore:
             reserve_tokens,
             GC_SLACK_MS,
             uuid.uuid4().hex,
+            "" if hold is None else hold.id,
+            0 if hold is None else hold.nanos,
+            HOLD_MS,
         ]
         mark, *over_limits = cast(list[Any], await self._admit(keys=keys, args=args))
         self._seen(_bytes(mark))
@@ -301,8 +373,15 @@ class RedisLimitStore:
         if not found:
             return None
         over: list[Refusal] = []
+        held = holds = 0
+        if found[-3] == HELD_INFO:  # what the requests in flight hold (their refusals: -1)
+            held, holds = found[-2], found[-1]
+            found = found[:-3]
         for i in range(0, len(found), 3):
             limit, wait, free = _LIMITS[found[i] - 1], found[i + 1], found[i + 2]
+            if wait < 0:
+                over.append(held_refusal(limit, held, holds))
+                continue
             if limit == DAY_BUDGET:
                 wait = periods.day_end_ms - now_ms
             elif limit == MONTH_BUDGET:
@@ -350,6 +429,14 @@ class RedisLimitStore:
                 over.append(requests_refusal(requests, cap))
         return longest(over) if over else None
 
+    def _hold_keys(self, tenant: str) -> list[str]:
+        """The keys of ``tenant``'s holds on its budgets (``_HOLDS``)."""
+        return [
+            self._key(tenant, "held"),
+            self._key(tenant, "held:nanos"),
+            self._key(tenant, "held:sum"),
+        ]
+
     def _spent_keys(self, tenant: str, periods: Periods) -> list[str]:
         """The keys of what ``tenant`` spent in the day and the month of ``periods``."""
         return [
@@ -367,6 +454,7 @@ class RedisLimitStore:
         periods: Periods,
         settle_id: str | None = None,
         age_ms: int = 0,
+        release: Hold | None = None,
     ) -> None:
         await self._connected()
         now_ms, periods, script_ms = await self._clock(cost_nanos != 0, now_ms, periods)
@@ -376,10 +464,10 @@ class RedisLimitStore:
             self._key(tenant, TOKENS),
             self._key(tenant, f"spent:{spent.day}"),
             self._key(tenant, f"spent:{spent.month}"),
+            self._key(tenant, f"settled:{settle_id or '-'}"),  # used with an id only
+            *self._hold_keys(tenant),
         ]
-        if settle_id is not None:
-            keys.append(self._key(tenant, f"settled:{settle_id}"))
-        args = [
+        args: list[int | str] = [
             script_ms,
             _cap(policy.tokens_per_min),
             refund_tokens,
@@ -388,6 +476,7 @@ class RedisLimitStore:
             max(spent.month_end_ms - now_ms, 0),
             GC_SLACK_MS,
             0 if settle_id is None else SETTLE_MARKER_MS,  # the marker's life (0: none)
+            "" if release is None else release.id,
         ]
         try:
             await self._settle(keys=keys, args=args)

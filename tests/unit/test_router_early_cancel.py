@@ -37,6 +37,7 @@ from services.router.dependencies import Dependencies
 from services.router.idempotency import IdempotencyTable
 from services.router.limits import (
     TOKENS,
+    Hold,
     Limiter,
     LimitPolicy,
     MemoryLimitStore,
@@ -190,9 +191,15 @@ class AnsweredLate(RedisLimitStore):
         self.entered = asyncio.Event()
 
     async def admit(
-        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        reserve_tokens: int,
+        now_ms: int,
+        periods: Periods,
+        hold: Hold | None = None,
     ) -> Refusal | None:
-        refusal = await super().admit(tenant, policy, reserve_tokens, now_ms, periods)
+        refusal = await super().admit(tenant, policy, reserve_tokens, now_ms, periods, hold)
         self.entered.set()
         await self.gate.wait()
         return refusal

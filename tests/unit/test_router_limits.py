@@ -41,6 +41,7 @@ from services.router.limits import (
     SETTLE_REPLAY_WINDOW_MS,
     TOKENS,
     Denial,
+    Hold,
     Limiter,
     LimitPolicy,
     LimitStore,
@@ -532,11 +533,17 @@ class _Switch:
         self.outlives_process = store.outlives_process
 
     async def admit(
-        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        reserve_tokens: int,
+        now_ms: int,
+        periods: Periods,
+        hold: Hold | None = None,
     ) -> Refusal | None:
         if self.down:
             raise ConnectionError("redis went away")
-        return await self.store.admit(tenant, policy, reserve_tokens, now_ms, periods)
+        return await self.store.admit(tenant, policy, reserve_tokens, now_ms, periods, hold)
 
     async def refusal_before_count(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
@@ -555,6 +562,7 @@ class _Switch:
         periods: Periods,
         settle_id: str | None = None,
         age_ms: int = 0,
+        release: Hold | None = None,
     ) -> None:
         if self.down:
             raise ConnectionError("redis went away")
@@ -567,6 +575,7 @@ class _Switch:
             periods,
             settle_id,
             age_ms,
+            release,
         )
 
     async def close(self) -> None:
@@ -902,7 +911,8 @@ async def test_a_limits_redis_that_lost_its_counts_is_reported_once(
     with redis_server(tmp_path / "after", port=port) as fresh:
         await _with_password(fresh)
         started = await build(url, "started") if written_again_by != "its next admit" else None
-        admitted = [await limiter.admit("t", _request()) for _ in range(3)]
+        # (small ones: each holds its largest bill of the $0.001 while in flight)
+        admitted = [await limiter.admit("t", _request(10)) for _ in range(3)]
         assert all(isinstance(a, Ticket) for a in admitted)  # from zero, traffic never refused
         assert resets == ["running"]
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

@@ -35,7 +35,7 @@ from services.router.access_log import RequestLog
 from services.router.breaker import Breaker, redis_breaker
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_settings import LimitSettings
-from services.router.limits import Limiter, LimitPolicy, Periods, Refusal, UniformPolicies
+from services.router.limits import Hold, Limiter, LimitPolicy, Periods, Refusal, UniformPolicies
 from services.router.metrics import RouterMetrics
 from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer
@@ -63,10 +63,16 @@ class CountingStore(RedisLimitStore):
         self.admits = 0
 
     async def admit(
-        self, tenant: str, policy: LimitPolicy, reserve_tokens: int, now_ms: int, periods: Periods
+        self,
+        tenant: str,
+        policy: LimitPolicy,
+        reserve_tokens: int,
+        now_ms: int,
+        periods: Periods,
+        hold: Hold | None = None,
     ) -> Refusal | None:
         self.admits += 1
-        return await super().admit(tenant, policy, reserve_tokens, now_ms, periods)
+        return await super().admit(tenant, policy, reserve_tokens, now_ms, periods, hold)
 
 
 class Seconds:

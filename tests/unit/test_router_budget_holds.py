@@ -1,0 +1,150 @@
+"""Requests racing a tenant's budget (services.router.limits ``Hold``), on both stores (in
+memory and a real Redis, tests/unit/conftest.py) with an injected clock.
+
+A budget admitted every request while the spend was below it, and a request's cost reached
+the spend only at its end: 40 requests in flight at once, each billed $0.0046 (sim-large, 300
+output tokens), were all admitted against a $0.01 day budget and spent $0.189, 19x it (two
+routers on one Redis, real processes: 39 answers, $0.044949). Now each request holds its
+largest bill while it runs and is admitted only while the spend plus the holds is below the
+budget: the spend passes the budget by at most one request's bill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.clock import ManualClock
+from services.common.env import Env
+from services.common.models import load_model_table
+from services.common.tokens import load_tokenizers
+from services.router.limit_settings import LimitSettings
+from services.router.limit_wiring import limiter_on
+from services.router.limits import (
+    DAY_BUDGET,
+    HELD_RETRY_MS,
+    HOLD_MS,
+    Denial,
+    Limiter,
+    LimitStore,
+    MemoryLimitStore,
+    ModelUse,
+    Ticket,
+)
+from services.router.redis_limits import RedisLimitStore
+
+START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+TABLE = load_model_table()
+TOKENIZERS = load_tokenizers(TABLE.models.values())
+BUDGET_NANOS = 10_000_000  # $0.01 a day
+
+
+@pytest.fixture
+def store(redis_client: Redis | None) -> LimitStore:
+    if redis_client is None:
+        return MemoryLimitStore()
+    return RedisLimitStore(redis_client, server_time=False)  # the tests' clock, injected
+
+
+def _limiter(store: LimitStore, clock: ManualClock) -> Limiter:
+    settings = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "0.01"}))
+    return limiter_on(store, settings, clock, TABLE, TOKENIZERS)
+
+
+def _request(i: int, max_tokens: int = 300) -> pb.CompleteRequest:
+    text = f"Write a long essay about budgets, number {i}"
+    return pb.CompleteRequest(
+        model="sim-large",
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+        max_tokens=max_tokens,
+    )
+
+
+def _answer(cost_nanos: int) -> pb.CompleteResponse:
+    return pb.CompleteResponse(
+        served_by=pb.LAYER_MODEL,
+        usage=pb.Usage(input_tokens=12, output_tokens=300),
+        cost=pb.Cost(cost_nanos=cost_nanos),
+    )
+
+
+def _answered(limiter: Limiter, ticket: Ticket, cost_nanos: int) -> None:
+    use = ModelUse()
+    use.model_sent()
+    limiter.finish(ticket, _answer(cost_nanos), use)
+
+
+async def test_requests_racing_the_last_of_a_budget_take_it_past_by_one_bill_at_most(
+    store: LimitStore,
+) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, clock)
+    # the tenant spent $0.009 of its $0.01 already
+    spent = await limiter.admit("t", _request(0))
+    assert isinstance(spent, Ticket)
+    _answered(limiter, spent, 9_000_000)
+    await limiter.drain()
+
+    results = await asyncio.gather(*(limiter.admit("t", _request(i)) for i in range(1, 41)))
+    admitted = [r for r in results if isinstance(r, Ticket)]
+    refused = [r for r in results if isinstance(r, Denial)]
+    bill = 300 * 15_000  # each billed its 300 output tokens at sim-large's $15/M
+    for ticket in admitted:
+        _answered(limiter, ticket, bill)
+    await limiter.drain()
+    total = 9_000_000 + bill * len(admitted)
+    print(f"admitted {len(admitted)} of 40, spend {total:,} of {BUDGET_NANOS:,} nanos")
+    assert len(admitted) == 1 and len(refused) == 39  # before: 40 of 40, $0.189 spent
+    assert total <= BUDGET_NANOS + bill
+    assert refused[0].limit == DAY_BUDGET
+    assert isinstance(await limiter.admit("t", _request(99)), Denial)  # spent now
+    await limiter.close()
+
+
+async def test_a_budget_held_by_requests_in_flight_refuses_briefly_and_says_so(
+    store: LimitStore,
+) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, clock)
+    first = await limiter.admit("t", _request(1, max_tokens=700))  # holds > $0.01
+    assert isinstance(first, Ticket) and first.hold is not None
+    assert first.hold.nanos > BUDGET_NANOS
+    held = await limiter.admit("t", _request(2, max_tokens=10))
+    assert isinstance(held, Denial)
+    assert held.limit == DAY_BUDGET and held.retry_after_ms == HELD_RETRY_MS  # not midnight
+    assert "spent or held: 1 of its requests in flight hold $0.010" in held.message
+    assert "retry in 5.0 s" in held.message
+    _answered(limiter, first, 1_000_000)  # billed $0.001: its hold goes with its end
+    await limiter.drain()
+    assert isinstance(await limiter.admit("t", _request(3, max_tokens=10)), Ticket)
+    await limiter.close()
+
+
+async def test_a_request_that_ends_unanswered_or_modelless_releases_its_hold(
+    store: LimitStore,
+) -> None:
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, clock)
+    for modelless, sent in ((True, 0), (False, 0), (False, 1)):  # L1, cancelled early, failed
+        ticket = await limiter.admit("t", _request(1, max_tokens=700))
+        assert isinstance(ticket, Ticket), (modelless, sent)
+        use = ModelUse()
+        for _ in range(sent):
+            use.model_sent()
+        limiter.finish(ticket, None, use, modelless=modelless)
+        await limiter.drain()
+    await limiter.close()
+
+
+async def test_the_hold_of_a_request_whose_router_died_lapses(store: LimitStore) -> None:
+    clock = ManualClock(START_MS)
+    dead = _limiter(store, clock)  # its requests never end
+    assert isinstance(await dead.admit("t", _request(1, max_tokens=700)), Ticket)
+    other = _limiter(store, clock)
+    assert isinstance(await other.admit("t", _request(2, max_tokens=10)), Denial)
+    clock.advance(ms=HOLD_MS)
+    assert isinstance(await other.admit("t", _request(3, max_tokens=10)), Ticket)
+    await other.close()
