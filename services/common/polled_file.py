@@ -11,10 +11,18 @@ sees a change while a re-read runs makes one more run after it).
 
 One re-read or ``write`` at a time (``write``: the process's own change, shown at once): each
 shows the file as it was when it ran, so none shows an older file over a newer one.
+
+``current()`` of a process that had no caller since a change (an idle router) starts the re-read
+and answers the value read before it: the first request after a change of another process's
+was held to what the file said before (a tenant whose budget was raised from $0 refused
+"renews in 11.3 h", with that retry-after). ``fresh()`` is ``current()`` that, for a caller
+that can wait (an async one), waits for the re-read the change started, a bounded time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import threading
@@ -27,6 +35,9 @@ from services.common.keyfile import LockedFile, Signature
 
 Start = Callable[[Callable[[], None]], None]  # runs a job off the caller's thread
 T = TypeVar("T")
+
+# At most how long ``fresh`` waits for a re-read (a small file's takes about a millisecond).
+FRESH_WAIT_S = 1.0
 
 
 def in_a_thread(name: str) -> Start:
@@ -124,6 +135,8 @@ class PolledFile(Generic[T]):
         self._flags = threading.Lock()
         self._reading = False  # a re-read is started or running
         self._again = False  # a poll saw a change while it ran: one more after it
+        # ``fresh`` callers waiting for the re-reads to end: their loops and futures
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def current(self) -> T:
         """The value read last; never waits for the file (at most one ``stat``)."""
@@ -132,6 +145,28 @@ class PolledFile(Generic[T]):
 
     def held(self) -> T:
         """The value read last, without looking at the file."""
+        return self._held.value
+
+    async def fresh(self, wait_s: float | None = None) -> T:
+        """``current()``, but when a re-read is running (this poll saw a change, or an
+        earlier one did), the value it reads: waited for on the event loop, at most
+        ``wait_s`` (None: ``FRESH_WAIT_S``; then, or when it fails, the value read last)."""
+        wait_s = FRESH_WAIT_S if wait_s is None else wait_s
+        self._poll()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with self._flags:
+            if not self._reading:
+                return self._held.value
+            self._waiters.append((loop, done))
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await done
+        finally:
+            with self._flags:
+                if (loop, done) in self._waiters:
+                    self._waiters.remove((loop, done))
         return self._held.value
 
     def write(self, change: Callable[[T], tuple[T, Signature | None]]) -> T:
@@ -201,6 +236,11 @@ class PolledFile(Generic[T]):
             with self._flags:
                 again, self._again = self._again, False
                 self._reading = again
+                waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+                if not again:  # the re-reads are over: their waiters are told
+                    waiters, self._waiters = self._waiters, []
+            for loop, done in waiters:
+                _wake(loop, done)
 
     def _reread(self) -> None:
         """Under the lock, in a worker thread: the file as it is now, if it changed."""
@@ -227,3 +267,14 @@ class PolledFile(Generic[T]):
         self._held = _Held(value, read)
         if said := self._loaded(value):
             self._log.info("%s", said)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
+    """Tells a ``fresh`` caller on ``loop`` (from the re-read's thread) that it is over."""
+
+    def told() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    with contextlib.suppress(RuntimeError):  # its loop closed: no one waits
+        loop.call_soon_threadsafe(told)

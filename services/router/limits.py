@@ -632,6 +632,11 @@ class ModelUse:
 class Policies(Protocol):
     def for_tenant(self, tenant: str) -> LimitPolicy: ...
 
+    async def admitting(self, tenant: str) -> LimitPolicy:
+        """``for_tenant`` for an admit: after the re-read of a change of the tenants' limits
+        this router has seen or is reading (bounded), not the limits read before it."""
+        ...
+
     def counts_every_spend(self) -> bool:
         """Whether a tenant with no limit has its cost counted all the same: a budget may be
         given to it at any time (``tenant_limits``), and applies to what it spent already."""
@@ -645,6 +650,9 @@ class UniformPolicies:
     policy: LimitPolicy
 
     def for_tenant(self, tenant: str) -> LimitPolicy:
+        return self.policy
+
+    async def admitting(self, tenant: str) -> LimitPolicy:
         return self.policy
 
     def counts_every_spend(self) -> bool:
@@ -752,7 +760,7 @@ class Limiter:
         neither). Under a token rate the prompt is counted for that (off the event loop);
         a large prompt (``READ_FIRST_CHARS``) has the request rate and the budgets read
         before: a request over the rate or a spent budget is refused uncounted."""
-        policy = self._policies.for_tenant(tenant)
+        policy = await self._policies.admitting(tenant)
         if not policy.active:
             return Ticket(tenant, policy, 0, counts_spend=self._policies.counts_every_spend())
         if self._breaker is not None and self._breaker.open():

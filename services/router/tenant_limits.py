@@ -14,9 +14,11 @@ The file is the key file's kind (``keyfile.LockedFile``): JSON lines, one tenant
 and blank lines skipped. The Admin API of any router changes it under the file's ``flock`` (read,
 change, write a new file, fsync, rename); every router looks at its (inode, size, mtime) at
 most every CACHEMESH_API_KEYS_POLL_S on the path of an admit and, when it changed, re-reads
-it in a worker thread (the admit never waits for it: the limits read last hold until the new
-ones are complete; a change is in force within the poll plus one re-read, at once on the
-router that made it). A missing file holds no override (no router has set one yet). A file
+it in a worker thread (the limits read last hold until the new ones are complete; an admit
+that finds the file changed, or being re-read, waits for that re-read, at most 1 s, so the
+first request after a change on an idle router is held to the new limits; a change is in force
+within the poll plus one re-read, at once on the router that made it). A missing file holds
+no override (no router has set one yet). A file
 that turns malformed is logged at ERROR naming the line, and the limits read last stay in
 force until it is fixed; malformed at start-up, it stops the router.
 
@@ -303,6 +305,12 @@ class TenantLimitStore:
     def override(self, tenant: str) -> TenantOverride | None:
         return self._limits.current().by_tenant.get(tenant)
 
+    async def fresh_override(self, tenant: str) -> TenantOverride | None:
+        """``override``, after the re-read of a change seen now or being read (at most
+        ``polled_file.FRESH_WAIT_S``): an admit holds a tenant to the limits the file says,
+        not to those it said before a change this router had not yet read."""
+        return (await self._limits.fresh()).by_tenant.get(tenant)
+
     def overrides(self) -> list[TenantOverride]:
         return sorted(self._limits.current().by_tenant.values(), key=lambda o: o.tenant)
 
@@ -343,6 +351,10 @@ class PerTenantPolicies:
 
     def for_tenant(self, tenant: str) -> LimitPolicy:
         own = self.store.override(tenant)
+        return self.defaults if own is None else own.applied_to(self.defaults)
+
+    async def admitting(self, tenant: str) -> LimitPolicy:
+        own = await self.store.fresh_override(tenant)
         return self.defaults if own is None else own.applied_to(self.defaults)
 
     def counts_every_spend(self) -> bool:

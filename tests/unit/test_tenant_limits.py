@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common import polled_file
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.router import tenant_limits
@@ -302,7 +303,9 @@ async def test_an_admit_never_waits_for_a_reread_and_holds_to_the_new_limits_onc
     """A change of the limits file made every other router re-read and parse it on its event
     loop, in a request's admit (10k tenants: 180-270 ms). The re-read runs in a worker
     thread, here held once the file is read (not yet parsed nor swapped in): the admits
-    meanwhile are answered by the limits read last; once it is swapped in, by the new ones."""
+    meanwhile wait for it on the event loop at most ``FRESH_WAIT_S`` (50 ms here), then are
+    answered by the limits read last; once it is swapped in, by the new ones."""
+    monkeypatch.setattr(polled_file, "FRESH_WAIT_S", 0.05)
     path = tmp_path / "limits"
     ticks = Ticks()
     admin, _ = _stores(path, ticks)
@@ -340,3 +343,32 @@ async def test_an_admit_never_waits_for_a_reread_and_holds_to_the_new_limits_onc
     denial = await _admit(limiter, "acme")
     assert isinstance(denial, Denial) and denial.limit == REQUESTS
     assert "may send 1 requests a minute" in denial.message
+
+
+async def test_the_first_admit_on_an_idle_router_after_a_change_is_held_to_the_new_limits(
+    tmp_path: Path,
+) -> None:
+    """A router that had no request since another router changed a tenant's limits started
+    the re-read at its next admit and answered that admit by the limits read before: a tenant
+    whose day budget was raised from $0 to $5 was refused there ("daily budget of $0.00 is
+    spent; it renews at 00:00 UTC, in 11.3 h", retry-after 40,732 s, on a real stack), and a
+    tenant whose budget was cut to $0 had a request admitted. Now that admit waits for the
+    re-read (in its worker thread, as ever) and is held to the new limits."""
+    path = tmp_path / "limits"
+    ticks = Ticks()
+    admin, _ = _stores(path, ticks)
+    idle = TenantLimitStore(path, ticks, lambda: 1_700_000_000.0, 0.25)  # real threads
+    limiter = Limiter(
+        MemoryLimitStore(),
+        PerTenantPolicies(DEFAULTS, idle),
+        ManualClock(START_MS),
+        _count,
+    )
+    admin.change("acme", {"day_budget_nanos": 0})
+    ticks.now += 1
+    assert isinstance(await _admit(limiter, "acme"), Denial)  # $0: refused on every router
+    for budget, admitted in ((5 * NANOS_PER_DOLLAR, True), (0, False)):
+        admin.change("acme", {"day_budget_nanos": budget})  # through another router
+        ticks.now += 60  # the idle router: no admit meanwhile
+        first = await _admit(limiter, "acme")
+        assert isinstance(first, Ticket) is admitted, (budget, first)
