@@ -28,6 +28,11 @@ class KeyLookup(Protocol):
 
     def tenant_for(self, key: str) -> str | None: ...
 
+    async def checked_tenant_for(self, key: str) -> str | None:
+        """``tenant_for`` as a request's key check asks it: after the re-read of a change of
+        the keys this process has seen or is reading (bounded), not the keys read before."""
+        ...
+
 
 class ApiKeys:
     """A fixed table of key hashes to tenants (a ``KeyLookup`` for tests and tools; the
@@ -38,6 +43,9 @@ class ApiKeys:
 
     def tenant_for(self, key: str) -> str | None:
         return self._tenant_by_hash.get(hash_key(key))
+
+    async def checked_tenant_for(self, key: str) -> str | None:
+        return self.tenant_for(key)
 
 
 class AmbiguousCredential(Exception):

@@ -143,6 +143,14 @@ class KeyStore:
         """The tenant of an active key, or None (unknown, revoked, replaced by a rotation)."""
         return self._keys.current().tenant_by_hash.get(hash_key(key))
 
+    async def checked_tenant_for(self, key: str) -> str | None:
+        """``tenant_for`` after the re-read of a change this check sees, or of one being read
+        (waited for on the event loop, at most ``polled_file.FRESH_WAIT_S``): a process with no
+        request since another one's change answered its next check by the keys read before,
+        a key created there refused (UNAUTHENTICATED 5 s after its creation) and a revoked
+        one served."""
+        return (await self._keys.fresh()).tenant_by_hash.get(hash_key(key))
+
     # --- the Admin API's --------------------------------------------------------------------
     def records(self) -> tuple[KeyRecord, ...]:
         return self._keys.current().parsed.records

@@ -188,7 +188,7 @@ class Front:
             traceparent = _traceparent(span)
             refused: ApiError | None = None  # the front's own refusal (its access line)
             try:
-                tenant, key = self._admit(api, request)
+                tenant, key = await self._admit(api, request)
                 response = await answer(request, tenant, key, traceparent)
             except ApiError as error:
                 span.set_attribute("error.type", error.kind)
@@ -306,7 +306,7 @@ class Front:
         headers[_ID_HEADER[api]] = request_id
         return _json(error.body_for(api, request_id), error.status_for(api), headers)
 
-    def _admit(self, api: Api, request: web.Request) -> tuple[str, str]:
+    async def _admit(self, api: Api, request: web.Request) -> tuple[str, str]:
         """The caller's tenant and key; the Gateway checks the same key again."""
         for header in _KEY_HEADERS[api]:  # the first was read: whatever added one chose
             sent = len(request.headers.getall(header, ()))
@@ -319,7 +319,7 @@ class Front:
         key = _key(api, request)
         if key is None:
             raise ApiError("authentication", _NO_KEY[api])
-        tenant = self._keys.tenant_for(key)
+        tenant = await self._keys.checked_tenant_for(key)
         if tenant is None:
             raise ApiError("authentication", _UNKNOWN_KEY[api])
         request[_TENANT] = tenant

@@ -237,7 +237,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"{exc}; {_UNAUTHENTICATED}")
         if token is None:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, "no API key: " + _UNAUTHENTICATED)
-        tenant = self._keys.tenant_for(token or "")
+        tenant = await self._keys.checked_tenant_for(token or "")
         if tenant is None:
             await abort(
                 context, grpc.StatusCode.UNAUTHENTICATED, "unknown API key: " + _UNAUTHENTICATED

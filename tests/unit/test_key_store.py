@@ -569,3 +569,23 @@ def test_a_reread_that_fails_unexpectedly_is_logged_and_the_next_poll_reads_agai
     reader.tenant_for(victim)
     threads.join()
     assert len(threads.started) == 2 and reader.tenant_for(victim) is None
+
+
+async def test_the_first_key_check_on_an_idle_process_after_a_change_sees_it(
+    tmp_path: Path,
+) -> None:
+    """A router or HTTP front with no request since another process changed the key file
+    started the re-read at its next key check and answered that check by the keys read
+    before: a key created through one router was refused UNAUTHENTICATED by another idle 5 s
+    (on a real stack), and a key revoked was served there. Now the check waits for the
+    re-read (in its worker thread, as ever, waited for on the event loop)."""
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    clock = Clock()
+    writer = _store(tmp_path / "keys", clock)
+    idle = KeyStore.open(tmp_path / "keys", clock, lambda: 1_700_000_000.0, 0.25)  # threads
+    record, key = writer.create("globex", "ci")
+    clock.now += 60  # no check meanwhile
+    assert await idle.checked_tenant_for(key) == "globex"
+    writer.revoke(record.id)
+    clock.now += 60
+    assert await idle.checked_tenant_for(key) is None
