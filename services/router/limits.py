@@ -41,9 +41,10 @@ is checked, and the wait is the longest), which the servicer turns into
   and is admitted only while the bill plus what the tenant's requests in flight hold is below
   the budget: N requests racing the last dollar of a budget took it past by N bills (39
   answers in flight: $0.0449 against a $0.01 budget), now by at most one. Its end gives the
-  hold back (with its cost counted, in one settle); a hold whose router died lapses after
-  ``HOLD_MS``. The last request admitted may still take the bill past the budget (by at most
-  its own bill); the next one is refused until the period ends.
+  hold back (with its cost counted, in one settle); a hold whose router died lapses a minute
+  after its request's deadline (``hold_ms``; ``HOLD_MS`` without one). The last request
+  admitted may still take the bill past the budget (by at most its own bill); the next one is
+  refused until the period ends.
 
 The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
 (``services.router.redis_limits``) so that every router of a deployment shares it.
@@ -157,21 +158,6 @@ class Refusal:
     holding: int = 0
 
 
-@dataclass(frozen=True)
-class Hold:
-    """What an admitted request holds of its tenant's budgets while it runs: the largest bill
-    it can make, under an id of its own (its end releases it once)."""
-
-    id: str
-    nanos: int
-
-
-def held_refusal(limit: str, held_nanos: int, holding: int) -> Refusal:
-    """A budget whose spend is below it, but not with what ``holding`` requests in flight
-    hold: retried when they may have ended, not at the period's end."""
-    return Refusal(limit, HELD_RETRY_MS, held_nanos=held_nanos, holding=holding)
-
-
 def longest(over: list[Refusal]) -> Refusal:
     """One refusal for every limit a request is over (each checked): the longest wait, naming
     that limit and the others. Waiting for the first limit checked (the day's end) left the
@@ -214,10 +200,36 @@ CLOCK_STEP_BACK_MS = 2_000
 SETTLE_MARKER_MS = 2 * 60_000
 AMBIGUOUS_REPLAY_MS = SETTLE_MARKER_MS // 2
 # How long a request's hold on its tenant's budgets (``Hold``) lasts when its end is never told
-# (its router killed): the settles' replay window, so that a request still settling holds.
+# (its router killed): its deadline and HOLD_SLACK_MS more (its end's settle), and without a
+# deadline the settles' replay window, the most it lasts.
 HOLD_MS = SETTLE_REPLAY_WINDOW_MS
+HOLD_SLACK_MS = 60_000
 # The wait a refusal for budgets held by requests in flight (not spent) tells the caller.
 HELD_RETRY_MS = 5_000
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What an admitted request holds of its tenant's budgets while it runs: the largest bill
+    it can make, under an id of its own (its end releases it once)."""
+
+    id: str
+    nanos: int
+    ms: int = HOLD_MS  # how long it lasts unreleased (its router died)
+
+
+def hold_ms(time_remaining_s: float | None) -> int:
+    """How long a request's hold lasts unreleased: its deadline and ``HOLD_SLACK_MS`` (its
+    end's settle), at most ``HOLD_MS`` (also without a deadline)."""
+    if time_remaining_s is None:
+        return HOLD_MS
+    return min(HOLD_MS, math.ceil(max(time_remaining_s, 0.0) * 1000) + HOLD_SLACK_MS)
+
+
+def held_refusal(limit: str, held_nanos: int, holding: int) -> Refusal:
+    """A budget whose spend is below it, but not with what ``holding`` requests in flight
+    hold: retried when they may have ended, not at the period's end."""
+    return Refusal(limit, HELD_RETRY_MS, held_nanos=held_nanos, holding=holding)
 
 
 class SettleNotSent(Exception):
@@ -494,7 +506,9 @@ class MemoryLimitStore:
         if policy.tokens_per_min is not None:
             self._put(tenant, TOKENS, _Bucket(tokens - reserve_tokens, now_ms))
         if hold is not None and hold.nanos > 0:
-            self._holds.setdefault(tenant, {})[hold.id] = (hold.nanos, now_ms + HOLD_MS)
+            # (the in-process holds die with the process: one that outlives its request's
+            # deadline is gone once those admitted before it are)
+            self._holds.setdefault(tenant, {})[hold.id] = (hold.nanos, now_ms + hold.ms)
             self._held[tenant] = self._held.get(tenant, 0) + hold.nanos
         return None
 
@@ -754,12 +768,20 @@ class Limiter:
         # settles a drain gave up on (``drain``): not waited for again by the next one
         self._abandoned: set[asyncio.Future[Any]] = set()
 
-    async def admit(self, tenant: str, request: pb.CompleteRequest) -> Ticket | Denial:
-        """The request's ticket, or its denial. Every limit is checked at once by the store's
-        ``admit``, which takes the request and its tokens atomically (a refusal takes
-        neither). Under a token rate the prompt is counted for that (off the event loop);
-        a large prompt (``READ_FIRST_CHARS``) has the request rate and the budgets read
-        before: a request over the rate or a spent budget is refused uncounted."""
+    async def admit(
+        self,
+        tenant: str,
+        request: pb.CompleteRequest,
+        *,
+        time_remaining_s: float | None = None,
+    ) -> Ticket | Denial:
+        """The request's ticket, or its denial (``time_remaining_s``: its deadline, the most
+        its hold on the budgets lasts if its end is never told, ``hold_ms``). Every limit is
+        checked at once by the store's ``admit``, which takes the request and its tokens
+        atomically (a refusal takes neither). Under a token rate (or a budget, to hold the
+        largest bill) the prompt is counted (off the event loop); a large prompt
+        (``READ_FIRST_CHARS``) has the request rate and the budgets read before: a request
+        over the rate or a spent budget is refused uncounted."""
         policy = await self._policies.admitting(tenant)
         if not policy.active:
             return Ticket(tenant, policy, 0, counts_spend=self._policies.counts_every_spend())
@@ -784,7 +806,8 @@ class Limiter:
                 if policy.tokens_per_min is not None:
                     reserve = prompt + request.max_tokens
                 if holds and self._cost_bound is not None:
-                    hold = Hold(uuid.uuid4().hex, self._cost_bound(request, prompt))
+                    bound = self._cost_bound(request, prompt)
+                    hold = Hold(uuid.uuid4().hex, bound, hold_ms(time_remaining_s))
             refusal = await self._ask(
                 lambda now, periods: (
                     self._store.admit(tenant, policy, reserve, now, periods)

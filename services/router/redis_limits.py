@@ -365,7 +365,7 @@ class RedisLimitStore:
             uuid.uuid4().hex,
             "" if hold is None else hold.id,
             0 if hold is None else hold.nanos,
-            HOLD_MS,
+            HOLD_MS if hold is None else hold.ms,
         ]
         mark, *over_limits = cast(list[Any], await self._admit(keys=keys, args=args))
         self._seen(_bytes(mark))

@@ -357,7 +357,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         yield chunk
                     return
             counting(request)  # the limits' count of the prompt serves the pipeline too
-            admitted = await self._limiter.admit(tenant, request)
+            admitted = await self._limiter.admit(tenant, request, time_remaining_s=time_remaining_s)
             if isinstance(admitted, Denial):
                 raise _Denied(admitted)
             ticket = admitted

@@ -27,6 +27,7 @@ from services.router.limits import (
     DAY_BUDGET,
     HELD_RETRY_MS,
     HOLD_MS,
+    HOLD_SLACK_MS,
     Denial,
     Limiter,
     LimitStore,
@@ -146,5 +147,23 @@ async def test_the_hold_of_a_request_whose_router_died_lapses(store: LimitStore)
     other = _limiter(store, clock)
     assert isinstance(await other.admit("t", _request(2, max_tokens=10)), Denial)
     clock.advance(ms=HOLD_MS)
+    assert isinstance(await other.admit("t", _request(3, max_tokens=10)), Ticket)
+    await other.close()
+
+
+async def test_the_hold_of_a_request_with_a_deadline_lapses_a_minute_after_it(
+    store: LimitStore,
+) -> None:
+    """A killed router's request held its tenant's budget for 15 min (``HOLD_MS``): with a
+    deadline, only until that deadline and a minute for its settle."""
+    clock = ManualClock(START_MS)
+    dead = _limiter(store, clock)
+    held = await dead.admit("t", _request(1, max_tokens=700), time_remaining_s=30.0)
+    assert isinstance(held, Ticket) and held.hold is not None
+    assert held.hold.ms == 30_000 + HOLD_SLACK_MS
+    other = _limiter(store, clock)
+    clock.advance(ms=30_000 + HOLD_SLACK_MS - 1)
+    assert isinstance(await other.admit("t", _request(2, max_tokens=10)), Denial)
+    clock.advance(ms=1)
     assert isinstance(await other.admit("t", _request(3, max_tokens=10)), Ticket)
     await other.close()
