@@ -214,6 +214,31 @@ def test_recent_queries_reuse_a_query_only_for_the_same_tenant_and_bytes(
     assert RecentQueries(size=0).of("a", request) == first  # 0: nothing remembered
 
 
+def test_a_repeat_under_a_new_request_id_reuses_the_query_with_its_own_id(
+    derived: list[str],
+) -> None:
+    """An exact hit is a repeat of a request under a new request_id (each call has its own):
+    its query is the kept one but for the id, which names the lease; nothing is derived again.
+    The request itself is left as it came."""
+    real = query_from_request
+    recent = RecentQueries(size=8)
+    first_call = make_request(QUESTION, system="S" * 2_000)
+    first_call.request_id = "call-1"
+    first = recent.of("a", first_call)
+    repeat = make_request(QUESTION, system="S" * 2_000)
+    repeat.request_id = "call-2"
+    again = recent.of("a", repeat)
+    assert derived == ["a"]  # the repeat derived nothing
+    assert again == real("a", repeat) and again.request_id == "call-2"
+    assert first.request_id == "call-1" and recent.of("a", first_call) is first
+    assert repeat.request_id == "call-2"  # its id is back
+    assert recent.of("b", repeat).scope != first.scope and derived == ["a", "b"]
+    changed = make_request(QUESTION, system="S" * 2_000, max_tokens=7)
+    changed.request_id = "call-2"
+    assert recent.of("a", changed).max_tokens == 7  # any other field is another key
+    assert derived == ["a", "b", "a"]
+
+
 def test_another_tenants_flood_of_requests_keeps_this_ones_query(derived: list[str]) -> None:
     """The bound is for all tenants together, shared fairly: tenant a's 100 distinct requests
     between b's Lookup and its Store push out a's own queries, not b's."""
