@@ -197,8 +197,8 @@ class Pipeline:
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
         """The answer's chunks. ``streamed``: each chunk reaches the caller as it is yielded
         (``StreamComplete``); else only the end does (``Complete``: a model's answer is then
-        yielded whole, its start with its end), so a replica that dies mid-answer can hand
-        the request to another one at any point before the end.
+        yielded whole, its start with its end, and an L1 hit its end alone), so a replica
+        that dies mid-answer can hand the request to another one at any point before the end.
         ``time_remaining_s``: the client's deadline, which bounds every model call of the
         request (and so the replicas' retries); None: ``ROUTER_MODEL_TIMEOUT_S`` alone.
         ``charge``: told of each model call this request is billed for without its answer
@@ -250,7 +250,8 @@ class Pipeline:
             spans.outcome_attributes(root, end)
             if answer_billed is not None:
                 answer_billed(end)
-            for served in chunks_of(end):
+            # ``Complete`` reads only the end: its start and deltas are made for a stream alone
+            for served in chunks_of(end) if streamed else (pb.CompleteChunk(end=end),):
                 yield served
             return
 

@@ -248,6 +248,29 @@ async def test_a_hit_is_one_lookup_and_is_served_free() -> None:
     assert start.input_tokens == prompt and start.output_tokens == 0
 
 
+async def test_a_hit_for_complete_is_its_end_alone_the_same_end_a_stream_gets() -> None:
+    """``Complete`` reads only the end: a hit yields it alone (its start and deltas were made
+    for nothing on every exact hit), the same end the stream's last chunk is."""
+    rig = Rig()
+    cached = sc.CachedAnswer(
+        content=[pb.ContentBlock(text="Use the reset"), pb.ContentBlock(text=" link.")],
+        model="sim-large",
+        tier="large",
+        stop_reason="end_turn",
+        output_tokens=5,
+    )
+    match = pb.SemanticMatch(similarity=1.0, entry_id="e9", exact=True)
+    rig.semantic.reply = sc.LookupResponse(hit=True, answer=cached, match=match)
+    streamed = await rig.run(_request())
+    pipeline = rig.pipeline()
+    unary = [chunk async for chunk in pipeline.run("tenant-a", _request(), streamed=False)]
+    assert [c.WhichOneof("part") for c in unary] == ["end"]
+    end = unary[0].end
+    end.trace_id, end.span_id = streamed[-1].end.trace_id, streamed[-1].end.span_id
+    assert end == streamed[-1].end  # but for its request's span, the same end to the field
+    assert end.semantic.exact and len(rig.semantic.lookups) == 2
+
+
 def _cached(tier: str) -> sc.CachedAnswer:
     return sc.CachedAnswer(
         content=[pb.ContentBlock(text=f"The {tier} tier's answer.")],
