@@ -36,6 +36,9 @@ Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[A
 Metadata = tuple[tuple[str, str], ...]
 
 _STATUS = "rpc.grpc.status_code"
+# each status's number, read once: an enum member's ``value`` is a descriptor lookup, on
+# every call's span (a recorded one or not)
+_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 _UNTRACED = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes are not requests
 _HELD = otel_context.create_key("cachemesh.rpc.held")  # the call's ``end_after`` sequences
 Held = list[Sequence["asyncio.Future[Any]"]]
@@ -58,7 +61,7 @@ def end_cancelled_call_span(span: trace.Span) -> None:
     longer wants the rest of a stream): ``rpc.grpc.status_code`` CANCELLED, and no ERROR
     status, which would blame the callee for what it did not do (as a SERVER span leaves a
     caller's cancel)."""
-    span.set_attribute(_STATUS, grpc.StatusCode.CANCELLED.value[0])
+    span.set_attribute(_STATUS, _NUMBERS[grpc.StatusCode.CANCELLED])
     span.end()
 
 
@@ -82,7 +85,7 @@ SERVER_ERRORS = frozenset(
 def _call_status(
     span: trace.Span, code: grpc.StatusCode, details: str, *, server: bool = False
 ) -> None:
-    span.set_attribute(_STATUS, code.value[0])
+    span.set_attribute(_STATUS, _NUMBERS[code])
     if code is not grpc.StatusCode.OK and (not server or code in SERVER_ERRORS):
         description = f"{code.name}: {details}" if details else code.name
         span.set_status(Status(StatusCode.ERROR, description))
@@ -107,7 +110,9 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         recorded UNAVAILABLE (an error, as its caller saw it), not as its caller's cancel."""
         self._tracer = tracer
         self._grace_end = grace_end
-        self._attributes: dict[str, dict[str, AttributeValue]] = {}
+        # a method's traced handler, made once for the handler it wraps (one a method served:
+        # a handler is looked up by the methods the server registered, never a caller's name)
+        self._traced: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self, continuation: Handler, details: grpc.HandlerCallDetails
@@ -116,14 +121,26 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         method = details.method or ""
         if handler is None or method.startswith(_UNTRACED):
             return handler
-        carrier = {key: value for key, value in details.invocation_metadata or ()}
-        parent = propagate.extract(carrier)
-        attributes = self._attributes.get(method)
-        if attributes is None:
-            attributes = self._attributes.setdefault(method, method_attributes(method))
+        made = self._traced.get(method)
+        if made is not None and made[0] is handler:
+            return made[1]
+        traced = self._traced_handler(handler, method)
+        self._traced[method] = (handler, traced)
+        return traced
 
-        def start() -> tuple[trace.Span, Held, otel_context.Context]:
-            span = start_call_span(self._tracer, method, attributes, SpanKind.SERVER, parent)
+    def _traced_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        attributes = method_attributes(method)
+        tracer = self._tracer
+
+        def start(
+            context: grpc.aio.ServicerContext[Any, Any],
+        ) -> tuple[trace.Span, Held, otel_context.Context]:
+            """The call's span, child of the caller's span its metadata carries."""
+            carrier = {key: value for key, value in context.invocation_metadata() or ()}
+            parent = propagate.extract(carrier)
+            span = start_call_span(tracer, method, attributes, SpanKind.SERVER, parent)
             held: Held = []
             current = otel_context.set_value(_HELD, held, trace.set_span_in_context(span, parent))
             return span, held, current
@@ -159,7 +176,7 @@ def _ended(
     if code is grpc.StatusCode.CANCELLED and grace_end is not None and grace_end.ended:
         _call_status(span, grpc.StatusCode.UNAVAILABLE, GRACE_ENDED)  # the server cut it
     elif code is grpc.StatusCode.CANCELLED:  # the caller's choice: no error on the server's span
-        span.set_attribute(_STATUS, code.value[0])
+        span.set_attribute(_STATUS, _NUMBERS[code])
     else:
         details = context.details()
         text = details.decode() if isinstance(details, bytes) else details or ""
@@ -175,13 +192,18 @@ def _ended(
     waited.add_done_callback(lambda _: span.end(end_time=ended_ns))
 
 
+Start = Callable[
+    [grpc.aio.ServicerContext[Any, Any]], tuple[trace.Span, Held, otel_context.Context]
+]
+
+
 def _traced_unary(
     behavior: Callable[..., Awaitable[Any]],
-    start: Callable[[], tuple[trace.Span, Held, otel_context.Context]],
+    start: Start,
     grace_end: GraceEnd | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        span, held, current = start()
+        span, held, current = start(context)
         token = otel_context.attach(current)  # one task from here to its detach
         outcome = grpc.StatusCode.INTERNAL
         try:
@@ -200,7 +222,7 @@ def _traced_unary(
 
 def _traced_stream(
     behavior: Callable[..., AsyncGenerator[Any, None]],
-    start: Callable[[], tuple[trace.Span, Held, otel_context.Context]],
+    start: Start,
     grace_end: GraceEnd | None,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     """The span's context is current for each step of the handler's generator (its next item,
@@ -212,7 +234,7 @@ def _traced_stream(
     async def stream(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        span, held, current = start()
+        span, held, current = start(context)
         outcome = grpc.StatusCode.INTERNAL
         items = behavior(request, context)
         try:

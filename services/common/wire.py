@@ -69,6 +69,9 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
 
     def __init__(self, refused: Callable[[str], None] | None = None) -> None:
         self._refused = refused
+        # a method's checked handler, made once for the handler it wraps (one a method the
+        # server registered: no handler, no entry, whatever name a caller sends)
+        self._checked: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self, continuation: Handler, details: grpc.HandlerCallDetails
@@ -76,8 +79,19 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming:
             return handler
+        method = details.method
+        made = self._checked.get(method)
+        if made is not None and made[0] is handler:
+            return made[1]
+        checked = self._checked_handler(handler, method)
+        self._checked[method] = (handler, checked)
+        return checked
+
+    def _checked_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         refused = self._refused
-        told = partial(refused, details.method) if refused is not None else _untold
+        told = partial(refused, method) if refused is not None else _untold
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _checked_unary(handler.unary_unary, told),
