@@ -743,7 +743,10 @@ def _trailers(call: Call, exc: RequestError) -> tuple[tuple[str, str | bytes], .
 
 
 def _is_retry(context: Context) -> bool:
-    return any(_marks_retry(key, value) for key, value in context.invocation_metadata() or ())
+    for key, value in context.invocation_metadata() or ():  # a few keys, read on every call
+        if key in RETRY_HEADERS and _marks_retry(key, value):
+            return True
+    return False
 
 
 def _marks_retry(key: str, value: str | bytes) -> bool:

@@ -281,8 +281,11 @@ def _validate_temperature(request: pb.CompleteRequest, table: ModelTable) -> Non
         raise _invalid(f"temperature: must be within [0, {limit:g}]{why}, got {t}")
 
 
+_SEMANTIC_MODES = frozenset(pb.SemanticMode.values())  # once: ``values()`` makes a list a call
+
+
 def _validate_sampling(request: pb.CompleteRequest, table: ModelTable) -> None:
-    if request.cache.semantic not in pb.SemanticMode.values():
+    if request.cache.semantic not in _SEMANTIC_MODES:
         raise _invalid(
             f"cache.semantic: unknown mode {request.cache.semantic}; use one of "
             + ", ".join(pb.SemanticMode.keys())
