@@ -5,7 +5,7 @@ belongs to each call (its caller's span, its credential) is still read from that
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import grpc
 import pytest
@@ -54,11 +54,20 @@ async def _echo(request: Any, context: Any) -> Any:
     return request
 
 
-def _served(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[[Details], Awaitable[Any]]:
-    async def continuation(details: Details) -> grpc.RpcMethodHandler[Any, Any]:
+def _served(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[[Any], Awaitable[Any]]:
+    async def continuation(details: Any) -> grpc.RpcMethodHandler[Any, Any]:
         return handler
 
-    return continuation  # type: ignore[return-value]
+    return continuation
+
+
+def _details(trace_id: str | None = None) -> grpc.HandlerCallDetails:
+    metadata = _metadata(trace_id) if trace_id is not None else ()
+    return cast(grpc.HandlerCallDetails, Details(METHOD, metadata))
+
+
+def _context(trace_id: str | None = None) -> Any:
+    return Context(_metadata(trace_id) if trace_id is not None else ())
 
 
 async def test_a_methods_traced_handler_is_made_once_and_each_call_has_its_callers_parent() -> None:
@@ -66,20 +75,21 @@ async def test_a_methods_traced_handler_is_made_once_and_each_call_has_its_calle
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = ServerTracing(provider.get_tracer("t"))
-    inner = grpc.unary_unary_rpc_method_handler(_echo)
+    inner: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_echo)
     handlers = []
     for trace_id in TRACE_IDS:
-        details = Details(METHOD, _metadata(trace_id))
-        handler = await tracing.intercept_service(_served(inner), details)  # type: ignore[arg-type]
+        handler = await tracing.intercept_service(_served(inner), _details(trace_id))
         assert handler is not None and handler.unary_unary is not None
-        assert await handler.unary_unary(b"q", Context(_metadata(trace_id))) == b"q"
+        assert await handler.unary_unary(b"q", _context(trace_id)) == b"q"
         handlers.append(handler)
     assert handlers[0] is handlers[1]  # made once for the method
     spans = exporter.get_finished_spans()
     assert [f"{s.context.trace_id:032x}" for s in spans if s.context] == list(TRACE_IDS)
     assert all(s.name == METHOD for s in spans)
-    other = grpc.unary_unary_rpc_method_handler(_echo)  # another inner handler: made anew
-    again = await tracing.intercept_service(_served(other), Details(METHOD, ()))  # type: ignore[arg-type]
+    other: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
+        _echo
+    )  # another inner handler: made anew
+    again = await tracing.intercept_service(_served(other), _details())
     assert again is not handlers[0]
 
 
@@ -88,9 +98,11 @@ async def test_a_methods_checked_handler_is_made_once_and_still_refuses_a_malfor
 ):
     refused: list[str] = []
     checking = MalformedRequests(refused.append)
-    inner = grpc.unary_unary_rpc_method_handler(_echo, request_deserializer=bytes.decode)
-    first = await checking.intercept_service(_served(inner), Details(METHOD, ()))  # type: ignore[arg-type]
-    second = await checking.intercept_service(_served(inner), Details(METHOD, ()))  # type: ignore[arg-type]
+    inner: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(
+        _echo, request_deserializer=bytes.decode
+    )
+    first = await checking.intercept_service(_served(inner), _details())
+    second = await checking.intercept_service(_served(inner), _details())
     assert first is not None and first is second
     parse = first.request_deserializer
     assert parse is not None and parse(b"ok") == "ok"
@@ -99,6 +111,6 @@ async def test_a_methods_checked_handler_is_made_once_and_still_refuses_a_malfor
     context = Context(())
     assert first.unary_unary is not None
     with pytest.raises(grpc.aio.AbortError):
-        await first.unary_unary(bad, context)
+        await first.unary_unary(bad, cast(Any, context))
     assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert refused == [METHOD]
