@@ -130,16 +130,24 @@ class ScopeIndex:
             yield ids[start : start + count], rows.reshape(count, self._dim)
 
     def remove(self, vid: int, key: str) -> None:
+        self.remove_many([vid], [key])
+
+    def remove_many(self, vids: list[int], keys: list[str]) -> None:
+        """Removes rows in bulk; ``keys[i]`` is the exact-match key of ``vids[i]``. One FAISS
+        call: an exact index compacts its whole array on each, so removing k rows one at a
+        time cost k passes over the scope (10,000 expired together held the loop 6.5 s)."""
         self._adopt_rebuild()
-        remove_ids(self._index, self._approximate, np.array([vid], dtype=np.int64))
+        ids = np.array(vids, dtype=np.int64)
+        remove_ids(self._index, self._approximate, ids)
         if self._rebuild is not None:
-            self._rebuild.removed(vid)
-        self.ids.discard(vid)
-        if self.exact.get(key) == vid:
-            del self.exact[key]
-        digest = folded_key(key)
-        if self.folded.get(digest) == vid:
-            del self.folded[digest]
+            self._rebuild.removed(ids)
+        self.ids.difference_update(vids)
+        for vid, key in zip(vids, keys, strict=True):
+            if self.exact.get(key) == vid:
+                del self.exact[key]
+            digest = folded_key(key)
+            if self.folded.get(digest) == vid:
+                del self.folded[digest]
 
     def search(self, vector: Rows, k: int) -> list[tuple[int, float]]:
         """Up to ``k`` (id, inner product) pairs, best first."""

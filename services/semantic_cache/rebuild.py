@@ -56,9 +56,10 @@ class Rebuild:
         with self._lock:
             self._changes.append(_Change(True, vids, rows))
 
-    def removed(self, vid: int) -> None:
+    def removed(self, vids: Ids) -> None:
+        """Records rows removed from the scope."""
         with self._lock:
-            self._changes.append(_Change(False, np.array([vid], dtype=np.int64), None))
+            self._changes.append(_Change(False, vids, None))
 
     def done(self) -> bool:
         return self._future.done()

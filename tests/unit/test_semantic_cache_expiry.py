@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from services.common.clock import ManualClock
+from services.semantic_cache.ann import remove_ids
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.persistence import SnapshotError, SnapshotStore, encode, entry_json
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
@@ -210,3 +212,45 @@ def test_a_zero_ttl_entry_round_trips_and_one_expiring_before_creation_is_malfor
     broken = entry_json(entry) | {"expires_at_ms": 999}
     with pytest.raises(ValueError, match="expires_at_ms"):
         entry_from_json(broken, require_expiry=True)
+
+
+@pytest.mark.parametrize("ivf", [False, True])
+async def test_entries_expiring_together_leave_their_scope_in_one_index_call(
+    monkeypatch: pytest.MonkeyPatch, ivf: bool
+) -> None:
+    """Entries stored in a burst expire together, and the next lookup purges them on the event
+    loop. Removed one FAISS call at a time, an exact index compacted its whole array on each:
+    19,000 expired in one scope held the loop 12.5 s (10,000: 6.5 s). Now one call a scope,
+    and what has not expired is served as before, the exact map and the index agreeing."""
+    calls: list[int] = []
+
+    def counted(index: Any, approximate: bool, vids: Any) -> None:
+        calls.append(len(vids))
+        remove_ids(index, approximate, vids)
+
+    monkeypatch.setattr("services.semantic_cache.index.remove_ids", counted)
+    clock = ManualClock()
+    ann = AnnSettings(min_entries=20, nprobe=64) if ivf else None
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.99, ttl_s=3_600.0, ann=ann)
+    burst = [f"burst question number {i}" for i in range(60)]
+    for question in burst:
+        assert (await cache.store(q(question), answer(question.encode()))).stored
+    clock.advance(s=1_800)
+    kept = [f"kept question number {i}" for i in range(30)]
+    for question in kept:
+        assert (await cache.store(q(question), answer(question.encode()))).stored
+    cache.wait_for_indexes()
+    assert cache.index_kinds() == {"ivf" if ivf else "flat"}
+
+    clock.advance(s=1_800)  # the burst is an hour old: expired, the others not
+    first = await cache.check(q(kept[0]))
+    assert calls == [len(burst)]  # one call for the scope's 60, not 60 calls
+    assert cache.stats.expirations == len(burst)
+    assert len(cache) == len(kept)
+    assert first.hit and first.exact
+    for question in kept:
+        found = await cache.check(q(question))
+        assert found.hit and found.exact and found.entry is not None
+        assert found.entry.answer.payload == question.encode()
+    for question in burst:
+        assert not (await cache.check(q(question))).hit
