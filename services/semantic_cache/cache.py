@@ -162,7 +162,7 @@ class SemanticCache(EntryStore):
         deadline = self.deadline_in(within_s)
         result = await self._check(query, deadline, settle=waits)
         if not result.hit and query.request_id:
-            self._missed_at.put(query.tenant, query.request_id, self.purges(query.tenant))
+            self._note_miss(query)
         if result.hit or result.skip_reason or self._leases is None:
             return result
         if not lead or not self._may_be_stored(query):  # never stored: nobody to wait
@@ -206,6 +206,15 @@ class SemanticCache(EntryStore):
             taken = self._leases.take(key, query.request_id, lease_id)
             return dataclasses.replace(result, leader=True, lease_id=taken)
         return dataclasses.replace(result, pending=event is not None)
+
+    def _note_miss(self, query: Query) -> None:
+        """Notes the tenant's purge count at the miss of the query's request, for its Store
+        (``_store``). A request_id already noted keeps its first count: a second Lookup with
+        that id (a duplicate sent to another router, a retry not marked as one) after a purge
+        must not clear the Store of the first one's model call, whose answer predates the
+        purge; the later call's answer is then not stored either, which only costs a hit."""
+        if self._missed_at.get(query.tenant, query.request_id) is None:
+            self._missed_at.put(query.tenant, query.request_id, self.purges(query.tenant))
 
     def release(self, query: Query, lease_id: str | None = None) -> bool:
         """Ends the query's lease (its leader's model call ended without a Store), only the

@@ -16,6 +16,7 @@ from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.clock import ManualClock
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.leases import Leases
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.snapshotter import Snapshotter
@@ -104,3 +105,26 @@ async def test_a_drop_counts_only_the_entries_still_live() -> None:
     assert await cache.drop("a", "") == 0
     assert await cache.drop("a") == 0
     assert (cache.stats.invalidations, cache.stats.expirations) == (0, 3)
+
+
+@pytest.mark.parametrize("duplicate_waits", [False, True])
+async def test_a_duplicate_lookup_after_a_purge_does_not_clear_the_first_calls_store(
+    duplicate_waits: bool,
+) -> None:
+    """R1 misses and leads its model call; the operator purges the tenant (a harmful answer);
+    the same request (same request_id: a duplicate sent to a second router, or a retry not
+    marked as one) then looks up again. The first call's answer predates the purge: its Store
+    must not put it back. Before, the second Lookup's miss overwrote the purge count noted for
+    the id, and the pre-purge answer was stored and served (1 of 1)."""
+    clock = ManualClock()
+    leases = Leases(clock, 30.0)
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, ttl_s=3600.0, leases=leases)
+    asked = dataclasses.replace(q(HARMFUL), request_id="r1")
+    first = await cache.check(asked)
+    assert first.leader  # R1's model call starts
+    assert await cache.drop("a") == 0
+    duplicate = await cache.check(asked, wait_s=0.01 if duplicate_waits else 0.0)
+    assert not duplicate.hit
+    late = await cache.store(asked, answer(b"HARMFUL"), lease_id=first.lease_id)
+    assert not late.stored and "after this request's lookup" in late.skip_reason
+    assert not (await cache.check(q(HARMFUL))).hit
