@@ -458,16 +458,24 @@ class EntryStore:
         return self._lru.within_level(entry.tenant, size, self._max_bytes)
 
     def _evict_over_capacity(self) -> None:
+        """Evicts what is over the bounds, each victim chosen as the ones before it are gone
+        (``_forget``), then all of them taken out of their scopes' indexes in one call a scope
+        (``_unindex``): one large answer evicting 1,182 entries of a 19,000-entry exact scope
+        held the event loop 3.3 s, one index compaction per entry."""
+        evicted: list[tuple[int, Entry]] = []
         while len(self._entries) > self._max_entries:
-            self._remove(self._lru.victim())
-            self.stats.evictions += 1
-        if self._max_bytes is None:
-            return
+            vid = self._lru.victim()
+            evicted.append((vid, self._forget(vid)))
         # by bytes, as by entries: the least recently used entry of the tenant holding the
         # most bytes, so one tenant's large answers evict its own entries, not another's
-        while self.stats.held_bytes > self._max_bytes and self._entries:
-            self._remove(self._lru.victim_by_bytes())
-            self.stats.evictions += 1
+        while self._max_bytes is not None and self.stats.held_bytes > self._max_bytes:
+            if not self._entries:
+                break
+            vid = self._lru.victim_by_bytes()
+            evicted.append((vid, self._forget(vid)))
+        if evicted:
+            self.stats.evictions += len(evicted)
+            self._unindex(evicted)
 
     def _remove(self, vid: int) -> None:
         entry = self._entries[vid]
@@ -489,6 +497,20 @@ class EntryStore:
             index.remove_many(scoped, [self._entries[vid].query for vid in scoped])
             for vid in scoped:
                 self._forget(vid)
+            if not len(index):
+                del self._scopes[key]
+
+    def _unindex(self, forgotten: list[tuple[int, Entry]]) -> None:
+        """Takes entries already forgotten (``_forget``) out of their scopes' indexes, one
+        index call a scope; a scope left empty goes."""
+        by_scope: dict[ScopeKey, tuple[list[int], list[str]]] = {}
+        for vid, entry in forgotten:
+            vids, keys = by_scope.setdefault((entry.tenant, entry.scope), ([], []))
+            vids.append(vid)
+            keys.append(entry.query)
+        for key, (vids, keys) in by_scope.items():
+            index = self._scopes[key]
+            index.remove_many(vids, keys)
             if not len(index):
                 del self._scopes[key]
 
