@@ -318,8 +318,20 @@ class SemanticCache(EntryStore):
             return CheckResult(None, skip_reason=_NO_USER_TEXT)
         if present := self._policy.present_time_reason(query.namespace, text):
             return CheckResult(None, skip_reason=present)  # never stored: no read, no lease
+        scope = (query.tenant, query.scope)
+        if (
+            settle
+            and self._storing.busy(scope)
+            and not self._storing.storing_question(scope, query.normalised)
+        ):
+            # The wait is for what a Store in flight may add; an exact hit needs none of it
+            # (unless that very question is being stored again): 0.7 ms, where waiting for
+            # the scope's other questions' Stores made it 39-49 ms at p50 under 8 writers.
+            early = self._exact_hit(query)
+            if early is not None:
+                return early
         settle_s = min(_STORE_WAIT_S, self._left_s(deadline)) if settle else 0.0
-        await self._storing.settled((query.tenant, query.scope), settle_s)
+        await self._storing.settled(scope, settle_s)
         now = self._clock.now_ms()
         self._purge_expired(now)
         index = self._scopes.get((query.tenant, query.scope))
@@ -388,6 +400,22 @@ class SemanticCache(EntryStore):
             return miss(best, "the nearest candidate changed while it was verified")
         return self._hit(choice.vid, choice.similarity, exact=False, best=best)
 
+    def _exact_hit(self, query: Query) -> CheckResult | None:
+        """The query's exact hit now, if there is one it may be served (its tier accepted);
+        else None (the lookup goes on as usual)."""
+        now = self._clock.now_ms()
+        self._purge_expired(now)
+        index = self._scopes.get((query.tenant, query.scope))
+        if index is None:
+            return None
+        vid = self._exact_match(index, query.normalised)
+        if vid is None:
+            return None
+        entry = self._entries[vid]
+        if not self._servable(entry, query, now) or query.tier_refusal(entry.answer):
+            return None
+        return self._hit(vid, 1.0, exact=True, best=1.0)
+
     def _exact_match(self, index: ScopeIndex, text: str) -> int | None:
         """The entry stored with this text, else the last one stored with it up to letter
         case and spacing, if nothing the models cannot read tells them apart
@@ -440,7 +468,7 @@ class SemanticCache(EntryStore):
         _require_tenant(query)
         marked = False
         try:
-            with self._storing.storing((query.tenant, query.scope)):
+            with self._storing.storing((query.tenant, query.scope), query.normalised):
                 result = await self._store(query, answer, default_ttl_s)
             marked = self._marked(query, answer, result)
         finally:

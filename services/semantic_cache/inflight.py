@@ -23,12 +23,16 @@ class StoresInFlight:
 
     def __init__(self) -> None:
         self._open: dict[ScopeKey, set[asyncio.Event]] = {}
+        self._questions: dict[tuple[ScopeKey, str], int] = {}  # Stores in flight, by question
 
     @contextlib.contextmanager
-    def storing(self, key: ScopeKey) -> Iterator[None]:
-        """Marks a Store of ``key``'s scope in flight for the block's duration."""
+    def storing(self, key: ScopeKey, question: str = "") -> Iterator[None]:
+        """Marks a Store of ``key``'s scope (of ``question``, normalised) in flight for the
+        block's duration."""
         done = asyncio.Event()
         self._open.setdefault(key, set()).add(done)
+        asked = (key, question)
+        self._questions[asked] = self._questions.get(asked, 0) + 1
         try:
             yield
         finally:
@@ -36,7 +40,21 @@ class StoresInFlight:
             events.discard(done)
             if not events:
                 del self._open[key]
+            left = self._questions[asked] - 1
+            if left:
+                self._questions[asked] = left
+            else:
+                del self._questions[asked]
             done.set()
+
+    def busy(self, key: ScopeKey) -> bool:
+        """A Store of the scope is in flight."""
+        return key in self._open
+
+    def storing_question(self, key: ScopeKey, question: str) -> bool:
+        """A Store of this question of the scope is in flight (its answer replaces the one
+        stored: a REFRESH, an answer of another tier)."""
+        return (key, question) in self._questions
 
     async def settled(self, key: ScopeKey, timeout_s: float) -> None:
         """Waits up to ``timeout_s`` seconds for the scope's Stores in flight now to end
