@@ -327,6 +327,24 @@ class EntryStore:
         if not tenant:
             raise InvalidQuery("tenant", "is required")
         self.stop_pending_stores(tenant)
+        dropped = [entry_id]
+        vid = self._by_entry_id.get(entry_id)
+        if self._journal is not None and vid is not None:
+            # A Store of the same question already past the guard (its record logged, its
+            # fsync on) replaces the entry before this drop is applied: the drop then found
+            # no such id (0) and that answer, looked up before the drop, stayed served under
+            # its new id. Its record precedes this drop's: once it is applied (the sync), the
+            # entry that replaced this one since is dropped too, by its id (logged: a replay
+            # drops it as well).
+            entry, inserted = self._entries[vid], self._next_id
+            await self._journal.sync()
+            index = self._scopes.get((entry.tenant, entry.scope))
+            now = index.exact.get(entry.query) if index is not None else None
+            if entry_id not in self._by_entry_id and now is not None and now >= inserted:
+                dropped.append(self._entries[now].entry_id)
+        return sum([await self._drop_entry_logged(tenant, each) for each in dropped])
+
+    async def _drop_entry_logged(self, tenant: str, entry_id: str) -> int:
         return await self.durably(  # logged whatever is found (``drop``)
             lambda: self._drop_entry_now(tenant, entry_id),
             lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied),

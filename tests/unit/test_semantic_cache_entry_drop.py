@@ -4,6 +4,7 @@ the entries it removed that were still live."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -128,3 +129,35 @@ async def test_a_duplicate_lookup_after_a_purge_does_not_clear_the_first_calls_s
     late = await cache.store(asked, answer(b"HARMFUL"), lease_id=first.lease_id)
     assert not late.stored and "after this request's lookup" in late.skip_reason
     assert not (await cache.check(q(HARMFUL))).hit
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_an_entry_drop_also_drops_what_a_store_on_its_way_replaced_it_with(
+    tmp_path: Path, restart: bool
+) -> None:
+    """R1 and R2 ask the same question at once and both miss; R1's answer is stored (entry A).
+    The operator drops A while R2's Store, past the purge guard, waits for its log fsync: that
+    Store replaced A first, and the drop then found no such id (dropped 0) while R2's answer,
+    the same one, stayed served under a new id, a restart included (1 of 1). Now the drop
+    also drops what replaced A since it was called, durably."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    wal = WriteAheadLog(tmp_path / "wal")
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, wal).open(cache)
+    first, second = (dataclasses.replace(q(HARMFUL), request_id=r) for r in ("r1", "r2"))
+    assert not (await cache.check(first)).hit
+    assert not (await cache.check(second)).hit
+    entry = await cache.store(first, answer(b"HARMFUL"))
+    late = asyncio.create_task(cache.store(second, answer(b"HARMFUL")))
+    await asyncio.sleep(0)  # logged, its fsync on
+    dropped = await cache.drop_entry("a", entry.entry_id)
+    assert (await late).stored  # its lookup came first: it was stored, and is dropped
+    assert dropped == 1
+    assert not (await cache.check(q(HARMFUL))).hit
+    if restart:  # a crash: the log alone
+        revived = new_cache(clock)
+        await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+            revived
+        )
+        assert not (await revived.check(q(HARMFUL))).hit
+        assert len(revived) == 0
