@@ -329,7 +329,7 @@ class EntryStore:
         self.stop_pending_stores(tenant)
         dropped = [entry_id]
         vid = self._by_entry_id.get(entry_id)
-        if self._journal is not None and vid is not None:
+        if self._journal is not None and vid is not None and self._entries[vid].tenant == tenant:
             # A Store of the same question already past the guard (its record logged, its
             # fsync on) replaces the entry before this drop is applied: the drop then found
             # no such id (0) and that answer, looked up before the drop, stayed served under
