@@ -51,3 +51,72 @@ def test_a_bad_line_names_the_file_and_line(tmp_path: Path) -> None:
     path = _trace(tmp_path, [{"timestamp": 0, "input_length": 16}])
     with pytest.raises(ValueError, match=r"trace.jsonl:1: expected a JSON object"):
         mooncake.load_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", r"no request in the trace"),
+        ("\n\n", r"no request in the trace"),
+        ("not json\n", r":1: expected a JSON object"),
+        ("[1, 2]\n", r":1: .*not a JSON object"),
+        (
+            '{"timestamp": "abc", "input_length": 100, "output_length": 1, "hash_ids": [1]}\n',
+            r":1: .*timestamp must be a finite number",
+        ),
+        (
+            '{"timestamp": NaN, "input_length": 100, "output_length": 1, "hash_ids": [1]}\n',
+            r":1: .*timestamp must be a finite number",
+        ),
+        (
+            '{"timestamp": -5, "input_length": 100, "output_length": 1, "hash_ids": [1]}\n',
+            r":1: .*timestamp must be a finite number of ms >= 0",
+        ),
+        (
+            '{"timestamp": 0, "input_length": -100, "output_length": 1, "hash_ids": [1]}\n',
+            r":1: .*input_length must be an integer >= 0",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 100, "output_length": 1.5, "hash_ids": [1]}\n',
+            r":1: .*output_length must be an integer >= 0",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 100, "output_length": 1, "hash_ids": 5}\n',
+            r":1: .*hash_ids must be a list of integers",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 100, "output_length": 1, "hash_ids": ["a"]}\n',
+            r":1: .*hash_ids must be a list of integers",
+        ),
+    ],
+)
+def test_a_trace_that_cannot_be_replayed_is_refused_naming_what(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    """Before: an empty trace replayed as KV hit 0.0% / TTFT 0.0 s, a NaN timestamp as TTFT
+    nan, a negative length as TTFT -0.004 s (each exit 0); a string timestamp or an integer
+    hash_ids a TypeError traceback."""
+    path = tmp_path / "trace.jsonl"
+    path.write_text(text)
+    with pytest.raises(mooncake.TraceError, match=said):
+        mooncake.load_trace(path)
+
+
+def test_bench_prefix_refuses_a_bad_trace_before_the_replays_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make bench-prefix TRACE=<file>``: a missing or bad trace is one line and exit 2, said
+    before the tau-bench replays run (they take ~25 s), and no report is written."""
+    from services.tools.bench.prefix_cache import __main__ as bench
+
+    async def replays_must_not_run(*_: object) -> dict[str, object]:
+        raise AssertionError("the replays ran before the trace was checked")
+
+    monkeypatch.setattr(bench, "run", replays_must_not_run)
+    out = tmp_path / "prefix.json"
+    for trace in (tmp_path / "missing.jsonl", _trace(tmp_path, [])):
+        code = bench.main(["--out", str(out), "--trace", str(trace)])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.startswith(f"bench-prefix: {trace}") and "Traceback" not in err
+        assert not out.exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,14 @@ from services.tools.bench.prefix_cache import mooncake, tau
 DATA = Path("../shared/data")
 REPLICAS = (2, 4, 8)
 POLICIES = ("round_robin", "sglang", "ttft")
+TRACE = "synthetic_trace.jsonl"  # the default trace, under <data>/prefix
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, trace_path: Path, rows: list[mooncake.Row]
+) -> dict[str, Any]:
+    """``rows``: the arrival trace at ``trace_path``, read before the tau-bench replays (a bad
+    trace is refused at once, not after them)."""
     table = load_model_table()
     tokenizer = load_tokenizers(table.models.values())  # gpt rows: o200k_base
     data = Path(args.data)
@@ -53,8 +59,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         }
     }
-    trace_path = Path(args.trace) if args.trace else data / "prefix" / "synthetic_trace.jsonl"
-    rows = mooncake.load_trace(trace_path)
     runs = []
     for n in REPLICAS:
         for policy in POLICIES:
@@ -97,16 +101,22 @@ def _row(run: dict[str, Any]) -> str:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.tools.bench.prefix_cache")
     parser.add_argument("--out", default="bench-results/prefix.json")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--conversations", type=int, default=200)
     parser.add_argument("--capacity-blocks", type=int, default=65536)
     parser.add_argument("--trace", default="", help="an arrival trace (Mooncake's JSONL format)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     started = time.monotonic()
-    results = asyncio.run(run(args))
+    trace_path = Path(args.trace) if args.trace else Path(args.data) / "prefix" / TRACE
+    try:
+        rows = mooncake.load_trace(trace_path)
+    except mooncake.TraceError as exc:
+        print(f"bench-prefix: {exc}", file=sys.stderr)
+        return 2
+    results = asyncio.run(run(args, trace_path, rows))
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +134,8 @@ def main() -> None:
     for each in routing["runs"]:
         print(_row(each))
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

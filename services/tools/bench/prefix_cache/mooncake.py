@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from services.tools.bench.prefix_cache.ceiling import belady_hit_tokens
 HASH_BLOCK_TOKENS = 512
 PREFILL_TPS, DECODE_TPS = 25_000.0, 50.0
 MODEL = "trace"
+FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")  # of a trace's line
 
 
 @dataclass(frozen=True)
@@ -45,20 +47,63 @@ class Row:
     keys: tuple[bytes, ...]
 
 
+class TraceError(ValueError):
+    """The trace cannot be replayed: the message names the file (and line) and what is wrong."""
+
+
+def _count(value: object) -> bool:
+    """A JSON integer >= 0 (a bool is not one here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _row(raw: object) -> tuple[float, int, int, list[int]]:
+    """A line's fields, checked: finite ``timestamp`` >= 0 (ms), integer ``input_length`` and
+    ``output_length`` >= 0, ``hash_ids`` a list of integers; else a ValueError saying which."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in FIELDS if k not in raw]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    at_ms, length, output, hash_ids = (
+        raw["timestamp"], raw["input_length"], raw["output_length"], raw["hash_ids"]
+    )  # fmt: skip
+    if not (
+        isinstance(at_ms, int | float)
+        and not isinstance(at_ms, bool)
+        and math.isfinite(at_ms)
+        and at_ms >= 0
+    ):
+        raise ValueError(f"timestamp must be a finite number of ms >= 0, got {at_ms!r}")
+    for name, value in (("input_length", length), ("output_length", output)):
+        if not _count(value):
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if not isinstance(hash_ids, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) for h in hash_ids
+    ):
+        raise ValueError("hash_ids must be a list of integers")
+    return float(at_ms), length, output, hash_ids
+
+
 def load_trace(path: Path) -> list[Row]:
+    """The trace's requests in arrival order. A file that cannot be read, holds no request, or
+    has a line that is not one (its fields' types and ranges checked) is a ``TraceError``
+    naming the file and line: a replay of nothing, or of a NaN or negative time, would print
+    hit rates and TTFTs of 0, ``nan`` or below zero as if measured."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read the trace ({exc})") from None
     rows: list[Row] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
-            at_ms, length, output = raw["timestamp"], raw["input_length"], raw["output_length"]
-            hash_ids = raw["hash_ids"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
+            at_ms, length, output, hash_ids = _row(json.loads(line))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            raise TraceError(
                 f"{path}:{number}: expected a JSON object with timestamp, input_length, "
                 f"output_length and hash_ids ({exc})"
-            ) from exc
+            ) from None
         full_blocks = length // BLOCK_SIZE
         keys: list[bytes] = []
         parent = b"mooncake"
@@ -69,6 +114,8 @@ def load_trace(path: Path) -> list[Row]:
                 parent = hashlib.blake2b(parent + f"{h}/{j}".encode(), digest_size=16).digest()
                 keys.append(parent)
         rows.append(Row(at_ms / 1000, length, output, tuple(keys)))
+    if not rows:
+        raise TraceError(f"{path}: no request in the trace (an empty file?)")
     rows.sort(key=lambda r: r.at_s)  # stable: equal timestamps keep the file's order
     return rows
 
