@@ -161,7 +161,29 @@ def main(argv: list[str] | None = None) -> None:
         results=results,
         ratios=ratios,
     )  # fmt: skip
-    out = output.write(doc, _charts(results), args.out_dir, output.stamp(datetime.now(UTC)))
-    print(summary.render(references, ratios))
-    print(http_path.render(outcome.cases.get(http_path.CASE)))
+    publish(doc, _charts(results), args.out_dir, output.stamp(datetime.now(UTC)))
+
+
+def publish(
+    doc: dict[str, Any], charts: list[tuple[str, dict[str, Any]]], out_dir: Path, when: str
+) -> Path:
+    """Writes the report and its chart (``charts``: ``_charts``), prints the summary, and
+    exits 1 (``make bench`` fails) when a measured point had requests that ended in an
+    error: its req/s counts the completed ones only, so its figure is not the case's (a stack
+    refusing every request measured 0.0 req/s, ratio 0.000, and exited 0). The report names
+    them (``failed_points``)."""
+    results, ratios = doc["results"], doc["ratios"]
+    failed = summary.failed_points(results)
+    doc["failed_points"] = failed
+    out = output.write(doc, charts, out_dir, when)
+    print(summary.render(results["references"], ratios))
+    print(http_path.render(results["cases"].get(http_path.CASE)))
     print(f"bench: {out} and {out.with_suffix('.html')} ({doc['run']['elapsed_s']} s)")
+    if failed:
+        sys.exit(
+            f"bench: {len(failed)} measured point(s) had requests that ended in an error, so "
+            "their figures are not the case's (req/s counts the completed only): "
+            + "; ".join(failed)
+            + f". The report ({out.name}) lists them in failed_points; the stacks' logs say why."
+        )
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from services.tools.bench.gateway.http_path import CASE as HTTP_CASE
 from services.tools.bench.gateway.runs import AGENT, EXACT, MIXED, SEMANTIC, UNRELATED
 
 TITLES = {
@@ -111,6 +112,33 @@ def _cpu(title: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
             + "".join(f"{_num(r['cpu_ms_per_request'][service]):>9}" for r in rows)
         )
     return lines
+
+
+def failed_points(results: Mapping[str, Any]) -> list[str]:
+    """Each measured point with requests that ended in an error, named with its codes: its
+    req/s counts the completed ones only and its latency leaves the failed out, so its figure
+    is not the case's (a stack that refused every request shows 0.0 req/s, ratio 0.000).
+    Empty when every point's requests completed."""
+    points: list[tuple[str, Mapping[str, Any]]] = []
+    for case, title in TITLES.items():
+        rows = results["cases"].get(case)
+        if isinstance(rows, list):
+            points += [(f"{title} x{r['concurrency']}", r) for r in rows]
+    for case, rows in results["tracing"].get("on", {}).items():
+        points += [(f"{TITLES[case]}, traced, x{r['concurrency']}", r) for r in rows]
+    mixed = results["cases"].get(MIXED)
+    if isinstance(mixed, Mapping) and "errors" in mixed:
+        points.append(("(d) mixed x8", mixed))
+    out = [f"{name}: errors {dict(row['errors'])}" for name, row in points if row["errors"]]
+    http = results["cases"].get(HTTP_CASE)
+    for part in ("exact_hits", "misses") if isinstance(http, Mapping) else ():
+        for row in http.get(part, []):
+            for path in ("grpc", "http"):
+                if row[path]["errors"]:
+                    out.append(
+                        f"(e) {part} {path} x{row['concurrency']}: {row[path]['errors']} errors"
+                    )
+    return out
 
 
 def render(references: Mapping[str, Any], ratios: Mapping[str, Any]) -> str:
