@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     said = billed.errored_warning(results, unread)
     if said is not None or unread is not None:
         warnings.append(said or str(unread))
+    if not interrupted and (gone := _gone_warning(args.target, tls, results)) is not None:
+        warnings.append(gone)
     run = {
         "target": args.target, "mode": args.mode, "concurrency": args.concurrency,
         "rate_rps": args.rate if args.mode == "open" else None, "requests_limit": args.requests,
@@ -339,6 +341,34 @@ def main(argv: list[str] | None = None) -> int:
         why = _none_completed(args.target, tls, results["errors"])
         print(f"cachemesh-load: no request completed: {why}", file=sys.stderr)
     return 0 if results["completed"] and not results["errors"] else 1
+
+
+# how a request ends that waited for a Gateway gone (the client waits for one that went away,
+# within --timeout: wait_for_ready), as it ends that waited for a slow answer
+WAITED = ("DEADLINE_EXCEEDED", CUT, "UNAVAILABLE")
+
+
+def _gone_warning(target: str, tls: Tls | None, results: dict[str, Any]) -> str | None:
+    """When some requests completed and others ended ``WAITED``: whether the Gateway still
+    answers at the end of the run. One that went away mid-run (its router stopped or
+    crashed) leaves its requests waiting for it until ``--timeout`` or the run's end, where
+    they are counted ``DEADLINE_EXCEEDED`` or cut, their time the timeout: a report that
+    would read as a slow stack. (None completed: ``_none_completed`` says why.)"""
+    waited = {code: n for code, n in results["errors"].items() if code in WAITED}
+    if not waited or not results["completed"]:
+        return None
+    try:
+        check_gateway(target, tls)
+    except NoGateway as exc:
+        codes = ", ".join(f"{code}: {n}" for code, n in waited.items())
+        return (
+            f"the Gateway no longer answers at the end of the run ({exc}): the "
+            f"{sum(waited.values())} requests that ended {codes} may have waited for a Gateway "
+            "that went away mid-run (the client waits for it within --timeout), not for a "
+            "slow answer; their times are not the stack's latency (make status; the "
+            "router's log: <run dir>/logs/router.log)"
+        )
+    return None
 
 
 def _none_completed(target: str, tls: Tls | None, errors: dict[str, int]) -> str:
