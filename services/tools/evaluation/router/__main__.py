@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="report-half figures to JSON")
     ev.add_argument("--out", type=Path, default=Path("bench-results/router-eval.json"))
     args = parser.parse_args(argv)
+    if args.command == "calibrate" and (refused := _target_error(args.share, args.quality)):
+        print(refused, file=sys.stderr)  # before minutes of embedding every prompt
+        return 2
     session = Session(args.data, args.cache_dir)
     if args.command == "fit":
         return _fit(session)
@@ -123,6 +126,15 @@ def _fit(session: Session) -> int:
     return 0
 
 
+def _target_error(share: float | None, quality: float | None) -> str | None:
+    """Why ``--share`` or ``--quality`` is refused (None: neither is)."""
+    if share is not None and not 0.0 <= share <= 1.0:  # NaN too
+        return "--share must be within [0, 1]"
+    if quality is not None and not 0.0 < quality <= 1.0:
+        return "--quality must be within (0, 1]"
+    return None
+
+
 def _calibrate(
     session: Session, share: float | None, quality: float | None, write: bool
 ) -> tuple[int, float | None]:
@@ -135,11 +147,8 @@ def _calibrate(
     c = curve(oof, fit.weak, fit.strong)
     if share is None and quality is None:
         quality = 0.95
-    if share is not None and not 0.0 <= share <= 1.0:
-        print("--share must be within [0, 1]", file=sys.stderr)
-        return 2, None
-    if quality is not None and not 0.0 < quality <= 1.0:
-        print("--quality must be within (0, 1]", file=sys.stderr)
+    if refused := _target_error(share, quality):
+        print(refused, file=sys.stderr)
         return 2, None
     if quality is not None:
         share = c.share_for_quality(quality * c.strong_quality)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("--file", default="qqp_dev.csv")
     al.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-align.json"))
     args = parser.parse_args(argv)
+    if args.command == "calibrate":  # before minutes of embedding, not after (or never)
+        try:
+            args.targets = _targets(args.files, args.target, args.target_for)
+            _check_min_threshold(args.min_threshold)
+        except ValueError as exc:
+            print(f"calibrate: {exc}", file=sys.stderr)
+            return 2
     session = Session(args.data, args.cache_dir)
     if args.command == "fit":
         path = session.fit_verifier(args.files, args.features, args.vetoes)
@@ -76,15 +84,39 @@ def _write(report: dict[str, object], out: Path, shown: object = None) -> int:
     return 0
 
 
-def _calibrate(session: Session, args: argparse.Namespace) -> int:
-    files = list(args.files)
-    target: dict[str, float] = {name: float(args.target) for name in files}
-    for item in args.target_for:
+def _precision(flag: str, value: float) -> float:
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"{flag} must be a precision within (0, 1], got {value}")
+    return value
+
+
+def _targets(files: list[str], every: float, each: list[str]) -> dict[str, float]:
+    """File -> the precision to reach: ``--target`` for every file, ``--target-for`` over it;
+    a ValueError names the flag whose value is not a precision within (0, 1] (a NaN reaches
+    nothing; 1.5 is unreachable; 0 or below would pass any operating point)."""
+    target = {name: _precision("--target", every) for name in files}
+    for item in each:
         name, _, value = item.partition("=")
         if name not in target or not value:
-            print(f"--target-for {item}: expected FILE=PRECISION with FILE one of {files}")
-            return 2
-        target[name] = float(value)
+            raise ValueError(
+                f"--target-for {item}: expected FILE=PRECISION with FILE one of {files}"
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--target-for {item}: {value!r} is not a number") from None
+        target[name] = _precision(f"--target-for {name}", number)
+    return target
+
+
+def _check_min_threshold(value: float) -> None:
+    if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+        raise ValueError(f"--min-threshold must be a cosine within [-1, 1], got {value}")
+
+
+def _calibrate(session: Session, args: argparse.Namespace) -> int:
+    files = list(args.files)
+    target: dict[str, float] = args.targets  # checked by main
     result, baseline = session.calibrate(files, target, args.min_threshold)
     if baseline.point is None:
         print(f"plain embedding: precision {target} unreachable on {files}")
