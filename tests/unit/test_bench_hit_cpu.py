@@ -1,0 +1,46 @@
+"""``bench.hit_cpu``'s round: CPU and req/s of the measured hits only, not of the round's
+priming miss (a model call, prefix-cache's commits, the Store's embedding) and its idle half
+second, counted before as two more hits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from services.tools.bench.gateway.cpu import CpuProbe
+from services.tools.bench.hit_cpu import __main__ as hit_cpu
+
+
+class _Stack:
+    router_address = "127.0.0.1:1"
+
+
+def test_a_round_counts_the_measured_hits_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    ticks = {"router": 0, "semantic-cache": 0}
+    pids = {"router": 1, "semantic-cache": 2}
+    names = {pid: name for name, pid in pids.items()}
+
+    def stat(pid: int) -> str:  # /proc/<pid>/stat: utime is the 14th field, stime the 15th
+        return f"{pid} (python) S " + "0 " * 10 + f"{ticks[names[pid]]} 0 0 0"
+
+    probe = CpuProbe(pids, stat, ticks_per_s=1000)
+
+    async def hits(
+        target: str, key: str, requests: int, concurrency: int, measure_from: Callable[[], None]
+    ) -> int:
+        ticks["router"] += 40  # the miss and the warm hit: 40 ms of the router's CPU
+        ticks["semantic-cache"] += 60  # its Store's embedding
+        measure_from()
+        ticks["router"] += requests * 1  # 1 ms a hit
+        ticks["semantic-cache"] += requests // 2  # 0.5 ms a hit
+        return requests
+
+    monkeypatch.setattr(hit_cpu, "_hits", hits)
+    figures: dict[str, Any] = hit_cpu._round(_Stack(), probe, "k", 100, 8)  # type: ignore[arg-type]
+    # before: (40 + 100) / 102 = 1.373 and (60 + 50) / 102 = 1.078 ms a hit
+    assert figures["requests"] == 100
+    assert figures["ms_per_request"]["router"] == 1.0
+    assert figures["ms_per_request"]["semantic-cache"] == 0.5
+    assert figures["requests_per_s"] > 0
