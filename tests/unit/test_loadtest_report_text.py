@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cachemesh.loadtest import cli, report
+from cachemesh.loadtest import billed, cli, report
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.samples import Sample
 from cachemesh.loadtest.stats import summarise
@@ -119,3 +119,33 @@ def test_a_gateway_that_answered_nothing_before_the_end_is_not_said_to_have_refu
     assert run_cli(tmp_path, "--duration", "0.5") == 1  # nothing listens at :1; health faked
     err = capsys.readouterr().err
     assert "answered no request before the run ended" in err, err
+
+
+def _retried_results(errored_cost: int, errors: int = 0) -> dict[str, Any]:
+    done = [Sample("q", "model", "OK", 0.0, 0.5, None, cost_nanos=1_000_000) for _ in range(10)]
+    failed = [Sample("q", "error", "UNAVAILABLE", 0.0, 0.5, None) for _ in range(errors)]
+    results = summarise([*done, *failed], {})
+    results["cost"]["billed"] = {
+        "source": "Admin.GetStats (every tenant)", "model_requests": 12,
+        "cost_nanos": 10_000_000 + errored_cost, "baseline_nanos": 30_000_000,
+        "saved_nanos": 20_000_000 - errored_cost, "saved_fraction": 0.6,
+        "errored_cost_nanos": errored_cost,
+    }  # fmt: skip
+    return results
+
+
+def test_a_bill_above_the_responses_with_no_error_is_said() -> None:
+    """Measured: a run whose router was SIGKILLed 5 s in completed all 150 requests (the
+    client retried the 8 in flight), its table's total $0.2153 while the stack billed $0.2221
+    over 134 model calls for 127 answers (errored_cost_nanos 6,870,950 with 0 errored): no
+    warning said why the two differ."""
+    said = billed.unanswered_warning(_retried_results(400_000))
+    assert said is not None
+    assert said.startswith(
+        "the stack billed the run $0.0104, $0.0004 (3.8%) more than the completed requests' "
+        "responses told, though none ended in an error (12 model calls billed for 10 answers"
+    )
+    assert billed.unanswered_warning(_retried_results(0)) is None  # the bill is the responses'
+    # with errors, errored_warning says where the difference went
+    assert billed.unanswered_warning(_retried_results(400_000, errors=1)) is None
+    assert billed.unanswered_warning(summarise([], {})) is None  # no totals read

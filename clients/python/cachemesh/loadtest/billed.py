@@ -148,5 +148,30 @@ def errored_warning(results: Mapping[str, Any], billed_unread: str | None) -> st
     )
 
 
+def unanswered_warning(results: Mapping[str, Any]) -> str | None:
+    """What a reader must know when the stack billed more than the responses told though no
+    request ended in an error: model calls whose answer never reached the client were billed
+    (a request in flight when its router died, or its connection broke, is billed for what its
+    call produced, and the client's retry is a new model call, billed for itself; other
+    traffic on the stack during the run is in the totals too). The table's total is then
+    below the run's spend, with no word why (a router killed mid-run: 3.2% below)."""
+    billed = results["cost"]["billed"]
+    if billed is None or results["cost"]["errored"]["requests"]:
+        return None  # none read, or errored_warning says where the difference went
+    extra = billed["errored_cost_nanos"]
+    if extra <= 0:
+        return None
+    answers = sum(results["served_by"].get(layer, 0) for layer in ("prefix_cache", "model"))
+    return (
+        f"the stack billed the run {_usd(billed['cost_nanos'])}, {_usd(extra)} "
+        f"({extra / billed['cost_nanos']:.1%}) more than the completed requests' responses "
+        f"told, though none ended in an error ({billed['model_requests']} model calls billed "
+        f"for {answers} answers that made one): model calls whose answer never reached the "
+        "client were billed too (a request in flight when its router died or its connection "
+        "broke is billed for what it produced, and the client's retry is a new model call), "
+        "or other traffic on the stack ran during the run; results.cost.billed is the spend"
+    )
+
+
 def _usd(nanos: int) -> str:
     return f"${nanos / 1e9:,.4f}"

@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     said = billed.errored_warning(results, unread)
     if said is not None or unread is not None:
         warnings.append(said or str(unread))
+    if (unanswered := billed.unanswered_warning(results)) is not None:
+        warnings.append(unanswered)
     if not interrupted and (gone := _gone_warning(args.target, tls, results)) is not None:
         warnings.append(gone)
     run = {
