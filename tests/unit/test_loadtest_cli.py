@@ -45,6 +45,11 @@ def _run(tmp_path: Path, *extra: str) -> int:
     ("extra", "said"),
     [
         (("--timeout", "0"), "--timeout must be > 0"),
+        # before: taken, every request DEADLINE_EXCEEDED at once (gRPC's deadline overflowed)
+        # and the run said 'the Gateway ... answered every request with an error'
+        (("--timeout", "inf"), "--timeout must be > 0 seconds, at most 86,400"),
+        (("--timeout", "1e300"), "--timeout must be > 0 seconds, at most 86,400"),
+        (("--timeout", "nan"), "--timeout must be > 0 seconds, at most 86,400"),
         (("--concurrency", "1", "--processes", "4"), "--processes must be <= --concurrency"),
         (("--chart", "/proc/no/such/x.html"), "cannot write /proc/no/such/x.html"),
         (("--log-out", "/proc/cachemesh-x.jsonl"), "cannot write /proc/cachemesh-x.jsonl"),

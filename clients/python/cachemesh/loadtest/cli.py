@@ -33,6 +33,7 @@ from cachemesh._client import DEFAULT_TARGET
 from cachemesh._tls import Tls, check_plaintext, is_loopback
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
+from cachemesh.cli import TIMEOUT_MAX_S
 from cachemesh.envfile import EnvFileError, read_env_file
 from cachemesh.loadtest import billed, chart, report
 from cachemesh.loadtest.load import (
@@ -119,8 +120,8 @@ def _check(args: argparse.Namespace, tls: Tls | None) -> None:
         raise ValueError("--processes must be <= --concurrency (each keeps one in flight)")
     if args.mode == "open" and not args.rate > 0:
         raise ValueError("--rate must be > 0 for --mode open")
-    if not args.timeout > 0:
-        raise ValueError("--timeout must be > 0 seconds")
+    if not 0 < args.timeout <= TIMEOUT_MAX_S:  # nan and inf too: gRPC's deadline overflows
+        raise ValueError(f"--timeout must be > 0 seconds, at most {TIMEOUT_MAX_S:,.0f}")
     files = {"--out": args.out, "--chart": args.chart, "--log-out": args.log_out}
     for flag, path in files.items():  # before the run, not after it
         if path is not None:
