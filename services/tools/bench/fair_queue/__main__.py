@@ -87,12 +87,16 @@ async def _run(target: str, keys: dict[str, str], flood: int, requests: int) -> 
         print(_figures(f"A with B's {flood} in flight", a) + f"; B sent {sent}", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=20)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--time-scale", default="1.0")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # before the stack starts: a p90 needs two latencies (one ended in a StatisticsError
+    # traceback once the stack had run both phases)
+    if args.requests < 2 or args.flood < 1:
+        parser.error("--requests must be >= 2 (a p90 needs two) and --flood >= 1")
     with tempfile.TemporaryDirectory() as run_dir:
         stack = Stack.on_free_ports(
             ROOT, Path(run_dir), {"SIM_TIME_SCALE": args.time_scale, "OTEL_TRACES_EXPORTER": "none"}
