@@ -104,3 +104,30 @@ def test_a_line_at_the_bounds_of_its_times_is_replayed(tmp_path: Path) -> None:
         f'"tenant": "a", "request": {REQ}}}\n'
     )
     main(["--log", str(path)])  # no SystemExit
+
+
+@pytest.mark.parametrize(
+    ("out", "said"),
+    [
+        ("a-dir", "estimator: --out {path} is a directory: name a file"),
+        ("/proc/cachemesh-nope/est.json", "estimator: --out: cannot write {path}:"),
+    ],
+)
+def test_an_out_that_cannot_be_written_is_refused_before_the_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str, said: str
+) -> None:
+    """Before: the replay ran, then an IsADirectoryError (--force on a directory) or a
+    FileNotFoundError ('/proc/nope/x.json') traceback lost its estimate."""
+    from services.tools.estimator import cli
+
+    path = tmp_path / out if not out.startswith("/") else Path(out)
+    if out == "a-dir":
+        path.mkdir()
+
+    def no_replay(*_: object, **__: object) -> None:
+        raise AssertionError("the replay ran before --out was checked")
+
+    monkeypatch.setattr(cli, "OfflineStack", no_replay)
+    with pytest.raises(SystemExit) as exited:
+        main(["--workload", "synthetic", "--requests", "2", "--out", str(path), "--force"])
+    assert str(exited.value.code).startswith(said.format(path=path))
