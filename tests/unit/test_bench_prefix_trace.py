@@ -120,3 +120,24 @@ def test_bench_prefix_refuses_a_bad_trace_before_the_replays_without_a_traceback
         assert code == 2
         assert err.startswith(f"bench-prefix: {trace}") and "Traceback" not in err
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--conversations", "0"], ["--conversations", "-1"], ["--capacity-blocks", "0"],
+     ["--capacity-blocks", "-5"]],
+)  # fmt: skip
+def test_counts_below_one_are_refused_before_the_replays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """Before: --conversations 0 a ZeroDivisionError traceback after the replays,
+    --conversations -1 a report of 199 conversations (a slice's [:-1]), --capacity-blocks 0
+    or -5 a ValueError traceback after the tau-bench replays."""
+    from services.tools.bench.prefix_cache import __main__ as bench
+
+    trace = _trace(tmp_path, [{"timestamp": 0, "input_length": 16, "output_length": 1,
+                               "hash_ids": [1]}])  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--out", str(tmp_path / "p.json"), "--trace", str(trace), *argv])
+    assert exited.value.code == 2
+    assert "--conversations and --capacity-blocks must be >= 1" in capsys.readouterr().err

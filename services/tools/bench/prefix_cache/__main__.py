@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-blocks", type=int, default=65536)
     parser.add_argument("--trace", default="", help="an arrival trace (Mooncake's JSONL format)")
     args = parser.parse_args(argv)
+    # before anything runs: 0 conversations divided by zero after the replays, -1 replayed
+    # all but the last one (a slice) as if asked, a capacity below 1 a ValueError traceback
+    if args.conversations < 1 or args.capacity_blocks < 1:
+        parser.error("--conversations and --capacity-blocks must be >= 1")
     started = time.monotonic()
     trace_path = Path(args.trace) if args.trace else Path(args.data) / "prefix" / TRACE
     try:
