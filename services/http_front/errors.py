@@ -17,7 +17,7 @@ leave the SDKs free to retry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from services.common.errors import Code
@@ -169,8 +169,26 @@ RATE_LIMIT_RETRY_AFTER_S = 1
 RETRYABLE_WAIT_S = 60
 
 
-def from_gateway(code: Code, message: str, retry_after_s: int | None = None) -> ApiError:
-    """The Gateway's status as the HTTP APIs report it."""
+# What a refusal whose model call was billed adds to its message (the Gateway's pushback).
+BILLED = (
+    "a model call of this request was billed for what it produced before it failed; a retry "
+    "is a new model call, billed again"
+)
+
+
+def from_gateway(
+    code: Code, message: str, retry_after_s: int | None = None, *, billed: bool = False
+) -> ApiError:
+    """The Gateway's status as the HTTP APIs report it. ``billed``: the Gateway said not to
+    retry (a model call of it was billed without its answer): the refusal is final, whatever
+    its kind, since each SDK retry of a 5xx would be a model call and a bill again."""
+    error = _from_gateway(code, message, retry_after_s)
+    if billed:
+        return replace(error, message=f"{error.message} ({BILLED})", final=True)
+    return error
+
+
+def _from_gateway(code: Code, message: str, retry_after_s: int | None) -> ApiError:
     if code is Code.INVALID_ARGUMENT or code is Code.OUT_OF_RANGE:
         return ApiError("invalid_request", message)
     if code is Code.FAILED_PRECONDITION:

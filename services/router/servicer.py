@@ -18,6 +18,7 @@ from opentelemetry import trace
 from cachemesh.retry_info import (
     BUDGET_EXHAUSTED,
     CONTEXT_WINDOW,
+    PUSHBACK_KEY,
     RATE_LIMITED,
     REQUEST_TOO_LARGE,
 )
@@ -719,7 +720,7 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
 # gRPC's server pushback (gRFC A6): a negative delay tells the client's retry policy not to
 # retry the call. The Python client's policy retries UNAVAILABLE (``cachemesh._channel``), and
 # each retry of a call whose model work was billed is a new model call, billed again.
-NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+NO_RETRY = (PUSHBACK_KEY, "-1")
 
 
 def _trailers(call: Call, exc: RequestError) -> tuple[tuple[str, str | bytes], ...]:

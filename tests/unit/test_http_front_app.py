@@ -823,6 +823,35 @@ async def test_a_gateway_deadline_is_not_retried_by_the_sdks_default_policy(fron
 
 
 @pytest.mark.parametrize(
+    "code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN]
+)
+async def test_a_refusal_after_a_billed_model_call_is_not_retried_by_the_sdks(
+    front: Front, code: grpc.StatusCode
+) -> None:
+    """The router ends a call whose model call was billed without its answer (a replica cut
+    mid-answer on every replica it was handed to) with gRPC's server pushback
+    ``grpc-retry-pushback-ms: -1``: a retry would be a new model call, billed again. The
+    front's 529 / 503 / 500 said nothing of it, so each SDK retried twice (a live stack: a
+    non-streaming ``create()`` whose replica was killed mid-answer, 155,000 nanos billed, was
+    sent twice more). It says ``x-should-retry: false`` and that the call was billed."""
+    billed = (("grpc-retry-pushback-ms", "-1"),)
+    front.gateway.refuse = (code, "no model replica could serve the request", billed)
+    claude, gpt = _retrying_clients(front)
+    with pytest.raises(anthropic.APIStatusError) as by_claude:
+        await claude.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert by_claude.value.response.headers["x-should-retry"] == "false"
+    assert "billed" in by_claude.value.message
+    assert front.gateway.calls == 1
+    with pytest.raises(openai.APIStatusError) as by_gpt:
+        await gpt.chat.completions.create(model="sim-large", messages=ASK)
+    assert by_gpt.value.response.headers["x-should-retry"] == "false"
+    assert front.gateway.calls == 2
+    with pytest.raises(openai.APIStatusError):
+        await gpt.chat.completions.create(model="sim-large", messages=ASK, stream=True)
+    assert front.gateway.calls == 3
+
+
+@pytest.mark.parametrize(
     ("code", "trailers"),
     [
         (grpc.StatusCode.UNAVAILABLE, ()),

@@ -13,6 +13,10 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# gRPC's server pushback (gRFC A6): a negative delay says not to retry the call. The Gateway
+# ends so a call that failed after a model call of it was billed without its answer: a retry
+# would be a new model call, billed again.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 # google.rpc.ErrorInfo's domain and reasons on the Gateway's RESOURCE_EXHAUSTED
 ERROR_DOMAIN = "cachemesh.dev"
@@ -33,6 +37,16 @@ def status_details(trailing_metadata: Iterable[Any] | None) -> status_pb2.Status
             except DecodeError:
                 return None
     return None
+
+
+def no_retry(trailing_metadata: Iterable[Any] | None) -> bool:
+    """Whether the call ended with a negative server pushback: do not retry it."""
+    for item in trailing_metadata or ():
+        key, value = item
+        if key == PUSHBACK_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            return text.strip().startswith("-")
+    return False
 
 
 def retry_delay_s(trailing_metadata: Iterable[Any] | None) -> float | None:
