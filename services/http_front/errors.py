@@ -20,6 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from cachemesh.retry_info import (
+    BUDGET_EXHAUSTED,
+    CONTEXT_WINDOW,
+    RATE_LIMITED,
+    REQUEST_TOO_LARGE,
+)
 from services.common.errors import Code
 
 Api = Literal["anthropic", "openai"]
@@ -177,18 +183,27 @@ BILLED = (
 
 
 def from_gateway(
-    code: Code, message: str, retry_after_s: int | None = None, *, billed: bool = False
+    code: Code,
+    message: str,
+    retry_after_s: int | None = None,
+    *,
+    billed: bool = False,
+    reason: str | None = None,
 ) -> ApiError:
     """The Gateway's status as the HTTP APIs report it. ``billed``: the Gateway said not to
     retry (a model call of it was billed without its answer): the refusal is final, whatever
-    its kind, since each SDK retry of a 5xx would be a model call and a bill again."""
-    error = _from_gateway(code, message, retry_after_s)
+    its kind, since each SDK retry of a 5xx would be a model call and a bill again.
+    ``reason``: the Gateway's ErrorInfo reason, which says why a RESOURCE_EXHAUSTED is refused
+    (a Gateway that sends none: its wait and its message's words tell)."""
+    error = _from_gateway(code, message, retry_after_s, reason)
     if billed:
         return replace(error, message=f"{error.message} ({BILLED})", final=True)
     return error
 
 
-def _from_gateway(code: Code, message: str, retry_after_s: int | None) -> ApiError:
+def _from_gateway(
+    code: Code, message: str, retry_after_s: int | None, reason: str | None
+) -> ApiError:
     if code is Code.INVALID_ARGUMENT or code is Code.OUT_OF_RANGE:
         return ApiError("invalid_request", message)
     if code is Code.FAILED_PRECONDITION:
@@ -200,6 +215,12 @@ def _from_gateway(code: Code, message: str, retry_after_s: int | None) -> ApiErr
     if code is Code.NOT_FOUND:
         return ApiError("not_found", message)
     if code is Code.RESOURCE_EXHAUSTED:
+        if reason in (RATE_LIMITED, BUDGET_EXHAUSTED) and retry_after_s is None:
+            retry_after_s = RATE_LIMIT_RETRY_AFTER_S  # a limit a wait lifts, its wait unsaid
+        if reason == CONTEXT_WINDOW:
+            return ApiError("invalid_request", message)
+        if reason == REQUEST_TOO_LARGE:
+            return ApiError("request_too_large", message)
         if retry_after_s is not None:
             final = retry_after_s > RETRYABLE_WAIT_S  # a budget spent until midnight
             return ApiError("rate_limit", message, retry_after_s=retry_after_s, final=final)

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachemesh.retry_info import no_retry, retry_delay_s
+from cachemesh.retry_info import error_reason, no_retry, retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
@@ -53,8 +53,9 @@ UNREACHABLE_LOG_EVERY_MS = 10_000
 def api_error(error: grpc.aio.AioRpcError) -> ApiError:
     """The Gateway's refusal as the HTTP APIs report it; the wait of a rate limit or budget is
     the RetryInfo delay in the status details (rounded up to whole seconds), else its
-    ``retry-after`` trailer. A refusal with a negative server pushback (a model call of it was
-    billed without its answer) is ``billed``: final, whatever its status."""
+    ``retry-after`` trailer; why a RESOURCE_EXHAUSTED is refused, its ErrorInfo reason (a rate,
+    a budget, a request too large). A refusal with a negative server pushback (a model call of
+    it was billed without its answer) is ``billed``: final, whatever its status."""
     trailers = error.trailing_metadata() or ()
     retry_after: int | None = None
     delay = retry_delay_s(trailers)
@@ -66,7 +67,11 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
                 text = value.decode() if isinstance(value, bytes) else value
                 retry_after = int(text) if text.isascii() and text.isdigit() else 1
     return from_gateway(
-        code_of(error.code()), error.details() or "", retry_after, billed=no_retry(trailers)
+        code_of(error.code()),
+        error.details() or "",
+        retry_after,
+        billed=no_retry(trailers),
+        reason=error_reason(trailers),
     )
 
 

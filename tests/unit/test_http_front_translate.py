@@ -5,14 +5,25 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import grpc
 import pytest
+from google.rpc import status_pb2
 
+from cachemesh.retry_info import (
+    BUDGET_EXHAUSTED,
+    CONTEXT_WINDOW,
+    RATE_LIMITED,
+    REQUEST_TOO_LARGE,
+    STATUS_DETAILS_KEY,
+)
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.errors import Code
+from services.common.retry_info import error_info, refusal_trailers
 from services.http_front import anthropic_api, openai_api
 from services.http_front.errors import ApiError, from_gateway
 from services.http_front.facts import cache_options
 from services.http_front.fields import parse_body
+from services.http_front.gateway import api_error
 
 
 def _anthropic(**fields: Any) -> dict[str, Any]:
@@ -678,3 +689,47 @@ def test_automatic_caching_over_four_breakpoints_is_refused_naming_the_top_level
     body["messages"][0]["content"] = four
     request, _ = anthropic_api.parse_request(body)
     assert sum(b.HasField("cache_control") for b in request.messages[0].content) == 4
+
+
+def _rpc_error(
+    code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str | bytes], ...]
+) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), details=message
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "status"),
+    [
+        # a provider's own words for a prompt over the window: a 413 by the text alone
+        ("prompt is too long: 210,000 tokens > 200,000 maximum", CONTEXT_WINDOW, 400),
+        # a size limit whose message happens to mention the window: a 400 by the text alone
+        ("9,000,000 bytes over the limit (before any context window is counted)",
+         REQUEST_TOO_LARGE, 413),
+    ],
+)  # fmt: skip
+def test_a_gateway_size_refusal_is_told_by_its_error_info_reason_not_its_text(
+    message: str, reason: str, status: int
+) -> None:
+    """The router says why a RESOURCE_EXHAUSTED is not a rate limit with a google.rpc.ErrorInfo
+    reason; the front went by the message's words ("context window"), which a reworded
+    message or a provider's own text turned into the other status."""
+    trailers = refusal_trailers(Code.RESOURCE_EXHAUSTED, message, reason)
+    error = api_error(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailers))
+    assert error.status_for("anthropic") == status and error.status_for("openai") == status
+    assert error.headers().get("x-should-retry") == "false"
+
+
+@pytest.mark.parametrize("reason", [RATE_LIMITED, BUDGET_EXHAUSTED])
+def test_a_gateway_rate_refusal_is_a_429_by_its_reason_without_a_wait(reason: str) -> None:
+    """A tenant's limit said by its ErrorInfo reason but with no wait (no RetryInfo, no
+    ``retry-after`` trailer) is still a 429 (its SDK's RateLimitError, retried after 1 s), not
+    the 413 of a request too large, which no retry lifts."""
+    details = status_pb2.Status(
+        code=Code.RESOURCE_EXHAUSTED.value, message="over the limit", details=[error_info(reason)]
+    ).SerializeToString()
+    trailers = ((STATUS_DETAILS_KEY, details),)
+    error = api_error(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit", trailers))
+    assert error.status_for("openai") == 429
+    assert error.headers() == {"retry-after": "1"}
