@@ -34,6 +34,8 @@ _TOP = (
     "model", "messages", "max_tokens", "system", "tools", "temperature", "stream", "metadata",
     "stop_sequences", "top_p", "top_k", "tool_choice", "thinking", "service_tier", "cache_control",
 )  # fmt: skip
+# the Messages API's service tiers: cachemesh has no Priority Tier, so each is the standard one
+_SERVICE_TIERS = ("auto", "standard_only")
 _TTL = {"5m": pb.CACHE_TTL_5M, "1h": pb.CACHE_TTL_1H}
 _ROLES = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 # every stop_reason of the Messages API (the SDK's StopReason); an unknown one reads as end_turn
@@ -166,7 +168,12 @@ def _unsupported(top: Obj) -> None:
     if metadata is not None:
         metadata.only(("user_id",))
         metadata.text("user_id")
-    top.text("service_tier")
+    tier = top.text("service_tier")
+    if tier is not None and tier not in _SERVICE_TIERS:  # both mean the standard tier here
+        raise invalid(
+            f"service_tier: must be 'auto' or 'standard_only', got {shown(tier)} (cachemesh "
+            "answers and bills every request at the standard tier)"
+        )
 
 
 def _thinking(top: Obj, model: str, thinks_by_default: Collection[str]) -> None:

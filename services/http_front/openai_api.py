@@ -8,9 +8,9 @@ rules (the simulated ones) a text part may carry ``cache_control`` (as the LiteL
 OpenRouter proxies accept it), which marks a breakpoint there, and the cache read shows in
 ``prompt_tokens_details.cached_tokens``. Fields the Gateway cannot honour (n > 1, stop,
 logprobs, a forced tool choice, parallel_tool_calls false, structured output, images, a
-sampling setting but temperature, a seed, logit_bias, reasoning_effort) are refused with a
-400, never dropped silently; at the value that changes nothing (top_p 1, no penalty, no bias)
-they are accepted.
+sampling setting but temperature, a seed, logit_bias, reasoning_effort, a service tier but
+the standard one) are refused with a 400, never dropped silently; at the value that changes
+nothing (top_p 1, no penalty, no bias) they are accepted.
 """
 
 from __future__ import annotations
@@ -132,14 +132,33 @@ def _unsupported(top: Obj) -> None:
         raise unsupported(
             "reasoning_effort", "the Gateway has no reasoning setting; each model reasons its way"
         )
-    # what changes no answer: who asks, and OpenAI's own storage and tiers
-    for name in ("user", "service_tier", "safety_identifier"):
+    _service_tier(top)
+    # what changes no answer: who asks, and OpenAI's own storage
+    for name in ("user", "safety_identifier"):
         top.text(name)
     top.flag("store")
     metadata = top.obj("metadata")
     if metadata is not None:
         for name in metadata.value:
             metadata.text(name)
+
+
+# the service tiers that are OpenAI's standard one (``auto``: the project's default, standard)
+_STANDARD_TIERS = ("auto", "default")
+
+
+def _service_tier(top: Obj) -> None:
+    """cachemesh answers and bills every request at the standard tier: ``auto`` and
+    ``default`` are served; ``flex`` (half the price at OpenAI), ``priority`` and ``scale``
+    would be answered and billed at the standard tier's speed and price, and are refused."""
+    tier = top.text("service_tier")
+    if tier is not None and tier not in _STANDARD_TIERS:
+        raise invalid(
+            f"service_tier: {shown(tier)} is not supported by cachemesh (it answers and bills "
+            "every request at the standard tier's speed and price); omit it or send 'auto' or "
+            "'default'",
+            "service_tier",
+        )
 
 
 def _tool(raw: object, path: str) -> pb.Tool:

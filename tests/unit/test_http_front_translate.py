@@ -733,3 +733,34 @@ def test_a_gateway_rate_refusal_is_a_429_by_its_reason_without_a_wait(reason: st
     error = api_error(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit", trailers))
     assert error.status_for("openai") == 429
     assert error.headers() == {"retry-after": "1"}
+
+
+@pytest.mark.parametrize("tier", ["flex", "priority", "scale", "batch"])
+def test_an_openai_service_tier_that_changes_the_price_is_refused(tier: str) -> None:
+    """cachemesh answers and bills every request at the standard tier: a ``flex`` request
+    (half the price at OpenAI) was answered and billed at the standard price, and a
+    ``priority`` one served at the standard speed, each with a 200 that did not say so."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "service_tier": tier}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(body, 10)
+    assert refused.value.param == "service_tier"
+    assert f"service_tier: {tier!r} is not supported" in refused.value.message
+    assert "'auto' or 'default'" in refused.value.message
+
+
+@pytest.mark.parametrize("tier", ["auto", "default"])
+def test_an_openai_service_tier_of_the_standard_tier_is_served(tier: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "service_tier": tier}
+    openai_api.parse_request(body, 10)
+
+
+@pytest.mark.parametrize("tier", ["priority", "bogus", "flex"])
+def test_an_anthropic_service_tier_not_in_the_api_is_refused(tier: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(_anthropic(service_tier=tier))
+    assert "service_tier" in refused.value.message and "'standard_only'" in refused.value.message
+
+
+@pytest.mark.parametrize("tier", ["auto", "standard_only"])
+def test_an_anthropic_service_tier_of_the_api_is_served(tier: str) -> None:
+    anthropic_api.parse_request(_anthropic(service_tier=tier))
