@@ -214,12 +214,15 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
         role = obj.text("role", required=True)
         if role in ("system", "developer"):
             obj.only(("role", "content", "name"))
+            _no_name(obj)
             request.system.extend(_blocks_of(obj))
         elif role == "user":
             obj.only(("role", "content", "name"))
+            _no_name(obj)
             _turn(request, pb.ROLE_USER).content.extend(_blocks_of(obj))
         elif role == "assistant":
             obj.only(_ASSISTANT)
+            _no_name(obj)
             _assistant(obj, _turn(request, pb.ROLE_ASSISTANT))
         elif role == "tool":
             obj.only(("role", "content", "tool_call_id"))
@@ -240,6 +243,18 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
                 f"got {shown(role)}",
                 obj.at("role"),
             )
+
+
+def _no_name(obj: Obj) -> None:
+    """A participant ``name`` is refused: the Gateway's messages have none, so the model would
+    not see it, and the answer to one name would be served from L1 to another."""
+    if obj.text("name"):
+        raise unsupported(
+            obj.at("name"),
+            "the Gateway's messages carry no participant name: the model would not see it, "
+            "and an answer cached for one name would be served to another",
+            "omit it, or write the name into the message's content",
+        )
 
 
 def _turn(request: pb.CompleteRequest, role: int) -> pb.Message:

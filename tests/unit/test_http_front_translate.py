@@ -764,3 +764,29 @@ def test_an_anthropic_service_tier_not_in_the_api_is_refused(tier: str) -> None:
 @pytest.mark.parametrize("tier", ["auto", "standard_only"])
 def test_an_anthropic_service_tier_of_the_api_is_served(tier: str) -> None:
     anthropic_api.parse_request(_anthropic(service_tier=tier))
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant"])
+def test_an_openai_participant_name_is_refused_naming_it(role: str) -> None:
+    """The Gateway has no participant names: a message's ``name`` was dropped, so the model
+    never saw it, and an answer to ``alice`` was served from L1 to ``bob`` (a live stack: the
+    same question with name alice, then bob: bob's served by semantic-cache, alice's answer)."""
+    messages = [{"role": role, "content": "hi", "name": "alice"}]
+    if role != "user":
+        messages.append({"role": "user", "content": "hi"})
+    body = {"model": "m", "messages": messages}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(body, 10)
+    assert refused.value.param == "messages[0].name"
+    assert "omit it" in refused.value.message
+
+
+def test_an_openai_name_that_is_no_string_is_refused_and_an_empty_one_served() -> None:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    body["messages"][0]["name"] = 5
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(body, 10)
+    assert "messages[0].name: expected a string" in refused.value.message
+    for nothing in ("", None):
+        body["messages"][0]["name"] = nothing
+        openai_api.parse_request(body, 10)
