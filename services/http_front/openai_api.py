@@ -169,7 +169,13 @@ def _tool(raw: object, path: str) -> pb.Tool:
     fn = obj.obj("function", required=True)
     assert fn is not None
     fn.only(("name", "description", "parameters", "strict"))
-    fn.flag("strict")
+    if fn.flag("strict"):
+        raise unsupported(
+            fn.at("strict"),
+            "structured output: the Gateway's tools carry no strict flag, so no model is held "
+            "to the schema and a call's arguments may break it",
+            "omit it or send false",
+        )
     parameters = fn.raw("parameters")
     return pb.Tool(
         name=fn.text("name", required=True) or "",

@@ -790,3 +790,18 @@ def test_an_openai_name_that_is_no_string_is_refused_and_an_empty_one_served() -
     for nothing in ("", None):
         body["messages"][0]["name"] = nothing
         openai_api.parse_request(body, 10)
+
+
+def test_an_openai_strict_function_tool_is_refused_naming_it() -> None:
+    """``strict: true`` asks OpenAI to hold the model's arguments to the tool's schema
+    (structured output); the Gateway's tools carry no such flag and no provider call is sent
+    it, so it was dropped and a call's arguments could break the schema the caller relied
+    on. ``strict: false`` (the default) is served."""
+    tool: dict[str, Any] = {"type": "function", "function": {"name": "f", "strict": True}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(body, 10)
+    assert refused.value.param == "tools[0].function.strict"
+    assert "omit it or send false" in refused.value.message
+    tool["function"]["strict"] = False
+    openai_api.parse_request(body, 10)
