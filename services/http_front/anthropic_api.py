@@ -145,7 +145,11 @@ def _int32(value: int, where: str) -> int:
 def _unsupported(top: Obj) -> None:
     stops = top.array("stop_sequences")
     if stops:
-        raise invalid("stop_sequences: not supported by cachemesh (answers end by themselves)")
+        raise unsupported(
+            "stop_sequences",
+            "the Gateway passes on no stop sequence: an answer ends where the model ends it",
+            "omit it and cut the answer at the sequence yourself",
+        )
     default_only(top, "top_p", 1, SAMPLING)  # 1 changes nothing
     if top.has("top_k"):
         top.integer("top_k")
@@ -185,7 +189,11 @@ def _thinking(top: Obj, model: str, thinks_by_default: Collection[str]) -> None:
         return
     kind = thinking.text("type", required=True)
     if kind != "disabled":
-        raise invalid("thinking: extended thinking is not supported by cachemesh")
+        raise invalid(
+            "thinking: extended thinking is not supported by cachemesh (the Gateway has no "
+            "thinking field); omit it",
+            "thinking",
+        )
     if model in thinks_by_default:
         which = "may pick a model that thinks" if model == AUTO else "thinks"
         where = thinking.at("type")

@@ -95,11 +95,20 @@ def parse_request(
 def _unsupported(top: Obj) -> None:
     n = top.integer("n")
     if n not in (None, 1):
-        raise invalid("n: cachemesh answers one choice per request (n=1)", "n")
+        raise unsupported(
+            "n",
+            "it answers one choice per request",
+            "omit it or send 1; for more choices, "
+            "send the request again with x-cachemesh-semantic: bypass",
+        )
     if top.raw("stop") not in (None, [], ""):
-        raise invalid("stop: not supported by cachemesh (answers end by themselves)", "stop")
+        raise unsupported(
+            "stop",
+            "the Gateway passes on no stop sequence: an answer ends where the model ends it",
+            "omit it and cut the answer at the sequence yourself",
+        )
     if top.flag("logprobs"):
-        raise invalid("logprobs: not supported by cachemesh", "logprobs")
+        raise unsupported("logprobs", "cachemesh answers without logprobs", "omit it or send false")
     choice = top.raw("tool_choice")
     if choice not in (None, "auto"):
         raise invalid(
@@ -108,8 +117,10 @@ def _unsupported(top: Obj) -> None:
         )
     fmt = top.obj("response_format")
     if fmt is not None and fmt.text("type") != "text":
-        raise invalid(
-            "response_format: structured output is not supported by cachemesh", "response_format"
+        raise unsupported(
+            "response_format",
+            "structured output: the Gateway cannot hold a model to JSON or to a schema",
+            'omit it or send {"type": "text"}, and ask for JSON in the prompt',
         )
     # accepted at the values that change nothing (OpenAI's defaults), else refused
     default_only(top, "top_p", 1, SAMPLING)

@@ -805,3 +805,40 @@ def test_an_openai_strict_function_tool_is_refused_naming_it() -> None:
     assert "omit it or send false" in refused.value.message
     tool["function"]["strict"] = False
     openai_api.parse_request(body, 10)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"stop": ["\n"]},
+        {"logprobs": True},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        {"n": 2},
+    ],
+)
+def test_each_openai_field_refused_says_what_to_send_instead(fields: dict[str, Any]) -> None:
+    """As the README's error table says: "the message names the field and what to send
+    instead" (some named only the field: "logprobs: not supported by cachemesh")."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(body, 10)
+    (name,) = fields
+    assert refused.value.param == name
+    assert "omit it" in refused.value.message, refused.value.message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"stop_sequences": ["\n"]},
+        {"thinking": {"type": "enabled", "budget_tokens": 1024}},
+        {"thinking": {"type": "adaptive"}},
+    ],
+)
+def test_each_anthropic_field_refused_says_what_to_send_instead(fields: dict[str, Any]) -> None:
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(_anthropic(**fields))
+    (name,) = fields
+    assert refused.value.message.startswith(name)
+    assert "omit it" in refused.value.message, refused.value.message
