@@ -47,6 +47,9 @@ _TENANT = web.RequestKey("cachemesh.tenant", str)
 # on the request once its Gateway call begins: the router writes its access line from then on;
 # a refusal before that is the front's own, and the front writes its line (``access_log``)
 _CALLED = web.RequestKey("cachemesh.called", bool)
+# on the request once its body is read, when the caller chose its id (``Idempotency-Key``): the
+# id the Gateway knows it by, which a refusal's response names too
+_CALLER_ID = web.RequestKey("cachemesh.caller_id", str)
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 _NO_KEY = {
@@ -274,7 +277,7 @@ class Front:
         second status line into the body)."""
         stream: web.StreamResponse | None = request.get(_STREAM)
         if stream is None:
-            return self._error(api, error, traceparent)
+            return self._error(api, error, traceparent, request.get(_CALLER_ID, ""))
         request[_ENDED] = error.status_for(api)
         body = error.body_for(api, stream.headers.get(_ID_HEADER[api], ""))
         with contextlib.suppress(ConnectionError, RuntimeError):  # the caller may be gone
@@ -298,8 +301,12 @@ class Front:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
 
-    def _error(self, api: Api, error: ApiError, traceparent: str) -> web.Response:
-        request_id = uuid.uuid4().hex
+    def _error(
+        self, api: Api, error: ApiError, traceparent: str, request_id: str = ""
+    ) -> web.Response:
+        """The error's response, named by ``request_id`` (the caller's ``Idempotency-Key``,
+        as the Gateway knows the request), else by a fresh id."""
+        request_id = request_id or uuid.uuid4().hex
         headers = {**error.headers(), "x-cachemesh-request-id": request_id}
         if traceparent:
             headers["traceparent"] = traceparent
@@ -423,7 +430,7 @@ class Front:
                 await self._body("anthropic", request, tenant),
                 thinks_by_default=self._settings.thinks_by_default,
             )
-            facts.cache_options(request.headers, gw)
+            _cache_options(request, gw)
             return await self._anthropic(request, self._sized(gw), stream, key, traceparent)
 
     async def _anthropic(
@@ -478,7 +485,7 @@ class Front:
             model if isinstance(model, str) else "", 1024
         )
         gw, stream, include_usage = openai_api.parse_request(body, default)
-        facts.cache_options(request.headers, gw)
+        _cache_options(request, gw)
         return self._sized(gw), stream, include_usage
 
     async def _openai(
@@ -603,6 +610,14 @@ class Front:
         if wanted is not None:
             return _json(items[0])
         return _json({"object": "list", "data": items})
+
+
+def _cache_options(request: web.Request, gw: pb.CompleteRequest) -> None:
+    """The ``x-cachemesh-*`` headers and ``Idempotency-Key`` on ``gw``; the caller's id kept
+    on ``request`` for a refusal's response."""
+    facts.cache_options(request.headers, gw)
+    if gw.request_id:
+        request[_CALLER_ID] = gw.request_id
 
 
 def _key(api: Api, request: web.Request) -> str | None:

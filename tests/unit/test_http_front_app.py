@@ -851,6 +851,33 @@ async def test_a_refusal_after_a_billed_model_call_is_not_retried_by_the_sdks(
     assert front.gateway.calls == 3
 
 
+async def test_a_refusal_of_a_request_with_an_idempotency_key_carries_that_id(
+    front: Front,
+) -> None:
+    """A request sent with an ``Idempotency-Key`` has that id at the Gateway (its access line,
+    its answer's ``request-id``), and the Gateway's refusal says "retry with the same
+    request_id"; its error response named a fresh id of the front's instead (x-request-id,
+    request-id, Anthropic's body), which no retry, log line or ledger knew."""
+    billed = (("grpc-retry-pushback-ms", "-1"),)
+    front.gateway.refuse = (grpc.StatusCode.UNAVAILABLE, "failed mid-answer", billed)
+    with pytest.raises(anthropic.APIStatusError) as by_claude:
+        await _claude(front).messages.create(
+            model="sim-large",
+            max_tokens=50,
+            messages=ASK,
+            extra_headers={"Idempotency-Key": "order-7"},
+        )
+    assert by_claude.value.request_id == "order-7"
+    assert isinstance(by_claude.value.body, dict)
+    assert by_claude.value.body["request_id"] == "order-7"
+    with pytest.raises(openai.APIStatusError) as by_gpt:
+        await _gpt(front).chat.completions.create(
+            model="sim-large", messages=ASK, extra_headers={"Idempotency-Key": "order-8"}
+        )
+    assert by_gpt.value.request_id == "order-8"
+    assert by_gpt.value.response.headers["x-cachemesh-request-id"] == "order-8"
+
+
 @pytest.mark.parametrize(
     ("code", "trailers"),
     [
