@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -32,6 +32,9 @@ from services.http_front.limits import BodyBudget, InFlight
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.settings import HttpFrontSettings
 
+# at the end of the grace, how long the non-streaming requests still waiting on the Gateway
+# have to answer their refusal (``Front.cut``) before their connections are closed
+CUT_ANSWER_S = 1.0
 log = logging.getLogger("cachemesh.http_front")
 
 
@@ -58,18 +61,24 @@ def build_app(front: Front, max_json_bytes: int) -> web.Application:
     return app
 
 
-async def drain(runner: web.BaseRunner, grace: Awaitable[object]) -> None:
+async def drain(
+    runner: web.BaseRunner, grace: Awaitable[object], cut: Callable[[], int] = lambda: 0
+) -> None:
     """Stops listening and lets the requests in flight finish until ``grace`` is over (the end
-    of ``CACHEMESH_GRACE_S``), then closes the connections of those still running: each
-    handler is cancelled (``handler_cancellation``), and its Gateway call with it, which the
-    router bills for what it produced. aiohttp's own shutdown would wait its timeout twice,
-    a streaming handler going on in between (the cancel it sends only reaches a handler that
-    reads the request's body)."""
+    of ``CACHEMESH_GRACE_S``); then ``cut`` has the non-streaming ones still waiting on the
+    Gateway (``cut`` says how many) answer their refusal (a closed connection, the SDKs retried
+    them: a new model call each), for at most ``CUT_ANSWER_S``, and closes the connections of
+    those still running: each handler is cancelled (``handler_cancellation``), and its Gateway
+    call with it, which the router bills for what it produced. aiohttp's own shutdown would
+    wait its timeout twice, a streaming handler going on in between (the cancel it sends only
+    reaches a handler that reads the request's body)."""
     server = runner.server
     cleanup = asyncio.ensure_future(runner.cleanup())
     over = asyncio.ensure_future(grace)
     try:
         await asyncio.wait({cleanup, over}, return_when=asyncio.FIRST_COMPLETED)
+        if not cleanup.done() and cut() > 0:
+            await asyncio.wait({cleanup}, timeout=CUT_ANSWER_S)
         if not cleanup.done() and server is not None:
             busy = server.connections
             log.warning(
@@ -160,7 +169,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         front.draining = True
         log.info("http-front draining: grace %.1fs", settings.grace_s)
         # stops listening, waits for requests in flight until the grace is over
-        await drain(runner, asyncio.sleep(settings.grace_s))
+        await drain(runner, asyncio.sleep(settings.grace_s), front.cut)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -67,6 +67,14 @@ _UNKNOWN_KEY = {
 }
 
 
+# The answer of a non-streaming request still waiting on the Gateway at the end of the grace
+CUT = (
+    "the HTTP front stopped (a restart or a deploy: its CACHEMESH_GRACE_S of {grace_s:g} s ran "
+    "out) before the Gateway answered; the Gateway call was cancelled, and the model call "
+    "billed for what it produced; a retry is a new model call, billed again"
+)
+
+
 class CallerStalled(ConnectionError):
     """A write to the caller did not go out within ``HTTP_FRONT_WRITE_TIMEOUT_S``: the caller
     keeps its connection open but stopped reading."""
@@ -125,6 +133,10 @@ class Front:
             body_budget = BodyBudget(settings.body_budget_bytes, settings.body_tenant_bytes, gauge)
         self._body_budget = body_budget
         self.draining = False
+        # set at the end of CACHEMESH_GRACE_S (``cut``): a non-streaming request still waiting
+        # on the Gateway answers its final refusal (``CUT``) before its connection is closed
+        self._cut = asyncio.Event()
+        self._waiting = 0  # non-streaming requests waiting on the Gateway now
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
 
     # --- routes -------------------------------------------------------------------------------
@@ -151,6 +163,35 @@ class Front:
         if not await self._gateway_ready.serving():  # its address: in the log, not here
             return _json({"status": "gateway not serving"}, 503)
         return _json({"status": "ready"})
+
+    def cut(self) -> int:
+        """The grace is over: each non-streaming request still waiting on the Gateway cancels
+        its call (the router bills what the model produced) and answers ``CUT``; how many."""
+        self._cut.set()
+        return self._waiting
+
+    async def _complete(
+        self, gw: pb.CompleteRequest, key: str, traceparent: str
+    ) -> pb.CompleteResponse:
+        """The Gateway's answer to a non-streaming request, or ``CUT`` once the grace is over
+        (``cut``): a closed connection instead, both SDKs retried it, each retry a new model
+        call and bill (the cut one billed for what it produced)."""
+        call = asyncio.ensure_future(self._gateway.complete(gw, key, traceparent))
+        cut = asyncio.ensure_future(self._cut.wait())
+        self._waiting += 1
+        try:
+            await asyncio.wait((call, cut), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller went away: so does the Gateway call
+            call.cancel()
+            raise
+        finally:
+            self._waiting -= 1
+            cut.cancel()
+        if call.done():
+            return call.result()
+        call.cancel()
+        await asyncio.wait((call,))  # its Gateway call cancelled (a caller's cancel goes on)
+        raise ApiError("overloaded", CUT.format(grace_s=self._settings.grace_s), final=True)
 
     # --- the common path ----------------------------------------------------------------------
     async def _serve(
@@ -438,7 +479,7 @@ class Front:
     ) -> web.StreamResponse:
         request[_CALLED] = True
         if not stream:
-            end = await self._gateway.complete(gw, key, traceparent)
+            end = await self._complete(gw, key, traceparent)
             request[_ANSWERED] = True
             headers = facts.end_headers(end, traceparent)
             headers[_ID_HEADER["anthropic"]] = end.request_id
@@ -500,7 +541,7 @@ class Front:
         created = int(self._clock())
         request[_CALLED] = True
         if not stream:
-            end = await self._gateway.complete(gw, key, traceparent)
+            end = await self._complete(gw, key, traceparent)
             request[_ANSWERED] = True
             headers = facts.end_headers(end, traceparent)
             headers[_ID_HEADER["openai"]] = end.request_id

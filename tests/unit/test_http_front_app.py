@@ -803,6 +803,44 @@ async def test_a_drain_lets_the_request_in_flight_finish_and_takes_no_new_one(fr
     assert (await first).stop_reason == "tool_use"
 
 
+async def test_a_request_cut_at_the_end_of_the_grace_is_answered_and_not_retried(
+    tmp_path: Path,
+) -> None:
+    """A non-streaming request still waiting on the Gateway when the front's grace ran out had
+    its connection closed: both SDKs retry a closed connection, and the retry, on another
+    front or the restarted one, was a new model call. A live stack: an openai create() of a
+    38,010-token prompt on sim-large, the front sent SIGTERM 1 s in, its grace of 10 s: the
+    cut call billed 115,470,000 nanos (unanswered), the SDK's retry 115,500,000 more. It is
+    answered instead: 529 / 503 with x-should-retry: false, saying it was billed."""
+    fake = FakeGateway(hold=asyncio.Event())  # the Gateway answers after the grace (1 s)
+    async with serving(tmp_path, fake, HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY="4") as served:
+        claude = anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY)  # max_retries: 2
+        gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY)
+        by_claude = asyncio.ensure_future(
+            claude.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+        )
+        by_gpt = asyncio.ensure_future(gpt.chat.completions.create(model="sim-large", messages=ASK))
+        async with asyncio.timeout(5):
+            while fake.calls < 2:  # both at the Gateway
+                fake.arrived.clear()
+                await fake.arrived.wait()
+        served.stop.set()
+        try:
+            with pytest.raises(anthropic.APIStatusError) as claude_cut:
+                await asyncio.wait_for(by_claude, 10)
+            with pytest.raises(openai.APIStatusError) as gpt_cut:
+                await asyncio.wait_for(by_gpt, 10)
+        finally:
+            fake.hold.set()  # type: ignore[union-attr]
+            await claude.close()
+            await gpt.close()
+    assert claude_cut.value.status_code == 529 and gpt_cut.value.status_code == 503
+    for error in (claude_cut.value, gpt_cut.value):
+        assert error.response.headers["x-should-retry"] == "false"
+        assert "CACHEMESH_GRACE_S" in error.message and "billed" in error.message
+    assert fake.calls == 2
+
+
 async def test_a_gateway_deadline_is_not_retried_by_the_sdks_default_policy(front: Front) -> None:
     """Both SDKs retry any status >= 500 twice by default: a deadline cut (billed for what it
     produced) would be run, and billed, three times. ``x-should-retry: false`` stops them."""
