@@ -133,10 +133,11 @@ class Front:
             body_budget = BodyBudget(settings.body_budget_bytes, settings.body_tenant_bytes, gauge)
         self._body_budget = body_budget
         self.draining = False
-        # set at the end of CACHEMESH_GRACE_S (``cut``): a non-streaming request still waiting
-        # on the Gateway answers its final refusal (``CUT``) before its connection is closed
-        self._cut = asyncio.Event()
-        self._waiting = 0  # non-streaming requests waiting on the Gateway now
+        # the handlers of the non-streaming requests waiting on the Gateway now, and those of
+        # them ``cut`` at the end of CACHEMESH_GRACE_S: each answers its final refusal
+        # (``CUT``) before its connection is closed
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
 
     # --- routes -------------------------------------------------------------------------------
@@ -167,8 +168,10 @@ class Front:
     def cut(self) -> int:
         """The grace is over: each non-streaming request still waiting on the Gateway cancels
         its call (the router bills what the model produced) and answers ``CUT``; how many."""
-        self._cut.set()
-        return self._waiting
+        for task in self._waiting - self._cut:
+            self._cut.add(task)
+            task.cancel()
+        return len(self._waiting)
 
     async def _complete(
         self, gw: pb.CompleteRequest, key: str, traceparent: str
@@ -176,22 +179,21 @@ class Front:
         """The Gateway's answer to a non-streaming request, or ``CUT`` once the grace is over
         (``cut``): a closed connection instead, both SDKs retried it, each retry a new model
         call and bill (the cut one billed for what it produced)."""
-        call = asyncio.ensure_future(self._gateway.complete(gw, key, traceparent))
-        cut = asyncio.ensure_future(self._cut.wait())
-        self._waiting += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
         try:
-            await asyncio.wait((call, cut), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the caller went away: so does the Gateway call
-            call.cancel()
+            return await self._gateway.complete(gw, key, traceparent)  # a cancel cancels it
+        except asyncio.CancelledError:
+            # cut, and not also cancelled by aiohttp (the caller gone): answer, not unwind
+            if task in self._cut and task.uncancel() == 0:
+                raise ApiError(
+                    "overloaded", CUT.format(grace_s=self._settings.grace_s), final=True
+                ) from None
             raise
         finally:
-            self._waiting -= 1
-            cut.cancel()
-        if call.done():
-            return call.result()
-        call.cancel()
-        await asyncio.wait((call,))  # its Gateway call cancelled (a caller's cancel goes on)
-        raise ApiError("overloaded", CUT.format(grace_s=self._settings.grace_s), final=True)
+            self._waiting.discard(task)
+            self._cut.discard(task)
 
     # --- the common path ----------------------------------------------------------------------
     async def _serve(
