@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -514,20 +515,28 @@ class Front:
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
-            gw, stream, include_usage = await self._chat_request(request, tenant)
-            return await self._openai(request, gw, stream, include_usage, key, traceparent)
+            origins: list[list[str]] = []
+            gw, stream, include_usage = await self._chat_request(request, tenant, origins)
+            try:
+                return await self._openai(request, gw, stream, include_usage, key, traceparent)
+            except ApiError as error:
+                if error.kind != "invalid_request":
+                    raise
+                # the Gateway's path names its request's messages, not the caller's
+                said = openai_api.at_caller(error.message, origins)
+                raise dataclasses.replace(error, message=said) from None
 
     async def _chat_request(
-        self, request: web.Request, tenant: str
+        self, request: web.Request, tenant: str, origins: list[list[str]]
     ) -> tuple[pb.CompleteRequest, bool, bool]:
         """The Gateway request of a chat completion, its body's JSON dropped (not held through
-        the call)."""
+        the call); ``origins``: the caller's path of each of its messages' blocks."""
         body = await self._body("openai", request, tenant)
         model = body.get("model")
         default = self._settings.default_max_tokens.get(
             model if isinstance(model, str) else "", 1024
         )
-        gw, stream, include_usage = openai_api.parse_request(body, default)
+        gw, stream, include_usage = openai_api.parse_request(body, default, origins)
         _cache_options(request, gw)
         return self._sized(gw), stream, include_usage
 

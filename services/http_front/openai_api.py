@@ -15,6 +15,7 @@ nothing (top_p 1, no penalty, no bias) they are accepted.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -57,9 +58,11 @@ _FINISH = {
 
 
 def parse_request(
-    body: dict[str, Any], default_max_tokens: int
+    body: dict[str, Any], default_max_tokens: int, origins: list[list[str]] | None = None
 ) -> tuple[pb.CompleteRequest, bool, bool]:
-    """The Gateway request, whether to stream, and whether the stream ends with the usage."""
+    """The Gateway request, whether to stream, and whether the stream ends with the usage.
+    ``origins``, when given, gets for each of the Gateway request's messages the caller's
+    path of each of its blocks (``at_caller``)."""
     top = Obj(body, "")
     top.only(_TOP)
     request = pb.CompleteRequest(model=top.text("model", required=True) or "")
@@ -79,7 +82,7 @@ def parse_request(
         request.cache.prompt_cache_key = key
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools[{i}]"))
-    _messages(top.array("messages", required=True) or [], request)
+    _messages(top.array("messages", required=True) or [], request, origins)
     stream = bool(top.flag("stream"))
     options = top.obj("stream_options")
     include_usage = False
@@ -224,7 +227,10 @@ def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
     return blocks
 
 
-def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
+def _messages(
+    raw_messages: list[Any], request: pb.CompleteRequest, origins: list[list[str]] | None
+) -> None:
+    kept: list[list[str]] = [] if origins is None else origins
     for i, raw in enumerate(raw_messages):
         path = f"messages[{i}]"
         obj = Obj(raw, path)
@@ -236,11 +242,24 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
         elif role == "user":
             obj.only(("role", "content", "name"))
             _no_name(obj)
-            _turn(request, pb.ROLE_USER).content.extend(_blocks_of(obj))
+            turn = _turn(request, pb.ROLE_USER, kept, path)
+            blocks = _blocks_of(obj)
+            turn.content.extend(blocks)
+            in_parts = isinstance(obj.raw("content"), list)
+            kept[-1] += [
+                f"{path}.content[{j}]" if in_parts else f"{path}.content"
+                for j in range(len(blocks))
+            ]
         elif role == "assistant":
             obj.only(_ASSISTANT)
             _no_name(obj)
-            _assistant(obj, _turn(request, pb.ROLE_ASSISTANT))
+            turn = _turn(request, pb.ROLE_ASSISTANT, kept, path)
+            before = len(turn.content)
+            _assistant(obj, turn)
+            texts = sum(1 for b in turn.content[before:] if b.WhichOneof("kind") == "text")
+            calls = len(turn.content) - before - texts
+            kept[-1] += [f"{path}.content"] * texts
+            kept[-1] += [f"{path}.tool_calls[{j}]" for j in range(calls)]
         elif role == "tool":
             obj.only(("role", "content", "tool_call_id"))
             parts = _blocks_of(obj)
@@ -253,7 +272,8 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest) -> None:
             control = longest(*parts_controls(parts))
             if control is not None:
                 block.cache_control.CopyFrom(control)
-            _turn(request, pb.ROLE_USER).content.append(block)
+            _turn(request, pb.ROLE_USER, kept, path).content.append(block)
+            kept[-1].append(path)
         else:
             raise invalid(
                 f"{obj.at('role')}: must be system, developer, user, assistant or tool, "
@@ -274,14 +294,49 @@ def _no_name(obj: Obj) -> None:
         )
 
 
-def _turn(request: pb.CompleteRequest, role: int) -> pb.Message:
+def _turn(
+    request: pb.CompleteRequest, role: int, origins: list[list[str]], path: str
+) -> pb.Message:
     """The message a block of ``role`` joins: the last one when it has that role (a user turn
-    after tool results is one Gateway turn), else a new one."""
+    after tool results is one Gateway turn), else a new one (its ``origins`` begun, named
+    by the caller's message at ``path``, then the caller's path of each of its blocks)."""
     if request.messages and request.messages[-1].role == role:
         return request.messages[-1]
     message: pb.Message = request.messages.add()
     message.role = role  # type: ignore[assignment]
+    origins.append([path])
     return message
+
+
+# a Gateway refusal's path into its request's messages: messages[i], and .content[j] if any
+_GATEWAY_PATH = re.compile(r"^messages\[(\d+)\](?:\.content\[(\d+)\])?(\S*): ")
+# the Gateway's names of the roles, as the API names them
+_ROLE_NAMES = (("ROLE_USER", "user"), ("ROLE_ASSISTANT", "assistant"))
+
+
+def at_caller(message: str, origins: list[list[str]]) -> str:
+    """A Gateway refusal's ``message`` naming the caller's message where it names the Gateway
+    request's (``origins``, from ``parse_request``): system messages are none of the Gateway's,
+    and a tool message joins the user turn after it, so the indices differ. The Gateway's path
+    is kept in parentheses."""
+    found = _GATEWAY_PATH.match(message)
+    if found is None:
+        return message
+    turn, block, rest = int(found[1]), found[2], found[3]
+    if turn >= len(origins):
+        return message
+    paths = origins[turn]
+    if block is None:
+        where = f"{paths[0]}{rest}"
+    elif int(block) + 1 < len(paths):
+        where = paths[int(block) + 1]
+    else:
+        return message
+    said = message[found.end() :]
+    for grpc_name, name in _ROLE_NAMES:
+        said = said.replace(f" ({grpc_name})", "").replace(grpc_name, name)
+    gateway_path = message[: found.end() - 2]
+    return f"{where}: {said} (the Gateway's {gateway_path})"
 
 
 def _answer_only_fields(obj: Obj) -> None:

@@ -842,3 +842,61 @@ def test_each_anthropic_field_refused_says_what_to_send_instead(fields: dict[str
     (name,) = fields
     assert refused.value.message.startswith(name)
     assert "omit it" in refused.value.message, refused.value.message
+
+
+_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("messages", "said", "names"),
+    [
+        # a system message is no Gateway message: the Gateway's messages[2] is the caller's [3]
+        (
+            [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": ["x", ""]},
+            ],
+            "messages[2].content[1].text: text blocks must not be empty",
+            "messages[3].content[1]: text blocks must not be empty",
+        ),
+        (
+            [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+            "messages[0].role: the first message must be the user's (ROLE_USER)",
+            "messages[1].role: the first message must be the user's",
+        ),
+        # a tool message and the user message after it are one Gateway turn
+        (
+            [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "tool_calls": [_CALL]},
+                {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                {"role": "user", "content": "more"},
+            ],
+            "messages[2].content[1].text: too long",
+            "messages[3].content: too long",
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [_CALL]}],
+            "messages[1].content[0].tool_use.name: 'f' is not a declared tool",
+            "messages[1].tool_calls[0]: 'f' is not a declared tool",
+        ),
+    ],
+)
+def test_a_gateway_refusal_names_the_openai_callers_message_not_the_gateways(
+    messages: list[Any], said: str, names: str
+) -> None:
+    """The Gateway's messages are not the caller's (system messages leave them, a tool message
+    joins the user turn after it), so its refusals named another message: a live stack, the
+    empty text of the caller's messages[3] was refused as "messages[2].content[0].text" (the
+    caller's assistant message), an assistant message first after the system one as
+    "messages[0].role". The front names the caller's message, the Gateway's path kept."""
+    for message in messages:
+        if isinstance(message["content"], list) if "content" in message else False:
+            message["content"] = [{"type": "text", "text": t} for t in message["content"]]
+    origins: list[list[str]] = []
+    openai_api.parse_request({"model": "m", "messages": messages}, 10, origins)
+    message = openai_api.at_caller(said, origins)
+    assert message.startswith(names), message
+    assert said.split(":")[0] in message  # the Gateway's own path, as it said it
