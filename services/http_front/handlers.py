@@ -522,9 +522,11 @@ class Front:
             except ApiError as error:
                 if error.kind != "invalid_request":
                     raise
-                # the Gateway's path names its request's messages, not the caller's
+                # the Gateway's path names its request's messages, not the caller's; the field
+                # it names first is OpenAI's ``param``
                 said = openai_api.at_caller(error.message, origins)
-                raise dataclasses.replace(error, message=said) from None
+                param = error.param or openai_api.field_of(said)
+                raise dataclasses.replace(error, message=said, param=param) from None
 
     async def _chat_request(
         self, request: web.Request, tenant: str, origins: list[list[str]]

@@ -314,6 +314,16 @@ _GATEWAY_PATH = re.compile(r"^messages\[(\d+)\](?:\.content\[(\d+)\])?(\S*): ")
 _ROLE_NAMES = (("ROLE_USER", "user"), ("ROLE_ASSISTANT", "assistant"))
 
 
+# the field a refusal's message names first ("max_tokens: must be > 0"), OpenAI's ``param``
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*): ")
+
+
+def field_of(message: str) -> str | None:
+    """The request field a refusal's message begins by naming, if it does."""
+    found = _FIELD.match(message)
+    return found[1] if found is not None else None
+
+
 def at_caller(message: str, origins: list[list[str]]) -> str:
     """A Gateway refusal's ``message`` naming the caller's message where it names the Gateway
     request's (``origins``, from ``parse_request``): system messages are none of the Gateway's,

@@ -889,6 +889,26 @@ async def test_a_refusal_after_a_billed_model_call_is_not_retried_by_the_sdks(
     assert front.gateway.calls == 3
 
 
+@pytest.mark.parametrize(
+    ("said", "param"),
+    [
+        ("max_tokens: must be > 0, got 0", "max_tokens"),
+        ("messages[0].role: the first message must be the user's (ROLE_USER)", "messages[0].role"),
+        ("the prompt has 300010 tokens, over sim-small's context window", None),
+    ],
+)
+async def test_a_gateway_refusal_of_a_field_names_it_as_openais_param(
+    front: Front, said: str, param: str | None
+) -> None:
+    """OpenAI's error ``param`` names the field at fault (the SDK's ``BadRequestError.param``);
+    the Gateway's refusals name it first in their message, and the front sent ``param: null``
+    (a live stack: max_tokens 0, "max_tokens: must be > 0, got 0", param null)."""
+    front.gateway.refuse = (grpc.StatusCode.INVALID_ARGUMENT, said, ())
+    with pytest.raises(openai.BadRequestError) as refused:
+        await _gpt(front).chat.completions.create(model="sim-large", messages=ASK)
+    assert refused.value.param == param
+
+
 async def test_a_refusal_of_a_request_with_an_idempotency_key_carries_that_id(
     front: Front,
 ) -> None:
