@@ -17,6 +17,7 @@ leave the SDKs free to retry.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -195,10 +196,22 @@ def from_gateway(
     its kind, since each SDK retry of a 5xx would be a model call and a bill again.
     ``reason``: the Gateway's ErrorInfo reason, which says why a RESOURCE_EXHAUSTED is refused
     (a Gateway that sends none: its wait and its message's words tell)."""
-    error = _from_gateway(code, message, retry_after_s, reason)
+    error = _from_gateway(code, _http_words(message), retry_after_s, reason)
     if billed:
         return replace(error, message=f"{error.message} ({BILLED})", final=True)
     return error
+
+
+# The Gateway's name for the id that makes a retry answer-once; an HTTP caller sets it as the
+# Idempotency-Key header (``facts.IDEMPOTENCY``), and has no request_id to send.
+_REQUEST_ID = re.compile(r"\brequest_id\b")
+
+
+def _http_words(message: str) -> str:
+    """The Gateway's message in an HTTP caller's words: its ``request_id`` is the caller's
+    ``Idempotency-Key`` ("retry with the same request_id" told HTTP callers of a field they
+    cannot send)."""
+    return _REQUEST_ID.sub("Idempotency-Key", message)
 
 
 def _from_gateway(

@@ -900,3 +900,25 @@ def test_a_gateway_refusal_names_the_openai_callers_message_not_the_gateways(
     message = openai_api.at_caller(said, origins)
     assert message.startswith(names), message
     assert said.split(":")[0] in message  # the Gateway's own path, as it said it
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (
+            Code.INVALID_ARGUMENT,
+            "request_id: 'order-7' was already used for a different request; use a new "
+            "request_id for a new request",
+        ),
+        (
+            Code.UNAVAILABLE,
+            "the m model failed mid-answer (UNAVAILABLE); retry with the same request_id",
+        ),
+    ],
+)
+def test_a_gateway_message_names_the_http_callers_idempotency_key(code: Code, message: str) -> None:
+    """An HTTP caller sets the Gateway's request_id as its Idempotency-Key header: "retry with
+    the same request_id" told it of a field it cannot send."""
+    error = from_gateway(code, message)
+    assert "request_id" not in error.message
+    assert "Idempotency-Key" in error.message
