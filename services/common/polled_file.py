@@ -16,7 +16,11 @@ shows the file as it was when it ran, so none shows an older file over a newer o
 and answers the value read before it: the first request after a change of another process's
 was held to what the file said before (a tenant whose budget was raised from $0 refused
 "renews in 11.3 h", with that retry-after). ``fresh()`` is ``current()`` that, for a caller
-that can wait (an async one), waits for the re-read the change started, a bounded time.
+that can wait (an async one), waits for the re-read the change started, a bounded time:
+until that re-read's start plus ``FRESH_WAIT_S``, never longer. A re-read that hangs (a FIFO in
+the file's place, a stuck NFS mount) made every request wait the whole second, for as long as
+it hung (48-60 ms -> 1,051-1,070 ms each); now only the requests within its first second wait,
+and one WARNING names the file when it passes that.
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ class PolledFile(Generic[T]):
         self._flags = threading.Lock()
         self._reading = False  # a re-read is started or running
         self._again = False  # a poll saw a change while it ran: one more after it
+        self._read_started = 0.0  # ``monotonic`` when the running re-read started
+        self._stuck_told = False  # the running re-read's WARNING (past the wait) is logged
         # ``fresh`` callers waiting for the re-reads to end: their loops and futures
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
@@ -149,8 +155,10 @@ class PolledFile(Generic[T]):
 
     async def fresh(self, wait_s: float | None = None) -> T:
         """``current()``, but when a re-read is running (this poll saw a change, or an
-        earlier one did), the value it reads: waited for on the event loop, at most
-        ``wait_s`` (None: ``FRESH_WAIT_S``; then, or when it fails, the value read last)."""
+        earlier one did), the value it reads: waited for on the event loop until that re-read's
+        start plus ``wait_s`` (None: ``FRESH_WAIT_S``), never longer (then, or when it fails,
+        the value read last). A re-read still running past that (hung) is not waited for again:
+        one WARNING names the file."""
         wait_s = FRESH_WAIT_S if wait_s is None else wait_s
         self._poll()
         loop = asyncio.get_running_loop()
@@ -158,15 +166,24 @@ class PolledFile(Generic[T]):
         with self._flags:
             if not self._reading:
                 return self._held.value
-            self._waiters.append((loop, done))
+            left = self._read_started + wait_s - self._monotonic()
+            if left > 0:
+                self._waiters.append((loop, done))
+        if left <= 0:
+            self._tell_stuck(wait_s)
+            return self._held.value
+        waited_out = False
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await done
+            async with asyncio.timeout(left):
+                await done
+        except TimeoutError:
+            waited_out = True  # the re-read is past the wait
         finally:
             with self._flags:
                 if (loop, done) in self._waiters:
                     self._waiters.remove((loop, done))
+        if waited_out:
+            self._tell_stuck(wait_s)
         return self._held.value
 
     def write(self, change: Callable[[T], tuple[T, Signature | None]]) -> T:
@@ -192,6 +209,7 @@ class PolledFile(Generic[T]):
                 self._again = True
                 return
             self._reading = True
+            self._read_started, self._stuck_told = now, False
         try:
             self._start(self._rereads)
         except RuntimeError as exc:  # can't start new thread: the next poll tries again
@@ -204,6 +222,24 @@ class PolledFile(Generic[T]):
                 exc,
                 self._contents,
             )
+
+    def _tell_stuck(self, wait_s: float) -> None:
+        """One WARNING per re-read that runs past the time ``fresh`` waits for it."""
+        with self._flags:
+            if self._stuck_told or not self._reading:
+                return
+            self._stuck_told = True
+            ran = self._monotonic() - self._read_started
+        self._log.warning(
+            "%s %s: a re-read has run %.1f s and not ended (a FIFO or a hung mount in its "
+            "place?); requests no longer wait for it (they waited at most %.1f s) and are "
+            "answered by the %s read last until it ends",
+            self._what,
+            self._source.path,
+            ran,
+            wait_s,
+            self._contents,
+        )
 
     def _signature(self) -> Signature | _Unchecked | None:
         """The file's signature, None when it is gone."""
@@ -236,6 +272,8 @@ class PolledFile(Generic[T]):
             with self._flags:
                 again, self._again = self._again, False
                 self._reading = again
+                if again:  # another re-read: its own wait
+                    self._read_started, self._stuck_told = self._monotonic(), False
                 waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
                 if not again:  # the re-reads are over: their waiters are told
                     waiters, self._waiters = self._waiters, []
