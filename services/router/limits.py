@@ -60,8 +60,8 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -598,6 +598,9 @@ class Ticket:
     # what it holds of its tenant's budgets until it ends (None: no budget, or no bound)
     hold: Hold | None = None
     released: bool = False
+    # its counts' first tries still running: its hold's release is sent after them, so that
+    # no admit sees the hold gone before the cost it stood for is counted
+    counting: list[asyncio.Task[None]] = field(default_factory=list, compare=False, repr=False)
 
     def take_release(self) -> Hold | None:
         """Its hold, to release: the first time, then None."""
@@ -905,17 +908,28 @@ class Limiter:
         use: ModelUse,
         *,
         modelless: bool = False,
+        bills: Sequence[asyncio.Future[Any]] = (),
     ) -> None:
         """Counts an admitted request's end: ``end``, its answer as read (None: none read);
         ``use``, what its pipeline told of its model calls; ``modelless``, it was served
         another call's answer, or ended while it waited on another call, with no model call of
-        its own. One that used no model tokens (modelless, or ended with no answer made or
+        its own; ``bills``, the bills to come of its model calls cut without an answer (each
+        tells ``charge`` its cost before it is done): the end is counted, and the hold
+        released, once they are all done (failed or not), so that no admit meanwhile sees
+        neither the hold nor the cost (a request cancelled mid-answer released its hold before
+        its bill came: 10 admitted, 43,500,000 nanos spent on a 10,000,000 budget). One that
+        used no model tokens (modelless, or ended with no answer made or
         billed before a model call of its own was sent: cancelled, out of time or refused in
         its L1 Lookup, a wait on an identical request's call, its Plan; or with every model
         call it sent refused by its replica before its start) has its reservation back whole
         (``unused``); else its answer is counted (``settle``; the billed one when its end was
         not read), or, with none, its reservation is kept (unless a cut call's bill, told by
         ``charge``, replaced it)."""
+        waiting = [bill for bill in bills if not bill.done()]
+        if waiting:
+            after = asyncio.gather(*waiting, return_exceptions=True)
+            after.add_done_callback(lambda _: self.finish(ticket, end, use, modelless=modelless))
+            return
         answer = end if end is not None else use.billed
         if modelless or not (answer is not None or use.sent > use.refused):
             self.unused(ticket, release=True)
@@ -1008,8 +1022,12 @@ class Limiter:
             ticket.tenant, ticket.policy, refund, cost_nanos, uuid.uuid4().hex, now, incurred_ms
         )
         count.release = hold
+        # a release goes after the counts of its request still on their way (a cut call's cost)
+        earlier = [t for t in ticket.counting if not t.done()] if hold is not None else []
 
         async def first_try() -> None:
+            if earlier:
+                await asyncio.wait(earlier)
             try:
                 await self._send(count)
             except Exception as exc:
@@ -1022,6 +1040,7 @@ class Limiter:
         task = asyncio.create_task(first_try(), name=f"limits-settle-{count.settle_id[:8]}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        ticket.counting[:] = [*(t for t in ticket.counting if not t.done()), task]
 
     async def _send(self, count: _Settle) -> None:
         now = self._clock.now_ms()

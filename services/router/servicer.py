@@ -420,7 +420,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 # another call's answer, or none before a model call was sent or with every
                 # one sent refused before its start: nothing used; one that went at the
                 # router's estimate before its FINAL answered, as billed once that comes
-                self._finish_when_billed(ticket, end, use, call.late, held.modelless)
+                self._finish_when_billed(ticket, end, use, call, held.modelless)
             if held.renewing is not None:
                 held.renewing.cancel()
             if held.claim is not None and not recorded:  # failed, refused, or an unbilled answer
@@ -433,17 +433,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         ticket: Ticket,
         end: pb.CompleteResponse | None,
         use: ModelUse,
-        late: asyncio.Future[pb.CompleteResponse] | None,
+        call: Call,
         modelless: bool,
     ) -> None:
         """``Limiter.finish`` of the request's end, or of its answer as billed when it went at
-        the router's estimate before its bill (``late``): prefix-cache's bill counted, not the
-        estimate (which the limits count only when the outbox keeps the bill)."""
+        the router's estimate before its bill (``call.late``): prefix-cache's bill counted, not
+        the estimate (which the limits count only when the outbox keeps the bill); after the
+        bills of its calls cut without an answer (``call.bills``), its hold released with them."""
+        late = call.late
 
         def billed(_: object = None) -> None:
             billed = billed_late(late)
             answer = billed if billed is not None else end
-            self._limiter.finish(ticket, answer, use, modelless=modelless)
+            self._limiter.finish(ticket, answer, use, modelless=modelless, bills=call.bills)
 
         if late is not None and not late.done():
             late.add_done_callback(billed)

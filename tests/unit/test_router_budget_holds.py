@@ -140,6 +140,45 @@ async def test_a_request_that_ends_unanswered_or_modelless_releases_its_hold(
     await limiter.close()
 
 
+async def test_a_request_cancelled_mid_answer_holds_the_budget_until_its_bill_is_counted(
+    store: LimitStore,
+) -> None:
+    """A request whose caller left mid-answer released its hold at its end, before its cut
+    call's bill came (``charge``, in the background): admits in between saw neither the hold
+    nor the cost, 10 of 10 admitted and 43,500,000 nanos spent on a 10,000,000 budget. Its
+    hold now goes once its bills are done, after the cost they told is counted."""
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, clock)
+    loop = asyncio.get_running_loop()
+    bill = 290 * 15_000  # each cut call billed its 290 output tokens at sim-large's $15/M
+    cut: list[tuple[Ticket, asyncio.Future[None]]] = []
+    for i in range(10):
+        ticket = await limiter.admit("t", _request(i))
+        if not isinstance(ticket, Ticket):
+            assert ticket.limit == DAY_BUDGET
+            break
+        use = ModelUse()
+        use.model_sent()
+        coming: asyncio.Future[None] = loop.create_future()
+        limiter.finish(ticket, None, use, bills=[coming])  # its caller left mid-answer
+        await limiter.drain()
+        cut.append((ticket, coming))
+    for ticket, coming in cut:  # the cut calls' bills, counted as each is done
+        limiter.charge(ticket, pb.Usage(input_tokens=12, output_tokens=290), bill)
+        coming.set_result(None)
+    await asyncio.sleep(0)
+    await limiter.drain()
+    spent = bill * len(cut)
+    print(f"admitted {len(cut)} of 10, spend {spent:,} of {BUDGET_NANOS:,} nanos")
+    assert spent <= BUDGET_NANOS + bill  # before: 10 admitted, 43,500,000 nanos
+    assert len(cut) == 3  # admitted while the holds ($0.0046 each) are below $0.01
+    # the bills are counted and the holds gone with them: the budget is spent, not held
+    after = await limiter.admit("t", _request(99, max_tokens=10))
+    assert isinstance(after, Denial) and "is spent" in after.message, after
+    assert "hold" not in after.message
+    await limiter.close()
+
+
 async def test_the_hold_of_a_request_whose_router_died_lapses(store: LimitStore) -> None:
     clock = ManualClock(START_MS)
     dead = _limiter(store, clock)  # its requests never end

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +238,8 @@ def _router(
     prefix: FakePrefix | None = None,
     models: FakeModels | None = None,
     store: RedisLimitStore | None = None,
+    policy: LimitPolicy | None = None,
+    cost_bound: Callable[[pb.CompleteRequest, int], int] | None = None,
 ) -> Router:
     semantic = semantic if semantic is not None else FakeSemantic()
     prefix = prefix if prefix is not None else FakePrefix()
@@ -254,9 +256,10 @@ def _router(
     )
     limiter = Limiter(
         store if store is not None else RedisLimitStore(redis, server_time=False),
-        UniformPolicies(LimitPolicy(tokens_per_min=TOKENS_PER_MIN)),
+        UniformPolicies(policy or LimitPolicy(tokens_per_min=TOKENS_PER_MIN)),
         ManualClock(),  # frozen: no refill
         lambda request: PROMPT_TOKENS,
+        cost_bound=cost_bound,
     )
     table = WatchedTable()
     servicer = GatewayServicer(
@@ -353,6 +356,52 @@ async def test_a_call_cancelled_during_its_models_answer_is_billed_what_it_produ
     final = [c for c in router.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
     assert len(final) == 1 and final[0].output_tokens >= 1
     assert level == TOKENS_PER_MIN - PLANNED_PROMPT - final[0].output_tokens
+
+
+@dataclass
+class HeldFinalPrefix(FakePrefix):
+    """prefix-cache whose FINAL (a cut call's bill) answers once ``gate`` opens."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    final: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        if request.phase == pc.COMMIT_PHASE_FINAL:
+            self.final.set()
+            await self.gate.wait()
+        return await super().commit(request, deadline_s)
+
+
+async def test_a_call_cancelled_during_its_models_answer_holds_its_budget_until_its_bill(
+    redis: Redis,
+) -> None:
+    """A budgeted tenant's call cut mid-answer released its budget hold at its end, before its
+    bill (the FINAL, in the background) was counted: admits in between saw neither (10
+    admitted one after another, 43,500,000 nanos spent on a 10,000,000 budget). Now the hold
+    goes with the bill."""
+    models, prefix = HeldModels(), HeldFinalPrefix()
+    router = _router(
+        redis,
+        prefix=prefix,
+        models=models,
+        policy=LimitPolicy(day_budget_nanos=10_000_000),
+        cost_bound=lambda request, prompt: 1_000_000,  # its largest bill, held while it runs
+    )
+    held = f"cachemesh:limits:{{{TENANT}}}:held"
+    await _cancelled_at(router, models.held)
+    await asyncio.wait_for(prefix.final.wait(), 10)  # its bill is on its way
+    await router.limiter.drain()
+    assert await redis.zcard(held) == 1  # before: 0, the hold gone ahead of the bill
+    prefix.gate.set()
+    await router.pipeline.drain_bills()
+    for _ in range(10):  # the release follows the charge's count, a few loop turns later
+        await router.limiter.drain()
+        await asyncio.sleep(0)
+    assert await redis.zcard(held) == 0
+    keys = [key.decode() async for key in redis.scan_iter(match=f"*{TENANT}*")]
+    spent = sorted(key for key in keys if ":spent:" in key)
+    assert spent, keys
+    assert [int(await redis.get(key) or 0) for key in spent] == [123, 123]  # day, month
 
 
 async def test_an_answered_call_and_an_l1_hit_count_as_before(redis: Redis) -> None:
