@@ -1032,8 +1032,8 @@ class Limiter:
                 await self._send(count)
             except Exception as exc:
                 self._degraded("settle", exc)
-                if count.refund == 0 and count.cost_nanos == 0:
-                    return  # a release alone: its hold lapses by itself (HOLD_MS)
+                # a release alone too: dropped, its hold refused the tenant until it lapsed (a
+                # minute past its request's deadline); released once, however often replayed
                 count.failed(exc, now)
                 self._queue(count)
 

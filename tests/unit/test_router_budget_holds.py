@@ -12,6 +12,7 @@ budget: the spend passes the budget by at most one request's bill.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -176,6 +177,40 @@ async def test_a_request_cancelled_mid_answer_holds_the_budget_until_its_bill_is
     after = await limiter.admit("t", _request(99, max_tokens=10))
     assert isinstance(after, Denial) and "is spent" in after.message, after
     assert "hold" not in after.message
+    await limiter.close()
+
+
+class _Blip(MemoryLimitStore):
+    """A store whose settles fail while ``down`` (a Redis blip), its admits answered."""
+
+    down = False
+
+    async def settle(self, *args: Any, **kwargs: Any) -> None:
+        if self.down:
+            raise ConnectionError("Redis is down")
+        await super().settle(*args, **kwargs)
+
+
+async def test_a_release_alone_that_fails_is_replayed() -> None:
+    """A settle that only released a hold (a request that used nothing: an L1 hit, refused
+    before its model call) was dropped when the store failed: the hold then refused the
+    tenant "retry in 5 s" until it lapsed, a minute past the request's deadline (15 min
+    without one). It is replayed as any settle is, and released once."""
+    blip = _Blip()
+    clock = ManualClock(START_MS)
+    limiter = _limiter(blip, clock)
+    ticket = await limiter.admit("t", _request(1, max_tokens=700))  # holds > $0.01
+    assert isinstance(ticket, Ticket) and ticket.hold is not None
+    blip.down = True
+    limiter.finish(ticket, None, ModelUse(), modelless=True)  # an L1 hit: a release alone
+    await limiter.drain()
+    assert limiter.pending == 1  # before: 0, dropped
+    blip.down = False
+    assert isinstance(await limiter.admit("t", _request(2, max_tokens=10)), Denial)  # held
+    await limiter.replay_pending()
+    assert limiter.pending == 0
+    assert isinstance(await limiter.admit("t", _request(3, max_tokens=10)), Ticket)
+    await limiter.replay_pending()  # nothing left
     await limiter.close()
 
 
