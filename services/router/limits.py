@@ -156,6 +156,9 @@ class Refusal:
     # many they are (``Hold``)
     held_nanos: int = 0
     holding: int = 0
+    # when the soonest of those holds lapses unreleased (its router stopped without ending its
+    # request): the longest the refusal lasts if none of them ends sooner
+    lapse_ms: int = 0
 
 
 def longest(over: list[Refusal]) -> Refusal:
@@ -171,6 +174,7 @@ def longest(over: list[Refusal]) -> Refusal:
         tuple(r.limit for r in ranked[1:]),
         first.held_nanos,
         first.holding,
+        first.lapse_ms,
     )
 
 
@@ -226,10 +230,11 @@ def hold_ms(time_remaining_s: float | None) -> int:
     return min(HOLD_MS, math.ceil(max(time_remaining_s, 0.0) * 1000) + HOLD_SLACK_MS)
 
 
-def held_refusal(limit: str, held_nanos: int, holding: int) -> Refusal:
+def held_refusal(limit: str, held_nanos: int, holding: int, lapse_ms: int = 0) -> Refusal:
     """A budget whose spend is below it, but not with what ``holding`` requests in flight
-    hold: retried when they may have ended, not at the period's end."""
-    return Refusal(limit, HELD_RETRY_MS, held_nanos=held_nanos, holding=holding)
+    hold (the soonest lapsing in ``lapse_ms`` if never released): retried when they may have
+    ended, not at the period's end."""
+    return Refusal(limit, HELD_RETRY_MS, held_nanos=held_nanos, holding=holding, lapse_ms=lapse_ms)
 
 
 class SettleNotSent(Exception):
@@ -339,16 +344,18 @@ def budgets_held(
     held_nanos: int,
     holding: int,
     spent: set[str],
+    lapse_ms: int = 0,
 ) -> list[Refusal]:
     """The budgets (not in ``spent``, those spent already) that a tenant's spend plus what its
-    requests in flight hold (``held_nanos``, ``holding`` of them) reaches."""
+    requests in flight hold (``held_nanos``, ``holding`` of them, the soonest lapsing in
+    ``lapse_ms``) reaches."""
     over: list[Refusal] = []
     for limit, budget, nanos in (
         (DAY_BUDGET, policy.day_budget_nanos, day_nanos),
         (MONTH_BUDGET, policy.month_budget_nanos, month_nanos),
     ):
         if budget is not None and limit not in spent and nanos + held_nanos >= budget:
-            over.append(held_refusal(limit, held_nanos, holding))
+            over.append(held_refusal(limit, held_nanos, holding, lapse_ms))
     return over
 
 
@@ -413,6 +420,13 @@ class MemoryLimitStore:
             self._held.pop(tenant, None)
             return 0, 0
         return self._held[tenant], len(holds)
+
+    def _soonest_lapse_ms(self, tenant: str, now_ms: int) -> int:
+        """In how long the soonest of ``tenant``'s holds lapses unreleased (0: none)."""
+        holds = self._holds.get(tenant)
+        if not holds:
+            return 0
+        return max(min(until for _, until in holds.values()) - now_ms, 0)
 
     def _release(self, tenant: str, hold: Hold) -> None:
         holds = self._holds.get(tenant)
@@ -487,7 +501,8 @@ class MemoryLimitStore:
             spent = {r.limit for r in over}
             day = self._spent.get((tenant, periods.day), 0)
             month = self._spent.get((tenant, periods.month), 0)
-            over += budgets_held(policy, day, month, held, holding, spent)
+            lapse = self._soonest_lapse_ms(tenant, now_ms)
+            over += budgets_held(policy, day, month, held, holding, spent, lapse)
         requests = tokens = 0.0
         if policy.requests_per_min is not None:
             requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
@@ -1244,11 +1259,14 @@ def _over(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -
             policy.day_budget_nanos if refusal.limit == DAY_BUDGET else policy.month_budget_nanos
         )
         assert budget is not None
+        lapse = f" (the soonest in {_seconds(refusal.lapse_ms)})" if refusal.lapse_ms else ""
         return (
             f"budget: this tenant's {_NAMES[refusal.limit]} of {_dollars(budget)} is spent or "
-            f"held: {refusal.holding} of its requests in flight hold "
-            f"{_dollars(refusal.held_nanos)} of it until they end (each the largest bill it "
-            f"can make: its prompt and max_tokens at its model's prices); retry in {wait}"
+            f"held: {refusal.holding} of its admitted requests hold "
+            f"{_dollars(refusal.held_nanos)} of it (each the largest bill it can make: its "
+            f"prompt and max_tokens at its model's prices) until they end, or, those of a "
+            f"router stopped before it ended them, until their holds lapse{lapse}; "
+            f"retry in {wait}"
         )
     if refusal.limit == DAY_BUDGET:
         assert policy.day_budget_nanos is not None

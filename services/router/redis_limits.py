@@ -150,7 +150,8 @@ end
 # id, then nothing (admitted) or, for every limit the request is over (each is checked),
 # {limit index, wait ms, free tokens}: 1 day budget, 2 month budget, 3 requests, 4 tokens (a
 # budget's wait is computed by the caller; -1: not spent, but held by requests in flight,
-# whose nanos and number follow as {5, held nanos, holds}). The token bucket must hold the
+# whose nanos and number follow as {5, held nanos, holds}, then {6, ms until the soonest of
+# their holds lapses, 0}). The token bucket must hold the
 # reservation, or be full when the reservation is larger (limits.tokens_needed).
 _ADMIT = (
     _LEVEL
@@ -195,7 +196,11 @@ if tcap > 0 then
     refuse(4, math.max(1, math.ceil((need - t) * 60000 / tcap)), math.max(0, math.floor(t)))
   end
 end
-if by_holds then refuse(5, held, holds) end
+if by_holds then
+  refuse(5, held, holds)
+  local soonest = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
+  refuse(6, math.max(0, tonumber(soonest[2] or now) - now), 0)
+end
 if #over > 1 then return over end
 if rcap > 0 then keep(KEYS[1], r - 1, rat, rcap, slack) end
 if tcap > 0 then keep(KEYS[2], t - reserve, tat, tcap, slack) end
@@ -246,7 +251,7 @@ return 0
 )
 
 _LIMITS = (DAY_BUDGET, MONTH_BUDGET, REQUESTS, TOKENS)
-HELD_INFO = 5  # the admit's {5, held nanos, holds} after the refusals
+HELD_INFO = 5  # the admit's {5, held nanos, holds} and {6, lapse ms, 0} after the refusals
 
 
 def _bytes(value: bytes | str) -> bytes:
@@ -373,14 +378,14 @@ class RedisLimitStore:
         if not found:
             return None
         over: list[Refusal] = []
-        held = holds = 0
-        if found[-3] == HELD_INFO:  # what the requests in flight hold (their refusals: -1)
-            held, holds = found[-2], found[-1]
-            found = found[:-3]
+        held = holds = lapse = 0
+        if len(found) >= 6 and found[-6] == HELD_INFO:  # the holds (their refusals: -1)
+            held, holds, lapse = found[-5], found[-4], found[-2]
+            found = found[:-6]
         for i in range(0, len(found), 3):
             limit, wait, free = _LIMITS[found[i] - 1], found[i + 1], found[i + 2]
             if wait < 0:
-                over.append(held_refusal(limit, held, holds))
+                over.append(held_refusal(limit, held, holds, lapse))
                 continue
             if limit == DAY_BUDGET:
                 wait = periods.day_end_ms - now_ms

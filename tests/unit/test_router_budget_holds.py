@@ -117,7 +117,7 @@ async def test_a_budget_held_by_requests_in_flight_refuses_briefly_and_says_so(
     held = await limiter.admit("t", _request(2, max_tokens=10))
     assert isinstance(held, Denial)
     assert held.limit == DAY_BUDGET and held.retry_after_ms == HELD_RETRY_MS  # not midnight
-    assert "spent or held: 1 of its requests in flight hold $0.010" in held.message
+    assert "spent or held: 1 of its admitted requests hold $0.010" in held.message
     assert "retry in 5.0 s" in held.message
     _answered(limiter, first, 1_000_000)  # billed $0.001: its hold goes with its end
     await limiter.drain()
@@ -240,4 +240,27 @@ async def test_the_hold_of_a_request_with_a_deadline_lapses_a_minute_after_it(
     assert isinstance(await other.admit("t", _request(2, max_tokens=10)), Denial)
     clock.advance(ms=1)
     assert isinstance(await other.admit("t", _request(3, max_tokens=10)), Ticket)
+    await other.close()
+
+
+async def test_a_killed_routers_holds_are_named_held_not_in_flight_with_their_lapse(
+    store: LimitStore,
+) -> None:
+    """A router killed with requests admitted (the HTTP front's 600 s deadline) left their
+    holds for 11 min, and the tenant was refused "retry in 5 s" with a message saying its
+    requests were "in flight": none ran. It says they are held until they end or lapse, and
+    when the soonest lapses (the retry stays 5 s: a live request may end sooner)."""
+    clock = ManualClock(START_MS)
+    dead = _limiter(store, clock)  # killed: its requests never end
+    held = await dead.admit("t", _request(1, max_tokens=700), time_remaining_s=600.0)
+    assert isinstance(held, Ticket)
+    other = _limiter(store, clock)
+    clock.advance(ms=60_000)
+    refused = await other.admit("t", _request(2, max_tokens=10))
+    assert isinstance(refused, Denial) and refused.retry_after_ms == HELD_RETRY_MS
+    print(refused.message)
+    assert "in flight" not in refused.message
+    assert "1 of its admitted requests hold $0.010" in refused.message
+    assert "until their holds lapse (the soonest in 10.0 min)" in refused.message
+    assert "retry in 5.0 s" in refused.message
     await other.close()
