@@ -264,3 +264,33 @@ async def test_a_killed_routers_holds_are_named_held_not_in_flight_with_their_la
     assert "until their holds lapse (the soonest in 10.0 min)" in refused.message
     assert "retry in 5.0 s" in refused.message
     await other.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "max_tokens", "at_once"),
+    [("claude-sonnet-4-5", 8192, 8), ("gpt-4o", 16_384, 7), ("gpt-5", 128_000, 1)],
+)
+async def test_the_readmes_cap_on_requests_at_once_under_a_budget(
+    model: str, max_tokens: int, at_once: int
+) -> None:
+    """The router README's figures (budgets paragraph): $1 a day and a 1k-token prompt admit
+    about the budget divided by each request's largest bill at once (gpt-4o and gpt-5 at the
+    max_tokens the HTTP front sends an OpenAI caller that sets none: their output limits)."""
+    settings = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "1"}))
+    limiter = limiter_on(MemoryLimitStore(), settings, ManualClock(START_MS), TABLE, TOKENIZERS)
+    spec = TABLE.get(model)
+    assert spec is not None and (
+        model == "claude-sonnet-4-5" or spec.max_output_tokens == max_tokens
+    )
+    text = " ".join(f"word{i}" for i in range(500))  # ~1k tokens
+    request = pb.CompleteRequest(
+        model=model,
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+        max_tokens=max_tokens,
+    )
+    admitted = 0
+    while isinstance(await limiter.admit("t", request), Ticket):
+        admitted += 1
+        assert admitted <= 100
+    assert admitted == at_once
+    await limiter.close()
