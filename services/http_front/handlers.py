@@ -68,12 +68,20 @@ _UNKNOWN_KEY = {
 }
 
 
-# The answer of a non-streaming request still waiting on the Gateway at the end of the grace
+# The answer of a non-streaming request still waiting on the Gateway at the end of the grace.
+# The front cannot tell whether its model call had started (it may still have been queued:
+# prefill queue, single-flight wait, ledger wait), so the cut stays retryable: a request that
+# never reached a model is not lost, and one that did may be billed twice (said here).
 CUT = (
     "the HTTP front stopped (a restart or a deploy: its CACHEMESH_GRACE_S of {grace_s:g} s ran "
-    "out) before the Gateway answered; the Gateway call was cancelled, and the model call "
-    "billed for what it produced; a retry is a new model call, billed again"
+    "out) before the Gateway answered; the Gateway call was cancelled. A model call of this "
+    "request may have been billed for what it produced (the front cannot tell whether one had "
+    "started); a retry may be billed again, and a retry with the same Idempotency-Key is "
+    "answered from the Gateway's ledger only if the first call's answer was kept"
 )
+# the cut's retry-after: a front restarting (or another behind the same address) takes this
+# long to listen again; both SDKs honour it (up to 60 s) before their retry
+CUT_RETRY_AFTER_S = 5
 
 
 class CallerStalled(ConnectionError):
@@ -178,8 +186,8 @@ class Front:
         self, gw: pb.CompleteRequest, key: str, traceparent: str
     ) -> pb.CompleteResponse:
         """The Gateway's answer to a non-streaming request, or ``CUT`` once the grace is over
-        (``cut``): a closed connection instead, both SDKs retried it, each retry a new model
-        call and bill (the cut one billed for what it produced)."""
+        (``cut``): an answer, not a closed connection, and a retryable one (``retry-after``):
+        the request may never have reached a model, and a retry is then its only answer."""
         task = asyncio.current_task()
         assert task is not None
         self._waiting.add(task)
@@ -189,7 +197,9 @@ class Front:
             # cut, and not also cancelled by aiohttp (the caller gone): answer, not unwind
             if task in self._cut and task.uncancel() == 0:
                 raise ApiError(
-                    "overloaded", CUT.format(grace_s=self._settings.grace_s), final=True
+                    "overloaded",
+                    CUT.format(grace_s=self._settings.grace_s),
+                    retry_after_s=CUT_RETRY_AFTER_S,
                 ) from None
             raise
         finally:

@@ -803,19 +803,23 @@ async def test_a_drain_lets_the_request_in_flight_finish_and_takes_no_new_one(fr
     assert (await first).stop_reason == "tool_use"
 
 
-async def test_a_request_cut_at_the_end_of_the_grace_is_answered_and_not_retried(
+async def test_a_request_cut_at_the_end_of_the_grace_is_answered_and_retryable(
     tmp_path: Path,
 ) -> None:
     """A non-streaming request still waiting on the Gateway when the front's grace ran out had
     its connection closed: both SDKs retry a closed connection, and the retry, on another
-    front or the restarted one, was a new model call. A live stack: an openai create() of a
-    38,010-token prompt on sim-large, the front sent SIGTERM 1 s in, its grace of 10 s: the
-    cut call billed 115,470,000 nanos (unanswered), the SDK's retry 115,500,000 more. It is
-    answered instead: 529 / 503 with x-should-retry: false, saying it was billed."""
+    front or the restarted one, was a new model call. It is answered instead (529 / 503),
+    but the front cannot tell whether the call reached a model: one still queued (prefill
+    queue, single-flight or ledger wait) was answered x-should-retry: false, "billed", while
+    the router's access line said CANCELLED, no cost: the request was lost (a review's live
+    repro, grace_cut.py: 1 attempt, x-should-retry: false). The cut stays retryable, with a
+    retry-after the SDKs wait before retrying on the restarted front, and its message says a
+    model call of it MAY have been billed."""
     fake = FakeGateway(hold=asyncio.Event())  # the Gateway answers after the grace (1 s)
     async with serving(tmp_path, fake, HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY="4") as served:
-        claude = anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY)  # max_retries: 2
-        gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY)
+        # no retries here: the front is gone once the grace is over (the headers tell)
+        claude = anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY, max_retries=0)
+        gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
         by_claude = asyncio.ensure_future(
             claude.messages.create(model="sim-large", max_tokens=50, messages=ASK)
         )
@@ -836,8 +840,10 @@ async def test_a_request_cut_at_the_end_of_the_grace_is_answered_and_not_retried
             await gpt.close()
     assert claude_cut.value.status_code == 529 and gpt_cut.value.status_code == 503
     for error in (claude_cut.value, gpt_cut.value):
-        assert error.response.headers["x-should-retry"] == "false"
-        assert "CACHEMESH_GRACE_S" in error.message and "billed" in error.message
+        assert "x-should-retry" not in error.response.headers  # both SDKs retry it
+        assert error.response.headers["retry-after"] == str(handlers.CUT_RETRY_AFTER_S)
+        assert "CACHEMESH_GRACE_S" in error.message
+        assert "may have been billed" in error.message and "Idempotency-Key" in error.message
     assert fake.calls == 2
 
 
