@@ -183,13 +183,11 @@ def _tool(raw: object, path: str) -> pb.Tool:
     fn = obj.obj("function", required=True)
     assert fn is not None
     fn.only(("name", "description", "parameters", "strict"))
-    if fn.flag("strict"):
-        raise unsupported(
-            fn.at("strict"),
-            "structured output: the Gateway's tools carry no strict flag, so no model is held "
-            "to the schema and a call's arguments may break it",
-            "omit it or send false",
-        )
+    # accepted (type-checked) and not carried: the Gateway's tools have no strict flag, so no
+    # model is held to the schema (the caller's SDK parses the arguments). Refusing it locked
+    # out openai's pydantic_function_tool / .parse() with tools and the OpenAI Agents SDK,
+    # which send strict: true on every request.
+    fn.flag("strict")
     parameters = fn.raw("parameters")
     return pb.Tool(
         name=fn.text("name", required=True) or "",
@@ -237,11 +235,11 @@ def _messages(
         role = obj.text("role", required=True)
         if role in ("system", "developer"):
             obj.only(("role", "content", "name"))
-            _no_name(obj)
+            _name(obj)
             request.system.extend(_blocks_of(obj))
         elif role == "user":
             obj.only(("role", "content", "name"))
-            _no_name(obj)
+            _name(obj)
             turn = _turn(request, pb.ROLE_USER, kept, path)
             blocks = _blocks_of(obj)
             turn.content.extend(blocks)
@@ -252,7 +250,7 @@ def _messages(
             ]
         elif role == "assistant":
             obj.only(_ASSISTANT)
-            _no_name(obj)
+            _name(obj)
             turn = _turn(request, pb.ROLE_ASSISTANT, kept, path)
             before = len(turn.content)
             _assistant(obj, turn)
@@ -282,16 +280,11 @@ def _messages(
             )
 
 
-def _no_name(obj: Obj) -> None:
-    """A participant ``name`` is refused: the Gateway's messages have none, so the model would
-    not see it, and the answer to one name would be served from L1 to another."""
-    if obj.text("name"):
-        raise unsupported(
-            obj.at("name"),
-            "the Gateway's messages carry no participant name: the model would not see it, "
-            "and an answer cached for one name would be served to another",
-            "omit it, or write the name into the message's content",
-        )
+def _name(obj: Obj) -> None:
+    """A participant ``name`` is accepted (a non-string one is a 400) and not carried: the
+    Gateway's messages have none, so the model does not see it. Refusing it broke AutoGen
+    (a name on every user message) and LangGraph's multi-agent graphs on every request."""
+    obj.text("name")
 
 
 def _turn(

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import grpc
+import openai
+import pydantic
 import pytest
 from google.rpc import status_pb2
 
@@ -767,18 +769,18 @@ def test_an_anthropic_service_tier_of_the_api_is_served(tier: str) -> None:
 
 
 @pytest.mark.parametrize("role", ["system", "developer", "user", "assistant"])
-def test_an_openai_participant_name_is_refused_naming_it(role: str) -> None:
-    """The Gateway has no participant names: a message's ``name`` was dropped, so the model
-    never saw it, and an answer to ``alice`` was served from L1 to ``bob`` (a live stack: the
-    same question with name alice, then bob: bob's served by semantic-cache, alice's answer)."""
-    messages = [{"role": role, "content": "hi", "name": "alice"}]
+def test_an_openai_participant_name_is_accepted_and_not_carried(role: str) -> None:
+    """A message's ``name`` was refused with a 400 (the Gateway has no participant names):
+    that broke AutoGen, which sends a name on every user message, and LangGraph's multi-agent
+    graphs, on every request. It is accepted and not carried: the Gateway request is the one
+    the same message without a name makes."""
+    messages: list[dict[str, Any]] = [{"role": role, "content": "hi", "name": "alice"}]
     if role != "user":
         messages.append({"role": "user", "content": "hi"})
-    body = {"model": "m", "messages": messages}
-    with pytest.raises(ApiError) as refused:
-        openai_api.parse_request(body, 10)
-    assert refused.value.param == "messages[0].name"
-    assert "omit it" in refused.value.message
+    named = openai_api.parse_request({"model": "m", "messages": messages}, 10)
+    for message in messages:
+        message.pop("name", None)
+    assert named == openai_api.parse_request({"model": "m", "messages": messages}, 10)
 
 
 def test_an_openai_name_that_is_no_string_is_refused_and_an_empty_one_served() -> None:
@@ -792,19 +794,24 @@ def test_an_openai_name_that_is_no_string_is_refused_and_an_empty_one_served() -
         openai_api.parse_request(body, 10)
 
 
-def test_an_openai_strict_function_tool_is_refused_naming_it() -> None:
-    """``strict: true`` asks OpenAI to hold the model's arguments to the tool's schema
-    (structured output); the Gateway's tools carry no such flag and no provider call is sent
-    it, so it was dropped and a call's arguments could break the schema the caller relied
-    on. ``strict: false`` (the default) is served."""
-    tool: dict[str, Any] = {"type": "function", "function": {"name": "f", "strict": True}}
+def test_an_openai_strict_function_tool_is_accepted_and_not_carried() -> None:
+    """``strict: true`` was refused with a 400 (the Gateway's tools carry no strict flag):
+    openai's ``pydantic_function_tool`` (what ``.parse()`` with tools sends) and the OpenAI
+    Agents SDK set it on every tool, so each of their requests was refused. It is accepted
+    (type-checked) and not carried: the caller's SDK parses the arguments."""
+    class Weather(pydantic.BaseModel):
+        city: str
+
+    tool: dict[str, Any] = dict(openai.pydantic_function_tool(Weather))
+    assert tool["function"]["strict"] is True  # the SDK's helper sends it
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    strict = openai_api.parse_request(body, 10)
+    tool["function"]["strict"] = False
+    assert strict == openai_api.parse_request(body, 10)
+    tool["function"]["strict"] = "yes"
     with pytest.raises(ApiError) as refused:
         openai_api.parse_request(body, 10)
-    assert refused.value.param == "tools[0].function.strict"
-    assert "omit it or send false" in refused.value.message
-    tool["function"]["strict"] = False
-    openai_api.parse_request(body, 10)
+    assert "tools[0].function.strict: expected a boolean" in refused.value.message
 
 
 @pytest.mark.parametrize(
