@@ -525,24 +525,24 @@ class Front:
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
-            origins: list[list[str]] = []
+            origins = openai_api.Origins()
             gw, stream, include_usage = await self._chat_request(request, tenant, origins)
             try:
                 return await self._openai(request, gw, stream, include_usage, key, traceparent)
             except ApiError as error:
                 if error.kind != "invalid_request":
                     raise
-                # the Gateway's path names its request's messages, not the caller's; the field
-                # it names first is OpenAI's ``param``
+                # the Gateway's paths name its request's messages and fields, not the
+                # caller's; the caller's field it names first is OpenAI's ``param``
                 said = openai_api.at_caller(error.message, origins)
-                param = error.param or openai_api.field_of(said)
+                param = error.param or openai_api.param_of(said, origins)
                 raise dataclasses.replace(error, message=said, param=param) from None
 
     async def _chat_request(
-        self, request: web.Request, tenant: str, origins: list[list[str]]
+        self, request: web.Request, tenant: str, origins: openai_api.Origins
     ) -> tuple[pb.CompleteRequest, bool, bool]:
         """The Gateway request of a chat completion, its body's JSON dropped (not held through
-        the call); ``origins``: the caller's path of each of its messages' blocks."""
+        the call); ``origins``: where its parts came from in the caller's."""
         body = await self._body("openai", request, tenant)
         model = body.get("model")
         default = self._settings.default_max_tokens.get(

@@ -16,12 +16,14 @@ nothing (top_p 1, no penalty, no bias) they are accepted.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.strict_json import NotStandardJson
 from services.common.strict_json import loads as strict_loads
-from services.http_front.anthropic_api import cache_control, longest, parts_controls
+from services.http_front.anthropic_api import cache_control
 from services.http_front.errors import invalid
 from services.http_front.fields import (
     SAMPLING,
@@ -58,17 +60,21 @@ _FINISH = {
 
 
 def parse_request(
-    body: dict[str, Any], default_max_tokens: int, origins: list[list[str]] | None = None
+    body: dict[str, Any], default_max_tokens: int, origins: Origins | None = None
 ) -> tuple[pb.CompleteRequest, bool, bool]:
     """The Gateway request, whether to stream, and whether the stream ends with the usage.
-    ``origins``, when given, gets for each of the Gateway request's messages the caller's
-    path of each of its blocks (``at_caller``)."""
+    ``origins``, when given, gets where in the caller's request each of the Gateway request's
+    blocks came from (``at_caller``)."""
     top = Obj(body, "")
     top.only(_TOP)
+    kept = Origins() if origins is None else origins
     request = pb.CompleteRequest(model=top.text("model", required=True) or "")
     limit = top.integer("max_completion_tokens")
-    if limit is None:
+    if limit is not None:
+        kept.max_tokens = "max_completion_tokens"
+    else:
         limit = top.integer("max_tokens")
+        kept.max_tokens = None if limit is None else "max_tokens"
     limit = default_max_tokens if limit is None else limit
     if not -(2**31) <= limit < 2**31:
         raise invalid(f"max_tokens: {limit} is out of range", "max_tokens")
@@ -82,7 +88,7 @@ def parse_request(
         request.cache.prompt_cache_key = key
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools[{i}]"))
-    _messages(top.array("messages", required=True) or [], request, origins)
+    _messages(top.array("messages", required=True) or [], request, kept)
     stream = bool(top.flag("stream"))
     options = top.obj("stream_options")
     include_usage = False
@@ -225,10 +231,7 @@ def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
     return blocks
 
 
-def _messages(
-    raw_messages: list[Any], request: pb.CompleteRequest, origins: list[list[str]] | None
-) -> None:
-    kept: list[list[str]] = [] if origins is None else origins
+def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origins) -> None:
     for i, raw in enumerate(raw_messages):
         path = f"messages[{i}]"
         obj = Obj(raw, path)
@@ -236,28 +239,21 @@ def _messages(
         if role in ("system", "developer"):
             obj.only(("role", "content", "name"))
             _name(obj)
-            request.system.extend(_blocks_of(obj))
+            blocks = _blocks_of(obj)
+            request.system.extend(blocks)
+            kept.system += _text_origins(obj, range(len(blocks)))
         elif role == "user":
             obj.only(("role", "content", "name"))
             _name(obj)
             turn = _turn(request, pb.ROLE_USER, kept, path)
             blocks = _blocks_of(obj)
             turn.content.extend(blocks)
-            in_parts = isinstance(obj.raw("content"), list)
-            kept[-1] += [
-                f"{path}.content[{j}]" if in_parts else f"{path}.content"
-                for j in range(len(blocks))
-            ]
+            kept.messages[-1].blocks += _text_origins(obj, range(len(blocks)))
         elif role == "assistant":
             obj.only(_ASSISTANT)
             _name(obj)
             turn = _turn(request, pb.ROLE_ASSISTANT, kept, path)
-            before = len(turn.content)
-            _assistant(obj, turn)
-            texts = sum(1 for b in turn.content[before:] if b.WhichOneof("kind") == "text")
-            calls = len(turn.content) - before - texts
-            kept[-1] += [f"{path}.content"] * texts
-            kept[-1] += [f"{path}.tool_calls[{j}]" for j in range(calls)]
+            kept.messages[-1].blocks += _assistant(obj, turn)
         elif role == "tool":
             obj.only(("role", "content", "tool_call_id"))
             parts = _blocks_of(obj)
@@ -267,17 +263,28 @@ def _messages(
             )
             block = pb.ContentBlock(tool_result=result)
             # one text in the Gateway: a part's breakpoint marks the prefix through the result
-            control = longest(*parts_controls(parts))
-            if control is not None:
-                block.cache_control.CopyFrom(control)
+            marks = [j for j, part in enumerate(parts) if part.HasField("cache_control")]
+            marked: str | None = None
+            if marks:  # the first of the longest, as ``longest`` picks it
+                j = max(marks, key=lambda j: parts[j].cache_control.ttl == pb.CACHE_TTL_1H)
+                block.cache_control.CopyFrom(parts[j].cache_control)
+                marked = f"{path}.content[{j}]"
             _turn(request, pb.ROLE_USER, kept, path).content.append(block)
-            kept[-1].append(path)
+            kept.messages[-1].blocks.append(Origin(path, _TOOL_RESULT, marked))
         else:
             raise invalid(
                 f"{obj.at('role')}: must be system, developer, user, assistant or tool, "
                 f"got {shown(role)}",
                 obj.at("role"),
             )
+
+
+def _text_origins(obj: Obj, blocks: Iterable[int]) -> list[Origin]:
+    """The caller's path of each of a message's text blocks (``blocks``: their indices among
+    its content parts): its ``content`` when that is a string, else each part's."""
+    if isinstance(obj.raw("content"), list):
+        return [Origin(f"{obj.at('content')}[{j}]", _TEXT_PART) for j in blocks]
+    return [Origin(obj.at("content"), _TEXT_STRING) for _ in blocks]
 
 
 def _name(obj: Obj) -> None:
@@ -287,24 +294,94 @@ def _name(obj: Obj) -> None:
     obj.text("name")
 
 
-def _turn(
-    request: pb.CompleteRequest, role: int, origins: list[list[str]], path: str
-) -> pb.Message:
+def _turn(request: pb.CompleteRequest, role: int, kept: Origins, path: str) -> pb.Message:
     """The message a block of ``role`` joins: the last one when it has that role (a user turn
-    after tool results is one Gateway turn), else a new one (its ``origins`` begun, named
-    by the caller's message at ``path``, then the caller's path of each of its blocks)."""
+    after tool results is one Gateway turn), else a new one; either way the caller's message
+    at ``path`` is one of its (``kept``)."""
     if request.messages and request.messages[-1].role == role:
+        kept.messages[-1].paths.append(path)
         return request.messages[-1]
     message: pb.Message = request.messages.add()
     message.role = role  # type: ignore[assignment]
-    origins.append([path])
+    kept.messages.append(_Turn([path]))
     return message
 
 
-# a Gateway refusal's path into its request's messages: messages[i], and .content[j] if any
-_GATEWAY_PATH = re.compile(r"^messages\[(\d+)\](?:\.content\[(\d+)\])?(\S*): ")
+# The Gateway's names of a block's fields, as the caller names them (the longest that begins
+# a Gateway path's rest is rewritten; the rest of it kept): a content string is the text
+# itself, a text part has its own ``text`` and ``cache_control``, a tool call is a
+# ``tool_calls[j]`` (its ``function``), a tool result a ``tool`` message.
+_TEXT_STRING: Mapping[str, str] = {".text": ""}
+_TEXT_PART: Mapping[str, str] = {}
+_TOOL_CALL: Mapping[str, str] = {
+    ".tool_use.id": ".id",
+    ".tool_use.name": ".function.name",
+    ".tool_use.input_json": ".function.arguments",
+    ".tool_use": "",
+}
+_TOOL_RESULT: Mapping[str, str] = {
+    ".tool_result.tool_use_id": ".tool_call_id",
+    ".tool_result.content": ".content",
+    ".tool_result": "",
+}
+_TOOL: Mapping[str, str] = {
+    ".name": ".function.name",
+    ".description": ".function.description",
+    ".input_schema_json": ".function.parameters",
+}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where one of the Gateway request's blocks came from: the caller's ``path``, its fields'
+    names there (``fields``), and the caller's path of the part whose ``cache_control`` it
+    carries when that is not ``path`` (a tool message's part)."""
+
+    path: str
+    fields: Mapping[str, str]
+    marked: str | None = None
+
+    def at(self, rest: str) -> str:
+        """The caller's path of the Gateway's ``rest`` of this block (``.tool_use.name``)."""
+        if rest.startswith(".cache_control") and self.marked is not None:
+            return f"{self.marked}{rest}"
+        for gateway in sorted(self.fields, key=len, reverse=True):
+            if rest == gateway or rest.startswith(f"{gateway}."):
+                return f"{self.path}{self.fields[gateway]}{rest[len(gateway) :]}"
+        return f"{self.path}{rest}"
+
+
+@dataclass
+class _Turn:
+    """One of the Gateway request's messages: the caller's messages it holds (a tool message
+    joins the user turn after it), and where each of its blocks came from."""
+
+    paths: list[str]
+    blocks: list[Origin] = field(default_factory=list)
+
+
+@dataclass
+class Origins:
+    """Where the Gateway request's parts came from in the caller's (``parse_request``): system
+    messages are none of the Gateway's, a tool message joins the user turn after it, a tool
+    call is a block, so their indices and field names differ (``at_caller``)."""
+
+    messages: list[_Turn] = field(default_factory=list)
+    system: list[Origin] = field(default_factory=list)
+    max_tokens: str | None = None  # the field the caller set it by, if it did
+
+
+# a Gateway path: messages[i] or system[i] or tools[i], a block's .content[j], and the dotted
+# field names that follow
+_GATEWAY_PATH = re.compile(
+    r"\b(?:messages\[(\d+)\](?:\.content\[(\d+)\])?|system\[(\d+)\]|tools\[(\d+)\])"
+    r"((?:\.[A-Za-z_]+)*)"
+)
 # the Gateway's names of the roles, as the API names them
 _ROLE_NAMES = (("ROLE_USER", "user"), ("ROLE_ASSISTANT", "assistant"))
+# the Gateway request's fields an HTTP caller does not send in the body: its request_id is
+# the Idempotency-Key header, its cache options the x-cachemesh-* headers
+_NOT_IN_BODY = re.compile(r"^(?:request_id|cache|routing)\b")
 
 
 # the field a refusal's message names first ("max_tokens: must be > 0"), OpenAI's ``param``
@@ -312,34 +389,59 @@ _FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\
 
 
 def field_of(message: str) -> str | None:
-    """The request field a refusal's message begins by naming, if it does."""
+    """The request field a refusal's message begins by naming, if it does and the caller can
+    have sent it in the body."""
     found = _FIELD.match(message)
-    return found[1] if found is not None else None
+    if found is None or _NOT_IN_BODY.match(found[1]):
+        return None
+    return found[1]
 
 
-def at_caller(message: str, origins: list[list[str]]) -> str:
-    """A Gateway refusal's ``message`` naming the caller's message where it names the Gateway
-    request's (``origins``, from ``parse_request``): system messages are none of the Gateway's,
-    and a tool message joins the user turn after it, so the indices differ. The Gateway's path
-    is kept in parentheses."""
-    found = _GATEWAY_PATH.match(message)
-    if found is None:
+def param_of(said: str, origins: Origins) -> str | None:
+    """OpenAI's ``param`` of a Gateway refusal in the caller's words (``at_caller``): the
+    field it begins by naming, when the caller sent it (a ``max_tokens`` it did not set is
+    the front's default)."""
+    param = field_of(said)
+    if param == "max_tokens" and origins.max_tokens is None:
+        return None
+    return param
+
+
+def _caller_path(found: re.Match[str], origins: Origins) -> str | None:
+    """The caller's path of a Gateway path, or None when its index is none of the request's."""
+    turn, block, system, tool, rest = found.groups()
+    if tool is not None:
+        return f"tools[{tool}]{_TOOL.get(rest, rest)}"
+    if system is not None:
+        i = int(system)
+        return origins.system[i].at(rest) if i < len(origins.system) else None
+    i = int(turn)
+    if i >= len(origins.messages):
+        return None
+    held = origins.messages[i]
+    if block is not None:
+        j = int(block)
+        return held.blocks[j].at(rest) if j < len(held.blocks) else None
+    if rest or len(held.paths) == 1:
+        return f"{held.paths[0]}{rest}"
+    return f"{held.paths[0]} to {held.paths[-1]}"  # the caller's messages of the turn
+
+
+def at_caller(message: str, origins: Origins) -> str:
+    """A Gateway refusal's ``message`` naming the caller's fields wherever it names the
+    Gateway request's (``origins``, from ``parse_request``): every path into its messages,
+    system blocks and tools, with the field that follows in the caller's names, and its
+    ``max_tokens`` as the caller set it. The Gateway's path it begins with is kept in
+    parentheses."""
+    said = _GATEWAY_PATH.sub(lambda found: _caller_path(found, origins) or found[0], message)
+    if origins.max_tokens == "max_completion_tokens":
+        said = re.sub(r"^max_tokens\b", "max_completion_tokens", said)
+    if said == message:
         return message
-    turn, block, rest = int(found[1]), found[2], found[3]
-    if turn >= len(origins):
-        return message
-    paths = origins[turn]
-    if block is None:
-        where = f"{paths[0]}{rest}"
-    elif int(block) + 1 < len(paths):
-        where = paths[int(block) + 1]
-    else:
-        return message
-    said = message[found.end() :]
     for grpc_name, name in _ROLE_NAMES:
         said = said.replace(f" ({grpc_name})", "").replace(grpc_name, name)
-    gateway_path = message[: found.end() - 2]
-    return f"{where}: {said} (the Gateway's {gateway_path})"
+    first = _FIELD.match(message)
+    return f"{said} (the Gateway's {first[1]})" if first is not None else said
 
 
 def _answer_only_fields(obj: Obj) -> None:
@@ -363,9 +465,13 @@ def _answer_only_fields(obj: Obj) -> None:
         )
 
 
-def _assistant(obj: Obj, message: pb.Message) -> None:
+def _assistant(obj: Obj, message: pb.Message) -> list[Origin]:
+    """Adds an assistant message's blocks to ``message``; where each came from."""
     _answer_only_fields(obj)
-    message.content.extend(b for b in _blocks_of(obj, required=False) if b.text)
+    blocks = _blocks_of(obj, required=False)
+    texts = [j for j, block in enumerate(blocks) if block.text]
+    message.content.extend(blocks[j] for j in texts)
+    origins = _text_origins(obj, texts)
     for j, raw in enumerate(obj.array("tool_calls") or []):
         call = Obj(raw, f"{obj.at('tool_calls')}[{j}]")
         call.only(("id", "type", "function", "index"))  # index: a streamed call's, ignored
@@ -392,8 +498,10 @@ def _assistant(obj: Obj, message: pb.Message) -> None:
             input_json=json_text(value, fn.at("arguments")),
         )
         message.content.append(pb.ContentBlock(tool_use=use))
+        origins.append(Origin(call.path, _TOOL_CALL))
     if not message.content:
         raise invalid(f"{obj.at('content')}: an assistant message needs content or tool_calls")
+    return origins
 
 
 # --- answers ---------------------------------------------------------------------------------

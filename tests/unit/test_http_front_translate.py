@@ -19,13 +19,15 @@ from cachemesh.retry_info import (
     STATUS_DETAILS_KEY,
 )
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.errors import Code
+from services.common.errors import Code, RequestError
+from services.common.models import load_model_table
 from services.common.retry_info import error_info, refusal_trailers
 from services.http_front import anthropic_api, openai_api
 from services.http_front.errors import ApiError, from_gateway
 from services.http_front.facts import cache_options
 from services.http_front.fields import parse_body
 from services.http_front.gateway import api_error
+from services.router.validation import validate_request
 
 
 def _anthropic(**fields: Any) -> dict[str, Any]:
@@ -799,6 +801,7 @@ def test_an_openai_strict_function_tool_is_accepted_and_not_carried() -> None:
     openai's ``pydantic_function_tool`` (what ``.parse()`` with tools sends) and the OpenAI
     Agents SDK set it on every tool, so each of their requests was refused. It is accepted
     (type-checked) and not carried: the caller's SDK parses the arguments."""
+
     class Weather(pydantic.BaseModel):
         city: str
 
@@ -866,7 +869,7 @@ _CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": 
                 {"role": "user", "content": ["x", ""]},
             ],
             "messages[2].content[1].text: text blocks must not be empty",
-            "messages[3].content[1]: text blocks must not be empty",
+            "messages[3].content[1].text: text blocks must not be empty",
         ),
         (
             [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
@@ -887,7 +890,7 @@ _CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": 
         (
             [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [_CALL]}],
             "messages[1].content[0].tool_use.name: 'f' is not a declared tool",
-            "messages[1].tool_calls[0]: 'f' is not a declared tool",
+            "messages[1].tool_calls[0].function.name: 'f' is not a declared tool",
         ),
     ],
 )
@@ -902,11 +905,153 @@ def test_a_gateway_refusal_names_the_openai_callers_message_not_the_gateways(
     for message in messages:
         if isinstance(message["content"], list) if "content" in message else False:
             message["content"] = [{"type": "text", "text": t} for t in message["content"]]
-    origins: list[list[str]] = []
+    origins = openai_api.Origins()
     openai_api.parse_request({"model": "m", "messages": messages}, 10, origins)
     message = openai_api.at_caller(said, origins)
     assert message.startswith(names), message
     assert said.split(":")[0] in message  # the Gateway's own path, as it said it
+
+
+_TABLE = load_model_table()
+_TOOLS = [{"type": "function", "function": {"name": "f"}}]
+_S = {"role": "system", "content": "s"}
+
+
+def _call(call_id: str, name: str = "f") -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+
+def _marked(text: str, ttl: str | None = None) -> list[dict[str, Any]]:
+    control = {"type": "ephemeral"} if ttl is None else {"type": "ephemeral", "ttl": ttl}
+    return [{"type": "text", "text": text, "cache_control": control}]
+
+
+@pytest.mark.parametrize(
+    ("body", "names", "param"),
+    [
+        # both indices of the message, the second one in its text too
+        (
+            {
+                "messages": [
+                    _S,
+                    _S,
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [_call("c1"), _call("c2")]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                    {"role": "user", "content": "go"},
+                ]
+            },
+            "messages[3].tool_calls[1]: 'c2' has no tool_result in messages[4] to messages[5];",
+            "messages[3].tool_calls[1]",
+        ),
+        # a tool result's id is the tool message's tool_call_id
+        (
+            {
+                "messages": [
+                    _S,
+                    {"role": "user", "content": "hi"},
+                    {"role": "tool", "tool_call_id": "zz", "content": "r"},
+                ]
+            },
+            "messages[2].tool_call_id: 'zz' matches no earlier tool_use block",
+            "messages[2].tool_call_id",
+        ),
+        # a second call's undeclared tool, after the assistant's text
+        (
+            {
+                "messages": [
+                    _S,
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "content": "let me",
+                        "tool_calls": [_call("c1"), _call("c2", "g")],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                    {"role": "tool", "tool_call_id": "c2", "content": "r"},
+                ]
+            },
+            "messages[2].tool_calls[1].function.name: 'g' is not a declared tool",
+            "messages[2].tool_calls[1].function.name",
+        ),
+        # every breakpoint of the list is the caller's
+        (
+            {
+                "messages": [
+                    _S,
+                    *[
+                        m
+                        for k in range(5)
+                        for m in (
+                            {"role": "user", "content": _marked(f"u{k}")},
+                            {"role": "assistant", "content": "a"},
+                        )
+                    ],
+                    {"role": "user", "content": "q"},
+                ]
+            },
+            "cache_control: at most 4 breakpoints per request, got 5 (messages[1].content[0], "
+            "messages[3].content[0], messages[5].content[0], messages[7].content[0], "
+            "messages[9].content[0])",
+            "cache_control",
+        ),
+        # a tool message's breakpoint is its part's; the ttl kept
+        (
+            {
+                "messages": [
+                    _S,
+                    {"role": "user", "content": _marked("a")},
+                    {"role": "assistant", "tool_calls": [_call("c1")]},
+                    {
+                        "role": "tool",
+                        "tool_call_id": "c1",
+                        "content": [{"type": "text", "text": "x"}, *_marked("r", "1h")],
+                    },
+                ]
+            },
+            "messages[3].content[1].cache_control.ttl: a 1-hour breakpoint must come before",
+            "messages[3].content[1].cache_control.ttl",
+        ),
+        # an empty content string after a system message
+        (
+            {"messages": [_S, {"role": "user", "content": " "}]},
+            "messages[1].content: text blocks must not be empty",
+            "messages[1].content",
+        ),
+    ],
+)
+def test_a_gateway_refusal_names_every_path_as_the_openai_caller_sent_it(
+    body: dict[str, Any], names: str, param: str
+) -> None:
+    """A review (D3, paths.py, live stack) found the mapping partial: only the start of a
+    message was rewritten ("messages[3].tool_calls[1]: 'c2' has no tool_result in
+    messages[2]" kept the Gateway's second index), a breakpoint list kept all the Gateway's
+    indices, and the field was dropped from param ("messages[2]" for an unknown
+    tool_call_id). Each refusal here is the router's own validation of the parsed request."""
+    origins = openai_api.Origins()
+    request, _, _ = openai_api.parse_request(
+        {"model": "sim-small", "tools": _TOOLS, **body}, 10, origins
+    )
+    with pytest.raises(RequestError) as refused:
+        validate_request(request, _TABLE, set(_TABLE.models))
+    said = openai_api.at_caller(refused.value.message, origins)
+    assert said.startswith(names), said
+    assert openai_api.param_of(said, origins) == param
+
+
+def test_a_gateway_refusal_of_max_tokens_names_the_field_the_caller_sent() -> None:
+    """OpenAI callers set max_completion_tokens (or max_tokens, or neither: the front's
+    default): the Gateway's "max_tokens" named a field the caller did not send."""
+    said = "max_tokens: must be > 0, got 0"
+    for sent, param in (("max_completion_tokens", "max_completion_tokens"), (None, None)):
+        origins = openai_api.Origins()
+        body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+        if sent is not None:
+            body[sent] = 0
+        openai_api.parse_request(body, 10, origins)
+        assert openai_api.param_of(openai_api.at_caller(said, origins), origins) == param
+    # the Gateway's request_id is the caller's Idempotency-Key header, no body field
+    assert openai_api.param_of("request_id: 'x' was already used", origins) is None
 
 
 @pytest.mark.parametrize(
