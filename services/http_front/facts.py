@@ -50,11 +50,20 @@ def cache_options(headers: Mapping[str, str], into: pb.CompleteRequest) -> None:
         if not math.isfinite(value) or not 0.0 <= value <= 1.0:
             raise invalid(f"{THRESHOLD}: cosine similarity must be within [0, 1], got {value}")
         into.cache.threshold = value
-    key = headers.get(IDEMPOTENCY)
+    key = idempotency_key(headers)
     if key is not None:
-        if not _text(IDEMPOTENCY, key).strip() or len(key) > MAX_ID_CHARS:
-            raise invalid(f"{IDEMPOTENCY}: 1 to {MAX_ID_CHARS} characters")
-        into.request_id = key.strip()
+        into.request_id = key
+
+
+def idempotency_key(headers: Mapping[str, str]) -> str | None:
+    """The caller's ``Idempotency-Key`` (stripped), None when it sent none; a 400 unless it
+    is 1 to ``MAX_ID_CHARS`` characters of UTF-8 text."""
+    key = headers.get(IDEMPOTENCY)
+    if key is None:
+        return None
+    if not _text(IDEMPOTENCY, key).strip() or len(key) > MAX_ID_CHARS:
+        raise invalid(f"{IDEMPOTENCY}: 1 to {MAX_ID_CHARS} characters")
+    return key.strip()
 
 
 def _text(name: str, value: str) -> str:

@@ -48,8 +48,8 @@ _TENANT = web.RequestKey("cachemesh.tenant", str)
 # on the request once its Gateway call begins: the router writes its access line from then on;
 # a refusal before that is the front's own, and the front writes its line (``access_log``)
 _CALLED = web.RequestKey("cachemesh.called", bool)
-# on the request once its body is read, when the caller chose its id (``Idempotency-Key``): the
-# id the Gateway knows it by, which a refusal's response names too
+# on the request before its key is checked, when the caller chose its id (a valid
+# ``Idempotency-Key``): the id the Gateway knows it by, which a refusal's response names too
 _CALLER_ID = web.RequestKey("cachemesh.caller_id", str)
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
@@ -244,6 +244,12 @@ class Front:
             span.set_attribute("url.path", request.path)
             traceparent = _traceparent(span)
             refused: ApiError | None = None  # the front's own refusal (its access line)
+            # the caller's id names each refusal, the front's own before its body is read
+            # too; one it cannot take is refused with the body's fields (``_cache_options``)
+            with contextlib.suppress(ApiError):
+                caller_id = facts.idempotency_key(request.headers)
+                if caller_id:
+                    request[_CALLER_ID] = caller_id
             try:
                 tenant, key = await self._admit(api, request)
                 response = await answer(request, tenant, key, traceparent)

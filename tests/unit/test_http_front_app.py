@@ -942,6 +942,43 @@ async def test_a_refusal_of_a_request_with_an_idempotency_key_carries_that_id(
     assert by_gpt.value.response.headers["x-cachemesh-request-id"] == "order-8"
 
 
+async def test_the_fronts_own_refusal_carries_the_callers_idempotency_key(
+    front: Front,
+) -> None:
+    """A refusal of the front's own, before the Gateway (a field refused while the body is
+    parsed, an unknown key), named a fresh id instead of the caller's Idempotency-Key (a
+    review, idem_echo.py: the key was read only after the body was parsed), so no retry or
+    log line could be matched to it."""
+    with pytest.raises(openai.BadRequestError) as by_gpt:
+        await _gpt(front).chat.completions.create(
+            model="sim-large",
+            messages=ASK,
+            n=2,
+            extra_headers={"Idempotency-Key": "order-9"},
+        )
+    assert by_gpt.value.request_id == "order-9"
+    assert by_gpt.value.response.headers["x-cachemesh-request-id"] == "order-9"
+    with pytest.raises(anthropic.BadRequestError) as by_claude:
+        await _claude(front).messages.create(
+            model="sim-large",
+            max_tokens=50,
+            messages=ASK,
+            stop_sequences=["x"],
+            extra_headers={"Idempotency-Key": "order-10"},
+        )
+    assert by_claude.value.request_id == "order-10"
+    assert isinstance(by_claude.value.body, dict)
+    assert by_claude.value.body["request_id"] == "order-10"
+    gpt = openai.AsyncOpenAI(base_url=f"{front.base}/v1", api_key="sk-unknown", max_retries=0)
+    front.clients.append(gpt)
+    with pytest.raises(openai.AuthenticationError) as unknown:
+        await gpt.chat.completions.create(
+            model="sim-large", messages=ASK, extra_headers={"Idempotency-Key": "order-11"}
+        )
+    assert unknown.value.request_id == "order-11"
+    assert front.gateway.calls == 0
+
+
 @pytest.mark.parametrize(
     ("code", "trailers"),
     [
