@@ -239,7 +239,11 @@ def _from_gateway(
             return ApiError("rate_limit", message, retry_after_s=retry_after_s, final=final)
         if _CONTEXT_WINDOW in message:
             return ApiError("invalid_request", message)
-        return ApiError("request_too_large", message)
+        if reason:
+            # a reason this front does not know (a newer Gateway's) and no wait: a limit, not
+            # a final 413 by the reason alone; the SDKs retry it after a second
+            return ApiError("rate_limit", message, retry_after_s=RATE_LIMIT_RETRY_AFTER_S)
+        return ApiError("request_too_large", message)  # a Gateway that sends no reason
     if code is Code.UNAVAILABLE:
         return ApiError("overloaded", message)
     if code is Code.DEADLINE_EXCEEDED:

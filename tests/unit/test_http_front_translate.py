@@ -739,6 +739,31 @@ def test_a_gateway_rate_refusal_is_a_429_by_its_reason_without_a_wait(reason: st
     assert error.headers() == {"retry-after": "1"}
 
 
+@pytest.mark.parametrize(
+    ("message", "wait", "status", "headers"),
+    [
+        # no wait, no words: a limit the front does not know, retried, not a final 413
+        ("over the tenant's concurrency", None, 429, {"retry-after": "1"}),
+        ("over the tenant's concurrency", 30, 429, {"retry-after": "30"}),
+        ("the prompt is over the context window", None, 400, {"x-should-retry": "false"}),
+    ],
+)
+def test_a_gateway_refusal_of_an_unknown_reason_goes_by_its_wait_and_words(
+    message: str, wait: int | None, status: int, headers: dict[str, str]
+) -> None:
+    """A RESOURCE_EXHAUSTED whose ErrorInfo reason the front does not know (a newer
+    Gateway's) became a final 413 (x-should-retry: false) by the reason alone: its wait and
+    its words tell instead, and without either it is a 429 the SDKs retry."""
+    trailers: list[tuple[str, str | bytes]] = list(
+        refusal_trailers(Code.RESOURCE_EXHAUSTED, message, "CONCURRENCY_LIMITED")
+    )
+    if wait is not None:
+        trailers.append(("retry-after", str(wait)))
+    error = api_error(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, message, tuple(trailers)))
+    assert error.status_for("anthropic") == status and error.status_for("openai") == status
+    assert error.headers() == headers
+
+
 @pytest.mark.parametrize("tier", ["flex", "priority", "scale", "batch"])
 def test_an_openai_service_tier_that_changes_the_price_is_refused(tier: str) -> None:
     """cachemesh answers and bills every request at the standard tier: a ``flex`` request
