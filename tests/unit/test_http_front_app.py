@@ -896,22 +896,31 @@ async def test_a_refusal_after_a_billed_model_call_is_not_retried_by_the_sdks(
 
 
 @pytest.mark.parametrize(
-    ("said", "param"),
+    ("said", "sent", "param"),
     [
-        ("max_tokens: must be > 0, got 0", "max_tokens"),
-        ("messages[0].role: the first message must be the user's (ROLE_USER)", "messages[0].role"),
-        ("the prompt has 300010 tokens, over sim-small's context window", None),
+        ("max_tokens: must be > 0, got 0", {"max_tokens": 0}, "max_tokens"),
+        # the caller's own field, not the Gateway's name of it
+        ("max_tokens: must be > 0, got 0", {"max_completion_tokens": 0}, "max_completion_tokens"),
+        # the front's default: no field the caller sent
+        ("max_tokens: must be > 0, got 0", {}, None),
+        (
+            "messages[0].role: the first message must be the user's (ROLE_USER)",
+            {},
+            "messages[0].role",
+        ),
+        ("the prompt has 300010 tokens, over sim-small's context window", {}, None),
     ],
 )
 async def test_a_gateway_refusal_of_a_field_names_it_as_openais_param(
-    front: Front, said: str, param: str | None
+    front: Front, said: str, sent: dict[str, Any], param: str | None
 ) -> None:
     """OpenAI's error ``param`` names the field at fault (the SDK's ``BadRequestError.param``);
     the Gateway's refusals name it first in their message, and the front sent ``param: null``
-    (a live stack: max_tokens 0, "max_tokens: must be > 0, got 0", param null)."""
+    (a live stack: max_tokens 0, "max_tokens: must be > 0, got 0", param null). It names a
+    field the caller sent: the Gateway's max_tokens is the caller's max_completion_tokens."""
     front.gateway.refuse = (grpc.StatusCode.INVALID_ARGUMENT, said, ())
     with pytest.raises(openai.BadRequestError) as refused:
-        await _gpt(front).chat.completions.create(model="sim-large", messages=ASK)
+        await _gpt(front).chat.completions.create(model="sim-large", messages=ASK, **sent)
     assert refused.value.param == param
 
 
