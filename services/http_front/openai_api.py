@@ -441,7 +441,9 @@ def at_caller(message: str, origins: Origins) -> str:
     for grpc_name, name in _ROLE_NAMES:
         said = said.replace(f" ({grpc_name})", "").replace(grpc_name, name)
     first = _FIELD.match(message)
-    return f"{said} (the Gateway's {first[1]})" if first is not None else said
+    if first is None or said.startswith(first[0]):  # the path it begins with is the caller's
+        return said
+    return f"{said} (the Gateway's {first[1]})"
 
 
 def _answer_only_fields(obj: Obj) -> None:

@@ -1062,6 +1062,8 @@ def test_a_gateway_refusal_names_every_path_as_the_openai_caller_sent_it(
     said = openai_api.at_caller(refused.value.message, origins)
     assert said.startswith(names), said
     assert openai_api.param_of(said, origins) == param
+    # the Gateway's path it began with, in parentheses, when that is not the caller's
+    assert ("(the Gateway's" in said) == (not refused.value.message.startswith(param + ":"))
 
 
 def test_a_gateway_refusal_of_max_tokens_names_the_field_the_caller_sent() -> None:
