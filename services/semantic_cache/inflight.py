@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
+from services.semantic_cache.query import folded
+
 ScopeKey = tuple[str, str]  # (tenant, scope)
 
 
@@ -23,7 +25,10 @@ class StoresInFlight:
 
     def __init__(self) -> None:
         self._open: dict[ScopeKey, set[asyncio.Event]] = {}
-        self._questions: dict[tuple[ScopeKey, str], int] = {}  # Stores in flight, by question
+        # Stores in flight, by question up to case and spacing (``query.folded``): the exact
+        # match falls back to that key, so a Store of "how do i..." replaces what a lookup of
+        # "How do I..." is served
+        self._questions: dict[tuple[ScopeKey, str], int] = {}
 
     @contextlib.contextmanager
     def storing(self, key: ScopeKey, question: str = "") -> Iterator[None]:
@@ -31,7 +36,7 @@ class StoresInFlight:
         block's duration."""
         done = asyncio.Event()
         self._open.setdefault(key, set()).add(done)
-        asked = (key, question)
+        asked = (key, folded(question))
         self._questions[asked] = self._questions.get(asked, 0) + 1
         try:
             yield
@@ -52,9 +57,10 @@ class StoresInFlight:
         return key in self._open
 
     def storing_question(self, key: ScopeKey, question: str) -> bool:
-        """A Store of this question of the scope is in flight (its answer replaces the one
-        stored: a REFRESH, an answer of another tier)."""
-        return (key, question) in self._questions
+        """A Store of this question of the scope, up to case and spacing (``query.folded``),
+        is in flight: its answer may replace the one an exact match serves (a REFRESH, an
+        answer of another tier, the same question in another casing)."""
+        return (key, folded(question)) in self._questions
 
     async def settled(self, key: ScopeKey, timeout_s: float) -> None:
         """Waits up to ``timeout_s`` seconds for the scope's Stores in flight now to end

@@ -139,3 +139,27 @@ class _GatedJournal:
         applies, self._applies = self._applies, []
         for apply in applies:
             apply()
+
+
+async def test_an_exact_hit_waits_for_a_store_of_its_question_in_another_casing() -> None:
+    """The exact match falls back to the question up to case and spacing, the last one so
+    stored: a Store of "how do i reset..." in flight replaces what "how do I reset..." is
+    served. The early exact path keyed the Stores in flight by the exact text, so that lookup
+    was served the OLD answer while the variant's Store was on (a real process: 40 of 40;
+    before the early path, 1 of 40). Now it waits for that Store and gets its answer."""
+    embedder = _GatedEmbedder()
+    cache = SemanticCache(embedder, ManualClock(), threshold=0.8, ttl_s=3_600.0)
+    base = "How do I reset the password of account 7 on the portal"
+    assert (await cache.store(q(base), answer(b"old"))).stored
+    variant = base.lower()
+    embedder.held = {variant}
+    store = asyncio.create_task(cache.store(q(variant), answer(b"new")))
+    await _turns()
+    look = asyncio.create_task(cache.check(q(base.replace("How do I", "how do I"))))
+    await _turns()
+    served_early = look.done()
+    embedder.gate.set()
+    assert (await store).stored
+    served = await look
+    assert served.entry is not None
+    assert (served_early, served.entry.answer.payload) == (False, b"new")
