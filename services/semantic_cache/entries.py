@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -47,6 +48,9 @@ RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors
 # answer may predate the purge. Longer than the model calls the router (300 s) and the HTTP
 # front (600 s) allow by default.
 PURGE_GUARD_MS = 15 * 60 * 1000
+# A tenant's last replacements kept (an entry id -> the id of the entry of the same question
+# that replaced it): a Drop of a replaced id follows them to the question's current entry.
+REPLACED_PER_TENANT = 4_096
 
 T = TypeVar("T")
 
@@ -100,6 +104,9 @@ class EntryStore:
         self._changes = 0
         self._purges: dict[str, int] = {}  # tenant -> purges so far (``drop``)
         self._purged_at_ms: dict[str, int] = {}  # tenant -> when the last one was
+        # tenant -> entry id -> the id of the entry of its question that replaced it, the
+        # tenant's last REPLACED_PER_TENANT, while the tenant holds an entry (``_linked``)
+        self._replaced: dict[str, OrderedDict[str, str]] = {}
         self.stats = stats if stats is not None else StoreStats()  # what its metrics read
 
     def __len__(self) -> int:
@@ -173,7 +180,12 @@ class EntryStore:
         key = (entry.tenant, entry.scope)
         old = self._scopes[key].exact.get(entry.query) if key in self._scopes else None
         if old is not None:
-            self._remove(old)
+            replaced = self._entries[old].entry_id
+            links = self._replaced.get(entry.tenant)
+            self._remove(old)  # the tenant's only entry: its links went with it (``_forget``)
+            if links is not None:
+                self._replaced[entry.tenant] = links
+            self._linked(entry.tenant, replaced, entry.entry_id)
         index = self._scopes.get(key)
         if index is None:
             index = self._scopes[key] = ScopeIndex(self._embedder.dim, entry.namespace, self._ann)
@@ -184,6 +196,28 @@ class EntryStore:
         self._changes += 1
         self._evict_over_capacity()
         return vid in self._entries
+
+    def _linked(self, tenant: str, replaced: str, by: str) -> None:
+        """Notes that the tenant's entry ``replaced`` was replaced by ``by`` (a Store of the
+        same question), keeping the tenant's last ``REPLACED_PER_TENANT``."""
+        links = self._replaced.setdefault(tenant, OrderedDict())
+        links[replaced] = by
+        links.move_to_end(replaced)
+        if len(links) > REPLACED_PER_TENANT:
+            links.popitem(last=False)
+
+    def _current(self, tenant: str, entry_id: str) -> int | None:
+        """The id (FAISS) of the entry ``entry_id`` names: that entry if it is held, else the
+        one that replaced it (a Store of the same question), and so on, within the tenant's
+        noted replacements; None when the chain ends at an entry no longer held."""
+        vid = self._by_entry_id.get(entry_id)
+        links = self._replaced.get(tenant)
+        for _ in range(len(links) if links is not None else 0):  # ids are never reused
+            if vid is not None or links is None or entry_id not in links:
+                break
+            entry_id = links[entry_id]
+            vid = self._by_entry_id.get(entry_id)
+        return vid
 
     def export_entries(self) -> CacheContents:
         """A copy of every unexpired entry with its vector, least recently used first.
@@ -315,7 +349,11 @@ class EntryStore:
 
     async def drop_entry(self, tenant: str, entry_id: str) -> int:
         """Removes one entry of the tenant (1), or nothing when it is not theirs, expired or
-        gone (0); with a journal, once that is durable (``drop``).
+        gone (0); with a journal, once that is durable (``drop``). An entry replaced by a
+        Store of the same question is followed to the entry that replaced it (and so on:
+        ``_current``), which is removed instead: the same question's answer, looked up before
+        the drop, would stay served under the new id. So is one replaced while the drop
+        waits for the log: its record precedes the drop's and is applied first.
 
         Like a purge it stops the tenant's pending Stores: a request that looked up before
         the drop (the entry's own question, or one worded otherwise that the entry would have
@@ -327,24 +365,6 @@ class EntryStore:
         if not tenant:
             raise InvalidQuery("tenant", "is required")
         self.stop_pending_stores(tenant)
-        dropped = [entry_id]
-        vid = self._by_entry_id.get(entry_id)
-        if self._journal is not None and vid is not None and self._entries[vid].tenant == tenant:
-            # A Store of the same question already past the guard (its record logged, its
-            # fsync on) replaces the entry before this drop is applied: the drop then found
-            # no such id (0) and that answer, looked up before the drop, stayed served under
-            # its new id. Its record precedes this drop's: once it is applied (the sync), the
-            # entry that replaced this one since is dropped too, by its id (logged: a replay
-            # drops it as well).
-            entry, inserted = self._entries[vid], self._next_id
-            await self._journal.sync()
-            index = self._scopes.get((entry.tenant, entry.scope))
-            now = index.exact.get(entry.query) if index is not None else None
-            if entry_id not in self._by_entry_id and now is not None and now >= inserted:
-                dropped.append(self._entries[now].entry_id)
-        return sum([await self._drop_entry_logged(tenant, each) for each in dropped])
-
-    async def _drop_entry_logged(self, tenant: str, entry_id: str) -> int:
         return await self.durably(  # logged whatever is found (``drop``)
             lambda: self._drop_entry_now(tenant, entry_id),
             lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied),
@@ -375,9 +395,11 @@ class EntryStore:
         return self._drop_entry_now(tenant, entry_id)
 
     def _drop_entry_now(self, tenant: str, entry_id: str) -> int:
-        """Removes the entry now if it is the tenant's and unexpired (1), else nothing (0)."""
+        """Removes the entry now (or the one that replaced it: ``_current``) if it is the
+        tenant's and unexpired (1), else nothing (0). A replay follows the replacements its
+        store records rebuilt, so it removes the same entry."""
         self._purge_expired(self._clock.now_ms())  # an expired entry is not counted as dropped
-        vid = self._by_entry_id.get(entry_id)
+        vid = self._current(tenant, entry_id)
         if vid is None or self._entries[vid].tenant != tenant:
             return 0
         self._remove(vid)
@@ -536,6 +558,8 @@ class EntryStore:
         self._changes += 1
         entry = self._entries.pop(vid)
         self._lru.forget(entry.tenant, vid, entry_bytes(entry, self._embedder.dim))
+        if not self._lru.holds(entry.tenant):  # its replacements now lead to nothing held
+            self._replaced.pop(entry.tenant, None)
         self._by_entry_id.pop(entry.entry_id, None)
         self.stats.removed(entry, self._embedder.dim)
         return entry

@@ -71,6 +71,10 @@ class Recency:
         self._moved.add(tenant)
         self._rank(tenant, lru)
 
+    def holds(self, tenant: str) -> bool:
+        """Whether the tenant has an entry."""
+        return tenant in self._tenants
+
     def forget(self, tenant: str, vid: int, nbytes: int = 0) -> None:
         """The entry is gone; ``nbytes``: what it held (as given to ``used``)."""
         lru = self._tenants.get(tenant)

@@ -15,6 +15,7 @@ import pytest
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.clock import ManualClock
+from services.semantic_cache import entries
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import Leases
@@ -161,3 +162,65 @@ async def test_an_entry_drop_also_drops_what_a_store_on_its_way_replaced_it_with
         )
         assert not (await revived.check(q(HARMFUL))).hit
         assert len(revived) == 0
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_drop_of_an_entry_a_store_already_replaced_drops_what_replaced_it(
+    tmp_path: Path, restart: bool
+) -> None:
+    """R1 and R2 ask the same question and both miss; R1's answer is stored (entry A), then
+    R2's Store of the same answer replaces A (applied, its reply sent); the operator, who saw
+    A's harmful answer, drops A. The drop found no such id (dropped 0) and the answer stayed
+    served under R2's id (a real process: 10 of 10 with the drop 50 ms after R2's Store, 14
+    of 20 at 1 ms: the fix before this one covered only a Store still waiting for its fsync).
+    Now a drop follows A to what replaced it, the tenant's own only, a restart's replay
+    included."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        cache
+    )
+    first, second = (dataclasses.replace(q(HARMFUL), request_id=r) for r in ("r1", "r2"))
+    assert not (await cache.check(first)).hit
+    assert not (await cache.check(second)).hit
+    entry = await cache.store(first, answer(b"HARMFUL"))
+    replacement = await cache.store(second, answer(b"HARMFUL"))
+    assert replacement.stored and replacement.entry_id != entry.entry_id
+    clock.advance(ms=50)
+    assert await cache.drop_entry("b", entry.entry_id) == 0  # another tenant's id: nothing
+    assert (await cache.check(q(HARMFUL))).hit
+    assert await cache.drop_entry("a", entry.entry_id) == 1
+    assert not (await cache.check(q(HARMFUL))).hit
+    assert await cache.drop_entry("a", entry.entry_id) == 0  # nothing left to follow it to
+    if restart:  # a crash: the log alone
+        revived = new_cache(clock)
+        await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+            revived
+        )
+        assert not (await revived.check(q(HARMFUL))).hit
+        assert len(revived) == 0
+
+
+async def test_a_drop_follows_an_entry_through_each_store_that_replaced_it() -> None:
+    """A replaced by B, B by C: a drop of A removes C (the question's current answer), once;
+    the tenant's other entries stay."""
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, ttl_s=3600.0)
+    kept = await cache.store(q("How do I rotate my API key?"), answer(b"kept"))
+    ids = [(await cache.store(q(HARMFUL), answer(b"HARMFUL"))).entry_id for _ in range(3)]
+    assert len(set(ids)) == 3 and len(cache) == 2
+    assert await cache.drop_entry("a", ids[0]) == 1
+    assert not (await cache.check(q(HARMFUL))).hit
+    assert len(cache) == 1 and (await cache.check(q("How do I rotate my API key?"))).hit
+    assert await cache.drop_entry("a", ids[1]) == 0
+    assert await cache.drop_entry("a", kept.entry_id) == 1
+
+
+async def test_a_tenant_keeps_only_its_last_replacements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replacements followed are bounded a tenant (the oldest forgotten first) and go
+    with the tenant's last entry: a tenant's stream of refreshed answers cannot grow them."""
+    monkeypatch.setattr(entries, "REPLACED_PER_TENANT", 2)
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, ttl_s=3600.0)
+    ids = [(await cache.store(q(HARMFUL), answer(b"HARMFUL"))).entry_id for _ in range(4)]
+    assert await cache.drop_entry("a", ids[0]) == 0  # its replacement is no longer noted
+    assert await cache.drop_entry("a", ids[1]) == 1  # ids[1] -> ids[2] -> ids[3]
+    assert cache._replaced == {}  # the tenant holds nothing: nothing kept for it
