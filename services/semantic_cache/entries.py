@@ -501,7 +501,9 @@ class EntryStore:
         """Evicts what is over the bounds, each victim chosen as the ones before it are gone
         (``_forget``), then all of them taken out of their scopes' indexes in one call a scope
         (``_unindex``): one large answer evicting 1,182 entries of a 19,000-entry exact scope
-        held the event loop 3.3 s, one index compaction per entry."""
+        held the event loop 3.3 s, one index compaction per entry. An index removal that fails
+        puts the victims it left in the index back (``_unindex``) and raises: an id in an
+        index always has its entry (a lookup, a search, a snapshot read it)."""
         evicted: list[tuple[int, Entry]] = []
         while len(self._entries) > self._max_entries:
             vid = self._lru.victim()
@@ -514,8 +516,8 @@ class EntryStore:
             vid = self._lru.victim_by_bytes()
             evicted.append((vid, self._forget(vid)))
         if evicted:
-            self.stats.evictions += len(evicted)
             self._unindex(evicted)
+            self.stats.evictions += len(evicted)
 
     def _remove(self, vid: int) -> None:
         entry = self._entries[vid]
@@ -542,17 +544,36 @@ class EntryStore:
 
     def _unindex(self, forgotten: list[tuple[int, Entry]]) -> None:
         """Takes entries already forgotten (``_forget``) out of their scopes' indexes, one
-        index call a scope; a scope left empty goes."""
-        by_scope: dict[ScopeKey, tuple[list[int], list[str]]] = {}
+        index call a scope; a scope left empty goes. If a scope's removal fails (it changes
+        nothing then), the entries still in an index, that scope's and those of the scopes
+        not reached, are put back (``_unforget``) before it raises: an id left in an index
+        without its entry failed every lookup of its question (a ``KeyError``) and every
+        snapshot after."""
+        by_scope: dict[ScopeKey, list[tuple[int, Entry]]] = {}
         for vid, entry in forgotten:
-            vids, keys = by_scope.setdefault((entry.tenant, entry.scope), ([], []))
-            vids.append(vid)
-            keys.append(entry.query)
-        for key, (vids, keys) in by_scope.items():
+            by_scope.setdefault((entry.tenant, entry.scope), []).append((vid, entry))
+        scopes = list(by_scope.items())
+        for done, (key, pairs) in enumerate(scopes):
             index = self._scopes[key]
-            index.remove_many(vids, keys)
+            try:
+                index.remove_many([vid for vid, _ in pairs], [e.query for _, e in pairs])
+            except BaseException:
+                for _, left in scopes[done:]:
+                    for vid, entry in left:
+                        self._unforget(vid, entry)
+                raise
             if not len(index):
                 del self._scopes[key]
+
+    def _unforget(self, vid: int, entry: Entry) -> None:
+        """Undoes ``_forget`` of an entry still in its index (its expiry's heap item is still
+        there: only ``_purge_expired`` drops stale ones); it is now its tenant's most recently
+        used."""
+        self._changes += 1
+        self._entries[vid] = entry
+        self._lru.used(entry.tenant, vid, entry_bytes(entry, self._embedder.dim))
+        self._by_entry_id[entry.entry_id] = vid
+        self.stats.added(entry, self._embedder.dim)
 
     def _forget(self, vid: int) -> Entry:
         self._changes += 1

@@ -233,3 +233,32 @@ async def test_one_large_answer_evicts_many_entries_with_one_index_call_a_scope(
     assert (await cache.check(q(big))).exact
     (index,) = cache._scopes.values()
     assert index.faiss_index.ntotal == len(index.ids) == len(cache) == len(small) - evicted + 1
+
+
+async def test_an_eviction_whose_index_removal_fails_leaves_each_entry_with_its_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Evictions take the victims out of the cache's maps, then out of their scopes' indexes
+    in one call a scope (1e9a414 reversed the order of the former per-entry removal). A
+    failing index removal left the victim's id in its index without its entry: every later
+    lookup of its question raised KeyError, and every snapshot RuntimeError. Now the victims
+    still indexed are put back (the cache stays over its bound until the next Store) and the
+    Store's error is raised."""
+    cache = new_cache(max_bytes=10**9, max_entries=2)
+    questions = ["how do i rotate my api key", "where are my invoices", "what is my plan limit"]
+    for question in questions[:2]:
+        assert (await cache.store(q(question), answer(100))).stored
+
+    def failing(*_: Any) -> None:
+        raise RuntimeError("injected: remove_ids failed")
+
+    monkeypatch.setattr("services.semantic_cache.index.remove_ids", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        await cache.store(q(questions[2]), answer(100))
+    monkeypatch.setattr("services.semantic_cache.index.remove_ids", remove_ids)
+    for question in questions:  # the victim is still paired with its id: served, no KeyError
+        assert (await cache.check(q(question))).hit
+    assert len(cache.export_entries().entries) == 3  # a snapshot reads them all
+    assert (await cache.store(q("how do i export my data"), answer(100))).stored
+    assert len(cache) == 2  # the next Store evicts down to the bound
+    cache.export_entries()
