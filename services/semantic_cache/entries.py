@@ -353,7 +353,9 @@ class EntryStore:
         Store of the same question is followed to the entry that replaced it (and so on:
         ``_current``), which is removed instead: the same question's answer, looked up before
         the drop, would stay served under the new id. So is one replaced while the drop
-        waits for the log: its record precedes the drop's and is applied first.
+        waits for the log: its record precedes the drop's and is applied first. The entry so
+        removed is logged by its own id as well: a restart whose snapshot holds it, taken
+        after the replacement, knows nothing of the replacement to follow.
 
         Like a purge it stops the tenant's pending Stores: a request that looked up before
         the drop (the entry's own question, or one worded otherwise that the entry would have
@@ -365,6 +367,12 @@ class EntryStore:
         if not tenant:
             raise InvalidQuery("tenant", "is required")
         self.stop_pending_stores(tenant)
+        removed = await self._drop_entry_logged(tenant, entry_id)
+        if removed and removed != entry_id:  # gone already here: this record is for a replay
+            await self._drop_entry_logged(tenant, removed)
+        return 1 if removed else 0
+
+    async def _drop_entry_logged(self, tenant: str, entry_id: str) -> str:
         return await self.durably(  # logged whatever is found (``drop``)
             lambda: self._drop_entry_now(tenant, entry_id),
             lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied),
@@ -392,19 +400,20 @@ class EntryStore:
         """Re-applies a logged drop of one entry (replay after a restart): the tenant's purge
         guard counts from now (``drop_entry``), and the entry goes if it is there."""
         self.stop_pending_stores(tenant)
-        return self._drop_entry_now(tenant, entry_id)
+        return 1 if self._drop_entry_now(tenant, entry_id) else 0
 
-    def _drop_entry_now(self, tenant: str, entry_id: str) -> int:
+    def _drop_entry_now(self, tenant: str, entry_id: str) -> str:
         """Removes the entry now (or the one that replaced it: ``_current``) if it is the
-        tenant's and unexpired (1), else nothing (0). A replay follows the replacements its
-        store records rebuilt, so it removes the same entry."""
+        tenant's and unexpired: the id of the entry removed, else "". A replay follows the
+        replacements its store records rebuilt, so it removes the same entry."""
         self._purge_expired(self._clock.now_ms())  # an expired entry is not counted as dropped
         vid = self._current(tenant, entry_id)
         if vid is None or self._entries[vid].tenant != tenant:
-            return 0
+            return ""
+        removed = self._entries[vid].entry_id
         self._remove(vid)
         self.stats.invalidations += 1
-        return 1
+        return removed
 
     def _drop_now(self, tenant: str, namespace: str | None) -> int:
         self._purge_expired(self._clock.now_ms())  # expired entries are not counted as dropped

@@ -224,3 +224,25 @@ async def test_a_tenant_keeps_only_its_last_replacements(monkeypatch: pytest.Mon
     assert await cache.drop_entry("a", ids[0]) == 0  # its replacement is no longer noted
     assert await cache.drop_entry("a", ids[1]) == 1  # ids[1] -> ids[2] -> ids[3]
     assert cache._replaced == {}  # the tenant holds nothing: nothing kept for it
+
+
+async def test_a_drop_that_followed_a_replacement_holds_after_a_snapshot_and_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A replaced by B, a snapshot (it holds B, not that B replaced A), a drop of A (B goes),
+    then a crash: the log after the snapshot holds the drop of A, which a replay cannot follow
+    to B; B is logged by its own id too, so it stays dropped."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshots = Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshots.open(cache)
+    entry = await cache.store(q(HARMFUL), answer(b"HARMFUL"))
+    assert (await cache.store(q(HARMFUL), answer(b"HARMFUL"))).stored
+    assert await snapshots.save()
+    assert await cache.drop_entry("a", entry.entry_id) == 1
+    revived = new_cache(clock)  # a crash: the snapshot and the log after it
+    await Snapshotter(SnapshotStore(tmp_path), clock, 0, WriteAheadLog(tmp_path / "wal")).open(
+        revived
+    )
+    assert not (await revived.check(q(HARMFUL))).hit
+    assert len(revived) == 0
