@@ -616,6 +616,8 @@ class Ticket:
     # its counts' first tries still running: its hold's release is sent after them, so that
     # no admit sees the hold gone before the cost it stood for is counted
     counting: list[asyncio.Task[None]] = field(default_factory=list, compare=False, repr=False)
+    # a count of it failed and waits in the replay queue: its release queues behind it
+    queued: bool = False
 
     def take_release(self) -> Hold | None:
         """Its hold, to release: the first time, then None."""
@@ -1043,6 +1045,12 @@ class Limiter:
         async def first_try() -> None:
             if earlier:
                 await asyncio.wait(earlier)
+            if hold is not None and ticket.queued:
+                # a cost of its request waits for a replay: sent now, the release would let
+                # admits see neither the hold nor that cost until the replay (a blip between
+                # them: 20 of 20 admitted, 8.7x the budget); the queue replays in order
+                self._queue(count)
+                return
             try:
                 await self._send(count)
             except Exception as exc:
@@ -1050,6 +1058,7 @@ class Limiter:
                 # a release alone too: dropped, its hold refused the tenant until it lapsed (a
                 # minute past its request's deadline); released once, however often replayed
                 count.failed(exc, now)
+                ticket.queued = True
                 self._queue(count)
 
         task = asyncio.create_task(first_try(), name=f"limits-settle-{count.settle_id[:8]}")

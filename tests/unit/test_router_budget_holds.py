@@ -294,3 +294,49 @@ async def test_the_readmes_cap_on_requests_at_once_under_a_budget(
         assert admitted <= 100
     assert admitted == at_once
     await limiter.close()
+
+
+class _CostsFail(MemoryLimitStore):
+    """A store whose settles carrying a cost fail while ``down``; releases alone pass."""
+
+    down = True
+
+    async def settle(self, *args: Any, **kwargs: Any) -> None:
+        if self.down and args[3] > 0:  # (tenant, policy, refund, cost_nanos, ...)
+            raise ConnectionError("Redis blip")
+        await super().settle(*args, **kwargs)
+
+
+async def test_a_release_waits_behind_its_requests_cost_queued_for_a_replay() -> None:
+    """A cut call's cost whose first try failed waited in the replay queue while its
+    request's release, sent after that try, went through: until the replay, admits saw
+    neither the hold nor the cost (20 of 20 admitted, 87,000,000 nanos on a 10,000,000
+    budget). The release now queues behind the cost, and the queue replays in order."""
+    store = _CostsFail()
+    clock = ManualClock(START_MS)
+    limiter = _limiter(store, clock)
+    loop = asyncio.get_running_loop()
+    bill = 290 * 15_000
+    admitted = 0
+    for i in range(20):
+        ticket = await limiter.admit("t", _request(i))
+        if not isinstance(ticket, Ticket):
+            break
+        admitted += 1
+        use = ModelUse()
+        use.model_sent()
+        coming: asyncio.Future[None] = loop.create_future()
+        limiter.finish(ticket, None, use, bills=[coming])  # cut mid-answer, its bill to come
+        limiter.charge(ticket, pb.Usage(input_tokens=5, output_tokens=290), bill)
+        coming.set_result(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await limiter.drain()
+    print(f"admitted {admitted} of 20, pending {limiter.pending}")
+    assert admitted * bill <= BUDGET_NANOS + bill  # before: 20 admitted, 87,000,000 nanos
+    store.down = False
+    await limiter.replay_pending()
+    assert limiter.pending == 0
+    denial = await limiter.admit("t", _request(99, max_tokens=10))
+    assert isinstance(denial, Denial) and "hold" not in denial.message, denial
+    await limiter.close()
