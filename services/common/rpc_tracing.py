@@ -31,6 +31,7 @@ from opentelemetry.util.types import AttributeValue
 
 from services.common.call_spans import start_call_span
 from services.common.grace import GRACE_ENDED, GraceEnd
+from services.common.handler_memo import HandlerMemo
 
 Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 Metadata = tuple[tuple[str, str], ...]
@@ -110,9 +111,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         recorded UNAVAILABLE (an error, as its caller saw it), not as its caller's cancel."""
         self._tracer = tracer
         self._grace_end = grace_end
-        # a method's traced handler, made once for the handler it wraps (one a method served:
-        # a handler is looked up by the methods the server registered, never a caller's name)
-        self._traced: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._traced = HandlerMemo(self._traced_handler)  # a method's, made once
 
     async def intercept_service(
         self, continuation: Handler, details: grpc.HandlerCallDetails
@@ -121,12 +120,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         method = details.method or ""
         if handler is None or method.startswith(_UNTRACED):
             return handler
-        made = self._traced.get(method)
-        if made is not None and made[0] is handler:
-            return made[1]
-        traced = self._traced_handler(handler, method)
-        self._traced[method] = (handler, traced)
-        return traced
+        return self._traced.of(handler, method)
 
     def _traced_handler(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str

@@ -25,6 +25,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from services.common.aborts import call_over, raised_by_grpc
+from services.common.handler_memo import HandlerMemo
 
 Handler = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 
@@ -69,9 +70,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
 
     def __init__(self, refused: Callable[[str], None] | None = None) -> None:
         self._refused = refused
-        # a method's checked handler, made once for the handler it wraps (one a method the
-        # server registered: no handler, no entry, whatever name a caller sends)
-        self._checked: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._checked = HandlerMemo(self._checked_handler)  # a method's, made once
 
     async def intercept_service(
         self, continuation: Handler, details: grpc.HandlerCallDetails
@@ -79,13 +78,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming:
             return handler
-        method = details.method
-        made = self._checked.get(method)
-        if made is not None and made[0] is handler:
-            return made[1]
-        checked = self._checked_handler(handler, method)
-        self._checked[method] = (handler, checked)
-        return checked
+        return self._checked.of(handler, details.method)
 
     def _checked_handler(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
