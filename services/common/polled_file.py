@@ -161,6 +161,8 @@ class PolledFile(Generic[T]):
         one WARNING names the file."""
         wait_s = FRESH_WAIT_S if wait_s is None else wait_s
         self._poll()
+        if not self._reading:  # (read unlocked: the common case, every request, allocates nothing)
+            return self._held.value
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         with self._flags:

@@ -495,12 +495,12 @@ class MemoryLimitStore:
         periods: Periods,
         hold: Hold | None = None,
     ) -> Refusal | None:
-        over = self._budgets_spent(tenant, policy, now_ms, periods)
+        day = self._spent.get((tenant, periods.day), 0)
+        month = self._spent.get((tenant, periods.month), 0)
+        over = budgets_spent(policy, day, month, now_ms, periods)
         if hold is not None:
             held, holding = self._holding(tenant, now_ms)
             spent = {r.limit for r in over}
-            day = self._spent.get((tenant, periods.day), 0)
-            month = self._spent.get((tenant, periods.month), 0)
             lapse = self._soonest_lapse_ms(tenant, now_ms)
             over += budgets_held(policy, day, month, held, holding, spent, lapse)
         requests = tokens = 0.0
@@ -809,10 +809,10 @@ class Limiter:
             self._left_alone()
             return Ticket(tenant, policy, 0)  # nothing reserved: as when the store fails
         prompt = reserve = 0
-        holds = policy.budgeted and self._cost_bound is not None
+        bound = self._cost_bound if policy.budgeted else None  # a budget holds the largest bill
         hold: Hold | None = None
         try:
-            if policy.tokens_per_min is not None or holds:
+            if policy.tokens_per_min is not None or bound is not None:
                 readable = policy.requests_per_min is not None or policy.budgeted
                 if readable and read_first(request):
                     over = await self._ask(
@@ -825,15 +825,11 @@ class Limiter:
                 prompt = await asyncio.to_thread(self._prompt_tokens, request)
                 if policy.tokens_per_min is not None:
                     reserve = prompt + request.max_tokens
-                if holds and self._cost_bound is not None:
-                    bound = self._cost_bound(request, prompt)
-                    hold = Hold(uuid.uuid4().hex, bound, hold_ms(time_remaining_s))
+                if bound is not None:
+                    nanos = bound(request, prompt)
+                    hold = Hold(uuid.uuid4().hex, nanos, hold_ms(time_remaining_s))
             refusal = await self._ask(
-                lambda now, periods: (
-                    self._store.admit(tenant, policy, reserve, now, periods)
-                    if hold is None
-                    else self._store.admit(tenant, policy, reserve, now, periods, hold)
-                ),
+                lambda now, periods: self._store.admit(tenant, policy, reserve, now, periods, hold),
                 Ticket(tenant, policy, reserve, hold=hold),
             )
         except _StoreFailed:

@@ -350,11 +350,12 @@ class PerTenantPolicies:
     store: TenantLimitStore
 
     def for_tenant(self, tenant: str) -> LimitPolicy:
-        own = self.store.override(tenant)
-        return self.defaults if own is None else own.applied_to(self.defaults)
+        return self._applied(self.store.override(tenant))
 
     async def admitting(self, tenant: str) -> LimitPolicy:
-        own = await self.store.fresh_override(tenant)
+        return self._applied(await self.store.fresh_override(tenant))
+
+    def _applied(self, own: TenantOverride | None) -> LimitPolicy:
         return self.defaults if own is None else own.applied_to(self.defaults)
 
     def counts_every_spend(self) -> bool:

@@ -476,7 +476,7 @@ class EntryStore:
             if vid in self._entries:  # ids are never reused: a stale item's id is gone
                 expired.append(vid)
         if expired:  # all at once: entries stored in a burst expire in one
-            self._remove_many(expired)
+            self._unindex([(vid, self._forget(vid)) for vid in expired])
             self.stats.expirations += len(expired)
         if len(self._expiry) > 2 * len(self._entries) + 64:  # drop the stale items
             self._expiry = [(self._expires_at(e), v) for v, e in self._entries.items()]
@@ -536,20 +536,6 @@ class EntryStore:
         self._forget(vid)
         if not len(index):
             del self._scopes[key]
-
-    def _remove_many(self, vids: list[int]) -> None:
-        """``_remove`` of each, with one index call per scope (``ScopeIndex.remove_many``)."""
-        by_scope: dict[ScopeKey, list[int]] = {}
-        for vid in vids:
-            entry = self._entries[vid]
-            by_scope.setdefault((entry.tenant, entry.scope), []).append(vid)
-        for key, scoped in by_scope.items():
-            index = self._scopes[key]
-            index.remove_many(scoped, [self._entries[vid].query for vid in scoped])
-            for vid in scoped:
-                self._forget(vid)
-            if not len(index):
-                del self._scopes[key]
 
     def _unindex(self, forgotten: list[tuple[int, Entry]]) -> None:
         """Takes entries already forgotten (``_forget``) out of their scopes' indexes, one
