@@ -47,6 +47,8 @@ from services.router.admin_pages import (
     key_cursor,
     key_order,
     keys_page,
+    limits_cursor,
+    limits_page,
     page_size,
     stats_page,
     tenant_cursor,
@@ -60,6 +62,7 @@ from services.router.tenant_limits import (
     LimitsFileError,
     LimitValueError,
     PerTenantPolicies,
+    TenantOverride,
 )
 from services.router.validation import MAX_ID_CHARS
 
@@ -358,12 +361,17 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> adm.ListLimitsResponse:
         await self._authorize(context)
         limits = await self._tenant_limits(context)
-        return adm.ListLimitsResponse(
-            tenants=[
-                limits_message(own.tenant, limits.defaults, own) for own in limits.store.overrides()
-            ],
+        size, after = await _paging(context, "limits", {}, request, limits_cursor)
+        chosen, more = await asyncio.to_thread(  # the table sorted off the event loop
+            lambda: limits_page(limits.store.overrides(), _tenant_of, after, size)
+        )
+        reply = adm.ListLimitsResponse(
+            tenants=[limits_message(own.tenant, limits.defaults, own) for own in chosen],
             defaults=limits_message("", limits.defaults, None),
         )
+        if more:
+            reply.next_page_token = token("limits", {}, [chosen[-1].tenant])
+        return reply
 
     async def SetLimits(self, request: adm.SetLimitsRequest, context: Context) -> adm.TenantLimits:
         await self._authorize(context)
@@ -546,6 +554,10 @@ async def _paging(
     except PageError as exc:
         await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     raise AssertionError("unreachable: abort raises")
+
+
+def _tenant_of(own: TenantOverride) -> str:
+    return own.tenant
 
 
 async def _valid_tenant(context: Context, tenant: str) -> None:

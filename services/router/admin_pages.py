@@ -1,9 +1,10 @@
-"""The Admin API's pages: which keys or tenants one ``ListKeys`` or ``GetStats`` reply holds,
-and the ``page_token`` that says where the next one starts.
+"""The Admin API's pages: which keys or tenants one ``ListKeys``, ``GetStats`` or ``ListLimits``
+reply holds, and the ``page_token`` that says where the next one starts.
 
-Both replies were unbounded: ~89,000 keys made a ``ListKeys`` reply over gRPC's 4 MiB message
-limit (it failed ``RESOURCE_EXHAUSTED``), and ``GetStats`` of 10,000 tenants asked prefix-cache
-for 10,000 tenants' totals within one deadline. A page is at most ``PAGE_MAX`` rows, chosen in
+The replies were unbounded: ~89,000 keys made a ``ListKeys`` reply over gRPC's 4 MiB message
+limit (it failed ``RESOURCE_EXHAUSTED``), as did ~50,000 tenants with limits of their own a
+``ListLimits`` reply, and ``GetStats`` of 10,000 tenants asked prefix-cache for 10,000 tenants'
+totals within one deadline. A page is at most ``PAGE_MAX`` rows, chosen in
 the reply's order after the token's cursor (the last row sent): a key created or removed
 between two pages moves no other row in or out of the next one.
 
@@ -20,9 +21,9 @@ import base64
 import binascii
 import heapq
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from services.common.keyfile import KeyRecord
 
@@ -32,6 +33,7 @@ PAGE_MAX = 1000  # rows a reply, at most, and the default (page_size 0): ~250 KB
 PAGE_NAME_BYTES = 1 << 20
 ROW_BYTES = 256  # a GetStats row's figures beside its name, at most (with its key counts)
 
+T = TypeVar("T")
 KeyOrder = tuple[str, float, str]  # (tenant, created_at, id): ListKeys's order
 
 
@@ -101,12 +103,30 @@ def key_cursor(after: list[Any] | None) -> KeyOrder | None:
 
 
 def tenant_cursor(after: list[Any] | None) -> str | None:
+    return _name_cursor(after, "GetStats")
+
+
+def limits_cursor(after: list[Any] | None) -> str | None:
+    return _name_cursor(after, "ListLimits")
+
+
+def _name_cursor(after: list[Any] | None, call: str) -> str | None:
     if after is None:
         return None
     if len(after) != 1 or not isinstance(after[0], str):
-        raise PageError("page_token: not one GetStats made; send a reply's next_page_token")
+        raise PageError(f"page_token: not one {call} made; send a reply's next_page_token")
     first: str = after[0]
     return first
+
+
+def limits_page(
+    overrides: Iterable[T], tenant_of: Callable[[T], str], after: str | None, size: int
+) -> tuple[list[T], bool]:
+    """The page's tenants with limits of their own, by name after ``after``, and whether
+    more follow. O(tenants log size)."""
+    following = (o for o in overrides if after is None or tenant_of(o) > after)
+    first = heapq.nsmallest(size + 1, following, key=tenant_of)
+    return first[:size], len(first) > size
 
 
 def keys_page(

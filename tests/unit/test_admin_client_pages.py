@@ -1,6 +1,6 @@
 """``AdminClient`` against a fake router (a real gRPC server in this process): it follows the
-pages of ListKeys and GetStats, and a reply over gRPC's message limit is said to be one, not a
-rate limit."""
+pages of ListKeys, GetStats and ListLimits, and a reply over gRPC's message limit is said to
+be one, not a rate limit."""
 
 from __future__ import annotations
 
@@ -63,10 +63,20 @@ class FakeRouter(admin_pb2_grpc.AdminServicer):
             reply.unavailable.append("prefix-cache")
         return reply
 
+    def ListLimits(self, request: adm.ListLimitsRequest, context: Any) -> adm.ListLimitsResponse:
+        rows, token = self._page(request, 2_300)
+        reply = adm.ListLimitsResponse(next_page_token=token)
+        reply.defaults.requests_per_min.value = 600
+        for i in rows:
+            reply.tenants.add(tenant=f"t{i:05d}").requests_per_min.CopyFrom(
+                adm.Limit(value=i + 1, own=True)
+            )
+        return reply
+
 
 @pytest.fixture
 def router() -> Iterator[tuple[FakeRouter, str]]:
-    fake = FakeRouter()  # type: ignore[abstract]  # only the two paged calls
+    fake = FakeRouter()  # type: ignore[abstract]  # only the paged calls
     # the router's send limit is gRPC's default receive limit: 4 MiB
     server = grpc.server(
         futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", 4 * MIB)]
@@ -91,6 +101,24 @@ def test_every_page_of_keys_and_stats_is_followed(router: tuple[FakeRouter, str]
         assert [r.page_size for r in fake.requests] == [700] * 3
         fake.paged = False  # an older router: its one reply
         assert len(client.list_keys()) == KEYS
+
+
+def test_every_page_of_limits_is_followed(router: tuple[FakeRouter, str]) -> None:
+    """ListLimits was one reply of every tenant with limits of its own: ~60,000 such tenants
+    (28-character names, every limit set) failed RESOURCE_EXHAUSTED "Received message larger
+    than max (4800020 vs. 4194304)" in `cachemesh admin limits list`."""
+    fake, target = router
+    with AdminClient(target, admin_token=TOKEN) as client:
+        listed = client.list_limits()
+        assert [t.tenant for t in listed.tenants] == [f"t{i:05d}" for i in range(2_300)]
+        assert listed.tenants[-1].requests_per_min == adm.Limit(value=2_300, own=True)
+        assert listed.defaults.requests_per_min.value == 600
+        assert [r.page_token for r in fake.requests] == ["", "1000", "2000"]
+        fake.requests.clear()
+        assert len(client.list_limits(page_size=900).tenants) == 2_300
+        assert [r.page_size for r in fake.requests] == [900] * 3
+        fake.paged = False  # an older router: its one reply
+        assert len(client.list_limits().tenants) == 2_300
 
 
 def test_a_router_repeating_its_page_token_is_an_error_not_a_loop(

@@ -27,6 +27,7 @@ from services.common.key_store import KeyStore
 from services.common.keyfile import hash_key, new_api_key
 from services.router.admin import AdminServicer
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
+from services.router.admin_pages import token
 from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
 from services.router.tenant_limits import PerTenantPolicies, TenantLimitStore
 from services.semantic_cache.api import SemanticCacheApi
@@ -707,6 +708,52 @@ async def test_a_tenants_limits_are_set_read_listed_and_taken_back(rig: Rig) -> 
     assert cleared.requests_per_min == adm.Limit(value=600) and not cleared.HasField("updated_at")
     assert rig.limits.for_tenant("acme") == LIMIT_DEFAULTS
     assert not (await rig.stub.ListLimits(adm.ListLimitsRequest(), metadata=ADMIN)).tenants
+
+
+async def test_tenants_with_limits_of_their_own_are_listed_in_pages(rig: Rig) -> None:
+    """ListLimits was one reply of every such tenant: ~60,000 of them (28-character names,
+    every limit set) passed gRPC's 4 MiB limit and the call failed RESOURCE_EXHAUSTED
+    ("Received message larger than max (4800020 vs. 4194304)")."""
+    for tenant in ("delta", "acme", "charlie", "bravo", "echo"):
+        change = adm.SetLimitsRequest(tenant=tenant, requests_per_min=_change(7), new_tenant=True)
+        await rig.stub.SetLimits(change, metadata=ADMIN)
+    first = await rig.stub.ListLimits(adm.ListLimitsRequest(page_size=2), metadata=ADMIN)
+    assert [t.tenant for t in first.tenants] == ["acme", "bravo"] and first.next_page_token
+    assert first.defaults.requests_per_min == adm.Limit(value=600)
+    # a tenant added before the cursor moves no other tenant into or out of the next page
+    change = adm.SetLimitsRequest(tenant="aaron", requests_per_min=_change(7), new_tenant=True)
+    await rig.stub.SetLimits(change, metadata=ADMIN)
+    second = await rig.stub.ListLimits(
+        adm.ListLimitsRequest(page_size=2, page_token=first.next_page_token), metadata=ADMIN
+    )
+    assert [t.tenant for t in second.tenants] == ["charlie", "delta"]
+    assert second.tenants[0].requests_per_min == adm.Limit(value=7, own=True)
+    last = await rig.stub.ListLimits(
+        adm.ListLimitsRequest(page_size=2, page_token=second.next_page_token), metadata=ADMIN
+    )
+    assert [t.tenant for t in last.tenants] == ["echo"] and last.next_page_token == ""
+    whole = await rig.stub.ListLimits(adm.ListLimitsRequest(), metadata=ADMIN)  # 0: up to 1,000
+    assert len(whole.tenants) == 6 and whole.next_page_token == ""
+
+
+@pytest.mark.parametrize(
+    ("page_size", "page_token", "said"),
+    [
+        (-1, "", "page_size: must be 0"),
+        (0, "not-a-token", "page_token: not one this call made"),
+        (0, token("keys", {"tenant": "", "include_revoked": False}, ["a", 1.0, "b"]),
+         "page_token: not one this call made"),
+        (0, token("limits", {}, [1]), "page_token: not one ListLimits made"),
+    ],
+)  # fmt: skip
+async def test_a_bad_page_of_limits_is_refused_naming_the_field(
+    rig: Rig, page_size: int, page_token: str, said: str
+) -> None:
+    request = adm.ListLimitsRequest(page_size=page_size, page_token=page_token)
+    details = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, rig.stub.ListLimits(request, metadata=ADMIN)
+    )
+    assert said in details
 
 
 @pytest.mark.parametrize(

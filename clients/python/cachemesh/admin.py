@@ -30,8 +30,8 @@ T = TypeVar("T")
 # One limit's change in ``set_limits``: the tenant's own value (requests or tokens a minute;
 # a budget in nano-dollars), "unlimited", or "default" (back to the router's setting)
 LimitChange = int | Literal["unlimited", "default"]
-P = TypeVar("P", adm.GetStatsResponse, adm.ListKeysResponse)  # a page
-Q = TypeVar("Q", adm.GetStatsRequest, adm.ListKeysRequest)  # its request
+P = TypeVar("P", adm.GetStatsResponse, adm.ListKeysResponse, adm.ListLimitsResponse)  # a page
+Q = TypeVar("Q", adm.GetStatsRequest, adm.ListKeysRequest, adm.ListLimitsRequest)  # its request
 
 
 def read_admin_token(
@@ -164,9 +164,15 @@ class AdminClient:
         """The limits ``tenant`` is held to: each its own, or the router's setting."""
         return self._call(self._stub.GetLimits, adm.GetLimitsRequest(tenant=tenant))
 
-    def list_limits(self) -> adm.ListLimitsResponse:
-        """Every tenant with a limit of its own, and the router's settings."""
-        return self._call(self._stub.ListLimits, adm.ListLimitsRequest())
+    def list_limits(self, *, page_size: int = 0) -> adm.ListLimitsResponse:
+        """Every tenant with a limit of its own, and the router's settings: every page of
+        them in one reply (each page a call of ``page_size`` tenants, 0: the router's
+        default)."""
+        whole = adm.ListLimitsResponse()
+        for page in self._pages(self._stub.ListLimits, adm.ListLimitsRequest(page_size=page_size)):
+            whole.tenants.extend(page.tenants)
+            whole.defaults.CopyFrom(page.defaults)
+        return whole
 
     def set_limits(
         self,

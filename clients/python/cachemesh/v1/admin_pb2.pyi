@@ -563,12 +563,23 @@ Global___GetLimitsRequest: _TypeAlias = GetLimitsRequest  # noqa: Y015
 class ListLimitsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The tenants come in pages, by tenant name: at most page_size a reply (0 = 1000, the most;
+    more is taken as 1000), from page_token: a reply's next_page_token ("" = the first page).
+    (One reply of every tenant passed gRPC's 4 MiB message limit at ~50,000 tenants.)
+    """
+    page_token: _builtins.str
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -580,23 +591,29 @@ class ListLimitsResponse(_message.Message):
 
     TENANTS_FIELD_NUMBER: _builtins.int
     DEFAULTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """More tenants follow: send it as page_token for the next page. "" = the last page.
+    (A router without pages: its one reply holds every tenant, with none.)
+    """
     @_builtins.property
     def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantLimits]:
         """by tenant name: those with a limit of their own"""
 
     @_builtins.property
     def defaults(self) -> Global___TenantLimits:
-        """this router's settings (its tenant is empty)"""
+        """this router's settings (its tenant is empty), each page"""
 
     def __init__(
         self,
         *,
         tenants: _abc.Iterable[Global___TenantLimits] | None = ...,
         defaults: Global___TenantLimits | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults", "tenants", b"tenants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults", "next_page_token", b"next_page_token", "tenants", b"tenants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -163,7 +163,7 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLimits(self, request, context):
-        """Every tenant with a limit of its own.
+        """Every tenant with a limit of its own, in pages (page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

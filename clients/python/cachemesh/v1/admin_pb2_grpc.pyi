@@ -64,7 +64,7 @@ class AdminStub:
     budgets where it has them, else this router's settings (ROUTER_LIMIT_*, ROUTER_BUDGET_*).
     """
     ListLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListLimitsRequest, _admin_pb2.ListLimitsResponse]
-    """Every tenant with a limit of its own."""
+    """Every tenant with a limit of its own, in pages (page_token)."""
     SetLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetLimitsRequest, _admin_pb2.TenantLimits]
     """Changes a tenant's own limits, in the per-tenant limits file every router reads: in force
     on this router at once, on every other within CACHEMESH_API_KEYS_POLL_S (at most 1 s).
@@ -100,7 +100,7 @@ class AdminAsyncStub(AdminStub):
     budgets where it has them, else this router's settings (ROUTER_LIMIT_*, ROUTER_BUDGET_*).
     """
     ListLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListLimitsRequest, _admin_pb2.ListLimitsResponse]  # type: ignore[assignment]
-    """Every tenant with a limit of its own."""
+    """Every tenant with a limit of its own, in pages (page_token)."""
     SetLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetLimitsRequest, _admin_pb2.TenantLimits]  # type: ignore[assignment]
     """Changes a tenant's own limits, in the per-tenant limits file every router reads: in force
     on this router at once, on every other within CACHEMESH_API_KEYS_POLL_S (at most 1 s).
@@ -193,7 +193,7 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListLimitsResponse, _abc.Awaitable[_admin_pb2.ListLimitsResponse]]:
-        """Every tenant with a limit of its own."""
+        """Every tenant with a limit of its own, in pages (page_token)."""
 
     @_abc_1.abstractmethod
     def SetLimits(
