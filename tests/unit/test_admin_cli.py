@@ -193,4 +193,13 @@ def test_limit_values_from_the_command_line() -> None:
     for wrong in ("0.0000000001", "five", "nan", "inf", "1e30"):
         with pytest.raises(argparse.ArgumentTypeError, match="at most 9 decimal places"):
             budget_change(wrong)
+    assert budget_change(".5") == 500_000_000 and budget_change("1000.") == 10**12
+
+
+# '1e3' was read as $1,000 (1,000,000,000,000 nano-dollars), '1_000' as $1,000 and the
+# Arabic-Indic digit five as $5: a budget is written in plain digits, anything else is refused
+@pytest.mark.parametrize("wrong", ["1e3", "1E-3", "1e-9", "1_000", "\u0665", " 5", "+5", "1,000"])
+def test_a_budget_in_exponent_or_other_notation_is_refused(wrong: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="not 1e3 or 1_000"):
+        budget_change(wrong)
     assert budget_change("-1") == -1_000_000_000  # the router refuses it, naming the range

@@ -8,8 +8,10 @@ never from the command line, where other users' ``ps`` would see it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,6 +30,8 @@ from cachemesh.v1 import admin_pb2 as adm
 NANOS_PER_DOLLAR = 1_000_000_000
 MAX_INT64 = 2**63 - 1
 # the words a limit's flag takes besides a value: none for this tenant, the router's setting
+# a budget as a person writes dollars: digits, one optional point (ASCII; no exponent)
+_PLAIN_AMOUNT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 LIMIT_WORDS: dict[str, LimitChange] = {"unlimited": "unlimited", "default": "default"}
 
 
@@ -124,17 +128,19 @@ def rate_change(text: str) -> LimitChange:
 
 def budget_change(text: str) -> LimitChange:
     """A budget's value: US dollars (to the nano-dollar) as nano-dollars, 'unlimited' or
-    'default' (the server checks the range)."""
+    'default' (the server checks the range). Plain decimal digits only: ``Decimal`` also
+    reads '1e3' ($1,000, where a person may have meant nano-dollars or a typo), '1_000' and
+    other scripts' digits, none of which a budget is written as."""
     if text in LIMIT_WORDS:
         return LIMIT_WORDS[text]
-    try:
-        nanos = Decimal(text) * NANOS_PER_DOLLAR
-    except InvalidOperation:
-        nanos = Decimal("NaN")
+    nanos = Decimal("NaN")
+    if _PLAIN_AMOUNT.match(text):
+        with contextlib.suppress(InvalidOperation):
+            nanos = Decimal(text) * NANOS_PER_DOLLAR
     if not nanos.is_finite() or nanos != nanos.to_integral_value() or abs(nanos) > MAX_INT64:
         raise argparse.ArgumentTypeError(
-            "US dollars with at most 9 decimal places (e.g. 5 or 0.25), 'unlimited' or "
-            f"'default', got {text[:32]!r}"
+            "US dollars as plain decimal digits with at most 9 decimal places (e.g. 1000, 5 "
+            f"or 0.25; not 1e3 or 1_000), 'unlimited' or 'default', got {text[:32]!r}"
         )
     return int(nanos)
 
