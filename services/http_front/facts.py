@@ -57,12 +57,19 @@ def cache_options(headers: Mapping[str, str], into: pb.CompleteRequest) -> None:
 
 def idempotency_key(headers: Mapping[str, str]) -> str | None:
     """The caller's ``Idempotency-Key`` (stripped), None when it sent none; a 400 unless it
-    is 1 to ``MAX_ID_CHARS`` characters of UTF-8 text."""
+    is 1 to ``MAX_ID_CHARS`` printable ASCII characters: the id comes back in the response's
+    ``request-id`` / ``x-request-id`` header, which carries ASCII alone (a UTF-8 'réq-1' went
+    out as its bytes, which the SDKs' HTTP clients read as latin-1: 'rÃ©q-1')."""
     key = headers.get(IDEMPOTENCY)
     if key is None:
         return None
     if not _text(IDEMPOTENCY, key).strip() or len(key) > MAX_ID_CHARS:
         raise invalid(f"{IDEMPOTENCY}: 1 to {MAX_ID_CHARS} characters")
+    if not (key.isascii() and key.isprintable()):
+        raise invalid(
+            f"{IDEMPOTENCY}: printable ASCII characters only (the id comes back in the "
+            "response's request-id header, which carries no other); e.g. a UUID"
+        )
     return key.strip()
 
 

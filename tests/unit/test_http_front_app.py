@@ -684,6 +684,10 @@ async def test_the_sdks_raise_their_not_found_error_with_the_fronts_message(fron
          b"x-cachemesh-namespace: not UTF-8 text"),
         ([("x-api-key", KEY.encode()), ("idempotency-key", b"r\xe9q-1")], 400,
          b"idempotency-key: not UTF-8 text"),
+        # UTF-8 text was taken, and its response's request-id header carried its bytes, which
+        # the SDKs' clients read as latin-1: 'r\xc3\xa9q-1' shown as 'rÃ©q-1'
+        ([("x-api-key", KEY.encode()), ("idempotency-key", "réq-1".encode())], 400,
+         b"idempotency-key: printable ASCII characters only"),
     ],
 )  # fmt: skip
 async def test_header_bytes_that_are_not_utf8_are_a_4xx_not_a_500(
