@@ -16,7 +16,7 @@ nothing (top_p 1, no penalty, no bias) they are accepted.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,6 +377,9 @@ _GATEWAY_PATH = re.compile(
     r"\b(?:messages\[(\d+)\](?:\.content\[(\d+)\])?|system\[(\d+)\]|tools\[(\d+)\])"
     r"((?:\.[A-Za-z_]+)*)"
 )
+# a value a message quotes, as ``repr`` (``services.common.errors.shown``) quotes it: an opening
+# quote no letter precedes (the Gateway's, tenants')
+_QUOTED = re.compile(r"""(?<!\w)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 # the Gateway's names of the roles, as the API names them
 _ROLE_NAMES = (("ROLE_USER", "user"), ("ROLE_ASSISTANT", "assistant"))
 # the Gateway request's fields an HTTP caller does not send in the body: its request_id is
@@ -427,23 +430,45 @@ def _caller_path(found: re.Match[str], origins: Origins) -> str | None:
     return f"{held.paths[0]} to {held.paths[-1]}"  # the caller's messages of the turn
 
 
+def _unquoted(message: str, change: Callable[[str], str]) -> str:
+    """``message`` with ``change`` made to its text outside the values it quotes (the
+    caller's own, as ``shown`` quotes them: a tool_call_id of 'messages[0].text' is an id,
+    not a path, and was shown as 'messages[1].text')."""
+    parts: list[str] = []
+    start = 0
+    for quoted in _QUOTED.finditer(message):
+        parts += [change(message[start : quoted.start()]), quoted[0]]
+        start = quoted.end()
+    parts.append(change(message[start:]))
+    return "".join(parts)
+
+
 def at_caller(message: str, origins: Origins) -> str:
     """A Gateway refusal's ``message`` naming the caller's fields wherever it names the
     Gateway request's (``origins``, from ``parse_request``): every path into its messages,
     system blocks and tools, with the field that follows in the caller's names, and its
     ``max_tokens`` as the caller set it. The Gateway's path it begins with is kept in
     parentheses."""
-    said = _GATEWAY_PATH.sub(lambda found: _caller_path(found, origins) or found[0], message)
+
+    def paths(part: str) -> str:
+        return _GATEWAY_PATH.sub(lambda found: _caller_path(found, origins) or found[0], part)
+
+    said = _unquoted(message, paths)
     if origins.max_tokens == "max_completion_tokens":
         said = re.sub(r"^max_tokens\b", "max_completion_tokens", said)
     if said == message:
         return message
-    for grpc_name, name in _ROLE_NAMES:
-        said = said.replace(f" ({grpc_name})", "").replace(grpc_name, name)
+    said = _unquoted(said, _role_names)
     first = _FIELD.match(message)
     if first is None or said.startswith(first[0]):  # the path it begins with is the caller's
         return said
     return f"{said} (the Gateway's {first[1]})"
+
+
+def _role_names(part: str) -> str:
+    for grpc_name, name in _ROLE_NAMES:
+        part = part.replace(f" ({grpc_name})", "").replace(grpc_name, name)
+    return part
 
 
 def _answer_only_fields(obj: Obj) -> None:

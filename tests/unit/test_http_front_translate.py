@@ -1101,3 +1101,26 @@ def test_a_gateway_message_names_the_http_callers_idempotency_key(code: Code, me
     error = from_gateway(code, message)
     assert "request_id" not in error.message
     assert "Idempotency-Key" in error.message
+
+
+@pytest.mark.parametrize("quoted_id", ["messages[0].text", "it's messages[0]", "ROLE_USER"])
+def test_a_value_the_refusal_quotes_is_not_rewritten_as_a_path(quoted_id: str) -> None:
+    """The caller-path rewrite also rewrote a path inside a value the message quotes: a
+    tool_call_id of 'messages[0].text' (no tool call has it) was shown back as
+    'messages[1].text', an id the caller never sent."""
+    body = {
+        "model": "sim-small",
+        "tools": _TOOLS,
+        "messages": [
+            _S,
+            {"role": "user", "content": "hi"},
+            {"role": "tool", "tool_call_id": quoted_id, "content": "42"},
+        ],
+    }
+    origins = openai_api.Origins()
+    request, _, _ = openai_api.parse_request(body, 10, origins)
+    with pytest.raises(RequestError) as refused:
+        validate_request(request, _TABLE, set(_TABLE.models))
+    said = openai_api.at_caller(refused.value.message, origins)
+    assert said.startswith("messages[2].tool_call_id: "), said
+    assert f"{quoted_id!r} matches no earlier" in said, said
