@@ -129,6 +129,9 @@ class ApiError(Exception):
     # a retry would only repeat it, whatever its kind: the front failed after the Gateway
     # answered (and billed) the call, and a retry is a model call and a bill again
     final: bool = False
+    # the id the Gateway made up for a request sent without an Idempotency-Key (its refusal's
+    # trailer): the id its access line and trace name, which the response names too
+    request_id: str = ""
 
     def __post_init__(self) -> None:
         super().__init__(self.message)

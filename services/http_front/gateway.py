@@ -12,12 +12,13 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachemesh.retry_info import error_reason, no_retry, retry_delay_s
+from cachemesh.retry_info import error_reason, made_request_id, no_retry, retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
@@ -66,13 +67,14 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
             if key == RETRY_AFTER:
                 text = value.decode() if isinstance(value, bytes) else value
                 retry_after = int(text) if text.isascii() and text.isdigit() else 1
-    return from_gateway(
+    refusal = from_gateway(
         code_of(error.code()),
         error.details() or "",
         retry_after,
         billed=no_retry(trailers),
         reason=error_reason(trailers),
     )
+    return replace(refusal, request_id=made_request_id(trailers))
 
 
 def _metadata(

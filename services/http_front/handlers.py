@@ -337,7 +337,9 @@ class Front:
         second status line into the body)."""
         stream: web.StreamResponse | None = request.get(_STREAM)
         if stream is None:
-            return self._error(api, error, traceparent, request.get(_CALLER_ID, ""))
+            return self._error(
+                api, error, traceparent, request.get(_CALLER_ID, "") or error.request_id
+            )
         request[_ENDED] = error.status_for(api)
         body = error.body_for(api, stream.headers.get(_ID_HEADER[api], ""))
         with contextlib.suppress(ConnectionError, RuntimeError):  # the caller may be gone
@@ -365,7 +367,8 @@ class Front:
         self, api: Api, error: ApiError, traceparent: str, request_id: str = ""
     ) -> web.Response:
         """The error's response, named by ``request_id`` (the caller's ``Idempotency-Key``,
-        as the Gateway knows the request), else by a fresh id."""
+        or the id the Gateway made up for its refusal: as the Gateway knows the request), else
+        by a fresh id (the front's own refusal: its access line names that id)."""
         request_id = request_id or uuid.uuid4().hex
         headers = {**error.headers(), "x-cachemesh-request-id": request_id}
         if traceparent:

@@ -20,6 +20,7 @@ from cachemesh.retry_info import (
     CONTEXT_WINDOW,
     PUSHBACK_KEY,
     RATE_LIMITED,
+    REQUEST_ID_KEY,
     REQUEST_TOO_LARGE,
 )
 from cachemesh.v1 import gateway_pb2 as pb
@@ -181,9 +182,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             return chunk.end
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await abort(context, grpc_code(exc.code), exc.message, _trailers(call, exc))
+                trailers = _trailers(call, exc, _made_id(request, own_id))
+                await abort(context, grpc_code(exc.code), exc.message, trailers)
             except _Denied as exc:
-                await _refuse(context, tenant, exc.denial)
+                await _refuse(context, tenant, exc.denial, _made_id(request, own_id))
             await abort(context, grpc.StatusCode.INTERNAL, "the request ended without an answer")
             raise AssertionError("unreachable: abort raises")
         except asyncio.CancelledError:
@@ -219,9 +221,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ended = "OK"
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                await abort(context, grpc_code(exc.code), exc.message, _trailers(call, exc))
+                trailers = _trailers(call, exc, _made_id(request, own_id))
+                await abort(context, grpc_code(exc.code), exc.message, trailers)
             except _Denied as exc:
-                await _refuse(context, tenant, exc.denial)
+                await _refuse(context, tenant, exc.denial, _made_id(request, own_id))
         except (asyncio.CancelledError, GeneratorExit):
             ended = self._cancelled()
             raise
@@ -703,7 +706,10 @@ class _Denied(Exception):
         self.denial = denial
 
 
-async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+async def _refuse(context: Context, tenant: str, denial: Denial, made_id: Metadata) -> None:
     await abort(
         context,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -715,8 +721,18 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
             f"tenant:{tenant}",
             denial.exceeded,
             BUDGET_EXHAUSTED if denial.limit in (DAY_BUDGET, MONTH_BUDGET) else RATE_LIMITED,
-        ),
+        )
+        + made_id,
     )
+
+
+def _made_id(request: pb.CompleteRequest, own_id: bool) -> Metadata:
+    """A refusal's trailer naming the request_id the router made up for a request sent
+    without one, as its access line and trace name it (the HTTP front's refusal named an id
+    of its own instead, found in no log); none for the caller's own id: it knows it."""
+    if own_id or not request.request_id:
+        return ()
+    return ((REQUEST_ID_KEY, request.request_id),)
 
 
 # gRPC's server pushback (gRFC A6): a negative delay tells the client's retry policy not to
@@ -725,8 +741,8 @@ async def _refuse(context: Context, tenant: str, denial: Denial) -> None:
 NO_RETRY = (PUSHBACK_KEY, "-1")
 
 
-def _trailers(call: Call, exc: RequestError) -> tuple[tuple[str, str | bytes], ...]:
-    """The trailers of a call that failed with ``exc``:
+def _trailers(call: Call, exc: RequestError, made_id: Metadata = ()) -> Metadata:
+    """The trailers of a call that failed with ``exc`` (and ``made_id``'s, ``_made_id``):
 
     - ``NO_RETRY`` once a model call of it was billed without its answer (cut mid-answer,
       broken off, at its deadline: ``call.bills``), whatever the status (the router's
@@ -742,7 +758,7 @@ def _trailers(call: Call, exc: RequestError) -> tuple[tuple[str, str | bytes], .
     if exc.code == Code.RESOURCE_EXHAUSTED:
         reason = CONTEXT_WINDOW if "context window" in exc.message else REQUEST_TOO_LARGE
         trailers.extend(refusal_trailers(exc.code, exc.message, reason))
-    return tuple(trailers)
+    return (*trailers, *made_id)
 
 
 def _is_retry(context: Context) -> bool:

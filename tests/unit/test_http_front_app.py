@@ -20,6 +20,7 @@ import grpc
 import openai
 import pytest
 
+from cachemesh.retry_info import REQUEST_ID_KEY
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
@@ -953,6 +954,29 @@ async def test_a_refusal_of_a_request_with_an_idempotency_key_carries_that_id(
         )
     assert by_gpt.value.request_id == "order-8"
     assert by_gpt.value.response.headers["x-cachemesh-request-id"] == "order-8"
+
+
+async def test_a_refusal_of_a_request_without_an_idempotency_key_names_the_gateways_id(
+    front: Front,
+) -> None:
+    """A Gateway refusal of a request sent without an Idempotency-Key named a fresh id of the
+    front's (a review, live stack: a 429's request-id was in no log, the router's access line
+    of it named another): it names the id the Gateway made up, from its refusal's trailer."""
+    made = (REQUEST_ID_KEY, "a772c70eae2d4aeb936d0670dc5a4da4")
+    front.gateway.refuse = (grpc.StatusCode.UNAVAILABLE, "no replica answered", (made,))
+    with pytest.raises(anthropic.APIStatusError) as by_claude:
+        await _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    assert by_claude.value.request_id == made[1]
+    assert isinstance(by_claude.value.body, dict) and by_claude.value.body["request_id"] == made[1]
+    with pytest.raises(openai.APIStatusError) as by_gpt:
+        await _gpt(front).chat.completions.create(model="sim-large", messages=ASK)
+    assert by_gpt.value.request_id == made[1]
+    assert by_gpt.value.response.headers["x-cachemesh-request-id"] == made[1]
+    with pytest.raises(openai.APIStatusError) as own:  # the caller's own id: the Gateway's too
+        await _gpt(front).chat.completions.create(
+            model="sim-large", messages=ASK, extra_headers={"Idempotency-Key": "order-12"}
+        )
+    assert own.value.request_id == "order-12"
 
 
 async def test_the_fronts_own_refusal_carries_the_callers_idempotency_key(

@@ -18,6 +18,10 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # would be a new model call, billed again.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
+# A refusal's trailer: the request_id the Gateway made up for a request sent without one,
+# which its access line and trace name (a caller that sent one knows it already).
+REQUEST_ID_KEY = "cachemesh-request-id"
+
 # google.rpc.ErrorInfo's domain and reasons on the Gateway's RESOURCE_EXHAUSTED
 ERROR_DOMAIN = "cachemesh.dev"
 CONTEXT_WINDOW = "CONTEXT_WINDOW"  # the prompt (and max_tokens) over the model's context window
@@ -47,6 +51,17 @@ def no_retry(trailing_metadata: Iterable[Any] | None) -> bool:
             text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
             return text.strip().startswith("-")
     return False
+
+
+def made_request_id(trailing_metadata: Iterable[Any] | None) -> str:
+    """The request_id the Gateway made up for a refused request sent without one ("" when
+    it sent none: the caller's own id, or a refusal before the Gateway made one)."""
+    for item in trailing_metadata or ():
+        key, value = item
+        if key == REQUEST_ID_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            return text if text.isascii() and text.isprintable() else ""
+    return ""
 
 
 def retry_delay_s(trailing_metadata: Iterable[Any] | None) -> float | None:
