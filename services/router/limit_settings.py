@@ -9,6 +9,7 @@ known whether L1 will answer it for free).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -34,6 +35,8 @@ DEFAULT_REDIS_BREAKER_S = 5.0
 # budget one nano-dollar above the spend read as reached (measured on Redis 7: a spend of
 # 2**53 "reached" a budget of 2**53 + 1), and a budget of 10**23 dollars was taken.
 MAX_BUDGET_USD = 9_000_000
+# a budget as a person writes dollars: ASCII digits and one optional point, no exponent
+_PLAIN_AMOUNT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 TENANT_LIMITS_FILE_NAME = "tenant-limits"
 
 
@@ -89,10 +92,14 @@ def _dollars(env: Env, name: str) -> int | None:
     if value is None:
         return None
     try:
+        # plain digits: Decimal also reads '1e3' ($1,000), '1_000' and other scripts' digits
+        if not _PLAIN_AMOUNT.match(value):
+            raise InvalidOperation
         amount = Decimal(value)
     except InvalidOperation:
         raise ConfigError(
-            f"{name} must be an amount in US dollars (e.g. 25.00), got {value!r}"
+            f"{name} must be an amount in US dollars in plain decimal digits (e.g. 25.00 or "
+            f"1000; not 1e3 or 1_000), got {value[:32]!r}"
         ) from None
     if not amount.is_finite() or amount < 0:
         raise ConfigError(f"{name} must be a finite amount >= 0 US dollars, got {value!r}")

@@ -665,6 +665,16 @@ def test_settings_read_dollars_exactly_and_name_a_bad_variable() -> None:
             LimitSettings.from_env(Env({name: value}))
 
 
+# '1e3' was read as $1,000 a day, '1_000' as $1,000 and the Arabic-Indic digit five as $5, as
+# `cachemesh admin limits set --day-budget` read them: a budget is written in plain digits
+@pytest.mark.parametrize("value", ["1e3", "1E-3", "1_000", "\u0665", "+5"])
+def test_a_budget_setting_in_exponent_or_other_notation_stops_the_start(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"ROUTER_BUDGET_USD_PER_DAY .*not 1e3 or 1_000"):
+        LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": value}))
+    day = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "1000."})).policy
+    assert day.day_budget_nanos == 10**12
+
+
 def test_retry_trailers_carry_retry_info_and_retry_after() -> None:
     trailers = retry_trailers(Code.RESOURCE_EXHAUSTED, "slow down", 1_500, "tenant:t", (TOKENS,))
     assert retry_delay_s(trailers) == 1.5
