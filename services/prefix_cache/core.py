@@ -32,7 +32,7 @@ from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.prefix_cache.rules import Probe, PromptPlan, Split, settle
 from services.prefix_cache.sites import sites_of
 from services.prefix_cache.totals import TenantTotals
-from services.prefix_cache.warm import READ_GRACE_MS, WarmStore, read_time
+from services.prefix_cache.warm import WarmStore, read_time
 
 # A prompt up to this size (the serialized request) and this many parts (tools, system blocks,
 # message blocks) is canonicalized, tokenized and hashed on the event loop: at most ~1.4 ms
@@ -207,11 +207,11 @@ class PrefixCacheCore:
 
         ``max_read_tokens`` is the read predicted when the request arrived: prefixes warmed
         after that (by a concurrent request) are not read, as the provider looked up on arrival;
-        with the Plan held here, prefixes are judged live at its time (``read_time``), so one
-        that expired since is still the read it was; refresh and writes happen now, and last
-        their ttl from the Plan's time (the request's start, as the provider counts them). A
-        Plan more than ``READ_GRACE_MS`` old (the stores may have dropped what it read) is
-        settled with ``max_read_tokens`` as a replay is (below), as another replica would.
+        with the Plan held here, it is settled with ``max_read_tokens`` as a replay is (below),
+        as another replica would: the read is the Plan's, even if its entry expired or was lost
+        since (a Redis restarted empty, a flush, an eviction: judged again, the provider's read
+        was billed as a write); refresh and writes happen now, and last their ttl from the
+        Plan's time (the request's start, as the provider counts them).
         ``plan_id`` names the Plan of this request: its prompt is reused, not computed again
         (``request`` may then be None; if the plan is gone, ``PlanGone`` asks for it).
 
@@ -279,7 +279,10 @@ class PrefixCacheCore:
                     probes = tuple(p for p in probes if p.tokens <= max_read_tokens)
                 arrived = planned_at_ms
                 if arrived is None and max_read_tokens is not None:
-                    arrived = _past_grace(prompt.planned_at_ms, now)
+                    # a held Plan with its read: that read stands, as on a replay (the warm
+                    # state may have lost the entry since the arrival: a Redis restarted empty
+                    # or flushed, an eviction), so the bill is the same on every replica
+                    arrived = prompt.planned_at_ms
                 if arrived is not None:
                     split = await self._replayed(prompt, probes, arrived, now)
                 else:
@@ -534,15 +537,6 @@ def _small(request: pb.CompleteRequest) -> bool:
 def _count(value: int, field: str) -> None:
     if not 0 <= value <= MAX_TOKENS:
         raise BadRequest(f"{field} must be between 0 and {MAX_TOKENS:,}, got {value}")
-
-
-def _past_grace(planned_at_ms: int | None, now_ms: int) -> int | None:
-    """A held Plan's time when it is more than ``READ_GRACE_MS`` before ``now_ms`` (a long
-    queue or prefill): the stores may no longer hold what it read, so its WARM is settled as a
-    replay is, or the bill would depend on whether this process holds the Plan."""
-    if planned_at_ms is not None and planned_at_ms < now_ms - READ_GRACE_MS:
-        return planned_at_ms
-    return None
 
 
 def _require(value: str, field: str) -> None:

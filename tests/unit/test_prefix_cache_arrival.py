@@ -109,6 +109,27 @@ async def test_another_commit_meanwhile_does_not_drop_the_entry_read_on_arrival(
     assert got.read_tokens == cached
 
 
+async def test_a_prefix_read_on_arrival_and_lost_before_the_first_token_is_still_the_read(
+    rig: Rig, redis_client: Redis | None
+) -> None:
+    """Redis restarted empty (or flushed) between a turn's Plan and its first token: the WARM
+    naming the Plan held here judged the prefix again, found nothing and billed the 1,440
+    tokens the provider read on arrival as a 5-minute write (5,418,000 nanos instead of
+    450,000), where another replica (the router resends the WARM with the arrival) billed the
+    read. The Plan's read stands, and the settle writes the prefix back from the arrival."""
+    if redis_client is None:
+        pytest.skip("the in-memory store loses its state only with its Plans (a restart)")
+    cached, plan_id = await _turn_warmed_then_arriving(rig)
+    await redis_client.flushdb()  # the restart: every warm prefix (and record) gone
+    rig.clock.advance(ms=500)  # the first token
+    got = await rig.core.warm(
+        "t", "r2", "sim-large", None, "", max_read_tokens=cached, plan_id=plan_id
+    )
+    assert got.read_tokens == cached and got.creation_tokens == 0
+    later = await rig.core.plan("t", "sim-large", ask("Rule 3?"), [])
+    assert later.split.read_tokens == cached  # written back, as the provider's cache holds it
+
+
 async def test_without_the_plan_s_read_an_arrival_is_judged_at_most_the_read_grace_before(
     rig: Rig,
 ) -> None:
