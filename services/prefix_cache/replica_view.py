@@ -31,14 +31,22 @@ from there on are taken as lost. With one count (the same tokenizer) the compari
 
 The view lives in this process: with several prefix-cache replicas each keeps its own
 (approximate, by design); the shared state in Redis is the provider prompt cache.
+
+A replica's view (up to the capacity in blocks: ~12 MB at the default 65,536) is dropped once
+no Plan has named the replica and no WARM has recorded on it for ``idle_ms``
+(``PREFIX_CACHE_REPLICA_IDLE_S``): a replica taken out of the routers' ``MODEL_REPLICAS`` (a
+move, a scale-down, a pod with a new address) is never named again, and its view was kept for
+the life of the process (six rollouts of two replicas: 12 views, 145 MB, for 2 live ones).
 """
 
 from __future__ import annotations
 
 from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.clock import Clock
 from services.common.holdings import TenantOrder
 from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, block_hashes, reusable_blocks
 
@@ -92,11 +100,26 @@ class _Awaited:
 
 
 class ReplicaViews:
-    def __init__(self, capacity_blocks: int, awaited_blocks: int = AWAITED_BLOCKS) -> None:
+    def __init__(
+        self,
+        capacity_blocks: int,
+        awaited_blocks: int = AWAITED_BLOCKS,
+        *,
+        clock: Clock | None = None,
+        idle_ms: int = 0,
+    ) -> None:
+        """``clock`` and ``idle_ms`` (> 0): a replica's view is dropped once no Plan named
+        it and no WARM recorded on it for ``idle_ms`` (without a clock, never: tools)."""
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks}")
+        if clock is not None and idle_ms < 1:
+            raise ValueError(f"idle_ms must be >= 1, got {idle_ms}")
         self._capacity = capacity_blocks
         self._views: dict[str, KvBlockCache] = {}
+        self._clock = clock
+        self._idle_ms = idle_ms
+        # each view's replica by its last use (a Plan naming it, a WARM on it), oldest first
+        self._used: OrderedDict[str, int] = OrderedDict()
         self._awaited: dict[Awaiting, _Awaited] = {}
         self._awaited_order: TenantOrder[Awaiting] = TenantOrder()
         self._awaited_blocks = 0
@@ -107,7 +130,27 @@ class ReplicaViews:
         view = self._views.get(replica)
         if view is None:
             view = self._views[replica] = KvBlockCache(self._capacity)
+        self._used_now(replica)
         return view
+
+    def _used_now(self, replica: str) -> None:
+        """``replica`` was named or served now: its view stays; those idle too long go."""
+        if self._clock is None:
+            return
+        now = self._clock.now_ms()
+        self._used[replica] = now
+        self._used.move_to_end(replica)
+        while self._used:
+            oldest, last = next(iter(self._used.items()))
+            if last > now - self._idle_ms:
+                break
+            del self._used[oldest]
+            self._views.pop(oldest, None)
+
+    @property
+    def replicas(self) -> int:
+        """The replicas a view is held of."""
+        return len(self._views)
 
     @staticmethod
     def hashes(tenant: str, model: str, token_ids: Sequence[int]) -> list[bytes]:
@@ -116,7 +159,10 @@ class ReplicaViews:
     def match(self, replica: str, hashes: Sequence[bytes], prompt_tokens: int) -> int:
         """Tokens the replica is predicted to reuse (full blocks, never the last token)."""
         view = self._views.get(replica)
-        return 0 if view is None else view.cached_tokens(hashes, prompt_tokens)
+        if view is None:
+            return 0
+        self._used_now(replica)  # a Plan names its candidates: the replica is still in use
+        return view.cached_tokens(hashes, prompt_tokens)
 
     def mark(self, replica: str) -> int:
         """Where the replica's view stands now (its last touch): a request's Plan keeps it for

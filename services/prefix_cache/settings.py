@@ -36,6 +36,8 @@ class PrefixCacheSettings:
     kv_memo_hashes: int = 1_000_000
     # each vocabulary's encoding cache, in tokens' worth (CACHEMESH_TOKENIZER_CACHE_TOKENS)
     tokenizer_cache_tokens: int = CACHED_TOKENS
+    # a replica's L3 view is dropped once no Plan named it and no WARM served on it this long
+    replica_idle_s: int = 86400
 
     @classmethod
     def from_env(cls, env: Env) -> PrefixCacheSettings:
@@ -56,6 +58,7 @@ class PrefixCacheSettings:
             plan_memo_blocks=env.count("PREFIX_CACHE_PLAN_MEMO_BLOCKS", 1_000_000),
             kv_memo_hashes=env.count("PREFIX_CACHE_KV_MEMO_HASHES", 1_000_000),
             tokenizer_cache_tokens=cache_tokens_from_env(env),
+            replica_idle_s=env.whole_seconds("PREFIX_CACHE_REPLICA_IDLE_S", 86400, minimum=1),
         )
 
 

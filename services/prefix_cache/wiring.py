@@ -46,7 +46,11 @@ def build_core(
         table=table,
         tokenizer=tokenizer,
         cache=cache,
-        views=ReplicaViews(settings.replica_capacity_blocks),
+        views=ReplicaViews(
+            settings.replica_capacity_blocks,
+            clock=clock,
+            idle_ms=settings.replica_idle_s * 1000,
+        ),
         ledger=ledger,
         clock=clock,
         lookback=settings.lookback_blocks,
