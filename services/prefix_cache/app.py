@@ -51,16 +51,22 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     redis: Redis | None = None
     watch: RedisHealth | None = None
     clients: list[Redis] = []
+    registry = new_registry()
+    registry.register(TokenizerCacheCollector(tokenizer.loaded))
+    metrics = PrefixCacheMetrics(registry, warm_gauge=settings.redis_url is None)  # no SCAN
     if settings.redis_url is not None:
         redis = _redis(settings.redis_url, settings.redis_max_connections)
         # its health is its Redis's: NOT_SERVING while Redis does not answer (a PING every 2 s
         # over a connection of its own: a pool whose connections are all busy is not an outage)
         own = own_connection_redis(REDIS_URL, settings.redis_url, REDIS_CONNECTION_WAIT_S)
-        watch = RedisHealth(own, settings.redis_url, health.set, REDIS_CONNECTION_WAIT_S)
+        watch = RedisHealth(
+            own,
+            settings.redis_url,
+            health.set,
+            REDIS_CONNECTION_WAIT_S,
+            reset=metrics.redis_store_reset,
+        )
         clients = [redis, own]
-    registry = new_registry()
-    registry.register(TokenizerCacheCollector(tokenizer.loaded))
-    metrics = PrefixCacheMetrics(registry, warm_gauge=redis is None)  # no SCAN of Redis
     core = build_core(settings, table, tokenizer, SystemClock(), redis, metrics)
     sent = settings.server.send_limit  # a Plan's answer without its KV block hashes over it
     api = (

@@ -23,7 +23,10 @@ returns the same bill and counts nothing):
 - ``cachemesh_prefix_cache_redis_pool_exhausted_total``: calls refused UNAVAILABLE because
   none of the process's Redis connections (PREFIX_CACHE_REDIS_MAX_CONNECTIONS) came free in
   time. Redis may be answering: the service's health (a PING over a connection of its own)
-  stays SERVING, so a saturated pool shows here, not as NOT_SERVING.
+  stays SERVING, so a saturated pool shows here, not as NOT_SERVING;
+- ``cachemesh_prefix_cache_redis_store_resets_total``: losses of prefix-cache's Redis data
+  seen while it ran (``redis_health.STORE_KEY`` gone): every tenant's totals restarted from
+  zero, commit records lost.
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ class PrefixCacheMetrics:
             "cachemesh_prefix_cache_redis_pool_exhausted",
             "Calls refused UNAVAILABLE: no Redis connection of the pool came free in time",
         )()
+        self._store_resets = m.counter(
+            "cachemesh_prefix_cache_redis_store_resets",
+            "Losses of prefix-cache's Redis data (totals and commit records) seen while it ran",
+        )()
         self.warm_prefixes: LoopCounter | None = None
         if warm_gauge:
             self.warm_prefixes = m.gauge(
@@ -88,6 +95,9 @@ class PrefixCacheMetrics:
 
     def redis_pool_exhausted(self) -> None:
         self._pool_exhausted.inc()
+
+    def redis_store_reset(self) -> None:
+        self._store_resets.inc()
 
     def planned(self, model: str) -> None:
         self._plans(model).inc()

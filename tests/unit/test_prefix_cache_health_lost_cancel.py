@@ -38,6 +38,9 @@ class _SwallowsCancel:
     async def set(self, *_: object, **__: object) -> None:
         return None
 
+    async def get(self, *_: object) -> bytes:
+        return b"store"
+
 
 async def _told(serving: bool) -> None:
     pass
