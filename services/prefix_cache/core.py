@@ -248,7 +248,10 @@ class PrefixCacheCore:
             done = await self._ledger.get(tenant, request_id, self._clock.now_ms())
             if done is not None:
                 return done.split
-            prompt = self._plans.take(plan_id, tenant, spec.id) if plan_id else None
+            # the plan is taken only once the WARM is known valid (below): a refused one leaves
+            # it for the WARM sent right (before, that one found it gone: PlanGone)
+            held = self._plans.held(plan_id, tenant, spec.id) if plan_id else None
+            prompt = held
             if prompt is None:
                 if request is None and plan_id:
                     raise PlanGone(
@@ -262,6 +265,8 @@ class PrefixCacheCore:
                     f"kv_cached_tokens must be within [0, {plan.prompt_tokens}) for this prompt "
                     f"of {plan.prompt_tokens} tokens, got {kv_cached_tokens}"
                 )
+            if held is not None:  # no await since ``held``: no other WARM took it meanwhile
+                self._plans.take(plan_id, tenant, spec.id)
             now = self._clock.now_ms()
             # the replica's report of its KV reuse, if it could give one at its first token
             reported = None if kv_cached_unreported else kv_cached_tokens

@@ -75,6 +75,14 @@ class PlanMemo(Generic[P]):
             self._drop(self._order.next_out()[1])
         return plan_id if plan_id in self._entries else ""
 
+    def held(self, plan_id: str, tenant: str, model: str) -> P | None:
+        """The plan's prompt, kept, if it is still held and belongs to ``tenant`` and
+        ``model`` (``take`` it once the WARM that names it is known to be valid)."""
+        entry = self._entries.get(plan_id)
+        if entry is None or entry.tenant != tenant or entry.model != model:
+            return None
+        return entry.prompt if entry.expires_ms > self._clock.now_ms() else None
+
     def take(self, plan_id: str, tenant: str, model: str) -> P | None:
         """The plan's prompt, once, if it is still held and belongs to ``tenant`` and ``model``."""
         entry = self._entries.get(plan_id)

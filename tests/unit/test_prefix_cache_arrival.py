@@ -414,3 +414,18 @@ async def test_a_replay_s_arrival_is_checked(
             arrived_at_ms=arrived_at,
         )
     assert await rig.core.warm_prefixes() == 0  # refused before any change
+
+
+async def test_a_refused_warm_leaves_its_plan_for_the_warm_sent_right(rig: Rig) -> None:
+    """A WARM refused INVALID_ARGUMENT (kv_cached_tokens out of the prompt's range) took its
+    Plan before the check ("bad input changes nothing" did not hold): the corrected WARM then
+    failed PlanGone and had to carry the request again."""
+    cached, plan_id = await _turn_warmed_then_arriving(rig)
+    with pytest.raises(BadRequest, match="kv_cached_tokens"):
+        await rig.core.warm(
+            "t", "r2", "sim-large", None, "", 10**6, max_read_tokens=cached, plan_id=plan_id
+        )
+    got = await rig.core.warm(
+        "t", "r2", "sim-large", None, "", max_read_tokens=cached, plan_id=plan_id
+    )
+    assert got.read_tokens == cached
