@@ -46,10 +46,17 @@ class RequestError(Exception):
 
     ``reason`` (optional) is a short account of the refusal fit to pass on to the caller's own
     caller: no replica name, address or credential, printable ASCII (a model replica sends it
-    to the router in the ``cachemesh-reason`` trailer, and the router names it to the client)."""
+    to the router in the ``cachemesh-reason`` trailer, and the router names it to the client).
 
-    def __init__(self, code: Code, message: str, reason: str = "") -> None:
+    ``retry_after_s`` (optional): the whole seconds the refused call's upstream asked to be
+    left alone (a provider's 429 ``retry-after`` that outlasted the call's deadline), sent on
+    as a ``retry-after`` trailer, so that the caller's caller waits as the provider asked."""
+
+    def __init__(
+        self, code: Code, message: str, reason: str = "", *, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = "".join(c for c in reason if " " <= c <= "~")[:200]
+        self.retry_after_s = retry_after_s

@@ -124,7 +124,8 @@ _FINAL: frozenset[Kind] = frozenset(
 class ApiError(Exception):
     kind: Kind
     message: str
-    retry_after_s: int | None = None  # 429: whole seconds to wait before a retry
+    # 429, or a 529 / 503 whose providers asked for a wait: whole seconds before a retry
+    retry_after_s: int | None = None
     param: str | None = None  # OpenAI's ``param``: the request field at fault
     # a retry would only repeat it, whatever its kind: the front failed after the Gateway
     # answered (and billed) the call, and a retry is a model call and a bill again
@@ -248,6 +249,11 @@ def _from_gateway(
             return ApiError("rate_limit", message, retry_after_s=RATE_LIMIT_RETRY_AFTER_S)
         return ApiError("request_too_large", message)  # a Gateway that sends no reason
     if code is Code.UNAVAILABLE:
+        # the providers' own wait (each replica's provider answered 429 with a retry-after past
+        # the call's deadline), for the SDKs to honour: before, none, and they retried at once
+        if retry_after_s is not None:
+            final = retry_after_s > RETRYABLE_WAIT_S  # an SDK would not wait that long
+            return ApiError("overloaded", message, retry_after_s=retry_after_s, final=final)
         return ApiError("overloaded", message)
     if code is Code.DEADLINE_EXCEEDED:
         return ApiError("timeout", message)

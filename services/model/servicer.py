@@ -35,6 +35,16 @@ def _log_chunk(model: str, chunk: model_pb2.GenerateChunk) -> None:
 
 # the trailer carrying a refusal's short reason (RequestError.reason) to the router
 REASON_KEY = "cachemesh-reason"
+# and the one carrying the whole seconds its provider asked to be left alone (a 429's
+# retry-after that outlasted the call's deadline: RequestError.retry_after_s)
+RETRY_AFTER_KEY = "retry-after"
+
+
+def _trailers(error: RequestError) -> tuple[tuple[str, str], ...]:
+    trailers: list[tuple[str, str]] = [(REASON_KEY, error.reason)] if error.reason else []
+    if error.retry_after_s is not None:
+        trailers.append((RETRY_AFTER_KEY, str(error.retry_after_s)))
+    return tuple(trailers)
 
 
 class GenerateApi(Protocol):
@@ -76,8 +86,9 @@ class ModelService(model_pb2_grpc.ModelServicer):
                 async for chunk in self._api.generate(request, context.time_remaining()):
                     yield chunk
             except RequestError as error:
-                trailer = ((REASON_KEY, error.reason),) if error.reason else ()
-                await context.abort(grpc_code(error.code), error.message, trailing_metadata=trailer)
+                await context.abort(
+                    grpc_code(error.code), error.message, trailing_metadata=_trailers(error)
+                )
             return
         call = metrics.begin(request.model)
         outcome = "failed"
@@ -91,8 +102,9 @@ class ModelService(model_pb2_grpc.ModelServicer):
             outcome = metrics.streamed(call)  # "interrupted" if its end says it was cut
         except RequestError as error:
             outcome = "refused"
-            trailer = ((REASON_KEY, error.reason),) if error.reason else ()
-            await context.abort(grpc_code(error.code), error.message, trailing_metadata=trailer)
+            await context.abort(
+                grpc_code(error.code), error.message, trailing_metadata=_trailers(error)
+            )
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise

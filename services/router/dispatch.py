@@ -253,6 +253,9 @@ class Dispatcher:
             assert spec is not None
             options = [(spec, "requested")]
         failures: list[str] = []
+        # each failure's wait its provider asked for (a 429's retry-after that outlasted the
+        # call's deadline; None: it asked none), the client's retry-after when all asked one
+        waits: list[int | None] = []
         # auto's tiers whose context window cannot hold the prompt and max_tokens of answer
         too_long: list[str] = []
         room = False  # one of them holds the prompt, not max_tokens of answer with it
@@ -424,6 +427,7 @@ class Dispatcher:
                     if not why and exc.code == Code.DEADLINE_EXCEEDED:
                         why = f"no answer within {timeout_s:.1f} s"
                     failures.append(f"{spec.id}: {exc.code.name}" + (f" ({why})" if why else ""))
+                    waits.append(exc.retry_after_s)
                     continue
                 except BaseException as exc:
                     self._left(spec, wanted, replica, ticket)
@@ -508,11 +512,17 @@ class Dispatcher:
             if refused
             else ""
         )
+        # every replica tried refused for its provider's rate limit: the first of them free
+        # again is the client's wait (before, none was said and the SDKs retried at once)
+        asked = [wait for wait in waits if wait is not None]
+        retry_after_s = min(asked) if asked and len(asked) == len(waits) else None
         raise RequestError(
             Code.UNAVAILABLE,
             "no model replica could serve the request ("
             + "; ".join(dict.fromkeys(failures + too_long))
-            + f"){only}; retry later",
+            + f"){only}; retry later"
+            + (f" (in {retry_after_s} s, as the provider asked)" if retry_after_s else ""),
+            retry_after_s=retry_after_s,
         )
 
     def _usable_first(

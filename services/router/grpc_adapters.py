@@ -59,10 +59,18 @@ _GENERATE = _method(model_pb2.DESCRIPTOR, "Model", "Generate")
 
 
 REASON_KEY = "cachemesh-reason"  # a model replica's short reason (services.model.servicer)
+# a model replica's wait its provider asked for, in whole seconds (services.model.servicer)
+RETRY_AFTER_KEY = "retry-after"
+_MAX_RETRY_AFTER_S = 366 * 86_400  # a longer one is no figure a caller can wait for
 
 
 def failed(exc: grpc.aio.AioRpcError) -> CallFailed:
-    return CallFailed(code_of(exc.code()), exc.details() or exc.code().name, _reason(exc))
+    return CallFailed(
+        code_of(exc.code()),
+        exc.details() or exc.code().name,
+        _reason(exc),
+        retry_after_s=_retry_after(exc),
+    )
 
 
 def _reason(exc: grpc.aio.AioRpcError) -> str:
@@ -70,6 +78,16 @@ def _reason(exc: grpc.aio.AioRpcError) -> str:
         if key == REASON_KEY and isinstance(value, str):
             return value
     return ""
+
+
+def _retry_after(exc: grpc.aio.AioRpcError) -> int | None:
+    """The callee's ``retry-after`` trailer: whole seconds, else None (none, or not a figure)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY and isinstance(value, str):
+            if value.isascii() and value.isdigit() and 0 < int(value) <= _MAX_RETRY_AFTER_S:
+                return int(value)
+            return None
+    return None
 
 
 def _short(method: str) -> str:

@@ -33,7 +33,7 @@ from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.grace import GraceEnd
 from services.common.models import ModelTable
-from services.common.retry_info import refusal_trailers, retry_trailers
+from services.common.retry_info import RETRY_AFTER_KEY, refusal_trailers, retry_trailers
 from services.common.server import DEFAULT_REQUEST_BYTES
 from services.common.status import grpc_code
 from services.router import spans
@@ -690,7 +690,7 @@ def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
         return _Denied(exc.denial)
     if isinstance(exc, DeadlineCut):
         return DeadlineCut(exc.routers, exc.message)
-    return RequestError(exc.code, exc.message, exc.reason)
+    return RequestError(exc.code, exc.message, exc.reason, retry_after_s=exc.retry_after_s)
 
 
 class _FirstLeft(Exception):
@@ -753,8 +753,13 @@ def _trailers(call: Call, exc: RequestError, made_id: Metadata = ()) -> Metadata
       request's size, which no wait lifts (over a context window: the router's tiers, the
       simulator's count or a provider's refusal, each message naming the "context window";
       else over a provider's size limit or alone over its account's token rate), said by an
-      ErrorInfo with no RetryInfo, so a client does not take it for a rate limit."""
+      ErrorInfo with no RetryInfo, so a client does not take it for a rate limit.
+    - ``retry-after`` (whole seconds) on an UNAVAILABLE whose every replica's provider asked
+      for a wait that outlasted the call (a 429's retry-after): the least of them, so that an
+      HTTP caller's SDK waits as the provider asked rather than retrying at once."""
     trailers: list[tuple[str, str | bytes]] = [NO_RETRY] if call.bills else []
+    if exc.retry_after_s is not None:  # the providers' wait (every replica's rate limited)
+        trailers.append((RETRY_AFTER_KEY, str(exc.retry_after_s)))
     if exc.code == Code.RESOURCE_EXHAUSTED:
         reason = CONTEXT_WINDOW if "context window" in exc.message else REQUEST_TOO_LARGE
         trailers.extend(refusal_trailers(exc.code, exc.message, reason))

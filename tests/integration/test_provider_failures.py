@@ -123,6 +123,71 @@ def test_a_retry_after_beyond_the_deadline_goes_to_the_next_replica(
     assert root.attributes["cachemesh.route_reason"] == "fallback"
 
 
+@pytest.mark.parametrize(
+    ("api", "model", "refusal", "status"),
+    [
+        (
+            "anthropic",
+            "claude-sonnet-4-5",  # one replica: anthropic-1
+            anthropic_wire.error(
+                429,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your per-minute rate limit",
+                {"retry-after": "30"},
+            ),
+            529,
+        ),
+        (
+            "openai",
+            "gpt-4o-mini",  # one replica: openai-1
+            openai_wire.error(
+                429,
+                "requests",
+                "Rate limit reached for gpt-4o-mini in organization org-x on requests per min.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": "30"},
+            ),
+            503,
+        ),
+    ],
+    ids=["anthropic", "openai"],
+)
+def test_a_providers_retry_after_past_the_deadline_reaches_the_http_caller(
+    providers: ProviderStack, api: str, model: str, refusal: Reply, status: int
+) -> None:
+    """Every replica's provider asked for 30 s of quiet: the front's 529 / 503 says so
+    (``retry-after: 30``), which both SDKs honour. Before, it said no wait, and an SDK with its
+    default retries called the provider three times in 1.7 s."""
+    server = providers.server
+    server.script(api, refusal)
+    tag = f"Rate limited {uuid.uuid4().hex[:8]}"
+    front = f"http://{providers.stack.addresses['http-front']}"
+    key = providers.stack.keys["tenant-a"]
+    asked: Any = [{"role": "user", "content": tag}]
+    error: anthropic.APIStatusError | openai.APIStatusError
+    try:
+        if api == "openai":
+            with pytest.raises(openai.APIStatusError) as refused_openai:
+                openai.OpenAI(
+                    base_url=front + "/v1", api_key=key, max_retries=0
+                ).chat.completions.create(model=model, max_tokens=64, messages=asked)
+            error = refused_openai.value
+        else:
+            with pytest.raises(anthropic.APIStatusError) as refused_anthropic:
+                anthropic.Anthropic(base_url=front, api_key=key, max_retries=0).messages.create(
+                    model=model, max_tokens=64, messages=asked
+                )
+            error = refused_anthropic.value
+    finally:
+        with server._lock:  # a refusal not used must not reach the next tests
+            server.scripts[api] = [r for r in server.scripts[api] if r is not refusal]
+    assert error.status_code == status
+    assert error.response.headers.get("retry-after") == "30"
+    assert error.response.headers.get("x-should-retry") is None  # the SDK may wait and retry
+    assert "in 30 s, as the provider asked" in str(error.body)
+    assert [s.status for s in server.seen_by(api) if tag in str(s.body)] == [429]
+
+
 def test_a_400_is_invalid_argument_with_the_providers_message(providers: ProviderStack) -> None:
     providers.server.script(
         "openai",

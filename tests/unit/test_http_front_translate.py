@@ -312,6 +312,10 @@ def test_openai_chunks_end_with_the_finish_reason_then_the_usage() -> None:
         (Code.RESOURCE_EXHAUSTED, "rate limit", 3, 429, 429),
         (Code.RESOURCE_EXHAUSTED, "day budget", 6400, 429, 429),
         (Code.UNAVAILABLE, "no layer can serve", None, 529, 503),
+        # every replica's provider rate limited past the call's deadline: its retry-after
+        # goes on (before: none, and the SDKs retried at once), a wait past 60 s as final
+        (Code.UNAVAILABLE, "no model replica could serve the request", 30, 529, 503),
+        (Code.UNAVAILABLE, "no model replica could serve the request", 600, 529, 503),
         (Code.DEADLINE_EXCEEDED, "slow", None, 504, 504),
         (Code.INTERNAL, "boom", None, 500, 500),
     ],

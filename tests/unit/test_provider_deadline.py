@@ -127,6 +127,31 @@ async def test_a_retry_after_beyond_the_deadline_is_not_waited_for(tokenizer: To
     assert named in caught.value.message and named in caught.value.reason
     assert "429 rate_limit_error" in caught.value.reason
     assert "anthropic-1" not in caught.value.reason  # the reason names no replica
+    # the provider's wait goes on to the router (the replica's retry-after trailer), and from
+    # it to the client: before, nothing said it and the SDKs retried at once
+    assert caught.value.retry_after_s == 5
+
+
+@pytest.mark.parametrize(("retry_after", "told"), [("0.2", 1), ("30", 30), ("29.5", 30)])
+async def test_a_refused_retry_after_is_told_in_whole_seconds_rounded_up(
+    tokenizer: Tokenizer, retry_after: str, told: int
+) -> None:
+    clock = Clock()
+    adapter = RateLimitedAdapter(retry_after=retry_after, refusals=1)
+    with pytest.raises(RequestError) as caught:
+        await _drain(_api(adapter, clock, tokenizer), time_remaining_s=0.1)
+    assert caught.value.code == Code.UNAVAILABLE and caught.value.retry_after_s == told
+
+
+async def test_a_refusal_after_its_tries_without_a_retry_after_tells_no_wait(
+    tokenizer: Tokenizer,
+) -> None:
+    clock = Clock()
+    adapter = RateLimitedAdapter(retry_after="not a figure", refusals=5)
+    with pytest.raises(RequestError) as caught:
+        await _drain(_api(adapter, clock, tokenizer), time_remaining_s=10.0)
+    assert "after 3 tries" in caught.value.message
+    assert caught.value.retry_after_s is None  # no wait the provider asked: none made up
 
 
 async def test_a_retry_after_within_the_deadline_is_honoured(tokenizer: Tokenizer) -> None:

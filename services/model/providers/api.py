@@ -67,6 +67,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import time
 import traceback
@@ -583,6 +584,9 @@ class ProviderApi:
             Code.UNAVAILABLE,
             f"{backend} could not serve ({status}: {message}){after}{check}",
             f"{backend} {status}{after}",
+            retry_after_s=_whole_seconds(failure.retry_after_s)
+            if failure.kind == Kind.RETRY
+            else None,
         )
 
     def _refuse_while_out(self) -> bool:
@@ -655,6 +659,14 @@ class ProviderApi:
                 what,
                 self._replica,
             )
+
+
+def _whole_seconds(wait_s: float | None) -> int | None:
+    """A provider's ``retry-after`` in whole seconds (rounded up), None for none (or none to
+    wait): the wait the router and the HTTP front pass on to the caller."""
+    if wait_s is None or not wait_s > 0 or not math.isfinite(wait_s):
+        return None
+    return math.ceil(wait_s)
 
 
 async def _next(
