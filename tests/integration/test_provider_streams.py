@@ -77,12 +77,12 @@ def _api(server: WireServer, backend: str) -> ProviderApi:
     )
 
 
-def _generate(api: ProviderApi, model: str) -> list[model_pb2.GenerateChunk]:
+def _generate(api: ProviderApi, model: str, max_tokens: int = 16) -> list[model_pb2.GenerateChunk]:
     question = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital of France?")])
     request = model_pb2.GenerateRequest(
         tenant="t",
         model=model,
-        request=pb.CompleteRequest(model=model, max_tokens=16, messages=[question]),
+        request=pb.CompleteRequest(model=model, max_tokens=max_tokens, messages=[question]),
     )
 
     async def run() -> list[model_pb2.GenerateChunk]:

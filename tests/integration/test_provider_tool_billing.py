@@ -23,6 +23,9 @@ from tests.providers.wire_server import Reply, WireServer
 ARGUMENTS = json.dumps({"path": "report.md", "content": "Quarterly revenue grew. " * 300})
 PIECES = [ARGUMENTS[i : i + 200] for i in range(0, len(ARGUMENTS), 200)]
 TOOL_TOKENS = load_cl100k().count(ARGUMENTS)  # ~1,200
+# the requests' max_tokens: room for the tool call, as a provider requires (no count of the
+# output goes past max_tokens)
+TOOL_ROOM = 4096
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def test_a_stream_cut_in_a_tool_call_bills_the_tool_calls_tokens(
     server: WireServer, backend: str, model: str
 ) -> None:
     server.script(backend, _cut_in_the_tool_call(backend))
-    chunks = _generate(_api(server, backend), model)
+    chunks = _generate(_api(server, backend), model, TOOL_ROOM)
     (end,) = _ends(chunks)
     assert end.interrupted
     # all but the last 200 characters of the JSON were written (and are billed)
@@ -74,6 +77,6 @@ def test_an_engine_without_usage_counts_its_tool_calls(server: WireServer) -> No
             )
         ),
     )
-    (end,) = _ends(_generate(_api(server, "openai"), GPT))
+    (end,) = _ends(_generate(_api(server, "openai"), GPT, TOOL_ROOM))
     assert not end.interrupted and not end.HasField("provider_usage")
     assert end.output_tokens >= TOOL_TOKENS
