@@ -210,3 +210,40 @@ def test_a_distrusted_figure_is_counted_and_logged_without_its_text(
     assert len(lines) == 1, lines
     assert "input_tokens" in lines[0] and "output_tokens" in lines[0] and CLAUDE in lines[0]
     assert "sk-ant" not in caplog.text and "x" * 40 not in caplog.text
+
+
+# an output count past the request's max_tokens (16, ``_run``'s): no provider stops later or
+# bills more; before, an engine's 1,000,000 was billed as reported (600,000,000 nanos on
+# gpt-4o-mini for a request whose 16 tokens cost 9,600)
+PAST_MAX_TOKENS = [17, 1_000_000]
+
+
+@pytest.mark.parametrize("figure", PAST_MAX_TOKENS)
+def test_an_anthropic_output_count_past_max_tokens_is_the_replicas_count(
+    server: WireServer, figure: int
+) -> None:
+    unreported = _anthropic(server, anthropic_wire.Usage(input_tokens=12, output_tokens=None))  # type: ignore[arg-type]
+    end = _anthropic(server, anthropic_wire.Usage(input_tokens=12, output_tokens=figure))
+    assert end.output_tokens == end.provider_usage.anthropic.output_tokens
+    assert end.output_tokens == unreported.output_tokens <= 16
+    assert list(end.distrusted_usage) == ["output_tokens"]
+    assert _billable(end, CLAUDE) == _billable(unreported, CLAUDE)
+
+
+@pytest.mark.parametrize("figure", PAST_MAX_TOKENS)
+def test_an_openai_output_count_past_max_tokens_is_the_replicas_count(
+    server: WireServer, figure: int
+) -> None:
+    unreported = _openai(server, {**openai_wire.usage(2006, 0, 0), "completion_tokens": None})
+    end = _openai(server, _report(2006, 1920, figure))
+    usage = end.provider_usage.openai
+    assert end.output_tokens == usage.completion_tokens == unreported.output_tokens <= 16
+    assert "completion_tokens" in end.distrusted_usage
+    _billable(end, GPT)
+
+
+def test_an_output_count_of_max_tokens_is_believed(server: WireServer) -> None:
+    anthropic_end = _anthropic(server, anthropic_wire.Usage(input_tokens=12, output_tokens=16))
+    openai_end = _openai(server, _report(2006, 1920, 16))
+    assert anthropic_end.output_tokens == openai_end.output_tokens == 16
+    assert not anthropic_end.distrusted_usage and not openai_end.distrusted_usage

@@ -107,7 +107,11 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
 
 
 def _merge_usage(
-    target: pc.AnthropicUsage, usage: Any, most: int, distrusted: dict[str, str]
+    target: pc.AnthropicUsage,
+    usage: Any,
+    most: int,
+    distrusted: dict[str, str],
+    max_tokens: int = 0,
 ) -> set[str]:
     """Folds a usage object of the stream into ``target``: message_start's, then
     message_delta's (cumulative counts: a field it leaves null keeps its value, and an input
@@ -127,7 +131,9 @@ def _merge_usage(
     ):
         value = getattr(usage, name, None)
         if value is not None:
-            count, why = token_count(value, most)
+            # (an output count past the request's max_tokens is a misreport too)
+            bound = max_tokens if name == "output_tokens" else 0
+            count, why = token_count(value, most, bound)
             if count is None:
                 distrusted[name] = why
                 continue
@@ -232,7 +238,9 @@ class AnthropicAdapter:
                 async for event in events:
                     kind = event.type
                     if kind == "message_start":
-                        merged = _merge_usage(usage, event.message.usage, most, distrusted)
+                        merged = _merge_usage(
+                            usage, event.message.usage, most, distrusted, request.max_tokens
+                        )
                         input_reported = "input_tokens" in merged
                         # the prompt as billed so far; ``usage`` keeps the provider's own
                         # counts, which message_delta's fold into
@@ -264,7 +272,9 @@ class AnthropicAdapter:
                         call_id, name, pieces = tools.pop(event.index)
                         yield tool_use_chunk(call_id, name, "".join(pieces))
                     elif kind == "message_delta":
-                        reported = _merge_usage(usage, event.usage, most, distrusted)
+                        reported = _merge_usage(
+                            usage, event.usage, most, distrusted, request.max_tokens
+                        )
                         # the answer's output count is message_delta's (message_start's is
                         # a placeholder)
                         output_reported = output_reported or "output_tokens" in reported
