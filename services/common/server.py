@@ -270,7 +270,14 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
             else:
                 for name in ("", *spec.service_names):
                     await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("%s SERVING", spec.name)
+            if spec.health is None or spec.health.serving:
+                log.info("%s SERVING", spec.name)
+            else:  # its own health is down (a WARNING above says why): say what checks see
+                log.warning(
+                    "%s started, NOT_SERVING: its own health check fails (see the warning "
+                    "above); SERVING once it passes",
+                    spec.name,
+                )
             await stop.wait()
         await _drain(spec, server, health_servicer)
     finally:
