@@ -33,6 +33,7 @@ from services.tools.stack.ports import (
 )
 from services.tools.stack.redis_process import REDIS_URL_VAR
 from services.tools.stack.reset_l2 import forget_warm_prefixes, redis_data_dir
+from services.tools.stack.service_table import unread_settings
 from services.tools.stack.supervisor import read_state, supervise
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -70,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         # .env, the environment over it, as every setting of the stack: a bad .env or a bad
         # setting of up's own stops up here, before anything starts
         own = UpSettings.from_settings(stack.settings())
+        _warn_unread(stack.settings())
         timeout_s = args.timeout if args.timeout is not None else own.timeout_s
         engines = LlamaServers(own.engine_paths, run_dir, own.engine)
         stack = _placed(stack, args.free_ports)
@@ -166,6 +168,18 @@ class UpSettings:
             timeout_s=_up_timeout(settings),
             engine_paths=engine_paths(settings),
             engine=EngineOptions.from_env(settings),
+        )
+
+
+def _warn_unread(settings: Mapping[str, str]) -> None:
+    """A line for each setting named like cachemesh's that nothing reads (a misspelled limit
+    or budget was ignored without a word): on stderr, before anything starts."""
+    for name, closest in unread_settings(settings):
+        hint = f"; did you mean {closest}?" if closest is not None else ""
+        print(
+            f"warning: {name} (.env or the environment) is not a setting of any cachemesh "
+            f"service or tool: ignored{hint}",
+            file=sys.stderr,
         )
 
 

@@ -8,6 +8,7 @@ caller's environment and the secrets under ``.run/``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -320,6 +321,56 @@ SERVICES: tuple[ServiceDef, ...] = (
         internal=False,
     ),
 )
+
+
+# Read by the stack's own commands, the local engines and the clients (the CLI, the demo, the
+# load test), never by a service: names a setting may have too.
+TOOL_ENV_KEYS: tuple[str, ...] = (
+    "CACHEMESH_UP_TIMEOUT_S",
+    "CACHEMESH_CACHE_DIR",
+    "CACHEMESH_LLAMA_REPLICAS",
+    "CACHEMESH_LLAMA_THREADS",
+    "CACHEMESH_LLAMA_CONTEXT",
+    "CACHEMESH_TARGET",
+    "CACHEMESH_HTTP_URL",
+    "CACHEMESH_API_KEY",
+    "CACHEMESH_KEY_A",
+    "CACHEMESH_KEY_B",
+    "CACHEMESH_TIMEOUT_S",
+    "CACHEMESH_TLS",
+    "CACHEMESH_CA_FILE",
+    "CACHEMESH_CERT_FILE",
+    "CACHEMESH_KEY_FILE",
+    "CACHEMESH_DATA_DIR",
+    "CACHEMESH_DEMO_MODEL",
+    "ROUTER_TARGET",  # make calibrate-router's
+)
+
+# The prefixes of cachemesh's own variables: one named so that nothing reads is a misspelling
+# (ROUTER_BUDGET_USD_PER_DAYS=0 started a stack without the budget it meant).
+OWN_PREFIXES: tuple[str, ...] = (
+    "CACHEMESH_",
+    "ROUTER_",
+    "SEMANTIC_CACHE_",
+    "PREFIX_CACHE_",
+    "MODEL_",
+    "HTTP_FRONT_",
+    "PROVIDER_",
+    "SIM_",
+)
+
+
+def known_env_keys() -> frozenset[str]:
+    """Every variable a service, a tool of the stack or a client reads."""
+    return frozenset((*TOOL_ENV_KEYS, *(key for s in SERVICES for key in s.env_keys)))
+
+
+def unread_settings(settings: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each name of ``settings`` with one of cachemesh's prefixes that nothing reads, sorted,
+    with the known name closest to it (None when none is close)."""
+    known = known_env_keys()
+    unread = sorted(n for n in settings if n.startswith(OWN_PREFIXES) and n not in known)
+    return [(name, next(iter(difflib.get_close_matches(name, known, 1)), None)) for name in unread]
 
 
 def service(name: str) -> ServiceDef:
