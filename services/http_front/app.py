@@ -23,6 +23,7 @@ from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import run_main
 from services.common.telemetry import build_tracer_provider, stop_tracing
+from services.common.unread import warn_unread_settings
 from services.http_front.access_log import RefusalLog
 from services.http_front.connections import AcceptErrors, fit_open_files
 from services.http_front.gateway import Gateway
@@ -95,6 +96,7 @@ async def drain(
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     lines = configure_logging(Env(environ))
+    warn_unread_settings(environ, "http-front")
     settings = HttpFrontSettings.from_env(environ)
     max_connections = fit_open_files(settings.max_connections, settings.max_connections_set)
     keys = settings.keys.open(time.monotonic, time.time)

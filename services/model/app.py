@@ -28,6 +28,7 @@ from services.common.server import (
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import Tokenizers, load_tokenizers
+from services.common.unread import warn_unread_settings
 from services.model.api import ModelApi
 from services.model.kv_cache import KvBlockCache
 from services.model.metrics import ModelMetrics
@@ -56,6 +57,7 @@ def warn_unused(settings: ModelSettings) -> None:
 
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     configure_logging(Env(environ))
+    warn_unread_settings(environ, "model")
     settings = ModelSettings.from_env(environ)
     provider = build_tracer_provider(environ, "model")
     auth = InternalAuthInterceptor(settings.internal_token)

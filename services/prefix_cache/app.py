@@ -25,6 +25,7 @@ from services.common.redis_pool import bounded_redis, own_connection_redis
 from services.common.server import HealthSwitch, ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers
+from services.common.unread import warn_unread_settings
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.metrics import WARM_REFRESH_S, PrefixCacheMetrics
@@ -42,6 +43,7 @@ PREFIX_CACHE = prefix_cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"].full_
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     env = Env(environ)
     configure_logging(env)
+    warn_unread_settings(environ, "prefix-cache")
     settings = PrefixCacheSettings.from_env(env)
     table = model_table_from_env(env)
     auth = InternalAuthInterceptor(settings.internal_token)

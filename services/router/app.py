@@ -27,6 +27,7 @@ from services.common.models import model_table_from_env
 from services.common.server import ServiceSpec, run_every, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers
+from services.common.unread import warn_unread_settings
 from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
 from services.router.billing import billed_layer
@@ -63,6 +64,7 @@ STORES_END_S = 0.5
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     env = Env(environ)
     lines = configure_logging(env)
+    warn_unread_settings(environ, "router")
     table = model_table_from_env(env)
     settings = RouterSettings.from_env(env, table)
     # first: a data directory another router holds stops this one before anything loads

@@ -25,6 +25,7 @@ from services.common.server import (
     run_service,
 )
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
+from services.common.unread import warn_unread_settings
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.semantic_cache.metrics import SemanticCacheMetrics, StoreCollector
 from services.semantic_cache.operating_point import OperatingPoint
@@ -53,6 +54,7 @@ log = logging.getLogger("cachemesh.semantic_cache.persistence")
 async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -> None:
     env = Env(environ)
     configure_logging(env)
+    warn_unread_settings(environ, NAME)
     # writes racing a SIGTERM reach the servicer and are refused with UNAVAILABLE (the reason)
     settings = replace(
         ServerSettings.from_env(env, "SEMANTIC_CACHE", DEFAULT_LISTEN), refusal_s=DRAIN_REFUSAL_S
