@@ -181,6 +181,9 @@ RETRYABLE_WAIT_S = 60
 
 
 # What a refusal whose model call was billed adds to its message (the Gateway's pushback).
+# A Gateway's CANCELLED, as the HTTP APIs report it: it said "CANCELLED" only, answered 500
+# "the Gateway failed (CANCELLED)" where a moment later it was 529 "unreachable; retry".
+GATEWAY_STOPPED = "the Gateway stopped before answering (a restart or shutdown); retry"
 BILLED = (
     "a model call of this request was billed for what it produced before it failed; a retry "
     "is a new model call, billed again"
@@ -255,6 +258,11 @@ def _from_gateway(
             final = retry_after_s > RETRYABLE_WAIT_S  # an SDK would not wait that long
             return ApiError("overloaded", message, retry_after_s=retry_after_s, final=final)
         return ApiError("overloaded", message)
+    if code is Code.CANCELLED:
+        # only the Gateway's side ends a call so (this front's own cancel is its task's): a
+        # router stopping cut it as it arrived, before a handler ran (a call its grace cuts
+        # is UNAVAILABLE; a billed one carries the no-retry mark, final above)
+        return ApiError("overloaded", GATEWAY_STOPPED)
     if code is Code.DEADLINE_EXCEEDED:
         return ApiError("timeout", message)
     return ApiError("api", f"the Gateway failed ({code.name}): {message}")

@@ -159,6 +159,9 @@ class Gateway:
                 return from_gateway(Code.UNAVAILABLE, BROKE_OFF)
             self._log_unreachable(error.details() or "")
             return from_gateway(Code.UNAVAILABLE, UNREACHABLE)
+        if began and error.code() == grpc.StatusCode.CANCELLED:  # a stopping router's cut
+            billed = no_retry(error.trailing_metadata() or ())
+            return from_gateway(Code.UNAVAILABLE, BROKE_OFF, billed=billed)
         return api_error(error)
 
     def _log_unreachable(self, detail: str) -> None:
