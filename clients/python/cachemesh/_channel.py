@@ -1,4 +1,5 @@
-"""How the clients reach the Gateway: retries of UNAVAILABLE by gRPC's own retry policy, and
+"""How the clients reach the Gateway: retries of UNAVAILABLE (and of the CANCELLED a stopping
+router sends a call arriving as it stops) by gRPC's own retry policy, and
 reconnects quick once the Gateway is back.
 
 gRPC retries a call only while it is uncommitted: before the Gateway has sent anything back
@@ -36,7 +37,9 @@ RETRY_POLICY = {
     "initialBackoff": "0.25s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    # CANCELLED from the Gateway (not the caller's own cancel, which gRPC never retries): a
+    # router stopping cut the call as it arrived, before it was served
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
 MAX_REQUEST_BYTES = 2 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
 RETRY_MARK = ("cachemesh-retry", "1")  # the router's RETRY_HEADERS: read the answer ledger
