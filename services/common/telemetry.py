@@ -106,6 +106,17 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             env.str("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
         )
+        problem = _endpoint_error(endpoint)
+        if problem:
+            named = (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+                if env.optional_str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") is not None
+                else "OTEL_EXPORTER_OTLP_ENDPOINT"
+            )
+            raise ConfigError(
+                f"{named}: {problem}, got {endpoint[:80]!r} (expected http://host:port, "
+                "https://host:port or host:port)"
+            )
         exporter = WireSpanExporter(
             endpoint=endpoint,
             insecure=_insecure(env, endpoint),
@@ -116,6 +127,25 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
     if exporter is not None:
         provider.add_span_processor(_BatchSpans(exporter))
     return provider
+
+
+def _endpoint_error(endpoint: str) -> str:
+    """What keeps gRPC from dialling ``endpoint`` as written ("" = nothing): it read a port past
+    65535 modulo 65536 (:99999 exported to :34463) and took a host with a space, failing at
+    every export."""
+    target = endpoint if "://" in endpoint else f"//{endpoint}"
+    try:
+        parts = urllib.parse.urlsplit(target)
+        port = parts.port
+    except ValueError as exc:  # "Port out of range 0-65535", a bracket left open
+        return f"not a host:port ({exc})"
+    if any(c.isspace() for c in parts.netloc):
+        return "the host:port holds whitespace"
+    if not parts.hostname:
+        return "no host"
+    if port == 0:
+        return "port 0"
+    return ""
 
 
 def otlp_channel_options(endpoint: str) -> tuple[tuple[str, int], ...]:
