@@ -24,6 +24,7 @@ from json.encoder import encode_basestring as _escape
 
 from services.common.errors import Code
 from services.common.logs import JsonLines
+from services.http_front.facts import MAX_ID_CHARS
 
 access = logging.getLogger("cachemesh.access")
 REFUSED_BY = "http-front"
@@ -49,7 +50,7 @@ class RefusalLog:
         if not access.isEnabledFor(logging.INFO):
             return
         members = (
-            f',"tenant":{_escape(tenant)},"request_id":{_escape(request_id[:64])},'
+            f',"tenant":{_escape(tenant)},"request_id":{_escape(request_id[:MAX_ID_CHARS])},'
             f'"method":{_escape(method)},"requested_model":"?","status":"{code.name}",'
             f'"duration_ms":{round(seconds * 1000, 3)!r}'
         )

@@ -13,10 +13,11 @@ known (prefix-cache's FINAL, or the outbox's estimate), after the call's end; so
 an answer that went at the router's estimate before its FINAL answered (``billing.LateBill``),
 with that FINAL's bill, which its metrics count too.
 Never the prompt, the answer or the key. A requested model the table does not know is written
-as ``?`` (it is the caller's free text). A request refused before the servicer because it did
-not parse has its line too (``INVALID_ARGUMENT``, no tenant, no trace: ``refused``); one over
-``ROUTER_MAX_REQUEST_BYTES`` is ``RESOURCE_EXHAUSTED`` with its tenant; only one over twice it
-has none (gRPC refuses it before any code of the router runs).
+as ``?`` (it is the caller's free text). The ``request_id`` is whole (an accepted one has at
+most ``MAX_ID_CHARS``; a longer one, refused, keeps that many). A request refused before the
+servicer because it did not parse has its line too (``INVALID_ARGUMENT``, no tenant, no
+trace: ``refused``); one over ``ROUTER_MAX_REQUEST_BYTES`` is ``RESOURCE_EXHAUSTED`` with its
+tenant; only one over twice it has none (gRPC refuses it before any code of the router runs).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from services.common.logs import JsonLines
 from services.common.models import AUTO, ModelTable
 from services.router.billing import Bill, Bills
 from services.router.metrics import LAYERS, RouterMetrics, deadline_label
+from services.router.validation import MAX_ID_CHARS
 
 access = logging.getLogger("cachemesh.access")
 
@@ -121,7 +123,7 @@ class RequestLog:
         if asked != AUTO and self._table.get(asked) is None:
             asked = "?"
         members = (
-            f',"tenant":{_escape(call.tenant)},"request_id":{_escape(request.request_id[:64])},'
+            f',"tenant":{_escape(call.tenant)},"request_id":{_escape(request.request_id[:MAX_ID_CHARS])},'
             f'"method":"{call.method}","requested_model":{_escape(asked)},"status":"{code}",'
             f'"duration_ms":{round(seconds * 1000, 3)!r}'
         )
