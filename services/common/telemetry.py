@@ -7,8 +7,10 @@ trace context still flows: responses and logs carry a trace id). OTLP is gRPC on
 (``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`` other than ``grpc`` is refused); plaintext or TLS
 follows ``OTEL_EXPORTER_OTLP_(TRACES_)INSECURE`` for an endpoint without a scheme. A
 ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` names the service when ``OTEL_SERVICE_NAME``
-does not. The exporter reads the rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*``
-variables itself.
+does not. Where callers from outside come in (the router's Gateway, the HTTP front: ``edge``),
+a received request is traced whatever its caller's ``traceparent`` says about sampling
+(``EdgeSampler``), unless ``OTEL_TRACES_SAMPLER`` names a sampler of the operator's. The
+exporter reads the rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` variables itself.
 
 A service's last stop step is ``stop_tracing``: the spans still queued are exported for at most
 ``TRACING_STOP_S``, off the event loop; what a collector has not taken by then is dropped.
@@ -21,10 +23,11 @@ import ipaddress
 import logging
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -32,7 +35,15 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SpanExporter,
 )
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import Link, SpanKind, TraceState
+from opentelemetry.util.types import Attributes
 
 from services.common.env import ConfigError, Env
 from services.common.grace import GraceEnd
@@ -64,6 +75,38 @@ class _BatchSpans(BatchSpanProcessor):
             )
 
 
+class EdgeSampler(Sampler):
+    """The sampler of a service callers outside cachemesh reach (``OTEL_TRACES_SAMPLER``
+    unset): a SERVER span, a request received, is recorded whatever its caller's
+    ``traceparent`` says, in the caller's trace; every other span follows its parent (the
+    SDK's default, ``ParentBased(ALWAYS_ON)``). With the default alone, a caller sampling its
+    own traces (``-00`` on the requests it does not keep) had none of its requests' spans
+    recorded in any service, though their responses and logs named a trace id. The calls the
+    request makes carry the decision, so the services behind follow it, and a try the router
+    sends unsampled on purpose (the billing outbox's) stays so."""
+
+    def __init__(self) -> None:
+        self._parent_based = ParentBased(ALWAYS_ON)
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        sampler = ALWAYS_ON if kind is SpanKind.SERVER else self._parent_based
+        return sampler.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return "EdgeSampler{SERVER: AlwaysOnSampler, else: ParentBased{root:AlwaysOnSampler}}"
+
+
 async def stop_tracing(provider: TracerProvider) -> None:
     """The last step of a service's stop: the spans still queued exported, for at most
     ``TRACING_STOP_S``, in a thread (the SDK's shutdown blocks: on the event loop it stopped
@@ -71,8 +114,12 @@ async def stop_tracing(provider: TracerProvider) -> None:
     await asyncio.to_thread(provider.shutdown)
 
 
-def build_tracer_provider(environ: Mapping[str, str], default_service_name: str) -> TracerProvider:
-    """A provider configured from ``environ``; never installed as a global."""
+def build_tracer_provider(
+    environ: Mapping[str, str], default_service_name: str, *, edge: bool = False
+) -> TracerProvider:
+    """A provider configured from ``environ``; never installed as a global. ``edge``: the
+    service callers outside cachemesh reach (``EdgeSampler``, unless ``OTEL_TRACES_SAMPLER``
+    is set: the SDK applies that one)."""
     env = Env(environ)
     service_name = env.str(
         "OTEL_SERVICE_NAME", _resource_attribute(environ, "service.name") or default_service_name
@@ -88,7 +135,8 @@ def build_tracer_provider(environ: Mapping[str, str], default_service_name: str)
         # the trace context, so responses and logs still carry a trace id and the calls
         # still carry it to the next service.
         return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
-    provider = TracerProvider(resource=resource)
+    sampler = EdgeSampler() if edge and "OTEL_TRACES_SAMPLER" not in environ else None
+    provider = TracerProvider(resource=resource, sampler=sampler)
     exporter: SpanExporter | None = None
     if exporter_name == "otlp":
         from services.common.otlp_wire import WireSpanExporter

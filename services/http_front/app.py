@@ -100,7 +100,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     settings = HttpFrontSettings.from_env(environ)
     max_connections = fit_open_files(settings.max_connections, settings.max_connections_set)
     keys = settings.keys.open(time.monotonic, time.time)
-    provider = build_tracer_provider(environ, "http-front")
+    provider = build_tracer_provider(environ, "http-front", edge=True)
     clock = MonotonicClock()  # this process's intervals (log throttles, accept errors)
     gateway = Gateway(
         settings.gateway_addr,

@@ -75,7 +75,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     policies = tenant_policies(settings.limits, settings.keys, time.monotonic, time.time)
     if settings.admin is None:
         log.warning("the Admin API is off: no CACHEMESH_ADMIN_TOKEN_FILE or CACHEMESH_ADMIN_TOKEN")
-    provider = build_tracer_provider(environ, "router")
+    provider = build_tracer_provider(environ, "router", edge=True)
     # the vocabularies of the rows this router serves (MODEL_REPLICAS, auto's tiers among
     # them), each loaded once: o200k_base only when an OpenAI row is deployed
     tokenizer = load_tokenizers(

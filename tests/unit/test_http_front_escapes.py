@@ -175,7 +175,7 @@ async def test_the_refusals_span_says_the_requests_size(
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_, **__: provider)
     body = json.dumps(_request("/v1/messages", _prose(LIMIT + 1000))).encode()
     async with serving(tmp_path, FakeGateway(), HTTP_FRONT_MAX_BODY_BYTES=str(LIMIT)) as served:
         front = Front(served.base, served.stop, served.metrics, FakeGateway())

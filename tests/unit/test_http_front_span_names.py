@@ -23,7 +23,7 @@ async def test_the_server_span_is_named_by_the_route_not_the_path(
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_, **__: provider)
     async with serving(tmp_path, FakeGateway()) as front, aiohttp.ClientSession() as session:
         for name, headers in (
             ("no-such-model-1a2b", {}),  # unauthenticated

@@ -37,7 +37,7 @@ async def test_a_5xx_answers_span_is_an_error(
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_, **__: provider)
     gateway = FakeGateway(refuse=(code, "no", ()))
     body = b'{"model": "sim-large", "max_tokens": 50, "messages": ' + HI
     async with (

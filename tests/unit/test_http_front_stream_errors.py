@@ -27,7 +27,7 @@ async def test_a_stream_cut_by_the_gateway_is_counted_and_traced_with_its_error(
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_, **__: provider)
     cut = "the model replica went away"
     async with serving(tmp_path, FakeGateway(cut=cut)) as front:
         claude = anthropic.AsyncAnthropic(base_url=front.base, api_key=KEY, max_retries=0)
@@ -76,7 +76,7 @@ async def test_a_caller_that_disconnects_is_traced_as_gone_not_as_nothing(
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    monkeypatch.setattr(app, "build_tracer_provider", lambda *_: provider)
+    monkeypatch.setattr(app, "build_tracer_provider", lambda *_, **__: provider)
     gateway = FakeGateway(hold=asyncio.Event())  # the answer never comes
     async with serving(tmp_path, gateway) as front:
         body = {"model": "sim-large", "max_tokens": 50, "messages": ASK, "stream": stream}
