@@ -11,6 +11,11 @@ pattern, e.g. ``/v1/models/{model}``: never the path itself):
   byte);
 - ``cachemesh_http_front_body_budget_refusals_total{api}``: requests refused (529 / 503,
   retried by the SDKs) because their body found no room in that budget.
+
+Each API's answer route's server failures (``SERVER_FAILURES``) and budget refusals are
+exposed at 0 from the start, as the router's errors are: ``rate`` and ``increase`` see a
+series' first count only as a step from a sample before it, so a 5xx series first exposed at
+1 lost that answer to ``CachemeshHttpFrontErrors`` and the dashboard.
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from services.common.metrics import LoopMetrics
+
+# each API's answer route and the statuses of the front's own failures there
+# (``errors.ApiError.status_for``: 500, 504, and overloaded: Anthropic's 529, OpenAI's 503)
+SERVER_FAILURES = {
+    ("anthropic", "/v1/messages"): ("500", "504", "529"),
+    ("openai", "/v1/chat/completions"): ("500", "503", "504"),
+}
 
 
 class HttpFrontMetrics:
@@ -48,6 +60,10 @@ class HttpFrontMetrics:
             "requests refused because their body found no room in HTTP_FRONT_BODY_BUDGET_BYTES",
             ("api",),
         )
+        for (api, route), statuses in SERVER_FAILURES.items():  # at 0: see the docstring
+            for status in statuses:
+                self._requests(api, route, status)
+            self._budget_refusals(api)
 
     def body_refused(self, api: str) -> None:
         self._budget_refusals(api).inc()
