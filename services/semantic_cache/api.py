@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.keyfile import same_but_case, tenant_error
 from services.common.span_events import record_event
@@ -41,6 +42,10 @@ L1_OFF = "L1 is off for this tenant (its cache policy: Admin SetPolicy)"
 
 # A lookup ends this long before its caller's deadline, so its reply (pending) still arrives.
 REPLY_MARGIN_S = 0.1
+# A Lookup whose embedding is skipped (the queue full, no time left) is logged at most once
+# in this interval, with how many were not: one a Lookup under shedding flooded the log while
+# L1 was overloaded (``..._embed_shed_total`` counts each one)
+EMBED_SKIPPED_LOG_EVERY_MS = 10_000
 # A lease id the caller chooses (LookupRequest.lease_id): the router's is uuid4().hex.
 _LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -65,10 +70,12 @@ class SemanticCacheApi:
         policies: TenantPolicies | None = None,
         metrics: SemanticCacheMetrics | None = None,
         on_drop: Callable[[], None] | None = None,
+        log_clock: Clock | None = None,
     ) -> None:
         """``policies``: each tenant's L1 policy (None: in memory, every tenant's L1 on);
         ``on_drop`` hears of each Drop taken, whether or not it counted entries (a snapshot
-        soon after it: what had expired is still on the disk until then)."""
+        soon after it: what had expired is still on the disk until then); ``log_clock``: what
+        the throttled log lines' intervals run on (None: the monotonic clock)."""
         self._cache = cache
         self._on_drop = on_drop
         self._metrics = metrics  # None: the offline estimator
@@ -77,6 +84,9 @@ class SemanticCacheApi:
         self._policies = policies if policies is not None else TenantPolicies()
         self._counts = TenantCounters()
         self._queries = RecentQueries()  # a Store reuses its Lookup's query
+        self._skipped_log = Throttles(
+            log_clock if log_clock is not None else MonotonicClock(), EMBED_SKIPPED_LOG_EVERY_MS
+        )
 
     async def lookup(
         self, request: sc.LookupRequest, remaining_s: float | None, *, wait: bool = True
@@ -372,11 +382,21 @@ class SemanticCacheApi:
         try:
             vector = await self._cache.embedding(query.tenant, query.text, deadline)
         except QueueFull:
-            log.info("lookup for tenant %s: the embedding queue is full", query.tenant)
+            if due := self._skipped_log.due("embedding", "busy"):
+                log.info(
+                    "lookup for tenant %s: the embedding queue is full%s",
+                    query.tenant,
+                    suppressed(due, EMBED_SKIPPED_LOG_EVERY_MS),
+                )
             record_event(None, "cachemesh.semantic.embedding_skipped", {"reason": "busy"})
             return
         if vector is None:
-            log.info("lookup for tenant %s: no time left to embed the question", query.tenant)
+            if due := self._skipped_log.due("embedding", "deadline"):
+                log.info(
+                    "lookup for tenant %s: no time left to embed the question%s",
+                    query.tenant,
+                    suppressed(due, EMBED_SKIPPED_LOG_EVERY_MS),
+                )
             record_event(None, "cachemesh.semantic.embedding_skipped", {"reason": "deadline"})
             return
         response.embedding = vector.astype("<f4").tobytes()
