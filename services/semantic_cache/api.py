@@ -42,9 +42,10 @@ L1_OFF = "L1 is off for this tenant (its cache policy: Admin SetPolicy)"
 
 # A lookup ends this long before its caller's deadline, so its reply (pending) still arrives.
 REPLY_MARGIN_S = 0.1
-# A Lookup whose embedding is skipped (the queue full, no time left) is logged at most once
-# in this interval, with how many were not: one a Lookup under shedding flooded the log while
-# L1 was overloaded (``..._embed_shed_total`` counts each one)
+# A Lookup whose embedding is skipped (the queue full, no time left), or whose lease is ended
+# because its reply came too late for its caller, is logged at most once in this interval,
+# with how many were not: one a Lookup flooded the log while L1 was overloaded, or while a
+# caller sent requests with deadlines too short (``..._embed_shed_total`` counts the skips)
 EMBED_SKIPPED_LOG_EVERY_MS = 10_000
 # A lease id the caller chooses (LookupRequest.lease_id): the router's is uuid4().hex.
 _LEASE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -143,11 +144,12 @@ class SemanticCacheApi:
         so the identical requests would wait on it up to its age limit. Only that lease, by
         its id. True when it was held."""
         ended = self._cache.end_lease(tenant, lease_id)
-        if ended:
+        if ended and (due := self._skipped_log.due("lease", "abandoned")):
             log.info(
                 "lookup for tenant %s: its reply did not reach the caller in time; the lease "
-                "it took is ended, so identical requests need not wait on it",
+                "it took is ended, so identical requests need not wait on it%s",
                 tenant,
+                suppressed(due, EMBED_SKIPPED_LOG_EVERY_MS),
             )
         return ended
 
