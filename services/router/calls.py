@@ -499,13 +499,14 @@ class Calls:
         except CallFailed as exc:
             log.debug("semantic-cache: releasing a lost Lookup's lease failed (%s)", exc.code.name)
             return
-        if reply.released:
+        if reply.released and (due := self._unavailable.due("semantic-cache", "lease-released")):
             log.info(
                 "semantic-cache: tenant %s's request %s led, but its Lookup's reply did not "
                 "reach the router in time; its lease is released, so identical requests need "
-                "not wait on it",
+                "not wait on it%s",
                 release.tenant,
                 request_id,
+                suppressed(due, DEGRADED_LOG_EVERY_MS),
             )
 
     def _in_background(self, call: Awaitable[None]) -> None:

@@ -26,7 +26,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.env import ConfigError, Env
 from services.common.errors import Code
-from services.router.calls import Calls
+from services.router.calls import DEGRADED_LOG_EVERY_MS, Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
@@ -272,3 +272,22 @@ def test_the_breaker_is_read_at_start_and_zero_turns_it_off() -> None:
     for bad in ("-1", "soon"):
         with pytest.raises(ConfigError, match="ROUTER_SEMANTIC_BREAKER_S"):
             RouterSettings.from_env(_env(ROUTER_SEMANTIC_BREAKER_S=bad), TABLE)
+
+
+async def test_a_released_lost_lookups_lease_is_logged_at_most_once_an_interval(
+    exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Callers whose deadlines end before their Lookup's reply arrives each had an INFO line
+    of their released lease (6 in 600 requests with short deadlines): one line an interval,
+    saying how many it stands for, as the router's other degradations are logged."""
+    caplog.set_level(logging.INFO, logger="cachemesh")
+    rig = Rig(exporter)
+    rig.semantic.hung = False
+    release = sc.ReleaseRequest(tenant="tenant-a", lease_id="l1")
+    for i in range(5):
+        await rig.calls._release_unseen(release, f"r{i}")
+    rig.clock.now += DEGRADED_LOG_EVERY_MS / 1000
+    await rig.calls._release_unseen(release, "r5")
+    lines = [r.getMessage() for r in caplog.records if "lease is released" in r.getMessage()]
+    assert len(lines) == 2 and len(rig.semantic.releases) == 6, lines
+    assert "r0" in lines[0] and "4 more since the last such line" in lines[1]
