@@ -247,6 +247,11 @@ class PrefixCacheCore:
         async with self._commit_locks.hold((tenant, request_id)):
             done = await self._ledger.get(tenant, request_id, self._clock.now_ms())
             if done is not None:
+                if done.model != spec.id:  # as the FINAL checks: a replay is the same call
+                    raise BadRequest(
+                        f"model {shown(model)} differs from {done.model!r} of the WARM commit "
+                        f"for request_id {shown(request_id)}; a retried WARM sends the same model"
+                    )
                 return done.split
             # the plan is taken only once the WARM is known valid (below): a refused one leaves
             # it for the WARM sent right (before, that one found it gone: PlanGone)

@@ -169,6 +169,16 @@ async def test_repeated_warm_returns_the_recorded_split_and_changes_nothing(rig:
     assert plan.candidates[0].warm_prefix_tokens == 0
 
 
+async def test_a_repeated_warm_naming_another_model_is_refused(rig: Rig) -> None:
+    """A retried WARM is the same call: one naming another model got the first one's split
+    back without a word (the FINAL refuses the same mismatch), and its caller would bill its
+    answer on a row it never ran."""
+    first = await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "")
+    with pytest.raises(BadRequest, match="differs from 'sim-large' of the WARM commit"):
+        await rig.core.warm("a", "r1", "sim-small", ask("Q?"), "")
+    assert await rig.core.warm("a", "r1", "sim-large", ask("Q?"), "") == first
+
+
 async def test_final_bills_once_and_a_repeat_returns_the_same_cost(rig: Rig) -> None:
     request = ask("Q?")
     warm = await rig.core.warm("a", "r1", "sim-large", request, "")
