@@ -50,13 +50,25 @@ class RequestError(Exception):
 
     ``retry_after_s`` (optional): the whole seconds the refused call's upstream asked to be
     left alone (a provider's 429 ``retry-after`` that outlasted the call's deadline), sent on
-    as a ``retry-after`` trailer, so that the caller's caller waits as the provider asked."""
+    as a ``retry-after`` trailer, so that the caller's caller waits as the provider asked.
+
+    ``retried``: the refused call's upstream was already retried (a model replica spent its
+    ``PROVIDER_MAX_RETRIES`` on a provider's 529 / 503 / 429): the callers above must not retry
+    it again at once, each of their retries being as many upstream calls again (a retry storm);
+    ``retry_after_s`` is then the wait the replica's next backoff would have been."""
 
     def __init__(
-        self, code: Code, message: str, reason: str = "", *, retry_after_s: int | None = None
+        self,
+        code: Code,
+        message: str,
+        reason: str = "",
+        *,
+        retry_after_s: int | None = None,
+        retried: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = "".join(c for c in reason if " " <= c <= "~")[:200]
         self.retry_after_s = retry_after_s
+        self.retried = retried

@@ -31,6 +31,21 @@ def refusal_trailers(code: Code, message: str, reason: str) -> tuple[tuple[str, 
     return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
+def pushback_trailers(
+    code: Code, message: str, retry_after_s: int, reason: str
+) -> tuple[tuple[str, bytes], ...]:
+    """The status details of a refusal its caller must not retry at once: a ``RetryInfo`` of
+    ``retry_after_s`` (the wait before a retry of the caller's own) and an ``ErrorInfo`` saying
+    why (``reason``)."""
+    retry = any_pb2.Any()
+    retry.Pack(
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_after_s))
+    )
+    details = [retry, error_info(reason)]
+    status = status_pb2.Status(code=code.value, message=message, details=details)
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
 def retry_trailers(
     code: Code,
     message: str,

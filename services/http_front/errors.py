@@ -26,6 +26,7 @@ from cachemesh.retry_info import (
     CONTEXT_WINDOW,
     RATE_LIMITED,
     REQUEST_TOO_LARGE,
+    UPSTREAM_RETRIED,
 )
 from services.common.errors import Code
 
@@ -255,7 +256,10 @@ def _from_gateway(
         # the providers' own wait (each replica's provider answered 429 with a retry-after past
         # the call's deadline), for the SDKs to honour: before, none, and they retried at once
         if retry_after_s is not None:
-            final = retry_after_s > RETRYABLE_WAIT_S  # an SDK would not wait that long
+            # every replica had retried its provider already (``UPSTREAM_RETRIED``): the SDK
+            # is told not to retry (each of its retries was 3 provider calls more: 9 for one
+            # create()), its retry-after kept for a caller's own retry later
+            final = retry_after_s > RETRYABLE_WAIT_S or reason == UPSTREAM_RETRIED
             return ApiError("overloaded", message, retry_after_s=retry_after_s, final=final)
         return ApiError("overloaded", message)
     if code is Code.CANCELLED:

@@ -18,7 +18,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cachemesh.retry_info import error_reason, made_request_id, no_retry, retry_delay_s
+from cachemesh.retry_info import (
+    UPSTREAM_RETRIED,
+    error_reason,
+    made_request_id,
+    no_retry,
+    retry_delay_s,
+)
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.channels import channel_options
@@ -56,7 +62,9 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
     the RetryInfo delay in the status details (rounded up to whole seconds), else its
     ``retry-after`` trailer; why a RESOURCE_EXHAUSTED is refused, its ErrorInfo reason (a rate,
     a budget, a request too large). A refusal with a negative server pushback (a model call of
-    it was billed without its answer) is ``billed``: final, whatever its status."""
+    it was billed without its answer) is ``billed``: final, whatever its status; one whose
+    ErrorInfo says ``UPSTREAM_RETRIED`` (its providers retried already, not billed) is final
+    too, without the billed words (``errors.from_gateway``)."""
     trailers = error.trailing_metadata() or ()
     retry_after: int | None = None
     delay = retry_delay_s(trailers)
@@ -67,12 +75,13 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
             if key == RETRY_AFTER:
                 text = value.decode() if isinstance(value, bytes) else value
                 retry_after = int(text) if text.isascii() and text.isdigit() else 1
+    reason = error_reason(trailers)
     refusal = from_gateway(
         code_of(error.code()),
         error.details() or "",
         retry_after,
-        billed=no_retry(trailers),
-        reason=error_reason(trailers),
+        billed=no_retry(trailers) and reason != UPSTREAM_RETRIED,
+        reason=reason,
     )
     return replace(refusal, request_id=made_request_id(trailers))
 

@@ -38,12 +38,17 @@ REASON_KEY = "cachemesh-reason"
 # and the one carrying the whole seconds its provider asked to be left alone (a 429's
 # retry-after that outlasted the call's deadline: RequestError.retry_after_s)
 RETRY_AFTER_KEY = "retry-after"
+# and the mark of a refusal after the replica's own retries of its provider were spent
+# (RequestError.retried): the router tells its client not to retry it at once
+RETRIED_KEY = "cachemesh-retried"
 
 
 def _trailers(error: RequestError) -> tuple[tuple[str, str], ...]:
     trailers: list[tuple[str, str]] = [(REASON_KEY, error.reason)] if error.reason else []
     if error.retry_after_s is not None:
         trailers.append((RETRY_AFTER_KEY, str(error.retry_after_s)))
+    if error.retried:
+        trailers.append((RETRIED_KEY, "1"))
     return tuple(trailers)
 
 

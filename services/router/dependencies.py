@@ -26,16 +26,25 @@ class CallFailed(Exception):
     """A dependency refused or could not serve a call; ``code`` says how. ``reason``: the
     callee's own short account, fit for the client (``RequestError.reason``; "" = none).
     ``retry_after_s``: the whole seconds the callee's upstream asked to be left alone (a model
-    replica's ``retry-after`` trailer: its provider's 429 that outlasted the call's deadline)."""
+    replica's ``retry-after`` trailer: its provider's 429 that outlasted the call's deadline).
+    ``retried``: the callee had retried its upstream already (a replica's ``cachemesh-retried``
+    trailer: its provider retries spent), ``RequestError.retried``."""
 
     def __init__(
-        self, code: Code, details: str, reason: str = "", *, retry_after_s: int | None = None
+        self,
+        code: Code,
+        details: str,
+        reason: str = "",
+        *,
+        retry_after_s: int | None = None,
+        retried: bool = False,
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.retried = retried
 
 
 # ``cachemesh_router_degraded_total``'s reason for a call its request's own (the client's)
@@ -50,7 +59,9 @@ class CutByClient(CallFailed):
 
     @classmethod
     def of(cls, exc: CallFailed) -> CutByClient:
-        cut = cls(exc.code, exc.details, exc.reason, retry_after_s=exc.retry_after_s)
+        cut = cls(
+            exc.code, exc.details, exc.reason, retry_after_s=exc.retry_after_s, retried=exc.retried
+        )
         cut.__cause__ = exc
         return cut
 

@@ -256,6 +256,8 @@ class Dispatcher:
         # each failure's wait its provider asked for (a 429's retry-after that outlasted the
         # call's deadline; None: it asked none), the client's retry-after when all asked one
         waits: list[int | None] = []
+        # each failure's mark: its replica had spent its retries of its provider already
+        retried: list[bool] = []
         # auto's tiers whose context window cannot hold the prompt and max_tokens of answer
         too_long: list[str] = []
         room = False  # one of them holds the prompt, not max_tokens of answer with it
@@ -428,6 +430,7 @@ class Dispatcher:
                         why = f"no answer within {timeout_s:.1f} s"
                     failures.append(f"{spec.id}: {exc.code.name}" + (f" ({why})" if why else ""))
                     waits.append(exc.retry_after_s)
+                    retried.append(exc.retried)
                     continue
                 except BaseException as exc:
                     self._left(spec, wanted, replica, ticket)
@@ -516,13 +519,26 @@ class Dispatcher:
         # again is the client's wait (before, none was said and the SDKs retried at once)
         asked = [wait for wait in waits if wait is not None]
         retry_after_s = min(asked) if asked and len(asked) == len(waits) else None
+        # every replica tried had retried its provider already (its 529s, 503s): a retry of
+        # the client's now would be as many provider calls again (3 tries a replica, times the
+        # SDK's 3 attempts: 9 calls for one create()), so it is told to wait and not to retry
+        # (``servicer._trailers``: gRPC's server pushback, the HTTP front's x-should-retry)
+        spent = retry_after_s is not None and bool(retried) and all(retried)
+        if spent:
+            after = (
+                f"; each provider was retried already: retry in {retry_after_s} s at the earliest"
+            )
+        else:
+            after = "; retry later" + (
+                f" (in {retry_after_s} s, as the provider asked)" if retry_after_s else ""
+            )
         raise RequestError(
             Code.UNAVAILABLE,
             "no model replica could serve the request ("
             + "; ".join(dict.fromkeys(failures + too_long))
-            + f"){only}; retry later"
-            + (f" (in {retry_after_s} s, as the provider asked)" if retry_after_s else ""),
+            + f"){only}{after}",
             retry_after_s=retry_after_s,
+            retried=spent,
         )
 
     def _usable_first(

@@ -61,6 +61,8 @@ _GENERATE = _method(model_pb2.DESCRIPTOR, "Model", "Generate")
 REASON_KEY = "cachemesh-reason"  # a model replica's short reason (services.model.servicer)
 # a model replica's wait its provider asked for, in whole seconds (services.model.servicer)
 RETRY_AFTER_KEY = "retry-after"
+# a model replica's mark: its provider retries were spent on the call (services.model.servicer)
+RETRIED_KEY = "cachemesh-retried"
 _MAX_RETRY_AFTER_S = 366 * 86_400  # a longer one is no figure a caller can wait for
 
 
@@ -70,7 +72,12 @@ def failed(exc: grpc.aio.AioRpcError) -> CallFailed:
         exc.details() or exc.code().name,
         _reason(exc),
         retry_after_s=_retry_after(exc),
+        retried=any(key == RETRIED_KEY and value == "1" for key, value in _trailing(exc)),
     )
+
+
+def _trailing(exc: grpc.aio.AioRpcError) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple(exc.trailing_metadata() or ())
 
 
 def _reason(exc: grpc.aio.AioRpcError) -> str:

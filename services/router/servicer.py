@@ -22,6 +22,7 @@ from cachemesh.retry_info import (
     RATE_LIMITED,
     REQUEST_ID_KEY,
     REQUEST_TOO_LARGE,
+    UPSTREAM_RETRIED,
 )
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
@@ -33,7 +34,12 @@ from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.grace import GraceEnd
 from services.common.models import ModelTable
-from services.common.retry_info import RETRY_AFTER_KEY, refusal_trailers, retry_trailers
+from services.common.retry_info import (
+    RETRY_AFTER_KEY,
+    pushback_trailers,
+    refusal_trailers,
+    retry_trailers,
+)
 from services.common.server import DEFAULT_REQUEST_BYTES
 from services.common.status import grpc_code
 from services.router import spans
@@ -690,7 +696,9 @@ def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
         return _Denied(exc.denial)
     if isinstance(exc, DeadlineCut):
         return DeadlineCut(exc.routers, exc.message)
-    return RequestError(exc.code, exc.message, exc.reason, retry_after_s=exc.retry_after_s)
+    return RequestError(
+        exc.code, exc.message, exc.reason, retry_after_s=exc.retry_after_s, retried=exc.retried
+    )
 
 
 class _FirstLeft(Exception):
@@ -756,10 +764,21 @@ def _trailers(call: Call, exc: RequestError, made_id: Metadata = ()) -> Metadata
       ErrorInfo with no RetryInfo, so a client does not take it for a rate limit.
     - ``retry-after`` (whole seconds) on an UNAVAILABLE whose every replica's provider asked
       for a wait that outlasted the call (a 429's retry-after): the least of them, so that an
-      HTTP caller's SDK waits as the provider asked rather than retrying at once."""
+      HTTP caller's SDK waits as the provider asked rather than retrying at once.
+    - on an UNAVAILABLE after every replica tried had retried its provider (``exc.retried``:
+      their 529s, 503s), ``NO_RETRY`` too, with a RetryInfo of that wait and the ErrorInfo
+      ``UPSTREAM_RETRIED`` (which tells it from a billed call's): retries are the replicas'
+      alone, bounded by ``PROVIDER_MAX_RETRIES``; the client's policy (and, from the HTTP
+      front, an SDK's: x-should-retry: false) retrying each would multiply them (3 tries a
+      replica times 3 SDK attempts: 9 provider calls for one create(); the client's 5: 15)."""
     trailers: list[tuple[str, str | bytes]] = [NO_RETRY] if call.bills else []
     if exc.retry_after_s is not None:  # the providers' wait (every replica's rate limited)
         trailers.append((RETRY_AFTER_KEY, str(exc.retry_after_s)))
+        if exc.retried and not call.bills:  # (a billed one says so, final too)
+            trailers.append(NO_RETRY)
+            trailers.extend(
+                pushback_trailers(exc.code, exc.message, exc.retry_after_s, UPSTREAM_RETRIED)
+            )
     if exc.code == Code.RESOURCE_EXHAUSTED:
         reason = CONTEXT_WINDOW if "context window" in exc.message else REQUEST_TOO_LARGE
         trailers.extend(refusal_trailers(exc.code, exc.message, reason))

@@ -734,3 +734,58 @@ def test_a_replica_that_cuts_every_answer_after_its_first_token_is_ejected(
     print(f"\n{len(cut_calls)} of 12 requests were cut on openai-1")
     assert 3 <= len(cut_calls) <= 4  # was every other request or more (6 to 12)
     _answered_by(providers, "openai-1", tag)  # back in service for the tests that follow
+
+
+@pytest.mark.parametrize(
+    ("api", "model", "status"),
+    [("anthropic", "claude-sonnet-4-5", 529), ("openai", "gpt-4o-mini", 503)],
+    ids=["anthropic", "openai"],
+)
+def test_a_provider_overloaded_on_every_try_is_retried_at_the_replica_only(
+    providers: ProviderStack, api: str, model: str, status: int
+) -> None:
+    """The provider answers 529 (OpenAI: 503) to every try. Its replica tries it 3 times
+    (PROVIDER_MAX_RETRIES 2) and says so; the front answers 529 / 503 with the replica's next
+    backoff as retry-after and x-should-retry: false, so an SDK with its default retries (2)
+    makes no more calls, nor does the gRPC client's channel (5 attempts). Before: 9 provider
+    calls for one create() in 1.77 s (the replica's 3, times the SDK's 3 attempts), 15 for
+    the gRPC client's one call."""
+    server = providers.server
+    if api == "openai":
+        refusals = [openai_wire.error(503, "server_error", "overloaded") for _ in range(20)]
+    else:
+        refusals = [anthropic_wire.error(529, "overloaded_error", "Overloaded") for _ in range(20)]
+    server.script(api, *refusals)
+    tag = f"Overloaded {uuid.uuid4().hex[:8]}"
+    front = f"http://{providers.stack.addresses['http-front']}"
+    key = providers.stack.keys["tenant-a"]
+    asked: Any = [{"role": "user", "content": tag}]
+    error: anthropic.APIStatusError | openai.APIStatusError
+    try:
+        if api == "openai":  # the SDKs' default max_retries (2)
+            with pytest.raises(openai.APIStatusError) as refused_openai:
+                openai.OpenAI(base_url=front + "/v1", api_key=key).chat.completions.create(
+                    model=model, max_tokens=64, messages=asked
+                )
+            error = refused_openai.value
+        else:
+            with pytest.raises(anthropic.APIStatusError) as refused_anthropic:
+                anthropic.Anthropic(base_url=front, api_key=key).messages.create(
+                    model=model, max_tokens=64, messages=asked
+                )
+            error = refused_anthropic.value
+        sent = [s for s in server.seen_by(api) if tag in str(s.body)]
+        with _client(providers) as client:  # gRPC's retries on (MAX_ATTEMPTS)
+            refused = _refused(providers, client, ask(model, f"{tag} grpc"))
+        by_grpc = [s for s in server.seen_by(api) if f"{tag} grpc" in str(s.body)]
+    finally:
+        with server._lock:  # the refusals not used must not reach the next tests
+            server.scripts[api] = [r for r in server.scripts[api] if r not in refusals]
+    assert error.status_code == status
+    assert error.response.headers.get("x-should-retry") == "false"
+    assert (error.response.headers.get("retry-after") or "").isdigit()
+    assert "retried already" in str(error.body)
+    assert len(sent) == 3  # the replica's tries, no SDK retry of them
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    assert getattr(refused, "retry_after_s", None) is not None
+    assert len(by_grpc) == 3

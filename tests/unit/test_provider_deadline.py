@@ -143,15 +143,18 @@ async def test_a_refused_retry_after_is_told_in_whole_seconds_rounded_up(
     assert caught.value.code == Code.UNAVAILABLE and caught.value.retry_after_s == told
 
 
-async def test_a_refusal_after_its_tries_without_a_retry_after_tells_no_wait(
+async def test_a_refusal_after_its_tries_without_a_retry_after_tells_its_next_backoff(
     tokenizer: Tokenizer,
 ) -> None:
+    """Its retries spent, the replica says so (``retried``) with the wait its next try would
+    have had (0.5 s, 1 s, then 2 s): before, it said none, and the callers above retried at
+    once, each retry three provider calls more (``test_retry_storm``)."""
     clock = Clock()
     adapter = RateLimitedAdapter(retry_after="not a figure", refusals=5)
     with pytest.raises(RequestError) as caught:
         await _drain(_api(adapter, clock, tokenizer), time_remaining_s=10.0)
     assert "after 3 tries" in caught.value.message
-    assert caught.value.retry_after_s is None  # no wait the provider asked: none made up
+    assert caught.value.retry_after_s == 2 and caught.value.retried
 
 
 async def test_a_retry_after_within_the_deadline_is_honoured(tokenizer: Tokenizer) -> None:

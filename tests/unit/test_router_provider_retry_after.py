@@ -28,7 +28,7 @@ def _limited(wait_s: int | None) -> CallFailed:
     ("waits", "told"),
     [
         ((30, 12), 12),  # the first replica free again
-        ((30, None), None),  # one failed otherwise (a 529 after its tries): no wait is known
+        ((30, None), None),  # one failed otherwise (no wait said): no wait is known
         ((None, None), None),
     ],
 )

@@ -6,7 +6,7 @@ import re
 
 import grpc
 
-from cachemesh.retry_info import TOO_LARGE_REASONS, error_reason, retry_delay_s
+from cachemesh.retry_info import TOO_LARGE_REASONS, error_reason, retry_after_s, retry_delay_s
 
 
 class CachemeshError(Exception):
@@ -77,7 +77,16 @@ class UnavailableError(CachemeshError):
     """No layer could serve the request (UNAVAILABLE), or its answer did not reach you: it may
     have been made (and billed), so its text names the ``request_id`` to retry with (a call
     that made no answer, cut mid-answer, is a new model call, billed again, on its retry).
-    DEADLINE_EXCEEDED is its subclass ``DeadlineExceededError``."""
+    DEADLINE_EXCEEDED is its subclass ``DeadlineExceededError``.
+
+    ``retry_after_s``: the wait the Gateway asked for before a retry (None: it named none):
+    its providers' own (a 429's retry-after), or, with ``reason`` ``UPSTREAM_RETRIED``, the
+    wait after every model replica had retried its provider already (its 529s, 503s), which
+    the client's channel does not retry (each retry would be as many provider calls again):
+    retry after that wait at the earliest, if at all."""
+
+    retry_after_s: float | None = None
+    reason: str | None = None
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -134,6 +143,10 @@ def from_rpc_error(error: grpc.RpcError, request_id: str = "") -> CachemeshError
     result = _BY_CODE.get(code, CachemeshError)(code, details, request_id)
     if isinstance(result, RateLimitError) and call:
         result.retry_after_s = retry_delay_s(error.trailing_metadata())
+        result.reason = reason
+    elif isinstance(result, UnavailableError) and call:
+        # RetryInfo, else the retry-after trailer the Gateway sends alone (a 429's wait)
+        result.retry_after_s = retry_after_s(error.trailing_metadata())
         result.reason = reason
     return result
 

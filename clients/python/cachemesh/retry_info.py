@@ -29,6 +29,10 @@ REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"  # over a size limit: the Gateway's or a
 RATE_LIMITED = "RATE_LIMITED"  # the tenant's request or token rate: RetryInfo says the wait
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"  # the tenant's day or month budget: RetryInfo too
 TOO_LARGE_REASONS = frozenset((CONTEXT_WINDOW, REQUEST_TOO_LARGE))
+# on an UNAVAILABLE: every model replica had retried its provider already (its 529s, 503s,
+# 429s), so the call ends with a negative server pushback (no retry at once: each would be as
+# many provider calls again) and RetryInfo says the wait before a retry of the caller's own
+UPSTREAM_RETRIED = "UPSTREAM_RETRIED"
 
 
 def status_details(trailing_metadata: Iterable[Any] | None) -> status_pb2.Status | None:
@@ -73,6 +77,24 @@ def retry_delay_s(trailing_metadata: Iterable[Any] | None) -> float | None:
         info = error_details_pb2.RetryInfo()
         if detail.Unpack(info):  # False for a detail of another type
             return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
+
+
+RETRY_AFTER_KEY = "retry-after"
+
+
+def retry_after_s(trailing_metadata: Iterable[Any] | None) -> float | None:
+    """The wait a refusal asks for: its RetryInfo, else its ``retry-after`` trailer (whole
+    seconds: the Gateway sends it alone on an UNAVAILABLE whose providers asked for a wait, a
+    429's retry-after); None when it names none (or no figure)."""
+    delay = retry_delay_s(trailing_metadata)
+    if delay is not None:
+        return delay
+    items = list(trailing_metadata or ())
+    for key, value in items:
+        if key == RETRY_AFTER_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            return float(text) if text.isascii() and text.isdigit() else None
     return None
 
 

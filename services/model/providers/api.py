@@ -335,7 +335,7 @@ class ProviderApi:
                     self._log_unexpected(spec.id, failure)
                 wait, why = self._retry_wait(failure, tries, deadline)
                 if wait is None:
-                    refusal = await self._refusal(failure, message, why, spec.id)
+                    refusal = await self._refusal(failure, message, why, spec.id, tries)
                     if failure.kind not in _OUT:  # those have their own log line
                         self._log_refusal(spec.id, failure, refusal)
                     raise refusal from None
@@ -488,13 +488,29 @@ class ProviderApi:
             wait = failure.retry_after_s
             what = f"its retry-after ({wait:.1f} s)"
         else:
-            wait = min(self._s.backoff_max_s, self._s.backoff_s * 2 ** (tries - 1))
+            wait = self._backoff_s(tries)
             wait *= 0.5 + random.random() / 2  # jitter: concurrent retries spread out
             what = f"a retry's backoff ({wait:.2f} s)"
         left = deadline - self._clock()
         if wait >= left - _DEADLINE_MARGIN_S:  # the wait would outlast the deadline: hand over
             return None, f"{what} outlasts the request's deadline ({max(left, 0.0):.1f} s left)"
         return wait, ""
+
+    def _backoff_s(self, tries: int) -> float:
+        """The backoff after ``tries`` failed tries, before its jitter: ``backoff_s`` doubling
+        each try, at most ``backoff_max_s``."""
+        return float(min(self._s.backoff_max_s, self._s.backoff_s * 2 ** (tries - 1)))
+
+    def _spent_wait(self, failure: Failure, tries: int) -> int | None:
+        """The wait a caller is told (``retry-after``) once this replica spent its retries on
+        ``failure`` (``max_retries`` of a 529 / 503 / 429 ...): the provider's own retry-after,
+        else the backoff the next try would have waited; None while retries were left (the
+        call handed over for a wait outlasting the deadline says only the provider's)."""
+        if failure.kind != Kind.RETRY or tries <= self._s.max_retries:
+            return None
+        if failure.retry_after_s is not None:
+            return _whole_seconds(failure.retry_after_s)
+        return max(1, math.ceil(self._backoff_s(tries)))  # (the try after ``tries``)
 
     def _log_unexpected(self, model: str, failure: Failure) -> None:
         """A call that failed unexpectedly (called while its exception is handled): its
@@ -519,7 +535,9 @@ class ProviderApi:
         if due := self._failed_log.due(model, kind):
             log.warning("%s: %s%s", model, refusal.message, suppressed(due, FAILED_LOG_EVERY_MS))
 
-    async def _refusal(self, failure: Failure, message: str, why: str, model: str) -> RequestError:
+    async def _refusal(
+        self, failure: Failure, message: str, why: str, model: str, tries: int
+    ) -> RequestError:
         backend = self._adapter.backend
         if failure.error_type == UNSENDABLE:  # never sent: the SDK could not encode it
             return RequestError(
@@ -581,13 +599,19 @@ class ProviderApi:
             elif failure.status == 404:  # a path it does not serve
                 base = "ends in /v1" if backend == "openai" else "has no /v1: the SDK adds it"
                 check = f"; is {backend.upper()}_BASE_URL ({self._s.shown_url}) right? (it {base})"
+        # its retries spent: the callers above (the router, the client's SDK) are told to wait
+        # and not to retry at once, each retry of theirs being as many provider calls again
+        spent = self._spent_wait(failure, tries)
         return RequestError(
             Code.UNAVAILABLE,
             f"{backend} could not serve ({status}: {message}){after}{check}",
             f"{backend} {status}{after}",
-            retry_after_s=_whole_seconds(failure.retry_after_s)
+            retry_after_s=spent
+            if spent is not None
+            else _whole_seconds(failure.retry_after_s)
             if failure.kind == Kind.RETRY
             else None,
+            retried=spent is not None,
         )
 
     def _refuse_while_out(self) -> bool:

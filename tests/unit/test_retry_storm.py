@@ -1,0 +1,204 @@
+"""A provider answering 529 (or 503) to every try: the chain retries it once, at the replica.
+
+Measured on the provider stack (an SDK's create() with its default retries, the provider
+answering 529 to every call): 9 provider calls in 1.77 s (the replica's 3 tries, times the
+SDK's 3 attempts; two replicas: 18), and 15 from the Python gRPC client (its channel's 5
+attempts). Now the replica that spent its ``PROVIDER_MAX_RETRIES`` marks its refusal
+(``cachemesh-retried``, with the wait its next backoff would have been as ``retry-after``);
+the router, when every replica tried was so, ends the call with gRPC's server pushback
+``-1``, a RetryInfo of that wait and the ErrorInfo ``UPSTREAM_RETRIED``; the HTTP front
+answers 529 / 503 with that retry-after and ``x-should-retry: false``; the client's channel
+does not retry, and its ``UnavailableError`` carries the wait. One create(): 3 provider calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+import anthropic
+import grpc
+import httpx2
+import pytest
+
+from cachemesh import UnavailableError
+from cachemesh._errors import from_rpc_error
+from cachemesh.retry_info import PUSHBACK_KEY, UPSTREAM_RETRIED, error_reason, retry_delay_s
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.errors import Code, RequestError
+from services.common.models import ModelSpec
+from services.common.retry_info import pushback_trailers
+from services.common.tokens import Tokenizer, load_cl100k
+from services.http_front.errors import BILLED
+from services.http_front.gateway import api_error
+from services.model.providers.progress import Progress
+from services.model.servicer import _trailers as replica_trailers
+from services.router.access_log import Call
+from services.router.dependencies import CallFailed
+from services.router.grpc_adapters import failed
+from services.router.servicer import NO_RETRY
+from services.router.servicer import _trailers as router_trailers
+from tests.unit.test_provider_deadline import Clock, _api, _drain
+from tests.unit.test_router_replica_ejection import Clock as RouterClock
+from tests.unit.test_router_replica_ejection import Models, _ask, _pipeline
+
+
+def _overloaded(status: int, retry_after: str | None) -> anthropic.APIStatusError:
+    kind = "overloaded_error" if status == 529 else "api_error"
+    body = {"type": "error", "error": {"type": kind, "message": "Overloaded"}}
+    request = httpx2.Request("POST", "http://127.0.0.1:1/v1/messages")
+    headers = {"retry-after": retry_after} if retry_after is not None else {}
+    response = httpx2.Response(status, headers=headers, json=body, request=request)
+    if status == 529:
+        return anthropic.OverloadedError("Overloaded", response=response, body=body)
+    return anthropic.InternalServerError("Overloaded", response=response, body=body)
+
+
+@dataclass
+class AlwaysOverloaded:
+    """Answers ``status`` to every call (with ``retry_after``, if any)."""
+
+    status: int
+    retry_after: str | None = None
+    backend: str = "anthropic"
+    calls: list[float] = field(default_factory=list)
+
+    async def stream(
+        self, spec: ModelSpec, request: pb.CompleteRequest, progress: Progress, timeout_s: float
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        self.calls.append(timeout_s)
+        raise _overloaded(self.status, self.retry_after)
+        yield model_pb2.GenerateChunk()  # (an async generator, as the adapters' streams are)
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return load_cl100k()
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "told"),
+    [
+        (529, None, 2),  # the 4th try's backoff: 0.5 s, 1 s, then 2 s (PROVIDER_BACKOFF_S 0.5)
+        (503, None, 2),
+        (529, "0.2", 1),  # the provider's own wait, in whole seconds
+    ],
+)
+async def test_a_replica_that_spent_its_retries_says_so_with_its_next_wait(
+    tokenizer: Tokenizer, status: int, retry_after: str | None, told: int
+) -> None:
+    clock = Clock()
+    adapter = AlwaysOverloaded(status, retry_after)
+    with pytest.raises(RequestError) as caught:
+        await _drain(_api(adapter, clock, tokenizer), time_remaining_s=60.0)  # type: ignore[arg-type]
+    assert len(adapter.calls) == 3  # PROVIDER_MAX_RETRIES 2: three tries, no more
+    assert caught.value.code == Code.UNAVAILABLE
+    assert caught.value.retried
+    assert caught.value.retry_after_s == told
+    assert ("cachemesh-retried", "1") in replica_trailers(caught.value)
+    assert ("retry-after", str(told)) in replica_trailers(caught.value)
+
+
+async def test_a_replica_that_handed_over_with_retries_left_does_not_say_so(
+    tokenizer: Tokenizer,
+) -> None:
+    """A retry-after past the deadline: no retry made, its caller may try elsewhere."""
+    adapter = AlwaysOverloaded(529, "30")
+    with pytest.raises(RequestError) as caught:
+        await _drain(_api(adapter, Clock(), tokenizer), time_remaining_s=5.0)  # type: ignore[arg-type]
+    assert len(adapter.calls) == 1
+    assert not caught.value.retried and caught.value.retry_after_s == 30
+    assert ("cachemesh-retried", "1") not in replica_trailers(caught.value)
+
+
+def _rpc_error(trailers: tuple[tuple[str, str | bytes], ...]) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), "no"
+    )
+
+
+def test_the_router_reads_a_replicas_retried_mark() -> None:
+    assert failed(_rpc_error((("retry-after", "4"), ("cachemesh-retried", "1")))).retried
+    assert not failed(_rpc_error((("retry-after", "4"),))).retried
+    assert not failed(_rpc_error((("cachemesh-retried", "0"),))).retried
+
+
+def _spent(wait_s: int, retried: bool = True) -> CallFailed:
+    return CallFailed(
+        Code.UNAVAILABLE,
+        "anthropic could not serve (529 overloaded_error: Overloaded); after 3 tries",
+        "anthropic 529 overloaded_error; after 3 tries",
+        retry_after_s=wait_s,
+        retried=retried,
+    )
+
+
+@pytest.mark.parametrize(
+    ("second", "spent"),
+    [
+        (_spent(2), True),  # both replicas retried their providers: no retry, the least wait
+        (_spent(2, retried=False), False),  # one handed over for a provider's wait: retryable
+    ],
+)
+async def test_the_routers_refusal_is_retried_only_when_every_replica_retried(
+    second: CallFailed, spent: bool
+) -> None:
+    models = Models(RouterClock(), {"large-1": _spent(4), "large-2": second})
+    with pytest.raises(RequestError) as caught:
+        await _ask(_pipeline(models), 1)
+    assert sorted(models.calls) == ["large-1", "large-2"]  # each replica once: no retry
+    assert caught.value.code == Code.UNAVAILABLE and caught.value.retry_after_s == 2
+    assert caught.value.retried == spent
+    assert ("retried already: retry in 2 s at the earliest" in caught.value.message) == spent
+
+
+def _refusal() -> RequestError:
+    return RequestError(
+        Code.UNAVAILABLE, "no model replica could serve", retry_after_s=4, retried=True
+    )
+
+
+def test_the_routers_spent_refusal_pushes_back_with_its_wait_and_why() -> None:
+    trailers = router_trailers(Call("Complete", 0.0), _refusal())
+    assert NO_RETRY in trailers  # the client's channel does not retry it
+    assert ("retry-after", "4") in trailers
+    assert retry_delay_s(trailers) == 4.0
+    assert error_reason(trailers) == UPSTREAM_RETRIED
+
+
+def test_the_http_front_tells_the_sdk_to_wait_and_not_retry() -> None:
+    trailers = router_trailers(Call("Complete", 0.0), _refusal())
+    error = api_error(_rpc_error(trailers))
+    assert error.status_for("anthropic") == 529 and error.status_for("openai") == 503
+    assert error.headers() == {"retry-after": "4", "x-should-retry": "false"}
+    assert BILLED not in error.message  # not a billed call's refusal
+
+
+def test_a_billed_call_still_says_billed() -> None:
+    """A call billed on one replica and refused by another keeps the billed refusal."""
+    message = "no model replica could serve"
+    billed = (NO_RETRY, ("retry-after", "4"))  # what the router sends for it (no ErrorInfo)
+    error = api_error(_rpc_error(billed))
+    assert BILLED in error.message and error.headers()["x-should-retry"] == "false"
+    spent: tuple[tuple[str, str | bytes], ...] = (
+        NO_RETRY,
+        *pushback_trailers(Code.UNAVAILABLE, message, 4, UPSTREAM_RETRIED),
+    )
+    assert BILLED not in api_error(_rpc_error(spent)).message
+
+
+def test_the_client_carries_the_wait_on_its_unavailable_error() -> None:
+    trailers = router_trailers(Call("Complete", 0.0), _refusal())
+    error = from_rpc_error(_rpc_error(trailers), "r1")
+    assert isinstance(error, UnavailableError)
+    assert error.retry_after_s == 4.0 and error.reason == UPSTREAM_RETRIED
+    assert (PUSHBACK_KEY, "-1") in trailers
+    # a provider's 429 wait the router sends alone (a retry-after trailer, no RetryInfo)
+    alone = from_rpc_error(_rpc_error((("retry-after", "30"),)), "r2")
+    assert isinstance(alone, UnavailableError) and alone.retry_after_s == 30.0
+    assert alone.reason is None
+    assert from_rpc_error(_rpc_error(()), "r3").retry_after_s is None  # type: ignore[attr-defined]
