@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from cachemesh import AsyncClient, Client, build_request
+from cachemesh import AsyncClient, Client, UnavailableError, build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
@@ -67,3 +67,20 @@ def test_an_async_cut_call_is_answered_on_its_retry(gateway: tuple[CutOnce, str]
 
     assert asyncio.run(ask()).stop_reason == "end_turn"
     assert len(fake.calls) == 2 and fake.calls[0] == fake.calls[1]
+
+
+def test_a_cut_call_not_retried_is_unavailable_with_its_request_id(
+    gateway: tuple[CutOnce, str],
+) -> None:
+    """With ``max_attempts=1`` the cut reaches the caller: an ``UnavailableError`` naming the
+    request_id to retry with, as an UNAVAILABLE is (was a generic ``CachemeshError`` naming
+    none)."""
+    fake, target = gateway
+    with (
+        Client(target, api_key="k", max_attempts=1) as client,
+        pytest.raises(UnavailableError) as raised,
+    ):
+        client.complete(build_request("hi", model="sim-small"))
+    assert raised.value.code == grpc.StatusCode.CANCELLED
+    assert len(fake.calls) == 1 and raised.value.request_id == fake.calls[0]
+    assert f"request_id {fake.calls[0]}" in str(raised.value)

@@ -74,9 +74,10 @@ class MessageTooLargeError(RequestTooLargeError):
 
 
 class UnavailableError(CachemeshError):
-    """No layer could serve the request (UNAVAILABLE), or its answer did not reach you: it may
-    have been made (and billed), so its text names the ``request_id`` to retry with (a call
-    that made no answer, cut mid-answer, is a new model call, billed again, on its retry).
+    """No layer could serve the request (UNAVAILABLE; CANCELLED: a stopping router cut the
+    call), or its answer did not reach you: it may have been made (and billed), so its text
+    names the ``request_id`` to retry with (a call that made no answer, cut mid-answer, is a
+    new model call, billed again, on its retry).
     DEADLINE_EXCEEDED is its subclass ``DeadlineExceededError``.
 
     ``retry_after_s``: the wait the Gateway asked for before a retry (None: it named none):
@@ -118,6 +119,9 @@ _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    # from the Gateway: a stopping router cut the call (as it arrived, or at the end of its
+    # grace); the caller's own cancel never comes here (the call just ends)
+    grpc.StatusCode.CANCELLED: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 
