@@ -1,6 +1,7 @@
 """The HTTP front process: builds every object from the environment, then serves HTTP.
 
-SIGTERM drains: readiness turns 503 at once, the listener closes, requests in flight (streams
+SIGTERM drains: readiness turns 503 at once, the listener closes, the connections open are
+still served for the first second (each answer closing its connection), requests in flight (streams
 included) may finish within ``CACHEMESH_GRACE_S``; those still running then are cut (their
 connections closed, their Gateway calls cancelled) and the process exits.
 """
@@ -21,7 +22,7 @@ from services.common.env import ConfigError, Env
 from services.common.heap import freeze_startup_heap
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
-from services.common.server import run_main
+from services.common.server import DRAIN_REFUSAL_S, run_main
 from services.common.telemetry import build_tracer_provider, stop_tracing
 from services.common.unread import warn_unread_settings
 from services.http_front.access_log import RefusalLog
@@ -63,9 +64,16 @@ def build_app(front: Front, max_json_bytes: int) -> web.Application:
 
 
 async def drain(
-    runner: web.BaseRunner, grace: Awaitable[object], cut: Callable[[], int] = lambda: 0
+    runner: Runner,
+    grace: Awaitable[object],
+    cut: Callable[[], int] = lambda: 0,
+    open_s: float = 0.0,
 ) -> None:
-    """Stops listening and lets the requests in flight finish until ``grace`` is over (the end
+    """Stops listening, and for ``open_s`` (within the grace) still serves the connections
+    already open, each answer saying ``Connection: close``: a request sent on an idle
+    keep-alive connection as the drain began is answered, where closing that connection at
+    once reset it (the caller cannot tell it was not served). Then closes the idle
+    connections and lets the requests in flight finish until ``grace`` is over (the end
     of ``CACHEMESH_GRACE_S``); then ``cut`` has the non-streaming ones still waiting on the
     Gateway (``cut`` says how many) answer their refusal (a closed connection, the SDKs retried
     them: a new model call each), for at most ``CUT_ANSWER_S``, and closes the connections of
@@ -74,9 +82,14 @@ async def drain(
     wait its timeout twice, a streaming handler going on in between (the cancel it sends only
     reaches a handler that reads the request's body)."""
     server = runner.server
-    cleanup = asyncio.ensure_future(runner.cleanup())
     over = asyncio.ensure_future(grace)
     try:
+        runner.closing = True
+        for site in runner.sites:
+            await site.stop()  # no new connection; those open are still read
+        if open_s > 0:
+            await asyncio.wait({over}, timeout=open_s)
+        cleanup = asyncio.ensure_future(runner.cleanup())  # closes the idle connections
         await asyncio.wait({cleanup, over}, return_when=asyncio.FIRST_COMPLETED)
         if not cleanup.done() and cut() > 0:
             await asyncio.wait({cleanup}, timeout=CUT_ANSWER_S)
@@ -170,8 +183,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         await stop.wait()
         front.draining = True
         log.info("http-front draining: grace %.1fs", settings.grace_s)
-        # stops listening, waits for requests in flight until the grace is over
-        await drain(runner, asyncio.sleep(settings.grace_s), front.cut)
+        # stops listening, still serves the connections open for the refusal window (each
+        # answer closing its connection), waits for requests in flight until the grace is over
+        open_s = min(DRAIN_REFUSAL_S, settings.grace_s)
+        await drain(runner, asyncio.sleep(settings.grace_s), front.cut, open_s)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -13,7 +13,7 @@ import logging
 from http import HTTPStatus
 from typing import Any, cast
 
-from aiohttp import web, web_protocol
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadHttpMethod,
@@ -136,7 +136,8 @@ class _Server(web.Server):
 
 class Runner(web.AppRunner):
     """``max_connections``: connections open at once, one more is answered 503 and closed;
-    ``clock``: times the warning that says so (one an interval)."""
+    ``clock``: times the warning that says so (one an interval). Once ``closing`` (a drain
+    has begun), every answer says ``Connection: close`` and its connection closes after it."""
 
     def __init__(
         self,
@@ -149,6 +150,13 @@ class Runner(web.AppRunner):
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
         self._clock = clock if clock is not None else SystemClock()
+        self.closing = False
+        app.on_response_prepare.append(self._close_when_closing)
+
+    async def _close_when_closing(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.closing:
+            response.force_close()  # the connection closes once this answer is sent
+            response.headers[hdrs.CONNECTION] = "close"  # and the caller is told so
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
