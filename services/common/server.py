@@ -38,6 +38,7 @@ from services.common.env import C_INT_MAX, ConfigError, Env, address_error
 from services.common.grace import GraceEnd
 from services.common.heap import freeze_startup_heap
 from services.common.metrics import MetricsEndpoint
+from services.common.stop_signals import STOP_SIGNALS, release_stop_signals
 from services.common.tls import ServerTls
 from services.common.wire import MalformedRequests
 
@@ -344,10 +345,33 @@ async def _stop(server: grpc.aio.Server, grace_s: float, grace_end: GraceEnd | N
         marked.cancel()  # every call ended within the grace: none was cut
 
 
-def run_main(name: str, serve: Callable[[Mapping[str, str]], Coroutine[Any, Any, None]]) -> None:
+def run_main(
+    name: str,
+    serve: Callable[[Mapping[str, str], asyncio.Event], Coroutine[Any, Any, None]],
+) -> None:
     """A service's ``main``: serve until stopped; a bad configuration is one line and exit 2."""
     try:
-        asyncio.run(serve(os.environ))
+        asyncio.run(_serve_until_stopped(serve, os.environ))
     except ConfigError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+async def _serve_until_stopped(
+    serve: Callable[[Mapping[str, str], asyncio.Event], Coroutine[Any, Any, None]],
+    environ: Mapping[str, str],
+) -> None:
+    """``serve`` with a ``stop`` that SIGTERM and SIGINT set from the loop's first turn: one
+    sent while the service builds its objects (the router's tokenizers and models, ~1.6 s)
+    drains it once it is up (exit 0), where it was killed (143). The signals held back since
+    the process began (``hold_stop_signals``, the service's ``__main__``) are delivered now."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    release_stop_signals()
+    try:
+        await serve(environ, stop)
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)  # run_service's own may have gone already
