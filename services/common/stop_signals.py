@@ -3,7 +3,10 @@
 A service's ``__main__`` calls ``hold_stop_signals`` before its imports: until the event loop
 has its handlers (``server.run_main``), a SIGTERM is kept pending instead of killing the process
 (the default action: exit 143, no drain), then delivered, and the service drains and exits 0.
-Only the standard library here: it runs before the service's own (slow) imports."""
+Only the standard library here: it runs before the service's own (slow) imports. The threads
+started while they are held (gRPC's, a tokenizer's) keep them blocked, so the main thread takes
+them, as it must; a child process started from such a thread would inherit the block (the
+services start none)."""
 
 from __future__ import annotations
 
