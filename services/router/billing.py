@@ -404,11 +404,6 @@ class Billing:
             since = "".join(answer.text_since_progress)
             counted = answer.progress_tokens + (tokenizer.count(since) if since else 0)
             output_tokens = max(output_tokens, counted)
-        if reported is None and request.max_tokens > 0:
-            # a count of ours, never past max_tokens, where a provider stops and bills: an
-            # upstream that ignored max_tokens=50 and wrote 6 MB until the router's deadline
-            # was billed 200,786 output tokens (120,473,400 nanos on gpt-4o-mini)
-            output_tokens = min(output_tokens, request.max_tokens)
         inputs = BillInputs(
             tenant, request, attempt, output_tokens, baseline.id, reported, open_call
         )

@@ -245,9 +245,7 @@ class ModelAnswers:
         # follows the WARM). Before it is sent the call is journalled as open, so that a
         # router killed before its FINAL has it billed at its next start.
         tokenizer = self._tokenizers.for_spec(attempt.model)
-        open_call = OpenCall(
-            self._outbox, tokenizer.count, self._clock, most_output=request.max_tokens
-        )
+        open_call = OpenCall(self._outbox, tokenizer.count, self._clock)
         first_warm = warm_commit(
             tenant,
             attempt.commit_key(request.request_id),

@@ -36,18 +36,11 @@ class OpenCall:
     ``clock``: seconds, monotonic (the pipeline's)."""
 
     def __init__(
-        self,
-        outbox: BillingOutbox | None,
-        count: Callable[[str], int],
-        clock: Callable[[], float],
-        most_output: int = 0,
+        self, outbox: BillingOutbox | None, count: Callable[[str], int], clock: Callable[[], float]
     ) -> None:
-        """``most_output``: the request's max_tokens (0: none), past which no count of its
-        output goes (a provider stops and bills there)."""
         self._outbox = outbox
         self._count = count
         self._clock = clock
-        self._most_output = most_output
         self.entry: str | None = None  # its journal entry, until settled (None: not journalled)
         self._warm: pc.CommitRequest | None = None
         self._final = pc.CommitRequest()  # its output tokens are ``_output_tokens``
@@ -150,10 +143,7 @@ class OpenCall:
             final = pc.CommitRequest()
             final.CopyFrom(self._final)  # a copy: the journal's thread serializes it
             # the larger of the router's count and the model service's (with what came after)
-            counted = max(self._output_tokens, self._reported + self._after_report)
-            if self._most_output > 0 and not final.HasField("provider_usage"):
-                counted = min(counted, self._most_output)  # our count, never past max_tokens
-            final.output_tokens = counted
+            final.output_tokens = max(self._output_tokens, self._reported + self._after_report)
             commits = [final] if self._warm is None else [self._warm, final]
             opened = self._outbox.open(commits, self.entry, durable=durable)
         if opened is None:

@@ -30,9 +30,6 @@ from tests.providers.wire_server import Reply, WireServer
 THINKING = "Let me weigh the quarter's figures before I answer. " * 60
 PIECES = tuple(THINKING[i : i + 200] for i in range(0, len(THINKING), 200))
 ANSWER = ["Revenue ", "grew."]
-# the requests' max_tokens: room for the thinking (~660 tokens) and the answer, as a provider
-# requires (thinking counts towards max_tokens, and no count of the output goes past it)
-THINKING_ROOM = 4096
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +64,7 @@ def test_thinking_goes_on_as_progress_and_nowhere_else(
         events = openai_wire.stream(GPT, ANSWER, report, reasoning=PIECES, reasoning_field=field)
         held = len(PIECES)
     server.script(backend, Reply(events=events))
-    chunks = _generate(_api(server, backend), model, THINKING_ROOM)
+    chunks = _generate(_api(server, backend), model)
     # the first piece of thinking is the first token (the prefill is done)
     assert _kinds(chunks) == ["start", *["progress"] * held, "text", "text", "end"]
     # each carries the running count of what the model wrote (its thinking), nothing else
@@ -98,7 +95,7 @@ def test_a_stream_cut_in_the_thinking_bills_the_thinking(
     server: WireServer, backend: str, model: str
 ) -> None:
     server.script(backend, _cut_in_the_thinking(backend))
-    chunks = _generate(_api(server, backend), model, THINKING_ROOM)
+    chunks = _generate(_api(server, backend), model)
     assert _kinds(chunks) == ["start", *["progress"] * (len(PIECES) - 1), "end"]
     (end,) = _ends(chunks)
     assert end.interrupted
@@ -115,6 +112,6 @@ def test_a_stream_cut_in_the_thinking_bills_the_thinking(
 def test_an_engine_without_usage_counts_its_thinking(server: WireServer) -> None:
     # an OpenAI-compatible engine without stream_options support: no usage chunk
     server.script("openai", Reply(events=openai_wire.stream(GPT, ANSWER, None, reasoning=PIECES)))
-    (end,) = _ends(_generate(_api(server, "openai"), GPT, THINKING_ROOM))
+    (end,) = _ends(_generate(_api(server, "openai"), GPT))
     assert not end.interrupted and not end.HasField("provider_usage")
     assert end.output_tokens > _thinking_tokens(GPT)  # its thinking and its answer

@@ -23,8 +23,8 @@ from tests.providers.wire_server import Reply, WireServer
 ARGUMENTS = json.dumps({"path": "report.md", "content": "Quarterly revenue grew. " * 300})
 PIECES = [ARGUMENTS[i : i + 200] for i in range(0, len(ARGUMENTS), 200)]
 TOOL_TOKENS = load_cl100k().count(ARGUMENTS)  # ~1,200
-# the requests' max_tokens: room for the tool call, as a provider requires (no count of the
-# output goes past max_tokens)
+# the requests' max_tokens: room for the tool call, as a provider requires (a tool call's
+# arguments are visible output, which the replica cuts well past max_tokens)
 TOOL_ROOM = 4096
 
 

@@ -64,8 +64,7 @@ def test_a_deepseek_cache_hit_is_reported_and_billed_as_cached(
     server: WireServer, report: dict[str, Any], cached: int
 ) -> None:
     server.script("openai", Reply(events=openai_wire.stream(GPT, ["Paris."], report)))
-    # (a max_tokens that holds the 31 tokens reported: a count past it is not believed)
-    (end,) = _ends(_generate(_api(server, "openai"), GPT, max_tokens=64))
+    (end,) = _ends(_generate(_api(server, "openai"), GPT))
     usage = end.provider_usage.openai
     assert (usage.prompt_tokens, usage.completion_tokens) == (2006, 31)
     assert usage.prompt_tokens_details.cached_tokens == cached

@@ -25,14 +25,6 @@ from tests.unit.test_router_pipeline import FakeModels, FakeStream, Rig, _reques
 ARGUMENTS = json.dumps({"path": "report.md", "content": "Quarterly revenue grew. " * 300})
 
 
-def _room() -> pb.CompleteRequest:
-    """The request, with a max_tokens that holds what the model writes in these tests (the
-    bill of a call without its answer is at most its max_tokens, where a provider stops)."""
-    request = _request()
-    request.max_tokens = 4096
-    return request
-
-
 class Held(FakeStream):
     """Its chunks, then a wait: the rest of the answer is still being written."""
 
@@ -68,7 +60,7 @@ class ToolModels(FakeModels):
 async def test_a_call_left_after_a_tool_call_bills_the_tool_calls_tokens() -> None:
     rig = Rig(models=ToolModels())
     pipeline = rig.pipeline()
-    async with contextlib.aclosing(pipeline.run("tenant-a", _room())) as run:
+    async with contextlib.aclosing(pipeline.run("tenant-a", _request())) as run:
         async for chunk in run:
             if chunk.WhichOneof("part") == "delta" and chunk.delta.HasField("tool_use"):
                 break  # the client leaves once it has the tool call
@@ -111,7 +103,7 @@ async def test_a_stream_broken_in_the_thinking_bills_what_the_model_service_coun
     rig = Rig(models=BrokenInTheThinking())
     pipeline = rig.pipeline()
     with pytest.raises(RequestError) as caught:
-        _ = [chunk async for chunk in pipeline.run("tenant-a", _room())]
+        _ = [chunk async for chunk in pipeline.run("tenant-a", _request())]
     await pipeline.drain()
     assert caught.value.code == Code.UNAVAILABLE  # its text had reached the caller
     (final,) = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
@@ -251,7 +243,7 @@ async def _left_while_writing(models: Writing) -> pc.CommitRequest:
     deltas: list[pb.CompleteChunk] = []
 
     async def consume() -> None:
-        async for chunk in pipeline.run("tenant-a", _room()):
+        async for chunk in pipeline.run("tenant-a", _request()):
             deltas.append(chunk)
 
     task = asyncio.create_task(consume())

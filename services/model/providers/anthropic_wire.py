@@ -107,11 +107,7 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
 
 
 def _merge_usage(
-    target: pc.AnthropicUsage,
-    usage: Any,
-    most: int,
-    distrusted: dict[str, str],
-    max_tokens: int = 0,
+    target: pc.AnthropicUsage, usage: Any, most: int, distrusted: dict[str, str]
 ) -> set[str]:
     """Folds a usage object of the stream into ``target``: message_start's, then
     message_delta's (cumulative counts: a field it leaves null keeps its value, and an input
@@ -131,9 +127,7 @@ def _merge_usage(
     ):
         value = getattr(usage, name, None)
         if value is not None:
-            # (an output count past the request's max_tokens is a misreport too)
-            bound = max_tokens if name == "output_tokens" else 0
-            count, why = token_count(value, most, bound)
+            count, why = token_count(value, most)
             if count is None:
                 distrusted[name] = why
                 continue
@@ -238,9 +232,7 @@ class AnthropicAdapter:
                 async for event in events:
                     kind = event.type
                     if kind == "message_start":
-                        merged = _merge_usage(
-                            usage, event.message.usage, most, distrusted, request.max_tokens
-                        )
+                        merged = _merge_usage(usage, event.message.usage, most, distrusted)
                         input_reported = "input_tokens" in merged
                         # the prompt as billed so far; ``usage`` keeps the provider's own
                         # counts, which message_delta's fold into
@@ -272,9 +264,7 @@ class AnthropicAdapter:
                         call_id, name, pieces = tools.pop(event.index)
                         yield tool_use_chunk(call_id, name, "".join(pieces))
                     elif kind == "message_delta":
-                        reported = _merge_usage(
-                            usage, event.usage, most, distrusted, request.max_tokens
-                        )
+                        reported = _merge_usage(usage, event.usage, most, distrusted)
                         # the answer's output count is message_delta's (message_start's is
                         # a placeholder)
                         output_reported = output_reported or "output_tokens" in reported

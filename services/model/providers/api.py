@@ -265,7 +265,6 @@ class ProviderApi:
                 request.prompt.prompt_tokens if request.HasField("prompt") else 0,
                 count=self._tokenizers.for_spec(spec).count_once,
                 tenant_fair_queue=self._gate is not None,
-                most_output=request.request.max_tokens,
             )
             try:
                 remaining = deadline - self._clock()
@@ -417,9 +416,9 @@ class ProviderApi:
         """The count of what the model wrote, with ``spec``'s tokenizer (o200k_base for an
         OpenAI row, cl100k_base else): its text, its tool calls and its thinking (a tool
         call's arguments and a reasoning model's thinking are output tokens the provider
-        bills, finished or cut), at most the request's ``max_tokens`` (``Progress.bounded``)."""
+        bills, finished or cut)."""
         tokenizer = self._tokenizers.for_spec(spec)
-        return progress.bounded(sum(tokenizer.count(part) for part in progress.produced() if part))
+        return sum(tokenizer.count(part) for part in progress.produced() if part)
 
     def _interrupted(
         self, progress: Progress, spec: ModelSpec, error: str

@@ -154,14 +154,12 @@ def cached_field(usage: Any) -> tuple[str, Any]:
 _CACHED_FIELDS = ("prompt_tokens_details.cached_tokens", "prompt_cache_hit_tokens")
 
 
-def _believed(
-    name: str, value: Any, most: int, distrusted: dict[str, str], max_tokens: int = 0
-) -> int:
-    """A count of the usage chunk as reported (null: 0); one no call has (``usage_check``;
-    an output count past the request's ``max_tokens``) is 0 too, and named in ``distrusted``."""
+def _believed(name: str, value: Any, most: int, distrusted: dict[str, str]) -> int:
+    """A count of the usage chunk as reported (null: 0); one no call has (``usage_check``)
+    is 0 too, and named in ``distrusted``."""
     if value is None:
         return 0
-    count, why = token_count(value, most, max_tokens)
+    count, why = token_count(value, most)
     if count is None:
         distrusted[name] = why
         return 0
@@ -169,11 +167,7 @@ def _believed(
 
 
 def _usage(
-    usage: Any,
-    planned_prompt: int,
-    most: int,
-    distrusted: dict[str, str],
-    max_tokens: int = 0,
+    usage: Any, planned_prompt: int, most: int, distrusted: dict[str, str]
 ) -> tuple[pc.OpenAIUsage, int, bool]:
     """The usage chunk as the contract carries it, with whether it reported the output's
     count. A prompt count not reported (null, missing, or 0: Ollama's for a prompt it had
@@ -185,18 +179,17 @@ def _usage(
     ``distrusted``: the prompt's or its cached part's, and the prompt is Plan's count with
     nothing cached."""
 
-    def count(name: str, value: Any, output: bool = False) -> int:
-        return _believed(name, value, most, distrusted, max_tokens if output else 0)
+    def count(name: str, value: Any) -> int:
+        return _believed(name, value, most, distrusted)
 
     completion_details = getattr(usage, "completion_tokens_details", None)
     reasoning = count(
         "completion_tokens_details.reasoning_tokens",
         getattr(completion_details, "reasoning_tokens", None),
-        output=True,
     )
     cached = count(*cached_field(usage))
     prompt = count("prompt_tokens", getattr(usage, "prompt_tokens", None))
-    completion = count("completion_tokens", getattr(usage, "completion_tokens", None), True)
+    completion = count("completion_tokens", getattr(usage, "completion_tokens", None))
     completion_known = completion_reported(usage) and "completion_tokens" not in distrusted
     total = count("total_tokens", getattr(usage, "total_tokens", None))
     if distrusted.keys() & {"prompt_tokens", *_CACHED_FIELDS}:
@@ -349,11 +342,7 @@ class OpenAIAdapter:
                 async for chunk in chunks:
                     if chunk.usage is not None:
                         report, reasoning, known = _usage(
-                            chunk.usage,
-                            progress.estimated_prompt_tokens,
-                            most,
-                            distrusted,
-                            request.max_tokens,
+                            chunk.usage, progress.estimated_prompt_tokens, most, distrusted
                         )
                         counted_output = not known
                         progress.usage = pc.ProviderUsage(openai=report)  # kept as it comes

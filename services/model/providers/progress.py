@@ -51,10 +51,6 @@ class Progress:
     # the row's tokenizer's count (``ProviderApi``'s): each ``progress`` chunk then carries the
     # running count of what the model wrote (None: it carries none)
     count: Callable[[str], int] | None = None
-    # the request's max_tokens (0: none): no count of what the model wrote goes past it. A
-    # provider stops at it and bills no more (thinking and tool calls within it); a longer
-    # count is an upstream that ignored it (or our tokenizer's over-count of a cut answer)
-    most_output: int = 0
     _counted: int = field(default=0, init=False)  # the output's whole count, when last made
     _counted_chars: int = field(default=0, init=False)  # and its length then
     _since: int = field(default=0, init=False)  # the pieces counted since, batch by batch
@@ -134,20 +130,13 @@ class Progress:
         the row's tokenizer: a provider's output when it reports none (0 without ``count``)."""
         if self.count is None:
             return 0
-        return self.bounded(sum(self.count(part) for part in self.produced() if part))
-
-    def bounded(self, output_tokens: int) -> int:
-        """``output_tokens``, a count of what the model wrote, at most the request's
-        ``max_tokens`` (``most_output``). Before, an upstream that ignored max_tokens=50 and
-        wrote 6 MB until the deadline had 213,740 output tokens billed (128,245,800 nanos on
-        gpt-4o-mini, whose 50 tokens cost 30,000)."""
-        return min(output_tokens, self.most_output) if self.most_output > 0 else output_tokens
+        return sum(self.count(part) for part in self.produced() if part)
 
     def _progress(self, piece: str) -> model_pb2.GenerateChunk:
         """The ``progress`` chunk of ``piece`` (already recorded), with the running count of
         what the model wrote: a call the router cuts or its caller leaves gets no ``end``, and
         is billed this count (and the text the router received after it)."""
-        output_tokens = self.bounded(self._counted_with(piece))
+        output_tokens = self._counted_with(piece)
         return model_pb2.GenerateChunk(
             progress=model_pb2.GenerateProgress(output_tokens=output_tokens)
         )

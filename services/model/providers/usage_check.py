@@ -31,12 +31,9 @@ def most_tokens(spec: ModelSpec) -> int:
     return min(REACH_FACTOR * (spec.context_window_tokens + spec.max_output_tokens), MAX_TOKENS)
 
 
-def token_count(value: object, most: int, max_tokens: int = 0) -> tuple[int | None, str]:
+def token_count(value: object, most: int) -> tuple[int | None, str]:
     """``value`` (as the SDK holds the JSON: it does not check it) as a token count: (the
-    count, "") if a call can have it, 0 to ``most``; else (None, why, without the value).
-    ``max_tokens``: an output count's bound, the request's (0: none): a provider stops there
-    and bills no more (thinking included), so a count past it is a misreport (before, an
-    engine reporting 1,000,000 output tokens for max_tokens=16 had them all billed)."""
+    count, "") if a call can have it, 0 to ``most``; else (None, why, without the value)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None, f"not a number ({type(value).__name__})"
     if isinstance(value, float) and not value.is_integer():  # NaN and infinity too
@@ -46,6 +43,4 @@ def token_count(value: object, most: int, max_tokens: int = 0) -> tuple[int | No
         return None, "negative"
     if count > most:
         return None, f"past {most:,}, more than any call of the model"
-    if 0 < max_tokens < count:
-        return None, f"past the request's max_tokens ({max_tokens:,})"
     return count, ""
