@@ -47,6 +47,7 @@ class Seen:
     key: str
     status: int = 0
     ended: float | None = None  # a hung request: when the client went away
+    sent: int = 0  # the stream's events written (fewer than scripted: the client went away)
 
 
 Default = Callable[[dict[str, Any]], Reply]
@@ -159,6 +160,7 @@ class WireServer:
                 await asyncio.sleep(reply.pauses[index])
             line = (f"event: {name}\n" if name else "") + f"data: {data}\n\n"
             await response.write(line.encode())
+            seen.sent = index + 1
             await asyncio.sleep(0.002)  # a stream, not one write
         if reply.cut:
             transport = request.transport

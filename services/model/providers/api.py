@@ -95,6 +95,7 @@ from services.model.providers.failures import (
     classify,
     over,
 )
+from services.model.providers.output_cut import OutputCut
 from services.model.providers.progress import Progress, reported_prompt_tokens
 from services.model.providers.redact import Redactor
 
@@ -266,6 +267,8 @@ class ProviderApi:
                 count=self._tokenizers.for_spec(spec).count_once,
                 tenant_fair_queue=self._gate is not None,
             )
+            cut = OutputCut(request.request.max_tokens, self._tokenizers.for_spec(spec).count_once)
+            cut_short = False
             try:
                 remaining = deadline - self._clock()
                 stream = self._adapter.stream(
@@ -285,6 +288,13 @@ class ProviderApi:
                         if not progress.started and chunk.WhichOneof("part") == "progress":
                             continue  # that report (``Progress.reported``): the wait is shorter
                         yield self._annotated(span, chunk, progress, spec)
+                        if chunk.WhichOneof("part") != "end" and cut.passed(progress):
+                            # an upstream writing on past max_tokens: closing its stream
+                            # (leaving this block) closes the connection, and it stops
+                            cut_short = True
+                            break
+                if cut_short:
+                    yield self._cut(progress, spec, cut, span)
                 # (not back in service for this: a call that began before the key or account
                 # was refused proves nothing of it now; only a recheck does, ``generate``)
                 return
@@ -426,10 +436,46 @@ class ProviderApi:
         """What was produced before the break: its count (text, tool calls and thinking,
         with the row's tokenizer), and the provider's usage so far (Anthropic reports the prompt's
         split at message_start) with that output count in it."""
+        end = model_pb2.GenerateEnd(stop_reason="interrupted", interrupted=True, error=error)
+        self._so_far(progress, spec, end, trace.get_current_span())
+        return model_pb2.GenerateChunk(end=end)
+
+    def _cut(
+        self, progress: Progress, spec: ModelSpec, cut: OutputCut, span: trace.Span
+    ) -> model_pb2.GenerateChunk:
+        """The end of an answer cut for writing past its max_tokens (``OutputCut``): ended
+        as cut by length (``max_tokens``: the caller is told it may be cut, L1 never stores
+        it), billed as an interrupted answer is (the provider's usage so far, else our count
+        of all the model wrote, its thinking too). One line (once a ``FAILED_LOG_EVERY_MS``
+        for each model at most): the upstream ignores max_tokens."""
+        end = model_pb2.GenerateEnd(stop_reason="max_tokens")
+        self._so_far(progress, spec, end, span)
+        span.set_attribute("cachemesh.output_cut", True)
+        span.set_attribute("gen_ai.usage.output_tokens", end.output_tokens)
+        span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
+        if due := self._failed_log.due(spec.id, "output cut"):
+            log.warning(
+                "%s: %s wrote past the request's max_tokens (%d visible tokens by our count, "
+                "the cut is at %d): its stream was closed and the answer ended as cut by "
+                "length, billed %d output tokens; the upstream ignores max_tokens%s",
+                spec.id,
+                self._adapter.backend,
+                cut.counted,
+                cut.limit,
+                end.output_tokens,
+                suppressed(due, FAILED_LOG_EVERY_MS),
+            )
+        return model_pb2.GenerateChunk(end=end)
+
+    def _so_far(
+        self, progress: Progress, spec: ModelSpec, end: model_pb2.GenerateEnd, span: trace.Span
+    ) -> None:
+        """``end``'s bill of an answer that ended before its provider's end: the count of
+        what was produced (text, tool calls and thinking, with the row's tokenizer), and the
+        provider's usage so far (Anthropic reports the prompt's split at message_start) with
+        that output count in it."""
         produced = self._produced_tokens(progress, spec)
-        end = model_pb2.GenerateEnd(
-            output_tokens=produced, stop_reason="interrupted", interrupted=True, error=error
-        )
+        end.output_tokens = produced
         if progress.usage is not None:
             end.provider_usage.CopyFrom(progress.usage)
             kind = end.provider_usage.WhichOneof("report")
@@ -441,8 +487,7 @@ class ProviderApi:
                     report.completion_tokens = produced
                     report.total_tokens = report.prompt_tokens + produced
                 end.output_tokens = report.completion_tokens
-        self._distrusted(trace.get_current_span(), end, progress, spec)
-        return model_pb2.GenerateChunk(end=end)
+        self._distrusted(span, end, progress, spec)
 
     def _distrusted(
         self, span: trace.Span, end: model_pb2.GenerateEnd, progress: Progress, spec: ModelSpec

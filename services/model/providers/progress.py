@@ -57,6 +57,8 @@ class Progress:
     _since_chars: int = field(default=0, init=False)
     _uncounted: list[str] = field(default_factory=list, init=False)  # written since a count
     _half: str = field(default="", init=False)  # a text piece's last half character, held
+    # the UTF-8 bytes of the visible output so far (text, tool calls): what ``OutputCut`` reads
+    visible_bytes: int = field(default=0, init=False)
 
     def reported(self, usage: pc.ProviderUsage) -> model_pb2.GenerateChunk:
         """The provider's report of the prompt's usage before the first token (Anthropic's
@@ -93,6 +95,7 @@ class Progress:
             text, self._half = text[:-1], text[-1]
         text = wellformed(text)
         self.pieces.append(text)
+        self.visible_bytes += _utf8_length(text)
         if self.count is not None:  # counted at the next progress chunk, if one comes
             self._uncounted.append(text)
         return model_pb2.GenerateChunk(text=text)
@@ -104,6 +107,7 @@ class Progress:
         than the router lets a call be silent mid-answer)."""
         if piece:
             self.tool_pieces.append(piece)
+            self.visible_bytes += _utf8_length(piece)
         return self._progress(piece)
 
     def reasoning(self, piece: str) -> model_pb2.GenerateChunk:
@@ -124,6 +128,11 @@ class Progress:
             wellformed("".join(self.tool_pieces)),
             wellformed("".join(self.reasoning_pieces)),
         )
+
+    def visible(self) -> tuple[str, str]:
+        """What the model wrote so far that the caller sees: its text and its tool calls'
+        names and arguments (not its thinking)."""
+        return "".join(self.pieces), wellformed("".join(self.tool_pieces))
 
     def output_tokens(self) -> int:
         """The count of what the model wrote so far (its text, tool calls and thinking), with
@@ -163,6 +172,11 @@ class Progress:
         else:
             self._since += self.count(written)
         return self._counted + self._since
+
+
+def _utf8_length(text: str) -> int:
+    """``text``'s length in UTF-8 (a lone surrogate as the 3 bytes it would take)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def reported_prompt_tokens(usage: pc.ProviderUsage) -> int | None:
