@@ -25,8 +25,9 @@ returns the same bill and counts nothing):
   time. Redis may be answering: the service's health (a PING over a connection of its own)
   stays SERVING, so a saturated pool shows here, not as NOT_SERVING;
 - ``cachemesh_prefix_cache_redis_store_resets_total``: losses of prefix-cache's Redis data
-  seen while it ran (``redis_health.STORE_KEY`` gone): every tenant's totals restarted from
-  zero, commit records lost.
+  seen while it ran (``redis_health.STORE_KEY`` gone: every tenant's totals restarted from
+  zero, commit records lost; or ``redis_health.SEQ_KEY`` gone back: the writes since an older
+  snapshot lost).
 """
 
 from __future__ import annotations

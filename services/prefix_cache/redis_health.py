@@ -18,16 +18,21 @@ Refused OOM, the service is NOT_SERVING (one WARNING saying what to do) until Re
 write again. Any other refusal of that write (no permission for SET under an ACL, READONLY)
 is left to the PING: the commits name it.
 
-Each check also reads ``STORE_KEY`` (never expiring), writing a new id there when it is gone:
-a Redis that lost its data (restarted without persistence, flushed, failed over to a replica
-without the last writes) lost every tenant's totals and the commit records with it, and that
-was silent (Admin ``GetStats`` counted from zero: a flush took 3 of a tenant's 13 calls,
-7,821,000 nanos, out of its totals, with no line and no metric). An id not seen since this
-process started logs an ERROR naming the Redis (without its password) and counts ``reset``
-(``cachemesh_prefix_cache_redis_store_resets_total``), once a loss, whether this process or
-another prefix-cache replica wrote the new id. A loss while no prefix-cache runs is not seen
-(a start on a Redis with no id logs an INFO line only). The write is refused like any other
-(out of memory, READONLY): then the id is not checked this time.
+Each check also reads ``STORE_KEY`` (never expiring), writing a new id there when it is gone,
+and increments ``SEQ_KEY`` (never expiring): a Redis that lost its data lost every tenant's
+totals and the commit records with it, and that was silent (Admin ``GetStats`` counted from
+zero: a flush took 3 of a tenant's 13 calls, 7,821,000 nanos, out of its totals, with no line
+and no metric). Two losses are seen. The whole data set (restarted without persistence,
+flushed): an id not seen since this process started. Going back in time (restarted from an
+older RDB snapshot, failed over to a replica that lacked the last writes; the id survives
+those: a tenant's 13 calls went back to 10 with no line): an increment that returns a value
+not above the one this process's last check got. Each logs an ERROR naming the Redis (without
+its password) and counts ``reset`` (``cachemesh_prefix_cache_redis_store_resets_total``), once
+a loss. Not seen: a loss while no prefix-cache runs (a process's first check only records what it
+finds), and a rollback that loses only writes made since a process's last check (at most
+``PING_EVERY_S`` of them; with several replicas, at least the first to check after the loss
+among those that checked since the snapshot sees it). The increments are a process's own, so
+the value never reads lower otherwise (no false alarm from several replicas).
 
 At start-up, a Redis that refuses the service (a wrong password, no permission, a database it
 does not have) is a ``ConfigError``; one that does not answer, or answers with a state of its
@@ -66,6 +71,8 @@ PING_EVERY_S = 2.0  # how often the Redis is PINGed for the service's health
 WRITE_PROBE_KEY = "cachemesh:health:write-probe"
 # the store's id (never expiring): gone, the Redis lost prefix-cache's state (module doc)
 STORE_KEY = "cachemesh:commit:store"
+# incremented by each check (never expiring): lower than a process saw, the Redis went back
+SEQ_KEY = "cachemesh:commit:store:seq"
 
 
 class RedisHealth:
@@ -84,6 +91,7 @@ class RedisHealth:
         self._redis = redis
         self._reset = reset
         self._marks: set[bytes | str] = set()  # the store's ids seen since this process started
+        self._seq: int | None = None  # ``SEQ_KEY`` as this process's last check left it
         self._where = redacted_url(url)  # never its password
         self._set_health = set_health
         self._timeout_s = timeout_s
@@ -146,30 +154,48 @@ class RedisHealth:
             await self._check_store()
 
     async def _check_store(self) -> None:
-        """Reads the store's id, writing one when there is none; one not seen since this
-        process started means the Redis lost its data (module doc)."""
+        """Writes the store's id when there is none, increments ``SEQ_KEY`` and reads both:
+        an id not seen since this process started, or a count not above its last, means the
+        Redis lost its data (module doc)."""
         try:
-            await self._redis.set(STORE_KEY, secrets.token_hex(8), nx=True)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(STORE_KEY, secrets.token_hex(8), nx=True)
+                pipe.incr(SEQ_KEY)
+                pipe.get(STORE_KEY)
+                _, seq, mark = await pipe.execute()
         except ResponseError:  # out of memory, READONLY: the PING's write probe says so
             return
-        mark = await self._redis.get(STORE_KEY)
-        if mark is None or mark in self._marks:
-            return
-        first = not self._marks
-        self._marks.add(mark)
-        if first:
-            return
-        log.error(
-            "%s: Redis at %s lost prefix-cache's data (its key %s was gone: restarted without "
-            "persistence, flushed, or failed over to a replica without the last writes): every "
-            "tenant's totals (Admin GetStats) count from zero and the commit records are gone "
-            "(a FINAL whose WARM was recorded there is billed through the router's outbox). "
-            "Give that Redis persistence (appendonly yes)",
-            REDIS_URL,
-            self._where,
-            STORE_KEY,
-        )
-        if self._reset is not None:
+        last, self._seq = self._seq, int(seq)
+        gone = mark is not None and mark not in self._marks and bool(self._marks)
+        back = last is not None and self._seq <= last
+        if mark is not None:
+            self._marks.add(mark)
+        if gone:
+            log.error(
+                "%s: Redis at %s lost prefix-cache's data (its key %s was gone: restarted "
+                "without persistence or flushed): every tenant's totals (Admin GetStats) count "
+                "from zero and the commit records are gone (a FINAL whose WARM was recorded "
+                "there is billed through the router's outbox). Give that Redis persistence "
+                "(appendonly yes)",
+                REDIS_URL,
+                self._where,
+                STORE_KEY,
+            )
+        elif back:
+            log.error(
+                "%s: Redis at %s went back in time (its counter %s read %d after %d: restarted "
+                "from an older snapshot, or failed over to a replica that lacked the last "
+                "writes): every tenant's totals (Admin GetStats) lost what was billed since "
+                "and those commit records are gone (a FINAL whose WARM was recorded there is "
+                "billed through the router's outbox). Give that Redis persistence (appendonly "
+                "yes, appendfsync everysec or always) and fail over only to a replica in sync",
+                REDIS_URL,
+                self._where,
+                SEQ_KEY,
+                self._seq,
+                last,
+            )
+        if (gone or back) and self._reset is not None:
             self._reset()
 
     async def _down(self, exc: BaseException) -> None:

@@ -41,6 +41,35 @@ class _SwallowsCancel:
     async def get(self, *_: object) -> bytes:
         return b"store"
 
+    def pipeline(self, transaction: bool = True) -> _Pipeline:
+        return _Pipeline()
+
+
+class _Pipeline:
+    """The store check's round trip (``SET NX``, ``INCR``, ``GET``): the store as it was."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    async def __aenter__(self) -> _Pipeline:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+    def set(self, *_: object, **__: object) -> None:
+        return None
+
+    def incr(self, *_: object) -> None:
+        return None
+
+    def get(self, *_: object) -> None:
+        return None
+
+    async def execute(self) -> list[object]:
+        self._seq += 1
+        return [None, self._seq, b"store"]
+
 
 async def _told(serving: bool) -> None:
     pass

@@ -27,7 +27,7 @@ from services.common.redis_pool import own_connection_redis
 from services.common.tokens import load_tokenizers
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import TokenizerSlot
-from services.prefix_cache.redis_health import REDIS_URL, STORE_KEY, RedisHealth
+from services.prefix_cache.redis_health import REDIS_URL, SEQ_KEY, STORE_KEY, RedisHealth
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from tests.redis_server import redis_server
@@ -149,8 +149,9 @@ async def test_a_redis_out_of_memory_at_start_up_starts_not_serving(
 async def test_the_health_write_leaves_no_key(served: Served) -> None:
     """The write is ``SET ... XX`` on a key that never exists: refused when Redis is out of
     memory, a no-op otherwise (nothing added to the keyspace, nothing replicated). The one
-    key the checks keep is the store's id (``STORE_KEY``), written once."""
+    keys the checks keep are the store's id (``STORE_KEY``), written once, and its count
+    (``SEQ_KEY``)."""
     for _ in range(3):
         await served.watch.check()
     assert served.told == [True]
-    assert await served.admin.keys("*") == [STORE_KEY.encode()]
+    assert sorted(await served.admin.keys("*")) == [STORE_KEY.encode(), SEQ_KEY.encode()]

@@ -66,3 +66,68 @@ async def test_another_replica_s_new_id_after_a_loss_is_seen_too(redis_url: str)
 
 def _add(seen: dict[str, int], name: str) -> None:
     seen[name] += 1
+
+
+async def _snapshot(client: Redis) -> dict[bytes, bytes]:
+    """Every key's DUMP: what an RDB taken now holds."""
+    found: dict[bytes, bytes] = {}
+    for key in await client.keys("*"):
+        value = await client.dump(key)
+        assert isinstance(key, bytes) and value is not None
+        found[key] = value
+    return found
+
+
+async def _restore(client: Redis, snapshot: dict[bytes, bytes]) -> None:
+    """The Redis comes back from ``snapshot`` (an older RDB, a lagging replica promoted)."""
+    await client.flushdb()
+    for key, value in snapshot.items():
+        await client.restore(key, 0, value)
+
+
+async def test_a_redis_back_from_an_older_snapshot_is_a_loss_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis restarted from an older RDB (or a failover to a lagging replica) kept the store's
+    id but lost every write since (the review's marker_rollback.py: a tenant's 13 calls back to
+    10, 0 resets counted). Each check increments ``SEQ_KEY``; a value not above the last this
+    process got is the store going back in time: an ERROR and a count, once a loss."""
+    client = Redis.from_url(redis_url)
+    resets: list[int] = []
+    try:
+        await client.flushdb()
+        health = RedisHealth(client, redis_url, _serving, 2.0, reset=lambda: resets.append(1))
+        await health.start()
+        await health.check()
+        older = await _snapshot(client)
+        await client.hincrby("cachemesh:commit:totals:{t}", "calls", 3)  # written after it
+        await health.check()
+        await health.check()
+        with caplog.at_level(logging.ERROR, logger="cachemesh.prefix_cache"):
+            await _restore(client, older)
+            assert await client.get(STORE_KEY) is not None  # the id survived the rollback
+            await health.check()
+            await health.check()  # the same loss, seen once
+        assert resets == [1]
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "older snapshot" in errors[0]
+    finally:
+        await client.aclose()
+
+
+async def test_a_rollback_within_one_check_is_not_a_loss_seen(redis_url: str) -> None:
+    """What is not seen, as the module doc says: a snapshot taken after this process's last
+    check loses only writes since that check (at most ``PING_EVERY_S`` of them)."""
+    client = Redis.from_url(redis_url)
+    resets: list[int] = []
+    try:
+        await client.flushdb()
+        health = RedisHealth(client, redis_url, _serving, 2.0, reset=lambda: resets.append(1))
+        await health.start()
+        await health.check()
+        recent = await _snapshot(client)
+        await _restore(client, recent)
+        await health.check()
+        assert resets == []
+    finally:
+        await client.aclose()
