@@ -34,6 +34,13 @@ finds), and a rollback that loses only writes made since a process's last check 
 among those that checked since the snapshot sees it). The increments are a process's own, so
 the value never reads lower otherwise (no false alarm from several replicas).
 
+The checks' keys (``WRITE_PROBE_KEY``, ``STORE_KEY``, ``SEQ_KEY``) are under prefix-cache's own
+``cachemesh:commit:`` prefix, so a Redis user limited to prefix-cache's keys
+(``~cachemesh:commit:* ~cachemesh:warm:*``) runs them; before, the write probe was outside it,
+refused NOPERM, and the store check never ran (a flush went unseen). A refusal of these writes
+other than out of memory (no permission, READONLY) leaves the store unchecked that time, with
+one WARNING saying so until they are taken again.
+
 At start-up, a Redis that refuses the service (a wrong password, no permission, a database it
 does not have) is a ``ConfigError``; one that does not answer, or answers with a state of its
 own for now (LOADING, BUSY, MASTERDOWN, TRYAGAIN: ``refused_for_now``), leaves it NOT_SERVING,
@@ -68,7 +75,8 @@ log = logging.getLogger("cachemesh.prefix_cache")
 REDIS_URL = "PREFIX_CACHE_REDIS_URL"
 PING_EVERY_S = 2.0  # how often the Redis is PINGed for the service's health
 # set only if it exists, which it never does: refused when Redis is out of memory, else a no-op
-WRITE_PROBE_KEY = "cachemesh:health:write-probe"
+# (under prefix-cache's own prefix, so a user limited to its keys may write it: module doc)
+WRITE_PROBE_KEY = "cachemesh:commit:write-probe"
 # the store's id (never expiring): gone, the Redis lost prefix-cache's state (module doc)
 STORE_KEY = "cachemesh:commit:store"
 # incremented by each check (never expiring): lower than a process saw, the Redis went back
@@ -92,6 +100,7 @@ class RedisHealth:
         self._reset = reset
         self._marks: set[bytes | str] = set()  # the store's ids seen since this process started
         self._seq: int | None = None  # ``SEQ_KEY`` as this process's last check left it
+        self._unchecked = False  # the store check was refused (said once: module doc)
         self._where = redacted_url(url)  # never its password
         self._set_health = set_health
         self._timeout_s = timeout_s
@@ -141,16 +150,17 @@ class RedisHealth:
             end_if_cancelled()  # a cancel redis-py's send swallowed (background.py)
 
     async def _ping(self) -> None:
-        """A PING, then a write that changes nothing (``WRITE_PROBE_KEY``); raises what Redis
-        answered, but for a refusal of the write other than out of memory."""
+        """A PING, then a write that changes nothing (``WRITE_PROBE_KEY``), then the store's
+        check; raises what Redis answered, but for a refusal of the writes other than out of
+        memory (the store's check then says it could not run)."""
         async with asyncio.timeout(self._timeout_s):
             await self._redis.ping()
             try:
                 await self._redis.set(WRITE_PROBE_KEY, b"", xx=True)
             except OutOfMemoryError:
                 raise
-            except ResponseError:  # NOPERM, READONLY: not this check's to say
-                return
+            except ResponseError:  # NOPERM, READONLY: not the health's to say (module doc)
+                pass
             await self._check_store()
 
     async def _check_store(self) -> None:
@@ -163,8 +173,25 @@ class RedisHealth:
                 pipe.incr(SEQ_KEY)
                 pipe.get(STORE_KEY)
                 _, seq, mark = await pipe.execute()
-        except ResponseError:  # out of memory, READONLY: the PING's write probe says so
+        except OutOfMemoryError:  # the write probe says so
             return
+        except ResponseError as exc:  # NOPERM, READONLY
+            if not self._unchecked:
+                self._unchecked = True
+                log.warning(
+                    "%s: Redis at %s refused prefix-cache's store check (%s): a loss of its "
+                    "data (a flush, a restart without persistence or from an older snapshot) "
+                    "is not seen while it does. Let its user write keys %s and %s (an ACL "
+                    "key pattern cachemesh:commit:*), or name the primary in %s if READONLY",
+                    REDIS_URL,
+                    self._where,
+                    exc,
+                    STORE_KEY,
+                    SEQ_KEY,
+                    REDIS_URL,
+                )
+            return
+        self._unchecked = False
         last, self._seq = self._seq, int(seq)
         gone = mark is not None and mark not in self._marks and bool(self._marks)
         back = last is not None and self._seq <= last

@@ -131,3 +131,42 @@ async def test_a_rollback_within_one_check_is_not_a_loss_seen(redis_url: str) ->
         assert resets == []
     finally:
         await client.aclose()
+
+
+async def test_a_user_limited_to_prefix_cache_s_keys_still_sees_a_flush(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis user given only prefix-cache's keys (``~cachemesh:commit:* ~cachemesh:warm:*``):
+    the write probe was outside them (NOPERM) and the store check never ran, so a flush went
+    unseen (the review's marker_acl.py: 0 resets, no line). The checks' keys are prefix-cache's
+    own now; a user that may not write them is told once (a WARNING), not silently unchecked."""
+    admin = Redis.from_url(redis_url)
+    limited = Redis.from_url(redis_url, username="pc", password="pw")
+    denied = Redis.from_url(redis_url, username="pcw", password="pw")
+    resets: list[int] = []
+    try:
+        await admin.flushdb()
+        for user, keys in (
+            ("pc", ["cachemesh:commit:*", "cachemesh:warm:*"]),
+            ("pcw", ["cachemesh:warm:*"]),
+        ):
+            await admin.acl_setuser(
+                user, enabled=True, passwords=["+pw"], keys=keys, commands=["+@all"]
+            )
+        health = RedisHealth(limited, redis_url, _serving, 2.0, reset=lambda: resets.append(1))
+        await health.start()
+        await health.check()
+        await admin.flushdb()
+        await health.check()
+        assert resets == [1]
+        blind = RedisHealth(denied, redis_url, _serving, 2.0, reset=lambda: resets.append(2))
+        with caplog.at_level(logging.WARNING, logger="cachemesh.prefix_cache"):
+            await blind.start()
+            await blind.check()
+            await blind.check()
+        warned = [r.getMessage() for r in caplog.records if "store check" in r.getMessage()]
+        assert len(warned) == 1 and "not seen" in warned[0] and "pw" not in warned[0]
+    finally:
+        await admin.acl_deluser("pc", "pcw")
+        for client in (admin, limited, denied):
+            await client.aclose()
