@@ -143,13 +143,19 @@ def own_reuse(read_tokens: int, prompt_tokens: int, engine_prompt_tokens: int) -
 class KvBlockCache:
     """Chained block hashes in LRU order; not thread-safe (use it from the event loop)."""
 
-    def __init__(self, capacity_blocks: int) -> None:
+    def __init__(self, capacity_blocks: int, first_touch: int = 0) -> None:
+        """``first_touch``: the count touches start from (a view made again after another
+        was dropped starts above the old one's, so the old one's counts are no evidence on
+        it: prefix-cache's ``ReplicaViews``)."""
         if capacity_blocks < 0:  # 0 is valid: an engine with no prefix cache
             raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
+        if first_touch < 0:
+            raise ValueError(f"first_touch must be >= 0, got {first_touch}")
         self._capacity = capacity_blocks
         # each block's last touch, counted up: the LRU order, as numbers one can compare later
         self._blocks: OrderedDict[bytes, int] = OrderedDict()
-        self._touches = 0
+        self.first_touch = first_touch
+        self._touches = first_touch
         self.evictions = 0
 
     @property

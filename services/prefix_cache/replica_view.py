@@ -37,6 +37,13 @@ no Plan has named the replica and no WARM has recorded on it for ``idle_ms``
 (``PREFIX_CACHE_REPLICA_IDLE_S``): a replica taken out of the routers' ``MODEL_REPLICAS`` (a
 move, a scale-down, a pod with a new address) is never named again, and its view was kept for
 the life of the process (six rollouts of two replicas: 12 views, 145 MB, for 2 live ones).
+A view made again for a replica named after its drop is a new epoch: its touches count on
+from above every dropped view's (``KvBlockCache.first_touch``), so a Plan's ``mark`` of the
+dropped view is below all of them (no block of the new view is evidence for that request), and
+a note taken on the dropped view is scored at its FINAL but never applied to the new one.
+Before, a late FINAL's stamps from the dropped view evicted the new view's blocks (a report of
+0 against a prediction of 64 tokens wiped 20 blocks the replica held, and the next turns were
+billed their reused prefix at the input price).
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ class _Awaited:
     prompt_tokens: int  # the view's count of the prompt
     stamps: array[int]  # the predicted blocks' last touches before this prefill, head first
     since: int  # the view's last touch when the request arrived: later ones are no evidence
+    epoch: int  # the view's ``first_touch``: a note of another view (dropped since) is not applied
 
 
 class ReplicaViews:
@@ -120,6 +128,8 @@ class ReplicaViews:
         self._idle_ms = idle_ms
         # each view's replica by its last use (a Plan naming it, a WARM on it), oldest first
         self._used: OrderedDict[str, int] = OrderedDict()
+        # above every dropped view's touches: where a view made next starts counting (its epoch)
+        self._next_epoch = 0
         self._awaited: dict[Awaiting, _Awaited] = {}
         self._awaited_order: TenantOrder[Awaiting] = TenantOrder()
         self._awaited_blocks = 0
@@ -129,7 +139,7 @@ class ReplicaViews:
     def _view(self, replica: str) -> KvBlockCache:
         view = self._views.get(replica)
         if view is None:
-            view = self._views[replica] = KvBlockCache(self._capacity)
+            view = self._views[replica] = KvBlockCache(self._capacity, self._next_epoch)
         self._used_now(replica)
         return view
 
@@ -145,7 +155,9 @@ class ReplicaViews:
             if last > now - self._idle_ms:
                 break
             del self._used[oldest]
-            self._views.pop(oldest, None)
+            dropped = self._views.pop(oldest, None)
+            if dropped is not None:  # the next view counts on from above it (module doc)
+                self._next_epoch = max(self._next_epoch, dropped.touches + 1)
 
     @property
     def replicas(self) -> int:
@@ -198,7 +210,8 @@ class ReplicaViews:
             return predicted
         if awaiting is not None and awaiting not in self._awaited:
             stamps = array("q", view.touched(hashes[: reusable_blocks(prompt_tokens)]))
-            self._await(awaiting, _Awaited(replica, predicted, prompt_tokens, stamps, arrived))
+            note = _Awaited(replica, predicted, prompt_tokens, stamps, arrived, view.first_touch)
+            self._await(awaiting, note)
         view.insert(hashes)
         return predicted
 
@@ -217,7 +230,9 @@ class ReplicaViews:
         self._score(note.predicted_tokens, reused)
         lost = _first_lost(reused, doubt, note.predicted_tokens)
         view = self._views.get(note.replica)
-        if view is not None and lost is not None and note.stamps[lost] <= note.since:
+        if view is None or view.first_touch != note.epoch:  # its view was dropped since
+            return
+        if lost is not None and note.stamps[lost] <= note.since:
             self._correct(view, note.stamps[lost])
 
     def _correct(self, view: KvBlockCache, stamp: int) -> None:

@@ -41,7 +41,7 @@ class PrefixCacheSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> PrefixCacheSettings:
-        return cls(
+        settings = cls(
             server=ServerSettings.from_env(env, "PREFIX_CACHE", DEFAULT_LISTEN),
             metrics=MetricsSettings.from_env(env, "PREFIX_CACHE", DEFAULT_METRICS_LISTEN),
             internal_token=internal_token_from_env(env),
@@ -60,6 +60,15 @@ class PrefixCacheSettings:
             tokenizer_cache_tokens=cache_tokens_from_env(env),
             replica_idle_s=env.whole_seconds("PREFIX_CACHE_REPLICA_IDLE_S", 86400, minimum=1),
         )
+        if settings.replica_idle_s < settings.plan_ttl_s:
+            raise ConfigError(
+                f"PREFIX_CACHE_REPLICA_IDLE_S ({settings.replica_idle_s}) must be >= "
+                f"PREFIX_CACHE_PLAN_TTL_S ({settings.plan_ttl_s}): a replica's L3 view would be "
+                "dropped while a Plan that named it still waits for its WARM, whose figures "
+                "of the view are then of one dropped. Raise PREFIX_CACHE_REPLICA_IDLE_S "
+                "(default 86400) or lower PREFIX_CACHE_PLAN_TTL_S"
+            )
+        return settings
 
 
 def _record_ttl_s(env: Env) -> int:

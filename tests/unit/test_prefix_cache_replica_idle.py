@@ -12,7 +12,7 @@ from cachemesh.envfile import read_env_file
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.kv_blocks import BLOCK_SIZE
-from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.prefix_cache.settings import PrefixCacheSettings
 from tests.unit.test_config_start_refusals import ROOT, SECRETS
 
@@ -69,3 +69,66 @@ def test_the_idle_setting_is_read_and_0_refused() -> None:
     assert "PREFIX_CACHE_REPLICA_IDLE_S" in str(caught.value)
     with pytest.raises(ValueError, match="idle_ms"):
         ReplicaViews(1024, clock=ManualClock(), idle_ms=0)
+
+
+def _served(views: ReplicaViews, replica: str, seeds: range) -> None:
+    for seed in seeds:
+        views.record(replica, _prompt(seed), TOKENS, None)
+
+
+def _prompt(seed: int) -> list[bytes]:
+    return [bytes([seed, i]) * 16 for i in range(len(PROMPT))]
+
+
+def test_a_late_final_of_a_dropped_view_leaves_the_new_view_alone() -> None:
+    """A WARM's note on a view dropped as idle, scored at its FINAL after the replica was named
+    again: its stamps (the dropped view's) were compared with the NEW view's and wiped it (the
+    review's view_wipe.py: predicted 64 -> 0, 20 blocks corrected; the next turns billed their
+    reused prefix at the input price). Each view has its own epoch: another's note is scored,
+    never applied."""
+    clock = ManualClock()
+    views = _views(clock)
+    _served(views, "r1", range(30))
+    since = views.mark("r1")
+    noted = views.record("r1", _prompt(29), TOKENS, None, awaiting=("A", "X"), since=since)
+    assert noted == len(PROMPT) * BLOCK_SIZE
+    clock.advance(ms=IDLE_MS + 1)
+    views.record("r2", PROMPT, TOKENS, None)  # r1's view dropped as idle
+    assert views.replicas == 1
+    _served(views, "r1", range(200, 205))  # r1 named again: a new view
+    held = views.match("r1", _prompt(204), TOKENS)
+    assert held == len(PROMPT) * BLOCK_SIZE
+    views.report(("A", "X"), EngineReuse(0, TOKENS))  # X's FINAL: the engine reused nothing
+    assert views.match("r1", _prompt(204), TOKENS) == held
+    assert views.stats.corrected_blocks == 0 and views.stats.reports == 1
+
+
+def test_an_old_plan_s_mark_is_no_evidence_on_a_new_view() -> None:
+    """A Plan's mark of a view since dropped, used by its WARM on the replica's new view (a
+    report at the first token): the old view's count of touches, above the new view's, made
+    every block of the new one evidence, and a report of 0 wiped it."""
+    clock = ManualClock()
+    views = _views(clock)
+    _served(views, "r1", range(30))
+    since = views.mark("r1")  # the Plan, on the old view
+    clock.advance(ms=IDLE_MS + 1)
+    views.record("r2", PROMPT, TOKENS, None)  # r1's view dropped
+    _served(views, "r1", range(200, 205))
+    held = views.match("r1", _prompt(204), TOKENS)
+    views.record("r1", _prompt(204), TOKENS, EngineReuse(0, TOKENS), since=since)
+    assert views.match("r1", _prompt(203), TOKENS) == held
+    assert views.stats.corrected_blocks == 0
+
+
+def test_an_idle_time_below_the_plan_ttl_is_refused_naming_both() -> None:
+    """A replica's view dropped while a Plan that named it still waits for its WARM."""
+    shipped = {**read_env_file(ROOT / ".env"), **SECRETS}
+    low = {**shipped, "PREFIX_CACHE_REPLICA_IDLE_S": "599", "PREFIX_CACHE_PLAN_TTL_S": "600"}
+    with pytest.raises(ConfigError) as caught:
+        PrefixCacheSettings.from_env(Env(low))
+    assert "PREFIX_CACHE_REPLICA_IDLE_S" in str(caught.value)
+    assert "PREFIX_CACHE_PLAN_TTL_S" in str(caught.value)
+    off = {**low, "PREFIX_CACHE_PLAN_TTL_S": "0"}  # no Plan kept: any idle time
+    assert PrefixCacheSettings.from_env(Env(off)).replica_idle_s == 599
+    same = {**low, "PREFIX_CACHE_REPLICA_IDLE_S": "600"}
+    assert PrefixCacheSettings.from_env(Env(same)).replica_idle_s == 600
