@@ -28,8 +28,9 @@ would count in a day of its own. Tests inject the time instead
 same tests drive this store and the in-memory one; Redis's key expiry only collects garbage.
 
 The counts need a Redis that keeps them (AOF): one that loses them (restarted without
-persistence, failed over to a replica that had not the last writes, flushed) resets every
-tenant's budgets and rates to zero. That is seen, not prevented: ``<prefix>:store``, the one
+persistence, flushed) resets every tenant's budgets and rates to zero. That is seen, not
+prevented (a Redis gone back in time, a lagging replica or an older snapshot, keeps the id
+below and is not seen): ``<prefix>:store``, the one
 key outside a tenant's (never expiring; outside its cluster slot too, as this store's client
 is no cluster client), holds an id written when it is absent; each admit's script reads it
 (writing a new one when it is gone). A router that finds an id it has not seen
@@ -314,9 +315,8 @@ class RedisLimitStore:
         if self._marks:
             log.error(
                 "limits store at %s lost its counts (its key %s was gone: Redis restarted "
-                "without persistence, failed over to a replica without the last writes, or was "
-                "flushed): every tenant's rates and budgets count from zero; give that Redis "
-                "persistence (appendonly yes)",
+                "without persistence or was flushed): every tenant's rates and budgets count from "
+                "zero; give that Redis persistence (appendonly yes)",
                 self._where,
                 self._marker,
             )
