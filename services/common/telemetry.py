@@ -163,7 +163,7 @@ def build_tracer_provider(
             )
             raise ConfigError(
                 f"{named}: {problem}, got {endpoint[:80]!r} (expected http://host:port, "
-                "https://host:port or host:port)"
+                "https://host:port, host:port or a gRPC target such as unix:///path/otel.sock)"
             )
         exporter = WireSpanExporter(
             endpoint=endpoint,
@@ -177,10 +177,21 @@ def build_tracer_provider(
     return provider
 
 
+# gRPC's own target schemes (its resolvers): the exporter hands such a target to gRPC as
+# written (it has no host:port of its own to check), as it did before the check below
+GRPC_TARGET_SCHEMES = frozenset(
+    {"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"}
+)
+
+
 def _endpoint_error(endpoint: str) -> str:
     """What keeps gRPC from dialling ``endpoint`` as written ("" = nothing): it read a port past
     65535 modulo 65536 (:99999 exported to :34463) and took a host with a space, failing at
-    every export."""
+    every export. Only the host:port forms are checked (``http://``, ``https://``, none); a
+    gRPC target (``unix:///run/otel.sock``, ``dns:///collector:4317``, ``ipv4:...``) is gRPC's
+    to read."""
+    if endpoint.partition(":")[0].lower() in GRPC_TARGET_SCHEMES:
+        return ""
     target = endpoint if "://" in endpoint else f"//{endpoint}"
     try:
         parts = urllib.parse.urlsplit(target)
