@@ -14,9 +14,10 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
@@ -42,6 +43,7 @@ from services.router.admin_messages import (
     unknown_tenant,
 )
 from services.router.admin_pages import (
+    WHOLE_REPLY_BYTES,
     PageError,
     cursor,
     key_cursor,
@@ -53,6 +55,8 @@ from services.router.admin_pages import (
     stats_page,
     tenant_cursor,
     token,
+    whole_reply,
+    whole_requested,
 )
 from services.router.tenant_limits import (
     DEFAULT,
@@ -285,6 +289,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: adm.ListKeysRequest, context: Context
     ) -> adm.ListKeysResponse:
         await self._authorize(context)
+        if whole_requested(request.page_size, request.page_token):
+            every, count = await asyncio.to_thread(
+                self._every_key, request.tenant, request.include_revoked
+            )
+            if every is None:
+                await _not_one_reply(context, f"the {count:,} keys")
+            return adm.ListKeysResponse(keys=every)
         filters = {"tenant": request.tenant, "include_revoked": request.include_revoked}
         size, after = await _paging(context, "keys", filters, request, key_cursor)
         chosen, more = await asyncio.to_thread(
@@ -294,6 +305,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if more:
             reply.next_page_token = token("keys", filters, key_order(chosen[-1]))
         return reply
+
+    def _every_key(
+        self, tenant: str, include_revoked: bool
+    ) -> tuple[list[adm.ApiKeyInfo] | None, int]:
+        """Every key asked for, in ListKeys's order (None: more than one reply holds), and
+        how many there are."""
+        records = self._keys.records()
+        chosen, _ = keys_page(records, tenant, include_revoked, None, len(records))
+        return whole_reply(map(key_info, chosen), _message_bytes), len(chosen)
 
     async def RevokeKey(self, request: adm.RevokeKeyRequest, context: Context) -> adm.ApiKeyInfo:
         await self._authorize(context)
@@ -361,13 +381,25 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> adm.ListLimitsResponse:
         await self._authorize(context)
         limits = await self._tenant_limits(context)
+        defaults = limits_message("", limits.defaults, None)
+        if whole_requested(request.page_size, request.page_token):
+
+            def every_tenant() -> tuple[list[adm.TenantLimits] | None, int]:
+                overrides = sorted(limits.store.overrides(), key=_tenant_of)
+                rows = (limits_message(o.tenant, limits.defaults, o) for o in overrides)
+                return whole_reply(rows, _message_bytes), len(overrides)
+
+            every, count = await asyncio.to_thread(every_tenant)  # sorted off the event loop
+            if every is None:
+                await _not_one_reply(context, f"the {count:,} tenants with limits of their own")
+            return adm.ListLimitsResponse(tenants=every, defaults=defaults)
         size, after = await _paging(context, "limits", {}, request, limits_cursor)
         chosen, more = await asyncio.to_thread(  # the table sorted off the event loop
             lambda: limits_page(limits.store.overrides(), _tenant_of, after, size)
         )
         reply = adm.ListLimitsResponse(
             tenants=[limits_message(own.tenant, limits.defaults, own) for own in chosen],
-            defaults=limits_message("", limits.defaults, None),
+            defaults=defaults,
         )
         if more:
             reply.next_page_token = token("limits", {}, [chosen[-1].tenant])
@@ -554,6 +586,22 @@ async def _paging(
     except PageError as exc:
         await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     raise AssertionError("unreachable: abort raises")
+
+
+async def _not_one_reply(context: Context, rows: str) -> NoReturn:
+    """Refuses a request without page_size or page_token (an older client's, which reads one
+    reply) whose rows do not fit one: it would have shown the first page as the whole."""
+    await abort(
+        context,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"{rows} do not fit one reply (over {WHOLE_REPLY_BYTES >> 20} MiB), and this request "
+        "has no page_size: a client from before pages, which reads one reply only. Upgrade the "
+        "cachemesh CLI / AdminClient (they page), or send page_size and follow next_page_token",
+    )
+
+
+def _message_bytes(message: Message) -> int:
+    return message.ByteSize()
 
 
 def _tenant_of(own: TenantOverride) -> str:

@@ -28,6 +28,12 @@ from typing import Any, TypeVar
 from services.common.keyfile import KeyRecord
 
 PAGE_MAX = 1000  # rows a reply, at most, and the default (page_size 0): ~250 KB of keys
+# A ListKeys or ListLimits request with neither page_size nor page_token is an older client's
+# (before pages), which reads one reply and knows no next_page_token: it is answered every row,
+# as before pages, while the reply stays under this (gRPC's 4 MiB message limit, with room),
+# else refused (a first page of 1,000 rows was a silent cut: 1,000 of 1,005 tenants listed)
+WHOLE_REPLY_BYTES = 3 << 20
+ROW_FRAME_BYTES = 6  # a repeated row's field tag and length prefix, at most
 # GetStats: a page also ends once its tenant names pass this many bytes (names kept by an
 # older semantic-cache may be 1 MB each), with at least one row
 PAGE_NAME_BYTES = 1 << 20
@@ -48,6 +54,24 @@ def page_size(requested: int) -> int:
             f"page_size: must be 0 (the default, {PAGE_MAX:,}) or more, got {requested}"
         )
     return min(requested or PAGE_MAX, PAGE_MAX)
+
+
+def whole_requested(requested_size: int, page_token: str) -> bool:
+    """Whether a request is an older client's, answered whole (``WHOLE_REPLY_BYTES``)."""
+    return requested_size == 0 and not page_token
+
+
+def whole_reply(rows: Iterable[T], size_of: Callable[[T], int]) -> list[T] | None:
+    """Every row, or None once their bytes (``size_of`` each, its frame added) pass
+    ``WHOLE_REPLY_BYTES``: no more of them is read then."""
+    chosen: list[T] = []
+    total = 0
+    for row in rows:
+        total += size_of(row) + ROW_FRAME_BYTES
+        if total > WHOLE_REPLY_BYTES:
+            return None
+        chosen.append(row)
+    return chosen
 
 
 def token(kind: str, filters: dict[str, Any], after: Sequence[Any]) -> str:

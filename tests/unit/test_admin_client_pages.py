@@ -95,6 +95,12 @@ def test_every_page_of_keys_and_stats_is_followed(router: tuple[FakeRouter, str]
         assert [k.id for k in keys] == [f"key_{i:012d}" for i in range(KEYS)]
         assert [r.page_token for r in fake.requests] == ["", "1000", "2000"]
         assert all(r.include_revoked for r in fake.requests)
+        # an explicit page_size, always: a request without one is a client's from before
+        # pages, which the router answers whole (or refuses)
+        assert [r.page_size for r in fake.requests] == [1000] * 3
+        fake.requests.clear()
+        client.stats()
+        assert [r.page_size for r in fake.requests] == [1000] * 3
         fake.requests.clear()
         stats = client.stats(page_size=700)
         assert len(stats.tenants) == 2_050 and not stats.unavailable
@@ -114,6 +120,7 @@ def test_every_page_of_limits_is_followed(router: tuple[FakeRouter, str]) -> Non
         assert listed.tenants[-1].requests_per_min == adm.Limit(value=2_300, own=True)
         assert listed.defaults.requests_per_min.value == 600
         assert [r.page_token for r in fake.requests] == ["", "1000", "2000"]
+        assert [r.page_size for r in fake.requests] == [1000] * 3
         fake.requests.clear()
         assert len(client.list_limits(page_size=900).tenants) == 2_300
         assert [r.page_size for r in fake.requests] == [900] * 3

@@ -25,6 +25,7 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.key_store import KeyStore
 from services.common.keyfile import hash_key, new_api_key
+from services.router import admin_pages
 from services.router.admin import AdminServicer
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.admin_pages import token
@@ -734,6 +735,47 @@ async def test_tenants_with_limits_of_their_own_are_listed_in_pages(rig: Rig) ->
     assert [t.tenant for t in last.tenants] == ["echo"] and last.next_page_token == ""
     whole = await rig.stub.ListLimits(adm.ListLimitsRequest(), metadata=ADMIN)  # 0: up to 1,000
     assert len(whole.tenants) == 6 and whole.next_page_token == ""
+
+
+async def test_a_request_without_page_size_is_answered_whole_or_refused(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client from before pages sends ListLimitsRequest() / ListKeysRequest() and reads one
+    reply: it was given the first page as the whole (1,000 of 1,005 tenants, no word). Such
+    a request is answered every row while they fit one reply, else refused naming the
+    upgrade; a request with page_size still gets pages. (PAGE_MAX 3 here: 1,000 rows.)"""
+    monkeypatch.setattr(admin_pages, "PAGE_MAX", 3)
+    for tenant in ("delta", "acme", "charlie", "bravo", "echo"):
+        change = adm.SetLimitsRequest(tenant=tenant, requests_per_min=_change(7), new_tenant=True)
+        await rig.stub.SetLimits(change, metadata=ADMIN)
+    with rig.key_file.open("a") as keys:
+        keys.writelines(f"t{i}:{hash_key(new_api_key())}\n" for i in range(4))
+    old = await rig.stub.ListLimits(adm.ListLimitsRequest(), metadata=ADMIN)
+    assert [t.tenant for t in old.tenants] == ["acme", "bravo", "charlie", "delta", "echo"]
+    assert old.next_page_token == "" and old.defaults.requests_per_min == adm.Limit(value=600)
+    old_keys = await rig.stub.ListKeys(adm.ListKeysRequest(), metadata=ADMIN)
+    assert [k.tenant for k in old_keys.keys] == ["acme", "t0", "t1", "t2", "t3"]
+    assert old_keys.next_page_token == ""
+    paged = await rig.stub.ListLimits(adm.ListLimitsRequest(page_size=5), metadata=ADMIN)
+    assert len(paged.tenants) == 3 and paged.next_page_token  # at most PAGE_MAX
+    monkeypatch.setattr(admin_pages, "WHOLE_REPLY_BYTES", 60)  # a row or two
+    refusals = [
+        await expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            rig.stub.ListLimits(adm.ListLimitsRequest(), metadata=ADMIN),
+        ),
+        await expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            rig.stub.ListKeys(adm.ListKeysRequest(), metadata=ADMIN),
+        ),
+    ]
+    assert refusals[0].startswith("the 5 tenants with limits of their own do not fit one reply")
+    assert refusals[1].startswith("the 5 keys do not fit one reply")
+    assert all("Upgrade the cachemesh CLI / AdminClient" in said for said in refusals)
+    one = await rig.stub.ListKeys(adm.ListKeysRequest(tenant="t0"), metadata=ADMIN)
+    assert [k.tenant for k in one.keys] == ["t0"]  # one tenant's fit
+    listed = await rig.stub.ListLimits(adm.ListLimitsRequest(page_size=3), metadata=ADMIN)
+    assert len(listed.tenants) == 3  # a paging client is not held to it
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import pytest
 from services.common.keyfile import KeyRecord
 from services.router.admin_pages import (
     PAGE_MAX,
+    WHOLE_REPLY_BYTES,
     PageError,
     cursor,
     key_cursor,
@@ -15,6 +16,8 @@ from services.router.admin_pages import (
     page_size,
     stats_page,
     token,
+    whole_reply,
+    whole_requested,
 )
 
 
@@ -74,3 +77,17 @@ def test_a_stats_page_ends_where_l1s_page_ends() -> None:
     assert page.keys == {"b": [_key(1, "b")]}
     last = stats_page(records, ["e"], "", "c", 10)  # L1's last page: through its last row
     assert (last.tenants, last.more) == (["d", "e"], False)
+
+
+def test_a_whole_reply_is_every_row_until_their_bytes_pass_the_cap() -> None:
+    assert whole_requested(0, "") and not whole_requested(5, "") and not whole_requested(0, "t")
+    rows = ["x" * 100] * 3
+    assert whole_reply(rows, len) == rows
+    read: list[str] = []
+
+    def size(row: str) -> int:
+        read.append(row)
+        return WHOLE_REPLY_BYTES // 2
+
+    assert whole_reply(iter(["a", "b", "c", "d"]), size) is None
+    assert read == ["a", "b"]  # no row read past the cap

@@ -30,6 +30,10 @@ T = TypeVar("T")
 # One limit's change in ``set_limits``: the tenant's own value (requests or tokens a minute;
 # a budget in nano-dollars), "unlimited", or "default" (back to the router's setting)
 LimitChange = int | Literal["unlimited", "default"]
+# page_size 0 (the router's default) is sent as this, the router's most: a request with neither
+# page_size nor page_token is a client's from before pages, which the router answers whole or
+# refuses FAILED_PRECONDITION when the rows do not fit one reply
+PAGE_SIZE = 1000
 P = TypeVar("P", adm.GetStatsResponse, adm.ListKeysResponse, adm.ListLimitsResponse)  # a page
 Q = TypeVar("Q", adm.GetStatsRequest, adm.ListKeysRequest, adm.ListLimitsRequest)  # its request
 
@@ -70,11 +74,12 @@ class AdminClient:
 
     def stats(self, tenant: str = "", *, page_size: int = 0) -> adm.GetStatsResponse:
         """Every tenant's figures (or ``tenant``'s), every page of them in one reply (each
-        page a call of ``page_size`` rows, 0: the router's default). A row whose service did
+        page a call of ``page_size`` rows, 0: 1,000, the most). A row whose service did
         not answer names it in its ``unavailable``: those figures are unknown, not zero."""
         whole = adm.GetStatsResponse()
         for page in self._pages(
-            self._stub.GetStats, adm.GetStatsRequest(tenant=tenant, page_size=page_size)
+            self._stub.GetStats,
+            adm.GetStatsRequest(tenant=tenant, page_size=page_size or PAGE_SIZE),
         ):
             whole.tenants.extend(page.tenants)
             whole.unavailable.extend(s for s in page.unavailable if s not in whole.unavailable)
@@ -124,9 +129,9 @@ class AdminClient:
         self, tenant: str = "", *, include_revoked: bool = False, page_size: int = 0
     ) -> list[adm.ApiKeyInfo]:
         """Every key (of ``tenant``), every page of them (a call of ``page_size`` keys each,
-        0: the router's default)."""
+        0: 1,000, the most)."""
         request = adm.ListKeysRequest(
-            tenant=tenant, include_revoked=include_revoked, page_size=page_size
+            tenant=tenant, include_revoked=include_revoked, page_size=page_size or PAGE_SIZE
         )
         return [key for page in self._pages(self._stub.ListKeys, request) for key in page.keys]
 
@@ -166,10 +171,11 @@ class AdminClient:
 
     def list_limits(self, *, page_size: int = 0) -> adm.ListLimitsResponse:
         """Every tenant with a limit of its own, and the router's settings: every page of
-        them in one reply (each page a call of ``page_size`` tenants, 0: the router's
-        default)."""
+        them in one reply (each page a call of ``page_size`` tenants, 0: 1,000, the
+        most)."""
         whole = adm.ListLimitsResponse()
-        for page in self._pages(self._stub.ListLimits, adm.ListLimitsRequest(page_size=page_size)):
+        request = adm.ListLimitsRequest(page_size=page_size or PAGE_SIZE)
+        for page in self._pages(self._stub.ListLimits, request):
             whole.tenants.extend(page.tenants)
             whole.defaults.CopyFrom(page.defaults)
         return whole
