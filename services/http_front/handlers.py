@@ -341,7 +341,10 @@ class Front:
                 api, error, traceparent, request.get(_CALLER_ID, "") or error.request_id
             )
         request[_ENDED] = error.status_for(api)
-        body = error.body_for(api, stream.headers.get(_ID_HEADER[api], ""))
+        # the head names the caller's id, or none yet (it went out before the Gateway's start,
+        # with pings): then the id the Gateway made up for its refusal
+        named = stream.headers.get(_ID_HEADER[api], "") or error.request_id
+        body = error.body_for(api, named)
         with contextlib.suppress(ConnectionError, RuntimeError):  # the caller may be gone
             frame = sse.event("error", body) if api == "anthropic" else sse.data(body)
             await self._sent(request, stream.write(frame))

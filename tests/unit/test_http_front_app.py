@@ -1205,6 +1205,27 @@ async def test_a_refusal_after_the_early_head_is_the_streams_error_event(front: 
     assert 'route="/v1/chat/completions",status="504"} 1.0' in metrics
 
 
+async def test_a_refusal_after_the_early_head_names_the_gateways_id(front: Front) -> None:
+    """A refusal after the head went out (pings) of a request without an Idempotency-Key
+    named "" as its request_id in the error event (the head had no id to say): it names the
+    id the Gateway made up, from its refusal's trailer, as a refusal before the head does."""
+    made = (REQUEST_ID_KEY, "a772c70eae2d4aeb936d0670dc5a4da4")
+    front.gateway.refuse = (grpc.StatusCode.UNAVAILABLE, "no replica answered", (made,))
+    front.gateway.hold = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, front.gateway.hold.set)  # after pings
+    body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{front.base}/v1/messages", data=body, headers=CLAUDE_HEADERS) as reply,
+    ):
+        assert reply.status == 200  # the head went out before the refusal
+        text = (await reply.read()).decode()
+    assert "event: ping" in text
+    errors = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    errors = [e for e in errors if e.get("type") == "error"]
+    assert [e["request_id"] for e in errors] == [made[1]], text
+
+
 async def test_the_in_flight_limit_counts_a_tenants_keys_together(tmp_path: Path) -> None:
     """HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY counts per tenant: a second key of the same tenant
     does not get a limit of its own, and the 429 says so."""
