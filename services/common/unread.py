@@ -3,7 +3,8 @@
 ``ROUTER_BUDGET_USD_PER_DAYS=0`` (for ``ROUTER_BUDGET_USD_PER_DAY``) started the router without
 the budget and without a word. Every process gets the whole ``.env`` (``make up``, compose's
 ``env_file``), so each warns of every such name, with the setting closest to it: the known
-names are the stack's table's (``services.tools.stack.service_table``, standard library only).
+names are the stack's table's (``services.tools.stack.service_table``, standard library only;
+the rule and the words, shared with the stack's CLI: ``services.common.setting_names``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from services.common.setting_names import unread_warning
 from services.tools.stack.service_table import unread_settings
 
 log = logging.getLogger("cachemesh.settings")
@@ -21,11 +23,5 @@ def warn_unread_settings(environ: Mapping[str, str], service: str) -> list[str]:
     service, tool or client reads; the names warned of."""
     unread = unread_settings(environ)
     for name, closest in unread:
-        hint = f"; did you mean {closest}?" if closest is not None else ""
-        log.warning(
-            "%s: %s is not a setting of any cachemesh service or tool: ignored%s",
-            service,
-            name,
-            hint,
-        )
+        log.warning("%s: %s", service, unread_warning(name, closest))
     return [name for name, _ in unread]

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from services.common.setting_names import OWN_PREFIXES, unread_warning
 from services.tools.stack import cli
 from services.tools.stack.lifecycle import Stack, StackError
-from services.tools.stack.service_table import OWN_PREFIXES, known_env_keys, unread_settings
+from services.tools.stack.service_table import known_env_keys, unread_settings
+from tests.unit.test_unread_settings_warning import kubernetes_service_links
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +44,24 @@ def test_a_misspelled_budget_in_dotenv_is_named_with_the_setting_meant(
     err = capsys.readouterr().err
     assert "warning: ROUTER_BUDGET_USD_PER_DAYS" in err
     assert "did you mean ROUTER_BUDGET_USD_PER_DAY?" in err
+
+
+def test_up_says_it_in_the_services_words_and_skips_kubernetes_links(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text("ROUTER_BUDGET_USD_PER_DAYS=0\n")
+    for name, value in kubernetes_service_links().items():
+        monkeypatch.setenv(name, value)
+    _up(tmp_path)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    said = unread_warning("ROUTER_BUDGET_USD_PER_DAYS", "ROUTER_BUDGET_USD_PER_DAY")
+    assert said.startswith("ROUTER_BUDGET_USD_PER_DAYS is not a setting")  # the services' line
+    assert lines == [
+        "warning: "
+        + unread_warning(
+            "ROUTER_BUDGET_USD_PER_DAYS", "ROUTER_BUDGET_USD_PER_DAY", ".env or the environment"
+        )
+    ]
 
 
 def test_a_misspelled_one_in_the_environment_is_named_too(

@@ -39,6 +39,46 @@ def test_a_misspelled_setting_is_named_with_the_one_meant(
     assert line.endswith("did you mean ROUTER_BUDGET_USD_PER_DAY?")
 
 
+def kubernetes_service_links() -> dict[str, str]:
+    """What a pod gets for Services named router, model, prefix-cache, semantic-cache and
+    http-front in its namespace (35 variables)."""
+    env: dict[str, str] = {}
+    for name, port in [
+        ("ROUTER", 50051),
+        ("MODEL", 50061),
+        ("PREFIX_CACHE", 50071),
+        ("SEMANTIC_CACHE", 50081),
+        ("HTTP_FRONT", 8080),
+    ]:
+        link = f"{name}_PORT_{port}_TCP"
+        env |= {
+            f"{name}_SERVICE_HOST": "10.0.0.1",
+            f"{name}_SERVICE_PORT": str(port),
+            f"{name}_PORT": f"tcp://10.0.0.1:{port}",
+            link: f"tcp://10.0.0.1:{port}",
+            f"{link}_PROTO": "tcp",
+            f"{link}_PORT": str(port),
+            f"{link}_ADDR": "10.0.0.1",
+        }
+    return env
+
+
+def test_kubernetes_service_links_are_not_taken_for_misspellings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kubernetes gives every pod ROUTER_SERVICE_HOST, MODEL_PORT_50061_TCP_ADDR, ... for the
+    Services named like ours: 35 false warnings ("did you mean SEMANTIC_CACHE_ORT_THREADS?").
+    A name of that form with a value of that form is none; one with another value still is."""
+    environ = kubernetes_service_links() | {
+        "ROUTER_SERVICE_PORT_GRPC": "50051",  # a named port's
+        "ROUTER_METRICS_PORT": "9100",  # not a Kubernetes value: a misspelling
+        "ROUTER_BUDGET_USD_PER_DAYS": "0",
+    }
+    named = warn_unread_settings(environ, "router")
+    assert named == ["ROUTER_BUDGET_USD_PER_DAYS", "ROUTER_METRICS_PORT"]
+    assert len(_warnings(caplog)) == 2
+
+
 def test_the_shipped_dotenv_names_none() -> None:
     assert warn_unread_settings(read_env_file(ROOT / ".env"), "router") == []
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cachemesh.envfile import EnvFileError
 from services.common.env import MAX_DURATION_S
+from services.common.setting_names import unread_warning
 from services.tools.engine.cache import EnginePaths, engine_paths
 from services.tools.engine.servers import (
     EngineError,
@@ -175,12 +176,8 @@ def _warn_unread(settings: Mapping[str, str]) -> None:
     """A line for each setting named like cachemesh's that nothing reads (a misspelled limit
     or budget was ignored without a word): on stderr, before anything starts."""
     for name, closest in unread_settings(settings):
-        hint = f"; did you mean {closest}?" if closest is not None else ""
-        print(
-            f"warning: {name} (.env or the environment) is not a setting of any cachemesh "
-            f"service or tool: ignored{hint}",
-            file=sys.stderr,
-        )
+        warning = unread_warning(name, closest, ".env or the environment")
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _up_timeout(settings: Mapping[str, str]) -> float:

@@ -8,10 +8,11 @@ caller's environment and the secrets under ``.run/``.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from services.common.setting_names import unread_names
 
 # Read by every service through services.common (server, telemetry, models, auth).
 COMMON_ENV_KEYS: tuple[str, ...] = (
@@ -348,19 +349,6 @@ TOOL_ENV_KEYS: tuple[str, ...] = (
     "ROUTER_TARGET",  # make calibrate-router's
 )
 
-# The prefixes of cachemesh's own variables: one named so that nothing reads is a misspelling
-# (ROUTER_BUDGET_USD_PER_DAYS=0 started a stack without the budget it meant).
-OWN_PREFIXES: tuple[str, ...] = (
-    "CACHEMESH_",
-    "ROUTER_",
-    "SEMANTIC_CACHE_",
-    "PREFIX_CACHE_",
-    "MODEL_",
-    "HTTP_FRONT_",
-    "PROVIDER_",
-    "SIM_",
-)
-
 
 def known_env_keys() -> frozenset[str]:
     """Every variable a service, a tool of the stack or a client reads."""
@@ -369,10 +357,9 @@ def known_env_keys() -> frozenset[str]:
 
 def unread_settings(settings: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """Each name of ``settings`` with one of cachemesh's prefixes that nothing reads, sorted,
-    with the known name closest to it (None when none is close)."""
-    known = known_env_keys()
-    unread = sorted(n for n in settings if n.startswith(OWN_PREFIXES) and n not in known)
-    return [(name, next(iter(difflib.get_close_matches(name, known, 1)), None)) for name in unread]
+    with the known name closest to it (None when none is close); a Kubernetes service link
+    (ROUTER_SERVICE_HOST, ...) is none (``services.common.setting_names``)."""
+    return unread_names(settings, known_env_keys())
 
 
 def service(name: str) -> ServiceDef:
