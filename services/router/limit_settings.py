@@ -9,14 +9,13 @@ known whether L1 will answer it for free).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from cachemesh.dollars import PLAIN_DOLLARS, plain_dollars, whole_nanos
 from services.common.env import ConfigError, Env
 from services.common.redis_pool import DEFAULT_MAX_CONNECTIONS, max_connections
-from services.router.limits import DEFAULT_TIMEOUT_S, NANOS_PER_DOLLAR, LimitPolicy
+from services.router.limits import DEFAULT_TIMEOUT_S, LimitPolicy
 
 REQUESTS_PER_MIN = "ROUTER_LIMIT_REQUESTS_PER_MIN"
 TOKENS_PER_MIN = "ROUTER_LIMIT_TOKENS_PER_MIN"
@@ -35,8 +34,6 @@ DEFAULT_REDIS_BREAKER_S = 5.0
 # budget one nano-dollar above the spend read as reached (measured on Redis 7: a spend of
 # 2**53 "reached" a budget of 2**53 + 1), and a budget of 10**23 dollars was taken.
 MAX_BUDGET_USD = 9_000_000
-# a budget as a person writes dollars: ASCII digits and one optional point, no exponent
-_PLAIN_AMOUNT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 TENANT_LIMITS_FILE_NAME = "tenant-limits"
 
 
@@ -87,28 +84,24 @@ def _rate(env: Env, name: str) -> int | None:
 
 
 def _dollars(env: Env, name: str) -> int | None:
-    """US dollars (e.g. ``25`` or ``0.50``) as whole nano-dollars."""
+    """US dollars (e.g. ``25`` or ``0.50``) as whole nano-dollars (``cachemesh.dollars``: the
+    rule the admin CLI's ``--day-budget`` reads by too)."""
     value = env.optional_str(name)
     if value is None:
         return None
-    try:
-        # plain digits: Decimal also reads '1e3' ($1,000), '1_000' and other scripts' digits
-        if not _PLAIN_AMOUNT.match(value):
-            raise InvalidOperation
-        amount = Decimal(value)
-    except InvalidOperation:
+    amount = plain_dollars(value)
+    if amount is None:
         raise ConfigError(
-            f"{name} must be an amount in US dollars in plain decimal digits (e.g. 25.00 or "
-            f"1000; not 1e3 or 1_000), got {value[:32]!r}"
-        ) from None
-    if not amount.is_finite() or amount < 0:
+            f"{name} must be an amount in US dollars in {PLAIN_DOLLARS}, got {value[:32]!r}"
+        )
+    if amount < 0:
         raise ConfigError(f"{name} must be a finite amount >= 0 US dollars, got {value!r}")
     if amount > MAX_BUDGET_USD:
         raise ConfigError(
             f"{name} must be at most {MAX_BUDGET_USD:,} US dollars (the limits' arithmetic is "
             f"exact up to there), got {value[:32]!r}"
         )
-    nanos = amount * NANOS_PER_DOLLAR
-    if nanos != nanos.to_integral_value():
+    nanos = whole_nanos(amount)
+    if nanos is None:
         raise ConfigError(f"{name}: at most 9 decimal places (nano-dollars), got {value!r}")
-    return int(nanos)
+    return nanos

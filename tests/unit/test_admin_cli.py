@@ -198,8 +198,9 @@ def test_limit_values_from_the_command_line() -> None:
 
 # '1e3' was read as $1,000 (1,000,000,000,000 nano-dollars), '1_000' as $1,000 and the
 # Arabic-Indic digit five as $5: a budget is written in plain digits, anything else is refused
-@pytest.mark.parametrize("wrong", ["1e3", "1E-3", "1e-9", "1_000", "\u0665", " 5", "+5", "1,000"])
+@pytest.mark.parametrize("wrong", ["1e3", "1E-3", "1e-9", "1_000", "\u0665", " 5", "++5", "1,000"])
 def test_a_budget_in_exponent_or_other_notation_is_refused(wrong: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="not 1e3 or 1_000"):
         budget_change(wrong)
     assert budget_change("-1") == -1_000_000_000  # the router refuses it, naming the range
+    assert budget_change("+25") == 25_000_000_000  # a sign is plain notation, as the router's

@@ -4,6 +4,7 @@ expected waits are worked by hand from the rates (a bucket refills at its capaci
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import math
@@ -19,6 +20,7 @@ from google.rpc import error_details_pb2
 from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError
 
+from cachemesh.admin_cli import budget_change
 from cachemesh.retry_info import retry_delay_s, status_details
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
@@ -667,12 +669,37 @@ def test_settings_read_dollars_exactly_and_name_a_bad_variable() -> None:
 
 # '1e3' was read as $1,000 a day, '1_000' as $1,000 and the Arabic-Indic digit five as $5, as
 # `cachemesh admin limits set --day-budget` read them: a budget is written in plain digits
-@pytest.mark.parametrize("value", ["1e3", "1E-3", "1_000", "\u0665", "+5"])
+@pytest.mark.parametrize("value", ["1e3", "1E-3", "1_000", "\u0665", "++5"])
 def test_a_budget_setting_in_exponent_or_other_notation_stops_the_start(value: str) -> None:
     with pytest.raises(ConfigError, match=r"ROUTER_BUDGET_USD_PER_DAY .*not 1e3 or 1_000"):
         LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": value}))
     day = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "1000."})).policy
     assert day.day_budget_nanos == 10**12
+    # a sign is plain notation: '+25' was read as $25 before the rule, and is again
+    plus = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "+25"})).policy
+    assert plus.day_budget_nanos == 25 * 10**9
+
+
+@pytest.mark.parametrize(
+    "text", ["25", "+25", "0.50", "+.5", "1000.", "0", "-1", "1e3", "1_000", "+", "+-5", "nan"]
+)
+def test_a_budget_is_read_by_the_routers_own_rule(text: str) -> None:
+    """'+25' was refused by the CLI and by ROUTER_BUDGET_USD_PER_DAY since the plain-digit
+    rule, though Decimal read it as 25 before: a sign is taken, and the CLI and the router's
+    setting read a budget by one rule (cachemesh.dollars), so they agree on every text."""
+    try:
+        by_cli: int | None = int(budget_change(text))
+    except argparse.ArgumentTypeError:
+        by_cli = None
+    try:
+        day = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": text}))
+        by_router: int | None = day.policy.day_budget_nanos
+    except ConfigError:
+        by_router = None
+    if text.startswith("-"):  # the CLI leaves the range to the router
+        assert by_cli == -1_000_000_000 and by_router is None
+    else:
+        assert by_cli == by_router
 
 
 def test_retry_trailers_carry_retry_info_and_retry_after() -> None:

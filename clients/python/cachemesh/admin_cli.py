@@ -8,14 +8,11 @@ never from the command line, where other users' ``ps`` would see it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -25,13 +22,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cachemesh._errors import CachemeshError
 from cachemesh._tls import Tls
 from cachemesh.admin import AdminClient, LimitChange, read_admin_token
+from cachemesh.dollars import NANOS_PER_DOLLAR, PLAIN_DOLLARS, plain_dollars, whole_nanos
 from cachemesh.v1 import admin_pb2 as adm
 
-NANOS_PER_DOLLAR = 1_000_000_000
 MAX_INT64 = 2**63 - 1
 # the words a limit's flag takes besides a value: none for this tenant, the router's setting
-# a budget as a person writes dollars: digits, one optional point (ASCII; no exponent)
-_PLAIN_AMOUNT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 LIMIT_WORDS: dict[str, LimitChange] = {"unlimited": "unlimited", "default": "default"}
 
 
@@ -128,21 +123,18 @@ def rate_change(text: str) -> LimitChange:
 
 def budget_change(text: str) -> LimitChange:
     """A budget's value: US dollars (to the nano-dollar) as nano-dollars, 'unlimited' or
-    'default' (the server checks the range). Plain decimal digits only: ``Decimal`` also
-    reads '1e3' ($1,000, where a person may have meant nano-dollars or a typo), '1_000' and
-    other scripts' digits, none of which a budget is written as."""
+    'default' (the server checks the range), read by the router's own rule for its budget
+    settings (``cachemesh.dollars``): plain decimal digits, an optional sign."""
     if text in LIMIT_WORDS:
         return LIMIT_WORDS[text]
-    nanos = Decimal("NaN")
-    if _PLAIN_AMOUNT.match(text):
-        with contextlib.suppress(InvalidOperation):
-            nanos = Decimal(text) * NANOS_PER_DOLLAR
-    if not nanos.is_finite() or nanos != nanos.to_integral_value() or abs(nanos) > MAX_INT64:
+    amount = plain_dollars(text)
+    nanos = None if amount is None else whole_nanos(amount)
+    if nanos is None or abs(nanos) > MAX_INT64:
         raise argparse.ArgumentTypeError(
-            "US dollars as plain decimal digits with at most 9 decimal places (e.g. 1000, 5 "
-            f"or 0.25; not 1e3 or 1_000), 'unlimited' or 'default', got {text[:32]!r}"
+            f"US dollars in {PLAIN_DOLLARS} with at most 9 decimal places, 'unlimited' or "
+            f"'default', got {text[:32]!r}"
         )
-    return int(nanos)
+    return nanos
 
 
 def admin_token(args: argparse.Namespace) -> str:
