@@ -13,6 +13,7 @@ does not retry, and its ``UnavailableError`` carries the wait. One create(): 3 p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -41,7 +42,7 @@ from services.router.servicer import NO_RETRY
 from services.router.servicer import _trailers as router_trailers
 from tests.unit.test_provider_deadline import Clock, _api, _drain
 from tests.unit.test_router_replica_ejection import Clock as RouterClock
-from tests.unit.test_router_replica_ejection import Models, _ask, _pipeline
+from tests.unit.test_router_replica_ejection import Models, _ask, _ask_auto, _pipeline
 
 
 def _overloaded(status: int, retry_after: str | None) -> anthropic.APIStatusError:
@@ -113,6 +114,69 @@ async def test_a_replica_that_handed_over_with_retries_left_does_not_say_so(
     assert len(adapter.calls) == 1
     assert not caught.value.retried and caught.value.retry_after_s == 30
     assert ("cachemesh-retried", "1") not in replica_trailers(caught.value)
+
+
+@dataclass
+class OverloadedOnce(AlwaysOverloaded):
+    """Answers ``status`` to its first call, then a one-word answer (a transient 529)."""
+
+    async def stream(
+        self, spec: ModelSpec, request: pb.CompleteRequest, progress: Progress, timeout_s: float
+    ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
+        self.calls.append(timeout_s)
+        if len(self.calls) == 1:
+            raise _overloaded(self.status, self.retry_after)
+        yield model_pb2.GenerateChunk(text="Paris")
+
+
+@pytest.mark.parametrize(("retry_after", "told"), [(None, None), ("3", 3)])
+async def test_a_replica_whose_retries_are_off_hands_retrying_back_to_its_callers(
+    tokenizer: Tokenizer, retry_after: str | None, told: int | None
+) -> None:
+    """PROVIDER_MAX_RETRIES=0: the replica's one try is no retry, so its refusal is not
+    marked retried (it was: 'after 1 tries', cachemesh-retried, and nothing in the chain
+    retried a transient 529 that the next call would have passed). The router, the HTTP
+    front and the client then retry it as before; the provider's own retry-after still
+    reaches them."""
+    adapter = OverloadedOnce(529, retry_after)
+    api = _api(adapter, Clock(), tokenizer)  # type: ignore[arg-type]
+    api._s = dataclasses.replace(api._s, max_retries=0)
+    with pytest.raises(RequestError) as caught:
+        await _drain(api, time_remaining_s=60.0)
+    err = caught.value
+    assert len(adapter.calls) == 1
+    assert not err.retried and err.retry_after_s == told
+    assert "after 1 try (this replica's retries are off)" in err.reason
+    assert "1 tries" not in err.message
+    assert ("cachemesh-retried", "1") not in replica_trailers(err)
+    # through the router (both replicas refused so): retryable, no pushback -1
+    both = failed(_rpc_error(replica_trailers(err)))
+    models = Models(RouterClock(), {"large-1": both, "large-2": both})
+    with pytest.raises(RequestError) as routed:
+        await _ask(_pipeline(models), 1)
+    assert not routed.value.retried
+    trailers = router_trailers(Call("Complete", 0.0), routed.value)
+    assert NO_RETRY not in trailers and (PUSHBACK_KEY, "-1") not in trailers
+    assert "x-should-retry" not in api_error(_rpc_error(trailers)).headers()
+    assert (await _drain(api, time_remaining_s=60.0)) == ["text"]  # the caller's retry: served
+
+
+@pytest.mark.parametrize("auto", [False, True], ids=["other-replica", "other-tier"])
+async def test_a_replica_that_spent_its_retries_hands_over_to_one_that_answers(
+    auto: bool,
+) -> None:
+    """One replica spent its provider's retries (cachemesh-retried): the router still hands
+    the request to its other replica (``auto``: the other tier), and the caller gets that
+    answer; only a call every replica refused so is told not to retry."""
+    if auto:
+        models = Models(RouterClock(), {"small-1": _spent(2)})
+        answer = await _ask_auto(_pipeline(models), 1, threshold=1.0)
+        assert models.calls == ["small-1", "large-1"] and answer.model == "sim-large"
+    else:
+        models = Models(RouterClock(), {"large-1": _spent(2)})
+        answer = await _ask(_pipeline(models), 1)
+        assert models.calls == ["large-1", "large-2"]
+    assert answer.content[0].text == "ok"
 
 
 def _rpc_error(trailers: tuple[tuple[str, str | bytes], ...]) -> grpc.aio.AioRpcError:

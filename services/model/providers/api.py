@@ -527,6 +527,8 @@ class ProviderApi:
         if failure.kind != Kind.RETRY:
             return None, ""
         if tries > self._s.max_retries:
+            if tries == 1:  # PROVIDER_MAX_RETRIES 0: the callers retry, as they did before
+                return None, "after 1 try (this replica's retries are off)"
             return None, f"after {tries} tries"
         if failure.retry_after_s is not None:
             wait = failure.retry_after_s
@@ -549,8 +551,11 @@ class ProviderApi:
         """The wait a caller is told (``retry-after``) once this replica spent its retries on
         ``failure`` (``max_retries`` of a 529 / 503 / 429 ...): the provider's own retry-after,
         else the backoff the next try would have waited; None while retries were left (the
-        call handed over for a wait outlasting the deadline says only the provider's)."""
-        if failure.kind != Kind.RETRY or tries <= self._s.max_retries:
+        call handed over for a wait outlasting the deadline says only the provider's), and
+        None when the replica made no retry (``max_retries`` 0, the operator's choice: its one
+        try is no retry, so its callers retry as they did before, the provider's own
+        retry-after, if any, their wait)."""
+        if failure.kind != Kind.RETRY or tries <= self._s.max_retries or tries < 2:
             return None
         if failure.retry_after_s is not None:
             return _whole_seconds(failure.retry_after_s)
