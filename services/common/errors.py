@@ -55,7 +55,11 @@ class RequestError(Exception):
     ``retried``: the refused call's upstream was already retried (a model replica spent its
     ``PROVIDER_MAX_RETRIES`` on a provider's 529 / 503 / 429): the callers above must not retry
     it again at once, each of their retries being as many upstream calls again (a retry storm);
-    ``retry_after_s`` is then the wait the replica's next backoff would have been."""
+    ``retry_after_s`` is then the provider's own retry-after if it sent one, else the wait the
+    replica's next backoff would have been (``backoff_wait``).
+
+    ``backoff_wait``: ``retry_after_s`` is the replica's own backoff, not a wait its provider
+    asked for, so that no caller says "as the provider asked" of it."""
 
     def __init__(
         self,
@@ -65,6 +69,7 @@ class RequestError(Exception):
         *,
         retry_after_s: int | None = None,
         retried: bool = False,
+        backoff_wait: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -72,3 +77,4 @@ class RequestError(Exception):
         self.reason = "".join(c for c in reason if " " <= c <= "~")[:200]
         self.retry_after_s = retry_after_s
         self.retried = retried
+        self.backoff_wait = backoff_wait

@@ -41,12 +41,18 @@ RETRY_AFTER_KEY = "retry-after"
 # and the mark of a refusal after the replica's own retries of its provider were spent
 # (RequestError.retried): the router tells its client not to retry it at once
 RETRIED_KEY = "cachemesh-retried"
+# and where that retry-after came from: "provider" (its own retry-after) or "backoff" (the
+# replica's next backoff after its retries, RequestError.backoff_wait), so that the router
+# says "as the provider asked" only of a provider's wait
+RETRY_AFTER_FROM_KEY = "cachemesh-retry-after-from"
 
 
 def _trailers(error: RequestError) -> tuple[tuple[str, str], ...]:
     trailers: list[tuple[str, str]] = [(REASON_KEY, error.reason)] if error.reason else []
     if error.retry_after_s is not None:
         trailers.append((RETRY_AFTER_KEY, str(error.retry_after_s)))
+        source = "backoff" if error.backoff_wait else "provider"
+        trailers.append((RETRY_AFTER_FROM_KEY, source))
     if error.retried:
         trailers.append((RETRIED_KEY, "1"))
     return tuple(trailers)

@@ -28,7 +28,9 @@ class CallFailed(Exception):
     ``retry_after_s``: the whole seconds the callee's upstream asked to be left alone (a model
     replica's ``retry-after`` trailer: its provider's 429 that outlasted the call's deadline).
     ``retried``: the callee had retried its upstream already (a replica's ``cachemesh-retried``
-    trailer: its provider retries spent), ``RequestError.retried``."""
+    trailer: its provider retries spent), ``RequestError.retried``. ``backoff_wait``: that
+    ``retry_after_s`` is the replica's own backoff, not its provider's ask
+    (``RequestError.backoff_wait``)."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class CallFailed(Exception):
         *,
         retry_after_s: int | None = None,
         retried: bool = False,
+        backoff_wait: bool = False,
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
@@ -45,6 +48,7 @@ class CallFailed(Exception):
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.retried = retried
+        self.backoff_wait = backoff_wait
 
 
 # ``cachemesh_router_degraded_total``'s reason for a call its request's own (the client's)
@@ -60,7 +64,12 @@ class CutByClient(CallFailed):
     @classmethod
     def of(cls, exc: CallFailed) -> CutByClient:
         cut = cls(
-            exc.code, exc.details, exc.reason, retry_after_s=exc.retry_after_s, retried=exc.retried
+            exc.code,
+            exc.details,
+            exc.reason,
+            retry_after_s=exc.retry_after_s,
+            retried=exc.retried,
+            backoff_wait=exc.backoff_wait,
         )
         cut.__cause__ = exc
         return cut

@@ -155,6 +155,30 @@ def fallback_tiers(tiers: tuple[str, ...], chosen: str) -> list[str]:
     return [tiers[i] for i in sorted(others, key=lambda i: (abs(i - at), -i))]
 
 
+def _client_wait(waits: list[tuple[int, bool] | None]) -> tuple[int | None, bool]:
+    """The wait told to a client whose every replica tried refused saying one (``waits``: each
+    one's whole seconds and whether its provider asked for it, else the replica's own backoff
+    after its retries), and whether it is a provider's: None when one said none.
+
+    Among each kind the least (the first replica free again, by the provider's word or by the
+    backoff), then, when a provider asked a wait and a replica backed off, the larger of the
+    two: a retry sooner than the provider asked is refused by it (and counts against the
+    account's rate limit), one sooner than a replica's backoff calls again a provider that was
+    just tried three times; the larger is the first time neither applies, and costs a caller
+    at most ``PROVIDER_BACKOFF_MAX_S`` more than the provider's wait. So the message says "as
+    the provider asked" only when the figure is the provider's."""
+    said = [wait for wait in waits if wait is not None]
+    if not said or len(said) != len(waits):
+        return None, False
+    asked = [seconds for seconds, by_provider in said if by_provider]
+    backoffs = [seconds for seconds, by_provider in said if not by_provider]
+    if not asked:
+        return min(backoffs), False
+    if backoffs and min(backoffs) > min(asked):
+        return min(backoffs), False
+    return min(asked), True
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -253,9 +277,11 @@ class Dispatcher:
             assert spec is not None
             options = [(spec, "requested")]
         failures: list[str] = []
-        # each failure's wait its provider asked for (a 429's retry-after that outlasted the
-        # call's deadline; None: it asked none), the client's retry-after when all asked one
-        waits: list[int | None] = []
+        # each failure's wait (None: none said) and whether its provider asked for it (a 429's
+        # retry-after that outlasted the call's deadline, or that a replica spent its retries
+        # on) or it is the replica's own backoff after its retries: the client's retry-after
+        # when every failure said one
+        waits: list[tuple[int, bool] | None] = []
         # each failure's mark: its replica had spent its retries of its provider already
         retried: list[bool] = []
         # auto's tiers whose context window cannot hold the prompt and max_tokens of answer
@@ -429,7 +455,11 @@ class Dispatcher:
                     if not why and exc.code == Code.DEADLINE_EXCEEDED:
                         why = f"no answer within {timeout_s:.1f} s"
                     failures.append(f"{spec.id}: {exc.code.name}" + (f" ({why})" if why else ""))
-                    waits.append(exc.retry_after_s)
+                    waits.append(
+                        None
+                        if exc.retry_after_s is None
+                        else (exc.retry_after_s, not exc.backoff_wait)
+                    )
                     retried.append(exc.retried)
                     continue
                 except BaseException as exc:
@@ -515,22 +545,23 @@ class Dispatcher:
             if refused
             else ""
         )
-        # every replica tried refused for its provider's rate limit: the first of them free
-        # again is the client's wait (before, none was said and the SDKs retried at once)
-        asked = [wait for wait in waits if wait is not None]
-        retry_after_s = min(asked) if asked and len(asked) == len(waits) else None
+        # every replica tried refused saying a wait: the client's (before, none was said and
+        # the SDKs retried at once)
+        retry_after_s, by_provider = _client_wait(waits)
         # every replica tried had retried its provider already (its 529s, 503s): a retry of
         # the client's now would be as many provider calls again (3 tries a replica, times the
         # SDK's 3 attempts: 9 calls for one create()), so it is told to wait and not to retry
         # (``servicer._trailers``: gRPC's server pushback, the HTTP front's x-should-retry)
         spent = retry_after_s is not None and bool(retried) and all(retried)
+        source = "as the provider asked" if by_provider else "a replica's backoff after its retries"
         if spent:
             after = (
                 f"; each provider was retried already: retry in {retry_after_s} s at the earliest"
+                + (f" ({source})" if by_provider else "")
             )
         else:
             after = "; retry later" + (
-                f" (in {retry_after_s} s, as the provider asked)" if retry_after_s else ""
+                f" (in {retry_after_s} s, {source})" if retry_after_s else ""
             )
         raise RequestError(
             Code.UNAVAILABLE,
@@ -539,6 +570,7 @@ class Dispatcher:
             + f"){only}{after}",
             retry_after_s=retry_after_s,
             retried=spent,
+            backoff_wait=retry_after_s is not None and not by_provider,
         )
 
     def _usable_first(

@@ -63,16 +63,25 @@ REASON_KEY = "cachemesh-reason"  # a model replica's short reason (services.mode
 RETRY_AFTER_KEY = "retry-after"
 # a model replica's mark: its provider retries were spent on the call (services.model.servicer)
 RETRIED_KEY = "cachemesh-retried"
+# where a model replica's retry-after came from: "provider" or "backoff" (its own, after its
+# retries; services.model.servicer). A replica from before it sends none: its retry-after is
+# then its provider's, unless it marked the call retried (a backoff or the provider's: read as
+# its backoff, so that no message claims the provider asked for it)
+RETRY_AFTER_FROM_KEY = "cachemesh-retry-after-from"
 _MAX_RETRY_AFTER_S = 366 * 86_400  # a longer one is no figure a caller can wait for
 
 
 def failed(exc: grpc.aio.AioRpcError) -> CallFailed:
+    trailers = _trailing(exc)
+    retried = any(key == RETRIED_KEY and value == "1" for key, value in trailers)
+    source = next((value for key, value in trailers if key == RETRY_AFTER_FROM_KEY), None)
     return CallFailed(
         code_of(exc.code()),
         exc.details() or exc.code().name,
         _reason(exc),
         retry_after_s=_retry_after(exc),
-        retried=any(key == RETRIED_KEY and value == "1" for key, value in _trailing(exc)),
+        retried=retried,
+        backoff_wait=source == "backoff" or (source is None and retried),
     )
 
 

@@ -697,7 +697,12 @@ def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
     if isinstance(exc, DeadlineCut):
         return DeadlineCut(exc.routers, exc.message)
     return RequestError(
-        exc.code, exc.message, exc.reason, retry_after_s=exc.retry_after_s, retried=exc.retried
+        exc.code,
+        exc.message,
+        exc.reason,
+        retry_after_s=exc.retry_after_s,
+        retried=exc.retried,
+        backoff_wait=exc.backoff_wait,
     )
 
 

@@ -191,33 +191,93 @@ def test_the_router_reads_a_replicas_retried_mark() -> None:
     assert not failed(_rpc_error((("cachemesh-retried", "0"),))).retried
 
 
-def _spent(wait_s: int, retried: bool = True) -> CallFailed:
+def _spent(wait_s: int, retried: bool = True, *, by_provider: bool | None = None) -> CallFailed:
+    """A replica's refusal: its retries spent, ``wait_s`` its next backoff (``by_provider``:
+    its provider's retry-after); or not ``retried``, handed over for its provider's wait."""
     return CallFailed(
         Code.UNAVAILABLE,
         "anthropic could not serve (529 overloaded_error: Overloaded); after 3 tries",
         "anthropic 529 overloaded_error; after 3 tries",
         retry_after_s=wait_s,
         retried=retried,
+        backoff_wait=not by_provider if by_provider is not None else retried,
     )
 
 
 @pytest.mark.parametrize(
-    ("second", "spent"),
+    ("second", "spent", "told"),
     [
-        (_spent(2), True),  # both replicas retried their providers: no retry, the least wait
-        (_spent(2, retried=False), False),  # one handed over for a provider's wait: retryable
+        (_spent(2), True, 1),  # both replicas retried their providers: no retry, the least wait
+        # one handed over for its provider's wait (2 s, longer than large-1's backoff): retryable
+        (_spent(2, retried=False), False, 2),
     ],
 )
 async def test_the_routers_refusal_is_retried_only_when_every_replica_retried(
-    second: CallFailed, spent: bool
+    second: CallFailed, spent: bool, told: int
 ) -> None:
-    models = Models(RouterClock(), {"large-1": _spent(4), "large-2": second})
+    models = Models(RouterClock(), {"large-1": _spent(1), "large-2": second})
     with pytest.raises(RequestError) as caught:
         await _ask(_pipeline(models), 1)
     assert sorted(models.calls) == ["large-1", "large-2"]  # each replica once: no retry
-    assert caught.value.code == Code.UNAVAILABLE and caught.value.retry_after_s == 2
+    assert caught.value.code == Code.UNAVAILABLE and caught.value.retry_after_s == told
     assert caught.value.retried == spent
-    assert ("retried already: retry in 2 s at the earliest" in caught.value.message) == spent
+    assert ("retried already: retry in 1 s at the earliest" in caught.value.message) == spent
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "told", "words"),
+    [
+        # the reviewer's case: large-1 spent its retries (its backoff, 2 s); large-2's provider
+        # asked 30 s of quiet (a 429 past the deadline): the provider's 30 s, said as its own
+        # (before: 2 s, "as the provider asked")
+        (_spent(2), _spent(30, retried=False), 30, "retry later (in 30 s, as the provider asked)"),
+        # a provider's wait shorter than the other replica's backoff: the larger, the backoff's
+        (_spent(4), _spent(1, retried=False), 4, "(in 4 s, a replica's backoff after its retries)"),
+        # both spent on their backoffs: no provider asked anything
+        (_spent(2), _spent(4), 2, "retry in 2 s at the earliest; "),
+        # both spent, a provider's own retry-after among them: said as the provider's
+        (
+            _spent(1),
+            _spent(3, by_provider=True),
+            3,
+            "retry in 3 s at the earliest (as the provider asked)",
+        ),
+    ],
+    ids=["reviewers-mix", "backoff-longer", "both-backoffs", "spent-provider-wait"],
+)
+async def test_the_routers_wait_says_where_it_came_from(
+    first: CallFailed, second: CallFailed, told: int, words: str
+) -> None:
+    models = Models(RouterClock(), {"large-1": first, "large-2": second})
+    with pytest.raises(RequestError) as caught:
+        await _ask(_pipeline(models), 1)
+    message = caught.value.message + "; "
+    assert caught.value.retry_after_s == told
+    assert words in message
+    if "provider asked" not in words:
+        assert "provider asked" not in message
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "source"), [(None, "backoff"), ("3", "provider")], ids=["backoff", "provider"]
+)
+async def test_a_replica_says_where_its_wait_came_from_and_the_router_reads_it(
+    tokenizer: Tokenizer, retry_after: str | None, source: str
+) -> None:
+    with pytest.raises(RequestError) as caught:
+        api = _api(AlwaysOverloaded(529, retry_after), Clock(), tokenizer)  # type: ignore[arg-type]
+        await _drain(api, time_remaining_s=60.0)
+    trailers = replica_trailers(caught.value)
+    assert ("cachemesh-retry-after-from", source) in trailers
+    assert failed(_rpc_error(trailers)).backoff_wait == (source == "backoff")
+
+
+def test_a_replica_from_before_the_source_trailer_is_read_as_it_meant() -> None:
+    """Before 592534a a replica's retry-after was only its provider's; a 592534a replica's
+    marked retried may be its backoff: read so, no message claims the provider asked."""
+    assert not failed(_rpc_error((("retry-after", "30"),))).backoff_wait
+    old_spent = (("retry-after", "2"), ("cachemesh-retried", "1"))
+    assert failed(_rpc_error(old_spent)).backoff_wait
 
 
 def _refusal() -> RequestError:

@@ -651,6 +651,7 @@ class ProviderApi:
         # its retries spent: the callers above (the router, the client's SDK) are told to wait
         # and not to retry at once, each retry of theirs being as many provider calls again
         spent = self._spent_wait(failure, tries)
+        backoff_wait = spent is not None and failure.retry_after_s is None
         return RequestError(
             Code.UNAVAILABLE,
             f"{backend} could not serve ({status}: {message}){after}{check}",
@@ -661,6 +662,7 @@ class ProviderApi:
             if failure.kind == Kind.RETRY
             else None,
             retried=spent is not None,
+            backoff_wait=backoff_wait,
         )
 
     def _refuse_while_out(self) -> bool:
