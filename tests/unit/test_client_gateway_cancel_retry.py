@@ -9,6 +9,7 @@ error naming no request_id, where the HTTP front's caller is told to retry."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cachemesh import AsyncClient, Client, UnavailableError, build_request
+from cachemesh import AsyncClient, CachemeshError, Client, UnavailableError, build_request
+from cachemesh._errors import from_rpc_error
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
@@ -84,3 +86,62 @@ def test_a_cut_call_not_retried_is_unavailable_with_its_request_id(
     assert raised.value.code == grpc.StatusCode.CANCELLED
     assert len(fake.calls) == 1 and raised.value.request_id == fake.calls[0]
     assert f"request_id {fake.calls[0]}" in str(raised.value)
+
+
+class Waits(gateway_pb2_grpc.GatewayServicer):
+    """Answers once ``done`` is set (the test's end): a call that waits."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+    def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        self.done.wait(10.0)
+        return pb.CompleteResponse(request_id=request.request_id, stop_reason="end_turn")
+
+    def StreamComplete(
+        self, request: pb.CompleteRequest, context: Any
+    ) -> Iterator[pb.CompleteChunk]:
+        raise NotImplementedError  # not called here
+
+
+def test_closing_your_own_client_while_a_call_waits_names_no_retry() -> None:
+    """The caller closes its own Client while a call waits (another thread, e.g. on exit):
+    gRPC's local CANCELLED ("Channel closed!") is no stopping router's cut, so it is no
+    UnavailableError naming a request_id to retry with (it was, since 14322ca: the reviewer's
+    client_close_cancel.py)."""
+    fake = Waits()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client = Client(f"127.0.0.1:{port}", api_key="k")
+    closing = threading.Timer(0.3, client.close)
+    closing.start()
+    try:
+        with pytest.raises(CachemeshError) as raised:
+            client.ask("hi", model="sim-small", max_tokens=8)
+    finally:
+        closing.join()
+        fake.done.set()
+        server.stop(None)
+    assert not isinstance(raised.value, UnavailableError)
+    assert raised.value.code == grpc.StatusCode.CANCELLED
+    assert "cancelled by this client" in str(raised.value)
+    assert "request_id" not in str(raised.value)
+
+
+def _cancelled(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+    )
+
+
+@pytest.mark.parametrize(
+    "details",
+    ["Channel closed!", "Locally cancelled by application!", "Cancelled upon garbage collection!"],
+)
+def test_grpcs_local_cancels_are_not_the_gateways(details: str) -> None:
+    error = from_rpc_error(_cancelled(details), "r1")
+    assert type(error) is CachemeshError and "not by the Gateway" in str(error)
+    cut = from_rpc_error(_cancelled("CANCELLED"), "r1")  # a stopping router's
+    assert isinstance(cut, UnavailableError) and "request_id r1" in str(cut)

@@ -75,9 +75,10 @@ class MessageTooLargeError(RequestTooLargeError):
 
 class UnavailableError(CachemeshError):
     """No layer could serve the request (UNAVAILABLE; CANCELLED: a stopping router cut the
-    call), or its answer did not reach you: it may have been made (and billed), so its text
-    names the ``request_id`` to retry with (a call that made no answer, cut mid-answer, is a
-    new model call, billed again, on its retry).
+    call, not gRPC's local CANCELLED of a call this client cancelled or closed, a plain
+    ``CachemeshError``), or its answer did not reach you: it may have been made (and billed),
+    so its text names the ``request_id`` to retry with (a call that made no answer, cut
+    mid-answer, is a new model call, billed again, on its retry).
     DEADLINE_EXCEEDED is its subclass ``DeadlineExceededError``.
 
     ``retry_after_s``: the wait the Gateway asked for before a retry (None: it named none):
@@ -120,10 +121,24 @@ _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     # from the Gateway: a stopping router cut the call (as it arrived, or at the end of its
-    # grace); the caller's own cancel never comes here (the call just ends)
+    # grace). gRPC's own, local CANCELLED (the caller closed its Client while a call waited,
+    # or cancelled the call: ``_LOCAL_CANCELS``) comes here too and is no such refusal
     grpc.StatusCode.CANCELLED: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
+
+
+# gRPC's own details of a CANCELLED made on this side, not sent by the server: the sync
+# channel closed under a waiting call ("Channel closed!"), a call cancelled
+# ("Locally cancelled by application!", also grpc.aio's as its channel closes), or dropped
+# ("Cancelled upon garbage collection!"). The caller's own doing: no retry to be told of.
+_LOCAL_CANCELS = frozenset(
+    {
+        "Channel closed!",
+        "Locally cancelled by application!",
+        "Cancelled upon garbage collection!",
+    }
+)
 
 
 # gRPC's own words for a message over its limit: "SERVER: Sent message larger than max
@@ -139,6 +154,13 @@ def from_rpc_error(error: grpc.RpcError, request_id: str = "") -> CachemeshError
     too_large = _TOO_LARGE.search(details) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
     if too_large is not None:
         return _too_large(code, details, request_id, too_large)
+    if code == grpc.StatusCode.CANCELLED and details in _LOCAL_CANCELS:
+        return CachemeshError(
+            code,
+            f"{details} (cancelled by this client, its Client closed or the call cancelled, "
+            "not by the Gateway)",
+            request_id,
+        )
     reason = error_reason(error.trailing_metadata()) if call else None
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason in TOO_LARGE_REASONS:
         too_large_request = RequestTooLargeError(code, details, request_id)
