@@ -1,9 +1,10 @@
 """Through the Gateway, a provider upstream that ignores max_tokens=50 and writes 6 MB (a
 misbehaving engine or proxy, model-upstream's case): the replica cuts it once its text passes
-``cut_at(50)`` (114 tokens by our count), closes its connection, and the answer ends
-``max_tokens`` with the text so far, billed what the upstream wrote by then, streamed or not.
-Before the cut it wrote on until the deadline and was billed 213,740 output tokens,
-128,245,800 nanos on gpt-4o-mini ($0.15 in, $0.60 out per MTok: 150 / 600 nanos a token)."""
+``cut_at(50, exact=True)`` (114 tokens by our count: an OpenAI row), closes its connection,
+and the answer ends ``max_tokens`` with the text so far, billed what the upstream wrote by
+then, streamed or not. Before the cut it wrote on until the deadline and was billed 213,740
+output tokens, 128,245,800 nanos on gpt-4o-mini ($0.15 in, $0.60 out per MTok: 150 / 600
+nanos a token)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _checked(
     )
     assert answer.stop_reason == "max_tokens"
     # the first delta (1,001 bytes) passes the cut: what it wrote, by our count
-    assert cut_at(MAX_TOKENS) < usage.output_tokens < 1000  # was 213,740
+    assert cut_at(MAX_TOKENS, exact=True) < usage.output_tokens < 1000  # was 213,740
     assert cost == usage.input_tokens * 150 + usage.output_tokens * 600  # was 128,245,800
     assert seen.sent < 200 and took < 5  # the upstream stopped: its connection was closed
 

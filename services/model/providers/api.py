@@ -95,9 +95,10 @@ from services.model.providers.failures import (
     classify,
     over,
 )
-from services.model.providers.output_cut import OutputCut
+from services.model.providers.output_cut import OutputCut, exact_tokenizer
 from services.model.providers.progress import Progress, reported_prompt_tokens
 from services.model.providers.redact import Redactor
+from services.model.providers.usage_check import most_tokens
 
 log = logging.getLogger("cachemesh.model")
 Sleep = Callable[[float], Awaitable[None]]
@@ -267,7 +268,12 @@ class ProviderApi:
                 count=self._tokenizers.for_spec(spec).count_once,
                 tenant_fair_queue=self._gate is not None,
             )
-            cut = OutputCut(request.request.max_tokens, self._tokenizers.for_spec(spec).count_once)
+            cut = OutputCut(
+                request.request.max_tokens,
+                spec.max_output_tokens,
+                self._tokenizers.for_spec(spec).count_once,
+                exact=exact_tokenizer(spec),
+            )
             cut_short = False
             try:
                 remaining = deadline - self._clock()
@@ -289,8 +295,9 @@ class ProviderApi:
                             continue  # that report (``Progress.reported``): the wait is shorter
                         yield self._annotated(span, chunk, progress, spec)
                         if chunk.WhichOneof("part") != "end" and cut.passed(progress):
-                            # an upstream writing on past max_tokens: closing its stream
-                            # (leaving this block) closes the connection, and it stops
+                            # an upstream writing on past max_tokens (or thinking past the
+                            # row's max_output_tokens): closing its stream (leaving this
+                            # block) closes the connection, and it stops
                             cut_short = True
                             break
                 if cut_short:
@@ -426,9 +433,11 @@ class ProviderApi:
         """The count of what the model wrote, with ``spec``'s tokenizer (o200k_base for an
         OpenAI row, cl100k_base else): its text, its tool calls and its thinking (a tool
         call's arguments and a reasoning model's thinking are output tokens the provider
-        bills, finished or cut)."""
+        bills, finished or cut), held to the row's reach (``usage_check.most_tokens``) as a
+        provider's report is: no call of the row writes more."""
         tokenizer = self._tokenizers.for_spec(spec)
-        return sum(tokenizer.count(part) for part in progress.produced() if part)
+        produced = sum(tokenizer.count(part) for part in progress.produced() if part)
+        return min(produced, most_tokens(spec))
 
     def _interrupted(
         self, progress: Progress, spec: ModelSpec, error: str
@@ -443,26 +452,39 @@ class ProviderApi:
     def _cut(
         self, progress: Progress, spec: ModelSpec, cut: OutputCut, span: trace.Span
     ) -> model_pb2.GenerateChunk:
-        """The end of an answer cut for writing past its max_tokens (``OutputCut``): ended
-        as cut by length (``max_tokens``: the caller is told it may be cut, L1 never stores
-        it), billed as an interrupted answer is (the provider's usage so far, else our count
-        of all the model wrote, its thinking too). One line (once a ``FAILED_LOG_EVERY_MS``
-        for each model at most): the upstream ignores max_tokens."""
+        """The end of an answer cut for writing past its max_tokens, or for its output,
+        thinking included, past the row's max_output_tokens (``OutputCut``): ended as cut by
+        length (``max_tokens``: the caller is told it may be cut, L1 never stores it), billed
+        as an interrupted answer is (the provider's usage so far, else our count of all the
+        model wrote, its thinking too). One line (once a ``FAILED_LOG_EVERY_MS`` for each
+        model at most): which limit the upstream ignored."""
         end = model_pb2.GenerateEnd(stop_reason="max_tokens")
         self._so_far(progress, spec, end, span)
         span.set_attribute("cachemesh.output_cut", True)
         span.set_attribute("gen_ai.usage.output_tokens", end.output_tokens)
         span.set_attribute("gen_ai.response.finish_reasons", [end.stop_reason])
         if due := self._failed_log.due(spec.id, "output cut"):
+            gauge = cut.fired or cut.visible
+            if gauge is cut.whole:
+                what = (
+                    f"the model's max_output_tokens ({spec.max_output_tokens}) in all its "
+                    "output, thinking included"
+                )
+                why = "the upstream wrote more than the model can"
+            else:
+                what = "the request's max_tokens in its text and tool calls"
+                why = "the upstream ignores max_tokens"
             log.warning(
-                "%s: %s wrote past the request's max_tokens (%d visible tokens by our count, "
-                "the cut is at %d): its stream was closed and the answer ended as cut by "
-                "length, billed %d output tokens; the upstream ignores max_tokens%s",
+                "%s: %s wrote past %s (at least %d tokens by our count or its pieces, the cut "
+                "is at %d): its stream was closed and the answer ended as cut by length, "
+                "billed %d output tokens; %s%s",
                 spec.id,
                 self._adapter.backend,
-                cut.counted,
-                cut.limit,
+                what,
+                gauge.tokens,
+                gauge.limit,
                 end.output_tokens,
+                why,
                 suppressed(due, FAILED_LOG_EVERY_MS),
             )
         return model_pb2.GenerateChunk(end=end)

@@ -57,8 +57,13 @@ class Progress:
     _since_chars: int = field(default=0, init=False)
     _uncounted: list[str] = field(default_factory=list, init=False)  # written since a count
     _half: str = field(default="", init=False)  # a text piece's last half character, held
-    # the UTF-8 bytes of the visible output so far (text, tool calls): what ``OutputCut`` reads
+    # the UTF-8 bytes of the visible output so far (text, tool calls) and its non-empty pieces
+    # (each at least one provider token), then the same of the whole output (thinking too):
+    # what ``OutputCut`` reads
     visible_bytes: int = field(default=0, init=False)
+    visible_pieces: int = field(default=0, init=False)
+    produced_bytes: int = field(default=0, init=False)
+    produced_pieces: int = field(default=0, init=False)
 
     def reported(self, usage: pc.ProviderUsage) -> model_pb2.GenerateChunk:
         """The provider's report of the prompt's usage before the first token (Anthropic's
@@ -95,7 +100,8 @@ class Progress:
             text, self._half = text[:-1], text[-1]
         text = wellformed(text)
         self.pieces.append(text)
-        self.visible_bytes += _utf8_length(text)
+        if text:
+            self._grew(_utf8_length(text), visible=True)
         if self.count is not None:  # counted at the next progress chunk, if one comes
             self._uncounted.append(text)
         return model_pb2.GenerateChunk(text=text)
@@ -107,7 +113,7 @@ class Progress:
         than the router lets a call be silent mid-answer)."""
         if piece:
             self.tool_pieces.append(piece)
-            self.visible_bytes += _utf8_length(piece)
+            self._grew(_utf8_length(piece), visible=True)
         return self._progress(piece)
 
     def reasoning(self, piece: str) -> model_pb2.GenerateChunk:
@@ -118,7 +124,16 @@ class Progress:
         nowhere: the contract has no place for it, and no client is shown it."""
         if piece:
             self.reasoning_pieces.append(piece)
+            self._grew(_utf8_length(piece), visible=False)
         return self._progress(piece)
+
+    def _grew(self, size: int, *, visible: bool) -> None:
+        """One non-empty piece of ``size`` UTF-8 bytes written, ``visible`` or thinking."""
+        if visible:
+            self.visible_bytes += size
+            self.visible_pieces += 1
+        self.produced_bytes += size
+        self.produced_pieces += 1
 
     def produced(self) -> tuple[str, str, str]:
         """What the model wrote so far: its text, its tool calls' names and arguments, and
