@@ -24,9 +24,13 @@ the output's non-empty pieces (each delta a provider streams is at least one of 
 cheap, exact lower bound, which cuts a runaway whose bytes are many a token, e.g. a JSON-mode
 run of whitespace, without counting it). Our count is made again only once the bytes written
 since its last count could take it past the limit (a token is at least one UTF-8 byte) and
-have grown by an eighth of the limit and an eighth of the bytes counted: geometrically spaced,
-so an output of n bytes is counted about 8 * ln(n / limit) times at most, each count of the
-whole output (not linear: n log n at worst, bounded by the pieces' cut)."""
+have grown by an eighth of the limit and an eighth of the bytes counted: geometrically spaced
+(the first count comes past ``limit`` bytes, each next one at 9/8 of the last's bytes at least),
+so an output of n bytes is counted at most about 1 + 8.5 * ln(n / limit) times, the bytes of all
+its counts together at most about 9 * n. A count's cost per byte is the tokenizer's: about
+0.3 us a byte for a long run of whitespace (0.16 s for 512 KB), which the pieces' bound stops
+early when it comes in many pieces. Before, a count came whenever the bytes since the last
+could take the count past the limit: once near it, at every piece (quadratic)."""
 
 from __future__ import annotations
 
