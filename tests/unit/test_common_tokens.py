@@ -156,3 +156,14 @@ def test_openai_rows_count_with_o200k_and_the_others_with_cl100k() -> None:
         assert spec.tokenizer == expected, spec.id
         if spec.provider == "openai":  # tiktoken's own model map (offline) agrees
             assert tiktoken.encoding_name_for_model(spec.upstream) == spec.tokenizer, spec.id
+
+
+@pytest.mark.parametrize("text", [" " * 1_000_000, "{" + " " * 1_000_000 + "}"])
+def test_a_megabyte_run_of_spaces_is_counted_not_raised(text: str) -> None:
+    """o200k's regex overflowed its backtracking stack on a megabyte of spaces (ValueError): an
+    upstream's whitespace runaway left its answer with no end and no bill. Such a text is
+    encoded in slices, its count within a few tokens of the run's (128 spaces a token)."""
+    tokenizer = load_vocabulary("o200k_base")
+    whole = len(text) // 128
+    assert whole <= tokenizer.count_once(text) <= whole + 16
+    assert tokenizer.count(text) == tokenizer.count_once(text)
