@@ -1,9 +1,10 @@
 """The HTTP front process: builds every object from the environment, then serves HTTP.
 
 SIGTERM drains: readiness turns 503 at once, the listener closes, the connections open are
-still served for the first second (each answer closing its connection), requests in flight (streams
-included) may finish within ``CACHEMESH_GRACE_S``; those still running then are cut (their
-connections closed, their Gateway calls cancelled) and the process exits.
+still served for the first second (each answer closing its connection; a model request is
+refused there, before the Gateway, with a retryable 529 / 503: ``Front.draining``), requests
+in flight (streams included) may finish within ``CACHEMESH_GRACE_S``; those still running then
+are cut (their connections closed, their Gateway calls cancelled) and the process exits.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ async def drain(
     """Stops listening, and for ``open_s`` (within the grace) still serves the connections
     already open, each answer saying ``Connection: close``: a request sent on an idle
     keep-alive connection as the drain began is answered, where closing that connection at
-    once reset it (the caller cannot tell it was not served). Then closes the idle
+    once reset it (the caller cannot tell it was not served); a model request is answered
+    its refusal, not started (``Front.draining``, set before this is called). Then closes the idle
     connections and lets the requests in flight finish until ``grace`` is over (the end
     of ``CACHEMESH_GRACE_S``); then ``cut`` has the non-streaming ones still waiting on the
     Gateway (``cut`` says how many) answer their refusal (a closed connection, the SDKs retried
@@ -181,7 +183,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
-        front.draining = True
+        front.draining = True  # readiness 503; a model request refused, not started
         log.info("http-front draining: grace %.1fs", settings.grace_s)
         # stops listening, still serves the connections open for the refusal window (each
         # answer closing its connection), waits for requests in flight until the grace is over

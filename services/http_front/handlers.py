@@ -83,6 +83,21 @@ CUT = (
 # long to listen again; both SDKs honour it (up to 60 s) before their retry
 CUT_RETRY_AFTER_S = 5
 
+# The answer of a model request (POST /v1/messages, /v1/chat/completions) that arrives once the
+# front drains: on a keep-alive connection it had open (its listener is closed), in the drain's
+# first second, when its answers still go out (``app.drain``). Started, its model call would be
+# cut at the end of the grace (a bill) and retried by the caller (a second one); refused before
+# the Gateway, it costs nothing and its retry, on a new connection, reaches another front.
+DRAINING = (
+    "the HTTP front is stopping (a restart or a deploy) and takes no new model request; this "
+    "one was not sent to the Gateway (no model call, nothing billed): retry it, a new "
+    "connection reaches a front still serving"
+)
+# the drain refusal's retry-after: the listener is closed, so a retry's new connection goes to
+# another front behind the same address at once (where none is, it is refused and the SDKs
+# retry a refused connection with their own backoff)
+DRAIN_RETRY_AFTER_S = 1
+
 
 class CallerStalled(ConnectionError):
     """A write to the caller did not go out within ``HTTP_FRONT_WRITE_TIMEOUT_S``: the caller
@@ -205,6 +220,13 @@ class Front:
         finally:
             self._waiting.discard(task)
             self._cut.discard(task)
+
+    def _take_model_request(self) -> None:
+        """Refuses a model request once the drain has begun (``DRAINING``): 529 / 503 with a
+        ``retry-after``, which both SDKs retry, its connection closed after it (the drain's
+        ``Connection: close``); the cheap GETs (models, health) are still answered."""
+        if self.draining:
+            raise ApiError("overloaded", DRAINING, retry_after_s=DRAIN_RETRY_AFTER_S)
 
     # --- the common path ----------------------------------------------------------------------
     async def _serve(
@@ -491,6 +513,7 @@ class Front:
     async def _messages(
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
+        self._take_model_request()
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
             gw, stream = anthropic_api.parse_request(
                 await self._body("anthropic", request, tenant),
@@ -536,6 +559,7 @@ class Front:
     async def _chat(
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
+        self._take_model_request()
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
             origins = openai_api.Origins()
             gw, stream, include_usage = await self._chat_request(request, tenant, origins)

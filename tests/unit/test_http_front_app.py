@@ -808,6 +808,77 @@ async def test_a_drain_lets_the_request_in_flight_finish_and_takes_no_new_one(fr
     assert (await first).stop_reason == "tool_use"
 
 
+async def _on(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, head: bytes) -> bytes:
+    """One request (``head`` and its body) on an open connection; its whole answer."""
+    writer.write(head)
+    await writer.drain()
+    answer = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in answer.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    return answer + await reader.readexactly(length)
+
+
+def _post(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: front\r\nContent-Type: application/json\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_a_model_request_in_the_drains_open_window_is_refused_before_the_gateway(
+    tmp_path: Path,
+) -> None:
+    """For the drain's first second the front still answers the keep-alive connections it had
+    open (each answer closing its connection). A model request sent on one then was started
+    and, running past the grace, cut: a provider's bill, and the caller's retry a second one
+    (a review's probe: 1 started, 1 cut). It is refused before the Gateway instead, 529 / 503
+    with a retry-after (both SDKs retry it) and Connection: close; the GETs are answered."""
+    fake = FakeGateway()
+    async with serving(tmp_path, fake, CACHEMESH_GRACE_S="5") as served:
+        host, port = served.base.removeprefix("http://").split(":")
+        opened = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+        try:
+            for reader, writer in opened:  # each an idle keep-alive connection
+                idle = await _on(writer, reader, b"GET /healthz HTTP/1.1\r\nHost: front\r\n\r\n")
+                assert idle.startswith(b"HTTP/1.1 200") and b"connection: close" not in idle.lower()
+            served.stop.set()
+            await asyncio.sleep(0.1)  # the drain has begun, its open window not over
+            asked = [
+                _post("/v1/messages", b'{"model": "sim-large", "max_tokens": 5, "messages": ' + HI,
+                      CLAUDE_HEADERS),
+                _post("/v1/chat/completions",
+                      b'{"model": "sim-large", "stream": true, "messages": ' + HI, GPT_HEADERS),
+                f"GET /v1/models HTTP/1.1\r\nHost: front\r\nauthorization: Bearer {KEY}\r\n"
+                "\r\n".encode(),
+                b"GET /healthz HTTP/1.1\r\nHost: front\r\n\r\n",
+            ]  # fmt: skip
+            answers = []
+            for (reader, writer), head in zip(opened, asked, strict=True):
+                writer.write(head)
+                await writer.drain()
+                # the whole answer, up to its connection's close (a connection kept open: a
+                # timeout here)
+                answers.append(await asyncio.wait_for(reader.read(), 10))
+        finally:
+            for _, writer in opened:
+                writer.close()
+    assert fake.calls == 0  # was 2: both model requests reached the Gateway
+    claude, gpt, models, health = answers
+    assert claude.startswith(b"HTTP/1.1 529") and gpt.startswith(b"HTTP/1.1 503")
+    for refused in (claude, gpt):
+        head = refused.lower()
+        assert b"connection: close" in head
+        assert f"retry-after: {handlers.DRAIN_RETRY_AFTER_S}\r\n".encode() in head
+        assert b"x-should-retry" not in head  # both SDKs retry it
+        assert b"not sent to the Gateway" in refused
+    assert json.loads(claude.partition(b"\r\n\r\n")[2])["error"]["type"] == "overloaded_error"
+    assert json.loads(gpt.partition(b"\r\n\r\n")[2])["error"]["code"] == "overloaded"
+    for served_get in (models, health):
+        assert served_get.startswith(b"HTTP/1.1 200") and b"connection: close" in served_get.lower()
+
+
 async def test_a_request_cut_at_the_end_of_the_grace_is_answered_and_retryable(
     tmp_path: Path,
 ) -> None:
