@@ -221,17 +221,24 @@ def otlp_channel_options(endpoint: str) -> tuple[tuple[str, int], ...]:
     return (("grpc.enable_http_proxy", 0),) if loopback else ()
 
 
+# gRPC's targets of a socket on this host (a node-local agent's): plaintext unless
+# OTEL_EXPORTER_OTLP_(TRACES_)INSECURE says otherwise
+LOCAL_SOCKET_SCHEMES = frozenset({"unix", "unix-abstract", "vsock"})
+
+
 def _insecure(env: Env, endpoint: str) -> bool:
     """Plaintext or TLS, as the OTLP exporter decides it: https is TLS; otherwise
-    ``OTEL_EXPORTER_OTLP_(TRACES_)INSECURE`` when set; otherwise plaintext for http only (an
-    endpoint without a scheme, ``collector:4317``, is TLS unless told it is insecure)."""
+    ``OTEL_EXPORTER_OTLP_(TRACES_)INSECURE`` when set; otherwise plaintext for http and for a
+    local socket (``unix:``, ``unix-abstract:``, ``vsock:``: dialled with TLS, a plaintext
+    node-local agent received no span), TLS for the rest (an endpoint without a scheme,
+    ``collector:4317``, or ``dns:///collector:4317``, is TLS unless told it is insecure)."""
     scheme = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
     if scheme == "https":
         return False
     for name in ("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"):
         if env.optional_str(name) is not None:
             return env.bool(name, False)
-    return scheme == "http"
+    return scheme == "http" or endpoint.partition(":")[0].lower() in LOCAL_SOCKET_SCHEMES
 
 
 def _resource_attribute(environ: Mapping[str, str], key: str) -> str | None:

@@ -55,6 +55,14 @@ def test_an_unknown_exporter_is_refused_naming_the_variable() -> None:
         ("collector:4317", {"OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true"}, True),
         ("collector:4317", {}, False),
         ("http://collector:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "false"}, False),
+        # a socket on this host (a node-local agent) is plaintext unless told otherwise: it
+        # was dialled with TLS, and a plaintext agent received no span
+        ("unix:///run/otel/otel.sock", {}, True),
+        ("unix:run/otel.sock", {}, True),
+        ("UNIX-ABSTRACT:otel", {}, True),
+        ("vsock:2:4317", {}, True),
+        ("unix:///run/otel/otel.sock", {"OTEL_EXPORTER_OTLP_INSECURE": "false"}, False),
+        ("dns:///collector:4317", {}, False),  # a remote collector: TLS, as collector:4317
     ],
 )
 def test_plaintext_or_tls_is_what_the_otlp_variables_say(

@@ -127,3 +127,18 @@ def test_a_collector_on_a_unix_socket_receives_the_spans(
     assert provider.force_flush(5000)
     provider.shutdown()
     assert sum(received) == 1
+
+
+def test_a_collector_on_a_unix_socket_receives_the_spans_without_the_insecure_flag(
+    unix_collector: tuple[str, list[int]],
+) -> None:
+    """README's own example (``unix:///run/otel/otel.sock``), OTEL_EXPORTER_OTLP_INSECURE
+    unset: the exporter dialled the agent with TLS, and a plaintext agent (a local socket's
+    usual one) received 0 spans; a local socket is plaintext unless told otherwise."""
+    endpoint, received = unix_collector
+    provider = build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
+    with provider.get_tracer("probe").start_as_current_span("probe"):
+        pass
+    assert provider.force_flush(5000)
+    provider.shutdown()
+    assert sum(received) == 1
