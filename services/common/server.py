@@ -15,6 +15,11 @@ A drain (SIGTERM, SIGINT or ``stop``) has two phases, both within ``CACHEMESH_GR
    At its end gRPC cancels the calls left; the spec's ``GraceEnd`` is set just before, so
    they are recorded as the server cut them (UNAVAILABLE, what their callers see), not as a
    caller's cancel.
+
+A service stopped before it reached SERVING (during its warm-up) has no refusal window: no
+caller was sent to it. A second SIGTERM or SIGINT, during the start-up, the drain or the last
+steps, ends the process at once by the signal's default action (exit 143 / 130;
+``stop_signals.stop_on_signals``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ from services.common.env import C_INT_MAX, ConfigError, Env, address_error
 from services.common.grace import GraceEnd
 from services.common.heap import freeze_startup_heap
 from services.common.metrics import MetricsEndpoint
-from services.common.stop_signals import STOP_SIGNALS, release_stop_signals
+from services.common.stop_signals import STOP_SIGNALS, release_stop_signals, stop_on_signals
 from services.common.tls import ServerTls
 from services.common.wire import MalformedRequests
 
@@ -247,8 +251,8 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
     )
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop_on_signals(loop, stop)  # a second signal ends the process at once
+    served = False  # reached SERVING (its own health aside): calls may have been sent to it
     try:
         if spec.warmup is not None:
             warm = asyncio.ensure_future(spec.warmup())
@@ -271,6 +275,7 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
             else:
                 for name in ("", *spec.service_names):
                     await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            served = True
             if spec.health is None or spec.health.serving:
                 log.info("%s SERVING", spec.name)
             else:  # its own health is down (a WARNING above says why): say what checks see
@@ -280,15 +285,16 @@ async def run_service(spec: ServiceSpec, stop: asyncio.Event | None = None) -> N
                     spec.name,
                 )
             await stop.wait()
-        await _drain(spec, server, health_servicer)
+        await _drain(spec, server, health_servicer, served)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         try:
             await run_every(spec.on_stop, f"{spec.name} stop")
         finally:
             if spec.metrics is not None:
                 await spec.metrics.stop()
+            # after the last steps: a second signal during them ends the process too
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
         log.info("%s stopped", spec.name)
 
 
@@ -307,15 +313,20 @@ async def run_every(steps: Sequence[Callable[[], Awaitable[object]]], what: str)
 
 
 async def _drain(
-    spec: ServiceSpec, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer
+    spec: ServiceSpec,
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    served: bool,
 ) -> None:
-    """``stop`` is set (writes are refused): NOT_SERVING, the refusal window, then stop."""
+    """``stop`` is set (writes are refused): NOT_SERVING, the refusal window (none for a
+    service stopped before it reached SERVING: no caller was sent to it), then stop."""
     settings = spec.settings
-    window = settings.refusal_window_s
+    window = settings.refusal_window_s if served else 0.0
     log.info(
-        "%s draining: NOT_SERVING, still answering (refusing writes) for %.1fs, grace %.1fs",
+        "%s draining: NOT_SERVING, still answering (refusing writes) for %.1fs%s, grace %.1fs",
         spec.name,
         window,
+        "" if served else " (stopped before SERVING)",
         settings.grace_s,
     )
     await health_servicer.enter_graceful_shutdown()
@@ -363,12 +374,12 @@ async def _serve_until_stopped(
 ) -> None:
     """``serve`` with a ``stop`` that SIGTERM and SIGINT set from the loop's first turn: one
     sent while the service builds its objects (the router's tokenizers and models, ~1.6 s)
-    drains it once it is up (exit 0), where it was killed (143). The signals held back since
-    the process began (``hold_stop_signals``, the service's ``__main__``) are delivered now."""
+    drains it once it is up (exit 0), where it was killed (143); a second one ends it at once
+    (143 / 130: a start that hangs). The signals held back since the process began
+    (``hold_stop_signals``, the service's ``__main__``) are delivered now."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
+    stop_on_signals(loop, stop)  # a second signal ends the process (a start that hangs)
     release_stop_signals()
     try:
         await serve(environ, stop)

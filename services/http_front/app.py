@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -24,6 +23,7 @@ from services.common.heap import freeze_startup_heap
 from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import DRAIN_REFUSAL_S, run_main
+from services.common.stop_signals import STOP_SIGNALS, stop_on_signals
 from services.common.telemetry import build_tracer_provider, stop_tracing
 from services.common.unread import warn_unread_settings
 from services.http_front.access_log import RefusalLog
@@ -179,18 +179,20 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     accept_errors.install(loop)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop_on_signals(loop, stop)  # a second signal ends the process at once
+    # stopped (a signal during the start-up) before it listened: no caller was sent to it, no
+    # connection of one to serve in an open window
+    stopped_at_start = stop.is_set()
     try:
         await stop.wait()
         front.draining = True  # readiness 503; a model request refused, not started
         log.info("http-front draining: grace %.1fs", settings.grace_s)
         # stops listening, still serves the connections open for the refusal window (each
         # answer closing its connection), waits for requests in flight until the grace is over
-        open_s = min(DRAIN_REFUSAL_S, settings.grace_s)
+        open_s = 0.0 if stopped_at_start else min(DRAIN_REFUSAL_S, settings.grace_s)
         await drain(runner, asyncio.sleep(settings.grace_s), front.cut, open_s)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
         accept_errors.uninstall()
         await gateway.close()

@@ -113,6 +113,24 @@ async def test_no_grace_means_no_window_and_an_immediate_stop() -> None:
     await asyncio.wait_for(task, 10)
 
 
+async def test_a_service_stopped_during_its_warm_up_has_no_refusal_window() -> None:
+    """A service stopped before it reached SERVING (a SIGTERM during its start-up) waited its
+    refusal window all the same (a review's probe: semantic-cache 1 s), though no caller was
+    sent to it. Here a 30 s window is asked for: the stop comes at once."""
+    port, stop = free_port(), asyncio.Event()
+    warming = asyncio.Event()
+
+    async def warmup() -> None:
+        warming.set()
+        await asyncio.sleep(3600)  # still warming when stopped
+
+    spec = replace(_spec(port, Writes(stop), grace_s=60, refusal_s=30.0), warmup=warmup)
+    task = asyncio.create_task(run_service(spec, stop))
+    await asyncio.wait_for(warming.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)  # was: 30 s of window
+
+
 @pytest.mark.parametrize(("grace", "window"), [("0", 0.0), ("0.25", 0.25), ("10", DRAIN_REFUSAL_S)])
 def test_the_refusal_window_is_within_the_grace_period(grace: str, window: float) -> None:
     settings = ServerSettings.from_env(Env({"CACHEMESH_GRACE_S": grace}), "TEST", "127.0.0.1:1")
