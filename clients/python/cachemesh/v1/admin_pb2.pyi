@@ -341,7 +341,9 @@ class ListKeysRequest(_message.Message):
     page_size: _builtins.int
     """The keys come in pages: at most page_size a reply (0 = 1000, the most; more is taken as
     1000), from page_token: a reply's next_page_token ("" = the first page), sent with the
-    same tenant and include_revoked.
+    same tenant and include_revoked. Neither page_size nor page_token (a client from before
+    pages, which reads one reply): every key in one reply while they fit (3 MiB), else
+    FAILED_PRECONDITION (a paging client is needed).
     """
     page_token: _builtins.str
     def __init__(
@@ -569,6 +571,9 @@ class ListLimitsRequest(_message.Message):
     """The tenants come in pages, by tenant name: at most page_size a reply (0 = 1000, the most;
     more is taken as 1000), from page_token: a reply's next_page_token ("" = the first page).
     (One reply of every tenant passed gRPC's 4 MiB message limit at ~50,000 tenants.)
+    Neither page_size nor page_token (a client from before pages, which reads one reply):
+    every tenant in one reply while they fit (3 MiB), else FAILED_PRECONDITION (a paging
+    client is needed).
     """
     page_token: _builtins.str
     def __init__(
