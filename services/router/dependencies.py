@@ -17,7 +17,7 @@ from typing import Protocol
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.errors import Code
+from services.common.errors import Code, RequestError
 
 log = logging.getLogger("cachemesh.router")
 
@@ -49,6 +49,20 @@ class CallFailed(Exception):
         self.retry_after_s = retry_after_s
         self.retried = retried
         self.backoff_wait = backoff_wait
+
+    @classmethod
+    def of_replica(cls, exc: RequestError) -> CallFailed:
+        """A model replica's refusal as the router reads it over gRPC (its status and the
+        trailers ``services.model.servicer`` sends: reason, retry-after, retried, where the wait
+        came from), for a replica called in process (the offline estimator)."""
+        return cls(
+            exc.code,
+            exc.message,
+            exc.reason,
+            retry_after_s=exc.retry_after_s,
+            retried=exc.retried,
+            backoff_wait=exc.backoff_wait,
+        )
 
 
 # ``cachemesh_router_degraded_total``'s reason for a call its request's own (the client's)

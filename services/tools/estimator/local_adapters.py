@@ -114,9 +114,7 @@ class LocalModelStream:
         except StopAsyncIteration:
             return None
         except RequestError as exc:
-            raise CallFailed(
-                exc.code, exc.message, exc.reason, retry_after_s=exc.retry_after_s
-            ) from exc
+            raise CallFailed.of_replica(exc) from exc
 
     async def _paced_read(
         self, timeline: Timeline, spec: ModelSpec, time_scale: float
@@ -131,9 +129,7 @@ class LocalModelStream:
                 async for chunk in self._chunks:
                     self._held.append(chunk)
             except RequestError as exc:
-                raise CallFailed(
-                    exc.code, exc.message, exc.reason, retry_after_s=exc.retry_after_s
-                ) from exc
+                raise CallFailed.of_replica(exc) from exc
             output = _output_tokens(self._held)
             self._first_ms = timeline.first_token_ms(
                 _decode_ms(output, spec, time_scale),
