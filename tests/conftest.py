@@ -1,4 +1,5 @@
-"""Hooks for every test: reports that pytest-xdist's workers can send to the controller.
+"""Hooks for every test: reports that pytest-xdist's workers can send to the controller, and
+each worker's own range of free ports.
 
 ``make test`` runs the tests in worker processes (``-n``). A worker sends each test's report,
 its captured output and log text included, to the controller as UTF-8; a test whose captured
@@ -9,9 +10,25 @@ is escaped (``\\udfff``) before it is sent; what the test itself saw is unchange
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 
 import pytest
+
+from services.tools.stack.ports import PORT_RANGE_VAR
+
+# Each worker's stacks take their free ports from a range of their own, below Linux's
+# ephemeral ports (32768-60999): a port one worker chose free, released until its service
+# bound it, was handed meanwhile to the other worker's gRPC server (services.tools.stack.ports)
+_WORKER_PORTS = 3_000
+_FIRST_PORT = 20_000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...; unset: one process
+    if worker.startswith("gw") and worker[2:].isdigit() and PORT_RANGE_VAR not in os.environ:
+        low = _FIRST_PORT + int(worker[2:]) * _WORKER_PORTS
+        os.environ[PORT_RANGE_VAR] = f"{low}-{low + _WORKER_PORTS - 1}"
 
 
 def _sendable(text: str) -> str:

@@ -10,8 +10,11 @@ so ``status``, ``stop`` and a later ``up`` find the stack where it runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,23 +24,45 @@ from services.tools.stack.environment import dial_address
 from services.tools.stack.redis_process import STACK_REDIS_URL_VARS, stack_redis_address
 from services.tools.stack.service_table import SERVICES
 
+# CACHEMESH_FREE_PORT_RANGE ("20000-25999"): where free ports are chosen instead of the kernel's
+# ephemeral range. A port chosen free is released until its service binds it, and meanwhile
+# the kernel may hand it to another process binding port 0 (a clean clone's run, two test
+# workers: another worker's gRPC server answered a stack's metrics probe, 5 tests errored);
+# the tests give each worker a range of its own below the ephemeral one (tests/conftest.py).
+PORT_RANGE_VAR = "CACHEMESH_FREE_PORT_RANGE"
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` different free ports: all held open until all are chosen (one at a time, the
-    kernel may hand the same port out twice)."""
+    kernel may hand the same port out twice), from ``CACHEMESH_FREE_PORT_RANGE`` when set."""
+    candidates = _candidates(os.environ.get(PORT_RANGE_VAR, ""))
     with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        while len(ports) < count:
             sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
+            try:
+                sock.bind((host, next(candidates, 0)))
+            except OSError:
+                continue  # in use: the next candidate
             ports.append(int(sock.getsockname()[1]))
         return ports
+
+
+def _candidates(span: str) -> Iterator[int]:
+    """The ports of ``span`` ("LOW-HIGH") once each, from a random one on; none (the kernel's
+    choice) when ``span`` is empty."""
+    if not span:
+        return iter(())
+    low_text, _, high_text = span.partition("-")
+    if not (low_text.isdigit() and high_text.isdigit() and 0 < int(low_text) <= int(high_text)):
+        raise ValueError(f"{PORT_RANGE_VAR} must be LOW-HIGH (e.g. 20000-25999), got {span!r}")
+    low, high = int(low_text), min(int(high_text), 65_535)
+    start = random.randint(low, high)
+    return itertools.chain(range(start, high + 1), range(low, start))
 
 
 def relocate(

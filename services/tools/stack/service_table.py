@@ -345,6 +345,7 @@ TOOL_ENV_KEYS: tuple[str, ...] = (
     "CACHEMESH_CERT_FILE",
     "CACHEMESH_KEY_FILE",
     "CACHEMESH_DATA_DIR",
+    "CACHEMESH_FREE_PORT_RANGE",  # the tools' free ports (tests: one range a worker)
     "CACHEMESH_DEMO_MODEL",
     "ROUTER_TARGET",  # make calibrate-router's
 )

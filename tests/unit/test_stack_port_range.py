@@ -1,0 +1,39 @@
+"""Free ports from CACHEMESH_FREE_PORT_RANGE: each test worker's own (services.tools.stack.ports).
+
+A port chosen by bind(0) is released until its service binds it, and the kernel could hand it
+meanwhile to another worker's process binding port 0: a clean clone's run had another worker's
+gRPC server answer a stack's metrics probe (5 tests errored). In a range, the ports come from
+it, skip one in use, and a bad range is refused naming the variable.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from services.tools.stack.ports import PORT_RANGE_VAR, free_port, free_ports
+
+
+def test_ports_come_from_the_range_and_skip_one_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        taken.listen()
+        monkeypatch.setenv(PORT_RANGE_VAR, f"{port}-{port + 3}")
+        chosen = free_ports(3)
+    assert len(set(chosen)) == 3 and set(chosen) <= {port + 1, port + 2, port + 3}
+
+
+def test_without_the_range_the_kernel_chooses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PORT_RANGE_VAR, raising=False)
+    assert free_port() >= 1024
+
+
+@pytest.mark.parametrize("span", ["20000", "x-y", "300-200", "0-10"])
+def test_a_bad_range_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, span: str
+) -> None:
+    monkeypatch.setenv(PORT_RANGE_VAR, span)
+    with pytest.raises(ValueError, match=PORT_RANGE_VAR):
+        free_port()
