@@ -69,15 +69,11 @@ def parse_request(
     top.only(_TOP)
     kept = Origins() if origins is None else origins
     request = pb.CompleteRequest(model=top.text("model", required=True) or "")
-    limit = top.integer("max_completion_tokens")
-    if limit is not None:
-        kept.max_tokens = "max_completion_tokens"
-    else:
-        limit = top.integer("max_tokens")
-        kept.max_tokens = None if limit is None else "max_tokens"
+    limit, kept.max_tokens = _output_limit(top)
     limit = default_max_tokens if limit is None else limit
     if not -(2**31) <= limit < 2**31:
-        raise invalid(f"max_tokens: {limit} is out of range", "max_tokens")
+        where = kept.max_tokens or "max_tokens"
+        raise invalid(f"{where}: {limit} is out of range", where)
     request.max_tokens = limit
     temperature = top.number("temperature")
     if temperature is not None:
@@ -99,6 +95,25 @@ def parse_request(
         include_usage = bool(options.flag("include_usage"))
         options.flag("include_obfuscation")
     return request, stream, include_usage
+
+
+def _output_limit(top: Obj) -> tuple[int | None, str | None]:
+    """The caller's output limit and the field it set it by, ``max_completion_tokens`` or the
+    deprecated ``max_tokens`` (None, None: neither). Both at once is a 400, as OpenAI answers
+    it (before, the front took ``max_completion_tokens`` and dropped ``max_tokens`` unsaid: a
+    caller's ``max_tokens: 7`` with ``max_completion_tokens: 9`` was answered and billed up to
+    9 tokens)."""
+    completion = top.integer("max_completion_tokens")
+    legacy = top.integer("max_tokens")
+    if completion is not None and legacy is not None:
+        raise invalid(
+            "max_tokens: setting 'max_tokens' and 'max_completion_tokens' at the same time is "
+            "not supported; send max_completion_tokens alone (max_tokens is deprecated)",
+            "max_tokens",
+        )
+    if completion is not None:
+        return completion, "max_completion_tokens"
+    return legacy, None if legacy is None else "max_tokens"
 
 
 def _unsupported(top: Obj) -> None:

@@ -1,0 +1,56 @@
+"""Each parameter of a caller's request reaches the Gateway as sent, or is refused with a 400
+naming it: never dropped or altered unsaid (the front's parse, OpenAI's API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.http_front import openai_api
+from services.http_front.errors import ApiError
+
+_ASK = [{"role": "user", "content": "q"}]
+
+
+def _refusal(body: dict[str, Any]) -> dict[str, Any]:
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request({"model": "m", "messages": _ASK, **body}, 10)
+    assert refused.value.status_for("openai") == 400
+    error: dict[str, Any] = refused.value.body_for("openai", "r")["error"]
+    return error
+
+
+@pytest.mark.parametrize("values", [(7, 9), (9, 7), (8, 8)])
+def test_max_tokens_and_max_completion_tokens_together_are_refused(values: tuple[int, int]) -> None:
+    """OpenAI answers both at once with a 400; the front took max_completion_tokens and dropped
+    max_tokens unsaid (max_tokens 7 with max_completion_tokens 9: answered and billed to 9)."""
+    legacy, completion = values
+    error = _refusal({"max_tokens": legacy, "max_completion_tokens": completion})
+    assert error["param"] == "max_tokens"
+    assert "max_completion_tokens" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "limit", "field"),
+    [
+        ({"max_completion_tokens": 9}, 9, "max_completion_tokens"),
+        ({"max_tokens": 7}, 7, "max_tokens"),
+        ({"max_tokens": 7, "max_completion_tokens": None}, 7, "max_tokens"),
+        ({}, 10, None),  # the front's default
+    ],
+)
+def test_either_output_limit_alone_is_carried(
+    body: dict[str, Any], limit: int, field: str | None
+) -> None:
+    origins = openai_api.Origins()
+    request, _, _ = openai_api.parse_request({"model": "m", "messages": _ASK, **body}, 10, origins)
+    assert request.max_tokens == limit
+    assert origins.max_tokens == field
+
+
+def test_an_output_limit_out_of_range_names_the_field_the_caller_sent() -> None:
+    error = _refusal({"max_completion_tokens": 2**40})
+    assert error["param"] == "max_completion_tokens"
+    assert error["message"].startswith("max_completion_tokens:")
