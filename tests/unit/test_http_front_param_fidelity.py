@@ -54,3 +54,46 @@ def test_an_output_limit_out_of_range_names_the_field_the_caller_sent() -> None:
     error = _refusal({"max_completion_tokens": 2**40})
     assert error["param"] == "max_completion_tokens"
     assert error["message"].startswith("max_completion_tokens:")
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+@pytest.mark.parametrize(
+    ("before", "at"),
+    [
+        ([{"role": "user", "content": "q"}], "messages[1]"),
+        (
+            [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "messages[3]",
+        ),
+    ],
+)
+def test_a_system_message_after_the_conversation_began_is_refused(
+    role: str, before: list[dict[str, Any]], at: str
+) -> None:
+    """The Gateway's system text comes before all of its messages: a system message after a
+    tool result ("answer in French") reached the upstream as the end of the system prompt, the
+    model reading it as said before the turns it followed."""
+    messages = [*before, {"role": role, "content": "answer in French"}, *_ASK]
+    error = _refusal({"messages": messages})
+    assert error["param"] == at
+    assert error["message"].startswith(f"{at}: a {role} message after")
+
+
+def test_system_and_developer_messages_before_the_conversation_are_carried_in_order() -> None:
+    request, _, _ = openai_api.parse_request(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "d"},
+                {"role": "system", "content": [{"type": "text", "text": "s"}]},
+                *_ASK,
+            ],
+        },
+        10,
+    )
+    assert [block.text for block in request.system] == ["d", "s"]
+    assert [block.text for block in request.messages[0].content] == ["q"]
