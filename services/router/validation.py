@@ -12,7 +12,7 @@ import math
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common import strict_json
 from services.common.errors import Code, RequestError, shown
-from services.common.models import AUTO, ModelTable
+from services.common.models import AUTO, ModelSpec, ModelTable
 
 MAX_BREAKPOINTS = 4
 MAX_ID_CHARS = 128
@@ -29,6 +29,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_messages(request)
     _validate_breakpoints(request)
     _validate_sampling(request, table)
+    _validate_prefill(request, table)
 
 
 def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
@@ -296,3 +297,32 @@ def _validate_sampling(request: pb.CompleteRequest, table: ModelTable) -> None:
         th = request.cache.threshold
         if not math.isfinite(th) or not 0.0 <= th <= 1.0:
             raise _invalid(f"cache.threshold: cosine similarity must be within [0, 1], got {th}")
+
+
+def _targets(request: pb.CompleteRequest, table: ModelTable) -> list[ModelSpec]:
+    """The rows a request may be answered by: its model's, or each of ``auto``'s tiers'."""
+    if request.model == AUTO:
+        return [table.for_tier(tier) for tier in table.auto]
+    spec = table.get(request.model)
+    assert spec is not None
+    return [spec]
+
+
+def _validate_prefill(request: pb.CompleteRequest, table: ModelTable) -> None:
+    """A last assistant message is a prefill, the text the answer continues (the Messages
+    API's meaning, which the Gateway's follows). OpenAI's Chat Completions has no prefill: its
+    model answers a new message after it, so to a model of OpenAI's (or ``auto`` when it may
+    pick one) it is refused, naming the message (before, it was sent: a prefill of "{" came
+    back as an answer that does not continue it, which the caller joins to the "{")."""
+    last = len(request.messages) - 1
+    if request.messages[last].role != pb.ROLE_ASSISTANT:
+        return
+    openai = [spec.id for spec in _targets(request, table) if spec.provider == "openai"]
+    if openai:
+        which = f"auto, which may pick {openai[0]}" if request.model == AUTO else openai[0]
+        raise _invalid(
+            f"messages[{last}]: a last assistant message (a prefill, whose text the answer "
+            f"continues) is not supported by {which} (OpenAI's API has no prefill: its model "
+            "answers a new message after it); end the messages with a user message, or pick a "
+            "model that takes a prefill (Anthropic's)"
+        )

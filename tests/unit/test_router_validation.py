@@ -342,3 +342,48 @@ def test_a_prompt_cache_key_is_at_most_openais_64_characters() -> None:
     assert error.message == (
         "cache.prompt_cache_key: at most 64 characters (OpenAI's limit), got 500,000"
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        ("gpt-4o", True),  # OpenAI's API has no prefill
+        ("claude-haiku-4-5", False),  # Anthropic's continues it
+        ("sim-small", False),
+        ("auto", False),  # the stack's tiers are simulated
+    ],
+)
+def test_a_prefill_to_a_model_of_openai_is_refused(model: str, refused: bool) -> None:
+    """A last assistant message is a prefill the answer continues; OpenAI's model answers a
+    new message after it instead: a prefill of "{" came back as an answer not continuing it."""
+    request = _request(
+        model=model,
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content=[_text("JSON please")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[_text("{")]),
+        ],
+    )
+    deployed = DEPLOYED | {"gpt-4o", "claude-haiku-4-5"}
+    if not refused:
+        validate_request(request, TABLE, deployed)
+        return
+    with pytest.raises(RequestError) as info:
+        validate_request(request, TABLE, deployed)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert info.value.message.startswith("messages[1]: a last assistant message (a prefill")
+    assert "gpt-4o" in info.value.message
+
+
+def test_a_prefill_to_auto_is_refused_when_a_tier_is_openais() -> None:
+    table = load_model_table()
+    table.auto["large"] = "gpt-4o"
+    request = _request(
+        model="auto",
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content=[_text("JSON please")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[_text("{")]),
+        ],
+    )
+    with pytest.raises(RequestError) as info:
+        validate_request(request, table, DEPLOYED | {"gpt-4o"})
+    assert "auto, which may pick gpt-4o" in info.value.message
