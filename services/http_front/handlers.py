@@ -584,7 +584,9 @@ class Front:
         default = self._settings.default_max_tokens.get(
             model if isinstance(model, str) else "", 1024
         )
-        gw, stream, include_usage = openai_api.parse_request(body, default, origins)
+        gw, stream, include_usage = openai_api.parse_request(
+            body, default, origins, thinks_by_default=self._settings.thinks_by_default
+        )
         _cache_options(request, gw)
         return self._sized(gw), stream, include_usage
 

@@ -18,11 +18,12 @@ nothing (top_p 1, no penalty, no bias) they are accepted.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common.models import AUTO
 from services.common.strict_json import NotStandardJson
 from services.common.strict_json import loads as strict_loads
 from services.http_front.anthropic_api import cache_control
@@ -62,16 +63,23 @@ _FINISH = {
 
 
 def parse_request(
-    body: dict[str, Any], default_max_tokens: int, origins: Origins | None = None
+    body: dict[str, Any],
+    default_max_tokens: int,
+    origins: Origins | None = None,
+    *,
+    thinks_by_default: Collection[str] = (),
 ) -> tuple[pb.CompleteRequest, bool, bool]:
     """The Gateway request, whether to stream, and whether the stream ends with the usage.
     ``origins``, when given, gets where in the caller's request each of the Gateway request's
-    blocks came from (``at_caller``)."""
+    blocks came from (``at_caller``). ``thinks_by_default``: the models (and ``auto``, when it
+    may pick one) that think unless told not to, whose limit counts their thinking."""
     top = Obj(body, "")
     top.only(_TOP)
     kept = Origins() if origins is None else origins
     request = pb.CompleteRequest(model=top.text("model", required=True) or "")
     limit, kept.max_tokens = _output_limit(top)
+    if kept.max_tokens == "max_tokens" and request.model in thinks_by_default:
+        raise _legacy_limit(request.model)
     limit = default_max_tokens if limit is None else limit
     if not -(2**31) <= limit < 2**31:
         where = kept.max_tokens or "max_tokens"
@@ -116,6 +124,21 @@ def _output_limit(top: Obj) -> tuple[int | None, str | None]:
     if completion is not None:
         return completion, "max_completion_tokens"
     return legacy, None if legacy is None else "max_tokens"
+
+
+def _legacy_limit(model: str) -> ApiError:
+    """The deprecated ``max_tokens`` to a model that thinks by default: it counted the
+    answer's tokens alone, while such a model's limit counts its thinking too (OpenAI refuses
+    it for its reasoning models). Before, it was sent as ``max_completion_tokens``: a
+    ``max_tokens: 300`` meant for the answer was spent on the thinking, the answer cut or
+    empty and billed."""
+    which = "may pick a model that thinks" if model == AUTO else "thinks"
+    return invalid(
+        f"max_tokens: not supported by cachemesh for {model}, which {which} by default: its "
+        "limit counts its thinking too, and max_tokens (deprecated) counts the answer alone; "
+        "send max_completion_tokens, the limit of the thinking and the answer together",
+        "max_tokens",
+    )
 
 
 def _unsupported(top: Obj) -> None:

@@ -97,3 +97,38 @@ def test_system_and_developer_messages_before_the_conversation_are_carried_in_or
     )
     assert [block.text for block in request.system] == ["d", "s"]
     assert [block.text for block in request.messages[0].content] == ["q"]
+
+
+_THINKS = frozenset({"gpt-5", "auto"})
+
+
+@pytest.mark.parametrize("model", sorted(_THINKS))
+def test_the_deprecated_max_tokens_to_a_model_that_thinks_by_default_is_refused(model: str) -> None:
+    """OpenAI refuses max_tokens for its reasoning models: it counted the answer alone, and
+    their limit counts the thinking too. The front sent it on as max_completion_tokens, the
+    caller's answer budget spent thinking (cut or empty, and billed)."""
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(
+            {"model": model, "messages": _ASK, "max_tokens": 300}, 10, thinks_by_default=_THINKS
+        )
+    error = refused.value.body_for("openai", "r")["error"]
+    assert error["param"] == "max_tokens"
+    assert error["message"].startswith(f"max_tokens: not supported by cachemesh for {model}")
+    assert "send max_completion_tokens" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        ("gpt-5", {"max_completion_tokens": 300}),  # the limit of thinking and answer
+        ("gpt-5", {}),  # the front's default
+        ("gpt-4o", {"max_tokens": 300}),  # no thinking: the two limits are one
+    ],
+)
+def test_an_output_limit_that_means_what_it_says_is_carried(
+    model: str, body: dict[str, Any]
+) -> None:
+    request, _, _ = openai_api.parse_request(
+        {"model": model, "messages": _ASK, **body}, 10, thinks_by_default=_THINKS
+    )
+    assert request.max_tokens == body.get("max_completion_tokens", body.get("max_tokens", 10))
