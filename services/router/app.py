@@ -47,7 +47,11 @@ from services.router.routing.model import RouterCard, RouterModelError, load_rou
 from services.router.routing.router import LocalEmbedder
 from services.router.servicer import LEDGER_TIMEOUT_S, GatewayServicer
 from services.router.settings import RouterSettings
-from services.semantic_cache.embedder import load_minilm_embedder
+from services.semantic_cache.embedder import (
+    EmbedderLoadError,
+    checked_minilm_files,
+    load_minilm_embedder,
+)
 
 log = logging.getLogger(__name__)
 GATEWAY = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -91,7 +95,18 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         if settings.routing_threshold is not None
         else card.default_threshold
     )
-    local = LocalEmbedder(load_minilm_embedder) if settings.local_embedder else None
+    local = None
+    if settings.local_embedder:
+        # loaded on first need (the semantic cache down), its files checked now: a broken
+        # install stops the start, naming the file, not the first `auto` request of an outage
+        try:
+            await asyncio.to_thread(checked_minilm_files)
+        except EmbedderLoadError as exc:
+            raise ConfigError(
+                f"ROUTER_LOCAL_EMBEDDER: the router's own embedder: {exc} (or set "
+                "ROUTER_LOCAL_EMBEDDER=false: shape features alone when the semantic cache is down)"
+            ) from exc
+        local = LocalEmbedder(load_minilm_embedder)
     registry = new_registry()
     registry.register(TokenizerCacheCollector(lambda: tokenizer))
     metrics = RouterMetrics(registry, TenantLabels(settings.metrics.max_tenants))

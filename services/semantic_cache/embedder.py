@@ -204,16 +204,26 @@ def default_tokenizer_path() -> Path:
     return Path(str(root.joinpath("model", "tokenizer.json")))
 
 
+def checked_minilm_files(
+    model_path: Path | None = None, tokenizer_path: Path | None = None
+) -> tuple[Path, Path]:
+    """The model's and the tokenizer's files, each found and the pinned one (its sha256), or
+    ``EmbedderLoadError`` naming it; without loading them (blocking: ~0.1 s of hashing). A
+    process that loads the embedder only on first need checks its files so at start-up."""
+    model = checked_file(model_path or default_model_path(), MODEL_SHA256, "embedding model.onnx")
+    vocab = checked_file(
+        tokenizer_path or default_tokenizer_path(), TOKENIZER_SHA256, "tokenizer.json"
+    )
+    return model, vocab
+
+
 def load_minilm_embedder(
     model_path: Path | None = None, tokenizer_path: Path | None = None, *, threads: int = 1
 ) -> MiniLMEmbedder:
     """Loads and checks the model (blocking: call it in a thread)."""
     from tokenizers import Tokenizer
 
-    model = checked_file(model_path or default_model_path(), MODEL_SHA256, "embedding model.onnx")
-    vocab = checked_file(
-        tokenizer_path or default_tokenizer_path(), TOKENIZER_SHA256, "tokenizer.json"
-    )
+    model, vocab = checked_minilm_files(model_path, tokenizer_path)
     tokenizer = Tokenizer.from_file(str(vocab))
     tokenizer.enable_truncation(max_length=MAX_TOKENS)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest in the batch

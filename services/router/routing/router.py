@@ -49,18 +49,34 @@ _SCORE_INLINE_CHARS = 32 * 1024
 
 
 class LocalEmbedder:
-    """The router's own MiniLM, loaded (in a thread) the first time it is needed."""
+    """The router's own MiniLM, loaded (in a thread) the first time it is needed; its files
+    are checked at start-up (``app.serve``). A load that fails all the same (onnxruntime
+    refusing the file, memory) is logged once and not tried again until a restart: the
+    question is scored on its shape alone (``embed`` returns None). Before, the load's error
+    reached every ``auto`` request while the semantic cache was down (INTERNAL, HTTP 500),
+    each one hashing the model file again under the lock."""
 
     def __init__(self, load: Callable[[], Embedder]) -> None:
         self._load = load
         self._embedder: Embedder | None = None
+        self._failed = False
         self._lock = asyncio.Lock()
 
-    async def embed(self, text: str) -> Vector:
+    async def embed(self, text: str) -> Vector | None:
         async with self._lock:
-            if self._embedder is None:
-                self._embedder = await asyncio.to_thread(self._load)
+            if self._embedder is None and not self._failed:
+                try:
+                    self._embedder = await asyncio.to_thread(self._load)
+                except Exception:  # whatever stops the load: no request fails for it
+                    self._failed = True
+                    log.exception(
+                        "the router's own embedder (ROUTER_LOCAL_EMBEDDER) did not load: while "
+                        "the semantic cache cannot embed, `auto` is scored on the question's "
+                        "shape alone (embedding_source none) until the router restarts"
+                    )
         embedder = self._embedder
+        if embedder is None:
+            return None
         rows: Vector = await asyncio.to_thread(embedder.embed, [text])
         row: Vector = rows[0]
         return row
@@ -188,6 +204,6 @@ class TierRouter:
                     FROM_EMBED if lookup.skip_reason.startswith("semantic mode") else (FROM_LOOKUP)
                 )
                 return np.frombuffer(lookup.embedding, dtype="<f4").astype(np.float32), source
-        if self._local is not None:
-            return await self._local.embed(text), LOCAL
+        if self._local is not None and (vector := await self._local.embed(text)) is not None:
+            return vector, LOCAL
         return None, NONE
