@@ -24,6 +24,7 @@ from services.router.routing.model import (
     CARD_PATH,
     FORMAT,
     WEIGHTS_PATH,
+    RouterCard,
     load_router_model,
 )
 from services.tools.evaluation.router.fitting import (
@@ -55,7 +56,9 @@ MEANING = (
     "higher = the large model is more needed. A request goes to the large tier when "
     "score >= threshold."
 )
-OOF_PATH = Path(".cache/router-eval/oof-fit-scores.npy")
+# the fit half's out-of-fold scores, in the --cache-dir beside the embeddings (fit writes
+# them, calibrate reads them)
+OOF_NAME = "oof-fit-scores.npy"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,14 +95,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fit(session: Session) -> int:
+    """Everything is computed before anything is written, and the card that pins the weights
+    goes last: the router refuses weights its card does not pin, and the weights written
+    before the out-of-fold scores (minutes) were left unpinned by an interruption, or by a
+    ``--cache-dir`` the scores could not be saved beside, until a refit."""
     fit = session.half("fit")
     model = fit_model(fit.vectors, fit.shapes, fit.weak, fit.strong, session.embedder)
     text = model.to_json()
-    WEIGHTS_PATH.write_text(text, encoding="utf-8")
     oof = out_of_fold_scores(
         fit.texts, fit.vectors, fit.shapes, fit.weak, fit.strong, session.embedder
     )
-    np.save(OOF_PATH, oof)
+    session.cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(session.cache_dir / OOF_NAME, oof)
     card = {
         "format": FORMAT,
         "weights": WEIGHTS_PATH.name,
@@ -119,11 +126,19 @@ def _fit(session: Session) -> int:
         "calibration": {"target": "unset: run make calibrate-router"},
         "cost_model": f"prompt tokens (cl100k) + {OUTPUT_TOKENS} output tokens, table prices",
     }
-    CARD_PATH.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    _replace(WEIGHTS_PATH, text)
+    _replace(CARD_PATH, json.dumps(card, indent=1) + "\n")
     apgr = card["fit_half_out_of_fold"]["apgr"]  # type: ignore[index]
     print(f"weights written to {WEIGHTS_PATH} ({len(fit.rows)} prompts; out-of-fold APGR {apgr})")
     print("now pick the threshold: make calibrate-router")
     return 0
+
+
+def _replace(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or is as it was (a write cut short is not left there)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def _target_error(share: float | None, quality: float | None) -> str | None:
@@ -140,10 +155,15 @@ def _calibrate(
 ) -> tuple[int, float | None]:
     """The exit status, and the threshold picked (None: refused)."""
     fit = session.half("fit")
-    if not OOF_PATH.is_file():
-        print("no out-of-fold scores: run make fit-router first", file=sys.stderr)
+    oof_path = session.cache_dir / OOF_NAME
+    if not oof_path.is_file():
+        print(
+            f"no out-of-fold scores at {oof_path}: run make fit-router first (with the same "
+            "--cache-dir)",
+            file=sys.stderr,
+        )
         return 2, None
-    oof = np.load(OOF_PATH)
+    oof = np.load(oof_path)
     c = curve(oof, fit.weak, fit.strong)
     if share is None and quality is None:
         quality = 0.95
@@ -167,10 +187,10 @@ def _calibrate(
     )
     if write:
         card = json.loads(CARD_PATH.read_text(encoding="utf-8"))
-        load_router_model()  # the card must still pin these weights
+        load_router_model(WEIGHTS_PATH, RouterCard.load(CARD_PATH))  # it must pin these weights
         card["default_threshold"] = point["threshold"]
         card["calibration"] = {"target": target, "expected": point}
-        CARD_PATH.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+        _replace(CARD_PATH, json.dumps(card, indent=1) + "\n")
         print(f"default threshold written to {CARD_PATH}")
     return 0, float(point["threshold"])
 
@@ -183,7 +203,7 @@ def _calibrate_tiers(session: Session, value: str, threshold: float) -> int:
         print(exc, file=sys.stderr)
         return 2
     fit = session.half("fit")
-    result = calibrate_tiers(fit, np.load(OOF_PATH), table, threshold, shares)
+    result = calibrate_tiers(fit, np.load(session.cache_dir / OOF_NAME), table, threshold, shares)
     print(f"tiers {', '.join(table.tiers)}, large from the threshold above ({threshold:.4f}):")
     print(describe(result))
     return 0

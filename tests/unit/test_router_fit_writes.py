@@ -1,0 +1,73 @@
+"""``make fit-router`` (``python -m services.tools.evaluation.router fit``) writes the weights
+and the card that pins them only once everything is computed, and the out-of-fold scores into
+its ``--cache-dir``, where ``calibrate`` reads them. Before, the weights were written first:
+the out-of-fold scores' save to a hard-coded ``.cache/router-eval`` failed (FileNotFoundError)
+under another ``--cache-dir`` run from a directory without it, as did an interruption during
+those scores, and left weights the card did not pin: the router refused to start until a
+refit. Run on the first 160 labelled prompts, the files redirected to ``tmp_path``."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.router.routing.model import RouterCard, load_router_model
+from services.tools.evaluation.router import __main__ as router_cli
+from services.tools.evaluation.router.labels import DATA
+
+pytestmark = pytest.mark.skipif(not DATA.is_file(), reason="../shared/data is not here")
+
+
+def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
+    data = tmp_path / "labels.csv"
+    with DATA.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    out = io.StringIO()
+    csv.writer(out).writerows(rows[:161])
+    data.write_text(out.getvalue(), encoding="utf-8")
+    weights, card = tmp_path / "router_weights.json", tmp_path / "router_card.json"
+    weights.write_text("the weights before\n")
+    card.write_text("the card before\n")
+    monkeypatch.setattr(router_cli, "WEIGHTS_PATH", weights)
+    monkeypatch.setattr(router_cli, "CARD_PATH", card)
+    work = tmp_path / "elsewhere"  # no .cache/router-eval here
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return data, weights, card
+
+
+def test_fit_saves_its_scores_in_its_cache_dir_and_calibrate_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, weights, card = _setup(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
+    assert (cache / router_cli.OOF_NAME).is_file()
+    pinned = json.loads(card.read_text())["weights_sha256"]
+    assert pinned == hashlib.sha256(weights.read_bytes()).hexdigest()
+    load_router_model(weights, RouterCard.load(card))
+    argv = ["--data", str(data), "--cache-dir", str(cache), "calibrate", "--share", "0.5"]
+    assert router_cli.main([*argv, "--write"]) == 0
+    target = json.loads(card.read_text())["calibration"]["target"]
+    assert target == "50% of calls to the large model"
+
+
+def test_an_interrupted_fit_leaves_the_weights_and_card_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, weights, card = _setup(tmp_path, monkeypatch)
+
+    def interrupted(*args: object) -> np.ndarray:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(router_cli, "out_of_fold_scores", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        router_cli.main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "fit"])
+    assert weights.read_text() == "the weights before\n"
+    assert card.read_text() == "the card before\n"
