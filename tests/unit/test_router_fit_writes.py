@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.router.routing.model import RouterCard, load_router_model
+from services.router.routing.model import RouterCard, RouterModelError, load_router_model
 from services.tools.evaluation.router import __main__ as router_cli
 from services.tools.evaluation.router.labels import DATA
 
@@ -71,3 +71,22 @@ def test_an_interrupted_fit_leaves_the_weights_and_card_as_they_were(
         router_cli.main(["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "fit"])
     assert weights.read_text() == "the weights before\n"
     assert card.read_text() == "the card before\n"
+
+
+def test_weights_the_card_does_not_pin_are_refused_with_advice_that_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The router's refusal said "refit with `make calibrate-router`", which refused the same
+    weights with a traceback repeating that advice."""
+    data, weights, card = _setup(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
+    weights.write_text(weights.read_text() + " ")  # no longer the weights the card pins
+    with pytest.raises(RouterModelError) as refused:
+        load_router_model(weights, RouterCard.load(card))
+    assert "make fit-router" in str(refused.value)
+    argv = ["--data", str(data), "--cache-dir", str(cache), "calibrate", "--share", "0.5"]
+    before = card.read_text()
+    assert router_cli.main([*argv, "--write"]) == 2
+    assert "not written: " in capsys.readouterr().err
+    assert card.read_text() == before

@@ -187,6 +187,7 @@ def load_router_model(
     if actual != card.weights_sha256:
         raise RouterModelError(
             f"router weights {weights_path} have sha256 {actual}, the card pins "
-            f"{card.weights_sha256}: refit with `make calibrate-router` or restore the file"
+            f"{card.weights_sha256}: refit with `make fit-router` then `make calibrate-router` "
+            "(calibrating alone cannot pin other weights), or restore both files as shipped"
         )
     return RouterModel.from_json(raw.decode("utf-8"), actual)

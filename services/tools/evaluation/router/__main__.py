@@ -25,6 +25,7 @@ from services.router.routing.model import (
     FORMAT,
     WEIGHTS_PATH,
     RouterCard,
+    RouterModelError,
     load_router_model,
 )
 from services.tools.evaluation.router.fitting import (
@@ -186,8 +187,12 @@ def _calibrate(
         f"sending every call to the large model"
     )
     if write:
+        try:  # the card must pin these weights: the threshold is theirs
+            load_router_model(WEIGHTS_PATH, RouterCard.load(CARD_PATH))
+        except RouterModelError as exc:
+            print(f"not written: {exc}", file=sys.stderr)
+            return 2, None
         card = json.loads(CARD_PATH.read_text(encoding="utf-8"))
-        load_router_model(WEIGHTS_PATH, RouterCard.load(CARD_PATH))  # it must pin these weights
         card["default_threshold"] = point["threshold"]
         card["calibration"] = {"target": target, "expected": point}
         _replace(CARD_PATH, json.dumps(card, indent=1) + "\n")
