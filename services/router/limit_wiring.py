@@ -20,7 +20,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url
-from services.common.models import ModelTable
+from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.redis_pool import bounded_redis, refused_for_now
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
@@ -117,12 +117,14 @@ def limiter_on(
         """What a request can be billed at most, held of its tenant's budgets while it runs
         (``limits.Hold``): its prompt at the dearest of its row's input and cache-write prices
         (long-context ones over their threshold), its ``max_tokens`` at the output price;
-        ``auto``'s largest tier's, the dearest."""
-        rates = table.baseline_for(request.model).rates(prompt_tokens)
-        dearest_input = max(
-            rates.input_nanos, rates.cache_write_5m_nanos, rates.cache_write_1h_nanos
-        )
-        return prompt_tokens * dearest_input + request.max_tokens * rates.output_nanos
+        ``auto``'s the largest of its tiers' (any may answer it: a fallback, a band). Not the
+        large tier's alone: two tiers need not be ordered by price (a Claude small tier writes
+        a 1h cache at 2,000 nanos a token, GPT-5 large reads its input at 1,250)."""
+        if request.model == AUTO:
+            specs = [table.for_tier(tier) for tier in table.tiers]
+        else:
+            specs = [table.baseline_for(request.model)]
+        return max(_largest_bill(spec, prompt_tokens, request.max_tokens) for spec in specs)
 
     if policies is None:
         policies = UniformPolicies(settings.policy)
@@ -138,6 +140,12 @@ def limiter_on(
         breaker=breaker,
         cost_bound=largest_bill,
     )
+
+
+def _largest_bill(spec: ModelSpec, prompt_tokens: int, max_tokens: int) -> int:
+    rates = spec.rates(prompt_tokens)
+    dearest_input = max(rates.input_nanos, rates.cache_write_5m_nanos, rates.cache_write_1h_nanos)
+    return prompt_tokens * dearest_input + max_tokens * rates.output_nanos
 
 
 async def build_answer_ledger(

@@ -37,14 +37,14 @@ is checked, and the wait is the longest), which the servicer turns into
   bill, ``Limiter.count_estimate``, and corrected by what prefix-cache bills when the outbox
   replays it: ``Limiter.reconcile``). Under a budget each request also holds, while it runs,
   the largest bill it can make (``Hold``: its prompt at the dearest of the row's input and
-  cache-write prices, and its ``max_tokens`` at the output price; ``auto``'s largest tier's),
-  and is admitted only while the bill plus what the tenant's requests in flight hold is below
-  the budget: N requests racing the last dollar of a budget took it past by N bills (39
-  answers in flight: $0.0449 against a $0.01 budget), now by at most one. Its end gives the
-  hold back (with its cost counted, in one settle); a hold whose router died lapses a minute
-  after its request's deadline (``hold_ms``; ``HOLD_MS`` without one). The last request
-  admitted may still take the bill past the budget (by at most its own bill); the next one is
-  refused until the period ends.
+  cache-write prices, and its ``max_tokens`` at the output price; ``auto``'s: the largest
+  of its tiers'), and is admitted only while the bill plus what the tenant's requests in
+  flight hold is below the budget: N requests racing the last dollar of a budget took it
+  past by N bills (39 answers in flight: $0.0449 against a $0.01 budget), now by at most
+  one. Its end gives the hold back (with its cost counted, in one settle); a hold whose
+  router died lapses a minute after its request's deadline (``hold_ms``; ``HOLD_MS`` without
+  one). The last request admitted may still take the bill past the budget (by at most its
+  own bill); the next one is refused until the period ends.
 
 The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
 (``services.router.redis_limits``) so that every router of a deployment shares it.

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.env import Env
-from services.common.models import load_model_table
+from services.common.models import load_model_table, model_table_from_env
 from services.common.tokens import load_tokenizers
 from services.router.limit_settings import LimitSettings
 from services.router.limit_wiring import limiter_on
@@ -36,6 +36,7 @@ from services.router.limits import (
     ModelUse,
     Ticket,
 )
+from services.router.prompt_counts import count_prompt
 from services.router.redis_limits import RedisLimitStore
 
 START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
@@ -339,4 +340,30 @@ async def test_a_release_waits_behind_its_requests_cost_queued_for_a_replay() ->
     assert limiter.pending == 0
     denial = await limiter.admit("t", _request(99, max_tokens=10))
     assert isinstance(denial, Denial) and "hold" not in denial.message, denial
+    await limiter.close()
+
+
+async def test_an_auto_request_holds_the_largest_bill_of_any_of_its_tiers() -> None:
+    """Two tiers need not be ordered by price: Claude Haiku 4.5 small writes a 1h cache at
+    2,000 nanos a token, GPT-5 large takes input at 1,250. ``auto`` held the large tier's
+    largest bill alone: 27,565,000 nanos for a 20k-token prompt and 256 tokens of answer,
+    which the small tier, its 1h writes, can bill at 41,288,000 (the budget's N requests in
+    flight spent past it by N such gaps). Now the dearer of the two."""
+    table = model_table_from_env(
+        Env({"CACHEMESH_AUTO_SMALL": "claude-haiku-4-5", "CACHEMESH_AUTO_LARGE": "gpt-5"})
+    )
+    settings = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "100"}))
+    limiter = limiter_on(MemoryLimitStore(), settings, ManualClock(START_MS), table, TOKENIZERS)
+    text = "budget " * 20_000
+    request = pb.CompleteRequest(
+        model="auto",
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+        max_tokens=256,
+    )
+    ticket = await limiter.admit("t", request)
+    assert isinstance(ticket, Ticket) and ticket.hold is not None
+    prompt = count_prompt(request, TOKENIZERS.for_spec(table.baseline_for("auto")))
+    assert prompt * 1_250 + 256 * 10_000 == 27_565_000  # gpt-5's largest bill, held before
+    assert table.for_tier("small").rates(prompt).cache_write_1h_nanos == 2_000
+    assert ticket.hold.nanos == prompt * 2_000 + 256 * 5_000 == 41_288_000
     await limiter.close()
