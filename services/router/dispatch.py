@@ -289,6 +289,10 @@ class Dispatcher:
         room = False  # one of them holds the prompt, not max_tokens of answer with it
         # the router's own counts of the prompt (no Plan), by vocabulary
         counted: dict[str, int] = {}
+        # an ``auto`` tier's replica refused the request as too large for it (its context
+        # window by the provider's own count, its account's per-minute tokens): the tiers
+        # after it are tried, and this refusal is the request's if none answers
+        too_large: tuple[str, RequestError] | None = None
 
         async def takes_over(spec: ModelSpec, plan_it: bool) -> bool:
             """Whether ``spec``'s tier could take this ``auto`` request over: a replica not
@@ -352,6 +356,8 @@ class Dispatcher:
                 reason = (
                     f"fallback: the prompt and max_tokens are over the context window of {first.id}"
                 )
+            if too_large is not None and reason.startswith("fallback"):
+                reason = f"fallback: {too_large[0]} refused the request as too large for it"
             view = {c.replica: c.warm_prefix_tokens for c in plan.candidates} if plan else {}
             raw = facts.kv_block_hashes if facts is not None else b""
             hashes = [raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)]
@@ -429,6 +435,9 @@ class Dispatcher:
                         chat_span.record_exception(exc)
                         spans.record_failure(chat_span, exc)
                     chat_span.end()
+                    if request.model == AUTO and exc.code == Code.RESOURCE_EXHAUSTED:
+                        too_large = too_large or (spec.id, exc)
+                        break  # another tier, another window and account, may take it
                     raise
                 except CallFailed as exc:
                     if declined is not None and exc.code != Code.DEADLINE_EXCEEDED:
@@ -528,6 +537,8 @@ class Dispatcher:
                     cut_before_first_token=start.cut_before_first_token,
                     routers_deadline=remaining_s is None or remaining_s > timeout_s,
                 )
+        if too_large is not None:  # no tier after it answered
+            raise too_large[1]
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:
             raise _deadline_passed("the model", failures)

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.errors import Code, RequestError
-from services.router.dependencies import Dependencies
+from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import REPLICAS, TABLE, TOKENIZER, Rig, _settings
@@ -76,3 +76,48 @@ async def test_a_request_whose_threshold_reaches_the_small_tier_still_falls_back
     rig.models.failing = {"large-1", "large-2"}
     end = (await rig.run(_auto(-0.99)))[-1].end  # a score below -0.99 would stay small
     assert end.tier == "small" and "fallback: sim-large unavailable" in end.routing.reason
+
+
+_TOO_LARGE = (
+    "anthropic refused the request (400 invalid_request_error): the prompt is over "
+    "claude-haiku-4-5's context window (prompt is too long: 201234 tokens > 200000 maximum)"
+)
+
+
+async def test_a_tier_that_refuses_the_request_as_too_large_hands_it_to_the_next_tier() -> None:
+    """The router's count of the prompt is an estimate (Claude's, a local engine's tokenizer):
+    a tier's provider may refuse a prompt it let through as over its window, or as alone over
+    its account's per-minute tokens (RESOURCE_EXHAUSTED). That ended the ``auto`` request,
+    the large tier (another window, another account) never tried; now it answers."""
+    rig = Rig()
+    rig.models.failing = {"small-1"}
+    rig.models.failure = CallFailed(Code.RESOURCE_EXHAUSTED, _TOO_LARGE)
+    end = (await rig.run(_auto(1.0)))[-1].end
+    assert (end.tier, end.model) == ("large", "sim-large")
+    assert "fallback: sim-small refused the request as too large for it" in end.routing.reason
+    assert [replica for replica, _ in rig.models.calls] == ["small-1", "large-1"]
+
+
+async def test_a_request_every_tier_refuses_as_too_large_gets_the_first_refusal() -> None:
+    rig = Rig()
+    rig.models.failing = {"small-1", "large-1", "large-2"}
+    rig.models.failure = CallFailed(Code.RESOURCE_EXHAUSTED, _TOO_LARGE)
+    with pytest.raises(RequestError) as caught:
+        await rig.run(_auto(1.0))
+    assert caught.value.code == Code.RESOURCE_EXHAUSTED and str(caught.value) == _TOO_LARGE
+    assert [replica for replica, _ in rig.models.calls] == ["small-1", "large-1"]
+
+
+@pytest.mark.parametrize(
+    ("model", "code"),
+    [("auto", Code.INVALID_ARGUMENT), ("sim-small", Code.RESOURCE_EXHAUSTED)],
+)
+async def test_other_refusals_and_a_named_models_end_the_request(model: str, code: Code) -> None:
+    rig = Rig()
+    rig.models.failing = {"small-1"}
+    rig.models.failure = CallFailed(code, "refused")
+    request = _auto(1.0) if model == "auto" else build_request("Hi", model=model)
+    with pytest.raises(RequestError) as caught:
+        await rig.run(request)
+    assert caught.value.code == code
+    assert [replica for replica, _ in rig.models.calls] == ["small-1"]
