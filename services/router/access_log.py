@@ -5,7 +5,11 @@ and carries the request's trace id; its fields: tenant, request_id, method, the 
 and the one that answered, tier, served_by, status (the gRPC code), the four token counts,
 cost, baseline and saved in nano-dollars, whether the cost is an estimate, and the duration;
 a DEADLINE_EXCEEDED line says whose deadline it was (``deadline``: ``client``, or ``router``
-for ROUTER_MODEL_TIMEOUT_S).
+for ROUTER_MODEL_TIMEOUT_S). An ``auto`` answer whose tier the router chose carries the
+decision (``routing_score``, ``routing_threshold``, ``routing_embedding_source`` and
+``routing_reason``, which names a fallback to another tier and why): before, the line said
+which tier answered and not why, a fallback billed at the large tier's price looking like
+the score's choice.
 A model call billed without its answer (the caller cancelled, or its replica was cut before
 another answered) is on the line as ``unanswered_cost_nanos``; a call that ended with no answer
 carries those calls' bills as its usage and cost. Such a line is written once the bills are
@@ -142,6 +146,14 @@ class RequestLog:
                 f'"served_by":"{LAYERS.get(end.served_by, "none")}",'
                 f'"replayed":{"true" if call.replayed else "false"}'
             ) + _money(usage, cost)
+            if end.HasField("routing"):  # ``auto``'s tier, chosen by the router: why
+                routing = end.routing
+                members += (
+                    f',"routing_score":{round(routing.score, 4)!r},'
+                    f'"routing_threshold":{round(routing.threshold, 4)!r},'
+                    f'"routing_embedding_source":{_escape(routing.embedding_source)},'
+                    f'"routing_reason":{_escape(routing.reason)}'
+                )
         if self._lines is not None:
             self._lines.write(access.name, "access", members)
         else:  # the text format: the same fields, through the logging module

@@ -528,7 +528,8 @@ def test_each_answer_has_one_access_line_and_its_trace_reaches_every_service(run
     assert set(access[0]) - set(front) <= {
         "model", "tier", "served_by", "replayed", "input_tokens", "cache_creation_input_tokens",
         "cache_read_input_tokens", "output_tokens", "cost_nanos", "baseline_nanos",
-        "saved_nanos", "cost_estimated", "unanswered_cost_nanos",
+        "saved_nanos", "cost_estimated", "unanswered_cost_nanos", "routing_score",
+        "routing_threshold", "routing_embedding_source", "routing_reason",
     }  # fmt: skip
     assert (front["tenant"], front["status"], front["http_status"], front["request_id"]) == (
         "", "UNAUTHENTICATED", 401, run.http_refused_id,

@@ -54,3 +54,25 @@ def test_the_fronts_refusal_line_has_the_whole_idempotency_key(
     for rid in IDS:
         refusals.refused("a", rid, "POST /v1/messages", Code.RESOURCE_EXHAUSTED, 429, 0.001)
     assert _request_ids(out) == IDS
+
+
+def test_an_auto_answers_line_says_why_its_tier_answered(
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
+) -> None:
+    """Before, the line said which tier answered an ``auto`` request and not why: a fallback
+    to the large tier (billed at its price) read as the score's choice."""
+    out, lines = logs({})
+    log = RequestLog(RouterMetrics(new_registry(), TenantLabels(2)), TABLE, Ticks(), lines)
+    reason = "score 0.093 < threshold 0.123; fallback: sim-small unavailable"
+    for routed in (True, False):
+        call = log.begin("Complete")
+        call.tenant, call.end = "a", _answer(pb.LAYER_MODEL, 900, 1000)
+        if routed:
+            routing = pb.Routing(score=0.09285, threshold=0.122755, reason=reason)
+            routing.embedding_source = "router.local"
+            call.end.routing.CopyFrom(routing)
+        log.finish(call, pb.CompleteRequest(model="auto" if routed else "sim-small"), "OK")
+    auto, named = (json.loads(line) for line in out.getvalue().splitlines())
+    assert auto["routing_reason"] == reason and auto["routing_embedding_source"] == "router.local"
+    assert (auto["routing_score"], auto["routing_threshold"]) == (0.0929, 0.1228)
+    assert not any(key.startswith("routing") for key in named)
