@@ -151,6 +151,7 @@ class Pipeline:
             settings.cost_aware,
             settings.tier_thresholds,
             settings.write_amortize_turns,
+            self._clock,
         )
         self.loads = self._dispatch.loads
         self._stores: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()  # L1's, of those

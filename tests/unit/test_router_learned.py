@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,3 +249,26 @@ def test_a_long_question_is_scored_off_the_event_loop() -> None:
 
     ask("What is 2 + 2?")
     ask("Summarise this log: " + "line of a log, 12 errors\n" * 2000)
+
+
+def test_an_embedder_version_mismatch_is_logged_once_a_minute_not_once_a_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A semantic cache embedding with another model than the router was fitted on (a rolling
+    upgrade) wrote a WARNING for every ``auto`` request: 1,000 requests, 1,000 lines."""
+    from services.router.routing.router import TierRouter
+
+    model = load_router_model()
+    now = [0.0]
+    no_calls: Any = None  # not reached: the embedding alone
+    router = TierRouter(model, 0.1, TABLE, no_calls, no_calls, None, clock=lambda: now[0])
+    vector = np.zeros(model.dim, dtype="<f4")
+    lookup = sc.LookupResponse(embedding=vector.tobytes(), embedder_version="another@v2")
+    with caplog.at_level(logging.WARNING, logger="cachemesh.router"):
+        for _ in range(1_000):
+            assert asyncio.run(router._embedding("a question", lookup)) == (None, NONE)
+            now[0] += 0.01
+        now[0] += 60
+        asyncio.run(router._embedding("a question", lookup))
+    lines = [r.getMessage() for r in caplog.records if "the router was fitted on" in r.getMessage()]
+    assert len(lines) == 2 and "(999 more since the last such line" in lines[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import numpy as np
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.clock import SecondsClock, Throttle, suppressed
 from services.common.models import ModelTable, Tier
 from services.common.prompt import last_user_text
 from services.router.calls import Calls, PrefixWindow
@@ -42,6 +44,10 @@ NONE = "none"
 LOWEST_SCORE = -1.0  # the score is P(large right) - P(small right)
 # The output the cost comparison assumes (tokens): the answer's length is not known before.
 EXPECTED_OUTPUT_TOKENS = 128
+
+# A semantic cache embedding with another embedder than the router's was fitted on (a rolling
+# upgrade) is said at most once this often, not once an ``auto`` request.
+MISMATCH_LOG_EVERY_MS = 60_000
 
 # A last user turn longer than this is scored in a worker thread, off the event loop that
 # serves every tenant's calls (its shape features are Python loops over its characters).
@@ -105,9 +111,11 @@ class TierRouter:
         cost_aware: bool = False,
         tier_thresholds: Mapping[Tier, float] | None = None,
         amortize_turns: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``tier_thresholds``: the configured thresholds of tiers between small and large
-        (the others are derived from the largest's)."""
+        (the others are derived from the largest's). ``clock`` (seconds): its throttled
+        log lines'."""
         self._model = model
         self._threshold = default_threshold
         self._table = table
@@ -120,6 +128,7 @@ class TierRouter:
         self._cost_aware = cost_aware
         self._tier_thresholds = dict(tier_thresholds or {})
         self._amortize = amortize_turns
+        self._mismatch_log = Throttle(SecondsClock(clock), MISMATCH_LOG_EVERY_MS)
 
     async def route(
         self,
@@ -194,11 +203,13 @@ class TierRouter:
             return None, NONE
         if lookup is not None and lookup.embedding:
             if lookup.embedder_version != self._model.embedder:
-                log.warning(
-                    "the semantic cache embeds with %s, the router was fitted on %s",
-                    lookup.embedder_version,
-                    self._model.embedder,
-                )
+                if due := self._mismatch_log.due():  # one line a minute, not one a request
+                    log.warning(
+                        "the semantic cache embeds with %s, the router was fitted on %s%s",
+                        lookup.embedder_version,
+                        self._model.embedder,
+                        suppressed(due, MISMATCH_LOG_EVERY_MS),
+                    )
             else:
                 source = (
                     FROM_EMBED if lookup.skip_reason.startswith("semantic mode") else (FROM_LOOKUP)
