@@ -263,6 +263,10 @@ def test_a_whitespace_runaway_is_cut_by_its_pieces_with_few_counts(server: WireS
     assert _text(chunks) == '{"a": 1' + " " * 32 * limit  # its 1,281st delta passed the cut
     assert sent < limit + 100  # was 6,004 of 6,004
     assert len(counts) <= 32  # the cut's counts, geometrically spaced; was ~4,700
+    # billed its pieces, each at least one provider token, not our count of its spaces (325:
+    # 195,000 nanos at gpt-4o-mini's 600 an output token)
+    assert end.output_tokens == limit + 1 == 1281
+    assert end.output_tokens * spec.rates(0).output_nanos == 768_600
 
 
 ZH = (  # Chinese, with its full-width punctuation
