@@ -478,9 +478,10 @@ async def test_a_404_or_403_about_the_model_is_the_replicas(
 # the minute's other requests filled the limit or the request alone is over it), and the rate
 # limit headers its responses carry (``anthropic-ratelimit-input-tokens-limit``: the input
 # tokens a minute the account may send)
+ORGANIZATION = "4a7a4c1e-0000-4000-8000-000000000000"  # the operator's: no tenant's to read
 ITPM_MESSAGE = (
     "This request would exceed the rate limit for your organization "
-    "(4a7a4c1e-0000-4000-8000-000000000000) of 1,000 input tokens per minute. For details, "
+    f"({ORGANIZATION}) of 1,000 input tokens per minute. For details, "
     "refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers "
     "for current usage. Please reduce the prompt length or the maximum tokens requested, or "
     "try again later. You may also contact sales at https://www.anthropic.com/contact-sales "
@@ -527,7 +528,9 @@ async def test_an_anthropic_request_alone_over_the_input_token_rate_is_not_retri
     refused = await replica.call(LONG, planned_tokens=planned)
     assert refused is not None, "answered"
     assert (refused.code, replica.calls()) == (Code.RESOURCE_EXHAUSTED, 1), refused.message
-    assert ITPM_MESSAGE in refused.message
+    # the provider's words, the operator's organization (its UUID) taken out
+    assert ITPM_MESSAGE.replace(ORGANIZATION, "[redacted]") in refused.message
+    assert ORGANIZATION not in refused.message + refused.reason
     assert "per-minute" in refused.message and "context window" not in refused.message
     assert "of 1,000 input tokens: its prompt is about 1,80" in refused.message, refused.message
     assert replica.health == []

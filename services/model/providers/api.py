@@ -336,7 +336,7 @@ class ProviderApi:
                         failure.error_type,
                         message,
                     )
-                    yield self._interrupted(progress, spec, f"{failure.error_type}: {message}")
+                    yield self._interrupted(progress, spec, _broke(failure))
                     return
                 if failure.kind == Kind.RETRY and failure.token_limit is not None:
                     if own_input is None:  # the request alone over it? no wait would pass
@@ -761,6 +761,24 @@ class ProviderApi:
                 what,
                 self._replica,
             )
+
+
+def _broke(failure: Failure) -> str:
+    """What a caller is told of a stream broken mid-answer by ``failure`` (the router's "broke
+    off" refusal names it), once redacted: a provider's error in our words, its status, its
+    error's type and the wait it asked for, never its message (OpenAI's rate limits name the
+    operator's organization and the account's use this minute, Anthropic's its organization
+    and workspace; the replica's log line keeps that message, ids redacted); a lost
+    connection's or our own failure's type and message."""
+    if not failure.from_provider:
+        return f"{failure.error_type}: {failure.message}"
+    told = failure.error_type or "error"
+    if failure.status >= 400:  # (an error event in a stream has its answer's 200)
+        told += f" ({failure.status})"
+    wait = _whole_seconds(failure.retry_after_s)
+    if wait is not None:
+        told += f", retry after {wait} s"
+    return told
 
 
 def _whole_seconds(wait_s: float | None) -> int | None:

@@ -115,6 +115,9 @@ class Failure:
     request_tokens: int | None = None
     # its words (or OpenAI's code) are about the model asked for (``about_a_model``)
     about_model: bool = False
+    # ``message`` is the provider's own text (its error body, or an error event in its
+    # stream), which may name the operator's account: not the connection's, nor ours
+    from_provider: bool = False
 
 
 # (vLLM names an error by its exception's class: BadRequestError, InternalServerError)
@@ -228,7 +231,14 @@ def classify(exc: Exception) -> Failure:
         limit = _token_limit(kind, status, error_type, message, headers)
         about = about_a_model(code, message)
         return Failure(
-            kind, status, error_type, message, _retry_after(headers), limit, about_model=about
+            kind,
+            status,
+            error_type,
+            message,
+            _retry_after(headers),
+            limit,
+            about_model=about,
+            from_provider=True,
         )
     if isinstance(exc, _TRANSPORT_ERRORS):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
@@ -239,7 +249,9 @@ def classify(exc: Exception) -> Failure:
         kind = _kind(status, error_type, code, message)
         limit = _token_limit(kind, status, error_type, message, None)
         about = about_a_model(code, message)
-        return Failure(kind, status, error_type, message, None, limit, about_model=about)
+        return Failure(
+            kind, status, error_type, message, None, limit, about_model=about, from_provider=True
+        )
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
 

@@ -1,9 +1,13 @@
-"""Keeps a credential out of every message a provider adapter writes or returns.
+"""Keeps a credential, and the ids of the operator's provider account, out of every message a
+provider adapter writes or returns.
 
 A provider's error body may echo the key it was sent (OpenAI's 401 says "Incorrect API key
 provided: sk-ab...xyz"); every text leaving the adapter passes ``Redactor.clean``, which takes
 out a key whole, by its head or tail, masked ("sk-proj-AbCd****xYzQ", "abcd...mnop") or
-key-shaped, with the rest of the run of key characters it is in. The HTTP
+key-shaped, with the rest of the run of key characters it is in; and the account's ids a
+provider names in its messages (``_ACCOUNT_ID``: OpenAI's rate limits name the organization,
+"org-...", its 403s the project, "proj_..."; Anthropic's the organization by its UUID and
+the workspace, "wrkspc_..."), which are the operator's, not a tenant's to read. The HTTP
 stack logs request URLs whole, a base URL's ``user:password@`` included: ``UrlFilter`` shows
 them as ``redacted_url`` does.
 """
@@ -17,6 +21,12 @@ from services.common.env import redacted_url
 
 # a key-shaped token, whole or masked with '*' or '...' as providers print them
 _KEY_SHAPED = re.compile(r"\b(?:sk|key|api)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
+# an id of the operator's provider account as a provider's message names it: OpenAI's
+# organization, project and user, Anthropic's workspace, and a UUID (Anthropic's organization)
+_ACCOUNT_ID = re.compile(
+    r"\b(?:org|user)-[A-Za-z0-9]{16,}|\b(?:proj|wrkspc)_[A-Za-z0-9]{16,}"
+    r"|\b[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\b"
+)
 # a run of the characters a key or its masked form is made of: what is redacted whole once
 # any of it shows a key
 _TOKEN = re.compile(r"[A-Za-z0-9_\-*.\u2026]+")
@@ -38,12 +48,14 @@ class Redactor:
         self._partial = [s for s in self._secrets if len(s) >= _SHOWN_IN_PART]
 
     def clean(self, text: str) -> str:
-        """``text`` without a secret, whole, by its head or tail, masked, or key-shaped. Each
+        """``text`` without a secret, whole, by its head or tail, masked, or key-shaped, and
+        without an id of the provider account (``_ACCOUNT_ID``). Each
         rule marks what it finds in the text as given, and the marks are replaced together:
         no rule's replacement hides a key from another (replacing a key's head first turned
         ``sk-proj-AbCd****xYzQ`` into ``[redacted]AbCd****xYzQ``, no longer key-shaped)."""
         whole = [m.span() for s in self._secrets for m in re.finditer(re.escape(s), text)]
         spans = whole + [m.span() for m in _KEY_SHAPED.finditer(text)]
+        spans += [m.span() for m in _ACCOUNT_ID.finditer(text)]
         if self._partial:
             # a run around a whole key is not taken with it ("forbidden_for_<key>" keeps its
             # words): the key alone is
