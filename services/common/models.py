@@ -121,6 +121,12 @@ class ModelSpec(BaseModel):
     # setting and no adapter sends one, so cachemesh cannot turn it off: the HTTP front
     # refuses an Anthropic `thinking: {"type": "disabled"}` to such a model, never drops it.
     thinks_by_default: bool = False
+    # The model's chain of thought is billed as output outside ``max_tokens`` (DeepSeek's
+    # deepseek-reasoner, R1, and SiliconFlow's reasoning endpoints bound only the final answer
+    # by it): a request's bill can reach the row's ``max_output_tokens`` whatever its
+    # ``max_tokens``, and a tenant's budget holds that much while it runs (the router's README,
+    # "Budgets"). Claude's and OpenAI's thinking is within max_tokens: false for them.
+    thinks_outside_max_tokens: bool = False
     input_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     output_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     cache_write_5m_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)

@@ -115,16 +115,15 @@ def limiter_on(
 
     def largest_bill(request: pb.CompleteRequest, prompt_tokens: int) -> int:
         """What a request can be billed at most, held of its tenant's budgets while it runs
-        (``limits.Hold``): its prompt at the dearest of its row's input and cache-write prices
-        (long-context ones over their threshold), its ``max_tokens`` at the output price;
-        ``auto``'s the largest of its tiers' (any may answer it: a fallback, a band). Not the
-        large tier's alone: two tiers need not be ordered by price (a Claude small tier writes
-        a 1h cache at 2,000 nanos a token, GPT-5 large reads its input at 1,250)."""
+        (``limits.Hold``): ``most_billed`` of its row; ``auto``'s the largest of its tiers'
+        (any may answer it: a fallback, a band). Not the large tier's alone: two tiers need not
+        be ordered by price (a Claude small tier writes a 1h cache at 2,000 nanos a token, GPT-5
+        large reads its input at 1,250), and a tier may think outside ``max_tokens``."""
         if request.model == AUTO:
             specs = [table.for_tier(tier) for tier in table.tiers]
         else:
             specs = [table.baseline_for(request.model)]
-        return max(_largest_bill(spec, prompt_tokens, request.max_tokens) for spec in specs)
+        return max(most_billed(spec, request.max_tokens, prompt_tokens) for spec in specs)
 
     if policies is None:
         policies = UniformPolicies(settings.policy)
@@ -142,10 +141,18 @@ def limiter_on(
     )
 
 
-def _largest_bill(spec: ModelSpec, prompt_tokens: int, max_tokens: int) -> int:
+def most_billed(spec: ModelSpec, max_tokens: int, prompt_tokens: int) -> int:
+    """The largest bill of a request of ``spec``'s row: its prompt at the dearest of the row's
+    input and cache-write prices (long-context ones over their threshold), and its output at
+    the output price: ``max_tokens`` of it, or the row's ``max_output_tokens`` when the row
+    bills its thinking outside ``max_tokens`` (``thinks_outside_max_tokens``: R1's 405 output
+    tokens at max_tokens 16)."""
     rates = spec.rates(prompt_tokens)
     dearest_input = max(rates.input_nanos, rates.cache_write_5m_nanos, rates.cache_write_1h_nanos)
-    return prompt_tokens * dearest_input + max_tokens * rates.output_nanos
+    output = (
+        max(max_tokens, spec.max_output_tokens) if spec.thinks_outside_max_tokens else max_tokens
+    )
+    return prompt_tokens * dearest_input + output * rates.output_nanos
 
 
 async def build_answer_ledger(
