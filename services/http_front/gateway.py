@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cachemesh.retry_info import (
-    UPSTREAM_RETRIED,
+    UNBILLED_FINAL,
     error_reason,
     made_request_id,
     no_retry,
@@ -64,7 +64,9 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
     a budget, a request too large). A refusal with a negative server pushback (a model call of
     it was billed without its answer) is ``billed``: final, whatever its status; one whose
     ErrorInfo says ``UPSTREAM_RETRIED`` (its providers retried already, not billed) is final
-    too, without the billed words (``errors.from_gateway``)."""
+    too, without the billed words (``errors.from_gateway``); one that says
+    ``UPSTREAM_RATE_LIMITED`` (its providers' wait outlasted the client's deadline, not
+    billed) is a rate-limited refusal with its retry-after, as before that reason."""
     trailers = error.trailing_metadata() or ()
     retry_after: int | None = None
     delay = retry_delay_s(trailers)
@@ -80,7 +82,7 @@ def api_error(error: grpc.aio.AioRpcError) -> ApiError:
         code_of(error.code()),
         error.details() or "",
         retry_after,
-        billed=no_retry(trailers) and reason != UPSTREAM_RETRIED,
+        billed=no_retry(trailers) and reason not in UNBILLED_FINAL,
         reason=reason,
     )
     return replace(refusal, request_id=made_request_id(trailers))

@@ -85,7 +85,9 @@ class UnavailableError(CachemeshError):
     its providers' own (a 429's retry-after), or, with ``reason`` ``UPSTREAM_RETRIED``, the
     wait after every model replica had retried its provider already (its 529s, 503s), which
     the client's channel does not retry (each retry would be as many provider calls again):
-    retry after that wait at the earliest, if at all."""
+    retry after that wait at the earliest, if at all. ``reason`` ``UPSTREAM_RATE_LIMITED``:
+    the providers' wait (a 429's retry-after) was longer than the call's deadline had left,
+    so the channel did not retry it (a shorter one it waits for, then retries)."""
 
     retry_after_s: float | None = None
     reason: str | None = None

@@ -33,6 +33,13 @@ TOO_LARGE_REASONS = frozenset((CONTEXT_WINDOW, REQUEST_TOO_LARGE))
 # 429s), so the call ends with a negative server pushback (no retry at once: each would be as
 # many provider calls again) and RetryInfo says the wait before a retry of the caller's own
 UPSTREAM_RETRIED = "UPSTREAM_RETRIED"
+# on an UNAVAILABLE: every model replica's provider asked for a wait (a 429's retry-after) that
+# the client's deadline has no room for, so the call ends with a negative server pushback (a
+# retry at once would only be refused again, and each is as many provider calls) and RetryInfo
+# says the wait; a wait with room for it is pushed back as itself, and the channel waits it
+UPSTREAM_RATE_LIMITED = "UPSTREAM_RATE_LIMITED"
+# the reasons of a refusal with a negative pushback that made no model call: not billed
+UNBILLED_FINAL = frozenset((UPSTREAM_RETRIED, UPSTREAM_RATE_LIMITED))
 
 
 def status_details(trailing_metadata: Iterable[Any] | None) -> status_pb2.Status | None:
