@@ -46,24 +46,40 @@ _DEADLINE_SLACK_S = END_MARGIN_S
 
 
 def _answer_outlasted(
-    attempt: Attempt, output_tokens: int | None, reported: bool = False
+    attempt: Attempt,
+    output_tokens: int | None,
+    reported: bool = False,
+    max_tokens: int | None = None,
 ) -> DeadlineCut:
     """A model call still answering at its deadline: another replica would take as long, so
     it is not retried (it is billed for what it produced, never stored). ``reported``: its
-    provider reported its usage so far (Anthropic's prompt, from message_start)."""
+    provider reported its usage so far (Anthropic's prompt, from message_start);
+    ``max_tokens``: the request's, which an answer that wrote all of it did not outlast the
+    deadline by (its provider's end came late: no smaller max_tokens is advised)."""
     produced = f" after {output_tokens} tokens" if output_tokens is not None else ""
     billed = "what was produced"
     if output_tokens == 0:  # its prompt was prefilled (a start came), no token yet
         produced = " before its first token"
         billed = "its prompt" + (", as the provider reported it" if reported else "")
+    whole = output_tokens is not None and max_tokens is not None and output_tokens >= max_tokens
     if attempt.routers_deadline:
         whose = "the router's ROUTER_MODEL_TIMEOUT_S"
         allow = "A retry would be cut the same way; ask for a smaller max_tokens"
         if output_tokens == 0:  # no token at all: its provider stalled, max_tokens is not why
             allow = "Its provider gave no token in that time; retry later"
+        elif whole:  # all of max_tokens written: its provider's end was late, not its length
+            allow = (
+                f"It had written all of its max_tokens ({max_tokens}) but its provider did "
+                "not end it in time; retry later"
+            )
     else:
         whose = "the request's deadline"
         allow = "Allow a longer deadline or a smaller max_tokens"
+        if whole:
+            allow = (
+                f"It had written all of its max_tokens ({max_tokens}) but its provider did "
+                "not end it in time; allow a longer deadline"
+            )
     return DeadlineCut(
         attempt.routers_deadline,
         f"the {attempt.model.id} answer was still running at its deadline, {whose} "
@@ -312,10 +328,14 @@ class ModelAnswers:
                 _ended(answer, end_chunk)
                 reported = end_chunk.HasField("provider_usage")
                 if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
-                    outlasted = _answer_outlasted(attempt, end_chunk.output_tokens, reported)
+                    outlasted = _answer_outlasted(
+                        attempt, end_chunk.output_tokens, reported, request.max_tokens
+                    )
                     raise _cut_unstarted(attempt, outlasted)
                 if end_at >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
-                    raise _answer_outlasted(attempt, end_chunk.output_tokens, reported)
+                    raise _answer_outlasted(
+                        attempt, end_chunk.output_tokens, reported, request.max_tokens
+                    )
                 raise ReplicaCut(
                     attempt.replica,
                     f"the {attempt.model.id} provider's answer broke off after "

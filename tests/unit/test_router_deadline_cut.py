@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 import pytest
 
+from cachemesh import DeadlineExceededError
+from cachemesh._errors import from_rpc_error
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
@@ -25,9 +28,11 @@ class LongAnswers(FakeModels):
         ending: str,
         ends_at: float = 1.0,
         code: Code = Code.DEADLINE_EXCEEDED,
+        produced: int = 2000,
     ) -> None:
         super().__init__(clock=clock)
         self.ending, self.ends_at, self.code = ending, ends_at, code
+        self.produced = produced  # the output tokens its interrupted end reports
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
@@ -41,7 +46,7 @@ class LongAnswers(FakeModels):
             if self.ending == "grpc"
             else model_pb2.GenerateChunk(
                 end=model_pb2.GenerateEnd(
-                    output_tokens=2000,
+                    output_tokens=self.produced,
                     stop_reason="interrupted",
                     interrupted=True,
                     error="no answer within the deadline (299.9s)",
@@ -176,3 +181,36 @@ async def test_a_replicas_own_failure_mid_answer_stays_a_warning(
     await _run(rig, remaining_s=remaining_s)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("mid-answer" in m and code.name in m for m in warned), warned
+
+
+@pytest.mark.parametrize(("remaining_s", "routers"), [(600.0, True), (100.0, False)])
+async def test_an_answer_of_all_its_max_tokens_cut_at_the_deadline_is_not_told_to_lower_it(
+    remaining_s: float, routers: bool
+) -> None:
+    """The answer had written all of its max_tokens (512) when its deadline came: what was
+    late is its provider's end, not its length, so a smaller max_tokens is no advice (before,
+    "A retry would be cut the same way; ask for a smaller max_tokens"); fewer tokens than that
+    keep the advice."""
+    clock = FakeClock()
+    max_tokens = _request().max_tokens
+    rig = Rig(models=LongAnswers(clock, "provider", produced=max_tokens), clock=clock)
+    error = await _run(rig, remaining_s)
+    assert isinstance(error, DeadlineCut) and error.routers is routers
+    print(f"\n{error.message}")
+    assert "smaller max_tokens" not in error.message, error.message
+    assert f"all of its max_tokens ({max_tokens})" in error.message, error.message
+    assert ("retry later" in error.message) is routers  # the caller's: a longer deadline
+    fewer = Rig(models=LongAnswers(clock, "provider", produced=max_tokens - 1), clock=clock)
+    assert "smaller max_tokens" in (await _run(fewer, remaining_s)).message
+    # nor does the client's error add it (its text, ``cachemesh ask``'s line)
+    told = from_rpc_error(
+        grpc.aio.AioRpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            error.message,
+        ),
+        "r1",
+    )
+    assert isinstance(told, DeadlineExceededError) and not told.smaller_max_tokens_helps
+    assert "smaller max_tokens" not in str(told) and "longer deadline" in str(told)

@@ -103,17 +103,32 @@ class DeadlineExceededError(UnavailableError):
     router ends the model call just before the deadline, so no answer was made; what the model
     produced is billed. A retry, with the id or without, is a new model call, billed again and
     cut the same way: allow a longer deadline (``timeout_s``; ``cachemesh ask --timeout``) or
-    ask for a smaller ``max_tokens``. An ``UnavailableError`` too (it was one before it had its
-    own class)."""
+    ask for a smaller ``max_tokens`` (``smaller_max_tokens_helps``: not when the Gateway says
+    the answer had written all of its max_tokens, or its provider gave no token). An
+    ``UnavailableError`` too (it was one before it had its own class)."""
+
+    @property
+    def smaller_max_tokens_helps(self) -> bool:
+        """Whether a smaller ``max_tokens`` could have the answer end in time: not when the
+        Gateway's message says it had written all of its max_tokens (its provider's end came
+        late) or that its provider gave no token at all."""
+        return not any(said in self.message for said in _NOT_ITS_LENGTH)
 
     def __str__(self) -> str:
         text = CachemeshError.__str__(self)
         said = f"request_id {self.request_id}: " if self.request_id else ""
+        advice = "allow a longer deadline"
+        if self.smaller_max_tokens_helps:
+            advice += " or ask for a smaller max_tokens"
         return (
             f"{text} ({said}not answered in time, billed for what the model produced; a retry "
-            "is a new model call, billed again: allow a longer deadline or ask for a smaller "
-            "max_tokens)"
+            f"is a new model call, billed again: {advice})"
         )
+
+
+# the Gateway's words for a deadline cut that a smaller max_tokens would not have avoided
+# (services.router.model_answer): an answer that wrote all of it, a provider that wrote nothing
+_NOT_ITS_LENGTH = ("had written all of its max_tokens", "gave no token")
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {

@@ -226,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             response = client.complete(request)
     except DeadlineExceededError as error:  # no answer made, billed: a retry is billed again
         print(f"cachemesh: {error.code.name}: {error.message}", file=sys.stderr)
+        advice = "a longer --timeout"
+        if error.smaller_max_tokens_helps:
+            advice += " or a smaller --max-tokens"
         print(
             f"request_id: {error.request_id} (not answered within its deadline and billed "
-            "for what the model produced: a retry would be billed again; give a longer "
-            "--timeout or a smaller --max-tokens)",
+            f"for what the model produced: a retry would be billed again; give {advice})",
             file=sys.stderr,
         )
         return 1
