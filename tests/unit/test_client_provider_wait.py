@@ -25,7 +25,7 @@ from services.common.errors import Code, RequestError
 from services.http_front.errors import BILLED
 from services.http_front.gateway import api_error
 from services.router.access_log import Call
-from services.router.servicer import _trailers as router_trailers
+from services.router.call_trailers import failed_call_trailers as router_trailers
 
 
 class RateLimited(gateway_pb2_grpc.GatewayServicer):

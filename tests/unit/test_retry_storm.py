@@ -36,10 +36,10 @@ from services.http_front.gateway import api_error
 from services.model.providers.progress import Progress
 from services.model.servicer import _trailers as replica_trailers
 from services.router.access_log import Call
+from services.router.call_trailers import NO_RETRY
+from services.router.call_trailers import failed_call_trailers as router_trailers
 from services.router.dependencies import CallFailed
 from services.router.grpc_adapters import failed
-from services.router.servicer import NO_RETRY
-from services.router.servicer import _trailers as router_trailers
 from tests.unit.test_provider_deadline import Clock, _api, _drain
 from tests.unit.test_router_replica_ejection import Clock as RouterClock
 from tests.unit.test_router_replica_ejection import Models, _ask, _ask_auto, _pipeline
