@@ -92,8 +92,10 @@ from services.model.providers.failures import (
     Kind,
     Over,
     alone_over,
+    broke_off,
     classify,
     over,
+    whole_seconds,
 )
 from services.model.providers.output_cut import OutputCut, exact_tokenizer
 from services.model.providers.progress import Progress, reported_prompt_tokens
@@ -336,7 +338,7 @@ class ProviderApi:
                         failure.error_type,
                         message,
                     )
-                    yield self._interrupted(progress, spec, _broke(failure))
+                    yield self._interrupted(progress, spec, broke_off(failure))
                     return
                 if failure.kind == Kind.RETRY and failure.token_limit is not None:
                     if own_input is None:  # the request alone over it? no wait would pass
@@ -584,7 +586,7 @@ class ProviderApi:
         if failure.kind != Kind.RETRY or tries <= self._s.max_retries or tries < 2:
             return None
         if failure.retry_after_s is not None:
-            return _whole_seconds(failure.retry_after_s)
+            return whole_seconds(failure.retry_after_s)
         return max(1, math.ceil(self._backoff_s(tries)))  # (the try after ``tries``)
 
     def _log_unexpected(self, model: str, failure: Failure) -> None:
@@ -684,7 +686,7 @@ class ProviderApi:
             f"{backend} {status}{after}",
             retry_after_s=spent
             if spent is not None
-            else _whole_seconds(failure.retry_after_s)
+            else whole_seconds(failure.retry_after_s)
             if failure.kind == Kind.RETRY
             else None,
             retried=spent is not None,
@@ -761,32 +763,6 @@ class ProviderApi:
                 what,
                 self._replica,
             )
-
-
-def _broke(failure: Failure) -> str:
-    """What a caller is told of a stream broken mid-answer by ``failure`` (the router's "broke
-    off" refusal names it), once redacted: a provider's error in our words, its status, its
-    error's type and the wait it asked for, never its message (OpenAI's rate limits name the
-    operator's organization and the account's use this minute, Anthropic's its organization
-    and workspace; the replica's log line keeps that message, ids redacted); a lost
-    connection's or our own failure's type and message."""
-    if not failure.from_provider:
-        return f"{failure.error_type}: {failure.message}"
-    told = failure.error_type or "error"
-    if failure.status >= 400:  # (an error event in a stream has its answer's 200)
-        told += f" ({failure.status})"
-    wait = _whole_seconds(failure.retry_after_s)
-    if wait is not None:
-        told += f", retry after {wait} s"
-    return told
-
-
-def _whole_seconds(wait_s: float | None) -> int | None:
-    """A provider's ``retry-after`` in whole seconds (rounded up), None for none (or none to
-    wait): the wait the router and the HTTP front pass on to the caller."""
-    if wait_s is None or not wait_s > 0 or not math.isfinite(wait_s):
-        return None
-    return math.ceil(wait_s)
 
 
 async def _next(

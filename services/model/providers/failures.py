@@ -68,6 +68,7 @@ import email.utils
 import enum
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -423,3 +424,29 @@ def _retry_after(headers: Any) -> float | None:
             return max(0.0, when.timestamp() - time.time())
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def broke_off(failure: Failure) -> str:
+    """What a caller is told of a stream broken mid-answer by ``failure`` (the router's "broke
+    off" refusal names it), once redacted: a provider's error in our words, its status, its
+    error's type and the wait it asked for, never its message (OpenAI's rate limits name the
+    operator's organization and the account's use this minute, Anthropic's its organization
+    and workspace; the replica's log line keeps that message, ids redacted); a lost
+    connection's or our own failure's type and message."""
+    if not failure.from_provider:
+        return f"{failure.error_type}: {failure.message}"
+    told = failure.error_type or "error"
+    if failure.status >= 400:  # (an error event in a stream has its answer's 200)
+        told += f" ({failure.status})"
+    wait = whole_seconds(failure.retry_after_s)
+    if wait is not None:
+        told += f", retry after {wait} s"
+    return told
+
+
+def whole_seconds(wait_s: float | None) -> int | None:
+    """A provider's ``retry-after`` in whole seconds (rounded up), None for none (or none to
+    wait): the wait the router and the HTTP front pass on to the caller."""
+    if wait_s is None or not wait_s > 0 or not math.isfinite(wait_s):
+        return None
+    return math.ceil(wait_s)
