@@ -3,10 +3,11 @@
 DESIGN.md, "What a cache hit may serve": an answer is served only within one scope, the
 sha256 of a canonical serialisation of the tenant, the namespace, the requested model string
 (``auto`` included), the tools and system prompt, the conversation before the last user turn
-(and the non-text blocks of that turn), and the temperature (unset = 1.0). ``cache_control``
-markers, ``max_tokens``, ``request_id`` and ``routing`` are not part of it (the router refuses
-an ``auto`` hit whose tier is below the one the request's thresholds force, and names the
-tiers it accepts in its Lookup: ``Query.accepted_tiers``, refused by the check).
+(and the non-text blocks of that turn, in their places among its text), and the temperature
+(unset = 1.0). ``cache_control`` markers, ``max_tokens``, ``request_id`` and ``routing`` are
+not part of it (the router refuses an ``auto`` hit whose tier is below the one the request's
+thresholds force, and names the tiers it accepts in its Lookup: ``Query.accepted_tiers``,
+refused by the check).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import Answer
 
 Mode = Literal["use", "refresh", "no_store", "bypass"]
-SCOPE_VERSION = "cachemesh.semantic.scope.v1"
+# v2: the last user turn's non-text blocks keep their places among its text
+# (``last_turn_layout``). An entry of v1 is in a scope no lookup of v2 names: never served, it
+# ages out (its TTL) or is evicted first (it is never used again)
+SCOPE_VERSION = "cachemesh.semantic.scope.v2"
 # A query whose question (the last user turn's text, which it holds) is longer than this is
 # not remembered by ``RecentQueries``: 1,024 of them at the router's 1 MiB request limit
 # would hold ~1 GB. A large request with a short question (a document) is remembered.
@@ -157,8 +161,7 @@ def scope_of(tenant: str, request: pb.CompleteRequest) -> str:
     history = list(request.messages)
     last: list[object] = []
     if history and history[-1].role == pb.ROLE_USER:
-        turn = history.pop()
-        last = [_block(b) for b in turn.content if b.WhichOneof("kind") != "text"]
+        last = last_turn_layout(history.pop())
     fields = {
         "v": SCOPE_VERSION,
         "tenant": tenant,
@@ -168,10 +171,29 @@ def scope_of(tenant: str, request: pb.CompleteRequest) -> str:
         "tools": [[t.name, t.description, t.input_schema_json] for t in request.tools],
         "system": [_block(b) for b in request.system],
         "history": [[int(m.role), [_block(b) for b in m.content]] for m in history],
-        "last_turn_other_blocks": last,
+        "last_turn": last,
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def last_turn_layout(turn: pb.Message) -> list[object]:
+    """The last user turn as the scope holds it: its non-text blocks whole, in their places
+    among its text, each run of text blocks one ``["text"]`` (the text itself is what the
+    embedding compares: ``last_user_text`` joins a run's blocks as one text block of them
+    joined by a line break would read). Without the places, [tool_result, "Is that right?"]
+    and ["Is that right?", tool_result] were one scope: the second was served the first's
+    answer, though its model reads another prompt (scope v1)."""
+    layout: list[object] = []
+    for block in turn.content:
+        if block.WhichOneof("kind") != "text":
+            layout.append(_block(block))
+        elif not layout or layout[-1] != _TEXT_RUN:
+            layout.append(_TEXT_RUN)
+    return layout
+
+
+_TEXT_RUN = ("text",)  # a run of text blocks (json.dumps writes it as a list)
 
 
 def _block(block: pb.ContentBlock) -> list[object]:

@@ -93,8 +93,9 @@ def test_scope_is_a_deterministic_sha256() -> None:
     first = scope_of("a", make_request(QUESTION))
     assert first == scope_of("a", make_request("another question entirely"))
     # pinned: a snapshot written by one process is read by the next, on any machine; a scope
-    # computed differently would orphan every stored entry
-    assert first == "f6de600e605b974ecbf1116b62909e27831e6cdc9b9b8530db3654421083f99c"
+    # computed differently would orphan every stored entry (as each SCOPE_VERSION does, on
+    # purpose: v2, the last turn's blocks in their places)
+    assert first == "ac9db63ee45b76f687e6800969d8bfd3c6eadcfe8fc7e648ebec04eb691e874d"
     assert first != scope_of("a", make_request(QUESTION, temperature=0.7))
     assert normalise("  Hello \r\n\t WORLD ") == "Hello \n\t WORLD"
     assert folded("  Hello \r\n\t WORLD ") == "hello world"
@@ -272,3 +273,50 @@ async def test_the_folded_key_folds_case_but_keeps_sharp_s() -> None:
     assert not asked.exact
     same = await cache.check(query_from_request("a", make_request("was bedeutet das wort maße?")))
     assert same.exact
+
+
+def _with_last_turn(*blocks: pb.ContentBlock) -> pb.CompleteRequest:
+    request = make_request(history=(user("compute 6*7"), assistant("calling the tool")))
+    del request.messages[-1]
+    request.messages.add(role=pb.ROLE_USER, content=blocks)
+    return request
+
+
+def _result(content: str = "42") -> pb.ContentBlock:
+    return pb.ContentBlock(tool_result=pb.ToolResult(tool_use_id="u1", content=content))
+
+
+def _text(value: str) -> pb.ContentBlock:
+    return pb.ContentBlock(text=value)
+
+
+ASKED_AS = (_result(), _text("Is that right?"))
+LAST_TURN_MOVED = {  # what was stored, then the question asked again with its blocks moved
+    "text before the result": (ASKED_AS, (_text("Is that right?"), _result())),
+    "text moved past the result": (
+        (_text("Check:"), _result(), _text("Is that right?")),
+        (_text("Check:"), _text("Is that right?"), _result()),
+    ),
+    "another result": (ASKED_AS, (_result("43"), _text("Is that right?"))),
+}
+
+
+@pytest.mark.parametrize("what", sorted(LAST_TURN_MOVED))
+async def test_the_last_turns_blocks_keep_their_places_in_the_scope(what: str) -> None:
+    """Scope v1 held the last turn's non-text blocks without their places among its text:
+    [tool_result, "Is that right?"] was served to ["Is that right?", tool_result], whose
+    model reads another prompt (and Anthropic refuses: a tool_result must come first)."""
+    cache, _ = new_cache()
+    stored, asked = LAST_TURN_MOVED[what]
+    await put(cache, _with_last_turn(*stored))
+    assert not (await cache.check(query_from_request("a", _with_last_turn(*asked)))).hit
+    assert (await cache.check(query_from_request("a", _with_last_turn(*stored)))).exact
+
+
+async def test_a_run_of_text_blocks_is_one_text_in_the_scope() -> None:
+    """Two text blocks after a result read as the one text they join into: still a hit."""
+    cache, _ = new_cache()
+    await put(cache, _with_last_turn(_result(), _text("Check this."), _text("Is that right?")))
+    joined = _with_last_turn(_result(), _text("Check this.\nIs that right?"))
+    result = await cache.check(query_from_request("a", joined))
+    assert result.hit and result.exact
