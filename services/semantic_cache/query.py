@@ -16,6 +16,8 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,13 +29,19 @@ from services.semantic_cache.records import Answer
 
 Mode = Literal["use", "refresh", "no_store", "bypass"]
 # v2: the last user turn's non-text blocks keep their places among its text
-# (``last_turn_layout``). An entry of v1 is in a scope no lookup of v2 names: never served, it
-# ages out (its TTL) or is evicted first (it is never used again)
-SCOPE_VERSION = "cachemesh.semantic.scope.v2"
+# (``last_turn_layout``); v3: the exact key keeps the first line's own indentation and is
+# composed (``normalise``). An entry of an older version is in a scope no lookup of this one
+# names: never served, it ages out (its TTL) or is evicted first (it is never used again)
+SCOPE_VERSION = "cachemesh.semantic.scope.v3"
 # A query whose question (the last user turn's text, which it holds) is longer than this is
 # not remembered by ``RecentQueries``: 1,024 of them at the router's 1 MiB request limit
 # would hold ~1 GB. A large request with a short question (a document) is remembered.
 RECENT_QUERY_BYTES = 64 * 1024
+# A question longer than this, stripped, has its stripped text as its exact key, no more read
+# (composed, its indentation): longer than any question stored or matched exactly
+# (``cache.MAX_STORED_QUESTION_CHARS``), only its length is read, and a 1 MiB one held the
+# event loop 40 ms read whole.
+KEYED_CHARS = 64 * 1024
 
 _MODES: dict[int, Mode] = {
     pb.SEMANTIC_MODE_UNSPECIFIED: "use",
@@ -82,13 +90,50 @@ class Query:
 
 
 def normalise(text: str) -> str:
-    """The exact-match key: the text without the whitespace at its ends, its line endings
-    ``\n``. Letter case and inner whitespace are kept: "ls -L" is not "ls -l", "True" is not
-    "true", "MB" is not "Mb", and Python's indentation and a quoted string's spaces are
-    meaning. A text equal to a stored one up to case and spacing meets it on the folded key
-    (``folded``), served only when ``reading.folding_refusal`` finds nothing that can change
-    its meaning."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+    """The exact-match key: the text composed (NFC: an "é" of one code point or of two is one
+    letter), its line endings ``\n``, without the blank lines and whitespace at its ends, nor
+    the indentation all its lines share (code indented as a whole is the same code). Each
+    line's own indentation is kept, the first one's too: v2 stripped the text, so the first
+    line's lost, and "x = 1\n    print(x)" (an IndentationError) was served the answer of
+    "    x = 1\n    print(x)" (prints 1). Letter case and inner whitespace are kept: "ls -L"
+    is not "ls -l", "True" is not "true", "MB" is not "Mb", and Python's indentation and a
+    quoted string's spaces are meaning. A text equal to a stored one up to case and spacing
+    meets it on the folded key (``folded``), served only when ``reading.folding_refusal``
+    finds nothing that can change its meaning."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip()
+    stripped = text.lstrip()
+    if len(stripped) > KEYED_CHARS:  # never stored nor matched: only its length is read
+        return stripped
+    text = text[text.rfind("\n", 0, len(text) - len(stripped)) + 1 :]  # from its first line
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    cut = _shared_indent(text)
+    if cut:  # every line that is not blank begins with it: a blank one loses as much
+        text = re.sub(f"^[^\\S\\n]{{1,{cut}}}", "", text, flags=re.MULTILINE)
+    return text
+
+
+# the indentation of each of a text's lines with a character
+_INDENT = re.compile(r"^[^\S\n]*(?=\S)", re.MULTILINE)
+
+
+def _shared_indent(text: str) -> int:
+    """The length of the indentation every line of ``text`` with a character begins with,
+    character by character (a tab is not four spaces). A text whose first line is not
+    indented, as most are, is not read further."""
+    shared: str | None = None
+    for match in _INDENT.finditer(text):
+        indent = match.group()
+        if shared is None:
+            shared = indent
+        elif not indent.startswith(shared):
+            size = 0
+            while size < min(len(shared), len(indent)) and shared[size] == indent[size]:
+                size += 1
+            shared = shared[:size]
+        if not shared:
+            return 0
+    return len(shared or "")
 
 
 def folded(text: str) -> str:

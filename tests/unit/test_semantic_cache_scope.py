@@ -94,10 +94,10 @@ def test_scope_is_a_deterministic_sha256() -> None:
     assert first == scope_of("a", make_request("another question entirely"))
     # pinned: a snapshot written by one process is read by the next, on any machine; a scope
     # computed differently would orphan every stored entry (as each SCOPE_VERSION does, on
-    # purpose: v2, the last turn's blocks in their places)
-    assert first == "ac9db63ee45b76f687e6800969d8bfd3c6eadcfe8fc7e648ebec04eb691e874d"
+    # purpose: v2, the last turn's blocks in their places; v3, the exact key's indentation)
+    assert first == "28cea15307aa27cb19313f567e8d9cab3584c8512c827de9f86b8d7654b70fe2"
     assert first != scope_of("a", make_request(QUESTION, temperature=0.7))
-    assert normalise("  Hello \r\n\t WORLD ") == "Hello \n\t WORLD"
+    assert normalise("  Hello \r\n  \t WORLD ") == "Hello \n\t WORLD"
     assert folded("  Hello \r\n\t WORLD ") == "hello world"
 
 
