@@ -27,7 +27,8 @@ refused when the embedding and the verifier cannot see what tells the two questi
   lowercased, whitespace-collapsed key. Texts equal up to case and spacing (``query.folded``)
   are compared token by token: a word may differ in its first letter where it opens a
   sentence, as the pronoun "I", or Capitalised or in capitals against a question written all
-  in lowercase; a token with a digit or a symbol not at all; the spacing only between words,
+  in lowercase, but a function word in capitals is a name on any pair ("IT" / "it":
+  ``capitals.py``); a token with a digit or a symbol not at all; the spacing only between words,
   outside a quoted or code span, never in a line break or an indentation. Other pairs are
   held only to the spans and lines both hold (a word's case between paraphrases is left to
   the models: users write proper nouns in lowercase).
@@ -68,6 +69,7 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.semantic_cache.capitals import function_word_forms
 from services.semantic_cache.cross_encoder import CrossEncoderInfo, longest_first
 from services.semantic_cache.embedder import (
     MAX_TOKENS,
@@ -89,6 +91,10 @@ TOO_LONG = "too long: the verifier cannot read in full where the two questions d
 CASE_OR_SPACING = (
     "unreadable: the questions differ in letter case or spacing the models do not read (a"
     " word's case past a sentence's first letter, a quoted or code span, a line's indentation)"
+)
+NAMED = (
+    "unreadable: a function word is written in capitals in one question and not in the other"
+    ' (a name: "IT", "US", "WHO" are not "it", "us", "who"), which the models do not read'
 )
 ACCENTS = (
     "unreadable: the questions differ in accents or characters the models do not read (their"
@@ -345,6 +351,9 @@ def folding_refusal(first: str | Folding, second: str | Folding) -> str:
     call."""
     a = first if isinstance(first, Folding) else Folding(first)
     b = second if isinstance(second, Folding) else Folding(second)
+    names_a, names_b = a.forms(function_word_forms), b.forms(function_word_forms)
+    if any(names_a[key] != names_b[key] for key in names_a.keys() & names_b.keys()):
+        return NAMED  # "IT" / "it", "US" / "us", on either path
     if a.key == b.key:
         return CASE_OR_SPACING if _case_or_spacing(a.text, b.text) else ""
     for forms, refusal in (
