@@ -136,8 +136,13 @@ _MAX_TOKENS_A_CHAR = 3
 
 def differing(first: str, second: str) -> tuple[str, str]:
     """The two texts from their first differing sentence on: the leading sentences they share
-    word for word are dropped (each text keeps at least its last sentence). Texts whose first
-    sentences differ come back as they are (the same objects)."""
+    word for word are dropped (each text keeps at least its last sentence); so are the
+    trailing ones they share when those are longer than what differs (each text keeps at
+    least one sentence): "Summarise the report below. Report: <a document>" / "Translate the
+    report below into French. Report: <the same>" were read as the document they share,
+    cosine 0.95, and served. A shorter shared ending ("hi, I pay by card. How do I enable
+    2FA?" / "hello, ...") is read as before, so the verifier's calibration holds for such
+    pairs. Texts with nothing dropped come back as they are (the same objects)."""
     start_a = start_b = 0
     for end_a, end_b in zip(
         _SENTENCE_END.finditer(first), _SENTENCE_END.finditer(second), strict=False
@@ -145,9 +150,26 @@ def differing(first: str, second: str) -> tuple[str, str]:
         if first[start_a : end_a.start()] != second[start_b : end_b.start()]:
             break
         start_a, start_b = end_a.end(), end_b.end()
-    if start_a == 0:
+    stop_a, stop_b = _shared_ending(first, second, start_a, start_b)
+    if len(first) - stop_a <= (stop_a - start_a) + (stop_b - start_b):
+        stop_a, stop_b = len(first), len(second)  # it does not outweigh what differs
+    if start_a == 0 and stop_a == len(first):
         return first, second
-    return first[start_a:], second[start_b:]
+    return first[start_a:stop_a], second[start_b:stop_b]
+
+
+def _shared_ending(first: str, second: str, start_a: int, start_b: int) -> tuple[int, int]:
+    """Where the two texts' trailing sentences shared word for word begin (their ends when
+    none is), past ``start_a`` and ``start_b`` and leaving each at least one sentence."""
+    ends_a = [m for m in _SENTENCE_END.finditer(first) if m.end() > start_a]
+    ends_b = [m for m in _SENTENCE_END.finditer(second) if m.end() > start_b]
+    stop_a, stop_b = len(first), len(second)
+    while ends_a and ends_b:
+        last_a, last_b = ends_a.pop(), ends_b.pop()
+        if first[last_a.end() : stop_a] != second[last_b.end() : stop_b]:
+            break
+        stop_a, stop_b = last_a.start(), last_b.start()
+    return stop_a, stop_b
 
 
 # What may stand between a sentence's end (or the text's start, or a line break) and its
@@ -836,7 +858,7 @@ class Reader:
         (``shape_conflict``). ``folding``: ``second``'s, when it is read against several
         texts."""
         a, b = differing(first, second)
-        dropped = len(a) < len(first)  # a is a suffix of first
+        dropped = len(a) < len(first)  # a is a part of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
         if cross_encoder and scored:
             if not self._sees(a, b, a_enc, b_enc):
