@@ -129,6 +129,8 @@ _GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # 1,000 or 1,234.5
 _WHOLE = re.compile(r"(\d+)\.0+")  # 5.0
 # A sentence ends at ., ! or ? followed by whitespace and more text.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+# A sentence's end, or a line's (a shared ending is read by sentences and lines).
+_PART_END = re.compile(r"(?<=[.!?])\s+(?=\S)|\s*\n\s*(?=\S)")
 # The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
 # code point): a text of at most (MAX_TOKENS - 2) // 3 characters is never truncated.
 _MAX_TOKENS_A_CHAR = 3
@@ -137,8 +139,8 @@ _MAX_TOKENS_A_CHAR = 3
 def differing(first: str, second: str) -> tuple[str, str]:
     """The two texts from their first differing sentence on: the leading sentences they share
     word for word are dropped (each text keeps at least its last sentence); so are the
-    trailing ones they share when those are longer than what differs (each text keeps at
-    least one sentence): "Summarise the report below. Report: <a document>" / "Translate the
+    trailing sentences or lines they share when those are longer than what differs (each
+    text keeps at least one): "Summarise the report below. Report: <a document>" / "Translate the
     report below into French. Report: <the same>" were read as the document they share,
     cosine 0.95, and served. A shorter shared ending ("hi, I pay by card. How do I enable
     2FA?" / "hello, ...") is read as before, so the verifier's calibration holds for such
@@ -159,10 +161,11 @@ def differing(first: str, second: str) -> tuple[str, str]:
 
 
 def _shared_ending(first: str, second: str, start_a: int, start_b: int) -> tuple[int, int]:
-    """Where the two texts' trailing sentences shared word for word begin (their ends when
-    none is), past ``start_a`` and ``start_b`` and leaving each at least one sentence."""
-    ends_a = [m for m in _SENTENCE_END.finditer(first) if m.end() > start_a]
-    ends_b = [m for m in _SENTENCE_END.finditer(second) if m.end() > start_b]
+    """Where the two texts' trailing sentences or lines shared word for word begin (their
+    ends when none is), past ``start_a`` and ``start_b`` and leaving each at least one: a
+    document after a question is often lines (code, JSON, a table) with no sentence end."""
+    ends_a = [m for m in _PART_END.finditer(first) if m.end() > start_a]
+    ends_b = [m for m in _PART_END.finditer(second) if m.end() > start_b]
     stop_a, stop_b = len(first), len(second)
     while ends_a and ends_b:
         last_a, last_b = ends_a.pop(), ends_b.pop()
