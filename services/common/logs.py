@@ -23,6 +23,7 @@ import logging
 import math
 import sys
 import time
+import unicodedata
 from json.encoder import encode_basestring as _escape
 from typing import TextIO
 
@@ -89,17 +90,40 @@ class JsonFormatter(logging.Formatter):
         return line + "}"
 
 
+# what a text line shows escaped: control characters (a newline, a terminal's ESC), format
+# characters (a right-to-left override) and the line and paragraph separators
+_UNSHOWN = frozenset(("Cc", "Cf", "Zl", "Zp"))
+
+
+def printable(text: str) -> str:
+    """``text`` as one line of a terminal shows it: each control or format character (a
+    newline, ESC, a right-to-left override) written as its escape (``\\n``, ``\\x1b``,
+    ``\\u202e``), the rest as it is."""
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSHOWN else c for c in text)
+
+
 class TextFormatter(logging.Formatter):
-    """For a person at a terminal: the classic line, a record's ``fields`` as key=value."""
+    """For a person at a terminal: the classic line, a record's ``fields`` as key=value. The
+    message and the fields are shown escaped (``printable``): a caller's text among them (a
+    Gateway request_id is any text) wrote a newline, which began a forged line (another
+    tenant's access line), and ESC sequences, which cleared the terminal of whoever read the
+    log. A traceback keeps its lines."""
 
     def __init__(self) -> None:
         super().__init__(_TEXT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _TEXT % {**record.__dict__, "message": printable(record.message)}
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = record.__dict__.get("fields")
         if fields:
-            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+            line += " " + " ".join(
+                f"{printable(str(key))}={printable(str(value))}" for key, value in fields.items()
+            )
         return line
 
 

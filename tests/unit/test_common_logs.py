@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.env import ConfigError, Env
-from services.common.logs import JsonFormatter, configure_logging, log_settings
+from services.common.logs import JsonFormatter, TextFormatter, configure_logging, log_settings
 
 
 @pytest.fixture
@@ -103,3 +103,33 @@ def test_an_exception_is_one_line_of_json() -> None:
     line = JsonFormatter().format(record)
     assert "\n" not in line
     assert "ValueError: boom" in json.loads(line)["exc"]
+
+
+def test_text_format_escapes_a_callers_newline_and_terminal_escapes(root_state: None) -> None:
+    # a Gateway request_id is any text: with a newline it began a forged access line of
+    # another tenant, and its ESC sequences cleared the terminal of whoever read the log
+    out = io.StringIO()
+    configure_logging(Env({"CACHEMESH_LOG_FORMAT": "text"}), out)
+    forged = "r1\n2026-12-06 17:00:00,000 INFO cachemesh.access: access tenant=tenant-b\x1b[2J"
+    fields = {"tenant": "tenant-a", "request_id": forged, "tokens": 5}
+    logging.getLogger("cachemesh.access").info("access", extra={"fields": fields})
+    logging.getLogger("cachemesh.test").warning("model %s refused", "m\u202e\r\nx")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "\x1b" not in out.getvalue() and "\u202e" not in out.getvalue()
+    assert lines[0].endswith(
+        "tenant=tenant-a request_id=r1\\n2026-12-06 17:00:00,000 INFO cachemesh.access: "
+        "access tenant=tenant-b\\x1b[2J tokens=5"
+    )
+    assert lines[1].endswith("WARNING cachemesh.test: model m\\u202e\\r\\nx refused")
+
+
+def test_text_format_keeps_a_traceback_and_printable_text() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "café\tnaïve", (), None)
+        record.exc_info = sys.exc_info()
+    text = TextFormatter().format(record)
+    assert "café\\tnaïve" in text
+    assert text.splitlines()[-1] == "ValueError: boom"
