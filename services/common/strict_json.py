@@ -41,6 +41,32 @@ def loads(text: str) -> Any:
     return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
 
 
+# The deepest nesting of a JSON value the Gateway passes on (a tool's schema, a tool call's
+# input): a provider's SDK encodes the body recursively, on a stack of its own depth, and a
+# schema of ~970 levels, under what Python's json reads here, failed there with RecursionError:
+# the request refused UNAVAILABLE "retry later" by every replica, a traceback logged on each.
+# No schema or tool input has a tenth of this (OpenAI's strict schemas allow 10 levels).
+MAX_DEPTH = 128
+
+
+def nested_deeper_than(text: str, value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` (read from ``text``) holds objects or arrays more than ``limit``
+    levels deep (``{}`` is one level). Walked without recursion; a text with no more than
+    ``limit`` brackets is not walked."""
+    if text.count("{") + text.count("[") <= limit:
+        return False
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = []
+    if isinstance(value, dict | list):
+        stack.append((value, 1))
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def holds_lone_surrogate(text: str, value: Any) -> bool:
     """Whether ``value``, read from ``text`` by ``loads``, holds a lone UTF-16 surrogate (an
     escaped pair decodes to one character; a lone one does not encode as UTF-8)."""

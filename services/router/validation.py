@@ -98,6 +98,10 @@ def _cached_json_object_problem(text: str) -> str | None:
 
 
 _NOT_STANDARD = "must be standard JSON (no NaN/Infinity/lone surrogates)"
+_TOO_DEEP = (
+    f"must be a JSON object nested at most {strict_json.MAX_DEPTH} levels deep (objects and "
+    "arrays), got one nested deeper"
+)
 
 
 def _json_object_problem(text: str) -> str | None:
@@ -108,10 +112,14 @@ def _json_object_problem(text: str) -> str | None:
         value = strict_json.loads(text)
     except strict_json.NotStandardJson as exc:
         return f"{_NOT_STANDARD}: {exc}"
-    except (ValueError, RecursionError):
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError:
         return "must be a JSON object, got invalid JSON"
     if not isinstance(value, dict):
         return f"must be a JSON object, got {type(value).__name__}"
+    if strict_json.nested_deeper_than(text, value):
+        return _TOO_DEEP
     if strict_json.holds_lone_surrogate(text, value):
         return f"{_NOT_STANDARD}: it holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF)"
     return None

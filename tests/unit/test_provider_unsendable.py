@@ -22,6 +22,8 @@ TABLE = load_model_table()
 SCHEMAS = {
     "NaN": '{"type": "object", "properties": {"n": {"type": "number", "maximum": NaN}}}',
     "lone surrogate": '{"type": "object", "description": "cut \\ud83d"}',
+    # deeper than the adapter's json.loads (or the SDK's encoder) recurses: RecursionError
+    "nested too deeply": '{"type": "object", "properties": ' + '{"a": ' * 5000 + "1" + "}" * 5001,
 }
 
 
@@ -32,6 +34,8 @@ def test_never_sent_turns_an_encoding_error_into_unsendable_and_lets_others_pass
     assert classify(caught.value).kind == Kind.CLIENT
     with pytest.raises(KeyError), never_sent():
         raise KeyError("not an encoding error")
+    with pytest.raises(Unsendable, match="RecursionError"), never_sent():
+        raise RecursionError("maximum recursion depth exceeded while encoding a JSON object")
 
 
 def _adapters() -> dict[str, AnthropicAdapter | OpenAIAdapter]:

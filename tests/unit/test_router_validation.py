@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -245,11 +247,38 @@ def test_unknown_semantic_mode() -> None:
     assert _error(request).message.startswith("cache.semantic:")
 
 
+TOO_DEEP = "must be a JSON object nested at most 128 levels deep (objects and arrays), got one"
+
+
 def test_a_deeply_nested_schema_is_invalid_not_an_internal_error() -> None:
     tool = pb.Tool(name="deep", input_schema_json="[" * 100_000)
     error = _error(_request(tools=[tool]))
     assert error.code == Code.INVALID_ARGUMENT
-    assert error.message == "tools[0].input_schema_json: must be a JSON object, got invalid JSON"
+    assert error.message.startswith(f"tools[0].input_schema_json: {TOO_DEEP}")
+
+
+def _nested(levels: int) -> str:
+    """A JSON object ``levels`` deep (``{}`` is one), its innermost an array."""
+    return '{"a": ' * (levels - 1) + "[1]" + "}" * (levels - 1)
+
+
+def test_a_schema_or_tool_input_nested_deeper_than_any_sdk_encodes_is_refused() -> None:
+    # ~970 levels parse here, but a provider SDK's encoder recursed deeper and failed: every
+    # replica answered UNAVAILABLE "retry later" and logged a traceback
+    assert json.loads(_nested(900))
+    for deep in (_nested(129), _nested(900)):
+        tools = _request(tools=[pb.Tool(name="t", input_schema_json=deep)])
+        error = _error(tools)
+        assert error.code == Code.INVALID_ARGUMENT
+        assert error.message.startswith(f"tools[0].input_schema_json: {TOO_DEEP}")
+        use = _turns((pb.ROLE_ASSISTANT, _use(input_json=deep)))
+        assert TOO_DEEP in _error(use).message and "tool_use.input_json" in _error(use).message
+    # 128 levels, and a shallow object with many brackets, pass
+    validate_request(
+        _request(tools=[pb.Tool(name="t", input_schema_json=_nested(128))]), TABLE, DEPLOYED
+    )
+    wide = json.dumps({"items": [[i] for i in range(500)], "text": "[[[[" * 100})
+    validate_request(_request(tools=[pb.Tool(name="t", input_schema_json=wide)]), TABLE, DEPLOYED)
 
 
 def test_a_schema_judged_once_is_judged_the_same_again() -> None:

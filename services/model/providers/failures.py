@@ -179,12 +179,15 @@ class StreamCut(Exception):
 
 class Unsendable(Exception):
     """The request could not be built or encoded as the provider's body (a value JSON does not
-    have: NaN, Infinity, a lone surrogate): the request's fault, never the replica's."""
+    have: NaN, Infinity, a lone surrogate; a value nested too deeply to encode): the request's
+    fault, never the replica's."""
 
 
 # what building the body or the SDK's encoding of it raises on such a value (json.dumps with
-# allow_nan=False: ValueError; a lone surrogate to UTF-8: UnicodeEncodeError)
-ENCODING_ERRORS = (ValueError, TypeError, UnicodeError)
+# allow_nan=False: ValueError; a lone surrogate to UTF-8: UnicodeEncodeError; a schema nested
+# deeper than the SDK's encoder recurses: RecursionError, which was a FATAL of the replica:
+# UNAVAILABLE "retry later" from every replica, each logging a traceback)
+ENCODING_ERRORS = (ValueError, TypeError, UnicodeError, RecursionError)
 UNSENDABLE = "unsendable"  # the error type of such a Failure
 
 
