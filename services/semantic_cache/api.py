@@ -99,7 +99,7 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         _check_lease_id(request.lease_id)
         draining = self._is_draining()
-        query = self._query(request.tenant, request.request)
+        query = await self._query(request.tenant, request.request)
         if request.accepted_tiers:  # a hit of another tier is refused by the check: a miss
             query = dataclasses.replace(query, accepted_tiers=tuple(request.accepted_tiers))
         # the whole lookup (its wait for the scope's Stores, the lease wait, the embedding
@@ -215,7 +215,7 @@ class SemanticCacheApi:
             has_text=any(b.WhichOneof("kind") == "text" and b.text.strip() for b in answer.content),
             unparsed_tool_call=unparsed_tool_call(answer.content),
         )
-        query = self._query(request.tenant, request.request)
+        query = await self._query(request.tenant, request.request)
         policy = self._policies.get(request.tenant)
         if not policy.l1_enabled:
             self._cache.release(query, lease_id)
@@ -271,7 +271,7 @@ class SemanticCacheApi:
             return sc.ReleaseResponse(
                 released=self._cache.end_lease(request.tenant, request.lease_id)
             )
-        query = self._query(request.tenant, request.request)
+        query = await self._query(request.tenant, request.request)
         return sc.ReleaseResponse(released=self._cache.release(query, request.lease_id or None))
 
     async def renew(self, request: sc.RenewRequest) -> sc.RenewResponse:
@@ -407,9 +407,9 @@ class SemanticCacheApi:
     def _is_draining(self) -> bool:
         return self._draining is not None and self._draining.is_set()
 
-    def _query(self, tenant: str, request: pb.CompleteRequest) -> Query:
+    async def _query(self, tenant: str, request: pb.CompleteRequest) -> Query:
         try:
-            return self._queries.of(tenant, request)
+            return await self._queries.derived(tenant, request)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
 
