@@ -10,7 +10,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from aiohttp import web
 from opentelemetry import trace
@@ -29,6 +30,7 @@ from services.http_front.readiness import CachedVerdict
 from services.http_front.settings import ESCAPE_EXPANSION, HttpFrontSettings
 
 log = logging.getLogger("cachemesh.http_front")
+_T = TypeVar("_T")
 _PROPAGATOR = TraceContextTextMapPropagator()
 # on the request, once a stream's head is sent: the stream, and how it ended when that is not
 # its response's status (an error event at its end; the caller gone)
@@ -51,6 +53,14 @@ _CALLED = web.RequestKey("cachemesh.called", bool)
 # on the request before its key is checked, when the caller chose its id (a valid
 # ``Idempotency-Key``): the id the Gateway knows it by, which a refusal's response names too
 _CALLER_ID = web.RequestKey("cachemesh.caller_id", str)
+# on the request once its body is read: its size in bytes (``_translated``)
+_BODY_BYTES = web.RequestKey("cachemesh.body_bytes", int)
+# A body larger than this is read from JSON and translated to the Gateway's request in a
+# worker thread: translating walks every message and block in Python, and a 2.2 MB body of
+# 60,000 one-letter messages held the front's event loop ~1 s (every request of every tenant
+# and /healthz with it); in a thread the loop runs between the interpreter's switches. One
+# smaller takes a few milliseconds at most, less than the hop to a thread would cost it.
+TRANSLATE_IN_THREAD_BYTES = 64 * 1024
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 _NO_KEY = {
@@ -451,7 +461,8 @@ class Front:
             if len(raw) > settings.max_body_bytes:
                 _least_request(raw, settings.max_body_bytes)
                 _few_values(raw, settings.max_body_bytes)
-            return parse_body(raw)
+            request[_BODY_BYTES] = len(raw)
+            return await _translated(request, partial(parse_body, raw))
 
     async def _read_in_time(self, request: web.Request, held: Reading) -> bytes:
         settings = self._settings
@@ -515,10 +526,16 @@ class Front:
     ) -> web.StreamResponse:
         self._take_model_request()
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
-            gw, stream = anthropic_api.parse_request(
-                await self._body("anthropic", request, tenant),
-                thinks_by_default=self._settings.thinks_by_default,
+            body = await self._body("anthropic", request, tenant)
+            gw, stream = await _translated(
+                request,
+                partial(
+                    anthropic_api.parse_request,
+                    body,
+                    thinks_by_default=self._settings.thinks_by_default,
+                ),
             )
+            del body  # not held through the call
             _cache_options(request, gw)
             return await self._anthropic(request, self._sized(gw), stream, key, traceparent)
 
@@ -584,8 +601,15 @@ class Front:
         default = self._settings.default_max_tokens.get(
             model if isinstance(model, str) else "", 1024
         )
-        gw, stream, include_usage = openai_api.parse_request(
-            body, default, origins, thinks_by_default=self._settings.thinks_by_default
+        gw, stream, include_usage = await _translated(
+            request,
+            partial(
+                openai_api.parse_request,
+                body,
+                default,
+                origins,
+                thinks_by_default=self._settings.thinks_by_default,
+            ),
         )
         _cache_options(request, gw)
         return self._sized(gw), stream, include_usage
@@ -764,6 +788,14 @@ async def _read(request: web.Request, most: int, held: Reading) -> bytes | None:
         held.cover(size)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _translated(request: web.Request, translate: Callable[[], _T]) -> _T:
+    """``translate()``, in a worker thread when the request's body is over
+    ``TRANSLATE_IN_THREAD_BYTES``."""
+    if request.get(_BODY_BYTES, 0) > TRANSLATE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(translate)
+    return translate()
 
 
 def _json_too_large(size: int | None, limit: int) -> ApiError:
