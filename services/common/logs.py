@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 import unicodedata
@@ -38,18 +39,33 @@ FORMATS = ("json", "text")
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# what the JSON encoder leaves as it is but a reader's terminal may act on: the C1 controls
+# (U+009B is an 8-bit CSI), the line and paragraph separators, the bidirectional overrides
+_UNSAFE_UNICODE = re.compile("[\u0080-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def json_string(text: str) -> str:
+    """``text`` as a JSON string for a log line: the encoder's escapes (every control
+    character below U+0020), and ``\\uXXXX`` for what else a terminal acts on (a caller's
+    request_id held an 8-bit CSI and a right-to-left override, written as they were)."""
+    encoded = _escape(text)
+    if encoded.isascii():
+        return encoded
+    return _UNSAFE_UNICODE.sub(lambda found: f"\\u{ord(found.group()):04x}", encoded)
+
+
 def _json_value(value: object) -> str:
     """One value as JSON: strings escaped by the C encoder, ints, finite floats and bools as
     they are, anything else as its text."""
     if isinstance(value, str):
-        return _escape(value)
+        return json_string(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
         return repr(value)
     if value is None:
         return "null"
-    return _escape(str(value))
+    return json_string(str(value))
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,7 +84,7 @@ class JsonFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line = (
             f'{{"ts":"{self._stamp}.{int((created - second) * 1000):03d}Z",'
-            f'"level":"{level}","logger":{_escape(logger)},"msg":{_escape(message)}'
+            f'"level":"{level}","logger":{_escape(logger)},"msg":{json_string(message)}'
         )
         context = trace.get_current_span().get_span_context()
         if context.is_valid:

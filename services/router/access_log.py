@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _escape
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.logs import JsonLines
+from services.common.logs import JsonLines, json_string
 from services.common.models import AUTO, ModelTable
 from services.router.billing import Bill, Bills
 from services.router.metrics import LAYERS, RouterMetrics, deadline_label
@@ -127,7 +127,7 @@ class RequestLog:
         if asked != AUTO and self._table.get(asked) is None:
             asked = "?"
         members = (
-            f',"tenant":{_escape(call.tenant)},"request_id":{_escape(request.request_id[:MAX_ID_CHARS])},'
+            f',"tenant":{_escape(call.tenant)},"request_id":{json_string(request.request_id[:MAX_ID_CHARS])},'
             f'"method":"{call.method}","requested_model":{_escape(asked)},"status":"{code}",'
             f'"duration_ms":{round(seconds * 1000, 3)!r}'
         )

@@ -133,3 +133,17 @@ def test_text_format_keeps_a_traceback_and_printable_text() -> None:
     text = TextFormatter().format(record)
     assert "café\\tnaïve" in text
     assert text.splitlines()[-1] == "ValueError: boom"
+
+
+def test_json_lines_escape_what_a_terminal_acts_on_beyond_the_encoders_escapes() -> None:
+    # the encoder escapes below U+0020 only: an 8-bit CSI (U+009B), a line separator and a
+    # right-to-left override in a caller's request_id were written as they were
+    sent = "c1\x9b2J\u2028\u202eend caf\u00e9 \u65e5\u672c"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "msg \x9b", (), None)
+    record.fields = {"request_id": sent}
+    line = JsonFormatter().format(record)
+    for raw in ("\x9b", "\u2028", "\u202e"):
+        assert raw not in line
+    assert "\\u009b2J\\u2028\\u202eend caf\u00e9 \u65e5\u672c" in line  # letters stay as they are
+    parsed = json.loads(line)
+    assert parsed["request_id"] == sent and parsed["msg"] == "msg \x9b"
