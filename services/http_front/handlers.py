@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from functools import partial
 from typing import Any, TypeVar
@@ -166,6 +167,9 @@ class Front:
             gauge = metrics.body_bytes if metrics is not None else None
             body_budget = BodyBudget(settings.body_budget_bytes, settings.body_tenant_bytes, gauge)
         self._body_budget = body_budget
+        # one thread of its own for the translation of large bodies (``_translated``): a
+        # flood of them queues there, not in the default executor
+        self._walks = ThreadPoolExecutor(1, thread_name_prefix="front-translate")
         self.draining = False
         # the handlers of the non-streaming requests waiting on the Gateway now, and those of
         # them ``cut`` at the end of CACHEMESH_GRACE_S: each answers its final refusal
@@ -462,7 +466,7 @@ class Front:
                 _least_request(raw, settings.max_body_bytes)
                 _few_values(raw, settings.max_body_bytes)
             request[_BODY_BYTES] = len(raw)
-            return await _translated(request, partial(parse_body, raw))
+            return await _translated(self._walks, request, partial(parse_body, raw))
 
     async def _read_in_time(self, request: web.Request, held: Reading) -> bytes:
         settings = self._settings
@@ -528,6 +532,7 @@ class Front:
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
             body = await self._body("anthropic", request, tenant)
             gw, stream = await _translated(
+                self._walks,
                 request,
                 partial(
                     anthropic_api.parse_request,
@@ -602,6 +607,7 @@ class Front:
             model if isinstance(model, str) else "", 1024
         )
         gw, stream, include_usage = await _translated(
+            self._walks,
             request,
             partial(
                 openai_api.parse_request,
@@ -790,11 +796,13 @@ async def _read(request: web.Request, most: int, held: Reading) -> bytes | None:
     return b"".join(chunks)
 
 
-async def _translated(request: web.Request, translate: Callable[[], _T]) -> _T:
-    """``translate()``, in a worker thread when the request's body is over
+async def _translated(
+    walks: ThreadPoolExecutor, request: web.Request, translate: Callable[[], _T]
+) -> _T:
+    """``translate()``, in ``walks``' thread when the request's body is over
     ``TRANSLATE_IN_THREAD_BYTES``."""
     if request.get(_BODY_BYTES, 0) > TRANSLATE_IN_THREAD_BYTES:
-        return await asyncio.to_thread(translate)
+        return await asyncio.get_running_loop().run_in_executor(walks, translate)
     return translate()
 
 

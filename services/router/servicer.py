@@ -7,6 +7,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
@@ -132,6 +133,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._ledger_breaker = ledger_breaker
         self._grace_end = grace_end
         self._max_request_bytes = max_request_bytes
+        # one thread of its own for the walks of large requests: a flood of them queues
+        # there, not in the default executor (the key file's re-reads)
+        self._walks = ThreadPoolExecutor(1, thread_name_prefix="router-validate")
         self._background: set[asyncio.Task[None]] = set()  # claims given back
         self._handlers = 0  # Complete and StreamComplete calls whose handler has not ended
         self._no_handlers = asyncio.Event()
@@ -275,7 +279,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         try:
             if size > VALIDATE_IN_THREAD_BYTES:
-                await asyncio.to_thread(validate_request, request, self._table, self._deployed)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._walks, validate_request, request, self._table, self._deployed
+                )
             else:
                 validate_request(request, self._table, self._deployed)
         except RequestError as exc:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -176,6 +177,9 @@ class RecentQueries:
 
     def __init__(self, size: int = 1024) -> None:
         self._queries: TenantRecent[bytes, Query] = TenantRecent(size)
+        # one thread of its own for the queries of large requests (``derived``): a flood of
+        # them queues there, not in the default executor (embeddings, the WAL's fsyncs)
+        self._walks = ThreadPoolExecutor(1, thread_name_prefix="semantic-query")
 
     def of(self, tenant: str, request: pb.CompleteRequest) -> Query:
         query = self._queries.get(tenant, key := _key(request))
@@ -192,7 +196,9 @@ class RecentQueries:
             return self.of(tenant, request)
         query = self._queries.get(tenant, key := _key(request))
         if query is None:
-            derived = await asyncio.to_thread(query_from_request, tenant, request)
+            derived = await asyncio.get_running_loop().run_in_executor(
+                self._walks, query_from_request, tenant, request
+            )
             return self._held(tenant, key, derived)
         return _with_id(query, request)
 

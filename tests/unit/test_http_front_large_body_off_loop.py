@@ -33,7 +33,9 @@ async def test_a_large_body_is_translated_off_the_fronts_event_loop(
 
     def recorded(api: str, translate: Any) -> Any:
         def translating(*args: Any, **kwargs: Any) -> Any:
-            translated_on.append((api, threading.current_thread() is loop_thread))
+            on_loop = threading.current_thread() is loop_thread
+            assert on_loop or threading.current_thread().name.startswith("front-translate")
+            translated_on.append((api, on_loop))
             return translate(*args, **kwargs)
 
         return translating

@@ -79,7 +79,9 @@ async def test_the_router_validates_a_large_request_off_its_event_loop(
     walked_on: list[bool] = []  # whether each validation ran on the loop's thread
 
     def validate(request: pb.CompleteRequest, *_: object) -> None:
-        walked_on.append(threading.current_thread() is loop_thread)
+        on_loop = threading.current_thread() is loop_thread
+        assert on_loop or threading.current_thread().name.startswith("router-validate")
+        walked_on.append(on_loop)
         raise RequestError(Code.INVALID_ARGUMENT, "seen")  # the test's end of the call
 
     monkeypatch.setattr(servicer_module, "validate_request", validate)
@@ -101,7 +103,9 @@ async def test_semantic_cache_derives_a_large_requests_query_off_its_event_loop(
     walked_on: list[bool] = []
 
     def recorded(tenant: str, request: pb.CompleteRequest) -> query_module.Query:
-        walked_on.append(threading.current_thread() is loop_thread)
+        on_loop = threading.current_thread() is loop_thread
+        assert on_loop or threading.current_thread().name.startswith("semantic-query")
+        walked_on.append(on_loop)
         return derive(tenant, request)
 
     monkeypatch.setattr(query_module, "query_from_request", recorded)
