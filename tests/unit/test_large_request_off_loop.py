@@ -130,8 +130,7 @@ def _scope_as_before(tenant: str, request: pb.CompleteRequest) -> str:
     history = list(request.messages)
     last: list[object] = []
     if history and history[-1].role == pb.ROLE_USER:
-        turn = history.pop()
-        last = [query_module._block(b) for b in turn.content if b.WhichOneof("kind") != "text"]
+        last = query_module.last_turn_layout(history.pop())
     fields = {
         "v": query_module.SCOPE_VERSION,
         "tenant": tenant,
@@ -141,7 +140,7 @@ def _scope_as_before(tenant: str, request: pb.CompleteRequest) -> str:
         "tools": [[t.name, t.description, t.input_schema_json] for t in request.tools],
         "system": [query_module._block(b) for b in request.system],
         "history": [[int(m.role), [query_module._block(b) for b in m.content]] for m in history],
-        "last_turn_other_blocks": last,
+        "last_turn": last,
     }
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
