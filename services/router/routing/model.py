@@ -30,6 +30,9 @@ from services.router.routing.features import SHAPE_FEATURES, shape_features
 HERE = Path(__file__).parent
 WEIGHTS_PATH = HERE / "router_weights.json"
 CARD_PATH = HERE / "router_card.json"
+# the decimals a head's weights and its bias are written with (the bias rounded moves a
+# head's probability by 1.25e-8 at most)
+DECIMALS = 7
 FORMAT = "cachemesh.router.logistic-gain.v1"
 
 Vector = npt.NDArray[np.float32]
@@ -83,7 +86,12 @@ class RouterModel:
 
     def to_json(self) -> str:
         def head(h: Head) -> dict[str, object]:
-            return {"weights": [round(float(v), 7) for v in h.weights], "bias": float(h.bias)}
+            # the bias rounded as the weights are: a refit of the same data on another
+            # machine left it an ulp or two apart, which changed the file's sha256
+            return {
+                "weights": [round(float(v), DECIMALS) for v in h.weights],
+                "bias": round(float(h.bias), DECIMALS),
+            }
 
         body = {
             "format": FORMAT,
