@@ -23,6 +23,11 @@ class Answer:
     # its thinking and a tool call's pieces in it; 0: none counted) and the text after it
     progress_tokens: int = 0
     text_since_progress: list[str] = field(default_factory=list)
+    # the non-empty pieces the answer came in (its text chunks and its tool calls), and the
+    # text chunks after the last running count: each at least one of the provider's tokens
+    # (``streamed_output_tokens``)
+    pieces: int = 0
+    pieces_since_progress: int = 0
     _texts: list[list[str]] = field(default_factory=list)  # the pieces of each text block
 
     def progressed(self, progress: model_pb2.GenerateProgress) -> None:
@@ -31,6 +36,7 @@ class Answer:
         if progress.output_tokens:
             self.progress_tokens = progress.output_tokens
             self.text_since_progress.clear()
+            self.pieces_since_progress = 0
 
     def add(self, chunk: model_pb2.GenerateChunk) -> pb.ContentBlock:
         """Records a ``text`` or ``block`` chunk; returns the Gateway delta for it."""
@@ -40,10 +46,14 @@ class Answer:
                 self.blocks.append(pb.ContentBlock(text=""))
                 self._texts.append([])
             self._texts[-1].append(chunk.text)
+            if chunk.text:
+                self.pieces += 1
             if self.progress_tokens:
                 self.text_since_progress.append(chunk.text)
+                self.pieces_since_progress += bool(chunk.text)
             return pb.ContentBlock(text=chunk.text)
         self.blocks.append(chunk.block)
+        self.pieces += chunk.block.WhichOneof("kind") == "tool_use"
         return chunk.block
 
     def content(self) -> list[pb.ContentBlock]:

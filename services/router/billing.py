@@ -25,6 +25,7 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from services.common.errors import Code, RequestError
 from services.common.kv_blocks import own_reuse
 from services.common.models import ModelSpec, ModelTable
+from services.common.output_count import streamed_output_tokens
 from services.common.prompt import last_user_text
 from services.common.span_events import record_event
 from services.common.tokens import Tokenizers
@@ -385,8 +386,11 @@ class Billing:
         no time (``_billing_window``)."""
         usage = answer.partial_usage
         tokenizer = self._tokenizers.for_spec(attempt.model)  # the row's vocabulary
-        output_tokens = sum(
-            tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text
+        # each non-empty piece at least a token (``streamed_output_tokens``): a whitespace
+        # runaway's 1,281 pieces were billed our count of its text, 325
+        output_tokens = streamed_output_tokens(
+            sum(tokenizer.count(text) for text in (answer.text(), answer.tool_text()) if text),
+            answer.pieces,
         )
         reported = usage if usage is not None and usage.WhichOneof("report") else None
         if reported is not None:
@@ -402,7 +406,9 @@ class Billing:
             # cut by the router or left by its caller, no end: the model service's last running
             # count (the same things), and the text received after it
             since = "".join(answer.text_since_progress)
-            counted = answer.progress_tokens + (tokenizer.count(since) if since else 0)
+            counted = answer.progress_tokens + streamed_output_tokens(
+                tokenizer.count(since) if since else 0, answer.pieces_since_progress
+            )
             output_tokens = max(output_tokens, counted)
         inputs = BillInputs(
             tenant, request, attempt, output_tokens, baseline.id, reported, open_call

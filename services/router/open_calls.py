@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import Callable
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.output_count import streamed_output_tokens
 from services.router.outbox import BillingOutbox
 
 # The output count is journalled at most once a second: a bounded loss for a long answer, and
@@ -48,6 +49,10 @@ class OpenCall:
         self._next_update = clock() + UPDATE_EVERY_S
         self._output_tokens = 0  # counted up to the last update
         self._uncounted: list[str] = []  # the pieces produced since
+        # the non-empty pieces produced, and those after the last running count: each at
+        # least a token (``streamed_output_tokens``)
+        self._pieces = 0
+        self._pieces_after_report = 0
         # the model service's last running count (a ``progress`` chunk's: its thinking and a
         # tool call's pieces in it) and the output counted after it, up to the last update
         self._reported = 0
@@ -79,8 +84,10 @@ class OpenCall:
         if self.entry is None or self._ended or self._carries_request:
             return  # not journalled (no journal, or settled), or not rewritten
         self._uncounted.append(piece)
+        self._pieces += bool(piece)
         if self._reported and after_count:
             self._uncounted_after_report.append(piece)
+            self._pieces_after_report += bool(piece)
         self._update()
 
     def progressed(self, output_tokens: int) -> None:
@@ -91,7 +98,7 @@ class OpenCall:
             return
         if output_tokens:
             self._reported = output_tokens
-            self._after_report = 0
+            self._after_report = self._pieces_after_report = 0
             self._uncounted_after_report.clear()
         self._update()
 
@@ -111,6 +118,7 @@ class OpenCall:
             return self._write()  # (settled: nothing is written)
         self._final = final
         self._output_tokens, self._reported, self._after_report = final.output_tokens, 0, 0
+        self._pieces = self._pieces_after_report = 0  # its bill counted them, or was reported
         self._uncounted.clear()
         self._uncounted_after_report.clear()
         return self._write(durable=True)
@@ -142,8 +150,14 @@ class OpenCall:
         if self._outbox is not None and not self._ended:
             final = pc.CommitRequest()
             final.CopyFrom(self._final)  # a copy: the journal's thread serializes it
-            # the larger of the router's count and the model service's (with what came after)
-            final.output_tokens = max(self._output_tokens, self._reported + self._after_report)
+            # the larger of the router's count and the model service's (with what came after),
+            # each non-empty piece at least a token: a whitespace runaway's 1,281 pieces were
+            # journalled our count of their text, 325
+            final.output_tokens = max(
+                streamed_output_tokens(self._output_tokens, self._pieces),
+                self._reported
+                + streamed_output_tokens(self._after_report, self._pieces_after_report),
+            )
             commits = [final] if self._warm is None else [self._warm, final]
             opened = self._outbox.open(commits, self.entry, durable=durable)
         if opened is None:

@@ -82,6 +82,7 @@ from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.deadlines import end_margin_s
 from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
+from services.common.output_count import streamed_output_tokens
 from services.common.prompt import cacheable_tokens, prompt_tokens
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE, FairQueue, QueueWatcher
@@ -435,15 +436,12 @@ class ProviderApi:
         """The count of what the model wrote, with ``spec``'s tokenizer (o200k_base for an
         OpenAI row, cl100k_base else): its text, its tool calls and its thinking (a tool
         call's arguments and a reasoning model's thinking are output tokens the provider
-        bills, finished or cut), or its non-empty pieces when they are more (each piece a
-        provider streams is at least one of its tokens: a JSON-mode run of whitespace, 32
-        spaces a piece, counts a few tokens by our tokenizer but is a token a piece at the
-        provider; before, 1,281 such pieces were billed 325), held to the row's reach
-        (``usage_check.most_tokens``) as a provider's report is: no call of the row writes
-        more."""
+        bills, finished or cut), or its non-empty pieces when they are more
+        (``streamed_output_tokens``), held to the row's reach (``usage_check.most_tokens``)
+        as a provider's report is: no call of the row writes more."""
         tokenizer = self._tokenizers.for_spec(spec)
         produced = sum(tokenizer.count(part) for part in progress.produced() if part)
-        return min(max(produced, progress.produced_pieces), most_tokens(spec))
+        return min(streamed_output_tokens(produced, progress.produced_pieces), most_tokens(spec))
 
     def _interrupted(
         self, progress: Progress, spec: ModelSpec, error: str
