@@ -88,13 +88,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     try:
         card = RouterCard.load()
         router_model = load_router_model(card=card)  # weights the card does not pin: refused
+        # ROUTER_THRESHOLD, else the card's calibrated one (a card not calibrated: refused)
+        threshold = card.threshold(settings.routing_threshold)
     except RouterModelError as exc:  # a broken install stops the router as a bad setting does
         raise ConfigError(f"the learned router's model: {exc}") from exc
-    threshold = (
-        settings.routing_threshold
-        if settings.routing_threshold is not None
-        else card.default_threshold
-    )
     local = None
     if settings.local_embedder:
         # loaded on first need (the semantic cache down), its files checked now: a broken

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cachemesh.loadtest.reqlog import MAX_LATENCY_MS, MAX_T_MS
+from services.router.routing.model import CARD_PATH, RouterCard
 from services.tools.estimator.cli import main
 
 REQ = '{"model":"auto","maxTokens":10,"messages":[{"role":"ROLE_USER","content":[{"text":"hi"}]}]}'
@@ -131,3 +132,19 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_replay(
     with pytest.raises(SystemExit) as exited:
         main(["--workload", "synthetic", "--requests", "2", "--out", str(path), "--force"])
     assert str(exited.value.code).startswith(said.format(path=path))
+
+
+def test_a_router_card_not_calibrated_is_refused_as_the_router_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The card ``make fit-router`` writes (default_threshold 0.0, calibration unset): the
+    estimate routed ``auto`` at 0.0 without a word, where the router now refuses to start."""
+    shipped = RouterCard.load()
+    body = {**shipped.body, "calibration": {"target": "unset: run make calibrate-router"}}
+    fitted = RouterCard(shipped.weights_sha256, 0.0, body)
+    monkeypatch.setattr(RouterCard, "load", classmethod(lambda cls, path=None: fitted))
+    with pytest.raises(SystemExit) as exited:
+        main(["--workload", "synthetic", "--requests", "2"])
+    message = str(exited.value.code)
+    assert message.startswith(f"estimator: router card {CARD_PATH} is not calibrated"), message
+    assert "make calibrate-router" in message and "ROUTER_THRESHOLD" in message

@@ -52,8 +52,10 @@ def test_fit_saves_its_scores_in_its_cache_dir_and_calibrate_reads_them(
     pinned = json.loads(card.read_text())["weights_sha256"]
     assert pinned == hashlib.sha256(weights.read_bytes()).hexdigest()
     load_router_model(weights, RouterCard.load(card))
+    assert not RouterCard.load(card).calibrated  # the router refuses it until calibrated
     argv = ["--data", str(data), "--cache-dir", str(cache), "calibrate", "--share", "0.5"]
     assert router_cli.main([*argv, "--write"]) == 0
+    assert RouterCard.load(card).calibrated
     target = json.loads(card.read_text())["calibration"]["target"]
     assert target == "50% of calls to the large model"
 

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from services.common.keyfile import hash_key, new_api_key
+from services.router.routing.model import RouterCard, RouterModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTING = Path("services/router/routing")
+FITTED = {"target": "unset: run make calibrate-router"}  # the calibration make fit-router writes
 
 
 def _no_weights(routing: Path) -> Path:
@@ -56,6 +58,34 @@ def test_a_broken_router_model_is_a_configuration_error_naming_the_file(
     line = _start_fails(tmp_path, copy)
     assert line.startswith("router: configuration error: the learned router's model: "), line
     assert str(broken) in line, line
+
+
+def test_a_card_fitted_but_not_calibrated_stops_the_router_naming_the_command(
+    tmp_path: Path,
+) -> None:
+    """``make fit-router`` writes the card with default_threshold 0.0 and the calibration
+    unset; a router started before ``make calibrate-router`` served ``auto`` at 0.0 without a
+    word (SERVING, no line of its threshold)."""
+    copy = _tree(tmp_path)
+    card = copy / ROUTING / "router_card.json"
+    body = json.loads(card.read_text())
+    body["default_threshold"] = 0.0
+    body["calibration"] = FITTED
+    card.write_text(json.dumps(body))
+    line = _start_fails(tmp_path, copy)
+    assert line.startswith("router: configuration error: the learned router's model: "), line
+    assert str(card) in line and "make calibrate-router" in line, line
+    assert "ROUTER_THRESHOLD" in line, line
+
+
+def test_an_explicit_threshold_routes_by_a_card_not_calibrated() -> None:
+    body = json.loads((ROOT / ROUTING / "router_card.json").read_text())
+    assert RouterCard(body["weights_sha256"], 0.122755, body).threshold(None) == 0.122755
+    body["calibration"] = FITTED
+    fitted = RouterCard(body["weights_sha256"], 0.0, body)
+    assert not fitted.calibrated and fitted.threshold(0.2) == 0.2
+    with pytest.raises(RouterModelError, match="not calibrated"):
+        fitted.threshold(None)
 
 
 @pytest.mark.parametrize("content", [None, b"not the pinned model"])

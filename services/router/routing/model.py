@@ -34,6 +34,9 @@ CARD_PATH = HERE / "router_card.json"
 # head's probability by 1.25e-8 at most)
 DECIMALS = 7
 FORMAT = "cachemesh.router.logistic-gain.v1"
+# the card's calibration target ``make fit-router`` writes (with default_threshold 0.0) until
+# ``make calibrate-router`` writes the calibrated one
+UNCALIBRATED = "unset: run make calibrate-router"
 
 Vector = npt.NDArray[np.float32]
 Floats = npt.NDArray[np.float64]
@@ -168,6 +171,32 @@ class RouterCard:
     weights_sha256: str
     default_threshold: float
     body: dict[str, object]
+    path: Path = CARD_PATH
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether ``make calibrate-router`` wrote the default threshold: a card ``make
+        fit-router`` wrote holds 0.0 and the target ``UNCALIBRATED`` until then."""
+        calibration = self.body.get("calibration")
+        if not isinstance(calibration, dict):
+            return False
+        target = calibration.get("target")
+        return isinstance(target, str) and bool(target) and target != UNCALIBRATED
+
+    def threshold(self, explicit: float | None) -> float:
+        """The threshold to route at: ``explicit`` (ROUTER_THRESHOLD) when set, else the
+        card's calibrated default. A card not calibrated has none: refused, naming the card
+        and the command (before, a router started between ``make fit-router`` and ``make
+        calibrate-router`` ran at 0.0 without a word)."""
+        if explicit is not None:
+            return explicit
+        if not self.calibrated:
+            raise RouterModelError(
+                f"router card {self.path} is not calibrated (make fit-router wrote its "
+                f"default_threshold {self.default_threshold}): run `make calibrate-router`, or "
+                "set ROUTER_THRESHOLD"
+            )
+        return self.default_threshold
 
     @classmethod
     def load(cls, path: Path = CARD_PATH) -> RouterCard:
@@ -179,7 +208,7 @@ class RouterCard:
             raise RouterModelError(f"router card {path}: {exc}") from exc
         if not -1.0 <= threshold <= 1.0:
             raise RouterModelError(f"router card {path}: default_threshold must be in [-1, 1]")
-        return cls(sha, threshold, body)
+        return cls(sha, threshold, body, path)
 
 
 def load_router_model(

@@ -141,7 +141,9 @@ class OfflineStack:
             MemoryLimitStore(), self.router.limits, clock, self.table, tokens
         )
         card = RouterCard.load()
-        threshold = self.router.routing_threshold
+        # as the router: ROUTER_THRESHOLD, else the card's calibrated one (not calibrated:
+        # refused, as the router refuses to start)
+        threshold = card.threshold(self.router.routing_threshold)
         self._pipeline = Pipeline(
             dependencies,
             self.table,
@@ -150,7 +152,7 @@ class OfflineStack:
             self.router,
             (
                 load_router_model(card=card),
-                card.default_threshold if threshold is None else threshold,
+                threshold,
                 None,
             ),
             clock=lambda: clock.now_ms() / 1000,  # the replica choice's, on the virtual clock

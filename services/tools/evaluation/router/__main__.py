@@ -23,6 +23,7 @@ from services.common.models import model_table_from_env
 from services.router.routing.model import (
     CARD_PATH,
     FORMAT,
+    UNCALIBRATED,
     WEIGHTS_PATH,
     RouterCard,
     RouterModelError,
@@ -124,14 +125,17 @@ def _fit(session: Session) -> int:
         },
         "fit_half_out_of_fold": {"folds": FOLDS, **set_facts(fit), **summary(fit, oof)},
         "default_threshold": 0.0,
-        "calibration": {"target": "unset: run make calibrate-router"},
+        "calibration": {"target": UNCALIBRATED},  # the router refuses it until calibrated
         "cost_model": f"prompt tokens (cl100k) + {OUTPUT_TOKENS} output tokens, table prices",
     }
     _replace(WEIGHTS_PATH, text)
     _replace(CARD_PATH, json.dumps(card, indent=1) + "\n")
     apgr = card["fit_half_out_of_fold"]["apgr"]  # type: ignore[index]
     print(f"weights written to {WEIGHTS_PATH} ({len(fit.rows)} prompts; out-of-fold APGR {apgr})")
-    print("now pick the threshold: make calibrate-router")
+    print(
+        "now pick the threshold: make calibrate-router (until then the router refuses to start"
+        " unless ROUTER_THRESHOLD is set)"
+    )
     return 0
 
 
