@@ -92,3 +92,33 @@ def test_weights_the_card_does_not_pin_are_refused_with_advice_that_works(
     assert router_cli.main([*argv, "--write"]) == 2
     assert "not written: " in capsys.readouterr().err
     assert card.read_text() == before
+
+
+def test_a_refit_of_the_same_data_keeps_the_calibration_of_its_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refit writes the same weights byte for byte (their biases rounded as their weights
+    are): the card keeps the threshold calibrated for them. Before, every refit wrote the
+    calibration unset and default_threshold 0.0, which the router now refuses to start on
+    (and before that, served auto at)."""
+    data, weights, card = _setup(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
+    argv = ["--data", str(data), "--cache-dir", str(cache), "calibrate", "--share", "0.5"]
+    assert router_cli.main([*argv, "--write"]) == 0
+    fitted, calibrated = weights.read_bytes(), json.loads(card.read_text())
+    assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
+    assert weights.read_bytes() == fitted
+    assert json.loads(card.read_text()) == calibrated
+    assert RouterCard.load(card).calibrated
+
+    # other data: other heads, and the calibration is theirs to make
+    with data.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    out = io.StringIO()
+    csv.writer(out).writerows(rows[:121])  # the header and the first 120 prompts
+    data.write_text(out.getvalue(), encoding="utf-8")
+    assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
+    assert weights.read_bytes() != fitted
+    refit = RouterCard.load(card)
+    assert not refit.calibrated and refit.default_threshold == 0.0

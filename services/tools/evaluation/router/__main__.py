@@ -61,6 +61,9 @@ MEANING = (
 # the fit half's out-of-fold scores, in the --cache-dir beside the embeddings (fit writes
 # them, calibrate reads them)
 OOF_NAME = "oof-fit-scores.npy"
+# what a card's calibration was made for: the weights, their fit, its out-of-fold figures (a
+# refit that writes all of them as they were keeps it)
+FIT_KEYS = ("format", "weights_sha256", "embedder", "fitted_on", "fit_half_out_of_fold")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,15 +131,36 @@ def _fit(session: Session) -> int:
         "calibration": {"target": UNCALIBRATED},  # the router refuses it until calibrated
         "cost_model": f"prompt tokens (cl100k) + {OUTPUT_TOKENS} output tokens, table prices",
     }
+    kept = _kept_calibration(card)
+    if kept is not None:
+        card["default_threshold"], card["calibration"] = kept
     _replace(WEIGHTS_PATH, text)
     _replace(CARD_PATH, json.dumps(card, indent=1) + "\n")
     apgr = card["fit_half_out_of_fold"]["apgr"]  # type: ignore[index]
     print(f"weights written to {WEIGHTS_PATH} ({len(fit.rows)} prompts; out-of-fold APGR {apgr})")
-    print(
-        "now pick the threshold: make calibrate-router (until then the router refuses to start"
-        " unless ROUTER_THRESHOLD is set)"
-    )
+    if kept is not None:
+        print(f"the card pinned these weights, fitted so: its calibrated threshold {kept[0]} kept")
+    else:
+        print(
+            "now pick the threshold: make calibrate-router (until then the router refuses to "
+            "start unless ROUTER_THRESHOLD is set)"
+        )
     return 0
+
+
+def _kept_calibration(card: dict[str, object]) -> tuple[object, object] | None:
+    """The calibrated threshold and calibration of the card at ``CARD_PATH``, when a refit
+    wrote the very weights it pins from the same data with the same out-of-fold figures (the
+    calibration is of those scores): a refit of the same data needs no recalibration. None
+    when anything differs, or that card is unreadable or not calibrated."""
+    try:
+        before = RouterCard.load(CARD_PATH)
+    except RouterModelError:
+        return None
+    same = all(before.body.get(key) == card[key] for key in FIT_KEYS)
+    if not same or not before.calibrated:
+        return None
+    return before.body["default_threshold"], before.body["calibration"]
 
 
 def _replace(path: Path, text: str) -> None:
