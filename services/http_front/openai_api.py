@@ -1,9 +1,10 @@
 """The OpenAI Chat Completions API (``POST /v1/chat/completions``) to and from the Gateway.
 
-system and developer messages before the conversation become the Gateway's system blocks
-(one after its first user, assistant or tool message is refused: it would be moved); an
-assistant message's ``tool_calls`` become tool_use blocks and ``tool`` messages tool_result
-blocks of a user turn.
+system and developer messages become the Gateway's system blocks, in order, wherever the
+caller put them (one after the conversation began is hoisted there, as Anthropic's OpenAI SDK
+compatibility layer does: Aider and AutoGen's GroupChat send one last); an assistant
+message's ``tool_calls`` become tool_use blocks and ``tool`` messages tool_result blocks of a
+user turn.
 OpenAI caches prompt prefixes by itself, so a plain request carries no breakpoints and what
 the Gateway bills follows the requested model's rules; for models billed under Anthropic's
 rules (the simulated ones) a text part may carry ``cache_control`` (as the LiteLLM and
@@ -279,8 +280,6 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origin
         if role in ("system", "developer"):
             obj.only(("role", "content", "name"))
             _name(obj)
-            if request.messages:
-                raise _late_system(obj, role, kept)
             blocks = _blocks_of(obj)
             request.system.extend(blocks)
             kept.system += _text_origins(obj, range(len(blocks)))
@@ -319,21 +318,6 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origin
                 f"got {shown(role)}",
                 obj.at("role"),
             )
-
-
-def _late_system(obj: Obj, role: str, kept: Origins) -> ApiError:
-    """A system or developer message after the conversation began: the Gateway's system text
-    comes before all of its messages, so it would be moved there, and the model would read it
-    as an instruction given before the turns it followed (before, it was moved unsaid: "answer
-    in French" sent after a tool result reached the upstream as the system prompt's end)."""
-    first = kept.messages[0].paths[0]
-    return invalid(
-        f"{obj.path}: a {role} message after the conversation's first user, assistant or tool "
-        f"message ({first}) is not supported by cachemesh (its system text comes before the "
-        "conversation, where this one would be moved); send it before them, with the other "
-        f"{role} messages, or as a user message",
-        obj.path,
-    )
 
 
 def _text_origins(obj: Obj, blocks: Iterable[int]) -> list[Origin]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.http_front import openai_api
 from services.http_front.errors import ApiError
 
@@ -56,31 +57,54 @@ def test_an_output_limit_out_of_range_names_the_field_the_caller_sent() -> None:
     assert error["message"].startswith("max_completion_tokens:")
 
 
-@pytest.mark.parametrize("role", ["system", "developer"])
+# Aider (its reminder="sys": the edit-format rules as a system message after the user's
+# request) and AutoGen's GroupChat (the conversation, then the select-speaker prompt as a
+# system message): both worked, and OpenAI answers them
+_AIDER = [
+    {"role": "system", "content": "Act as an expert software developer."},
+    {"role": "user", "content": "Change get_factorial() to use math.factorial"},
+    {"role": "system", "content": "# SEARCH/REPLACE block Rules: ..."},
+]
+_AUTOGEN = [
+    {"role": "system", "content": "You are in a role play game."},
+    {"role": "user", "content": "Plan a trip.", "name": "Admin"},
+    {"role": "assistant", "content": "Day 1: ...", "name": "Planner"},
+    {"role": "user", "content": "Too long.", "name": "Critic"},
+    {"role": "system", "content": "Read the above conversation. Then select the next role."},
+]
+
+
 @pytest.mark.parametrize(
-    ("before", "at"),
+    ("messages", "system", "turns"),
     [
-        ([{"role": "user", "content": "q"}], "messages[1]"),
+        (_AIDER, ["Act as an expert software developer.", "# SEARCH/REPLACE block Rules: ..."], 1),
         (
+            _AUTOGEN,
             [
-                {"role": "system", "content": "s"},
-                {"role": "user", "content": "q"},
-                {"role": "assistant", "content": "a"},
+                "You are in a role play game.",
+                "Read the above conversation. Then select the next role.",
             ],
-            "messages[3]",
+            3,
+        ),
+        (
+            [{"role": "user", "content": "q"}, {"role": "developer", "content": "late"}, *_ASK],
+            ["late"],
+            1,  # the two user messages, one user turn
         ),
     ],
+    ids=["aider", "autogen", "developer"],
 )
-def test_a_system_message_after_the_conversation_began_is_refused(
-    role: str, before: list[dict[str, Any]], at: str
+def test_a_system_message_after_the_conversation_began_is_hoisted_into_the_system_text(
+    messages: list[dict[str, Any]], system: list[str], turns: int
 ) -> None:
-    """The Gateway's system text comes before all of its messages: a system message after a
-    tool result ("answer in French") reached the upstream as the end of the system prompt, the
-    model reading it as said before the turns it followed."""
-    messages = [*before, {"role": role, "content": "answer in French"}, *_ASK]
-    error = _refusal({"messages": messages})
-    assert error["param"] == at
-    assert error["message"].startswith(f"{at}: a {role} message after")
+    """The Gateway's system text comes before all of its messages, so a later system or
+    developer message joins it, in order, as Anthropic's OpenAI SDK compatibility layer hoists
+    it: refusing it (a 400 for a while) broke Aider and AutoGen's GroupChat, which OpenAI
+    answers."""
+    request, _, _ = openai_api.parse_request({"model": "m", "messages": messages}, 10)
+    assert [block.text for block in request.system] == system
+    assert len(request.messages) == turns
+    assert request.messages[-1].role == pb.ROLE_USER
 
 
 def test_system_and_developer_messages_before_the_conversation_are_carried_in_order() -> None:

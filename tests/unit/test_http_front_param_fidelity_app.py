@@ -44,3 +44,43 @@ async def test_the_deprecated_max_tokens_reaches_no_model_that_thinks_by_default
     assert body["param"] == "max_tokens"
     assert body["message"].startswith("max_tokens: not supported by cachemesh for gpt-5")
     assert fake.calls == 0
+
+
+# Aider's reminder="sys" (edit rules after the user's request) and AutoGen's GroupChat (the
+# select-speaker prompt after the conversation): a system message after the conversation began
+_LATE_SYSTEM = {
+    "aider": [
+        {"role": "system", "content": "Act as an expert software developer."},
+        {"role": "user", "content": "Change get_factorial() to use math.factorial"},
+        {"role": "system", "content": "# SEARCH/REPLACE block Rules: ..."},
+    ],
+    "autogen": [
+        {"role": "system", "content": "You are in a role play game."},
+        {"role": "user", "content": "Plan a trip.", "name": "Admin"},
+        {"role": "assistant", "content": "Day 1: ...", "name": "Planner"},
+        {"role": "user", "content": "Too long.", "name": "Critic"},
+        {"role": "system", "content": "Read the above conversation. Then select the next role."},
+    ],
+}
+
+
+@pytest.mark.parametrize("client", sorted(_LATE_SYSTEM))
+async def test_a_late_system_message_of_aider_or_autogen_is_answered(
+    tmp_path: Path, client: str
+) -> None:
+    """OpenAI answers them; the front refused them with a 400 for a while. The late system
+    message joins the Gateway's system text (hoisted, as Anthropic's OpenAI SDK compatibility
+    layer does)."""
+    fake = FakeGateway()
+    messages = _LATE_SYSTEM[client]
+    async with serving(tmp_path, fake, MODEL_REPLICAS=_REPLICAS) as served:
+        openai_client = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
+        async with openai_client:
+            answer = await openai_client.chat.completions.with_raw_response.create(
+                model="gpt-4o",
+                messages=messages,  # type: ignore[arg-type]
+            )
+    assert answer.status_code == 200
+    assert fake.received is not None
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    assert [block.text for block in fake.received.system] == system
