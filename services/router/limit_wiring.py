@@ -118,12 +118,22 @@ def limiter_on(
         (``limits.Hold``): ``most_billed`` of its row; ``auto``'s the largest of its tiers'
         (any may answer it: a fallback, a band). Not the large tier's alone: two tiers need not
         be ordered by price (a Claude small tier writes a 1h cache at 2,000 nanos a token, GPT-5
-        large reads its input at 1,250), and a tier may think outside ``max_tokens``."""
+        large reads its input at 1,250), and a tier may think outside ``max_tokens``. Each
+        tier's bill is of the prompt counted in its own vocabulary (``prompt_tokens`` is the
+        baseline row's count), once a vocabulary: a Japanese prompt of 27,004 o200k tokens
+        (GPT-5) is 39,003 of cl100k (a Claude tier), which was held at the 27,004."""
+        counts = {table.baseline_for(request.model).tokenizer: prompt_tokens}
+
+        def tokens(spec: ModelSpec) -> int:
+            if spec.tokenizer not in counts:
+                counts[spec.tokenizer] = count_prompt(request, tokenizers.for_spec(spec))
+            return counts[spec.tokenizer]
+
         if request.model == AUTO:
             specs = [table.for_tier(tier) for tier in table.tiers]
         else:
             specs = [table.baseline_for(request.model)]
-        return max(most_billed(spec, request.max_tokens, prompt_tokens) for spec in specs)
+        return max(most_billed(spec, request.max_tokens, tokens(spec)) for spec in specs)
 
     if policies is None:
         policies = UniformPolicies(settings.policy)

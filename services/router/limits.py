@@ -722,6 +722,17 @@ def _seconds(ms: int) -> str:
     return f"{ms / 3_600_000:.1f} h"
 
 
+def _measured(
+    request: pb.CompleteRequest,
+    count: Callable[[pb.CompleteRequest], int],
+    bound: Callable[[pb.CompleteRequest, int], int] | None,
+) -> tuple[int, int | None]:
+    """``request``'s prompt tokens, and the largest bill it can make (None: no ``bound``),
+    both off the event loop (a thread's)."""
+    prompt = count(request)
+    return prompt, None if bound is None else bound(request, prompt)
+
+
 class Limiter:
     """Admits or refuses a tenant's request; settles its tokens and cost when it ends.
 
@@ -749,8 +760,9 @@ class Limiter:
     ) -> None:
         """``cost_bound``: the largest bill a request of so many prompt tokens can make, which
         it holds of its tenant's budgets while it runs (``Hold``; None: nothing held, and a
-        budget admits every request while the spend is below it). ``clock``: the wall clock,
-        for the budget periods and when a cost was incurred.
+        budget admits every request while the spend is below it); called off the event loop
+        with the count, as it may count the prompt in another row's vocabulary. ``clock``: the
+        wall clock, for the budget periods and when a cost was incurred.
         ``ages``: what this process's own windows run on (a settle's replay window and its
         ambiguous one, the throttled log lines), which a step of the wall clock (NTP, a VM
         resumed) must neither stretch nor cut (None: a ``MonotonicClock``).
@@ -822,11 +834,12 @@ class Limiter:
                     )
                     if over is not None:
                         return _denial(over, policy, 0, request.max_tokens)
-                prompt = await asyncio.to_thread(self._prompt_tokens, request)
+                prompt, nanos = await asyncio.to_thread(
+                    _measured, request, self._prompt_tokens, bound
+                )
                 if policy.tokens_per_min is not None:
                     reserve = prompt + request.max_tokens
-                if bound is not None:
-                    nanos = bound(request, prompt)
+                if nanos is not None:
                     hold = Hold(uuid.uuid4().hex, nanos, hold_ms(time_remaining_s))
             refusal = await self._ask(
                 lambda now, periods: self._store.admit(tenant, policy, reserve, now, periods, hold),

@@ -23,7 +23,7 @@ from services.common.env import Env
 from services.common.models import load_model_table, model_table_from_env
 from services.common.tokens import load_tokenizers
 from services.router.limit_settings import LimitSettings
-from services.router.limit_wiring import limiter_on
+from services.router.limit_wiring import limiter_on, most_billed
 from services.router.limits import (
     DAY_BUDGET,
     HELD_RETRY_MS,
@@ -366,4 +366,38 @@ async def test_an_auto_request_holds_the_largest_bill_of_any_of_its_tiers() -> N
     assert prompt * 1_250 + 256 * 10_000 == 27_565_000  # gpt-5's largest bill, held before
     assert table.for_tier("small").rates(prompt).cache_write_1h_nanos == 2_000
     assert ticket.hold.nanos == prompt * 2_000 + 256 * 5_000 == 41_288_000
+    await limiter.close()
+
+
+async def test_an_auto_hold_counts_the_prompt_in_each_tiers_own_vocabulary() -> None:
+    """Claude Haiku 4.5 small counts with cl100k, GPT-5 large with o200k: ``auto`` held the
+    prompt's o200k count (the large tier's) at each tier's price, and a Japanese prompt is
+    27,004 o200k tokens but 39,003 of cl100k: the small tier's largest bill was under-held
+    (55,288,000 held, 79,286,000 billable; 20 requests racing a $0.50 budget spent 1.59x of
+    it, one bill over being 1.16x). Now each tier's bill at its own count."""
+    table = model_table_from_env(
+        Env({"CACHEMESH_AUTO_SMALL": "claude-haiku-4-5", "CACHEMESH_AUTO_LARGE": "gpt-5"})
+    )
+    small, large = table.for_tier("small"), table.for_tier("large")
+    assert small.tokenizer != large.tokenizer
+    settings = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "0.5"}))
+    limiter = limiter_on(MemoryLimitStore(), settings, ManualClock(START_MS), table, TOKENIZERS)
+    text = "東京都の天気は晴れです。" * 3000
+    request = pb.CompleteRequest(
+        model="auto",
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=text)])],
+        max_tokens=256,
+    )
+    own = count_prompt(request, TOKENIZERS.for_spec(small))
+    assert own > count_prompt(request, TOKENIZERS.for_spec(large))
+    small_bill = most_billed(small, 256, own)
+    tickets = await asyncio.gather(*(limiter.admit("t", request) for _ in range(20)))
+    admitted = [t for t in tickets if isinstance(t, Ticket)]
+    assert admitted[0].hold is not None and admitted[0].hold.nanos == small_bill == 79_286_000
+    for ticket in admitted:
+        _answered(limiter, ticket, small_bill)
+    await limiter.drain()
+    spent = small_bill * len(admitted)
+    print(f"{len(admitted)} of 20 admitted, spent {spent:,} of 500,000,000 nanos")
+    assert spent <= 500_000_000 + small_bill  # past the budget by one bill at most
     await limiter.close()
