@@ -6,6 +6,8 @@ against fakes of its ports (``test_router_pipeline``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -13,11 +15,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
-from tests.unit.test_router_pipeline import REPLICAS, TABLE, TOKENIZER, Rig, _settings
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    TABLE,
+    TOKENIZER,
+    FakeModels,
+    FakeStream,
+    Rig,
+    _settings,
+)
 
 
 def _auto(threshold: float) -> pb.CompleteRequest:
@@ -121,3 +132,38 @@ async def test_other_refusals_and_a_named_models_end_the_request(model: str, cod
         await rig.run(request)
     assert caught.value.code == code
     assert [replica for replica, _ in rig.models.calls] == ["small-1"]
+
+
+@dataclass
+class _OutageAfterTooLarge(FakeModels):
+    """sim-small's replica refuses the request as too large; sim-large's are overloaded (a
+    transient failure, with the provider's wait)."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        if replica.startswith("large"):
+            self.calls.append((replica, request))
+            overloaded = CallFailed(
+                Code.UNAVAILABLE, "overloaded", reason="overloaded_error (529)", retry_after_s=7
+            )
+            return FakeStream([overloaded])
+        return super().generate(replica, request, deadline_s)
+
+
+async def test_a_later_tiers_outage_after_a_too_large_refusal_is_the_requests_failure() -> None:
+    """The small tier refused the request as too large, the large one (which may hold it)
+    failed for now: the caller was told the small tier's too-large refusal (a 400 the SDKs
+    never retry, naming only the small tier; the large tier's outage and wait dropped). Now
+    the usual transient failure, with its wait, naming both."""
+    models = _OutageAfterTooLarge(failing={"small-1"})
+    models.failure = CallFailed(Code.RESOURCE_EXHAUSTED, _TOO_LARGE)
+    rig = Rig(models=models)
+    with pytest.raises(RequestError) as caught:
+        await rig.run(_auto(1.0))
+    assert [replica for replica, _ in rig.models.calls] == ["small-1", "large-1", "large-2"]
+    assert caught.value.code == Code.UNAVAILABLE
+    assert caught.value.retry_after_s == 7
+    message = str(caught.value)
+    assert "sim-large: UNAVAILABLE (overloaded_error (529))" in message
+    assert f"sim-small: RESOURCE_EXHAUSTED ({_TOO_LARGE})" in message
