@@ -93,6 +93,11 @@ class LongContext(BaseModel):
     cache_read_nanos: int | None = Field(default=None, ge=0, le=MAX_PRICE_NANOS)
 
 
+# The providers whose API continues a last assistant message (a row may say otherwise:
+# ``ModelSpec.takes_prefill``)
+_CONTINUES_PREFILL = frozenset({"anthropic", "simulated"})
+
+
 class ModelSpec(BaseModel):
     """One row of the table. ``rules`` picks the caching rule set; each rule set requires its
     own fields (and forbids the prices it never bills), checked when the table loads."""
@@ -127,6 +132,15 @@ class ModelSpec(BaseModel):
     # ``max_tokens``, and a tenant's budget holds that much while it runs (the router's README,
     # "Budgets"). Claude's and OpenAI's thinking is within max_tokens: false for them.
     thinks_outside_max_tokens: bool = False
+    # The model continues a last assistant message (a prefill: its answer goes on from that
+    # text, the Messages API's meaning, which the Gateway's follows); a request with one to a
+    # row that does not is refused (the router's validation). None: its provider's way
+    # (``continues_prefill``): Anthropic's and the simulator's continue it; OpenAI's Chat
+    # Completions has no prefill (its model answers a new message after it), nor has a
+    # self-hosted OpenAI-compatible engine by default (vLLM answers anew without its
+    # continue_final_message, which the adapter does not send); llama-server continues it
+    # (its rows say ``takes_prefill = true``).
+    takes_prefill: bool | None = None
     input_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     output_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     cache_write_5m_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)
@@ -167,6 +181,13 @@ class ModelSpec(BaseModel):
     draft_model: str | None = None
     draft_tokens: int = Field(default=0, ge=0)
     draft_acceptance_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @property
+    def continues_prefill(self) -> bool:
+        """Whether a last assistant message is continued (``takes_prefill``, else by provider)."""
+        if self.takes_prefill is not None:
+            return self.takes_prefill
+        return self.provider in _CONTINUES_PREFILL
 
     @model_validator(mode="after")
     def _fields_of_the_rule_set(self) -> ModelSpec:

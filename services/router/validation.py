@@ -318,19 +318,22 @@ def _targets(request: pb.CompleteRequest, table: ModelTable) -> list[ModelSpec]:
 
 def _validate_prefill(request: pb.CompleteRequest, table: ModelTable) -> None:
     """A last assistant message is a prefill, the text the answer continues (the Messages
-    API's meaning, which the Gateway's follows). OpenAI's Chat Completions has no prefill: its
-    model answers a new message after it, so to a model of OpenAI's (or ``auto`` when it may
-    pick one) it is refused, naming the message (before, it was sent: a prefill of "{" came
-    back as an answer that does not continue it, which the caller joins to the "{")."""
+    API's meaning, which the Gateway's follows). OpenAI's Chat Completions has no prefill, nor
+    has vLLM's without its ``continue_final_message``: the model answers a new message after
+    it, so to a row that does not continue one (its ``takes_prefill``, by default its
+    provider's way; or ``auto`` when it may pick one) it is refused, naming the message
+    (before, it was sent: a prefill of "{" came back as an answer that does not continue it,
+    which the caller joins to the "{")."""
     last = len(request.messages) - 1
     if request.messages[last].role != pb.ROLE_ASSISTANT:
         return
-    openai = [spec.id for spec in _targets(request, table) if spec.provider == "openai"]
-    if openai:
-        which = f"auto, which may pick {openai[0]}" if request.model == AUTO else openai[0]
+    answering_anew = [spec.id for spec in _targets(request, table) if not spec.continues_prefill]
+    if answering_anew:
+        first = answering_anew[0]
+        which = f"auto, which may pick {first}" if request.model == AUTO else first
         raise _invalid(
             f"messages[{last}]: a last assistant message (a prefill, whose text the answer "
-            f"continues) is not supported by {which} (OpenAI's API has no prefill: its model "
+            f"continues) is not supported by {which} (its API has no prefill: its model "
             "answers a new message after it); end the messages with a user message, or pick a "
             "model that takes a prefill (Anthropic's)"
         )

@@ -380,11 +380,18 @@ def test_a_prompt_cache_key_is_at_most_openais_64_characters() -> None:
         ("claude-haiku-4-5", False),  # Anthropic's continues it
         ("sim-small", False),
         ("auto", False),  # the stack's tiers are simulated
+        # vLLM's chat API answers a trailing assistant message anew (without the
+        # continue_final_message the adapter does not send); llama-server continues it
+        ("llama-3-1-8b-vllm", True),
+        ("local-small", False),
     ],
 )
-def test_a_prefill_to_a_model_of_openai_is_refused(model: str, refused: bool) -> None:
-    """A last assistant message is a prefill the answer continues; OpenAI's model answers a
-    new message after it instead: a prefill of "{" came back as an answer not continuing it."""
+def test_a_prefill_to_a_model_that_does_not_continue_it_is_refused(
+    model: str, refused: bool
+) -> None:
+    """A last assistant message is a prefill the answer continues; OpenAI's model (and vLLM's
+    chat API) answers a new message after it instead: a prefill of "{" came back as an answer
+    not continuing it. The row's ``takes_prefill`` says which (default by provider)."""
     request = _request(
         model=model,
         messages=[
@@ -392,7 +399,7 @@ def test_a_prefill_to_a_model_of_openai_is_refused(model: str, refused: bool) ->
             pb.Message(role=pb.ROLE_ASSISTANT, content=[_text("{")]),
         ],
     )
-    deployed = DEPLOYED | {"gpt-4o", "claude-haiku-4-5"}
+    deployed = DEPLOYED | {"gpt-4o", "claude-haiku-4-5", "llama-3-1-8b-vllm", "local-small"}
     if not refused:
         validate_request(request, TABLE, deployed)
         return
@@ -400,7 +407,7 @@ def test_a_prefill_to_a_model_of_openai_is_refused(model: str, refused: bool) ->
         validate_request(request, TABLE, deployed)
     assert info.value.code == Code.INVALID_ARGUMENT
     assert info.value.message.startswith("messages[1]: a last assistant message (a prefill")
-    assert "gpt-4o" in info.value.message
+    assert model in info.value.message
 
 
 def test_a_prefill_to_auto_is_refused_when_a_tier_is_openais() -> None:
@@ -416,3 +423,24 @@ def test_a_prefill_to_auto_is_refused_when_a_tier_is_openais() -> None:
     with pytest.raises(RequestError) as info:
         validate_request(request, table, DEPLOYED | {"gpt-4o"})
     assert "auto, which may pick gpt-4o" in info.value.message
+
+
+def test_a_rows_takes_prefill_overrides_its_providers_default() -> None:
+    """An operator's models file says an engine continues a prefill (or does not): a vLLM row
+    the adapter's deployment continues, a llama-server row that does not."""
+    table = load_model_table()
+    table.models["llama-3-1-8b-vllm"] = table.models["llama-3-1-8b-vllm"].model_copy(
+        update={"takes_prefill": True}
+    )
+    table.models["sim-small"] = table.models["sim-small"].model_copy(
+        update={"takes_prefill": False}
+    )
+    messages = [
+        pb.Message(role=pb.ROLE_USER, content=[_text("JSON please")]),
+        pb.Message(role=pb.ROLE_ASSISTANT, content=[_text("{")]),
+    ]
+    deployed = DEPLOYED | {"llama-3-1-8b-vllm"}
+    validate_request(_request(model="llama-3-1-8b-vllm", messages=messages), table, deployed)
+    with pytest.raises(RequestError) as info:
+        validate_request(_request(model="auto", messages=messages), table, deployed)
+    assert "auto, which may pick sim-small" in info.value.message
