@@ -413,6 +413,16 @@ class ModelTable(BaseModel):
     def for_tier(self, tier: Tier) -> ModelSpec:
         return self.models[self.auto[tier]]
 
+    def answering(self, model_id: str) -> tuple[ModelSpec, ...]:
+        """The rows a request for ``model_id`` may be answered by: ``auto``'s tiers' (any may
+        answer it: its band, a fallback), cheapest first as ``tiers``; else its own row
+        (``model_id`` was validated as one)."""
+        if model_id == AUTO:
+            return tuple(self.for_tier(tier) for tier in self.tiers)
+        spec = self.get(model_id)
+        assert spec is not None  # validated before
+        return (spec,)
+
     def baseline_for(self, model_id: str) -> ModelSpec:
         """The row a request for ``model_id`` is priced against (``auto``: its largest tier,
         whose price is the no-cache baseline); ``model_id`` was validated as a row."""

@@ -174,16 +174,9 @@ def body_budget_bytes(env: Env, body_bytes: int) -> int:
 
 
 def _output_limit(table: ModelTable, model: str) -> int:
-    if model == AUTO:
-        return min(table.for_tier(tier).max_output_tokens for tier in table.auto)
-    spec = table.get(model)
-    assert spec is not None  # parse_replicas checked every deployed model
-    return spec.max_output_tokens
+    # parse_replicas checked every deployed model
+    return min(spec.max_output_tokens for spec in table.answering(model))
 
 
 def _thinks(table: ModelTable, model: str) -> bool:
-    if model == AUTO:
-        return any(table.for_tier(tier).thinks_by_default for tier in table.auto)
-    spec = table.get(model)
-    assert spec is not None  # parse_replicas checked every deployed model
-    return spec.thinks_by_default
+    return any(spec.thinks_by_default for spec in table.answering(model))

@@ -20,7 +20,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url
-from services.common.models import AUTO, ModelSpec, ModelTable
+from services.common.models import ModelSpec, ModelTable
 from services.common.redis_pool import bounded_redis, refused_for_now
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
@@ -129,11 +129,8 @@ def limiter_on(
                 counts[spec.tokenizer] = count_prompt(request, tokenizers.for_spec(spec))
             return counts[spec.tokenizer]
 
-        if request.model == AUTO:
-            specs = [table.for_tier(tier) for tier in table.tiers]
-        else:
-            specs = [table.baseline_for(request.model)]
-        return max(most_billed(spec, request.max_tokens, tokens(spec)) for spec in specs)
+        answering = table.answering(request.model)
+        return max(most_billed(spec, request.max_tokens, tokens(spec)) for spec in answering)
 
     if policies is None:
         policies = UniformPolicies(settings.policy)

@@ -12,7 +12,7 @@ import math
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common import strict_json
 from services.common.errors import Code, RequestError, shown
-from services.common.models import AUTO, ModelSpec, ModelTable
+from services.common.models import AUTO, ModelTable
 
 MAX_BREAKPOINTS = 4
 MAX_ID_CHARS = 128
@@ -44,12 +44,7 @@ def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: se
         )
     if request.max_tokens <= 0:
         raise _invalid(f"max_tokens: must be > 0, got {request.max_tokens}")
-    if request.model == AUTO:
-        limit = min(spec.max_output_tokens for spec in (table.for_tier(t) for t in table.auto))
-    else:
-        spec = table.get(request.model)
-        assert spec is not None
-        limit = spec.max_output_tokens
+    limit = min(spec.max_output_tokens for spec in table.answering(request.model))
     if request.max_tokens > limit:
         raise _invalid(
             f"max_tokens: {request.max_tokens} is above the limit of {request.model} ({limit})"
@@ -272,13 +267,7 @@ def _validate_temperature(request: pb.CompleteRequest, table: ModelTable) -> Non
     """Within the range of the target model's provider (for ``auto``, of every tier's): a value
     another provider's API would refuse is refused here, naming the model, never clamped."""
     t = request.temperature
-    if request.model == AUTO:
-        specs = [table.for_tier(tier) for tier in table.auto]
-    else:
-        spec = table.get(request.model)
-        assert spec is not None
-        specs = [spec]
-    anthropic = [spec.id for spec in specs if spec.provider == "anthropic"]
+    anthropic = [s.id for s in table.answering(request.model) if s.provider == "anthropic"]
     limit = _ANTHROPIC_MAX_TEMPERATURE if anthropic else _MAX_TEMPERATURE
     if not math.isfinite(t) or not 0.0 <= t <= limit:
         why = (
@@ -307,15 +296,6 @@ def _validate_sampling(request: pb.CompleteRequest, table: ModelTable) -> None:
             raise _invalid(f"cache.threshold: cosine similarity must be within [0, 1], got {th}")
 
 
-def _targets(request: pb.CompleteRequest, table: ModelTable) -> list[ModelSpec]:
-    """The rows a request may be answered by: its model's, or each of ``auto``'s tiers'."""
-    if request.model == AUTO:
-        return [table.for_tier(tier) for tier in table.auto]
-    spec = table.get(request.model)
-    assert spec is not None
-    return [spec]
-
-
 def _validate_prefill(request: pb.CompleteRequest, table: ModelTable) -> None:
     """A last assistant message is a prefill, the text the answer continues (the Messages
     API's meaning, which the Gateway's follows). OpenAI's Chat Completions has no prefill, nor
@@ -327,7 +307,8 @@ def _validate_prefill(request: pb.CompleteRequest, table: ModelTable) -> None:
     last = len(request.messages) - 1
     if request.messages[last].role != pb.ROLE_ASSISTANT:
         return
-    answering_anew = [spec.id for spec in _targets(request, table) if not spec.continues_prefill]
+    answering = table.answering(request.model)
+    answering_anew = [spec.id for spec in answering if not spec.continues_prefill]
     if answering_anew:
         first = answering_anew[0]
         which = f"auto, which may pick {first}" if request.model == AUTO else first

@@ -311,3 +311,10 @@ def test_a_tier_cost_over_a_long_context_threshold_is_at_the_long_context_rates(
     over = tier_cost(gpt, 72_001, 0, 200_000, 100)
     assert over.nanos == 72_001 * 5000 + 200_000 * 500 + 100 * 22500
     assert over.cold_nanos == 272_001 * 5000 + 100 * 22500
+
+
+def test_the_rows_a_request_may_be_answered_by() -> None:
+    """``auto``: each tier's row, cheapest first whatever the order ``[auto]`` names them in
+    (the validation's messages name the first); a model: its own row."""
+    assert [spec.id for spec in THREE.answering("auto")] == ["sim-small", "sim-medium", "sim-large"]
+    assert THREE.answering("sim-large") == (THREE.models["sim-large"],)
