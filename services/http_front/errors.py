@@ -134,6 +134,9 @@ class ApiError(Exception):
     # the id the Gateway made up for a request sent without an Idempotency-Key (its refusal's
     # trailer): the id its access line and trace name, which the response names too
     request_id: str = ""
+    # OpenAI's ``code`` where it has its own for the refusal (``invalid_parameter_combination``,
+    # ``unsupported_parameter``); None: the kind's
+    openai_code: str | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -163,11 +166,13 @@ class ApiError(Exception):
                 "request_id": request_id,
             }
         kind, code = _OPENAI_TYPE[self.kind]
+        code = self.openai_code or code
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
 
 
-def invalid(message: str, param: str | None = None) -> ApiError:
-    return ApiError("invalid_request", message, param=param)
+def invalid(message: str, param: str | None = None, openai_code: str | None = None) -> ApiError:
+    """A 400 (``param``: the field at fault; ``openai_code``: OpenAI's own ``code`` for it)."""
+    return ApiError("invalid_request", message, param=param, openai_code=openai_code)
 
 
 # The model engine's message for a prompt over the context window (a 400 in both APIs, not

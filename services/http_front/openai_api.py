@@ -121,6 +121,7 @@ def _output_limit(top: Obj) -> tuple[int | None, str | None]:
             "max_tokens: setting 'max_tokens' and 'max_completion_tokens' at the same time is "
             "not supported; send max_completion_tokens alone (max_tokens is deprecated)",
             "max_tokens",
+            "invalid_parameter_combination",  # OpenAI's code for it
         )
     if completion is not None:
         return completion, "max_completion_tokens"
@@ -139,6 +140,7 @@ def _legacy_limit(model: str) -> ApiError:
         "limit counts its thinking too, and max_tokens (deprecated) counts the answer alone; "
         "send max_completion_tokens, the limit of the thinking and the answer together",
         "max_tokens",
+        "unsupported_parameter",  # OpenAI's code for it to its reasoning models
     )
 
 

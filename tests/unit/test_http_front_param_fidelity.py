@@ -31,6 +31,7 @@ def test_max_tokens_and_max_completion_tokens_together_are_refused(values: tuple
     assert error["param"] == "max_tokens"
     assert "max_completion_tokens" in error["message"]
     assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_parameter_combination"  # OpenAI's (it was null)
 
 
 @pytest.mark.parametrize(

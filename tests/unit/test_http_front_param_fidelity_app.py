@@ -43,6 +43,7 @@ async def test_the_deprecated_max_tokens_reaches_no_model_that_thinks_by_default
     assert isinstance(body, dict)
     assert body["param"] == "max_tokens"
     assert body["message"].startswith("max_tokens: not supported by cachemesh for gpt-5")
+    assert body["code"] == "unsupported_parameter"  # OpenAI's (it was null)
     assert fake.calls == 0
 
 
