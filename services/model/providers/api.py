@@ -82,7 +82,6 @@ from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.deadlines import end_margin_s
 from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
-from services.common.output_count import streamed_output_tokens
 from services.common.prompt import cacheable_tokens, prompt_tokens
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE, FairQueue, QueueWatcher
@@ -433,15 +432,13 @@ class ProviderApi:
         return chunk
 
     def _produced_tokens(self, progress: Progress, spec: ModelSpec) -> int:
-        """The count of what the model wrote, with ``spec``'s tokenizer (o200k_base for an
-        OpenAI row, cl100k_base else): its text, its tool calls and its thinking (a tool
-        call's arguments and a reasoning model's thinking are output tokens the provider
-        bills, finished or cut), or its non-empty pieces when they are more
-        (``streamed_output_tokens``), held to the row's reach (``usage_check.most_tokens``)
-        as a provider's report is: no call of the row writes more."""
-        tokenizer = self._tokenizers.for_spec(spec)
-        produced = sum(tokenizer.count(part) for part in progress.produced() if part)
-        return min(streamed_output_tokens(produced, progress.produced_pieces), most_tokens(spec))
+        """The count of what the model wrote (``Progress.output_tokens``: its text, its tool
+        calls and its thinking with ``spec``'s tokenizer, or its non-empty pieces when they are
+        more; a tool call's arguments and a reasoning model's thinking are output tokens the
+        provider bills, finished or cut), held to the row's reach
+        (``usage_check.most_tokens``) as a provider's report is: no call of the row writes
+        more."""
+        return min(progress.output_tokens(), most_tokens(spec))
 
     def _interrupted(
         self, progress: Progress, spec: ModelSpec, error: str
