@@ -307,6 +307,15 @@ class ModelSpec(BaseModel):
             raise ValueError(f"{self.id} is not simulated: it has no decode speed")
         return self.decode_tokens_per_s
 
+    def most_output_tokens(self, max_tokens: int) -> int:
+        """The most output a request of ``max_tokens`` to this row can write, and be billed
+        for: ``max_tokens``, or the row's ``max_output_tokens`` when the row bills its thinking
+        outside ``max_tokens`` (``thinks_outside_max_tokens``: R1's 405 output tokens at
+        max_tokens 16). What a tenant's budget holds and its token rate reserves of it."""
+        if self.thinks_outside_max_tokens:
+            return max(max_tokens, self.max_output_tokens)
+        return max_tokens
+
     def rates(self, prompt_tokens: int) -> Rates:
         """The prices a request of ``prompt_tokens`` (input, cache writes and reads: the whole
         prompt) is billed at: the long-context ones, for all of it, over their threshold."""

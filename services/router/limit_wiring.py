@@ -132,6 +132,13 @@ def limiter_on(
         answering = table.answering(request.model)
         return max(most_billed(spec, request.max_tokens, tokens(spec)) for spec in answering)
 
+    def most_output(request: pb.CompleteRequest) -> int:
+        """What a request's output can reach (``ModelSpec.most_output_tokens``) on any row
+        that may answer it: what the token rate reserves with its prompt."""
+        return max(
+            spec.most_output_tokens(request.max_tokens) for spec in table.answering(request.model)
+        )
+
     if policies is None:
         policies = UniformPolicies(settings.policy)
     return Limiter(
@@ -145,6 +152,7 @@ def limiter_on(
         lost,
         breaker=breaker,
         cost_bound=largest_bill,
+        output_bound=most_output,
     )
 
 
@@ -156,9 +164,7 @@ def most_billed(spec: ModelSpec, max_tokens: int, prompt_tokens: int) -> int:
     tokens at max_tokens 16)."""
     rates = spec.rates(prompt_tokens)
     dearest_input = max(rates.input_nanos, rates.cache_write_5m_nanos, rates.cache_write_1h_nanos)
-    output = (
-        max(max_tokens, spec.max_output_tokens) if spec.thinks_outside_max_tokens else max_tokens
-    )
+    output = spec.most_output_tokens(max_tokens)
     return prompt_tokens * dearest_input + output * rates.output_nanos
 
 

@@ -14,14 +14,15 @@ is checked, and the wait is the longest), which the servicer turns into
   names the request rate and the budgets it is over, not the token rate, which needs the
   count. A smaller prompt is counted first, as its count costs less than that read's round
   trip to the store, and its refusal names every limit it is over.
-- Token rate: a bucket of ``tokens_per_min`` tokens. A request reserves its prompt's tokens
-  (the canonical prompt counted by the router's tokenizer, as an L1 hit's baseline is) plus its
-  ``max_tokens``, and is admitted while the bucket holds that reservation, or is full when the
-  reservation is larger than the bucket (else it could never pass; it takes the bucket below
-  zero, and later requests wait for the refill). When it ends the reservation is replaced by
-  what it used: input tokens, cache writes and output tokens that reached a model (cache reads
-  are not counted, as Anthropic's cache-aware limits do not; a semantic-cache hit counts as a
-  request, no tokens).
+- Token rate: a bucket of ``tokens_per_min`` tokens. A request reserves its prompt's tokens (the
+  canonical prompt counted by the router's tokenizer, as an L1 hit's baseline is) plus its
+  ``max_tokens`` (the row's ``max_output_tokens`` when the row thinks outside ``max_tokens``:
+  ``ModelSpec.most_output_tokens``, as the budgets' hold), and is admitted while the bucket
+  holds that reservation, or is full when the reservation is larger than the bucket (else it
+  could never pass; it takes the bucket below zero, and later requests wait for the refill).
+  When it ends the reservation is replaced by what it used: input tokens, cache writes and
+  output tokens that reached a model (cache reads are not counted, as Anthropic's cache-aware
+  limits do not; a semantic-cache hit counts as a request, no tokens).
   A request that ends with no answer before its first model call was sent (cancelled, out of
   time or refused during its L1 Lookup, a wait on an identical request's call, its Plan, or
   its admit itself) gives its reservation back whole (``Limiter.unused``, by the rule of
@@ -757,12 +758,15 @@ class Limiter:
         breaker: Breaker | None = None,
         ages: Clock | None = None,
         cost_bound: Callable[[pb.CompleteRequest, int], int] | None = None,
+        output_bound: Callable[[pb.CompleteRequest], int] | None = None,
     ) -> None:
         """``cost_bound``: the largest bill a request of so many prompt tokens can make, which
         it holds of its tenant's budgets while it runs (``Hold``; None: nothing held, and a
         budget admits every request while the spend is below it); called off the event loop
-        with the count, as it may count the prompt in another row's vocabulary. ``clock``: the
-        wall clock, for the budget periods and when a cost was incurred.
+        with the count, as it may count the prompt in another row's vocabulary.
+        ``output_bound``: the most output a request can write, which the token rate reserves
+        with its prompt (None: its ``max_tokens``; a row thinking outside it writes more).
+        ``clock``: the wall clock, for the budget periods and when a cost was incurred.
         ``ages``: what this process's own windows run on (a settle's replay window and its
         ambiguous one, the throttled log lines), which a step of the wall clock (NTP, a VM
         resumed) must neither stretch nor cut (None: a ``MonotonicClock``).
@@ -781,6 +785,7 @@ class Limiter:
         the wait); None: every admit is sent. Settles are sent (and queued) as ever."""
         self._breaker = breaker
         self._cost_bound = cost_bound
+        self._output_bound = output_bound
         self._counted = counted
         self._lost = lost
         self._max_pending = max_pending
@@ -838,7 +843,7 @@ class Limiter:
                     _measured, request, self._prompt_tokens, bound
                 )
                 if policy.tokens_per_min is not None:
-                    reserve = prompt + request.max_tokens
+                    reserve = prompt + self._most_output(request)
                 if nanos is not None:
                     hold = Hold(uuid.uuid4().hex, nanos, hold_ms(time_remaining_s))
             refusal = await self._ask(
@@ -854,7 +859,13 @@ class Limiter:
             return Ticket(tenant, policy, 0, hold=hold)
         if refusal is None:
             return Ticket(tenant, policy, reserve, hold=hold)
-        return _denial(refusal, policy, prompt, request.max_tokens)
+        return _denial(refusal, policy, prompt, request.max_tokens, self._most_output(request))
+
+    def _most_output(self, request: pb.CompleteRequest) -> int:
+        """What the token rate reserves of ``request``'s output (``output_bound``)."""
+        if self._output_bound is None:
+            return request.max_tokens
+        return self._output_bound(request)
 
     async def _ask(
         self,
@@ -1225,8 +1236,13 @@ class _StoreFailed(Exception):
     """The store failed (or was silent) on an admit: the request is admitted unlimited."""
 
 
-def _denial(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -> Denial:
-    message = _message(refusal, policy, prompt, max_tokens)
+def _denial(
+    refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int, output: int | None = None
+) -> Denial:
+    """``output``: what the request reserves of its output (None: its ``max_tokens``)."""
+    message = _message(
+        refusal, policy, prompt, max_tokens, max_tokens if output is None else output
+    )
     return Denial(refusal.limit, message, refusal.wait_ms, (refusal.limit, *refusal.also))
 
 
@@ -1238,15 +1254,18 @@ _NAMES = {
 }
 
 
-def _message(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -> str:
-    said = _over(refusal, policy, prompt, max_tokens)
+def _message(
+    refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int, output: int
+) -> str:
+    said = _over(refusal, policy, prompt, max_tokens, output)
     if not refusal.also:
         return said
     return f"{said} (this tenant is over its {' and '.join(_NAMES[x] for x in refusal.also)} too)"
 
 
-def _over(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -> str:
-    """What the limit with the longest wait says."""
+def _over(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int, output: int) -> str:
+    """What the limit with the longest wait says; ``output``: what the request reserves of its
+    output (its ``max_tokens``, or more on a row thinking outside it)."""
     wait = _seconds(refusal.wait_ms)
     if refusal.limit == REQUESTS:
         return (
@@ -1255,11 +1274,16 @@ def _over(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int) -
         )
     if refusal.limit == TOKENS:
         assert policy.tokens_per_min is not None
-        reserve = prompt + max_tokens
+        reserve = prompt + output
+        writes = (
+            f"max_tokens {max_tokens}"
+            if output == max_tokens
+            else f"the {output} output tokens its model can write, thinking outside max_tokens"
+        )
         said = (
             f"rate limit: this tenant may use {policy.tokens_per_min} tokens a minute; this "
             f"request reserves {reserve} tokens until it ends (its prompt's {prompt} and "
-            f"max_tokens {max_tokens})"
+            f"{writes})"
         )
         if reserve > policy.tokens_per_min:
             return (

@@ -20,7 +20,7 @@ from services.common.models import AUTO, ModelTable, load_model_table
 from services.common.tokens import load_tokenizers
 from services.router.limit_settings import LimitSettings
 from services.router.limit_wiring import limiter_on
-from services.router.limits import LimitStore, MemoryLimitStore, Ticket
+from services.router.limits import Denial, LimitStore, MemoryLimitStore, Ticket
 from services.router.redis_limits import RedisLimitStore
 from tests.unit.test_router_budget_holds import START_MS, _answered
 
@@ -108,3 +108,38 @@ def test_auto_holds_a_tier_that_thinks_outside_max_tokens() -> None:
     flagged, plain = asyncio.run(hold(table)), asyncio.run(hold(BASE))
     spec = table.models[small]
     assert flagged >= spec.max_output_tokens * spec.output_nanos > plain
+
+
+async def _token_race(store: LimitStore, table: ModelTable, n: int) -> list[Ticket | Denial]:
+    """``n`` R1 requests admitted at once under a token rate of 2,000 a minute alone."""
+    settings = LimitSettings.from_env(Env({"ROUTER_LIMIT_TOKENS_PER_MIN": "2000"}))
+    tokenizers = load_tokenizers(table.models.values())
+    limiter = limiter_on(store, settings, ManualClock(START_MS), table, tokenizers)
+    results = await asyncio.gather(*(limiter.admit("t", _request(i)) for i in range(n)))
+    await limiter.close()
+    return list(results)
+
+
+async def test_a_row_thinking_outside_max_tokens_reserves_its_max_output_tokens(
+    store: LimitStore,
+) -> None:
+    """The token rate reserves what the request can write, as the budget holds it: before,
+    its prompt and max_tokens (25 tokens), and 20 of 20 R1 requests were admitted under a
+    rate of 2,000 tokens a minute, ~8,300 tokens landing (405 output each)."""
+    results = await _token_race(store, _table(flagged=True), 20)
+    admitted = [r for r in results if isinstance(r, Ticket)]
+    spec = _table(flagged=True).models[R1]
+    print(f"\n{len(admitted)} of 20 admitted, reserved {admitted[0].reserved_tokens:,}")
+    assert admitted[0].reserved_tokens > spec.max_output_tokens
+    assert len(admitted) == 1  # was 20: a reservation past a minute's waits for all of it
+    (denial, *_) = [r for r in results if isinstance(r, Denial)]
+    assert f"the {spec.max_output_tokens} output tokens its model can write" in denial.message
+
+
+async def test_a_row_without_the_flag_reserves_its_max_tokens_as_before(
+    store: LimitStore,
+) -> None:
+    results = await _token_race(store, _table(flagged=False), 20)
+    admitted = [r for r in results if isinstance(r, Ticket)]
+    assert len(admitted) == 20
+    assert all(ticket.reserved_tokens < 16 + 100 for ticket in admitted)  # prompt + max_tokens
