@@ -24,6 +24,11 @@ NO_RETRY = (PUSHBACK_KEY, "-1")
 # a provider's wait the client's channel waits for (a positive pushback) leaves its deadline at
 # least this long for the try after it
 _PUSHBACK_ROOM_S = 1.0
+# the longest provider wait pushed back for the channel to wait (as the SDKs wait an HTTP
+# retry-after up to 60 s): a longer one is no retry, its wait told (RetryInfo), whatever the
+# client's deadline. Before, any wait up to 366 days was, and the Python client's policy slept
+# it 4 times: a 3,600 s wait held a caller with no deadline ~4 h for 5 provider calls
+MAX_PUSHBACK_S = 60
 
 
 def failed_call_trailers(
@@ -46,10 +51,11 @@ def failed_call_trailers(
       for a wait that outlasted the call (a 429's retry-after): the least of them, so that an
       HTTP caller's SDK waits as the provider asked rather than retrying at once; and gRPC's
       server pushback, so that the client's channel does too: that wait in ms while the
-      client's deadline has room for it (its retry policy waits it, then retries), else
-      ``NO_RETRY`` with a RetryInfo of that wait and the ErrorInfo ``UPSTREAM_RATE_LIMITED``
-      (not billed: the HTTP front answers it as before). Before, the channel retried at
-      once: 4 retries of a 30 s wait in ~3.75 s, 5 calls to the providers that asked it.
+      client's deadline has room for it and it is ``MAX_PUSHBACK_S`` at most (its retry policy
+      waits it, then retries), else ``NO_RETRY`` with a RetryInfo of that wait and the
+      ErrorInfo ``UPSTREAM_RATE_LIMITED`` (not billed: the HTTP front answers it as before).
+      Before, the channel retried at once: 4 retries of a 30 s wait in ~3.75 s, 5 calls to
+      the providers that asked it.
     - on an UNAVAILABLE after every replica tried had retried its provider (``exc.retried``:
       their 529s, 503s), ``NO_RETRY`` too, with a RetryInfo of that wait and the ErrorInfo
       ``UPSTREAM_RETRIED`` (which tells it from a billed call's): retries are the replicas'
@@ -81,9 +87,12 @@ def failed_call_trailers(
 
 def _waited(wait_s: int, remaining_s: float | None) -> tuple[str, str]:
     """gRPC's server pushback for a refusal whose providers asked for ``wait_s``: that wait
-    (ms), when the client's deadline (``remaining_s`` left of it; None: none) has room for it
-    and a try after it, else no retry (a retry waiting past the deadline ended the call
-    DEADLINE_EXCEEDED, the wait the caller could have been told lost)."""
+    (ms), when it is ``MAX_PUSHBACK_S`` at most and the client's deadline (``remaining_s`` left
+    of it; None: none) has room for it and a try after it, else no retry (a retry waiting past
+    the deadline ended the call DEADLINE_EXCEEDED, the wait the caller could have been told
+    lost; a longer wait held the caller for each of its retries)."""
+    if wait_s > MAX_PUSHBACK_S:
+        return NO_RETRY
     if remaining_s is None or remaining_s > wait_s + _PUSHBACK_ROOM_S:
         return (PUSHBACK_KEY, str(wait_s * 1000))
     return NO_RETRY

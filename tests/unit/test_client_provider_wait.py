@@ -18,7 +18,13 @@ import grpc
 import pytest
 
 from cachemesh import Client, UnavailableError, build_request
-from cachemesh.retry_info import PUSHBACK_KEY, UPSTREAM_RATE_LIMITED
+from cachemesh.retry_info import (
+    PUSHBACK_KEY,
+    UPSTREAM_RATE_LIMITED,
+    error_reason,
+    retry_after_s,
+    retry_delay_s,
+)
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.errors import Code, RequestError
@@ -115,3 +121,31 @@ def test_a_wait_within_the_clients_deadline_is_waited_for(
         client.complete(question)
     assert fake.pushbacks == ["1000", "1000"]  # waited for, then retried once
     assert caught.value.retry_after_s == 1.0
+
+
+@pytest.mark.parametrize(
+    ("wait_s", "remaining_s", "pushback"),
+    [
+        (3600, None, "-1"),  # was 3600000: a no-deadline caller held ~4 h over 4 retries
+        (61, 1000.0, "-1"),  # was 61000
+        (60, None, "60000"),  # an SDK waits a retry-after up to 60 s: so does the channel
+        (6, 30.0, "6000"),
+    ],
+)
+def test_a_pushback_is_a_wait_of_a_minute_at_most(
+    wait_s: int, remaining_s: float | None, pushback: str
+) -> None:
+    """A provider's wait is pushed back whole only up to ``MAX_PUSHBACK_S`` (60 s, as the
+    SDKs cap a retry-after): a longer one, whatever the client's deadline (none, or one with
+    room for it), is no retry, told with its wait (RetryInfo) and UPSTREAM_RATE_LIMITED.
+    Before, any wait up to 366 days was pushed back, and the channel's policy slept it 4
+    times."""
+    refusal = RequestError(Code.UNAVAILABLE, "no model replica could serve", retry_after_s=wait_s)
+    trailers = router_trailers(Call("Complete", 0.0), refusal, (), remaining_s)
+    assert [str(v) for k, v in trailers if k == PUSHBACK_KEY] == [pushback]
+    assert retry_after_s(trailers) == wait_s  # the HTTP front's retry-after, as before
+    if pushback == "-1":
+        assert retry_delay_s(trailers) == wait_s
+        assert error_reason(trailers) == UPSTREAM_RATE_LIMITED
+    else:
+        assert error_reason(trailers) is None
