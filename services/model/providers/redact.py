@@ -19,13 +19,26 @@ import re
 
 from services.common.env import redacted_url
 
-# a key-shaped token, whole or masked with '*' or '...' as providers print them
+# a key-shaped token, whole or masked with '*' or '...' as providers print them: one of the
+# providers' key prefixes (sk-, sk-ant-, sk-proj-), or key-/api- and a key-like run
+# (``_key_like``). Before, any key_ / api_ word of 6+ characters: a 400 naming the caller's own
+# schema field ('api_version', 'key_points') lost it
 _KEY_SHAPED = re.compile(r"\b(?:sk|key|api)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
+_KNOWN_KEY_PREFIX = re.compile(r"sk-", re.IGNORECASE)
+# a key's run after its key-/api- prefix: this long, letters and digits mixed (or masked)
+_KEY_LIKE_CHARS = 20
 # an id of the operator's provider account as a provider's message names it: OpenAI's
-# organization, project and user, Anthropic's workspace, and a UUID (Anthropic's organization)
-_ACCOUNT_ID = re.compile(
-    r"\b(?:org|user)-[A-Za-z0-9]{16,}|\b(?:proj|wrkspc)_[A-Za-z0-9]{16,}"
-    r"|\b[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\b"
+# organization and project, Anthropic's workspace; the ``id`` group of ``_NAMED_ACCOUNT_ID``
+# where the provider's phrasing names the account: a UUID after "organization" (Anthropic's
+# "for your organization (<uuid>)"), "workspace" or Azure's "/subscriptions/", a user- id
+# after "user" (OpenAI's). Before, any UUID and user- id: a 400 naming the caller's own
+# tool_use_id or metadata.user_id lost it
+_ACCOUNT_ID = re.compile(r"\borg-[A-Za-z0-9]{16,}|\b(?:proj|wrkspc)_[A-Za-z0-9]{16,}")
+_UUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\b"
+_NAMED_ACCOUNT_ID = re.compile(
+    rf"\b(?:organization|workspace|subscriptions)(?:[ _]?id)?[\s:(/`'\"]{{1,3}}(?P<id>{_UUID})"
+    r"|\buser[\s:(`'\"]{1,3}(?P<user>user-[A-Za-z0-9]{16,})",
+    re.IGNORECASE,
 )
 # a run of the characters a key or its masked form is made of: what is redacted whole once
 # any of it shows a key
@@ -54,8 +67,9 @@ class Redactor:
         no rule's replacement hides a key from another (replacing a key's head first turned
         ``sk-proj-AbCd****xYzQ`` into ``[redacted]AbCd****xYzQ``, no longer key-shaped)."""
         whole = [m.span() for s in self._secrets for m in re.finditer(re.escape(s), text)]
-        spans = whole + [m.span() for m in _KEY_SHAPED.finditer(text)]
+        spans = whole + [m.span() for m in _KEY_SHAPED.finditer(text) if _key_like(m[0])]
         spans += [m.span() for m in _ACCOUNT_ID.finditer(text)]
+        spans += [m.span(m.lastgroup or 0) for m in _NAMED_ACCOUNT_ID.finditer(text)]
         if self._partial:
             # a run around a whole key is not taken with it ("forbidden_for_<key>" keeps its
             # words): the key alone is
@@ -87,6 +101,17 @@ class Redactor:
         if len(text) > MAX_MESSAGE_CHARS:
             text = text[:MAX_MESSAGE_CHARS] + "..."
         return text
+
+
+def _key_like(token: str) -> bool:
+    """A ``_KEY_SHAPED`` token that is a key: a provider's key prefix (sk-), or a masked key
+    ('*', '...'), or a run of ``_KEY_LIKE_CHARS`` or more after its prefix with letters and
+    digits mixed; not a word such as a schema's field name ('api_version')."""
+    if _KNOWN_KEY_PREFIX.match(token) or _MASK.search(token[4:]):
+        return True
+    run = token[4:].rstrip(".")
+    letters, digits = any(c.isalpha() for c in run), any(c.isdigit() for c in run)
+    return len(run) >= _KEY_LIKE_CHARS and letters and digits
 
 
 def _blanked(text: str, spans: list[tuple[int, int]]) -> str:
