@@ -50,18 +50,25 @@ def _answer_outlasted(
     output_tokens: int | None,
     reported: bool = False,
     max_tokens: int | None = None,
+    visible_pieces: int = 0,
 ) -> DeadlineCut:
     """A model call still answering at its deadline: another replica would take as long, so
     it is not retried (it is billed for what it produced, never stored). ``reported``: its
     provider reported its usage so far (Anthropic's prompt, from message_start);
     ``max_tokens``: the request's, which an answer that wrote all of it did not outlast the
-    deadline by (its provider's end came late: no smaller max_tokens is advised)."""
+    deadline by (its provider's end came late: no smaller max_tokens is advised), said only
+    when its ``visible_pieces`` (its end's: each at least one provider token, a sure lower
+    bound of its visible output; 0 from a replica that sends none) reach it. Not
+    ``output_tokens``: it holds thinking (outside max_tokens on an R1-like row: 400 of it and
+    no answer at max_tokens 16) and our tokenizer's estimate on a row whose tokenizer is not
+    its provider's (a Claude answer in Hindi of 421 tokens counted 1,921), both told before
+    that they had written all of their max_tokens."""
     produced = f" after {output_tokens} tokens" if output_tokens is not None else ""
     billed = "what was produced"
     if output_tokens == 0:  # its prompt was prefilled (a start came), no token yet
         produced = " before its first token"
         billed = "its prompt" + (", as the provider reported it" if reported else "")
-    whole = output_tokens is not None and max_tokens is not None and output_tokens >= max_tokens
+    whole = max_tokens is not None and 0 < max_tokens <= visible_pieces
     if attempt.routers_deadline:
         whose = "the router's ROUTER_MODEL_TIMEOUT_S"
         allow = "A retry would be cut the same way; ask for a smaller max_tokens"
@@ -329,12 +336,20 @@ class ModelAnswers:
                 reported = end_chunk.HasField("provider_usage")
                 if attempt.cut_before_first_token and _another_has_time(attempt, window.deadline):
                     outlasted = _answer_outlasted(
-                        attempt, end_chunk.output_tokens, reported, request.max_tokens
+                        attempt,
+                        end_chunk.output_tokens,
+                        reported,
+                        request.max_tokens,
+                        end_chunk.visible_pieces,
                     )
                     raise _cut_unstarted(attempt, outlasted)
                 if end_at >= attempt.opened_at + attempt.timeout_s - _DEADLINE_SLACK_S:
                     raise _answer_outlasted(
-                        attempt, end_chunk.output_tokens, reported, request.max_tokens
+                        attempt,
+                        end_chunk.output_tokens,
+                        reported,
+                        request.max_tokens,
+                        end_chunk.visible_pieces,
                     )
                 raise ReplicaCut(
                     attempt.replica,

@@ -85,3 +85,17 @@ def test_ordinary_text_is_billed_our_count_when_it_is_more(server: WireServer) -
     texts = ["Paris is the capital", " and largest city of", " France, on the Seine."]
     end = _end(server, "openai", Reply(events=openai_wire.stream(GPT, texts, report)))
     assert end.output_tokens > len(texts)
+
+
+def test_an_interrupted_end_tells_its_visible_pieces_not_its_thinking(server: WireServer) -> None:
+    """An end the replica makes before its provider's (here the stream closed mid-answer)
+    carries the answer's visible non-empty pieces, each at least one provider token, apart
+    from its thinking: the router says an answer cut at its deadline "had written all of its
+    max_tokens" only by them (``output_tokens`` holds the thinking, 40 pieces here)."""
+    texts = ["Paris", " is", " the", " capital", "."]
+    thinking = tuple(["Let me think. "] * 40)
+    events = openai_wire.stream(GPT, texts, None, reasoning=thinking, cut_after=3)
+    end = _end(server, "openai", Reply(events=events))
+    assert end.interrupted
+    assert end.visible_pieces == 3  # was not told: 0
+    assert end.output_tokens >= 40 + 3

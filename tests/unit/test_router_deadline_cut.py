@@ -29,10 +29,12 @@ class LongAnswers(FakeModels):
         ends_at: float = 1.0,
         code: Code = Code.DEADLINE_EXCEEDED,
         produced: int = 2000,
+        visible: int = 0,
     ) -> None:
         super().__init__(clock=clock)
         self.ending, self.ends_at, self.code = ending, ends_at, code
         self.produced = produced  # the output tokens its interrupted end reports
+        self.visible = visible  # and its visible pieces (0: not known, an older replica)
 
     def generate(
         self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
@@ -47,6 +49,7 @@ class LongAnswers(FakeModels):
             else model_pb2.GenerateChunk(
                 end=model_pb2.GenerateEnd(
                     output_tokens=self.produced,
+                    visible_pieces=self.visible,
                     stop_reason="interrupted",
                     interrupted=True,
                     error="no answer within the deadline (299.9s)",
@@ -82,7 +85,11 @@ async def test_an_answer_cut_by_its_deadline_is_not_run_again(ending: str) -> No
     error = await _run(rig)
     assert [replica for replica, _ in models.calls] == ["large-1"]
     assert error.code == Code.DEADLINE_EXCEEDED
-    assert "ROUTER_MODEL_TIMEOUT_S" in error.message and "max_tokens" in error.message
+    assert "ROUTER_MODEL_TIMEOUT_S" in error.message
+    # its count (2,000) past max_tokens (512), but nothing sure of its visible output: the
+    # ordinary advice
+    assert "ask for a smaller max_tokens" in error.message, error.message
+    assert "all of its max_tokens" not in error.message
     finals = [c for c in rig.prefix.commits if c.phase == pc.COMMIT_PHASE_FINAL]
     assert len(finals) == 1 and finals[0].output_tokens > 0  # billed once, for what it made
 
@@ -193,14 +200,16 @@ async def test_an_answer_of_all_its_max_tokens_cut_at_the_deadline_is_not_told_t
     keep the advice."""
     clock = FakeClock()
     max_tokens = _request().max_tokens
-    rig = Rig(models=LongAnswers(clock, "provider", produced=max_tokens), clock=clock)
+    answers = LongAnswers(clock, "provider", produced=max_tokens, visible=max_tokens)
+    rig = Rig(models=answers, clock=clock)
     error = await _run(rig, remaining_s)
     assert isinstance(error, DeadlineCut) and error.routers is routers
     print(f"\n{error.message}")
     assert "smaller max_tokens" not in error.message, error.message
     assert f"all of its max_tokens ({max_tokens})" in error.message, error.message
     assert ("retry later" in error.message) is routers  # the caller's: a longer deadline
-    fewer = Rig(models=LongAnswers(clock, "provider", produced=max_tokens - 1), clock=clock)
+    short = LongAnswers(clock, "provider", produced=max_tokens, visible=max_tokens - 1)
+    fewer = Rig(models=short, clock=clock)
     assert "smaller max_tokens" in (await _run(fewer, remaining_s)).message
     # nor does the client's error add it (its text, ``cachemesh ask``'s line)
     told = from_rpc_error(
@@ -214,3 +223,26 @@ async def test_an_answer_of_all_its_max_tokens_cut_at_the_deadline_is_not_told_t
     )
     assert isinstance(told, DeadlineExceededError) and not told.smaller_max_tokens_helps
     assert "smaller max_tokens" not in str(told) and "longer deadline" in str(told)
+
+
+@pytest.mark.parametrize(
+    ("produced", "visible"),
+    [(600, 0), (1921, 421), (2000, 0)],
+    ids=["r1-thinking", "claude-hindi-estimate", "older-replica"],
+)
+async def test_a_count_past_max_tokens_is_not_taken_for_all_of_it(
+    produced: int, visible: int
+) -> None:
+    """The output count is no sure figure of the visible answer: an R1-like row's 600 tokens
+    of thinking (outside max_tokens) and no answer, a Claude answer in Hindi of 421 real tokens
+    counted 1,921 by cl100k_base, or a replica that reports no pieces. Before, each was told
+    it "had written all of its max_tokens" (512): only its visible pieces (each at least one
+    provider token) reaching max_tokens say so now."""
+    clock = FakeClock()
+    rig = Rig(
+        models=LongAnswers(clock, "provider", produced=produced, visible=visible), clock=clock
+    )
+    error = await _run(rig, 100.0)
+    assert isinstance(error, DeadlineCut)
+    assert "all of its max_tokens" not in error.message, error.message
+    assert "Allow a longer deadline or a smaller max_tokens" in error.message

@@ -499,6 +499,9 @@ class ProviderApi:
         that output count in it."""
         produced = self._produced_tokens(progress, spec)
         end.output_tokens = produced
+        # a sure lower bound of the visible output: the router's deadline cut says an answer
+        # had written all of its max_tokens only by it
+        end.visible_pieces = progress.visible_pieces
         if progress.usage is not None:
             end.provider_usage.CopyFrom(progress.usage)
             kind = end.provider_usage.WhichOneof("report")

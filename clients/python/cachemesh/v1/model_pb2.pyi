@@ -128,6 +128,7 @@ class GenerateEnd(_message.Message):
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     DRAFT_ACCEPTED_TOKENS_FIELD_NUMBER: _builtins.int
     DISTRUSTED_USAGE_FIELD_NUMBER: _builtins.int
+    VISIBLE_PIECES_FIELD_NUMBER: _builtins.int
     output_tokens: _builtins.int
     stop_reason: _builtins.str
     """end_turn | max_tokens | tool_use (| refusal from a provider)"""
@@ -141,6 +142,15 @@ class GenerateEnd(_message.Message):
     """of output_tokens, what the provider reported as reasoning"""
     draft_accepted_tokens: _builtins.int
     """speculative decoding: draft tokens the model verified and kept (latency, not the bill)"""
+    visible_pieces: _builtins.int
+    """The answer's visible non-empty pieces (its text and tool calls, not its thinking) as its
+    provider streamed them, each at least one provider token: a sure lower bound of its
+    visible output, on an end the replica made before its provider's (cut at the deadline,
+    interrupted, cut past its limits). `output_tokens` is no such bound: it holds thinking
+    (outside max_tokens on some rows) and, on a row whose tokenizer is not its provider's, an
+    estimate (a Claude answer in Hindi counted 1,921 for 421). 0: not known (a replica from
+    before it, the simulator).
+    """
     @_builtins.property
     def provider_usage(self) -> _prefix_cache_pb2.ProviderUsage:
         """The usage the provider reported (unset for the simulator): the bill, which reconciles
@@ -166,10 +176,11 @@ class GenerateEnd(_message.Message):
         reasoning_tokens: _builtins.int = ...,
         draft_accepted_tokens: _builtins.int = ...,
         distrusted_usage: _abc.Iterable[_builtins.str] | None = ...,
+        visible_pieces: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["provider_usage", b"provider_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["distrusted_usage", b"distrusted_usage", "draft_accepted_tokens", b"draft_accepted_tokens", "error", b"error", "interrupted", b"interrupted", "output_tokens", b"output_tokens", "provider_usage", b"provider_usage", "reasoning_tokens", b"reasoning_tokens", "stop_reason", b"stop_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["distrusted_usage", b"distrusted_usage", "draft_accepted_tokens", b"draft_accepted_tokens", "error", b"error", "interrupted", b"interrupted", "output_tokens", b"output_tokens", "provider_usage", b"provider_usage", "reasoning_tokens", b"reasoning_tokens", "stop_reason", b"stop_reason", "visible_pieces", b"visible_pieces"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
