@@ -566,7 +566,8 @@ class Dispatcher:
         # every replica tried had retried its provider already (its 529s, 503s): a retry of
         # the client's now would be as many provider calls again (3 tries a replica, times the
         # SDK's 3 attempts: 9 calls for one create()), so it is told to wait and not to retry
-        # (``servicer._trailers``: gRPC's server pushback, the HTTP front's x-should-retry)
+        # (``call_trailers.failed_call_trailers``: gRPC's server pushback, the HTTP front's
+        # x-should-retry)
         spent = retry_after_s is not None and bool(retried) and all(retried)
         source = "as the provider asked" if by_provider else "a replica's backoff after its retries"
         if spent:
