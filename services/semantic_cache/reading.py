@@ -78,7 +78,7 @@ from services.semantic_cache.embedder import (
     default_tokenizer_path,
     embedding_input,
 )
-from services.semantic_cache.query import folded
+from services.semantic_cache.query import KEYED_CHARS, folded
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -129,8 +129,16 @@ _GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # 1,000 or 1,234.5
 _WHOLE = re.compile(r"(\d+)\.0+")  # 5.0
 # A sentence ends at ., ! or ? followed by whitespace and more text.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
-# A sentence's end, or a line's (a shared ending is read by sentences and lines).
-_PART_END = re.compile(r"(?<=[.!?])\s+(?=\S)|\s*\n\s*(?=\S)")
+# A sentence's end, or a line's (a shared ending is read by sentences and lines): a run of
+# whitespace with a line break in it, before more text. Linear: a line's end is tried only where
+# a run of whitespace begins, and its tail is never given back ("\s*\n\s*(?=\S)", the same
+# spans, tried a match from every space of a run to the run's end: a question + 64,000 spaces
+# + "!" took 7-9 s, held a lookup's verifier thread and every tenant's lookups behind it).
+_PART_END = re.compile(r"(?<=[.!?])\s+(?=\S)|(?<!\s)[^\S\n]*\n\s*+(?=\S)")
+# The longest text the reader reads (4 x the longest question stored, the exact key's limit):
+# a pair with a longer one is refused unread (``TOO_LONG``): its differing part is longer than
+# the embedding (256 tokens) or the cross-encoder (64) reads, and every check reads it all.
+MAX_READ_CHARS = KEYED_CHARS
 # The most tokens one character becomes (a Hangul syllable: three jamo; measured over every
 # code point): a text of at most (MAX_TOKENS - 2) // 3 characters is never truncated.
 _MAX_TOKENS_A_CHAR = 3
@@ -859,7 +867,9 @@ class Reader:
         its un- form (``un_prefixed``) or its opposite (``opposites``), or the same words on
         the other sides of a one-way word (``swapped``), or ask for answers of other shapes
         (``shape_conflict``). ``folding``: ``second``'s, when it is read against several
-        texts."""
+        texts. A text longer than ``MAX_READ_CHARS`` is not read: ``TOO_LONG``."""
+        if max(len(first), len(second)) > MAX_READ_CHARS:
+            return Reading(first, second, False, TOO_LONG)
         a, b = differing(first, second)
         dropped = len(a) < len(first)  # a is a part of first
         a_enc, b_enc = self._encode(a), self._encode(b)  # once each, for both checks
