@@ -24,9 +24,12 @@ import math
 import re
 import sys
 import time
+import traceback
 import unicodedata
+from collections.abc import Iterator
 from json.encoder import encode_basestring as _escape
-from typing import TextIO
+from types import TracebackType
+from typing import TextIO, TypeAlias
 
 from opentelemetry import trace
 
@@ -37,6 +40,9 @@ FORMAT_VAR = "CACHEMESH_LOG_FORMAT"
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMATS = ("json", "text")
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_ExcInfo: TypeAlias = (
+    tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+)
 
 
 # what the JSON encoder leaves as it is but a reader's terminal may act on: the C1 controls
@@ -102,7 +108,7 @@ class JsonFormatter(logging.Formatter):
                     name = keys[key] = _escape(key)
                 line += f",{name}:{_json_value(value)}"
         if record.exc_info:
-            line += f',"exc":{_escape(self.formatException(record.exc_info))}'
+            line += f',"exc":{json_string(self.formatException(record.exc_info))}'
         return line + "}"
 
 
@@ -120,15 +126,42 @@ def printable(text: str) -> str:
     return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSHOWN else c for c in text)
 
 
+def _raised(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions a traceback of it shows: its cause or context, chained, and
+    a group's members (each once)."""
+    seen: set[int] = set()
+    left = [exc]
+    while left:
+        found = left.pop()
+        if found is None or id(found) in seen:
+            continue
+        seen.add(id(found))
+        yield found
+        left.append(found.__cause__)
+        if not found.__suppress_context__:
+            left.append(found.__context__)
+        if isinstance(found, BaseExceptionGroup):
+            left.extend(found.exceptions)
+
+
 class TextFormatter(logging.Formatter):
     """For a person at a terminal: the classic line, a record's ``fields`` as key=value. The
     message and the fields are shown escaped (``printable``): a caller's text among them (a
     Gateway request_id is any text) wrote a newline, which began a forged line (another
     tenant's access line), and ESC sequences, which cleared the terminal of whoever read the
-    log. A traceback keeps its lines."""
+    log. A traceback keeps its lines; its exceptions' own lines ("ValueError: <message>", a
+    caller's text in it) are shown escaped too."""
 
     def __init__(self) -> None:
         super().__init__(_TEXT)
+
+    def formatException(self, ei: _ExcInfo) -> str:
+        text = super().formatException(ei)
+        for exc in _raised(ei[1]):
+            said = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+            if not said.isprintable():
+                text = text.replace(said, printable(said))
+        return text
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return _TEXT % {**record.__dict__, "message": printable(record.message)}

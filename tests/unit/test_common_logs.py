@@ -147,3 +147,42 @@ def test_json_lines_escape_what_a_terminal_acts_on_beyond_the_encoders_escapes()
     assert "\\u009b2J\\u2028\\u202eend caf\u00e9 \u65e5\u672c" in line  # letters stay as they are
     parsed = json.loads(line)
     assert parsed["request_id"] == sent and parsed["msg"] == "msg \x9b"
+
+
+def _failed(message: str) -> logging.LogRecord:
+    try:
+        try:
+            raise KeyError("inner\nforged")
+        except KeyError as inner:
+            raise ValueError(message) from inner
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), None)
+        record.exc_info = sys.exc_info()
+    return record
+
+
+FORGED = "boom\n1999-01-01 17:00:00,000 INFO cachemesh.access: access tenant=b\x9b2J\u202e"
+
+
+def test_a_json_lines_exception_escapes_what_a_terminal_acts_on() -> None:
+    # "exc" was written with the encoder's escapes only: an 8-bit CSI and a right-to-left
+    # override in an exception's message (a caller's text in it) reached the line raw
+    line = JsonFormatter().format(_failed(FORGED))
+    assert "\x9b" not in line and "\u202e" not in line
+    assert "ValueError: " + FORGED in json.loads(line)["exc"]
+
+
+def test_text_format_escapes_an_exceptions_message_and_keeps_the_traceback_lines() -> None:
+    # the traceback's message line was written raw: a newline in an exception's message
+    # began a forged line, its escapes reached the terminal
+    text = TextFormatter().format(_failed(FORGED))
+    lines = text.splitlines()
+    assert "\x9b" not in text and "\u202e" not in text
+    assert not any(line.startswith("1999-01-01") for line in lines)
+    assert lines[-1] == (
+        "ValueError: boom\\n1999-01-01 17:00:00,000 INFO cachemesh.access: access tenant=b"
+        "\\x9b2J\\u202e"
+    )
+    assert "KeyError: 'inner\\nforged'" in lines  # its repr: already one line
+    assert lines.count("Traceback (most recent call last):") == 2
+    assert any(line.startswith('  File "') for line in lines)
