@@ -89,3 +89,50 @@ def object_or_none(text: str) -> dict[str, Any] | None:
     if not isinstance(value, dict) or holds_lone_surrogate(text, value):
         return None
     return value
+
+
+def deep_path(text: str, limit: int = MAX_DEPTH) -> str:
+    """Where in ``text`` (JSON, or its opening) an object or array first opens more than
+    ``limit`` levels deep: the path of the member holding it, its first three names
+    (``tools.0.input_schema``), "" when it is the top level or there is none. For a message
+    when ``json`` could not read so deep (RecursionError): one pass, no recursion."""
+    path: list[str] = []  # per open object or array: the member's name or index
+    objects: list[bool] = []  # per open one: an object (else an array)
+    want_key = False
+    i, size = 0, len(text)
+    while i < size:
+        char = text[i]
+        if char == '"':
+            end = i + 1
+            while end < size and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if want_key:
+                path[-1] = _key(text[i : end + 1])
+                want_key = False
+            i = end + 1
+            continue
+        if char in "{[":
+            if len(objects) == limit:
+                return ".".join(path[:3])[:SHOWN_CHARS]
+            objects.append(char == "{")
+            path.append("" if char == "{" else "0")
+            want_key = char == "{"
+        elif char in "}]" and objects:
+            objects.pop()
+            path.pop()
+            want_key = False
+        elif char == "," and objects:
+            if objects[-1]:
+                want_key = True
+            else:
+                path[-1] = str(int(path[-1]) + 1)
+        i += 1
+    return ""
+
+
+def _key(quoted: str) -> str:
+    try:
+        key = json.loads(quoted)
+    except ValueError:
+        return quoted.strip('"')
+    return key if isinstance(key, str) else quoted

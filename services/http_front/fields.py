@@ -40,6 +40,10 @@ LONE_SURROGATE = (
     "holds a lone UTF-16 surrogate escape (a \\uD800-\\uDFFF without its pair, e.g. a string "
     "cut in the middle of an emoji): not text"
 )
+TOO_DEEP = (
+    f"must be JSON nested at most {strict_json.MAX_DEPTH} levels deep (objects and arrays), got"
+    " one nested deeper"
+)
 _NOT_UTF8 = "the request body is not UTF-8 text: send the JSON encoded as UTF-8"
 
 
@@ -55,8 +59,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise invalid(f"{_NOT_UTF8} (it holds NUL bytes, as UTF-16 and UTF-32 do)")
     try:
         value = strict_json.loads(text)
-    except (ValueError, RecursionError) as exc:
+    except ValueError as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # deeper than Python's json reads (~1,000 levels)
+        where = strict_json.deep_path(text)
+        raise invalid(f"{where or 'the request body'}: {TOO_DEEP}", where or None) from None
     if strict_json.holds_lone_surrogate(text, value):
         raise invalid(f"the request body {LONE_SURROGATE}")
     if not isinstance(value, dict):

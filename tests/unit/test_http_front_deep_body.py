@@ -1,0 +1,53 @@
+"""A body nested deeper than Python's json reads (~1,000 levels, a tool's schema) is refused
+with the router's too-deep rule and the member it is in, not "maximum recursion depth"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.common.strict_json import MAX_DEPTH, deep_path
+from services.http_front.errors import ApiError
+from services.http_front.fields import parse_body
+
+
+def _schema(levels: int) -> str:
+    return '{"type": "object", "properties": {"a": ' * levels + "{}" + "}}" * levels
+
+
+def test_a_tool_schema_deeper_than_json_reads_is_too_deep_in_its_member() -> None:
+    body = (
+        '{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],'
+        ' "tools": [{"name": "ok", "input_schema": {}}, {"name": "f", "input_schema": '
+        + _schema(1_000)
+        + "}]}"
+    )
+    with pytest.raises(ApiError) as refused:
+        parse_body(body.encode())
+    message = refused.value.message
+    assert "recursion" not in message
+    assert message == (
+        f"tools.1.input_schema: must be JSON nested at most {MAX_DEPTH} levels deep (objects"
+        " and arrays), got one nested deeper"
+    )
+    assert refused.value.param == "tools.1.input_schema"
+
+
+def test_deep_arrays_name_the_first_three_steps_of_their_path() -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_body(b'{"metadata": ' + b"[" * 5_000 + b"]" * 5_000 + b"}")
+    assert refused.value.message.startswith("metadata.0.0: must be JSON nested at most 128")
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ({"a": [1, {"b": "x"}, [[[]]]]}, "a.2.0"),
+        ({'k"}{[': "]]", "n": {"m": [[[]]]}}, "n.m.0"),
+        ({"a": {"b": {}}}, ""),
+        ([0, 1, [[[[]]]]], "2.0.0"),
+    ],
+)
+def test_deep_path_names_the_first_member_opened_too_deep(value: object, path: str) -> None:
+    assert deep_path(json.dumps(value), limit=3) == path
