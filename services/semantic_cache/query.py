@@ -12,19 +12,18 @@ refused by the check).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import hashlib
 import json
 import re
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.fair_walks import FairWalks
 from services.common.prompt import last_user_text
 from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import Answer
@@ -179,7 +178,8 @@ class RecentQueries:
         self._queries: TenantRecent[bytes, Query] = TenantRecent(size)
         # one thread of its own for the queries of large requests (``derived``): a flood of
         # them queues there, not in the default executor (embeddings, the WAL's fsyncs)
-        self._walks = ThreadPoolExecutor(1, thread_name_prefix="semantic-query")
+        # one thread for the walks of large requests, each tenant's queue taken in turn
+        self._walks = FairWalks("semantic-query")
 
     def of(self, tenant: str, request: pb.CompleteRequest) -> Query:
         query = self._queries.get(tenant, key := _key(request))
@@ -196,9 +196,7 @@ class RecentQueries:
             return self.of(tenant, request)
         query = self._queries.get(tenant, key := _key(request))
         if query is None:
-            derived = await asyncio.get_running_loop().run_in_executor(
-                self._walks, query_from_request, tenant, request
-            )
+            derived = await self._walks.run(tenant, query_from_request, tenant, request)
             return self._held(tenant, key, derived)
         return _with_id(query, request)
 
