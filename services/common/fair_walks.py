@@ -2,8 +2,9 @@
 fairly by tenant: each tenant's walks wait in a queue of its own and the thread takes the
 queues in turn, one walk each, so one tenant's flood of large requests delays another
 tenant's request by at most one walk per tenant waiting, not by the whole flood (10 x 900 kB
-requests of one tenant held another's 70 kB request 2.95 s on a shared first-come queue).
-``per_tenant`` bounds one tenant's walks waiting or running: past it, ``TooManyWalks``."""
+requests of one tenant held another's 70 kB request 2.95 s on a shared first-come queue). No
+tenant is refused for its walks waiting: a tenant's many large prompts at once (agents) wait
+their turns, and another tenant's wait stays one walk per tenant waiting."""
 
 from __future__ import annotations
 
@@ -18,10 +19,6 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
-class TooManyWalks(Exception):
-    """The tenant has as many large requests waiting for their walk as it may have."""
-
-
 @dataclass
 class _Walk(Generic[T]):
     run: Callable[[], T]
@@ -32,13 +29,8 @@ class FairWalks:
     """Runs ``fn(*args)`` on one worker thread (or ``executor``), tenants taken in turn. Not
     thread-safe: used from the event loop only."""
 
-    def __init__(
-        self, name: str, per_tenant: int | None = None, executor: Executor | None = None
-    ) -> None:
-        if per_tenant is not None and per_tenant < 1:
-            raise ValueError(f"per_tenant must be at least 1, got {per_tenant}")
+    def __init__(self, name: str, executor: Executor | None = None) -> None:
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._per_tenant = per_tenant
         self._waiting: dict[str, deque[_Walk[Any]]] = {}  # in turn order; none left empty
         # the tenant whose walk runs, and its queue: back at the end of the turn when it ends
         self._running: tuple[str, deque[_Walk[Any]]] | None = None
@@ -50,12 +42,6 @@ class FairWalks:
 
     async def run(self, tenant: str, fn: Callable[..., T], *args: Any) -> T:
         count = self._counts.get(tenant, 0)
-        if self._per_tenant is not None and count >= self._per_tenant:
-            raise TooManyWalks(
-                f"{count} of the tenant's large requests are waiting to be read, the most one"
-                f" tenant may have ({self._per_tenant}): retry after those are answered, or"
-                " send fewer large requests at once"
-            )
         walk: _Walk[T] = _Walk(lambda: fn(*args), asyncio.get_running_loop().create_future())
         self._counts[tenant] = count + 1
         if self._running is not None and self._running[0] == tenant:

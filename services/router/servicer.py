@@ -29,7 +29,7 @@ from services.common.auth import AmbiguousCredential, KeyLookup, bearer_token
 from services.common.background import unless_cancelled
 from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
-from services.common.fair_walks import FairWalks, TooManyWalks
+from services.common.fair_walks import FairWalks
 from services.common.grace import GraceEnd
 from services.common.models import ModelTable
 from services.common.retry_info import (
@@ -85,10 +85,6 @@ CLAIM_POLL_S = 0.05
 # in a thread the loop runs between the interpreter's switches. One smaller is walked in a few
 # milliseconds at most, less than the hop to a thread would cost it.
 VALIDATE_IN_THREAD_BYTES = 64 * 1024
-# The most of one tenant's large requests waiting for (or in) their walk: the walks run on one
-# thread, tenants in turn; past it a request is refused RESOURCE_EXHAUSTED, retry after 1 s.
-WALKS_PER_TENANT = 8
-WALKS_RETRY_AFTER_MS = 1000
 
 _UNAUTHENTICATED = (
     "send 'authorization: Bearer <key>' metadata with an API key issued for your tenant"
@@ -139,8 +135,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._max_request_bytes = max_request_bytes
         # one thread of its own for the walks of large requests: a flood of them queues
         # there, not in the default executor (the key file's re-reads), each tenant's in a
-        # queue of its own taken in turn, at most WALKS_PER_TENANT of one tenant's
-        self._walks = FairWalks("router-validate", WALKS_PER_TENANT)
+        # queue of its own taken in turn
+        self._walks = FairWalks("router-validate")
         self._background: set[asyncio.Task[None]] = set()  # claims given back
         self._handlers = 0  # Complete and StreamComplete calls whose handler has not ended
         self._no_handlers = asyncio.Event()
@@ -291,21 +287,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 validate_request(request, self._table, self._deployed)
         except RequestError as exc:
             await abort(context, grpc_code(exc.code), exc.message)
-        except TooManyWalks as exc:
-            message = str(exc)
-            await abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                message,
-                retry_trailers(
-                    Code.RESOURCE_EXHAUSTED,
-                    message,
-                    WALKS_RETRY_AFTER_MS,
-                    f"tenant:{call.tenant}",
-                    ("large requests waiting to be read",),
-                    RATE_LIMITED,
-                ),
-            )
         if not request.request_id:  # its answer goes in no ledger: no caller knows this id
             request.request_id = uuid.uuid4().hex
         spans.request_attributes(root, call.tenant, request)
