@@ -4,6 +4,8 @@ ends the call with them)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from cachemesh.retry_info import (
     CONTEXT_WINDOW,
     PUSHBACK_KEY,
@@ -29,13 +31,30 @@ _PUSHBACK_ROOM_S = 1.0
 # client's deadline. Before, any wait up to 366 days was, and the Python client's policy slept
 # it 4 times: a 3,600 s wait held a caller with no deadline ~4 h for 5 provider calls
 MAX_PUSHBACK_S = 60
+# the request metadata gRPC's retry policy sets on each attempt after the first (the attempts
+# before it): an attempt that is already a retry gets no second pushback
+PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
+
+
+def channel_retried(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether the call is an attempt of the client channel's retry policy after the first
+    (``PREVIOUS_ATTEMPTS_KEY`` >= 1; "0", "" or anything not a number marks none)."""
+    for key, value in metadata or ():
+        if key == PREVIOUS_ATTEMPTS_KEY:
+            return isinstance(value, str) and value.isascii() and value.isdigit() and int(value) > 0
+    return False
 
 
 def failed_call_trailers(
-    call: Call, exc: RequestError, made_id: Metadata = (), remaining_s: float | None = None
+    call: Call,
+    exc: RequestError,
+    made_id: Metadata = (),
+    remaining_s: float | None = None,
+    retried: bool = False,
 ) -> Metadata:
     """The trailers of a call that failed with ``exc`` (and ``made_id``'s, ``_made_id``), the
-    client's deadline leaving it ``remaining_s`` (None: it set none):
+    client's deadline leaving it ``remaining_s`` (None: it set none), ``retried`` when the call
+    is already a retry of the client channel's policy (``channel_retried``):
 
     - ``NO_RETRY`` once a model call of it was billed without its answer (cut mid-answer,
       broken off, at its deadline: ``call.bills``), whatever the status (the router's
@@ -51,11 +70,13 @@ def failed_call_trailers(
       for a wait that outlasted the call (a 429's retry-after): the least of them, so that an
       HTTP caller's SDK waits as the provider asked rather than retrying at once; and gRPC's
       server pushback, so that the client's channel does too: that wait in ms while the
-      client's deadline has room for it and it is ``MAX_PUSHBACK_S`` at most (its retry policy
-      waits it, then retries), else ``NO_RETRY`` with a RetryInfo of that wait and the
+      client's deadline has room for it, it is ``MAX_PUSHBACK_S`` at most and the call is not
+      already a retry of the channel's policy (its retry policy waits it, then retries, once),
+      else ``NO_RETRY`` with a RetryInfo of that wait and the
       ErrorInfo ``UPSTREAM_RATE_LIMITED`` (not billed: the HTTP front answers it as before).
       Before, the channel retried at once: 4 retries of a 30 s wait in ~3.75 s, 5 calls to
-      the providers that asked it.
+      the providers that asked it; then it waited the wait before each of its 4 retries (a
+      6 s wait held a 30 s-deadline caller ~24 s for 5 provider calls): now it waits once.
     - on an UNAVAILABLE after every replica tried had retried its provider (``exc.retried``:
       their 529s, 503s), ``NO_RETRY`` too, with a RetryInfo of that wait and the ErrorInfo
       ``UPSTREAM_RETRIED`` (which tells it from a billed call's): retries are the replicas'
@@ -71,7 +92,7 @@ def failed_call_trailers(
                 pushback_trailers(exc.code, exc.message, exc.retry_after_s, UPSTREAM_RETRIED)
             )
         elif not call.bills:  # a provider's wait: the channel's retry waits it, or none
-            waited = _waited(exc.retry_after_s, remaining_s)
+            waited = NO_RETRY if retried else _waited(exc.retry_after_s, remaining_s)
             trailers.append(waited)
             if waited == NO_RETRY:  # said why, or a front would read it as billed
                 trailers.extend(

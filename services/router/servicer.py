@@ -50,7 +50,12 @@ from services.router.answer_ledger import (
     new_claim,
 )
 from services.router.breaker import Breaker
-from services.router.call_trailers import Metadata, failed_call_trailers
+from services.router.call_trailers import (
+    PREVIOUS_ATTEMPTS_KEY,
+    Metadata,
+    channel_retried,
+    failed_call_trailers,
+)
 from services.router.idempotency import (
     IdempotencyConflict,
     IdempotencyTable,
@@ -69,7 +74,7 @@ log = logging.getLogger(__name__)
 # A call that is a retry: gRPC's retry policy marks its attempts after the first
 # (``grpc-previous-rpc-attempts: N``, N >= 1); a caller's own retry (same request_id) may send
 # ``cachemesh-retry: 1`` to get the same protection. By value: "0" or "" marks no retry.
-RETRY_HEADERS = ("grpc-previous-rpc-attempts", "cachemesh-retry")
+RETRY_HEADERS = (PREVIOUS_ATTEMPTS_KEY, "cachemesh-retry")
 LEDGER_TIMEOUT_S = 0.5  # the longest the answer ledger may hold an answer back
 # (by ``asyncio.timeout``: Python 3.11's ``asyncio.wait_for`` drops a cancel that comes as the
 # call it bounds ends, ``services.common.background``; a repeat whose caller left while it
@@ -196,7 +201,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
                 trailers = failed_call_trailers(
-                    call, exc, _made_id(request, own_id), context.time_remaining()
+                    call,
+                    exc,
+                    _made_id(request, own_id),
+                    context.time_remaining(),
+                    channel_retried(context.invocation_metadata()),
                 )
                 await abort(context, grpc_code(exc.code), exc.message, trailers)
             except _Denied as exc:
@@ -237,7 +246,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except RequestError as exc:
                 call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
                 trailers = failed_call_trailers(
-                    call, exc, _made_id(request, own_id), context.time_remaining()
+                    call,
+                    exc,
+                    _made_id(request, own_id),
+                    context.time_remaining(),
+                    channel_retried(context.invocation_metadata()),
                 )
                 await abort(context, grpc_code(exc.code), exc.message, trailers)
             except _Denied as exc:
@@ -773,7 +786,7 @@ def _marks_retry(key: str, value: str | bytes) -> bool:
     if key == mark:
         return value == "1"
     if key == attempts:
-        return isinstance(value, str) and value.isascii() and value.isdigit() and int(value) > 0
+        return channel_retried(((key, value),))
     return False
 
 

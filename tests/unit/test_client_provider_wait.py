@@ -31,6 +31,7 @@ from services.common.errors import Code, RequestError
 from services.http_front.errors import BILLED
 from services.http_front.gateway import api_error
 from services.router.access_log import Call
+from services.router.call_trailers import channel_retried
 from services.router.call_trailers import failed_call_trailers as router_trailers
 
 
@@ -47,7 +48,13 @@ class RateLimited(gateway_pb2_grpc.GatewayServicer):
             f"no model replica could serve: retry in {self.wait_s} s, as the provider asked",
             retry_after_s=self.wait_s,
         )
-        trailers = router_trailers(Call("Complete", 0.0), refusal, (), context.time_remaining())
+        trailers = router_trailers(
+            Call("Complete", 0.0),
+            refusal,
+            (),
+            context.time_remaining(),
+            channel_retried(context.invocation_metadata()),
+        )
         self.pushbacks.append(next((str(v) for k, v in trailers if k == PUSHBACK_KEY), ""))
         context.set_trailing_metadata(trailers)
         context.abort(grpc.StatusCode.UNAVAILABLE, refusal.message)
@@ -111,15 +118,16 @@ def test_a_wait_within_the_clients_deadline_is_waited_for(
     gateway: tuple[RateLimited, str],
 ) -> None:
     """The channel retries it after the wait the providers asked for (gRPC's pushback), not
-    at once: each refusal pushes back 1,000 ms while the deadline has room for it."""
+    at once, and once: the first refusal pushes back 1,000 ms while the deadline has room for
+    it, the retry's is no retry (``test_router_pushback_once``)."""
     fake, target = gateway
     question = build_request("Capital of France?", model="sim-small", max_tokens=8)
     with (
-        Client(target, api_key="k", timeout_s=30.0, max_attempts=2) as client,
+        Client(target, api_key="k", timeout_s=30.0) as client,
         pytest.raises(UnavailableError) as caught,
     ):
         client.complete(question)
-    assert fake.pushbacks == ["1000", "1000"]  # waited for, then retried once
+    assert fake.pushbacks == ["1000", "-1"]  # waited for, retried once (was 1000 x 5)
     assert caught.value.retry_after_s == 1.0
 
 
