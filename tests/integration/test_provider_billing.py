@@ -7,6 +7,7 @@ provider-backed answer costs 0; the trace names the layer and the backend."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
@@ -295,7 +296,8 @@ def test_openai_agent_turn_sends_the_documented_body_streams_and_bills_the_repor
             }
         ],
         "max_completion_tokens": 256,
-        "prompt_cache_key": "agent-weather-v1",
+        # the tenant's own key (services/model/providers/cache_key.py), not the caller's
+        "prompt_cache_key": hashlib.sha256(b"tenant-a\0agent-weather-v1").hexdigest(),
         "prompt_cache_retention": "in_memory",  # the row's policy, not OpenAI's default
         "stream": True,
         "stream_options": {"include_usage": True},

@@ -85,6 +85,7 @@ from services.common.models import ModelSpec
 from services.common.prompt import cacheable_tokens, prompt_tokens
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE, FairQueue, QueueWatcher
+from services.model.providers.cache_key import for_provider
 from services.model.providers.config import ProviderSettings
 from services.model.providers.failures import (
     UNSENDABLE,
@@ -261,6 +262,7 @@ class ProviderApi:
         span.set_attribute("cachemesh.deadline_ms", round(budget * 1000))
         tries = 0
         own_input: int | None = None  # counted at the first rate limit that names its tokens
+        upstream = for_provider(request)  # its prompt_cache_key the tenant's own
         while True:
             tries += 1
             progress = Progress(
@@ -279,9 +281,7 @@ class ProviderApi:
             cut_short = False
             try:
                 remaining = deadline - self._clock()
-                stream = self._adapter.stream(
-                    spec, request.request, progress, max(0.001, remaining)
-                )
+                stream = self._adapter.stream(spec, upstream, progress, max(0.001, remaining))
                 async with contextlib.aclosing(stream):
                     # The deadline bounds each wait for the adapter, never a yield: a timeout
                     # around a yield fires in the consumer's task (e.g. while it writes to a

@@ -6,9 +6,11 @@ one system message, tools become functions, an assistant's ``tool_use`` blocks i
 ``tool_calls``, a user's ``tool_result`` blocks ``tool`` messages (placed right after the
 assistant turn that called them, as the API requires; a ``tool`` message has no error flag, so
 a result with ``is_error`` is sent as ``TOOL_ERROR_PREFIX`` + its content);
-``prompt_cache_key`` is passed through, a row's ``prompt_cache_retention`` is sent (so OpenAI
-keeps a prefix as long as prefix-cache predicts, not its own default), the output limit goes in
-the model's own parameter (``max_completion_tokens`` for OpenAI's current models), and
+``prompt_cache_key`` is sent as the replica gives it (``cache_key.for_provider``: derived for
+the tenant, so that tenants sharing the operator's account never share a cache bucket), a
+row's ``prompt_cache_retention`` is sent (so OpenAI keeps a prefix as long as prefix-cache
+predicts, not its own default), the output limit goes in the model's own parameter
+(``max_completion_tokens`` for OpenAI's current models), and
 ``stream_options.include_usage`` asks for the usage chunk that ends the stream before
 ``[DONE]`` (its cache reads are ``prompt_tokens_details.cached_tokens``, or DeepSeek's
 ``prompt_cache_hit_tokens``). Cache breakpoints have no meaning here (OpenAI caches
