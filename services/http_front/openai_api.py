@@ -2,7 +2,8 @@
 
 system and developer messages become the Gateway's system blocks, in order, wherever the
 caller put them (one after the conversation began is hoisted there, as Anthropic's OpenAI SDK
-compatibility layer does: Aider and AutoGen's GroupChat send one last); an assistant
+compatibility layer does: Aider and AutoGen's GroupChat send one last), unless that would
+leave an assistant message last, a prefill the caller did not send (``late_system``); an assistant
 message's ``tool_calls`` become tool_use blocks and ``tool`` messages tool_result blocks of a
 user turn.
 OpenAI caches prompt prefixes by itself, so a plain request carries no breakpoints and what
@@ -38,6 +39,7 @@ from services.http_front.fields import (
     shown,
     unsupported,
 )
+from services.http_front.late_system import late_system_refusal
 
 _TOP = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream",
@@ -95,7 +97,10 @@ def parse_request(
         request.cache.prompt_cache_key = key
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools[{i}]"))
-    _messages(top.array("messages", required=True) or [], request, kept)
+    raw_messages = top.array("messages", required=True) or []
+    _messages(raw_messages, request, kept)
+    if refusal := late_system_refusal(raw_messages):
+        raise refusal
     stream = bool(top.flag("stream"))
     options = top.obj("stream_options")
     include_usage = False
