@@ -141,6 +141,13 @@ class ModelSpec(BaseModel):
     # continue_final_message, which the adapter does not send); llama-server continues it
     # (its rows say ``takes_prefill = true``).
     takes_prefill: bool | None = None
+    # The engine repeats a prefill it continues at the start of its answer (llama-server: [user,
+    # assistant "The capital of France is"] -> "The capital of France is Paris.", its
+    # completion_tokens the continuation's alone): the replica's OpenAI-compatible adapter
+    # strips that echo, only when the answer starts with the prefill's text, so a caller
+    # joining prefill and answer does not get the prefill twice. A self-hosted row that
+    # continues a prefill only.
+    echoes_prefill: bool = False
     input_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     output_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     cache_write_5m_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)
@@ -225,6 +232,11 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"models.{self.id}: a simulated model's prior prefill rate is its "
                 "prefill_tokens_per_s; remove prior_prefill_tokens_per_s"
+            )
+        if self.echoes_prefill and not (self.provider == "self_hosted" and self.continues_prefill):
+            raise ValueError(
+                f"models.{self.id}: echoes_prefill is for a self-hosted row that continues a "
+                "prefill (takes_prefill = true); remove it"
             )
         self._check_drafting()
         self._check_long_context()

@@ -379,3 +379,19 @@ def test_long_answers_with_requests_queued_behind_them_are_not_cut_for_silence(
     assert max(end.usage.output_tokens for end in ends) > 100, [e.usage for e in ends]
     assert cuts() == before
     print(f"\nlong answers, none cut: {sorted(end.usage.output_tokens for end in ends)} tokens")
+
+
+def test_a_prefill_is_continued_not_repeated(llama: LlamaStack) -> None:
+    """llama-server continues a prefill but repeats it at the start of its answer ("The
+    capital of France is Paris.", its completion_tokens 3, the continuation's); the rows say
+    ``echoes_prefill`` and the replica strips the echo, whole and streamed: a caller joining
+    prefill and answer gets the prefill once. The bill is the engine's count, as before."""
+    prefill = "The capital of France is"
+    turns = [_user("What is the capital of France?"), _assistant(prefill)]
+    whole = llama.client.complete(_request("", turns, max_tokens=8))
+    chunks = list(llama.client.stream(_request("", turns, max_tokens=8)))
+    streamed = "".join(c.delta.text for c in chunks if c.WhichOneof("part") == "delta")
+    for answer in (_text(whole), streamed):
+        assert not answer.startswith(prefill), answer  # was "The capital of France is Paris."
+        assert "Paris" in answer and (prefill + answer).count(prefill) == 1, answer
+    assert 0 < whole.usage.output_tokens <= 8 and whole.cost.cost_nanos == _hand_bill(whole.usage)

@@ -38,6 +38,7 @@ from services.model.providers.failures import (
     lost_after_end,
     never_sent,
 )
+from services.model.providers.prefill_echo import EchoedPrefill
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 from services.model.providers.usage_check import most_tokens, token_count
 
@@ -76,6 +77,15 @@ def _tool_content(result: pb.ToolResult) -> str:
 
 def _texts(blocks: list[pb.ContentBlock]) -> str:
     return "\n\n".join(block.text for block in blocks if block.WhichOneof("kind") == "text")
+
+
+def echoed_prefill(spec: ModelSpec, request: pb.CompleteRequest) -> str:
+    """The prefill's text as sent (a last assistant message's), when the row's engine repeats it
+    at the start of its answer (``ModelSpec.echoes_prefill``), else ""."""
+    if not spec.echoes_prefill or not request.messages:
+        return ""
+    last = request.messages[-1]
+    return _texts(list(last.content)) if last.role == pb.ROLE_ASSISTANT else ""
 
 
 def _messages(request: pb.CompleteRequest) -> list[dict[str, Any]]:
@@ -334,6 +344,7 @@ class OpenAIAdapter:
                 **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
             )
         calls = ToolCalls()
+        echo = EchoedPrefill(echoed_prefill(spec, request))
         finish: str | None = None  # set by the final event; None: the stream was cut
         report: pc.OpenAIUsage | None = None
         counted_output = False  # the report's completion_tokens was null: counted here
@@ -361,7 +372,8 @@ class OpenAIAdapter:
                         if delta is not None and delta.content:
                             if not progress.started:
                                 yield progress.start()
-                            yield progress.text(delta.content)
+                            if text := echo.take(delta.content):
+                                yield progress.text(text)
                         for call in (delta.tool_calls if delta is not None else None) or []:
                             if not progress.started:
                                 yield progress.start()
@@ -386,6 +398,8 @@ class OpenAIAdapter:
             raise StreamCut("the stream ended without a choice's finish_reason")
         if not progress.started:
             yield progress.start()
+        if text := echo.rest():
+            yield progress.text(text)
         for n, call in enumerate(calls.calls):
             yield tool_use_chunk(call.id or f"call_{n}", call.name, "".join(call.pieces))
         stop_reason = stop_reason_of(finish, bool(calls.calls))
