@@ -456,11 +456,16 @@ def _price(spec: ModelSpec) -> tuple[int, int]:
     return (spec.input_nanos, spec.output_nanos)
 
 
+# an unknown field: an older build refuses a newer table's fields (README "Upgrading")
+_NOT_READ = " (not a field this version reads: a newer version's, or a misspelling)"
+
+
 def _one_line(exc: ValidationError) -> str:
     """pydantic's errors on one line (its own text takes several, with a URL each): a
     configuration error is the one line a service prints as it stops."""
     return "; ".join(
         f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+        f"{_NOT_READ if error['type'] == 'extra_forbidden' else ''}"
         if error["loc"]
         else error["msg"]
         for error in exc.errors(include_url=False)
