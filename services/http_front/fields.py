@@ -62,7 +62,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:  # deeper than Python's json reads (~1,000 levels)
-        where = strict_json.deep_path(text)
+        path = strict_json.deep_path(text) or []
+        where = ".".join(str(step) for step in path[:3])[: strict_json.SHOWN_CHARS]
         raise invalid(f"{where or 'the request body'}: {TOO_DEEP}", where or None) from None
     if strict_json.holds_lone_surrogate(text, value):
         raise invalid(f"the request body {LONE_SURROGATE}")
