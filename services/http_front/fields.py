@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from services.common import strict_json
-from services.http_front.errors import ApiError, invalid
+from services.http_front.errors import Api, ApiError, invalid
 
 SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
 
@@ -47,8 +47,32 @@ TOO_DEEP = (
 _NOT_UTF8 = "the request body is not UTF-8 text: send the JSON encoded as UTF-8"
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong with it. The body must be
+# The members of either API whose value is the caller's own JSON (a tool's schema, a tool
+# call's input, a response format's schema, metadata): a too-deep member's path is named up to
+# the first of them, the field the caller sets (``tools[0].function.parameters``, not the
+# ~128 steps into the schema where it passed the bound); a path through none of them is cut
+# at ``SHOWN_PATH_STEPS`` steps.
+_FREE_JSON = frozenset({"input_schema", "parameters", "input", "schema", "metadata"})
+SHOWN_PATH_STEPS = 6
+
+
+def _shown_path(path: list[str | int] | None, api: Api) -> str:
+    """``path`` to its field as ``api`` names one: Anthropic's ``tools.0.input_schema``,
+    OpenAI's ``tools[0].function.parameters``; "" for none (or the top level)."""
+    shown = ""
+    for step in (path or [])[:SHOWN_PATH_STEPS]:
+        if isinstance(step, int):
+            shown += f"[{step}]" if api == "openai" else f".{step}"
+        else:
+            shown += f".{step}"
+            if step in _FREE_JSON:
+                break
+    return shown.lstrip(".")[: strict_json.SHOWN_CHARS * 2]
+
+
+def parse_body(raw: bytes, api: Api) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it (a field named as
+    ``api`` names it). The body must be
     UTF-8 (a UTF-8 byte order mark is skipped), as the providers' APIs require: ``json.loads``
     would read UTF-16 and UTF-32 too, which no caller of these APIs means to send."""
     try:
@@ -62,8 +86,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:
         raise invalid(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:  # deeper than Python's json reads (~1,000 levels)
-        path = strict_json.deep_path(text) or []
-        where = ".".join(str(step) for step in path[:3])[: strict_json.SHOWN_CHARS]
+        where = _shown_path(strict_json.deep_path(text), api)
         raise invalid(f"{where or 'the request body'}: {TOO_DEEP}", where or None) from None
     if strict_json.holds_lone_surrogate(text, value):
         raise invalid(f"the request body {LONE_SURROGATE}")

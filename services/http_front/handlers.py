@@ -467,7 +467,7 @@ class Front:
                 _least_request(raw, settings.max_body_bytes)
                 _few_values(raw, settings.max_body_bytes)
             request[_BODY_BYTES] = len(raw)
-            return await _translated(self._walks, request, tenant, partial(parse_body, raw))
+            return await _translated(self._walks, request, tenant, partial(parse_body, raw, api))
 
     async def _read_in_time(self, request: web.Request, held: Reading) -> bytes:
         settings = self._settings

@@ -24,7 +24,7 @@ def test_a_tool_schema_deeper_than_json_reads_is_too_deep_in_its_member() -> Non
         + "}]}"
     )
     with pytest.raises(ApiError) as refused:
-        parse_body(body.encode())
+        parse_body(body.encode(), "anthropic")
     message = refused.value.message
     assert "recursion" not in message
     assert message == (
@@ -32,6 +32,25 @@ def test_a_tool_schema_deeper_than_json_reads_is_too_deep_in_its_member() -> Non
         " and arrays), got one nested deeper"
     )
     assert refused.value.param == "tools.1.input_schema"
+
+
+def test_deep_arrays_name_the_field_they_are_in() -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_body(b'{"metadata": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", "anthropic")
+    assert refused.value.message.startswith("metadata: must be JSON nested at most 128")
+
+
+def test_an_openai_deep_tool_schema_names_its_field_as_openai_does() -> None:
+    """It said ``tools.0.function`` (dot style, cut to three names); the front's other OpenAI
+    errors say ``tools[0].function.parameters``."""
+    body = (
+        '{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type":'
+        ' "function", "function": {"name": "f", "parameters": ' + _schema(1_000) + "}}]}"
+    )
+    with pytest.raises(ApiError) as refused:
+        parse_body(body.encode(), "openai")
+    assert refused.value.param == "tools[0].function.parameters"
+    assert refused.value.message.startswith("tools[0].function.parameters: must be JSON nested")
 
 
 def test_deep_path_skips_a_long_string_whole_and_bounds_its_steps() -> None:
@@ -45,15 +64,9 @@ def test_deep_path_skips_a_long_string_whole_and_bounds_its_steps() -> None:
     many = '{"messages": [' + members + '{}], "metadata": ' + deep + "}"
     assert deep_path(many) is None
     with pytest.raises(ApiError) as refused:
-        parse_body(many.encode())
+        parse_body(many.encode(), "openai")
     assert refused.value.message.startswith("the request body: must be JSON nested at most")
     assert refused.value.param is None
-
-
-def test_deep_arrays_name_the_first_three_steps_of_their_path() -> None:
-    with pytest.raises(ApiError) as refused:
-        parse_body(b'{"metadata": ' + b"[" * 5_000 + b"]" * 5_000 + b"}")
-    assert refused.value.message.startswith("metadata.0.0: must be JSON nested at most 128")
 
 
 @pytest.mark.parametrize(

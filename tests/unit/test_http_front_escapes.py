@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.http_front import anthropic_api, app, fields, handlers
+from services.http_front.errors import Api
 from tests.unit.test_http_front_app import (
     CLAUDE_HEADERS,
     GPT_HEADERS,
@@ -195,9 +196,9 @@ async def test_a_plain_body_whose_text_is_over_the_limit_is_refused_before_it_is
     parsed: list[bytes] = []
     real = fields.parse_body
 
-    def counted(raw: bytes) -> dict[str, Any]:
+    def counted(raw: bytes, api: Api) -> dict[str, Any]:
         parsed.append(raw)
-        return real(raw)
+        return real(raw, api)
 
     monkeypatch.setattr("services.http_front.handlers.parse_body", counted)
     for path, headers in (("/v1/messages", CLAUDE_HEADERS), ("/v1/chat/completions", GPT_HEADERS)):

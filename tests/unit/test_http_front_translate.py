@@ -161,7 +161,7 @@ def test_anthropic_thinking_disabled_is_served_where_it_is_the_models_default() 
 )
 def test_a_body_that_is_not_a_json_object_is_refused(raw: bytes, says: str) -> None:
     with pytest.raises(ApiError) as refused:
-        parse_body(raw)
+        parse_body(raw, "anthropic")
     assert says in refused.value.message
 
 
@@ -470,7 +470,7 @@ _LONE = '{"model": "m", "messages": [{"role": "user", "content": "smile \\ud83d"
 )
 def test_a_body_that_is_not_utf8_text_is_refused(raw: bytes, says: str) -> None:
     with pytest.raises(ApiError) as refused:
-        parse_body(raw)
+        parse_body(raw, "anthropic")
     assert refused.value.kind == "invalid_request" and says in refused.value.message
 
 
@@ -487,7 +487,7 @@ def test_numbers_json_has_not_are_refused_before_the_gateway(number: str, says: 
     """Python's json reads them; the providers' SDKs cannot send them (it was a 529 / 503)."""
     schema = '{"model": "m", "tools": [{"name": "f", "input_schema": {"maximum": ' + number
     with pytest.raises(ApiError) as refused:
-        parse_body((schema + "}}]}").encode())
+        parse_body((schema + "}}]}").encode(), "anthropic")
     assert refused.value.kind == "invalid_request"
     assert refused.value.message.startswith(f"the request body is not valid JSON: {says}")
     arguments = '{"n": ' + number + "}"
@@ -496,11 +496,11 @@ def test_numbers_json_has_not_are_refused_before_the_gateway(number: str, says: 
         openai_api.parse_request(_history({"role": "assistant", "tool_calls": [call]}), 10)
     where = "messages[1].tool_calls[0].function.arguments"
     assert refused.value.message.startswith(f"{where}: not valid JSON: {says}")
-    assert parse_body(b'{"t": 1e308, "n": -0.5}') == {"t": 1e308, "n": -0.5}
+    assert parse_body(b'{"t": 1e308, "n": -0.5}', "openai") == {"t": 1e308, "n": -0.5}
 
 
 def test_a_body_with_a_utf8_byte_order_mark_is_still_read() -> None:
-    assert parse_body(b"\xef\xbb\xbf" + _LONE.replace("\\ud83d", "hi").encode()) == {
+    assert parse_body(b"\xef\xbb\xbf" + _LONE.replace("\\ud83d", "hi").encode(), "anthropic") == {
         "model": "m",
         "messages": [{"role": "user", "content": "smile hi"}],
     }
