@@ -308,13 +308,26 @@ def _validate_prefill(request: pb.CompleteRequest, table: ModelTable) -> None:
     if request.messages[last].role != pb.ROLE_ASSISTANT:
         return
     answering = table.answering(request.model)
-    answering_anew = [spec.id for spec in answering if not spec.continues_prefill]
+    answering_anew = [spec for spec in answering if not spec.continues_prefill]
     if answering_anew:
         first = answering_anew[0]
-        which = f"auto, which may pick {first}" if request.model == AUTO else first
+        which = f"auto, which may pick {first.id}" if request.model == AUTO else first.id
+        if first.provider == "self_hosted":
+            # an operator's engine: its row may only lack the flag (llama-server continues one)
+            why = (
+                "its row of the model table does not say its engine continues one: the model "
+                "is taken to answer a new message after it"
+            )
+            instead = (
+                "pick a model that takes a prefill; if its engine continues a last assistant "
+                "message (llama-server does), the operator sets `takes_prefill = true` in its "
+                "row of the model table"
+            )
+        else:
+            why = "its API has no prefill: its model answers a new message after it"
+            instead = "pick a model that takes a prefill (Anthropic's)"
         raise _invalid(
             f"messages[{last}]: a last assistant message (a prefill, whose text the answer "
-            f"continues) is not supported by {which} (its API has no prefill: its model "
-            "answers a new message after it); end the messages with a user message, or pick a "
-            "model that takes a prefill (Anthropic's)"
+            f"continues) is not supported by {which} ({why}); end the messages with a user "
+            f"message, or {instead}"
         )

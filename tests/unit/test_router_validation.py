@@ -408,6 +408,11 @@ def test_a_prefill_to_a_model_that_does_not_continue_it_is_refused(
     assert info.value.code == Code.INVALID_ARGUMENT
     assert info.value.message.startswith("messages[1]: a last assistant message (a prefill")
     assert model in info.value.message
+    if model == "gpt-4o":
+        assert "its API has no prefill" in info.value.message
+    else:  # an operator's engine: "its API has no prefill" was wrong for a llama-server row
+        assert "its API has no prefill" not in info.value.message
+        assert "sets `takes_prefill = true` in its row of the model table" in info.value.message
 
 
 def test_a_prefill_to_auto_is_refused_when_a_tier_is_openais() -> None:
