@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from services.common.models import ModelSpec
+from services.common.output_count import streamed_output_tokens
 from services.model.providers.progress import Progress
 
 EXACT_SHARE_NUM, EXACT_SHARE_DEN = 5, 4  # our tokenizer is the provider's: a quarter more ...
@@ -77,7 +78,7 @@ class Gauge:
     @property
     def tokens(self) -> int:
         """The output's tokens as far as known: the larger of our count and its pieces."""
-        return max(self.counted, self.pieces)
+        return streamed_output_tokens(self.counted, self.pieces)
 
     def passed(self, parts: Callable[[], Iterable[str]], size: int, pieces: int) -> bool:
         """True once the output (``parts``, of ``size`` UTF-8 bytes in ``pieces`` non-empty
